@@ -1,0 +1,24 @@
+"""sortednet: many nested sub-models in one PyTorch model (SortedNet and family).
+
+>>> import torch, torch.nn as nn, sortednet as sn
+>>> model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+>>> nest = sn.wrap(model, sn.Width("hidden", [16, 32, 64], out="0", inp="2"))
+>>> len(nest.submodels), nest.pick(params=300)
+(3, SubModel(hidden=16))
+"""
+
+from .dims import Depth, Dimension, Width
+from .errors import SortedNetError
+from .heads import Heads
+from .io import load, save
+from .nest import Nest
+from .slicers import Slicer, slicer, slicer_for
+from .submodel import SubModel
+from .wrap import wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth",
+    "save", "load", "SortedNetError", "Slicer", "slicer", "slicer_for",
+]

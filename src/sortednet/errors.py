@@ -1,0 +1,47 @@
+"""The one error type of sortednet.
+
+Every check in the library raises :class:`SortedNetError` (or a subclass) with
+a message that names the module path, pattern, dimension or size at fault.
+Checks run before anything is changed, so a caught error leaves the user's
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["SortedNetError", "PatternError", "SizeError", "BudgetError", "nearby"]
+
+
+class SortedNetError(ValueError):
+    """Raised for any invalid input to sortednet.
+
+    >>> import sortednet as sn
+    >>> try:
+    ...     sn.Width("ffn", [])
+    ... except sn.SortedNetError as e:
+    ...     print("caught")
+    caught
+    """
+
+
+class PatternError(SortedNetError):
+    """A target pattern matched nothing, or matched a module it cannot slice."""
+
+
+class SizeError(SortedNetError):
+    """A size is zero, negative, above the full size, unsorted or indivisible."""
+
+
+class BudgetError(SortedNetError):
+    """No sub-model fits the requested budget."""
+
+
+def nearby(word: str, candidates: Iterable[str], n: int = 5) -> str:
+    """Format the candidates closest to ``word`` for an error message."""
+    cands = list(candidates)
+    close = difflib.get_close_matches(word, cands, n=n, cutoff=0.3)
+    if not close:
+        close = cands[:n]
+    return ", ".join(repr(c) for c in close) if close else "(none)"

@@ -1,0 +1,244 @@
+"""Slicer registry and base class.
+
+A slicer makes a module type nest WITHOUT touching its ``forward``: the
+module gets a per-instance subclass whose attributes (``weight``,
+``in_features``, ...) are properties returning views sized by the active
+sub-model. One file per module type; each registers itself with
+:func:`slicer`. Users register their own types the same way::
+
+    @sn.slicer(MyLinear)
+    class MyLinearSlicer(sn.Slicer):
+        roles = ("out", "inp")
+        attrs = ("weight", "bias")
+        def full(self, m, role): return m.weight.shape[0 if role == "out" else 1]
+        def value(self, m, name): return self.take(m, name, [(0, "out"), (1, "inp")][: 1 if name == "bias" else 2])
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..dims import Binding
+from ..errors import PatternError, SizeError
+
+__all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass"]
+
+_REGISTRY: dict[type, "Slicer"] = {}
+_SUBCLASSES: dict[tuple, type] = {}
+
+
+@dataclass
+class State:
+    """What sortednet keeps on a sliced module (``module._sn``)."""
+
+    slicer: "Slicer"
+    bind: dict[str, Binding]
+    cls: type                      # the original class, restored by unwrap / export
+    path: str
+    inplace_grad: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # exported copies carry no sortednet state
+
+
+def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
+    """Class decorator registering a :class:`Slicer` for module types.
+
+    >>> import sortednet as sn, torch.nn as nn
+    >>> sn.slicer_for(nn.Linear(2, 2)).__class__.__name__
+    'LinearSlicer'
+    """
+
+    def deco(cls: type[Slicer]) -> type[Slicer]:
+        inst = cls()
+        for t in types:
+            _REGISTRY[t] = inst
+        cls.types = types
+        return cls
+
+    return deco
+
+
+def slicer_for(module: nn.Module) -> "Slicer | None":
+    """The registered slicer for ``module`` (exact type first, then base classes)."""
+    for base in type(module).__mro__:
+        if base in _REGISTRY:
+            return _REGISTRY[base]
+    return None
+
+
+class _SliceInto(torch.autograd.Function):
+    """A view of a parameter whose gradient is added straight into ``param.grad[index]``.
+
+    Plain ``param[index]`` makes autograd build a full-size zero gradient per
+    slice and add it to ``.grad``; for small sub-models that costs as much as
+    the matmuls. Here backward touches only the slice. Parameter hooks do not
+    fire for these gradients (see docs/mechanism.md); ``wrap(...,
+    inplace_grad=False)`` restores plain autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, param: Tensor, index: tuple) -> Tensor:  # type: ignore[override]
+        ctx.param, ctx.index = param, index
+        return param.detach()[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        p = ctx.param
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad[ctx.index].add_(grad)
+        return None, None
+
+
+def _narrow(t: Tensor, index: tuple, inplace: bool) -> Tensor:
+    if inplace and t.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _SliceInto.apply(t, index)
+    return t[index]
+
+
+class Slicer:
+    """Base slicer: declares roles, the attributes that become properties, and
+    how to compute each attribute's active value."""
+
+    types: ClassVar[tuple[type, ...]] = ()
+    roles: ClassVar[tuple[str, ...]] = ()
+    attrs: ClassVar[tuple[str, ...]] = ()
+    #: the module's own forward is replaced (only where no attribute can be sliced)
+    overrides_forward: ClassVar[bool] = False
+
+    # -- to implement --------------------------------------------------
+    def full(self, m: nn.Module, role: str) -> int:
+        """Full number of features of ``role`` (before slicing)."""
+        raise NotImplementedError
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        """Active value of attribute ``name``."""
+        raise NotImplementedError
+
+    def check(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
+        """Extra validation (divisibility, ties). Raise SortedNetError."""
+
+    # -- shared helpers ------------------------------------------------
+    def validate(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
+        for role, b in bind.items():
+            if role.startswith("attr:"):
+                continue
+            if role not in self.roles:
+                raise PatternError(f"{b.dim.kind} {b.dim.name!r} cannot slice role {role!r} of {path!r} "
+                                   f"({type(m).__name__}); it supports {list(self.roles)}")
+            full = self.full(m, role)
+            if b.full * b.chunks != full:
+                raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
+                                f"{b.full * b.chunks} features but {path!r} ({type(m).__name__}) has {full} "
+                                f"for role {role!r}")
+        self.check(m, bind, path)
+
+    @staticmethod
+    def tensor(m: nn.Module, name: str) -> Tensor | None:
+        t = m._parameters.get(name)
+        return m._buffers.get(name) if t is None and name not in m._parameters else t
+
+    def take(self, m: nn.Module, name: str, axes: list[tuple[int, str]]) -> Tensor | None:
+        """``m.<name>`` sliced on each ``(axis, role)`` to the role's active features."""
+        t = self.tensor(m, name)
+        if t is None:
+            return None
+        st: State = m.__dict__["_sn"]
+        index: list[slice] = []
+        chunked: tuple[int, int, int] | None = None
+        for axis, role in axes:
+            b = st.bind.get(role)
+            if b is None:
+                continue
+            n = b.features()
+            if n * b.chunks == t.shape[axis]:
+                continue
+            while len(index) <= axis:
+                index.append(slice(None))
+            if b.chunks > 1:
+                chunked = (axis, n, t.shape[axis] // b.chunks)
+            else:
+                index[axis] = slice(0, n)
+        if not index:
+            return t
+        if chunked is None:
+            return _narrow(t, tuple(index), st.inplace_grad)
+        axis, n, per = chunked
+        parts = []
+        for c in range(t.shape[axis] // per):
+            idx = list(index)
+            idx[axis] = slice(c * per, c * per + n)
+            parts.append(_narrow(t, tuple(idx), st.inplace_grad))
+        return torch.cat(parts, axis)
+
+    def features(self, m: nn.Module, role: str, full: int) -> int:
+        """Active features of ``role`` (``full`` when the role is not bound)."""
+        b = m.__dict__["_sn"].bind.get(role)
+        return full if b is None else b.features() * b.chunks
+
+    def attr_names(self, m: nn.Module, bind: dict[str, Binding]) -> tuple[str, ...]:
+        """Names that become properties on this instance's subclass."""
+        return self.attrs + tuple(sorted(r[5:] for r in bind if r.startswith("attr:")))
+
+    def attr_value(self, m: nn.Module, name: str) -> Any:
+        st: State = m.__dict__["_sn"]
+        b = st.bind.get(f"attr:{name}")
+        return b.features() if b is not None else self.value(m, name)
+
+    def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+        """Class body of the per-instance subclass."""
+
+        def make(name: str) -> property:
+            def get(self_: nn.Module) -> Any:
+                return self_.__dict__["_sn"].slicer.attr_value(self_, name)
+
+            def set_(self_: nn.Module, v: Any) -> None:
+                self_.__dict__[name] = v
+
+            return property(get, set_)
+
+        return {n: make(n) for n in names}
+
+    def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
+        """Turn the deep copy of a sliced module into a plain, smaller module.
+
+        Called under ``use(sub)``; ``copy_`` already has the original class.
+        """
+        for name in self.attr_names(live, live._sn.bind):
+            v = getattr(live, name)
+            if name in live._parameters:
+                copy_._parameters[name] = None if v is None else nn.Parameter(
+                    v.detach().clone(memory_format=torch.contiguous_format), requires_grad=v.requires_grad)
+            elif name in live._buffers:
+                copy_._buffers[name] = None if v is None else v.detach().clone()
+            else:
+                copy_.__dict__[name] = copy.copy(v)
+        return copy_
+
+    def exported_tensors(self, m: nn.Module) -> list[Tensor]:
+        """Full tensors that export replaces (so the deep copy can skip them)."""
+        return [t for n in self.attrs if (t := self.tensor(m, n)) is not None]
+
+
+def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
+    """The per-instance subclass of ``type(m)`` (cached per class, slicer and names)."""
+    key = (type(m), type(sl), names)
+    cls = _SUBCLASSES.get(key)
+    if cls is None:
+        base = type(m)
+        cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
+                                                       "__module__": base.__module__})
+        _SUBCLASSES[key] = cls
+    return cls
+
+
+# register the built-in slicers (each file registers itself where it is defined)
+from . import attention, conv, depth, embedding, linear, mha, norm  # noqa: E402,F401

@@ -1,0 +1,47 @@
+"""nn.Conv1d/2d/3d: output channels (``out``), input channels (``inp``).
+
+Grouped convolutions are refused except depthwise ones (groups == in ==
+out channels), whose ``in`` and ``out`` must be one dimension: the group
+count follows the active channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import PatternError
+from . import Slicer, slicer
+
+
+@slicer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvSlicer(Slicer):
+    roles = ("out", "inp")
+    attrs = ("weight", "bias", "in_channels", "out_channels", "groups")
+
+    def full(self, m: nn.Module, role: str) -> int:
+        return m.__dict__["out_channels" if role == "out" else "in_channels"]
+
+    def check(self, m: nn.Module, bind: dict, path: str) -> None:
+        g, cin, cout = m.__dict__["groups"], m.__dict__["in_channels"], m.__dict__["out_channels"]
+        if g == 1:
+            return
+        if not (g == cin == cout):
+            raise PatternError(f"{path!r}: grouped {type(m).__name__} (groups={g}, in={cin}, out={cout}) "
+                               "cannot be sliced; only groups=1 or depthwise (groups == in == out)")
+        o, i = bind.get("out"), bind.get("inp")
+        if o is None or i is None or o.dim is not i.dim:
+            raise PatternError(f"{path!r}: depthwise {type(m).__name__} needs its out and in channels in the "
+                               "same dimension (list it under both out= and inp= of one Width)")
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        depthwise = m.__dict__["groups"] > 1
+        if name == "weight":
+            return self.take(m, "weight", [(0, "out")] if depthwise else [(0, "out"), (1, "inp")])
+        if name == "bias":
+            return self.take(m, "bias", [(0, "out")])
+        if name == "groups":
+            return self.features(m, "out", m.__dict__["out_channels"]) if depthwise else 1
+        role = "out" if name == "out_channels" else "inp"
+        return self.features(m, role, m.__dict__[name])

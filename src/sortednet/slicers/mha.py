@@ -1,0 +1,146 @@
+"""nn.MultiheadAttention: whole heads of the packed q/k/v projection (``heads``)
+and its input features (``inp``, the model's hidden width).
+
+The packed ``in_proj_weight`` leaves no attribute that the stock forward
+could read at a reduced head count (it derives head_dim from embed_dim), so
+this is one of the two slicers that override ``forward``; at full size the
+stock forward runs unchanged. The output projection is a child ``nn.Linear``
+sliced by its own slicer. PyTorch's fused fast paths read full weights, so
+wrap disables them for containing Transformer layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import PatternError
+from . import Slicer, slicer
+
+
+def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: int,
+              key_padding_mask: Tensor | None = None, need_weights: bool = True,
+              attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+              is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Multi-head attention with ``heads`` heads of ``mha.head_dim``, reading
+    ``mha.in_proj_weight`` / ``in_proj_bias`` / ``out_proj`` as they are now."""
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    if mha.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    L, B, _ = query.shape
+    S = key.shape[0]
+    d = mha.head_dim
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    n = heads * d
+    bq, bk, bv = (None, None, None) if b is None else b.split(n)
+    q = F.linear(query, w[:n], bq).view(L, B, heads, d).permute(1, 2, 0, 3)
+    k = F.linear(key, w[n:2 * n], bk).view(S, B, heads, d).permute(1, 2, 0, 3)
+    v = F.linear(value, w[2 * n:], bv).view(S, B, heads, d).permute(1, 2, 0, 3)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask
+        if mask.dim() == 3:  # (B * H_full, L, S): keep the active heads
+            mask = mask.view(B, -1, L, S)[:, :heads]
+        mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill_(mask, float("-inf")) \
+            if mask.dtype == torch.bool else mask.to(q.dtype)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(B, 1, 1, S)
+        kpm = torch.zeros_like(kpm, dtype=q.dtype).masked_fill_(kpm, float("-inf")) \
+            if kpm.dtype == torch.bool else kpm.to(q.dtype)
+        mask = kpm if mask is None else mask + kpm
+    if is_causal and mask is None:
+        mask = torch.full((L, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    p = mha.dropout if mha.training else 0.0
+    if need_weights:
+        scores = (q * d ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        attn = scores.softmax(-1)
+        out = F.dropout(attn, p) @ v
+        weights = attn.mean(1) if average_attn_weights else attn
+    else:
+        out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
+    out = out.permute(2, 0, 1, 3).reshape(L, B, n)
+    out = mha.out_proj(out)
+    if mha.batch_first:
+        out = out.transpose(0, 1)
+    if not batched:
+        out = out.squeeze(1)
+        weights = None if weights is None else weights.squeeze(0)
+    return out, weights
+
+
+@slicer(nn.MultiheadAttention)
+class MHASlicer(Slicer):
+    roles = ("heads", "inp")
+    attrs = ("in_proj_weight", "in_proj_bias", "num_heads", "embed_dim")
+    overrides_forward = True
+
+    def full(self, m: nn.Module, role: str) -> int:
+        return m.__dict__["embed_dim"] * (3 if role == "heads" else 1)
+
+    def check(self, m: nn.Module, bind: dict, path: str) -> None:
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise PatternError(f"{path!r}: MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or "
+                               "add_zero_attn cannot be sliced")
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        if name == "in_proj_weight":
+            return self.take(m, name, [(0, "heads"), (1, "inp")])
+        if name == "in_proj_bias":
+            return self.take(m, name, [(0, "heads")])
+        if name == "num_heads":
+            b = m._sn.bind.get("heads")
+            return m.__dict__["num_heads"] if b is None else b.dim.active
+        return self.features(m, "inp", m.__dict__["embed_dim"])
+
+    def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+        ns = super().namespace(m, names)
+        base_forward = type(m).forward
+
+        def forward(self_, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            if all(b.dim.active == b.dim.full for b in self_._sn.bind.values()):
+                return base_forward(self_, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                    average_attn_weights, is_causal)
+            return attention(self_, query, key, value, self_.num_heads, key_padding_mask, need_weights,
+                             attn_mask, average_attn_weights, is_causal)
+
+        ns["forward"] = forward
+        return ns
+
+    def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
+        copy_ = super().export(live, copy_)
+        h, e = live.num_heads, live.embed_dim
+        if h * live.head_dim == e:
+            copy_.kdim = copy_.vdim = e
+            return copy_
+        return PrunedMultiheadAttention(copy_)
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """Export target of a MultiheadAttention whose heads x head_dim no longer
+    equals its embedding width, which ``nn.MultiheadAttention`` cannot express.
+    Plain parameters, same state_dict keys and call signature."""
+
+    def __init__(self, src: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.in_proj_weight = src.in_proj_weight
+        self.in_proj_bias = src.in_proj_bias
+        self.out_proj = src.out_proj
+        self.num_heads, self.head_dim, self.dropout = src.num_heads, src.head_dim, src.dropout
+        self.batch_first = src.batch_first
+        self.embed_dim = src.in_proj_weight.shape[1]
+        self._qkv_same_embed_dim = False  # keeps PyTorch's fused fast paths away
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        return attention(self, query, key, value, self.num_heads, key_padding_mask, need_weights, attn_mask,
+                         average_attn_weights, is_causal)

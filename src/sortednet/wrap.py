@@ -1,0 +1,163 @@
+"""wrap: match patterns -> validate EVERYTHING -> then install; unwrap."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from .dims import Binding, Dimension, Target
+from .errors import PatternError, SortedNetError, nearby
+from .slicers import Slicer, State, slicer_for, sliced_subclass
+from .slicers.attention import ATTRS_ONLY
+from .submodel import SubModelLike
+
+__all__ = ["wrap", "match_pattern", "unwrap_modules"]
+
+# PyTorch layers whose fused inference fast path reads full-size weights directly
+_FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> list[str]:
+    """Paths in ``modules`` matched by ``pattern``.
+
+    Exact name; glob where ``*`` is one path component and ``**`` any number;
+    ``re:<regex>`` matched against the whole path.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    >>> match_pattern("*", dict(m.named_modules()), "demo")
+    ['0', '1', '2']
+    """
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as e:
+            raise PatternError(f"{what}: invalid regex {pattern!r}: {e}") from None
+    elif pattern in modules:
+        return [pattern]
+    else:
+        parts = (re.escape(p) for p in re.split(r"(\*\*|\*)", pattern))
+        body = "".join({"\\*\\*": ".*", "\\*": "[^.]+"}.get(p, p) for p in parts)
+        rx = re.compile(body)
+    hits = [n for n in modules if n and rx.fullmatch(n)]
+    if not hits:
+        raise PatternError(f"{what}: pattern {pattern!r} matched no module; nearby names: "
+                           f"{nearby(pattern, [n for n in modules if n])}")
+    return hits
+
+
+def _check_dims(dims: Sequence[Dimension]) -> None:
+    seen: dict[str, Dimension] = {}
+    for d in dims:
+        if not isinstance(d, Dimension):
+            raise SortedNetError(f"wrap() takes dimensions (sn.Width, sn.Heads, sn.Depth, ...), got {d!r}")
+        if d.name in seen and seen[d.name] is not d:
+            raise SortedNetError(f"two dimensions are named {d.name!r}: {seen[d.name]!r} and {d!r}")
+        if getattr(d, "_nest", None) is not None:
+            raise SortedNetError(f"dimension {d.name!r} already belongs to a wrapped model; build a new one")
+        seen[d.name] = d
+
+
+def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Module, Slicer, dict[str, Binding]]]:
+    """Everything ``wrap`` will install, fully validated; changes nothing."""
+    if not isinstance(model, nn.Module):
+        raise SortedNetError(f"wrap() needs an nn.Module, got {type(model).__name__}")
+    _check_dims(dims)
+    modules = dict(model.named_modules())
+    wrapped = [n or "<root>" for n, m in modules.items() if "_sn" in m.__dict__]
+    if wrapped:
+        raise SortedNetError(f"model is already wrapped (sliced modules: {wrapped[:5]}); call nest.unwrap() first")
+    targets: list[Target] = [t for d in dims for t in d.plan(modules)]
+    by_path: dict[str, dict[str, Target]] = defaultdict(dict)
+    for t in targets:
+        prev = by_path[t.path].get(t.role)
+        if prev is not None and prev.binding.dim is not t.binding.dim:
+            raise PatternError(f"{t.path!r} role {t.role!r} is claimed by two dimensions: "
+                               f"{prev.binding.dim.name!r} (pattern {prev.pattern!r}) and "
+                               f"{t.binding.dim.name!r} (pattern {t.pattern!r}); couple them by using one object")
+        by_path[t.path][t.role] = t
+    out = {}
+    for path, roles in by_path.items():
+        m = modules[path]
+        bind = {r: t.binding for r, t in roles.items()}
+        sl = slicer_for(m)
+        if sl is None and all(r.startswith("attr:") for r in bind):
+            sl = ATTRS_ONLY
+        if sl is None:
+            pats = sorted({t.pattern for t in roles.values()})
+            raise PatternError(f"{path!r} ({type(m).__name__}, matched by {pats}) has no slicer; register one "
+                               "with @sn.slicer(YourType) (see docs/custom_slicers.md)")
+        if sl is not ATTRS_ONLY:
+            base = next(b for b in type(m).__mro__ if b in sl.types)
+            if type(m) is not base and type(m).forward is not base.forward and not sl.overrides_forward:
+                raise PatternError(f"{path!r}: {type(m).__name__} subclasses {base.__name__} with its own forward, "
+                                   "which may ignore sliced attributes; register a slicer for it explicitly")
+        sl.validate(m, bind, path)
+        out[path] = (m, sl, bind)
+    return out
+
+
+def install(model: nn.Module, planned: dict, *, inplace_grad: bool) -> list:
+    """Swap in per-instance subclasses (cannot fail after ``plan``); returns hook handles."""
+    for path, (m, sl, bind) in planned.items():
+        names = sl.attr_names(m, bind)
+        cls = sliced_subclass(m, sl, names)
+        m.__dict__["_sn"] = State(sl, bind, type(m), path, inplace_grad)
+        m.__class__ = cls
+    sliced = {id(m) for m, _, _ in planned.values()}
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
+            hooks.append(m.register_forward_pre_hook(_no_fast_path))
+    return hooks
+
+
+def _no_fast_path(module: nn.Module, args: tuple) -> None:
+    """Present only so PyTorch's fused Transformer fast path (which reads
+    full-size weights) steps aside for sliced layers."""
+
+
+def unwrap_modules(model: nn.Module, hooks: Iterable) -> None:
+    for h in hooks:
+        h.remove()
+    for m in model.modules():
+        st = m.__dict__.pop("_sn", None)
+        if st is not None:
+            m.__class__ = st.cls
+
+
+def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] | None = None,
+         inplace_grad: bool = True):
+    """Make ``model`` (changed in place) hold nested sub-models along ``dims``.
+
+    All patterns and sizes are checked before anything changes; on error the
+    model is left exactly as it was.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> nest = sn.wrap(model, sn.Width("hidden", [8, 16, 32], out="0", inp="2"))
+    >>> [str(s) for s in nest.submodels]
+    ['hidden=8', 'hidden=16', 'hidden=32']
+    >>> with nest.use("hidden=8"):
+    ...     model(torch.randn(2, 8)).shape
+    torch.Size([2, 4])
+
+    ``inplace_grad`` (default) adds gradients of sliced weights straight into
+    their slice of ``.grad`` (fast; parameter hooks do not see them). Set it
+    False for code that needs plain autograd on parameters (``torch.autograd.grad``).
+    """
+    from .nest import Nest
+
+    planned = plan(model, dims)
+    nest = Nest.__new__(Nest)
+    nest._prepare(model, dims, submodels)       # validates sub-models, still no mutation
+    hooks = install(model, planned, inplace_grad=inplace_grad)
+    try:
+        nest._attach(planned, hooks)
+    except BaseException:
+        unwrap_modules(model, hooks)
+        raise
+    return nest
