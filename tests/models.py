@@ -1,0 +1,177 @@
+"""Tiny model families for invariant tests. Each builder returns a
+``Case(model, dims, example)`` built fresh (dimensions belong to one nest)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sortednet as sn
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    dims: list
+    example: torch.Tensor
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=12, h1=16, h2=12, d_out=5):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(d_in, h1), nn.Linear(h1, h2), nn.Linear(h2, d_out)
+        self.ln = nn.LayerNorm(h2)
+
+    def forward(self, x):
+        return self.fc3(self.ln(F.relu(self.fc2(F.relu(self.fc1(x))))))
+
+
+def mlp(seed=0, h1=16, h2=12) -> Case:
+    torch.manual_seed(seed)
+    m = MLP(h1=h1, h2=h2)
+    dims = [sn.Width("h1", sorted({max(1, h1 // 4), h1 // 2, h1}), out="fc1", inp="fc2"),
+            sn.Width("h2", sorted({max(1, h2 // 3), h2}), out="fc2", inp="fc3", norm="ln")]
+    return Case(m, dims, torch.randn(6, 12))
+
+
+class ResCNN(nn.Module):
+    def __init__(self, c=8, n_cls=4):
+        super().__init__()
+        self.stem, self.bn1 = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.gn = nn.GroupNorm(c // 2, c)
+        self.head = nn.Linear(c, n_cls)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.stem(x)))
+        x = x + F.relu(self.bn2(self.conv(x)))          # residual: coupled by one dimension
+        x = F.relu(self.gn(self.dw(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def cnn(seed=0, c=8) -> Case:
+    torch.manual_seed(seed)
+    m = ResCNN(c)
+    with torch.no_grad():  # non-trivial running statistics
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    m.eval()
+    dims = [sn.Width("ch", [c // 4, c // 2, c], out=["stem", "conv", "dw"], inp=["conv", "dw", "head"],
+                     norm=["bn1", "bn2", "gn"])]
+    return Case(m, dims, torch.randn(3, 1, 6, 6))
+
+
+class Attention(nn.Module):
+    """Hand-written attention with separate q/k/v/o and optional grouped k/v."""
+
+    def __init__(self, d=16, heads=4, kv_heads=None):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, d // heads
+        kv = (kv_heads or heads) * self.head_dim
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, heads=4, ffn=32, kv_heads=None):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads, kv_heads)
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def block(seed=0, heads=4, ffn=32) -> Case:
+    torch.manual_seed(seed)
+    m = Block(16, heads, ffn)
+    dims = [sn.Heads("heads", sorted({1, heads // 2, heads}), attn="attn"),
+            sn.Width("ffn", [ffn // 4, ffn // 2, ffn], out="fc1", inp="fc2")]
+    return Case(m, dims, torch.randn(2, 5, 16))
+
+
+class Encoder(nn.Module):
+    def __init__(self, d_in=6, d=16, heads=4, ffn=24, layers=3):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.proj(x)))
+
+
+def encoder(seed=0, layers=3) -> Case:
+    torch.manual_seed(seed)
+    m = Encoder(layers=layers).eval()
+    dims = [sn.Width("ffn", [6, 12, 24], out="enc.layers.*.linear1", inp="enc.layers.*.linear2"),
+            sn.Heads("heads", [2, 4], attn="enc.layers.*.self_attn"),
+            sn.Width("hidden", [8, 16], out=["proj", "enc.layers.*.self_attn.out_proj", "enc.layers.*.linear2"],
+                     inp=["enc.layers.*.self_attn", "enc.layers.*.linear1", "head"],
+                     norm=["enc.layers.*.norm1", "enc.layers.*.norm2"]),
+            sn.Depth("depth", sorted({1, layers}), layers="enc.layers")]
+    return Case(m, dims, torch.randn(2, 5, 6))
+
+
+class TinyLM(nn.Module):
+    """Width (hidden, ffn) + Heads (grouped-query) + Depth in one model."""
+
+    def __init__(self, vocab=20, d=16, heads=4, kv_heads=2, ffn=32, layers=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, heads, ffn, kv_heads) for _ in range(layers))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def lm(seed=0, layers=3) -> Case:
+    torch.manual_seed(seed)
+    m = TinyLM(layers=layers)
+    dims = [sn.Width("hidden", [8, 16], out=["emb", "blocks.*.attn.o", "blocks.*.fc2"],
+                     inp=["blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.fc1", "head"],
+                     norm=["blocks.*.ln1", "blocks.*.ln2", "norm"]),
+            sn.Width("ffn", [8, 16, 32], out="blocks.*.fc1", inp="blocks.*.fc2"),
+            sn.Heads("heads", [2, 4], attn="blocks.*.attn"),
+            sn.Depth("depth", list(range(1, layers + 1)), layers="blocks")]
+    return Case(m, dims, torch.randint(0, 20, (2, 7)))
+
+
+def sequential(seed=0, depth=4) -> Case:
+    torch.manual_seed(seed)
+    layers = [nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.GELU()) for _ in range(depth)]
+    m = nn.Sequential(nn.Conv1d(3, 8, 1), nn.Sequential(*layers), nn.Conv1d(8, 4, 1), nn.Flatten(),
+                      nn.Linear(4 * 10, 4))
+    dims = [sn.Depth("depth", sorted({1, depth // 2, depth}), layers="1"),
+            sn.Width("ch", [2, 8], out=["0", "1.*.0"], inp=["1.*.0", "2"])]
+    return Case(m, dims, torch.randn(2, 3, 10))
+
+
+FAMILIES: dict[str, Callable[..., Case]] = {
+    "mlp": mlp, "cnn_bn_residual": cnn, "attn_block": block, "torch_encoder": encoder,
+    "lm_width_heads_depth": lm, "sequential": sequential,
+}
