@@ -175,3 +175,81 @@ FAMILIES: dict[str, Callable[..., Case]] = {
     "mlp": mlp, "cnn_bn_residual": cnn, "attn_block": block, "torch_encoder": encoder,
     "lm_width_heads_depth": lm, "sequential": sequential,
 }
+
+
+# -- size choices for hypothesis (every combination builds a valid nest) -----
+SIZES: dict[str, dict[str, list[int]]] = {
+    "mlp": {"h1": [4, 8, 16, 20], "h2": [3, 6, 12]},
+    "cnn_bn_residual": {"c": [8, 16, 24]},          # GroupNorm: 2 channels per group
+    "attn_block": {"heads": [2, 4, 8], "ffn": [8, 16, 32]},
+    "torch_encoder": {"layers": [1, 2, 3]},
+    "lm_width_heads_depth": {"layers": [1, 2, 3]},
+    "sequential": {"depth": [2, 3, 4]},
+}
+
+
+def case_params(family: str):
+    """Hypothesis strategy of builder keyword arguments (seed + sizes) for ``family``."""
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({"seed": st.integers(0, 2**16),
+                                  **{k: st.sampled_from(v) for k, v in SIZES[family].items()}})
+
+
+# -- helpers shared by the invariant tests ---------------------------------
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward without autograd."""
+    with torch.no_grad():
+        return model(x)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Classes, parameter objects and bit-exact copies of every tensor of ``model``."""
+    return {"classes": [(n, type(m)) for n, m in model.named_modules()],
+            "params": [(n, p) for n, p in model.named_parameters()],
+            "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+            "dicts": _dicts(model)}
+
+
+def _dicts(model: nn.Module) -> list:
+    return [(n, sorted(m.__dict__), len(m._forward_pre_hooks), len(m._forward_hooks))
+            for n, m in model.named_modules()]
+
+
+def assert_unchanged(model: nn.Module, snap: dict) -> None:
+    """``model`` has the same classes, the same Parameter objects and bit-identical tensors."""
+    assert [(n, type(m)) for n, m in model.named_modules()] == snap["classes"]
+    now = list(model.named_parameters())
+    assert [n for n, _ in now] == [n for n, _ in snap["params"]]
+    assert all(p is q for (_, p), (_, q) in zip(now, snap["params"]))
+    state = model.state_dict(keep_vars=True)
+    assert list(state) == list(snap["state"])
+    for k, v in snap["state"].items():
+        assert state[k].shape == v.shape and torch.equal(state[k].detach(), v), k
+    assert _dicts(model) == snap["dicts"]
+
+
+def chunks_of(name: str) -> int:
+    """Packed q/k/v tensors are sliced in 3 chunks along dim 0."""
+    return 3 if name.rpartition(".")[2] in ("in_proj_weight", "in_proj_bias") else 1
+
+
+def leading(t: torch.Tensor, shape: torch.Size, chunks: int = 1) -> torch.Tensor:
+    """The first ``shape`` entries of ``t`` along every axis (per chunk along axis 0)."""
+    if chunks == 1:
+        return t[tuple(slice(0, s) for s in shape)]
+    per, n = t.shape[0] // chunks, shape[0] // chunks
+    rest = tuple(slice(0, s) for s in shape[1:])
+    return torch.cat([t[(slice(c * per, c * per + n), *rest)] for c in range(chunks)])
+
+
+def place(small: torch.Tensor, full_shape: torch.Size, chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``small`` written at the leading corner of a zero tensor of ``full_shape``; also the mask."""
+    big = torch.zeros(full_shape, dtype=small.dtype)
+    mask = torch.zeros(full_shape, dtype=torch.bool)
+    per, n = full_shape[0] // chunks, small.shape[0] // chunks
+    for c in range(chunks):
+        idx = (slice(c * per, c * per + n), *(slice(0, s) for s in small.shape[1:]))
+        big[idx] = small[c * n:(c + 1) * n]
+        mask[idx] = True
+    return big, mask

@@ -20,6 +20,16 @@ FUSED_NAMES = ("qkv", "qkv_proj", "to_qkv", "Wqkv", "c_attn")
 O_NAMES = ("o_proj", "out_proj", "o", "wo", "out", "proj", "to_out", "c_proj", "dense", "out_lin")
 
 
+def _out_features(m: nn.Module) -> int | None:
+    """Output features of a projection: its slicer's full ``out`` size, else ``out_features``."""
+    from .slicers import slicer_for  # local import: slicers import dims, which re-exports Heads
+
+    sl = slicer_for(m)
+    if sl is not None and "out" in sl.roles:
+        return sl.full(m, "out")
+    return getattr(m, "out_features", None)
+
+
 def _child(m: nn.Module, name: str) -> nn.Module | None:
     try:
         return m.get_submodule(name)
@@ -100,7 +110,7 @@ class Heads(Dimension):
             if _child(m, n) is None:
                 raise self._err(path, f"has no child {n!r} (children: {sorted(names)})")
         q = _child(m, projections[0])
-        q_out = getattr(q, "out_features", None)
+        q_out = _out_features(q)
         if not isinstance(q_out, int):
             raise self._err(path, f"projection {projections[0]!r} ({type(q).__name__}) has no out_features")
         chunks = 3 if isinstance(qkv, str) else 1
@@ -111,7 +121,7 @@ class Heads(Dimension):
         targets = [Target(f"{path}.{projections[0]}", "out", Binding(self, unit=d, chunks=chunks), pat)]
         group = 1
         for n in projections[1:]:
-            kv_out = _child(m, n).out_features
+            kv_out = _out_features(_child(m, n))
             if kv_out == q_out:
                 targets.append(Target(f"{path}.{n}", "out", Binding(self, unit=d), pat))
                 continue

@@ -98,8 +98,13 @@ class _SliceInto(torch.autograd.Function):
         return None, None
 
 
+#: below this many elements a full-size autograd gradient is cheaper than a custom Function call
+INPLACE_MIN_NUMEL = 4096
+
+
 def _narrow(t: Tensor, index: tuple, inplace: bool) -> Tensor:
-    if inplace and t.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if (inplace and t.requires_grad and t.numel() >= INPLACE_MIN_NUMEL and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
         return _SliceInto.apply(t, index)
     return t[index]
 

@@ -1,0 +1,198 @@
+"""Sampler: which sub-models each optimizer step trains.
+
+A draw is a pure function of ``(seed, step)``: every call builds a fresh
+NumPy generator from ``SeedSequence([seed, step])``, so a resumed run and
+every data-parallel rank draw exactly the same sub-models with no RNG state
+to carry around. ``state_dict`` holds the configuration only, to check that
+a resumed run samples as the interrupted one did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import SortedNetError
+from .submodel import SubModel
+
+__all__ = ["Sampler", "STRATEGIES", "WEIGHT_RULES"]
+
+STRATEGIES = ("uniform", "sandwich", "weighted", "all")
+#: named rules for ``strategy="weighted"``: weight of the sub-model at position
+#: ``i`` (ascending cost, 0-based) given its parameter count ``c``
+WEIGHT_RULES = ("cost", "large", "small")
+
+
+def _check_index(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise SortedNetError(f"{what} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+class Sampler:
+    """Draws the sub-models of one training step, as a pure function of ``(seed, step)``.
+
+    ``submodels`` is a cost-sorted sequence (``nest.submodels``) or the nest
+    itself (needed for ``weights="cost"``). Strategies:
+
+    - ``"uniform"``: ``k`` distinct sub-models, uniformly (SortedNet);
+    - ``"sandwich"``: largest + smallest + ``k - 2`` distinct others, uniformly (US-Nets);
+    - ``"weighted"``: ``k`` distinct sub-models with probability proportional to
+      ``weights``: one non-negative number per sub-model, or a rule: ``"cost"``
+      (parameter count), ``"large"`` (rank ``i + 1``: favours large), ``"small"``;
+    - ``"all"``: every sub-model every step (MatFormer / DynaBERT; ``k`` is ignored
+      or must equal the count).
+
+    ``draw`` returns sub-models in ascending cost order.
+
+    >>> import torch.nn as nn, sortednet as sn
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 6, 8], out="0", inp="1"))
+    >>> s = sn.Sampler(nest.submodels, k=3, strategy="sandwich", seed=0)
+    >>> picked = s.draw(7)
+    >>> picked == s.draw(7), picked[0] == nest.smallest, picked[-1] == nest.largest
+    (True, True, True)
+    """
+
+    def __init__(self, submodels: Any, *, k: int | None = None, strategy: str = "uniform", seed: int = 0,
+                 weights: Sequence[float] | str | None = None) -> None:
+        nest = None
+        if hasattr(submodels, "submodels") and hasattr(submodels, "cost"):
+            nest, submodels = submodels, submodels.submodels
+        if isinstance(submodels, (str, bytes, Mapping)) or not isinstance(submodels, Sequence):
+            raise SortedNetError(f"Sampler needs a sequence of sub-models (nest.submodels), got "
+                                 f"{type(submodels).__name__}")
+        subs = tuple(submodels)
+        if not subs:
+            raise SortedNetError("Sampler needs at least one sub-model, got an empty list")
+        bad = [s for s in subs if not isinstance(s, SubModel)]
+        if bad:
+            raise SortedNetError(f"Sampler takes SubModel objects (nest.submodels), got {bad[0]!r}")
+        if len(set(subs)) != len(subs):
+            raise SortedNetError("Sampler got the same sub-model twice; pass nest.submodels")
+        if strategy not in STRATEGIES:
+            raise SortedNetError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+        n = len(subs)
+        if strategy == "all":
+            if k is not None and _check_index(k, "k") != n:
+                raise SortedNetError(f"strategy 'all' trains all {n} sub-models each step; got k={k} "
+                                     "(leave k out)")
+            k = n
+        elif k is None:
+            raise SortedNetError(f"strategy {strategy!r} needs k (sub-models per step, 1..{n})")
+        k = _check_index(k, "k")
+        lo = 2 if strategy == "sandwich" else 1
+        if not lo <= k <= n:
+            raise SortedNetError(f"k={k} is out of range for strategy {strategy!r} with {n} sub-models "
+                                 f"(need {lo} <= k <= {n})")
+        probs = None
+        if strategy == "weighted":
+            probs = self._probabilities(weights, subs, nest)
+            if int(np.count_nonzero(probs)) < k:
+                raise SortedNetError(f"only {int(np.count_nonzero(probs))} sub-models have a positive weight; "
+                                     f"cannot draw k={k} distinct ones")
+        elif weights is not None:
+            raise SortedNetError(f"weights= is only used by strategy 'weighted', not {strategy!r}")
+        self.submodels: tuple[SubModel, ...] = subs
+        self.k, self.strategy, self.seed = k, strategy, _check_index(seed, "seed")
+        self.weights = weights if isinstance(weights, str) else (None if weights is None else list(map(float, weights)))
+        self.probs: np.ndarray | None = probs
+        self._source = subs if nest is None else nest
+
+    @staticmethod
+    def _probabilities(weights: Sequence[float] | str | None, subs: tuple[SubModel, ...], nest: Any) -> np.ndarray:
+        n = len(subs)
+        if weights is None:
+            raise SortedNetError(f"strategy 'weighted' needs weights=: {n} numbers or one of {list(WEIGHT_RULES)}")
+        if isinstance(weights, str):
+            if weights == "cost":
+                if nest is None:
+                    raise SortedNetError("weights='cost' needs the nest: Sampler(nest, ...) instead of nest.submodels")
+                w = np.array([float(nest.cost(s, "params")) for s in subs])
+            elif weights == "large":
+                w = np.arange(1, n + 1, dtype=float)
+            elif weights == "small":
+                w = np.arange(n, 0, -1, dtype=float)
+            else:
+                raise SortedNetError(f"unknown weight rule {weights!r}; choose one of {list(WEIGHT_RULES)} "
+                                     "or give one number per sub-model")
+        else:
+            try:
+                w = np.array([float(x) for x in weights])
+            except (TypeError, ValueError):
+                raise SortedNetError(f"weights must be numbers, got {weights!r}") from None
+            if len(w) != n:
+                raise SortedNetError(f"weights has {len(w)} entries but there are {n} sub-models")
+            if not np.all(np.isfinite(w)) or np.any(w < 0):
+                raise SortedNetError(f"weights must be finite and non-negative, got {[float(x) for x in w][:8]}")
+        if w.sum() <= 0:
+            raise SortedNetError("weights sum to zero; at least one sub-model needs a positive weight")
+        return w / w.sum()
+
+    def draw(self, step: int) -> list[SubModel]:
+        """The sub-models to train at ``step`` (ascending cost; same answer for the same seed and step)."""
+        step = _check_index(step, "step")
+        n, k = len(self.submodels), self.k
+        if self.strategy == "all":
+            return list(self.submodels)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+        if self.strategy == "uniform":
+            idx = rng.choice(n, size=k, replace=False)
+        elif self.strategy == "sandwich":
+            middle = rng.choice(np.arange(1, n - 1), size=k - 2, replace=False) if k > 2 else []
+            idx = [0, n - 1, *middle]
+        else:
+            idx = rng.choice(n, size=k, replace=False, p=self.probs)
+        return [self.submodels[i] for i in sorted(int(i) for i in idx)]
+
+    def expected_fraction(self) -> list[float]:
+        """Probability that each sub-model is among a step's draws (for ``k=1``: the sampling distribution).
+
+        Exact for every strategy except ``weighted`` with ``k > 1``, where it is
+        the first-draw probability times ``k`` clipped to 1 (an approximation).
+        """
+        n, k = len(self.submodels), self.k
+        if self.strategy == "all":
+            return [1.0] * n
+        if self.strategy == "uniform":
+            return [k / n] * n
+        if self.strategy == "sandwich":
+            mid = (k - 2) / (n - 2) if n > 2 else 0.0
+            return [1.0] + [mid] * (n - 2) + [1.0] if n > 1 else [1.0]
+        return [min(1.0, k * float(p)) for p in self.probs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The configuration (JSON-able). Draws need no other state: they depend on ``(seed, step)`` only."""
+        return {"strategy": self.strategy, "k": self.k, "seed": self.seed, "weights": self.weights,
+                "submodels": [str(s) for s in self.submodels]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a configuration saved by :meth:`state_dict` (the sub-model list must match).
+
+        >>> import torch.nn as nn, sortednet as sn
+        >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 8], out="0", inp="1"))
+        >>> a = sn.Sampler(nest.submodels, k=2, seed=5)
+        >>> b = sn.Sampler(nest.submodels, k=1, seed=0)
+        >>> b.load_state_dict(a.state_dict())
+        >>> b.draw(3) == a.draw(3)
+        True
+        """
+        missing = {"strategy", "k", "seed", "weights", "submodels"} - set(state)
+        if missing:
+            raise SortedNetError(f"sampler state lacks {sorted(missing)}")
+        mine = [str(s) for s in self.submodels]
+        if list(state["submodels"]) != mine:
+            raise SortedNetError(f"sampler state is for {len(state['submodels'])} sub-models "
+                                 f"{list(state['submodels'])[:4]}..., this sampler has {len(mine)} {mine[:4]}...")
+        try:
+            other = Sampler(self._source, k=None if state["strategy"] == "all" else state["k"],
+                            strategy=state["strategy"], seed=state["seed"], weights=state["weights"])
+        except SortedNetError as e:
+            raise SortedNetError(f"cannot load sampler state: {e}") from None
+        self.__dict__.update(other.__dict__)
+
+    def __repr__(self) -> str:
+        w = f", weights={self.weights!r}" if isinstance(self.weights, str) else (", weights=[...]" if self.weights else "")
+        return (f"Sampler({len(self.submodels)} sub-models, k={self.k}, strategy={self.strategy!r}, "
+                f"seed={self.seed}{w})")

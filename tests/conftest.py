@@ -1,0 +1,17 @@
+"""Shared test setup: tests/ on the import path, one small hypothesis profile,
+one torch thread (the CI machine has two cores shared by many jobs)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+settings.register_profile("sortednet", max_examples=10, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sortednet"))
+torch.set_num_threads(1)

@@ -1,0 +1,172 @@
+"""DESIGN.md invariants 1-4 and 8 over every model family, sizes and sub-models
+chosen by hypothesis."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import FAMILIES, case_params, chunks_of, leading, place, run
+
+import sortednet as sn
+
+FAMS = sorted(FAMILIES)
+
+
+def build(family: str, kw: dict, **wrap_kw):
+    case = FAMILIES[family](**kw)
+    return case, sn.wrap(case.model, *case.dims, **wrap_kw)
+
+
+def loss_of(y: torch.Tensor) -> torch.Tensor:
+    """A loss with no symmetry that could zero gradients by accident."""
+    g = torch.Generator().manual_seed(1)
+    return (y * torch.randn(y.shape, generator=g)).sum()
+
+
+def active_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter / buffer as the model's modules see it now (sliced views)."""
+    out = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        path, _, attr = name.rpartition(".")
+        v = getattr(model.get_submodule(path), attr)
+        if isinstance(v, torch.Tensor):
+            out[name] = v.detach()
+    return out
+
+
+@pytest.mark.parametrize("family", FAMS)
+@given(data=st.data())
+def test_largest_is_the_unwrapped_model(family, data):
+    kw = data.draw(case_params(family))
+    case = FAMILIES[family](**kw)
+    ref = copy.deepcopy(case.model)
+    nest = sn.wrap(case.model, *case.dims)
+    assert dict(nest.largest) == {d.name: d.full for d in case.dims}
+    expected = run(ref, case.example)
+    assert torch.equal(run(case.model, case.example), expected)
+    with nest.use(nest.largest):
+        assert torch.equal(nest(case.example).detach(), expected)  # autograd path too
+    assert torch.equal(loss_of(case.model(case.example)), loss_of(ref(case.example)))
+
+
+@pytest.mark.parametrize("family", FAMS)
+@given(data=st.data())
+def test_export_matches_live_and_cost(family, data):
+    kw = data.draw(case_params(family))
+    case, nest = build(family, kw)
+    subs = nest.submodels
+    picks = data.draw(st.lists(st.sampled_from(subs), max_size=6, unique=True))
+    for sub in {nest.smallest, nest.largest, *picks}:
+        with nest.use(sub):
+            live = run(case.model, case.example)
+        small = nest.export(sub)
+        torch.testing.assert_close(run(small, case.example), live, atol=1e-5, rtol=0)
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params")
+    assert nest.active == nest.largest  # export leaves the active sub-model alone
+
+
+@pytest.mark.parametrize("family", FAMS)
+@given(data=st.data())
+def test_smaller_weights_are_prefixes(family, data):
+    kw = data.draw(case_params(family))
+    case, nest = build(family, kw)
+    full = {k: v.detach() for k, v in [*case.model.named_parameters(), *case.model.named_buffers()]}
+    a, b = sorted(data.draw(st.lists(st.sampled_from(nest.submodels), min_size=2, max_size=2)),
+                  key=lambda s: tuple(s.values()))
+    b = sn.SubModel({k: max(a[k], b[k]) for k in a})        # b >= a on every dimension
+    assert a.nested_in(b)
+    with nest.use(a):
+        ta = active_tensors(case.model)
+    with nest.use(b):
+        tb = active_tensors(case.model)
+    sliced = 0
+    for name, va in ta.items():
+        vb, c = tb[name], chunks_of(name)
+        assert all(x <= y for x, y in zip(va.shape, vb.shape)), name
+        assert torch.equal(leading(vb, va.shape, c), va), name
+        assert torch.equal(leading(full[name], va.shape, c), va), name
+        sliced += va.shape != full[name].shape
+    assert sliced > 0 or a == nest.largest
+    assert nest.cost(a) <= nest.cost(b)
+
+
+def sub_grads(family: str, kw: dict, sub: sn.SubModel | None, **wrap_kw):
+    case, nest = build(family, kw, **wrap_kw)
+    sub = nest.resolve(sub)
+    with nest.use(sub):
+        loss_of(case.model(case.example)).backward()
+    return case, nest, sub
+
+
+@pytest.mark.parametrize("family", FAMS)
+@given(data=st.data())
+def test_training_touches_only_the_slice(family, data):
+    kw = data.draw(case_params(family))
+    _, probe = build(family, kw)
+    sub = data.draw(st.sampled_from(probe.submodels))
+    grads = {}
+    for inplace in (True, False):
+        case, nest, sub = sub_grads(family, kw, sub, inplace_grad=inplace)
+        small = nest.export(sub)
+        loss_of(small(case.example)).backward()
+        exported = dict(small.named_parameters())
+        nonzero_inside = 0
+        for name, p in case.model.named_parameters():
+            g = torch.zeros_like(p) if p.grad is None else p.grad
+            if name not in exported:               # a skipped block: untouched
+                assert not g.any(), name
+                continue
+            e = exported[name]
+            want, mask = place(e.grad, p.shape, chunks_of(name))
+            assert not g[~mask].any(), f"{name}: gradient outside the {sub} slice"
+            torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=name)
+            if p.dim() >= 2:
+                assert g[mask].any(), f"{name}: zero gradient inside the slice"
+            nonzero_inside += bool(g[mask].any())
+        assert nonzero_inside > 0
+        grads[inplace] = {n: p.grad for n, p in case.model.named_parameters()}
+    for name, g in grads[True].items():
+        h = grads[False][name]
+        if g is None or h is None:
+            assert (g is None or not g.any()) and (h is None or not h.any()), name
+        else:
+            assert torch.equal(g, h), name
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_submodels_sorted_and_complete(family):
+    case, nest = build(family, {})
+    costs = [nest.cost(s) for s in nest.submodels]
+    assert costs == sorted(costs)
+    assert len(nest.submodels) == math.prod(len(d.sizes) for d in case.dims) == len(set(nest.submodels))
+    assert dict(nest.smallest) == {d.name: d.sizes[0] for d in case.dims}
+    for a in nest.submodels:
+        for b in nest.submodels:
+            if a.nested_in(b):
+                assert nest.cost(a) <= nest.cost(b), (a, b)
+
+
+@pytest.mark.parametrize("family", FAMS)
+@given(data=st.data())
+def test_pick_is_monotone_and_within_budget(family, data):
+    kw = data.draw(case_params(family))
+    _, nest = build(family, kw)
+    lo, hi = nest.cost(nest.smallest), nest.cost(nest.largest)
+    budgets = sorted(data.draw(st.lists(st.floats(lo, hi * 1.5), min_size=2, max_size=5)))
+    picked = [nest.pick(params=b) for b in budgets]
+    for b, s in zip(budgets, picked):
+        assert nest.cost(s) <= b
+        assert not any(b >= nest.cost(t) > nest.cost(s) for t in nest.submodels)  # best within budget
+    assert [nest.cost(s) for s in picked] == sorted(nest.cost(s) for s in picked)
+    assert nest.pick(params=hi) == nest.largest or nest.cost(nest.pick(params=hi)) == hi
+    frac = data.draw(st.floats(lo / hi, 1.0))
+    assert nest.cost(nest.pick(fraction=frac)) <= frac * hi
+    below = data.draw(st.floats(0, lo, exclude_max=True))
+    with pytest.raises(sn.SortedNetError, match=str(nest.smallest)) as e:
+        nest.pick(params=below)
+    assert f"{lo:g}" in str(e.value)
