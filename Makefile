@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/python examples/train_digits.py
 
 test: install
-	$(BIN)/python -m pytest -n 2 src tests
+	$(BIN)/python -m pytest -n 2 --doctest-glob='*.md' src tests docs
 
 lint: install
 	$(BIN)/ruff check src tests examples benchmarks

@@ -39,6 +39,12 @@ def active_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def active_blocks(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Ids of the blocks each ModuleList / Sequential runs now."""
+    return {n: [id(b) for b in m] for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))}
+
+
 @pytest.mark.parametrize("family", FAMS)
 @given(data=st.data())
 def test_largest_is_the_unwrapped_model(family, data):
@@ -49,9 +55,8 @@ def test_largest_is_the_unwrapped_model(family, data):
     assert dict(nest.largest) == {d.name: d.full for d in case.dims}
     expected = run(ref, case.example)
     assert torch.equal(run(case.model, case.example), expected)
-    with nest.use(nest.largest):
-        assert torch.equal(nest(case.example).detach(), expected)  # autograd path too
-    assert torch.equal(loss_of(case.model(case.example)), loss_of(ref(case.example)))
+    with nest.use(nest.largest):  # autograd path too (PyTorch's own layers may differ between the two modes)
+        assert torch.equal(nest(case.example).detach(), ref(case.example).detach())
 
 
 @pytest.mark.parametrize("family", FAMS)
@@ -81,9 +86,11 @@ def test_smaller_weights_are_prefixes(family, data):
     b = sn.SubModel({k: max(a[k], b[k]) for k in a})        # b >= a on every dimension
     assert a.nested_in(b)
     with nest.use(a):
-        ta = active_tensors(case.model)
+        ta, blocks_a = active_tensors(case.model), active_blocks(case.model)
     with nest.use(b):
-        tb = active_tensors(case.model)
+        tb, blocks_b = active_tensors(case.model), active_blocks(case.model)
+    for name, run_a in blocks_a.items():                 # Depth: the first d blocks
+        assert run_a == blocks_b[name][: len(run_a)], name
     sliced = 0
     for name, va in ta.items():
         vb, c = tb[name], chunks_of(name)
@@ -91,7 +98,8 @@ def test_smaller_weights_are_prefixes(family, data):
         assert torch.equal(leading(vb, va.shape, c), va), name
         assert torch.equal(leading(full[name], va.shape, c), va), name
         sliced += va.shape != full[name].shape
-    assert sliced > 0 or a == nest.largest
+    widths = [d.name for d in case.dims if not isinstance(d, sn.Depth)]
+    assert sliced > 0 or all(a[n] == nest.largest[n] for n in widths)
     assert nest.cost(a) <= nest.cost(b)
 
 

@@ -12,8 +12,10 @@ from .errors import SortedNetError
 from .heads import Heads
 from .io import load, save
 from .nest import Nest
+from .sampler import Sampler
 from .slicers import Slicer, slicer, slicer_for
 from .submodel import SubModel
+from .train import Distill, accumulate, fit
 from .wrap import wrap
 
 __version__ = "0.1.0"
@@ -21,4 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth",
     "save", "load", "SortedNetError", "Slicer", "slicer", "slicer_for",
+    "Sampler", "accumulate", "fit", "Distill",
 ]

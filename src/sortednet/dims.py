@@ -57,12 +57,10 @@ class Target:
 def _as_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
-    if isinstance(value, str):
-        return (value,)
-    out = tuple(value)
+    out = (value,) if isinstance(value, str) else tuple(value)
     for p in out:
-        if not isinstance(p, str) or not p:
-            raise PatternError(f"{what} patterns must be non-empty strings, got {p!r}")
+        if not isinstance(p, str):
+            raise PatternError(f"{what} patterns must be strings (\"\" is the root module), got {p!r}")
     return out
 
 

@@ -30,6 +30,10 @@ def _out_features(m: nn.Module) -> int | None:
     return getattr(m, "out_features", None)
 
 
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
 def _child(m: nn.Module, name: str) -> nn.Module | None:
     try:
         return m.get_submodule(name)
@@ -93,7 +97,7 @@ class Heads(Dimension):
                 raise SizeError(f"Heads {self.name!r}: largest size {H} != {path}.num_heads={m.num_heads}")
             d = m.head_dim
             return [Target(path, "heads", Binding(self, unit=d, chunks=3), pat),
-                    Target(f"{path}.out_proj", "inp", Binding(self, unit=d), pat)]
+                    Target(_join(path, "out_proj"), "inp", Binding(self, unit=d), pat)]
         names = {n for n, _ in m.named_children()}
         qkv = self.qkv
         if qkv is None:
@@ -118,12 +122,12 @@ class Heads(Dimension):
             raise SizeError(f"Heads {self.name!r} at {path!r}: {projections[0]}.out_features={q_out} "
                             f"is not divisible into {chunks}x{H} heads")
         d = q_out // (H * chunks)
-        targets = [Target(f"{path}.{projections[0]}", "out", Binding(self, unit=d, chunks=chunks), pat)]
+        targets = [Target(_join(path, projections[0]), "out", Binding(self, unit=d, chunks=chunks), pat)]
         group = 1
         for n in projections[1:]:
             kv_out = _out_features(_child(m, n))
             if kv_out == q_out:
-                targets.append(Target(f"{path}.{n}", "out", Binding(self, unit=d), pat))
+                targets.append(Target(_join(path, n), "out", Binding(self, unit=d), pat))
                 continue
             if kv_out % d or H % (kv_out // d):
                 raise SizeError(f"Heads {self.name!r} at {path!r}: {n}.out_features={kv_out} is not a whole "
@@ -133,8 +137,8 @@ class Heads(Dimension):
             if bad:
                 raise SizeError(f"Heads {self.name!r} at {path!r}: grouped-query attention with {H // group} "
                                 f"key/value heads needs sizes that are multiples of {group}; bad: {bad}")
-            targets.append(Target(f"{path}.{n}", "out", Binding(self, unit=d, div=group), pat))
-        targets.append(Target(f"{path}.{o}", "inp", Binding(self, unit=d), pat))
+            targets.append(Target(_join(path, n), "out", Binding(self, unit=d, div=group), pat))
+        targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
         targets += self._attr_targets(path, m, d, group, pat)
         return targets
 

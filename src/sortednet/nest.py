@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cost import METRICS, ParamCounter, Profile
 from .dims import Dimension
-from .errors import BudgetError, SortedNetError
+from .errors import SortedNetError
+from .select import Selector
 from .submodel import SubModel, SubModelLike
 
 __all__ = ["Nest"]
@@ -66,8 +68,12 @@ class Nest:
                 if isinstance(t, torch.Tensor):
                     self._tensor_owner[id(t)] = (m, name)
         self._depth = [m for m in self._sliced.values() if "depth" in m._sn.bind]
-        self._cost_cache: dict[str, dict[SubModel, float]] = {"params": {}}
+        self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
         self._sorted_by: dict[str, tuple[list[float], list[SubModel]]] = {}
+        self._param_counter = ParamCounter(self)
+        self._flops_example: Any = None
+        self._profile: Profile | None = None
+        self._selector: Selector | None = None
         params = {s: self.cost(s, "params") for s in self._subs}
         self.submodels = tuple(sorted(self._subs, key=lambda s: (params[s], tuple(s.values()))))
         for d in self.dims:

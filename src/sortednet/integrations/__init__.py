@@ -1,0 +1,28 @@
+"""Integrations with other libraries (optional extras).
+
+``sortednet.integrations`` needs Hugging Face ``transformers`` (``pip install
+sortednet[transformers]``); importing it registers the slicer for GPT-2's
+``Conv1D``. ``import sortednet`` alone never imports transformers.
+
+>>> import sortednet.integrations as sni
+>>> sorted(sni.__all__)[:3]
+['LAYOUTS', 'SortedTrainer', 'SubModelCallback']
+"""
+
+from __future__ import annotations
+
+
+def _register_slicers() -> None:
+    """Register slicers for transformers' own layer types (idempotent)."""
+    from ..slicers import hf_conv1d  # noqa: F401  (registers itself on import)
+
+
+_register_slicers()
+
+from .importance import sort_by_importance  # noqa: E402
+from .soft import SoftOutput, soft_loss  # noqa: E402
+from .trainer import SortedTrainer, SubModelCallback  # noqa: E402
+from .transformers import LAYOUTS, detect, export_pretrained, from_transformers  # noqa: E402
+
+__all__ = ["from_transformers", "export_pretrained", "detect", "LAYOUTS", "soft_loss", "SoftOutput",
+           "sort_by_importance", "SortedTrainer", "SubModelCallback"]

@@ -1,0 +1,122 @@
+"""Sorted Fine-Tuning (SoFT): the loss of many depth exits in ONE forward pass.
+
+Each exit ``e`` takes the output of block ``e`` (1-based), applies the model's
+own final norm and shared LM head, exactly as the full model does after its
+last block, and scores the causal LM loss. The losses are averaged (or
+weighted), as in Sorted LLaMA (arXiv 2309.08968): depth nesting costs one
+pass, not one per sub-model. Blocks after the deepest exit do not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..dims import Depth
+from ..errors import SortedNetError
+from ..nest import Nest
+from .transformers import Found, detect
+
+__all__ = ["soft_loss", "SoftOutput", "exit_parts", "causal_lm_loss"]
+
+
+@dataclass
+class SoftOutput:
+    """``loss``: the (weighted) mean over exits; ``losses``: ``{exit depth: loss}``."""
+
+    loss: Tensor
+    losses: dict[int, Tensor]
+
+
+class _Stop(Exception):
+    """Raised by the deepest exit's hook: the remaining blocks need not run."""
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy (labels shifted by one, ``-100`` ignored), as HF causal LMs compute it.
+
+    >>> import torch
+    >>> causal_lm_loss(torch.zeros(1, 3, 5), torch.tensor([[1, 2, 3]])).item() == torch.log(torch.tensor(5.)).item()
+    True
+    """
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+
+
+def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]:
+    """(base model, layer list, final norm, LM head) of a causal LM.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> base, layers, norm, head = exit_parts(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4)))
+    >>> type(norm).__name__, len(layers)
+    ('LayerNorm', 2)
+    """
+    found = found or detect(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    norm_path = f"{found.parent}.{found.layout.norm}" if found.parent else found.layout.norm
+    if head is None or not found.layout.norm:
+        raise SortedNetError(f"SoFT needs a causal LM with a final norm and an LM head; {type(model).__name__} "
+                             f"({found.layout.family} layout) has none")
+    base = model.get_submodule(found.parent.split(".")[0]) if found.parent else model
+    return base, model.get_submodule(found.layers), model.get_submodule(norm_path), head
+
+
+def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int] | None = None,
+              weights: Sequence[float] | None = None, labels: Tensor | None = None,
+              attention_mask: Tensor | None = None) -> SoftOutput:
+    """Causal LM loss at every exit depth in ``exits``, from one forward pass.
+
+    ``exits`` defaults to the sizes of the nest's ``Depth`` dimension, else
+    every block. The rest of the model (width / heads) runs as the active
+    sub-model, so combine with ``nest.use(...)`` and a sampler for those.
+
+    >>> import torch, sortednet as sn
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=50))
+    >>> out = soft_loss(model, torch.randint(0, 50, (2, 8)), exits=[2, 4])
+    >>> sorted(out.losses), out.loss.shape
+    ([2, 4], torch.Size([]))
+    """
+    nest = model if isinstance(model, Nest) else None
+    model = nest.model if nest is not None else model
+    found = getattr(nest, "_hf", None) or detect(model)
+    base, layers, norm, head = exit_parts(model, found)
+    n = len(layers)
+    if exits is None:
+        depth = [d for d in (nest.dims if nest else ()) if isinstance(d, Depth)]
+        exits = [s for s in depth[0].sizes if s <= n] if depth else list(range(1, n + 1))
+    exits = sorted(set(exits))
+    bad = [e for e in exits if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= n]
+    if not exits or bad:
+        raise SortedNetError(f"soft_loss: exits must be block counts in 1..{n} (active depth), got {list(exits)}")
+    if weights is None:
+        weights = [1.0] * len(exits)
+    if len(weights) != len(exits) or sum(weights) <= 0 or min(weights) < 0:
+        raise SortedNetError(f"soft_loss: need one non-negative weight per exit {exits}, got {list(weights)}")
+    labels = input_ids if labels is None else labels
+    captured: dict[int, Tensor] = {}
+
+    def hook_for(e: int):
+        def hook(module: nn.Module, args: tuple, out) -> None:
+            captured[e] = out[0] if isinstance(out, (tuple, list)) else out
+            if e == exits[-1]:
+                raise _Stop
+
+        return hook
+
+    blocks = list(layers)
+    handles = [blocks[e - 1].register_forward_hook(hook_for(e)) for e in exits]
+    try:
+        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    losses = {e: causal_lm_loss(head(norm(captured[e])), labels) for e in exits}
+    total = sum(w * losses[e] for w, e in zip(weights, exits)) / sum(weights)
+    return SoftOutput(total, losses)

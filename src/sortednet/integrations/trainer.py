@@ -1,0 +1,153 @@
+"""``transformers.Trainer`` integration: sorted training in a few lines.
+
+:class:`SortedTrainer` draws the sub-models of each optimizer step from the
+sampler with ``state.global_step`` (which only advances after an optimizer
+step), so every gradient-accumulation micro-batch of a step trains the same
+sub-models; the loss of a micro-batch is the mean over those sub-models (or
+their SoFT loss over depth exits). :class:`SubModelCallback` is the
+lighter-weight alternative: it activates one sub-model per step.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..dims import Depth
+from ..errors import SortedNetError
+from ..nest import Nest
+from ..submodel import SubModel
+from .soft import soft_loss
+
+__all__ = ["SortedTrainer", "SubModelCallback", "make_sampler"]
+
+
+class _Fallback:
+    """Used only when ``sortednet.Sampler`` is unavailable: ``k`` sub-models,
+    always including the largest, drawn by a pure function of ``(seed, step)``."""
+
+    def __init__(self, submodels: Sequence[SubModel], k: int, seed: int) -> None:
+        self.submodels, self.k, self.seed = tuple(submodels), k, seed
+
+    def draw(self, step: int) -> list[SubModel]:
+        rng = random.Random(self.seed * 1_000_003 + step)
+        rest = list(self.submodels[:-1])
+        return [self.submodels[-1], *rng.sample(rest, min(self.k - 1, len(rest)))]
+
+
+def make_sampler(nest: Nest, submodels: Sequence[SubModel] | None = None, *, k: int = 2, seed: int = 0,
+                 strategy: str = "sandwich") -> Any:
+    """``sn.Sampler`` over ``submodels`` (default all), or a deterministic fallback if it is absent.
+
+    >>> import torch.nn as nn, sortednet as sn
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 8], out="0", inp="1"))
+    >>> s = make_sampler(nest, k=2)
+    >>> s.draw(3) == s.draw(3)
+    True
+    """
+    subs = tuple(submodels) if submodels is not None else nest.submodels
+    try:
+        from ..sampler import Sampler
+    except ImportError:
+        return _Fallback(subs, k, seed)
+    return Sampler(subs, k=k, strategy=strategy, seed=seed)
+
+
+class SortedTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains nested sub-models.
+
+    ``nest``: from :func:`sortednet.from_transformers` on the trainer's model.
+    ``sampler``: anything with ``draw(step) -> list[SubModel]`` (default
+    :func:`make_sampler`). ``soft_exits``: if given, each drawn sub-model's
+    loss is the SoFT loss over these depth exits (its own depth is replaced by
+    the deepest exit), so depth costs one pass. ``history`` records
+    ``(global_step, sub-models)`` for every micro-batch.
+
+    >>> import torch, sortednet as sn
+    >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))
+    >>> nest = sn.from_transformers(model, ffn=[32])
+    >>> data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.randint(0, 50, (8,))}] * 4
+    >>> args = TrainingArguments("/tmp/sn_doc", max_steps=1, per_device_train_batch_size=2, report_to=[],
+    ...                          use_cpu=True, save_strategy="no", disable_tqdm=True)
+    >>> t = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest)
+    >>> _ = t.train(); t.history[0][0]
+    0
+    """
+
+    def __init__(self, *args: Any, nest: Nest, sampler: Any = None, soft_exits: Sequence[int] | None = None,
+                 soft_weights: Sequence[float] | None = None, **kw: Any) -> None:
+        if not isinstance(nest, Nest):
+            raise SortedNetError(f"SortedTrainer(nest=...) needs a Nest, got {type(nest).__name__}")
+        super().__init__(*args, **kw)
+        if self.accelerator.unwrap_model(self.model) is not nest.model:
+            raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)")
+        self.nest = nest
+        self.sampler = sampler if sampler is not None else make_sampler(nest)
+        self.soft_exits = list(soft_exits) if soft_exits is not None else None
+        self.soft_weights = soft_weights
+        self.history: list[tuple[int, tuple[SubModel, ...]]] = []
+        if self.soft_exits is not None:
+            self._depth = next((d for d in nest.dims if isinstance(d, Depth)), None)
+            if self._depth is not None and max(self.soft_exits) not in self._depth.sizes:
+                raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "
+                                     f"dimension {self._depth.name!r} {list(self._depth.sizes)}")
+
+    def draw(self) -> list[SubModel]:
+        """The sub-models of the current optimizer step (same for all its micro-batches)."""
+        subs = list(self.sampler.draw(self.state.global_step))
+        if not subs:
+            raise SortedNetError(f"sampler drew no sub-model at step {self.state.global_step}")
+        return subs
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if not model.training:  # evaluation: the active sub-model, as a plain Trainer would
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        subs = self.draw()
+        self.history.append((self.state.global_step, tuple(subs)))
+        losses, outputs = [], None
+        for sub in subs:
+            if self.soft_exits is not None:
+                if self._depth is not None:
+                    sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
+                with self.nest.use(sub):
+                    losses.append(soft_loss(self.nest, inputs["input_ids"], exits=self.soft_exits,
+                                            weights=self.soft_weights, labels=inputs.get("labels"),
+                                            attention_mask=inputs.get("attention_mask")).loss)
+            else:
+                with self.nest.use(sub):
+                    loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+                losses.append(loss)
+        loss = torch.stack(losses).mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+class SubModelCallback(TrainerCallback):
+    """Activates one drawn sub-model per optimizer step in a stock ``Trainer``.
+
+    At each step begin, the first sub-model of ``sampler.draw(global_step)``
+    becomes the nest-wide default; all micro-batches of the step use it. At
+    train end the largest is restored.
+
+    >>> import torch.nn as nn, sortednet as sn
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+    >>> SubModelCallback(nest).sampler.draw(0)[0] in nest.submodels
+    True
+    """
+
+    def __init__(self, nest: Nest, sampler: Any = None) -> None:
+        self.nest = nest
+        self.sampler = sampler if sampler is not None else make_sampler(nest, k=1)
+        self.history: list[tuple[int, SubModel]] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        sub = self.nest.activate(self.sampler.draw(state.global_step)[0])
+        self.history.append((state.global_step, sub))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.nest.activate(self.nest.largest)

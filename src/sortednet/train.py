@@ -1,0 +1,307 @@
+"""Training many sub-models in one loop: ``accumulate`` (gradient accumulation
+over the drawn sub-models, optional in-place distillation) and ``fit``, an
+optional helper for the common ``(inputs, target)`` classification loop.
+
+A loop of your own needs only :class:`~sortednet.Sampler` and :func:`accumulate`::
+
+    for step, (x, y) in enumerate(loader):
+        sn.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(model(x), y))
+        opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import SortedNetError
+from .sampler import Sampler
+from .submodel import SubModel, SubModelLike
+
+__all__ = ["Distill", "accumulate", "evaluate", "fit", "History"]
+
+
+@dataclass(frozen=True)
+class Distill:
+    """In-place distillation (US-Nets): the largest drawn sub-model's detached
+    logits are a soft target for the others.
+
+    A student's loss becomes ``(1 - alpha) * task_loss + alpha * T² · KL(teacher_T ‖ student_T)``
+    where ``_T`` is a softmax at temperature ``T`` over the last axis (class
+    logits ``(B, C)`` or LM logits ``(B, L, V)``; the KL is averaged over every
+    other position). ``alpha=1`` is US-Nets' rule (soft targets only).
+
+    >>> import torch, sortednet as sn
+    >>> d = sn.Distill(temperature=2.0, alpha=0.5)
+    >>> t = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> float(d.soft_loss(t, t))
+    0.0
+    """
+
+    temperature: float = 1.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise SortedNetError(f"Distill temperature must be a positive number, got {self.temperature!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise SortedNetError(f"Distill alpha must be in [0, 1], got {self.alpha!r}")
+
+    def soft_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over all but the last axis."""
+        if student.shape != teacher.shape:
+            raise SortedNetError(f"distillation needs student and teacher logits of one shape, got "
+                                 f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        t = self.temperature
+        s = F.log_softmax(student.float().flatten(0, -2) / t, dim=-1)
+        p = F.log_softmax(teacher.float().flatten(0, -2) / t, dim=-1)
+        return F.kl_div(s, p, reduction="batchmean", log_target=True) * (t * t)
+
+
+def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None]:
+    logits = None
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise SortedNetError(f"closure for {sub} returned {len(out)} values; return loss or (loss, logits)")
+        out, logits = out
+    if want_logits and not isinstance(logits, Tensor):
+        raise SortedNetError(f"with distill=, the closure must return (loss, logits); for {sub} it returned "
+                             f"{type(out).__name__} without logits")
+    if not isinstance(out, Tensor) or out.numel() != 1:
+        raise SortedNetError(f"closure for {sub} must return a scalar loss tensor (or (loss, logits)), got "
+                             f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
+    if not out.requires_grad:
+        raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad()?")
+    return out.reshape(()), logits
+
+
+def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
+               distill: Distill | None = None, weights: Sequence[float] | None = None) -> list[float]:
+    """Backward the loss of each sub-model in ``subs``, one after another, into ``.grad``.
+
+    For every sub-model: activate it (``nest.use``), call ``closure()`` (it runs
+    the model and returns the loss, or ``(loss, logits)``), scale the loss by
+    its weight (default ``1 / len(subs)``), ``backward()``, and drop every
+    reference before the next one: peak memory is that of one step of the
+    largest sub-model, not ``len(subs)`` steps. Returns the unscaled task
+    losses in the order of ``subs``. Call ``optimizer.step()`` afterwards.
+
+    With ``distill=sn.Distill(...)`` the closure must return ``(loss, logits)``;
+    the largest drawn sub-model runs first and its detached logits become the
+    soft target of the others (see :class:`Distill`).
+
+    >>> import torch, torch.nn as nn, torch.nn.functional as F, sortednet as sn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> nest = sn.wrap(model, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> losses = sn.accumulate(nest, nest.submodels, lambda: F.cross_entropy(model(x), y))
+    >>> len(losses), model[0].weight.grad.shape
+    (3, torch.Size([8, 4]))
+    """
+    resolved = [nest.resolve(s) for s in subs] if isinstance(subs, Sequence) else None
+    if not resolved:
+        raise SortedNetError(f"accumulate needs a non-empty sequence of sub-models, got {subs!r}")
+    if distill is not None and not isinstance(distill, Distill):
+        raise SortedNetError(f"distill= takes sn.Distill(temperature=..., alpha=...), got {distill!r}")
+    if weights is None:
+        weights = [1.0 / len(resolved)] * len(resolved)
+    else:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers, got {weights}")
+    order = list(range(len(resolved)))
+    teacher = None
+    if distill is not None and len(resolved) > 1:
+        rank = {s: i for i, s in enumerate(nest.submodels)}
+        teacher = max(order, key=lambda i: (rank.get(resolved[i], -1), nest.cost(resolved[i], "params")))
+        order.remove(teacher)
+        order.insert(0, teacher)
+    losses = [0.0] * len(resolved)
+    target: Tensor | None = None
+    for i in order:
+        with nest.use(resolved[i]):
+            loss, logits = _split(closure(), distill is not None, resolved[i])
+            total = loss
+            if i == teacher:
+                target = logits.detach()
+            elif target is not None and distill.alpha > 0:
+                total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
+            (total * weights[i]).backward()
+            losses[i] = float(loss.detach())
+        del loss, logits, total  # free this sub-model's graph before the next forward
+    return losses
+
+
+def _accuracy(out: Tensor, y: Tensor) -> float:
+    return float((out.argmax(-1) == y).float().sum())
+
+
+def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return [tuple(data)]
+    return data
+
+
+def _to(x: Any, device: torch.device | None) -> Any:
+    return x.to(device) if isinstance(x, Tensor) and device is not None else x
+
+
+def evaluate(nest: Any, data: Any, *, subs: Iterable[SubModelLike] | None = None,
+             metric: Callable[[Tensor, Tensor], float] | None = None) -> dict[SubModel, float]:
+    """Score every sub-model (default: all of ``nest.submodels``) on ``data``:
+    one ``(inputs, target)`` pair of tensors or an iterable of such batches.
+
+    ``metric(output, target)`` returns the SUM over the batch (default: number
+    of correct argmax predictions); the result is divided by the number of
+    examples, so the default is accuracy. Runs in eval mode without grad and
+    restores the training mode afterwards.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> from sortednet.train import evaluate
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), sn.Width("h", [4, 8], out="0", inp="1"))
+    >>> scores = evaluate(nest, (torch.randn(10, 4), torch.randint(0, 3, (10,))))
+    >>> sorted(str(s) for s in scores), all(0 <= v <= 1 for v in scores.values())
+    (['h=4', 'h=8'], True)
+    """
+    metric = metric or _accuracy
+    subs = list(nest.submodels) if subs is None else [nest.resolve(s) for s in subs]
+    model = nest.model
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), None)
+    batches = [(_to(x, device), _to(y, device)) for x, y in _batches(data)]
+    if not batches:
+        raise SortedNetError("evaluate got no batches")
+    out: dict[SubModel, float] = {}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in subs:
+                with nest.use(s):
+                    total = sum(metric(model(x), y) for x, y in batches)
+                out[s] = total / sum(len(y) for _, y in batches)
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class History:
+    """What :func:`fit` recorded: per-step losses and periodic evaluations.
+
+    ``train``: ``{"step", "losses": {sub: loss}}`` per optimizer step;
+    ``evals``: ``{"step", "scores": {sub: score}}`` (sub-models as strings).
+    """
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def last_scores(self) -> dict[str, float]:
+        """Scores of the latest evaluation (empty when none ran)."""
+        return dict(self.evals[-1]["scores"]) if self.evals else {}
+
+    def mean_loss(self, last: int = 50) -> dict[str, float]:
+        """Mean training loss per sub-model over the last ``last`` steps."""
+        sums: dict[str, list[float]] = {}
+        for rec in self.train[-last:]:
+            for s, v in rec["losses"].items():
+                sums.setdefault(s, []).append(v)
+        return {s: sum(v) / len(v) for s, v in sums.items()}
+
+
+def _groups(n: int) -> list[str]:
+    names = ["S", "M", "L"] if n >= 3 else ["S", "L"][-n:]
+    return [names[min(len(names) - 1, i * len(names) // n)] for i in range(n)]
+
+
+def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Optimizer, sampler: Sampler, *,
+        epochs: int = 1, loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy, distill: Distill | None = None,
+        eval_data: Any = None, eval_every: int | None = None, start_step: int = 0,
+        scheduler: Any = None, progress: bool = True, device: torch.device | str | None = None) -> History:
+    """Train with ``sampler`` + :func:`accumulate` over ``epochs`` passes of ``loader``.
+
+    ``loader`` yields ``(inputs, target)``; each batch is one optimizer step
+    numbered from ``start_step`` (to resume, pass the step reached and the
+    remaining batches; the sampler then draws what the uninterrupted run would).
+    A tqdm bar shows the running loss of small / medium / large sub-models.
+    With ``eval_data``, every sub-model is scored (:func:`evaluate`) every
+    ``eval_every`` steps and at the end. Returns a :class:`History`.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
+    >>> opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    >>> hist = sn.fit(nest, [(x, y)] * 30, opt, sn.Sampler(nest.submodels, k=2, seed=0),
+    ...               eval_data=(x, y), progress=False)
+    >>> min(hist.last_scores.values()) > 0.8
+    True
+    """
+    if not isinstance(sampler, Sampler):
+        raise SortedNetError(f"fit() needs an sn.Sampler, got {type(sampler).__name__}")
+    if set(sampler.submodels) - set(nest.submodels):
+        raise SortedNetError("the sampler lists sub-models this nest does not have; build it from nest.submodels")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
+    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+        raise SortedNetError(f"eval_every must be a positive int or None, got {eval_every!r}")
+    from tqdm.auto import tqdm
+
+    model = nest.model
+    if device is None:
+        device = next((p.device for p in model.parameters()), None)
+    group = dict(zip(nest.submodels, _groups(len(nest.submodels))))
+    ema: dict[str, float] = {}
+    hist = History()
+    step = start_step
+    try:
+        total = epochs * len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    model.train()
+    with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
+        for _ in range(epochs):
+            for x, y in loader:
+                x, y = _to(x, device), _to(y, device)
+
+                def closure() -> tuple[Tensor, Tensor]:
+                    out = model(x)
+                    return loss_fn(out, y), out
+
+                subs = sampler.draw(step)
+                losses = accumulate(nest, subs, closure, distill=distill)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+                hist.train.append({"step": step, "losses": {str(s): v for s, v in zip(subs, losses)}})
+                for s, v in zip(subs, losses):
+                    g = group[s]
+                    ema[g] = v if g not in ema else 0.9 * ema[g] + 0.1 * v
+                bar.set_postfix({f"loss[{g}]": f"{ema[g]:.3f}" for g in ("S", "M", "L") if g in ema}, refresh=False)
+                bar.update(1)
+                step += 1
+                if eval_data is not None and eval_every and (step - start_step) % eval_every == 0:
+                    _record(hist, nest, eval_data, step, bar)
+    if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
+        _record(hist, nest, eval_data, step, None)
+    return hist
+
+
+def _record(hist: History, nest: Any, data: Any, step: int, bar: Any) -> None:
+    scores = evaluate(nest, data)
+    hist.evals.append({"step": step, "scores": {str(s): v for s, v in scores.items()}})
+    if bar is not None:
+        vals = list(scores.values())
+        bar.write(f"step {step}: score min {min(vals):.4f}  mean {sum(vals) / len(vals):.4f}  max {max(vals):.4f} "
+                  f"over {len(vals)} sub-models")
+
