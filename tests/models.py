@@ -179,7 +179,7 @@ FAMILIES: dict[str, Callable[..., Case]] = {
 
 # -- size choices for hypothesis (every combination builds a valid nest) -----
 SIZES: dict[str, dict[str, list[int]]] = {
-    "mlp": {"h1": [4, 8, 16, 20], "h2": [3, 6, 12]},
+    "mlp": {"h1": [4, 8, 16, 20], "h2": [6, 9, 12]},  # h2 // 3 >= 2: LayerNorm over 1 feature is constant
     "cnn_bn_residual": {"c": [8, 16, 24]},          # GroupNorm: 2 channels per group
     "attn_block": {"heads": [2, 4, 8], "ffn": [8, 16, 32]},
     "torch_encoder": {"layers": [1, 2, 3]},

@@ -133,7 +133,7 @@ def test_training_touches_only_the_slice(family, data):
             want, mask = place(e.grad, p.shape, chunks_of(name))
             assert not g[~mask].any(), f"{name}: gradient outside the {sub} slice"
             torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=name)
-            if p.dim() >= 2:
+            if p.dim() >= 2 and e.grad.any():
                 assert g[mask].any(), f"{name}: zero gradient inside the slice"
             nonzero_inside += bool(g[mask].any())
         assert nonzero_inside > 0

@@ -7,11 +7,13 @@
 (3, SubModel(hidden=16))
 """
 
+from .cost import Profile
 from .dims import Depth, Dimension, Width
 from .errors import SortedNetError
 from .heads import Heads
 from .io import load, save
 from .nest import Nest
+from .rank import Rank
 from .sampler import Sampler
 from .slicers import Slicer, slicer, slicer_for
 from .submodel import SubModel
@@ -20,8 +22,19 @@ from .wrap import wrap
 
 __version__ = "0.1.0"
 
+_LAZY = {"from_transformers", "sort_by_importance"}  # need transformers: imported on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'sortednet' has no attribute {name!r}")
+
 __all__ = [
-    "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth",
+    "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth", "Rank",
     "save", "load", "SortedNetError", "Slicer", "slicer", "slicer_for",
-    "Sampler", "accumulate", "fit", "Distill",
+    "Sampler", "accumulate", "fit", "Distill", "Profile",
+    "from_transformers", "sort_by_importance",
 ]

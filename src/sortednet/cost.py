@@ -98,7 +98,7 @@ class ParamCounter:
                 if id(p) in skipped:
                     continue
                 owner = nest._tensor_owner.get(id(p))
-                total += getattr(*owner).numel() if owner else p.numel()
+                total += owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
         return total
 
 
@@ -339,3 +339,48 @@ class Profile:
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+
+def example_signature(example: Any) -> tuple:
+    """Shapes, dtypes and devices of the tensors in ``example`` (FLOPs are cached per signature)."""
+    return tuple((tuple(t.shape), str(t.dtype), str(t.device)) if isinstance(t, Tensor) else repr(t)
+                 for t in tree_leaves(example))
+
+
+def build_profile(nest: Any, example: Any, *, score: Callable[[SubModel], float] | None,
+                  metrics: Sequence[str], repeat: int, warmup: int, progress: bool) -> Profile:
+    """Measure ``metrics`` (and ``score``) for every sub-model of ``nest``; see :meth:`Nest.profile`."""
+    metrics = tuple(dict.fromkeys(("params", *metrics)))
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise SortedNetError(f"unknown metric(s) {bad}; known: {list(METRICS)}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1 or warmup < 0:
+        raise SortedNetError(f"repeat must be an int >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
+    from tqdm.auto import tqdm
+
+    was_training = nest.model.training
+    nest.model.eval()
+    cols: dict[str, list[float]] = {m: [] for m in metrics}
+    scores: list[float] = []
+    try:
+        for sub in tqdm(nest.submodels, desc="profiling", disable=not progress, leave=False):
+            cols["params"].append(float(nest.cost(sub, "params")))
+            if "flops" in metrics:
+                cols["flops"].append(float(nest.cost(sub, "flops", example=example)))
+            if "latency" in metrics:
+                cols["latency"].append(measure_latency(nest, sub, example, repeat=repeat, warmup=warmup))
+            if "memory" in metrics:
+                cols["memory"].append(float(measure_memory(nest, sub, example)))
+            if score is not None:
+                with nest.use(sub):
+                    value = float(score(sub))
+                if value != value:
+                    raise SortedNetError(f"score({sub}) returned NaN")
+                scores.append(value)
+    finally:
+        nest.model.train(was_training)
+    device = next((str(t.device) for t in tree_leaves(example) if isinstance(t, Tensor)), "cpu")
+    return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},
+                   tuple(scores) if score is not None else None, device,
+                   {"repeat": repeat, "warmup": warmup, "input": [list(map(str, s)) if isinstance(s, tuple) else s
+                                                                  for s in example_signature(example)]})

@@ -28,13 +28,15 @@ class Binding:
 
     Active features = ``size * unit // div``, repeated ``chunks`` times along the
     axis (packed q/k/v). ``Heads`` uses ``unit=head_dim``; grouped-query k/v
-    use ``div=group``.
+    use ``div=group``. ``slicer`` (set by ``Rank``) replaces the module type's
+    registered slicer for this target.
     """
 
     dim: "Dimension"
     unit: int = 1
     div: int = 1
     chunks: int = 1
+    slicer: Any = None
 
     def features(self, size: int | None = None) -> int:
         return (self.dim.active if size is None else size) * self.unit // self.div

@@ -14,9 +14,21 @@ from torch import nn
 from .dims import dimension_from_spec
 from .errors import SortedNetError
 
-__all__ = ["save", "load", "FORMAT"]
+__all__ = ["save", "load", "FORMAT", "EXTRA_PREFIX"]
 
 FORMAT = "sortednet/1"
+#: tensors stored beside the weights (e.g. calibrated BatchNorm statistics) live under this key prefix
+EXTRA_PREFIX = "_sortednet/"
+
+
+class _WithExtra:
+    """Stands in for the model in ``save_model``: its state_dict plus the nest's extra tensors."""
+
+    def __init__(self, model: nn.Module, extra: dict) -> None:
+        self.model, self.extra = model, extra
+
+    def state_dict(self) -> dict:
+        return {**self.model.state_dict(), **self.extra}
 
 
 def save(nest: "Nest", path: str | os.PathLike) -> None:  # noqa: F821
@@ -35,7 +47,9 @@ def save(nest: "Nest", path: str | os.PathLike) -> None:  # noqa: F821
         "submodels": [str(s) for s in nest.submodels],
         "extra": nest._extra_state(),
     }
-    save_model(nest.model, os.fspath(path), metadata={"sortednet": json.dumps(meta)})
+    extra = nest._extra_tensors()
+    target = _WithExtra(nest.model, extra) if extra else nest.model
+    save_model(target, os.fspath(path), metadata={"sortednet": json.dumps(meta)})
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -73,10 +87,14 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         raise SortedNetError(f"load() needs an nn.Module or a Nest, got {type(model).__name__}")
     try:
         missing, unexpected = load_model(nest.model, os.fspath(path), strict=False)
+        with safe_open(os.fspath(path), "pt") as f:
+            extra = {k: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}
     except Exception as e:
         raise SortedNetError(f"cannot load {os.fspath(path)!r} into {type(nest.model).__name__}: {e}") from None
+    unexpected = [k for k in unexpected if not k.startswith(EXTRA_PREFIX)]
     if strict and (missing or unexpected):
         raise SortedNetError(f"checkpoint {os.fspath(path)!r} does not fit the model: missing keys "
                              f"{sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
     nest._load_extra_state(meta.get("extra") or {})
+    nest._load_extra_tensors(extra)
     return nest

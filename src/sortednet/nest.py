@@ -7,17 +7,16 @@ physically smaller plain model, and unwraps.
 
 from __future__ import annotations
 
-import bisect
 import copy
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .cost import METRICS, ParamCounter, Profile
+from .cost import METRICS, ParamCounter, Profile, example_signature
 from .dims import Dimension
 from .errors import SortedNetError
 from .select import Selector
@@ -150,55 +149,113 @@ class Nest:
         return self.model(*args, **kwargs)
 
     # -- costs and selection -------------------------------------------------
-    def cost(self, sub: SubModelLike, metric: str = "params") -> float:
+    def cost(self, sub: SubModelLike, metric: str = "params", *, example: Any = None) -> float:
         """Cost of ``sub``: ``"params"`` counts the parameters it uses (exactly
-        what ``export(sub)`` holds)."""
+        what ``export(sub)`` holds); ``"flops"`` counts one forward on ``example``
+        (cached per sub-model; a new example shape recounts); ``"latency"``
+        (median seconds) and ``"memory"`` (bytes) are known after :meth:`profile`.
+
+        >>> import torch, torch.nn as nn, sortednet as sn
+        >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+        >>> nest.cost("h=2"), nest.cost("h=2", "flops", example=torch.randn(1, 4))
+        (16, 24)
+        """
+        from .cost import count_flops
+
         sub = self.resolve(sub)
         cache = self._cost_cache.get(metric)
         if cache is None:
-            raise SortedNetError(f"unknown cost metric {metric!r}; available: {sorted(self._cost_cache)}")
+            raise SortedNetError(f"unknown cost metric {metric!r}; available: {list(METRICS)}")
+        if metric == "flops" and example is not None:
+            sig = example_signature(example)
+            if sig != self._flops_example:
+                cache.clear()
+                self._flops_example = sig
+                self._selector = None
+            if sub not in cache:
+                cache[sub] = count_flops(self, sub, example)
+                self._selector = None
         if sub not in cache:
             if metric != "params":
-                raise SortedNetError(f"no {metric!r} cost for {sub}; measure it first (nest.profile)")
-            cache[sub] = self._count_params(sub)
+                hint = "pass example=..." if metric == "flops" else "measure it with nest.profile(example)"
+                raise SortedNetError(f"no {metric!r} cost for {sub} yet; {hint}")
+            cache[sub] = self._param_counter(sub)
         return cache[sub]
 
-    def _count_params(self, sub: SubModel) -> int:
-        with self.use(sub), torch.no_grad():
-            skipped = {id(p) for m in self._depth for blk in m._sn.slicer.inactive(m) for p in blk.parameters()}
-            total = 0
-            for p in self.model.parameters():
-                if id(p) in skipped:
-                    continue
-                owner = self._tensor_owner.get(id(p))
-                total += getattr(*owner).numel() if owner else p.numel()
-        return total
+    def profile(self, example_inputs: Any, *, score: Callable[[SubModel], float] | None = None,
+                metrics: Sequence[str] = ("params", "flops", "latency", "memory"), repeat: int = 20,
+                warmup: int = 3, progress: bool = True) -> Profile:
+        """Measure every sub-model on ``example_inputs`` (a tensor, tuple of args or dict
+        of kwargs): params, FLOPs, latency (median of ``repeat`` after ``warmup``, on the
+        inputs' device), memory, and ``score(sub)`` (called inside ``use(sub)``, e.g.
+        validation accuracy). Kept on the nest for :meth:`pick` and saved by ``sn.save``.
 
-    def pick(self, *, params: float | None = None, fraction: float | None = None) -> SubModel:
-        """The largest sub-model whose parameter count fits the budget (no search:
-        a bisection in the cost-sorted list). ``fraction`` is relative to the
-        largest sub-model's count.
+        >>> import torch, torch.nn as nn, sortednet as sn
+        >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+        >>> prof = nest.profile(torch.randn(1, 4), repeat=2, progress=False)
+        >>> prof.costs["flops"]
+        (24.0, 96.0)
+        """
+        from .cost import build_profile
+
+        self._check_alive()
+        prof = build_profile(self, example_inputs, score=score, metrics=metrics, repeat=repeat,
+                             warmup=warmup, progress=progress)
+        self._set_profile(prof)
+        return prof
+
+    def _set_profile(self, prof: Profile | None) -> None:
+        self._profile, self._selector = prof, None
+        if prof is not None:
+            for metric, values in prof.costs.items():
+                if metric != "params":
+                    self._cost_cache[metric].update(
+                        (s, v) for s, v in zip(prof.submodels, values) if s in self._cost_cache["params"])
+
+    def pick(self, *, params: float | None = None, flops: float | None = None, latency: float | None = None,
+             memory: float | None = None, fraction: float | None = None) -> SubModel:
+        """The best sub-model within every given budget, without search (see
+        :mod:`sortednet.select`): with a profile holding scores, the best-scoring
+        one; otherwise the one with most parameters. ``fraction`` limits params
+        relative to the largest sub-model. Monotone; never over budget; a budget
+        below every sub-model raises :class:`~sortednet.errors.BudgetError`.
 
         >>> import torch.nn as nn, sortednet as sn
         >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 8], out="0", inp="1"))
-        >>> nest.pick(params=40)
-        SubModel(h=4)
+        >>> nest.pick(params=40), nest.pick(fraction=1.0)
+        (SubModel(h=4), SubModel(h=8))
         """
-        limits = {}
-        if params is not None:
-            limits["params"] = float(params)
+        limits = {m: float(v) for m, v in (("params", params), ("flops", flops), ("latency", latency),
+                                           ("memory", memory)) if v is not None}
         if fraction is not None:
             if not 0 < fraction <= 1:
                 raise SortedNetError(f"fraction must be in (0, 1], got {fraction}")
             limits["params"] = min(limits.get("params", float("inf")), fraction * self.cost(self.largest))
-        if not limits:
-            raise SortedNetError("pick() needs a budget, e.g. pick(params=1e6) or pick(fraction=0.5)")
-        costs, subs = self._sorted("params")
-        i = bisect.bisect_right(costs, limits["params"])
-        if i == 0:
-            raise BudgetError(f"no sub-model fits params <= {limits['params']:g}; the smallest, "
-                              f"{subs[0]}, has {costs[0]:g}")
-        return subs[i - 1]
+        return self._select().pick(limits)
+
+    def _select(self) -> Selector:
+        if self._selector is None:
+            subs = self.submodels
+            costs = {m: [c[s] for s in subs] for m, c in self._cost_cache.items()
+                     if m == "params" or (c and all(s in c for s in subs))}
+            prof = self._profile
+            scores = None
+            if prof is not None and prof.scores is not None and set(subs) <= set(prof.submodels):
+                scores = [prof.scores[prof.index(s)] for s in subs]
+            self._selector = Selector(subs, costs, scores)
+        return self._selector
+
+    def calibrate(self, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
+                  batches: int = 10) -> list[SubModel]:
+        """Recompute BatchNorm running statistics for each of ``subs`` (default: all)
+        from ``batches`` batches of ``loader`` and keep them per sub-model: in eval
+        mode ``use(sub)`` and ``export(sub)`` then use that sub-model's own
+        statistics. Saved and loaded with the checkpoint. See :mod:`sortednet.calibrate`.
+        """
+        from .calibrate import calibrate
+
+        self._check_alive()
+        return calibrate(self, loader, subs=subs, batches=batches)
 
     def _sorted(self, metric: str) -> tuple[list[float], list[SubModel]]:
         if metric not in self._sorted_by:
@@ -245,12 +302,17 @@ class Nest:
                     m._forward_pre_hooks.pop(h.id, None)
         return new
 
-    def unwrap(self) -> nn.Module:
-        """Restore the original classes and return the model (weights untouched)."""
+    def unwrap(self, *, merge: bool = False) -> nn.Module:
+        """Restore the original classes and return the model (weights untouched).
+
+        ``Rank`` targets get their original weight back and lose their factors /
+        adapters; ``merge=True`` first bakes the largest rank into that weight
+        (svd: ``U @ V``; lora: ``W0 + alpha / R * B @ A``). See docs/rank.md.
+        """
         self._check_alive()
         from .wrap import unwrap_modules
 
-        unwrap_modules(self.model, self._hooks)
+        unwrap_modules(self.model, self._hooks, merge=merge)
         for d in self.dims:
             d._nest = None
             d._default = d.full
@@ -258,15 +320,32 @@ class Nest:
         return self.model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters an optimizer should get (those requiring grad, each once)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The parameters an optimizer should get (those requiring grad, each once):
+        only the adapters when the nest has LoRA adapters (``Rank(mode="lora")``)."""
+        adapters = {id(t): t for m in self._sliced.values() for t in m._sn.slicer.adapters(m)}
+        params = adapters.values() if adapters else self.model.parameters()
+        return [p for p in params if p.requires_grad]
 
     def _extra_state(self) -> dict[str, Any]:
         """JSON-able state saved with the checkpoint (extended by features such as profiles)."""
-        return {}
+        return {} if self._profile is None else {"profile": self._profile.to_dict()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`_extra_state` returned."""
+        prof = state.get("profile")
+        self._set_profile(None if prof is None else Profile.from_dict(prof))
+
+    def _extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved with the checkpoint besides the weights (calibrated BatchNorm statistics)."""
+        from .calibrate import stats_to_tensors
+
+        return stats_to_tensors(self)
+
+    def _load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`_extra_tensors` returned (replacing any current ones)."""
+        from .calibrate import stats_from_tensors
+
+        stats_from_tensors(self, tensors)
 
     def _check_alive(self) -> None:
         if not self._alive:

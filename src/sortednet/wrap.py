@@ -83,7 +83,12 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     for path, roles in by_path.items():
         m = modules[path]
         bind = {r: t.binding for r, t in roles.items()}
-        sl = slicer_for(m)
+        own = {id(b.slicer): b.slicer for b in bind.values() if b.slicer is not None}
+        if len(own) > 1:
+            dims = sorted({b.dim.name for b in bind.values() if b.slicer is not None})
+            raise PatternError(f"{path!r}: dimensions {dims} each need their own slicer for this module; "
+                               "only one can own it")
+        sl = next(iter(own.values())) if own else slicer_for(m)
         if sl is None and all(r.startswith("attr:") for r in bind):
             sl = ATTRS_ONLY
         if sl is None:
@@ -106,6 +111,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool) -> list:
         names = sl.attr_names(m, bind)
         cls = sliced_subclass(m, sl, names)
         m.__dict__["_sn"] = State(sl, bind, type(m), path, inplace_grad)
+        sl.prepare(m)
         m.__class__ = cls
     sliced = {id(m) for m, _, _ in planned.values()}
     hooks = []
@@ -120,12 +126,14 @@ def _no_fast_path(module: nn.Module, args: tuple) -> None:
     full-size weights) steps aside for sliced layers."""
 
 
-def unwrap_modules(model: nn.Module, hooks: Iterable) -> None:
+def unwrap_modules(model: nn.Module, hooks: Iterable, *, merge: bool = False) -> None:
     for h in hooks:
         h.remove()
     for m in model.modules():
-        st = m.__dict__.pop("_sn", None)
+        st = m.__dict__.get("_sn")
         if st is not None:
+            st.slicer.restore(m, merge)
+            del m.__dict__["_sn"]
             m.__class__ = st.cls
 
 

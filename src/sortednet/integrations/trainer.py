@@ -10,7 +10,6 @@ lighter-weight alternative: it activates one sub-model per step.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,41 +19,27 @@ from transformers import Trainer, TrainerCallback
 from ..dims import Depth
 from ..errors import SortedNetError
 from ..nest import Nest
+from ..sampler import Sampler
 from ..submodel import SubModel
 from .soft import soft_loss
 
 __all__ = ["SortedTrainer", "SubModelCallback", "make_sampler"]
 
 
-class _Fallback:
-    """Used only when ``sortednet.Sampler`` is unavailable: ``k`` sub-models,
-    always including the largest, drawn by a pure function of ``(seed, step)``."""
-
-    def __init__(self, submodels: Sequence[SubModel], k: int, seed: int) -> None:
-        self.submodels, self.k, self.seed = tuple(submodels), k, seed
-
-    def draw(self, step: int) -> list[SubModel]:
-        rng = random.Random(self.seed * 1_000_003 + step)
-        rest = list(self.submodels[:-1])
-        return [self.submodels[-1], *rng.sample(rest, min(self.k - 1, len(rest)))]
-
-
-def make_sampler(nest: Nest, submodels: Sequence[SubModel] | None = None, *, k: int = 2, seed: int = 0,
-                 strategy: str = "sandwich") -> Any:
-    """``sn.Sampler`` over ``submodels`` (default all), or a deterministic fallback if it is absent.
+def make_sampler(nest: Nest, submodels: Sequence[SubModel] | None = None, *, k: int = 3, seed: int = 0,
+                 strategy: str | None = None) -> Sampler:
+    """``sn.Sampler`` over ``submodels`` (default all): ``k`` per step, "sandwich"
+    (largest + smallest + random) when ``k >= 2``, else "uniform".
 
     >>> import torch.nn as nn, sortednet as sn
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 8], out="0", inp="1"))
     >>> s = make_sampler(nest, k=2)
-    >>> s.draw(3) == s.draw(3)
-    True
+    >>> s.draw(3) == s.draw(3), len(s.draw(3))
+    (True, 2)
     """
     subs = tuple(submodels) if submodels is not None else nest.submodels
-    try:
-        from ..sampler import Sampler
-    except ImportError:
-        return _Fallback(subs, k, seed)
-    return Sampler(subs, k=k, strategy=strategy, seed=seed)
+    k = min(k, len(subs))
+    return Sampler(subs, k=k, strategy=strategy or ("sandwich" if k >= 2 else "uniform"), seed=seed)
 
 
 class SortedTrainer(Trainer):

@@ -74,38 +74,33 @@ def slicer_for(module: nn.Module) -> "Slicer | None":
     return None
 
 
-class _SliceInto(torch.autograd.Function):
-    """A view of a parameter whose gradient is added straight into ``param.grad[index]``.
+def _grad_into(param: Tensor, index: tuple) -> Callable[[Tensor], None]:
+    def hook(grad: Tensor) -> None:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        param.grad[index].add_(grad)
 
-    Plain ``param[index]`` makes autograd build a full-size zero gradient per
-    slice and add it to ``.grad``; for small sub-models that costs as much as
-    the matmuls. Here backward touches only the slice. Parameter hooks do not
-    fire for these gradients (see docs/mechanism.md); ``wrap(...,
-    inplace_grad=False)`` restores plain autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, param: Tensor, index: tuple) -> Tensor:  # type: ignore[override]
-        ctx.param, ctx.index = param, index
-        return param.detach()[index]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        p = ctx.param
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad[ctx.index].add_(grad)
-        return None, None
+    return hook
 
 
-#: below this many elements a full-size autograd gradient is cheaper than a custom Function call
+#: below this many elements a full-size autograd gradient is as cheap as the hook
 INPLACE_MIN_NUMEL = 4096
 
 
 def _narrow(t: Tensor, index: tuple, inplace: bool) -> Tensor:
+    """``t[index]``; when training, a leaf view whose gradient is added straight into ``t.grad[index]``.
+
+    Plain ``t[index]`` makes autograd build a full-size zero gradient per slice
+    and add it to ``.grad``; for small sub-models that costs as much as the
+    matmuls. The leaf view's hook touches only the slice. Parameter hooks do
+    not fire for these gradients (see docs/mechanism.md); ``wrap(...,
+    inplace_grad=False)`` restores plain autograd.
+    """
     if (inplace and t.requires_grad and t.numel() >= INPLACE_MIN_NUMEL and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
-        return _SliceInto.apply(t, index)
+        v = t.detach()[index].requires_grad_()
+        v.register_hook(_grad_into(t, index))
+        return v
     return t[index]
 
 
@@ -130,6 +125,22 @@ class Slicer:
 
     def check(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
         """Extra validation (divisibility, ties). Raise SortedNetError."""
+
+    # -- optional: slicers that add tensors (Rank factors / adapters) -------
+    def prepare(self, m: nn.Module) -> None:
+        """Create new tensors on ``m`` (``m._sn`` is set). Called by ``install``
+        after every check passed: must not fail."""
+
+    def restore(self, m: nn.Module, merge: bool) -> None:
+        """Undo :meth:`prepare` at unwrap; ``merge`` bakes trained tensors into the original ones."""
+
+    def numel(self, m: nn.Module, name: str) -> int:
+        """Elements of tensor attribute ``name`` that ``export`` keeps for the active sub-model."""
+        return getattr(m, name).numel()
+
+    def adapters(self, m: nn.Module) -> list[Tensor]:
+        """Parameters that alone should be trained (LoRA adapters); empty for most slicers."""
+        return []
 
     # -- shared helpers ------------------------------------------------
     def validate(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
@@ -193,17 +204,16 @@ class Slicer:
         """Names that become properties on this instance's subclass."""
         return self.attrs + tuple(sorted(r[5:] for r in bind if r.startswith("attr:")))
 
-    def attr_value(self, m: nn.Module, name: str) -> Any:
-        st: State = m.__dict__["_sn"]
-        b = st.bind.get(f"attr:{name}")
-        return b.features() if b is not None else self.value(m, name)
-
     def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
         """Class body of the per-instance subclass."""
 
         def make(name: str) -> property:
+            role = f"attr:{name}"
+
             def get(self_: nn.Module) -> Any:
-                return self_.__dict__["_sn"].slicer.attr_value(self_, name)
+                st = self_.__dict__["_sn"]
+                b = st.bind.get(role)
+                return st.slicer.value(self_, name) if b is None else b.features()
 
             def set_(self_: nn.Module, v: Any) -> None:
                 self_.__dict__[name] = v
@@ -220,8 +230,9 @@ class Slicer:
         for name in self.attr_names(live, live._sn.bind):
             v = getattr(live, name)
             if name in live._parameters:
-                copy_._parameters[name] = None if v is None else nn.Parameter(
-                    v.detach().clone(memory_format=torch.contiguous_format), requires_grad=v.requires_grad)
+                copy_._parameters[name] = None if v is None else nn.Parameter(  # requires_grad of the full
+                    v.detach().clone(memory_format=torch.contiguous_format),  # parameter: a cat under no_grad
+                    requires_grad=live._parameters[name].requires_grad)  # (packed q/k/v) would lose it
             elif name in live._buffers:
                 copy_._buffers[name] = None if v is None else v.detach().clone()
             else:

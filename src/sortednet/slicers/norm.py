@@ -3,7 +3,8 @@
 LayerNorm / RMSNorm over the last dimension; GroupNorm when the channels per
 group divide every size (the group count follows); BatchNorm1d/2d/3d with
 sliced affine parameters and running statistics. BatchNorm statistics are
-shared prefixes: small sub-models need recalibration (see docs/dimensions.md).
+shared prefixes: small sub-models need recalibration (``nest.calibrate``, see
+sortednet/calibrate.py), after which eval mode and export use per-sub-model ones.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..calibrate import active_stats
 from ..errors import PatternError, SizeError
 from . import Slicer, slicer
 
@@ -74,4 +76,16 @@ class BatchNormSlicer(Slicer):
     def value(self, m: nn.Module, name: str) -> Any:
         if name == "num_features":
             return self.features(m, "norm", m.__dict__["num_features"])
+        if name in ("running_mean", "running_var") and m.__dict__["_sn"].extra:
+            own = active_stats(m, name)  # per-sub-model statistics from nest.calibrate (eval mode)
+            if own is not None:
+                return own
         return self.take(m, name, [(0, "norm")])
+
+    def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
+        copy_ = super().export(live, copy_)
+        for name in ("running_mean", "running_var"):
+            own = active_stats(live, name, any_mode=True)
+            if own is not None:
+                copy_._buffers[name] = own.detach().clone()
+        return copy_

@@ -1,0 +1,175 @@
+"""BatchNorm recalibration per sub-model (as Slimmable networks and Once-for-All do).
+
+Sub-models share one set of BatchNorm running statistics, a prefix of the
+full model's. A smaller sub-model sees different activations, so those
+statistics are off and its eval accuracy drops. :func:`calibrate` runs a few
+batches through each sub-model with BatchNorm in training mode and a
+cumulative average (``momentum=None``), starting from zero mean / unit
+variance, and stores the result per sub-model on each sliced BatchNorm
+(``module._sn.extra["bn_stats"]``, keyed by the sizes of the nest's
+dimensions). From then on, in eval mode, ``use(sub)`` reads that sub-model's
+own statistics and ``export(sub)`` bakes them in. In training mode the shared
+statistics are used and updated as before; calibrate again after training.
+
+Only BatchNorm modules sliced by a dimension (listed under ``norm=``) are
+recalibrated; other BatchNorm modules keep their shared statistics.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .cost import call_model
+from .errors import SortedNetError
+from .submodel import SubModel, SubModelLike
+
+__all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats_from_tensors"]
+
+_NAMES = ("running_mean", "running_var")
+
+
+def batchnorms(nest: Any) -> dict[str, nn.Module]:
+    """Sliced BatchNorm modules of ``nest`` that track running statistics, by path."""
+    return {p: m for p, m in nest._sliced.items()
+            if isinstance(m, _BatchNorm) and "norm" in m._sn.bind and m.__dict__["track_running_stats"]}
+
+
+def _key(nest: Any) -> tuple[int, ...]:
+    return tuple(d.active for d in nest.dims)
+
+
+def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor | None:
+    """The calibrated ``running_mean`` / ``running_var`` of ``m`` for the active
+    sub-model, or None (no calibration for it, or ``m`` is training and not ``any_mode``)."""
+    extra = m.__dict__["_sn"].extra
+    override = extra.get("bn_override")
+    if override is not None:
+        return override[name]
+    stats = extra.get("bn_stats")
+    if not stats or (m.training and not any_mode):
+        return None
+    hit = stats.get(tuple(d.active for d in extra["bn_dims"]))
+    return None if hit is None else hit[name]
+
+
+def _inputs(batch: Any) -> Any:
+    """The model input of one loader item: ``x`` of ``(x, y, ...)``, kwargs of a dict, else the item."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def calibrate(nest: Any, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
+              batches: int = 10) -> list[SubModel]:
+    """Recalibrate BatchNorm statistics of each sub-model in ``subs`` (default: all)
+    on the first ``batches`` items of ``loader``; returns the sub-models calibrated.
+
+    Items are ``(inputs, targets, ...)`` (first element used), a dict of kwargs or
+    the inputs themselves. The same batches are used for every sub-model.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+    ...                       nn.Flatten(), nn.Linear(4, 2)).eval()
+    >>> nest = sn.wrap(model, sn.Width("c", [2, 4], out="0", norm="1", inp="5"))
+    >>> data = [torch.randn(8, 1, 6, 6) for _ in range(3)]
+    >>> [str(s) for s in nest.calibrate(data, batches=3)]
+    ['c=2', 'c=4']
+    >>> with nest.use("c=2"):
+    ...     tuple(nest.model[1].running_mean.shape)
+    (2,)
+    """
+    bns = batchnorms(nest)
+    if not bns:
+        raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "
+                             "list BatchNorm layers under norm= of a Width")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise SortedNetError(f"calibrate(): batches must be an int >= 1, got {batches!r}")
+    todo = list(nest.submodels) if subs is None else list(dict.fromkeys(nest.resolve(s) for s in subs))
+    if not todo:
+        raise SortedNetError("calibrate(): subs= is empty")
+    data = [_inputs(b) for b in itertools.islice(iter(loader), batches)]
+    if not data:
+        raise SortedNetError("calibrate(): the loader yielded no batch")
+
+    modes = {m: m.training for m in nest.model.modules()}
+    saved = {m: (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in bns.values()}
+    results: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {m: {} for m in bns.values()}
+    try:
+        nest.model.eval()
+        for m in bns.values():
+            m.train()
+            m.momentum = None
+        for sub in todo:
+            with nest.use(sub), torch.no_grad():
+                for m in bns.values():
+                    n, ref = m.num_features, m.__dict__["_buffers"]["running_mean"]
+                    fresh = {"running_mean": torch.zeros(n, dtype=ref.dtype, device=ref.device),
+                             "running_var": torch.ones(n, dtype=ref.dtype, device=ref.device)}
+                    m._sn.extra["bn_override"] = fresh
+                    if m.num_batches_tracked is not None:
+                        m.num_batches_tracked.zero_()
+                for x in data:
+                    call_model(nest.model, x)
+                for m in bns.values():
+                    results[m][_key(nest)] = m._sn.extra.pop("bn_override")
+    finally:
+        for m, (momentum, tracked) in saved.items():
+            m._sn.extra.pop("bn_override", None)
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+        for m, training in modes.items():
+            m.training = training
+    for m, stats in results.items():
+        m._sn.extra.setdefault("bn_stats", {}).update(stats)
+        m._sn.extra["bn_dims"] = nest.dims
+    return todo
+
+
+def stats_to_tensors(nest: Any) -> dict[str, Tensor]:
+    """Calibrated statistics as flat tensors under the checkpoint's reserved prefix."""
+    from .io import EXTRA_PREFIX
+
+    names = [d.name for d in nest.dims]
+    out = {}
+    for path, m in batchnorms(nest).items():
+        for key, stats in m._sn.extra.get("bn_stats", {}).items():
+            sub = SubModel(dict(zip(names, key)))
+            for name in _NAMES:
+                out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = stats[name].detach().contiguous()
+    return out
+
+
+def stats_from_tensors(nest: Any, tensors: dict[str, Tensor]) -> None:
+    """Replace the calibrated statistics of ``nest`` with those in ``tensors`` (from :func:`stats_to_tensors`)."""
+    from .io import EXTRA_PREFIX
+
+    bns = batchnorms(nest)
+    found: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {}
+    prefix = f"{EXTRA_PREFIX}bn/"
+    for k, t in tensors.items():
+        if not k.startswith(prefix):
+            continue
+        try:
+            sub_text, rest = k[len(prefix):].split("/", 1)
+            path, name = rest.rsplit("/", 1)
+        except ValueError:
+            raise SortedNetError(f"malformed calibration key {k!r} in checkpoint") from None
+        if path not in bns or name not in _NAMES:
+            raise SortedNetError(f"checkpoint has calibration for {path!r}.{name}, which is not a sliced "
+                                 f"BatchNorm statistic of this nest (sliced BatchNorm: {sorted(bns)[:8]})")
+        sub = nest.resolve(sub_text)
+        m = bns[path]
+        buf = m.__dict__["_buffers"][name]
+        found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
+            t.to(device=buf.device, dtype=buf.dtype)
+    for m in bns.values():
+        m._sn.extra.pop("bn_stats", None)
+        if m in found:
+            m._sn.extra["bn_stats"] = found[m]
+            m._sn.extra["bn_dims"] = nest.dims

@@ -1,0 +1,254 @@
+"""nn.Linear as a nested low-rank layer, for :class:`sortednet.Rank`.
+
+Two slicers, chosen by the Rank binding (``Binding.slicer``) instead of the
+registry, so plain ``nn.Linear`` keeps :class:`LinearSlicer`:
+
+- ``svd``: ``weight`` is replaced by factors ``U`` (out x R) and ``V`` (R x in)
+  from its truncated SVD, singular values split as ``sqrt`` between them, so
+  every prefix rank r is the best rank-r approximation at the start. Forward
+  is ``x @ V[:r].T @ U[:, :r].T + bias``.
+- ``lora``: ``weight`` and ``bias`` are frozen; adapters ``lora_A`` (R x in,
+  Kaiming-uniform) and ``lora_B`` (out x R, zeros) are added. Forward is
+  ``x W0.T + b + (alpha / r) * x A[:r].T B[:, :r].T``.
+
+Width/Heads slicing of the output takes the first rows of ``U`` (or of
+``W0``, ``bias``, ``lora_B``), of the input the first columns of ``V`` (or
+``W0``, ``lora_A``). ``.weight`` reads the effective weight of the active
+sub-model (so parents that read it, like ``nn.MultiheadAttention``, see the
+factorised layer); forward computes the same thing in factorised form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import skip_init
+
+from ..errors import PatternError, SizeError
+from . import Slicer
+
+__all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
+
+
+class LowRankSlicer(Slicer):
+    """Shared part of the two rank slicers: roles, checks, active sizes, forward hook."""
+
+    types = (nn.Linear,)
+    roles = ("rank", "out", "inp")
+    overrides_forward = True
+    factors: tuple[str, str] = ("", "")
+
+    def full(self, m: nn.Module, role: str) -> int:
+        return m.__dict__["out_features" if role == "out" else "in_features"]
+
+    def validate(self, m: nn.Module, bind: dict, path: str) -> None:
+        super().validate(m, {r: b for r, b in bind.items() if r != "rank"}, path)
+        dim = bind["rank"].dim
+        where = f"Rank {dim.name!r} (sizes {list(dim.sizes)}) at {path!r}"
+        if type(m).forward is not nn.Linear.forward:
+            raise PatternError(f"{where}: {type(m).__name__} has its own forward; only nn.Linear "
+                               "(and subclasses keeping its forward) can be factorised")
+        o, i = m.__dict__["out_features"], m.__dict__["in_features"]
+        if dim.full > min(o, i):
+            raise SizeError(f"{where}: largest rank {dim.full} exceeds min(out, in) = {min(o, i)} "
+                            f"of Linear({i} -> {o})")
+        taken = [n for n in self.factors if n in m._parameters or n in m._buffers or n in m._modules
+                 or n in m.__dict__]
+        if taken:
+            raise PatternError(f"{where}: the module already has attribute(s) {taken}")
+        w = m._parameters.get("weight")
+        if not isinstance(w, nn.Parameter) or not w.is_floating_point():
+            raise PatternError(f"{where}: weight must be a floating-point nn.Parameter, got {type(w).__name__}")
+        if not bool(torch.isfinite(w.detach()).all()):
+            raise SizeError(f"{where}: weight has non-finite values")
+
+    # -- active sizes ----------------------------------------------------
+    def sizes(self, m: nn.Module) -> tuple[int, int, int]:
+        """Active ``(out, in, rank)`` of ``m``."""
+        return (self.features(m, "out", m.__dict__["out_features"]),
+                self.features(m, "inp", m.__dict__["in_features"]),
+                m.__dict__["_sn"].bind["rank"].features())
+
+    def base_value(self, m: nn.Module, name: str) -> Any:
+        if name in ("in_features", "out_features"):
+            return self.features(m, "out" if name == "out_features" else "inp", m.__dict__[name])
+        if name == "bias":
+            return self.take(m, "bias", [(0, "out")])
+        return None
+
+    def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+        ns = super().namespace(m, names)
+
+        def forward(self_: nn.Module, input: Tensor) -> Tensor:
+            return self_.__dict__["_sn"].slicer.forward(self_, input)
+
+        ns["forward"] = forward
+        return ns
+
+    def forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _param(t: Tensor, requires_grad: bool) -> nn.Parameter:
+        return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format), requires_grad)
+
+    def _linear(self, like: nn.Module, weight: Tensor, bias: Tensor | None, requires_grad: bool) -> nn.Linear:
+        """A new plain ``nn.Linear`` holding clones (the global RNG is not touched)."""
+        out = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+        return self._fill(out.train(like.training), weight, bias, requires_grad)
+
+    def _fill(self, copy_: nn.Module, weight: Tensor, bias: Tensor | None, requires_grad: bool) -> nn.Module:
+        """``copy_`` (a Linear, its hooks kept) holding clones of ``weight`` / ``bias`` only."""
+        copy_._parameters.clear()
+        copy_._parameters["weight"] = self._param(weight, requires_grad)
+        copy_._parameters["bias"] = None if bias is None else self._param(bias, requires_grad)
+        copy_.out_features, copy_.in_features = weight.shape
+        return copy_
+
+
+class SVDSlicer(LowRankSlicer):
+    """Nested factorisation ``W ~ U[:, :r] V[:r]`` (Maestro-style ordered low rank)."""
+
+    attrs = ("U", "V", "bias", "weight", "in_features", "out_features")
+    factors = ("U", "V")
+
+    def prepare(self, m: nn.Module) -> None:
+        st = m.__dict__["_sn"]
+        R = st.bind["rank"].dim.full
+        w = m._parameters["weight"]
+        with torch.no_grad():
+            u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
+            root = s[:R].sqrt()
+            U = (u[:, :R] * root).to(w.dtype).contiguous()
+            V = (root[:, None] * vh[:R]).to(w.dtype).contiguous()
+        st.extra.update(weight=w, order=list(m._parameters))
+        params = {}
+        for name, p in m._parameters.items():
+            if name == "weight":
+                params["U"] = nn.Parameter(U, requires_grad=w.requires_grad)
+                params["V"] = nn.Parameter(V, requires_grad=w.requires_grad)
+            else:
+                params[name] = p
+        m._parameters.clear()
+        m._parameters.update(params)
+
+    def restore(self, m: nn.Module, merge: bool) -> None:
+        st = m.__dict__["_sn"]
+        w = st.extra["weight"]
+        if merge:
+            with torch.no_grad():
+                w.copy_(m._parameters["U"] @ m._parameters["V"])
+        params = {n: w if n == "weight" else m._parameters[n] for n in st.extra["order"]}
+        m._parameters.clear()
+        m._parameters.update(params)
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        if name == "U":
+            return self.take(m, "U", [(0, "out"), (1, "rank")])
+        if name == "V":
+            return self.take(m, "V", [(0, "rank"), (1, "inp")])
+        if name == "weight":
+            return m.U @ m.V
+        return self.base_value(m, name)
+
+    def forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, m.V), m.U, m.bias)
+
+    def factored(self, m: nn.Module) -> bool:
+        """Whether ``export`` writes two Linears (else one merged): Rank's ``export``
+        option; ``"auto"`` factors when ``r (out + in) < out * in``."""
+        how = m.__dict__["_sn"].bind["rank"].dim.export
+        if how != "auto":
+            return how == "factored"
+        o, i, r = self.sizes(m)
+        return r * (o + i) < o * i
+
+    def numel(self, m: nn.Module, name: str) -> int:
+        o, i, r = self.sizes(m)
+        fact = self.factored(m)
+        if name == "U":
+            return o * r if fact else o * i
+        if name == "V":
+            return r * i if fact else 0
+        return super().numel(m, name)
+
+    def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
+        U, V, bias = live.U, live.V, live.bias
+        grad = live.__dict__["_sn"].extra["weight"].requires_grad
+        if self.factored(live):
+            return nn.Sequential(self._linear(live, V, None, grad), self._linear(live, U, bias, grad))
+        return self._fill(copy_, U @ V, bias, grad)
+
+
+class LoRASlicer(LowRankSlicer):
+    """Frozen base + nested-rank adapters, scaled ``alpha / r`` (DyLoRA)."""
+
+    attrs = ("weight", "bias", "lora_A", "lora_B", "in_features", "out_features")
+    factors = ("lora_A", "lora_B")
+
+    def prepare(self, m: nn.Module) -> None:
+        st = m.__dict__["_sn"]
+        R = st.bind["rank"].dim.full
+        w = m._parameters["weight"]
+        st.extra["requires_grad"] = {n: p.requires_grad for n, p in m._parameters.items() if p is not None}
+        A = torch.empty(R, w.shape[1], dtype=w.dtype, device=w.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        B = torch.zeros(w.shape[0], R, dtype=w.dtype, device=w.device)
+        for p in m._parameters.values():
+            if p is not None:
+                p.requires_grad_(False)
+        m._parameters["lora_A"] = nn.Parameter(A)
+        m._parameters["lora_B"] = nn.Parameter(B)
+
+    def restore(self, m: nn.Module, merge: bool) -> None:
+        st = m.__dict__["_sn"]
+        A, B = m._parameters.pop("lora_A"), m._parameters.pop("lora_B")
+        if merge:
+            with torch.no_grad():
+                m._parameters["weight"].add_(B @ A, alpha=st.bind["rank"].dim.scale(A.shape[0]))
+        for n, flag in st.extra["requires_grad"].items():
+            m._parameters[n].requires_grad_(flag)
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        if name == "lora_A":
+            return self.take(m, "lora_A", [(0, "rank"), (1, "inp")])
+        if name == "lora_B":
+            return self.take(m, "lora_B", [(0, "out"), (1, "rank")])
+        if name == "weight":
+            return self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A)
+        return self.base_value(m, name)
+
+    def base(self, m: nn.Module) -> Tensor:
+        """The frozen base weight, sliced to the active width."""
+        return self.take(m, "weight", [(0, "out"), (1, "inp")])
+
+    def scale(self, m: nn.Module) -> float:
+        """``alpha / r`` at the active rank ``r``."""
+        b = m.__dict__["_sn"].bind["rank"]
+        return b.dim.scale(b.features())
+
+    def forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        base = F.linear(x, self.base(m), m.bias)
+        return base + self.scale(m) * F.linear(F.linear(x, m.lora_A), m.lora_B)
+
+    def numel(self, m: nn.Module, name: str) -> int:
+        if name in self.factors:
+            return 0  # merged into the weight by export
+        o, i, _ = self.sizes(m)
+        return o * i if name == "weight" else super().numel(m, name)
+
+    def adapters(self, m: nn.Module) -> list[Tensor]:
+        return [m._parameters[n] for n in self.factors]
+
+    def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
+        flags = live.__dict__["_sn"].extra["requires_grad"]
+        return self._fill(copy_, live.weight, live.bias, flags["weight"])
+
+
+SVD = SVDSlicer()
+LORA = LoRASlicer()

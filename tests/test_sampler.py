@@ -1,0 +1,189 @@
+"""Sampler invariants: purity in (seed, step), distributions, sandwich, state, bad arguments."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sortednet as sn
+
+
+def make_nest(n: int = 8) -> sn.Nest:
+    sizes = list(range(1, n + 1))
+    return sn.wrap(nn.Sequential(nn.Linear(3, n), nn.ReLU(), nn.Linear(n, 2)),
+                   sn.Width("h", sizes, out="0", inp="2"))
+
+
+NEST = make_nest(8)
+SUBS = NEST.submodels
+N = len(SUBS)
+
+
+def chi2(counts: list[int], probs: list[float]) -> float:
+    total = sum(counts)
+    return sum((c - total * p) ** 2 / (total * p) for c, p in zip(counts, probs))
+
+
+# critical values of chi-square at p = 0.001 for df 1..8 (draws are deterministic, so this never flakes)
+CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12}
+
+CONFIGS = st.one_of(
+    st.fixed_dictionaries({"strategy": st.just("uniform"), "k": st.integers(1, N)}),
+    st.fixed_dictionaries({"strategy": st.just("sandwich"), "k": st.integers(2, N)}),
+    st.fixed_dictionaries({"strategy": st.just("weighted"), "k": st.integers(1, 4),
+                           "weights": st.sampled_from(["large", "small", [1, 0, 2, 0, 3, 1, 1, 5]])}),
+    st.fixed_dictionaries({"strategy": st.just("all")}),
+)
+
+
+@given(cfg=CONFIGS, seed=st.integers(0, 2**31), steps=st.lists(st.integers(0, 10**9), min_size=1, max_size=6))
+def test_draw_is_pure_function_of_seed_and_step(cfg, seed, steps):
+    a, b = sn.Sampler(SUBS, seed=seed, **cfg), sn.Sampler(SUBS, seed=seed, **cfg)
+    first = [a.draw(s) for s in steps]
+    b.draw(12345)  # unrelated draws change nothing
+    assert [b.draw(s) for s in reversed(steps)][::-1] == first
+    assert [a.draw(s) for s in steps] == first
+    for picked in first:
+        idx = [SUBS.index(s) for s in picked]
+        assert len(picked) == a.k and idx == sorted(set(idx))  # distinct, ascending cost
+
+
+@pytest.mark.parametrize("strategy,k", [("uniform", 1), ("uniform", 3), ("sandwich", 3)])
+def test_seeds_and_steps_give_different_draws(strategy, k):
+    s0, s1 = sn.Sampler(SUBS, k=k, strategy=strategy, seed=0), sn.Sampler(SUBS, k=k, strategy=strategy, seed=1)
+    d0 = [s0.draw(i) for i in range(50)]
+    assert d0 != [s1.draw(i) for i in range(50)]
+    assert len({tuple(d) for d in d0}) > 5
+
+
+@pytest.mark.parametrize("cfg", [
+    {"strategy": "uniform", "k": 1},
+    {"strategy": "uniform", "k": 3},
+    {"strategy": "weighted", "k": 1, "weights": "large"},
+    {"strategy": "weighted", "k": 1, "weights": "small"},
+    {"strategy": "weighted", "k": 1, "weights": [5, 1, 1, 2, 0.5, 3, 1, 4]},
+    {"strategy": "weighted", "k": 1, "weights": "cost", "nest": True},
+    {"strategy": "sandwich", "k": 4},
+], ids=str)
+def test_inclusion_frequencies_match_expected(cfg):
+    cfg = dict(cfg)
+    src = NEST if cfg.pop("nest", False) else SUBS
+    s = sn.Sampler(src, seed=3, **cfg)
+    draws = 4000
+    counts = Counter(sub for step in range(draws) for sub in s.draw(step))
+    expect = s.expected_fraction()
+    random_idx = [i for i, p in enumerate(expect) if 0 < p < 1]
+    for i, p in enumerate(expect):
+        if p in (0.0, 1.0):
+            assert counts[SUBS[i]] == p * draws
+    # Pearson statistic on per-draw inclusion frequencies, normalised to a distribution
+    obs = [counts[SUBS[i]] for i in random_idx]
+    probs = [expect[i] for i in random_idx]
+    probs = [p / sum(probs) for p in probs]
+    stat = chi2(obs, probs)
+    assert stat < CRIT[len(obs) - 1], (stat, obs, probs)
+
+
+def test_weighted_rules_order_probabilities():
+    large = sn.Sampler(SUBS, k=1, strategy="weighted", weights="large").probs
+    small = sn.Sampler(SUBS, k=1, strategy="weighted", weights="small").probs
+    cost = sn.Sampler(NEST, k=1, strategy="weighted", weights="cost").probs
+    assert list(large) == sorted(large) and list(small) == sorted(small, reverse=True)
+    assert list(cost) == sorted(cost) and abs(cost.sum() - 1) < 1e-12
+    params = [NEST.cost(s) for s in SUBS]
+    assert cost[-1] / cost[0] == pytest.approx(params[-1] / params[0])
+
+
+@given(k=st.integers(2, N), seed=st.integers(0, 10**6), step=st.integers(0, 10**6))
+def test_sandwich_has_smallest_and_largest(k, seed, step):
+    picked = sn.Sampler(SUBS, k=k, strategy="sandwich", seed=seed).draw(step)
+    assert picked[0] == NEST.smallest and picked[-1] == NEST.largest and len(set(picked)) == k
+
+
+def test_all_returns_every_submodel():
+    s = sn.Sampler(SUBS, strategy="all")
+    assert s.draw(0) == list(SUBS) == s.draw(99) and s.k == N
+    assert sn.Sampler(SUBS, strategy="all", k=N).draw(1) == list(SUBS)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"strategy": "uniform", "k": 2, "seed": 7},
+    {"strategy": "sandwich", "k": 3, "seed": 1},
+    {"strategy": "weighted", "k": 2, "seed": 4, "weights": [1, 2, 3, 4, 5, 6, 7, 8]},
+    {"strategy": "weighted", "k": 1, "seed": 4, "weights": "large"},
+    {"strategy": "all", "seed": 0},
+], ids=str)
+def test_state_round_trip(cfg):
+    a = sn.Sampler(SUBS, **cfg)
+    b = sn.Sampler(SUBS, k=1, strategy="uniform", seed=99)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [b.draw(i) for i in range(30)] == [a.draw(i) for i in range(30)]
+    assert b.state_dict() == a.state_dict()
+
+
+def test_state_round_trip_cost_rule_needs_nest():
+    a = sn.Sampler(NEST, k=2, strategy="weighted", weights="cost", seed=2)
+    b = sn.Sampler(NEST, k=1, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert [b.draw(i) for i in range(20)] == [a.draw(i) for i in range(20)]
+    c = sn.Sampler(SUBS, k=1, seed=0)
+    before = c.state_dict()
+    with pytest.raises(sn.SortedNetError, match="nest"):
+        c.load_state_dict(a.state_dict())
+    assert c.state_dict() == before
+
+
+@pytest.mark.parametrize("state,match", [
+    ({"strategy": "uniform", "k": 2, "seed": 0, "weights": None, "submodels": ["h=1"]}, "sub-models"),
+    ({"strategy": "uniform", "k": 99, "seed": 0, "weights": None}, "k=99"),
+    ({"strategy": "bogus", "k": 1, "seed": 0, "weights": None}, "strategy"),
+    ({"strategy": "uniform", "k": 1}, "lacks"),
+])
+def test_bad_state_leaves_sampler_unchanged(state, match):
+    s = sn.Sampler(SUBS, k=3, strategy="sandwich", seed=5)
+    before, draws = s.state_dict(), [s.draw(i) for i in range(5)]
+    state = {"submodels": [str(x) for x in SUBS], **state}
+    with pytest.raises(sn.SortedNetError, match=match):
+        s.load_state_dict(state)
+    assert s.state_dict() == before and [s.draw(i) for i in range(5)] == draws
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((SUBS,), {"k": 0}, "k=0"),
+    ((SUBS,), {"k": -1}, "non-negative"),
+    ((SUBS,), {"k": N + 1}, "out of range"),
+    ((SUBS,), {"k": 1.5}, "int"),
+    ((SUBS,), {}, "needs k"),
+    ((SUBS,), {"k": 1, "strategy": "sandwich"}, "2 <= k"),
+    ((SUBS,), {"k": N + 1, "strategy": "all"}, "all"),
+    ((SUBS,), {"k": 2, "strategy": "all"}, "all"),
+    (([],), {"k": 1}, "empty"),
+    ((SUBS,), {"k": 1, "strategy": "random"}, "unknown strategy"),
+    ((SUBS,), {"k": 1, "strategy": "weighted"}, "needs weights"),
+    ((SUBS,), {"k": 1, "strategy": "weighted", "weights": [1, 2]}, "2 entries"),
+    ((SUBS,), {"k": 1, "strategy": "weighted", "weights": [1, 1, 1, -1, 1, 1, 1, 1]}, "non-negative"),
+    ((SUBS,), {"k": 1, "strategy": "weighted", "weights": [float("nan")] * N}, "finite"),
+    ((SUBS,), {"k": 1, "strategy": "weighted", "weights": [0] * N}, "zero"),
+    ((SUBS,), {"k": 3, "strategy": "weighted", "weights": [1, 1] + [0] * (N - 2)}, "positive weight"),
+    ((SUBS,), {"k": 1, "strategy": "weighted", "weights": "huge"}, "unknown weight rule"),
+    ((SUBS,), {"k": 1, "strategy": "weighted", "weights": "cost"}, "needs the nest"),
+    ((SUBS,), {"k": 1, "weights": [1] * N}, "only used"),
+    ((SUBS,), {"k": 1, "seed": -3}, "seed"),
+    (("h=1",), {"k": 1}, "sequence"),
+    (([{"h": 1}],), {"k": 1}, "SubModel"),
+    (([SUBS[0], SUBS[0]],), {"k": 1}, "twice"),
+])
+def test_bad_arguments_raise(args, kwargs, match):
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.Sampler(*args, **kwargs)
+
+
+@pytest.mark.parametrize("step", [-1, 1.0, "3", None, True])
+def test_bad_step_raises(step):
+    with pytest.raises(sn.SortedNetError, match="step"):
+        sn.Sampler(SUBS, k=2).draw(step)

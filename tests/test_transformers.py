@@ -1,0 +1,292 @@
+"""Hugging Face transformers integration: invariants over tiny BERT / GPT-2 / Llama-family models.
+
+Every model is built from a small config in the test (no downloads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+    LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, TrainingArguments,
+)
+
+import sortednet as sn  # noqa: E402
+from sortednet.integrations import SortedTrainer, export_pretrained, soft_loss  # noqa: E402
+from sortednet.integrations.trainer import make_sampler  # noqa: E402
+from sortednet.integrations.transformers import _resolve  # noqa: E402
+
+V = 61
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def bert():
+    return BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=32))
+
+
+def bert_cls():
+    return BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=48, num_labels=3))
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def llama():  # grouped-query attention: 4 query heads, 2 key/value heads
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0))
+
+
+def qwen2():  # Llama layout with q/k/v biases and per-layer layer_types
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=1, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0))
+
+
+# (builder, from_transformers kwargs, causal LM?, stock class loads heads-sliced exports?)
+FAMILIES = {
+    "bert": (bert, dict(ffn=[12, 0.5], heads=[1, 2], depth=[1, 2]), False, False),
+    "bert_cls": (bert_cls, dict(ffn=[0.25], heads=[2], depth=[1]), False, False),
+    "gpt2": (gpt2, dict(ffn=[32, 64], heads=[2], depth=[2]), True, False),
+    "llama": (llama, dict(ffn=[0.5], heads=[2], depth=[2, 3]), True, True),
+    "qwen2": (qwen2, dict(ffn=[16], heads=[0.5], depth=[1]), True, True),
+}
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    make, kw, causal, loads = FAMILIES[name]
+    model = make().eval()
+    with torch.no_grad():  # non-trivial LayerNorm / RMSNorm weights, so a wrong slice cannot hide
+        for n, p in model.named_parameters():
+            if "norm" in n.lower() and p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, kw, causal, loads
+
+
+def ids(seed=1, b=2, t=9):
+    return torch.randint(1, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def out(model, x):
+    o = model(input_ids=x)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_largest_is_original_and_every_export_matches_live(name):
+    model, kw, _, _ = build(name)
+    x = ids()
+    with torch.no_grad():
+        ref = out(model, x)
+        nest = sn.from_transformers(model, **kw)
+        assert torch.equal(out(model, x), ref)
+        for sub in nest.submodels:
+            with nest.use(sub):
+                live = out(model, x)
+            small = nest.export(sub)
+            assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params")
+            torch.testing.assert_close(out(small, x), live, atol=1e-5, rtol=0)
+        assert torch.equal(out(model, x), ref)  # export leaves the nest untouched
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_pretrained_roundtrip_or_clear_refusal(name, tmp_path):
+    model, kw, _, loads = build(name)
+    nest = sn.from_transformers(model, **kw)
+    x = ids()
+    n_heads = model.config.num_attention_heads
+    for sub in (nest.smallest, nest.resolve({"heads": n_heads}), nest.largest):
+        if not loads and sub["heads"] < n_heads:
+            with pytest.raises(sn.SortedNetError, match="plain module"):
+                export_pretrained(nest, sub)
+            continue
+        small = export_pretrained(nest, sub)
+        small.save_pretrained(tmp_path / str(sub))
+        back = type(model).from_pretrained(tmp_path / str(sub)).eval()
+        assert back.config.num_hidden_layers == sub["depth"]
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(out(back, x), out(model, x), atol=1e-5, rtol=0)
+
+
+def test_export_pretrained_loads_in_fresh_process(tmp_path):
+    """save_pretrained -> AutoModelForCausalLM.from_pretrained in another Python process."""
+    results = {}
+    for name in ("llama", "gpt2"):
+        model, kw, _, _ = build(name)
+        nest = sn.from_transformers(model, **kw)
+        sub = nest.smallest if name == "llama" else nest.resolve({"ffn": 32, "depth": 2})
+        export_pretrained(nest, sub).save_pretrained(tmp_path / name)
+        with torch.no_grad(), nest.use(sub):
+            results[name] = out(model, ids()).tolist()
+    code = ("import json, sys, torch; from transformers import AutoModelForCausalLM\n"
+            "x = torch.randint(1, %d, (2, 9), generator=torch.Generator().manual_seed(1))\n"
+            "r = {n: AutoModelForCausalLM.from_pretrained(sys.argv[1] + '/' + n).eval()(input_ids=x).logits.tolist()"
+            " for n in ('llama', 'gpt2')}\nprint(json.dumps(r))" % V)
+    env = {**os.environ, "PYTHONPATH": SRC, "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in results:
+        torch.testing.assert_close(torch.tensor(fresh[name]), torch.tensor(results[name]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+def test_generate_live_equals_export(name):
+    model, kw, _, loads = build(name)
+    nest = sn.from_transformers(model, **kw)
+    prompt = ids(b=1, t=4)
+    for sub in (nest.smallest, nest.submodels[len(nest.submodels) // 2]):
+        with torch.no_grad(), nest.use(sub):
+            live = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+            uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(live, uncached)  # the KV cache of a depth/heads-sliced sub-model is right
+        small = export_pretrained(nest, sub) if loads else nest.export(sub)
+        assert torch.equal(small.generate(prompt, max_new_tokens=6, do_sample=False), live)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5]])
+def test_soft_loss_is_mean_of_separate_exit_losses(name, weights):
+    model, _, _, _ = build(name)
+    nest = sn.from_transformers(model, ffn=[16, 48 if name == "llama" else 128], depth=[1, 2, 4])
+    x = ids(seed=3)
+    for ffn in nest.dims[0].sizes:
+        with nest.use({"ffn": ffn}):
+            got = soft_loss(nest, x, weights=weights)
+        sep = {}
+        for d in (1, 2, 4):
+            with nest.use({"ffn": ffn, "depth": d}):
+                sep[d] = model(input_ids=x, labels=x).loss
+        w = weights or [1.0, 1.0, 1.0]
+        want = sum(wi * sep[d] for wi, d in zip(w, (1, 2, 4))) / sum(w)
+        for d in sep:
+            torch.testing.assert_close(got.losses[d], sep[d], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.loss, want, atol=1e-5, rtol=1e-5)
+    got.loss.backward()  # one graph through every exit
+    assert model.get_output_embeddings().weight.grad is not None
+
+
+def test_soft_loss_rejects_bad_exits():
+    model, _, _, _ = build("gpt2")
+    for exits in ([0], [5], [], [2.5]):
+        with pytest.raises(sn.SortedNetError, match="exits"):
+            soft_loss(model, ids(), exits=exits)
+    with pytest.raises(sn.SortedNetError, match="weight"):
+        soft_loss(model, ids(), exits=[1, 2], weights=[1.0])
+
+
+@pytest.mark.parametrize("name", ["bert_cls", "gpt2", "llama", "qwen2"])
+def test_importance_sorting_preserves_function_and_reorders(name):
+    model, kw, causal, _ = build(name)
+    nest = sn.from_transformers(model, **kw)
+    torch.manual_seed(5)
+    with torch.no_grad():  # break the symmetry of a fresh init so importance differs by unit
+        for p in model.parameters():
+            p.mul_(1 + torch.rand_like(p))
+    x = ids(seed=4, b=4)
+    batches = [x] if causal else [{"input_ids": x, "labels": torch.tensor([0, 1, 2, 1])}]
+    with torch.no_grad():
+        ref = out(model, x)
+        with nest.use(nest.smallest):
+            small_before = out(model, x)
+    perms = sn.sort_by_importance(nest, batches)
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, x), ref, atol=1e-5, rtol=1e-5)
+        with nest.use(nest.smallest):
+            assert not torch.allclose(out(model, x), small_before)
+    ident = [torch.equal(p, torch.arange(len(p))) for layer in perms.values() for p in layer.values()]
+    assert not all(ident)
+    assert all(p.grad is None for p in model.parameters())  # grads restored as they were
+
+
+def test_importance_sorting_puts_important_heads_first():
+    """A head whose output projection is scaled up is the most important one after sorting."""
+    model, kw, _, _ = build("gpt2")
+    nest = sn.from_transformers(model, heads=[1, 2])
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_proj.weight[24:32] *= 50  # head 3 of layer 0
+    perms = sn.sort_by_importance(nest, [ids(seed=7, b=4)])
+    assert perms["transformer.h.0"]["heads"][0].item() == 3
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_trainer_same_submodels_for_all_micro_batches(soft, tmp_path):
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 32], heads=[2], depth=[2])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(16)]
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             logging_strategy="no", seed=0)
+    before = model.lm_head.weight.detach().clone()
+    sampler = sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=3)
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sampler,
+                            soft_exits=[2, 4] if soft else None)
+    trainer.train()
+    steps = [s for s, _ in trainer.history]
+    assert steps == [0, 0, 1, 1, 2, 2, 3, 3]
+    by_step = {}
+    for s, subs in trainer.history:
+        assert by_step.setdefault(s, subs) == subs
+        assert list(subs) == sampler.draw(s)
+    assert len(set(by_step.values())) > 1  # different steps train different sub-models
+    assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_trainer_rejects_foreign_model(tmp_path):
+    model, _, _, _ = build("gpt2")
+    nest = sn.from_transformers(model, ffn=[32])
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(sn.SortedNetError, match="nest's model"):
+        SortedTrainer(model=gpt2(), args=args, train_dataset=[], nest=nest)
+    assert len(make_sampler(nest, k=5).draw(0)) == 2
+
+
+def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
+    model, _, _, _ = build("gpt2")
+    with pytest.raises(sn.SortedNetError, match="supported.*sn.Width"):
+        sn.from_transformers(torch.nn.Sequential(torch.nn.Linear(2, 2)), ffn=[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kw in (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[3]), dict(depth=[0]), {}):
+        with pytest.raises(sn.SortedNetError):
+            sn.from_transformers(model, **kw)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    sn.from_transformers(model, ffn=[0.5])  # still wrappable: nothing was left half-installed
+
+
+@given(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=4), st.sampled_from([1, 2, 4]))
+def test_fractions_resolve_to_ascending_multiples(fracs, group):
+    full = 16
+    try:
+        sizes = _resolve("heads", fracs, full, group)
+    except sn.SortedNetError as e:
+        assert "duplicates" in str(e)
+        return
+    assert sizes == sorted(set(sizes)) and sizes[-1] == full
+    assert all(s % group == 0 and 0 < s <= full for s in sizes)
+
+
+def test_import_sortednet_does_not_import_transformers():
+    code = "import sys, sortednet as sn; assert 'transformers' not in sys.modules; sn.from_transformers; " \
+           "assert 'transformers' in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": SRC})
+    assert proc.returncode == 0, proc.stderr[-2000:]
