@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError
 from ..nest import Nest
@@ -29,7 +30,7 @@ __all__ = ["sort_by_importance"]
 
 def _axes(m: nn.Module) -> tuple[int, int]:
     """(out axis, in axis) of a projection's weight (Conv1D stores it transposed)."""
-    return (1, 0) if type(m).__name__ == "Conv1D" else (0, 1)
+    return (1, 0) if isinstance(m, Conv1D) else (0, 1)
 
 
 def _score(m: nn.Module, unit: int) -> Tensor:

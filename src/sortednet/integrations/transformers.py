@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
@@ -176,7 +177,7 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
 
 
 def _full_out(m: nn.Module) -> int:
-    return m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0]
+    return m.weight.shape[1] if isinstance(m, Conv1D) else m.weight.shape[0]
 
 
 def _head_counts(model: nn.Module, found: Found) -> tuple[int, int]:

@@ -1,0 +1,300 @@
+"""accumulate / Distill / fit invariants over the test model families."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import FAMILIES
+
+import sortednet as sn
+from sortednet.train import evaluate
+
+
+def task_loss(out: torch.Tensor) -> torch.Tensor:
+    """A loss that depends on every output entry (fixed pseudo-random target)."""
+    target = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    return F.mse_loss(out.float(), target)
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in model.named_parameters()}
+
+
+def hand_sum(nest, subs, x, weights, distill):
+    """Reference: one graph summing every scaled loss (plain autograd)."""
+    teacher = max(subs, key=nest.submodels.index)
+    with nest.use(teacher):
+        t_out = nest.model(x)
+    target = t_out.detach()
+    total, losses = 0.0, {}
+    for s, w in zip(subs, weights):
+        if s == teacher:
+            out = t_out
+        else:
+            with nest.use(s):
+                out = nest.model(x)
+        loss = task_loss(out)
+        losses[s] = float(loss)
+        if distill is not None and s != teacher:
+            loss = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(out, target)
+        total = total + w * loss
+    total.backward()
+    return [losses[s] for s in subs]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace_grad", "autograd"])
+@pytest.mark.parametrize("distill,custom_weights", [(None, False), (sn.Distill(temperature=2.0, alpha=0.3), True)],
+                         ids=["plain", "distill"])
+def test_accumulate_equals_hand_summed_losses(family, inplace, distill, custom_weights):
+    case, ref_case = FAMILIES[family](seed=1), FAMILIES[family](seed=1)
+    nest = sn.wrap(case.model, *case.dims, inplace_grad=inplace)
+    ref = sn.wrap(ref_case.model, *ref_case.dims, inplace_grad=False)
+    subs = sn.Sampler(nest.submodels, k=min(3, len(nest.submodels)), strategy="sandwich", seed=4).draw(2)
+    subs = subs[::-1] if custom_weights else subs  # any order: the teacher is found, not assumed first
+    weights = [0.5, 0.2, 0.3][: len(subs)] if custom_weights else [1 / len(subs)] * len(subs)
+
+    def closure():
+        out = case.model(case.example)
+        return task_loss(out), out
+
+    losses = sn.accumulate(nest, subs, closure, distill=distill, weights=weights if custom_weights else None)
+    expect = hand_sum(ref, subs, ref_case.example, weights, distill)
+    assert losses == pytest.approx(expect, rel=1e-5, abs=1e-6)
+    got, want = grads(case.model), grads(ref_case.model)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in got.values())
+
+
+@pytest.mark.parametrize("family", ["lm_width_heads_depth", "attn_block", "mlp"])
+@pytest.mark.parametrize("distill", [None, sn.Distill()], ids=["plain", "distill"])
+def test_graph_of_each_submodel_is_freed_before_the_next(family, distill):
+    case = FAMILIES[family](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    first = next(iter(case.model.children()))
+    alive: list[weakref.ref] = []
+    seen_alive = []
+    hook = first.register_forward_hook(lambda m, i, o: alive.append(weakref.ref(o)))
+
+    def closure():
+        seen_alive.append(sum(r() is not None for r in alive))  # earlier outputs and activations are gone
+        out = case.model(case.example)
+        alive.append(weakref.ref(out))
+        return task_loss(out), out
+
+    sn.accumulate(nest, nest.submodels, closure, distill=distill)
+    hook.remove()
+    assert len(seen_alive) == len(nest.submodels) and seen_alive == [0] * len(seen_alive)
+
+
+def test_holding_a_graph_is_detected():
+    """Control for the test above: a closure that keeps its output keeps the weak reference alive."""
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    kept, refs = [], []
+
+    def closure():
+        out = case.model(case.example)
+        kept.append(out)
+        refs.append(weakref.ref(out))
+        return task_loss(out)
+
+    sn.accumulate(nest, nest.submodels[:2], closure)
+    assert refs[0]() is not None
+
+
+def toy_batch(step: int, vocab: bool = False):
+    g = torch.Generator().manual_seed(1000 + step)
+    if vocab:
+        return torch.randint(0, 20, (4, 7), generator=g), torch.randint(0, 20, (4, 7), generator=g)
+    x = torch.randn(32, 12, generator=g)
+    return x, (x[:, :5] * torch.arange(1, 6)).argmax(1)
+
+
+def lm_loss(out, y):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+@pytest.mark.parametrize("cfg", [
+    {"strategy": "uniform", "k": 2}, {"strategy": "sandwich", "k": 3}, {"strategy": "all"},
+    {"strategy": "uniform", "k": 3, "distill": True}, {"strategy": "weighted", "k": 2, "weights": "large"},
+], ids=str)
+def test_short_training_improves_every_submodel(cfg):
+    cfg = dict(cfg)
+    distill = sn.Distill(temperature=2.0, alpha=0.5) if cfg.pop("distill", False) else None
+    case = FAMILIES["mlp"](seed=3)
+    nest = sn.wrap(case.model, *case.dims)
+    sampler = sn.Sampler(nest.submodels, seed=0, **cfg)
+    x, y = toy_batch(0)
+
+    def losses():
+        with torch.no_grad():
+            return {s: float(F.cross_entropy(_run(nest, s, x), y)) for s in nest.submodels}
+
+    before = losses()
+    opt = torch.optim.Adam(nest.trainable_parameters(), lr=1e-2)
+    for step in range(120):
+        xb, yb = toy_batch(step % 8)
+        sn.accumulate(nest, sampler.draw(step), lambda: (F.cross_entropy(out := case.model(xb), yb), out),
+                      distill=distill)
+        opt.step()
+        opt.zero_grad()
+    after = losses()
+    assert all(after[s] < 0.8 * before[s] for s in nest.submodels), (before, after)
+
+
+def _run(nest, sub, x):
+    with nest.use(sub):
+        return nest.model(x)
+
+
+def _train(nest, opt, sampler, steps, vocab, distill):
+    loss_fn = lm_loss if vocab else F.cross_entropy
+    for step in steps:
+        x, y = toy_batch(step, vocab)
+        sn.accumulate(nest, sampler.draw(step), lambda: (loss_fn(out := nest.model(x), y), out), distill=distill)
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("family,vocab", [("mlp", False), ("lm_width_heads_depth", True)])
+@pytest.mark.parametrize("distill", [None, sn.Distill(alpha=0.5)], ids=["plain", "distill"])
+def test_resume_from_checkpoint_is_exact(tmp_path, family, vocab, distill):
+    total, cut = 12, 5
+    case = FAMILIES[family](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    make_opt = lambda n: torch.optim.AdamW(n.trainable_parameters(), lr=3e-3)
+    sampler = sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=11)
+    opt = make_opt(nest)
+    _train(nest, opt, sampler, range(cut), vocab, distill)
+    sn.save(nest, tmp_path / "nest.safetensors")
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    (tmp_path / "sampler.json").write_text(json.dumps(sampler.state_dict()))
+    _train(nest, opt, sampler, range(cut, total), vocab, distill)       # the uninterrupted run
+
+    fresh = FAMILIES[family](seed=123)                                  # different initial weights
+    nest2 = sn.load(fresh.model, tmp_path / "nest.safetensors")
+    opt2 = make_opt(nest2)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    sampler2 = sn.Sampler(nest2.submodels, k=1, seed=0)
+    sampler2.load_state_dict(json.loads((tmp_path / "sampler.json").read_text()))
+    _train(nest2, opt2, sampler2, range(cut, total), vocab, distill)
+    a, b = case.model.state_dict(), fresh.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_resume_with_start_step_is_exact(tmp_path):
+    batches = [toy_batch(i) for i in range(10)]
+    runs = []
+    for split in (None, 4):
+        case = FAMILIES["mlp"](seed=0)
+        nest = sn.wrap(case.model, *case.dims)
+        opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1, momentum=0.9)
+        sampler = sn.Sampler(nest.submodels, k=2, seed=5)
+        if split is None:
+            sn.fit(nest, batches, opt, sampler, progress=False)
+        else:
+            sn.fit(nest, batches[:split], opt, sampler, progress=False)
+            sn.save(nest, tmp_path / "n.safetensors")
+            state = opt.state_dict()
+            fresh = FAMILIES["mlp"](seed=9)
+            nest = sn.load(fresh.model, tmp_path / "n.safetensors")
+            opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1, momentum=0.9)
+            opt.load_state_dict(state)
+            sn.fit(nest, batches[split:], opt, sampler, start_step=split, progress=False)
+        runs.append(nest.model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_fit_history_and_periodic_evaluation():
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    opt = torch.optim.Adam(nest.trainable_parameters(), lr=1e-2)
+    sampler = sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0)
+    batches = [toy_batch(i) for i in range(5)]
+    hist = sn.fit(nest, batches, opt, sampler, epochs=2, eval_data=toy_batch(99), eval_every=4,
+                  distill=sn.Distill(), progress=False)
+    assert [r["step"] for r in hist.train] == list(range(10))
+    assert all(set(r["losses"]) == {str(s) for s in sampler.draw(r["step"])} for r in hist.train)
+    assert [e["step"] for e in hist.evals] == [4, 8, 10]
+    assert set(hist.last_scores) == {str(s) for s in nest.submodels}
+    assert set(hist.mean_loss()) <= {str(s) for s in nest.submodels}
+    assert case.model.training
+
+
+def test_evaluate_scores_every_submodel_and_restores_mode():
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    x, y = toy_batch(0)
+    case.model.train()
+    batched = evaluate(nest, [(x[:10], y[:10]), (x[10:], y[10:])])
+    whole = evaluate(nest, (x, y))
+    assert case.model.training and set(whole) == set(nest.submodels)
+    for s in nest.submodels:
+        expect = float((_run(nest, s, x).argmax(1) == y).float().mean())
+        assert whole[s] == pytest.approx(expect) == batched[s]
+
+
+def test_soft_loss_properties():
+    d = sn.Distill(temperature=3.0)
+    t = torch.randn(2, 5, 11)                      # LM-shaped logits
+    assert float(d.soft_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(d.soft_loss(torch.randn(2, 5, 11), t)) > 0
+    assert float(d.soft_loss(t + 4.0, t)) == pytest.approx(0.0, abs=1e-5)  # shift-invariant like softmax
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"temperature": float("nan")}, {"alpha": 1.5},
+                                    {"alpha": -0.1}, {"temperature": "2"}])
+def test_bad_distill_raises(kwargs):
+    with pytest.raises(sn.SortedNetError):
+        sn.Distill(**kwargs)
+
+
+def _small():
+    case = FAMILIES["mlp"](seed=0)
+    return case, sn.wrap(case.model, *case.dims)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda n, c: sn.accumulate(n, [], c), "non-empty"),
+    (lambda n, c: sn.accumulate(n, "h1=4", c), "non-empty"),
+    (lambda n, c: sn.accumulate(n, ["h1=3"], c), "no size 3"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], c, weights=[1.0]), "weights"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], c, weights=[1.0, -1.0]), "weights"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], c, distill=0.5), "Distill"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[1]), "scalar"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0], distill=sn.Distill()), "logits"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: (c()[0], c()[1], 1)), "3 values"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0].detach()), "require grad"),
+])
+def test_accumulate_bad_arguments_raise_before_any_gradient(call, match):
+    case, nest = _small()
+
+    def closure():
+        out = case.model(case.example)
+        return task_loss(out), out
+
+    with pytest.raises(sn.SortedNetError, match=match):
+        call(nest, closure)
+    assert all(p.grad is None for p in case.model.parameters())
+
+
+@pytest.mark.parametrize("kwargs,match", [({"epochs": 0}, "epochs"), ({"eval_every": 0}, "eval_every")])
+def test_fit_bad_arguments(kwargs, match):
+    case, nest = _small()
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.fit(nest, [toy_batch(0)], opt, sn.Sampler(nest.submodels, k=1), progress=False, **kwargs)
+    other = FAMILIES["mlp"](seed=0, h1=8)
+    other_nest = sn.wrap(other.model, *other.dims)
+    with pytest.raises(sn.SortedNetError, match="sampler"):
+        sn.fit(nest, [toy_batch(0)], opt, sn.Sampler(other_nest.submodels, k=1), progress=False)
+    with pytest.raises(sn.SortedNetError, match="Sampler"):
+        sn.fit(nest, [toy_batch(0)], opt, nest.submodels, progress=False)
