@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import sortednet as sn  # noqa: E402
 from common import interleaved, table, write  # noqa: E402
+
+import sortednet as sn  # noqa: E402
 
 
 class FFNStack(nn.Module):

@@ -38,7 +38,7 @@ def hand_sum(nest, subs, x, weights, distill):
             with nest.use(s):
                 out = nest.model(x)
         loss = task_loss(out)
-        losses[s] = float(loss)
+        losses[s] = float(loss.detach())
         if distill is not None and s != teacher:
             loss = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(out, target)
         total = total + w * loss

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Union
 
 from .errors import SortedNetError
 
@@ -97,4 +96,4 @@ class SubModel(Mapping[str, int]):
         return dict(self._items)
 
 
-SubModelLike = Union[SubModel, Mapping[str, int], str]
+SubModelLike = SubModel | Mapping[str, int] | str

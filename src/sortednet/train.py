@@ -105,7 +105,8 @@ def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], An
     >>> len(losses), model[0].weight.grad.shape
     (3, torch.Size([8, 4]))
     """
-    resolved = [nest.resolve(s) for s in subs] if isinstance(subs, Sequence) else None
+    ok = isinstance(subs, Sequence) and not isinstance(subs, (str, bytes))
+    resolved = [nest.resolve(s) for s in subs] if ok else None
     if not resolved:
         raise SortedNetError(f"accumulate needs a non-empty sequence of sub-models, got {subs!r}")
     if distill is not None and not isinstance(distill, Distill):

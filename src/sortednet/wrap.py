@@ -10,7 +10,7 @@ from torch import nn
 
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, nearby
-from .slicers import Slicer, State, slicer_for, sliced_subclass
+from .slicers import Slicer, State, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .submodel import SubModelLike
 

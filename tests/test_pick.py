@@ -1,0 +1,150 @@
+"""pick: best within every budget, never over, monotone, exact at boundaries,
+BudgetError below the smallest; against a brute-force oracle on random tables
+and on real nests."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import FAMILIES
+
+import sortednet as sn
+from sortednet.errors import BudgetError
+from sortednet.select import Selector
+
+METRICS = ("params", "flops", "latency", "memory")
+COMBOS = [c for r in (1, 2, 3, 4) for c in itertools.combinations(METRICS, r)]
+
+
+@st.composite
+def tables(draw):
+    """A random cost table (ties likely: small integer costs) with or without scores."""
+    n = draw(st.integers(1, 12))
+    subs = [sn.SubModel(i=i) for i in range(n)]
+    value = st.integers(1, 8).map(float)
+    costs = {m: draw(st.lists(value, min_size=n, max_size=n)) for m in METRICS}
+    scores = draw(st.one_of(st.none(), st.lists(st.integers(0, 5).map(float), min_size=n, max_size=n)))
+    return subs, costs, scores
+
+
+def oracle_score(costs, scores, limits):
+    """Best score among sub-models within every limit (None if none fits): brute force."""
+    score = scores if scores is not None else costs["params"]
+    ok = [i for i in range(len(score)) if all(costs[m][i] <= v for m, v in limits.items())]
+    return max((score[i] for i in ok), default=None)
+
+
+@pytest.mark.parametrize("metrics", COMBOS, ids="+".join)
+@given(table=tables(), data=st.data())
+def test_selector_matches_oracle_and_is_monotone(metrics, table, data):
+    subs, costs, scores = table
+    sel = Selector(subs, costs, scores)
+    score = scores if scores is not None else costs["params"]
+    budgets = [{m: data.draw(st.sampled_from([*costs[m], 0.5, 4.5, 9.0])) for m in metrics} for _ in range(4)]
+    for lo in budgets:
+        hi = {m: max(lo[m], data.draw(st.sampled_from([*costs[m], 9.0]))) for m in metrics}
+        best = oracle_score(costs, scores, lo)
+        if best is None:
+            with pytest.raises(BudgetError):
+                sel.pick(lo)
+            continue
+        got = subs.index(sel.pick(lo))
+        assert all(costs[m][got] <= lo[m] for m in metrics), "over budget"
+        assert score[got] == best, "not the best within budget"
+        got_hi = subs.index(sel.pick(hi))
+        assert score[got_hi] >= score[got], "a larger budget gave a worse sub-model"
+
+
+@given(table=tables())
+def test_exact_boundary_and_below_smallest(table):
+    subs, costs, scores = table
+    sel = Selector(subs, costs, scores)
+    score = scores if scores is not None else costs["params"]
+    for m in METRICS:
+        for i in range(len(subs)):
+            got = subs.index(sel.pick({m: costs[m][i]}))   # budget exactly a sub-model's cost
+            assert costs[m][got] <= costs[m][i] and score[got] >= score[i]
+        low = min(costs[m])
+        with pytest.raises(BudgetError, match=rf"{m} <= {low - 0.5:g} \(the smallest available is {low:g}"):
+            sel.pick({m: low - 0.5})
+
+
+def test_jointly_infeasible_budget_names_the_limits():
+    subs = [sn.SubModel(i=i) for i in range(2)]
+    sel = Selector(subs, {"params": [1.0, 5.0], "latency": [5.0, 1.0]})
+    with pytest.raises(BudgetError, match="at once"):
+        sel.pick({"params": 2, "latency": 2})
+
+
+def test_ties_with_scores_go_to_fewer_params():
+    subs = [sn.SubModel(i=i) for i in range(3)]
+    sel = Selector(subs, {"params": [3.0, 1.0, 2.0]}, scores=[0.9, 0.9, 0.5])
+    assert sel.pick({"params": 10}) == subs[1]
+
+
+def nest_with_profile(family: str, scored: bool):
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims)
+    score = None
+    if scored:   # an arbitrary, non-monotone score: pick must follow it, not size
+        score = lambda sub: float(hash(str(sub)) % 97)  # noqa: E731
+    nest.profile(case.example, score=score, repeat=1, warmup=0, progress=False)
+    return nest
+
+
+@pytest.mark.parametrize("family", ["mlp", "lm_width_heads_depth", "cnn_bn_residual"])
+@pytest.mark.parametrize("scored", [False, True])
+@given(data=st.data())
+def test_nest_pick_every_metric_and_combination(family, scored, data):
+    nest = nest_with_profile(family, scored)
+    subs = nest.submodels
+    costs = {m: [nest.cost(s, m) for s in subs] for m in METRICS}
+    prof = nest._profile
+    scores = None if not scored else [prof.scores[prof.index(s)] for s in subs]
+    score = scores if scores is not None else costs["params"]
+    for metrics in data.draw(st.lists(st.sampled_from(COMBOS), min_size=1, max_size=4)):
+        lo = {m: data.draw(st.sampled_from(costs[m])) for m in metrics}
+        hi = {m: data.draw(st.sampled_from([c for c in costs[m] if c >= lo[m]])) for m in metrics}
+        best = oracle_score(costs, scores, lo)
+        if best is None:
+            with pytest.raises(BudgetError):
+                nest.pick(**lo)
+            continue
+        got = nest.pick(**lo)
+        assert all(nest.cost(got, m) <= lo[m] for m in metrics)
+        assert score[subs.index(got)] == best
+        assert score[subs.index(nest.pick(**hi))] >= score[subs.index(got)]
+
+
+def test_pick_without_profile_is_most_params_within_budget():
+    case = FAMILIES["lm_width_heads_depth"]()
+    nest = sn.wrap(case.model, *case.dims)
+    costs = sorted({nest.cost(s) for s in nest.submodels})
+    for c in costs:
+        assert nest.cost(nest.pick(params=c)) == c
+        assert nest.cost(nest.pick(params=c + 0.5)) == c
+    with pytest.raises(BudgetError, match=re.escape(f"the smallest available is {costs[0]:g}")):
+        nest.pick(params=costs[0] - 1)
+    with pytest.raises(sn.SortedNetError, match="profile"):
+        nest.pick(latency=1.0)
+    with pytest.raises(sn.SortedNetError, match="needs a budget"):
+        nest.pick()
+    assert nest.cost(nest.pick(fraction=0.5)) <= 0.5 * nest.cost(nest.largest)
+
+
+def test_flops_pick_after_counting_with_an_example():
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    flops = {s: nest.cost(s, "flops", example=case.example) for s in nest.submodels}
+    assert len(set(flops.values())) > 1
+    for s, f in flops.items():
+        got = nest.pick(flops=f)
+        assert flops[got] <= f and nest.cost(got) >= nest.cost(s)  # most params within the FLOPs
+    # a different input shape recounts
+    big = nest.cost(nest.largest, "flops", example=torch.randn(12, 12))
+    assert big == 2 * flops[nest.largest]
