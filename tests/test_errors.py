@@ -57,8 +57,17 @@ def _depthwise():
     return seq(nn.Conv2d(2, 8, 1), nn.Conv2d(8, 8, 3, groups=8), x=torch.randn(1, 2, 5, 5))
 
 
-def _lstm():
-    return seq(nn.Linear(4, 8), nn.Bilinear(8, 8, 3), x=torch.randn(2, 4))
+def _prelu():
+    return seq(nn.Linear(4, 8), nn.PReLU(8), x=torch.randn(2, 4))
+
+
+class KdimAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x[..., :4], x[..., :4])[0]
 
 
 def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per bad input)
@@ -117,8 +126,8 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
         return Bad(m, x, lambda: sn.wrap(m, Width("a", [4, 8], out="0", inp="1"), Width("b", [4, 8], out="1")),
                    ("'1'", "depthwise", "same dimension"))
     if key == "no_slicer":
-        m, x = _lstm()
-        return Bad(m, x, lambda: sn.wrap(m, Width("h", [4, 8], out="0", inp="1")), ("'1'", "Bilinear", "no slicer"))
+        m, x = _prelu()
+        return Bad(m, x, lambda: sn.wrap(m, Width("h", [4, 8], out="0", inp="1")), ("'1'", "PReLU", "no slicer"))
     if key == "subclass_own_forward":
         m, x = seq(nn.Linear(4, 8), OwnForwardLinear(8, 3), x=torch.randn(2, 4))
         return Bad(m, x, lambda: sn.wrap(m, Width("h", [4, 8], out="0", inp="1")),
@@ -147,8 +156,8 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
         m, x = fam("mlp")
         return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2], attn="fc1")), ("'fc1'", "no q/k/v"))
     if key == "mha_kdim":
-        m, x = seq(nn.Linear(4, 8), x=torch.randn(2, 4))
-        m.add_module("attn", nn.MultiheadAttention(8, 2, kdim=4, vdim=4))
+        torch.manual_seed(0)
+        m, x = KdimAttention(), torch.randn(2, 3, 8)
         return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2], attn="attn")), ("'attn'", "kdim"))
     if key == "layernorm_2d":
         m, x = seq(nn.Linear(4, 8), nn.Unflatten(1, (2, 4)), nn.LayerNorm([2, 4]), x=torch.randn(2, 4))
@@ -209,7 +218,7 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
         c = FAMILIES["mlp"](h1=8)
         path = os.path.join(tmp, "other.safetensors")
         sn.save(sn.wrap(c.model, *c.dims), path)
-        return Bad(m, x, lambda: sn.load(nest, path), ("other.safetensors", "dimensions"), nest)
+        return Bad(m, x, lambda: sn.load(nest, path), ("other.safetensors", "dimensions", "[2, 4, 8]", "[4, 8, 16]"), nest)
     raise KeyError(key)
 
 

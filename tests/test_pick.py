@@ -4,6 +4,7 @@ and on real nests."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 
@@ -87,7 +88,9 @@ def test_ties_with_scores_go_to_fewer_params():
     assert sel.pick({"params": 10}) == subs[1]
 
 
+@functools.lru_cache(maxsize=None)
 def nest_with_profile(family: str, scored: bool):
+    """Profiled once per module run (pick never changes the nest)."""
     case = FAMILIES[family]()
     nest = sn.wrap(case.model, *case.dims)
     score = None

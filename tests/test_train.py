@@ -8,9 +8,9 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from models import FAMILIES
 
 import sortednet as sn
+from models import FAMILIES
 from sortednet.train import evaluate
 
 
@@ -93,6 +93,22 @@ def test_graph_of_each_submodel_is_freed_before_the_next(family, distill):
     assert len(seen_alive) == len(nest.submodels) and seen_alive == [0] * len(seen_alive)
 
 
+def test_custom_backward_is_used_once_per_submodel():
+    case, ref_case = FAMILIES["mlp"](seed=2), FAMILIES["mlp"](seed=2)
+    nest, ref = sn.wrap(case.model, *case.dims), sn.wrap(ref_case.model, *ref_case.dims)
+    calls = []
+
+    def backward(loss):
+        calls.append(float(loss.detach()))
+        (loss * 2).backward()  # e.g. a loss scaler
+
+    sn.accumulate(nest, nest.submodels, lambda: task_loss(case.model(case.example)), backward=backward)
+    sn.accumulate(ref, ref.submodels, lambda: task_loss(ref_case.model(ref_case.example)))
+    assert len(calls) == len(nest.submodels)
+    for (name, p), q in zip(case.model.named_parameters(), ref_case.model.parameters()):
+        torch.testing.assert_close(p.grad, 2 * q.grad, msg=name)
+
+
 def test_holding_a_graph_is_detected():
     """Control for the test above: a closure that keeps its output keeps the weak reference alive."""
     case = FAMILIES["mlp"](seed=0)
@@ -141,7 +157,7 @@ def test_short_training_improves_every_submodel(cfg):
     opt = torch.optim.Adam(nest.trainable_parameters(), lr=1e-2)
     for step in range(120):
         xb, yb = toy_batch(step % 8)
-        sn.accumulate(nest, sampler.draw(step), lambda: (F.cross_entropy(out := case.model(xb), yb), out),
+        sn.accumulate(nest, sampler.draw(step), lambda xb=xb, yb=yb: (F.cross_entropy(out := case.model(xb), yb), out),
                       distill=distill)
         opt.step()
         opt.zero_grad()
@@ -158,7 +174,8 @@ def _train(nest, opt, sampler, steps, vocab, distill):
     loss_fn = lm_loss if vocab else F.cross_entropy
     for step in steps:
         x, y = toy_batch(step, vocab)
-        sn.accumulate(nest, sampler.draw(step), lambda: (loss_fn(out := nest.model(x), y), out), distill=distill)
+        sn.accumulate(nest, sampler.draw(step), lambda x=x, y=y: (loss_fn(out := nest.model(x), y), out),
+                      distill=distill)
         opt.step()
         opt.zero_grad()
 

@@ -264,7 +264,7 @@ def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
     with pytest.raises(sn.SortedNetError, match="supported.*sn.Width"):
         sn.from_transformers(torch.nn.Sequential(torch.nn.Linear(2, 2)), ffn=[1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kw in (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[3]), dict(depth=[0]), {}):
+    for kw in (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[5]), dict(depth=[0]), dict(depth=[2, 9]), {}):
         with pytest.raises(sn.SortedNetError):
             sn.from_transformers(model, **kw)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"

@@ -103,10 +103,20 @@ class ParamCounter:
 
 
 def count_flops(nest: Any, sub: SubModel, example: Any) -> int:
-    """Floating-point operations of one forward of ``sub`` on ``example`` (no grad)."""
+    """Floating-point operations of one forward of ``sub`` on ``example`` (no grad).
+
+    PyTorch's fused attention / encoder fast paths are switched off while
+    counting: the counter cannot see inside them, and they would make a
+    full-size layer look cheaper than a sliced one.
+    """
     counter = FlopCounterMode(display=False)
-    with nest.use(sub), torch.no_grad(), counter:
-        call_model(nest.model, example)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with nest.use(sub), torch.no_grad(), counter:
+            call_model(nest.model, example)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return int(counter.get_total_flops())
 
 

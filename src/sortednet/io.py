@@ -78,8 +78,10 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         nest = model
         saved = [d["name"] for d in meta["dims"]]
         if [d.spec() for d in nest.dims] != meta["dims"]:
-            raise SortedNetError(f"checkpoint dimensions {saved} differ from the nest's "
-                                 f"{[d.name for d in nest.dims]}")
+            diff = [(s, d.spec()) for s, d in zip(meta["dims"], nest.dims) if s != d.spec()][:1]
+            raise SortedNetError(f"checkpoint {os.fspath(path)!r} dimensions {saved} differ from the nest's "
+                                 f"{[d.name for d in nest.dims]}" + (f": saved {diff[0][0]} vs {diff[0][1]}"
+                                                                    if diff else ""))
     elif isinstance(model, nn.Module):
         dims = [dimension_from_spec(s) for s in meta["dims"]]
         nest = wrap(model, *dims, submodels=meta["submodels"])

@@ -193,6 +193,6 @@ class Sampler:
         self.__dict__.update(other.__dict__)
 
     def __repr__(self) -> str:
-        w = f", weights={self.weights!r}" if isinstance(self.weights, str) else (", weights=[...]" if self.weights else "")
+        w = "" if self.weights is None else f", weights={self.weights if isinstance(self.weights, str) else '[...]'!r}"
         return (f"Sampler({len(self.submodels)} sub-models, k={self.k}, strategy={self.strategy!r}, "
                 f"seed={self.seed}{w})")

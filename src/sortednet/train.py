@@ -83,7 +83,8 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
 
 
 def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
-               distill: Distill | None = None, weights: Sequence[float] | None = None) -> list[float]:
+               distill: Distill | None = None, weights: Sequence[float] | None = None,
+               backward: Callable[[Tensor], Any] | None = None) -> list[float]:
     """Backward the loss of each sub-model in ``subs``, one after another, into ``.grad``.
 
     For every sub-model: activate it (``nest.use``), call ``closure()`` (it runs
@@ -95,7 +96,9 @@ def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], An
 
     With ``distill=sn.Distill(...)`` the closure must return ``(loss, logits)``;
     the largest drawn sub-model runs first and its detached logits become the
-    soft target of the others (see :class:`Distill`).
+    soft target of the others (see :class:`Distill`). ``backward(scaled_loss)``
+    replaces ``scaled_loss.backward()``, e.g. ``accelerator.backward`` or
+    ``lambda l: scaler.scale(l).backward()`` for mixed precision.
 
     >>> import torch, torch.nn as nn, torch.nn.functional as F, sortednet as sn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -134,9 +137,10 @@ def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], An
                 target = logits.detach()
             elif target is not None and distill.alpha > 0:
                 total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
-            (total * weights[i]).backward()
+            scaled = total * weights[i]
+            scaled.backward() if backward is None else backward(scaled)
             losses[i] = float(loss.detach())
-        del loss, logits, total  # free this sub-model's graph before the next forward
+        del loss, logits, total, scaled  # free this sub-model's graph before the next forward
     return losses
 
 
@@ -274,7 +278,7 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
             for x, y in loader:
                 x, y = _to(x, device), _to(y, device)
 
-                def closure() -> tuple[Tensor, Tensor]:
+                def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor]:
                     out = model(x)
                     return loss_fn(out, y), out
 
@@ -292,7 +296,7 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
                 bar.update(1)
                 step += 1
                 if eval_data is not None and eval_every and (step - start_step) % eval_every == 0:
-                    _record(hist, nest, eval_data, step, bar)
+                    _record(hist, nest, eval_data, step, bar if progress else None)
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None)
     return hist

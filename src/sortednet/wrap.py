@@ -10,7 +10,7 @@ from torch import nn
 
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, nearby
-from .slicers import Slicer, State, sliced_subclass, slicer_for
+from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .submodel import SubModelLike
 
@@ -70,6 +70,10 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     wrapped = [n or "<root>" for n, m in modules.items() if "_sn" in m.__dict__]
     if wrapped:
         raise SortedNetError(f"model is already wrapped (sliced modules: {wrapped[:5]}); call nest.unwrap() first")
+    sharded = [n for n, p in model.named_parameters() if is_sharded(p)]
+    if sharded:
+        raise SortedNetError(f"model parameters are already sharded (FSDP2 DTensors, e.g. {sharded[:3]}): "
+                             "call sn.wrap before fully_shard (see docs/scaling.md)")
     targets: list[Target] = [t for d in dims for t in d.plan(modules)]
     by_path: dict[str, dict[str, Target]] = defaultdict(dict)
     for t in targets:

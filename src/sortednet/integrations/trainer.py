@@ -52,15 +52,16 @@ class SortedTrainer(Trainer):
     the deepest exit), so depth costs one pass. ``history`` records
     ``(global_step, sub-models)`` for every micro-batch.
 
-    >>> import torch, sortednet as sn
+    >>> import tempfile, torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))
     >>> nest = sn.from_transformers(model, ffn=[32])
     >>> data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.randint(0, 50, (8,))}] * 4
-    >>> args = TrainingArguments("/tmp/sn_doc", max_steps=1, per_device_train_batch_size=2, report_to=[],
+    >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=2, report_to=[],
     ...                          use_cpu=True, save_strategy="no", disable_tqdm=True)
     >>> t = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest)
-    >>> _ = t.train(); t.history[0][0]
+    >>> _ = t.train(); t.history[0][0]  # doctest: +ELLIPSIS
+    {...}
     0
     """
 

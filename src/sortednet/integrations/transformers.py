@@ -121,6 +121,8 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
             if not 0 < s <= 1:
                 raise SizeError(f"{what}: fraction {s} must be in (0, 1] (full size {full})")
             s = max(multiple, round(s * full / multiple) * multiple)
+        if not 0 < s <= full:
+            raise SizeError(f"{what}: size {s} must be in 1..{full} (the full size)")
         out.append(s)
     if out[-1] != full and full not in out:
         out.append(full)  # the full model is always a sub-model (invariant 1)

@@ -17,6 +17,7 @@ sub-model. One file per module type; each registers itself with
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -104,6 +105,15 @@ def _narrow(t: Tensor, index: tuple, inplace: bool) -> Tensor:
     return t[index]
 
 
+def is_sharded(t: object) -> bool:
+    """True for a DTensor (FSDP2 keeps parameters sharded as DTensors between forwards).
+
+    Never imports ``torch.distributed``: without it loaded no DTensor can exist.
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
 class Slicer:
     """Base slicer: declares roles, the attributes that become properties, and
     how to compute each attribute's active value."""
@@ -165,8 +175,8 @@ class Slicer:
     def take(self, m: nn.Module, name: str, axes: list[tuple[int, str]]) -> Tensor | None:
         """``m.<name>`` sliced on each ``(axis, role)`` to the role's active features."""
         t = self.tensor(m, name)
-        if t is None:
-            return None
+        if t is None or is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and
+            return t                     # must get its sharded parameter back, never a slice of it
         st: State = m.__dict__["_sn"]
         index: list[slice] = []
         chunked: tuple[int, int, int] | None = None

@@ -112,7 +112,17 @@ class LowRankSlicer(Slicer):
 
 
 class SVDSlicer(LowRankSlicer):
-    """Nested factorisation ``W ~ U[:, :r] V[:r]`` (Maestro-style ordered low rank)."""
+    """Nested factorisation ``W ~ U[:, :r] V[:r]`` (Maestro-style ordered low rank).
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> layer = nn.Linear(6, 4)
+    >>> nest = sn.wrap(layer, sn.Rank("r", [1, 4], targets=""))
+    >>> layer.U.shape, layer.V.shape
+    (torch.Size([4, 4]), torch.Size([4, 6]))
+    >>> with nest.use("r=1"):
+    ...     layer.U.shape, layer.weight.shape      # weight reads U[:, :1] @ V[:1]
+    (torch.Size([4, 1]), torch.Size([4, 6]))
+    """
 
     attrs = ("U", "V", "bias", "weight", "in_features", "out_features")
     factors = ("U", "V")
@@ -186,7 +196,17 @@ class SVDSlicer(LowRankSlicer):
 
 
 class LoRASlicer(LowRankSlicer):
-    """Frozen base + nested-rank adapters, scaled ``alpha / r`` (DyLoRA)."""
+    """Frozen base + nested-rank adapters, scaled ``alpha / r`` (DyLoRA).
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> layer = nn.Linear(6, 4)
+    >>> nest = sn.wrap(layer, sn.Rank("r", [1, 4], targets="", mode="lora", alpha=2))
+    >>> [n for n, p in layer.named_parameters() if p.requires_grad]
+    ['lora_A', 'lora_B']
+    >>> with nest.use("r=1"):
+    ...     layer.lora_A.shape, layer.lora_B.shape, nest.dims[0].scale()
+    (torch.Size([1, 6]), torch.Size([4, 1]), 2.0)
+    """
 
     attrs = ("weight", "bias", "lora_A", "lora_B", "in_features", "out_features")
     factors = ("lora_A", "lora_B")

@@ -1,0 +1,213 @@
+"""Quality benchmark on sklearn digits: does one sorted training run give every
+nested sub-model the accuracy it would reach if trained on its own?
+
+    python benchmarks/digits.py                 # 3 seeds, both architectures (~10-20 min on 2 busy cores)
+    python benchmarks/digits.py --quick         # smoke test: 1 seed, few steps, writes under /tmp
+    python benchmarks/digits.py --render        # re-render the markdown/plot/docs from digits.json
+
+Architectures: the demo's MLP (h1 x h2 x depth = 160 sub-models) and a small
+CNN with two nested channel widths (25 sub-models). Methods share the
+optimizer (Adam + cosine schedule), batch order and number of optimizer
+steps; they differ only in which sub-models each step trains. Writes
+benchmarks/results/digits.{json,md,png} and digits_all_submodels.md, and the
+summary table into docs/training.md between the ``digits`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sortednet as sn
+from sortednet.train import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("train_digits", os.path.join(ROOT, "examples", "train_digits.py"))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import digits_report as report  # noqa: E402
+
+C1, C2 = (4, 8, 16, 24, 32), (8, 16, 32, 48, 64)
+
+
+class DigitsCNN(nn.Module):
+    """8x8 image -> conv(c1) -> maxpool -> conv(c2) -> global average -> 10 classes."""
+
+    def __init__(self, c1: int = C1[-1], c2: int = C2[-1]) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, c1, 3, padding=1), nn.Conv2d(c1, c2, 3, padding=1)
+        self.head = nn.Linear(c2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x.view(-1, 1, 8, 8))), 2)
+        return self.head(F.relu(self.conv2(x)).mean((2, 3)))
+
+
+@dataclass
+class Arch:
+    name: str
+    build: Callable[[], sn.Nest]                 # a fresh nest
+    plain: Callable[[sn.SubModel], nn.Module]    # a standalone model of one sub-model's size
+    steps: int
+
+
+ARCHS = {
+    "mlp": Arch("MLP h1 x h2 x depth", demo.build,
+                lambda s: demo.DigitsMLP(s["h1"], s["h2"], s["depth"]), 1500),
+    "cnn": Arch("CNN c1 x c2", lambda: sn.wrap(DigitsCNN(), sn.Width("c1", list(C1), out="conv1", inp="conv2"),
+                                               sn.Width("c2", list(C2), out="conv2", inp="head")),
+                lambda s: DigitsCNN(s["c1"], s["c2"]), 1500),
+}
+
+K = 4
+METHODS = {  # name -> sampler arguments (None: independent training of standalone twins)
+    "sortednet uniform": {"strategy": "uniform", "k": K},
+    "sortednet sandwich": {"strategy": "sandwich", "k": K},
+    "sortednet uniform + distill": {"strategy": "uniform", "k": K, "distill": True},
+    "full only, then slice": {"strategy": "weighted", "k": 1, "weights": "full"},
+    "one random sub-model per step": {"strategy": "uniform", "k": 1},
+    "independent (reference)": None,
+}
+N_TWINS = 12
+
+
+def twins(subs: tuple[sn.SubModel, ...]) -> list[sn.SubModel]:
+    """A spread of sub-models (evenly spaced in the cost-sorted list, both ends included)."""
+    n = len(subs)
+    return [subs[round(i * (n - 1) / (N_TWINS - 1))] for i in range(N_TWINS)]
+
+
+def flops(nest: sn.Nest, x: torch.Tensor) -> dict[str, float]:
+    """Forward FLOPs of every sub-model on one batch (training ~ 3x forward, a common factor)."""
+    out = {}
+    with torch.no_grad():
+        for s in nest.submodels:
+            with nest.use(s), FlopCounterMode(display=False) as fc:
+                nest.model(x)
+            out[str(s)] = float(fc.get_total_flops())
+    return out
+
+
+def batches(data, seed: int):
+    loader = demo.Batches(data[0], data[1], 64, seed=seed)
+    while True:
+        yield from loader
+
+
+def train_method(arch: Arch, cfg: dict, data, seed: int, steps: int, fl: dict[str, float]) -> dict:
+    torch.manual_seed(seed)
+    nest = arch.build()
+    cfg = dict(cfg)
+    distill = sn.Distill() if cfg.pop("distill", False) else None
+    if cfg.get("weights") == "full":
+        cfg["weights"] = [0.0] * (len(nest.submodels) - 1) + [1.0]
+    sampler = sn.Sampler(nest.submodels, seed=seed, **cfg)
+    opt = torch.optim.Adam(nest.trainable_parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    it, passes, cost = batches(data, seed), 0, 0.0
+    for step in range(steps):
+        x, y = next(it)
+        subs = sampler.draw(step)
+        passes += len(subs)
+        cost += sum(fl[str(s)] for s in subs)
+        sn.accumulate(nest, subs, lambda: (F.cross_entropy(out := nest.model(x), y), out), distill=distill)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    scores = evaluate(nest, (data[2], data[3]))
+    return {"acc": {str(s): v for s, v in scores.items()}, "passes": passes, "flops": cost}
+
+
+def train_twins(arch: Arch, subs: list[sn.SubModel], data, seed: int, steps: int, fl: dict[str, float]) -> dict:
+    acc, passes, cost = {}, 0, 0.0
+    for s in subs:
+        torch.manual_seed(seed)
+        model = arch.plain(s)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        it = batches(data, seed)
+        for _ in range(steps):
+            x, y = next(it)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            acc[str(s)] = float((model(data[2]).argmax(1) == data[3]).float().mean())
+        passes += steps
+        cost += steps * fl[str(s)]
+    return {"acc": acc, "passes": passes, "flops": cost}
+
+
+def run(seeds: list[int], steps_scale: float, archs: list[str], log=print) -> dict:
+    data = demo.load_data()
+    results: dict = {"seeds": seeds, "k": K, "twins": N_TWINS, "archs": {}}
+    for key in archs:
+        arch = ARCHS[key]
+        steps = max(10, int(arch.steps * steps_scale))
+        nest = arch.build()
+        fl = flops(nest, data[0][:64])
+        params = {str(s): nest.cost(s) for s in nest.submodels}
+        for s in twins(nest.submodels):  # the standalone twin really has the sub-model's size
+            assert sum(p.numel() for p in arch.plain(s).parameters()) == params[str(s)], s
+        res = {"name": arch.name, "steps": steps, "submodels": [str(s) for s in nest.submodels],
+               "params": params, "flops": fl, "twins": [str(s) for s in twins(nest.submodels)], "methods": {}}
+        for method, cfg in METHODS.items():
+            runs = []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                if cfg is None:
+                    r = train_twins(arch, twins(nest.submodels), data, seed, steps, fl)
+                else:
+                    r = train_method(arch, cfg, data, seed, steps, fl)
+                r["seconds"] = time.perf_counter() - t0
+                runs.append(r)
+                accs = list(r["acc"].values())
+                log(f"[{key}] {method:<32} seed {seed}: {r['seconds']:6.1f} s, acc min {min(accs):.4f} "
+                    f"mean {statistics.mean(accs):.4f}")
+            res["methods"][method] = runs
+        results["archs"][key] = res
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    p.add_argument("--quick", action="store_true", help="1 seed, 5%% of the steps, output under /tmp")
+    p.add_argument("--render", action="store_true", help="only re-render outputs from the saved JSON")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    out = "/tmp/sortednet_digits_quick" if args.quick else args.out
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "digits.json")
+    if args.render:
+        with open(path) as f:
+            results = json.load(f)
+    else:
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        results = run([0] if args.quick else list(range(args.seeds)), 0.05 if args.quick else 1.0, args.arch)
+        results["wall_seconds"] = time.perf_counter() - t0
+        results["torch"] = torch.__version__
+        with open(path, "w") as f:
+            json.dump(results, f)
+    report.write(results, out, docs=None if args.quick else os.path.join(ROOT, "docs", "training.md"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""SoFT vs standard training + early exit vs separately trained shallow models.
+
+A small GPT-2 (transformers' GPT2LMHeadModel) learns a character-level LM of
+Python's bundled documentation text (``pydoc_data.topics``); the last 10% of
+the text is held out. Every run sees the same batches for the same number of
+optimizer steps (fixed compute budget in steps and tokens):
+
+  (a) standard: train the full model, then read every exit through the shared
+      final norm + LM head (what early exit gives without SoFT);
+  (b) SoFT: ``soft_loss`` over exits at every 2 layers, one forward per step;
+  (c) separate: one model per exit depth, each trained alone.
+
+Writes benchmarks/results/soft_lm.md, soft_lm.json and soft_lm.png.
+
+    PYTHONPATH=src python benchmarks/soft_lm.py            # a few minutes on one CPU core
+    PYTHONPATH=src python benchmarks/soft_lm.py --steps 20 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, table, write  # noqa: E402
+
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import sortednet as sn  # noqa: E402
+from sortednet.integrations import soft_loss  # noqa: E402
+
+
+def load_text() -> tuple[torch.Tensor, torch.Tensor, int]:
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    stoi = {c: i for i, c in enumerate(sorted(set(text)))}
+    ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    cut = int(0.9 * len(ids))
+    return ids[:cut], ids[cut:], len(stoi)
+
+
+def batches(data: torch.Tensor, n: int, batch: int, ctx: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - ctx - 1, (n, batch), generator=g)
+    return [torch.stack([data[s:s + ctx] for s in row]) for row in starts]
+
+
+def make_model(vocab: int, layers: int, args: argparse.Namespace) -> GPT2LMHeadModel:
+    torch.manual_seed(args.seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=args.width, n_layer=layers, n_head=args.heads, n_positions=args.ctx,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def train(model: GPT2LMHeadModel, train_batches: list[torch.Tensor], args: argparse.Namespace,
+          exits: list[int] | None) -> float:
+    """Train for len(train_batches) steps; returns seconds per step. ``exits``: SoFT, else standard."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    steps = len(train_batches)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    nest = sn.from_transformers(model, depth=exits) if exits else None
+    model.train()
+    t0 = time.perf_counter()
+    for i, x in enumerate(train_batches):
+        loss = soft_loss(nest, x, exits=exits).loss if nest else model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if args.verbose and i % 100 == 0:
+            print(f"  step {i} loss {loss.item():.3f}", flush=True)
+    sec = (time.perf_counter() - t0) / steps
+    if nest is not None:
+        nest.unwrap()
+    return sec
+
+
+@torch.no_grad()
+def evaluate(model: GPT2LMHeadModel, val_batches: list[torch.Tensor], exits: list[int]) -> dict[int, float]:
+    """Validation loss at each exit (final norm + shared LM head after block e)."""
+    model.eval()
+    tot = {e: 0.0 for e in exits}
+    for x in val_batches:
+        for e, v in soft_loss(model, x, exits=exits).losses.items():
+            tot[e] += v.item()
+    return {e: tot[e] / len(val_batches) for e in exits}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=96)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--val-batches", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="smoke run: do not write results")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    train_ids, val_ids, vocab = load_text()
+    tr = batches(train_ids, args.steps, args.batch, args.ctx, args.seed)
+    va = batches(val_ids, args.val_batches, args.batch, args.ctx, args.seed + 1)
+    exits = list(range(2, args.layers + 1, 2))
+    every = list(range(1, args.layers + 1))
+    res: dict[str, dict] = {}
+    print(f"chars: train {len(train_ids)}, val {len(val_ids)}, vocab {vocab}; exits {exits}", flush=True)
+    for name, layers, soft in [("standard", args.layers, None), ("soft", args.layers, exits)] + \
+            [(f"separate_{d}", d, None) for d in exits[:-1]]:
+        model = make_model(vocab, layers, args)
+        sec = train(model, tr, args, soft)
+        losses = evaluate(model, va, every if layers == args.layers else [layers])
+        res[name] = {"sec_per_step": sec, "val_loss": losses}
+        print(f"{name}: {sec * 1e3:.0f} ms/step, val loss {losses}", flush=True)
+    res["separate_" + str(args.layers)] = {"sec_per_step": res["standard"]["sec_per_step"],
+                                           "val_loss": {args.layers: res["standard"]["val_loss"][args.layers]}}
+    if args.quick:
+        return
+    report(res, exits, every, vars(args), vocab, len(train_ids), len(val_ids))
+
+
+def report(res: dict, exits: list[int], every: list[int], cfg: dict, vocab: int, n_train: int, n_val: int) -> None:
+    std, soft = res["standard"]["val_loss"], res["soft"]["val_loss"]
+    rows = []
+    for e in every:
+        sep = res.get(f"separate_{e}", {}).get("val_loss", {}).get(e)
+        rows.append([e, std[e], math.exp(std[e]), soft[e], math.exp(soft[e]),
+                     "-" if sep is None else sep, "-" if sep is None else math.exp(sep),
+                     "-" if sep is None else f"{100 * (soft[e] / sep - 1):+.1f}%",
+                     f"{100 * (soft[e] / std[e] - 1):+.1f}%"])
+    head = ["exit (blocks)", "(a) standard loss", "(a) ppl", "(b) SoFT loss", "(b) ppl", "(c) separate loss",
+            "(c) ppl", "SoFT vs separate", "SoFT vs standard"]
+    times = [[k, f"{v['sec_per_step'] * 1e3:.0f}"] for k, v in res.items() if not k.endswith(f"_{cfg['layers']}")]
+    text = (f"# SoFT vs standard training + early exit vs separate shallow models\n\n"
+            f"Written by `benchmarks/soft_lm.py` (character-level GPT-2 on `pydoc_data.topics`, vocab {vocab}, "
+            f"{n_train} train / {n_val} held-out characters). Config: `{json.dumps(cfg)}`. Every run: the same "
+            f"{cfg['steps']} steps x {cfg['batch']} x {cfg['ctx']} tokens. SoFT exits: {exits}. Validation loss "
+            f"(nats/char) over {cfg['val_batches']} held-out batches; every exit is read through the model's own "
+            f"final LayerNorm and shared LM head. Exits not trained by SoFT (odd depths) are shown for reference.\n\n"
+            + table(head, rows) + "\n\nTraining time per step (ms, CPU, "
+            f"{cfg['threads']} thread):\n\n" + table(["run", "ms/step"], times)
+            + "\n\n![val loss per exit](soft_lm.png)\n")
+    write("soft_lm.md", text)
+    write("soft_lm.json", json.dumps(res, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(every, [std[e] for e in every], "o-", label="(a) standard + early exit")
+    ax.plot(every, [soft[e] for e in every], "s-", label="(b) SoFT")
+    sep_d = [e for e in every if f"separate_{e}" in res]
+    ax.plot(sep_d, [res[f"separate_{e}"]["val_loss"][e] for e in sep_d], "^--", label="(c) separate models")
+    ax.set_xlabel("exit depth (blocks)")
+    ax.set_ylabel("held-out loss (nats/char)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("char-level GPT-2 on pydoc_data.topics")
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "soft_lm.png"), dpi=120)
+    print(open(os.path.join(RESULTS, "soft_lm.md")).read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Switching and selection cost as the number of sub-models N grows (issue 5).
+
+One synthetic model (5 Linear layers, 4 hidden widths) is wrapped with 1 to 4
+of its widths nested in 10 sizes each, giving N = 10, 100, 1,000, 10,000
+sub-models over the SAME weights. For each N:
+
+- wrap: building the nest (validation + exact parameter count of every sub-model),
+  and the count alone with the grouped counter vs a walk of every parameter per sub-model;
+- use: entering + leaving ``with nest.use(sub)`` for random sub-models;
+- pick: ``nest.pick(params=...)`` (bisection) and ``nest.pick(params=..., flops=...)``
+  (vectorised pass) for random budgets, with a profile holding scores;
+- memory: weight bytes before/after wrapping and after visiting every
+  sub-model (must not change), and Python bookkeeping bytes per sub-model.
+
+    python benchmarks/switching.py [--quick]
+
+Writes benchmarks/results/switching.md. Targets: switching <= 50 us and flat
+in N; pick <= 1 ms at N = 10,000; zero bytes of weights per extra sub-model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+
+import torch
+from torch import nn
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import table, write  # noqa: E402
+
+import sortednet as sn  # noqa: E402
+from sortednet.cost import ParamCounter  # noqa: E402
+
+D_IN, HID, D_OUT, SIZES = 32, 40, 8, list(range(4, 41, 4))  # 10 sizes per width
+
+
+def synthetic(n_dims: int) -> sn.Nest:
+    """Linear(32,40) x4 -> Linear(40,8); widths 0..n_dims-1 nested in 10 sizes, the rest fixed."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(D_IN, HID), nn.Linear(HID, HID), nn.Linear(HID, HID), nn.Linear(HID, HID),
+              nn.Linear(HID, D_OUT)]
+    model = nn.Sequential(*[m for lin in layers for m in (lin, nn.ReLU())][:-1])
+    dims = [sn.Width(f"w{i}", SIZES if i < n_dims else [HID], out=str(2 * i), inp=str(2 * i + 2))
+            for i in range(4)]
+    return sn.wrap(model, *dims)
+
+
+def walk_count(nest: sn.Nest, sub: sn.SubModel) -> int:
+    """The per-sub-model walk the grouped counter replaces (reference for timing)."""
+    with nest.use(sub):
+        total = 0
+        for p in nest.model.parameters():
+            owner = nest._tensor_owner.get(id(p))
+            total += owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
+    return total
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of distinct storages behind parameters and buffers."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def per_call_us(fn, calls: list, rounds: int) -> float:
+    """Median over ``rounds`` of the mean microseconds per call over ``calls``."""
+    for c in calls[:50]:
+        fn(c)
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for c in calls:
+            fn(c)
+        out.append((time.perf_counter() - t) / len(calls) * 1e6)
+    return statistics.median(out)
+
+
+def measure(n_dims: int, quick: bool) -> dict:
+    rng = random.Random(n_dims)
+    plain_bytes = weight_bytes(synthetic(0).model)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    nest = synthetic(n_dims)
+    wrap_s = time.perf_counter() - t0
+    book = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    n = len(nest.submodels)
+    book_per_sub = book / n
+
+    subs = list(nest.submodels)
+    t0 = time.perf_counter()
+    fast = ParamCounter(nest)
+    counts = [fast(s) for s in subs]
+    fast_s = time.perf_counter() - t0
+    sample = subs if not quick else rng.sample(subs, min(n, 500))
+    t0 = time.perf_counter()
+    walked = [walk_count(nest, s) for s in sample]
+    walk_s = (time.perf_counter() - t0) * n / len(sample)
+    assert walked == [counts[subs.index(s)] for s in sample] if len(sample) <= 1000 else True
+
+    def enter_leave(sub):
+        with nest.use(sub):
+            pass
+
+    calls = [rng.choice(subs) for _ in range(2000)]
+    use_us = per_call_us(enter_leave, calls, 7)
+    strs = [str(s) for s in calls[:500]]
+    use_str_us = per_call_us(enter_leave, strs, 5)
+
+    x = torch.randn(1, D_IN)
+    t0 = time.perf_counter()
+    prof = nest.profile(x, metrics=("flops",), score=lambda s: rng.random(), progress=False)
+    profile_s = time.perf_counter() - t0
+    lo, hi = min(counts), max(counts)
+    budgets = [rng.uniform(lo, hi) for _ in range(2000)]
+    fl = prof.costs["flops"]
+    fbudgets = [(b, rng.uniform(min(fl), max(fl))) for b in budgets]
+    nest.pick(params=hi)   # builds the selector once (precomputed tables)
+
+    def pick2(b):
+        try:
+            nest.pick(params=b[0], flops=b[1])
+        except sn.SortedNetError:
+            pass
+
+    pick_us = per_call_us(lambda b: nest.pick(params=b), budgets, 7)
+    pick2_us = per_call_us(pick2, fbudgets, 7)
+
+    with torch.no_grad():
+        for s in subs[:: max(1, n // 200)]:
+            with nest.use(s):
+                nest.model(x)
+    after_bytes = weight_bytes(nest.model)
+    return {"N": n, "wrap_s": wrap_s, "count_fast_s": fast_s, "count_walk_s": walk_s, "use_us": use_us,
+            "use_str_us": use_str_us, "profile_s": profile_s, "pick_us": pick_us, "pick2_us": pick2_us,
+            "weights_plain": plain_bytes, "weights_after": after_bytes, "book_per_sub": book_per_sub,
+            "walk_sampled": len(sample) < n}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="sample the per-sub-model walk instead of timing it all")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for k in (1, 2, 3, 4):
+        r = measure(k, args.quick)
+        print(r, flush=True)
+        rows.append(r)
+    big = rows[-1]
+    use_flat = max(r["use_us"] for r in rows) / min(r["use_us"] for r in rows)
+    extra_weights = max(r["weights_after"] - r["weights_plain"] for r in rows)
+    summary = table(["measure", "value", "target", "met"], [
+        ["use() enter+leave, worst over N (us)", round(max(r["use_us"] for r in rows), 1), "<= 50",
+         max(r["use_us"] for r in rows) <= 50],
+        ["use() max/min over N = 10..10,000", round(use_flat, 2), "flat (~1)", use_flat <= 1.5],
+        ["pick(params) at N = 10,000 (us)", round(big["pick_us"], 1), "<= 1000", big["pick_us"] <= 1000],
+        ["pick(params, flops) at N = 10,000 (us)", round(big["pick2_us"], 1), "<= 1000", big["pick2_us"] <= 1000],
+        ["weight bytes per extra sub-model", extra_weights, "0", extra_weights == 0],
+    ])
+    per_n = table(["N", "wrap (s)", "param count: grouped (s)", "param count: walk per sub-model (s)",
+                   "use() enter+leave (us)", "use('w0=..') from a string (us)", "pick(params) (us)",
+                   "pick(params, flops) (us)", "profile flops+score (s)", "weight bytes", "bookkeeping B/sub-model"],
+                  [[r["N"], round(r["wrap_s"], 3), round(r["count_fast_s"], 3),
+                    f"{r['count_walk_s']:.3f}" + (" (extrapolated from 500)" if r["walk_sampled"] else ""),
+                    round(r["use_us"], 1), round(r["use_str_us"], 1), round(r["pick_us"], 1),
+                    round(r["pick2_us"], 1), round(r["profile_s"], 2), r["weights_after"],
+                    round(r["book_per_sub"])] for r in rows])
+    text = (f"# Switching and selection vs number of sub-models\n\nCommand: `python benchmarks/switching.py"
+            f"{' --quick' if args.quick else ''}`; torch {torch.__version__}, {platform.machine()}, 1 thread, "
+            "CPU. Model: 5 Linear layers (32 -> 40 x4 -> 8), widths nested in 10 sizes each; N = 10^k "
+            "sub-models share one copy of the weights.\n\n## Summary\n\n" + summary +
+            "\n\n## Per N\n\n" + per_n +
+            "\n\n`use()` times are medians of 7 rounds of 2,000 random sub-models (given as `SubModel`; "
+            "the string column parses and validates each call). `pick` times are medians of 7 rounds of "
+            "2,000 random budgets after the selector was built once (the build is part of the first pick). "
+            "'weight bytes' is measured after running 200 sub-models: equal to the plain model's "
+            f"({rows[0]['weights_plain']} bytes), so extra sub-models cost no weight memory; "
+            "'bookkeeping' is Python memory traced while wrapping (sub-model objects, parameter-count "
+            "cache), divided by N.\n")
+    print(text)
+    print("wrote", write("switching.md", text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Data-parallel training of a nest: DDP, FSDP2 (``fully_shard``), Accelerate.
+
+Every rank draws the same sub-models from ``Sampler(seed=...).draw(step)`` with
+no communication. What needs care is the gradient synchronisation:
+
+- Sliced weights hand their gradients to ``param.grad[slice]`` through a hook
+  on a leaf view (``wrap(..., inplace_grad=True)``, the default), so DDP's
+  reducer, which waits for each parameter's own ``AccumulateGrad``, never sees
+  them: it errors (``find_unused_parameters=False``) or silently averages stale
+  or partial gradients (``find_unused_parameters=True``).
+- Depth-skipped blocks get no gradient at all in some micro-steps.
+
+:func:`accumulate` therefore runs every sub-model's backward under DDP's
+``no_sync`` and then :func:`sync_gradients` all-reduces every gradient once per
+optimizer step, in flat buckets; a parameter no rank touched keeps
+``grad=None`` (exactly as in one process). Under FSDP2 each backward's
+reduce-scatter already sees the sliced gradients (they land in the unsharded
+parameter's ``.grad`` before FSDP2 reads it), so :func:`accumulate` lets FSDP2
+do its own reduction. See docs/scaling.md.
+
+>>> import torch, torch.nn as nn, torch.nn.functional as F, sortednet as sn
+>>> import sortednet.distributed as snd
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+>>> nest = sn.wrap(model, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+>>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+>>> losses = snd.accumulate(nest, nest.submodels, lambda: F.cross_entropy(model(x), y))  # one process: no sync
+>>> len(losses), model[0].weight.grad.shape
+(3, torch.Size([8, 4]))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import SortedNetError
+from .slicers import is_sharded
+from .submodel import SubModelLike
+
+__all__ = ["accumulate", "sync_gradients", "no_sync", "check_submodels", "guard", "save", "is_fsdp"]
+
+_BUCKET_BYTES = 25 * 2**20
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _ddp_type() -> type:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, _ddp_type()) else module
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    """True when ``module`` or one of its sub-modules was sharded with FSDP2 ``fully_shard``.
+
+    >>> import torch.nn as nn, sortednet.distributed as snd
+    >>> snd.is_fsdp(nn.Linear(2, 2))
+    False
+    """
+    return any(is_sharded(p) for p in module.parameters())
+
+
+@contextmanager
+def no_sync(module: nn.Module | None) -> Iterator[None]:
+    """Backward passes inside skip the data-parallel gradient reduction of ``module``.
+
+    DDP: its own ``no_sync()``. FSDP2: ``set_requires_gradient_sync(False)``
+    (restored to ``True`` on exit). Anything else, or ``None``: nothing.
+
+    >>> import torch.nn as nn, sortednet.distributed as snd
+    >>> with snd.no_sync(nn.Linear(2, 2)):
+    ...     pass
+    """
+    if module is not None and isinstance(module, _ddp_type()):
+        with module.no_sync():
+            yield
+        return
+    setter = getattr(module, "set_requires_gradient_sync", None)
+    if setter is None:
+        yield
+        return
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)
+
+
+def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = _BUCKET_BYTES) -> int:
+    """Average ``.grad`` of every trainable parameter of ``module`` over the ranks of ``group``.
+
+    One ``all_reduce`` per bucket of ``bucket_bytes`` (per dtype and device).
+    A parameter with no gradient on a rank counts as zero there; one with no
+    gradient on ANY rank keeps ``grad=None`` (the optimizer skips it, as it
+    would in one process). A no-op without an initialised process group or
+    with one rank. Returns the number of collectives issued.
+
+    >>> import torch, torch.nn as nn, sortednet.distributed as snd
+    >>> m = nn.Linear(2, 2); m(torch.ones(1, 2)).sum().backward()
+    >>> snd.sync_gradients(m)   # single process: nothing to do
+    0
+    """
+    module = _inner(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    sharded = [n for n, p in module.named_parameters() if is_sharded(p)]
+    if sharded:
+        raise SortedNetError(f"sync_gradients got FSDP2-sharded parameters ({sharded[:3]}); FSDP2 reduces its "
+                             "own gradients: use sortednet.distributed.accumulate(..., module=fsdp_model)")
+    if not _active() or dist.get_world_size(group) == 1:
+        return 0
+    world = dist.get_world_size(group)
+    buckets: dict[tuple, list[list[nn.Parameter]]] = {}
+    for p in params:
+        chunks = buckets.setdefault((p.dtype, p.device), [[]])
+        if chunks[-1] and sum(q.numel() for q in chunks[-1]) * p.element_size() >= bucket_bytes:
+            chunks.append([])
+        chunks[-1].append(p)
+    calls = 0
+    for (dtype, device), chunks in buckets.items():
+        for chunk in chunks:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chunk]
+                             + [torch.tensor([float(p.grad is not None) for p in chunk], dtype=dtype, device=device)])
+            dist.all_reduce(flat, group=group)
+            calls += 1
+            seen = flat[-len(chunk):]
+            offset = 0
+            for i, p in enumerate(chunk):
+                g = flat[offset:offset + p.numel()].view_as(p).div_(world)
+                offset += p.numel()
+                if seen[i] == 0:
+                    continue  # no rank produced a gradient: keep None
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+    return calls
+
+
+def guard(module: nn.Module, nest: Any) -> nn.Module:
+    """Make a DDP ``module`` refuse forwards whose backward its reducer would get wrong.
+
+    With ``inplace_grad=True`` (the default) DDP's reducer misses the gradients
+    of sliced weights; a forward with gradient sync on and a sub-model below
+    the largest then raises :class:`SortedNetError` instead of silently
+    averaging wrong gradients. :func:`accumulate` (always under ``no_sync``)
+    installs this itself. Returns ``module``. Other modules pass unchanged.
+
+    >>> import torch.nn as nn, sortednet as sn, sortednet.distributed as snd
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [4, 8], out="0", inp="1"))
+    >>> snd.guard(nest.model, nest) is nest.model
+    True
+    """
+    if not isinstance(module, _ddp_type()) or getattr(module, "_sn_guarded", False):
+        return module
+    inplace = any(m._sn.inplace_grad for m in nest._sliced.values())
+
+    def check(mod: nn.Module, args: tuple) -> None:
+        if inplace and torch.is_grad_enabled() and mod.require_backward_grad_sync and nest.active != nest.largest:
+            raise SortedNetError(
+                f"DDP forward of sub-model {nest.active} with gradient sync on: DDP's reducer does not see the "
+                "in-place gradients of sliced weights. Use sortednet.distributed.accumulate(nest, subs, closure, "
+                "module=ddp_model), or wrap(..., inplace_grad=False) with DDP(find_unused_parameters=True)")
+
+    module.register_forward_pre_hook(check)
+    module._sn_guarded = True
+    return module
+
+
+def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
+               module: nn.Module | None = None, group: Any = None, **kwargs: Any) -> list[float]:
+    """:func:`sortednet.accumulate` with one gradient synchronisation per optimizer step.
+
+    ``module`` is what the closure calls: the ``DistributedDataParallel``
+    wrapper (also what ``accelerator.prepare`` returns), an FSDP2 model, or
+    ``None`` / the plain model (then gradients are still averaged over the
+    process group, if one is initialised). DDP / plain: every backward runs
+    under ``no_sync`` and :func:`sync_gradients` then averages all gradients
+    at once (no unused-parameter search, depth-skipped blocks cannot hang).
+    FSDP2: its own reduce-scatter after each backward. Keyword arguments
+    (``distill=``, ``weights=``) go to :func:`sortednet.accumulate`. Returns
+    this rank's losses.
+
+    >>> import torch, torch.nn as nn, sortednet as sn, sortednet.distributed as snd
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    >>> nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="1"))
+    >>> x = torch.randn(3, 4)
+    >>> [round(v, 6) >= 0 for v in snd.accumulate(nest, nest.submodels, lambda: model(x).square().mean())]
+    [True, True]
+    """
+    from .train import accumulate as _accumulate
+
+    if module is not None and not isinstance(module, nn.Module):
+        raise SortedNetError(f"module= takes the DDP / FSDP2 model the closure calls, got {type(module).__name__}")
+    if module is not None and not any(m is nest.model for m in module.modules()):
+        raise SortedNetError(f"module= ({type(module).__name__}) does not contain this nest's model "
+                             f"({type(nest.model).__name__}); pass the wrapper the closure calls")
+    if is_fsdp(nest.model):
+        return _accumulate(nest, subs, closure, **kwargs)
+    if module is not None:
+        guard(module, nest)
+    with no_sync(module):
+        losses = _accumulate(nest, subs, closure, **kwargs)
+    sync_gradients(nest.model, group=group)
+    return losses
+
+
+def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
+    """Raise :class:`SortedNetError` unless every rank passes the same sub-models (one ``all_gather``).
+
+    A debugging aid: ``Sampler.draw(step)`` agrees on every rank by construction
+    when all ranks use the same seed. No-op without a process group.
+
+    >>> import sortednet.distributed as snd
+    >>> snd.check_submodels(["h=4", "h=8"])
+    """
+    mine = [str(s) for s in subs]
+    if not _active() or dist.get_world_size(group) == 1:
+        return
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    bad = [r for r, other in enumerate(every) if other != every[0]]
+    if bad:
+        raise SortedNetError(f"ranks disagree on the sub-models of this step: rank 0 has {every[0]}, rank {bad[0]} "
+                             f"has {every[bad[0]]}; give every rank's Sampler the same seed and step")
+
+
+class _StateOnly:
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+class _Gathered:
+    """Stands in for a sharded nest in :func:`sortednet.save`: its description, the gathered weights."""
+
+    def __init__(self, nest: Any, state: dict) -> None:
+        self._nest, self.model = nest, _StateOnly(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._nest, name)
+
+
+def save(nest: Any, path: str | os.PathLike) -> None:
+    """Write a checkpoint of a distributed run that :func:`sortednet.load` reads in one process.
+
+    Collective: call it on every rank. DDP / plain: rank 0 calls
+    :func:`sortednet.save` (weights are replicated). FSDP2: every rank takes
+    part in gathering the full state dict (to CPU, held by rank 0 only), which
+    rank 0 writes. Ends with a barrier so the file exists
+    everywhere afterwards (on a shared file system).
+
+    >>> import os, tempfile, torch.nn as nn, sortednet as sn, sortednet.distributed as snd
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [4, 8], out="0", inp="1"))
+    >>> path = os.path.join(tempfile.mkdtemp(), "nest.safetensors")
+    >>> snd.save(nest, path); os.path.exists(path)
+    True
+    """
+    from .io import save as _save
+
+    me = dist.get_rank() if _active() else 0
+    if is_fsdp(nest.model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(nest.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if me == 0:  # gathered tensors may be views into padded buffers: store compact copies
+            _save(_Gathered(nest, {k: v.detach().clone() for k, v in state.items()}), path)
+    elif me == 0:
+        _save(nest, path)
+    if _active():
+        dist.barrier()

@@ -1,0 +1,167 @@
+"""BatchNorm calibration: per-sub-model statistics equal an independent
+recalibration of the exported sub-model, differ between sub-models, are what
+use() (eval) and export() read, leave the shared ones untouched, and survive
+save/load bit-exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import FAMILIES
+from torch import nn
+
+import sortednet as sn
+
+
+class BNNet(nn.Module):
+    """Two coupled widths through three BatchNorms (1d and 2d) and a depth-free head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.fc, self.b3 = nn.Linear(12, 6), nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x))).mean((2, 3))
+        return self.head(F.relu(self.b3(self.fc(x))))
+
+
+def bnnet(seed=0):
+    torch.manual_seed(seed)
+    m = BNNet().eval()
+    dims = [sn.Width("a", [2, 4, 8], out="c1", inp="c2", norm="b1"),
+            sn.Width("b", [3, 12], out="c2", inp="fc", norm="b2")]
+    return m, dims
+
+
+def cnn():
+    c = FAMILIES["cnn_bn_residual"]()
+    return c.model, c.dims
+
+
+BUILDERS = {"bnnet": bnnet, "cnn_bn_residual": cnn}
+
+
+def data(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 6, 6, generator=g) * 2 + 1, torch.zeros(16)) for _ in range(n)]
+
+
+def stats(module):
+    return module.running_mean.clone(), module.running_var.clone()
+
+
+def bns(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def recalibrated_copy(plain: nn.Module, batches, names) -> nn.Module:
+    """Independent reference: classic recalibration of the BatchNorms ``names`` of a plain (exported) model."""
+    plain.eval()
+    for m in (bns(plain)[n] for n in names):
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            plain(x)
+    return plain.eval()
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_stats_equal_independent_recalibration_and_are_used(name):
+    model, dims = BUILDERS[name]()
+    nest = sn.wrap(model, *dims)
+    batches = data()
+    shared = {k: v.clone() for k, v in model.state_dict().items()}
+    momenta = {n: m.momentum for n, m in bns(model).items()}
+    done = nest.calibrate(batches, batches=len(batches))
+    assert done == list(nest.submodels)
+    # shared weights, statistics, counters, momentum and modes untouched
+    assert all(torch.equal(shared[k], v) for k, v in model.state_dict().items())
+    assert {n: m.momentum for n, m in bns(model).items()} == momenta and not model.training
+    x = batches[0][0][:5]
+    sliced = [n for n, m in bns(model).items() if "_sn" in m.__dict__]
+    seen = {}
+    for sub in nest.submodels:
+        ref = recalibrated_copy(nest.export(sub), batches, sliced)
+        with nest.use(sub):
+            live = {n: stats(bns(model)[n]) for n in sliced}
+            y = model(x)
+        exp = nest.export(sub).eval()
+        for n, (mean, var) in live.items():
+            r = bns(ref)[n]
+            torch.testing.assert_close(mean, r.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(var, r.running_var, rtol=1e-5, atol=1e-6)
+            assert torch.equal(bns(exp)[n].running_mean, mean) and torch.equal(bns(exp)[n].running_var, var)
+        torch.testing.assert_close(exp(x), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref(x), y, rtol=1e-4, atol=1e-4)
+        seen[sub] = live
+    # on the channels they share, the first BatchNorm (unsliced input) agrees across sub-models;
+    # the next one (its input width changed) does not
+    small, big = seen[nest.smallest], seen[nest.largest]
+    first, second = sliced[:2]
+    k1, k2 = small[first][0].numel(), small[second][0].numel()
+    torch.testing.assert_close(small[first][0], big[first][0][:k1])
+    assert not torch.allclose(small[second][0], big[second][0][:k2], atol=1e-3)
+
+
+def test_training_mode_reads_and_updates_shared_statistics():
+    model, dims = bnnet()
+    nest = sn.wrap(model, *dims)
+    nest.calibrate(data(), batches=2)
+    full = model.__dict__["_modules"]["b1"]._buffers["running_mean"]
+    with nest.use(nest.smallest):
+        model.train()
+        assert model.b1.running_mean.data_ptr() == full.data_ptr()      # shared prefix view
+        model.eval()
+        assert model.b1.running_mean.data_ptr() != full.data_ptr()      # own statistics
+    with nest.use("a=4,b=12"):   # not calibrated -> falls back to the shared prefix
+        nest._sliced["b1"]._sn.extra["bn_stats"].pop((4, 12))
+        assert model.b1.running_mean.data_ptr() == full.data_ptr()
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_calibration_saved_and_loaded_exactly(name, tmp_path):
+    model, dims = BUILDERS[name]()
+    nest = sn.wrap(model, *dims)
+    nest.calibrate(data(), subs=[nest.smallest, nest.largest], batches=3)
+    path = tmp_path / "c.safetensors"
+    sn.save(nest, path)
+    fresh, _ = BUILDERS[name]()
+    loaded = sn.load(fresh, path)
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    x = data(1, seed=5)[0][0]
+    for sub in nest.submodels:
+        with nest.use(sub):
+            want = {n: stats(m) for n, m in bns(model).items()}
+            y = model(x)
+        with loaded.use(sub):
+            got = {n: stats(m) for n, m in bns(fresh).items()}
+            assert torch.equal(fresh(x), y)
+        assert all(torch.equal(a, b) for n in want for a, b in zip(want[n], got[n]))
+    # loading a checkpoint without calibration clears it
+    plain, plain_dims = BUILDERS[name]()
+    sn.save(sn.wrap(plain, *plain_dims), tmp_path / "p.safetensors")
+    sn.load(loaded, tmp_path / "p.safetensors")
+    assert all("bn_stats" not in m._sn.extra for m in loaded._sliced.values())
+
+
+def test_bad_input_raises_before_anything_changes():
+    model, dims = bnnet()
+    nest = sn.wrap(model, *dims)
+    with pytest.raises(sn.SortedNetError, match="batches"):
+        nest.calibrate(data(), batches=0)
+    with pytest.raises(sn.SortedNetError, match="no batch"):
+        nest.calibrate([], batches=2)
+    with pytest.raises(sn.SortedNetError, match="has no size 5"):
+        nest.calibrate(data(), subs=["a=5"])
+    assert all(not m._sn.extra for m in nest._sliced.values())
+    mlp = FAMILIES["mlp"]()
+    with pytest.raises(sn.SortedNetError, match="no BatchNorm"):
+        sn.wrap(mlp.model, *mlp.dims).calibrate([mlp.example])

@@ -1,0 +1,168 @@
+"""Costs (params, FLOPs, memory), Profile round-trips and the Pareto front."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import FAMILIES
+from torch.utils.flop_counter import FlopCounterMode
+
+import sortednet as sn
+from sortednet.cost import pareto_front
+
+FAMS = sorted(FAMILIES)
+
+
+def naive_params(nest, sub) -> int:
+    """Walk every parameter under use(sub): the definition the fast counter must match."""
+    with nest.use(sub):
+        skipped = {id(p) for m in nest._depth for blk in m._sn.slicer.inactive(m) for p in blk.parameters()}
+        total = 0
+        for p in nest.model.parameters():
+            if id(p) in skipped:
+                continue
+            owner = nest._tensor_owner.get(id(p))
+            total += owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
+    return total
+
+
+def flops_of(model, x) -> int:
+    c = FlopCounterMode(display=False)
+    torch.backends.mha.set_fastpath_enabled(False)  # as count_flops: fused kernels are invisible to the counter
+    try:
+        with torch.no_grad(), c:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    return c.get_total_flops()
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_fast_param_count_equals_module_walk(family):
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims)
+    for sub in nest.submodels:
+        assert nest.cost(sub) == naive_params(nest, sub), sub
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_flops_nested_monotone_and_equal_to_export(family):
+    case = FAMILIES[family]()
+    full = flops_of(case.model, case.example)
+    nest = sn.wrap(case.model, *case.dims)
+    flops = {s: nest.cost(s, "flops", example=case.example) for s in nest.submodels}
+    for a in nest.submodels:
+        for b in nest.submodels:
+            if a.nested_in(b):
+                assert flops[a] <= flops[b], (a, b)
+    assert flops[nest.largest] == full
+    for s in (nest.smallest, nest.submodels[len(nest.submodels) // 2]):
+        assert flops_of(nest.export(s).eval(), case.example) == flops[s]
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual", "lm_width_heads_depth"])
+def test_memory_covers_weights_and_grows_with_nesting(family):
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims)
+    prof = nest.profile(case.example, metrics=("memory",), progress=False)
+    mem = dict(zip(prof.submodels, prof.costs["memory"]))
+    for s, m in mem.items():
+        assert m > nest.cost(s) * 4          # fp32 weights plus some activations
+    assert mem[nest.smallest] < mem[nest.largest]
+    assert "latency" not in prof.costs and nest.cost(nest.smallest, "memory") == mem[nest.smallest]
+
+
+def test_bad_metric_and_bad_repeat_raise_before_measuring():
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    with pytest.raises(sn.SortedNetError, match="'energy'"):
+        nest.profile(case.example, metrics=("energy",))
+    with pytest.raises(sn.SortedNetError, match="repeat"):
+        nest.profile(case.example, repeat=0)
+    with pytest.raises(sn.SortedNetError, match="'energy'"):
+        nest.cost(nest.largest, "energy")
+    with pytest.raises(sn.SortedNetError, match="example="):
+        nest.cost(nest.largest, "flops")
+    assert nest._profile is None
+
+
+def brute_front(costs, scores):
+    """The definition: i is on the front unless some j is no worse everywhere and
+    strictly better somewhere (exact duplicates: first one kept)."""
+    out = []
+    for i, (ci, si) in enumerate(zip(costs, scores)):
+        dom = False
+        for j, (cj, sj) in enumerate(zip(costs, scores)):
+            if j == i:
+                continue
+            no_worse = sj >= si and all(a <= b for a, b in zip(cj, ci))
+            strict = sj > si or any(a < b for a, b in zip(cj, ci))
+            dom = dom or (no_worse and (strict or j < i))
+        if not dom:
+            out.append(i)
+    return out
+
+
+@pytest.mark.parametrize("costs,scores,front", [
+    ([(1,), (2,), (3,)], [0.1, 0.2, 0.3], [0, 1, 2]),          # all on the front
+    ([(1,), (2,), (3,)], [0.3, 0.2, 0.1], [0]),                # cheapest dominates
+    ([(1,), (2,), (3,), (4,)], [0.5, 0.4, 0.9, 0.9], [0, 2]),  # equal score, more cost: dominated
+    ([(2,), (1,), (2,)], [0.7, 0.7, 0.8], [1, 2]),
+    ([(1, 5), (5, 1), (3, 3), (4, 4)], [1, 1, 1, 1], [0, 1, 2]),  # two metrics: (4,4) dominated by (3,3)
+    ([(1, 1), (1, 1)], [0.5, 0.5], [0]),                       # duplicates: first kept
+])
+def test_pareto_front_hand_built(costs, scores, front):
+    assert pareto_front(costs, scores) == front
+
+
+@given(st.integers(1, 3).flatmap(lambda k: st.lists(
+    st.tuples(st.tuples(*[st.integers(0, 4)] * k), st.integers(0, 4)), min_size=1, max_size=25)))
+def test_pareto_front_matches_definition(points):
+    costs, scores = [p[0] for p in points], [p[1] for p in points]
+    assert pareto_front(costs, scores) == brute_front(costs, scores)
+
+
+profiles = st.integers(1, 6).flatmap(lambda n: st.builds(
+    lambda vals, sc, dev: sn.Profile(tuple(sn.SubModel(h=i + 1) for i in range(n)),
+                                     {"params": tuple(vals[0]), "latency": tuple(vals[1])}, sc, dev),
+    st.lists(st.lists(st.floats(0, 1e9, allow_nan=False), min_size=n, max_size=n), min_size=2, max_size=2),
+    st.one_of(st.none(), st.lists(st.floats(-1, 1, allow_nan=False), min_size=n, max_size=n).map(tuple)),
+    st.sampled_from(["cpu", "cuda:0"])))
+
+
+@given(profiles)
+def test_profile_dict_and_json_round_trip(prof):
+    assert sn.Profile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
+    table = prof.to_markdown()
+    assert table.count("\n") == len(prof.submodels) + 2
+    assert table.count("| * |") == len(prof.front("params"))
+
+
+def test_profile_rejects_bad_tables():
+    subs = (sn.SubModel(h=1), sn.SubModel(h=2))
+    with pytest.raises(sn.SortedNetError, match="'speed'"):
+        sn.Profile(subs, {"speed": (1.0, 2.0)})
+    with pytest.raises(sn.SortedNetError, match="1 values for 2"):
+        sn.Profile(subs, {"params": (1.0,)})
+    with pytest.raises(sn.SortedNetError, match="not a Profile"):
+        sn.Profile.from_dict({"costs": {}})
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual"])
+def test_profile_saved_and_loaded_with_the_checkpoint(family, tmp_path):
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims)
+    prof = nest.profile(case.example, score=lambda s: -float(hash(str(s)) % 13), repeat=2, progress=False)
+    path = tmp_path / "n.safetensors"
+    sn.save(nest, path)
+    again = sn.load(FAMILIES[family]().model, path)
+    assert again._profile == prof
+    for m in prof.costs:
+        lim = sorted(prof.costs[m])[len(prof.costs[m]) // 2]
+        assert again.pick(**{m: lim}) == nest.pick(**{m: lim})
+    prof.plot(str(tmp_path / "p.png"), "flops")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,249 @@
+"""Data-parallel training (DDP, FSDP2) on 2 CPU ranks (gloo), spawned once by this module.
+
+Every scenario trains 20 sorted steps on 2 ranks and is compared with one
+process training on the same global batches with the same drawn sub-models.
+Sliced tensors of every size use the in-place gradient hook
+(``INPLACE_MIN_NUMEL = 0``), the path DDP's reducer cannot see.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from models import FAMILIES
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sortednet as sn
+import sortednet.distributed as snd
+import sortednet.slicers as slicers
+
+WORLD, STEPS, GLOBAL_BATCH, LR = 2, 20, 4, 0.05
+
+# name -> (family, how the ranks synchronise)
+SCENARIOS = {
+    "mlp-ddp": ("mlp", "ddp"),                   # DDP + sn.distributed.accumulate (default path)
+    "lm-ddp": ("lm_width_heads_depth", "ddp"),   # ... with depth-skipped blocks
+    "cnn-ddp": ("cnn_bn_residual", "ddp"),
+    "lm-plain": ("lm_width_heads_depth", "plain"),       # no DDP wrapper: accumulate + sync_gradients
+    "lm-ddp-unused": ("lm_width_heads_depth", "ddp_unused"),  # inplace_grad=False, find_unused, no_sync but last
+    "mlp-fsdp2": ("mlp", "fsdp2"),
+    "lm-fsdp2": ("lm_width_heads_depth", "fsdp2"),       # blocks sharded one by one, some skipped by depth
+}
+
+
+def _batch(family: str, step: int) -> torch.Tensor:
+    example = FAMILIES[family]().example
+    g = torch.Generator().manual_seed(1000 + step)
+    shape = (GLOBAL_BATCH, *example.shape[1:])
+    if example.dtype == torch.long:
+        return torch.randint(0, 20, shape, generator=g)
+    return torch.randn(shape, generator=g)
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return (out - 0.5).square().mean()  # a mean over the batch: the mean of equal shards' means
+
+
+def _build(family: str, mode: str):
+    case = FAMILIES[family](seed=0)
+    nest = sn.wrap(case.model, *case.dims, inplace_grad=mode != "ddp_unused")
+    return case, nest
+
+
+def _sampler(nest) -> sn.Sampler:
+    return sn.Sampler(nest.submodels, k=min(3, len(nest.submodels)), seed=11)
+
+
+def _optimizer(params) -> torch.optim.Optimizer:
+    # weight decay: a parameter whose grad wrongly became zeros instead of None would still move
+    return torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=0.01)
+
+
+def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
+    case, nest = _build(family, mode)
+    model = case.model
+    if mode == "ddp":
+        module = DDP(model)
+    elif mode == "ddp_unused":
+        module = DDP(model, find_unused_parameters=True)
+    elif mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for blk in getattr(model, "blocks", []):
+            fully_shard(blk, mesh=mesh)
+        module = fully_shard(model, mesh=mesh)
+    else:
+        module = model
+    opt = _optimizer(model.parameters())
+    sampler = _sampler(nest)
+    draws = []
+    for step in range(STEPS):
+        subs = sampler.draw(step)
+        snd.check_submodels(subs)
+        every: list = [None] * WORLD
+        dist.all_gather_object(every, [str(s) for s in subs])
+        draws.append(every)
+        x = _batch(family, step).chunk(WORLD)[rank]
+        closure = lambda: _loss(module(x))  # noqa: B023,E731
+        if mode == "ddp_unused":  # the documented alternative: DDP's reducer on the last backward only
+            for i, s in enumerate(subs):
+                with module.no_sync() if i < len(subs) - 1 else nullcontext(), nest.use(s):
+                    (closure() / len(subs)).backward()
+        else:
+            snd.accumulate(nest, subs, closure, module=module)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    snd.save(nest, ckpt)
+    if mode == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"draws": draws, "state": state}
+
+
+def _errors(rank: int) -> dict:
+    """Misuse that must raise SortedNetError on every rank (collectives stay matched)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    case = FAMILIES["mlp"](seed=0)
+    fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
+    try:
+        sn.wrap(case.model, *case.dims)
+    except sn.SortedNetError as e:
+        out["wrap_after_fully_shard"] = str(e)
+    case, nest = _build("mlp", "ddp")
+    ddp = snd.guard(DDP(case.model, find_unused_parameters=True), nest)
+    try:  # plain sn.accumulate through DDP's reducer: would average wrong gradients
+        sn.accumulate(nest, [nest.smallest], lambda: _loss(ddp(case.example)))
+    except sn.SortedNetError as e:
+        out["ddp_reducer_guard"] = str(e)
+    with ddp.no_sync(), nest.use(nest.smallest):
+        ddp(case.example)  # allowed under no_sync
+    return out
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    slicers.INPLACE_MIN_NUMEL = 0
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {name: _train_rank(rank, fam, mode, os.path.join(out_dir, f"{name}.safetensors"))
+                   for name, (fam, mode) in SCENARIOS.items()}
+        results["errors"] = _errors(rank)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "results.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return out, torch.load(os.path.join(out, "results.pt"), weights_only=False)
+
+
+def _reference(family: str, mode: str):
+    """One process, the whole global batch, the same drawn sub-models."""
+    old, slicers.INPLACE_MIN_NUMEL = slicers.INPLACE_MIN_NUMEL, 0
+    try:
+        case, nest = _build(family, mode)
+        opt, sampler = _optimizer(case.model.parameters()), _sampler(nest)
+        for step in range(STEPS):
+            x = _batch(family, step)
+            sn.accumulate(nest, sampler.draw(step), lambda: _loss(case.model(x)))  # noqa: B023
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        slicers.INPLACE_MIN_NUMEL = old
+    return case, nest, sampler
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_ranks_draw_the_same_submodels(run, name):
+    _, results = run
+    fam, mode = SCENARIOS[name]
+    _, nest = _build(fam, mode)
+    sampler = _sampler(nest)
+    draws = results[name]["draws"]
+    assert len(draws) == STEPS
+    for step, every in enumerate(draws):
+        assert len(every) == WORLD and all(d == every[0] for d in every), (step, every)
+        assert every[0] == [str(s) for s in sampler.draw(step)]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_distributed_training_equals_one_process(run, name):
+    _, results = run
+    fam, mode = SCENARIOS[name]
+    case, _, _ = _reference(fam, mode)
+    state = results[name]["state"]
+    ref = case.model.state_dict()
+    assert state.keys() == ref.keys()
+    start = FAMILIES[fam](seed=0).model.state_dict()
+    moved = 0
+    for k, v in ref.items():
+        torch.testing.assert_close(state[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{name} {k}: {m}")
+        moved += int(not torch.equal(v, start[k]))
+    assert moved > len(ref) // 2  # training really changed the weights
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_distributed_checkpoint_loads_in_one_process(run, name):
+    out, results = run
+    fam, mode = SCENARIOS[name]
+    loaded = sn.load(FAMILIES[fam](seed=1).model, os.path.join(out, f"{name}.safetensors"))
+    case, nest = _build(fam, mode)
+    case.model.load_state_dict(results[name]["state"])
+    assert loaded.submodels == nest.submodels
+    with torch.no_grad():
+        for sub in nest.submodels:
+            with loaded.use(sub), nest.use(sub):
+                assert torch.equal(loaded(case.example), nest(case.example)), sub
+
+
+def test_misuse_raises_clear_errors(run):
+    _, results = run
+    errs = results["errors"]
+    assert "wrap before fully_shard" in errs.get("wrap_after_fully_shard", "")
+    assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
+
+
+def test_single_process_helpers_are_no_ops():
+    case, nest = _build("lm_width_heads_depth", "ddp")
+    sub = nest.resolve({"depth": 1})
+    with nest.use(sub):
+        _loss(case.model(case.example)).backward()
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in case.model.named_parameters()}
+    assert snd.sync_gradients(case.model) == 0
+    snd.check_submodels([sub])
+    for n, p in case.model.named_parameters():
+        assert (p.grad is None) == (before[n] is None) and (p.grad is None or torch.equal(p.grad, before[n]))
+    assert any(g is None for g in before.values())  # depth-skipped blocks got no gradient
+
+
+def test_accumulate_rejects_a_module_without_the_nest():
+    case, nest = _build("mlp", "ddp")
+    with pytest.raises(sn.SortedNetError, match="does not contain this nest's model"):
+        snd.accumulate(nest, [nest.smallest], lambda: _loss(case.model(case.example)),
+                       module=torch.nn.Linear(2, 2))

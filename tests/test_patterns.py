@@ -1,0 +1,100 @@
+"""Target patterns: exact name, ``*`` (one path component), ``**`` (one or
+more components), ``re:`` regex; a pattern that matches nothing names itself
+and nearby modules."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import FAMILIES
+from torch import nn
+
+import sortednet as sn
+from sortednet.wrap import match_pattern
+
+comp = st.sampled_from(["a", "b", "fc1", "fc2", "attn", "0", "1", "blocks"])
+
+
+def tree(paths: list[tuple[str, ...]]) -> nn.Module:
+    """A ModuleDict tree holding a Linear leaf at every path."""
+    root = nn.ModuleDict()
+    for path in paths:
+        node = root
+        for i, c in enumerate(path):
+            if c not in node:
+                node[c] = nn.ModuleDict() if i < len(path) - 1 else nn.Linear(1, 1)
+            node = node[c]
+            if not isinstance(node, nn.ModuleDict):
+                break
+    return root
+
+
+def reference(pattern: str, path: str) -> bool:
+    """Component-wise glob: ``*`` is one component, ``**`` one or more."""
+    def go(ps: list[str], xs: list[str]) -> bool:
+        if not ps:
+            return not xs
+        if ps[0] == "**":
+            return any(go(ps[1:], xs[i:]) for i in range(1, len(xs) + 1))
+        return bool(xs) and (ps[0] == "*" or ps[0] == xs[0]) and go(ps[1:], xs[1:])
+    return go(pattern.split("."), path.split("."))
+
+
+@given(st.lists(st.lists(comp, min_size=1, max_size=4).map(tuple), min_size=1, max_size=6), st.data())
+def test_globs_match_whole_components(paths, data):
+    modules = {n: m for n, m in tree(paths).named_modules() if n}
+    target = data.draw(st.sampled_from(sorted(modules))).split(".")
+    pat = [data.draw(st.sampled_from([c, "*", "**"])) for c in target]
+    pattern = ".".join(pat)
+    want = [n for n in modules if reference(pattern, n)]
+    got = match_pattern(pattern, dict(tree(paths).named_modules()), "test")
+    assert sorted(got) == sorted(want) and ".".join(target) in got
+    if "*" not in pattern:
+        assert got == [pattern]                               # exact name: that module only
+
+
+@given(st.lists(st.lists(comp, min_size=1, max_size=3).map(tuple), min_size=1, max_size=6), st.data())
+def test_regex_is_a_full_match(paths, data):
+    modules = dict(tree(paths).named_modules())
+    rx = data.draw(st.sampled_from([r"fc\d", r".*fc\d", r"a\..*", r"[ab]", r"\d+\..*", r".*"]))
+    want = [n for n in modules if n and re.fullmatch(rx, n)]
+    if want:
+        assert match_pattern("re:" + rx, modules, "test") == want
+    else:
+        with pytest.raises(sn.SortedNetError) as e:
+            match_pattern("re:" + rx, modules, "test")
+        assert repr("re:" + rx) in str(e.value)
+
+
+def test_no_match_lists_nearby_names():
+    modules = dict(FAMILIES["lm_width_heads_depth"]().model.named_modules())
+    with pytest.raises(sn.SortedNetError) as e:
+        match_pattern("blocks.0.fc3", modules, "Width 'ffn' out")
+    msg = str(e.value)
+    assert "'blocks.0.fc3'" in msg and "Width 'ffn' out" in msg and "'blocks.0.fc1'" in msg
+    with pytest.raises(sn.SortedNetError, match="invalid regex"):
+        match_pattern("re:blocks.(", modules, "x")
+
+
+def test_partial_component_glob():
+    modules = dict(FAMILIES["mlp"]().model.named_modules())
+    assert match_pattern("fc*", modules, "x") == ["fc1", "fc2", "fc3"]
+    assert match_pattern("re:fc[12]", modules, "x") == ["fc1", "fc2"]
+
+
+@pytest.mark.parametrize("out, inp", [
+    ("blocks.*.fc1", "blocks.*.fc2"),
+    ("blocks.**.fc1", "re:blocks\\.\\d+\\.fc2"),
+    (["blocks.0.fc1", "blocks.1.fc1", "blocks.2.fc1"], ["blocks.*.fc2", "blocks.1.fc2"]),  # overlap is fine
+])
+def test_pattern_kinds_slice_the_same_modules(out, inp):
+    c = FAMILIES["lm_width_heads_depth"]()
+    dims = [d for d in c.dims if d.name != "ffn"] + [sn.Width("ffn", [8, 16, 32], out=out, inp=inp)]
+    nest = sn.wrap(c.model, *dims)
+    with nest.use("ffn=8"):
+        shapes = [(b.fc1.weight.shape, b.fc2.weight.shape, b.attn.q.weight.shape) for b in c.model.blocks]
+    assert shapes == [(torch.Size([8, 16]), torch.Size([16, 8]), torch.Size([16, 16]))] * 3

@@ -1,0 +1,401 @@
+"""Rank (svd factorisation / DyLoRA adapters): DESIGN.md invariants 1-6, 8, 9 over
+a table of nests mixing Rank with Width / Heads / Depth, plus the rank-specific
+properties (Eckart-Young at wrap time, exact alpha / r scaling, frozen base)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sortednet as sn
+from models import assert_unchanged, encoder, lm, mlp, run, snapshot
+from sortednet.dims import dimension_from_spec
+from sortednet.slicers.lowrank import LORA, SVD
+
+
+def _rank(case, *dims):
+    case.dims = [*case.dims, *dims]
+    return case
+
+
+def _root(seed=0):
+    torch.manual_seed(seed)
+    from models import Case
+    return Case(nn.Linear(10, 6), [sn.Rank("r", [1, 3, 6], targets="", export="factored")], torch.randn(4, 10))
+
+
+# name -> builder(seed); svd cases keep the largest rank at min(out, in) so the largest sub-model is the layer
+CASES = {
+    "mlp_svd_auto": lambda s: _rank(mlp(s), sn.Rank("r", [3, 6, 12], targets=["fc1", "fc2"])),
+    "mlp_lora": lambda s: _rank(mlp(s), sn.Rank("r", [2, 5], targets=["fc1", "fc2", "fc3"], mode="lora", alpha=3)),
+    "lm_svd_attn": lambda s: _rank(lm(s, layers=2), sn.Rank("rank", [4, 16], targets=["blocks.*.attn.q",
+                                                                                       "blocks.*.attn.o"])),
+    "lm_lora": lambda s: _rank(lm(s, layers=2), sn.Rank("rank", [2, 8], targets=["blocks.*.attn.v", "blocks.*.fc1"],
+                                                        mode="lora", alpha=4.0)),
+    "encoder_svd_merged_and_lora": lambda s: _rank(
+        encoder(s, layers=2), sn.Rank("rank", [4, 16], targets="enc.layers.*.self_attn.out_proj", export="merged"),
+        sn.Rank("ad", [2, 4], targets="enc.layers.*.linear1", mode="lora")),
+    "root_linear_factored": _root,
+}
+NAMES = sorted(CASES)
+
+
+def build(name, seed=0, *, perturb=True, **kw):
+    case = CASES[name](seed)
+    nest = sn.wrap(case.model, *case.dims, **kw)
+    if perturb:  # adapters as after training, so that they matter
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for _, m in rank_modules(case.model):
+                if m._sn.slicer is LORA:
+                    B = m._parameters["lora_B"]
+                    B.copy_(torch.randn(B.shape, generator=g) * 0.3)
+    return case, nest
+
+
+def key(path: str, attr: str) -> str:
+    return f"{path}.{attr}" if path else attr
+
+
+def rank_modules(model):
+    return [(n, m) for n, m in model.named_modules() if "_sn" in m.__dict__ and m._sn.slicer in (SVD, LORA)]
+
+
+def factor_views(model) -> dict[str, torch.Tensor]:
+    """Active views of every rank tensor (factors, adapters, frozen base, bias)."""
+    out = {}
+    for n, m in rank_modules(model):
+        names = ("U", "V") if m._sn.slicer is SVD else ("lora_A", "lora_B")
+        for a in names:
+            out[key(n, a)] = getattr(m, a).detach()
+        if m._sn.slicer is LORA:
+            out[key(n, "weight")] = LORA.base(m).detach()
+        if m.bias is not None:
+            out[key(n, "bias")] = m.bias.detach()
+    return out
+
+
+def loss_of(y):
+    g = torch.Generator().manual_seed(1)
+    return (y * torch.randn(y.shape, generator=g)).sum()
+
+
+# -- invariant 1 ------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_largest_reproduces_the_layer(name):
+    case = CASES[name](3)
+    ref = copy.deepcopy(case.model)
+    nest = sn.wrap(case.model, *case.dims)
+    want, got = run(ref, case.example), run(case.model, case.example)
+    if all(d.mode == "lora" for d in case.dims if isinstance(d, sn.Rank)):
+        assert torch.equal(got, want)                       # zero-initialised B: exact
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # U V = W within float tolerance
+    assert nest.active == nest.largest
+
+
+# -- invariant 2 ------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_export_matches_live_and_cost(name):
+    case, nest = build(name, 1)
+    subs = nest.submodels
+    for sub in {*subs[:: max(1, len(subs) // 12)], nest.smallest, nest.largest}:
+        with nest.use(sub):
+            live = run(case.model, case.example)
+        small = nest.export(sub)
+        torch.testing.assert_close(run(small, case.example), live, atol=1e-5, rtol=0)
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params")
+        assert not any(getattr(type(m), "_sn_sliced", False) or "_sn" in vars(m) for m in small.modules()), sub
+        for n, m in rank_modules(case.model):
+            if m._sn.slicer is SVD and m._sn.bind["rank"].dim.export == "factored":
+                part = small.get_submodule(n) if n else small
+                assert isinstance(part, nn.Sequential) and part[0].weight.shape[0] == sub[m._sn.bind["rank"].dim.name]
+    assert nest.active == nest.largest
+
+
+def test_auto_export_factors_only_where_smaller():
+    layer = nn.Linear(40, 10)
+    nest = sn.wrap(layer, sn.Rank("r", [2, 7, 8, 10], targets=""))
+    for r in (2, 7, 8, 10):
+        small = nest.export(f"r={r}")
+        assert isinstance(small, nn.Sequential) == (r * 50 < 400)
+        assert nest.cost(f"r={r}") == min(r * 50, 400) + 10
+
+
+# -- invariant 3 ------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=3)
+@given(data=st.data())
+def test_smaller_factors_are_prefixes(name, data):
+    case, nest = build(name, data.draw(st.integers(0, 99)))
+    a, b = data.draw(st.lists(st.sampled_from(nest.submodels), min_size=2, max_size=2))
+    b = sn.SubModel({k: max(a[k], b[k]) for k in a})
+    with nest.use(a):
+        va = factor_views(case.model)
+    with nest.use(b):
+        vb = factor_views(case.model)
+    full = {k: v.detach() for k, v in case.model.named_parameters()}
+    for k, t in va.items():
+        lead = tuple(slice(0, s) for s in t.shape)
+        assert torch.equal(vb[k][lead], t), k
+        assert torch.equal(full[k][lead], t), k
+    assert nest.cost(a) <= nest.cost(b)
+
+
+# -- invariant 4 ------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_training_touches_only_the_slice(name, monkeypatch):
+    monkeypatch.setattr(sn.slicers, "INPLACE_MIN_NUMEL", 0)  # the slice-gradient path even for tiny factors
+    grads = {}
+    probe = build(name)[1]
+    sub = probe.submodels[len(probe.submodels) // 3]
+    for inplace in (True, False):
+        case, nest = build(name, 2, inplace_grad=inplace)
+        ran: set[int] = set()
+        hook = lambda mod, i, o, ran=ran: ran.add(id(mod))  # noqa: E731
+        handles = [m.register_forward_hook(hook) for _, m in rank_modules(case.model)]
+        with nest.use(sub):
+            loss_of(case.model(case.example)).backward()
+            views = factor_views(case.model)
+        for h in handles:
+            h.remove()
+        params = dict(case.model.named_parameters())
+        for n, m in rank_modules(case.model):
+            for a in (("U", "V") if m._sn.slicer is SVD else ("lora_A", "lora_B")):
+                k = key(n, a)
+                g = params[k].grad
+                if id(m) not in ran:
+                    assert g is None or not g.any(), k
+                    continue
+                mask = torch.zeros_like(g, dtype=torch.bool)
+                mask[tuple(slice(0, s) for s in views[k].shape)] = True
+                assert not g[~mask].any(), f"{k}: gradient outside the {sub} slice"
+                assert g[mask].any(), f"{k}: no gradient inside the slice"
+            if m._sn.slicer is LORA:  # frozen base
+                assert m._parameters["weight"].grad is None and (m.bias is None or m._parameters["bias"].grad is None)
+        grads[inplace] = {k: p.grad for k, p in params.items()}
+    for k, g in grads[True].items():
+        h = grads[False][k]
+        if g is None or h is None:
+            assert (g is None or not g.any()) and (h is None or not h.any()), k
+        else:
+            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5, msg=k)
+
+
+# -- invariant 5 ------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_keys_and_save_load(name):
+    case, nest = build(name, 4)
+    base = list(CASES[name](4).model.state_dict())
+    want = []
+    for k in base:
+        path, _, attr = k.rpartition(".")
+        m = case.model.get_submodule(path)
+        sl = m.__dict__.get("_sn") and m._sn.slicer
+        if sl is SVD and attr == "weight":
+            want += [key(path, "U"), key(path, "V")]
+        else:
+            want.append(k)
+        if sl is LORA and attr == "weight":
+            want += [key(path, "lora_A"), key(path, "lora_B")]
+    assert sorted(case.model.state_dict()) == sorted(want)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rank.safetensors")
+        sn.save(nest, path)
+        fresh = CASES[name](5)
+        loaded = sn.load(fresh.model, path)
+    assert [d.spec() for d in loaded.dims] == [d.spec() for d in nest.dims]
+    a, b = case.model.state_dict(), fresh.model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for sub in (nest.smallest, nest.largest):
+        with nest.use(sub), loaded.use(sub):
+            assert torch.equal(run(case.model, case.example), run(fresh.model, case.example))
+
+
+def test_spec_round_trips():
+    for d in (sn.Rank("r", [2, 4], targets=["a", "b.*"]), sn.Rank("q", [1, 8], targets="x", mode="lora", alpha=2.5),
+              sn.Rank("m", [3], targets="y", export="merged")):
+        again = dimension_from_spec(d.spec())
+        assert type(again) is sn.Rank and again.spec() == d.spec() and repr(again) == repr(d)
+
+
+# -- invariants 6 and 8 -----------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_use_restores_and_pick_is_monotone(name):
+    case, nest = build(name)
+    with pytest.raises(RuntimeError), nest.use(nest.smallest):
+        raise RuntimeError("boom")
+    assert nest.active == nest.largest
+    costs = [nest.cost(s) for s in nest.submodels]
+    assert costs == sorted(costs)
+    for a in nest.submodels:
+        for b in nest.submodels:
+            if a.nested_in(b):
+                assert nest.cost(a) <= nest.cost(b), (a, b)
+    budgets = sorted({costs[0], *costs[:: 3], costs[-1] * 2})
+    picked = [nest.cost(nest.pick(params=b)) for b in budgets]
+    assert picked == sorted(picked) and all(c <= b for c, b in zip(picked, budgets))
+
+
+# -- unwrap ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_unwrap_restores_original_layer(name):
+    case = CASES[name](6)
+    ref = copy.deepcopy(case.model)
+    snap = snapshot(case.model)
+    nest = sn.wrap(case.model, *case.dims)
+    for _, m in rank_modules(case.model):  # "training" of the factors / adapters
+        for n in m._sn.slicer.factors:
+            m._parameters[n].data.add_(0.01)
+    assert nest.unwrap() is case.model
+    assert_unchanged(case.model, snap)   # same classes, Parameter objects, bits, requires_grad flags below
+    assert [p.requires_grad for p in case.model.parameters()] == [p.requires_grad for p in ref.parameters()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unwrap_merge_bakes_the_largest_rank(name):
+    case, nest = build(name, 7)
+    with nest.use(nest.largest):
+        live = run(case.model, case.example)
+    model = nest.unwrap(merge=True)
+    assert not rank_modules(model)
+    torch.testing.assert_close(run(model, case.example), live, atol=1e-5, rtol=1e-5)
+
+
+# -- svd: Eckart-Young at wrap time ------------------------------------------------
+@settings(max_examples=8)
+@given(out=st.integers(1, 24), inp=st.integers(1, 24), seed=st.integers(0, 2**16), dtype=st.sampled_from(["64", "32"]))
+def test_svd_prefixes_are_optimal_low_rank(out, inp, seed, dtype):
+    dt = {"64": torch.float64, "32": torch.float32}[dtype]
+    torch.manual_seed(seed)
+    layer = nn.Linear(inp, out, dtype=dt)
+    W = layer.weight.detach().double().clone()
+    s = torch.linalg.svdvals(W)
+    nest = sn.wrap(layer, sn.Rank("r", list(range(1, min(out, inp) + 1)), targets=""))
+    U, V = layer._parameters["U"].detach().double(), layer._parameters["V"].detach().double()
+    eps = (1e-10 if dt == torch.float64 else 1e-5) * s.norm().item()
+    torch.testing.assert_close(U.T @ U, torch.diag(s), atol=eps, rtol=0)   # singular values split sqrt / sqrt
+    torch.testing.assert_close(V @ V.T, torch.diag(s), atol=eps, rtol=0)
+    errs = []
+    for r in nest.dims[0].sizes:
+        with nest.use(f"r={r}"):
+            err = torch.linalg.norm(W - layer.weight.detach().double()).item()
+        opt = s[r:].square().sum().sqrt().item()
+        tol = 1e-4 * opt + (1e-12 if dt == torch.float64 else 2e-6) * s.norm().item()
+        assert abs(err - opt) <= tol, (r, err, opt)
+        errs.append(err)
+    assert all(b <= a + 1e-6 * s.norm().item() for a, b in zip(errs, errs[1:]))
+
+
+# -- lora: exact scaling, frozen base, adapters only -------------------------------
+@pytest.mark.parametrize("alpha", [None, 1.0, 12.0])
+def test_lora_uses_alpha_over_active_rank(alpha):
+    torch.manual_seed(0)
+    layer = nn.Linear(9, 7)
+    W0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    nest = sn.wrap(layer, sn.Rank("r", [1, 3, 7], targets="", mode="lora", alpha=alpha))
+    A, B = layer._parameters["lora_A"], layer._parameters["lora_B"]
+    with torch.no_grad():
+        B.normal_()
+    x = torch.randn(5, 9)
+    for r in (1, 3, 7):
+        scale = (7.0 if alpha is None else alpha) / r
+        want = x @ W0.T + b0 + scale * (x @ A[:r].T) @ B[:, :r].T
+        with nest.use(f"r={r}"):
+            torch.testing.assert_close(run(layer, x), want.detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.weight.detach(), (W0 + scale * B[:, :r] @ A[:r]).detach())
+            assert nest.dims[0].scale() == scale
+
+
+def test_lora_training_keeps_base_frozen_and_trains_only_adapters():
+    case, nest = build("lm_lora", 8, perturb=False)
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    adapters = [p for n, p in case.model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+    assert {id(p) for p in nest.trainable_parameters()} == {id(p) for p in adapters} and adapters
+    opt = torch.optim.Adam(nest.trainable_parameters(), lr=1e-2)
+    idx = case.example
+    for step in range(4):
+        for sub in (nest.smallest, nest.submodels[step * 7 % len(nest.submodels)], nest.largest):
+            with nest.use(sub):
+                F.cross_entropy(case.model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    after = case.model.state_dict()
+    for _, m in rank_modules(case.model):
+        assert m._parameters["weight"].grad is None and not m._parameters["weight"].requires_grad
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("lora_A", "lora_B")) for k in changed), changed
+
+
+def test_svd_trainable_parameters_include_factors():
+    case, nest = build("mlp_svd_auto")
+    names = {n for n, p in case.model.named_parameters() if any(p is q for q in nest.trainable_parameters())}
+    assert {"fc1.U", "fc1.V", "fc2.U", "fc2.V", "fc3.weight"} <= names
+
+
+# -- invariant 9: bad input, model unchanged ---------------------------------------
+class OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc, self.odd = nn.Linear(8, 6), OwnForward(6, 6)
+        self.ln = nn.LayerNorm(6)
+
+
+BAD = {
+    "rank_zero": lambda: [sn.Rank("r", [0, 4], targets="fc")],
+    "rank_above_min": lambda: [sn.Rank("r", [2, 7], targets="fc")],
+    "rank_above_min_lora": lambda: [sn.Rank("r", [7], targets="fc", mode="lora")],
+    "not_linear": lambda: [sn.Rank("r", [2], targets="ln")],
+    "no_match": lambda: [sn.Rank("r", [2], targets="fcc")],
+    "own_forward": lambda: [sn.Rank("r", [2], targets="odd")],
+    "mha_out_proj_factored": lambda: [sn.Rank("r", [2], targets="attn.out_proj")],
+    "unsorted": lambda: [sn.Rank("r", [4, 2], targets="fc")],
+    "bad_mode": lambda: [sn.Rank("r", [2], targets="fc", mode="dora")],
+    "alpha_in_svd": lambda: [sn.Rank("r", [2], targets="fc", alpha=2.0)],
+    "alpha_negative": lambda: [sn.Rank("r", [2], targets="fc", mode="lora", alpha=-1.0)],
+    "lora_factored": lambda: [sn.Rank("r", [2], targets="fc", mode="lora", export="factored")],
+    "bad_export": lambda: [sn.Rank("r", [2], targets="fc", export="fast")],
+    "two_ranks_one_layer": lambda: [sn.Rank("r", [2], targets="fc"), sn.Rank("q", [2], targets="fc", mode="lora")],
+    "width_role_unsupported": lambda: [sn.Rank("r", [2], targets="fc", mode="lora"),
+                                       sn.Width("w", [3, 6], norm="fc")],
+    "width_size_mismatch": lambda: [sn.Rank("r", [2], targets="fc", mode="lora"), sn.Width("w", [3, 5], out="fc")],
+    "good_then_bad": lambda: [sn.Rank("r", [2], targets="fc", mode="lora"), sn.Rank("q", [9], targets="attn.out_proj",
+                                                                                  export="merged")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_raises_and_leaves_model_unchanged(case):
+    model = WithMHA()
+    snap = snapshot(model)
+    with pytest.raises(sn.SortedNetError) as e:
+        sn.wrap(model, *BAD[case]())
+    assert "'r'" in str(e.value) or "'q'" in str(e.value) or "'fc'" in str(e.value) or "fcc" in str(e.value)
+    assert_unchanged(model, snap)
+
+
+def test_non_finite_weight_is_refused():
+    model = WithMHA()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = math.nan
+    snap = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="non-finite"):
+        sn.wrap(model, sn.Rank("r", [2], targets="fc"))
+    assert [(n, type(m)) for n, m in model.named_modules()] == snap["classes"]
+    assert all(p is q for (_, p), (_, q) in zip(model.named_parameters(), snap["params"]))
+    assert list(model.state_dict()) == list(snap["state"])

@@ -1,0 +1,142 @@
+"""Concurrency: threads each run ``with nest.use(sub):`` on one wrapped model
+at the same time and each gets its own sub-model's output; backward sees the
+sub-model that was active at forward, whatever other threads do."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from models import FAMILIES, run
+
+import sortednet as sn
+
+FAMS = sorted(FAMILIES)
+THREADS, REPEATS = 8, 4
+
+
+def loss_of(y):
+    g = torch.Generator().manual_seed(2)
+    return (y * torch.randn(y.shape, generator=g)).sum()
+
+
+def in_threads(fn, n=THREADS):
+    """Run ``fn(i, barrier)`` in ``n`` threads; re-raise the first failure."""
+    barrier, errors = threading.Barrier(n), []
+
+    def body(i):
+        try:
+            fn(i, barrier)
+        except BaseException as e:  # noqa: BLE001 - reported in the main thread
+            barrier.abort()
+            errors.append(e)
+
+    ts = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_threads_get_their_own_submodel(family):
+    c = FAMILIES[family]()
+    nest = sn.wrap(c.model, *c.dims)
+    subs = [nest.submodels[i * (len(nest.submodels) - 1) // (THREADS - 2)] for i in range(THREADS - 1)] + [None]
+    want = {}
+    for s in subs:                                           # sequential reference, both autograd modes
+        with nest.use(s or nest.largest):
+            want[s, False] = run(c.model, c.example)
+            want[s, True] = c.model(c.example).detach()
+    got: dict = {}
+
+    def work(i, barrier):
+        s = subs[i]                                          # the last thread stays outside use()
+        for r in range(REPEATS):
+            barrier.wait()
+            grad = bool(r % 2)
+            with torch.set_grad_enabled(grad):
+                if s is None:
+                    got[i, r] = (nest.active, c.model(c.example).detach())
+                else:
+                    with nest.use(s):
+                        got[i, r] = (nest.active, c.model(c.example).detach())
+
+    in_threads(work)
+    for (i, r), (active, y) in got.items():
+        s = subs[i]
+        assert active == (s or nest.largest)
+        assert torch.equal(y, want[s, bool(r % 2)]), f"thread {i} ({s}) repeat {r}"
+    assert len(got) == THREADS * REPEATS and nest.active == nest.largest
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_threads_backward_sees_their_forward_submodel(family):
+    c = FAMILIES[family]()
+    nest = sn.wrap(c.model, *c.dims, inplace_grad=False)    # per-thread gradients via autograd.grad
+    params = [p for p in c.model.parameters() if p.requires_grad]
+    subs = [nest.submodels[i % len(nest.submodels)] for i in range(0, 3 * THREADS, 3)]
+
+    def grads(sub, other=None):
+        with nest.use(sub):
+            loss = loss_of(c.model(c.example))
+        if other is not None:
+            with nest.use(other):                            # backward outside / under another sub-model
+                return torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    want = [grads(s) for s in subs]
+    got: dict = {}
+
+    def work(i, barrier):
+        barrier.wait()
+        for _ in range(2):
+            got[i] = grads(subs[i], subs[(i + 1) % THREADS])
+
+    in_threads(work)
+    for i, gs in got.items():
+        for p, g, w in zip(params, gs, want[i]):
+            assert (g is None) == (w is None)
+            assert g is None or torch.equal(g, w), f"thread {i} ({subs[i]})"
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_inplace_backward_ignores_other_threads_submodel(family):
+    """inplace_grad=True: thread A runs forward under ``a``, thread B then holds ``b``
+    while A runs backward; A's ``.grad`` is that of ``a``."""
+    c = FAMILIES[family]()
+    nest = sn.wrap(c.model, *c.dims)
+    a, b = nest.smallest, nest.largest
+    with nest.use(a):
+        loss_of(c.model(c.example)).backward()
+    want = [p.grad.clone() if p.grad is not None else None for p in c.model.parameters()]
+    c.model.zero_grad(set_to_none=True)
+    forward_done, b_active, backward_done = threading.Event(), threading.Event(), threading.Event()
+    box = {}
+
+    def thread_a(i, barrier):
+        if i == 0:
+            with nest.use(a):
+                box["loss"] = loss_of(c.model(c.example))
+            forward_done.set()
+            assert b_active.wait(30)
+            box["loss"].backward()
+            backward_done.set()
+        else:
+            assert forward_done.wait(30)
+            with nest.use(b), torch.no_grad():
+                b_active.set()
+                assert backward_done.wait(30)
+                box["b_out"] = c.model(c.example)
+
+    in_threads(thread_a, n=2)
+    for p, w in zip(c.model.parameters(), want):
+        if w is None:
+            assert p.grad is None or not p.grad.any()
+        else:
+            assert torch.equal(p.grad, w)
+    assert torch.equal(box["b_out"], run(c.model, c.example))   # b is the largest = default
