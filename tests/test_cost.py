@@ -41,12 +41,28 @@ def flops_of(model, x) -> int:
     return c.get_total_flops()
 
 
-@pytest.mark.parametrize("family", FAMS)
-def test_fast_param_count_equals_module_walk(family):
-    case = FAMILIES[family]()
+def with_rank(family, rank):
+    def build():
+        case = FAMILIES[family]()
+        case.dims = [*case.dims, rank()]
+        return case
+    return build
+
+
+BUILDS = {**{f: FAMILIES[f] for f in FAMS},
+          "mlp+svd": with_rank("mlp", lambda: sn.Rank("r", [3, 6, 12], targets=["fc1", "fc2"])),
+          "lm+lora": with_rank("lm_width_heads_depth", lambda: sn.Rank(
+              "rank", [2, 8], targets=["blocks.*.attn.v", "blocks.*.fc1"], mode="lora"))}
+
+
+@pytest.mark.parametrize("family", sorted(BUILDS))
+def test_fast_param_count_equals_module_walk_and_export(family):
+    case = BUILDS[family]()
     nest = sn.wrap(case.model, *case.dims)
     for sub in nest.submodels:
         assert nest.cost(sub) == naive_params(nest, sub), sub
+    for sub in nest.submodels[:: max(1, len(nest.submodels) // 5)]:
+        assert nest.cost(sub) == sum(p.numel() for p in nest.export(sub).parameters()), sub
 
 
 @pytest.mark.parametrize("family", FAMS)

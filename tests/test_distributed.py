@@ -88,10 +88,8 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
     draws = []
     for step in range(STEPS):
         subs = sampler.draw(step)
-        snd.check_submodels(subs)
-        every: list = [None] * WORLD
-        dist.all_gather_object(every, [str(s) for s in subs])
-        draws.append(every)
+        snd.check_submodels(subs)  # raises on disagreement
+        draws.append([str(s) for s in subs])
         x = _batch(family, step).chunk(WORLD)[rank]
         closure = lambda: _loss(module(x))  # noqa: B023,E731
         if mode == "ddp_unused":  # the documented alternative: DDP's reducer on the last backward only
@@ -109,7 +107,9 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"draws": draws, "state": state}
+    every: list = [None] * WORLD
+    dist.all_gather_object(every, draws)  # each rank's own record, compared by the test
+    return {"draws": every, "state": state}
 
 
 def _errors(rank: int) -> dict:
@@ -185,11 +185,11 @@ def test_ranks_draw_the_same_submodels(run, name):
     fam, mode = SCENARIOS[name]
     _, nest = _build(fam, mode)
     sampler = _sampler(nest)
-    draws = results[name]["draws"]
-    assert len(draws) == STEPS
-    for step, every in enumerate(draws):
-        assert len(every) == WORLD and all(d == every[0] for d in every), (step, every)
-        assert every[0] == [str(s) for s in sampler.draw(step)]
+    per_rank = results[name]["draws"]
+    assert len(per_rank) == WORLD and all(len(d) == STEPS for d in per_rank)
+    for step in range(STEPS):
+        assert all(d[step] == per_rank[0][step] for d in per_rank), (step, [d[step] for d in per_rank])
+        assert per_rank[0][step] == [str(s) for s in sampler.draw(step)]
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from models import FAMILIES, case_params, chunks_of, leading, place, run
 
 import sortednet as sn
+from sortednet import slicers
 
 FAMS = sorted(FAMILIES)
 
@@ -111,6 +112,10 @@ def sub_grads(family: str, kw: dict, sub: sn.SubModel | None, **wrap_kw):
     return case, nest, sub
 
 
+# gradient modes: slice hooks on every tensor, the default (hooks on big tensors only), plain autograd
+GRAD_MODES = {"hooks": (True, 0), "default": (True, None), "autograd": (False, None)}
+
+
 @pytest.mark.parametrize("family", FAMS)
 @given(data=st.data())
 def test_training_touches_only_the_slice(family, data):
@@ -118,8 +123,11 @@ def test_training_touches_only_the_slice(family, data):
     _, probe = build(family, kw)
     sub = data.draw(st.sampled_from(probe.submodels))
     grads = {}
-    for inplace in (True, False):
-        case, nest, sub = sub_grads(family, kw, sub, inplace_grad=inplace)
+    for mode, (inplace, threshold) in GRAD_MODES.items():
+        with pytest.MonkeyPatch.context() as mp:
+            if threshold is not None:
+                mp.setattr(slicers, "INPLACE_MIN_NUMEL", threshold)
+            case, nest, sub = sub_grads(family, kw, sub, inplace_grad=inplace)
         small = nest.export(sub)
         loss_of(small(case.example)).backward()
         exported = dict(small.named_parameters())
@@ -131,19 +139,20 @@ def test_training_touches_only_the_slice(family, data):
                 continue
             e = exported[name]
             want, mask = place(e.grad, p.shape, chunks_of(name))
-            assert not g[~mask].any(), f"{name}: gradient outside the {sub} slice"
+            assert not g[~mask].any(), f"{name}: gradient outside the {sub} slice ({mode})"
             torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=name)
             if p.dim() >= 2 and e.grad.any():
-                assert g[mask].any(), f"{name}: zero gradient inside the slice"
+                assert g[mask].any(), f"{name}: zero gradient inside the slice ({mode})"
             nonzero_inside += bool(g[mask].any())
         assert nonzero_inside > 0
-        grads[inplace] = {n: p.grad for n, p in case.model.named_parameters()}
-    for name, g in grads[True].items():
-        h = grads[False][name]
-        if g is None or h is None:
-            assert (g is None or not g.any()) and (h is None or not h.any()), name
-        else:
-            assert torch.equal(g, h), name
+        grads[mode] = {n: p.grad for n, p in case.model.named_parameters()}
+    for name, g in grads["hooks"].items():
+        for mode in ("default", "autograd"):
+            h = grads[mode][name]
+            if g is None or h is None:
+                assert (g is None or not g.any()) and (h is None or not h.any()), name
+            else:
+                assert torch.equal(g, h), (name, mode)
 
 
 @pytest.mark.parametrize("family", FAMS)

@@ -14,6 +14,7 @@ from models import FAMILIES, case_params, run
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sortednet as sn
+from sortednet import slicers
 from sortednet import SubModel
 
 FAMS = sorted(FAMILIES)
@@ -147,8 +148,11 @@ def tensor_attrs(model):
 
 
 @pytest.mark.parametrize("family", FAMS)
-@pytest.mark.parametrize("grad", [False, True])
-def test_switching_copies_no_tensor(family, grad):
+@pytest.mark.parametrize("grad", [False, True, "hooks"])
+def test_switching_copies_no_tensor(family, grad, monkeypatch):
+    if grad == "hooks":                                      # training views with slice-gradient hooks
+        monkeypatch.setattr(slicers, "INPLACE_MIN_NUMEL", 0)
+    grad = bool(grad)
     c, nest = wrapped(family, {})
     ptrs = {n: p.data_ptr() for n, p in c.model.state_dict(keep_vars=True).items()}
     for sub in nest.submodels:

@@ -285,6 +285,7 @@ def _small():
     (lambda n, c: sn.accumulate(n, ["h1=3"], c), "no size 3"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], c, weights=[1.0]), "weights"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], c, weights=[1.0, -1.0]), "weights"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], c, weights=["a", 1]), "weights"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], c, distill=0.5), "Distill"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[1]), "scalar"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0], distill=sn.Distill()), "logits"),

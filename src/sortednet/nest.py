@@ -48,6 +48,7 @@ class Nest:
         self.model, self.dims = model, tuple(dims)
         self._by_name = {d.name: d for d in self.dims}
         self._alive = True
+        self._canonical: dict[SubModel, SubModel] = {}   # listed sub-models: resolve() is one dict lookup
         if submodels is None:
             subs = [SubModel(dict(zip(self._by_name, sizes)))
                     for sizes in itertools.product(*(d.sizes for d in self.dims))]
@@ -56,6 +57,7 @@ class Nest:
             if not subs:
                 raise SortedNetError("submodels= is empty; give at least one sub-model or None for all")
         self._subs = subs
+        self._canonical = {s: s for s in subs}
 
     def _attach(self, planned: dict, hooks: list) -> None:
         self._sliced = {path: m for path, (m, _, _) in planned.items()}
@@ -95,6 +97,10 @@ class Nest:
         """
         if sub is None:
             return self.active
+        if isinstance(sub, SubModel):
+            hit = self._canonical.get(sub)
+            if hit is not None:
+                return hit
         if isinstance(sub, str):
             sub = SubModel.parse(sub)
         elif not isinstance(sub, Mapping):

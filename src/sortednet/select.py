@@ -67,6 +67,8 @@ class Selector:
         self.rank = np.empty(n, dtype=np.int64)
         self.rank[key] = np.arange(n)
         self._single: dict[str, tuple[list[float], np.ndarray]] = {}
+        self._ranked = {k: v[key] for k, v in self.costs.items()}   # costs in ranking order
+        self._min = {k: (float(v.min()), self.subs[int(v.argmin())]) for k, v in self.costs.items()}
 
     def _table(self, metric: str) -> tuple[list[float], np.ndarray]:
         t = self._single.get(metric)
@@ -79,8 +81,7 @@ class Selector:
 
     def smallest(self, metric: str) -> tuple[float, SubModel]:
         """The lowest ``metric`` cost available and a sub-model having it."""
-        i = int(np.argmin(self.costs[metric]))
-        return float(self.costs[metric][i]), self.subs[i]
+        return self._min[metric]
 
     def pick(self, limits: Mapping[str, float]) -> SubModel:
         """Best-ranked sub-model with ``cost[metric] <= limit`` for every given limit."""
@@ -92,7 +93,7 @@ class Selector:
                                      f"known: {sorted(self.costs)} (run nest.profile to measure more)")
             if limit != limit:
                 raise SortedNetError(f"budget {metric}={limit} is not a number")
-        low = {m: self.smallest(m) for m in limits if limits[m] < self.smallest(m)[0]}
+        low = {m: self._min[m] for m in limits if limits[m] < self._min[m][0]}
         if low:
             raise BudgetError("no sub-model fits " + ", ".join(
                 f"{m} <= {limits[m]:g} (the smallest available is {c:g}, {s})" for m, (c, s) in low.items()))
@@ -100,12 +101,13 @@ class Selector:
             (metric, limit), = limits.items()
             costs, best = self._table(metric)
             return self.subs[int(best[bisect.bisect_right(costs, limit) - 1])]
-        ok = np.ones(len(self.subs), dtype=bool)
+        ranked = None
         for metric, limit in limits.items():
-            ok &= self.costs[metric] <= limit
-        ranked = ok[self.ranking]
-        if not ranked.any():
+            ok = self._ranked[metric] <= limit
+            ranked = ok if ranked is None else np.logical_and(ranked, ok, out=ranked)
+        first = int(ranked.argmax())
+        if not ranked[first]:
             raise BudgetError("no sub-model fits all of " + ", ".join(f"{m} <= {v:g}" for m, v in limits.items())
                               + " at once; each alone is feasible (smallest: " + ", ".join(
                                   f"{m} {self.smallest(m)[0]:g}" for m in limits) + ")")
-        return self.subs[int(self.ranking[int(ranked.argmax())])]
+        return self.subs[int(self.ranking[first])]
