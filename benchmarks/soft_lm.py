@@ -28,8 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, table, write  # noqa: E402
-
+from common import RESULTS, interleaved, table, write  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import sortednet as sn  # noqa: E402
@@ -59,30 +58,55 @@ def make_model(vocab: int, layers: int, args: argparse.Namespace) -> GPT2LMHeadM
     return GPT2LMHeadModel(cfg)
 
 
+class Run:
+    """One training run: AdamW with warmup + cosine decay; ``exits``: SoFT loss, else standard."""
+
+    def __init__(self, model: GPT2LMHeadModel, args: argparse.Namespace, exits: list[int] | None,
+                 steps: int) -> None:
+        self.model, self.exits = model, exits
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+        warm = max(1, steps // 20)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        self.nest = sn.from_transformers(model, depth=exits) if exits else None
+        model.train()
+
+    def step(self, x: torch.Tensor) -> float:
+        m = self.model
+        loss = soft_loss(self.nest, x, exits=self.exits).loss if self.nest else m(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
 def train(model: GPT2LMHeadModel, train_batches: list[torch.Tensor], args: argparse.Namespace,
           exits: list[int] | None) -> float:
-    """Train for len(train_batches) steps; returns seconds per step. ``exits``: SoFT, else standard."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    steps = len(train_batches)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    nest = sn.from_transformers(model, depth=exits) if exits else None
-    model.train()
+    """Train for len(train_batches) steps; returns mean seconds per step."""
+    run = Run(model, args, exits, len(train_batches))
     t0 = time.perf_counter()
     for i, x in enumerate(train_batches):
-        loss = soft_loss(nest, x, exits=exits).loss if nest else model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = run.step(x)
         if args.verbose and i % 100 == 0:
-            print(f"  step {i} loss {loss.item():.3f}", flush=True)
-    sec = (time.perf_counter() - t0) / steps
-    if nest is not None:
-        nest.unwrap()
+            print(f"  step {i} loss {loss:.3f}", flush=True)
+    sec = (time.perf_counter() - t0) / len(train_batches)
+    if run.nest is not None:
+        run.nest.unwrap()
     return sec
+
+
+def step_timing(vocab: int, batch: list[torch.Tensor], exits: list[int], args: argparse.Namespace) -> dict:
+    """Median ms per training step (forward, backward, AdamW) of each run, timed round-robin
+    so that load from other processes hits every run alike."""
+    runs = {"standard": (args.layers, None), "soft": (args.layers, exits),
+            **{f"separate_{d}": (d, None) for d in exits[:-1]}}
+    fns = {}
+    for name, (layers, soft) in runs.items():
+        model = make_model(vocab, layers, args)
+        fns[name] = (lambda r: lambda: r.step(batch[0]))(Run(model, args, soft, 10**6))
+    return {k: round(v * 1e3, 1) for k, v in interleaved(fns, repeat=args.timing_repeat, warmup=2).items()}
 
 
 @torch.no_grad()
@@ -108,6 +132,7 @@ def main() -> None:
     ap.add_argument("--val-batches", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timing-repeat", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="smoke run: do not write results")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -126,6 +151,8 @@ def main() -> None:
         losses = evaluate(model, va, every if layers == args.layers else [layers])
         res[name] = {"sec_per_step": sec, "val_loss": losses}
         print(f"{name}: {sec * 1e3:.0f} ms/step, val loss {losses}", flush=True)
+    res["timing_ms"] = step_timing(vocab, tr[:1], exits, args)
+    print(f"interleaved ms/step: {res['timing_ms']}", flush=True)
     res["separate_" + str(args.layers)] = {"sec_per_step": res["standard"]["sec_per_step"],
                                            "val_loss": {args.layers: res["standard"]["val_loss"][args.layers]}}
     if args.quick:
@@ -144,15 +171,17 @@ def report(res: dict, exits: list[int], every: list[int], cfg: dict, vocab: int,
                      f"{100 * (soft[e] / std[e] - 1):+.1f}%"])
     head = ["exit (blocks)", "(a) standard loss", "(a) ppl", "(b) SoFT loss", "(b) ppl", "(c) separate loss",
             "(c) ppl", "SoFT vs separate", "SoFT vs standard"]
-    times = [[k, f"{v['sec_per_step'] * 1e3:.0f}"] for k, v in res.items() if not k.endswith(f"_{cfg['layers']}")]
+    times = [[k, f"{res[k]['sec_per_step'] * 1e3:.0f}", f"{v:.1f}"] for k, v in res["timing_ms"].items()]
     text = (f"# SoFT vs standard training + early exit vs separate shallow models\n\n"
             f"Written by `benchmarks/soft_lm.py` (character-level GPT-2 on `pydoc_data.topics`, vocab {vocab}, "
             f"{n_train} train / {n_val} held-out characters). Config: `{json.dumps(cfg)}`. Every run: the same "
             f"{cfg['steps']} steps x {cfg['batch']} x {cfg['ctx']} tokens. SoFT exits: {exits}. Validation loss "
             f"(nats/char) over {cfg['val_batches']} held-out batches; every exit is read through the model's own "
             f"final LayerNorm and shared LM head. Exits not trained by SoFT (odd depths) are shown for reference.\n\n"
-            + table(head, rows) + "\n\nTraining time per step (ms, CPU, "
-            f"{cfg['threads']} thread):\n\n" + table(["run", "ms/step"], times)
+            + table(head, rows) + "\n\nTraining time per step (forward + backward + AdamW; CPU, "
+            f"{cfg['threads']} thread, on a machine shared with other jobs). The wall-clock mean over the run is "
+            "noisy; the interleaved median (all runs timed round-robin on one batch) is the fair comparison:\n\n"
+            + table(["run", "mean ms/step during training", "interleaved median ms/step"], times)
             + "\n\n![val loss per exit](soft_lm.png)\n")
     write("soft_lm.md", text)
     write("soft_lm.json", json.dumps(res, indent=1))

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         g = torch.Generator().manual_seed(args.seed * 100_003 + step)    # the same global batch everywhere
         idx = torch.randint(0, len(xtr), (args.batch,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
         x, y = xtr[idx].to(device), ytr[idx].to(device)
-        losses = snd.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(module(x), y), module=module)
+        losses = snd.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(module(x), y),  # noqa: B023
+                                  module=module)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if rank == 0 and (step + 1) % 100 == 0:

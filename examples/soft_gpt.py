@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pydoc_data.topics import topics
 
 import torch
-from pydoc_data.topics import topics
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import sortednet as sn
@@ -73,7 +73,7 @@ def main() -> None:
     sampler = sn.Sampler(full_depth, k=2, strategy="sandwich", seed=0)
     opt = torch.optim.AdamW(nest.trainable_parameters(), lr=1e-3)
     for step, x in enumerate(train[args.steps:]):
-        sn.accumulate(nest, sampler.draw(step), lambda: soft_loss(nest, x).loss)
+        sn.accumulate(nest, sampler.draw(step), lambda x=x: soft_loss(nest, x).loss)
         opt.step()
         opt.zero_grad()
     for sub in nest.submodels:

@@ -120,10 +120,10 @@ class Encoder(nn.Module):
         return self.head(self.enc(self.proj(x)))
 
 
-def encoder(seed=0, layers=3) -> Case:
+def encoder(seed=0, layers=3, ffn=24) -> Case:
     torch.manual_seed(seed)
-    m = Encoder(layers=layers).eval()
-    dims = [sn.Width("ffn", [6, 12, 24], out="enc.layers.*.linear1", inp="enc.layers.*.linear2"),
+    m = Encoder(ffn=ffn, layers=layers).eval()
+    dims = [sn.Width("ffn", [ffn // 4, ffn // 2, ffn], out="enc.layers.*.linear1", inp="enc.layers.*.linear2"),
             sn.Heads("heads", [2, 4], attn="enc.layers.*.self_attn"),
             sn.Width("hidden", [8, 16], out=["proj", "enc.layers.*.self_attn.out_proj", "enc.layers.*.linear2"],
                      inp=["enc.layers.*.self_attn", "enc.layers.*.linear1", "head"],
@@ -149,13 +149,13 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def lm(seed=0, layers=3) -> Case:
+def lm(seed=0, layers=3, ffn=32) -> Case:
     torch.manual_seed(seed)
-    m = TinyLM(layers=layers)
+    m = TinyLM(ffn=ffn, layers=layers)
     dims = [sn.Width("hidden", [8, 16], out=["emb", "blocks.*.attn.o", "blocks.*.fc2"],
                      inp=["blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.fc1", "head"],
                      norm=["blocks.*.ln1", "blocks.*.ln2", "norm"]),
-            sn.Width("ffn", [8, 16, 32], out="blocks.*.fc1", inp="blocks.*.fc2"),
+            sn.Width("ffn", [ffn // 4, ffn // 2, ffn], out="blocks.*.fc1", inp="blocks.*.fc2"),
             sn.Heads("heads", [2, 4], attn="blocks.*.attn"),
             sn.Depth("depth", list(range(1, layers + 1)), layers="blocks")]
     return Case(m, dims, torch.randint(0, 20, (2, 7)))
@@ -182,8 +182,8 @@ SIZES: dict[str, dict[str, list[int]]] = {
     "mlp": {"h1": [4, 8, 16, 20], "h2": [6, 9, 12]},  # h2 // 3 >= 2: LayerNorm over 1 feature is constant
     "cnn_bn_residual": {"c": [8, 16, 24]},          # GroupNorm: 2 channels per group
     "attn_block": {"heads": [2, 4, 8], "ffn": [8, 16, 32]},
-    "torch_encoder": {"layers": [1, 2, 3]},
-    "lm_width_heads_depth": {"layers": [1, 2, 3]},
+    "torch_encoder": {"layers": [1, 2, 3], "ffn": [8, 24]},
+    "lm_width_heads_depth": {"layers": [1, 2, 3], "ffn": [4, 32]},
     "sequential": {"depth": [2, 3, 4]},
 }
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from models import FAMILIES
 from torch import nn
 
 import sortednet as sn
+from models import FAMILIES
 
 
 class BNNet(nn.Module):

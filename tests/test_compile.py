@@ -4,13 +4,15 @@ exported sub-models compile as usual. Backend aot_eager (CPU, seconds)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch._dynamo
-from models import FAMILIES
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import sortednet as sn
+from models import FAMILIES
 
 FAMS = ["mlp", "cnn_bn_residual", "lm_width_heads_depth"]
 
@@ -46,6 +48,16 @@ def test_compiled_equals_eager_and_compiles_once_per_submodel(family):
                     got = compiled(case.example)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert counter.frame_count == len(subs), f"round {rnd}: {counter.frame_count} compiles"
+        nest.activate(subs[0])          # the nest-wide default is a separate entry (one compile) ...
+        try:
+            torch.testing.assert_close(compiled(case.example), nest.model(case.example), rtol=1e-5, atol=1e-5)
+            for sub in subs:            # ... and does not invalidate the graphs entered through use()
+                with nest.use(sub):
+                    torch.testing.assert_close(compiled(case.example), nest.model(case.example),
+                                               rtol=1e-5, atol=1e-5)
+            assert counter.frame_count == len(subs) + 1
+        finally:
+            nest.activate(nest.largest)
 
 
 @pytest.mark.slow
@@ -72,3 +84,35 @@ def test_exported_submodel_compiles_as_usual():
     small = nest.export(nest.smallest)
     with nest.use(nest.smallest), torch.no_grad():
         torch.testing.assert_close(torch.compile(small, backend="aot_eager")(case.example), nest.model(case.example))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_switching_with_use_and_activate_stays_correct(seed):
+    """Guards must follow every way a sub-model becomes active: a random mix of
+    use(sub), activate(sub) and plain calls, compiled vs eager after each step.
+    Compiles: at most one per distinct (sub-model, use or default) pair."""
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(nest.model, backend=counter)
+    rng = random.Random(seed)
+    subs = list(nest.submodels)
+    seen = set()
+    try:
+        with torch.no_grad():
+            for _ in range(14):
+                op, sub = rng.choice(["use", "activate", "call"]), rng.choice(subs)
+                if op == "activate":
+                    nest.activate(sub)
+                    continue
+                if op == "use":
+                    with nest.use(sub):
+                        got, want = compiled(case.example), nest.model(case.example)
+                else:
+                    got, want = compiled(case.example), nest.model(case.example)
+                seen.add((op, sub if op == "use" else nest.active))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{op} {sub}")
+        assert counter.frame_count <= len(seen)
+    finally:
+        nest.activate(nest.largest)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import FAMILIES
 from torch.utils.flop_counter import FlopCounterMode
 
 import sortednet as sn
+from models import FAMILIES
 from sortednet.cost import pareto_front
 
 FAMS = sorted(FAMILIES)

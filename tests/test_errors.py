@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from models import FAMILIES, assert_unchanged, run, snapshot
 from safetensors.torch import save_file
 from torch import nn
 
 import sortednet as sn
+from models import FAMILIES, assert_unchanged, run, snapshot
 from sortednet import Depth, Heads, Width
 
 
@@ -218,7 +218,8 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
         c = FAMILIES["mlp"](h1=8)
         path = os.path.join(tmp, "other.safetensors")
         sn.save(sn.wrap(c.model, *c.dims), path)
-        return Bad(m, x, lambda: sn.load(nest, path), ("other.safetensors", "dimensions", "[2, 4, 8]", "[4, 8, 16]"), nest)
+        return Bad(m, x, lambda: sn.load(nest, path),
+                   ("other.safetensors", "dimensions", "[2, 4, 8]", "[4, 8, 16]"), nest)
     raise KeyError(key)
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import FAMILIES, assert_unchanged, case_params, run, snapshot
 from torch import nn
 
 import sortednet as sn
+from models import FAMILIES, assert_unchanged, case_params, run, snapshot
 from sortednet.slicers.mha import PrunedMultiheadAttention
 
 FAMS = sorted(FAMILIES)
@@ -114,3 +114,20 @@ def test_torch_export(family):
     small = nest.export(sub).eval()
     prog = torch.export.export(small, (c.example,))
     torch.testing.assert_close(prog.module()(c.example), run(small, c.example), atol=1e-5, rtol=0)
+
+
+@given(layers=st.sampled_from([1, 2]), seed=st.integers(0, 99), causal=st.booleans())
+def test_sliced_attention_with_masks_matches_export(layers, seed, causal):
+    """Live sliced MultiheadAttention (sortednet's own attention) vs the exported
+    stock / pruned module, with an attention mask and key padding."""
+    c, nest = wrapped("torch_encoder", {"layers": layers, "seed": seed})
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    kw = {"is_causal": True} if causal else {"src_key_padding_mask": pad}
+    for sub in nest.submodels:
+        x = h[..., : sub["hidden"]]
+        with nest.use(sub):
+            live = run(lambda t: c.model.enc(t, mask=mask, **kw), x)
+        small = nest.export(sub)
+        torch.testing.assert_close(run(lambda t: small.enc(t, mask=mask, **kw), x), live, atol=1e-5, rtol=0)

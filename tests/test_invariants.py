@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import FAMILIES, case_params, chunks_of, leading, place, run
 
 import sortednet as sn
+from models import FAMILIES, case_params, chunks_of, leading, place, run
 from sortednet import slicers
 
 FAMS = sorted(FAMILIES)
@@ -153,6 +153,21 @@ def test_training_touches_only_the_slice(family, data):
                 assert (g is None or not g.any()) and (h is None or not h.any()), name
             else:
                 assert torch.equal(g, h), (name, mode)
+
+
+@given(c=st.sampled_from([8, 16]), data=st.data())
+def test_training_updates_only_active_batchnorm_statistics(c, data):
+    case, nest = build("cnn_bn_residual", {"c": c})
+    sub = data.draw(st.sampled_from(nest.submodels))
+    case.model.train()
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    with nest.use(sub):
+        case.model(case.example)
+    for bn in ("bn1", "bn2"):
+        for stat in ("running_mean", "running_var"):
+            old, new, n = before[f"{bn}.{stat}"], getattr(case.model, bn)._buffers[stat], sub["ch"]
+            assert not torch.equal(new[:n], old[:n]) and torch.equal(new[n:], old[n:]), (bn, stat)
+        assert getattr(case.model, bn).num_batches_tracked == 1
 
 
 @pytest.mark.parametrize("family", FAMS)

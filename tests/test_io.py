@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import FAMILIES, case_params, run
 
 import sortednet as sn
+from models import FAMILIES, case_params, run
 
 FAMS = sorted(FAMILIES)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import FAMILIES
 from torch import nn
 
 import sortednet as sn
+from models import FAMILIES
 from sortednet.wrap import match_pattern
 
 comp = st.sampled_from(["a", "b", "fc1", "fc2", "attn", "0", "1", "blocks"])

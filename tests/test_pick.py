@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import FAMILIES
 
 import sortednet as sn
+from models import FAMILIES
 from sortednet.errors import BudgetError
 from sortednet.select import Selector
 
@@ -88,7 +88,7 @@ def test_ties_with_scores_go_to_fewer_params():
     assert sel.pick({"params": 10}) == subs[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nest_with_profile(family: str, scored: bool):
     """Profiled once per module run (pick never changes the nest)."""
     case = FAMILIES[family]()

@@ -10,12 +10,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import FAMILIES, case_params, run
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sortednet as sn
-from sortednet import slicers
-from sortednet import SubModel
+from models import FAMILIES, case_params, run
+from sortednet import SubModel, slicers
 
 FAMS = sorted(FAMILIES)
 names = st.text(string.ascii_lowercase + "_", min_size=1, max_size=6)

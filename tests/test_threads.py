@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import torch
-from models import FAMILIES, run
 
 import sortednet as sn
+from models import FAMILIES, run
 from sortednet import slicers
 
 FAMS = sorted(FAMILIES)
@@ -100,7 +100,7 @@ def test_threads_backward_sees_their_forward_submodel(family):
 
     in_threads(work)
     for i, gs in got.items():
-        for p, g, w in zip(params, gs, want[i]):
+        for g, w in zip(gs, want[i]):
             assert (g is None) == (w is None)
             assert g is None or torch.equal(g, w), f"thread {i} ({subs[i]})"
 

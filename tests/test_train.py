@@ -316,3 +316,19 @@ def test_fit_bad_arguments(kwargs, match):
         sn.fit(nest, [toy_batch(0)], opt, sn.Sampler(other_nest.submodels, k=1), progress=False)
     with pytest.raises(sn.SortedNetError, match="Sampler"):
         sn.fit(nest, [toy_batch(0)], opt, nest.submodels, progress=False)
+
+
+def test_demo_runs_and_reports_every_submodel(tmp_path, capsys):
+    """examples/train_digits.py (``make demo``) end to end, one epoch."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_digits.py")
+    spec = importlib.util.spec_from_file_location("train_digits_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    scores = demo.main(["--epochs", "1", "--quiet", "--table", str(tmp_path / "table.md")])
+    out = capsys.readouterr().out
+    assert len(scores) >= 160 and all(0 <= v <= 1 for v in scores.values())
+    assert (tmp_path / "table.md").read_text().count("\n") == len(scores) + 2
+    assert out.count("nest.pick") == 1 and out.count("params <=") == 3

@@ -18,12 +18,20 @@ import torch  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers import (  # noqa: E402
-    BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-    LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, TrainingArguments,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainingArguments,
 )
 
 import sortednet as sn  # noqa: E402
-from sortednet.integrations import SortedTrainer, export_pretrained, soft_loss  # noqa: E402
+from sortednet.integrations import SortedTrainer, SubModelCallback, export_pretrained, soft_loss  # noqa: E402
 from sortednet.integrations.trainer import make_sampler  # noqa: E402
 from sortednet.integrations.transformers import _resolve  # noqa: E402
 
@@ -125,7 +133,8 @@ def test_export_pretrained_roundtrip_or_clear_refusal(name, tmp_path):
 
 
 def test_export_pretrained_loads_in_fresh_process(tmp_path):
-    """save_pretrained -> AutoModelForCausalLM.from_pretrained in another Python process."""
+    """save_pretrained -> AutoModelForCausalLM.from_pretrained in another Python process, which
+    also checks that ``import sortednet`` imports transformers only on first use of the integration."""
     results = {}
     for name in ("llama", "gpt2"):
         model, kw, _, _ = build(name)
@@ -134,10 +143,12 @@ def test_export_pretrained_loads_in_fresh_process(tmp_path):
         export_pretrained(nest, sub).save_pretrained(tmp_path / name)
         with torch.no_grad(), nest.use(sub):
             results[name] = out(model, ids()).tolist()
-    code = ("import json, sys, torch; from transformers import AutoModelForCausalLM\n"
-            "x = torch.randint(1, %d, (2, 9), generator=torch.Generator().manual_seed(1))\n"
+    code = ("import json, sys, torch, sortednet as sn\nassert 'transformers' not in sys.modules\n"
+            "sn.from_transformers\nassert 'transformers' in sys.modules\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"x = torch.randint(1, {V}, (2, 9), generator=torch.Generator().manual_seed(1))\n"
             "r = {n: AutoModelForCausalLM.from_pretrained(sys.argv[1] + '/' + n).eval()(input_ids=x).logits.tolist()"
-            " for n in ('llama', 'gpt2')}\nprint(json.dumps(r))" % V)
+            " for n in ('llama', 'gpt2')}\nprint(json.dumps(r))")
     env = {**os.environ, "PYTHONPATH": SRC, "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -250,6 +261,24 @@ def test_trainer_same_submodels_for_all_micro_batches(soft, tmp_path):
     assert not torch.equal(model.lm_head.weight, before)
 
 
+def test_callback_activates_one_submodel_per_optimizer_step(tmp_path):
+    model, _, _, _ = build("gpt2")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 32, 64], depth=[1, 2])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(24)]
+    args = TrainingArguments(str(tmp_path), max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    cb = SubModelCallback(nest, sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=1))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((trainer.state.global_step, nest.active)))
+    trainer.train()
+    assert [s for s, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [sub for _, sub in seen] == [cb.sampler.draw(s)[0] for s, _ in seen]
+    assert len({sub for _, sub in seen}) > 1
+    assert nest.active == nest.largest  # restored at train end
+
+
 def test_trainer_rejects_foreign_model(tmp_path):
     model, _, _, _ = build("gpt2")
     nest = sn.from_transformers(model, ffn=[32])
@@ -283,10 +312,3 @@ def test_fractions_resolve_to_ascending_multiples(fracs, group):
     assert sizes == sorted(set(sizes)) and sizes[-1] == full
     assert all(s % group == 0 and 0 < s <= full for s in sizes)
 
-
-def test_import_sortednet_does_not_import_transformers():
-    code = "import sys, sortednet as sn; assert 'transformers' not in sys.modules; sn.from_transformers; " \
-           "assert 'transformers' in sys.modules"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": SRC})
-    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -104,8 +104,16 @@ class Dimension:
 
     @property
     def active(self) -> int:
-        """The size in force for the calling thread."""
-        return getattr(self._local, "size", self._default)
+        """The size in force for the calling thread.
+
+        The nest-wide default is read only when no ``use`` is in force, so under
+        ``torch.compile`` a graph entered through ``use`` guards on the thread's
+        size alone and ``activate`` does not invalidate it. (Dynamo guards
+        ``getattr`` on a ``threading.local`` soundly; reads through its
+        ``__dict__`` are not guarded: do not "optimise" this into one.)
+        """
+        size = getattr(self._local, "size", None)
+        return self._default if size is None else size
 
     def _set_local(self, size: int | None) -> None:
         if size is None:

@@ -134,7 +134,7 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
                              + [torch.tensor([float(p.grad is not None) for p in chunk], dtype=dtype, device=device)])
             dist.all_reduce(flat, group=group)
             calls += 1
-            seen = flat[-len(chunk):]
+            seen = flat[-len(chunk):].tolist()
             offset = 0
             for i, p in enumerate(chunk):
                 g = flat[offset:offset + p.numel()].view_as(p).div_(world)

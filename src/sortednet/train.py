@@ -117,12 +117,13 @@ def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], An
     if weights is None:
         weights = [1.0 / len(resolved)] * len(resolved)
     else:
+        raw = weights
         try:
-            weights = [float(w) for w in weights]
+            weights = [float(w) for w in raw]
         except (TypeError, ValueError):
             weights = []
         if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers, got {weights!r}")
+            raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers, got {raw!r}")
     order = list(range(len(resolved)))
     teacher = None
     if distill is not None and len(resolved) > 1:

@@ -60,7 +60,8 @@ LAYOUTS: tuple[Layout, ...] = (
            ("intermediate.dense",), ("output.dense",), "attention",
            ("self.query", "self.key", "self.value"), "output.dense", (), "intermediate_size", "", False),
 )
-SUPPORTED = "BERT (BertModel, BertFor*), GPT-2 (GPT2Model, GPT2LMHeadModel, ...), Llama-family (Llama, Mistral, Qwen2, ...)"
+SUPPORTED = ("BERT (BertModel, BertFor*), GPT-2 (GPT2Model, GPT2LMHeadModel, ...), "
+             "Llama-family (Llama, Mistral, Qwen2, ...)")
 
 
 @dataclass(frozen=True)
