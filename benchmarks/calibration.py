@@ -109,9 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     for s in subs:
         gain = mean("calibrated", s) - mean("shared", s)
         gains.append((s, gain))
-        rows.append([f"`{s}`", runs[0]["params"][s], round(100 * mean("shared", s), 1),
-                     round(100 * mean("calibrated", s), 1), f"{100 * gain:+.1f}",
-                     round(100 * mean("exported", s), 1)])
+        rows.append([f"`{s}`", runs[0]["params"][s], f"{100 * mean('shared', s):.1f}",
+                     f"{100 * mean('calibrated', s):.1f}", f"{100 * gain:+.1f}", f"{100 * mean('exported', s):.1f}"])
     small = [g for s, g in gains if runs[0]["params"][s] <= sorted(runs[0]["params"].values())[len(subs) // 4]]
     worst_export = max(abs(r["exported"][s] - r["calibrated"][s]) for r in runs for s in subs)
     text = (f"# BatchNorm calibration on digits\n\nCommand: `python benchmarks/calibration.py"

@@ -125,7 +125,9 @@ def measure(n_dims: int, quick: bool) -> dict:
     budgets = [rng.uniform(lo, hi) for _ in range(2000)]
     fl = prof.costs["flops"]
     fbudgets = [(b, rng.uniform(min(fl), max(fl))) for b in budgets]
-    nest.pick(params=hi)   # builds the selector once (precomputed tables)
+    t0 = time.perf_counter()
+    nest.pick(params=hi)   # builds the selector once (ranking, precomputed tables)
+    build_ms = (time.perf_counter() - t0) * 1e3
 
     def pick2(b):
         try:
@@ -143,6 +145,7 @@ def measure(n_dims: int, quick: bool) -> dict:
     after_bytes = weight_bytes(nest.model)
     return {"N": n, "wrap_s": wrap_s, "count_fast_s": fast_s, "count_walk_s": walk_s, "use_us": use_us,
             "use_str_us": use_str_us, "profile_s": profile_s, "pick_us": pick_us, "pick2_us": pick2_us,
+            "build_ms": build_ms,
             "weights_plain": plain_bytes, "weights_after": after_bytes, "book_per_sub": book_per_sub,
             "walk_sampled": len(sample) < n}
 
@@ -170,11 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         ["weight bytes per extra sub-model", extra_weights, "0", extra_weights == 0],
     ])
     per_n = table(["N", "wrap (s)", "param count: grouped (s)", "param count: walk per sub-model (s)",
-                   "use() enter+leave (us)", "use('w0=..') from a string (us)", "pick(params) (us)",
+                   "use() enter+leave (us)", "use('w0=..') from a string (us)", "first pick: build (ms)",
+                   "pick(params) (us)",
                    "pick(params, flops) (us)", "profile flops+score (s)", "weight bytes", "bookkeeping B/sub-model"],
                   [[r["N"], round(r["wrap_s"], 3), round(r["count_fast_s"], 3),
                     f"{r['count_walk_s']:.3f}" + (" (extrapolated from 500)" if r["walk_sampled"] else ""),
-                    round(r["use_us"], 1), round(r["use_str_us"], 1), round(r["pick_us"], 1),
+                    round(r["use_us"], 1), round(r["use_str_us"], 1), round(r["build_ms"], 1), round(r["pick_us"], 1),
                     round(r["pick2_us"], 1), round(r["profile_s"], 2), r["weights_after"],
                     round(r["book_per_sub"])] for r in rows])
     text = (f"# Switching and selection vs number of sub-models\n\nCommand: `python benchmarks/switching.py"
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             "\n\n## Per N\n\n" + per_n +
             "\n\n`use()` times are medians of 7 rounds of 2,000 random sub-models (given as `SubModel`; "
             "the string column parses and validates each call). `pick` times are medians of 7 rounds of "
-            "2,000 random budgets after the selector was built once (the build is part of the first pick). "
+            "2,000 random budgets after the selector was built once (timed apart: the first pick after a profile). "
             "'weight bytes' is measured after running 200 sub-models: equal to the plain model's "
             f"({rows[0]['weights_plain']} bytes), so extra sub-models cost no weight memory; "
             "'bookkeeping' is Python memory traced while wrapping (sub-model objects, parameter-count "

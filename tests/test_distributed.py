@@ -22,9 +22,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import sortednet as sn
 import sortednet.distributed as snd
 import sortednet.slicers as slicers
-from models import FAMILIES
+from models import FAMILIES as BASE
 
 WORLD, STEPS, GLOBAL_BATCH, LR = 2, 20, 4, 0.05
+
+
+def _rank_mlp(mode: str):
+    def build(seed: int = 0):
+        case = BASE["mlp"](seed)
+        case.dims.append(sn.Rank("rank", [1, 2, 5], targets="fc3", mode=mode))
+        return case
+
+    return build
+
+
+FAMILIES = {**BASE, "mlp_rank_svd": _rank_mlp("svd"), "mlp_rank_lora": _rank_mlp("lora")}
 
 # name -> (family, how the ranks synchronise)
 SCENARIOS = {
@@ -34,7 +46,12 @@ SCENARIOS = {
     "lm-plain": ("lm_width_heads_depth", "plain"),       # no DDP wrapper: accumulate + sync_gradients
     "lm-ddp-unused": ("lm_width_heads_depth", "ddp_unused"),  # inplace_grad=False, find_unused, no_sync but last
     "mlp-fsdp2": ("mlp", "fsdp2"),
-    "lm-fsdp2": ("lm_width_heads_depth", "fsdp2"),       # blocks sharded one by one, some skipped by depth
+    "lm-fsdp2": ("lm_width_heads_depth", "fsdp2_blocks"),  # blocks sharded one by one, some skipped by depth
+    "encoder-fsdp2": ("torch_encoder", "fsdp2"),   # nn.MultiheadAttention heads (its forward is replaced)
+    "rank-svd-ddp": ("mlp_rank_svd", "ddp"),
+    "rank-lora-ddp": ("mlp_rank_lora", "ddp"),       # frozen base weights, adapters train
+    "rank-svd-fsdp2": ("mlp_rank_svd", "fsdp2"),
+    "rank-lora-fsdp2": ("mlp_rank_lora", "fsdp2"),
 }
 
 
@@ -73,17 +90,18 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
         module = DDP(model)
     elif mode == "ddp_unused":
         module = DDP(model, find_unused_parameters=True)
-    elif mode == "fsdp2":
+    elif mode.startswith("fsdp2"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (WORLD,))
-        for blk in getattr(model, "blocks", []):
-            fully_shard(blk, mesh=mesh)
+        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and mode == "fsdp2_blocks"]:
+            for blk in blocks:  # one FSDP unit per block: depth-skipped blocks are never gathered
+                fully_shard(blk, mesh=mesh)
         module = fully_shard(model, mesh=mesh)
     else:
         module = model
-    opt = _optimizer(model.parameters())
+    opt = _optimizer(nest.trainable_parameters())  # after sharding: the DTensor parameters
     sampler = _sampler(nest)
     draws = []
     for step in range(STEPS):
@@ -101,7 +119,7 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     snd.save(nest, ckpt)
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -132,6 +150,19 @@ def _errors(rank: int) -> dict:
         out["ddp_reducer_guard"] = str(e)
     with ddp.no_sync(), nest.use(nest.smallest):
         ddp(case.example)  # allowed under no_sync
+    # sync_gradients: a gradient on one rank only, on no rank, on both, bucketed one parameter at a time
+    lin = torch.nn.Linear(3, 2)
+    lin.weight.grad = torch.full((2, 3), float(rank + 1)) if rank == 0 else None
+    lin.bias.grad = None
+    calls = snd.sync_gradients(lin, bucket_bytes=1)
+    lin2 = torch.nn.Linear(3, 2)
+    lin2.weight.grad, lin2.bias.grad = torch.full((2, 3), float(rank + 1)), torch.full((2,), 10.0 * rank)
+    snd.sync_gradients(lin2)
+    out["sync"] = {"calls": calls, "one_rank": lin.weight.grad, "no_rank": lin.bias.grad,
+                   "both": (lin2.weight.grad, lin2.bias.grad)}
+    every: list = [None] * WORLD
+    dist.all_gather_object(every, out["sync"])
+    out["sync_all_ranks"] = every
     return out
 
 
@@ -168,7 +199,7 @@ def _reference(family: str, mode: str):
     old, slicers.INPLACE_MIN_NUMEL = slicers.INPLACE_MIN_NUMEL, 0
     try:
         case, nest = _build(family, mode)
-        opt, sampler = _optimizer(case.model.parameters()), _sampler(nest)
+        opt, sampler = _optimizer(nest.trainable_parameters()), _sampler(nest)
         for step in range(STEPS):
             x = _batch(family, step)
             sn.accumulate(nest, sampler.draw(step), lambda: _loss(case.model(x)))  # noqa: B023
@@ -203,16 +234,17 @@ def test_draws_exercise_blocks_skipped_by_the_last_backward():
 def test_distributed_training_equals_one_process(run, name):
     _, results = run
     fam, mode = SCENARIOS[name]
-    case, _, _ = _reference(fam, mode)
+    case, nest, _ = _reference(fam, mode)
     state = results[name]["state"]
     ref = case.model.state_dict()
     assert state.keys() == ref.keys()
-    start = FAMILIES[fam](seed=0).model.state_dict()
-    moved = 0
+    start = _build(fam, mode)[0].model.state_dict()
     for k, v in ref.items():
         torch.testing.assert_close(state[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{name} {k}: {m}")
-        moved += int(not torch.equal(v, start[k]))
-    assert moved > len(ref) // 2  # training really changed the weights
+    ids = {id(p) for p in nest.trainable_parameters()}
+    trained = [n for n, p in case.model.named_parameters() if id(p) in ids]
+    moved = [n for n in trained if not torch.equal(ref[n], start[n])]
+    assert len(moved) > len(trained) // 2, moved  # training really changed the weights
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -234,6 +266,16 @@ def test_misuse_raises_clear_errors(run):
     errs = results["errors"]
     assert "wrap before fully_shard" in errs.get("wrap_after_fully_shard", "")
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
+
+
+def test_sync_gradients_averages_and_keeps_none_where_no_rank_has_a_gradient(run):
+    _, results = run
+    for got in results["errors"]["sync_all_ranks"]:
+        assert got["calls"] == 2  # bucket_bytes=1: one collective per parameter
+        torch.testing.assert_close(got["one_rank"], torch.full((2, 3), 0.5))  # (1 + 0) / 2
+        assert got["no_rank"] is None
+        torch.testing.assert_close(got["both"][0], torch.full((2, 3), 1.5))
+        torch.testing.assert_close(got["both"][1], torch.full((2,), 5.0))
 
 
 def test_single_process_helpers_are_no_ops():

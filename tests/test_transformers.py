@@ -73,6 +73,8 @@ FAMILIES = {
     "gpt2": (gpt2, dict(ffn=[32, 64], heads=[2], depth=[2]), True, False),
     "llama": (llama, dict(ffn=[0.5], heads=[2], depth=[2, 3]), True, True),
     "qwen2": (qwen2, dict(ffn=[16], heads=[0.5], depth=[1]), True, True),
+    "llama_lora": (llama, dict(ffn=[0.5], depth=[2], rank=[2, 4]), True, True),
+    "bert_svd": (bert, dict(heads=[2], rank=[4, 32], rank_mode="svd"), False, False),
 }
 
 
@@ -103,7 +105,12 @@ def test_largest_is_original_and_every_export_matches_live(name):
     with torch.no_grad():
         ref = out(model, x)
         nest = sn.from_transformers(model, **kw)
-        assert torch.equal(out(model, x), ref)
+        assert torch.equal(out(model, x), ref) or "rank" in kw  # svd factors: equal up to rounding
+        torch.testing.assert_close(out(model, x), ref, atol=1e-5, rtol=0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # adapters start at zero; make every rank matter
+                p.normal_(0, 0.1)
+        ref = out(model, x)
         for sub in nest.submodels:
             with nest.use(sub):
                 live = out(model, x)
@@ -118,16 +125,16 @@ def test_export_pretrained_roundtrip_or_clear_refusal(name, tmp_path):
     model, kw, _, loads = build(name)
     nest = sn.from_transformers(model, **kw)
     x = ids()
-    n_heads = model.config.num_attention_heads
-    for sub in (nest.smallest, nest.resolve({"heads": n_heads}), nest.largest):
-        if not loads and sub["heads"] < n_heads:
+    n_heads, n_layers = model.config.num_attention_heads, model.config.num_hidden_layers
+    for sub in (nest.smallest, nest.resolve({"heads": n_heads} if "heads" in kw else {}), nest.largest):
+        if not loads and sub.get("heads", n_heads) < n_heads:
             with pytest.raises(sn.SortedNetError, match="plain module"):
                 export_pretrained(nest, sub)
             continue
         small = export_pretrained(nest, sub)
         small.save_pretrained(tmp_path / str(sub))
         back = type(model).from_pretrained(tmp_path / str(sub)).eval()
-        assert back.config.num_hidden_layers == sub["depth"]
+        assert back.config.num_hidden_layers == sub.get("depth", n_layers)
         with torch.no_grad(), nest.use(sub):
             torch.testing.assert_close(out(back, x), out(model, x), atol=1e-5, rtol=0)
 
@@ -292,6 +299,11 @@ def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
     model, _, _, _ = build("gpt2")
     with pytest.raises(sn.SortedNetError, match="supported.*sn.Width"):
         sn.from_transformers(torch.nn.Sequential(torch.nn.Linear(2, 2)), ffn=[1])
+    with pytest.raises(sn.SortedNetError, match="nn.Linear"):
+        sn.from_transformers(model, rank=[2, 4])  # GPT-2 projections are Conv1D
+    lora, _, _, _ = build("llama")
+    with pytest.raises(sn.SortedNetError, match="rank"):
+        sn.sort_by_importance(sn.from_transformers(lora, rank=[2, 4]), [ids()])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for kw in (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[5]), dict(depth=[0]), dict(depth=[2, 9]), {}):
         with pytest.raises(sn.SortedNetError):

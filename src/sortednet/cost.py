@@ -266,13 +266,14 @@ class Profile:
                 raise SortedNetError(f"Profile: {metric!r} has {len(values)} values for {n} sub-models")
         if self.scores is not None and len(self.scores) != n:
             raise SortedNetError(f"Profile: {len(self.scores)} scores for {n} sub-models")
+        object.__setattr__(self, "_pos", {s: i for i, s in enumerate(self.submodels)})
 
     def index(self, sub: SubModel) -> int:
         """Position of ``sub`` in :attr:`submodels`."""
-        try:
-            return self.submodels.index(sub)
-        except ValueError:
-            raise SortedNetError(f"sub-model {sub} is not in this profile") from None
+        i = self._pos.get(sub)
+        if i is None:
+            raise SortedNetError(f"sub-model {sub} is not in this profile")
+        return i
 
     def cost(self, sub: SubModel, metric: str = "params") -> float:
         """The recorded ``metric`` of ``sub``."""

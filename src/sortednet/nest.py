@@ -246,8 +246,8 @@ class Nest:
                      if m == "params" or (c and all(s in c for s in subs))}
             prof = self._profile
             scores = None
-            if prof is not None and prof.scores is not None and set(subs) <= set(prof.submodels):
-                scores = [prof.scores[prof.index(s)] for s in subs]
+            if prof is not None and prof.scores is not None and all(s in prof._pos for s in subs):
+                scores = [prof.scores[prof._pos[s]] for s in subs]
             self._selector = Selector(subs, costs, scores)
         return self._selector
 

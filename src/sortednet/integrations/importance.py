@@ -86,6 +86,9 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     """
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sort_by_importance needs a Nest (sn.from_transformers(...)), got {type(nest).__name__}")
+    if any(d.kind == "rank" for d in nest.dims):
+        raise SortedNetError("sort_by_importance permutes full weight matrices; run it on a nest without a rank "
+                             "dimension (sort first, then nest.unwrap() and from_transformers(..., rank=...))")
     found: Found = _layout_of(nest)
     lay, model = found.layout, nest.model
     blocks = list(model.get_submodule(found.layers)._modules.values())

@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
 from ..heads import Heads
+from ..rank import Rank
 from ..nest import Nest
 from ..submodel import SubModelLike
 from ..wrap import wrap
@@ -134,12 +135,16 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
 
 
 def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = None, depth: Sizes = None,
-                      rank: Sizes = None) -> Nest:
+                      rank: Sequence[int] | None = None, rank_mode: str = "lora") -> Nest:
     """Nest a Hugging Face transformers model along FFN width, attention heads and depth.
 
     Sizes are integers or fractions of the full size (the full size is always
     added). ``heads`` counts query heads; with grouped-query attention every
     size must keep whole key/value groups (fractions are rounded to them).
+    ``rank`` (integers) nests the rank of every attention and FFN projection
+    with ``sn.Rank(mode=rank_mode)``: DyLoRA adapters by default (``"lora"``),
+    or ordered SVD factors (``"svd"``); ``nn.Linear`` projections only (BERT,
+    Llama-family).
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -170,13 +175,26 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     if depth is not None:
         dims.append(Depth("depth", _resolve("depth", depth, n_layers), layers=P))
     if rank is not None:
-        raise SortedNetError("from_transformers(rank=...) needs the Rank dimension, which this version of "
-                             "sortednet does not have; leave rank=None")
+        dims.append(_rank_dim(blk, found, rank, rank_mode))
     if not dims:
         raise SortedNetError("from_transformers needs at least one of ffn=, heads=, depth=")
     nest = wrap(model, *dims)
     nest._hf = found
     return nest
+
+
+def _rank_dim(blk: nn.Module, found: Found, rank: Sequence[int], mode: str) -> Rank:
+    lay = found.layout
+    qkv = [lay.qkv] if isinstance(lay.qkv, str) else list(lay.qkv)
+    rel = [f"{lay.attn}.{p}" for p in (*qkv, lay.o)] + list(lay.ffn_out + lay.ffn_inp)
+    bad = [p for p in rel if not isinstance(blk.get_submodule(p), nn.Linear)]
+    if bad:
+        raise SortedNetError(f"from_transformers(rank=...): rank targets must be nn.Linear, but the "
+                             f"{lay.family} layout has {type(blk.get_submodule(bad[0])).__name__} at {bad}; "
+                             "use ffn=/heads=/depth= for this model")
+    if isinstance(rank, int) or any(isinstance(r, float) for r in rank):
+        raise SizeError(f"rank: sizes must be a list of integer ranks, got {rank!r}")
+    return Rank("rank", list(rank), targets=[f"{found.layers}.*.{p}" for p in rel], mode=mode)
 
 
 def _full_out(m: nn.Module) -> int:
