@@ -77,6 +77,7 @@ METHODS = {  # name -> sampler arguments (None: independent training of standalo
     "sortednet uniform": {"strategy": "uniform", "k": K},
     "sortednet sandwich": {"strategy": "sandwich", "k": K},
     "sortednet uniform + distill": {"strategy": "uniform", "k": K, "distill": True},
+    "sortednet sandwich + distill": {"strategy": "sandwich", "k": K, "distill": True},
     "full only, then slice": {"strategy": "weighted", "k": 1, "weights": "full"},
     "one random sub-model per step": {"strategy": "uniform", "k": 1},
     "independent (reference)": None,
@@ -153,7 +154,7 @@ def train_twins(arch: Arch, subs: list[sn.SubModel], data, seed: int, steps: int
     return {"acc": acc, "passes": passes, "flops": cost}
 
 
-def run(seeds: list[int], steps_scale: float, archs: list[str], log=print) -> dict:
+def run(seeds: list[int], steps_scale: float, archs: list[str], methods: list[str], log=print) -> dict:
     data = demo.load_data()
     results: dict = {"seeds": seeds, "k": K, "twins": N_TWINS, "archs": {}}
     for key in archs:
@@ -166,8 +167,8 @@ def run(seeds: list[int], steps_scale: float, archs: list[str], log=print) -> di
             assert sum(p.numel() for p in arch.plain(s).parameters()) == params[str(s)], s
         res = {"name": arch.name, "steps": steps, "submodels": [str(s) for s in nest.submodels],
                "params": params, "flops": fl, "twins": [str(s) for s in twins(nest.submodels)], "methods": {}}
-        for method, cfg in METHODS.items():
-            runs = []
+        for method in methods:
+            cfg, runs = METHODS[method], []
             for seed in seeds:
                 t0 = time.perf_counter()
                 if cfg is None:
@@ -184,12 +185,29 @@ def run(seeds: list[int], steps_scale: float, archs: list[str], log=print) -> di
     return results
 
 
+def merge(path: str, new: dict) -> dict:
+    """The saved results with ``new``'s methods added or replaced (same seeds and steps required)."""
+    with open(path) as f:
+        old = json.load(f)
+    if old["seeds"] != new["seeds"]:
+        raise SystemExit(f"cannot merge: saved seeds {old['seeds']} != {new['seeds']}")
+    for key, arch in new["archs"].items():
+        if key not in old["archs"] or old["archs"][key]["steps"] != arch["steps"]:
+            raise SystemExit(f"cannot merge {key!r}: not in {path} or run with other steps")
+        runs = {**old["archs"][key]["methods"], **arch["methods"]}
+        old["archs"][key]["methods"] = {m: runs[m] for m in METHODS if m in runs}
+    old["wall_seconds"] = old.get("wall_seconds", 0) + new["wall_seconds"]
+    return old
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     p.add_argument("--quick", action="store_true", help="1 seed, 5%% of the steps, output under /tmp")
     p.add_argument("--render", action="store_true", help="only re-render outputs from the saved JSON")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                   help="run only these methods and merge them into the saved JSON")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     out = "/tmp/sortednet_digits_quick" if args.quick else args.out
@@ -201,9 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        results = run([0] if args.quick else list(range(args.seeds)), 0.05 if args.quick else 1.0, args.arch)
+        results = run([0] if args.quick else list(range(args.seeds)), 0.05 if args.quick else 1.0, args.arch,
+                      args.methods)
         results["wall_seconds"] = time.perf_counter() - t0
         results["torch"] = torch.__version__
+        if set(args.methods) != set(METHODS) and os.path.exists(path):
+            results = merge(path, results)
         with open(path, "w") as f:
             json.dump(results, f)
     report.write(results, out, docs=None if args.quick else os.path.join(ROOT, "docs", "training.md"))

@@ -6,7 +6,8 @@ A residual MLP stack (Width "ffn" x Depth "depth") trains uniformly drawn
 sub-models, k=3 per step. For each way of synchronising, the table gives the
 largest difference between the averaged gradients and one process's
 gradients on the whole global batch (steps 0-3), and the median time of
-a training step. Writes benchmarks/results/distributed_sync.{md,json}.
+a training step's forwards, backwards and synchronisation (ways timed
+round-robin). Writes benchmarks/results/distributed_sync.{md,json}.
 """
 
 from __future__ import annotations
@@ -72,43 +73,43 @@ def batch(step: int, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
 
 
-def one_way(rank: int, cfg: dict, a: argparse.Namespace) -> dict:
-    model, nest = build(a.d, a.layers, cfg["inplace"])
-    if cfg["ddp"] == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+class Way:
+    """One way of synchronising: its own model copy, wrapper and sampler (the same draws for every way)."""
 
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for b in model.blocks:
-            fully_shard(b, mesh=mesh)
-        module = fully_shard(model, mesh=mesh)
-    else:
-        module = DDP(model, find_unused_parameters=cfg["ddp"] == "unused")
-    sampler = sn.Sampler(nest.submodels, k=3, strategy="uniform", seed=0)
-    per = a.batch // WORLD
-    times, err = [], None
-    for step in range(a.steps):
+    def __init__(self, rank: int, cfg: dict, a: argparse.Namespace) -> None:
+        self.rank, self.cfg, self.a = rank, cfg, a
+        self.model, self.nest = build(a.d, a.layers, cfg["inplace"])
+        if cfg["ddp"] == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (WORLD,))
+            for b in self.model.blocks:
+                fully_shard(b, mesh=mesh)
+            self.module = fully_shard(self.model, mesh=mesh)
+        else:
+            self.module = DDP(self.model, find_unused_parameters=cfg["ddp"] == "unused")
+        self.sampler = sn.Sampler(self.nest.submodels, k=3, strategy="uniform", seed=0)
+
+    def step(self, step: int) -> float:
+        """One training step's forward/backward/sync (no optimizer: weights stay put); returns seconds."""
+        per, a, module = self.a.batch // WORLD, self.a, self.module
         x, y = batch(step, a.batch, a.d)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        subs = sampler.draw(step)
-        closure = lambda: (module(x) - y).square().mean()  # noqa: B023,E731
-        t0 = time.perf_counter()
-        try:
-            if cfg["how"] == "sortednet":
-                snd.accumulate(nest, subs, closure, module=module)
-            else:
-                for i, s in enumerate(subs):
-                    last = i == len(subs) - 1
-                    with (nullcontext() if last or cfg["how"] == "reducer_each" else module.no_sync()), nest.use(s):
-                        (closure() / len(subs)).backward()
-        except Exception as e:  # the misuse rows: DDP refuses
-            return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"}
-        times.append(time.perf_counter() - t0)
-        if step < 4:  # against one process on the whole global batch
-            err = max(err or 0.0, grad_error(model, nest, sampler, step, a))
-        for p in model.parameters():
+        x, y = x[self.rank * per:(self.rank + 1) * per], y[self.rank * per:(self.rank + 1) * per]
+        subs = self.sampler.draw(step)
+        closure = lambda: (module(x) - y).square().mean()  # noqa: E731
+        for p in self.model.parameters():
             p.grad = None
-    return {"ms_per_step": 1000 * statistics.median(times[3:]), "max_grad_error": err}
+        t0 = time.perf_counter()
+        if self.cfg["how"] == "sortednet":
+            snd.accumulate(self.nest, subs, closure, module=module)
+        else:
+            for i, s in enumerate(subs):
+                last = i == len(subs) - 1
+                with (nullcontext() if last or self.cfg["how"] == "reducer_each" else module.no_sync()), \
+                        self.nest.use(s):
+                    (closure() / len(subs)).backward()
+        return time.perf_counter() - t0
 
 
 def grad_error(model: nn.Module, nest: sn.Nest, sampler: sn.Sampler, step: int, a: argparse.Namespace) -> float:
@@ -130,10 +131,23 @@ def worker(rank: int, port: int, a: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
-    rows = {}
-    for name, cfg in WAYS.items():
-        rows[name] = one_way(rank, cfg, a)
+    ways, rows = {}, {}
+    for name, cfg in WAYS.items():           # correctness: steps 0-3 against one process
+        way = Way(rank, cfg, a)
+        try:
+            err = 0.0
+            for step in range(4):
+                way.step(step)
+                err = max(err, grad_error(way.model, way.nest, way.sampler, step, a))
+            ways[name], rows[name] = way, {"max_grad_error": err, "times": []}
+        except Exception as e:  # the misuse rows: DDP refuses
+            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"}
         dist.barrier()
+    for r in range(a.steps):                 # timing: round-robin, so machine load hits every way alike
+        for name, way in ways.items():
+            rows[name]["times"].append(way.step(4 + r))
+    for name in ways:
+        rows[name]["ms_per_step"] = 1000 * statistics.median(rows[name].pop("times"))
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -145,7 +159,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=64, help="global batch")
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=15, help="timed steps per way")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "distributed_sync"))
     a = p.parse_args()
     with socket.socket() as s:
@@ -158,7 +172,7 @@ def main() -> None:
     _, nest = build(a.d, a.layers, True)
     lines = [f"Gradient sync on {WORLD} CPU ranks (gloo), {torch.__version__}; model: residual MLP stack d={a.d}, "
              f"{a.layers} blocks, {nest.cost(nest.largest):,} params, {len(nest.submodels)} sub-models (ffn x depth); "
-             f"uniform k=3; global batch {a.batch}; median of {a.steps - 3} steps.",
+             f"uniform k=3; global batch {a.batch}; median of {a.steps} timed steps per way, taken round-robin.",
              "", "| way | max grad error vs 1 process | ms / step | outcome |", "| --- | ---: | ---: | --- |"]
     for name, r in rows.items():
         if "error" in r:

@@ -135,7 +135,11 @@ def main() -> None:
     ap.add_argument("--timing-repeat", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="smoke run: do not write results")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="rewrite the .md and .png from results/soft_lm.json")
     args = ap.parse_args()
+    if args.replot:
+        with open(os.path.join(RESULTS, "soft_lm.json")) as f:
+            return report(json.load(f))
     torch.set_num_threads(args.threads)
     train_ids, val_ids, vocab = load_text()
     tr = batches(train_ids, args.steps, args.batch, args.ctx, args.seed)
@@ -157,10 +161,19 @@ def main() -> None:
                                            "val_loss": {args.layers: res["standard"]["val_loss"][args.layers]}}
     if args.quick:
         return
-    report(res, exits, every, vars(args), vocab, len(train_ids), len(val_ids))
+    cfg = {k: v for k, v in vars(args).items() if k not in ("quick", "verbose", "replot")}
+    res["meta"] = {"cfg": cfg, "exits": exits, "vocab": vocab, "n_train": len(train_ids), "n_val": len(val_ids)}
+    write("soft_lm.json", json.dumps(res, indent=1))
+    report(res)
 
 
-def report(res: dict, exits: list[int], every: list[int], cfg: dict, vocab: int, n_train: int, n_val: int) -> None:
+def report(res: dict) -> None:
+    """Write soft_lm.md and soft_lm.png from the results (also ``--replot`` from soft_lm.json)."""
+    meta = res["meta"]
+    cfg, exits, vocab, n_train, n_val = meta["cfg"], meta["exits"], meta["vocab"], meta["n_train"], meta["n_val"]
+    every = list(range(1, cfg["layers"] + 1))
+    res = {k: v if k in ("meta", "timing_ms") else {**v, "val_loss": {int(e): x for e, x in v["val_loss"].items()}}
+           for k, v in res.items()}
     std, soft = res["standard"]["val_loss"], res["soft"]["val_loss"]
     rows = []
     for e in every:
@@ -172,6 +185,7 @@ def report(res: dict, exits: list[int], every: list[int], cfg: dict, vocab: int,
     head = ["exit (blocks)", "(a) standard loss", "(a) ppl", "(b) SoFT loss", "(b) ppl", "(c) separate loss",
             "(c) ppl", "SoFT vs separate", "SoFT vs standard"]
     times = [[k, f"{res[k]['sec_per_step'] * 1e3:.0f}", f"{v:.1f}"] for k, v in res["timing_ms"].items()]
+    sep_d = [e for e in every if f"separate_{e}" in res]
     text = (f"# SoFT vs standard training + early exit vs separate shallow models\n\n"
             f"Written by `benchmarks/soft_lm.py` (character-level GPT-2 on `pydoc_data.topics`, vocab {vocab}, "
             f"{n_train} train / {n_val} held-out characters). Config: `{json.dumps(cfg)}`. Every run: the same "
@@ -184,7 +198,6 @@ def report(res: dict, exits: list[int], every: list[int], cfg: dict, vocab: int,
             + table(["run", "mean ms/step during training", "interleaved median ms/step"], times)
             + "\n\n![val loss per exit](soft_lm.png)\n")
     write("soft_lm.md", text)
-    write("soft_lm.json", json.dumps(res, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,11 +206,10 @@ def report(res: dict, exits: list[int], every: list[int], cfg: dict, vocab: int,
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(every, [std[e] for e in every], "o-", label="(a) standard + early exit")
     ax.plot(every, [soft[e] for e in every], "s-", label="(b) SoFT")
-    sep_d = [e for e in every if f"separate_{e}" in res]
     ax.plot(sep_d, [res[f"separate_{e}"]["val_loss"][e] for e in sep_d], "^--", label="(c) separate models")
     ax.set_xlabel("exit depth (blocks)")
     ax.set_ylabel("held-out loss (nats/char)")
-    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("char-level GPT-2 on pydoc_data.topics")
     fig.tight_layout()

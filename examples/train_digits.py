@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--table", default=os.path.join("runs", "train_digits_submodels.md"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_data()
     nest = build()

@@ -9,6 +9,7 @@ Sliced tensors of every size use the in-place gradient hook
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import socket
 from contextlib import nullcontext
@@ -48,10 +49,8 @@ SCENARIOS = {
     "mlp-fsdp2": ("mlp", "fsdp2"),
     "lm-fsdp2": ("lm_width_heads_depth", "fsdp2_blocks"),  # blocks sharded one by one, some skipped by depth
     "encoder-fsdp2": ("torch_encoder", "fsdp2"),   # nn.MultiheadAttention heads (its forward is replaced)
-    "rank-svd-ddp": ("mlp_rank_svd", "ddp"),
-    "rank-lora-ddp": ("mlp_rank_lora", "ddp"),       # frozen base weights, adapters train
-    "rank-svd-fsdp2": ("mlp_rank_svd", "fsdp2"),
-    "rank-lora-fsdp2": ("mlp_rank_lora", "fsdp2"),
+    "rank-svd-ddp": ("mlp_rank_svd", "ddp"),         # weight replaced by factors U, V
+    "rank-lora-fsdp2": ("mlp_rank_lora", "fsdp2"),   # frozen base weights next to trained adapters in one unit
 }
 
 
@@ -189,9 +188,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    return out, torch.load(os.path.join(out, "results.pt"), weights_only=False)
+    """The 2-rank run, once per test session (pytest-xdist workers share it through a locked directory)."""
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sortednet_distributed"
+    out.mkdir(exist_ok=True)
+    with open(out / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "results.pt").exists():
+            mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return str(out), torch.load(out / "results.pt", weights_only=False)
 
 
 def _reference(family: str, mode: str):

@@ -268,6 +268,29 @@ def test_trainer_same_submodels_for_all_micro_batches(soft, tmp_path):
     assert not torch.equal(model.lm_head.weight, before)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_trainer_gradient_equals_mean_loss_over_accumulated_batch(soft, tmp_path):
+    """One SGD step with 2 micro-batches moves the weights by -lr x the gradient of the mean loss of
+    the whole accumulated batch (the Trainer's gradient-accumulation scaling is right in both modes)."""
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16], depth=[2])
+    x = ids(seed=9, b=4)
+    data = [{"input_ids": row, "labels": row} for row in x]
+    sub = nest.resolve("ffn=16,depth=4")
+    with nest.use(sub):
+        loss = soft_loss(nest, x, exits=[2, 4]).loss if soft else model(input_ids=x, labels=x).loss
+    want = torch.autograd.grad(loss, model.lm_head.weight)[0]
+    before = model.lm_head.weight.detach().clone()
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
+                            sampler=sn.Sampler([sub], k=1, seed=0), soft_exits=[2, 4] if soft else None)
+    trainer.train()
+    torch.testing.assert_close(before - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
+
+
 def test_callback_activates_one_submodel_per_optimizer_step(tmp_path):
     model, _, _, _ = build("gpt2")
     model.train()
@@ -305,7 +328,7 @@ def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
     with pytest.raises(sn.SortedNetError, match="rank"):
         sn.sort_by_importance(sn.from_transformers(lora, rank=[2, 4]), [ids()])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kw in (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[5]), dict(depth=[0]), dict(depth=[2, 9]), {}):
+    for kw in (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[5]), dict(depth=[0]), dict(depth=[2, 9]), dict(ffn=[]), dict(rank=[0.5]), {}):
         with pytest.raises(sn.SortedNetError):
             sn.from_transformers(model, **kw)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import METRICS, ParamCounter, Profile, example_signature
+from .cost import METRICS, ParamCounter, Profile, build_profile, count_flops, example_signature
 from .dims import Dimension
 from .errors import SortedNetError
 from .select import Selector
@@ -166,8 +166,6 @@ class Nest:
         >>> nest.cost("h=2"), nest.cost("h=2", "flops", example=torch.randn(1, 4))
         (16, 24)
         """
-        from .cost import count_flops
-
         sub = self.resolve(sub)
         cache = self._cost_cache.get(metric)
         if cache is None:
@@ -202,8 +200,6 @@ class Nest:
         >>> prof.costs["flops"]
         (24.0, 96.0)
         """
-        from .cost import build_profile
-
         self._check_alive()
         prof = build_profile(self, example_inputs, score=score, metrics=metrics, repeat=repeat,
                              warmup=warmup, progress=progress)

@@ -206,6 +206,11 @@ class History:
 
     ``train``: ``{"step", "losses": {sub: loss}}`` per optimizer step;
     ``evals``: ``{"step", "scores": {sub: score}}`` (sub-models as strings).
+
+    >>> from sortednet.train import History
+    >>> h = History(train=[{"step": 0, "losses": {"h=4": 1.0}}, {"step": 1, "losses": {"h=4": 0.5}}])
+    >>> h.mean_loss(), h.last_scores
+    ({'h=4': 0.75}, {})
     """
 
     train: list[dict[str, Any]] = field(default_factory=list)

@@ -126,7 +126,9 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
         if not 0 < s <= full:
             raise SizeError(f"{what}: size {s} must be in 1..{full} (the full size)")
         out.append(s)
-    if out[-1] != full and full not in out:
+    if not out:
+        raise SizeError(f"{what}: give at least one size (full size {full})")
+    if full not in out:
         out.append(full)  # the full model is always a sub-model (invariant 1)
     out = sorted(out)
     if len(set(out)) != len(out):
@@ -177,7 +179,7 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     if rank is not None:
         dims.append(_rank_dim(blk, found, rank, rank_mode))
     if not dims:
-        raise SortedNetError("from_transformers needs at least one of ffn=, heads=, depth=")
+        raise SortedNetError("from_transformers needs at least one of ffn=, heads=, depth=, rank=")
     nest = wrap(model, *dims)
     nest._hf = found
     return nest
