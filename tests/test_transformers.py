@@ -328,7 +328,9 @@ def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
     with pytest.raises(sn.SortedNetError, match="rank"):
         sn.sort_by_importance(sn.from_transformers(lora, rank=[2, 4]), [ids()])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kw in (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[5]), dict(depth=[0]), dict(depth=[2, 9]), dict(ffn=[]), dict(rank=[0.5]), {}):
+    bad = (dict(ffn=[1.5]), dict(ffn=[0.5, 64]), dict(heads=[5]), dict(depth=[0]), dict(depth=[2, 9]),
+           dict(ffn=[]), dict(rank=[0.5]), {})
+    for kw in bad:
         with pytest.raises(sn.SortedNetError):
             sn.from_transformers(model, **kw)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"

@@ -78,7 +78,7 @@ class SortedTrainer(Trainer):
         self.soft_weights = soft_weights
         self.history: list[tuple[int, tuple[SubModel, ...]]] = []
         if self.soft_exits is not None:
-            pass  # MUTANT self.loss_is_scaled_for_ga = False  # SoFT losses are per-micro-batch means: Trainer divides by GA steps
+            self.loss_is_scaled_for_ga = False  # SoFT losses are per-micro-batch means: Trainer divides by GA steps
             self._depth = next((d for d in nest.dims if isinstance(d, Depth)), None)
             if self._depth is not None and max(self.soft_exits) not in self._depth.sizes:
                 raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "

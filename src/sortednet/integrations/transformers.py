@@ -21,8 +21,8 @@ from transformers.pytorch_utils import Conv1D
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
 from ..heads import Heads
-from ..rank import Rank
 from ..nest import Nest
+from ..rank import Rank
 from ..submodel import SubModelLike
 from ..wrap import wrap
 
