@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import sortednet as sn
 from models import FAMILIES
+from sortednet import slicers
 from sortednet.train import evaluate
 
 
@@ -50,7 +51,9 @@ def hand_sum(nest, subs, x, weights, distill):
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace_grad", "autograd"])
 @pytest.mark.parametrize("distill,custom_weights", [(None, False), (sn.Distill(temperature=2.0, alpha=0.3), True)],
                          ids=["plain", "distill"])
-def test_accumulate_equals_hand_summed_losses(family, inplace, distill, custom_weights):
+def test_accumulate_equals_hand_summed_losses(family, inplace, distill, custom_weights, monkeypatch):
+    if inplace:  # the test models are tiny: send every slice through the in-place gradient path
+        monkeypatch.setattr(slicers, "INPLACE_MIN_NUMEL", 0)
     case, ref_case = FAMILIES[family](seed=1), FAMILIES[family](seed=1)
     nest = sn.wrap(case.model, *case.dims, inplace_grad=inplace)
     ref = sn.wrap(ref_case.model, *ref_case.dims, inplace_grad=False)
@@ -74,7 +77,9 @@ def test_accumulate_equals_hand_summed_losses(family, inplace, distill, custom_w
 
 @pytest.mark.parametrize("family", ["lm_width_heads_depth", "attn_block", "mlp"])
 @pytest.mark.parametrize("distill", [None, sn.Distill()], ids=["plain", "distill"])
-def test_graph_of_each_submodel_is_freed_before_the_next(family, distill):
+@pytest.mark.parametrize("min_numel", [0, 10**9], ids=["inplace_grad", "autograd"])
+def test_graph_of_each_submodel_is_freed_before_the_next(family, distill, min_numel, monkeypatch):
+    monkeypatch.setattr(slicers, "INPLACE_MIN_NUMEL", min_numel)
     case = FAMILIES[family](seed=0)
     nest = sn.wrap(case.model, *case.dims)
     first = next(iter(case.model.children()))

@@ -208,6 +208,33 @@ def test_soft_loss_rejects_bad_exits():
             soft_loss(model, ids(), exits=exits)
     with pytest.raises(sn.SortedNetError, match="weight"):
         soft_loss(model, ids(), exits=[1, 2], weights=[1.0])
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    with pytest.raises(sn.SortedNetError, match="softcapping"):
+        soft_loss(gemma, ids())
+
+
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen3", "Gemma2"])
+def test_other_llama_layout_models_roundtrip(arch, tmp_path):
+    """Models sharing the Llama layout (with sliding windows, q/k norms, layer_types) nest and reload."""
+    torch.manual_seed(0)
+    cls = getattr(transformers, f"{arch}ForCausalLM")
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                                  head_dim=8, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = cls(cfg).eval()
+    x = ids()
+    with torch.no_grad():
+        ref = out(model, x)
+        nest = sn.from_transformers(model, ffn=[0.5], heads=[2], depth=[2])
+        assert torch.equal(out(model, x), ref)
+        with nest.use(nest.smallest):
+            live, gen = out(model, x), model.generate(x[:1, :4], max_new_tokens=4, do_sample=False)
+        export_pretrained(nest, nest.smallest).save_pretrained(tmp_path)
+        back = cls.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(out(back, x), live, atol=1e-5, rtol=0)
+        assert torch.equal(back.generate(x[:1, :4], max_new_tokens=4, do_sample=False), gen)
 
 
 @pytest.mark.parametrize("name", ["bert_cls", "gpt2", "llama", "qwen2"])

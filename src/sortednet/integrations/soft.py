@@ -60,6 +60,11 @@ def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module,
     if head is None or not found.layout.norm:
         raise SortedNetError(f"SoFT needs a causal LM with a final norm and an LM head; {type(model).__name__} "
                              f"({found.layout.family} layout) has none")
+    cfg = getattr(model, "config", None)
+    post = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(cfg, k, None) not in (None, 1, 1.0)]
+    if post:
+        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__} also transforms "
+                             f"its logits ({post[0]}={getattr(cfg, post[0])}), which soft_loss does not reproduce")
     base = model.get_submodule(found.parent.split(".")[0]) if found.parent else model
     return base, model.get_submodule(found.layers), model.get_submodule(norm_path), head
 
