@@ -44,16 +44,22 @@ C1, C2 = (4, 8, 16, 24, 32), (8, 16, 32, 48, 64)
 
 
 class DigitsCNN(nn.Module):
-    """8x8 image -> conv(c1) -> maxpool -> conv(c2) -> global average -> 10 classes."""
+    """8x8 image -> conv(c1) -> BN -> maxpool -> conv(c2) -> BN -> global average -> 10 classes.
+
+    BatchNorm (sliced with the channels, statistics recalibrated per sub-model
+    after training, as in Slimmable / US-Nets) is part of the architecture, so
+    the standalone twins have it too and are recalibrated the same way.
+    """
 
     def __init__(self, c1: int = C1[-1], c2: int = C2[-1]) -> None:
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(1, c1, 3, padding=1), nn.Conv2d(c1, c2, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(c1), nn.BatchNorm2d(c2)
         self.head = nn.Linear(c2, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x.view(-1, 1, 8, 8))), 2)
-        return self.head(F.relu(self.conv2(x)).mean((2, 3)))
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x.view(-1, 1, 8, 8)))), 2)
+        return self.head(F.relu(self.bn2(self.conv2(x))).mean((2, 3)))
 
 
 @dataclass
@@ -67,8 +73,9 @@ class Arch:
 ARCHS = {
     "mlp": Arch("MLP h1 x h2 x depth", demo.build,
                 lambda s: demo.DigitsMLP(s["h1"], s["h2"], s["depth"]), 1500),
-    "cnn": Arch("CNN c1 x c2", lambda: sn.wrap(DigitsCNN(), sn.Width("c1", list(C1), out="conv1", inp="conv2"),
-                                               sn.Width("c2", list(C2), out="conv2", inp="head")),
+    "cnn": Arch("CNN c1 x c2 (BatchNorm)",
+                lambda: sn.wrap(DigitsCNN(), sn.Width("c1", list(C1), out="conv1", norm="bn1", inp="conv2"),
+                                sn.Width("c2", list(C2), out="conv2", norm="bn2", inp="head")),
                 lambda s: DigitsCNN(s["c1"], s["c2"]), 1500),
 }
 
@@ -108,6 +115,35 @@ def batches(data, seed: int):
         yield from loader
 
 
+def calib_batches(data, seed: int) -> demo.Batches:
+    """One pass over the training set: the batches that set BatchNorm statistics after training."""
+    return demo.Batches(data[0], data[1], 64, seed=seed)
+
+
+def has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recalibrate_plain(model: nn.Module, data, seed: int) -> int:
+    """What ``nest.calibrate`` does, for a standalone model: exact BatchNorm statistics
+    (cumulative average from zero mean / unit variance) over one pass of the
+    training set; returns the number of batches (0 without BatchNorm)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    loader = calib_batches(data, seed)
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    model.eval()
+    return len(loader)
+
+
 def train_method(arch: Arch, cfg: dict, data, seed: int, steps: int, fl: dict[str, float]) -> dict:
     torch.manual_seed(seed)
     nest = arch.build()
@@ -128,6 +164,10 @@ def train_method(arch: Arch, cfg: dict, data, seed: int, steps: int, fl: dict[st
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+    if has_bn(nest.model):  # per-sub-model BatchNorm statistics; forward only, ~1/3 of a training pass
+        loader = calib_batches(data, seed)
+        nest.calibrate(loader, batches=len(loader))
+        cost += len(loader) * sum(fl.values()) / 3
     scores = evaluate(nest, (data[2], data[3]))
     return {"acc": {str(s): v for s, v in scores.items()}, "passes": passes, "flops": cost}
 
@@ -146,6 +186,7 @@ def train_twins(arch: Arch, subs: list[sn.SubModel], data, seed: int, steps: int
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
+        cost += recalibrate_plain(model, data, seed) * fl[str(s)] / 3  # same recalibration as the nests
         model.eval()
         with torch.no_grad():
             acc[str(s)] = float((model(data[2]).argmax(1) == data[3]).float().mean())
@@ -154,9 +195,24 @@ def train_twins(arch: Arch, subs: list[sn.SubModel], data, seed: int, steps: int
     return {"acc": acc, "passes": passes, "flops": cost}
 
 
-def run(seeds: list[int], steps_scale: float, archs: list[str], methods: list[str], log=print) -> dict:
+def _task(key: str, method: str, seed: int, steps: int, fl: dict[str, float]) -> dict:
+    """One (architecture, method, seed) training run, in this process or a worker."""
+    torch.set_num_threads(1)
+    arch, cfg, data = ARCHS[key], METHODS[method], demo.load_data()
+    t0 = time.perf_counter()
+    if cfg is None:
+        r = train_twins(arch, twins(arch.build().submodels), data, seed, steps, fl)
+    else:
+        r = train_method(arch, cfg, data, seed, steps, fl)
+    r["seconds"] = time.perf_counter() - t0
+    return r
+
+
+def run(seeds: list[int], steps_scale: float, archs: list[str], methods: list[str], jobs: int = 1,
+        log=print) -> dict:
     data = demo.load_data()
     results: dict = {"seeds": seeds, "k": K, "twins": N_TWINS, "archs": {}}
+    tasks = []
     for key in archs:
         arch = ARCHS[key]
         steps = max(10, int(arch.steps * steps_scale))
@@ -165,23 +221,23 @@ def run(seeds: list[int], steps_scale: float, archs: list[str], methods: list[st
         params = {str(s): nest.cost(s) for s in nest.submodels}
         for s in twins(nest.submodels):  # the standalone twin really has the sub-model's size
             assert sum(p.numel() for p in arch.plain(s).parameters()) == params[str(s)], s
-        res = {"name": arch.name, "steps": steps, "submodels": [str(s) for s in nest.submodels],
-               "params": params, "flops": fl, "twins": [str(s) for s in twins(nest.submodels)], "methods": {}}
-        for method in methods:
-            cfg, runs = METHODS[method], []
-            for seed in seeds:
-                t0 = time.perf_counter()
-                if cfg is None:
-                    r = train_twins(arch, twins(nest.submodels), data, seed, steps, fl)
-                else:
-                    r = train_method(arch, cfg, data, seed, steps, fl)
-                r["seconds"] = time.perf_counter() - t0
-                runs.append(r)
-                accs = list(r["acc"].values())
-                log(f"[{key}] {method:<32} seed {seed}: {r['seconds']:6.1f} s, acc min {min(accs):.4f} "
-                    f"mean {statistics.mean(accs):.4f}")
-            res["methods"][method] = runs
-        results["archs"][key] = res
+        results["archs"][key] = {"name": arch.name, "steps": steps, "submodels": [str(s) for s in nest.submodels],
+                                 "params": params, "flops": fl, "twins": [str(s) for s in twins(nest.submodels)],
+                                 "methods": {}}
+        tasks += [(key, method, seed, steps, fl) for method in methods for seed in seeds]
+    # independent runs (each seeds torch itself): a process pool changes no number, only the wall time
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            outs = pool.starmap(_task, tasks, chunksize=1)
+    else:
+        outs = [_task(*t) for t in tasks]
+    for (key, method, seed, _, _), r in zip(tasks, outs):
+        results["archs"][key]["methods"].setdefault(method, []).append(r)
+        accs = list(r["acc"].values())
+        log(f"[{key}] {method:<32} seed {seed}: {r['seconds']:6.1f} s, acc min {min(accs):.4f} "
+            f"mean {statistics.mean(accs):.4f}")
     return results
 
 
@@ -208,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--render", action="store_true", help="only re-render outputs from the saved JSON")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                    help="run only these methods and merge them into the saved JSON")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (same numbers, less wall time)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     out = "/tmp/sortednet_digits_quick" if args.quick else args.out
@@ -220,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
         results = run([0] if args.quick else list(range(args.seeds)), 0.05 if args.quick else 1.0, args.arch,
-                      args.methods)
+                      args.methods, jobs=args.jobs)
         results["wall_seconds"] = time.perf_counter() - t0
         results["torch"] = torch.__version__
         if set(args.methods) != set(METHODS) and os.path.exists(path):

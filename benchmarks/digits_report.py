@@ -149,6 +149,10 @@ def write(results: dict, out: str, docs: str | None = None) -> None:
           "Compute counts sub-model forward+backward passes and their FLOPs (torch.utils.flop_counter, forward "
           "x 3 cancels), relative to training the largest model once for the same steps. Ratios divide a "
           "sub-model's accuracy (mean over seeds) by that of the same-size model trained alone (the reference).",
+          "", "BatchNorm (the CNN): after training, every method recomputes BatchNorm statistics over one pass of "
+          "the training set (forward only, no gradient): the nests per sub-model with `nest.calibrate`, each "
+          "standalone twin the same way for itself. These forward passes are included in the FLOPs (a forward "
+          "pass counts 1/3 of a training pass).",
           "", "## Summary", "", summary, ""]
     for arch in results["archs"].values():
         md += [f"## {arch['name']}: the {len(arch['twins'])} sub-models with a standalone twin", "",

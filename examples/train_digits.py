@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_data()
+    n_val = len(xtr) // 8  # a validation slice of the training split scores sub-models for pick()
+    (xva, yva), (xtr, ytr) = (xtr[:n_val], ytr[:n_val]), (xtr[n_val:], ytr[n_val:])
     nest = build()
     print(f"{nest}\n{len(nest.submodels)} sub-models share {nest.cost(nest.largest):,} parameters")
     sampler = sn.Sampler(nest.submodels, k=args.k, strategy=args.strategy, seed=args.seed,
@@ -131,12 +133,20 @@ def main(argv: list[str] | None = None) -> dict:
           f"({args.epochs * len(loader)} steps x k={args.k}, strategy {args.strategy!r})")
     scores = evaluate(nest, (xte, yte))
     report(nest, scores, args.table)
+    # profile: FLOPs per sub-model and its validation accuracy as the score; pick() then returns the
+    # best-scoring sub-model within a budget by lookup on the Pareto front, without search
+    val = evaluate(nest, (xva, yva))
+    prof = nest.profile(xva[:1], score=lambda sub: val[sub], metrics=("params", "flops"), progress=False)
     full = nest.cost(nest.largest)
-    print("\nBudget -> nest.pick(params=...)")
-    for budget in (full // 20, full // 5, full // 2):
-        sub = nest.pick(params=budget)
-        print(f"  params <= {budget:>6,}: {str(sub):<22} {nest.cost(sub):>6,} params, "
-              f"test accuracy {100 * scores[sub]:.1f}%")
+    print(f"\nBudget -> nest.pick(...) (best validation accuracy within the budget; "
+          f"{len(prof.front('params'))} sub-models on the params Pareto front)")
+    print(f"  {'budget':<22} {'picked sub-model':<22} {'params':>7} {'MFLOPs':>7} {'val %':>6} {'test %':>6}")
+    budgets = [("params", full // 20), ("params", full // 5), ("params", full // 2),
+               ("flops", nest.cost(nest.largest, "flops") // 4)]
+    for metric, budget in budgets:
+        sub = nest.pick(**{metric: budget})
+        print(f"  {metric + ' <= ' + format(int(budget), ','):<22} {str(sub):<22} {nest.cost(sub):>7,} "
+              f"{nest.cost(sub, 'flops') / 1e6:>7.3f} {100 * val[sub]:>6.1f} {100 * scores[sub]:>6.1f}")
     return {str(s): v for s, v in scores.items()}
 
 
