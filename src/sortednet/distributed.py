@@ -3,8 +3,8 @@
 Every rank draws the same sub-models from ``Sampler(seed=...).draw(step)`` with
 no communication. What needs care is the gradient synchronisation:
 
-- Sliced weights hand their gradients to ``param.grad[slice]`` through a hook
-  on a leaf view (``wrap(..., inplace_grad=True)``, the default), so DDP's
+- Sliced weights hand their gradients to ``param.grad[slice]`` directly
+  in a custom autograd function (``wrap(..., inplace_grad=True)``, the default), so DDP's
   reducer, which waits for each parameter's own ``AccumulateGrad``, never sees
   them: it errors (``find_unused_parameters=False``) or silently averages stale
   or partial gradients (``find_unused_parameters=True``).

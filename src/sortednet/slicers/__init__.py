@@ -75,33 +75,41 @@ def slicer_for(module: nn.Module) -> "Slicer | None":
     return None
 
 
-def _grad_into(param: Tensor, index: tuple) -> Callable[[Tensor], None]:
-    def hook(grad: Tensor) -> None:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        param.grad[index].add_(grad)
+class _SliceInto(torch.autograd.Function):
+    """A view of a parameter whose gradient is added straight into ``param.grad[index]``.
 
-    return hook
+    Plain ``param[index]`` makes autograd build a full-size zero gradient per
+    slice and add it to ``.grad``; for small sub-models that costs as much as
+    the matmuls. This backward touches only the slice and returns no gradient
+    for the parameter, so no AccumulateGrad runs (a leaf view with a hook was
+    measured slower: AccumulateGrad re-lays out gradients of strided views).
+    Parameter hooks do not fire for these gradients (see docs/mechanism.md);
+    ``wrap(..., inplace_grad=False)`` restores plain autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, param: Tensor, index: tuple) -> Tensor:  # type: ignore[override]
+        ctx.param, ctx.index = param, index
+        return param.detach()[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        p = ctx.param
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad[ctx.index].add_(grad)
+        return None, None
 
 
-#: below this many elements a full-size autograd gradient is as cheap as the hook
+#: below this many elements a full-size autograd gradient is as cheap as the custom Function
 INPLACE_MIN_NUMEL = 4096
 
 
 def _narrow(t: Tensor, index: tuple, inplace: bool) -> Tensor:
-    """``t[index]``; when training, a leaf view whose gradient is added straight into ``t.grad[index]``.
-
-    Plain ``t[index]`` makes autograd build a full-size zero gradient per slice
-    and add it to ``.grad``; for small sub-models that costs as much as the
-    matmuls. The leaf view's hook touches only the slice. Parameter hooks do
-    not fire for these gradients (see docs/mechanism.md); ``wrap(...,
-    inplace_grad=False)`` restores plain autograd.
-    """
+    """``t[index]``; when training, a view whose gradient goes straight into ``t.grad[index]``."""
     if (inplace and t.requires_grad and t.numel() >= INPLACE_MIN_NUMEL and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
-        v = t.detach()[index].requires_grad_()
-        v.register_hook(_grad_into(t, index))
-        return v
+        return _SliceInto.apply(t, index)
     return t[index]
 
 
