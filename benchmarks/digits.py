@@ -1,14 +1,17 @@
 """Quality benchmark on sklearn digits: does one sorted training run give every
 nested sub-model the accuracy it would reach if trained on its own?
 
-    python benchmarks/digits.py                 # 3 seeds, both architectures (~10-20 min on 2 busy cores)
+    python benchmarks/digits.py --jobs 2        # 3 seeds, both architectures (~20-30 min on 2 busy cores)
     python benchmarks/digits.py --quick         # smoke test: 1 seed, few steps, writes under /tmp
     python benchmarks/digits.py --render        # re-render the markdown/plot/docs from digits.json
 
-Architectures: the demo's MLP (h1 x h2 x depth = 160 sub-models) and a small
-CNN with two nested channel widths (25 sub-models). Methods share the
-optimizer (Adam + cosine schedule), batch order and number of optimizer
-steps; they differ only in which sub-models each step trains. Writes
+Architectures: the demo's MLP (h1 x h2 x depth = 160 sub-models, 1500 steps)
+and a small CNN with two nested channel widths and BatchNorm (25 sub-models,
+3000 steps: at 1500 even its standalone twins are not converged). Methods
+share the optimizer (Adam + cosine schedule), batch order and number of
+optimizer steps; they differ only in which sub-models each step trains.
+BatchNorm statistics are recomputed after training for every method alike
+(per sub-model with ``nest.calibrate``; each twin for itself). Writes
 benchmarks/results/digits.{json,md,png} and digits_all_submodels.md, and the
 summary table into docs/training.md between the ``digits`` markers.
 """
@@ -76,7 +79,7 @@ ARCHS = {
     "cnn": Arch("CNN c1 x c2 (BatchNorm)",
                 lambda: sn.wrap(DigitsCNN(), sn.Width("c1", list(C1), out="conv1", norm="bn1", inp="conv2"),
                                 sn.Width("c2", list(C2), out="conv2", norm="bn2", inp="head")),
-                lambda s: DigitsCNN(s["c1"], s["c2"]), 1500),
+                lambda s: DigitsCNN(s["c1"], s["c2"]), 3000),
 }
 
 K = 4
@@ -205,6 +208,7 @@ def _task(key: str, method: str, seed: int, steps: int, fl: dict[str, float]) ->
     else:
         r = train_method(arch, cfg, data, seed, steps, fl)
     r["seconds"] = time.perf_counter() - t0
+    print(f"  done [{key}] {method} seed {seed}: {r['seconds']:.0f} s", flush=True)
     return r
 
 
@@ -225,15 +229,18 @@ def run(seeds: list[int], steps_scale: float, archs: list[str], methods: list[st
                                  "params": params, "flops": fl, "twins": [str(s) for s in twins(nest.submodels)],
                                  "methods": {}}
         tasks += [(key, method, seed, steps, fl) for method in methods for seed in seeds]
-    # independent runs (each seeds torch itself): a process pool changes no number, only the wall time
+    # independent runs (each seeds torch itself): a process pool changes no number, only the wall time;
+    # the longest runs start first
+    todo = sorted(tasks, key=lambda t: -t[3] * (N_TWINS if METHODS[t[1]] is None else METHODS[t[1]]["k"]))
     if jobs > 1:
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(jobs) as pool:
-            outs = pool.starmap(_task, tasks, chunksize=1)
+            done = dict(zip(map(id, todo), pool.starmap(_task, todo, chunksize=1)))
     else:
-        outs = [_task(*t) for t in tasks]
-    for (key, method, seed, _, _), r in zip(tasks, outs):
+        done = {id(t): _task(*t) for t in todo}
+    for t in tasks:
+        key, method, seed, r = t[0], t[1], t[2], done[id(t)]
         results["archs"][key]["methods"].setdefault(method, []).append(r)
         accs = list(r["acc"].values())
         log(f"[{key}] {method:<32} seed {seed}: {r['seconds']:6.1f} s, acc min {min(accs):.4f} "

@@ -12,7 +12,7 @@ optimizer steps (fixed compute budget in steps and tokens):
 
 Writes benchmarks/results/soft_lm.md, soft_lm.json and soft_lm.png.
 
-    PYTHONPATH=src python benchmarks/soft_lm.py            # a few minutes on one CPU core
+    PYTHONPATH=src python benchmarks/soft_lm.py            # about 20 minutes on one CPU core
     PYTHONPATH=src python benchmarks/soft_lm.py --steps 20 --quick
 """
 
@@ -122,7 +122,7 @@ def evaluate(model: GPT2LMHeadModel, val_batches: list[torch.Tensor], exits: lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--width", type=int, default=96)
     ap.add_argument("--heads", type=int, default=4)
