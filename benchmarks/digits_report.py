@@ -167,8 +167,13 @@ def write(results: dict, out: str, docs: str | None = None) -> None:
     if docs and os.path.exists(docs):
         text = open(docs).read()
         if BEGIN in text and END in text:
+            note = ("The CNN has BatchNorm after each convolution, sliced with its channels; after training, "
+                    "every method recomputes the statistics (per sub-model with `nest.calibrate`, each standalone "
+                    "twin for itself), so the calibration is part of the recipe, not of one method. "
+                    "`sortednet weighted small` draws k sub-models with probability ∝ rank from the small end "
+                    "(`Sampler(..., strategy=\"weighted\", weights=\"small\")`).")
             block = f"{BEGIN}\n<!-- rendered from benchmarks/results/digits.json by benchmarks/digits.py -->\n\n" \
-                    f"{summary}\n{END}"
+                    f"{note}\n\n{summary}\n{END}"
             text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
             with open(docs, "w") as f:
                 f.write(text)

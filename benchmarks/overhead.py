@@ -101,7 +101,7 @@ def fwd_bwd(model: nn.Module, x: torch.Tensor):
 
 def run(quick: bool) -> str:
     torch.manual_seed(0)
-    repeat = 7 if quick else 25
+    repeat = 7 if quick else 15
     rows_a, rows_b = [], []
     for name, build, dims, x, subs in setups(quick):
         model = build()
@@ -186,7 +186,9 @@ def run(quick: bool) -> str:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier ratios on a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     text = run(args.quick)
     print(text)
     print("wrote", write("overhead.md", text))

@@ -6,7 +6,7 @@ then made nested along FFN width, attention heads and depth, importance-
 sorted, and fine-tuned with SoFT (all depth exits in one pass) while a
 sampler draws the width/heads sub-models of each step.
 
-    PYTHONPATH=src python examples/soft_gpt.py [--steps 150]
+    PYTHONPATH=src python examples/soft_gpt.py [--steps 300]
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def val_loss(model, val) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150, help="steps of pretraining and of SoFT fine-tuning")
+    ap.add_argument("--steps", type=int, default=300, help="steps of pretraining and of SoFT fine-tuning")
     args = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny matrices: more threads only add synchronisation
     train, val, stoi = data(ctx=64, batch=16, steps=2 * args.steps, seed=0)
     itos = {i: c for c, i in stoi.items()}
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(stoi), n_embd=64, n_layer=4, n_head=4, n_positions=128,
