@@ -89,6 +89,7 @@ METHODS = {  # name -> sampler arguments (None: independent training of standalo
     "sortednet uniform + distill": {"strategy": "uniform", "k": K, "distill": True},
     "sortednet sandwich + distill": {"strategy": "sandwich", "k": K, "distill": True},
     "sortednet weighted small": {"strategy": "weighted", "k": K, "weights": "small"},  # rank-weighted to small
+    "sortednet sandwich small": {"strategy": "sandwich", "k": K, "weights": "small"},  # middle draws lean small
     "full only, then slice": {"strategy": "weighted", "k": 1, "weights": "full"},
     "one random sub-model per step": {"strategy": "uniform", "k": 1},
     "independent (reference)": None,

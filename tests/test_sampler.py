@@ -35,6 +35,7 @@ CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8:
 CONFIGS = st.one_of(
     st.fixed_dictionaries({"strategy": st.just("uniform"), "k": st.integers(1, N)}),
     st.fixed_dictionaries({"strategy": st.just("sandwich"), "k": st.integers(2, N)}),
+    st.fixed_dictionaries({"strategy": st.just("sandwich"), "k": st.integers(2, N), "weights": st.just("small")}),
     st.fixed_dictionaries({"strategy": st.just("weighted"), "k": st.integers(1, 4),
                            "weights": st.sampled_from(["large", "small", [1, 0, 2, 0, 3, 1, 1, 5]])}),
     st.fixed_dictionaries({"strategy": st.just("all")}),
@@ -69,6 +70,8 @@ def test_seeds_and_steps_give_different_draws(strategy, k):
     {"strategy": "weighted", "k": 1, "weights": [5, 1, 1, 2, 0.5, 3, 1, 4]},
     {"strategy": "weighted", "k": 1, "weights": "cost", "nest": True},
     {"strategy": "sandwich", "k": 4},
+    {"strategy": "sandwich", "k": 3, "weights": "small"},
+    {"strategy": "sandwich", "k": 3, "weights": [9, 5, 1, 2, 0.5, 3, 1, 9]},
 ], ids=str)
 def test_inclusion_frequencies_match_expected(cfg):
     cfg = dict(cfg)
@@ -99,9 +102,10 @@ def test_weighted_rules_order_probabilities():
     assert cost[-1] / cost[0] == pytest.approx(params[-1] / params[0])
 
 
-@given(k=st.integers(2, N), seed=st.integers(0, 10**6), step=st.integers(0, 10**6))
-def test_sandwich_has_smallest_and_largest(k, seed, step):
-    picked = sn.Sampler(SUBS, k=k, strategy="sandwich", seed=seed).draw(step)
+@given(k=st.integers(2, N), seed=st.integers(0, 10**6), step=st.integers(0, 10**6),
+       weights=st.sampled_from([None, "small", "large"]))
+def test_sandwich_has_smallest_and_largest(k, seed, step, weights):
+    picked = sn.Sampler(SUBS, k=k, strategy="sandwich", seed=seed, weights=weights).draw(step)
     assert picked[0] == NEST.smallest and picked[-1] == NEST.largest and len(set(picked)) == k
 
 

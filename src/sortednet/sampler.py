@@ -38,7 +38,8 @@ class Sampler:
     itself (needed for ``weights="cost"``). Strategies:
 
     - ``"uniform"``: ``k`` distinct sub-models, uniformly (SortedNet);
-    - ``"sandwich"``: largest + smallest + ``k - 2`` distinct others, uniformly (US-Nets);
+    - ``"sandwich"``: largest + smallest + ``k - 2`` distinct others, uniformly (US-Nets),
+      or with probability proportional to ``weights`` when given (e.g. ``"small"``);
     - ``"weighted"``: ``k`` distinct sub-models with probability proportional to
       ``weights``: one non-negative number per sub-model, or a rule: ``"cost"``
       (parameter count), ``"large"`` (rank ``i + 1``: favours large), ``"small"``;
@@ -92,8 +93,14 @@ class Sampler:
             if int(np.count_nonzero(probs)) < k:
                 raise SortedNetError(f"only {int(np.count_nonzero(probs))} sub-models have a positive weight; "
                                      f"cannot draw k={k} distinct ones")
+        elif strategy == "sandwich" and weights is not None:
+            w = self._probabilities(weights, subs, nest)[1:-1]
+            if int(np.count_nonzero(w)) < k - 2:
+                raise SortedNetError(f"only {int(np.count_nonzero(w))} middle sub-models have a positive weight; "
+                                     f"cannot draw k-2={k - 2} distinct ones besides the smallest and largest")
+            probs = w / w.sum() if w.sum() > 0 else w
         elif weights is not None:
-            raise SortedNetError(f"weights= is only used by strategy 'weighted', not {strategy!r}")
+            raise SortedNetError(f"weights= is only used by strategies 'weighted' and 'sandwich', not {strategy!r}")
         self.submodels: tuple[SubModel, ...] = subs
         self.k, self.strategy, self.seed = k, strategy, _check_index(seed, "seed")
         self.weights = weights if isinstance(weights, str) else (None if weights is None else list(map(float, weights)))
@@ -140,7 +147,7 @@ class Sampler:
         if self.strategy == "uniform":
             idx = rng.choice(n, size=k, replace=False)
         elif self.strategy == "sandwich":
-            middle = rng.choice(np.arange(1, n - 1), size=k - 2, replace=False) if k > 2 else []
+            middle = rng.choice(np.arange(1, n - 1), size=k - 2, replace=False, p=self.probs) if k > 2 else []
             idx = [0, n - 1, *middle]
         else:
             idx = rng.choice(n, size=k, replace=False, p=self.probs)
@@ -158,8 +165,11 @@ class Sampler:
         if self.strategy == "uniform":
             return [k / n] * n
         if self.strategy == "sandwich":
-            mid = (k - 2) / (n - 2) if n > 2 else 0.0
-            return [1.0] + [mid] * (n - 2) + [1.0] if n > 1 else [1.0]
+            if n <= 2:
+                return [1.0] * n
+            mid = [(k - 2) / (n - 2)] * (n - 2) if self.probs is None else \
+                [min(1.0, (k - 2) * float(p)) for p in self.probs]
+            return [1.0, *mid, 1.0]
         return [min(1.0, k * float(p)) for p in self.probs]
 
     def state_dict(self) -> dict[str, Any]:
