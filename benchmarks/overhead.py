@@ -106,6 +106,7 @@ def run(quick: bool) -> str:
     for name, build, dims, x, subs in setups(quick):
         model = build()
         nest = sn.wrap(model, *dims())
+        subs = [nest.resolve(s) for s in subs]  # SubModel objects, as a sampler hands them out
         fns_train, fns_inf, standalone = {}, {}, {}
         for s in subs:
             key = ",".join(f"{k}={v}" for k, v in s.items())
@@ -141,12 +142,15 @@ def run(quick: bool) -> str:
                 with nest.use(s):
                     (model(x).square().mean() / len(subs)).backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            # keep .grad allocated: with set_to_none the next call's first backward would pay the
+            # full-size allocation, and in this round-robin that lands on whichever sub-model runs next
+            opt.zero_grad(set_to_none=False)
 
         def ideal_step():
             for a in standalone.values():
                 fwd_bwd(a, x)
             full_opt.step()
+            full_opt.zero_grad(set_to_none=False)
 
         fns_train["step|sorted"] = sorted_step
         fns_train["step|ideal"] = ideal_step

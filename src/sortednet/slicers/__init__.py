@@ -75,29 +75,36 @@ def slicer_for(module: nn.Module) -> "Slicer | None":
     return None
 
 
-class _SliceInto(torch.autograd.Function):
-    """A view of a parameter whose gradient is added straight into ``param.grad[index]``.
+def _cut(t: Tensor, cuts: tuple[tuple[int, int, int], ...]) -> Tensor:
+    """``t`` narrowed by each ``(axis, start, length)``: a view."""
+    for axis, start, length in cuts:
+        t = t.narrow(axis, start, length)
+    return t
 
-    Plain ``param[index]`` makes autograd build a full-size zero gradient per
-    slice and add it to ``.grad``; for small sub-models that costs as much as
-    the matmuls. This backward touches only the slice and returns no gradient
-    for the parameter, so no AccumulateGrad runs (a leaf view with a hook was
+
+class _SliceInto(torch.autograd.Function):
+    """A view of a parameter whose gradient is added straight into its slice of ``param.grad``.
+
+    Plain slicing makes autograd build a full-size zero gradient per slice and
+    add it to ``.grad``; for small sub-models that costs as much as the
+    matmuls. This backward touches only the slice and returns no gradient for
+    the parameter, so no AccumulateGrad runs (a leaf view with a hook was
     measured slower: AccumulateGrad re-lays out gradients of strided views).
     Parameter hooks do not fire for these gradients (see docs/mechanism.md);
     ``wrap(..., inplace_grad=False)`` restores plain autograd.
     """
 
     @staticmethod
-    def forward(ctx, param: Tensor, index: tuple) -> Tensor:  # type: ignore[override]
-        ctx.param, ctx.index = param, index
-        return param.detach()[index]
+    def forward(ctx, param: Tensor, cuts: tuple) -> Tensor:  # type: ignore[override]
+        ctx.param, ctx.cuts = param, cuts
+        return _cut(param.detach(), cuts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         p = ctx.param
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad[ctx.index].add_(grad)
+        _cut(p.grad, ctx.cuts).add_(grad)
         return None, None
 
 
@@ -105,12 +112,12 @@ class _SliceInto(torch.autograd.Function):
 INPLACE_MIN_NUMEL = 4096
 
 
-def _narrow(t: Tensor, index: tuple, inplace: bool) -> Tensor:
-    """``t[index]``; when training, a view whose gradient goes straight into ``t.grad[index]``."""
+def _narrow(t: Tensor, cuts: tuple[tuple[int, int, int], ...], inplace: bool) -> Tensor:
+    """``t`` cut to ``cuts``; when training, a view whose gradient goes straight into ``t.grad``."""
     if (inplace and t.requires_grad and t.numel() >= INPLACE_MIN_NUMEL and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
-        return _SliceInto.apply(t, index)
-    return t[index]
+        return _SliceInto.apply(t, cuts)
+    return _cut(t, cuts)
 
 
 def is_sharded(t: object) -> bool:
@@ -181,36 +188,37 @@ class Slicer:
         return m._buffers.get(name) if t is None and name not in m._parameters else t
 
     def take(self, m: nn.Module, name: str, axes: list[tuple[int, str]]) -> Tensor | None:
-        """``m.<name>`` sliced on each ``(axis, role)`` to the role's active features."""
-        t = self.tensor(m, name)
-        if t is None or is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and
-            return t                     # must get its sharded parameter back, never a slice of it
+        """``m.<name>`` sliced on each ``(axis, role)`` to the role's active features (a view).
+
+        On the hot path of every forward: kept to a few dict lookups and ``narrow`` calls.
+        """
+        t = m._parameters.get(name)
+        if t is None:
+            t = m._buffers.get(name)
+            if t is None:
+                return None
+        if is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and
+            return t       # must get its sharded parameter back, never a slice of it
         st: State = m.__dict__["_sn"]
-        index: list[slice] = []
-        chunked: tuple[int, int, int] | None = None
+        bind = st.bind
+        cuts: list[tuple[int, int, int]] = []
+        chunked = None
         for axis, role in axes:
-            b = st.bind.get(role)
+            b = bind.get(role)
             if b is None:
                 continue
-            n = b.features()
-            if n * b.chunks == t.shape[axis]:
+            n = b.dim.active * b.unit // b.div
+            full = t.shape[axis]
+            if n * b.chunks == full:
                 continue
-            while len(index) <= axis:
-                index.append(slice(None))
             if b.chunks > 1:
-                chunked = (axis, n, t.shape[axis] // b.chunks)
+                chunked = (axis, n, full // b.chunks)
             else:
-                index[axis] = slice(0, n)
-        if not index:
-            return t
+                cuts.append((axis, 0, n))
         if chunked is None:
-            return _narrow(t, tuple(index), st.inplace_grad)
+            return _narrow(t, tuple(cuts), st.inplace_grad) if cuts else t
         axis, n, per = chunked
-        parts = []
-        for c in range(t.shape[axis] // per):
-            idx = list(index)
-            idx[axis] = slice(c * per, c * per + n)
-            parts.append(_narrow(t, tuple(idx), st.inplace_grad))
+        parts = [_narrow(t, (*cuts, (axis, c * per, n)), st.inplace_grad) for c in range(t.shape[axis] // per)]
         return torch.cat(parts, axis)
 
     def features(self, m: nn.Module, role: str, full: int) -> int:
