@@ -101,3 +101,26 @@ def test_save_load_round_trip(family, data, tmp_path_factory):
     assert sn.load(into, path) is into
     got = outputs(into, c.example)
     assert all(torch.equal(got[s], want[s]) for s in want)
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_deepcopy_of_wrapped_model_follows_the_same_submodels(family):
+    """copy.deepcopy (EMA / teacher copies) gives independent weights sliced by the same dimensions."""
+    c = FAMILIES[family]()
+    nest = sn.wrap(c.model, *c.dims)
+    twin = copy.deepcopy(c.model)
+    assert all(p is not q for p, q in zip(twin.parameters(), c.model.parameters()))
+    for s in (nest.smallest, nest.submodels[len(nest.submodels) // 2], nest.largest):
+        with nest.use(s):
+            assert torch.equal(run(twin, c.example), run(c.model, c.example)), s
+    with torch.no_grad():
+        next(twin.parameters()).add_(1.0)
+    with nest.use(nest.largest):
+        assert not torch.equal(run(twin, c.example), run(c.model, c.example))
+
+
+def test_pickling_a_wrapped_model_says_what_to_do(tmp_path):
+    c = FAMILIES["mlp"]()
+    sn.wrap(c.model, *c.dims)
+    with pytest.raises(sn.SortedNetError, match=r"cannot be pickled.*sn\.save"):
+        torch.save(c.model, tmp_path / "model.pt")

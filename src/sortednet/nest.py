@@ -278,6 +278,7 @@ class Nest:
             memo: dict[int, Any] = {}
             skipped: list[str] = []
             for path, m in self._sliced.items():
+                memo[id(m._sn)] = None  # exported copies carry no sortednet state
                 for t in m._sn.slicer.exported_tensors(m):
                     memo[id(t)] = t  # replaced below; never copied at full size
                 if "depth" in m._sn.bind:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dims import Binding
-from ..errors import PatternError, SizeError
+from ..errors import PatternError, SizeError, SortedNetError
 
 __all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass"]
 
@@ -45,8 +45,6 @@ class State:
     inplace_grad: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def __deepcopy__(self, memo: dict) -> None:
-        return None  # exported copies carry no sortednet state
 
 
 def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
@@ -132,6 +130,9 @@ def is_sharded(t: object) -> bool:
 class Slicer:
     """Base slicer: declares roles, the attributes that become properties, and
     how to compute each attribute's active value."""
+
+    def __deepcopy__(self, memo: dict) -> "Slicer":
+        return self  # stateless singletons, shared by every copy
 
     types: ClassVar[tuple[type, ...]] = ()
     roles: ClassVar[tuple[str, ...]] = ()
@@ -270,6 +271,20 @@ class Slicer:
         return [t for n in self.attrs if (t := self.tensor(m, n)) is not None]
 
 
+def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
+    """A copy that is sliced by the same dimensions (it follows the same active sub-model)."""
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return new
+
+
+def _no_pickle(self: nn.Module, protocol: int) -> None:
+    raise SortedNetError(f"a wrapped {self.__dict__['_sn'].cls.__name__} ({self.__dict__['_sn'].path!r}) cannot be "
+                         "pickled (its class is made by sn.wrap): use sn.save(nest, path) for all sub-models, "
+                         "nest.export(sub) for one plain model, or nest.unwrap() first")
+
+
 def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
     """The per-instance subclass of ``type(m)`` (cached per class, slicer and names)."""
     key = (type(m), type(sl), names)
@@ -277,7 +292,8 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
     if cls is None:
         base = type(m)
         cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
-                                                       "__module__": base.__module__})
+                                                       "__module__": base.__module__,
+                                                       "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle})
         _SUBCLASSES[key] = cls
     return cls
 
