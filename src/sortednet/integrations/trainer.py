@@ -4,7 +4,7 @@
 sampler with ``state.global_step`` (which only advances after an optimizer
 step), so every gradient-accumulation micro-batch of a step trains the same
 sub-models; the loss of a micro-batch is the mean over those sub-models (or
-their SoFT loss over depth exits). :class:`SubModelCallback` is the
+their SoFT loss over depth exits), back-propagated one sub-model at a time. :class:`SubModelCallback` is the
 lighter-weight alternative: it activates one sub-model per step.
 """
 
@@ -91,27 +91,37 @@ class SortedTrainer(Trainer):
             raise SortedNetError(f"sampler drew no sub-model at step {self.state.global_step}")
         return subs
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        if not model.training:  # evaluation: the active sub-model, as a plain Trainer would
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+                      ) -> torch.Tensor:
+        """One forward + backward per drawn sub-model (each loss scaled by 1/k), so only one
+        sub-model's graph is alive at a time: peak memory is that of one step, not k."""
         subs = self.draw()
         self.history.append((self.state.global_step, tuple(subs)))
-        losses, outputs = [], None
-        for sub in subs:
-            if self.soft_exits is not None:
-                if self._depth is not None:
+        self._k, total = len(subs), None
+        try:
+            for sub in subs:
+                if self.soft_exits is not None and self._depth is not None:
                     sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
                 with self.nest.use(sub):
-                    losses.append(soft_loss(self.nest, inputs["input_ids"], exits=self.soft_exits,
-                                            weights=self.soft_weights, labels=inputs.get("labels"),
-                                            attention_mask=inputs.get("attention_mask")).loss)
-            else:
-                with self.nest.use(sub):
-                    loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-                losses.append(loss)
-        loss = torch.stack(losses).mean()
-        return (loss, outputs) if return_outputs else loss
+                    loss = super().training_step(model, inputs, num_items_in_batch)
+                total = loss if total is None else total + loss
+        finally:
+            self._k = None
+        return total
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        k = getattr(self, "_k", None)
+        if k is None:  # evaluation (or a direct call): the active sub-model, as a plain Trainer would
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.soft_exits is not None:
+            loss = soft_loss(self.nest, inputs["input_ids"], exits=self.soft_exits, weights=self.soft_weights,
+                             labels=inputs.get("labels"), attention_mask=inputs.get("attention_mask")).loss / k
+            return (loss, None) if return_outputs else loss
+        if return_outputs:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            return loss / k, outputs
+        return super().compute_loss(model, inputs, False, num_items_in_batch) / k
 
 
 class SubModelCallback(TrainerCallback):
