@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -269,14 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    p.add_argument("--quick", action="store_true", help="1 seed, 5%% of the steps, output under /tmp")
+    p.add_argument("--quick", action="store_true", help="1 seed, 5%% of the steps, output in a temporary folder")
     p.add_argument("--render", action="store_true", help="only re-render outputs from the saved JSON")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                    help="run only these methods and merge them into the saved JSON")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (same numbers, less wall time)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
-    out = "/tmp/sortednet_digits_quick" if args.quick else args.out
+    out = os.path.join(tempfile.gettempdir(), "sortednet_digits_quick") if args.quick else args.out
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "digits.json")
     if args.render:
