@@ -70,7 +70,6 @@ class Nest:
                     self._tensor_owner[id(t)] = (m, name)
         self._depth = [m for m in self._sliced.values() if "depth" in m._sn.bind]
         self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
-        self._sorted_by: dict[str, tuple[list[float], list[SubModel]]] = {}
         self._param_counter = ParamCounter(self)
         self._flops_example: Any = None
         self._profile: Profile | None = None
@@ -258,12 +257,6 @@ class Nest:
 
         self._check_alive()
         return calibrate(self, loader, subs=subs, batches=batches)
-
-    def _sorted(self, metric: str) -> tuple[list[float], list[SubModel]]:
-        if metric not in self._sorted_by:
-            pairs = sorted(((self.cost(s, metric), i) for i, s in enumerate(self.submodels)))
-            self._sorted_by[metric] = ([c for c, _ in pairs], [self.submodels[i] for _, i in pairs])
-        return self._sorted_by[metric]
 
     # -- export / unwrap ------------------------------------------------------
     def export(self, sub: SubModelLike | None = None) -> nn.Module:
