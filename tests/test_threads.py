@@ -22,6 +22,26 @@ def loss_of(y):
     return (y * torch.randn(y.shape, generator=g)).sum()
 
 
+def close(a, b, what):
+    """Results computed on different threads: equal up to kernel rounding.
+
+    Concurrent threads share PyTorch's intra-op / BLAS pools, so a kernel may
+    split its reduction differently than it does alone (observed on AMD EPYC):
+    bit equality is not guaranteed there. The tolerance is far below the gap
+    between any two sub-models' outputs (checked by ``distinct``).
+    """
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def distinct(outputs):
+    """The tolerance of ``close`` still tells every pair of sub-models apart."""
+    outs = list(outputs)
+    for i, a in enumerate(outs):
+        for b in outs[i + 1:]:
+            if a.shape == b.shape:
+                assert not torch.allclose(a, b, rtol=1e-5, atol=1e-6), "two sub-models give the same output"
+
+
 def in_threads(fn, n=THREADS):
     """Run ``fn(i, barrier)`` in ``n`` threads; re-raise the first failure."""
     barrier, errors = threading.Barrier(n), []
@@ -67,11 +87,12 @@ def test_threads_get_their_own_submodel(family):
                     with nest.use(s):
                         got[i, r] = (nest.active, c.model(c.example).detach())
 
+    distinct({s or nest.largest: want[s, True] for s in subs}.values())
     in_threads(work)
     for (i, r), (active, y) in got.items():
         s = subs[i]
         assert active == (s or nest.largest)
-        assert torch.equal(y, want[s, bool(r % 2)]), f"thread {i} ({s}) repeat {r}"
+        close(y, want[s, bool(r % 2)], f"thread {i} ({s}) repeat {r}")
     assert len(got) == THREADS * REPEATS and nest.active == nest.largest
 
 
@@ -102,7 +123,8 @@ def test_threads_backward_sees_their_forward_submodel(family):
     for i, gs in got.items():
         for g, w in zip(gs, want[i]):
             assert (g is None) == (w is None)
-            assert g is None or torch.equal(g, w), f"thread {i} ({subs[i]})"
+            if g is not None:
+                close(g, w, f"thread {i} ({subs[i]})")
 
 
 @pytest.mark.parametrize("family", FAMS)
@@ -140,5 +162,5 @@ def test_inplace_backward_ignores_other_threads_submodel(family, monkeypatch):
         if w is None:
             assert p.grad is None or not p.grad.any()
         else:
-            assert torch.equal(p.grad, w)
-    assert torch.equal(box["b_out"], run(c.model, c.example))   # b is the largest = default
+            close(p.grad, w, "gradient of the sub-model active at forward")
+    close(box["b_out"], run(c.model, c.example), "output of b")   # b is the largest = default
