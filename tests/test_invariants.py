@@ -1,4 +1,4 @@
-"""DESIGN.md invariants 1-4 and 8 over every model family, sizes and sub-models
+"""Invariants 1-4 and 8 (docs/concepts.md) over every model family, sizes and sub-models
 chosen by hypothesis."""
 
 from __future__ import annotations

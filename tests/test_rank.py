@@ -1,4 +1,4 @@
-"""Rank (svd factorisation / DyLoRA adapters): DESIGN.md invariants 1-6, 8, 9 over
+"""Rank (svd factorisation / DyLoRA adapters): invariants 1-6, 8, 9 over
 a table of nests mixing Rank with Width / Heads / Depth, plus the rank-specific
 properties (Eckart-Young at wrap time, exact alpha / r scaling, frozen base)."""
 
