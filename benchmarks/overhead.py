@@ -1,198 +1,390 @@
-"""Overhead of running a sub-model inside the wrapped model vs a standalone
-model of the same size (issue 2's performance section).
+"""Overhead of running a sub-model inside the wrapped model vs a standalone model
+of the same size, eager and compiled (issue 12).
 
-Every ratio is measured side by side in one run (round-robin timing, median).
+Every ratio is measured side by side in one run (round-robin timing, medians, one
+intra-op thread). Models: the MLP and transformer stacks, a ResNet-18-style CNN with
+BatchNorm, a ViT-tiny-sized encoder and a ~56M-parameter Llama decoder built from its
+config with ``sn.from_transformers`` (training, inference and one-token decoding with a
+KV cache). The standalone model of a sub-model is built independently at its size where
+the model class allows it, else it is ``nest.export(sub)``. Compiled rows compare
+``torch.compile`` (inductor) of the live model under ``use(sub)`` with the compiled
+standalone model; they need a C++ compiler and are skipped, with a note, without one.
 
-    python benchmarks/overhead.py [--quick]
+    python benchmarks/overhead.py [--quick] [--compile-all] [--no-compile]
 
-Writes benchmarks/results/overhead.md.
+Writes benchmarks/results/overhead.md (``--quick``: overhead_quick.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
+import shutil
 import statistics
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch._dynamo
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_models import BlockStack, FFNStack, ResNet18, ViT, llama_config  # noqa: E402
 from common import interleaved, table, write  # noqa: E402
 
 import sortednet as sn  # noqa: E402
 
 
-class FFNStack(nn.Module):
-    def __init__(self, d: int = 256, ffn: int = 1024, n: int = 4):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Linear(ffn, d)) for _ in range(n))
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b(x)
-        return x
-
-
-class Attn(nn.Module):
-    def __init__(self, d: int, heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads, self.head_dim = heads, head_dim
-        self.q, self.k, self.v = (nn.Linear(d, heads * head_dim) for _ in range(3))
-        self.o = nn.Linear(heads * head_dim, d)
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+@dataclass
+class Setup:
+    name: str
+    model: nn.Module
+    nest: Any
+    subs: list
+    alone: dict                      # str(sub) -> standalone module
+    independent: bool                # standalone built at its size (else: the exported copy)
+    train: Callable[[nn.Module], None]
+    infer: Callable[[nn.Module], None]
+    decode: Callable[[nn.Module, Any], Callable[[], None]] | None = None
+    compile: tuple[str, ...] = ()
+    sorted_step: bool = False
+    opt_model: Callable[[], nn.Module] | None = None
+    rows: dict = field(default_factory=dict)
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int, head_dim: int, ffn: int):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attn(d, heads, head_dim)
-        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+def _loss(out: Any) -> torch.Tensor:
+    return out.float().square().mean()
 
 
-class BlockStack(nn.Module):
-    def __init__(self, d: int = 256, heads: int = 8, head_dim: int = 32, ffn: int = 1024, n: int = 3):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(d, heads, head_dim, ffn) for _ in range(n))
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return x
-
-
-def setups(quick: bool):
-    ffn_sizes = [128, 256, 512, 1024]
-    yield ("mlp_stack", lambda **s: FFNStack(ffn=s.get("ffn", 1024)),
-           lambda: [sn.Width("ffn", ffn_sizes, out="blocks.*.0", inp="blocks.*.2")],
-           torch.randn(256, 256), [{"ffn": s} for s in ffn_sizes])
-    yield ("transformer_stack", lambda **s: BlockStack(heads=s.get("heads", 8), ffn=s.get("ffn", 1024)),
-           lambda: [sn.Heads("heads", [2, 4, 8], attn="blocks.*.attn"),
-                    sn.Width("ffn", [256, 512, 1024], out="blocks.*.fc1", inp="blocks.*.fc2")],
-           torch.randn(8, 64, 256), [{"heads": 2, "ffn": 256}, {"heads": 4, "ffn": 512}, {"heads": 8, "ffn": 1024}])
-
-
-def mask_hooks(model: nn.Module, sub: dict) -> None:
-    """Masking baseline: full-size compute with the unused units zeroed."""
-    for name, m in model.named_modules():
-        if "ffn" in sub and (name.endswith(".0") or name.endswith("fc1")) and isinstance(m, nn.Linear):
-            mask = (torch.arange(m.out_features) < sub["ffn"]).float()
-            m.register_forward_hook(lambda mod, inp, out, mask=mask: out * mask)
-        if "heads" in sub and name.endswith("attn.o"):
-            mask = (torch.arange(m.in_features) < sub["heads"] * 32).float()
-            m.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask,))
-
-
-def fwd_bwd(model: nn.Module, x: torch.Tensor):
-    model(x).square().mean().backward()
-
-
-def run(quick: bool) -> str:
+def _stack_setups(quick: bool):
     torch.manual_seed(0)
-    repeat = 7 if quick else 15
-    rows_a, rows_b = [], []
-    for name, build, dims, x, subs in setups(quick):
-        model = build()
-        nest = sn.wrap(model, *dims())
-        subs = [nest.resolve(s) for s in subs]  # SubModel objects, as a sampler hands them out
-        fns_train, fns_inf, standalone = {}, {}, {}
-        for s in subs:
-            key = ",".join(f"{k}={v}" for k, v in s.items())
-            alone = build(**s)
-            masked = build()
-            mask_hooks(masked, s)
-            standalone[key] = alone
+    x = torch.randn(256, 256)
+    ffn = [128, 256, 512, 1024]
+    m = FFNStack()
+    nest = sn.wrap(m, sn.Width("ffn", ffn, out="blocks.*.0", inp="blocks.*.2"))
+    subs = [nest.resolve({"ffn": s}) for s in ([128, 1024] if quick else ffn)]
+    yield Setup("mlp_stack", m, nest, subs, {str(s): FFNStack(ffn=s["ffn"]) for s in subs}, True,
+                lambda mod: _loss(mod(x)).backward(), lambda mod: mod(x), compile=("infer", "train"),
+                sorted_step=True, opt_model=FFNStack)
+    x2 = torch.randn(8, 64, 256)
+    m = BlockStack()
+    nest = sn.wrap(m, sn.Heads("heads", [2, 4, 8], attn="blocks.*.attn"),
+                   sn.Width("ffn", [256, 512, 1024], out="blocks.*.fc1", inp="blocks.*.fc2"))
+    subs = [nest.resolve(s) for s in [{"heads": 2, "ffn": 256}, {"heads": 4, "ffn": 512}, {"heads": 8, "ffn": 1024}]]
+    subs = subs[::2] if quick else subs
+    yield Setup("transformer_stack", m, nest, subs,
+                {str(s): BlockStack(heads=s["heads"], ffn=s["ffn"]) for s in subs}, True,
+                lambda mod: _loss(mod(x2)).backward(), lambda mod: mod(x2),
+                compile=() if quick else ("infer", "train"), sorted_step=True, opt_model=BlockStack)
+
+
+def _cnn_vit_setups(quick: bool):
+    torch.manual_seed(0)
+    mids = (64, 128, 256, 512)
+    m = ResNet18()
+    dims = [sn.Width(f"s{i}", [c // 4, c // 2, c], out=f"stages.{i}.*.conv1", norm=f"stages.{i}.*.bn1",
+                     inp=f"stages.{i}.*.conv2") for i, c in enumerate(mids)]
+    diag = [{f"s{i}": c // f for i, c in enumerate(mids)} for f in (4, 2, 1)]
+    nest = sn.wrap(m, *dims, submodels=diag)
+    subs = [nest.resolve(s) for s in (diag[::2] if quick else diag)]
+    x = torch.randn(8, 3, 64, 64)
+    yield Setup("resnet18_bn", m, nest, subs, {str(s): ResNet18(tuple(s.values())) for s in subs}, True,
+                lambda mod: _loss(mod(x)).backward(), lambda mod: mod(x))
+    m = ViT()
+    cfgs = [{"heads": 1, "mlp": 192}, {"heads": 2, "mlp": 384}, {"heads": 3, "mlp": 768}]
+    nest = sn.wrap(m, sn.Heads("heads", [1, 2, 3], attn="blocks.*.attn"),
+                   sn.Width("mlp", [192, 384, 768], out="blocks.*.fc1", inp="blocks.*.fc2"), submodels=cfgs)
+    subs = [nest.resolve(s) for s in (cfgs[::2] if quick else cfgs)]
+    xv = torch.randn(2, 3, 224, 224)
+    yield Setup("vit_tiny", m, nest, subs, {str(s): ViT(heads=s["heads"], ffn=s["mlp"]) for s in subs}, True,
+                lambda mod: _loss(mod(xv)).backward(), lambda mod: mod(xv))
+
+
+def _llama_setup(quick: bool):
+    try:
+        from transformers import DynamicCache, LlamaForCausalLM
+    except ImportError:
+        return
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(llama_config())
+    nest = sn.from_transformers(m, ffn=[352, 704], heads=[2, 4], depth=[4, 6])
+    picks = [nest.smallest, nest.resolve({"ffn": 704, "heads": 4, "depth": 6}), nest.largest]
+    subs = picks[::2] if quick else picks
+    ids = torch.randint(0, 32000, (2, 32))
+    cache_kw = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+
+    def decode(mod: nn.Module, sub: Any) -> Callable[[], None]:
+        cache = DynamicCache()
+        with torch.no_grad(), (nest.use(sub) if mod is m else _null()):
+            nxt = mod(input_ids=ids, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
+
+        def step() -> None:
+            mod(input_ids=nxt, use_cache=True, **{cache_kw: cache})
+            cache.crop(-1)
+        return step
+
+    yield Setup("llama_56M", m, nest, subs, {str(s): nest.export(s) for s in subs}, False,
+                lambda mod: mod(input_ids=ids, labels=ids).loss.backward(),
+                lambda mod: mod(input_ids=ids, use_cache=False), decode=decode)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def compiler() -> str | None:
+    """The C++ compiler inductor would use on CPU, or None."""
+    for cxx in ("g++", "c++", "clang++"):
+        if shutil.which(cxx):
+            return shutil.which(cxx)
+    return None
+
+
+def measure(st: Setup, repeat: int, compiled: bool, compile_all: bool) -> None:
+    model, nest = st.model, st.nest
+    modes = st.compile if not compile_all else ("infer", "train")
+    modes = modes if compiled else ()
+    counters = {m: CompileCounterWithBackend("inductor") for m in modes}
+    c_live = {mode: torch.compile(model, backend=counters[mode]) for mode in modes}
+    c_alone = {mode: {k: torch.compile(a) for k, a in st.alone.items()} for mode in modes}
+
+    def under(sub, fn, mod):
+        def f():
+            with nest.use(sub):
+                fn(mod)
+        return f
+
+    train, infer, dec = {}, {}, {}
+    for s in st.subs:
+        k = str(s)
+        train[f"live|{k}"], train[f"alone|{k}"] = under(s, st.train, model), (lambda a=st.alone[k]: st.train(a))
+        infer[f"live|{k}"], infer[f"alone|{k}"] = under(s, st.infer, model), (lambda a=st.alone[k]: st.infer(a))
+        if "train" in modes:
+            train[f"clive|{k}"] = under(s, st.train, c_live["train"])
+            train[f"calone|{k}"] = lambda a=c_alone["train"][k]: st.train(a)
+        if "infer" in modes:
+            infer[f"clive|{k}"] = under(s, st.infer, c_live["infer"])
+            infer[f"calone|{k}"] = lambda a=c_alone["infer"][k]: st.infer(a)
+        if st.independent:
             exported = nest.export(s)
-
-            def live_train(s=s):
-                with nest.use(s):
-                    fwd_bwd(model, x)
-
-            def live_inf(s=s):
-                with nest.use(s), torch.no_grad():
-                    model(x)
-
-            fns_train[f"live|{key}"] = live_train
-            fns_train[f"alone|{key}"] = lambda a=alone: fwd_bwd(a, x)
-            fns_train[f"mask|{key}"] = lambda m=masked: fwd_bwd(m, x)
-            fns_inf[f"live|{key}"] = live_inf
-            fns_inf[f"alone|{key}"] = lambda a=alone: a(x)
-            fns_inf[f"export|{key}"] = lambda e=exported: e(x)
-        # one sorted training step: k sub-models accumulated + one optimizer step
+            infer[f"export|{k}"] = lambda e=exported: st.infer(e)
+    if st.sorted_step:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        full_opt_model = build()
-        full_opt = torch.optim.AdamW(full_opt_model.parameters(), lr=1e-4)
-        for p in full_opt_model.parameters():
+        full = st.opt_model()
+        full_opt = torch.optim.AdamW(full.parameters(), lr=1e-4)
+        for p in full.parameters():
             p.grad = torch.zeros_like(p)
 
         def sorted_step():
-            for s in subs:
+            for s in st.subs:
                 with nest.use(s):
-                    (model(x).square().mean() / len(subs)).backward()
+                    st.train(model)
             opt.step()
-            # keep .grad allocated: with set_to_none the next call's first backward would pay the
-            # full-size allocation, and in this round-robin that lands on whichever sub-model runs next
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=False)  # keep .grad: see the note in the results
 
         def ideal_step():
-            for a in standalone.values():
-                fwd_bwd(a, x)
+            for a in st.alone.values():
+                st.train(a)
             full_opt.step()
             full_opt.zero_grad(set_to_none=False)
 
-        fns_train["step|sorted"] = sorted_step
-        fns_train["step|ideal"] = ideal_step
-        with torch.no_grad():
-            t_inf = interleaved(fns_inf, repeat=repeat * 2)
-        t_tr = interleaved(fns_train, repeat=repeat)
-        for s in subs:
-            key = ",".join(f"{k}={v}" for k, v in s.items())
-            alone = t_tr[f"alone|{key}"]
-            rows_a.append([name, key, t_tr[f"live|{key}"] / alone, t_tr[f"mask|{key}"] / alone,
-                           t_inf[f"live|{key}"] / t_inf[f"alone|{key}"], t_inf[f"export|{key}"] / t_inf[f"alone|{key}"],
-                           alone * 1e3])
-        rows_b.append([name, len(subs), t_tr["step|sorted"] / t_tr["step|ideal"], t_tr["step|ideal"] * 1e3])
-    a = [r[2] for r in rows_a]
-    inf = [r[4] for r in rows_a]
-    exp = [r[5] for r in rows_a]
-    summary = table(["measure", "median", "worst", "target"], [
-        ["(a) train fwd+bwd live / standalone", statistics.median(a), max(a), "median <= 1.10, worst <= 1.25"],
-        ["(b) sorted step / ideal", statistics.median(r[2] for r in rows_b), max(r[2] for r in rows_b), "<= 1.15"],
-        ["(c) inference live / standalone", statistics.median(inf), max(inf), "<= 1.10"],
-        ["(c) inference exported / standalone", statistics.median(exp), max(exp), "<= 1.02"],
-    ])
+        train["step|sorted"], train["step|ideal"] = sorted_step, ideal_step
+    for mod in [model, *st.alone.values()]:
+        mod.train()
+    t_tr = interleaved(train, repeat=repeat)
+    for mod in [model, *st.alone.values()]:
+        mod.eval()
+    with torch.no_grad():
+        t_in = interleaved(infer, repeat=repeat * 2)
+        if st.decode is not None:
+            for s in st.subs:
+                k = str(s)
+                step = st.decode(model, s)
+                dec[f"live|{k}"] = under(s, lambda _m, step=step: step(), model)
+                dec[f"alone|{k}"] = st.decode(st.alone[k], s)
+            t_dec = interleaved(dec, repeat=repeat * 2)
+    for s in st.subs:
+        k = str(s)
+        r = {"train": t_tr[f"live|{k}"] / t_tr[f"alone|{k}"], "infer": t_in[f"live|{k}"] / t_in[f"alone|{k}"],
+             "alone_train_ms": t_tr[f"alone|{k}"] * 1e3, "alone_infer_ms": t_in[f"alone|{k}"] * 1e3}
+        if dec:
+            r["decode"] = t_dec[f"live|{k}"] / t_dec[f"alone|{k}"]
+        if st.independent:
+            r["export"] = t_in[f"export|{k}"] / t_in[f"alone|{k}"]
+        if "train" in modes:
+            r["ctrain"] = t_tr[f"clive|{k}"] / t_tr[f"calone|{k}"]
+        if "infer" in modes:
+            r["cinfer"] = t_in[f"clive|{k}"] / t_in[f"calone|{k}"]
+        r["fns"] = {"train": (train[f"live|{k}"], train[f"alone|{k}"]),
+                    "infer": (infer[f"live|{k}"], infer[f"alone|{k}"])}
+        st.rows[k] = r
+    if st.sorted_step:
+        st.rows["step"] = t_tr["step|sorted"] / t_tr["step|ideal"], t_tr["step|ideal"] * 1e3
+    st.rows["compiled"] = {}
+    for mode in modes:  # switch back and forth: a graph per (sub-model, mode), no recompile on switching back
+        before = counters[mode].frame_count
+        ctx = torch.no_grad() if mode == "infer" else _null()
+        (model.eval if mode == "infer" else model.train)()
+        with ctx:
+            for s in [*st.subs, *st.subs[::-1], *st.subs]:
+                with nest.use(s):
+                    (st.infer if mode == "infer" else st.train)(c_live[mode])
+        st.rows["compiled"][mode] = (before, counters[mode].frame_count - before)
+
+
+def profile_gap(live: Callable[[], None], alone: Callable[[], None], n: int = 5, top: int = 12) -> str:
+    """Per-op self CPU time (ms per call) of the live and standalone runs, largest differences first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per = {}
+    for name, f in (("live", live), ("standalone", alone)):
+        f()
+        f()
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            t = time.perf_counter()
+            for _ in range(n):
+                f()
+            wall = (time.perf_counter() - t) / n * 1e3
+        ops = {e.key: e.self_cpu_time_total / n / 1e3 for e in p.key_averages()}
+        per[name] = (wall, ops)
+    (wl, lo), (wa, ao) = per["live"], per["standalone"]
+    names = sorted(set(lo) | set(ao), key=lambda k: -abs(lo.get(k, 0.0) - ao.get(k, 0.0)))[:top]
+    rows = [[k, lo.get(k, 0.0), ao.get(k, 0.0), lo.get(k, 0.0) - ao.get(k, 0.0)] for k in names]
+    rows.append(["(outside ops: Python, dispatch)", wl - sum(lo.values()), wa - sum(ao.values()),
+                 (wl - sum(lo.values())) - (wa - sum(ao.values()))])
+    rows.append(["(wall time under the profiler)", wl, wa, wl - wa])
+    return table(["op (self CPU)", "live ms", "standalone ms", "difference ms"], rows)
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _stat(vals: list[float]) -> tuple[float, float] | None:
+    return (statistics.median(vals), max(vals)) if vals else None
+
+
+def _verdict(got: tuple[float, float] | None, median: float | None, worst: float) -> str:
+    if got is None:
+        return "not measured"
+    ok = (median is None or got[0] <= median) and got[1] <= worst
+    return "**met**" if ok else "**not met**"
+
+
+def run(quick: bool, compile_mode: str) -> str:
+    torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 64
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = 1024
+    cxx = compiler()
+    compiled = compile_mode != "none" and cxx is not None
+    repeat = 7 if quick else 15
+    setups = []
+    t0 = time.perf_counter()
+    for gen in (_stack_setups, _cnn_vit_setups, _llama_setup):
+        for st in gen(quick):
+            measure(st, repeat, compiled, compile_mode == "all")
+            print(f"{st.name}: done at {time.perf_counter() - t0:.0f} s", flush=True)
+            setups.append(st)
+    rows, cols = [], ("train", "infer", "decode", "export", "ctrain", "cinfer")
+    got: dict[str, list[float]] = {c: [] for c in cols}
+    worst = {"train": (0.0, None), "infer": (0.0, None)}
+    for st in setups:
+        for s in st.subs:
+            r = st.rows[str(s)]
+            rows.append([st.name, str(s), *(_fmt(r.get(c)) for c in cols), r["alone_train_ms"], r["alone_infer_ms"]])
+            for c in cols:
+                if c in r:
+                    got[c].append(r[c])
+            for c in worst:
+                if r[c] > worst[c][0]:
+                    worst[c] = (r[c], (st.name, str(s), r["fns"][c]))
+    steps = [[st.name, len(st.subs), *st.rows["step"]] for st in setups if "step" in st.rows]
+    step_stat = _stat([r[2] for r in steps])
+    a, c, d, e = _stat(got["train"]), _stat(got["infer"]), _stat(got["decode"]), _stat(got["export"])
+    ct, ci = _stat(got["ctrain"]), _stat(got["cinfer"])
+    summary = [
+        ["(a) train fwd+bwd live / standalone", a, "median <= 1.05, worst <= 1.15", _verdict(a, 1.05, 1.15)],
+        ["(c) inference live / standalone", c, "median <= 1.05, worst <= 1.15", _verdict(c, 1.05, 1.15)],
+        ["(c) decode 1 token (KV cache) live / standalone", d, "median <= 1.05, worst <= 1.15",
+         _verdict(d, 1.05, 1.15)],
+        ["(c) compiled inference live / compiled standalone", ci, "<= 1.03", _verdict(ci, None, 1.03)],
+        ["compiled train live / compiled standalone", ct, "<= 1.03 (same bar as inference)", _verdict(ct, None, 1.03)],
+        ["(b) sorted step / ideal", step_stat, "<= 1.0", _verdict(step_stat, None, 1.0)],
+        ["(b) inference exported / standalone", e, "<= 1.02", _verdict(e, None, 1.02)],
+    ]
+    summary = [[m, *(("–", "–") if v is None else v), t, ok] for m, v, t, ok in summary]
+    comp_rows = []
+    for st in setups:
+        for mode, (graphs, recompiles) in st.rows["compiled"].items():
+            comp_rows.append([st.name, mode, len(st.subs), graphs, recompiles])
+    if not compiled:
+        comp_note = ("Compiled rows skipped: " + ("--no-compile was given." if compile_mode == "none" else
+                     "no C++ compiler (g++, c++ or clang++) on PATH, which inductor needs on CPU."))
+    else:
+        comp_note = (f"Inductor ({cxx}). Compiled for: "
+                     + ", ".join(f"{st.name} ({'/'.join(st.rows['compiled'])})" for st in setups if st.rows["compiled"])
+                     + ("" if compile_mode == "all" else "; the other models run compiled with `--compile-all` "
+                        "(minutes of compilation each on CPU)") + ".")
+    prof = []
+    for what, label in (("train", "(a) train fwd+bwd"), ("infer", "(c) inference")):
+        ratio, where = worst[what]
+        if where is None:
+            continue
+        name, sub, (live, alone) = where
+        for mod in {id(m): m for st in setups if st.name == name for m in [st.model, *st.alone.values()]}.values():
+            mod.train(what == "train")
+        with (torch.no_grad() if what == "infer" else _null()):
+            tab = profile_gap(live, alone)
+        prof += [f"### Worst {label}: {name} {sub} (ratio {ratio:.3f})", tab]
     text = "\n\n".join([
         "# Overhead of sub-models in the wrapped model vs standalone models",
         f"Command: `python benchmarks/overhead.py{' --quick' if quick else ''}`; torch {torch.__version__}, "
-        f"{platform.machine()}, {torch.get_num_threads()} threads; medians of {repeat} round-robin repeats.",
-        "## Summary", summary,
+        f"{platform.machine()}, {torch.get_num_threads()} thread(s); medians of {repeat} round-robin repeats "
+        f"(inference and decoding: {2 * repeat}); total {time.perf_counter() - t0:.0f} s. Standalone: an "
+        "independently built model of the sub-model's size (llama: `nest.export(sub)`).",
+        "## Summary (targets of issue 12)",
+        table(["measure", "median", "worst", "target", "verdict"], summary),
         "## Per sub-model (ratios to a standalone model of the same size)",
-        table(["model", "sub-model", "(a) train live", "(d) train masked", "(c) infer live", "(c) infer exported",
-               "standalone train ms"], rows_a),
+        "`train`: forward + backward (gradients accumulated into `.grad`); `infer`: forward under `no_grad`; "
+        "`decode`: one token with a KV cache of 32; `export`: `nest.export(sub)` vs the standalone model; "
+        "`c-`: `torch.compile` (inductor) of the live model under `use(sub)` vs the compiled standalone model.",
+        table(["model", "sub-model", "train", "infer", "decode", "export", "c-train", "c-infer",
+               "standalone train ms", "standalone infer ms"], rows),
         "## One sorted training step (all listed sub-models accumulated + AdamW step)",
-        table(["model", "k", "(b) sorted / ideal", "ideal ms"], rows_b),
+        "The ideal is the standalone models' forward+backward plus one AdamW step of the full model; "
+        "`zero_grad(set_to_none=False)` in both.",
+        table(["model", "k", "(b) sorted / ideal", "ideal ms"], steps) if steps else "(not measured)",
+        "## Compiled live model: graphs and recompiles",
+        comp_note,
+        "Graphs: compiled while timing (one per sub-model and mode); recompiles: new graphs while then switching "
+        "through the sub-models three more times (forward, backward, forward order).",
+        table(["model", "mode", "sub-models", "graphs", "recompiles switching back"], comp_rows)
+        if comp_rows else "(none)",
+        "## Where the worst gaps go (torch.profiler, self CPU time per call)",
+        *prof,
     ]) + "\n"
     return text
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer sub-models and repeats (about 2 minutes)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--compile-all", action="store_true", help="also compile the CNN, ViT and Llama rows")
+    g.add_argument("--no-compile", action="store_true", help="skip every compiled row")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier ratios on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    text = run(args.quick)
+    text = run(args.quick, "none" if args.no_compile else "all" if args.compile_all else "default")
     print(text)
-    print("wrote", write("overhead.md", text))
+    print("wrote", write("overhead_quick.md" if args.quick else "overhead.md", text))

@@ -161,6 +161,35 @@ def lm(seed=0, layers=3, ffn=32) -> Case:
     return Case(m, dims, torch.randint(0, 20, (2, 7)))
 
 
+class TiedLM(nn.Module):
+    """Input embedding and output layer share ONE weight (``head.weight is emb.weight``), as GPT-2 does."""
+
+    def __init__(self, vocab=20, d=16, ffn=32, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, 4, ffn) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def tied_lm(seed=0, vocab=20, layers=2, ffn=32) -> Case:
+    torch.manual_seed(seed)
+    m = TiedLM(vocab, 16, ffn, layers)
+    dims = [sn.Width("hidden", [8, 16], out=["emb", "blocks.*.attn.o", "blocks.*.fc2"],
+                     inp=["blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.fc1", "head"],
+                     norm=["blocks.*.ln1", "blocks.*.ln2", "norm"]),
+            sn.Width("ffn", [ffn // 2, ffn], out="blocks.*.fc1", inp="blocks.*.fc2"),
+            sn.Depth("depth", sorted({1, layers}), layers="blocks")]
+    return Case(m, dims, torch.randint(0, vocab, (2, 7)))
+
+
 def sequential(seed=0, depth=4) -> Case:
     torch.manual_seed(seed)
     layers = [nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.GELU()) for _ in range(depth)]
@@ -173,7 +202,7 @@ def sequential(seed=0, depth=4) -> Case:
 
 FAMILIES: dict[str, Callable[..., Case]] = {
     "mlp": mlp, "cnn_bn_residual": cnn, "attn_block": block, "torch_encoder": encoder,
-    "lm_width_heads_depth": lm, "sequential": sequential,
+    "lm_width_heads_depth": lm, "sequential": sequential, "tied_lm": tied_lm,
 }
 
 
@@ -185,6 +214,7 @@ SIZES: dict[str, dict[str, list[int]]] = {
     "torch_encoder": {"layers": [1, 2, 3], "ffn": [8, 24]},
     "lm_width_heads_depth": {"layers": [1, 2, 3], "ffn": [4, 32]},
     "sequential": {"depth": [2, 3, 4]},
+    "tied_lm": {"vocab": [20, 300], "layers": [1, 2], "ffn": [8, 32]},  # 300 x 16: the in-place gradient path
 }
 
 

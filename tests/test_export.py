@@ -132,3 +132,93 @@ def test_sliced_attention_with_masks_matches_export(layers, seed, causal):
         with torch.no_grad():
             got = nest.export(sub).enc(x, mask=mask, **kw)
         torch.testing.assert_close(got, live, atol=1e-5, rtol=0)
+
+
+# -- invariant 10: shared tensors stay shared, the export never aliases the nest ---------------------
+@pytest.mark.parametrize("family", FAMS)
+def test_export_never_aliases_the_live_model(family):
+    c, nest = wrapped(family)
+    before = snapshot(c.model)
+    for sub in (nest.smallest, nest.largest):
+        small = nest.export(sub)
+        with torch.no_grad():
+            for t in [*small.parameters(), *small.buffers()]:
+                t.fill_(7.0) if t.is_floating_point() else t.zero_()
+    assert_unchanged(c.model, before)
+
+
+@given(kw=case_params("tied_lm"))
+def test_tied_embedding_stays_tied_and_counted_once(kw):
+    c, nest = wrapped("tied_lm", kw)
+    assert c.model.head.weight is c.model.emb.weight
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        assert small.head.weight is small.emb.weight, sub
+        assert small.emb.weight.shape == (kw["vocab"], sub["hidden"])
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params"), sub
+        check_plain(small, c.model, nest, sub)
+
+
+class SharedUnsliced(nn.Module):
+    """``head`` (sliced by ``vocab``) shares its weight with ``emb``, which no dimension slices."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i):
+        return self.head(self.fc2(torch.relu(self.fc1(self.emb(i)))))
+
+
+def test_unsliced_user_of_a_sliced_tensor_gets_a_copy_not_the_live_tensor():
+    torch.manual_seed(0)
+    m = SharedUnsliced()
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="fc1", inp="fc2"), sn.Width("vocab", [10, 20], out="head"))
+    before = snapshot(m)
+    x = torch.randint(0, 20, (2, 5))
+    for sub in nest.submodels:
+        if sub["vocab"] == 20:                           # both users see the whole tensor: one tied copy
+            small = nest.export(sub)
+            assert small.head.weight is small.emb.weight
+            assert small.emb.weight is not m.emb.weight
+            assert sum(p.numel() for p in small.parameters()) == nest.cost(sub)
+            with nest.use(sub):
+                torch.testing.assert_close(run(small, x), run(m, x), atol=1e-5, rtol=0)
+            with torch.no_grad():
+                small.emb.weight.zero_()
+        else:                                            # (10, 16) for head, (20, 16) for emb: refused
+            with pytest.raises(sn.SortedNetError, match=r"'head.weight'.*'emb.weight'|'emb.weight'.*'head.weight'"):
+                nest.export(sub)
+    assert_unchanged(m, before)
+
+
+def test_gpt2_tied_lm_head_export():
+    transformers = pytest.importorskip("transformers")
+    import sortednet.integrations  # noqa: F401  (registers the GPT-2 Conv1D slicer)
+
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                  tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    h = "transformer.h.*"
+    nest = sn.wrap(model, sn.Width("hidden", [16, 32], out=["transformer.wte", "transformer.wpe", f"{h}.attn.c_proj",
+                                                            f"{h}.mlp.c_proj"],
+                                   inp=[f"{h}.attn.c_attn", f"{h}.mlp.c_fc", "lm_head"],
+                                   norm=[f"{h}.ln_1", f"{h}.ln_2", "transformer.ln_f"]),
+                   sn.Depth("depth", [1, 2], layers="transformer.h"))
+    before = snapshot(model)
+    x = torch.randint(0, 50, (2, 6))
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        assert small.lm_head.weight is small.transformer.wte.weight, sub
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params"), sub
+        with nest.use(sub), torch.no_grad():
+            live = model(x).logits
+        with torch.no_grad():
+            torch.testing.assert_close(small(x).logits, live, atol=1e-5, rtol=0)
+            for p in small.parameters():
+                p.zero_()
+    assert_unchanged(model, before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import weakref
 
 import pytest
@@ -337,3 +338,89 @@ def test_demo_runs_and_reports_every_submodel(tmp_path, capsys):
     assert len(scores) >= 160 and all(0 <= v <= 1 for v in scores.values())
     assert (tmp_path / "table.md").read_text().count("\n") == len(scores) + 2
     assert out.count("nest.pick") == 1 and out.count("params <=") == 3
+
+
+# -- non-finite losses: one NaN sub-model must not poison the shared gradients -------------------------
+def _poisoned(nest, bad, x, *, value=float("nan"), logits=False):
+    """Closure whose loss is ``value`` (NaN / inf) for the sub-model ``bad``, finite otherwise."""
+    def closure():
+        out = nest.model(x)
+        loss = task_loss(out)
+        if nest.active == bad:
+            loss = loss * value
+        return (loss, out) if logits else loss
+    return closure
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("family", ["mlp", "tied_lm"])
+def test_nonfinite_loss_is_refused_by_default(family, value):
+    case = FAMILIES[family](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    subs = [nest.smallest, nest.submodels[len(nest.submodels) // 2], nest.largest]
+    with pytest.raises(sn.SortedNetError, match=f"loss of {subs[1]} is {value}"):
+        sn.accumulate(nest, subs, _poisoned(nest, subs[1], case.example, value=value))
+    assert all(torch.isfinite(g).all() for g in grads(case.model).values())
+
+
+@pytest.mark.parametrize("distill", [None, sn.Distill(alpha=0.5)], ids=["plain", "distill"])
+@pytest.mark.parametrize("family", ["mlp", "tied_lm"])
+def test_nonfinite_loss_skip_equals_training_without_it(family, distill):
+    case, ref_case = FAMILIES[family](seed=0), FAMILIES[family](seed=0)
+    nest, ref = sn.wrap(case.model, *case.dims), sn.wrap(ref_case.model, *ref_case.dims)
+    subs = [nest.smallest, nest.submodels[len(nest.submodels) // 2], nest.largest]
+    bad = subs[0]
+    with pytest.warns(sn.train.NonFiniteLossWarning, match=str(bad)):
+        losses = sn.accumulate(nest, subs, _poisoned(nest, bad, case.example, logits=distill is not None),
+                               distill=distill, nonfinite="skip")
+    assert losses.skipped == (bad,) and math.isnan(losses[0]) and all(math.isfinite(v) for v in losses[1:])
+    good = subs[1:]
+    want = sn.accumulate(ref, good, _poisoned(ref, None, ref_case.example, logits=distill is not None),
+                         distill=distill, weights=[1 / len(subs)] * len(good))
+    assert want == losses[1:]
+    for (n, g), (_, h) in zip(grads(case.model).items(), grads(ref_case.model).items()):
+        assert torch.isfinite(g).all() and torch.equal(g, h), n
+
+
+def test_nonfinite_teacher_is_skipped_and_gives_no_soft_target():
+    case, ref_case = FAMILIES["mlp"](seed=0), FAMILIES["mlp"](seed=0)
+    nest, ref = sn.wrap(case.model, *case.dims), sn.wrap(ref_case.model, *ref_case.dims)
+    subs = [nest.smallest, nest.largest]
+    with pytest.warns(sn.train.NonFiniteLossWarning):
+        losses = sn.accumulate(nest, subs, _poisoned(nest, nest.largest, case.example, logits=True),
+                               distill=sn.Distill(alpha=0.5), nonfinite="skip")
+    assert losses.skipped == (nest.largest,)
+    sn.accumulate(ref, [ref.smallest], lambda: task_loss(ref_case.model(ref_case.example)), weights=[0.5])
+    assert all(torch.equal(g, h) for g, h in zip(grads(case.model).values(), grads(ref_case.model).values()))
+
+
+def test_nonfinite_ignore_backpropagates_like_plain_pytorch():
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    losses = sn.accumulate(nest, [nest.smallest], _poisoned(nest, nest.smallest, case.example), nonfinite="ignore")
+    assert losses.skipped == () and math.isnan(losses[0])
+    assert not torch.isfinite(case.model.fc1.weight.grad).all()
+    with pytest.raises(sn.SortedNetError, match="nonfinite="):
+        sn.accumulate(nest, [nest.smallest], lambda: task_loss(case.model(case.example)), nonfinite="drop")
+
+
+def test_fit_skips_nonfinite_losses_by_default():
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    opt = torch.optim.Adam(nest.trainable_parameters(), lr=1e-2)
+    sampler = sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0)
+    bad_step = 3
+
+    def loss_fn(out, y, calls=[0]):  # noqa: B006  (counts calls: 2 sub-models per step)
+        calls[0] += 1
+        loss = F.cross_entropy(out, y)
+        return loss * float("nan") if (calls[0] - 1) // 2 == bad_step and nest.active == nest.smallest else loss
+
+    with pytest.warns(sn.train.NonFiniteLossWarning):
+        hist = sn.fit(nest, [toy_batch(i) for i in range(6)], opt, sampler, loss_fn=loss_fn, progress=False)
+    assert [r.get("skipped") for r in hist.train] == [None] * bad_step + [[str(nest.smallest)]] + [None] * 2
+    assert all(torch.isfinite(p).all() for p in case.model.parameters())
+    assert all(math.isfinite(v) for v in hist.mean_loss().values())
+    with pytest.raises(sn.SortedNetError, match="non-finite|poison"):
+        sn.fit(nest, [toy_batch(0)], opt, sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0),
+               loss_fn=lambda o, y: F.cross_entropy(o, y) * float("nan"), progress=False, nonfinite="raise")

@@ -16,6 +16,7 @@ from .nest import Nest
 from .rank import Rank
 from .sampler import Sampler
 from .slicers import Slicer, slicer, slicer_for
+from .speculative import speculative_generate
 from .submodel import SubModel
 from .train import Distill, accumulate, fit
 from .wrap import wrap
@@ -36,5 +37,5 @@ __all__ = [
     "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth", "Rank",
     "save", "load", "SortedNetError", "Slicer", "slicer", "slicer_for",
     "Sampler", "accumulate", "fit", "Distill", "Profile",
-    "from_transformers", "sort_by_importance",
+    "from_transformers", "sort_by_importance", "speculative_generate",
 ]

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .cost import call_model
 from .errors import SortedNetError
+from .modes import eval_mode
 from .submodel import SubModel, SubModelLike
 
 __all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats_from_tensors"]
@@ -95,39 +96,31 @@ def calibrate(nest: Any, loader: Iterable[Any], *, subs: Iterable[SubModelLike] 
     if not data:
         raise SortedNetError("calibrate(): the loader yielded no batch")
 
-    modes = {m: m.training for m in nest.model.modules()}
-    saved = {m: (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in bns.values()}
     results: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {m: {} for m in bns.values()}
-    try:
-        nest.model.eval()
-        for m in bns.values():
-            m.train()
-            m.momentum = None
+    # on a private eval-mode view sharing every weight: its BatchNorm copies alone go to training mode,
+    # with their own momentum, statistics and counters, so no thread sees a mode or statistic change
+    with eval_mode(nest, own_state=bns.values()) as (view, copies):
+        pairs = [(m, copies[id(m)]) for m in bns.values()]
+        for _, c in pairs:
+            c.train()
+            c.momentum = None  # cumulative average over the batches
         for sub in todo:
             with nest.use(sub), torch.no_grad():
-                for m in bns.values():
-                    n, ref = m.num_features, m.__dict__["_buffers"]["running_mean"]
-                    fresh = {"running_mean": torch.zeros(n, dtype=ref.dtype, device=ref.device),
-                             "running_var": torch.ones(n, dtype=ref.dtype, device=ref.device)}
-                    m._sn.extra["bn_override"] = fresh
-                    if m.num_batches_tracked is not None:
-                        m.num_batches_tracked.zero_()
+                for m, c in pairs:
+                    n, ref = c.num_features, m.__dict__["_buffers"]["running_mean"]
+                    c._sn.extra["bn_override"] = {
+                        "running_mean": torch.zeros(n, dtype=ref.dtype, device=ref.device),
+                        "running_var": torch.ones(n, dtype=ref.dtype, device=ref.device)}
+                    if c.num_batches_tracked is not None:
+                        c.num_batches_tracked.zero_()
                 for x in data:
-                    call_model(nest.model, x)
-                for m in bns.values():
-                    results[m][_key(nest)] = m._sn.extra.pop("bn_override")
-    finally:
-        for m, (momentum, tracked) in saved.items():
-            m._sn.extra.pop("bn_override", None)
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-        for m, training in modes.items():
-            m.training = training
+                    call_model(view, x)
+                for m, c in pairs:
+                    results[m][_key(nest)] = c._sn.extra.pop("bn_override")
     for m, stats in results.items():
-        m._sn.extra.setdefault("bn_stats", {}).update(stats)
-        m._sn.extra["bn_dims"] = nest.dims
+        extra = m._sn.extra
+        extra["bn_dims"] = nest.dims
+        extra["bn_stats"] = {**extra.get("bn_stats", {}), **stats}  # one assignment: readers see old or new
     return todo
 
 

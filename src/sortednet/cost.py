@@ -2,7 +2,7 @@
 
 ``params`` is exact and cheap (counted once per size combination of the
 dimensions each tensor depends on); ``flops`` is counted on an example input
-with :class:`torch.utils.flop_counter.FlopCounterMode`; ``latency`` (median
+with the formulas of :mod:`torch.utils.flop_counter`; ``latency`` (median
 seconds of a forward) and ``memory`` (bytes: active weights plus the peak of
 tensors created by the forward) are measured. :class:`Profile` holds them for
 every sub-model with an optional score, finds the Pareto front and prints or
@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils.flop_counter import flop_registry
 
 from .errors import SortedNetError
+from .modes import eval_mode
 from .submodel import SubModel
 
 __all__ = ["METRICS", "Profile", "pareto_front", "ParamCounter", "count_flops", "measure_latency",
@@ -85,13 +87,15 @@ class ParamCounter:
             sizes = tuple(sub[n] for n in key)
             hit = self._memo.get((key, sizes))
             if hit is None:
-                hit = self._memo[(key, sizes)] = self._count(params, dict(zip(key, sizes)))
+                # counted under the whole (listed) sub-model: a partial one could be outside a restricted nest
+                hit = self._memo[(key, sizes)] = self._count(params, sub)
             total += hit
         return total
 
-    def _count(self, params: list[nn.Parameter], sizes: dict[str, int]) -> int:
+    def _count(self, params: list[nn.Parameter], sub: SubModel | dict[str, int]) -> int:
+        """Active elements of ``params`` under ``sub`` (a listed sub-model, or during wrap any sizes)."""
         nest = self.nest
-        with nest.use(sizes), torch.no_grad():
+        with nest.use(sub), torch.no_grad():
             skipped = {id(p) for m in nest._depth for blk in m._sn.slicer.inactive(m) for p in blk.parameters()}
             total = 0
             for p in params:
@@ -102,22 +106,58 @@ class ParamCounter:
         return total
 
 
-def count_flops(nest: Any, sub: SubModel, example: Any) -> int:
-    """Floating-point operations of one forward of ``sub`` on ``example`` (no grad).
+class _NoFastPath(TorchFunctionMode):
+    """A pass-through torch-function mode. PyTorch's fused attention / encoder
+    fast paths step aside while any such mode is active (``has_torch_function``),
+    and modes are per thread: unlike ``torch.backends.mha.set_fastpath_enabled``,
+    no other thread is affected."""
 
-    PyTorch's fused attention / encoder fast paths are switched off while
-    counting: the counter cannot see inside them, and they would make a
-    full-size layer look cheaper than a sliced one.
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        return func(*args, **(kwargs or {}))
+
+
+class _CountFlops(TorchDispatchMode):
+    """FLOPs of this thread's operators, with :mod:`torch.utils.flop_counter`'s formulas.
+
+    ``FlopCounterMode`` also tracks modules through process-wide module hooks
+    (which fire in every thread); a total needs none of that.
     """
-    counter = FlopCounterMode(display=False)
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with nest.use(sub), torch.no_grad(), counter:
-            call_model(nest.model, example)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-    return int(counter.get_total_flops())
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        count = flop_registry.get(func._overloadpacket)
+        if count is None and func is not torch.ops.prim.device.default:
+            with self:  # composite operators: count what they decompose into
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(nest: Any, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
+    """Floating-point operations of one forward of ``sub`` on ``example`` (no grad),
+    on ``model`` (default ``nest.model``).
+
+    PyTorch's fused attention / encoder fast paths step aside while counting
+    (the counter cannot see inside them, and they would make a full-size layer
+    look cheaper than a sliced one), for this call and thread only.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+    >>> count_flops(nest, sn.SubModel(h=2), torch.randn(1, 4))
+    24
+    """
+    counter = _CountFlops()
+    with nest.use(sub), torch.no_grad(), _NoFastPath(), counter:
+        call_model(nest.model if model is None else model, example)
+    return int(counter.total)
 
 
 def _sync(example: Any) -> None:
@@ -127,14 +167,17 @@ def _sync(example: Any) -> None:
             return
 
 
-def measure_latency(nest: Any, sub: SubModel, example: Any, *, repeat: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock seconds of one forward of ``sub`` on ``example`` (after ``warmup`` runs)."""
+def measure_latency(nest: Any, sub: SubModel, example: Any, *, repeat: int = 20, warmup: int = 3,
+                    model: nn.Module | None = None) -> float:
+    """Median wall-clock seconds of one forward of ``sub`` on ``example`` (after ``warmup`` runs)
+    on ``model`` (default ``nest.model``)."""
+    model = nest.model if model is None else model
     times = []
     with nest.use(sub), torch.no_grad():
         for i in range(warmup + repeat):
             _sync(example)
             t0 = time.perf_counter()
-            call_model(nest.model, example)
+            call_model(model, example)
             _sync(example)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -175,18 +218,19 @@ class _PeakBytes(TorchDispatchMode):
         return out
 
 
-def measure_memory(nest: Any, sub: SubModel, example: Any) -> int:
+def measure_memory(nest: Any, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
     """Bytes ``sub`` needs for one forward on ``example``: its active weights
-    plus the peak of tensors the forward creates (inputs excluded)."""
+    plus the peak of tensors the forward creates (inputs excluded), on ``model`` (default ``nest.model``)."""
+    model = nest.model if model is None else model
     with nest.use(sub), torch.no_grad():
-        ps = list(nest.model.parameters())
+        ps = list(model.parameters())
         elem = ps[0].element_size() if ps else 4
         weights = nest.cost(sub, "params") * elem
         existing = {t.untyped_storage().data_ptr() for t in itertools.chain(
-            nest.model.parameters(), nest.model.buffers(), tree_leaves(example)) if isinstance(t, Tensor)}
+            model.parameters(), model.buffers(), tree_leaves(example)) if isinstance(t, Tensor)}
         mode = _PeakBytes(existing)
         with mode:
-            out = call_model(nest.model, example)
+            out = call_model(model, example)
         del out
     return int(weights + mode.peak)
 
@@ -328,18 +372,21 @@ class Profile:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str, metric: str = "params") -> None:
-        """Save a scatter of score (or params) against ``metric``, front highlighted (needs matplotlib)."""
-        import matplotlib
+        """Save a scatter of score (or params) against ``metric``, front highlighted (needs matplotlib).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Draws on its own ``Figure`` with the Agg canvas: pyplot, its global state and
+        the process's matplotlib backend are left alone."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         if metric not in self.costs:
             raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
         ys = self.scores if self.scores is not None else self.costs["params"]
         xs = self.costs[metric]
         front = self.front(metric)
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         ax.scatter(xs, ys, s=14, c="0.6", label="sub-models")
         fx = [self.cost(s, metric) for s in front]
         fy = [ys[self.index(s)] for s in front]
@@ -349,13 +396,19 @@ class Profile:
         ax.legend()
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
 
 
 def example_signature(example: Any) -> tuple:
-    """Shapes, dtypes and devices of the tensors in ``example`` (FLOPs are cached per signature)."""
-    return tuple((tuple(t.shape), str(t.dtype), str(t.device)) if isinstance(t, Tensor) else repr(t)
-                 for t in tree_leaves(example))
+    """Structure (tuple / dict keys), shapes, dtypes and devices of the tensors and the other values
+    in ``example`` (FLOPs are cached per signature).
+
+    >>> import torch
+    >>> example_signature({"x": torch.zeros(2, 3)}) == example_signature({"y": torch.zeros(2, 3)})
+    False
+    """
+    leaves, spec = tree_flatten(example)
+    return (str(spec), *((tuple(t.shape), str(t.dtype), str(t.device)) if isinstance(t, Tensor) else repr(t)
+                         for t in leaves))
 
 
 def build_profile(nest: Any, example: Any, *, score: Callable[[SubModel], float] | None,
@@ -369,27 +422,23 @@ def build_profile(nest: Any, example: Any, *, score: Callable[[SubModel], float]
         raise SortedNetError(f"repeat must be an int >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
     from tqdm.auto import tqdm
 
-    was_training = nest.model.training
-    nest.model.eval()
     cols: dict[str, list[float]] = {m: [] for m in metrics}
     scores: list[float] = []
-    try:
+    with eval_mode(nest) as (view, _):  # measured in eval mode on a private view: no thread sees a mode change
         for sub in tqdm(nest.submodels, desc="profiling", disable=not progress, leave=False):
             cols["params"].append(float(nest.cost(sub, "params")))
             if "flops" in metrics:
-                cols["flops"].append(float(nest.cost(sub, "flops", example=example)))
+                cols["flops"].append(float(nest._flops(sub, example, model=view)))
             if "latency" in metrics:
-                cols["latency"].append(measure_latency(nest, sub, example, repeat=repeat, warmup=warmup))
+                cols["latency"].append(measure_latency(nest, sub, example, repeat=repeat, warmup=warmup, model=view))
             if "memory" in metrics:
-                cols["memory"].append(float(measure_memory(nest, sub, example)))
+                cols["memory"].append(float(measure_memory(nest, sub, example, model=view)))
             if score is not None:
                 with nest.use(sub):
                     value = float(score(sub))
                 if value != value:
                     raise SortedNetError(f"score({sub}) returned NaN")
                 scores.append(value)
-    finally:
-        nest.model.train(was_training)
     device = next((str(t.device) for t in tree_leaves(example) if isinstance(t, Tensor)), "cpu")
     return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},
                    tuple(scores) if score is not None else None, device,

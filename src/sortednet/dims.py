@@ -2,13 +2,14 @@
 
 A dimension owns an ascending tuple of sizes and the target patterns of the
 modules it slices. Dimensions that must agree share ONE object: coupling by
-identity. At run time a dimension also holds its active size, per thread
-(``use``) with a nest-wide default (``activate``).
+identity. At run time a dimension reads its active size from its nest's
+:class:`Active` state: the sub-model entered with ``use`` in the calling
+context (thread or asyncio task), else the nest-wide default (``activate``).
 """
 
 from __future__ import annotations
 
-import threading
+import contextvars
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from torch import nn
 
 from .errors import PatternError, SizeError, SortedNetError
 
-__all__ = ["Dimension", "Width", "Heads", "Depth", "Binding", "Target", "dimension_from_spec"]
+__all__ = ["Dimension", "Width", "Heads", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
 
 _KINDS: dict[str, type["Dimension"]] = {}
 
@@ -30,6 +31,11 @@ class Binding:
     axis (packed q/k/v). ``Heads`` uses ``unit=head_dim``; grouped-query k/v
     use ``div=group``. ``slicer`` (set by ``Rank``) replaces the module type's
     registered slicer for this target.
+
+    ``parts`` states a fused layout as data: the axis stacks one block per entry,
+    block ``i`` holding ``size * unit // parts[i]`` features (fused grouped-query
+    q|k|v: ``parts=(1, group, group)``); each block is cut to its own prefix.
+    ``chunks=c`` is the same as ``parts=(div,) * c``.
     """
 
     dim: "Dimension"
@@ -37,6 +43,7 @@ class Binding:
     div: int = 1
     chunks: int = 1
     slicer: Any = None
+    parts: tuple[int, ...] = ()
 
     def features(self, size: int | None = None) -> int:
         return (self.dim.active if size is None else size) * self.unit // self.div
@@ -44,6 +51,25 @@ class Binding:
     @property
     def full(self) -> int:
         return self.features(self.dim.full)
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Divisor of each stacked block along the axis (one block unless fused)."""
+        return self.parts or (self.div,) * self.chunks
+
+    def total(self, size: int | None = None) -> int:
+        """Features over all stacked blocks at ``size`` (default: active)."""
+        s = self.dim.active if size is None else size
+        return sum(s * self.unit // d for d in self.blocks)
+
+    def segments(self, size: int | None = None) -> tuple[tuple[int, int], ...]:
+        """``(start, length)`` of the rows kept in each stacked block at ``size`` (default: active)."""
+        s = self.dim.active if size is None else size
+        out, start = [], 0
+        for d in self.blocks:
+            out.append((start, s * self.unit // d))
+            start += self.dim.full * self.unit // d
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -94,8 +120,9 @@ class Dimension:
             raise SizeError(f"{self.kind} {name!r}: sizes must be strictly ascending, got {list(sizes)}")
         self.name = name
         self.sizes: tuple[int, ...] = sizes
-        self._default = sizes[-1]
-        self._local = threading.local()
+
+    #: the run-time state of the nest this dimension belongs to (set by ``wrap``)
+    _active: "Active | None" = None
 
     # -- run-time state -------------------------------------------------
     @property
@@ -104,22 +131,14 @@ class Dimension:
 
     @property
     def active(self) -> int:
-        """The size in force for the calling thread.
+        """The size in force for the caller: its ``use`` block, else the nest-wide default.
 
-        The nest-wide default is read only when no ``use`` is in force, so under
-        ``torch.compile`` a graph entered through ``use`` guards on the thread's
-        size alone and ``activate`` does not invalidate it. (Dynamo guards
-        ``getattr`` on a ``threading.local`` soundly; reads through its
-        ``__dict__`` are not guarded: do not "optimise" this into one.)
+        >>> import sortednet as sn
+        >>> sn.Width("h", [2, 4], out="fc").active      # not wrapped yet: the largest size
+        4
         """
-        size = getattr(self._local, "size", None)
-        return self._default if size is None else size
-
-    def _set_local(self, size: int | None) -> None:
-        if size is None:
-            self._local.__dict__.pop("size", None)
-        else:
-            self._local.size = size
+        a = self._active
+        return self.sizes[-1] if a is None else a.plan().sizes[self.name]
 
     # -- planning -------------------------------------------------------
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
@@ -137,15 +156,64 @@ class Dimension:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_local", None)
+        state.pop("_active", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
 
     def __deepcopy__(self, memo: dict) -> "Dimension":
         return self  # dimensions are coupling identities: never duplicated
+
+
+
+class Active:
+    """Which sub-model each caller of one nest runs (``nest.use`` / ``nest.activate``).
+
+    ONE ``contextvars.ContextVar`` holds the plan (the sub-model and its cuts,
+    see :mod:`sortednet.plan`) entered with ``use`` in the calling context: a
+    thread or an asyncio task, each its own. ``default`` is the nest-wide plan
+    of ``activate``, replaced as one object, so a reader sees one sub-model,
+    never a mix. A thread started inside ``use`` sees it only when it runs in a
+    copy of the context (``contextvars.copy_context().run``); a plain
+    ``threading.Thread`` starts with the default.
+
+    ``torch.compile``: ``_scoped`` is a property whose getter is the C method
+    ``ContextVar.get`` bound to this nest's variable (``var.get(self)``: the
+    value, or ``self`` when unset). Dynamo calls such a property while tracing
+    and guards on what it returned by calling it again, so the lookup costs no
+    graph break, one graph is compiled per sub-model and switching back hits
+    the cached graph. The default is read only outside ``use``: ``activate``
+    does not invalidate graphs entered through ``use``.
+
+    >>> a = Active("plan-0")
+    >>> a.plan(), a.var.get(None)
+    ('plan-0', None)
+    >>> tok = a.var.set("plan-1"); a.plan()
+    'plan-1'
+    >>> a.var.reset(tok); a.plan()
+    'plan-0'
+    """
+
+    __slots__ = ("var", "default")
+
+    def __new__(cls, default: Any) -> "Active":
+        var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
+        own = type("Active", (cls,), {"_scoped": property(var.get), "__slots__": (), "__module__": __name__})
+        self = object.__new__(own)
+        self.var, self.default = var, default
+        return self
+
+    def plan(self) -> Any:
+        """The plan in force for the caller."""
+        p = self._scoped  # type: ignore[attr-defined]
+        return self.default if p is self else p
+
+    def __deepcopy__(self, memo: dict) -> "Active":
+        return self  # a deep copy of the model follows the same sub-model
+
+    def __reduce__(self) -> Any:
+        raise SortedNetError("the run-time state of a nest cannot be pickled; use sn.save(nest, path)")
 
 
 def dimension_from_spec(spec: dict[str, Any]) -> Dimension:
@@ -174,6 +242,11 @@ class Width(Dimension):
     """Nested width: output features/channels (``out``), input features (``inp``)
     and normalised features (``norm``) of the matched modules.
 
+    ``chunks`` states fused outputs: ``{out pattern: n}`` (or one int for every
+    ``out`` pattern) for a module whose output rows stack ``n`` projections of
+    this width, e.g. a fused ``gate_up_proj`` ``[gate; up]`` (``n=2``): each
+    block keeps its own first ``size`` rows.
+
     >>> import sortednet as sn
     >>> sn.Width("ffn", [128, 256], out=["blocks.*.fc1"], inp=["blocks.*.fc2"])
     Width('ffn', [128, 256], out=['blocks.*.fc1'], inp=['blocks.*.fc2'])
@@ -182,9 +255,19 @@ class Width(Dimension):
     kind = "width"
 
     def __init__(self, name: str, sizes: Sequence[int], *, out: str | Iterable[str] | None = None,
-                 inp: str | Iterable[str] | None = None, norm: str | Iterable[str] | None = None) -> None:
+                 inp: str | Iterable[str] | None = None, norm: str | Iterable[str] | None = None,
+                 chunks: int | dict[str, int] | None = None) -> None:
         super().__init__(name, sizes)
         self.out = _as_patterns(out, f"Width {name!r} out")
+        if isinstance(chunks, int) and not isinstance(chunks, bool):
+            chunks = {p: chunks for p in self.out}
+        chunks = dict(chunks or {})
+        bad = [(p, n) for p, n in chunks.items() if p not in self.out or isinstance(n, bool)
+               or not isinstance(n, int) or n < 1]
+        if bad:
+            raise PatternError(f"Width {name!r}: chunks={chunks!r} must map out= patterns {list(self.out)} to "
+                               f"positive ints; bad: {bad}")
+        self.chunks = {p: n for p, n in chunks.items() if n > 1}
         self.inp = _as_patterns(inp, f"Width {name!r} inp")
         self.norm = _as_patterns(norm, f"Width {name!r} norm")
         if not (self.out or self.inp or self.norm):
@@ -192,12 +275,14 @@ class Width(Dimension):
 
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         b = Binding(self)
-        return [Target(path, role, b, pat)
+        return [Target(path, role, Binding(self, chunks=self.chunks[pat]) if role == "out" and pat in self.chunks
+                       else b, pat)
                 for role, pats in (("out", self.out), ("inp", self.inp), ("norm", self.norm))
                 for pat in pats for path in match(pat, modules, f"Width {self.name!r} {role}")]
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "out": list(self.out), "inp": list(self.inp), "norm": list(self.norm)}
+        return {**super().spec(), "out": list(self.out), "inp": list(self.inp), "norm": list(self.norm),
+                "chunks": dict(self.chunks)}
 
 
 class Depth(Dimension):

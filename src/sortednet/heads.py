@@ -16,7 +16,12 @@ COUNT_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "nhead",
 SIZE_ATTRS = ("all_head_size", "inner_dim", "attn_dim", "inner_size")
 QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
              ("wq", "wk", "wv"), ("to_q", "to_k", "to_v"), ("q_lin", "k_lin", "v_lin"))
-FUSED_NAMES = ("qkv", "qkv_proj", "to_qkv", "Wqkv", "c_attn")
+FUSED_NAMES = ("qkv", "qkv_proj", "to_qkv", "Wqkv", "c_attn", "query_key_value")
+#: fused projections whose layout is a convention of the name: q, k, v blocks stacked ([q; k; v])
+STACKED_NAMES = ("qkv", "to_qkv", "Wqkv", "c_attn")
+LAYOUTS = ("stacked", "interleaved")
+KV_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+BIAS_NAMES = ("relative_attention_bias",)  # per-head relative position biases (T5): an Embedding of width heads
 O_NAMES = ("o_proj", "out_proj", "o", "wo", "out", "proj", "to_out", "c_proj", "dense", "out_lin")
 
 
@@ -32,6 +37,15 @@ def _out_features(m: nn.Module) -> int | None:
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def _in_features(m: nn.Module) -> int | None:
+    from .slicers import slicer_for
+
+    sl = slicer_for(m)
+    if sl is not None and "inp" in sl.roles:
+        return sl.full(m, "inp")
+    return getattr(m, "in_features", None)
 
 
 def _child(m: nn.Module, name: str) -> nn.Module | None:
@@ -53,6 +67,14 @@ class Heads(Dimension):
     count. Key/value projections with fewer heads (grouped-query attention)
     keep their ratio: every size must be a multiple of the group.
 
+    A fused ``qkv`` projection needs its row layout: ``layout="stacked"``
+    (``[q; k; v]`` blocks, k and v with fewer heads under grouped-query
+    attention) or ``"interleaved"`` (per key/value head ``[q.., k, v]``, e.g.
+    GPT-NeoX ``query_key_value``). Names whose convention is stacked (``qkv``,
+    ``c_attn``, ``to_qkv``, ``Wqkv``) need none; any other fused name without
+    ``layout`` is refused. The head size is read from ``o``'s input width.
+    A child ``relative_attention_bias`` embedding (T5) is sliced per head.
+
     >>> import sortednet as sn
     >>> sn.Heads("heads", [2, 4], attn="blocks.*.attn")
     Heads('heads', [2, 4], attn=['blocks.*.attn'])
@@ -62,8 +84,10 @@ class Heads(Dimension):
 
     def __init__(self, name: str, sizes: Sequence[int], *, attn: str | Iterable[str],
                  qkv: str | Sequence[str] | None = None, o: str | None = None,
-                 count_attrs: Sequence[str] | None = None) -> None:
+                 count_attrs: Sequence[str] | None = None, layout: str | None = None) -> None:
         super().__init__(name, sizes)
+        if layout is not None and layout not in LAYOUTS:
+            raise PatternError(f"Heads {name!r}: layout={layout!r} is not one of {list(LAYOUTS)}")
         self.attn = _as_patterns(attn, f"Heads {name!r} attn")
         if not self.attn:
             raise PatternError(f"Heads {name!r}: attn= must name attention modules")
@@ -74,11 +98,13 @@ class Heads(Dimension):
         self.qkv = qkv
         self.o = o
         self.count_attrs = tuple(count_attrs) if count_attrs is not None else None
+        self.layout = layout
 
     def spec(self) -> dict[str, Any]:
         qkv = list(self.qkv) if isinstance(self.qkv, tuple) else self.qkv
         return {**super().spec(), "attn": list(self.attn), "qkv": qkv, "o": self.o,
-                "count_attrs": list(self.count_attrs) if self.count_attrs is not None else None}
+                "count_attrs": list(self.count_attrs) if self.count_attrs is not None else None,
+                "layout": self.layout}
 
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         out: list[Target] = []
@@ -105,7 +131,8 @@ class Heads(Dimension):
                 or next((f for f in FUSED_NAMES if f in names), None)
             if qkv is None:
                 raise self._err(path, f"no q/k/v projections found among children {sorted(names)}; "
-                                      "pass qkv=('q', 'k', 'v') or qkv='fused_name'")
+                                      "pass qkv=('q', 'k', 'v') or qkv='fused_name', layout='stacked' (or "
+                                      "'interleaved')")
         o = self.o or next((n for n in O_NAMES if n in names and (isinstance(qkv, str) or n not in qkv)), None)
         if o is None:
             raise self._err(path, f"no output projection found among children {sorted(names)}; pass o='name'")
@@ -117,13 +144,15 @@ class Heads(Dimension):
         q_out = _out_features(q)
         if not isinstance(q_out, int):
             raise self._err(path, f"projection {projections[0]!r} ({type(q).__name__}) has no out_features")
-        chunks = 3 if isinstance(qkv, str) else 1
-        if q_out % (H * chunks):
-            raise SizeError(f"Heads {self.name!r} at {path!r}: {projections[0]}.out_features={q_out} "
-                            f"is not divisible into {chunks}x{H} heads")
-        d = q_out // (H * chunks)
-        targets = [Target(_join(path, projections[0]), "out", Binding(self, unit=d, chunks=chunks), pat)]
-        group = 1
+        if isinstance(qkv, str):
+            d, group, b = self._fused(path, qkv, q_out, _in_features(_child(m, o)))
+            targets = [Target(_join(path, qkv), "out", b, pat)]
+        else:
+            if q_out % H:
+                raise SizeError(f"Heads {self.name!r} at {path!r}: {projections[0]}.out_features={q_out} "
+                                f"is not divisible into {H} heads")
+            d, group = q_out // H, 1
+            targets = [Target(_join(path, projections[0]), "out", Binding(self, unit=d), pat)]
         for n in projections[1:]:
             kv_out = _out_features(_child(m, n))
             if kv_out == q_out:
@@ -133,14 +162,52 @@ class Heads(Dimension):
                 raise SizeError(f"Heads {self.name!r} at {path!r}: {n}.out_features={kv_out} is not a whole "
                                 f"number of {d}-wide heads dividing {H}")
             group = H // (kv_out // d)
-            bad = [s for s in self.sizes if s % group]
-            if bad:
-                raise SizeError(f"Heads {self.name!r} at {path!r}: grouped-query attention with {H // group} "
-                                f"key/value heads needs sizes that are multiples of {group}; bad: {bad}")
+            self._check_group(path, group)
             targets.append(Target(_join(path, n), "out", Binding(self, unit=d, div=group), pat))
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
+        targets += self._bias_targets(path, m, pat)
         targets += self._attr_targets(path, m, d, group, pat)
         return targets
+
+    def _check_group(self, path: str, group: int) -> None:
+        bad = [s for s in self.sizes if s % group]
+        if bad:
+            raise SizeError(f"Heads {self.name!r} at {path!r}: grouped-query attention with {self.full // group} "
+                            f"key/value heads needs sizes that are multiples of {group}; bad: {bad}")
+
+    def _fused(self, path: str, name: str, rows: int, o_in: int | None) -> tuple[int, int, Binding]:
+        """(head size, query heads per key/value head, binding) of a fused q/k/v projection."""
+        H = self.full
+        layout = self.layout or ("stacked" if name in STACKED_NAMES else None)
+        if layout is None:
+            raise self._err(path, f"cannot infer the row layout of the fused projection {name!r}: state it, "
+                                  f"e.g. sn.Heads(..., qkv={name!r}, layout='interleaved') for per-head [q_h, k_h, v_h]"
+                                  " rows (GPT-NeoX / Falcon query_key_value) or layout='stacked' for [q; k; v] blocks")
+        if not isinstance(o_in, int) or o_in % H:
+            raise self._err(path, f"the output projection's input width {o_in} is not a whole number of {H} heads")
+        d = o_in // H
+        kv2 = rows // d - H if rows % d == 0 else -1
+        if kv2 <= 0 or kv2 % 2 or H % (kv2 // 2):
+            raise SizeError(f"Heads {self.name!r} at {path!r}: {name}.out_features={rows} is not q ({H}x{d}) plus "
+                            f"k and v of a whole number of {d}-wide heads dividing {H}")
+        group = H // (kv2 // 2)
+        self._check_group(path, group)
+        if layout == "interleaved":  # one block per key/value head: [q x group, k, v]
+            return d, group, Binding(self, unit=(group + 2) * d, div=group)
+        if group == 1:  # thirds [q; k; v]
+            return d, group, Binding(self, unit=d, chunks=3)
+        return d, group, Binding(self, unit=d, parts=(1, group, group))
+
+    def _bias_targets(self, path: str, m: nn.Module, pat: str) -> list[Target]:
+        """Per-head relative position bias tables (T5) are sliced with the heads; other per-head tables refused."""
+        out = []
+        for n, c in m.named_children():
+            if isinstance(c, nn.Embedding) and c.embedding_dim == self.full:
+                if n not in BIAS_NAMES:
+                    raise self._err(path, f"child {n!r} is an embedding of width {self.full} (one column per head?) "
+                                          f"that Heads does not know how to slice; known: {list(BIAS_NAMES)}")
+                out.append(Target(_join(path, n), "out", Binding(self), pat))
+        return out
 
     def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str) -> list[Target]:
         H = self.full
@@ -151,16 +218,23 @@ class Heads(Dimension):
                 raise self._err(path, f"count_attrs {missing} are not int attributes of the module")
             chosen = {a: attrs[a] for a in self.count_attrs}
         else:
+            wrong = {a: v for a, v in attrs.items() if a in COUNT_ATTRS and type(v) is int and v != H}
+            if wrong:  # the module's own head count disagrees: slicing would cut across its heads
+                a, v = next(iter(wrong.items()))
+                raise SizeError(f"Heads {self.name!r} at {path!r} ({type(m).__name__}): the module's own head "
+                                f"count {a}={v} differs from the largest size {H} (head size {d} from the "
+                                f"projections); slices would cut across its heads. Use sizes up to {v}, or "
+                                "name the attributes with count_attrs=")
             chosen = {a: v for a, v in attrs.items() if type(v) is int and (
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
-                or (group > 1 and a in ("num_key_value_heads", "n_kv_heads", "num_kv_heads") and v == H // group))}
+                or (a in KV_ATTRS and v == H // group))}
         out = []
         for a, v in chosen.items():
             if v == H:
                 b = Binding(self)
             elif v == H * d:
                 b = Binding(self, unit=d)
-            elif group > 1 and v == H // group:
+            elif v == H // group:
                 b = Binding(self, div=group)
             else:
                 raise self._err(path, f"attribute {a}={v} is neither the head count {H} nor {H}x{d}")

@@ -1,38 +1,66 @@
 """save / load: one safetensors file holds the weights of every sub-model
-(they share them) plus the nest's description as JSON metadata."""
+(they share them) plus the nest's description as JSON metadata.
+
+``load`` is all-or-nothing: the file's structure, metadata, dimensions,
+sub-model list, tensor names, shapes, dtypes, checksums, calibration tensors
+and profile are all checked against the target (a fresh model, whose wrap is
+planned but not installed, or an existing nest) before the first change.
+Nothing read from a file is executed: module paths are matched exactly, never
+as patterns. See docs/checkpoints.md.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+import torch
 from torch import nn
 
-from .dims import dimension_from_spec
+from . import checkpoint as ck
+from .checkpoint import parse_json
 from .errors import SortedNetError
+from .meta import (EXTRA_PREFIX, FORMAT, FORMATS, calibration_entries, check_profile, exact_spec, read_meta,
+                   rows_of)
 
-__all__ = ["save", "load", "FORMAT", "EXTRA_PREFIX"]
-
-FORMAT = "sortednet/1"
-#: tensors stored beside the weights (e.g. calibrated BatchNorm statistics) live under this key prefix
-EXTRA_PREFIX = "_sortednet/"
+__all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
 
 
-class _WithExtra:
-    """Stands in for the model in ``save_model``: its state_dict plus the nest's extra tensors."""
+def _target_state(model: nn.Module, planned: Mapping[str, tuple]) -> dict[str, tuple[torch.Tensor | None, tuple,
+                                                                                       torch.dtype]]:
+    """The state_dict the (planned) nest will have: name -> (tensor or None if not yet made, shape, dtype)."""
+    out: dict[str, tuple[torch.Tensor | None, tuple, torch.dtype]] = {
+        k: (v, tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+    for path, (m, sl, bind) in planned.items():
+        if "_sn" in m.__dict__:
+            continue  # already wrapped: its state_dict is final
+        prefix = f"{path}." if path else ""
+        for name, new in sl.planned_state(m, bind).items():
+            if new is None:
+                out.pop(prefix + name, None)
+            else:
+                out[prefix + name] = (None, tuple(new[0]), new[1])
+    return out
 
-    def __init__(self, model: nn.Module, extra: dict) -> None:
-        self.model, self.extra = model, extra
 
-    def state_dict(self) -> dict:
-        return {**self.model.state_dict(), **self.extra}
+def _alias_groups(state: Mapping[str, tuple]) -> list[list[str]]:
+    """State-dict names grouped by the tensor they share (tied weights), in state_dict order."""
+    groups: dict[Any, list[str]] = {}
+    for k, (t, shape, dtype) in state.items():
+        key = ("new", k) if t is None or t.numel() == 0 else (
+            t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(k)
+    return list(groups.values())
 
 
 def save(nest: "Nest", path: str | os.PathLike) -> None:  # noqa: F821
-    """Write ``nest`` (weights + dimensions + sub-model list) to ``path`` (.safetensors).
+    """Write ``nest`` (weights, dimensions with the exact module paths they bind, the
+    sub-model list when it is not the full product, calibration and profile) to ``path``.
+
+    Tensors shared by several names (tied weights) are stored once. The file is
+    written beside ``path`` under a temporary name and renamed into place, with the
+    permissions of a plain ``open()`` (the user's umask applies).
 
     >>> import tempfile, os, torch.nn as nn, sortednet as sn
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [4, 8], out="0", inp="1"))
@@ -41,62 +69,176 @@ def save(nest: "Nest", path: str | os.PathLike) -> None:  # noqa: F821
     >>> sn.load(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), path).submodels == nest.submodels
     True
     """
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "dims": [d.spec() for d in nest.dims],
-        "submodels": [str(s) for s in nest.submodels],
-        "extra": nest._extra_state(),
-    }
+    from .nest import Nest
+
+    if not isinstance(nest, Nest):
+        raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}")
+    nest._check_alive()
+    p = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(folder):
+        raise SortedNetError(f"cannot save to {p!r}: folder {folder!r} does not exist")
+    if os.path.isdir(p):
+        raise SortedNetError(f"cannot save to {p!r}: it is a folder")
+    modules = dict(nest.model.named_modules())
+    dims = [exact_spec(d, modules) for d in nest.dims]
+    full = len(nest.submodels) == _product(nest)
+    subs = None if full else [[s[d.name] for d in nest.dims] for s in nest.submodels]
+    state = {k: (v, tuple(v.shape), v.dtype) for k, v in nest.model.state_dict().items()}
+    tensors = {g[0]: state[g[0]][0] for g in _alias_groups(state)}
     extra = nest._extra_tensors()
-    target = _WithExtra(nest.model, extra) if extra else nest.model
-    save_model(target, os.fspath(path), metadata={"sortednet": json.dumps(meta)})
+    clash = sorted(set(extra) & set(tensors))
+    if clash:
+        raise SortedNetError(f"model state_dict keys {clash[:3]} use the reserved prefix {EXTRA_PREFIX!r}")
+    tensors.update(extra)
+
+    def metadata(crcs: dict[str, str]) -> dict[str, str]:
+        meta = {"format": FORMAT, "dims": dims, "submodels": subs, "count": len(nest.submodels),
+                "extra": nest._extra_state(), "checksum": "crc32", "crc32": crcs}
+        return {"sortednet": _dumps(meta)}
+
+    ck.write(p, tensors, metadata)
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    except ValueError as e:  # NaN / inf in a profile
+        raise SortedNetError(f"cannot save: the nest's metadata holds a non-finite number ({e})") from None
+
+
+def _product(nest: Any) -> int:
+    n = 1
+    for d in nest.dims:
+        n *= len(d.sizes)
+    return n
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The nest description stored in a file written by :func:`save`."""
-    try:
-        with safe_open(os.fspath(path), "pt") as f:
-            raw = (f.metadata() or {}).get("sortednet")
-    except (OSError, Exception) as e:  # safetensors raises its own error types
-        raise SortedNetError(f"cannot read sortednet checkpoint {os.fspath(path)!r}: {e}") from None
-    if raw is None:
-        raise SortedNetError(f"{os.fspath(path)!r} is a safetensors file without sortednet metadata")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise SortedNetError(f"{os.fspath(path)!r} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
-    return meta
+    """The nest description stored in a file written by :func:`save` (checked, never executed)."""
+    with ck.read(path) as f:
+        return read_meta(f)
 
 
-def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = True) -> "Nest":  # noqa: F821
-    """Wrap ``model`` (a fresh instance of the saved architecture) as saved and
-    load the weights; or, given a Nest with the same dimensions, load into it."""
+def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = True,  # noqa: F821
+         verify: bool = True) -> "Nest":  # noqa: F821
+    """Wrap ``model`` (a fresh instance of the saved architecture) as saved and load the
+    weights; or, given a Nest with the same dimensions and sub-models, load into it.
+
+    All-or-nothing: everything is checked before the first change, and on any fault a
+    :class:`SortedNetError` names it with the target exactly as it was. ``verify``
+    (default) checks every tensor's CRC-32 first; ``strict=False`` tolerates weights
+    missing from the file (left as they are) and extra ones (ignored). Tensors must
+    have the target's dtype (no silent cast): convert the model after loading instead.
+
+    >>> import tempfile, os, torch.nn as nn, sortednet as sn
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [4, 8], out="0", inp="1"))
+    >>> path = os.path.join(tempfile.mkdtemp(), "nest.safetensors")
+    >>> sn.save(nest, path)
+    >>> sn.load(nest, path) is nest
+    True
+    """
     from .nest import Nest
-    from .wrap import wrap
+    from .wrap import plan, wrap
 
-    meta = read_metadata(path)
-    if isinstance(model, Nest):
-        nest = model
-        saved = [d["name"] for d in meta["dims"]]
-        if [d.spec() for d in nest.dims] != meta["dims"]:
-            diff = [(s, d.spec()) for s, d in zip(meta["dims"], nest.dims) if s != d.spec()][:1]
-            raise SortedNetError(f"checkpoint {os.fspath(path)!r} dimensions {saved} differ from the nest's "
-                                 f"{[d.name for d in nest.dims]}" + (f": saved {diff[0][0]} vs {diff[0][1]}"
-                                                                    if diff else ""))
-    elif isinstance(model, nn.Module):
-        dims = [dimension_from_spec(s) for s in meta["dims"]]
-        nest = wrap(model, *dims, submodels=meta["submodels"])
-    else:
+    if not isinstance(model, (Nest, nn.Module)):
         raise SortedNetError(f"load() needs an nn.Module or a Nest, got {type(model).__name__}")
-    try:
-        missing, unexpected = load_model(nest.model, os.fspath(path), strict=False)
-        with safe_open(os.fspath(path), "pt") as f:
-            extra = {k: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}
-    except Exception as e:
-        raise SortedNetError(f"cannot load {os.fspath(path)!r} into {type(nest.model).__name__}: {e}") from None
-    unexpected = [k for k in unexpected if not k.startswith(EXTRA_PREFIX)]
-    if strict and (missing or unexpected):
-        raise SortedNetError(f"checkpoint {os.fspath(path)!r} does not fit the model: missing keys "
-                             f"{sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
-    nest._load_extra_state(meta.get("extra") or {})
-    nest._load_extra_tensors(extra)
+    if isinstance(model, Nest):
+        model._check_alive()
+    where = repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise SortedNetError(f"load() needs a file path, got {type(path).__name__}")
+    with ck.read(path) as f:
+        meta = read_meta(f)
+        names = [d["name"] for d in meta["dims"]]
+        if isinstance(model, Nest):
+            nest, dims = model, None
+            _check_same_nest(nest, meta, where)
+            planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()}
+            target_model = nest.model
+        else:
+            dims = meta["dims_built"](dict(model.named_modules()))
+            planned = plan(model, dims)                   # validates the wrap; changes nothing
+            target_model = model
+        rows = rows_of(meta, where)
+        state = _target_state(target_model, planned)
+        copies = _match_tensors(f, state, strict, where)
+        extra_names = [k for k in f.entries if k.startswith(EXTRA_PREFIX)]
+        calib = calibration_entries(f, extra_names, planned, meta, rows, where)
+        check_profile(meta["extra"].get("profile"), meta, rows, where)
+        if verify and meta["crc32"] is not None:
+            for k in f.entries:
+                if f.crc(k) != meta["crc32"][k]:
+                    raise SortedNetError(f"checkpoint {where}: tensor {k!r} is damaged (CRC-32 {f.crc(k)} != "
+                                         f"stored {meta['crc32'][k]}); load(..., verify=False) skips this check")
+        # -- every check passed: change the target ------------------------------------
+        if dims is not None:
+            subs = None if rows is None else [dict(zip(names, r)) for r in rows]
+            nest = wrap(model, *dims, submodels=subs)
+        sd = nest.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, targets in copies.items():
+                src = f.tensor(name)
+                for k in targets:
+                    sd[k].copy_(src)
+        nest._load_extra_state(meta["extra"])
+        nest._load_extra_tensors({k: f.tensor(k) for k in calib})
     return nest
+
+
+def _check_same_nest(nest: Any, meta: dict[str, Any], where: str) -> None:
+    modules = dict(nest.model.named_modules())
+    mine = [exact_spec(d, modules) for d in nest.dims]
+    theirs = meta["dims"]
+    if meta["format"] == FORMATS[0]:  # sortednet/1 stored the patterns as written: compare as text
+        mine = [{k: v for k, v in d.spec().items() if k in t or v} for d, t in zip(nest.dims, theirs)]
+    if len(mine) != len(theirs) or any(a != b for a, b in zip(mine, theirs)):
+        diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), (theirs, mine))
+        raise SortedNetError(f"checkpoint {where} dimensions {[d.get('name') for d in theirs]} "
+                             f"{[d.get('sizes') for d in theirs]} differ from the nest's "
+                             f"{[d.name for d in nest.dims]} {[list(d.sizes) for d in nest.dims]}: "
+                             f"saved {str(diff[0])[:300]} vs {str(diff[1])[:300]}")
+    rows = rows_of(meta, where)
+    n = len(nest.submodels)
+    if rows is None:
+        if n != _product(nest):
+            raise SortedNetError(f"checkpoint {where} holds all {_product(nest)} sub-models but the nest lists "
+                                 f"{n}; wrap with the same submodels=")
+        return
+    names = [d.name for d in nest.dims]
+    missing = next((r for r in rows if dict(zip(names, r)) not in nest.submodels), None)
+    if len(rows) != n or missing is not None:
+        raise SortedNetError(f"checkpoint {where} lists {len(rows)} sub-models, the nest {n}"
+                             + (f"; e.g. {dict(zip(names, missing))} is not in the nest" if missing else "")
+                             + "; wrap with the same submodels=")
+
+
+def _match_tensors(f: ck.Container, state: dict[str, tuple], strict: bool, where: str) -> dict[str, list[str]]:
+    """File tensor -> target names it fills; every name, shape and dtype checked."""
+    copies: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for group in _alias_groups(state):
+        present = [k for k in group if k in f.entries]
+        if len(present) > 1:
+            raise SortedNetError(f"checkpoint {where} stores {present} separately, but in the model they are one "
+                                 "shared (tied) tensor")
+        if not present:
+            missing += group
+            continue
+        e = f.entries[present[0]]
+        _, shape, dtype = state[present[0]]
+        if e.shape != shape:
+            raise SortedNetError(f"checkpoint {where}: {present[0]!r} has shape {list(e.shape)}, the model "
+                                 f"{list(shape)}")
+        if e.dtype != dtype:
+            raise SortedNetError(f"checkpoint {where}: {present[0]!r} is {e.dtype}, the model's is {dtype}; "
+                                 "sortednet does not cast silently: load into a model of the saved dtype and "
+                                 "convert it afterwards (model.to(dtype))")
+        copies[present[0]] = group
+    unexpected = [k for k in f.entries if k not in state and not k.startswith(EXTRA_PREFIX)]
+    if strict and (missing or unexpected):
+        raise SortedNetError(f"checkpoint {where} does not fit the model: missing keys {sorted(missing)[:8]}, "
+                             f"unexpected keys {sorted(unexpected)[:8]} (load(..., strict=False) skips them)")
+    return copies

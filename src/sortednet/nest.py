@@ -7,22 +7,31 @@ physically smaller plain model, and unwraps.
 
 from __future__ import annotations
 
-import copy
-import itertools
+import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .cost import METRICS, ParamCounter, Profile, build_profile, count_flops, example_signature
-from .dims import Dimension
+from .dims import Active, Dimension
 from .errors import SortedNetError
-from .select import Selector
-from .submodel import SubModel, SubModelLike
+from .export import export_submodel
+from .plan import Plans, Use, in_plan
+from .select import Selector, budget
+from .submodel import SubModel, SubModelLike, SubModelList
 
-__all__ = ["Nest"]
+__all__ = ["Nest", "MAX_SUBMODELS"]
+
+#: the most sub-models a nest lists (the full product or a ``submodels=`` list)
+MAX_SUBMODELS = 10_000_000
+#: ``hook(nest, sub, exported) -> exported`` run by :meth:`Nest.export` (integrations register theirs:
+#: sortednet.integrations gives transformers models a config that matches the exported shapes)
+EXPORT_HOOKS: dict[str, Callable[..., nn.Module]] = {}
 
 
 class Nest:
@@ -40,24 +49,38 @@ class Nest:
 
     model: nn.Module
     dims: tuple[Dimension, ...]
-    submodels: tuple[SubModel, ...]
+    submodels: SubModelList
 
     # -- construction (called by wrap) -------------------------------------
     def _prepare(self, model: nn.Module, dims: Sequence[Dimension],
                  submodels: Iterable[SubModelLike] | None) -> None:
+        """Validate the sub-model list (no mutation). The full product is kept implicit."""
         self.model, self.dims = model, tuple(dims)
         self._by_name = {d.name: d for d in self.dims}
         self._alive = True
-        self._canonical: dict[SubModel, SubModel] = {}   # listed sub-models: resolve() is one dict lookup
+        self.submodels = None  # type: ignore[assignment]  # set by _attach; no restriction to check before
+        sizes = [d.sizes for d in self.dims]
+        self._rows: np.ndarray | None = None      # listed sub-models (size indices); None: the full product
+        self._restricted = submodels is not None
         if submodels is None:
-            subs = [SubModel(dict(zip(self._by_name, sizes)))
-                    for sizes in itertools.product(*(d.sizes for d in self.dims))]
-        else:
-            subs = list(dict.fromkeys(self.resolve(s) for s in submodels))
-            if not subs:
-                raise SortedNetError("submodels= is empty; give at least one sub-model or None for all")
-        self._subs = subs
-        self._canonical = {s: s for s in subs}
+            total = math.prod(len(s) for s in sizes)
+            if total > MAX_SUBMODELS:
+                raise SortedNetError(f"{total:,} sub-models ({' x '.join(str(len(s)) for s in sizes)} sizes) exceed "
+                                     f"the limit of {MAX_SUBMODELS:,}; list the ones to keep with submodels=[...]")
+            return
+        if isinstance(submodels, (str, bytes, Mapping)):
+            raise SortedNetError(f"submodels= takes a list of sub-models, got {type(submodels).__name__} "
+                                 f"{submodels!r}; wrap it in a list")
+        pos = [{v: i for i, v in enumerate(s)} for s in sizes]
+        rows: set[tuple[int, ...]] = set()
+        for s in submodels:
+            r = self.resolve(s)
+            rows.add(tuple(p[r[d.name]] for p, d in zip(pos, self.dims)))
+            if len(rows) > MAX_SUBMODELS:
+                raise SortedNetError(f"submodels= lists more than {MAX_SUBMODELS:,} sub-models")
+        if not rows:
+            raise SortedNetError("submodels= is empty; give at least one sub-model or None for all")
+        self._rows = np.array(sorted(rows), dtype=SubModelList.index_dtype(sizes)).reshape(len(rows), len(sizes))
 
     def _attach(self, planned: dict, hooks: list) -> None:
         self._sliced = {path: m for path, (m, _, _) in planned.items()}
@@ -71,13 +94,49 @@ class Nest:
         self._depth = [m for m in self._sliced.values() if "depth" in m._sn.bind]
         self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
         self._param_counter = ParamCounter(self)
-        self._flops_example: Any = None
+        self._flops_example: Any = None   # input signature of the FLOPs in _cost_cache["flops"]
+        self._cost_lock = threading.Lock()
         self._profile: Profile | None = None
         self._selector: Selector | None = None
-        params = {s: self.cost(s, "params") for s in self._subs}
-        self.submodels = tuple(sorted(self._subs, key=lambda s: (params[s], tuple(s.values()))))
+        names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
+        rows = SubModelList.product(names, sizes).rows if self._rows is None else self._rows
+        params = self._param_table(rows)
+        order = np.argsort(params, kind="stable")  # rows are in size order: ties go to smaller sizes first
+        self._params = params[order]
+        self._params.setflags(write=False)
+        self.submodels = SubModelList(names, sizes, rows[order])
         for d in self.dims:
             d._nest = self
+
+    def _param_table(self, rows: np.ndarray) -> np.ndarray:
+        """Exact parameter count of every row of size indices, vectorised.
+
+        Each group of parameters of :class:`ParamCounter` depends on a few
+        dimensions only; its count is taken once per size combination of those
+        dimensions (present in ``rows``) and gathered for all rows at once.
+        """
+        counter = self._param_counter
+        total = np.full(len(rows), counter.fixed, dtype=np.int64)
+        col = {d.name: i for i, d in enumerate(self.dims)}
+        for key, params in counter.groups.items():
+            cols = [col[n] for n in key]
+            counts = [len(self.dims[c].sizes) for c in cols]
+            flat = np.zeros(len(rows), dtype=np.int64)
+            for c, n in zip(cols, counts):
+                flat = flat * n + rows[:, c]
+            grid = math.prod(counts)
+            combos, inverse = (np.arange(grid), flat) if grid <= 4 * len(rows) else \
+                np.unique(flat, return_inverse=True)
+            table = np.empty(len(combos), dtype=np.int64)
+            for j, code in enumerate(combos.tolist()):
+                ix = []
+                for n in reversed(counts):
+                    code, r = divmod(code, n)
+                    ix.append(r)
+                sizes = {k: self.dims[c].sizes[i] for k, c, i in zip(key, cols, reversed(ix))}
+                table[j] = counter._count(params, sizes)
+            total += table[inverse]
+        return total
 
     # -- sub-models ------------------------------------------------------------
     @property
@@ -96,10 +155,10 @@ class Nest:
         """
         if sub is None:
             return self.active
-        if isinstance(sub, SubModel):
-            hit = self._canonical.get(sub)
-            if hit is not None:
-                return hit
+        if isinstance(sub, SubModel) and self.submodels is not None:
+            i = self.submodels.position(sub)
+            if i is not None:  # a listed sub-model: returned with the nest's dimension order
+                return sub if tuple(sub) == self.submodels.names else self.submodels[i]
         if isinstance(sub, str):
             sub = SubModel.parse(sub)
         elif not isinstance(sub, Mapping):
@@ -113,42 +172,107 @@ class Nest:
             if s not in d.sizes:
                 raise SortedNetError(f"{d.kind} {name!r} has no size {s!r}; sizes are {list(d.sizes)}")
             sizes[name] = s
-        return SubModel(sizes)
+        out = SubModel(sizes)
+        if self._rows is not None and self.submodels is not None and self.submodels.position(out) is None:
+            listed = self.submodels
+            some = ", ".join(str(s) for s in (*listed[:3], *([listed[-1]] if len(listed) > 3 else [])))
+            raise SortedNetError(f"{out} is not one of the {len(listed)} sub-models this nest was restricted to "
+                                 f"(wrap(..., submodels=[...])), e.g. {some}; see nest.submodels")
+        return out
+
+    # -- the active sub-model (run-time state: sortednet.dims.Active, sortednet.plan) --------------
+    def _start(self, modules: list[nn.Module]) -> None:
+        """Create the run-time state (called by ``wrap`` before ``_attach``, which counts
+        parameters under ``use``): modules get their plan slots, dimensions the state."""
+        self._plans = Plans(modules)
+        self._state = Active(self._plans.build(SubModel({d.name: d.full for d in self.dims})))
+        self._plans.active = self._state
+        for slot, m in enumerate(modules):
+            m.__dict__["_sn"].slot, m.__dict__["_sn"].active = slot, self._state
+        for d in self.dims:
+            d._active = self._state
+        self._state.default = self._plans.get(self._state.default.sub)
+
+    def _stop(self) -> None:
+        for d in self.dims:
+            d._active = None
+        if "_plans" in self.__dict__:
+            self._plans.clear()
+
+    def _plan(self, sub: SubModelLike | None) -> Any:
+        """The plan of ``sub``: one dict lookup for a SubModel or string seen before."""
+        plan = self._plans.hit(sub)
+        if plan is None:
+            self._check_alive()
+            plan = self._plans.get(self.resolve(sub))
+            if isinstance(sub, str):
+                self._plans.alias(sub, plan)
+        return plan
 
     @property
     def active(self) -> SubModel:
-        """The sub-model in force for the calling thread."""
-        return SubModel({d.name: d.active for d in self.dims})
+        """The sub-model in force for the caller: its innermost ``use`` block, else the default."""
+        return self._state.plan().sub
 
-    @contextmanager
-    def use(self, sub: SubModelLike) -> Iterator[SubModel]:
-        """Run ``sub`` inside the block (this thread only); the previous one is
-        restored on exit, also when the body raises. Copies no tensor.
+    def use(self, sub: SubModelLike) -> AbstractContextManager[SubModel]:
+        """Run ``sub`` inside the block; the previous one is restored on exit, also
+        when the body raises. Copies no tensor.
+
+        The sub-model belongs to the calling *context*: this thread, or this asyncio
+        task (tasks interleaving ``use`` blocks on one thread each see their own).
+        Code that runs elsewhere sees the nest-wide default (:meth:`activate`)
+        unless it is given the context: ``contextvars.copy_context().run(fn)`` in a
+        new thread, ``loop.run_in_executor(None, ctx.run, fn)`` for an executor
+        (``asyncio.to_thread`` copies it itself). A plain ``threading.Thread``
+        started inside the block runs the default. For activation checkpointing
+        see :meth:`checkpoint`.
 
         >>> import torch, torch.nn as nn, sortednet as sn
         >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
         >>> with nest.use({"h": 2}):
         ...     nest.model[0].weight.shape
         torch.Size([2, 4])
+        >>> import contextvars, threading
+        >>> seen = []
+        >>> with nest.use("h=2"):
+        ...     ctx = contextvars.copy_context()
+        ...     t1 = threading.Thread(target=ctx.run, args=(lambda: seen.append(str(nest.active)),))
+        ...     t2 = threading.Thread(target=lambda: seen.append(str(nest.active)))
+        ...     _ = t1.start(), t1.join(), t2.start(), t2.join()
+        >>> seen
+        ['h=2', 'h=8']
         """
-        self._check_alive()
-        sub = self.resolve(sub)
-        prev = [(d, d._local.__dict__.get("size")) for d in self.dims]
-        for d in self.dims:
-            d._set_local(sub[d.name])
-        try:
-            yield sub
-        finally:
-            for d, s in prev:
-                d._set_local(s)
+        return Use(self._state, self._plan(sub))
 
     def activate(self, sub: SubModelLike) -> SubModel:
-        """Make ``sub`` the nest-wide default (threads outside ``use`` see it)."""
+        """Make ``sub`` the nest-wide default (callers outside ``use`` see it).
+        Atomic: a concurrent reader sees the old or the new sub-model, never a mix."""
+        plan = self._plan(sub)
         self._check_alive()
-        sub = self.resolve(sub)
-        for d in self.dims:
-            d._default = sub[d.name]
-        return sub
+        self._state.default = plan
+        return plan.sub
+
+    def checkpoint(self, fn: Callable[..., Any], *args: Any, use_reentrant: bool = False, **kwargs: Any) -> Any:
+        """``torch.utils.checkpoint.checkpoint(fn, *args, ...)`` whose recomputation during
+        backward runs the sub-model active now, whatever thread or context runs backward.
+
+        >>> import torch, torch.nn as nn, sortednet as sn
+        >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+        >>> with nest.use("h=2"):
+        ...     y = nest.checkpoint(nest.model, torch.randn(3, 4, requires_grad=True))
+        >>> y.sum().backward()                   # outside use(): recomputes h=2
+        >>> nest.model[0].weight.grad[2:].abs().sum().item()
+        0.0
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        run = in_plan(self._state, self._state.plan(), fn)
+        return checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
+
+    def checkpoint_context(self) -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+        """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False,
+        context_fn=nest.checkpoint_context)``: the recomputation runs the sub-model active at forward."""
+        return nullcontext(), Use(self._state, self._state.plan())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -170,20 +294,29 @@ class Nest:
         if cache is None:
             raise SortedNetError(f"unknown cost metric {metric!r}; available: {list(METRICS)}")
         if metric == "flops" and example is not None:
-            sig = example_signature(example)
-            if sig != self._flops_example:
-                cache.clear()
-                self._flops_example = sig
-                self._selector = None
-            if sub not in cache:
-                cache[sub] = count_flops(self, sub, example)
-                self._selector = None
+            return self._flops(sub, example)
         if sub not in cache:
             if metric != "params":
                 hint = "pass example=..." if metric == "flops" else "measure it with nest.profile(example)"
                 raise SortedNetError(f"no {metric!r} cost for {sub} yet; {hint}")
             cache[sub] = self._param_counter(sub)
         return cache[sub]
+
+    def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
+        """FLOPs of ``sub`` on ``example``, cached under the example's signature. Thread-safe: the
+        table ``pick`` reads only ever holds counts of one signature (the latest asked for)."""
+        sig = example_signature(example)
+        with self._cost_lock:
+            hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example else None
+        if hit is None:
+            hit = count_flops(self, sub, example, model=model)  # outside the lock: other threads go on
+            with self._cost_lock:
+                if sig != self._flops_example:
+                    self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
+                    self._flops_example = sig
+                self._cost_cache["flops"][sub] = hit
+                self._selector = None
+        return hit
 
     def profile(self, example_inputs: Any, *, score: Callable[[SubModel], float] | None = None,
                 metrics: Sequence[str] = ("params", "flops", "latency", "memory"), repeat: int = 20,
@@ -192,6 +325,10 @@ class Nest:
         of kwargs): params, FLOPs, latency (median of ``repeat`` after ``warmup``, on the
         inputs' device), memory, and ``score(sub)`` (called inside ``use(sub)``, e.g.
         validation accuracy). Kept on the nest for :meth:`pick` and saved by ``sn.save``.
+        Costs are measured in eval mode on a private view sharing the weights; no
+        module's mode changes (other threads may be serving or training), so
+        ``score`` runs your code on your model as it is: call ``model.eval()``
+        first, or score with :func:`sortednet.train.evaluate`.
 
         >>> import torch, torch.nn as nn, sortednet as sn
         >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
@@ -211,7 +348,7 @@ class Nest:
             for metric, values in prof.costs.items():
                 if metric != "params":
                     self._cost_cache[metric].update(
-                        (s, v) for s, v in zip(prof.submodels, values) if s in self._cost_cache["params"])
+                        (s, v) for s, v in zip(prof.submodels, values) if s in self.submodels)
 
     def pick(self, *, params: float | None = None, flops: float | None = None, latency: float | None = None,
              memory: float | None = None, fraction: float | None = None) -> SubModel:
@@ -226,9 +363,10 @@ class Nest:
         >>> nest.pick(params=40), nest.pick(fraction=1.0)
         (SubModel(h=4), SubModel(h=8))
         """
-        limits = {m: float(v) for m, v in (("params", params), ("flops", flops), ("latency", latency),
-                                           ("memory", memory)) if v is not None}
+        limits = {m: budget(m, v) for m, v in (("params", params), ("flops", flops), ("latency", latency),
+                                               ("memory", memory)) if v is not None}
         if fraction is not None:
+            fraction = budget("fraction", fraction)
             if not 0 < fraction <= 1:
                 raise SortedNetError(f"fraction must be in (0, 1], got {fraction}")
             limits["params"] = min(limits.get("params", float("inf")), fraction * self.cost(self.largest))
@@ -236,12 +374,15 @@ class Nest:
 
     def _select(self) -> Selector:
         if self._selector is None:
-            subs = self.submodels
-            costs = {m: [c[s] for s in subs] for m, c in self._cost_cache.items()
-                     if m == "params" or (c and all(s in c for s in subs))}
+            subs, n = self.submodels, len(self.submodels)
+            costs: dict[str, Any] = {"params": self._params}
+            for m, c in self._cost_cache.items():
+                if m != "params" and len(c) >= n and all(s in c for s in subs):
+                    costs[m] = [c[s] for s in subs]
             prof = self._profile
             scores = None
-            if prof is not None and prof.scores is not None and all(s in prof._pos for s in subs):
+            if prof is not None and prof.scores is not None and len(prof._pos) >= n and \
+                    all(s in prof._pos for s in subs):
                 scores = [prof.scores[prof._pos[s]] for s in subs]
             self._selector = Selector(subs, costs, scores)
         return self._selector
@@ -259,43 +400,29 @@ class Nest:
         return calibrate(self, loader, subs=subs, batches=batches)
 
     # -- export / unwrap ------------------------------------------------------
-    def export(self, sub: SubModelLike | None = None) -> nn.Module:
+    def export(self, sub: SubModelLike | None = None, *, plain: bool = False) -> nn.Module:
         """A plain, physically smaller copy of ``sub`` (default: the active one).
 
         Sliced weights are cloned contiguous; the original classes come back;
-        skipped blocks are dropped. The nest is untouched.
+        skipped blocks are dropped. The nest is untouched and never aliased.
+        Tensors the model shares (tied embeddings) stay shared, one tensor each;
+        two users needing different slices of one tensor raise SortedNetError.
+        A model with a library config (a transformers ``PreTrainedModel``) gets a
+        config matching its shapes from the hooks in :data:`EXPORT_HOOKS`, or a
+        SortedNetError when none can describe it; ``plain=True`` skips them
+        (the copy then keeps the full model's config).
         """
         self._check_alive()
         sub = self.resolve(sub)
-        with self.use(sub), torch.no_grad():
-            memo: dict[int, Any] = {}
-            skipped: list[str] = []
-            for path, m in self._sliced.items():
-                memo[id(m._sn)] = None  # exported copies carry no sortednet state
-                for t in m._sn.slicer.exported_tensors(m):
-                    memo[id(t)] = t  # replaced below; never copied at full size
-                if "depth" in m._sn.bind:
-                    for name, blk in list(m._modules.items())[len(m):]:
-                        memo[id(blk)] = None
-                        skipped.append(f"{path}.{name}" if path else name)
-            new = copy.deepcopy(self.model, memo)
-            for path in sorted(self._sliced, key=lambda p: -p.count(".") - bool(p)):
-                if any(path == s or path.startswith(s + ".") for s in skipped):
-                    continue
-                live = self._sliced[path]
-                c = new.get_submodule(path) if path else new
-                c.__class__ = live._sn.cls
-                del c.__dict__["_sn"]
-                r = live._sn.slicer.export(live, c)
-                if r is not c:
-                    if not path:
-                        new = r
-                    else:
-                        parent, _, name = path.rpartition(".")
-                        setattr(new.get_submodule(parent) if parent else new, name, r)
-            for h in self._hooks:
-                for m in new.modules():
-                    m._forward_pre_hooks.pop(h.id, None)
+        new = export_submodel(self, sub)
+        if plain:
+            return new
+        if not EXPORT_HOOKS and hasattr(new, "config") and hasattr(new, "save_pretrained"):
+            raise SortedNetError(f"export of a {type(new).__name__} needs its config updated: import "
+                                 "sortednet.integrations first, or pass plain=True for a plain module that keeps "
+                                 "the full model's config")
+        for hook in EXPORT_HOOKS.values():
+            new = hook(self, sub, new)
         return new
 
     def unwrap(self, *, merge: bool = False) -> nn.Module:
@@ -311,7 +438,7 @@ class Nest:
         unwrap_modules(self.model, self._hooks, merge=merge)
         for d in self.dims:
             d._nest = None
-            d._default = d.full
+        self._stop()
         self._alive = False
         return self.model
 

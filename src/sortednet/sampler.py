@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SortedNetError
-from .submodel import SubModel
+from .submodel import SubModel, SubModelList, sequence_digest
 
 __all__ = ["Sampler", "STRATEGIES", "WEIGHT_RULES"]
 
@@ -23,6 +23,8 @@ STRATEGIES = ("uniform", "sandwich", "weighted", "all")
 #: named rules for ``strategy="weighted"``: weight of the sub-model at position
 #: ``i`` (ascending cost, 0-based) given its parameter count ``c``
 WEIGHT_RULES = ("cost", "large", "small")
+#: ``state_dict`` lists the sub-models by name up to this many; above, it stores a digest
+STATE_LIST_MAX = 10_000
 
 
 def _check_index(value: Any, what: str) -> int:
@@ -64,14 +66,17 @@ class Sampler:
         if isinstance(submodels, (str, bytes, Mapping)) or not isinstance(submodels, Sequence):
             raise SortedNetError(f"Sampler needs a sequence of sub-models (nest.submodels), got "
                                  f"{type(submodels).__name__}")
-        subs = tuple(submodels)
-        if not subs:
+        if isinstance(submodels, SubModelList):  # nest.submodels: distinct SubModels by construction, kept lazy
+            subs: Sequence[SubModel] = submodels
+        else:
+            subs = tuple(submodels)
+            bad = [s for s in subs if not isinstance(s, SubModel)]
+            if bad:
+                raise SortedNetError(f"Sampler takes SubModel objects (nest.submodels), got {bad[0]!r}")
+            if len(set(subs)) != len(subs):
+                raise SortedNetError("Sampler got the same sub-model twice; pass nest.submodels")
+        if not len(subs):
             raise SortedNetError("Sampler needs at least one sub-model, got an empty list")
-        bad = [s for s in subs if not isinstance(s, SubModel)]
-        if bad:
-            raise SortedNetError(f"Sampler takes SubModel objects (nest.submodels), got {bad[0]!r}")
-        if len(set(subs)) != len(subs):
-            raise SortedNetError("Sampler got the same sub-model twice; pass nest.submodels")
         if strategy not in STRATEGIES:
             raise SortedNetError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
         n = len(subs)
@@ -101,14 +106,14 @@ class Sampler:
             probs = w / w.sum() if w.sum() > 0 else w
         elif weights is not None:
             raise SortedNetError(f"weights= is only used by strategies 'weighted' and 'sandwich', not {strategy!r}")
-        self.submodels: tuple[SubModel, ...] = subs
+        self.submodels: Sequence[SubModel] = subs
         self.k, self.strategy, self.seed = k, strategy, _check_index(seed, "seed")
         self.weights = weights if isinstance(weights, str) else (None if weights is None else list(map(float, weights)))
         self.probs: np.ndarray | None = probs
         self._source = subs if nest is None else nest
 
     @staticmethod
-    def _probabilities(weights: Sequence[float] | str | None, subs: tuple[SubModel, ...], nest: Any) -> np.ndarray:
+    def _probabilities(weights: Sequence[float] | str | None, subs: Sequence[SubModel], nest: Any) -> np.ndarray:
         n = len(subs)
         if weights is None:
             raise SortedNetError(f"strategy 'weighted' needs weights=: {n} numbers or one of {list(WEIGHT_RULES)}")
@@ -116,7 +121,10 @@ class Sampler:
             if weights == "cost":
                 if nest is None:
                     raise SortedNetError("weights='cost' needs the nest: Sampler(nest, ...) instead of nest.submodels")
-                w = np.array([float(nest.cost(s, "params")) for s in subs])
+                if subs is nest.submodels and hasattr(nest, "_params"):
+                    w = np.asarray(nest._params, dtype=float)
+                else:
+                    w = np.array([float(nest.cost(s, "params")) for s in subs])
             elif weights == "large":
                 w = np.arange(1, n + 1, dtype=float)
             elif weights == "small":
@@ -147,7 +155,8 @@ class Sampler:
         if self.strategy == "uniform":
             idx = rng.choice(n, size=k, replace=False)
         elif self.strategy == "sandwich":
-            middle = rng.choice(np.arange(1, n - 1), size=k - 2, replace=False, p=self.probs) if k > 2 else []
+            # 1 + choice(n - 2) draws exactly what choice(arange(1, n - 1)) did, without the O(n) array
+            middle = (1 + rng.choice(n - 2, size=k - 2, replace=False, p=self.probs)).tolist() if k > 2 else []
             idx = [0, n - 1, *middle]
         else:
             idx = rng.choice(n, size=k, replace=False, p=self.probs)
@@ -175,7 +184,13 @@ class Sampler:
     def state_dict(self) -> dict[str, Any]:
         """The configuration (JSON-able). Draws need no other state: they depend on ``(seed, step)`` only."""
         return {"strategy": self.strategy, "k": self.k, "seed": self.seed, "weights": self.weights,
-                "submodels": [str(s) for s in self.submodels]}
+                "submodels": self._listing()}
+
+    def _listing(self) -> list[str] | str:
+        """The sub-models by name, or (above ``STATE_LIST_MAX``) a digest of them."""
+        if len(self.submodels) <= STATE_LIST_MAX:
+            return [str(s) for s in self.submodels]
+        return f"{len(self.submodels)} sub-models, {sequence_digest(self.submodels)}"
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a configuration saved by :meth:`state_dict` (the sub-model list must match).
@@ -191,10 +206,13 @@ class Sampler:
         missing = {"strategy", "k", "seed", "weights", "submodels"} - set(state)
         if missing:
             raise SortedNetError(f"sampler state lacks {sorted(missing)}")
-        mine = [str(s) for s in self.submodels]
-        if list(state["submodels"]) != mine:
-            raise SortedNetError(f"sampler state is for {len(state['submodels'])} sub-models "
-                                 f"{list(state['submodels'])[:4]}..., this sampler has {len(mine)} {mine[:4]}...")
+        mine, theirs = self._listing(), state["submodels"]
+        if isinstance(mine, str) or isinstance(theirs, str):
+            if theirs != mine:
+                raise SortedNetError(f"sampler state is for {str(theirs)[:80]}; this sampler has {str(mine)[:80]}")
+        elif list(theirs) != mine:
+            raise SortedNetError(f"sampler state is for {len(theirs)} sub-models "
+                                 f"{list(theirs)[:4]}..., this sampler has {len(mine)} {mine[:4]}...")
         try:
             other = Sampler(self._source, k=None if state["strategy"] == "all" else state["k"],
                             strategy=state["strategy"], seed=state["seed"], weights=state["weights"])

@@ -20,15 +20,35 @@ the smallest cost available.
 
 from __future__ import annotations
 
-import bisect
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import BudgetError, SortedNetError
 from .submodel import SubModel
 
-__all__ = ["Selector"]
+__all__ = ["Selector", "budget"]
+
+
+def budget(name: str, value: Any) -> float:
+    """A budget given to ``pick`` as a float: a real number (int, float or NumPy scalar),
+    never a bool, string, complex or container; NaN is refused. An int too large for a
+    float is an unlimited budget (``inf``).
+
+    >>> budget("params", 10**400), budget("flops", 2)
+    (inf, 2.0)
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SortedNetError(f"budget {name}= must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf if value > 0 else -math.inf
+    if out != out:
+        raise SortedNetError(f"budget {name}={value} is not a number")
+    return out
 
 
 class Selector:
@@ -48,7 +68,7 @@ class Selector:
             raise SortedNetError("no sub-models to select from")
         if "params" not in costs:
             raise SortedNetError("Selector needs the 'params' cost of every sub-model")
-        self.subs = list(subs)
+        self.subs = subs
         self.costs = {k: np.asarray(v, dtype=np.float64) for k, v in costs.items()}
         for k, v in self.costs.items():
             if v.shape != (n,):
@@ -66,17 +86,17 @@ class Selector:
         self.ranking = key                                       # ranking[r] = sub index of rank r
         self.rank = np.empty(n, dtype=np.int64)
         self.rank[key] = np.arange(n)
-        self._single: dict[str, tuple[list[float], np.ndarray]] = {}
+        self._single: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._ranked = {k: v[key] for k, v in self.costs.items()}   # costs in ranking order
         self._min = {k: (float(v.min()), self.subs[int(v.argmin())]) for k, v in self.costs.items()}
 
-    def _table(self, metric: str) -> tuple[list[float], np.ndarray]:
+    def _table(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         t = self._single.get(metric)
         if t is None:
             c = self.costs[metric]
             order = np.argsort(c, kind="stable")
             best = np.minimum.accumulate(self.rank[order])      # best rank among the i cheapest
-            t = self._single[metric] = (c[order].tolist(), self.ranking[best])
+            t = self._single[metric] = (c[order], self.ranking[best])
         return t
 
     def smallest(self, metric: str) -> tuple[float, SubModel]:
@@ -100,7 +120,7 @@ class Selector:
         if len(limits) == 1:
             (metric, limit), = limits.items()
             costs, best = self._table(metric)
-            return self.subs[int(best[bisect.bisect_right(costs, limit) - 1])]
+            return self.subs[int(best[int(np.searchsorted(costs, limit, side="right")) - 1])]
         ranked = None
         for metric, limit in limits.items():
             ok = self._ranked[metric] <= limit

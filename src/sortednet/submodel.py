@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
 
 from .errors import SortedNetError
 
-__all__ = ["SubModel", "SubModelLike"]
+__all__ = ["SubModel", "SubModelLike", "SubModelList"]
 
 
 class SubModel(Mapping[str, int]):
@@ -39,16 +43,28 @@ class SubModel(Mapping[str, int]):
     def parse(cls, text: str) -> "SubModel":
         """Parse ``"ffn=512,depth=4"`` (spaces allowed)."""
         sizes: dict[str, int] = {}
+        if not isinstance(text, str):
+            raise SortedNetError(f"cannot parse sub-model {text!r}: expected a 'name=int,...' string")
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, eq, value = part.partition("=")
             name, value = name.strip(), value.strip()
-            if not eq or not name or not value.lstrip("-").isdigit():
+            digits = value[1:] if value.startswith("-") else value
+            if not eq or not name or not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
                 raise SortedNetError(
                     f"cannot parse sub-model {text!r}: expected 'name=int,...', bad part {part!r}")
             if name in sizes:
                 raise SortedNetError(f"cannot parse sub-model {text!r}: {name!r} given twice")
             sizes[name] = int(value)
         return cls(sizes)
+
+    @classmethod
+    def _trusted(cls, items: dict[str, int]) -> "SubModel":
+        """Build from already validated ``{name: int}`` (no checks: internal fast path)."""
+        new = object.__new__(cls)
+        object.__setattr__(new, "_items", tuple(items.items()))
+        object.__setattr__(new, "_dict", items)
+        object.__setattr__(new, "_hash", hash(frozenset(new._items)))
+        return new
 
     def __getitem__(self, name: str) -> int:
         return self._dict[name]
@@ -97,3 +113,178 @@ class SubModel(Mapping[str, int]):
 
 
 SubModelLike = SubModel | Mapping[str, int] | str
+
+
+class SubModelList(Sequence[SubModel]):
+    """An immutable, compact sequence of sub-models (``nest.submodels``).
+
+    Stored as one small-integer row of size indices per sub-model (a NumPy
+    array), so a million sub-models take a few megabytes; a :class:`SubModel`
+    is built only when an item is read. ``sub in lst`` and ``lst.index(sub)``
+    are binary searches. Equal to any sequence holding the same sub-models in
+    the same order.
+
+    >>> lst = SubModelList.product(("a", "b"), ((1, 2), (3, 4, 5)))
+    >>> len(lst), lst[0], lst[-1], SubModel(a=2, b=4) in lst, lst.index("a=1,b=5")
+    (6, SubModel(a=1,b=3), SubModel(a=2,b=5), True, 2)
+    >>> lst[1:3] == [SubModel(a=1, b=4), SubModel(a=1, b=5)]
+    True
+    """
+
+    __slots__ = ("names", "sizes", "rows", "_keys", "_sorted", "_order")
+
+    def __init__(self, names: Sequence[str], sizes: Sequence[Sequence[int]], rows: np.ndarray) -> None:
+        self.names: tuple[str, ...] = tuple(names)
+        self.sizes: tuple[tuple[int, ...], ...] = tuple(tuple(int(v) for v in s) for s in sizes)
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != len(self.names) or len(self.sizes) != len(self.names):
+            raise SortedNetError(f"SubModelList: rows of shape {rows.shape} for dimensions {list(self.names)}")
+        self.rows = rows
+        self.rows.setflags(write=False)
+        self._keys: dict[tuple[int, ...], int] | None = None
+        self._sorted: np.ndarray | None = None
+        self._order: np.ndarray | None = None
+
+    @staticmethod
+    def index_dtype(sizes: Sequence[Sequence[int]]) -> type:
+        """The smallest unsigned integer type that indexes every dimension's sizes."""
+        n = max((len(s) for s in sizes), default=1)
+        return np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.uint32
+
+    @classmethod
+    def product(cls, names: Sequence[str], sizes: Sequence[Sequence[int]]) -> "SubModelList":
+        """Every combination of sizes, in lexicographic order of the size tuples."""
+        counts = [len(s) for s in sizes]
+        dtype = cls.index_dtype(sizes)
+        total = int(np.prod(counts, dtype=object)) if counts else 1
+        rows = np.empty((total, len(counts)), dtype=dtype)
+        rep = total
+        for d, c in enumerate(counts):
+            rep //= c
+            rows[:, d] = np.tile(np.repeat(np.arange(c, dtype=dtype), rep), total // (rep * c))
+        return cls(names, sizes, rows)
+
+    # -- Sequence --------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def _make(self, row: Sequence[int]) -> SubModel:
+        return SubModel._trusted({n: s[i] for n, s, i in zip(self.names, self.sizes, row)})
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return SubModelList(self.names, self.sizes, self.rows[i])
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"sub-model list indices must be integers or slices, not {type(i).__name__}")
+        return self._make(self.rows[int(i)].tolist())
+
+    def __iter__(self) -> Iterator[SubModel]:
+        for start in range(0, len(self), 4096):
+            for row in self.rows[start:start + 4096].tolist():
+                yield self._make(row)
+
+    def _row(self, sub: Any) -> tuple[int, ...] | None:
+        if isinstance(sub, str):
+            try:
+                sub = SubModel.parse(sub)
+            except SortedNetError:
+                return None
+        if not isinstance(sub, Mapping) or len(sub) != len(self.names):
+            return None
+        row = []
+        for n, s in zip(self.names, self.sizes):
+            v = sub.get(n)
+            if v not in s or isinstance(v, bool):
+                return None
+            row.append(s.index(v))
+        return tuple(row)
+
+    def position(self, sub: Any) -> int | None:
+        """Index of ``sub`` (a SubModel, mapping or string), or None when it is not listed."""
+        row = self._row(sub)
+        if row is None or not len(self):
+            return None
+        if self._sorted is None:
+            counts = [len(s) for s in self.sizes]
+            if int(np.prod(counts, dtype=object)) < 2 ** 62:
+                keys = np.zeros(len(self), dtype=np.int64)
+                for d, c in enumerate(counts):
+                    keys = keys * c + self.rows[:, d]
+                self._order = np.argsort(keys, kind="stable")
+                self._sorted = keys[self._order]
+            else:  # astronomically many combinations: a dict of the (listed, so few) rows
+                self._keys = {tuple(r): i for i, r in enumerate(self.rows.tolist())}
+                self._sorted = np.empty(0, dtype=np.int64)
+        if self._keys is not None:
+            return self._keys.get(row)
+        key = 0
+        for v, s in zip(row, self.sizes):
+            key = key * len(s) + v
+        j = int(np.searchsorted(self._sorted, key))
+        if j < len(self._sorted) and int(self._sorted[j]) == key:
+            return int(self._order[j])
+        return None
+
+    def __contains__(self, sub: object) -> bool:
+        return self.position(sub) is not None
+
+    def index(self, sub: Any, start: int = 0, stop: int | None = None) -> int:
+        i = self.position(sub)
+        if i is None or i < start or (stop is not None and i >= stop):
+            raise SortedNetError(f"sub-model {sub} is not in this list of {len(self)} sub-models")
+        return i
+
+    def count(self, sub: Any) -> int:
+        return int(self.position(sub) is not None)
+
+    def values(self) -> np.ndarray:
+        """The sizes themselves, one row per sub-model (int64; columns follow :attr:`names`)."""
+        out = np.empty(self.rows.shape, dtype=np.int64)
+        for d, s in enumerate(self.sizes):
+            out[:, d] = np.asarray(s, dtype=np.int64)[self.rows[:, d]]
+        return out
+
+    def digest(self) -> str:
+        """A short fingerprint of the contents and order (equal lists give equal digests)."""
+        return sequence_digest(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SubModelList):
+            if len(self) != len(other):
+                return False
+            if self.names == other.names and self.sizes == other.sizes:
+                return bool(np.array_equal(self.rows, other.rows))
+            return bool(np.array_equal(self.values(), other._values_as(self.names)))
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def _values_as(self, names: tuple[str, ...]) -> np.ndarray | None:
+        if set(names) != set(self.names):
+            return None
+        v = self.values()
+        return v[:, [self.names.index(n) for n in names]]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        n = len(self)
+        if n <= 6:
+            return f"SubModelList([{', '.join(str(s) for s in self)}])"
+        return f"SubModelList({n} sub-models: {self[0]} ... {self[n - 1]})"
+
+
+def sequence_digest(subs: Sequence[SubModel]) -> str:
+    """sha256 of a sub-model sequence (names, then one row of sizes per sub-model, in order)."""
+    h = hashlib.sha256()
+    if isinstance(subs, SubModelList):
+        names, values = subs.names, subs.values()
+    else:
+        names = tuple(subs[0]) if len(subs) else ()
+        try:
+            values = np.array([[s[n] for n in names] for s in subs], dtype=np.int64).reshape(len(subs), len(names))
+        except (KeyError, TypeError, OverflowError):
+            return "sha256:" + hashlib.sha256("\n".join(map(str, subs)).encode()).hexdigest()
+    h.update(",".join(names).encode())
+    h.update(np.ascontiguousarray(values, dtype="<i8").tobytes())
+    return "sha256:" + h.hexdigest()

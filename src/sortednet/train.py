@@ -12,6 +12,7 @@ A loop of your own needs only :class:`~sortednet.Sampler` and :func:`accumulate`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +22,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import SortedNetError
+from .modes import eval_mode
 from .sampler import Sampler
 from .submodel import SubModel, SubModelLike
 
-__all__ = ["Distill", "accumulate", "evaluate", "fit", "History"]
+__all__ = ["Distill", "accumulate", "evaluate", "fit", "History", "Losses", "NonFiniteLossWarning", "NONFINITE"]
+
+#: what :func:`accumulate` does with a non-finite (NaN / inf) loss
+NONFINITE = ("raise", "skip", "ignore")
+
+
+class NonFiniteLossWarning(RuntimeWarning):
+    """A sub-model's loss was NaN or infinite and its backward was skipped (``nonfinite="skip"``)."""
+
+
+class Losses(list):
+    """What :func:`accumulate` returns: the unscaled loss of each sub-model (floats, in the order of
+    ``subs``) plus ``skipped``, the sub-models whose non-finite loss was not backpropagated.
+
+    >>> from sortednet.train import Losses
+    >>> Losses([0.5, float("nan")], skipped=("h=2",)).skipped
+    ('h=2',)
+    """
+
+    def __init__(self, values: Iterable[float] = (), *, skipped: Sequence[Any] = ()) -> None:
+        super().__init__(values)
+        self.skipped = tuple(skipped)
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,7 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
 
 def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
                distill: Distill | None = None, weights: Sequence[float] | None = None,
-               backward: Callable[[Tensor], Any] | None = None) -> list[float]:
+               backward: Callable[[Tensor], Any] | None = None, nonfinite: str = "raise") -> Losses:
     """Backward the loss of each sub-model in ``subs``, one after another, into ``.grad``.
 
     For every sub-model: activate it (``nest.use``), call ``closure()`` (it runs
@@ -99,6 +122,14 @@ def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], An
     soft target of the others (see :class:`Distill`). ``backward(scaled_loss)``
     replaces ``scaled_loss.backward()``, e.g. ``accelerator.backward`` or
     ``lambda l: scaler.scale(l).backward()`` for mixed precision.
+
+    A NaN / inf loss of one sub-model would poison every shared gradient.
+    ``nonfinite`` says what happens then, BEFORE its backward: ``"raise"``
+    (default; a :class:`~sortednet.SortedNetError` naming the sub-model; the
+    sub-models before it already added their gradients: zero them), ``"skip"``
+    (no backward for it, a :class:`NonFiniteLossWarning`, listed in the
+    result's ``skipped``; a skipped distillation teacher gives no soft target)
+    or ``"ignore"`` (backward anyway, as plain PyTorch would).
 
     >>> import torch, torch.nn as nn, torch.nn.functional as F, sortednet as sn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -124,14 +155,18 @@ def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], An
             weights = []
         if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights):
             raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers, got {raw!r}")
+    if nonfinite not in NONFINITE:
+        raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
     order = list(range(len(resolved)))
     teacher = None
     if distill is not None and len(resolved) > 1:
-        rank = {s: i for i, s in enumerate(nest.submodels)}
-        teacher = max(order, key=lambda i: (rank.get(resolved[i], -1), nest.cost(resolved[i], "params")))
+        rank = nest.submodels.position  # O(log N); None for an unlisted sub-model
+        teacher = max(order, key=lambda i: (-1 if (r := rank(resolved[i])) is None else r,
+                                            nest.cost(resolved[i], "params")))
         order.remove(teacher)
         order.insert(0, teacher)
     losses = [0.0] * len(resolved)
+    skipped: list[SubModel] = []
     target: Tensor | None = None
     for i in order:
         with nest.use(resolved[i]):
@@ -141,11 +176,26 @@ def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], An
                 target = logits.detach()
             elif target is not None and distill.alpha > 0:
                 total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
-            scaled = total * weights[i]
-            scaled.backward() if backward is None else backward(scaled)
             losses[i] = float(loss.detach())
-        del loss, logits, total, scaled  # free this sub-model's graph before the next forward
-    return losses
+            bad = nonfinite != "ignore" and not math.isfinite(losses[i] if total is loss else float(total.detach()))
+            if bad:
+                what = f"loss of {resolved[i]} is {losses[i]}" + ("" if total is loss else " (with distillation: "
+                                                                   f"{float(total.detach())})")
+                if nonfinite == "raise":
+                    raise SortedNetError(f"accumulate: the {what}; its backward would poison the shared "
+                                         "gradients. Nothing was backpropagated for it (the sub-models before it "
+                                         "in this call were). Pass nonfinite='skip' to skip such sub-models")
+                skipped.append(resolved[i])
+                if i == teacher:
+                    target = None
+                warnings.warn(f"sortednet.accumulate: skipped the backward of {resolved[i]}: the {what}",
+                              NonFiniteLossWarning, stacklevel=2)
+            else:
+                scaled = total * weights[i]
+                scaled.backward() if backward is None else backward(scaled)
+                del scaled
+        del loss, logits, total  # free this sub-model's graph before the next forward
+    return Losses(losses, skipped=skipped)
 
 
 def _accuracy(out: Tensor, y: Tensor) -> float:
@@ -169,8 +219,9 @@ def evaluate(nest: Any, data: Any, *, subs: Iterable[SubModelLike] | None = None
 
     ``metric(output, target)`` returns the SUM over the batch (default: number
     of correct argmax predictions); the result is divided by the number of
-    examples, so the default is accuracy. Runs in eval mode without grad and
-    restores the training mode afterwards.
+    examples, so the default is accuracy. Runs without grad in eval mode on a
+    private view of the model that shares its weights: the model's own mode, seen
+    by every thread (one may be training it), never changes.
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> from sortednet.train import evaluate
@@ -182,21 +233,16 @@ def evaluate(nest: Any, data: Any, *, subs: Iterable[SubModelLike] | None = None
     metric = metric or _accuracy
     subs = list(nest.submodels) if subs is None else [nest.resolve(s) for s in subs]
     model = nest.model
-    was_training = model.training
     device = next((p.device for p in model.parameters()), None)
     batches = [(_to(x, device), _to(y, device)) for x, y in _batches(data)]
     if not batches:
         raise SortedNetError("evaluate got no batches")
     out: dict[SubModel, float] = {}
-    model.eval()
-    try:
-        with torch.no_grad():
-            for s in subs:
-                with nest.use(s):
-                    total = sum(metric(model(x), y) for x, y in batches)
-                out[s] = total / sum(len(y) for _, y in batches)
-    finally:
-        model.train(was_training)
+    with eval_mode(nest) as (view, _), torch.no_grad():
+        for s in subs:
+            with nest.use(s):
+                total = sum(metric(view(x), y) for x, y in batches)
+            out[s] = total / sum(len(y) for _, y in batches)
     return out
 
 
@@ -222,11 +268,12 @@ class History:
         return dict(self.evals[-1]["scores"]) if self.evals else {}
 
     def mean_loss(self, last: int = 50) -> dict[str, float]:
-        """Mean training loss per sub-model over the last ``last`` steps."""
+        """Mean training loss per sub-model over the last ``last`` steps (skipped non-finite losses left out)."""
         sums: dict[str, list[float]] = {}
         for rec in self.train[-last:]:
             for s, v in rec["losses"].items():
-                sums.setdefault(s, []).append(v)
+                if math.isfinite(v):
+                    sums.setdefault(s, []).append(v)
         return {s: sum(v) / len(v) for s, v in sums.items()}
 
 
@@ -238,7 +285,8 @@ def _groups(n: int) -> list[str]:
 def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Optimizer, sampler: Sampler, *,
         epochs: int = 1, loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy, distill: Distill | None = None,
         eval_data: Any = None, eval_every: int | None = None, start_step: int = 0,
-        scheduler: Any = None, progress: bool = True, device: torch.device | str | None = None) -> History:
+        scheduler: Any = None, progress: bool = True, device: torch.device | str | None = None,
+        nonfinite: str = "skip") -> History:
     """Train with ``sampler`` + :func:`accumulate` over ``epochs`` passes of ``loader``.
 
     ``loader`` yields ``(inputs, target)``; each batch is one optimizer step
@@ -247,6 +295,9 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
     A tqdm bar shows the running loss of small / medium / large sub-models.
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) every
     ``eval_every`` steps and at the end. Returns a :class:`History`.
+    ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
+    NaN / inf is skipped for that step (a warning; the step's record lists it
+    under ``"skipped"``); ``"raise"`` stops the run instead.
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -262,7 +313,7 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
     """
     if not isinstance(sampler, Sampler):
         raise SortedNetError(f"fit() needs an sn.Sampler, got {type(sampler).__name__}")
-    if set(sampler.submodels) - set(nest.submodels):
+    if sampler.submodels != nest.submodels and any(s not in nest.submodels for s in sampler.submodels):
         raise SortedNetError("the sampler lists sub-models this nest does not have; build it from nest.submodels")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
@@ -292,13 +343,18 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
                     return loss_fn(out, y), out
 
                 subs = sampler.draw(step)
-                losses = accumulate(nest, subs, closure, distill=distill)
+                losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
-                hist.train.append({"step": step, "losses": {str(s): v for s, v in zip(subs, losses)}})
+                rec: dict[str, Any] = {"step": step, "losses": {str(s): v for s, v in zip(subs, losses)}}
+                if losses.skipped:
+                    rec["skipped"] = [str(s) for s in losses.skipped]
+                hist.train.append(rec)
                 for s, v in zip(subs, losses):
+                    if s in losses.skipped:
+                        continue
                     g = group[s]
                     ema[g] = v if g not in ema else 0.9 * ema[g] + 0.1 * v
                 bar.set_postfix({f"loss[{g}]": f"{ema[g]:.3f}" for g in ("S", "M", "L") if g in ema}, refresh=False)

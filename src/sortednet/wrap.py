@@ -10,6 +10,7 @@ from torch import nn
 
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, nearby
+from . import slicers as _slicers
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .submodel import SubModelLike
@@ -54,7 +55,10 @@ def _check_dims(dims: Sequence[Dimension]) -> None:
     for d in dims:
         if not isinstance(d, Dimension):
             raise SortedNetError(f"wrap() takes dimensions (sn.Width, sn.Heads, sn.Depth, ...), got {d!r}")
-        if d.name in seen and seen[d.name] is not d:
+        if seen.get(d.name) is d:
+            raise SortedNetError(f"dimension {d!r} is passed to wrap() twice; pass each dimension once "
+                                 "(modules that share it are listed in its patterns)")
+        if d.name in seen:
             raise SortedNetError(f"two dimensions are named {d.name!r}: {seen[d.name]!r} and {d!r}")
         if getattr(d, "_nest", None) is not None:
             raise SortedNetError(f"dimension {d.name!r} already belongs to a wrapped model; build a new one")
@@ -109,19 +113,42 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     return out
 
 
-def install(model: nn.Module, planned: dict, *, inplace_grad: bool) -> list:
-    """Swap in per-instance subclasses (cannot fail after ``plan``); returns hook handles."""
-    for path, (m, sl, bind) in planned.items():
-        names = sl.attr_names(m, bind)
-        cls = sliced_subclass(m, sl, names)
-        m.__dict__["_sn"] = State(sl, bind, type(m), path, inplace_grad)
-        sl.prepare(m)
-        m.__class__ = cls
-    sliced = {id(m) for m, _, _ in planned.values()}
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
-            hooks.append(m.register_forward_pre_hook(_no_fast_path))
+def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096) -> list:
+    """Swap in per-instance subclasses; returns hook handles.
+
+    All-or-nothing: if a slicer's ``prepare`` fails (e.g. the SVD of a huge layer runs
+    out of memory), every module converted so far gets back its class, ``__dict__``
+    entries, parameters, buffers and ``requires_grad`` flags, and the error propagates.
+    """
+    saved: list[tuple[nn.Module, type, dict, dict, dict, dict]] = []
+    hooks: list = []
+    try:
+        for path, (m, sl, bind) in planned.items():
+            names = sl.attr_names(m, bind)
+            cls = sliced_subclass(m, sl, names)
+            saved.append((m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers),
+                          {n: p.requires_grad for n, p in m._parameters.items() if p is not None}))
+            m.__dict__["_sn"] = State(sl, bind, type(m), path, inplace_grad, min_numel=min_numel)
+            sl.prepare(m)
+            m.__class__ = cls
+        sliced = {id(m) for m, _, _ in planned.values()}
+        for m in model.modules():
+            if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
+                hooks.append(m.register_forward_pre_hook(_no_fast_path))
+    except BaseException:
+        for h in hooks:
+            h.remove()
+        for m, cls, attrs, params, buffers, grads in reversed(saved):
+            m.__class__ = cls
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+            for store, old in ((m._parameters, params), (m._buffers, buffers)):
+                store.clear()
+                store.update(old)
+            for n, flag in grads.items():
+                m._parameters[n].requires_grad_(flag)
+        raise
     return hooks
 
 
@@ -142,7 +169,7 @@ def unwrap_modules(model: nn.Module, hooks: Iterable, *, merge: bool = False) ->
 
 
 def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] | None = None,
-         inplace_grad: bool = True):
+         inplace_grad: bool = True, inplace_min_numel: int | None = None):
     """Make ``model`` (changed in place) hold nested sub-models along ``dims``.
 
     All patterns and sizes are checked before anything changes; on error the
@@ -157,19 +184,30 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
     ...     model(torch.randn(2, 8)).shape
     torch.Size([2, 4])
 
-    ``inplace_grad`` (default) adds gradients of sliced weights straight into
-    their slice of ``.grad`` (fast; parameter hooks do not see them). Set it
-    False for code that needs plain autograd on parameters (``torch.autograd.grad``).
+    ``inplace_grad`` (default True) adds the gradient of a sliced weight of at
+    least ``inplace_min_numel`` elements (default ``sortednet.slicers.INPLACE_MIN_NUMEL``,
+    4096; smaller tensors gain nothing) straight into its slice of ``.grad``,
+    where that is exactly what plain autograd would do; ``torch.autograd.grad``,
+    parameter hooks, ``create_graph`` and ``torch.func`` transforms get plain
+    autograd automatically (see docs/mechanism.md). ``inplace_grad=False`` always
+    uses plain autograd slicing (e.g. for DDP, see docs/scaling.md).
     """
     from .nest import Nest
 
     planned = plan(model, dims)
     nest = Nest.__new__(Nest)
     nest._prepare(model, dims, submodels)       # validates sub-models, still no mutation
-    hooks = install(model, planned, inplace_grad=inplace_grad)
+    if inplace_min_numel is None:
+        inplace_min_numel = _slicers.INPLACE_MIN_NUMEL
+    if isinstance(inplace_min_numel, bool) or not isinstance(inplace_min_numel, int) or inplace_min_numel < 0:
+        raise SortedNetError(f"inplace_min_numel must be an int >= 0, got {inplace_min_numel!r}")
+    nest._inplace_min_numel = inplace_min_numel
+    hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
     try:
+        nest._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
         nest._attach(planned, hooks)
     except BaseException:
+        nest._stop()
         unwrap_modules(model, hooks)
         raise
     return nest

@@ -2,11 +2,12 @@
 
 ``sortednet.integrations`` needs Hugging Face ``transformers`` (``pip install
 sortednet[transformers]``); importing it registers the slicer for GPT-2's
-``Conv1D``. ``import sortednet`` alone never imports transformers.
+``Conv1D`` and the export hook that gives exported ``PreTrainedModel``\\ s a
+matching config. ``import sortednet`` alone never imports transformers.
 
 >>> import sortednet.integrations as sni
->>> [layout.family for layout in sni.LAYOUTS]
-['llama', 'gpt2', 'bert']
+>>> [layout.family for layout in sni.LAYOUTS][:3]
+['llama', 'qwen2_moe', 'mixtral']
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ def _register_slicers() -> None:
 _register_slicers()
 
 from .importance import sort_by_importance  # noqa: E402
+from .layouts import Layout, register_layout, unregister_layout  # noqa: E402
 from .soft import SoftOutput, soft_loss  # noqa: E402
 from .trainer import SortedTrainer, SubModelCallback  # noqa: E402
 from .transformers import LAYOUTS, detect, export_pretrained, from_transformers  # noqa: E402
 
-__all__ = ["from_transformers", "export_pretrained", "detect", "LAYOUTS", "soft_loss", "SoftOutput",
-           "sort_by_importance", "SortedTrainer", "SubModelCallback"]
+__all__ = ["from_transformers", "export_pretrained", "detect", "LAYOUTS", "Layout", "register_layout",
+           "unregister_layout", "soft_loss", "SoftOutput", "sort_by_importance", "SortedTrainer", "SubModelCallback"]

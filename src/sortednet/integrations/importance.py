@@ -13,7 +13,7 @@ by their summed score) and query heads are ordered within their group.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import SortedNetError
 from ..nest import Nest
 from ..slicers import Slicer
-from .transformers import Found, _layout_of
+from .layouts import Found
+from .transformers import _head_counts, _layout_of
 
 __all__ = ["sort_by_importance"]
 
@@ -58,13 +59,23 @@ def _expand(order: Tensor, unit: int) -> Tensor:
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:
+    hint = ("pass loss_fn=lambda model, batch: <scalar loss>, e.g. for an encoder a mean-pooled embedding "
+            "objective: loss_fn=lambda m, b: m(**b).last_hidden_state.mean(1).pow(2).sum()")
     if isinstance(batch, Tensor):
-        return model(input_ids=batch, labels=batch).loss
-    out = model(**batch)
-    if getattr(out, "loss", None) is None:
-        raise SortedNetError("sort_by_importance: the model returned no loss; put labels in the batches "
-                             "or pass loss_fn=lambda model, batch: ...")
-    return out.loss
+        if batch.dtype not in (torch.long, torch.int, torch.int32) or batch.dim() != 2:
+            raise SortedNetError(f"sort_by_importance: a tensor batch must be token ids of shape (batch, seq), got "
+                                 f"{batch.dtype} {tuple(batch.shape)}; {hint}")
+        out = model(input_ids=batch, labels=batch)
+    elif isinstance(batch, Mapping):
+        out = model(**batch)
+    else:
+        raise SortedNetError(f"sort_by_importance cannot use a batch of type {type(batch).__name__} (give dicts of "
+                             f"model inputs with labels, or token-id tensors for a causal LM); {hint}")
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise SortedNetError(f"sort_by_importance: {type(model).__name__} returned no scalar loss for this batch "
+                             f"(does it have a head and labels?); {hint}")
+    return loss
 
 
 def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
@@ -91,10 +102,9 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                              "dimension (sort first, then nest.unwrap() and from_transformers(..., rank=...))")
     found: Found = _layout_of(nest)
     lay, model = found.layout, nest.model
+    _check_layout(lay, found, model, ffn, heads)
     blocks = list(model.get_submodule(found.layers)._modules.values())
-    n_heads = model.config.num_attention_heads
-    kv = getattr(model.config, "num_key_value_heads", None) or n_heads
-    group = n_heads // kv
+    n_heads, group = _head_counts(model.config, lay)
     saved = {p: p.grad for p in model.parameters()}
     was_training = model.training
     ffn_s = [0.0] * len(blocks)
@@ -108,11 +118,12 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                     p.grad = None
                 (loss_fn or _default_loss)(model, batch).backward()
                 for i, blk in enumerate(blocks):
-                    attn = blk.get_submodule(lay.attn)
-                    d = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None) \
-                        or model.config.hidden_size // n_heads
-                    ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(lay.ffn_inp[0]), 1)
-                    head_s[i] = head_s[i] + _score(attn.get_submodule(lay.o), d)
+                    if ffn:
+                        ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(lay.ffn_inp[0]), 1)
+                    if heads:
+                        o = blk.get_submodule(lay.attn[0]).get_submodule(lay.o)
+                        d = Slicer.tensor(o, "weight").shape[_axes(o)[1]] // n_heads
+                        head_s[i] = head_s[i] + _score(o, d)
                 n += 1
     finally:
         for p, g in saved.items():
@@ -126,16 +137,35 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
             perms[f"{found.layers}.{i}"] = p = {}
             if ffn:
                 p["ffn"] = order = torch.argsort(ffn_s[i], descending=True, stable=True)
+                rows = torch.cat([order + c * order.numel() for c in range(lay.ffn_chunks)])  # [gate; up]: each
                 for path in lay.ffn_out:
-                    _permute(blk.get_submodule(path), "out", order)
+                    _permute(blk.get_submodule(path), "out", rows)
                 for path in lay.ffn_inp:
                     _permute(blk.get_submodule(path), "inp", order)
             if heads:
-                p["heads"] = _sort_heads(blk.get_submodule(lay.attn), lay, head_s[i], group)
+                p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
+                                         lay.layout_of_qkv(model.config))
     return perms
 
 
-def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int) -> Tensor:
+def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -> None:
+    """Refuse the layouts whose units this function cannot permute (before anything changes)."""
+    why, blk, cfg = "", found.block(model), model.config
+    if len(found.stacks) > 1 or len(lay.attn) != 1 or lay.o is None or lay.qkv is None:
+        why = "several layer lists or attention modules per block"
+    elif ffn and not all(isinstance(blk.get_submodule(p), (nn.Linear, Conv1D)) for p in lay.ffn_out + lay.ffn_inp):
+        why = "FFN weights that are not linear layers (mixture-of-experts tensors)"
+    elif heads and lay.no_heads:
+        why = lay.no_heads
+    elif heads and isinstance(lay.qkv, str) and lay.layout_of_qkv(cfg) == "interleaved" \
+            and _head_counts(cfg, lay)[1] > 1:
+        why = "grouped interleaved fused q/k/v rows"
+    if why:
+        raise SortedNetError(f"sort_by_importance does not support the {lay.family} layout ({why}); use ffn=False "
+                             "or heads=False where that avoids it, or permute the units yourself")
+
+
+def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | None) -> Tensor:
     """Permute whole heads (whole key/value groups with GQA); returns the query-head order."""
     H = score.numel()
     by_group = score.reshape(H // group, group)
@@ -145,9 +175,11 @@ def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int) -> Tensor:
     o = attn.get_submodule(lay.o)
     d = Slicer.tensor(o, "weight").shape[_axes(o)[1]] // H
     q_idx = _expand(q_order, d)
-    if isinstance(lay.qkv, str):  # fused q|k|v along the output axis
-        E = H * d
-        _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, q_idx + E, q_idx + 2 * E]))
+    if isinstance(lay.qkv, str) and layout == "interleaved":  # per head [q_h; k_h; v_h]: move whole 3d blocks
+        _permute(attn.get_submodule(lay.qkv), "out", _expand(q_order, 3 * d))
+    elif isinstance(lay.qkv, str):  # fused [q; k; v] along the output axis (k, v with H / group heads)
+        E, kv_idx = H * d, _expand(g_order, d) if group > 1 else q_idx
+        _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, kv_idx + E, kv_idx + E + E // group]))
     else:
         _permute(attn.get_submodule(lay.qkv[0]), "out", q_idx)
         kv_idx = _expand(g_order, d) if group > 1 else q_idx

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ..dims import Depth
 from ..errors import SortedNetError
 from ..nest import Nest
-from .transformers import Found, detect
+from .layouts import Found, detect
+from .transformers import _layout_of
 
 __all__ = ["soft_loss", "SoftOutput", "exit_parts", "causal_lm_loss"]
 
@@ -57,7 +58,7 @@ def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module,
     found = found or detect(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm_path = f"{found.parent}.{found.layout.norm}" if found.parent else found.layout.norm
-    if head is None or not found.layout.norm:
+    if head is None or not found.layout.norm or not found.layout.causal:
         raise SortedNetError(f"SoFT needs a causal LM with a final norm and an LM head; {type(model).__name__} "
                              f"({found.layout.family} layout) has none")
     cfg = getattr(model, "config", None)
@@ -87,7 +88,7 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int
     """
     nest = model if isinstance(model, Nest) else None
     model = nest.model if nest is not None else model
-    found = getattr(nest, "_hf", None) or detect(model)
+    found = _layout_of(nest) if nest is not None else detect(model)
     base, layers, norm, head = exit_parts(model, found)
     n = len(layers)
     if exits is None:

@@ -1,112 +1,54 @@
-"""Hugging Face transformers presets: one call nests BERT, GPT-2 and Llama-family models.
+"""Hugging Face transformers presets: one call nests every family in :data:`LAYOUTS`.
 
-:func:`from_transformers` finds the layer list of a model, recognises the
+:func:`from_transformers` finds the layer list(s) of a model, recognises the
 layout of its blocks and declares the coupled dimensions (FFN width, whole
 attention heads keeping the grouped-query ratio, depth) itself.
-:func:`export_pretrained` turns a sub-model into a standard ``PreTrainedModel``
+:func:`export_pretrained` (also what ``nest.export(sub)`` does for a
+``PreTrainedModel``) turns a sub-model into a standard ``PreTrainedModel``
 whose config matches its smaller shapes, so ``save_pretrained`` ->
-``from_pretrained`` reproduces it.
+``from_pretrained`` reproduces it, or refuses when no stock config can.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from transformers import PreTrainedModel
 
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
 from ..heads import Heads
-from ..nest import Nest
+from ..nest import EXPORT_HOOKS, Nest
 from ..rank import Rank
-from ..submodel import SubModelLike
+from ..slicers import slicer_for
+from ..submodel import SubModel, SubModelLike
 from ..wrap import wrap
+from .layouts import LAYOUTS, Found, Layout, detect, glob_children
 
 __all__ = ["Layout", "LAYOUTS", "detect", "from_transformers", "export_pretrained"]
 
 Sizes = Sequence[int | float] | None
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where one architecture family keeps its nestable parts (paths relative to a block)."""
+def register_known_slicers() -> None:
+    """Slicers for transformers layer types whose modules are loaded (idempotent)."""
+    from ..slicers import _REGISTRY
+    from ..slicers.hf_experts import register_experts
+    from ..slicers.linear import LinearSlicer
 
-    family: str
-    probe: tuple[str, ...]              # child paths every block of this family has
-    ffn_out: tuple[str, ...]
-    ffn_inp: tuple[str, ...]
-    attn: str
-    qkv: str | tuple[str, str, str]
-    o: str
-    count_attrs: tuple[str, ...] | None
-    ffn_key: str                        # config attribute holding the FFN width
-    norm: str                           # final norm, relative to the module that holds the layer list
-    head_dim_in_config: bool            # config carries head_dim (heads-sliced exports load)
-
-
-LAYOUTS: tuple[Layout, ...] = (
-    Layout("llama", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "self_attn",
-           ("q_proj", "k_proj", "v_proj"), "o_proj", None, "intermediate_size", "norm", True),
-    Layout("gpt2", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-           ("mlp.c_fc",), ("mlp.c_proj",), "attn", "c_attn", "c_proj", ("num_heads", "split_size"),
-           "n_inner", "ln_f", False),
-    Layout("bert", ("attention.self.query", "attention.self.key", "attention.self.value",
-                    "attention.output.dense", "intermediate.dense", "output.dense"),
-           ("intermediate.dense",), ("output.dense",), "attention",
-           ("self.query", "self.key", "self.value"), "output.dense", (), "intermediate_size", "", False),
-)
-SUPPORTED = ("BERT (BertModel, BertFor*), GPT-2 (GPT2Model, GPT2LMHeadModel, ...), "
-             "Llama-family (Llama, Mistral, Qwen2, ...)")
-
-
-@dataclass(frozen=True)
-class Found:
-    """A detected model: its layout and the path of its layer list."""
-
-    layout: Layout
-    layers: str
-
-    def block(self, model: nn.Module, i: int = 0) -> nn.Module:
-        return model.get_submodule(self.layers)[i]
-
-    @property
-    def parent(self) -> str:
-        return self.layers.rpartition(".")[0]
-
-
-def _has(m: nn.Module, path: str) -> bool:
-    try:
-        m.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def detect(model: nn.Module) -> Found:
-    """The layout and layer-list path of a transformers model.
-
-    >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> detect(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))).layers
-    'transformer.h'
-    """
-    for path, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0:
-            continue
-        for lay in LAYOUTS:
-            if all(_has(m[0], p) for p in lay.probe):
-                return Found(lay, path)
-    raise SortedNetError(
-        f"from_transformers does not know the layout of {type(model).__name__}; supported: {SUPPORTED}. "
-        "Declare the dimensions by hand instead, e.g. sn.wrap(model, sn.Width('ffn', [...], out=['model.layers.*"
-        ".mlp.up_proj'], inp=['model.layers.*.mlp.down_proj']), sn.Heads('heads', [...], attn='model.layers.*"
-        ".self_attn'), sn.Depth('depth', [...], layers='model.layers')) (import sortednet.integrations first "
-        "for GPT-2 Conv1D layers)")
+    falcon = sys.modules.get("transformers.models.falcon.modeling_falcon")
+    if falcon is not None:
+        LinearSlicer.types = (*{*LinearSlicer.types, falcon.FalconLinear},)
+        _REGISTRY.setdefault(falcon.FalconLinear, _REGISTRY[nn.Linear])
+    for mod, name in (("mixtral.modeling_mixtral", "MixtralExperts"), ("qwen2_moe.modeling_qwen2_moe",
+                                                                      "Qwen2MoeExperts")):
+        m = sys.modules.get(f"transformers.models.{mod}")
+        if m is not None:
+            register_experts(getattr(m, name))
 
 
 def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int] | None:
@@ -136,17 +78,26 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
     return out
 
 
+def _rel(model: nn.Module, found: Found, rels: Sequence[str]) -> list[str]:
+    """Patterns ``<stack>.*.<rel>`` for every ``rel`` present in that stack's first block."""
+    return [f"{P}.*.{r}" for i, P in enumerate(found.stacks) for r in rels
+            if glob_children(found.block(model, 0, i), r)]
+
+
 def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = None, depth: Sizes = None,
-                      rank: Sequence[int] | None = None, rank_mode: str = "lora") -> Nest:
+                      rank: Sequence[int] | None = None, rank_mode: str = "lora",
+                      rank_targets: Sequence[str] | None = None) -> Nest:
     """Nest a Hugging Face transformers model along FFN width, attention heads and depth.
 
     Sizes are integers or fractions of the full size (the full size is always
     added). ``heads`` counts query heads; with grouped-query attention every
     size must keep whole key/value groups (fractions are rounded to them).
-    ``rank`` (integers) nests the rank of every attention and FFN projection
-    with ``sn.Rank(mode=rank_mode)``: DyLoRA adapters by default (``"lora"``),
-    or ordered SVD factors (``"svd"``); ``nn.Linear`` projections only (BERT,
-    Llama-family).
+    ``depth`` nests every layer list (T5: encoder and decoder alike).
+    ``rank`` (integers) nests the rank of projections with
+    ``sn.Rank(mode=rank_mode)``: DyLoRA adapters (``"lora"``) or ordered SVD
+    factors (``"svd"``); ``rank_targets`` picks them (paths relative to a block,
+    e.g. ``["self_attn.q_proj", "self_attn.v_proj"]``; default: every attention
+    and FFN projection), ``nn.Linear`` only.
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -156,28 +107,35 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     >>> [d.name for d in nest.dims], nest.smallest
     (['ffn', 'heads', 'depth'], SubModel(ffn=32,heads=2,depth=2))
     """
-    from . import _register_slicers
-
-    _register_slicers()
     if not isinstance(model, nn.Module):
         raise SortedNetError(f"from_transformers needs a transformers model, got {type(model).__name__}")
+    register_known_slicers()
     found = detect(model)
-    lay, P = found.layout, found.layers
-    blk = found.block(model)
-    n_layers = len(model.get_submodule(P))
+    lay = found.layout
+    blk = found.block(model, 0, 0)
     dims = []
     if ffn is not None:
-        full = _full_out(blk.get_submodule(lay.ffn_out[0]))
-        dims.append(Width("ffn", _resolve("ffn", ffn, full),
-                          out=[f"{P}.*.{p}" for p in lay.ffn_out], inp=[f"{P}.*.{p}" for p in lay.ffn_inp]))
+        first = blk.get_submodule(glob_children(blk, lay.ffn_out[0])[0])
+        full = slicer_for(first).full(first, "out") // lay.ffn_chunks
+        out = _rel(model, found, lay.ffn_out)
+        dims.append(Width("ffn", _resolve("ffn", ffn, full), out=out, inp=_rel(model, found, lay.ffn_inp),
+                          chunks={p: lay.ffn_chunks for p in out} if lay.ffn_chunks > 1 else None))
     if heads is not None:
-        n_heads, group = _head_counts(model, found)
-        dims.append(Heads("heads", _resolve("heads", heads, n_heads, group), attn=f"{P}.*.{lay.attn}",
-                          qkv=lay.qkv, o=lay.o, count_attrs=lay.count_attrs))
+        if lay.no_heads:
+            raise SortedNetError(f"from_transformers(heads=...) on {type(model).__name__}: {lay.no_heads}; "
+                                 "nest ffn= / depth= only")
+        n_heads, group = _head_counts(model.config, lay)
+        dims.append(Heads("heads", _resolve("heads", heads, n_heads, group), attn=_rel(model, found, lay.attn),
+                          qkv=lay.qkv, o=lay.o, count_attrs=lay.count_attrs,
+                          layout=lay.layout_of_qkv(model.config) if isinstance(lay.qkv, str) else None))
     if depth is not None:
-        dims.append(Depth("depth", _resolve("depth", depth, n_layers), layers=P))
+        counts = {len(model.get_submodule(P)) for P in found.stacks}
+        if len(counts) > 1:
+            raise SortedNetError(f"from_transformers(depth=...): the layer lists {list(found.stacks)} have different "
+                                 f"lengths {sorted(counts)}; declare one sn.Depth per list by hand")
+        dims.append(Depth("depth", _resolve("depth", depth, counts.pop()), layers=list(found.stacks)))
     if rank is not None:
-        dims.append(_rank_dim(blk, found, rank, rank_mode))
+        dims.append(_rank_dim(model, found, rank, rank_mode, rank_targets))
     if not dims:
         raise SortedNetError("from_transformers needs at least one of ffn=, heads=, depth=, rank=")
     nest = wrap(model, *dims)
@@ -185,44 +143,62 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     return nest
 
 
-def _rank_dim(blk: nn.Module, found: Found, rank: Sequence[int], mode: str) -> Rank:
+def _rank_dim(model: nn.Module, found: Found, rank: Sequence[int], mode: str,
+              targets: Sequence[str] | None) -> Rank:
     lay = found.layout
-    qkv = [lay.qkv] if isinstance(lay.qkv, str) else list(lay.qkv)
-    rel = [f"{lay.attn}.{p}" for p in (*qkv, lay.o)] + list(lay.ffn_out + lay.ffn_inp)
+    blk = found.block(model)
+    if targets is None:
+        qkv = [] if lay.qkv is None else [lay.qkv] if isinstance(lay.qkv, str) else list(lay.qkv)
+        targets = [f"{a}.{p}" for a in lay.attn for p in (*qkv, lay.o) if p] + list(lay.ffn_out + lay.ffn_inp)
+    rel = [r for t in targets for r in glob_children(blk, t)]
+    if not rel:
+        raise SortedNetError(f"from_transformers(rank_targets={list(targets)}): no such module in a "
+                             f"{lay.family} block")
     bad = [p for p in rel if not isinstance(blk.get_submodule(p), nn.Linear)]
     if bad:
         raise SortedNetError(f"from_transformers(rank=...): rank targets must be nn.Linear, but the "
                              f"{lay.family} layout has {type(blk.get_submodule(bad[0])).__name__} at {bad}; "
-                             "use ffn=/heads=/depth= for this model")
+                             "use ffn=/heads=/depth= for this model (or rank_targets= to pick nn.Linear ones)")
     if isinstance(rank, int) or any(isinstance(r, float) for r in rank):
         raise SizeError(f"rank: sizes must be a list of integer ranks, got {rank!r}")
-    return Rank("rank", list(rank), targets=[f"{found.layers}.*.{p}" for p in rel], mode=mode)
+    return Rank("rank", list(rank), targets=_rel(model, found, sorted(set(targets))), mode=mode)
 
 
-def _full_out(m: nn.Module) -> int:
-    return m.weight.shape[1] if isinstance(m, Conv1D) else m.weight.shape[0]
-
-
-def _head_counts(model: nn.Module, found: Found) -> tuple[int, int]:
+def _head_counts(cfg, lay: Layout) -> tuple[int, int]:
     """(query heads, query heads per key/value head) from the config."""
-    cfg = model.config
-    n = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or n
+    n = getattr(cfg, lay.heads_key)
+    kv = (getattr(cfg, lay.kv_key, None) if lay.kv_key else None) or n
+    if lay.family == "falcon" and getattr(cfg, "multi_query", False) and not cfg.new_decoder_architecture:
+        kv = 1
     return n, n // kv
 
 
 def _layout_of(nest: Nest) -> Found:
+    """The layout of a nest's model; for a nest declared by hand, an error that does not ask for it again."""
     found = getattr(nest, "_hf", None)
-    return found if found is not None else detect(nest.model)
+    if found is not None:
+        return found
+    try:
+        return detect(nest.model)
+    except SortedNetError as e:
+        if "does not know the layout" not in str(e):
+            raise
+        raise SortedNetError(
+            f"this nest's dimensions were declared by hand on a {type(nest.model).__name__}, whose layout (layer "
+            "list, FFN and attention paths, config keys) sortednet does not know; describe it once with "
+            "sortednet.integrations.register_layout(Layout(...)) (see docs/transformers.md)") from None
 
 
 def export_pretrained(nest: Nest, sub: SubModelLike | None = None) -> nn.Module:
-    """Export ``sub`` as a standard ``PreTrainedModel`` with an updated config.
+    """Export ``sub`` as a standard ``PreTrainedModel`` whose config matches its shapes.
 
     ``save_pretrained`` of the result loads with ``from_pretrained`` of the
-    same class. Heads-sliced sub-models of BERT / GPT-2 cannot be described by
-    their configs (they derive the head size from hidden size / heads): they
-    raise here; export those with ``nest.export(sub)`` as plain modules.
+    same class. ``nest.export(sub)`` does the same for any ``PreTrainedModel``.
+    Sub-models no stock config can describe (fewer heads where the config
+    derives the head size from hidden size / heads, layers of different sizes)
+    raise; ``nest.export(sub, plain=True)`` gives them as plain modules.
+    Ordered SVD factors (``rank_mode="svd"``) are multiplied back into full
+    weights, as the stock class stores them.
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -234,41 +210,77 @@ def export_pretrained(nest: Nest, sub: SubModelLike | None = None) -> nn.Module:
     >>> c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers, c.head_dim
     (32, 2, 1, 2, 8)
     """
-    found = _layout_of(nest)
-    lay = found.layout
-    sub = nest.resolve(sub)
-    model = nest.model
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise SortedNetError(f"export_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}")
-    n_heads, group = _head_counts(model, found)
-    heads_dims = [d for d in nest.dims if isinstance(d, Heads)]
-    if not lay.head_dim_in_config and any(sub[d.name] != n_heads for d in heads_dims):
-        raise SortedNetError(
-            f"{type(model).__name__}: a sub-model with fewer attention heads ({sub}) cannot be loaded by the stock "
-            f"class, whose config derives the head size from hidden_size / num_attention_heads; export it as a "
-            f"plain module with nest.export(sub) (torch.save / sn.save), or keep heads={n_heads}")
-    small = nest.export(sub)
-    cfg = copy.deepcopy(model.config)
-    blocks = small.get_submodule(found.layers)
-    b0 = blocks[0]
-    setattr(cfg, lay.ffn_key, _full_out(b0.get_submodule(lay.ffn_out[0])))
-    L0 = cfg.num_hidden_layers
-    cfg.num_hidden_layers = len(blocks)
-    for key in ("layer_types", "mlp_layer_types"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, list) and len(v) == L0:
-            setattr(cfg, key, v[: len(blocks)])
-    if lay.head_dim_in_config:
-        a0 = b0.get_submodule(lay.attn)
-        d = getattr(a0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        q = _full_out(a0.get_submodule(lay.qkv[0]))
-        cfg.head_dim = d
-        cfg.num_attention_heads = q // d
-        if hasattr(cfg, "num_key_value_heads"):
-            cfg.num_key_value_heads = _full_out(a0.get_submodule(lay.qkv[1])) // d
-    _check_loadable(small, cfg, sub)
+    if not isinstance(nest.model, PreTrainedModel):
+        raise SortedNetError(f"export_pretrained needs a transformers PreTrainedModel, got {type(nest.model).__name__}")
+    return nest.export(sub)
+
+
+def _export_hook(nest: Nest, sub: SubModel, small: nn.Module) -> nn.Module:
+    """``nest.export`` of a ``PreTrainedModel``: merge SVD factors, then a config that matches the shapes."""
+    if not isinstance(nest.model, PreTrainedModel):
+        return small
+    _merge_factors(nest, small)
+    try:
+        found = _layout_of(nest)
+    except SortedNetError:
+        found = None
+    cfg = copy.deepcopy(nest.model.config)
+    if found is not None:
+        _update_config(nest, found, sub, small, cfg)
+    _check_loadable(small, cfg, sub, found)
     _set_config(small, cfg)
     return small
+
+
+def _merge_factors(nest: Nest, small: nn.Module) -> None:
+    """Replace each exported ``Sequential(V, U)`` of a Rank target by one ``nn.Linear`` holding ``U @ V``."""
+    paths = [p for p, m in nest._sliced.items() if "rank" in m._sn.bind and isinstance(m, nn.Linear)]
+    for p in paths:
+        try:
+            f = small.get_submodule(p)
+        except AttributeError:
+            continue  # in a block that depth dropped
+        if isinstance(f, nn.Sequential) and len(f) == 2:
+            v, u = f
+            lin = nn.Linear(v.in_features, u.out_features, bias=u.bias is not None, device=u.weight.device,
+                            dtype=u.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(u.weight @ v.weight)
+                if u.bias is not None:
+                    lin.bias.copy_(u.bias)
+            lin.weight.requires_grad_(u.weight.requires_grad)
+            parent, _, name = p.rpartition(".")
+            setattr(small.get_submodule(parent) if parent else small, name, lin)
+
+
+def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cfg) -> None:
+    lay = found.layout
+    b0 = found.block(small, 0, 0) if len(small.get_submodule(found.stacks[0])) else None
+    if b0 is not None and lay.ffn_out:
+        m = b0.get_submodule(glob_children(b0, lay.ffn_out[0])[0])
+        setattr(cfg, lay.ffn_key, slicer_for(m).full(m, "out") // lay.ffn_chunks)
+    for P, key in zip(found.stacks, lay.depth_keys):
+        L0, L = getattr(cfg, key), len(small.get_submodule(P))
+        setattr(cfg, key, L)
+        for k in ("layer_types", "mlp_layer_types"):
+            v = getattr(cfg, k, None)
+            if isinstance(v, list) and len(v) == L0:
+                setattr(cfg, k, v[:L])
+    heads = [d for d in nest.dims if isinstance(d, Heads)]
+    n_heads, group = _head_counts(nest.model.config, lay)
+    if not heads or all(sub[d.name] == d.full for d in heads):
+        return
+    if lay.head_dim_key is None:
+        raise SortedNetError(
+            f"{type(nest.model).__name__}: a sub-model with fewer attention heads ({sub}) cannot be loaded by the "
+            f"stock class, whose config derives the head size from hidden size / {lay.heads_key}; export it as a "
+            "plain module with nest.export(sub, plain=True) (torch.save / sn.save), or keep all heads")
+    n = sub[heads[0].name]
+    d = getattr(cfg, lay.head_dim_key, None) or cfg.hidden_size // n_heads
+    setattr(cfg, lay.head_dim_key, d)
+    setattr(cfg, lay.heads_key, n)
+    if lay.kv_key and getattr(cfg, lay.kv_key, None):
+        setattr(cfg, lay.kv_key, n // group)
 
 
 def _set_config(model: nn.Module, cfg) -> None:
@@ -281,7 +293,7 @@ def _set_config(model: nn.Module, cfg) -> None:
     model.config = cfg
 
 
-def _check_loadable(small: nn.Module, cfg, sub) -> None:
+def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
     """The class built from ``cfg`` must have exactly the exported shapes (uniform sub-models only)."""
     with torch.device("meta"):
         fresh = type(small)(cfg)
@@ -290,6 +302,13 @@ def _check_loadable(small: nn.Module, cfg, sub) -> None:
     bad = [(k, have.get(k), want.get(k)) for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
     if bad:
         k, h, w = bad[0]
+        why = "non-uniform layers?" if found is not None else (
+            f"{type(small).__name__} is not a known layout, so only its unchanged config was tried; describe it with "
+            "sortednet.integrations.register_layout")
         raise SortedNetError(
-            f"sub-model {sub} cannot be described by {type(cfg).__name__} (non-uniform layers?): {len(bad)} tensors "
-            f"differ, e.g. {k!r} is {h} but the config gives {w}; export it as a plain module with nest.export(sub)")
+            f"sub-model {sub} cannot be described by {type(cfg).__name__} ({why}): {len(bad)} tensors differ, "
+            f"e.g. {k!r} is {h} but the config gives {w}; export it as a plain module with "
+            "nest.export(sub, plain=True)")
+
+
+EXPORT_HOOKS["transformers"] = _export_hook

@@ -17,7 +17,6 @@ sub-model. One file per module type; each registers itself with
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,10 +24,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..dims import Binding
+from ..dims import Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
+from ..views import DYNAMIC, STATIC, View, cut, cuts_for, is_sharded, narrow, new_lock, view
+from ..views import SliceInto as _SliceInto  # noqa: F401  (kept importable here)
 
-__all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass"]
+__all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass", "STATIC", "INPLACE_MIN_NUMEL"]
 
 _REGISTRY: dict[type, "Slicer"] = {}
 _SUBCLASSES: dict[tuple, type] = {}
@@ -44,7 +45,24 @@ class State:
     path: str
     inplace_grad: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    min_numel: int = 4096          # smallest tensor served by the in-place gradient path
+    slot: int = -1                 # index of this module in every plan (set by wrap)
+    active: Active | None = None   # the nest's run-time state (set by wrap)
+    lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad
 
+    def __deepcopy__(self, memo: dict) -> "State":
+        """A copy (EMA / teacher model) follows the same nest state, with its own lock."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.bind = copy.deepcopy(self.bind, memo)
+        new.extra = copy.deepcopy(self.extra, memo)
+        new.lock = new_lock()
+        return new
+
+    def sizes(self) -> dict[str, int]:
+        """Active size of every dimension (by name) for the caller."""
+        a = self.active
+        return a.plan().sizes if a is not None else {b.dim.name: b.dim.active for b in self.bind.values()}
 
 
 def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
@@ -73,58 +91,11 @@ def slicer_for(module: nn.Module) -> "Slicer | None":
     return None
 
 
-def _cut(t: Tensor, cuts: tuple[tuple[int, int, int], ...]) -> Tensor:
-    """``t`` narrowed by each ``(axis, start, length)``: a view."""
-    for axis, start, length in cuts:
-        t = t.narrow(axis, start, length)
-    return t
+_cut, _narrow = cut, narrow  # older private names
 
-
-class _SliceInto(torch.autograd.Function):
-    """A view of a parameter whose gradient is added straight into its slice of ``param.grad``.
-
-    Plain slicing makes autograd build a full-size zero gradient per slice and
-    add it to ``.grad``; for small sub-models that costs as much as the
-    matmuls. This backward touches only the slice and returns no gradient for
-    the parameter, so no AccumulateGrad runs (a leaf view with a hook was
-    measured slower: AccumulateGrad re-lays out gradients of strided views).
-    Parameter hooks do not fire for these gradients (see docs/mechanism.md);
-    ``wrap(..., inplace_grad=False)`` restores plain autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, param: Tensor, cuts: tuple) -> Tensor:  # type: ignore[override]
-        ctx.param, ctx.cuts = param, cuts
-        return _cut(param.detach(), cuts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        p = ctx.param
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        _cut(p.grad, ctx.cuts).add_(grad)
-        return None, None
-
-
-#: below this many elements a full-size autograd gradient is as cheap as the custom Function
+#: default of ``wrap(..., inplace_min_numel=)``: below this many elements a full-size
+#: autograd gradient costs about as much as the in-place path (read when ``wrap`` runs)
 INPLACE_MIN_NUMEL = 4096
-
-
-def _narrow(t: Tensor, cuts: tuple[tuple[int, int, int], ...], inplace: bool) -> Tensor:
-    """``t`` cut to ``cuts``; when training, a view whose gradient goes straight into ``t.grad``."""
-    if (inplace and t.requires_grad and t.numel() >= INPLACE_MIN_NUMEL and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        return _SliceInto.apply(t, cuts)
-    return _cut(t, cuts)
-
-
-def is_sharded(t: object) -> bool:
-    """True for a DTensor (FSDP2 keeps parameters sharded as DTensors between forwards).
-
-    Never imports ``torch.distributed``: without it loaded no DTensor can exist.
-    """
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
 
 
 class Slicer:
@@ -139,6 +110,10 @@ class Slicer:
     attrs: ClassVar[tuple[str, ...]] = ()
     #: the module's own forward is replaced (only where no attribute can be sliced)
     overrides_forward: ClassVar[bool] = False
+    #: optional speed-up: tensor attributes that are plain views, ``{name: ((axis, role), ...)}``,
+    #: and attributes that depend on the active sizes only (``STATIC``); see :meth:`rules`
+    views: ClassVar[dict[str, tuple[tuple[int, str], ...]]] = {}
+    static: ClassVar[tuple[str, ...]] = ()
 
     # -- to implement --------------------------------------------------
     def full(self, m: nn.Module, role: str) -> int:
@@ -160,6 +135,14 @@ class Slicer:
     def restore(self, m: nn.Module, merge: bool) -> None:
         """Undo :meth:`prepare` at unwrap; ``merge`` bakes trained tensors into the original ones."""
 
+    def rules(self, m: nn.Module) -> dict[str, Any]:
+        """How the per-sub-model plan serves each attribute of ``m`` without calling :meth:`value`:
+        ``{name: ((axis, role), ...)}`` for a tensor that is exactly ``take(m, name, axes)``,
+        ``{name: STATIC}`` for a value that depends on the active sizes only (computed once
+        per sub-model by :meth:`value`). Attributes left out run :meth:`value` on every read.
+        Default: the class attributes ``views`` and ``static``."""
+        return {**dict.fromkeys(self.static, STATIC), **self.views}
+
     def numel(self, m: nn.Module, name: str) -> int:
         """Elements of tensor attribute ``name`` that ``export`` keeps for the active sub-model."""
         return getattr(m, name).numel()
@@ -167,6 +150,12 @@ class Slicer:
     def adapters(self, m: nn.Module) -> list[Tensor]:
         """Parameters that alone should be trained (LoRA adapters); empty for most slicers."""
         return []
+
+    def planned_state(self, m: nn.Module, bind: dict[str, Binding]) -> dict[str, tuple | None]:
+        """What :meth:`prepare` will do to ``m``'s state_dict, known before it runs (``sn.load``
+        checks a checkpoint against it before wrapping): local name -> ``(shape, dtype)`` of
+        an added tensor, or None for a removed one. Empty for slicers that add nothing."""
+        return {}
 
     # -- shared helpers ------------------------------------------------
     def validate(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
@@ -177,10 +166,12 @@ class Slicer:
                 raise PatternError(f"{b.dim.kind} {b.dim.name!r} cannot slice role {role!r} of {path!r} "
                                    f"({type(m).__name__}); it supports {list(self.roles)}")
             full = self.full(m, role)
-            if b.full * b.chunks != full:
+            if b.total(b.dim.full) != full:
+                hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
+                        "Width(..., chunks={pattern: n})" if len(b.blocks) == 1 and full % b.full == 0 else "")
                 raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
-                                f"{b.full * b.chunks} features but {path!r} ({type(m).__name__}) has {full} "
-                                f"for role {role!r}")
+                                f"{b.total(b.dim.full)} features but {path!r} ({type(m).__name__}) has {full} "
+                                f"for role {role!r}{hint}")
         self.check(m, bind, path)
 
     @staticmethod
@@ -191,7 +182,7 @@ class Slicer:
     def take(self, m: nn.Module, name: str, axes: list[tuple[int, str]]) -> Tensor | None:
         """``m.<name>`` sliced on each ``(axis, role)`` to the role's active features (a view).
 
-        On the hot path of every forward: kept to a few dict lookups and ``narrow`` calls.
+        Attributes declared in :meth:`rules` do not come here: their cuts are in the plan.
         """
         t = m._parameters.get(name)
         if t is None:
@@ -201,31 +192,13 @@ class Slicer:
         if is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and
             return t       # must get its sharded parameter back, never a slice of it
         st: State = m.__dict__["_sn"]
-        bind = st.bind
-        cuts: list[tuple[int, int, int]] = []
-        chunked = None
-        for axis, role in axes:
-            b = bind.get(role)
-            if b is None:
-                continue
-            n = b.dim.active * b.unit // b.div
-            full = t.shape[axis]
-            if n * b.chunks == full:
-                continue
-            if b.chunks > 1:
-                chunked = (axis, n, full // b.chunks)
-            else:
-                cuts.append((axis, 0, n))
-        if chunked is None:
-            return _narrow(t, tuple(cuts), st.inplace_grad) if cuts else t
-        axis, n, per = chunked
-        parts = [_narrow(t, (*cuts, (axis, c * per, n)), st.inplace_grad) for c in range(t.shape[axis] // per)]
-        return torch.cat(parts, axis)
+        cuts, segs = cuts_for(t.shape, st.bind, axes, st.sizes())
+        return view(t, cuts, segs, st)
 
     def features(self, m: nn.Module, role: str, full: int) -> int:
         """Active features of ``role`` (``full`` when the role is not bound)."""
         b = m.__dict__["_sn"].bind.get(role)
-        return full if b is None else b.features() * b.chunks
+        return full if b is None else b.total()
 
     def attr_names(self, m: nn.Module, bind: dict[str, Binding]) -> tuple[str, ...]:
         """Names that become properties on this instance's subclass."""
@@ -237,10 +210,18 @@ class Slicer:
         def make(name: str) -> property:
             role = f"attr:{name}"
 
-            def get(self_: nn.Module) -> Any:
+            def get(self_: nn.Module) -> Any:  # the hot path: one plan lookup
                 st = self_.__dict__["_sn"]
-                b = st.bind.get(role)
-                return st.slicer.value(self_, name) if b is None else b.features()
+                a = st.active
+                if a is None:  # not attached (yet)
+                    b = st.bind.get(role)
+                    return st.slicer.value(self_, name) if b is None else b.features()
+                e = a.plan().entries[st.slot][name]
+                if e.__class__ is View:
+                    return e.take(self_, st)
+                if e is DYNAMIC:
+                    return st.slicer.value(self_, name)
+                return e
 
             def set_(self_: nn.Module, v: Any) -> None:
                 self_.__dict__[name] = v

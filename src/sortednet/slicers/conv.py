@@ -19,6 +19,7 @@ from . import Slicer, slicer
 class ConvSlicer(Slicer):
     roles = ("out", "inp")
     attrs = ("weight", "bias", "in_channels", "out_channels", "groups")
+    static = ("in_channels", "out_channels", "groups")
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["out_channels" if role == "out" else "in_channels"]
@@ -34,6 +35,10 @@ class ConvSlicer(Slicer):
         if o is None or i is None or o.dim is not i.dim:
             raise PatternError(f"{path!r}: depthwise {type(m).__name__} needs its out and in channels in the "
                                "same dimension (list it under both out= and inp= of one Width)")
+
+    def rules(self, m: nn.Module) -> dict[str, Any]:
+        w = ((0, "out"),) if m.__dict__["groups"] > 1 else ((0, "out"), (1, "inp"))
+        return {**super().rules(m), "weight": w, "bias": ((0, "out"),)}
 
     def value(self, m: nn.Module, name: str) -> Any:
         depthwise = m.__dict__["groups"] > 1

@@ -13,6 +13,8 @@ from . import Slicer, slicer
 class EmbeddingSlicer(Slicer):
     roles = ("out",)
     attrs = ("weight", "embedding_dim")
+    views = {"weight": ((1, "out"),)}
+    static = ("embedding_dim",)
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["embedding_dim"]

@@ -20,6 +20,8 @@ from . import Slicer, slicer
 class HFConv1DSlicer(Slicer):
     roles = ("out", "inp")
     attrs = ("weight", "bias", "nf", "nx")
+    views = {"weight": ((1, "out"), (0, "inp")), "bias": ((0, "out"),)}
+    static = ("nf", "nx")
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["nf" if role == "out" else "nx"]

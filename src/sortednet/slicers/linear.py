@@ -13,6 +13,8 @@ from . import Slicer, slicer
 class LinearSlicer(Slicer):
     roles = ("out", "inp")
     attrs = ("weight", "bias", "in_features", "out_features")
+    views = {"weight": ((0, "out"), (1, "inp")), "bias": ((0, "out"),)}
+    static = ("in_features", "out_features")
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["out_features" if role == "out" else "in_features"]

@@ -125,7 +125,13 @@ class SVDSlicer(LowRankSlicer):
     """
 
     attrs = ("U", "V", "bias", "weight", "in_features", "out_features")
+    views = {"U": ((0, "out"), (1, "rank")), "V": ((0, "rank"), (1, "inp")), "bias": ((0, "out"),)}
+    static = ("in_features", "out_features")
     factors = ("U", "V")
+
+    def planned_state(self, m: nn.Module, bind: dict) -> dict[str, tuple | None]:
+        R, w = bind["rank"].dim.full, m._parameters["weight"]
+        return {"weight": None, "U": ((w.shape[0], R), w.dtype), "V": ((R, w.shape[1]), w.dtype)}
 
     def prepare(self, m: nn.Module) -> None:
         st = m.__dict__["_sn"]
@@ -209,7 +215,13 @@ class LoRASlicer(LowRankSlicer):
     """
 
     attrs = ("weight", "bias", "lora_A", "lora_B", "in_features", "out_features")
+    views = {"lora_A": ((0, "rank"), (1, "inp")), "lora_B": ((0, "out"), (1, "rank")), "bias": ((0, "out"),)}
+    static = ("in_features", "out_features")
     factors = ("lora_A", "lora_B")
+
+    def planned_state(self, m: nn.Module, bind: dict) -> dict[str, tuple | None]:
+        R, w = bind["rank"].dim.full, m._parameters["weight"]
+        return {"lora_A": ((R, w.shape[1]), w.dtype), "lora_B": ((w.shape[0], R), w.dtype)}
 
     def prepare(self, m: nn.Module) -> None:
         st = m.__dict__["_sn"]

@@ -81,6 +81,8 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
 class MHASlicer(Slicer):
     roles = ("heads", "inp")
     attrs = ("in_proj_weight", "in_proj_bias", "num_heads", "embed_dim")
+    views = {"in_proj_weight": ((0, "heads"), (1, "inp")), "in_proj_bias": ((0, "heads"),)}
+    static = ("num_heads", "embed_dim")
     overrides_forward = True
 
     def full(self, m: nn.Module, role: str) -> int:

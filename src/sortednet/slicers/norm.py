@@ -25,6 +25,8 @@ _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 class LayerNormSlicer(Slicer):
     roles = ("norm",)
     attrs = ("weight", "bias", "normalized_shape")
+    views = {"weight": ((0, "norm"),), "bias": ((0, "norm"),)}
+    static = ("normalized_shape",)
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["normalized_shape"][-1]
@@ -44,6 +46,8 @@ class LayerNormSlicer(Slicer):
 class GroupNormSlicer(Slicer):
     roles = ("norm",)
     attrs = ("weight", "bias", "num_channels", "num_groups")
+    views = {"weight": ((0, "norm"),), "bias": ((0, "norm"),)}
+    static = ("num_channels", "num_groups")
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["num_channels"]
@@ -69,6 +73,8 @@ class GroupNormSlicer(Slicer):
 class BatchNormSlicer(Slicer):
     roles = ("norm",)
     attrs = ("weight", "bias", "running_mean", "running_var", "num_features")
+    views = {"weight": ((0, "norm"),), "bias": ((0, "norm"),)}  # running stats: per-sub-model when calibrated
+    static = ("num_features",)
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["num_features"]

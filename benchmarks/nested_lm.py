@@ -1,0 +1,259 @@
+"""Nested Llama-family LM over FFN width x attention heads x depth vs its twins trained alone.
+
+A character-level Llama decoder (``transformers.LlamaForCausalLM`` from a
+config, grouped-query attention) learns Python's bundled documentation text
+(``pydoc_data.topics``; the last 10% is held out). ``sn.from_transformers``
+nests it over ffn {1/4, 1/2, 1} x query heads {1/2, 1} (whole key/value
+groups) x depth {3, 4, 6}: 18 sub-models. Every method runs the same number of
+optimizer steps on the same batches (AdamW, warmup + cosine, clip 1.0):
+
+  (a) sortednet: ``sn.Sampler`` + ``sn.accumulate`` (sandwich / uniform, k = 4;
+      a SoFT variant that reads the three depth exits in one pass; in-place distillation);
+  (b) twins: 6 sub-models (smallest to largest, all three dimensions) trained alone from scratch;
+  (c) the full model trained alone, then sliced (it is also the largest twin);
+  (d) MatFormer: nested FFN only, all granularities every step.
+
+Compute is counted in forward FLOPs of the passes each method ran (training ~
+3x forward for all alike) relative to training the largest model once.
+Writes benchmarks/results/nested_lm.{md,json,png} (``--quick``: under /tmp).
+
+    nice -n 10 .venv/bin/python benchmarks/nested_lm.py --jobs 2     # ~25 min on 2 busy cores
+    .venv/bin/python benchmarks/nested_lm.py --quick --jobs 2        # smoke run, ~1 min
+    .venv/bin/python benchmarks/nested_lm.py --render                # rewrite .md/.png from the .json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nested_lm_report as report  # noqa: E402
+from common import RESULTS  # noqa: E402
+from soft_lm import batches, load_text  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import sortednet as sn  # noqa: E402
+from sortednet.integrations import soft_loss  # noqa: E402
+
+FFN, HEADS, DEPTH = (0.25, 0.5), (0.5,), (3, 4)  # the full size is added by from_transformers
+K = 4
+TWINS = ("ffn=128,heads=2,depth=3", "ffn=256,heads=2,depth=3", "ffn=128,heads=4,depth=4",
+         "ffn=512,heads=2,depth=4", "ffn=256,heads=4,depth=6", "ffn=512,heads=4,depth=6")
+FULL = "(c) full alone, then sliced"
+METHODS: dict[str, dict[str, Any]] = {
+    "(a) sorted sandwich k=4 + SoFT depth": {"strategy": "sandwich", "k": K, "soft": True},
+    "(a) sorted sandwich k=4": {"strategy": "sandwich", "k": K},
+    "(a) sorted sandwich k=4 + distill": {"strategy": "sandwich", "k": K, "distill": True},
+    "(a) sorted uniform k=4": {"strategy": "uniform", "k": K},
+    "(d) MatFormer (FFN only, all 3 every step)": {"strategy": "all", "matformer": True},
+    FULL: {"twin": "largest"},
+    **{f"(b) twin {t}": {"twin": t} for t in reversed(TWINS[:-1])},  # most expensive first
+}
+
+
+def llama(vocab: int, a: argparse.Namespace, *, ffn: int | None = None, heads: int | None = None,
+          depth: int | None = None) -> LlamaForCausalLM:
+    """The full model, or a smaller standalone one of one sub-model's shapes (same head size)."""
+    h = heads or a.heads
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=a.hidden, intermediate_size=ffn or 4 * a.hidden,
+                      num_hidden_layers=depth or a.layers, num_attention_heads=h,
+                      num_key_value_heads=h * a.kv_heads // a.heads, head_dim=a.hidden // a.heads,
+                      max_position_embeddings=a.ctx, attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def shape_of(sub: str) -> dict[str, int]:
+    """``"ffn=128,heads=2,depth=3"`` -> keyword arguments of :func:`llama`."""
+    return {k: int(v) for k, v in (p.split("=") for p in sub.split(","))}
+
+
+def nest_of(model: LlamaForCausalLM) -> sn.Nest:
+    return sn.from_transformers(model, ffn=list(FFN), heads=list(HEADS), depth=list(DEPTH))
+
+
+def schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def sampler_for(nest: sn.Nest, spec: dict[str, Any], seed: int) -> tuple[sn.Sampler, list[int] | None]:
+    """The method's sampler and, for SoFT, the depth exits read in each pass."""
+    full_depth = [s for s in nest.submodels if s["depth"] == nest.largest["depth"]]
+    if spec.get("matformer"):
+        subs = [s for s in full_depth if s["heads"] == nest.largest["heads"]]
+        return sn.Sampler(subs, strategy="all", seed=seed), None
+    if spec.get("soft"):
+        exits = sorted({s["depth"] for s in nest.submodels})
+        return sn.Sampler(full_depth, k=min(spec["k"], len(full_depth)), strategy=spec["strategy"], seed=seed), exits
+    kw = {k: v for k, v in spec.items() if k in ("k", "weights", "loss_weights")}
+    return sn.Sampler(nest if "weights" in kw else nest.submodels, strategy=spec["strategy"], seed=seed, **kw), None
+
+
+@torch.no_grad()
+def held_out(model: LlamaForCausalLM, val: list[torch.Tensor], nest: sn.Nest | None = None) -> dict[str, float]:
+    """Mean held-out loss (nats/char) of every sub-model of ``nest`` (or of the plain model)."""
+    model.eval()
+    out = {}
+    for s in nest.submodels if nest is not None else [None]:
+        if s is None:
+            out["model"] = sum(model(input_ids=x, labels=x).loss.item() for x in val) / len(val)
+            continue
+        with nest.use(s):
+            out[str(s)] = sum(model(input_ids=x, labels=x).loss.item() for x in val) / len(val)
+    model.train()
+    return out
+
+
+def run(name: str, a: argparse.Namespace) -> dict[str, Any]:
+    """Train one method from its fixed initialisation; held-out losses, passes run, seconds."""
+    torch.set_num_threads(1)
+    train_ids, val_ids, vocab = load_text()
+    tr = batches(train_ids, a.steps, a.batch, a.ctx, a.seed)
+    va = batches(val_ids, a.val_batches, a.batch, a.ctx, a.seed + 1)
+    spec = METHODS[name]
+    torch.manual_seed(a.seed)
+    twin = spec.get("twin")
+    if twin and twin != "largest":
+        model = llama(vocab, a, **shape_of(twin))
+    else:
+        model = llama(vocab, a)
+    nest = None if twin else nest_of(model)
+    opt = torch.optim.AdamW(model.parameters() if nest is None else nest.trainable_parameters(), lr=a.lr,
+                            weight_decay=0.01)
+    sched = schedule(opt, a.steps)
+    passes: dict[str, int] = {}
+    sampler, exits = sampler_for(nest, spec, a.seed) if nest is not None else (None, None)
+    distill = sn.Distill(temperature=1.0, alpha=a.distill_alpha) if spec.get("distill") else None
+    extra = {k: spec[k] for k in ("loss_weights",) if k in spec}
+    model.train()
+    t0 = time.perf_counter()
+    for step, x in enumerate(tr):
+        if nest is None:
+            model(input_ids=x, labels=x).loss.backward()
+            key = twin if twin != "largest" else TWINS[-1]
+            passes[key] = passes.get(key, 0) + 1
+        else:
+            subs = sampler.draw(step)
+            if exits:
+                def closure(x: torch.Tensor = x) -> torch.Tensor:
+                    return soft_loss(nest, x, exits=exits).loss
+            else:
+                def closure(x: torch.Tensor = x) -> Any:
+                    out = model(input_ids=x, labels=x)
+                    return (out.loss, out.logits) if distill else out.loss
+            sn.accumulate(nest, subs, closure, distill=distill,
+                          **({"weights": sampler.loss_weights_for(subs)} if extra else {}))
+            for s in subs:
+                key = str(s) + (" +exits" if exits else "")
+                passes[key] = passes.get(key, 0) + 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if a.verbose and step % 100 == 0:
+            print(f"  {name} step {step}", flush=True)
+    sec = time.perf_counter() - t0
+    if twin == "largest":
+        nest = nest_of(model)
+    losses = held_out(model, va, nest)
+    if twin and twin != "largest":
+        losses = {twin: losses["model"]}
+    print(f"{name}: {sec:.0f} s, largest {losses.get(TWINS[-1], float('nan')):.4f}", flush=True)
+    return {"name": name, "sec": sec, "passes": passes, "loss": losses}
+
+
+def flops_table(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, int]]:
+    """Forward FLOPs of one batch for every sub-model (plain and with SoFT exits) and parameter counts."""
+    _, _, vocab = load_text()
+    torch.manual_seed(a.seed)
+    model = llama(vocab, a)
+    nest = nest_of(model)
+    x = torch.zeros(a.batch, a.ctx, dtype=torch.long)
+    exits = sorted({s["depth"] for s in nest.submodels})
+    fl, params = {}, {}
+    with torch.no_grad():
+        for s in nest.submodels:
+            params[str(s)] = int(nest.cost(s, "params"))
+            with nest.use(s), FlopCounterMode(display=False) as fc:
+                model(input_ids=x, labels=x)
+            fl[str(s)] = float(fc.get_total_flops())
+            if s["depth"] == nest.largest["depth"]:
+                with nest.use(s), FlopCounterMode(display=False) as fc:
+                    soft_loss(nest, x, exits=exits)
+                fl[str(s) + " +exits"] = float(fc.get_total_flops())
+    return fl, params
+
+
+def check_twins(a: argparse.Namespace, params: dict[str, int]) -> None:
+    """Each twin has exactly the parameter count of its sub-model in the nest (same shapes)."""
+    _, _, vocab = load_text()
+    for t in TWINS:
+        n = sum(p.numel() for p in llama(vocab, a, **shape_of(t)).parameters())
+        if n != params[t]:
+            raise SystemExit(f"twin {t} has {n} parameters, its sub-model {params[t]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--distill-alpha", type=float, default=0.5)
+    ap.add_argument("--val-batches", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one method each, 1 thread each)")
+    ap.add_argument("--methods", nargs="*", default=None, help="subset of methods (default all)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few steps, results under /tmp")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--render", action="store_true", help="rewrite nested_lm.md / .png from nested_lm.json")
+    a = ap.parse_args()
+    out_dir = tempfile.mkdtemp(prefix="nested_lm_") if a.quick else RESULTS
+    if a.render:
+        with open(os.path.join(RESULTS, "nested_lm.json")) as f:
+            return report.render(json.load(f), RESULTS)
+    if a.quick:
+        a.steps, a.val_batches = min(a.steps, 20), min(a.val_batches, 2)
+    torch.set_num_threads(1)
+    fl, params = flops_table(a)
+    check_twins(a, params)
+    names = a.methods or list(METHODS)
+    bad = [n for n in names if n not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; choose from {list(METHODS)}")
+    t0 = time.perf_counter()
+    if a.jobs > 1:
+        with mp.get_context("spawn").Pool(a.jobs) as pool:
+            results = pool.starmap(run, [(n, a) for n in names], chunksize=1)
+    else:
+        results = [run(n, a) for n in names]
+    wall = time.perf_counter() - t0
+    cfg = {k: v for k, v in vars(a).items() if k not in ("quick", "verbose", "render", "methods")}
+    res = {"meta": {"cfg": cfg, "wall_s": wall, "threads_per_job": 1, "k": K, "twins": list(TWINS),
+                    "full": FULL, "flops": fl, "params": params, "quick": a.quick},
+           "methods": {r["name"]: r for r in results}}
+    with open(os.path.join(out_dir, "nested_lm.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    report.render(res, out_dir)
+    print(f"wall {wall:.0f} s; written under {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Tables, targets and the Mix'n'Match plot of ``benchmarks/nested_lm.py`` (from its JSON results)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from common import table
+
+TOL = 0.02  # target: every twin-matched sub-model within 2% of its twin's held-out loss
+
+
+def compute(res: dict[str, Any], name: str) -> float:
+    """Training FLOPs of a method relative to training the largest model once (same steps)."""
+    meta = res["meta"]
+    fl, steps = meta["flops"], meta["cfg"]["steps"]
+    largest = meta["twins"][-1]
+    return sum(n * fl[k] for k, n in res["methods"][name]["passes"].items()) / (steps * fl[largest])
+
+
+def front_violations(loss: dict[str, float], params: dict[str, int]) -> tuple[int, float, str]:
+    """Sub-models worse than some smaller one: (count, worst excess, worst sub-model)."""
+    subs = sorted(loss, key=lambda s: params[s])
+    best, count, worst, at = math.inf, 0, 0.0, "-"
+    for i, s in enumerate(subs):
+        smaller = [loss[t] for t in subs[:i] if params[t] < params[s]]
+        best = min(smaller) if smaller else math.inf
+        if loss[s] > best:
+            count += 1
+            if loss[s] / best - 1 > worst:
+                worst, at = loss[s] / best - 1, s
+    return count, worst, at
+
+
+def nested(res: dict[str, Any]) -> list[str]:
+    """Methods that give every sub-model of the nest (all but the standalone twins)."""
+    return [m for m in res["methods"] if not m.startswith("(b)")]
+
+
+def twin_loss(res: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for name, r in res["methods"].items():
+        if name.startswith("(b)"):
+            out.update(r["loss"])
+    full = res["methods"].get(res["meta"]["full"])
+    if full is not None:
+        out[res["meta"]["twins"][-1]] = full["loss"][res["meta"]["twins"][-1]]
+    return out
+
+
+def render(res: dict[str, Any], out_dir: str) -> None:
+    """Write nested_lm.md and nested_lm.png under ``out_dir``."""
+    meta = res["meta"]
+    cfg, params, k = meta["cfg"], meta["params"], meta["k"]
+    twins = twin_loss(res)
+    nests = nested(res)
+    subs = sorted(params, key=lambda s: params[s])
+    short = {m: m.split(") ", 1)[-1] for m in res["methods"]}
+
+    rows = []
+    for t in meta["twins"]:
+        if t not in twins:
+            continue
+        row = [f"`{t}`", f"{params[t]:,}", twins[t]]
+        for m in nests:
+            v = res["methods"][m]["loss"][t]
+            row.append(f"{v:.4f} ({v / twins[t]:.3f})")
+        rows.append(row)
+    t1 = table(["sub-model", "params", "twin alone"] + [short[m] for m in nests], rows)
+
+    rows = [[f"`{s}`", f"{params[s]:,}"] + [res["methods"][m]["loss"][s] for m in nests] for s in subs]
+    t2 = table(["sub-model", "params"] + [short[m] for m in nests], rows)
+
+    rows, twins_total, twins_sec = [], 0.0, 0.0
+    for m, r in res["methods"].items():
+        c = compute(res, m)
+        passes = sum(r["passes"].values()) / cfg["steps"]
+        rows.append([short[m], f"{passes:.2f}", f"{c:.2f}×", f"{r['sec']:.0f}"])
+        if m.startswith("(b)") or m == meta["full"]:
+            twins_total += c
+            twins_sec += r["sec"]
+    rows.append([f"all {len(twins)} twins together (b + c)", f"{len(twins):.2f}", f"{twins_total:.2f}×",
+                 f"{twins_sec:.0f}"])
+    t3 = table(["method", "sub-model passes per step", "training FLOPs ÷ largest once", "train seconds"], rows)
+
+    rows = []
+    for m in nests:
+        loss = res["methods"][m]["loss"]
+        ratios = {t: loss[t] / twins[t] for t in twins}
+        worst = max(ratios, key=ratios.get)
+        within = sum(v <= 1 + TOL for v in ratios.values())
+        n, exc, at = front_violations(loss, params)
+        c = compute(res, m)
+        rows.append([short[m],
+                     ("met" if within == len(ratios) else "**NOT met**") +
+                     f" ({within}/{len(ratios)}; worst {ratios[worst]:.3f} `{worst}`)",
+                     ("met" if n == 0 else "**NOT met**") + (f" ({n} of {len(loss)} worse than a smaller one; "
+                                                             f"worst +{100 * exc:.1f}% `{at}`)" if n else ""),
+                     ("met" if c <= k else "**NOT met**") + f" ({c:.2f}× ≤ {k}×)"])
+    t4 = table(["method", f"every twin within {100 * TOL:.0f}%", "monotone loss-vs-params front",
+                f"compute ≤ k={k}× largest"], rows)
+
+    wall = meta["wall_s"]
+    text = (
+        "# Nested Llama LM: FFN width × heads × depth vs twins trained alone\n\n"
+        "Written by `benchmarks/nested_lm.py` from `nested_lm.json`"
+        + (" (**--quick smoke run: not a result**)" if meta.get("quick") else "") + ". "
+        f"Character-level `LlamaForCausalLM` from a config ({cfg['layers']} layers, hidden {cfg['hidden']}, "
+        f"FFN {4 * cfg['hidden']}, {cfg['heads']} query heads / {cfg['kv_heads']} key-value heads) on "
+        "`pydoc_data.topics` (last 10% held out), nested by `sn.from_transformers` over ffn × heads × depth: "
+        f"{len(params)} sub-models. Every method: the same {cfg['steps']} optimizer steps × {cfg['batch']} × "
+        f"{cfg['ctx']} characters in the same order, AdamW lr {cfg['lr']} with warmup + cosine, gradient clip 1.0, "
+        f"one thread per method. Held-out loss: nats/char over {cfg['val_batches']} held-out batches. The run took "
+        f"{wall / 60:.1f} min wall with `--jobs {cfg['jobs']}` on a 2-core machine shared with other jobs "
+        "(`nice -n 10`); train seconds below include that contention.\n\n"
+        "Methods: (a) sortednet: `sn.Sampler` + `sn.accumulate` over all sub-models (`+ SoFT depth`: the sampler "
+        "draws ffn × heads at full depth and `soft_loss` reads the depth exits in the same pass; `+ distill`: "
+        f"`sn.Distill(alpha={cfg['distill_alpha']})`, the largest drawn sub-model's logits teach the others); "
+        "(b) twins: each a `LlamaForCausalLM` of exactly that sub-model's shapes, trained alone; "
+        "(c) the full model trained alone and then sliced (also the largest twin); "
+        "(d) MatFormer: FFN granularities only, all three every step (heads and depth never trained smaller).\n\n"
+        "## Twin-matched sub-models: held-out loss (ratio to the twin)\n\n" + t1 +
+        "\n\n## Compute\n\nForward FLOPs of the passes each method ran (torch's FlopCounterMode per sub-model, × "
+        "passes), relative to the same number of steps of the largest model alone; backward is ~2× forward for "
+        "every pass alike.\n\n" + t3 +
+        f"\n\n## Targets\n\nEvery twin-matched sub-model within {100 * TOL:.0f}% of its twin's held-out loss; no "
+        "sub-model of the nest worse than one with fewer parameters; compute ≤ k× training the largest once.\n\n"
+        + t4 +
+        "\n\n## Mix'n'Match: every sub-model of the nest\n\nAll sub-models, also those a method never trained "
+        "(MatFormer trains 3 of them; the full-alone control none but the largest).\n\n" + t2 +
+        "\n\n![held-out loss vs parameters](nested_lm.png)\n")
+    with open(os.path.join(out_dir, "nested_lm.md"), "w") as f:
+        f.write(text)
+    plot(res, out_dir, twins, nests, short)
+    print(text)
+
+
+def plot(res: dict[str, Any], out_dir: str, twins: dict[str, float], nests: list[str],
+         short: dict[str, str]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    params = res["meta"]["params"]
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    marks = "osD^vP*X"
+    for i, m in enumerate(nests):
+        loss = res["methods"][m]["loss"]
+        subs = sorted(loss, key=lambda s: params[s])
+        ax.plot([params[s] for s in subs], [loss[s] for s in subs], marks[i % len(marks)], alpha=0.75,
+                label=short[m], ms=5)
+    ts = sorted(twins, key=lambda s: params[s])
+    ax.plot([params[s] for s in ts], [twins[s] for s in ts], "k-", lw=2, label="twins trained alone")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("held-out loss (nats/char)")
+    top = max(twins.values()) * 1.25
+    ax.set_ylim(min(min(r["loss"].values()) for r in res["methods"].values()) * 0.97, top)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("nested char-level Llama on pydoc_data.topics (points above the top are cut off)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "nested_lm.png"), dpi=120)
+
+
+def load(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,324 @@
+"""Coupling analysis: which module roles must shrink together.
+
+One real forward on an example runs under a ``TorchFunctionMode`` that records
+every torch function with its real tensors, plus forward hooks that record each
+sliceable module (``nn.Linear``, convolutions, norms, ``nn.Embedding``,
+``nn.MultiheadAttention``) as one opaque call. Every axis of every tensor gets a
+variable; ops link variables (broadcasting, reshapes, permutes, residual adds,
+depthwise convolutions, norms) in a union-find. A module's output features are
+a new variable bound to ``(path, "out")``; its input features bind
+``(path, "inp")`` on the input's variable; norms bind ``(path, "norm")``.
+
+Conservative by construction: network inputs and outputs, raw parameters
+(class tokens, layer scales), concatenated axes, reshapes that merge or split a
+feature axis, and every op this module does not understand *fix* the variables
+they touch. Only variables that stay free, are produced by a sliced module and
+hold at least two features are offered as groups. Control flow follows the
+example's path (a data-dependent branch may couple differently on other inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .cost import call_model
+from .coupling_ops import _LEAVES, Attention, _tensors, attention_block, handle, module
+from .errors import SortedNetError
+from .heads import COUNT_ATTRS, Heads
+
+__all__ = ["Group", "Coupling", "analyse"]
+
+@dataclass
+class Group:
+    """One coupled set of module roles (a candidate ``Width``)."""
+
+    size: int
+    bindings: list[tuple[str, str]]           # (module path, role) in first-seen order
+    fixed: str | None = None                  # why it must not shrink (None: free)
+    multiple: int = 1                         # sizes must be multiples (GroupNorm channels per group)
+
+    def roles(self, role: str) -> list[str]:
+        return [p for p, r in self.bindings if r == role]
+
+
+@dataclass
+class Coupling:
+    """Result of :func:`analyse`: coupled groups (free and fixed) and attention modules."""
+
+    groups: list[Group]
+    attention: list[Attention]
+    role_group: dict[tuple[str, str], int] = field(default_factory=dict)   # (path, role) -> index in groups
+
+    def free(self) -> list[Group]:
+        return [g for g in self.groups if g.fixed is None and g.size >= 2 and g.roles("out")]
+
+
+class _UF:
+    """Union-find over axis variables with size, bindings, a fixed reason and a size multiple."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.fixed: list[str | None] = []
+        self.binds: list[list[tuple[str, str]]] = []
+        self.mult: list[int] = []
+        self.roles: dict[tuple[str, str], int] = {}
+
+    def new(self, size: int, fixed: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.fixed.append(fixed if size > 1 else None)
+        self.binds.append([])
+        self.mult.append(1)
+        return len(self.parent) - 1
+
+    def find(self, v: int) -> int:
+        while self.parent[v] != v:
+            self.parent[v] = self.parent[self.parent[v]]
+            v = self.parent[v]
+        return v
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        if a > b:
+            a, b = b, a
+        self.parent[b] = a
+        if self.size[a] != self.size[b]:
+            self.fixed[a] = self.fixed[a] or f"sizes {self.size[a]} and {self.size[b]} meet"
+        self.fixed[a] = self.fixed[a] or self.fixed[b]
+        self.binds[a] += [x for x in self.binds[b] if x not in self.binds[a]]
+        self.mult[a] = math.lcm(self.mult[a], self.mult[b])
+        return a
+
+    def fix(self, v: int, reason: str) -> None:
+        r = self.find(v)
+        if self.size[r] > 1 and self.fixed[r] is None:
+            self.fixed[r] = reason
+
+    def bind(self, v: int, path: str, role: str) -> None:
+        r = self.find(v)
+        if (path, role) not in self.binds[r]:
+            self.binds[r].append((path, role))
+        prev = self.roles.get((path, role))
+        self.roles[(path, role)] = r if prev is None else self.union(prev, r)
+
+
+def _base(m: nn.Module) -> type:
+    st = m.__dict__.get("_sn")
+    return st.cls if st is not None else type(m)
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    """A module type whose slicing rule is known and whose forward is the stock one."""
+    cls = _base(m)
+    base = next((b for b in cls.__mro__ if b in _LEAVES), None)
+    return base is not None and cls.forward is base.forward
+
+
+def _attention_info(path: str, m: nn.Module, modules: dict[str, nn.Module]) -> tuple[Attention, list[str], str] | None:
+    """(attention, q/k/v (or fused) paths, o path) when ``m`` looks like attention over plain Linear projections."""
+    if _is_leaf(m) or not any(True for _ in m.children()):
+        return None
+    counts = [v for a, v in vars(m).items() if a in COUNT_ATTRS and type(v) is int and v > 1]
+    if not counts:
+        return None
+    try:
+        targets = Heads("probe", [counts[0]], attn=path)._plan_one(path, m, path)
+    except SortedNetError:
+        return None
+    proj = [t.path for t in targets if t.role == "out"]
+    o = next((t.path for t in targets if t.role == "inp"), None)
+    if o is None or not proj or any(_base(modules[p]) is not nn.Linear for p in (*proj, o)):
+        return None
+    own = {id(p) for q in (*proj, o) for p in modules[q].parameters()}
+    if any(id(p) not in own for p in m.parameters()) or any(True for _ in m.buffers()):
+        return None
+    group = max((t.binding.div for t in targets), default=1)
+    return Attention(path, counts[0], group), proj, o
+
+
+@dataclass
+class _Event:
+    kind: str                      # "op" | "mod" | "attn"
+    name: str                      # op name or module path
+    func: Any
+    args: tuple
+    kwargs: dict
+    out: Any
+    where: str                     # innermost module path (for messages)
+    inner: list = field(default_factory=list)
+
+
+class _Recorder(TorchFunctionMode):
+    """Records torch functions (outside opaque modules) into the current event sink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sinks: list[list[_Event]] = [[]]
+        self.opaque = 0
+        self.paths: list[str] = [""]
+        self.keep: list[Any] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.opaque == 0:
+            name = getattr(func, "__name__", str(func))
+            if name == "__get__":
+                name = getattr(getattr(func, "__self__", None), "__name__", "__get__")
+            self.keep.append((args, kwargs, out))
+            self.sinks[-1].append(_Event("op", name, func, args, kwargs, out, self.paths[-1]))
+        return out
+
+
+def _hooks(model: nn.Module, rec: _Recorder, attn: dict[str, tuple]) -> list:
+    handles = []
+    for path, m in model.named_modules():
+        leaf, cand = _is_leaf(m), path in attn
+
+        def pre(mod, args, kwargs, path=path, leaf=leaf, cand=cand):
+            rec.paths.append(path)
+            if leaf:
+                rec.opaque += 1
+            elif cand and rec.opaque == 0:
+                rec.sinks.append([])
+
+        def post(mod, args, kwargs, out, path=path, leaf=leaf, cand=cand):
+            rec.paths.pop()
+            if leaf:
+                rec.opaque -= 1
+                if rec.opaque == 0:
+                    rec.keep.append((args, kwargs, out))
+                    rec.sinks[-1].append(_Event("mod", path, mod, args, kwargs, out, path))
+            elif cand and rec.opaque == 0:
+                inner = rec.sinks.pop()
+                rec.keep.append((args, kwargs, out))
+                rec.sinks[-1].append(_Event("attn", path, mod, args, kwargs, out, path, inner))
+
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
+    return handles
+
+
+def record(model: nn.Module, example: Any) -> tuple[list[_Event], Any, dict[str, tuple]]:
+    """Run ``model`` on ``example`` once, recording events; returns (events, output, attention candidates)."""
+    modules = dict(model.named_modules())
+    attn = {p: info for p, m in modules.items() if (info := _attention_info(p, m, modules)) is not None}
+    rec = _Recorder()
+    handles = _hooks(model, rec, attn)
+    try:
+        with torch.enable_grad(), rec:  # grad on: PyTorch's fused Transformer fast paths step aside
+            out = call_model(model, example)
+    except Exception as e:
+        raise SortedNetError(f"the model failed on the example ({type(e).__name__}: {e})") from e
+    finally:
+        for h in handles:
+            h.remove()
+    return rec.sinks[0], out, attn
+
+
+class _Analysis:
+    """Turns recorded events into variables linked in a union-find."""
+
+    def __init__(self, model: nn.Module, example: Any, attn_info: dict[str, tuple]) -> None:
+        self.uf = _UF()
+        self.attn_info = attn_info
+        self.vars: dict[int, list[int]] = {}
+        self.params = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.modules = dict(model.named_modules())
+        self.attention: list[Attention] = []
+        for t in _tensors(example):
+            self.vars[id(t)] = [self.uf.new(s, "the network input") for s in t.shape]
+
+    # -- variables ---------------------------------------------------------
+    def of(self, t: Tensor) -> list[int]:
+        v = self.vars.get(id(t))
+        if v is None:
+            name = self.params.get(id(t))
+            why = f"parameter {name!r}" if name else "a tensor from outside the traced ops"
+            v = self.vars[id(t)] = [self.uf.new(s, why) for s in t.shape]
+        return v
+
+    def assign(self, t: Tensor, srcs: list[list[int]], why: str) -> list[int]:
+        """Give ``t`` (an op's output) per-axis variables linked to ``srcs`` (per axis; empty = fresh, fixed)."""
+        old = self.vars.get(id(t))
+        out = []
+        for i, s in enumerate(t.shape):
+            links = srcs[i] if i < len(srcs) else []
+            v = old[i] if old is not None else (links[0] if links else self.uf.new(s, why))
+            for u in links:
+                v = self.uf.union(v, u)
+            out.append(v)
+        self.vars[id(t)] = out
+        return out
+
+    def fix_all(self, ts: list[Tensor], why: str) -> None:
+        for t in ts:
+            for v in self.of(t):
+                self.uf.fix(v, why)
+
+    def unknown(self, ev: _Event, why: str | None = None) -> None:
+        why = why or f"{ev.name!r} (in {ev.where or '<root>'!r}), an op discovery does not understand"
+        ins, outs = _tensors((ev.args, ev.kwargs)), _tensors(ev.out)
+        self.fix_all(ins, why)
+        for t in outs:
+            self.assign(t, [], why)
+        self.fix_all(outs, why)
+
+    # -- events ----------------------------------------------------------------
+    def run(self, events: list[_Event]) -> None:
+        for ev in events:
+            if ev.kind == "mod":
+                module(self, ev)
+            elif ev.kind == "attn":
+                if not attention_block(self, ev):  # not the pattern after all: its inside, op by op
+                    self.run(ev.inner)
+            elif (_tensors(ev.out) or ev.name == "__setitem__") and not handle(self, ev):
+                self.unknown(ev)
+
+
+
+def analyse(model: nn.Module, example: Any) -> Coupling:
+    """Coupled groups of ``model`` found by one recorded forward on ``example`` (the model is not changed).
+
+    >>> import torch, torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> [(g.size, g.bindings) for g in analyse(m, torch.randn(3, 4)).free()]
+    [(8, [('0', 'out'), ('2', 'inp')])]
+    """
+    was = model.training
+    model.eval()
+    try:
+        events, out, attn = record(model, example)
+    finally:
+        model.train(was)
+    a = _Analysis(model, example, attn)
+    a.run(events)
+    a.fix_all(_tensors(out), "the network output")
+    uf = a.uf
+    roots: dict[int, int] = {}
+    groups: list[Group] = []
+    for v in range(len(uf.parent)):
+        r = uf.find(v)
+        if r in roots or not uf.binds[r]:
+            continue
+        roots[r] = len(groups)
+        groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r]))
+    role_group = {k: roots[uf.find(r)] for k, r in uf.roles.items()}
+    return Coupling(groups, a.attention, role_group)
+
+
+def iter_paths(c: Coupling) -> Iterator[str]:
+    """Every module path bound in ``c`` (for messages)."""
+    for g in c.groups:
+        for p, _ in g.bindings:
+            yield p

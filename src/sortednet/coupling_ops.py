@@ -1,0 +1,373 @@
+"""How each recorded op and module links axis variables (see :mod:`sortednet.coupling`).
+
+A handler links an output axis to the input axes it carries unchanged; an axis
+it cannot account for is fixed. Anything without a handler is fixed whole by
+the caller: adding an op here is how discovery learns more.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["handle", "module", "attention_block", "Attention"]
+
+_RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_LAST = (nn.LayerNorm, *_RMS)
+_LEAVES = (nn.Linear, *_CONV, nn.Embedding, *_NORM_LAST, nn.GroupNorm, _BatchNorm, nn.MultiheadAttention)
+
+_ELEMENTWISE = set("""add add_ sub sub_ rsub mul mul_ div div_ true_divide floor_divide remainder pow pow_ relu relu_
+gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6
+leaky_relu leaky_relu_ elu elu_ selu celu mish softplus softsign logsigmoid glu_ neg exp log sqrt rsqrt abs sin cos
+erf clamp clamp_ clamp_min clamp_max square reciprocal where maximum minimum dropout dropout_ dropout1d dropout2d
+dropout3d alpha_dropout feature_alpha_dropout threshold __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__
+__rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __neg__ lerp addcmul addcdiv""".split())
+_UNARY = set("""contiguous clone detach to float half double bfloat16 type type_as softmax log_softmax cumsum
+normalize requires_grad_ __get__""".split())
+_REDUCE = set("mean sum amax amin std var norm logsumexp prod max min".split())
+_RESHAPE = set("view reshape flatten unflatten squeeze unsqueeze squeeze_ unsqueeze_ view_as reshape_as ravel".split())
+_POOL = re.compile(r"(adaptive_)?(avg|max|lp)_pool([123])d(_with_indices)?$")
+
+
+@dataclass
+class Attention:
+    """An attention module recognised as whole heads (a candidate ``Heads``)."""
+
+    path: str
+    heads: int
+    group: int = 1                             # grouped-query attention: query heads per key/value head
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(x) if isinstance(t, Tensor)]
+
+
+
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29)
+_PERMUTE = {"permute", "transpose", "transpose_", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "T", "mT"}
+_SPLIT = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}
+
+
+def _first(ev) -> Tensor | None:
+    ts = _tensors(ev.args) or _tensors(ev.kwargs)
+    return ts[0] if ts else None
+
+
+def _norm_dims(dim: Any, n: int) -> list[int] | None:
+    if dim is None:
+        return list(range(n))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return [d % n for d in dims] if n else []
+
+
+def _broadcast(a, ins: list[Tensor], outs: list[Tensor], why: str) -> None:
+    for o in outs:
+        srcs: list[list[int]] = [[] for _ in o.shape]
+        for t in ins:
+            tv = a.of(t)
+            for i in range(1, min(t.dim(), o.dim()) + 1):
+                if t.shape[-i] == o.shape[-i]:
+                    srcs[o.dim() - i].append(tv[-i])
+        a.assign(o, srcs, why)
+
+
+def _reshape(a, x: Tensor, o: Tensor, why: str) -> bool:
+    xs, os_ = list(x.shape), list(o.shape)
+    xv = a.of(x)
+    xi = [i for i, s in enumerate(xs) if s != 1]
+    oi = [j for j, s in enumerate(os_) if s != 1]
+    srcs: list[list[int]] = [[] for _ in os_]
+    i = j = 0
+    while i < len(xi) and j < len(oi):
+        gi, gj = [xi[i]], [oi[j]]
+        pi, pj = xs[xi[i]], os_[oi[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(xi):
+                gi.append(xi[i])
+                pi, i = pi * xs[xi[i]], i + 1
+            elif pj < pi and j < len(oi):
+                gj.append(oi[j])
+                pj, j = pj * os_[oi[j]], j + 1
+            else:
+                return False
+        if len(gi) == 1 and len(gj) == 1:
+            srcs[gj[0]].append(xv[gi[0]])
+        else:
+            for k in gi:
+                a.uf.fix(xv[k], why)
+    a.assign(o, srcs, why)
+    return True
+
+
+def _permuted(ev, x: Tensor) -> list[int] | None:
+    """Input axis of each output axis, found by replaying the op on a tensor of distinct prime sizes."""
+    n = x.dim()
+    if n > len(_PRIMES):
+        return None
+    tag = torch.empty(_PRIMES[:n], device="meta")
+    try:
+        if ev.name in ("T", "mT"):
+            out = tag.T if ev.name == "T" else tag.mT
+        else:
+            args = tuple(tag if t is x else t for t in ev.args)
+            out = ev.func(*args, **ev.kwargs)
+    except Exception:
+        return None
+    return [_PRIMES.index(s) for s in out.shape]
+
+
+def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) or isinstance(i, bool) for i in idx):
+        return False
+    used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + (slice(None),) * (x.dim() - used) + idx[k + 1:]
+    idx = idx + (slice(None),) * (x.dim() - sum(1 for i in idx if i is not None))
+    xv = a.of(x)
+    srcs: list[list[int]] = []
+    ax = 0
+    for i in idx:
+        if i is None:
+            srcs.append([])
+            continue
+        if isinstance(i, slice):
+            full = i.step in (None, 1) and (i.start in (None, 0)) and (i.stop is None or i.stop >= x.shape[ax])
+            if full:
+                srcs.append([xv[ax]])
+            else:
+                a.uf.fix(xv[ax], why)
+                srcs.append([])
+        ax += 1
+    if len(srcs) != o.dim():
+        return False
+    a.assign(o, srcs, why)
+    return True
+
+
+def _dim_arg(ev, pos: int, default: Any = 0) -> Any:
+    if "dim" in ev.kwargs:
+        return ev.kwargs["dim"]
+    return ev.args[pos] if len(ev.args) > pos else default
+
+
+def handle(a, ev) -> bool:
+    """Link the variables of one op; False when the op is not understood."""
+    name, x = ev.name, _first(ev)
+    outs = _tensors(ev.out)
+    why = f"{name!r} in {ev.where or '<root>'!r}"
+    if x is None:
+        return False
+    if name in _ELEMENTWISE:
+        _broadcast(a, _tensors((ev.args, ev.kwargs)), outs, why)
+        return True
+    if name in _UNARY or name == "data":
+        if any(o.shape != x.shape for o in outs):
+            return False
+        for o in outs:
+            a.assign(o, [[v] for v in a.of(x)], why)
+        return True
+    if name in ("expand", "expand_as", "broadcast_to"):
+        _broadcast(a, [x], outs, why)
+        return True
+    if name in _RESHAPE:
+        return len(outs) == 1 and _reshape(a, x, outs[0], f"{why} merges or splits this axis")
+    if name in _PERMUTE:
+        perm = _permuted(ev, x)
+        if perm is None or len(outs) != 1:
+            return False
+        xv = a.of(x)
+        a.assign(outs[0], [[xv[p]] for p in perm], why)
+        return True
+    if name in _REDUCE:
+        if len(ev.args) > 1 and isinstance(ev.args[1], Tensor):
+            _broadcast(a, _tensors(ev.args), outs, why)
+            return True
+        dims = _norm_dims(_dim_arg(ev, 2 if name == "norm" else 1, None), x.dim())
+        keep = ev.kwargs.get("keepdim", next((v for v in ev.args[1:] if isinstance(v, bool)), False))
+        if dims is None:
+            return False
+        xv = a.of(x)
+        srcs = [[] if i in dims else [xv[i]] for i in range(x.dim()) if keep or i not in dims]
+        for o in outs:
+            if o.dim() != len(srcs):
+                return False
+            a.assign(o, srcs, why)
+        return True
+    m = _POOL.match(name)
+    if m or name == "interpolate":
+        k = int(m.group(3)) if m else x.dim() - 2
+        xv = a.of(x)
+        for o in outs:
+            a.assign(o, [[xv[i]] if i < x.dim() - k else [] for i in range(o.dim())], f"spatial axis ({why})")
+        return True
+    if name == "pad":
+        pad = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("pad")
+        xv, o = a.of(x), outs[0]
+        srcs = [[v] for v in xv]
+        for j in range(len(pad) // 2):
+            if pad[2 * j] or pad[2 * j + 1]:
+                a.uf.fix(xv[-1 - j], f"{why} pads this axis")
+                srcs[-1 - j] = []
+        a.assign(o, srcs, why)
+        return True
+    if name == "repeat":
+        reps = ev.args[1:] if len(ev.args) > 2 or not isinstance(ev.args[1], (tuple, list)) else ev.args[1]
+        xv, o = a.of(x), outs[0]
+        srcs: list[list[int]] = [[] for _ in o.shape]
+        for i in range(1, x.dim() + 1):
+            if reps[-i] == 1:
+                srcs[-i].append(xv[-i])
+            else:
+                a.uf.fix(xv[-i], f"{why} repeats this axis")
+        a.assign(o, srcs, why)
+        return True
+    if name in ("cat", "concat", "concatenate", "stack"):
+        parts = list(ev.args[0]) if ev.args and isinstance(ev.args[0], (list, tuple)) else ev.kwargs.get("tensors")
+        o = outs[0]
+        d = _dim_arg(ev, 1) % o.dim()
+        srcs: list[list[int]] = [[] for _ in o.shape]
+        for t in parts:
+            tv = a.of(t)
+            for i in range(o.dim()):
+                if i == d:
+                    if name != "stack":
+                        a.uf.fix(tv[i], f"concatenated by {why}")
+                    continue
+                srcs[i].append(tv[i - (name == "stack" and i > d)])
+        a.assign(o, srcs, f"concatenated by {why}")
+        return True
+    if name in _SPLIT:
+        d = _dim_arg(ev, 1 if name == "unbind" else 2) % x.dim()
+        xv = a.of(x)
+        for o in outs:
+            srcs = []
+            for i in range(x.dim()):
+                if i == d and name == "unbind":
+                    continue
+                if i == d and o.shape[i] != x.shape[i]:
+                    a.uf.fix(xv[i], f"split by {why}")
+                    srcs.append([])
+                else:
+                    srcs.append([xv[i]])
+            a.assign(o, srcs, why)
+        return True
+    if name == "__getitem__":
+        return len(outs) == 1 and _index(a, x, outs[0], ev.args[1], f"indexed by {why}")
+    return False
+
+
+def _new_out(a, size: int, path: str, role: str = "out") -> int:
+    v = a.uf.new(size)
+    a.uf.bind(v, path, role)
+    return v
+
+
+def module(a, ev) -> None:
+    """Link the variables of one opaque call of a sliceable module."""
+    m, path = ev.func, ev.name
+    x, outs = _first(ev), _tensors(ev.out)
+    if x is None or not outs:
+        return a.unknown(ev)
+    y = outs[0]
+    xv = a.of(x)
+    if isinstance(m, nn.Linear):
+        if y.shape[:-1] != x.shape[:-1]:
+            return a.unknown(ev)
+        a.uf.bind(xv[-1], path, "inp")
+        a.assign(y, [[v] for v in xv[:-1]] + [[_new_out(a, y.shape[-1], path)]], path)
+    elif isinstance(m, _CONV):
+        c = x.dim() - len(m.kernel_size) - 1  # channel axis: 1 (batched) or 0
+        g, cin, cout = m.__dict__["groups"], m.__dict__["in_channels"], m.__dict__["out_channels"]
+        if g == 1:
+            a.uf.bind(xv[c], path, "inp")
+            ch = _new_out(a, y.shape[c], path)
+        elif g == cin == cout:
+            ch = xv[c]
+            a.uf.bind(ch, path, "out")
+            a.uf.bind(ch, path, "inp")
+        else:
+            return a.unknown(ev, f"grouped convolution {path!r} (groups={g}), which cannot be sliced")
+        a.assign(y, [[xv[0]] if c == 1 and i == 0 else [ch] if i == c else [] for i in range(y.dim())],
+                 f"spatial axis of {path!r}")
+    elif isinstance(m, nn.Embedding):
+        a.assign(y, [[v] for v in xv] + [[_new_out(a, y.shape[-1], path)]], path)
+    elif isinstance(m, (*_NORM_LAST, nn.GroupNorm, _BatchNorm)):
+        if y.shape != x.shape or (isinstance(m, _NORM_LAST) and len(m.__dict__["normalized_shape"]) != 1):
+            return a.unknown(ev, f"{type(m).__name__} {path!r} over several axes")
+        a.assign(y, [[v] for v in xv], path)
+        axis = -1 if isinstance(m, _NORM_LAST) else (1 if x.dim() > 1 else 0)
+        a.uf.bind(xv[axis], path, "norm")
+        if isinstance(m, nn.GroupNorm):
+            r = a.uf.find(xv[axis])
+            a.uf.mult[r] = max(a.uf.mult[r], m.__dict__["num_channels"] // m.__dict__["num_groups"])
+    elif isinstance(m, nn.MultiheadAttention):
+        _mha(a, ev, m, path, outs)
+    else:
+        a.unknown(ev)
+
+
+def _mha(a, ev, m: nn.MultiheadAttention, path: str, outs: list[Tensor]) -> None:
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return a.unknown(ev, f"MultiheadAttention {path!r} with kdim/vdim/add_bias_kv/add_zero_attn")
+    names = ("query", "key", "value")
+    qkv = [ev.args[i] if i < len(ev.args) else ev.kwargs.get(n) for i, n in enumerate(names)]
+    if not all(isinstance(t, Tensor) for t in qkv):
+        return a.unknown(ev)
+    q = qkv[0]
+    v = a.of(q)[-1]
+    for t in qkv[1:]:
+        v = a.uf.union(v, a.of(t)[-1])
+    a.uf.bind(v, path, "inp")
+    a.fix_all([t for t in _tensors((ev.args, ev.kwargs)) if all(t is not u for u in qkv)], f"a mask of {path!r}")
+    y = outs[0]
+    qv = a.of(q)
+    out_proj = f"{path}.out_proj" if path else "out_proj"
+    a.assign(y, [[u] for u in qv[:-1]] + [[_new_out(a, y.shape[-1], out_proj)]], path)
+    for t in outs[1:]:
+        a.assign(t, [], f"attention weights of {path!r}")
+    a.attention.append(Attention(path, m.__dict__["num_heads"]))
+
+
+def attention_block(a, ev) -> bool:
+    """A recognised attention module as one call: True when its recorded inside confirms the pattern."""
+    att, proj, o = a.attn_info[ev.name]
+    x = _first(ev)
+    outs = _tensors(ev.out)
+    mods = {}
+    for e in ev.inner:
+        if e.kind == "mod" and e.name in (*proj, o):
+            if e.name in mods:
+                return False
+            mods[e.name] = e
+    if x is None or not outs or len(mods) != len(proj) + 1:
+        return False
+    if any(_first(mods[p]) is not x for p in proj) or _tensors(mods[o].out)[0] is not outs[0]:
+        return False
+    for e in ev.inner:
+        if not (e.kind == "mod" and e.name in proj) and _tensors(e.out) \
+                and any(t is x for t in _tensors((e.args, e.kwargs))):
+            return False
+    y = outs[0]
+    if y.shape[:-1] != x.shape[:-1]:
+        return False
+    xv = a.of(x)
+    for p in proj:
+        a.uf.bind(xv[-1], p, "inp")
+    a.fix_all([t for t in _tensors((ev.args, ev.kwargs)) if t is not x], f"an extra input of {ev.name!r}")
+    a.assign(y, [[u] for u in xv[:-1]] + [[_new_out(a, y.shape[-1], o)]], ev.name)
+    for t in outs[1:]:
+        a.assign(t, [], f"an extra output of {ev.name!r}")
+    a.attention.append(att)
+    return True

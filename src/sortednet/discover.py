@@ -1,0 +1,175 @@
+"""discover: the coupled widths and heads of any model, as ready declarations.
+
+``sn.discover(model, example, ratios=...)`` records one forward of ``model`` on
+``example`` (see :mod:`sortednet.coupling`), groups the module roles whose
+features must shrink together (residual adds, depthwise convolutions,
+BatchNorm / LayerNorm / GroupNorm, squeeze-excitation scales, pooling and
+flatten into a Linear, attention heads) and returns one ``sn.Width`` per free
+group and one ``sn.Heads`` per recognised attention module, with exact module
+paths as patterns. What must not shrink (the network's input and output, the
+classes, raw parameters such as class tokens or layer scales, concatenated or
+reshaped axes, anything an op discovery does not understand touches) is left
+out. Each candidate is then dry-run on a copy of the model (smallest size,
+alone and together): one that fails is dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .cost import call_model
+from .coupling import Coupling, Group, analyse
+from .dims import Dimension, Width, dimension_from_spec
+from .errors import SortedNetError
+from .heads import Heads
+from .wrap import wrap
+
+__all__ = ["discover", "sizes_for"]
+
+
+def sizes_for(full: int, ratios: Sequence[float], multiple: int = 1) -> list[int]:
+    """Ascending unique sizes ``ratio * full`` rounded to a multiple of ``multiple``; ``full`` always last.
+
+    >>> sizes_for(64, [0.25, 0.5, 0.75]), sizes_for(6, [0.25, 0.5], multiple=2), sizes_for(3, [0.1])
+    ([16, 32, 48, 64], [2, 4, 6], [1, 3])
+    """
+    m = multiple if multiple >= 1 and full % multiple == 0 else 1
+    return sorted({min(full, max(m, round(r * full / m) * m)) for r in ratios} | {full})
+
+
+def _check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    try:
+        out = tuple(float(r) for r in ratios)
+    except (TypeError, ValueError):
+        raise SortedNetError(f"ratios must be a sequence of numbers in (0, 1], got {ratios!r}") from None
+    if not out or any(not 0 < r <= 1 for r in out):
+        raise SortedNetError(f"ratios must be non-empty numbers in (0, 1], got {list(ratios)}")
+    return out
+
+
+def _name(path: str, taken: set[str], suffix: str = "") -> str:
+    base = (re.sub(r"\W", "_", path) or "root") + suffix
+    if not base[0].isalpha():
+        base = "w" + base
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _width(g: Group, ratios: Sequence[float], multiple_of: int, taken: set[str]) -> Width | None:
+    mult = math.lcm(g.multiple, multiple_of)
+    if g.size % mult:
+        mult = g.multiple
+    if g.size % mult:
+        return None
+    sizes = sizes_for(g.size, ratios, mult)
+    if len(sizes) < 2:
+        return None
+    roles = {r: list(dict.fromkeys(g.roles(r))) for r in ("out", "inp", "norm")}
+    return Width(_name(roles["out"][0], taken), sizes, **roles)
+
+
+def declarations(c: Coupling, ratios: Sequence[float], *, heads: bool = True,
+                 multiple_of: int = 1) -> list[Dimension]:
+    """``Width`` / ``Heads`` declarations for the free groups of ``c`` (no dry run)."""
+    taken: set[str] = set()
+    dims: list[Dimension] = [w for g in c.free() if (w := _width(g, ratios, multiple_of, taken)) is not None]
+    if heads:
+        for a in c.attention:
+            sizes = sizes_for(a.heads, ratios, a.group)
+            if len(sizes) > 1:
+                dims.append(Heads(_name(a.path, taken, "_heads"), sizes, attn=a.path))
+    return dims
+
+
+def _shapes(x: Any) -> list:
+    return [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in tree_leaves(x)]
+
+
+def _fresh(dims: Sequence[Dimension]) -> list[Dimension]:
+    return [dimension_from_spec(d.spec()) for d in dims]
+
+
+def _failures(probe: nn.Module, example: Any, dims: list[Dimension], want: list) -> list[int] | None:
+    """Indices of ``dims`` whose smallest size (alone) fails on ``probe``; None when they do not wrap together."""
+    try:
+        nest = wrap(probe, *_fresh(dims))
+    except SortedNetError:
+        return None
+    bad = []
+    try:
+        for i, d in enumerate(dims):
+            with nest.use({d.name: d.sizes[0]}):
+                try:
+                    if _shapes(call_model(probe, example)) != want:
+                        bad.append(i)
+                except Exception:
+                    bad.append(i)
+        if not bad:
+            with nest.use(nest.smallest):
+                try:
+                    if _shapes(call_model(probe, example)) != want:
+                        bad = list(range(len(dims)))
+                except Exception:
+                    bad = list(range(len(dims)))
+    finally:
+        nest.unwrap()
+    return bad
+
+
+def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dimension]:
+    """The dims that wrap and run (alone at their smallest and all smallest together) on a copy of ``model``."""
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        want = _shapes(call_model(probe, example))
+        bad = _failures(probe, example, dims, want)
+        if bad is not None and len(bad) < len(dims) and bad != list(range(len(dims))):
+            dims = [d for i, d in enumerate(dims) if i not in bad]
+            bad = _failures(probe, example, dims, want)
+        if bad:  # slow path: add one dimension at a time
+            kept: list[Dimension] = []
+            for d in dims:
+                if _failures(probe, example, [*kept, d], want) == []:
+                    kept.append(d)
+            dims = kept
+    return dims
+
+
+def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,
+             heads: bool = True, multiple_of: int = 1, verify: bool = True) -> list[Dimension]:
+    """Coupled channel / feature groups of ``model`` as ready ``sn.Width`` / ``sn.Heads`` declarations.
+
+    ``example`` is a tensor, a tuple of positional inputs or a dict of keyword
+    inputs. Sizes are ``ratio * full`` per group, rounded to ``multiple_of``
+    (and to GroupNorm groups / grouped-query key-value groups), ascending and
+    unique; the full size is always included. ``heads=False`` leaves attention
+    heads out. Every declaration is dry-run on a copy of the model
+    (``verify=False`` skips that). The model itself is not changed.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    >>> dims = sn.discover(model, torch.randn(2, 3, 8, 8), ratios=[0.25, 0.5, 1.0])
+    >>> dims
+    [Width('w0', [4, 8, 16], out=['0'], inp=['5'], norm=['1'])]
+    >>> nest = sn.wrap(model, *dims)
+    >>> nest.export("w0=4")[5]
+    Linear(in_features=4, out_features=10, bias=True)
+    """
+    ratios = _check_ratios(ratios)
+    if not isinstance(model, nn.Module):
+        raise SortedNetError(f"discover() needs an nn.Module, got {type(model).__name__}")
+    if any("_sn" in m.__dict__ for m in model.modules()):
+        raise SortedNetError("discover() needs a model that is not wrapped; call nest.unwrap() first")
+    dims = declarations(analyse(model, example), ratios, heads=heads, multiple_of=multiple_of)
+    return _verified(model, example, dims) if verify and dims else dims

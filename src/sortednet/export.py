@@ -1,0 +1,137 @@
+"""Export: a plain, physically smaller copy of one sub-model.
+
+The deep copy skips every full-size tensor a slicer replaces and every block
+a Depth dimension skips; each slicer then turns its module's copy into a
+plain module with contiguous, sliced tensors and the original class.
+
+Tensors the model shares (tied input / output embeddings, one weight used by
+two modules) stay shared: the export holds ONE tensor per source tensor, so
+it holds exactly ``cost(sub, "params")`` parameters. Two users that would
+need different slices of one tensor cannot be tied in a plain model: export
+refuses them. No tensor of the export aliases the live model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SortedNetError
+from .submodel import SubModel
+
+if TYPE_CHECKING:
+    from .nest import Nest
+
+__all__ = ["export_submodel"]
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
+    """A plain copy of ``sub`` of ``nest`` (see :meth:`Nest.export`).
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> class LM(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.emb, self.head = nn.Embedding(10, 8), nn.Linear(8, 10, bias=False)
+    ...         self.head.weight = self.emb.weight             # tied
+    ...     def forward(self, i): return self.head(self.emb(i))
+    >>> lm = LM()
+    >>> nest = sn.wrap(lm, sn.Width("d", [4, 8], out="emb", inp="head"))
+    >>> small = export_submodel(nest, nest.smallest)
+    >>> small.head.weight is small.emb.weight, small.emb.weight.shape, nest.cost("d=4")
+    (True, torch.Size([10, 4]), 40)
+    """
+    model = nest.model
+    with nest.use(sub), torch.no_grad():
+        memo: dict[int, object] = {}
+        skipped: list[str] = []
+        for path, m in nest._sliced.items():
+            memo[id(m._sn)] = None  # exported copies carry no sortednet state
+            for t in m._sn.slicer.exported_tensors(m):
+                memo[id(t)] = t  # replaced below; never copied at full size
+            if "depth" in m._sn.bind:
+                for name, blk in list(m._modules.items())[len(m):]:
+                    memo[id(blk)] = None
+                    skipped.append(f"{path}.{name}" if path else name)
+        new = copy.deepcopy(model, memo)
+        for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
+            if _inside(path, skipped):
+                continue
+            live = nest._sliced[path]
+            c = new.get_submodule(path) if path else new
+            c.__class__ = live._sn.cls
+            del c.__dict__["_sn"]
+            r = live._sn.slicer.export(live, c)
+            if r is not c:
+                if not path:
+                    new = r
+                else:
+                    parent, _, name = path.rpartition(".")
+                    setattr(new.get_submodule(parent) if parent else new, name, r)
+        for h in nest._hooks:
+            for m in new.modules():
+                m._forward_pre_hooks.pop(h.id, None)
+        _share_once(model, new, skipped, sub)
+    return new
+
+
+def _name(path: str, attr: str) -> str:
+    return f"{path}.{attr}" if path else attr
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """A full-size copy of a live tensor, Parameter-ness and requires_grad kept."""
+    c = t.detach().clone()
+    return nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+
+
+def _share_once(live: nn.Module, new: nn.Module, skipped: list[str], sub: SubModel) -> None:
+    """Give every user of one live tensor the same exported tensor; replace any live tensor left in ``new``."""
+    users: dict[int, list[tuple[str, str, Tensor]]] = {}
+    seen: set[int] = set()
+    for path, m in live.named_modules(remove_duplicate=False):
+        if id(m) in seen or _inside(path, skipped):
+            continue
+        seen.add(id(m))
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    users.setdefault(id(t), []).append((path, name, t))
+    live_ids = {id(t) for t in live.parameters()} | {id(t) for t in live.buffers()} | set(users)
+    for group in users.values():
+        slots = []
+        for path, name, _ in group:
+            try:
+                c = new.get_submodule(path) if path else new
+            except AttributeError:  # restructured by its slicer's export (e.g. factored low rank)
+                continue
+            store = c._parameters if name in c._parameters else c._buffers if name in c._buffers else None
+            if store is not None and store[name] is not None:
+                slots.append((path, name, store))
+        if len(slots) == 1 and id(slots[0][2][slots[0][1]]) not in live_ids:
+            continue
+        canon = first = None
+        for path, name, store in slots:
+            if id(store[name]) not in live_ids:
+                canon, first = store[name], _name(path, name)
+                break
+        if canon is None:  # only users holding the live tensor itself (its slicing user is gone)
+            canon, first = _fresh(group[0][2]), _name(group[0][0], group[0][1])
+        for path, name, store in slots:
+            e = store[name]
+            if e is canon:
+                continue
+            if e.shape != canon.shape or e.dtype != canon.dtype or not torch.equal(e.detach(), canon.detach()):
+                raise SortedNetError(
+                    f"export({sub}): {first!r} and {_name(path, name)!r} are one tensor in the model, but this sub-model "
+                    f"uses different slices of it ({tuple(canon.shape)} vs {tuple(e.shape)}); a plain model "
+                    "cannot tie them. Slice both users with the same dimension (e.g. list the tied "
+                    "embedding and output layer under one Width) or export a sub-model where they agree")
+            store[name] = canon

@@ -1,0 +1,213 @@
+"""Where each transformers family keeps its nestable parts: :class:`Layout`, the built-in table, detection.
+
+A layout names, relative to one block of the model's layer list, the FFN
+projections, the attention module(s), their q/k/v / output projections and
+fused row layouts, and the config keys an export must rewrite. Paths may use
+``*`` for one path component (T5's ``layer.*.SelfAttention``); entries of
+``ffn_out`` / ``ffn_inp`` / ``attn`` that a block lacks are skipped. A user
+with an unlisted family registers one with :func:`register_layout` and gets
+``from_transformers``, ``export_pretrained``, ``soft_loss`` and
+``sort_by_importance`` without editing sortednet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import SortedNetError
+
+__all__ = ["Layout", "LAYOUTS", "register_layout", "detect", "Found"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The nestable parts of one architecture family (paths relative to a block of its layer list).
+
+    ``qkv``: three names, one fused name, or ``None`` (``sn.Heads`` finds them);
+    ``qkv_layout``: row layout of a fused ``qkv`` (``"stacked"`` ``[q; k; v]`` or
+    ``"interleaved"`` per key/value head), or a function of the config giving it;
+    ``ffn_chunks``: projections stacked in each ``ffn_out`` module (2 for a
+    fused ``[gate; up]``); ``*_key``: config attributes an export rewrites
+    (``head_dim_key=None``: the config derives the head size from hidden / heads,
+    so a heads-sliced export cannot be described); ``depth_keys``: one per layer
+    list (T5: encoder, decoder); ``norm``: final norm relative to the module
+    holding the layer list (causal LMs: SoFT exits); ``no_heads``: why heads
+    cannot be nested in this family (refused), if so.
+
+    >>> from sortednet.integrations import Layout
+    >>> Layout("mine", probe=("attn.q", "mlp.fc1"), ffn_out=("mlp.fc1",), ffn_inp=("mlp.fc2",), attn=("attn",)).family
+    'mine'
+    """
+
+    family: str
+    probe: tuple[str, ...]
+    ffn_out: tuple[str, ...] = ()
+    ffn_inp: tuple[str, ...] = ()
+    attn: tuple[str, ...] = ()
+    qkv: str | tuple[str, str, str] | None = None
+    o: str | None = None
+    qkv_layout: str | Callable[[Any], str] | None = None
+    count_attrs: tuple[str, ...] | None = None
+    ffn_chunks: int = 1
+    ffn_key: str = "intermediate_size"
+    heads_key: str = "num_attention_heads"
+    kv_key: str | None = None
+    head_dim_key: str | None = None
+    depth_keys: tuple[str, ...] = ("num_hidden_layers",)
+    norm: str = ""
+    causal: bool = False
+    no_heads: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def layout_of_qkv(self, config: Any) -> str | None:
+        return self.qkv_layout(config) if callable(self.qkv_layout) else self.qkv_layout
+
+
+def _falcon_qkv(cfg: Any) -> str:
+    return "stacked" if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False) \
+        else "interleaved"
+
+
+_LLAMA_ATTN = dict(attn=("self_attn",), qkv=("q_proj", "k_proj", "v_proj"), o="o_proj", kv_key="num_key_value_heads",
+                   head_dim_key="head_dim", norm="norm", causal=True)
+_BUILTIN: tuple[Layout, ...] = (
+    Layout("llama", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), **_LLAMA_ATTN),
+    Layout("qwen2_moe", ("self_attn.q_proj", "self_attn.o_proj", "mlp.experts", "mlp.shared_expert"),
+           ("mlp.experts",), ("mlp.experts",), ffn_chunks=2, ffn_key="moe_intermediate_size", **_LLAMA_ATTN),
+    Layout("mixtral", ("self_attn.q_proj", "self_attn.o_proj", "mlp.experts"),
+           ("mlp.experts",), ("mlp.experts",), ffn_chunks=2, **_LLAMA_ATTN),
+    Layout("phi3", ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+           ("mlp.gate_up_proj",), ("mlp.down_proj",), ("self_attn",), "qkv_proj", "o_proj", "stacked",
+           ffn_chunks=2, kv_key="num_key_value_heads", head_dim_key="head_dim", norm="norm", causal=True,
+           no_heads="Phi3Attention.forward reads config.num_attention_heads (shared by every layer), not an "
+                    "attribute of the attention module"),
+    Layout("gpt2", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), ("mlp.c_fc",), ("mlp.c_proj",),
+           ("attn",), "c_attn", "c_proj", "stacked", ("num_heads", "split_size"), ffn_key="n_inner",
+           norm="ln_f", causal=True),
+    Layout("gpt_neox", ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+           ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",), ("attention",), "query_key_value", "dense",
+           "interleaved", norm="final_layer_norm", causal=True),
+    Layout("falcon", ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h"),
+           ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",), ("self_attention",), "query_key_value", "dense",
+           _falcon_qkv, ffn_key="ffn_hidden_size", kv_key="num_kv_heads", norm="ln_f", causal=True),
+    Layout("opt", ("self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"), ("fc1",), ("fc2",), ("self_attn",),
+           ("q_proj", "k_proj", "v_proj"), "out_proj", ffn_key="ffn_dim", norm="final_layer_norm", causal=True),
+    Layout("bert", ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                    "intermediate.dense", "output.dense"), ("intermediate.dense",), ("output.dense",),
+           ("attention",), ("self.query", "self.key", "self.value"), "output.dense", count_attrs=()),
+    Layout("distilbert", ("attention.q_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"), ("ffn.lin1",),
+           ("ffn.lin2",), ("attention",), ("q_lin", "k_lin", "v_lin"), "out_lin", ffn_key="hidden_dim",
+           heads_key="n_heads", depth_keys=("n_layers",)),
+    Layout("vit", ("attention.q_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"), ("mlp.fc1",), ("mlp.fc2",),
+           ("attention",), ("q_proj", "k_proj", "v_proj"), "o_proj"),
+    Layout("clip", ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"), ("mlp.fc1",), ("mlp.fc2",),
+           ("self_attn",), ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    Layout("t5", ("layer.0.SelfAttention.q", "layer.0.SelfAttention.o"),
+           ("layer.*.DenseReluDense.wi", "layer.*.DenseReluDense.wi_0", "layer.*.DenseReluDense.wi_1"),
+           ("layer.*.DenseReluDense.wo",), ("layer.*.SelfAttention", "layer.*.EncDecAttention"), ("q", "k", "v"), "o",
+           ffn_key="d_ff", heads_key="num_heads", head_dim_key="d_kv", depth_keys=("num_layers", "num_decoder_layers"),
+           extra={"stacks": 2}),
+)
+_USER: list[Layout] = []
+
+
+def register_layout(layout: Layout) -> Layout:
+    """Teach :func:`sortednet.from_transformers` (and export / SoFT / importance sorting) a family.
+
+    Registered layouts are tried before the built-in ones. Returns ``layout``.
+
+    >>> import sortednet.integrations as sni
+    >>> lay = sni.register_layout(sni.Layout("demo", probe=("nowhere.q",)))
+    >>> sni.LAYOUTS[0].family; sni.unregister_layout(lay)
+    'demo'
+    """
+    if not isinstance(layout, Layout):
+        raise SortedNetError(f"register_layout needs a sortednet.integrations.Layout, got {type(layout).__name__}")
+    if not layout.probe:
+        raise SortedNetError(f"Layout {layout.family!r}: probe= must name at least one path every block has")
+    _USER.insert(0, layout)
+    _refresh()
+    return layout
+
+
+def unregister_layout(layout: Layout) -> None:
+    """Undo :func:`register_layout`."""
+    _USER[:] = [x for x in _USER if x is not layout]
+    _refresh()
+
+
+LAYOUTS: list[Layout] = []
+
+
+def _refresh() -> None:
+    LAYOUTS[:] = [*_USER, *_BUILTIN]
+
+
+_refresh()
+
+
+@dataclass(frozen=True)
+class Found:
+    """A detected model: its layout and the path(s) of its layer list(s)."""
+
+    layout: Layout
+    stacks: tuple[str, ...]
+
+    @property
+    def layers(self) -> str:
+        return self.stacks[-1]
+
+    def block(self, model: nn.Module, i: int = 0, stack: int = -1) -> nn.Module:
+        return model.get_submodule(self.stacks[stack])[i]
+
+    @property
+    def parent(self) -> str:
+        return self.layers.rpartition(".")[0]
+
+
+def glob_children(block: nn.Module, rel: str) -> list[str]:
+    """Paths under ``block`` matching ``rel`` (``*`` = one path component)."""
+    if "*" not in rel:
+        try:
+            block.get_submodule(rel)
+            return [rel]
+        except AttributeError:
+            return []
+    depth = rel.count(".")
+    return [n for n, _ in block.named_modules() if n.count(".") == depth and fnmatch.fnmatchcase(n, rel)
+            and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), rel.split(".")))]
+
+
+SUPPORTED = ", ".join(x.family for x in _BUILTIN)
+
+
+def detect(model: nn.Module) -> Found:
+    """The layout and layer-list path(s) of a transformers model.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> detect(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))).layers
+    'transformer.h'
+    """
+    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for lay in LAYOUTS:
+        hits = tuple(p for p, m in lists if all(glob_children(m[0], q) for q in lay.probe))
+        if not hits:
+            continue
+        if len(hits) > lay.extra.get("stacks", 1):
+            raise SortedNetError(f"{type(model).__name__} holds {len(hits)} {lay.family} layer lists {list(hits)}; "
+                                 "nest one tower at a time, e.g. sn.from_transformers(model.vision_model, ...)")
+        return Found(lay, hits)
+    raise SortedNetError(
+        f"from_transformers does not know the layout of {type(model).__name__}; known families: {SUPPORTED}. "
+        "Describe it once with sortednet.integrations.register_layout(Layout(family, probe=..., ffn_out=..., "
+        "ffn_inp=..., attn=..., ...)) (see docs/transformers.md), or declare the dimensions by hand: "
+        "sn.wrap(model, sn.Width('ffn', [...], out=['model.layers.*.mlp.up_proj'], inp=['model.layers.*.mlp."
+        "down_proj']), sn.Heads('heads', [...], attn='model.layers.*.self_attn'), sn.Depth('depth', [...], "
+        "layers='model.layers')) (import sortednet.integrations first for GPT-2 Conv1D layers)")

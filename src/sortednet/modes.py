@@ -1,0 +1,58 @@
+"""Run a nest's model in eval mode without changing what other threads see.
+
+``module.training`` and BatchNorm settings are plain attributes shared by every
+thread: ``model.eval()`` in one thread changes the model another thread is
+serving or training. :func:`eval_mode` instead yields a private copy of the
+module tree in eval mode that shares every parameter, buffer and dimension
+with the nest (no tensor is copied; the copy follows ``nest.use`` of the
+calling thread). ``profile``, ``evaluate`` and ``calibrate`` measure on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .nest import Nest
+
+__all__ = ["eval_mode"]
+
+
+@contextmanager
+def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = ()) -> Iterator[tuple[nn.Module, dict[int, nn.Module]]]:
+    """``(view, copies)``: a private eval-mode copy of ``nest.model`` sharing its tensors, and a map
+    ``id(original module) -> its copy``.
+
+    Modules in ``own_state`` get a private sortednet state (``_sn.extra``) and a
+    private ``num_batches_tracked``, so a caller may put them in training mode
+    and change those on the copy alone (BatchNorm calibration).
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> from sortednet.modes import eval_mode
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    >>> nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
+    >>> with eval_mode(nest) as (view, _):
+    ...     view.training, view[0].weight is model[0].weight, model.training
+    (False, True, True)
+    """
+    model = nest.model
+    own = {id(m) for m in own_state}
+    memo: dict[int, object] = {id(d): d for d in nest.dims}
+    for t in [*model.parameters(), *model.buffers()]:
+        memo[id(t)] = t
+    for m in model.modules():
+        st = m.__dict__.get("_sn")
+        if st is not None:
+            memo[id(st)] = dataclasses.replace(st, extra=dict(st.extra)) if id(m) in own else st
+        if id(m) in own and getattr(m, "num_batches_tracked", None) is not None:
+            memo[id(m.num_batches_tracked)] = m.num_batches_tracked.clone()
+    view = copy.deepcopy(model, memo)
+    view.train(False)
+    copies = {id(m): memo[id(m)] for m in model.modules()}
+    yield view, copies  # type: ignore[misc]

@@ -1,0 +1,170 @@
+"""Slicing plans: what every sliced attribute is under one sub-model, computed once.
+
+A :class:`Plan` holds a sub-model, its sizes by dimension name and, per sliced
+module (indexed by ``State.slot``), one entry per attribute: a
+:class:`~sortednet.views.View` (the cuts of a tensor), a precomputed value
+(``in_features``, ``num_heads``, ...) or ``DYNAMIC`` (the slicer's ``value``
+runs on each read). ``nest.use(sub)`` puts the plan of ``sub`` in the nest's
+context variable, so reading ``module.weight`` is one plan lookup plus the
+view: no parsing, no dimension walk, no sharding check on the hot path.
+
+Plans depend only on the sizes and on the shapes of the wrapped tensors, which
+never change while a model is wrapped; they are cached per sub-model on the
+nest (:class:`Plans`), a module's entries shared by every sub-model that gives
+its dimensions the same sizes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+from torch import nn
+
+from .dims import Active
+from .submodel import SubModel
+from .views import DYNAMIC, STATIC, View, cuts_for
+
+__all__ = ["Plan", "Plans"]
+
+#: at most this many sub-models keep a cached plan (more are rebuilt on use: about a microsecond per module)
+MAX_PLANS = 4096
+
+
+class Plan:
+    """The sub-model ``sub`` ready to run: ``sizes`` by dimension name, ``entries`` per module slot."""
+
+    __slots__ = ("sub", "sizes", "entries")
+
+    def __init__(self, sub: SubModel, entries: tuple[dict[str, Any], ...] = ()) -> None:
+        self.sub, self.sizes, self.entries = sub, dict(sub), entries
+
+    def __repr__(self) -> str:
+        return f"Plan({self.sub})"
+
+
+class Plans:
+    """The plans of one nest: built on first use of a sub-model, then one dict lookup.
+
+    >>> import torch.nn as nn, sortednet as sn
+    >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+    >>> plan = nest._plans.get(nest.smallest)
+    >>> plan.entries[0]["weight"], plan.entries[0]["out_features"]
+    (View('weight', ((0, 0, 2),), None), 2)
+    """
+
+    def __init__(self, modules: list[nn.Module], active: Active | None = None) -> None:
+        self.modules = modules                     # by slot
+        self.active = active
+        self._dims = [tuple(sorted({b.dim.name for b in m.__dict__["_sn"].bind.values()})) for m in modules]
+        self._plans: dict[Any, Plan] = {}          # SubModel (and the strings that named it) -> plan
+        self._entries: dict[tuple, dict[str, Any]] = {}
+
+    def get(self, sub: SubModel) -> Plan:
+        """The plan of ``sub`` (a resolved, complete sub-model)."""
+        plan = self._plans.get(sub)
+        if plan is None:
+            plan = self.build(sub)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            if len(self._entries) >= 16 * MAX_PLANS:
+                self._entries.clear()
+            self._plans[sub] = plan
+        return plan
+
+    def hit(self, key: Any) -> Plan | None:
+        """The cached plan of a SubModel or string already resolved once, else None."""
+        try:
+            return self._plans.get(key)
+        except TypeError:  # unhashable (a dict): resolve it
+            return None
+
+    def alias(self, key: str, plan: Plan) -> None:
+        """Remember that the string ``key`` names ``plan`` (no parsing next time)."""
+        if len(self._plans) < MAX_PLANS:
+            self._plans[key] = plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+        self._entries.clear()
+
+    def build(self, sub: SubModel) -> Plan:
+        plan = Plan(sub)
+        if self.active is None:
+            return plan
+        # STATIC values are computed by the slicers' value(), which read the active sizes:
+        # run them with this plan active, in a private copy of the caller's context
+        plan.entries = contextvars.copy_context().run(self._fill, plan)
+        return plan
+
+    def _fill(self, plan: Plan) -> tuple[dict[str, Any], ...]:
+        assert self.active is not None
+        self.active.var.set(plan)
+        sizes = plan.sizes
+        out = []
+        for slot, m in enumerate(self.modules):
+            key = (slot, tuple(sizes[n] for n in self._dims[slot]))
+            entries = self._entries.get(key)
+            if entries is None:
+                entries = self._entries[key] = module_entries(m, sizes)
+            out.append(entries)
+        return tuple(out)
+
+
+def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
+    """Plan entries of one sliced module at ``sizes`` (its sub-model's plan must be active)."""
+    st = m.__dict__["_sn"]
+    sl, bind = st.slicer, st.bind
+    rules = sl.rules(m)
+    out: dict[str, Any] = {}
+    for name in sl.attr_names(m, bind):
+        b = bind.get(f"attr:{name}")
+        if b is not None:
+            out[name] = sizes[b.dim.name] * b.unit // b.div
+            continue
+        rule = rules.get(name)
+        if rule is None:
+            out[name] = DYNAMIC
+        elif rule is STATIC:
+            out[name] = sl.value(m, name)
+        else:
+            t = sl.tensor(m, name)
+            out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))
+    return out
+
+
+class Use:
+    """Context manager of ``nest.use``: sets the nest's context variable to ``plan``, resets it on exit.
+
+    The reset uses the token of the set, so the caller's previous state (another
+    ``use`` or none: the default) comes back exactly, in this context only.
+    """
+
+    __slots__ = ("active", "plan", "token")
+
+    def __init__(self, active: Active, plan: Plan) -> None:
+        self.active, self.plan, self.token = active, plan, None
+
+    def __enter__(self) -> SubModel:
+        if self.token is not None:
+            raise RuntimeError("this nest.use(...) block is already entered; call nest.use again")
+        self.token = self.active.var.set(self.plan)
+        return self.plan.sub
+
+    def __exit__(self, *exc: object) -> None:
+        token, self.token = self.token, None
+        try:
+            self.active.var.reset(token)
+        except ValueError:  # left in another context (a generator resumed elsewhere): restore the value
+            old = token.old_value
+            self.active.var.set(self.active if old is contextvars.Token.MISSING else old)
+
+
+def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
+    """``fn`` wrapped to run under ``plan`` wherever it is called (checkpoint recomputation)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with Use(active, plan):
+            return fn(*args, **kwargs)
+
+    return run

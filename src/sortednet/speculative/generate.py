@@ -1,0 +1,251 @@
+"""``speculative_generate``: draft with nested sub-models, verify with the target, keep its output."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import SortedNetError
+from .plan import Plan, make_plan
+from .sampling import Sampling, accept_greedy, accept_sampled, auto_draft_length
+
+__all__ = ["speculative_generate", "SpeculativeOutput", "SpeculativeStats", "ExitStats"]
+
+_accept = accept_sampled      # the sampling acceptance rule (tests swap in a wrong one to see it detected)
+_on_round = None              # test hook: called with a _Round after every verify step
+
+
+@dataclass
+class ExitStats:
+    """Draft tokens that left the draft at one exit, and how many of them the target kept."""
+
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts of one ``speculative_generate`` call.
+
+    ``target_forwards`` counts verify passes (the first one also reads the
+    prompt); ``mean_accepted`` is tokens gained per verify pass, the target's
+    own (bonus or correction) token included, so it is at least 1.
+    """
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    exits: dict[str, ExitStats] = field(default_factory=dict)
+    draft_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+
+@dataclass
+class SpeculativeOutput:
+    """``sequences``: prompt + new tokens (like ``generate``); ``stats``: :class:`SpeculativeStats`."""
+
+    sequences: Tensor
+    stats: SpeculativeStats
+
+
+@dataclass
+class _Round:
+    """What a test hook sees after a verify step."""
+
+    plan: Plan
+    ids: Tensor            # (1, length before + drafted): the tokens the target verified
+    first: int             # position whose next-token logits are target_logits[0]
+    target_logits: Tensor  # (drafted + 1, vocab)
+    length: int            # sequence length after the round (its last token is in no cache yet)
+
+
+def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draft_tokens: Any,
+              sampling: Sampling, vocab: int, eos: Any, model: Any) -> tuple[int, list[int]]:
+    """Checks the run's inputs; returns (left padding to skip, eos ids)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise SortedNetError("input_ids must be an integer tensor of shape (batch, length), like generate's")
+    if input_ids.shape[0] != 1:
+        raise SortedNetError(f"speculative_generate decodes one sequence at a time (batch size 1); got batch size "
+                             f"{input_ids.shape[0]}: loop over the rows")
+    if input_ids.shape[1] == 0 or int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise SortedNetError(f"input_ids must be a non-empty prompt of token ids in 0..{vocab - 1}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SortedNetError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if num_draft_tokens != "auto" and (isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int)
+                                       or num_draft_tokens < 1):
+        raise SortedNetError(f"num_draft_tokens must be an int >= 1 or 'auto', got {num_draft_tokens!r}")
+    s = sampling
+    if s.do_sample and not (isinstance(s.temperature, (int, float)) and s.temperature > 0):
+        raise SortedNetError(f"temperature must be > 0, got {s.temperature!r}")
+    if s.top_k is not None and (isinstance(s.top_k, bool) or not isinstance(s.top_k, int) or s.top_k < 1):
+        raise SortedNetError(f"top_k must be an int >= 1 or None, got {s.top_k!r}")
+    if s.top_p is not None and not (isinstance(s.top_p, (int, float)) and 0 < s.top_p <= 1):
+        raise SortedNetError(f"top_p must be in (0, 1] or None, got {s.top_p!r}")
+    if s.generator is not None and not isinstance(s.generator, torch.Generator):
+        raise SortedNetError(f"generator must be a torch.Generator, got {type(s.generator).__name__}")
+    pad = 0
+    if attention_mask is not None:
+        m = attention_mask
+        if not isinstance(m, Tensor) or m.shape != input_ids.shape or not bool(((m == 0) | (m == 1)).all()):
+            raise SortedNetError(f"attention_mask must be a 0/1 tensor of the prompt's shape {tuple(input_ids.shape)}")
+        pad = int((m[0] == 0).sum())
+        if pad == m.shape[1] or bool((m[0, :pad] != 0).any()):
+            raise SortedNetError("attention_mask: only left padding (zeros before the first token) is supported")
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos):
+        raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+    limit = getattr(model.config, "n_positions", None) if getattr(model.config, "model_type", "") == "gpt2" else None
+    if limit is not None and input_ids.shape[1] - pad + max_new_tokens > limit:
+        raise SortedNetError(f"prompt ({input_ids.shape[1] - pad}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's {limit} positions")
+    return pad, eos
+
+
+def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_tokens: int,
+                         num_draft_tokens: int | str = 4, exits: Sequence[Any] | None = None,
+                         thresholds: Sequence[float] | None = None, target_sub: Any = None,
+                         share_cache: bool | None = None, do_sample: bool = False, temperature: float = 1.0,
+                         top_k: int | None = None, top_p: float | None = None,
+                         generator: torch.Generator | None = None, eos_token_id: int | Sequence[int] | None = None,
+                         attention_mask: Tensor | None = None) -> SpeculativeOutput:
+    """Decode with a nested (or separate sorted) draft, verified by the target: the target's own output.
+
+    ``target``: a Nest of a causal LM (``target_sub`` picks the sub-model, default
+    the largest) or a plain Hugging Face causal LM. ``draft``: a sub-model of the
+    same nest (``"depth=2"``; dimensions left out take the target's sizes) →
+    self-speculative, sharing the KV cache of its layers when it differs from
+    the target only in depth (``share_cache=None``: whenever possible); or a
+    separate Nest with ``exits=[...]`` (ascending depths, one width) and
+    ``thresholds`` (one per exit in [0, 1]; a token exits at the first exit
+    whose max softmax probability reaches its threshold, else at the last) →
+    the S2D cascade; or a plain causal LM. Greedy output equals the target's
+    greedy ``generate``; sampling (temperature -> top-k -> top-p, randomness
+    from ``generator`` only) keeps the target's distribution. Batch size 1.
+
+    >>> import torch, sortednet as sn
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> model = LlamaForCausalLM(cfg).eval()
+    >>> nest = sn.from_transformers(model, depth=[2])
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> out = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=8)
+    >>> plain = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    >>> bool((out.sequences == plain).all()), out.stats.new_tokens
+    (True, 8)
+    """
+    plan = make_plan(target, draft, exits=exits, thresholds=thresholds, target_sub=target_sub,
+                     share_cache=share_cache)
+    sampling = Sampling(bool(do_sample), temperature, top_k, top_p, generator)
+    tmodel = plan.models[0]
+    pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
+                         eos_token_id, tmodel)
+    modes = [(m, m.training) for model in plan.models for m in model.modules()]
+    try:
+        for model in plan.models:
+            model.eval()
+        with ExitStack() as stack, torch.inference_mode():
+            for ctx in plan.outer:
+                stack.enter_context(ctx)
+            new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+    return SpeculativeOutput(seq, stats)
+
+
+def _draft_step(plan: Plan, buf: Tensor, pos: int) -> tuple[Tensor, int]:
+    """Logits of the draft at position ``pos`` (predicting ``pos + 1``) and the exit index it left at."""
+    last = len(plan.exits) - 1
+    for i, (stack, j) in enumerate(plan.exits):
+        h = stack.hidden(j, buf, pos + 1)
+        logits = stack.logits(h[:, -1])[0]
+        if i == last or float(logits.float().softmax(-1).max()) >= plan.thresholds[i]:
+            return logits, i
+    raise AssertionError("unreachable")
+
+
+def _decode(plan: Plan, prompt: Tensor, max_new: int, k_spec: int | str, sampling: Sampling,
+            eos: set[int]) -> tuple[list[int], SpeculativeStats]:
+    stats = SpeculativeStats(exits={label: ExitStats() for label in plan.labels})
+    auto = k_spec == "auto"
+    k = 1 if auto else int(k_spec)
+    most = 12 if auto else k
+    n = prompt.shape[1]                      # sequence length; the last token is in no cache yet
+    buf = torch.zeros(1, n + max_new + most + 1, dtype=torch.long, device=prompt.device)
+    buf[:, :n] = prompt
+    stacks = list(dict.fromkeys([plan.target] + [s for s, _ in plan.exits]))
+    out: list[int] = []
+    rejections, cost_sum = 0, 0.0
+    while len(out) < max_new:
+        kr = min(k, max_new - len(out) - 1)
+        plan.target.out.clear()
+        drafted, qs, where = [], [], []
+        for i in range(kr):
+            logits, e = _draft_step(plan, buf, n - 1 + i)
+            if sampling.do_sample:
+                q = sampling.probs(logits)
+                t = sampling.draw(q)
+                qs.append(q)
+            else:
+                t = int(logits.argmax())
+            buf[0, n + i] = t
+            drafted.append(t)
+            where.append(e)
+            if t in eos:
+                break
+        m = len(drafted)
+        plan.target.hidden(len(plan.target.bounds) - 1, buf, n + m)
+        h = torch.cat(plan.target.out, dim=1)[:, -(m + 1):]
+        tl = plan.target.logits(h)[0]
+        if sampling.do_sample:
+            j, nxt = _accept(sampling.probs(tl), torch.stack(qs) if qs else tl[:0], drafted, sampling.generator)
+        else:
+            j, nxt = accept_greedy(tl, drafted)
+        tokens = drafted[:j] + [nxt]
+        done = False
+        for idx, t in enumerate(tokens):
+            if t in eos:
+                tokens, done = tokens[: idx + 1], True
+                break
+        verified = buf[:, : n + m].clone() if _on_round is not None else None
+        buf[0, n + j] = nxt
+        stats.target_forwards += 1
+        stats.drafted += m
+        stats.accepted += j
+        stats.draft_lengths.append(m)
+        for i, e in enumerate(where):
+            stats.exits[plan.labels[e]].drafted += 1
+            stats.exits[plan.labels[e]].accepted += i < j
+            cost_sum += plan.costs[e]
+        rejections += j < m
+        first = n - 1
+        out += tokens
+        n += len(tokens)
+        for s in stacks:
+            s.rollback(n - 1)
+        if _on_round is not None:
+            _on_round(_Round(plan, verified, first, tl, n))
+        if done:
+            break
+        if auto:
+            cost = cost_sum / stats.drafted if stats.drafted else plan.costs[0]
+            k = auto_draft_length(stats.accepted, rejections, cost, most)
+    stats.new_tokens = len(out)
+    return out, stats

@@ -1,0 +1,215 @@
+"""Input checks and the set-up of a speculative decoding run (no forward runs here).
+
+Every check raises :class:`~sortednet.errors.SortedNetError` before any
+model computes anything: a target that is not a causal LM, a draft larger
+than the target or with another vocabulary, exits not ascending in depth or
+differing in width, thresholds of the wrong length or outside ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..dims import Depth
+from ..errors import SortedNetError
+from ..nest import Nest
+from ..submodel import SubModel
+from .stack import ForwardRunner, LayerRunner, Stack, layer_runner_problem
+
+__all__ = ["Plan", "make_plan"]
+
+
+@dataclass
+class Plan:
+    """Stacks to run: the target's output is ``bounds[-1]`` of ``target``; draft exit ``i`` is
+    boundary ``exits[i][1]`` of stack ``exits[i][0]``. ``outer``: contexts entered once for the run."""
+
+    target: Stack
+    exits: list[tuple[Stack, int]]
+    labels: list[str]
+    thresholds: list[float]
+    costs: list[float]            # a draft token at exit i, in target passes (for num_draft_tokens="auto")
+    shared: bool
+    outer: list[AbstractContextManager]
+    models: list[nn.Module]
+    vocab: int
+
+
+def _is_causal_lm(model: Any) -> bool:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return False
+    names = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([v] if isinstance(v, str) else v)
+    cfg = getattr(model, "config", None)
+    return (isinstance(model, nn.Module) and type(model).__name__ in names and cfg is not None
+            and not getattr(cfg, "is_encoder_decoder", False) and model.get_output_embeddings() is not None)
+
+
+def _check_model(model: Any, what: str) -> None:
+    if not _is_causal_lm(model):
+        raise SortedNetError(f"speculative_generate: the {what} must be a Hugging Face causal LM (e.g. "
+                             f"LlamaForCausalLM, GPT2LMHeadModel) or a Nest of one; got {type(model).__name__}")
+
+
+def _vocab(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _depth(nest: Nest | None, model: nn.Module, sub: SubModel | None) -> int:
+    n = model.config.num_hidden_layers
+    if nest is None or sub is None:
+        return n
+    depth = [d for d in nest.dims if isinstance(d, Depth)]
+    return sub[depth[0].name] if depth else n
+
+
+def _hidden(model: nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1)
+
+
+def _resolve_exit(nest: Nest, sub: Any, base: SubModel | None) -> SubModel:
+    """Resolve a sub-model of ``nest``; dimensions left out take ``base``'s sizes (the target's, same nest)."""
+    if isinstance(sub, SubModel) or base is None:
+        return nest.resolve(sub)
+    if isinstance(sub, str):
+        sub = SubModel.parse(sub)
+    if not isinstance(sub, Mapping):
+        raise SortedNetError(f"draft exits must be sub-models (a SubModel, dict or 'depth=2' string), got {sub!r}")
+    return nest.resolve({**base, **sub})
+
+
+def _params(nest: Nest | None, model: nn.Module, sub: SubModel | None) -> float:
+    return nest.cost(sub, "params") if nest is not None else sum(p.numel() for p in model.parameters())
+
+
+def _is_depth(nest: Nest, name: str) -> bool:
+    return any(d.name == name and isinstance(d, Depth) for d in nest.dims)
+
+
+def _use(nest: Nest | None, sub: SubModel | None):
+    if nest is None:
+        return None
+    return lambda: nest.use(sub)
+
+
+def _thresholds(thresholds: Sequence[float] | None, m: int, labels: list[str]) -> list[float]:
+    if thresholds is None:
+        return [0.5] * (m - 1) + [0.0]
+    if isinstance(thresholds, (int, float)) or not isinstance(thresholds, Sequence):
+        raise SortedNetError(f"thresholds must be a list with one value per exit {labels}, got {thresholds!r}")
+    out = list(thresholds)
+    if len(out) != m:
+        raise SortedNetError(f"thresholds: {len(out)} value(s) {out} for {m} exit(s) {labels}; give one per exit")
+    for t in out:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1 or math.isnan(t):
+            raise SortedNetError(f"thresholds must lie in [0, 1] (max softmax probability), got {out}")
+    return [float(t) for t in out]
+
+
+def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, thresholds: Sequence[float] | None,
+              target_sub: Any, share_cache: bool | None) -> Plan:
+    """Check everything and build the stacks (no forward runs)."""
+    tnest = target if isinstance(target, Nest) else None
+    tmodel = tnest.model if tnest else target
+    _check_model(tmodel, "target")
+    if tnest is None and target_sub is not None:
+        raise SortedNetError("target_sub= needs a Nest target (sn.from_transformers(model, ...))")
+    tsub = (tnest.resolve(target_sub) if target_sub is not None else tnest.largest) if tnest else None
+    L = _depth(tnest, tmodel, tsub)
+
+    # the draft: a sub-model of the target's nest, the target's nest with exits, another nest, or a plain model
+    if isinstance(draft, (str, Mapping)) or isinstance(draft, SubModel):
+        if tnest is None:
+            raise SortedNetError(f"draft={draft!r} names a sub-model, but the target is not a Nest; pass a separate "
+                                 "draft model or nest, or nest the target with sn.from_transformers")
+        if exits is not None:
+            raise SortedNetError("give either draft=<sub-model> or exits=[...], not both")
+        dnest, exits = tnest, [draft]
+    elif isinstance(draft, Nest):
+        dnest = draft
+        exits = [draft.largest] if exits is None else exits
+    elif isinstance(draft, nn.Module):
+        if exits is not None:
+            raise SortedNetError("exits= needs a Nest draft; a plain draft model has one exit (its last layer)")
+        dnest = None
+    else:
+        raise SortedNetError(f"draft must be a sub-model of the target's nest ('depth=2'), a Nest or a causal LM, "
+                             f"got {type(draft).__name__}")
+    dmodel = dnest.model if dnest else draft
+    same = dnest is not None and dnest is tnest
+    if dnest is not tnest:
+        _check_model(dmodel, "draft")
+    if dnest is not None:
+        if isinstance(exits, (str, Mapping, SubModel)) or not isinstance(exits, Sequence) or not exits:
+            raise SortedNetError(f"exits must be a non-empty list of sub-models of the draft nest, got {exits!r}")
+        subs = [_resolve_exit(dnest, e, tsub if same else None) for e in exits]
+    else:
+        subs = [None]
+    labels = [str(s) if s is not None else type(dmodel).__name__ for s in subs]
+    depths = [_depth(dnest, dmodel, s) for s in subs]
+    if any(b <= a for a, b in zip(depths, depths[1:])):
+        raise SortedNetError(f"exits must be strictly ascending in depth, got depths {depths} for {labels}")
+    if dnest is not None:
+        others = [{k: v for k, v in s.items() if not _is_depth(dnest, k)} for s in subs]
+        if any(o != others[-1] for o in others):
+            raise SortedNetError(f"exits {labels} differ in more than depth; a cascade runs one width "
+                                 "configuration at several depths")
+    th = _thresholds(thresholds, len(subs), labels)
+
+    # sizes and vocabulary
+    if _vocab(dmodel) != _vocab(tmodel):
+        raise SortedNetError(f"draft vocabulary ({_vocab(dmodel)} tokens, {type(dmodel).__name__}) differs from the "
+                             f"target's ({_vocab(tmodel)} tokens)")
+    if same:
+        big = [k for k in subs[-1] if subs[-1][k] > tsub[k]]
+        if big:
+            raise SortedNetError(f"draft {labels[-1]} is larger than the target {tsub} in {big}")
+    elif _params(dnest, dmodel, subs[-1]) > _params(tnest, tmodel, tsub):
+        raise SortedNetError(f"draft {labels[-1]} ({_params(dnest, dmodel, subs[-1]):.0f} parameters) is larger than "
+                             f"the target ({_params(tnest, tmodel, tsub):.0f})")
+
+    can_share = same and all({**s, **{k: tsub[k] for k in s if _is_depth(tnest, k)}} == tsub
+                             for s in subs)
+    if share_cache and not can_share:
+        why = ("the draft is not a sub-model of the target's nest" if not same else
+               f"the draft {labels[-1]} differs from the target {tsub} in more than depth, so its keys/values differ")
+        raise SortedNetError(f"share_cache=True: cannot share the KV cache: {why}")
+    shared = can_share if share_cache is None else bool(share_cache)
+    needs_layers = [m for m, need in ((tmodel, shared), (dmodel, shared or len(subs) > 1)) if need]
+    for m in needs_layers:
+        problem = layer_runner_problem(m)
+        if problem:
+            what = "a shared cache" if shared else "a multi-exit cascade"
+            raise SortedNetError(f"{what} needs the model run layer range by layer range: {problem}; "
+                                 + ("pass share_cache=False" if shared else "use a single exit"))
+    scale = 1.0 if same else (_hidden(dmodel) / _hidden(tmodel)) ** 2
+    costs = [d / L * scale for d in depths]
+
+    outer: list[AbstractContextManager] = []
+    if shared:
+        stack = Stack(LayerRunner(tmodel), sorted(set(depths) | {L}), None)
+        outer.append(tnest.use(tsub))
+        return Plan(stack, [(stack, stack.bounds.index(d)) for d in depths], labels, th, costs, True, outer,
+                    [tmodel], _vocab(tmodel))
+    # separate caches: each stack activates its own sub-model (per call when both live in one nest)
+    tctx, dctx = _use(tnest, tsub), _use(dnest, subs[-1])
+    if not same:
+        outer += [c() for c in (tctx, dctx) if c is not None]
+        tctx = dctx = None
+    tstack = Stack(ForwardRunner(tmodel, L), [L], tctx)
+    druns = LayerRunner(dmodel) if len(subs) > 1 else ForwardRunner(dmodel, depths[0])
+    dstack = Stack(druns, depths, dctx)
+    models = [tmodel] if same else [tmodel, dmodel]
+    return Plan(tstack, [(dstack, i) for i in range(len(depths))], labels, th, costs, False, outer, models,
+                _vocab(tmodel))
+

@@ -1,0 +1,210 @@
+"""A causal LM run in depth segments, each with its own slice of one KV cache.
+
+A :class:`Stack` cuts a model's layers at boundaries ``b_1 < ... < b_m``
+(``b_m``: the last layer it runs). Segment ``j`` (layers ``b_{j-1} .. b_j - 1``)
+has processed positions ``0 .. c_j - 1``; ``c_1 >= c_2 >= ... >= c_m``. The
+hidden states at boundary ``b_j`` of the positions segment ``j + 1`` has not
+seen yet (``c_{j+1} .. c_j - 1``) wait in ``pending[j]``: a token that exits
+early leaves the deeper segments behind, and the next token that goes deeper
+pushes those stored states through them first (one chunk). ``rollback(v)``
+drops every cache entry and pending state of positions ``>= v``.
+
+Runners compute segments: :class:`LayerRunner` calls the model's own blocks
+(Llama-family, GPT-2) so that verification can start from a draft's
+layer-``d`` hidden states; :class:`ForwardRunner` calls the whole model's
+``forward`` (any Hugging Face causal LM, one segment only).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SortedNetError
+
+__all__ = ["Stack", "LayerRunner", "ForwardRunner", "LAYER_FAMILIES", "layer_runner_problem"]
+
+# model_type -> (layer list, final norm, embedding) paths relative to the base model
+LAYER_FAMILIES = {"llama": ("layers", "norm", "embed_tokens"), "gpt2": ("h", "ln_f", "wte")}
+
+
+def _new_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def layer_runner_problem(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be run layer range by layer range (``None``: it can)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in LAYER_FAMILIES:
+        return (f"{type(model).__name__} (model_type {kind!r}) is not one of the families whose blocks "
+                f"sortednet runs range by range ({sorted(LAYER_FAMILIES)})")
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+        return f"{type(model).__name__} has non-full attention layers ({set(cfg.layer_types)})"
+    if getattr(cfg, "add_cross_attention", False):
+        return f"{type(model).__name__} has cross-attention"
+    return None
+
+
+class LayerRunner:
+    """Runs blocks ``lo .. hi - 1`` of a Llama-family or GPT-2 causal LM on a chunk of positions."""
+
+    def __init__(self, model: nn.Module) -> None:
+        problem = layer_runner_problem(model)
+        if problem:
+            raise SortedNetError(problem)
+        self.model = model
+        self.kind = model.config.model_type
+        base = getattr(model, model.base_model_prefix)
+        layers, norm, embed = LAYER_FAMILIES[self.kind]
+        self.base, self.layers = base, getattr(base, layers)
+        self.norm, self.embed, self.head = getattr(base, norm), getattr(base, embed), model.get_output_embeddings()
+        self.n_layers = len(self.layers._modules)
+
+    def new_cache(self):
+        return _new_cache(self.model)
+
+    def run(self, x: Tensor, lo: int, hi: int, cache, pos: Tensor) -> Tensor:
+        """Hidden states after block ``hi - 1``; ``x`` holds token ids when ``lo == 0``."""
+        from transformers.masking_utils import create_causal_mask
+
+        cfg, layers = self.base.config, self.layers
+        if lo == 0:
+            x = self.embed(x)
+            if self.kind == "gpt2":
+                x = self.base.drop(x + self.base.wpe(pos))
+        mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, cache=cache,
+                                  position_ids=pos, layer_idx=lo)
+        if self.kind == "gpt2":
+            for i in range(lo, hi):
+                x = layers[i](x, cache, mask, None, use_cache=True, position_ids=pos)
+        else:
+            pe = self.base.rotary_emb(x, position_ids=pos)
+            for i in range(lo, hi):
+                x = layers[i](x, attention_mask=mask, position_embeddings=pe, position_ids=pos, cache=cache,
+                              use_cache=True)
+        return x
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.head(self.norm(h))
+
+
+class ForwardRunner:
+    """The model's own ``forward`` as one segment (any Hugging Face causal LM); "hidden states" are logits."""
+
+    def __init__(self, model: nn.Module, n_layers: int) -> None:
+        self.model, self.n_layers = model, n_layers
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.pos_kw = "position_ids" in params
+
+    def new_cache(self):
+        return _new_cache(self.model)
+
+    def run(self, x: Tensor, lo: int, hi: int, cache, pos: Tensor) -> Tensor:
+        kw = {self.cache_kw: cache, "use_cache": True}
+        if self.pos_kw:
+            kw["position_ids"] = pos
+        return self.model(input_ids=x, **kw).logits
+
+    def logits(self, h: Tensor) -> Tensor:
+        return h
+
+
+class Stack:
+    """One model's segments, cache and pending hidden states (see the module docstring).
+
+    ``bounds``: ascending block counts, the last one the deepest this stack runs;
+    ``context``: a callable returning the context manager that makes the right
+    sub-model active (width / heads) while this stack computes.
+    """
+
+    def __init__(self, runner: LayerRunner | ForwardRunner, bounds: Sequence[int],
+                 context: Callable[[], AbstractContextManager] | None) -> None:
+        self.runner, self.bounds, self.context = runner, tuple(bounds), context
+        self.cache = runner.new_cache()
+        self.c = [0] * len(self.bounds)
+        self.pending: list[Tensor | None] = [None] * len(self.bounds)
+        self.layer_tokens = 0   # sum over segment runs of (blocks x positions): the work done
+        self.out: list[Tensor] = []   # hidden states at the deepest boundary, in position order
+
+    def hidden(self, j: int, ids: Tensor, upto: int) -> Tensor | None:
+        """:meth:`run_to` with this stack's sub-model active."""
+        if self.context is None:
+            return self.run_to(j, ids, upto)
+        with self.context():
+            return self.run_to(j, ids, upto)
+
+    def logits(self, h: Tensor) -> Tensor:
+        if self.context is None:
+            return self.runner.logits(h)
+        with self.context():
+            return self.runner.logits(h)
+
+    def run_to(self, j: int, ids: Tensor, upto: int) -> Tensor | None:
+        """Make segment ``j`` see positions ``< upto``; returns the new hidden states at ``bounds[j]``
+        (positions ``c_j(old) .. upto - 1``), or ``None`` when it had seen them already."""
+        start = self.c[j]
+        if start >= upto:
+            return None
+        lo = self.bounds[j - 1] if j else 0
+        if j == 0:
+            x = ids[:, start:upto]
+        else:
+            self.run_to(j - 1, ids, upto)
+            below = self.pending[j - 1]          # positions c_j .. c_{j-1} - 1
+            x, rest = below[:, : upto - start], below[:, upto - start:]
+            self.pending[j - 1] = rest if rest.shape[1] else None
+        pos = torch.arange(start, upto, device=ids.device).unsqueeze(0)
+        h = self.runner.run(x, lo, self.bounds[j], self.cache, pos)
+        self.layer_tokens += (self.bounds[j] - lo) * (upto - start)
+        self.c[j] = upto
+        if j == len(self.bounds) - 1:
+            self.out.append(h)
+        else:
+            prev = self.pending[j]
+            self.pending[j] = h if prev is None else torch.cat([prev, h], dim=1)
+        return h
+
+    def rollback(self, v: int) -> None:
+        """Forget every position ``>= v`` (cache entries and pending states)."""
+        for j, c in enumerate(self.c):
+            nxt = self.c[j + 1] if j + 1 < len(self.c) else None
+            if nxt is not None and self.pending[j] is not None:
+                keep = max(0, v - nxt)
+                self.pending[j] = self.pending[j][:, :keep] if keep else None
+            if c > v:
+                lo = self.bounds[j - 1] if j else 0
+                for i in range(lo, self.bounds[j]):
+                    if i < len(self.cache.layers):
+                        layer = self.cache.layers[i]
+                        n = layer.get_seq_length()
+                        if n > v:
+                            layer.crop(v - n)
+                self.c[j] = v
+
+    def layer_lengths(self) -> list[int]:
+        """Cached positions of every block this stack runs (for checks)."""
+        out = []
+        for i in range(self.bounds[-1]):
+            out.append(self.cache.layers[i].get_seq_length() if i < len(self.cache.layers) else 0)
+        return out
+
+    def check(self) -> None:
+        """Internal consistency: each block holds its segment's positions; pending states fill the gaps."""
+        lengths = self.layer_lengths()
+        for j, c in enumerate(self.c):
+            lo = self.bounds[j - 1] if j else 0
+            bad = [i for i in range(lo, self.bounds[j]) if lengths[i] != c]
+            if bad:
+                raise AssertionError(f"blocks {bad} hold {[lengths[i] for i in bad]} positions, segment {j} has {c}")
+            if j + 1 < len(self.c):
+                n = 0 if self.pending[j] is None else self.pending[j].shape[1]
+                if self.c[j + 1] + n != c:
+                    raise AssertionError(f"segment {j}: {self.c[j + 1]} + {n} pending != {c}")

@@ -1,0 +1,192 @@
+"""Sliced views of parameters and how their gradients reach ``param.grad``.
+
+The hot path of every forward: a sliced attribute read is one lookup of the
+active plan (:mod:`sortednet.plan`) plus :func:`view`. Two ways to give a
+sliced weight its gradient:
+
+- plain autograd (``narrow``): ``SliceBackward`` builds a zero gradient of the
+  FULL parameter and ``AccumulateGrad`` adds it to ``.grad``: two full-size
+  memory passes per sliced weight per backward;
+- :class:`SliceInto` (``wrap(..., inplace_grad=True)``, the default, for
+  tensors of at least ``inplace_min_numel`` elements): the backward adds the
+  slice's gradient straight into ``param.grad[slice]`` when, and only when,
+  that is exactly what plain autograd would do; otherwise it returns the
+  full-size gradient and autograd carries on as usual (see
+  :func:`accumulates_plainly`). A fast path is an optimisation, never a
+  different semantics.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .dims import Binding
+
+__all__ = ["SliceInto", "View", "DYNAMIC", "STATIC", "cut", "cuts_for", "view", "narrow", "is_sharded",
+           "accumulates_plainly"]
+
+Cuts = tuple[tuple[int, int, int], ...]
+Segments = tuple[int, tuple[tuple[int, int], ...]] | None   # (axis, ((start, length), ...)) of fused blocks
+
+_Parameter, _Tensor = nn.Parameter, Tensor
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: plan entry: the slicer's ``value()`` runs on every read (computed attributes, custom slicers)
+DYNAMIC = _Marker("DYNAMIC")
+#: slicer rule: the attribute depends on the active sizes only; the plan stores its value
+STATIC = _Marker("STATIC")
+
+
+def is_sharded(t: object) -> bool:
+    """True for a DTensor (FSDP2 keeps parameters sharded as DTensors between forwards).
+
+    Never imports ``torch.distributed``: without it loaded no DTensor can exist.
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def cut(t: Tensor, cuts: Cuts) -> Tensor:
+    """``t`` narrowed by each ``(axis, start, length)``: a view."""
+    for axis, start, length in cuts:
+        t = t.narrow(axis, start, length)
+    return t
+
+
+def cuts_for(shape: torch.Size | tuple[int, ...], bind: dict[str, Binding], axes: Any,
+             sizes: dict[str, int]) -> tuple[Cuts, Segments]:
+    """The cuts of a tensor of ``shape`` sliced on ``(axis, role)`` pairs at ``sizes``.
+
+    Fused blocks stacked along an axis (``chunks`` / ``parts``) are each cut to
+    their own prefix: returned as segments, the tensor is then a ``cat``.
+    """
+    cuts: list[tuple[int, int, int]] = []
+    segs: Segments = None
+    for axis, role in axes:
+        b = bind.get(role)
+        if b is None:
+            continue
+        s = sizes[b.dim.name]
+        if b.chunks > 1 or b.parts:
+            if s != b.dim.full:
+                segs = (axis, b.segments(s))
+            continue
+        n = s * b.unit // b.div
+        if n != shape[axis]:
+            cuts.append((axis, 0, n))
+    return tuple(cuts), segs
+
+
+class SliceInto(torch.autograd.Function):
+    """A view of a leaf parameter whose gradient goes straight into its slice of ``param.grad``.
+
+    Backward takes the fast path only when plain autograd would do exactly an
+    accumulation into ``param.grad`` (:func:`accumulates_plainly`): a plain
+    ``.backward()`` that accumulates into this parameter, without
+    ``create_graph``, parameter hooks or a special ``.grad``. Otherwise it
+    returns the full-size gradient, as ``narrow``'s backward does, and autograd
+    proceeds as usual (``autograd.grad`` receives it, hooks see it, a second
+    order graph is built). Writes into ``.grad`` hold a per-module lock, so
+    threads running backward at once add up exactly.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, param: Tensor, cuts: Cuts, lock: Any) -> Tensor:  # type: ignore[override]
+        ctx.param, ctx.cuts, ctx.lock = param, cuts, lock
+        return cut(param.detach(), cuts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        p = ctx.param
+        if accumulates_plainly(ctx, p, grad):
+            with ctx.lock:
+                g = p.grad
+                if g is None:
+                    p.grad = g = torch.zeros_like(p)
+                cut(g, ctx.cuts).add_(grad)
+            return None, None, None
+        full = grad.new_zeros(p.shape)
+        cut(full, ctx.cuts).copy_(grad)  # differentiable under create_graph
+        return full, None, None
+
+
+def accumulates_plainly(node: Any, p: Tensor, grad: Tensor) -> bool:
+    """Inside :class:`SliceInto`'s backward: would autograd just add the gradient into ``p.grad``?
+
+    False under ``create_graph`` (grad mode is on in backward), when ``p`` has
+    tensor hooks or post-accumulate-grad hooks, when ``.grad`` is not a plain
+    dense tensor of the gradient's dtype, and when the engine will not run
+    ``p``'s AccumulateGrad node (``torch.autograd.grad``, ``backward(inputs=...)``
+    without ``p``: PyTorch raises for leaf nodes there, which also says no).
+    """
+    if torch.is_grad_enabled() or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+        return False
+    g = p.grad
+    if g is not None and (g.requires_grad or g.layout is not torch.strided or g.dtype != grad.dtype
+                          or g.device != grad.device):
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node.next_functions[0][0]))
+    except (RuntimeError, IndexError, AttributeError):
+        return False
+
+
+def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
+    """``t`` cut to ``cuts``; when training, a :class:`SliceInto` view (``st``: the module's State)."""
+    if (torch.is_grad_enabled() and st.inplace_grad and t.requires_grad and t.is_leaf
+            and t.numel() >= st.min_numel and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
+        return SliceInto.apply(t, cuts, st.lock)
+    return cut(t, cuts)
+
+
+def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any) -> Tensor:
+    """``t`` sliced by :func:`cuts_for`'s result (a view, or a ``cat`` of fused blocks)."""
+    if segs is None:
+        return narrow(t, cuts, st) if cuts else t
+    axis, parts = segs
+    return torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
+
+
+class View:
+    """Plan entry of a tensor attribute: the same-named parameter / buffer, cut to precomputed cuts."""
+
+    __slots__ = ("name", "cuts", "segs")
+
+    def __init__(self, name: str, cuts: Cuts, segs: Segments) -> None:
+        self.name, self.cuts, self.segs = name, cuts, segs
+
+    def take(self, m: nn.Module, st: Any) -> Tensor | None:
+        t = m._parameters.get(self.name)
+        if t is None:
+            t = m._buffers.get(self.name)
+            if t is None:
+                return None
+        tp = type(t)
+        if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
+            return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
+        if self.segs is None:
+            return narrow(t, self.cuts, st) if self.cuts else t
+        return view(t, self.cuts, self.segs, st)
+
+    def __repr__(self) -> str:
+        return f"View({self.name!r}, {self.cuts}, {self.segs})"
+
+
+def new_lock() -> Any:
+    """The lock a module's ``.grad`` writes hold (one per sliced module)."""
+    return threading.Lock()

@@ -1,0 +1,111 @@
+"""The package's import graph: every module imports on its own, and no two modules
+import each other, directly or through others — including imports hidden inside
+functions or at the bottom of a file (only ``if TYPE_CHECKING:`` blocks are exempt).
+Layers import downward only."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "sortednet"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def imports_of(name: str) -> set[str]:
+    """Package modules that ``name`` imports anywhere in its body (not under TYPE_CHECKING)."""
+    path = MODULES[name]
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for alias in node.names:
+                full = f"{mod}.{alias.name}"
+                out.add(full if full in MODULES else mod)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in out if m in MODULES and m != name}
+
+
+def _parents(name: str) -> set[str]:
+    """Importing ``a.b.c`` runs ``a`` and ``a.b`` first; a package's ``__init__`` is not a dependency edge."""
+    return set()
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := dfs(m)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := dfs(n)):
+            return c
+    return None
+
+
+def test_import_graph_has_no_cycle():
+    # the top-level package re-exports everything (it is the facade, never imported from inside)
+    graph = {n: imports_of(n) - {"sortednet"} for n in MODULES if n != "sortednet"}
+    inside = [n for n, deps in graph.items() if "sortednet" in imports_of(n)]
+    assert not inside, f"modules importing the top-level package: {inside}"
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_detects_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if ".integrations" not in n))
+def test_module_imports_on_its_own(name):
+    code = f"import importlib; importlib.import_module({name!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

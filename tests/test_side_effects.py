@@ -1,0 +1,156 @@
+"""Invariant 11: no operation of a nest changes process-wide state (backend flags, matplotlib
+backend) or what another thread sees (module modes, BatchNorm settings and statistics), and the
+FLOPs cache stays right when threads count on different inputs at once.
+
+Outputs computed on another thread are compared with a tolerance (intra-op scheduling may differ);
+the flags and modes are compared exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import sortednet as sn
+from models import FAMILIES
+from sortednet.cost import count_flops
+from sortednet.train import evaluate
+
+
+def _in_background(work, body):
+    """Run ``work()`` repeatedly on another thread while ``body()`` runs here; returns what ``work`` returned."""
+    stop, seen, errors = threading.Event(), [], []
+
+    def loop():
+        try:
+            while not stop.is_set():
+                seen.append(work())
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        body()
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    assert seen, "the background thread never ran"
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_counting_flops_leaves_other_threads_fast_path_alone():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    served = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(2, 6, 16)
+    pad = torch.tensor([[False] * 6, [False] * 3 + [True] * 3])
+    with torch.no_grad():
+        ref = served(x, src_key_padding_mask=pad)
+    assert not ref[1, 3:].any()  # the fused fast path ran: it leaves padded positions at zero
+    flag = torch.backends.mha.get_fastpath_enabled()
+    case = FAMILIES["torch_encoder"]()
+    nest = sn.wrap(case.model, *case.dims)
+
+    def serve():
+        with torch.no_grad():
+            return torch.backends.mha.get_fastpath_enabled(), served(x, src_key_padding_mask=pad)
+
+    def count():
+        for i in range(30):
+            count_flops(nest, nest.submodels[i % len(nest.submodels)], case.example)
+
+    seen = _in_background(serve, count)
+    assert torch.backends.mha.get_fastpath_enabled() == flag
+    assert all(f == flag for f, _ in seen)
+    for _, y in seen:
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+
+
+def test_flops_cache_is_right_when_threads_count_different_inputs():
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    examples = [torch.randn(6, 12), torch.randn(2, 12)]
+    want = {(i, s): count_flops(nest, s, ex) for i, ex in enumerate(examples) for s in nest.submodels}
+    assert want[(0, nest.largest)] != want[(1, nest.largest)]
+    wrong, barrier = [], threading.Barrier(2)
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(25):
+            for s in nest.submodels:
+                got = nest.cost(s, "flops", example=examples[i])
+                if got != want[(i, s)]:
+                    wrong.append((i, s, got))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong[:5]
+    table = dict(nest._cost_cache["flops"])          # what pick(flops=) reads: one input's counts only
+    mine = [i for i in range(2) if all(table[s] == want[(i, s)] for s in table)]
+    assert table and mine, table
+
+
+def _visible_state(model: nn.Module) -> list:
+    """Everything another thread may read: modes, BatchNorm settings, counters and statistics."""
+    out = []
+    for m in model.modules():
+        out.append((m.training, m.__dict__.get("momentum")))
+        for name, b in m._buffers.items():
+            if b is not None:
+                out.append((name, b.clone()))
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x[1], y[1]) if isinstance(x[1], torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train_mode", "eval_mode"])
+@pytest.mark.parametrize("op", ["profile", "evaluate", "calibrate"])
+def test_measuring_changes_nothing_another_thread_sees(op, training):
+    case = FAMILIES["cnn_bn_residual"]()
+    model = case.model.train(training)
+    nest = sn.wrap(model, *case.dims)
+    y = torch.randint(0, 4, (case.example.shape[0],))
+    before = _visible_state(model)
+    runs = {"profile": lambda: nest.profile(case.example, metrics=("flops", "latency", "memory"), repeat=1,
+                                            warmup=0, progress=False),
+            "evaluate": lambda: evaluate(nest, (case.example, y)),
+            "calibrate": lambda: nest.calibrate([case.example] * 3, batches=3)}
+    seen = _in_background(lambda: _same(_visible_state(model), before), runs[op])
+    assert all(seen), f"{op} changed module modes / BatchNorm state for {seen.count(False)} of {len(seen)} reads"
+    assert _same(_visible_state(model), before)
+
+
+def test_evaluate_and_calibrate_results_do_not_depend_on_the_models_mode():
+    results = []
+    for training in (True, False):
+        case = FAMILIES["cnn_bn_residual"]()
+        nest = sn.wrap(case.model.train(training), *case.dims)
+        y = torch.randint(0, 4, (case.example.shape[0],), generator=torch.Generator().manual_seed(0))
+        nest.calibrate([case.example] * 2, batches=2)
+        results.append(evaluate(nest, (case.example, y)))
+    assert results[0] == results[1]
+
+
+def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        subs = tuple(sn.SubModel(h=h) for h in (2, 4, 8))
+        prof = sn.Profile(subs, {"params": (10.0, 20.0, 40.0)}, scores=(0.5, 0.8, 0.9))
+        prof.plot(str(tmp_path / "p.png"))
+        assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

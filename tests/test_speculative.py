@@ -1,0 +1,304 @@
+"""Speculative decoding: the target's own output, whatever the draft (tiny models built from configs)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from scipy.stats import chi2  # noqa: E402
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import sortednet as sn  # noqa: E402
+from sortednet.integrations import soft_loss  # noqa: E402
+from sortednet.speculative import generate as spec  # noqa: E402
+
+V = 23
+
+
+def llama(seed: int = 0, layers: int = 4, vocab: int = V, hidden: int = 32):  # GQA: 4 query, 2 key/value heads
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=48,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+
+
+def gpt2(seed: int = 0, layers: int = 4, vocab: int = V):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=96,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                      eos_token_id=0)).eval()
+
+
+FAMILIES = {"llama": llama, "gpt2": gpt2}
+
+
+def soft_train(nest: sn.Nest, steps: int = 40) -> None:
+    """Brief SoFT on partly predictable sequences (steps of +1 or +2 mod V): exits agree often, not always."""
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(nest.model.parameters(), lr=1e-2)
+    nest.model.train()
+    for _ in range(steps):
+        x = (torch.randint(0, V, (8, 1), generator=g) + torch.randint(1, 3, (8, 24), generator=g).cumsum(1)) % V
+        soft_loss(nest, x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    nest.model.eval()
+
+
+@functools.cache
+def nested(family: str, trained: bool) -> sn.Nest:
+    nest = sn.from_transformers(FAMILIES[family](), ffn=[24], heads=[2], depth=[1, 2, 3])
+    if trained:
+        soft_train(nest)
+    return nest
+
+
+def plain(model, ids, n, eos=None, **kw):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0, **kw)
+
+
+prompts = st.lists(st.integers(1, V - 1), min_size=1, max_size=6).map(lambda p: torch.tensor([p]))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("trained", [False, True], ids=["random", "soft"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@settings(max_examples=2)
+@given(ids=prompts, k=st.sampled_from([1, 2, 3, 5, 8]))
+def test_greedy_equals_plain_generate_for_every_depth_length_and_cache_mode(family, trained, depth, ids, k):
+    nest = nested(family, trained)
+    ref = plain(nest.model, ids, 12)
+    for share in (None, False):
+        out = sn.speculative_generate(nest, ids, draft=f"depth={depth}", max_new_tokens=12, num_draft_tokens=k,
+                                      share_cache=share)
+        assert torch.equal(out.sequences, ref), (share, out.stats)
+        s = out.stats
+        assert s.new_tokens == ref.shape[1] - ids.shape[1] and s.accepted <= s.drafted
+        assert sum(e.drafted for e in s.exits.values()) == s.drafted
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("target_sub,draft", [("depth=3", "depth=1"), ("ffn=24,heads=2", "depth=2"),
+                                              (None, "depth=2,heads=2"), (None, "depth=1,ffn=24"),
+                                              (None, "auto")])
+def test_greedy_sub_model_targets_narrow_drafts_and_auto_length(family, target_sub, draft):
+    nest = nested(family, True)
+    ids = torch.tensor([[3, 5, 7, 8]])
+    with nest.use(target_sub or nest.largest):
+        ref = plain(nest.model, ids, 24)
+    k = "auto" if draft == "auto" else 3
+    out = sn.speculative_generate(nest, ids, draft="depth=2" if draft == "auto" else draft, max_new_tokens=24,
+                                  num_draft_tokens=k, target_sub=target_sub)
+    assert torch.equal(out.sequences, ref)
+    assert nest.active == nest.largest
+    if draft == "auto":
+        assert max(out.stats.draft_lengths) <= 12
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("thresholds", [[0, 0, 0], [0.3, 0.5, 0], [0.9, 0.2, 0], [1, 1, 1]])
+@pytest.mark.parametrize("separate", [False, True], ids=["same_nest", "s2d_draft_nest"])
+def test_cascade_greedy_equality_and_threshold_semantics(family, thresholds, separate):
+    target = nested(family, True)
+    draft = nested(family, False) if separate else target
+    if separate:  # a separate sorted draft nest: smaller (narrow), same vocabulary
+        draft = sn.from_transformers(FAMILIES[family](seed=1, layers=3), depth=[1, 2])
+        soft_train(draft, 20)
+        exits = ["depth=1", "depth=2", "depth=3"]
+    else:
+        exits = ["depth=1", "depth=2", "depth=3"]
+    for ids in (torch.tensor([[4, 6, 8]]), torch.tensor([[1, 2, 3, 4, 5, 6, 7]])):
+        ref = plain(target.model, ids, 20)
+        out = sn.speculative_generate(target, ids, draft=draft, exits=exits, thresholds=thresholds,
+                                      max_new_tokens=20, num_draft_tokens=4)
+        assert torch.equal(out.sequences, ref)
+        alone = {0: exits[0], 3: exits[-1]}.get(0 if thresholds[0] == 0 else 3 if thresholds[0] == 1 else None)
+        if alone is not None:  # thresholds 0: the first exit alone; unreachable: the last exit alone
+            one = sn.speculative_generate(target, ids, draft=draft, exits=[alone], max_new_tokens=20,
+                                          num_draft_tokens=4, share_cache=False)
+            assert (out.stats.drafted, out.stats.accepted) == (one.stats.drafted, one.stats.accepted)
+            assert out.stats.exits[str(draft.resolve(alone) if separate else target.resolve(alone))].drafted \
+                == out.stats.drafted
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_useless_draft_accepts_nothing(family):
+    target = FAMILIES[family]()
+    with torch.no_grad():
+        target.get_output_embeddings().weight[0] = 0   # the target never prefers token 0 ...
+    draft = FAMILIES[family](seed=3)
+    with torch.no_grad():
+        draft.get_output_embeddings().weight.zero_()  # ... which the draft always proposes (all logits tie)
+    ids = torch.tensor([[5, 6, 7]])
+    ref = plain(target, ids, 12, eos=[])
+    out = sn.speculative_generate(target, ids, draft=draft, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.accepted == 0 and out.stats.drafted > 0 and out.stats.target_forwards == 12
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("new", [1, 7, 12])
+@pytest.mark.parametrize("share", [None, False])
+def test_draft_equal_to_target_accepts_everything(family, k, new, share):
+    nest = nested(family, True)
+    ids = torch.tensor([[2, 9, 4]])
+    out = sn.speculative_generate(nest, ids, draft="depth=4", max_new_tokens=new, num_draft_tokens=k,
+                                  share_cache=share, eos_token_id=[])
+    assert torch.equal(out.sequences, plain(nest.model, ids, new, eos=[]))
+    s = out.stats
+    assert s.accepted == s.drafted and s.target_forwards == math.ceil(new / (k + 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["shared", "separate", "cascade_shared", "cascade_separate"])
+def test_caches_track_the_sequence_and_shared_logits_match_a_fresh_forward(family, kind, monkeypatch):
+    nest = nested(family, True)
+    kw = dict(draft="depth=2", share_cache=kind == "shared")
+    if kind.startswith("cascade"):
+        kw = dict(draft=nest, exits=["depth=1", "depth=3"], thresholds=[0.4, 0], share_cache=kind == "cascade_shared")
+    rounds = []
+
+    def check(r):
+        rounds.append(r)
+        stacks = {id(s): s for s in [r.plan.target] + [s for s, _ in r.plan.exits]}.values()
+        for s in stacks:
+            s.check()
+        assert r.plan.target.layer_lengths() == [r.length - 1] * 4
+        if r.plan.shared:
+            assert all(n == r.length - 1 for n in r.plan.exits[0][0].layer_lengths())
+        fresh = nest.model(r.ids).logits[0, r.first:]
+        assert torch.allclose(r.target_logits, fresh, atol=1e-4), (r.target_logits - fresh).abs().max()
+
+    monkeypatch.setattr(spec, "_on_round", check)
+    ids = torch.tensor([[7, 1, 8, 2]])
+    out = sn.speculative_generate(nest, ids, max_new_tokens=20, num_draft_tokens=4, eos_token_id=[], **kw)
+    assert len(rounds) == out.stats.target_forwards and torch.equal(out.sequences, plain(nest.model, ids, 20, eos=[]))
+    assert out.stats.accepted < out.stats.drafted  # rejections happened: rollback was exercised
+
+
+def test_eos_attention_mask_plain_target_and_restored_state():
+    nest = nested("llama", True)
+    model = nest.model
+    ids = torch.tensor([[3, 4, 5]])
+    free = plain(model, ids, 20, eos=[])
+    eos = int(free[0, 8])  # a token the target does produce
+    out = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=20, eos_token_id=eos)
+    assert torch.equal(out.sequences, plain(model, ids, 20, eos=eos)) and out.sequences[0, -1] == eos
+    padded, mask = torch.tensor([[0, 0, 3, 4, 5]]), torch.tensor([[0, 0, 1, 1, 1]])
+    out = sn.speculative_generate(nest, padded, attention_mask=mask, draft="depth=2", max_new_tokens=10,
+                                  eos_token_id=[])
+    assert torch.equal(out.sequences, plain(model, padded, 10, eos=[], attention_mask=mask))
+    # a plain transformers target with a separate sorted draft nest (the plain two-model case)
+    draft = sn.from_transformers(llama(seed=5, layers=2), depth=[1])
+    out = sn.speculative_generate(llama(), ids, draft=draft, exits=["depth=1"], max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(out.sequences, plain(llama(), ids, 10, eos=[]))
+    # state: active sub-model, training flags and the global RNG are as before
+    model.train()
+    model.model.layers[1].eval()
+    rng = torch.get_rng_state()
+    with nest.use("depth=3,ffn=24"):
+        sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=5, do_sample=True,
+                                generator=torch.Generator().manual_seed(0))
+        assert nest.active == nest.resolve("depth=3,ffn=24")
+    assert torch.equal(torch.get_rng_state(), rng) and model.training and not model.model.layers[1].training
+    model.eval()
+
+
+def _first_tokens(target, draft, ids, seeds, vocab, **kw):
+    counts = torch.zeros(vocab, vocab)
+    for seed in range(seeds):
+        out = sn.speculative_generate(target, ids, draft=draft, max_new_tokens=2, do_sample=True, num_draft_tokens=2,
+                                      generator=torch.Generator().manual_seed(seed), **kw)
+        a, b = out.sequences[0, -2:].tolist()
+        counts[a, b] += 1
+    return counts
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_k=3, top_p=0.9)], ids=["plain", "filtered"])
+def test_sampling_keeps_the_target_distribution_and_detects_a_wrong_rule(kw, monkeypatch):
+    """Chi-square goodness of fit of the first two tokens over 1500 seeds against the exact distribution of
+    plain sampling from the target (batched forwards), significance 0.001; an always-accept rule must fail it."""
+    target = sn.from_transformers(llama(seed=7, vocab=4), depth=[1])
+    draft = llama(seed=8, vocab=4, layers=1)  # another model: its q is far from the target's p
+    ids = torch.tensor([[1, 2]])
+    samp = spec.Sampling(True, kw.get("temperature", 1.0), kw.get("top_k"), kw.get("top_p"))
+    with torch.no_grad():
+        p1 = samp.probs(target.model(ids).logits[0, -1])
+        p2 = samp.probs(target.model(torch.cat([ids.repeat(4, 1), torch.arange(4)[:, None]], 1)).logits[:, -1])
+        q1 = samp.probs(draft(ids).logits[0, -1])
+    exact = (p1[:, None] * p2).flatten()
+    assert 0.5 * (p1 - q1).abs().sum() > 0.2   # the wrong rule has something to be caught at
+
+    def pvalue(counts):
+        keep = exact > 0
+        assert counts.flatten()[~keep].sum() == 0        # nothing outside the filtered support
+        e, o = exact[keep] * counts.sum(), counts.flatten()[keep]
+        return chi2.sf(float(((o - e) ** 2 / e).sum()), int(keep.sum()) - 1)
+
+    assert pvalue(_first_tokens(target, draft, ids, 1500, 4, **kw)) > 1e-3
+    assert pvalue(_first_tokens(target, "depth=1", ids, 1500, 4, **kw)) > 1e-3   # self-speculative, shared cache
+    monkeypatch.setattr(spec, "_accept", lambda p, q, drafted, g: (len(drafted), spec.Sampling(True).draw(p[-1])))
+    assert pvalue(_first_tokens(target, draft, ids, 1500, 4, **kw)) < 1e-3
+
+
+def test_same_generator_same_output():
+    nest = nested("gpt2", True)
+    ids = torch.tensor([[1, 5]])
+    runs = [sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=12, do_sample=True,
+                                    generator=torch.Generator().manual_seed(4)).sequences for _ in range(2)]
+    torch.manual_seed(123)
+    runs.append(sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=12, do_sample=True,
+                                        generator=torch.Generator().manual_seed(4)).sequences)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def _forward_counter(*models):
+    calls = []
+    for m in models:
+        for mod in m.modules():
+            mod.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_bad_input_is_refused_before_any_forward():
+    target = sn.from_transformers(llama(), ffn=[24], depth=[1, 2, 3])
+    other = sn.from_transformers(llama(seed=2, vocab=V + 1), depth=[1])
+    bigger = sn.from_transformers(llama(seed=2, layers=6), depth=[2])
+    calls = _forward_counter(target.model, other.model, bigger.model)
+    ids = torch.tensor([[1, 2, 3]])
+    bert = BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=32))
+    bad = [
+        dict(target_sub="depth=2", draft="depth=3"),                     # draft deeper than the target
+        dict(target_sub="ffn=24", draft="depth=1,ffn=48"),               # draft wider than the target
+        dict(draft=bigger, exits=["depth=6"]),                           # separate draft with more parameters
+        dict(draft=other, exits=["depth=1"]),                            # another vocabulary
+        dict(draft=target, exits=["depth=1", "depth=2"], thresholds=[0.5]),        # one threshold per exit
+        dict(draft=target, exits=["depth=1", "depth=2"], thresholds=[0.5, 1.5]),   # outside [0, 1]
+        dict(draft=target, exits=["depth=1", "depth=2"], thresholds=[float("nan"), 0]),
+        dict(draft=target, exits=["depth=2", "depth=1"]),                # not ascending
+        dict(draft=target, exits=["depth=1,ffn=24", "depth=2"]),         # exits differ in width
+        dict(draft="depth=1,ffn=24", share_cache=True),                  # narrower: keys/values differ
+        dict(draft="depth=1", num_draft_tokens=0),
+        dict(draft="depth=1", do_sample=True, temperature=0.0),
+        dict(draft="depth=1", top_p=1.5),
+        dict(draft="depth=1", attention_mask=torch.tensor([[1, 1, 0]])),  # right padding
+        dict(draft="depth=1", input_ids=torch.tensor([[1, 2, 3], [1, 2, 3]])),     # batch 2
+        dict(draft="depth=1", input_ids=torch.tensor([[1, V]])),          # token outside the vocabulary
+        dict(draft="depth=9"),                                           # no such sub-model
+        dict(draft="depth=1", target=bert),                              # not a causal LM
+        dict(draft="depth=1", target=target.model),                      # a sub-model needs a Nest target
+    ]
+    for kw in bad:
+        kw = {"target": target, "input_ids": ids, "max_new_tokens": 4, **kw}
+        with pytest.raises(sn.SortedNetError):
+            sn.speculative_generate(kw.pop("target"), kw.pop("input_ids"), **kw)
+    assert calls == [] and target.active == target.largest
