@@ -56,6 +56,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "(a) sorted sandwich k=4": {"strategy": "sandwich", "k": K},
     "(a) sorted sandwich k=4 + distill": {"strategy": "sandwich", "k": K, "distill": True},
     "(a) sorted uniform k=4": {"strategy": "uniform", "k": K},
+    "(a) sorted sandwich k=4, loss weights ∝ params": {"strategy": "sandwich", "k": K, "loss_weights": "cost"},
     "(d) MatFormer (FFN only, all 3 every step)": {"strategy": "all", "matformer": True},
     FULL: {"twin": "largest"},
     **{f"(b) twin {t}": {"twin": t} for t in reversed(TWINS[:-1])},  # most expensive first
@@ -99,7 +100,7 @@ def sampler_for(nest: sn.Nest, spec: dict[str, Any], seed: int) -> tuple[sn.Samp
         exits = sorted({s["depth"] for s in nest.submodels})
         return sn.Sampler(full_depth, k=min(spec["k"], len(full_depth)), strategy=spec["strategy"], seed=seed), exits
     kw = {k: v for k, v in spec.items() if k in ("k", "weights", "loss_weights")}
-    return sn.Sampler(nest if "weights" in kw else nest.submodels, strategy=spec["strategy"], seed=seed, **kw), None
+    return sn.Sampler(nest, strategy=spec["strategy"], seed=seed, **kw), None
 
 
 @torch.no_grad()
@@ -224,11 +225,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: few steps, results under /tmp")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--render", action="store_true", help="rewrite nested_lm.md / .png from nested_lm.json")
+    ap.add_argument("--json", default=None, help="write the results to this JSON file instead (no report)")
+    ap.add_argument("--merge", nargs="*", default=None,
+                    help="add the methods of these JSON files (same config) to nested_lm.json and re-render")
     a = ap.parse_args()
     out_dir = tempfile.mkdtemp(prefix="nested_lm_") if a.quick else RESULTS
-    if a.render:
-        with open(os.path.join(RESULTS, "nested_lm.json")) as f:
-            return report.render(json.load(f), RESULTS)
+    if a.render or a.merge:
+        res = report.load(os.path.join(RESULTS, "nested_lm.json"))
+        for path in a.merge or ():
+            other = report.load(path)
+            if other["meta"]["cfg"]["steps"] != res["meta"]["cfg"]["steps"]:
+                raise SystemExit(f"{path} ran {other['meta']['cfg']['steps']} steps, the results "
+                                 f"{res['meta']['cfg']['steps']}")
+            res["methods"].update(other["methods"])
+            res["meta"].setdefault("merged", []).append({"file": os.path.basename(path),
+                                                         "methods": list(other["methods"]),
+                                                         "wall_s": other["meta"]["wall_s"]})
+        if a.merge:
+            with open(os.path.join(RESULTS, "nested_lm.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        return report.render(res, RESULTS)
     if a.quick:
         a.steps, a.val_batches = min(a.steps, 20), min(a.val_batches, 2)
     torch.set_num_threads(1)
@@ -249,8 +265,10 @@ def main() -> None:
     res = {"meta": {"cfg": cfg, "wall_s": wall, "threads_per_job": 1, "k": K, "twins": list(TWINS),
                     "full": FULL, "flops": fl, "params": params, "quick": a.quick},
            "methods": {r["name"]: r for r in results}}
-    with open(os.path.join(out_dir, "nested_lm.json"), "w") as f:
+    with open(a.json or os.path.join(out_dir, "nested_lm.json"), "w") as f:
         json.dump(res, f, indent=1)
+    if a.json:
+        return print(f"wall {wall:.0f} s; written to {a.json}")
     report.render(res, out_dir)
     print(f"wall {wall:.0f} s; written under {out_dir}")
 

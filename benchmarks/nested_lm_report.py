@@ -10,6 +10,9 @@ from typing import Any
 from common import table
 
 TOL = 0.02  # target: every twin-matched sub-model within 2% of its twin's held-out loss
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")
+BEGIN, END = "<!-- nested_lm:begin -->", "<!-- nested_lm:end -->"
+BASE = "(a) sorted sandwich k=4"  # the options below are measured against it
 
 
 def compute(res: dict[str, Any], name: str) -> float:
@@ -131,10 +134,59 @@ def render(res: dict[str, Any], out_dir: str) -> None:
         "\n\n## Mix'n'Match: every sub-model of the nest\n\nAll sub-models, also those a method never trained "
         "(MatFormer trains 3 of them; the full-alone control none but the largest).\n\n" + t2 +
         "\n\n![held-out loss vs parameters](nested_lm.png)\n")
+    block = summary(res)
     with open(os.path.join(out_dir, "nested_lm.md"), "w") as f:
-        f.write(text)
+        f.write(text.replace("## Twin-matched", "## Summary\n\n" + block + "\n\n## Twin-matched", 1))
     plot(res, out_dir, twins, nests, short)
+    if not meta.get("quick") and os.path.exists(DOCS):
+        write_docs(block, DOCS)
     print(text)
+
+
+def summary(res: dict[str, Any]) -> str:
+    """Per-method summary and the measured effect of each training option against plain sandwich."""
+    meta, params, k = res["meta"], res["meta"]["params"], res["meta"]["k"]
+    twins = twin_loss(res)
+    small, large = meta["twins"][0], meta["twins"][-1]
+    rows, ratio = [], {}
+    for m in nested(res):
+        loss = res["methods"][m]["loss"]
+        r = {t: loss[t] / twins[t] for t in twins}
+        ratio[m] = r
+        n, _, _ = front_violations(loss, params)
+        rows.append([m, f"{compute(res, m):.2f}×", f"{r[small]:.3f}", f"{r[large]:.3f}",
+                     f"{sum(r.values()) / len(r):.3f}", f"{max(r.values()):.3f}",
+                     f"{sum(v <= 1 + TOL for v in r.values())}/{len(r)}", f"{n}/{len(loss)}"])
+    cfg = meta["cfg"]
+    out = (f"Loss ratio = held-out loss ÷ that of the same-shape twin trained alone (below 1: better than the twin); "
+           f"{cfg['steps']} steps × {cfg['batch']} × {cfg['ctx']} characters per method, {len(params)} sub-models "
+           f"({params[small]:,} to {params[large]:,} parameters), {len(twins)} twins, k = {k}.\n\n"
+           + table(["method", "FLOPs ÷ largest once", "smallest ÷ twin", "largest ÷ twin", "mean ÷ twin",
+                    "worst ÷ twin", f"twins within {100 * TOL:.0f}%", "sub-models worse than a smaller one"], rows))
+    opts = [m for m in ratio if m.startswith(BASE) and m != BASE]
+    if BASE in ratio and opts:
+        rows = []
+        for m in opts:
+            d = {t: ratio[m][t] - ratio[BASE][t] for t in twins}
+            rows.append([m[len(BASE):].strip(" ,+") or m, f"{100 * d[small]:+.1f}", f"{100 * d[large]:+.1f}",
+                         f"{100 * sum(d.values()) / len(d):+.1f}"])
+        out += ("\n\nEffect of each training option: change of the loss ratio against plain sandwich sampling, "
+                "in percentage points (negative: closer to / better than the twin).\n\n"
+                + table(["option", "smallest", "largest", "mean over twins"], rows))
+    return out
+
+
+def write_docs(block: str, path: str) -> None:
+    """Replace the text between the nested_lm markers of docs/training.md (nothing else)."""
+    with open(path) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        return
+    head, rest = doc.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    body = "\n<!-- rendered from benchmarks/results/nested_lm.json by benchmarks/nested_lm.py -->\n\n" + block + "\n\n"
+    with open(path, "w") as f:
+        f.write(head + BEGIN + body + END + tail)
 
 
 def plot(res: dict[str, Any], out_dir: str, twins: dict[str, float], nests: list[str],

@@ -241,28 +241,36 @@ def measure(st: Setup, repeat: int, compiled: bool, compile_all: bool) -> None:
         st.rows["compiled"][mode] = (before, counters[mode].frame_count - before)
 
 
-def profile_gap(live: Callable[[], None], alone: Callable[[], None], n: int = 5, top: int = 12) -> str:
-    """Per-op self CPU time (ms per call) of the live and standalone runs, largest differences first."""
+def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int = 5, n: int = 2,
+                top: int = 12) -> str:
+    """Per-op self CPU time (ms per call) of the live and standalone runs, largest differences
+    first: medians over ``rounds`` alternating profiles of ``n`` calls each (machine noise
+    hits both alike)."""
     from torch.profiler import ProfilerActivity, profile
 
-    per = {}
-    for name, f in (("live", live), ("standalone", alone)):
+    samples: dict[str, list[dict[str, float]]] = {"live": [], "standalone": []}
+    for f in (live, alone):
         f()
-        f()
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            t = time.perf_counter()
-            for _ in range(n):
-                f()
-            wall = (time.perf_counter() - t) / n * 1e3
-        ops = {e.key: e.self_cpu_time_total / n / 1e3 for e in p.key_averages()}
-        per[name] = (wall, ops)
-    (wl, lo), (wa, ao) = per["live"], per["standalone"]
-    names = sorted(set(lo) | set(ao), key=lambda k: -abs(lo.get(k, 0.0) - ao.get(k, 0.0)))[:top]
-    rows = [[k, lo.get(k, 0.0), ao.get(k, 0.0), lo.get(k, 0.0) - ao.get(k, 0.0)] for k in names]
-    rows.append(["(outside ops: Python, dispatch)", wl - sum(lo.values()), wa - sum(ao.values()),
-                 (wl - sum(lo.values())) - (wa - sum(ao.values()))])
-    rows.append(["(wall time under the profiler)", wl, wa, wl - wa])
-    return table(["op (self CPU)", "live ms", "standalone ms", "difference ms"], rows)
+    for _ in range(rounds):
+        for name, f in (("live", live), ("standalone", alone)):
+            with profile(activities=[ProfilerActivity.CPU]) as p:
+                t = time.perf_counter()
+                for _ in range(n):
+                    f()
+                wall = (time.perf_counter() - t) / n * 1e3
+            ops = {e.key: e.self_cpu_time_total / n / 1e3 for e in p.key_averages()}
+            ops["(outside ops: Python, dispatch)"] = wall - sum(ops.values())
+            ops["(wall time under the profiler)"] = wall
+            samples[name].append(ops)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(s.get(key, 0.0) for s in samples[name])
+
+    keys = {k for s in samples["live"] + samples["standalone"] for k in s}
+    rows = [[k, med("live", k), med("standalone", k), med("live", k) - med("standalone", k)] for k in keys]
+    extra = [r for r in rows if r[0].startswith("(")]
+    rows = sorted((r for r in rows if not r[0].startswith("(")), key=lambda r: -abs(r[3]))[:top]
+    return table(["op (self CPU)", "live ms", "standalone ms", "difference ms"], rows + sorted(extra))
 
 
 def _fmt(v: float | None) -> str:

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sortednet as sn
 from models import FAMILIES
-from sortednet.cost import pareto_front
+from sortednet.profile import pareto_front
 
 FAMS = sorted(FAMILIES)
 

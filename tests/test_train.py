@@ -424,3 +424,123 @@ def test_fit_skips_nonfinite_losses_by_default():
     with pytest.raises(sn.SortedNetError, match="non-finite|poison"):
         sn.fit(nest, [toy_batch(0)], opt, sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0),
                loss_fn=lambda o, y: F.cross_entropy(o, y) * float("nan"), progress=False, nonfinite="raise")
+
+
+# -- exact resume after SIGKILL: dropout + Adam + LR schedule, RNG state in the checkpoint --------------
+RESUME_SCRIPT = r'''
+import os, sys, time
+import torch
+torch.set_num_threads(1)                      # one intra-op thread: bit-exact across processes
+import torch.nn as nn
+import sortednet as sn
+from sortednet.rng import rng_state, set_rng_state
+
+mode, ckpt, out = sys.argv[1], sys.argv[2], sys.argv[3]
+TOTAL, EVERY = 24, 4
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Dropout(0.3), nn.Linear(32, 5))
+    dims = [sn.Width("h1", [8, 16, 32], out="0", inp="3"), sn.Width("h2", [8, 32], out="3", inp="6")]
+    return model, dims
+
+
+def batch(i):
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randn(16, 12, generator=g)
+    return x, (x[:, :5] * torch.arange(1, 6)).argmax(1)
+
+
+def training(nest):
+    opt = torch.optim.Adam(nest.trainable_parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=TOTAL)
+    return opt, sched, sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=3)
+
+
+def slow_loss(out, y):
+    time.sleep(0.004)                         # so that SIGKILL lands mid-run
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+batches = [batch(i) for i in range(TOTAL)]
+
+
+def resume(with_rng):                         # from the newest whole checkpoint
+    model, _ = build()
+    last = max((d for d in os.listdir(ckpt) if d.startswith("step-")), key=lambda d: int(d[5:]))
+    nest = sn.load(model, os.path.join(ckpt, last, "nest.safetensors"))
+    opt, sched, sampler = training(nest)
+    state = torch.load(os.path.join(ckpt, last, "train.pt"))
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    sampler.load_state_dict(state["sampler"])
+    if with_rng:
+        set_rng_state(state["rng"])
+    step = state["step"]
+    sn.fit(nest, batches[step:], opt, sampler, scheduler=sched, start_step=step, progress=False)
+    return model.state_dict(), step
+
+
+if mode == "killed":                          # checkpoints every EVERY steps until it is killed
+    model, dims = build()
+    nest = sn.wrap(model, *dims)
+    opt, sched, sampler = training(nest)
+    torch.manual_seed(1234)
+    for start in range(0, TOTAL, EVERY):
+        sn.fit(nest, batches[start:start + EVERY], opt, sampler, scheduler=sched, start_step=start,
+               loss_fn=slow_loss, progress=False)
+        tmp = os.path.join(ckpt, f".tmp-{start + EVERY}")
+        os.makedirs(tmp)
+        sn.save(nest, os.path.join(tmp, "nest.safetensors"))
+        torch.save({"step": start + EVERY, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "sampler": sampler.state_dict(), "rng": rng_state()}, os.path.join(tmp, "train.pt"))
+        os.replace(tmp, os.path.join(ckpt, f"step-{start + EVERY}"))   # a checkpoint is whole or absent
+        print("ckpt", start + EVERY, flush=True)
+    torch.save(model.state_dict(), out)
+else:                                         # the uninterrupted run, then both resumptions
+    model, dims = build()
+    nest = sn.wrap(model, *dims)
+    opt, sched, sampler = training(nest)
+    torch.manual_seed(1234)
+    sn.fit(nest, batches, opt, sampler, scheduler=sched, progress=False)
+    with_rng, step = resume(True)
+    without_rng, _ = resume(False)
+    torch.save({"full": model.state_dict(), "resume": with_rng, "resume_without_rng": without_rng}, out)
+    print("resumed from", step, flush=True)
+'''
+
+
+def test_fit_resumed_after_sigkill_is_bit_exact(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    proc = subprocess.Popen([sys.executable, str(script), "killed", str(ckpt), str(tmp_path / "killed.pt")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.split() == ["ckpt", "8"]:
+                proc.send_signal(signal.SIGKILL)   # mid-run: 16 of 24 steps still to go
+                break
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    assert not (tmp_path / "killed.pt").exists()
+    r = subprocess.run([sys.executable, str(script), "after", str(ckpt), str(tmp_path / "after.pt")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 8 <= int(r.stdout.split()[-1]) < 24
+    got = torch.load(tmp_path / "after.pt")
+    want = got["full"]
+    assert all(torch.equal(want[k], got["resume"][k]) for k in want)
+    # the control: without the generators' state the dropout masks differ, and so do the weights
+    assert not all(torch.equal(want[k], got["resume_without_rng"][k]) for k in want)

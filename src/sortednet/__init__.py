@@ -7,12 +7,12 @@
 (3, SubModel(hidden=16))
 """
 
-from .cost import Profile
 from .dims import Depth, Dimension, Width
 from .errors import SortedNetError
 from .heads import Heads
 from .io import load, save
 from .nest import Nest
+from .profile import Profile
 from .rank import Rank
 from .sampler import Sampler
 from .slicers import Slicer, slicer, slicer_for
@@ -20,6 +20,7 @@ from .speculative import speculative_generate
 from .submodel import SubModel
 from .train import Distill, accumulate, fit
 from .wrap import wrap
+from .discover import discover  # noqa: E402,I001  (after wrap: it builds on it)
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,5 @@ __all__ = [
     "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth", "Rank",
     "save", "load", "SortedNetError", "Slicer", "slicer", "slicer_for",
     "Sampler", "accumulate", "fit", "Distill", "Profile",
-    "from_transformers", "sort_by_importance", "speculative_generate",
+    "from_transformers", "sort_by_importance", "discover", "speculative_generate",
 ]

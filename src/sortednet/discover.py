@@ -102,8 +102,10 @@ def _fresh(dims: Sequence[Dimension]) -> list[Dimension]:
 
 def _failures(probe: nn.Module, example: Any, dims: list[Dimension], want: list) -> list[int] | None:
     """Indices of ``dims`` whose smallest size (alone) fails on ``probe``; None when they do not wrap together."""
+    fresh = _fresh(dims)
+    subs = [{}, {d.name: d.sizes[0] for d in fresh}, *({d.name: d.sizes[0]} for d in fresh)]
     try:
-        nest = wrap(probe, *_fresh(dims))
+        nest = wrap(probe, *fresh, submodels=subs)
     except SortedNetError:
         return None
     bad = []

@@ -130,8 +130,8 @@ def _share_once(live: nn.Module, new: nn.Module, skipped: list[str], sub: SubMod
                 continue
             if e.shape != canon.shape or e.dtype != canon.dtype or not torch.equal(e.detach(), canon.detach()):
                 raise SortedNetError(
-                    f"export({sub}): {first!r} and {_name(path, name)!r} are one tensor in the model, but this sub-model "
-                    f"uses different slices of it ({tuple(canon.shape)} vs {tuple(e.shape)}); a plain model "
+                    f"export({sub}): {first!r} and {_name(path, name)!r} are one tensor in the model, but this "
+                    f"sub-model uses different slices of it ({tuple(canon.shape)} vs {tuple(e.shape)}); a plain model "
                     "cannot tie them. Slice both users with the same dimension (e.g. list the tied "
                     "embedding and output layer under one Width) or export a sub-model where they agree")
             store[name] = canon

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cost import METRICS, ParamCounter, Profile, build_profile, count_flops, example_signature
+from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature
 from .dims import Active, Dimension
 from .errors import SortedNetError
 from .export import export_submodel
 from .plan import Plans, Use, in_plan
+from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import SubModel, SubModelLike, SubModelList
 
@@ -105,6 +106,8 @@ class Nest:
         self._params = params[order]
         self._params.setflags(write=False)
         self.submodels = SubModelList(names, sizes, rows[order])
+        if self._rows is not None:  # counting built plans of unlisted sub-models: use() must not hit them
+            self._plans.clear()
         for d in self.dims:
             d._nest = self
 
@@ -275,7 +278,27 @@ class Nest:
         return nullcontext(), Use(self._state, self._state.plan())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        except RuntimeError as e:
+            if self._wiring_hint():  # a shape error that an incomplete dimension explains
+                raise self._forward_error("forward", self.active, args, e) from e
+            raise
+
+    def _wiring_hint(self) -> str:
+        """Dimensions that slice outputs but no inputs (a common wiring mistake), as advice."""
+        out = []
+        for d in self.dims:
+            spec = d.spec()
+            if spec.get("kind") == "width" and spec.get("out") and not spec.get("inp") and not spec.get("norm"):
+                out.append(f"Width {d.name!r} slices the outputs of {spec['out']} but no layer's inputs: if those "
+                           "outputs feed another layer, list it under inp= (nest.check(example) names it)")
+        return "; ".join(out)
+
+    def _forward_error(self, what: str, sub: SubModel, example: Any, e: BaseException) -> SortedNetError:
+        hint = self._wiring_hint()
+        return SortedNetError(f"{what}: sub-model {sub} failed on the example {example_signature(example)}: "
+                              f"{type(e).__name__}: {str(e)[:500]}" + (f". {hint}" if hint else ""))
 
     # -- costs and selection -------------------------------------------------
     def cost(self, sub: SubModelLike, metric: str = "params", *, example: Any = None) -> float:
@@ -309,7 +332,12 @@ class Nest:
         with self._cost_lock:
             hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example else None
         if hit is None:
-            hit = count_flops(self, sub, example, model=model)  # outside the lock: other threads go on
+            try:
+                hit = count_flops(self, sub, example, model=model)  # outside the lock: other threads go on
+            except SortedNetError:
+                raise
+            except Exception as e:
+                raise self._forward_error(f"cost({sub}, 'flops')", sub, example, e) from e
             with self._cost_lock:
                 if sig != self._flops_example:
                     self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
@@ -337,8 +365,26 @@ class Nest:
         (24.0, 96.0)
         """
         self._check_alive()
-        prof = build_profile(self, example_inputs, score=score, metrics=metrics, repeat=repeat,
-                             warmup=warmup, progress=progress)
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:  # a dry forward of the extremes names the sub-model when the example does not fit
+            for sub in dict.fromkeys((self.smallest, self.largest)):
+                with self.use(sub), torch.no_grad():
+                    try:
+                        call_model(self.model, example_inputs)
+                    except Exception as e:
+                        raise self._forward_error("profile", sub, example_inputs, e) from e
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        try:
+            prof = build_profile(self, example_inputs, score=None if score is None else _checked_score(score),
+                                 metrics=metrics, repeat=repeat, warmup=warmup, progress=progress)
+        except SortedNetError:
+            raise
+        except Exception as e:
+            raise SortedNetError(f"profile on the example {example_signature(example_inputs)} failed: "
+                                 f"{type(e).__name__}: {str(e)[:500]}") from e
         self._set_profile(prof)
         return prof
 
@@ -477,3 +523,26 @@ class Nest:
     def __repr__(self) -> str:
         dims = ", ".join(repr(d) for d in self.dims)
         return f"Nest({type(self.model).__name__}, {len(self.submodels)} sub-models: {dims})"
+
+    def check(self, example: Any, *, mixed: int = 3) -> None:
+        """Dry-run sub-models on ``example`` (each dimension at its smallest, smallest, largest, ``mixed``
+        random ones, export of the smallest); a wiring mistake raises a :class:`SortedNetError` naming the
+        dimension, module path and missing binding. See :mod:`sortednet.check`."""
+        from .check import check
+
+        self._check_alive()
+        check(self, example, mixed=mixed)
+
+
+def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], float]:
+    """``score`` refusing anything but a real number (a string or bool would be cast or fail obscurely)."""
+    def checked(sub: SubModel) -> float:
+        value = score(sub)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise SortedNetError(f"score({sub}) returned {type(value).__name__} {str(value)[:80]!r}; "
+                                 "it must return a real number")
+        return float(value)
+
+    return checked

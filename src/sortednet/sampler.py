@@ -48,6 +48,12 @@ class Sampler:
     - ``"all"``: every sub-model every step (MatFormer / DynaBERT; ``k`` is ignored
       or must equal the count).
 
+    ``loss_weights`` (any strategy) scales each drawn sub-model's loss instead
+    of the plain mean: positive numbers, one per sub-model, or a rule of
+    ``WEIGHT_RULES`` (``"cost"`` needs the nest). :meth:`loss_weights_for` gives
+    the weights of one draw, normalised to sum to 1, for ``sn.accumulate(...,
+    weights=)``; ``sn.fit`` applies them. Draws do not depend on them.
+
     ``draw`` returns sub-models in ascending cost order.
 
     >>> import torch.nn as nn, sortednet as sn
@@ -56,10 +62,14 @@ class Sampler:
     >>> picked = s.draw(7)
     >>> picked == s.draw(7), picked[0] == nest.smallest, picked[-1] == nest.largest
     (True, True, True)
+    >>> w = sn.Sampler(nest, k=2, strategy="sandwich", loss_weights="large")  # the largest weighs 4x the smallest
+    >>> w.loss_weights_for(w.draw(0))
+    [0.2, 0.8]
     """
 
     def __init__(self, submodels: Any, *, k: int | None = None, strategy: str = "uniform", seed: int = 0,
-                 weights: Sequence[float] | str | None = None) -> None:
+                 weights: Sequence[float] | str | None = None,
+                 loss_weights: Sequence[float] | str | None = None) -> None:
         nest = None
         if hasattr(submodels, "submodels") and hasattr(submodels, "cost"):
             nest, submodels = submodels, submodels.submodels
@@ -106,10 +116,23 @@ class Sampler:
             probs = w / w.sum() if w.sum() > 0 else w
         elif weights is not None:
             raise SortedNetError(f"weights= is only used by strategies 'weighted' and 'sandwich', not {strategy!r}")
+        loss_w = None
+        if loss_weights is not None:
+            try:
+                loss_w = self._probabilities(loss_weights, subs, nest)
+            except SortedNetError as e:
+                raise SortedNetError(f"loss_weights: {e}") from None
+            if not np.all(loss_w > 0):
+                raise SortedNetError(f"loss_weights must all be positive (a sub-model weighted 0 would be drawn but "
+                                     f"never trained); got 0 for {subs[int(np.argmin(loss_w))]}")
         self.submodels: Sequence[SubModel] = subs
         self.k, self.strategy, self.seed = k, strategy, _check_index(seed, "seed")
         self.weights = weights if isinstance(weights, str) else (None if weights is None else list(map(float, weights)))
         self.probs: np.ndarray | None = probs
+        self.loss_weights = loss_weights if isinstance(loss_weights, str) else (
+            None if loss_weights is None else list(map(float, loss_weights)))
+        self._loss_w: np.ndarray | None = loss_w
+        self._pos: dict[SubModel, int] | None = None
         self._source = subs if nest is None else nest
 
     @staticmethod
@@ -162,6 +185,22 @@ class Sampler:
             idx = rng.choice(n, size=k, replace=False, p=self.probs)
         return [self.submodels[i] for i in sorted(int(i) for i in idx)]
 
+    def loss_weights_for(self, subs: Sequence[SubModel]) -> list[float] | None:
+        """Loss weights of the drawn ``subs`` (summing to 1), or None without ``loss_weights``
+        (``sn.accumulate`` then takes the plain mean)."""
+        if self._loss_w is None:
+            return None
+        position = getattr(self.submodels, "position", None)
+        if position is None:
+            if self._pos is None:
+                self._pos = {s: i for i, s in enumerate(self.submodels)}
+            position = self._pos.get
+        idx = [position(s) for s in subs]
+        if not idx or any(i is None for i in idx):
+            raise SortedNetError(f"loss_weights_for: {list(subs)!r} are not (all) sub-models of this sampler")
+        w = self._loss_w[idx]
+        return [float(x) for x in w / w.sum()]
+
     def expected_fraction(self) -> list[float]:
         """Probability that each sub-model is among a step's draws (for ``k=1``: the sampling distribution).
 
@@ -184,7 +223,7 @@ class Sampler:
     def state_dict(self) -> dict[str, Any]:
         """The configuration (JSON-able). Draws need no other state: they depend on ``(seed, step)`` only."""
         return {"strategy": self.strategy, "k": self.k, "seed": self.seed, "weights": self.weights,
-                "submodels": self._listing()}
+                "loss_weights": self.loss_weights, "submodels": self._listing()}
 
     def _listing(self) -> list[str] | str:
         """The sub-models by name, or (above ``STATE_LIST_MAX``) a digest of them."""
@@ -215,12 +254,16 @@ class Sampler:
                                  f"{list(theirs)[:4]}..., this sampler has {len(mine)} {mine[:4]}...")
         try:
             other = Sampler(self._source, k=None if state["strategy"] == "all" else state["k"],
-                            strategy=state["strategy"], seed=state["seed"], weights=state["weights"])
+                            strategy=state["strategy"], seed=state["seed"], weights=state["weights"],
+                            loss_weights=state.get("loss_weights"))
         except SortedNetError as e:
             raise SortedNetError(f"cannot load sampler state: {e}") from None
         self.__dict__.update(other.__dict__)
 
     def __repr__(self) -> str:
         w = "" if self.weights is None else f", weights={self.weights if isinstance(self.weights, str) else '[...]'!r}"
+        if self.loss_weights is not None:
+            lw = self.loss_weights
+            w += f", loss_weights={lw if isinstance(lw, str) else '[...]'!r}"
         return (f"Sampler({len(self.submodels)} sub-models, k={self.k}, strategy={self.strategy!r}, "
                 f"seed={self.seed}{w})")

@@ -71,10 +71,11 @@ class Distill:
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+                and math.isfinite(self.temperature)
                 and self.temperature > 0):
             raise SortedNetError(f"Distill temperature must be a positive number, got {self.temperature!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1):
             raise SortedNetError(f"Distill alpha must be in [0, 1], got {self.alpha!r}")
 
     def soft_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
@@ -100,6 +101,8 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
     if not isinstance(out, Tensor) or out.numel() != 1:
         raise SortedNetError(f"closure for {sub} must return a scalar loss tensor (or (loss, logits)), got "
                              f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
+    if out.is_complex():
+        raise SortedNetError(f"loss of {sub} is complex ({out.dtype}); return a real scalar (e.g. its .abs())")
     if not out.requires_grad:
         raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad()?")
     return out.reshape(()), logits
@@ -295,6 +298,7 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
     A tqdm bar shows the running loss of small / medium / large sub-models.
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) every
     ``eval_every`` steps and at the end. Returns a :class:`History`.
+    A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
     under ``"skipped"``); ``"raise"`` stops the run instead.
@@ -335,15 +339,20 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
     model.train()
     with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
         for _ in range(epochs):
-            for x, y in loader:
-                x, y = _to(x, device), _to(y, device)
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise SortedNetError("fit(): the loader must yield (inputs, target) pairs; got a "
+                                         f"{type(batch).__name__}" + (f" of {len(batch)} items" if
+                                                                      isinstance(batch, (tuple, list)) else ""))
+                x, y = _to(batch[0], device), _to(batch[1], device)
 
                 def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor]:
                     out = model(x)
                     return loss_fn(out, y), out
 
                 subs = sampler.draw(step)
-                losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite)
+                losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite,
+                                    weights=sampler.loss_weights_for(subs))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:

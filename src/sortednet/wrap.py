@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -169,7 +170,7 @@ def unwrap_modules(model: nn.Module, hooks: Iterable, *, merge: bool = False) ->
 
 
 def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] | None = None,
-         inplace_grad: bool = True, inplace_min_numel: int | None = None):
+         inplace_grad: bool = True, inplace_min_numel: int | None = None, example: Any = None):
     """Make ``model`` (changed in place) hold nested sub-models along ``dims``.
 
     All patterns and sizes are checked before anything changes; on error the
@@ -191,6 +192,10 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
     parameter hooks, ``create_graph`` and ``torch.func`` transforms get plain
     autograd automatically (see docs/mechanism.md). ``inplace_grad=False`` always
     uses plain autograd slicing (e.g. for DDP, see docs/scaling.md).
+
+    ``example`` (inputs for one forward) runs :meth:`Nest.check` before returning:
+    a wiring mistake raises a :class:`SortedNetError` naming the missing binding,
+    and the model is unwrapped (left exactly as it was) first.
     """
     from .nest import Nest
 
@@ -210,4 +215,10 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
         nest._stop()
         unwrap_modules(model, hooks)
         raise
+    if example is not None:
+        try:
+            nest.check(example)
+        except BaseException:
+            nest.unwrap()
+            raise
     return nest

@@ -102,6 +102,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                              "dimension (sort first, then nest.unwrap() and from_transformers(..., rank=...))")
     found: Found = _layout_of(nest)
     lay, model = found.layout, nest.model
+    heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads
     _check_layout(lay, found, model, ffn, heads)
     blocks = list(model.get_submodule(found.layers)._modules.values())
     n_heads, group = _head_counts(model.config, lay)

@@ -145,7 +145,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     >>> nest = sn.from_transformers(model, depth=[2])
     >>> ids = torch.tensor([[1, 2, 3]])
     >>> out = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=8)
-    >>> plain = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    >>> plain = model.generate(ids, max_new_tokens=8, do_sample=False)
     >>> bool((out.sequences == plain).all()), out.stats.new_tokens
     (True, 8)
     """

@@ -1,0 +1,224 @@
+"""Profiles: the measured cost (and optional score) of every sub-model.
+
+:func:`build_profile` measures a nest (``Nest.profile``) on a private
+eval-mode view of its model; :class:`Profile` holds the table, finds the
+Pareto front, prints it as markdown and plots it; :func:`pareto_front` is the
+front of any table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from .cost import METRICS, example_signature, measure_latency, measure_memory
+from .errors import SortedNetError
+from .modes import eval_mode
+from .submodel import SubModel
+
+__all__ = ["Profile", "pareto_front", "build_profile"]
+
+_UNITS = {"params": "", "flops": "", "latency": "s", "memory": "B"}
+
+
+def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> list[int]:
+    """Indices of points not dominated: no other point costs ≤ on every axis and
+    scores ≥, with at least one strict. ``costs[i]`` is a tuple (one entry per metric).
+    Returned in input order; of exact duplicates only the first is kept.
+
+    >>> pareto_front([(1,), (2,), (3,), (2,)], [0.5, 0.4, 0.9, 0.7])
+    [0, 2, 3]
+    """
+    if len(costs) != len(scores):
+        raise SortedNetError(f"pareto_front: {len(costs)} cost rows but {len(scores)} scores")
+    pts = [(tuple(float(x) for x in c), float(s)) for c, s in zip(costs, scores)]
+    # a point can only be dominated by one sorted before it (cost tuple ascending, score descending),
+    # and if so also by a point already on the front: one pass, O(N * front)
+    order = sorted(range(len(pts)), key=lambda i: (pts[i][0], -pts[i][1], i))
+    front: list[int] = []
+    if all(len(c) == 1 for c, _ in pts):  # one cost axis: a sweep keeping the best score so far
+        best = -math.inf
+        for i in order:
+            if pts[i][1] > best:
+                front.append(i)
+                best = pts[i][1]
+        return sorted(front)
+    for i in order:
+        ci, si = pts[i]
+        if not any(pts[j][1] >= si and all(a <= b for a, b in zip(pts[j][0], ci)) for j in front):
+            front.append(i)
+    return sorted(front)
+
+
+def _fmt(x: float) -> str:
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    ax = abs(x)
+    if ax >= 1e9:
+        return f"{x / 1e9:.3g}G"
+    if ax >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    if ax >= 1e3:
+        return f"{x / 1e3:.3g}k"
+    if ax < 1e-3:
+        return f"{x * 1e6:.3g}µ"
+    if ax < 1:
+        return f"{x * 1e3:.3g}m"
+    return f"{x:.4g}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured cost (and optional score) of every sub-model. Made by :meth:`Nest.profile`;
+    saved by ``sn.save`` and restored by ``sn.load``.
+
+    >>> import sortednet as sn
+    >>> subs = tuple(sn.SubModel(h=h) for h in (2, 4, 8))
+    >>> p = sn.Profile(subs, {"params": (10.0, 20.0, 40.0)}, scores=(0.5, 0.8, 0.8))
+    >>> [str(s) for s in p.front("params")]
+    ['h=2', 'h=4']
+    >>> sn.Profile.from_dict(p.to_dict()) == p
+    True
+    """
+
+    submodels: tuple[SubModel, ...]
+    costs: dict[str, tuple[float, ...]]
+    scores: tuple[float, ...] | None = None
+    device: str = "cpu"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.submodels)
+        for metric, values in self.costs.items():
+            if metric not in METRICS:
+                raise SortedNetError(f"Profile: unknown metric {metric!r}; known: {list(METRICS)}")
+            if len(values) != n:
+                raise SortedNetError(f"Profile: {metric!r} has {len(values)} values for {n} sub-models")
+        if self.scores is not None and len(self.scores) != n:
+            raise SortedNetError(f"Profile: {len(self.scores)} scores for {n} sub-models")
+        object.__setattr__(self, "_pos", {s: i for i, s in enumerate(self.submodels)})
+
+    def index(self, sub: SubModel) -> int:
+        """Position of ``sub`` in :attr:`submodels`."""
+        i = self._pos.get(sub)
+        if i is None:
+            raise SortedNetError(f"sub-model {sub} is not in this profile")
+        return i
+
+    def cost(self, sub: SubModel, metric: str = "params") -> float:
+        """The recorded ``metric`` of ``sub``."""
+        if metric not in self.costs:
+            raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
+        return self.costs[metric][self.index(sub)]
+
+    def front(self, metric: str = "params") -> tuple[SubModel, ...]:
+        """Sub-models on the Pareto front of (``metric``, score), cheapest first.
+        Without scores the parameter count stands in for the score."""
+        if metric not in self.costs:
+            raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
+        scores = self.scores if self.scores is not None else self.costs.get("params")
+        if scores is None:
+            raise SortedNetError("a Pareto front needs scores or a 'params' column")
+        idx = pareto_front([(c,) for c in self.costs[metric]], scores)
+        return tuple(self.submodels[i] for i in sorted(idx, key=lambda i: self.costs[metric][i]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; :meth:`from_dict` rebuilds an equal profile."""
+        return {"submodels": [s.to_dict() for s in self.submodels],
+                "costs": {k: list(v) for k, v in self.costs.items()},
+                "scores": None if self.scores is None else list(self.scores),
+                "device": self.device, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Profile":
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(tuple(SubModel(s) for s in d["submodels"]),
+                       {k: tuple(float(x) for x in v) for k, v in d["costs"].items()},
+                       None if d.get("scores") is None else tuple(float(x) for x in d["scores"]),
+                       d.get("device", "cpu"), dict(d.get("meta") or {}))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SortedNetError(f"not a Profile dictionary: {e!r}") from None
+
+    def to_markdown(self, metric: str = "params") -> str:
+        """A markdown table, one row per sub-model; ``*`` marks the Pareto front of (``metric``, score)."""
+        on_front = set(self.front(metric)) if metric in self.costs else set()
+        metrics = [m for m in METRICS if m in self.costs]
+        head = ["sub-model", *(f"{m}" + (f" ({_UNITS[m]})" if _UNITS[m] else "") for m in metrics)]
+        if self.scores is not None:
+            head.append("score")
+        head.append("front")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, s in enumerate(self.submodels):
+            row = [f"`{s}`", *(_fmt(self.costs[m][i]) for m in metrics)]
+            if self.scores is not None:
+                row.append(f"{self.scores[i]:.4g}")
+            row.append("*" if s in on_front else "")
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str, metric: str = "params") -> None:
+        """Save a scatter of score (or params) against ``metric``, front highlighted (needs matplotlib).
+
+        Draws on its own ``Figure`` with the Agg canvas: pyplot, its global state and
+        the process's matplotlib backend are left alone."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        if metric not in self.costs:
+            raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
+        ys = self.scores if self.scores is not None else self.costs["params"]
+        xs = self.costs[metric]
+        front = self.front(metric)
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ax.scatter(xs, ys, s=14, c="0.6", label="sub-models")
+        fx = [self.cost(s, metric) for s in front]
+        fy = [ys[self.index(s)] for s in front]
+        ax.plot(fx, fy, "o-", c="C3", label="Pareto front")
+        ax.set_xlabel(metric + (f" ({_UNITS[metric]})" if _UNITS[metric] else ""))
+        ax.set_ylabel("score" if self.scores is not None else "params")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+
+
+def build_profile(nest: Any, example: Any, *, score: Callable[[SubModel], float] | None,
+                  metrics: Sequence[str], repeat: int, warmup: int, progress: bool) -> Profile:
+    """Measure ``metrics`` (and ``score``) for every sub-model of ``nest``; see :meth:`Nest.profile`."""
+    metrics = tuple(dict.fromkeys(("params", *metrics)))
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise SortedNetError(f"unknown metric(s) {bad}; known: {list(METRICS)}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1 or warmup < 0:
+        raise SortedNetError(f"repeat must be an int >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
+    from tqdm.auto import tqdm
+
+    cols: dict[str, list[float]] = {m: [] for m in metrics}
+    scores: list[float] = []
+    with eval_mode(nest) as (view, _):  # measured in eval mode on a private view: no thread sees a mode change
+        for sub in tqdm(nest.submodels, desc="profiling", disable=not progress, leave=False):
+            cols["params"].append(float(nest.cost(sub, "params")))
+            if "flops" in metrics:
+                cols["flops"].append(float(nest._flops(sub, example, model=view)))
+            if "latency" in metrics:
+                cols["latency"].append(measure_latency(nest, sub, example, repeat=repeat, warmup=warmup, model=view))
+            if "memory" in metrics:
+                cols["memory"].append(float(measure_memory(nest, sub, example, model=view)))
+            if score is not None:
+                with nest.use(sub):
+                    value = float(score(sub))
+                if value != value:
+                    raise SortedNetError(f"score({sub}) returned NaN")
+                scores.append(value)
+    device = next((str(t.device) for t in tree_leaves(example) if isinstance(t, Tensor)), "cpu")
+    return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},
+                   tuple(scores) if score is not None else None, device,
+                   {"repeat": repeat, "warmup": warmup, "input": [list(map(str, s)) if isinstance(s, tuple) else s
+                                                                  for s in example_signature(example)]})

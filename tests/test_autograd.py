@@ -1,0 +1,270 @@
+"""Invariant 12: gradients of a live sub-model behave exactly as plain autograd does,
+whatever fast path computes them (``wrap(..., inplace_grad=True)``, the default).
+
+Every test builds the same model twice: ``fast`` (in-place gradient path on every
+sliced tensor, or at the default threshold with real-size weights) and ``ref``
+(``inplace_grad=False``: plain autograd slicing), then compares ``.backward``,
+``autograd.grad``, hooks, ``create_graph``, ``torch.func`` and concurrent backward.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+import sortednet as sn
+from models import FAMILIES
+from sortednet.views import SliceInto
+
+#: name -> (builder, inplace_min_numel): None keeps the default threshold (4096) with real-size weights
+CASES = {
+    "mlp": (lambda: FAMILIES["mlp"](), 0),
+    "cnn_bn_residual": (lambda: FAMILIES["cnn_bn_residual"](), 0),
+    "lm_width_heads_depth": (lambda: FAMILIES["lm_width_heads_depth"](), 0),
+    "sequential": (lambda: FAMILIES["sequential"](), 0),
+    "mlp_real_size": (lambda: FAMILIES["mlp"](h1=128, h2=64), None),  # fc2.weight: 8192 elements
+}
+NO_SDPA = ["mlp", "cnn_bn_residual", "sequential", "mlp_real_size"]  # SDPA has no double backward on CPU
+
+
+def tol(a, b, msg):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{msg}: {m}")
+
+
+def loss_of(y: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return (y * torch.randn(y.shape, generator=g)).sum()
+
+
+def pair(name: str):
+    """(case, nest) built twice from the same seed: the fast path and plain autograd."""
+    build, min_numel = CASES[name]
+    out = []
+    for inplace in (True, False):
+        case = build()
+        out.append((case, sn.wrap(case.model, *case.dims, inplace_grad=inplace, inplace_min_numel=min_numel)))
+    return out
+
+
+def subs_of(nest):
+    """Sub-models below the largest (where slices, hence the fast path, exist)."""
+    s = nest.submodels
+    return [s[0], s[len(s) // 2]]
+
+
+def params_of(case):
+    return [p for p in case.model.parameters() if p.requires_grad]
+
+
+def same_grads(got, want, what):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None or not g.any(), f"{what}[{i}]: gradient where plain autograd has none"
+        else:
+            assert g is not None, f"{what}[{i}]: None where plain autograd has a gradient"
+            tol(g, w, f"{what}[{i}]")
+
+
+def uses_fast_path(case, nest, sub) -> bool:
+    with nest.use(sub):
+        return any(isinstance(getattr(m, n, None), torch.Tensor) and getattr(m, n).grad_fn is not None
+                   and type(getattr(m, n).grad_fn).__name__ == "SliceIntoBackward"
+                   for m in case.model.modules() if "_sn" in m.__dict__ for n in ("weight", "in_proj_weight"))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_fast_path_runs(name):
+    (case, fast), (ref_case, ref) = pair(name)
+    assert uses_fast_path(case, fast, fast.smallest), "no weight took the in-place gradient path"
+    assert not uses_fast_path(ref_case, ref, ref.smallest)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_backward_accumulates_like_plain_autograd(name):
+    res = []
+    for case, nest in pair(name):
+        for sub in subs_of(nest):                    # two sub-models accumulate into the same .grad
+            with nest.use(sub):
+                loss_of(case.model(case.example)).backward()
+        res.append([p.grad for p in params_of(case)])
+    same_grads(res[0], res[1], ".grad")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_autograd_grad_returns_gradients_and_leaves_dot_grad_alone(name):
+    res = []
+    for case, nest in pair(name):
+        params = params_of(case)
+        with nest.use(subs_of(nest)[1]):
+            loss = loss_of(case.model(case.example))
+        res.append(torch.autograd.grad(loss, params, allow_unused=True))
+        assert all(p.grad is None for p in params), "autograd.grad wrote .grad"
+    same_grads(res[0], res[1], "autograd.grad")
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_real_size", "lm_width_heads_depth"])
+def test_backward_inputs_accumulates_only_the_inputs(name):
+    res = []
+    for case, nest in pair(name):
+        params = params_of(case)
+        chosen = params[::2]
+        with nest.use(nest.smallest):
+            loss_of(case.model(case.example)).backward(inputs=chosen)
+        assert all(p.grad is None for p in params[1::2]), "a parameter outside inputs= got a gradient"
+        res.append([p.grad for p in chosen])
+    same_grads(res[0], res[1], "backward(inputs=)")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_parameter_hooks_see_plain_gradients(name):
+    res = []
+    for case, nest in pair(name):
+        params = params_of(case)
+        seen: dict = {}
+        for i, p in enumerate(params):
+            p.register_hook(lambda g, i=i: seen.setdefault(("hook", i), []).append(g.clone()))
+            p.register_post_accumulate_grad_hook(lambda q, i=i: seen.setdefault(("post", i), []).append(
+                q.grad.clone()))
+        for sub in subs_of(nest):
+            with nest.use(sub):
+                loss_of(case.model(case.example)).backward()
+        res.append(seen)
+    fast, ref = res
+    assert fast.keys() == ref.keys() and ref, "hooks did not fire as in plain autograd"
+    for k in ref:
+        assert len(fast[k]) == len(ref[k]), k
+        for a, b in zip(fast[k], ref[k]):
+            tol(a, b, str(k))
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("name", NO_SDPA)
+def test_second_order_gradients_match(name):
+    res = []
+    for case, nest in pair(name):
+        params = params_of(case)
+        sub = subs_of(nest)[0]
+        with nest.use(sub):                       # a gradient-norm penalty through autograd.grad
+            loss = loss_of(case.model(case.example))
+        gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        pen = sum((g ** 2).sum() for g in gs if g is not None)
+        first = torch.autograd.grad(pen, params, allow_unused=True)
+        with nest.use(sub):                       # and through backward(create_graph=True)
+            loss_of(case.model(case.example)).backward(create_graph=True)
+        pen = sum((p.grad ** 2).sum() for p in params if p.grad is not None)
+        second = torch.autograd.grad(pen, params, allow_unused=True)
+        for p in params:
+            p.grad = None                         # break the grad <-> graph cycle
+        res.append((first, second))
+    same_grads(res[0][0], res[1][0], "autograd.grad(create_graph=True) penalty")
+    same_grads(res[0][1], res[1][1], "backward(create_graph=True) penalty")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_torch_func_grad_and_vmap(name):
+    res = []
+    for case, nest in pair(name):
+        ps = {k: v.detach() for k, v in case.model.named_parameters()}
+
+        def f(ps, x, model=case.model):
+            return loss_of(functional_call(model, ps, (x,)))
+
+        def per_sample(ps, x, model=case.model):
+            return functional_call(model, ps, (x[None],)).square().sum()
+
+        with nest.use(nest.smallest):
+            g = grad(f)(ps, case.example)
+            v = vmap(grad(per_sample), in_dims=(None, 0))(ps, case.example)
+        assert all(p.grad is None for p in params_of(case))
+        res.append((g, v))
+    for k in res[1][0]:
+        tol(res[0][0][k], res[1][0][k], f"func.grad {k}")
+        tol(res[0][1][k], res[1][1][k], f"vmap(grad) {k}")
+
+
+@pytest.mark.parametrize("name", ["mlp_real_size", "lm_width_heads_depth"])
+def test_concurrent_backward_adds_up(name, trials=50, threads=4):
+    """Threads run backward at once on shared parameters (sub-models below the largest:
+    the in-place path); the sums equal the sequential ones up to rounding."""
+    (case, nest), _ = pair(name)
+    subs = [nest.submodels[i % (len(nest.submodels) - 1)] for i in range(threads)]
+    params = params_of(case)
+    for s in subs:
+        with nest.use(s):
+            loss_of(case.model(case.example)).backward()
+    want = [None if p.grad is None else p.grad.clone() for p in params]
+    for trial in range(trials):
+        case.model.zero_grad(set_to_none=True)
+        barrier = threading.Barrier(threads)
+        losses = []
+        for s in subs:
+            with nest.use(s):
+                losses.append(loss_of(case.model(case.example)))
+        errors: list = []
+
+        def body(i):
+            try:
+                barrier.wait()
+                losses[i].backward()  # noqa: B023
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        ts = [threading.Thread(target=body, args=(i,)) for i in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not errors, errors
+        same_grads([p.grad for p in params], want, f"trial {trial}")
+
+
+def test_inplace_min_numel_is_a_per_nest_setting():
+    big = FAMILIES["mlp"](h1=128, h2=64)
+    low = FAMILIES["mlp"](h1=128, h2=64)
+    a = sn.wrap(big.model, *big.dims)                          # default: only fc2.weight (8192)
+    b = sn.wrap(low.model, *low.dims, inplace_min_numel=0)     # every sliced tensor
+    with a.use(a.smallest), b.use(b.smallest):
+        kinds = [(type(x.fc1.weight.grad_fn).__name__ == "SliceIntoBackward",
+                  type(x.fc2.weight.grad_fn).__name__ == "SliceIntoBackward") for x in (big.model, low.model)]
+    assert kinds == [(False, True), (True, True)]
+    assert SliceInto is sn.slicers._SliceInto
+    for bad in (-1, 1.5, True, "4096"):
+        case = FAMILIES["mlp"]()
+        with pytest.raises(sn.SortedNetError, match="inplace_min_numel"):
+            sn.wrap(case.model, *case.dims, inplace_min_numel=bad)
+        assert "_sn" not in case.model.fc1.__dict__
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel"])
+@pytest.mark.parametrize("name", ["mlp_real_size", "sequential"])
+def test_checkpoint_recomputes_the_forward_submodel(name, where, reentrant):
+    (case, nest), (ref_case, ref) = pair(name)
+    sub = subs_of(nest)[0]
+    x = case.example.clone().requires_grad_()   # reentrant checkpoint needs an input requiring grad
+    with ref.use(sub):
+        loss_of(ref_case.model(x)).backward()
+    want = [p.grad for p in params_of(ref_case)]
+    how = [lambda: nest.checkpoint(case.model, x, use_reentrant=reentrant)]
+    if not reentrant:  # the context_fn form for a plain torch.utils.checkpoint call
+        how.append(lambda: torch.utils.checkpoint.checkpoint(case.model, x, use_reentrant=False,
+                                                             context_fn=nest.checkpoint_context))
+    for run in how:
+        case.model.zero_grad(set_to_none=True)
+        with nest.use(sub):
+            loss = loss_of(run())
+        if where == "other_thread":
+            t = threading.Thread(target=loss.backward)
+            t.start()
+            t.join(60)
+        elif where == "other_submodel":
+            with nest.use(nest.largest):
+                loss.backward()
+        else:
+            loss.backward()
+        same_grads([p.grad for p in params_of(case)], want, f"checkpoint ({where})")

@@ -1,0 +1,132 @@
+"""nest.check / wrap(example=): each wiring mistake of the table is caught with a
+message naming the module and the missing binding; a correct nest passes; a
+failed wrap(example=) leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import arch
+import sortednet as sn
+from models import FAMILIES, assert_unchanged, snapshot
+
+
+@functools.cache
+def _specs(name: str) -> tuple:
+    model, x = _build(name)
+    return tuple(d.spec() for d in sn.discover(model, x, ratios=[0.5, 1.0]))
+
+
+def _build(name: str):
+    if name in arch.ARCHS:
+        return arch.build(name)
+    case = FAMILIES[name]()
+    return case.model.eval(), case.example
+
+
+def _dims(name: str) -> list:
+    return [sn.dims.dimension_from_spec(s) for s in _specs(name)]
+
+
+def listed(dims) -> list[dict]:
+    """Full, smallest, and each dimension alone at its smallest (what check dry-runs)."""
+    return [{}, {d.name: d.sizes[0] for d in dims}, *({d.name: d.sizes[0]} for d in dims)]
+
+
+def drop(path: str, *roles: str):
+    """The discovered declarations with ``path`` removed from ``roles`` of the Width that lists it."""
+
+    def edit(specs: list[dict]) -> list[dict]:
+        hit = [s for s in specs if s["kind"] == "width" and any(path in s[r] for r in roles)]
+        assert hit, (path, roles)
+        for s in hit:
+            for r in roles:
+                s[r] = [p for p in s[r] if p != path]
+        return specs
+
+    return edit
+
+
+def add(role: str, path: str, size: int = 2):
+    def edit(specs: list[dict]) -> list[dict]:
+        return [*specs, {"kind": "width", "name": "extra", "sizes": [size, _full(path, role)], "out": [path],
+                         "inp": [], "norm": []}]
+
+    return edit
+
+
+def _full(path, role):
+    return 5  # mlp's fc3 has 5 classes
+
+
+def split(path: str):
+    """The Width listing ``path`` under out= split in two dimensions (``path`` alone in the second)."""
+
+    def edit(specs: list[dict]) -> list[dict]:
+        s = next(s for s in specs if s["kind"] == "width" and path in s["out"])
+        s["out"] = [p for p in s["out"] if p != path]
+        return [*specs, {**s, "name": s["name"] + "_b", "out": [path], "inp": [], "norm": [],
+                         "sizes": [s["sizes"][0] * 2 if s["sizes"][0] * 2 < s["sizes"][-1] else 1, s["sizes"][-1]]}]
+
+    return edit
+
+
+# (architecture, edit of its discovered declarations, text the error must contain)
+MISTAKES = [
+    ("resnet18", drop("layer2.0.downsample.0", "out"), "out='layer2.0.downsample.0'"),       # downsample branch
+    ("resnet18", drop("layer2.0.downsample.1", "norm"), "norm='layer2.0.downsample.1'"),     # its BatchNorm
+    ("resnet18", drop("layer1.0.bn1", "norm"), "norm='layer1.0.bn1'"),                         # forgotten norm=
+    ("resnet18", drop("layer1.0.conv2", "inp"), "inp='layer1.0.conv2'"),                       # out= without inp=
+    ("resnet18", drop("layer1.0.conv2", "out"), "out='layer1.0.conv2'"),                       # residual partner
+    ("resnet50", drop("layer1.0.downsample.0", "inp"), "inp='layer1.0.downsample.0'"),         # stem -> downsample
+    ("mobilenet_v3", drop("features.1.block.1.fc1", "inp"), "inp='features.1.block.1.fc1'"),  # SE squeeze input
+    ("mobilenet_v3", drop("features.1.block.1.fc2", "out"), "out='features.1.block.1.fc2'"),  # SE scale
+    ("mobilenet_v2", drop("features.2.conv.1.0", "out", "inp"), "features.2.conv.1.0"),       # depthwise conv
+    ("efficientnet_b0", drop("features.2.0.block.1.1", "norm"), "norm='features.2.0.block.1.1'"),
+    ("cnn_bn_residual", drop("gn", "norm"), "norm='gn'"),                                      # GroupNorm
+    ("mlp", drop("ln", "norm"), "norm='ln'"),                                                  # LayerNorm
+    ("lm_width_heads_depth", drop("blocks.1.attn.k", "inp"), "inp='blocks.1.attn.k'"),         # one of q/k/v
+    ("torch_encoder", drop("enc.layers.0.self_attn", "inp"), "inp='enc.layers.0.self_attn'"),  # MHA embed dim
+    ("mlp", add("out", "fc3"), "'fc3'"),                                                       # classes sliced
+    ("resnet18", split("layer1.0.conv2"), "must shrink together"),                             # two dims, one group
+]
+
+
+@pytest.mark.parametrize("name,edit,text", MISTAKES, ids=[f"{m[0]}-{m[2][:30]}" for m in MISTAKES])
+def test_check_names_the_missing_binding(name, edit, text):
+    model, x = _build(name)
+    dims = [sn.dims.dimension_from_spec(s) for s in edit([dict(s) for s in _specs(name)])]
+    nest = sn.wrap(model, *dims, submodels=listed(dims))
+    with pytest.raises(sn.SortedNetError) as err:
+        nest.check(x)
+    assert text in str(err.value), str(err.value)
+    assert "nest.check" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3", "lm_width_heads_depth"])
+def test_wrap_with_example_leaves_the_model_as_it_was_on_failure(name):
+    model, x = _build(name)
+    snap = snapshot(model)
+    was = [m.training for m in model.modules()]
+    dims = [sn.dims.dimension_from_spec(s) for s in MISTAKES[[m[0] for m in MISTAKES].index(name)][1](
+        [dict(s) for s in _specs(name)])]
+    with pytest.raises(sn.SortedNetError, match="nest.check"):
+        sn.wrap(model, *dims, submodels=listed(dims), example=x)
+    assert_unchanged(model, snap)
+    assert [m.training for m in model.modules()] == was
+    dims = _dims(name)
+    nest = sn.wrap(model, *dims, submodels=listed(dims), example=x)  # the same model wraps fine afterwards
+    assert nest.active == nest.largest
+
+
+def test_check_keeps_training_mode_and_weights():
+    model, x = _build("resnet18")
+    model.train()
+    dims = _dims("resnet18")
+    nest = sn.wrap(model, *dims, submodels=listed(dims))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nest.check(x)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,155 @@
+"""sn.discover: on every rebuilt architecture and test family, the discovered
+declarations wrap into nests whose sampled sub-models run, export and equal the
+live output; what must not shrink is left out."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import arch
+import sortednet as sn
+from models import FAMILIES, assert_unchanged, run, snapshot
+from sortednet.discover import sizes_for
+
+NAMES = sorted(arch.ARCHS) + sorted(FAMILIES)
+
+
+def build(name: str):
+    if name in arch.ARCHS:
+        return arch.build(name)
+    case = FAMILIES[name]()
+    return case.model.eval(), case.example
+
+
+def sample(dims, n=4, seed=0):
+    """Each dimension alone at its smallest, all smallest, and ``n`` random mixes."""
+    rng = random.Random(seed)
+    subs = [{d.name: d.sizes[0]} for d in dims] + [{d.name: d.sizes[0] for d in dims}, {}]
+    subs += [{d.name: rng.choice(d.sizes) for d in dims} for _ in range(n)]
+    return subs
+
+
+def widths(dims):
+    return [d for d in dims if isinstance(d, sn.Width)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_discovered_nest_runs_exports_and_matches(name):
+    model, x = build(name)
+    expected = run(copy.deepcopy(model), x)
+    snap = snapshot(model)
+    dims = sn.discover(model, x, ratios=[0.25, 0.5, 1.0])
+    assert_unchanged(model, snap)                       # discovery never touches the model
+    assert widths(dims), f"{name}: no width found"
+    nest = sn.wrap(model, *dims, submodels=sample(dims))
+    assert torch.equal(run(model, x), expected)         # largest = the original model
+    for sub in nest.submodels:
+        with nest.use(sub):
+            live = run(model, x)
+        small = nest.export(sub)
+        assert live.shape == expected.shape             # the network's output never shrinks
+        torch.testing.assert_close(run(small, x), live, atol=1e-5, rtol=0)
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params")
+    nest.check(x)
+
+
+def _where(dims, path, role):
+    return [d.name for d in widths(dims) if path in getattr(d, role)]
+
+
+def test_resnet18_groups_residual_downsample_and_stem():
+    model, x = arch.build("resnet18")
+    dims = sn.discover(model, x)
+    stage1 = next(d for d in dims if "layer1.0.conv2" in d.out)
+    assert {"conv1", "layer1.0.conv2"} <= set(stage1.out) and {"bn1", "layer1.0.bn2"} <= set(stage1.norm)
+    assert {"layer2.0.conv1", "layer2.0.downsample.0"} <= set(stage1.inp)
+    stage2 = next(d for d in dims if "layer2.0.conv2" in d.out)
+    assert "layer2.0.downsample.0" in stage2.out and "layer2.0.downsample.1" in stage2.norm
+    assert _where(dims, "fc", "inp") and not _where(dims, "fc", "out")  # classes never shrink
+    assert not _where(dims, "conv1", "inp")                            # nor does the input
+
+
+def test_left_out_what_cannot_shrink():
+    dims = sn.discover(*arch.build("convnext"))        # layer scale: a raw parameter on the stage width
+    assert all(d.out[0].endswith("block.3") for d in widths(dims)) and len(widths(dims)) == 4
+    dims = sn.discover(*arch.build("regnet_y"))        # grouped 3x3 convolution
+    assert not any(p.endswith("f.b.0") for d in widths(dims) for p in (*d.out, *d.inp))
+    dims = sn.discover(*arch.build("vit_torchvision"))  # class token + position embedding
+    assert not _where(dims, "conv_proj", "out")
+    assert [d.attn for d in dims if isinstance(d, sn.Heads)] == [("layers.0.self_attention",),
+                                                                  ("layers.1.self_attention",)]
+    assert not _where(*[sn.discover(*build("sequential")), "2", "out"])  # flatten of 4x10 into a Linear
+
+
+def test_heads_that_would_crash_are_dropped():
+    torch.manual_seed(0)
+    model = arch.TimmViT(reshape_c=True).eval()        # timm's reshape(B, N, C): fewer heads cannot run
+    x = torch.randn(2, 3, 16, 16)
+    dims = sn.discover(model, x)
+    assert not [d for d in dims if isinstance(d, sn.Heads)] and len(widths(dims)) == 2
+    assert len([d for d in sn.discover(model, x, verify=False) if isinstance(d, sn.Heads)]) == 2
+
+
+class Odd(nn.Module):
+    """Channels rolled, concatenated, split: discovery must leave those out, keep the plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.d, self.e = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 2)
+        self.f, self.g = nn.Conv2d(8, 6, 1), nn.Conv2d(6, 8, 1)
+
+    def forward(self, x):
+        y = torch.roll(self.a(x), 1, dims=1)                          # not understood: fixed
+        z = self.d(torch.cat([self.b(x), self.c(x)], 1))             # concatenated channels: fixed
+        w, _ = self.e(y + z).chunk(2, dim=1)                         # split channels: fixed
+        v = self.g(F.relu(self.f(torch.cat([w, w], 1))))             # 6 free channels between f and g
+        return self.head(v.mean((2, 3)))
+
+
+def test_unknown_ops_concat_and_split_fix_their_channels():
+    model = Odd().eval()
+    dims = sn.discover(model, torch.randn(2, 3, 5, 5))
+    assert [(d.out, d.inp) for d in widths(dims)] == [(("f",), ("g",)), (("g",), ("head",))]
+
+
+def test_sizes_respect_group_norm_and_grouped_query_heads():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.Conv2d(16, 2, 1))
+    (d,) = sn.discover(model, torch.randn(1, 3, 4, 4), ratios=[0.3, 0.6])
+    assert d.sizes == (4, 8, 16) and d.norm == ("1",)
+    lm, x = build("lm_width_heads_depth")
+    heads = [d for d in sn.discover(lm, x, ratios=[0.25, 0.5]) if isinstance(d, sn.Heads)]
+    assert heads and all(s % 2 == 0 for d in heads for s in d.sizes)   # 4 query heads over 2 kv heads
+
+
+@pytest.mark.parametrize("ratios", [[], [0.0], [1.5], ["a"], None])
+def test_bad_ratios_are_refused(ratios):
+    model, x = build("mlp")
+    with pytest.raises(sn.SortedNetError, match="ratios"):
+        sn.discover(model, x, ratios=ratios)
+
+
+def test_refuses_a_wrapped_model_and_a_failing_forward():
+    model, x = build("mlp")
+    nest = sn.wrap(model, *sn.discover(model, x))
+    with pytest.raises(sn.SortedNetError, match="unwrap"):
+        sn.discover(model, x)
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError, match="failed on the example"):
+        sn.discover(model, torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("full,ratios,mult", [(64, [0.25, 0.5], 1), (7, [0.1, 0.5, 0.9], 1), (24, [0.3], 8),
+                                              (10, [0.5], 4)])
+def test_sizes_for_is_ascending_unique_and_ends_full(full, ratios, mult):
+    s = sizes_for(full, ratios, mult)
+    assert s == sorted(set(s)) and s[-1] == full and s[0] >= 1
+    if full % mult == 0:
+        assert all(v % mult == 0 for v in s)

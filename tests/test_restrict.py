@@ -1,0 +1,89 @@
+"""A nest restricted with ``wrap(..., submodels=[...])`` serves and exports only those sub-models;
+the same dimension passed twice and a Heads size that disagrees with the module's own head count are
+refused at wrap time, before anything changes (invariants 9 and 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sortednet as sn
+from models import FAMILIES, Attention, assert_unchanged, snapshot
+
+
+def _forms(sub: sn.SubModel) -> list:
+    return [sub, dict(sub), str(sub)]
+
+
+@settings(max_examples=15, deadline=None)
+@given(family=st.sampled_from(["mlp", "lm_width_heads_depth", "tied_lm"]), data=st.data())
+def test_restricted_nest_refuses_unlisted_submodels(family, data):
+    probe = FAMILIES[family]()
+    every = list(sn.wrap(probe.model, *probe.dims).submodels)
+    listed = data.draw(st.lists(st.sampled_from(every), min_size=1, max_size=len(every) - 1, unique=True))
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims, submodels=listed)
+    assert set(nest.submodels) == set(listed)
+    outside = [s for s in every if s not in set(listed)]
+    for sub in data.draw(st.lists(st.sampled_from(outside), min_size=1, max_size=3, unique=True)):
+        for form in _forms(sub):
+            with pytest.raises(sn.SortedNetError, match="not one of the .* sub-models this nest was restricted to"):
+                with nest.use(form):
+                    pass
+            with pytest.raises(sn.SortedNetError, match="restricted"):
+                nest.export(form)
+            with pytest.raises(sn.SortedNetError, match="restricted"):
+                nest.activate(form)
+    for sub in listed:
+        for form in _forms(sub):
+            with nest.use(form) as got:
+                assert got == sub and nest.active == sub
+        assert sum(p.numel() for p in nest.export(sub).parameters()) == nest.cost(sub)
+
+
+def test_restricted_message_lists_allowed_submodels():
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims, submodels=["h1=4,h2=4", "h1=16,h2=12"])
+    with pytest.raises(sn.SortedNetError, match=r"h1=4,h2=4.*h1=16,h2=12|h1=16,h2=12.*h1=4,h2=4"):
+        nest.export("h1=8,h2=12")
+
+
+def test_same_dimension_twice_is_refused_before_anything_changes():
+    case = FAMILIES["mlp"]()
+    before = snapshot(case.model)
+    with pytest.raises(sn.SortedNetError, match="passed to wrap\\(\\) twice"):
+        sn.wrap(case.model, case.dims[0], *case.dims)
+    assert_unchanged(case.model, before)
+    nest = sn.wrap(case.model, *case.dims)                    # the same dimensions, once each: fine
+    assert len(nest.submodels) == len(case.dims[0].sizes) * len(case.dims[1].sizes)
+
+
+class Block12(torch.nn.Module):
+    """Hand-written attention with num_heads=4 over 12 features (head size 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention(12, 4)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("sizes", [[1, 2, 3], [2, 6], [3, 12]])
+def test_heads_sizes_disagreeing_with_the_modules_head_count_are_refused(sizes):
+    torch.manual_seed(0)
+    model = Block12()
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=rf"'attn'.*num_heads=4.*largest size {sizes[-1]}"):
+        sn.wrap(model, sn.Heads("heads", sizes, attn="attn"))
+    assert_unchanged(model, before)
+
+
+def test_heads_sizes_matching_the_head_count_are_accepted():
+    torch.manual_seed(0)
+    model = Block12()
+    nest = sn.wrap(model, sn.Heads("heads", [1, 2, 4], attn="attn"))
+    with nest.use("heads=2"):
+        assert model.attn.num_heads == 2 and model.attn.q.weight.shape == (6, 12)

@@ -1,0 +1,399 @@
+"""Every family in sortednet.integrations.LAYOUTS, built from a tiny config (no downloads), plus the fused
+layouts that were silently wrong (GPT-NeoX interleaved q/k/v, Phi-3 [gate; up], fused grouped-query q/k/v)
+and T5's per-head relative position bias.
+
+With ``SORTEDNET_COVERAGE=path.json`` the tests record what each family passed; ``scripts/coverage_table.py``
+renders docs/transformers.md's coverage table from that file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+from torch import nn  # noqa: E402
+
+import sortednet as sn  # noqa: E402
+import sortednet.integrations as sni  # noqa: E402
+from sortednet.integrations import export_pretrained, soft_loss  # noqa: E402
+
+V = 50
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+IMG = dict(image_size=16, patch_size=8, num_channels=3)
+TOK = dict(vocab_size=V, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def _c(cls, cfg, **kw):
+    return lambda: getattr(T, cls)(getattr(T, cfg)(**kw))
+
+
+# name -> (builder, from_transformers kwargs, kind, heads-sliced export loads in the stock class)
+FAMILIES = {
+    "phi3": (_c("Phi3ForCausalLM", "Phi3Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, **TOK), dict(ffn=[16], depth=[1]), "causal", True),
+    "gpt_neox": (_c("GPTNeoXForCausalLM", "GPTNeoXConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, **TOK), dict(ffn=[24], heads=[2], depth=[1]), "causal", False),
+    "opt": (_c("OPTForCausalLM", "OPTConfig", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+               word_embed_proj_dim=32, max_position_embeddings=64, **TOK),
+            dict(ffn=[24], heads=[2], depth=[1]), "causal", False),
+    "falcon": (_c("FalconForCausalLM", "FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  new_decoder_architecture=True, num_kv_heads=2, **TOK),
+               dict(ffn=[64], heads=[2], depth=[1]), "causal", False),
+    "mixtral": (_c("MixtralForCausalLM", "MixtralConfig", hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, **TOK),
+                dict(ffn=[12], heads=[2], depth=[1]), "causal", True),
+    "qwen2_moe": (_c("Qwen2MoeForCausalLM", "Qwen2MoeConfig", hidden_size=32, intermediate_size=48,
+                     moe_intermediate_size=16, shared_expert_intermediate_size=24, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2, **TOK),
+                  dict(ffn=[8], heads=[2], depth=[1]), "causal", True),
+    "t5": (_c("T5ForConditionalGeneration", "T5Config", vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+              num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+           dict(ffn=[24], heads=[2], depth=[1]), "seq2seq", True),
+    "distilbert": (_c("DistilBertModel", "DistilBertConfig", vocab_size=V, dim=32, hidden_dim=48, n_layers=2,
+                      n_heads=4), dict(ffn=[24], heads=[2], depth=[1]), "encoder", False),
+    "vit": (_c("ViTModel", "ViTConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, **IMG), dict(ffn=[24], heads=[2], depth=[1]), "vision", False),
+    "deit": (_c("DeiTModel", "DeiTConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, **IMG), dict(ffn=[24], heads=[2], depth=[1]), "vision", False),
+    "clip_vision": (_c("CLIPVisionModel", "CLIPVisionConfig", hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, **IMG),
+                    dict(ffn=[24], heads=[2], depth=[1]), "vision", False),
+    "clip_text": (_c("CLIPTextModel", "CLIPTextConfig", vocab_size=V, hidden_size=32, intermediate_size=48,
+                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16),
+                  dict(ffn=[24], heads=[2], depth=[1]), "encoder", False),
+}
+RECORD = os.environ.get("SORTEDNET_COVERAGE")
+
+
+def record(family: str, check: str) -> None:
+    """Append ``family passed check`` to the coverage file (only when SORTEDNET_COVERAGE is set)."""
+    if RECORD:
+        with open(RECORD, "a") as f:
+            f.write(json.dumps({"family": family, "check": check}) + "\n")
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    make, kw, kind, loads = FAMILIES[name]
+    model = make().eval()
+    with torch.no_grad():  # non-trivial norms and biases: a wrong slice cannot hide
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, kw, kind, loads
+
+
+def inputs(kind, seed=1, b=2, t=7):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "vision":
+        return {"pixel_values": torch.randn(b, 3, 16, 16, generator=g)}
+    x = torch.randint(2, V, (b, t), generator=g)
+    return {"input_ids": x, "decoder_input_ids": x[:, :5]} if kind == "seq2seq" else {"input_ids": x}
+
+
+def out(model, x):
+    o = model(**x)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+INPUTS_SRC = f"V = {V}\n" + inspect.getsource(inputs) + inspect.getsource(out)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_largest_is_original_and_every_export_matches_live(name):
+    model, kw, kind, loads = build(name)
+    x = inputs(kind)
+    with torch.no_grad():
+        ref = out(model, x)
+        nest = sn.from_transformers(model, **kw)
+        assert torch.equal(out(model, x), ref)
+        for sub in nest.submodels:
+            with nest.use(sub):
+                live = out(model, x)
+            small = nest.export(sub, plain=True)
+            torch.testing.assert_close(out(small, x), live, atol=1e-5, rtol=0)
+            fewer_heads = sub.get("heads", 4) < 4
+            if loads or not fewer_heads:  # nest.export of a PreTrainedModel: config matches the shapes
+                small = nest.export(sub)
+                assert small.config is not model.config
+                with torch.device("meta"):
+                    fresh = type(small)(small.config)
+                assert {k: v.shape for k, v in fresh.state_dict().items()} == \
+                       {k: v.shape for k, v in small.state_dict().items()}
+                torch.testing.assert_close(out(small, x), live, atol=1e-5, rtol=0)
+            else:
+                with pytest.raises(sn.SortedNetError, match="plain=True"):
+                    nest.export(sub)
+        assert torch.equal(out(model, x), ref)
+    record(name, "ffn/heads/depth")
+
+
+def test_fresh_process_from_pretrained_equals_live(tmp_path):
+    """Every family: export -> save_pretrained -> from_pretrained in ONE other Python process."""
+    want = {}
+    for name, (_, kw, kind, loads) in FAMILIES.items():
+        model, kw, kind, loads = build(name)
+        nest = sn.from_transformers(model, **kw)
+        sub = nest.smallest if loads else nest.resolve({"heads": 4})
+        export_pretrained(nest, sub).save_pretrained(tmp_path / name)
+        with torch.no_grad(), nest.use(sub):
+            want[name] = (type(model).__name__, kind, out(model, inputs(kind)).tolist())
+    code = ("import json, sys, torch, transformers as T\n" + INPUTS_SRC +  # no sortednet in that process
+            "res = {}\n"
+            "for name, (cls, kind, _) in json.load(open(sys.argv[1] + '/want.json')).items():\n"
+            "    m = getattr(T, cls).from_pretrained(sys.argv[1] + '/' + name).eval()\n"
+            "    with torch.no_grad():\n        res[name] = out(m, inputs(kind)).tolist()\nprint(json.dumps(res))")
+    (tmp_path / "want.json").write_text(json.dumps(want))
+    env = {**os.environ, "PYTHONPATH": SRC, "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sortednet" not in proc.stdout
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (_, _, live) in want.items():
+        torch.testing.assert_close(torch.tensor(fresh[name]), torch.tensor(live), atol=1e-5, rtol=0)
+        record(name, "from_pretrained (fresh process)")
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[2] in ("causal", "seq2seq")])
+def test_generate_live_equals_export(name):
+    model, kw, kind, loads = build(name)
+    nest = sn.from_transformers(model, **kw)
+    prompt = inputs(kind, b=1, t=4)["input_ids"]
+    sub = nest.smallest
+    with torch.no_grad(), nest.use(sub):
+        live = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(live, uncached)
+    small = export_pretrained(nest, sub) if loads else nest.export(sub, plain=True)
+    assert torch.equal(small.generate(prompt, max_new_tokens=5, do_sample=False), live)
+    record(name, "generate live == export")
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[2] == "causal"])
+def test_soft_loss_equals_separate_exits(name):
+    model, _, kind, _ = build(name)
+    nest = sn.from_transformers(model, depth=[1])
+    x = inputs(kind)["input_ids"]
+    got = soft_loss(nest, x)
+    for d in (1, 2):
+        with nest.use({"depth": d}):
+            torch.testing.assert_close(got.losses[d], model(input_ids=x, labels=x).loss, atol=1e-5, rtol=1e-5)
+    record(name, "SoFT")
+
+
+SORTABLE = ["phi3", "gpt_neox", "opt", "distilbert", "vit", "clip_text"]
+
+
+@pytest.mark.parametrize("name", SORTABLE)
+def test_importance_sorting_preserves_the_full_model(name):
+    model, kw, kind, _ = build(name)
+    kw = {k: v for k, v in kw.items() if k != "depth"}
+    nest = sn.from_transformers(model, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + torch.rand_like(p))
+    x = inputs(kind, b=3)
+    with torch.no_grad():
+        ref = out(model, x)
+
+    def loss_fn(m, b):  # encoders: a mean-pooled embedding objective
+        return out(m, b).mean(1).pow(2).sum()
+
+    perms = sn.sort_by_importance(nest, [x], loss_fn=loss_fn)
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, x), ref, atol=1e-5, rtol=1e-5)
+    assert not all(torch.equal(p, torch.arange(len(p))) for layer in perms.values() for p in layer.values())
+    record(name, "importance sorting")
+
+
+@pytest.mark.parametrize("name", ["mixtral", "t5"])
+def test_importance_sorting_refuses_what_it_cannot_permute(name):
+    model, kw, kind, _ = build(name)
+    nest = sn.from_transformers(model, **kw)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="does not support the"):
+        sn.sort_by_importance(nest, [inputs(kind)], loss_fn=lambda m, b: out(m, b).sum())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sort_by_importance_batch_errors():
+    model = T.BertModel(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=48))
+    nest = sn.from_transformers(model, ffn=[24])
+    bad = (torch.randint(0, V, (2, 5)), ["some text"], torch.randn(2, 5), {"input_ids": torch.ones(1, 3).long()})
+    for batch in bad:
+        with pytest.raises(sn.SortedNetError, match="loss_fn=") as e:
+            sn.sort_by_importance(nest, [batch])
+        assert len(str(e.value)) < 600  # never the model's repr
+
+
+# -- the cases that were silently wrong -------------------------------------------------------------------
+
+def _masked_reference(model, x, dense_modules, keep: int, unit: int):
+    """Full model with the inputs of the output projections zeroed beyond ``keep`` heads of ``unit`` features."""
+    hooks = [m.register_forward_pre_hook(lambda m, a: (a[0] * (torch.arange(a[0].shape[-1]) < keep * unit),))
+             for m in dense_modules]
+    try:
+        return out(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_interleaved_qkv_equals_masked_heads_and_unstated_layout_is_refused():
+    model, _, kind, _ = build("gpt_neox")
+    x = inputs(kind)
+    with pytest.raises(sn.SortedNetError, match="layout='interleaved'"):  # was: silently sliced as thirds
+        sn.wrap(model, sn.Heads("heads", [2, 4], attn="gpt_neox.layers.*.attention", qkv="query_key_value"))
+    assert type(model.gpt_neox.layers[0].attention.query_key_value) is nn.Linear  # left unchanged
+    with torch.no_grad():
+        want = _masked_reference(model, x, [b.attention.dense for b in model.gpt_neox.layers], 2, 8)
+        nest = sn.wrap(model, sn.Heads("heads", [2, 4], attn="gpt_neox.layers.*.attention", qkv="query_key_value",
+                                       layout="interleaved"))
+        with nest.use("heads=2"):
+            torch.testing.assert_close(out(model, x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_gate_up_equals_masked_neurons():
+    model, _, kind, _ = build("phi3")
+    x = inputs(kind)
+    with torch.no_grad():
+        want = _masked_reference(model, x, [b.mlp.down_proj for b in model.model.layers], 16, 1)
+        with pytest.raises(sn.SortedNetError, match="chunks="):
+            sn.wrap(model, sn.Width("ffn", [16, 48], out="model.layers.*.mlp.gate_up_proj",
+                                    inp="model.layers.*.mlp.down_proj"))
+        nest = sn.wrap(model, sn.Width("ffn", [16, 48], out="model.layers.*.mlp.gate_up_proj",
+                                       inp="model.layers.*.mlp.down_proj", chunks=2))
+        with nest.use("ffn=16"):
+            torch.testing.assert_close(out(model, x), want, atol=1e-5, rtol=1e-5)
+            assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (32, 32)
+
+
+class _FusedGQA(nn.Module):
+    """Fused grouped-query attention: rows [q (H*d); k (KV*d); v (KV*d)] of one projection."""
+
+    def __init__(self, E=32, H=4, KV=2):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = H, KV, E // H
+        self.qkv = nn.Linear(E, (H + 2 * KV) * self.head_dim)
+        self.proj = nn.Linear(E, E)
+
+    def forward(self, x):
+        B, T_, _ = x.shape
+        H, KV, d = self.num_heads, self.num_key_value_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * d, KV * d, KV * d], -1)
+        q = q.view(B, T_, H, d).transpose(1, 2)
+        k, v = (t.view(B, T_, KV, d).transpose(1, 2).repeat_interleave(H // KV, 1) for t in (k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T_, H * d))
+
+
+def test_fused_grouped_query_qkv_equals_masked_heads():
+    torch.manual_seed(0)
+    attn = _FusedGQA().eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        h = attn.proj.register_forward_pre_hook(lambda m, a: (a[0] * (torch.arange(32) < 16),))
+        want = attn(x)
+        h.remove()
+        nest = sn.wrap(attn, sn.Heads("heads", [2, 4], attn="", layout="stacked"))
+        with nest.use("heads=2"):
+            torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
+            assert attn.qkv.weight.shape == (16 + 8 + 8, 32) and attn.num_key_value_heads == 1
+
+
+def test_t5_heads_slice_the_relative_position_bias():
+    model, _, kind, _ = build("t5")
+    x = inputs(kind)
+    nest = sn.from_transformers(model, heads=[2])
+    with torch.no_grad(), nest.use("heads=2"):
+        blocks = [*model.encoder.block, *model.decoder.block]
+        dense = [m for b in blocks for n, m in b.named_modules() if n.endswith("Attention.o")]
+        nest_out = out(model, x)
+    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape == (32, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(nest_out, _masked_reference(model, x, dense, 2, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_export_of_a_pretrained_model_never_keeps_a_stale_config(tmp_path):
+    model, _, kind, _ = build("phi3")
+    nest = sn.wrap(model, sn.Depth("depth", [1, 2], layers="model.layers"))  # declared by hand
+    small = nest.export("depth=1")
+    assert small.config.num_hidden_layers == 1 and model.config.num_hidden_layers == 2
+    small.save_pretrained(tmp_path)
+    T.Phi3ForCausalLM.from_pretrained(tmp_path)  # was: refused (mismatched sizes)
+    assert nest.export("depth=1", plain=True).config.num_hidden_layers == 2  # explicitly plain
+
+
+def test_rank_svd_export_pretrained_and_rank_targets(tmp_path):
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, **TOK)).eval()
+    nest = sn.from_transformers(model, rank=[4, 16], rank_mode="svd",
+                                rank_targets=["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"])
+    assert {p.rsplit(".", 1)[-1] for p in nest.dims[0].targets} == {"q_proj", "o_proj", "up_proj"}
+    x = inputs("causal")
+    for sub in nest.submodels:
+        small = export_pretrained(nest, sub)  # was: AttributeError 'Sequential' object has no attribute 'weight'
+        small.save_pretrained(tmp_path / str(sub))
+        back = T.LlamaForCausalLM.from_pretrained(tmp_path / str(sub)).eval()
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(out(back, x), out(model, x), atol=1e-4, rtol=1e-4)
+
+
+class _DemoLayout:
+    """GPT-J is not in the built-in table: a user describes it once."""
+
+    layout = sni.Layout("gptj", probe=("attn.q_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
+                        ffn_out=("mlp.fc_in",), ffn_inp=("mlp.fc_out",), attn=("attn",),
+                        qkv=("q_proj", "k_proj", "v_proj"), o="out_proj", ffn_key="n_inner", heads_key="n_head",
+                        norm="ln_f", causal=True)
+
+
+def test_register_layout_gives_an_unlisted_family_every_feature(tmp_path):
+    torch.manual_seed(0)
+    model = T.GPTJForCausalLM(T.GPTJConfig(n_embd=32, n_inner=48, n_layer=2, n_head=4, rotary_dim=4,
+                                           n_positions=32, **TOK)).eval()
+    with pytest.raises(sn.SortedNetError, match="register_layout"):
+        sn.from_transformers(model, ffn=[24])
+    manual = sn.wrap(model, sn.Depth("depth", [1, 2], layers="transformer.h"))
+    with pytest.raises(sn.SortedNetError, match="register_layout") as e:
+        soft_loss(manual, inputs("causal")["input_ids"])
+    assert "by hand" in str(e.value) and "declare the dimensions" not in str(e.value)
+    manual.unwrap()
+    lay = sni.register_layout(_DemoLayout.layout)
+    try:
+        nest = sn.from_transformers(model, ffn=[24], heads=[2], depth=[1])
+        x = inputs("causal")["input_ids"]
+        sn.sort_by_importance(nest, [x])
+        soft_loss(nest, x).loss.backward()
+        export_pretrained(nest, "ffn=24,heads=4,depth=1").save_pretrained(tmp_path)
+        back = T.GPTJForCausalLM.from_pretrained(tmp_path).eval()
+        with torch.no_grad(), nest.use("ffn=24,heads=4,depth=1"):
+            torch.testing.assert_close(out(back, {"input_ids": x}), out(model, {"input_ids": x}), atol=1e-5, rtol=0)
+    finally:
+        sni.unregister_layout(lay)
+
+
+def test_trainer_paths_refuse_data_parallel_runs():
+    from types import SimpleNamespace
+
+    from sortednet.integrations.trainer import SubModelCallback, _refuse_data_parallel
+
+    _refuse_data_parallel(SimpleNamespace(world_size=1), "SortedTrainer")
+    with pytest.raises(sn.SortedNetError, match="sortednet.distributed.accumulate"):
+        _refuse_data_parallel(SimpleNamespace(world_size=2), "SortedTrainer")
+    model, _, _, _ = build("opt")
+    cb = SubModelCallback(sn.from_transformers(model, ffn=[24]))
+    with pytest.raises(sn.SortedNetError, match="world_size=2"):
+        cb.on_train_begin(SimpleNamespace(world_size=2), None, None)
