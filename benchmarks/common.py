@@ -11,19 +11,21 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, repeat: int = 30, warmup: int = 3,
-                inner: int = 1) -> dict[str, float]:
+                inner: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin so that
-    machine noise hits all of them alike."""
+    machine noise hits all of them alike. ``clock=time.thread_time`` counts only the
+    calling thread's CPU time (with one intra-op thread, all of torch's CPU work): time
+    the thread spends preempted by other processes on a shared machine is left out."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = clock()
             for _ in range(inner):
                 f()
-            samples[k].append((time.perf_counter() - t) / inner)
+            samples[k].append((clock() - t) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ def ops(quick: bool) -> list[list]:
             "gacc|col": lambda: g_col[:, :h].add_(gw_col_layout),
             "gw|dense": lambda: x.t() @ go,
         }
-        t = interleaved(fns, repeat=9 if quick else 21)
+        t = interleaved(fns, repeat=9 if quick else 21, clock=time.thread_time)
         rows.append([f"{tokens}x{h} -> {out} (of {full})",
                      t["fwd|row"] / t["fwd|dense"], t["fwd|col"] / t["fwd|dense"],
                      t["gin|row"] / t["gin|dense"], t["gin|col"] / t["gin|dense"],
@@ -99,9 +100,9 @@ def live_vs_alone(build, dims, subs, x, relaid: list[str], repeat: int) -> list[
                     m(x)
 
             train[f"{layout}|{s}"], infer[f"{layout}|{s}"] = tr, inf
-    t_tr = interleaved(train, repeat=repeat)
+    t_tr = interleaved(train, repeat=repeat, clock=time.thread_time)
     with torch.no_grad():
-        t_in = interleaved(infer, repeat=repeat)
+        t_in = interleaved(infer, repeat=repeat, clock=time.thread_time)
     rows = []
     for s in subs:
         a_tr, a_in = t_tr[f"alone|{s}"], t_in[f"alone|{s}"]
@@ -147,7 +148,7 @@ def layers(quick: bool) -> list[list]:
                        "row view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_row, o, i, False)).sum().backward(),
                        "row copy": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_row, o, i, True)).sum().backward(),
                        "col view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_col, o, i, False)).sum().backward()}
-                t = interleaved(fns, repeat=repeat)
+                t = interleaved(fns, repeat=repeat, clock=time.thread_time)
                 rows.append([f"{tokens}x{i} -> {o} (of {full} -> {out})", role,
                              *(t[k] / t["dense"] for k in ("row view", "row copy", "col view")), t["dense"] * 1e3])
     return rows
@@ -181,7 +182,8 @@ def run(quick: bool) -> str:
     return "\n\n".join([
         "# Weight layout of input-sliced nn.Linear weights: row-major (today) vs transposed storage",
         f"Command: `python benchmarks/layout.py{' --quick' if quick else ''}`; torch {torch.__version__}, "
-        f"{platform.machine()}, {torch.get_num_threads()} thread(s); medians of round-robin repeats. "
+        f"{platform.machine()}, {torch.get_num_threads()} thread(s); "
+        "medians of round-robin repeats of the thread's CPU time. "
         "`row`: the user's `(out, in)` layout, `W[:, :h]` a strided view; `col`: the same Parameter re-laid as "
         "the transpose of a contiguous `(in, out)` storage, `W[:, :h]` a dense block.",
         "## Single ops (ratio to the same op on a dense standalone weight)",

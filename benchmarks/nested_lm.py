@@ -8,7 +8,8 @@ groups) x depth {3, 4, 6}: 18 sub-models. Every method runs the same number of
 optimizer steps on the same batches (AdamW, warmup + cosine, clip 1.0):
 
   (a) sortednet: ``sn.Sampler`` + ``sn.accumulate`` (sandwich / uniform, k = 4;
-      a SoFT variant that reads the three depth exits in one pass; in-place distillation);
+      a SoFT variant that reads the three depth exits in one pass; in-place
+      distillation; loss weights per sub-model ``Sampler(loss_weights="cost")``);
   (b) twins: 6 sub-models (smallest to largest, all three dimensions) trained alone from scratch;
   (c) the full model trained alone, then sliced (it is also the largest twin);
   (d) MatFormer: nested FFN only, all granularities every step.
@@ -209,13 +210,13 @@ def check_twins(a: argparse.Namespace, params: dict[str, int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--distill-alpha", type=float, default=0.5)
     ap.add_argument("--val-batches", type=int, default=16)

@@ -12,19 +12,33 @@ sub-models over the SAME weights. For each N:
 - memory: weight bytes before/after wrapping and after visiting every
   sub-model (must not change), and Python bookkeeping bytes per sub-model.
 
-    python benchmarks/switching.py [--quick]
+A second part (issue 10) nests 6 widths of an 8-layer MLP in 10 sizes each:
+N = 10^6 sub-models. It times wrap, the first pick (builds the selector), a
+pick, a sampler draw, save and load, each with its peak of traced Python
+memory (NumPy included), in a fresh process; with ``--baseline REV`` the same
+script also runs against the package as of git revision REV (``git archive``,
+read-only) for a before/after table.
+
+    python benchmarks/switching.py [--quick] [--baseline REV]
 
 Writes benchmarks/results/switching.md. Targets: switching <= 50 us and flat
-in N; pick <= 1 ms at N = 10,000; zero bytes of weights per extra sub-model.
+in N; pick <= 1 ms at N = 10,000; zero bytes of weights per extra sub-model;
+at N = 10^6 every operation within ~1 s and ~100 MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import os
 import platform
 import random
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 
@@ -150,10 +164,113 @@ def measure(n_dims: int, quick: bool) -> dict:
             "walk_sampled": len(sample) < n}
 
 
+def million() -> dict:
+    """The N = 10^6 case (run in a fresh process: see ``--million-json``).
+
+    Each operation runs twice: once timed, once under tracemalloc for its memory
+    peak (tracing slows Python code down, so it is kept out of the timing)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers = [nn.Linear(D_IN, HID)] + [nn.Linear(HID, HID) for _ in range(6)] + [nn.Linear(HID, D_OUT)]
+    base = nn.Sequential(*[m for lin in layers for m in (lin, nn.ReLU())][:-1])
+
+    def wrap():
+        return sn.wrap(copy.deepcopy(base), *[sn.Width(f"w{i}", SIZES, out=str(2 * i), inp=str(2 * i + 2))
+                                              for i in range(6)])
+
+    out: dict = {}
+
+    def step(name, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - t0
+        tracemalloc.start()
+        fn()
+        out[name] = (seconds, tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        return value
+
+    nest = step("wrap", wrap)
+    out["N"] = len(nest.submodels)
+    hi = nest.cost(nest.largest)
+
+    def first_pick():
+        nest._selector = None
+        return nest.pick(params=hi / 2)
+
+    step("first pick (builds the selector)", first_pick)
+    rng = random.Random(0)
+    budgets = [rng.uniform(hi / 4, hi) for _ in range(1000)]
+    t0 = time.perf_counter()
+    for b in budgets:
+        nest.pick(params=b)
+    out["pick (each, mean of 1000)"] = ((time.perf_counter() - t0) / len(budgets), 0)
+    sampler = step("Sampler(nest.submodels, k=4, 'sandwich')",
+                   lambda: sn.Sampler(nest.submodels, k=4, strategy="sandwich", seed=0))
+    sampler.draw(0)
+    t0 = time.perf_counter()
+    for i in range(100):
+        sampler.draw(i)
+    out["sampler.draw (each, mean of 100)"] = ((time.perf_counter() - t0) / 100, 0)
+    path = os.path.join(tempfile.mkdtemp(), "million.safetensors")
+    step("sn.save", lambda: sn.save(nest, path))
+    with open(path, "rb") as f:
+        out["header bytes"] = int.from_bytes(f.read(8), "little")
+    out["file bytes"] = os.path.getsize(path)
+    loaded = step("sn.load (fresh model)", lambda: sn.load(copy.deepcopy(base), path))
+    assert len(loaded.submodels) == out["N"]
+    out["max RSS (MB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_million(src: str) -> dict:
+    """``million()`` in a new process importing sortednet from ``src``."""
+    env = {**os.environ, "PYTHONPATH": src}
+    res = subprocess.run([sys.executable, __file__, "--million-json"], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def baseline_src(rev: str) -> str:
+    """A temporary copy of ``src/`` as of git revision ``rev`` (read-only ``git archive``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dest = tempfile.mkdtemp(prefix="sortednet-baseline-")
+    archive = subprocess.run(["git", "-C", root, "archive", rev, "src"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return os.path.join(dest, "src")
+
+
+def million_table(now: dict, before: dict | None) -> str:
+    ops = [k for k, v in now.items() if isinstance(v, list)]
+    heads = ["operation (N = 10^6)", "time (s)", "peak traced memory (MB)"]
+    if before is not None:
+        heads += ["before: time (s)", "before: memory (MB)"]
+    rows = []
+    for k in ops:
+        row = [k, round(now[k][0], 4), round(now[k][1] / 1e6, 1)]
+        if before is not None:
+            b = before.get(k)
+            row += ["-", "-"] if b is None else [round(b[0], 4), round(b[1] / 1e6, 1)]
+        rows.append(row)
+    for k in ("header bytes", "file bytes", "max RSS (MB)"):
+        rows.append([k, round(now[k], 1), ""] + ([round(before[k], 1), ""] if before is not None else []))
+    return table(heads, rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="sample the per-sub-model walk instead of timing it all")
+    ap.add_argument("--baseline", metavar="REV", help="also run the 10^6 case against git revision REV")
+    ap.add_argument("--million-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.million_json:
+        print(json.dumps(million()))
+        return
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    big_now = run_million(src)
+    print(big_now, flush=True)
+    big_before = run_million(baseline_src(args.baseline)) if args.baseline else None
+    print(big_before, flush=True)
     torch.set_num_threads(1)
     measure(1, quick=True)   # warm-up: first FlopCounterMode / dispatch use is slow
     rows = []
@@ -192,7 +309,11 @@ def main(argv: list[str] | None = None) -> None:
             "'weight bytes' is measured after running 200 sub-models: equal to the plain model's "
             f"({rows[0]['weights_plain']} bytes), so extra sub-models cost no weight memory; "
             "'bookkeeping' is Python memory traced while wrapping (sub-model objects, parameter-count "
-            "cache), divided by N.\n")
+            "cache), divided by N.\n"
+            "\n## 10^6 sub-models\n\nAn 8-layer MLP (32 -> 40 x7 -> 8) with 6 widths nested in 10 sizes each, "
+            "one fresh process per column" + (f"; 'before' is git revision `{args.baseline}`" if args.baseline else "")
+            + ". Peak traced memory is tracemalloc's peak during the operation (Python objects and NumPy arrays).\n\n"
+            + million_table(big_now, big_before) + "\n")
     print(text)
     print("wrote", write("switching.md", text))
 

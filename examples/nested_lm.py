@@ -15,6 +15,7 @@ generates text.
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pydoc_data.topics import topics
@@ -23,7 +24,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sortednet as sn
-from sortednet.integrations import export_pretrained
 
 
 def data(ctx: int, batch: int, steps: int, seed: int = 0):
@@ -71,7 +71,8 @@ def main() -> None:
     # 2. sorted training: largest + smallest + 1 random sub-model per step, one backward each
     sampler = sn.Sampler(nest.submodels, k=3, strategy="sandwich", seed=0)
     opt = torch.optim.AdamW(nest.trainable_parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # short warmup, then cosine decay
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     t0 = time.perf_counter()
     for step, x in enumerate(train):
         sn.accumulate(nest, sampler.draw(step), lambda x=x: model(input_ids=x, labels=x).loss)
@@ -87,10 +88,10 @@ def main() -> None:
     print("score = minus held-out loss (nats/char)")
     print(prof.to_markdown())
 
-    # 4. the best sub-model within the parameter budget, as a stock LlamaForCausalLM
+    # 4. the best-scoring sub-model within the parameter budget, exported as a stock LlamaForCausalLM
     sub = nest.pick(params=args.budget * nest.cost(nest.largest))
     with tempfile.TemporaryDirectory() as tmp:
-        export_pretrained(nest, sub).save_pretrained(tmp)
+        nest.export(sub).save_pretrained(tmp)  # a LlamaForCausalLM whose config has the smaller shapes
         small = LlamaForCausalLM.from_pretrained(tmp).eval()
     n = sum(p.numel() for p in small.parameters())
     print(f"picked {sub}: {n:,} params ({n / nest.cost(nest.largest):.0%} of the full model), "

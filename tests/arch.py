@@ -307,8 +307,8 @@ class RegNet(nn.Module):
         self.stem = cna(3, 8, 3, 2)
         blocks, cin = [], 8
         for i, (w, d) in enumerate(zip(widths, depths)):
-            blocks.append((f"block{i + 1}", nn.Sequential(*[ResBottleneckBlock(cin if j == 0 else w, w, 2 if j == 0 else 1,
-                                                                               se_ratio=se_ratio) for j in range(d)])))
+            stage = [ResBottleneckBlock(cin if j == 0 else w, w, 1 + (j == 0), se_ratio=se_ratio) for j in range(d)]
+            blocks.append((f"block{i + 1}", nn.Sequential(*stage)))
             cin = w
         self.trunk_output = nn.Sequential(OrderedDict(blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))

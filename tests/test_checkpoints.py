@@ -214,8 +214,9 @@ CASES = {
     "unexpected_weight": E(_tensor(lambda t, m: t.__setitem__("evil.weight", torch.zeros(2)))),
     "wrong_shape": E(_tensor(lambda t, m: t.__setitem__("head.weight", torch.zeros(4, 9)))),
     "wrong_dtype": E(_tensor(lambda t, m: t.__setitem__("head.weight", t["head.weight"].double()))),
-    "other_model": E(_tensor(lambda t, m: t.update({k: torch.zeros(tuple(16 if s == 8 else s for s in v.shape), dtype=v.dtype)
-                                                    for k, v in list(t.items()) if not k.startswith("_")}))),
+    "other_model": E(_tensor(lambda t, m: t.update({
+        k: torch.zeros(tuple(16 if s == 8 else s for s in v.shape), dtype=v.dtype)
+        for k, v in list(t.items()) if not k.startswith("_")}))),
     "calib_unknown_reserved": E(_tensor(lambda t, m: t.__setitem__("_sortednet/evil", torch.zeros(1)))),
     "calib_wrong_shape": E(_tensor(lambda t, m: t.__setitem__(BN, torch.zeros(5)))),
     "calib_wrong_dtype": E(_tensor(lambda t, m: t.__setitem__(BN, t[BN].double()))),
@@ -346,7 +347,7 @@ RAW = {
     "padded_data": lambda r: r + b"\0" * 8,
     "header_length_huge": lambda r: (2 ** 60).to_bytes(8, "little") + r[8:],
     "header_length_past_end": lambda r: (len(r)).to_bytes(8, "little") + r[8:],
-    "header_garbage": lambda r: r[:8] + b"\xff" * (int.from_bytes(r[:8], "little")) + r[8 + int.from_bytes(r[:8], "little"):],
+    "header_garbage": lambda r: r[:8] + b"\xff" * _header(r)[0] + r[8 + _header(r)[0]:],
     "header_json_list": lambda r: _with_header(r, {}).replace(b"{}", b"[]", 1),
     "header_bad_dtype": lambda r: _with_header(r, {k: (dict(v, dtype="EVIL") if k == "head.bias" else v)
                                                    for k, v in _header(r)[1].items()}),

@@ -212,7 +212,7 @@ def test_gpt2_tied_lm_head_export():
     before = snapshot(model)
     x = torch.randint(0, 50, (2, 6))
     for sub in nest.submodels:
-        small = nest.export(sub)
+        small = nest.export(sub, plain=True)   # (a GPT2Config cannot state a sliced hidden width)
         assert small.lm_head.weight is small.transformer.wte.weight, sub
         assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params"), sub
         with nest.use(sub), torch.no_grad():

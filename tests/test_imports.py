@@ -63,10 +63,6 @@ def imports_of(name: str) -> set[str]:
     return {m for m in out if m in MODULES and m != name}
 
 
-def _parents(name: str) -> set[str]:
-    """Importing ``a.b.c`` runs ``a`` and ``a.b`` first; a package's ``__init__`` is not a dependency edge."""
-    return set()
-
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sortednet as sn
-from models import FAMILIES, case_params, run
+from models import FAMILIES, assert_unchanged, case_params, run, snapshot
 from sortednet.meta import exact_spec
 
 FAMS = sorted(FAMILIES)
@@ -132,3 +133,109 @@ def test_pickling_a_wrapped_model_says_what_to_do(tmp_path):
     sn.wrap(c.model, *c.dims)
     with pytest.raises(sn.SortedNetError, match=r"cannot be pickled.*sn\.save"):
         torch.save(c.model, tmp_path / "model.pt")
+
+
+# -- issue 10: wrap rollback, file hygiene, scale -------------------------------------------
+class FlakyLinear(torch.nn.Linear):
+    """A Linear whose slicer's prepare fails on its second call (like an SVD running out of memory)."""
+
+
+@sn.slicer(FlakyLinear)
+class FlakySlicer(sn.Slicer):
+    roles = ("out", "inp")
+    attrs = ("weight", "bias", "in_features", "out_features")
+    calls = 0
+
+    def full(self, m, role):
+        return m.__dict__["out_features" if role == "out" else "in_features"]
+
+    def value(self, m, name):
+        if name in ("weight", "bias"):
+            return self.take(m, name, [(0, "out"), (1, "inp")][: 1 if name == "bias" else 2])
+        return self.features(m, "out" if name == "out_features" else "inp", m.__dict__[name])
+
+    def prepare(self, m):
+        m._parameters["extra"] = torch.nn.Parameter(torch.zeros(1))   # half-done work to undo
+        m.weight.requires_grad_(False)
+        type(self).calls += 1
+        if type(self).calls % 2 == 0:
+            raise MemoryError("simulated: out of memory in prepare")
+
+
+def test_wrap_restores_every_module_when_prepare_fails():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(FlakyLinear(4, 8), torch.nn.ReLU(), FlakyLinear(8, 8), FlakyLinear(8, 2))
+    FlakySlicer.calls = 0
+    before = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(MemoryError):
+        sn.wrap(model, sn.Width("a", [4, 8], out="0", inp="2"), sn.Width("b", [4, 8], out="2", inp="3"))
+    assert_unchanged(model, before)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not any("_sn" in m.__dict__ for m in model.modules())
+
+
+def test_save_keeps_umask_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from sortednet import checkpoint
+
+    c = FAMILIES["mlp"]()
+    nest = sn.wrap(c.model, *c.dims)
+    path = tmp_path / "n.safetensors"
+    old = os.umask(0o022)
+    try:
+        sn.save(nest, path)
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["n.safetensors"]
+    good = path.read_bytes()
+    calls = []
+
+    def failing(t):
+        calls.append(t)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed half-way
+        return real(t)
+
+    real = checkpoint._raw
+    monkeypatch.setattr(checkpoint, "_raw", failing)
+    with pytest.raises(KeyboardInterrupt):
+        sn.save(nest, path)
+    assert sorted(os.listdir(tmp_path)) == ["n.safetensors"]  # no .tmp left, old file intact
+    assert path.read_bytes() == good
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_vectorised_params_equal_the_counter(family):
+    """nest._params (one gather per parameter group) equals ParamCounter and export's count."""
+    from sortednet.cost import ParamCounter
+
+    c = FAMILIES[family]()
+    nest = sn.wrap(c.model, *c.dims)
+    counter = ParamCounter(nest)
+    assert list(nest._params) == [counter(s) for s in nest.submodels]
+    assert list(nest._params) == sorted(nest._params)
+    for s in (nest.smallest, nest.largest):
+        assert nest.cost(s) == sum(p.numel() for p in nest.export(s).parameters())
+    sub = nest.submodels[::2]
+    again = sn.wrap(nest.unwrap(), *FAMILIES[family]().dims, submodels=sub)
+    assert list(again.submodels) == sorted(sub, key=lambda s: (counter(s), tuple(s.values())))
+
+
+def test_a_million_submodels_stay_small_and_fast(tmp_path):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 20)] + [torch.nn.Linear(20, 20) for _ in range(5)] + [torch.nn.Linear(20, 4)]
+    model = torch.nn.Sequential(*layers)
+    sizes = list(range(2, 21, 2))
+    dims = [sn.Width(f"w{i}", sizes, out=str(i), inp=str(i + 1)) for i in range(6)]
+    t0 = time.perf_counter()
+    nest = sn.wrap(model, *dims)
+    assert len(nest.submodels) == 10 ** 6 and time.perf_counter() - t0 < 10
+    pick = nest.pick(params=1500)
+    assert nest.cost(pick) == nest._params[nest._params <= 1500].max()       # the most params within budget
+    assert sn.Sampler(nest, k=3, strategy="sandwich", seed=1).draw(5)[-1] == nest.largest
+    path = tmp_path / "big.safetensors"
+    sn.save(nest, path)
+    assert path.stat().st_size < 100_000
+    loaded = sn.load(copy.deepcopy(nest.unwrap()), path)
+    assert loaded.submodels == nest.submodels

@@ -164,3 +164,114 @@ def test_inplace_backward_ignores_other_threads_submodel(family, monkeypatch):
         else:
             close(p.grad, w, "gradient of the sub-model active at forward")
     close(box["b_out"], run(c.model, c.example), "output of b")   # b is the largest = default
+
+
+# -- the active sub-model belongs to the calling context (invariant 11) --------------------------
+def test_asyncio_tasks_on_one_thread_each_see_their_own_submodel():
+    """Two tasks interleave ``use`` blocks across awaits on one thread: each sees its own
+    sub-model (and its output), and the thread is back to the default afterwards."""
+    import asyncio
+
+    c = FAMILIES["mlp"]()
+    nest = sn.wrap(c.model, *c.dims)
+    a, b = nest.smallest, nest.submodels[len(nest.submodels) // 2]
+    want = {}
+    for s in (a, b):
+        with nest.use(s):
+            want[s] = run(c.model, c.example)
+    distinct(want.values())
+    seen: list = []
+
+    async def task(sub, other_entered, mine_entered):
+        with nest.use(sub):
+            mine_entered.set()
+            await other_entered.wait()          # the other task is inside its own use() now
+            for _ in range(3):
+                await asyncio.sleep(0)
+                seen.append((sub, nest.active, run(c.model, c.example)))
+        seen.append((None, nest.active, None))
+
+    async def main():
+        ea, eb = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(task(a, eb, ea), task(b, ea, eb))
+
+    asyncio.run(main())
+    assert len(seen) == 8
+    for sub, active, y in seen:
+        if sub is None:
+            assert active == nest.largest       # a task's exit restores what it started with
+        else:
+            assert active == sub
+            assert torch.equal(y, want[sub])
+    assert nest.active == nest.largest
+
+
+def test_thread_started_inside_use_sees_it_only_with_the_context():
+    import contextvars
+
+    c = FAMILIES["mlp"]()
+    nest = sn.wrap(c.model, *c.dims)
+    sub = nest.smallest
+    got = {}
+    with nest.use(sub):
+        ctx = contextvars.copy_context()
+        t1 = threading.Thread(target=ctx.run, args=(lambda: got.setdefault("copied", nest.active),))
+        t2 = threading.Thread(target=lambda: got.setdefault("plain", nest.active))
+        for t in (t1, t2):
+            t.start()
+            t.join(30)
+    assert got == {"copied": sub, "plain": nest.largest}
+    nest.activate(sub)                           # a plain thread starts with the nest-wide default
+    try:
+        t = threading.Thread(target=lambda: got.__setitem__("plain", nest.active))
+        t.start()
+        t.join(30)
+        assert got["plain"] == sub
+    finally:
+        nest.activate(nest.largest)
+
+
+def test_activate_is_atomic():
+    """One thread flips the default between two sub-models that differ in every dimension;
+    readers always see one of them whole (``nest.active`` and the sliced shapes), never a mix."""
+    c = FAMILIES["lm_width_heads_depth"]()
+    nest = sn.wrap(c.model, *c.dims)
+    a, b = nest.smallest, nest.largest
+    assert all(a[k] != b[k] for k in a)
+    shapes = {}
+    for s in (a, b):
+        nest.activate(s)
+        shapes[s] = [tuple(p.shape) for _, p, in _views(c.model)]
+    stop, bad, reads = threading.Event(), [], [0]
+
+    def flip():
+        while not stop.is_set():
+            nest.activate(a)
+            nest.activate(b)
+
+    def read():
+        while not stop.is_set():
+            s = nest.active
+            if s not in (a, b):
+                bad.append(s)
+            reads[0] += 1
+
+    ts = [threading.Thread(target=flip), threading.Thread(target=read)]
+    for t in ts:
+        t.start()
+    try:
+        for _ in range(200):                     # a whole forward's worth of reads: one plan per read
+            v = [tuple(p.shape) for _, p, in _views(c.model)]
+            assert all(x in (y, z) for x, y, z in zip(v, shapes[a], shapes[b]))
+    finally:
+        stop.set()
+        for t in ts:
+            t.join(30)
+        nest.activate(nest.largest)
+    assert not bad and reads[0] > 0
+
+
+def _views(model):
+    for name, p in model.named_parameters():
+        path, _, attr = name.rpartition(".")
+        yield name, getattr(model.get_submodule(path), attr),

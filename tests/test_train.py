@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -513,11 +517,6 @@ else:                                         # the uninterrupted run, then both
 
 
 def test_fit_resumed_after_sigkill_is_bit_exact(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT)
     ckpt = tmp_path / "ckpt"

@@ -195,8 +195,8 @@ def read(path: str | os.PathLike) -> Container:
                                  "safetensors file")
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER or n > size - 8:
-            raise SortedNetError(f"cannot read sortednet checkpoint {p!r}: header length {n:,} is "
-                                 f"{'above the limit of ' + format(MAX_HEADER, ',') if n > MAX_HEADER else 'past the end of the file'} "
+            why = f"above the limit of {MAX_HEADER:,}" if n > MAX_HEADER else "past the end of the file"
+            raise SortedNetError(f"cannot read sortednet checkpoint {p!r}: header length {n:,} is {why} "
                                  "(not a safetensors file, or a damaged one)")
         raw = f.read(n)
         header = parse_json(raw, f"header of {p!r}")

@@ -282,8 +282,13 @@ class _Analysis:
             elif ev.kind == "attn":
                 if not attention_block(self, ev):  # not the pattern after all: its inside, op by op
                     self.run(ev.inner)
-            elif (_tensors(ev.out) or ev.name == "__setitem__") and not handle(self, ev):
-                self.unknown(ev)
+            elif _tensors(ev.out) or ev.name == "__setitem__":
+                try:
+                    ok = handle(self, ev)
+                except Exception:  # an unexpected signature: not understood
+                    ok = False
+                if not ok:
+                    self.unknown(ev)
 
 
 

@@ -238,6 +238,8 @@ def handle(a, ev) -> bool:
         o = outs[0]
         d = _dim_arg(ev, 1) % o.dim()
         srcs: list[list[int]] = [[] for _ in o.shape]
+        if any(t.dim() != o.dim() - (name == "stack") for t in parts):
+            return False
         for t in parts:
             tv = a.of(t)
             for i in range(o.dim()):

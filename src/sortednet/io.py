@@ -19,10 +19,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
-from .checkpoint import parse_json
 from .errors import SortedNetError
-from .meta import (EXTRA_PREFIX, FORMAT, FORMATS, calibration_entries, check_profile, exact_spec, read_meta,
-                   rows_of)
+from .meta import EXTRA_PREFIX, FORMAT, FORMATS, calibration_entries, check_profile, exact_spec, read_meta, rows_of
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
 
@@ -47,7 +45,7 @@ def _target_state(model: nn.Module, planned: Mapping[str, tuple]) -> dict[str, t
 def _alias_groups(state: Mapping[str, tuple]) -> list[list[str]]:
     """State-dict names grouped by the tensor they share (tied weights), in state_dict order."""
     groups: dict[Any, list[str]] = {}
-    for k, (t, shape, dtype) in state.items():
+    for k, (t, _, _) in state.items():
         key = ("new", k) if t is None or t.numel() == 0 else (
             t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         groups.setdefault(key, []).append(k)
@@ -160,7 +158,10 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             target_model = nest.model
         else:
             dims = meta["dims_built"](dict(model.named_modules()))
-            planned = plan(model, dims)                   # validates the wrap; changes nothing
+            try:
+                planned = plan(model, dims)               # validates the wrap; changes nothing
+            except SortedNetError as e:
+                raise type(e)(f"checkpoint {where} does not fit this {type(model).__name__}: {e}") from None
             target_model = model
         rows = rows_of(meta, where)
         state = _target_state(target_model, planned)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .errors import SortedNetError
+
 if TYPE_CHECKING:
     from .nest import Nest
 
@@ -52,7 +54,12 @@ def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = ()) -> Iterator[tu
             memo[id(st)] = dataclasses.replace(st, extra=dict(st.extra)) if id(m) in own else st
         if id(m) in own and getattr(m, "num_batches_tracked", None) is not None:
             memo[id(m.num_batches_tracked)] = m.num_batches_tracked.clone()
-    view = copy.deepcopy(model, memo)
+    try:
+        view = copy.deepcopy(model, memo)
+    except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
+        raise SortedNetError(f"cannot make a private eval-mode view of {type(model).__name__} (needed so that no "
+                             f"other thread sees a mode change): deepcopy failed with {type(e).__name__}: {e}. "
+                             "Keep such objects off the model's modules") from e
     view.train(False)
     copies = {id(m): memo[id(m)] for m in model.modules()}
     yield view, copies  # type: ignore[misc]

@@ -21,6 +21,7 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import SortedNetError
 from .export import export_submodel
+from .modes import eval_mode
 from .plan import Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
@@ -365,18 +366,15 @@ class Nest:
         (24.0, 96.0)
         """
         self._check_alive()
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:  # a dry forward of the extremes names the sub-model when the example does not fit
+        # a dry forward of the extremes names the sub-model when the example does not fit; in eval mode
+        # on a private view sharing the weights (model.eval() would change the mode for every thread)
+        with eval_mode(self) as (view, _):
             for sub in dict.fromkeys((self.smallest, self.largest)):
                 with self.use(sub), torch.no_grad():
                     try:
-                        call_model(self.model, example_inputs)
+                        call_model(view, example_inputs)
                     except Exception as e:
                         raise self._forward_error("profile", sub, example_inputs, e) from e
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
         try:
             prof = build_profile(self, example_inputs, score=None if score is None else _checked_score(score),
                                  metrics=metrics, repeat=repeat, warmup=warmup, progress=progress)

@@ -111,20 +111,25 @@ class SliceInto(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        p = ctx.param
-        if accumulates_plainly(ctx, p, grad):
+        p, cuts = ctx.param, ctx.cuts
+        if accumulates_plainly(ctx, p, grad, whole=not cuts):
             with ctx.lock:
                 g = p.grad
-                if g is None:
-                    p.grad = g = torch.zeros_like(p)
-                cut(g, ctx.cuts).add_(grad)
+                if g is None and not cuts:
+                    p.grad = torch.empty_like(p).copy_(grad)   # in the parameter's layout, as AccumulateGrad
+                else:
+                    if g is None:
+                        p.grad = g = torch.zeros_like(p)
+                    cut(g, cuts).add_(grad)
             return None, None, None
+        if not cuts:
+            return grad, None, None
         full = grad.new_zeros(p.shape)
         cut(full, ctx.cuts).copy_(grad)  # differentiable under create_graph
         return full, None, None
 
 
-def accumulates_plainly(node: Any, p: Tensor, grad: Tensor) -> bool:
+def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False) -> bool:
     """Inside :class:`SliceInto`'s backward: would autograd just add the gradient into ``p.grad``?
 
     False under ``create_graph`` (grad mode is on in backward), when ``p`` has
@@ -132,8 +137,12 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor) -> bool:
     dense tensor of the gradient's dtype, and when the engine will not run
     ``p``'s AccumulateGrad node (``torch.autograd.grad``, ``backward(inputs=...)``
     without ``p``: PyTorch raises for leaf nodes there, which also says no).
+    A ``whole`` (uncut) parameter also goes to AccumulateGrad when ``torch.distributed``
+    is initialised: DDP's reducer hooks it there.
     """
     if torch.is_grad_enabled() or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+        return False
+    if grad.layout is not torch.strided or (whole and _distributed()):
         return False
     g = p.grad
     if g is not None and (g.requires_grad or g.layout is not torch.strided or g.dtype != grad.dtype
@@ -145,19 +154,30 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor) -> bool:
         return False
 
 
+def _distributed() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
-    """``t`` cut to ``cuts``; when training, a :class:`SliceInto` view (``st``: the module's State)."""
+    """``t`` cut to ``cuts``; when training, a :class:`SliceInto` view (``st``: the module's State).
+
+    Uncut tensors (``cuts == ()``) go through :class:`SliceInto` too, so every
+    in-place write into a sliced parameter's ``.grad`` holds the same lock: a
+    thread training a sub-model that uses a weight whole cannot race one that
+    adds into its slice.
+    """
     if (torch.is_grad_enabled() and st.inplace_grad and t.requires_grad and t.is_leaf
             and t.numel() >= st.min_numel and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()):
         return SliceInto.apply(t, cuts, st.lock)
-    return cut(t, cuts)
+    return cut(t, cuts) if cuts else t
 
 
 def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any) -> Tensor:
     """``t`` sliced by :func:`cuts_for`'s result (a view, or a ``cat`` of fused blocks)."""
     if segs is None:
-        return narrow(t, cuts, st) if cuts else t
+        return narrow(t, cuts, st)
     axis, parts = segs
     return torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
 
@@ -180,7 +200,7 @@ class View:
         if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
             return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
         if self.segs is None:
-            return narrow(t, self.cuts, st) if self.cuts else t
+            return narrow(t, self.cuts, st)
         return view(t, self.cuts, self.segs, st)
 
     def __repr__(self) -> str:

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .. import distributed as snd
 from ..dims import Depth
+from ..distributed import _ddp_type
 from ..errors import SortedNetError
 from ..nest import Nest
 from ..sampler import Sampler
@@ -46,9 +48,9 @@ def _refuse_data_parallel(args: Any, who: str) -> None:
     """DDP's reducer misses the in-place gradients of sliced weights: refuse rather than average wrong ones."""
     if getattr(args, "world_size", 1) > 1:
         raise SortedNetError(
-            f"{who} under data-parallel training (world_size={args.world_size}) is not supported yet: the Trainer's "
-            "DDP reducer would average stale or partial gradients of sliced weights. Train with "
-            "sortednet.distributed.accumulate(nest, subs, closure, module=ddp_model) instead (docs/scaling.md)")
+            f"{who} under data-parallel training (world_size={args.world_size}): a stock Trainer's DDP reducer would "
+            "average stale or partial gradients of sliced weights. Use SortedTrainer (one gradient sync per "
+            "optimizer step), or sortednet.distributed.accumulate(nest, subs, closure, module=ddp_model)")
 
 
 class SortedTrainer(Trainer):
@@ -79,7 +81,6 @@ class SortedTrainer(Trainer):
         if not isinstance(nest, Nest):
             raise SortedNetError(f"SortedTrainer(nest=...) needs a Nest, got {type(nest).__name__}")
         super().__init__(*args, **kw)
-        _refuse_data_parallel(self.args, "SortedTrainer")
         if self.accelerator.unwrap_model(self.model) is not nest.model:
             raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)")
         self.nest = nest
@@ -108,15 +109,21 @@ class SortedTrainer(Trainer):
         subs = self.draw()
         self.history.append((self.state.global_step, tuple(subs)))
         self._k, total = len(subs), None
+        ddp = model if isinstance(model, _ddp_type()) else None
+        if ddp is not None:
+            snd.guard(ddp, self.nest)  # any forward that would reach DDP's reducer raises instead
         try:
-            for sub in subs:
-                if self.soft_exits is not None and self._depth is not None:
-                    sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
-                with self.nest.use(sub):
-                    loss = super().training_step(model, inputs, num_items_in_batch)
-                total = loss if total is None else total + loss
+            with snd.no_sync(ddp):  # DDP's reducer misses the in-place gradients of sliced weights
+                for sub in subs:
+                    if self.soft_exits is not None and self._depth is not None:
+                        sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
+                    with self.nest.use(sub):
+                        loss = super().training_step(model, inputs, num_items_in_batch)
+                    total = loss if total is None else total + loss
         finally:
             self._k = None
+        if self.accelerator.sync_gradients:  # last micro-batch of the optimizer step: one all-reduce
+            snd.sync_gradients(self.nest.model)  # (a no-op in one process)
         return total
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,

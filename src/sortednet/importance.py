@@ -1,0 +1,296 @@
+"""Importance sorting for any nest: the most important units of every dimension first.
+
+:func:`sort_units` scores the units of every ``Width`` (channels, neurons, hidden
+features) and ``Heads`` dimension and permutes them, consistently in every
+binding of the group (producers' rows and biases, consumers' columns, norm
+weights and BatchNorm running statistics, packed q/k/v chunks, whole key/value
+groups with grouped-query attention, whole GroupNorm groups), so the full
+model computes the same function while small sub-models keep the best units.
+
+Scores: ``"l1"`` / ``"l2"`` norm of each unit's weights (producers' rows for a
+width, the output projection's columns for heads); ``"bn"`` BatchNorm |gamma|
+(widths without a BatchNorm fall back to ``"l1"``); ``"taylor"`` the first-order
+score ``|sum(w * dL/dw)|`` over the consumers' columns, accumulated over
+``data`` batches (DynaBERT). With an example, each width is split into the
+independently coupled groups found by tracing (each layer's FFN gets its own
+order) and the result is verified: if the full model's output changes by more
+than ``atol`` (relative), every tensor is restored and a SortedNetError raised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from .cost import call_model
+from .coupling import analyse
+from .errors import SortedNetError
+
+__all__ = ["sort_units", "METHODS"]
+
+METHODS = ("l1", "l2", "bn", "taylor")
+
+# slicer class name -> role -> [(tensor attribute, axis)]; weights first (the others follow the order)
+_AXES: dict[str, dict[str, list[tuple[str, int]]]] = {
+    "LinearSlicer": {"out": [("weight", 0), ("bias", 0)], "inp": [("weight", 1)]},
+    "ConvSlicer": {"out": [("weight", 0), ("bias", 0)], "inp": [("weight", 1)]},
+    "EmbeddingSlicer": {"out": [("weight", 1)]},
+    "HFConv1DSlicer": {"out": [("weight", 1), ("bias", 0)], "inp": [("weight", 0)]},
+    "LayerNormSlicer": {"norm": [("weight", 0), ("bias", 0)]},
+    "GroupNormSlicer": {"norm": [("weight", 0), ("bias", 0)]},
+    "BatchNormSlicer": {"norm": [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]},
+    "MHASlicer": {"inp": [("in_proj_weight", 1)], "heads": [("in_proj_weight", 0), ("in_proj_bias", 0)]},
+}
+
+
+class _Bind:
+    """One binding of a unit group: module, role, and how units map to features."""
+
+    def __init__(self, path: str, m: nn.Module, role: str, unit: int, div: int, chunks: int) -> None:
+        self.path, self.m, self.role, self.unit, self.div, self.chunks = path, m, role, unit, div, chunks
+        name = type(m._sn.slicer).__name__
+        if name not in _AXES:
+            raise SortedNetError(f"sort_units: {path!r} ({m._sn.cls.__name__}) is sliced by {name}, whose layout "
+                                 "importance sorting does not know; it cannot be permuted")
+        axes = _AXES[name].get(role, [])
+        if name == "ConvSlicer" and role == "inp" and m.__dict__["groups"] > 1:
+            axes = []  # depthwise: its out binding moves the filters
+        self.tensors = [(t, ax) for n, ax in axes if (t := m._parameters.get(n, m._buffers.get(n))) is not None]
+
+    def features(self, idx: Tensor, full_units: int, group: int) -> Tensor:
+        """Feature permutation of this binding for a unit order ``idx`` (whole groups first)."""
+        if self.div > 1:
+            idx = idx.reshape(-1, group)[:, 0] // group
+        per = full_units // self.div * self.unit
+        f = (idx[:, None] * self.unit + torch.arange(self.unit)[None, :]).reshape(-1)
+        return torch.cat([f + c * per for c in range(self.chunks)])
+
+    def per_unit(self, v: Tensor, full_units: int) -> Tensor:
+        """Per-feature values ``v`` summed into per-unit scores (chunks and head features added up)."""
+        u = v.reshape(self.chunks, full_units // self.div, self.unit).sum((0, 2))
+        return u.repeat_interleave(self.div) if self.div > 1 else u
+
+
+def _groups(nest: Any, example: Any) -> list[tuple[str, Any, list[_Bind], int]]:
+    """(label, dimension, bindings, block) per independently permutable group of units."""
+    by_dim: dict[str, list[_Bind]] = {}
+    for path, m in nest._sliced.items():
+        for role, b in m._sn.bind.items():
+            if role.startswith("attr:") or b.dim.kind not in ("width", "heads"):
+                continue
+            by_dim.setdefault(b.dim.name, []).append(_Bind(path, m, role, b.unit, b.div, b.chunks))
+    traced: dict[tuple[str, str], int] = {}
+    if example is not None:
+        with nest.use(nest.largest):
+            traced = analyse(nest.model, example).role_group
+    out = []
+    for d in nest.dims:
+        binds = by_dim.get(d.name, [])
+        if d.kind == "heads":
+            parts = _heads_parts(nest, d, binds)
+        elif binds and all((b.path, b.role) in traced for b in binds):
+            keys = {traced[(b.path, b.role)] for b in binds}
+            parts = [[b for b in binds if traced[(b.path, b.role)] == k] for k in sorted(keys)]
+            parts = [(next((b.path for b in p if b.role == "out"), p[0].path), p) for p in parts]
+        else:
+            parts = [(next((b.path for b in binds if b.role == "out"), binds[0].path), binds)] if binds else []
+        for where, part in parts:
+            block = 1
+            for b in part:
+                if type(b.m._sn.slicer).__name__ == "GroupNormSlicer":
+                    block = math.lcm(block, b.m.__dict__["num_channels"] // b.m.__dict__["num_groups"])
+                block = max(block, b.div)
+            out.append((f"{d.name}@{where}", d, part, block))
+    return out
+
+
+def _heads_parts(nest: Any, d: Any, binds: list[_Bind]) -> list[tuple[str, list[_Bind]]]:
+    from .dims import match
+
+    modules = dict(nest.model.named_modules())
+    by_path = {(b.path, b.role): b for b in binds}
+    parts = []
+    for pat in d.attn:
+        for path in match(pat, modules, f"Heads {d.name!r} attn"):
+            keys = [(t.path, t.role) for t in d._plan_one(path, modules[path], pat) if not t.role.startswith("attr:")]
+            parts.append((path, [by_path[k] for k in keys if k in by_path]))
+    return [(w, p) for w, p in parts if p]
+
+
+def _scores(part: list[_Bind], full: int, method: str, kind: str, taylor: dict[tuple[str, str], Tensor]) -> Tensor:
+    if method == "taylor":
+        src = [b for b in part if b.role == "inp"] or part
+        return sum((taylor.get((b.path, b.role), torch.zeros(full)) for b in src), torch.zeros(full))
+    if method == "bn":
+        bns = [b for b in part if type(b.m._sn.slicer).__name__ == "BatchNormSlicer"]
+        if bns and kind == "width":
+            return sum((b.per_unit(b.tensors[0][0].detach().abs().float().cpu(), full) for b in bns), torch.zeros(full))
+    first = ("inp", "heads", "out") if kind == "heads" else ("out", "inp", "norm")
+    src = next(([b for b in part if b.role == r and b.tensors] for r in first
+                if any(b.role == r and b.tensors for b in part)), [])
+    score = torch.zeros(full)
+    for b in src:
+        t, ax = b.tensors[0]
+        w = t.detach().float().movedim(ax, 0).reshape(t.shape[ax], -1).cpu()
+        score += b.per_unit(w.abs().sum(1) if method != "l2" else w.pow(2).sum(1), full)
+    return score
+
+
+def _order(score: Tensor, block: int) -> Tensor:
+    by = score.reshape(-1, block)
+    g = torch.argsort(by.sum(1), descending=True, stable=True)
+    within = torch.argsort(by[g], dim=1, descending=True, stable=True)
+    return (g[:, None] * block + within).reshape(-1)
+
+
+def _loss(model: nn.Module, batch: Any) -> Tensor:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return F.cross_entropy(model(batch[0]), batch[1])
+    if isinstance(batch, dict):
+        out = model(**batch)
+        if getattr(out, "loss", None) is not None:
+            return out.loss
+    raise SortedNetError("sort_units(method='taylor'): give batches of (inputs, labels), dicts with labels, "
+                         "or loss_fn=lambda model, batch: ...")
+
+
+def _taylor(nest: Any, groups: list, data: Iterable[Any] | None,
+            loss_fn: Callable | None) -> dict[tuple[str, str], Tensor]:
+    if data is None:
+        raise SortedNetError("sort_units(method='taylor') needs data= (a few batches)")
+    model = nest.model
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    acc: dict[tuple[str, str], Tensor] = {}
+    n = 0
+    try:
+        with nest.use(nest.largest), torch.enable_grad():
+            for batch in data:
+                for p in params:
+                    p.grad = None
+                (loss_fn or _loss)(model, batch).backward()
+                for _, d, part, _ in groups:
+                    for b in part:
+                        t, ax = b.tensors[0] if b.tensors else (None, 0)
+                        if t is None or t.grad is None:
+                            continue
+                        wg = (t.detach() * t.grad).float().movedim(ax, 0).reshape(t.shape[ax], -1).sum(1).cpu()
+                        key = (b.path, b.role)
+                        acc[key] = acc.get(key, 0) + b.per_unit(wg, d.full).abs()
+                n += 1
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    if n == 0:
+        raise SortedNetError("sort_units(method='taylor'): data is empty")
+    return acc
+
+
+def _leaves(out: Any) -> list[Tensor]:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+
+
+def _example_of(data: Any) -> Any:
+    for batch in data:
+        if isinstance(batch, (tuple, list)):
+            return batch[0]
+        if isinstance(batch, dict):
+            return {k: v for k, v in batch.items() if k != "labels"}
+        return batch
+    return None
+
+
+def _apply(groups: list, orders: list[Tensor]) -> None:
+    done: dict[tuple[int, int], tuple[int, Tensor]] = {}
+    for (label, d, part, block), order in zip(groups, orders):
+        for b in part:
+            idx = b.features(order, d.full, block)
+            for t, ax in b.tensors:
+                key = (id(t), ax)
+                prev = done.get(key)
+                if prev is not None:
+                    if prev[0] != id(order) or not torch.equal(prev[1], idx):
+                        raise SortedNetError(f"sort_units: {b.path!r} is permuted by two groups ({label!r}); "
+                                             "its units cannot follow both")
+                    continue
+                done[key] = (id(order), idx)
+                t.data.copy_(t.data.index_select(ax, idx.to(t.device)))
+
+
+def sort_units(nest: Any, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
+               loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float = 1e-5) -> dict[str, Tensor]:
+    """Permute the units of every Width / Heads dimension of ``nest``, most important first.
+
+    ``method``: ``"l1"`` | ``"l2"`` | ``"bn"`` | ``"taylor"`` (needs ``data``, batches of
+    ``(inputs, labels)`` or dicts with labels, or any batch with ``loss_fn(model, batch)``).
+    ``example`` (default: the inputs of the first batch) is needed: it splits widths into
+    their independently coupled groups and verifies that the full model's output is
+    unchanged (relative ``atol``); otherwise everything is restored and a SortedNetError
+    raised. Returns the unit order applied per group (``"dim@first module"``).
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> from sortednet.importance import sort_units
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> nest = sn.wrap(model, sn.Width("h", [2, 8], out="0", inp="2"))
+    >>> x = torch.randn(3, 4)
+    >>> before = model(x)
+    >>> orders = sort_units(nest, "l1", example=x)
+    >>> torch.allclose(model(x), before, atol=1e-6), list(orders)
+    (True, ['h@0'])
+    >>> norms = model[0].weight.abs().sum(1)
+    >>> bool((norms[:-1] >= norms[1:]).all())
+    True
+    """
+    if method not in METHODS:
+        raise SortedNetError(f"sort_units: unknown method {method!r}; choose one of {list(METHODS)}")
+    nest._check_alive()
+    if any(d.kind == "rank" for d in nest.dims):
+        raise SortedNetError("sort_units permutes full weight matrices; sort a nest without a Rank dimension "
+                             "first, then unwrap and wrap again with Rank")
+    calibrated = [p for p, m in nest._sliced.items() if m._sn.extra.get("bn_stats")]
+    if calibrated:
+        raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
+                             "that a permutation would invalidate; sort before nest.calibrate")
+    if example is None and data is not None:
+        data = list(data)
+        example = _example_of(data)
+    if example is None:
+        raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
+    model = nest.model
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), nest.use(nest.largest):
+            ref = _leaves(call_model(model, example))
+        split = _groups(nest, example)
+        taylor = _taylor(nest, split, data, loss_fn) if method == "taylor" else {}
+        for groups in (split, _groups(nest, None)):
+            saved = [(t, t.detach().clone()) for _, _, part, _ in groups for b in part for t, _ in b.tensors]
+            orders = [_order(_scores(part, d.full, method, d.kind, taylor), block) for _, d, part, block in groups]
+            err = None
+            with torch.no_grad():
+                try:
+                    _apply(groups, orders)
+                    with nest.use(nest.largest):
+                        got = _leaves(call_model(model, example))
+                    err = max(((a - b).abs().max() / b.abs().max().clamp_min(1)).item()
+                              for a, b in zip(got, ref) if a.is_floating_point())
+                except SortedNetError:
+                    err = float("inf")
+                if err <= atol:
+                    return {label: o for (label, *_), o in zip(groups, orders)}
+                for t, v in saved:
+                    t.copy_(v)
+    finally:
+        for m, t in was:
+            m.training = t
+    raise SortedNetError(f"sort_units: permuting changes the full model's output (by {err:.3g}): a module coupled "
+                         "to a dimension is not declared in it; run nest.check(example) to find it")

@@ -1,0 +1,192 @@
+"""Invariant 9 across the public API (issue 10): more bad inputs, each a
+SortedNetError naming the fault, with the model exactly as it was (classes,
+Parameter objects, bit-exact tensors, hooks, outputs) and the nest's active
+sub-model unchanged. The first table lives in test_errors.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import sortednet as sn
+from models import FAMILIES, assert_unchanged, run, snapshot
+from sortednet import Width
+
+
+def mlp():
+    c = FAMILIES["mlp"]()
+    return c, sn.wrap(c.model, *c.dims)
+
+
+def cnn():
+    c = FAMILIES["cnn_bn_residual"]()
+    return c, sn.wrap(c.model, *c.dims)
+
+
+def closure(c, value):
+    return lambda: value(c.model(c.example))
+
+
+# name -> (build(tmp) -> (case, nest or None, action), needles)
+def B(build, *needles):
+    return build, needles
+
+
+def _on(make, act):
+    def build(tmp):
+        c, nest = make()
+        return c, nest, lambda: act(c, nest, tmp)
+    return build
+
+
+def _fresh(act):
+    def build(tmp):
+        c = FAMILIES["mlp"]()
+        return c, None, lambda: act(c, tmp)
+    return build
+
+
+def _fit(c, nest, batches):
+    opt = torch.optim.SGD(c.model.parameters(), lr=0.0)
+    return sn.fit(nest, batches, opt, sn.Sampler(nest.submodels, k=1, seed=0), progress=False)
+
+
+def _incomplete(tmp):
+    c = FAMILIES["mlp"]()
+    nest = sn.wrap(c.model, Width("h1", [8, 16], out="fc1"))   # fc2's input is not sliced
+
+    def action():
+        with nest.use("h1=8"):
+            nest(c.example)
+    return c, nest, action
+
+
+def _saved(tmp):
+    c, nest = mlp()
+    path = os.path.join(tmp, "n.safetensors")
+    sn.save(nest, path)
+    return c, nest, path
+
+
+def _unwrapped_save(tmp):
+    c, nest = mlp()
+    nest.unwrap()
+    return c, None, lambda: sn.save(nest, os.path.join(tmp, "x.safetensors"))
+
+
+def _unwrapped_load(tmp):
+    c, nest, path = _saved(tmp)
+    nest.unwrap()
+    return c, None, lambda: sn.load(nest, path)
+
+
+TABLE = {
+    "save_not_a_nest": B(_fresh(lambda c, tmp: sn.save(c.model, os.path.join(tmp, "m.safetensors"))),
+                         "needs a Nest", "MLP"),
+    "save_missing_folder": B(_on(mlp, lambda c, n, tmp: sn.save(n, os.path.join(tmp, "no", "m.safetensors"))),
+                             "does not exist", "no"),
+    "save_onto_a_folder": B(_on(mlp, lambda c, n, tmp: sn.save(n, tmp)), "is a folder"),
+    "save_unwrapped_nest": B(_unwrapped_save, "unwrapped"),
+    "load_unwrapped_nest": B(_unwrapped_load, "unwrapped"),
+    "load_path_not_a_path": B(_fresh(lambda c, tmp: sn.load(c.model, 123)), "file path", "int"),
+    "load_into_a_string": B(_fresh(lambda c, tmp: sn.load("model", os.path.join(tmp, "x"))), "nn.Module", "str"),
+    "load_a_folder": B(_fresh(lambda c, tmp: sn.load(c.model, tmp)), "cannot read"),
+    "pick_complex": B(_on(mlp, lambda c, n, t: n.pick(params=1 + 1j)), "params=", "complex"),
+    "pick_list": B(_on(mlp, lambda c, n, t: n.pick(params=[100])), "params=", "list"),
+    "pick_string": B(_on(mlp, lambda c, n, t: n.pick(params="100")), "params=", "str"),
+    "pick_bool": B(_on(mlp, lambda c, n, t: n.pick(params=True)), "params=", "bool"),
+    "pick_nan": B(_on(mlp, lambda c, n, t: n.pick(params=float("nan"))), "not a number"),
+    "pick_fraction_string": B(_on(mlp, lambda c, n, t: n.pick(fraction="0.5")), "fraction=", "str"),
+    "pick_fraction_zero": B(_on(mlp, lambda c, n, t: n.pick(fraction=0)), "fraction", "(0, 1]"),
+    "pick_unknown_metric": B(_on(mlp, lambda c, n, t: n.pick(latency=1.0)), "'latency'", "profile"),
+    "use_arabic_digit": B(_on(mlp, lambda c, n, t: n.use("h1=\u0664").__enter__()), "cannot parse", "h1="),
+    "use_fullwidth_digit": B(_on(mlp, lambda c, n, t: n.use("h1=\uff18").__enter__()), "cannot parse"),
+    "use_empty_size": B(_on(mlp, lambda c, n, t: n.use("h1=").__enter__()), "cannot parse", "'h1='"),
+    "use_huge_size": B(_on(mlp, lambda c, n, t: n.use("h1=" + "9" * 40).__enter__()), "cannot parse"),
+    "use_an_int": B(_on(mlp, lambda c, n, t: n.use(8).__enter__()), "expected a SubModel", "int"),
+    "use_a_list": B(_on(mlp, lambda c, n, t: n.use(["h1=4"]).__enter__()), "expected a SubModel", "list"),
+    "cost_flops_wrong_shape": B(_on(mlp, lambda c, n, t: n.cost("h1=4", "flops", example=torch.randn(2, 3))),
+                                "h1=4", "(2, 3)", "flops"),
+    "profile_wrong_example": B(_on(mlp, lambda c, n, t: n.profile(torch.randn(2, 3), progress=False)),
+                               "profile", "h1=4,h2=4", "(2, 3)"),
+    "profile_score_string": B(_on(mlp, lambda c, n, t: n.profile(c.example, metrics=("params",), progress=False,
+                                                                  score=lambda s: "good")), "score(", "'good'"),
+    "profile_score_none": B(_on(mlp, lambda c, n, t: n.profile(c.example, metrics=("params",), progress=False,
+                                                                score=lambda s: None)), "score(", "NoneType"),
+    "profile_unknown_metric": B(_on(mlp, lambda c, n, t: n.profile(c.example, metrics=("watts",),
+                                                                    progress=False)), "'watts'"),
+    "profile_repeat_zero": B(_on(mlp, lambda c, n, t: n.profile(c.example, repeat=0, progress=False)), "repeat"),
+    "fit_three_tuples": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, c.example, c.example)])),
+                          "(inputs, target) pairs", "3 items"),
+    "fit_bare_tensors": B(_on(mlp, lambda c, n, t: _fit(c, n, [c.example])), "(inputs, target) pairs", "Tensor"),
+    "fit_not_a_sampler": B(_on(mlp, lambda c, n, t: sn.fit(n, [], torch.optim.SGD(c.model.parameters(), lr=0.1),
+                                                           [n.largest])), "Sampler", "list"),
+    "accumulate_complex_loss": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.largest], closure(
+        c, lambda y: (y.sum() * (1 + 1j))))), "complex"),
+    "accumulate_vector_loss": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.largest], closure(c, lambda y: y))),
+                                "scalar loss"),
+    "accumulate_detached_loss": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.largest], closure(
+        c, lambda y: y.sum().detach()))), "does not require grad"),
+    "distill_temperature_bool": B(_on(mlp, lambda c, n, t: sn.Distill(temperature=True)), "temperature", "True"),
+    "distill_alpha_bool": B(_on(mlp, lambda c, n, t: sn.Distill(alpha=False)), "alpha", "False"),
+    "distill_temperature_negative": B(_on(mlp, lambda c, n, t: sn.Distill(temperature=-1.0)), "temperature"),
+    "width_out_without_inp": B(_incomplete, "'h1'", "inp=", "fc1"),
+    "sampler_k_zero": B(_on(mlp, lambda c, n, t: sn.Sampler(n.submodels, k=0)), "k=0"),
+    "sampler_k_too_big": B(_on(mlp, lambda c, n, t: sn.Sampler(n.submodels, k=99)), "k=99"),
+    "sampler_unknown_strategy": B(_on(mlp, lambda c, n, t: sn.Sampler(n.submodels, k=1, strategy="best")),
+                                  "'best'"),
+    "sampler_negative_weights": B(_on(mlp, lambda c, n, t: sn.Sampler(n.submodels, k=1, strategy="weighted",
+                                                                      weights=[-1] * len(n.submodels))),
+                                  "non-negative"),
+    "sampler_weights_length": B(_on(mlp, lambda c, n, t: sn.Sampler(n.submodels, k=1, strategy="weighted",
+                                                                    weights=[1.0])), "1 entries"),
+    "sampler_of_a_string": B(_on(mlp, lambda c, n, t: sn.Sampler("h1=4", k=1)), "sequence", "str"),
+    "sampler_negative_step": B(_on(mlp, lambda c, n, t: sn.Sampler(n.submodels, k=1).draw(-1)), "step", "-1"),
+    "sampler_state_other_list": B(_on(mlp, lambda c, n, t: sn.Sampler(n.submodels, k=1).load_state_dict(
+        sn.Sampler(n.submodels[:2], k=1).state_dict())), "sampler state"),
+    "wrap_submodels_string": B(_fresh(lambda c, t: sn.wrap(c.model, *c.dims, submodels="h1=4")), "list", "str"),
+    "wrap_submodels_empty": B(_fresh(lambda c, t: sn.wrap(c.model, *c.dims, submodels=[])), "empty"),
+    "calibrate_batches_zero": B(_on(cnn, lambda c, n, t: n.calibrate([c.example], batches=0)), "batches"),
+    "calibrate_without_batchnorm": B(_on(mlp, lambda c, n, t: n.calibrate([c.example])), "no BatchNorm"),
+    "export_size_not_listed": B(_on(mlp, lambda c, n, t: n.export("h1=5")), "'h1'", "no size 5"),
+    "submodel_int_key": B(_fresh(lambda c, t: sn.SubModel({1: 2})), "dimension names", "1"),
+    "submodel_bool_size": B(_fresh(lambda c, t: sn.SubModel(h=True)), "'h'", "True"),
+    "profile_dict_malformed": B(_fresh(lambda c, t: sn.Profile.from_dict({"costs": {}})), "Profile"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_bad_input_names_fault_and_changes_nothing(name, tmp_path):
+    build, needles = TABLE[name]
+    c, nest, action = build(str(tmp_path))
+    before, out = snapshot(c.model), run(c.model, c.example)
+    active = None if nest is None else nest.active
+    with pytest.raises(sn.SortedNetError) as err:
+        action()
+    msg = str(err.value)
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert_unchanged(c.model, before)
+    assert torch.equal(run(c.model, c.example), out)
+    if nest is not None and nest._alive:
+        assert nest.active == active
+
+
+def test_table_has_forty_more_faults():
+    assert len(TABLE) >= 40
+
+
+def test_huge_int_budget_is_unlimited():
+    """A budget too large for a float is accepted as unlimited (like inf), not an OverflowError."""
+    c, nest = mlp()
+    assert nest.pick(params=10 ** 400) == nest.pick(params=float("inf")) == nest.largest
+
+
+def test_incomplete_width_still_runs_when_shapes_agree():
+    """The wiring hint is raised only for a failing forward; a working one is untouched."""
+    c = FAMILIES["mlp"]()
+    nest = sn.wrap(c.model, Width("o", [2, 5], out="fc3"))   # the model's output width nests: legitimate
+    with nest.use("o=2"):
+        assert nest(c.example).shape == (6, 2)

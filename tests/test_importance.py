@@ -1,0 +1,153 @@
+"""sortednet.importance.sort_units: function-preserving on CNN, MLP, transformer
+and HF families for every method; refuses (and restores) what it cannot permute;
+raises the score of small sub-models of a trained model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import arch
+import sortednet as sn
+from models import FAMILIES, assert_unchanged, run, snapshot
+from sortednet.importance import METHODS, sort_units
+
+
+def energy(model, x):
+    return model(x).float().pow(2).mean()
+
+
+def _case(name):
+    if name in FAMILIES:
+        case = FAMILIES[name]()
+        return case.model.eval(), case.dims, case.example
+    model, x = arch.build(name)
+    return model, sn.discover(model, x, ratios=[0.5, 1.0]), x
+
+
+CASES = [*sorted(FAMILIES), "resnet18", "mobilenet_v3", "vit_torchvision", "vit_timm"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", CASES)
+def test_full_model_output_is_preserved(name, method):
+    model, dims, x = _case(name)
+    before = run(model, x)
+    nest = sn.wrap(model, *dims, submodels=[{}])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    orders = sort_units(nest, method, example=x, data=[x, x], loss_fn=energy)
+    after = run(model, x)
+    torch.testing.assert_close(after, before, atol=1e-5 * max(1.0, before.abs().max().item()), rtol=0)
+    assert orders and all(sorted(o.tolist()) == list(range(len(o))) for o in orders.values())
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    assert moved or method == "bn", "nothing was permuted"  # fresh BatchNorms: all gammas 1, nothing to sort
+
+
+def test_l1_puts_the_largest_rows_first_per_layer():
+    model, dims, x = _case("lm_width_heads_depth")
+    nest = sn.wrap(model, *dims, submodels=[{}])
+    orders = sort_units(nest, "l1", example=x)
+    assert {"ffn@blocks.0.fc1", "ffn@blocks.1.fc1", "ffn@blocks.2.fc1"} <= set(orders)  # one order per layer
+    for b in model.blocks:
+        n = b.fc1.weight.abs().sum(1)
+        assert (n[:-1] >= n[1:]).all()
+
+
+def test_batchnorm_gamma_and_running_stats_move_together():
+    model, dims, x = _case("cnn_bn_residual")
+    with torch.no_grad():
+        model.bn1.weight.uniform_(0.5, 1.5)
+    nest = sn.wrap(model, *dims, submodels=[{}])
+    pairs = {(round(g.item(), 6), round(m.item(), 6)) for g, m in zip(model.bn1.weight, model.bn1.running_mean)}
+    sort_units(nest, "bn", example=x)
+    pair = model.bn1.weight.detach().reshape(-1, 2)   # bn1 alone has gammas that vary; GroupNorm: pairs move whole
+    assert (pair.sum(1)[:-1] >= pair.sum(1)[1:]).all() and (pair[:, 0] >= pair[:, 1]).all()
+    assert {(round(g.item(), 6), round(m.item(), 6)) for g, m in zip(model.bn1.weight, model.bn1.running_mean)} == pairs
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_hf_models_keep_their_output(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "bert":
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=48)
+        model = transformers.BertModel(cfg).eval()
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=48)
+        model = transformers.LlamaModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(input_ids=ids).last_hidden_state
+    nest = sn.from_transformers(model, ffn=[0.5], heads=[0.5])
+    for method in ("l2", "taylor"):
+        sort_units(nest, method, example={"input_ids": ids}, data=[{"input_ids": ids}],
+                   loss_fn=lambda m, b: m(**b).last_hidden_state.pow(2).mean())
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).last_hidden_state, before, atol=1e-5, rtol=0)
+
+
+def test_an_incomplete_nest_is_refused_and_restored():
+    case = FAMILIES["cnn_bn_residual"]()
+    model = case.model
+    dims = [sn.Width("ch", [2, 4, 8], out=["stem", "dw"], inp=["conv", "dw", "head"], norm=["bn1", "gn"])]
+    nest = sn.wrap(model, *dims, submodels=[{}])  # conv / bn2, the residual partner, are missing
+    snap = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="not declared"):
+        sort_units(nest, "l1", example=case.example)
+    assert_unchanged(model, snap)
+
+
+def test_refusals():
+    model, dims, x = _case("mlp")
+    nest = sn.wrap(model, *dims)
+    with pytest.raises(sn.SortedNetError, match="unknown method"):
+        sort_units(nest, "random", example=x)
+    with pytest.raises(sn.SortedNetError, match="example"):
+        sort_units(nest, "l1")
+    with pytest.raises(sn.SortedNetError, match="data"):
+        sort_units(nest, "taylor", example=x)
+    nest.unwrap()
+    nest = sn.wrap(model, sn.Rank("r", [2, 4], targets=["fc1"], mode="svd"))
+    with pytest.raises(sn.SortedNetError, match="Rank"):
+        sort_units(nest, "l1", example=x)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    return x, torch.tensor(d.target)
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("method", ["l1", "l2", "taylor"])
+def test_sorting_raises_small_submodel_accuracy_on_a_trained_mlp(method):
+    x, y = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x[:1200]), y[:1200]).backward()
+        opt.step()
+    trained = copy.deepcopy(model)
+    nest = sn.wrap(model, sn.Width("h", [8, 64], out="0", inp="2"))
+    xt, yt = x[1200:], y[1200:]
+    with nest.use("h=8"):
+        before = _accuracy(model, xt, yt)
+    full = _accuracy(model, xt, yt)
+    sort_units(nest, method, data=[(x[:600], y[:600]), (x[600:1200], y[600:1200])])
+    with nest.use("h=8"):
+        after = _accuracy(model, xt, yt)
+    assert _accuracy(model, xt, yt) == full == _accuracy(trained, xt, yt)
+    assert after > before + 0.05, (before, after)
