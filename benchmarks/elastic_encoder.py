@@ -20,13 +20,13 @@ import os
 import random
 import re
 import time
+from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
+from common import RESULTS, table
 
 import sortednet as sn
-from common import RESULTS, table
 from sortednet.importance import sort_units
 
 
@@ -91,12 +91,12 @@ def train(model, nest, subs_of_step, batches, targets, steps: int, lr: float) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--train", type=int, default=960)
-    ap.add_argument("--test", type=int, default=256)
+    ap.add_argument("--train", type=int, default=480)
+    ap.add_argument("--test", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="elastic_encoder")
     args = ap.parse_args()
@@ -109,14 +109,14 @@ def main() -> None:
     train_s, test_s = sentences(args.train, args.test)
 
     def batches(ss):
-        return [tok(ss[i:i + args.batch], padding=True, truncation=True, max_length=48, return_tensors="pt")
+        return [tok(ss[i:i + args.batch], padding=True, truncation=True, max_length=32, return_tensors="pt")
                 for i in range(0, len(ss), args.batch)]
 
     tr, te = batches(train_s), batches(test_s)
     with torch.no_grad():
         ref = evaluate(model, te)
         targets = [embed(model, enc) for enc in tr]
-    nest = sn.from_transformers(model, ffn=[384, 768], heads=[6, 9], depth=[4])
+    nest = sn.from_transformers(model, ffn=[768], heads=[6], depth=[4])
     subs = nest.submodels
     emb = sum(p.numel() for p in model.embeddings.parameters())
     full_ne = nest.cost(nest.largest) - emb
@@ -131,13 +131,16 @@ def main() -> None:
 
     t0 = time.time()
     res = {"slice": table_of(model, nest)}
+    print(f"slice {time.time() - t0:.0f}s", flush=True)
     sort_units(nest, "l2", example=dict(tr[0]))
     res["sorted"] = table_of(model, nest)
+    print(f"sorted {time.time() - t0:.0f}s", flush=True)
     big = [s for s in subs if frac[s] >= 0.5]
-    twin_subs = [subs[0], big[0], big[len(big) // 2]]
-    twins = {s: nest.export(s) for s in twin_subs}
+    twin_subs = list(dict.fromkeys([subs[0], big[0], big[len(big) // 2]]))
+    twins = {s: nest.export(s, plain=True) for s in twin_subs}  # fewer heads: no stock config
     sampler = sn.Sampler(nest.submodels, k=args.k, strategy="sandwich", seed=0)
     t_nest = train(model, nest, sampler.draw, tr, targets, args.steps, args.lr)
+    print(f"trained {t_nest:.0f}s", flush=True)
     res["trained"] = table_of(model, nest)
     res["twin"], t_twin = {}, 0.0
     for s, tw in twins.items():

@@ -127,8 +127,8 @@ def test_parameter_hooks_see_plain_gradients(name):
         params = params_of(case)
         seen: dict = {}
         for i, p in enumerate(params):
-            p.register_hook(lambda g, i=i: seen.setdefault(("hook", i), []).append(g.clone()))
-            p.register_post_accumulate_grad_hook(lambda q, i=i: seen.setdefault(("post", i), []).append(
+            p.register_hook(lambda g, i=i, seen=seen: seen.setdefault(("hook", i), []).append(g.clone()))
+            p.register_post_accumulate_grad_hook(lambda q, i=i, seen=seen: seen.setdefault(("post", i), []).append(
                 q.grad.clone()))
         for sub in subs_of(nest):
             with nest.use(sub):
@@ -208,10 +208,10 @@ def test_concurrent_backward_adds_up(name, trials=50, threads=4):
                 losses.append(loss_of(case.model(case.example)))
         errors: list = []
 
-        def body(i):
+        def body(i, barrier=barrier, losses=losses, errors=errors):
             try:
                 barrier.wait()
-                losses[i].backward()  # noqa: B023
+                losses[i].backward()
             except BaseException as e:  # noqa: BLE001
                 errors.append(e)
 

@@ -116,3 +116,80 @@ def test_random_switching_with_use_and_activate_stays_correct(seed):
         assert counter.frame_count <= len(seen)
     finally:
         nest.activate(nest.largest)
+
+
+@pytest.mark.parametrize("family", ["mlp", "lm_width_heads_depth"])
+def test_context_lookup_breaks_no_graph_and_switching_back_reuses_graphs(family):
+    """The active sub-model lives in a ContextVar, which Dynamo cannot call inside a graph:
+    it is read through a C-level property that Dynamo guards on. No graph break, one
+    graph per distinct sub-model (entered by ``use`` or as the default), none on return."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims)
+    counters.clear()
+    cnt = CompileCounter()
+    compiled = torch.compile(nest.model, backend=cnt)
+    subs = three(nest)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                for sub in subs:
+                    with nest.use(sub):
+                        torch.testing.assert_close(compiled(case.example), nest.model(case.example))
+                assert cnt.frame_count == len(subs)
+            nest.activate(subs[0])                       # the default: one more graph ...
+            torch.testing.assert_close(compiled(case.example), nest.model(case.example))
+            nest.activate(subs[1])                       # ... per distinct default
+            torch.testing.assert_close(compiled(case.example), nest.model(case.example))
+            for sub in subs:                             # use() graphs are still valid
+                with nest.use(sub):
+                    torch.testing.assert_close(compiled(case.example), nest.model(case.example))
+        assert cnt.frame_count == len(subs) + 2
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        nest.activate(nest.largest)
+
+
+def test_compiled_model_follows_each_threads_context():
+    """Guards are evaluated in the caller's context: threads (and a thread started in a copied
+    context) each run their own sub-model through one compiled model."""
+    import contextvars
+    import threading
+
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    compiled = torch.compile(nest.model, backend="eager")
+    subs = three(nest)
+    want = {}
+    with torch.no_grad():
+        for sub in subs:
+            with nest.use(sub):
+                want[sub] = nest.model(case.example)
+                compiled(case.example)
+        got, errors = {}, []
+
+        def work(i, sub):
+            try:
+                for _ in range(5):
+                    if sub is None:
+                        got[i] = (nest.active, compiled(case.example))
+                    else:
+                        with nest.use(sub):
+                            got[i] = (sub, compiled(case.example))
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        ts = [threading.Thread(target=work, args=(i, s)) for i, s in enumerate(subs)]
+        with nest.use(subs[0]):
+            ctx = contextvars.copy_context()
+        ts.append(threading.Thread(target=ctx.run, args=(work, len(subs), None)))
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+    assert not errors, errors
+    assert got[len(subs)][0] == subs[0]                  # the copied context carried use(subs[0])
+    for sub, y in got.values():
+        torch.testing.assert_close(y, want[sub])

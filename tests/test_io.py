@@ -239,3 +239,29 @@ def test_a_million_submodels_stay_small_and_fast(tmp_path):
     assert path.stat().st_size < 100_000
     loaded = sn.load(copy.deepcopy(nest.unwrap()), path)
     assert loaded.submodels == nest.submodels
+    sampler = sn.Sampler(loaded, k=4, seed=3, strategy="weighted", weights="cost")
+    again = sn.Sampler(loaded, k=1, seed=0)
+    again.load_state_dict(sampler.state_dict())                 # a digest stands for 10^6 names
+    assert again.draw(9) == sampler.draw(9)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 1)), min_size=1, max_size=30),
+       st.tuples(st.integers(0, 4), st.integers(0, 3), st.integers(0, 2)))
+def test_submodel_list_is_a_sequence_of_submodels(rows, probe):
+    """SubModelList answers len / [] / in / index / == exactly as the tuple of its items does."""
+    import numpy as np
+
+    from sortednet.submodel import SubModelList
+
+    sizes = ((1, 2, 4, 8), (3, 5, 7), (10, 20))
+    lst = SubModelList(("a", "b", "c"), sizes, np.array(rows, dtype=np.uint8))
+    ref = tuple(sn.SubModel(a=sizes[0][i], b=sizes[1][j], c=sizes[2][k]) for i, j, k in rows)
+    assert len(lst) == len(ref) and tuple(lst) == ref and lst == ref and lst == list(ref)
+    assert lst[-1] == ref[-1] and tuple(lst[1::2]) == ref[1::2]
+    sub = dict(a=(sizes[0] + (99,))[probe[0]], b=(sizes[1] + (99,))[probe[1]], c=(sizes[2] + (99,))[probe[2]])
+    assert (sub in lst) == (sn.SubModel(sub) in ref)
+    if sub in lst:
+        assert lst[lst.index(sub)] == sub
+    else:
+        with pytest.raises(sn.SortedNetError):
+            lst.index(sub)

@@ -241,7 +241,7 @@ def test_activate_is_atomic():
     shapes = {}
     for s in (a, b):
         nest.activate(s)
-        shapes[s] = [tuple(p.shape) for _, p, in _views(c.model)]
+        shapes[s] = [tuple(p.shape) for _, p in _views(c.model)]
     stop, bad, reads = threading.Event(), [], [0]
 
     def flip():
@@ -261,7 +261,7 @@ def test_activate_is_atomic():
         t.start()
     try:
         for _ in range(200):                     # a whole forward's worth of reads: one plan per read
-            v = [tuple(p.shape) for _, p, in _views(c.model)]
+            v = [tuple(p.shape) for _, p in _views(c.model)]
             assert all(x in (y, z) for x, y, z in zip(v, shapes[a], shapes[b]))
     finally:
         stop.set()
@@ -272,6 +272,7 @@ def test_activate_is_atomic():
 
 
 def _views(model):
-    for name, p in model.named_parameters():
+    """``(name, the attribute as the model's modules read it now)`` per parameter."""
+    for name, _ in model.named_parameters():
         path, _, attr = name.rpartition(".")
-        yield name, getattr(model.get_submodule(path), attr),
+        yield name, getattr(model.get_submodule(path), attr)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -25,10 +27,11 @@ STEPS = 3
 
 
 def train(out_dir: str, world: int) -> tuple[dict, list]:
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
     import sortednet as sn
     import sortednet.slicers as slicers
     from sortednet.integrations import SortedTrainer
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
     slicers.INPLACE_MIN_NUMEL = 0
     torch.manual_seed(0)
@@ -40,19 +43,32 @@ def train(out_dir: str, world: int) -> tuple[dict, list]:
     data = [{"input_ids": row, "labels": row} for row in x]
     args = TrainingArguments(out_dir, max_steps=STEPS, per_device_train_batch_size=4 // world, optim="sgd",
                              learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0, report_to=[], use_cpu=True,
-                             save_strategy="no", disable_tqdm=True, logging_strategy="no", ddp_backend="gloo", seed=0)
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no", seed=0,
+                             ddp_backend="gloo" if world > 1 else None)
     trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
                             sampler=sn.Sampler(nest.submodels, k=3, strategy="sandwich", seed=5))
     trainer.train()
     return model.state_dict(), [[str(s) for s in subs] for _, subs in trainer.history]
 
 
-@pytest.mark.timeout(300)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_sorted_trainer_under_ddp_equals_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "0", __file__, str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), __file__, str(tmp_path)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as p:  # its own process group: a hang kills both ranks
+        try:
+            _, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    proc = subprocess.CompletedProcess(cmd, p.returncode, "", err)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(tmp_path / "state.pt")
     ref, history = train(str(tmp_path / "one"), 1)

@@ -8,6 +8,7 @@
 """
 
 from .dims import Depth, Dimension, Width
+from .discover import discover
 from .errors import SortedNetError
 from .heads import Heads
 from .io import load, save
@@ -20,7 +21,6 @@ from .speculative import speculative_generate
 from .submodel import SubModel
 from .train import Distill, accumulate, fit
 from .wrap import wrap
-from .discover import discover  # noqa: E402,I001  (after wrap: it builds on it)
 
 __version__ = "0.1.0"
 

@@ -300,12 +300,13 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     >>> [(g.size, g.bindings) for g in analyse(m, torch.randn(3, 4)).free()]
     [(8, [('0', 'out'), ('2', 'inp')])]
     """
-    was = model.training
+    was = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         events, out, attn = record(model, example)
     finally:
-        model.train(was)
+        for m, t in was:
+            m.training = t
     a = _Analysis(model, example, attn)
     a.run(events)
     a.fix_all(_tensors(out), "the network output")

@@ -236,24 +236,6 @@ def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
                              f"has {every[bad[0]]}; give every rank's Sampler the same seed and step")
 
 
-class _StateOnly:
-    def __init__(self, state: dict) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
-
-
-class _Gathered:
-    """Stands in for a sharded nest in :func:`sortednet.save`: its description, the gathered weights."""
-
-    def __init__(self, nest: Any, state: dict) -> None:
-        self._nest, self.model = nest, _StateOnly(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._nest, name)
-
-
 def save(nest: Any, path: str | os.PathLike) -> None:
     """Write a checkpoint of a distributed run that :func:`sortednet.load` reads in one process.
 
@@ -277,7 +259,7 @@ def save(nest: Any, path: str | os.PathLike) -> None:
 
         state = get_model_state_dict(nest.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if me == 0:  # gathered tensors may be views into padded buffers: store compact copies
-            _save(_Gathered(nest, {k: v.detach().clone() for k, v in state.items()}), path)
+            _save(nest, path, state={k: v.detach().clone() for k, v in state.items()})
     elif me == 0:
         _save(nest, path)
     if _active():

@@ -226,7 +226,7 @@ def _apply(groups: list, orders: list[Tensor]) -> None:
 
 
 def sort_units(nest: Any, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
-               loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float = 1e-5) -> dict[str, Tensor]:
+               loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float = 1e-4) -> dict[str, Tensor]:
     """Permute the units of every Width / Heads dimension of ``nest``, most important first.
 
     ``method``: ``"l1"`` | ``"l2"`` | ``"bn"`` | ``"taylor"`` (needs ``data``, batches of

@@ -52,13 +52,14 @@ def _alias_groups(state: Mapping[str, tuple]) -> list[list[str]]:
     return list(groups.values())
 
 
-def save(nest: "Nest", path: str | os.PathLike) -> None:  # noqa: F821
+def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Tensor] | None = None) -> None:  # noqa: F821
     """Write ``nest`` (weights, dimensions with the exact module paths they bind, the
     sub-model list when it is not the full product, calibration and profile) to ``path``.
 
     Tensors shared by several names (tied weights) are stored once. The file is
     written beside ``path`` under a temporary name and renamed into place, with the
-    permissions of a plain ``open()`` (the user's umask applies).
+    permissions of a plain ``open()`` (the user's umask applies). ``state`` replaces
+    ``nest.model.state_dict()`` (e.g. the full state gathered from FSDP shards).
 
     >>> import tempfile, os, torch.nn as nn, sortednet as sn
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [4, 8], out="0", inp="1"))
@@ -82,8 +83,9 @@ def save(nest: "Nest", path: str | os.PathLike) -> None:  # noqa: F821
     dims = [exact_spec(d, modules) for d in nest.dims]
     full = len(nest.submodels) == _product(nest)
     subs = None if full else [[s[d.name] for d in nest.dims] for s in nest.submodels]
-    state = {k: (v, tuple(v.shape), v.dtype) for k, v in nest.model.state_dict().items()}
-    tensors = {g[0]: state[g[0]][0] for g in _alias_groups(state)}
+    sd = nest.model.state_dict() if state is None else state
+    entries = {k: (v, tuple(v.shape), v.dtype) for k, v in sd.items()}
+    tensors = {g[0]: entries[g[0]][0] for g in _alias_groups(entries)}
     extra = nest._extra_tensors()
     clash = sorted(set(extra) & set(tensors))
     if clash:

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from . import slicers as _slicers
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, nearby
-from . import slicers as _slicers
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .submodel import SubModelLike

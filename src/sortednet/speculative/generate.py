@@ -140,7 +140,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-    ...                   num_attention_heads=4, num_key_value_heads=2)
+    ...                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)
     >>> model = LlamaForCausalLM(cfg).eval()
     >>> nest = sn.from_transformers(model, depth=[2])
     >>> ids = torch.tensor([[1, 2, 3]])
@@ -155,7 +155,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     tmodel = plan.models[0]
     pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
                          eos_token_id, tmodel)
-    modes = [(m, m.training) for model in plan.models for m in model.modules()]
+    modes = [m for model in plan.models for m in model.modules() if m.training]
     try:
         for model in plan.models:
             model.eval()
@@ -164,8 +164,8 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
                 stack.enter_context(ctx)
             new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m in modes:
+            m.training = True
     seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
     return SpeculativeOutput(seq, stats)
 

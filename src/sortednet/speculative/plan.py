@@ -8,6 +8,7 @@ differing in width, thresholds of the wrong length or outside ``[0, 1]``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -41,16 +42,21 @@ class Plan:
     vocab: int
 
 
-def _is_causal_lm(model: Any) -> bool:
+@functools.cache
+def _causal_lm_classes() -> frozenset[str]:
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover
-        return False
-    names = set()
+        return frozenset()
+    names: set[str] = set()
     for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update([v] if isinstance(v, str) else v)
+    return frozenset(names)
+
+
+def _is_causal_lm(model: Any) -> bool:
     cfg = getattr(model, "config", None)
-    return (isinstance(model, nn.Module) and type(model).__name__ in names and cfg is not None
+    return (isinstance(model, nn.Module) and type(model).__name__ in _causal_lm_classes() and cfg is not None
             and not getattr(cfg, "is_encoder_decoder", False) and model.get_output_embeddings() is not None)
 
 
