@@ -169,7 +169,6 @@ def main() -> None:
     dL = max(2, L // 2)
     dnest, dsteps = trained("draft", build(vocab, H // 2, dL, 4 * H // 3 // 32 * 32, args.seed + 1),
                             [dL // 2, dL], train, args.draft_minutes, args)
-    model = nest.model
     with torch.inference_mode():
         losses = soft_loss(nest, val[: 32 * args.ctx].view(32, args.ctx), exits=exits).losses
     val_loss = {e: v.item() for e, v in losses.items()}

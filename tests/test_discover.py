@@ -10,11 +10,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import arch
 import sortednet as sn
-from models import FAMILIES, assert_unchanged, run, snapshot
+from models import FAMILIES, assert_unchanged, case_params, run, snapshot
 from sortednet.discover import sizes_for
 
 NAMES = sorted(arch.ARCHS) + sorted(FAMILIES)
@@ -57,6 +59,21 @@ def test_discovered_nest_runs_exports_and_matches(name):
         torch.testing.assert_close(run(small, x), live, atol=1e-5, rtol=0)
         assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params")
     nest.check(x)
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual", "attn_block"])
+@given(data=st.data())
+def test_discovered_sizes_and_exports_over_random_models(family, data):
+    case = FAMILIES[family](**data.draw(case_params(family)))
+    ratios = data.draw(st.lists(st.sampled_from([0.1, 0.25, 0.3, 0.5, 0.75, 1.0]), min_size=1, max_size=4))
+    dims = sn.discover(case.model.eval(), case.example, ratios=ratios)
+    for d in dims:
+        assert list(d.sizes) == sorted(set(d.sizes)) and d.sizes[0] >= 1
+    nest = sn.wrap(case.model, *dims)
+    sub = data.draw(st.sampled_from(nest.submodels))
+    with nest.use(sub):
+        live = run(case.model, case.example)
+    torch.testing.assert_close(run(nest.export(sub), case.example), live, atol=1e-5, rtol=0)
 
 
 def _where(dims, path, role):
@@ -153,3 +170,23 @@ def test_sizes_for_is_ascending_unique_and_ends_full(full, ratios, mult):
     assert s == sorted(set(s)) and s[-1] == full and s[0] >= 1
     if full % mult == 0:
         assert all(v % mult == 0 for v in s)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_hf_models_from_config(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    kw = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    if family == "bert":
+        model = transformers.BertModel(transformers.BertConfig(**kw)).eval()
+    else:  # gate * up -> down; its output also carries a cache object (not a tensor)
+        model = transformers.LlamaModel(transformers.LlamaConfig(**kw, num_key_value_heads=2)).eval()
+    ex = {"input_ids": torch.randint(0, 50, (2, 7))}
+    dims = sn.discover(model, ex, ratios=[0.5, 1.0])
+    assert [len(d.out) + len(d.inp) for d in widths(dims)] == [3 if family == "llama" else 2] * 2  # FFN per layer
+    nest = sn.wrap(model, *dims, example=ex)
+    with nest.use(nest.smallest), torch.no_grad():
+        live = model(**ex).last_hidden_state
+    with torch.no_grad():
+        small = nest.export(nest.smallest, plain=True)
+        torch.testing.assert_close(small(**ex).last_hidden_state, live, atol=1e-5, rtol=0)

@@ -144,6 +144,9 @@ def test_useless_draft_accepts_nothing(family):
     out = sn.speculative_generate(target, ids, draft=draft, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(out.sequences, ref)
     assert out.stats.accepted == 0 and out.stats.drafted > 0 and out.stats.target_forwards == 12
+    auto = sn.speculative_generate(target, ids, draft=draft, max_new_tokens=12, eos_token_id=[],
+                                   num_draft_tokens="auto")
+    assert torch.equal(auto.sequences, ref) and set(auto.stats.draft_lengths) == {1, 0}  # "auto" stays short
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -158,6 +161,19 @@ def test_draft_equal_to_target_accepts_everything(family, k, new, share):
     assert torch.equal(out.sequences, plain(nest.model, ids, new, eos=[]))
     s = out.stats
     assert s.accepted == s.drafted and s.target_forwards == math.ceil(new / (k + 1))
+
+
+def test_auto_draft_length_grows_with_acceptance():
+    nest = nested("gpt2", False)   # its depth-1 exit agrees with the full model: everything is accepted
+    ids = torch.tensor([[2, 9, 4]])
+    out = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=60, num_draft_tokens="auto",
+                                  eos_token_id=[])
+    assert torch.equal(out.sequences, plain(nest.model, ids, 60, eos=[])) and out.stats.accepted == out.stats.drafted
+    lengths = out.stats.draft_lengths
+    assert lengths[0] == 1 and lengths[:-1] == sorted(lengths[:-1]) and max(lengths) >= 6, lengths
+    same = sn.speculative_generate(nest, ids, draft="depth=4", max_new_tokens=20, num_draft_tokens="auto",
+                                   eos_token_id=[])
+    assert set(same.stats.draft_lengths) <= {0, 1}   # a draft as costly as the target: no point in drafting more
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -316,3 +332,20 @@ def test_bad_input_is_refused_before_any_forward():
         with pytest.raises(sn.SortedNetError):
             sn.speculative_generate(kw.pop("target"), kw.pop("input_ids"), **kw)
     assert calls == [] and target.active == target.largest
+
+
+def test_other_families_fall_back_to_their_own_forward():
+    """Qwen2 blocks are not run range by range: sharing falls back to separate caches (or is refused when
+    insisted on), and the output is still the target's greedy output."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=1, eos_token_id=0)).eval()
+    nest = sn.from_transformers(model, depth=[1])
+    ids = torch.tensor([[4, 5, 6]])
+    out = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=12)
+    assert torch.equal(out.sequences, plain(model, ids, 12))
+    for kw in (dict(draft="depth=1", share_cache=True), dict(draft=nest, exits=["depth=1", "depth=3"])):
+        with pytest.raises(sn.SortedNetError, match="range by range"):
+            sn.speculative_generate(nest, ids, max_new_tokens=4, **kw)

@@ -9,7 +9,6 @@ dataset (2 per rank, or 4 in one process), so the two runs must agree whatever t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -26,12 +25,14 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 STEPS = 3
 
 
-def train(out_dir: str, world: int) -> tuple[dict, list]:
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+def train(out_dir: str, world: int, mode: str) -> tuple[dict, list, int]:
+    """Train STEPS steps with SortedTrainer (``mode="sorted"``) or a stock Trainer + SubModelCallback."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     import sortednet as sn
     import sortednet.slicers as slicers
-    from sortednet.integrations import SortedTrainer
+    from sortednet.integrations import SortedTrainer, SubModelCallback
 
     slicers.INPLACE_MIN_NUMEL = 0
     torch.manual_seed(0)
@@ -41,14 +42,32 @@ def train(out_dir: str, world: int) -> tuple[dict, list]:
     nest = sn.from_transformers(model, ffn=[16, 32], heads=[2], depth=[1, 2])
     x = torch.randint(1, 40, (4, 9), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": row, "labels": row} for row in x]
-    args = TrainingArguments(out_dir, max_steps=STEPS, per_device_train_batch_size=4 // world, optim="sgd",
-                             learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0, report_to=[], use_cpu=True,
-                             save_strategy="no", disable_tqdm=True, logging_strategy="no", seed=0,
+    args = TrainingArguments(os.path.join(out_dir, mode), max_steps=STEPS, per_device_train_batch_size=4 // world,
+                             optim="sgd", learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no", seed=0,
                              ddp_backend="gloo" if world > 1 else None)
-    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
-                            sampler=sn.Sampler(nest.submodels, k=3, strategy="sandwich", seed=5))
-    trainer.train()
-    return model.state_dict(), [[str(s) for s in subs] for _, subs in trainer.history]
+    subs = nest.submodels[:-1]  # never the largest: every weight is sliced
+    calls = [0]
+    all_reduce = dist.all_reduce
+
+    def counting(*a, **k):  # DDP's own reducer does not come through here; sync_gradients does
+        calls[0] += 1
+        return all_reduce(*a, **k)
+
+    dist.all_reduce = counting
+    try:
+        if mode == "sorted":
+            trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
+                                    sampler=sn.Sampler(subs, k=2, strategy="uniform", seed=5))
+            trainer.train()
+            history = [[str(s) for s in ss] for _, ss in trainer.history]
+        else:
+            cb = SubModelCallback(nest, sn.Sampler(subs, k=1, strategy="uniform", seed=5))
+            Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+            history = [[str(s)] for _, s in cb.history]
+    finally:
+        dist.all_reduce = all_reduce
+    return model.state_dict(), history, calls[0]
 
 
 def _free_port() -> int:
@@ -71,18 +90,21 @@ def test_sorted_trainer_under_ddp_equals_one_process(tmp_path):
     proc = subprocess.CompletedProcess(cmd, p.returncode, "", err)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(tmp_path / "state.pt")
-    ref, history = train(str(tmp_path / "one"), 1)
-    assert json.loads((tmp_path / "history.json").read_text()) == history
-    assert any(sub != history[0][0] for subs in history for sub in subs)  # sub-models below the largest trained
-    for k, v in ref.items():
-        torch.testing.assert_close(ddp[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    for mode in ("sorted", "callback"):
+        ref, history, calls = train(str(tmp_path / "one"), 1, mode)
+        assert ddp[mode]["history"] == history
+        assert "ffn=48,heads=4,depth=3" not in str(history)
+        for k, v in ref.items():
+            torch.testing.assert_close(ddp[mode]["state"][k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert ddp["sorted"]["calls"] == STEPS  # one gradient all-reduce per optimizer step (the model is one bucket)
 
 
 if __name__ == "__main__":  # one rank of the torchrun above
     import torch.distributed as dist
 
-    state, history = train(os.path.join(sys.argv[1], "ddp"), 2)
+    res = {}
+    for mode in ("sorted", "callback"):
+        state, history, calls = train(os.path.join(sys.argv[1], "ddp"), 2, mode)
+        res[mode] = {"state": state, "history": history, "calls": calls}
     if dist.get_rank() == 0:
-        torch.save(state, os.path.join(sys.argv[1], "state.pt"))
-        with open(os.path.join(sys.argv[1], "history.json"), "w") as f:
-            json.dump(history, f)
+        torch.save(res, os.path.join(sys.argv[1], "state.pt"))

@@ -383,15 +383,3 @@ def test_register_layout_gives_an_unlisted_family_every_feature(tmp_path):
             torch.testing.assert_close(out(back, {"input_ids": x}), out(model, {"input_ids": x}), atol=1e-5, rtol=0)
     finally:
         sni.unregister_layout(lay)
-
-
-def test_callback_refuses_data_parallel_runs():
-    from types import SimpleNamespace
-
-    from sortednet.integrations.trainer import SubModelCallback
-
-    model, _, _, _ = build("opt")
-    cb = SubModelCallback(sn.from_transformers(model, ffn=[24]))
-    cb.on_train_begin(SimpleNamespace(world_size=1), None, None)
-    with pytest.raises(sn.SortedNetError, match="SortedTrainer"):
-        cb.on_train_begin(SimpleNamespace(world_size=2), None, None)

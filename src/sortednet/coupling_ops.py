@@ -61,6 +61,8 @@ def _first(ev) -> Tensor | None:
 
 
 def _norm_dims(dim: Any, n: int) -> list[int] | None:
+    if isinstance(dim, bool):  # std(unbiased) / var(unbiased): a flag, not a dim
+        return None
     if dim is None:
         return list(range(n))
     dims = [dim] if isinstance(dim, int) else list(dim)

@@ -93,7 +93,7 @@ def declarations(c: Coupling, ratios: Sequence[float], *, heads: bool = True,
 
 
 def _shapes(x: Any) -> list:
-    return [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in tree_leaves(x)]
+    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tree_leaves(x)]
 
 
 def _fresh(dims: Sequence[Dimension]) -> list[Dimension]:
@@ -138,7 +138,7 @@ def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dim
         if bad is not None and len(bad) < len(dims) and bad != list(range(len(dims))):
             dims = [d for i, d in enumerate(dims) if i not in bad]
             bad = _failures(probe, example, dims, want)
-        if bad:  # slow path: add one dimension at a time
+        if bad is None or bad:  # slow path: add one dimension at a time
             kept: list[Dimension] = []
             for d in dims:
                 if _failures(probe, example, [*kept, d], want) == []:

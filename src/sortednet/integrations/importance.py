@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError
+from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
 from .layouts import Found
@@ -107,17 +108,16 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     blocks = list(model.get_submodule(found.layers)._modules.values())
     n_heads, group = _head_counts(model.config, lay)
     saved = {p: p.grad for p in model.parameters()}
-    was_training = model.training
     ffn_s = [0.0] * len(blocks)
     head_s = [0.0] * len(blocks)
     n = 0
     try:
-        model.eval()
-        with nest.use(nest.largest), torch.enable_grad():
+        # a private eval-mode view sharing every weight: other threads never see model.training flip
+        with nest.use(nest.largest), eval_mode(nest) as (view, _), torch.enable_grad():
             for batch in batches:
                 for p in model.parameters():
                     p.grad = None
-                (loss_fn or _default_loss)(model, batch).backward()
+                (loss_fn or _default_loss)(view, batch).backward()
                 for i, blk in enumerate(blocks):
                     if ffn:
                         ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(lay.ffn_inp[0]), 1)
@@ -129,7 +129,6 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     finally:
         for p, g in saved.items():
             p.grad = g
-        model.train(was_training)
     if n == 0:
         raise SortedNetError("sort_by_importance: batches is empty; give at least one batch")
     perms: dict[str, dict[str, Tensor]] = {}

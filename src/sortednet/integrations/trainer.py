@@ -44,15 +44,6 @@ def make_sampler(nest: Nest, submodels: Sequence[SubModel] | None = None, *, k: 
     return Sampler(subs, k=k, strategy=strategy or ("sandwich" if k >= 2 else "uniform"), seed=seed)
 
 
-def _refuse_data_parallel(args: Any, who: str) -> None:
-    """DDP's reducer misses the in-place gradients of sliced weights: refuse rather than average wrong ones."""
-    if getattr(args, "world_size", 1) > 1:
-        raise SortedNetError(
-            f"{who} under data-parallel training (world_size={args.world_size}): a stock Trainer's DDP reducer would "
-            "average stale or partial gradients of sliced weights. Use SortedTrainer (one gradient sync per "
-            "optimizer step), or sortednet.distributed.accumulate(nest, subs, closure, module=ddp_model)")
-
-
 class SortedTrainer(Trainer):
     """A ``transformers.Trainer`` that trains nested sub-models.
 
@@ -158,9 +149,6 @@ class SubModelCallback(TrainerCallback):
         self.nest = nest
         self.sampler = sampler if sampler is not None else make_sampler(nest, k=1)
         self.history: list[tuple[int, SubModel]] = []
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        _refuse_data_parallel(args, "SubModelCallback")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         sub = self.nest.activate(self.sampler.draw(state.global_step)[0])

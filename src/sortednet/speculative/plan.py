@@ -186,11 +186,12 @@ def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, threshold
 
     can_share = same and all({**s, **{k: tsub[k] for k in s if _is_depth(tnest, k)}} == tsub
                              for s in subs)
+    unsupported = layer_runner_problem(tmodel) if can_share else None
     if share_cache and not can_share:
         why = ("the draft is not a sub-model of the target's nest" if not same else
                f"the draft {labels[-1]} differs from the target {tsub} in more than depth, so its keys/values differ")
         raise SortedNetError(f"share_cache=True: cannot share the KV cache: {why}")
-    shared = can_share if share_cache is None else bool(share_cache)
+    shared = can_share and unsupported is None if share_cache is None else bool(share_cache)
     needs_layers = [m for m, need in ((tmodel, shared), (dmodel, shared or len(subs) > 1)) if need]
     for m in needs_layers:
         problem = layer_runner_problem(m)
