@@ -19,8 +19,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-CHECKS = ["ffn/heads/depth", "from_pretrained (fresh process)", "generate live == export", "SoFT",
-          "importance sorting"]
+CHECKS = ["ffn", "heads", "depth", "heads-sliced export loads", "from_pretrained (fresh process)",
+          "generate live == export", "SoFT", "importance sorting"]
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 
 

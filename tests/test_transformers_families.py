@@ -38,8 +38,17 @@ def _c(cls, cfg, **kw):
 
 # name -> (builder, from_transformers kwargs, kind, heads-sliced export loads in the stock class)
 FAMILIES = {
+    "llama": (_c("LlamaForCausalLM", "LlamaConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, **TOK), dict(ffn=[24], heads=[2], depth=[1]),
+              "causal", True),
+    "gpt2": (_c("GPT2LMHeadModel", "GPT2Config", n_embd=32, n_layer=2, n_head=4, n_positions=32, **TOK),
+             dict(ffn=[64], heads=[2], depth=[1]), "causal", False),
+    "bert": (_c("BertModel", "BertConfig", vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=48, max_position_embeddings=32), dict(ffn=[24], heads=[2], depth=[1]),
+             "encoder", False),
     "phi3": (_c("Phi3ForCausalLM", "Phi3Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, **TOK), dict(ffn=[16], depth=[1]), "causal", True),
+                num_attention_heads=4, num_key_value_heads=2, **TOK), dict(ffn=[16], heads=[2], depth=[1]),
+             "causal", True),
     "gpt_neox": (_c("GPTNeoXForCausalLM", "GPTNeoXConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, **TOK), dict(ffn=[24], heads=[2], depth=[1]), "causal", False),
     "opt": (_c("OPTForCausalLM", "OPTConfig", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
@@ -134,7 +143,10 @@ def test_largest_is_original_and_every_export_matches_live(name):
                 with pytest.raises(sn.SortedNetError, match="plain=True"):
                     nest.export(sub)
         assert torch.equal(out(model, x), ref)
-    record(name, "ffn/heads/depth")
+    for dim in kw:
+        record(name, dim)
+    if loads and "heads" in kw:
+        record(name, "heads-sliced export loads")
 
 
 def test_fresh_process_from_pretrained_equals_live(tmp_path):
@@ -191,7 +203,8 @@ def test_soft_loss_equals_separate_exits(name):
     record(name, "SoFT")
 
 
-SORTABLE = ["phi3", "gpt_neox", "opt", "distilbert", "vit", "clip_text"]
+SORTABLE = ["llama", "gpt2", "bert", "phi3", "gpt_neox", "opt", "distilbert", "vit", "deit", "clip_vision",
+            "clip_text"]
 
 
 @pytest.mark.parametrize("name", SORTABLE)
@@ -224,6 +237,18 @@ def test_importance_sorting_refuses_what_it_cannot_permute(name):
     with pytest.raises(sn.SortedNetError, match="does not support the"):
         sn.sort_by_importance(nest, [inputs(kind)], loss_fn=lambda m, b: out(m, b).sum())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_with_two_towers_is_nested_one_tower_at_a_time():
+    clip = T.CLIPModel(T.CLIPConfig(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, **IMG),
+        projection_dim=16))
+    with pytest.raises(sn.SortedNetError, match="one tower"):
+        sn.from_transformers(clip, ffn=[24])
+    nest = sn.from_transformers(clip.vision_model, ffn=[24], heads=[2])
+    assert nest.smallest["heads"] == 2
 
 
 def test_sort_by_importance_batch_errors():

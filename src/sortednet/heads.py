@@ -48,6 +48,13 @@ def _in_features(m: nn.Module) -> int | None:
     return getattr(m, "in_features", None)
 
 
+def _dotted(attrs: dict[str, Any], name: str) -> Any:
+    """``attrs[a]`` for ``a``, ``getattr(attrs[a], b)`` for ``a.b`` (one level)."""
+    first, _, rest = name.partition(".")
+    v = attrs.get(first)
+    return getattr(v, rest, None) if rest else v
+
+
 def _child(m: nn.Module, name: str) -> nn.Module | None:
     try:
         return m.get_submodule(name)
@@ -63,8 +70,9 @@ class Heads(Dimension):
     fused ``qkv``) and the output projection ``o`` are found among common child
     names or given explicitly; their outputs / inputs are sliced in whole
     heads. Integer attributes the module's ``forward`` reads (``num_heads``,
-    ``n_head``, ``all_head_size``, ... or ``count_attrs``) report the active
-    count. Key/value projections with fewer heads (grouped-query attention)
+    ``n_head``, ``all_head_size``, ... or ``count_attrs``, which may name a
+    field of an attribute object, e.g. ``"config.num_attention_heads"``) report
+    the active count. Key/value projections with fewer heads (grouped-query attention)
     keep their ratio: every size must be a multiple of the group.
 
     A fused ``qkv`` projection needs its row layout: ``layout="stacked"``
@@ -213,10 +221,12 @@ class Heads(Dimension):
         H = self.full
         attrs = vars(m)
         if self.count_attrs is not None:
-            missing = [a for a in self.count_attrs if not isinstance(attrs.get(a), int)]
+            got = {a: _dotted(attrs, a) for a in self.count_attrs}
+            missing = [a for a, v in got.items() if type(v) is not int]
             if missing:
-                raise self._err(path, f"count_attrs {missing} are not int attributes of the module")
-            chosen = {a: attrs[a] for a in self.count_attrs}
+                raise self._err(path, f"count_attrs {missing} are not int attributes of the module (or int fields "
+                                      "of one, as 'config.num_attention_heads')")
+            chosen = got
         else:
             wrong = {a: v for a, v in attrs.items() if a in COUNT_ATTRS and type(v) is int and v != H}
             if wrong:  # the module's own head count disagrees: slicing would cut across its heads

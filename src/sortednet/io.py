@@ -119,7 +119,8 @@ def _product(nest: Any) -> int:
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The nest description stored in a file written by :func:`save` (checked, never executed)."""
     with ck.read(path) as f:
-        return read_meta(f)
+        meta = read_meta(f)
+    return {k: v for k, v in meta.items() if k not in ("dims_built", "rows")}
 
 
 def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = True,  # noqa: F821

@@ -85,9 +85,8 @@ _BUILTIN: tuple[Layout, ...] = (
            ("mlp.experts",), ("mlp.experts",), ffn_chunks=2, **_LLAMA_ATTN),
     Layout("phi3", ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
            ("mlp.gate_up_proj",), ("mlp.down_proj",), ("self_attn",), "qkv_proj", "o_proj", "stacked",
-           ffn_chunks=2, kv_key="num_key_value_heads", head_dim_key="head_dim", norm="norm", causal=True,
-           no_heads="Phi3Attention.forward reads config.num_attention_heads (shared by every layer), not an "
-                    "attribute of the attention module"),
+           ("config.num_attention_heads", "num_key_value_heads"),  # its forward reads the config's head count
+           ffn_chunks=2, kv_key="num_key_value_heads", head_dim_key="head_dim", norm="norm", causal=True),
     Layout("gpt2", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), ("mlp.c_fc",), ("mlp.c_proj",),
            ("attn",), "c_attn", "c_proj", "stacked", ("num_heads", "split_size"), ffn_key="n_inner",
            norm="ln_f", causal=True),
