@@ -32,6 +32,7 @@ import torch
 import torch._dynamo
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_models import BlockStack, FFNStack, ResNet18, ViT, llama_config  # noqa: E402
@@ -246,11 +247,27 @@ def measure(st: Setup, repeat: int, compiled: bool, compile_all: bool) -> None:
         st.rows["compiled"][mode] = (before, counters[mode].frame_count - before)
 
 
-def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int = 5, n: int = 2,
-                top: int = 12) -> str:
-    """Per-op self CPU time (ms per call, wall-clock as the profiler records it) of the live and
-    standalone runs, largest differences first: medians over ``rounds`` alternating profiles of
-    ``n`` calls each, so that machine noise hits both alike."""
+class OpTimes(TorchDispatchMode):
+    """Thread CPU time spent in each aten op (below autograd: forward and backward kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: dict[str, float] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = CLOCK()
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        self.times[name] = self.times.get(name, 0.0) + CLOCK() - t
+        return out
+
+
+def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int = 7, top: int = 12,
+                torch_profiler: bool = False) -> str:
+    """Per-op self time (ms per call) of the live and standalone runs, largest differences first,
+    medians over ``rounds`` alternating single calls. By default each aten op's thread CPU time
+    (:class:`OpTimes`); ``torch_profiler=True`` reads ``torch.profiler``'s self CPU times instead,
+    which are wall-clock: on a loaded shared machine they mostly measure preemption."""
     from torch.profiler import ProfilerActivity, profile
 
     samples: dict[str, list[dict[str, float]]] = {"live": [], "standalone": []}
@@ -258,14 +275,19 @@ def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int
         f()
     for _ in range(rounds):
         for name, f in (("live", live), ("standalone", alone)):
-            with profile(activities=[ProfilerActivity.CPU]) as p:
-                t = time.perf_counter()  # the profiler's op times are wall-clock too
-                for _ in range(n):
+            t = CLOCK()
+            f()
+            total = (CLOCK() - t) * 1e3
+            if torch_profiler:
+                with profile(activities=[ProfilerActivity.CPU]) as p:
                     f()
-                wall = (time.perf_counter() - t) / n * 1e3
-            ops = {e.key: e.self_cpu_time_total / n / 1e3 for e in p.key_averages()}
-            ops["(outside ops: Python, dispatch)"] = wall - sum(ops.values())
-            ops["(wall time under the profiler)"] = wall
+                ops = {e.key: e.self_cpu_time_total / 1e3 for e in p.key_averages()}
+            else:
+                with OpTimes() as o:
+                    f()
+                ops = {k: v * 1e3 for k, v in o.times.items()}
+            ops["(outside ops: Python, autograd engine, dispatch)"] = total - sum(ops.values())
+            ops["(total, without profiling)"] = total
             samples[name].append(ops)
 
     def med(name: str, key: str) -> float:
@@ -273,9 +295,9 @@ def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int
 
     keys = {k for s in samples["live"] + samples["standalone"] for k in s}
     rows = [[k, med("live", k), med("standalone", k), med("live", k) - med("standalone", k)] for k in keys]
-    extra = [r for r in rows if r[0].startswith("(")]
+    extra = sorted((r for r in rows if r[0].startswith("(")), key=lambda r: r[0], reverse=True)
     rows = sorted((r for r in rows if not r[0].startswith("(")), key=lambda r: -abs(r[3]))[:top]
-    return table(["op (self CPU)", "live ms", "standalone ms", "difference ms"], rows + sorted(extra))
+    return table(["op (self time)", "live ms", "standalone ms", "difference ms"], rows + extra)
 
 
 def _fmt(v: float | None) -> str:
@@ -293,7 +315,7 @@ def _verdict(got: tuple[float, float] | None, median: float | None, worst: float
     return "**met**" if ok else "**not met**"
 
 
-def run(quick: bool, compile_mode: str) -> str:
+def run(quick: bool, compile_mode: str, torch_profiler: bool = False) -> str:
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64
     if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
@@ -358,7 +380,7 @@ def run(quick: bool, compile_mode: str) -> str:
         for mod in {id(m): m for st in setups if st.name == name for m in [st.model, *st.alone.values()]}.values():
             mod.train(what.endswith("train"))
         with (torch.no_grad() if what.endswith("infer") else _null()):
-            tab = profile_gap(live, alone)
+            tab = profile_gap(live, alone, torch_profiler=torch_profiler)
         prof += [f"### Worst {label}: {name} {sub} (ratio {ratio:.3f})", tab]
     text = "\n\n".join([
         "# Overhead of sub-models in the wrapped model vs standalone models",
@@ -385,7 +407,13 @@ def run(quick: bool, compile_mode: str) -> str:
         "through the sub-models three more times (forward, backward, forward order).",
         table(["model", "mode", "sub-models", "graphs", "recompiles switching back"], comp_rows)
         if comp_rows else "(none)",
-        "## Where the worst gaps go (torch.profiler, self CPU time per call)",
+        "## Where the worst gaps go (self time per op, per call)",
+        ("`torch.profiler` self CPU time (wall-clock)" if torch_profiler else
+         "Each aten op's thread CPU time, forward and backward kernels (a `TorchDispatchMode` timing every op "
+         "with `time.thread_time`; `torch.profiler` records wall-clock, which on a shared, loaded machine "
+         "mostly measures preemption: `--torch-profiler` uses it anyway)")
+        + "; medians of 7 alternating calls. `outside ops` is the rest of the call's thread CPU time: Python "
+        "(sliced attribute reads, module calls), the autograd engine and dispatch.",
         *prof,
     ]) + "\n"
     return text
@@ -397,9 +425,11 @@ if __name__ == "__main__":
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--compile-all", action="store_true", help="also compile the CNN, ViT and Llama rows")
     g.add_argument("--no-compile", action="store_true", help="skip every compiled row")
+    ap.add_argument("--torch-profiler", action="store_true", help="gap tables from torch.profiler (wall-clock)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier ratios on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    text = run(args.quick, "none" if args.no_compile else "all" if args.compile_all else "default")
+    text = run(args.quick, "none" if args.no_compile else "all" if args.compile_all else "default",
+               args.torch_profiler)
     print(text)
     print("wrote", write("overhead_quick.md" if args.quick else "overhead.md", text))

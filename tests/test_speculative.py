@@ -73,7 +73,7 @@ prompts = st.lists(st.integers(1, V - 1), min_size=1, max_size=6).map(lambda p: 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "soft"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@settings(max_examples=2)
+@settings(max_examples=2, derandomize=True)  # fixed prompts: no flaky fp32 near-ties between runs
 @given(ids=prompts, k=st.sampled_from([1, 2, 3, 5, 8]))
 def test_greedy_equals_plain_generate_for_every_depth_length_and_cache_mode(family, trained, depth, ids, k):
     nest = nested(family, trained)

@@ -204,13 +204,13 @@ def test_soft_loss_equals_separate_exits(name):
 
 
 SORTABLE = ["llama", "gpt2", "bert", "phi3", "gpt_neox", "opt", "distilbert", "vit", "deit", "clip_vision",
-            "clip_text"]
+            "clip_text", "mixtral", "qwen2_moe", "t5", "falcon"]  # t5, falcon: FFN only (heads refused below)
 
 
 @pytest.mark.parametrize("name", SORTABLE)
 def test_importance_sorting_preserves_the_full_model(name):
     model, kw, kind, _ = build(name)
-    kw = {k: v for k, v in kw.items() if k != "depth"}
+    kw = {k: v for k, v in kw.items() if k != "depth" and (k != "heads" or name not in ("t5", "falcon"))}
     nest = sn.from_transformers(model, **kw)
     with torch.no_grad():
         for p in model.parameters():
@@ -229,7 +229,7 @@ def test_importance_sorting_preserves_the_full_model(name):
     record(name, "importance sorting")
 
 
-@pytest.mark.parametrize("name", ["mixtral", "t5"])
+@pytest.mark.parametrize("name", ["t5", "falcon"])
 def test_importance_sorting_refuses_what_it_cannot_permute(name):
     model, kw, kind, _ = build(name)
     nest = sn.from_transformers(model, **kw)

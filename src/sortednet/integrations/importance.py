@@ -24,7 +24,7 @@ from ..errors import SortedNetError
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
-from .layouts import Found
+from .layouts import Found, glob_children
 from .transformers import _head_counts, _layout_of
 
 __all__ = ["sort_by_importance"]
@@ -35,8 +35,19 @@ def _axes(m: nn.Module) -> tuple[int, int]:
     return (1, 0) if isinstance(m, Conv1D) else (0, 1)
 
 
+def _experts(m: nn.Module) -> bool:
+    """A mixture-of-experts module with 3-D ``gate_up_proj`` (E, 2 * ffn, hidden) / ``down_proj`` (E, hidden, ffn)."""
+    t = Slicer.tensor(m, "down_proj")
+    return isinstance(t, Tensor) and t.dim() == 3
+
+
 def _score(m: nn.Module, unit: int) -> Tensor:
-    """|sum(w * grad)| per group of ``unit`` input features of ``m``."""
+    """|sum(w * grad)| per group of ``unit`` input features of ``m`` (experts: one row of scores per expert)."""
+    if _experts(m):
+        w = Slicer.tensor(m, "down_proj")
+        if w.grad is None:
+            raise SortedNetError(f"{type(m).__name__} got no gradient: did the batches route tokens to it?")
+        return (w * w.grad).detach().sum(1).abs()
     w = Slicer.tensor(m, "weight")
     if w.grad is None:
         raise SortedNetError(f"{type(m).__name__} got no gradient: does the loss depend on every layer?")
@@ -105,7 +116,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     lay, model = found.layout, nest.model
     heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads
     _check_layout(lay, found, model, ffn, heads)
-    blocks = list(model.get_submodule(found.layers)._modules.values())
+    named = [(f"{P}.{k}", b) for P in found.stacks for k, b in model.get_submodule(P)._modules.items()]
+    blocks = [b for _, b in named]
     n_heads, group = _head_counts(model.config, lay)
     saved = {p: p.grad for p in model.parameters()}
     ffn_s = [0.0] * len(blocks)
@@ -120,7 +132,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 (loss_fn or _default_loss)(view, batch).backward()
                 for i, blk in enumerate(blocks):
                     if ffn:
-                        ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(lay.ffn_inp[0]), 1)
+                        ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(_paths(blk, lay.ffn_inp)[0]), 1)
                     if heads:
                         o = blk.get_submodule(lay.attn[0]).get_submodule(lay.o)
                         d = Slicer.tensor(o, "weight").shape[_axes(o)[1]] // n_heads
@@ -134,13 +146,16 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     perms: dict[str, dict[str, Tensor]] = {}
     with torch.no_grad():
         for i, blk in enumerate(blocks):
-            perms[f"{found.layers}.{i}"] = p = {}
+            perms[named[i][0]] = p = {}
             if ffn:
                 p["ffn"] = order = torch.argsort(ffn_s[i], descending=True, stable=True)
+                if order.dim() == 2:  # experts: each expert's neurons ordered on their own
+                    _permute_experts(blk.get_submodule(_paths(blk, lay.ffn_out)[0]), order)
+                    continue
                 rows = torch.cat([order + c * order.numel() for c in range(lay.ffn_chunks)])  # [gate; up]: each
-                for path in lay.ffn_out:
+                for path in _paths(blk, lay.ffn_out):
                     _permute(blk.get_submodule(path), "out", rows)
-                for path in lay.ffn_inp:
+                for path in _paths(blk, lay.ffn_inp):
                     _permute(blk.get_submodule(path), "inp", order)
             if heads:
                 p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
@@ -148,13 +163,27 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     return perms
 
 
+def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
+    """The paths under ``blk`` that ``rels`` (``*`` = one component) name; absent ones are skipped."""
+    return [p for r in rels for p in glob_children(blk, r)]
+
+
+def _permute_experts(m: nn.Module, order: Tensor) -> None:
+    gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
+    for e, o in enumerate(order):
+        rows = torch.cat([o, o + o.numel()]).to(gu.device)  # [gate; up]: the same order in both halves
+        gu.data[e].copy_(gu.data[e].index_select(0, rows))
+        down.data[e].copy_(down.data[e].index_select(1, o.to(down.device)))
+
+
 def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -> None:
     """Refuse the layouts whose units this function cannot permute (before anything changes)."""
     why, blk, cfg = "", found.block(model), model.config
-    if len(found.stacks) > 1 or len(lay.attn) != 1 or lay.o is None or lay.qkv is None:
-        why = "several layer lists or attention modules per block"
-    elif ffn and not all(isinstance(blk.get_submodule(p), (nn.Linear, Conv1D)) for p in lay.ffn_out + lay.ffn_inp):
-        why = "FFN weights that are not linear layers (mixture-of-experts tensors)"
+    if heads and (len(found.stacks) > 1 or len(lay.attn) != 1 or lay.o is None or lay.qkv is None):
+        why = "several attention modules per block (T5: a relative position bias shared by a stack's layers)"
+    elif ffn and not all(isinstance(m, (nn.Linear, Conv1D)) or (_experts(m) and lay.ffn_chunks == 2)
+                         for m in (blk.get_submodule(p) for p in _paths(blk, lay.ffn_out + lay.ffn_inp))):
+        why = "FFN weights that are neither linear layers nor [gate; up] expert tensors"
     elif heads and lay.no_heads:
         why = lay.no_heads
     elif heads and isinstance(lay.qkv, str) and lay.layout_of_qkv(cfg) == "interleaved" \
