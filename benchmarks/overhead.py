@@ -253,13 +253,27 @@ class OpTimes(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.times: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t = CLOCK()
         out = func(*args, **(kwargs or {}))
         name = func._schema.name
         self.times[name] = self.times.get(name, 0.0) + CLOCK() - t
+        self.calls[name] = self.calls.get(name, 0) + 1
         return out
+
+    @staticmethod
+    def per_call_overhead() -> float:
+        """Seconds the timing adds to each op (median over calls of a view op on a tiny tensor)."""
+        x = torch.zeros(1)
+        per = []
+        for _ in range(5):
+            with OpTimes() as o:
+                for _ in range(100):
+                    x.view(-1)
+            per.append(o.times["aten::view"] / 100)
+        return statistics.median(per)
 
 
 def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int = 7, top: int = 12,
@@ -273,6 +287,7 @@ def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int
     samples: dict[str, list[dict[str, float]]] = {"live": [], "standalone": []}
     for f in (live, alone):
         f()
+    over = 0.0 if torch_profiler else OpTimes.per_call_overhead()
     for _ in range(rounds):
         for name, f in (("live", live), ("standalone", alone)):
             t = CLOCK()
@@ -285,7 +300,7 @@ def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int
             else:
                 with OpTimes() as o:
                     f()
-                ops = {k: v * 1e3 for k, v in o.times.items()}
+                ops = {k: max(0.0, v - over * o.calls[k]) * 1e3 for k, v in o.times.items()}
             ops["(outside ops: Python, autograd engine, dispatch)"] = total - sum(ops.values())
             ops["(total, without profiling)"] = total
             samples[name].append(ops)
@@ -410,7 +425,8 @@ def run(quick: bool, compile_mode: str, torch_profiler: bool = False) -> str:
         "## Where the worst gaps go (self time per op, per call)",
         ("`torch.profiler` self CPU time (wall-clock)" if torch_profiler else
          "Each aten op's thread CPU time, forward and backward kernels (a `TorchDispatchMode` timing every op "
-         "with `time.thread_time`; `torch.profiler` records wall-clock, which on a shared, loaded machine "
+         "with `time.thread_time`, less the timing's own per-call cost; `torch.profiler` records wall-clock, "
+         "which on a shared, loaded machine "
          "mostly measures preemption: `--torch-profiler` uses it anyway)")
         + "; medians of 7 alternating calls. `outside ops` is the rest of the call's thread CPU time: Python "
         "(sliced attribute reads, module calls), the autograd engine and dispatch.",

@@ -27,6 +27,7 @@ CASES = {
     "sequential": (lambda: FAMILIES["sequential"](), 0),
     "mlp_real_size": (lambda: FAMILIES["mlp"](h1=128, h2=64), None),  # fc2.weight: 8192 elements
     "mlp_wide": (lambda: FAMILIES["mlp"](h1=768, h2=768), None),      # long in-place adds: races show
+    "tied_lm": (lambda: FAMILIES["tied_lm"](vocab=300), None),       # one 300x16 weight, two modules
 }
 NO_SDPA = ["mlp", "cnn_bn_residual", "sequential", "mlp_real_size"]  # SDPA has no double backward on CPU
 
@@ -188,7 +189,7 @@ def test_torch_func_grad_and_vmap(name):
         tol(res[0][1][k], res[1][1][k], f"vmap(grad) {k}")
 
 
-@pytest.mark.parametrize("name", ["mlp_wide", "lm_width_heads_depth"])
+@pytest.mark.parametrize("name", ["mlp_wide", "lm_width_heads_depth", "tied_lm"])
 def test_concurrent_backward_adds_up(name, trials=50, threads=4):
     """Threads run backward at once on shared parameters (sub-models below the largest:
     the in-place path); the sums equal the sequential ones up to rounding."""

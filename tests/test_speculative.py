@@ -60,6 +60,13 @@ def nested(family: str, trained: bool) -> sn.Nest:
     return nest
 
 
+@functools.cache
+def draft_nest(family: str) -> sn.Nest:
+    nest = sn.from_transformers(FAMILIES[family](seed=1, layers=3), depth=[1, 2])
+    soft_train(nest)
+    return nest
+
+
 def plain(model, ids, n, eos=None, **kw):
     """transformers' own greedy decoding; eos=None: the model's default, as speculative_generate's."""
     if eos is not None:
@@ -110,13 +117,8 @@ def test_greedy_sub_model_targets_narrow_drafts_and_auto_length(family, target_s
 @pytest.mark.parametrize("separate", [False, True], ids=["same_nest", "s2d_draft_nest"])
 def test_cascade_greedy_equality_and_threshold_semantics(family, thresholds, separate):
     target = nested(family, True)
-    draft = nested(family, False) if separate else target
-    if separate:  # a separate sorted draft nest: smaller (narrow), same vocabulary
-        draft = sn.from_transformers(FAMILIES[family](seed=1, layers=3), depth=[1, 2])
-        soft_train(draft, 20)
-        exits = ["depth=1", "depth=2", "depth=3"]
-    else:
-        exits = ["depth=1", "depth=2", "depth=3"]
+    draft = draft_nest(family) if separate else target   # S2D: a separate, smaller sorted draft nest
+    exits = ["depth=1", "depth=2", "depth=3"]
     for ids in (torch.tensor([[4, 6, 8]]), torch.tensor([[1, 2, 3, 4, 5, 6, 7]])):
         ref = plain(target.model, ids, 20)
         out = sn.speculative_generate(target, ids, draft=draft, exits=exits, thresholds=thresholds,
@@ -231,7 +233,7 @@ def test_eos_attention_mask_plain_target_and_restored_state():
     model.eval()
 
 
-SEEDS = 500
+SEEDS = 400
 
 
 def _first_tokens(target, draft, ids, seeds, vocab, **kw):

@@ -23,6 +23,7 @@ from .errors import SortedNetError
 from .export import export_submodel
 from .modes import eval_mode
 from .plan import Plans, Use, in_plan
+from .views import new_lock
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import SubModel, SubModelLike, SubModelList
@@ -191,8 +192,10 @@ class Nest:
         self._plans = Plans(modules)
         self._state = Active(self._plans.build(SubModel({d.name: d.full for d in self.dims})))
         self._plans.active = self._state
+        lock = new_lock()  # one per nest: tied parameters are written through several modules
         for slot, m in enumerate(modules):
-            m.__dict__["_sn"].slot, m.__dict__["_sn"].active = slot, self._state
+            st = m.__dict__["_sn"]
+            st.slot, st.active, st.lock = slot, self._state, lock
         for d in self.dims:
             d._active = self._state
         self._state.default = self._plans.get(self._state.default.sub)

@@ -17,6 +17,7 @@ its dimensions the same sizes.
 from __future__ import annotations
 
 import contextvars
+import functools
 from typing import Any
 
 from torch import nn
@@ -150,6 +151,10 @@ class Use:
             raise RuntimeError("this nest.use(...) block is already entered; call nest.use again")
         self.token = self.active.var.set(self.plan)
         return self.plan.sub
+
+    def __call__(self, fn: Any) -> Any:
+        """As a decorator: ``fn`` runs under the plan at every call."""
+        return functools.wraps(fn)(in_plan(self.active, self.plan, fn))
 
     def __exit__(self, *exc: object) -> None:
         token, self.token = self.token, None

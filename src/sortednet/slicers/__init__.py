@@ -48,7 +48,7 @@ class State:
     min_numel: int = 4096          # smallest tensor served by the in-place gradient path
     slot: int = -1                 # index of this module in every plan (set by wrap)
     active: Active | None = None   # the nest's run-time state (set by wrap)
-    lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad
+    lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad (one per nest)
 
     def __deepcopy__(self, memo: dict) -> "State":
         """A copy (EMA / teacher model) follows the same nest state, with its own lock."""
@@ -56,7 +56,7 @@ class State:
         memo[id(self)] = new
         new.bind = copy.deepcopy(self.bind, memo)
         new.extra = copy.deepcopy(self.extra, memo)
-        new.lock = new_lock()
+        new.lock = memo.setdefault(("sortednet.lock", id(self.lock)), new_lock())  # shared by the copy's modules
         return new
 
     def sizes(self) -> dict[str, int]:
