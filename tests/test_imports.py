@@ -6,7 +6,6 @@ Layers import downward only."""
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
 from pathlib import Path
