@@ -18,7 +18,8 @@ Compute is counted in forward FLOPs of the passes each method ran (training ~
 3x forward for all alike) relative to training the largest model once.
 Writes benchmarks/results/nested_lm.{md,json,png} (``--quick``: under /tmp).
 
-    nice -n 10 .venv/bin/python benchmarks/nested_lm.py --jobs 2     # ~25 min on 2 busy cores
+    nice -n 10 .venv/bin/python benchmarks/nested_lm.py --jobs 2     # 300 steps: ~55 min on 2 cores at load ~11
+    nice -n 10 .venv/bin/python benchmarks/nested_lm.py --methods "(a) sorted uniform k=4"  # one method -> /tmp
     .venv/bin/python benchmarks/nested_lm.py --quick --jobs 2        # smoke run, ~1 min
     .venv/bin/python benchmarks/nested_lm.py --render                # rewrite .md/.png from the .json
 """
@@ -248,6 +249,8 @@ def main() -> None:
         return report.render(res, RESULTS)
     if a.quick:
         a.steps, a.val_batches = min(a.steps, 20), min(a.val_batches, 2)
+    if a.methods and not a.json:  # a subset never overwrites the full results: merge it with --merge
+        a.json = os.path.join(tempfile.mkdtemp(prefix="nested_lm_"), "nested_lm.json")
     torch.set_num_threads(1)
     fl, params = flops_table(a)
     check_twins(a, params)

@@ -135,7 +135,7 @@ def render(res: dict[str, Any], out_dir: str) -> None:
         "every pass alike.\n\n" + t3 +
         f"\n\n## Targets\n\nEvery twin-matched sub-model within {100 * TOL:.0f}% of its twin's held-out loss; no "
         "sub-model of the nest worse than one with fewer parameters; compute ≤ k× training the largest once.\n\n"
-        + t4 +
+        + t4 + "\n\n" + diagnosis(res) +
         "\n\n## Mix'n'Match: every sub-model of the nest\n\nAll sub-models, also those a method never trained "
         "(MatFormer trains 3 of them; the full-alone control none but the largest).\n\n" + t2 +
         "\n\n![held-out loss vs parameters](nested_lm.png)\n")
@@ -146,6 +146,35 @@ def render(res: dict[str, Any], out_dir: str) -> None:
     if not meta.get("quick") and os.path.exists(DOCS):
         write_docs(block, DOCS)
     print(text)
+
+
+def diagnosis(res: dict[str, Any]) -> str:
+    """Why targets are missed, computed from the results: twins out of size order, and the
+    sub-models of the best sortednet method split by their attention-head count."""
+    meta, params = res["meta"], res["meta"]["params"]
+    twins = twin_loss(res)
+    ts = sorted(twins, key=lambda t: params[t])
+    inverted = [(a, b) for i, a in enumerate(ts) for b in ts[i + 1:] if twins[b] > twins[a]]
+    sorted_methods = [m for m in nested(res) if m.startswith("(a)")]
+    if not sorted_methods:
+        return ""
+    best = min(sorted_methods, key=lambda m: sum(res["methods"][m]["loss"][t] / twins[t] for t in twins))
+    loss = res["methods"][best]["loss"]
+    heads = sorted({int(s.split("heads=")[1].split(",")[0]) for s in loss})
+    by = {h: [v for s, v in loss.items() if f"heads={h}," in s] for h in heads}
+    mean = {h: sum(v) / len(v) for h, v in by.items()}
+    worse = [t for t in loss if any(params[u] < params[t] and loss[u] < loss[t] for u in loss)]
+    few = sum(f"heads={heads[0]}," in t for t in worse)
+    out = (f"Why the targets are missed here: (1) the budget ({meta['cfg']['steps']} steps) is short enough that "
+           f"the twins themselves are not ordered by size: in {len(inverted)} of {len(ts) * (len(ts) - 1) // 2} "
+           "pairs of twins the larger one has the higher held-out loss (small models converge in fewer steps), so "
+           "a twin-matched ratio partly measures convergence speed; each nested sub-model also gets only a share "
+           "of the steps. (2) For the best sortednet method (" + best + "), the sub-models with "
+           + " vs ".join(f"{h} query heads average {mean[h]:.3f}" for h in heads)
+           + f" nats/char, and {few} of the {len(worse)} sub-models worse than a smaller one have {heads[0]} heads. "
+           "A budget lookup should therefore pick "
+           "by measured loss (`nest.profile(..., score=...)` then `nest.pick`), which keeps only the Pareto front.")
+    return out
 
 
 def summary(res: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import table, write  # noqa: E402
+from common import RESULTS, table, write  # noqa: E402
 
 import sortednet as sn  # noqa: E402
 from sortednet.cost import ParamCounter  # noqa: E402
@@ -247,32 +247,61 @@ def million_table(now: dict, before: dict | None) -> str:
     heads = ["operation (N = 10^6)", "CPU time (s)", "peak traced memory (MB)"]
     if before is not None:
         heads += ["before: CPU time (s)", "before: memory (MB)"]
-    rows = []
-    for k in ops:
-        row = [k, round(now[k][0], 4), round(now[k][1] / 1e6, 1)]
-        if before is not None:
-            b = before.get(k)
-            row += ["-", "-"] if b is None else [round(b[0], 4), round(b[1] / 1e6, 1)]
-        rows.append(row)
+
+    def cells(v: list | None) -> list[str]:
+        return ["-", "-"] if v is None else [f"{v[0]:.3g}", f"{v[1] / 1e6:.3g}" if v[1] else "-"]
+
+    rows = [[k, *cells(now[k]), *(cells(before.get(k)) if before is not None else [])] for k in ops]
     for k in ("header bytes", "file bytes", "max RSS (MB)"):
-        rows.append([k, round(now[k], 1), ""] + ([round(before[k], 1), ""] if before is not None else []))
+        rows.append([k, f"{now[k]:,.0f}", ""] + ([f"{before[k]:,.0f}", ""] if before is not None else []))
     return table(heads, rows)
+
+
+def million_section(now: dict, before: dict | None, rev: str | None) -> str:
+    return ("## 10^6 sub-models\n\nAn 8-layer MLP (32 -> 40 x7 -> 8) with 6 widths nested in 10 sizes each, "
+            "one fresh process per column" + (f"; 'before' is git revision `{rev}`" if rev else "")
+            + ". CPU time is the thread's own (`time.thread_time`, torch on 1 thread), so waiting for a shared CPU "
+            "is not counted; each operation then runs again under tracemalloc for its peak of traced memory "
+            "(Python objects and NumPy arrays; tracing itself inflates the max RSS of the 'before' run).\n\n"
+            + million_table(now, before) + "\n")
+
+
+def million_runs(rev: str | None) -> tuple[dict, dict | None]:
+    """The 10^6 case now and (cached in results/, as measured) at revision ``rev``."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    now = run_million(src)
+    print(now, flush=True)
+    write("switching_million.json", json.dumps(now))
+    before = None
+    if rev:
+        cache = os.path.join(RESULTS, f"switching_million_{rev}.json")
+        if os.path.exists(cache):
+            with open(cache) as f:
+                before = json.load(f)
+        else:
+            before = run_million(baseline_src(rev))
+            write(f"switching_million_{rev}.json", json.dumps(before))
+        print(before, flush=True)
+    return now, before
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="sample the per-sub-model walk instead of timing it all")
     ap.add_argument("--baseline", metavar="REV", help="also run the 10^6 case against git revision REV")
+    ap.add_argument("--million-only", action="store_true",
+                    help="run only the 10^6 case and replace its section of results/switching.md")
     ap.add_argument("--million-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.million_json:
         print(json.dumps(million()))
         return
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    big_now = run_million(src)
-    print(big_now, flush=True)
-    big_before = run_million(baseline_src(args.baseline)) if args.baseline else None
-    print(big_before, flush=True)
+    big_now, big_before = million_runs(args.baseline)
+    if args.million_only:
+        with open(os.path.join(RESULTS, "switching.md")) as f:
+            head = f.read().split("## 10^6 sub-models")[0]
+        print("wrote", write("switching.md", head + million_section(big_now, big_before, args.baseline)))
+        return
     torch.set_num_threads(1)
     measure(1, quick=True)   # warm-up: first FlopCounterMode / dispatch use is slow
     rows = []
@@ -311,13 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             "'weight bytes' is measured after running 200 sub-models: equal to the plain model's "
             f"({rows[0]['weights_plain']} bytes), so extra sub-models cost no weight memory; "
             "'bookkeeping' is Python memory traced while wrapping (sub-model objects, parameter-count "
-            "cache), divided by N.\n"
-            "\n## 10^6 sub-models\n\nAn 8-layer MLP (32 -> 40 x7 -> 8) with 6 widths nested in 10 sizes each, "
-            "one fresh process per column" + (f"; 'before' is git revision `{args.baseline}`" if args.baseline else "")
-            + ". CPU time is the thread's own (`time.thread_time`, torch on 1 thread), so waiting for a shared CPU "
-            "is not counted; each operation then runs again under tracemalloc for its peak of traced memory "
-            "(Python objects and NumPy arrays).\n\n"
-            + million_table(big_now, big_before) + "\n")
+            "cache), divided by N.\n\n" + million_section(big_now, big_before, args.baseline))
     print(text)
     print("wrote", write("switching.md", text))
 

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -62,6 +62,7 @@ def test_discovered_nest_runs_exports_and_matches(name):
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual", "attn_block"])
+@settings(max_examples=5)
 @given(data=st.data())
 def test_discovered_sizes_and_exports_over_random_models(family, data):
     case = FAMILIES[family](**data.draw(case_params(family)))

@@ -119,7 +119,7 @@ def test_cascade_greedy_equality_and_threshold_semantics(family, thresholds, sep
     target = nested(family, True)
     draft = draft_nest(family) if separate else target   # S2D: a separate, smaller sorted draft nest
     exits = ["depth=1", "depth=2", "depth=3"]
-    for ids in (torch.tensor([[4, 6, 8]]), torch.tensor([[1, 2, 3, 4, 5, 6, 7]])):
+    for ids in [torch.tensor([[4, 6, 8]]), torch.tensor([[1, 2, 3, 4, 5, 6, 7]])][int(separate):][:1]:
         ref = plain(target.model, ids, 20)
         out = sn.speculative_generate(target, ids, draft=draft, exits=exits, thresholds=thresholds,
                                       max_new_tokens=20, num_draft_tokens=4)
@@ -152,8 +152,8 @@ def test_useless_draft_accepts_nothing(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("k", [1, 2, 3, 5])
-@pytest.mark.parametrize("new", [1, 7, 12])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("new", [1, 11])
 @pytest.mark.parametrize("share", [None, False])
 def test_draft_equal_to_target_accepts_everything(family, k, new, share):
     nest = nested(family, True)
@@ -233,7 +233,7 @@ def test_eos_attention_mask_plain_target_and_restored_state():
     model.eval()
 
 
-SEEDS = 400
+SEEDS = 300
 
 
 def _first_tokens(target, draft, ids, seeds, vocab, **kw):

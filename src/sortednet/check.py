@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 from .cost import call_model
 from .coupling import analyse
 from .errors import SortedNetError
+from .modes import eval_mode
 from .submodel import SubModel
 
 __all__ = ["check", "diagnose"]
@@ -31,13 +32,15 @@ def _bound(nest: Any) -> dict[tuple[str, str], Any]:
             if role in ("out", "inp", "norm") and b.dim.kind == "width"}
 
 
-def diagnose(nest: Any, example: Any) -> list[str]:
-    """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions."""
+def diagnose(nest: Any, example: Any, model: Any = None) -> list[str]:
+    """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
+
+    ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view)."""
     bound = _bound(nest)
     if not bound:
         return []
     with nest.use(nest.largest):
-        groups = analyse(nest.model, example).groups
+        groups = analyse(nest.model if model is None else model, example).groups
     problems = []
     for g in groups:
         mine = [(k, bound[k]) for k in g.bindings if k in bound]
@@ -80,9 +83,9 @@ def _plan(nest: Any, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
     return list(dict.fromkeys(out))
 
 
-def _fail(nest: Any, example: Any, what: str, sub: SubModel, err: str) -> SortedNetError:
+def _fail(nest: Any, model: Any, example: Any, what: str, sub: SubModel, err: str) -> SortedNetError:
     try:
-        problems = diagnose(nest, example)
+        problems = diagnose(nest, example, model)
     except SortedNetError as e:
         problems = [f"(could not analyse the wiring: {e})"]
     head = f"nest.check: {what} ({sub}) {err}"
@@ -106,31 +109,23 @@ def check(nest: Any, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     ...     print(str(e).splitlines()[1].strip())
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
-    model = nest.model
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            with nest.use(nest.largest):
-                want = _shapes(call_model(model, example))
-            for sub, what in _plan(nest, mixed, seed):
-                with nest.use(sub):
-                    try:
-                        got = _shapes(call_model(model, example))
-                    except Exception as e:
-                        raise _fail(nest, example, what, sub, f"fails: {type(e).__name__}: {e}") from e
-                if got != want:
-                    raise _fail(nest, example, what, sub, f"changes the output shapes from {want} to {got}: "
-                                "a dimension slices the network's output")
-            sub = nest.smallest
+    with eval_mode(nest) as (model, _), torch.no_grad():  # a private eval-mode view: no shared flag changes
+        with nest.use(nest.largest):
+            want = _shapes(call_model(model, example))
+        for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
-                live = call_model(model, example)
-            small = nest.export(sub, plain=True).eval()
-            got = call_model(small, example)
-            for a, b in zip(tree_leaves(got), tree_leaves(live)):
-                if isinstance(a, torch.Tensor) and not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
-                    raise SortedNetError(f"nest.check: export({sub}) differs from its live output by "
-                                         f"{(a - b).abs().max().item():.3g}")
-    finally:
-        for m, t in was:
-            m.training = t
+                try:
+                    got = _shapes(call_model(model, example))
+                except Exception as e:
+                    raise _fail(nest, model, example, what, sub, f"fails: {type(e).__name__}: {e}") from e
+            if got != want:
+                raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
+                            "a dimension slices the network's output")
+        sub = nest.smallest
+        with nest.use(sub):
+            live = call_model(model, example)
+        got = call_model(nest.export(sub, plain=True).eval(), example)
+        for a, b in zip(tree_leaves(got), tree_leaves(live)):
+            if isinstance(a, torch.Tensor) and not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
+                raise SortedNetError(f"nest.check: export({sub}) differs from its live output by "
+                                     f"{(a - b).abs().max().item():.3g}")

@@ -20,7 +20,6 @@ example's path (a data-dependent branch may couple differently on other inputs).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -322,9 +321,3 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     role_group = {k: roots[uf.find(r)] for k, r in uf.roles.items()}
     return Coupling(groups, a.attention, role_group)
 
-
-def iter_paths(c: Coupling) -> Iterator[str]:
-    """Every module path bound in ``c`` (for messages)."""
-    for g in c.groups:
-        for p, _ in g.bindings:
-            yield p

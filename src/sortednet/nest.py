@@ -1,6 +1,6 @@
 """Nest: the wrapped model plus its dimensions.
 
-Lists sub-models sorted by cost, activates one (per thread with ``use``,
+Lists sub-models sorted by cost, activates one (per context, thread or asyncio task, with ``use``;
 nest-wide with ``activate``), counts costs, picks by budget, exports a
 physically smaller plain model, and unwraps.
 """
@@ -23,10 +23,10 @@ from .errors import SortedNetError
 from .export import export_submodel
 from .modes import eval_mode
 from .plan import Plans, Use, in_plan
-from .views import new_lock
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import SubModel, SubModelLike, SubModelList
+from .views import new_lock
 
 __all__ = ["Nest", "MAX_SUBMODELS"]
 

@@ -91,6 +91,10 @@ def cuts_for(shape: torch.Size | tuple[int, ...], bind: dict[str, Binding], axes
     return tuple(cuts), segs
 
 
+#: :class:`SliceInto` hands out a row-major copy of a 2-d slice whose rows are at least this long
+ROW_COPY_MIN = 2048
+
+
 class SliceInto(torch.autograd.Function):
     """A view of a leaf parameter whose gradient goes straight into its slice of ``param.grad``.
 
@@ -107,7 +111,13 @@ class SliceInto(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, param: Tensor, cuts: Cuts, lock: Any) -> Tensor:  # type: ignore[override]
         ctx.param, ctx.cuts, ctx.lock = param, cuts, lock
-        return cut(param.detach(), cuts)
+        v = cut(param.detach(), cuts)
+        if v.dim() == 2 and v.stride(0) >= ROW_COPY_MIN and not v.is_contiguous():
+            # an input-sliced wide weight: matmul backward would hand a column-major gradient whose
+            # add into the slice transposes (3-4x the weight-grad matmul at 4096 wide); a row-major
+            # copy of the slice makes that add dense (measured: benchmarks/results/layout.md)
+            v = v.contiguous()
+        return v
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
