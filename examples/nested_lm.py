@@ -97,7 +97,8 @@ def main() -> None:
     print(f"picked {sub}: {n:,} params ({n / nest.cost(nest.largest):.0%} of the full model), "
           f"held-out loss {held_out(small, val):.3f} nats/char")
     prompt = torch.tensor([[stoi[c] for c in "The import statement"]])
-    out = small.generate(prompt, max_new_tokens=120, do_sample=False)
+    torch.manual_seed(0)  # sampled (greedy decoding of a tiny char model repeats itself)
+    out = small.generate(prompt, max_new_tokens=120, do_sample=True, temperature=0.8, top_k=20)
     print("".join(itos[int(i)] for i in out[0]))
 
 

@@ -121,7 +121,7 @@ def test_training_mode_reads_and_updates_shared_statistics():
         model.eval()
         assert model.b1.running_mean.data_ptr() != full.data_ptr()      # own statistics
     with nest.use("a=4,b=12"):   # not calibrated -> falls back to the shared prefix
-        nest._sliced["b1"]._sn.extra["bn_stats"].pop((4, 12))
+        nest._sliced["b1"]._sn.norm.stats.pop((4, 12))
         assert model.b1.running_mean.data_ptr() == full.data_ptr()
 
 
@@ -149,7 +149,7 @@ def test_calibration_saved_and_loaded_exactly(name, tmp_path):
     plain, plain_dims = BUILDERS[name]()
     sn.save(sn.wrap(plain, *plain_dims), tmp_path / "p.safetensors")
     sn.load(loaded, tmp_path / "p.safetensors")
-    assert all("bn_stats" not in m._sn.extra for m in loaded._sliced.values())
+    assert all(m._sn.norm is None for m in loaded._sliced.values())
 
 
 def test_bad_input_raises_before_anything_changes():

@@ -235,7 +235,7 @@ CASES = {
 
 
 def snapshot_nest(nest) -> dict:
-    bns = {p: {k: {n: v.clone() for n, v in d.items()} for k, d in m._sn.extra.get("bn_stats", {}).items()}
+    bns = {p: {k: {n: v.clone() for n, v in d.items()} for k, d in (m._sn.norm.stats if m._sn.norm else {}).items()}
            for p, m in nest._sliced.items()}
     return {"active": nest.active, "subs": list(nest.submodels), "params": nest._params.copy(),
             "profile": None if nest._profile is None else nest._profile.to_dict(), "bn": bns}

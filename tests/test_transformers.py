@@ -358,3 +358,34 @@ def test_fractions_resolve_to_ascending_multiples(fracs, group):
     assert sizes == sorted(set(sizes)) and sizes[-1] == full
     assert all(s % group == 0 and 0 < s <= full for s in sizes)
 
+
+
+def test_hf_gradient_checkpointing_recomputes_the_forward_submodel():
+    """HF activation checkpointing with ``context_fn=nest.checkpoint_context``: backward run outside
+    ``use()`` recomputes the forward's sub-model (same gradients as without checkpointing); without it
+    torch's own recompute check refuses loudly (never a silent wrong gradient)."""
+    torch.manual_seed(0)
+    model = llama()
+    nest = sn.from_transformers(model, ffn=[16, 48], depth=[2, 4])
+    model.train()
+    x = torch.randint(0, V, (2, 6))
+    small = nest.smallest
+
+    def grads():
+        with nest.use(small):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()                                   # outside use(): the default (largest) is active
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    want = grads()
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": nest.checkpoint_context})
+    got = grads()
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(Exception, match="(?i)recomput|metadata|shape"):
+        grads()

@@ -408,3 +408,15 @@ def test_register_layout_gives_an_unlisted_family_every_feature(tmp_path):
             torch.testing.assert_close(out(back, {"input_ids": x}), out(model, {"input_ids": x}), atol=1e-5, rtol=0)
     finally:
         sni.unregister_layout(lay)
+
+
+def test_importance_sorting_refuses_unequal_fused_blocks():
+    """Core sort_units cannot permute a fused grouped-query q|k|v (blocks of unequal widths): refused, unchanged."""
+    from sortednet.importance import sort_units
+
+    attn = _FusedGQA()
+    nest = sn.wrap(attn, sn.Heads("heads", [2, 4], attn="", layout="stacked"))
+    before = {k: v.clone() for k, v in attn.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="qkv"):
+        sort_units(nest, "l2", example=torch.randn(2, 5, 32))
+    assert all(torch.equal(v, before[k]) for k, v in attn.state_dict().items())

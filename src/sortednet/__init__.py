@@ -12,7 +12,7 @@ from .discover import discover
 from .errors import SortedNetError
 from .heads import Heads
 from .io import load, save
-from .nest import Nest
+from .nest import Nest, wrap
 from .profile import Profile
 from .rank import Rank
 from .sampler import Sampler
@@ -20,7 +20,6 @@ from .slicers import Slicer, slicer, slicer_for
 from .speculative import speculative_generate
 from .submodel import SubModel
 from .train import Distill, accumulate, fit
-from .wrap import wrap
 
 __version__ = "0.1.0"
 

@@ -6,8 +6,8 @@ statistics are off and its eval accuracy drops. :func:`calibrate` runs a few
 batches through each sub-model with BatchNorm in training mode and a
 cumulative average (``momentum=None``), starting from zero mean / unit
 variance, and stores the result per sub-model on each sliced BatchNorm
-(``module._sn.extra["bn_stats"]``, keyed by the sizes of the nest's
-dimensions). From then on, in eval mode, ``use(sub)`` reads that sub-model's
+(:class:`~sortednet.slicers.norm.NormStats` on ``module._sn.norm``, keyed by the sizes of the
+nest's dimensions). From then on, in eval mode, ``use(sub)`` reads that sub-model's
 own statistics and ``export(sub)`` bakes them in. In training mode the shared
 statistics are used and updated as before; calibrate again after training.
 
@@ -27,7 +27,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .cost import call_model
 from .errors import SortedNetError
+from .meta import EXTRA_PREFIX
 from .modes import eval_mode
+from .slicers.norm import NormStats, active_stats
 from .submodel import SubModel, SubModelLike
 
 __all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats_from_tensors"]
@@ -43,20 +45,6 @@ def batchnorms(nest: Any) -> dict[str, nn.Module]:
 
 def _key(nest: Any) -> tuple[int, ...]:
     return tuple(d.active for d in nest.dims)
-
-
-def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor | None:
-    """The calibrated ``running_mean`` / ``running_var`` of ``m`` for the active
-    sub-model, or None (no calibration for it, or ``m`` is training and not ``any_mode``)."""
-    extra = m.__dict__["_sn"].extra
-    override = extra.get("bn_override")
-    if override is not None:
-        return override[name]
-    stats = extra.get("bn_stats")
-    if not stats or (m.training and not any_mode):
-        return None
-    hit = stats.get(tuple(d.active for d in extra["bn_dims"]))
-    return None if hit is None else hit[name]
 
 
 def _inputs(batch: Any) -> Any:
@@ -108,30 +96,28 @@ def calibrate(nest: Any, loader: Iterable[Any], *, subs: Iterable[SubModelLike] 
             with nest.use(sub), torch.no_grad():
                 for m, c in pairs:
                     n, ref = c.num_features, m.__dict__["_buffers"]["running_mean"]
-                    c._sn.extra["bn_override"] = {
+                    c._sn.norm = NormStats(override={  # c's state is private to the view
                         "running_mean": torch.zeros(n, dtype=ref.dtype, device=ref.device),
-                        "running_var": torch.ones(n, dtype=ref.dtype, device=ref.device)}
+                        "running_var": torch.ones(n, dtype=ref.dtype, device=ref.device)})
                     if c.num_batches_tracked is not None:
                         c.num_batches_tracked.zero_()
                 for x in data:
                     call_model(view, x)
                 for m, c in pairs:
-                    results[m][_key(nest)] = c._sn.extra.pop("bn_override")
+                    results[m][_key(nest)] = c._sn.norm.override
+                    c._sn.norm = None
     for m, stats in results.items():
-        extra = m._sn.extra
-        extra["bn_dims"] = nest.dims
-        extra["bn_stats"] = {**extra.get("bn_stats", {}), **stats}  # one assignment: readers see old or new
+        old = m._sn.norm.stats if m._sn.norm is not None else {}
+        m._sn.norm = NormStats(nest.dims, {**old, **stats})  # one assignment: readers see old or new
     return todo
 
 
 def stats_to_tensors(nest: Any) -> dict[str, Tensor]:
     """Calibrated statistics as flat tensors under the checkpoint's reserved prefix."""
-    from .io import EXTRA_PREFIX
-
     names = [d.name for d in nest.dims]
     out = {}
     for path, m in batchnorms(nest).items():
-        for key, stats in m._sn.extra.get("bn_stats", {}).items():
+        for key, stats in (m._sn.norm.stats if m._sn.norm is not None else {}).items():
             sub = SubModel(dict(zip(names, key)))
             for name in _NAMES:
                 out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = stats[name].detach().contiguous()
@@ -140,8 +126,6 @@ def stats_to_tensors(nest: Any) -> dict[str, Tensor]:
 
 def stats_from_tensors(nest: Any, tensors: dict[str, Tensor]) -> None:
     """Replace the calibrated statistics of ``nest`` with those in ``tensors`` (from :func:`stats_to_tensors`)."""
-    from .io import EXTRA_PREFIX
-
     bns = batchnorms(nest)
     found: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {}
     prefix = f"{EXTRA_PREFIX}bn/"
@@ -162,7 +146,4 @@ def stats_from_tensors(nest: Any, tensors: dict[str, Tensor]) -> None:
         found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
             t.to(device=buf.device, dtype=buf.dtype)
     for m in bns.values():
-        m._sn.extra.pop("bn_stats", None)
-        if m in found:
-            m._sn.extra["bn_stats"] = found[m]
-            m._sn.extra["bn_dims"] = nest.dims
+        m._sn.norm = NormStats(nest.dims, found[m]) if m in found else None

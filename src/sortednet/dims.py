@@ -17,8 +17,9 @@ from typing import Any, ClassVar
 from torch import nn
 
 from .errors import PatternError, SizeError, SortedNetError
+from .patterns import match
 
-__all__ = ["Dimension", "Width", "Heads", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
+__all__ = ["Dimension", "Width", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
 
 _KINDS: dict[str, type["Dimension"]] = {}
 
@@ -226,18 +227,6 @@ def dimension_from_spec(spec: dict[str, Any]) -> Dimension:
     return _KINDS[kind](name, sizes, **spec)
 
 
-def match(pattern: str, modules: dict[str, nn.Module], what: str) -> list[str]:
-    """Module paths matching an exact name, a ``*`` glob or a ``re:`` regex.
-
-    ``*`` matches one path component (``blocks.*.fc1``); ``**`` matches any
-    number. A pattern that matches nothing is a :class:`PatternError` that
-    lists nearby module names.
-    """
-    from .wrap import match_pattern  # local import: wrap owns pattern syntax
-
-    return match_pattern(pattern, modules, what)
-
-
 class Width(Dimension):
     """Nested width: output features/channels (``out``), input features (``inp``)
     and normalised features (``norm``) of the matched modules.
@@ -309,5 +298,3 @@ class Depth(Dimension):
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "layers": list(self.layers)}
 
-
-from .heads import Heads  # noqa: E402  (Heads lives in its own file; re-exported here)

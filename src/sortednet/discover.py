@@ -30,7 +30,7 @@ from .coupling import Coupling, Group, analyse
 from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
 from .heads import Heads
-from .wrap import wrap
+from .nest import wrap
 
 __all__ = ["discover", "sizes_for"]
 

@@ -56,10 +56,9 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             memo[id(m._sn)] = None  # exported copies carry no sortednet state
             for t in m._sn.slicer.exported_tensors(m):
                 memo[id(t)] = t  # replaced below; never copied at full size
-            if "depth" in m._sn.bind:
-                for name, blk in list(m._modules.items())[len(m):]:
-                    memo[id(blk)] = None
-                    skipped.append(f"{path}.{name}" if path else name)
+            for name in m._sn.slicer.skipped(m):  # e.g. blocks past the active depth
+                memo[id(m._modules[name])] = None
+                skipped.append(_name(path, name))
         new = copy.deepcopy(model, memo)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             if _inside(path, skipped):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .dims import Binding, Dimension, Target, _as_patterns, match
 from .errors import PatternError, SizeError
+from .slicers import slicer_for
 
 __all__ = ["Heads"]
 
@@ -27,8 +28,6 @@ O_NAMES = ("o_proj", "out_proj", "o", "wo", "out", "proj", "to_out", "c_proj", "
 
 def _out_features(m: nn.Module) -> int | None:
     """Output features of a projection: its slicer's full ``out`` size, else ``out_features``."""
-    from .slicers import slicer_for  # local import: slicers import dims, which re-exports Heads
-
     sl = slicer_for(m)
     if sl is not None and "out" in sl.roles:
         return sl.full(m, "out")
@@ -40,8 +39,6 @@ def _join(path: str, name: str) -> str:
 
 
 def _in_features(m: nn.Module) -> int | None:
-    from .slicers import slicer_for
-
     sl = slicer_for(m)
     if sl is not None and "inp" in sl.roles:
         return sl.full(m, "inp")

@@ -84,6 +84,10 @@ def _groups(nest: Any, example: Any) -> list[tuple[str, Any, list[_Bind], int]]:
         for role, b in m._sn.bind.items():
             if role.startswith("attr:") or b.dim.kind not in ("width", "heads"):
                 continue
+            if len(set(b.blocks)) > 1:
+                raise SortedNetError(f"importance sorting cannot permute {path!r} ({role}): its fused layout stacks "
+                                     f"blocks of unequal widths (parts={b.parts}, e.g. grouped-query q|k|v); "
+                                     "sort this family with sn.sort_by_importance (sortednet.integrations)")
             by_dim.setdefault(b.dim.name, []).append(_Bind(path, m, role, b.unit, b.div, b.chunks))
     traced: dict[tuple[str, str], int] = {}
     if example is not None:
@@ -255,7 +259,7 @@ def sort_units(nest: Any, method: str = "l1", *, example: Any = None, data: Iter
     if any(d.kind == "rank" for d in nest.dims):
         raise SortedNetError("sort_units permutes full weight matrices; sort a nest without a Rank dimension "
                              "first, then unwrap and wrap again with Rank")
-    calibrated = [p for p, m in nest._sliced.items() if m._sn.extra.get("bn_stats")]
+    calibrated = [p for p, m in nest._sliced.items() if m._sn.norm is not None and m._sn.norm.stats]
     if calibrated:
         raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
                              "that a permutation would invalidate; sort before nest.calibrate")

@@ -21,6 +21,8 @@ from torch import nn
 from . import checkpoint as ck
 from .errors import SortedNetError
 from .meta import EXTRA_PREFIX, FORMAT, FORMATS, calibration_entries, check_profile, exact_spec, read_meta, rows_of
+from .nest import Nest, wrap
+from .wrap import plan
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
 
@@ -68,8 +70,6 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     >>> sn.load(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), path).submodels == nest.submodels
     True
     """
-    from .nest import Nest
-
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}")
     nest._check_alive()
@@ -141,9 +141,6 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     >>> sn.load(nest, path) is nest
     True
     """
-    from .nest import Nest
-    from .wrap import plan, wrap
-
     if not isinstance(model, (Nest, nn.Module)):
         raise SortedNetError(f"load() needs an nn.Module or a Nest, got {type(model).__name__}")
     if isinstance(model, Nest):

@@ -24,10 +24,10 @@ from typing import Any
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import Container, parse_json
-from .dims import _KINDS, Dimension, match
+from .dims import _KINDS, Dimension
 from .errors import SortedNetError, nearby
-from .nest import MAX_SUBMODELS
-from .submodel import SubModel
+from .patterns import match
+from .submodel import MAX_SUBMODELS, SubModel
 
 __all__ = ["FORMAT", "FORMATS", "EXTRA_PREFIX", "read_meta", "exact_spec", "rows_of", "calibration_entries",
            "check_profile", "PATTERN_FIELDS"]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import slicers as _slicers
 from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature
 from .dims import Active, Dimension
 from .errors import SortedNetError
@@ -25,13 +26,12 @@ from .modes import eval_mode
 from .plan import Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
-from .submodel import SubModel, SubModelLike, SubModelList
+from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
 from .views import new_lock
+from .wrap import install, plan, unwrap_modules
 
-__all__ = ["Nest", "MAX_SUBMODELS"]
+__all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 
-#: the most sub-models a nest lists (the full product or a ``submodels=`` list)
-MAX_SUBMODELS = 10_000_000
 #: ``hook(nest, sub, exported) -> exported`` run by :meth:`Nest.export` (integrations register theirs:
 #: sortednet.integrations gives transformers models a config that matches the exported shapes)
 EXPORT_HOOKS: dict[str, Callable[..., nn.Module]] = {}
@@ -54,7 +54,36 @@ class Nest:
     dims: tuple[Dimension, ...]
     submodels: SubModelList
 
-    # -- construction (called by wrap) -------------------------------------
+    # -- construction ---------------------------------------------------------
+    def __init__(self, model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] | None = None,
+                 inplace_grad: bool = True, inplace_min_numel: int | None = None, example: Any = None) -> None:
+        """Convert ``model`` in place; the same as :func:`sortednet.wrap` (see there for the options).
+
+        Validates everything (patterns, sizes, sub-models) first, then installs the slicers; on any
+        error the model is left exactly as it was.
+        """
+        planned = plan(model, dims)
+        self._prepare(model, dims, submodels)       # validates sub-models, still no mutation
+        if inplace_min_numel is None:
+            inplace_min_numel = _slicers.INPLACE_MIN_NUMEL
+        if isinstance(inplace_min_numel, bool) or not isinstance(inplace_min_numel, int) or inplace_min_numel < 0:
+            raise SortedNetError(f"inplace_min_numel must be an int >= 0, got {inplace_min_numel!r}")
+        self._inplace_min_numel = inplace_min_numel
+        hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
+        try:
+            self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
+            self._attach(planned, hooks)
+        except BaseException:
+            self._stop()
+            unwrap_modules(model, hooks)
+            raise
+        if example is not None:
+            try:
+                self.check(example)
+            except BaseException:
+                self.unwrap()
+                raise
+
     def _prepare(self, model: nn.Module, dims: Sequence[Dimension],
                  submodels: Iterable[SubModelLike] | None) -> None:
         """Validate the sub-model list (no mutation). The full product is kept implicit."""
@@ -480,8 +509,6 @@ class Nest:
         (svd: ``U @ V``; lora: ``W0 + alpha / R * B @ A``). See docs/rank.md.
         """
         self._check_alive()
-        from .wrap import unwrap_modules
-
         unwrap_modules(self.model, self._hooks, merge=merge)
         for d in self.dims:
             d._nest = None
@@ -533,6 +560,38 @@ class Nest:
 
         self._check_alive()
         check(self, example, mixed=mixed)
+
+
+def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] | None = None,
+         inplace_grad: bool = True, inplace_min_numel: int | None = None, example: Any = None) -> Nest:
+    """Make ``model`` (changed in place) hold nested sub-models along ``dims``.
+
+    All patterns and sizes are checked before anything changes; on error the
+    model is left exactly as it was.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> nest = sn.wrap(model, sn.Width("hidden", [8, 16, 32], out="0", inp="2"))
+    >>> [str(s) for s in nest.submodels]
+    ['hidden=8', 'hidden=16', 'hidden=32']
+    >>> with nest.use("hidden=8"):
+    ...     model(torch.randn(2, 8)).shape
+    torch.Size([2, 4])
+
+    ``inplace_grad`` (default True) adds the gradient of a sliced weight of at
+    least ``inplace_min_numel`` elements (default ``sortednet.slicers.INPLACE_MIN_NUMEL``,
+    4096; smaller tensors gain nothing) straight into its slice of ``.grad``,
+    where that is exactly what plain autograd would do; ``torch.autograd.grad``,
+    parameter hooks, ``create_graph`` and ``torch.func`` transforms get plain
+    autograd automatically (see docs/mechanism.md). ``inplace_grad=False`` always
+    uses plain autograd slicing (e.g. for DDP, see docs/scaling.md).
+
+    ``example`` (inputs for one forward) runs :meth:`Nest.check` before returning:
+    a wiring mistake raises a :class:`SortedNetError` naming the missing binding,
+    and the model is unwrapped (left exactly as it was) first.
+    """
+    return Nest(model, *dims, submodels=submodels, inplace_grad=inplace_grad,
+                inplace_min_numel=inplace_min_numel, example=example)
 
 
 def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], float]:

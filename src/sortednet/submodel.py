@@ -10,7 +10,10 @@ import numpy as np
 
 from .errors import SortedNetError
 
-__all__ = ["SubModel", "SubModelLike", "SubModelList"]
+__all__ = ["SubModel", "SubModelLike", "SubModelList", "MAX_SUBMODELS"]
+
+#: the most sub-models a nest lists (the full product or a ``submodels=`` list)
+MAX_SUBMODELS = 10_000_000
 
 
 class SubModel(Mapping[str, int]):

@@ -1,54 +1,23 @@
-"""wrap: match patterns -> validate EVERYTHING -> then install; unwrap."""
+"""Conversion steps of ``sortednet.wrap``: match patterns -> validate EVERYTHING (:func:`plan`) -> then
+:func:`install`; :func:`unwrap_modules`. The public ``wrap`` and :class:`~sortednet.nest.Nest` live in nest.py."""
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from torch import nn
 
-from . import slicers as _slicers
 from .dims import Binding, Dimension, Target
-from .errors import PatternError, SortedNetError, nearby
+from .errors import PatternError, SortedNetError
+from .patterns import match_pattern
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
-from .submodel import SubModelLike
 
-__all__ = ["wrap", "match_pattern", "unwrap_modules"]
+__all__ = ["plan", "install", "unwrap_modules", "match_pattern"]
 
 # PyTorch layers whose fused inference fast path reads full-size weights directly
 _FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> list[str]:
-    """Paths in ``modules`` matched by ``pattern``.
-
-    Exact name; glob where ``*`` is one path component and ``**`` any number;
-    ``re:<regex>`` matched against the whole path.
-
-    >>> import torch.nn as nn
-    >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-    >>> match_pattern("*", dict(m.named_modules()), "demo")
-    ['0', '1', '2']
-    """
-    if pattern.startswith("re:"):
-        try:
-            rx = re.compile(pattern[3:])
-        except re.error as e:
-            raise PatternError(f"{what}: invalid regex {pattern!r}: {e}") from None
-    elif pattern in modules:
-        return [pattern]
-    else:
-        parts = (re.escape(p) for p in re.split(r"(\*\*|\*)", pattern))
-        body = "".join({"\\*\\*": ".*", "\\*": "[^.]+"}.get(p, p) for p in parts)
-        rx = re.compile(body)
-    hits = [n for n in modules if n and rx.fullmatch(n)]
-    if not hits:
-        raise PatternError(f"{what}: pattern {pattern!r} matched no module; nearby names: "
-                           f"{nearby(pattern, [n for n in modules if n])}")
-    return hits
 
 
 def _check_dims(dims: Sequence[Dimension]) -> None:
@@ -167,58 +136,3 @@ def unwrap_modules(model: nn.Module, hooks: Iterable, *, merge: bool = False) ->
             st.slicer.restore(m, merge)
             del m.__dict__["_sn"]
             m.__class__ = st.cls
-
-
-def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] | None = None,
-         inplace_grad: bool = True, inplace_min_numel: int | None = None, example: Any = None):
-    """Make ``model`` (changed in place) hold nested sub-models along ``dims``.
-
-    All patterns and sizes are checked before anything changes; on error the
-    model is left exactly as it was.
-
-    >>> import torch, torch.nn as nn, sortednet as sn
-    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
-    >>> nest = sn.wrap(model, sn.Width("hidden", [8, 16, 32], out="0", inp="2"))
-    >>> [str(s) for s in nest.submodels]
-    ['hidden=8', 'hidden=16', 'hidden=32']
-    >>> with nest.use("hidden=8"):
-    ...     model(torch.randn(2, 8)).shape
-    torch.Size([2, 4])
-
-    ``inplace_grad`` (default True) adds the gradient of a sliced weight of at
-    least ``inplace_min_numel`` elements (default ``sortednet.slicers.INPLACE_MIN_NUMEL``,
-    4096; smaller tensors gain nothing) straight into its slice of ``.grad``,
-    where that is exactly what plain autograd would do; ``torch.autograd.grad``,
-    parameter hooks, ``create_graph`` and ``torch.func`` transforms get plain
-    autograd automatically (see docs/mechanism.md). ``inplace_grad=False`` always
-    uses plain autograd slicing (e.g. for DDP, see docs/scaling.md).
-
-    ``example`` (inputs for one forward) runs :meth:`Nest.check` before returning:
-    a wiring mistake raises a :class:`SortedNetError` naming the missing binding,
-    and the model is unwrapped (left exactly as it was) first.
-    """
-    from .nest import Nest
-
-    planned = plan(model, dims)
-    nest = Nest.__new__(Nest)
-    nest._prepare(model, dims, submodels)       # validates sub-models, still no mutation
-    if inplace_min_numel is None:
-        inplace_min_numel = _slicers.INPLACE_MIN_NUMEL
-    if isinstance(inplace_min_numel, bool) or not isinstance(inplace_min_numel, int) or inplace_min_numel < 0:
-        raise SortedNetError(f"inplace_min_numel must be an int >= 0, got {inplace_min_numel!r}")
-    nest._inplace_min_numel = inplace_min_numel
-    hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
-    try:
-        nest._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
-        nest._attach(planned, hooks)
-    except BaseException:
-        nest._stop()
-        unwrap_modules(model, hooks)
-        raise
-    if example is not None:
-        try:
-            nest.check(example)
-        except BaseException:
-            nest.unwrap()
-            raise
-    return nest

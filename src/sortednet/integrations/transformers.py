@@ -22,11 +22,10 @@ from transformers import PreTrainedModel
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
 from ..heads import Heads
-from ..nest import EXPORT_HOOKS, Nest
+from ..nest import EXPORT_HOOKS, Nest, wrap
 from ..rank import Rank
 from ..slicers import slicer_for
 from ..submodel import SubModel, SubModelLike
-from ..wrap import wrap
 from .layouts import LAYOUTS, Found, Layout, detect, glob_children
 
 __all__ = ["Layout", "LAYOUTS", "detect", "from_transformers", "export_pretrained"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from ..dims import Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
 from ..views import DYNAMIC, STATIC, View, cut, cuts_for, is_sharded, narrow, new_lock, view
 from ..views import SliceInto as _SliceInto  # noqa: F401  (kept importable here)
+
+if TYPE_CHECKING:
+    from .norm import NormStats
 
 __all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass", "STATIC", "INPLACE_MIN_NUMEL"]
 
@@ -45,6 +48,7 @@ class State:
     path: str
     inplace_grad: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    norm: NormStats | None = None  # calibrated BatchNorm statistics (slicers/norm.py; set by calibrate)
     min_numel: int = 4096          # smallest tensor served by the in-place gradient path
     slot: int = -1                 # index of this module in every plan (set by wrap)
     active: Active | None = None   # the nest's run-time state (set by wrap)
@@ -56,6 +60,7 @@ class State:
         memo[id(self)] = new
         new.bind = copy.deepcopy(self.bind, memo)
         new.extra = copy.deepcopy(self.extra, memo)
+        new.norm = copy.deepcopy(self.norm, memo)
         new.lock = memo.setdefault(("sortednet.lock", id(self.lock)), new_lock())  # shared by the copy's modules
         return new
 
@@ -250,6 +255,11 @@ class Slicer:
     def exported_tensors(self, m: nn.Module) -> list[Tensor]:
         """Full tensors that export replaces (so the deep copy can skip them)."""
         return [t for n in self.attrs if (t := self.tensor(m, n)) is not None]
+
+    def skipped(self, m: nn.Module) -> list[str]:
+        """Names of ``m``'s children that the active sub-model does not run (export leaves
+        them out of the copy; Depth: the blocks past the active depth). Empty by default."""
+        return []
 
 
 def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:

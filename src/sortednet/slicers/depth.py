@@ -56,3 +56,6 @@ class DepthSlicer(Slicer):
 
     def exported_tensors(self, m: nn.Module) -> list:
         return []
+
+    def skipped(self, m: nn.Module) -> list[str]:
+        return list(m._modules)[m._sn.bind["depth"].features():]

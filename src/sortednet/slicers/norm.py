@@ -4,21 +4,63 @@ LayerNorm / RMSNorm over the last dimension; GroupNorm when the channels per
 group divide every size (the group count follows); BatchNorm1d/2d/3d with
 sliced affine parameters and running statistics. BatchNorm statistics are
 shared prefixes: small sub-models need recalibration (``nest.calibrate``, see
-sortednet/calibrate.py), after which eval mode and export use per-sub-model ones.
+sortednet/calibrate.py), after which eval mode and export use per-sub-model ones
+(:class:`NormStats` on ``module._sn.norm``, filled by calibrate, read here).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..calibrate import active_stats
 from ..errors import PatternError, SizeError
 from . import Slicer, slicer
 
+if TYPE_CHECKING:
+    from ..dims import Dimension
+
 _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Calibrated BatchNorm running statistics of one sliced module (``module._sn.norm``).
+
+    ``stats`` maps the active sizes of ``dims`` to that sub-model's ``running_mean`` /
+    ``running_var``; ``override`` (set by ``nest.calibrate`` on its private copy while it
+    accumulates) wins over everything. Filled by :mod:`sortednet.calibrate` and ``sn.load``,
+    replaced as a whole (readers on other threads see the old or the new object).
+
+    >>> import torch
+    >>> NormStats(override={"running_mean": torch.zeros(2)}).active("running_mean", training=True)
+    tensor([0., 0.])
+    >>> NormStats().active("running_var", training=False) is None
+    True
+    """
+
+    dims: tuple[Dimension, ...] = ()
+    stats: dict[tuple[int, ...], dict[str, Tensor]] = field(default_factory=dict)
+    override: dict[str, Tensor] | None = None
+
+    def active(self, name: str, *, training: bool, any_mode: bool = False) -> Tensor | None:
+        """Statistic ``name`` for the active sub-model, or None (none calibrated for it, or
+        ``training`` and not ``any_mode``)."""
+        if self.override is not None:
+            return self.override[name]
+        if not self.stats or (training and not any_mode):
+            return None
+        hit = self.stats.get(tuple(d.active for d in self.dims))
+        return None if hit is None else hit[name]
+
+
+def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor | None:
+    """The calibrated ``running_mean`` / ``running_var`` of sliced ``m`` for the active
+    sub-model, or None (no calibration for it, or ``m`` is training and not ``any_mode``)."""
+    norm = m.__dict__["_sn"].norm
+    return None if norm is None else norm.active(name, training=m.training, any_mode=any_mode)
 
 
 @slicer(nn.LayerNorm, *_RMS)
@@ -82,7 +124,7 @@ class BatchNormSlicer(Slicer):
     def value(self, m: nn.Module, name: str) -> Any:
         if name == "num_features":
             return self.features(m, "norm", m.__dict__["num_features"])
-        if name in ("running_mean", "running_var") and m.__dict__["_sn"].extra:
+        if name in ("running_mean", "running_var") and m.__dict__["_sn"].norm is not None:
             own = active_stats(m, name)  # per-sub-model statistics from nest.calibrate (eval mode)
             if own is not None:
                 return own

@@ -1,0 +1,51 @@
+"""Module-path patterns: exact names, ``*`` / ``**`` globs and ``re:`` regexes.
+
+The one place that knows the pattern syntax; dimensions, ``wrap`` and the
+checkpoint metadata all match module paths through :func:`match_pattern`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import PatternError, nearby
+
+__all__ = ["match", "match_pattern"]
+
+
+def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> list[str]:
+    """Paths in ``modules`` matched by ``pattern``.
+
+    Exact name; glob where ``*`` is one path component and ``**`` any number;
+    ``re:<regex>`` matched against the whole path. A pattern that matches
+    nothing is a :class:`~sortednet.errors.PatternError` that lists nearby
+    module names.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    >>> match_pattern("*", dict(m.named_modules()), "demo")
+    ['0', '1', '2']
+    >>> match_pattern("re:[02]", dict(m.named_modules()), "demo")
+    ['0', '2']
+    """
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as e:
+            raise PatternError(f"{what}: invalid regex {pattern!r}: {e}") from None
+    elif pattern in modules:
+        return [pattern]
+    else:
+        parts = (re.escape(p) for p in re.split(r"(\*\*|\*)", pattern))
+        body = "".join({"\\*\\*": ".*", "\\*": "[^.]+"}.get(p, p) for p in parts)
+        rx = re.compile(body)
+    hits = [n for n in modules if n and rx.fullmatch(n)]
+    if not hits:
+        raise PatternError(f"{what}: pattern {pattern!r} matched no module; nearby names: "
+                           f"{nearby(pattern, [n for n in modules if n])}")
+    return hits
+
+
+match = match_pattern
