@@ -102,18 +102,22 @@ def make_batches(tok, ss: list[str], size: int, max_length: int, seed: int) -> l
     return out
 
 
-def exit_loss(model, enc, tgt, exits) -> torch.Tensor:
-    """Mean over depth exits ``d`` of ``1 - cos(pool(hidden_states[d]), target)``, one forward."""
+def exit_loss(model, enc, tgt, exits, top_weight: float = 1.0) -> torch.Tensor:
+    """``1 - cos(pool(hidden_states[d]), target)`` summed over depth exits ``d`` / their number,
+    one forward; the deepest exit's term is multiplied by ``top_weight``."""
     hs = model(**enc, output_hidden_states=True).hidden_states
-    return sum((1 - (pool(hs[d], enc["attention_mask"]) * tgt).sum(1)).mean() for d in exits) / len(exits)
+    w = [top_weight if d == exits[-1] else 1.0 for d in exits]
+    return sum(wi * (1 - (pool(hs[d], enc["attention_mask"]) * tgt).sum(1)).mean()
+               for wi, d in zip(w, exits)) / len(exits)
 
 
 def train(model, steps: int, lr: float, batches, targets, step_fn) -> float:
-    """``steps`` AdamW steps (linear warm-up over the first 10%); ``step_fn(i, enc, tgt)`` backprops."""
+    """``steps`` AdamW steps (linear warm-up over the first 10%, then linear decay to 0);
+    ``step_fn(i, enc, tgt)`` backprops."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, (steps - i) / (steps - warm + 1)))
     t0 = time.time()
     for i in range(steps):
         j = i % len(batches)
@@ -124,6 +128,15 @@ def train(model, steps: int, lr: float, batches, targets, step_fn) -> float:
     return time.time() - t0
 
 
+def sort(nest, method: str, batches) -> None:
+    """``sort_units``; Taylor scores use the output energy of 4 training batches (no labels needed)."""
+    if method == "taylor":
+        sort_units(nest, "taylor", example=dict(batches[0]), data=[dict(b) for b in batches[:4]],
+                   loss_fn=lambda m, b: m(**b).last_hidden_state.pow(2).mean())
+    else:
+        sort_units(nest, method, example=dict(batches[0]))
+
+
 def load(AutoModel):
     m = AutoModel.from_pretrained(model_dir()).eval()  # no dropout: a deterministic student
     m.embeddings.requires_grad_(False)
@@ -132,14 +145,16 @@ def load(AutoModel):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--train", type=int, default=1920)
+    ap.add_argument("--train", type=int, default=1933)
     ap.add_argument("--test", type=int, default=128)
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--full-weight", type=float, default=8.0,
+                    help="loss multiplier of the full model (deepest exit of the full width); other exits 1")
     ap.add_argument("--k", type=int, default=2, help="widths per step: the full width + k-1 drawn")
-    ap.add_argument("--sort", default="l2", help="sort_units method")
+    ap.add_argument("--sort", default="taylor", help="sort_units method")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma list of parts to skip the rest: nest,twin,matryoshka")
     ap.add_argument("--out", default="elastic_encoder")
@@ -185,23 +200,23 @@ def main() -> None:
 
     res = {"slice": table_of(model, nest)}
     t0 = time.time()
-    sort_units(nest, args.sort, example=dict(tr[0]))
+    sort(nest, args.sort, tr)
     t_sort = time.time() - t0
     res["sorted"] = table_of(model, nest)
     print(f"slice/sorted done {time.time() - t_start:.0f}s", flush=True)
 
-    big = [s for s in subs if frac[s] >= 0.5]
     by = {(s["ffn"], s["heads"], s["depth"]): s for s in subs}
-    twin_subs = [s for s in (by[(768, 6, 6)], by[(1536, 12, 4)]) if s in big]
+    twin_subs = [by[(768, 6, 4)], by[(768, 6, 6)], by[(1536, 12, 4)]]
     twins = {s: nest.export(s, plain=True) for s in twin_subs}  # fewer heads: no stock config
     rng = random.Random(0)
-    passes = [0]
+
+    def fw() -> float:
+        return args.full_weight
 
     def nest_step(i, enc, tgt):
         ws = [full_w] + rng.sample(widths[:-1], args.k - 1)
-        passes[0] += len(ws)
         sn.accumulate(nest, [nest.resolve({"ffn": f, "heads": h, "depth": top}) for f, h in ws],
-                      lambda: exit_loss(model, enc, tgt, depths))
+                      lambda: exit_loss(model, enc, tgt, depths, fw() if nest.active == nest.largest else 1.0))
 
     times = {}
     if "nest" in parts:
@@ -219,9 +234,9 @@ def main() -> None:
         mat = load(AutoModel)
         m_steps = args.steps * args.k  # as many full-width passes as the nest made passes (any width)
         times["matryoshka"] = train(mat, m_steps, args.lr, tr, targets,
-                                    lambda i, enc, tgt: exit_loss(mat, enc, tgt, depths).backward())
+                                    lambda i, enc, tgt: exit_loss(mat, enc, tgt, depths, args.full_weight).backward())
         nest_m = sn.from_transformers(mat, ffn=[768], heads=[6], depth=[4])
-        sort_units(nest_m, args.sort, example=dict(tr[0]))
+        sort(nest_m, args.sort, tr)
         res["matryoshka"] = table_of(mat, nest_m)
         print(f"matryoshka trained {times['matryoshka']:.0f}s", flush=True)
     total = time.time() - t_start
@@ -252,10 +267,12 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
     tokens = sum(int(b["attention_mask"].sum()) for b in tr[:args.steps])
     md = [f"# Elastic all-MiniLM-L6-v2 ({len(subs)} sub-models)", "",
           f"Command: `nice -n 10 python benchmarks/elastic_encoder.py --steps {args.steps} --batch {args.batch} "
-          f"--train {args.train} --test {args.test} --lr {args.lr} --k {args.k} --sort {args.sort} "
+          f"--train {args.train} --test {args.test} --lr {args.lr} --k {args.k} --full-weight {args.full_weight} "
+          f"--sort {args.sort} "
           f"--threads {args.threads}`"
           + (f" --only {args.only}" if args.only else "") + ". CPU only, a shared 2-core machine "
-          f"(wall times include waiting for other jobs). Total {total:.0f} s wall.", "",
+          f"(wall times include waiting for other jobs; load average at the end "
+          f"{os.getloadavg()[0]:.1f}). Total {total:.0f} s wall.", "",
           f"Data: {n_tr} training / {n_te} held-out sentences from `pydoc_data.topics` (disjoint), at most "
           f"{args.max_length} tokens. Targets: the ORIGINAL full model's normalised mean-pooled embeddings, "
           f"computed once before any change ({t_targets:.0f} s) and fixed; the reference of every metric is the "
@@ -263,14 +280,15 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
           f"Recipe: `sort_units(nest, {args.sort!r})` ({t_sort:.0f} s), then {args.steps} AdamW steps (lr "
           f"{args.lr}, 10% linear warm-up, batch {args.batch}, {tokens} non-pad tokens seen), embeddings frozen, "
           f"loss 1 - cosine to the frozen targets. Nest: each step the full width and {args.k - 1} drawn "
-          "width(s) (`sn.accumulate`), each at full depth with the loss averaged over the depth exits "
+          "width(s) (`sn.accumulate`), each at full depth with the loss summed over the depth exits / their number, "
+          f"the full model's term (deepest exit of the full width) x{args.full_weight} so it stays put "
           f"(hidden_states[4] equals the depth=4 sub-model's output: max diff {exit_err:.1e}) "
           f"({times.get('nest', 0):.0f} s). Twins: the sorted slice exported (`nest.export(sub, plain=True)`) "
           f"and trained alone on the same {args.steps} batches ({times.get('twins', 0):.0f} s for {len(twins)}). "
           f"Matryoshka (depth-only 2D Matryoshka, shared head): the original model trained with the loss at "
-          f"every depth exit of the full width, {args.steps * args.k} steps = as many full-width passes as the "
-          f"nest's passes ({times.get('matryoshka', 0):.0f} s); its width rows are its importance-sorted "
-          "slices (never trained for width).", "",
+          f"every depth exit of the full width (deepest x{args.full_weight}), {args.steps * args.k} steps = as "
+          f"many full-width passes as the nest's passes ({times.get('matryoshka', 0):.0f} s); its width rows are "
+          "its importance-sorted slices (never trained for width).", "",
           "Columns: mean cosine to the original full model's embedding; min cosine; top-1 / top-5 "
           "nearest-neighbour agreement with the original full model on the held-out sentences.", "",
           table(headers, rows), "",

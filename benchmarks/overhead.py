@@ -168,7 +168,7 @@ def measure(st: Setup, repeat: int, compiled: bool, compile_all: bool) -> None:
                 fn(mod)
         return f
 
-    train, infer, dec = {}, {}, {}
+    train, infer, dec, exports = {}, {}, {}, []
     for s in st.subs:
         k = str(s)
         train[f"live|{k}"], train[f"alone|{k}"] = under(s, st.train, model), (lambda a=st.alone[k]: st.train(a))
@@ -180,8 +180,8 @@ def measure(st: Setup, repeat: int, compiled: bool, compile_all: bool) -> None:
             infer[f"clive|{k}"] = under(s, st.infer, c_live["infer"])
             infer[f"calone|{k}"] = lambda a=c_alone["infer"][k]: st.infer(a)
         if st.independent:
-            exported = nest.export(s)
-            infer[f"export|{k}"] = lambda e=exported: st.infer(e)
+            exports.append(nest.export(s))
+            infer[f"export|{k}"] = lambda e=exports[-1]: st.infer(e)
     if st.sorted_step:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         full = st.opt_model()
@@ -206,7 +206,7 @@ def measure(st: Setup, repeat: int, compiled: bool, compile_all: bool) -> None:
     for mod in [model, *st.alone.values()]:
         mod.train()
     t_tr = interleaved(train, repeat=repeat, clock=CLOCK)
-    for mod in [model, *st.alone.values()]:
+    for mod in [model, *st.alone.values(), *exports]:
         mod.eval()
     with torch.no_grad():
         t_in = interleaved(infer, repeat=repeat * 2, clock=CLOCK)
@@ -395,8 +395,10 @@ def run(quick: bool, compile_mode: str, torch_profiler: bool = False) -> str:
         for mod in {id(m): m for st in setups if st.name == name for m in [st.model, *st.alone.values()]}.values():
             mod.train(what.endswith("train"))
         with (torch.no_grad() if what.endswith("infer") else _null()):
-            tab = profile_gap(live, alone, torch_profiler=torch_profiler)
-        prof += [f"### Worst {label}: {name} {sub} (ratio {ratio:.3f})", tab]
+            # a TorchDispatchMode makes Dynamo run compiled frames eagerly: compiled rows need torch.profiler
+            tab = profile_gap(live, alone, torch_profiler=torch_profiler or what.startswith("c"))
+        how = " (torch.profiler, wall-clock)" if what.startswith("c") and not torch_profiler else ""
+        prof += [f"### Worst {label}: {name} {sub} (ratio {ratio:.3f}){how}", tab]
     text = "\n\n".join([
         "# Overhead of sub-models in the wrapped model vs standalone models",
         f"Command: `python benchmarks/overhead.py{' --quick' if quick else ''}`; torch {torch.__version__}, "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -32,18 +32,21 @@ from .modes import eval_mode
 from .slicers.norm import NormStats, active_stats
 from .submodel import SubModel, SubModelLike
 
+if TYPE_CHECKING:
+    from .nest import Nest
+
 __all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats_from_tensors"]
 
 _NAMES = ("running_mean", "running_var")
 
 
-def batchnorms(nest: Any) -> dict[str, nn.Module]:
+def batchnorms(nest: Nest) -> dict[str, nn.Module]:
     """Sliced BatchNorm modules of ``nest`` that track running statistics, by path."""
     return {p: m for p, m in nest._sliced.items()
             if isinstance(m, _BatchNorm) and "norm" in m._sn.bind and m.__dict__["track_running_stats"]}
 
 
-def _key(nest: Any) -> tuple[int, ...]:
+def _key(nest: Nest) -> tuple[int, ...]:
     return tuple(d.active for d in nest.dims)
 
 
@@ -52,7 +55,7 @@ def _inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def calibrate(nest: Any, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
+def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
               batches: int = 10) -> list[SubModel]:
     """Recalibrate BatchNorm statistics of each sub-model in ``subs`` (default: all)
     on the first ``batches`` items of ``loader``; returns the sub-models calibrated.
@@ -112,7 +115,7 @@ def calibrate(nest: Any, loader: Iterable[Any], *, subs: Iterable[SubModelLike] 
     return todo
 
 
-def stats_to_tensors(nest: Any) -> dict[str, Tensor]:
+def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
     """Calibrated statistics as flat tensors under the checkpoint's reserved prefix."""
     names = [d.name for d in nest.dims]
     out = {}
@@ -124,7 +127,7 @@ def stats_to_tensors(nest: Any) -> dict[str, Tensor]:
     return out
 
 
-def stats_from_tensors(nest: Any, tensors: dict[str, Tensor]) -> None:
+def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor]) -> None:
     """Replace the calibrated statistics of ``nest`` with those in ``tensors`` (from :func:`stats_to_tensors`)."""
     bns = batchnorms(nest)
     found: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {}

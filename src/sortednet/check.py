@@ -12,7 +12,7 @@ and the error names the dimension, the module path and the role (``out=``,
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -23,16 +23,19 @@ from .errors import SortedNetError
 from .modes import eval_mode
 from .submodel import SubModel
 
+if TYPE_CHECKING:
+    from .nest import Nest
+
 __all__ = ["check", "diagnose"]
 
 
-def _bound(nest: Any) -> dict[tuple[str, str], Any]:
+def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
     """(module path, role) -> the Width dimension that slices it."""
     return {(path, role): b.dim for path, m in nest._sliced.items() for role, b in m._sn.bind.items()
             if role in ("out", "inp", "norm") and b.dim.kind == "width"}
 
 
-def diagnose(nest: Any, example: Any, model: Any = None) -> list[str]:
+def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
     """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
 
     ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view)."""
@@ -66,7 +69,7 @@ def _shapes(x: Any) -> list:
     return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tree_leaves(x)]
 
 
-def _plan(nest: Any, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
+def _plan(nest: Nest, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
     """(sub-model, what it tests), among the nest's listed sub-models: each dimension at its smallest with
     as many others as possible at full size, the smallest, the largest and a few mixed ones."""
     subs = nest.submodels
@@ -83,7 +86,7 @@ def _plan(nest: Any, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
     return list(dict.fromkeys(out))
 
 
-def _fail(nest: Any, model: Any, example: Any, what: str, sub: SubModel, err: str) -> SortedNetError:
+def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: str) -> SortedNetError:
     try:
         problems = diagnose(nest, example, model)
     except SortedNetError as e:
@@ -95,7 +98,7 @@ def _fail(nest: Any, model: Any, example: Any, what: str, sub: SubModel, err: st
                           "the sliced features)")
 
 
-def check(nest: Any, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
+def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     """Dry-run ``nest`` on ``example``; raise a :class:`SortedNetError` naming the wiring mistake.
 
     The model's weights, buffers, train/eval mode and active sub-model are left as they were.

@@ -15,7 +15,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from .submodel import SubModel
+
+if TYPE_CHECKING:
+    from .nest import Nest
 
 __all__ = ["METRICS", "ParamCounter", "count_flops", "measure_latency", "example_signature",
            "measure_memory", "call_model"]
@@ -51,7 +54,7 @@ class ParamCounter:
     independent widths cost a few dozen module walks, not 10,000.
     """
 
-    def __init__(self, nest: Any) -> None:
+    def __init__(self, nest: Nest) -> None:
         self.nest = nest
         names = [d.name for d in nest.dims]
         deps: dict[int, set[str]] = {}
@@ -135,7 +138,7 @@ class _CountFlops(TorchDispatchMode):
         return out
 
 
-def count_flops(nest: Any, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
+def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
     """Floating-point operations of one forward of ``sub`` on ``example`` (no grad),
     on ``model`` (default ``nest.model``).
 
@@ -161,7 +164,7 @@ def _sync(example: Any) -> None:
             return
 
 
-def measure_latency(nest: Any, sub: SubModel, example: Any, *, repeat: int = 20, warmup: int = 3,
+def measure_latency(nest: Nest, sub: SubModel, example: Any, *, repeat: int = 20, warmup: int = 3,
                     model: nn.Module | None = None) -> float:
     """Median wall-clock seconds of one forward of ``sub`` on ``example`` (after ``warmup`` runs)
     on ``model`` (default ``nest.model``)."""
@@ -212,7 +215,7 @@ class _PeakBytes(TorchDispatchMode):
         return out
 
 
-def measure_memory(nest: Any, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
+def measure_memory(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
     """Bytes ``sub`` needs for one forward on ``example``: its active weights
     plus the peak of tensors the forward creates (inputs excluded), on ``model`` (default ``nest.model``)."""
     model = nest.model if model is None else model

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,9 @@ from torch import nn
 from .errors import SortedNetError
 from .slicers import is_sharded
 from .submodel import SubModelLike
+
+if TYPE_CHECKING:
+    from .nest import Nest
 
 __all__ = ["accumulate", "sync_gradients", "no_sync", "check_submodels", "guard", "save", "is_fsdp"]
 
@@ -148,7 +151,7 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     return calls
 
 
-def guard(module: nn.Module, nest: Any) -> nn.Module:
+def guard(module: nn.Module, nest: Nest) -> nn.Module:
     """Make a DDP ``module`` refuse forwards whose backward its reducer would get wrong.
 
     With ``inplace_grad=True`` (the default) DDP's reducer misses the gradients
@@ -178,7 +181,7 @@ def guard(module: nn.Module, nest: Any) -> nn.Module:
     return module
 
 
-def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
+def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
                module: nn.Module | None = None, group: Any = None, **kwargs: Any) -> list[float]:
     """:func:`sortednet.accumulate` with one gradient synchronisation per optimizer step.
 
@@ -236,7 +239,7 @@ def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
                              f"has {every[bad[0]]}; give every rank's Sampler the same seed and step")
 
 
-def save(nest: Any, path: str | os.PathLike) -> None:
+def save(nest: Nest, path: str | os.PathLike) -> None:
     """Write a checkpoint of a distributed run that :func:`sortednet.load` reads in one process.
 
     Collective: call it on every rank. DDP / plain: rank 0 calls

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from torch.utils._pytree import tree_leaves
 from .cost import call_model
 from .coupling import analyse
 from .errors import SortedNetError
+
+if TYPE_CHECKING:
+    from .nest import Nest
 
 __all__ = ["sort_units", "METHODS"]
 
@@ -77,7 +80,7 @@ class _Bind:
         return u.repeat_interleave(self.div) if self.div > 1 else u
 
 
-def _groups(nest: Any, example: Any) -> list[tuple[str, Any, list[_Bind], int]]:
+def _groups(nest: Nest, example: Any) -> list[tuple[str, Any, list[_Bind], int]]:
     """(label, dimension, bindings, block) per independently permutable group of units."""
     by_dim: dict[str, list[_Bind]] = {}
     for path, m in nest._sliced.items():
@@ -114,7 +117,7 @@ def _groups(nest: Any, example: Any) -> list[tuple[str, Any, list[_Bind], int]]:
     return out
 
 
-def _heads_parts(nest: Any, d: Any, binds: list[_Bind]) -> list[tuple[str, list[_Bind]]]:
+def _heads_parts(nest: Nest, d: Any, binds: list[_Bind]) -> list[tuple[str, list[_Bind]]]:
     from .dims import match
 
     modules = dict(nest.model.named_modules())
@@ -164,7 +167,7 @@ def _loss(model: nn.Module, batch: Any) -> Tensor:
                          "or loss_fn=lambda model, batch: ...")
 
 
-def _taylor(nest: Any, groups: list, data: Iterable[Any] | None,
+def _taylor(nest: Nest, groups: list, data: Iterable[Any] | None,
             loss_fn: Callable | None) -> dict[tuple[str, str], Tensor]:
     if data is None:
         raise SortedNetError("sort_units(method='taylor') needs data= (a few batches)")
@@ -229,7 +232,7 @@ def _apply(groups: list, orders: list[Tensor]) -> None:
                 t.data.copy_(t.data.index_select(ax, idx.to(t.device)))
 
 
-def sort_units(nest: Any, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
+def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
                loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float = 1e-4) -> dict[str, Tensor]:
     """Permute the units of every Width / Heads dimension of ``nest``, most important first.
 

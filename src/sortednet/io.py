@@ -109,7 +109,7 @@ def _dumps(obj: Any) -> str:
         raise SortedNetError(f"cannot save: the nest's metadata holds a non-finite number ({e})") from None
 
 
-def _product(nest: Any) -> int:
+def _product(nest: Nest) -> int:
     n = 1
     for d in nest.dims:
         n *= len(d.sizes)
@@ -189,7 +189,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     return nest
 
 
-def _check_same_nest(nest: Any, meta: dict[str, Any], where: str) -> None:
+def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
     modules = dict(nest.model.named_modules())
     mine = [exact_spec(d, modules) for d in nest.dims]
     theirs = meta["dims"]

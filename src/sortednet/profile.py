@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
@@ -20,6 +20,9 @@ from .cost import METRICS, example_signature, measure_latency, measure_memory
 from .errors import SortedNetError
 from .modes import eval_mode
 from .submodel import SubModel
+
+if TYPE_CHECKING:
+    from .nest import Nest
 
 __all__ = ["Profile", "pareto_front", "build_profile"]
 
@@ -189,7 +192,7 @@ class Profile:
         fig.savefig(path)
 
 
-def build_profile(nest: Any, example: Any, *, score: Callable[[SubModel], float] | None,
+def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float] | None,
                   metrics: Sequence[str], repeat: int, warmup: int, progress: bool) -> Profile:
     """Measure ``metrics`` (and ``score``) for every sub-model of ``nest``; see :meth:`Nest.profile`."""
     metrics = tuple(dict.fromkeys(("params", *metrics)))

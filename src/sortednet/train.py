@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from .errors import SortedNetError
 from .modes import eval_mode
 from .sampler import Sampler
 from .submodel import SubModel, SubModelLike
+
+if TYPE_CHECKING:
+    from .nest import Nest
 
 __all__ = ["Distill", "accumulate", "evaluate", "fit", "History", "Losses", "NonFiniteLossWarning", "NONFINITE"]
 
@@ -108,7 +111,7 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
     return out.reshape(()), logits
 
 
-def accumulate(nest: Any, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
+def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
                distill: Distill | None = None, weights: Sequence[float] | None = None,
                backward: Callable[[Tensor], Any] | None = None, nonfinite: str = "raise") -> Losses:
     """Backward the loss of each sub-model in ``subs``, one after another, into ``.grad``.
@@ -215,7 +218,7 @@ def _to(x: Any, device: torch.device | None) -> Any:
     return x.to(device) if isinstance(x, Tensor) and device is not None else x
 
 
-def evaluate(nest: Any, data: Any, *, subs: Iterable[SubModelLike] | None = None,
+def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
              metric: Callable[[Tensor, Tensor], float] | None = None) -> dict[SubModel, float]:
     """Score every sub-model (default: all of ``nest.submodels``) on ``data``:
     one ``(inputs, target)`` pair of tensors or an iterable of such batches.
@@ -285,7 +288,7 @@ def _groups(n: int) -> list[str]:
     return [names[min(len(names) - 1, i * len(names) // n)] for i in range(n)]
 
 
-def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Optimizer, sampler: Sampler, *,
+def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Optimizer, sampler: Sampler, *,
         epochs: int = 1, loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy, distill: Distill | None = None,
         eval_data: Any = None, eval_every: int | None = None, start_step: int = 0,
         scheduler: Any = None, progress: bool = True, device: torch.device | str | None = None,
@@ -376,7 +379,7 @@ def fit(nest: Any, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Opt
     return hist
 
 
-def _record(hist: History, nest: Any, data: Any, step: int, bar: Any) -> None:
+def _record(hist: History, nest: Nest, data: Any, step: int, bar: Any) -> None:
     scores = evaluate(nest, data)
     hist.evals.append({"step": step, "scores": {str(s): v for s, v in scores.items()}})
     if bar is not None:

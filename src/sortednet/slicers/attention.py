@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from . import Slicer
+from .base import Slicer
 
 
 class AttrSlicer(Slicer):

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PatternError
-from . import Slicer, slicer
+from .base import Slicer, slicer
 
 
 @slicer(nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from . import Slicer, slicer
+from .base import Slicer, slicer
 
 
 @slicer(nn.ModuleList, nn.Sequential)

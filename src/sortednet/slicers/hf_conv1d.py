@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import Slicer, slicer
+from .base import Slicer, slicer
 
 
 @slicer(Conv1D)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from . import _REGISTRY, Slicer
+from .base import _REGISTRY, Slicer
 
 __all__ = ["ExpertsSlicer", "register_experts"]
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from ..errors import PatternError, SizeError
-from . import Slicer
+from .base import Slicer
 
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PatternError
-from . import Slicer, slicer
+from .base import Slicer, slicer
 
 
 def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: int,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import PatternError, SizeError
-from . import Slicer, slicer
+from .base import Slicer, slicer
 
 if TYPE_CHECKING:
     from ..dims import Dimension

@@ -1,0 +1,273 @@
+"""Slicer base class, registry (:func:`slicer`, :func:`slicer_for`), per-module state
+(:class:`State`) and the per-instance sliced subclasses. The package ``sortednet.slicers``
+re-exports these names; slicer files import them from here."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..dims import Active, Binding
+from ..errors import PatternError, SizeError, SortedNetError
+from ..views import DYNAMIC, STATIC, View, cut, cuts_for, is_sharded, narrow, new_lock, view
+from ..views import SliceInto as _SliceInto  # noqa: F401  (kept importable: sortednet.slicers._SliceInto)
+
+if TYPE_CHECKING:
+    from .norm import NormStats
+
+__all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass", "STATIC"]
+
+_REGISTRY: dict[type, "Slicer"] = {}
+_SUBCLASSES: dict[tuple, type] = {}
+
+
+@dataclass
+class State:
+    """What sortednet keeps on a sliced module (``module._sn``)."""
+
+    slicer: "Slicer"
+    bind: dict[str, Binding]
+    cls: type                      # the original class, restored by unwrap / export
+    path: str
+    inplace_grad: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+    norm: NormStats | None = None  # calibrated BatchNorm statistics (slicers/norm.py; set by calibrate)
+    min_numel: int = 4096          # smallest tensor served by the in-place gradient path
+    slot: int = -1                 # index of this module in every plan (set by wrap)
+    active: Active | None = None   # the nest's run-time state (set by wrap)
+    lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad (one per nest)
+
+    def __deepcopy__(self, memo: dict) -> "State":
+        """A copy (EMA / teacher model) follows the same nest state, with its own lock."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.bind = copy.deepcopy(self.bind, memo)
+        new.extra = copy.deepcopy(self.extra, memo)
+        new.norm = copy.deepcopy(self.norm, memo)
+        new.lock = memo.setdefault(("sortednet.lock", id(self.lock)), new_lock())  # shared by the copy's modules
+        return new
+
+    def sizes(self) -> dict[str, int]:
+        """Active size of every dimension (by name) for the caller."""
+        a = self.active
+        return a.plan().sizes if a is not None else {b.dim.name: b.dim.active for b in self.bind.values()}
+
+
+def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
+    """Class decorator registering a :class:`Slicer` for module types.
+
+    >>> import sortednet as sn, torch.nn as nn
+    >>> sn.slicer_for(nn.Linear(2, 2)).__class__.__name__
+    'LinearSlicer'
+    """
+
+    def deco(cls: type[Slicer]) -> type[Slicer]:
+        inst = cls()
+        for t in types:
+            _REGISTRY[t] = inst
+        cls.types = types
+        return cls
+
+    return deco
+
+
+def slicer_for(module: nn.Module) -> "Slicer | None":
+    """The registered slicer for ``module`` (exact type first, then base classes)."""
+    for base in type(module).__mro__:
+        if base in _REGISTRY:
+            return _REGISTRY[base]
+    return None
+
+
+_cut, _narrow = cut, narrow  # older private names
+
+class Slicer:
+    """Base slicer: declares roles, the attributes that become properties, and
+    how to compute each attribute's active value."""
+
+    def __deepcopy__(self, memo: dict) -> "Slicer":
+        return self  # stateless singletons, shared by every copy
+
+    types: ClassVar[tuple[type, ...]] = ()
+    roles: ClassVar[tuple[str, ...]] = ()
+    attrs: ClassVar[tuple[str, ...]] = ()
+    #: the module's own forward is replaced (only where no attribute can be sliced)
+    overrides_forward: ClassVar[bool] = False
+    #: optional speed-up: tensor attributes that are plain views, ``{name: ((axis, role), ...)}``,
+    #: and attributes that depend on the active sizes only (``STATIC``); see :meth:`rules`
+    views: ClassVar[dict[str, tuple[tuple[int, str], ...]]] = {}
+    static: ClassVar[tuple[str, ...]] = ()
+
+    # -- to implement --------------------------------------------------
+    def full(self, m: nn.Module, role: str) -> int:
+        """Full number of features of ``role`` (before slicing)."""
+        raise NotImplementedError
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        """Active value of attribute ``name``."""
+        raise NotImplementedError
+
+    def check(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
+        """Extra validation (divisibility, ties). Raise SortedNetError."""
+
+    # -- optional: slicers that add tensors (Rank factors / adapters) -------
+    def prepare(self, m: nn.Module) -> None:
+        """Create new tensors on ``m`` (``m._sn`` is set). Called by ``install``
+        after every check passed: must not fail."""
+
+    def restore(self, m: nn.Module, merge: bool) -> None:
+        """Undo :meth:`prepare` at unwrap; ``merge`` bakes trained tensors into the original ones."""
+
+    def rules(self, m: nn.Module) -> dict[str, Any]:
+        """How the per-sub-model plan serves each attribute of ``m`` without calling :meth:`value`:
+        ``{name: ((axis, role), ...)}`` for a tensor that is exactly ``take(m, name, axes)``,
+        ``{name: STATIC}`` for a value that depends on the active sizes only (computed once
+        per sub-model by :meth:`value`). Attributes left out run :meth:`value` on every read.
+        Default: the class attributes ``views`` and ``static``."""
+        return {**dict.fromkeys(self.static, STATIC), **self.views}
+
+    def numel(self, m: nn.Module, name: str) -> int:
+        """Elements of tensor attribute ``name`` that ``export`` keeps for the active sub-model."""
+        return getattr(m, name).numel()
+
+    def adapters(self, m: nn.Module) -> list[Tensor]:
+        """Parameters that alone should be trained (LoRA adapters); empty for most slicers."""
+        return []
+
+    def planned_state(self, m: nn.Module, bind: dict[str, Binding]) -> dict[str, tuple | None]:
+        """What :meth:`prepare` will do to ``m``'s state_dict, known before it runs (``sn.load``
+        checks a checkpoint against it before wrapping): local name -> ``(shape, dtype)`` of
+        an added tensor, or None for a removed one. Empty for slicers that add nothing."""
+        return {}
+
+    # -- shared helpers ------------------------------------------------
+    def validate(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
+        for role, b in bind.items():
+            if role.startswith("attr:"):
+                continue
+            if role not in self.roles:
+                raise PatternError(f"{b.dim.kind} {b.dim.name!r} cannot slice role {role!r} of {path!r} "
+                                   f"({type(m).__name__}); it supports {list(self.roles)}")
+            full = self.full(m, role)
+            if b.total(b.dim.full) != full:
+                hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
+                        "Width(..., chunks={pattern: n})" if len(b.blocks) == 1 and full % b.full == 0 else "")
+                raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
+                                f"{b.total(b.dim.full)} features but {path!r} ({type(m).__name__}) has {full} "
+                                f"for role {role!r}{hint}")
+        self.check(m, bind, path)
+
+    @staticmethod
+    def tensor(m: nn.Module, name: str) -> Tensor | None:
+        t = m._parameters.get(name)
+        return m._buffers.get(name) if t is None and name not in m._parameters else t
+
+    def take(self, m: nn.Module, name: str, axes: list[tuple[int, str]]) -> Tensor | None:
+        """``m.<name>`` sliced on each ``(axis, role)`` to the role's active features (a view).
+
+        Attributes declared in :meth:`rules` do not come here: their cuts are in the plan.
+        """
+        t = m._parameters.get(name)
+        if t is None:
+            t = m._buffers.get(name)
+            if t is None:
+                return None
+        if is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and
+            return t       # must get its sharded parameter back, never a slice of it
+        st: State = m.__dict__["_sn"]
+        cuts, segs = cuts_for(t.shape, st.bind, axes, st.sizes())
+        return view(t, cuts, segs, st)
+
+    def features(self, m: nn.Module, role: str, full: int) -> int:
+        """Active features of ``role`` (``full`` when the role is not bound)."""
+        b = m.__dict__["_sn"].bind.get(role)
+        return full if b is None else b.total()
+
+    def attr_names(self, m: nn.Module, bind: dict[str, Binding]) -> tuple[str, ...]:
+        """Names that become properties on this instance's subclass."""
+        return self.attrs + tuple(sorted(r[5:] for r in bind if r.startswith("attr:")))
+
+    def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+        """Class body of the per-instance subclass."""
+
+        def make(name: str) -> property:
+            role = f"attr:{name}"
+
+            def get(self_: nn.Module) -> Any:  # the hot path: one plan lookup
+                st = self_.__dict__["_sn"]
+                a = st.active
+                if a is None:  # not attached (yet)
+                    b = st.bind.get(role)
+                    return st.slicer.value(self_, name) if b is None else b.features()
+                e = a.plan().entries[st.slot][name]
+                if e.__class__ is View:
+                    return e.take(self_, st)
+                if e is DYNAMIC:
+                    return st.slicer.value(self_, name)
+                return e
+
+            def set_(self_: nn.Module, v: Any) -> None:
+                self_.__dict__[name] = v
+
+            return property(get, set_)
+
+        return {n: make(n) for n in names}
+
+    def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
+        """Turn the deep copy of a sliced module into a plain, smaller module.
+
+        Called under ``use(sub)``; ``copy_`` already has the original class.
+        """
+        for name in self.attr_names(live, live._sn.bind):
+            v = getattr(live, name)
+            if name in live._parameters:
+                copy_._parameters[name] = None if v is None else nn.Parameter(  # requires_grad of the full
+                    v.detach().clone(memory_format=torch.contiguous_format),  # parameter: a cat under no_grad
+                    requires_grad=live._parameters[name].requires_grad)  # (packed q/k/v) would lose it
+            elif name in live._buffers:
+                copy_._buffers[name] = None if v is None else v.detach().clone()
+            else:
+                copy_.__dict__[name] = copy.copy(v)
+        return copy_
+
+    def exported_tensors(self, m: nn.Module) -> list[Tensor]:
+        """Full tensors that export replaces (so the deep copy can skip them)."""
+        return [t for n in self.attrs if (t := self.tensor(m, n)) is not None]
+
+    def skipped(self, m: nn.Module) -> list[str]:
+        """Names of ``m``'s children that the active sub-model does not run (export leaves
+        them out of the copy; Depth: the blocks past the active depth). Empty by default."""
+        return []
+
+
+def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
+    """A copy that is sliced by the same dimensions (it follows the same active sub-model)."""
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return new
+
+
+def _no_pickle(self: nn.Module, protocol: int) -> None:
+    raise SortedNetError(f"a wrapped {self.__dict__['_sn'].cls.__name__} ({self.__dict__['_sn'].path!r}) cannot be "
+                         "pickled (its class is made by sn.wrap): use sn.save(nest, path) for all sub-models, "
+                         "nest.export(sub) for one plain model, or nest.unwrap() first")
+
+
+def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
+    """The per-instance subclass of ``type(m)`` (cached per class, slicer and names)."""
+    key = (type(m), type(sl), names)
+    cls = _SUBCLASSES.get(key)
+    if cls is None:
+        base = type(m)
+        cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
+                                                       "__module__": base.__module__,
+                                                       "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle})
+        _SUBCLASSES[key] = cls
+    return cls
+
