@@ -9,7 +9,7 @@
 
 from .dims import Depth, Dimension, Width
 from .discover import discover
-from .errors import SortedNetError
+from .errors import BudgetError, PatternError, SizeError, SortedNetError
 from .heads import Heads
 from .io import load, save
 from .nest import Nest, wrap
@@ -33,9 +33,10 @@ def __getattr__(name: str):
         return getattr(integrations, name)
     raise AttributeError(f"module 'sortednet' has no attribute {name!r}")
 
+
 __all__ = [
     "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth", "Rank",
-    "save", "load", "SortedNetError", "Slicer", "slicer", "slicer_for",
+    "save", "load", "SortedNetError", "PatternError", "SizeError", "BudgetError", "Slicer", "slicer", "slicer_for",
     "Sampler", "accumulate", "fit", "Distill", "Profile",
     "from_transformers", "sort_by_importance", "discover", "speculative_generate",
 ]
