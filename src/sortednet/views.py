@@ -172,16 +172,20 @@ def _distributed() -> bool:
 def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
     """``t`` cut to ``cuts``; when training, a :class:`SliceInto` view (``st``: the module's State).
 
-    Uncut tensors (``cuts == ()``) go through :class:`SliceInto` too, so every
-    in-place write into a sliced parameter's ``.grad`` holds the same lock: a
-    thread training a sub-model that uses a weight whole cannot race one that
-    adds into its slice.
+    An uncut tensor is the parameter itself (a leaf: ``module.weight is param``,
+    ``module.weight.grad`` and optimizers work as in plain PyTorch); its gradient
+    goes through AccumulateGrad. Threads that run backward at the same moment
+    with one using a parameter whole and another a slice of it must use
+    ``inplace_grad=False`` (docs/mechanism.md); slices from several threads add up
+    exactly under the module's lock.
     """
+    if not cuts:
+        return t
     if (torch.is_grad_enabled() and st.inplace_grad and t.requires_grad and t.is_leaf
             and t.numel() >= st.min_numel and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()):
         return SliceInto.apply(t, cuts, st.lock)
-    return cut(t, cuts) if cuts else t
+    return cut(t, cuts)
 
 
 def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any) -> Tensor:
