@@ -294,7 +294,7 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
     vs = [f"{s}: nest {tr_[s]['mean_cos']:.3f} / {tr_[s]['top1']:.3f} vs twin {tw[s]['mean_cos']:.3f} / "
           f"{tw[s]['top1']:.3f} ({'not worse' if tr_[s]['mean_cos'] >= tw[s]['mean_cos'] else 'WORSE'})"
           for s in twins if s in tw and s in tr_]
-    tokens = sum(int(b["attention_mask"].sum()) for b in tr[:args.steps])
+    tokens = sum(int(tr[i % len(tr)]["attention_mask"].sum()) for i in range(args.steps))
     md = [f"# Elastic all-MiniLM-L6-v2 ({len(subs)} sub-models)", "",
           f"Command: `nice -n 10 python benchmarks/elastic_encoder.py --steps {args.steps} --batch {args.batch} "
           f"--train {args.train} --test {args.test} --lr {args.lr} --k {args.k} --full-weight {args.full_weight} "

@@ -154,3 +154,25 @@ def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_discover_and_sort_units_never_flip_the_users_training_flags():
+    """Both trace the model in eval mode on a private view: the user's modules never see train()/eval()."""
+    from sortednet.importance import sort_units
+
+    calls: list = []
+    originals: set = set()
+
+    class Spy(torch.nn.Linear):
+        def train(self, mode=True):
+            if id(self) in originals:
+                calls.append(mode)
+            return super().train(mode)
+
+    model = torch.nn.Sequential(Spy(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.1), Spy(16, 4)).train()
+    originals.update(id(m) for m in model.modules())
+    x = torch.randn(5, 8)
+    dims = sn.discover(model, x, ratios=[0.5, 1.0])
+    nest = sn.wrap(model, *dims)
+    sort_units(nest, "l2", example=x)
+    assert calls == [] and all(m.training for m in model.modules())

@@ -31,6 +31,7 @@ from .cost import call_model
 from .coupling_ops import _LEAVES, Attention, _tensors, attention_block, handle, module
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads
+from .modes import eval_view
 
 __all__ = ["Group", "Coupling", "analyse"]
 
@@ -299,14 +300,9 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     >>> [(g.size, g.bindings) for g in analyse(m, torch.randn(3, 4)).free()]
     [(8, [('0', 'out'), ('2', 'inp')])]
     """
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        events, out, attn = record(model, example)
-    finally:
-        for m, t in was:
-            m.training = t
-    a = _Analysis(model, example, attn)
+    view, _ = eval_view(model)  # a private eval-mode copy sharing the tensors: no training flag of `model` flips
+    events, out, attn = record(view, example)
+    a = _Analysis(view, example, attn)
     a.run(events)
     a.fix_all(_tensors(out), "the network output")
     uf = a.uf

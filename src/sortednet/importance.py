@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from .cost import call_model
 from .coupling import analyse
 from .errors import SortedNetError
+from .modes import eval_mode
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -167,11 +168,10 @@ def _loss(model: nn.Module, batch: Any) -> Tensor:
                          "or loss_fn=lambda model, batch: ...")
 
 
-def _taylor(nest: Nest, groups: list, data: Iterable[Any] | None,
+def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | None,
             loss_fn: Callable | None) -> dict[tuple[str, str], Tensor]:
     if data is None:
         raise SortedNetError("sort_units(method='taylor') needs data= (a few batches)")
-    model = nest.model
     params = list(model.parameters())
     saved = [p.grad for p in params]
     acc: dict[tuple[str, str], Tensor] = {}
@@ -271,33 +271,33 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         example = _example_of(data)
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
-    model = nest.model
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), nest.use(nest.largest):
-            ref = _leaves(call_model(model, example))
-        split = _groups(nest, example)
-        taylor = _taylor(nest, split, data, loss_fn) if method == "taylor" else {}
-        for groups in (split, _groups(nest, None)):
-            saved = [(t, t.detach().clone()) for _, _, part, _ in groups for b in part for t, _ in b.tensors]
-            orders = [_order(_scores(part, d.full, method, d.kind, taylor), block) for _, d, part, block in groups]
-            err = None
-            with torch.no_grad():
-                try:
-                    _apply(groups, orders)
-                    with nest.use(nest.largest):
-                        got = _leaves(call_model(model, example))
-                    err = max(((a - b).abs().max() / b.abs().max().clamp_min(1)).item()
-                              for a, b in zip(got, ref) if a.is_floating_point())
-                except SortedNetError:
-                    err = float("inf")
-                if err <= atol:
-                    return {label: o for (label, *_), o in zip(groups, orders)}
-                for t, v in saved:
-                    t.copy_(v)
-    finally:
-        for m, t in was:
-            m.training = t
+    with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
+        return _sort(nest, model, method, example, data, loss_fn, atol)
+
+
+def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
+          atol: float) -> dict[str, Tensor]:
+    err = float("inf")
+    with torch.no_grad(), nest.use(nest.largest):
+        ref = _leaves(call_model(model, example))
+    split = _groups(nest, example)
+    taylor = _taylor(nest, model, split, data, loss_fn) if method == "taylor" else {}
+    for groups in (split, _groups(nest, None)):
+        saved = [(t, t.detach().clone()) for _, _, part, _ in groups for b in part for t, _ in b.tensors]
+        orders = [_order(_scores(part, d.full, method, d.kind, taylor), block) for _, d, part, block in groups]
+        err = None
+        with torch.no_grad():
+            try:
+                _apply(groups, orders)
+                with nest.use(nest.largest):
+                    got = _leaves(call_model(model, example))
+                err = max(((a - b).abs().max() / b.abs().max().clamp_min(1)).item()
+                          for a, b in zip(got, ref) if a.is_floating_point())
+            except SortedNetError:
+                err = float("inf")
+            if err <= atol:
+                return {label: o for (label, *_), o in zip(groups, orders)}
+            for t, v in saved:
+                t.copy_(v)
     raise SortedNetError(f"sort_units: permuting changes the full model's output (by {err:.3g}): a module coupled "
                          "to a dimension is not declared in it; run nest.check(example) to find it")

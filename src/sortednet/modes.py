@@ -23,7 +23,7 @@ from .errors import SortedNetError
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["eval_mode"]
+__all__ = ["eval_mode", "eval_view"]
 
 
 @contextmanager
@@ -43,9 +43,24 @@ def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = ()) -> Iterator[tu
     ...     view.training, view[0].weight is model[0].weight, model.training
     (False, True, True)
     """
-    model = nest.model
+    view, copies = eval_view(nest.model, keep=nest.dims, own_state=own_state)
+    yield view, copies  # type: ignore[misc]
+
+
+def eval_view(model: nn.Module, *, keep: Iterable[object] = (),
+              own_state: Iterable[nn.Module] = ()) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """A private eval-mode copy of ``model``'s module tree sharing every parameter, buffer,
+    sortednet state and object in ``keep`` (see :func:`eval_mode`), and ``id(module) -> copy``.
+
+    >>> import torch.nn as nn
+    >>> from sortednet.modes import eval_view
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    >>> view, _ = eval_view(model)
+    >>> view.training, model.training, view[0].weight is model[0].weight
+    (False, True, True)
+    """
     own = {id(m) for m in own_state}
-    memo: dict[int, object] = {id(d): d for d in nest.dims}
+    memo: dict[int, object] = {id(d): d for d in keep}
     for t in [*model.parameters(), *model.buffers()]:
         memo[id(t)] = t
     for m in model.modules():
@@ -61,5 +76,4 @@ def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = ()) -> Iterator[tu
                              f"other thread sees a mode change): deepcopy failed with {type(e).__name__}: {e}. "
                              "Keep such objects off the model's modules") from e
     view.train(False)
-    copies = {id(m): memo[id(m)] for m in model.modules()}
-    yield view, copies  # type: ignore[misc]
+    return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
