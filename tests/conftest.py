@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -15,3 +16,12 @@ settings.register_profile("sortednet", max_examples=10, deadline=None, database=
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sortednet"))
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean torch.compile state per test (graph counts start at zero), with room for many sub-models."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    torch._dynamo.reset()

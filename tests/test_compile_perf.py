@@ -18,12 +18,7 @@ from models import FAMILIES
 FAMS = ["mlp", "attn_block", "cnn_bn_residual", "lm_width_heads_depth", "sequential"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def three(nest: sn.Nest) -> list[sn.SubModel]:
