@@ -305,6 +305,14 @@ class Nest:
         run = in_plan(self._state, self._state.plan(), fn)
         return checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
 
+    def compile(self, **compile_kwargs: Any) -> Any:
+        """The model compiled with the active sub-model's sliced parameters as graph inputs
+        (:class:`~sortednet.compiled.Compiled`): compiled training adds each gradient into
+        its slice of ``.grad`` as eager training does. ``compile_kwargs`` go to ``torch.compile``."""
+        from .compiled import Compiled
+
+        return Compiled(self, **compile_kwargs)
+
     def checkpoint_context(self) -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
         """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False,
         context_fn=nest.checkpoint_context)``: the recomputation runs the sub-model active at forward."""

@@ -91,8 +91,9 @@ def cuts_for(shape: torch.Size | tuple[int, ...], bind: dict[str, Binding], axes
     return tuple(cuts), segs
 
 
-#: :class:`SliceInto` hands out a row-major copy of a 2-d slice whose rows are at least this long
-ROW_COPY_MIN = 2048
+#: :class:`SliceInto` hands out a row-major copy of a strided 2-d slice whose rows are at least this
+#: long (in training only: inference reads the view itself)
+ROW_COPY_MIN = 64
 
 
 class SliceInto(torch.autograd.Function):
@@ -113,9 +114,10 @@ class SliceInto(torch.autograd.Function):
         ctx.param, ctx.cuts, ctx.lock = param, cuts, lock
         v = cut(param.detach(), cuts)
         if v.dim() == 2 and v.stride(0) >= ROW_COPY_MIN and not v.is_contiguous():
-            # an input-sliced wide weight: matmul backward would hand a column-major gradient whose
-            # add into the slice transposes (3-4x the weight-grad matmul at 4096 wide); a row-major
-            # copy of the slice makes that add dense (measured: benchmarks/results/layout.md)
+            # an input-sliced weight: matmul backward would hand a column-major gradient whose add
+            # into the slice transposes (3-4x the weight-grad matmul at 4096 wide, ~6x a dense add
+            # at 256 x 128); a row-major copy of the slice makes that add dense, for less than the
+            # transposed add costs (benchmarks/results/layout.md, benchmarks/results/overhead.md)
             v = v.contiguous()
         return v
 
@@ -137,6 +139,14 @@ class SliceInto(torch.autograd.Function):
         full = grad.new_zeros(p.shape)
         cut(full, ctx.cuts).copy_(grad)  # differentiable under create_graph
         return full, None, None
+
+
+#: ``SliceInto.apply`` without ``autograd.Function.apply``'s Python wrapper (which only adds
+#: functorch and ``setup_context`` handling: :func:`narrow` never calls it under functorch)
+_slice_into = super(torch.autograd.Function, SliceInto).apply  # type: ignore[misc]
+_grad_enabled = torch.is_grad_enabled
+_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False) -> bool:
@@ -181,11 +191,12 @@ def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
     """
     if not cuts:
         return t
-    if (torch.is_grad_enabled() and st.inplace_grad and t.requires_grad and t.is_leaf
-            and t.numel() >= st.min_numel and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()):
-        return SliceInto.apply(t, cuts, st.lock)
-    return cut(t, cuts)
+    if (t.requires_grad and st.inplace_grad and _grad_enabled() and t.is_leaf and t.numel() >= st.min_numel
+            and not _compiling() and not _functorch_active()):
+        return _slice_into(t, cuts, st.lock)
+    for axis, start, length in cuts:
+        t = t.narrow(axis, start, length)
+    return t
 
 
 def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any) -> Tensor:
@@ -210,7 +221,7 @@ class View:
             t = m._buffers.get(self.name)
             if t is None:
                 return None
-        tp = type(t)
+        tp = t.__class__
         if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
             return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
         if self.segs is None:

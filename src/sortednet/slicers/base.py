@@ -204,7 +204,8 @@ class Slicer:
                 if a is None:  # not attached (yet)
                     b = st.bind.get(role)
                     return st.slicer.value(self_, name) if b is None else b.features()
-                e = a.plan().entries[st.slot][name]
+                p = a._scoped  # Active.plan(), inlined: the nest's context variable, else the default
+                e = (a.default if p is a else p).entries[st.slot][name]
                 if e.__class__ is View:
                     return e.take(self_, st)
                 if e is DYNAMIC:

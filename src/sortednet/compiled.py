@@ -1,0 +1,108 @@
+"""``nest.compile()``: the wrapped model compiled with the active sub-model's sliced
+parameters as graph inputs.
+
+``torch.compile(model)`` works on a wrapped model as is (one graph per
+sub-model), but the slicing then happens inside the graph: AOTAutograd
+differentiates ``weight[:n]`` by building a gradient of the FULL parameter
+(zeros plus the slice) that autograd then adds into ``.grad``: two full-size
+memory passes per sliced weight per step. A sub-model of 1/8 the width moved
+8x the gradient bytes of a standalone model of its size (measured 1.3-1.65x the
+compiled standalone step, benchmarks/results/overhead.md).
+
+Here the sliced weights are read eagerly, as in an eager forward (views whose
+gradient :class:`~sortednet.views.SliceInto` adds straight into the slice of
+``param.grad``) and handed to the compiled graph as inputs through
+``torch.func.functional_call``: the graph sees tensors of the sub-model's size
+and returns gradients of that size. The compiled model's own reads of those
+attributes cut nothing more (a prefix cut of a tensor already at its size).
+
+Only plain prefix views are handed over; attributes whose slice is a
+concatenation of fused blocks (``chunks=`` / ``parts=``), computed by a custom
+slicer on every read, or not a parameter (buffers) are sliced inside the graph
+as with ``torch.compile(model)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .views import View
+
+if TYPE_CHECKING:
+    from .nest import Nest
+
+__all__ = ["Compiled"]
+
+
+class Compiled:
+    """A compiled callable running ``nest.model`` as the sub-model active for the caller.
+
+    Call it like the model, inside ``nest.use(sub)`` (or after ``nest.activate``).
+    Extra keywords go to ``torch.compile``; ``dynamic`` defaults to False (one
+    graph per sub-model, each specialised to its shapes). Dynamo keeps at most
+    ``torch._dynamo.config.recompile_limit`` graphs per compiled function: raise
+    it to the number of sub-models you run.
+
+    Under ``torch.no_grad()`` nothing is handed over (there is no gradient to
+    place, and slicing inside the graph is as fast): the call is the model
+    compiled as ``torch.compile(model)`` would. With gradients, calls from
+    several threads at once are serialised by a lock: while a call runs,
+    ``functional_call`` swaps the sliced views into the model's modules.
+
+    >>> import torch, torch.nn as nn, sortednet as sn
+    >>> net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+    >>> nest = sn.wrap(net, sn.Width("h", [16, 64], out="0", inp="2"))
+    >>> step = nest.compile(backend="eager")          # inductor by default
+    >>> with nest.use("h=16"):
+    ...     step(torch.randn(4, 8)).square().mean().backward()
+    >>> net[0].weight.grad.shape, bool(net[0].weight.grad[16:].abs().sum() == 0)
+    (torch.Size([64, 8]), True)
+    """
+
+    def __init__(self, nest: Nest, **compile_kwargs: Any) -> None:
+        compile_kwargs.setdefault("dynamic", False)
+        self.nest = nest
+        self._targets = handed_over(nest)
+        self._lock = threading.RLock()
+        model = nest.model
+
+        def call(params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+            return torch.func.functional_call(model, params, args, kwargs, tie_weights=False, strict=False)
+
+        self._compiled: Callable[..., Any] = torch.compile(call, **compile_kwargs)
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the parameters handed to the graph as sliced inputs."""
+        return [key for key, _, _ in self._targets]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.nest._check_alive()
+        if not torch.is_grad_enabled():  # no gradient to place: slicing inside the graph is as fast
+            return self._compiled({}, args, kwargs)  # (measured), and needs no lock
+        with self._lock:
+            params = {key: getattr(m, name) for key, m, name in self._targets}
+            return self._compiled(params, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"Compiled({len(self._targets)} sliced parameters as graph inputs)"
+
+
+def handed_over(nest: Nest) -> list[tuple[str, torch.nn.Module, str]]:
+    """``(dotted name, module, attribute)`` of every parameter that every plan serves as a plain prefix view."""
+    out = []
+    for path, m in nest._sliced.items():
+        st = m._sn
+        if any(b.chunks > 1 or b.parts for b in st.bind.values()):
+            continue
+        entries = [nest._plans.get(sub).entries[st.slot] for sub in (nest.smallest, nest.largest)]
+        for name in st.slicer.attr_names(m, st.bind):
+            if m._parameters.get(name) is None:
+                continue
+            if all(e.get(name).__class__ is View and e[name].segs is None for e in entries):
+                out.append((f"{path}.{name}" if path else name, m, name))
+    return out
