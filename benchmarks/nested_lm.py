@@ -55,6 +55,10 @@ TWINS = ("ffn=128,heads=2,depth=3", "ffn=256,heads=2,depth=3", "ffn=128,heads=4,
 FULL = "(c) full alone, then sliced"
 METHODS: dict[str, dict[str, Any]] = {
     "(a) sorted sandwich k=4 + SoFT depth": {"strategy": "sandwich", "k": K, "soft": True},
+    "(a) sorted sandwich k=4 + SoFT depth, small first": {"strategy": "sandwich", "k": K, "soft": True,
+                                                          "small_first": 1 / 3},
+    "(a) sorted sandwich k=4 + SoFT depth, loss weights small": {"strategy": "sandwich", "k": K, "soft": True,
+                                                                 "loss_weights": "small"},
     "(a) sorted sandwich k=4": {"strategy": "sandwich", "k": K},
     "(a) sorted sandwich k=4 + distill": {"strategy": "sandwich", "k": K, "distill": True},
     "(a) sorted uniform k=4": {"strategy": "uniform", "k": K},
@@ -92,16 +96,19 @@ def schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
-def sampler_for(nest: sn.Nest, spec: dict[str, Any], seed: int) -> tuple[sn.Sampler, list[int] | None]:
+def sampler_for(nest: sn.Nest, spec: dict[str, Any], seed: int, steps: int) -> tuple[sn.Sampler, list[int] | None]:
     """The method's sampler and, for SoFT, the depth exits read in each pass."""
     full_depth = [s for s in nest.submodels if s["depth"] == nest.largest["depth"]]
     if spec.get("matformer"):
         subs = [s for s in full_depth if s["heads"] == nest.largest["heads"]]
         return sn.Sampler(subs, strategy="all", seed=seed), None
+    kw = {k: v for k, v in spec.items() if k in ("k", "weights", "loss_weights")}
+    if "small_first" in spec:  # a fraction of the run
+        kw["small_first"] = int(spec["small_first"] * steps)
     if spec.get("soft"):
         exits = sorted({s["depth"] for s in nest.submodels})
-        return sn.Sampler(full_depth, k=min(spec["k"], len(full_depth)), strategy=spec["strategy"], seed=seed), exits
-    kw = {k: v for k, v in spec.items() if k in ("k", "weights", "loss_weights")}
+        kw["k"] = min(spec["k"], len(full_depth))
+        return sn.Sampler(full_depth, strategy=spec["strategy"], seed=seed, **kw), exits
     return sn.Sampler(nest, strategy=spec["strategy"], seed=seed, **kw), None
 
 
@@ -138,7 +145,7 @@ def run(name: str, a: argparse.Namespace) -> dict[str, Any]:
                             weight_decay=0.01)
     sched = schedule(opt, a.steps)
     passes: dict[str, int] = {}
-    sampler, exits = sampler_for(nest, spec, a.seed) if nest is not None else (None, None)
+    sampler, exits = sampler_for(nest, spec, a.seed, a.steps) if nest is not None else (None, None)
     distill = sn.Distill(temperature=1.0, alpha=a.distill_alpha) if spec.get("distill") else None
     extra = {k: spec[k] for k in ("loss_weights",) if k in spec}
     model.train()

@@ -191,3 +191,48 @@ def test_bad_arguments_raise(args, kwargs, match):
 def test_bad_step_raises(step):
     with pytest.raises(sn.SortedNetError, match="step"):
         sn.Sampler(SUBS, k=2).draw(step)
+
+
+@given(cfg=st.sampled_from([{"strategy": "uniform", "k": 2}, {"strategy": "sandwich", "k": 4},
+                            {"strategy": "weighted", "k": 2, "weights": [1, 0, 2, 0, 3, 1, 1, 5]}]),
+       seed=st.integers(0, 10**6), warm=st.integers(1, 500), after=st.integers(0, 10**6))
+def test_small_first_ends_at_the_strategy_itself(cfg, seed, warm, after):
+    """From step small_first on, draws are exactly those of the same sampler without the schedule."""
+    plain = sn.Sampler(SUBS, seed=seed, **cfg)
+    sched = sn.Sampler(SUBS, seed=seed, small_first=warm, **cfg)
+    assert sched.draw(warm + after) == plain.draw(warm + after)
+    early = sched.draw(warm // 2)
+    assert len(set(early)) == sched.k and early == sorted(early, key=SUBS.index)
+    if cfg["strategy"] == "sandwich":
+        assert early[0] == NEST.smallest and early[-1] == NEST.largest
+    if "weights" in cfg:  # a sub-model weighted 0 stays undrawn during the warm-up too
+        assert not {SUBS[1], SUBS[3]} & set(early)
+
+
+@pytest.mark.parametrize("strategy,k", [("uniform", 1), ("sandwich", 3)])
+def test_small_first_step_zero_frequencies_follow_position_weights(strategy, k):
+    """At step 0 the sub-model at position i is drawn with probability proportional to (n - i)
+    (k = 1, or the one middle draw of a sandwich): a chi-square test over 4000 seeds."""
+    first = 0 if strategy == "uniform" else 1
+    positions = list(range(first, N - first))
+    counts = Counter()
+    for seed in range(4000):
+        picked = sn.Sampler(SUBS, k=k, strategy=strategy, seed=seed, small_first=100).draw(0)
+        counts.update(SUBS.index(s) for s in picked if SUBS.index(s) in positions)
+    w = [N - i for i in positions]
+    probs = [x / sum(w) for x in w]
+    obs = [counts[i] for i in positions]
+    assert chi2(obs, probs) < CRIT[len(obs) - 1], (obs, probs)
+    assert obs[0] > 2 * obs[-1]   # the smallest drawable one far more often than the largest
+
+
+def test_small_first_state_round_trip_and_bad_values():
+    a = sn.Sampler(SUBS, k=3, strategy="sandwich", seed=5, small_first=50)
+    b = sn.Sampler(SUBS, k=1, seed=0)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [b.draw(i) for i in range(60)] == [a.draw(i) for i in range(60)] and b.small_first == 50
+    assert "small_first=50" in repr(a)
+    with pytest.raises(sn.SortedNetError, match="small_first"):
+        sn.Sampler(SUBS, strategy="all", small_first=10)
+    with pytest.raises(sn.SortedNetError, match="small_first"):
+        sn.Sampler(SUBS, k=2, small_first=-1)

@@ -54,6 +54,14 @@ class Sampler:
     the weights of one draw, normalised to sum to 1, for ``sn.accumulate(...,
     weights=)``; ``sn.fit`` applies them. Draws do not depend on them.
 
+    ``small_first`` (a number of steps, ``uniform`` / ``sandwich`` / ``weighted``)
+    draws small sub-models more at the start of training: at step ``t`` below it,
+    the sub-model at position ``i`` (ascending cost, of ``n``) has its probability
+    multiplied by ``(n - i) ** (1 - t / small_first)``, annealed to the strategy's
+    own distribution by step ``small_first`` (:meth:`expected_fraction` gives
+    that one). Sandwich always draws the smallest and the largest; the schedule
+    moves its other draws.
+
     ``draw`` returns sub-models in ascending cost order.
 
     >>> import torch.nn as nn, sortednet as sn
@@ -69,7 +77,7 @@ class Sampler:
 
     def __init__(self, submodels: Any, *, k: int | None = None, strategy: str = "uniform", seed: int = 0,
                  weights: Sequence[float] | str | None = None,
-                 loss_weights: Sequence[float] | str | None = None) -> None:
+                 loss_weights: Sequence[float] | str | None = None, small_first: int = 0) -> None:
         nest = None
         if hasattr(submodels, "submodels") and hasattr(submodels, "cost"):
             nest, submodels = submodels, submodels.submodels
@@ -116,6 +124,10 @@ class Sampler:
             probs = w / w.sum() if w.sum() > 0 else w
         elif weights is not None:
             raise SortedNetError(f"weights= is only used by strategies 'weighted' and 'sandwich', not {strategy!r}")
+        small_first = _check_index(small_first, "small_first")
+        if small_first and strategy == "all":
+            raise SortedNetError("small_first= has nothing to schedule with strategy 'all' (every sub-model every "
+                                 "step); use 'uniform', 'sandwich' or 'weighted'")
         loss_w = None
         if loss_weights is not None:
             try:
@@ -132,6 +144,7 @@ class Sampler:
         self.loss_weights = loss_weights if isinstance(loss_weights, str) else (
             None if loss_weights is None else list(map(float, loss_weights)))
         self._loss_w: np.ndarray | None = loss_w
+        self.small_first = small_first
         self._pos: dict[SubModel, int] | None = None
         self._source = subs if nest is None else nest
 
@@ -175,15 +188,27 @@ class Sampler:
         if self.strategy == "all":
             return list(self.submodels)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+        early = step < self.small_first
         if self.strategy == "uniform":
-            idx = rng.choice(n, size=k, replace=False)
+            idx = rng.choice(n, size=k, replace=False, p=self._early(n, 0, None, step) if early else None)
         elif self.strategy == "sandwich":
             # 1 + choice(n - 2) draws exactly what choice(arange(1, n - 1)) did, without the O(n) array
-            middle = (1 + rng.choice(n - 2, size=k - 2, replace=False, p=self.probs)).tolist() if k > 2 else []
+            p = self._early(n, 1, self.probs, step) if early and k > 2 else self.probs
+            middle = (1 + rng.choice(n - 2, size=k - 2, replace=False, p=p)).tolist() if k > 2 else []
             idx = [0, n - 1, *middle]
         else:
-            idx = rng.choice(n, size=k, replace=False, p=self.probs)
+            idx = rng.choice(n, size=k, replace=False, p=self._early(n, 0, self.probs, step) if early else self.probs)
         return [self.submodels[i] for i in sorted(int(i) for i in idx)]
+
+    def _early(self, n: int, first: int, base: np.ndarray | None, step: int) -> np.ndarray:
+        """Probabilities of positions ``first .. n - 1 - first`` at ``step`` of the small-first warm-up."""
+        pos = np.arange(first, n - first, dtype=float)
+        w = (n - pos) ** (1.0 - step / self.small_first)
+        if base is not None:
+            w = w * base
+        if np.count_nonzero(w) < self.k - 2 * first:  # cannot happen: base has enough positive entries
+            raise SortedNetError("small_first: too few sub-models with a positive probability")
+        return w / w.sum()
 
     def loss_weights_for(self, subs: Sequence[SubModel]) -> list[float] | None:
         """Loss weights of the drawn ``subs`` (summing to 1), or None without ``loss_weights``
@@ -223,7 +248,7 @@ class Sampler:
     def state_dict(self) -> dict[str, Any]:
         """The configuration (JSON-able). Draws need no other state: they depend on ``(seed, step)`` only."""
         return {"strategy": self.strategy, "k": self.k, "seed": self.seed, "weights": self.weights,
-                "loss_weights": self.loss_weights, "submodels": self._listing()}
+                "loss_weights": self.loss_weights, "small_first": self.small_first, "submodels": self._listing()}
 
     def _listing(self) -> list[str] | str:
         """The sub-models by name, or (above ``STATE_LIST_MAX``) a digest of them."""
@@ -255,7 +280,7 @@ class Sampler:
         try:
             other = Sampler(self._source, k=None if state["strategy"] == "all" else state["k"],
                             strategy=state["strategy"], seed=state["seed"], weights=state["weights"],
-                            loss_weights=state.get("loss_weights"))
+                            loss_weights=state.get("loss_weights"), small_first=state.get("small_first", 0))
         except SortedNetError as e:
             raise SortedNetError(f"cannot load sampler state: {e}") from None
         self.__dict__.update(other.__dict__)
@@ -265,5 +290,7 @@ class Sampler:
         if self.loss_weights is not None:
             lw = self.loss_weights
             w += f", loss_weights={lw if isinstance(lw, str) else '[...]'!r}"
+        if self.small_first:
+            w += f", small_first={self.small_first}"
         return (f"Sampler({len(self.submodels)} sub-models, k={self.k}, strategy={self.strategy!r}, "
                 f"seed={self.seed}{w})")
