@@ -252,3 +252,41 @@ def test_nest_compile_hands_over_plain_prefix_views_only():
 
     names = handed_over(nest)
     assert [k for k, _, _ in names] == ["2.weight", "2.bias"], names
+
+
+class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Shapes of every tensor the ops of a region return (forward and backward kernels alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.slow
+def test_nest_compile_backward_never_builds_a_full_size_weight_gradient():
+    """The point of nest.compile(): a small sub-model's backward makes gradients of its own size only,
+    while plain torch.compile(model) (slicing inside the graph) makes the full weight's."""
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(24, 96), nn.ReLU(), nn.Linear(96, 24))
+    nest = sn.wrap(net, sn.Width("h", [16, 96], out="0", inp="2"), inplace_min_numel=1)
+    x = torch.randn(5, 24)
+    full = {tuple(net[0].weight.shape), tuple(net[2].weight.shape)}
+    seen = {}
+    for name, fn in (("nest.compile", nest.compile(backend="aot_eager")),
+                     ("torch.compile", torch.compile(net, backend="aot_eager"))):
+        for p in net.parameters():  # .grad exists: its first creation is full-size either way
+            p.grad = torch.zeros_like(p)
+        with nest.use("h=16"):
+            loss = fn(x).square().mean()
+        with _Shapes() as rec:
+            loss.backward()
+        seen[name] = rec.shapes & full
+    assert seen["nest.compile"] == set(), seen
+    assert seen["torch.compile"], "control: in-graph slicing should build a full-size gradient"
