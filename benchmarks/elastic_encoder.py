@@ -102,18 +102,46 @@ def make_batches(tok, ss: list[str], size: int, max_length: int, seed: int) -> l
     return out
 
 
-def exit_loss(model, enc, tgt, exits, top_weight: float = 1.0) -> torch.Tensor:
+def exit_loss(model, enc, tgt, exits, top_weight: float = 1.0, token_weight: float = 0.0) -> torch.Tensor:
     """``1 - cos(pool(hidden_states[d]), target)`` summed over depth exits ``d`` / their number,
-    one forward; the deepest exit's term is multiplied by ``top_weight``."""
+    one forward; the deepest exit's term is multiplied by ``top_weight``. ``tgt`` is the pooled
+    target, or ``(pooled, token states)``: then ``token_weight`` x the mean ``1 - cos`` of every
+    non-pad token's state to the teacher's last-layer state is added per exit."""
+    pooled, tokens = tgt if isinstance(tgt, tuple) else (tgt, None)
     hs = model(**enc, output_hidden_states=True).hidden_states
+    mask = enc["attention_mask"]
     w = [top_weight if d == exits[-1] else 1.0 for d in exits]
-    return sum(wi * (1 - (pool(hs[d], enc["attention_mask"]) * tgt).sum(1)).mean()
-               for wi, d in zip(w, exits)) / len(exits)
+    total = 0.0
+    for wi, d in zip(w, exits):
+        term = (1 - (pool(hs[d], mask) * pooled).sum(1)).mean()
+        if tokens is not None and token_weight:
+            cos = F.cosine_similarity(hs[d], tokens, dim=-1)
+            term = term + token_weight * ((1 - cos) * mask).sum() / mask.sum()
+        total = total + wi * term
+    return total / len(exits)
+
+
+def windows(tok, text: list[str], n: int, batch: int, max_length: int, seed: int) -> list[dict]:
+    """``n // batch`` batches of random token windows of the training sentences' running text (one
+    length per batch, 8..max_length-2 tokens plus [CLS]/[SEP]: no padding); never the held-out ones."""
+    ids = tok(" ".join(text), add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(max(1, n // batch)):
+        length = rng.randint(8, max_length - 2)
+        rows = []
+        for _ in range(batch):
+            i = rng.randrange(0, len(ids) - length)
+            rows.append([tok.cls_token_id, *ids[i:i + length], tok.sep_token_id])
+        x = torch.tensor(rows)
+        out.append({"input_ids": x, "token_type_ids": torch.zeros_like(x), "attention_mask": torch.ones_like(x)})
+    return out
 
 
 def train(model, steps: int, lr: float, batches, targets, step_fn) -> float:
     """``steps`` AdamW steps (linear warm-up over the first 10%, then linear decay to 0);
-    ``step_fn(i, enc, tgt)`` backprops."""
+    ``step_fn(i, enc, tgt)`` backprops. ``targets``: a list (one per batch), or a callable
+    ``targets(enc)`` (a frozen teacher run on the fly)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -121,7 +149,7 @@ def train(model, steps: int, lr: float, batches, targets, step_fn) -> float:
     t0 = time.time()
     for i in range(steps):
         j = i % len(batches)
-        step_fn(i, batches[j], targets[j])
+        step_fn(i, batches[j], targets(batches[j]) if callable(targets) else targets[j])
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -157,6 +185,13 @@ def main() -> None:
     ap.add_argument("--sort", default="taylor", help="sort_units method")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma list of parts to skip the rest: nest,twin,matryoshka")
+    ap.add_argument("--data", choices=["sentences", "windows"], default="sentences",
+                    help="training inputs: the training sentences (targets computed once), or fresh random "
+                         "token windows of their running text every step (a frozen copy of the original "
+                         "model gives the targets on the fly)")
+    ap.add_argument("--token-weight", type=float, default=0.0,
+                    help="weight of the token-level term (1 - cos of every token state to the original "
+                         "model's last layer; needs --data windows)")
     ap.add_argument("--out", default="elastic_encoder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,7 +207,17 @@ def main() -> None:
     t0 = time.time()
     with torch.no_grad():  # frozen targets of the ORIGINAL model, before anything is changed
         ref = evaluate(model, te)
-        targets = [embed(model, enc) for enc in tr]
+        targets = [embed(model, enc) for enc in tr] if args.data == "sentences" else None
+    if args.token_weight and args.data != "windows":
+        raise SystemExit("--token-weight needs --data windows")
+    if args.data == "windows":
+        tr = windows(tok, train_s, args.steps * args.batch, args.batch, args.max_length, seed=0)
+        teacher = load(AutoModel).requires_grad_(False)  # the original model, never trained
+
+        @torch.no_grad()
+        def targets(enc):  # noqa: F811
+            h = teacher(**enc).last_hidden_state
+            return pool(h, enc["attention_mask"]), h
     t_targets = time.time() - t0
     nest = sn.from_transformers(model, ffn=[768], heads=[6], depth=[4])
     subs = list(nest.submodels)
@@ -191,11 +236,11 @@ def main() -> None:
     exit_err = (a - b).abs().max().item()
     assert exit_err < 1e-5, exit_err
 
-    def table_of(m, nst) -> dict:
+    def table_of(m, nst, reference=None) -> dict:
         out = {}
         for s in subs:
             with nst.use(s):
-                out[s] = metrics(evaluate(m, te), ref)
+                out[s] = metrics(evaluate(m, te), ref if reference is None else reference)
         return out
 
     res = {"slice": table_of(model, nest)}
@@ -216,25 +261,30 @@ def main() -> None:
     def nest_step(i, enc, tgt):
         ws = [full_w] + rng.sample(widths[:-1], args.k - 1)
         sn.accumulate(nest, [nest.resolve({"ffn": f, "heads": h, "depth": top}) for f, h in ws],
-                      lambda: exit_loss(model, enc, tgt, depths, fw() if nest.active == nest.largest else 1.0))
+                      lambda: exit_loss(model, enc, tgt, depths, fw() if nest.active == nest.largest else 1.0,
+                                        args.token_weight))
 
     times = {}
     if "nest" in parts:
         times["nest"] = train(model, args.steps, args.lr, tr, targets, nest_step)
         res["trained"] = table_of(model, nest)
+        with nest.use(nest.largest):  # the elastic model's own full model, next to which sub-models are served
+            res["trained_vs_full"] = table_of(model, nest, evaluate(model, te))
         print(f"nest trained {times['nest']:.0f}s", flush=True)
     if "twin" in parts:
         res["twin"], times["twins"] = {}, 0.0
         for s, tw in twins.items():
             times["twins"] += train(tw, args.steps, args.lr, tr, targets,
-                                    lambda i, enc, tgt, tw=tw: exit_loss(tw, enc, tgt, [-1]).backward())
+                                    lambda i, enc, tgt, tw=tw: exit_loss(tw, enc, tgt, [-1], 1.0,
+                                                                         args.token_weight).backward())
             res["twin"][s] = metrics(evaluate(tw, te), ref)
         print(f"twins trained {times['twins']:.0f}s", flush=True)
     if "matryoshka" in parts:
         mat = load(AutoModel)
         m_steps = args.steps * args.k  # as many full-width passes as the nest made passes (any width)
         times["matryoshka"] = train(mat, m_steps, args.lr, tr, targets,
-                                    lambda i, enc, tgt: exit_loss(mat, enc, tgt, depths, args.full_weight).backward())
+                                    lambda i, enc, tgt: exit_loss(mat, enc, tgt, depths, args.full_weight,
+                                                                  args.token_weight).backward())
         nest_m = sn.from_transformers(mat, ffn=[768], heads=[6], depth=[4])
         sort(nest_m, args.sort, tr)
         res["matryoshka"] = table_of(mat, nest_m)
@@ -280,16 +330,20 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
 
     headers = ["sub-model", "non-emb params", "slice cos", "sorted cos", "trained cos", "trained min cos",
                "trained top-1", "trained top-5", "twin cos", "twin top-1", "matryoshka cos", "matryoshka top-1",
-               "slice top-1", "sorted top-1"]
+               "slice top-1", "sorted top-1", "vs own full: cos", "vs own full: top-1"]
     rows = [[str(s), f"{frac[s]:.0%}", col("slice", s, "mean_cos"), col("sorted", s, "mean_cos"),
              col("trained", s, "mean_cos"), col("trained", s, "min_cos"), col("trained", s, "top1"),
              col("trained", s, "top5"), col("twin", s, "mean_cos"), col("twin", s, "top1"),
              col("matryoshka", s, "mean_cos"), col("matryoshka", s, "top1"), col("slice", s, "top1"),
-             col("sorted", s, "top1")] for s in subs]
+             col("sorted", s, "top1"), col("trained_vs_full", s, "mean_cos"),
+             col("trained_vs_full", s, "top1")] for s in subs]
     big = [s for s in subs if frac[s] >= 0.5]
     tr_ = res.get("trained", {})
     ok = [s for s in big if s in tr_ and tr_[s]["mean_cos"] >= 0.95 and tr_[s]["top1"] >= 0.9]
     miss = [f"{s} ({tr_[s]['mean_cos']:.3f} / {tr_[s]['top1']:.3f})" for s in big if s in tr_ and s not in ok]
+    own = res.get("trained_vs_full", {})
+    ok_own = [s for s in big if s in own and own[s]["mean_cos"] >= 0.95 and own[s]["top1"] >= 0.9]
+    miss_own = [f"{s} ({own[s]['mean_cos']:.3f} / {own[s]['top1']:.3f})" for s in big if s in own and s not in ok_own]
     tw = res.get("twin", {})
     vs = [f"{s}: nest {tr_[s]['mean_cos']:.3f} / {tr_[s]['top1']:.3f} vs twin {tw[s]['mean_cos']:.3f} / "
           f"{tw[s]['top1']:.3f} ({'not worse' if tr_[s]['mean_cos'] >= tw[s]['mean_cos'] else 'WORSE'})"
@@ -298,15 +352,21 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
     md = [f"# Elastic all-MiniLM-L6-v2 ({len(subs)} sub-models)", "",
           f"Command: `nice -n 10 python benchmarks/elastic_encoder.py --steps {args.steps} --batch {args.batch} "
           f"--train {args.train} --test {args.test} --lr {args.lr} --k {args.k} --full-weight {args.full_weight} "
-          f"--sort {args.sort} "
+          f"--sort {args.sort} --data {args.data} --token-weight {args.token_weight} "
           f"--threads {args.threads}`"
           + (f" --only {args.only}" if args.only else "") + ". CPU only, a shared 2-core machine "
           f"(wall times include waiting for other jobs; load average at the end "
           f"{os.getloadavg()[0]:.1f}). Total {total:.0f} s wall.", "",
-          f"Data: {n_tr} training / {n_te} held-out sentences from `pydoc_data.topics` (disjoint), at most "
-          f"{args.max_length} tokens. Targets: the ORIGINAL full model's normalised mean-pooled embeddings, "
-          f"computed once before any change ({t_targets:.0f} s) and fixed; the reference of every metric is the "
-          "original model's embedding of the held-out sentences.", "",
+          (f"Data: {n_tr} training / {n_te} held-out sentences from `pydoc_data.topics` (disjoint), at most "
+           f"{args.max_length} tokens. Targets: the ORIGINAL full model's normalised mean-pooled embeddings, "
+           f"computed once before any change ({t_targets:.0f} s) and fixed; the reference of every metric is the "
+           "original model's embedding of the held-out sentences." if args.data == "sentences" else
+           f"Data: {n_te} held-out sentences from `pydoc_data.topics`; training inputs are {len(tr)} batches of "
+           f"fresh random token windows (8 to {args.max_length - 2} tokens, one length per batch) of the running "
+           f"text of the other {n_tr} sentences, each batch seen once. Targets: a frozen copy of the ORIGINAL "
+           "model, run on each batch: its mean-pooled embedding and, with weight "
+           f"{args.token_weight}, its last-layer state of every token (loss 1 - cosine, token-averaged); the "
+           "reference of every metric is the original model's embedding of the held-out sentences."), "",
           f"Recipe: `sort_units(nest, {args.sort!r})` ({t_sort:.0f} s), then {args.steps} AdamW steps (lr "
           f"{args.lr}, 10% linear warm-up, batch {args.batch}, {tokens} non-pad tokens seen), embeddings frozen, "
           f"loss 1 - cosine to the frozen targets. Nest: each step the full width and {args.k - 1} drawn "
@@ -320,11 +380,17 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
           f"many full-width passes as the nest's passes ({times.get('matryoshka', 0):.0f} s); its width rows are "
           "its importance-sorted slices (never trained for width).", "",
           "Columns: mean cosine to the original full model's embedding; min cosine; top-1 / top-5 "
-          "nearest-neighbour agreement with the original full model on the held-out sentences.", "",
+          "nearest-neighbour agreement with the original full model on the held-out sentences. `vs own full`: "
+          "the trained sub-model against the trained nest's own full model (the model it is served next to; "
+          "the full model's row there is 1 by definition, its fidelity to the original is its `trained` row).",
+          "",
           table(headers, rows), "",
           f"Target (every sub-model with >= 50% of the non-embedding parameters: mean cosine >= 0.95 and top-1 "
           f">= 0.9): met by {len(ok)} of {len(big)}: {', '.join(map(str, ok)) or 'none'}. Not met (mean cosine "
           f"/ top-1): {', '.join(miss) or 'none'}.", "",
+          "The same target against the trained nest's own full model (`vs own full`): met by "
+          f"{len(ok_own)} of {len(big)}: {', '.join(map(str, ok_own)) or 'none'}. Not met: "
+          f"{', '.join(miss_own) or 'none'}.", "",
           "Nest vs twin (mean cosine / top-1): " + ("; ".join(vs) or "not run") + ".", ""] + why(args, res, subs, tw)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, args.out + ".md"), "w") as f:

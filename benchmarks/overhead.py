@@ -85,7 +85,7 @@ def _stack_setups(quick: bool):
     yield Setup("transformer_stack", m, nest, subs,
                 {str(s): BlockStack(heads=s["heads"], ffn=s["ffn"]) for s in subs}, True,
                 lambda mod: _loss(mod(x2)).backward(), lambda mod: mod(x2),
-                compile=() if quick else ("infer",), sorted_step=True, opt_model=BlockStack)
+                compile=() if quick else ("infer", "train"), sorted_step=True, opt_model=BlockStack)
 
 
 def _cnn_vit_setups(quick: bool):
