@@ -125,7 +125,9 @@ def render(res: dict[str, Any], out_dir: str) -> None:
         "draws ffn × heads at full depth and `soft_loss` reads the depth exits in the same pass; `+ distill`: "
         f"`sn.Distill(alpha={cfg['distill_alpha']})`, the largest drawn sub-model's logits teach the others; "
         "`loss weights ∝ params`: `sn.Sampler(nest, ..., loss_weights=\"cost\")`, each drawn sub-model's loss "
-        "weighted by its parameter count instead of the plain mean); "
+        "weighted by its parameter count instead of the plain mean; `loss weights small`: `loss_weights=\"small\"`, "
+        "weights ∝ rank from the large end; `small first`: `sn.Sampler(..., small_first=steps // 3)`, small "
+        "sub-models drawn more over the first third of the run); "
         "(b) twins: each a `LlamaForCausalLM` of exactly that sub-model's shapes, trained alone; "
         "(c) the full model trained alone and then sliced (also the largest twin); "
         "(d) MatFormer: FFN granularities only, all three every step (heads and depth never trained smaller).\n\n"
@@ -165,11 +167,16 @@ def diagnosis(res: dict[str, Any]) -> str:
     mean = {h: sum(v) / len(v) for h, v in by.items()}
     worse = [t for t in loss if any(params[u] < params[t] and loss[u] < loss[t] for u in loss)]
     few = sum(f"heads={heads[0]}," in t for t in worse)
-    out = (f"Why the targets are missed here: (1) the budget ({meta['cfg']['steps']} steps) is short enough that "
-           f"the twins themselves are not ordered by size: in {len(inverted)} of {len(ts) * (len(ts) - 1) // 2} "
-           "pairs of twins the larger one has the higher held-out loss (small models converge in fewer steps), so "
-           "a twin-matched ratio partly measures convergence speed; each nested sub-model also gets only a share "
-           "of the steps. (2) For the best sortednet method (" + best + "), the sub-models with "
+    pairs = len(ts) * (len(ts) - 1) // 2
+    budget = (f"(1) the budget ({meta['cfg']['steps']} steps) is short enough that the twins themselves are not "
+              f"ordered by size: in {len(inverted)} of {pairs} pairs of twins the larger one has the higher held-out "
+              "loss (small models converge in fewer steps), so a twin-matched ratio partly measures convergence "
+              "speed; each nested sub-model also gets only a share of the steps." if inverted else
+              f"(1) at {meta['cfg']['steps']} steps the twins are ordered by size (all {pairs} pairs), so the "
+              "ratios compare converged-enough models; each nested sub-model still gets only a share of the "
+              "steps and shares its weights with every larger one.")
+    out = ("Why targets are missed where they are: " + budget + " (2) For the best sortednet method (" + best
+           + "), the sub-models with "
            + " vs ".join(f"{h} query heads average {mean[h]:.3f}" for h in heads)
            + f" nats/char, and {few} of the {len(worse)} sub-models worse than a smaller one have {heads[0]} heads. "
            "A budget lookup should therefore pick "
@@ -197,16 +204,19 @@ def summary(res: dict[str, Any]) -> str:
            f"({params[small]:,} to {params[large]:,} parameters), {len(twins)} twins, k = {k}.\n\n"
            + table(["method", "FLOPs ÷ largest once", "smallest ÷ twin", "largest ÷ twin", "mean ÷ twin",
                     "worst ÷ twin", f"twins within {100 * TOL:.0f}%", "sub-models worse than a smaller one"], rows))
-    opts = [m for m in ratio if m.startswith(BASE) and m != BASE]
-    if BASE in ratio and opts:
-        rows = []
-        for m in opts:
-            d = {t: ratio[m][t] - ratio[BASE][t] for t in twins}
-            rows.append([m[len(BASE):].strip(" ,+") or m, f"{100 * d[small]:+.1f}", f"{100 * d[large]:+.1f}",
-                         f"{100 * sum(d.values()) / len(d):+.1f}"])
-        out += ("\n\nEffect of each training option: change of the loss ratio against plain sandwich sampling, "
-                "in percentage points (negative: closer to / better than the twin).\n\n"
-                + table(["option", "smallest", "largest", "mean over twins"], rows))
+    rows = []
+    for m in ratio:  # each option against the longest other method its name extends (sandwich, or + SoFT)
+        bases = [b for b in ratio if b != m and m.startswith(b)]
+        if not bases or not m.startswith(BASE):
+            continue
+        base = max(bases, key=len)
+        d = {t: ratio[m][t] - ratio[base][t] for t in twins}
+        rows.append([m[len(base):].strip(" ,+") or m, base.split(") ", 1)[-1], f"{100 * d[small]:+.1f}",
+                     f"{100 * d[large]:+.1f}", f"{100 * sum(d.values()) / len(d):+.1f}"])
+    if rows:
+        out += ("\n\nEffect of each training option: change of the loss ratio against the same recipe without "
+                "it, in percentage points (negative: closer to / better than the twin).\n\n"
+                + table(["option", "against", "smallest", "largest", "mean over twins"], rows))
     return out
 
 
