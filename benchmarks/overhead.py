@@ -317,7 +317,17 @@ def profile_gap(live: Callable[[], None], alone: Callable[[], None], rounds: int
     rows = [[k, med("live", k), med("standalone", k), med("live", k) - med("standalone", k)] for k in keys]
     extra = sorted((r for r in rows if r[0].startswith("(")), key=lambda r: r[0], reverse=True)
     rows = sorted((r for r in rows if not r[0].startswith("(")), key=lambda r: -abs(r[3]))[:top]
-    return table(["op (self time)", "live ms", "standalone ms", "difference ms"], rows + extra)
+    tab = table(["op (self time)", "live ms", "standalone ms", "difference ms"], rows + extra)
+    gap = {r[0]: r[3] for r in extra}
+    total, outside = gap.get("(total, without profiling)"), gap.get("(outside ops: Python, autograd engine, dispatch)")
+    if torch_profiler or not total or total <= 0 or outside is None:
+        return tab
+    ops = [r for r in rows if r[3] > 0][:3]
+    cause = (f"Cause, from this table: of the {total:.3f} ms the live call takes more, {outside:.3f} ms "
+             f"({100 * outside / total:.0f}%) is outside aten ops (Python attribute reads, the slicing autograd "
+             "function, the autograd engine); the largest op differences: "
+             + ", ".join(f"`{r[0]}` {r[3]:+.3f} ms" for r in ops) + ".")
+    return tab + "\n\n" + cause
 
 
 def _fmt(v: float | None) -> str:
