@@ -191,7 +191,7 @@ def main() -> None:
                          "model gives the targets on the fly)")
     ap.add_argument("--token-weight", type=float, default=0.0,
                     help="weight of the token-level term (1 - cos of every token state to the original "
-                         "model's last layer; needs --data windows)")
+                         "model's last layer)")
     ap.add_argument("--out", default="elastic_encoder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,9 +207,13 @@ def main() -> None:
     t0 = time.time()
     with torch.no_grad():  # frozen targets of the ORIGINAL model, before anything is changed
         ref = evaluate(model, te)
-        targets = [embed(model, enc) for enc in tr] if args.data == "sentences" else None
-    if args.token_weight and args.data != "windows":
-        raise SystemExit("--token-weight needs --data windows")
+        if args.data == "windows":
+            targets = None
+        elif args.token_weight:  # pooled embedding and every token's last-layer state, once
+            targets = [(pool(h, enc["attention_mask"]), h) for enc in tr
+                       for h in [model(**enc).last_hidden_state]]
+        else:
+            targets = [embed(model, enc) for enc in tr]
     if args.data == "windows":
         tr = windows(tok, train_s, args.steps * args.batch, args.batch, args.max_length, seed=0)
         teacher = load(AutoModel).requires_grad_(False)  # the original model, never trained
@@ -359,8 +363,11 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
           f"{os.getloadavg()[0]:.1f}). Total {total:.0f} s wall.", "",
           (f"Data: {n_tr} training / {n_te} held-out sentences from `pydoc_data.topics` (disjoint), at most "
            f"{args.max_length} tokens. Targets: the ORIGINAL full model's normalised mean-pooled embeddings, "
-           f"computed once before any change ({t_targets:.0f} s) and fixed; the reference of every metric is the "
-           "original model's embedding of the held-out sentences." if args.data == "sentences" else
+           f"computed once before any change ({t_targets:.0f} s) and fixed"
+           + (f", and its last-layer state of every token (a token-averaged 1 - cosine term, weight "
+              f"{args.token_weight})" if args.token_weight else "")
+           + "; the reference of every metric is the original model's embedding of the held-out sentences."
+           if args.data == "sentences" else
            f"Data: {n_te} held-out sentences from `pydoc_data.topics`; training inputs are {len(tr)} batches of "
            f"fresh random token windows (8 to {args.max_length - 2} tokens, one length per batch) of the running "
            f"text of the other {n_tr} sentences, each batch seen once. Targets: a frozen copy of the ORIGINAL "

@@ -195,12 +195,15 @@ def _grads(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mlp", "sequential", "lm_width_heads_depth", "tied_lm", "torch_encoder"])
+@pytest.mark.parametrize("family", ["mlp", "sequential", "lm_width_heads_depth", "tied_lm", "torch_encoder",
+                                    "cnn_bn_residual"])
 def test_nest_compile_training_gradients_equal_eager(family):
     """nest.compile(): sliced parameters enter the graph as inputs; the gradients (full-size .grad,
-    zero outside the slice), the loss and the graph count are those of eager training."""
+    zero outside the slice), the loss, the buffers a training forward updates (BatchNorm running
+    statistics, sliced) and the graph count are those of eager training."""
     case = FAMILIES[family]()
     nest = sn.wrap(case.model, *case.dims)
+    nest.model.train()
     counter = CompileCounterWithBackend("aot_eager")
     step = nest.compile(backend=counter)
     assert step.names, "no sliced parameter handed over"
@@ -210,11 +213,17 @@ def test_nest_compile_training_gradients_equal_eager(family):
             got = []
             for fn in (nest.model, step):
                 nest.model.zero_grad(set_to_none=True)
+                before = {n: b.clone() for n, b in nest.model.named_buffers()}
                 with nest.use(sub):
                     loss = fn(case.example).float().pow(2).mean()
                 loss.backward()                   # outside use(): the gradient path needs no context
-                got.append((loss.detach(), _grads(nest.model)))
-            (l_eager, g_eager), (l_comp, g_comp) = got
+                got.append((loss.detach(), _grads(nest.model), {n: b.clone() for n, b in nest.model.named_buffers()}))
+                with torch.no_grad():             # both runs start from the same statistics
+                    for n, b in nest.model.named_buffers():
+                        b.copy_(before[n])
+            (l_eager, g_eager, b_eager), (l_comp, g_comp, b_comp) = got
+            for n in b_eager:
+                torch.testing.assert_close(b_comp[n], b_eager[n], rtol=1e-5, atol=1e-6, msg=f"{sub} buffer {n}")
             torch.testing.assert_close(l_comp, l_eager, rtol=1e-5, atol=1e-6)
             assert g_comp.keys() == g_eager.keys(), sub
             for n in g_eager:
