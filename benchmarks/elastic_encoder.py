@@ -297,7 +297,7 @@ def main() -> None:
     write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_err, len(train_s), len(test_s), tr)
 
 
-def why(args, res, subs, tw) -> list[str]:
+def why(args, res, subs, tw, times) -> list[str]:
     """The reasons behind the numbers, from the numbers."""
     tr_, full = res.get("trained"), subs[-1]
     if not tr_ or not tw:
@@ -308,8 +308,9 @@ def why(args, res, subs, tw) -> list[str]:
     lo, hi = (f(res["sorted"][s]["mean_cos"] for s in subs[:-1]) for f in (min, max))
     n_w = len({(s["ffn"], s["heads"]) for s in subs}) - 1
     fc, f1 = tr_[full]["mean_cos"], tr_[full]["top1"]
-    out = [f"Why: (1) the budget. {args.steps} steps of batch {args.batch} is what fits a ~15 min run on this "
-           f"shared CPU; the untrained (sorted) slices start at mean cosine {lo:.2f}-{hi:.2f}, and even a "
+    out = [f"Why: (1) the budget. {args.steps} steps of batch {args.batch} (the nest trained in "
+           f"{times.get('nest', 0):.0f} s on this shared CPU); the untrained (sorted) slices start at mean "
+           f"cosine {lo:.2f}-{hi:.2f}, and even a "
            f"twin that spends every update on itself reaches only {tw[best]['mean_cos']:.3f} ({best}). "
            "(2) Top-1 agreement needs a cosine above ~0.99 on these close-together sentences: the full "
            f"model, kept at mean cosine {fc:.3f} by its x{args.full_weight} term, agrees on only {f1:.3f} "
@@ -354,7 +355,7 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
           for s in twins if s in tw and s in tr_]
     tokens = sum(int(tr[i % len(tr)]["attention_mask"].sum()) for i in range(args.steps))
     md = [f"# Elastic all-MiniLM-L6-v2 ({len(subs)} sub-models)", "",
-          f"Command: `nice -n 10 python benchmarks/elastic_encoder.py --steps {args.steps} --batch {args.batch} "
+          f"Command: `python benchmarks/elastic_encoder.py --steps {args.steps} --batch {args.batch} "
           f"--train {args.train} --test {args.test} --lr {args.lr} --k {args.k} --full-weight {args.full_weight} "
           f"--sort {args.sort} --data {args.data} --token-weight {args.token_weight} "
           f"--threads {args.threads}`"
@@ -398,7 +399,8 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
           "The same target against the trained nest's own full model (`vs own full`): met by "
           f"{len(ok_own)} of {len(big)}: {', '.join(map(str, ok_own)) or 'none'}. Not met: "
           f"{', '.join(miss_own) or 'none'}.", "",
-          "Nest vs twin (mean cosine / top-1): " + ("; ".join(vs) or "not run") + ".", ""] + why(args, res, subs, tw)
+          "Nest vs twin (mean cosine / top-1): " + ("; ".join(vs) or "not run") + ".",
+          ""] + why(args, res, subs, tw, times)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, args.out + ".md"), "w") as f:
         f.write("\n".join(md))

@@ -168,10 +168,13 @@ def diagnosis(res: dict[str, Any]) -> str:
     worse = [t for t in loss if any(params[u] < params[t] and loss[u] < loss[t] for u in loss)]
     few = sum(f"heads={heads[0]}," in t for t in worse)
     pairs = len(ts) * (len(ts) - 1) // 2
-    budget = (f"(1) the budget ({meta['cfg']['steps']} steps) is short enough that the twins themselves are not "
-              f"ordered by size: in {len(inverted)} of {pairs} pairs of twins the larger one has the higher held-out "
-              "loss (small models converge in fewer steps), so a twin-matched ratio partly measures convergence "
-              "speed; each nested sub-model also gets only a share of the steps." if inverted else
+    listed = "; ".join(f"`{a}` ({params[a]:,}) {twins[a]:.3f} vs `{b}` ({params[b]:,}) {twins[b]:.3f}"
+                       for a, b in inverted)
+    budget = (f"(1) the twins themselves, trained alone for {meta['cfg']['steps']} steps, are not ordered by size: "
+              f"in {len(inverted)} of {pairs} pairs the larger one has the higher held-out loss ({listed}), so "
+              "parameter count alone does not rank these shapes, "
+              "and a monotone front over parameters is out of reach for any method that matches its twins; each "
+              "nested sub-model also gets only a share of the steps." if inverted else
               f"(1) at {meta['cfg']['steps']} steps the twins are ordered by size (all {pairs} pairs), so the "
               "ratios compare converged-enough models; each nested sub-model still gets only a share of the "
               "steps and shares its weights with every larger one.")
