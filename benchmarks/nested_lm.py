@@ -59,6 +59,8 @@ METHODS: dict[str, dict[str, Any]] = {
                                                           "small_first": 1 / 3},
     "(a) sorted sandwich k=4 + SoFT depth, loss weights small": {"strategy": "sandwich", "k": K, "soft": True,
                                                                  "loss_weights": "small"},
+    "(a) sorted sandwich k=4, small first, loss weights small": {"strategy": "sandwich", "k": K,
+                                                                 "small_first": 1 / 3, "loss_weights": "small"},
     "(a) sorted sandwich k=4": {"strategy": "sandwich", "k": K},
     "(a) sorted sandwich k=4 + distill": {"strategy": "sandwich", "k": K, "distill": True},
     "(a) sorted uniform k=4": {"strategy": "uniform", "k": K},
