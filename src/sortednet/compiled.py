@@ -5,9 +5,9 @@ parameters as graph inputs.
 sub-model), but the slicing then happens inside the graph: AOTAutograd
 differentiates ``weight[:n]`` by building a gradient of the FULL parameter
 (zeros plus the slice) that autograd then adds into ``.grad``: two full-size
-memory passes per sliced weight per step. A sub-model of 1/8 the width moved
-8x the gradient bytes of a standalone model of its size (measured 1.3-1.65x the
-compiled standalone step, benchmarks/results/overhead.md).
+memory passes per sliced weight per step: a sub-model of 1/8 the width moves
+8x the gradient bytes of a standalone model of its size (the ``c-train plain``
+column of benchmarks/results/overhead.md).
 
 Here the sliced weights are read eagerly, as in an eager forward (views whose
 gradient :class:`~sortednet.views.SliceInto` adds straight into the slice of

@@ -204,10 +204,8 @@ class Sampler:
         """Probabilities of positions ``first .. n - 1 - first`` at ``step`` of the small-first warm-up."""
         pos = np.arange(first, n - first, dtype=float)
         w = (n - pos) ** (1.0 - step / self.small_first)
-        if base is not None:
+        if base is not None:  # zeros stay zero: __init__ checked that enough entries are positive
             w = w * base
-        if np.count_nonzero(w) < self.k - 2 * first:  # cannot happen: base has enough positive entries
-            raise SortedNetError("small_first: too few sub-models with a positive probability")
         return w / w.sum()
 
     def loss_weights_for(self, subs: Sequence[SubModel]) -> list[float] | None:

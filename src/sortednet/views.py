@@ -115,9 +115,8 @@ class SliceInto(torch.autograd.Function):
         v = cut(param.detach(), cuts)
         if v.dim() == 2 and v.stride(0) >= ROW_COPY_MIN and not v.is_contiguous():
             # an input-sliced weight: matmul backward would hand a column-major gradient whose add
-            # into the slice transposes (3-4x the weight-grad matmul at 4096 wide, ~6x a dense add
-            # at 256 x 128); a row-major copy of the slice makes that add dense, for less than the
-            # transposed add costs (benchmarks/results/layout.md, benchmarks/results/overhead.md)
+            # into the slice transposes; a row-major copy of the slice makes that add dense, for less
+            # than the transposed add costs (benchmarks/results/layout.md, docs/mechanism.md)
             v = v.contiguous()
         return v
 
