@@ -220,7 +220,7 @@ class View:
             t = m._buffers.get(self.name)
             if t is None:
                 return None
-        tp = t.__class__
+        tp = type(t)
         if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
             return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
         if self.segs is None:
