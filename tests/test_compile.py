@@ -299,3 +299,15 @@ def test_nest_compile_backward_never_builds_a_full_size_weight_gradient():
         seen[name] = rec.shapes & full
     assert seen["nest.compile"] == set(), seen
     assert seen["torch.compile"], "control: in-graph slicing should build a full-size gradient"
+
+
+def test_nest_compile_refuses_unknown_keywords():
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    with pytest.raises(sn.SortedNetError, match="bogus"):
+        nest.compile(bogus=1)
+    with pytest.raises(sn.SortedNetError, match="model"):
+        nest.compile(model=case.model)
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError):
+        nest.compile()

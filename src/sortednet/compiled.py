@@ -24,12 +24,14 @@ as with ``torch.compile(model)``.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import SortedNetError
 from .views import View
 
 if TYPE_CHECKING:
@@ -64,6 +66,12 @@ class Compiled:
     """
 
     def __init__(self, nest: Nest, **compile_kwargs: Any) -> None:
+        nest._check_alive()
+        unknown = sorted(set(compile_kwargs) - set(inspect.signature(torch.compile).parameters) - {"model"})
+        if unknown or "model" in compile_kwargs:
+            raise SortedNetError(f"nest.compile() passes keywords to torch.compile, which takes "
+                                 f"{[k for k in inspect.signature(torch.compile).parameters if k != 'model']}; "
+                                 f"got {unknown or ['model']}")
         compile_kwargs.setdefault("dynamic", False)
         self.nest = nest
         self._targets = handed_over(nest)
