@@ -222,3 +222,46 @@ def test_gpt2_tied_lm_head_export():
             for p in small.parameters():
                 p.zero_()
     assert_unchanged(model, before)
+
+
+class _MHANet(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, kpm=None, mask=None, need_weights=False):
+        y, w = self.att(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=need_weights)
+        return self.out(y), w
+
+
+@given(batch_first=st.booleans(), batched=st.booleans(), kpm=st.booleans(), mask=st.booleans(),
+       need_weights=st.booleans(), seed=st.integers(0, 2**16))
+def test_sliced_mha_equals_stock_mha_in_every_call_form(batch_first, batched, kpm, mask, need_weights, seed):
+    """Batched and unbatched inputs, batch_first or not, padding and attention masks, with or without
+    weights: the live sub-model equals its export, a stock ``nn.MultiheadAttention`` (PyTorch's own
+    forward), and an unbatched input equals the same sequence as a batch of one."""
+    torch.manual_seed(seed)
+    m = _MHANet(batch_first).eval()
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn="att"), sn.Width("d", [8, 16], inp=["att", "out"], out="att.out_proj"))
+    sub = nest.resolve("h=2,d=8")
+    L = 5
+    x = torch.randn(L, 8) if not batched else torch.randn(*((2, L) if batch_first else (L, 2)), 8)
+    b = 2 if batched else None
+    pad = None
+    if kpm:
+        pad = torch.zeros(*((b, L) if batched else (L,)), dtype=torch.bool)
+        pad[..., -1] = True
+    am = torch.ones(L, L, dtype=torch.bool).triu(1) if mask else None
+    small = nest.export(sub).eval()
+    assert type(small.att) is nn.MultiheadAttention
+    with torch.no_grad(), nest.use(sub):
+        live, lw = m(x, pad, am, need_weights)
+        want, ww = small(x, pad, am, need_weights)
+        torch.testing.assert_close(live, want, atol=1e-5, rtol=0)
+        assert (lw is None) == (ww is None)
+        if lw is not None:
+            torch.testing.assert_close(lw, ww, atol=1e-5, rtol=0)
+        if not batched:
+            one, _ = m(x.unsqueeze(0 if batch_first else 1), None if pad is None else pad[None], am, need_weights)
+            torch.testing.assert_close(live, one.squeeze(0 if batch_first else 1), atol=1e-5, rtol=0)

@@ -28,11 +28,12 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
     """Multi-head attention with ``heads`` heads of ``mha.head_dim``, reading
     ``mha.in_proj_weight`` / ``in_proj_bias`` / ``out_proj`` as they are now."""
     batched = query.dim() == 3
+    batch_first = mha.batch_first and batched  # an unbatched (L, E) input is one sequence either way
     if not batched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
-    if mha.batch_first:
+    if batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     L, B, _ = query.shape
     S = key.shape[0]
@@ -69,7 +70,7 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
     out = out.permute(2, 0, 1, 3).reshape(L, B, n)
     out = mha.out_proj(out)
-    if mha.batch_first:
+    if batch_first:
         out = out.transpose(0, 1)
     if not batched:
         out = out.squeeze(1)
