@@ -265,3 +265,32 @@ def test_sliced_mha_equals_stock_mha_in_every_call_form(batch_first, batched, kp
         if not batched:
             one, _ = m(x.unsqueeze(0 if batch_first else 1), None if pad is None else pad[None], am, need_weights)
             torch.testing.assert_close(live, one.squeeze(0 if batch_first else 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@given(heads=st.sampled_from([1, 2, 4]), batch_first=st.booleans(), seed=st.integers(0, 2**16))
+def test_transformer_encoder_with_padding_under_no_grad(heads, batch_first, seed):
+    """``nn.TransformerEncoder`` turns a padded batch into nested tensors under ``no_grad`` (eval, with
+    ``src_key_padding_mask``): every sub-model gives at the valid positions what it gives with
+    gradients on, the export gives the same, and the full model equals the model before wrapping."""
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first)
+    enc = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] + [True] * 4])
+    valid = ~pad if batch_first else ~pad.T
+    with torch.no_grad():
+        before = enc(x, src_key_padding_mask=pad)
+    nest = sn.wrap(enc, sn.Heads("h", [1, 2, 4], attn="layers.*.self_attn"))
+    sub = nest.resolve({"h": heads})
+    with nest.use(sub):
+        with_grad = enc(x, src_key_padding_mask=pad).detach()
+        with torch.no_grad():
+            live = enc(x, src_key_padding_mask=pad)
+    small = nest.export(sub).eval()
+    with torch.no_grad():
+        exported = small(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(live[valid], with_grad[valid], atol=1e-5, rtol=0)
+    torch.testing.assert_close(exported, live, atol=1e-5, rtol=0)
+    if sub == nest.largest:
+        torch.testing.assert_close(live, before, atol=1e-6, rtol=0)

@@ -73,6 +73,12 @@ def _falcon_qkv(cfg: Any) -> str:
         else "interleaved"
 
 
+def _gpt2_qkv(cfg: Any) -> str:
+    # GPTBigCode (detected as gpt2) packs q/k/v per head, ``view(B, T, heads, 3 * head_dim)``, unless multi-query
+    return "interleaved" if getattr(cfg, "model_type", "") == "gpt_bigcode" and not getattr(cfg, "multi_query", True) \
+        else "stacked"
+
+
 _LLAMA_ATTN = dict(attn=("self_attn",), qkv=("q_proj", "k_proj", "v_proj"), o="o_proj", kv_key="num_key_value_heads",
                    head_dim_key="head_dim", norm="norm", causal=True)
 _BUILTIN: tuple[Layout, ...] = (
@@ -88,7 +94,7 @@ _BUILTIN: tuple[Layout, ...] = (
            ("config.num_attention_heads", "num_key_value_heads"),  # its forward reads the config's head count
            ffn_chunks=2, kv_key="num_key_value_heads", head_dim_key="head_dim", norm="norm", causal=True),
     Layout("gpt2", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), ("mlp.c_fc",), ("mlp.c_proj",),
-           ("attn",), "c_attn", "c_proj", "stacked", ("num_heads", "split_size"), ffn_key="n_inner",
+           ("attn",), "c_attn", "c_proj", _gpt2_qkv, ("num_heads", "split_size"), ffn_key="n_inner",
            norm="ln_f", causal=True),
     Layout("gpt_neox", ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
            ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",), ("attention",), "query_key_value", "dense",
@@ -201,7 +207,15 @@ def detect(model: nn.Module) -> Found:
             continue
         if len(hits) > lay.extra.get("stacks", 1):
             raise SortedNetError(f"{type(model).__name__} holds {len(hits)} {lay.family} layer lists {list(hits)}; "
-                                 "nest one tower at a time, e.g. sn.from_transformers(model.vision_model, ...)")
+                                 "nest one tower at a time: pass the sub-module that holds one of them (e.g. "
+                                 "sn.from_transformers(model.vision_model, ...))")
+        tails = {p.rpartition(".")[2] for p in hits}
+        missed = [p for p, _ in lists if p not in hits and p.rpartition(".")[2] in tails]
+        if missed:
+            raise SortedNetError(f"{type(model).__name__}: the layer list(s) {missed} do not match the {lay.family} "
+                                 f"layout that {list(hits)} match (their blocks differ, e.g. another attention); "
+                                 "from_transformers would nest only part of the model: not supported. Declare the "
+                                 "dimensions by hand with sn.wrap, or describe the layout with register_layout")
         return Found(lay, hits)
     raise SortedNetError(
         f"from_transformers does not know the layout of {type(model).__name__}; known families: {SUPPORTED}. "

@@ -85,7 +85,7 @@ def _rel(model: nn.Module, found: Found, rels: Sequence[str]) -> list[str]:
 
 def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = None, depth: Sizes = None,
                       rank: Sequence[int] | None = None, rank_mode: str = "lora",
-                      rank_targets: Sequence[str] | None = None) -> Nest:
+                      rank_targets: Sequence[str] | None = None, verify: bool = True) -> Nest:
     """Nest a Hugging Face transformers model along FFN width, attention heads and depth.
 
     Sizes are integers or fractions of the full size (the full size is always
@@ -97,6 +97,18 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     factors (``"svd"``); ``rank_targets`` picks them (paths relative to a block,
     e.g. ``["self_attn.q_proj", "self_attn.v_proj"]``; default: every attention
     and FFN projection), ``nn.Linear`` only.
+
+    ``verify`` (default on) checks the layout on the model itself before
+    returning, on a small generated input (token ids or random pixels): the
+    smallest sub-model and each of ``ffn`` / ``heads`` alone at its smallest
+    must run, and the latter two must equal the full model with the dropped
+    heads' / neurons' outputs masked (the definition of "the first n whole
+    heads / neurons"). An architecture that breaks that (attention that mixes
+    heads, per-head interleaved projections described as stacked, position
+    biases built for every head) is unwrapped and refused with a
+    :class:`SortedNetError` instead of giving wrong sub-models. It costs a few
+    forwards of a 2 x 8 input; ``verify=False`` skips it (models on the meta
+    device or sharded are never run).
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,7 +126,7 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     blk = found.block(model, 0, 0)
     dims = []
     if ffn is not None:
-        first = blk.get_submodule(glob_children(blk, lay.ffn_out[0])[0])
+        first = blk.get_submodule(_ffn_out_path(blk, lay, type(model).__name__))
         full = slicer_for(first).full(first, "out") // lay.ffn_chunks
         out = _rel(model, found, lay.ffn_out)
         dims.append(Width("ffn", _resolve("ffn", ffn, full), out=out, inp=_rel(model, found, lay.ffn_inp),
@@ -139,7 +151,120 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
         raise SortedNetError("from_transformers needs at least one of ffn=, heads=, depth=, rank=")
     nest = wrap(model, *dims)
     nest._hf = found
+    if verify:
+        try:
+            _self_check(nest)
+        except BaseException:
+            nest.unwrap()
+            raise
     return nest
+
+
+def _dummy_input(model: nn.Module) -> dict | None:
+    """A small deterministic input of ``model``'s main kind (token ids, pixels), or None."""
+    cfg = getattr(model, "config", None)
+    name = getattr(model, "main_input_name", "input_ids")
+    g = torch.Generator().manual_seed(0)
+    if name == "input_ids":
+        try:
+            vocab = model.get_input_embeddings().num_embeddings
+        except (AttributeError, NotImplementedError):
+            return None
+        n = min(8, getattr(cfg, "max_position_embeddings", 8) or 8)
+        ids = torch.randint(vocab, (2, n), generator=g)
+        out = {"input_ids": ids}
+        if getattr(cfg, "is_encoder_decoder", False):
+            out["decoder_input_ids"] = ids[:, : max(1, n // 2)]
+        return out
+    if name == "pixel_values":
+        size, ch = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", 3)
+        if isinstance(size, int):
+            size = (size, size)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and isinstance(ch, int)):
+            return None
+        return {"pixel_values": torch.randn(2, ch, *size, generator=g)}
+    return None
+
+
+def _first_float(out) -> torch.Tensor | None:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    from torch.utils._pytree import tree_leaves
+
+    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+
+
+def _self_check(nest: Nest) -> None:
+    """``from_transformers(verify=True)``: see its docstring."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..modes import eval_mode
+    from ..views import is_sharded
+
+    model = nest.model
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors or any(t.is_meta or is_sharded(t) for t in tensors):
+        return
+    example = _dummy_input(model)
+    if example is None:
+        return
+    dev, fdtype = tensors[0].device, next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    example = {k: (v.to(dev, fdtype) if v.is_floating_point() else v.to(dev)) for k, v in example.items()}
+    cls = type(model).__name__
+    full = {d.name: d.full for d in nest.dims}
+    tol = 1e-3 if fdtype in (torch.float32, torch.float64) else 5e-2
+
+    def run(view, sub, what):
+        with nest.use(sub):
+            try:
+                return _first_float(view(**example))
+            except Exception as e:
+                raise SortedNetError(f"from_transformers: {what} ({sub}) of {cls} fails on a small input: "
+                                     f"{type(e).__name__}: {e}. This family's layout is not supported for that "
+                                     "dimension; nest the others, or describe it with register_layout "
+                                     "(from_transformers(..., verify=False) skips this check)") from e
+
+    with eval_mode(nest) as (view, copies), torch.no_grad():
+        for d in nest.dims:
+            if d.kind not in ("width", "heads") or d.name not in ("ffn", "heads") or d.sizes[0] == d.full:
+                continue
+            n = d.sizes[0]
+            sub = nest.resolve({**full, d.name: n})
+            what = f"{d.name}={n} alone"
+            live = run(view, sub, what)
+            inps = [(m, m._sn.bind["inp"]) for m in nest._sliced.values()
+                    if "inp" in m._sn.bind and m._sn.bind["inp"].dim is d]
+            if not inps or any(not isinstance(m, (nn.Linear, Conv1D)) for m, _ in inps):
+                continue  # no plain projection to mask the dropped units at: the run above is the check
+            hooks = []
+            for m, b in inps:
+                keep = b.total(n)
+
+                def mask(mod, args, keep=keep):
+                    x = args[0].clone()
+                    x[..., keep:] = 0
+                    return (x, *args[1:])
+
+                hooks.append(copies.get(id(m), m).register_forward_pre_hook(mask))
+            try:
+                ref = run(view, nest.largest, f"the full model with {d.name} masked to {n}")
+            finally:
+                for h in hooks:
+                    h.remove()
+            if live is None or ref is None or live.shape != ref.shape:
+                continue
+            err = ((live.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1)).item()
+            if not err <= tol:
+                raise SortedNetError(
+                    f"from_transformers: {d.name}={n} of {cls} is not the first {n} whole "
+                    f"{'heads' if d.name == 'heads' else 'FFN neurons'} of the full model (relative difference "
+                    f"{err:.3g} from the full model with the others masked): this architecture "
+                    + ("mixes heads (norms over all heads, position biases built for every head) or packs its "
+                       "projections in another order than the layout says" if d.name == "heads" else
+                       "does not use its FFN neurons independently")
+                    + f"; nest it without {d.name}=, or describe it with register_layout "
+                    "(from_transformers(..., verify=False) skips this check)")
+        run(view, nest.smallest, "the smallest sub-model")
 
 
 def _rank_dim(model: nn.Module, found: Found, rank: Sequence[int], mode: str,
@@ -163,10 +288,25 @@ def _rank_dim(model: nn.Module, found: Found, rank: Sequence[int], mode: str,
     return Rank("rank", list(rank), targets=_rel(model, found, sorted(set(targets))), mode=mode)
 
 
+def _ffn_out_path(block: nn.Module, lay: Layout, cls: str) -> str:
+    """The first FFN output projection of ``block`` (a layout may list alternatives, e.g. T5's wi / wi_0)."""
+    for pat in lay.ffn_out:
+        hits = glob_children(block, pat)
+        if hits:
+            return hits[0]
+    raise SortedNetError(f"from_transformers: a {lay.family} block of {cls} has none of the FFN projections "
+                         f"{list(lay.ffn_out)} ({type(block).__name__}); its FFN is not supported: nest heads= / "
+                         "depth= only, or describe it with register_layout")
+
+
 def _head_counts(cfg, lay: Layout) -> tuple[int, int]:
     """(query heads, query heads per key/value head) from the config."""
     n = getattr(cfg, lay.heads_key)
     kv = (getattr(cfg, lay.kv_key, None) if lay.kv_key else None) or n
+    if not (isinstance(n, int) and isinstance(kv, int)):
+        raise SortedNetError(f"from_transformers(heads=...): {type(cfg).__name__}.{lay.heads_key} is {n!r}, not one "
+                             "head count (stages with different head counts are not supported): nest ffn= / depth= "
+                             "only")
     if lay.family == "falcon" and getattr(cfg, "multi_query", False) and not cfg.new_decoder_architecture:
         kv = 1
     return n, n // kv
@@ -256,15 +396,16 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     lay = found.layout
     b0 = found.block(small, 0, 0) if len(small.get_submodule(found.stacks[0])) else None
     if b0 is not None and lay.ffn_out:
-        m = b0.get_submodule(glob_children(b0, lay.ffn_out[0])[0])
+        m = b0.get_submodule(_ffn_out_path(b0, lay, type(nest.model).__name__))
         setattr(cfg, lay.ffn_key, slicer_for(m).full(m, "out") // lay.ffn_chunks)
     for P, key in zip(found.stacks, lay.depth_keys):
         L0, L = getattr(cfg, key), len(small.get_submodule(P))
         setattr(cfg, key, L)
-        for k in ("layer_types", "mlp_layer_types"):
+        for k in ("layer_types", "mlp_layer_types", "attention_window"):
             v = getattr(cfg, k, None)
-            if isinstance(v, list) and len(v) == L0:
-                setattr(cfg, k, v[:L])
+            if isinstance(v, (list, tuple)) and len(v) == L0:
+                setattr(cfg, k, type(v)(v[:L]))
+        _fit_backbone_stages(cfg, L0, L, sub)
     heads = [d for d in nest.dims if isinstance(d, Heads)]
     n_heads, group = _head_counts(nest.model.config, lay)
     if not heads or all(sub[d.name] == d.full for d in heads):
@@ -280,6 +421,23 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     setattr(cfg, lay.heads_key, n)
     if lay.kv_key and getattr(cfg, lay.kv_key, None):
         setattr(cfg, lay.kv_key, n // group)
+
+
+def _fit_backbone_stages(cfg, L0: int, L: int, sub: SubModel) -> None:
+    """A backbone config names one stage per layer (``stage_names``, ``out_features`` / ``out_indices``): keep
+    the first ``L``; the default output (the last stage) stays the last one."""
+    names = getattr(cfg, "stage_names", None)
+    if L == L0 or not (isinstance(names, list) and len(names) == L0 + 1
+                       and hasattr(cfg, "set_output_features_output_indices")):
+        return
+    old = [i % len(names) for i in (getattr(cfg, "out_indices", None) or [L0])]
+    new = [L] if old == [L0] else old
+    if any(i > L for i in new):
+        raise SortedNetError(f"sub-model {sub}: the config's backbone outputs {getattr(cfg, 'out_features', None)} "
+                             f"name stages beyond the {L} layers kept; export it with nest.export(sub, plain=True) "
+                             "or choose out_indices within the kept layers")
+    cfg.stage_names = names[:L + 1]
+    cfg.set_output_features_output_indices(out_features=None, out_indices=new)
 
 
 def _set_config(model: nn.Module, cfg) -> None:

@@ -147,6 +147,24 @@ class Slicer:
 
     # -- shared helpers ------------------------------------------------
     def validate(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
+        from torch.nn.utils import parametrize
+
+        if parametrize.is_parametrized(m):
+            raise PatternError(f"{path!r} ({type(m).__name__}) has parametrized tensors "
+                               f"({sorted(m.parametrizations)}: weight_norm, spectral_norm, ...) whose value is "
+                               "computed in every forward from other tensors: slicing it is not supported; "
+                               "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
+                               "or leave the module out of the dimension")
+        try:
+            added = self.planned_state(m, bind)  # tensors prepare() creates (rank factors, adapters)
+        except KeyError:  # a slicer validating part of its binding (Rank): it checks its own tensors
+            added = dict.fromkeys(self.rules(m))
+        for name, axes in self.rules(m).items():
+            if (isinstance(axes, tuple) and isinstance(m.__dict__.get(name), Tensor) and name not in added
+                    and name not in m._parameters and name not in m._buffers):
+                raise PatternError(f"{path!r} ({type(m).__name__}) has no parameter or buffer {name!r} to slice "
+                                   "(a weight_norm / spectral_norm hook or other code computes it in every "
+                                   "forward): remove that hook or leave the module out of the dimension")
         for role, b in bind.items():
             if role.startswith("attr:"):
                 continue

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import PatternError
 from .base import Slicer, slicer
 
 
@@ -18,6 +19,15 @@ class EmbeddingSlicer(Slicer):
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["embedding_dim"]
+
+    def check(self, m: nn.Module, bind: dict, path: str) -> None:
+        if m.max_norm is not None:
+            raise PatternError(f"{path!r}: an nn.Embedding with max_norm={m.max_norm} renormalises the rows it "
+                               "looks up IN PLACE; a sub-model would rescale its slice of the shared weight "
+                               "(changing every other sub-model): slicing it is not supported")
+        if m.sparse:
+            raise PatternError(f"{path!r}: an nn.Embedding with sparse=True gives sparse gradients, which "
+                               "cannot be sliced: use sparse=False or leave it out of the dimension")
 
     def value(self, m: nn.Module, name: str) -> Any:
         if name == "weight":

@@ -27,6 +27,9 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
               is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention with ``heads`` heads of ``mha.head_dim``, reading
     ``mha.in_proj_weight`` / ``in_proj_bias`` / ``out_proj`` as they are now."""
+    if query.is_nested or key.is_nested or value.is_nested:
+        return _nested(mha, query, key, value, heads, key_padding_mask, need_weights, attn_mask,
+                       average_attn_weights, is_causal)
     batched = query.dim() == 3
     batch_first = mha.batch_first and batched  # an unbatched (L, E) input is one sequence either way
     if not batched:
@@ -76,6 +79,27 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         out = out.squeeze(1)
         weights = None if weights is None else weights.squeeze(0)
     return out, weights
+
+
+def _nested(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: int, key_padding_mask: Tensor | None,
+            need_weights: bool, attn_mask: Tensor | None, average_attn_weights: bool,
+            is_causal: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`attention` of nested (ragged, batch-major) tensors, as ``nn.TransformerEncoder`` hands its
+    layers under ``no_grad`` with a padding mask: padded, the padding masked out of the keys, and the
+    valid rows of the result nested again."""
+    if key_padding_mask is not None or not (query.is_nested and key.is_nested and value.is_nested):
+        raise RuntimeError("MultiheadAttention of nested tensors takes nested query, key and value and no "
+                           "key_padding_mask")
+    q_len = [t.shape[0] for t in query.unbind()]
+    k_len = torch.tensor([t.shape[0] for t in key.unbind()], device=query.device)
+    q, k, v = (t.to_padded_tensor(0.0) for t in (query, key, value))
+    kpm = torch.arange(k.shape[1], device=k.device)[None, :] >= k_len[:, None]
+    if not mha.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    out, w = attention(mha, q, k, v, heads, kpm, need_weights, attn_mask, average_attn_weights, is_causal)
+    if not mha.batch_first:
+        out = out.transpose(0, 1)
+    return torch.nested.as_nested_tensor([o[:n] for o, n in zip(out, q_len)]), w
 
 
 @slicer(nn.MultiheadAttention)
