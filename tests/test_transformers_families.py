@@ -76,6 +76,11 @@ FAMILIES = {
     "clip_vision": (_c("CLIPVisionModel", "CLIPVisionConfig", hidden_size=32, intermediate_size=48,
                        num_hidden_layers=2, num_attention_heads=4, **IMG),
                     dict(ffn=[24], heads=[2], depth=[1]), "vision", False),
+    "gpt_bigcode": (_c("GPTBigCodeForCausalLM", "GPTBigCodeConfig", n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                       multi_query=False, **TOK), dict(ffn=[64], heads=[2], depth=[1]), "causal", False),
+    "mt5": (_c("MT5ForConditionalGeneration", "MT5Config", vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+               num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),  # gated-gelu: wi_0 / wi_1
+            dict(ffn=[24], heads=[2], depth=[1]), "seq2seq", True),
     "clip_text": (_c("CLIPTextModel", "CLIPTextConfig", vocab_size=V, hidden_size=32, intermediate_size=48,
                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16),
                   dict(ffn=[24], heads=[2], depth=[1]), "encoder", False),
@@ -451,3 +456,111 @@ def test_nest_compile_trains_like_eager(name, fresh_dynamo):
         for n in ge:
             torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=f"{name} {sub} {n}")
     record(name, "nest.compile")
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def _unchanged(model, before, x, ref):
+    state, classes = before
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    assert [type(m) for m in model.modules()] == classes
+    assert not any("_sn" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, x), ref, atol=0, rtol=0)
+
+
+REFUSED = {
+    # heads whose attention is not made of separable whole heads, or crashes below full: refused by the self-check
+    "xglm heads": (_c("XGLMForCausalLM", "XGLMConfig", d_model=32, num_layers=2, attention_heads=4, ffn_dim=48,
+                      max_position_embeddings=32, **TOK), dict(heads=[2]), "causal", "heads=2"),
+    "bloom heads (ALiBi)": (_c("BloomForCausalLM", "BloomConfig", hidden_size=32, n_layer=2, n_head=4, **TOK),
+                            dict(heads=[2]), "causal", "heads=2"),
+    "olmo2 heads (q/k norm over all heads)": (
+        _c("Olmo2ForCausalLM", "Olmo2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=4, **TOK), dict(heads=[2]), "causal", "heads=2"),
+    # only one of two towers matches the layout
+    "longt5": (_c("LongT5ForConditionalGeneration", "LongT5Config", vocab_size=V, d_model=32, d_kv=8, d_ff=48,
+                  num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+               dict(ffn=[24]), "seq2seq", "encoder.block"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_what_cannot_be_nested_right_is_refused_and_left_unchanged(name):
+    """Sliced correctly or refused before anything changes: never a sub-model that is silently not what its
+    size says (from_transformers verifies the layout on the model itself)."""
+    make, kw, kind, match = REFUSED[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = inputs(kind)
+    with torch.no_grad():
+        ref = out(model, x)
+    before = _state(model)
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.from_transformers(model, **kw)
+    _unchanged(model, before, x, ref)
+
+
+def test_a_layout_described_wrongly_is_caught_by_the_self_check():
+    """GPT-NeoX packs q/k/v per head; a layout that says "stacked" would slice the wrong rows. The
+    self-check (sub-model vs the full model with the dropped heads masked) refuses it; verify=False
+    is the user's explicit opt-out."""
+    import dataclasses
+
+    from sortednet.integrations.layouts import LAYOUTS
+
+    neox = next(lay for lay in LAYOUTS if lay.family == "gpt_neox")
+    wrong = sni.register_layout(dataclasses.replace(neox, family="neox_wrong", qkv_layout="stacked"))
+    try:
+        model, _, kind, _ = build("gpt_neox")
+        x = inputs(kind)
+        with torch.no_grad():
+            ref = out(model, x)
+        before = _state(model)
+        with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads"):
+            sn.from_transformers(model, heads=[2])
+        _unchanged(model, before, x, ref)
+        nest = sn.from_transformers(model, heads=[2], verify=False)
+        assert nest._hf.layout.family == "neox_wrong"
+        nest.unwrap()
+    finally:
+        sni.unregister_layout(wrong)
+    nest = sn.from_transformers(model, heads=[2])  # the right layout passes
+    assert nest._hf.layout.family == "gpt_neox"
+
+
+def test_swin_stage_head_lists_are_refused_cleanly():
+    torch.manual_seed(0)
+    model = T.SwinModel(T.SwinConfig(image_size=16, patch_size=4, embed_dim=16, depths=[2], num_heads=[4],
+                                     window_size=2)).eval()
+    x = {"pixel_values": torch.randn(1, 3, 16, 16)}
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    before = _state(model)
+    with pytest.raises(sn.SortedNetError, match="num_attention_heads"):
+        sn.from_transformers(model, heads=[2])
+    state, classes = before
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(**x).last_hidden_state, ref)
+
+
+def test_depth_export_of_a_backbone_config_reloads(tmp_path):
+    """Backbone configs name one stage per layer (stage_names / out_features): a depth export keeps them
+    consistent, so save_pretrained -> from_pretrained works and equals the live sub-model."""
+    torch.manual_seed(0)
+    model = T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         intermediate_size=48, image_size=16, patch_size=8)).eval()
+    nest = sn.from_transformers(model, depth=[1, 2])
+    x = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    for d in (1, 2):
+        small = nest.export(f"depth={d}")
+        assert small.config.stage_names == ["stem", *(f"stage{i}" for i in range(1, d + 1))]
+        assert small.config.out_features == [f"stage{d}"]
+        small.save_pretrained(tmp_path / str(d))
+        back = T.Dinov2Model.from_pretrained(tmp_path / str(d)).eval()
+        with torch.no_grad(), nest.use(f"depth={d}"):
+            torch.testing.assert_close(back(**x).last_hidden_state, model(**x).last_hidden_state, atol=1e-5, rtol=0)
