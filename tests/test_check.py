@@ -130,3 +130,57 @@ def test_check_keeps_training_mode_and_weights():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     nest.check(x)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _SplitAttn(torch.nn.Module):
+    """Self-attention over q/k/v/o Linears; ``heads_fast`` splits features as "(d h)" (heads the fast
+    axis) instead of the usual "(h d)": its first features are not its first heads."""
+
+    def __init__(self, heads_fast: bool, d: int = 16, h: int = 4):
+        super().__init__()
+        self.num_heads, self.heads_fast = h, heads_fast
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def split(self, t):
+        B, N, _ = t.shape
+        if self.heads_fast:
+            return t.view(B, N, -1, self.num_heads).permute(0, 3, 1, 2)
+        return t.view(B, N, self.num_heads, -1).transpose(1, 2)
+
+    def merge(self, a):
+        B, _, N, _ = a.shape
+        return (a.permute(0, 2, 3, 1) if self.heads_fast else a.transpose(1, 2)).reshape(B, N, -1)
+
+    def forward(self, x):
+        a = torch.nn.functional.scaled_dot_product_attention(self.split(self.q(x)), self.split(self.k(x)),
+                                                             self.split(self.v(x)))
+        return self.o(self.merge(a))
+
+
+class _AttnNet(torch.nn.Module):
+    def __init__(self, heads_fast: bool):
+        super().__init__()
+        self.inp, self.att, self.out = torch.nn.Linear(5, 16), _SplitAttn(heads_fast), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.att(h))
+
+
+@pytest.mark.parametrize("heads_fast", [False, True])
+def test_heads_must_be_whole_heads(heads_fast):
+    """A Heads sub-model must equal the full model with the other heads' outputs masked. discover
+    proposes Heads only where that holds; check refuses a hand-declared Heads where it does not."""
+    torch.manual_seed(0)
+    model, x = _AttnNet(heads_fast).eval(), torch.randn(2, 6, 5)
+    found = [d for d in sn.discover(model, x, ratios=[0.5, 1.0]) if d.kind == "heads"]
+    assert [d.spec()["attn"] for d in found] == ([] if heads_fast else [["att"]])
+    before = snapshot(model)
+    nest = sn.wrap(model, sn.Heads("h", [2, 4], attn="att"))
+    if heads_fast:
+        with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads.*att.o"):
+            nest.check(x)
+    else:
+        nest.check(x)
+    nest.unwrap()
+    assert_unchanged(model, before)

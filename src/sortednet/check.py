@@ -12,9 +12,11 @@ and the error names the dimension, the module path and the role (``out=``,
 from __future__ import annotations
 
 import random
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .cost import call_model
@@ -26,7 +28,7 @@ from .submodel import SubModel
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["check", "diagnose"]
+__all__ = ["check", "diagnose", "whole_units_error"]
 
 
 def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
@@ -63,6 +65,61 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
             problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, so they "
                             "cannot shrink; remove that binding")
     return problems
+
+
+def first_float(out: Any) -> torch.Tensor | None:
+    """The first floating-point tensor of a model output (logits / last hidden state / the tensor itself)."""
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+
+
+def _maskable() -> tuple[type, ...]:
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # GPT-2's transposed Linear
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any = None,
+                      copies: dict[int, nn.Module] | None = None) -> float | None:
+    """How far ``dim`` at ``size`` (the others full) is from being the first ``size`` whole units.
+
+    The reference is the FULL model with the inputs of the projections that read ``dim``'s units
+    (``inp=`` bindings: attention output / FFN down projections) zeroed beyond the first ``size``:
+    exactly "the model with only those units", when units are independent (whole heads). Returns the
+    largest difference of the first floating-point output relative to its scale (at least 1), or None
+    when it cannot be measured (a reading projection that is not a plain Linear, or never called
+    through its forward, e.g. ``nn.MultiheadAttention``'s ``out_proj``). ``model`` / ``copies``: the
+    module tree to run (e.g. :func:`sortednet.modes.eval_mode`'s view) and its module map.
+    """
+    model = nest.model if model is None else model
+    copies = copies or {}
+    reads = [(m, m._sn.bind["inp"]) for m in nest._sliced.values()
+             if "inp" in m._sn.bind and m._sn.bind["inp"].dim is dim]
+    if not reads or any(not isinstance(m, _maskable()) for m, _ in reads):
+        return None
+    sub = nest.resolve({**{d.name: d.full for d in nest.dims}, dim.name: size})
+    with nest.use(sub):
+        live = first_float(call_model(model, example))
+    calls = [0]
+
+    def mask(mod: nn.Module, args: tuple, keep: int) -> tuple:
+        calls[0] += 1
+        x = args[0].clone()
+        x[..., keep:] = 0
+        return (x, *args[1:])
+
+    hooks = [copies.get(id(m), m).register_forward_pre_hook(lambda mod, args, k=b.total(size): mask(mod, args, k))
+             for m, b in reads]
+    try:
+        with nest.use(nest.largest):
+            ref = first_float(call_model(model, example))
+    finally:
+        for h in hooks:
+            h.remove()
+    if calls[0] < len(reads) or live is None or ref is None or live.shape != ref.shape:
+        return None
+    ref, live = ref.detach().double(), live.detach().double()
+    return ((live - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
 
 
 def _shapes(x: Any) -> list:
@@ -112,7 +169,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     ...     print(str(e).splitlines()[1].strip())
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
-    with eval_mode(nest) as (model, _), torch.no_grad():  # a private eval-mode view: no shared flag changes
+    with eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view: no shared flag changes
         with nest.use(nest.largest):
             want = _shapes(call_model(model, example))
         for sub, what in _plan(nest, mixed, seed):
@@ -124,6 +181,18 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             if got != want:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
+        for d in nest.dims:
+            if d.kind == "heads" and d.sizes[0] < d.full:
+                err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
+                if err is not None and not err <= 1e-3:
+                    o = [p for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
+                         and m._sn.bind["inp"].dim is d]
+                    raise SortedNetError(
+                        f"nest.check: heads {d.name!r} at {d.sizes[0]} is not the first {d.sizes[0]} whole heads of "
+                        f"the full model (relative difference {err:.3g} from the full model with the other heads' "
+                        f"outputs masked at {o[:3]}): the attention splits its projections with the heads as the "
+                        "fast axis (e.g. view(B, N, head_dim, heads)), packs q/k/v in another order, or mixes heads "
+                        "(a norm over all heads); slice it as a Width of its head size instead, or fix the layout")
         sub = nest.smallest
         with nest.use(sub):
             live = call_model(model, example)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from .check import whole_units_error
 from .cost import call_model
 from .coupling import Coupling, Group, analyse
 from .dims import Dimension, Width, dimension_from_spec
@@ -144,7 +145,25 @@ def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dim
                 if _failures(probe, example, [*kept, d], want) == []:
                     kept.append(d)
             dims = kept
+        dims = _whole_heads(probe, example, dims)
     return dims
+
+
+def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[Dimension]:
+    """``dims`` less every Heads whose smallest size is not the first heads of the full model (heads split
+    as the fast axis, ``"b n (d h)"``, or mixed by the attention): measured, not assumed."""
+    heads = [i for i, d in enumerate(dims) if isinstance(d, Heads)]
+    if not heads:
+        return dims
+    fresh = _fresh(dims)
+    nest = wrap(probe, *fresh, submodels=[{}, *({fresh[i].name: fresh[i].sizes[0]} for i in heads)])
+    try:
+        bad = {i for i in heads
+               if (err := whole_units_error(nest, fresh[i], fresh[i].sizes[0], example)) is not None
+               and not err <= 1e-3}
+    finally:
+        nest.unwrap()
+    return [d for i, d in enumerate(dims) if i not in bad]
 
 
 def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,

@@ -186,18 +186,9 @@ def _dummy_input(model: nn.Module) -> dict | None:
     return None
 
 
-def _first_float(out) -> torch.Tensor | None:
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    from torch.utils._pytree import tree_leaves
-
-    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
-
-
 def _self_check(nest: Nest) -> None:
     """``from_transformers(verify=True)``: see its docstring."""
-    from transformers.pytorch_utils import Conv1D
-
+    from ..check import first_float, whole_units_error
     from ..modes import eval_mode
     from ..views import is_sharded
 
@@ -213,58 +204,31 @@ def _self_check(nest: Nest) -> None:
     cls = type(model).__name__
     full = {d.name: d.full for d in nest.dims}
     tol = 1e-3 if fdtype in (torch.float32, torch.float64) else 5e-2
-
-    def run(view, sub, what):
-        with nest.use(sub):
-            try:
-                return _first_float(view(**example))
-            except Exception as e:
-                raise SortedNetError(f"from_transformers: {what} ({sub}) of {cls} fails on a small input: "
-                                     f"{type(e).__name__}: {e}. This family's layout is not supported for that "
-                                     "dimension; nest the others, or describe it with register_layout "
-                                     "(from_transformers(..., verify=False) skips this check)") from e
-
+    why = ("; nest it without {name}=, or describe it with register_layout (from_transformers(..., verify=False) "
+           "skips this check)")
     with eval_mode(nest) as (view, copies), torch.no_grad():
-        for d in nest.dims:
-            if d.kind not in ("width", "heads") or d.name not in ("ffn", "heads") or d.sizes[0] == d.full:
+        for sub, what in [*((nest.resolve({**full, d.name: d.sizes[0]}), d) for d in nest.dims
+                            if d.name in ("ffn", "heads") and d.sizes[0] < d.full), (nest.smallest, None)]:
+            name = what.name if what is not None else "the smallest sub-model"
+            with nest.use(sub):
+                try:
+                    first_float(view(**example))
+                except Exception as e:
+                    raise SortedNetError(f"from_transformers: {sub} ({name} at its smallest) of {cls} fails on a "
+                                         f"small input: {type(e).__name__}: {e}. This family's layout is not "
+                                         "supported for that" + why.format(name=name)) from e
+            if what is None:
                 continue
-            n = d.sizes[0]
-            sub = nest.resolve({**full, d.name: n})
-            what = f"{d.name}={n} alone"
-            live = run(view, sub, what)
-            inps = [(m, m._sn.bind["inp"]) for m in nest._sliced.values()
-                    if "inp" in m._sn.bind and m._sn.bind["inp"].dim is d]
-            if not inps or any(not isinstance(m, (nn.Linear, Conv1D)) for m, _ in inps):
-                continue  # no plain projection to mask the dropped units at: the run above is the check
-            hooks = []
-            for m, b in inps:
-                keep = b.total(n)
-
-                def mask(mod, args, keep=keep):
-                    x = args[0].clone()
-                    x[..., keep:] = 0
-                    return (x, *args[1:])
-
-                hooks.append(copies.get(id(m), m).register_forward_pre_hook(mask))
-            try:
-                ref = run(view, nest.largest, f"the full model with {d.name} masked to {n}")
-            finally:
-                for h in hooks:
-                    h.remove()
-            if live is None or ref is None or live.shape != ref.shape:
-                continue
-            err = ((live.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1)).item()
-            if not err <= tol:
+            err = whole_units_error(nest, what, what.sizes[0], example, view, copies)
+            if err is not None and not err <= tol:
+                unit = "heads" if what.name == "heads" else "FFN neurons"
                 raise SortedNetError(
-                    f"from_transformers: {d.name}={n} of {cls} is not the first {n} whole "
-                    f"{'heads' if d.name == 'heads' else 'FFN neurons'} of the full model (relative difference "
-                    f"{err:.3g} from the full model with the others masked): this architecture "
+                    f"from_transformers: {what.name}={what.sizes[0]} of {cls} is not the first {what.sizes[0]} whole "
+                    f"{unit} of the full model (relative difference {err:.3g} from the full model with the others "
+                    "masked): this architecture "
                     + ("mixes heads (norms over all heads, position biases built for every head) or packs its "
-                       "projections in another order than the layout says" if d.name == "heads" else
-                       "does not use its FFN neurons independently")
-                    + f"; nest it without {d.name}=, or describe it with register_layout "
-                    "(from_transformers(..., verify=False) skips this check)")
-        run(view, nest.smallest, "the smallest sub-model")
+                       "projections in another order than the layout says" if what.name == "heads" else
+                       "does not use its FFN neurons independently") + why.format(name=what.name))
 
 
 def _rank_dim(model: nn.Module, found: Found, rank: Sequence[int], mode: str,
