@@ -184,3 +184,38 @@ def test_heads_must_be_whole_heads(heads_fast):
         nest.check(x)
     nest.unwrap()
     assert_unchanged(model, before)
+
+
+class _SideEffects(torch.nn.Module):
+    """A forward that counts its calls in a buffer and renormalises embedding rows in place (max_norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 6, max_norm=1.0)
+        self.fc1, self.fc2 = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        with torch.no_grad():
+            self.emb.weight.mul_(5)  # rows above max_norm: a lookup would shrink them
+
+    def forward(self, ids):
+        self.calls += 1
+        return self.fc2(torch.relu(self.fc1(self.emb(ids))))
+
+
+def test_dry_runs_leave_buffers_and_weights_as_they_were():
+    """discover, check and sort_units run the user's forward; whatever it does to buffers or (in-place
+    renormalised) weights is undone; only sort_units' permutation itself stays."""
+    from sortednet.importance import sort_units
+
+    torch.manual_seed(0)
+    model, ids = _SideEffects().eval(), torch.randint(0, 10, (4, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dims = sn.discover(model, ids, ratios=[0.5, 1.0])
+    assert [d.spec()["out"] for d in dims] == [["fc1"]]
+    nest = sn.wrap(model, *dims)
+    nest.check(ids)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    sort_units(nest, "l1", example=ids)
+    after = model.state_dict()
+    assert torch.equal(after["calls"], before["calls"]) and torch.equal(after["emb.weight"], before["emb.weight"])
+    assert not torch.equal(after["fc1.weight"], before["fc1.weight"])  # the permutation

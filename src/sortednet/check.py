@@ -1,8 +1,9 @@
 """check: a dry run of a nest that names the missing binding of any wiring mistake.
 
-``nest.check(example)`` runs, in eval mode and without gradients, each
-dimension alone at its smallest size, the smallest and the largest sub-model
-and a few mixed ones; their outputs must keep the full model's shapes and
+``nest.check(example)`` runs, without gradients, in eval mode and again in
+training mode (dropout off; training-only branches such as auxiliary heads
+must be wired too), each dimension alone at its smallest size, the smallest
+and the largest sub-model and a few mixed ones; their outputs must keep the full model's shapes and
 ``export`` of the smallest must equal its live output. When one fails, the
 wiring is compared with the coupled groups found by :mod:`sortednet.coupling`
 and the error names the dimension, the module path and the role (``out=``,
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from .cost import call_model
 from .coupling import analyse
 from .errors import SortedNetError
-from .modes import eval_mode
+from .modes import dry_run, eval_mode, seeded, train_view
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -155,6 +156,32 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
                           "the sliced features)")
 
 
+def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> None:
+    """The same sub-models in TRAINING mode (dropout off, batch statistics undone by the caller's
+    dry_run): branches that run only in training (auxiliary heads, ...) must be wired too. Skipped when
+    the example does not run the full model in training mode (e.g. BatchNorm on a batch of one)."""
+    view, _ = train_view(nest)
+
+    def run(sub: SubModel) -> list:
+        with nest.use(sub), seeded(seed):
+            return _shapes(call_model(view, example))
+
+    try:
+        want = run(nest.largest)
+    except Exception:
+        return
+    for sub, what in _plan(nest, mixed, seed):
+        try:
+            got = run(sub)
+        except Exception as e:
+            raise _fail(nest, view, example, f"{what} in training mode", sub, f"fails: {type(e).__name__}: {e} "
+                        "(a module that runs only in training, e.g. an auxiliary head, reads sliced features "
+                        "without being in the dimension)") from e
+        if got != want:
+            raise _fail(nest, view, example, f"{what} in training mode", sub,
+                        f"changes the output shapes from {want} to {got}")
+
+
 def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     """Dry-run ``nest`` on ``example``; raise a :class:`SortedNetError` naming the wiring mistake.
 
@@ -169,7 +196,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     ...     print(str(e).splitlines()[1].strip())
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
-    with eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view: no shared flag changes
+    with dry_run(nest.model), eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view
         with nest.use(nest.largest):
             want = _shapes(call_model(model, example))
         for sub, what in _plan(nest, mixed, seed):
@@ -181,6 +208,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             if got != want:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
+        _check_training_mode(nest, example, mixed, seed)
         for d in nest.dims:
             if d.kind == "heads" and d.sizes[0] < d.full:
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)

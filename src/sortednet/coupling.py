@@ -31,7 +31,7 @@ from .cost import call_model
 from .coupling_ops import _LEAVES, Attention, _tensors, attention_block, handle, module
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads
-from .modes import eval_view
+from .modes import dry_run, eval_view
 
 __all__ = ["Group", "Coupling", "analyse"]
 
@@ -301,7 +301,8 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     [(8, [('0', 'out'), ('2', 'inp')])]
     """
     view, _ = eval_view(model)  # a private eval-mode copy sharing the tensors: no training flag of `model` flips
-    events, out, attn = record(view, example)
+    with dry_run(model):
+        events, out, attn = record(view, example)
     a = _Analysis(view, example, attn)
     a.run(events)
     a.fix_all(_tensors(out), "the network output")

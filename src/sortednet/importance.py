@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 from .cost import call_model
 from .coupling import analyse
 from .errors import SortedNetError
-from .modes import eval_mode
+from .modes import dry_run, eval_mode, seeded, train_view
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -177,7 +177,7 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
     acc: dict[tuple[str, str], Tensor] = {}
     n = 0
     try:
-        with nest.use(nest.largest), torch.enable_grad():
+        with dry_run(nest.model), nest.use(nest.largest), torch.enable_grad():
             for batch in data:
                 for p in params:
                     p.grad = None
@@ -278,26 +278,51 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
 def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
           atol: float) -> dict[str, Tensor]:
     err = float("inf")
-    with torch.no_grad(), nest.use(nest.largest):
+    with dry_run(nest.model), torch.no_grad(), nest.use(nest.largest):
         ref = _leaves(call_model(model, example))
+    tview, _ = train_view(nest)
+
+    def train_out(seed: int) -> list[Tensor]:
+        with dry_run(nest.model), seeded(seed), torch.no_grad(), nest.use(nest.largest):
+            return _leaves(call_model(tview, example))
+
+    try:  # training mode too (auxiliary heads, ...), when it is deterministic with dropout off
+        ref_t = train_out(0)
+        if any(not torch.equal(a, b) for a, b in zip(ref_t, train_out(1))):
+            ref_t = None
+    except Exception:  # e.g. BatchNorm on a batch of one: the example does not run in training mode
+        ref_t = None
+    where = ""
     split = _groups(nest, example)
     taylor = _taylor(nest, model, split, data, loss_fn) if method == "taylor" else {}
     for groups in (split, _groups(nest, None)):
         saved = [(t, t.detach().clone()) for _, _, part, _ in groups for b in part for t, _ in b.tensors]
         orders = [_order(_scores(part, d.full, method, d.kind, taylor), block) for _, d, part, block in groups]
-        err = None
+        err, where = None, ""
         with torch.no_grad():
             try:
                 _apply(groups, orders)
-                with nest.use(nest.largest):
+                with dry_run(nest.model), nest.use(nest.largest):
                     got = _leaves(call_model(model, example))
-                err = max(((a - b).abs().max() / b.abs().max().clamp_min(1)).item()
-                          for a, b in zip(got, ref) if a.is_floating_point())
+                err = _rel_err(got, ref)
+                if err <= atol and ref_t is not None:
+                    err = _rel_err(train_out(0), ref_t)
+                    where = " in training mode" if err > atol else ""
             except SortedNetError:
                 err = float("inf")
             if err <= atol:
                 return {label: o for (label, *_), o in zip(groups, orders)}
             for t, v in saved:
                 t.copy_(v)
-    raise SortedNetError(f"sort_units: permuting changes the full model's output (by {err:.3g}): a module coupled "
-                         "to a dimension is not declared in it; run nest.check(example) to find it")
+    if err == float("inf"):
+        raise SortedNetError("sort_units: these dimensions cannot be permuted consistently (a tensor would follow two "
+                             "groups, or one of its modules cannot be permuted); run nest.check(example)")
+    raise SortedNetError(f"sort_units: permuting changes the full model's output{where} (by {err:.3g}): a module "
+                         "coupled to a dimension is not declared in it"
+                         + (" (one used only in training, e.g. an auxiliary head)" if where else "")
+                         + "; run nest.check(example) to find it. Nothing was changed")
+
+
+def _rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
+    return max((((a - b).abs().max() / b.abs().max().clamp_min(1)).item() for a, b in zip(got, ref)
+                if a.is_floating_point()), default=0.0)

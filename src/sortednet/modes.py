@@ -23,7 +23,28 @@ from .errors import SortedNetError
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["eval_mode", "eval_view"]
+__all__ = ["eval_mode", "eval_view", "dry_run", "train_view", "seeded"]
+
+
+@contextmanager
+def dry_run(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s own forward without leaving a trace: on exit every buffer (a call counter, a
+    running statistic) and the weight of every ``nn.Embedding(max_norm=...)`` (renormalised in place
+    by its lookups) hold again what they held on entry. For checks that run the user's forward
+    (``nest.check``, ``discover``, ``from_transformers``' self-check), which promise to change nothing.
+    """
+    import torch
+
+    saved = [(t, t.detach().clone()) for t in model.buffers()]
+    saved += [(m.weight, m.weight.detach().clone()) for m in model.modules()
+              if isinstance(m, nn.Embedding) and m.max_norm is not None and isinstance(m.weight, torch.Tensor)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in saved:
+                if t.shape == v.shape and not torch.equal(t, v):
+                    t.copy_(v)
 
 
 @contextmanager
@@ -77,3 +98,29 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (),
                              "Keep such objects off the model's modules") from e
     view.train(False)
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
+
+
+def train_view(nest: Nest) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """Like :func:`eval_view` but in TRAINING mode, with dropout off: ``nn.Dropout*`` modules and float
+    attributes named ``*dropout*`` (Hugging Face attention dropout) are 0 on the private copies, so
+    training-only branches (auxiliary heads, batch statistics) can be compared run against run.
+    Batch statistics still update shared buffers: run it under :func:`dry_run`."""
+    view, copies = eval_view(nest.model, keep=nest.dims)
+    view.train(True)
+    for m in view.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for k, v in list(vars(m).items()):
+            if "dropout" in k and type(v) is float:
+                m.__dict__[k] = 0.0
+    return view, copies
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """A fixed CPU random stream inside, the caller's stream untouched outside."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

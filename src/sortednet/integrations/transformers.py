@@ -189,7 +189,7 @@ def _dummy_input(model: nn.Module) -> dict | None:
 def _self_check(nest: Nest) -> None:
     """``from_transformers(verify=True)``: see its docstring."""
     from ..check import first_float, whole_units_error
-    from ..modes import eval_mode
+    from ..modes import dry_run, eval_mode
     from ..views import is_sharded
 
     model = nest.model
@@ -206,7 +206,7 @@ def _self_check(nest: Nest) -> None:
     tol = 1e-3 if fdtype in (torch.float32, torch.float64) else 5e-2
     why = ("; nest it without {name}=, or describe it with register_layout (from_transformers(..., verify=False) "
            "skips this check)")
-    with eval_mode(nest) as (view, copies), torch.no_grad():
+    with dry_run(model), eval_mode(nest) as (view, copies), torch.no_grad():
         for sub, what in [*((nest.resolve({**full, d.name: d.sizes[0]}), d) for d in nest.dims
                             if d.name in ("ffn", "heads") and d.sizes[0] < d.full), (nest.smallest, None)]:
             name = what.name if what is not None else "the smallest sub-model"

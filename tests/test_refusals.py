@@ -1,0 +1,109 @@
+"""What sortednet cannot slice right it refuses before changing anything, and its dry runs cover
+what eval mode alone would miss: weights computed by parametrizations or hooks, sparse / in-place
+renormalised embeddings, and branches that run only in training (an auxiliary head)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sortednet as sn
+from models import assert_unchanged, snapshot
+from sortednet.importance import sort_units
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+
+
+def _weight_norm(m):
+    nn.utils.parametrizations.weight_norm(m[0])
+
+
+def _spectral_norm(m):
+    nn.utils.parametrizations.spectral_norm(m[0])
+
+
+def _legacy_weight_norm(m):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.utils.weight_norm(m[0])
+
+
+@pytest.mark.parametrize("apply, needle", [(_weight_norm, "parametrized"), (_spectral_norm, "parametrized"),
+                                           (_legacy_weight_norm, "no parameter or buffer 'weight'")])
+def test_computed_weights_are_refused_and_the_model_kept(apply, needle):
+    torch.manual_seed(0)
+    m = _mlp()
+    apply(m)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ref = m(x)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=f"'0'.*{needle}"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert_unchanged(m, before)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
+
+
+class _Emb(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8, **kw), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+@pytest.mark.parametrize("kw, needle", [(dict(sparse=True), "sparse=True"), (dict(max_norm=1.0), "max_norm")])
+def test_embeddings_that_cannot_be_sliced_are_refused(kw, needle):
+    torch.manual_seed(0)
+    m = _Emb(**kw)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=f"'emb'.*{needle}"):
+        sn.wrap(m, sn.Width("d", [4, 8], out="emb", inp="fc"))
+    assert_unchanged(m, before)
+
+
+class _AuxNet(nn.Module):
+    """A trunk whose features an auxiliary head reads only in training (GoogLeNet-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.aux = nn.Linear(6, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        out = self.fc2(self.drop(h))
+        return (out, self.aux(h)) if self.training else out
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_training_only_branches_are_checked(declared):
+    """check dry-runs training mode too; sort_units verifies the training-mode output (dropout off)
+    and restores everything when a training-only reader of the permuted features is undeclared."""
+    torch.manual_seed(0)
+    m, x = _AuxNet().train(), torch.randn(4, 6)
+    inp = ["fc2", "aux"] if declared else ["fc2"]
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp=inp))
+    if declared:
+        nest.check(x)
+        sort_units(nest, "l1", example=x)
+        m.drop.p = 0.0
+        small = nest.export("h=4").train()
+        with nest.use("h=4"):
+            for a, b in zip(m(x), small(x)):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        return
+    with pytest.raises(sn.SortedNetError, match="in training mode"):
+        nest.check(x)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="in training mode"):
+        sort_units(nest, "l1", example=x)
+    assert_unchanged(m, before)
+    assert m.training and m.drop.p == 0.5
