@@ -103,14 +103,15 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
         live = first_float(call_model(model, example))
     calls = [0]
 
-    def mask(mod: nn.Module, args: tuple, keep: int) -> tuple:
-        calls[0] += 1
-        x = args[0].clone()
-        x[..., keep:] = 0
-        return (x, *args[1:])
+    def masking(keep: int) -> Any:
+        def mask(mod: nn.Module, args: tuple) -> tuple:
+            calls[0] += 1
+            x = args[0].clone()
+            x[..., keep:] = 0
+            return (x, *args[1:])
+        return mask
 
-    hooks = [copies.get(id(m), m).register_forward_pre_hook(lambda mod, args, k=b.total(size): mask(mod, args, k))
-             for m, b in reads]
+    hooks = [copies.get(id(m), m).register_forward_pre_hook(masking(b.total(size))) for m, b in reads]
     try:
         with nest.use(nest.largest):
             ref = first_float(call_model(model, example))
