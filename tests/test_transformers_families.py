@@ -209,13 +209,13 @@ def test_soft_loss_equals_separate_exits(name):
 
 
 SORTABLE = ["llama", "gpt2", "bert", "phi3", "gpt_neox", "opt", "distilbert", "vit", "deit", "clip_vision",
-            "clip_text", "mixtral", "qwen2_moe", "t5", "falcon"]  # t5, falcon: FFN only (heads refused below)
+            "clip_text", "mixtral", "qwen2_moe", "t5", "falcon", "gpt_bigcode", "mt5"]  # t5, mt5, falcon: FFN only
 
 
 @pytest.mark.parametrize("name", SORTABLE)
 def test_importance_sorting_preserves_the_full_model(name):
     model, kw, kind, _ = build(name)
-    kw = {k: v for k, v in kw.items() if k != "depth" and (k != "heads" or name not in ("t5", "falcon"))}
+    kw = {k: v for k, v in kw.items() if k != "depth" and (k != "heads" or name not in ("t5", "mt5", "falcon"))}
     nest = sn.from_transformers(model, **kw)
     with torch.no_grad():
         for p in model.parameters():
@@ -228,8 +228,9 @@ def test_importance_sorting_preserves_the_full_model(name):
         return out(m, b).mean(1).pow(2).sum()
 
     perms = sn.sort_by_importance(nest, [x], loss_fn=loss_fn)
-    with torch.no_grad():
-        torch.testing.assert_close(out(model, x), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a permutation only reorders sums: equal up to rounding, relative to the output's scale
+        err = (out(model, x) - ref).abs().max() / ref.abs().max().clamp_min(1)
+    assert err <= 1e-5, err
     assert not all(torch.equal(p, torch.arange(len(p))) for layer in perms.values() for p in layer.values())
     record(name, "importance sorting")
 
