@@ -423,7 +423,10 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
     bad = [(k, have.get(k), want.get(k)) for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
     if bad:
         k, h, w = bad[0]
-        why = "non-uniform layers?" if found is not None else (
+        why = (f"after setting the {found.layout.family} layout's config keys, the class still builds other "
+               "shapes: the family derives a size from another key (e.g. a fixed FFN ratio, a head size from "
+               "hidden / heads) or sizes some other part from the layer count"
+               if found is not None else (
             f"{type(small).__name__} is not a known layout, so only its unchanged config was tried; describe it with "
             "sortednet.integrations.register_layout")
         raise SortedNetError(
