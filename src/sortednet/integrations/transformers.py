@@ -428,7 +428,7 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
                "hidden / heads) or sizes some other part from the layer count"
                if found is not None else (
             f"{type(small).__name__} is not a known layout, so only its unchanged config was tried; describe it with "
-            "sortednet.integrations.register_layout")
+            "sortednet.integrations.register_layout"))
         raise SortedNetError(
             f"sub-model {sub} cannot be described by {type(cfg).__name__} ({why}): {len(bad)} tensors differ, "
             f"e.g. {k!r} is {h} but the config gives {w}; export it as a plain module with "
