@@ -165,3 +165,33 @@ def test_bad_input_raises_before_anything_changes():
     mlp = FAMILIES["mlp"]()
     with pytest.raises(sn.SortedNetError, match="no BatchNorm"):
         sn.wrap(mlp.model, *mlp.dims).calibrate([mlp.example])
+
+
+def test_calibrated_statistics_follow_model_to(tmp_path):
+    """After calibrating, ``model.to(float64)`` moves the BatchNorm buffers; the calibrated per-sub-model
+    statistics follow: a calibrated sub-model runs in float64, equals its float64 export, and the nest's
+    checkpoint loads back into a float64 model."""
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 3))
+
+    data = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    model = cnn()
+    nest = sn.wrap(model, sn.Width("c", [4, 8], out="0", norm="1", inp="5"))
+    nest.calibrate(data, batches=2)
+    with nest.use("c=4"):
+        want = nest.export("c=4").eval()(data[0]).double()
+    model.to(torch.float64).eval()
+    x = data[0].double()
+    with torch.no_grad(), nest.use("c=4"):
+        live = model(x)
+        assert model[1].running_mean.dtype == torch.float64
+        small = nest.export("c=4").eval()
+    torch.testing.assert_close(live, small(x), atol=1e-12, rtol=0)
+    torch.testing.assert_close(live, want, atol=1e-5, rtol=0)
+    sn.save(nest, tmp_path / "c64.safetensors")
+    back = cnn().double().eval()
+    nest2 = sn.load(back, tmp_path / "c64.safetensors")
+    with torch.no_grad(), nest2.use("c=4"):
+        torch.testing.assert_close(back(x), live, atol=0, rtol=0)

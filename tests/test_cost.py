@@ -181,3 +181,65 @@ def test_profile_saved_and_loaded_with_the_checkpoint(family, tmp_path):
         assert again.pick(**{m: lim}) == nest.pick(**{m: lim})
     prof.plot(str(tmp_path / "p.png"), "flops")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _TiedDepth(torch.nn.Module):
+    """A head tied to the last block's weight, and (``shared``) blocks that reuse the first block's layer:
+    a skipped block's weight still runs when another module holds it."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+        if shared:
+            for b in range(1, 3):
+                self.blocks[b] = self.blocks[0]
+        self.head = torch.nn.Linear(8, 8)
+        self.head.weight = self.blocks[2].weight
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.relu(b(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_params_of_skipped_blocks_count_when_a_running_module_holds_them(shared):
+    """cost(sub, "params") equals the exported model's parameters, and pick never goes over budget,
+    with weights tied across a Depth boundary or layers shared between blocks."""
+    torch.manual_seed(0)
+    model = _TiedDepth(shared)
+    nest = sn.wrap(model, sn.Depth("depth", [1, 2, 3], layers="blocks"))
+    x = torch.randn(2, 8)
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        assert nest.cost(sub, "params") == sum(p.numel() for p in small.parameters()), sub
+        with nest.use(sub), torch.no_grad():
+            torch.testing.assert_close(small(x), model(x), atol=1e-6, rtol=0)
+    for budget in range(100, 260, 8):
+        try:
+            sub = nest.pick(params=budget)
+        except sn.BudgetError:
+            continue
+        assert sum(p.numel() for p in nest.export(sub).parameters()) <= budget
+
+
+def test_flops_of_an_example_after_loading_a_profile_of_another(tmp_path):
+    """A loaded profile's FLOPs were counted on the file's example: cost(sub, "flops", example=x)
+    counts x, never returns the file's number."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def dims():
+        return [sn.Width("h", [8, 16, 32], out="0", inp="2")]
+
+    x1, x64 = torch.randn(1, 8), torch.randn(64, 8)
+    other = sn.wrap(build(), *dims())
+    other.profile(x64, repeat=1, warmup=0, progress=False)
+    sn.save(other, tmp_path / "p.safetensors")
+    nest = sn.wrap(build(), *dims())
+    want = nest.cost(nest.smallest, "flops", example=x1)
+    sn.load(nest, tmp_path / "p.safetensors")
+    assert nest.cost(nest.smallest, "flops") == other.cost(other.smallest, "flops")  # the profile's table
+    assert nest.cost(nest.smallest, "flops", example=x1) == want
+    assert nest.cost(nest.smallest, "flops", example=x64) == other.cost(other.smallest, "flops")

@@ -107,3 +107,17 @@ def test_training_only_branches_are_checked(declared):
         sort_units(nest, "l1", example=x)
     assert_unchanged(m, before)
     assert m.training and m.drop.p == 0.5
+
+
+def test_rank_svd_of_a_meta_model_is_refused_and_a_meta_model_has_no_false_ties(tmp_path):
+    """A model on the meta device has no values: the SVD factors of Rank(svd) cannot be built (a clear
+    refusal, not a raw error), and its tensors (all at address 0) are not mistaken for tied weights."""
+    with torch.device("meta"):
+        m = _mlp()
+    with pytest.raises(sn.SortedNetError, match="meta device"):
+        sn.wrap(m, sn.Rank("r", [2, 4], targets="2", mode="svd"))
+    assert not any("_sn" in x.__dict__ for x in m.modules())
+    torch.manual_seed(0)
+    real = _mlp()
+    sn.save(sn.wrap(real, sn.Width("h", [4, 16], out="0", inp="2")), tmp_path / "w.safetensors")
+    sn.load(m, tmp_path / "w.safetensors")  # loads (a no-op on meta tensors, as load_state_dict), no tie error

@@ -240,6 +240,26 @@ def test_fit_resume_with_start_step_is_exact(tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_fit_resumed_evaluates_at_the_same_steps():
+    """eval_every counts the run's steps (continued from start_step): a resumed run evaluates where the
+    uninterrupted one did."""
+    batches = [toy_batch(i) for i in range(12)]
+    steps = []
+    for split in (None, 5):
+        case = FAMILIES["mlp"](seed=0)
+        nest = sn.wrap(case.model, *case.dims)
+        opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1)
+        sampler = sn.Sampler(nest.submodels, k=2, seed=5)
+        kw = dict(eval_data=toy_batch(99), eval_every=4, progress=False)
+        if split is None:
+            steps.append([e["step"] for e in sn.fit(nest, batches, opt, sampler, **kw).evals])
+        else:
+            first = sn.fit(nest, batches[:split], opt, sampler, **kw).evals
+            rest = sn.fit(nest, batches[split:], opt, sampler, start_step=split, **kw).evals
+            steps.append([e["step"] for e in first if e["step"] % 4 == 0] + [e["step"] for e in rest])
+    assert steps[0] == steps[1] == [4, 8, 12]
+
+
 def test_fit_history_and_periodic_evaluation():
     case = FAMILIES["mlp"](seed=0)
     nest = sn.wrap(case.model, *case.dims)
@@ -326,6 +346,8 @@ def test_fit_bad_arguments(kwargs, match):
         sn.fit(nest, [toy_batch(0)], opt, sn.Sampler(other_nest.submodels, k=1), progress=False)
     with pytest.raises(sn.SortedNetError, match="Sampler"):
         sn.fit(nest, [toy_batch(0)], opt, nest.submodels, progress=False)
+    with pytest.raises(sn.SortedNetError, match="iterate again"):  # a one-shot iterator has one epoch only
+        sn.fit(nest, iter([toy_batch(0)]), opt, sn.Sampler(nest.submodels, k=1), epochs=2, progress=False)
 
 
 def test_demo_runs_and_reports_every_submodel(tmp_path, capsys):

@@ -123,7 +123,9 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
         for key, stats in (m._sn.norm.stats if m._sn.norm is not None else {}).items():
             sub = SubModel(dict(zip(names, key)))
             for name in _NAMES:
-                out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = stats[name].detach().contiguous()
+                buf = m.__dict__["_buffers"][name]  # in the buffer's dtype / device (model.to() moved those)
+                out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = \
+                    stats[name].detach().to(device=buf.device, dtype=buf.dtype).contiguous()
     return out
 
 

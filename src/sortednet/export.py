@@ -52,13 +52,18 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     with nest.use(sub), torch.no_grad():
         memo: dict[int, object] = {}
         skipped: list[str] = []
+        drop: list[tuple[nn.Module, str]] = []
         for path, m in nest._sliced.items():
             memo[id(m._sn)] = None  # exported copies carry no sortednet state
             for t in m._sn.slicer.exported_tensors(m):
                 memo[id(t)] = t  # replaced below; never copied at full size
             for name in m._sn.slicer.skipped(m):  # e.g. blocks past the active depth
-                memo[id(m._modules[name])] = None
+                drop.append((m, name))
                 skipped.append(_name(path, name))
+        kept = _reachable(model, {(id(m), name) for m, name in drop})
+        for m, name in drop:
+            if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
+                memo[id(m._modules[name])] = None
         new = copy.deepcopy(model, memo)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             if _inside(path, skipped):
@@ -79,6 +84,19 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                 m._forward_pre_hooks.pop(h.id, None)
         _share_once(model, new, skipped, sub)
     return new
+
+
+def _reachable(model: nn.Module, cut: set[tuple[int, str]]) -> set[int]:
+    """ids of the modules reachable from ``model`` without passing a ``(id(parent), child name)`` in ``cut``."""
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        stack.extend(c for name, c in m._modules.items() if c is not None and (id(m), name) not in cut)
+    return seen
 
 
 def _name(path: str, attr: str) -> str:

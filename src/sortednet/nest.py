@@ -430,7 +430,12 @@ class Nest:
         self._profile, self._selector = prof, None
         if prof is not None:
             for metric, values in prof.costs.items():
-                if metric != "params":
+                if metric == "flops":  # measured on the profile's example, whose signature is not known here:
+                    with self._cost_lock:  # a new table that no cost(..., example=x) mistakes for its own
+                        self._cost_cache["flops"] = {s: v for s, v in zip(prof.submodels, values)
+                                                     if s in self.submodels}
+                        self._flops_example = ("profile", id(prof))
+                elif metric != "params":
                     self._cost_cache[metric].update(
                         (s, v) for s, v in zip(prof.submodels, values) if s in self.submodels)
 

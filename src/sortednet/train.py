@@ -299,8 +299,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     numbered from ``start_step`` (to resume, pass the step reached and the
     remaining batches; the sampler then draws what the uninterrupted run would).
     A tqdm bar shows the running loss of small / medium / large sub-models.
-    With ``eval_data``, every sub-model is scored (:func:`evaluate`) every
-    ``eval_every`` steps and at the end. Returns a :class:`History`.
+    With ``eval_data``, every sub-model is scored (:func:`evaluate`) whenever
+    the step count (continued from ``start_step``) reaches a multiple of
+    ``eval_every``, and at the end. Returns a :class:`History`.
     A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
@@ -326,6 +327,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
         raise SortedNetError(f"eval_every must be a positive int or None, got {eval_every!r}")
+    if epochs > 1 and iter(loader) is loader:
+        raise SortedNetError(f"fit(epochs={epochs}) needs a loader it can iterate again (a list, a DataLoader); "
+                             f"a {type(loader).__name__} is exhausted after the first epoch")
     from tqdm.auto import tqdm
 
     model = nest.model
@@ -372,7 +376,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                 bar.set_postfix({f"loss[{g}]": f"{ema[g]:.3f}" for g in ("S", "M", "L") if g in ema}, refresh=False)
                 bar.update(1)
                 step += 1
-                if eval_data is not None and eval_every and (step - start_step) % eval_every == 0:
+                if eval_data is not None and eval_every and step % eval_every == 0:  # resumed runs: same steps
                     _record(hist, nest, eval_data, step, bar if progress else None)
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None)

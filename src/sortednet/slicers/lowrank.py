@@ -63,6 +63,11 @@ class LowRankSlicer(Slicer):
         w = m._parameters.get("weight")
         if not isinstance(w, nn.Parameter) or not w.is_floating_point():
             raise PatternError(f"{where}: weight must be a floating-point nn.Parameter, got {type(w).__name__}")
+        if w.is_meta:
+            if isinstance(self, SVDSlicer):
+                raise PatternError(f"{where}: the weight is on the meta device, but the ordered factors are an SVD "
+                                   "of its values; materialise the model first (or use Rank(mode='lora'))")
+            return
         if not bool(torch.isfinite(w.detach()).all()):
             raise SizeError(f"{where}: weight has non-finite values")
 

@@ -58,9 +58,15 @@ class NormStats:
 
 def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor | None:
     """The calibrated ``running_mean`` / ``running_var`` of sliced ``m`` for the active
-    sub-model, or None (no calibration for it, or ``m`` is training and not ``any_mode``)."""
+    sub-model, or None (no calibration for it, or ``m`` is training and not ``any_mode``).
+    In the dtype and on the device of ``m``'s own buffer: ``model.to(...)`` after calibrating
+    (or after ``sn.load``) moves the buffers, and the calibrated statistics follow them."""
     norm = m.__dict__["_sn"].norm
-    return None if norm is None else norm.active(name, training=m.training, any_mode=any_mode)
+    own = None if norm is None else norm.active(name, training=m.training, any_mode=any_mode)
+    buf = m.__dict__["_buffers"].get(name)
+    if own is not None and buf is not None and (own.dtype != buf.dtype or own.device != buf.device):
+        own = own.to(device=buf.device, dtype=buf.dtype)
+    return own
 
 
 @slicer(nn.LayerNorm, *_RMS)
