@@ -121,3 +121,18 @@ def test_rank_svd_of_a_meta_model_is_refused_and_a_meta_model_has_no_false_ties(
     real = _mlp()
     sn.save(sn.wrap(real, sn.Width("h", [4, 16], out="0", inp="2")), tmp_path / "w.safetensors")
     sn.load(m, tmp_path / "w.safetensors")  # loads (a no-op on meta tensors, as load_state_dict), no tie error
+
+
+def test_discover_wires_training_only_readers():
+    """discover traces training mode too (dropout off): the auxiliary head that reads the trunk only in
+    training is bound with it, so the proposed nest checks, sorts and exports in both modes."""
+    torch.manual_seed(0)
+    m, x = _AuxNet().train(), torch.randn(4, 6)
+    dims = sn.discover(m, x, ratios=[0.25, 1.0])
+    assert [(d.spec()["out"], d.spec()["inp"]) for d in dims] == [(["fc1"], ["fc2", "aux"])]
+    nest = sn.wrap(m, *dims, example=x)
+    sort_units(nest, "l1", example=x)
+    m.drop.p = 0.0
+    with nest.use(nest.smallest):
+        for a, b in zip(m(x), nest.export(nest.smallest).train()(x)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -31,7 +31,7 @@ from .cost import call_model
 from .coupling_ops import _LEAVES, Attention, _tensors, attention_block, handle, module
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads
-from .modes import dry_run, eval_view
+from .modes import dry_run, eval_view, seeded
 
 __all__ = ["Group", "Coupling", "analyse"]
 
@@ -301,6 +301,42 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     [(8, [('0', 'out'), ('2', 'inp')])]
     """
     view, _ = eval_view(model)  # a private eval-mode copy sharing the tensors: no training flag of `model` flips
+    found = _analyse(view, model, example)
+    view.train(True)  # training mode too: branches that run only there (auxiliary heads) read features as well
+    for m in view.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    try:
+        with seeded(0):
+            more = _analyse(view, model, example)
+    except Exception:  # e.g. BatchNorm on a batch of one: the example does not run in training mode
+        return found
+    return _merge(found, more)
+
+
+def _merge(a: Coupling, b: Coupling) -> Coupling:
+    """One coupling from two traces of the same model: groups sharing a binding are one group (the first
+    trace's groups keep their order)."""
+    uf = _UF()
+    for g in (*a.groups, *b.groups):
+        v = uf.new(g.size, g.fixed)
+        uf.mult[v] = g.multiple
+        for path, role in g.bindings:
+            uf.bind(v, path, role)
+    roots: dict[int, int] = {}
+    groups: list[Group] = []
+    for v in range(len(uf.parent)):
+        r = uf.find(v)
+        if r in roots or not uf.binds[r]:
+            continue
+        roots[r] = len(groups)
+        groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r]))
+    attention = list({x.path: x for x in (*a.attention, *b.attention)}.values())
+    role_group = {k: roots[uf.find(r)] for k, r in uf.roles.items()}
+    return Coupling(groups, attention, role_group)
+
+
+def _analyse(view: nn.Module, model: nn.Module, example: Any) -> Coupling:
     with dry_run(model):
         events, out, attn = record(view, example)
     a = _Analysis(view, example, attn)
