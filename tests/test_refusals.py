@@ -136,3 +136,38 @@ def test_discover_wires_training_only_readers():
     with nest.use(nest.smallest):
         for a, b in zip(m(x), nest.export(nest.smallest).train()(x)):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [nn.ModuleList, nn.Sequential])
+def test_depth_indexing_sees_the_active_blocks_as_the_export_does(cls):
+    blocks = [nn.Linear(4, 4) for _ in range(6)]
+    stack = cls(blocks) if cls is nn.ModuleList else cls(*blocks)
+    nest = sn.wrap(nn.ModuleDict({"stack": stack}), sn.Depth("depth", [2, 4, 6], layers="stack"))
+    with nest.use("depth=2"):
+        small = nest.export("depth=2")["stack"]
+        assert stack[-1] is blocks[1] and len(small) == 2
+        assert torch.equal(stack[-1].weight, small[-1].weight)
+        with pytest.raises(IndexError):
+            stack[4]
+    assert stack[-1] is blocks[5] and stack[4] is blocks[4]
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_rank_on_a_tied_weight_is_refused(mode):
+    """Factorising (svd) or merging adapters into (lora) a weight that another module also holds would
+    change that module too: refused at wrap, nothing changed."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 16), nn.Linear(16, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    torch.manual_seed(0)
+    m = LM()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="'head'.*emb.weight \\(tied\\)"):
+        sn.wrap(m, sn.Rank("r", [2, 8, 16], targets="head", mode=mode))
+    assert_unchanged(m, before)

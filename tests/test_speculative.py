@@ -351,3 +351,50 @@ def test_other_families_fall_back_to_their_own_forward():
     for kw in (dict(draft="depth=1", share_cache=True), dict(draft=nest, exits=["depth=1", "depth=3"])):
         with pytest.raises(sn.SortedNetError, match="range by range"):
             sn.speculative_generate(nest, ids, max_new_tokens=4, **kw)
+
+
+def test_sliding_window_models_equal_generate():
+    """Mistral-style sliding-window attention: the drafts' caches are rolled back, which a sliding-window
+    cache layer cannot do; full-length caches with the model's own window mask give generate's tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                             bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    nest = sn.from_transformers(model, depth=[1, 2])
+    for ids in (torch.tensor([[3, 5, 7, 9, 11, 2]]), torch.tensor([[4]])):
+        want = plain(model, ids, 12)
+        for draft, k in (("depth=1", 3), ("depth=2", 5)):
+            got = sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=12, num_draft_tokens=k)
+            assert torch.equal(got.sequences, want), (draft, k)
+
+
+def test_generation_config_logit_processors_are_refused_before_any_forward():
+    model = llama()
+    nest = sn.from_transformers(model, depth=[2])
+    model.generation_config.repetition_penalty = 1.3
+    calls = []
+    h = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(sn.SortedNetError, match="repetition_penalty"):
+            sn.speculative_generate(nest, torch.tensor([[1, 2, 3]]), draft="depth=2", max_new_tokens=4)
+    finally:
+        h.remove()
+        model.generation_config.repetition_penalty = 1.0
+    assert not calls
+
+
+def test_a_prompt_holding_the_pad_token_is_masked_as_generate_does():
+    """generate() infers attention_mask = ids != pad_token_id when the prompt holds the pad token (and it
+    is not an eos token); speculative_generate infers the same, so their greedy tokens agree."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+                                       bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
+    nest = sn.from_transformers(model, depth=[2])
+    ids = torch.tensor([[0, 0, 3, 19, 7, 12]])
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=6)
+    assert torch.equal(got.sequences, want)
+    with pytest.raises(sn.SortedNetError, match="pad token 0"):  # a pad in the middle is not left padding
+        sn.speculative_generate(nest, torch.tensor([[3, 0, 5]]), draft="depth=2", max_new_tokens=2)

@@ -80,7 +80,25 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                                    "which may ignore sliced attributes; register a slicer for it explicitly")
         sl.validate(m, bind, path)
         out[path] = (m, sl, bind)
+    _refuse_tied_factors(model, out)
     return out
+
+
+def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
+    """A Rank target's weight is replaced by factors (or frozen under adapters and merged at unwrap):
+    a weight another module also holds (tied embedding / output layer) cannot follow."""
+    from .slicers.lowrank import LowRankSlicer
+
+    ranked = {id(m._parameters.get("weight")): (path, m) for path, (m, sl, _) in planned.items()
+              if isinstance(sl, LowRankSlicer) and m._parameters.get("weight") is not None}
+    if not ranked:
+        return
+    for path, m in model.named_modules(remove_duplicate=False):
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in ranked and m is not ranked[id(p)][1]:  # the same module twice is fine
+                raise PatternError(f"Rank target {ranked[id(p)][0]!r}: its weight is also {path}.{name} (tied); "
+                                   "factorising or merging adapters into it would change that module too. Untie "
+                                   "them, or leave the layer out of the Rank targets")
 
 
 def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096) -> list:

@@ -1,8 +1,10 @@
 """Depth over nn.ModuleList / nn.Sequential: the first ``d`` blocks run.
 
-Iteration, ``len`` and slicing see the active blocks; integer indexing still
-reaches every block, and ``parameters()`` / ``state_dict()`` still list all
-of them. Sequential's own forward iterates, so it needs nothing more.
+Iteration, ``len``, slicing and integer indexing see the active blocks, as in
+the exported model (``blocks[-1]`` is the last active block: a forward that
+reads it behaves as the export does); ``parameters()`` / ``state_dict()``
+still list all of them. Sequential's own forward iterates, so it needs
+nothing more.
 """
 
 from __future__ import annotations

@@ -72,6 +72,16 @@ class _Round:
     length: int            # sequence length after the round (its last token is in no cache yet)
 
 
+#: generation_config settings that transform the logits inside generate(), with their neutral values
+_UNSUPPORTED: dict[str, tuple] = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,), "forced_decoder_ids": (None,),
+}
+
+
 def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draft_tokens: Any,
               sampling: Sampling, vocab: int, eos: Any, model: Any) -> tuple[int, list[int]]:
     """Checks the run's inputs; returns (left padding to skip, eos ids)."""
@@ -96,6 +106,21 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
         raise SortedNetError(f"top_p must be in (0, 1] or None, got {s.top_p!r}")
     if s.generator is not None and not isinstance(s.generator, torch.Generator):
         raise SortedNetError(f"generator must be a torch.Generator, got {type(s.generator).__name__}")
+    gen = getattr(model, "generation_config", None)
+    changed = {k: getattr(gen, k, None) for k, default in _UNSUPPORTED.items()
+               if getattr(gen, k, None) not in default}
+    if changed:
+        raise SortedNetError(f"the model's generation_config sets {changed}, which transform the logits in "
+                             "generate(); speculative_generate does not apply them (its greedy output would differ "
+                             "from generate's): reset them on model.generation_config, or use model.generate")
+    if eos is None:
+        eos = getattr(gen, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos):
+        raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+    pad_id = getattr(gen, "pad_token_id", None)
+    if attention_mask is None and isinstance(pad_id, int) and pad_id not in eos and bool((input_ids == pad_id).any()):
+        attention_mask = (input_ids != pad_id).long()  # what generate() infers from a prompt holding the pad token
     pad = 0
     if attention_mask is not None:
         m = attention_mask
@@ -103,12 +128,9 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
             raise SortedNetError(f"attention_mask must be a 0/1 tensor of the prompt's shape {tuple(input_ids.shape)}")
         pad = int((m[0] == 0).sum())
         if pad == m.shape[1] or bool((m[0, :pad] != 0).any()):
-            raise SortedNetError("attention_mask: only left padding (zeros before the first token) is supported")
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos):
-        raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+            raise SortedNetError("attention_mask: only left padding (zeros before the first token) is supported"
+                                 + (f" (the mask generate() infers: the prompt holds the pad token {pad_id})"
+                                    if isinstance(pad_id, int) and bool((input_ids == pad_id).any()) else ""))
     limit = getattr(model.config, "n_positions", None) if getattr(model.config, "model_type", "") == "gpt2" else None
     if limit is not None and input_ids.shape[1] - pad + max_new_tokens > limit:
         raise SortedNetError(f"prompt ({input_ids.shape[1] - pad}) + max_new_tokens ({max_new_tokens}) exceeds the "

@@ -35,7 +35,10 @@ LAYER_FAMILIES = {"llama": ("layers", "norm", "embed_tokens"), "gpt2": ("h", "ln
 def _new_cache(model: nn.Module):
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    # one full (growing) layer cache per layer, never the sliding-window kind that DynamicCache(config=...)
+    # builds for Mistral / Qwen2 / Gemma-2: drafts are rolled back (cropped), which a sliding layer that already
+    # dropped past states cannot do; the model's attention mask still applies the window
+    return DynamicCache()
 
 
 def layer_runner_problem(model: nn.Module) -> str | None:
