@@ -113,19 +113,22 @@ def live_vs_alone(build, dims, subs, x, relaid: list[str], repeat: int) -> list[
 
 class _Into(torch.autograd.Function):
     """The in-place gradient path of sortednet, reproduced: a slice of ``w`` whose gradient is
-    added straight into ``w.grad[slice]``; ``copy=True`` hands out a contiguous copy of the slice."""
+    added straight into ``w.grad[slice]``; ``mode="copy"`` hands out a contiguous copy of the slice,
+    ``"grad"`` a view whose column-major gradient is made row-major before the add (what sortednet does)."""
 
     @staticmethod
-    def forward(ctx, w, out, inp, copy):  # type: ignore[override]
-        ctx.w, ctx.out, ctx.inp = w, out, inp
+    def forward(ctx, w, out, inp, mode):  # type: ignore[override]
+        ctx.w, ctx.out, ctx.inp, ctx.mode = w, out, inp, mode
         v = w.detach()[:out, :inp]
-        return v.contiguous() if copy else v
+        return v.contiguous() if mode == "copy" else v
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         w = ctx.w
         if w.grad is None:
             w.grad = torch.zeros_like(w)
+        if ctx.mode == "grad" and g.dim() == 2 and g.stride(0) == 1 and g.stride(1) >= 64:
+            g = g.contiguous()
         w.grad[: ctx.out, : ctx.inp].add_(g)
         return None, None, None, None
 
@@ -145,12 +148,15 @@ def layers(quick: bool) -> list[list]:
                 x = torch.randn(tokens, i)
                 dense = torch.randn(o, i, requires_grad=True)
                 fns = {"dense": lambda x=x, d=dense: F.linear(x, d).sum().backward(),
-                       "row view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_row, o, i, False)).sum().backward(),
-                       "row copy": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_row, o, i, True)).sum().backward(),
-                       "col view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_col, o, i, False)).sum().backward()}
+                       "row view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_row, o, i, "")).sum().backward(),
+                       "row view, grad row-major": lambda x=x, o=o, i=i: F.linear(
+                           x, _Into.apply(w_row, o, i, "grad")).sum().backward(),
+                       "row copy": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_row, o, i, "copy")).sum().backward(),
+                       "col view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_col, o, i, "")).sum().backward()}
                 t = interleaved(fns, repeat=repeat, clock=time.thread_time)
                 rows.append([f"{tokens}x{i} -> {o} (of {full} -> {out})", role,
-                             *(t[k] / t["dense"] for k in ("row view", "row copy", "col view")), t["dense"] * 1e3])
+                             *(t[k] / t["dense"] for k in ("row view", "row view, grad row-major", "row copy",
+                                                           "col view")), t["dense"] * 1e3])
     return rows
 
 
@@ -180,7 +186,7 @@ def run(quick: bool) -> str:
     layer_rows = layers(quick)
     stack_rows = stacks(quick)
     return "\n\n".join([
-        "# Weight layout of input-sliced nn.Linear weights: row-major (today) vs transposed storage",
+        "# Weight layout of input-sliced nn.Linear weights: row-major (the user's) vs transposed storage",
         f"Command: `python benchmarks/layout.py{' --quick' if quick else ''}`; torch {torch.__version__}, "
         f"{platform.machine()}, {torch.get_num_threads()} thread(s); "
         "medians of round-robin repeats of the thread's CPU time. "
@@ -192,10 +198,14 @@ def run(quick: bool) -> str:
         table(["shape", "fwd row", "fwd col", "grad-in row", "grad-in col", "gacc row / gw", "gacc col / gw",
                "dense fwd ms"], op_rows),
         "## One linear layer, forward + backward (ratio to a dense weight of the active size)",
-        "The in-place gradient path reproduced (gradient added into the slice of `.grad`): `row view` is what "
-        "sortednet does today, `row copy` hands the matmul a contiguous copy of the slice (so `mm`'s backward "
-        "returns the weight gradient in the slice's layout), `col view` reads the re-laid storage.",
-        table(["layer", "sliced", "row view", "row copy", "col view", "dense train ms"], layer_rows),
+        "The in-place gradient path reproduced (gradient added into the slice of `.grad`): `row view` adds "
+        "`mm`'s column-major weight gradient into the row-major slice as it comes (a transposing add), "
+        "`row view, grad row-major` first makes it row-major (what sortednet does: the module reads a view of "
+        "the parameter), `row copy` hands the matmul a contiguous copy of the slice (so `mm`'s backward "
+        "returns the weight gradient in the slice's layout; the module then reads a copy, not the parameter), "
+        "`col view` reads the re-laid storage.",
+        table(["layer", "sliced", "row view", "row view, grad row-major", "row copy", "col view", "dense train ms"],
+              layer_rows),
         "## Stacks of benchmarks/overhead.py (input-sliced weights re-laid in `col`)",
         table(["model", "sub-model", "train row", "train col", "infer row", "infer col", "standalone train ms"],
               stack_rows),

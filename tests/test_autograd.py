@@ -278,3 +278,40 @@ def test_checkpoint_recomputes_the_forward_submodel(name, where, reentrant):
         else:
             loss.backward()
         same_grads([p.grad for p in params_of(case)], want, f"checkpoint ({where})")
+
+
+def _wide_mlp(inplace: bool):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 96))
+    return m, sn.wrap(m, sn.Width("h", [64, 256], out="0", inp="2"), inplace_grad=inplace)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_sliced_weight_is_a_view_of_the_parameter_in_training(inplace):
+    """Under use(sub) with gradients on, module.weight is a view of the parameter (input-sliced weights
+    included): an in-place write reaches the parameter, and a parameter changed between forward and
+    backward trips autograd's version check, as plain slicing does."""
+    m, nest = _wide_mlp(inplace)
+    x = torch.randn(8, 32)
+    with nest.use("h=64"):
+        w = m[2].weight
+        assert w.untyped_storage().data_ptr() == m[2]._parameters["weight"].untyped_storage().data_ptr()
+        w.data.clamp_(-0.01, 0.01)
+        assert m[2]._parameters["weight"][:, :64].abs().max() <= 0.01
+        loss = m(x).square().sum()
+        loss.backward(retain_graph=True)
+        with torch.no_grad():
+            m[2]._parameters["weight"].mul_(2)
+        with pytest.raises(RuntimeError, match="modified"):  # never the old weights silently
+            loss.backward()
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_parameter_frozen_after_the_forward_gets_no_gradient(inplace):
+    m, nest = _wide_mlp(inplace)
+    with nest.use("h=64"):
+        loss = m(torch.randn(8, 32)).square().sum()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    loss.backward()
+    assert all(p.grad is None for p in m.parameters())

@@ -243,3 +243,19 @@ def test_flops_of_an_example_after_loading_a_profile_of_another(tmp_path):
     assert nest.cost(nest.smallest, "flops") == other.cost(other.smallest, "flops")  # the profile's table
     assert nest.cost(nest.smallest, "flops", example=x1) == want
     assert nest.cost(nest.smallest, "flops", example=x64) == other.cost(other.smallest, "flops")
+
+
+def test_counting_flops_changes_no_state():
+    """cost(sub, "flops", example=) counts on a private eval-mode view: a model in training mode keeps
+    its BatchNorm statistics, its training flag and the global random stream."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Dropout(0.5),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).train()
+    nest = sn.wrap(model, sn.Width("c", [4, 8], out="0", norm="1", inp="5"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 6, 6)
+    rng = torch.get_rng_state()
+    assert nest.cost(nest.smallest, "flops", example=x) > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.training and all(m.training for m in model.modules())

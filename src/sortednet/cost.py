@@ -159,8 +159,9 @@ class _CountFlops(TorchDispatchMode):
 
 
 def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
-    """Floating-point operations of one forward of ``sub`` on ``example`` (no grad),
-    on ``model`` (default ``nest.model``).
+    """Floating-point operations of one forward of ``sub`` on ``example`` (no grad, eval mode),
+    on ``model`` (default: a private eval-mode view of ``nest.model`` sharing its tensors, so no
+    BatchNorm statistic, random draw or training flag of the model changes).
 
     PyTorch's fused attention / encoder fast paths step aside while counting
     (the counter cannot see inside them, and they would make a full-size layer
@@ -171,9 +172,13 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     >>> count_flops(nest, sn.SubModel(h=2), torch.randn(1, 4))
     24
     """
+    from .modes import dry_run, eval_view
+
+    if model is None:  # a private eval-mode view: no BatchNorm statistic, dropout draw or mode flag changes
+        model, _ = eval_view(nest.model, keep=nest.dims)
     counter = _CountFlops()
-    with nest.use(sub), torch.no_grad(), _NoFastPath(), counter:
-        call_model(nest.model if model is None else model, example)
+    with dry_run(nest.model), nest.use(sub), torch.no_grad(), _NoFastPath(), counter:
+        call_model(model, example)
     return int(counter.total)
 
 

@@ -91,8 +91,8 @@ def cuts_for(shape: torch.Size | tuple[int, ...], bind: dict[str, Binding], axes
     return tuple(cuts), segs
 
 
-#: :class:`SliceInto` hands out a row-major copy of a strided 2-d slice whose rows are at least this
-#: long (in training only: inference reads the view itself)
+#: :class:`SliceInto`'s backward makes a column-major 2-d weight gradient at least this long per column
+#: row-major before adding it into the (row-major) slice of ``.grad``
 ROW_COPY_MIN = 64
 
 
@@ -112,18 +112,19 @@ class SliceInto(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, param: Tensor, cuts: Cuts, lock: Any) -> Tensor:  # type: ignore[override]
         ctx.param, ctx.cuts, ctx.lock = param, cuts, lock
-        v = cut(param.detach(), cuts)
-        if v.dim() == 2 and v.stride(0) >= ROW_COPY_MIN and not v.is_contiguous():
-            # an input-sliced weight: matmul backward would hand a column-major gradient whose add
-            # into the slice transposes; a row-major copy of the slice makes that add dense, for less
-            # than the transposed add costs (benchmarks/results/layout.md, docs/mechanism.md)
-            v = v.contiguous()
-        return v
+        return cut(param.detach(), cuts)  # a view: in-place changes and version checks reach the parameter
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         p, cuts = ctx.param, ctx.cuts
+        if not p.requires_grad:  # frozen after the forward: autograd's AccumulateGrad drops it too
+            return None, None, None
         if accumulates_plainly(ctx, p, grad, whole=not cuts):
+            if grad.dim() == 2 and grad.stride(0) == 1 and grad.stride(1) >= ROW_COPY_MIN and p.is_contiguous():
+                # mm's backward hands an input-sliced (strided) weight a column-major gradient; adding it into
+                # the row-major slice of .grad element by element transposes badly, a blocked transposing
+                # copy first and a row-wise add are far cheaper (benchmarks/results/layout.md)
+                grad = grad.contiguous()
             with ctx.lock:
                 g = p.grad
                 if g is None and not cuts:

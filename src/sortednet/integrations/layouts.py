@@ -221,6 +221,7 @@ def detect(model: nn.Module) -> Found:
         f"from_transformers does not know the layout of {type(model).__name__}; known families: {SUPPORTED}. "
         "Describe it once with sortednet.integrations.register_layout(Layout(family, probe=..., ffn_out=..., "
         "ffn_inp=..., attn=..., ...)) (see docs/transformers.md), or declare the dimensions by hand: "
-        "sn.wrap(model, sn.Width('ffn', [...], out=['model.layers.*.mlp.up_proj'], inp=['model.layers.*.mlp."
+        "sn.wrap(model, sn.Width('ffn', [...], out=['model.layers.*.mlp.gate_proj', 'model.layers.*.mlp.up_proj'], "
+        "inp=['model.layers.*.mlp."
         "down_proj']), sn.Heads('heads', [...], attn='model.layers.*.self_attn'), sn.Depth('depth', [...], "
         "layers='model.layers')) (import sortednet.integrations first for GPT-2 Conv1D layers)")

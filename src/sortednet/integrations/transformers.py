@@ -378,7 +378,7 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
         raise SortedNetError(
             f"{type(nest.model).__name__}: a sub-model with fewer attention heads ({sub}) cannot be loaded by the "
             f"stock class, whose config derives the head size from hidden size / {lay.heads_key}; export it as a "
-            "plain module with nest.export(sub, plain=True) (torch.save / sn.save), or keep all heads")
+            "plain module with nest.export(sub, plain=True) (save it with torch.save), or keep all heads")
     n = sub[heads[0].name]
     d = getattr(cfg, lay.head_dim_key, None) or cfg.hidden_size // n_heads
     setattr(cfg, lay.head_dim_key, d)
