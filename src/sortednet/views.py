@@ -91,9 +91,23 @@ def cuts_for(shape: torch.Size | tuple[int, ...], bind: dict[str, Binding], axes
     return tuple(cuts), segs
 
 
-#: :class:`SliceInto`'s backward makes a column-major 2-d weight gradient at least this long per column
-#: row-major before adding it into the (row-major) slice of ``.grad``
-ROW_COPY_MIN = 64
+#: a column-major 2-d gradient of at least this many elements is added into a row-major slice of ``.grad``
+#: in blocks of :data:`ADD_BLOCK` columns (see :func:`_add`)
+BLOCKED_ADD_MIN = 1 << 18
+ADD_BLOCK = 128
+
+
+def _add(target: Tensor, grad: Tensor) -> None:
+    """``target += grad``. ``mm``'s backward hands an input-sliced (strided) weight a column-major gradient;
+    added into the row-major slice of ``.grad`` in one go, every row of the target reads a strided column
+    of the gradient, which leaves the cache once the weight is larger than it. Column blocks keep both
+    operands of each add cache-resident (benchmarks/results/layout.md: `row view, blocked add`)."""
+    if (grad.dim() == 2 and grad.numel() >= BLOCKED_ADD_MIN and grad.stride(0) == 1 and target.stride(1) == 1
+            and grad.shape[1] > ADD_BLOCK):
+        for j in range(0, grad.shape[1], ADD_BLOCK):
+            target[:, j:j + ADD_BLOCK].add_(grad[:, j:j + ADD_BLOCK])
+    else:
+        target.add_(grad)
 
 
 class SliceInto(torch.autograd.Function):
@@ -120,11 +134,6 @@ class SliceInto(torch.autograd.Function):
         if not p.requires_grad:  # frozen after the forward: autograd's AccumulateGrad drops it too
             return None, None, None
         if accumulates_plainly(ctx, p, grad, whole=not cuts):
-            if grad.dim() == 2 and grad.stride(0) == 1 and grad.stride(1) >= ROW_COPY_MIN and p.is_contiguous():
-                # mm's backward hands an input-sliced (strided) weight a column-major gradient; adding it into
-                # the row-major slice of .grad element by element transposes badly, a blocked transposing
-                # copy first and a row-wise add are far cheaper (benchmarks/results/layout.md)
-                grad = grad.contiguous()
             with ctx.lock:
                 g = p.grad
                 if g is None and not cuts:
@@ -132,7 +141,7 @@ class SliceInto(torch.autograd.Function):
                 else:
                     if g is None:
                         p.grad = g = torch.zeros_like(p)
-                    cut(g, cuts).add_(grad)
+                    _add(cut(g, cuts), grad)
             return None, None, None
         if not cuts:
             return grad, None, None
