@@ -1,4 +1,4 @@
-"""How much accuracy BatchNorm recalibration recovers for small sub-models (issue 5).
+"""How much accuracy BatchNorm recalibration recovers for small sub-models.
 
 A small CNN with BatchNorm (digits, 8x8) is trained once with sorted
 training (sandwich sampler: smallest + largest + random each step), so its
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         gains.append((s, gain))
         rows.append([f"`{s}`", runs[0]["params"][s], f"{100 * mean('shared', s):.1f}",
                      f"{100 * mean('calibrated', s):.1f}", f"{100 * gain:+.1f}", f"{100 * mean('exported', s):.1f}"])
-    small = [g for s, g in gains if runs[0]["params"][s] <= sorted(runs[0]["params"].values())[len(subs) // 4]]
+    small = [g for s, g in gains if runs[0]["params"][s] < sorted(runs[0]["params"].values())[len(subs) // 4]]
     worst_export = max(abs(r["exported"][s] - r["calibrated"][s]) for r in runs for s in subs)
     text = (f"# BatchNorm calibration on digits\n\nCommand: `python benchmarks/calibration.py"
             f"{' --quick' if args.quick else ''}`; torch {torch.__version__}, {platform.machine()}, 1 thread. "

@@ -65,7 +65,7 @@ def summary_md(results: dict) -> str:
             lines.append(f"| {r['method']} | {r['passes']:.2f}× | {r['flops']:.2f}× | {_pct(r['mean_acc'])} "
                          f"({r['n']}) | {_pct(r['worst_acc'])} | {_pct(r['largest'])} | {r['mean_ratio']:.4f} | "
                          f"{r['worst_ratio']:.4f} (`{r['worst_twin']}`) | {r['ok98']}/{len(arch['twins'])} |")
-        lines += ["", f"Targets (issue 4) for each sortednet method: every twin ≥ 98%, mean ratio ≥ 99%, compute ≤ k = "
+        lines += ["", f"Targets for each sortednet method: every twin ≥ 98%, mean ratio ≥ 99%, compute ≤ k = "
                   f"{k}× training the largest once (FLOPs):", "",
                   "| method | every twin ≥ 98% | mean ≥ 99% | compute ≤ k× |", "| --- | --- | --- | --- |"]
         for r in rows:
@@ -170,8 +170,8 @@ def write(results: dict, out: str, docs: str | None = None) -> None:
             note = ("The CNN has BatchNorm after each convolution, sliced with its channels; after training, "
                     "every method recomputes the statistics (per sub-model with `nest.calibrate`, each standalone "
                     "twin for itself), so the calibration is part of the recipe, not of one method. "
-                    "`sortednet weighted small` draws k sub-models with probability ∝ rank from the small end "
-                    "(`Sampler(..., strategy=\"weighted\", weights=\"small\")`).")
+                    "`sortednet weighted small` draws k sub-models with probability ∝ rank from the large end, "
+                    "favouring small sub-models (`Sampler(..., strategy=\"weighted\", weights=\"small\")`).")
             block = f"{BEGIN}\n<!-- rendered from benchmarks/results/digits.json by benchmarks/digits.py -->\n\n" \
                     f"{note}\n\n{summary}\n{END}"
             text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)

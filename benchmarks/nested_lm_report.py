@@ -122,10 +122,13 @@ def render(res: dict[str, Any], out_dir: str) -> None:
                   f"wall, at the same time as the main run): {', '.join(m['methods'])}."
                   for m in meta.get("merged", ())) + "\n\n"
         "Methods: (a) sortednet: `sn.Sampler` + `sn.accumulate` over all sub-models (`+ SoFT depth`: the sampler "
-        "draws ffn × heads at full depth and `soft_loss` reads the depth exits in the same pass; `+ distill`: "
-        f"`sn.Distill(alpha={cfg['distill_alpha']})`, the largest drawn sub-model's logits teach the others; "
-        "`loss weights ∝ params`: `sn.Sampler(nest, ..., loss_weights=\"cost\")`, each drawn sub-model's loss "
-        "weighted by its parameter count instead of the plain mean; `loss weights small`: `loss_weights=\"small\"`, "
+        "draws ffn × heads at full depth and `soft_loss` reads the depth exits in the same pass; "
+        + ("`+ distill`: " f"`sn.Distill(alpha={cfg['distill_alpha']})`, the largest drawn sub-model's logits teach "
+           "the others; " if any("distill" in n for n in res["methods"]) else "")
+        + ("`loss weights ∝ params`: `sn.Sampler(nest, ..., loss_weights=\"cost\")`, each drawn sub-model's loss "
+           "weighted by its parameter count instead of the plain mean; " if any("∝ params" in n for n in res["methods"])
+           else "")
+        + "`loss weights small`: `loss_weights=\"small\"`, "
         "weights ∝ rank from the large end; `small first`: `sn.Sampler(..., small_first=steps // 3)`, small "
         "sub-models drawn more over the first third of the run); "
         "(b) twins: each a `LlamaForCausalLM` of exactly that sub-model's shapes, trained alone; "

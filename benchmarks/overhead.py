@@ -1,5 +1,5 @@
 """Overhead of running a sub-model inside the wrapped model vs a standalone model
-of the same size, eager and compiled (issue 12).
+of the same size, eager and compiled.
 
 Every ratio is measured side by side in one run (round-robin timing, medians, one
 intra-op thread). Models: the MLP and transformer stacks, a ResNet-18-style CNN with
@@ -433,7 +433,7 @@ def run(quick: bool, compile_mode: str, torch_profiler: bool = False, repeat: in
         f"(`time.thread_time`: preemption by other processes is left out); medians of {repeat} round-robin repeats "
         f"(inference and decoding: {2 * repeat}); total {time.perf_counter() - t0:.0f} s. Standalone: an "
         "independently built model of the sub-model's size (llama: `nest.export(sub)`).",
-        "## Summary (targets of issue 12)",
+        "## Summary (targets)",
         table(["measure", "median", "worst", "target", "verdict"], summary),
         "## Per sub-model (ratios to a standalone model of the same size)",
         "`train`: forward + backward (gradients accumulated into `.grad`); `infer`: forward under `no_grad`; "

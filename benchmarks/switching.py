@@ -1,4 +1,4 @@
-"""Switching and selection cost as the number of sub-models N grows (issue 5).
+"""Switching and selection cost as the number of sub-models N grows.
 
 One synthetic model (5 Linear layers, 4 hidden widths) is wrapped with 1 to 4
 of its widths nested in 10 sizes each, giving N = 10, 100, 1,000, 10,000
@@ -12,7 +12,7 @@ sub-models over the SAME weights. For each N:
 - memory: weight bytes before/after wrapping and after visiting every
   sub-model (must not change), and Python bookkeeping bytes per sub-model.
 
-A second part (issue 10) nests 6 widths of an 8-layer MLP in 10 sizes each:
+A second part nests 6 widths of an 8-layer MLP in 10 sizes each:
 N = 10^6 sub-models. It times wrap, the first pick (builds the selector), a
 pick, a sampler draw, save and load, each with its peak of traced Python
 memory (NumPy included), in a fresh process; with ``--baseline REV`` the same
