@@ -42,7 +42,6 @@ def data(ctx: int, batch: int, steps: int, seed: int = 0):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def held_out(model: torch.nn.Module, val: list[torch.Tensor]) -> float:
     """Mean held-out loss (nats/char) of the active sub-model."""
     model.eval()

@@ -82,8 +82,9 @@ def main() -> None:
 
     # 4. pick by budget, export a standard GPT2LMHeadModel, reload it, generate
     sub = nest.pick(fraction=0.6)
-    if sub["heads"] < 4:  # GPT-2 configs cannot describe fewer heads of the same size
-        sub = sub.replace(heads=4)
+    if sub["heads"] < 4:  # GPT-2 configs cannot describe fewer heads of the same size: the largest sub-model
+        budget = 0.6 * nest.cost(nest.largest)  # with every head that fits the same budget
+        sub = max((s for s in nest.submodels if s["heads"] == 4 and nest.cost(s) <= budget), key=nest.cost)
     with tempfile.TemporaryDirectory() as tmp:
         export_pretrained(nest, sub).save_pretrained(tmp)
         small = GPT2LMHeadModel.from_pretrained(tmp).eval()
