@@ -28,7 +28,7 @@ CASES = {
     "mlp_real_size": (lambda: FAMILIES["mlp"](h1=128, h2=64), None),  # fc2.weight: 8192 elements
     "mlp_wide": (lambda: FAMILIES["mlp"](h1=768, h2=768), None),      # long in-place adds: races show
     "tied_lm": (lambda: FAMILIES["tied_lm"](vocab=300), None),       # one 300x16 weight, two modules
-    "mlp_long_rows": (lambda: FAMILIES["mlp"](h1=2048, h2=12), None),  # fc2.weight[:, :h]: 2048-wide rows, blocked gradient add
+    "mlp_long_rows": (lambda: FAMILIES["mlp"](h1=2048, h2=12), None),  # fc2.weight[:, :h]: 2048-wide rows
 }
 # SDPA has no double backward on CPU
 NO_SDPA = ["mlp", "cnn_bn_residual", "sequential", "mlp_real_size", "mlp_long_rows"]
