@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from .export import reachable_modules
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -96,8 +97,9 @@ class ParamCounter:
             blocks = [blk for m in nest._depth for blk in m._sn.slicer.inactive(m)]
             skipped = {id(p) for blk in blocks for p in blk.parameters()}
             if skipped:  # a weight of a skipped block that a running module also holds (tied, shared) still counts
-                skipped -= _reachable_params(nest.model, {(id(m), name) for m in nest._depth
-                                                          for name in m._sn.slicer.skipped(m)})
+                held = reachable_modules(nest.model, {(id(m), name) for m in nest._depth
+                                                      for name in m._sn.slicer.skipped(m)})
+                skipped -= {id(p) for m in held.values() for p in m._parameters.values() if p is not None}
             total = 0
             for p in params:
                 if id(p) in skipped:
@@ -105,22 +107,6 @@ class ParamCounter:
                 owner = nest._tensor_owner.get(id(p))
                 total += owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
         return total
-
-
-def _reachable_params(model: nn.Module, cut: set[tuple[int, str]]) -> set[int]:
-    """ids of the parameters held by modules reachable from ``model`` without passing a
-    ``(id(parent), child name)`` in ``cut`` (the skipped positions of a layer list)."""
-    live: set[int] = set()
-    seen: set[int] = set()
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        live.update(id(p) for p in m._parameters.values() if p is not None)
-        stack.extend(c for name, c in m._modules.items() if c is not None and (id(m), name) not in cut)
-    return live
 
 
 class _NoFastPath(TorchFunctionMode):

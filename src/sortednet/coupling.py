@@ -323,6 +323,11 @@ def _merge(a: Coupling, b: Coupling) -> Coupling:
         uf.mult[v] = g.multiple
         for path, role in g.bindings:
             uf.bind(v, path, role)
+    return _coupling(uf, list({x.path: x for x in (*a.attention, *b.attention)}.values()))
+
+
+def _coupling(uf: _UF, attention: list[Attention]) -> Coupling:
+    """The groups of a finished union-find, in first-seen order."""
     roots: dict[int, int] = {}
     groups: list[Group] = []
     for v in range(len(uf.parent)):
@@ -331,9 +336,7 @@ def _merge(a: Coupling, b: Coupling) -> Coupling:
             continue
         roots[r] = len(groups)
         groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r]))
-    attention = list({x.path: x for x in (*a.attention, *b.attention)}.values())
-    role_group = {k: roots[uf.find(r)] for k, r in uf.roles.items()}
-    return Coupling(groups, attention, role_group)
+    return Coupling(groups, attention, {k: roots[uf.find(r)] for k, r in uf.roles.items()})
 
 
 def _analyse(view: nn.Module, model: nn.Module, example: Any) -> Coupling:
@@ -342,15 +345,5 @@ def _analyse(view: nn.Module, model: nn.Module, example: Any) -> Coupling:
     a = _Analysis(view, example, attn)
     a.run(events)
     a.fix_all(_tensors(out), "the network output")
-    uf = a.uf
-    roots: dict[int, int] = {}
-    groups: list[Group] = []
-    for v in range(len(uf.parent)):
-        r = uf.find(v)
-        if r in roots or not uf.binds[r]:
-            continue
-        roots[r] = len(groups)
-        groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r]))
-    role_group = {k: roots[uf.find(r)] for k, r in uf.roles.items()}
-    return Coupling(groups, a.attention, role_group)
+    return _coupling(a.uf, a.attention)
 

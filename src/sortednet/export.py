@@ -60,7 +60,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             for name in m._sn.slicer.skipped(m):  # e.g. blocks past the active depth
                 drop.append((m, name))
                 skipped.append(_name(path, name))
-        kept = _reachable(model, {(id(m), name) for m, name in drop})
+        kept = reachable_modules(model, {(id(m), name) for m, name in drop})
         for m, name in drop:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
@@ -86,15 +86,16 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     return new
 
 
-def _reachable(model: nn.Module, cut: set[tuple[int, str]]) -> set[int]:
-    """ids of the modules reachable from ``model`` without passing a ``(id(parent), child name)`` in ``cut``."""
-    seen: set[int] = set()
+def reachable_modules(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, nn.Module]:
+    """The modules reachable from ``model`` (by id) without passing a ``(id(parent), child name)`` in ``cut``
+    (e.g. the skipped positions of a layer list: a block also held at a kept position stays reachable)."""
+    seen: dict[int, nn.Module] = {}
     stack = [model]
     while stack:
         m = stack.pop()
         if id(m) in seen:
             continue
-        seen.add(id(m))
+        seen[id(m)] = m
         stack.extend(c for name, c in m._modules.items() if c is not None and (id(m), name) not in cut)
     return seen
 
