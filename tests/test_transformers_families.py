@@ -565,3 +565,14 @@ def test_depth_export_of_a_backbone_config_reloads(tmp_path):
         back = T.Dinov2Model.from_pretrained(tmp_path / str(d)).eval()
         with torch.no_grad(), nest.use(f"depth={d}"):
             torch.testing.assert_close(back(**x).last_hidden_state, model(**x).last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_the_self_check_never_refuses_for_an_input_the_full_model_cannot_run(monkeypatch):
+    """When the generated input does not run the FULL model (a dtype the CPU lacks, inputs the model needs
+    beyond ids), the check learns nothing about the layout and is skipped, never a false refusal."""
+    import sortednet.integrations.transformers as sit
+
+    monkeypatch.setattr(sit, "_dummy_input", lambda m: {"input_ids": torch.full((1, 3), 10**6)})  # out of vocab
+    model, kw, _, _ = build("llama")
+    nest = sn.from_transformers(model, **kw)
+    assert nest._hf.layout.family == "llama"

@@ -207,6 +207,11 @@ def _self_check(nest: Nest) -> None:
     why = ("; nest it without {name}=, or describe it with register_layout (from_transformers(..., verify=False) "
            "skips this check)")
     with dry_run(model), eval_mode(nest) as (view, copies), torch.no_grad():
+        try:
+            with nest.use(nest.largest):
+                view(**example)
+        except Exception:  # the full model itself does not run on this input here (e.g. float16 on a CPU):
+            return         # nothing to learn about the layout
         for sub, what in [*((nest.resolve({**full, d.name: d.sizes[0]}), d) for d in nest.dims
                             if d.name in ("ffn", "heads") and d.sizes[0] < d.full), (nest.smallest, None)]:
             name = what.name if what is not None else "the smallest sub-model"
