@@ -325,6 +325,12 @@ def test_trainer_rejects_foreign_model(tmp_path):
     with pytest.raises(sn.SortedNetError, match="nest's model"):
         SortedTrainer(model=gpt2(), args=args, train_dataset=[], nest=nest)
     assert len(make_sampler(nest, k=5).draw(0)) == 2
+    with pytest.raises(sn.SortedNetError, match="depths"):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_exits=[])
+    smooth = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                               label_smoothing_factor=0.1)
+    with pytest.raises(sn.SortedNetError, match="label_smoothing_factor"):  # the SoFT loss would ignore it
+        SortedTrainer(model=model, args=smooth, train_dataset=[], nest=nest, soft_exits=[2])
 
 
 def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():

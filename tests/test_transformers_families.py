@@ -576,3 +576,30 @@ def test_the_self_check_never_refuses_for_an_input_the_full_model_cannot_run(mon
     model, kw, _, _ = build("llama")
     nest = sn.from_transformers(model, **kw)
     assert nest._hf.layout.family == "llama"
+
+
+def test_soft_loss_keeps_each_weight_with_its_exit_and_refuses_logit_scaling():
+    model, _, _, _ = build("gpt2")
+    nest = sn.from_transformers(model, depth=[1])
+    ids = inputs("causal")["input_ids"]
+    out = soft_loss(nest, ids, exits=[2, 1], weights=[1.0, 0.0])
+    torch.testing.assert_close(out.loss, out.losses[2], atol=0, rtol=0)
+    with pytest.raises(sn.SortedNetError, match="distinct exits"):
+        soft_loss(nest, ids, exits=[2, 2], weights=[1.0, 1.0])
+    torch.manual_seed(0)
+    granite = T.GraniteForCausalLM(T.GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=2, num_attention_heads=4, logits_scaling=8.0))
+    with pytest.raises(sn.SortedNetError, match="logits_scaling"):
+        soft_loss(granite, ids, exits=[1, 2])
+
+
+def test_sort_by_importance_refuses_a_non_finite_or_non_scalar_loss():
+    model, kw, kind, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=kw["ffn"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = inputs(kind)
+    with pytest.raises(sn.SortedNetError, match="is inf"):
+        sn.sort_by_importance(nest, [good, good], loss_fn=lambda m, b: out(m, b).sum() * float("inf"))
+    with pytest.raises(sn.SortedNetError, match="scalar"):
+        sn.sort_by_importance(nest, [good], loss_fn=lambda m, b: out(m, b))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

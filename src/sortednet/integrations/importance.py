@@ -129,7 +129,16 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
             for batch in batches:
                 for p in model.parameters():
                     p.grad = None
-                (loss_fn or _default_loss)(view, batch).backward()
+                loss = (loss_fn or _default_loss)(view, batch)
+                if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+                    raise SortedNetError(f"sort_by_importance: loss_fn must return a scalar floating-point tensor, "
+                                         f"got {type(loss).__name__}"
+                                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+                if not bool(torch.isfinite(loss.detach())):
+                    raise SortedNetError(f"sort_by_importance: the loss of batch {n} is {float(loss)}; its gradient "
+                                         "scores would be NaN and every order meaningless. Nothing was changed: "
+                                         "drop that batch (or fix the loss)")
+                loss.reshape(()).backward()
                 for i, blk in enumerate(blocks):
                     if ffn:
                         ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(_paths(blk, lay.ffn_inp)[0]), 1)

@@ -62,7 +62,8 @@ def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module,
         raise SortedNetError(f"SoFT needs a causal LM with a final norm and an LM head; {type(model).__name__} "
                              f"({found.layout.family} layout) has none")
     cfg = getattr(model, "config", None)
-    post = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(cfg, k, None) not in (None, 1, 1.0)]
+    post = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                        "output_multiplier_scale") if getattr(cfg, k, None) not in (None, 1, 1.0)]
     if post:
         raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__} also transforms "
                              f"its logits ({post[0]}={getattr(cfg, post[0])}), which soft_loss does not reproduce")
@@ -94,14 +95,19 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int
     if exits is None:
         depth = [d for d in (nest.dims if nest else ()) if isinstance(d, Depth)]
         exits = [s for s in depth[0].sizes if s <= n] if depth else list(range(1, n + 1))
-    exits = sorted(set(exits))
-    bad = [e for e in exits if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= n]
-    if not exits or bad:
-        raise SortedNetError(f"soft_loss: exits must be block counts in 1..{n} (active depth), got {list(exits)}")
+    given = list(exits)
+    bad = [e for e in given if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= n]
+    if not given or bad:
+        raise SortedNetError(f"soft_loss: exits must be block counts in 1..{n} (active depth), got {given}")
     if weights is None:
-        weights = [1.0] * len(exits)
-    if len(weights) != len(exits) or sum(weights) <= 0 or min(weights) < 0:
-        raise SortedNetError(f"soft_loss: need one non-negative weight per exit {exits}, got {list(weights)}")
+        exits, weights = sorted(set(given)), [1.0] * len(set(given))
+    else:
+        weights = list(weights)
+        if len(weights) != len(given) or len(set(given)) != len(given) or sum(weights) <= 0 or min(weights) < 0:
+            raise SortedNetError(f"soft_loss: need distinct exits and one non-negative weight per exit, got exits "
+                                 f"{given} and weights {weights}")
+        pairs = sorted(zip(given, weights))  # each weight stays with its exit
+        exits, weights = [e for e, _ in pairs], [w for _, w in pairs]
     labels = input_ids if labels is None else labels
     captured: dict[int, Tensor] = {}
 

@@ -71,6 +71,16 @@ class SortedTrainer(Trainer):
                  soft_weights: Sequence[float] | None = None, **kw: Any) -> None:
         if not isinstance(nest, Nest):
             raise SortedNetError(f"SortedTrainer(nest=...) needs a Nest, got {type(nest).__name__}")
+        if soft_exits is not None:
+            exits = list(soft_exits)
+            if not exits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in exits):
+                raise SortedNetError(f"SortedTrainer(soft_exits=...) needs depths >= 1, got {exits}")
+            args_ = kw.get("args", args[1] if len(args) > 1 else None)
+            smoothing = getattr(args_, "label_smoothing_factor", 0) or 0
+            if smoothing or kw.get("compute_loss_func") is not None:
+                raise SortedNetError("SortedTrainer(soft_exits=...) computes the SoFT loss itself (plain cross-entropy "
+                                     "at each exit): label_smoothing_factor and compute_loss_func would be ignored; "
+                                     "drop them, or train without soft_exits")
         super().__init__(*args, **kw)
         if self.accelerator.unwrap_model(self.model) is not nest.model:
             raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)")
