@@ -136,8 +136,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                          + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
                 if not bool(torch.isfinite(loss.detach())):
                     raise SortedNetError(f"sort_by_importance: the loss of batch {n} is {float(loss.detach())}; "
-                                         "its gradient scores would be NaN and every order meaningless. Nothing was changed: "
-                                         "drop that batch (or fix the loss)")
+                                         "its gradient scores would be NaN and every order meaningless. Nothing "
+                                         "was changed: drop that batch (or fix the loss)")
                 loss.reshape(()).backward()
                 for i, blk in enumerate(blocks):
                     if ffn:
