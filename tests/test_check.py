@@ -219,3 +219,27 @@ def test_dry_runs_leave_buffers_and_weights_as_they_were():
     after = model.state_dict()
     assert torch.equal(after["calls"], before["calls"]) and torch.equal(after["emb.weight"], before["emb.weight"])
     assert not torch.equal(after["fc1.weight"], before["fc1.weight"])  # the permutation
+
+
+def test_whole_heads_check_skips_a_sub_model_a_restricted_nest_lacks():
+    """nest.check on a nest restricted to sub-models where heads never shrink alone: nothing to measure,
+    never a false refusal."""
+    from sortednet.check import whole_units_error
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _AttnNet(False)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x) + self.mlp(x)
+
+    torch.manual_seed(0)
+    model, x = Two().eval(), torch.randn(2, 6, 5)
+    nest = sn.wrap(model, sn.Heads("h", [2, 4], attn="net.att"), sn.Width("f", [8, 16], out="mlp.0", inp="mlp.2"),
+                   submodels=[{"h": 4, "f": 16}, {"h": 2, "f": 8}])
+    nest.check(x)
+    assert whole_units_error(nest, nest.dims[0], 2, x) is None
+    full = sn.wrap(_AttnNet(False).eval(), sn.Heads("h", [2, 4], attn="att"))
+    assert whole_units_error(full, full.dims[0], 2, x) <= 1e-5
