@@ -111,7 +111,8 @@ def test_training_only_branches_are_checked(declared):
 
 def test_rank_svd_of_a_meta_model_is_refused_and_a_meta_model_has_no_false_ties(tmp_path):
     """A model on the meta device has no values: the SVD factors of Rank(svd) cannot be built (a clear
-    refusal, not a raw error), and its tensors (all at address 0) are not mistaken for tied weights."""
+    refusal, not a raw error); loading a checkpoint into it is refused as such (load_state_dict would be
+    a no-op), not mistaken for tied weights (its tensors all sit at address 0)."""
     with torch.device("meta"):
         m = _mlp()
     with pytest.raises(sn.SortedNetError, match="meta device"):
@@ -120,7 +121,12 @@ def test_rank_svd_of_a_meta_model_is_refused_and_a_meta_model_has_no_false_ties(
     torch.manual_seed(0)
     real = _mlp()
     sn.save(sn.wrap(real, sn.Width("h", [4, 16], out="0", inp="2")), tmp_path / "w.safetensors")
-    sn.load(m, tmp_path / "w.safetensors")  # loads (a no-op on meta tensors, as load_state_dict), no tie error
+    with pytest.raises(sn.SortedNetError, match="meta device.*to_empty") as err:
+        sn.load(m, tmp_path / "w.safetensors")
+    assert "tied" not in str(err.value) and not any("_sn" in x.__dict__ for x in m.modules())
+    m.to_empty(device="cpu")
+    sn.load(m, tmp_path / "w.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), real.state_dict().values()))
 
 
 def test_discover_wires_training_only_readers():

@@ -80,51 +80,78 @@ def _maskable() -> tuple[type, ...]:
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
+def _input_axis(m: nn.Module) -> int:
+    """Axis of ``m``'s weight that its input features index (GPT-2's Conv1D stores ``(in, out)``)."""
+    return 1 if isinstance(m, nn.Linear) else 0
+
+
 def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any = None,
                       copies: dict[int, nn.Module] | None = None) -> float | None:
     """How far ``dim`` at ``size`` (the others full) is from being the first ``size`` whole units.
 
-    The reference is the FULL model with the inputs of the projections that read ``dim``'s units
-    (``inp=`` bindings: attention output / FFN down projections) zeroed beyond the first ``size``:
-    exactly "the model with only those units", when units are independent (whole heads). Returns the
-    largest difference of the first floating-point output relative to its scale (at least 1), or None
-    when it cannot be measured (a reading projection that is not a plain Linear, or never called
-    through its forward, e.g. ``nn.MultiheadAttention``'s ``out_proj``). ``model`` / ``copies``: the
-    module tree to run (e.g. :func:`sortednet.modes.eval_mode`'s view) and its module map.
+    The reference is the FULL model with the weight columns of the projections that read ``dim``'s
+    units (``inp=`` bindings: attention output / FFN down projections) zeroed beyond the first
+    ``size``: exactly "the model with only those units" when units are independent (whole heads),
+    however the projection's weight is read (its forward, ``F.linear(x, proj.weight)``,
+    ``nn.MultiheadAttention``). Two measures, the larger is returned: the first floating-point output's
+    largest difference relative to its scale (at least 1), and, where the reading projections are
+    called through their forward, the largest difference of each one's input (the kept units' values,
+    layer by layer) relative to that input's own scale, which a large residual stream cannot hide.
+    None when it cannot be measured (a reading module that is not a plain Linear / Conv1D or whose
+    weight is factorised). ``model`` / ``copies``: the module tree to run (e.g.
+    :func:`sortednet.modes.eval_mode`'s view) and its module map.
     """
     model = nest.model if model is None else model
     copies = copies or {}
-    reads = [(m, m._sn.bind["inp"]) for m in nest._sliced.values()
+    reads = [(copies.get(id(m), m), m._sn.bind["inp"]) for m in nest._sliced.values()
              if "inp" in m._sn.bind and m._sn.bind["inp"].dim is dim]
-    if not reads or any(not isinstance(m, _maskable()) for m, _ in reads):
+    if not reads or any(not isinstance(m, _maskable()) or "rank" in m._sn.bind
+                        or not isinstance(m._parameters.get("weight"), torch.Tensor) for m, _ in reads):
         return None
     try:
         sub = nest.resolve({**{d.name: d.full for d in nest.dims}, dim.name: size})
     except SortedNetError:  # a restricted nest without that sub-model: nothing to compare
         return None
-    with nest.use(sub):
-        live = first_float(call_model(model, example))
-    calls = [0]
+    inputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
 
-    def masking(keep: int) -> Any:
-        def mask(mod: nn.Module, args: tuple) -> tuple:
-            calls[0] += 1
-            x = args[0].clone()
-            x[..., keep:] = 0
-            return (x, *args[1:])
-        return mask
+    def capture(run: str, keep: int) -> Any:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                inputs[run].setdefault(id(mod), []).append(args[0][..., :keep].detach().double())
+        return hook
 
-    hooks = [copies.get(id(m), m).register_forward_pre_hook(masking(b.total(size))) for m, b in reads]
+    hooks = [m.register_forward_pre_hook(capture("live", b.total(size))) for m, b in reads]
     try:
+        with nest.use(sub):
+            live = first_float(call_model(model, example))
+    finally:
+        for h in hooks:
+            h.remove()
+    held = [(m, m._parameters["weight"]) for m, _ in reads]
+    hooks = [m.register_forward_pre_hook(capture("ref", b.total(size))) for m, b in reads]
+    try:
+        for (m, b), (_, w) in zip(reads, held):  # swapped in this module's own parameter dict, not written
+            masked = w.detach().clone()
+            masked.narrow(_input_axis(m), b.total(size), w.shape[_input_axis(m)] - b.total(size)).zero_()
+            m._parameters["weight"] = masked
         with nest.use(nest.largest):
             ref = first_float(call_model(model, example))
     finally:
         for h in hooks:
             h.remove()
-    if calls[0] < len(reads) or live is None or ref is None or live.shape != ref.shape:
+        for m, w in held:
+            m._parameters["weight"] = w
+    if live is None or ref is None or live.shape != ref.shape:
         return None
     ref, live = ref.detach().double(), live.detach().double()
-    return ((live - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+    err = ((live - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+    a, b = inputs["live"], inputs["ref"]
+    if set(a) == set(b) == {id(m) for m, _ in reads} and all(len(a[k]) == len(b[k]) for k in a):
+        for k in a:
+            for x, y in zip(a[k], b[k]):
+                if x.shape == y.shape and y.numel():
+                    err = max(err, ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item())
+    return err
 
 
 def _shapes(x: Any) -> list:

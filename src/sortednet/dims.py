@@ -157,7 +157,8 @@ class Dimension:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_active", None)
+        for k in ("_active", "_nest", "_init_generators"):  # run-time links: a pickled dimension is a fresh one
+            state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -215,7 +215,18 @@ def _example_of(data: Any) -> Any:
     return None
 
 
-def _apply(groups: list, orders: list[Tensor]) -> None:
+def _companions(t: Tensor, optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
+    """``t`` and the tensors whose units follow it: its ``.grad`` and the optimizer's per-element state
+    (momentum, Adam moments: state tensors of ``t``'s shape)."""
+    out = [t]
+    if t.grad is not None:
+        out.append(t.grad)
+    if optimizer is not None:
+        out += [v for v in optimizer.state.get(t, {}).values() if isinstance(v, Tensor) and v.shape == t.shape]
+    return out
+
+
+def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
     done: dict[tuple[int, int], tuple[int, Tensor]] = {}
     for (label, d, part, block), order in zip(groups, orders):
         for b in part:
@@ -229,11 +240,13 @@ def _apply(groups: list, orders: list[Tensor]) -> None:
                                              "its units cannot follow both")
                     continue
                 done[key] = (id(order), idx)
-                t.data.copy_(t.data.index_select(ax, idx.to(t.device)))
+                for c in _companions(t, optimizer):
+                    c.data.copy_(c.data.index_select(ax, idx.to(c.device)))
 
 
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
-               loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float = 1e-4) -> dict[str, Tensor]:
+               loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float = 1e-4,
+               optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
     """Permute the units of every Width / Heads dimension of ``nest``, most important first.
 
     ``method``: ``"l1"`` | ``"l2"`` | ``"bn"`` | ``"taylor"`` (needs ``data``, batches of
@@ -242,6 +255,11 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     their independently coupled groups and verifies that the full model's output is
     unchanged (relative ``atol``); otherwise everything is restored and a SortedNetError
     raised. Returns the unit order applied per group (``"dim@first module"``).
+
+    A parameter's ``.grad`` is permuted with it. An optimizer that already holds state for the
+    model (momentum, Adam moments) must be passed as ``optimizer=`` so that its per-element
+    state follows the units; sort before building the optimizer, or pass it. Copies of the
+    model (an EMA or teacher ``copy.deepcopy``) are not permuted: sort before copying.
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> from sortednet.importance import sort_units
@@ -271,12 +289,14 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         example = _example_of(data)
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise SortedNetError(f"sort_units: optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
-        return _sort(nest, model, method, example, data, loss_fn, atol)
+        return _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
 
 
 def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
-          atol: float) -> dict[str, Tensor]:
+          atol: float, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
     err = float("inf")
     with dry_run(nest.model), torch.no_grad(), nest.use(nest.largest):
         ref = _leaves(call_model(model, example))
@@ -296,12 +316,14 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
     split = _groups(nest, example)
     taylor = _taylor(nest, model, split, data, loss_fn) if method == "taylor" else {}
     for groups in (split, _groups(nest, None)):
-        saved = [(t, t.detach().clone()) for _, _, part, _ in groups for b in part for t, _ in b.tensors]
+        held = {id(c): c for _, _, part, _ in groups for b in part for t, _ in b.tensors
+                for c in _companions(t, optimizer)}
+        saved = [(c, c.detach().clone()) for c in held.values()]
         orders = [_order(_scores(part, d.full, method, d.kind, taylor), block) for _, d, part, block in groups]
         err, where = None, ""
         with torch.no_grad():
             try:
-                _apply(groups, orders)
+                _apply(groups, orders, optimizer)
                 with dry_run(nest.model), nest.use(nest.largest):
                     got = _leaves(call_model(model, example))
                 err = _rel_err(got, ref)
@@ -310,10 +332,14 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                     where = " in training mode" if err > atol else ""
             except SortedNetError:
                 err = float("inf")
+            except BaseException:  # anything else (an interrupt, a failing forward): undo, then re-raise
+                for c, v in saved:
+                    c.copy_(v)
+                raise
             if err <= atol:
                 return {label: o for (label, *_), o in zip(groups, orders)}
-            for t, v in saved:
-                t.copy_(v)
+            for c, v in saved:
+                c.copy_(v)
     if err == float("inf"):
         raise SortedNetError("sort_units: these dimensions cannot be permuted consistently (a tensor would follow two "
                              "groups, or one of its modules cannot be permuted); run nest.check(example)")

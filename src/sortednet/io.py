@@ -73,7 +73,11 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}")
     nest._check_alive()
+    if not isinstance(path, (str, os.PathLike)):
+        raise SortedNetError(f"sn.save() needs a file path, got {type(path).__name__}")
     p = os.fspath(path)
+    if isinstance(p, bytes):
+        raise SortedNetError(f"sn.save() needs a str path, got bytes {p!r}")
     folder = os.path.dirname(os.path.abspath(p))
     if not os.path.isdir(folder):
         raise SortedNetError(f"cannot save to {p!r}: folder {folder!r} does not exist")
@@ -83,7 +87,11 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     dims = [exact_spec(d, modules) for d in nest.dims]
     full = len(nest.submodels) == _product(nest)
     subs = None if full else [[s[d.name] for d in nest.dims] for s in nest.submodels]
-    sd = nest.model.state_dict() if state is None else state
+    sd = nest.model.state_dict() if state is None else _checked_state(nest, state)
+    meta_keys = [k for k, v in sd.items() if v.is_meta]
+    if meta_keys:
+        raise SortedNetError(f"cannot save: {meta_keys[:3]} are on the meta device (no values); materialise the "
+                             "model first (model.to_empty(device=...) and initialise or load its weights)")
     entries = {k: (v, tuple(v.shape), v.dtype) for k, v in sd.items()}
     tensors = {g[0]: entries[g[0]][0] for g in _alias_groups(entries)}
     extra = nest._extra_tensors()
@@ -98,6 +106,26 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
         return {"sortednet": _dumps(meta)}
 
     ck.write(p, tensors, metadata)
+
+
+def _checked_state(nest: Nest, state: Any) -> Mapping[str, torch.Tensor]:
+    """``save(..., state=)`` must be the model's state_dict in full (gathered FSDP shards): the same keys,
+    shapes and dtypes, or the checkpoint could never be loaded."""
+    if not isinstance(state, Mapping):
+        raise SortedNetError(f"sn.save(state=) takes a state_dict (a mapping of tensors), got {type(state).__name__}")
+    own = nest.model.state_dict(keep_vars=True)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise SortedNetError(f"sn.save(state=): {bad[:3]} are not tensors")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise SortedNetError(f"sn.save(state=) does not match the model's state_dict: missing keys {missing[:5]}, "
+                             f"unexpected keys {unexpected[:5]}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
+            raise SortedNetError(f"sn.save(state=): {k!r} is {list(state[k].shape)} {state[k].dtype}, the model's "
+                                 f"{list(v.shape)} {v.dtype} (the full, gathered state is needed)")
+    return state
 
 
 def _dumps(obj: Any) -> str:
@@ -165,6 +193,10 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             target_model = model
         rows = rows_of(meta, where)
         state = _target_state(target_model, planned)
+        on_meta = [k for k, (t, _, _) in state.items() if t is not None and t.is_meta]
+        if on_meta:
+            raise SortedNetError(f"checkpoint {where}: the model's {on_meta[:3]} are on the meta device, where no "
+                                 "value can be loaded; materialise it first (model.to_empty(device=...)), then load")
         copies = _match_tensors(f, state, strict, where)
         extra_names = [k for k in f.entries if k.startswith(EXTRA_PREFIX)]
         calib = calibration_entries(f, extra_names, planned, meta, rows, where)

@@ -263,6 +263,8 @@ def _numbers(v: Any, n: int, what: str, where: str, *, negative: bool = False) -
     if not isinstance(v, list) or len(v) != n:
         raise _err(where, f"profile {what} must be a list of {n} numbers, got {str(v)[:80]}")
     for x in v:
+        if type(x) is int and abs(x) > 2**63:  # beyond any cost; float(x) would overflow
+            raise _err(where, f"profile {what} holds an integer of {len(str(abs(x)))} digits; expected finite numbers")
         if type(x) not in (int, float) or not math.isfinite(x) or (x < 0 and not negative):
             raise _err(where, f"profile {what} holds {x!r}; expected finite"
                               + ("" if negative else ", non-negative") + " numbers")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -28,13 +29,28 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
 from .views import new_lock
-from .wrap import install, plan, unwrap_modules
+from .wrap import fast_path_hooks, install, plan, unwrap_modules
 
 __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 
 #: ``hook(nest, sub, exported) -> exported`` run by :meth:`Nest.export` (integrations register theirs:
 #: sortednet.integrations gives transformers models a config that matches the exported shapes)
 EXPORT_HOOKS: dict[str, Callable[..., nn.Module]] = {}
+
+
+_LIVE: "weakref.WeakSet[Nest]" = weakref.WeakSet()  # nests not unwrapped yet
+
+
+def _refuse_inside_another(model: nn.Module) -> None:
+    """A model inside (or equal to) a model another live nest wrapped: that nest's unwrap, export and
+    checkpoints would take this nest's modules along. Wrap the whole model once, with every dimension."""
+    for other in list(_LIVE):
+        if not other._alive or other.model is model:  # the same model: plan() says it is already wrapped
+            continue
+        where = next((n for n, m in other.model.named_modules() if m is model), None)
+        if where is not None:
+            raise SortedNetError(f"{type(model).__name__} is {where!r} of a model another nest wraps ({other!r}); "
+                                 "wrap the whole model once with every dimension, or call that nest's unwrap() first")
 
 
 class Nest:
@@ -62,6 +78,7 @@ class Nest:
         Validates everything (patterns, sizes, sub-models) first, then installs the slicers; on any
         error the model is left exactly as it was.
         """
+        _refuse_inside_another(model)
         planned = plan(model, dims)
         self._prepare(model, dims, submodels)       # validates sub-models, still no mutation
         if inplace_min_numel is None:
@@ -75,8 +92,9 @@ class Nest:
             self._attach(planned, hooks)
         except BaseException:
             self._stop()
-            unwrap_modules(model, hooks)
+            unwrap_modules([m for m, _, _ in planned.values()], hooks)
             raise
+        _LIVE.add(self)
         if example is not None:
             try:
                 self.check(example)
@@ -522,12 +540,32 @@ class Nest:
         (svd: ``U @ V``; lora: ``W0 + alpha / R * B @ A``). See docs/rank.md.
         """
         self._check_alive()
-        unwrap_modules(self.model, self._hooks, merge=merge)
+        full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
+        unwrap_modules(self._sliced.values(), self._hooks, merge=merge)
         for d in self.dims:
             d._nest = None
+        self._state.default = full  # deep copies of the model (EMA / teacher) still follow it: the full model
         self._stop()
         self._alive = False
+        _LIVE.discard(self)
         return self.model
+
+    def unwrap_copy(self, copy: nn.Module, *, merge: bool = False) -> nn.Module:
+        """Restore the original classes of a ``copy.deepcopy`` of the wrapped model (an EMA or
+        teacher copy, which follows this nest's sub-models) and return it; like :meth:`unwrap`,
+        and also after the nest itself was unwrapped (the copy then runs the full model)."""
+        if not isinstance(copy, nn.Module):
+            raise SortedNetError(f"unwrap_copy() takes a deep copy of the wrapped model, got {type(copy).__name__}")
+        if copy is self.model:
+            raise SortedNetError("unwrap_copy() got the nest's own model; call nest.unwrap()")
+        mods = [m for m in copy.modules() if "_sn" in m.__dict__]
+        foreign = [m.__dict__["_sn"].path for m in mods if m.__dict__["_sn"].active is not self._state]
+        if not mods or foreign:
+            raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} is not a copy of this nest's model"
+                                 + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
+                                    " (it holds no sliced module)"))
+        unwrap_modules(mods, fast_path_hooks(copy), merge=merge)
+        return copy
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters an optimizer should get (those requiring grad, each once):
@@ -560,6 +598,15 @@ class Nest:
     def _check_alive(self) -> None:
         if not self._alive:
             raise SortedNetError("this nest was unwrapped; wrap the model again to use sub-models")
+
+    def __deepcopy__(self, memo: dict) -> "Nest":
+        raise SortedNetError("a Nest cannot be copied: copy.deepcopy(nest.model) gives a copy of the model that "
+                             "follows this nest's sub-models (EMA / teacher; nest.unwrap_copy restores it), "
+                             "sn.save(nest, path) a checkpoint")
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise SortedNetError("a Nest cannot be pickled: use sn.save(nest, path) for all sub-models, "
+                             "nest.export(sub) for one plain model")
 
     def __repr__(self) -> str:
         dims = ", ".join(repr(d) for d in self.dims)

@@ -47,14 +47,23 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned (the CUDA part only where CUDA is available)."""
+    """Restore what :func:`rng_state` returned (the CUDA part only where CUDA is available).
+
+    All or nothing: every part is checked (by setting it on a scratch generator) before a
+    global generator changes."""
     try:
-        torch.set_rng_state(state["torch"])
+        t = state["torch"]
+        torch.Generator().set_state(t)
         n = state["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        np_state = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        np.random.RandomState().set_state(np_state)
         p = state["python"]
-        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        py_state = (p["version"], tuple(p["internal"]), p["gauss_next"])
+        random.Random().setstate(py_state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise SortedNetError(f"not a random generator state from sortednet.rng.rng_state(): {e!r}") from None
+    torch.set_rng_state(t)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

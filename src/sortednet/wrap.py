@@ -14,7 +14,7 @@ from .patterns import match_pattern
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 
-__all__ = ["plan", "install", "unwrap_modules", "match_pattern"]
+__all__ = ["plan", "install", "unwrap_modules", "fast_path_hooks", "match_pattern"]
 
 # PyTorch layers whose fused inference fast path reads full-size weights directly
 _FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -137,6 +137,10 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             for n, flag in grads.items():
                 m._parameters[n].requires_grad_(flag)
         raise
+    finally:  # initialisation generators a slicer kept on its dimension while preparing (LoRA adapters)
+        for _, _, bind in planned.values():
+            for b in bind.values():
+                b.dim.__dict__.pop("_init_generators", None)
     return hooks
 
 
@@ -145,12 +149,39 @@ def _no_fast_path(module: nn.Module, args: tuple) -> None:
     full-size weights) steps aside for sliced layers."""
 
 
-def unwrap_modules(model: nn.Module, hooks: Iterable, *, merge: bool = False) -> None:
+class _HookKey:
+    """A removable handle for a hook found in a module's hook dict (a deep copy's, whose handles
+    ``wrap`` never returned)."""
+
+    def __init__(self, hooks: dict, key: int) -> None:
+        self.hooks, self.key = hooks, key
+
+    def remove(self) -> None:
+        self.hooks.pop(self.key, None)
+
+
+def fast_path_hooks(model: nn.Module) -> list[_HookKey]:
+    """The no-fast-path pre-hooks ``wrap`` registered (found in ``model``, e.g. a deep copy of a wrapped one)."""
+    return [_HookKey(m._forward_pre_hooks, k) for m in model.modules()
+            for k, f in list(m._forward_pre_hooks.items()) if f is _no_fast_path]
+
+
+def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool = False) -> None:
+    """Restore the original classes of ``modules`` (a nest's own sliced modules, never another nest's).
+
+    Two phases: every slicer first computes what its restore needs (``pre_restore``: merged
+    rank weights, tensors converted to the model's current dtype / device), which may fail
+    (out of memory, a meta tensor); only then is anything changed, by steps that cannot fail.
+    """
+    modules = list(modules)
+    pending = [m.__dict__["_sn"].slicer.pre_restore(m, merge) for m in modules]
     for h in hooks:
         h.remove()
-    for m in model.modules():
-        st = m.__dict__.get("_sn")
-        if st is not None:
+    for m, pre in zip(modules, pending):
+        st = m.__dict__["_sn"]
+        if pre is None:  # slicers written before pre_restore take (m, merge)
             st.slicer.restore(m, merge)
-            del m.__dict__["_sn"]
-            m.__class__ = st.cls
+        else:
+            st.slicer.restore(m, merge, pre)
+        del m.__dict__["_sn"]
+        m.__class__ = st.cls

@@ -120,8 +120,13 @@ class Slicer:
         """Create new tensors on ``m`` (``m._sn`` is set). Called by ``install``
         after every check passed: must not fail."""
 
-    def restore(self, m: nn.Module, merge: bool) -> None:
-        """Undo :meth:`prepare` at unwrap; ``merge`` bakes trained tensors into the original ones."""
+    def pre_restore(self, m: nn.Module, merge: bool) -> Any:
+        """Compute what :meth:`restore` needs (may fail: nothing is changed yet). Default: nothing."""
+        return None
+
+    def restore(self, m: nn.Module, merge: bool, pending: Any = None) -> None:
+        """Undo :meth:`prepare` at unwrap; ``merge`` bakes trained tensors into the original ones.
+        ``pending`` is what :meth:`pre_restore` returned; must not fail."""
 
     def rules(self, m: nn.Module) -> dict[str, Any]:
         """How the per-sub-model plan serves each attribute of ``m`` without calling :meth:`value`:

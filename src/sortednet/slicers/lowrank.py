@@ -158,12 +158,25 @@ class SVDSlicer(LowRankSlicer):
         m._parameters.clear()
         m._parameters.update(params)
 
-    def restore(self, m: nn.Module, merge: bool) -> None:
+    def pre_restore(self, m: nn.Module, merge: bool) -> Tensor | None:
+        """The original weight's new value, or None to keep it as it is: converted to the factors' dtype and
+        device (``model.to(...)`` after wrap moved them, not the weight held aside), merged if asked."""
+        w, U = m.__dict__["_sn"].extra["weight"], m._parameters["U"]
+        with torch.no_grad():
+            if merge:
+                return (U @ m._parameters["V"]).detach().clone(memory_format=torch.contiguous_format)
+            if w.dtype != U.dtype or w.device != U.device:
+                return w.detach().to(device=U.device, dtype=U.dtype)
+        return None
+
+    def restore(self, m: nn.Module, merge: bool, pending: Tensor | None = None) -> None:
         st = m.__dict__["_sn"]
         w = st.extra["weight"]
-        if merge:
-            with torch.no_grad():
-                w.copy_(m._parameters["U"] @ m._parameters["V"])
+        if pending is not None:
+            if torch._has_compatible_shallow_copy_type(w, pending):
+                w.data = pending  # the same Parameter object, as model.to() keeps it
+            else:  # e.g. moved to the meta device: a new Parameter, as Module._apply makes one
+                w = nn.Parameter(pending, requires_grad=w.requires_grad)
         params = {n: w if n == "weight" else m._parameters[n] for n in st.extra["order"]}
         m._parameters.clear()
         m._parameters.update(params)
@@ -234,7 +247,8 @@ class LoRASlicer(LowRankSlicer):
         w = m._parameters["weight"]
         st.extra["requires_grad"] = {n: p.requires_grad for n, p in m._parameters.items() if p is not None}
         A = torch.empty(R, w.shape[1], dtype=w.dtype, device=w.device)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if not A.is_meta:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=self._generator(st.bind["rank"].dim, A.device))
         B = torch.zeros(w.shape[0], R, dtype=w.dtype, device=w.device)
         for p in m._parameters.values():
             if p is not None:
@@ -242,12 +256,31 @@ class LoRASlicer(LowRankSlicer):
         m._parameters["lora_A"] = nn.Parameter(A)
         m._parameters["lora_B"] = nn.Parameter(B)
 
-    def restore(self, m: nn.Module, merge: bool) -> None:
+    def pre_restore(self, m: nn.Module, merge: bool) -> Tensor | None:
+        if not merge:
+            return None
+        A, B = m._parameters["lora_A"], m._parameters["lora_B"]
+        with torch.no_grad():
+            return (B @ A).mul_(m.__dict__["_sn"].bind["rank"].dim.scale(A.shape[0])).to(m._parameters["weight"])
+
+    @staticmethod
+    def _generator(dim: Any, device: torch.device) -> torch.Generator:
+        """One generator per Rank dimension and device, started from a copy of the global one: the
+        adapters are seeded by ``torch.manual_seed`` as usual, each layer draws its own values, and
+        wrapping (or ``sn.load``, which overwrites them) leaves the global generator where it was."""
+        gens = dim.__dict__.setdefault("_init_generators", {})
+        gen = gens.get(device)
+        if gen is None:
+            gen = gens[device] = torch.Generator(device)
+            gen.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+        return gen
+
+    def restore(self, m: nn.Module, merge: bool, pending: Tensor | None = None) -> None:
         st = m.__dict__["_sn"]
-        A, B = m._parameters.pop("lora_A"), m._parameters.pop("lora_B")
-        if merge:
+        del m._parameters["lora_A"], m._parameters["lora_B"]
+        if pending is not None:
             with torch.no_grad():
-                m._parameters["weight"].add_(B @ A, alpha=st.bind["rank"].dim.scale(A.shape[0]))
+                m._parameters["weight"].add_(pending)
         for n, flag in st.extra["requires_grad"].items():
             m._parameters[n].requires_grad_(flag)
 
