@@ -32,6 +32,7 @@ from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
 from .heads import Heads
 from .nest import wrap
+from .wrap import split_ties
 
 __all__ = ["discover", "sizes_for"]
 
@@ -108,6 +109,9 @@ def _failures(probe: nn.Module, example: Any, dims: list[Dimension], want: list)
     try:
         nest = wrap(probe, *fresh, submodels=subs)
     except SortedNetError:
+        return None
+    if split_ties(probe, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()}) is not None:
+        nest.unwrap()  # a tied weight sliced by one declaration and not the other: not exportable
         return None
     bad = []
     try:

@@ -192,7 +192,9 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     under ``no_sync`` and :func:`sync_gradients` then averages all gradients
     at once (no unused-parameter search, depth-skipped blocks cannot hang).
     FSDP2: its own reduce-scatter after each backward. Keyword arguments
-    (``distill=``, ``weights=``) go to :func:`sortednet.accumulate`. Returns
+    (``distill=``, ``weights=``, ``nonfinite=``) go to :func:`sortednet.accumulate`;
+    a non-finite loss on any rank counts on every rank (one all_reduce of a flag per
+    sub-model), so all ranks skip, or raise for, the same sub-model. Returns
     this rank's losses.
 
     >>> import torch, torch.nn as nn, sortednet as sn, sortednet.distributed as snd
@@ -209,6 +211,12 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     if module is not None and not any(m is nest.model for m in module.modules()):
         raise SortedNetError(f"module= ({type(module).__name__}) does not contain this nest's model "
                              f"({type(nest.model).__name__}); pass the wrapper the closure calls")
+    if isinstance(module, _ddp_type()) and getattr(module, "static_graph", False):
+        raise SortedNetError("DDP(static_graph=True) cannot run sortednet's accumulation: every sub-model's "
+                             "backward runs under no_sync (sliced gradients are synchronised once afterwards), "
+                             "which a static graph does not support; build the DDP wrapper without static_graph")
+    if _active() and dist.get_world_size(group) > 1:
+        kwargs["_agree"] = lambda bad: _any_rank(bad, group)
     if is_fsdp(nest.model):
         return _accumulate(nest, subs, closure, **kwargs)
     if module is not None:
@@ -217,6 +225,16 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         losses = _accumulate(nest, subs, closure, **kwargs)
     sync_gradients(nest.model, group=group)
     return losses
+
+
+def _any_rank(flag: bool, group: Any) -> bool:
+    """Whether ``flag`` is set on any rank (one all_reduce of one number): a non-finite loss of one
+    rank makes every rank skip (or raise for) that sub-model, so the collectives stay matched."""
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:

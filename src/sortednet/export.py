@@ -74,16 +74,31 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             del c.__dict__["_sn"]
             r = live._sn.slicer.export(live, c)
             if r is not c:
+                _carry_hooks(c, r)
                 if not path:
                     new = r
-                else:
-                    parent, _, name = path.rpartition(".")
-                    setattr(new.get_submodule(parent) if parent else new, name, r)
+                for parent in new.modules():  # every name that holds the module (``self.b = self.a``)
+                    for name, child in list(parent._modules.items()):
+                        if child is c:
+                            parent._modules[name] = r
         for h in nest._hooks:
             for m in new.modules():
                 m._forward_pre_hooks.pop(h.id, None)
         _share_once(model, new, skipped, sub)
     return new
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """A slicer's export that builds another module (factored low rank: two Linears in a Sequential) keeps the
+    user's forward / backward hooks of the module it replaces (same input and output)."""
+    for attr in _HOOK_DICTS:
+        hooks = old.__dict__.get(attr)
+        if hooks and new.__dict__.get(attr) is not None and not new.__dict__[attr]:
+            new.__dict__[attr].update(hooks)
 
 
 def reachable_modules(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, nn.Module]:

@@ -218,7 +218,12 @@ class Sampler:
             if self._pos is None:
                 self._pos = {s: i for i, s in enumerate(self.submodels)}
             position = self._pos.get
-        idx = [position(s) for s in subs]
+        def key(s: Any) -> Any:  # a string or dict names the same sub-model as its SubModel
+            try:
+                return SubModel.parse(s) if isinstance(s, str) else SubModel(s) if isinstance(s, Mapping) else s
+            except SortedNetError:
+                return s
+        idx = [position(key(s)) for s in subs]
         if not idx or any(i is None for i in idx):
             raise SortedNetError(f"loss_weights_for: {list(subs)!r} are not (all) sub-models of this sampler")
         w = self._loss_w[idx]

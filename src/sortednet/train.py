@@ -113,7 +113,8 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
 
 def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
                distill: Distill | None = None, weights: Sequence[float] | None = None,
-               backward: Callable[[Tensor], Any] | None = None, nonfinite: str = "raise") -> Losses:
+               backward: Callable[[Tensor], Any] | None = None, nonfinite: str = "raise",
+               _agree: Callable[[bool], bool] | None = None) -> Losses:
     """Backward the loss of each sub-model in ``subs``, one after another, into ``.grad``.
 
     For every sub-model: activate it (``nest.use``), call ``closure()`` (it runs
@@ -136,6 +137,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     (no backward for it, a :class:`NonFiniteLossWarning`, listed in the
     result's ``skipped``; a skipped distillation teacher gives no soft target)
     or ``"ignore"`` (backward anyway, as plain PyTorch would).
+    (:func:`sortednet.distributed.accumulate` makes this decision once for all ranks.)
 
     >>> import torch, torch.nn as nn, torch.nn.functional as F, sortednet as sn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -183,10 +185,13 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             elif target is not None and distill.alpha > 0:
                 total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
             losses[i] = float(loss.detach())
-            bad = nonfinite != "ignore" and not math.isfinite(losses[i] if total is loss else float(total.detach()))
+            mine = nonfinite != "ignore" and not math.isfinite(losses[i] if total is loss else float(total.detach()))
+            bad = mine if _agree is None or nonfinite == "ignore" else _agree(mine)  # all ranks decide alike
             if bad:
                 what = f"loss of {resolved[i]} is {losses[i]}" + ("" if total is loss else " (with distillation: "
                                                                    f"{float(total.detach())})")
+                if not mine:
+                    what = f"loss of {resolved[i]} is non-finite on another rank (here {losses[i]})"
                 if nonfinite == "raise":
                     raise SortedNetError(f"accumulate: the {what}; its backward would poison the shared "
                                          "gradients. Nothing was backpropagated for it (the sub-models before it "
@@ -321,6 +326,12 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     """
     if not isinstance(sampler, Sampler):
         raise SortedNetError(f"fit() needs an sn.Sampler, got {type(sampler).__name__}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise SortedNetError(f"fit() trains in one process, but a process group of "
+                             f"{torch.distributed.get_world_size()} ranks is initialised: each rank would train its "
+                             "own copy. Write the loop with sortednet.distributed.accumulate (DDP / FSDP2 / "
+                             "Accelerate; docs/scaling.md), which synchronises the gradients")
     if sampler.submodels != nest.submodels and any(s not in nest.submodels for s in sampler.submodels):
         raise SortedNetError("the sampler lists sub-models this nest does not have; build it from nest.submodels")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:

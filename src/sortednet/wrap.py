@@ -14,7 +14,7 @@ from .patterns import match_pattern
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 
-__all__ = ["plan", "install", "unwrap_modules", "fast_path_hooks", "match_pattern"]
+__all__ = ["plan", "install", "unwrap_modules", "fast_path_hooks", "split_ties", "match_pattern"]
 
 # PyTorch layers whose fused inference fast path reads full-size weights directly
 _FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -78,10 +78,58 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
             if type(m) is not base and type(m).forward is not base.forward and not sl.overrides_forward:
                 raise PatternError(f"{path!r}: {type(m).__name__} subclasses {base.__name__} with its own forward, "
                                    "which may ignore sliced attributes; register a slicer for it explicitly")
+        lazy = [n for n, t in [*m._parameters.items(), *m._buffers.items()] if _uninitialized(t)]
+        if lazy:
+            raise PatternError(f"{path!r} ({type(m).__name__}) has uninitialised (lazy) tensors {lazy}: run one "
+                               "forward pass first so they get their shapes, then wrap")
         sl.validate(m, bind, path)
         out[path] = (m, sl, bind)
     _refuse_tied_factors(model, out)
     return out
+
+
+def _uninitialized(t: object) -> bool:
+    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def split_ties(model: nn.Module, planned: dict) -> str | None:
+    """Why some sub-models of ``planned`` cannot be exported, or None: a parameter held by several modules
+    (tied weights) that they slice differently (another dimension or axis, or one of them not at all). Such
+    sub-models run live, but read different slices of one tensor, which no plain model can hold (export
+    refuses them). ``sn.discover`` leaves such declarations out."""
+    by_module = {id(m): (path, sl, bind) for path, (m, sl, bind) in planned.items()}
+    holders: dict[int, list[tuple[str, dict]]] = {}
+    seen: set[int] = set()
+    for path, m in model.named_modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for name, t in m._parameters.items():
+            if t is None:
+                continue
+            hit = by_module.get(id(m))
+            if hit is None:
+                axes: dict | None = {}
+            else:
+                rule = hit[1].rules(m).get(name)
+                if rule is None:
+                    axes = {} if name not in hit[1].attr_names(m, hit[2]) else None  # computed: unknown
+                elif isinstance(rule, tuple):
+                    axes = {ax: hit[2][role].dim for ax, role in rule if role in hit[2]}
+                else:
+                    axes = None
+            holders.setdefault(id(t), []).append((f"{path}.{name}" if path else name, axes))
+    for group in holders.values():
+        if len(group) < 2 or any(a is None for _, a in group):
+            continue
+        (p0, a0), *rest = group
+        for p1, a1 in rest:
+            if set(a0) != set(a1) or any(a0[k] is not a1[k] for k in a0):
+                def say(a: dict) -> str:
+                    return ", ".join(f"{d.name!r} on axis {k}" for k, d in sorted(a.items())) or "nothing"
+                return (f"{p0!r} and {p1!r} are one tensor (tied), but {p0!r} is sliced by {say(a0)} "
+                        f"and {p1!r} by {say(a1)}")
+    return None
 
 
 def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:

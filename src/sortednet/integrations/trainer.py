@@ -105,19 +105,25 @@ class SortedTrainer(Trainer):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
-        """One forward + backward per drawn sub-model (each loss scaled by 1/k), so only one
-        sub-model's graph is alive at a time: peak memory is that of one step, not k."""
+        """One forward + backward per drawn sub-model (each loss scaled by 1/k, or by the sampler's
+        ``loss_weights_for(subs)`` when it has loss weights), so only one sub-model's graph is alive
+        at a time: peak memory is that of one step, not k."""
         subs = self.draw()
         self.history.append((self.state.global_step, tuple(subs)))
-        self._k, total = len(subs), None
+        weigh = getattr(self.sampler, "loss_weights_for", None)
+        weights = weigh(subs) if weigh is not None else None
+        if weights is None:
+            weights = [1.0 / len(subs)] * len(subs)
+        total = None
         ddp = model if isinstance(model, _ddp_type()) else None
         if ddp is not None:
             snd.guard(ddp, self.nest)  # any forward that would reach DDP's reducer raises instead
         try:
             with snd.no_sync(ddp):  # DDP's reducer misses the in-place gradients of sliced weights
-                for sub in subs:
+                for sub, w in zip(subs, weights):
                     if self.soft_exits is not None and self._depth is not None:
                         sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
+                    self._k = 1.0 / w if w > 0 else float("inf")  # compute_loss divides by it
                     with self.nest.use(sub):
                         loss = super().training_step(model, inputs, num_items_in_batch)
                     total = loss if total is None else total + loss
@@ -158,6 +164,10 @@ class SubModelCallback(TrainerCallback):
     def __init__(self, nest: Nest, sampler: Any = None) -> None:
         self.nest = nest
         self.sampler = sampler if sampler is not None else make_sampler(nest, k=1)
+        drawn = len(self.sampler.draw(0))
+        if drawn != 1:
+            raise SortedNetError(f"SubModelCallback trains one sub-model per optimizer step, but the sampler draws "
+                                 f"{drawn}; give it a k=1 sampler, or use SortedTrainer for several per step")
         self.history: list[tuple[int, SubModel]] = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
