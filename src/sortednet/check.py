@@ -229,7 +229,11 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     """
     with dry_run(nest.model), eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view
         with nest.use(nest.largest):
-            want = _shapes(call_model(model, example))
+            try:
+                want = _shapes(call_model(model, example))
+            except Exception as e:
+                raise SortedNetError(f"nest.check: the full model ({nest.largest}) does not run on the example: "
+                                     f"{type(e).__name__}: {e}") from e
         for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
                 try:
@@ -240,6 +244,13 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         _check_training_mode(nest, example, mixed, seed)
+        try:  # a wiring that runs yet is wrong (a channel shuffle, a reshape across the sliced axis)
+            problems = diagnose(nest, example, model)
+        except SortedNetError:
+            problems = []  # the tracer cannot follow this model: the dry runs above stand alone
+        if problems:
+            raise SortedNetError("nest.check: every sub-model runs, but the wiring is not that of nested "
+                                 "sub-models:\n  " + "\n  ".join(problems))
         for d in nest.dims:
             if d.kind == "heads" and d.sizes[0] < d.full:
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
@@ -252,11 +263,31 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         f"outputs masked at {o[:3]}): the attention splits its projections with the heads as the "
                         "fast axis (e.g. view(B, N, head_dim, heads)), packs q/k/v in another order, or mixes heads "
                         "(a norm over all heads); slice it as a Width of its head size instead, or fix the layout")
+        for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
+            if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not d.norm:
+                err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
+                if err is not None and not err <= 1e-3:
+                    raise SortedNetError(
+                        f"nest.check: width {d.name!r} at {d.sizes[0]} is not the first {d.sizes[0]} whole units of "
+                        f"the full model (relative difference {err:.3g} from the full model with the other units "
+                        f"masked), although chunks={d.chunks} says its out= layers stack that many projections "
+                        "(e.g. gate|up) one after another: the layer interleaves them (e.g. y[..., ::2] / "
+                        "y[..., 1::2]) or its units are not independent; such a layer cannot be sliced by a prefix")
         sub = nest.smallest
         with nest.use(sub):
             live = call_model(model, example)
-        got = call_model(nest.export(sub, plain=True).eval(), example)
+        depth = [d.name for d in nest.dims if d.kind == "depth"]
+        hint = (f" (Depth {depth}: a forward that walks its layer list with .children(), .named_children(), "
+                "._modules or torch.utils.checkpoint.checkpoint_sequential sees every block; iterate it, index it "
+                "or take len() of it instead)" if depth else "")
+        try:
+            got = call_model(nest.export(sub, plain=True).eval(), example)
+        except SortedNetError:
+            raise
+        except Exception as e:
+            raise SortedNetError(f"nest.check: export({sub}) does not run on the example: {type(e).__name__}: "
+                                 f"{e}{hint}") from e
         for a, b in zip(tree_leaves(got), tree_leaves(live)):
-            if isinstance(a, torch.Tensor) and not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
-                raise SortedNetError(f"nest.check: export({sub}) differs from its live output by "
-                                     f"{(a - b).abs().max().item():.3g}")
+            if isinstance(a, torch.Tensor) and (a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4)):
+                diff = f"by {(a - b).abs().max().item():.3g}" if a.shape == b.shape else f"in shape {tuple(a.shape)}"
+                raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")

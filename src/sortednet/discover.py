@@ -196,5 +196,10 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
         raise SortedNetError(f"discover() needs an nn.Module, got {type(model).__name__}")
     if any("_sn" in m.__dict__ for m in model.modules()):
         raise SortedNetError("discover() needs a model that is not wrapped; call nest.unwrap() first")
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:  # tracing would materialise them in place (and draw their values from the global RNG)
+        raise SortedNetError(f"discover() got a model with uninitialised (lazy) tensors {lazy[:4]}: run one forward "
+                             "pass first so they get their shapes, then discover")
     dims = declarations(analyse(model, example), ratios, heads=heads, multiple_of=multiple_of)
     return _verified(model, example, dims) if verify and dims else dims

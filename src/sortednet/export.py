@@ -84,6 +84,10 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         for h in nest._hooks:
             for m in new.modules():
                 m._forward_pre_hooks.pop(h.id, None)
+        for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
+            if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)) and isinstance(m.__dict__.get("num_layers"),
+                                                                                           int):
+                m.num_layers = len(m.layers)
         _share_once(model, new, skipped, sub)
     return new
 

@@ -38,6 +38,11 @@ __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 EXPORT_HOOKS: dict[str, Callable[..., nn.Module]] = {}
 
 
+def _sig_key(sig: Any) -> tuple:
+    """An example signature (:func:`sortednet.cost.example_signature`) in the text form a profile stores."""
+    return tuple(tuple(map(str, s)) if isinstance(s, (tuple, list)) else s for s in sig)
+
+
 _LIVE: "weakref.WeakSet[Nest]" = weakref.WeakSet()  # nests not unwrapped yet
 
 
@@ -387,7 +392,7 @@ class Nest:
     def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
         """FLOPs of ``sub`` on ``example``, cached under the example's signature. Thread-safe: the
         table ``pick`` reads only ever holds counts of one signature (the latest asked for)."""
-        sig = example_signature(example)
+        sig = _sig_key(example_signature(example))
         with self._cost_lock:
             hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example else None
         if hit is None:
@@ -452,7 +457,9 @@ class Nest:
                     with self._cost_lock:  # a new table that no cost(..., example=x) mistakes for its own
                         self._cost_cache["flops"] = {s: v for s, v in zip(prof.submodels, values)
                                                      if s in self.submodels}
-                        self._flops_example = ("profile", id(prof))
+                        stored = prof.meta.get("input")  # the profile's example signature, as text
+                        self._flops_example = (_sig_key(stored) if isinstance(stored, (list, tuple))
+                                               else ("profile", id(prof)))
                 elif metric != "params":
                     self._cost_cache[metric].update(
                         (s, v) for s, v in zip(prof.submodels, values) if s in self.submodels)
@@ -524,12 +531,14 @@ class Nest:
         new = export_submodel(self, sub)
         if plain:
             return new
-        if not EXPORT_HOOKS and hasattr(new, "config") and hasattr(new, "save_pretrained"):
-            raise SortedNetError(f"export of a {type(new).__name__} needs its config updated: import "
-                                 "sortednet.integrations first, or pass plain=True for a plain module that keeps "
-                                 "the full model's config")
+        stale = getattr(new, "config", None) if hasattr(new, "save_pretrained") else None
         for hook in EXPORT_HOOKS.values():
             new = hook(self, sub, new)
+        if stale is not None and getattr(new, "config", None) is stale:  # no hook wrote a config for the shapes
+            raise SortedNetError(f"export of a {type(new).__name__} needs its config updated to the sub-model's "
+                                 "shapes, which sortednet can do only for transformers models (import "
+                                 "sortednet.integrations first); pass plain=True for a plain module that keeps the "
+                                 "full model's config")
         return new
 
     def unwrap(self, *, merge: bool = False) -> nn.Module:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
@@ -127,6 +127,10 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     dims = []
     if ffn is not None:
         first = blk.get_submodule(_ffn_out_path(blk, lay, type(model).__name__))
+        if slicer_for(first) is None:
+            raise SortedNetError(f"from_transformers(ffn=...) on {type(model).__name__}: its FFN module "
+                                 f"{type(first).__name__} has no slicer (an experts layout sortednet does not know); "
+                                 "nest heads= / depth= only, or register a slicer for it (docs/custom_slicers.md)")
         full = slicer_for(first).full(first, "out") // lay.ffn_chunks
         out = _rel(model, found, lay.ffn_out)
         dims.append(Width("ffn", _resolve("ffn", ffn, full), out=out, inp=_rel(model, found, lay.ffn_inp),
@@ -138,13 +142,23 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
         n_heads, group = _head_counts(model.config, lay)
         dims.append(Heads("heads", _resolve("heads", heads, n_heads, group), attn=_rel(model, found, lay.attn),
                           qkv=lay.qkv, o=lay.o, count_attrs=lay.count_attrs,
-                          layout=lay.layout_of_qkv(model.config) if isinstance(lay.qkv, str) else None))
+                          layout=lay.layout_of_qkv(_holder(model.config, lay.heads_key))
+                          if isinstance(lay.qkv, str) else None))
     if depth is not None:
         counts = {len(model.get_submodule(P)) for P in found.stacks}
         if len(counts) > 1:
             raise SortedNetError(f"from_transformers(depth=...): the layer lists {list(found.stacks)} have different "
                                  f"lengths {sorted(counts)}; declare one sn.Depth per list by hand")
-        dims.append(Depth("depth", _resolve("depth", depth, counts.pop()), layers=list(found.stacks)))
+        sizes = _resolve("depth", depth, counts.pop())
+        names, idx = getattr(model.config, "stage_names", None), getattr(model.config, "out_indices", None)
+        if _is_backbone(model) and isinstance(names, (list, tuple)) and idx:
+            deepest = max(i % len(names) for i in idx)
+            if sizes[0] < deepest:
+                raise SortedNetError(f"from_transformers(depth={sizes}): this backbone outputs stages "
+                                     f"{getattr(model.config, 'out_features', idx)}, the deepest after layer {deepest}; "
+                                     f"a sub-model of depth {sizes[0]} would give no feature map for it. Keep depths "
+                                     f">= {deepest}, or build the backbone with out_indices within the smallest depth")
+        dims.append(Depth("depth", sizes, layers=list(found.stacks)))
     if rank is not None:
         dims.append(_rank_dim(model, found, rank, rank_mode, rank_targets))
     if not dims:
@@ -254,7 +268,9 @@ def _rank_dim(model: nn.Module, found: Found, rank: Sequence[int], mode: str,
                              "use ffn=/heads=/depth= for this model (or rank_targets= to pick nn.Linear ones)")
     if isinstance(rank, int) or any(isinstance(r, float) for r in rank):
         raise SizeError(f"rank: sizes must be a list of integer ranks, got {rank!r}")
-    return Rank("rank", list(rank), targets=_rel(model, found, sorted(set(targets))), mode=mode)
+    # the stock class stores full weights: svd factors are multiplied back on export, and cost counts that
+    return Rank("rank", list(rank), targets=_rel(model, found, sorted(set(targets))), mode=mode,
+                **({"export": "merged"} if mode == "svd" else {}))
 
 
 def _ffn_out_path(block: nn.Module, lay: Layout, cls: str) -> str:
@@ -269,7 +285,8 @@ def _ffn_out_path(block: nn.Module, lay: Layout, cls: str) -> str:
 
 
 def _head_counts(cfg, lay: Layout) -> tuple[int, int]:
-    """(query heads, query heads per key/value head) from the config."""
+    """(query heads, query heads per key/value head) from the config (or its text config)."""
+    cfg = _holder(cfg, lay.heads_key)
     n = getattr(cfg, lay.heads_key)
     kv = (getattr(cfg, lay.kv_key, None) if lay.kv_key else None) or n
     if not (isinstance(n, int) and isinstance(kv, int)):
@@ -336,13 +353,25 @@ def _export_hook(nest: Nest, sub: SubModel, small: nn.Module) -> nn.Module:
     if found is not None:
         _update_config(nest, found, sub, small, cfg)
     _check_loadable(small, cfg, sub, found)
-    _set_config(small, cfg)
+    _set_config(small, cfg, [(p, r[5:].split(".")[0]) for p, m in nest._sliced.items() for r in m._sn.bind
+                             if r.startswith("attr:") and "." in r])
     return small
 
 
 def _merge_factors(nest: Nest, small: nn.Module) -> None:
     """Replace each exported ``Sequential(V, U)`` of a Rank target by one ``nn.Linear`` holding ``U @ V``."""
     paths = [p for p, m in nest._sliced.items() if "rank" in m._sn.bind and isinstance(m, nn.Linear)]
+    for p in paths:
+        try:
+            f = small.get_submodule(p)
+        except AttributeError:
+            continue
+        if isinstance(f, nn.Sequential):  # factored: cost counted the factors, the stock class cannot hold them
+            dim = nest._sliced[p]._sn.bind["rank"].dim
+            raise SortedNetError(f"export of {type(nest.model).__name__}: Rank {dim.name!r} (export={dim.export!r}) "
+                                 f"writes {p!r} as two factors, which the stock class cannot hold, and merging them "
+                                 "would hold more parameters than cost() counted; declare it with export='merged' "
+                                 "(from_transformers does), or export with plain=True")
     for p in paths:
         try:
             f = small.get_submodule(p)
@@ -361,20 +390,49 @@ def _merge_factors(nest: Nest, small: nn.Module) -> None:
             setattr(small.get_submodule(parent) if parent else small, name, lin)
 
 
+# per-layer config lists that follow the kept layers
+_PER_LAYER = ("layer_types", "mlp_layer_types", "attention_window", "no_rope_layers", "activation_sparsity_pattern")
+
+
+def _holder(cfg, key: str):
+    """The config object holding ``key``: ``cfg`` itself, or its text config (a vision-language model)."""
+    if hasattr(cfg, key):
+        return cfg
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
+    if text is not None and text is not cfg and hasattr(text, key):
+        return text
+    raise SortedNetError(f"{type(cfg).__name__} has no {key!r} (nor its text config): the exported sub-model's "
+                         "config cannot be written; export it with nest.export(sub, plain=True)")
+
+
+def _ffn_size(block: nn.Module, lay: Layout, cls: str) -> int | None:
+    """The FFN width of an exported block (None when its FFN has no slicer: not nested, unchanged)."""
+    m = block.get_submodule(_ffn_out_path(block, lay, cls))
+    sl = slicer_for(m)
+    return None if sl is None else sl.full(m, "out") // lay.ffn_chunks
+
+
 def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cfg) -> None:
     lay = found.layout
+    cls = type(nest.model).__name__
     b0 = found.block(small, 0, 0) if len(small.get_submodule(found.stacks[0])) else None
     if b0 is not None and lay.ffn_out:
-        m = b0.get_submodule(_ffn_out_path(b0, lay, type(nest.model).__name__))
-        setattr(cfg, lay.ffn_key, slicer_for(m).full(m, "out") // lay.ffn_chunks)
+        h = _holder(cfg, lay.ffn_key)
+        if isinstance(getattr(h, lay.ffn_key), (list, tuple)):  # one value per layer (Gemma3n)
+            sizes = [_ffn_size(b, lay, cls) for b in small.get_submodule(found.stacks[0])]
+            if None not in sizes:
+                setattr(h, lay.ffn_key, type(getattr(h, lay.ffn_key))(sizes))
+        elif (n := _ffn_size(b0, lay, cls)) is not None:
+            setattr(h, lay.ffn_key, n)
     for P, key in zip(found.stacks, lay.depth_keys):
-        L0, L = getattr(cfg, key), len(small.get_submodule(P))
-        setattr(cfg, key, L)
-        for k in ("layer_types", "mlp_layer_types", "attention_window"):
-            v = getattr(cfg, k, None)
+        h = _holder(cfg, key)
+        L0, L = getattr(h, key), len(small.get_submodule(P))
+        setattr(h, key, L)
+        for k in (*_PER_LAYER, *((lay.ffn_key,) if lay.ffn_out else ())):
+            v = getattr(h, k, None)
             if isinstance(v, (list, tuple)) and len(v) == L0:
-                setattr(cfg, k, type(v)(v[:L]))
-        _fit_backbone_stages(cfg, L0, L, sub)
+                setattr(h, k, type(v)(v[:L]))
+        _fit_backbone_stages(h, L0, L, sub, _is_backbone(nest.model))
     heads = [d for d in nest.dims if isinstance(d, Heads)]
     n_heads, group = _head_counts(nest.model.config, lay)
     if not heads or all(sub[d.name] == d.full for d in heads):
@@ -385,22 +443,30 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
             f"stock class, whose config derives the head size from hidden size / {lay.heads_key}; export it as a "
             "plain module with nest.export(sub, plain=True) (save it with torch.save), or keep all heads")
     n = sub[heads[0].name]
-    d = getattr(cfg, lay.head_dim_key, None) or cfg.hidden_size // n_heads
-    setattr(cfg, lay.head_dim_key, d)
-    setattr(cfg, lay.heads_key, n)
-    if lay.kv_key and getattr(cfg, lay.kv_key, None):
-        setattr(cfg, lay.kv_key, n // group)
+    h = _holder(cfg, lay.heads_key)
+    d = getattr(h, lay.head_dim_key, None) or h.hidden_size // n_heads
+    setattr(h, lay.head_dim_key, d)
+    setattr(h, lay.heads_key, n)
+    if lay.kv_key and getattr(h, lay.kv_key, None):
+        setattr(h, lay.kv_key, n // group)
 
 
-def _fit_backbone_stages(cfg, L0: int, L: int, sub: SubModel) -> None:
+def _is_backbone(model: nn.Module) -> bool:
+    """A transformers backbone (``...Backbone``, which returns the feature maps its config's out_indices name)."""
+    return any(c.__name__ == "BackboneMixin" for c in type(model).__mro__)
+
+
+def _fit_backbone_stages(cfg, L0: int, L: int, sub: SubModel, backbone: bool) -> None:
     """A backbone config names one stage per layer (``stage_names``, ``out_features`` / ``out_indices``): keep
-    the first ``L``; the default output (the last stage) stays the last one."""
+    the first ``L`` stages. A backbone's outputs past them cannot be exported (the live sub-model gives no
+    feature map for them; from_transformers refuses such depths); other models of a backbone config do not
+    use them, so the default output (the last stage) stays the last one."""
     names = getattr(cfg, "stage_names", None)
     if L == L0 or not (isinstance(names, list) and len(names) == L0 + 1
                        and hasattr(cfg, "set_output_features_output_indices")):
         return
     old = [i % len(names) for i in (getattr(cfg, "out_indices", None) or [L0])]
-    new = [L] if old == [L0] else old
+    new = [L] if old == [L0] and not backbone else old
     if any(i > L for i in new):
         raise SortedNetError(f"sub-model {sub}: the config's backbone outputs {getattr(cfg, 'out_features', None)} "
                              f"name stages beyond the {L} layers kept; export it with nest.export(sub, plain=True) "
@@ -409,18 +475,38 @@ def _fit_backbone_stages(cfg, L0: int, L: int, sub: SubModel) -> None:
     cfg.set_output_features_output_indices(out_features=None, out_indices=new)
 
 
-def _set_config(model: nn.Module, cfg) -> None:
-    """Point the exported model and every sub-module that held the old config at the new one."""
+def _set_config(model: nn.Module, cfg, sliced: Sequence[tuple[str, str]] = ()) -> None:
+    """Point the exported model and every sub-module that held the old config (or one of its sub-configs) at
+    the new one; also ``(path, attribute)`` in ``sliced``: attention modules whose head count lives in their
+    config, which the export gave a copy of the config read under ``use(sub)``."""
     old = model.config
+    new = {id(old): cfg}
+    for k, v in vars(old).items():  # sub-configs (a vision-language model's text_config, ...)
+        if isinstance(v, PretrainedConfig) and isinstance(getattr(cfg, k, None), PretrainedConfig):
+            new[id(v)] = getattr(cfg, k)
     for m in model.modules():
         for k, v in list(vars(m).items()):
-            if v is old:
-                m.__dict__[k] = cfg
+            if id(v) in new:
+                m.__dict__[k] = new[id(v)]
+    for path, attr in sliced or ():  # a config attribute the sliced module read as a copy (fewer heads)
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            continue  # in a block depth dropped
+        if type(m.__dict__.get(attr)) is type(old):
+            m.__dict__[attr] = cfg
     model.config = cfg
 
 
 def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
     """The class built from ``cfg`` must have exactly the exported shapes (uniform sub-models only)."""
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except Exception as e:  # e.g. hidden size not a multiple of the head count: save_pretrained would refuse
+            raise SortedNetError(f"sub-model {sub} cannot be described by a valid {type(cfg).__name__}: {e}; export "
+                                 "it as a plain module with nest.export(sub, plain=True)") from None
     with torch.device("meta"):
         fresh = type(small)(cfg)
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}

@@ -179,7 +179,11 @@ class Slicer:
             full = self.full(m, role)
             if b.total(b.dim.full) != full:
                 hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
-                        "Width(..., chunks={pattern: n})" if len(b.blocks) == 1 and full % b.full == 0 else "")
+                        "Width(..., chunks={pattern: n})"
+                        if role == "out" and len(b.blocks) == 1 and full % b.full == 0 else
+                        f"; {path!r} reads more features than the dimension has (the sliced ones concatenated with "
+                        "others, or flattened with spatial positions): a prefix of its input is not the dimension's "
+                        "units, so it cannot be bound here" if role == "inp" and full > b.total(b.dim.full) else "")
                 raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
                                 f"{b.total(b.dim.full)} features but {path!r} ({type(m).__name__}) has {full} "
                                 f"for role {role!r}{hint}")

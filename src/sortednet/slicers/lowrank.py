@@ -61,6 +61,10 @@ class LowRankSlicer(Slicer):
         if taken:
             raise PatternError(f"{where}: the module already has attribute(s) {taken}")
         w = m._parameters.get("weight")
+        if w is None and any(n.startswith("weight_") for n in m._parameters):  # legacy weight_norm / spectral_norm
+            raise PatternError(f"{where}: its weight is computed in every forward from "
+                               f"{sorted(n for n in m._parameters if n.startswith('weight_'))} (a weight_norm / "
+                               "spectral_norm hook): remove that hook or leave the layer out of the Rank targets")
         if not isinstance(w, nn.Parameter) or not w.is_floating_point():
             raise PatternError(f"{where}: weight must be a floating-point nn.Parameter, got {type(w).__name__}")
         if w.is_meta:
