@@ -85,8 +85,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             for m in new.modules():
                 m._forward_pre_hooks.pop(h.id, None)
         for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
-            if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)) and isinstance(m.__dict__.get("num_layers"),
-                                                                                           int):
+            torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
+            if torch_stack and isinstance(m.__dict__.get("num_layers"), int):
                 m.num_layers = len(m.layers)
         _share_once(model, new, skipped, sub)
     return new

@@ -155,7 +155,8 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
             deepest = max(i % len(names) for i in idx)
             if sizes[0] < deepest:
                 raise SortedNetError(f"from_transformers(depth={sizes}): this backbone outputs stages "
-                                     f"{getattr(model.config, 'out_features', idx)}, the deepest after layer {deepest}; "
+                                     f"{getattr(model.config, 'out_features', idx)}, the deepest after layer "
+                                     f"{deepest}; "
                                      f"a sub-model of depth {sizes[0]} would give no feature map for it. Keep depths "
                                      f">= {deepest}, or build the backbone with out_indices within the smallest depth")
         dims.append(Depth("depth", sizes, layers=list(found.stacks)))
