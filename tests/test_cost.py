@@ -259,3 +259,17 @@ def test_counting_flops_changes_no_state():
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_a_profiles_flops_answer_for_its_own_example():
+    """cost(sub, "flops", example=x) with the profile's own example keeps the profile's FLOPs for pick."""
+    import torch.nn as nn
+
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    nest = sn.wrap(m, sn.Width("a", [4, 8, 32], out="0", inp="2"))
+    x = torch.randn(1, 8)
+    prof = nest.profile(x, repeat=1, warmup=0, progress=False)
+    best = nest.pick(flops=prof.costs["flops"][1])
+    assert nest.cost("a=4", "flops", example=x) == prof.costs["flops"][0]
+    assert nest.pick(flops=prof.costs["flops"][1]) == best
+    assert nest.cost("a=8", "flops") == prof.costs["flops"][1]

@@ -162,6 +162,33 @@ def _errors(rank: int) -> dict:
     every: list = [None] * WORLD
     dist.all_gather_object(every, out["sync"])
     out["sync_all_ranks"] = every
+    # a non-finite loss on ONE rank: every rank skips that sub-model (one decision, matched collectives)
+    case, nest = _build("mlp", "ddp")
+    ddp = DDP(case.model)
+
+    def closure():
+        loss = _loss(ddp(case.example))
+        return loss * float("nan") if rank == 0 and nest.active == nest.smallest else loss
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = snd.accumulate(nest, [nest.smallest, nest.largest], closure, module=ddp, nonfinite="skip")
+    skipped: list = [None] * WORLD
+    dist.all_gather_object(skipped, [str(s) for s in got.skipped])
+    out["nonfinite_skipped"] = skipped
+    out["grad_after_skip"] = case.model.fc1.weight.grad.clone()
+    case, nest = _build("mlp", "ddp")
+    try:
+        snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)),
+                       module=DDP(case.model, static_graph=True))
+    except sn.SortedNetError as e:
+        out["static_graph"] = str(e)
+    try:
+        sn.fit(nest, [(case.example, torch.zeros(len(case.example), dtype=torch.long))],
+               torch.optim.SGD(case.model.parameters(), lr=0.1), sn.Sampler(nest, k=1))
+    except sn.SortedNetError as e:
+        out["fit_multi_rank"] = str(e)
     return out
 
 
@@ -271,6 +298,20 @@ def test_misuse_raises_clear_errors(run):
     errs = results["errors"]
     assert "wrap before fully_shard" in errs.get("wrap_after_fully_shard", "")
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
+    assert "static_graph" in errs.get("static_graph", "")
+    assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(run):
+    """nonfinite='skip' is decided once for all ranks: rank 0's NaN loss of the smallest sub-model makes
+    rank 1 skip it too, so the synchronised gradient is the largest's alone (the ranks' runs stay alike)."""
+    _, results = run
+    errs = results["errors"]
+    case, nest = _build("mlp", "ddp")
+    assert errs["nonfinite_skipped"] == [[str(nest.smallest)]] * WORLD
+    with nest.use(nest.largest):
+        (_loss(case.model(case.example)) * 0.5).backward()  # weight 1/2: the largest of two, the other skipped
+    torch.testing.assert_close(errs["grad_after_skip"], case.model.fc1.weight.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_sync_gradients_averages_and_keeps_none_where_no_rank_has_a_gradient(run):

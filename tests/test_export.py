@@ -294,3 +294,34 @@ def test_transformer_encoder_with_padding_under_no_grad(heads, batch_first, seed
     torch.testing.assert_close(exported, live, atol=1e-5, rtol=0)
     if sub == nest.largest:
         torch.testing.assert_close(live, before, atol=1e-6, rtol=0)
+
+
+def test_a_model_with_a_config_that_no_hook_writes_is_refused_even_with_the_integrations_loaded():
+    import sortednet.integrations  # noqa: F401  (registers the transformers export hook)
+
+    class Cfg:
+        hidden = 32
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config, self.a, self.b = Cfg(), nn.Linear(8, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+        def save_pretrained(self, path):
+            pass
+
+    nest = sn.wrap(M(), sn.Width("h", [8, 32], out="a", inp="b"))
+    with pytest.raises(sn.SortedNetError, match="config updated"):
+        nest.export("h=8")
+    assert nest.export("h=8", plain=True).a.weight.shape == (8, 8)
+
+
+def test_a_transformer_encoders_layer_count_follows_depth_on_export():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    nest = sn.wrap(enc, sn.Depth("d", [1, 3], layers="layers"))
+    small = nest.export("d=1")
+    assert len(small.layers) == small.num_layers == 1

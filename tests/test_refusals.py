@@ -177,3 +177,158 @@ def test_rank_on_a_tied_weight_is_refused(mode):
     with pytest.raises(sn.SortedNetError, match="'head'.*emb.weight \\(tied\\)"):
         sn.wrap(m, sn.Rank("r", [2, 8, 16], targets="head", mode=mode))
     assert_unchanged(m, before)
+
+
+# -- wirings that run yet are not nested sub-models: check and discover measure, never assume ----------------
+class _FastAxisAttention(nn.Module):
+    """Heads as the FAST axis of the projections ("b n (d h)"): slicing a prefix is not whole heads."""
+
+    def __init__(self, dim=32, heads=4, direct=False):
+        super().__init__()
+        self.heads, self.direct = heads, direct
+        self.to_qkv, self.to_out = nn.Linear(dim, dim * 3, bias=False), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (t.reshape(B, N, -1, self.heads).permute(0, 3, 1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v).permute(0, 2, 3, 1).reshape(B, N, -1)
+        if self.direct:  # the out projection's weight read directly, not through its forward
+            return torch.nn.functional.linear(y, self.to_out.weight, self.to_out.bias)
+        return self.to_out(y)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, scale=1.0, direct=False):
+        super().__init__()
+        self.scale = scale
+        self.emb, self.ln, self.head = nn.Linear(6, 32), nn.LayerNorm(32), nn.Linear(32, 3)
+        self.attn = _FastAxisAttention(direct=direct)
+
+    def forward(self, x):
+        h = self.emb(x) * self.scale
+        return self.head(h + self.attn(self.ln(h)))
+
+
+@pytest.mark.parametrize("scale, direct", [(100.0, False), (1.0, True)])
+def test_heads_that_are_not_whole_heads_are_refused_behind_a_large_residual_or_a_direct_weight_read(scale, direct):
+    """The whole-heads measure compares each reading projection's input with its own scale (a residual stream
+    100x larger cannot hide the error) and masks the projection's weight, so a weight read with F.linear is
+    measured too."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    m = _ResidualBlock(scale, direct).eval()
+    assert not [d for d in sn.discover(m, x, ratios=(0.5, 1.0)) if d.kind == "heads"]
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads"):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn="attn"), example=x)
+    assert_unchanged(m, before)
+
+
+class _InterleavedGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(8, 32), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.gate_up(x)
+        return self.down(torch.nn.functional.silu(y[..., ::2]) * y[..., 1::2])
+
+
+def test_fused_chunks_that_interleave_are_refused():
+    """chunks=2 says gate|up are stacked halves; an interleaved layer (y[..., ::2]) is caught by check."""
+    torch.manual_seed(0)
+    m, x = _InterleavedGLU(), torch.randn(4, 8)
+    with pytest.raises(sn.SortedNetError, match="not the first 4 whole units|indexed by.*cannot shrink"):
+        sn.wrap(m, sn.Width("ffn", [4, 8, 16], out="gate_up", inp="down", chunks=2), example=x)
+
+
+class _Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.e = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.d = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        y = self.c(x)
+        B, C, H, W = y.shape
+        y = y.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, C, H, W)  # channel shuffle
+        return self.e(torch.relu(self.d(y))).mean((2, 3))
+
+
+def test_a_wiring_that_runs_but_reshapes_the_sliced_axis_is_refused():
+    torch.manual_seed(0)
+    m, x = _Shuffle().eval(), torch.randn(2, 3, 5, 5)
+    with pytest.raises(sn.SortedNetError, match="cannot shrink"):
+        sn.wrap(m, sn.Width("ch", [4, 8], out=["c", "d"], inp=["d", "e"]), example=x)
+    assert not any("_sn" in x.__dict__ for x in m.modules())
+
+
+def test_depth_walked_with_children_is_caught_and_named():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            for b in self.blocks.children():  # sees every block, whatever the depth
+                x = b(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    with pytest.raises(sn.SortedNetError, match=r"Depth \['d'\].*\.children\(\)"):
+        sn.wrap(Net(), sn.Depth("d", [1, 4], layers="blocks"), example=torch.randn(2, 8))
+
+
+def test_lazy_modules_are_refused_by_wrap_and_discover_without_materialising_them():
+    m, x = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(2, 8)
+    rng = torch.get_rng_state()
+    with pytest.raises(sn.SortedNetError, match="lazy"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    with pytest.raises(sn.SortedNetError, match="lazy"):
+        sn.discover(m, x)
+    assert isinstance(m[0].weight, nn.parameter.UninitializedParameter) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_discover_leaves_out_declarations_that_slice_a_tied_weight_differently():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.nxt = nn.Linear(8, 16), nn.Linear(16, 2)
+            self.aux, self.auxo = nn.Linear(8, 16), nn.Linear(16, 2)
+            self.aux.weight = self.fc.weight
+
+        def forward(self, x):
+            return self.nxt(torch.relu(self.fc(x))) + self.auxo(torch.relu(self.aux(x * 2)))
+
+    torch.manual_seed(0)
+    m, x = Tied().eval(), torch.randn(3, 8)
+    dims = sn.discover(m, x, ratios=(0.5, 1.0))
+    nest = sn.wrap(m, *dims, example=x)
+    for s in nest.submodels:  # every sub-model it offers exports, with the parameters cost counts
+        assert sum(p.numel() for p in nest.export(s).parameters()) == nest.cost(s)
+
+
+def test_a_replacing_export_keeps_hooks_and_every_name_of_the_module():
+    """Factored low rank exports a Sequential in place of the Linear: the user's forward hook goes with it,
+    and a module held under two names (self.b = self.a) is replaced under both."""
+    class TwoNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Linear(16, 16), nn.Linear(16, 3)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.o(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    m, x = TwoNames(), torch.randn(4, 16)
+    m.a.register_forward_hook(lambda mod, args, out: out * 2)
+    nest = sn.wrap(m, sn.Rank("r", [2, 4, 16], targets="a", export="factored"))
+    live_ids = {id(t) for t in m.parameters()}
+    for s in nest.submodels:
+        e = nest.export(s)
+        assert e.a is e.b and not any(id(t) in live_ids for t in e.parameters())
+        assert sum(p.numel() for p in e.parameters()) == nest.cost(s)
+        with torch.no_grad(), nest.use(s):
+            torch.testing.assert_close(e(x), m(x), atol=1e-5, rtol=1e-5)

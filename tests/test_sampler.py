@@ -236,3 +236,13 @@ def test_small_first_state_round_trip_and_bad_values():
         sn.Sampler(SUBS, strategy="all", small_first=10)
     with pytest.raises(sn.SortedNetError, match="small_first"):
         sn.Sampler(SUBS, k=2, small_first=-1)
+
+
+def test_loss_weights_take_strings_and_dicts_like_every_other_api():
+    import torch.nn as nn
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 8], out="0", inp="1"))
+    for source in (nest, list(nest.submodels)):
+        s = sn.Sampler(source, k=2, seed=0, loss_weights="small")
+        want = s.loss_weights_for([nest.resolve("h=2"), nest.resolve("h=8")])
+        assert s.loss_weights_for(["h=2", {"h": 8}]) == want

@@ -300,6 +300,36 @@ def test_trainer_gradient_equals_mean_loss_over_accumulated_batch(soft, tmp_path
     torch.testing.assert_close(before - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_trainer_applies_the_samplers_loss_weights(tmp_path):
+    """SortedTrainer weighs each drawn sub-model's loss as sn.accumulate(weights=loss_weights_for(subs))."""
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 32], heads=[2], depth=[2])
+    x = ids(seed=9, b=4)
+    data = [{"input_ids": row, "labels": row} for row in x]
+    sampler = sn.Sampler(nest, k=3, strategy="sandwich", seed=0, loss_weights="small")
+    subs = sampler.draw(0)
+    weights = sampler.loss_weights_for(subs)
+    assert len(set(weights)) > 1
+    with torch.no_grad():
+        w = model.lm_head.weight.detach().clone()
+    sn.accumulate(nest, subs, lambda: model(input_ids=x, labels=x).loss, weights=weights)
+    want = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4, optim="sgd", learning_rate=1.0,
+                             max_grad_norm=0.0, weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, logging_strategy="no")
+    SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sampler).train()
+    torch.testing.assert_close(w - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_callback_refuses_a_sampler_that_draws_several(tmp_path):
+    model, _, _, _ = build("gpt2")
+    nest = sn.from_transformers(model, ffn=[16, 32])
+    with pytest.raises(sn.SortedNetError, match="draws 2"):
+        SubModelCallback(nest, sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0))
+
+
 def test_callback_activates_one_submodel_per_optimizer_step(tmp_path):
     model, _, _, _ = build("gpt2")
     model.train()

@@ -603,3 +603,92 @@ def test_sort_by_importance_refuses_a_non_finite_or_non_scalar_loss():
     with pytest.raises(sn.SortedNetError, match="scalar"):
         sn.sort_by_importance(nest, [good], loss_fn=lambda m, b: out(m, b))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- exports the stock class can load, with a config that matches them everywhere ---------------------------
+def test_a_heads_export_whose_config_transformers_would_not_validate_is_refused():
+    """Llama validates hidden_size % heads == 0 at save_pretrained: 12 of 16 heads cannot be a stock config."""
+    torch.manual_seed(0)
+    m = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=16, num_key_value_heads=4, **TOK)).eval()
+    nest = sn.from_transformers(m, heads=[12])
+    with pytest.raises(sn.SortedNetError, match="(?s)valid LlamaConfig.*plain=True"):
+        nest.export("heads=12")
+    assert nest.export("heads=12", plain=True) is not None
+
+
+def test_svd_rank_cost_counts_the_merged_weights_the_export_holds():
+    torch.manual_seed(0)
+    m = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, **TOK)).eval()
+    nest = sn.from_transformers(m, depth=[1], rank=[2, 4], rank_mode="svd")
+    x = torch.randint(1, V, (1, 6))
+    for s in nest.submodels:
+        e = nest.export(s)
+        assert sum(p.numel() for p in e.parameters()) == nest.cost(s), s
+        with torch.no_grad(), nest.use(s):
+            torch.testing.assert_close(e(x).logits, m(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_backbone_is_not_nested_below_its_output_stage():
+    """Dinov2Backbone returns the feature map of its last stage: a shallower sub-model would return none,
+    and an export that moved the output to its own last stage would differ from it. Refused up front."""
+    torch.manual_seed(0)
+    cfg = T.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
+                         image_size=16, patch_size=8)
+    with pytest.raises(sn.SortedNetError, match="no feature map"):
+        sn.from_transformers(T.Dinov2Backbone(cfg).eval(), depth=[2])
+    m = T.Dinov2Backbone(T.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                        intermediate_size=48, image_size=16, patch_size=8, out_indices=[2])).eval()
+    nest = sn.from_transformers(m, depth=[2, 3])
+    x = torch.randn(1, 3, 16, 16)
+    for s in nest.submodels:
+        with torch.no_grad(), nest.use(s):
+            live = m(pixel_values=x).feature_maps
+            got = nest.export(s).eval()(pixel_values=x).feature_maps
+        assert len(live) == len(got) == 1
+        torch.testing.assert_close(got[0], live[0], atol=1e-5, rtol=0)
+
+
+def test_an_attention_that_holds_a_copy_of_the_config_gets_the_exported_one():
+    """Phi-3's attention reads its head count from its own config copy: after export it must be the model's
+    config, so set_attn_implementation reaches it."""
+    torch.manual_seed(0)
+    m = T.Phi3ForCausalLM(T.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, **TOK)).eval()
+    nest = sn.from_transformers(m, heads=[2], depth=[1])
+    e = nest.export("heads=2,depth=1").eval()
+    assert e.model.layers[0].self_attn.config is e.config
+    e.set_attn_implementation("eager")
+    out = e(torch.randint(1, V, (1, 6)), output_attentions=True)
+    assert [tuple(a.shape) for a in out.attentions] == [(1, 2, 6, 6)]
+
+
+def test_a_vision_language_models_text_config_is_written_on_export(tmp_path):
+    torch.manual_seed(0)
+    cfg = T.Qwen2VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=V,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1, in_channels=3))
+    m = T.Qwen2VLForConditionalGeneration(cfg).eval()
+    nest = sn.from_transformers(m, ffn=[0.5], depth=[1])
+    x = torch.randint(1, V, (1, 6))
+    e = nest.export("ffn=24,depth=1").eval()
+    assert (e.config.text_config.num_hidden_layers, e.config.text_config.intermediate_size) == (1, 24)
+    e.save_pretrained(tmp_path)
+    back = type(e).from_pretrained(tmp_path).eval()
+    with torch.no_grad(), nest.use("ffn=24,depth=1"):
+        torch.testing.assert_close(back(input_ids=x).logits, m(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+def test_ffn_of_experts_without_a_slicer_is_refused_clearly():
+    torch.manual_seed(0)
+    m = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               num_experts=4, num_experts_per_tok=2, **TOK)).eval()
+    with pytest.raises(sn.SortedNetError, match="no slicer"):
+        sn.from_transformers(m, ffn=[0.5])
+    nest = sn.from_transformers(m, depth=[1])
+    assert nest.export("depth=1").config.num_hidden_layers == 1

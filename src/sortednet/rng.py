@@ -60,7 +60,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         p = state["python"]
         py_state = (p["version"], tuple(p["internal"]), p["gauss_next"])
         random.Random().setstate(py_state)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001  (any malformed part: nothing was set yet)
         raise SortedNetError(f"not a random generator state from sortednet.rng.rng_state(): {e!r}") from None
     torch.set_rng_state(t)
     np.random.set_state(np_state)
