@@ -98,3 +98,19 @@ def test_pattern_kinds_slice_the_same_modules(out, inp):
     with nest.use("ffn=8"):
         shapes = [(b.fc1.weight.shape, b.fc2.weight.shape, b.attn.q.weight.shape) for b in c.model.blocks]
     assert shapes == [(torch.Size([8, 16]), torch.Size([16, 8]), torch.Size([16, 16]))] * 3
+
+
+def test_a_second_name_of_a_module_is_explained():
+    import torch.nn as nn
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mid, self.out = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+            self.mid2 = self.mid
+
+        def forward(self, x):
+            return self.out(self.mid2(self.mid(self.inp(x))))
+
+    with pytest.raises(sn.SortedNetError, match="'mid2' is the module named 'mid'"):
+        sn.wrap(M(), sn.Width("h", [8, 16], out=["inp", "mid2"], inp=["mid", "out"]))

@@ -48,7 +48,16 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     if sharded:
         raise SortedNetError(f"model parameters are already sharded (FSDP2 DTensors, e.g. {sharded[:3]}): "
                              "call sn.wrap before fully_shard (see docs/scaling.md)")
-    targets: list[Target] = [t for d in dims for t in d.plan(modules)]
+    try:
+        targets: list[Target] = [t for d in dims for t in d.plan(modules)]
+    except PatternError as e:  # a second name of a module (self.b = self.a): say which name to use
+        canon = {id(m): n for n, m in modules.items()}
+        alias = [f"{n!r} is the module named {canon[id(m)]!r}" for n, m in model.named_modules(remove_duplicate=False)
+                 if n not in modules and id(m) in canon and f"pattern {n!r} matched no module" in str(e)]
+        if alias:
+            raise PatternError(f"{e}; {alias[0]} (a module held under two names is matched by its first name)") \
+                from None
+        raise
     by_path: dict[str, dict[str, Target]] = defaultdict(dict)
     for t in targets:
         prev = by_path[t.path].get(t.role)
