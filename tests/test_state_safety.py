@@ -205,3 +205,66 @@ def test_lora_adapters_are_seeded_by_the_global_generator_without_advancing_it()
     a, b = build(), build()
     assert torch.equal(a[0].lora_A, b[0].lora_A)                 # reproducible from torch.manual_seed
     assert not torch.equal(a[0].lora_A, a[2].lora_A)             # each layer its own draw
+    fresh = nn.Linear(8, 2)                                      # the global stream is not replayed
+    assert not torch.equal(fresh.weight, a[0].lora_A[:2])
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    sn.wrap(m, sn.Rank("r1", [2, 4], targets="0", mode="lora"), sn.Rank("r2", [2, 4], targets="2", mode="lora"))
+    assert not torch.equal(m[0].lora_A, m[2].lora_A)             # another dimension, other values
+
+
+def test_lora_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(sn.SortedNetError, match="meta device"):
+        sn.wrap(m, sn.Rank("r", [2, 4], targets="0", mode="lora"))
+
+
+def test_unwrap_copy_refuses_the_nests_own_modules():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    for wrong in (m[0], nn.Sequential(m)):
+        with pytest.raises(sn.SortedNetError, match="nest's own model"):
+            nest.unwrap_copy(wrong)
+    with nest.use("h=4"):
+        assert m[0].weight.shape == (4, 8)  # still sliced
+
+
+def test_sort_units_carries_a_factored_optimizers_statistics():
+    """Adafactor keeps row / column statistics (size 1 along the reduced axis): they follow the units."""
+    def run(sort: bool):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        opt = torch.optim.Adafactor(m.parameters(), lr=1e-2)
+        for step in range(6):
+            if sort and step == 3:
+                sort_units(nest, "l1", example=x, optimizer=opt)
+            subs = [nest.smallest, nest.largest] if step < 3 else [nest.largest]  # the full model: same function
+            sn.accumulate(nest, subs, lambda: F.cross_entropy(m(x), y))
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            return m(x)
+
+    torch.testing.assert_close(run(True), run(False), atol=1e-5, rtol=1e-5)
+
+
+def test_models_with_lazy_modules_or_extra_state_are_refused_clearly(tmp_path):
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.LazyLinear(2))
+    with pytest.raises(sn.SortedNetError, match="lazy"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert not any("_sn" in x.__dict__ for x in m.modules())
+
+    class Stateful(nn.Linear):
+        def get_extra_state(self):
+            return {"calls": 3}
+
+        def set_extra_state(self, state):
+            pass
+
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Stateful(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    with pytest.raises(sn.SortedNetError, match="get_extra_state"):
+        sn.save(nest, tmp_path / "n.safetensors")

@@ -24,6 +24,7 @@ from .cost import call_model
 from .coupling import analyse
 from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
+from .plan import Use
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -108,10 +109,11 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     if not reads or any(not isinstance(m, _maskable()) or "rank" in m._sn.bind
                         or not isinstance(m._parameters.get("weight"), torch.Tensor) for m, _ in reads):
         return None
-    try:
-        sub = nest.resolve({**{d.name: d.full for d in nest.dims}, dim.name: size})
-    except SortedNetError:  # a restricted nest without that sub-model: nothing to compare
+    full = SubModel({d.name: d.full for d in nest.dims})
+    if size not in dim.sizes:
         return None
+    # measured at sizes the nest may not list (a restricted nest): the plans exist for any sizes
+    sub_plan, full_plan = nest._plans.get(full.replace(**{dim.name: size})), nest._plans.get(full)
     inputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
 
     def capture(run: str, keep: int) -> Any:
@@ -122,7 +124,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
 
     hooks = [m.register_forward_pre_hook(capture("live", b.total(size))) for m, b in reads]
     try:
-        with nest.use(sub):
+        with Use(nest._state, sub_plan):
             live = first_float(call_model(model, example))
     finally:
         for h in hooks:
@@ -134,7 +136,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             masked = w.detach().clone()
             masked.narrow(_input_axis(m), b.total(size), w.shape[_input_axis(m)] - b.total(size)).zero_()
             m._parameters["weight"] = masked
-        with nest.use(nest.largest):
+        with Use(nest._state, full_plan):
             ref = first_float(call_model(model, example))
     finally:
         for h in hooks:
@@ -152,6 +154,12 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
                 if x.shape == y.shape and y.numel():
                     err = max(err, ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item())
     return err
+
+
+def _tolerance(nest: Nest) -> float:
+    """Relative error that whole units may show: float32 / float64 rounding, or half precision's."""
+    t = next((p for p in nest.model.parameters() if p.is_floating_point()), None)
+    return 1e-3 if t is None or t.dtype in (torch.float32, torch.float64) else 5e-2
 
 
 def _shapes(x: Any) -> list:
@@ -244,17 +252,11 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         _check_training_mode(nest, example, mixed, seed)
-        try:  # a wiring that runs yet is wrong (a channel shuffle, a reshape across the sliced axis)
-            problems = diagnose(nest, example, model)
-        except SortedNetError:
-            problems = []  # the tracer cannot follow this model: the dry runs above stand alone
-        if problems:
-            raise SortedNetError("nest.check: every sub-model runs, but the wiring is not that of nested "
-                                 "sub-models:\n  " + "\n  ".join(problems))
+        tol = _tolerance(nest)
         for d in nest.dims:
             if d.kind == "heads" and d.sizes[0] < d.full:
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
-                if err is not None and not err <= 1e-3:
+                if err is not None and not err <= tol:
                     o = [p for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
                          and m._sn.bind["inp"].dim is d]
                     raise SortedNetError(
@@ -266,7 +268,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
             if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not d.norm:
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
-                if err is not None and not err <= 1e-3:
+                if err is not None and not err <= tol:
                     raise SortedNetError(
                         f"nest.check: width {d.name!r} at {d.sizes[0]} is not the first {d.sizes[0]} whole units of "
                         f"the full model (relative difference {err:.3g} from the full model with the other units "

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .check import whole_units_error
+from .check import _tolerance, whole_units_error
 from .cost import call_model
 from .coupling import Coupling, Group, analyse
 from .dims import Dimension, Width, dimension_from_spec
@@ -164,7 +164,7 @@ def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[
     try:
         bad = {i for i in heads
                if (err := whole_units_error(nest, fresh[i], fresh[i].sizes[0], example)) is not None
-               and not err <= 1e-3}
+               and not err <= _tolerance(nest)}
     finally:
         nest.unwrap()
     return [d for i, d in enumerate(dims) if i not in bad]

@@ -103,6 +103,8 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
         hooks = old.__dict__.get(attr)
         if hooks and new.__dict__.get(attr) is not None and not new.__dict__[attr]:
             new.__dict__[attr].update(hooks)
+            if attr == "_backward_hooks":  # whether they are full backward hooks (else torch never runs them)
+                new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
 
 
 def reachable_modules(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, nn.Module]:

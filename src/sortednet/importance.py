@@ -216,13 +216,21 @@ def _example_of(data: Any) -> Any:
 
 
 def _companions(t: Tensor, optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
-    """``t`` and the tensors whose units follow it: its ``.grad`` and the optimizer's per-element state
-    (momentum, Adam moments: state tensors of ``t``'s shape)."""
+    """``t`` and the tensors whose units follow it: its ``.grad`` and the optimizer's state for it (momentum,
+    Adam's moments; a factored optimizer's row / column statistics, of size 1 along reduced axes). State of
+    another layout (flattened, one number per... other than a scalar) cannot follow: refused."""
     out = [t]
     if t.grad is not None:
         out.append(t.grad)
     if optimizer is not None:
-        out += [v for v in optimizer.state.get(t, {}).values() if isinstance(v, Tensor) and v.shape == t.shape]
+        for k, v in optimizer.state.get(t, {}).items():
+            if not isinstance(v, Tensor) or v.numel() == 1:
+                continue  # step counts and other scalars
+            if v.dim() != t.dim() or any(a not in (1, b) for a, b in zip(v.shape, t.shape)):
+                raise SortedNetError(f"sort_units: the optimizer's state {k!r} of a {tuple(t.shape)} parameter has "
+                                     f"shape {tuple(v.shape)}, which cannot follow a permutation of its units; "
+                                     "sort before building the optimizer")
+            out.append(v)
     return out
 
 
@@ -241,7 +249,8 @@ def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer 
                     continue
                 done[key] = (id(order), idx)
                 for c in _companions(t, optimizer):
-                    c.data.copy_(c.data.index_select(ax, idx.to(c.device)))
+                    if c.shape[ax] == t.shape[ax]:  # (a statistic reduced over this axis has size 1: unchanged)
+                        c.data.copy_(c.data.index_select(ax, idx.to(c.device)))
 
 
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,

@@ -88,6 +88,11 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     full = len(nest.submodels) == _product(nest)
     subs = None if full else [[s[d.name] for d in nest.dims] for s in nest.submodels]
     sd = nest.model.state_dict() if state is None else _checked_state(nest, state)
+    odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise SortedNetError(f"cannot save: state_dict entries {odd[:3]} are not tensors (a module's "
+                             "get_extra_state); a safetensors checkpoint holds tensors only: save that state "
+                             "separately, or save one exported sub-model with torch.save")
     meta_keys = [k for k, v in sd.items() if v.is_meta]
     if meta_keys:
         raise SortedNetError(f"cannot save: {meta_keys[:3]} are on the meta device (no values); materialise the "

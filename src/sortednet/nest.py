@@ -568,6 +568,10 @@ class Nest:
         if copy is self.model:
             raise SortedNetError("unwrap_copy() got the nest's own model; call nest.unwrap()")
         mods = [m for m in copy.modules() if "_sn" in m.__dict__]
+        own = {id(m) for m in self._sliced.values()}
+        if self._alive and any(id(m) in own for m in mods):
+            raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} holds modules of the nest's own model "
+                                 "(a part of it, or a wrapper around it), not a copy; call nest.unwrap()")
         foreign = [m.__dict__["_sn"].path for m in mods if m.__dict__["_sn"].active is not self._state]
         if not mods or foreign:
             raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} is not a copy of this nest's model"

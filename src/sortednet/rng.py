@@ -60,10 +60,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         p = state["python"]
         py_state = (p["version"], tuple(p["internal"]), p["gauss_next"])
         random.Random().setstate(py_state)
+        cuda = state.get("cuda") if torch.cuda.is_available() else None
+        if cuda is not None and not (isinstance(cuda, (list, tuple)) and len(cuda) == torch.cuda.device_count()
+                                     and all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda)):
+            raise ValueError(f"the cuda part must hold one uint8 state per device ({torch.cuda.device_count()})")
     except Exception as e:  # noqa: BLE001  (any malformed part: nothing was set yet)
         raise SortedNetError(f"not a random generator state from sortednet.rng.rng_state(): {e!r}") from None
     torch.set_rng_state(t)
     np.random.set_state(np_state)
     random.setstate(py_state)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -44,6 +44,10 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     wrapped = [n or "<root>" for n, m in modules.items() if "_sn" in m.__dict__]
     if wrapped:
         raise SortedNetError(f"model is already wrapped (sliced modules: {wrapped[:5]}); call nest.unwrap() first")
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if _uninitialized(t)]
+    if lazy:  # their shapes (and so every parameter count) are not known yet
+        raise PatternError(f"model has uninitialised (lazy) tensors {lazy[:4]} (nn.LazyLinear, ...): run one forward "
+                           "pass first so they get their shapes, then wrap")
     sharded = [n for n, p in model.named_parameters() if is_sharded(p)]
     if sharded:
         raise SortedNetError(f"model parameters are already sharded (FSDP2 DTensors, e.g. {sharded[:3]}): "
@@ -87,10 +91,6 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
             if type(m) is not base and type(m).forward is not base.forward and not sl.overrides_forward:
                 raise PatternError(f"{path!r}: {type(m).__name__} subclasses {base.__name__} with its own forward, "
                                    "which may ignore sliced attributes; register a slicer for it explicitly")
-        lazy = [n for n, t in [*m._parameters.items(), *m._buffers.items()] if _uninitialized(t)]
-        if lazy:
-            raise PatternError(f"{path!r} ({type(m).__name__}) has uninitialised (lazy) tensors {lazy}: run one "
-                               "forward pass first so they get their shapes, then wrap")
         sl.validate(m, bind, path)
         out[path] = (m, sl, bind)
     _refuse_tied_factors(model, out)

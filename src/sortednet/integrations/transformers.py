@@ -402,8 +402,9 @@ def _holder(cfg, key: str):
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
     if text is not None and text is not cfg and hasattr(text, key):
         return text
-    raise SortedNetError(f"{type(cfg).__name__} has no {key!r} (nor its text config): the exported sub-model's "
-                         "config cannot be written; export it with nest.export(sub, plain=True)")
+    raise SortedNetError(f"{type(cfg).__name__} has no {key!r} (nor has its text config), the config key the "
+                         "layout names: describe this family's keys with register_layout (docs/transformers.md); "
+                         "an exported sub-model can still be had as a plain module, nest.export(sub, plain=True)")
 
 
 def _ffn_size(block: nn.Module, lay: Layout, cls: str) -> int | None:

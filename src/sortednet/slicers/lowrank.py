@@ -20,6 +20,7 @@ factorised layer); forward computes the same thing in factorised form.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -68,10 +69,11 @@ class LowRankSlicer(Slicer):
         if not isinstance(w, nn.Parameter) or not w.is_floating_point():
             raise PatternError(f"{where}: weight must be a floating-point nn.Parameter, got {type(w).__name__}")
         if w.is_meta:
-            if isinstance(self, SVDSlicer):
-                raise PatternError(f"{where}: the weight is on the meta device, but the ordered factors are an SVD "
-                                   "of its values; materialise the model first (or use Rank(mode='lora'))")
-            return
+            raise PatternError(f"{where}: the weight is on the meta device, which has no values: "
+                               + ("the ordered factors are an SVD of its values" if isinstance(self, SVDSlicer) else
+                                  "the adapters would be left uninitialised by to_empty()")
+                               + "; materialise the model first (model.to_empty(device=...), load its weights), "
+                               "then wrap")
         if not bool(torch.isfinite(w.detach()).all()):
             raise SizeError(f"{where}: weight has non-finite values")
 
@@ -250,9 +252,9 @@ class LoRASlicer(LowRankSlicer):
         R = st.bind["rank"].dim.full
         w = m._parameters["weight"]
         st.extra["requires_grad"] = {n: p.requires_grad for n, p in m._parameters.items() if p is not None}
-        A = torch.empty(R, w.shape[1], dtype=w.dtype, device=w.device)
-        if not A.is_meta:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=self._generator(st.bind["rank"].dim, A.device))
+        A = torch.empty(R, w.shape[1], dtype=w.dtype)  # drawn on the CPU, then moved: one generator for any device
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=self._generator(st.bind["rank"].dim))
+        A = A.to(w.device)
         B = torch.zeros(w.shape[0], R, dtype=w.dtype, device=w.device)
         for p in m._parameters.values():
             if p is not None:
@@ -268,15 +270,16 @@ class LoRASlicer(LowRankSlicer):
             return (B @ A).mul_(m.__dict__["_sn"].bind["rank"].dim.scale(A.shape[0])).to(m._parameters["weight"])
 
     @staticmethod
-    def _generator(dim: Any, device: torch.device) -> torch.Generator:
-        """One generator per Rank dimension and device, started from a copy of the global one: the
-        adapters are seeded by ``torch.manual_seed`` as usual, each layer draws its own values, and
-        wrapping (or ``sn.load``, which overwrites them) leaves the global generator where it was."""
-        gens = dim.__dict__.setdefault("_init_generators", {})
-        gen = gens.get(device)
+    def _generator(dim: Any) -> torch.Generator:
+        """One CPU generator per Rank dimension, seeded by a hash of the global generator's state and the
+        dimension's name: the adapters follow ``torch.manual_seed`` as usual, each layer and each dimension
+        draws its own values, and the global generator is neither advanced nor replayed (a module built
+        after wrapping does not repeat an adapter's values)."""
+        gen = dim.__dict__.get("_init_generators")
         if gen is None:
-            gen = gens[device] = torch.Generator(device)
-            gen.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+            digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes() + b"sortednet.lora:" +
+                                    dim.name.encode()).digest()
+            gen = dim.__dict__["_init_generators"] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         return gen
 
     def restore(self, m: nn.Module, merge: bool, pending: Tensor | None = None) -> None:
