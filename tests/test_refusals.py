@@ -373,3 +373,44 @@ def test_a_replacing_export_keeps_full_backward_hooks():
     assert isinstance(e[0], nn.Sequential)
     e(torch.randn(2, 8, requires_grad=True)).sum().backward()
     assert seen == [(2, 8)]
+
+
+class _TimmAttention(nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.proj(y.reshape(B, N, self.num_heads * self.head_dim))
+
+
+class _MaskedPolicy(nn.Module):
+    """timm-layout heads (the slow axis) before logits masked with -inf, a forward that samples (mu + noise)
+    and a DropPath-style residual (x.new_empty(...).bernoulli_) in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.head = nn.Linear(6, 32), _TimmAttention(), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y = self.attn(h)
+        if self.training:
+            y = y * y.new_empty((y.shape[0], 1, 1)).bernoulli_(0.9) / 0.9
+        h = h + y
+        logits = self.head(h)
+        logits = logits + 0.01 * torch.randn_like(logits)
+        return logits.masked_fill(torch.arange(5) >= 4, float("-inf"))
+
+
+def test_correct_heads_pass_with_masked_logits_a_sampling_forward_and_drop_path():
+    torch.manual_seed(0)
+    m, x = _MaskedPolicy().eval(), torch.randn(2, 5, 6)
+    kinds = sorted(d.kind for d in sn.discover(m, x, ratios=(0.5, 1.0)))
+    assert kinds == ["heads", "width"], kinds  # the residual stream too (DropPath's new_empty is understood)
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="attn"), example=x)
+    assert nest.smallest["h"] == 1

@@ -124,8 +124,10 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
 
     hooks = [m.register_forward_pre_hook(capture("live", b.total(size))) for m, b in reads]
     try:
-        with Use(nest._state, sub_plan):
+        with Use(nest._state, sub_plan), seeded(0):  # a forward that samples (a VAE) draws alike in both runs
             live = first_float(call_model(model, example))
+    except Exception:  # sizes a restricted nest does not list (never dry-run) may not run: nothing to measure
+        return None
     finally:
         for h in hooks:
             h.remove()
@@ -136,7 +138,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             masked = w.detach().clone()
             masked.narrow(_input_axis(m), b.total(size), w.shape[_input_axis(m)] - b.total(size)).zero_()
             m._parameters["weight"] = masked
-        with Use(nest._state, full_plan):
+        with Use(nest._state, full_plan), seeded(0):
             ref = first_float(call_model(model, example))
     finally:
         for h in hooks:
@@ -145,21 +147,34 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             m._parameters["weight"] = w
     if live is None or ref is None or live.shape != ref.shape:
         return None
-    ref, live = ref.detach().double(), live.detach().double()
-    err = ((live - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+    err = _rel_diff(live.detach().double(), ref.detach().double(), 1.0)
     a, b = inputs["live"], inputs["ref"]
     if set(a) == set(b) == {id(m) for m, _ in reads} and all(len(a[k]) == len(b[k]) for k in a):
         for k in a:
             for x, y in zip(a[k], b[k]):
                 if x.shape == y.shape and y.numel():
-                    err = max(err, ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item())
+                    err = max(err, _rel_diff(x, y, 1e-12))
     return err
+
+
+def _rel_diff(x: torch.Tensor, y: torch.Tensor, floor: float) -> float:
+    """Largest difference of the finite entries relative to ``y``'s scale (at least ``floor``); non-finite
+    entries (an output masked with -inf) must agree exactly, else inf."""
+    nan_x, nan_y = torch.isnan(x), torch.isnan(y)
+    inf_x, inf_y = torch.isinf(x), torch.isinf(y)
+    if not torch.equal(nan_x, nan_y) or not torch.equal(inf_x, inf_y) or not torch.equal(x[inf_x], y[inf_y]):
+        return float("inf")
+    fin = ~(nan_y | inf_y)
+    if not bool(fin.any()):
+        return 0.0
+    x, y = x[fin], y[fin]
+    return ((x - y).abs().max() / y.abs().max().clamp_min(floor)).item()
 
 
 def _tolerance(nest: Nest) -> float:
     """Relative error that whole units may show: float32 / float64 rounding, or half precision's."""
-    t = next((p for p in nest.model.parameters() if p.is_floating_point()), None)
-    return 1e-3 if t is None or t.dtype in (torch.float32, torch.float64) else 5e-2
+    half = any(p.is_floating_point() and p.dtype not in (torch.float32, torch.float64) for p in nest.model.parameters())
+    return 1e-1 if half else 1e-3  # half precision: rounding that a deep stack accumulates (measured 0.07 at 64 layers)
 
 
 def _shapes(x: Any) -> list:
@@ -276,20 +291,24 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         "(e.g. gate|up) one after another: the layer interleaves them (e.g. y[..., ::2] / "
                         "y[..., 1::2]) or its units are not independent; such a layer cannot be sliced by a prefix")
         sub = nest.smallest
-        with nest.use(sub):
-            live = call_model(model, example)
         depth = [d.name for d in nest.dims if d.kind == "depth"]
         hint = (f" (Depth {depth}: a forward that walks its layer list with .children(), .named_children(), "
                 "._modules or torch.utils.checkpoint.checkpoint_sequential sees every block; iterate it, index it "
                 "or take len() of it instead)" if depth else "")
+        with nest.use(sub), seeded(seed):
+            live = call_model(model, example)
         try:
-            got = call_model(nest.export(sub, plain=True).eval(), example)
+            with seeded(seed):
+                got = call_model(nest.export(sub, plain=True).eval(), example)
         except SortedNetError:
             raise
         except Exception as e:
             raise SortedNetError(f"nest.check: export({sub}) does not run on the example: {type(e).__name__}: "
                                  f"{e}{hint}") from e
         for a, b in zip(tree_leaves(got), tree_leaves(live)):
-            if isinstance(a, torch.Tensor) and (a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4)):
-                diff = f"by {(a - b).abs().max().item():.3g}" if a.shape == b.shape else f"in shape {tuple(a.shape)}"
+            if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+                continue
+            rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None
+            if rel is None or rel > tol / 10:  # relative to the output's scale (large outputs round more)
+                diff = f"by {rel:.3g} relative to its scale" if rel is not None else f"in shape {tuple(a.shape)}"
                 raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")

@@ -28,7 +28,16 @@ gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid har
 leaky_relu leaky_relu_ elu elu_ selu celu mish softplus softsign logsigmoid glu_ neg exp log sqrt rsqrt abs sin cos
 erf clamp clamp_ clamp_min clamp_max square reciprocal where maximum minimum dropout dropout_ dropout1d dropout2d
 dropout3d alpha_dropout feature_alpha_dropout threshold __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__
-__rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __neg__ lerp addcmul addcdiv""".split())
+__rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __neg__ lerp addcmul addcdiv log_sigmoid masked_fill
+masked_fill_ nan_to_num nan_to_num_ clip clip_ log1p expm1 sign round sinh cosh tan atan asin acos asinh acosh
+atanh sigmoid_ rrelu rrelu_ softshrink hardshrink tanhshrink exp_ log_ sqrt_ abs_ neg_ gelu_ erfc expit logit
+isnan isinf isfinite eq ne gt ge lt le logical_and logical_or logical_not __eq__ __ne__ __gt__ __ge__ __lt__
+__le__ __and__ __or__ __invert__""".split())
+# tensors of the input's shape with new values: linked to it as its elementwise partners will be
+_LIKE = set("""zeros_like ones_like empty_like full_like rand_like randn_like randint_like bernoulli bernoulli_ uniform_
+normal_ fill_ zero_ random_ exponential_ geometric_ cauchy_ log_normal_""".split())
+# fresh tensors of a given shape (DropPath's x.new_empty((B, 1, 1)).bernoulli_(p)): no link to the input's axes
+_NEW = set("new_empty new_zeros new_ones new_full new_tensor".split())
 _UNARY = set("""contiguous clone detach to float half double bfloat16 type type_as softmax log_softmax cumsum
 normalize requires_grad_ __get__""".split())
 _REDUCE = set("mean sum amax amin std var norm logsumexp prod max min".split())
@@ -174,7 +183,9 @@ def handle(a, ev) -> bool:
     if name in _ELEMENTWISE:
         _broadcast(a, _tensors((ev.args, ev.kwargs)), outs, why)
         return True
-    if name in _UNARY or name == "data":
+    if name in _NEW:
+        return True
+    if name in _UNARY or name in _LIKE or name == "data":
         if any(o.shape != x.shape for o in outs):
             return False
         for o in outs:
