@@ -246,3 +246,19 @@ def test_loss_weights_take_strings_and_dicts_like_every_other_api():
         s = sn.Sampler(source, k=2, seed=0, loss_weights="small")
         want = s.loss_weights_for([nest.resolve("h=2"), nest.resolve("h=8")])
         assert s.loss_weights_for(["h=2", {"h": 8}]) == want
+
+
+def test_a_sampler_refuses_a_list_out_of_cost_order():
+    """smallest / largest, draw order, rank-based weights and small_first read the list's order."""
+    import torch.nn as nn
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+                   sn.Width("a", [2, 4, 8], out="0", inp="2"), sn.Width("b", [2, 8], out="2", inp="4"))
+    subs = nest.submodels
+    for bad in (subs[::-1], [subs[3], subs[0], subs[5]]):
+        with pytest.raises(sn.SortedNetError, match="not in ascending cost"):
+            sn.Sampler(bad, k=2, strategy="sandwich")
+    sn.Sampler(subs[1:5], k=2, strategy="sandwich")  # a forward slice keeps the order
+    for bad_weights in ([True] * len(subs), [1e308] * 0):
+        with pytest.raises(sn.SortedNetError):
+            sn.Sampler(subs, k=1, strategy="weighted", weights=bad_weights)

@@ -565,3 +565,32 @@ def test_fit_resumed_after_sigkill_is_bit_exact(tmp_path):
     assert all(torch.equal(want[k], got["resume"][k]) for k in want)
     # the control: without the generators' state the dropout masks differ, and so do the weights
     assert not all(torch.equal(want[k], got["resume_without_rng"][k]) for k in want)
+
+
+def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
+    import torch.nn as nn
+
+    from sortednet.train import evaluate
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    opt, sampler = torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1)
+    before = [p.detach().clone() for p in m.parameters()]
+    for kw, needle in [({"start_step": -1}, "start_step"), ({"nonfinite": "bogus"}, "nonfinite"),
+                       ({"eval_every": True}, "eval_every"), ({"device": "bogus"}, "device"),
+                       ({"eval_data": iter([(x, y)]), "eval_every": 1}, "eval_data"),
+                       ({"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, "ReduceLROnPlateau")]:
+        with pytest.raises(sn.SortedNetError, match=needle):
+            sn.fit(nest, [(x, y)], opt, sampler, progress=False, **kw)
+        assert not m.training and all(torch.equal(a, b) for a, b in zip(m.parameters(), before))
+    for data in ([(x, y, y)], [(x, torch.tensor(1))], {"x": x}):
+        with pytest.raises(sn.SortedNetError, match="inputs, target"):
+            evaluate(nest, data)
+    with pytest.raises(sn.SortedNetError, match="fails on the data"):
+        evaluate(nest, (torch.randn(6, 5), y))
+    seq = torch.randint(0, 3, (6, 5))  # a target per token: the default accuracy counts tokens, at most 1
+    model2 = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nest2 = sn.wrap(model2, sn.Width("h", [4, 8], out="0", inp="2"))
+    assert all(0 <= v <= 1 for v in evaluate(nest2, (torch.randn(6, 5, 4), seq)).values())

@@ -80,6 +80,11 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                              "list BatchNorm layers under norm= of a Width")
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise SortedNetError(f"calibrate(): batches must be an int >= 1, got {batches!r}")
+    if isinstance(subs, (str, bytes)) or isinstance(subs, dict):
+        raise SortedNetError(f"calibrate(subs=...) takes a list of sub-models, got {type(subs).__name__} {subs!r}; "
+                             "wrap it in a list")
+    if loader is None:
+        raise SortedNetError("calibrate() needs a loader of batches (a DataLoader, a list), got None")
     todo = list(nest.submodels) if subs is None else list(dict.fromkeys(nest.resolve(s) for s in subs))
     if not todo:
         raise SortedNetError("calibrate(): subs= is empty")

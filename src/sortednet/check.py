@@ -113,7 +113,8 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     if size not in dim.sizes:
         return None
     # measured at sizes the nest may not list (a restricted nest): the plans exist for any sizes
-    sub_plan, full_plan = nest._plans.get(full.replace(**{dim.name: size})), nest._plans.get(full)
+    sub_plan, full_plan = nest._plans.build(full.replace(**{dim.name: size})), nest._plans.build(full)  # uncached:
+    # use() of a restricted nest must not find plans of sub-models it does not list
     inputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
 
     def capture(run: str, keep: int) -> Any:

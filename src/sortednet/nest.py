@@ -129,6 +129,8 @@ class Nest:
         pos = [{v: i for i, v in enumerate(s)} for s in sizes]
         rows: set[tuple[int, ...]] = set()
         for s in submodels:
+            if s is None:
+                raise SortedNetError("submodels= lists None; give sub-models (SubModel, dict or 'name=size,...')")
             r = self.resolve(s)
             rows.add(tuple(p[r[d.name]] for p, d in zip(pos, self.dims)))
             if len(rows) > MAX_SUBMODELS:
@@ -198,7 +200,8 @@ class Nest:
     # -- sub-models ------------------------------------------------------------
     @property
     def largest(self) -> SubModel:
-        """The full model (every dimension at its largest listed size)."""
+        """The most expensive listed sub-model: the full model, unless a restricted nest
+        (``wrap(..., submodels=[...])``) leaves it out."""
         return self.submodels[-1]
 
     @property
@@ -389,7 +392,7 @@ class Nest:
             cache[sub] = self._param_counter(sub)
         return cache[sub]
 
-    def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
+    def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None, store: bool = True) -> int:
         """FLOPs of ``sub`` on ``example``, cached under the example's signature. Thread-safe: the
         table ``pick`` reads only ever holds counts of one signature (the latest asked for)."""
         sig = _sig_key(example_signature(example))
@@ -402,6 +405,8 @@ class Nest:
                 raise
             except Exception as e:
                 raise self._forward_error(f"cost({sub}, 'flops')", sub, example, e) from e
+            if not store:  # a profile being built: its table is installed with it, or not at all
+                return hit
             with self._cost_lock:
                 if sig != self._flops_example:
                     self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
@@ -451,7 +456,12 @@ class Nest:
 
     def _set_profile(self, prof: Profile | None) -> None:
         self._profile, self._selector = prof, None
-        if prof is not None:
+        if prof is not None:  # the new profile replaces the measured costs of the old one (params are computed)
+            with self._cost_lock:
+                for metric in self._cost_cache:
+                    if metric != "params":
+                        self._cost_cache[metric] = {}
+                self._flops_example = None
             for metric, values in prof.costs.items():
                 if metric == "flops":  # measured on the profile's example, whose signature is not known here:
                     with self._cost_lock:  # a new table that no cost(..., example=x) mistakes for its own

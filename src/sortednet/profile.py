@@ -195,6 +195,8 @@ class Profile:
 def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float] | None,
                   metrics: Sequence[str], repeat: int, warmup: int, progress: bool) -> Profile:
     """Measure ``metrics`` (and ``score``) for every sub-model of ``nest``; see :meth:`Nest.profile`."""
+    if isinstance(metrics, str):  # one metric by name
+        metrics = (metrics,)
     metrics = tuple(dict.fromkeys(("params", *metrics)))
     bad = [m for m in metrics if m not in METRICS]
     if bad:
@@ -209,7 +211,7 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
         for sub in tqdm(nest.submodels, desc="profiling", disable=not progress, leave=False):
             cols["params"].append(float(nest.cost(sub, "params")))
             if "flops" in metrics:
-                cols["flops"].append(float(nest._flops(sub, example, model=view)))
+                cols["flops"].append(float(nest._flops(sub, example, model=view, store=False)))
             if "latency" in metrics:
                 cols["latency"].append(measure_latency(nest, sub, example, repeat=repeat, warmup=warmup, model=view))
             if "memory" in metrics:
@@ -217,8 +219,8 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
             if score is not None:
                 with nest.use(sub):
                     value = float(score(sub))
-                if value != value:
-                    raise SortedNetError(f"score({sub}) returned NaN")
+                if not math.isfinite(value):
+                    raise SortedNetError(f"score({sub}) returned {value}; scores must be finite numbers")
                 scores.append(value)
     device = next((str(t.device) for t in tree_leaves(example) if isinstance(t, Tensor)), "cpu")
     return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},

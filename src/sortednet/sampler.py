@@ -33,6 +33,38 @@ def _check_index(value: Any, what: str) -> int:
     return int(value)
 
 
+def _check_order(subs: Sequence[SubModel]) -> None:
+    """The list must be in ascending cost, as ``nest.submodels`` is (the sampler's smallest / largest, draw
+    order, rank-based weights and ``small_first`` read it so): no sub-model may contain a later one (all sizes
+    >=, one >). Checked for neighbours always, for every pair of lists up to 4,096 long."""
+    if isinstance(subs, SubModelList):
+        rows = np.asarray(subs.rows, dtype=np.int64)
+        names = list(subs.names)
+    else:
+        names = list(subs[0])
+        if any(list(x) != names for x in subs):
+            raise SortedNetError(f"Sampler's sub-models must name the same dimensions {names} (pass nest.submodels)")
+        rows = np.array([[x[k] for k in names] for x in subs], dtype=np.int64)
+    if len(rows) < 2:
+        return
+
+    def refuse(i: int, j: int) -> None:
+        raise SortedNetError(f"Sampler's sub-models are not in ascending cost: {subs[i]} (position {i}) contains "
+                             f"{subs[j]} (position {j}) that comes after it; pass nest.submodels, a forward slice of "
+                             "it, or a list in its order")
+
+    nxt = np.all(rows[1:] <= rows[:-1], axis=1) & np.any(rows[1:] < rows[:-1], axis=1)
+    if nxt.any():
+        i = int(np.argmax(nxt))
+        refuse(i, i + 1)
+    if len(rows) <= 4096:
+        for i in range(len(rows) - 1):
+            later = rows[i + 1:]
+            bad = np.all(later <= rows[i], axis=1) & np.any(later < rows[i], axis=1)
+            if bad.any():
+                refuse(i, i + 1 + int(np.argmax(bad)))
+
+
 class Sampler:
     """Draws the sub-models of one training step, as a pure function of ``(seed, step)``.
 
@@ -95,6 +127,7 @@ class Sampler:
                 raise SortedNetError("Sampler got the same sub-model twice; pass nest.submodels")
         if not len(subs):
             raise SortedNetError("Sampler needs at least one sub-model, got an empty list")
+        _check_order(subs)
         if strategy not in STRATEGIES:
             raise SortedNetError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
         n = len(subs)
@@ -170,6 +203,8 @@ class Sampler:
                                      "or give one number per sub-model")
         else:
             try:
+                if any(isinstance(x, bool) for x in weights):
+                    raise TypeError
                 w = np.array([float(x) for x in weights])
             except (TypeError, ValueError):
                 raise SortedNetError(f"weights must be numbers, got {weights!r}") from None
@@ -270,6 +305,9 @@ class Sampler:
         >>> b.draw(3) == a.draw(3)
         True
         """
+        if not isinstance(state, Mapping):
+            raise SortedNetError(f"load_state_dict takes what Sampler.state_dict() returned, got "
+                                 f"{type(state).__name__}")
         missing = {"strategy", "k", "seed", "weights", "submodels"} - set(state)
         if missing:
             raise SortedNetError(f"sampler state lacks {sorted(missing)}")

@@ -233,7 +233,8 @@ class SubModelList(Sequence[SubModel]):
 
     def index(self, sub: Any, start: int = 0, stop: int | None = None) -> int:
         i = self.position(sub)
-        if i is None or i < start or (stop is not None and i >= stop):
+        start, stop, _ = slice(start, stop).indices(len(self))  # negative bounds count from the end, as list.index
+        if i is None or i < start or i >= stop:
             raise SortedNetError(f"sub-model {sub} is not in this list of {len(self)} sub-models")
         return i
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cost import call_model
 from .errors import SortedNetError
 from .modes import eval_mode
 from .sampler import Sampler
@@ -161,8 +162,11 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             weights = [float(w) for w in raw]
         except (TypeError, ValueError):
             weights = []
-        if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights) \
+                or any(isinstance(w, bool) for w in raw):
             raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers, got {raw!r}")
+        if not any(weights):
+            raise SortedNetError(f"weights {raw!r} are all 0: no sub-model would be trained")
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
     order = list(range(len(resolved)))
@@ -220,7 +224,12 @@ def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
-    return x.to(device) if isinstance(x, Tensor) and device is not None else x
+    """``x`` (a tensor, or tuples / lists / dicts of them) on ``device``."""
+    if device is None:
+        return x
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)
 
 
 def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
@@ -241,19 +250,36 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     >>> sorted(str(s) for s in scores), all(0 <= v <= 1 for v in scores.values())
     (['h=4', 'h=8'], True)
     """
+    default = metric is None
     metric = metric or _accuracy
     subs = list(nest.submodels) if subs is None else [nest.resolve(s) for s in subs]
+    if not subs:
+        raise SortedNetError("evaluate(subs=[]) has no sub-model to score")
     model = nest.model
     device = next((p.device for p in model.parameters()), None)
-    batches = [(_to(x, device), _to(y, device)) for x, y in _batches(data)]
+    batches = []
+    for item in _batches(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Tensor)
+                and item[1].dim() >= 1 and len(item[1]) > 0):
+            raise SortedNetError("evaluate needs (inputs, target) pairs with a target tensor of at least one example; "
+                                 f"got {type(item).__name__}" + (f" of {len(item)} items" if isinstance(
+                                     item, (tuple, list)) else ""))
+        batches.append((_to(item[0], device), _to(item[1], device)))
     if not batches:
         raise SortedNetError("evaluate got no batches")
+    # the default (accuracy) counts every target entry (a sequence's tokens too); a custom metric sums per example
+    count = sum((y.numel() if default else len(y)) for _, y in batches)
     out: dict[SubModel, float] = {}
     with eval_mode(nest) as (view, _), torch.no_grad():
         for s in subs:
             with nest.use(s):
-                total = sum(metric(view(x), y) for x, y in batches)
-            out[s] = total / sum(len(y) for _, y in batches)
+                try:
+                    total = sum(float(metric(call_model(view, x), y)) for x, y in batches)
+                except SortedNetError:
+                    raise
+                except Exception as e:
+                    raise SortedNetError(f"evaluate: sub-model {s} fails on the data: {type(e).__name__}: {e}") from e
+            out[s] = total / count
     return out
 
 
@@ -336,8 +362,24 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError("the sampler lists sub-models this nest does not have; build it from nest.submodels")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
-    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
         raise SortedNetError(f"eval_every must be a positive int or None, got {eval_every!r}")
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+        raise SortedNetError(f"start_step must be an int >= 0, got {start_step!r}")
+    if nonfinite not in NONFINITE:
+        raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
+    if eval_data is not None and iter(eval_data) is eval_data:
+        raise SortedNetError(f"fit(eval_data=...) is evaluated more than once: give data it can iterate again (a "
+                             f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}")
+    if scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise SortedNetError("fit(scheduler=ReduceLROnPlateau) needs a metric at each step; fit calls "
+                             "scheduler.step() without one: step it yourself from the History, or use another "
+                             "scheduler")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise SortedNetError(f"fit(device=...): {e}") from None
     if epochs > 1 and iter(loader) is loader:
         raise SortedNetError(f"fit(epochs={epochs}) needs a loader it can iterate again (a list, a DataLoader); "
                              f"a {type(loader).__name__} is exhausted after the first epoch")
@@ -365,7 +407,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                 x, y = _to(batch[0], device), _to(batch[1], device)
 
                 def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor]:
-                    out = model(x)
+                    out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
                     return loss_fn(out, y), out
 
                 subs = sampler.draw(step)
@@ -375,9 +417,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
-                rec: dict[str, Any] = {"step": step, "losses": {str(s): v for s, v in zip(subs, losses)}}
+                rec: dict[str, Any] = {"step": step, "losses": {str(nest.resolve(s)): v for s, v in zip(subs, losses)}}
                 if losses.skipped:
-                    rec["skipped"] = [str(s) for s in losses.skipped]
+                    rec["skipped"] = [str(nest.resolve(s)) for s in losses.skipped]
                 hist.train.append(rec)
                 for s, v in zip(subs, losses):
                     if s in losses.skipped:
