@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
 import sortednet as sn
 from models import FAMILIES, run
@@ -276,3 +277,48 @@ def _views(model):
     for name, _ in model.named_parameters():
         path, _, attr = name.rpartition(".")
         yield name, getattr(model.get_submodule(path), attr)
+
+
+def test_activate_during_a_forward_takes_effect_at_the_next_one():
+    """A forward that starts outside use holds the default it started with: an activate in the middle
+    (here from a hook, deterministically; from another thread in practice) cannot mix two sub-models."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+    net = nn.Sequential(blocks, nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    nest = sn.wrap(net, sn.Depth("d", [1, 3], layers="0"), sn.Width("w", [4, 32], out="1", inp="3"),
+                   submodels=["d=1,w=4", "d=3,w=32"])
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ref = {}
+        for s in nest.submodels:
+            with nest.use(s):
+                ref[str(s)] = net(x)
+        nest.activate("d=1,w=4")
+        h = blocks[0].register_forward_hook(lambda *a: nest.activate("d=3,w=32") and None)
+        y = net(x)
+        h.remove()
+        assert torch.equal(y, ref["d=1,w=4"])
+        assert torch.equal(net(x), ref["d=3,w=32"])  # the next forward
+    assert nest.export("d=1,w=4")._forward_hooks == {} and not nest.export("d=1,w=4")._forward_pre_hooks
+
+
+def test_use_objects_refuse_what_they_cannot_do():
+    import asyncio
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+    small = nest.use("h=2")
+    with small:
+        with pytest.raises(sn.SortedNetError, match="already entered"):
+            small.__enter__()
+    assert nest.active == nest.largest
+
+    async def coro():
+        return nest.active
+
+    def gen():
+        yield nest.active
+
+    for fn in (coro, gen):
+        with pytest.raises(sn.SortedNetError, match="coroutine or generator"):
+            nest.use("h=2")(fn)
+    assert asyncio.run(coro()) == nest.largest

@@ -81,9 +81,10 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                     for name, child in list(parent._modules.items()):
                         if child is c:
                             parent._modules[name] = r
-        for h in nest._hooks:
+        for h in nest._hooks:  # wrap's own hooks (no-fast-path, the root's Pin) stay with the live model
             for m in new.modules():
-                m._forward_pre_hooks.pop(h.id, None)
+                for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called"):
+                    m.__dict__.get(attr, {}).pop(h.id, None)
         for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
             if torch_stack and isinstance(m.__dict__.get("num_layers"), int):

@@ -29,7 +29,7 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
 from .views import new_lock
-from .wrap import fast_path_hooks, install, plan, unwrap_modules
+from .wrap import Pin, fast_path_hooks, install, plan, unwrap_modules
 
 __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 
@@ -94,6 +94,8 @@ class Nest:
         hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
         try:
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
+            pin = Pin(self._state)
+            hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
             self._attach(planned, hooks)
         except BaseException:
             self._stop()

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
+import threading
 from typing import Any
 
 from torch import nn
 
 from .dims import Active
+from .errors import SortedNetError
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
 
@@ -138,31 +141,41 @@ class Use:
     """Context manager of ``nest.use``: sets the nest's context variable to ``plan``, resets it on exit.
 
     The reset uses the token of the set, so the caller's previous state (another
-    ``use`` or none: the default) comes back exactly, in this context only.
+    ``use`` or none: the default) comes back exactly, in this context only. One
+    object may be entered by several threads at once (each its own token), but
+    not twice in one thread before it is left.
     """
 
-    __slots__ = ("active", "plan", "token")
+    __slots__ = ("active", "plan", "tokens")
 
     def __init__(self, active: Active, plan: Plan) -> None:
-        self.active, self.plan, self.token = active, plan, None
+        self.active, self.plan, self.tokens = active, plan, {}
 
     def __enter__(self) -> SubModel:
-        if self.token is not None:
-            raise RuntimeError("this nest.use(...) block is already entered; call nest.use again")
-        self.token = self.active.var.set(self.plan)
+        key = threading.get_ident()
+        if key in self.tokens:
+            raise SortedNetError(f"this nest.use({self.plan.sub}) block is already entered in this thread (by "
+                                 "another task, or nested in itself); call nest.use(...) for each block")
+        self.tokens[key] = self.active.var.set(self.plan)
         return self.plan.sub
 
     def __call__(self, fn: Any) -> Any:
-        """As a decorator: ``fn`` runs under the plan at every call."""
+        """As a decorator: ``fn`` runs under the plan at every call (plain functions: a coroutine or
+        generator function would run its body after the call returned, outside the plan)."""
+        if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise SortedNetError(f"@nest.use({self.plan.sub}) cannot decorate {getattr(fn, '__name__', fn)!r}, a "
+                                 "coroutine or generator function: its body runs after the call returns. Enter "
+                                 "`with nest.use(...)` inside its body, around each step (not across a yield)")
         return functools.wraps(fn)(in_plan(self.active, self.plan, fn))
 
     def __exit__(self, *exc: object) -> None:
-        token, self.token = self.token, None
+        token = self.tokens.pop(threading.get_ident(), None)
+        if token is None:  # left in another thread than the one that entered: nothing of this thread to undo
+            return
         try:
             self.active.var.reset(token)
-        except ValueError:  # left in another context (a generator resumed elsewhere): restore the value
-            old = token.old_value
-            self.active.var.set(self.active if old is contextvars.Token.MISSING else old)
+        except ValueError:  # left in another context (a generator closed elsewhere): leave that context as it is
+            pass
 
 
 def in_plan(active: Active, plan: Plan, fn: Any) -> Any:

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from .dims import Binding, Dimension, Target
@@ -14,7 +17,7 @@ from .patterns import match_pattern
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 
-__all__ = ["plan", "install", "unwrap_modules", "fast_path_hooks", "split_ties", "match_pattern"]
+__all__ = ["plan", "install", "unwrap_modules", "fast_path_hooks", "split_ties", "match_pattern", "Pin"]
 
 # PyTorch layers whose fused inference fast path reads full-size weights directly
 _FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -218,9 +221,52 @@ class _HookKey:
 
 
 def fast_path_hooks(model: nn.Module) -> list[_HookKey]:
-    """The no-fast-path pre-hooks ``wrap`` registered (found in ``model``, e.g. a deep copy of a wrapped one)."""
-    return [_HookKey(m._forward_pre_hooks, k) for m in model.modules()
-            for k, f in list(m._forward_pre_hooks.items()) if f is _no_fast_path]
+    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`), found in ``model``
+    (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
+    out = []
+    for m in model.modules():
+        for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called"):
+            hooks = m.__dict__.get(attr, {})
+            out += [_HookKey(hooks, k) for k, f in list(hooks.items())
+                    if f is _no_fast_path or isinstance(getattr(f, "__self__", None), Pin)]
+    return out
+
+
+_compiling = torch.compiler.is_compiling
+
+
+class Pin:
+    """Forward hooks on the wrapped model's root: a forward that starts outside any ``use`` runs the
+    nest-wide default in force when it starts, to its end. ``activate`` from another thread then takes
+    effect at the next forward, never inside one (every attribute read would otherwise take the default
+    anew, and one forward could mix two sub-models). Compiled graphs guard on the default themselves."""
+
+    __slots__ = ("active", "local")
+
+    def __init__(self, active: Any) -> None:
+        self.active, self.local = active, threading.local()
+
+    def __deepcopy__(self, memo: dict) -> "Pin":
+        return self  # a deep copy of the model follows the same nest state
+
+    def pre(self, module: nn.Module, args: tuple) -> None:
+        if _compiling():
+            return
+        a = self.active
+        stack = self.local.__dict__.setdefault("stack", [])
+        stack.append(a.var.set(a.default) if a._scoped is a else None)  # (inside use: nothing to pin)
+
+    def post(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if _compiling():
+            return
+        stack = self.local.__dict__.get("stack")
+        if stack:
+            token = stack.pop()
+            if token is not None:
+                try:
+                    self.active.var.reset(token)
+                except ValueError:  # reset in another context than the pre-hook's: leave that context alone
+                    pass
 
 
 def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool = False) -> None:
