@@ -398,3 +398,28 @@ def test_a_prompt_holding_the_pad_token_is_masked_as_generate_does():
     assert torch.equal(got.sequences, want)
     with pytest.raises(sn.SortedNetError, match="pad token 0"):  # a pad in the middle is not left padding
         sn.speculative_generate(nest, torch.tensor([[3, 0, 5]]), draft="depth=2", max_new_tokens=2)
+
+
+def test_what_speculative_decoding_cannot_reproduce_is_refused():
+    """Recurrent state (no rollback of rejected drafts), position-dependent RoPE frequencies, and generation
+    settings that change generate()'s output (guidance, beams, ...) are refused before any forward."""
+    import transformers as T
+
+    ids = torch.tensor([[5, 9, 3, 17, 4, 8]])
+    torch.manual_seed(0)
+    mamba = T.MambaForCausalLM(T.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                             expand=2, conv_kernel=3, eos_token_id=None, pad_token_id=0)).eval()
+    with pytest.raises(sn.SortedNetError, match="recurrent state"):
+        sn.speculative_generate(mamba, ids, draft=mamba, max_new_tokens=4)
+    dyn = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       rope_scaling={"rope_type": "dynamic", "factor": 2.0})).eval()
+    with pytest.raises(sn.SortedNetError, match="dynamic"):
+        sn.speculative_generate(sn.from_transformers(dyn, depth=[1]), ids, draft="depth=1", max_new_tokens=4)
+    model = llama()
+    nest = sn.from_transformers(model, depth=[1, 2])
+    for key, value in (("guidance_scale", 3.0), ("num_beams", 3)):
+        setattr(model.generation_config, key, value)
+        with pytest.raises(sn.SortedNetError, match=key):
+            sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=4)
+        setattr(model.generation_config, key, None)

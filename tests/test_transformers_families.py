@@ -692,3 +692,20 @@ def test_ffn_of_experts_without_a_slicer_is_refused_clearly():
         sn.from_transformers(m, ffn=[0.5])
     nest = sn.from_transformers(m, depth=[1])
     assert nest.export("depth=1").config.num_hidden_layers == 1
+
+
+def test_soft_loss_refuses_exits_it_would_compute_wrong():
+    """OPT with a projection after the final norm (word_embed_proj_dim) or without a final norm, and an MoE
+    whose loss adds the router's load-balancing term: soft_loss would not match the model's own loss."""
+    x = torch.randint(1, V, (2, 6))
+    cases = (({"word_embed_proj_dim": 16}, "project_out"), ({"do_layer_norm_before": False}, "no final norm"))
+    for kw, needle in cases:
+        m = T.OPTForCausalLM(T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=32, **TOK, **kw)).eval()
+        with pytest.raises(sn.SortedNetError, match=needle):
+            soft_loss(sn.from_transformers(m, depth=[1]), x)
+    moe = T.MixtralForCausalLM(T.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                               num_experts_per_tok=2, output_router_logits=True, **TOK)).eval()
+    with pytest.raises(sn.SortedNetError, match="router"):
+        soft_loss(sn.from_transformers(moe, depth=[1]), x)

@@ -67,8 +67,25 @@ def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module,
     if post:
         raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__} also transforms "
                              f"its logits ({post[0]}={getattr(cfg, post[0])}), which soft_loss does not reproduce")
+    if getattr(cfg, "output_router_logits", False):
+        raise SortedNetError(f"SoFT: {type(model).__name__} adds a router load-balancing loss (output_router_logits="
+                             "True), which soft_loss does not add at the exits; set config.output_router_logits=False "
+                             "(and add the auxiliary loss yourself) or train without SoFT")
     base = model.get_submodule(found.parent.split(".")[0]) if found.parent else model
-    return base, model.get_submodule(found.layers), model.get_submodule(norm_path), head
+    try:
+        norm = model.get_submodule(norm_path)
+    except AttributeError:
+        norm = None
+    if not isinstance(norm, nn.Module):
+        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__} has no final norm "
+                             f"at {norm_path!r} in this config (e.g. OPT with do_layer_norm_before=False)")
+    extra = [n for n in ("project_out",) if isinstance(getattr(base, n, None), nn.Module)
+             or isinstance(getattr(getattr(base, "decoder", None), n, None), nn.Module)]
+    if extra:
+        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__} also projects its "
+                             f"hidden states ({extra[0]}, word_embed_proj_dim != hidden_size), which soft_loss does "
+                             "not reproduce")
+    return base, model.get_submodule(found.layers), norm, head
 
 
 def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int] | None = None,

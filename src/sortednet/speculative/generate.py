@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,6 +80,8 @@ _UNSUPPORTED: dict[str, tuple] = {
     "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
     "min_length": (None, 0), "min_new_tokens": (None, 0), "sequence_bias": (None,),
     "exponential_decay_length_penalty": (None,), "forced_decoder_ids": (None,),
+    "guidance_scale": (None, 1.0), "watermarking_config": (None,), "num_beams": (None, 1),
+    "num_return_sequences": (None, 1), "penalty_alpha": (None,), "diversity_penalty": (None, 0.0),
 }
 
 
@@ -115,9 +118,12 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
                              "from generate's): reset them on model.generation_config, or use model.generate")
     if eos is None:
         eos = getattr(gen, "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos):
+    if isinstance(eos, Tensor):
+        eos = eos.tolist()
+    eos = [] if eos is None else [eos] if isinstance(eos, (int, np.integer)) else list(eos)
+    if any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in eos):
         raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+    eos = [int(e) for e in eos]
     pad_id = getattr(gen, "pad_token_id", None)
     if attention_mask is None and isinstance(pad_id, int) and pad_id not in eos and bool((input_ids == pad_id).any()):
         attention_mask = (input_ids != pad_id).long()  # what generate() infers from a prompt holding the pad token

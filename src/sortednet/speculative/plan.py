@@ -64,6 +64,17 @@ def _check_model(model: Any, what: str) -> None:
     if not _is_causal_lm(model):
         raise SortedNetError(f"speculative_generate: the {what} must be a Hugging Face causal LM (e.g. "
                              f"LlamaForCausalLM, GPT2LMHeadModel) or a Nest of one; got {type(model).__name__}")
+    if getattr(model, "_is_stateful", False):
+        raise SortedNetError(f"speculative_generate: the {what} ({type(model).__name__}) keeps a recurrent state "
+                             "(Mamba, RWKV, RecurrentGemma, hybrids) that rejected draft tokens cannot be rolled back "
+                             "from; use model.generate")
+    cfg = model.config
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind in ("dynamic", "longrope"):
+        raise SortedNetError(f"speculative_generate: the {what} uses rope_type={kind!r}, whose frequencies depend on "
+                             "the longest position in a forward: verifying several draft tokens at once would not "
+                             "give generate()'s tokens; use model.generate")
 
 
 def _vocab(model: nn.Module) -> int:
