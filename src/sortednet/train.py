@@ -235,7 +235,8 @@ def _to(x: Any, device: torch.device | None) -> Any:
 def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
              metric: Callable[[Tensor, Tensor], float] | None = None) -> dict[SubModel, float]:
     """Score every sub-model (default: all of ``nest.submodels``) on ``data``:
-    one ``(inputs, target)`` pair of tensors or an iterable of such batches.
+    one ``(inputs, target)`` pair or an iterable of such batches (``inputs`` as in
+    :func:`fit`).
 
     ``metric(output, target)`` returns the SUM over the batch (default: number
     of correct argmax predictions); the result is divided by the number of
@@ -326,7 +327,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         nonfinite: str = "skip") -> History:
     """Train with ``sampler`` + :func:`accumulate` over ``epochs`` passes of ``loader``.
 
-    ``loader`` yields ``(inputs, target)``; each batch is one optimizer step
+    ``loader`` yields ``(inputs, target)``: ``inputs`` a tensor, a tuple of positional
+    arguments or a dict of keyword arguments of the model (as everywhere in sortednet:
+    ``profile``, ``calibrate``, ``check``); each batch is one optimizer step
     numbered from ``start_step`` (to resume, pass the step reached and the
     remaining batches; the sampler then draws what the uninterrupted run would).
     A tqdm bar shows the running loss of small / medium / large sub-models.
