@@ -273,3 +273,18 @@ def test_a_profiles_flops_answer_for_its_own_example():
     assert nest.cost("a=4", "flops", example=x) == prof.costs["flops"][0]
     assert nest.pick(flops=prof.costs["flops"][1]) == best
     assert nest.cost("a=8", "flops") == prof.costs["flops"][1]
+
+
+def test_a_new_profile_keeps_costs_it_does_not_measure_again_only_if_counted_by_cost():
+    import torch.nn as nn
+
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    x = torch.randn(1, 4)
+    flops = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    nest.profile(x, metrics=["latency"], repeat=2, warmup=0, progress=False)
+    assert [nest.cost(s, "flops") for s in nest.submodels] == flops  # counted by cost(): kept
+    nest.pick(flops=flops[1], latency=1.0)
+    nest.profile(x, metrics=["params"], repeat=1, warmup=0, progress=False)  # replaces the measured latency
+    with pytest.raises(sn.SortedNetError, match="latency"):
+        nest.pick(latency=1.0)

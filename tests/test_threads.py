@@ -322,3 +322,28 @@ def test_use_objects_refuse_what_they_cannot_do():
         with pytest.raises(sn.SortedNetError, match="coroutine or generator"):
             nest.use("h=2")(fn)
     assert asyncio.run(coro()) == nest.largest
+
+
+def test_the_pin_heals_after_an_interrupt_and_honours_activate_in_the_same_thread():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 8], out="0", inp="2"))
+    x = torch.randn(3, 4)
+
+    def boom(mod, args):
+        raise KeyboardInterrupt
+
+    h = m[2].register_forward_pre_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        m(x)  # the post hook is skipped: its pin is left behind
+    h.remove()
+    nest.activate("h=2")
+    with torch.no_grad():
+        seen = []
+        h = m[0].register_forward_hook(lambda mod, a, out: seen.append(out.shape[-1]))
+        m(x)
+        assert seen == [2] and nest.active == nest.resolve("h=2")
+        h2 = m.register_forward_pre_hook(lambda mod, a: nest.activate("h=8") and None)  # same thread, in the call
+        m(x)
+        assert seen == [2, 8]
+        h.remove(), h2.remove()

@@ -594,3 +594,29 @@ def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
     model2 = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     nest2 = sn.wrap(model2, sn.Width("h", [4, 8], out="0", inp="2"))
     assert all(0 <= v <= 1 for v in evaluate(nest2, (torch.randn(6, 5, 4), seq)).values())
+
+
+def test_evaluate_takes_one_pair_with_structured_inputs_and_custom_metrics_of_any_target():
+    import torch.nn as nn
+
+    from sortednet.train import evaluate
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x, z):
+            return self.b(torch.relu(self.a(x + z)))
+
+    torch.manual_seed(0)
+    m = Two()
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="a", inp="b"))
+    x, z, y = torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 3, (6,))
+    want = evaluate(nest, [((x, z), y)])
+    assert evaluate(nest, ((x, z), y)) == want == evaluate(nest, ({"x": x, "z": z}, y))
+    labels = [str(int(v)) for v in y]
+    def metric(out, t):
+        return sum(str(int(p)) == q for p, q in zip(out.argmax(-1), t))
+
+    assert evaluate(nest, [((x, z), labels)], metric=metric) == want  # targets of any kind, in a list of batches

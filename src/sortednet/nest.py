@@ -94,7 +94,7 @@ class Nest:
         hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
         try:
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
-            pin = Pin(self._state)
+            self._pin = pin = Pin(self._state)
             hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
             self._attach(planned, hooks)
         except BaseException:
@@ -314,6 +314,7 @@ class Nest:
         plan = self._plan(sub)
         self._check_alive()
         self._state.default = plan
+        self._pin.repin(plan)  # a forward of this thread in progress runs it from here on, as without the pin
         return plan.sub
 
     def checkpoint(self, fn: Callable[..., Any], *args: Any, use_reentrant: bool = False, **kwargs: Any) -> Any:
@@ -457,24 +458,27 @@ class Nest:
         return prof
 
     def _set_profile(self, prof: Profile | None) -> None:
-        self._profile, self._selector = prof, None
-        if prof is not None:  # the new profile replaces the measured costs of the old one (params are computed)
-            with self._cost_lock:
-                for metric in self._cost_cache:
-                    if metric != "params":
+        old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
+        if prof is None:
+            return
+        if old is not None:  # the new profile replaces the old one's measured costs
+            with self._cost_lock:  # (costs counted by cost(..., example=) stay unless the new profile has them)
+                for metric in old.costs:
+                    if metric != "params" and metric not in prof.costs:
                         self._cost_cache[metric] = {}
-                self._flops_example = None
-            for metric, values in prof.costs.items():
-                if metric == "flops":  # measured on the profile's example, whose signature is not known here:
-                    with self._cost_lock:  # a new table that no cost(..., example=x) mistakes for its own
-                        self._cost_cache["flops"] = {s: v for s, v in zip(prof.submodels, values)
-                                                     if s in self.submodels}
-                        stored = prof.meta.get("input")  # the profile's example signature, as text
-                        self._flops_example = (_sig_key(stored) if isinstance(stored, (list, tuple))
-                                               else ("profile", id(prof)))
-                elif metric != "params":
-                    self._cost_cache[metric].update(
-                        (s, v) for s, v in zip(prof.submodels, values) if s in self.submodels)
+                        if metric == "flops":
+                            self._flops_example = None
+        for metric, values in prof.costs.items():
+            if metric == "flops":  # measured on the profile's example, whose signature is not known here:
+                with self._cost_lock:  # a new table that no cost(..., example=x) mistakes for its own
+                    self._cost_cache["flops"] = {s: v for s, v in zip(prof.submodels, values)
+                                                 if s in self.submodels}
+                    stored = prof.meta.get("input")  # the profile's example signature, as text
+                    self._flops_example = (_sig_key(stored) if isinstance(stored, (list, tuple))
+                                           else ("profile", id(prof)))
+            elif metric != "params":
+                self._cost_cache[metric].update(
+                    (s, v) for s, v in zip(prof.submodels, values) if s in self.submodels)
 
     def pick(self, *, params: float | None = None, flops: float | None = None, latency: float | None = None,
              memory: float | None = None, fraction: float | None = None) -> SubModel:

@@ -36,13 +36,13 @@ def _check_index(value: Any, what: str) -> int:
 def _check_order(subs: Sequence[SubModel]) -> None:
     """The list must be in ascending cost, as ``nest.submodels`` is (the sampler's smallest / largest, draw
     order, rank-based weights and ``small_first`` read it so): no sub-model may contain a later one (all sizes
-    >=, one >). Checked for neighbours always, for every pair of lists up to 4,096 long."""
+    >=, one >). Checked for neighbours always, for every pair of lists up to 1,024 long."""
     if isinstance(subs, SubModelList):
         rows = np.asarray(subs.rows, dtype=np.int64)
         names = list(subs.names)
     else:
         names = list(subs[0])
-        if any(list(x) != names for x in subs):
+        if any(set(x) != set(names) for x in subs):
             raise SortedNetError(f"Sampler's sub-models must name the same dimensions {names} (pass nest.submodels)")
         rows = np.array([[x[k] for k in names] for x in subs], dtype=np.int64)
     if len(rows) < 2:
@@ -57,7 +57,7 @@ def _check_order(subs: Sequence[SubModel]) -> None:
     if nxt.any():
         i = int(np.argmax(nxt))
         refuse(i, i + 1)
-    if len(rows) <= 4096:
+    if len(rows) <= 1024:
         for i in range(len(rows) - 1):
             later = rows[i + 1:]
             bad = np.all(later <= rows[i], axis=1) & np.any(later < rows[i], axis=1)

@@ -218,9 +218,18 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
 
 
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor), or batches of them."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor) \
+            and isinstance(data[0], (Tensor, tuple, list, dict)):
         return [tuple(data)]
     return data
+
+
+def _one_shot(data: Any) -> bool:
+    """An iterator that is exhausted after one pass (a generator), not a re-iterable loader or list."""
+    from collections.abc import Iterator
+
+    return isinstance(data, Iterator)
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
@@ -260,11 +269,19 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     device = next((p.device for p in model.parameters()), None)
     batches = []
     for item in _batches(data):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Tensor)
-                and item[1].dim() >= 1 and len(item[1]) > 0):
-            raise SortedNetError("evaluate needs (inputs, target) pairs with a target tensor of at least one example; "
-                                 f"got {type(item).__name__}" + (f" of {len(item)} items" if isinstance(
-                                     item, (tuple, list)) else ""))
+        ok = isinstance(item, (tuple, list)) and len(item) == 2
+        y = item[1] if ok else None
+        if ok and (default or isinstance(y, Tensor)):  # the default metric needs tensor targets
+            ok = isinstance(y, Tensor) and y.dim() >= 1 and len(y) > 0
+        if ok and not default:
+            try:
+                ok = len(y) > 0
+            except TypeError:
+                ok = False
+        if not ok:
+            raise SortedNetError("evaluate needs (inputs, target) pairs with targets of at least one example (a "
+                                 f"tensor for the default accuracy); got {type(item).__name__}"
+                                 + (f" of {len(item)} items" if isinstance(item, (tuple, list)) else ""))
         batches.append((_to(item[0], device), _to(item[1], device)))
     if not batches:
         raise SortedNetError("evaluate got no batches")
@@ -371,7 +388,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"start_step must be an int >= 0, got {start_step!r}")
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
-    if eval_data is not None and iter(eval_data) is eval_data:
+    if eval_data is not None and _one_shot(eval_data):
         raise SortedNetError(f"fit(eval_data=...) is evaluated more than once: give data it can iterate again (a "
                              f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}")
     if scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -383,7 +400,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise SortedNetError(f"fit(device=...): {e}") from None
-    if epochs > 1 and iter(loader) is loader:
+    if epochs > 1 and _one_shot(loader):
         raise SortedNetError(f"fit(epochs={epochs}) needs a loader it can iterate again (a list, a DataLoader); "
                              f"a {type(loader).__name__} is exhausted after the first epoch")
     from tqdm.auto import tqdm

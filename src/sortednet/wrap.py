@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -225,10 +226,13 @@ def fast_path_hooks(model: nn.Module) -> list[_HookKey]:
     (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
     out = []
     for m in model.modules():
-        for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called"):
+        for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
-            out += [_HookKey(hooks, k) for k, f in list(hooks.items())
-                    if f is _no_fast_path or isinstance(getattr(f, "__self__", None), Pin)]
+            for k, f in list(hooks.items()):
+                if f is _no_fast_path or isinstance(getattr(f, "__self__", None), Pin):
+                    out.append(_HookKey(hooks, k))
+                    if attr == "_forward_hooks":  # its always-call flag goes with it
+                        out.append(_HookKey(m.__dict__.get("_forward_hooks_always_called", {}), k))
     return out
 
 
@@ -239,7 +243,10 @@ class Pin:
     """Forward hooks on the wrapped model's root: a forward that starts outside any ``use`` runs the
     nest-wide default in force when it starts, to its end. ``activate`` from another thread then takes
     effect at the next forward, never inside one (every attribute read would otherwise take the default
-    anew, and one forward could mix two sub-models). Compiled graphs guard on the default themselves."""
+    anew, and one forward could mix two sub-models); an ``activate`` in this thread during the forward (a
+    hook, the forward itself) takes effect at once, as without the pin. Compiled graphs guard on the default
+    themselves (a graph break between two graphs can still see two defaults). A forward left by an
+    interrupt (KeyboardInterrupt skips the post hook) is found stale by the next one and undone."""
 
     __slots__ = ("active", "local")
 
@@ -249,24 +256,51 @@ class Pin:
     def __deepcopy__(self, memo: dict) -> "Pin":
         return self  # a deep copy of the model follows the same nest state
 
+    def _stack(self) -> list:
+        """This thread's pins ``[token or None, frame of the root call, pinned plan]``, stale ones undone."""
+        stack = self.local.__dict__.setdefault("stack", [])
+        if stack:
+            outer, f = stack[0][1], sys._getframe(2)
+            while f is not None and f is not outer:
+                f = f.f_back
+            if f is None:  # the outermost pinned forward is gone without its post hook (an interrupt)
+                for token, _, _ in reversed(stack):
+                    if token is not None:
+                        try:
+                            self.active.var.reset(token)
+                        except (ValueError, RuntimeError):
+                            pass
+                stack.clear()
+        return stack
+
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
             return
         a = self.active
-        stack = self.local.__dict__.setdefault("stack", [])
-        stack.append(a.var.set(a.default) if a._scoped is a else None)  # (inside use: nothing to pin)
+        stack = self._stack()
+        pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
+        stack.append([a.var.set(a.default) if pinned else None, sys._getframe(1), a.default if pinned else None])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():
             return
         stack = self.local.__dict__.get("stack")
         if stack:
-            token = stack.pop()
+            token = stack.pop()[0]
             if token is not None:
                 try:
                     self.active.var.reset(token)
                 except ValueError:  # reset in another context than the pre-hook's: leave that context alone
                     pass
+
+    def repin(self, plan: Any) -> None:
+        """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan``."""
+        stack = self.local.__dict__.get("stack")
+        if stack and not _compiling():
+            top = next((e for e in reversed(stack) if e[2] is not None), None)
+            if top is not None and self.active._scoped is top[2]:
+                self.active.var.set(plan)
+                top[2] = plan
 
 
 def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool = False) -> None:

@@ -70,8 +70,10 @@ def _check_model(model: Any, what: str) -> None:
                              "from; use model.generate")
     cfg = model.config
     rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-    if kind in ("dynamic", "longrope"):
+    ropes = [rope, *(v for v in rope.values() if isinstance(v, dict))] if isinstance(rope, dict) else []
+    kinds = {r.get("rope_type", r.get("type")) for r in ropes}  # (per layer type, as Gemma3's)
+    kind = next((k for k in ("dynamic", "longrope") if k in kinds), None)
+    if kind is not None:
         raise SortedNetError(f"speculative_generate: the {what} uses rope_type={kind!r}, whose frequencies depend on "
                              "the longest position in a forward: verifying several draft tokens at once would not "
                              "give generate()'s tokens; use model.generate")
