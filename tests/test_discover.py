@@ -17,7 +17,7 @@ from torch import nn
 import arch
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, case_params, run, snapshot
-from sortednet.discover import sizes_for
+from sortednet.discovery import sizes_for
 
 NAMES = sorted(arch.ARCHS) + sorted(FAMILIES)
 

@@ -280,8 +280,8 @@ def _views(model):
 
 
 def test_activate_during_a_forward_takes_effect_at_the_next_one():
-    """A forward that starts outside use holds the default it started with: an activate in the middle
-    (here from a hook, deterministically; from another thread in practice) cannot mix two sub-models."""
+    """A forward that starts outside use holds the default it started with: an activate from another thread
+    in the middle (started from a hook, deterministically) cannot mix two sub-models."""
     torch.manual_seed(0)
     blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
     net = nn.Sequential(blocks, nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
@@ -294,7 +294,12 @@ def test_activate_during_a_forward_takes_effect_at_the_next_one():
             with nest.use(s):
                 ref[str(s)] = net(x)
         nest.activate("d=1,w=4")
-        h = blocks[0].register_forward_hook(lambda *a: nest.activate("d=3,w=32") and None)
+        def other_thread(*args):
+            t = threading.Thread(target=nest.activate, args=("d=3,w=32",))
+            t.start()
+            t.join()
+
+        h = blocks[0].register_forward_hook(other_thread)
         y = net(x)
         h.remove()
         assert torch.equal(y, ref["d=1,w=4"])

@@ -8,7 +8,7 @@
 """
 
 from .dims import Depth, Dimension, Width
-from .discover import discover
+from .discovery import by_ratio, discover
 from .errors import BudgetError, PatternError, SizeError, SortedNetError
 from .heads import Heads
 from .io import load, save
@@ -38,5 +38,5 @@ __all__ = [
     "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth", "Rank",
     "save", "load", "SortedNetError", "PatternError", "SizeError", "BudgetError", "Slicer", "slicer", "slicer_for",
     "Sampler", "accumulate", "fit", "Distill", "Profile",
-    "from_transformers", "sort_by_importance", "discover", "speculative_generate",
+    "from_transformers", "sort_by_importance", "discover", "by_ratio", "speculative_generate",
 ]

@@ -309,7 +309,7 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
     err = float("inf")
     with dry_run(nest.model), torch.no_grad(), nest.use(nest.largest):
         ref = _leaves(call_model(model, example))
-    tview, _ = train_view(nest)
+    tview, _ = train_view(nest, running_stats=True)  # batch statistics of a small example magnify rounding
 
     def train_out(seed: int) -> list[Tensor]:
         with dry_run(nest.model), seeded(seed), torch.no_grad(), nest.use(nest.largest):

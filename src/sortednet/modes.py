@@ -100,13 +100,20 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (),
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
 
 
-def train_view(nest: Nest) -> tuple[nn.Module, dict[int, nn.Module]]:
+def train_view(nest: Nest, *, running_stats: bool = False) -> tuple[nn.Module, dict[int, nn.Module]]:
     """Like :func:`eval_view` but in TRAINING mode, with dropout off: ``nn.Dropout*`` modules and float
     attributes named ``*dropout*`` (Hugging Face attention dropout) are 0 on the private copies, so
     training-only branches (auxiliary heads, batch statistics) can be compared run against run.
-    Batch statistics still update shared buffers: run it under :func:`dry_run`."""
+    Batch statistics still update shared buffers: run it under :func:`dry_run`. ``running_stats``:
+    BatchNorm copies normalise with their running statistics (eval) while the rest trains: a comparison of
+    two runs then sees the training-only branches without BatchNorm over a small batch magnifying float
+    rounding."""
     view, copies = eval_view(nest.model, keep=nest.dims)
     view.train(True)
+    if running_stats:
+        for m in view.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(False)
     for m in view.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0

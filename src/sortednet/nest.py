@@ -123,7 +123,9 @@ class Nest:
             total = math.prod(len(s) for s in sizes)
             if total > MAX_SUBMODELS:
                 raise SortedNetError(f"{total:,} sub-models ({' x '.join(str(len(s)) for s in sizes)} sizes) exceed "
-                                     f"the limit of {MAX_SUBMODELS:,}; list the ones to keep with submodels=[...]")
+                                     f"the limit of {MAX_SUBMODELS:,}; list the ones to keep with submodels=[...], "
+                                     "e.g. every dimension at the same ratio: sn.by_ratio(dims, ratios) "
+                                     "(many dimensions, as sn.discover finds in a CNN, multiply fast)")
             return
         if isinstance(submodels, (str, bytes, Mapping)):
             raise SortedNetError(f"submodels= takes a list of sub-models, got {type(submodels).__name__} "

@@ -34,7 +34,7 @@ from .heads import Heads
 from .nest import wrap
 from .wrap import split_ties
 
-__all__ = ["discover", "sizes_for"]
+__all__ = ["discover", "sizes_for", "by_ratio"]
 
 
 def sizes_for(full: int, ratios: Sequence[float], multiple: int = 1) -> list[int]:
@@ -168,6 +168,21 @@ def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[
     finally:
         nest.unwrap()
     return [d for i, d in enumerate(dims) if i not in bad]
+
+
+def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[str, int]]:
+    """Sub-models with every dimension at the same fraction of its full size (its smallest size at least
+    ``ratio * full``), one per ratio: a ``submodels=`` list for nests of many dimensions, whose full product
+    is too large (a CNN's discovered groups). ``ratios`` as for :func:`discover`.
+
+    >>> import sortednet as sn
+    >>> dims = [sn.Width("a", [4, 8, 16], out="0", inp="2"), sn.Width("b", [2, 4], out="2", inp="4")]
+    >>> sn.by_ratio(dims, [0.25, 0.5, 1.0])
+    [{'a': 4, 'b': 2}, {'a': 8, 'b': 2}, {'a': 16, 'b': 4}]
+    """
+    ratios = _check_ratios(ratios)
+    return list({tuple(sorted(s.items())): s for s in (
+        {d.name: next(x for x in d.sizes if x >= r * d.full - 1e-9) for d in dims} for r in ratios)}.values())
 
 
 def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,
