@@ -151,3 +151,15 @@ def test_flops_pick_after_counting_with_an_example():
     # a different input shape recounts
     big = nest.cost(nest.largest, "flops", example=torch.randn(12, 12))
     assert big == 2 * flops[nest.largest]
+
+
+def test_a_fraction_equal_to_a_sub_models_share_picks_it():
+    """fraction * largest is a float product: cost / largest * largest can round just below cost."""
+    import torch.nn as nn
+
+    for h in range(3, 40):
+        nest = sn.wrap(nn.Sequential(nn.Linear(5, h), nn.ReLU(), nn.Linear(h, 4)),
+                       sn.Width("h", list(range(1, h + 1)), out="0", inp="2"))
+        hi = nest.cost(nest.largest)
+        for s in nest.submodels:
+            assert nest.cost(nest.pick(fraction=nest.cost(s) / hi)) == nest.cost(s)

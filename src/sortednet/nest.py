@@ -501,7 +501,9 @@ class Nest:
             fraction = budget("fraction", fraction)
             if not 0 < fraction <= 1:
                 raise SortedNetError(f"fraction must be in (0, 1], got {fraction}")
-            limits["params"] = min(limits.get("params", float("inf")), fraction * self.cost(self.largest))
+            # (a count, so the product is rounded up past float error: fraction = cost / largest picks that cost)
+            share = fraction * self.cost(self.largest)
+            limits["params"] = min(limits.get("params", float("inf")), math.floor(share + 1e-9 * max(1.0, share)))
         return self._select().pick(limits)
 
     def _select(self) -> Selector:
