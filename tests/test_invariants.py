@@ -196,8 +196,8 @@ def test_pick_is_monotone_and_within_budget(family, data):
         assert not any(b >= nest.cost(t) > nest.cost(s) for t in nest.submodels)  # best within budget
     assert [nest.cost(s) for s in picked] == sorted(nest.cost(s) for s in picked)
     assert nest.pick(params=hi) == nest.largest or nest.cost(nest.pick(params=hi)) == hi
-    frac = data.draw(st.floats(lo / hi, 1.0))
-    assert nest.cost(nest.pick(fraction=frac)) <= frac * hi
+    frac = data.draw(st.floats(lo / hi, 1.0))  # (lo / hi * hi may round below lo: the limit forgives float error)
+    assert nest.cost(nest.pick(fraction=frac)) <= frac * hi * (1 + 1e-9)
     below = data.draw(st.floats(0, lo, exclude_max=True))
     with pytest.raises(sn.SortedNetError, match=str(nest.smallest)) as e:
         nest.pick(params=below)

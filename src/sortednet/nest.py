@@ -487,7 +487,8 @@ class Nest:
         """The best sub-model within every given budget, without search (see
         :mod:`sortednet.select`): with a profile holding scores, the best-scoring
         one; otherwise the one with most parameters. ``fraction`` limits params
-        relative to the largest sub-model. Monotone; never over budget; a budget
+        relative to the largest sub-model (``fraction * largest``, float rounding of the
+        product forgiven: ``fraction=cost / largest`` picks a sub-model of that cost). Monotone; never over budget; a budget
         below every sub-model raises :class:`~sortednet.errors.BudgetError`.
 
         >>> import torch.nn as nn, sortednet as sn
