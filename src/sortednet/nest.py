@@ -488,8 +488,8 @@ class Nest:
         :mod:`sortednet.select`): with a profile holding scores, the best-scoring
         one; otherwise the one with most parameters. ``fraction`` limits params
         relative to the largest sub-model (``fraction * largest``, float rounding of the
-        product forgiven: ``fraction=cost / largest`` picks a sub-model of that cost). Monotone; never over budget; a budget
-        below every sub-model raises :class:`~sortednet.errors.BudgetError`.
+        product forgiven: ``fraction=cost / largest`` picks a sub-model of that cost).
+        Monotone; never over budget; a budget below every sub-model raises :class:`~sortednet.errors.BudgetError`.
 
         >>> import torch.nn as nn, sortednet as sn
         >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 8], out="0", inp="1"))
