@@ -346,6 +346,16 @@ def test_callback_activates_one_submodel_per_optimizer_step(tmp_path):
     assert [sub for _, sub in seen] == [cb.sampler.draw(s)[0] for s, _ in seen]
     assert len({sub for _, sub in seen}) > 1
     assert nest.active == nest.largest  # restored at train end
+    steps = []
+    cb2 = SubModelCallback(nest, sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=1))
+    evaluating = transformers.Trainer(model=model, args=TrainingArguments(
+        str(tmp_path), max_steps=3, per_device_train_batch_size=2, eval_strategy="steps", eval_steps=1, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no"), train_dataset=data,
+        eval_dataset=data[:2], callbacks=[cb2])
+    h = model.register_forward_pre_hook(lambda m, a: steps.append((model.training, nest.active)))
+    evaluating.train()
+    h.remove()
+    assert {sub for training, sub in steps if not training} == {nest.largest}  # evaluation: never a drawn one
 
 
 def test_trainer_rejects_foreign_model(tmp_path):

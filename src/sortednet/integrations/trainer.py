@@ -153,7 +153,8 @@ class SubModelCallback(TrainerCallback):
 
     At each step begin, the first sub-model of ``sampler.draw(global_step)``
     becomes the nest-wide default; all micro-batches of the step use it. At
-    train end the largest is restored.
+    each step end (before any evaluation or checkpoint) and at train end, the
+    sub-model active when training began (by default the largest) is restored.
 
     >>> import torch.nn as nn, sortednet as sn
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
@@ -170,9 +171,16 @@ class SubModelCallback(TrainerCallback):
                                  f"{drawn}; give it a k=1 sampler, or use SortedTrainer for several per step")
         self.history: list[tuple[int, SubModel]] = []
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._outside = self.nest.active  # what evaluation, saving and the end of training see
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         sub = self.nest.activate(self.sampler.draw(state.global_step)[0])
         self.history.append((state.global_step, sub))
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # evaluation / checkpoints between steps score the same sub-model every time, not the last one drawn
+        self.nest.activate(getattr(self, "_outside", self.nest.largest))
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.nest.activate(self.nest.largest)
+        self.nest.activate(getattr(self, "_outside", self.nest.largest))
