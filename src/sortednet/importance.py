@@ -217,8 +217,8 @@ def _example_of(data: Any) -> Any:
 
 def _companions(t: Tensor, optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
     """``t`` and the tensors whose units follow it: its ``.grad`` and the optimizer's state for it (momentum,
-    Adam's moments; a factored optimizer's row / column statistics, of size 1 along reduced axes). State of
-    another layout (flattened, one number per... other than a scalar) cannot follow: refused."""
+    Adam's moments; a factored optimizer's row / column statistics, of size 1 along reduced axes). Other
+    non-scalar state (a flattened layout) cannot follow the units: refused."""
     out = [t]
     if t.grad is not None:
         out.append(t.grad)

@@ -127,6 +127,8 @@ def _checked_state(nest: Nest, state: Any) -> Mapping[str, torch.Tensor]:
         raise SortedNetError(f"sn.save(state=) does not match the model's state_dict: missing keys {missing[:5]}, "
                              f"unexpected keys {unexpected[:5]}")
     for k, v in own.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # a module's get_extra_state: refused by save itself
         if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
             raise SortedNetError(f"sn.save(state=): {k!r} is {list(state[k].shape)} {state[k].dtype}, the model's "
                                  f"{list(v.shape)} {v.dtype} (the full, gathered state is needed)")

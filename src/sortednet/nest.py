@@ -29,7 +29,7 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
 from .views import new_lock
-from .wrap import Pin, fast_path_hooks, install, plan, unwrap_modules
+from .wrap import Pin, install, plan, unwrap_modules, wrap_hooks
 
 __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 
@@ -598,7 +598,7 @@ class Nest:
             raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} is not a copy of this nest's model"
                                  + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
                                     " (it holds no sliced module)"))
-        unwrap_modules(mods, fast_path_hooks(copy), merge=merge)
+        unwrap_modules(mods, wrap_hooks(copy), merge=merge)
         return copy
 
     def trainable_parameters(self) -> list[nn.Parameter]:

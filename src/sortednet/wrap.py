@@ -9,7 +9,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from .dims import Binding, Dimension, Target
@@ -17,8 +16,9 @@ from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
+from .views import _compiling
 
-__all__ = ["plan", "install", "unwrap_modules", "fast_path_hooks", "split_ties", "match_pattern", "Pin"]
+__all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin"]
 
 # PyTorch layers whose fused inference fast path reads full-size weights directly
 _FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -221,7 +221,7 @@ class _HookKey:
         self.hooks.pop(self.key, None)
 
 
-def fast_path_hooks(model: nn.Module) -> list[_HookKey]:
+def wrap_hooks(model: nn.Module) -> list[_HookKey]:
     """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`), found in ``model``
     (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
     out = []
@@ -235,8 +235,6 @@ def fast_path_hooks(model: nn.Module) -> list[_HookKey]:
                         out.append(_HookKey(m.__dict__.get("_forward_hooks_always_called", {}), k))
     return out
 
-
-_compiling = torch.compiler.is_compiling
 
 
 class Pin:
