@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 import sortednet as sn
 from models import assert_unchanged, snapshot
@@ -253,3 +254,203 @@ def test_models_with_lazy_modules_or_extra_state_are_refused_clearly(tmp_path):
     nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
     with pytest.raises(sn.SortedNetError, match="get_extra_state"):
         sn.save(nest, tmp_path / "n.safetensors")
+
+
+# -- the model changed after wrap ----------------------------------------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _mlp_nest(m):
+    return sn.wrap(m, sn.Width("h1", [8, 16], out="0", inp="2"), sn.Width("h2", [4, 16], out="2", inp="4"))
+
+
+def _swap(m):
+    m[2], m[4] = m[4], m[2]
+
+
+def _replace_with_copy(m):
+    m[4] = copy.deepcopy(m[2])
+
+
+def _append(m):
+    m.append(nn.Linear(3, 50))
+
+
+def _insert(m):
+    m.insert(0, nn.Identity())
+
+
+def _new_head(m):
+    m[4] = nn.Linear(16, 3)
+
+
+@pytest.mark.parametrize("change", [_swap, _replace_with_copy, _append, _insert, _new_head])
+def test_cost_pick_export_save_and_load_refuse_a_model_changed_after_wrap(change, tmp_path):
+    m = _mlp()
+    nest = _mlp_nest(m)
+    sn.save(nest, tmp_path / "before.safetensors")
+    change(m)
+    x = torch.randn(2, 4)
+    for what, call in [("cost", lambda: nest.cost("h1=8,h2=4")), ("pick", lambda: nest.pick(params=200)),
+                       ("export", lambda: nest.export("h1=8,h2=4")),
+                       ("save", lambda: sn.save(nest, tmp_path / "after.safetensors")),
+                       ("load", lambda: sn.load(nest, tmp_path / "before.safetensors")),
+                       ("check", lambda: nest.check(x)), ("flops", lambda: nest.cost(nest.smallest, "flops", example=x))]:
+        with pytest.raises(sn.SortedNetError, match="changed after wrap"):
+            call()
+    assert not (tmp_path / "after.safetensors").exists()
+    nest.unwrap()
+    if change in (_append, _new_head):
+        _mlp_nest(m).export("h1=8,h2=4")   # wrapped again: the new model is served
+
+
+def test_weights_tied_after_wrap_are_refused_where_the_counts_would_be_wrong():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 8), nn.Linear(8, 10, bias=False)
+
+        def forward(self, i):
+            return self.head(self.emb(i))
+
+    lm = LM()
+    nest = sn.wrap(lm, sn.Width("d", [4, 8], out="emb", inp="head"))
+    assert nest.cost("d=4") == 80
+    lm.head.weight = lm.emb.weight   # tied after wrap: export would hold 40
+    with pytest.raises(sn.SortedNetError, match="tied or untied"):
+        nest.cost("d=4")
+
+
+def test_replacing_a_parameter_by_one_of_the_same_shape_is_fine():
+    m = _mlp()
+    nest = _mlp_nest(m)
+    m[2].weight = nn.Parameter(torch.ones(16, 16))      # as load_state_dict(assign=True) does
+    m.load_state_dict(_mlp().state_dict(), assign=True)
+    small = nest.export("h1=8,h2=4")
+    assert sum(p.numel() for p in small.parameters()) == nest.cost("h1=8,h2=4")
+    x = torch.randn(3, 4)
+    with nest.use("h1=8,h2=4"):
+        torch.testing.assert_close(m(x), small(x))
+
+
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "spectral_norm"])
+def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how):
+    m = _mlp()
+    nest = _mlp_nest(m)
+    before = snapshot(m)
+    apply = {"parametrize": lambda: torch.nn.utils.parametrize.register_parametrization(m[2], "weight", nn.Identity()),
+             "weight_norm": lambda: torch.nn.utils.parametrizations.weight_norm(m[2]),
+             "spectral_norm": lambda: torch.nn.utils.parametrizations.spectral_norm(m[2])}[how]
+    with pytest.raises(sn.SortedNetError, match="2.weight is sliced by sortednet"):
+        apply()
+    assert_unchanged(m, before)
+    nest.unwrap()
+    apply()   # the plain model: as PyTorch does
+
+
+def test_a_weight_pruned_after_wrap_is_named_at_the_next_read():
+    m = _mlp()
+    nest = _mlp_nest(m)
+    prune.l1_unstructured(m[2], "weight", amount=0.5)  # deletes _parameters["weight"] directly
+    with pytest.raises(sn.SortedNetError, match="2.weight: the tensor sortednet slices is no longer"):
+        m(torch.randn(2, 4))
+    nest.unwrap()
+    prune.remove(m[2], "weight")
+    assert m(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_load_state_dict_drops_the_calibrated_statistics_it_makes_stale():
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 2))
+
+    m, other = cnn(), cnn()
+    with torch.no_grad():
+        other[1].running_mean.normal_()
+        other[1].running_var.uniform_(0.5, 2)
+    nest = sn.wrap(m, sn.Width("c", [4, 8], out="0", norm="1", inp="5"))
+    x = torch.randn(4, 3, 8, 8)
+    nest.calibrate([x] * 2)
+    m.eval()
+    other.eval()
+    m.load_state_dict(other.state_dict())
+    torch.testing.assert_close(m(x), other(x))                 # the loaded buffers, not the calibration
+    torch.testing.assert_close(nest.export(nest.largest)(x), other(x))
+    nest.calibrate([x] * 2)                                     # calibrating again works as before
+    assert m[1]._sn.norm is not None
+
+
+# -- depth: skipped blocks never run -------------------------------------------------------------------
+
+
+class _AsideList(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.how = how
+        if how == "list":
+            self.run = list(self.blocks)
+
+    def forward(self, x):
+        if self.how == "list":
+            blocks = self.run
+        elif self.how == "children":
+            blocks = list(self.blocks.children())
+        else:
+            blocks = self.blocks
+        for b in blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+@pytest.mark.parametrize("how", ["list", "children"])
+def test_a_block_the_sub_model_skips_never_runs_silently(how):
+    m = _AsideList(how)
+    nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
+    x = torch.randn(2, 8)
+    m(x)                                                        # full depth: every block runs
+    with nest.use("depth=2"), pytest.raises(sn.SortedNetError, match="'blocks.2' ran under depth=2"):
+        m(x)
+    if how == "list":
+        with pytest.raises(sn.SortedNetError, match="run holds blocks the sub-model skips"):
+            nest.export("depth=2")
+
+
+def test_checkpoint_sequential_over_a_depth_sliced_sequential_is_refused():
+    torch.manual_seed(0)
+    seq = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
+    nest = sn.wrap(seq, sn.Depth("depth", [2, 4], layers=""))
+    x = torch.randn(2, 8, requires_grad=True)
+    with nest.use("depth=2"), pytest.raises(sn.SortedNetError, match="ran under depth=2"):
+        torch.utils.checkpoint.checkpoint_sequential(seq, 2, x, use_reentrant=False)
+
+
+def test_a_block_also_held_outside_the_list_runs_and_exports_as_live():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+            self.final = self.blocks[3]                         # always run, also held by the list
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.tanh(b(x))
+            return self.final(x)
+
+    m = M()
+    nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
+    x = torch.randn(2, 8)
+    with nest.use("depth=2"):
+        live = m(x)
+    small = nest.export("depth=2")
+    torch.testing.assert_close(small(x), live)
+    assert sum(p.numel() for p in small.parameters()) == nest.cost("depth=2")
+    assert not any(isinstance(h, object) and type(h).__name__ == "DepthGuard"
+                   for mod in small.modules() for h in mod._forward_pre_hooks.values())

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
 from .cost import call_model
@@ -76,14 +77,35 @@ def first_float(out: Any) -> torch.Tensor | None:
     return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _maskable() -> tuple[type, ...]:
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # GPT-2's transposed Linear
-    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    return (nn.Linear, *_CONVS) if conv1d is None else (nn.Linear, *_CONVS, conv1d)
+
+
+def _is_maskable(m: nn.Module) -> bool:
+    """A reading module whose input units are its weight's columns (a grouped conv mixes no units across
+    groups: its columns are not the input channels)."""
+    return isinstance(m, _maskable()) and (not isinstance(m, _CONVS) or m.__dict__.get("groups", 1) == 1)
+
+
+def _mixes_units(nest: Nest, dim: Any) -> bool:
+    """Whether a norm bound to ``dim`` normalises across its units (LayerNorm, GroupNorm, RMSNorm: the full
+    model with units masked is then no reference); BatchNorm keeps every channel to itself."""
+    return any(not isinstance(m, _BatchNorm) for m in nest._sliced.values()
+               if "norm" in m._sn.bind and m._sn.bind["norm"].dim is dim)
 
 
 def _input_axis(m: nn.Module) -> int:
     """Axis of ``m``'s weight that its input features index (GPT-2's Conv1D stores ``(in, out)``)."""
-    return 1 if isinstance(m, nn.Linear) else 0
+    return 1 if isinstance(m, (nn.Linear, *_CONVS)) else 0
+
+
+def _feature_axis(m: nn.Module) -> int:
+    """Axis of ``m``'s input that holds its input features (channels of a conv: axis 1)."""
+    return 1 if isinstance(m, _CONVS) else -1
 
 
 def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any = None,
@@ -106,7 +128,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     copies = copies or {}
     reads = [(copies.get(id(m), m), m._sn.bind["inp"]) for m in nest._sliced.values()
              if "inp" in m._sn.bind and m._sn.bind["inp"].dim is dim]
-    if not reads or any(not isinstance(m, _maskable()) or "rank" in m._sn.bind
+    if not reads or any(not _is_maskable(m) or "rank" in m._sn.bind
                         or not isinstance(m._parameters.get("weight"), torch.Tensor) for m, _ in reads):
         return None
     full = SubModel({d.name: d.full for d in nest.dims})
@@ -117,13 +139,13 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     # use() of a restricted nest must not find plans of sub-models it does not list
     inputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
 
-    def capture(run: str, keep: int) -> Any:
+    def capture(run: str, keep: int, axis: int) -> Any:
         def hook(mod: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                inputs[run].setdefault(id(mod), []).append(args[0][..., :keep].detach().double())
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() > max(axis, 0):
+                inputs[run].setdefault(id(mod), []).append(args[0].narrow(axis, 0, keep).detach().double())
         return hook
 
-    hooks = [m.register_forward_pre_hook(capture("live", b.total(size))) for m, b in reads]
+    hooks = [m.register_forward_pre_hook(capture("live", b.total(size), _feature_axis(m))) for m, b in reads]
     try:
         with Use(nest._state, sub_plan), seeded(0):  # a forward that samples (a VAE) draws alike in both runs
             live = first_float(call_model(model, example))
@@ -133,7 +155,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
         for h in hooks:
             h.remove()
     held = [(m, m._parameters["weight"]) for m, _ in reads]
-    hooks = [m.register_forward_pre_hook(capture("ref", b.total(size))) for m, b in reads]
+    hooks = [m.register_forward_pre_hook(capture("ref", b.total(size), _feature_axis(m))) for m, b in reads]
     try:
         for (m, b), (_, w) in zip(reads, held):  # swapped in this module's own parameter dict, not written
             masked = w.detach().clone()
@@ -282,7 +304,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         "fast axis (e.g. view(B, N, head_dim, heads)), packs q/k/v in another order, or mixes heads "
                         "(a norm over all heads); slice it as a Width of its head size instead, or fix the layout")
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
-            if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not d.norm:
+            if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not _mixes_units(nest, d):
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
                 if err is not None and not err <= tol:
                     raise SortedNetError(

@@ -64,6 +64,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         for m, name in drop:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
+        _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)}, sub)
         new = copy.deepcopy(model, memo)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             if _inside(path, skipped):
@@ -83,7 +84,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                             parent._modules[name] = r
         for h in nest._hooks:  # wrap's own hooks (no-fast-path, the root's Pin) stay with the live model
             for m in new.modules():
-                for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called"):
+                for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called",
+                             "_load_state_dict_pre_hooks"):
                     m.__dict__.get(attr, {}).pop(h.id, None)
         for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
@@ -106,6 +108,25 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
             new.__dict__[attr].update(hooks)
             if attr == "_backward_hooks":  # whether they are full backward hooks (else torch never runs them)
                 new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
+
+
+_INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
+
+
+def _refuse_held_aside(model: nn.Module, dropped: set[int], sub: SubModel) -> None:
+    """Refuse an export that would leave ``None`` where a plain attribute (a Python list, tuple, dict or
+    attribute outside ``_modules``) holds a block the sub-model skips."""
+    if not dropped:
+        return
+    for path, m in model.named_modules():
+        for attr, v in m.__dict__.items():
+            if attr in _INTERNALS:
+                continue
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            if any(isinstance(x, nn.Module) and id(x) in dropped for x in items):
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
+                                     "outside the layer list (a plain Python attribute); the export cannot hold "
+                                     "them. Keep blocks only in the nn.ModuleList / nn.Sequential and iterate it")
 
 
 def reachable_modules(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, nn.Module]:

@@ -285,7 +285,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     """
     if method not in METHODS:
         raise SortedNetError(f"sort_units: unknown method {method!r}; choose one of {list(METHODS)}")
-    nest._check_alive()
+    nest._check_structure("sort_units")
     if any(d.kind == "rank" for d in nest.dims):
         raise SortedNetError("sort_units permutes full weight matrices; sort a nest without a Rank dimension "
                              "first, then unwrap and wrap again with Rank")

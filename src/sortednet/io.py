@@ -72,7 +72,7 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     """
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}")
-    nest._check_alive()
+    nest._check_structure("sn.save")
     if not isinstance(path, (str, os.PathLike)):
         raise SortedNetError(f"sn.save() needs a file path, got {type(path).__name__}")
     p = os.fspath(path)
@@ -179,7 +179,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     if not isinstance(model, (Nest, nn.Module)):
         raise SortedNetError(f"load() needs an nn.Module or a Nest, got {type(model).__name__}")
     if isinstance(model, Nest):
-        model._check_alive()
+        model._check_structure("sn.load")
     where = repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
     if not isinstance(path, (str, os.PathLike)):
         raise SortedNetError(f"load() needs a file path, got {type(path).__name__}")

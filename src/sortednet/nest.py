@@ -170,6 +170,50 @@ class Nest:
             self._plans.clear()
         for d in self.dims:
             d._nest = self
+        self._structure = self._fingerprint()
+
+    def _fingerprint(self) -> tuple:
+        """The model's parameters as the cost tables and export rely on: names, shapes and which names
+        hold one tensor (ties). Values may change while wrapped; this may not."""
+        first: dict[int, int] = {}
+        return tuple((n, tuple(p.shape), first.setdefault(id(p), i))
+                     for i, (n, p) in enumerate(self.model.named_parameters(remove_duplicate=False)))
+
+    def _check_structure(self, what: str) -> None:
+        """Refuse ``what`` (cost, pick, export, save...) on a model whose module tree changed after wrap:
+        a sliced module moved or replaced, a module added or removed, a parameter re-shaped, tied or untied.
+        The nest's tables and paths describe the model as wrapped; going on would answer for another model."""
+        self._check_alive()
+        why = None
+        paths = {id(m): path for path, m in self._sliced.items()}
+        for path, m in self._sliced.items():
+            try:
+                now = self.model.get_submodule(path) if path else self.model
+            except AttributeError:
+                now = None
+            if now is not m:
+                now_s = ("nothing" if now is None else f"the module wrapped at {paths[id(now)]!r}"
+                         if id(now) in paths else f"a {type(now).__name__}")
+                why = f"{path!r} is no longer the module sortednet wrapped there (now: {now_s})"
+                break
+        if why is None:
+            new = self._fingerprint()
+            if new != self._structure:
+                old_d = {n: (shape, tie) for n, shape, tie in self._structure}
+                new_d = {n: (shape, tie) for n, shape, tie in new}
+                added = [n for n in new_d if n not in old_d]
+                gone = [n for n in old_d if n not in new_d]
+                changed = [n for n in new_d if n in old_d and new_d[n][0] != old_d[n][0]]
+                if added or gone or changed:
+                    why = "; ".join(f"{k} {v[:3]}" + (" ..." if len(v) > 3 else "") for k, v in
+                                    (("parameters added:", added), ("parameters removed:", gone),
+                                     ("parameters re-shaped:", changed)) if v)
+                else:
+                    why = "parameters were tied or untied (a tensor now held under other names)"
+        if why is not None:
+            raise SortedNetError(f"{what}: the model changed after wrap: {why}. The nest's cost tables, paths and "
+                                 "export describe the model as wrapped; nest.unwrap(), change the model, then "
+                                 "wrap it again")
 
     def _param_table(self, rows: np.ndarray) -> np.ndarray:
         """Exact parameter count of every row of size indices, vectorised.
@@ -384,6 +428,7 @@ class Nest:
         >>> nest.cost("h=2"), nest.cost("h=2", "flops", example=torch.randn(1, 4))
         (16, 24)
         """
+        self._check_structure(f"cost(..., {metric!r})")
         sub = self.resolve(sub)
         cache = self._cost_cache.get(metric)
         if cache is None:
@@ -438,7 +483,7 @@ class Nest:
         >>> prof.costs["flops"]
         (24.0, 96.0)
         """
-        self._check_alive()
+        self._check_structure("profile")
         # a dry forward of the extremes names the sub-model when the example does not fit; in eval mode
         # on a private view sharing the weights (model.eval() would change the mode for every thread)
         with eval_mode(self) as (view, _):
@@ -496,6 +541,7 @@ class Nest:
         >>> nest.pick(params=40), nest.pick(fraction=1.0)
         (SubModel(h=4), SubModel(h=8))
         """
+        self._check_structure("pick")
         limits = {m: budget(m, v) for m, v in (("params", params), ("flops", flops), ("latency", latency),
                                                ("memory", memory)) if v is not None}
         if fraction is not None:
@@ -531,7 +577,7 @@ class Nest:
         """
         from .calibrate import calibrate
 
-        self._check_alive()
+        self._check_structure("calibrate")
         return calibrate(self, loader, subs=subs, batches=batches)
 
     # -- export / unwrap ------------------------------------------------------
@@ -547,7 +593,7 @@ class Nest:
         SortedNetError when none can describe it; ``plain=True`` skips them
         (the copy then keeps the full model's config).
         """
-        self._check_alive()
+        self._check_structure("export")
         sub = self.resolve(sub)
         new = export_submodel(self, sub)
         if plain:
@@ -652,7 +698,7 @@ class Nest:
         dimension, module path and missing binding. See :mod:`sortednet.check`."""
         from .check import check
 
-        self._check_alive()
+        self._check_structure("check")
         check(self, example, mixed=mixed)
 
 

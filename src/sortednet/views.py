@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .errors import SortedNetError
+
 if TYPE_CHECKING:
     from .dims import Binding
 
@@ -229,7 +231,11 @@ class View:
         if t is None:
             t = m._buffers.get(self.name)
             if t is None:
-                return None
+                if self.name in m._parameters or self.name in m._buffers:
+                    return None  # registered as None (set to None after wrap)
+                raise SortedNetError(f"{st.path + '.' if st.path else ''}{self.name}: the tensor sortednet slices "
+                                     "is no longer a parameter or buffer of its module (pruned, re-parametrized or "
+                                     "deleted after wrap); nest.unwrap() first, change the module, then wrap again")
         tp = type(t)
         if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
             return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
@@ -184,6 +185,11 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for m in model.modules():
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
+        for path, (m, sl, bind) in planned.items():
+            if isinstance(m, _BatchNorm):
+                hooks.append(m._register_load_state_dict_pre_hook(drop_calibration, with_module=True))
+            if "depth" in bind:
+                hooks.extend(_guard_blocks(model, path, m, bind["depth"]))
     except BaseException:
         for h in hooks:
             h.remove()
@@ -203,6 +209,52 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             for b in bind.values():
                 b.dim.__dict__.pop("_init_generators", None)
     return hooks
+
+
+def drop_calibration(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of a sliced BatchNorm: loading its running statistics makes the
+    per-sub-model statistics of ``nest.calibrate`` stale (they describe other weights); they are dropped, so
+    eval reads the loaded buffers, as plain PyTorch does. ``sn.load`` restores a checkpoint's calibration."""
+    st = module.__dict__.get("_sn")
+    if st is not None and st.norm is not None and any(
+            f"{prefix}{n}" in state_dict for n in ("running_mean", "running_var")):
+        st.norm = None
+
+
+class DepthGuard:
+    """Forward pre-hook of a block in a Depth-sliced layer list: running it under a sub-model that skips it
+    raises. The list itself hides skipped blocks (iteration, ``len``, indexing); a forward that reaches them
+    another way (a Python list kept aside, ``children()``, ``checkpoint_sequential``) would otherwise run
+    them silently, unlike the exported model. Blocks also held outside the list get no guard."""
+
+    __slots__ = ("binding", "index", "path")
+
+    def __init__(self, binding: Binding, index: int, path: str) -> None:
+        self.binding, self.index, self.path = binding, index, path
+
+    def __deepcopy__(self, memo: dict) -> "DepthGuard":
+        return self  # a deep copy of the model follows the same nest state
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.index >= self.binding.features():
+            d = self.binding.dim
+            raise SortedNetError(
+                f"block {self.path!r} ran under {d.name}={d.active}, which skips it: the forward reaches the "
+                "blocks of the layer list other than by iterating, indexing or slicing it (e.g. a Python list of "
+                "the blocks kept aside, .children(), checkpoint_sequential); iterate the list itself")
+
+
+def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Binding) -> list:
+    """:class:`DepthGuard` hooks on the blocks of a Depth-sliced ``container`` that only it holds."""
+    from .export import reachable_modules
+
+    elsewhere = reachable_modules(model, {(id(container), name) for name in container._modules})
+    first: dict[int, tuple[int, str, nn.Module]] = {}
+    for i, (name, b) in enumerate(container._modules.items()):
+        if b is not None and id(b) not in elsewhere:
+            first.setdefault(id(b), (i, name, b))
+    return [b.register_forward_pre_hook(DepthGuard(binding, i, f"{path}.{name}" if path else name))
+            for i, name, b in first.values()]
 
 
 def _no_fast_path(module: nn.Module, args: tuple) -> None:
@@ -226,10 +278,12 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
     (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
     out = []
     for m in model.modules():
+        loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
+        out.extend(_HookKey(loads, k) for k, f in list(loads.items()) if getattr(f, "hook", None) is drop_calibration)
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
-                if f is _no_fast_path or isinstance(getattr(f, "__self__", None), Pin):
+                if f is _no_fast_path or isinstance(f, DepthGuard) or isinstance(getattr(f, "__self__", None), Pin):
                     out.append(_HookKey(hooks, k))
                     if attr == "_forward_hooks":  # its always-call flag goes with it
                         out.append(_HookKey(m.__dict__.get("_forward_hooks_always_called", {}), k))

@@ -273,6 +273,23 @@ class Slicer:
         return []
 
 
+def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str], None]:
+    """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize,
+    prune and weight_norm start by deleting it; the nest would then slice nothing, and parametrize would
+    fail half-way with the weight gone)."""
+
+    def __delattr__(self: nn.Module, name: str) -> None:
+        st = self.__dict__.get("_sn")
+        if st is not None and name in names and (name in self._parameters or name in self._buffers):
+            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet and cannot be "
+                                 "removed or re-parametrized while wrapped (torch.nn.utils.parametrize, prune, "
+                                 "weight_norm and spectral_norm replace it): nest.unwrap() first, apply it, then "
+                                 "wrap again (wrap refuses what it cannot slice)")
+        base.__delattr__(self, name)
+
+    return __delattr__
+
+
 def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
     """A copy that is sliced by the same dimensions (it follows the same active sub-model)."""
     new = type(self).__new__(type(self))
@@ -294,6 +311,7 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
     if cls is None:
         base = type(m)
         cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
+                                                       "__delattr__": _guarded_delattr(base, frozenset(names)),
                                                        "__module__": base.__module__,
                                                        "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle})
         _SUBCLASSES[key] = cls
