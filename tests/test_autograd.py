@@ -80,11 +80,56 @@ def uses_fast_path(case, nest, sub) -> bool:
                    for m in case.model.modules() if "_sn" in m.__dict__ for n in ("weight", "in_proj_weight"))
 
 
+def graph_nodes(y: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that produced ``y``."""
+    seen, todo, names = set(), [y.grad_fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        todo.extend(g for g, _ in f.next_functions)
+    return names
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_fast_path_runs(name):
     (case, fast), (ref_case, ref) = pair(name)
     assert uses_fast_path(case, fast, fast.smallest), "no weight took the in-place gradient path"
     assert not uses_fast_path(ref_case, ref, ref.smallest)
+    linears = any(type(m).forward is not torch.nn.Linear.forward and isinstance(m, torch.nn.Linear)
+                  for m in case.model.modules() if "_sn" in m.__dict__)
+    for c, nest, want in ((case, fast, linears), (ref_case, ref, False)):
+        with nest.use(nest.smallest):
+            y = c.model(c.example)
+        assert ("LinearIntoBackward" in graph_nodes(y)) == want, "the fused nn.Linear path"
+
+
+def test_fused_linear_steps_aside_where_it_would_change_semantics():
+    """Under autocast, and for an instance whose forward was patched, sliced layers run as plain PyTorch would."""
+    def build(patch):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 96), torch.nn.Tanh(), torch.nn.Linear(96, 8))
+        if patch:
+            m[0].forward = lambda x, f=m[0].forward: f(x) + 1
+        return m
+
+    x = torch.randn(4, 8)
+    for patch in (False, True):
+        for autocast in (False, True):
+            grads = []
+            for inplace in (True, False):
+                m = build(patch)
+                nest = sn.wrap(m, sn.Width("h", [32, 96], out="0", inp="2"), inplace_grad=inplace,
+                               inplace_min_numel=0)
+                with nest.use("h=32"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    y = m(x)
+                    nodes = graph_nodes(y)
+                y.float().square().sum().backward()
+                grads.append([p.grad for p in m.parameters()])
+                assert ("LinearIntoBackward" in nodes) == (inplace and not autocast)  # m[2]: not patched
+            same_grads(grads[0], grads[1], f"patch={patch} autocast={autocast}")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

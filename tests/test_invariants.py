@@ -151,8 +151,8 @@ def test_training_touches_only_the_slice(family, data):
             h = grads[mode][name]
             if g is None or h is None:
                 assert (g is None or not g.any()) and (h is None or not h.any()), name
-            else:
-                assert torch.equal(g, h), (name, mode)
+            else:  # the fused nn.Linear path accumulates inside the GEMM (addmm_): equal up to rounding only
+                torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5, msg=f"{name} ({mode})")
 
 
 @given(c=st.sampled_from([8, 16]), data=st.data())

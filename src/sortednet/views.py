@@ -160,7 +160,7 @@ _compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
-def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False) -> bool:
+def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False, index: int = 0) -> bool:
     """Inside :class:`SliceInto`'s backward: would autograd just add the gradient into ``p.grad``?
 
     False under ``create_graph`` (grad mode is on in backward), when ``p`` has
@@ -180,7 +180,7 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False)
                           or g.device != grad.device):
         return False
     try:
-        return bool(torch._C._will_engine_execute_node(node.next_functions[0][0]))
+        return bool(torch._C._will_engine_execute_node(node.next_functions[index][0]))
     except (RuntimeError, IndexError, AttributeError):
         return False
 
@@ -188,6 +188,87 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False)
 def _distributed() -> bool:
     dist = sys.modules.get("torch.distributed")
     return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+class LinearInto(torch.autograd.Function):
+    """``F.linear(x, W[cuts], b[bcuts])`` whose weight gradient is accumulated into its slice of ``W.grad`` by
+    the matmul itself (``addmm_`` with ``beta=1``), in the slice's own row-major layout.
+
+    The fused form of :class:`SliceInto` for a plain ``nn.Linear`` (see :func:`linear`): with the weight read as
+    a view, ``mm``'s backward returns an input-sliced weight's gradient column-major, and adding it into the
+    row-major slice of ``.grad`` is a transposing add (docs/mechanism.md). Here one GEMM writes the gradient
+    where it belongs, with no temporary and no separate add. The same rules as :class:`SliceInto` decide
+    between that and plain autograd's result (:func:`accumulates_plainly`, per parameter); under
+    ``create_graph`` the backward is computed from the live parameter, so second-order gradients are those
+    of ``F.linear``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, wcuts: Cuts,  # type: ignore[override]
+                bcuts: Cuts, lock: Any) -> Tensor:
+        wv = cut(w.detach(), wcuts)
+        bv = None if b is None else cut(b.detach(), bcuts)
+        ctx.save_for_backward(x, wv)  # the view: autograd's version check sees in-place changes of the weight
+        ctx.w, ctx.b, ctx.wcuts, ctx.bcuts, ctx.lock = w, b, wcuts, bcuts, lock
+        return torch.nn.functional.linear(x, wv, bv)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, wv = ctx.saved_tensors
+        w, b, wcuts, bcuts = ctx.w, ctx.b, ctx.wcuts, ctx.bcuts
+        if torch.is_grad_enabled():  # create_graph: differentiable in the live parameters, as F.linear
+            wv = cut(w, wcuts)
+        gx = g.matmul(wv) if ctx.needs_input_grad[0] else None
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gw = gb = None
+        if w.requires_grad:
+            if accumulates_plainly(ctx, w, g, index=1):
+                with ctx.lock:
+                    if w.grad is None:
+                        w.grad = torch.zeros_like(w)
+                    cut(w.grad, wcuts).addmm_(g2.t(), x2)
+            else:
+                gw = _full(w, g2.t().mm(x2), wcuts)
+        if b is not None and b.requires_grad:
+            s = g2.sum(0)
+            if bcuts and accumulates_plainly(ctx, b, g, index=2):
+                with ctx.lock:
+                    if b.grad is None:
+                        b.grad = torch.zeros_like(b)
+                    cut(b.grad, bcuts).add_(s)
+            else:
+                gb = _full(b, s, bcuts)
+        return gx, gw, gb, None, None, None
+
+
+def _full(p: Tensor, g: Tensor, cuts: Cuts) -> Tensor:
+    """The full-size gradient of ``p`` whose slice ``cuts`` is ``g`` (``narrow``'s backward)."""
+    if not cuts:
+        return g
+    full = g.new_zeros(p.shape)
+    cut(full, cuts).copy_(g)  # differentiable under create_graph
+    return full
+
+
+_linear_into = super(torch.autograd.Function, LinearInto).apply  # type: ignore[misc]
+_autocast = torch._C._is_any_autocast_enabled
+
+
+def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None:
+    """``m``'s linear map of ``x`` by :class:`LinearInto` when it applies (training, a sliced leaf weight of at
+    least ``inplace_min_numel`` elements, no autocast, compile or functorch), else None."""
+    w = m._parameters.get("weight")
+    if (w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
+            or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
+            or _compiling() or _functorch_active() or _autocast()):
+        return None
+    b = m._parameters.get("bias")
+    if b is None:
+        return None if "bias" in m._buffers else _linear_into(x, w, None, wv.cuts, (), st.lock)
+    if b.__class__ is not _Parameter or bv.__class__ is not View or bv.segs is not None:
+        return None
+    return _linear_into(x, w, b, wv.cuts, bv.cuts, st.lock)
 
 
 def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:

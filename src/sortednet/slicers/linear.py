@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
+from ..views import View, linear
 from .base import Slicer, slicer
 
 
@@ -26,3 +28,24 @@ class LinearSlicer(Slicer):
             return self.take(m, "bias", [(0, "out")])
         role = "out" if name == "out_features" else "inp"
         return self.features(m, role, m.__dict__[name])
+
+    def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+        ns = super().namespace(m, names)
+        if type(m).forward is nn.Linear.forward:  # a subclass's own forward is left as it is
+            ns["forward"] = _forward
+        return ns
+
+
+def _forward(self: nn.Linear, input: Tensor) -> Tensor:
+    """``nn.Linear.forward``; when training a sliced weight, the fused gradient path (views.LinearInto)."""
+    st = self.__dict__["_sn"]
+    a = st.active
+    if a is not None:
+        p = a._scoped
+        e = (a.default if p is a else p).entries[st.slot]
+        wv = e["weight"]
+        if wv.__class__ is View:
+            y = linear(self, input, wv, e["bias"], st)
+            if y is not None:
+                return y
+    return F.linear(input, self.weight, self.bias)
