@@ -305,7 +305,7 @@ def test_depth_walked_with_children_is_caught_and_named():
             return self.head(x)
 
     torch.manual_seed(0)
-    with pytest.raises(sn.SortedNetError, match=r"Depth \['d'\].*\.children\(\)"):
+    with pytest.raises(sn.SortedNetError, match=r"block 'blocks.1' ran under d=1, which skips it.*\.children\(\)"):
         sn.wrap(Net(), sn.Depth("d", [1, 4], layers="blocks"), example=torch.randn(2, 8))
 
 

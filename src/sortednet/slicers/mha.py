@@ -155,7 +155,9 @@ class MHASlicer(Slicer):
 class PrunedMultiheadAttention(nn.Module):
     """Export target of a MultiheadAttention whose heads x head_dim no longer
     equals its embedding width, which ``nn.MultiheadAttention`` cannot express.
-    Plain parameters, same state_dict keys and call signature."""
+    Plain parameters, same state_dict keys, call signature and public attributes (``embed_dim``,
+    ``num_heads``, ``head_dim``, ``kdim``, ``vdim``, ``bias_k``, ``bias_v``, ``add_zero_attn``, ``dropout``,
+    ``batch_first``); not an ``nn.MultiheadAttention`` instance."""
 
     def __init__(self, src: nn.MultiheadAttention) -> None:
         super().__init__()
@@ -165,6 +167,9 @@ class PrunedMultiheadAttention(nn.Module):
         self.num_heads, self.head_dim, self.dropout = src.num_heads, src.head_dim, src.dropout
         self.batch_first = src.batch_first
         self.embed_dim = src.in_proj_weight.shape[1]
+        self.kdim = self.vdim = self.embed_dim  # (wrap refuses kdim / vdim / bias_kv / zero_attn variants)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
         self._qkv_same_embed_dim = False  # keeps PyTorch's fused fast paths away
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
