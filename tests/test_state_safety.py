@@ -299,9 +299,11 @@ def test_cost_pick_export_save_and_load_refuse_a_model_changed_after_wrap(change
                        ("export", lambda: nest.export("h1=8,h2=4")),
                        ("save", lambda: sn.save(nest, tmp_path / "after.safetensors")),
                        ("load", lambda: sn.load(nest, tmp_path / "before.safetensors")),
-                       ("check", lambda: nest.check(x)), ("flops", lambda: nest.cost(nest.smallest, "flops", example=x))]:
+                       ("check", lambda: nest.check(x)),
+                       ("flops", lambda: nest.cost(nest.smallest, "flops", example=x))]:
         with pytest.raises(sn.SortedNetError, match="changed after wrap"):
             call()
+            pytest.fail(f"{what} accepted a changed model")
     assert not (tmp_path / "after.safetensors").exists()
     nest.unwrap()
     if change in (_append, _new_head):

@@ -185,7 +185,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for m in model.modules():
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
-        for path, (m, sl, bind) in planned.items():
+        for path, (m, _, bind) in planned.items():
             if isinstance(m, _BatchNorm):
                 hooks.append(m._register_load_state_dict_pre_hook(drop_calibration, with_module=True))
             if "depth" in bind:
