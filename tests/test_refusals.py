@@ -414,3 +414,42 @@ def test_correct_heads_pass_with_masked_logits_a_sampling_forward_and_drop_path(
     assert kinds == ["heads", "width"], kinds  # the residual stream too (DropPath's new_empty is understood)
     nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="attn"), example=x)
     assert nest.smallest["h"] == 1
+
+
+@pytest.mark.parametrize("kind", ["temperature", "alibi", "gate"])
+def test_per_head_tensors_of_an_attention_are_refused_at_wrap_and_named(kind):
+    E, H, D = 32, 4, 8
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n_heads, self.head_dim = H, D
+            self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+            if kind == "temperature":
+                self.temp = nn.Parameter(torch.ones(H, 1, 1))          # Swin-v2 style logit scale
+            elif kind == "alibi":
+                self.register_buffer("slopes", 2.0 ** -torch.arange(1.0, H + 1))
+            else:
+                self.gate = nn.Parameter(torch.ones(1, H, 1, 1))       # head-wise gate
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x),
+                                                                                            self.v(x)))
+            att = q @ k.transpose(-1, -2) * D ** -0.5
+            if kind == "temperature":
+                att = att * self.temp
+            elif kind == "alibi":
+                pos = torch.arange(T)
+                att = att - self.slopes.view(-1, 1, 1) * (pos[None] - pos[:, None]).abs()
+            y = att.softmax(-1) @ v
+            if kind == "gate":
+                y = y * self.gate
+            return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    m = Attn()
+    before = snapshot(m)
+    name = {"temperature": "temp", "alibi": "slopes", "gate": "gate"}[kind]
+    with pytest.raises(sn.PatternError, match=f"'{name}' of shape .* looks per-head"):
+        sn.wrap(m, sn.Heads("heads", [2, 4], attn=""))
+    assert_unchanged(m, before)

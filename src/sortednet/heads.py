@@ -170,6 +170,7 @@ class Heads(Dimension):
             self._check_group(path, group)
             targets.append(Target(_join(path, n), "out", Binding(self, unit=d, div=group), pat))
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
+        self._refuse_per_head_tensors(path, m)
         targets += self._bias_targets(path, m, pat)
         targets += self._attr_targets(path, m, d, group, pat)
         return targets
@@ -202,6 +203,23 @@ class Heads(Dimension):
         if group == 1:  # thirds [q; k; v]
             return d, group, Binding(self, unit=d, chunks=3)
         return d, group, Binding(self, unit=d, parts=(1, group, group))
+
+    def _refuse_per_head_tensors(self, path: str, m: nn.Module) -> None:
+        """A parameter or buffer of the attention module itself whose first non-singleton axis is as long as
+        the head count (a per-head temperature / logit scale, ALiBi slopes, a head-wise gate) would have to be
+        sliced with the heads, which Heads does not know how to do: refused, named, rather than left full-size
+        (the first smaller forward would fail, and export / cost would keep it whole)."""
+        H = self.full
+        for kind, store in (("parameter", m._parameters), ("buffer", m._buffers)):
+            for n, t in store.items():
+                if t is None or t.dim() == 0:
+                    continue
+                lead = next((s for s in t.shape if s != 1), None)
+                if lead == H:
+                    raise self._err(path, f"its {kind} {n!r} of shape {tuple(t.shape)} looks per-head (an axis of "
+                                          f"{H}, the head count); Heads cannot slice it with the heads. Keep it in a "
+                                          "child module and give that child a slicer (docs/custom_slicers.md), or "
+                                          "slice this attention as a Width of its head size")
 
     def _bias_targets(self, path: str, m: nn.Module, pat: str) -> list[Target]:
         """Per-head relative position bias tables (T5) are sliced with the heads; other per-head tables refused."""

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..views import View, linear
+from ..views import View, _compiling, _grad_enabled, linear
 from .base import Slicer, slicer
 
 
@@ -37,15 +37,17 @@ class LinearSlicer(Slicer):
 
 
 def _forward(self: nn.Linear, input: Tensor) -> Tensor:
-    """``nn.Linear.forward``; when training a sliced weight, the fused gradient path (views.LinearInto)."""
-    st = self.__dict__["_sn"]
-    a = st.active
-    if a is not None:
-        p = a._scoped
-        e = (a.default if p is a else p).entries[st.slot]
-        wv = e["weight"]
-        if wv.__class__ is View:
-            y = linear(self, input, wv, e["bias"], st)
-            if y is not None:
-                return y
+    """``nn.Linear.forward``; when training a sliced weight, the fused gradient path (views.LinearInto).
+    Inference and compiled graphs take ``nn.Linear``'s own line at the cost of one flag test."""
+    if _grad_enabled() and not _compiling():
+        st = self.__dict__["_sn"]
+        a = st.active
+        if a is not None:
+            p = a._scoped
+            e = (a.default if p is a else p).entries[st.slot]
+            wv = e["weight"]
+            if wv.__class__ is View:
+                y = linear(self, input, wv, e["bias"], st)
+                if y is not None:
+                    return y
     return F.linear(input, self.weight, self.bias)
