@@ -456,3 +456,46 @@ def test_a_block_also_held_outside_the_list_runs_and_exports_as_live():
     assert sum(p.numel() for p in small.parameters()) == nest.cost("depth=2")
     assert not any(isinstance(h, object) and type(h).__name__ == "DepthGuard"
                    for mod in small.modules() for h in mod._forward_pre_hooks.values())
+
+
+# -- reads without gradients: one view per storage -----------------------------------------------------
+
+
+def test_reads_without_gradients_return_one_view_that_follows_the_parameter():
+    m = _mlp()
+    nest = _mlp_nest(m)
+    x = torch.randn(2, 4)
+    with nest.use("h1=8,h2=4"), torch.no_grad():
+        w = m[0].weight
+        assert w is m[0].weight and w.shape == (8, 4) and w.data_ptr() == m[0]._parameters["weight"].data_ptr()
+        before = m(x)
+        m[0].weight.mul_(2)                                   # in place through the view: the parameter
+        assert torch.equal(m[0]._parameters["weight"][:8], w) and not torch.equal(m(x), before)
+        m.double()                                            # a new storage: a new view, the old one freed
+        assert m[0].weight.dtype == torch.float64
+        assert m(x.double()).dtype == torch.float64
+        dict(m.named_parameters())["2.weight"].data = torch.zeros(16, 16, dtype=torch.float64)  # new storage
+        assert not m[2].weight.any()
+        w4 = m[4].weight
+        w4.data = torch.ones(3, 16, dtype=torch.float64)   # re-points that view object only, as with any view
+        assert m[4].weight is not w4 and m[4].weight.shape == (3, 4)
+    with nest.use("h1=8,h2=4"), torch.inference_mode():
+        m(x.double())
+    with nest.use("h1=8,h2=4"), torch.no_grad():
+        m[4].weight.clamp_(-1, 1)         # a view made under inference_mode is never handed out here
+    with nest.use("h1=8,h2=4"):
+        assert m[0].weight.requires_grad and m[0].weight.grad_fn is not None   # training: a graph view each read
+    small = nest.export("h1=8,h2=4")
+    with nest.use("h1=8,h2=4"), torch.no_grad():
+        torch.testing.assert_close(m(x.double()), small(x.double()))
+
+
+def test_moving_the_model_frees_the_views_kept_for_reads():
+    m = _mlp()
+    nest = _mlp_nest(m)
+    with nest.use("h1=8,h2=4"), torch.no_grad():
+        m(torch.randn(2, 4))
+    assert m[0]._sn.views
+    old = m[0]._parameters["weight"].untyped_storage()
+    m.half()
+    assert not m[0]._sn.views and m[0]._parameters["weight"].untyped_storage().data_ptr() != old.data_ptr()

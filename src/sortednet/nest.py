@@ -418,8 +418,10 @@ class Nest:
 
     # -- costs and selection -------------------------------------------------
     def cost(self, sub: SubModelLike, metric: str = "params", *, example: Any = None) -> float:
-        """Cost of ``sub``: ``"params"`` counts the parameters it uses (exactly
-        what ``export(sub)`` holds); ``"flops"`` counts one forward on ``example``
+        """Cost of ``sub``: ``"params"`` counts the parameters ``export(sub)`` holds (its slices and
+        blocks, plus every parameter outside the nest's dimensions, used or not: a list of per-block norms
+        walked in parallel with a Depth list is kept whole unless the Depth names it too); ``"flops"``
+        counts one forward on ``example``
         (cached per sub-model; a new example shape recounts); ``"latency"``
         (median seconds) and ``"memory"`` (bytes) are known after :meth:`profile`.
 
