@@ -499,3 +499,22 @@ def test_moving_the_model_frees_the_views_kept_for_reads():
     old = m[0]._parameters["weight"].untyped_storage()
     m.half()
     assert not m[0]._sn.views and m[0]._parameters["weight"].untyped_storage().data_ptr() != old.data_ptr()
+
+
+def test_no_view_is_kept_under_vmap_or_a_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call, stack_module_state, vmap
+
+    m = _mlp()
+    nest = _mlp_nest(m)
+    params, bufs = stack_module_state([_mlp() for _ in range(3)])
+    x = torch.randn(2, 4)
+    with nest.use("h1=8,h2=4"), torch.no_grad():
+        y = vmap(lambda p, b: functional_call(m, (p, b), (x,)))(params, bufs)
+        for i in range(3):
+            one = functional_call(m, ({k: v[i] for k, v in params.items()}, {}), (x,))
+            torch.testing.assert_close(y[i], one)
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            m(fake.from_tensor(x))
+        assert type(m[0].weight) is torch.Tensor                    # a real view, not a fake one kept
+        torch.testing.assert_close(m(x), nest.export("h1=8,h2=4")(x))

@@ -159,6 +159,8 @@ _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _inference = torch.is_inference_mode_enabled
+_function_modes = torch._C._len_torch_function_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False, index: int = 0) -> bool:
@@ -324,8 +326,9 @@ class View:
         if self.segs is None:
             if not self.cuts:
                 return t
-            if _grad_enabled() or _compiling():
-                return narrow(t, self.cuts, st)
+            if (_grad_enabled() or _compiling() or _functorch_active() or _function_modes() or _dispatch_modes()
+                    or (tp is not _Parameter and tp is not _Tensor)):
+                return narrow(t, self.cuts, st)  # (under vmap, a fake / recording mode: nothing kept)
             # without gradients: the same view object per parameter storage, as plain PyTorch hands back
             # the same Parameter on every read (a new storage, e.g. after model.to(), makes a new view)
             cache = st.views
