@@ -360,3 +360,17 @@ def test_a_parameter_frozen_after_the_forward_gets_no_gradient(inplace):
         p.requires_grad_(False)
     loss.backward()
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_forward_mode_ad_through_a_sliced_linear_matches_plain_autograd():
+    import torch.autograd.forward_ad as fwad
+
+    x, t = torch.randn(4, 64), torch.randn(4, 64)
+    tangents = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+        nest = sn.wrap(m, sn.Width("h", [32, 128], out="0", inp="2"), inplace_grad=inplace)
+        with nest.use("h=32"), fwad.dual_level():
+            tangents.append(fwad.unpack_dual(m(fwad.make_dual(x, t))).tangent)
+    tol(tangents[0], tangents[1], "jvp")

@@ -255,16 +255,17 @@ def _full(p: Tensor, g: Tensor, cuts: Cuts) -> Tensor:
 
 
 _linear_into = super(torch.autograd.Function, LinearInto).apply  # type: ignore[misc]
+_forward_ad = torch.autograd.forward_ad   # (its _current_level >= 0 inside dual_level: F.linear has the jvp)
 _autocast = torch._C._is_any_autocast_enabled
 
 
 def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None:
     """``m``'s linear map of ``x`` by :class:`LinearInto` when it applies (training, a sliced leaf weight of at
-    least ``inplace_min_numel`` elements, no autocast, compile or functorch), else None."""
+    least ``inplace_min_numel`` elements, no autocast, compile, functorch or forward-mode AD), else None."""
     w = m._parameters.get("weight")
     if (w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
-            or _compiling() or _functorch_active() or _autocast()):
+            or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0):
         return None
     b = m._parameters.get("bias")
     if b is None:
