@@ -273,7 +273,25 @@ def test_fit_history_and_periodic_evaluation():
     assert [e["step"] for e in hist.evals] == [4, 8, 10]
     assert set(hist.last_scores) == {str(s) for s in nest.submodels}
     assert set(hist.mean_loss()) <= {str(s) for s in nest.submodels}
-    assert case.model.training
+    assert case.model.training                      # (it was in train mode before fit)
+
+
+def test_fit_trains_in_train_mode_and_gives_every_module_its_mode_back():
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    opt = torch.optim.Adam(nest.trainable_parameters(), lr=1e-2)
+    sampler = sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0)
+    case.model.eval()
+    first = next(case.model.children())
+    first.train()                                   # a mixed state, as a user may leave it
+    seen = []
+    hook = case.model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    sn.fit(nest, [toy_batch(i) for i in range(2)], opt, sampler, progress=False)
+    hook.remove()
+    assert seen and all(seen)
+    assert not case.model.training and first.training
+    assert all(not m.training for m in case.model.modules() if m is not case.model and m is not first
+               and first not in m.modules() and m not in first.modules())
 
 
 def test_evaluate_scores_every_submodel_and_restores_mode():

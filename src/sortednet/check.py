@@ -229,8 +229,13 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
     head = f"nest.check: {what} ({sub}) {err}"
     if problems:
         return SortedNetError(head + "\n  " + "\n  ".join(problems))
+    heads = [d.name for d in nest.dims if d.kind == "heads" and sub[d.name] != d.full]
+    hint = (f"; Heads {heads}: an attention that splits or reshapes with widths it stores or derives itself "
+            "(q, k, v = qkv.split(self.n_embd), head_dim = C // self.n_head, a view to its own embedding width) "
+            "still sees the full widths: derive them from the tensors or from attributes Heads slices "
+            "(num_heads, head_dim, ...; count_attrs=), see docs/heads.md" if heads else "")
     return SortedNetError(head + "\n  (no missing binding found by tracing: check custom modules and ops of "
-                          "the sliced features)")
+                          f"the sliced features{hint})")
 
 
 def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -473,7 +474,9 @@ class Nest:
         """Measure every sub-model on ``example_inputs`` (a tensor, tuple of args or dict
         of kwargs): params, FLOPs, latency (median of ``repeat`` after ``warmup``, on the
         inputs' device), memory, and ``score(sub)`` (called inside ``use(sub)``, e.g.
-        validation accuracy). Kept on the nest for :meth:`pick` and saved by ``sn.save``.
+        validation accuracy; higher is better: pass a loss negated). Kept on the nest for
+        :meth:`pick` and saved by ``sn.save``. Scores that fall almost always as sub-models grow
+        (a loss passed as is) get a warning.
         Costs are measured in eval mode on a private view sharing the weights; no
         module's mode changes (other threads may be serving or training), so
         ``score`` runs your code on your model as it is: call ``model.eval()``
@@ -504,6 +507,7 @@ class Nest:
             raise SortedNetError(f"profile on the example {example_signature(example_inputs)} failed: "
                                  f"{type(e).__name__}: {str(e)[:500]}") from e
         self._set_profile(prof)
+        _warn_if_loss_like(prof)
         return prof
 
     def _set_profile(self, prof: Profile | None) -> None:
@@ -553,6 +557,14 @@ class Nest:
             # (a count, so the product is rounded up past float error: fraction = cost / largest picks that cost)
             share = fraction * self.cost(self.largest)
             limits["params"] = min(limits.get("params", float("inf")), math.floor(share + 1e-9 * max(1.0, share)))
+        if "flops" in limits:
+            have = self._cost_cache["flops"]
+            if 0 < len(have) and not all(sub in have for sub in self.submodels):
+                raise SortedNetError(
+                    f"pick(flops=...): FLOPs are known for {sum(sub in have for sub in self.submodels)} of "
+                    f"{len(self.submodels)} sub-models on the input signature counted last; the table holds one "
+                    "input signature, so a count on another shape (cost(..., 'flops', example=...)) starts a new "
+                    "table. Run nest.profile(example) again, or count every sub-model on one example")
         return self._select().pick(limits)
 
     def _select(self) -> Selector:
@@ -734,6 +746,22 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
     """
     return Nest(model, *dims, submodels=submodels, inplace_grad=inplace_grad,
                 inplace_min_numel=inplace_min_numel, example=example)
+
+
+def _warn_if_loss_like(prof: Profile) -> None:
+    """Warn when the scores fall with the parameter count almost everywhere (rank correlation below -0.8
+    over at least 3 sub-models): most likely a loss, which ``pick`` would read as "smaller is better"."""
+    if prof.scores is None or len(prof.scores) < 3 or "params" not in prof.costs:
+        return
+    p = np.argsort(np.argsort(np.asarray(prof.costs["params"], dtype=float), kind="stable"))
+    q = np.argsort(np.argsort(np.asarray(prof.scores, dtype=float), kind="stable"))
+    if p.std() == 0 or q.std() == 0:
+        return
+    rho = float(np.corrcoef(p, q)[0, 1])
+    if rho < -0.8:
+        warnings.warn(f"nest.profile: the scores fall as sub-models grow (rank correlation {rho:.2f} with the "
+                      "parameter count); pick() takes a higher score as better, so a loss picks the worst "
+                      "sub-model: pass score=lambda sub: -loss(sub)", UserWarning, stacklevel=3)
 
 
 def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], float]:

@@ -356,7 +356,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
-    under ``"skipped"``); ``"raise"`` stops the run instead.
+    under ``"skipped"``); ``"raise"`` stops the run instead. The model trains in train mode;
+    every module's train / eval mode is back as it was when ``fit`` returns (or raises).
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -403,8 +404,6 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     if epochs > 1 and _one_shot(loader):
         raise SortedNetError(f"fit(epochs={epochs}) needs a loader it can iterate again (a list, a DataLoader); "
                              f"a {type(loader).__name__} is exhausted after the first epoch")
-    from tqdm.auto import tqdm
-
     model = nest.model
     if device is None:
         device = next((p.device for p in model.parameters()), None)
@@ -416,7 +415,23 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         total = epochs * len(loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
+    modes = [(m, m.training) for m in model.modules()]
     model.train()
+    try:
+        _fit_loop(nest, loader, sampler, optimizer, scheduler, loss_fn, distill, nonfinite, epochs, total,
+                  progress, device, group, ema, hist, step, eval_data, eval_every)
+    finally:  # the caller's modes come back (a model put in eval mode before fit is in eval mode after it)
+        for m, training in modes:
+            m.training = training
+    return hist
+
+
+def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: Any, loss_fn: Any, distill: Any,
+              nonfinite: str, epochs: int, total: int | None, progress: bool, device: Any, group: dict,
+              ema: dict[str, float], hist: History, step: int, eval_data: Any, eval_every: int | None) -> None:
+    from tqdm.auto import tqdm
+
+    model = nest.model
     with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
         for _ in range(epochs):
             for batch in loader:
@@ -453,7 +468,6 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                     _record(hist, nest, eval_data, step, bar if progress else None)
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None)
-    return hist
 
 
 def _record(hist: History, nest: Nest, data: Any, step: int, bar: Any) -> None:
