@@ -418,7 +418,7 @@ def test_correct_heads_pass_with_masked_logits_a_sampling_forward_and_drop_path(
 
 @pytest.mark.parametrize("kind", ["temperature", "alibi", "gate"])
 def test_per_head_tensors_of_an_attention_are_refused_at_wrap_and_named(kind):
-    E, H, D = 32, 4, 8
+    E, H, D = 48, 4, 12     # (a head count equal to the head size or half of it is left to check: rotary tables)
 
     class Attn(nn.Module):
         def __init__(self):
@@ -453,3 +453,35 @@ def test_per_head_tensors_of_an_attention_are_refused_at_wrap_and_named(kind):
     with pytest.raises(sn.PatternError, match=f"'{name}' of shape .* looks per-head"):
         sn.wrap(m, sn.Heads("heads", [2, 4], attn=""))
     assert_unchanged(m, before)
+
+
+def test_a_rotary_buffer_as_long_as_the_head_count_is_not_taken_for_a_per_head_tensor():
+    E, H, D = 128, 8, 16                    # inv_freq has D / 2 = 8 = H entries, shared by every head
+
+    class Rope(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.head_dim = H, D
+            self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            ang = torch.arange(T).float()[:, None] * self.inv_freq[None]
+            cos, sin = ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+
+            def rot(t):
+                a, b = t.chunk(2, -1)
+                return t * cos + torch.cat([-b, a], -1) * sin
+
+            q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x),
+                                                                                              self.v(x)))
+            y = torch.nn.functional.scaled_dot_product_attention(rot(q), rot(k), v)
+            return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    torch.manual_seed(0)
+    m = Rope()
+    x = torch.randn(2, 5, E)
+    nest = sn.wrap(m, sn.Heads("heads", [4, 8], attn=""), example=x)
+    with nest.use("heads=4"):
+        torch.testing.assert_close(m(x), nest.export("heads=4")(x))

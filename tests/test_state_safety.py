@@ -398,10 +398,14 @@ class _AsideList(nn.Module):
         self.how = how
         if how == "list":
             self.run = list(self.blocks)
+        elif how == "stages":
+            self.stages = {"all": [tuple(self.blocks[:2]), tuple(self.blocks[2:])]}   # nested holders
 
     def forward(self, x):
         if self.how == "list":
             blocks = self.run
+        elif self.how == "stages":
+            blocks = [b for stage in self.stages["all"] for b in stage]
         elif self.how == "children":
             blocks = list(self.blocks.children())
         else:
@@ -411,7 +415,7 @@ class _AsideList(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("how", ["list", "children"])
+@pytest.mark.parametrize("how", ["list", "stages", "children"])
 def test_a_block_the_sub_model_skips_never_runs_silently(how):
     m = _AsideList(how)
     nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
@@ -419,8 +423,8 @@ def test_a_block_the_sub_model_skips_never_runs_silently(how):
     m(x)                                                        # full depth: every block runs
     with nest.use("depth=2"), pytest.raises(sn.SortedNetError, match="'blocks.2' ran under depth=2"):
         m(x)
-    if how == "list":
-        with pytest.raises(sn.SortedNetError, match="run holds blocks the sub-model skips"):
+    if how != "children":
+        with pytest.raises(sn.SortedNetError, match="holds blocks the sub-model skips"):
             nest.export("depth=2")
 
 

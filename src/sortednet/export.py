@@ -118,12 +118,18 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sub: SubModel) -> No
     attribute outside ``_modules``) holds a block the sub-model skips."""
     if not dropped:
         return
+    def holds(v: object, depth: int = 0) -> bool:
+        if isinstance(v, nn.Module):
+            return id(v) in dropped
+        if depth < 6 and isinstance(v, (list, tuple, set, frozenset, dict)):
+            return any(holds(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+        return False
+
     for path, m in model.named_modules():
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-            if any(isinstance(x, nn.Module) and id(x) in dropped for x in items):
+            if holds(v):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
                                      "outside the layer list (a plain Python attribute); the export cannot hold "
                                      "them. Keep blocks only in the nn.ModuleList / nn.Sequential and iterate it")

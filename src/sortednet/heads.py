@@ -170,7 +170,7 @@ class Heads(Dimension):
             self._check_group(path, group)
             targets.append(Target(_join(path, n), "out", Binding(self, unit=d, div=group), pat))
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
-        self._refuse_per_head_tensors(path, m)
+        self._refuse_per_head_tensors(path, m, d)
         targets += self._bias_targets(path, m, pat)
         targets += self._attr_targets(path, m, d, group, pat)
         return targets
@@ -204,12 +204,16 @@ class Heads(Dimension):
             return d, group, Binding(self, unit=d, chunks=3)
         return d, group, Binding(self, unit=d, parts=(1, group, group))
 
-    def _refuse_per_head_tensors(self, path: str, m: nn.Module) -> None:
+    def _refuse_per_head_tensors(self, path: str, m: nn.Module, d: int) -> None:
         """A parameter or buffer of the attention module itself whose first non-singleton axis is as long as
         the head count (a per-head temperature / logit scale, ALiBi slopes, a head-wise gate) would have to be
         sliced with the heads, which Heads does not know how to do: refused, named, rather than left full-size
-        (the first smaller forward would fail, and export / cost would keep it whole)."""
+        (the first smaller forward would fail, and export / cost would keep it whole). Not decided when the
+        head count equals the head size or half of it (rotary ``inv_freq``, per-dimension scales have those
+        lengths): ``check`` measures such a module."""
         H = self.full
+        if H in (d, d // 2):
+            return
         for kind, store in (("parameter", m._parameters), ("buffer", m._buffers)):
             for n, t in store.items():
                 if t is None or t.dim() == 0:
