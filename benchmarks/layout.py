@@ -33,7 +33,8 @@ from bench_models import BlockStack, FFNStack  # noqa: E402
 from common import interleaved, table, write  # noqa: E402
 
 import sortednet as sn  # noqa: E402
-from sortednet.views import _add  # noqa: E402
+import sortednet.views as views  # noqa: E402
+from sortednet.views import _add, new_lock  # noqa: E402
 
 
 def col_major(model: nn.Module, names: list[str]) -> None:
@@ -76,11 +77,24 @@ def ops(quick: bool) -> list[list]:
     return rows
 
 
+def _fused(on: bool, fn):
+    """``fn`` run with sortednet's fused nn.Linear gradient path on or off."""
+    def run():
+        views.FUSED_LINEAR = on
+        try:
+            fn()
+        finally:
+            views.FUSED_LINEAR = True
+    return run
+
+
 def live_vs_alone(build, dims, subs, x, relaid: list[str], repeat: int) -> list[list]:
-    """Train fwd+bwd and inference of each sub-model in both layouts, as ratios to a standalone model."""
+    """Train fwd+bwd and inference of each sub-model in the user's layout with the fused Linear gradient
+    path (what sortednet runs) and without it (view + blocked add), and in transposed storage (without it),
+    as ratios to a standalone model."""
     torch.manual_seed(0)
     models = {}
-    for layout in ("row", "col"):
+    for layout in ("row", "fused", "col"):
         m = build()
         if layout == "col":
             col_major(m, relaid)
@@ -100,14 +114,15 @@ def live_vs_alone(build, dims, subs, x, relaid: list[str], repeat: int) -> list[
                 with nest.use(s):
                     m(x)
 
-            train[f"{layout}|{s}"], infer[f"{layout}|{s}"] = tr, inf
+            train[f"{layout}|{s}"], infer[f"{layout}|{s}"] = _fused(layout == "fused", tr), inf
     t_tr = interleaved(train, repeat=repeat, clock=time.thread_time)
     with torch.no_grad():
-        t_in = interleaved(infer, repeat=repeat, clock=time.thread_time)
+        t_in = interleaved({k: f for k, f in infer.items() if not k.startswith("fused|")}, repeat=repeat,
+                           clock=time.thread_time)
     rows = []
     for s in subs:
         a_tr, a_in = t_tr[f"alone|{s}"], t_in[f"alone|{s}"]
-        rows.append([str(s), t_tr[f"row|{s}"] / a_tr, t_tr[f"col|{s}"] / a_tr,
+        rows.append([str(s), t_tr[f"row|{s}"] / a_tr, t_tr[f"fused|{s}"] / a_tr, t_tr[f"col|{s}"] / a_tr,
                      t_in[f"row|{s}"] / a_in, t_in[f"col|{s}"] / a_in, a_tr * 1e3])
     return rows
 
@@ -141,6 +156,7 @@ def layers(quick: bool) -> list[list]:
     full), trained (forward + backward into ``.grad``) with the weight read three ways."""
     rows = []
     repeat = 9 if quick else 21
+    lock = new_lock()
     for out, full, tokens in [(256, 1024, 512), (1024, 4096, 128)]:
         w_row = torch.randn(out, full, requires_grad=True)
         w_col = torch.randn(full, out).t().requires_grad_()
@@ -155,11 +171,14 @@ def layers(quick: bool) -> list[list]:
                        "row view, blocked add": lambda x=x, o=o, i=i: F.linear(
                            x, _Into.apply(w_row, o, i, "grad")).sum().backward(),
                        "row copy": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_row, o, i, "copy")).sum().backward(),
-                       "col view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_col, o, i, "")).sum().backward()}
+                       "col view": lambda x=x, o=o, i=i: F.linear(x, _Into.apply(w_col, o, i, "")).sum().backward(),
+                       "fused": lambda x=x, o=o, i=i: views.LinearInto.apply(
+                           x, w_row, None, tuple(c for c in ((0, 0, o), (1, 0, i)) if c[2] != w_row.shape[c[0]]),
+                           (), lock).sum().backward()}
                 t = interleaved(fns, repeat=repeat, clock=time.thread_time)
                 rows.append([f"{tokens}x{i} -> {o} (of {full} -> {out})", role,
                              *(t[k] / t["dense"] for k in ("row view", "row view, blocked add", "row copy",
-                                                           "col view")), t["dense"] * 1e3])
+                                                           "col view", "fused")), t["dense"] * 1e3])
     return rows
 
 
@@ -207,12 +226,17 @@ def run(quick: bool) -> str:
         "does: the module reads a view of the parameter), `row copy` hands the matmul a contiguous copy of "
         "the slice (so `mm`'s backward "
         "returns the weight gradient in the slice's layout; the module then reads a copy, not the parameter), "
-        "`col view` reads the re-laid storage.",
-        table(["layer", "sliced", "row view", "row view, blocked add", "row copy", "col view", "dense train ms"],
-              layer_rows),
-        "## Stacks of benchmarks/overhead.py (input-sliced weights re-laid in `col`)",
-        table(["model", "sub-model", "train row", "train col", "infer row", "infer col", "standalone train ms"],
-              stack_rows),
+        "`col view` reads the re-laid storage. `fused`: sortednet's `nn.Linear` training path "
+        "(`sortednet.views.LinearInto`): the view of the parameter in the user's layout, with the weight gradient "
+        "accumulated into the slice of `.grad` by the GEMM itself (`addmm_`, row-major), no separate add.",
+        table(["layer", "sliced", "row view", "row view, blocked add", "row copy", "col view", "fused",
+               "dense train ms"], layer_rows),
+        "## Stacks of benchmarks/overhead.py",
+        "`train row`: the user's layout without the fused path (view + blocked add, "
+        "`sortednet.views.FUSED_LINEAR = False`); `train fused`: what sortednet runs; `col`: input-sliced weights "
+        "re-laid in transposed storage, without the fused path. Inference has no gradient path: row and col only.",
+        table(["model", "sub-model", "train row", "train fused", "train col", "infer row", "infer col",
+               "standalone train ms"], stack_rows),
     ]) + "\n"
 
 

@@ -259,11 +259,15 @@ _forward_ad = torch.autograd.forward_ad   # (its _current_level >= 0 inside dual
 _autocast = torch._C._is_any_autocast_enabled
 
 
+#: switch for the fused ``nn.Linear`` gradient path (benchmarks/layout.py compares both sides in one run)
+FUSED_LINEAR = True
+
+
 def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None:
     """``m``'s linear map of ``x`` by :class:`LinearInto` when it applies (training, a sliced leaf weight of at
     least ``inplace_min_numel`` elements, no autocast, compile, functorch or forward-mode AD), else None."""
     w = m._parameters.get("weight")
-    if (w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
+    if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
             or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0):
         return None
