@@ -158,9 +158,6 @@ _slice_into = super(torch.autograd.Function, SliceInto).apply  # type: ignore[mi
 _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
-_inference = torch.is_inference_mode_enabled
-_function_modes = torch._C._len_torch_function_stack
-_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False, index: int = 0) -> bool:
@@ -329,24 +326,7 @@ class View:
         if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
             return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
         if self.segs is None:
-            if not self.cuts:
-                return t
-            if (_grad_enabled() or _compiling() or _functorch_active() or _function_modes() or _dispatch_modes()
-                    or (tp is not _Parameter and tp is not _Tensor)):
-                return narrow(t, self.cuts, st)  # (under vmap, a fake / recording mode: nothing kept)
-            # without gradients: the same view object per parameter storage, as plain PyTorch hands back
-            # the same Parameter on every read (a new storage, e.g. after model.to(), makes a new view)
-            cache = st.views
-            key = (self, _inference())
-            hit = cache.get(key)
-            ptr = t.data_ptr()
-            if hit is not None and hit[0] is t and hit[1] == ptr:
-                v = hit[2]
-                if v.data_ptr() == ptr and v.shape == hit[3]:  # (not re-pointed by `view.data = ...`)
-                    return v
-            v = cut(t, self.cuts)
-            cache[key] = (t, ptr, v, v.shape)
-            return v
+            return narrow(t, self.cuts, st)
         return view(t, self.cuts, self.segs, st)
 
     def __repr__(self) -> str:

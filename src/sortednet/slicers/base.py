@@ -41,7 +41,6 @@ class State:
     slot: int = -1                 # index of this module in every plan (set by wrap)
     active: Active | None = None   # the nest's run-time state (set by wrap)
     lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad (one per nest)
-    views: dict = field(default_factory=dict, repr=False)    # no-grad views by (plan entry, inference mode)
 
     def __deepcopy__(self, memo: dict) -> "State":
         """A copy (EMA / teacher model) follows the same nest state, with its own lock."""
@@ -51,7 +50,6 @@ class State:
         new.extra = copy.deepcopy(self.extra, memo)
         new.norm = copy.deepcopy(self.norm, memo)
         new.lock = memo.setdefault(("sortednet.lock", id(self.lock)), new_lock())  # shared by the copy's modules
-        new.views = {}
         return new
 
     def sizes(self) -> dict[str, int]:
@@ -275,19 +273,6 @@ class Slicer:
         return []
 
 
-def _apply_dropping_views(base: type) -> Callable[..., nn.Module]:
-    """``_apply`` (``to``, ``half``, ``cuda``...) of a sliced subclass: the no-grad views kept for reads
-    (``State.views``) still hold the old storages; they are dropped first, so the move frees them."""
-
-    def _apply(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-        st = self.__dict__.get("_sn")
-        if st is not None:
-            st.views.clear()
-        return base._apply(self, *args, **kwargs)
-
-    return _apply
-
-
 def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str], None]:
     """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize,
     prune and weight_norm start by deleting it; the nest would then slice nothing, and parametrize would
@@ -327,7 +312,6 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
         base = type(m)
         cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
                                                        "__delattr__": _guarded_delattr(base, frozenset(names)),
-                                                       "_apply": _apply_dropping_views(base),
                                                        "__module__": base.__module__,
                                                        "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle})
         _SUBCLASSES[key] = cls
