@@ -490,3 +490,13 @@ def test_reads_without_gradients_follow_every_change_of_the_parameter():
     with nest.use("h1=8,h2=4"), torch.no_grad():
         traced = torch.jit.trace(m, x.double())
         torch.testing.assert_close(traced(x.double()), nest.export("h1=8,h2=4")(x.double()))
+
+
+def test_training_refuses_a_model_whose_layer_list_was_replaced_after_wrap():
+    m = _AsideList("plain")
+    nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
+    m.blocks = nn.ModuleList(list(m.blocks))            # surgery: the new list is not sliced
+    x = torch.randn(2, 8)
+    with pytest.raises(sn.SortedNetError, match="changed after wrap"):
+        sn.accumulate(nest, ["depth=2"], lambda: m(x).sum())
+    assert all(p.grad is None for p in m.parameters())
