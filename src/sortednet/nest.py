@@ -172,6 +172,7 @@ class Nest:
         for d in self.dims:
             d._nest = self
         self._structure = self._fingerprint()
+        self._links = self._wrapped_links()
 
     def _fingerprint(self) -> tuple:
         """The model's parameters as the cost tables and export rely on: names, shapes and which names
@@ -180,24 +181,40 @@ class Nest:
         return tuple((n, tuple(p.shape), first.setdefault(id(p), i))
                      for i, (n, p) in enumerate(self.model.named_parameters(remove_duplicate=False)))
 
-    def _check_structure(self, what: str) -> None:
+    def _wrapped_links(self) -> list[tuple[nn.Module, str, nn.Module]]:
+        """Every ``(parent, child name, child)`` link on the paths from the root to the sliced modules, as
+        wrapped (taken at wrap time): checking that each still holds is a dict lookup per link."""
+        seen: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+        for path in self._sliced:
+            parent = self.model
+            for name in path.split(".") if path else ():
+                child = parent._modules[name]
+                seen.setdefault((id(parent), name), (parent, name, child))
+                parent = child
+        return list(seen.values())
+
+    def _check_structure(self, what: str, *, params: bool = True) -> None:
         """Refuse ``what`` (cost, pick, export, save...) on a model whose module tree changed after wrap:
         a sliced module moved or replaced, a module added or removed, a parameter re-shaped, tied or untied.
-        The nest's tables and paths describe the model as wrapped; going on would answer for another model."""
+        The nest's tables and paths describe the model as wrapped; going on would answer for another model.
+        ``params=False`` (every training step) checks only that the sliced modules are where they were."""
         self._check_alive()
         why = None
-        paths = {id(m): path for path, m in self._sliced.items()}
-        for path, m in self._sliced.items():
-            try:
-                now = self.model.get_submodule(path) if path else self.model
-            except AttributeError:
-                now = None
-            if now is not m:
-                now_s = ("nothing" if now is None else f"the module wrapped at {paths[id(now)]!r}"
-                         if id(now) in paths else f"a {type(now).__name__}")
-                why = f"{path!r} is no longer the module sortednet wrapped there (now: {now_s})"
-                break
-        if why is None:
+        if not all(parent._modules.get(name) is child for parent, name, child in self._links):
+            paths = {id(m): path for path, m in self._sliced.items()}
+            for path, m in self._sliced.items():
+                try:
+                    now = self.model.get_submodule(path) if path else self.model
+                except AttributeError:
+                    now = None
+                if now is not m:
+                    now_s = ("nothing" if now is None else f"the module wrapped at {paths[id(now)]!r}"
+                             if id(now) in paths else f"a {type(now).__name__}")
+                    why = f"{path!r} is no longer the module sortednet wrapped there (now: {now_s})"
+                    break
+            if why is None:
+                why = "a module on the way to the sliced modules was replaced"
+        if why is None and params:
             new = self._fingerprint()
             if new != self._structure:
                 old_d = {n: (shape, tie) for n, shape, tie in self._structure}
