@@ -500,3 +500,34 @@ def test_training_refuses_a_model_whose_layer_list_was_replaced_after_wrap():
     with pytest.raises(sn.SortedNetError, match="changed after wrap"):
         sn.accumulate(nest, ["depth=2"], lambda: m(x).sum())
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_checkpoints_load_into_any_nest_bound_to_the_same_modules(tmp_path):
+    def arch():
+        torch.manual_seed(0)
+        return nn.Sequential(*(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2)))
+
+    glob = sn.wrap(arch(), sn.Width("h", [4, 8, 16], out="*.0", inp="*.2"))
+    sn.save(glob, tmp_path / "a.safetensors")
+    loaded = sn.load(arch(), tmp_path / "a.safetensors")           # exact paths recorded by this nest
+    sn.save(loaded, tmp_path / "b.safetensors")
+    for pats in (("*.0", "*.2"), (r"re:\d\.0", r"re:\d\.2"), (["1.0", "0.0"], ["1.2", "0.2"])):
+        nest = sn.wrap(arch(), sn.Width("h", [4, 8, 16], out=pats[0], inp=pats[1]))
+        for f in ("a", "b"):
+            sn.load(nest, tmp_path / f"{f}.safetensors")
+    sn.load(loaded, tmp_path / "a.safetensors")
+    other = sn.wrap(arch(), sn.Width("h", [4, 8, 16], out="0.0", inp="0.2"))   # other modules: refused
+    with pytest.raises(sn.SortedNetError, match="differ from the nest"):
+        sn.load(other, tmp_path / "a.safetensors")
+
+
+def test_load_refuses_a_model_of_inference_tensors_before_wrapping_it(tmp_path):
+    nest = _mlp_nest(_mlp())
+    sn.save(nest, tmp_path / "m.safetensors")
+    with torch.inference_mode():
+        m = _mlp()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="inference tensors"):
+        sn.load(m, tmp_path / "m.safetensors")
+    assert_unchanged(m, before)
+    assert all("_sn" not in mod.__dict__ for mod in m.modules())

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import checkpoint as ck
 from .errors import SortedNetError
-from .meta import EXTRA_PREFIX, FORMAT, FORMATS, calibration_entries, check_profile, exact_spec, read_meta, rows_of
+from .meta import EXTRA_PREFIX, FORMAT, FORMATS, PATTERN_FIELDS, calibration_entries, check_profile, exact_spec, read_meta, rows_of
 from .nest import Nest, wrap
 from .wrap import plan
 
@@ -204,6 +204,11 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         if on_meta:
             raise SortedNetError(f"checkpoint {where}: the model's {on_meta[:3]} are on the meta device, where no "
                                  "value can be loaded; materialise it first (model.to_empty(device=...)), then load")
+        frozen = [k for k, (t, _, _) in state.items() if t is not None and t.is_inference()]
+        if frozen and not torch.is_inference_mode_enabled():
+            raise SortedNetError(f"checkpoint {where}: the model's {frozen[:3]} are inference tensors (created "
+                                 "under torch.inference_mode), which cannot be written outside it; build the model "
+                                 "outside inference_mode, then load")
         copies = _match_tensors(f, state, strict, where)
         extra_names = [k for k in f.entries if k.startswith(EXTRA_PREFIX)]
         calib = calibration_entries(f, extra_names, planned, meta, rows, where)
@@ -234,6 +239,8 @@ def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
     theirs = meta["dims"]
     if meta["format"] == FORMATS[0]:  # sortednet/1 stored the patterns as written: compare as text
         mine = [{k: v for k, v in d.spec().items() if k in t or v} for d, t in zip(nest.dims, theirs)]
+    else:  # the bound modules decide, not how the patterns that found them were written, nor their order
+        mine, theirs = [_bound(d) for d in mine], [_bound(d) for d in theirs]
     if len(mine) != len(theirs) or any(a != b for a, b in zip(mine, theirs)):
         diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), (theirs, mine))
         raise SortedNetError(f"checkpoint {where} dimensions {[d.get('name') for d in theirs]} "
@@ -253,6 +260,16 @@ def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
         raise SortedNetError(f"checkpoint {where} lists {len(rows)} sub-models, the nest {n}"
                              + (f"; e.g. {dict(zip(names, missing))} is not in the nest" if missing else "")
                              + "; wrap with the same submodels=")
+
+
+def _bound(spec: Any) -> Any:
+    """A stored / exact dimension spec as compared by ``load``: without the patterns as written (kept for
+    information), each list of matched module paths as a set."""
+    if not isinstance(spec, dict):
+        return spec
+    fields = PATTERN_FIELDS.get(spec.get("kind"), ())
+    return {k: sorted(v) if k in fields and isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+            for k, v in spec.items() if k != "patterns"}
 
 
 def _match_tensors(f: ck.Container, state: dict[str, tuple], strict: bool, where: str) -> dict[str, list[str]]:
