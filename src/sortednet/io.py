@@ -20,7 +20,17 @@ from torch import nn
 
 from . import checkpoint as ck
 from .errors import SortedNetError
-from .meta import EXTRA_PREFIX, FORMAT, FORMATS, PATTERN_FIELDS, calibration_entries, check_profile, exact_spec, read_meta, rows_of
+from .meta import (
+    EXTRA_PREFIX,
+    FORMAT,
+    FORMATS,
+    PATTERN_FIELDS,
+    calibration_entries,
+    check_profile,
+    exact_spec,
+    read_meta,
+    rows_of,
+)
 from .nest import Nest, wrap
 from .wrap import plan
 
