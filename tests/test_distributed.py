@@ -178,6 +178,31 @@ def _errors(rank: int) -> dict:
     dist.all_gather_object(skipped, [str(s) for s in got.skipped])
     out["nonfinite_skipped"] = skipped
     out["grad_after_skip"] = case.model.fc1.weight.grad.clone()
+    # FSDP2 with only the root sharded: a skipped LAST sub-model (a forward without backward) must not leave
+    # the unit unsharded (the optimizer steps the shards), and an eval forward between steps is fine
+    from sortednet.views import is_sharded
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
+    opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1)
+
+    def nan_last():
+        loss = _loss(case.model(case.example))
+        return loss * float("nan") if rank == 0 and nest.active == nest.largest else loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snd.accumulate(nest, [nest.smallest, nest.largest], nan_last, module=case.model, nonfinite="skip")
+    out["fsdp_resharded_after_skip"] = all(is_sharded(p) for p in case.model.parameters())
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        case.model(case.example)
+    try:
+        snd.accumulate(nest, [nest.smallest], lambda: _loss(case.model(case.example)), module=case.model)
+        out["fsdp_after_eval_forward"] = "ok"
+    except sn.SortedNetError as e:
+        out["fsdp_after_eval_forward"] = str(e)
     case, nest = _build("mlp", "ddp")
     try:
         snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)),
@@ -300,6 +325,13 @@ def test_misuse_raises_clear_errors(run):
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
     assert "static_graph" in errs.get("static_graph", "")
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
+
+
+def test_fsdp2_root_unit_is_resharded_after_a_skipped_last_submodel_and_survives_an_eval_forward(run):
+    _, results = run
+    errs = results["errors"]
+    assert errs["fsdp_resharded_after_skip"] is True
+    assert errs["fsdp_after_eval_forward"] == "ok"
 
 
 def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(run):

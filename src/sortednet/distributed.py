@@ -31,6 +31,7 @@ do its own reduction. See docs/scaling.md.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -72,7 +73,15 @@ def is_fsdp(module: nn.Module) -> bool:
     >>> snd.is_fsdp(nn.Linear(2, 2))
     False
     """
-    return any(is_sharded(p) for p in module.parameters())
+    return any(is_sharded(p) for p in module.parameters()) or bool(_fsdp_modules(module))
+
+
+def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    """The modules of ``module`` that ``fully_shard`` made FSDP2 units (their parameters may be unsharded
+    plain tensors between a forward and its backward, so the parameter types alone cannot tell)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kind = getattr(fsdp, "FSDPModule", None)
+    return [] if kind is None else [m for m in module.modules() if isinstance(m, kind)]
 
 
 @contextmanager
@@ -217,8 +226,13 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
                              "which a static graph does not support; build the DDP wrapper without static_graph")
     if _active() and dist.get_world_size(group) > 1:
         kwargs["_agree"] = lambda bad: _any_rank(bad, group)
-    if is_fsdp(nest.model):
-        return _accumulate(nest, subs, closure, **kwargs)
+    units = _fsdp_modules(module if module is not None else nest.model)
+    if units or is_fsdp(nest.model):
+        try:
+            return _accumulate(nest, subs, closure, **kwargs)
+        finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last of
+            for u in units:  # the step) leaves its unit unsharded: the optimizer would step the sharded
+                u.reshard()  # parameters while the next forward reused the stale unsharded ones
     if module is not None:
         guard(module, nest)
     with no_sync(module):
