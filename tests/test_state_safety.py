@@ -492,14 +492,32 @@ def test_reads_without_gradients_follow_every_change_of_the_parameter():
         torch.testing.assert_close(traced(x.double()), nest.export("h1=8,h2=4")(x.double()))
 
 
-def test_training_refuses_a_model_whose_layer_list_was_replaced_after_wrap():
+@pytest.mark.parametrize("surgery", ["replace_list", "append", "pop", "regrow"])
+def test_training_refuses_a_model_whose_layer_list_was_replaced_after_wrap(surgery):
     m = _AsideList("plain")
     nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
-    m.blocks = nn.ModuleList(list(m.blocks))            # surgery: the new list is not sliced
+    if surgery == "replace_list":
+        m.blocks = nn.ModuleList(list(m.blocks))        # the new list is not sliced: every block would train
+    elif surgery == "append":
+        m.blocks.append(nn.Linear(8, 8))                # the sliced list's length stays 4: it would never run
+    elif surgery == "pop":
+        m.blocks.pop(-1)                                # the "largest" depth would run 3 blocks
+    else:
+        m.blocks[0].weight = nn.Parameter(torch.randn(16, 8))   # re-shaped: not the model the nest sized
     x = torch.randn(2, 8)
     with pytest.raises(sn.SortedNetError, match="changed after wrap"):
         sn.accumulate(nest, ["depth=2"], lambda: m(x).sum())
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_a_container_remade_around_the_same_sliced_modules_is_accepted():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0.0", inp="0.2"))
+    m[0] = nn.Sequential(*list(m[0]))                   # the same sliced modules at the same paths
+    x = torch.randn(2, 4)
+    sn.accumulate(nest, ["h=8"], lambda: m(x).sum())
+    assert nest.cost("h=8") == sum(p.numel() for p in nest.export("h=8").parameters())
 
 
 def test_checkpoints_load_into_any_nest_bound_to_the_same_modules(tmp_path):

@@ -197,7 +197,7 @@ class Nest:
         """Refuse ``what`` (cost, pick, export, save...) on a model whose module tree changed after wrap:
         a sliced module moved or replaced, a module added or removed, a parameter re-shaped, tied or untied.
         The nest's tables and paths describe the model as wrapped; going on would answer for another model.
-        ``params=False`` (every training step) checks only that the sliced modules are where they were."""
+        ``params=False`` checks only that the sliced modules are where they were."""
         self._check_alive()
         why = None
         if not all(parent._modules.get(name) is child for parent, name, child in self._links):
@@ -212,8 +212,8 @@ class Nest:
                              if id(now) in paths else f"a {type(now).__name__}")
                     why = f"{path!r} is no longer the module sortednet wrapped there (now: {now_s})"
                     break
-            if why is None:
-                why = "a module on the way to the sliced modules was replaced"
+            if why is None:  # every path still leads to its module (a container re-made around them): fine
+                self._links = self._wrapped_links()
         if why is None and params:
             new = self._fingerprint()
             if new != self._structure:

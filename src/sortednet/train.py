@@ -148,7 +148,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     >>> len(losses), model[0].weight.grad.shape
     (3, torch.Size([8, 4]))
     """
-    nest._check_structure("accumulate", params=False)  # (a layer list replaced since wrap would train at full size)
+    nest._check_structure("accumulate")  # (a layer list replaced or grown since wrap would train the wrong model)
     ok = isinstance(subs, Sequence) and not isinstance(subs, (str, bytes))
     resolved = [nest.resolve(s) for s in subs] if ok else None
     if not resolved:
