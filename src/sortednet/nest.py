@@ -193,11 +193,10 @@ class Nest:
                 parent = child
         return list(seen.values())
 
-    def _check_structure(self, what: str, *, params: bool = True) -> None:
+    def _check_structure(self, what: str) -> None:
         """Refuse ``what`` (cost, pick, export, save...) on a model whose module tree changed after wrap:
         a sliced module moved or replaced, a module added or removed, a parameter re-shaped, tied or untied.
-        The nest's tables and paths describe the model as wrapped; going on would answer for another model.
-        ``params=False`` checks only that the sliced modules are where they were."""
+        The nest's tables and paths describe the model as wrapped; going on would answer for another model."""
         self._check_alive()
         why = None
         if not all(parent._modules.get(name) is child for parent, name, child in self._links):
@@ -214,7 +213,7 @@ class Nest:
                     break
             if why is None:  # every path still leads to its module (a container re-made around them): fine
                 self._links = self._wrapped_links()
-        if why is None and params:
+        if why is None:
             new = self._fingerprint()
             if new != self._structure:
                 old_d = {n: (shape, tie) for n, shape, tie in self._structure}
