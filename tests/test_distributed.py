@@ -48,6 +48,9 @@ SCENARIOS = {
     "lm-ddp-unused": ("lm_width_heads_depth", "ddp_unused"),  # inplace_grad=False, find_unused, no_sync but last
     "mlp-fsdp2": ("mlp", "fsdp2"),
     "lm-fsdp2": ("lm_width_heads_depth", "fsdp2_blocks"),  # blocks sharded one by one, some skipped by depth
+    # ... + MixedPrecisionPolicy(reduce_dtype=float64) and two micro-batches, the first under snd.no_sync
+    # (torch 2.13 FSDP2 crashed on blocks never gathered before: accumulate gathers each unit once)
+    "lm-fsdp2-mp-micro": ("lm_width_heads_depth", "fsdp2_blocks_mp_micro"),
     "encoder-fsdp2": ("torch_encoder", "fsdp2"),   # nn.MultiheadAttention heads (its forward is replaced)
     "rank-svd-ddp": ("mlp_rank_svd", "ddp"),         # weight replaced by factors U, V
     "rank-lora-fsdp2": ("mlp_rank_lora", "fsdp2"),   # frozen base weights next to trained adapters in one unit
@@ -91,13 +94,16 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
         module = DDP(model, find_unused_parameters=True)
     elif mode.startswith("fsdp2"):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh("cpu", (WORLD,))
-        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and mode == "fsdp2_blocks"]:
+        mp_policy = MixedPrecisionPolicy(reduce_dtype=torch.float64) if mode.endswith("_mp_micro") else None
+        kw = {"mesh": mesh, **({"mp_policy": mp_policy} if mp_policy else {})}
+        for blocks in [m for m in model.modules()
+                       if isinstance(m, torch.nn.ModuleList) and mode.startswith("fsdp2_blocks")]:
             for blk in blocks:  # one FSDP unit per block: depth-skipped blocks are never gathered
-                fully_shard(blk, mesh=mesh)
-        module = fully_shard(model, mesh=mesh)
+                fully_shard(blk, **kw)
+        module = fully_shard(model, **kw)
     else:
         module = model
     opt = _optimizer(nest.trainable_parameters())  # after sharding: the DTensor parameters
@@ -113,6 +119,11 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
             for i, s in enumerate(subs):
                 with module.no_sync() if i < len(subs) - 1 else nullcontext(), nest.use(s):
                     (closure() / len(subs)).backward()
+        elif mode.endswith("_micro"):  # two equal micro-batches, each loss halved: the same mean gradient
+            first, second = x.chunk(2)
+            with snd.no_sync(module):
+                snd.accumulate(nest, subs, lambda: _loss(module(first)) / 2, module=module)  # noqa: B023
+            snd.accumulate(nest, subs, lambda: _loss(module(second)) / 2, module=module)  # noqa: B023
         else:
             snd.accumulate(nest, subs, closure, module=module)
         opt.step()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -228,6 +229,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         kwargs["_agree"] = lambda bad: _any_rank(bad, group)
     units = _fsdp_modules(module if module is not None else nest.model)
     if units or is_fsdp(nest.model):
+        _gather_once(units)
         try:
             return _accumulate(nest, subs, closure, **kwargs)
         finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last of
@@ -239,6 +241,25 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         losses = _accumulate(nest, subs, closure, **kwargs)
     sync_gradients(nest.model, group=group)
     return losses
+
+
+_GATHERED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _gather_once(units: list[nn.Module]) -> None:
+    """All-gather, then free, each FSDP2 unit once, one unit at a time (collective: every rank calls it).
+
+    FSDP2 creates a parameter's unsharded tensor at its unit's first all-gather. In torch 2.13, a backward
+    under ``set_requires_gradient_sync(False)`` with a ``reduce_dtype`` other than the parameters' dtype then
+    reads that tensor in EVERY unit, also one whose forward never ran (a block that a shallow sub-model
+    skips): ``AttributeError: 'FSDPParam' object has no attribute '_unsharded_param'``. Gathering each unit
+    once up front creates it (pytorch/pytorch#194058 guards the read upstream).
+    """
+    for u in units:
+        if u not in _GATHERED:
+            u.unshard()
+            u.reshard()
+            _GATHERED.add(u)
 
 
 def _any_rank(flag: bool, group: Any) -> bool:
