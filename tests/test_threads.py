@@ -352,3 +352,48 @@ def test_the_pin_heals_after_an_interrupt_and_honours_activate_in_the_same_threa
         m(x)
         assert seen == [2, 8]
         h.remove(), h2.remove()
+
+
+@pytest.mark.parametrize("plans", [("h=2", "h=4"), ("h=2", "h=2"), ("h=4", "h=2")])
+@pytest.mark.parametrize("how", ["close", "collect"])
+def test_a_use_block_left_out_of_order_by_a_generator_leaves_the_callers_block_alone(plans, how):
+    """A generator holding ``use`` across a yield, closed (or collected) while the caller is inside its own
+    ``use``: the caller's block keeps its sub-model to its end, and its exit restores the state before both."""
+    import gc
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = {s: nest.export(s)(x) for s in ("h=2", "h=4", "h=8")}
+    inner, outer = plans
+
+    def stream():
+        with nest.use(inner):
+            yield 1
+            yield 2
+
+    for depth in (0, 1):  # the caller's block alone, or inside a further block of its own
+        g = stream()
+        next(g)
+        assert nest.active == nest.resolve(inner)  # documented: in force for the caller while suspended
+        with nest.use("h=4") if depth else nest.use(outer), nest.use(outer):
+            if how == "close":
+                g.close()
+            else:
+                del g
+                gc.collect()
+            assert nest.active == nest.resolve(outer)
+            with torch.no_grad():
+                assert torch.equal(m(x), ref[outer])
+        assert nest.active == nest.largest
+        with torch.no_grad():
+            assert torch.equal(m(x), ref["h=8"])
+    # blocks that end in order are untouched by this: nested, re-entered, and under another nest's block
+    other = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
+    with nest.use("h=2"):
+        with other.use("h=2"), nest.use("h=4"):
+            assert (nest.active, other.active) == (nest.resolve("h=4"), other.resolve("h=2"))
+        assert (nest.active, other.active) == (nest.resolve("h=2"), other.largest)
+    assert nest.active == nest.largest

@@ -197,13 +197,15 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default")
+    __slots__ = ("var", "default", "uses")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
         own = type("Active", (cls,), {"_scoped": property(var.get), "__slots__": (), "__module__": __name__})
         self = object.__new__(own)
         self.var, self.default = var, default
+        # the open ``use`` blocks of the context, oldest first (see sortednet.plan.Use)
+        self.uses: contextvars.ContextVar[tuple] = contextvars.ContextVar("sortednet_uses", default=())
         return self
 
     def plan(self) -> Any:

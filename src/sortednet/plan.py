@@ -144,6 +144,13 @@ class Use:
     ``use`` or none: the default) comes back exactly, in this context only. One
     object may be entered by several threads at once (each its own token), but
     not twice in one thread before it is left.
+
+    Blocks left out of order: a generator that yields inside ``use`` and is closed
+    (or collected) while its caller is inside another ``use`` of the same context.
+    A token reset there would undo the caller's block too. Each block is kept on
+    a per-context stack of open blocks instead: one left while a later block is
+    still open only marks itself left (the later block keeps its sub-model), and
+    the later block's exit then also passes over it, to the state before it.
     """
 
     __slots__ = ("active", "plan", "tokens")
@@ -156,7 +163,9 @@ class Use:
         if key in self.tokens:
             raise SortedNetError(f"this nest.use({self.plan.sub}) block is already entered in this thread (by "
                                  "another task, or nested in itself); call nest.use(...) for each block")
-        self.tokens[key] = self.active.var.set(self.plan)
+        a = self.active
+        entry = [a.var.get(a), False]  # the value before this block (the Active itself: none), left out of order
+        self.tokens[key] = (a.var.set(self.plan), a.uses.set((*a.uses.get(), entry)), entry)
         return self.plan.sub
 
     def __call__(self, fn: Any) -> Any:
@@ -169,13 +178,28 @@ class Use:
         return functools.wraps(fn)(in_plan(self.active, self.plan, fn))
 
     def __exit__(self, *exc: object) -> None:
-        token = self.tokens.pop(threading.get_ident(), None)
-        if token is None:  # left in another thread than the one that entered: nothing of this thread to undo
+        got = self.tokens.pop(threading.get_ident(), None)
+        if got is None:  # left in another thread than the one that entered: nothing of this thread to undo
             return
+        token, uses_token, entry = got
+        a = self.active
+        stack = a.uses.get()
+        if not stack or stack[-1] is not entry:
+            if any(e is entry for e in stack):  # a later block is still open: it keeps its sub-model
+                entry[1] = True
+            return  # else left in another context (a generator closed elsewhere): leave that context as it is
         try:
-            self.active.var.reset(token)
-        except ValueError:  # left in another context (a generator closed elsewhere): leave that context as it is
-            pass
+            a.var.reset(token)
+            a.uses.reset(uses_token)
+        except ValueError:  # (the same stack object reached another context: leave that context as it is)
+            return
+        stack = a.uses.get()
+        if stack and stack[-1][1]:  # blocks below this one were left while it was open: pass over them
+            live = len(stack)
+            while live and stack[live - 1][1]:
+                live -= 1
+            a.var.set(stack[live][0])
+            a.uses.set(stack[:live])
 
 
 def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
