@@ -243,3 +243,93 @@ def test_whole_heads_check_measures_a_sub_model_a_restricted_nest_lacks():
     assert whole_units_error(nest, nest.dims[0], 2, x) <= 1e-5
     full = sn.wrap(_AttnNet(False).eval(), sn.Heads("h", [2, 4], attn="att"))
     assert whole_units_error(full, full.dims[0], 2, x) <= 1e-5
+
+
+class _Gate(torch.nn.Module):
+    """Squeeze-excite: the gate ``se2`` has one output per channel of ``conv``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.se1, self.se2 = torch.nn.Linear(8, 4), torch.nn.Linear(4, 8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        g = torch.sigmoid(self.se2(torch.relu(self.se1(h.mean((2, 3))))))
+        return self.fc((h * g[:, :, None, None]).mean((2, 3)))
+
+
+@pytest.mark.parametrize("sizes", [[1, 8], [1, 4, 8], [2, 8]])
+def test_a_smallest_size_of_one_cannot_hide_a_missing_binding_by_broadcasting(sizes):
+    """One gate unit broadcasts over the 8 channels it should match ((B, 1) * (B, 8) is no shape error):
+    check also runs such a Width at 2 units, listed or not."""
+    model, x = _Gate().eval(), torch.randn(2, 3, 6, 6)
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="gate"):
+        sn.wrap(model, sn.Width("gate", sizes, out="se2"), example=x)
+    assert_unchanged(model, before)
+    sn.wrap(model, sn.Width("ch", sizes, out=["conv", "se2"], inp=["se1", "fc"]), example=x)  # the right one
+
+
+def test_an_output_check_cannot_see_is_refused():
+    class Box:
+        def __init__(self, y):
+            self.y = y
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = torch.nn.Linear(6, 8), torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return Box(self.o(torch.relu(self.a(x))))
+
+    nest = sn.wrap(Net(), sn.Width("h", [2, 8], out="a", inp="o"))
+    with pytest.raises(sn.SortedNetError, match="holds no tensor that check can see"):
+        nest.check(torch.randn(3, 6))
+
+
+class _WritesItsParameters(torch.nn.Module):
+    """A forward that clips a weight in place, keeps a running centre as a frozen Parameter, rebinds a
+    buffer (``self.count = self.count + 1``) and a parameter's ``.data``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+        self.center = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+        self.scale = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.b.weight.clamp_(-0.1, 0.1)
+            if self.training:
+                self.center.mul_(0.9).add_(0.1 * x.mean())
+            self.scale.data = self.scale.data.clone()  # new storage, same values
+        self.count = self.count + 1
+        return (self.o(torch.relu(self.b(torch.relu(self.a(x))))) - self.center) * self.scale
+
+
+def test_dry_runs_undo_what_the_forward_writes_into_parameters():
+    from sortednet.importance import sort_units
+
+    torch.manual_seed(0)
+    model, x = _WritesItsParameters().eval(), torch.randn(4, 6)
+    before = snapshot(model)
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    dims = sn.discover(model, x, ratios=[0.5, 1.0])  # also traces in training mode
+    assert dims
+    assert_unchanged(model, before)
+    with pytest.raises(sn.SortedNetError):
+        sn.wrap(model, sn.Width("w", [2, 8], out="a"), example=x)  # b's input left out: refused
+    assert_unchanged(model, before)
+    nest = sn.wrap(model, *dims, example=x)
+    nest.check(x)
+    nest.cost(nest.smallest, "flops", example=x)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before["state"].items())
+    assert {k: v.data_ptr() for k, v in state.items()} == ptrs
+    sort_units(nest, "taylor", example=x, data=[x], loss_fn=lambda m, b: m(b).square().mean())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before["state"][k]) for k in ("center", "scale", "count"))

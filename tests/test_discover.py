@@ -191,3 +191,63 @@ def test_hf_models_from_config(family):
     with torch.no_grad():
         small = nest.export(nest.smallest, plain=True)
         torch.testing.assert_close(small(**ex).last_hidden_state, live, atol=1e-5, rtol=0)
+
+
+class _Mixing(nn.Module):
+    """``a``'s 8 features reach an op that mixes or reorders them along their own axis (``how``), then ``o``;
+    ``b`` -> ``c`` next to it is a plain pair that stays discoverable."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.o = nn.Linear(6, 8), nn.Linear({"pool": 4, "interp": 16, "conv": 5}.get(how, 8), 3)
+        self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.conv = nn.Conv1d(1, 5, 3, padding=1)
+        if how == "hook":  # a user's forward hook on a sliceable module: its ops count like forward's
+            self.a.register_forward_hook(lambda m, i, out: out.flip(-1))
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        if self.how == "pool":
+            h = F.adaptive_avg_pool1d(h.unsqueeze(1), 4).squeeze(1)
+        elif self.how == "interp":
+            h = F.interpolate(h.unsqueeze(1), size=16, mode="linear").squeeze(1)
+        elif self.how == "conv":  # (B, 1, 8): a Conv1d slides along the 8 features, then max over them
+            h = self.conv(h.unsqueeze(1)).amax(-1)
+        elif self.how == "negative_index":
+            h = h * torch.sigmoid(h[:, -1, None])  # the LAST unit gates: another unit at every width
+        return self.o(h) + self.c(F.relu(self.b(x)))
+
+
+@pytest.mark.parametrize("how", ["pool", "interp", "conv", "negative_index", "hook"])
+def test_features_mixed_along_their_axis_are_left_out(how):
+    model, x = _Mixing(how).eval(), torch.randn(3, 6)
+    dims = sn.discover(model, x, ratios=[0.25, 1.0])
+    assert not [d for d in dims if "a" in d.out or (how != "conv" and "o" in d.inp)], dims
+    assert (("b",), ("c",)) in [(d.out, d.inp) for d in widths(dims)]
+
+
+@pytest.mark.parametrize("dataclass_out", [False, True])
+def test_a_dataclass_output_is_opened_so_its_classes_never_shrink(dataclass_out):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        note: str = "x"
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Linear(6, 8), nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = self.o(F.relu(self.a(x)))
+            return Out(y) if dataclass_out else y
+
+    model, x = Net().eval(), torch.randn(3, 6)
+    dims = sn.discover(model, x, ratios=[0.25, 1.0])
+    assert [(d.out, d.inp) for d in widths(dims)] == [(("a",), ("o",))]
+    with pytest.raises(sn.SortedNetError, match="changes the output shapes"):
+        sn.wrap(model, sn.Width("cls", [2, 5], out="o"), example=x)
+    assert type(model.o) is nn.Linear  # refused before anything changed

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves
 
 from .cost import call_model
 from .coupling import analyse
+from .coupling_ops import leaves
 from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 from .plan import Use
@@ -74,7 +74,7 @@ def first_float(out: Any) -> torch.Tensor | None:
     """The first floating-point tensor of a model output (logits / last hidden state / the tensor itself)."""
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
-    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    return next((t for t in leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -201,7 +201,8 @@ def _tolerance(nest: Nest) -> float:
 
 
 def _shapes(x: Any) -> list:
-    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tree_leaves(x)]
+    """The shape of every tensor of a model output (dataclass fields included), the type of anything else."""
+    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in leaves(x)]
 
 
 def _plan(nest: Nest, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
@@ -236,6 +237,29 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
             "(num_heads, head_dim, ...; count_attrs=), see docs/heads.md" if heads else "")
     return SortedNetError(head + "\n  (no missing binding found by tracing: check custom modules and ops of "
                           f"the sliced features{hint})")
+
+
+def _check_size_two(nest: Nest, model: Any, example: Any, want: list) -> None:
+    """A Width whose smallest size is 1 also runs at 2 units (the others full), whether listed or not: one
+    unit broadcasts against a layer it was not bound to ((B, 1) * (B, C) is no shape error), two do not."""
+    full = SubModel({d.name: d.full for d in nest.dims})
+    for d in nest.dims:
+        if d.kind != "width" or d.sizes[0] != 1 or d.full < 3:
+            continue
+        sub = full.replace(**{d.name: 2})
+        try:
+            plan = nest._plans.build(sub)  # uncached: use() of a restricted nest must not find it
+        except Exception:
+            continue
+        with Use(nest._state, plan):
+            try:
+                got = _shapes(call_model(model, example))
+            except Exception as e:
+                raise _fail(nest, model, example, f"width {d.name!r} at 2 (its smallest size, 1, broadcasts)", sub,
+                            f"fails: {type(e).__name__}: {e}") from e
+        if got != want:
+            raise _fail(nest, model, example, f"width {d.name!r} at 2 (its smallest size, 1, broadcasts)", sub,
+                        f"changes the output shapes from {want} to {got}: a dimension slices the network's output")
 
 
 def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> None:
@@ -281,10 +305,16 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     with dry_run(nest.model), eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view
         with nest.use(nest.largest):
             try:
-                want = _shapes(call_model(model, example))
+                out = call_model(model, example)
             except Exception as e:
                 raise SortedNetError(f"nest.check: the full model ({nest.largest}) does not run on the example: "
                                      f"{type(e).__name__}: {e}") from e
+            want = _shapes(out)
+            if not any(isinstance(t, torch.Tensor) for t in leaves(out)):
+                raise SortedNetError(f"nest.check: the model's output ({type(out).__name__}) holds no tensor that "
+                                     "check can see (tensors, tuples, lists, dicts, named tuples, dataclasses and "
+                                     "Hugging Face outputs are opened), so it cannot tell a sliced output from a "
+                                     "right one; return one of those, or check a wrapper whose forward does")
         for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
                 try:
@@ -294,6 +324,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             if got != want:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
+        _check_size_two(nest, model, example, want)
         _check_training_mode(nest, example, mixed, seed)
         tol = _tolerance(nest)
         for d in nest.dims:
@@ -333,7 +364,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         except Exception as e:
             raise SortedNetError(f"nest.check: export({sub}) does not run on the example: {type(e).__name__}: "
                                  f"{e}{hint}") from e
-        for a, b in zip(tree_leaves(got), tree_leaves(live)):
+        for a, b in zip(leaves(got), leaves(live)):
             if not isinstance(a, torch.Tensor) or not a.is_floating_point():
                 continue
             rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None

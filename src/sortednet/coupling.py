@@ -204,8 +204,10 @@ def _hooks(model: nn.Module, rec: _Recorder, attn: dict[str, tuple]) -> list:
                 rec.keep.append((args, kwargs, out))
                 rec.sinks[-1].append(_Event("attn", path, mod, args, kwargs, out, path, inner))
 
+        # the user's own hooks run outside the recorded call: pre-hooks before ours, forward hooks after
+        # ours (prepended), so what they do to its inputs and output is traced like any other op
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(m.register_forward_hook(post, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True, prepend=True))
     return handles
 
 

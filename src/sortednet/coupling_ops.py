@@ -7,6 +7,7 @@ the caller: adding an op here is how discovery learns more.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +55,20 @@ class Attention:
     group: int = 1                             # grouped-query attention: query heads per key/value head
 
 
+def leaves(x: Any) -> list[Any]:
+    """``tree_leaves`` that also opens dataclass instances (a model output such as ``Out(logits=...)``,
+    which pytree keeps whole): their fields' leaves, in field order."""
+    out = []
+    for leaf in tree_leaves(x):
+        if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            out += leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)])
+        else:
+            out.append(leaf)
+    return out
+
+
 def _tensors(x: Any) -> list[Tensor]:
-    return [t for t in tree_leaves(x) if isinstance(t, Tensor)]
+    return [t for t in leaves(x) if isinstance(t, Tensor)]
 
 
 
@@ -153,6 +166,8 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
         if i is None:
             srcs.append([])
             continue
+        if isinstance(i, int) and i < 0:  # counted from the end: another unit at every size
+            a.uf.fix(xv[ax], f"{why} (a negative index)")
         if isinstance(i, slice):
             full = i.step in (None, 1) and (i.start in (None, 0)) and (i.stop is None or i.stop >= x.shape[ax])
             if full:
@@ -222,6 +237,8 @@ def handle(a, ev) -> bool:
     if m or name == "interpolate":
         k = int(m.group(3)) if m else x.dim() - 2
         xv = a.of(x)
+        for i in range(max(x.dim() - k, 0), x.dim()):  # pooled / resampled: its units are mixed
+            a.uf.fix(xv[i], f"{why} pools or resamples this axis")
         for o in outs:
             a.assign(o, [[xv[i]] if i < x.dim() - k else [] for i in range(o.dim())], f"spatial axis ({why})")
         return True
@@ -314,6 +331,8 @@ def module(a, ev) -> None:
             a.uf.bind(ch, path, "inp")
         else:
             return a.unknown(ev, f"grouped convolution {path!r} (groups={g}), which cannot be sliced")
+        for i in range(c + 1, x.dim()):  # the kernel slides along these: neighbouring units mix
+            a.uf.fix(xv[i], f"a spatial axis of {path!r}")
         a.assign(y, [[xv[0]] if c == 1 and i == 0 else [ch] if i == c else [] for i in range(y.dim())],
                  f"spatial axis of {path!r}")
     elif isinstance(m, nn.Embedding):

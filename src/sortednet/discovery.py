@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
-from .check import _tolerance, whole_units_error
+from .check import _shapes, _tolerance, whole_units_error
 from .cost import call_model
 from .coupling import Coupling, Group, analyse
 from .dims import Dimension, Width, dimension_from_spec
@@ -92,10 +91,6 @@ def declarations(c: Coupling, ratios: Sequence[float], *, heads: bool = True,
             if len(sizes) > 1:
                 dims.append(Heads(_name(a.path, taken, "_heads"), sizes, attn=a.path))
     return dims
-
-
-def _shapes(x: Any) -> list:
-    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tree_leaves(x)]
 
 
 def _fresh(dims: Sequence[Dimension]) -> list[Dimension]:

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from .cost import call_model
 from .coupling import analyse
+from .coupling_ops import leaves
 from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 
@@ -202,7 +202,7 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
 def _leaves(out: Any) -> list[Tensor]:
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
-    return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+    return [t for t in leaves(out) if isinstance(t, Tensor)]
 
 
 def _example_of(data: Any) -> Any:

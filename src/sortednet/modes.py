@@ -14,9 +14,11 @@ import copy
 import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from torch import Tensor as Tensor_
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import SortedNetError
 
@@ -28,23 +30,74 @@ __all__ = ["eval_mode", "eval_view", "dry_run", "train_view", "seeded"]
 
 @contextmanager
 def dry_run(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s own forward without leaving a trace: on exit every buffer (a call counter, a
-    running statistic) and the weight of every ``nn.Embedding(max_norm=...)`` (renormalised in place
-    by its lookups) hold again what they held on entry. For checks that run the user's forward
-    (``nest.check``, ``discover``, ``from_transformers``' self-check), which promise to change nothing.
+    """Run ``model``'s own forward without leaving a trace: on exit every parameter and buffer holds again
+    what it held on entry. For checks that run the user's forward (``nest.check``, ``discover``,
+    ``from_transformers``' self-check), which promise to change nothing.
+
+    Buffers (a call counter, a running statistic) are copied on entry. A parameter is copied just before
+    the first op that writes into its storage (weight clipping in a forward, running statistics kept as
+    parameters, an ``nn.Embedding(max_norm=...)`` renormalising its rows), seen by a dispatch mode, so an
+    untouched model costs no copy of its weights. A parameter or buffer that the forward replaced
+    (``self.count = self.count + 1``, ``p.data = ...``) is put back.
     """
     import torch
 
-    saved = [(t, t.detach().clone()) for t in model.buffers()]
-    saved += [(m.weight, m.weight.detach().clone()) for m in model.modules()
-              if isinstance(m, nn.Embedding) and m.max_norm is not None and isinstance(m.weight, torch.Tensor)]
+    slots = [(m, d, name, t) for m in model.modules() for d in (m._parameters, m._buffers)
+             for name, t in d.items() if isinstance(t, torch.Tensor)]
+    params = {id(t): t for m, d, _, t in slots if d is m._parameters}
+    datas = [(p, p.data) for p in params.values()]  # the storage each parameter holds now (no copy)
+    saved = [(t, t.detach().clone()) for m, d, _, t in slots if d is m._buffers]
+    guard = _SaveOnWrite(params.values())
     try:
-        yield
+        with guard:
+            yield
     finally:
         with torch.no_grad():
-            for t, v in saved:
+            for _, d, name, t in slots:
+                if d.get(name) is not t:
+                    d[name] = t
+            for p, data in datas:
+                if _storage(p.data) != _storage(data) or p.shape != data.shape:
+                    p.data = data
+            for t, v in [*saved, *guard.saved.values()]:
                 if t.shape == v.shape and not torch.equal(t, v):
                     t.copy_(v)
+
+
+def _storage(t: Any) -> int:
+    """Address of ``t``'s storage; 0 where it has none to write (meta, empty, a subclass without one)."""
+    try:
+        return 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
+    except Exception:
+        return 0
+
+
+class _SaveOnWrite(TorchDispatchMode):
+    """Copies a tensor of ``tensors`` once, just before the first op that writes into its storage."""
+
+    def __init__(self, tensors: Iterable[Any]) -> None:
+        super().__init__()
+        self.by_storage = {}
+        for t in tensors:
+            key = _storage(t)
+            if key:
+                self.by_storage.setdefault(key, []).append(t)
+        self.saved: dict[int, tuple[Any, Any]] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        schema = func._schema
+        if self.by_storage and schema.is_mutable:
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is None or not arg.alias_info.is_write:
+                    continue
+                value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, Tensor_):
+                        for owner in self.by_storage.get(_storage(t), ()):
+                            if id(owner) not in self.saved:
+                                self.saved[id(owner)] = (owner, owner.detach().clone())
+        return func(*args, **kwargs)
 
 
 @contextmanager
