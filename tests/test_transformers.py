@@ -435,3 +435,42 @@ def test_hf_gradient_checkpointing_recomputes_the_forward_submodel():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(Exception, match="(?i)recomput|metadata|shape"):
         grads()
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_trainer_checkpoints_of_a_rank_nest_load_as_what_they_trained(mode, tmp_path):
+    """A Rank nest's own parameters are factors / adapters: SortedTrainer's Hugging Face files hold the
+    largest sub-model merged into stock weights (from_pretrained gives it), resuming loads the nest's own
+    file; LoRA trains the adapters alone."""
+    from transformers import AutoModelForCausalLM
+
+    from sortednet.integrations.trainer import NEST_FILE
+
+    def built():
+        torch.manual_seed(0)
+        model = llama()
+        return model, sn.from_transformers(model, ffn=[24, 48], rank=[2, 4], rank_mode=mode)
+
+    model, nest = built()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()
+            if id(p) not in {id(q) for q in nest.trainable_parameters()}}
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=1, disable_tqdm=True,
+                             logging_strategy="no", seed=0)
+    SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sn.Sampler(nest, k=2, seed=0)).train()
+    x = ids(seed=5, b=2)
+    model.eval()
+    with torch.no_grad():
+        live = model(x).logits
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2").eval()(x).logits
+    torch.testing.assert_close(back, live, atol=1e-5, rtol=1e-4)
+    if mode == "lora":  # nothing but the adapters moved (embeddings, norms and the LM head included)
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    model2, nest2 = built()
+    trainer2 = SortedTrainer(model=model2, args=args, train_dataset=data, nest=nest2)
+    trainer2._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
+    assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), model.state_dict().values()))
+    (tmp_path / "checkpoint-1" / NEST_FILE).unlink()
+    with pytest.raises(sn.SortedNetError, match=NEST_FILE):
+        trainer2._load_from_checkpoint(str(tmp_path / "checkpoint-1"))

@@ -10,6 +10,7 @@ lighter-weight alternative: it activates one sub-model per step.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,12 +21,15 @@ from .. import distributed as snd
 from ..dims import Depth
 from ..distributed import _ddp_type
 from ..errors import SortedNetError
+from ..io import load, save
 from ..nest import Nest
 from ..sampler import Sampler
 from ..submodel import SubModel
 from .soft import soft_loss
 
-__all__ = ["SortedTrainer", "SubModelCallback", "make_sampler"]
+__all__ = ["SortedTrainer", "SubModelCallback", "make_sampler", "NEST_FILE"]
+
+NEST_FILE = "sortednet.safetensors"  # the nest's own checkpoint next to a Rank nest's Hugging Face files
 
 
 def make_sampler(nest: Nest, submodels: Sequence[SubModel] | None = None, *, k: int = 3, seed: int = 0,
@@ -85,6 +89,12 @@ class SortedTrainer(Trainer):
         if self.accelerator.unwrap_model(self.model) is not nest.model:
             raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)")
         self.nest = nest
+        self._rank = any(d.kind == "rank" for d in nest.dims)
+        if any(d.kind == "rank" and getattr(d, "mode", None) == "lora" for d in nest.dims):
+            keep = {id(p) for p in nest.trainable_parameters()}  # the adapters: LoRA trains nothing else
+            for p in nest.model.parameters():
+                if p.requires_grad and id(p) not in keep:
+                    p.requires_grad_(False)
         self.sampler = sampler if sampler is not None else make_sampler(nest)
         self.soft_exits = list(soft_exits) if soft_exits is not None else None
         self.soft_weights = soft_weights
@@ -95,6 +105,40 @@ class SortedTrainer(Trainer):
             if self._depth is not None and max(self.soft_exits) not in self._depth.sizes:
                 raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "
                                      f"dimension {self._depth.name!r} {list(self._depth.sizes)}")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A Rank nest's parameters are factors / adapters, which ``from_pretrained`` would drop or
+        re-initialise: its checkpoints hold the largest sub-model merged into stock weights (the Hugging
+        Face files, loaded by ``from_pretrained`` as that sub-model) and the nest itself (:data:`NEST_FILE`,
+        what resuming loads). Other nests keep their stock keys and shapes: Trainer's own files."""
+        if not self._rank:
+            return super()._save(output_dir, state_dict)
+        from .transformers import export_pretrained
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        merged = export_pretrained(self.nest, self.nest.largest).state_dict()
+        super()._save(output_dir, state_dict=merged)
+        if self.args.should_save:
+            save(self.nest, os.path.join(output_dir, NEST_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        if not self._rank:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_nest(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if not self._rank:
+            return super()._load_best_model()
+        self._load_nest(self.state.best_model_checkpoint)
+
+    def _load_nest(self, folder: str) -> None:
+        path = os.path.join(folder, NEST_FILE)
+        if not os.path.exists(path):
+            raise SortedNetError(f"SortedTrainer: {folder!r} has no {NEST_FILE}: a Rank nest resumes from the "
+                                 "nest's own checkpoint (its Hugging Face files hold merged weights, which loading "
+                                 "into the factors / adapters would count twice); resume from a checkpoint "
+                                 "SortedTrainer wrote")
+        load(self.nest, path)
 
     def draw(self) -> list[SubModel]:
         """The sub-models of the current optimizer step (same for all its micro-batches)."""
