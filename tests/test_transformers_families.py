@@ -709,3 +709,29 @@ def test_soft_loss_refuses_exits_it_would_compute_wrong():
                                                num_experts_per_tok=2, output_router_logits=True, **TOK)).eval()
     with pytest.raises(sn.SortedNetError, match="router"):
         soft_loss(sn.from_transformers(moe, depth=[1]), x)
+
+
+def test_importance_sorting_that_would_change_the_full_model_is_undone_and_refused():
+    """StableLM with qk_layernorm: one LayerNorm per head that the Llama layout does not move. The
+    permuted model's outputs are compared with the original's; on a difference every permutation is
+    undone (bit-exact) and SortedNetError raised. The FFN alone still sorts."""
+    torch.manual_seed(0)
+    model = T.StableLmForCausalLM(T.StableLmConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, qk_layernorm=True)).eval()
+    with torch.no_grad():  # per-head norms that differ, as in any trained model
+        for layer in model.model.layers:
+            for ln in (*layer.self_attn.q_layernorm.norms, *layer.self_attn.k_layernorm.norms):
+                ln.weight.uniform_(0.5, 1.5)
+    x = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(1))
+    nest = sn.from_transformers(model, ffn=[32], heads=[2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="differ from the original's"):
+        sn.sort_by_importance(nest, [x])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        ref = model(x).logits
+    perms = sn.sort_by_importance(nest, [x], heads=False)
+    with torch.no_grad():
+        err = (model(x).logits - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-5 and any(not torch.equal(p["ffn"], torch.arange(32 * 2)) for p in perms.values())

@@ -56,7 +56,9 @@ def _score(m: nn.Module, unit: int) -> Tensor:
     return per.reshape(-1, unit).sum(1).abs()
 
 
-def _permute(m: nn.Module, role: str, idx: Tensor) -> None:
+def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None) -> None:
+    if log is not None:
+        log.append(("rows", m, role, idx))
     out_ax, in_ax = _axes(m)
     w = Slicer.tensor(m, "weight")
     ax = out_ax if role == "out" else in_ax
@@ -139,6 +141,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                          "its gradient scores would be NaN and every order meaningless. Nothing "
                                          "was changed: drop that batch (or fix the loss)")
                 loss.reshape(()).backward()
+                if n == 0:
+                    first = batch
                 for i, blk in enumerate(blocks):
                     if ffn:
                         ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(_paths(blk, lay.ffn_inp)[0]), 1)
@@ -152,24 +156,59 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
             p.grad = g
     if n == 0:
         raise SortedNetError("sort_by_importance: batches is empty; give at least one batch")
+    ref = _outputs(nest, first, loss_fn)
     perms: dict[str, dict[str, Tensor]] = {}
-    with torch.no_grad():
-        for i, blk in enumerate(blocks):
-            perms[named[i][0]] = p = {}
-            if ffn:
-                p["ffn"] = order = torch.argsort(ffn_s[i], descending=True, stable=True)
-                if order.dim() == 2:  # experts: each expert's neurons ordered on their own
-                    _permute_experts(blk.get_submodule(_paths(blk, lay.ffn_out)[0]), order)
-                    continue
-                rows = torch.cat([order + c * order.numel() for c in range(lay.ffn_chunks)])  # [gate; up]: each
-                for path in _paths(blk, lay.ffn_out):
-                    _permute(blk.get_submodule(path), "out", rows)
-                for path in _paths(blk, lay.ffn_inp):
-                    _permute(blk.get_submodule(path), "inp", order)
-            if heads:
-                p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
-                                         lay.layout_of_qkv(model.config))
+    log: list[tuple] = []  # every permutation applied, to undo them if the full model changed
+    try:
+        with torch.no_grad():
+            for i, blk in enumerate(blocks):
+                perms[named[i][0]] = p = {}
+                if ffn:
+                    p["ffn"] = order = torch.argsort(ffn_s[i], descending=True, stable=True)
+                    if order.dim() == 2:  # experts: each expert's neurons ordered on their own
+                        _permute_experts(blk.get_submodule(_paths(blk, lay.ffn_out)[0]), order, log)
+                        continue
+                    rows = torch.cat([order + c * order.numel() for c in range(lay.ffn_chunks)])  # [gate; up]
+                    for path in _paths(blk, lay.ffn_out):
+                        _permute(blk.get_submodule(path), "out", rows, log)
+                    for path in _paths(blk, lay.ffn_inp):
+                        _permute(blk.get_submodule(path), "inp", order, log)
+                if heads:
+                    p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
+                                             lay.layout_of_qkv(model.config), log)
+        got = _outputs(nest, first, loss_fn)
+        half = any(q.is_floating_point() and q.dtype not in (torch.float32, torch.float64) for q in model.parameters())
+        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item() if got.shape == ref.shape else 1.0
+        if not err <= (1e-2 if half else 1e-4):
+            raise SortedNetError(
+                f"sort_by_importance: the permuted {lay.family}-layout model's outputs differ from the original's by "
+                f"{err:.3g} relative to their scale, so its layers hold per-neuron or per-head weights this layout "
+                "does not move (e.g. per-head q/k norms); nothing was changed. Use ffn=False or heads=False for the "
+                "part that moves them, or sortednet.importance.sort_units")
+    except BaseException:
+        with torch.no_grad():
+            for kind, m, *rest in reversed(log):
+                if kind == "experts":
+                    _permute_experts(m, torch.argsort(rest[0], dim=1), None)
+                else:
+                    _permute(m, rest[0], torch.argsort(rest[1]), None)
+        raise
     return perms
+
+
+def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> Tensor:
+    """The full model's logits on ``batch`` (its loss for a custom ``loss_fn``), in float64."""
+    from ..check import first_float
+
+    with nest.use(nest.largest), eval_mode(nest) as (view, _), torch.no_grad():
+        if loss_fn is not None:
+            out = loss_fn(view, batch)
+        elif isinstance(batch, Tensor):
+            out = view(input_ids=batch)
+        else:
+            out = view(**{k: v for k, v in batch.items() if k != "labels"})
+        t = out if isinstance(out, Tensor) else first_float(out)
+    return t.detach().double().reshape(-1) if isinstance(t, Tensor) else torch.zeros(1, dtype=torch.float64)
 
 
 def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
@@ -177,7 +216,9 @@ def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
     return [p for r in rels for p in glob_children(blk, r)]
 
 
-def _permute_experts(m: nn.Module, order: Tensor) -> None:
+def _permute_experts(m: nn.Module, order: Tensor, log: list | None) -> None:
+    if log is not None:
+        log.append(("experts", m, order))
     gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
     for e, o in enumerate(order):
         rows = torch.cat([o, o + o.numel()]).to(gu.device)  # [gate; up]: the same order in both halves
@@ -203,7 +244,7 @@ def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -
                              "or heads=False where that avoids it, or permute the units yourself")
 
 
-def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | None) -> Tensor:
+def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | None, log: list) -> Tensor:
     """Permute whole heads (whole key/value groups with GQA); returns the query-head order."""
     H = score.numel()
     by_group = score.reshape(H // group, group)
@@ -214,14 +255,14 @@ def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | N
     d = Slicer.tensor(o, "weight").shape[_axes(o)[1]] // H
     q_idx = _expand(q_order, d)
     if isinstance(lay.qkv, str) and layout == "interleaved":  # per head [q_h; k_h; v_h]: move whole 3d blocks
-        _permute(attn.get_submodule(lay.qkv), "out", _expand(q_order, 3 * d))
+        _permute(attn.get_submodule(lay.qkv), "out", _expand(q_order, 3 * d), log)
     elif isinstance(lay.qkv, str):  # fused [q; k; v] along the output axis (k, v with H / group heads)
         E, kv_idx = H * d, _expand(g_order, d) if group > 1 else q_idx
-        _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, kv_idx + E, kv_idx + E + E // group]))
+        _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, kv_idx + E, kv_idx + E + E // group]), log)
     else:
-        _permute(attn.get_submodule(lay.qkv[0]), "out", q_idx)
+        _permute(attn.get_submodule(lay.qkv[0]), "out", q_idx, log)
         kv_idx = _expand(g_order, d) if group > 1 else q_idx
         for name in lay.qkv[1:]:
-            _permute(attn.get_submodule(name), "out", kv_idx)
-    _permute(o, "inp", q_idx)
+            _permute(attn.get_submodule(name), "out", kv_idx, log)
+    _permute(o, "inp", q_idx, log)
     return q_order
