@@ -328,6 +328,7 @@ def test_bad_input_is_refused_before_any_forward():
         dict(draft="depth=9"),                                           # no such sub-model
         dict(draft="depth=1", target=bert),                              # not a causal LM
         dict(draft="depth=1", target=target.model),                      # a sub-model needs a Nest target
+        dict(draft=target, exits=["depth=1"], target=target.model),      # the draft nest wraps the target itself
     ]
     for kw in bad:
         kw = {"target": target, "input_ids": ids, "max_new_tokens": 4, **kw}

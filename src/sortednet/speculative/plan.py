@@ -166,6 +166,12 @@ def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, threshold
                              f"got {type(draft).__name__}")
     dmodel = dnest.model if dnest else draft
     same = dnest is not None and dnest is tnest
+    if dnest is not None and not same and (any(m is tmodel for m in dmodel.modules())
+                                           or any(m is dmodel for m in tmodel.modules())):
+        raise SortedNetError(f"the draft nest wraps the target model itself ({type(tmodel).__name__}): its draft "
+                             "sub-model would be in force for the target's forwards too; pass the nest as the "
+                             "target: speculative_generate(nest, ids, draft='depth=...') (or exits=[...] with "
+                             "draft=nest)")
     if dnest is not tnest:
         _check_model(dmodel, "draft")
     if dnest is not None:
