@@ -102,6 +102,33 @@ def test_an_incomplete_nest_is_refused_and_restored():
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_an_undeclared_per_unit_gate_is_caught_at_any_output_scale(scale):
+    """The output check is relative to the output's own scale: a small-valued output (a regression target
+    in small units) changed by a permutation is refused as a large one is."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 1)
+            self.gate = nn.Parameter(torch.rand(16) * 2)  # per hidden unit, left out of the Width
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            return self.fc2(h * self.gate[: h.shape[-1]])
+
+    torch.manual_seed(0)
+    model = Gated().eval()
+    with torch.no_grad():
+        model.fc2.weight.mul_(scale)
+        model.fc2.bias.zero_()
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"))
+    snap = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="not declared"):
+        sort_units(nest, "l1", example=torch.randn(64, 8))
+    assert_unchanged(model, snap)
+
+
 def test_refusals():
     model, dims, x = _case("mlp")
     nest = sn.wrap(model, *dims)

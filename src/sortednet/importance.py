@@ -359,5 +359,6 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
 
 
 def _rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
-    return max((((a - b).abs().max() / b.abs().max().clamp_min(1)).item() for a, b in zip(got, ref)
-                if a.is_floating_point()), default=0.0)
+    """Largest change of an output relative to that output's own scale (small-valued outputs too)."""
+    return max((((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(got, ref)
+                if a.is_floating_point() and b.numel()), default=0.0)
