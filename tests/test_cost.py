@@ -91,6 +91,28 @@ def test_memory_covers_weights_and_grows_with_nesting(family):
     assert "latency" not in prof.costs and nest.cost(nest.smallest, "memory") == mem[nest.smallest]
 
 
+@pytest.mark.parametrize("first", [torch.bfloat16, torch.float32])
+def test_memory_counts_each_weight_at_its_own_element_size(first):
+    """Mixed dtypes (a bf16 layer next to an fp32 one, as Hugging Face's fp32-kept modules): the weights
+    of every sub-model count at their own sizes, so memory covers the exported model's bytes."""
+    from torch import nn
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 64).to(first)
+            self.fc2 = nn.Linear(64, 8).to(torch.float32 if first == torch.bfloat16 else torch.bfloat16)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x.to(self.fc1.weight.dtype))).to(self.fc2.weight.dtype))
+
+    nest = sn.wrap(Mixed(), sn.Width("h", [16, 64], out="fc1", inp="fc2"))
+    prof = nest.profile(torch.randn(1, 8), metrics=("memory",), progress=False, repeat=1, warmup=0)
+    for sub, mem in zip(prof.submodels, prof.costs["memory"]):
+        exported = sum(p.numel() * p.element_size() for p in nest.export(sub).parameters())
+        assert exported <= mem < exported + 4096, (sub, mem, exported)
+
+
 def test_bad_metric_and_bad_repeat_raise_before_measuring():
     case = FAMILIES["mlp"]()
     nest = sn.wrap(case.model, *case.dims)

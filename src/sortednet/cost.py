@@ -69,13 +69,14 @@ class ParamCounter:
                 for p in blk.parameters():
                     deps.setdefault(id(p), set()).add(m._sn.bind["depth"].dim.name)
         groups: dict[tuple[str, ...], list[nn.Parameter]] = {}
-        self.fixed = 0
+        self.fixed = self.fixed_bytes = 0
         for p in nest.model.parameters():
             key = tuple(n for n in names if n in deps.get(id(p), ()))
             if key:
                 groups.setdefault(key, []).append(p)
             else:
                 self.fixed += p.numel()
+                self.fixed_bytes += p.numel() * p.element_size()
         self.groups = groups
         self._memo: dict[tuple[tuple[str, ...], tuple[int, ...]], int] = {}
 
@@ -90,8 +91,12 @@ class ParamCounter:
             total += hit
         return total
 
-    def _count(self, params: list[nn.Parameter], sub: SubModel | dict[str, int]) -> int:
-        """Active elements of ``params`` under ``sub`` (a listed sub-model, or during wrap any sizes)."""
+    def bytes(self, sub: SubModel) -> int:
+        """Bytes of the parameters ``export(sub)`` holds, each at its own element size (mixed dtypes)."""
+        return self.fixed_bytes + sum(self._count(params, sub, in_bytes=True) for params in self.groups.values())
+
+    def _count(self, params: list[nn.Parameter], sub: SubModel | dict[str, int], in_bytes: bool = False) -> int:
+        """Active elements (or bytes) of ``params`` under ``sub`` (a listed sub-model, or during wrap any sizes)."""
         nest = self.nest
         with nest.use(sub), torch.no_grad():
             blocks = [blk for m in nest._depth for blk in m._sn.slicer.inactive(m)]
@@ -105,7 +110,8 @@ class ParamCounter:
                 if id(p) in skipped:
                     continue
                 owner = nest._tensor_owner.get(id(p))
-                total += owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
+                n = owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
+                total += n * p.element_size() if in_bytes else n
         return total
 
 
@@ -231,9 +237,7 @@ def measure_memory(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module 
     plus the peak of tensors the forward creates (inputs excluded), on ``model`` (default ``nest.model``)."""
     model = nest.model if model is None else model
     with nest.use(sub), torch.no_grad():
-        ps = list(model.parameters())
-        elem = ps[0].element_size() if ps else 4
-        weights = nest.cost(sub, "params") * elem
+        weights = nest._param_counter.bytes(sub)  # each parameter at its own element size
         existing = {t.untyped_storage().data_ptr() for t in itertools.chain(
             model.parameters(), model.buffers(), tree_leaves(example)) if isinstance(t, Tensor)}
         mode = _PeakBytes(existing)
