@@ -735,3 +735,40 @@ def test_importance_sorting_that_would_change_the_full_model_is_undone_and_refus
     with torch.no_grad():
         err = (model(x).logits - ref).abs().max() / ref.abs().max()
     assert err <= 1e-5 and any(not torch.equal(p["ffn"], torch.arange(32 * 2)) for p in perms.values())
+
+
+def test_ffn_of_a_model_mixing_dense_and_expert_blocks_is_refused():
+    """Qwen3-MoE with a dense first block (mlp_only_layers, first_k_dense in other families): ffn= would
+    shrink that block alone, so it is refused naming the first expert block; heads / depth still nest."""
+    cfg = T.Qwen3MoeConfig(vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0])
+    model = T.Qwen3MoeForCausalLM(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"block model\.layers\.1"):
+        sn.from_transformers(model, ffn=[0.5], depth=[1])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any("_sn" in m.__dict__ for m in model.modules())
+    assert sn.from_transformers(model, depth=[1]).smallest["depth"] == 1
+
+
+def test_a_config_export_cannot_rewrite_raises_a_sortedneterror_and_plain_export_still_works(monkeypatch):
+    """A config whose attributes are per layer (Gemma-4's raise on a global read) cannot be rewritten for the
+    smaller shapes: export says so and points to plain=True, which still exports."""
+    import sortednet.integrations.transformers as tf
+
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).eval()
+    nest = sn.from_transformers(model, ffn=[32], depth=[1])
+    cfg = model.config.to_dict()
+
+    def per_layer(*a, **k):
+        raise AttributeError("'intermediate_size' is a per-layer attribute")
+
+    monkeypatch.setattr(tf, "_update_config", per_layer)
+    with pytest.raises(sn.SortedNetError, match="plain=True"):
+        nest.export(nest.smallest)
+    assert model.config.to_dict() == cfg
+    x = torch.randint(0, V, (1, 5))
+    with torch.no_grad(), nest.use(nest.smallest):
+        torch.testing.assert_close(nest.export(nest.smallest, plain=True)(x).logits, model(x).logits)

@@ -126,11 +126,19 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     blk = found.block(model, 0, 0)
     dims = []
     if ffn is not None:
+        for P in found.stacks:  # every block: a model may mix dense and expert FFNs (first_k_dense, mlp_only_layers)
+            for i, b in enumerate(model.get_submodule(P)):
+                try:
+                    m = b.get_submodule(_ffn_out_path(b, lay, type(model).__name__))
+                except SortedNetError as e:
+                    raise SortedNetError(f"from_transformers(ffn=...): block {P}.{i}: {e}") from None
+                if slicer_for(m) is None:
+                    raise SortedNetError(
+                        f"from_transformers(ffn=...) on {type(model).__name__}: the FFN module of block {P}.{i}, "
+                        f"{type(m).__name__}, has no slicer (an experts layout sortednet does not know), so ffn= "
+                        "would shrink the other blocks alone; nest heads= / depth= only, or register a slicer for "
+                        "it (docs/custom_slicers.md)")
         first = blk.get_submodule(_ffn_out_path(blk, lay, type(model).__name__))
-        if slicer_for(first) is None:
-            raise SortedNetError(f"from_transformers(ffn=...) on {type(model).__name__}: its FFN module "
-                                 f"{type(first).__name__} has no slicer (an experts layout sortednet does not know); "
-                                 "nest heads= / depth= only, or register a slicer for it (docs/custom_slicers.md)")
         full = slicer_for(first).full(first, "out") // lay.ffn_chunks
         out = _rel(model, found, lay.ffn_out)
         dims.append(Width("ffn", _resolve("ffn", ffn, full), out=out, inp=_rel(model, found, lay.ffn_inp),
@@ -351,9 +359,16 @@ def _export_hook(nest: Nest, sub: SubModel, small: nn.Module) -> nn.Module:
     except SortedNetError:
         found = None
     cfg = copy.deepcopy(nest.model.config)
-    if found is not None:
-        _update_config(nest, found, sub, small, cfg)
-    _check_loadable(small, cfg, sub, found)
+    try:
+        if found is not None:
+            _update_config(nest, found, sub, small, cfg)
+        _check_loadable(small, cfg, sub, found)
+    except SortedNetError:
+        raise
+    except Exception as e:  # a config this code cannot rewrite (per-layer attributes, ...)
+        raise SortedNetError(f"export({sub}) of {type(nest.model).__name__}: its config cannot be rewritten for the "
+                             f"smaller shapes ({type(e).__name__}: {e}); export it as a plain module with "
+                             "nest.export(sub, plain=True) (save it with torch.save)") from e
     _set_config(small, cfg, [(p, r[5:].split(".")[0]) for p, m in nest._sliced.items() for r in m._sn.bind
                              if r.startswith("attr:") and "." in r])
     return small
