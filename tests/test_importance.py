@@ -192,3 +192,26 @@ def test_sorting_a_resnet_on_a_small_batch_is_not_refused():
     sort_units(nest, "l1", example=x)
     with torch.no_grad():
         torch.testing.assert_close(m(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_an_output_that_is_rounding_noise_around_zero_does_not_refuse_a_correct_sort():
+    """An output of ~1e-9 (the mean of normalised features, returned for logging) changes by rounding under
+    any permutation: measured against 1e-4 of the largest output's scale, it does not refuse the sort."""
+
+    class Logged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.ln, self.h = nn.Linear(16, 64), nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            z = self.ln(self.b(torch.relu(self.a(x))))
+            return self.h(z), z.mean()
+
+    torch.manual_seed(0)
+    model, x = Logged().eval(), torch.randn(32, 16)
+    nest = sn.wrap(model, sn.Width("h", [16, 32, 64], out="a", inp="b"))
+    with torch.no_grad():
+        ref = model(x)[0]
+    sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], ref, atol=1e-5, rtol=1e-5)

@@ -397,3 +397,52 @@ def test_a_use_block_left_out_of_order_by_a_generator_leaves_the_callers_block_a
             assert (nest.active, other.active) == (nest.resolve("h=4"), other.resolve("h=2"))
         assert (nest.active, other.active) == (nest.resolve("h=2"), other.largest)
     assert nest.active == nest.largest
+
+
+def test_a_generator_block_still_open_when_the_callers_block_ends_does_not_outlive_it():
+    """The other order: the generator enters its ``use`` inside the caller's block and is still suspended
+    when that block ends. The caller's exit restores what was in force before it (the generator's block
+    ends with it, its later exit changes nothing), also when another task closes the generator; a
+    context copied inside a block keeps its own view when the parent's blocks end out of order."""
+    import asyncio
+    import contextvars
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), sn.Width("h", [2, 4, 6, 8], out="0",
+                                                                                           inp="2"))
+
+    def stream():
+        with nest.use("h=2"):
+            yield nest.active
+
+    g = stream()
+    with nest.use("h=4"):
+        assert next(g) == nest.resolve("h=2")  # documented: in force for the caller while suspended
+    assert nest.active == nest.largest
+    g.close()
+    assert nest.active == nest.largest
+
+    async def main():
+        g = stream()
+        with nest.use("h=4"):
+            next(g)
+        seen = nest.active
+        await asyncio.create_task(asyncio.to_thread(g.close))  # closed in another context
+        return seen, nest.active
+
+    assert asyncio.run(main()) == (nest.largest, nest.largest)
+
+    def child():  # runs in a copy of the context made inside the parent's h=4 block
+        before = nest.active
+        with nest.use("h=6"):
+            inside = nest.active
+        return before, inside, nest.active
+
+    g = stream()
+    with nest.use("h=4"):
+        ctx = contextvars.copy_context()
+        next(g)
+        g.close()  # the generator's block is left out of order, inside h=4: h=4 stays
+        assert nest.active == nest.resolve("h=4")
+        got = ctx.run(child)
+    assert got == (nest.resolve("h=4"), nest.resolve("h=6"), nest.resolve("h=4"))
+    assert nest.active == nest.largest

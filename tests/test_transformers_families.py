@@ -726,9 +726,16 @@ def test_importance_sorting_that_would_change_the_full_model_is_undone_and_refus
     x = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(1))
     nest = sn.from_transformers(model, ffn=[32], heads=[2])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match="differ from the original's"):
-        sn.sort_by_importance(nest, [x])
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    def popping_loss(m, batch):  # takes the labels out of the batch, and masks tokens at random
+        labels = batch.pop("labels")
+        keep = torch.rand(labels.shape) < 0.8
+        return m(**batch, labels=torch.where(keep, labels, -100)).loss
+
+    for kw in ({}, {"loss_fn": lambda m, b: m(b, labels=b).loss}, {"loss_fn": popping_loss}):
+        batch = {"input_ids": x, "labels": x} if kw.get("loss_fn") is popping_loss else x
+        with pytest.raises(sn.SortedNetError, match="differ from the original's"):  # logits, not the loss alone
+            sn.sort_by_importance(nest, [batch], **kw)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         ref = model(x).logits
     perms = sn.sort_by_importance(nest, [x], heads=False)

@@ -204,7 +204,7 @@ class Active:
         own = type("Active", (cls,), {"_scoped": property(var.get), "__slots__": (), "__module__": __name__})
         self = object.__new__(own)
         self.var, self.default = var, default
-        # the open ``use`` blocks of the context, oldest first (see sortednet.plan.Use)
+        # the open ``use`` blocks of the context, oldest first (see sortednet.plan.Use); never mutated
         self.uses: contextvars.ContextVar[tuple] = contextvars.ContextVar("sortednet_uses", default=())
         return self
 

@@ -335,9 +335,9 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                 _apply(groups, orders, optimizer)
                 with dry_run(nest.model), nest.use(nest.largest):
                     got = _leaves(call_model(model, example))
-                err = _rel_err(got, ref)
+                err = rel_err(got, ref)
                 if err <= atol and ref_t is not None:
-                    err = _rel_err(train_out(0), ref_t)
+                    err = rel_err(train_out(0), ref_t)
                     where = " in training mode" if err > atol else ""
             except SortedNetError:
                 err = float("inf")
@@ -358,7 +358,15 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                          + "; run nest.check(example) to find it. Nothing was changed")
 
 
-def _rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
-    """Largest change of an output relative to that output's own scale (small-valued outputs too)."""
-    return max((((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(got, ref)
-                if a.is_floating_point() and b.numel()), default=0.0)
+def rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
+    """Largest change of an output relative to that output's own scale, so small-valued outputs count too;
+    an output below 1e-4 of the largest one's scale (rounding noise around zero, e.g. the mean of normalised
+    features returned for logging) is measured against that floor instead. Outputs that differ in shape: inf."""
+    pairs = [(a.detach().double(), b.detach().double()) for a, b in zip(got, ref)
+             if isinstance(a, Tensor) and isinstance(b, Tensor) and b.is_floating_point() and b.numel()]
+    if len(got) != len(ref) or any(a.shape != b.shape for a, b in pairs):
+        return float("inf")
+    if not pairs:
+        return 0.0
+    floor = 1e-4 * max(b.abs().max().item() for _, b in pairs)
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(max(floor, 1e-30))).item() for a, b in pairs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import sys
 import threading
 from typing import Any
 
@@ -137,20 +138,40 @@ def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
     return out
 
 
+class _Open:
+    """One open ``use`` block on its context's stack: the value the variable held before it, where it was
+    entered (a frame's id and code, not the frame: a copied context must not keep the caller's locals
+    alive), and whether it was left while later blocks were still open. Never changed: a context copied
+    inside the block (a task, ``copy_context().run``) keeps its own view of the stack."""
+
+    __slots__ = ("prev", "frame", "code", "left")
+
+    def __init__(self, prev: Any, frame: Any, left: bool = False) -> None:
+        self.prev, self.left = prev, left
+        self.frame, self.code = (id(frame), frame.f_code) if frame is not None else (0, None)
+
+    def running(self, start: Any) -> bool:
+        """Whether the frame that entered the block is on the call stack from ``start`` up (a block of a
+        suspended generator is not)."""
+        f = start
+        while f is not None:
+            if id(f) == self.frame and f.f_code is self.code:
+                return True
+            f = f.f_back
+        return False
+
+
 class Use:
-    """Context manager of ``nest.use``: sets the nest's context variable to ``plan``, resets it on exit.
+    """Context manager of ``nest.use``: sets the nest's context variable to ``plan``; on exit the caller's
+    previous state (another ``use`` or none: the default) comes back, in this context only. One object
+    may be entered by several threads at once, but not twice in one thread before it is left.
 
-    The reset uses the token of the set, so the caller's previous state (another
-    ``use`` or none: the default) comes back exactly, in this context only. One
-    object may be entered by several threads at once (each its own token), but
-    not twice in one thread before it is left.
-
-    Blocks left out of order: a generator that yields inside ``use`` and is closed
-    (or collected) while its caller is inside another ``use`` of the same context.
-    A token reset there would undo the caller's block too. Each block is kept on
-    a per-context stack of open blocks instead: one left while a later block is
-    still open only marks itself left (the later block keeps its sub-model), and
-    the later block's exit then also passes over it, to the state before it.
+    Each context keeps a stack of its open blocks (``Active.uses``), so blocks left out of order (a
+    generator holding ``use`` across a ``yield``) stay right. A block left while a later block is still
+    open: when that later block belongs to a running frame (the caller closed or exhausted the generator
+    inside its own ``use``), it keeps its sub-model and this block is only marked left, passed over when
+    the later block ends; when it belongs to a suspended generator, this block's exit restores what was in
+    force before it, as if the generator's block had ended too (its own exit then changes nothing).
     """
 
     __slots__ = ("active", "plan", "tokens")
@@ -164,8 +185,10 @@ class Use:
             raise SortedNetError(f"this nest.use({self.plan.sub}) block is already entered in this thread (by "
                                  "another task, or nested in itself); call nest.use(...) for each block")
         a = self.active
-        entry = [a.var.get(a), False]  # the value before this block (the Active itself: none), left out of order
-        self.tokens[key] = (a.var.set(self.plan), a.uses.set((*a.uses.get(), entry)), entry)
+        entry = _Open(a.var.get(a), sys._getframe(1))  # the value before this block (the Active itself: none)
+        a.uses.set((*a.uses.get(), entry))
+        a.var.set(self.plan)
+        self.tokens[key] = entry
         return self.plan.sub
 
     def __call__(self, fn: Any) -> Any:
@@ -178,28 +201,23 @@ class Use:
         return functools.wraps(fn)(in_plan(self.active, self.plan, fn))
 
     def __exit__(self, *exc: object) -> None:
-        got = self.tokens.pop(threading.get_ident(), None)
-        if got is None:  # left in another thread than the one that entered: nothing of this thread to undo
+        entry = self.tokens.pop(threading.get_ident(), None)
+        if entry is None:  # left in another thread than the one that entered: nothing of this thread to undo
             return
-        token, uses_token, entry = got
         a = self.active
         stack = a.uses.get()
-        if not stack or stack[-1] is not entry:
-            if any(e is entry for e in stack):  # a later block is still open: it keeps its sub-model
-                entry[1] = True
-            return  # else left in another context (a generator closed elsewhere): leave that context as it is
-        try:
-            a.var.reset(token)
-            a.uses.reset(uses_token)
-        except ValueError:  # (the same stack object reached another context: leave that context as it is)
+        i = next((j for j, e in enumerate(stack) if e is entry), None)
+        if i is None:  # left in another context (a generator closed elsewhere): leave that context as it is
             return
-        stack = a.uses.get()
-        if stack and stack[-1][1]:  # blocks below this one were left while it was open: pass over them
-            live = len(stack)
-            while live and stack[live - 1][1]:
-                live -= 1
-            a.var.set(stack[live][0])
-            a.uses.set(stack[:live])
+        above = [e for e in stack[i + 1:] if not e.left]
+        here = sys._getframe(1)
+        if above and all(e.running(here) for e in above):  # later blocks of running frames keep their sub-model
+            a.uses.set((*stack[:i], _Open(entry.prev, None, left=True), *stack[i + 1:]))
+            return
+        while i > 0 and stack[i - 1].left:  # blocks below left out of order during this one: gone too
+            i -= 1
+        a.var.set(stack[i].prev)
+        a.uses.set(stack[:i])
 
 
 def in_plan(active: Active, plan: Plan, fn: Any) -> Any:

@@ -13,6 +13,7 @@ by their summed score) and query heads are ordered within their group.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError
+from ..importance import rel_err
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
@@ -131,6 +133,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
             for batch in batches:
                 for p in model.parameters():
                     p.grad = None
+                if n == 0:  # kept for the before / after comparison (a shallow copy: loss_fn may pop keys)
+                    first = copy.copy(batch) if isinstance(batch, Mapping) else batch
                 loss = (loss_fn or _default_loss)(view, batch)
                 if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
                     raise SortedNetError(f"sort_by_importance: loss_fn must return a scalar floating-point tensor, "
@@ -141,8 +145,6 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                          "its gradient scores would be NaN and every order meaningless. Nothing "
                                          "was changed: drop that batch (or fix the loss)")
                 loss.reshape(()).backward()
-                if n == 0:
-                    first = batch
                 for i, blk in enumerate(blocks):
                     if ffn:
                         ffn_s[i] = ffn_s[i] + _score(blk.get_submodule(_paths(blk, lay.ffn_inp)[0]), 1)
@@ -157,6 +159,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     if n == 0:
         raise SortedNetError("sort_by_importance: batches is empty; give at least one batch")
     ref = _outputs(nest, first, loss_fn)
+    if rel_err(_outputs(nest, first, loss_fn), ref) > 0:  # outputs that vary run to run (sampling in loss_fn
+        ref = None                                        # beyond torch's seeded stream) cannot be compared
     perms: dict[str, dict[str, Tensor]] = {}
     log: list[tuple] = []  # every permutation applied, to undo them if the full model changed
     try:
@@ -176,9 +180,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 if heads:
                     p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
                                              lay.layout_of_qkv(model.config), log)
-        got = _outputs(nest, first, loss_fn)
         half = any(q.is_floating_point() and q.dtype not in (torch.float32, torch.float64) for q in model.parameters())
-        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item() if got.shape == ref.shape else 1.0
+        err = 0.0 if ref is None else rel_err(_outputs(nest, first, loss_fn), ref)
         if not err <= (1e-2 if half else 1e-4):
             raise SortedNetError(
                 f"sort_by_importance: the permuted {lay.family}-layout model's outputs differ from the original's by "
@@ -196,19 +199,22 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     return perms
 
 
-def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> Tensor:
-    """The full model's logits on ``batch`` (its loss for a custom ``loss_fn``), in float64."""
-    from ..check import first_float
+def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> list[Tensor]:
+    """What the full model returns on ``batch`` (every floating-point output: logits, hidden states, the
+    loss; with a custom ``loss_fn`` the outputs of the model call it makes, captured by a forward hook, and
+    its loss), under a fixed random stream (a loss that masks tokens at random draws alike every time)."""
+    from ..coupling_ops import leaves
+    from ..modes import seeded
 
-    with nest.use(nest.largest), eval_mode(nest) as (view, _), torch.no_grad():
-        if loss_fn is not None:
-            out = loss_fn(view, batch)
-        elif isinstance(batch, Tensor):
-            out = view(input_ids=batch)
-        else:
-            out = view(**{k: v for k, v in batch.items() if k != "labels"})
-        t = out if isinstance(out, Tensor) else first_float(out)
-    return t.detach().double().reshape(-1) if isinstance(t, Tensor) else torch.zeros(1, dtype=torch.float64)
+    seen: list[Any] = []
+    with nest.use(nest.largest), eval_mode(nest) as (view, _), torch.no_grad(), seeded(0):
+        hook = view.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
+        try:
+            loss = (loss_fn or _default_loss)(view, copy.copy(batch) if isinstance(batch, Mapping) else batch)
+        finally:
+            hook.remove()
+    outs = [t for t in leaves(seen[0].to_tuple() if hasattr(seen[0], "to_tuple") else seen[0])] if seen else []
+    return [t.detach() for t in (*outs, loss) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
