@@ -272,22 +272,31 @@ def test_a_smallest_size_of_one_cannot_hide_a_missing_binding_by_broadcasting(si
     sn.wrap(model, sn.Width("ch", sizes, out=["conv", "se2"], inp=["se1", "fc"]), example=x)  # the right one
 
 
-def test_an_output_check_cannot_see_is_refused():
+def test_outputs_are_opened_and_one_check_cannot_see_is_refused():
+    """A distribution (an RL policy's output) is opened through its tensor attributes: a Width on its
+    classes is refused as for a plain tensor. An object holding no tensor attribute is refused outright."""
+
     class Box:
         def __init__(self, y):
-            self.y = y
+            self.ys = [y]
 
     class Net(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, out):
             super().__init__()
+            self.out = out
             self.a, self.o = torch.nn.Linear(6, 8), torch.nn.Linear(8, 5)
 
         def forward(self, x):
-            return Box(self.o(torch.relu(self.a(x))))
+            return self.out(self.o(torch.relu(self.a(x))))
 
-    nest = sn.wrap(Net(), sn.Width("h", [2, 8], out="a", inp="o"))
+    x = torch.randn(3, 6)
+    policy = Net(lambda y: torch.distributions.Categorical(logits=y))
+    sn.wrap(policy, sn.Width("h", [2, 8], out="a", inp="o"), example=x)
+    with pytest.raises(sn.SortedNetError, match="changes the output shapes"):
+        sn.wrap(Net(lambda y: torch.distributions.Categorical(logits=y)), sn.Width("c", [2, 5], out="o"), example=x)
+    nest = sn.wrap(Net(Box), sn.Width("h", [2, 8], out="a", inp="o"))
     with pytest.raises(sn.SortedNetError, match="holds no tensor that check can see"):
-        nest.check(torch.randn(3, 6))
+        nest.check(x)
 
 
 class _WritesItsParameters(torch.nn.Module):
@@ -333,3 +342,29 @@ def test_dry_runs_undo_what_the_forward_writes_into_parameters():
     sort_units(nest, "taylor", example=x, data=[x], loss_fn=lambda m, b: m(b).square().mean())
     after = model.state_dict()
     assert all(torch.equal(after[k], before["state"][k]) for k in ("center", "scale", "count"))
+
+
+def test_dry_runs_restore_a_resized_buffer_and_run_higher_order_ops():
+    """A cache buffer the forward grows in place (resize_) gets its shape and values back; a forward with
+    torch.cond (a higher-order operator) runs under the dry run's write watch."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+            self.register_buffer("cache", torch.zeros(2))
+
+        def forward(self, x):
+            self.cache.resize_(self.cache.numel() + 1).fill_(1.0)
+            h = torch.relu(self.a(x))
+            h = torch.cond(h.sum() > 0, lambda t: t * 2, lambda t: t - 1, (h,))
+            return self.o(h)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(4, 6)
+    before = snapshot(model)
+    sn.discover(model, x, ratios=[0.5, 1.0])  # runs (torch.cond is an op it does not know: fixed, left out)
+    assert_unchanged(model, before)
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="o"), example=x)
+    nest.check(x)
+    assert torch.equal(model.cache, torch.zeros(2))

@@ -70,11 +70,24 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
     return problems
 
 
+def output_leaves(out: Any) -> list[Any]:
+    """The leaves of a model output (pytree containers and dataclasses opened); an object of another class
+    (a ``torch.distributions`` policy, a result record) is opened one level: its tensor attributes, by name."""
+    out_ = []
+    for leaf in leaves(out):
+        if isinstance(leaf, torch.Tensor) or not hasattr(leaf, "__dict__") or isinstance(leaf, (type, nn.Module)):
+            out_.append(leaf)
+            continue
+        ts = [v for _, v in sorted(vars(leaf).items()) if isinstance(v, torch.Tensor)]
+        out_ += ts if ts else [leaf]
+    return out_
+
+
 def first_float(out: Any) -> torch.Tensor | None:
     """The first floating-point tensor of a model output (logits / last hidden state / the tensor itself)."""
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
-    return next((t for t in leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    return next((t for t in output_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -202,7 +215,7 @@ def _tolerance(nest: Nest) -> float:
 
 def _shapes(x: Any) -> list:
     """The shape of every tensor of a model output (dataclass fields included), the type of anything else."""
-    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in leaves(x)]
+    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output_leaves(x)]
 
 
 def _plan(nest: Nest, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
@@ -310,11 +323,12 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 raise SortedNetError(f"nest.check: the full model ({nest.largest}) does not run on the example: "
                                      f"{type(e).__name__}: {e}") from e
             want = _shapes(out)
-            if not any(isinstance(t, torch.Tensor) for t in leaves(out)):
+            if not any(isinstance(t, torch.Tensor) for t in output_leaves(out)):
                 raise SortedNetError(f"nest.check: the model's output ({type(out).__name__}) holds no tensor that "
-                                     "check can see (tensors, tuples, lists, dicts, named tuples, dataclasses and "
-                                     "Hugging Face outputs are opened), so it cannot tell a sliced output from a "
-                                     "right one; return one of those, or check a wrapper whose forward does")
+                                     "check can see (tensors, tuples, lists, dicts, named tuples, dataclasses, "
+                                     "Hugging Face outputs and the tensor attributes of other objects are opened), "
+                                     "so it cannot tell a sliced output from a right one; return one of those, or "
+                                     "check a wrapper whose forward does")
         for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
                 try:
@@ -364,7 +378,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         except Exception as e:
             raise SortedNetError(f"nest.check: export({sub}) does not run on the example: {type(e).__name__}: "
                                  f"{e}{hint}") from e
-        for a, b in zip(leaves(got), leaves(live)):
+        for a, b in zip(output_leaves(got), output_leaves(live)):
             if not isinstance(a, torch.Tensor) or not a.is_floating_point():
                 continue
             rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None

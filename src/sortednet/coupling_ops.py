@@ -61,7 +61,7 @@ def leaves(x: Any) -> list[Any]:
     out = []
     for leaf in tree_leaves(x):
         if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
-            out += leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)])
+            out += leaves([getattr(leaf, f.name, None) for f in dataclasses.fields(leaf)])  # (init=False: unset)
         else:
             out.append(leaf)
     return out

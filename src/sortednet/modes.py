@@ -60,7 +60,9 @@ def dry_run(model: nn.Module) -> Iterator[None]:
                 if _storage(p.data) != _storage(data) or p.shape != data.shape:
                     p.data = data
             for t, v in [*saved, *guard.saved.values()]:
-                if t.shape == v.shape and not torch.equal(t, v):
+                if t.shape != v.shape:  # resized in place (resize_, set_): its old shape and values back
+                    t.data = v
+                elif not torch.equal(t, v):
                     t.copy_(v)
 
 
@@ -73,7 +75,10 @@ def _storage(t: Any) -> int:
 
 
 class _SaveOnWrite(TorchDispatchMode):
-    """Copies a tensor of ``tensors`` once, just before the first op that writes into its storage."""
+    """Copies a tensor of ``tensors`` once, just before the first op that writes into its storage.
+    Higher-order operators (``torch.cond``, flex attention) pass through, unwatched inside."""
+
+    supports_higher_order_operators = True
 
     def __init__(self, tensors: Iterable[Any]) -> None:
         super().__init__()
@@ -86,7 +91,9 @@ class _SaveOnWrite(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        schema = func._schema
+        schema = getattr(func, "_schema", None)
+        if schema is None:  # a higher-order operator: this mode is popped while it runs
+            return func(*args, **kwargs)
         if self.by_storage and schema.is_mutable:
             for i, arg in enumerate(schema.arguments):
                 if arg.alias_info is None or not arg.alias_info.is_write:

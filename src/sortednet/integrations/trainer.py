@@ -90,11 +90,6 @@ class SortedTrainer(Trainer):
             raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)")
         self.nest = nest
         self._rank = any(d.kind == "rank" for d in nest.dims)
-        if any(d.kind == "rank" and getattr(d, "mode", None) == "lora" for d in nest.dims):
-            keep = {id(p) for p in nest.trainable_parameters()}  # the adapters: LoRA trains nothing else
-            for p in nest.model.parameters():
-                if p.requires_grad and id(p) not in keep:
-                    p.requires_grad_(False)
         self.sampler = sampler if sampler is not None else make_sampler(nest)
         self.soft_exits = list(soft_exits) if soft_exits is not None else None
         self.soft_weights = soft_weights
@@ -105,6 +100,11 @@ class SortedTrainer(Trainer):
             if self._depth is not None and max(self.soft_exits) not in self._depth.sizes:
                 raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "
                                      f"dimension {self._depth.name!r} {list(self._depth.sizes)}")
+        if any(d.kind == "rank" and getattr(d, "mode", None) == "lora" for d in nest.dims):  # after every check
+            keep = {id(p) for p in nest.trainable_parameters()}  # the adapters: LoRA trains nothing else
+            for p in nest.model.parameters():
+                if p.requires_grad and id(p) not in keep:
+                    p.requires_grad_(False)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A Rank nest's parameters are factors / adapters, which ``from_pretrained`` would drop or
