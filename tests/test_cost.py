@@ -310,3 +310,20 @@ def test_a_new_profile_keeps_costs_it_does_not_measure_again_only_if_counted_by_
     nest.profile(x, metrics=["params"], repeat=1, warmup=0, progress=False)  # replaces the measured latency
     with pytest.raises(sn.SortedNetError, match="latency"):
         nest.pick(latency=1.0)
+
+
+def test_costs_follow_parameters_replaced_after_wrap():
+    """load_state_dict(assign=True) (or fully_shard, or a .to() that replaces parameters) puts new objects of
+    the same names and shapes in: parameter counts (Depth-skipped blocks left out) and weight bytes follow."""
+    case = FAMILIES["lm_width_heads_depth"]()
+    nest = sn.wrap(case.model, *case.dims)
+    before = {s: sum(p.numel() for p in nest.export(s).parameters()) for s in nest.submodels}
+    fresh = {k: v.detach().clone().double() if v.is_floating_point() else v.clone()
+             for k, v in case.model.state_dict().items()}
+    case.model.load_state_dict(fresh, assign=True)
+    for s in nest.submodels:
+        exported = nest.export(s)
+        assert nest.cost(s) == before[s] == sum(p.numel() for p in exported.parameters()), s
+    prof = nest.profile(case.example.clone(), metrics=("memory",), progress=False, repeat=1, warmup=0)
+    for s, mem in zip(prof.submodels, prof.costs["memory"]):
+        assert mem >= sum(p.numel() * p.element_size() for p in nest.export(s).parameters()), s

@@ -147,15 +147,9 @@ class Nest:
     def _attach(self, planned: dict, hooks: list) -> None:
         self._sliced = {path: m for path, (m, _, _) in planned.items()}
         self._hooks = hooks
-        self._tensor_owner: dict[int, tuple[nn.Module, str]] = {}
-        for m in self._sliced.values():
-            for name in m._sn.slicer.attr_names(m, m._sn.bind):
-                t = m._sn.slicer.tensor(m, name)
-                if isinstance(t, torch.Tensor):
-                    self._tensor_owner[id(t)] = (m, name)
         self._depth = [m for m in self._sliced.values() if "depth" in m._sn.bind]
         self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
-        self._param_counter = ParamCounter(self)
+        self._count_tensors()
         self._flops_example: Any = None   # input signature of the FLOPs in _cost_cache["flops"]
         self._cost_lock = threading.Lock()
         self._profile: Profile | None = None
@@ -173,6 +167,21 @@ class Nest:
             d._nest = self
         self._structure = self._fingerprint()
         self._links = self._wrapped_links()
+
+    def _count_tensors(self) -> None:
+        """(Re)build what counts parameters by object: the owner of each sliced tensor and the counter."""
+        self._tensor_owner: dict[int, tuple[nn.Module, str]] = {}
+        for m in self._sliced.values():
+            for name in m._sn.slicer.attr_names(m, m._sn.bind):
+                t = m._sn.slicer.tensor(m, name)
+                if isinstance(t, torch.Tensor):
+                    self._tensor_owner[id(t)] = (m, name)
+        self._param_counter = ParamCounter(self)
+        self._cost_cache["params"] = {}
+        self._tensors = self._tensor_ids()
+
+    def _tensor_ids(self) -> tuple:
+        return tuple((id(p), p.dtype) for p in self.model.parameters())
 
     def _fingerprint(self) -> tuple:
         """The model's parameters as the cost tables and export rely on: names, shapes and which names
@@ -231,6 +240,8 @@ class Nest:
             raise SortedNetError(f"{what}: the model changed after wrap: {why}. The nest's cost tables, paths and "
                                  "export describe the model as wrapped; nest.unwrap(), change the model, then "
                                  "wrap it again")
+        if self._tensor_ids() != self._tensors:  # the same names and shapes in new objects or dtypes
+            self._count_tensors()  # (load_state_dict(assign=True), fully_shard, .to() that replaces them)
 
     def _param_table(self, rows: np.ndarray) -> np.ndarray:
         """Exact parameter count of every row of size indices, vectorised.
