@@ -638,3 +638,19 @@ def test_evaluate_takes_one_pair_with_structured_inputs_and_custom_metrics_of_an
         return sum(str(int(p)) == q for p, q in zip(out.argmax(-1), t))
 
     assert evaluate(nest, [((x, z), labels)], metric=metric) == want  # targets of any kind, in a list of batches
+
+
+@pytest.mark.parametrize("bad", ["list_targets", "wrong_width", "empty_targets"])
+def test_fit_refuses_a_malformed_eval_set_before_the_first_step(bad):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    eval_data = {"list_targets": (x, y.tolist()), "wrong_width": (x[:, :3], y), "empty_targets": (x, y[:0])}[bad]
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="evaluate"):
+        sn.fit(nest, [(x, y)] * 10, opt, sn.Sampler(nest.submodels, k=2, seed=0), eval_data=eval_data,
+               eval_every=5, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not opt.state

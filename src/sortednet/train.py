@@ -416,6 +416,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         total = epochs * len(loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
+    if eval_data is not None:  # a malformed eval set is refused now, not after the first eval_every steps
+        first = next(iter(_batches(eval_data)), None)
+        evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest])
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     try:
