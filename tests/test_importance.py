@@ -215,3 +215,15 @@ def test_an_output_that_is_rounding_noise_around_zero_does_not_refuse_a_correct_
     sort_units(nest, "l1", example=x)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sorting_drops_profile_scores_measured_before_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    x = torch.randn(32, 4)
+    nest.profile(x, metrics=("params",), score=lambda sub: float(model(x).std()), progress=False)
+    assert nest._profile.scores is not None
+    with pytest.warns(UserWarning, match="no longer apply"):
+        sort_units(nest, "l1", example=x)
+    assert nest._profile is not None and nest._profile.scores is None and "params" in nest._profile.costs

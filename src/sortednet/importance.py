@@ -301,7 +301,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise SortedNetError(f"sort_units: optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
-        return _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
+        orders = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
+    nest._drop_scores("sort_units")
+    return orders
 
 
 def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,

@@ -537,6 +537,18 @@ class Nest:
         _warn_if_loss_like(prof)
         return prof
 
+    def _drop_scores(self, why: str) -> None:
+        """The profile's scores no longer describe the weights (units permuted): keep its costs, drop them."""
+        prof = self._profile
+        if prof is not None and prof.scores is not None:
+            import dataclasses
+            import warnings
+
+            self._set_profile(dataclasses.replace(prof, scores=None))
+            warnings.warn(f"{why}: the profile's scores were measured before and no longer apply; they were "
+                          "dropped (its costs stay). Measure them again: nest.profile(example, score=...)",
+                          stacklevel=3)
+
     def _set_profile(self, prof: Profile | None) -> None:
         old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
         if prof is None:

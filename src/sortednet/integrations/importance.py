@@ -196,6 +196,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 else:
                     _permute(m, rest[0], torch.argsort(rest[1]), None)
         raise
+    nest._drop_scores("sort_by_importance")
     return perms
 
 
