@@ -222,7 +222,7 @@ def test_sorting_drops_profile_scores_measured_before_it():
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"))
     x = torch.randn(32, 4)
-    nest.profile(x, metrics=("params",), score=lambda sub: float(model(x).std()), progress=False)
+    nest.profile(x, metrics=("params",), score=lambda sub: float(model(x).detach().std()), progress=False)
     assert nest._profile.scores is not None
     with pytest.warns(UserWarning, match="no longer apply"):
         sort_units(nest, "l1", example=x)

@@ -94,7 +94,9 @@ class Sampler:
     that one). Sandwich always draws the smallest and the largest; the schedule
     moves its other draws.
 
-    ``draw`` returns sub-models in ascending cost order.
+    ``draw`` returns sub-models in ascending cost order. A list of your own must be in ascending cost
+    (``sorted(subs, key=nest.cost)``): positions decide the smallest / largest and rank-based weights, and
+    a list of sub-models carries no costs, so only a sub-model containing a later one is refused.
 
     >>> import torch.nn as nn, sortednet as sn
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 6, 8], out="0", inp="1"))
