@@ -368,3 +368,13 @@ def test_dry_runs_restore_a_resized_buffer_and_run_higher_order_ops():
     nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="o"), example=x)
     nest.check(x)
     assert torch.equal(model.cache, torch.zeros(2))
+
+
+def test_dry_run_restores_a_parameter_whose_data_was_re_viewed():
+    from sortednet.modes import dry_run
+
+    lin = torch.nn.Linear(4, 4)
+    w, before = lin.weight, lin.weight.detach().clone()
+    with dry_run(lin):
+        lin.weight.data = lin.weight.data.t()  # same storage and shape, other strides
+    assert lin.weight is w and torch.equal(lin.weight, before)

@@ -47,6 +47,9 @@ def dry_run(model: nn.Module) -> Iterator[None]:
     params = {id(t): t for m, d, _, t in slots if d is m._parameters}
     datas = [(p, p.data) for p in params.values()]  # the storage each parameter holds now (no copy)
     saved = [(t, t.detach().clone()) for m, d, _, t in slots if d is m._buffers]
+    # parameters whose storage the dispatch mode cannot watch (tensor subclasses): copied now
+    saved += [(p, p.detach().clone()) for p in params.values() if p.device.type != "meta" and not _storage(p)
+              and p.numel()]
     guard = _SaveOnWrite(params.values())
     try:
         with guard:
@@ -57,7 +60,9 @@ def dry_run(model: nn.Module) -> Iterator[None]:
                 if d.get(name) is not t:
                     d[name] = t
             for p, data in datas:
-                if _storage(p.data) != _storage(data) or p.shape != data.shape:
+                now = p.data
+                if (_storage(now) != _storage(data) or now.shape != data.shape or now.stride() != data.stride()
+                        or now.storage_offset() != data.storage_offset()):
                     p.data = data
             for t, v in [*saved, *guard.saved.values()]:
                 if t.shape != v.shape:  # resized in place (resize_, set_): its old shape and values back
