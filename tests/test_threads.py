@@ -446,3 +446,31 @@ def test_a_generator_block_still_open_when_the_callers_block_ends_does_not_outli
         got = ctx.run(child)
     assert got == (nest.resolve("h=4"), nest.resolve("h=6"), nest.resolve("h=4"))
     assert nest.active == nest.largest
+
+
+def test_a_use_block_opened_and_closed_by_the_users_root_hooks_leaves_activate_working():
+    """A root pre-hook that enters ``nest.use`` and a forward hook that leaves it: the nest's pin (which runs
+    its post hook first) and that block unwind as one stack, so no pinned default is left behind."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    x = torch.randn(3, 4)
+    block = {}
+
+    def enter(mod, args):
+        block["use"] = nest.use("h=2")
+        block["use"].__enter__()
+
+    def leave(mod, args, out):
+        block.pop("use").__exit__(None, None, None)
+
+    hooks = [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    with torch.no_grad():
+        got = m(x)
+        torch.testing.assert_close(got, nest.export("h=2")(x))
+    for h in hooks:
+        h.remove()
+    assert nest.active == nest.largest
+    nest.activate("h=4")
+    assert nest.active == nest.resolve("h=4") and m[0].weight.shape == (4, 4)
+    nest.activate(nest.largest)

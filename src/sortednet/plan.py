@@ -184,11 +184,8 @@ class Use:
         if key in self.tokens:
             raise SortedNetError(f"this nest.use({self.plan.sub}) block is already entered in this thread (by "
                                  "another task, or nested in itself); call nest.use(...) for each block")
-        a = self.active
-        entry = _Open(a.var.get(a), sys._getframe(1))  # the value before this block (the Active itself: none)
-        a.uses.set((*a.uses.get(), entry))
-        a.var.set(self.plan)
-        self.tokens[key] = entry
+        self.tokens[key] = open_block(self.active, sys._getframe(1))
+        self.active.var.set(self.plan)
         return self.plan.sub
 
     def __call__(self, fn: Any) -> Any:
@@ -202,22 +199,31 @@ class Use:
 
     def __exit__(self, *exc: object) -> None:
         entry = self.tokens.pop(threading.get_ident(), None)
-        if entry is None:  # left in another thread than the one that entered: nothing of this thread to undo
-            return
-        a = self.active
-        stack = a.uses.get()
-        i = next((j for j, e in enumerate(stack) if e is entry), None)
-        if i is None:  # left in another context (a generator closed elsewhere): leave that context as it is
-            return
-        above = [e for e in stack[i + 1:] if not e.left]
-        here = sys._getframe(1)
-        if above and all(e.running(here) for e in above):  # later blocks of running frames keep their sub-model
-            a.uses.set((*stack[:i], _Open(entry.prev, None, left=True), *stack[i + 1:]))
-            return
-        while i > 0 and stack[i - 1].left:  # blocks below left out of order during this one: gone too
-            i -= 1
-        a.var.set(stack[i].prev)
-        a.uses.set(stack[:i])
+        if entry is not None:  # (None: left in another thread than the one that entered: nothing to undo)
+            close_block(self.active, entry, sys._getframe(1))
+
+
+def open_block(a: Active, frame: Any) -> _Open:
+    """Push a block entered in ``frame`` on this context's stack (the caller then sets the variable)."""
+    entry = _Open(a.var.get(a), frame)  # the value before this block (the Active itself: none)
+    a.uses.set((*a.uses.get(), entry))
+    return entry
+
+
+def close_block(a: Active, entry: _Open, here: Any, *, force: bool = False) -> None:
+    """Leave the block ``entry`` from frame ``here`` (see :class:`Use`); ``force``: whatever is above it."""
+    stack = a.uses.get()
+    i = next((j for j, e in enumerate(stack) if e is entry), None)
+    if i is None:  # left in another context (a generator closed elsewhere): leave that context as it is
+        return
+    above = [e for e in stack[i + 1:] if not e.left]
+    if not force and above and all(e.running(here) for e in above):  # later blocks of running frames stay
+        a.uses.set((*stack[:i], _Open(entry.prev, None, left=True), *stack[i + 1:]))
+        return
+    while i > 0 and stack[i - 1].left:  # blocks below left out of order during this one: gone too
+        i -= 1
+    a.var.set(stack[i].prev)
+    a.uses.set(stack[:i])
 
 
 def in_plan(active: Active, plan: Plan, fn: Any) -> Any:

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
+from .plan import close_block, open_block
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .views import _compiling
@@ -309,19 +310,17 @@ class Pin:
         return self  # a deep copy of the model follows the same nest state
 
     def _stack(self) -> list:
-        """This thread's pins ``[token or None, frame of the root call, pinned plan]``, stale ones undone."""
+        """This thread's pins ``[open block or None, frame of the root call, pinned plan]``, stale ones
+        undone."""
         stack = self.local.__dict__.setdefault("stack", [])
         if stack:
             outer, f = stack[0][1], sys._getframe(2)
             while f is not None and f is not outer:
                 f = f.f_back
             if f is None:  # the outermost pinned forward is gone without its post hook (an interrupt)
-                for token, _, _ in reversed(stack):
-                    if token is not None:
-                        try:
-                            self.active.var.reset(token)
-                        except (ValueError, RuntimeError):
-                            pass
+                for entry, _, _ in reversed(stack):
+                    if entry is not None:
+                        close_block(self.active, entry, None, force=True)
                 stack.clear()
         return stack
 
@@ -331,19 +330,19 @@ class Pin:
         a = self.active
         stack = self._stack()
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
-        stack.append([a.var.set(a.default) if pinned else None, sys._getframe(1), a.default if pinned else None])
+        entry = open_block(a, sys._getframe(1)) if pinned else None  # a block on the context's stack, like use
+        if pinned:
+            a.var.set(a.default)
+        stack.append([entry, sys._getframe(1), a.default if pinned else None])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():
             return
         stack = self.local.__dict__.get("stack")
         if stack:
-            token = stack.pop()[0]
-            if token is not None:
-                try:
-                    self.active.var.reset(token)
-                except ValueError:  # reset in another context than the pre-hook's: leave that context alone
-                    pass
+            entry = stack.pop()[0]
+            if entry is not None:  # (a use block the user's hooks opened around the forward ends with it)
+                close_block(self.active, entry, sys._getframe(1))
 
     def repin(self, plan: Any) -> None:
         """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan``."""
