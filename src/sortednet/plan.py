@@ -148,7 +148,10 @@ class _Open:
 
     def __init__(self, prev: Any, frame: Any, left: bool = False) -> None:
         self.prev, self.left = prev, left
-        self.frame, self.code = (id(frame), frame.f_code) if frame is not None else (0, None)
+        if frame is None:
+            self.frame, self.code = 0, None
+        else:
+            self.frame, self.code = id(frame), frame.f_code
 
     def running(self, start: Any) -> bool:
         """Whether the frame that entered the block is on the call stack from ``start`` up (a block of a
@@ -184,8 +187,10 @@ class Use:
         if key in self.tokens:
             raise SortedNetError(f"this nest.use({self.plan.sub}) block is already entered in this thread (by "
                                  "another task, or nested in itself); call nest.use(...) for each block")
-        self.tokens[key] = open_block(self.active, sys._getframe(1))
-        self.active.var.set(self.plan)
+        a = self.active
+        self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (open_block, inlined: the hot path)
+        a.uses.set((*a.uses.get(), entry))
+        a.var.set(self.plan)
         return self.plan.sub
 
     def __call__(self, fn: Any) -> Any:
@@ -213,6 +218,10 @@ def open_block(a: Active, frame: Any) -> _Open:
 def close_block(a: Active, entry: _Open, here: Any, *, force: bool = False) -> None:
     """Leave the block ``entry`` from frame ``here`` (see :class:`Use`); ``force``: whatever is above it."""
     stack = a.uses.get()
+    if stack and stack[-1] is entry and (len(stack) == 1 or not stack[-2].left):  # in order: the common case
+        a.var.set(entry.prev)
+        a.uses.set(stack[:-1])
+        return
     i = next((j for j, e in enumerate(stack) if e is entry), None)
     if i is None:  # left in another context (a generator closed elsewhere): leave that context as it is
         return
