@@ -474,3 +474,43 @@ def test_a_use_block_opened_and_closed_by_the_users_root_hooks_leaves_activate_w
     nest.activate("h=4")
     assert nest.active == nest.resolve("h=4") and m[0].weight.shape == (4, 4)
     nest.activate(nest.largest)
+
+
+def test_a_pin_left_by_an_interrupted_forward_never_overrides_a_later_use_or_activate():
+    """A forward outside use interrupted (KeyboardInterrupt skips its post hook): the next forward inside a
+    use block runs that block's sub-model, and an activate in that context takes effect, also when the
+    next forward ran in another context."""
+    import asyncio
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = {s: nest.export(s)(x) for s in ("h=2", "h=4", "h=8")}
+
+    def interrupted():
+        def boom(mod, args):
+            raise KeyboardInterrupt
+
+        h = m[2].register_forward_pre_hook(boom)
+        with pytest.raises(KeyboardInterrupt):
+            m(x)
+        h.remove()
+
+    with torch.no_grad():
+        interrupted()
+        with nest.use("h=2"):
+            assert torch.equal(m(x), ref["h=2"]) and torch.equal(m(x), ref["h=2"])
+            assert nest.active == nest.resolve("h=2")
+        assert nest.active == nest.largest
+        interrupted()
+
+        async def elsewhere():
+            return m(x)
+
+        asyncio.run(elsewhere())  # the next forward runs in a copy of this context
+        nest.activate("h=4")
+        assert nest.active == nest.resolve("h=4") and torch.equal(m(x), ref["h=4"])
+        nest.activate(nest.largest)
+        assert torch.equal(m(x), ref["h=8"])

@@ -144,10 +144,10 @@ class _Open:
     alive), and whether it was left while later blocks were still open. Never changed: a context copied
     inside the block (a task, ``copy_context().run``) keeps its own view of the stack."""
 
-    __slots__ = ("prev", "frame", "code", "left")
+    __slots__ = ("prev", "frame", "code", "left", "pin")
 
-    def __init__(self, prev: Any, frame: Any, left: bool = False) -> None:
-        self.prev, self.left = prev, left
+    def __init__(self, prev: Any, frame: Any, left: bool = False, pin: bool = False) -> None:
+        self.prev, self.left, self.pin = prev, left, pin
         if frame is None:
             self.frame, self.code = 0, None
         else:
@@ -208,15 +208,16 @@ class Use:
             close_block(self.active, entry, sys._getframe(1))
 
 
-def open_block(a: Active, frame: Any) -> _Open:
+def open_block(a: Active, frame: Any, *, pin: bool = False) -> _Open:
     """Push a block entered in ``frame`` on this context's stack (the caller then sets the variable)."""
-    entry = _Open(a.var.get(a), frame)  # the value before this block (the Active itself: none)
+    entry = _Open(a.var.get(a), frame, pin=pin)  # the value before this block (the Active itself: none)
     a.uses.set((*a.uses.get(), entry))
     return entry
 
 
-def close_block(a: Active, entry: _Open, here: Any, *, force: bool = False) -> None:
-    """Leave the block ``entry`` from frame ``here`` (see :class:`Use`); ``force``: whatever is above it."""
+def close_block(a: Active, entry: _Open, here: Any, *, keep_above: bool = False) -> None:
+    """Leave the block ``entry`` from frame ``here`` (see :class:`Use`); ``keep_above``: blocks opened after
+    it stay whatever their frames (a stale pin found later: the blocks opened since are the caller's)."""
     stack = a.uses.get()
     if stack and stack[-1] is entry and (len(stack) == 1 or not stack[-2].left):  # in order: the common case
         a.var.set(entry.prev)
@@ -226,7 +227,7 @@ def close_block(a: Active, entry: _Open, here: Any, *, force: bool = False) -> N
     if i is None:  # left in another context (a generator closed elsewhere): leave that context as it is
         return
     above = [e for e in stack[i + 1:] if not e.left]
-    if not force and above and all(e.running(here) for e in above):  # later blocks of running frames stay
+    if above and (keep_above or all(e.running(here) for e in above)):  # later blocks of running frames stay
         a.uses.set((*stack[:i], _Open(entry.prev, None, left=True), *stack[i + 1:]))
         return
     while i > 0 and stack[i - 1].left:  # blocks below left out of order during this one: gone too
@@ -243,3 +244,11 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
             return fn(*args, **kwargs)
 
     return run
+
+
+def heal_pins(a: Active, here: Any) -> None:
+    """Leave the pins of forwards that never reached their post hook (an interrupt) in THIS context: a pin
+    whose forward's frame is no longer running. Blocks opened since stay in force."""
+    for e in a.uses.get():
+        if e.pin and not e.left and not e.running(here):
+            close_block(a, e, here, keep_above=True)

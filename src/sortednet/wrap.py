@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
-from .plan import close_block, open_block
+from .plan import close_block, heal_pins, open_block
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .views import _compiling
@@ -318,9 +318,6 @@ class Pin:
             while f is not None and f is not outer:
                 f = f.f_back
             if f is None:  # the outermost pinned forward is gone without its post hook (an interrupt)
-                for entry, _, _ in reversed(stack):
-                    if entry is not None:
-                        close_block(self.active, entry, None, force=True)
                 stack.clear()
         return stack
 
@@ -329,8 +326,10 @@ class Pin:
             return
         a = self.active
         stack = self._stack()
+        if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
+            heal_pins(a, sys._getframe(1))
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
-        entry = open_block(a, sys._getframe(1)) if pinned else None  # a block on the context's stack, like use
+        entry = open_block(a, sys._getframe(1), pin=True) if pinned else None  # on the context's stack, as use
         if pinned:
             a.var.set(a.default)
         stack.append([entry, sys._getframe(1), a.default if pinned else None])
@@ -345,12 +344,20 @@ class Pin:
                 close_block(self.active, entry, sys._getframe(1))
 
     def repin(self, plan: Any) -> None:
-        """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan``."""
+        """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan`` (not inside
+        a use block opened during the forward: that block keeps its sub-model). Also leaves pins of this
+        context's interrupted forwards, which would otherwise keep the old default in force."""
+        if _compiling():
+            return
+        a = self.active
+        if a.uses.get():
+            heal_pins(a, sys._getframe(1))
         stack = self.local.__dict__.get("stack")
-        if stack and not _compiling():
-            top = next((e for e in reversed(stack) if e[2] is not None), None)
-            if top is not None and self.active._scoped is top[2]:
-                self.active.var.set(plan)
+        if stack:
+            top = next((e for e in reversed(stack) if e[0] is not None), None)
+            uses = a.uses.get()
+            if top is not None and uses and uses[-1] is top[0]:  # the pin is the innermost open block
+                a.var.set(plan)
                 top[2] = plan
 
 
