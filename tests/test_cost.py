@@ -327,3 +327,4 @@ def test_costs_follow_parameters_replaced_after_wrap():
     prof = nest.profile(case.example.clone(), metrics=("memory",), progress=False, repeat=1, warmup=0)
     for s, mem in zip(prof.submodels, prof.costs["memory"]):
         assert mem >= sum(p.numel() * p.element_size() for p in nest.export(s).parameters()), s
+

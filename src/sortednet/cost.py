@@ -55,8 +55,9 @@ class ParamCounter:
     independent widths cost a few dozen module walks, not 10,000.
     """
 
-    def __init__(self, nest: Nest) -> None:
+    def __init__(self, nest: Nest, owners: dict[int, tuple[nn.Module, str]] | None = None) -> None:
         self.nest = nest
+        self.owners = nest._tensor_owner if owners is None else owners  # sliced tensor -> (module, name)
         names = [d.name for d in nest.dims]
         deps: dict[int, set[str]] = {}
         for m in nest._sliced.values():
@@ -109,7 +110,7 @@ class ParamCounter:
             for p in params:
                 if id(p) in skipped:
                     continue
-                owner = nest._tensor_owner.get(id(p))
+                owner = self.owners.get(id(p))
                 n = owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
                 total += n * p.element_size() if in_bytes else n
         return total

@@ -149,9 +149,9 @@ class Nest:
         self._hooks = hooks
         self._depth = [m for m in self._sliced.values() if "depth" in m._sn.bind]
         self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
+        self._cost_lock = threading.Lock()
         self._count_tensors()
         self._flops_example: Any = None   # input signature of the FLOPs in _cost_cache["flops"]
-        self._cost_lock = threading.Lock()
         self._profile: Profile | None = None
         self._selector: Selector | None = None
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
@@ -169,16 +169,19 @@ class Nest:
         self._links = self._wrapped_links()
 
     def _count_tensors(self) -> None:
-        """(Re)build what counts parameters by object: the owner of each sliced tensor and the counter."""
-        self._tensor_owner: dict[int, tuple[nn.Module, str]] = {}
+        """(Re)build what counts parameters by object: the owner of each sliced tensor and the counter, then
+        swap them in at once (another thread's cost() uses one counter with its own owners throughout)."""
+        owners: dict[int, tuple[nn.Module, str]] = {}
         for m in self._sliced.values():
             for name in m._sn.slicer.attr_names(m, m._sn.bind):
                 t = m._sn.slicer.tensor(m, name)
                 if isinstance(t, torch.Tensor):
-                    self._tensor_owner[id(t)] = (m, name)
-        self._param_counter = ParamCounter(self)
-        self._cost_cache["params"] = {}
-        self._tensors = self._tensor_ids()
+                    owners[id(t)] = (m, name)
+        ids = self._tensor_ids()
+        self._tensor_owner = owners
+        counter = ParamCounter(self, owners)
+        with self._cost_lock:
+            self._param_counter, self._cost_cache["params"], self._tensors = counter, {}, ids
 
     def _tensor_ids(self) -> tuple:
         return tuple((id(p), p.dtype) for p in self.model.parameters())
@@ -469,7 +472,12 @@ class Nest:
             if metric != "params":
                 hint = "pass example=..." if metric == "flops" else "measure it with nest.profile(example)"
                 raise SortedNetError(f"no {metric!r} cost for {sub} yet; {hint}")
-            cache[sub] = self._param_counter(sub)
+            counter = self._param_counter
+            n = counter(sub)
+            with self._cost_lock:
+                if self._param_counter is counter:  # not rebuilt meanwhile (parameters replaced): keep it
+                    self._cost_cache["params"][sub] = n
+            return n
         return cache[sub]
 
     def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None, store: bool = True) -> int:
