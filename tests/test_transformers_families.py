@@ -779,3 +779,34 @@ def test_a_config_export_cannot_rewrite_raises_a_sortedneterror_and_plain_export
     x = torch.randint(0, V, (1, 5))
     with torch.no_grad(), nest.use(nest.smallest):
         torch.testing.assert_close(nest.export(nest.smallest, plain=True)(x).logits, model(x).logits)
+
+
+def test_importance_sorting_refuses_cleanly_what_it_cannot_permute_and_accepts_per_head_outputs():
+    """A permutation that fails midway (GPT-BigCode multi-query heads) is undone and refused; expert blocks
+    next to dense ones are refused before anything runs (ffn=False sorts the rest); attention maps returned
+    with output_attentions=True follow the new head order and do not refuse a correct sort."""
+    torch.manual_seed(0)
+    x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    mqa = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                                     multi_query=True)).eval()
+    moe = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2,
+        mlp_only_layers=[0], vocab_size=V)).eval()
+    for model, kw in ((mqa, dict(ffn=[64], heads=[4])), (moe, dict(heads=[2], depth=[1]))):
+        nest = sn.from_transformers(model, **kw)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(sn.SortedNetError, match="cannot permute|does not support"):
+            sn.sort_by_importance(nest, [x])
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    sn.sort_by_importance(nest, [x], ffn=False)  # the Qwen2-MoE nest: heads only
+    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4, output_attentions=True,
+                                             attn_implementation="eager")).eval()
+    nest = sn.from_transformers(llama, ffn=[24], heads=[2])
+    with torch.no_grad():
+        ref = llama(x).logits
+    perms = sn.sort_by_importance(nest, [{"input_ids": x, "labels": x}])
+    with torch.no_grad():
+        assert (llama(x).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert any(not torch.equal(p["heads"], torch.arange(4)) for p in perms.values())

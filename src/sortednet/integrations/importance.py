@@ -59,15 +59,17 @@ def _score(m: nn.Module, unit: int) -> Tensor:
 
 
 def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None) -> None:
-    if log is not None:
-        log.append(("rows", m, role, idx))
     out_ax, in_ax = _axes(m)
     w = Slicer.tensor(m, "weight")
     ax = out_ax if role == "out" else in_ax
-    w.data.copy_(w.data.index_select(ax, idx.to(w.device)))
-    b = Slicer.tensor(m, "bias")
-    if role == "out" and b is not None:
-        b.data.copy_(b.data.index_select(0, idx.to(b.device)))
+    b = Slicer.tensor(m, "bias") if role == "out" else None
+    new_w = w.data.index_select(ax, idx.to(w.device))  # both computed before either is written
+    new_b = b.data.index_select(0, idx.to(b.device)) if b is not None else None
+    w.data.copy_(new_w)
+    if new_b is not None:
+        b.data.copy_(new_b)
+    if log is not None:  # logged once applied: an undo inverts what was done, nothing else
+        log.append(("rows", m, role, idx))
 
 
 def _expand(order: Tensor, unit: int) -> Tensor:
@@ -188,22 +190,26 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 f"{err:.3g} relative to their scale, so its layers hold per-neuron or per-head weights this layout "
                 "does not move (e.g. per-head q/k norms); nothing was changed. Use ffn=False or heads=False for the "
                 "part that moves them, or sortednet.importance.sort_units")
-    except BaseException:
+    except BaseException as e:
         with torch.no_grad():
             for kind, m, *rest in reversed(log):
                 if kind == "experts":
                     _permute_experts(m, torch.argsort(rest[0], dim=1), None)
                 else:
                     _permute(m, rest[0], torch.argsort(rest[1]), None)
+        if isinstance(e, Exception) and not isinstance(e, SortedNetError):
+            raise SortedNetError(f"sort_by_importance cannot permute this {lay.family}-layout model "
+                                 f"({type(e).__name__}: {e}); nothing was changed. Use ffn=False or heads=False for "
+                                 "the part that fails, or sortednet.importance.sort_units") from e
         raise
     nest._drop_scores("sort_by_importance")
     return perms
 
 
 def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> list[Tensor]:
-    """What the full model returns on ``batch`` (every floating-point output: logits, hidden states, the
-    loss; with a custom ``loss_fn`` the outputs of the model call it makes, captured by a forward hook, and
-    its loss), under a fixed random stream (a loss that masks tokens at random draws alike every time)."""
+    """What the full model returns on ``batch``: its main output (logits or last hidden state; with a custom
+    ``loss_fn`` that of the model call it makes, captured by a forward hook) and the loss, under a fixed random
+    stream (a loss that masks tokens at random draws alike every time)."""
     from ..coupling_ops import leaves
     from ..modes import seeded
 
@@ -215,7 +221,10 @@ def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> list[Tensor]:
         finally:
             hook.remove()
     outs = [t for t in leaves(seen[0].to_tuple() if hasattr(seen[0], "to_tuple") else seen[0])] if seen else []
-    return [t.detach() for t in (*outs, loss) if isinstance(t, Tensor) and t.is_floating_point()]
+    # the main output (logits, last hidden state: the first non-scalar one) and the loss; later outputs may be
+    # per head or per neuron (attention maps with output_attentions=True) and legitimately follow the new order
+    main = next((t for t in outs if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0), None)
+    return [t.detach() for t in (main, loss) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
@@ -224,13 +233,16 @@ def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
 
 
 def _permute_experts(m: nn.Module, order: Tensor, log: list | None) -> None:
-    if log is not None:
-        log.append(("experts", m, order))
     gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
+    if order.shape[0] != gu.shape[0] or 2 * order.shape[1] != gu.shape[1] or order.shape[1] != down.shape[2]:
+        raise SortedNetError(f"sort_by_importance: expert order {tuple(order.shape)} does not fit "
+                             f"{type(m).__name__} {tuple(gu.shape)} / {tuple(down.shape)}")
     for e, o in enumerate(order):
         rows = torch.cat([o, o + o.numel()]).to(gu.device)  # [gate; up]: the same order in both halves
         gu.data[e].copy_(gu.data[e].index_select(0, rows))
         down.data[e].copy_(down.data[e].index_select(1, o.to(down.device)))
+    if log is not None:
+        log.append(("experts", m, order))
 
 
 def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -> None:
@@ -241,6 +253,9 @@ def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -
     elif ffn and not all(isinstance(m, (nn.Linear, Conv1D)) or (_experts(m) and lay.ffn_chunks == 2)
                          for m in (blk.get_submodule(p) for p in _paths(blk, lay.ffn_out + lay.ffn_inp))):
         why = "FFN weights that are neither linear layers nor [gate; up] expert tensors"
+    elif ffn and any(not _paths(b, lay.ffn_out) or not _paths(b, lay.ffn_inp)
+                     for P in found.stacks for b in model.get_submodule(P)):
+        why = "blocks without the FFN projections (expert blocks next to dense ones)"
     elif heads and lay.no_heads:
         why = lay.no_heads
     elif heads and isinstance(lay.qkv, str) and lay.layout_of_qkv(cfg) == "interleaved" \
