@@ -328,3 +328,17 @@ def test_costs_follow_parameters_replaced_after_wrap():
     for s, mem in zip(prof.submodels, prof.costs["memory"]):
         assert mem >= sum(p.numel() * p.element_size() for p in nest.export(s).parameters()), s
 
+
+
+def test_measured_memory_and_latency_are_dropped_when_the_dtypes_change():
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    nest.profile(case.example, metrics=("params", "memory", "latency"), progress=False, repeat=1, warmup=0)
+    case.model.double()
+    with pytest.warns(UserWarning, match="no longer apply"):
+        with pytest.raises(sn.SortedNetError, match="memory"):
+            nest.pick(memory=10**9)
+    assert sorted(nest._profile.costs) == ["params"] and nest.pick(params=10**9) == nest.largest
+    prof = nest.profile(case.example.double(), metrics=("memory",), progress=False, repeat=1, warmup=0)
+    for s, mem in zip(prof.submodels, prof.costs["memory"]):
+        assert mem >= sum(p.numel() * 8 for p in nest.export(s).parameters())

@@ -178,10 +178,23 @@ class Nest:
                 if isinstance(t, torch.Tensor):
                     owners[id(t)] = (m, name)
         ids = self._tensor_ids()
+        old_dtypes = [d for _, d in getattr(self, "_tensors", ())]
         self._tensor_owner = owners
         counter = ParamCounter(self, owners)
         with self._cost_lock:
             self._param_counter, self._cost_cache["params"], self._tensors = counter, {}, ids
+        prof = getattr(self, "_profile", None)
+        stale = [m for m in ("memory", "latency") if prof is not None and m in prof.costs]
+        if old_dtypes and old_dtypes != [d for _, d in ids] and stale:  # measured at the old dtypes
+            import dataclasses
+            import warnings
+
+            self._set_profile(dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k not in stale}))
+            with self._cost_lock:
+                for m in stale:
+                    self._cost_cache[m] = {}
+            warnings.warn(f"the model's parameter dtypes changed after nest.profile: its measured {stale} no longer "
+                          "apply and were dropped; measure them again with nest.profile(example)", stacklevel=4)
 
     def _tensor_ids(self) -> tuple:
         return tuple((id(p), p.dtype) for p in self.model.parameters())

@@ -184,7 +184,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                              lay.layout_of_qkv(model.config), log)
         half = any(q.is_floating_point() and q.dtype not in (torch.float32, torch.float64) for q in model.parameters())
         err = 0.0 if ref is None else rel_err(_outputs(nest, first, loss_fn), ref)
-        if not err <= (1e-2 if half else 1e-4):
+        if not err <= (5e-2 if half else 1e-4):  # half precision: a deep stack's rounding (bf16 ulp ~ 8e-3)
             raise SortedNetError(
                 f"sort_by_importance: the permuted {lay.family}-layout model's outputs differ from the original's by "
                 f"{err:.3g} relative to their scale, so its layers hold per-neuron or per-head weights this layout "
