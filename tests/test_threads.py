@@ -354,6 +354,17 @@ def test_the_pin_heals_after_an_interrupt_and_honours_activate_in_the_same_threa
         h.remove(), h2.remove()
 
 
+def _small_nest():
+    """A 3-width MLP nest, an input and each width's exported output."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = {s: nest.export(s)(x) for s in ("h=2", "h=4", "h=8")}
+    return m, nest, x, ref
+
+
 @pytest.mark.parametrize("plans", [("h=2", "h=4"), ("h=2", "h=2"), ("h=4", "h=2")])
 @pytest.mark.parametrize("how", ["close", "collect"])
 def test_a_use_block_left_out_of_order_by_a_generator_leaves_the_callers_block_alone(plans, how):
@@ -361,12 +372,7 @@ def test_a_use_block_left_out_of_order_by_a_generator_leaves_the_callers_block_a
     ``use``: the caller's block keeps its sub-model to its end, and its exit restores the state before both."""
     import gc
 
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
-    x = torch.randn(3, 4)
-    with torch.no_grad():
-        ref = {s: nest.export(s)(x) for s in ("h=2", "h=4", "h=8")}
+    m, nest, x, ref = _small_nest()
     inner, outer = plans
 
     def stream():
@@ -482,12 +488,7 @@ def test_a_pin_left_by_an_interrupted_forward_never_overrides_a_later_use_or_act
     next forward ran in another context."""
     import asyncio
 
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
-    x = torch.randn(3, 4)
-    with torch.no_grad():
-        ref = {s: nest.export(s)(x) for s in ("h=2", "h=4", "h=8")}
+    m, nest, x, ref = _small_nest()
 
     def interrupted():
         def boom(mod, args):
