@@ -108,3 +108,5 @@ if __name__ == "__main__":  # one rank of the torchrun above
         res[mode] = {"state": state, "history": history, "calls": calls}
     if dist.get_rank() == 0:
         torch.save(res, os.path.join(sys.argv[1], "state.pt"))
+    dist.barrier()
+    dist.destroy_process_group()  # a clean teardown: gloo's threads left at exit can abort a rank (exit -6)
