@@ -155,6 +155,25 @@ def test_autograd_grad_returns_gradients_and_leaves_dot_grad_alone(name):
     same_grads(res[0], res[1], "autograd.grad")
 
 
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="Tensor.grad_dtype is new in PyTorch 2.10")
+@pytest.mark.parametrize("name", ["mlp", "mlp_real_size", "tied_lm", "lm_width_heads_depth"])
+def test_grad_dtype_of_half_precision_weights_is_kept(name):
+    """bf16 weights with ``p.grad_dtype = float32`` (fp32 gradients, as AccumulateGrad converts them) train in
+    place as with plain autograd: the first backward creates an fp32 ``.grad``, the second adds into it."""
+    res = []
+    for case, nest in pair(name):
+        case.model.to(torch.bfloat16)
+        for p in params_of(case):
+            p.grad_dtype = torch.float32
+        x = case.example.to(torch.bfloat16) if case.example.is_floating_point() else case.example
+        for sub in subs_of(nest):
+            with nest.use(sub):
+                loss_of(case.model(x).float()).backward()
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in params_of(case))
+        res.append([p.grad for p in params_of(case)])
+    same_grads(res[0], res[1], ".grad (grad_dtype float32)")
+
+
 @pytest.mark.parametrize("name", ["mlp", "mlp_real_size", "lm_width_heads_depth"])
 def test_backward_inputs_accumulates_only_the_inputs(name):
     res = []

@@ -134,6 +134,44 @@ def test_sliced_attention_with_masks_matches_export(layers, seed, causal):
         torch.testing.assert_close(got, live, atol=1e-5, rtol=0)
 
 
+class _MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre, self.mha = nn.Linear(16, 64), nn.MultiheadAttention(64, 8, batch_first=True, dropout=0.5)
+
+    def forward(self, x, **kw):
+        h = self.pre(x)
+        return self.mha(h, h, h, **kw)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_sliced_attention_returns_the_weights_it_applied(average):
+    """Training with dropout and ``need_weights``: the live sub-model returns the attention weights after
+    dropout, as stock ``nn.MultiheadAttention`` (the export) does; and ``is_causal`` without a mask is
+    refused at every size, as stock does."""
+    torch.manual_seed(0)
+    m = _MHA()
+    nest = sn.wrap(m, sn.Heads("h", [4, 8], attn="mha"),
+                   sn.Width("e", [32, 64], inp="mha", out=["mha.out_proj", "pre"]))
+    x = torch.randn(2, 5, 16)
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        torch.manual_seed(1)
+        with nest.use(sub):
+            live = m(x, average_attn_weights=average)
+        torch.manual_seed(1)
+        want = small(x, average_attn_weights=average)
+        for got, ref in zip(live, want):
+            torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+        m.eval()
+        small.eval()
+        with pytest.raises(RuntimeError, match="Need attn_mask"):
+            small(x, is_causal=True)
+        with nest.use(sub), pytest.raises(RuntimeError, match="Need attn_mask"):
+            m(x, is_causal=True)
+        m.train()
+
+
 # -- invariant 10: shared tensors stay shared, the export never aliases the nest ---------------------
 @pytest.mark.parametrize("family", FAMS)
 def test_export_never_aliases_the_live_model(family):

@@ -165,7 +165,8 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
 
     False under ``create_graph`` (grad mode is on in backward), when ``p`` has
     tensor hooks or post-accumulate-grad hooks, when ``.grad`` is not a plain
-    dense tensor of the gradient's dtype, and when the engine will not run
+    dense tensor of the gradient's dtype or ``p.grad_dtype`` asks for another
+    (fp32 gradients of bf16 weights), and when the engine will not run
     ``p``'s AccumulateGrad node (``torch.autograd.grad``, ``backward(inputs=...)``
     without ``p``: PyTorch raises for leaf nodes there, which also says no).
     A ``whole`` (uncut) parameter also goes to AccumulateGrad when ``torch.distributed``
@@ -174,6 +175,8 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
     if torch.is_grad_enabled() or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
         return False
     if grad.layout is not torch.strided or (whole and _distributed()):
+        return False
+    if getattr(p, "grad_dtype", None) not in (None, grad.dtype):  # AccumulateGrad converts to p.grad_dtype
         return False
     g = p.grad
     if g is not None and (g.requires_grad or g.layout is not torch.strided or g.dtype != grad.dtype

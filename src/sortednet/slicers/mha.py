@@ -59,15 +59,16 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         kpm = torch.zeros_like(kpm, dtype=q.dtype).masked_fill_(kpm, float("-inf")) \
             if kpm.dtype == torch.bool else kpm.to(q.dtype)
         mask = kpm if mask is None else mask + kpm
-    if is_causal and mask is None:
-        mask = torch.full((L, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    if is_causal and attn_mask is None:  # as F.multi_head_attention_forward: the full model raises the same
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                           "method `generate_square_subsequent_mask` to create this mask.")
     p = mha.dropout if mha.training else 0.0
     if need_weights:
         scores = (q * d ** -0.5) @ k.transpose(-2, -1)
         if mask is not None:
             scores = scores + mask
-        attn = scores.softmax(-1)
-        out = F.dropout(attn, p) @ v
+        attn = F.dropout(scores.softmax(-1), p)  # the weights returned are those applied, after dropout
+        out = attn @ v
         weights = attn.mean(1) if average_attn_weights else attn
     else:
         out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
