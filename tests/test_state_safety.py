@@ -339,14 +339,15 @@ def test_replacing_a_parameter_by_one_of_the_same_shape_is_fine():
         torch.testing.assert_close(m(x), small(x))
 
 
-@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "spectral_norm", "prune"])
 def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how):
     m = _mlp()
     nest = _mlp_nest(m)
     before = snapshot(m)
     apply = {"parametrize": lambda: torch.nn.utils.parametrize.register_parametrization(m[2], "weight", nn.Identity()),
              "weight_norm": lambda: torch.nn.utils.parametrizations.weight_norm(m[2]),
-             "spectral_norm": lambda: torch.nn.utils.parametrizations.spectral_norm(m[2])}[how]
+             "spectral_norm": lambda: torch.nn.utils.parametrizations.spectral_norm(m[2]),
+             "prune": lambda: prune.l1_unstructured(m[2], "weight", amount=0.5)}[how]
     with pytest.raises(sn.SortedNetError, match="2.weight is sliced by sortednet"):
         apply()
     assert_unchanged(m, before)
@@ -354,14 +355,15 @@ def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how)
     apply()   # the plain model: as PyTorch does
 
 
-def test_a_weight_pruned_after_wrap_is_named_at_the_next_read():
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_a_weight_removed_behind_the_guard_is_named_at_the_next_read():
     m = _mlp()
     nest = _mlp_nest(m)
-    prune.l1_unstructured(m[2], "weight", amount=0.5)  # deletes _parameters["weight"] directly
+    torch.nn.utils.weight_norm(m[2])  # (deprecated) deletes _parameters["weight"] directly
     with pytest.raises(sn.SortedNetError, match="2.weight: the tensor sortednet slices is no longer"):
         m(torch.randn(2, 4))
     nest.unwrap()
-    prune.remove(m[2], "weight")
+    torch.nn.utils.remove_weight_norm(m[2])
     assert m(torch.randn(2, 4)).shape == (2, 3)
 
 

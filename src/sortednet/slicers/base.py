@@ -274,9 +274,11 @@ class Slicer:
 
 
 def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str], None]:
-    """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize,
-    prune and weight_norm start by deleting it; the nest would then slice nothing, and parametrize would
-    fail half-way with the weight gone)."""
+    """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize and
+    spectral_norm start by deleting it; the nest would then slice nothing, and parametrize would fail
+    half-way with the weight gone). ``prune`` is caught by :func:`_guarded_register`; the deprecated
+    ``torch.nn.utils.weight_norm`` deletes through ``_parameters`` directly, and the next forward, ``use``
+    or ``export`` then refuses the module (its sliced weight is gone)."""
 
     def __delattr__(self: nn.Module, name: str) -> None:
         st = self.__dict__.get("_sn")
@@ -288,6 +290,22 @@ def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str],
         base.__delattr__(self, name)
 
     return __delattr__
+
+
+def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
+    """``register_parameter`` of a sliced subclass: ``torch.nn.utils.prune`` starts by registering
+    ``<name>_orig`` and then deletes the sliced parameter behind ``__delattr__``'s back (``del
+    module._parameters[name]``); refused at its first step, before the module changes."""
+
+    def register_parameter(self: nn.Module, name: str, param: Any) -> None:
+        st = self.__dict__.get("_sn")
+        if st is not None and name.endswith("_orig") and name[:-5] in names and name[:-5] in self._parameters:
+            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name[:-5]} is sliced by sortednet and cannot "
+                                 f"be pruned while wrapped (torch.nn.utils.prune moves it to {name!r}): "
+                                 "nest.unwrap() first, prune, make it permanent (torch.nn.utils.prune.remove), then wrap again")
+        base.register_parameter(self, name, param)
+
+    return register_parameter
 
 
 def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
@@ -312,6 +330,7 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
         base = type(m)
         cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
                                                        "__delattr__": _guarded_delattr(base, frozenset(names)),
+                                                       "register_parameter": _guarded_register(base, frozenset(names)),
                                                        "__module__": base.__module__,
                                                        "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle})
         _SUBCLASSES[key] = cls
