@@ -302,7 +302,8 @@ def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
         if st is not None and name.endswith("_orig") and name[:-5] in names and name[:-5] in self._parameters:
             raise SortedNetError(f"{st.path + '.' if st.path else ''}{name[:-5]} is sliced by sortednet and cannot "
                                  f"be pruned while wrapped (torch.nn.utils.prune moves it to {name!r}): "
-                                 "nest.unwrap() first, prune, make it permanent (torch.nn.utils.prune.remove), then wrap again")
+                                 "nest.unwrap() first, prune, make it permanent (torch.nn.utils.prune.remove), "
+                                 "then wrap again")
         base.register_parameter(self, name, param)
 
     return register_parameter
