@@ -167,6 +167,22 @@ def test_bad_input_raises_before_anything_changes():
         sn.wrap(mlp.model, *mlp.dims).calibrate([mlp.example])
 
 
+def test_a_batch_the_model_cannot_run_is_named_and_keeps_the_statistics():
+    model, dims = bnnet()
+    nest = sn.wrap(model, *dims)
+    nest.calibrate(data(), batches=2)
+    before = {n: m._sn.norm for n, m in nest._sliced.items()}
+    kept = {(n, key, k): v.clone() for n, s in before.items() if s is not None
+            for key, d in s.stats.items() for k, v in d.items()}
+    assert kept
+    bad = [data()[0], (torch.randn(16, 3, 6, 6), torch.zeros(16))]  # the second batch: 3 channels, not 1
+    with pytest.raises(sn.SortedNetError, match=r"calibrate: sub-model a=2,b=3 failed on the example"):
+        nest.calibrate(bad, batches=2)
+    assert {n: m._sn.norm for n, m in nest._sliced.items()} == before
+    for (n, key, k), v in kept.items():
+        assert torch.equal(nest._sliced[n]._sn.norm.stats[key][k], v), (n, key, k)
+
+
 def test_calibrated_statistics_follow_model_to(tmp_path):
     """After calibrating, ``model.to(float64)`` moves the BatchNorm buffers; the calibrated per-sub-model
     statistics follow: a calibrated sub-model runs in float64, equals its float64 export, and the nest's

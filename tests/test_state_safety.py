@@ -355,6 +355,21 @@ def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how)
     apply()   # the plain model: as PyTorch does
 
 
+def test_a_sliced_parameter_replaced_by_another_shape_is_refused_before_anything_changes():
+    m = _mlp()
+    nest = _mlp_nest(m)
+    before = snapshot(m)
+    w = m[2]._parameters["weight"]
+    with pytest.raises(sn.SortedNetError, match=r"2.weight is sliced by sortednet: it cannot be replaced"):
+        m[2].weight = nn.Parameter(torch.randn(w.shape[0], w.shape[1] + 1))
+    assert_unchanged(m, before)
+    m[2].weight = nn.Parameter(torch.zeros_like(w))  # the same shape: as load_state_dict(assign=True) does
+    with nest.use(nest.smallest):
+        assert not m[2].weight.any()
+    nest.unwrap()
+    m[2].weight = nn.Parameter(torch.randn(w.shape[0], w.shape[1] + 1))  # the plain model: as PyTorch does
+
+
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_a_weight_removed_behind_the_guard_is_named_at_the_next_read():
     m = _mlp()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import string
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -70,10 +71,27 @@ def test_parse_rejects(bad):
         SubModel.parse(bad)
 
 
-@pytest.mark.parametrize("bad", [{"ffn": "4"}, {"ffn": True}, {"": 4}, {3: 4}])
+@pytest.mark.parametrize("bad", [{"ffn": "4"}, {"ffn": True}, {"": 4}, {3: 4}, {"ffn": 4.0}, {"ffn": np.float64(4)},
+                                 {"ffn": torch.tensor(4.0)}, {"ffn": np.bool_(True)}])
 def test_constructor_rejects(bad):
     with pytest.raises(sn.SortedNetError):
         SubModel(bad)
+
+
+@given(n=st.integers(1, 2**40), kind=st.sampled_from([np.int64, np.int32, np.uint16, torch.tensor]))
+def test_numpy_and_torch_integers_are_sizes(n, kind):
+    """Integer scalars of numpy / torch (``np.arange`` sizes, a size read from a tensor) count as ints: stored
+    as plain ints, equal and hashed as those."""
+    if kind is np.int32:
+        n = min(n, 2**31 - 2)
+    if kind is np.uint16:
+        n = min(n, 2**16 - 2)
+    s = SubModel({"ffn": kind(n)})
+    assert type(s["ffn"]) is int and s == SubModel(ffn=n) and hash(s) == hash(SubModel(ffn=n))
+    w = sn.Width("h", [kind(n), kind(n + 1)], out="a")
+    assert w.sizes == (n, n + 1) and all(type(v) is int for v in w.sizes)
+    with pytest.raises(sn.SortedNetError, match="not an int"):
+        sn.Width("h", [1.0 * n], out="a")
 
 
 # -- use() / activate() -------------------------------------------------------

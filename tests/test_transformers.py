@@ -405,6 +405,14 @@ def test_fractions_resolve_to_ascending_multiples(fracs, group):
     assert all(s % group == 0 and 0 < s <= full for s in sizes)
 
 
+@pytest.mark.parametrize("sizes", [[0.25, 0.5, 1], [1, 0.5]])
+def test_the_integer_one_beside_fractions_is_refused(sizes):
+    """``[0.25, 0.5, 1]`` means the full size; read as ints, ``1`` is one unit: refused, naming ``1.0``."""
+    with pytest.raises(sn.SortedNetError, match=r"write 1.0 for the full size"):
+        _resolve("ffn", sizes, 64)
+    assert _resolve("ffn", [0.25, 0.5, 1.0], 64) == [16, 32, 64] and _resolve("ffn", [1, 32], 64) == [1, 32, 64]
+
+
 
 def test_hf_gradient_checkpointing_recomputes_the_forward_submodel():
     """HF activation checkpointing with ``context_fn=nest.checkpoint_context``: backward run outside

@@ -110,7 +110,10 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                     if c.num_batches_tracked is not None:
                         c.num_batches_tracked.zero_()
                 for x in data:
-                    call_model(view, x)
+                    try:
+                        call_model(view, x)
+                    except Exception as e:  # the statistics are kept: nothing is assigned until every run ends
+                        raise nest._forward_error("calibrate", sub, x, e) from e
                 for m, c in pairs:
                     results[m][_key(nest)] = c._sn.norm.override
                     c._sn.norm = None

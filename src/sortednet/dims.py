@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import PatternError, SizeError, SortedNetError
 from .patterns import match
+from .submodel import as_int
 
 __all__ = ["Dimension", "Width", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
 
@@ -113,8 +114,10 @@ class Dimension:
         if not sizes:
             raise SizeError(f"{self.kind} {name!r}: needs at least one size")
         for s in sizes:
-            if isinstance(s, bool) or not isinstance(s, int):
+            if as_int(s) is None:
                 raise SizeError(f"{self.kind} {name!r}: size {s!r} is not an int (sizes {list(sizes)})")
+        sizes = tuple(as_int(s) for s in sizes)  # numpy / torch integers become ints
+        for s in sizes:
             if s <= 0:
                 raise SizeError(f"{self.kind} {name!r}: size {s} must be positive (sizes {list(sizes)})")
         if any(a >= b for a, b in zip(sizes, sizes[1:])):

@@ -124,7 +124,8 @@ class Sampler:
             subs = tuple(submodels)
             bad = [s for s in subs if not isinstance(s, SubModel)]
             if bad:
-                raise SortedNetError(f"Sampler takes SubModel objects (nest.submodels), got {bad[0]!r}")
+                raise SortedNetError(f"Sampler takes SubModel objects (nest.submodels), got {bad[0]!r}: resolve "
+                                     "a string or dict with nest.resolve(...)")
             if len(set(subs)) != len(subs):
                 raise SortedNetError("Sampler got the same sub-model twice; pass nest.submodels")
         if not len(subs):

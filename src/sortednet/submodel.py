@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,19 @@ __all__ = ["SubModel", "SubModelLike", "SubModelList", "MAX_SUBMODELS"]
 #: the most sub-models a nest lists (the full product or a ``submodels=`` list)
 MAX_SUBMODELS = 10_000_000
 
+
+
+def as_int(v: Any) -> int | None:
+    """``v`` as a plain int when it is an integer (``int``, numpy / torch integer scalars), else None (bools,
+    floats, strings: a size is never silently rounded)."""
+    if type(v) is int:
+        return v
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:  # a float tensor has __index__, and refuses it
+        return None
 
 class SubModel(Mapping[str, int]):
     """One nested sub-model: the active size of every dimension.
@@ -36,8 +50,10 @@ class SubModel(Mapping[str, int]):
         for name, size in items.items():
             if not isinstance(name, str) or not name:
                 raise SortedNetError(f"sub-model keys must be dimension names, got {name!r}")
-            if isinstance(size, bool) or not isinstance(size, int):
+            n = as_int(size)
+            if n is None:
                 raise SortedNetError(f"sub-model size for {name!r} must be an int, got {size!r}")
+            items[name] = n  # numpy / torch integers become ints
         object.__setattr__(self, "_items", tuple(items.items()))
         object.__setattr__(self, "_dict", items)
         object.__setattr__(self, "_hash", hash(frozenset(self._items)))

@@ -56,6 +56,10 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
         return None
     if isinstance(sizes, (int, float)):
         sizes = [sizes]
+    sizes = list(sizes)
+    if any(isinstance(s, float) for s in sizes) and any(type(s) is int and s == 1 for s in sizes):
+        raise SizeError(f"{what}: sizes {sizes} mix fractions with the integer 1, which is the size 1 (one unit), "
+                        "not the full size: write 1.0 for the full size (or give every size as an integer)")
     out = []
     for s in sizes:
         if isinstance(s, bool) or not isinstance(s, (int, float)):

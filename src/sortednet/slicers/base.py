@@ -293,12 +293,21 @@ def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str],
 
 
 def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
-    """``register_parameter`` of a sliced subclass: ``torch.nn.utils.prune`` starts by registering
-    ``<name>_orig`` and then deletes the sliced parameter behind ``__delattr__``'s back (``del
-    module._parameters[name]``); refused at its first step, before the module changes."""
+    """``register_parameter`` of a sliced subclass (also ``module.weight = nn.Parameter(...)``): a sliced
+    parameter may be replaced by one of its own shape (``load_state_dict(assign=True)``, ``.to()``, FSDP2),
+    never of another (the nest's sizes, costs and export describe the shape it wrapped). And
+    ``torch.nn.utils.prune`` starts by registering ``<name>_orig`` and then deletes the sliced parameter
+    behind ``__delattr__``'s back (``del module._parameters[name]``): refused at its first step, before the
+    module changes."""
 
     def register_parameter(self: nn.Module, name: str, param: Any) -> None:
         st = self.__dict__.get("_sn")
+        old = self._parameters.get(name) if st is not None and name in names else None
+        if old is not None and param is not None and tuple(param.shape) != tuple(old.shape):
+            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet: it cannot be "
+                                 f"replaced by a parameter of another shape ({tuple(param.shape)} for "
+                                 f"{tuple(old.shape)}) while wrapped; nest.unwrap() first, change the module, "
+                                 "then wrap again")
         if st is not None and name.endswith("_orig") and name[:-5] in names and name[:-5] in self._parameters:
             raise SortedNetError(f"{st.path + '.' if st.path else ''}{name[:-5]} is sliced by sortednet and cannot "
                                  f"be pruned while wrapped (torch.nn.utils.prune moves it to {name!r}): "
