@@ -102,6 +102,21 @@ def test_weighted_rules_order_probabilities():
     assert cost[-1] / cost[0] == pytest.approx(params[-1] / params[0])
 
 
+@given(scale=st.sampled_from([1e-300, 1e-5, 1.0, 1e100, 1e307, 1.7e308]),
+       rel=st.lists(st.floats(0.0, 1.0), min_size=N, max_size=N).filter(lambda r: max(r) > 0))
+def test_weights_are_scale_free_even_near_the_float_limits(scale, rel):
+    """Finite weights of any magnitude give the probabilities of their ratios (a sum of huge weights must not
+    overflow to inf, nor tiny ones vanish)."""
+    w = [scale * r for r in rel]
+    if max(w) == 0:  # (rel * 1e-300 can underflow to 0)
+        return
+    probs = sn.Sampler(SUBS, k=1, strategy="weighted", weights=w).probs
+    lw = sn.Sampler(SUBS, k=1, loss_weights=[scale] * N).loss_weights_for(SUBS[:2])
+    assert abs(probs.sum() - 1) < 1e-9 and lw == pytest.approx([0.5, 0.5])
+    want = [x / max(w) for x in w]
+    assert list(probs) == pytest.approx([x / sum(want) for x in want], rel=1e-6, abs=1e-12)
+
+
 @given(k=st.integers(2, N), seed=st.integers(0, 10**6), step=st.integers(0, 10**6),
        weights=st.sampled_from([None, "small", "large"]))
 def test_sandwich_has_smallest_and_largest(k, seed, step, weights):

@@ -240,6 +240,56 @@ def test_fit_resume_with_start_step_is_exact(tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+@pytest.mark.parametrize("eval_kind", ["pair", "loader"])
+def test_fit_split_in_two_calls_with_dropout_and_evaluations_is_exact(eval_kind):
+    """A resumed run calls fit twice (and evaluates once more up front): with dropout drawing from torch's
+    generator, evaluations (iterating a DataLoader draws a seed) must leave the random state alone."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(12)]
+    ex, ey = batches[0]
+    ev = (ex, ey) if eval_kind == "pair" else torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(ex, ey), batch_size=8)
+    runs = []
+    for split in (None, 5):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(32, 3))
+        nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="3"))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sampler = sn.Sampler(nest, k=2, strategy="sandwich", seed=0)
+        kw = dict(eval_data=ev, eval_every=4, progress=False)
+        if split is None:
+            sn.fit(nest, batches, opt, sampler, **kw)
+        else:
+            sn.fit(nest, batches[:split], opt, sampler, **kw)
+            sn.fit(nest, batches[split:], opt, sampler, start_step=split, **kw)
+        runs.append({k: v.clone() for k, v in m.state_dict().items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_fit_that_raises_on_a_nonfinite_loss_leaves_no_gradient():
+    """nonfinite="raise" after earlier sub-models of the step ran backward: no partial gradient is left for
+    the next fit (which then trains exactly as if the bad batch had never come)."""
+    x, y = toy_batch(0)
+    runs = []
+    for bad_first in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sampler = sn.Sampler(nest, k=2, strategy="sandwich", seed=0)
+        if bad_first:
+            def loss(o, t, nest=nest):
+                return F.cross_entropy(o, t) * (float("nan") if nest.active == nest.largest else 1.0)
+            with pytest.raises(sn.SortedNetError, match="nan"):
+                sn.fit(nest, [(x, y)], opt, sampler, loss_fn=loss, nonfinite="raise", progress=False)
+            assert all(p.grad is None for p in m.parameters())
+            m[0].weight.grad = torch.ones_like(m[0].weight)  # a stale gradient from before fit is not applied
+        sn.fit(nest, [(x, y)], opt, sampler, progress=False)
+        runs.append(m[0].weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_fit_resumed_evaluates_at_the_same_steps():
     """eval_every counts the run's steps (continued from start_step): a resumed run evaluates where the
     uninterrupted one did."""

@@ -215,8 +215,9 @@ class Sampler:
                 raise SortedNetError(f"weights has {len(w)} entries but there are {n} sub-models")
             if not np.all(np.isfinite(w)) or np.any(w < 0):
                 raise SortedNetError(f"weights must be finite and non-negative, got {[float(x) for x in w][:8]}")
-        if w.sum() <= 0:
+        if w.max() <= 0:
             raise SortedNetError("weights sum to zero; at least one sub-model needs a positive weight")
+        w = w / w.max()  # first: a sum of huge finite weights (1e308 each) would overflow to inf
         return w / w.sum()
 
     def draw(self, step: int) -> list[SubModel]:

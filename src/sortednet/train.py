@@ -357,7 +357,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
-    under ``"skipped"``); ``"raise"`` stops the run instead. The model trains in train mode;
+    under ``"skipped"``); ``"raise"`` stops the run instead, with no gradient left behind (the optimizer did
+    not step; ``fit`` also clears gradients before its first step). Evaluations leave torch's random state
+    alone, so a resumed run draws what the uninterrupted one did. The model trains in train mode;
     every module's train / eval mode is back as it was when ``fit`` returns (or raises).
 
     >>> import torch, torch.nn as nn, sortednet as sn
@@ -417,10 +419,12 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     except TypeError:
         total = None
     if eval_data is not None:  # a malformed eval set is refused now, not after the first eval_every steps
-        first = next(iter(_batches(eval_data)), None)
-        evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest])
+        with _rng_kept(device):  # (iterating a DataLoader draws from torch's generator: resumed runs stay exact)
+            first = next(iter(_batches(eval_data)), None)
+            evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest])
     modes = [(m, m.training) for m in model.modules()]
     model.train()
+    optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (and resumed)
     try:
         _fit_loop(nest, loader, sampler, optimizer, scheduler, loss_fn, distill, nonfinite, epochs, total,
                   progress, device, group, ema, hist, step, eval_data, eval_every)
@@ -450,8 +454,12 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     return loss_fn(out, y), out
 
                 subs = sampler.draw(step)
-                losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite,
-                                    weights=sampler.loss_weights_for(subs))
+                try:
+                    losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite,
+                                        weights=sampler.loss_weights_for(subs))
+                except BaseException:  # (nonfinite="raise", an error in the loss): the step leaves no gradient
+                    optimizer.zero_grad(set_to_none=True)
+                    raise
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
@@ -474,8 +482,17 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
         _record(hist, nest, eval_data, step, None)
 
 
+def _rng_kept(device: Any) -> Any:
+    """Evaluation inside ``fit`` leaves torch's random state as it found it (CPU, and the model's CUDA device):
+    a resumed run, which evaluates once more up front, draws the same dropout masks as the uninterrupted one."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 def _record(hist: History, nest: Nest, data: Any, step: int, bar: Any) -> None:
-    scores = evaluate(nest, data)
+    with _rng_kept(next((p.device for p in nest.model.parameters()), None)):
+        scores = evaluate(nest, data)
     hist.evals.append({"step": step, "scores": {str(s): v for s, v in scores.items()}})
     if bar is not None:
         vals = list(scores.values())
