@@ -482,3 +482,62 @@ def test_trainer_checkpoints_of_a_rank_nest_load_as_what_they_trained(mode, tmp_
     (tmp_path / "checkpoint-1" / NEST_FILE).unlink()
     with pytest.raises(sn.SortedNetError, match=NEST_FILE):
         trainer2._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
+
+
+# -- a key/value cache continued by another sub-model ----------------------------------------------------
+KV_STEPS = {  # (prefill sub-model, next-token sub-model) -> refused?
+    ("depth=4", "depth=4"): False, ("depth=4", "depth=2"): False, ("depth=2", "depth=4"): True,
+    ("depth=2", "depth=2"): False, ("ffn=24", "ffn=48"): True, ("heads=4", "heads=2"): True,
+    ("ffn=24,depth=2", "ffn=24,depth=4"): True, ("ffn=24,depth=4", "ffn=24,depth=2"): False,
+}
+
+
+@pytest.mark.parametrize("first, then", sorted(KV_STEPS))
+def test_a_kv_cache_continued_by_another_submodel_is_exact_or_refused(first, then):
+    """A cache filled by one sub-model and continued by another gives that sub-model's own logits (a
+    shallower depth of the same widths) or is refused before anything runs, naming what is missing."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    nest = sn.from_transformers(model, ffn=[24], heads=[2], depth=[2])
+    x, nxt = ids(b=1, t=6), ids(seed=2, b=1, t=1)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        with nest.use(first):
+            model(input_ids=x, past_key_values=cache, use_cache=True)
+        with nest.use(then):
+            ref = model(input_ids=torch.cat([x, nxt], 1)).logits[0, -1]
+            if KV_STEPS[first, then]:
+                with pytest.raises(sn.SortedNetError, match="key/value cache"):
+                    model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                assert cache.get_seq_length() == 6  # nothing ran
+            else:
+                got = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_a_kv_cache_cropped_back_is_right_again_and_generate_is_guarded():
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    nest = sn.from_transformers(model, depth=[2])
+    x, a, b = ids(b=1, t=6), ids(seed=2, b=1, t=1), ids(seed=3, b=1, t=1)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=x, past_key_values=cache, use_cache=True)            # the full model: 6 positions
+        with nest.use("depth=2"):
+            model(input_ids=a, past_key_values=cache, use_cache=True)        # layers 2, 3 miss position 6
+        with pytest.raises(sn.SortedNetError, match="back to 6 positions"):
+            model(input_ids=b, past_key_values=cache, use_cache=True)
+        for layer in cache.layers:  # (transformers 5: a layer's crop takes the count to remove)
+            if layer.get_seq_length() > 6:
+                layer.crop(6 - layer.get_seq_length())
+        got = model(input_ids=b, past_key_values=cache, use_cache=True).logits[0, -1]
+        torch.testing.assert_close(got, model(input_ids=torch.cat([x, b], 1)).logits[0, -1], atol=1e-5, rtol=0)
+        cache = DynamicCache(config=model.config)
+        with nest.use("depth=2"):
+            first = model.generate(x, max_new_tokens=2, do_sample=False, past_key_values=cache, pad_token_id=0)
+        with pytest.raises(sn.SortedNetError, match="key/value cache"):
+            model.generate(first, max_new_tokens=2, do_sample=False, past_key_values=cache, pad_token_id=0)
