@@ -157,25 +157,45 @@ class _SplitAttn(torch.nn.Module):
         return self.o(self.merge(a))
 
 
+class _MaskedSplitAttn(_SplitAttn):
+    """The same attention with a mask argument: wrap cannot run it alone, check(example) measures it."""
+
+    def forward(self, x, mask):
+        a = torch.nn.functional.scaled_dot_product_attention(self.split(self.q(x)), self.split(self.k(x)),
+                                                             self.split(self.v(x)), attn_mask=mask)
+        return self.o(self.merge(a))
+
+
 class _AttnNet(torch.nn.Module):
-    def __init__(self, heads_fast: bool):
+    def __init__(self, heads_fast: bool, masked: bool = False):
         super().__init__()
-        self.inp, self.att, self.out = torch.nn.Linear(5, 16), _SplitAttn(heads_fast), torch.nn.Linear(16, 3)
+        self.masked = masked
+        att = (_MaskedSplitAttn if masked else _SplitAttn)(heads_fast)
+        self.inp, self.att, self.out = torch.nn.Linear(5, 16), att, torch.nn.Linear(16, 3)
 
     def forward(self, x):
         h = self.inp(x)
+        if self.masked:
+            return self.out(h + self.att(h, torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()))
         return self.out(h + self.att(h))
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["runs_alone", "needs_a_mask"])
 @pytest.mark.parametrize("heads_fast", [False, True])
-def test_heads_must_be_whole_heads(heads_fast):
+def test_heads_must_be_whole_heads(heads_fast, masked):
     """A Heads sub-model must equal the full model with the other heads' outputs masked. discover
-    proposes Heads only where that holds; check refuses a hand-declared Heads where it does not."""
+    proposes Heads only where that holds; wrap refuses a hand-declared Heads where it does not and the
+    attention runs alone on one tensor; check (with the user's example) refuses the others."""
     torch.manual_seed(0)
-    model, x = _AttnNet(heads_fast).eval(), torch.randn(2, 6, 5)
+    model, x = _AttnNet(heads_fast, masked).eval(), torch.randn(2, 6, 5)
     found = [d for d in sn.discover(model, x, ratios=[0.5, 1.0]) if d.kind == "heads"]
     assert [d.spec()["attn"] for d in found] == ([] if heads_fast else [["att"]])
     before = snapshot(model)
+    if heads_fast and not masked:
+        with pytest.raises(sn.SortedNetError, match="at 'att' .*not the first 2 whole heads"):
+            sn.wrap(model, sn.Heads("h", [2, 4], attn="att"))
+        assert_unchanged(model, before)
+        return
     nest = sn.wrap(model, sn.Heads("h", [2, 4], attn="att"))
     if heads_fast:
         with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads.*att.o"):
@@ -184,6 +204,68 @@ def test_heads_must_be_whole_heads(heads_fast):
         nest.check(x)
     nest.unwrap()
     assert_unchanged(model, before)
+
+
+class _NamedQkvInterleaved(torch.nn.Module):
+    """A child named ``qkv`` (read as stacked [q; k; v]) whose rows are per-head [q_h, k_h, v_h]."""
+
+    def __init__(self, E=32, H=4):
+        super().__init__()
+        self.num_heads, self.head_dim = H, E // H
+        self.qkv, self.proj = torch.nn.Linear(E, 3 * E), torch.nn.Linear(E, E)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, -1)
+        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+
+
+class _Separate(torch.nn.Module):
+    def __init__(self, E=32, H=4, count="num_heads", alibi=False, embed_dim=False):
+        super().__init__()
+        setattr(self, count, H)
+        self.count, self.alibi, self.E = count, alibi, (E if embed_dim else None)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(E, E) for _ in range(4))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = getattr(self, self.count)
+        q, k, v = (p(x).view(B, T, h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        bias = None
+        if self.alibi:  # per-head slopes computed from the head count
+            slopes = 2.0 ** (-8.0 * torch.arange(1, h + 1) / h)
+            pos = torch.arange(T)
+            bias = -(pos[None, :] - pos[:, None]).abs() * slopes[:, None, None]
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+        return self.o(a.reshape(B, T, self.E if self.E is not None else -1))
+
+
+@pytest.mark.parametrize("build, needle", [
+    (_NamedQkvInterleaved, "not the first 2 whole heads"),
+    (lambda: _Separate(alibi=True), "not the first 2 whole heads"),
+    (lambda: _Separate(count="nh"), "not the first 2 whole heads"),
+    (lambda: _Separate(embed_dim=True), "runs at 4 heads but fails at 2"),
+], ids=["qkv_name_interleaved", "alibi_from_count", "unknown_count_name", "reshape_to_embed_dim"])
+def test_wrap_runs_hand_written_attention_alone_and_refuses_what_is_not_whole_heads(build, needle):
+    """Layouts Heads cannot know from the module's names (a guess would give other heads than the first),
+    found at wrap without an example by running the attention alone; the model is left as it was."""
+    torch.manual_seed(0)
+    for where in ("", "att"):
+        model = build() if not where else torch.nn.ModuleDict({"att": build()})
+        before = snapshot(model)
+        with pytest.raises(sn.SortedNetError, match=needle):
+            sn.wrap(model, sn.Heads("h", [2, 4], attn=where))
+        assert_unchanged(model, before)
+        assert not any("_sn" in m.__dict__ for m in model.modules())
+
+
+def test_hand_written_attention_that_is_whole_heads_wraps_without_an_example():
+    torch.manual_seed(0)
+    m = _Separate()
+    x = torch.randn(2, 5, 32)
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn=""))
+    with nest.use("h=2"):
+        torch.testing.assert_close(m(x), nest.export("h=2")(x))
 
 
 class _SideEffects(torch.nn.Module):

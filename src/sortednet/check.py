@@ -12,6 +12,7 @@ and the error names the dimension, the module path and the role (``out=``,
 
 from __future__ import annotations
 
+import inspect
 import random
 import sys
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,7 @@ def _feature_axis(m: nn.Module) -> int:
 
 
 def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any = None,
-                      copies: dict[int, nn.Module] | None = None) -> float | None:
+                      copies: dict[int, nn.Module] | None = None, within: nn.Module | None = None) -> float | None:
     """How far ``dim`` at ``size`` (the others full) is from being the first ``size`` whole units.
 
     The reference is the FULL model with the weight columns of the projections that read ``dim``'s
@@ -135,12 +136,16 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     layer by layer) relative to that input's own scale, which a large residual stream cannot hide.
     None when it cannot be measured (a reading module that is not a plain Linear / Conv1D or whose
     weight is factorised). ``model`` / ``copies``: the module tree to run (e.g.
-    :func:`sortednet.modes.eval_mode`'s view) and its module map.
+    :func:`sortednet.modes.eval_mode`'s view) and its module map; ``within``: only the reading projections
+    inside this module (of ``model``) count.
     """
     model = nest.model if model is None else model
     copies = copies or {}
     reads = [(copies.get(id(m), m), m._sn.bind["inp"]) for m in nest._sliced.values()
              if "inp" in m._sn.bind and m._sn.bind["inp"].dim is dim]
+    if within is not None:
+        inside = {id(m) for m in within.modules()}
+        reads = [(m, b) for m, b in reads if id(m) in inside]
     if not reads or any(not _is_maskable(m) or "rank" in m._sn.bind
                         or not isinstance(m._parameters.get("weight"), torch.Tensor) for m, _ in reads):
         return None
@@ -191,6 +196,67 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
                 if x.shape == y.shape and y.numel():
                     err = max(err, _rel_diff(x, y, 1e-12))
     return err
+
+
+def attention_self_check(nest: Nest) -> None:
+    """``wrap`` without an example: every hand-written attention module a ``Heads`` dimension slices (not
+    ``nn.MultiheadAttention``, which sortednet runs itself, nor a transformers class, which
+    ``from_transformers`` verifies) whose forward takes one tensor is run alone on a random
+    ``(2, 5, features)`` input, on a private eval-mode view: its smallest head count must be the first
+    heads of the full module (a layout read from a name, a head count kept under a name Heads does not
+    know, per-head values computed in the forward from the head count give something else), and it must
+    run where the full module runs. A module that needs more arguments is left to ``check(example)``."""
+    tol = _tolerance(nest)
+    for d in nest.dims:
+        if d.kind != "heads" or d.sizes[0] >= d.full:
+            continue
+        readers = {p: m for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
+                   and m._sn.bind["inp"].dim is d and isinstance(m, nn.Linear)}
+        parents = {p.rpartition(".")[0]: m for p, m in readers.items()}
+        for path, o in parents.items():
+            att = nest.model.get_submodule(path)
+            if isinstance(att, nn.MultiheadAttention) or type(att).__module__.startswith("transformers."):
+                continue
+            try:
+                params = [q for q in inspect.signature(type(att).forward).parameters.values()][1:]
+            except (TypeError, ValueError):
+                continue
+            required = [q for q in params if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY,
+                                                                                 q.POSITIONAL_OR_KEYWORD)]
+            if len(required) != 1 or any(q.default is q.empty and q.kind is q.KEYWORD_ONLY for q in params):
+                continue
+            w = next(iter(o.parameters()), None)
+            if w is None or not w.is_floating_point():
+                continue
+            x = torch.randn(2, 5, o.out_features, generator=torch.Generator().manual_seed(0)).to(w)
+            where = path or "the model's root"
+            cls = (type(att).__bases__[0] if getattr(type(att), "_sn_sliced", False) else type(att)).__name__
+            with dry_run(nest.model), eval_mode(nest) as (view, copies), torch.no_grad():
+                mod = view.get_submodule(path)
+                full = SubModel({k.name: k.full for k in nest.dims})
+                try:
+                    with Use(nest._state, nest._plans.build(full)), seeded(0):
+                        call_model(mod, x)
+                except Exception:  # not a self-attention of (batch, positions, features): not for this check
+                    continue
+                try:
+                    with Use(nest._state, nest._plans.build(full.replace(**{d.name: d.sizes[0]}))), seeded(0):
+                        call_model(mod, x)
+                except Exception as e:
+                    raise SortedNetError(
+                        f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
+                        f"but fails at {d.sizes[0]}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
+                        "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
+                        "(docs/custom_slicers.md)") from e
+                err = whole_units_error(nest, d, d.sizes[0], x, mod, copies, within=mod)
+            if err is not None and not err <= tol:
+                raise SortedNetError(
+                    f"Heads {d.name!r} at {where!r} ({cls}): {d.sizes[0]} heads are not the first "
+                    f"{d.sizes[0]} whole heads of the full module (relative difference {err:.3g}, run alone on a "
+                    "random input): its fused projection is not laid out as Heads read it (state layout=), it "
+                    "keeps the head count under a name Heads does not slice (count_attrs=), or it computes "
+                    "per-head values (ALiBi slopes) from the head count in its forward; slice it as a Width of "
+                    "its head size, or give it a custom slicer")
 
 
 def _rel_diff(x: torch.Tensor, y: torch.Tensor, floor: float) -> float:

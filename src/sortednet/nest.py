@@ -108,12 +108,15 @@ class Nest:
             unwrap_modules([m for m, _, _ in planned.values()], hooks)
             raise
         _LIVE.add(self)
-        if example is not None:
-            try:
+        try:
+            if example is not None:
                 self.check(example)
-            except BaseException:
-                self.unwrap()
-                raise
+            else:  # hand-written attention that can run alone: its smaller head counts must be its first heads
+                from .check import attention_self_check
+                attention_self_check(self)
+        except BaseException:
+            self.unwrap()
+            raise
 
     def _prepare(self, model: nn.Module, dims: Sequence[Dimension],
                  submodels: Iterable[SubModelLike] | None) -> None:
