@@ -259,13 +259,35 @@ def test_wrap_runs_hand_written_attention_alone_and_refuses_what_is_not_whole_he
         assert not any("_sn" in m.__dict__ for m in model.modules())
 
 
-def test_hand_written_attention_that_is_whole_heads_wraps_without_an_example():
+class _ToOut(_Separate):
+    """The output projection inside a container (vit-pytorch's ``to_out = Sequential(Linear, Dropout)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_out = torch.nn.Sequential(self.o, torch.nn.Dropout(0.1))
+        del self.o
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.to_out(a.reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("build, o", [(_Separate, None), (_ToOut, "to_out.0")], ids=["separate", "to_out_container"])
+def test_hand_written_attention_that_is_whole_heads_wraps_without_an_example(build, o):
     torch.manual_seed(0)
-    m = _Separate()
+    m = build().eval()
     x = torch.randn(2, 5, 32)
-    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn=""))
+    kw = {} if o is None else {"o": o}
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn="", **kw))
     with nest.use("h=2"):
         torch.testing.assert_close(m(x), nest.export("h=2")(x))
+    nest.unwrap()
+    with torch.device("meta"):  # built on the meta device: nothing to run, nothing refused
+        meta = build()
+    nest = sn.wrap(meta, sn.Heads("h", [2, 4], attn="", **kw))
+    assert nest.cost("h=2") < nest.cost("h=4")
 
 
 class _SideEffects(torch.nn.Module):

@@ -206,49 +206,57 @@ def attention_self_check(nest: Nest) -> None:
     heads of the full module (a layout read from a name, a head count kept under a name Heads does not
     know, per-head values computed in the forward from the head count give something else), and it must
     run where the full module runs. A module that needs more arguments is left to ``check(example)``."""
-    tol = _tolerance(nest)
+    from .patterns import match
+
+    modules = dict(nest.model.named_modules())
+    todo = []  # (dimension, attention path, its output projection, class name)
     for d in nest.dims:
         if d.kind != "heads" or d.sizes[0] >= d.full:
             continue
-        readers = {p: m for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
-                   and m._sn.bind["inp"].dim is d and isinstance(m, nn.Linear)}
-        parents = {p.rpartition(".")[0]: m for p, m in readers.items()}
-        for path, o in parents.items():
-            att = nest.model.get_submodule(path)
+        for path in dict.fromkeys(p for pat in d.attn for p in match(pat, modules, f"Heads {d.name!r} attn")):
+            att = modules[path]
             if isinstance(att, nn.MultiheadAttention) or type(att).__module__.startswith("transformers."):
                 continue
+            inside = {id(m) for m in att.modules()}
+            o = next((m for m in nest._sliced.values() if id(m) in inside and isinstance(m, nn.Linear)
+                      and m._sn.bind.get("inp") is not None and m._sn.bind["inp"].dim is d), None)
+            if o is None or any(t.is_meta or not t.is_floating_point() for t in att.parameters()):
+                continue  # (a model built on the meta device has nothing to run)
             try:
-                params = [q for q in inspect.signature(type(att).forward).parameters.values()][1:]
+                params = list(inspect.signature(type(att).forward).parameters.values())[1:]
             except (TypeError, ValueError):
                 continue
             required = [q for q in params if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY,
                                                                                  q.POSITIONAL_OR_KEYWORD)]
             if len(required) != 1 or any(q.default is q.empty and q.kind is q.KEYWORD_ONLY for q in params):
                 continue
-            w = next(iter(o.parameters()), None)
-            if w is None or not w.is_floating_point():
-                continue
+            cls = (type(att).__bases__[0] if getattr(type(att), "_sn_sliced", False) else type(att)).__name__
+            todo.append((d, path, o, cls))
+    if not todo:
+        return
+    tol = _tolerance(nest)
+    full = SubModel({k.name: k.full for k in nest.dims})
+    with dry_run(nest.model), eval_mode(nest) as (view, copies), torch.no_grad():  # one private view for all
+        for d, path, o, cls in todo:
+            w = next(iter(o.parameters()))
             x = torch.randn(2, 5, o.out_features, generator=torch.Generator().manual_seed(0)).to(w)
             where = path or "the model's root"
-            cls = (type(att).__bases__[0] if getattr(type(att), "_sn_sliced", False) else type(att)).__name__
-            with dry_run(nest.model), eval_mode(nest) as (view, copies), torch.no_grad():
-                mod = view.get_submodule(path)
-                full = SubModel({k.name: k.full for k in nest.dims})
-                try:
-                    with Use(nest._state, nest._plans.build(full)), seeded(0):
-                        call_model(mod, x)
-                except Exception:  # not a self-attention of (batch, positions, features): not for this check
-                    continue
-                try:
-                    with Use(nest._state, nest._plans.build(full.replace(**{d.name: d.sizes[0]}))), seeded(0):
-                        call_model(mod, x)
-                except Exception as e:
-                    raise SortedNetError(
-                        f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
-                        f"but fails at {d.sizes[0]}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
-                        "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
-                        "(docs/custom_slicers.md)") from e
-                err = whole_units_error(nest, d, d.sizes[0], x, mod, copies, within=mod)
+            mod = view.get_submodule(path)
+            try:
+                with Use(nest._state, nest._plans.build(full)), seeded(0):
+                    call_model(mod, x)
+            except Exception:  # not a self-attention of (batch, positions, features): not for this check
+                continue
+            try:
+                with Use(nest._state, nest._plans.build(full.replace(**{d.name: d.sizes[0]}))), seeded(0):
+                    call_model(mod, x)
+            except Exception as e:
+                raise SortedNetError(
+                    f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
+                    f"but fails at {d.sizes[0]}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
+                    "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
+                    "(docs/custom_slicers.md)") from e
+            err = whole_units_error(nest, d, d.sizes[0], x, mod, copies, within=mod)
             if err is not None and not err <= tol:
                 raise SortedNetError(
                     f"Heads {d.name!r} at {where!r} ({cls}): {d.sizes[0]} heads are not the first "
