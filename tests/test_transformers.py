@@ -541,3 +541,68 @@ def test_a_kv_cache_cropped_back_is_right_again_and_generate_is_guarded():
             first = model.generate(x, max_new_tokens=2, do_sample=False, past_key_values=cache, pad_token_id=0)
         with pytest.raises(sn.SortedNetError, match="key/value cache"):
             model.generate(first, max_new_tokens=2, do_sample=False, past_key_values=cache, pad_token_id=0)
+
+
+def test_a_kv_cache_reaching_the_model_by_other_routes_is_guarded_too():
+    """A deep copy of a prompt cache (Hugging Face's way to reuse one) keeps its record: continued by the
+    same sub-model it is exact, by another refused; a cache passed positionally or to the inner model is
+    checked alike; a non-empty cache the nest never saw filled (before wrap, by an export) is refused."""
+    import copy
+
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    x, nxt = ids(b=1, t=6), ids(seed=2, b=1, t=1)
+    before = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=x, past_key_values=before, use_cache=True)   # filled before wrap
+    nest = sn.from_transformers(model, ffn=[24], depth=[2])
+    small = nest.export("ffn=24")
+    with torch.no_grad():
+        prompt = DynamicCache(config=model.config)
+        with nest.use("ffn=24"):
+            model(input_ids=x, past_key_values=prompt, use_cache=True)
+            want = model(input_ids=torch.cat([x, nxt], 1)).logits[0, -1]
+            got = model(input_ids=nxt, past_key_values=copy.deepcopy(prompt), use_cache=True).logits[0, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for run in (lambda c: model(nxt, None, None, c, use_cache=True),           # positional
+                    lambda c: model.model(input_ids=nxt, past_key_values=c, use_cache=True),  # the inner model
+                    lambda c: model(input_ids=nxt, past_key_values=c, use_cache=True)):
+            with pytest.raises(sn.SortedNetError, match="computed by sub-model ffn=24"):
+                run(copy.deepcopy(prompt))
+        exported = DynamicCache(config=model.config)
+        small(input_ids=x, past_key_values=exported, use_cache=True)
+        for c in (before, exported):
+            with pytest.raises(sn.SortedNetError, match="did not see computed"):
+                model(input_ids=nxt, past_key_values=c, use_cache=True)
+
+
+def test_an_encoder_decoder_cache_is_continued_by_its_own_submodel_only():
+    """T5 under one Depth: the cross-attention keys come from the encoder, so even a shallower depth
+    would read another encoder's output."""
+    from transformers import DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1)).eval()
+    nest = sn.from_transformers(t5, depth=[1])
+    x, dec, nxt = torch.tensor([[3, 1, 4, 1, 5]]), torch.tensor([[0, 7, 8]]), torch.tensor([[9]])
+
+    def cache():
+        return EncoderDecoderCache(DynamicCache(config=t5.config), DynamicCache(config=t5.config))
+
+    with torch.no_grad():
+        for first, then in (("depth=2", "depth=1"), ("depth=1", "depth=2")):
+            c = cache()
+            with nest.use(first):
+                t5(input_ids=x, decoder_input_ids=dec, past_key_values=c, use_cache=True)
+            with nest.use(then), pytest.raises(sn.SortedNetError, match="encoder-decoder"):
+                t5(input_ids=x, decoder_input_ids=nxt, past_key_values=c, use_cache=True)
+        with nest.use("depth=1"):  # its own cache: as without sortednet
+            c = cache()
+            t5(input_ids=x, decoder_input_ids=dec, past_key_values=c, use_cache=True)
+            got = t5(input_ids=x, decoder_input_ids=nxt, past_key_values=c, use_cache=True).logits[0, -1]
+            want = t5(input_ids=x, decoder_input_ids=torch.cat([dec, nxt], 1)).logits[0, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -10,17 +10,18 @@ holds exactly what that sub-model would have computed:
   adds;
 - a deeper depth is right only if no shallower call left its extra layers behind.
 
-:class:`CacheGuard` (a forward pre-hook of the wrapped model's root, installed when its ``forward`` takes
-``past_key_values``, or ``cache`` in transformers 5) keeps, per cache object (weakly), the sizes that
-filled it and, per depth ``d`` that ran on it, the first position the layers from ``d`` on are missing.
-An empty cache starts afresh; a cropped cache (speculative decoding rolls back) is right again for the
-positions it kept.
+:class:`CacheGuard` (a forward pre-hook with keyword arguments on the wrapped model's root and on every
+Hugging Face model inside it whose ``forward`` takes ``past_key_values``, ``cache`` in transformers 5)
+keeps on each cache object the sizes that filled it and, per depth ``d`` that ran on it, the first
+position the layers from ``d`` on are missing. An empty cache starts afresh; a cropped cache (speculative
+decoding rolls back) is right again for the positions it kept. An encoder-decoder cache, or a nest with
+several layer lists under its depth, allows no change at all: the encoder's output differs.
 """
 
 from __future__ import annotations
 
 import inspect
-import weakref
+import sys
 from typing import Any
 
 from .errors import SortedNetError
@@ -28,45 +29,66 @@ from .views import _compiling
 
 
 class CacheGuard:
-    """``past_key_values`` continued by a sub-model that would read another's keys and values: refused."""
+    """A key/value cache continued by a sub-model that would read another's keys and values: refused.
 
-    def __init__(self, active: Any, dims: tuple, names: tuple[str, ...] = ("past_key_values",)) -> None:
-        self.active, self.names = active, names
+    The record lives on the cache object (``copy.deepcopy`` of a prompt cache carries it), under this
+    nest's key; a cache that holds positions but no record (filled before ``wrap``, by an exported model,
+    or where no guard saw it) is refused: nothing tells which sub-model computed it."""
+
+    ATTR = "_sortednet_kv"
+
+    def __init__(self, active: Any, dims: tuple, names: tuple[str, ...], index: int | None) -> None:
+        self.active, self.names, self.index = active, names, index
         depth = [d for d in dims if d.kind == "depth"]
-        self.depth = depth[0].name if len(depth) == 1 else None  # several depth lists: every switch is refused
-        self.full = depth[0].full if len(depth) == 1 else 0
-        self.records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # one list of layers: a shallower depth runs a prefix of the same layers; several (an encoder and a
+        # decoder under one Depth) or several Depth dimensions: every change of sub-model is refused
+        prefix = len(depth) == 1 and len(getattr(depth[0], "layers", ())) == 1
+        self.depth = depth[0].name if prefix else None
+        self.full = depth[0].full if prefix else 0
 
     def __deepcopy__(self, memo: dict) -> "CacheGuard":
         return self
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         cache = next((c for c in map(kwargs.get, self.names) if c is not None), None)
+        if cache is None and self.index is not None and len(args) > self.index:
+            cache = args[self.index]
         if cache is None or _compiling():
             return None
         try:
             filled = int(cache.get_seq_length())
-            rec = self.records.get(cache)
+            records = cache.__dict__.setdefault(self.ATTR, {})
         except Exception:  # a legacy tuple cache (transformers refuses it itself), another cache type
             return None
         sub = self.active.plan().sub
-        key = tuple((n, s) for n, s in sub.items() if n != self.depth)
-        if rec is None or filled == 0:
-            rec = self.records[cache] = (key, {})
+        encdec = hasattr(cache, "cross_attention_cache")  # cross-attention keys: the encoder's output
+        depth = None if encdec else self.depth
+        key = tuple((n, s) for n, s in sub.items() if n != depth)
+        rec = records.get(id(self.active))
+        if filled == 0:
+            rec = records[id(self.active)] = [key, {}]
+        elif rec is None:
+            raise SortedNetError(
+                f"the key/value cache holds {filled} positions that this nest did not see computed (filled "
+                "before wrap, by an exported model, or by a module that is not the wrapped model): it cannot "
+                f"tell whether sub-model {sub} would have computed them. Fill the cache through the wrapped "
+                "model, or start a new one")
         elif rec[0] != key:
             raise SortedNetError(
                 f"the key/value cache holds {filled} positions computed by sub-model "
-                f"{','.join(f'{n}={s}' for n, s in rec[0])}; sub-model {sub} computes other keys and values "
-                "(another width or head count): continuing that cache would mix two models. Start a new cache "
-                "for each sub-model (generate() makes its own when past_key_values is not given)")
-        if self.depth is None:
+                f"{','.join(f'{n}={s}' for n, s in rec[0])}; sub-model {sub} computes other keys and values"
+                + (" (in an encoder-decoder cache, any change does)" if encdec else
+                   " (another width or head count)" if depth is not None else "")
+                + ": continuing that cache would mix two models. Start a new cache for each sub-model "
+                "(generate() makes its own when past_key_values is not given)")
+        if depth is None:
             return None
-        d, missing = sub[self.depth], rec[1]
+        d, missing = sub[depth], rec[1]
         behind = [(e, p) for e, p in missing.items() if e < d and p < filled]
         if behind:
             e, p = min(behind, key=lambda t: t[1])
             raise SortedNetError(
-                f"key/value cache: a sub-model of {self.depth}={e} ran on this cache at position {p}, so its "
+                f"key/value cache: a sub-model of {depth}={e} ran on this cache at position {p}, so its "
                 f"layers from {e} on miss positions {p}..{filled - 1}; {sub} runs them and would attend to a "
                 f"past they never saw. Crop every layer of the cache back to {p} positions, or start a new one")
         for e in [e for e, p in missing.items() if e < d]:  # (p >= filled: this call fills those layers again)
@@ -76,15 +98,35 @@ class CacheGuard:
         return None
 
 
-def kv_cache_names(model: Any) -> tuple[str, ...]:
+def install_guards(model: Any, active: Any, dims: tuple) -> list:
+    """Hooks of :class:`CacheGuard` on the wrapped model's root and on every Hugging Face model inside it
+    (``model.model``, T5's stacks) whose forward takes a cache."""
+    mods = [model]
+    tf = sys.modules.get("transformers")
+    if tf is not None and hasattr(tf, "PreTrainedModel"):
+        mods += [m for m in model.modules() if m is not model and isinstance(m, tf.PreTrainedModel)]
+    hooks = []
+    for m in mods:
+        names, index = kv_cache_params(m)
+        if names:
+            hooks.append(m.register_forward_pre_hook(CacheGuard(active, dims, names, index), with_kwargs=True))
+    return hooks
+
+
+def kv_cache_params(model: Any) -> tuple[tuple[str, ...], int | None]:
     """The keywords of ``model.forward`` that take a Hugging Face cache (``past_key_values``; ``cache`` in
-    transformers 5, which still accepts the old name), or ``()``."""
+    transformers 5, which still accepts the old name) and its position among the positional arguments, or
+    ``((), None)``."""
     try:
-        params = inspect.signature(type(model).forward).parameters
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
     except (TypeError, ValueError):
-        return ()
-    if "past_key_values" in params:
-        return ("past_key_values",)
-    if "cache" in params and any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return ("cache", "past_key_values")
-    return ()
+        return (), None
+    byname = {p.name: p for p in params}
+    if "past_key_values" in byname:
+        names, name = ("past_key_values",), "past_key_values"
+    elif "cache" in byname and any(p.kind is p.VAR_KEYWORD for p in params):
+        names, name = ("cache", "past_key_values"), "cache"
+    else:
+        return (), None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names, positional.index(name) if name in positional else None

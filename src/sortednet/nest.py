@@ -24,7 +24,7 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import SortedNetError
 from .export import export_submodel
-from .kvcache import CacheGuard, kv_cache_names
+from .kvcache import install_guards
 from .modes import eval_mode
 from .plan import Plans, Use, in_plan
 from .profile import Profile, build_profile
@@ -98,10 +98,8 @@ class Nest:
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
             self._pin = pin = Pin(self._state)
             hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
-            names = kv_cache_names(model)
-            if names:  # (Hugging Face models) a cache continued by another sub-model: refused
-                hooks.append(model.register_forward_pre_hook(CacheGuard(self._state, self.dims, names),
-                                                             with_kwargs=True))
+            hooks += install_guards(model, self._state, self.dims)  # (Hugging Face) a cache another sub-model
+            # filled is continued only where it is exact
             self._attach(planned, hooks)
         except BaseException:
             self._stop()

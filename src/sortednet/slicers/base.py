@@ -309,8 +309,9 @@ def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
                                  f"{tuple(old.shape)}) while wrapped; nest.unwrap() first, change the module, "
                                  "then wrap again")
         if st is not None and name.endswith("_orig") and name[:-5] in names and name[:-5] in self._parameters:
-            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name[:-5]} is sliced by sortednet and cannot "
-                                 f"be pruned while wrapped (torch.nn.utils.prune moves it to {name!r}): "
+            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name[:-5]} is read through sortednet's "
+                                 "slicer of its module (a view in every forward) and cannot be pruned while "
+                                 f"wrapped (torch.nn.utils.prune moves it to {name!r}): "
                                  "nest.unwrap() first, prune, make it permanent (torch.nn.utils.prune.remove), "
                                  "then wrap again")
         base.register_parameter(self, name, param)
