@@ -5,6 +5,7 @@ Every model is built from a small config in the test (no downloads).
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -485,6 +486,8 @@ def test_trainer_checkpoints_of_a_rank_nest_load_as_what_they_trained(mode, tmp_
 
 
 # -- a key/value cache continued by another sub-model ----------------------------------------------------
+# the cache keyword: `cache` in transformers 5 (`past_key_values` is deprecated there), else the old name
+KV = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 KV_STEPS = {  # (prefill sub-model, next-token sub-model) -> refused?
     ("depth=4", "depth=4"): False, ("depth=4", "depth=2"): False, ("depth=2", "depth=4"): True,
     ("depth=2", "depth=2"): False, ("ffn=24", "ffn=48"): True, ("heads=4", "heads=2"): True,
@@ -505,15 +508,15 @@ def test_a_kv_cache_continued_by_another_submodel_is_exact_or_refused(first, the
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         with nest.use(first):
-            model(input_ids=x, past_key_values=cache, use_cache=True)
+            model(input_ids=x, **{KV: cache}, use_cache=True)
         with nest.use(then):
             ref = model(input_ids=torch.cat([x, nxt], 1)).logits[0, -1]
             if KV_STEPS[first, then]:
                 with pytest.raises(sn.SortedNetError, match="key/value cache"):
-                    model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    model(input_ids=nxt, **{KV: cache}, use_cache=True)
                 assert cache.get_seq_length() == 6  # nothing ran
             else:
-                got = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+                got = model(input_ids=nxt, **{KV: cache}, use_cache=True).logits[0, -1]
                 torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
@@ -526,21 +529,21 @@ def test_a_kv_cache_cropped_back_is_right_again_and_generate_is_guarded():
     x, a, b = ids(b=1, t=6), ids(seed=2, b=1, t=1), ids(seed=3, b=1, t=1)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=x, past_key_values=cache, use_cache=True)            # the full model: 6 positions
+        model(input_ids=x, **{KV: cache}, use_cache=True)            # the full model: 6 positions
         with nest.use("depth=2"):
-            model(input_ids=a, past_key_values=cache, use_cache=True)        # layers 2, 3 miss position 6
+            model(input_ids=a, **{KV: cache}, use_cache=True)        # layers 2, 3 miss position 6
         with pytest.raises(sn.SortedNetError, match="back to 6 positions"):
-            model(input_ids=b, past_key_values=cache, use_cache=True)
+            model(input_ids=b, **{KV: cache}, use_cache=True)
         for layer in cache.layers:  # (transformers 5: a layer's crop takes the count to remove)
             if layer.get_seq_length() > 6:
                 layer.crop(6 - layer.get_seq_length())
-        got = model(input_ids=b, past_key_values=cache, use_cache=True).logits[0, -1]
+        got = model(input_ids=b, **{KV: cache}, use_cache=True).logits[0, -1]
         torch.testing.assert_close(got, model(input_ids=torch.cat([x, b], 1)).logits[0, -1], atol=1e-5, rtol=0)
         cache = DynamicCache(config=model.config)
         with nest.use("depth=2"):
-            first = model.generate(x, max_new_tokens=2, do_sample=False, past_key_values=cache, pad_token_id=0)
+            first = model.generate(x, max_new_tokens=2, do_sample=False, **{KV: cache}, pad_token_id=0)
         with pytest.raises(sn.SortedNetError, match="key/value cache"):
-            model.generate(first, max_new_tokens=2, do_sample=False, past_key_values=cache, pad_token_id=0)
+            model.generate(first, max_new_tokens=2, do_sample=False, **{KV: cache}, pad_token_id=0)
 
 
 def test_a_kv_cache_reaching_the_model_by_other_routes_is_guarded_too():
@@ -556,26 +559,26 @@ def test_a_kv_cache_reaching_the_model_by_other_routes_is_guarded_too():
     x, nxt = ids(b=1, t=6), ids(seed=2, b=1, t=1)
     before = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=x, past_key_values=before, use_cache=True)   # filled before wrap
+        model(input_ids=x, **{KV: before}, use_cache=True)   # filled before wrap
     nest = sn.from_transformers(model, ffn=[24], depth=[2])
     small = nest.export("ffn=24")
     with torch.no_grad():
         prompt = DynamicCache(config=model.config)
         with nest.use("ffn=24"):
-            model(input_ids=x, past_key_values=prompt, use_cache=True)
+            model(input_ids=x, **{KV: prompt}, use_cache=True)
             want = model(input_ids=torch.cat([x, nxt], 1)).logits[0, -1]
-            got = model(input_ids=nxt, past_key_values=copy.deepcopy(prompt), use_cache=True).logits[0, -1]
+            got = model(input_ids=nxt, **{KV: copy.deepcopy(prompt)}, use_cache=True).logits[0, -1]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         for run in (lambda c: model(nxt, None, None, c, use_cache=True),           # positional
-                    lambda c: model.model(input_ids=nxt, past_key_values=c, use_cache=True),  # the inner model
-                    lambda c: model(input_ids=nxt, past_key_values=c, use_cache=True)):
+                    lambda c: model.model(input_ids=nxt, **{KV: c}, use_cache=True),  # the inner model
+                    lambda c: model(input_ids=nxt, **{KV: c}, use_cache=True)):
             with pytest.raises(sn.SortedNetError, match="computed by sub-model ffn=24"):
                 run(copy.deepcopy(prompt))
         exported = DynamicCache(config=model.config)
-        small(input_ids=x, past_key_values=exported, use_cache=True)
+        small(input_ids=x, **{KV: exported}, use_cache=True)
         for c in (before, exported):
             with pytest.raises(sn.SortedNetError, match="did not see computed"):
-                model(input_ids=nxt, past_key_values=c, use_cache=True)
+                model(input_ids=nxt, **{KV: c}, use_cache=True)
 
 
 def test_an_encoder_decoder_cache_is_continued_by_its_own_submodel_only():
@@ -597,12 +600,12 @@ def test_an_encoder_decoder_cache_is_continued_by_its_own_submodel_only():
         for first, then in (("depth=2", "depth=1"), ("depth=1", "depth=2")):
             c = cache()
             with nest.use(first):
-                t5(input_ids=x, decoder_input_ids=dec, past_key_values=c, use_cache=True)
+                t5(input_ids=x, decoder_input_ids=dec, **{KV: c}, use_cache=True)
             with nest.use(then), pytest.raises(sn.SortedNetError, match="encoder-decoder"):
-                t5(input_ids=x, decoder_input_ids=nxt, past_key_values=c, use_cache=True)
+                t5(input_ids=x, decoder_input_ids=nxt, **{KV: c}, use_cache=True)
         with nest.use("depth=1"):  # its own cache: as without sortednet
             c = cache()
-            t5(input_ids=x, decoder_input_ids=dec, past_key_values=c, use_cache=True)
-            got = t5(input_ids=x, decoder_input_ids=nxt, past_key_values=c, use_cache=True).logits[0, -1]
+            t5(input_ids=x, decoder_input_ids=dec, **{KV: c}, use_cache=True)
+            got = t5(input_ids=x, decoder_input_ids=nxt, **{KV: c}, use_cache=True).logits[0, -1]
             want = t5(input_ids=x, decoder_input_ids=torch.cat([dec, nxt], 1)).logits[0, -1]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
