@@ -5,6 +5,7 @@ Every model is built from a small config in the test (no downloads).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import subprocess
@@ -609,3 +610,33 @@ def test_an_encoder_decoder_cache_is_continued_by_its_own_submodel_only():
             got = t5(input_ids=x, decoder_input_ids=nxt, **{KV: c}, use_cache=True).logits[0, -1]
             want = t5(input_ids=x, decoder_input_ids=torch.cat([dec, nxt], 1)).logits[0, -1]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sub", [None, "ffn=24,depth=2"])
+def test_the_manual_decode_loop_continues_the_cache_the_forward_made(sub):
+    """``out = model(ids, use_cache=True)`` then ``model(next, cache=out.cache)``: the cache the forward made
+    itself is known to the nest (exact, as the export), and a crop that leaves the layers of a shallower
+    step shorter than the others is refused, whatever the bookkeeping says."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    nest = sn.from_transformers(model, ffn=[24], depth=[2])
+    x = ids(b=1, t=6)
+    small = nest.export(sub) if sub else nest.export(nest.largest)
+    with torch.no_grad(), (nest.use(sub) if sub else contextlib.nullcontext()):
+        out, ref = model(input_ids=x, use_cache=True), small(input_ids=x, use_cache=True)
+        cache, rcache = (getattr(o, KV, None) or o.past_key_values for o in (out, ref))
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            out, ref = model(input_ids=nxt, **{KV: cache}, use_cache=True), small(input_ids=nxt, **{KV: rcache},
+                                                                                   use_cache=True)
+            torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+            nxt = out.logits[:, -1:].argmax(-1)
+    with torch.no_grad():
+        full = model(input_ids=x, use_cache=True)
+        c = getattr(full, KV, None) or full.past_key_values
+        with nest.use("depth=2"):
+            model(input_ids=nxt, **{KV: c}, use_cache=True)     # layers 2, 3 stay at 6 positions
+        for layer in c.layers:                                  # the same count off every layer: [6, 6, 5, 5]
+            layer.crop(-1)
+        with pytest.raises(sn.SortedNetError, match="layer 2 holds 5 positions and layer 0 holds 6"):
+            model(input_ids=nxt, **{KV: c}, use_cache=True)

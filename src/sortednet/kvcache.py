@@ -49,6 +49,32 @@ class CacheGuard:
     def __deepcopy__(self, memo: dict) -> "CacheGuard":
         return self
 
+    def _key(self, cache: Any, sub: Any) -> tuple[str | None, tuple]:
+        """(the depth dimension that may shrink on this cache or None, the sizes that must stay)."""
+        depth = None if hasattr(cache, "cross_attention_cache") else self.depth  # cross-attention keys: the
+        return depth, tuple((n, s) for n, s in sub.items() if n != depth)        # encoder's output
+
+    def made(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook: a cache the forward made itself (none was given, ``use_cache=True``) gets its record,
+        as one that came in empty would (the manual decode loop continues with it)."""
+        if _compiling() or any(kwargs.get(n) is not None for n in self.names) or (
+                self.index is not None and len(args) > self.index and args[self.index] is not None):
+            return None
+        cache = next((c for c in (getattr(output, n, None) for n in ("cache", "past_key_values"))
+                      if c is not None and hasattr(c, "get_seq_length")), None)
+        if cache is None:
+            return None
+        try:
+            records = cache.__dict__.setdefault(self.ATTR, {})
+        except AttributeError:
+            return None
+        if id(self.active) in records:  # (an inner model's hook stamped it already)
+            return None
+        sub = self.active.plan().sub
+        depth, key = self._key(cache, sub)
+        records[id(self.active)] = [key, {sub[depth]: 0} if depth is not None and sub[depth] < self.full else {}]
+        return None
+
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         cache = next((c for c in map(kwargs.get, self.names) if c is not None), None)
         if cache is None and self.index is not None and len(args) > self.index:
@@ -61,9 +87,7 @@ class CacheGuard:
         except Exception:  # a legacy tuple cache (transformers refuses it itself), another cache type
             return None
         sub = self.active.plan().sub
-        encdec = hasattr(cache, "cross_attention_cache")  # cross-attention keys: the encoder's output
-        depth = None if encdec else self.depth
-        key = tuple((n, s) for n, s in sub.items() if n != depth)
+        depth, key = self._key(cache, sub)
         rec = records.get(id(self.active))
         if filled == 0:
             rec = records[id(self.active)] = [key, {}]
@@ -77,20 +101,31 @@ class CacheGuard:
             raise SortedNetError(
                 f"the key/value cache holds {filled} positions computed by sub-model "
                 f"{','.join(f'{n}={s}' for n, s in rec[0])}; sub-model {sub} computes other keys and values"
-                + (" (in an encoder-decoder cache, any change does)" if encdec else
+                + (" (in an encoder-decoder cache, any change does)" if hasattr(cache, "cross_attention_cache") else
                    " (another width or head count)" if depth is not None else "")
                 + ": continuing that cache would mix two models. Start a new cache for each sub-model "
                 "(generate() makes its own when past_key_values is not given)")
         if depth is None:
             return None
         d, missing = sub[depth], rec[1]
+        layers = getattr(cache, "layers", None)
+        if isinstance(layers, (list, tuple)) and filled:  # what the layers this sub-model runs really hold
+            short = [(i, int(layers[i].get_seq_length()) if i < len(layers) else 0) for i in range(d)]
+            short = [(i, n) for i, n in short if n != filled]
+            if short:
+                raise SortedNetError(
+                    f"key/value cache: layer {short[0][0]} holds {short[0][1]} positions and layer 0 holds "
+                    f"{filled}: a shallower sub-model ran on it (or a crop removed the same count from layers of "
+                    f"different lengths); {sub} runs layers 0..{d - 1} and would attend to a past they do not "
+                    "hold. Crop each layer back to the positions all of them hold, or start a new cache")
         behind = [(e, p) for e, p in missing.items() if e < d and p < filled]
         if behind:
             e, p = min(behind, key=lambda t: t[1])
             raise SortedNetError(
                 f"key/value cache: a sub-model of {depth}={e} ran on this cache at position {p}, so its "
                 f"layers from {e} on miss positions {p}..{filled - 1}; {sub} runs them and would attend to a "
-                f"past they never saw. Crop every layer of the cache back to {p} positions, or start a new one")
+                f"past they never saw. Crop each layer back to {p} positions (by its own count: the layers hold "
+                f"different lengths), or start a new cache")
         for e in [e for e, p in missing.items() if e < d]:  # (p >= filled: this call fills those layers again)
             del missing[e]
         if d < self.full:  # the layers from d on stop at `filled`
@@ -109,7 +144,9 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
     for m in mods:
         names, index = kv_cache_params(m)
         if names:
-            hooks.append(m.register_forward_pre_hook(CacheGuard(active, dims, names, index), with_kwargs=True))
+            guard = CacheGuard(active, dims, names, index)
+            hooks += [m.register_forward_pre_hook(guard, with_kwargs=True),
+                      m.register_forward_hook(guard.made, with_kwargs=True)]
     return hooks
 
 
