@@ -108,6 +108,14 @@ class CacheGuard:
         if depth is None:
             return None
         d, missing = sub[depth], rec[1]
+        behind = [(e, p) for e, p in missing.items() if e < d and p < filled]
+        if behind:
+            e, p = min(behind, key=lambda t: t[1])
+            raise SortedNetError(
+                f"key/value cache: a sub-model of {depth}={e} ran on this cache at position {p}, so its "
+                f"layers from {e} on miss positions {p}..{filled - 1}; {sub} runs them and would attend to a "
+                f"past they never saw. Crop each layer back to {p} positions (by its own count: the layers hold "
+                f"different lengths), or start a new cache")
         layers = getattr(cache, "layers", None)
         if isinstance(layers, (list, tuple)) and filled:  # what the layers this sub-model runs really hold
             short = [(i, int(layers[i].get_seq_length()) if i < len(layers) else 0) for i in range(d)]
@@ -118,14 +126,6 @@ class CacheGuard:
                     f"{filled}: a shallower sub-model ran on it (or a crop removed the same count from layers of "
                     f"different lengths); {sub} runs layers 0..{d - 1} and would attend to a past they do not "
                     "hold. Crop each layer back to the positions all of them hold, or start a new cache")
-        behind = [(e, p) for e, p in missing.items() if e < d and p < filled]
-        if behind:
-            e, p = min(behind, key=lambda t: t[1])
-            raise SortedNetError(
-                f"key/value cache: a sub-model of {depth}={e} ran on this cache at position {p}, so its "
-                f"layers from {e} on miss positions {p}..{filled - 1}; {sub} runs them and would attend to a "
-                f"past they never saw. Crop each layer back to {p} positions (by its own count: the layers hold "
-                f"different lengths), or start a new cache")
         for e in [e for e, p in missing.items() if e < d]:  # (p >= filled: this call fills those layers again)
             del missing[e]
         if d < self.full:  # the layers from d on stop at `filled`
