@@ -54,11 +54,17 @@ class CacheGuard:
         depth = None if hasattr(cache, "cross_attention_cache") else self.depth  # cross-attention keys: the
         return depth, tuple((n, s) for n, s in sub.items() if n != depth)        # encoder's output
 
+    def _given(self, args: tuple, kwargs: dict) -> Any:
+        """The cache the call was given (by keyword or by position), or None."""
+        cache = next((c for c in map(kwargs.get, self.names) if c is not None), None)
+        if cache is None and self.index is not None and len(args) > self.index:
+            cache = args[self.index]
+        return cache
+
     def made(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook: a cache the forward made itself (none was given, ``use_cache=True``) gets its record,
         as one that came in empty would (the manual decode loop continues with it)."""
-        if _compiling() or any(kwargs.get(n) is not None for n in self.names) or (
-                self.index is not None and len(args) > self.index and args[self.index] is not None):
+        if _compiling() or self._given(args, kwargs) is not None:
             return None
         cache = next((c for c in (getattr(output, n, None) for n in ("cache", "past_key_values"))
                       if c is not None and hasattr(c, "get_seq_length")), None)
@@ -76,9 +82,7 @@ class CacheGuard:
         return None
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
-        cache = next((c for c in map(kwargs.get, self.names) if c is not None), None)
-        if cache is None and self.index is not None and len(args) > self.index:
-            cache = args[self.index]
+        cache = self._given(args, kwargs)
         if cache is None or _compiling():
             return None
         try:
