@@ -418,12 +418,61 @@ class TimmViT(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
+# -- timm's MobileNetV2 (BatchNorm + activation in one module with a forward of its own) ----------------
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.BatchNormAct2d's wiring: the functional batch norm on the module's own tensors, then an
+    activation, in the module's own forward (not a stock BatchNorm leaf)."""
+
+    def __init__(self, c, act=True):
+        super().__init__(c)
+        self.act = nn.ReLU6() if act else nn.Identity()
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average (what nest.calibrate asks for)
+                factor = 1.0 / float(self.num_batches_tracked)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, factor, self.eps)
+        return self.act(x)
+
+
+class TimmInvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        mid = cin * expand
+        self.has_skip = stride == 1 and cin == cout
+        self.conv_pw, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), BatchNormAct2d(mid)
+        self.conv_dw = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2 = BatchNormAct2d(mid)
+        self.conv_pwl, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), BatchNormAct2d(cout, act=False)
+
+    def forward(self, x):
+        y = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
+        return x + y if self.has_skip else y
+
+
+class TimmMobileNetV2(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv_stem, self.bn1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False), BatchNormAct2d(8)
+        self.blocks = nn.Sequential(TimmInvertedResidual(8, 12, 2, 4), TimmInvertedResidual(12, 12, 1, 4),
+                                    TimmInvertedResidual(12, 16, 1, 4))
+        self.conv_head, self.bn2 = nn.Conv2d(16, 32, 1, bias=False), BatchNormAct2d(32)
+        self.classifier = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+        return self.classifier(x.mean((2, 3)))
+
+
 def _randomise_bn(m: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters (a freshly built BN is the identity)."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for bn in m.modules():
-            if isinstance(bn, nn.BatchNorm2d):
+            if isinstance(bn, nn.BatchNorm2d):  # (and BatchNormAct2d)
                 bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
                 bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
                 bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
@@ -442,6 +491,7 @@ ARCHS: dict[str, Callable[[], nn.Module]] = {
     "regnet_x": lambda: RegNet(se_ratio=0.0),
     "vit_torchvision": ViT,
     "vit_timm": TimmViT,
+    "mobilenet_v2_timm": TimmMobileNetV2,
 }
 
 

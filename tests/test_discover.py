@@ -18,6 +18,7 @@ import arch
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, case_params, run, snapshot
 from sortednet.discovery import sizes_for
+from sortednet.importance import sort_units
 
 NAMES = sorted(arch.ARCHS) + sorted(FAMILIES)
 
@@ -251,3 +252,111 @@ def test_a_dataclass_output_is_opened_so_its_classes_never_shrink(dataclass_out)
     with pytest.raises(sn.SortedNetError, match="changes the output shapes"):
         sn.wrap(model, sn.Width("cls", [2, 5], out="o"), example=x)
     assert type(model.o) is nn.Linear  # refused before anything changed
+
+
+# -- BatchNorm subclasses with a forward of their own (timm's BatchNormAct2d) ----------------------------------
+class _FullStatsBN(nn.BatchNorm2d):
+    """Reads its statistics from the registry, not the (sliced) attributes."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self._buffers["running_mean"], self._buffers["running_var"], self.weight, self.bias,
+                            self.training, self.momentum, self.eps)
+
+
+class _LastChannelsBN(nn.BatchNorm2d):
+    """Takes as many channels as it gets, from the end: runs at every size, with the wrong channels."""
+
+    def forward(self, x):
+        c = x.shape[1]
+        p, b = self._parameters, self._buffers
+        return F.batch_norm(x, b["running_mean"][-c:], b["running_var"][-c:], p["weight"][-c:], p["bias"][-c:],
+                            self.training, self.momentum, self.eps)
+
+
+class _StoredCountBN(nn.BatchNorm2d):
+    """Sizes a reshape by a channel count kept under its own name."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.c = c
+
+    def forward(self, x):
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return y.reshape(x.shape[0], self.c, -1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bn,why", [(_FullStatsBN, "fails on 4"), (_LastChannelsBN, "relative difference"),
+                                    (_StoredCountBN, "fails on 4")])
+def test_a_batchnorm_subclass_whose_forward_ignores_the_slices_is_refused_unchanged(bn, why):
+    model = arch._randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 1), bn(8), nn.Conv2d(8, 2, 1)))
+    x = torch.randn(2, 3, 4, 4)
+    expected, snap = run(model, x), snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=why) as e:
+        sn.wrap(model, sn.Width("c", [4, 8], out="0", inp="2", norm="1"))
+    assert "'1'" in str(e.value) and bn.__name__ in str(e.value)
+    assert_unchanged(model, snap)
+    assert torch.equal(run(model, x), expected)
+
+
+def test_a_batchnorm_subclass_that_reads_its_attributes_is_discovered_trained_calibrated_and_exported():
+    model, x = build("mobilenet_v2_timm")
+    dims = sn.discover(model, x, ratios=[0.5, 1.0])
+    norms = {p for d in widths(dims) for p in d.norm}
+    assert {"bn1", "blocks.0.bn1", "blocks.0.bn2", "bn2"} <= norms   # the BatchNormAct2d modules, as norms
+    nest = sn.wrap(model, *dims, submodels=sn.by_ratio(dims, [0.5, 1.0]), example=x)
+    small = nest.smallest
+    model.train()
+    with nest.use(small):
+        model(torch.randn(8, 3, 16, 16)).square().mean().backward()   # the training path runs sliced
+    assert all(p.grad is not None for p in model.parameters())
+    nest.calibrate([torch.randn(8, 3, 16, 16) for _ in range(2)])
+    model.eval()
+    with nest.use(small):
+        live = run(model, x)
+    torch.testing.assert_close(run(nest.export(small), x), live, atol=1e-5, rtol=0)
+
+
+def test_sync_batchnorm_is_still_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.SyncBatchNorm(8), nn.Conv2d(8, 2, 1))
+    with pytest.raises(sn.SortedNetError, match="own forward"):
+        sn.wrap(model, sn.Width("c", [4, 8], out="0", inp="2", norm="1"))
+
+
+@pytest.mark.parametrize("mult", [0, -3, 2.5, True, "2"])
+def test_bad_multiple_of_is_refused(mult):
+    model, x = build("mlp")
+    with pytest.raises(sn.SortedNetError, match="multiple_of"):
+        sn.discover(model, x, multiple_of=mult)
+
+
+class _TwoGroupNorms(nn.Module):
+    """One conv read by GroupNorms of 2 and of 3 channels per group: sizes must be multiples of 6."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.g1, self.g2 = nn.Conv2d(3, 12, 1), nn.GroupNorm(6, 12), nn.GroupNorm(4, 12)
+        self.c2 = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        return self.c2(self.g1(h) + self.g2(h))
+
+
+def test_group_norms_of_several_group_sizes_take_the_least_common_multiple():
+    (d,) = sn.discover(_TwoGroupNorms().eval(), torch.randn(2, 3, 4, 4), ratios=[0.25, 0.5, 1.0])
+    assert d.sizes == (6, 12) and set(d.norm) == {"g1", "g2"}
+
+
+def test_sort_units_on_units_read_in_order_names_the_cause():
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+    model.append(_Cumsum()).append(nn.Linear(16, 2))
+    x = torch.randn(8, 4)
+    nest = sn.wrap(model, *sn.discover(model, x, ratios=[0.5, 1.0]), example=x)
+    with pytest.raises(sn.SortedNetError, match="in their order"):
+        sort_units(nest, "l1", example=x)
+
+
+class _Cumsum(nn.Module):
+    def forward(self, x):
+        return x.cumsum(-1)

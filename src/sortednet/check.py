@@ -267,6 +267,69 @@ def attention_self_check(nest: Nest) -> None:
                     "its head size, or give it a custom slicer")
 
 
+def norm_self_check(nest: Nest) -> None:
+    """``wrap``: every sliced BatchNorm whose class has a forward of its own (timm's ``BatchNormAct2d``,
+    a user's subclass; not ``SyncBatchNorm``) is run alone, in eval and in training mode, on a private view with
+    distinct per-channel statistics and affine values: at each smaller size its output must be the full
+    module's output on the kept channels (a batch norm and an elementwise activation act per channel). A
+    forward that sizes something by an attribute sortednet does not slice, or reads the full tensors, is
+    refused here, naming the module, instead of computing a wrong sub-model."""
+    from .slicers.base import own_forward
+
+    todo = [(path, m) for path, m in nest._sliced.items()
+            if isinstance(m, _BatchNorm) and "norm" in m._sn.bind and own_forward(m._sn.cls, m._sn.slicer)]
+    if not todo:
+        return
+    full = SubModel({k.name: k.full for k in nest.dims})
+    gen = torch.Generator().manual_seed(0)
+    with dry_run(nest.model), eval_mode(nest) as (view, _), torch.no_grad():
+        for path, live in todo:
+            b = live._sn.bind["norm"]
+            mod = view.get_submodule(path)
+            cls = live._sn.cls.__name__
+            c = b.full
+            tensors = [t for t in (mod._parameters.get(n) if n in mod._parameters else mod._buffers.get(n)
+                                   for n in ("weight", "bias", "running_mean", "running_var")) if t is not None]
+            if any(t.is_meta or not t.is_floating_point() for t in tensors):
+                continue  # (a model built on the meta device has nothing to run)
+            like = tensors[0] if tensors else torch.empty(0)
+            for n, lo in (("weight", 0.5), ("bias", -1.0), ("running_mean", -1.0), ("running_var", 0.5)):
+                t = mod._parameters.get(n) if n in mod._parameters else mod._buffers.get(n)
+                if t is not None:  # distinct per channel: a forward reading other channels shows
+                    t.copy_(lo + torch.rand(t.shape, generator=gen).to(t))
+            ndim = next((k for cls_, k in ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))
+                         if isinstance(live, cls_)), 4)
+            x = (torch.randn(4, c, *(3,) * (ndim - 2), generator=gen) * 2 + 0.5).to(like)
+            for training in (False, True):
+                mod.train(training)
+                try:
+                    with Use(nest._state, nest._plans.build(full)), seeded(0):
+                        want = call_model(mod, x)
+                except Exception:
+                    continue  # not a norm over (batch, channels, ...) inputs: left to check(example)
+                for size in b.dim.sizes[:-1]:
+                    keep = torch.cat([torch.arange(st, st + n) for st, n in b.segments(size)])
+                    sub = full.replace(**{b.dim.name: size})
+                    try:
+                        with Use(nest._state, nest._plans.build(sub)), seeded(0):
+                            got = call_model(mod, x[:, keep])
+                        err = _rel_diff(got, want[:, keep], 1e-6) if got.shape == want[:, keep].shape else None
+                    except Exception as e:
+                        raise SortedNetError(
+                            f"{b.dim.kind} {b.dim.name!r} at {path!r} ({cls}, a BatchNorm with a forward of its "
+                            f"own): it runs on {c} channels but fails on {b.total(size)}: {type(e).__name__}: "
+                            f"{str(e)[:300]}. Its forward sizes something by an attribute sortednet does not "
+                            "slice; register a slicer for it (docs/custom_slicers.md) or leave it out") from e
+                    if err is None or err > 1e-4:
+                        raise SortedNetError(
+                            f"{b.dim.kind} {b.dim.name!r} at {path!r} ({cls}, a BatchNorm with a forward of its "
+                            f"own): at {b.total(size)} channels its output is not the full module's on those "
+                            f"channels ({'another shape' if err is None else f'relative difference {err:.3g}'}"
+                            f", {'training' if training else 'eval'} mode, run alone on a random input): its "
+                            "forward does not read the sliced statistics and affine parameters; register a "
+                            "slicer for it (docs/custom_slicers.md) or leave it out")
+
+
 def _rel_diff(x: torch.Tensor, y: torch.Tensor, floor: float) -> float:
     """Largest difference of the finite entries relative to ``y``'s scale (at least ``floor``); non-finite
     entries (an output masked with -inf) must agree exactly, else inf."""

@@ -8,6 +8,7 @@ the caller: adding an op here is how discovery learns more.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
+
+from .slicers.base import own_forward, slicer_for
 
 __all__ = ["handle", "module", "attention_block", "Attention"]
 
@@ -297,7 +300,59 @@ def handle(a, ev) -> bool:
         return True
     if name == "__getitem__":
         return len(outs) == 1 and _index(a, x, outs[0], ev.args[1], f"indexed by {why}")
+    if name in _FUNCTIONAL_NORM:
+        return _functional_norm(a, ev, x, outs)
     return False
+
+
+#: functional norms a norm module's own forward may call (timm's BatchNormAct2d, LayerNorm2d; a subclass
+#: of a stock norm with its own forward): op -> (module types, names of the tensor arguments by position
+#: after the input, their positions of the other arguments)
+_FUNCTIONAL_NORM: dict[str, tuple[tuple[type, ...], tuple[str | None, ...]]] = {
+    "batch_norm": ((_BatchNorm,), ("running_mean", "running_var", "weight", "bias")),
+    "layer_norm": (_NORM_LAST, (None, "weight", "bias")),
+    "rms_norm": (_NORM_LAST, (None, "weight")),
+    "group_norm": ((nn.GroupNorm,), (None, "weight", "bias")),
+}
+
+
+def _functional_norm(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
+    """``F.batch_norm`` / ``layer_norm`` / ``rms_norm`` / ``group_norm`` reading exactly the tensors of one norm
+    module of a kind sortednet slices (its parameters and buffers under their own names): that module's
+    ``norm`` role on the normalised axis, the output's axes the input's. Anything else (tensors of another
+    module, computed ones, a norm over several axes) is not understood, and its axes stay fixed."""
+    kinds, names = _FUNCTIONAL_NORM[ev.name]
+    if len(outs) != 1 or outs[0].shape != x.shape or not ev.args or ev.args[0] is not x:
+        return False
+    given = {n: ev.args[i + 1] for i, n in enumerate(names) if n is not None and i + 1 < len(ev.args)}
+    given.update({n: v for n, v in ev.kwargs.items() if n in names})
+    tensors = {n: t for n, t in given.items() if t is not None}
+    if not tensors or any(not isinstance(t, Tensor) for t in tensors.values()):
+        return False
+    owners = {a.params.get(id(t), "").rpartition(".")[0] for t in tensors.values()}
+    path = owners.pop() if len(owners) == 1 else None
+    m = a.modules.get(path) if path is not None else None
+    sl = slicer_for(m) if m is not None and isinstance(m, kinds) else None
+    if sl is None or (own_forward(type(m), sl) and not sl.verifies_forward(type(m))):  # a subclass wrap would refuse
+        return False
+    for n, t in tensors.items():  # each the module's own tensor of that name
+        own = m._parameters.get(n) if n in m._parameters else m._buffers.get(n)
+        if own is not t or a.params.get(id(t)) != (f"{path}.{n}" if path else n):
+            return False
+    if isinstance(m, _NORM_LAST):
+        shape = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("normalized_shape")
+        if tuple(shape) != (x.shape[-1],):
+            return False
+        axis = x.dim() - 1
+    else:
+        axis = 1 if x.dim() > 1 else 0
+    xv = a.of(x)
+    a.assign(outs[0], [[v] for v in xv], path)
+    a.uf.bind(xv[axis], path, "norm")
+    if isinstance(m, nn.GroupNorm):
+        r = a.uf.find(xv[axis])
+        a.uf.mult[r] = math.lcm(a.uf.mult[r], m.__dict__["num_channels"] // m.__dict__["num_groups"])
+    return True
 
 
 def _new_out(a, size: int, path: str, role: str = "out") -> int:
@@ -345,7 +400,7 @@ def module(a, ev) -> None:
         a.uf.bind(xv[axis], path, "norm")
         if isinstance(m, nn.GroupNorm):
             r = a.uf.find(xv[axis])
-            a.uf.mult[r] = max(a.uf.mult[r], m.__dict__["num_channels"] // m.__dict__["num_groups"])
+            a.uf.mult[r] = math.lcm(a.uf.mult[r], m.__dict__["num_channels"] // m.__dict__["num_groups"])
     elif isinstance(m, nn.MultiheadAttention):
         _mha(a, ev, m, path, outs)
     else:

@@ -202,6 +202,8 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     Linear(in_features=4, out_features=10, bias=True)
     """
     ratios = _check_ratios(ratios)
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise SortedNetError(f"discover(): multiple_of must be a positive int, got {multiple_of!r}")
     if not isinstance(model, nn.Module):
         raise SortedNetError(f"discover() needs an nn.Module, got {type(model).__name__}")
     if any("_sn" in m.__dict__ for m in model.modules()):

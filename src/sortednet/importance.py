@@ -357,7 +357,10 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
     raise SortedNetError(f"sort_units: permuting changes the full model's output{where} (by {err:.3g}): a module "
                          "coupled to a dimension is not declared in it"
                          + (" (one used only in training, e.g. an auxiliary head)" if where else "")
-                         + "; run nest.check(example) to find it. Nothing was changed")
+                         + "; run nest.check(example) to find it. If check passes, the model reads the units in "
+                         "their order (cumsum / cummax over the features, a convolution or pooling along them, a "
+                         "per-position table indexed by unit): prefixes still nest, but the units cannot be "
+                         "sorted; train the nest unsorted. Nothing was changed")
 
 
 def rel_err(got: list[Tensor], ref: list[Tensor]) -> float:

@@ -17,6 +17,7 @@ from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
 from .plan import close_block, heal_pins, open_block
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
+from .slicers.base import own_forward
 from .slicers.attention import ATTRS_ONLY
 from .views import _compiling
 
@@ -92,11 +93,10 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
             pats = sorted({t.pattern for t in roles.values()})
             raise PatternError(f"{path!r} ({type(m).__name__}, matched by {pats}) has no slicer; register one "
                                "with @sn.slicer(YourType) (see docs/custom_slicers.md)")
-        if sl is not ATTRS_ONLY:
+        if sl is not ATTRS_ONLY and own_forward(type(m), sl) and not sl.verifies_forward(type(m)):
             base = next(b for b in type(m).__mro__ if b in sl.types)
-            if type(m) is not base and type(m).forward is not base.forward and not sl.overrides_forward:
-                raise PatternError(f"{path!r}: {type(m).__name__} subclasses {base.__name__} with its own forward, "
-                                   "which may ignore sliced attributes; register a slicer for it explicitly")
+            raise PatternError(f"{path!r}: {type(m).__name__} subclasses {base.__name__} with its own forward, "
+                               "which may ignore sliced attributes; register a slicer for it explicitly")
         sl.validate(m, bind, path)
         out[path] = (m, sl, bind)
     _refuse_tied_factors(model, out)

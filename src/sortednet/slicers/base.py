@@ -76,6 +76,13 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
     return deco
 
 
+def own_forward(cls: type, sl: "Slicer") -> bool:
+    """Whether ``cls`` subclasses the type ``sl`` is registered for with a forward of its own, which may
+    ignore the sliced attributes (unless the slicer replaces the forward; see also :meth:`Slicer.verifies_forward`)."""
+    base = next((b for b in cls.__mro__ if b in sl.types), None)
+    return base is not None and cls is not base and cls.forward is not base.forward and not sl.overrides_forward
+
+
 def slicer_for(module: nn.Module) -> "Slicer | None":
     """The registered slicer for ``module`` (exact type first, then base classes)."""
     for base in type(module).__mro__:
@@ -98,6 +105,7 @@ class Slicer:
     attrs: ClassVar[tuple[str, ...]] = ()
     #: the module's own forward is replaced (only where no attribute can be sliced)
     overrides_forward: ClassVar[bool] = False
+
     #: optional speed-up: tensor attributes that are plain views, ``{name: ((axis, role), ...)}``,
     #: and attributes that depend on the active sizes only (``STATIC``); see :meth:`rules`
     views: ClassVar[dict[str, tuple[tuple[int, str], ...]]] = {}
@@ -114,6 +122,12 @@ class Slicer:
 
     def check(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
         """Extra validation (divisibility, ties). Raise SortedNetError."""
+
+    def verifies_forward(self, cls: type) -> bool:
+        """Whether a subclass ``cls`` of a registered type with a forward of its own is accepted and run alone
+        at wrap to verify that its forward reads the sliced attributes (BatchNorm: ``check.norm_self_check``).
+        Default False: ``wrap`` refuses such subclasses unless a slicer is registered for them."""
+        return False
 
     # -- optional: slicers that add tensors (Rank factors / adapters) -------
     def prepare(self, m: nn.Module) -> None:

@@ -124,6 +124,11 @@ class BatchNormSlicer(Slicer):
     views = {"weight": ((0, "norm"),), "bias": ((0, "norm"),)}  # running stats: per-sub-model when calibrated
     static = ("num_features",)
 
+    def verifies_forward(self, cls: type) -> bool:
+        """timm's ``BatchNormAct2d``, a user's subclass: ``check.norm_self_check`` runs them at wrap.
+        ``SyncBatchNorm`` is not: its synchronised path runs only under a process group."""
+        return not issubclass(cls, nn.SyncBatchNorm)
+
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["num_features"]
 
