@@ -17,8 +17,8 @@ from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
 from .plan import close_block, heal_pins, open_block
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
-from .slicers.base import own_forward
 from .slicers.attention import ATTRS_ONLY
+from .slicers.base import own_forward
 from .views import _compiling
 
 __all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin"]
