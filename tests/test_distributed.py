@@ -54,6 +54,7 @@ SCENARIOS = {
     "encoder-fsdp2": ("torch_encoder", "fsdp2"),   # nn.MultiheadAttention heads (its forward is replaced)
     "rank-svd-ddp": ("mlp_rank_svd", "ddp"),         # weight replaced by factors U, V
     "rank-lora-fsdp2": ("mlp_rank_lora", "fsdp2"),   # frozen base weights next to trained adapters in one unit
+    "lm-ddp-compiled": ("lm_width_heads_depth", "ddp_compiled"),  # torch.compile(DDP(model)) as module=
 }
 
 
@@ -90,6 +91,8 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
     model = case.model
     if mode == "ddp":
         module = DDP(model)
+    elif mode == "ddp_compiled":  # the compiled wrapper is what the closure calls and what accumulate gets
+        module = torch.compile(DDP(model), backend="eager")
     elif mode == "ddp_unused":
         module = DDP(model, find_unused_parameters=True)
     elif mode.startswith("fsdp2"):
@@ -214,6 +217,16 @@ def _errors(rank: int) -> dict:
         out["fsdp_after_eval_forward"] = "ok"
     except sn.SortedNetError as e:
         out["fsdp_after_eval_forward"] = str(e)
+    # ranks that drew other sub-models (a seed per rank), or another number of them: refused on every rank
+    case, nest = _build("mlp", "ddp")
+    ddp = DDP(case.model)
+    for key, subs in (("other_order", [nest.smallest, nest.largest][::1 if rank == 0 else -1]),
+                      ("other_k", [nest.smallest, nest.largest][:2 - rank])):
+        try:
+            snd.accumulate(nest, subs, lambda: _loss(ddp(case.example)), module=ddp)
+            out[key] = "accepted"
+        except sn.SortedNetError as e:
+            out[key] = str(e)
     case, nest = _build("mlp", "ddp")
     try:
         snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)),
@@ -336,6 +349,8 @@ def test_misuse_raises_clear_errors(run):
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
     assert "static_graph" in errs.get("static_graph", "")
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
+    for key in ("other_order", "other_k"):  # (rank 0's record; every rank raised, or the run would hang)
+        assert "ranks disagree on the sub-models" in errs[key] and "rank 1 has" in errs[key], errs[key]
 
 
 def test_fsdp2_root_unit_is_resharded_after_a_skipped_last_submodel_and_survives_an_eval_forward(run):

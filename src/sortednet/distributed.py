@@ -30,6 +30,7 @@ do its own reduction. See docs/scaling.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import weakref
@@ -63,7 +64,16 @@ def _ddp_type() -> type:
     return DistributedDataParallel
 
 
+def _uncompiled(module: Any) -> Any:
+    """``module`` without ``torch.compile``'s wrapper (``torch.compile(DDP(model))`` is still a DDP model)."""
+    while isinstance(module, nn.Module) and type(module).__name__ == "OptimizedModule" \
+            and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def _inner(module: nn.Module) -> nn.Module:
+    module = _uncompiled(module)
     return module.module if isinstance(module, _ddp_type()) else module
 
 
@@ -96,6 +106,7 @@ def no_sync(module: nn.Module | None) -> Iterator[None]:
     >>> with snd.no_sync(nn.Linear(2, 2)):
     ...     pass
     """
+    module = _uncompiled(module)
     if module is not None and isinstance(module, _ddp_type()):
         with module.no_sync():
             yield
@@ -175,7 +186,8 @@ def guard(module: nn.Module, nest: Nest) -> nn.Module:
     >>> snd.guard(nest.model, nest) is nest.model
     True
     """
-    if not isinstance(module, _ddp_type()) or getattr(module, "_sn_guarded", False):
+    ddp = _uncompiled(module)
+    if not isinstance(ddp, _ddp_type()) or getattr(ddp, "_sn_guarded", False):
         return module
     inplace = any(m._sn.inplace_grad for m in nest._sliced.values())
 
@@ -186,8 +198,8 @@ def guard(module: nn.Module, nest: Nest) -> nn.Module:
                 "in-place gradients of sliced weights. Use sortednet.distributed.accumulate(nest, subs, closure, "
                 "module=ddp_model), or wrap(..., inplace_grad=False) with DDP(find_unused_parameters=True)")
 
-    module.register_forward_pre_hook(check)
-    module._sn_guarded = True
+    ddp.register_forward_pre_hook(check)
+    ddp._sn_guarded = True
     return module
 
 
@@ -221,11 +233,12 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     if module is not None and not any(m is nest.model for m in module.modules()):
         raise SortedNetError(f"module= ({type(module).__name__}) does not contain this nest's model "
                              f"({type(nest.model).__name__}); pass the wrapper the closure calls")
-    if isinstance(module, _ddp_type()) and getattr(module, "static_graph", False):
+    if isinstance(_uncompiled(module), _ddp_type()) and getattr(_uncompiled(module), "static_graph", False):
         raise SortedNetError("DDP(static_graph=True) cannot run sortednet's accumulation: every sub-model's "
                              "backward runs under no_sync (sliced gradients are synchronised once afterwards), "
                              "which a static graph does not support; build the DDP wrapper without static_graph")
     if _active() and dist.get_world_size(group) > 1:
+        _same_on_every_rank(nest, subs, group)
         kwargs["_agree"] = lambda bad: _any_rank(bad, group)
     units = _fsdp_modules(module if module is not None else nest.model)
     if units or is_fsdp(nest.model):
@@ -270,6 +283,28 @@ def _any_rank(flag: bool, group: Any) -> bool:
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any) -> None:
+    """Raise :class:`SortedNetError` on every rank unless every rank passes the same sub-models, in the same
+    order (one ``all_reduce`` of a digest). Ranks that drew differently (a seed per rank, another ``k``)
+    would average the gradients of different sub-models, or mismatch their collectives and abort."""
+    try:
+        names = [str(nest.resolve(s)) for s in subs]
+    except SortedNetError:
+        names = [repr(s) for s in subs]  # (refused by accumulate itself, alike on every rank)
+    digest = int.from_bytes(hashlib.sha1("\n".join(names).encode()).digest()[:7], "big")  # exact in int64
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    if int(t[0]) != -int(t[1]):  # max != min: every rank sees it and raises (collectives stay matched)
+        every: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, names, group=group)
+        bad = next(r for r, other in enumerate(every) if other != every[0])
+        raise SortedNetError(f"ranks disagree on the sub-models of this step: rank 0 has {every[0]}, rank {bad} "
+                             f"has {every[bad]}; give every rank's Sampler the same seed, k and step (the "
+                             "gradients of different sub-models would be averaged)")
 
 
 def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
