@@ -149,6 +149,18 @@ def _errors(rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     out = {}
+    costs = {}  # parameter counts before and after fully_shard (sharded weights are read whole)
+    for fam in ("mlp", "lm_width_heads_depth"):
+        case = FAMILIES[fam](seed=0)
+        nest = sn.wrap(case.model, *case.dims)
+        before = [nest.cost(s) for s in nest.submodels]
+        fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
+        costs[fam] = (before, [nest.cost(s) for s in nest.submodels])
+        try:
+            nest.export(nest.smallest)
+        except sn.SortedNetError as e:
+            out["export_sharded"] = str(e)
+    out["costs_sharded"] = costs
     case = FAMILIES["mlp"](seed=0)
     fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
     try:
@@ -349,6 +361,9 @@ def test_misuse_raises_clear_errors(run):
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
     assert "static_graph" in errs.get("static_graph", "")
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
+    assert "sortednet.distributed.save" in errs.get("export_sharded", "")
+    for fam, (before, after) in errs["costs_sharded"].items():
+        assert after == before, fam
     for key in ("other_order", "other_k"):  # (rank 0's record; every rank raised, or the run would hang)
         assert "ranks disagree on the sub-models" in errs[key] and "rank 1 has" in errs[key], errs[key]
 

@@ -676,6 +676,12 @@ class Nest:
         """
         self._check_structure("export")
         sub = self.resolve(sub)
+        from .distributed import is_fsdp
+        if is_fsdp(self.model):
+            raise SortedNetError(f"export({sub}): the model is sharded with FSDP2 (fully_shard), which holds each "
+                                 "weight in pieces over the ranks and cannot be copied; save a checkpoint with "
+                                 "sortednet.distributed.save(nest, path) on every rank, then in one process "
+                                 "sn.load it into a fresh model and export there")
         new = export_submodel(self, sub)
         if plain:
             return new

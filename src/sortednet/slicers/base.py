@@ -5,6 +5,7 @@ re-exports these names; slicer files import them from here."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -151,7 +152,25 @@ class Slicer:
         return {**dict.fromkeys(self.static, STATIC), **self.views}
 
     def numel(self, m: nn.Module, name: str) -> int:
-        """Elements of tensor attribute ``name`` that ``export`` keeps for the active sub-model."""
+        """Elements of tensor attribute ``name`` that ``export`` keeps for the active sub-model.
+
+        A tensor sharded by FSDP2 is read whole (its bookkeeping needs the sharded parameter back), so its
+        count comes from its global shape and the plan's cuts: counted, never sliced (no collective)."""
+        t = self.tensor(m, name)
+        if t is not None and is_sharded(t):
+            axes = self.rules(m).get(name)
+            st: State = m.__dict__["_sn"]
+            if not isinstance(axes, tuple):
+                raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sharded (FSDP2) and its active "
+                                     "size is not a plain slice: ask for costs before fully_shard (cost() "
+                                     "answers from the model as wrapped), or in one process on the checkpoint")
+            cuts, segs = cuts_for(t.shape, st.bind, axes, st.sizes())
+            shape = list(t.shape)
+            for axis, _, n in cuts:
+                shape[axis] = n
+            if segs is not None:
+                shape[segs[0]] = sum(n for _, n in segs[1])
+            return math.prod(shape)
         return getattr(m, name).numel()
 
     def adapters(self, m: nn.Module) -> list[Tensor]:
