@@ -265,3 +265,67 @@ def test_submodel_list_is_a_sequence_of_submodels(rows, probe):
     else:
         with pytest.raises(sn.SortedNetError):
             lst.index(sub)
+
+
+class _ExpandedScale(torch.nn.Module):
+    """A buffer registered as a broadcast view (one element shared by all eight)."""
+
+    def __init__(self, value: float = 1.0):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+        self.register_buffer("scale", torch.full((1,), value).expand(8))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) * self.scale)
+
+
+@pytest.mark.parametrize("same_value", [True, False])
+def test_load_into_a_broadcast_buffer_skips_an_equal_value_and_refuses_another_before_any_change(tmp_path,
+                                                                                                  same_value):
+    torch.manual_seed(0)
+    model = _ExpandedScale()
+    nest = sn.wrap(model, sn.Rank("r", [2, 8], targets="a"))
+    path = tmp_path / "nest.safetensors"
+    sn.save(nest, path)
+    torch.manual_seed(1)
+    fresh = _ExpandedScale(1.0 if same_value else 2.0)
+    snap = snapshot(fresh)
+    x = torch.randn(3, 8)
+    if same_value:
+        sn.load(fresh, path)
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+    else:
+        with pytest.raises(sn.SortedNetError, match="'scale'.*broadcast view"):
+            sn.load(fresh, path)
+        assert_unchanged(fresh, snap)                   # not wrapped, nothing written
+
+
+class _Twice(torch.nn.Module):
+    """One Linear held under two names (``b`` is ``a``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_a_rank_module_held_under_two_names_loads_into_a_fresh_model(tmp_path, mode):
+    torch.manual_seed(0)
+    model = _Twice()
+    nest = sn.wrap(model, sn.Rank("r", [2, 8], targets="a", mode=mode))
+    with torch.no_grad():
+        for p in nest.trainable_parameters():
+            p.add_(0.1)
+    path = tmp_path / "nest.safetensors"
+    sn.save(nest, path)
+    torch.manual_seed(5)
+    fresh = _Twice()
+    loaded = sn.load(fresh, path)                       # strict: every name of the module is accounted for
+    x = torch.randn(3, 8)
+    for sub in nest.submodels:
+        with nest.use(sub), loaded.use(sub):
+            torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)

@@ -404,3 +404,29 @@ def test_non_finite_weight_is_refused():
     assert [(n, type(m)) for n, m in model.named_modules()] == snap["classes"]
     assert all(p is q for (_, p), (_, q) in zip(model.named_parameters(), snap["params"]))
     assert list(model.state_dict()) == list(snap["state"])
+
+
+@pytest.mark.parametrize("mode,export", [("svd", "merged"), ("svd", "factored"), ("lora", "auto")])
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_export_keeps_the_requires_grad_of_weight_and_bias_each(mode, export, frozen):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    getattr(model[0], frozen).requires_grad_(False)
+    want = {n: p.requires_grad for n, p in model[0].named_parameters()}
+    nest = sn.wrap(model, sn.Rank("r", [2, 8], targets="0", mode=mode, export=export))
+    small = nest.export(nest.smallest)
+    layers = [m for m in small[0].modules() if isinstance(m, nn.Linear)]
+    assert layers[-1].bias.requires_grad == want["bias"]           # the bias sits on the last factor
+    assert all(m.weight.requires_grad == want["weight"] for m in layers)
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_wrap_under_inference_mode_makes_trainable_factors(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.inference_mode():
+        nest = sn.wrap(model, sn.Rank("r", [2, 8], targets="0", mode=mode))
+    assert not any(p.is_inference() for p in model.parameters())
+    with nest.use(nest.smallest):
+        model(torch.randn(3, 8)).sum().backward()
+    assert all(p.grad is not None for p in nest.trainable_parameters())

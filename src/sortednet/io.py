@@ -42,23 +42,42 @@ def _target_state(model: nn.Module, planned: Mapping[str, tuple]) -> dict[str, t
     """The state_dict the (planned) nest will have: name -> (tensor or None if not yet made, shape, dtype)."""
     out: dict[str, tuple[torch.Tensor | None, tuple, torch.dtype]] = {
         k: (v, tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
-    for path, (m, sl, bind) in planned.items():
+    names: dict[int, list[str]] = {}  # every name of each module (one held under two names: both change)
+    for path, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(path)
+    for m, sl, bind in planned.values():
         if "_sn" in m.__dict__:
             continue  # already wrapped: its state_dict is final
-        prefix = f"{path}." if path else ""
-        for name, new in sl.planned_state(m, bind).items():
-            if new is None:
-                out.pop(prefix + name, None)
-            else:
-                out[prefix + name] = (None, tuple(new[0]), new[1])
+        made = sl.planned_state(m, bind)
+        for path in names.get(id(m), ()):
+            prefix = f"{path}." if path else ""
+            for name, new in made.items():
+                if new is None:
+                    out.pop(prefix + name, None)
+                else:  # one placeholder per made tensor, shared by its names (they alias one tensor)
+                    out[prefix + name] = (_New(id(m), name), tuple(new[0]), new[1])
     return out
+
+
+class _New:
+    """Placeholder of a tensor that wrap will make (a Rank factor): not a tensor yet, one per module and name."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, mid: int, name: str) -> None:
+        self.key = ("new", mid, name)
+
+
+def _written(state: Mapping[str, tuple]) -> Mapping[str, tuple]:
+    """``state`` with the placeholders of tensors wrap will make read as None."""
+    return {k: (None if isinstance(t, _New) else t, shape, dtype) for k, (t, shape, dtype) in state.items()}
 
 
 def _alias_groups(state: Mapping[str, tuple]) -> list[list[str]]:
     """State-dict names grouped by the tensor they share (tied weights), in state_dict order."""
     groups: dict[Any, list[str]] = {}
     for k, (t, _, _) in state.items():
-        key = ("new", k) if t is None or t.numel() == 0 else ("meta", id(t)) if t.is_meta else (  # no storage
+        key = t.key if isinstance(t, _New) else ("new", k) if t is None or t.numel() == 0 else ("meta", id(t)) if t.is_meta else (  # no storage
             t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         groups.setdefault(key, []).append(k)
     return list(groups.values())
@@ -209,7 +228,8 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                 raise type(e)(f"checkpoint {where} does not fit this {type(model).__name__}: {e}") from None
             target_model = model
         rows = rows_of(meta, where)
-        state = _target_state(target_model, planned)
+        aliased = _target_state(target_model, planned)
+        state = _written(aliased)
         on_meta = [k for k, (t, _, _) in state.items() if t is not None and t.is_meta]
         if on_meta:
             raise SortedNetError(f"checkpoint {where}: the model's {on_meta[:3]} are on the meta device, where no "
@@ -219,7 +239,8 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             raise SortedNetError(f"checkpoint {where}: the model's {frozen[:3]} are inference tensors (created "
                                  "under torch.inference_mode), which cannot be written outside it; build the model "
                                  "outside inference_mode, then load")
-        copies = _match_tensors(f, state, strict, where)
+        copies = _match_tensors(f, aliased, strict, where)
+        _unwritable(f, state, copies, where)
         extra_names = [k for k in f.entries if k.startswith(EXTRA_PREFIX)]
         calib = calibration_entries(f, extra_names, planned, meta, rows, where)
         check_profile(meta["extra"].get("profile"), meta, rows, where)
@@ -280,6 +301,22 @@ def _bound(spec: Any) -> Any:
     fields = PATTERN_FIELDS.get(spec.get("kind"), ())
     return {k: sorted(v) if k in fields and isinstance(v, list) and all(isinstance(x, str) for x in v) else v
             for k, v in spec.items() if k != "patterns"}
+
+
+def _unwritable(f: ck.Container, state: Mapping[str, tuple], copies: dict[str, list[str]], where: str) -> None:
+    """Targets whose elements share memory (a buffer registered as ``torch.ones(1).expand(n)``) cannot be
+    written: a file value equal to what they hold is skipped (dropped from ``copies``), any other refused."""
+    for name, targets in list(copies.items()):
+        shared = [k for k in targets if state[k][0] is not None and torch._debug_has_internal_overlap(state[k][0]) == 1]
+        if not shared:
+            continue
+        src = f.tensor(name)
+        if all(torch.equal(src, state[k][0]) for k in shared):
+            copies[name] = [k for k in targets if k not in shared]
+            continue
+        raise SortedNetError(f"checkpoint {where}: the model's {shared[0]!r} is a broadcast view whose elements share "
+                             "memory (registered as an expand()), so it cannot hold the saved values, which differ "
+                             "from its own; register it as a full tensor (.clone()) in the model, then load")
 
 
 def _match_tensors(f: ck.Container, state: dict[str, tuple], strict: bool, where: str) -> dict[str, list[str]]:

@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -180,7 +181,8 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             saved.append((m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers),
                           {n: p.requires_grad for n, p in m._parameters.items() if p is not None}))
             m.__dict__["_sn"] = State(sl, bind, type(m), path, inplace_grad, min_numel=min_numel)
-            sl.prepare(m)
+            with torch.inference_mode(False):  # tensors it makes (Rank factors) are normal tensors, also
+                sl.prepare(m)                   # when wrap runs under inference_mode (they train later)
             m.__class__ = cls
         sliced = {id(m) for m, _, _ in planned.values()}
         for m in model.modules():

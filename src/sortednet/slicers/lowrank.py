@@ -107,17 +107,20 @@ class LowRankSlicer(Slicer):
     def _param(t: Tensor, requires_grad: bool) -> nn.Parameter:
         return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format), requires_grad)
 
-    def _linear(self, like: nn.Module, weight: Tensor, bias: Tensor | None, requires_grad: bool) -> nn.Linear:
+    def _linear(self, like: nn.Module, weight: Tensor, bias: Tensor | None, requires_grad: bool,
+                bias_grad: bool = False) -> nn.Linear:
         """A new plain ``nn.Linear`` holding clones (the global RNG is not touched)."""
         out = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
                         device=weight.device, dtype=weight.dtype)
-        return self._fill(out.train(like.training), weight, bias, requires_grad)
+        return self._fill(out.train(like.training), weight, bias, requires_grad, bias_grad)
 
-    def _fill(self, copy_: nn.Module, weight: Tensor, bias: Tensor | None, requires_grad: bool) -> nn.Module:
-        """``copy_`` (a Linear, its hooks kept) holding clones of ``weight`` / ``bias`` only."""
+    def _fill(self, copy_: nn.Module, weight: Tensor, bias: Tensor | None, requires_grad: bool,
+              bias_grad: bool) -> nn.Module:
+        """``copy_`` (a Linear, its hooks kept) holding clones of ``weight`` / ``bias`` only, each with the
+        ``requires_grad`` of the tensor it stands for (a frozen bias stays frozen)."""
         copy_._parameters.clear()
         copy_._parameters["weight"] = self._param(weight, requires_grad)
-        copy_._parameters["bias"] = None if bias is None else self._param(bias, requires_grad)
+        copy_._parameters["bias"] = None if bias is None else self._param(bias, bias_grad)
         copy_.out_features, copy_.in_features = weight.shape
         return copy_
 
@@ -220,9 +223,11 @@ class SVDSlicer(LowRankSlicer):
     def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
         U, V, bias = live.U, live.V, live.bias
         grad = live.__dict__["_sn"].extra["weight"].requires_grad
+        b = live._parameters.get("bias")
+        bgrad = b is not None and b.requires_grad
         if self.factored(live):
-            return nn.Sequential(self._linear(live, V, None, grad), self._linear(live, U, bias, grad))
-        return self._fill(copy_, U @ V, bias, grad)
+            return nn.Sequential(self._linear(live, V, None, grad), self._linear(live, U, bias, grad, bgrad))
+        return self._fill(copy_, U @ V, bias, grad, bgrad)
 
 
 class LoRASlicer(LowRankSlicer):
@@ -324,7 +329,7 @@ class LoRASlicer(LowRankSlicer):
 
     def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
         flags = live.__dict__["_sn"].extra["requires_grad"]
-        return self._fill(copy_, live.weight, live.bias, flags["weight"])
+        return self._fill(copy_, live.weight, live.bias, flags["weight"], flags.get("bias", False))
 
 
 SVD = SVDSlicer()
