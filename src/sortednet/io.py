@@ -307,7 +307,8 @@ def _unwritable(f: ck.Container, state: Mapping[str, tuple], copies: dict[str, l
     """Targets whose elements share memory (a buffer registered as ``torch.ones(1).expand(n)``) cannot be
     written: a file value equal to what they hold is skipped (dropped from ``copies``), any other refused."""
     for name, targets in list(copies.items()):
-        shared = [k for k in targets if state[k][0] is not None and torch._debug_has_internal_overlap(state[k][0]) == 1]
+        shared = [k for k in targets
+                  if state[k][0] is not None and torch._debug_has_internal_overlap(state[k][0]) == 1]
         if not shared:
             continue
         src = f.tensor(name)
