@@ -77,8 +77,14 @@ def _alias_groups(state: Mapping[str, tuple]) -> list[list[str]]:
     """State-dict names grouped by the tensor they share (tied weights), in state_dict order."""
     groups: dict[Any, list[str]] = {}
     for k, (t, _, _) in state.items():
-        key = t.key if isinstance(t, _New) else ("new", k) if t is None or t.numel() == 0 else ("meta", id(t)) if t.is_meta else (  # no storage
-            t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if isinstance(t, _New):  # made by wrap: one per module and name, under each of the module's names
+            key: Any = t.key
+        elif t is None or t.numel() == 0:
+            key = ("new", k)
+        elif t.is_meta:  # no storage
+            key = ("meta", id(t))
+        else:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         groups.setdefault(key, []).append(k)
     return list(groups.values())
 
