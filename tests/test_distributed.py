@@ -240,6 +240,13 @@ def _errors(rank: int) -> dict:
         except sn.SortedNetError as e:
             out[key] = str(e)
     case, nest = _build("mlp", "ddp")
+    ddp = DDP(case.model)
+    try:  # module= left out while the closure calls the DDP wrapper
+        snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(ddp(case.example)))
+        out["module_left_out"] = "accepted"
+    except sn.SortedNetError as e:
+        out["module_left_out"] = str(e)
+    case, nest = _build("mlp", "ddp")
     try:
         snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)),
                        module=DDP(case.model, static_graph=True))
@@ -362,6 +369,7 @@ def test_misuse_raises_clear_errors(run):
     assert "static_graph" in errs.get("static_graph", "")
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
     assert "sortednet.distributed.save" in errs.get("export_sharded", "")
+    assert "module=ddp_model" in errs["module_left_out"]
     for fam, (before, after) in errs["costs_sharded"].items():
         assert after == before, fam
     for key in ("other_order", "other_k"):  # (rank 0's record; every rank raised, or the run would hang)

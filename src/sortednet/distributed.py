@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +44,8 @@ from torch import nn
 from .errors import SortedNetError
 from .slicers import is_sharded
 from .submodel import SubModelLike
+from .views import fsdp_units as _fsdp_modules
+from .views import is_fsdp
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -75,24 +76,6 @@ def _uncompiled(module: Any) -> Any:
 def _inner(module: nn.Module) -> nn.Module:
     module = _uncompiled(module)
     return module.module if isinstance(module, _ddp_type()) else module
-
-
-def is_fsdp(module: nn.Module) -> bool:
-    """True when ``module`` or one of its sub-modules was sharded with FSDP2 ``fully_shard``.
-
-    >>> import torch.nn as nn, sortednet.distributed as snd
-    >>> snd.is_fsdp(nn.Linear(2, 2))
-    False
-    """
-    return any(is_sharded(p) for p in module.parameters()) or bool(_fsdp_modules(module))
-
-
-def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
-    """The modules of ``module`` that ``fully_shard`` made FSDP2 units (their parameters may be unsharded
-    plain tensors between a forward and its backward, so the parameter types alone cannot tell)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    kind = getattr(fsdp, "FSDPModule", None)
-    return [] if kind is None else [m for m in module.modules() if isinstance(m, kind)]
 
 
 @contextmanager
@@ -250,10 +233,27 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
                 u.reshard()  # parameters while the next forward reused the stale unsharded ones
     if module is not None:
         guard(module, nest)
-    with no_sync(module):
-        losses = _accumulate(nest, subs, closure, **kwargs)
+    hook = None if module is not None or not _active() else nest.model.register_forward_pre_hook(_unnamed_ddp)
+    try:
+        with no_sync(module):
+            losses = _accumulate(nest, subs, closure, **kwargs)
+    finally:
+        if hook is not None:
+            hook.remove()
     sync_gradients(nest.model, group=group)
     return losses
+
+
+def _unnamed_ddp(mod: nn.Module, args: tuple) -> None:
+    """Forward pre-hook while :func:`accumulate` runs without ``module=``: a closure that calls a DDP wrapper
+    anyway (with gradient sync on, and no unused-parameter search) would meet DDP's own error at the next
+    backward (its reducer waits for gradients that sliced weights hand over in place): said here instead."""
+    ddp = _ddp_type()._active_ddp_module
+    if ddp is not None and ddp.require_backward_grad_sync and not ddp.find_unused_parameters:
+        raise SortedNetError("the closure calls a DistributedDataParallel wrapper that "
+                             "sortednet.distributed.accumulate was not given: pass it, accumulate(nest, subs, "
+                             "closure, module=ddp_model), so every backward runs under its no_sync and the "
+                             "gradients are averaged once")
 
 
 _GATHERED: weakref.WeakSet[nn.Module] = weakref.WeakSet()

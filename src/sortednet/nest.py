@@ -30,7 +30,7 @@ from .plan import Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
-from .views import new_lock
+from .views import is_fsdp, new_lock
 from .wrap import Pin, install, plan, unwrap_modules, wrap_hooks
 
 __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
@@ -676,7 +676,6 @@ class Nest:
         """
         self._check_structure("export")
         sub = self.resolve(sub)
-        from .distributed import is_fsdp
         if is_fsdp(self.model):
             raise SortedNetError(f"export({sub}): the model is sharded with FSDP2 (fully_shard), which holds each "
                                  "weight in pieces over the ranks and cannot be copied; save a checkpoint with "

@@ -62,6 +62,24 @@ def is_sharded(t: object) -> bool:
     return mod is not None and isinstance(t, mod.DTensor)
 
 
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    """The modules of ``module`` that ``fully_shard`` made FSDP2 units (their parameters may be unsharded
+    plain tensors between a forward and its backward, so the parameter types alone cannot tell)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kind = getattr(fsdp, "FSDPModule", None)
+    return [] if kind is None else [m for m in module.modules() if isinstance(m, kind)]
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    """True when ``module`` or one of its sub-modules was sharded with FSDP2 ``fully_shard``.
+
+    >>> import torch.nn as nn, sortednet.distributed as snd
+    >>> snd.is_fsdp(nn.Linear(2, 2))
+    False
+    """
+    return any(is_sharded(p) for p in module.parameters()) or bool(fsdp_units(module))
+
+
 def cut(t: Tensor, cuts: Cuts) -> Tensor:
     """``t`` narrowed by each ``(axis, start, length)``: a view."""
     for axis, start, length in cuts:
