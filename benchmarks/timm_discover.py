@@ -89,6 +89,10 @@ def measure(timm: types.ModuleType, name: str, mixes: int = 5) -> dict:
     torch.manual_seed(0)
     kw = {"img_size": 64} if name.startswith(SIZED) else {}
     model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    with torch.no_grad():  # timm zero-initialises some classifier heads (MLP-Mixer): an all-zero output tells nothing
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)
     res = 64 if kw or not any(k in name for k in ("swin", "levit")) else 224
     x = torch.randn(2, 3, res, res)
     with torch.no_grad():
@@ -106,9 +110,9 @@ def measure(timm: types.ModuleType, name: str, mixes: int = 5) -> dict:
     t0 = time.perf_counter()
     nest = sn.wrap(model, *dims, submodels=subs, example=x)
     row["wrap_check_s"] = time.perf_counter() - t0
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    row["sort"] = "bn" if has_bn else "l1"
-    sort_units(nest, row["sort"], example=x)
+    row["sort"] = "l1"  # (BatchNorm's gamma is 1 everywhere at init: "bn" would keep every order)
+    orders = sort_units(nest, row["sort"], example=x)
+    row["groups_permuted"] = sum(not torch.equal(torch.as_tensor(o), torch.arange(len(o))) for o in orders.values())
     with torch.no_grad():
         row["sorted_full_change"] = (model(x) - ref).abs().max().item() / ref.abs().max().item()
     worst, cost_ok = 0.0, True
@@ -128,11 +132,13 @@ def render(out: dict) -> str:
     lines = ["# `sn.discover` on real timm architectures", "",
              f"Written by `benchmarks/timm_discover.py` (timm {out['timm']}, torch {out['torch']}"
              + (", torchvision replaced by the script's import-time stand-in" if out["stand_in"] else "")
-             + "). Random weights, eval mode, CPU. Per model: discover at ratios 0.25/0.5/1, wrap with `example=` "
-             "(the dry-run check), importance sorting, then the sub-models at one ratio for every group plus 5 "
-             "random mixes, each exported and compared with its live output.", "",
-             "| model | params | Width groups | Heads | sub-models checked | export vs live (max abs) | cost = exported "
-             "params | smallest / largest params | sorting: full-model change (relative) | discover s | wrap+check s |",
+             + "). Random weights (weight matrices timm initialises to zero drawn from N(0, 0.02)), eval mode, "
+             "CPU. Per model: discover at ratios 0.25/0.5/1, wrap with `example=` (the dry-run check), importance "
+             "sorting, then the sub-models at one ratio for every group plus 5 random mixes, each exported and "
+             "compared with its live output.", "",
+             "| model | params | Width groups | Heads | sub-models checked | export vs live (max abs) "
+             "| cost = exported params | smallest / largest params "
+             "| sorting: groups reordered, full-model change (relative) | discover s | wrap+check s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         if "error" in r:
@@ -144,7 +150,8 @@ def render(out: dict) -> str:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['groups']} | {r['heads']} | {r['submodels']} | "
                      f"{r['export_max_diff']:.1e} | {'yes' if r['cost_equals_export'] else '**NO**'} | "
                      f"{r['smallest']:,} / {r['largest']:,} ({r['smallest'] / r['largest']:.0%}) | "
-                     f"{r['sort']}: {r['sorted_full_change']:.1e} | {r['discover_s']:.1f} | {r['wrap_check_s']:.1f} |")
+                     f"{r['sort']}: {r['groups_permuted']}, {r['sorted_full_change']:.1e} | {r['discover_s']:.1f} | "
+                     f"{r['wrap_check_s']:.1f} |")
     ok = [r for r in out["rows"] if r.get("submodels")]
     bad = [r["model"] for r in ok if r["export_max_diff"] > 1e-4 or not r["cost_equals_export"]
            or r["sorted_full_change"] > 1e-5]
@@ -166,9 +173,9 @@ def main() -> None:
     stand_in = False
     try:
         import torchvision  # noqa: F401
-    except Exception:
+    except Exception as e:
         if not args.stand_in:
-            raise SystemExit("torchvision cannot be imported; rerun with --stand-in (see the module docstring)")
+            raise SystemExit("torchvision cannot be imported; rerun with --stand-in (see the module docstring)") from e
         stand_in_torchvision()
         stand_in = True
     try:
