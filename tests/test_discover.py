@@ -286,11 +286,21 @@ class _StoredCountBN(nn.BatchNorm2d):
         return y.reshape(x.shape[0], self.c, -1).reshape(x.shape)
 
 
+class _ChannelsLastBN(nn.BatchNorm2d):
+    """Takes (batch, height, width, channels): cannot be run on the check's (batch, channels, ...) input."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 @pytest.mark.parametrize("bn,why", [(_FullStatsBN, "fails on 4"), (_LastChannelsBN, "relative difference"),
-                                    (_StoredCountBN, "fails on 4")])
+                                    (_StoredCountBN, "fails on 4"), (_ChannelsLastBN, "does not take")])
 def test_a_batchnorm_subclass_whose_forward_ignores_the_slices_is_refused_unchanged(bn, why):
-    model = arch._randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 1), bn(8), nn.Conv2d(8, 2, 1)))
-    x = torch.randn(2, 3, 4, 4)
+    if bn is _ChannelsLastBN:  # (batch, h, w, channels) throughout
+        layers, x = (nn.Linear(3, 8), bn(8), nn.Linear(8, 2)), torch.randn(2, 4, 4, 3)
+    else:
+        layers, x = (nn.Conv2d(3, 8, 1), bn(8), nn.Conv2d(8, 2, 1)), torch.randn(2, 3, 4, 4)
+    model = arch._randomise_bn(nn.Sequential(*layers))
     expected, snap = run(model, x), snapshot(model)
     with pytest.raises(sn.SortedNetError, match=why) as e:
         sn.wrap(model, sn.Width("c", [4, 8], out="0", inp="2", norm="1"))
@@ -301,10 +311,12 @@ def test_a_batchnorm_subclass_whose_forward_ignores_the_slices_is_refused_unchan
 
 def test_a_batchnorm_subclass_that_reads_its_attributes_is_discovered_trained_calibrated_and_exported():
     model, x = build("mobilenet_v2_timm")
+    snap = snapshot(model)
     dims = sn.discover(model, x, ratios=[0.5, 1.0])
     norms = {p for d in widths(dims) for p in d.norm}
     assert {"bn1", "blocks.0.bn1", "blocks.0.bn2", "bn2"} <= norms   # the BatchNormAct2d modules, as norms
     nest = sn.wrap(model, *dims, submodels=sn.by_ratio(dims, [0.5, 1.0]), example=x)
+    assert all(torch.equal(v, snap["state"][k]) for k, v in model.state_dict().items())  # the check wrote nothing
     small = nest.smallest
     model.train()
     with nest.use(small):

@@ -305,8 +305,12 @@ def norm_self_check(nest: Nest) -> None:
                 try:
                     with Use(nest._state, nest._plans.build(full)), seeded(0):
                         want = call_model(mod, x)
-                except Exception:
-                    continue  # not a norm over (batch, channels, ...) inputs: left to check(example)
+                except Exception as e:  # not a norm over (batch, channels, ...): its slicing cannot be verified
+                    raise SortedNetError(
+                        f"{b.dim.kind} {b.dim.name!r} at {path!r} ({cls}, a BatchNorm with a forward of its own): "
+                        f"sortednet verifies such a module by running it alone on a (batch, channels, ...) input, "
+                        f"which it does not take ({type(e).__name__}: {str(e)[:200]}); register a slicer for it "
+                        "(docs/custom_slicers.md) or leave it out") from e
                 for size in b.dim.sizes[:-1]:
                     keep = torch.cat([torch.arange(st, st + n) for st, n in b.segments(size)])
                     sub = full.replace(**{b.dim.name: size})
