@@ -810,3 +810,44 @@ def test_importance_sorting_refuses_cleanly_what_it_cannot_permute_and_accepts_p
     with torch.no_grad():
         assert (llama(x).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert any(not torch.equal(p["heads"], torch.arange(4)) for p in perms.values())
+
+
+def test_a_registered_family_whose_config_counts_layers_run_several_times_exports_plain_only():
+    """ALBERT loops one shared layer group num_hidden_layers times: no config value describes a sub-model's
+    depth, so a stock export is refused (it ran 1 layer instead of 3, silently); plain export equals live."""
+    torch.manual_seed(0)
+    lay = sni.register_layout(sni.Layout("albert", probe=("attention.query", "attention.dense", "ffn", "ffn_output"),
+                                         ffn_out=("ffn",), ffn_inp=("ffn_output",), attn=("attention",),
+                                         qkv=("query", "key", "value"), o="dense", count_attrs=()))
+    try:
+        model = T.AlbertModel(T.AlbertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                             num_attention_heads=4, intermediate_size=48, embedding_size=16)).eval()
+        nest = sn.from_transformers(model, ffn=[24])
+        x = torch.randint(3, 64, (2, 8))
+        for sub in nest.submodels:
+            with pytest.raises(sn.SortedNetError, match="num_hidden_layers.*plain=True"):
+                nest.export(sub)
+            with torch.no_grad(), nest.use(sub):
+                live = model(x).last_hidden_state
+            with torch.no_grad():
+                got = nest.export(sub, plain=True).eval()(x).last_hidden_state
+            torch.testing.assert_close(got, live, atol=1e-5, rtol=0)
+    finally:
+        sni.unregister_layout(lay)
+
+
+def test_depth_export_of_a_config_without_the_ffn_key_keeps_its_ffn():
+    """A stock Dinov2Config has no intermediate_size (its MLP width comes from mlp_ratio): depth-only exports
+    need no FFN key and reload equal to the live sub-model."""
+    torch.manual_seed(0)
+    model = T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=16,
+                                         patch_size=8)).eval()
+    nest = sn.from_transformers(model, depth=[1, 2])
+    x = torch.randn(2, 3, 16, 16)
+    for sub in nest.submodels:
+        small = nest.export(sub).eval()
+        assert small.config.num_hidden_layers == sub["depth"]
+        with torch.no_grad(), nest.use(sub):
+            live = model(pixel_values=x).last_hidden_state
+        with torch.no_grad():
+            torch.testing.assert_close(small(pixel_values=x).last_hidden_state, live, atol=1e-5, rtol=0)

@@ -414,6 +414,11 @@ def _merge_factors(nest: Nest, small: nn.Module) -> None:
 _PER_LAYER = ("layer_types", "mlp_layer_types", "attention_window", "no_rope_layers", "activation_sparsity_pattern")
 
 
+def _has_key(cfg, key: str) -> bool:
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
+    return hasattr(cfg, key) or (text is not None and hasattr(text, key))
+
+
 def _holder(cfg, key: str):
     """The config object holding ``key``: ``cfg`` itself, or its text config (a vision-language model)."""
     if hasattr(cfg, key):
@@ -437,8 +442,10 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     lay = found.layout
     cls = type(nest.model).__name__
     b0 = found.block(small, 0, 0) if len(small.get_submodule(found.stacks[0])) else None
-    if b0 is not None and lay.ffn_out:
-        h = _holder(cfg, lay.ffn_key)
+    full0 = found.block(nest.model, 0, 0) if b0 is not None and lay.ffn_out else None
+    keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
+    if b0 is not None and lay.ffn_out and not (keep_ffn and not _has_key(cfg, lay.ffn_key)):
+        h = _holder(cfg, lay.ffn_key)  # (a config without the key is fine while the FFN width is unchanged)
         if isinstance(getattr(h, lay.ffn_key), (list, tuple)):  # one value per layer (Gemma3n)
             sizes = [_ffn_size(b, lay, cls) for b in small.get_submodule(found.stacks[0])]
             if None not in sizes:
@@ -448,6 +455,11 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     for P, key in zip(found.stacks, lay.depth_keys):
         h = _holder(cfg, key)
         L0, L = getattr(h, key), len(small.get_submodule(P))
+        if L0 != len(nest.model.get_submodule(P)):  # the list is run more than once (ALBERT's shared group)
+            raise SortedNetError(f"{cls}: its config's {key!r} is {L0} but {P!r} holds "
+                                 f"{len(nest.model.get_submodule(P))} layers (the model runs them several times, or "
+                                 "the key counts something else), so no config value describes the sub-model; "
+                                 "export it as a plain module, nest.export(sub, plain=True)")
         setattr(h, key, L)
         for k in (*_PER_LAYER, *((lay.ffn_key,) if lay.ffn_out else ())):
             v = getattr(h, k, None)
