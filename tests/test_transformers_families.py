@@ -851,3 +851,17 @@ def test_depth_export_of_a_config_without_the_ffn_key_keeps_its_ffn():
             live = model(pixel_values=x).last_hidden_state
         with torch.no_grad():
             torch.testing.assert_close(small(pixel_values=x).last_hidden_state, live, atol=1e-5, rtol=0)
+
+
+def test_a_vision_config_without_image_size_is_still_self_checked():
+    """A one-stage Segformer has no image_size: the self-check runs on a 32x32 input anyway, and refuses the
+    FFN width its Mix-FFN depthwise convolution cannot follow (it was accepted, then failed raw under use)."""
+    torch.manual_seed(0)
+    model = T.SegformerModel(T.SegformerConfig(num_encoder_blocks=1, depths=[2], sr_ratios=[2], hidden_sizes=[32],
+                                               num_attention_heads=[4], patch_sizes=[7], strides=[4],
+                                               mlp_ratios=[2])).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="ffn=32.*fails on a small input"):
+        sn.from_transformers(model, ffn=[32])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any("_sn" in m.__dict__ for m in model.modules())

@@ -204,8 +204,8 @@ def _dummy_input(model: nn.Module) -> dict | None:
             out["decoder_input_ids"] = ids[:, : max(1, n // 2)]
         return out
     if name == "pixel_values":
-        size, ch = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", 3)
-        if isinstance(size, int):
+        size, ch = getattr(cfg, "image_size", None) or 32, getattr(cfg, "num_channels", 3)  # (no image_size:
+        if isinstance(size, int):                                       # a model for any size, e.g. Segformer)
             size = (size, size)
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and isinstance(ch, int)):
             return None
