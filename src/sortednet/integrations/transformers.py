@@ -455,9 +455,10 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     for P, key in zip(found.stacks, lay.depth_keys):
         h = _holder(cfg, key)
         L0, L = getattr(h, key), len(small.get_submodule(P))
-        if L0 != len(nest.model.get_submodule(P)):  # the list is run more than once (ALBERT's shared group)
+        n_all = len(nest.model.get_submodule(P)._modules)  # (its len() is the active depth under use)
+        if L0 != n_all:  # the list is run more than once (ALBERT's shared group)
             raise SortedNetError(f"{cls}: its config's {key!r} is {L0} but {P!r} holds "
-                                 f"{len(nest.model.get_submodule(P))} layers (the model runs them several times, or "
+                                 f"{n_all} layers (the model runs them several times, or "
                                  "the key counts something else), so no config value describes the sub-model; "
                                  "export it as a plain module, nest.export(sub, plain=True)")
         setattr(h, key, L)
