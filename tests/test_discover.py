@@ -372,3 +372,11 @@ def test_sort_units_on_units_read_in_order_names_the_cause():
 class _Cumsum(nn.Module):
     def forward(self, x):
         return x.cumsum(-1)
+
+
+def test_a_batchnorm_subclass_on_the_meta_device_is_refused_unverified():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), arch.BatchNormAct2d(8), nn.Conv2d(8, 2, 1))
+    with pytest.raises(sn.SortedNetError, match="meta-device"):
+        sn.wrap(model, sn.Width("c", [4, 8], out="0", inp="2", norm="1"))
+    assert not any("_sn" in m.__dict__ for m in model.modules())

@@ -290,8 +290,11 @@ def norm_self_check(nest: Nest) -> None:
             c = b.full
             tensors = [t for t in (mod._parameters.get(n) if n in mod._parameters else mod._buffers.get(n)
                                    for n in ("weight", "bias", "running_mean", "running_var")) if t is not None]
-            if any(t.is_meta or not t.is_floating_point() for t in tensors):
-                continue  # (a model built on the meta device has nothing to run)
+            if any(t.is_meta or not t.is_floating_point() for t in tensors):  # nothing to run: not verified
+                raise SortedNetError(
+                    f"{b.dim.kind} {b.dim.name!r} at {path!r} ({cls}, a BatchNorm with a forward of its own): "
+                    "sortednet verifies such a module by running it, which its meta-device (or non-float) tensors "
+                    "cannot; materialise the model (model.to_empty(device=...)), then wrap it")
             like = tensors[0] if tensors else torch.empty(0)
             for n, lo in (("weight", 0.5), ("bias", -1.0), ("running_mean", -1.0), ("running_var", 0.5)):
                 t = mod._parameters.get(n) if n in mod._parameters else mod._buffers.get(n)

@@ -306,8 +306,8 @@ def handle(a, ev) -> bool:
 
 
 #: functional norms a norm module's own forward may call (timm's BatchNormAct2d, LayerNorm2d; a subclass
-#: of a stock norm with its own forward): op -> (module types, names of the tensor arguments by position
-#: after the input, their positions of the other arguments)
+#: of a stock norm with its own forward): op -> (module types, the module tensor each positional argument
+#: after the input stands for, None for a non-tensor argument such as normalized_shape)
 _FUNCTIONAL_NORM: dict[str, tuple[tuple[type, ...], tuple[str | None, ...]]] = {
     "batch_norm": ((_BatchNorm,), ("running_mean", "running_var", "weight", "bias")),
     "layer_norm": (_NORM_LAST, (None, "weight", "bias")),

@@ -216,7 +216,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     if module is not None and not any(m is nest.model for m in module.modules()):
         raise SortedNetError(f"module= ({type(module).__name__}) does not contain this nest's model "
                              f"({type(nest.model).__name__}); pass the wrapper the closure calls")
-    if isinstance(_uncompiled(module), _ddp_type()) and getattr(_uncompiled(module), "static_graph", False):
+    ddp = _uncompiled(module)
+    if isinstance(ddp, _ddp_type()) and getattr(ddp, "static_graph", False):
         raise SortedNetError("DDP(static_graph=True) cannot run sortednet's accumulation: every sub-model's "
                              "backward runs under no_sync (sliced gradients are synchronised once afterwards), "
                              "which a static graph does not support; build the DDP wrapper without static_graph")
@@ -278,11 +279,16 @@ def _gather_once(units: list[nn.Module]) -> None:
 def _any_rank(flag: bool, group: Any) -> bool:
     """Whether ``flag`` is set on any rank (one all_reduce of one number): a non-finite loss of one
     rank makes every rank skip (or raise for) that sub-model, so the collectives stay matched."""
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(flag)], device=device)
+    t = torch.tensor([float(flag)], device=_collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where a small tensor for a collective of ``group`` must live (NCCL: the current GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any) -> None:
@@ -294,9 +300,7 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any) ->
     except SortedNetError:
         names = [repr(s) for s in subs]  # (refused by accumulate itself, alike on every rank)
     digest = int.from_bytes(hashlib.sha1("\n".join(names).encode()).digest()[:7], "big")  # exact in int64
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    t = torch.tensor([digest, -digest], dtype=torch.int64, device=_collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     if int(t[0]) != -int(t[1]):  # max != min: every rank sees it and raises (collectives stay matched)
         every: list[Any] = [None] * dist.get_world_size(group)

@@ -67,7 +67,7 @@ def dry_run(model: nn.Module) -> Iterator[None]:
             for t, v in [*saved, *guard.saved.values()]:
                 if t.shape != v.shape:  # resized in place (resize_, set_): its old shape and values back
                     t.data = v
-                elif not torch.equal(t, v):
+                elif not t.is_meta and not torch.equal(t, v):  # (meta: no values to put back)
                     t.copy_(v)
 
 
