@@ -13,6 +13,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import functional_call, grad, vmap
 
 import sortednet as sn
@@ -328,6 +330,8 @@ def test_checkpoint_recomputes_the_forward_submodel(name, where, reentrant):
     if not reentrant:  # the context_fn form for a plain torch.utils.checkpoint call
         how.append(lambda: torch.utils.checkpoint.checkpoint(case.model, x, use_reentrant=False,
                                                              context_fn=nest.checkpoint_context))
+    else:  # a bare reentrant checkpoint of the model: the nest sees it from the forward and pins its recompute
+        how.append(lambda: torch.utils.checkpoint.checkpoint(case.model, x, use_reentrant=True))
     for run in how:
         case.model.zero_grad(set_to_none=True)
         with nest.use(sub):
@@ -342,6 +346,57 @@ def test_checkpoint_recomputes_the_forward_submodel(name, where, reentrant):
         else:
             loss.backward()
         same_grads([p.grad for p in params_of(case)], want, f"checkpoint ({where})")
+
+
+class _CheckpointedBlocks(torch.nn.Module):
+    """A model whose own forward checkpoints its blocks with ``use_reentrant=True`` (older Hugging Face,
+    timm and torchvision code): the nest cannot wrap those calls."""
+
+    def __init__(self, d: int = 6, h: int = 16, n: int = 2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, d)) for _ in range(n))
+        self.ckpt = True
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + (torch.utils.checkpoint.checkpoint(b, x, use_reentrant=True) if self.ckpt else b(x))
+        return x
+
+
+@pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel", "inside_use"])
+@settings(max_examples=12, deadline=None)
+@given(h=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))
+def test_reentrant_checkpoints_inside_the_model_recompute_the_forward_submodel(where, h, seed):
+    """A backward that runs under another sub-model than its forward (outside the use block, another thread,
+    another use block) used to recompute a reentrant checkpoint with THAT sub-model: silently its gradients
+    (a Width nest keeps the block's output shape). The root forward's outputs now pin the recomputation."""
+    torch.manual_seed(seed)
+    model = _CheckpointedBlocks()
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="blocks.*.0", inp="blocks.*.2"))
+    x = torch.randn(5, 6, requires_grad=True)
+    model.ckpt = False
+    with nest.use(f"h={h}"):
+        model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    model.ckpt = True
+    with nest.use(f"h={h}"):
+        loss = model(x).square().sum()
+    if where == "other_thread":
+        t = threading.Thread(target=loss.backward)
+        t.start()
+        t.join(60)
+    elif where == "other_submodel":
+        with nest.use(nest.largest):
+            loss.backward()
+    elif where == "inside_use":
+        with nest.use(f"h={h}"):
+            loss.backward()
+    else:
+        loss.backward()
+    same_grads([p.grad for p in model.parameters()] + [x.grad], want, f"reentrant checkpoint ({where})")
 
 
 def _wide_mlp(inplace: bool):

@@ -16,11 +16,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
-from .plan import close_block, heal_pins, open_block
+from .plan import close_block, heal_pins, open_block, pin_enclosing_checkpoint, watch_backward
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
-from .views import _compiling
+from .views import _compiling, _grad_enabled
 
 __all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin"]
 
@@ -330,6 +330,8 @@ class Pin:
         stack = self._stack()
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
             heal_pins(a, sys._getframe(1))
+        if not _grad_enabled():  # (inside a reentrant checkpoint's forward: it recomputes this plan)
+            pin_enclosing_checkpoint(a, a.plan(), sys._getframe(1))
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         entry = open_block(a, sys._getframe(1), pin=True) if pinned else None  # on the context's stack, as use
         if pinned:
@@ -339,6 +341,8 @@ class Pin:
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():
             return
+        if _grad_enabled():  # a backward under another sub-model: reentrant checkpoints recompute this one
+            watch_backward(self.active, self.active.plan(), out)
         stack = self.local.__dict__.get("stack")
         if stack:
             entry = stack.pop()[0]
