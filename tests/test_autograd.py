@@ -399,6 +399,25 @@ def test_reentrant_checkpoints_inside_the_model_recompute_the_forward_submodel(w
     same_grads([p.grad for p in model.parameters()] + [x.grad], want, f"reentrant checkpoint ({where})")
 
 
+def test_one_reentrant_checkpoint_over_two_nests_recomputes_each_forward_submodel():
+    """``checkpoint(outer, x, use_reentrant=True)`` where ``outer`` runs two separately wrapped models: each
+    nest pins the recomputation to its own sub-model of the forward."""
+    torch.manual_seed(0)
+    parts = [torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6)) for _ in range(2)]
+    nests = [sn.wrap(p, sn.Width("h", [4, 16], out="0", inp="2")) for p in parts]
+    outer = torch.nn.Sequential(*parts)
+    x = torch.randn(5, 6, requires_grad=True)
+
+    def run(ckpt):
+        outer.zero_grad(set_to_none=True)
+        with nests[0].use("h=4"), nests[1].use("h=4"):
+            y = torch.utils.checkpoint.checkpoint(outer, x, use_reentrant=True) if ckpt else outer(x)
+        y.square().sum().backward()                    # outside both use blocks
+        return [p.grad.clone() for p in outer.parameters()]
+
+    same_grads(run(True), run(False), "two nests under one reentrant checkpoint")
+
+
 def _wide_mlp(inplace: bool):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 96))

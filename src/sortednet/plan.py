@@ -246,7 +246,7 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
         with Use(active, plan):
             return fn(*args, **kwargs)
 
-    run._sn_plan = plan  # type: ignore[attr-defined]
+    run._sn_active, run._sn_inner = active, fn  # type: ignore[attr-defined]
     return run
 
 
@@ -263,8 +263,14 @@ MAX_WATCHED = 8
 
 
 def _pin_recompute(node: Any, active: Active, plan: Plan) -> None:
-    fn = getattr(node, "run_function", None)
-    if fn is not None and getattr(fn, "_sn_plan", None) is None:
+    """The reentrant checkpoint ``node`` recomputes under ``plan`` (unless this nest pinned it already: one
+    checkpointed function may run modules of several nests, each pins its own)."""
+    fn = g = getattr(node, "run_function", None)
+    while g is not None:
+        if getattr(g, "_sn_active", None) is active:
+            return
+        g = getattr(g, "_sn_inner", None)
+    if fn is not None:
         node.run_function = in_plan(active, plan, fn)
 
 
