@@ -399,6 +399,57 @@ def test_reentrant_checkpoints_inside_the_model_recompute_the_forward_submodel(w
     same_grads([p.grad for p in model.parameters()] + [x.grad], want, f"reentrant checkpoint ({where})")
 
 
+class _CheckpointedUse(_CheckpointedBlocks):
+    """Its forward runs its first block under ``nest.use("h=4")`` (a sub-model chosen inside the forward)."""
+
+    def forward(self, x):
+        with self.nest.use("h=4"):
+            x = x + torch.utils.checkpoint.checkpoint(self.blocks[0], x, use_reentrant=True)
+        return x + torch.utils.checkpoint.checkpoint(self.blocks[1], x, use_reentrant=True)
+
+
+@pytest.mark.parametrize("case", ["applied_twice", "loss_from_nested_output", "use_inside_forward"])
+def test_reentrant_checkpoints_recompute_the_submodel_of_their_own_forward(case):
+    """Each reentrant checkpoint recomputes the sub-model in force when ITS forward ran (not one sub-model
+    per root forward): the model applied twice under two sub-models, a loss that reaches the graph only
+    through a nested output (hidden states), a forward that enters a use block itself."""
+    torch.manual_seed(0)
+    model = _CheckpointedUse() if case == "use_inside_forward" else _CheckpointedBlocks()
+    nest = model.nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="blocks.*.0", inp="blocks.*.2"))
+    x = torch.randn(5, 6, requires_grad=True)
+
+    def loss():
+        if case == "applied_twice":
+            with nest.use("h=4"):
+                y = model(x)
+            with nest.use("h=8"):
+                y = model(y)
+            return y.square().sum()
+        if case == "loss_from_nested_output":
+            with nest.use("h=4"):
+                out = {"last": model(x).sum(), "hidden": (model(x * 2),)}
+            return out["hidden"][0].square().sum()
+        return model(x).square().sum()
+
+    def grads(ckpt):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        model.ckpt = ckpt
+        if isinstance(model, _CheckpointedUse) and not ckpt:
+            return None
+        loss().backward()                              # outside every use block
+        return [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+    want = grads(False)
+    if want is None:  # the reference: the same forward with every block under its sub-model, no checkpoint
+        model.zero_grad(set_to_none=True)
+        with nest.use("h=4"):
+            y = x + model.blocks[0](x)
+        (y + model.blocks[1](y)).square().sum().backward()
+        want = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    same_grads(grads(True), want, case)
+
+
 def test_one_reentrant_checkpoint_over_two_nests_recomputes_each_forward_submodel():
     """``checkpoint(outer, x, use_reentrant=True)`` where ``outer`` runs two separately wrapped models: each
     nest pins the recomputation to its own sub-model of the forward."""

@@ -305,6 +305,32 @@ def test_sliced_mha_equals_stock_mha_in_every_call_form(batch_first, batched, kp
             torch.testing.assert_close(live, one.squeeze(0 if batch_first else 1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32, torch.float64])
+def test_sliced_mha_reads_masks_as_stock_mha_does(which, dtype):
+    """Boolean masks and masks of the query's dtype only, as ``nn.MultiheadAttention``: an integer mask (a
+    uint8 0/1 mask) was read as +1 added to the scores by every smaller sub-model and its export, where the
+    full model refuses it; a float mask of the query's dtype is added, and equals its boolean form."""
+    torch.manual_seed(0)
+    m = _MHANet(True).eval()
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn="att"))
+    x = torch.randn(2, 5, 16)
+    block = torch.ones(5, 5, dtype=torch.bool).triu(1) if which == "attn_mask" else \
+        torch.tensor([[False] * 4 + [True], [False] * 3 + [True] * 2])
+    kw = {"mask" if which == "attn_mask" else "kpm": block.to(dtype) if not dtype.is_floating_point
+          else torch.zeros(block.shape, dtype=dtype).masked_fill(block, float("-inf"))}
+    ref = {"mask" if which == "attn_mask" else "kpm": block}
+    for sub in ("h=2", "h=4"):
+        small = nest.export(sub).eval()
+        with torch.no_grad(), nest.use(sub):
+            for run in (m, small):
+                if dtype == x.dtype:
+                    torch.testing.assert_close(run(x, **kw)[0], run(x, **ref)[0], atol=1e-6, rtol=0)
+                else:  # stock: AssertionError (integer), RuntimeError (another float dtype)
+                    with pytest.raises((AssertionError, RuntimeError), match=f"{which}|attn_mask dtype"):
+                        run(x, **kw)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @given(heads=st.sampled_from([1, 2, 4]), batch_first=st.booleans(), seed=st.integers(0, 2**16))
 def test_transformer_encoder_with_padding_under_no_grad(heads, batch_first, seed):

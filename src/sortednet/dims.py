@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .errors import PatternError, SizeError, SortedNetError
@@ -200,7 +201,7 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses")
+    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -209,12 +210,18 @@ class Active:
         self.var, self.default = var, default
         # the open ``use`` blocks of the context, oldest first (see sortednet.plan.Use); never mutated
         self.uses: contextvars.ContextVar[tuple] = contextvars.ContextVar("sortednet_uses", default=())
+        # root forwards with gradients in progress (any thread), and what a read without gradients during one
+        # calls: it may be a reentrant checkpoint's forward (sortednet.wrap.Pin.no_grad_read)
+        self.training, self.on_no_grad_read = 0, None
         return self
 
     def plan(self) -> Any:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
-        return self.default if p is self else p
+        p = self.default if p is self else p
+        if self.training and not torch.is_grad_enabled():
+            self.on_no_grad_read(p)
+        return p
 
     def __deepcopy__(self, memo: dict) -> "Active":
         return self  # a deep copy of the model follows the same sub-model

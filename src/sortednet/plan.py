@@ -21,10 +21,8 @@ import functools
 import inspect
 import sys
 import threading
-from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
@@ -253,96 +251,44 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
 # Reentrant activation checkpointing (``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``) runs its
 # function again during backward, under whatever sub-model is in force THERE: a backward outside the forward's
 # ``use`` block (or on an accelerator's autograd thread, whose context has none) would recompute another
-# sub-model and silently give its gradients. Its backward node keeps the function as ``run_function``; the two
-# helpers below make that function run under the forward's plan (what ``nest.checkpoint`` does by hand).
-_CKPT_NODE = "CheckpointFunctionBackward"
+# sub-model and silently give its gradients. Its backward node (the ``ctx`` of ``CheckpointFunction.forward``)
+# keeps the function as ``run_function``; the nest wraps that function to run under the plan of the forward
+# (what ``nest.checkpoint`` does by hand), found when the forward reads a sliced attribute without gradients
+# (sortednet.wrap.Pin.no_grad_read) or starts the root forward (:func:`pin_enclosing_checkpoint`).
 _CKPT_FORWARD = getattr(getattr(_checkpoint, "CheckpointFunction", None), "forward", None)
 _CKPT_CODE = getattr(_CKPT_FORWARD, "__code__", None)
-#: root outputs watched per forward (a model's loss, logits, hidden states ...)
-MAX_WATCHED = 8
 
 
-def _pin_recompute(node: Any, active: Active, plan: Plan) -> None:
-    """The reentrant checkpoint ``node`` recomputes under ``plan`` (unless this nest pinned it already: one
+def pin_recompute(ctx: Any, active: Active, plan: Plan) -> None:
+    """The reentrant checkpoint ``ctx`` recomputes under ``plan`` (unless this nest pinned it already: one
     checkpointed function may run modules of several nests, each pins its own)."""
-    fn = g = getattr(node, "run_function", None)
+    fn = g = getattr(ctx, "run_function", None)
     while g is not None:
         if getattr(g, "_sn_active", None) is active:
             return
         g = getattr(g, "_sn_inner", None)
     if fn is not None:
-        node.run_function = in_plan(active, plan, fn)
+        ctx.run_function = in_plan(active, plan, fn)
 
 
-class _Recompute:
-    """Pre-hook of the autograd nodes of a root forward's outputs (see :func:`watch_backward`)."""
-
-    __slots__ = ("active", "plan", "task")
-
-    def __init__(self, active: Active, plan: Plan) -> None:
-        self.active, self.plan, self.task = active, plan, None
-
-    def __call__(self, grad_outputs: Any) -> None:
-        p = self.active.plan()
-        if p is self.plan or p.sub == self.plan.sub:  # backward in the forward's sub-model: nothing to do
-            return
-        task = torch._C._current_graph_task_id()
-        if task == self.task:  # another output of the same forward, in the same backward: done already
-            return
-        self.task = task
-        seen: set[int] = set()
-        todo = [torch._C._current_autograd_node()]
-        while todo:
-            f = todo.pop()
-            if f is None or id(f) in seen:
-                continue
-            seen.add(id(f))
-            if type(f).__name__ == _CKPT_NODE:
-                _pin_recompute(f, self.active, self.plan)
-            todo.extend(g for g, _ in f.next_functions)
-
-
-def watch_backward(active: Active, plan: Plan, out: Any) -> None:
-    """After a root forward with gradients: when a backward reaches its outputs while another sub-model is in
-    force, every reentrant checkpoint in the graph recomputes under ``plan`` (the forward's). A few
-    microseconds per forward; the graph is walked only in that case."""
-    hook, nodes = None, set()
-    for t in _tensors(out):
-        fn = t.grad_fn
-        if fn is None or id(fn) in nodes:
-            continue
-        if hook is None:
-            hook = _Recompute(active, plan)
-        fn.register_prehook(hook)
-        nodes.add(id(fn))
-        if len(nodes) >= MAX_WATCHED:
-            return
-
-
-def _tensors(out: Any) -> Any:
-    """Tensors of a forward's output: itself, or the items of a tuple / list / mapping (Hugging Face
-    ``ModelOutput``), one level deep."""
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, (tuple, list)):
-        yield from (t for t in out if isinstance(t, torch.Tensor))
-    elif isinstance(out, Mapping):
-        yield from (t for t in out.values() if isinstance(t, torch.Tensor))
+def checkpoint_forward(frame: Any, stop: Any = None, limit: int = 1 << 30) -> Any:
+    """The ``ctx`` of the reentrant checkpoint whose forward is on the call stack from ``frame`` up (at most
+    ``limit`` frames, not past ``stop``), else None."""
+    f = frame
+    while f is not None and f is not stop and limit > 0:
+        if f.f_code is _CKPT_CODE:
+            return f.f_locals.get("ctx")
+        f = f.f_back
+        limit -= 1
+    return None
 
 
 def pin_enclosing_checkpoint(active: Active, plan: Plan, frame: Any) -> None:
     """A root forward without gradients called by a reentrant checkpoint's forward (``checkpoint(model, x,
     use_reentrant=True)``): its recomputation will run under ``plan``. Looks ten frames up, no more."""
-    f = frame
-    for _ in range(10):
-        if f is None:
-            return
-        if f.f_code is _CKPT_CODE:
-            ctx = f.f_locals.get("ctx")
-            if ctx is not None:
-                _pin_recompute(ctx, active, plan)
-            return
-        f = f.f_back
+    ctx = checkpoint_forward(frame, limit=10)
+    if ctx is not None:
+        pin_recompute(ctx, active, plan)
 
 
 def heal_pins(a: Active, here: Any) -> None:

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
-from .plan import close_block, heal_pins, open_block, pin_enclosing_checkpoint, watch_backward
+from .plan import checkpoint_forward, close_block, heal_pins, open_block, pin_enclosing_checkpoint, pin_recompute
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
@@ -301,27 +301,38 @@ class Pin:
     anew, and one forward could mix two sub-models); an ``activate`` in this thread during the forward (a
     hook, the forward itself) takes effect at once, as without the pin. Compiled graphs guard on the default
     themselves (a graph break between two graphs can still see two defaults). A forward left by an
-    interrupt (KeyboardInterrupt skips the post hook) is found stale by the next one and undone."""
+    interrupt (KeyboardInterrupt skips the post hook) is found stale by the next one and undone.
 
-    __slots__ = ("active", "local")
+    It also keeps reentrant activation checkpoints exact: a forward with gradients counts itself in
+    ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
+    a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
+
+    __slots__ = ("active", "local", "lock")
 
     def __init__(self, active: Any) -> None:
-        self.active, self.local = active, threading.local()
+        self.active, self.local, self.lock = active, threading.local(), threading.Lock()
+        active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
         return self  # a deep copy of the model follows the same nest state
 
     def _stack(self) -> list:
-        """This thread's pins ``[open block or None, frame of the root call, pinned plan]``, stale ones
-        undone."""
+        """This thread's pins ``[open block or None, frame of the root call, pinned plan, with gradients]``,
+        stale ones undone."""
         stack = self.local.__dict__.setdefault("stack", [])
         if stack:
             outer, f = stack[0][1], sys._getframe(2)
             while f is not None and f is not outer:
                 f = f.f_back
             if f is None:  # the outermost pinned forward is gone without its post hook (an interrupt)
+                self._count(-sum(e[3] for e in stack))
                 stack.clear()
         return stack
+
+    def _count(self, n: int) -> None:
+        if n:
+            with self.lock:
+                self.active.training += n
 
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
@@ -330,24 +341,38 @@ class Pin:
         stack = self._stack()
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
             heal_pins(a, sys._getframe(1))
-        if not _grad_enabled():  # (inside a reentrant checkpoint's forward: it recomputes this plan)
+        grad = _grad_enabled()
+        if not grad:  # (inside a reentrant checkpoint's forward: it recomputes this plan)
             pin_enclosing_checkpoint(a, a.plan(), sys._getframe(1))
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         entry = open_block(a, sys._getframe(1), pin=True) if pinned else None  # on the context's stack, as use
         if pinned:
             a.var.set(a.default)
-        stack.append([entry, sys._getframe(1), a.default if pinned else None])
+        self._count(grad)
+        stack.append([entry, sys._getframe(1), a.default if pinned else None, grad])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():
             return
-        if _grad_enabled():  # a backward under another sub-model: reentrant checkpoints recompute this one
-            watch_backward(self.active, self.active.plan(), out)
         stack = self.local.__dict__.get("stack")
         if stack:
-            entry = stack.pop()[0]
+            entry, _, _, grad = stack.pop()
+            self._count(-grad)
             if entry is not None:  # (a use block the user's hooks opened around the forward ends with it)
                 close_block(self.active, entry, sys._getframe(1))
+
+    def no_grad_read(self, plan: Any) -> None:
+        """A sliced attribute read without gradients while a forward with gradients runs (in some thread):
+        when that forward is in this thread and the read comes from a reentrant checkpoint's forward inside
+        it, the checkpoint recomputes under ``plan`` during backward, wherever backward runs."""
+        if _compiling():
+            return
+        stack = self.local.__dict__.get("stack")
+        root = next((e[1] for e in reversed(stack) if e[3]), None) if stack else None
+        if root is not None:
+            ctx = checkpoint_forward(sys._getframe(2), stop=root)
+            if ctx is not None:
+                pin_recompute(ctx, self.active, plan)
 
     def repin(self, plan: Any) -> None:
         """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan`` (not inside

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import PatternError
+from ..errors import PatternError, SortedNetError
 from .base import Slicer, slicer
 
 
@@ -52,12 +52,9 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         mask = attn_mask
         if mask.dim() == 3:  # (B * H_full, L, S): keep the active heads
             mask = mask.view(B, -1, L, S)[:, :heads]
-        mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill_(mask, float("-inf")) \
-            if mask.dtype == torch.bool else mask.to(q.dtype)
+        mask = _additive(mask, "attn_mask", q.dtype)
     if key_padding_mask is not None:
-        kpm = key_padding_mask.view(B, 1, 1, S)
-        kpm = torch.zeros_like(kpm, dtype=q.dtype).masked_fill_(kpm, float("-inf")) \
-            if kpm.dtype == torch.bool else kpm.to(q.dtype)
+        kpm = _additive(key_padding_mask.view(B, 1, 1, S), "key_padding_mask", q.dtype)
         mask = kpm if mask is None else mask + kpm
     if is_causal and attn_mask is None:  # as F.multi_head_attention_forward: the full model raises the same
         raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
@@ -80,6 +77,25 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         out = out.squeeze(1)
         weights = None if weights is None else weights.squeeze(0)
     return out, weights
+
+
+class MaskTypeError(SortedNetError, AssertionError):
+    """A mask neither boolean nor of the query's floating-point dtype: ``nn.MultiheadAttention`` refuses it
+    (an AssertionError for integer masks, a RuntimeError for another float dtype), and so does every sub-model
+    (read as additive scores, a uint8 mask's 1s would add +1, not block)."""
+
+
+def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+    """A boolean (True: blocked) or floating-point (added) mask as scores to add, as PyTorch reads them."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    if not torch.is_floating_point(mask):
+        raise MaskTypeError(f"only bool and floating types of {name} are supported (got {mask.dtype}), as in "
+                            "nn.MultiheadAttention: pass mask.bool() for a mask whose nonzero entries block")
+    if mask.dtype != dtype:
+        raise MaskTypeError(f"a floating-point {name} must have the query's dtype ({dtype}), got {mask.dtype}: "
+                            "nn.MultiheadAttention refuses it too; pass mask.to(query.dtype) or a bool mask")
+    return mask
 
 
 def _nested(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: int, key_padding_mask: Tensor | None,
