@@ -389,3 +389,27 @@ def test_a_transformer_encoders_layer_count_follows_depth_on_export():
     nest = sn.wrap(enc, sn.Depth("d", [1, 3], layers="layers"))
     small = nest.export("d=1")
     assert len(small.layers) == small.num_layers == 1
+
+
+@pytest.mark.parametrize("when", ["before_wrap", "after_wrap"])
+def test_export_keeps_a_channels_last_layout(when):
+    """A model in ``channels_last`` exports its (sliced) convolution weights channels-last too, equal in
+    value; contiguous models stay contiguous."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.ReLU(),
+                      nn.Conv2d(8, 4, 1)).eval()
+    if when == "before_wrap":
+        m = m.to(memory_format=torch.channels_last)
+    nest = sn.wrap(m, sn.Width("a", [4, 16], out="0", norm="1", inp="3"), sn.Width("b", [2, 8], out="3", inp="5"))
+    if when == "after_wrap":
+        m = m.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    for sub in ("a=4,b=2", "a=16,b=2", "a=16,b=8"):
+        small = nest.export(sub)
+        for i in (0, 3, 5):  # (a 1x1 kernel's weight is both layouts at once)
+            w = small[i].weight
+            assert w.is_contiguous(memory_format=torch.channels_last) and (i == 5 or not w.is_contiguous()), (sub, i)
+        with nest.use(sub), torch.no_grad():
+            torch.testing.assert_close(small(x), m(x), rtol=0, atol=1e-6)
+    plain = sn.wrap(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)), sn.Width("c", [2, 8], out="0", inp="1"))
+    assert all(p.is_contiguous() for p in plain.export("c=2").parameters())

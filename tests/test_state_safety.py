@@ -404,6 +404,31 @@ def test_load_state_dict_drops_the_calibrated_statistics_it_makes_stale():
     assert m[1]._sn.norm is not None
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_refused_load_state_dict_keeps_the_calibration(strict):
+    """``load_state_dict`` of statistics of another shape (an exported sub-model's state) raises in PyTorch
+    and copies no statistics: the calibration stays, and every sub-model's eval output with it (it was
+    dropped before the shape check, moving the small sub-model's output by 0.29)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", norm="1", inp="3"))
+    nest.calibrate([torch.randn(32, 8) * 3 + 1 for _ in range(2)])
+    x = torch.randn(5, 8)
+    before = {}
+    for sub in ("h=4", "h=8", "h=16"):
+        with nest.use(sub), torch.no_grad():
+            before[sub] = m(x)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with nest.use("h=4"), pytest.raises(RuntimeError, match="size mismatch"):
+        m.load_state_dict(nest.export("h=4").state_dict(), strict=strict)
+    now = m.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert m[1]._sn.norm is not None
+    for sub, want in before.items():
+        with nest.use(sub), torch.no_grad():
+            torch.testing.assert_close(m(x), want, rtol=0, atol=0, msg=sub)
+
+
 # -- depth: skipped blocks never run -------------------------------------------------------------------
 
 
@@ -554,6 +579,26 @@ def test_checkpoints_load_into_any_nest_bound_to_the_same_modules(tmp_path):
     other = sn.wrap(arch(), sn.Width("h", [4, 8, 16], out="0.0", inp="0.2"))   # other modules: refused
     with pytest.raises(sn.SortedNetError, match="differ from the nest"):
         sn.load(other, tmp_path / "a.safetensors")
+
+
+def test_a_checkpoint_of_the_same_dimensions_in_another_order_is_refused_saying_so(tmp_path):
+    """The file's sub-model rows are in its dimension order: a nest of the same dimensions listed in another
+    order is refused with that reason (not a generic mismatch), before any change."""
+    def arch():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 2))
+
+    def dims():
+        return sn.Width("g", [4, 16], out="0", inp="2"), sn.Width("h", [6, 12], out="2", inp="4")
+
+    sn.save(sn.wrap(arch(), *dims()), tmp_path / "a.safetensors")
+    g, h = dims()
+    nest = sn.wrap(arch(), h, g)
+    before = snapshot(nest.model)
+    with pytest.raises(sn.SortedNetError, match=r"in another order: saved \['g', 'h'\], the nest \['h', 'g'\]"):
+        sn.load(nest, tmp_path / "a.safetensors")
+    assert_unchanged(nest.model, before)
+    sn.load(sn.wrap(arch(), *dims()), tmp_path / "a.safetensors")        # the checkpoint's order loads
 
 
 def test_load_refuses_a_model_of_inference_tensors_before_wrapping_it(tmp_path):

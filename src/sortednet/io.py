@@ -276,8 +276,14 @@ def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
     theirs = meta["dims"]
     if meta["format"] == FORMATS[0]:  # sortednet/1 stored the patterns as written: compare as text
         mine = [{k: v for k, v in d.spec().items() if k in t or v} for d, t in zip(nest.dims, theirs)]
-    else:  # the bound modules decide, not how the patterns that found them were written, nor their order
+    else:  # the bound modules decide (in any order within a field), not how the patterns were written
         mine, theirs = [_bound(d) for d in mine], [_bound(d) for d in theirs]
+    if len(mine) == len(theirs) and mine != theirs and sorted(map(repr, mine)) == sorted(map(repr, theirs)):
+        # the same dimensions in another order: the file's sub-model rows, calibration and profile are in its
+        # order, so it is refused rather than remapped
+        raise SortedNetError(f"checkpoint {where} has the nest's dimensions in another order: saved "
+                             f"{[d.get('name') for d in theirs]}, the nest {[d.name for d in nest.dims]}; wrap "
+                             "with the dimensions in the checkpoint's order, then load")
     if len(mine) != len(theirs) or any(a != b for a, b in zip(mine, theirs)):
         diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), (theirs, mine))
         raise SortedNetError(f"checkpoint {where} dimensions {[d.get('name') for d in theirs]} "

@@ -217,11 +217,17 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
 def drop_calibration(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of a sliced BatchNorm: loading its running statistics makes the
     per-sub-model statistics of ``nest.calibrate`` stale (they describe other weights); they are dropped, so
-    eval reads the loaded buffers, as plain PyTorch does. ``sn.load`` restores a checkpoint's calibration."""
+    eval reads the loaded buffers, as plain PyTorch does. ``sn.load`` restores a checkpoint's calibration.
+    Only statistics PyTorch will copy count: a tensor of another shape is refused by ``load_state_dict``,
+    which leaves the buffer, so the calibration stays too."""
     st = module.__dict__.get("_sn")
-    if st is not None and st.norm is not None and any(
-            f"{prefix}{n}" in state_dict for n in ("running_mean", "running_var")):
-        st.norm = None
+    if st is None or st.norm is None:
+        return
+    for n in ("running_mean", "running_var"):
+        new, old = state_dict.get(f"{prefix}{n}"), module._buffers.get(n)
+        if isinstance(new, torch.Tensor) and old is not None and new.shape == old.shape:
+            st.norm = None
+            return
 
 
 class DepthGuard:

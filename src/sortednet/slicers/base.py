@@ -27,6 +27,17 @@ _REGISTRY: dict[type, "Slicer"] = {}
 _SUBCLASSES: dict[tuple, type] = {}
 
 
+def memory_format(t: Tensor | None) -> torch.memory_format:
+    """The layout an exported copy of a slice of ``t`` gets: channels-last when ``t`` is (a convolution
+    weight after ``model.to(memory_format=torch.channels_last)``), else contiguous."""
+    if t is not None and not t.is_contiguous():
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 @dataclass
 class State:
     """What sortednet keeps on a sliced module (``module._sn``)."""
@@ -290,9 +301,10 @@ class Slicer:
         for name in self.attr_names(live, live._sn.bind):
             v = getattr(live, name)
             if name in live._parameters:
+                full = live._parameters[name]
                 copy_._parameters[name] = None if v is None else nn.Parameter(  # requires_grad of the full
-                    v.detach().clone(memory_format=torch.contiguous_format),  # parameter: a cat under no_grad
-                    requires_grad=live._parameters[name].requires_grad)  # (packed q/k/v) would lose it
+                    v.detach().clone(memory_format=memory_format(full)),  # parameter: a cat under no_grad
+                    requires_grad=full.requires_grad)  # (packed q/k/v) would lose it
             elif name in live._buffers:
                 copy_._buffers[name] = None if v is None else v.detach().clone()
             else:
