@@ -9,6 +9,7 @@ sliced tensor, or at the default threshold with real-size weights) and ``ref``
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -406,6 +407,78 @@ class _CheckpointedUse(_CheckpointedBlocks):
         with self.nest.use("h=4"):
             x = x + torch.utils.checkpoint.checkpoint(self.blocks[0], x, use_reentrant=True)
         return x + torch.utils.checkpoint.checkpoint(self.blocks[1], x, use_reentrant=True)
+
+
+class _CheckpointedInner(_CheckpointedBlocks):
+    """Its checkpointed function enters ``use("h=4")`` for the first block only (``use_inside_checkpoint``),
+    or checkpoints its blocks again (``nested``)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def inner(self, x):
+        if self.how == "nested":
+            for b in self.blocks:
+                x = x + torch.utils.checkpoint.checkpoint(b, x, use_reentrant=True)
+            return x
+        with self.nest.use("h=4"):
+            a = self.blocks[0](x)
+        return a + self.blocks[1](x)
+
+    def forward(self, x):
+        if not self.ckpt:
+            if self.how == "nested":
+                for b in self.blocks:
+                    x = x + b(x)
+                return x
+            with self.nest.use("h=4"):
+                a = self.blocks[0](x)
+            return a + self.blocks[1](x)
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+
+
+@pytest.mark.parametrize("case", ["use_inside_checkpoint", "nested"])
+@pytest.mark.parametrize("outer", [None, "h=8"])
+def test_a_reentrant_checkpoint_recomputes_the_submodel_in_force_when_it_started(case, outer):
+    """A use block entered inside the checkpointed function does not pin the whole checkpoint to its
+    sub-model (it did: the second block recomputed at h=4); nested reentrant checkpoints pin the outer one
+    too (it recomputed the default)."""
+    torch.manual_seed(0)
+    model = _CheckpointedInner(case)
+    nest = model.nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="blocks.*.0", inp="blocks.*.2"))
+    x = torch.randn(5, 6, requires_grad=True)
+    got = []
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        model.ckpt = ckpt
+        with nest.use(outer) if outer else contextlib.nullcontext():
+            loss = model(x).square().sum()
+        loss.backward()                                # outside the use block
+        got.append([p.grad.clone() for p in model.parameters()] + [x.grad.clone()])
+    same_grads(got[1], got[0], f"{case} under {outer}")
+
+
+@pytest.mark.parametrize("depth", [1, 5])
+def test_a_root_forward_deep_under_a_reentrant_checkpoint_is_pinned(depth):
+    """``checkpoint(wrapper, x, use_reentrant=True)`` where the wrapped model sits ``depth`` containers
+    down (it was pinned only within ten frames: three containers)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6))
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    outer = model
+    for _ in range(depth):
+        outer = torch.nn.Sequential(outer)
+    x = torch.randn(5, 6, requires_grad=True)
+    got = []
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        with nest.use("h=4"):
+            y = torch.utils.checkpoint.checkpoint(outer, x, use_reentrant=True) if ckpt else outer(x)
+        y.square().sum().backward()
+        got.append([p.grad.clone() for p in model.parameters()])
+    same_grads(got[1], got[0], f"depth {depth}")
 
 
 @pytest.mark.parametrize("case", ["applied_twice", "loss_from_nested_output", "use_inside_forward"])

@@ -4,7 +4,9 @@ exported sub-models compile as usual. Backend aot_eager (CPU, seconds)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 
 import pytest
 import torch
@@ -145,6 +147,50 @@ def test_context_lookup_breaks_no_graph_and_switching_back_reuses_graphs(family)
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
         nest.activate(nest.largest)
+
+
+def test_compiled_inference_does_not_guard_on_training_forwards_elsewhere():
+    """A forward with gradients in another thread counts itself in the nest's state (reentrant checkpoint
+    pinning reads the count when gradients are off): compiled graphs must not guard on that count, or every
+    distinct count recompiled them (up to the recompile limit)."""
+    from torch._dynamo.testing import CompileCounter
+
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    cnt = CompileCounter()
+    compiled = torch.compile(nest.model, backend=cnt)
+    sub = three(nest)[0]
+    started, release = threading.Event(), threading.Event()
+
+    def training_forward():  # holds one forward with gradients open while the main thread runs compiled
+        def wait(module, args):
+            started.set()
+            release.wait(60)
+        h = case.model.register_forward_pre_hook(wait)
+        try:
+            case.model(case.example)
+        finally:
+            h.remove()
+
+    with torch.no_grad():
+        for scope in (nest.use(sub), contextlib.nullcontext()):  # a use block, and the default
+            started.clear()
+            release.clear()
+            with scope:
+                compiled(case.example)
+                frames = cnt.frame_count
+                t = threading.Thread(target=training_forward)
+                t.start()
+                try:
+                    assert started.wait(60)
+                    assert nest._state.training == 1
+                    torch.testing.assert_close(compiled(case.example), nest.model(case.example))
+                finally:
+                    release.set()
+                    t.join(60)
+                compiled(case.example)
+            assert nest._state.training == 0
+            assert cnt.frame_count == frames
 
 
 def test_compiled_model_follows_each_threads_context():

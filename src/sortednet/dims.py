@@ -219,7 +219,7 @@ class Active:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
         p = self.default if p is self else p
-        if self.training and not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.training:
             self.on_no_grad_read(p)
         return p
 

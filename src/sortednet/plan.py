@@ -242,7 +242,14 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
 
     def run(*args: Any, **kwargs: Any) -> Any:
         with Use(active, plan):
-            return fn(*args, **kwargs)
+            pin = getattr(active.on_no_grad_read, "__self__", None)
+            if pin is None:
+                return fn(*args, **kwargs)
+            root = pin.enter_root(sys._getframe())  # a recomputation is a forward: checkpoints created in
+            try:                                    # it (nested ones) are pinned as in the root's forward
+                return fn(*args, **kwargs)
+            finally:
+                pin.exit_root(root)
 
     run._sn_active, run._sn_inner = active, fn  # type: ignore[attr-defined]
     return run
@@ -259,36 +266,44 @@ _CKPT_FORWARD = getattr(getattr(_checkpoint, "CheckpointFunction", None), "forwa
 _CKPT_CODE = getattr(_CKPT_FORWARD, "__code__", None)
 
 
-def pin_recompute(ctx: Any, active: Active, plan: Plan) -> None:
-    """The reentrant checkpoint ``ctx`` recomputes under ``plan`` (unless this nest pinned it already: one
-    checkpointed function may run modules of several nests, each pins its own)."""
-    fn = g = getattr(ctx, "run_function", None)
+def _pinned(ctx: Any, active: Active) -> bool:
+    g = getattr(ctx, "run_function", None)
     while g is not None:
         if getattr(g, "_sn_active", None) is active:
-            return
+            return True
         g = getattr(g, "_sn_inner", None)
-    if fn is not None:
-        ctx.run_function = in_plan(active, plan, fn)
+    return False
 
 
-def checkpoint_forward(frame: Any, stop: Any = None, limit: int = 1 << 30) -> Any:
-    """The ``ctx`` of the reentrant checkpoint whose forward is on the call stack from ``frame`` up (at most
-    ``limit`` frames, not past ``stop``), else None."""
+def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) -> None:
+    """Every reentrant checkpoint whose forward is on the call stack from ``frame`` up (not past ``stop``)
+    recomputes under the plan in force when its forward started: ``plan`` (the one read now), unless a use
+    block (or a root forward's pin) was opened inside the checkpointed function since; then the value before
+    the outermost such block. Checkpoints this nest pinned already stay as they are (one checkpointed
+    function may run modules of several nests, each pins its own)."""
     f = frame
-    while f is not None and f is not stop and limit > 0:
-        if f.f_code is _CKPT_CODE:
-            return f.f_locals.get("ctx")
+    while f is not None and f is not stop and f.f_code is not _CKPT_CODE:  # the common case: none (cheap)
         f = f.f_back
-        limit -= 1
-    return None
+    if f is None or f is stop:
+        return
+    inside: set[int] = set()
+    f = frame
+    while f is not None and f is not stop:
+        if f.f_code is _CKPT_CODE:
+            ctx = f.f_locals.get("ctx")
+            fn = getattr(ctx, "run_function", None)
+            if fn is not None and not _pinned(ctx, active):
+                ctx.run_function = in_plan(active, _plan_at(active, plan, inside), fn)
+        inside.add(id(f))
+        f = f.f_back
 
 
-def pin_enclosing_checkpoint(active: Active, plan: Plan, frame: Any) -> None:
-    """A root forward without gradients called by a reentrant checkpoint's forward (``checkpoint(model, x,
-    use_reentrant=True)``): its recomputation will run under ``plan``. Looks ten frames up, no more."""
-    ctx = checkpoint_forward(frame, limit=10)
-    if ctx is not None:
-        pin_recompute(ctx, active, plan)
+def _plan_at(active: Active, plan: Plan, inside: set[int]) -> Plan:
+    """The plan in force before the outermost open block entered in one of the frames ``inside``."""
+    for e in active.uses.get():  # oldest first
+        if not e.left and e.frame in inside:
+            return active.default if e.prev is active else e.prev
+    return plan
 
 
 def heal_pins(a: Active, here: Any) -> None:

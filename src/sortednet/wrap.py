@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
-from .plan import checkpoint_forward, close_block, heal_pins, open_block, pin_enclosing_checkpoint, pin_recompute
+from .plan import close_block, heal_pins, open_block, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
@@ -348,8 +348,8 @@ class Pin:
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
             heal_pins(a, sys._getframe(1))
         grad = _grad_enabled()
-        if not grad:  # (inside a reentrant checkpoint's forward: it recomputes this plan)
-            pin_enclosing_checkpoint(a, a.plan(), sys._getframe(1))
+        if not grad:  # (inside a reentrant checkpoint's forward: it recomputes the plan in force there)
+            pin_checkpoints(a, a.plan(), sys._getframe(1))
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         entry = open_block(a, sys._getframe(1), pin=True) if pinned else None  # on the context's stack, as use
         if pinned:
@@ -376,9 +376,23 @@ class Pin:
         stack = self.local.__dict__.get("stack")
         root = next((e[1] for e in reversed(stack) if e[3]), None) if stack else None
         if root is not None:
-            ctx = checkpoint_forward(sys._getframe(2), stop=root)
-            if ctx is not None:
-                pin_recompute(ctx, self.active, plan)
+            pin_checkpoints(self.active, plan, sys._getframe(2), stop=root)
+
+    def enter_root(self, frame: Any) -> list:
+        """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan``) starts in
+        ``frame``: reads without gradients inside it pin checkpoints as in a root forward."""
+        stack = self._stack()
+        grad = _grad_enabled()
+        entry = [None, frame, None, grad]
+        self._count(grad)
+        stack.append(entry)
+        return entry
+
+    def exit_root(self, entry: list) -> None:
+        stack = self.local.__dict__.get("stack")
+        if stack and any(e is entry for e in stack):
+            stack[:] = [e for e in stack if e is not entry]
+            self._count(-entry[3])
 
     def repin(self, plan: Any) -> None:
         """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan`` (not inside

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..dims import Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
-from ..views import DYNAMIC, STATIC, View, _grad_enabled, cut, cuts_for, is_sharded, narrow, new_lock, view
+from ..views import DYNAMIC, STATIC, View, _compiling, _grad_enabled, cut, cuts_for, is_sharded, narrow, new_lock, view
 from ..views import SliceInto as _SliceInto  # noqa: F401  (kept importable: sortednet.slicers._SliceInto)
 
 if TYPE_CHECKING:
@@ -277,8 +277,8 @@ class Slicer:
                     return st.slicer.value(self_, name) if b is None else b.features()
                 p = a._scoped  # Active.plan(), inlined: the nest's context variable, else the default
                 p = a.default if p is a else p
-                if a.training and not _grad_enabled():  # (a reentrant checkpoint's forward: Pin.no_grad_read)
-                    a.on_no_grad_read(p)
+                if not _grad_enabled() and not _compiling() and a.training:  # (maybe a reentrant checkpoint's
+                    a.on_no_grad_read(p)                                      # forward: Pin.no_grad_read)
                 e = p.entries[st.slot][name]
                 if e.__class__ is View:
                     return e.take(self_, st)
