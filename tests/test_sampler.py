@@ -277,3 +277,17 @@ def test_a_sampler_refuses_a_list_out_of_cost_order():
     for bad_weights in ([True] * len(subs), [1e308] * 0):
         with pytest.raises(sn.SortedNetError):
             sn.Sampler(subs, k=1, strategy="weighted", weights=bad_weights)
+
+
+def test_a_cost_rule_state_loads_into_a_sampler_of_the_nest_and_says_so_otherwise():
+    """State of a sampler whose rule reads costs loads into one built from the nest; one built from
+    ``nest.submodels`` (no costs) is refused naming that fix."""
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)),
+                   sn.Width("h", [2, 4, 8, 16], out="0", inp="2"))
+    for kw in ({"strategy": "weighted", "weights": "cost"}, {"strategy": "uniform", "loss_weights": "cost"}):
+        a = sn.Sampler(nest, k=2, seed=3, **kw)
+        b = sn.Sampler(nest, k=1, seed=0)
+        b.load_state_dict(a.state_dict())
+        assert b.draw(7) == a.draw(7)
+        with pytest.raises(sn.SortedNetError, match=r"sn.Sampler\(nest, ...\)"):
+            sn.Sampler(nest.submodels, k=1).load_state_dict(a.state_dict())

@@ -366,10 +366,37 @@ def test_soft_loss_properties():
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"temperature": float("nan")}, {"alpha": 1.5},
-                                    {"alpha": -0.1}, {"temperature": "2"}])
+                                    {"alpha": -0.1}, {"temperature": "2"}, {"alpha": True},
+                                    {"temperature": torch.tensor([1.0, 2.0])}])
 def test_bad_distill_raises(kwargs):
     with pytest.raises(sn.SortedNetError):
         sn.Distill(**kwargs)
+
+
+def test_distill_takes_any_real_number():
+    """NumPy scalars and one-element tensors are numbers too (they were refused), stored as floats."""
+    import numpy as np
+
+    for t, a in ((np.int64(2), np.float32(0.5)), (torch.tensor(2.0), torch.tensor(0.5)), (2, 0.5)):
+        d = sn.Distill(temperature=t, alpha=a)
+        assert (d.temperature, d.alpha) == (2.0, 0.5) and type(d.temperature) is float and type(d.alpha) is float
+
+
+def test_soft_targets_only_ignore_a_nonfinite_task_loss():
+    """``alpha=1``: a student's loss is the soft targets alone, so an infinite task loss of that student does
+    not make it skipped (``0 * inf`` was NaN)."""
+    case, nest = _small()
+    x = case.example
+    subs = [nest.smallest, nest.largest]
+
+    def closure():
+        out = case.model(x)
+        task = out.float().square().mean()
+        return (task * float("inf") if nest.active == nest.smallest else task), out
+
+    info = sn.accumulate(nest, subs, closure, distill=sn.Distill(2.0, 1.0))
+    assert not info.skipped
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in case.model.parameters())
 
 
 def _small():

@@ -192,6 +192,9 @@ def test_soft_loss_rejects_bad_exits():
             soft_loss(model, ids(), exits=exits)
     with pytest.raises(sn.SortedNetError, match="weight"):
         soft_loss(model, ids(), exits=[1, 2], weights=[1.0])
+    for weights in ([float("nan"), 1.0], [float("inf"), 1.0], ["1", "2"], [True, 1]):  # (a NaN loss, a raw
+        with pytest.raises(sn.SortedNetError, match="weights"):                    # TypeError, accepted)
+            soft_loss(model, ids(), exits=[1, 2], weights=weights)
     gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8))

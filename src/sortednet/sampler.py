@@ -327,7 +327,9 @@ class Sampler:
                             strategy=state["strategy"], seed=state["seed"], weights=state["weights"],
                             loss_weights=state.get("loss_weights"), small_first=state.get("small_first", 0))
         except SortedNetError as e:
-            raise SortedNetError(f"cannot load sampler state: {e}") from None
+            hint = (" (build the sampler to load into from the nest, sn.Sampler(nest, ...), not from "
+                    "nest.submodels)" if "needs the nest" in str(e) else "")
+            raise SortedNetError(f"cannot load sampler state: {e}{hint}") from None
         self.__dict__.update(other.__dict__)
 
     def __repr__(self) -> str:

@@ -12,11 +12,13 @@ A loop of your own needs only :class:`~sortednet.Sampler` and :func:`accumulate`
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,6 +56,15 @@ class Losses(list):
         self.skipped = tuple(skipped)
 
 
+def _real(x: Any) -> float | None:
+    """``x`` as a float when it is a real number (Python, NumPy or a one-element tensor; not a bool)."""
+    if isinstance(x, torch.Tensor):
+        x = x.item() if x.numel() == 1 and not x.is_complex() and x.dtype is not torch.bool else None
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
+        return float(x)
+    return None
+
+
 @dataclass(frozen=True)
 class Distill:
     """In-place distillation (US-Nets): the largest drawn sub-model's detached
@@ -75,12 +86,13 @@ class Distill:
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-                and math.isfinite(self.temperature)
-                and self.temperature > 0):
+        t, a = _real(self.temperature), _real(self.alpha)
+        if t is None or not (math.isfinite(t) and t > 0):
             raise SortedNetError(f"Distill temperature must be a positive number, got {self.temperature!r}")
-        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1):
+        if a is None or not 0 <= a <= 1:
             raise SortedNetError(f"Distill alpha must be in [0, 1], got {self.alpha!r}")
+        object.__setattr__(self, "temperature", t)  # (frozen) one float from any real number
+        object.__setattr__(self, "alpha", a)
 
     def soft_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
         """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over all but the last axis."""
@@ -187,6 +199,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             total = loss
             if i == teacher:
                 target = logits.detach()
+            elif target is not None and distill.alpha == 1:  # soft targets only: the task loss plays no part
+                total = distill.soft_loss(logits, target)
             elif target is not None and distill.alpha > 0:
                 total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
             losses[i] = float(loss.detach())

@@ -371,12 +371,12 @@ class Pin:
         """A sliced attribute read without gradients while a forward with gradients runs (in some thread):
         when that forward is in this thread and the read comes from a reentrant checkpoint's forward inside
         it, the checkpoint recomputes under ``plan`` during backward, wherever backward runs."""
-        if _compiling():
-            return
         stack = self.local.__dict__.get("stack")
-        root = next((e[1] for e in reversed(stack) if e[3]), None) if stack else None
-        if root is not None:
-            pin_checkpoints(self.active, plan, sys._getframe(2), stop=root)
+        if stack:
+            for e in reversed(stack):
+                if e[3]:  # the innermost forward with gradients of this thread
+                    pin_checkpoints(self.active, plan, sys._getframe(2), stop=e[1])
+                    return
 
     def enter_root(self, frame: Any) -> list:
         """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan``) starts in

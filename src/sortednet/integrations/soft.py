@@ -9,6 +9,8 @@ pass, not one per sub-model. Blocks after the deepest exit do not run.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -120,6 +122,9 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int
         exits, weights = sorted(set(given)), [1.0] * len(set(given))
     else:
         weights = list(weights)
+        if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise SortedNetError(f"soft_loss: weights must be finite numbers, got {weights}")
+        weights = [float(w) for w in weights]
         if len(weights) != len(given) or len(set(given)) != len(given) or sum(weights) <= 0 or min(weights) < 0:
             raise SortedNetError(f"soft_loss: need distinct exits and one non-negative weight per exit, got exits "
                                  f"{given} and weights {weights}")
