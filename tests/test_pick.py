@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sortednet as sn
@@ -164,3 +164,40 @@ def test_a_fraction_equal_to_a_sub_models_share_picks_it():
         hi = nest.cost(nest.largest)
         for s in nest.submodels:
             assert nest.cost(nest.pick(fraction=nest.cost(s) / hi)) == nest.cost(s)
+
+
+class _TiedTwice(torch.nn.Module):
+    """``c`` holds ``b``'s weight; the wiring below slices it by ``h1``/``h2`` in ``b`` and ``h2``/``h3`` in ``c``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16)
+        self.c, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+        self.c.weight = self.b.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+@settings(max_examples=15, deadline=None)
+@given(budget=st.integers(150, 700))
+def test_pick_passes_over_submodels_that_cannot_be_exported(budget):
+    """A tied weight sliced differently by its two holders: most sub-models run live but cannot be exported
+    (export refuses them); ``pick`` returned them anyway (``h1=16,h2=8,h3=16`` for 2000 parameters). It now
+    picks the best exportable one, whose export has the parameters ``cost`` counts."""
+    torch.manual_seed(0)
+    m = _TiedTwice()
+    W = sn.Width
+    nest = sn.wrap(m, W("h1", [4, 8, 16], out="a", inp="b"), W("h2", [4, 8, 16], out="b", inp="c"),
+                   W("h3", [4, 8, 16], out="c", inp="head"))
+    sub = nest.pick(params=budget)
+    assert sum(p.numel() for p in nest.export(sub).parameters()) == nest.cost(sub) <= budget
+    fits = []
+    for s in nest.submodels:  # the oracle: the most parameters among exportable sub-models within budget
+        if nest.cost(s) <= budget:
+            try:
+                nest.export(s)
+            except sn.SortedNetError:
+                continue
+            fits.append(nest.cost(s))
+    assert nest.cost(sub) == max(fits)

@@ -31,7 +31,7 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
 from .views import is_fsdp, new_lock
-from .wrap import Pin, install, plan, unwrap_modules, wrap_hooks
+from .wrap import Pin, exportable, install, plan, split_ties, unwrap_modules, wrap_hooks
 
 __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 
@@ -646,6 +646,15 @@ class Nest:
             if prof is not None and prof.scores is not None and len(prof._pos) >= n and \
                     all(s in prof._pos for s in subs):
                 scores = [prof.scores[prof._pos[s]] for s in subs]
+            ok = exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()})
+            if ok is not None:  # a tied tensor sliced differently by its holders: pick only what exports
+                keep = [i for i, s in enumerate(subs) if ok(dict(s))]
+                if not keep:
+                    raise SortedNetError("pick: no sub-model of this nest can be exported: " + str(split_ties(
+                        self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()})))
+                subs = [subs[i] for i in keep]
+                costs = {m: [c[i] for i in keep] for m, c in costs.items()}
+                scores = None if scores is None else [scores[i] for i in keep]
             self._selector = Selector(subs, costs, scores)
         return self._selector
 

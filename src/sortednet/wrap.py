@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections import defaultdict
@@ -20,7 +21,7 @@ from .plan import close_block, heal_pins, open_block, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
-from .views import _compiling, _grad_enabled
+from .views import _compiling, _grad_enabled, cuts_for
 
 __all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin"]
 
@@ -108,13 +109,12 @@ def _uninitialized(t: object) -> bool:
     return isinstance(t, nn.parameter.UninitializedTensorMixin)
 
 
-def split_ties(model: nn.Module, planned: dict) -> str | None:
-    """Why some sub-models of ``planned`` cannot be exported, or None: a parameter held by several modules
-    (tied weights) that they slice differently (another dimension or axis, or one of them not at all). Such
-    sub-models run live, but read different slices of one tensor, which no plain model can hold (export
-    refuses them). ``sn.discover`` leaves such declarations out."""
+def _split_groups(model: nn.Module, planned: dict) -> list[list[tuple[str, dict, Any]]]:
+    """Parameters held by several modules (tied weights) that they slice differently (another dimension or
+    axis, or one of them not at all): per such tensor, its holders as ``(name, {axis: dimension}, cut)``,
+    ``cut(sizes)`` giving the holder's cuts of the tensor under a sub-model's sizes."""
     by_module = {id(m): (path, sl, bind) for path, (m, sl, bind) in planned.items()}
-    holders: dict[int, list[tuple[str, dict]]] = {}
+    holders: dict[int, list[tuple[str, dict | None, Any]]] = {}
     seen: set[int] = set()
     for path, m in model.named_modules():
         if id(m) in seen:
@@ -124,6 +124,7 @@ def split_ties(model: nn.Module, planned: dict) -> str | None:
             if t is None:
                 continue
             hit = by_module.get(id(m))
+            cut: Any = lambda sizes: ()  # noqa: E731  (an unsliced holder reads the whole tensor)
             if hit is None:
                 axes: dict | None = {}
             else:
@@ -132,20 +133,50 @@ def split_ties(model: nn.Module, planned: dict) -> str | None:
                     axes = {} if name not in hit[1].attr_names(m, hit[2]) else None  # computed: unknown
                 elif isinstance(rule, tuple):
                     axes = {ax: hit[2][role].dim for ax, role in rule if role in hit[2]}
+                    cut = functools.partial(_cuts_of, t.shape, hit[2], rule)
                 else:
                     axes = None
-            holders.setdefault(id(t), []).append((f"{path}.{name}" if path else name, axes))
+            holders.setdefault(id(t), []).append((f"{path}.{name}" if path else name, axes, cut))
+    out = []
     for group in holders.values():
-        if len(group) < 2 or any(a is None for _, a in group):
+        if len(group) < 2 or any(a is None for _, a, _ in group):
             continue
-        (p0, a0), *rest = group
-        for p1, a1 in rest:
+        (_, a0, _), *rest = group
+        if any(set(a0) != set(a1) or any(a0[k] is not a1[k] for k in a0) for _, a1, _ in rest):
+            out.append(group)
+    return out
+
+
+def _cuts_of(shape: Any, bind: dict, rule: Any, sizes: dict[str, int]) -> Any:
+    return cuts_for(shape, bind, rule, sizes)
+
+
+def split_ties(model: nn.Module, planned: dict) -> str | None:
+    """Why some sub-models of ``planned`` cannot be exported, or None: a parameter held by several modules
+    (tied weights) that they slice differently (another dimension or axis, or one of them not at all). Such
+    sub-models run live, but read different slices of one tensor, which no plain model can hold (export
+    refuses them; ``pick`` passes them over). ``sn.discover`` leaves such declarations out."""
+    for (p0, a0, _), *rest in _split_groups(model, planned):
+        for p1, a1, _ in rest:
             if set(a0) != set(a1) or any(a0[k] is not a1[k] for k in a0):
                 def say(a: dict) -> str:
                     return ", ".join(f"{d.name!r} on axis {k}" for k, d in sorted(a.items())) or "nothing"
                 return (f"{p0!r} and {p1!r} are one tensor (tied), but {p0!r} is sliced by {say(a0)} "
                         f"and {p1!r} by {say(a1)}")
     return None
+
+
+def exportable(model: nn.Module, planned: dict) -> Any:
+    """A test ``sizes -> bool``: can the sub-model of these sizes be exported (every tied tensor cut alike
+    by all its holders)? None when every sub-model can."""
+    groups = _split_groups(model, planned)
+    if not groups:
+        return None
+
+    def test(sizes: dict[str, int]) -> bool:
+        return all(len({repr(cut(sizes)) for _, _, cut in g}) == 1 for g in groups)
+
+    return test
 
 
 def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
