@@ -467,6 +467,25 @@ class TimmMobileNetV2(nn.Module):
         return self.classifier(x.mean((2, 3)))
 
 
+class UNet(nn.Module):
+    """A small U-Net: strided-conv encoder, ConvTranspose2d upsampling, one added and one concatenated skip,
+    a per-pixel head (segmentation: the output keeps the input's spatial size)."""
+
+    def __init__(self, classes=2):
+        super().__init__()
+        self.enc1, self.down1, self.down2 = cna(3, 8), cna(8, 16, stride=2), cna(16, 32, stride=2)
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(32, 16, 2, stride=2), nn.BatchNorm2d(16))
+        self.dec2 = cna(16, 16)
+        self.up1 = nn.ConvTranspose2d(16, 8, 2, stride=2, bias=False)
+        self.dec1, self.head = cna(16, 8), nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        d1 = self.down1(e1)
+        y = self.dec2(self.up2(self.down2(d1)) + d1)          # added skip
+        return self.head(self.dec1(torch.cat([self.up1(y), e1], 1)))  # concatenated skip
+
+
 def _randomise_bn(m: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters (a freshly built BN is the identity)."""
     g = torch.Generator().manual_seed(0)
@@ -492,6 +511,7 @@ ARCHS: dict[str, Callable[[], nn.Module]] = {
     "vit_torchvision": ViT,
     "vit_timm": TimmViT,
     "mobilenet_v2_timm": TimmMobileNetV2,
+    "unet": UNet,
 }
 
 

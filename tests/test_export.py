@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -413,3 +413,44 @@ def test_export_keeps_a_channels_last_layout(when):
             torch.testing.assert_close(small(x), m(x), rtol=0, atol=1e-6)
     plain = sn.wrap(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)), sn.Width("c", [2, 8], out="0", inp="1"))
     assert all(p.is_contiguous() for p in plain.export("c=2").parameters())
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), bias=st.booleans())
+def test_transposed_convolutions_slice_export_and_train_like_their_export(dim, seed, bias):
+    """``nn.ConvTranspose{1,2,3}d`` (U-Net upsampling): weight ``(in, out, *k)``, ``inp`` on axis 0 and ``out``
+    on axis 1; every sub-model equals its export (forward and gradients) and costs its parameters."""
+    torch.manual_seed(seed)
+    conv, convt = [(nn.Conv1d, nn.ConvTranspose1d), (nn.Conv2d, nn.ConvTranspose2d),
+                   (nn.Conv3d, nn.ConvTranspose3d)][dim - 1]
+    m = nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(), convt(8, 6, 2, stride=2, bias=bias), nn.ReLU(),
+                      conv(6, 2, 1))
+    nest = sn.wrap(m, sn.Width("a", [2, 4, 8], out="0", inp="2"), sn.Width("b", [3, 6], out="2", inp="4"))
+    x = torch.randn(2, 3, *([4] * dim))
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        assert type(small[2]) is convt and small[2].weight.shape[:2] == (sub["a"], sub["b"])
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub)
+        m.zero_grad(set_to_none=True)
+        with nest.use(sub):
+            live = m(x)
+            live.square().sum().backward()
+        out = small(x)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, live, atol=1e-5, rtol=0)
+        torch.testing.assert_close(m[2].weight.grad[:sub["a"], :sub["b"]], small[2].weight.grad, atol=1e-5, rtol=0)
+
+
+def test_grouped_transposed_convolution_is_refused_and_discovery_finds_transposed_ones():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 2, groups=2), nn.Conv2d(8, 2, 1))
+    before = snapshot(m)
+    with pytest.raises(sn.PatternError, match="grouped ConvTranspose2d"):
+        sn.wrap(m, sn.Width("a", [4, 8], out="0", inp="1"))
+    assert_unchanged(m, before)
+    import arch
+
+    model, x = arch.build("unet")
+    dims = {d.name: d for d in sn.discover(model, x, ratios=[0.5, 1.0])}
+    bound = {p for d in dims.values() for p in (*d.spec().get("out", ()), *d.spec().get("inp", ()))}
+    assert {"up2.0", "up1"} <= bound, dims              # the transposed convolutions join their groups

@@ -29,7 +29,7 @@ def _case(name):
     return model, sn.discover(model, x, ratios=[0.5, 1.0]), x
 
 
-CASES = [*sorted(FAMILIES), "resnet18", "mobilenet_v3", "vit_torchvision", "vit_timm"]
+CASES = [*sorted(FAMILIES), "resnet18", "mobilenet_v3", "vit_torchvision", "vit_timm", "unet"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -24,8 +24,9 @@ __all__ = ["handle", "module", "attention_block", "Attention"]
 
 _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM_LAST = (nn.LayerNorm, *_RMS)
-_LEAVES = (nn.Linear, *_CONV, nn.Embedding, *_NORM_LAST, nn.GroupNorm, _BatchNorm, nn.MultiheadAttention)
+_LEAVES = (nn.Linear, *_CONV, *_CONV_T, nn.Embedding, *_NORM_LAST, nn.GroupNorm, _BatchNorm, nn.MultiheadAttention)
 
 _ELEMENTWISE = set("""add add_ sub sub_ rsub mul mul_ div div_ true_divide floor_divide remainder pow pow_ relu relu_
 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6
@@ -387,6 +388,16 @@ def module(a, ev) -> None:
         else:
             return a.unknown(ev, f"grouped convolution {path!r} (groups={g}), which cannot be sliced")
         for i in range(c + 1, x.dim()):  # the kernel slides along these: neighbouring units mix
+            a.uf.fix(xv[i], f"a spatial axis of {path!r}")
+        a.assign(y, [[xv[0]] if c == 1 and i == 0 else [ch] if i == c else [] for i in range(y.dim())],
+                 f"spatial axis of {path!r}")
+    elif isinstance(m, _CONV_T):
+        c = x.dim() - len(m.kernel_size) - 1
+        if m.__dict__["groups"] != 1:
+            return a.unknown(ev, f"grouped transposed convolution {path!r}, which cannot be sliced")
+        a.uf.bind(xv[c], path, "inp")
+        ch = _new_out(a, y.shape[c], path)
+        for i in range(c + 1, x.dim()):
             a.uf.fix(xv[i], f"a spatial axis of {path!r}")
         a.assign(y, [[xv[0]] if c == 1 and i == 0 else [ch] if i == c else [] for i in range(y.dim())],
                  f"spatial axis of {path!r}")

@@ -44,6 +44,7 @@ METHODS = ("l1", "l2", "bn", "taylor")
 _AXES: dict[str, dict[str, list[tuple[str, int]]]] = {
     "LinearSlicer": {"out": [("weight", 0), ("bias", 0)], "inp": [("weight", 1)]},
     "ConvSlicer": {"out": [("weight", 0), ("bias", 0)], "inp": [("weight", 1)]},
+    "ConvTransposeSlicer": {"out": [("weight", 1), ("bias", 0)], "inp": [("weight", 0)]},
     "EmbeddingSlicer": {"out": [("weight", 1)]},
     "HFConv1DSlicer": {"out": [("weight", 1), ("bias", 0)], "inp": [("weight", 0)]},
     "LayerNormSlicer": {"norm": [("weight", 0), ("bias", 0)]},

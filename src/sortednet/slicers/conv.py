@@ -1,4 +1,4 @@
-"""nn.Conv1d/2d/3d: output channels (``out``), input channels (``inp``).
+"""nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d: output channels (``out``), input channels (``inp``).
 
 Grouped convolutions are refused except depthwise ones (groups == in ==
 out channels), whose ``in`` and ``out`` must be one dimension: the group
@@ -48,5 +48,35 @@ class ConvSlicer(Slicer):
             return self.take(m, "bias", [(0, "out")])
         if name == "groups":
             return self.features(m, "out", m.__dict__["out_channels"]) if depthwise else 1
+        role = "out" if name == "out_channels" else "inp"
+        return self.features(m, role, m.__dict__[name])
+
+
+@slicer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTransposeSlicer(Slicer):
+    """nn.ConvTranspose1d/2d/3d (upsampling in U-Nets, decoders): output channels (``out``) and input
+    channels (``inp``). Its weight is ``(in, out // groups, *kernel)``: ``inp`` on axis 0, ``out`` on
+    axis 1. Only ``groups=1``."""
+
+    roles = ("out", "inp")
+    attrs = ("weight", "bias", "in_channels", "out_channels")
+    static = ("in_channels", "out_channels")
+
+    def full(self, m: nn.Module, role: str) -> int:
+        return m.__dict__["out_channels" if role == "out" else "in_channels"]
+
+    def check(self, m: nn.Module, bind: dict, path: str) -> None:
+        if m.__dict__["groups"] != 1:
+            raise PatternError(f"{path!r}: grouped {type(m).__name__} (groups={m.__dict__['groups']}) cannot be "
+                               "sliced; only groups=1")
+
+    def rules(self, m: nn.Module) -> dict[str, Any]:
+        return {**super().rules(m), "weight": ((0, "inp"), (1, "out")), "bias": ((0, "out"),)}
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        if name == "weight":
+            return self.take(m, "weight", [(0, "inp"), (1, "out")])
+        if name == "bias":
+            return self.take(m, "bias", [(0, "out")])
         role = "out" if name == "out_channels" else "inp"
         return self.features(m, role, m.__dict__[name])
