@@ -454,3 +454,45 @@ def test_grouped_transposed_convolution_is_refused_and_discovery_finds_transpose
     dims = {d.name: d for d in sn.discover(model, x, ratios=[0.5, 1.0])}
     bound = {p for d in dims.values() for p in (*d.spec().get("out", ()), *d.spec().get("inp", ()))}
     assert {"up2.0", "up1"} <= bound, dims              # the transposed convolutions join their groups
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("affine,track", [(False, False), (True, False), (True, True), (False, True)])
+def test_instance_norm_is_discovered_sliced_sorted_and_exported(dim, affine, track):
+    """``nn.InstanceNorm{1,2,3}d`` (per-sample, per-channel statistics): discovered as its channels' norm,
+    every sub-model equals its export in eval and in training (running statistics updated on the same
+    slice), and sorting keeps the full model."""
+    conv, inorm = [(nn.Conv1d, nn.InstanceNorm1d), (nn.Conv2d, nn.InstanceNorm2d),
+                   (nn.Conv3d, nn.InstanceNorm3d)][dim - 1]
+    torch.manual_seed(dim)
+    m = nn.Sequential(conv(3, 8, 3, padding=1), inorm(8, affine=affine, track_running_stats=track), nn.ReLU(),
+                      conv(8, 2, 1))
+    x = torch.randn(2, 3, *([5] * dim))
+    with torch.no_grad():
+        m.train()(x * 2 + 1)  # running statistics away from their initial values
+        if affine:
+            m[1].weight.uniform_(0.5, 1.5)
+            m[1].bias.normal_()
+    m.eval()
+    dims = sn.discover(m, x, ratios=[0.25, 0.5, 1.0])
+    assert [d.spec()["norm"] for d in dims] == [["1"]]
+    nest = sn.wrap(m, *dims, example=x)
+    for sub in nest.submodels:
+        for mode in ("eval", "train"):
+            getattr(m, mode)()
+            small = getattr(nest.export(sub), mode)()
+            with nest.use(sub), torch.no_grad():
+                live = m(x)
+            torch.testing.assert_close(small(x), live, atol=1e-5, rtol=0)
+            if track and mode == "train":   # both updated their statistics the same way
+                k = sub[dims[0].name]
+                torch.testing.assert_close(m[1].running_mean[:k], small[1].running_mean, atol=1e-6, rtol=0)
+        assert sum(p.numel() for p in nest.export(sub).parameters()) == nest.cost(sub)
+    m.eval()
+    with torch.no_grad():
+        now = m(x)
+    from sortednet.importance import sort_units
+
+    sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), now, atol=1e-5, rtol=0)

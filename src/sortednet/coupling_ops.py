@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
 from .slicers.base import own_forward, slicer_for
@@ -26,7 +27,8 @@ _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM_LAST = (nn.LayerNorm, *_RMS)
-_LEAVES = (nn.Linear, *_CONV, *_CONV_T, nn.Embedding, *_NORM_LAST, nn.GroupNorm, _BatchNorm, nn.MultiheadAttention)
+_LEAVES = (nn.Linear, *_CONV, *_CONV_T, nn.Embedding, *_NORM_LAST, nn.GroupNorm, _BatchNorm, _InstanceNorm,
+           nn.MultiheadAttention)
 
 _ELEMENTWISE = set("""add add_ sub sub_ rsub mul mul_ div div_ true_divide floor_divide remainder pow pow_ relu relu_
 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6
@@ -403,11 +405,14 @@ def module(a, ev) -> None:
                  f"spatial axis of {path!r}")
     elif isinstance(m, nn.Embedding):
         a.assign(y, [[v] for v in xv] + [[_new_out(a, y.shape[-1], path)]], path)
-    elif isinstance(m, (*_NORM_LAST, nn.GroupNorm, _BatchNorm)):
+    elif isinstance(m, (*_NORM_LAST, nn.GroupNorm, _BatchNorm, _InstanceNorm)):
         if y.shape != x.shape or (isinstance(m, _NORM_LAST) and len(m.__dict__["normalized_shape"]) != 1):
             return a.unknown(ev, f"{type(m).__name__} {path!r} over several axes")
         a.assign(y, [[v] for v in xv], path)
-        axis = -1 if isinstance(m, _NORM_LAST) else (1 if x.dim() > 1 else 0)
+        if isinstance(m, _InstanceNorm):  # (C, *spatial) unbatched, else (N, C, *spatial)
+            axis = 0 if x.dim() == m._get_no_batch_dim() else 1
+        else:
+            axis = -1 if isinstance(m, _NORM_LAST) else (1 if x.dim() > 1 else 0)
         a.uf.bind(xv[axis], path, "norm")
         if isinstance(m, nn.GroupNorm):
             r = a.uf.find(xv[axis])

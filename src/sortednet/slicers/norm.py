@@ -2,7 +2,7 @@
 
 LayerNorm / RMSNorm over the last dimension; GroupNorm when the channels per
 group divide every size (the group count follows); BatchNorm1d/2d/3d with
-sliced affine parameters and running statistics. BatchNorm statistics are
+sliced affine parameters and running statistics; InstanceNorm1d/2d/3d likewise. BatchNorm statistics are
 shared prefixes: small sub-models need recalibration (``nest.calibrate``, see
 sortednet/calibrate.py), after which eval mode and export use per-sub-model ones
 (:class:`NormStats` on ``module._sn.norm``, filled by calibrate, read here).
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import PatternError, SizeError
 from .base import Slicer, slicer
@@ -148,3 +149,23 @@ class BatchNormSlicer(Slicer):
             if own is not None:
                 copy_._buffers[name] = own.detach().clone()
         return copy_
+
+
+@slicer(_InstanceNorm)
+class InstanceNormSlicer(Slicer):
+    """nn.InstanceNorm1d/2d/3d: per-channel statistics of each sample, so channels are independent; the
+    affine parameters and (``track_running_stats=True``) running statistics are sliced with them. (Not
+    calibrated per sub-model: ``nest.calibrate`` recomputes BatchNorm statistics only.)"""
+
+    roles = ("norm",)
+    attrs = ("weight", "bias", "running_mean", "running_var", "num_features")
+    views = {n: ((0, "norm"),) for n in ("weight", "bias", "running_mean", "running_var")}
+    static = ("num_features",)
+
+    def full(self, m: nn.Module, role: str) -> int:
+        return m.__dict__["num_features"]
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        if name == "num_features":
+            return self.features(m, "norm", m.__dict__["num_features"])
+        return self.take(m, name, [(0, "norm")])
