@@ -157,21 +157,18 @@ def test_compiled_inference_does_not_guard_on_training_forwards_elsewhere():
 
     case = FAMILIES["mlp"]()
     nest = sn.wrap(case.model, *case.dims)
+    started, release = threading.Event(), threading.Event()
+    trainer: list = []
+
+    def wait(module, args):  # holds the training thread's forward open (registered before compiling)
+        if threading.current_thread() in trainer:
+            started.set()
+            release.wait(60)
+
+    case.model.register_forward_pre_hook(wait)
     cnt = CompileCounter()
     compiled = torch.compile(nest.model, backend=cnt)
     sub = three(nest)[0]
-    started, release = threading.Event(), threading.Event()
-
-    def training_forward():  # holds one forward with gradients open while the main thread runs compiled
-        def wait(module, args):
-            started.set()
-            release.wait(60)
-        h = case.model.register_forward_pre_hook(wait)
-        try:
-            case.model(case.example)
-        finally:
-            h.remove()
-
     with torch.no_grad():
         for scope in (nest.use(sub), contextlib.nullcontext()):  # a use block, and the default
             started.clear()
@@ -179,7 +176,8 @@ def test_compiled_inference_does_not_guard_on_training_forwards_elsewhere():
             with scope:
                 compiled(case.example)
                 frames = cnt.frame_count
-                t = threading.Thread(target=training_forward)
+                t = threading.Thread(target=lambda: case.model(case.example))
+                trainer[:] = [t]
                 t.start()
                 try:
                     assert started.wait(60)
