@@ -496,3 +496,38 @@ def test_instance_norm_is_discovered_sliced_sorted_and_exported(dim, affine, tra
     sort_units(nest, "l1", example=x)
     with torch.no_grad():
         torch.testing.assert_close(m(x), now, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_prelu_slopes_follow_their_channels(layer):
+    """``nn.PReLU(C)`` has one slope per channel: discovery binds it as its channels' per-feature parameter,
+    every sub-model equals its export, sorting keeps the full model; a shared slope (``PReLU()``) is left
+    alone, and listing it under ``norm=`` is refused before any change."""
+    torch.manual_seed(0)
+    if layer == "conv":
+        m, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 2, 1)), torch.randn(2, 3, 6, 6)
+    else:
+        m, x = nn.Sequential(nn.Linear(3, 8), nn.PReLU(8), nn.Linear(8, 2)), torch.randn(4, 3)
+    with torch.no_grad():
+        m[1].weight.uniform_(-1, 1)
+    dims = sn.discover(m, x, ratios=[0.25, 0.5, 1.0])
+    assert [d.spec()["norm"] for d in dims] == [["1"]]
+    nest = sn.wrap(m, *dims, example=x)
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        with nest.use(sub), torch.no_grad():
+            torch.testing.assert_close(small(x), m(x), atol=1e-6, rtol=0)
+        assert small[1].weight.shape == (sub[dims[0].name],) and small[1].num_parameters == sub[dims[0].name]
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub)
+    with torch.no_grad():
+        now = m(x)
+    from sortednet.importance import sort_units
+
+    sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), now, atol=1e-6, rtol=0)
+    shared = nn.Sequential(nn.Linear(3, 8), nn.PReLU(), nn.Linear(8, 2))
+    before = snapshot(shared)
+    with pytest.raises(sn.SortedNetError, match=r"one shared slope|'1' \(PReLU\) has 1"):
+        sn.wrap(shared, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+    assert_unchanged(shared, before)

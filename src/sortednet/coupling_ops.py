@@ -28,7 +28,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM_LAST = (nn.LayerNorm, *_RMS)
 _LEAVES = (nn.Linear, *_CONV, *_CONV_T, nn.Embedding, *_NORM_LAST, nn.GroupNorm, _BatchNorm, _InstanceNorm,
-           nn.MultiheadAttention)
+           nn.PReLU, nn.MultiheadAttention)
 
 _ELEMENTWISE = set("""add add_ sub sub_ rsub mul mul_ div div_ true_divide floor_divide remainder pow pow_ relu relu_
 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6
@@ -417,6 +417,12 @@ def module(a, ev) -> None:
         if isinstance(m, nn.GroupNorm):
             r = a.uf.find(xv[axis])
             a.uf.mult[r] = math.lcm(a.uf.mult[r], m.__dict__["num_channels"] // m.__dict__["num_groups"])
+    elif isinstance(m, nn.PReLU):  # one slope per channel (axis 1, or 0 for a 1-d input), or one shared
+        if y.shape != x.shape:
+            return a.unknown(ev)
+        a.assign(y, [[v] for v in xv], path)
+        if m.__dict__["num_parameters"] > 1:
+            a.uf.bind(xv[1 if x.dim() > 1 else 0], path, "norm")
     elif isinstance(m, nn.MultiheadAttention):
         _mha(a, ev, m, path, outs)
     else:

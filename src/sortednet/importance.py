@@ -50,6 +50,7 @@ _AXES: dict[str, dict[str, list[tuple[str, int]]]] = {
     "LayerNormSlicer": {"norm": [("weight", 0), ("bias", 0)]},
     "GroupNormSlicer": {"norm": [("weight", 0), ("bias", 0)]},
     "BatchNormSlicer": {"norm": [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]},
+    "PReLUSlicer": {"norm": [("weight", 0)]},
     "InstanceNormSlicer": {"norm": [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]},
     "MHASlicer": {"inp": [("in_proj_weight", 1)], "heads": [("in_proj_weight", 0), ("in_proj_bias", 0)]},
 }

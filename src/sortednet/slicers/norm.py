@@ -2,8 +2,9 @@
 
 LayerNorm / RMSNorm over the last dimension; GroupNorm when the channels per
 group divide every size (the group count follows); BatchNorm1d/2d/3d with
-sliced affine parameters and running statistics; InstanceNorm1d/2d/3d likewise. BatchNorm statistics are
-shared prefixes: small sub-models need recalibration (``nest.calibrate``, see
+sliced affine parameters and running statistics; InstanceNorm1d/2d/3d likewise;
+PReLU slopes per channel. BatchNorm statistics are shared prefixes: small sub-models
+need recalibration (``nest.calibrate``, see
 sortednet/calibrate.py), after which eval mode and export use per-sub-model ones
 (:class:`NormStats` on ``module._sn.norm``, filled by calibrate, read here).
 """
@@ -168,4 +169,29 @@ class InstanceNormSlicer(Slicer):
     def value(self, m: nn.Module, name: str) -> Any:
         if name == "num_features":
             return self.features(m, "norm", m.__dict__["num_features"])
+        return self.take(m, name, [(0, "norm")])
+
+
+@slicer(nn.PReLU)
+class PReLUSlicer(Slicer):
+    """nn.PReLU with one slope per channel (``num_parameters=C``): its slopes follow the channels, listed
+    under ``norm=`` (the role of per-feature parameters). A PReLU with one shared slope needs no slicing:
+    leave it out."""
+
+    roles = ("norm",)
+    attrs = ("weight", "num_parameters")
+    views = {"weight": ((0, "norm"),)}
+    static = ("num_parameters",)
+
+    def full(self, m: nn.Module, role: str) -> int:
+        return m.__dict__["num_parameters"]
+
+    def check(self, m: nn.Module, bind: dict, path: str) -> None:
+        if m.__dict__["num_parameters"] == 1:
+            raise PatternError(f"{path!r}: PReLU with one shared slope (num_parameters=1) has nothing to slice; "
+                               "leave it out of norm=")
+
+    def value(self, m: nn.Module, name: str) -> Any:
+        if name == "num_parameters":
+            return self.features(m, "norm", m.__dict__["num_parameters"])
         return self.take(m, name, [(0, "norm")])
