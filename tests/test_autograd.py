@@ -317,6 +317,23 @@ def test_inplace_min_numel_is_a_per_nest_setting():
         assert "_sn" not in case.model.fc1.__dict__
 
 
+def backward_at(where: str, loss: torch.Tensor, nest, sub=None) -> None:
+    """``loss.backward()`` outside the forward's use block, in another thread, under another sub-model, or
+    inside a use block of the forward's ``sub``."""
+    if where == "other_thread":
+        t = threading.Thread(target=loss.backward)
+        t.start()
+        t.join(60)
+    elif where == "other_submodel":
+        with nest.use(nest.largest):
+            loss.backward()
+    elif where == "inside_use":
+        with nest.use(sub):
+            loss.backward()
+    else:
+        loss.backward()
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel"])
 @pytest.mark.parametrize("name", ["mlp_real_size", "sequential"])
@@ -337,15 +354,7 @@ def test_checkpoint_recomputes_the_forward_submodel(name, where, reentrant):
         case.model.zero_grad(set_to_none=True)
         with nest.use(sub):
             loss = loss_of(run())
-        if where == "other_thread":
-            t = threading.Thread(target=loss.backward)
-            t.start()
-            t.join(60)
-        elif where == "other_submodel":
-            with nest.use(nest.largest):
-                loss.backward()
-        else:
-            loss.backward()
+        backward_at(where, loss, nest)
         same_grads([p.grad for p in params_of(case)], want, f"checkpoint ({where})")
 
 
@@ -385,18 +394,7 @@ def test_reentrant_checkpoints_inside_the_model_recompute_the_forward_submodel(w
     model.ckpt = True
     with nest.use(f"h={h}"):
         loss = model(x).square().sum()
-    if where == "other_thread":
-        t = threading.Thread(target=loss.backward)
-        t.start()
-        t.join(60)
-    elif where == "other_submodel":
-        with nest.use(nest.largest):
-            loss.backward()
-    elif where == "inside_use":
-        with nest.use(f"h={h}"):
-            loss.backward()
-    else:
-        loss.backward()
+    backward_at(where, loss, nest, f"h={h}")
     same_grads([p.grad for p in model.parameters()] + [x.grad], want, f"reentrant checkpoint ({where})")
 
 
