@@ -211,3 +211,18 @@ def test_calibrated_statistics_follow_model_to(tmp_path):
     nest2 = sn.load(back, tmp_path / "c64.safetensors")
     with torch.no_grad(), nest2.use("c=4"):
         torch.testing.assert_close(back(x), live, atol=1e-12, rtol=0)
+
+
+def test_calibrate_warns_that_tracked_instance_norm_statistics_stay_shared():
+    """Only BatchNorm statistics are recalibrated: a tracked InstanceNorm beside them is named in a warning
+    and its buffers are left exactly as they were."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                      nn.InstanceNorm2d(8, track_running_stats=True), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    nest = sn.wrap(m, sn.Width("a", [4, 8], out="0", norm="1", inp="3"),
+                   sn.Width("b", [4, 8], out="3", norm="4", inp="6"))
+    before = {k: v.clone() for k, v in m[4].state_dict().items()}
+    with pytest.warns(UserWarning, match=r"\['4'\].*InstanceNorm"):
+        nest.calibrate([torch.randn(4, 3, 8, 8) for _ in range(2)], batches=2)
+    assert all(torch.equal(v, before[k]) for k, v in m[4].state_dict().items())
+    assert m[1]._sn.norm is not None and m[4]._sn.norm is None

@@ -18,6 +18,7 @@ recalibrated; other BatchNorm modules keep their shared statistics.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,12 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     data = [_inputs(b) for b in itertools.islice(iter(loader), batches)]
     if not data:
         raise SortedNetError("calibrate(): the loader yielded no batch")
+    shared = [p for p, m in nest._sliced.items() if not isinstance(m, _BatchNorm)
+              and getattr(m, "track_running_stats", False) and "norm" in m._sn.bind]
+    if shared:
+        warnings.warn(f"calibrate(): only BatchNorm statistics are recalibrated; the running statistics of "
+                      f"{shared[:3]} (InstanceNorm with track_running_stats=True) stay shared prefixes of the "
+                      "full model's", stacklevel=3)
 
     results: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {m: {} for m in bns.values()}
     # on a private eval-mode view sharing every weight: its BatchNorm copies alone go to training mode,
