@@ -57,8 +57,19 @@ def _depthwise():
     return seq(nn.Conv2d(2, 8, 1), nn.Conv2d(8, 8, 3, groups=8), x=torch.randn(1, 2, 5, 5))
 
 
-def _prelu():
-    return seq(nn.Linear(4, 8), nn.PReLU(8), x=torch.randn(2, 4))
+class ChannelScale(nn.Module):
+    """A user's layer with a per-channel weight and no registered slicer."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def _no_slicer():
+    return seq(nn.Linear(4, 8), ChannelScale(8), x=torch.randn(2, 4))
 
 
 class KdimAttention(nn.Module):
@@ -126,8 +137,9 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
         return Bad(m, x, lambda: sn.wrap(m, Width("a", [4, 8], out="0", inp="1"), Width("b", [4, 8], out="1")),
                    ("'1'", "depthwise", "same dimension"))
     if key == "no_slicer":
-        m, x = _prelu()
-        return Bad(m, x, lambda: sn.wrap(m, Width("h", [4, 8], out="0", inp="1")), ("'1'", "PReLU", "no slicer"))
+        m, x = _no_slicer()
+        return Bad(m, x, lambda: sn.wrap(m, Width("h", [4, 8], out="0", inp="1")),
+                   ("'1'", "ChannelScale", "no slicer"))
     if key == "subclass_own_forward":
         m, x = seq(nn.Linear(4, 8), OwnForwardLinear(8, 3), x=torch.randn(2, 4))
         return Bad(m, x, lambda: sn.wrap(m, Width("h", [4, 8], out="0", inp="1")),
