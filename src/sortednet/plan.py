@@ -261,7 +261,7 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
 # sub-model and silently give its gradients. Its backward node (the ``ctx`` of ``CheckpointFunction.forward``)
 # keeps the function as ``run_function``; the nest wraps that function to run under the plan of the forward
 # (what ``nest.checkpoint`` does by hand), found when the forward reads a sliced attribute without gradients
-# (sortednet.wrap.Pin.no_grad_read) or starts the root forward (:func:`pin_enclosing_checkpoint`).
+# (sortednet.wrap.Pin.no_grad_read) or starts the root forward without gradients (Pin.pre): :func:`pin_checkpoints`.
 _CKPT_FORWARD = getattr(getattr(_checkpoint, "CheckpointFunction", None), "forward", None)
 _CKPT_CODE = getattr(_CKPT_FORWARD, "__code__", None)
 

@@ -133,7 +133,7 @@ def _split_groups(model: nn.Module, planned: dict) -> list[list[tuple[str, dict,
                     axes = {} if name not in hit[1].attr_names(m, hit[2]) else None  # computed: unknown
                 elif isinstance(rule, tuple):
                     axes = {ax: hit[2][role].dim for ax, role in rule if role in hit[2]}
-                    cut = functools.partial(_cuts_of, t.shape, hit[2], rule)
+                    cut = functools.partial(cuts_for, t.shape, hit[2], rule)
                 else:
                     axes = None
             holders.setdefault(id(t), []).append((f"{path}.{name}" if path else name, axes, cut))
@@ -145,10 +145,6 @@ def _split_groups(model: nn.Module, planned: dict) -> list[list[tuple[str, dict,
         if any(set(a0) != set(a1) or any(a0[k] is not a1[k] for k in a0) for _, a1, _ in rest):
             out.append(group)
     return out
-
-
-def _cuts_of(shape: Any, bind: dict, rule: Any, sizes: dict[str, int]) -> Any:
-    return cuts_for(shape, bind, rule, sizes)
 
 
 def split_ties(model: nn.Module, planned: dict) -> str | None:
