@@ -646,12 +646,13 @@ class Nest:
             if prof is not None and prof.scores is not None and len(prof._pos) >= n and \
                     all(s in prof._pos for s in subs):
                 scores = [prof.scores[prof._pos[s]] for s in subs]
-            ok = exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()})
+            planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()}
+            ok = exportable(self.model, planned)
             if ok is not None:  # a tied tensor sliced differently by its holders: pick only what exports
                 keep = [i for i, s in enumerate(subs) if ok(dict(s))]
                 if not keep:
-                    raise SortedNetError("pick: no sub-model of this nest can be exported: " + str(split_ties(
-                        self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()})))
+                    raise SortedNetError(f"pick: no sub-model of this nest can be exported: "
+                                         f"{split_ties(self.model, planned)}")
                 subs = [subs[i] for i in keep]
                 costs = {m: [c[i] for i in keep] for m, c in costs.items()}
                 scores = None if scores is None else [scores[i] for i in keep]
