@@ -50,6 +50,42 @@ def test_computed_weights_are_refused_and_the_model_kept(apply, needle):
         assert torch.equal(m(x), ref)
 
 
+
+def test_a_legacy_weight_norm_outside_the_groups_is_discovered_around_checked_and_exported():
+    """Legacy ``nn.utils.weight_norm`` keeps a computed, non-leaf ``weight`` attribute that deepcopy
+    refuses; the private copies of discover, check and export carry its value (the hook recomputes it)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.utils.weight_norm(m[4])
+    x = torch.randn(3, 8)
+    dims = sn.discover(m, x, ratios=[0.5, 1.0])
+    assert [tuple(d.sizes) for d in dims] == [(8, 16)]  # the 2 -> 4 group would slice the normed weight
+    nest = sn.wrap(m, *dims, example=x)
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        with torch.no_grad(), nest.use(sub):
+            assert torch.equal(small(x), m(x))
+    assert small[4].weight_g is not m[4].weight_g and small[4].weight_v is not m[4].weight_v
+
+
+class _Locked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fc.lock = __import__("threading").Lock()
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_an_attribute_that_cannot_be_copied_is_named():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), _Locked())
+    with pytest.raises(sn.SortedNetError, match=r"module '2\.fc', attribute 'lock'"):
+        sn.discover(m, torch.randn(2, 4), ratios=[0.5, 1.0])
+
+
 class _Emb(nn.Module):
     def __init__(self, **kw):
         super().__init__()

@@ -149,6 +149,38 @@ def test_import_sortednet_imports_transformers_only_on_first_use():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+
+_FRESH_GPT2 = """
+import sys, torch, transformers as T, sortednet as sn
+torch.manual_seed(0)
+cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=50)
+model = T.GPT2LMHeadModel(cfg).eval()
+assert "sortednet.integrations" not in sys.modules
+if sys.argv[1] == "load":
+    nest = sn.load(model, sys.argv[2])
+else:
+    nest = sn.wrap(model, sn.Width("ffn", [32, 128], out="re:transformer\\.h\\.\\d+\\.mlp\\.c_fc",
+                                   inp="re:transformer\\.h\\.\\d+\\.mlp\\.c_proj"))
+x = torch.randint(0, 50, (2, 8))
+small = nest.export(nest.smallest, plain=True)
+with torch.no_grad(), nest.use(nest.smallest):
+    assert torch.equal(model(x).logits, small(x).logits)
+print(nest.submodels)
+"""
+
+
+@pytest.mark.parametrize("how", ["load", "wrap"])
+def test_gpt2_conv1d_wraps_and_loads_without_importing_the_integrations_first(how, tmp_path):
+    """A fresh process that imports only ``sortednet``: GPT-2's ``Conv1D`` gets its slicer on first sight."""
+    ckpt = tmp_path / "g.safetensors"
+    sn.save(sn.from_transformers(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                                             vocab_size=50)), ffn=[32]), ckpt)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.run([sys.executable, "-c", _FRESH_GPT2, how, str(ckpt)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ffn=32" in proc.stdout
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
 def test_generate_live_equals_export(name):
     model, kw, _, loads = build(name)

@@ -15,7 +15,6 @@ alone and together): one that fails is dropped.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from .coupling import Coupling, Group, analyse
 from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
 from .heads import Heads
+from .modes import copy_model
 from .nest import wrap
 from .wrap import split_ties
 
@@ -131,7 +131,7 @@ def _failures(probe: nn.Module, example: Any, dims: list[Dimension], want: list)
 
 def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dimension]:
     """The dims that wrap and run (alone at their smallest and all smallest together) on a copy of ``model``."""
-    probe = copy.deepcopy(model).eval()
+    probe = copy_model(model, {}, f"a private copy of {type(model).__name__} to verify the groups on").eval()
     with torch.no_grad():
         want = _shapes(call_model(probe, example))
         bad = _failures(probe, example, dims, want)

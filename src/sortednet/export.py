@@ -13,13 +13,13 @@ refuses them. No tensor of the export aliases the live model.
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
+from .modes import copy_model
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
         _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)}, sub)
-        new = copy.deepcopy(model, memo)
+        new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             if _inside(path, skipped):
                 continue

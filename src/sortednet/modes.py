@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor as Tensor_
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -155,14 +156,39 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (),
             memo[id(st)] = dataclasses.replace(st, extra=dict(st.extra)) if id(m) in own else st
         if id(m) in own and getattr(m, "num_batches_tracked", None) is not None:
             memo[id(m.num_batches_tracked)] = m.num_batches_tracked.clone()
-    try:
-        view = copy.deepcopy(model, memo)
-    except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
-        raise SortedNetError(f"cannot make a private eval-mode view of {type(model).__name__} (needed so that no "
-                             f"other thread sees a mode change): deepcopy failed with {type(e).__name__}: {e}. "
-                             "Keep such objects off the model's modules") from e
+    view = copy_model(model, memo, f"a private eval-mode view of {type(model).__name__} (needed so that no other "
+                                   "thread sees a mode change)")
     view.train(False)
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
+
+
+def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Module:
+    """``copy.deepcopy(model, memo)``, where a tensor attribute computed from parameters (legacy
+    ``nn.utils.weight_norm``'s ``weight``, which deepcopy refuses; its hook recomputes it at each forward)
+    is copied as its value without history, and any other attribute deepcopy refuses is named in a
+    :class:`SortedNetError` saying that ``what`` could not be made."""
+    for m in model.modules():
+        for v in m.__dict__.values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf and id(v) not in memo:
+                memo[id(v)] = v.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
+        raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(e).__name__}: {e}"
+                             f"{_uncopyable(model, memo)}. Keep such objects off the model's modules") from e
+
+
+def _uncopyable(model: nn.Module, memo: dict[int, object]) -> str:
+    """`` (module 'a.b', attribute 'lock')``: the first attribute of a module of ``model`` that deepcopy refuses."""
+    for name, m in model.named_modules():
+        for key, v in m.__dict__.items():
+            if key in ("_modules", "_parameters", "_buffers") or id(v) in memo:
+                continue
+            try:
+                copy.deepcopy(v, dict(memo))
+            except Exception:
+                return f" (module {name or type(model).__name__!r}, attribute {key!r})"
+    return ""
 
 
 def train_view(nest: Nest, *, running_stats: bool = False) -> tuple[nn.Module, dict[int, nn.Module]]:

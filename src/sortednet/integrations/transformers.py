@@ -12,7 +12,6 @@ whose config matches its smaller shapes, so ``save_pretrained`` ->
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +23,7 @@ from ..errors import SizeError, SortedNetError
 from ..heads import Heads
 from ..nest import EXPORT_HOOKS, Nest, wrap
 from ..rank import Rank
-from ..slicers import slicer_for
+from ..slicers import register_transformers_types, slicer_for
 from ..submodel import SubModel, SubModelLike
 from .layouts import LAYOUTS, Found, Layout, detect, glob_children
 
@@ -35,19 +34,7 @@ Sizes = Sequence[int | float] | None
 
 def register_known_slicers() -> None:
     """Slicers for transformers layer types whose modules are loaded (idempotent)."""
-    from ..slicers import _REGISTRY
-    from ..slicers.hf_experts import register_experts
-    from ..slicers.linear import LinearSlicer
-
-    falcon = sys.modules.get("transformers.models.falcon.modeling_falcon")
-    if falcon is not None:
-        LinearSlicer.types = (*{*LinearSlicer.types, falcon.FalconLinear},)
-        _REGISTRY.setdefault(falcon.FalconLinear, _REGISTRY[nn.Linear])
-    for mod, name in (("mixtral.modeling_mixtral", "MixtralExperts"), ("qwen2_moe.modeling_qwen2_moe",
-                                                                      "Qwen2MoeExperts")):
-        m = sys.modules.get(f"transformers.models.{mod}")
-        if m is not None:
-            register_experts(getattr(m, name))
+    register_transformers_types()
 
 
 def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int] | None:

@@ -16,12 +16,15 @@ sub-model. One file per module type; each registers itself with
 
 from __future__ import annotations
 
+from torch import nn
+
 # register the built-in slicers (each file registers itself where it is defined)
 from . import attention, conv, depth, embedding, linear, mha, norm  # noqa: F401
 from .base import (  # noqa: F401  (the public names of sortednet.slicers; older private ones kept importable)
     _REGISTRY,
     _SUBCLASSES,
     DYNAMIC,
+    ON_MISS,
     STATIC,
     Slicer,
     State,
@@ -40,6 +43,37 @@ from .base import (  # noqa: F401  (the public names of sortednet.slicers; older
 )
 
 __all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass", "STATIC", "INPLACE_MIN_NUMEL"]
+
+
+def register_transformers_types() -> None:
+    """Slicers for transformers' own layer types whose modules are loaded (idempotent; never imports
+    transformers itself): GPT-2's ``Conv1D``, Falcon's ``FalconLinear``, Mixtral / Qwen2-MoE experts."""
+    import sys
+
+
+    if "transformers.pytorch_utils" in sys.modules:
+        from . import hf_conv1d  # noqa: F401  (registers itself on import)
+    falcon = sys.modules.get("transformers.models.falcon.modeling_falcon")
+    if falcon is not None:
+        linear.LinearSlicer.types = (*{*linear.LinearSlicer.types, falcon.FalconLinear},)
+        _REGISTRY.setdefault(falcon.FalconLinear, _REGISTRY[nn.Linear])
+    for mod, name in (("mixtral.modeling_mixtral", "MixtralExperts"),
+                      ("qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts")):
+        m = sys.modules.get(f"transformers.models.{mod}")
+        if m is not None:
+            from .hf_experts import register_experts
+
+            register_experts(getattr(m, name))
+
+
+def _on_miss(cls: type) -> None:
+    """A module of transformers met before ``sortednet.integrations`` was imported (``sn.wrap`` or
+    ``sn.load`` of a GPT-2 in a fresh process): register what it needs, as that import would."""
+    if cls.__module__.startswith("transformers."):
+        register_transformers_types()
+
+
+ON_MISS.append(_on_miss)
 
 #: default of ``wrap(..., inplace_min_numel=)``: below this many elements a full-size
 #: autograd gradient costs about as much as the in-place path (read when ``wrap`` runs)

@@ -95,11 +95,23 @@ def own_forward(cls: type, sl: "Slicer") -> bool:
     return base is not None and cls is not base and cls.forward is not base.forward and not sl.overrides_forward
 
 
+#: called once per unregistered class on a miss of :func:`slicer_for`; each may register a slicer for it
+#: (``sortednet.slicers`` adds the one for transformers' layer types, so that no import order matters)
+ON_MISS: list[Callable[[type], None]] = []
+_MISSED: set[type] = set()
+
+
 def slicer_for(module: nn.Module) -> "Slicer | None":
     """The registered slicer for ``module`` (exact type first, then base classes)."""
-    for base in type(module).__mro__:
-        if base in _REGISTRY:
-            return _REGISTRY[base]
+    for attempt in range(2):
+        for base in type(module).__mro__:
+            if base in _REGISTRY:
+                return _REGISTRY[base]
+        if attempt or type(module) in _MISSED:
+            return None
+        _MISSED.add(type(module))
+        for hook in ON_MISS:
+            hook(type(module))
     return None
 
 
