@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import sortednet as sn
@@ -34,9 +35,10 @@ def naive_params(nest, sub) -> int:
 
 def flops_of(model, x) -> int:
     """PyTorch's own FlopCounterMode, fused fast paths off for this call (as count_flops: the counter
-    cannot see inside fused kernels)."""
+    cannot see inside fused kernels) and attention on the math kernel (its score matmuls are plain
+    ``bmm`` calls; the CPU's fused kernel has no formula in PyTorch's table)."""
     c = FlopCounterMode(display=False)
-    with torch.no_grad(), _NoFastPath(), c:
+    with torch.no_grad(), _NoFastPath(), sdpa_kernel(SDPBackend.MATH), c:
         model(x)
     return c.get_total_flops()
 
@@ -65,9 +67,11 @@ def test_fast_param_count_equals_module_walk_and_export(family):
         assert nest.cost(sub) == sum(p.numel() for p in nest.export(sub).parameters()), sub
 
 
-@pytest.mark.parametrize("family", FAMS)
+@pytest.mark.parametrize("family", sorted(BUILDS))
 def test_flops_nested_monotone_and_equal_to_export(family):
-    case = FAMILIES[family]()
+    """FLOPs count what the export computes: a rank target merged at export (svd ``"auto"`` where
+    factors would be larger, lora always) counts as one Linear, as its params do."""
+    case = BUILDS[family]()
     full = flops_of(case.model, case.example)
     nest = sn.wrap(case.model, *case.dims)
     flops = {s: nest.cost(s, "flops", example=case.example) for s in nest.submodels}

@@ -681,3 +681,19 @@ def test_the_manual_decode_loop_continues_the_cache_the_forward_made(sub):
             layer.crop(-1)
         with pytest.raises(sn.SortedNetError, match="layer 2 holds 5 positions and layer 0 holds 6"):
             model(input_ids=nxt, **{KV: c}, use_cache=True)
+
+
+@pytest.mark.parametrize("build", [gpt2, llama])
+def test_attention_flops_are_counted_whatever_the_attention_kernel(build):
+    """The score matmuls count the same under eager attention and under SDPA (whose CPU kernel PyTorch's
+    FLOP table does not know), and fewer heads cost fewer of them."""
+    x = torch.randint(0, V, (2, 24))
+    counts = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = build()
+        model.config._attn_implementation = impl
+        nest = sn.from_transformers(model, heads=[0.5, 1.0])
+        counts[impl] = [nest.cost(s, "flops", example=x) for s in (nest.smallest, nest.largest)]
+    assert counts["eager"] == counts["sdpa"]
+    assert counts["sdpa"][0] < counts["sdpa"][1]

@@ -11,6 +11,7 @@ them for every sub-model (:class:`~sortednet.profile.Profile`).
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 import weakref
@@ -25,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from .export import reachable_modules
+from .slicers.lowrank import COUNTING
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -126,6 +128,35 @@ class _NoFastPath(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _sdpa_flops(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> int:
+    """``q @ k^T`` and ``scores @ v`` of one fused attention call, ``(..., L, E)`` query, ``(..., S, E)``
+    key, ``(..., S, Ev)`` value, key / value heads broadcast to the query's (GQA)."""
+    *lead, L, E = q.shape
+    S, Ev = k.shape[-2], v.shape[-1]
+    return 2 * math.prod(lead) * L * S * (E + Ev)
+
+
+#: fused attention kernels that torch.utils.flop_counter has no formula for (the CPU one: without it,
+#: every attention score matmul of a model on the CPU would count as zero)
+_MORE_FLOPS = {getattr(torch.ops.aten, name): _sdpa_flops
+               for name in ("_scaled_dot_product_flash_attention_for_cpu",
+                            "_scaled_dot_product_fused_attention_overrideable")
+               if hasattr(torch.ops.aten, name)}
+
+
+class _Pause:
+    """A reusable context manager: the operators run inside it are not counted."""
+
+    def __init__(self, counter: _CountFlops) -> None:
+        self.counter = counter
+
+    def __enter__(self) -> None:
+        self.counter.paused += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.counter.paused -= 1
+
+
 class _CountFlops(TorchDispatchMode):
     """FLOPs of this thread's operators, with :mod:`torch.utils.flop_counter`'s formulas.
 
@@ -136,10 +167,14 @@ class _CountFlops(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+        self.paused = 0
+        self.pause = _Pause(self)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        count = flop_registry.get(func._overloadpacket)
+        if self.paused:
+            return func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket) or _MORE_FLOPS.get(func._overloadpacket)
         if count is None and func is not torch.ops.prim.device.default:
             with self:  # composite operators: count what they decompose into
                 out = func.decompose(*args, **kwargs)
@@ -170,8 +205,12 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     if model is None:  # a private eval-mode view: no BatchNorm statistic, dropout draw or mode flag changes
         model, _ = eval_view(nest.model, keep=nest.dims)
     counter = _CountFlops()
-    with dry_run(nest.model), nest.use(sub), torch.no_grad(), _NoFastPath(), counter:
-        call_model(model, example)
+    COUNTING.pause = counter.pause
+    try:
+        with dry_run(nest.model), nest.use(sub), torch.no_grad(), _NoFastPath(), counter:
+            call_model(model, example)
+    finally:
+        COUNTING.pause = None
     return int(counter.total)
 
 

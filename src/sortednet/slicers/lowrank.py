@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -31,6 +33,16 @@ from torch.nn.utils import skip_init
 
 from ..errors import PatternError, SizeError
 from .base import Slicer
+
+
+class _Counting(threading.local):
+    #: while ``count_flops`` counts on this thread: a context manager that pauses its count. A rank
+    #: target then runs as its export computes (one merged Linear, unless exported factored), the
+    #: merged weight built uncounted, so ``cost(sub, "flops")`` budgets the deployed model as params do
+    pause: AbstractContextManager | None = None
+
+
+COUNTING = _Counting()
 
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
 
@@ -200,6 +212,10 @@ class SVDSlicer(LowRankSlicer):
         return self.base_value(m, name)
 
     def forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        if COUNTING.pause is not None and not self.factored(m):
+            with COUNTING.pause:
+                weight = m.U @ m.V
+            return F.linear(x, weight, m.bias)
         return F.linear(F.linear(x, m.V), m.U, m.bias)
 
     def factored(self, m: nn.Module) -> bool:
@@ -315,6 +331,10 @@ class LoRASlicer(LowRankSlicer):
         return b.dim.scale(b.features())
 
     def forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        if COUNTING.pause is not None:
+            with COUNTING.pause:
+                weight = m.weight
+            return F.linear(x, weight, m.bias)
         base = F.linear(x, self.base(m), m.bias)
         return base + self.scale(m) * F.linear(F.linear(x, m.lora_A), m.lora_B)
 
