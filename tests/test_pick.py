@@ -58,6 +58,9 @@ def test_selector_matches_oracle_and_is_monotone(metrics, table, data):
         got = subs.index(sel.pick(lo))
         assert all(costs[m][got] <= lo[m] for m in metrics), "over budget"
         assert score[got] == best, "not the best within budget"
+        feasible = [j for j in range(len(subs)) if all(costs[m][j] <= lo[m] for m in metrics)]
+        assert not [j for j in feasible if score[j] == best and all(costs[m][j] <= costs[m][got] for m in metrics)
+                    and any(costs[m][j] < costs[m][got] for m in metrics)], "a tie that costs less was passed over"
         got_hi = subs.index(sel.pick(hi))
         assert score[got_hi] >= score[got], "a larger budget gave a worse sub-model"
 
@@ -81,6 +84,14 @@ def test_jointly_infeasible_budget_names_the_limits():
     sel = Selector(subs, {"params": [1.0, 5.0], "latency": [5.0, 1.0]})
     with pytest.raises(BudgetError, match="at once"):
         sel.pick({"params": 2, "latency": 2})
+
+
+def test_a_nan_cost_is_refused():
+    subs = [sn.SubModel(i=i) for i in range(2)]
+    with pytest.raises(sn.SortedNetError, match="'latency' cost is NaN for i=0"):
+        Selector(subs, {"params": [1.0, 5.0], "latency": [float("nan"), 1.0]})
+    with pytest.raises(sn.SortedNetError, match="'latency' is NaN"):
+        sn.Profile(subs, {"params": [1.0, 5.0], "latency": [float("nan"), 1.0]})
 
 
 def test_ties_with_scores_go_to_fewer_params():

@@ -102,6 +102,11 @@ class Profile:
                 raise SortedNetError(f"Profile: unknown metric {metric!r}; known: {list(METRICS)}")
             if len(values) != n:
                 raise SortedNetError(f"Profile: {metric!r} has {len(values)} values for {n} sub-models")
+            bad = next((i for i, v in enumerate(values)
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v != v or v < 0)), None)
+            if bad is not None:
+                raise SortedNetError(f"Profile: {metric!r} is {'NaN' if values[bad] != values[bad] else 'negative'} "
+                                     f"for {self.submodels[bad]} ({values[bad]}); costs are numbers >= 0")
         if self.scores is not None and len(self.scores) != n:
             raise SortedNetError(f"Profile: {len(self.scores)} scores for {n} sub-models")
         object.__setattr__(self, "_pos", {s: i for i, s in enumerate(self.submodels)})

@@ -1,10 +1,12 @@
 """Search-free selection: the best sub-model within every given budget.
 
-All sub-models are ranked once, best first: by score (a profile's score, or
-the parameter count when there is none: SortedNet's "bigger is better"),
-ties to fewer parameters when scores are measured and to the later sub-model
-of the nest's cost order otherwise. ``pick`` returns the best-ranked
-sub-model that fits every limit:
+Sub-models are ranked best first: by score (a profile's score, or the
+parameter count when there is none: SortedNet's "bigger is better"), ties to
+the lower cost in each limited metric (in the order given), then to fewer
+parameters, then to the later sub-model of the nest's cost order when no
+scores are measured (the earlier otherwise); one ranking per set of limited
+metrics, built on first use. ``pick`` returns the best-ranked sub-model that
+fits every limit:
 
 - one limit: a bisection in the list sorted by that cost plus a precomputed
   running best (O(log N));
@@ -73,30 +75,46 @@ class Selector:
         for k, v in self.costs.items():
             if v.shape != (n,):
                 raise SortedNetError(f"{k!r} has {v.size} costs for {n} sub-models")
+        for k, v in self.costs.items():
+            if np.isnan(v).any():
+                raise SortedNetError(f"{k!r} cost is NaN for {self.subs[int(np.isnan(v).argmax())]}: a NaN compares "
+                                     "false with every budget; measure it again")
         params = self.costs["params"]
         if scores is None:
-            score = params
-            key = np.lexsort((-np.arange(n), -score))          # best score, then later in nest order
+            self.scores = params
         else:
-            score = np.asarray(scores, dtype=np.float64)
-            if score.shape != (n,) or np.isnan(score).any():
+            self.scores = np.asarray(scores, dtype=np.float64)
+            if self.scores.shape != (n,) or np.isnan(self.scores).any():
                 raise SortedNetError(f"need {n} finite scores, got {len(scores)}")
-            key = np.lexsort((np.arange(n), params, -score))    # best score, then fewer params
-        self.scores = score
-        self.ranking = key                                       # ranking[r] = sub index of rank r
-        self.rank = np.empty(n, dtype=np.int64)
-        self.rank[key] = np.arange(n)
+        # the last tie-break: later in nest order without scores, earlier with them
+        self._order = -np.arange(n) if scores is None else np.arange(n)
+        self._rankings: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self.ranking, self.rank = self._ranking(())
         self._single: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._ranked = {k: v[key] for k, v in self.costs.items()}   # costs in ranking order
+        self._ranked: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
         self._min = {k: (float(v.min()), self.subs[int(v.argmin())]) for k, v in self.costs.items()}
+
+    def _ranking(self, metrics: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(ranking[r] = sub index of rank r, rank[i] = rank of sub i) with ties in score broken to the
+        lower cost in each of ``metrics``: among equally scored sub-models a pick is never dominated in
+        the costs it was limited by (it lies on their Pareto front)."""
+        hit = self._rankings.get(metrics)
+        if hit is None:
+            keys = (self._order, self.costs["params"], *(self.costs[m] for m in reversed(metrics)), -self.scores)
+            key = np.lexsort(keys)
+            rank = np.empty(len(key), dtype=np.int64)
+            rank[key] = np.arange(len(key))
+            hit = self._rankings[metrics] = (key, rank)
+        return hit
 
     def _table(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         t = self._single.get(metric)
         if t is None:
+            ranking, rank = self._ranking((metric,))
             c = self.costs[metric]
             order = np.argsort(c, kind="stable")
-            best = np.minimum.accumulate(self.rank[order])      # best rank among the i cheapest
-            t = self._single[metric] = (c[order], self.ranking[best])
+            best = np.minimum.accumulate(rank[order])      # best rank among the i cheapest
+            t = self._single[metric] = (c[order], ranking[best])
         return t
 
     def smallest(self, metric: str) -> tuple[float, SubModel]:
@@ -121,13 +139,18 @@ class Selector:
             (metric, limit), = limits.items()
             costs, best = self._table(metric)
             return self.subs[int(best[int(np.searchsorted(costs, limit, side="right")) - 1])]
+        metrics = tuple(limits)
+        ranking, _ = self._ranking(metrics)
+        costs = self._ranked.get(metrics)
+        if costs is None:
+            costs = self._ranked[metrics] = {m: self.costs[m][ranking] for m in metrics}   # in ranking order
         ranked = None
         for metric, limit in limits.items():
-            ok = self._ranked[metric] <= limit
+            ok = costs[metric] <= limit
             ranked = ok if ranked is None else np.logical_and(ranked, ok, out=ranked)
         first = int(ranked.argmax())
         if not ranked[first]:
             raise BudgetError("no sub-model fits all of " + ", ".join(f"{m} <= {v:g}" for m, v in limits.items())
                               + " at once; each alone is feasible (smallest: " + ", ".join(
                                   f"{m} {self.smallest(m)[0]:g}" for m in limits) + ")")
-        return self.subs[int(self.ranking[first])]
+        return self.subs[int(ranking[first])]
