@@ -186,12 +186,20 @@ def test_hf_models_from_config(family):
     ex = {"input_ids": torch.randint(0, 50, (2, 7))}
     dims = sn.discover(model, ex, ratios=[0.5, 1.0])
     assert [len(d.out) + len(d.inp) for d in widths(dims)] == [3 if family == "llama" else 2] * 2  # FFN per layer
+    # heads per layer; BERT's q/k/v sit in `attention.self`, its output projection in `attention.output`
+    assert [tuple(d.sizes) for d in dims if isinstance(d, sn.Heads)] == [(2, 4)] * 2
     nest = sn.wrap(model, *dims, example=ex)
-    with nest.use(nest.smallest), torch.no_grad():
-        live = model(**ex).last_hidden_state
+    for sub in nest.submodels[::3]:
+        with nest.use(sub), torch.no_grad():
+            live = model(**ex).last_hidden_state
+        with torch.no_grad():
+            small = nest.export(sub, plain=True)
+            torch.testing.assert_close(small(**ex).last_hidden_state, live, atol=1e-5, rtol=0)
+        assert nest.cost(sub) == sum(p.numel() for p in small.parameters())
     with torch.no_grad():
-        small = nest.export(nest.smallest, plain=True)
-        torch.testing.assert_close(small(**ex).last_hidden_state, live, atol=1e-5, rtol=0)
+        ref = model(**ex).last_hidden_state
+        sort_units(nest, "l1", example=ex)
+        torch.testing.assert_close(model(**ex).last_hidden_state, ref, atol=1e-5, rtol=0)
 
 
 class _Mixing(nn.Module):

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from .cost import call_model
 from .coupling_ops import _LEAVES, Attention, _tensors, attention_block, handle, module
 from .errors import SortedNetError
-from .heads import COUNT_ATTRS, Heads
+from .heads import COUNT_ATTRS, QKV_NAMES, Heads
 from .modes import dry_run, eval_view, seeded
 
 __all__ = ["Group", "Coupling", "analyse"]
@@ -128,7 +128,7 @@ def _attention_info(path: str, m: nn.Module, modules: dict[str, nn.Module]) -> t
     """(attention, q/k/v (or fused) paths, o path) when ``m`` looks like attention over plain Linear projections."""
     if _is_leaf(m) or not any(True for _ in m.children()):
         return None
-    counts = [v for a, v in vars(m).items() if a in COUNT_ATTRS and type(v) is int and v > 1]
+    counts = _head_count(m)
     if not counts:
         return None
     try:
@@ -144,6 +144,51 @@ def _attention_info(path: str, m: nn.Module, modules: dict[str, nn.Module]) -> t
         return None
     group = max((t.binding.div for t in targets), default=1)
     return Attention(path, counts[0], group), proj, o
+
+
+def _head_count(m: nn.Module) -> list[int]:
+    """The head count a module states (``num_heads``, ...), or, for one that states only ``head_dim``
+    (transformers' Llama-family attention), its query projection's width over it."""
+    counts = [v for a, v in vars(m).items() if a in COUNT_ATTRS and type(v) is int and v > 1]
+    d = vars(m).get("head_dim")
+    if counts or type(d) is not int or d < 1:
+        return counts
+    names = {n for n, _ in m.named_children()}
+    qkv = next((t for t in QKV_NAMES if set(t) <= names), None)
+    q = m.get_submodule(qkv[0]) if qkv else None
+    width = q.out_features if q is not None and _base(q) is nn.Linear else 0
+    return [width // d] if width % d == 0 and width // d > 1 else []
+
+
+def _producer_info(path: str, m: nn.Module, modules: dict[str, nn.Module]) -> tuple[Attention, list[str], str] | None:
+    """(attention, q/k/v paths, o path) when ``m`` holds the q/k/v Linears and the head count but its
+    output projection is the one Linear of a sibling module reading as many features as v writes
+    (BERT-style: ``attention.self.{query,key,value}`` and ``attention.output.dense``). The Attention is
+    declared at the parent, with the paths spelled out; the recorded block is ``m``."""
+    if "." not in path or _is_leaf(m):
+        return None
+    counts = _head_count(m)
+    names = {n for n, _ in m.named_children()}
+    qkv = next((t for t in QKV_NAMES if set(t) <= names), None)
+    if not counts or qkv is None or any(_base(m.get_submodule(n)) is not nn.Linear for n in qkv):
+        return None
+    own = {id(p) for n in qkv for p in m.get_submodule(n).parameters()}
+    if any(id(p) not in own for p in m.parameters()) or any(True for _ in m.buffers()):
+        return None
+    parent, _, me = path.rpartition(".")
+    width = m.get_submodule(qkv[2]).out_features
+    o = [p for p, c in modules.items() if p.startswith(parent + ".") and not p.startswith(path + ".") and p != path
+         and _base(c) is nn.Linear and c.in_features == width]
+    if len(o) != 1:
+        return None
+    rel = tuple(f"{me}.{n}" for n in qkv)
+    o_rel = o[0][len(parent) + 1:]
+    try:
+        targets = Heads("probe", [counts[0]], attn=parent, qkv=rel, o=o_rel)._plan_one(parent, modules[parent], parent)
+    except SortedNetError:
+        return None
+    group = max((t.binding.div for t in targets), default=1)
+    return Attention(parent, counts[0], group, rel, o_rel), [f"{path}.{n}" for n in qkv], o[0]
 
 
 @dataclass
@@ -215,6 +260,8 @@ def record(model: nn.Module, example: Any) -> tuple[list[_Event], Any, dict[str,
     """Run ``model`` on ``example`` once, recording events; returns (events, output, attention candidates)."""
     modules = dict(model.named_modules())
     attn = {p: info for p, m in modules.items() if (info := _attention_info(p, m, modules)) is not None}
+    attn.update({p: info for p, m in modules.items() if p not in attn and p.rpartition(".")[0] not in attn
+                 and (info := _producer_info(p, m, modules)) is not None})
     rec = _Recorder()
     handles = _hooks(model, rec, attn)
     try:

@@ -59,6 +59,8 @@ class Attention:
     path: str
     heads: int
     group: int = 1                             # grouped-query attention: query heads per key/value head
+    qkv: tuple[str, ...] | None = None         # paths relative to ``path`` where Heads cannot find them alone
+    o: str | None = None
 
 
 def leaves(x: Any) -> list[Any]:
@@ -452,8 +454,13 @@ def _mha(a, ev, m: nn.MultiheadAttention, path: str, outs: list[Tensor]) -> None
 
 
 def attention_block(a, ev) -> bool:
-    """A recognised attention module as one call: True when its recorded inside confirms the pattern."""
+    """A recognised attention module as one call: True when its recorded inside confirms the pattern.
+
+    A *producer* (BERT's ``BertSelfAttention``: q/k/v and the head count, the output projection in a
+    sibling module) returns the merged heads; its output's features stay whole here (the Heads
+    declaration slices them with the projection that reads them, and discover verifies it by a dry run)."""
     att, proj, o = a.attn_info[ev.name]
+    producer = att.o is not None
     x = _first(ev)
     outs = _tensors(ev.out)
     mods = {}
@@ -462,9 +469,9 @@ def attention_block(a, ev) -> bool:
             if e.name in mods:
                 return False
             mods[e.name] = e
-    if x is None or not outs or len(mods) != len(proj) + 1:
+    if x is None or not outs or len(mods) != len(proj) + (not producer):
         return False
-    if any(_first(mods[p]) is not x for p in proj) or _tensors(mods[o].out)[0] is not outs[0]:
+    if any(_first(mods[p]) is not x for p in proj) or (not producer and _tensors(mods[o].out)[0] is not outs[0]):
         return False
     for e in ev.inner:
         if not (e.kind == "mod" and e.name in proj) and _tensors(e.out) \
@@ -477,7 +484,7 @@ def attention_block(a, ev) -> bool:
     for p in proj:
         a.uf.bind(xv[-1], p, "inp")
     a.fix_all([t for t in _tensors((ev.args, ev.kwargs)) if t is not x], f"an extra input of {ev.name!r}")
-    a.assign(y, [[u] for u in xv[:-1]] + [[_new_out(a, y.shape[-1], o)]], ev.name)
+    a.assign(y, [[u] for u in xv[:-1]] + [[] if producer else [_new_out(a, y.shape[-1], o)]], ev.name)
     for t in outs[1:]:
         a.assign(t, [], f"an extra output of {ev.name!r}")
     a.attention.append(att)

@@ -89,7 +89,7 @@ def declarations(c: Coupling, ratios: Sequence[float], *, heads: bool = True,
         for a in c.attention:
             sizes = sizes_for(a.heads, ratios, a.group)
             if len(sizes) > 1:
-                dims.append(Heads(_name(a.path, taken, "_heads"), sizes, attn=a.path))
+                dims.append(Heads(_name(a.path, taken, "_heads"), sizes, attn=a.path, qkv=a.qkv, o=a.o))
     return dims
 
 
