@@ -245,6 +245,18 @@ def test_importance_sorting_refuses_what_it_cannot_permute(name):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_generic_sorting_of_t5_heads_names_the_shared_bias_and_changes_nothing():
+    """``sort_units`` permutes each layer's heads by its own scores; T5's first layer's relative position
+    bias serves every layer, so the full model would change: refused, the message names the cause."""
+    from sortednet.importance import sort_units
+
+    model, _, kind, _ = build("t5")
+    nest = sn.from_transformers(model, heads=[2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="(?s)relative position bias.*sn.sort_by_importance"):
+        sort_units(nest, "l1", example=inputs(kind))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
 def test_a_model_with_two_towers_is_nested_one_tower_at_a_time():
     clip = T.CLIPModel(T.CLIPConfig(
         text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -362,8 +362,11 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                          + (" (one used only in training, e.g. an auxiliary head)" if where else "")
                          + "; run nest.check(example) to find it. If check passes, the model reads the units in "
                          "their order (cumsum / cummax over the features, a convolution or pooling along them, a "
-                         "per-position table indexed by unit): prefixes still nest, but the units cannot be "
-                         "sorted; train the nest unsorted. Nothing was changed")
+                         "per-position table indexed by unit, or one layer's table read by all layers as T5's "
+                         "relative position bias): prefixes still nest, but the units cannot be sorted; train the "
+                         "nest unsorted" + (". For a transformers model, sn.sort_by_importance sorts the layouts it "
+                         "knows and names the parts it cannot" if type(nest.model).__module__.startswith(
+                             "transformers.") else "") + ". Nothing was changed")
 
 
 def rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
