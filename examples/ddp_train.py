@@ -13,8 +13,8 @@ Every rank draws the same sub-models from ``Sampler(seed).draw(step)`` and
 trains them on its own shard of the global batch;
 ``sortednet.distributed.accumulate`` runs the backwards without DDP's
 reducer and averages all gradients in one all-reduce per step. Rank 0 writes
-a checkpoint that ``sn.load`` opens in one process, and prints the test
-accuracy of every sub-model.
+a checkpoint that ``sn.load`` opens in one process, evaluates every sub-model
+on the test split and prints the smallest, a middle and the largest.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         for sub in (single.smallest, single.submodels[len(single.submodels) // 2], single.largest):
             print(f"{str(sub):<22} {single.cost(sub):>6,} params  test accuracy {100 * scores[sub]:.1f}%")
         print(f"checkpoint: {args.out} ({len(single.submodels)} sub-models)")
+    dist.barrier()                                # every rank leaves together (no rank tears down mid-evaluation)
     dist.destroy_process_group()
 
 

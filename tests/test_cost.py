@@ -349,3 +349,10 @@ def test_measured_memory_and_latency_are_dropped_when_the_dtypes_change():
     prof = nest.profile(case.example.double(), metrics=("memory",), progress=False, repeat=1, warmup=0)
     for s, mem in zip(prof.submodels, prof.costs["memory"]):
         assert mem >= sum(p.numel() * 8 for p in nest.export(s).parameters())
+
+
+def test_a_table_writes_latency_with_its_unit():
+    subs = (sn.SubModel(h=2), sn.SubModel(h=4), sn.SubModel(h=8))
+    table = sn.Profile(subs, {"params": (10.0, 20.0, 40.0), "latency": (8.5e-4, 1.44e-3, 2.5)}).to_markdown()
+    assert "| latency |" in table.splitlines()[0]
+    assert [line.split(" | ")[2] for line in table.splitlines()[2:]] == ["850 µs", "1.44 ms", "2.5 s"]

@@ -697,3 +697,24 @@ def test_attention_flops_are_counted_whatever_the_attention_kernel(build):
         counts[impl] = [nest.cost(s, "flops", example=x) for s in (nest.smallest, nest.largest)]
     assert counts["eager"] == counts["sdpa"]
     assert counts["sdpa"][0] < counts["sdpa"][1]
+
+
+def test_the_cache_guard_never_reads_the_deprecated_cache_alias(monkeypatch):
+    """transformers 5 outputs carry ``cache``; reading their ``past_key_values`` alias logs a deprecation
+    warning at every forward of a wrapped model that makes no cache (training, ``use_cache=False``)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+    if "cache" not in getattr(CausalLMOutputWithPast, "__dataclass_fields__", ()):
+        pytest.skip("this transformers' outputs have no `cache` field")
+
+    def alias(self):
+        raise AssertionError("read the deprecated past_key_values alias")
+
+    for cls in (CausalLMOutputWithPast, BaseModelOutputWithPast):
+        monkeypatch.setattr(cls, "past_key_values", property(alias))
+    model = llama()
+    nest = sn.from_transformers(model, ffn=[0.5])
+    x = torch.randint(0, V, (2, 6))
+    with nest.use(nest.smallest), torch.no_grad():
+        model(x, use_cache=False)
+        assert model(x, use_cache=True).cache is not None

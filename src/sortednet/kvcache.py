@@ -66,7 +66,9 @@ class CacheGuard:
         as one that came in empty would (the manual decode loop continues with it)."""
         if _compiling() or self._given(args, kwargs) is not None:
             return None
-        cache = next((c for c in (getattr(output, n, None) for n in ("cache", "past_key_values"))
+        # transformers 5 outputs hold `cache`; their `past_key_values` is a deprecated alias that warns
+        names = ("cache",) if "cache" in getattr(output, "__dataclass_fields__", ()) else ("cache", "past_key_values")
+        cache = next((c for c in (getattr(output, n, None) for n in names)
                       if c is not None and hasattr(c, "get_seq_length")), None)
         if cache is None:
             return None

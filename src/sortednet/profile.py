@@ -58,6 +58,17 @@ def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> l
     return sorted(front)
 
 
+def _fmt_time(x: float) -> str:
+    """Seconds with their unit: ``850 µs``, ``1.44 ms``, ``2.1 s``."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g} s"
+    if x < 1e-3:
+        return f"{x * 1e6:.3g} µs"
+    if x < 1:
+        return f"{x * 1e3:.3g} ms"
+    return f"{x:.3g} s"
+
+
 def _fmt(x: float) -> str:
     if x == 0 or not math.isfinite(x):
         return f"{x:g}"
@@ -157,13 +168,15 @@ class Profile:
         """A markdown table, one row per sub-model; ``*`` marks the Pareto front of (``metric``, score)."""
         on_front = set(self.front(metric)) if metric in self.costs else set()
         metrics = [m for m in METRICS if m in self.costs]
-        head = ["sub-model", *(f"{m}" + (f" ({_UNITS[m]})" if _UNITS[m] else "") for m in metrics)]
+        head = ["sub-model", *(f"{m}" + (f" ({_UNITS[m]})" if _UNITS[m] and m != "latency" else "")
+                               for m in metrics)]
         if self.scores is not None:
             head.append("score")
         head.append("front")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for i, s in enumerate(self.submodels):
-            row = [f"`{s}`", *(_fmt(self.costs[m][i]) for m in metrics)]
+            row = [f"`{s}`", *(_fmt_time(self.costs[m][i]) if m == "latency" else _fmt(self.costs[m][i])
+                               for m in metrics)]
             if self.scores is not None:
                 row.append(f"{self.scores[i]:.4g}")
             row.append("*" if s in on_front else "")
