@@ -410,6 +410,27 @@ def test_trainer_rejects_foreign_model(tmp_path):
         SortedTrainer(model=model, args=smooth, train_dataset=[], nest=nest, soft_exits=[2])
 
 
+
+def test_trainer_and_callback_refuse_misconfigurations_before_any_step(tmp_path):
+    model, _, _, _ = build("gpt2")
+    nest = sn.from_transformers(model, ffn=[32])
+    other = sn.from_transformers(gpt2(), ffn=[16])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(4)]
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    for bad, needle in (([nest.largest], "draw"), (sn.Sampler(other.submodels, k=1), "does not have")):
+        with pytest.raises(sn.SortedNetError, match=needle):
+            SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=bad)
+        with pytest.raises(sn.SortedNetError, match=needle):
+            SubModelCallback(nest, bad)
+    with pytest.raises(sn.SortedNetError, match="drop the callback"):  # its draws would never train
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, callbacks=[SubModelCallback(nest)])
+    stranger = gpt2()  # a stock Trainer of another model: the callback would record draws of a nest never trained
+    with pytest.raises(sn.SortedNetError, match="not the nest's model"):
+        transformers.Trainer(model=stranger, args=args, train_dataset=data, callbacks=[SubModelCallback(nest)]).train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
 def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
     model, _, _, _ = build("gpt2")
     with pytest.raises(sn.SortedNetError, match="known families.*register_layout.*sn.Width"):

@@ -48,6 +48,27 @@ def make_sampler(nest: Nest, submodels: Sequence[SubModel] | None = None, *, k: 
     return Sampler(subs, k=k, strategy=strategy or ("sandwich" if k >= 2 else "uniform"), seed=seed)
 
 
+def _checked_sampler(nest: Nest, sampler: Any, who: str) -> Any:
+    """``sampler`` when it can ``draw(step)`` and every sub-model it lists is one of the nest's."""
+    if not callable(getattr(sampler, "draw", None)):
+        raise SortedNetError(f"{who}(sampler=...) needs an object with draw(step) -> sub-models (e.g. "
+                             f"sn.Sampler(nest.submodels, ...)), got {type(sampler).__name__}")
+    subs = getattr(sampler, "submodels", None)
+    if subs is not None:
+        foreign = [s for s in subs if s not in nest.submodels]
+        if foreign:
+            raise SortedNetError(f"{who}: the sampler lists sub-models this nest does not have ({foreign[0]}, "
+                                 f"{len(foreign)} in all); build it from nest.submodels")
+    return sampler
+
+
+def _unwrapped(model: Any) -> Any:
+    """The module inside DDP / FSDP-style wrappers (``.module``), as far down as they go."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 class SortedTrainer(Trainer):
     """A ``transformers.Trainer`` that trains nested sub-models.
 
@@ -88,9 +109,12 @@ class SortedTrainer(Trainer):
         super().__init__(*args, **kw)
         if self.accelerator.unwrap_model(self.model) is not nest.model:
             raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)")
+        if any(isinstance(cb, SubModelCallback) for cb in self.callback_handler.callbacks):
+            raise SortedNetError("SortedTrainer draws its own sub-models each step (its sampler=); a SubModelCallback "
+                                 "would only record draws that never train: drop the callback")
         self.nest = nest
         self._rank = any(d.kind == "rank" for d in nest.dims)
-        self.sampler = sampler if sampler is not None else make_sampler(nest)
+        self.sampler = _checked_sampler(nest, sampler, "SortedTrainer") if sampler is not None else make_sampler(nest)
         self.soft_exits = list(soft_exits) if soft_exits is not None else None
         self.soft_weights = soft_weights
         self.history: list[tuple[int, tuple[SubModel, ...]]] = []
@@ -207,8 +231,11 @@ class SubModelCallback(TrainerCallback):
     """
 
     def __init__(self, nest: Nest, sampler: Any = None) -> None:
+        if not isinstance(nest, Nest):
+            raise SortedNetError(f"SubModelCallback(nest, ...) needs a Nest, got {type(nest).__name__}")
         self.nest = nest
-        self.sampler = sampler if sampler is not None else make_sampler(nest, k=1)
+        self.sampler = _checked_sampler(nest, sampler, "SubModelCallback") if sampler is not None \
+            else make_sampler(nest, k=1)
         drawn = len(self.sampler.draw(0))
         if drawn != 1:
             raise SortedNetError(f"SubModelCallback trains one sub-model per optimizer step, but the sampler draws "
@@ -216,6 +243,11 @@ class SubModelCallback(TrainerCallback):
         self.history: list[tuple[int, SubModel]] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        model = kw.get("model")
+        if model is not None and _unwrapped(model) is not self.nest.model:
+            raise SortedNetError(f"SubModelCallback: the Trainer trains a {type(model).__name__} that is not the "
+                                 "nest's model: its steps would train the full model while the callback records draws; "
+                                 "pass model=nest.model to the Trainer (with model_init, wrap the model it returns)")
         self._outside = self.nest.active  # what evaluation, saving and the end of training see
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
