@@ -227,3 +227,56 @@ def test_sorting_drops_profile_scores_measured_before_it():
     with pytest.warns(UserWarning, match="no longer apply"):
         sort_units(nest, "l1", example=x)
     assert nest._profile is not None and nest._profile.scores is None and "params" in nest._profile.costs
+
+
+def test_bn_scores_fall_back_to_l1_where_the_batchnorm_has_no_gamma():
+    """``affine=False``: no gamma to rank by (its first tensor is the running mean): "bn" orders as "l1"."""
+    orders = {}
+    for method in ("bn", "l1"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False), nn.ReLU(), nn.Linear(8, 3)).eval()
+        with torch.no_grad():
+            m[1].running_mean.copy_(torch.arange(8.0) * 0.01)  # ascending: an order unrelated to the weights
+        nest = sn.wrap(m, sn.Width("h", [2, 8], out="0", norm="1", inp="3"))
+        orders[method] = sort_units(nest, method, example=torch.randn(4, 6))["h@0"].tolist()
+    assert orders["bn"] == orders["l1"] != list(range(7, -1, -1))
+
+
+class _PreWidth(nn.Module):
+    """A parameter outside the width comes first: L-BFGS keeps its whole flattened state there."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.pre(x)))))
+
+
+def test_an_optimizer_whose_state_is_not_per_element_is_refused_unchanged():
+    torch.manual_seed(0)
+    m, x, y = _PreWidth(), torch.randn(8, 6), torch.randn(8, 3)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
+    opt = torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3, history_size=5)
+
+    def closure():
+        opt.zero_grad()
+        loss = (m(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    before, state = snapshot(m), copy.deepcopy(opt.state_dict())
+    with pytest.raises(sn.SortedNetError, match="LBFGS's state .* element by element"):
+        sort_units(nest, "l1", example=x, optimizer=opt)
+    assert_unchanged(m, before)
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+        return a == b
+
+    after = opt.state_dict()["state"][0]
+    assert state["state"][0].keys() == after.keys()
+    assert all(same(v, after[k]) for k, v in state["state"][0].items())

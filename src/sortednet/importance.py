@@ -139,9 +139,10 @@ def _scores(part: list[_Bind], full: int, method: str, kind: str, taylor: dict[t
         src = [b for b in part if b.role == "inp"] or part
         return sum((taylor.get((b.path, b.role), torch.zeros(full)) for b in src), torch.zeros(full))
     if method == "bn":
-        bns = [b for b in part if type(b.m._sn.slicer).__name__ == "BatchNormSlicer"]
-        if bns and kind == "width":
-            return sum((b.per_unit(b.tensors[0][0].detach().abs().float().cpu(), full) for b in bns), torch.zeros(full))
+        gammas = [(b, g) for b in part if type(b.m._sn.slicer).__name__ == "BatchNormSlicer"
+                  and (g := b.m._parameters.get("weight")) is not None]  # affine only: else "l1"
+        if gammas and kind == "width":
+            return sum((b.per_unit(g.detach().abs().float().cpu(), full) for b, g in gammas), torch.zeros(full))
     first = ("inp", "heads", "out") if kind == "heads" else ("out", "inp", "norm")
     src = next(([b for b in part if b.role == r and b.tensors] for r in first
                 if any(b.role == r and b.tensors for b in part)), [])
@@ -216,6 +217,25 @@ def _example_of(data: Any) -> Any:
             return {k: v for k, v in batch.items() if k != "labels"}
         return batch
     return None
+
+
+def _check_state(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse (before anything changes) an optimizer whose state does not live element by element on
+    each parameter: a list of tensors (L-BFGS's direction history) or a tensor of another shape than its
+    parameter (L-BFGS keeps the whole model's flattened state on the first parameter), which no
+    permutation of units can follow, whichever parameters it permutes."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            nested = isinstance(v, (list, tuple, dict)) and any(
+                isinstance(t, Tensor) for t in (v.values() if isinstance(v, dict) else v))
+            flat = isinstance(v, Tensor) and isinstance(p, Tensor) and v.numel() > 1 and (
+                v.dim() != p.dim() or any(a not in (1, b) for a, b in zip(v.shape, p.shape)))
+            if nested or flat:
+                raise SortedNetError(f"sort_units: {type(optimizer).__name__}'s state {k!r} "
+                                     f"({'a list of tensors' if nested else f'shape {tuple(v.shape)}'}) does not "
+                                     f"follow its {tuple(p.shape)} parameter element by element, so no permutation "
+                                     "of units can carry it; sort before building the optimizer (or build a new one "
+                                     "after sorting)")
 
 
 def _companions(t: Tensor, optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
@@ -303,6 +323,8 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise SortedNetError(f"sort_units: optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if optimizer is not None:
+        _check_state(optimizer)
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
         orders = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
     nest._drop_scores("sort_units")
