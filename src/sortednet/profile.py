@@ -58,32 +58,15 @@ def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> l
     return sorted(front)
 
 
-def _fmt_time(x: float) -> str:
-    """Seconds with their unit: ``850 µs``, ``1.44 ms``, ``2.1 s``."""
+def _fmt(x: float, unit: str = "") -> str:
+    """``x`` with an SI prefix (``1.2M``); with a unit, spaced: ``850 µs``, ``1.44 ms``, ``2.5 s``."""
+    sep = " " if unit else ""
     if x == 0 or not math.isfinite(x):
-        return f"{x:g} s"
-    if x < 1e-3:
-        return f"{x * 1e6:.3g} µs"
-    if x < 1:
-        return f"{x * 1e3:.3g} ms"
-    return f"{x:.3g} s"
-
-
-def _fmt(x: float) -> str:
-    if x == 0 or not math.isfinite(x):
-        return f"{x:g}"
-    ax = abs(x)
-    if ax >= 1e9:
-        return f"{x / 1e9:.3g}G"
-    if ax >= 1e6:
-        return f"{x / 1e6:.3g}M"
-    if ax >= 1e3:
-        return f"{x / 1e3:.3g}k"
-    if ax < 1e-3:
-        return f"{x * 1e6:.3g}µ"
-    if ax < 1:
-        return f"{x * 1e3:.3g}m"
-    return f"{x:.4g}"
+        return f"{x:g}{sep}{unit}"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m")):
+        if abs(x) >= scale:
+            return f"{x / scale:.{4 if scale == 1 else 3}g}{sep}{prefix}{unit}"
+    return f"{x * 1e6:.3g}{sep}µ{unit}"
 
 
 @dataclass(frozen=True)
@@ -175,8 +158,7 @@ class Profile:
         head.append("front")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for i, s in enumerate(self.submodels):
-            row = [f"`{s}`", *(_fmt_time(self.costs[m][i]) if m == "latency" else _fmt(self.costs[m][i])
-                               for m in metrics)]
+            row = [f"`{s}`", *(_fmt(self.costs[m][i], "s" if m == "latency" else "") for m in metrics)]
             if self.scores is not None:
                 row.append(f"{self.scores[i]:.4g}")
             row.append("*" if s in on_front else "")
