@@ -136,8 +136,8 @@ def render(res: dict[str, Any], out_dir: str) -> None:
         "(d) MatFormer: FFN granularities only, all three every step (heads and depth never trained smaller).\n\n"
         "## Twin-matched sub-models: held-out loss (ratio to the twin)\n\n" + t1 +
         "\n\n## Compute\n\nForward FLOPs of the passes each method ran (torch's FlopCounterMode per sub-model, "
-        "attention on the math kernel so its score matmuls count, × passes), relative to the same number of steps of the largest model alone; backward is ~2× forward for "
-        "every pass alike.\n\n" + t3 +
+        "attention on the math kernel so its score matmuls count, × passes), relative to the same number of "
+        "steps of the largest model alone; backward is ~2× forward for every pass alike.\n\n" + t3 +
         f"\n\n## Targets\n\nEvery twin-matched sub-model within {100 * TOL:.0f}% of its twin's held-out loss; no "
         "sub-model of the nest worse than one with fewer parameters; compute ≤ k× training the largest once.\n\n"
         + t4 + "\n\n" + diagnosis(res) +
