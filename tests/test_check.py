@@ -8,6 +8,8 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import arch
 import sortednet as sn
@@ -482,3 +484,70 @@ def test_dry_run_restores_a_parameter_whose_data_was_re_viewed():
     with dry_run(lin):
         lin.weight.data = lin.weight.data.t()  # same storage and shape, other strides
     assert lin.weight is w and torch.equal(lin.weight, before)
+
+
+class _FastAxisAttention(nn.Module):
+    """Heads split as the FAST axis (``view(B, N, head_dim, heads)``): a prefix of features is not whole
+    heads. It takes a mask, so wrap cannot run it alone: only check(example) can see the layout."""
+
+    def __init__(self, d=16, heads=4, functional_o=False):
+        super().__init__()
+        self.num_heads, self.functional_o = heads, functional_o
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def split(self, t):
+        B, N, _ = t.shape
+        return t.view(B, N, -1, self.num_heads).permute(0, 3, 1, 2)
+
+    def forward(self, x, mask):
+        a = F.scaled_dot_product_attention(self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x)),
+                                           attn_mask=mask)
+        B, _, N, _ = a.shape
+        y = a.permute(0, 2, 3, 1).reshape(B, N, -1)
+        return F.linear(y, self.o.weight, self.o.bias) if self.functional_o else self.o(y)
+
+
+class _ResidualBlock(nn.Module):
+    """A pre-LayerNorm residual block over a stream of scale ``scale``."""
+
+    def __init__(self, scale=1.0, functional_o=False):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(5, 16), _FastAxisAttention(functional_o=functional_o), nn.Linear(16, 3)
+        self.ln, self.scale = nn.LayerNorm(16), scale
+
+    def forward(self, x):
+        T = x.shape[1]
+        h = self.inp(x) * self.scale
+        return self.out(h + self.att(self.ln(h), torch.ones(T, T, dtype=torch.bool).tril()))
+
+
+@pytest.mark.parametrize("case", ["one_position", "functional_o_large_residual", "rank_factorised_o"])
+def test_heads_in_the_wrong_layout_are_refused_however_the_output_projection_is_read(case):
+    torch.manual_seed(0)
+    model = _ResidualBlock(scale=100.0 if case == "functional_o_large_residual" else 1.0,
+                           functional_o=case == "functional_o_large_residual").eval()
+    dims = [sn.Heads("h", [2, 4], attn="att")]
+    if case == "rank_factorised_o":  # the output projection's weight is computed: its input is masked instead
+        dims.append(sn.Rank("r", [8, 16], targets="att.o", mode="lora"))
+    nest = sn.wrap(model, *dims)
+    x = torch.randn(2, 1 if case == "one_position" else 6, 5)
+    needle = "one position" if case == "one_position" else "not the first 2 whole heads"
+    with pytest.raises(sn.SortedNetError, match=needle):
+        nest.check(x)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self, vocab=11, width=16):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.head(torch.tanh(self.fc(self.emb(t))))
+
+
+def test_a_tied_weight_cut_by_two_dimensions_is_refused_by_check():
+    nest = sn.wrap(_TiedLM().eval(), sn.Width("a", [4, 16], out="emb", inp="fc"),
+                   sn.Width("b", [4, 16], out="fc", inp="head"))
+    with pytest.raises(sn.SortedNetError, match=r"'emb\.weight' and 'head\.weight' are one tensor.*bind both"):
+        nest.check(torch.randint(0, 11, (2, 5)))

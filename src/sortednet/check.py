@@ -146,8 +146,10 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     if within is not None:
         inside = {id(m) for m in within.modules()}
         reads = [(m, b) for m, b in reads if id(m) in inside]
-    if not reads or any(not _is_maskable(m) or "rank" in m._sn.bind
-                        or not isinstance(m._parameters.get("weight"), torch.Tensor) for m, _ in reads):
+    # a plain reader's weight columns are masked; a rank-factorised one's (whose weight is computed) input
+    by_input = {id(m) for m, _ in reads if "rank" in m._sn.bind}
+    if not reads or any(id(m) not in by_input and (not _is_maskable(m) or not isinstance(
+            m._parameters.get("weight"), torch.Tensor)) for m, _ in reads):
         return None
     full = SubModel({d.name: d.full for d in nest.dims})
     if size not in dim.sizes:
@@ -163,7 +165,29 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
                 inputs[run].setdefault(id(mod), []).append(args[0].narrow(axis, 0, keep).detach().double())
         return hook
 
+    # the attention modules' own outputs too (Heads): a reader called as F.linear(y, o.weight) inside a
+    # residual block has no input to capture, and a large residual stream would hide its error at the output
+    attns = _attention_modules(nest, dim, copies, within)
+    outputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
+
+    def keep_output(run: str) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            y = first_float(out)
+            if y is not None:
+                outputs[run].setdefault(id(mod), []).append(y.detach().double())
+        return hook
+
+    def mask_input(keep: int, axis: int) -> Any:
+        def hook(mod: nn.Module, args: tuple) -> tuple | None:
+            if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() <= max(axis, 0):
+                return None
+            x = args[0].clone()
+            x.narrow(axis, keep, x.shape[axis] - keep).zero_()
+            return (x, *args[1:])
+        return hook
+
     hooks = [m.register_forward_pre_hook(capture("live", b.total(size), _feature_axis(m))) for m, b in reads]
+    hooks += [a.register_forward_hook(keep_output("live")) for a in attns]
     try:
         with Use(nest._state, sub_plan), seeded(0):  # a forward that samples (a VAE) draws alike in both runs
             live = first_float(call_model(model, example))
@@ -172,10 +196,16 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     finally:
         for h in hooks:
             h.remove()
-    held = [(m, m._parameters["weight"]) for m, _ in reads]
+    held = [(m, m._parameters["weight"]) for m, _ in reads if id(m) not in by_input]
     hooks = [m.register_forward_pre_hook(capture("ref", b.total(size), _feature_axis(m))) for m, b in reads]
+    hooks += [m.register_forward_pre_hook(mask_input(b.total(size), _feature_axis(m)), prepend=True)
+              for m, b in reads if id(m) in by_input]
+    hooks += [a.register_forward_hook(keep_output("ref")) for a in attns]
     try:
-        for (m, b), (_, w) in zip(reads, held):  # swapped in this module's own parameter dict, not written
+        for (m, b) in reads:  # swapped in this module's own parameter dict, not written
+            if id(m) in by_input:
+                continue
+            w = m._parameters["weight"]
             masked = w.detach().clone()
             masked.narrow(_input_axis(m), b.total(size), w.shape[_input_axis(m)] - b.total(size)).zero_()
             m._parameters["weight"] = masked
@@ -188,7 +218,13 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             m._parameters["weight"] = w
     if live is None or ref is None or live.shape != ref.shape:
         return None
+    if by_input and not all(id(m) in inputs["ref"] for m, _ in reads if id(m) in by_input):
+        return None  # a factorised reader read without its forward: its input could not be masked
     err = _rel_diff(live.detach().double(), ref.detach().double(), 1.0)
+    for k, ys in outputs["live"].items():
+        for x, y in zip(ys, outputs["ref"].get(k, ())):
+            if x.shape == y.shape and y.numel():
+                err = max(err, _rel_diff(x, y, 1e-12))
     a, b = inputs["live"], inputs["ref"]
     if set(a) == set(b) == {id(m) for m, _ in reads} and all(len(a[k]) == len(b[k]) for k in a):
         for k in a:
@@ -196,6 +232,40 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
                 if x.shape == y.shape and y.numel():
                     err = max(err, _rel_diff(x, y, 1e-12))
     return err
+
+
+def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, nn.Module]]:
+    """(Heads, path, module as run) of the hand-written attention modules the nest's Heads slice (not
+    ``nn.MultiheadAttention``, nor a transformers class, whose layouts sortednet knows)."""
+    from .patterns import match
+
+    modules = dict(nest.model.named_modules())
+    out = []
+    for d in nest.dims:
+        if d.kind != "heads" or d.sizes[0] >= d.full:
+            continue
+        for p in dict.fromkeys(p for pat in d.attn for p in match(pat, modules, f"Heads {d.name!r} attn")):
+            m = modules[p]
+            cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
+            if not issubclass(cls, nn.MultiheadAttention) and not cls.__module__.startswith("transformers."):
+                out.append((d, p, copies.get(id(m), m)))
+    return out
+
+
+def _attention_modules(nest: Nest, dim: Any, copies: dict[int, nn.Module],
+                       within: nn.Module | None) -> list[nn.Module]:
+    """The attention modules a Heads ``dim`` names (as run: their copies in ``copies``), inside ``within``."""
+    if getattr(dim, "kind", None) != "heads":
+        return []
+    from .patterns import match
+
+    modules = dict(nest.model.named_modules())
+    paths = dict.fromkeys(p for pat in dim.attn for p in match(pat, modules, f"Heads {dim.name!r} attn"))
+    out = [copies.get(id(modules[p]), modules[p]) for p in paths]
+    if within is not None:
+        inside = {id(m) for m in within.modules()}
+        out = [m for m in out if id(m) in inside]
+    return out
 
 
 def attention_self_check(nest: Nest) -> None:
@@ -460,12 +530,19 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
     with dry_run(nest.model), eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view
+        seen: dict[tuple[str, str], list[tuple[int, ...]]] = {}  # (Heads, attention path) -> its inputs' shapes
+        hooks = [a.register_forward_pre_hook(lambda mod, args, key=(d.name, path): seen.setdefault(key, []).append(
+                     tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()))
+                 for d, path, a in _own_attentions(nest, copies)]
         with nest.use(nest.largest):
             try:
                 out = call_model(model, example)
             except Exception as e:
                 raise SortedNetError(f"nest.check: the full model ({nest.largest}) does not run on the example: "
                                      f"{type(e).__name__}: {e}") from e
+            finally:
+                for h in hooks:
+                    h.remove()
             want = _shapes(out)
             if not any(isinstance(t, torch.Tensor) for t in output_leaves(out)):
                 raise SortedNetError(f"nest.check: the model's output ({type(out).__name__}) holds no tensor that "
@@ -473,6 +550,12 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                      "Hugging Face outputs and the tensor attributes of other objects are opened), "
                                      "so it cannot tell a sliced output from a right one; return one of those, or "
                                      "check a wrapper whose forward does")
+        for (name, path), shapes in seen.items():
+            if shapes and all(len(sh) >= 3 and sh[-2] == 1 for sh in shapes):
+                raise SortedNetError(
+                    f"nest.check: Heads {name!r} at {path!r} sees one position of the example (input {shapes[0]}): "
+                    "attention over one position returns its values whatever the heads' layout, so whole heads "
+                    "cannot be verified; check with an example of two or more positions")
         for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
                 try:
@@ -483,6 +566,13 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         _check_size_two(nest, model, example, want)
+        from .wrap import split_ties
+
+        why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
+        if why is not None:
+            raise SortedNetError(f"nest.check: {why}: the sub-models where those cuts differ run live but no plain "
+                                 "model can hold them (export refuses them, pick passes them over); bind both holders "
+                                 "to one dimension on the same axis, or untie the weights")
         _check_training_mode(nest, example, mixed, seed)
         tol = _tolerance(nest)
         for d in nest.dims:
