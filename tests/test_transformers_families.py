@@ -232,6 +232,8 @@ def test_importance_sorting_preserves_the_full_model(name):
         err = (out(model, x) - ref).abs().max() / ref.abs().max().clamp_min(1)
     assert err <= 1e-5, err
     assert not all(torch.equal(p, torch.arange(len(p))) for layer in perms.values() for p in layer.values())
+    asked = {part for part in ("ffn", "heads") if part in kw}  # every part asked for is sorted (MoE: heads too)
+    assert all(asked <= set(layer) for layer in perms.values()), (asked, perms.keys())
     record(name, "importance sorting")
 
 

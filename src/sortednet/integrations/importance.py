@@ -173,12 +173,12 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                     p["ffn"] = order = torch.argsort(ffn_s[i], descending=True, stable=True)
                     if order.dim() == 2:  # experts: each expert's neurons ordered on their own
                         _permute_experts(blk.get_submodule(_paths(blk, lay.ffn_out)[0]), order, log)
-                        continue
-                    rows = torch.cat([order + c * order.numel() for c in range(lay.ffn_chunks)])  # [gate; up]
-                    for path in _paths(blk, lay.ffn_out):
-                        _permute(blk.get_submodule(path), "out", rows, log)
-                    for path in _paths(blk, lay.ffn_inp):
-                        _permute(blk.get_submodule(path), "inp", order, log)
+                    else:
+                        rows = torch.cat([order + c * order.numel() for c in range(lay.ffn_chunks)])  # [gate; up]
+                        for path in _paths(blk, lay.ffn_out):
+                            _permute(blk.get_submodule(path), "out", rows, log)
+                        for path in _paths(blk, lay.ffn_inp):
+                            _permute(blk.get_submodule(path), "inp", order, log)
                 if heads:
                     p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
                                              lay.layout_of_qkv(model.config), log)
