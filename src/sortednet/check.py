@@ -586,7 +586,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         f"the full model (relative difference {err:.3g} from the full model with the other heads' "
                         f"outputs masked at {o[:3]}): the attention splits its projections with the heads as the "
                         "fast axis (e.g. view(B, N, head_dim, heads)), packs q/k/v in another order, or mixes heads "
-                        "(a norm over all heads); slice it as a Width of its head size instead, or fix the layout")
+                        "(a norm over all heads); with the heads as the fast axis a Width over the projections "
+                        "shrinks every head's size instead; otherwise fix the layout")
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
             if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not _mixes_units(nest, d):
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
