@@ -332,9 +332,10 @@ def attention_self_check(nest: Nest) -> None:
                     f"Heads {d.name!r} at {where!r} ({cls}): {d.sizes[0]} heads are not the first "
                     f"{d.sizes[0]} whole heads of the full module (relative difference {err:.3g}, run alone on a "
                     "random input): its fused projection is not laid out as Heads read it (state layout=), it "
-                    "keeps the head count under a name Heads does not slice (count_attrs=), or it computes "
-                    "per-head values (ALiBi slopes) from the head count in its forward; slice it as a Width of "
-                    "its head size, or give it a custom slicer")
+                    "keeps the head count under a name Heads does not slice (count_attrs=), it computes "
+                    "per-head values (ALiBi slopes) from the head count in its forward, or (grouped-query "
+                    "attention) it shares key/value heads in another order than query head i reading key/value "
+                    "head i // group (repeat_interleave, not repeat); fix the layout, or give it a custom slicer")
 
 
 def norm_self_check(nest: Nest) -> None:
