@@ -174,6 +174,11 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
     if key == "layernorm_2d":
         m, x = seq(nn.Linear(4, 8), nn.Unflatten(1, (2, 4)), nn.LayerNorm([2, 4]), x=torch.randn(2, 4))
         return Bad(m, x, lambda: sn.wrap(m, Width("h", [2, 4], norm="2")), ("'2'", "(2, 4)", "1-d"))
+    if key == "layernorm_chw":  # channels first: its last axis (W = 4) is not the 8 channels; say why
+        m, x = seq(nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm([8, 4, 4]), nn.Conv2d(8, 2, 1),
+                   x=torch.randn(2, 3, 4, 4))
+        return Bad(m, x, lambda: sn.wrap(m, Width("c", [4, 8], out="0", inp="2", norm="1")),
+                   ("'1'", "(8, 4, 4)", "1-d"))
     if key == "bad_submodels_list":
         m, x = fam("mlp")
         c = FAMILIES["mlp"]()
@@ -240,7 +245,8 @@ KEYS = ["unknown_pattern", "glob_matches_nothing", "bad_regex", "size_zero", "si
         "mha_heads_mismatch", "gqa_group_not_dividing", "groupnorm_not_dividing", "grouped_conv",
         "depthwise_two_dims", "no_slicer", "subclass_own_forward", "role_claimed_twice", "duplicate_dim_names",
         "not_a_dimension", "not_a_module", "depth_on_non_container", "depth_above_layers",
-        "heads_without_projections", "mha_kdim", "layernorm_2d", "bad_submodels_list", "dimension_reused",
+        "heads_without_projections", "mha_kdim", "layernorm_2d", "layernorm_chw", "bad_submodels_list",
+        "dimension_reused",
         "wrap_twice", "use_unparsable", "use_unknown_dimension", "use_size_not_listed", "use_size_not_int",
         "activate_bad", "budget_below_smallest", "no_budget", "unknown_cost_metric", "load_plain_safetensors",
         "load_torch_file", "load_missing_file", "load_other_dims"]

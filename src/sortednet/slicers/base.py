@@ -234,6 +234,7 @@ class Slicer:
                                    f"({type(m).__name__}); it supports {list(self.roles)}")
             full = self.full(m, role)
             if b.total(b.dim.full) != full:
+                self.check(m, bind, path)  # its own, more specific refusal first (a LayerNorm over (C, H, W))
                 hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
                         "Width(..., chunks={pattern: n})"
                         if role == "out" and len(b.blocks) == 1 and full % b.full == 0 else
