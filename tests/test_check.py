@@ -551,3 +551,39 @@ def test_a_tied_weight_cut_by_two_dimensions_is_refused_by_check():
                    sn.Width("b", [4, 16], out="fc", inp="head"))
     with pytest.raises(sn.SortedNetError, match=r"'emb\.weight' and 'head\.weight' are one tensor.*bind both"):
         nest.check(torch.randint(0, 11, (2, 5)))
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, query, x):
+        B = x.shape[0]
+        split = lambda t: t.view(B, t.shape[1], self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(x)), split(self.v(x)))
+        return self.o(a.transpose(1, 2).reshape(B, query.shape[1], -1))
+
+
+class _OneQueryPooling(nn.Module):
+    """Cross-attention of ONE query position (a learned pooling query, the attention's first argument) over
+    many keys: heads still matter (softmax over several keys), so check measures them instead of refusing."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(5, 16), _CrossAttention(), nn.Linear(16, 3)
+        self.query = nn.Parameter(torch.randn(1, 1, 16))
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.att(self.query.expand(h.shape[0], 1, -1), h)).squeeze(1)
+
+
+def test_one_query_position_over_many_keys_is_checked_not_refused():
+    torch.manual_seed(0)
+    model = _OneQueryPooling().eval()
+    nest = sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="att"))
+    nest.check(torch.randn(2, 6, 5))
+    with pytest.raises(sn.SortedNetError, match="one position"):
+        nest.check(torch.randn(2, 1, 5))

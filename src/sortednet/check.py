@@ -234,9 +234,9 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     return err
 
 
-def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, nn.Module]]:
-    """(Heads, path, module as run) of the hand-written attention modules the nest's Heads slice (not
-    ``nn.MultiheadAttention``, nor a transformers class, whose layouts sortednet knows)."""
+def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, list[nn.Module]]]:
+    """(Heads, path, its q / k / v projections as run) of the hand-written attention modules the nest's
+    Heads slice (not ``nn.MultiheadAttention``, nor a transformers class, whose layouts sortednet knows)."""
     from .patterns import match
 
     modules = dict(nest.model.named_modules())
@@ -247,8 +247,11 @@ def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any,
         for p in dict.fromkeys(p for pat in d.attn for p in match(pat, modules, f"Heads {d.name!r} attn")):
             m = modules[p]
             cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
-            if not issubclass(cls, nn.MultiheadAttention) and not cls.__module__.startswith("transformers."):
-                out.append((d, p, copies.get(id(m), m)))
+            if issubclass(cls, nn.MultiheadAttention) or cls.__module__.startswith("transformers."):
+                continue
+            inside = {id(c) for c in m.modules()}
+            out.append((d, p, [copies.get(id(q), q) for q in nest._sliced.values() if id(q) in inside and any(
+                r in q._sn.bind and q._sn.bind[r].dim is d for r in ("out", "heads"))]))
     return out
 
 
@@ -531,10 +534,12 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
     with dry_run(nest.model), eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view
-        seen: dict[tuple[str, str], list[tuple[int, ...]]] = {}  # (Heads, attention path) -> its inputs' shapes
-        hooks = [a.register_forward_pre_hook(lambda mod, args, key=(d.name, path): seen.setdefault(key, []).append(
+        # (Heads, attention path) -> the shapes its q / k / v projections read: attention over one key position
+        # returns the values whatever the heads' layout, so such an example cannot tell whole heads apart
+        seen: dict[tuple[str, str], list[tuple[int, ...]]] = {}
+        hooks = [p.register_forward_pre_hook(lambda mod, args, key=(d.name, path): seen.setdefault(key, []).append(
                      tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()))
-                 for d, path, a in _own_attentions(nest, copies)]
+                 for d, path, projections in _own_attentions(nest, copies) for p in projections]
         with nest.use(nest.largest):
             try:
                 out = call_model(model, example)
@@ -554,9 +559,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         for (name, path), shapes in seen.items():
             if shapes and all(len(sh) >= 3 and sh[-2] == 1 for sh in shapes):
                 raise SortedNetError(
-                    f"nest.check: Heads {name!r} at {path!r} sees one position of the example (input {shapes[0]}): "
-                    "attention over one position returns its values whatever the heads' layout, so whole heads "
-                    "cannot be verified; check with an example of two or more positions")
+                    f"nest.check: Heads {name!r} at {path!r} sees one position of the example (its projections read "
+                    f"{shapes[0]}): attention over one position returns its values whatever the heads' layout, so "
+                    "whole heads cannot be verified; check with an example of two or more positions")
         for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
                 try:
