@@ -531,7 +531,7 @@ def test_heads_in_the_wrong_layout_are_refused_however_the_output_projection_is_
         dims.append(sn.Rank("r", [8, 16], targets="att.o", mode="lora"))
     nest = sn.wrap(model, *dims)
     x = torch.randn(2, 1 if case == "one_position" else 6, 5)
-    needle = "one position" if case == "one_position" else "not the first 2 whole heads"
+    needle = "one key position" if case == "one_position" else "not the first 2 whole heads"
     with pytest.raises(sn.SortedNetError, match=needle):
         nest.check(x)
 
@@ -585,5 +585,42 @@ def test_one_query_position_over_many_keys_is_checked_not_refused():
     model = _OneQueryPooling().eval()
     nest = sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="att"))
     nest.check(torch.randn(2, 6, 5))
-    with pytest.raises(sn.SortedNetError, match="one position"):
+    with pytest.raises(sn.SortedNetError, match="one key position"):
         nest.check(torch.randn(2, 1, 5))
+
+
+class _SeqFirstAttention(nn.Module):
+    """fairseq-style ``(T, B, E)``: with batch 1 the axis before the features is the batch, not positions."""
+
+    def __init__(self, e=32, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(e, e) for _ in range(4))
+
+    def forward(self, x):
+        T, B, _ = x.shape
+        q, k, v = (p(x).view(T, B, self.num_heads, -1).permute(1, 2, 0, 3) for p in (self.q_proj, self.k_proj,
+                                                                                      self.v_proj))
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v).permute(2, 0, 1, 3).reshape(T, B, -1))
+
+
+class _ConvAttention(nn.Module):
+    """1x1-convolution q / k / v over ``(B, C, H, W)``, attention over the H * W positions."""
+
+    def __init__(self, e=32, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v, self.o = (nn.Conv2d(e, e, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        q, k, v = (p(x).view(B, self.num_heads, -1, H * W).transpose(-1, -2) for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, -1, H, W))
+
+
+@pytest.mark.parametrize("cls, kw, x", [(_SeqFirstAttention, {}, torch.randn(5, 1, 32)),
+                                        (_ConvAttention, dict(qkv=("q", "k", "v"), o="o"), torch.randn(2, 32, 1, 6))],
+                         ids=["seq_first_batch_1", "conv_image_of_one_row"])
+def test_many_positions_in_any_layout_are_not_mistaken_for_one(cls, kw, x):
+    torch.manual_seed(0)
+    sn.wrap(cls().eval(), sn.Heads("h", [1, 2, 4], attn="", **kw), example=x)  # accepted: the heads are whole

@@ -234,9 +234,11 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     return err
 
 
-def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, list[nn.Module]]]:
-    """(Heads, path, its q / k / v projections as run) of the hand-written attention modules the nest's
-    Heads slice (not ``nn.MultiheadAttention``, nor a transformers class, whose layouts sortednet knows)."""
+def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, nn.Module, list[nn.Module]]]:
+    """(Heads, path, module as run, its separate q and k projections as run, or [] for a fused one) of
+    the hand-written attention modules the nest's Heads slice (not ``nn.MultiheadAttention``, nor a
+    transformers class, whose layouts sortednet knows)."""
+    from .heads import QKV_NAMES
     from .patterns import match
 
     modules = dict(nest.model.named_modules())
@@ -249,10 +251,55 @@ def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any,
             cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
             if issubclass(cls, nn.MultiheadAttention) or cls.__module__.startswith("transformers."):
                 continue
-            inside = {id(c) for c in m.modules()}
-            out.append((d, p, [copies.get(id(q), q) for q in nest._sliced.values() if id(q) in inside and any(
-                r in q._sn.bind and q._sn.bind[r].dim is d for r in ("out", "heads"))]))
+            names = d.qkv if isinstance(d.qkv, tuple) else None if isinstance(d.qkv, str) else next(
+                (t for t in QKV_NAMES if set(t) <= {n for n, _ in m.named_children()}), None)
+            qk = []
+            for n in (names or ())[:2]:
+                try:
+                    qk.append(copies.get(id(m.get_submodule(n)), m.get_submodule(n)))
+                except AttributeError:
+                    qk = []
+                    break
+            out.append((d, p, copies.get(id(m), m), qk))
     return out
+
+
+def _queries_and_keys_ignored(nest: Nest, model: nn.Module, example: Any, att: nn.Module,
+                              qk: list[nn.Module]) -> bool:
+    """Whether ``att``'s output is the same with its q and k projections' outputs replaced by noise (its
+    softmax runs over one key: the example cannot tell whole heads apart). False where it cannot be told
+    (a fused q/k/v projection, an attention that does not run)."""
+    if len(qk) != 2:
+        return False
+    outs: list[torch.Tensor | None] = []
+
+    def keep(mod: nn.Module, args: tuple, out: Any) -> None:
+        outs.append(first_float(out))
+
+    def noise(mod: nn.Module, args: tuple, out: Any) -> Any:
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            g = torch.Generator(device=out.device).manual_seed(len(outs) + 1)
+            return torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * 3
+        return None
+
+    full = SubModel({d.name: d.full for d in nest.dims})
+    for perturb in (False, True):
+        hooks = [att.register_forward_hook(keep)]
+        if perturb:
+            hooks += [m.register_forward_hook(noise) for m in qk]
+        try:
+            with Use(nest._state, nest._plans.build(full)), seeded(0):
+                call_model(model, example)
+        except Exception:
+            return False
+        finally:
+            for h in hooks:
+                h.remove()
+    half = len(outs) // 2
+    if not half or len(outs) != 2 * half:
+        return False
+    return all(a is not None and b is not None and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+               for a, b in zip(outs[:half], outs[half:]))
 
 
 def _attention_modules(nest: Nest, dim: Any, copies: dict[int, nn.Module],
@@ -534,21 +581,12 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
     with dry_run(nest.model), eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view
-        # (Heads, attention path) -> the shapes its q / k / v projections read: attention over one key position
-        # returns the values whatever the heads' layout, so such an example cannot tell whole heads apart
-        seen: dict[tuple[str, str], list[tuple[int, ...]]] = {}
-        hooks = [p.register_forward_pre_hook(lambda mod, args, key=(d.name, path): seen.setdefault(key, []).append(
-                     tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()))
-                 for d, path, projections in _own_attentions(nest, copies) for p in projections]
         with nest.use(nest.largest):
             try:
                 out = call_model(model, example)
             except Exception as e:
                 raise SortedNetError(f"nest.check: the full model ({nest.largest}) does not run on the example: "
                                      f"{type(e).__name__}: {e}") from e
-            finally:
-                for h in hooks:
-                    h.remove()
             want = _shapes(out)
             if not any(isinstance(t, torch.Tensor) for t in output_leaves(out)):
                 raise SortedNetError(f"nest.check: the model's output ({type(out).__name__}) holds no tensor that "
@@ -556,12 +594,13 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                      "Hugging Face outputs and the tensor attributes of other objects are opened), "
                                      "so it cannot tell a sliced output from a right one; return one of those, or "
                                      "check a wrapper whose forward does")
-        for (name, path), shapes in seen.items():
-            if shapes and all(len(sh) >= 3 and sh[-2] == 1 for sh in shapes):
+        for d, path, att, qk in _own_attentions(nest, copies):
+            if _queries_and_keys_ignored(nest, model, example, att, qk):
                 raise SortedNetError(
-                    f"nest.check: Heads {name!r} at {path!r} sees one position of the example (its projections read "
-                    f"{shapes[0]}): attention over one position returns its values whatever the heads' layout, so "
-                    "whole heads cannot be verified; check with an example of two or more positions")
+                    f"nest.check: Heads {d.name!r} at {path!r}: on this example the attention's output does not "
+                    "depend on its queries and keys (attention over one key position returns its values whatever "
+                    "the heads' layout), so whole heads cannot be verified; check with an example of two or more "
+                    "positions")
         for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
                 try:
