@@ -264,42 +264,48 @@ def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any,
     return out
 
 
-def _queries_and_keys_ignored(nest: Nest, model: nn.Module, example: Any, att: nn.Module,
-                              qk: list[nn.Module]) -> bool:
-    """Whether ``att``'s output is the same with its q and k projections' outputs replaced by noise (its
-    softmax runs over one key: the example cannot tell whole heads apart). False where it cannot be told
-    (a fused q/k/v projection, an attention that does not run)."""
-    if len(qk) != 2:
-        return False
-    outs: list[torch.Tensor | None] = []
+def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
+                               attentions: list[tuple[Any, str, nn.Module, list[nn.Module]]]) -> list[tuple[Any, str]]:
+    """(Heads, path) of the attentions whose output stays the same when the outputs of every listed q and k
+    projection are replaced by noise (one run each way, whatever the number of layers): their softmax runs
+    over one key, so the example cannot tell whole heads apart. A fused q/k/v projection (no separate q and
+    k) cannot be told and is never listed; nor is anything when the model does not run."""
+    todo = [(d, path, att, qk) for d, path, att, qk in attentions if len(qk) == 2]
+    if not todo:
+        return []
+    outs: dict[int, list[list[torch.Tensor | None]]] = {id(att): [[], []] for _, _, att, _ in todo}
 
-    def keep(mod: nn.Module, args: tuple, out: Any) -> None:
-        outs.append(first_float(out))
+    def keep(run: int) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            outs[id(mod)][run].append(first_float(out))
+        return hook
 
     def noise(mod: nn.Module, args: tuple, out: Any) -> Any:
         if isinstance(out, torch.Tensor) and out.is_floating_point():
-            g = torch.Generator(device=out.device).manual_seed(len(outs) + 1)
+            g = torch.Generator(device=out.device).manual_seed(out.numel())
             return torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * 3
         return None
 
-    full = SubModel({d.name: d.full for d in nest.dims})
-    for perturb in (False, True):
-        hooks = [att.register_forward_hook(keep)]
-        if perturb:
-            hooks += [m.register_forward_hook(noise) for m in qk]
+    full = nest._plans.build(SubModel({d.name: d.full for d in nest.dims}))
+    for run in (0, 1):
+        hooks = [att.register_forward_hook(keep(run)) for att in {id(a): a for _, _, a, _ in todo}.values()]
+        if run:
+            hooks += [m.register_forward_hook(noise) for _, _, _, qk in todo for m in qk]
         try:
-            with Use(nest._state, nest._plans.build(full)), seeded(0):
+            with Use(nest._state, full), seeded(0):
                 call_model(model, example)
         except Exception:
-            return False
+            return []
         finally:
             for h in hooks:
                 h.remove()
-    half = len(outs) // 2
-    if not half or len(outs) != 2 * half:
-        return False
-    return all(a is not None and b is not None and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-               for a, b in zip(outs[:half], outs[half:]))
+
+    def same(a: list, b: list) -> bool:
+        return bool(a) and len(a) == len(b) and all(
+            x is not None and y is not None and x.shape == y.shape and torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+            for x, y in zip(a, b))
+
+    return [(d, path) for d, path, att, _ in todo if same(*outs[id(att)])]
 
 
 def _attention_modules(nest: Nest, dim: Any, copies: dict[int, nn.Module],
@@ -594,13 +600,12 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                      "Hugging Face outputs and the tensor attributes of other objects are opened), "
                                      "so it cannot tell a sliced output from a right one; return one of those, or "
                                      "check a wrapper whose forward does")
-        for d, path, att, qk in _own_attentions(nest, copies):
-            if _queries_and_keys_ignored(nest, model, example, att, qk):
-                raise SortedNetError(
-                    f"nest.check: Heads {d.name!r} at {path!r}: on this example the attention's output does not "
-                    "depend on its queries and keys (attention over one key position returns its values whatever "
-                    "the heads' layout), so whole heads cannot be verified; check with an example of two or more "
-                    "positions")
+        for d, path in _ignoring_queries_and_keys(nest, model, example, _own_attentions(nest, copies))[:1]:
+            raise SortedNetError(
+                f"nest.check: Heads {d.name!r} at {path!r}: on this example the attention's output does not "
+                "depend on its queries and keys (attention over one key position returns its values whatever "
+                "the heads' layout), so whole heads cannot be verified; check with an example of two or more "
+                "positions")
         for sub, what in _plan(nest, mixed, seed):
             with nest.use(sub):
                 try:
