@@ -50,7 +50,6 @@ def register_transformers_types() -> None:
     transformers itself): GPT-2's ``Conv1D``, Falcon's ``FalconLinear``, Mixtral / Qwen2-MoE experts."""
     import sys
 
-
     if "transformers.pytorch_utils" in sys.modules:
         from . import hf_conv1d  # noqa: F401  (registers itself on import)
     falcon = sys.modules.get("transformers.models.falcon.modeling_falcon")
