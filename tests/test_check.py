@@ -624,3 +624,48 @@ class _ConvAttention(nn.Module):
 def test_many_positions_in_any_layout_are_not_mistaken_for_one(cls, kw, x):
     torch.manual_seed(0)
     sn.wrap(cls().eval(), sn.Heads("h", [1, 2, 4], attn="", **kw), example=x)  # accepted: the heads are whole
+
+
+class _ReorderedHeads(nn.Module):
+    """Whole heads, but reordered before the output projection (head 0 stays, the others reversed): one head
+    is still the first head; two are not the first two."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        split = lambda t: t.view(B, N, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        a = torch.cat([a[:, :1], a[:, 1:].flip(1)], 1)
+        return self.o(a.transpose(1, 2).reshape(B, N, -1))
+
+
+class _ReorderedHeadsWithScale(_ReorderedHeads):
+    """The same taking a second argument: wrap cannot run it alone, check(example) measures it."""
+
+    def forward(self, x, scale):
+        return super().forward(x * scale)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(5, 16), _ReorderedHeadsWithScale(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.att(self.inp(x), 2.0))
+
+
+def test_heads_are_checked_at_every_size_not_only_the_smallest():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    alone = nn.Sequential(nn.Linear(5, 16), _ReorderedHeads(), nn.Linear(16, 3)).eval()
+    assert not [d for d in sn.discover(alone, x, ratios=[0.25, 0.5, 1.0]) if isinstance(d, sn.Heads)]
+    with pytest.raises(sn.SortedNetError, match="2 heads are not the first 2 whole heads"):  # run alone at wrap
+        sn.wrap(alone, sn.Heads("h", [1, 2, 4], attn="1"))
+    nest = sn.wrap(_Scaled().eval(), sn.Heads("h", [1, 2, 4], attn="att"))
+    with pytest.raises(sn.SortedNetError, match="heads 'h' at 2 is not the first 2 whole heads"):
+        nest.check(x)

@@ -373,25 +373,27 @@ def attention_self_check(nest: Nest) -> None:
                     call_model(mod, x)
             except Exception:  # not a self-attention of (batch, positions, features): not for this check
                 continue
-            try:
-                with Use(nest._state, nest._plans.build(full.replace(**{d.name: d.sizes[0]}))), seeded(0):
-                    call_model(mod, x)
-            except Exception as e:
-                raise SortedNetError(
-                    f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
-                    f"but fails at {d.sizes[0]}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
-                    "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
-                    "(docs/custom_slicers.md)") from e
-            err = whole_units_error(nest, d, d.sizes[0], x, mod, copies, within=mod)
-            if err is not None and not err <= tol:
-                raise SortedNetError(
-                    f"Heads {d.name!r} at {where!r} ({cls}): {d.sizes[0]} heads are not the first "
-                    f"{d.sizes[0]} whole heads of the full module (relative difference {err:.3g}, run alone on a "
-                    "random input): its fused projection is not laid out as Heads read it (state layout=), it "
-                    "keeps the head count under a name Heads does not slice (count_attrs=), it computes "
-                    "per-head values (ALiBi slopes) from the head count in its forward, or (grouped-query "
-                    "attention) it shares key/value heads in another order than query head i reading key/value "
-                    "head i // group (repeat_interleave, not repeat); fix the layout, or give it a custom slicer")
+            for size in d.sizes[:-1]:  # every size: a reordering of heads may keep the smallest whole only
+                try:
+                    with Use(nest._state, nest._plans.build(full.replace(**{d.name: size}))), seeded(0):
+                        call_model(mod, x)
+                except Exception as e:
+                    raise SortedNetError(
+                        f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
+                        f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
+                        "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
+                        "(docs/custom_slicers.md)") from e
+                err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
+                if err is not None and not err <= tol:
+                    raise SortedNetError(
+                        f"Heads {d.name!r} at {where!r} ({cls}): {size} heads are not the first "
+                        f"{size} whole heads of the full module (relative difference {err:.3g}, run alone on a "
+                        "random input): its fused projection is not laid out as Heads read it (state layout=), it "
+                        "keeps the head count under a name Heads does not slice (count_attrs=), it computes "
+                        "per-head values (ALiBi slopes) from the head count in its forward, it reorders heads, or "
+                        "(grouped-query attention) it shares key/value heads in another order than query head i "
+                        "reading key/value head i // group (repeat_interleave, not repeat); fix the layout, or "
+                        "give it a custom slicer")
 
 
 def norm_self_check(nest: Nest) -> None:
@@ -625,19 +627,28 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                  "to one dimension on the same axis, or untie the weights")
         _check_training_mode(nest, example, mixed, seed)
         tol = _tolerance(nest)
-        for d in nest.dims:
-            if d.kind == "heads" and d.sizes[0] < d.full:
-                err = whole_units_error(nest, d, d.sizes[0], example, model, copies)
+        full = SubModel({k.name: k.full for k in nest.dims})
+        for d in nest.dims:  # every size: a reordering of heads may keep the smallest whole, not the others
+            for size in (d.sizes[:-1] if d.kind == "heads" else ()):
+                sub = full.replace(**{d.name: size})
+                if size != d.sizes[0]:  # (the smallest alone already ran above)
+                    with nest.use(sub):
+                        try:
+                            call_model(model, example)
+                        except Exception as e:
+                            raise _fail(nest, model, example, f"heads {d.name!r} alone at {size}", sub,
+                                        f"fails: {type(e).__name__}: {e}") from e
+                err = whole_units_error(nest, d, size, example, model, copies)
                 if err is not None and not err <= tol:
                     o = [p for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
                          and m._sn.bind["inp"].dim is d]
                     raise SortedNetError(
-                        f"nest.check: heads {d.name!r} at {d.sizes[0]} is not the first {d.sizes[0]} whole heads of "
+                        f"nest.check: heads {d.name!r} at {size} is not the first {size} whole heads of "
                         f"the full model (relative difference {err:.3g} from the full model with the other heads' "
                         f"outputs masked at {o[:3]}): the attention splits its projections with the heads as the "
-                        "fast axis (e.g. view(B, N, head_dim, heads)), packs q/k/v in another order, or mixes heads "
-                        "(a norm over all heads); with the heads as the fast axis a Width over the projections "
-                        "shrinks every head's size instead; otherwise fix the layout")
+                        "fast axis (e.g. view(B, N, head_dim, heads)), packs q/k/v in another order, reorders or "
+                        "mixes heads (a norm over all heads); with the heads as the fast axis a Width over the "
+                        "projections shrinks every head's size instead; otherwise fix the layout")
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
             if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not _mixes_units(nest, d):
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)

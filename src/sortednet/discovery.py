@@ -31,6 +31,7 @@ from .errors import SortedNetError
 from .heads import Heads
 from .modes import copy_model
 from .nest import wrap
+from .submodel import SubModel
 from .wrap import split_ties
 
 __all__ = ["discover", "sizes_for", "by_ratio"]
@@ -149,17 +150,27 @@ def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dim
 
 
 def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[Dimension]:
-    """``dims`` less every Heads whose smallest size is not the first heads of the full model (heads split
-    as the fast axis, ``"b n (d h)"``, or mixed by the attention): measured, not assumed."""
+    """``dims`` less every Heads that at one of its sizes does not run or is not the first heads of the
+    full model (heads split as the fast axis, ``"b n (d h)"``, mixed or reordered by the attention, a head
+    count that is not the module's): measured at every size, not assumed."""
     heads = [i for i, d in enumerate(dims) if isinstance(d, Heads)]
     if not heads:
         return dims
     fresh = _fresh(dims)
-    nest = wrap(probe, *fresh, submodels=[{}, *({fresh[i].name: fresh[i].sizes[0]} for i in heads)])
+    nest = wrap(probe, *fresh, submodels=[{}, *({fresh[i].name: s} for i in heads for s in fresh[i].sizes[:-1])])
+    full = SubModel({d.name: d.full for d in fresh})
+
+    def whole(d: Dimension, size: int) -> bool:
+        try:
+            with nest.use(full.replace(**{d.name: size})):
+                call_model(probe, example)
+        except Exception:
+            return False
+        err = whole_units_error(nest, d, size, example)
+        return err is None or err <= _tolerance(nest)
+
     try:
-        bad = {i for i in heads
-               if (err := whole_units_error(nest, fresh[i], fresh[i].sizes[0], example)) is not None
-               and not err <= _tolerance(nest)}
+        bad = {i for i in heads if not all(whole(fresh[i], s) for s in fresh[i].sizes[:-1])}
     finally:
         nest.unwrap()
     return [d for i, d in enumerate(dims) if i not in bad]
