@@ -328,7 +328,7 @@ def attention_self_check(nest: Nest) -> None:
     """``wrap`` without an example: every hand-written attention module a ``Heads`` dimension slices (not
     ``nn.MultiheadAttention``, which sortednet runs itself, nor a transformers class, which
     ``from_transformers`` verifies) whose forward takes one tensor is run alone on a random
-    ``(2, 5, features)`` input, on a private eval-mode view: its smallest head count must be the first
+    ``(2, 5, features)`` input, on a private eval-mode view: each smaller head count must be the first
     heads of the full module (a layout read from a name, a head count kept under a name Heads does not
     know, per-head values computed in the forward from the head count give something else), and it must
     run where the full module runs. A module that needs more arguments is left to ``check(example)``."""
@@ -631,8 +631,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         for d in nest.dims:  # every size: a reordering of heads may keep the smallest whole, not the others
             for size in (d.sizes[:-1] if d.kind == "heads" else ()):
                 sub = full.replace(**{d.name: size})
-                if size != d.sizes[0]:  # (the smallest alone already ran above)
-                    with nest.use(sub):
+                if size != d.sizes[0]:  # (the smallest alone already ran above; any sizes: a restricted nest
+                    with Use(nest._state, nest._plans.build(sub)):  # need not list this one)
                         try:
                             call_model(model, example)
                         except Exception as e:
