@@ -669,3 +669,39 @@ def test_heads_are_checked_at_every_size_not_only_the_smallest():
     nest = sn.wrap(_Scaled().eval(), sn.Heads("h", [1, 2, 4], attn="att"))
     with pytest.raises(sn.SortedNetError, match="heads 'h' at 2 is not the first 2 whole heads"):
         nest.check(x)
+
+
+class _FusedFastAxis(nn.Module):
+    """nanoGPT-style fused ``c_attn`` ([q; k; v] stacked), heads split as the FAST axis, and a mask argument
+    (so wrap cannot run it alone)."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.n_head = heads
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, mask):
+        B, N, _ = x.shape
+        q, k, v = self.c_attn(x).chunk(3, -1)
+        split = lambda t: t.view(B, N, -1, self.n_head).permute(0, 3, 1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        return self.c_proj(a.permute(0, 2, 3, 1).reshape(B, N, -1))
+
+
+class _FusedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(5, 16), _FusedFastAxis(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        T = x.shape[1]
+        return self.out(self.att(self.inp(x), torch.ones(T, T, dtype=torch.bool).tril()))
+
+
+def test_a_fused_attention_on_one_position_is_refused_too():
+    torch.manual_seed(0)
+    nest = sn.wrap(_FusedBlock().eval(), sn.Heads("h", [2, 4], attn="att"))
+    with pytest.raises(sn.SortedNetError, match="one key position"):
+        nest.check(torch.randn(2, 1, 5))
+    with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads"):
+        nest.check(torch.randn(2, 6, 5))

@@ -238,7 +238,7 @@ def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any,
     """(Heads, path, module as run, its separate q and k projections as run, or [] for a fused one) of
     the hand-written attention modules the nest's Heads slice (not ``nn.MultiheadAttention``, nor a
     transformers class, whose layouts sortednet knows)."""
-    from .heads import QKV_NAMES
+    from .heads import FUSED_NAMES, QKV_NAMES, STACKED_NAMES
     from .patterns import match
 
     modules = dict(nest.model.named_modules())
@@ -251,26 +251,51 @@ def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any,
             cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
             if issubclass(cls, nn.MultiheadAttention) or cls.__module__.startswith("transformers."):
                 continue
+            children = {n for n, _ in m.named_children()}
             names = d.qkv if isinstance(d.qkv, tuple) else None if isinstance(d.qkv, str) else next(
-                (t for t in QKV_NAMES if set(t) <= {n for n, _ in m.named_children()}), None)
-            qk = []
+                (t for t in QKV_NAMES if set(t) <= children), None)
+            qk: list[Any] = []
             for n in (names or ())[:2]:
                 try:
                     qk.append(copies.get(id(m.get_submodule(n)), m.get_submodule(n)))
                 except AttributeError:
                     qk = []
                     break
+            fused = d.qkv if isinstance(d.qkv, str) else None if names else next(
+                (f for f in FUSED_NAMES if f in children), None)
+            if fused is not None and (d.layout or ("stacked" if fused in STACKED_NAMES else None)) == "stacked":
+                rows = _stacked_qk_rows(m, fused, d, nest)
+                if rows:  # [q; k; v] rows: the first `rows` outputs are the queries and keys
+                    f = m.get_submodule(fused)
+                    qk = [(copies.get(id(f), f), rows)]
             out.append((d, p, copies.get(id(m), m), qk))
     return out
+
+
+def _stacked_qk_rows(m: nn.Module, fused: str, d: Any, nest: Nest) -> int:
+    """How many of a stacked fused projection's outputs are queries and keys (0 if not told): the output
+    projection reads the queries' width, and the keys are as wide as the values."""
+    try:
+        f = m.get_submodule(fused)
+    except AttributeError:
+        return 0
+    o = next((q for q in nest._sliced.values() if q._sn.bind.get("inp") is not None and q._sn.bind["inp"].dim is d
+              and id(q) in {id(c) for c in m.modules()}), None)
+    total = f.__dict__.get("out_features") or f.__dict__.get("nf")
+    width = None if o is None else (o.__dict__.get("in_features") or o.__dict__.get("nx"))
+    if not isinstance(total, int) or not isinstance(width, int) or (total - width) % 2:
+        return 0
+    return width + (total - width) // 2
 
 
 def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
                                attentions: list[tuple[Any, str, nn.Module, list[nn.Module]]]) -> list[tuple[Any, str]]:
     """(Heads, path) of the attentions whose output stays the same when the outputs of every listed q and k
     projection are replaced by noise (one run each way, whatever the number of layers): their softmax runs
-    over one key, so the example cannot tell whole heads apart. A fused q/k/v projection (no separate q and
-    k) cannot be told and is never listed; nor is anything when the model does not run."""
-    todo = [(d, path, att, qk) for d, path, att, qk in attentions if len(qk) == 2]
+    over one key, so the example cannot tell whole heads apart. A stacked fused ``[q; k; v]`` projection
+    gets noise in its query and key rows; an interleaved one cannot be told and is never listed; nor is
+    anything when the model does not run."""
+    todo = [(d, path, att, qk) for d, path, att, qk in attentions if qk]
     if not todo:
         return []
     outs: dict[int, list[list[torch.Tensor | None]]] = {id(att): [[], []] for _, _, att, _ in todo}
@@ -280,17 +305,23 @@ def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
             outs[id(mod)][run].append(first_float(out))
         return hook
 
-    def noise(mod: nn.Module, args: tuple, out: Any) -> Any:
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
+    def noise(rows: int | None) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
             g = torch.Generator(device=out.device).manual_seed(out.numel())
-            return torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * 3
-        return None
+            fresh = torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * 3
+            if rows is None:
+                return fresh
+            return torch.cat([fresh[..., :rows], out[..., rows:]], -1)  # a stacked [q; k; v]: q and k only
+        return hook
 
     full = nest._plans.build(SubModel({d.name: d.full for d in nest.dims}))
     for run in (0, 1):
         hooks = [att.register_forward_hook(keep(run)) for att in {id(a): a for _, _, a, _ in todo}.values()]
         if run:
-            hooks += [m.register_forward_hook(noise) for _, _, _, qk in todo for m in qk]
+            hooks += [m.register_forward_hook(noise(None)) if isinstance(m, nn.Module) else
+                      m[0].register_forward_hook(noise(m[1])) for _, _, _, qk in todo for m in qk]
         try:
             with Use(nest._state, full), seeded(0):
                 call_model(model, example)
