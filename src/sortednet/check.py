@@ -28,6 +28,7 @@ from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 from .plan import Use
 from .submodel import SubModel
+from .wrap import split_ties
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -234,38 +235,48 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     return err
 
 
-def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, nn.Module, list[nn.Module]]]:
-    """(Heads, path, module as run, its separate q and k projections as run, or [] for a fused one) of
-    the hand-written attention modules the nest's Heads slice (not ``nn.MultiheadAttention``, nor a
-    transformers class, whose layouts sortednet knows)."""
-    from .heads import FUSED_NAMES, QKV_NAMES, STACKED_NAMES
+def _attention_paths(nest: Nest, d: Any, modules: dict[str, nn.Module]) -> list[str]:
+    """The paths of the attention modules a Heads ``d`` names, each once."""
     from .patterns import match
+
+    return list(dict.fromkeys(p for pat in d.attn for p in match(pat, modules, f"Heads {d.name!r} attn")))
+
+
+def _known_layout(m: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` (sortednet runs it itself) or a transformers class (``from_transformers``
+    verifies it): not hand-written attention."""
+    cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
+    return issubclass(cls, nn.MultiheadAttention) or cls.__module__.startswith("transformers.")
+
+
+def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, nn.Module, list[tuple]]]:
+    """(Heads, path, module as run, its query / key producers as run) of the hand-written attention modules
+    the nest's Heads slice. A producer is ``(projection, rows)``: separate q and k projections (rows None,
+    all of their outputs), or a stacked fused ``[q; k; v]`` projection with its query and key rows; an
+    interleaved fused projection has none."""
+    from .heads import STACKED_NAMES, fused_qkv, separate_qkv
 
     modules = dict(nest.model.named_modules())
     out = []
     for d in nest.dims:
         if d.kind != "heads" or d.sizes[0] >= d.full:
             continue
-        for p in dict.fromkeys(p for pat in d.attn for p in match(pat, modules, f"Heads {d.name!r} attn")):
+        for p in _attention_paths(nest, d, modules):
             m = modules[p]
-            cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
-            if issubclass(cls, nn.MultiheadAttention) or cls.__module__.startswith("transformers."):
+            if _known_layout(m):
                 continue
             children = {n for n, _ in m.named_children()}
-            names = d.qkv if isinstance(d.qkv, tuple) else None if isinstance(d.qkv, str) else next(
-                (t for t in QKV_NAMES if set(t) <= children), None)
-            qk: list[Any] = []
-            for n in (names or ())[:2]:
+            names = d.qkv if isinstance(d.qkv, tuple) else None if isinstance(d.qkv, str) else separate_qkv(children)
+            fused = d.qkv if isinstance(d.qkv, str) else None if names else fused_qkv(children)
+            qk: list[tuple] = []
+            if names:
                 try:
-                    qk.append(copies.get(id(m.get_submodule(n)), m.get_submodule(n)))
-                except AttributeError:
+                    qk = [(copies.get(id(q), q), None) for q in (m.get_submodule(n) for n in names[:2])]
+                except AttributeError:  # (Heads refused such a declaration at wrap)
                     qk = []
-                    break
-            fused = d.qkv if isinstance(d.qkv, str) else None if names else next(
-                (f for f in FUSED_NAMES if f in children), None)
-            if fused is not None and (d.layout or ("stacked" if fused in STACKED_NAMES else None)) == "stacked":
+            elif fused is not None and (d.layout or ("stacked" if fused in STACKED_NAMES else None)) == "stacked":
                 rows = _stacked_qk_rows(m, fused, d, nest)
-                if rows:  # [q; k; v] rows: the first `rows` outputs are the queries and keys
+                if rows:
                     f = m.get_submodule(fused)
                     qk = [(copies.get(id(f), f), rows)]
             out.append((d, p, copies.get(id(m), m), qk))
@@ -275,12 +286,10 @@ def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any,
 def _stacked_qk_rows(m: nn.Module, fused: str, d: Any, nest: Nest) -> int:
     """How many of a stacked fused projection's outputs are queries and keys (0 if not told): the output
     projection reads the queries' width, and the keys are as wide as the values."""
-    try:
-        f = m.get_submodule(fused)
-    except AttributeError:
-        return 0
-    o = next((q for q in nest._sliced.values() if q._sn.bind.get("inp") is not None and q._sn.bind["inp"].dim is d
-              and id(q) in {id(c) for c in m.modules()}), None)
+    inside = {id(c) for c in m.modules()}
+    o = next((q for q in nest._sliced.values() if id(q) in inside and q._sn.bind.get("inp") is not None
+              and q._sn.bind["inp"].dim is d), None)
+    f = m.get_submodule(fused)
     total = f.__dict__.get("out_features") or f.__dict__.get("nf")
     width = None if o is None else (o.__dict__.get("in_features") or o.__dict__.get("nx"))
     if not isinstance(total, int) or not isinstance(width, int) or (total - width) % 2:
@@ -289,7 +298,7 @@ def _stacked_qk_rows(m: nn.Module, fused: str, d: Any, nest: Nest) -> int:
 
 
 def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
-                               attentions: list[tuple[Any, str, nn.Module, list[nn.Module]]]) -> list[tuple[Any, str]]:
+                               attentions: list[tuple[Any, str, nn.Module, list[tuple]]]) -> list[tuple[Any, str]]:
     """(Heads, path) of the attentions whose output stays the same when the outputs of every listed q and k
     projection are replaced by noise (one run each way, whatever the number of layers): their softmax runs
     over one key, so the example cannot tell whole heads apart. A stacked fused ``[q; k; v]`` projection
@@ -320,8 +329,7 @@ def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
     for run in (0, 1):
         hooks = [att.register_forward_hook(keep(run)) for att in {id(a): a for _, _, a, _ in todo}.values()]
         if run:
-            hooks += [m.register_forward_hook(noise(None)) if isinstance(m, nn.Module) else
-                      m[0].register_forward_hook(noise(m[1])) for _, _, _, qk in todo for m in qk]
+            hooks += [proj.register_forward_hook(noise(rows)) for _, _, _, qk in todo for proj, rows in qk]
         try:
             with Use(nest._state, full), seeded(0):
                 call_model(model, example)
@@ -344,11 +352,8 @@ def _attention_modules(nest: Nest, dim: Any, copies: dict[int, nn.Module],
     """The attention modules a Heads ``dim`` names (as run: their copies in ``copies``), inside ``within``."""
     if getattr(dim, "kind", None) != "heads":
         return []
-    from .patterns import match
-
     modules = dict(nest.model.named_modules())
-    paths = dict.fromkeys(p for pat in dim.attn for p in match(pat, modules, f"Heads {dim.name!r} attn"))
-    out = [copies.get(id(modules[p]), modules[p]) for p in paths]
+    out = [copies.get(id(modules[p]), modules[p]) for p in _attention_paths(nest, dim, modules)]
     if within is not None:
         inside = {id(m) for m in within.modules()}
         out = [m for m in out if id(m) in inside]
@@ -363,16 +368,14 @@ def attention_self_check(nest: Nest) -> None:
     heads of the full module (a layout read from a name, a head count kept under a name Heads does not
     know, per-head values computed in the forward from the head count give something else), and it must
     run where the full module runs. A module that needs more arguments is left to ``check(example)``."""
-    from .patterns import match
-
     modules = dict(nest.model.named_modules())
     todo = []  # (dimension, attention path, its output projection, class name)
     for d in nest.dims:
         if d.kind != "heads" or d.sizes[0] >= d.full:
             continue
-        for path in dict.fromkeys(p for pat in d.attn for p in match(pat, modules, f"Heads {d.name!r} attn")):
+        for path in _attention_paths(nest, d, modules):
             att = modules[path]
-            if isinstance(att, nn.MultiheadAttention) or type(att).__module__.startswith("transformers."):
+            if _known_layout(att):
                 continue
             inside = {id(m) for m in att.modules()}
             o = next((m for m in nest._sliced.values() if id(m) in inside and isinstance(m, nn.Linear)
@@ -649,8 +652,6 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         _check_size_two(nest, model, example, want)
-        from .wrap import split_ties
-
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
         if why is not None:
             raise SortedNetError(f"nest.check: {why}: the sub-models where those cuts differ run live but no plain "

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from .cost import call_model
 from .coupling_ops import _LEAVES, Attention, _tensors, attention_block, handle, module
 from .errors import SortedNetError
-from .heads import COUNT_ATTRS, QKV_NAMES, Heads
+from .heads import COUNT_ATTRS, Heads, separate_qkv
 from .modes import dry_run, eval_view, seeded
 
 __all__ = ["Group", "Coupling", "analyse"]
@@ -154,7 +154,7 @@ def _head_count(m: nn.Module) -> list[int]:
     if counts or type(d) is not int or d < 1:
         return counts
     names = {n for n, _ in m.named_children()}
-    qkv = next((t for t in QKV_NAMES if set(t) <= names), None)
+    qkv = separate_qkv(names)
     q = m.get_submodule(qkv[0]) if qkv else None
     width = q.out_features if q is not None and _base(q) is nn.Linear else 0
     return [width // d] if width % d == 0 and width // d > 1 else []
@@ -169,7 +169,7 @@ def _producer_info(path: str, m: nn.Module, modules: dict[str, nn.Module]) -> tu
         return None
     counts = _head_count(m)
     names = {n for n, _ in m.named_children()}
-    qkv = next((t for t in QKV_NAMES if set(t) <= names), None)
+    qkv = separate_qkv(names)
     if not counts or qkv is None or any(_base(m.get_submodule(n)) is not nn.Linear for n in qkv):
         return None
     own = {id(p) for n in qkv for p in m.get_submodule(n).parameters()}

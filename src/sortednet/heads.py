@@ -59,6 +59,16 @@ def _child(m: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+
+def separate_qkv(children: set[str]) -> tuple[str, ...] | None:
+    """The names of separate q, k and v projections among a module's ``children`` (by convention), or None."""
+    return next((t for t in QKV_NAMES if set(t) <= children), None)
+
+
+def fused_qkv(children: set[str]) -> str | None:
+    """The name of a fused q/k/v projection among a module's ``children`` (by convention), or None."""
+    return next((f for f in FUSED_NAMES if f in children), None)
+
 class Heads(Dimension):
     """Nested attention heads of the matched attention modules.
 
@@ -132,8 +142,7 @@ class Heads(Dimension):
         names = {n for n, _ in m.named_children()}
         qkv = self.qkv
         if qkv is None:
-            qkv = next((t for t in QKV_NAMES if set(t) <= names), None) \
-                or next((f for f in FUSED_NAMES if f in names), None)
+            qkv = separate_qkv(names) or fused_qkv(names)
             if qkv is None:
                 raise self._err(path, f"no q/k/v projections found among children {sorted(names)}; "
                                       "pass qkv=('q', 'k', 'v') or qkv='fused_name', layout='stacked' (or "

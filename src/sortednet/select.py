@@ -89,7 +89,6 @@ class Selector:
         # the last tie-break: later in nest order without scores, earlier with them
         self._order = -np.arange(n) if scores is None else np.arange(n)
         self._rankings: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
-        self.ranking, self.rank = self._ranking(())
         self._single: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._ranked: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
         self._min = {k: (float(v.min()), self.subs[int(v.argmin())]) for k, v in self.costs.items()}
