@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import random
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -249,6 +250,16 @@ def _known_layout(m: nn.Module) -> bool:
     return issubclass(cls, nn.MultiheadAttention) or cls.__module__.startswith("transformers.")
 
 
+def _hand_written_attentions(nest: Nest) -> Iterator[tuple[Any, str, nn.Module]]:
+    """(Heads, path, module) of every hand-written attention module a Heads below its full size slices."""
+    modules = dict(nest.model.named_modules())
+    for d in nest.dims:
+        if d.kind == "heads" and d.sizes[0] < d.full:
+            for p in _attention_paths(nest, d, modules):
+                if not _known_layout(modules[p]):
+                    yield d, p, modules[p]
+
+
 def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any, str, nn.Module, list[tuple]]]:
     """(Heads, path, module as run, its query / key producers as run) of the hand-written attention modules
     the nest's Heads slice. A producer is ``(projection, rows)``: separate q and k projections (rows None,
@@ -256,30 +267,23 @@ def _own_attentions(nest: Nest, copies: dict[int, nn.Module]) -> list[tuple[Any,
     interleaved fused projection has none."""
     from .heads import STACKED_NAMES, fused_qkv, separate_qkv
 
-    modules = dict(nest.model.named_modules())
     out = []
-    for d in nest.dims:
-        if d.kind != "heads" or d.sizes[0] >= d.full:
-            continue
-        for p in _attention_paths(nest, d, modules):
-            m = modules[p]
-            if _known_layout(m):
-                continue
-            children = {n for n, _ in m.named_children()}
-            names = d.qkv if isinstance(d.qkv, tuple) else None if isinstance(d.qkv, str) else separate_qkv(children)
-            fused = d.qkv if isinstance(d.qkv, str) else None if names else fused_qkv(children)
-            qk: list[tuple] = []
-            if names:
-                try:
-                    qk = [(copies.get(id(q), q), None) for q in (m.get_submodule(n) for n in names[:2])]
-                except AttributeError:  # (Heads refused such a declaration at wrap)
-                    qk = []
-            elif fused is not None and (d.layout or ("stacked" if fused in STACKED_NAMES else None)) == "stacked":
-                rows = _stacked_qk_rows(m, fused, d, nest)
-                if rows:
-                    f = m.get_submodule(fused)
-                    qk = [(copies.get(id(f), f), rows)]
-            out.append((d, p, copies.get(id(m), m), qk))
+    for d, p, m in _hand_written_attentions(nest):
+        children = {n for n, _ in m.named_children()}
+        names = d.qkv if isinstance(d.qkv, tuple) else None if isinstance(d.qkv, str) else separate_qkv(children)
+        fused = d.qkv if isinstance(d.qkv, str) else None if names else fused_qkv(children)
+        qk: list[tuple] = []
+        if names:
+            try:
+                qk = [(copies.get(id(q), q), None) for q in (m.get_submodule(n) for n in names[:2])]
+            except AttributeError:  # (Heads refused such a declaration at wrap)
+                qk = []
+        elif fused is not None and (d.layout or ("stacked" if fused in STACKED_NAMES else None)) == "stacked":
+            rows = _stacked_qk_rows(m, fused, d, nest)
+            if rows:
+                f = m.get_submodule(fused)
+                qk = [(copies.get(id(f), f), rows)]
+        out.append((d, p, copies.get(id(m), m), qk))
     return out
 
 
@@ -368,30 +372,23 @@ def attention_self_check(nest: Nest) -> None:
     heads of the full module (a layout read from a name, a head count kept under a name Heads does not
     know, per-head values computed in the forward from the head count give something else), and it must
     run where the full module runs. A module that needs more arguments is left to ``check(example)``."""
-    modules = dict(nest.model.named_modules())
     todo = []  # (dimension, attention path, its output projection, class name)
-    for d in nest.dims:
-        if d.kind != "heads" or d.sizes[0] >= d.full:
+    for d, path, att in _hand_written_attentions(nest):
+        inside = {id(m) for m in att.modules()}
+        o = next((m for m in nest._sliced.values() if id(m) in inside and isinstance(m, nn.Linear)
+                  and m._sn.bind.get("inp") is not None and m._sn.bind["inp"].dim is d), None)
+        if o is None or any(t.is_meta or not t.is_floating_point() for t in att.parameters()):
+            continue  # (a model built on the meta device has nothing to run)
+        try:
+            params = list(inspect.signature(type(att).forward).parameters.values())[1:]
+        except (TypeError, ValueError):
             continue
-        for path in _attention_paths(nest, d, modules):
-            att = modules[path]
-            if _known_layout(att):
-                continue
-            inside = {id(m) for m in att.modules()}
-            o = next((m for m in nest._sliced.values() if id(m) in inside and isinstance(m, nn.Linear)
-                      and m._sn.bind.get("inp") is not None and m._sn.bind["inp"].dim is d), None)
-            if o is None or any(t.is_meta or not t.is_floating_point() for t in att.parameters()):
-                continue  # (a model built on the meta device has nothing to run)
-            try:
-                params = list(inspect.signature(type(att).forward).parameters.values())[1:]
-            except (TypeError, ValueError):
-                continue
-            required = [q for q in params if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY,
-                                                                                 q.POSITIONAL_OR_KEYWORD)]
-            if len(required) != 1 or any(q.default is q.empty and q.kind is q.KEYWORD_ONLY for q in params):
-                continue
-            cls = (type(att).__bases__[0] if getattr(type(att), "_sn_sliced", False) else type(att)).__name__
-            todo.append((d, path, o, cls))
+        required = [q for q in params if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY,
+                                                                             q.POSITIONAL_OR_KEYWORD)]
+        if len(required) != 1 or any(q.default is q.empty and q.kind is q.KEYWORD_ONLY for q in params):
+            continue
+        cls = (type(att).__bases__[0] if getattr(type(att), "_sn_sliced", False) else type(att)).__name__
+        todo.append((d, path, o, cls))
     if not todo:
         return
     tol = _tolerance(nest)
