@@ -84,6 +84,14 @@ FAMILIES = {
     "clip_text": (_c("CLIPTextModel", "CLIPTextConfig", vocab_size=V, hidden_size=32, intermediate_size=48,
                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16),
                   dict(ffn=[24], heads=[2], depth=[1]), "encoder", False),
+    "phi": (_c("PhiForCausalLM", "PhiConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, qk_layernorm=True, partial_rotary_factor=0.5, **TOK),
+            dict(ffn=[24], heads=[2], depth=[1]), "causal", False),  # q/k norms sized hidden / heads
+    "starcoder2": (_c("Starcoder2ForCausalLM", "Starcoder2Config", hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TOK),
+                   dict(ffn=[24], heads=[2], depth=[1]), "causal", True),
+    "gptj": (_c("GPTJForCausalLM", "GPTJConfig", n_embd=32, n_inner=48, n_layer=2, n_head=4, rotary_dim=4,
+                n_positions=32, **TOK), dict(ffn=[24], heads=[2], depth=[1]), "causal", False),
 }
 RECORD = os.environ.get("SORTEDNET_COVERAGE")
 
@@ -209,7 +217,8 @@ def test_soft_loss_equals_separate_exits(name):
 
 
 SORTABLE = ["llama", "gpt2", "bert", "phi3", "gpt_neox", "opt", "distilbert", "vit", "deit", "clip_vision",
-            "clip_text", "mixtral", "qwen2_moe", "t5", "falcon", "gpt_bigcode", "mt5"]  # t5, mt5, falcon: FFN only
+            "clip_text", "mixtral", "qwen2_moe", "t5", "falcon", "gpt_bigcode", "mt5", "phi", "starcoder2",
+            "gptj"]  # t5, mt5, falcon: FFN only
 
 
 @pytest.mark.parametrize("name", SORTABLE)
