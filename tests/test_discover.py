@@ -388,3 +388,34 @@ def test_a_batchnorm_subclass_on_the_meta_device_is_refused_unverified():
     with pytest.raises(sn.SortedNetError, match="meta-device"):
         sn.wrap(model, sn.Width("c", [4, 8], out="0", inp="2", norm="1"))
     assert not any("_sn" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+@pytest.mark.parametrize("first", [True, False])
+def test_heads_of_an_attention_that_adds_its_own_residual_are_discovered(kv_heads, first):
+    torch.manual_seed(0)
+    from models import Attention
+
+    class Attn(Attention):  # the same attention, its residual inside its forward
+        def forward(self, x):
+            y = super().forward(x)
+            return x + y if first else y + x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(6, 16), Attn(16, 4, kv_heads), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(self.attn(self.inp(x)))
+
+    model, x = Net().eval(), torch.randn(2, 5, 6)
+    dims = sn.discover(model, x, ratios=[0.5, 1.0])
+    heads = [d for d in dims if isinstance(d, sn.Heads)]
+    assert [(d.attn, tuple(d.sizes)) for d in heads] == [(("attn",), (2, 4))]
+    hidden = [d for d in dims if isinstance(d, sn.Width) and "attn.o" in d.out]
+    assert hidden and "inp" in hidden[0].out      # the residual couples o's output with the block's input
+    nest = sn.wrap(model, *dims, example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(nest.export(sub)(x), model(x), atol=1e-5, rtol=0)

@@ -4,6 +4,7 @@ state along, checkpoints and generator states that are checked before anything c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -288,7 +289,11 @@ def _new_head(m):
     m[4] = nn.Linear(16, 3)
 
 
-@pytest.mark.parametrize("change", [_swap, _replace_with_copy, _append, _insert, _new_head])
+def _bypassing_hooks(m):  # a private write no registration hook sees: the nest's own checks catch it
+    m._modules["4"] = nn.Linear(16, 3)
+
+
+@pytest.mark.parametrize("change", [_append, _insert, _bypassing_hooks])
 def test_cost_pick_export_save_and_load_refuse_a_model_changed_after_wrap(change, tmp_path):
     m = _mlp()
     nest = _mlp_nest(m)
@@ -306,8 +311,85 @@ def test_cost_pick_export_save_and_load_refuse_a_model_changed_after_wrap(change
             pytest.fail(f"{what} accepted a changed model")
     assert not (tmp_path / "after.safetensors").exists()
     nest.unwrap()
-    if change in (_append, _new_head):
+    if change in (_append, _bypassing_hooks):
         _mlp_nest(m).export("h1=8,h2=4")   # wrapped again: the new model is served
+
+
+class _Blocks(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def _blocks_nest(m):
+    return sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"),
+                   sn.Depth("depth", [1, 2, 3], layers="blocks"))
+
+
+def _swap_blocks(blocks):
+    blocks[0], blocks[1] = blocks[1], blocks[0]
+
+
+_TREE_CHANGES = {  # what a user may do to the module tree after wrap; each would run another model silently
+    "replace a sliced module": lambda m: m.blocks[0].__setitem__(0, nn.Linear(8, 16)),
+    "replace a block": lambda m: m.blocks.__setitem__(1, copy.deepcopy(m.blocks[1])),
+    "swap two blocks": lambda m: _swap_blocks(m.blocks),
+    "replace the layer list": lambda m: setattr(m, "blocks", nn.ModuleList(list(m.blocks))),
+    "set a sliced module to None": lambda m: setattr(m.blocks[1], "2", None),
+    "append a block": lambda m: m.blocks.append(nn.Sequential(nn.Linear(8, 8))),
+    "extend the blocks": lambda m: m.blocks.extend([nn.Identity()]),
+    "insert a block": lambda m: m.blocks.insert(0, nn.Identity()),
+    "delete the last block": lambda m: m.blocks.__delitem__(-1),
+    "pop a block": lambda m: m.blocks.pop(0),
+    "add_module into the blocks": lambda m: m.blocks.add_module("extra", nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("inside", ["outside", "use", "activate"])
+@pytest.mark.parametrize("change", _TREE_CHANGES)
+def test_changing_the_wrapped_module_tree_is_refused_before_it_lands(change, inside):
+    """A module replaced on the path to a sliced module would run unsliced under every sub-model; a block added
+    to a Depth layer list would be skipped (outside use) or, under a shallower depth, overwrite a trained block
+    (``append`` names it ``str(len(self))``). Refused at the assignment, the model unchanged, in or out of use."""
+    m = _Blocks()
+    nest = _blocks_nest(m)
+    x = torch.randn(5, 8)
+    before = snapshot(m)
+    tree = [(n, mod) for n, mod in m.named_modules()]
+    with contextlib.ExitStack() as stack:
+        if inside == "use":
+            stack.enter_context(nest.use("ffn=4,depth=2"))   # append would name its block '2': the third
+        elif inside == "activate":
+            nest.activate("ffn=4,depth=2")
+        with pytest.raises(sn.SortedNetError, match="(?s)refused while the model is wrapped.*nest.unwrap()"):
+            _TREE_CHANGES[change](m)
+    nest.activate(nest.largest)
+    assert [(n, mod) for n, mod in m.named_modules()] == tree
+    assert_unchanged(m, before)
+    for sub in ("ffn=4,depth=1", "ffn=16,depth=2", "ffn=4,depth=3"):
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(m(x), nest.export(sub)(x))
+    nest.unwrap()
+    _TREE_CHANGES[change](m)   # unwrapped: the model is the user's again
+    assert [(n, mod) for n, mod in m.named_modules()] != tree
+
+
+def test_putting_back_the_same_module_and_changing_parts_outside_the_nest_are_fine():
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3), nn.Softmax(-1))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    m[0] = m[0]                    # the same module again: nothing changes
+    m[3] = nn.LogSoftmax(-1)       # not on a path to a sliced module: the sub-models stay what they were
+    m[1].extra = nn.Identity()     # a child added below an unsliced module
+    x = torch.randn(2, 4)
+    with nest.use("h=8"):
+        live = m(x)
+    torch.testing.assert_close(live, nest.export("h=8")(x))
+    assert live.exp().sum(-1).sub(1).abs().max() < 1e-5
 
 
 def test_weights_tied_after_wrap_are_refused_where_the_counts_would_be_wrong():
@@ -538,12 +620,14 @@ def test_reads_without_gradients_follow_every_change_of_the_parameter():
 def test_training_refuses_a_model_whose_layer_list_was_replaced_after_wrap(surgery):
     m = _AsideList("plain")
     nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
+    # (assignments are refused where they happen, see test_changing_the_wrapped_module_tree_is_refused_...;
+    # writes no hook sees are caught here)
     if surgery == "replace_list":
-        m.blocks = nn.ModuleList(list(m.blocks))        # the new list is not sliced: every block would train
+        m._modules["blocks"] = nn.ModuleList(list(m.blocks))   # the new list is not sliced: every block would train
     elif surgery == "append":
-        m.blocks.append(nn.Linear(8, 8))                # the sliced list's length stays 4: it would never run
+        m.blocks._modules["4"] = nn.Linear(8, 8)        # the sliced list's length stays 4: it would never run
     elif surgery == "pop":
-        m.blocks.pop(-1)                                # the "largest" depth would run 3 blocks
+        del m.blocks._modules["3"]                      # the "largest" depth would run 3 blocks
     else:
         m.blocks[0].weight = nn.Parameter(torch.randn(16, 8))   # re-shaped: not the model the nest sized
     x = torch.randn(2, 8)
@@ -560,6 +644,13 @@ def test_a_container_remade_around_the_same_sliced_modules_is_accepted():
     x = torch.randn(2, 4)
     sn.accumulate(nest, ["h=8"], lambda: m(x).sum())
     assert nest.cost("h=8") == sum(p.numel() for p in nest.export("h=8").parameters())
+    with pytest.raises(sn.SortedNetError, match="setting '0.2' to a Linear is refused"):
+        m[0][2] = nn.Linear(16, 3)                      # the new container is guarded as the old one was
+    m[0] = nn.Sequential(*list(m[0]))                   # and re-made again, before any check refreshed the nest
+    with pytest.raises(sn.SortedNetError, match="setting '0.0' to a Linear is refused"):
+        m[0][0] = nn.Linear(4, 16)
+    nest.unwrap()
+    m[0][0] = nn.Linear(4, 16)                          # unwrapped: no guard is left
 
 
 def test_checkpoints_load_into_any_nest_bound_to_the_same_modules(tmp_path):
@@ -611,3 +702,4 @@ def test_load_refuses_a_model_of_inference_tensors_before_wrapping_it(tmp_path):
         sn.load(m, tmp_path / "m.safetensors")
     assert_unchanged(m, before)
     assert all("_sn" not in mod.__dict__ for mod in m.modules())
+

@@ -406,21 +406,22 @@ def test_rank_svd_export_pretrained_and_rank_targets(tmp_path):
 
 
 class _DemoLayout:
-    """GPT-J is not in the built-in table: a user describes it once."""
+    """Persimmon (fused per-head q/k/v, q/k norms) is not in the built-in table: a user describes it once."""
 
-    layout = sni.Layout("gptj", probe=("attn.q_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
-                        ffn_out=("mlp.fc_in",), ffn_inp=("mlp.fc_out",), attn=("attn",),
-                        qkv=("q_proj", "k_proj", "v_proj"), o="out_proj", ffn_key="n_inner", heads_key="n_head",
-                        norm="ln_f", causal=True)
+    layout = sni.Layout("persimmon", probe=("self_attn.query_key_value", "self_attn.dense", "mlp.dense_h_to_4h",
+                                            "mlp.dense_4h_to_h"),
+                        ffn_out=("mlp.dense_h_to_4h",), ffn_inp=("mlp.dense_4h_to_h",), attn=("self_attn",),
+                        qkv="query_key_value", o="dense", qkv_layout="interleaved", norm="final_layernorm",
+                        causal=True)
 
 
 def test_register_layout_gives_an_unlisted_family_every_feature(tmp_path):
     torch.manual_seed(0)
-    model = T.GPTJForCausalLM(T.GPTJConfig(n_embd=32, n_inner=48, n_layer=2, n_head=4, rotary_dim=4,
-                                           n_positions=32, **TOK)).eval()
+    model = T.PersimmonForCausalLM(T.PersimmonConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                     num_attention_heads=4, qk_layernorm=True, **TOK)).eval()
     with pytest.raises(sn.SortedNetError, match="register_layout"):
         sn.from_transformers(model, ffn=[24])
-    manual = sn.wrap(model, sn.Depth("depth", [1, 2], layers="transformer.h"))
+    manual = sn.wrap(model, sn.Depth("depth", [1, 2], layers="model.layers"))
     with pytest.raises(sn.SortedNetError, match="register_layout") as e:
         soft_loss(manual, inputs("causal")["input_ids"])
     assert "by hand" in str(e.value) and "declare the dimensions" not in str(e.value)
@@ -432,7 +433,7 @@ def test_register_layout_gives_an_unlisted_family_every_feature(tmp_path):
         sn.sort_by_importance(nest, [x])
         soft_loss(nest, x).loss.backward()
         export_pretrained(nest, "ffn=24,heads=4,depth=1").save_pretrained(tmp_path)
-        back = T.GPTJForCausalLM.from_pretrained(tmp_path).eval()
+        back = T.PersimmonForCausalLM.from_pretrained(tmp_path).eval()
         with torch.no_grad(), nest.use("ffn=24,heads=4,depth=1"):
             torch.testing.assert_close(out(back, {"input_ids": x}), out(model, {"input_ids": x}), atol=1e-5, rtol=0)
     finally:

@@ -453,6 +453,17 @@ def _mha(a, ev, m: nn.MultiheadAttention, path: str, outs: list[Tensor]) -> None
     a.attention.append(Attention(path, m.__dict__["num_heads"]))
 
 
+def _residual_add(inner: list, x: Tensor, o_out: Tensor, y: Tensor) -> Any:
+    """The recorded op ``y = x + o_out`` (either order, same shapes, no ``alpha``), else None."""
+    for e in inner:
+        if e.kind == "op" and e.name in ("add", "__add__", "__radd__") and not e.kwargs \
+                and _tensors(e.out) and _tensors(e.out)[0] is y:
+            ts = _tensors(e.args)
+            if len(ts) == 2 and {id(t) for t in ts} == {id(x), id(o_out)} and x.shape == o_out.shape == y.shape:
+                return e
+    return None
+
+
 def attention_block(a, ev) -> bool:
     """A recognised attention module as one call: True when its recorded inside confirms the pattern.
 
@@ -471,10 +482,15 @@ def attention_block(a, ev) -> bool:
             mods[e.name] = e
     if x is None or not outs or len(mods) != len(proj) + (not producer):
         return False
-    if any(_first(mods[p]) is not x for p in proj) or (not producer and _tensors(mods[o].out)[0] is not outs[0]):
+    residual = None  # ``return x + self.o(...)``: the block's own residual add, the one other reader of x
+    if not producer and _tensors(mods[o].out)[0] is not outs[0]:
+        residual = _residual_add(ev.inner, x, _tensors(mods[o].out)[0], outs[0])
+        if residual is None:
+            return False
+    if any(_first(mods[p]) is not x for p in proj):
         return False
     for e in ev.inner:
-        if not (e.kind == "mod" and e.name in proj) and _tensors(e.out) \
+        if not (e.kind == "mod" and e.name in proj) and e is not residual and _tensors(e.out) \
                 and any(t is x for t in _tensors((e.args, e.kwargs))):
             return False
     y = outs[0]
@@ -484,7 +500,8 @@ def attention_block(a, ev) -> bool:
     for p in proj:
         a.uf.bind(xv[-1], p, "inp")
     a.fix_all([t for t in _tensors((ev.args, ev.kwargs)) if t is not x], f"an extra input of {ev.name!r}")
-    a.assign(y, [[u] for u in xv[:-1]] + [[] if producer else [_new_out(a, y.shape[-1], o)]], ev.name)
+    last = [] if producer else [_new_out(a, y.shape[-1], o)] + ([xv[-1]] if residual is not None else [])
+    a.assign(y, [[u] for u in xv[:-1]] + [last], ev.name)
     for t in outs[1:]:
         a.assign(t, [], f"an extra output of {ev.name!r}")
     a.attention.append(att)

@@ -31,7 +31,18 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
 from .views import is_fsdp, new_lock
-from .wrap import Pin, exportable, install, plan, split_ties, unwrap_modules, wrap_hooks
+from .wrap import (
+    Pin,
+    exportable,
+    guard_tree,
+    install,
+    plan,
+    split_ties,
+    tree_links,
+    unguard_tree,
+    unwrap_modules,
+    wrap_hooks,
+)
 
 __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 
@@ -174,6 +185,15 @@ class Nest:
             d._nest = self
         self._structure = self._fingerprint()
         self._links = self._wrapped_links()
+        self._guard()
+
+    def _guard(self) -> None:
+        """Refuse, from now on, assignments that would change the module tree under the nest (a sliced module
+        or one above it replaced, a block added to a Depth layer list): the live sub-models would run another
+        model silently (see :func:`~sortednet.wrap.guard_tree`)."""
+        unguard_tree(getattr(self, "_guards", ()))
+        self._guards = guard_tree(self.model, self._sliced,
+                                  {p: m for p, m in self._sliced.items() if "depth" in m._sn.bind})
 
     def _count_tensors(self) -> None:
         """(Re)build what counts parameters by object: the owner of each sliced tensor and the counter, then
@@ -216,14 +236,7 @@ class Nest:
     def _wrapped_links(self) -> list[tuple[nn.Module, str, nn.Module]]:
         """Every ``(parent, child name, child)`` link on the paths from the root to the sliced modules, as
         wrapped (taken at wrap time): checking that each still holds is a dict lookup per link."""
-        seen: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
-        for path in self._sliced:
-            parent = self.model
-            for name in path.split(".") if path else ():
-                child = parent._modules[name]
-                seen.setdefault((id(parent), name), (parent, name, child))
-                parent = child
-        return list(seen.values())
+        return [(parent, name, child) for parent, name, child, _ in tree_links(self.model, self._sliced)]
 
     def _check_structure(self, what: str) -> None:
         """Refuse ``what`` (cost, pick, export, save...) on a model whose module tree changed after wrap:
@@ -245,6 +258,7 @@ class Nest:
                     break
             if why is None:  # every path still leads to its module (a container re-made around them): fine
                 self._links = self._wrapped_links()
+                self._guard()
         if why is None:
             new = self._fingerprint()
             if new != self._structure:
@@ -714,6 +728,7 @@ class Nest:
         self._check_alive()
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
         unwrap_modules(self._sliced.values(), self._hooks, merge=merge)
+        unguard_tree(self._guards)
         for d in self.dims:
             d._nest = None
         self._state.default = full  # deep copies of the model (EMA / teacher) still follow it: the full model

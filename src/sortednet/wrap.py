@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,9 +23,11 @@ from .plan import close_block, heal_pins, open_block, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
+from .slicers.depth import refuse_tree_change
 from .views import _compiling, _grad_enabled, cuts_for
 
-__all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin"]
+__all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin", "guard_tree",
+           "unguard_tree", "tree_links"]
 
 # PyTorch layers whose fused inference fast path reads full-size weights directly
 _FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -437,6 +441,93 @@ class Pin:
             if top is not None and uses and uses[-1] is top[0]:  # the pin is the innermost open block
                 a.var.set(plan)
                 top[2] = plan
+
+
+def tree_links(root: nn.Module, paths: Iterable[str]) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """Every ``(parent, child name, child, child path)`` link on the paths from ``root`` to ``paths``, each once,
+    a parent's before its children's."""
+    seen: dict[tuple[int, str], tuple[nn.Module, str, nn.Module, str]] = {}
+    for path in paths:
+        parent, at = root, ""
+        for name in path.split(".") if path else ():
+            child = parent._modules[name]
+            at = f"{at}.{name}" if at else name
+            seen.setdefault((id(parent), name), (parent, name, child, at))
+            parent = child
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class _Guard:
+    path: str                               # the guarded child's path (a layer list's own path for its key None)
+    below: tuple[tuple[str, nn.Module], ...]  # the sliced modules at or below it, by path relative to it
+    entries: list                           # the nest's guard entries (a re-made container's links join them)
+
+
+#: parent module -> {child name (None: any name, a Depth layer list) -> _Guard}: the links from a nest's root
+#: to its sliced modules, and its layer lists, as wrapped. A module registration hook refuses an assignment
+#: that would change one of them before it lands.
+_GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HOOK: list = []
+
+
+def _at(m: nn.Module, rel: str) -> Any:
+    for name in rel.split(".") if rel else ():
+        m = m._modules.get(name)
+        if m is None:
+            return None
+    return m
+
+
+def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
+    """Global module registration hook (``setattr`` / ``add_module`` of a child): refuses changing a guarded
+    link; a container re-made around the same sliced modules (at the same paths) is accepted and guarded.
+    Costs one weak-dict lookup per module registration in the process."""
+    names = _GUARDED.get(parent)
+    if names is None:
+        return None
+    g, depth = names.get(name), None in names
+    if g is None and not depth or parent._modules.get(name, ()) is value:  # not guarded, or the same module
+        return None
+    if g is not None and value is not None and all(_at(value, rel) is m for rel, m in g.below):
+        _guard(value, g.path, g.below, g.entries)
+        return None
+    lists = names[None].path if depth else ""
+    where = g.path if g is not None else f"{lists}.{name}" if lists else name
+    refuse_tree_change(lists if depth else where,
+                       f"setting {where!r} to {'None' if value is None else 'a ' + type(value).__name__}", depth)
+
+
+def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Module]], entries: list) -> None:
+    sliced = tuple(sliced)
+    for parent, name, _, path in tree_links(root, [rel for rel, _ in sliced]):
+        full = f"{root_path}.{path}" if root_path and path else root_path or path
+        below = tuple((rel[len(path) + 1:] if rel != path else "", m) for rel, m in sliced
+                      if rel == path or rel.startswith(path + "."))
+        _GUARDED.setdefault(parent, {})[name] = _Guard(full, below, entries)
+        entries.append((parent, name))
+
+
+def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> list:
+    """Guard the links from ``root`` to its ``sliced`` modules (path -> module) and the Depth layer lists
+    ``containers`` (path -> list) against assignments; returns the entries for :func:`unguard_tree`."""
+    if not _HOOK:
+        _HOOK.append(nn.modules.module.register_module_module_registration_hook(_registration_guard))
+    entries: list[tuple[nn.Module, str | None]] = []
+    _guard(root, "", sliced.items(), entries)
+    for path, c in containers.items():
+        _GUARDED.setdefault(c, {})[None] = _Guard(path, (), entries)
+        entries.append((c, None))
+    return entries
+
+
+def unguard_tree(entries: Iterable[tuple[nn.Module, str | None]]) -> None:
+    for parent, name in entries:
+        names = _GUARDED.get(parent)
+        if names is not None:
+            names.pop(name, None)
+            if not names:
+                del _GUARDED[parent]
 
 
 def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool = False) -> None:

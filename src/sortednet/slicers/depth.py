@@ -14,7 +14,20 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import SortedNetError
 from .base import Slicer, slicer
+
+
+def refuse_tree_change(path: str, action: str, depth: bool) -> None:
+    """Refuse ``action`` (e.g. ``"setting 'blocks.3' to a Linear"``) on the module tree of a wrapped model:
+    on the path to a sliced module, or on a Depth layer list (``depth``) at ``path``."""
+    why = (f"the Depth layer list {path or '<root>'!r} is wrapped: its depths count its blocks as wrapped, so a "
+           "block added, inserted, removed or replaced would be skipped, or would push a trained block out of the "
+           "sub-models or overwrite it") if depth else (
+           "sortednet slices the module there or modules below it; a module put in its place would run unsliced "
+           "under every sub-model")
+    raise SortedNetError(f"{action} is refused while the model is wrapped: {why}. nest.unwrap(), change the "
+                         "model, then wrap it again (for activation checkpointing see nest.checkpoint)")
 
 
 @slicer(nn.ModuleList, nn.Sequential)
@@ -44,7 +57,15 @@ class DepthSlicer(Slicer):
                 return base(OrderedDict(items))
             return base([mod for _, mod in items])
 
-        return {"__iter__": __iter__, "__len__": __len__, "__getitem__": __getitem__}
+        def insert(self_, index, module):
+            refuse_tree_change(self_._sn.path, f"inserting a {type(module).__name__} at {index} of "
+                               f"{self_._sn.path or '<root>'!r}", True)
+
+        def __delitem__(self_, idx):
+            refuse_tree_change(self_._sn.path, f"deleting [{idx}] of {self_._sn.path or '<root>'!r}", True)
+
+        return {"__iter__": __iter__, "__len__": __len__, "__getitem__": __getitem__, "insert": insert,
+                "__delitem__": __delitem__}
 
     def inactive(self, m: nn.Module) -> list[nn.Module]:
         """Blocks skipped by the active depth (their parameters are not in use)."""
