@@ -609,6 +609,26 @@ def test_a_kv_cache_cropped_back_is_right_again_and_generate_is_guarded():
             model.generate(first, max_new_tokens=2, do_sample=False, **{KV: cache}, pad_token_id=0)
 
 
+@pytest.mark.parametrize("sub", [None, "depth=3", "ffn=24,heads=2,depth=3"])
+def test_transformers_assistant_early_exit_runs_on_a_wrapped_model(sub):
+    """transformers' early-exit drafting lowers ``config.num_hidden_layers`` while its draft runs its own cache
+    through the first layers: the cache guard counts the layers the forward really runs (it refused the
+    draft's cache, and transformers then left the config lowered: every later forward ran one layer)."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)  # distinct top logits: greedy decoding has no ties to break
+    nest = sn.from_transformers(model, ffn=[24], heads=[2], depth=[3])
+    x = ids(b=1, t=6)
+    with torch.no_grad(), (nest.use(sub) if sub else contextlib.nullcontext()):
+        want = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        got = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             assistant_early_exit=1)
+    assert torch.equal(got, want)
+    assert model.config.num_hidden_layers == 4
+
+
 def test_a_kv_cache_reaching_the_model_by_other_routes_is_guarded_too():
     """A deep copy of a prompt cache (Hugging Face's way to reuse one) keeps its record: continued by the
     same sub-model it is exact, by another refused; a cache passed positionally or to the inner model is

@@ -54,6 +54,15 @@ class CacheGuard:
         depth = None if hasattr(cache, "cross_attention_cache") else self.depth  # cross-attention keys: the
         return depth, tuple((n, s) for n, s in sub.items() if n != depth)        # encoder's output
 
+    @staticmethod
+    def _ran(module: Any, sub: Any, depth: str) -> int:
+        """The layers a forward runs: the active depth, or fewer while the model's config says so
+        (transformers' ``assistant_early_exit`` lowers ``config.num_hidden_layers`` while its draft runs, and
+        Llama-family models run ``layers[:config.num_hidden_layers]``)."""
+        d = sub[depth]
+        n = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        return n if type(n) is int and 0 < n < d else d
+
     def _given(self, args: tuple, kwargs: dict) -> Any:
         """The cache the call was given (by keyword or by position), or None."""
         cache = next((c for c in map(kwargs.get, self.names) if c is not None), None)
@@ -80,7 +89,8 @@ class CacheGuard:
             return None
         sub = self.active.plan().sub
         depth, key = self._key(cache, sub)
-        records[id(self.active)] = [key, {sub[depth]: 0} if depth is not None and sub[depth] < self.full else {}]
+        d = None if depth is None else self._ran(module, sub, depth)
+        records[id(self.active)] = [key, {d: 0} if d is not None and d < self.full else {}]
         return None
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -113,7 +123,7 @@ class CacheGuard:
                 "(generate() makes its own when past_key_values is not given)")
         if depth is None:
             return None
-        d, missing = sub[depth], rec[1]
+        d, missing = self._ran(module, sub, depth), rec[1]
         behind = [(e, p) for e, p in missing.items() if e < d and p < filled]
         if behind:
             e, p = min(behind, key=lambda t: t[1])
