@@ -143,7 +143,7 @@ def _train_rank(rank: int, family: str, mode: str, ckpt: str) -> dict:
     return {"draws": every, "state": state}
 
 
-def _errors(rank: int) -> dict:
+def _errors(rank: int, out_dir: str) -> dict:
     """Misuse that must raise SortedNetError on every rank (collectives stay matched)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -160,6 +160,11 @@ def _errors(rank: int) -> dict:
             nest.export(nest.smallest)
         except sn.SortedNetError as e:
             out["export_sharded"] = str(e)
+        try:  # sn.save of a sharded model: refused before writing, pointing to snd.save
+            sn.save(nest, os.path.join(out_dir, f"sharded-{rank}.safetensors"))
+            out.setdefault("save_sharded", []).append("accepted")
+        except sn.SortedNetError as e:
+            out.setdefault("save_sharded", []).append(str(e))
     out["costs_sharded"] = costs
     case = FAMILIES["mlp"](seed=0)
     fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
@@ -246,6 +251,32 @@ def _errors(rank: int) -> dict:
         out["module_left_out"] = "accepted"
     except sn.SortedNetError as e:
         out["module_left_out"] = str(e)
+    # a closure that switches sub-models on one rank only: refused on every rank before the forward runs
+    # (DDP: the gradients of different sub-models would be averaged; FSDP2: the all-gathers would hang)
+    for how in ("ddp", "fsdp2"):
+        case, nest = _build("lm_width_heads_depth", how)
+        module = DDP(case.model) if how == "ddp" else fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
+
+        def switching(module=module, nest=nest):
+            with nest.use(nest.smallest) if rank == 1 else nullcontext():
+                return _loss(module(case.example))  # noqa: B023
+
+        try:
+            snd.accumulate(nest, [nest.largest], switching, module=module)
+            out[f"closure_use_{how}"] = "accepted"
+        except sn.SortedNetError as e:
+            out[f"closure_use_{how}"] = str(e)
+    # parameters outside the nest inside the DDP wrapper (a task head) are averaged with the nest's
+    case, nest = _build("mlp", "ddp")
+    head = torch.nn.Linear(case.model(case.example).shape[-1], 2)
+    torch.manual_seed(5)
+    torch.nn.init.normal_(head.weight)
+    outer = DDP(torch.nn.Sequential(case.model, head))
+    x = _batch("mlp", 0).chunk(WORLD)[rank]
+    snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(outer(x)), module=outer)
+    every = [None] * WORLD
+    dist.all_gather_object(every, (head.weight.grad.clone(), case.model.fc1.weight.grad.clone()))
+    out["outer_head_grads"] = every
     case, nest = _build("mlp", "ddp")
     try:
         snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)),
@@ -268,7 +299,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results = {name: _train_rank(rank, fam, mode, os.path.join(out_dir, f"{name}.safetensors"))
                    for name, (fam, mode) in SCENARIOS.items()}
-        results["errors"] = _errors(rank)
+        results["errors"] = _errors(rank, out_dir)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -374,6 +405,32 @@ def test_misuse_raises_clear_errors(run):
         assert after == before, fam
     for key in ("other_order", "other_k"):  # (rank 0's record; every rank raised, or the run would hang)
         assert "ranks disagree on the sub-models" in errs[key] and "rank 1 has" in errs[key], errs[key]
+
+
+def test_sharded_save_and_ranks_switching_inside_the_closure_are_refused_on_every_rank(run):
+    _, results = run
+    errs = results["errors"]
+    assert errs["save_sharded"] and all("sortednet.distributed.save" in e for e in errs["save_sharded"])
+    for how in ("ddp", "fsdp2"):  # (rank 0's record; rank 1 raised too, or the run would have hung)
+        e = errs[f"closure_use_{how}"]
+        assert "ranks disagree on the sub-model of a forward" in e and "rank 1 has" in e, e
+
+
+def test_parameters_outside_the_nest_in_the_ddp_wrapper_are_averaged(run):
+    """A task head next to the nested model inside one DDP wrapper: its gradient is the global batch's mean
+    on every rank (it was each rank's own: the replicas drifted apart)."""
+    _, results = run
+    every = results["errors"]["outer_head_grads"]
+    case, nest = _build("mlp", "ddp")
+    head = torch.nn.Linear(case.model(case.example).shape[-1], 2)
+    torch.manual_seed(5)
+    torch.nn.init.normal_(head.weight)
+    outer = torch.nn.Sequential(case.model, head)
+    x = _batch("mlp", 0)
+    sn.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(outer(x)))
+    for head_grad, fc1_grad in every:
+        torch.testing.assert_close(head_grad, head.weight.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(fc1_grad, case.model.fc1.weight.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_fsdp2_root_unit_is_resharded_after_a_skipped_last_submodel_and_survives_an_eval_forward(run):

@@ -44,8 +44,8 @@ from torch import nn
 from .errors import SortedNetError
 from .slicers import is_sharded
 from .submodel import SubModelLike
+from .views import _compiling, is_fsdp
 from .views import fsdp_units as _fsdp_modules
-from .views import is_fsdp
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -221,28 +221,45 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         raise SortedNetError("DDP(static_graph=True) cannot run sortednet's accumulation: every sub-model's "
                              "backward runs under no_sync (sliced gradients are synchronised once afterwards), "
                              "which a static graph does not support; build the DDP wrapper without static_graph")
+    hooks = []
     if _active() and dist.get_world_size(group) > 1:
         _same_on_every_rank(nest, subs, group)
         kwargs["_agree"] = lambda bad: _any_rank(bad, group)
-    units = _fsdp_modules(module if module is not None else nest.model)
-    if units or is_fsdp(nest.model):
-        _gather_once(units)
-        try:
-            return _accumulate(nest, subs, closure, **kwargs)
-        finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last of
-            for u in units:  # the step) leaves its unit unsharded: the optimizer would step the sharded
-                u.reshard()  # parameters while the next forward reused the stale unsharded ones
-    if module is not None:
-        guard(module, nest)
-    hook = None if module is not None or not _active() else nest.model.register_forward_pre_hook(_unnamed_ddp)
+        # before FSDP's all-gathers (prepended): every rank runs the same sub-model in each forward
+        hooks.append(nest.model.register_forward_pre_hook(_forward_agreement(nest, group), prepend=True))
     try:
+        units = _fsdp_modules(module if module is not None else nest.model)
+        if units or is_fsdp(nest.model):
+            _gather_once(units)
+            try:
+                return _accumulate(nest, subs, closure, **kwargs)
+            finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last
+                for u in units:  # of the step) leaves its unit unsharded: the optimizer would step the sharded
+                    u.reshard()  # parameters while the next forward reused the stale unsharded ones
+        if module is not None:
+            guard(module, nest)
+        elif _active():
+            hooks.append(nest.model.register_forward_pre_hook(_unnamed_ddp))
         with no_sync(module):
             losses = _accumulate(nest, subs, closure, **kwargs)
     finally:
-        if hook is not None:
-            hook.remove()
-    sync_gradients(nest.model, group=group)
+        for h in hooks:
+            h.remove()
+    # everything the closure trains: also parameters outside the nest inside the DDP wrapper (a task head,
+    # the LM head of a nested backbone), whose gradients no_sync kept local too
+    sync_gradients(nest.model if module is None else _inner(module), group=group)
     return losses
+
+
+def _forward_agreement(nest: Nest, group: Any) -> Callable[[nn.Module, tuple], None]:
+    """Forward pre-hook while :func:`accumulate` runs on several ranks: refuses, on every rank, a forward in
+    which ranks run different sub-models (a closure that opens ``nest.use`` on some ranks only): their
+    gradients would be averaged as one sub-model's, and FSDP's all-gathers would no longer match (a hang)."""
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if not _compiling():
+            _agree_on([str(nest.active)], group, "the sub-model of a forward inside accumulate",
+                      "a closure that switches sub-models (nest.use inside it) must do so alike on every rank")
+    return pre
 
 
 def _unnamed_ddp(mod: nn.Module, args: tuple) -> None:
@@ -293,12 +310,20 @@ def _collective_device(group: Any) -> torch.device:
 
 def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any) -> None:
     """Raise :class:`SortedNetError` on every rank unless every rank passes the same sub-models, in the same
-    order (one ``all_reduce`` of a digest). Ranks that drew differently (a seed per rank, another ``k``)
-    would average the gradients of different sub-models, or mismatch their collectives and abort."""
+    order. Ranks that drew differently (a seed per rank, another ``k``) would average the gradients of
+    different sub-models, or mismatch their collectives and abort."""
     try:
         names = [str(nest.resolve(s)) for s in subs]
     except SortedNetError:
         names = [repr(s) for s in subs]  # (refused by accumulate itself, alike on every rank)
+    _agree_on(names, group, "the sub-models of this step",
+              "give every rank's Sampler the same seed, k and step (the gradients of different sub-models "
+              "would be averaged)")
+
+
+def _agree_on(names: list[str], group: Any, what: str, hint: str) -> None:
+    """Raise :class:`SortedNetError` on every rank unless ``names`` is the same on every rank (one ``all_reduce``
+    of a digest; the names are gathered only to say which rank differs)."""
     digest = int.from_bytes(hashlib.sha1("\n".join(names).encode()).digest()[:7], "big")  # exact in int64
     t = torch.tensor([digest, -digest], dtype=torch.int64, device=_collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -306,9 +331,8 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any) ->
         every: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(every, names, group=group)
         bad = next(r for r, other in enumerate(every) if other != every[0])
-        raise SortedNetError(f"ranks disagree on the sub-models of this step: rank 0 has {every[0]}, rank {bad} "
-                             f"has {every[bad]}; give every rank's Sampler the same seed, k and step (the "
-                             "gradients of different sub-models would be averaged)")
+        raise SortedNetError(f"ranks disagree on {what}: rank 0 has {every[0]}, rank {bad} has {every[bad]}; "
+                             f"{hint}")
 
 
 def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:

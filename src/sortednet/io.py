@@ -32,6 +32,7 @@ from .meta import (
     rows_of,
 )
 from .nest import Nest, wrap
+from .views import is_sharded
 from .wrap import plan
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
@@ -123,6 +124,11 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     full = len(nest.submodels) == _product(nest)
     subs = None if full else [[s[d.name] for d in nest.dims] for s in nest.submodels]
     sd = nest.model.state_dict() if state is None else _checked_state(nest, state)
+    shards = [k for k, t in sd.items() if is_sharded(t)]
+    if shards:
+        raise SortedNetError(f"sn.save(): {shards[0]!r} (and {len(shards) - 1} more) is a shard (the model is "
+                             "sharded with FSDP2): use sortednet.distributed.save(nest, path) on every rank, which "
+                             "gathers the full state and writes it from rank 0")
     odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if odd:
         raise SortedNetError(f"cannot save: state_dict entries {odd[:3]} are not tensors (a module's "

@@ -27,7 +27,8 @@ def refuse_tree_change(path: str, action: str, depth: bool) -> None:
            "sortednet slices the module there or modules below it; a module put in its place would run unsliced "
            "under every sub-model")
     raise SortedNetError(f"{action} is refused while the model is wrapped: {why}. nest.unwrap(), change the "
-                         "model, then wrap it again (for activation checkpointing see nest.checkpoint)")
+                         "model, then wrap it again (activation checkpointing: nest.checkpoint; compiling: "
+                         "nest.compile() or torch.compile(model), not per block)")
 
 
 @slicer(nn.ModuleList, nn.Sequential)
