@@ -331,6 +331,38 @@ def test_sliced_mha_reads_masks_as_stock_mha_does(which, dtype):
                         run(x, **kw)
 
 
+@pytest.mark.parametrize("mask,kpm", [
+    ((12, 5, 5), None),   # per head, for a batch of 3: batch 1 would get batch 0's last heads' masks
+    ((6, 5, 5), None),    # three heads per sequence (neither the full model's 4 nor the sub-model's 2)
+    ((2, 5, 5), None),    # one mask per sequence: PyTorch refuses it, broadcast over heads it was not
+    ((1, 5, 5), None), ((4, 5), None), (None, (2, 4))])
+def test_sliced_mha_refuses_the_mask_shapes_stock_mha_refuses(mask, kpm):
+    torch.manual_seed(0)
+    m = _MHANet(True).eval()
+    x = torch.randn(2, 5, 16)
+    am = None if mask is None else torch.rand(mask) > 0.7
+    pad = None if kpm is None else torch.zeros(kpm, dtype=torch.bool)
+    with pytest.raises((RuntimeError, AssertionError)):
+        m(x, pad, am)                                   # the full model, unwrapped: PyTorch refuses
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn="att"))
+    with nest.use("h=2"), pytest.raises(sn.SortedNetError, match="must be"):
+        m(x, pad, am)
+
+
+def test_sliced_mha_takes_per_head_masks_of_the_full_model_or_of_the_submodel():
+    torch.manual_seed(0)
+    m = _MHANet(True).eval()
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn="att"))
+    x = torch.randn(2, 5, 16)
+    full = torch.rand(2, 4, 5, 5) > 0.6
+    full[..., 0] = False                                # every query sees a key
+    small = nest.export("h=2").eval()
+    with torch.no_grad(), nest.use("h=2"):
+        live = m(x, None, full.reshape(8, 5, 5))[0]     # the full model's mask: its first 2 heads are kept
+        torch.testing.assert_close(live, m(x, None, full[:, :2].reshape(4, 5, 5))[0])
+        torch.testing.assert_close(live, small(x, None, full[:, :2].reshape(4, 5, 5))[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @given(heads=st.sampled_from([1, 2, 4]), batch_first=st.booleans(), seed=st.integers(0, 2**16))
 def test_transformer_encoder_with_padding_under_no_grad(heads, batch_first, seed):

@@ -379,6 +379,44 @@ def test_changing_the_wrapped_module_tree_is_refused_before_it_lands(change, ins
     assert [(n, mod) for n, mod in m.named_modules()] != tree
 
 
+_SHIFTS = {  # torch's insert / pop / del write the container's _modules directly: no registration hook sees them
+    "insert a block": lambda m: m.blocks.insert(0, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))),
+    "pop a block": lambda m: m.blocks.pop(0),
+    "delete a block": lambda m: m.blocks.__delitem__(1),
+    "pop the last layer of a block": lambda m: m.blocks[1].pop(2),
+    "insert into a block": lambda m: m.blocks[0].insert(0, nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("change", _SHIFTS)
+def test_modules_inserted_or_removed_on_the_path_are_refused_at_the_next_forward(change):
+    """Without Depth, ``blocks`` is a plain ModuleList on the path to the sliced layers: an inserted block would
+    sit at a wrapped path and run unsliced (silently, under every sub-model). The next forward refuses."""
+    m = _Blocks()
+    nest = sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+    x = torch.randn(5, 8)
+    _SHIFTS[change](m)
+    for ctx in (nest.use("ffn=4"), contextlib.nullcontext()):
+        with ctx, pytest.raises(sn.SortedNetError, match="when wrapped: a module was inserted or removed"):
+            m(x)
+    with pytest.raises(sn.SortedNetError, match="changed after wrap"):
+        nest.export("ffn=4")
+    nest.unwrap()
+    assert not any("_sn" in mod.__dict__ for mod in m.modules())   # the user's (changed) model again
+
+
+def test_a_deep_copy_follows_the_nest_and_refuses_block_changes_alike():
+    m = _Blocks()
+    nest = _blocks_nest(m)
+    ema = copy.deepcopy(m)   # an EMA / teacher copy: it runs the nest's sub-models too
+    for change in ("append a block", "replace a block", "insert a block", "pop a block"):
+        with pytest.raises(sn.SortedNetError, match=r"(?s)Depth layer list 'blocks'.*nest.unwrap_copy\(copy\)"):
+            _TREE_CHANGES[change](ema)
+    assert len(ema.blocks._modules) == 3
+    nest.unwrap_copy(ema)
+    ema.blocks.append(nn.Identity())
+
+
 def test_putting_back_the_same_module_and_changing_parts_outside_the_nest_are_fine():
     m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3), nn.Softmax(-1))
     nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
@@ -644,10 +682,10 @@ def test_a_container_remade_around_the_same_sliced_modules_is_accepted():
     x = torch.randn(2, 4)
     sn.accumulate(nest, ["h=8"], lambda: m(x).sum())
     assert nest.cost("h=8") == sum(p.numel() for p in nest.export("h=8").parameters())
-    with pytest.raises(sn.SortedNetError, match="setting '0.2' to a Linear is refused"):
+    with pytest.raises(sn.SortedNetError, match="setting '0.2' to a new Linear is refused"):
         m[0][2] = nn.Linear(16, 3)                      # the new container is guarded as the old one was
     m[0] = nn.Sequential(*list(m[0]))                   # and re-made again, before any check refreshed the nest
-    with pytest.raises(sn.SortedNetError, match="setting '0.0' to a Linear is refused"):
+    with pytest.raises(sn.SortedNetError, match="setting '0.0' to a new Linear is refused"):
         m[0][0] = nn.Linear(4, 16)
     nest.unwrap()
     m[0][0] = nn.Linear(4, 16)                          # unwrapped: no guard is left

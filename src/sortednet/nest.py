@@ -191,9 +191,9 @@ class Nest:
         """Refuse, from now on, assignments that would change the module tree under the nest (a sliced module
         or one above it replaced, a block added to a Depth layer list): the live sub-models would run another
         model silently (see :func:`~sortednet.wrap.guard_tree`)."""
-        unguard_tree(getattr(self, "_guards", ()))
-        self._guards = guard_tree(self.model, self._sliced,
-                                  {p: m for p, m in self._sliced.items() if "depth" in m._sn.bind})
+        unguard_tree(getattr(self, "_guards", None))
+        self._guards = self._pin.guards = guard_tree(
+            self.model, self._sliced, {p: m for p, m in self._sliced.items() if "depth" in m._sn.bind})
 
     def _count_tensors(self) -> None:
         """(Re)build what counts parameters by object: the owner of each sliced tensor and the counter, then

@@ -9,7 +9,7 @@ import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -344,10 +344,11 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock")
+    __slots__ = ("active", "local", "lock", "guards")
 
     def __init__(self, active: Any) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
+        self.guards: Guards | None = None  # the nest's module tree: its containers' child counts are checked
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -374,6 +375,8 @@ class Pin:
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
             return
+        if self.guards is not None:
+            self.guards.check_counts()  # (a few len() calls: insert / pop / del reach no registration hook)
         a = self.active
         stack = self._stack()
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
@@ -457,11 +460,30 @@ def tree_links(root: nn.Module, paths: Iterable[str]) -> list[tuple[nn.Module, s
     return list(seen.values())
 
 
+@dataclass
+class Guards:
+    """What a nest guards: the ``(parent, child name)`` links (name None: a Depth layer list), and every
+    container on them with its child count, which ``insert`` / ``pop`` / ``del`` change without any
+    registration hook seeing it (the root forward checks the counts, see :class:`Pin`)."""
+
+    links: list[tuple[nn.Module, str | None]] = field(default_factory=list)
+    counts: list[tuple[nn.Module, int, str]] = field(default_factory=list)
+
+    def check_counts(self) -> None:
+        for c, n, path in self.counts:
+            if len(c._modules) != n:
+                raise SortedNetError(
+                    f"{path or '<root>'!r} holds {len(c._modules)} modules, {n} when wrapped: a module was inserted "
+                    "or removed after wrap (insert / pop / del), so sliced modules moved to other paths and a "
+                    "module that was never wrapped may run unsliced. nest.unwrap(), change the model, then wrap "
+                    "it again")
+
+
 @dataclass(frozen=True)
 class _Guard:
     path: str                               # the guarded child's path (a layer list's own path for its key None)
     below: tuple[tuple[str, nn.Module], ...]  # the sliced modules at or below it, by path relative to it
-    entries: list                           # the nest's guard entries (a re-made container's links join them)
+    guards: Guards                          # the nest's (a re-made container's links join them)
 
 
 #: parent module -> {child name (None: any name, a Depth layer list) -> _Guard}: the links from a nest's root
@@ -481,48 +503,56 @@ def _at(m: nn.Module, rel: str) -> Any:
 
 def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
     """Global module registration hook (``setattr`` / ``add_module`` of a child): refuses changing a guarded
-    link; a container re-made around the same sliced modules (at the same paths) is accepted and guarded.
-    Costs one weak-dict lookup per module registration in the process."""
+    link or a block of a Depth layer list (also of a deep copy of a wrapped model, which follows the nest);
+    a container re-made around the same sliced modules (at the same paths) is accepted and guarded. Costs
+    one weak-dict lookup per module registration in the process."""
     names = _GUARDED.get(parent)
-    if names is None:
+    st = parent.__dict__.get("_sn")
+    depth = st is not None and "depth" in st.bind
+    if names is None and not depth:
         return None
-    g, depth = names.get(name), None in names
+    g = None if names is None else names.get(name)
     if g is None and not depth or parent._modules.get(name, ()) is value:  # not guarded, or the same module
         return None
     if g is not None and value is not None and all(_at(value, rel) is m for rel, m in g.below):
-        _guard(value, g.path, g.below, g.entries)
+        _guard(value, g.path, g.below, g.guards)
         return None
-    lists = names[None].path if depth else ""
+    lists = st.path if depth else ""
     where = g.path if g is not None else f"{lists}.{name}" if lists else name
     refuse_tree_change(lists if depth else where,
-                       f"setting {where!r} to {'None' if value is None else 'a ' + type(value).__name__}", depth)
+                       f"setting {where!r} to {'None' if value is None else 'a new ' + type(value).__name__}", depth)
 
 
-def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Module]], entries: list) -> None:
+def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Module]], guards: Guards) -> None:
     sliced = tuple(sliced)
+    containers = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
     for parent, name, _, path in tree_links(root, [rel for rel, _ in sliced]):
         full = f"{root_path}.{path}" if root_path and path else root_path or path
         below = tuple((rel[len(path) + 1:] if rel != path else "", m) for rel, m in sliced
                       if rel == path or rel.startswith(path + "."))
-        _GUARDED.setdefault(parent, {})[name] = _Guard(full, below, entries)
-        entries.append((parent, name))
+        _GUARDED.setdefault(parent, {})[name] = _Guard(full, below, guards)
+        guards.links.append((parent, name))
+        if isinstance(parent, containers) and all(c is not parent for c, _, _ in guards.counts):
+            guards.counts.append((parent, len(parent._modules), full.rpartition(".")[0]))
 
 
-def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> list:
+def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> Guards:
     """Guard the links from ``root`` to its ``sliced`` modules (path -> module) and the Depth layer lists
-    ``containers`` (path -> list) against assignments; returns the entries for :func:`unguard_tree`."""
+    ``containers`` (path -> list) against assignments; returns them for :func:`unguard_tree`."""
     if not _HOOK:
         _HOOK.append(nn.modules.module.register_module_module_registration_hook(_registration_guard))
-    entries: list[tuple[nn.Module, str | None]] = []
-    _guard(root, "", sliced.items(), entries)
+    guards = Guards()
+    _guard(root, "", sliced.items(), guards)
     for path, c in containers.items():
-        _GUARDED.setdefault(c, {})[None] = _Guard(path, (), entries)
-        entries.append((c, None))
-    return entries
+        _GUARDED.setdefault(c, {})[None] = _Guard(path, (), guards)
+        guards.links.append((c, None))
+        if all(x is not c for x, _, _ in guards.counts):
+            guards.counts.append((c, len(c._modules), path))
+    return guards
 
 
-def unguard_tree(entries: Iterable[tuple[nn.Module, str | None]]) -> None:
-    for parent, name in entries:
+def unguard_tree(guards: Guards | None) -> None:
+    for parent, name in () if guards is None else guards.links:
         names = _GUARDED.get(parent)
         if names is not None:
             names.pop(name, None)

@@ -26,9 +26,10 @@ def refuse_tree_change(path: str, action: str, depth: bool) -> None:
            "sub-models or overwrite it") if depth else (
            "sortednet slices the module there or modules below it; a module put in its place would run unsliced "
            "under every sub-model")
-    raise SortedNetError(f"{action} is refused while the model is wrapped: {why}. nest.unwrap(), change the "
-                         "model, then wrap it again (activation checkpointing: nest.checkpoint; compiling: "
-                         "nest.compile() or torch.compile(model), not per block)")
+    raise SortedNetError(f"{action} is refused while the model is wrapped: {why}. nest.unwrap() (a deep copy of "
+                         "the wrapped model: nest.unwrap_copy(copy)), change the model, then wrap it again "
+                         "(activation checkpointing: nest.checkpoint; compiling: nest.compile() or "
+                         "torch.compile(model), not per block)")
 
 
 @slicer(nn.ModuleList, nn.Sequential)
@@ -59,7 +60,7 @@ class DepthSlicer(Slicer):
             return base([mod for _, mod in items])
 
         def insert(self_, index, module):
-            refuse_tree_change(self_._sn.path, f"inserting a {type(module).__name__} at {index} of "
+            refuse_tree_change(self_._sn.path, f"inserting a new {type(module).__name__} at {index} of "
                                f"{self_._sn.path or '<root>'!r}", True)
 
         def __delitem__(self_, idx):

@@ -40,6 +40,7 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     L, B, _ = query.shape
     S = key.shape[0]
+    _check_masks(mha, attn_mask, key_padding_mask, B, L, S, heads)
     d = mha.head_dim
     w, b = mha.in_proj_weight, mha.in_proj_bias
     n = heads * d
@@ -77,6 +78,25 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         out = out.squeeze(1)
         weights = None if weights is None else weights.squeeze(0)
     return out, weights
+
+
+def _check_masks(mha: nn.Module, attn_mask: Tensor | None, kpm: Tensor | None, B: int, L: int, S: int,
+                 heads: int) -> None:
+    """The mask shapes ``nn.MultiheadAttention`` accepts, refused otherwise (a per-head 3-D mask is read as
+    ``(B, heads, L, S)``: one of another batch size would hand a sequence another's masks). A 3-D mask may
+    hold the full model's heads (the active ones are kept) or exactly the active heads."""
+    full = mha.__dict__.get("num_heads", heads)  # a sliced module's own attribute: the full count
+    if attn_mask is not None:
+        per_head = {B * full, B * heads}
+        ok = attn_mask.shape == (L, S) if attn_mask.dim() == 2 else \
+            attn_mask.dim() == 3 and attn_mask.shape[1:] == (L, S) and attn_mask.shape[0] in per_head
+        if not ok:
+            want = f"({L}, {S}), or ({B * full}, {L}, {S}) per head (batch x heads)" + (
+                f", or ({B * heads}, {L}, {S}) for the {heads} heads of this sub-model" if heads != full else "")
+            raise SortedNetError(f"attn_mask of shape {tuple(attn_mask.shape)} for a batch of {B}, {L} queries "
+                                 f"and {S} keys: it must be {want}")
+    if kpm is not None and kpm.shape != (B, S):
+        raise SortedNetError(f"key_padding_mask of shape {tuple(kpm.shape)}: it must be (batch, keys) = ({B}, {S})")
 
 
 class MaskTypeError(SortedNetError, AssertionError):
