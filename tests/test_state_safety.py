@@ -549,6 +549,29 @@ def test_a_refused_load_state_dict_keeps_the_calibration(strict):
             torch.testing.assert_close(m(x), want, rtol=0, atol=1e-6, msg=sub)
 
 
+def test_a_load_refused_for_another_key_keeps_the_calibration_and_a_changed_one_drops_it():
+    """PyTorch copies what matches and then raises for the rest: the model's own statistics loaded again
+    change no buffer, so the calibration stays (it was dropped); statistics that do change are dropped."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", norm="1", inp="3"))
+    nest.calibrate([torch.randn(32, 8) * 3 + 1 for _ in range(2)])
+    x = torch.randn(5, 8)
+    with nest.use("h=4"), torch.no_grad():
+        before = m(x)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    bad = {**state, "3.weight": torch.zeros(5, 16)}          # refused for another module's key
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        m.load_state_dict(bad)
+    assert m[1]._sn.norm is not None
+    with nest.use("h=4"), torch.no_grad():
+        torch.testing.assert_close(m(x), before, rtol=0, atol=0)
+    changed = {**bad, "1.running_mean": state["1.running_mean"] + 1}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        m.load_state_dict(changed)                           # PyTorch copied the new statistics anyway
+    assert m[1]._sn.norm is None and torch.equal(m[1].running_mean, changed["1.running_mean"])
+
+
 # -- depth: skipped blocks never run -------------------------------------------------------------------
 
 

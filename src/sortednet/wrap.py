@@ -249,14 +249,16 @@ def drop_calibration(module: nn.Module, state_dict: dict, prefix: str, *args: An
     """``load_state_dict`` pre-hook of a sliced BatchNorm: loading its running statistics makes the
     per-sub-model statistics of ``nest.calibrate`` stale (they describe other weights); they are dropped, so
     eval reads the loaded buffers, as plain PyTorch does. ``sn.load`` restores a checkpoint's calibration.
-    Only statistics PyTorch will copy count: a tensor of another shape is refused by ``load_state_dict``,
-    which leaves the buffer, so the calibration stays too."""
+    Only statistics that change the buffer count: a tensor of another shape is refused by ``load_state_dict``,
+    which leaves the buffer, and the same values change nothing (a load that PyTorch refuses for another
+    key, of the model's own state), so the calibration stays then."""
     st = module.__dict__.get("_sn")
     if st is None or st.norm is None:
         return
     for n in ("running_mean", "running_var"):
         new, old = state_dict.get(f"{prefix}{n}"), module._buffers.get(n)
-        if isinstance(new, torch.Tensor) and old is not None and new.shape == old.shape:
+        if isinstance(new, torch.Tensor) and old is not None and new.shape == old.shape \
+                and not torch.equal(new.detach().to(old.device, old.dtype), old):
             st.norm = None
             return
 
