@@ -293,7 +293,11 @@ def _bypassing_hooks(m):  # a private write no registration hook sees: the nest'
     m._modules["4"] = nn.Linear(16, 3)
 
 
-@pytest.mark.parametrize("change", [_append, _insert, _bypassing_hooks])
+def _shadowing(m):  # an instance attribute of a child's name: the forward would read it instead of the child
+    object.__setattr__(m, "4", nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("change", [_append, _insert, _bypassing_hooks, _shadowing])
 def test_cost_pick_export_save_and_load_refuse_a_model_changed_after_wrap(change, tmp_path):
     m = _mlp()
     nest = _mlp_nest(m)

@@ -259,6 +259,10 @@ class Nest:
             if why is None:  # every path still leads to its module (a container re-made around them): fine
                 self._links = self._wrapped_links()
                 self._guard()
+        if why is None:  # an instance attribute of a child's name wins over the child (object.__setattr__)
+            shadow = next((n for p, n, _ in self._links if n in p.__dict__), None)
+            if shadow is not None:
+                why = f"the child {shadow!r} is hidden by an instance attribute of that name"
         if why is None:
             new = self._fingerprint()
             if new != self._structure:
