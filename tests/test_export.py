@@ -563,3 +563,24 @@ def test_prelu_slopes_follow_their_channels(layer):
     with pytest.raises(sn.SortedNetError, match=r"one shared slope|'1' \(PReLU\) has 1"):
         sn.wrap(shared, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
     assert_unchanged(shared, before)
+
+
+def test_an_exported_attention_keeps_the_models_mode_and_scripting_is_refused_clearly():
+    """The export of fewer heads than the embedding width is a PrunedMultiheadAttention, a new module: it
+    started in training mode, so the dropout of an eval model ran at inference (two calls differed)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.3, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    nest = sn.wrap(enc, sn.Heads("h", [2, 4], attn="layers.*.self_attn"))
+    x = torch.randn(2, 5, 16)
+    small = nest.export("h=2")
+    assert not any(m.training for m in small.modules())
+    with torch.no_grad(), nest.use("h=2"):
+        live = enc(x)
+        torch.testing.assert_close(small(x), live, atol=1e-5, rtol=0)
+        torch.testing.assert_close(small(x), small(x), atol=0, rtol=0)
+    with pytest.raises(sn.SortedNetError, match="PrunedMultiheadAttention.*not scriptable"):
+        torch.jit.script(small)
+    with pytest.raises(sn.SortedNetError, match="torch.jit.script of a wrapped model"):
+        torch.jit.script(enc)
+    torch.testing.assert_close(torch.jit.trace(small, x)(x), live, atol=1e-5, rtol=0)

@@ -394,6 +394,15 @@ def _no_pickle(self: nn.Module, protocol: int) -> None:
                          "nest.export(sub) for one plain model, or nest.unwrap() first")
 
 
+def _no_script(self: nn.Module) -> None:
+    """``torch.jit.script`` calls it on every module first: a sliced class reads its weights per sub-model in
+    Python, which TorchScript cannot compile."""
+    raise SortedNetError(f"torch.jit.script of a wrapped model ({self.__dict__['_sn'].path or '<root>'!r} is a "
+                         f"sliced {self.__dict__['_sn'].cls.__name__}): script nest.export(sub), a plain model of one "
+                         "sub-model; torch.jit.trace or torch.export.export of the live model under nest.use(sub) "
+                         "capture that sub-model")
+
+
 def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
     """The per-instance subclass of ``type(m)`` (cached per class, slicer and names)."""
     key = (type(m), type(sl), names)
@@ -404,7 +413,8 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
                                                        "__delattr__": _guarded_delattr(base, frozenset(names)),
                                                        "register_parameter": _guarded_register(base, frozenset(names)),
                                                        "__module__": base.__module__,
-                                                       "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle})
+                                                       "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle,
+                                                       "__prepare_scriptable__": _no_script})
         _SUBCLASSES[key] = cls
     return cls
 

@@ -208,6 +208,12 @@ class PrunedMultiheadAttention(nn.Module):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         self._qkv_same_embed_dim = False  # keeps PyTorch's fused fast paths away
+        self.training = src.training      # (a new module starts in training mode: dropout would run in eval)
+
+    def __prepare_scriptable__(self) -> None:
+        raise SortedNetError("torch.jit.script: PrunedMultiheadAttention (the export of an nn.MultiheadAttention "
+                             "whose heads x head_dim no longer equals its embedding width) is not scriptable; use "
+                             "torch.jit.trace or torch.export.export of the exported model")
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
