@@ -419,6 +419,10 @@ def test_a_deep_copy_follows_the_nest_and_refuses_block_changes_alike():
     assert len(ema.blocks._modules) == 3
     nest.unwrap_copy(ema)
     ema.blocks.append(nn.Identity())
+    teacher = copy.deepcopy(m)          # a copy still wrapped after the nest is unwrapped: the user's model is
+    nest.unwrap()                       # free again, and the copy does not check it
+    m.blocks.insert(0, nn.Identity())
+    teacher(torch.randn(2, 8))
 
 
 def test_putting_back_the_same_module_and_changing_parts_outside_the_nest_are_fine():

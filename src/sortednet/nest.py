@@ -733,6 +733,7 @@ class Nest:
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
         unwrap_modules(self._sliced.values(), self._hooks, merge=merge)
         unguard_tree(self._guards)
+        self._pin.guards = None  # (deep copies keep the pin: they no longer check the user's model)
         for d in self.dims:
             d._nest = None
         self._state.default = full  # deep copies of the model (EMA / teacher) still follow it: the full model
