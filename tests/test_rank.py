@@ -430,3 +430,31 @@ def test_wrap_under_inference_mode_makes_trainable_factors(mode):
     with nest.use(nest.smallest):
         model(torch.randn(3, 8)).sum().backward()
     assert all(p.grad is not None for p in nest.trainable_parameters())
+
+
+@pytest.mark.parametrize("mode,export", [("svd", "factored"), ("svd", "auto"), ("svd", "merged"), ("lora", "auto")])
+def test_a_bias_shared_with_another_layer_stays_shared_in_every_export(mode, export):
+    """A factored export moves the bias into a new Linear; it was a clone there, so the tie was lost and the
+    export held more parameters than cost() counted (112 vs 104)."""
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.bias = self.a.bias
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    m = Two()
+    kw = {"export": export} if mode == "svd" else {}
+    nest = sn.wrap(m, sn.Rank("r", [2, 8], targets=["a"], mode=mode, **kw))
+    x = torch.randn(3, 8)
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        biases = [mod.bias for mod in small.modules() if isinstance(mod, nn.Linear) and mod.bias is not None]
+        assert len({id(b) for b in biases}) == 1, sub
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params"), sub
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(small(x), m(x), atol=1e-5, rtol=0)

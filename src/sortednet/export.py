@@ -177,7 +177,13 @@ def _share_once(live: nn.Module, new: nn.Module, skipped: list[str], sub: SubMod
         for path, name, _ in group:
             try:
                 c = new.get_submodule(path) if path else new
-            except AttributeError:  # restructured by its slicer's export (e.g. factored low rank)
+                lm = live.get_submodule(path) if path else live
+                st = lm.__dict__.get("_sn")
+                to = None if st is None else st.slicer.moved(lm).get(name)
+                if to is not None:  # a tensor its slicer's export moved into a new child (factored low rank)
+                    sub_path, _, name = to.rpartition(".")
+                    c = c.get_submodule(sub_path)
+            except AttributeError:  # restructured by its slicer's export
                 continue
             store = c._parameters if name in c._parameters else c._buffers if name in c._buffers else None
             if store is not None and store[name] is not None:

@@ -333,6 +333,11 @@ class Slicer:
         them out of the copy; Depth: the blocks past the active depth). Empty by default."""
         return []
 
+    def moved(self, m: nn.Module) -> dict[str, str]:
+        """Where ``export`` puts ``m``'s tensors that it moves into new children, ``{name: "child.name"}``
+        (a factored low-rank layer's bias), so a tensor ``m`` shares with other modules stays shared."""
+        return {}
+
 
 def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str], None]:
     """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize and

@@ -236,6 +236,9 @@ class SVDSlicer(LowRankSlicer):
             return r * i if fact else 0
         return super().numel(m, name)
 
+    def moved(self, m: nn.Module) -> dict[str, str]:
+        return {"bias": "1.bias"} if self.factored(m) else {}
+
     def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
         U, V, bias = live.U, live.V, live.bias
         grad = live.__dict__["_sn"].extra["weight"].requires_grad
