@@ -202,6 +202,36 @@ def test_hf_models_from_config(family):
         torch.testing.assert_close(model(**ex).last_hidden_state, ref, atol=1e-5, rtol=0)
 
 
+def test_gpt2_conv1d_layers_are_discovered_like_linears():
+    """transformers' ``Conv1D`` (a linear layer with a transposed weight) is one call to discovery: GPT-2's
+    FFN of each layer and its residual width (tied ``wte`` / ``lm_head``, ``wpe``, every LayerNorm) are found,
+    and a forgotten ``c_proj`` is named by check (it blamed the first ``c_attn``, an op it did not know)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ex = torch.randint(0, 64, (2, 7))
+    dims = sn.discover(model, ex, ratios=[0.5, 1.0])
+    ffn = [d for d in widths(dims) if len(d.out) == 1]
+    assert [(d.out, d.inp) for d in ffn] == [((f"transformer.h.{i}.mlp.c_fc",), (f"transformer.h.{i}.mlp.c_proj",))
+                                             for i in range(2)]
+    hidden = next(d for d in widths(dims) if "transformer.wte" in d.out)
+    assert "transformer.wpe" in hidden.out and "lm_head" in hidden.inp and "transformer.ln_f" in hidden.norm
+    nest = sn.wrap(model, *dims, example=ex)
+    for sub in nest.submodels[::3]:
+        with nest.use(sub), torch.no_grad():
+            live = model(ex).logits
+        small = nest.export(sub, plain=True)
+        assert small.lm_head.weight is small.transformer.wte.weight
+        with torch.no_grad():
+            torch.testing.assert_close(small(ex).logits, live, atol=1e-5, rtol=0)
+    nest.unwrap()
+    forgot = sn.Width("h", [16, 32], out=[p for p in hidden.out if p != "transformer.h.1.mlp.c_proj"],
+                      inp=list(hidden.inp), norm=list(hidden.norm))
+    with pytest.raises(sn.SortedNetError, match="add out='transformer.h.1.mlp.c_proj'"):
+        sn.wrap(model, forgot, example=ex)
+
+
 class _Mixing(nn.Module):
     """``a``'s 8 features reach an op that mixes or reorders them along their own axis (``how``), then ``o``;
     ``b`` -> ``c`` next to it is a plain pair that stays discoverable."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .cost import call_model
-from .coupling_ops import _LEAVES, Attention, _tensors, attention_block, handle, module
+from .coupling_ops import Attention, _tensors, attention_block, handle, leaf_types, module
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads, separate_qkv
 from .modes import dry_run, eval_view, seeded
@@ -120,7 +120,8 @@ def _base(m: nn.Module) -> type:
 def _is_leaf(m: nn.Module) -> bool:
     """A module type whose slicing rule is known and whose forward is the stock one."""
     cls = _base(m)
-    base = next((b for b in cls.__mro__ if b in _LEAVES), None)
+    kinds = leaf_types()
+    base = next((b for b in cls.__mro__ if b in kinds), None)
     return base is not None and cls.forward is base.forward
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,24 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM_LAST = (nn.LayerNorm, *_RMS)
 _LEAVES = (nn.Linear, *_CONV, *_CONV_T, nn.Embedding, *_NORM_LAST, nn.GroupNorm, _BatchNorm, _InstanceNorm,
            nn.PReLU, nn.MultiheadAttention)
+
+
+
+def leaf_types() -> tuple[type, ...]:
+    """The module types recorded as one call: :data:`_LEAVES`, and transformers' GPT-2 ``Conv1D`` (a linear
+    layer with a transposed weight) once transformers is imported."""
+    conv1d = _hf_conv1d()
+    return _LEAVES if conv1d is None else (*_LEAVES, conv1d)
+
+
+def _hf_conv1d() -> type | None:
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _linear_like(m: nn.Module) -> bool:
+    conv1d = _hf_conv1d()
+    return isinstance(m, nn.Linear) or (conv1d is not None and isinstance(m, conv1d))
+
 
 _ELEMENTWISE = set("""add add_ sub sub_ rsub mul mul_ div div_ true_divide floor_divide remainder pow pow_ relu relu_
 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6
@@ -374,7 +393,7 @@ def module(a, ev) -> None:
         return a.unknown(ev)
     y = outs[0]
     xv = a.of(x)
-    if isinstance(m, nn.Linear):
+    if _linear_like(m):
         if y.shape[:-1] != x.shape[:-1]:
             return a.unknown(ev)
         a.uf.bind(xv[-1], path, "inp")
