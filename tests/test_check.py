@@ -705,3 +705,40 @@ def test_a_fused_attention_on_one_position_is_refused_too():
         nest.check(torch.randn(2, 1, 5))
     with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads"):
         nest.check(torch.randn(2, 6, 5))
+
+
+class _MyRMSNorm(nn.Module):
+    """A norm of the user's, with a slicer of the user's (sn.slicer): the wiring trace records its ops."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+@sn.slicer(_MyRMSNorm)
+class _MyRMSNormSlicer(sn.Slicer):
+    roles = ("norm",)
+    attrs = ("weight",)
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0]
+
+    def value(self, m, name):
+        return self.take(m, "weight", [(0, "norm")])
+
+
+def test_a_forgotten_binding_next_to_a_norm_of_the_users_does_not_blame_the_norm():
+    """The trace stops at the user's norm (its ops touch its own weight), so it cannot name the forgotten
+    module; the message said to remove the norm's (correct) binding."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), _MyRMSNorm(16), nn.Linear(16, 16), _MyRMSNorm(16), nn.Linear(16, 3))
+    x = torch.randn(2, 4)
+    ok = sn.wrap(m, sn.Width("h", [8, 16], out=["0", "2"], inp=["2", "4"], norm=["1", "3"]), example=x)
+    ok.unwrap()
+    with pytest.raises(sn.SortedNetError) as e:   # the second norm forgotten
+        sn.wrap(m, sn.Width("h", [8, 16], out=["0", "2"], inp=["2", "4"], norm=["1"]), example=x)
+    assert "which this dimension slices itself: _MyRMSNorm '1'" in str(e.value)
+    assert "add norm='3'" in str(e.value) and "remove that binding" not in str(e.value)

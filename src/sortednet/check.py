@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from .coupling_ops import leaves
 from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 from .plan import Use
+from .slicers import slicer_for
 from .submodel import SubModel
 from .wrap import split_ties
 
@@ -68,9 +70,36 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
             problems.append(f"{d0.kind} {d0.name!r}: {p0!r} ({r0}=) shares its {g.size} features with modules it "
                             f"does not slice; add {lst}")
         elif g.fixed is not None:
-            problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, so they "
-                            "cannot shrink; remove that binding")
+            own = next((p for p, m in nest._sliced.items() if p and f"'{p}." in g.fixed and any(
+                b.dim is d0 for b in m._sn.bind.values())), None)
+            if own is not None:  # a module this dimension slices, recorded op by op (a slicer of the user's)
+                problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, which "
+                                f"this dimension slices itself: {nest._sliced[own]._sn.cls.__name__} {own!r} has a "
+                                "forward the wiring trace does not know, so it cannot name what is missing; check "
+                                "that every module reading or writing these features is bound (same-kind modules "
+                                "of every layer, the final norm, position embeddings)")
+            elif (hint := _unbound_owner(nest, g.fixed)) is not None:
+                problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, of a "
+                                f"module it does not slice; add {hint}")
+            else:
+                problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, so they "
+                                "cannot shrink; remove that binding")
     return problems
+
+
+def _unbound_owner(nest: Nest, fixed: str) -> str | None:
+    """``role='path'`` when ``fixed`` names a parameter of a module that a slicer with one role could slice
+    but that no dimension binds (a norm of the user's, traced op by op, left out of ``norm=``)."""
+    found = re.fullmatch(r"parameter '(.+)\.[^.']+'", fixed)
+    if found is None:
+        return None
+    path = found.group(1)
+    try:
+        m = nest.model.get_submodule(path)
+    except AttributeError:
+        return None
+    sl = None if "_sn" in m.__dict__ else slicer_for(m)
+    return None if sl is None or len(sl.roles) != 1 else f"{sl.roles[0]}={path!r}"
 
 
 def output_leaves(out: Any) -> list[Any]:
