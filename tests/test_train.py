@@ -365,6 +365,20 @@ def test_soft_loss_properties():
     assert float(d.soft_loss(t + 4.0, t)) == pytest.approx(0.0, abs=1e-5)  # shift-invariant like softmax
 
 
+@pytest.mark.parametrize("dtype,want", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                        (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_soft_loss_keeps_double_precision_and_lifts_half_precision(dtype, want):
+    """float64 logits were computed in float32 (a 1e-9 gradient error for double-precision models)."""
+    d = sn.Distill(temperature=2.0)
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
+    got = d.soft_loss(s.to(dtype), t.to(dtype))
+    assert got.dtype == want
+    ref = F.kl_div(F.log_softmax(s.to(dtype).to(want) / 2, -1), F.log_softmax(t.to(dtype).to(want) / 2, -1),
+                   reduction="batchmean", log_target=True) * 4
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"temperature": float("nan")}, {"alpha": 1.5},
                                     {"alpha": -0.1}, {"temperature": "2"}, {"alpha": True},
                                     {"temperature": torch.tensor([1.0, 2.0])}])

@@ -100,8 +100,9 @@ class Distill:
             raise SortedNetError(f"distillation needs student and teacher logits of one shape, got "
                                  f"{tuple(student.shape)} and {tuple(teacher.shape)}")
         t = self.temperature
-        s = F.log_softmax(student.float().flatten(0, -2) / t, dim=-1)
-        p = F.log_softmax(teacher.float().flatten(0, -2) / t, dim=-1)
+        dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)  # bf16 /
+        s = F.log_softmax(student.to(dtype).flatten(0, -2) / t, dim=-1)  # fp16 logits in float32, float64 kept
+        p = F.log_softmax(teacher.to(dtype).flatten(0, -2) / t, dim=-1)
         return F.kl_div(s, p, reduction="batchmean", log_target=True) * (t * t)
 
 
