@@ -291,3 +291,19 @@ def test_a_cost_rule_state_loads_into_a_sampler_of_the_nest_and_says_so_otherwis
         assert b.draw(7) == a.draw(7)
         with pytest.raises(sn.SortedNetError, match=r"sn.Sampler\(nest, ...\)"):
             sn.Sampler(nest.submodels, k=1).load_state_dict(a.state_dict())
+
+
+def test_a_sampler_built_from_the_nest_pickles_and_copies_without_it():
+    """It held the nest (for cost weights), which cannot be pickled: pickle / deepcopy of the sampler raised
+    about the Nest. The copy draws the same sub-models with the same loss weights."""
+    import copy
+    import pickle
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 6, 8], out="0", inp="1"))
+    s = sn.Sampler(nest, k=2, strategy="sandwich", loss_weights="cost", seed=3)
+    for t in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert all(t.draw(i) == s.draw(i) and t.loss_weights_for(s.draw(i)) == s.loss_weights_for(s.draw(i))
+                   for i in range(6))
+        with pytest.raises(sn.SortedNetError, match="needs the nest"):  # rebuilding cost weights needs the nest
+            t.load_state_dict(s.state_dict())
+    assert s._source is nest   # the original keeps it

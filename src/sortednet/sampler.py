@@ -298,6 +298,16 @@ class Sampler:
             return [str(s) for s in self.submodels]
         return f"{len(self.submodels)} sub-models, {sequence_digest(self.submodels)}"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled / deep-copied without the nest it was built from (a nest holds the live model and cannot be
+        pickled): its sub-model list instead; draws are the same. Loading a ``weights="cost"`` state into the
+        copy needs a sampler built from the nest again."""
+        state = dict(self.__dict__)
+        src = state["_source"]
+        if hasattr(src, "submodels") and not isinstance(src, (list, tuple)):
+            state["_source"] = src.submodels
+        return state
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a configuration saved by :meth:`state_dict` (the sub-model list must match).
 
