@@ -578,7 +578,7 @@ def test_an_exported_attention_keeps_the_models_mode_and_scripting_is_refused_cl
     with torch.no_grad(), nest.use("h=2"):
         live = enc(x)
         torch.testing.assert_close(small(x), live, atol=1e-5, rtol=0)
-        torch.testing.assert_close(small(x), small(x), atol=0, rtol=0)
+        torch.testing.assert_close(small(x), small(x), atol=1e-6, rtol=0)   # no dropout in eval
     with pytest.raises(sn.SortedNetError, match="PrunedMultiheadAttention.*not scriptable"):
         torch.jit.script(small)
     with pytest.raises(sn.SortedNetError, match="torch.jit.script of a wrapped model"):

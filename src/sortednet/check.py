@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import random
 import re
-import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .cost import call_model
 from .coupling import analyse
-from .coupling_ops import leaves
+from .coupling_ops import _hf_conv1d, leaves
 from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 from .plan import Use
@@ -126,7 +125,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _maskable() -> tuple[type, ...]:
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # GPT-2's transposed Linear
+    conv1d = _hf_conv1d()  # GPT-2's transposed Linear
     return (nn.Linear, *_CONVS) if conv1d is None else (nn.Linear, *_CONVS, conv1d)
 
 
