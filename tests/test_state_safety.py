@@ -467,18 +467,44 @@ def test_replacing_a_parameter_by_one_of_the_same_shape_is_fine():
         torch.testing.assert_close(m(x), small(x))
 
 
-@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "spectral_norm", "prune"])
-def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how):
+class _Symmetric(nn.Module):
+    """A parametrization whose ``right_inverse`` PyTorch writes into the weight before deleting it."""
+
+    def forward(self, x):
+        return x.triu() + x.triu(1).transpose(-1, -2)
+
+    def right_inverse(self, a):
+        return a.triu()
+
+
+@pytest.mark.parametrize("inside", [None, "h1=8,h2=4"], ids=["full", "inside_use"])
+@pytest.mark.parametrize("how", ["parametrize", "right_inverse", "right_inverse_imported", "orthogonal",
+                                 "weight_norm", "spectral_norm", "prune", "bias"])
+def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how, inside):
+    from torch.nn.utils.parametrize import register_parametrization  # bound after sortednet's import
+
     m = _mlp()
     nest = _mlp_nest(m)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = m(x)
     before = snapshot(m)
-    apply = {"parametrize": lambda: torch.nn.utils.parametrize.register_parametrization(m[2], "weight", nn.Identity()),
+    reg = torch.nn.utils.parametrize.register_parametrization
+    apply = {"parametrize": lambda: reg(m[2], "weight", nn.Identity()),
+             "right_inverse": lambda: reg(m[2], "weight", _Symmetric()),
+             "right_inverse_imported": lambda: register_parametrization(m[2], "weight", _Symmetric()),
+             "orthogonal": lambda: torch.nn.utils.parametrizations.orthogonal(m[2]),  # writes Q of the weight
              "weight_norm": lambda: torch.nn.utils.parametrizations.weight_norm(m[2]),
              "spectral_norm": lambda: torch.nn.utils.parametrizations.spectral_norm(m[2]),
-             "prune": lambda: prune.l1_unstructured(m[2], "weight", amount=0.5)}[how]
-    with pytest.raises(sn.SortedNetError, match="2.weight is (sliced by sortednet|read through sortednet)"):
-        apply()
+             "prune": lambda: prune.l1_unstructured(m[2], "weight", amount=0.5),
+             "bias": lambda: reg(m[2], "bias", nn.Identity())}[how]
+    name = "bias" if how == "bias" else "weight"
+    with pytest.raises(sn.SortedNetError, match=f"2.{name} is (sliced by sortednet|read through sortednet)"):
+        with nest.use(inside) if inside else contextlib.nullcontext():
+            apply()
     assert_unchanged(m, before)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
     nest.unwrap()
     apply()   # the plain model: as PyTorch does
 
@@ -496,6 +522,39 @@ def test_a_sliced_parameter_replaced_by_another_shape_is_refused_before_anything
         assert not m[2].weight.any()
     nest.unwrap()
     m[2].weight = nn.Parameter(torch.randn(w.shape[0], w.shape[1] + 1))  # the plain model: as PyTorch does
+
+
+@pytest.mark.parametrize("how", ["setattr", "register_buffer", "parametrize"])
+def test_a_sliced_buffer_replaced_by_another_shape_is_refused_before_anything_changes(how):
+    """BatchNorm running statistics are sliced like its weight: another shape would make every forward fail
+    with a raw error and ``sn.save`` write a checkpoint ``sn.load`` refuses."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    nest = sn.wrap(m, sn.Width("c", [8, 16], out="0", norm="1", inp="3"))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = m(x)
+    before = snapshot(m)
+    apply = {"setattr": lambda: setattr(m[1], "running_mean", torch.zeros(4)),
+             "register_buffer": lambda: m[1].register_buffer("running_var", torch.ones(4)),
+             "parametrize": lambda: torch.nn.utils.parametrize.register_parametrization(
+                 m[1], "running_mean", nn.Identity())}[how]
+    with pytest.raises(sn.SortedNetError, match=r"1.running_(mean|var) is (sliced by sortednet|sliced)"):
+        apply()
+    assert_unchanged(m, before)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
+    m[1].running_mean = torch.full((16,), 0.5)   # the same shape (load_state_dict(assign=True)): fine
+    with torch.no_grad(), nest.use("c=8"):
+        torch.testing.assert_close(m(x), nest.export("c=8")(x), rtol=0, atol=1e-6)
+    m[1]._buffers["running_var"] = torch.ones(4)   # behind every guard: export / save / cost name it
+    for what in (lambda: nest.export("c=8"), lambda: nest.cost("c=8"), lambda: sn.save(nest, os.devnull)):
+        with pytest.raises(sn.SortedNetError, match=r"sliced buffers re-shaped: \['1.running_var \(16,\) -> \(4,\)"):
+            what()
+    m[1]._buffers["running_var"] = torch.ones(16)
+    assert nest.cost("c=8") == sum(p.numel() for p in nest.export("c=8").parameters())
+    nest.unwrap()
+    apply()   # the plain model: as PyTorch does
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")

@@ -34,12 +34,15 @@ def train(out_dir: str, world: int, mode: str) -> tuple[dict, list, int]:
     import sortednet.slicers as slicers
     from sortednet.integrations import SortedTrainer, SubModelCallback
 
-    slicers.INPLACE_MIN_NUMEL = 0
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
                                          eos_token_id=0, pad_token_id=0))
-    nest = sn.from_transformers(model, ffn=[16, 32], heads=[2], depth=[1, 2])
+    default, slicers.INPLACE_MIN_NUMEL = slicers.INPLACE_MIN_NUMEL, 0  # read by wrap: restored for later tests
+    try:
+        nest = sn.from_transformers(model, ffn=[16, 32], heads=[2], depth=[1, 2])
+    finally:
+        slicers.INPLACE_MIN_NUMEL = default
     x = torch.randint(1, 40, (4, 9), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": row, "labels": row} for row in x]
     args = TrainingArguments(os.path.join(out_dir, mode), max_steps=STEPS, per_device_train_batch_size=4 // world,

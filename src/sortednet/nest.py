@@ -184,6 +184,7 @@ class Nest:
         for d in self.dims:
             d._nest = self
         self._structure = self._fingerprint()
+        self._sliced_buffers = self._buffer_shapes()
         self._links = self._wrapped_links()
         self._guard()
 
@@ -233,6 +234,12 @@ class Nest:
         return tuple((n, tuple(p.shape), first.setdefault(id(p), i))
                      for i, (n, p) in enumerate(self.model.named_parameters(remove_duplicate=False)))
 
+    def _buffer_shapes(self) -> tuple:
+        """Shapes of the sliced buffers (BatchNorm running statistics, ...): as the slicers read them."""
+        return tuple((f"{path}.{n}" if path else n, None if (b := m._buffers[n]) is None else tuple(b.shape))
+                     for path, m in self._sliced.items() for n in sorted(getattr(type(m), "_sn_names", ()))
+                     if n in m._buffers)
+
     def _wrapped_links(self) -> list[tuple[nn.Module, str, nn.Module]]:
         """Every ``(parent, child name, child)`` link on the paths from the root to the sliced modules, as
         wrapped (taken at wrap time): checking that each still holds is a dict lookup per link."""
@@ -277,6 +284,10 @@ class Nest:
                                      ("parameters re-shaped:", changed)) if v)
                 else:
                     why = "parameters were tied or untied (a tensor now held under other names)"
+        if why is None and (bufs := self._buffer_shapes()) != self._sliced_buffers:
+            was = dict(self._sliced_buffers)
+            changed = [f"{n} {was.get(n)} -> {shape}" for n, shape in bufs if was.get(n) != shape]
+            why = f"sliced buffers re-shaped: {changed[:3]}" + (" ..." if len(changed) > 3 else "")
         if why is not None:
             raise SortedNetError(f"{what}: the model changed after wrap: {why}. The nest's cost tables, paths and "
                                  "export describe the model as wrapped; nest.unwrap(), change the model, then "

@@ -5,6 +5,7 @@ re-exports these names; slicer files import them from here."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -347,15 +348,60 @@ def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str],
     or ``export`` then refuses the module (its sliced weight is gone)."""
 
     def __delattr__(self: nn.Module, name: str) -> None:
-        st = self.__dict__.get("_sn")
-        if st is not None and name in names and (name in self._parameters or name in self._buffers):
-            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet and cannot be "
-                                 "removed or re-parametrized while wrapped (torch.nn.utils.parametrize, prune, "
-                                 "weight_norm and spectral_norm replace it): nest.unwrap() first, apply it, then "
-                                 "wrap again (wrap refuses what it cannot slice)")
+        refuse_removal(self, name)
         base.__delattr__(self, name)
 
     return __delattr__
+
+
+def refuse_removal(m: Any, name: str) -> None:
+    """Raise if ``name`` is a sliced tensor of the wrapped module ``m`` (it may not be removed or
+    re-parametrized while wrapped); anything else passes."""
+    st = m.__dict__.get("_sn") if isinstance(m, nn.Module) else None
+    if (st is not None and name in getattr(type(m), "_sn_names", ())
+            and (name in m._parameters or name in m._buffers)):
+        raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet and cannot be "
+                             "removed or re-parametrized while wrapped (torch.nn.utils.parametrize, prune, "
+                             "weight_norm and spectral_norm replace it): nest.unwrap() first, apply it, then "
+                             "wrap again (wrap refuses what it cannot slice)")
+
+
+def _guard_parametrize() -> None:
+    """Check ``torch.nn.utils.parametrize.register_parametrization`` before it runs: it writes
+    ``right_inverse(weight)`` into the weight (``ParametrizationList``) before deleting the attribute, which
+    is the first step :func:`_guarded_delattr` sees, so a refusal there would come after the weight changed
+    (``orthogonal``: every value). ``torch.nn.utils.parametrizations`` calls it through its module, which is
+    where this wrapper goes (once per process, at import; a pass-through for every module not sliced)."""
+    from torch.nn.utils import parametrize
+
+    original = parametrize.register_parametrization
+    if getattr(original, "_sn_guard", False):
+        return
+
+    @functools.wraps(original)
+    def register_parametrization(module: nn.Module, tensor_name: str, *args: Any, **kw: Any) -> Any:
+        refuse_removal(module, tensor_name)
+        return original(module, tensor_name, *args, **kw)
+
+    register_parametrization._sn_guard = True  # type: ignore[attr-defined]
+    parametrize.register_parametrization = register_parametrization
+
+
+def _buffer_guard(m: nn.Module, name: str, tensor: Any) -> None:
+    """Global buffer registration hook (``register_buffer`` and ``module.buf = tensor``): a sliced buffer may be
+    replaced by one of its own shape, never another (as :func:`_guarded_register` for parameters)."""
+    st = m.__dict__.get("_sn")
+    if st is None or tensor is None or name not in getattr(type(m), "_sn_names", ()):
+        return None
+    old = m._buffers.get(name)
+    if old is not None and isinstance(tensor, Tensor) and tuple(tensor.shape) != tuple(old.shape):
+        raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet: it cannot be "
+                             f"replaced by a buffer of another shape ({tuple(tensor.shape)} for {tuple(old.shape)}) "
+                             "while wrapped; nest.unwrap() first, change the module, then wrap again")
+    return None
+
+
+_HOOKS: list = []
 
 
 def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
@@ -414,7 +460,10 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
     cls = _SUBCLASSES.get(key)
     if cls is None:
         base = type(m)
+        if not _HOOKS:
+            _HOOKS.append(nn.modules.module.register_module_buffer_registration_hook(_buffer_guard))
         cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
+                                                       "_sn_names": frozenset(names),
                                                        "__delattr__": _guarded_delattr(base, frozenset(names)),
                                                        "register_parameter": _guarded_register(base, frozenset(names)),
                                                        "__module__": base.__module__,
@@ -423,3 +472,5 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
         _SUBCLASSES[key] = cls
     return cls
 
+
+_guard_parametrize()
