@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -110,6 +111,28 @@ def test_greedy_sub_model_targets_narrow_drafts_and_auto_length(family, target_s
     assert nest.active == nest.largest
     if draft == "auto":
         assert max(out.stats.draft_lengths) <= 12
+
+
+@pytest.mark.parametrize("how", ["use", "activate"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_default_target_is_the_sub_model_the_caller_runs(family, how):
+    """Inside ``nest.use(sub)`` (or after ``activate``), ``model.generate`` decodes ``sub``: so does
+    ``speculative_generate`` without ``target_sub`` (it decoded the largest there)."""
+    nest = nested(family, True)
+    ids = torch.tensor([[3, 5, 7, 8]])
+    sub = nest.resolve("ffn=24,heads=2,depth=3")
+    with nest.use(sub):
+        ref = plain(nest.model, ids, 16)
+    assert not torch.equal(ref, plain(nest.model, ids, 16))   # the test tells the two apart
+    try:
+        with nest.use(sub) if how == "use" else contextlib.nullcontext():
+            if how == "activate":
+                nest.activate(sub)
+            out = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=16)
+            assert nest.active == sub
+    finally:
+        nest.activate(nest.largest)
+    assert torch.equal(out.sequences, ref)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -154,7 +154,9 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     """Decode with a nested (or separate sorted) draft, verified by the target: the target's own output.
 
     ``target``: a Nest of a causal LM (``target_sub`` picks the sub-model, default
-    the largest) or a plain Hugging Face causal LM. ``draft``: a sub-model of the
+    the one its forward runs for the caller: the enclosing ``nest.use(...)``, else
+    the nest's default, the largest unless set by ``nest.activate``) or a plain
+    Hugging Face causal LM. ``draft``: a sub-model of the
     same nest (``"depth=2"``; dimensions left out take the target's sizes) →
     self-speculative, sharing the KV cache of its layers when it differs from
     the target only in depth (``share_cache=None``: whenever possible); or a

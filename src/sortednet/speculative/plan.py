@@ -143,7 +143,9 @@ def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, threshold
     _check_model(tmodel, "target")
     if tnest is None and target_sub is not None:
         raise SortedNetError("target_sub= needs a Nest target (sn.from_transformers(model, ...))")
-    tsub = (tnest.resolve(target_sub) if target_sub is not None else tnest.largest) if tnest else None
+    # default: the sub-model the target's forward runs for this caller (its `use` block, else the nest's
+    # default: the largest unless activated), as model(...) and model.generate(...) would
+    tsub = (tnest.resolve(target_sub) if target_sub is not None else tnest.active) if tnest else None
     L = _depth(tnest, tmodel, tsub)
 
     # the draft: a sub-model of the target's nest, the target's nest with exits, another nest, or a plain model
