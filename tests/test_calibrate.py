@@ -226,3 +226,84 @@ def test_calibrate_warns_that_tracked_instance_norm_statistics_stay_shared():
         nest.calibrate([torch.randn(4, 3, 8, 8) for _ in range(2)], batches=2)
     assert all(torch.equal(v, before[k]) for k, v in m[4].state_dict().items())
     assert m[1]._sn.norm is not None and m[4]._sn.norm is None
+
+
+# -- what reaches the statistics after calibrating -------------------------------------------------------
+
+def _calibrated_pair(name):
+    """A calibrated nest of ``name`` and an unwrapped twin with the same weights (what PyTorch would do)."""
+    model, dims = BUILDERS[name]()
+    twin, _ = BUILDERS[name]()
+    nest = sn.wrap(model, *dims)
+    nest.calibrate(data(3), batches=3)
+    return model, nest, twin
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_update_bn_after_calibrate_recomputes_what_plain_pytorch_does(name):
+    """``torch.optim.swa_utils.update_bn`` resets each BatchNorm (in eval mode, where a calibrated one read its
+    sub-model's own statistics: the reset zeroed those and never reached the buffers), then recomputes."""
+    model, nest, twin = _calibrated_pair(name)
+    loader = [x for x, _ in data(2, seed=5)]
+    for m in (model, twin):
+        torch.optim.swa_utils.update_bn(loader, m)
+        m.eval()
+    x = data(1, seed=9)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x), rtol=0, atol=1e-6)
+        for sub in nest.submodels:   # calibration gone: every sub-model reads the recomputed shared prefixes
+            with nest.use(sub):
+                torch.testing.assert_close(model(x), nest.export(sub).eval()(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("write", ["zero_", "copy_", "fill_"])
+def test_an_in_place_write_into_calibrated_statistics_is_named(write, tmp_path):
+    model, nest, twin = _calibrated_pair("bnnet")
+    sub = nest.smallest
+    x = data(1, seed=9)[0][0]
+    with nest.use(sub):
+        mean = model.b1.running_mean    # eval mode: the sub-model's own calibrated statistic
+        {"zero_": lambda: mean.zero_(), "copy_": lambda: mean.copy_(mean + 1),
+         "fill_": lambda: model.b1.running_var.fill_(1.0)}[write]()
+        for what in (lambda: model(x), lambda: nest.export(sub), lambda: sn.save(nest, tmp_path / "c.safetensors")):
+            with pytest.raises(sn.SortedNetError, match=r"b1.running_(mean|var): the calibrated statistics .* "
+                                                        r"changed in place"):
+                what()
+    nest.drop_calibration()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x), rtol=0, atol=0)   # the shared buffers, never written
+    nest.calibrate(data(3), batches=3)
+    with torch.no_grad(), nest.use(sub):
+        torch.testing.assert_close(model(x), nest.export(sub).eval()(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("what", ["weights_only", "one_batchnorm", "submodule", "deep_copy"])
+def test_loading_other_weights_drops_every_stale_calibration(what):
+    """Calibrated statistics describe the weights they were computed with: a load that changes any tensor of the
+    model drops all of them (eval reads the loaded buffers, as in plain PyTorch), even when the BatchNorm
+    buffers themselves come back unchanged (fresh models; a checkpoint fine-tuned with BatchNorm frozen)."""
+    model, nest, _ = _calibrated_pair("bnnet")
+    other, _ = bnnet(seed=3)
+    sd = other.state_dict()
+    for k in [k for k in sd if ".running_" in k or "num_batches" in k]:
+        sd[k] = model.state_dict()[k].clone()         # the same BatchNorm statistics as the model's
+    if what == "one_batchnorm":
+        sd["b1.running_mean"] = sd["b1.running_mean"] + 0.1
+    if what == "deep_copy":   # the copy has its own calibration (and hooks): loading into it leaves the model's
+        copy = __import__("copy").deepcopy(model)
+        copy.load_state_dict(sd)
+        assert model.b1._sn.norm is not None and model.b2._sn.norm is not None
+        assert copy.b1._sn.norm is None and copy.b2._sn.norm is None
+        model = copy
+        other.load_state_dict(sd)
+    elif what == "submodule":
+        model.c2.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("c2.")})
+        other = bnnet(seed=0)[0]
+        other.c2.load_state_dict(model.c2.state_dict())
+    else:
+        model.load_state_dict(sd)
+        other.load_state_dict(sd)
+    x = data(1, seed=9)[0][0]
+    assert model.b1._sn.norm is None and model.b2._sn.norm is None   # b1 also when c2 alone was loaded
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other.eval()(x), rtol=0, atol=1e-6)

@@ -700,6 +700,23 @@ class Nest:
         self._check_structure("calibrate")
         return calibrate(self, loader, subs=subs, batches=batches)
 
+    def drop_calibration(self) -> None:
+        """Forget the per-sub-model BatchNorm statistics of :meth:`calibrate` (or of a loaded checkpoint): eval mode
+        reads the shared running statistics again, as before calibrating.
+
+        >>> import torch, torch.nn as nn, sortednet as sn
+        >>> m = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).eval()
+        >>> nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+        >>> _ = nest.calibrate([torch.randn(16, 3)], batches=1)
+        >>> nest.drop_calibration(); m[1].running_mean.equal(torch.zeros(8))
+        True
+        """
+        from .calibrate import batchnorms
+
+        self._check_alive()
+        for m in batchnorms(self).values():
+            m._sn.norm = None
+
     # -- export / unwrap ------------------------------------------------------
     def export(self, sub: SubModelLike | None = None, *, plain: bool = False) -> nn.Module:
         """A plain, physically smaller copy of ``sub`` (default: the active one).

@@ -219,9 +219,12 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for m in model.modules():
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
+        bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
+        if bns:  # calibration possible: a load that changes any tensor makes it stale
+            stale = StaleCalibration(bns)
+            hooks.extend(m._register_load_state_dict_pre_hook(stale, with_module=True) for m in model.modules()
+                         if m._parameters or m._buffers)
         for path, (m, _, bind) in planned.items():
-            if isinstance(m, _BatchNorm):
-                hooks.append(m._register_load_state_dict_pre_hook(drop_calibration, with_module=True))
             if "depth" in bind:
                 hooks.extend(_guard_blocks(model, path, m, bind["depth"]))
     except BaseException:
@@ -245,22 +248,35 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
     return hooks
 
 
-def drop_calibration(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook of a sliced BatchNorm: loading its running statistics makes the
-    per-sub-model statistics of ``nest.calibrate`` stale (they describe other weights); they are dropped, so
-    eval reads the loaded buffers, as plain PyTorch does. ``sn.load`` restores a checkpoint's calibration.
-    Only statistics that change the buffer count: a tensor of another shape is refused by ``load_state_dict``,
-    which leaves the buffer, and the same values change nothing (a load that PyTorch refuses for another
-    key, of the model's own state), so the calibration stays then."""
-    st = module.__dict__.get("_sn")
-    if st is None or st.norm is None:
-        return
-    for n in ("running_mean", "running_var"):
-        new, old = state_dict.get(f"{prefix}{n}"), module._buffers.get(n)
-        if isinstance(new, torch.Tensor) and old is not None and new.shape == old.shape \
-                and not torch.equal(new.detach().to(old.device, old.dtype), old):
-            st.norm = None
+class StaleCalibration:
+    """``load_state_dict`` pre-hook of every module of a wrapped model that holds tensors: a load that changes one
+    of them (weights, statistics) makes all per-sub-model statistics of ``nest.calibrate`` stale (they describe
+    other weights, also downstream of a sub-module loaded alone); they are dropped, so eval reads the loaded
+    buffers, as plain PyTorch does. ``sn.load`` restores a checkpoint's calibration. Only tensors whose values
+    change count: a tensor of another shape is refused by ``load_state_dict``, which leaves it, and the same
+    values change nothing (a load that PyTorch refuses for another key, of the model's own state), so the
+    calibration stays then. Costs a look at the sliced BatchNorms while nothing is calibrated. A deep copy of
+    the model gets its own (the copy's BatchNorms)."""
+
+    __slots__ = ("bns",)
+
+    def __init__(self, bns: tuple[nn.Module, ...]) -> None:
+        self.bns = bns
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        calibrated = [st for b in self.bns if (st := b.__dict__.get("_sn")) is not None and st.norm is not None]
+        if not calibrated:
             return
+        own = [(n, t) for n, t in module._parameters.items()] + [
+            (n, t) for n, t in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        for name, old in own:
+            new = state_dict.get(prefix + name)
+            if (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.shape == old.shape
+                    and not new.is_meta and not old.is_meta
+                    and not torch.equal(new.detach().to(old.device, old.dtype), old.detach())):
+                for st in calibrated:
+                    st.norm = None
+                return
 
 
 class DepthGuard:
@@ -321,7 +337,7 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
     out = []
     for m in model.modules():
         loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
-        out.extend(_HookKey(loads, k) for k, f in list(loads.items()) if getattr(f, "hook", None) is drop_calibration)
+        out.extend(_HookKey(loads, k) for k, f in list(loads.items()) if isinstance(getattr(f, "hook", None), StaleCalibration))
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..errors import PatternError, SizeError
+from ..errors import PatternError, SizeError, SortedNetError
 from .base import Slicer, slicer
 
 if TYPE_CHECKING:
@@ -58,13 +58,29 @@ class NormStats:
         return None if hit is None else hit[name]
 
 
+def unwritten(path: str, name: str, t: Tensor) -> Tensor:
+    """``t``, a calibrated statistic, after checking that nothing wrote into it in place (its version counter:
+    calibrate and ``sn.load`` store fresh tensors)."""
+    if not t.is_inference() and t._version:
+        raise SortedNetError(f"{path}.{name}: the calibrated statistics of a sub-model were changed in place (e.g. "
+                             f"{path}.{name}.zero_() or .copy_(...) in eval mode after nest.calibrate): in eval mode "
+                             f"a calibrated BatchNorm's {name} is that sub-model's own statistic, not the shared "
+                             "buffer, which the write did not reach. nest.drop_calibration() (eval reads the shared "
+                             "buffers again) or nest.calibrate(...) again; module.reset_running_stats() drops the "
+                             "module's calibration itself")
+    return t
+
+
 def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor | None:
     """The calibrated ``running_mean`` / ``running_var`` of sliced ``m`` for the active
     sub-model, or None (no calibration for it, or ``m`` is training and not ``any_mode``).
     In the dtype and on the device of ``m``'s own buffer: ``model.to(...)`` after calibrating
     (or after ``sn.load``) moves the buffers, and the calibrated statistics follow them."""
-    norm = m.__dict__["_sn"].norm
+    st = m.__dict__["_sn"]
+    norm = st.norm
     own = None if norm is None else norm.active(name, training=m.training, any_mode=any_mode)
+    if own is not None and norm.override is None:
+        unwritten(st.path, name, own)
     buf = m.__dict__["_buffers"].get(name)
     if own is not None and buf is not None and (own.dtype != buf.dtype or own.device != buf.device):
         own = own.to(device=buf.device, dtype=buf.dtype)
@@ -142,6 +158,17 @@ class BatchNormSlicer(Slicer):
             if own is not None:
                 return own
         return self.take(m, name, [(0, "norm")])
+
+    def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+        base = type(m)
+
+        def reset_running_stats(self_: nn.Module) -> None:
+            """Reset the shared running statistics and drop this module's calibrated ones (eval mode read them
+            instead of the buffers: ``torch.optim.swa_utils.update_bn`` starts here)."""
+            self_.__dict__["_sn"].norm = None
+            base.reset_running_stats(self_)
+
+        return {**super().namespace(m, names), "reset_running_stats": reset_running_stats}
 
     def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
         copy_ = super().export(live, copy_)
