@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import PatternError, SizeError, SortedNetError
+from ..views import _compiling
 from .base import Slicer, slicer
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor |
     st = m.__dict__["_sn"]
     norm = st.norm
     own = None if norm is None else norm.active(name, training=m.training, any_mode=any_mode)
-    if own is not None and norm.override is None:
+    if own is not None and norm.override is None and not _compiling():  # (a version counter is no graph value)
         unwritten(st.path, name, own)
     buf = m.__dict__["_buffers"].get(name)
     if own is not None and buf is not None and (own.dtype != buf.dtype or own.device != buf.device):
