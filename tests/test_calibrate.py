@@ -307,3 +307,35 @@ def test_loading_other_weights_drops_every_stale_calibration(what):
     assert model.b1._sn.norm is None and model.b2._sn.norm is None   # b1 also when c2 alone was loaded
     with torch.no_grad():
         torch.testing.assert_close(model(x), other.eval()(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "averaged_model"])
+def test_a_copy_of_a_calibrated_model_runs_with_its_own_calibration(how):
+    """Deep copies (an EMA, ``AveragedModel``, a best-model snapshot) carry the calibration; copying a tensor moves
+    its version counter, which is no in-place write."""
+    model, nest, _ = _calibrated_pair("bnnet")
+    copy_ = __import__("copy").deepcopy(model) if how == "deepcopy" else torch.optim.swa_utils.AveragedModel(model)
+    x = data(1, seed=9)[0][0]
+    with torch.no_grad(), nest.use(nest.smallest):
+        torch.testing.assert_close(copy_.eval()(x), model(x), rtol=0, atol=0)
+        copy_.module.b1.running_mean.zero_() if how == "averaged_model" else copy_.b1.running_mean.zero_()
+        with pytest.raises(sn.SortedNetError, match="changed in place"):
+            copy_(x)
+        model(x)   # the model's own statistics are separate tensors
+
+
+@pytest.mark.parametrize("how", ["inference_mode", "double"])
+def test_in_place_writes_are_seen_after_inference_mode_or_a_dtype_change(how):
+    model, dims = bnnet()
+    nest = sn.wrap(model, *dims)
+    with torch.inference_mode() if how == "inference_mode" else torch.no_grad():
+        nest.calibrate(data(3), batches=3)
+    x = data(1, seed=9)[0][0]
+    if how == "double":
+        model.double()
+        x = x.double()
+    with torch.inference_mode(), nest.use(nest.smallest):
+        model(x)
+        model.b1.running_mean.zero_()
+        with pytest.raises(sn.SortedNetError, match="changed in place"):
+            model(x)

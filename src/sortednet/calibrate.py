@@ -121,8 +121,9 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         call_model(view, x)
                     except Exception as e:  # the statistics are kept: nothing is assigned until every run ends
                         raise nest._forward_error("calibrate", sub, x, e) from e
-                for m, c in pairs:  # fresh tensors: an in-place write after this is detected (its version)
-                    results[m][_key(nest)] = {n: t.clone() for n, t in c._sn.norm.override.items()}
+                for m, c in pairs:  # fresh, normal tensors (also under inference_mode): an in-place write
+                    with torch.inference_mode(False):  # after this is detected (their version counters)
+                        results[m][_key(nest)] = {n: t.clone() for n, t in c._sn.norm.override.items()}
                     c._sn.norm = None
     for m, stats in results.items():
         old = m._sn.norm.stats if m._sn.norm is not None else {}
@@ -140,7 +141,7 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
             for name in _NAMES:
                 buf = m.__dict__["_buffers"][name]  # in the buffer's dtype / device (model.to() moved those)
                 out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = \
-                    unwritten(path, name, stats[name]).detach().to(device=buf.device, dtype=buf.dtype).contiguous()
+                    unwritten(path, name, stats[name], m._sn.norm).detach().to(device=buf.device, dtype=buf.dtype).contiguous()
     return out
 
 
@@ -163,7 +164,8 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor]) -> None:
         sub = nest.resolve(sub_text)
         m = bns[path]
         buf = m.__dict__["_buffers"][name]
-        found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
-            t.to(device=buf.device, dtype=buf.dtype, copy=True)
+        with torch.inference_mode(False):
+            found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
+                t.to(device=buf.device, dtype=buf.dtype, copy=True)
     for m in bns.values():
         m._sn.norm = NormStats(nest.dims, found[m]) if m in found else None

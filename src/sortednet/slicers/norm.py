@@ -11,9 +11,11 @@ sortednet/calibrate.py), after which eval mode and export use per-sub-model ones
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -47,6 +49,23 @@ class NormStats:
     dims: tuple[Dimension, ...] = ()
     stats: dict[tuple[int, ...], dict[str, Tensor]] = field(default_factory=dict)
     override: dict[str, Tensor] | None = None
+    #: version counter of each stored tensor when stored (see :func:`unwritten`)
+    base: dict[int, int] = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.base.update((id(t), t._version) for d in self.stats.values() for t in d.values()
+                         if not t.is_inference())
+
+    def __deepcopy__(self, memo: dict) -> NormStats:
+        """A copy with its own tensors, counted from now (deep-copying a tensor moves its version counter)."""
+        return NormStats(copy.deepcopy(self.dims, memo), copy.deepcopy(self.stats, memo),
+                         copy.deepcopy(self.override, memo))
+
+    def to(self, like: Tensor) -> NormStats:
+        """The statistics in ``like``'s dtype and on its device."""
+        with torch.inference_mode(False):
+            return NormStats(self.dims, {k: {n: t.to(device=like.device, dtype=like.dtype, copy=True)
+                                             for n, t in d.items()} for k, d in self.stats.items()}, self.override)
 
     def active(self, name: str, *, training: bool, any_mode: bool = False) -> Tensor | None:
         """Statistic ``name`` for the active sub-model, or None (none calibrated for it, or
@@ -59,10 +78,10 @@ class NormStats:
         return None if hit is None else hit[name]
 
 
-def unwritten(path: str, name: str, t: Tensor) -> Tensor:
-    """``t``, a calibrated statistic, after checking that nothing wrote into it in place (its version counter:
-    calibrate and ``sn.load`` store fresh tensors)."""
-    if not t.is_inference() and t._version:
+def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
+    """``t``, a calibrated statistic of ``norm``, after checking that nothing wrote into it in place (its version
+    counter; a write through ``.data`` is not counted, as in PyTorch's own checks)."""
+    if not t.is_inference() and t._version != norm.base.get(id(t), 0):
         raise SortedNetError(f"{path}.{name}: the calibrated statistics of a sub-model were changed in place (e.g. "
                              f"{path}.{name}.zero_() or .copy_(...) in eval mode after nest.calibrate): in eval mode "
                              f"a calibrated BatchNorm's {name} is that sub-model's own statistic, not the shared "
@@ -81,9 +100,12 @@ def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor |
     norm = st.norm
     own = None if norm is None else norm.active(name, training=m.training, any_mode=any_mode)
     if own is not None and norm.override is None and not _compiling():  # (a version counter is no graph value)
-        unwritten(st.path, name, own)
+        unwritten(st.path, name, own, norm)
     buf = m.__dict__["_buffers"].get(name)
     if own is not None and buf is not None and (own.dtype != buf.dtype or own.device != buf.device):
+        if norm.override is None and not _compiling():  # converted once and kept (one assignment), so that a
+            st.norm = norm = norm.to(buf)               # write into what this returns is seen like any other
+            return norm.active(name, training=m.training, any_mode=any_mode)
         own = own.to(device=buf.device, dtype=buf.dtype)
     return own
 
