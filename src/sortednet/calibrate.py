@@ -140,8 +140,8 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
             sub = SubModel(dict(zip(names, key)))
             for name in _NAMES:
                 buf = m.__dict__["_buffers"][name]  # in the buffer's dtype / device (model.to() moved those)
-                out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = \
-                    unwritten(path, name, stats[name], m._sn.norm).detach().to(device=buf.device, dtype=buf.dtype).contiguous()
+                t = unwritten(path, name, stats[name], m._sn.norm).detach()
+                out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = t.to(device=buf.device, dtype=buf.dtype).contiguous()
     return out
 
 

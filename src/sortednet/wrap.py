@@ -337,7 +337,8 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
     out = []
     for m in model.modules():
         loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
-        out.extend(_HookKey(loads, k) for k, f in list(loads.items()) if isinstance(getattr(f, "hook", None), StaleCalibration))
+        out.extend(_HookKey(loads, k) for k, f in list(loads.items())
+                   if isinstance(getattr(f, "hook", None), StaleCalibration))
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
