@@ -9,6 +9,7 @@ import itertools
 import re
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -90,8 +91,64 @@ def test_a_nan_cost_is_refused():
     subs = [sn.SubModel(i=i) for i in range(2)]
     with pytest.raises(sn.SortedNetError, match="'latency' cost is NaN for i=0"):
         Selector(subs, {"params": [1.0, 5.0], "latency": [float("nan"), 1.0]})
-    with pytest.raises(sn.SortedNetError, match="'latency' is NaN"):
+    with pytest.raises(sn.SortedNetError, match="'latency' of i=0 is nan"):
         sn.Profile(subs, {"params": [1.0, 5.0], "latency": [float("nan"), 1.0]})
+
+
+@pytest.mark.parametrize("costs, scores, subs, match", [
+    ({"latency": (np.float32("nan"), 1.0)}, None, None, "'latency' of i=0 is np.float32.nan."),   # a NumPy NaN
+    ({"params": (np.float32(-5), 1.0)}, None, None, "'params' of i=0 is np.float32.-5.0."),
+    ({"params": (True, 1.0)}, None, None, "'params' of i=0 is True"),
+    ({"params": ("10", 1.0)}, None, None, "'params' of i=0 is '10'"),
+    ({"params": (float("inf"), 1.0)}, None, None, "finite numbers >= 0"),
+    ({"params": (1.0, 2.0)}, (0.5, float("nan")), None, "the score of i=1 is nan"),
+    ({"params": (1.0, 2.0)}, (float("-inf"), 0.5), None, "the score of i=0 is -inf"),
+    ({"params": (10.0, 99.0)}, None, [sn.SubModel(i=0), sn.SubModel(i=0)], "i=0 is listed twice"),
+    ({"params": (10.0, 99.0)}, None, [sn.SubModel(i=0), sn.SubModel(j=0)], "name different dimensions"),
+])
+def test_a_profile_refuses_what_would_mislead_its_front(costs, scores, subs, match):
+    """A Profile built by hand is checked as one loaded from a checkpoint: a NaN cost or score would make the
+    Pareto front drop points nothing dominates, a sub-model listed twice would answer with another row's cost."""
+    subs = subs or [sn.SubModel(i=i) for i in range(2)]
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.Profile(tuple(subs), costs, scores=scores)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0]), min_size=1, max_size=1),
+                          st.sampled_from([float("-inf"), -1.0, 0.0, 0.5, 0.5, 1.0, float("inf")])),
+                min_size=1, max_size=8),
+       st.integers(1, 2))
+def test_pareto_front_equals_brute_force(points, axes):
+    """Not dominated: no other point costs <= on every axis and scores >=, one strictly; of exact duplicates the
+    first. Infinite scores included (one axis and two take different paths)."""
+    from sortednet.profile import pareto_front
+
+    costs = [tuple(c * axes) if axes == 1 else (c[0], 3.0 - c[0] + (i % 2)) for i, (c, _) in enumerate(points)]
+    scores = [s for _, s in points]
+
+    def dominated(i):
+        return any((all(a <= b for a, b in zip(costs[j], costs[i])) and scores[j] >= scores[i]
+                    and (costs[j] != costs[i] or scores[j] != scores[i] or j < i)) for j in range(len(costs)) if j != i)
+
+    assert pareto_front(costs, scores) == [i for i in range(len(costs)) if not dominated(i)]
+    with pytest.raises(sn.SortedNetError, match="NaN"):
+        pareto_front(costs + [costs[0]], scores + [float("nan")])
+
+
+def test_a_fraction_never_picks_a_sub_model_over_its_share():
+    """The allowance for float rounding in fraction * largest is a few units in the last place, not 1e-9 of the
+    budget (at 1e6 parameters: a parameter over)."""
+    import torch.nn as nn
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 10)),
+                   sn.Width("h", list(range(100, 1001, 100)), out="0", inp="2"))
+    big = nest.cost(nest.largest)
+    for s in nest.submodels:
+        c = nest.cost(s)
+        assert nest.cost(nest.pick(fraction=c / big)) == c
+        if s != nest.smallest:
+            assert nest.cost(nest.pick(fraction=(c - 0.0003) / big)) < c
 
 
 def test_ties_with_scores_go_to_fewer_params():

@@ -119,6 +119,39 @@ def test_custom_backward_is_used_once_per_submodel():
         torch.testing.assert_close(p.grad, 2 * q.grad, msg=name)
 
 
+def test_a_sub_model_listed_twice_is_refused_before_any_backward():
+    case = FAMILIES["mlp"](seed=2)
+    nest = sn.wrap(case.model, *case.dims)
+    small = nest.smallest
+    for subs in ([small, small], [nest.largest, small, str(small)]):
+        with pytest.raises(sn.SortedNetError, match=f"{small} is listed twice.*weights="):
+            sn.accumulate(nest, subs, lambda: task_loss(case.model(case.example)))
+        assert all(p.grad is None for p in case.model.parameters())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
+@pytest.mark.parametrize("fault", ["raises", "not_scalar", "detached"])
+def test_an_error_after_a_backward_says_which_gradients_were_added(fault):
+    """accumulate streams one backward per sub-model: a fault at the second leaves the first's gradients in
+    ``.grad``, and the error says so (``fit`` zeroes them itself)."""
+    case = FAMILIES["mlp"](seed=2)
+    nest = sn.wrap(case.model, *case.dims)
+    first, second = nest.largest, nest.smallest
+
+    def closure():
+        loss = task_loss(case.model(case.example))
+        if nest.active != second:
+            return loss
+        if fault == "raises":
+            raise ValueError("a fault in the user's closure")
+        return loss.detach() if fault == "detached" else loss * torch.ones(2)
+
+    with pytest.raises((ValueError, sn.SortedNetError)) as info:
+        sn.accumulate(nest, [first, second], closure)
+    assert any(f"{first} had already added their gradients" in n for n in getattr(info.value, "__notes__", []))
+    assert any(p.grad is not None for p in case.model.parameters())
+
+
 def test_holding_a_graph_is_detected():
     """Control for the test above: a closure that keeps its output keeps the weak reference alive."""
     case = FAMILIES["mlp"](seed=0)

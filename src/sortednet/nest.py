@@ -650,9 +650,10 @@ class Nest:
             fraction = budget("fraction", fraction)
             if not 0 < fraction <= 1:
                 raise SortedNetError(f"fraction must be in (0, 1], got {fraction}")
-            # (a count, so the product is rounded up past float error: fraction = cost / largest picks that cost)
+            # (a count, so the product is rounded up past float error, a few units in the last place:
+            # fraction = cost / largest picks that cost, and never one a parameter over)
             share = fraction * self.cost(self.largest)
-            limits["params"] = min(limits.get("params", float("inf")), math.floor(share + 1e-9 * max(1.0, share)))
+            limits["params"] = min(limits.get("params", float("inf")), math.floor(share * (1 + 2.0 ** -50)))
         if "flops" in limits:
             have = self._cost_cache["flops"]
             if 0 < len(have) and not all(sub in have for sub in self.submodels):

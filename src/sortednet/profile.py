@@ -9,10 +9,12 @@ front of any table.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
@@ -29,6 +31,17 @@ __all__ = ["Profile", "pareto_front", "build_profile"]
 _UNITS = {"params": "", "flops": "", "latency": "s", "memory": "B"}
 
 
+def _number(v: Any, what: str) -> float:
+    """``v`` as a float: a real number (Python, NumPy or a one-element tensor), not NaN, not a bool or a string."""
+    if not _real(v) and not (isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex()
+                             and v.dtype is not torch.bool):
+        raise SortedNetError(f"a {what} must be a real number, got {v!r}")
+    f = float(v)
+    if f != f:
+        raise SortedNetError(f"a {what} is NaN")
+    return f
+
+
 def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> list[int]:
     """Indices of points not dominated: no other point costs ≤ on every axis and
     scores ≥, with at least one strict. ``costs[i]`` is a tuple (one entry per metric).
@@ -39,15 +52,17 @@ def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> l
     """
     if len(costs) != len(scores):
         raise SortedNetError(f"pareto_front: {len(costs)} cost rows but {len(scores)} scores")
-    pts = [(tuple(float(x) for x in c), float(s)) for c, s in zip(costs, scores)]
+    pts = [(tuple(_number(x, "cost") for x in c), _number(s, "score")) for c, s in zip(costs, scores)]
+    if len({len(c) for c, _ in pts}) > 1:
+        raise SortedNetError(f"pareto_front: cost rows of different lengths {sorted({len(c) for c, _ in pts})}")
     # a point can only be dominated by one sorted before it (cost tuple ascending, score descending),
     # and if so also by a point already on the front: one pass, O(N * front)
     order = sorted(range(len(pts)), key=lambda i: (pts[i][0], -pts[i][1], i))
     front: list[int] = []
     if all(len(c) == 1 for c, _ in pts):  # one cost axis: a sweep keeping the best score so far
-        best = -math.inf
+        best = None
         for i in order:
-            if pts[i][1] > best:
+            if best is None or pts[i][1] > best:
                 front.append(i)
                 best = pts[i][1]
         return sorted(front)
@@ -56,6 +71,10 @@ def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> l
         if not any(pts[j][1] >= si and all(a <= b for a, b in zip(pts[j][0], ci)) for j in front):
             front.append(i)
     return sorted(front)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _fmt(x: float, unit: str = "") -> str:
@@ -96,14 +115,23 @@ class Profile:
                 raise SortedNetError(f"Profile: unknown metric {metric!r}; known: {list(METRICS)}")
             if len(values) != n:
                 raise SortedNetError(f"Profile: {metric!r} has {len(values)} values for {n} sub-models")
-            bad = next((i for i, v in enumerate(values)
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v != v or v < 0)), None)
-            if bad is not None:
-                raise SortedNetError(f"Profile: {metric!r} is {'NaN' if values[bad] != values[bad] else 'negative'} "
-                                     f"for {self.submodels[bad]} ({values[bad]}); costs are numbers >= 0")
-        if self.scores is not None and len(self.scores) != n:
-            raise SortedNetError(f"Profile: {len(self.scores)} scores for {n} sub-models")
-        object.__setattr__(self, "_pos", {s: i for i, s in enumerate(self.submodels)})
+            for sub, v in zip(self.submodels, values):
+                if not _real(v) or not 0 <= v < math.inf:
+                    raise SortedNetError(f"Profile: {metric!r} of {sub} is {v!r}; costs are finite numbers >= 0")
+        if self.scores is not None:
+            if len(self.scores) != n:
+                raise SortedNetError(f"Profile: {len(self.scores)} scores for {n} sub-models")
+            for sub, v in zip(self.submodels, self.scores):
+                if not _real(v) or not -math.inf < v < math.inf:
+                    raise SortedNetError(f"Profile: the score of {sub} is {v!r}; scores are finite numbers")
+        pos = {s: i for i, s in enumerate(self.submodels)}
+        if len(pos) < n:
+            twice = next(s for s in self.submodels if self.submodels.count(s) > 1)
+            raise SortedNetError(f"Profile: {twice} is listed twice (one row per sub-model)")
+        if len({tuple(s) for s in self.submodels}) > 1:
+            raise SortedNetError(f"Profile: the sub-models name different dimensions "
+                                 f"{sorted({tuple(s) for s in self.submodels})[:3]}")
+        object.__setattr__(self, "_pos", pos)
 
     def index(self, sub: SubModel) -> int:
         """Position of ``sub`` in :attr:`submodels`."""

@@ -152,6 +152,10 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     result's ``skipped``; a skipped distillation teacher gives no soft target)
     or ``"ignore"`` (backward anyway, as plain PyTorch would).
     (:func:`sortednet.distributed.accumulate` makes this decision once for all ranks.)
+    Any other error raised after a backward (the closure raising, a loss that is
+    not a scalar) leaves the earlier sub-models' gradients in ``.grad`` too; on
+    Python 3.11+ the exception carries a note naming them. A sub-model listed
+    twice is refused (weight it with ``weights=``).
 
     >>> import torch, torch.nn as nn, torch.nn.functional as F, sortednet as sn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -166,6 +170,10 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     resolved = [nest.resolve(s) for s in subs] if ok else None
     if not resolved:
         raise SortedNetError(f"accumulate needs a non-empty sequence of sub-models, got {subs!r}")
+    if len(set(resolved)) < len(resolved):
+        twice = next(s for s in resolved if resolved.count(s) > 1)
+        raise SortedNetError(f"accumulate: {twice} is listed twice (each entry is one forward and backward, weighted "
+                             "1 / len(subs)); to weight a sub-model more, pass weights=[...]")
     if distill is not None and not isinstance(distill, Distill):
         raise SortedNetError(f"distill= takes sn.Distill(temperature=..., alpha=...), got {distill!r}")
     if weights is None:
@@ -193,6 +201,23 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         order.insert(0, teacher)
     losses = [0.0] * len(resolved)
     skipped: list[SubModel] = []
+    done: list[SubModel] = []
+    try:
+        _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
+             done)
+    except BaseException as e:
+        if done and hasattr(e, "add_note") and not getattr(e, "_sn_partial", False):
+            e.add_note(f"sortednet.accumulate: {', '.join(map(str, done))} had already added their gradients to "
+                       ".grad in this call; zero them (optimizer.zero_grad()) before trying again")
+        raise
+    return Losses(losses, skipped=skipped)
+
+
+def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callable[[], Any], distill: Any,
+         teacher: int | None, weights: list[float], nonfinite: str, backward: Callable[[Tensor], Any] | None,
+         _agree: Any, losses: list[float], skipped: list[SubModel], done: list[SubModel]) -> None:
+    """:func:`accumulate`'s loop over the sub-models, in ``order`` (the teacher first); ``done`` collects those
+    backpropagated."""
     target: Tensor | None = None
     for i in order:
         with nest.use(resolved[i]):
@@ -213,20 +238,22 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
                 if not mine:
                     what = f"loss of {resolved[i]} is non-finite on another rank (here {losses[i]})"
                 if nonfinite == "raise":
-                    raise SortedNetError(f"accumulate: the {what}; its backward would poison the shared "
+                    err = SortedNetError(f"accumulate: the {what}; its backward would poison the shared "
                                          "gradients. Nothing was backpropagated for it (the sub-models before it "
                                          "in this call were). Pass nonfinite='skip' to skip such sub-models")
+                    err._sn_partial = True  # (says it itself)
+                    raise err
                 skipped.append(resolved[i])
                 if i == teacher:
                     target = None
                 warnings.warn(f"sortednet.accumulate: skipped the backward of {resolved[i]}: the {what}",
-                              NonFiniteLossWarning, stacklevel=2)
+                              NonFiniteLossWarning, stacklevel=3)
             else:
                 scaled = total * weights[i]
                 scaled.backward() if backward is None else backward(scaled)
+                done.append(resolved[i])
                 del scaled
         del loss, logits, total  # free this sub-model's graph before the next forward
-    return Losses(losses, skipped=skipped)
 
 
 def _accuracy(out: Tensor, y: Tensor) -> float:
