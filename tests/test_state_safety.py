@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import pickle
 import random
@@ -831,3 +832,46 @@ def test_load_refuses_a_model_of_inference_tensors_before_wrapping_it(tmp_path):
     assert_unchanged(m, before)
     assert all("_sn" not in mod.__dict__ for mod in m.modules())
 
+
+
+class _HeldAside(nn.Module):
+    """A sliced weight also held in a plain Python attribute, read from there in forward."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.how = how
+        w = self.fc1.weight
+        self.aside = {"list": [w], "dict": {"w": w}, "tuple": (w, 1), "partial": functools.partial(F.linear, weight=w),
+                      "modules": [self.fc1]}[how]
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        w = self.aside[0].weight if self.how == "modules" else (
+            self.aside.keywords["weight"] if self.how == "partial" else
+            self.aside["w"] if self.how == "dict" else self.aside[0])
+        return self.fc2(h) * w.norm()
+
+
+@pytest.mark.parametrize("how", ["list", "dict", "tuple", "partial", "modules"])
+def test_a_sliced_tensor_held_in_a_plain_attribute_is_refused_by_export_and_check(how):
+    """Read from a plain attribute, the weight is the full-size tensor under every sub-model (the live output
+    is not the sub-model's), and an export would share it with the live model (training the copy wrote into the
+    live gradient). Holding the module instead follows the sub-model."""
+    torch.manual_seed(0)
+    m = _HeldAside(how)
+    x = torch.randn(5, 8)
+    if how == "modules":
+        nest = sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"), example=x)
+        small = nest.export("h=8")
+        assert small.aside[0] is small.fc1 and small.fc1.weight.shape == (8, 8)
+        with torch.no_grad(), nest.use("h=8"):
+            torch.testing.assert_close(small(x), m(x), rtol=0, atol=1e-6)
+        return
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"aside holds a tensor that sortednet slices"):
+        sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"), example=x)
+    assert_unchanged(m, before)
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): aside holds a tensor"):
+        nest.export("h=8")

@@ -13,6 +13,7 @@ refuses them. No tensor of the export aliases the live model.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,7 +65,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         for m, name in drop:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
-        _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)}, sub)
+        _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)},
+                           {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             if _inside(path, skipped):
@@ -113,26 +115,40 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
 _INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
 
 
-def _refuse_held_aside(model: nn.Module, dropped: set[int], sub: SubModel) -> None:
+def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel) -> None:
     """Refuse an export that would leave ``None`` where a plain attribute (a Python list, tuple, dict or
-    attribute outside ``_modules``) holds a block the sub-model skips."""
-    if not dropped:
+    attribute outside ``_modules``) holds a block the sub-model skips, or would share a live full-size tensor
+    that a plain attribute (a list, dict or ``functools.partial`` of it) holds besides its module: the copy's
+    reference would still be the live tensor (aliased, at full size, and what a forward reading it uses)."""
+    if not dropped and not sliced:
         return
-    def holds(v: object, depth: int = 0) -> bool:
+
+    def held(v: object, depth: int = 0) -> str | None:
         if isinstance(v, nn.Module):
-            return id(v) in dropped
+            return "blocks" if id(v) in dropped else None
+        if isinstance(v, Tensor):
+            return "tensor" if id(v) in sliced else None
+        if isinstance(v, functools.partial):
+            v = (v.func, v.args, v.keywords)
         if depth < 6 and isinstance(v, (list, tuple, set, frozenset, dict)):
-            return any(holds(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-        return False
+            return next((h for x in (v.values() if isinstance(v, dict) else v) if (h := held(x, depth + 1))), None)
+        return None
 
     for path, m in model.named_modules():
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            if holds(v):
+            what = held(v)
+            if what == "blocks":
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
                                      "outside the layer list (a plain Python attribute); the export cannot hold "
                                      "them. Keep blocks only in the nn.ModuleList / nn.Sequential and iterate it")
+            if what == "tensor":
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
+                                     "module's weight or buffer) in a plain Python attribute: a forward that reads it "
+                                     "there runs the full-size tensor under every sub-model, and the export would "
+                                     "share it with the live model. Read it through its module (module.weight), "
+                                     "or keep the module itself in the attribute")
 
 
 def reachable_modules(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, nn.Module]:
