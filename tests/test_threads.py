@@ -515,3 +515,48 @@ def test_a_pin_left_by_an_interrupted_forward_never_overrides_a_later_use_or_act
         assert nest.active == nest.resolve("h=4") and torch.equal(m(x), ref["h=4"])
         nest.activate(nest.largest)
         assert torch.equal(m(x), ref["h=8"])
+
+
+def test_a_module_half_imported_by_another_thread_never_unslices_a_read(monkeypatch):
+    """The first FLOP count / profile / check of a process makes PyTorch import ``torch.distributed.tensor``
+    (seconds); a serving thread reading a sliced attribute meanwhile saw the module without ``DTensor``. The
+    AttributeError made Python fall back to ``nn.Module.__getattr__``: the FULL running statistics under
+    ``use("c=2")`` (a raw BatchNorm error here, silently wrong where a consumer takes any size)."""
+    import sys
+    import types
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    nest = sn.wrap(m, sn.Width("c", [2, 8], out="0", norm="1", inp="3"))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad(), nest.use("c=2"):
+        want = m(x)
+    module = "torch.distributed.tensor"
+    monkeypatch.setitem(sys.modules, module, types.ModuleType(module))   # as seen during its import
+    with torch.no_grad(), nest.use("c=2"):
+        shapes = m[1].running_mean.shape, m[1].weight.shape
+        got = m(x)
+    monkeypatch.undo()
+    assert shapes == ((2,), (2,))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_an_attribute_error_inside_a_sliced_read_is_named_not_read_at_full_size(monkeypatch):
+    """A property getter raising AttributeError makes Python call ``nn.Module.__getattr__``, which returns
+    the full-size tensor: every sliced read turns it into a SortedNetError instead."""
+    from sortednet.views import DYNAMIC
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 8], out="0", inp="2"))
+    st = m[0].__dict__["_sn"]
+
+    def broken(module, name):
+        raise AttributeError("a bug in a slicer")
+
+    with nest.use("h=2"):
+        entries = nest._state.plan().entries[st.slot]
+        monkeypatch.setitem(entries, "weight", DYNAMIC)          # read through the slicer's value() ...
+        monkeypatch.setattr(st.slicer, "value", broken)           # ... which fails
+        with pytest.raises(sn.SortedNetError, match="reading the sliced 0.weight raised AttributeError"):
+            _ = m[0].weight

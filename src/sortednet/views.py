@@ -58,8 +58,10 @@ def is_sharded(t: object) -> bool:
 
     Never imports ``torch.distributed``: without it loaded no DTensor can exist.
     """
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
+    if t.__class__ is _Parameter or t.__class__ is _Tensor:  # (the common case, without a module lookup)
+        return False
+    kind = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # None while another thread is
+    return kind is not None and isinstance(t, kind)                                # still importing the module
 
 
 def fsdp_units(module: nn.Module) -> list[nn.Module]:
@@ -208,7 +210,8 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
 
 def _distributed() -> bool:
     dist = sys.modules.get("torch.distributed")
-    return dist is not None and dist.is_available() and dist.is_initialized()
+    ready = getattr(dist, "is_initialized", None)  # (None while another thread is still importing it)
+    return ready is not None and dist.is_available() and ready()
 
 
 class LinearInto(torch.autograd.Function):

@@ -286,19 +286,22 @@ class Slicer:
             def get(self_: nn.Module) -> Any:  # the hot path: one plan lookup
                 st = self_.__dict__["_sn"]
                 a = st.active
-                if a is None:  # not attached (yet)
-                    b = st.bind.get(role)
-                    return st.slicer.value(self_, name) if b is None else b.features()
-                p = a._scoped  # Active.plan(), inlined: the nest's context variable, else the default
-                p = a.default if p is a else p
-                if not _grad_enabled() and not _compiling() and a.training:  # (maybe a reentrant checkpoint's
-                    a.on_no_grad_read(p)                                      # forward: Pin.no_grad_read)
-                e = p.entries[st.slot][name]
-                if e.__class__ is View:
-                    return e.take(self_, st)
-                if e is DYNAMIC:
-                    return st.slicer.value(self_, name)
-                return e
+                try:
+                    if a is None:  # not attached (yet)
+                        b = st.bind.get(role)
+                        return st.slicer.value(self_, name) if b is None else b.features()
+                    p = a._scoped  # Active.plan(), inlined: the nest's context variable, else the default
+                    p = a.default if p is a else p
+                    if not _grad_enabled() and not _compiling() and a.training:  # (maybe a reentrant checkpoint's
+                        a.on_no_grad_read(p)                                      # forward: Pin.no_grad_read)
+                    e = p.entries[st.slot][name]
+                    if e.__class__ is View:
+                        return e.take(self_, st)
+                    if e is DYNAMIC:
+                        return st.slicer.value(self_, name)
+                    return e
+                except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
+                    raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
 
             def set_(self_: nn.Module, v: Any) -> None:
                 self_.__dict__[name] = v
@@ -338,6 +341,11 @@ class Slicer:
         """Where ``export`` puts ``m``'s tensors that it moves into new children, ``{name: "child.name"}``
         (a factored low-rank layer's bias), so a tensor ``m`` shares with other modules stays shared."""
         return {}
+
+
+def _read_error(st: State, name: str, err: AttributeError) -> SortedNetError:
+    return SortedNetError(f"reading the sliced {st.path + '.' if st.path else ''}{name} raised AttributeError: "
+                          f"{err}")
 
 
 def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str], None]:
