@@ -358,6 +358,43 @@ def test_checkpoint_recomputes_the_forward_submodel(name, where, reentrant):
         same_grads([p.grad for p in params_of(case)], want, f"checkpoint ({where})")
 
 
+class _LastBlock(torch.nn.Module):
+    """A forward that checkpoints a part reading its layer list by position / length (``blocks[-1]``,
+    ``len(blocks)``): under depth 2 of 4 that is block 1, and every block has the same shape."""
+
+    def __init__(self, n: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(n))
+        self.head = torch.nn.Linear(8, 3)
+
+    def part(self, x):
+        return torch.tanh(self.blocks[-1](x)) * len(self.blocks)
+
+    def forward(self, x):
+        x = torch.tanh(self.blocks[0](x))
+        return self.head(torch.utils.checkpoint.checkpoint(self.part, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel", "inside_use"])
+def test_a_plain_non_reentrant_checkpoint_recomputes_the_forward_depth(where):
+    """Another depth changes no saved shape, so PyTorch's recomputation check cannot see a backward that
+    recomputes under it; the layer list read inside the checkpoint pins the recomputation to the forward's
+    depth (the gradients were the full depth's, silently: 0.057 off an oracle of 2 blocks)."""
+    m, small = _LastBlock(), _LastBlock(n=2)
+    small.load_state_dict({k: v for k, v in m.state_dict().items() if k in small.state_dict()})
+    nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
+    x = torch.randn(6, 8)
+    loss_of(small(x)).backward()
+    with nest.use("depth=2"):
+        loss = loss_of(m(x))
+    backward_at(where, loss, nest, "depth=2")
+    live = dict(m.named_parameters())
+    for name, q in small.named_parameters():
+        torch.testing.assert_close(live[name].grad, q.grad, rtol=0, atol=1e-6, msg=name)
+    assert all(live[f"blocks.{i}.{n}"].grad is None for i in (2, 3) for n in ("weight", "bias"))
+
+
 class _CheckpointedBlocks(torch.nn.Module):
     """A model whose own forward checkpoints its blocks with ``use_reentrant=True`` (older Hugging Face,
     timm and torchvision code): the nest cannot wrap those calls."""

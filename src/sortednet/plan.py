@@ -264,10 +264,17 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
 # (sortednet.wrap.Pin.no_grad_read) or starts the root forward without gradients (Pin.pre): :func:`pin_checkpoints`.
 _CKPT_FORWARD = getattr(getattr(_checkpoint, "CheckpointFunction", None), "forward", None)
 _CKPT_CODE = getattr(_CKPT_FORWARD, "__code__", None)
+# Non-reentrant checkpointing recomputes through ``_CheckpointFrame.recompute_fn``, made by a generator that
+# ``torch.utils.checkpoint.checkpoint`` holds as ``gen`` while the checkpointed function runs. A recomputation
+# under another Width / Heads sub-model fails PyTorch's own check (the saved slices change shape); under another
+# depth nothing changes shape (``blocks[-1]`` is another block of the same shape): a Depth layer list read inside
+# the checkpointed function pins it as the reentrant ones are (:meth:`sortednet.slicers.depth.DepthSlicer`).
+_NR_CODE = getattr(inspect.unwrap(getattr(_checkpoint, "checkpoint", None)), "__code__", None)
+_CODES = frozenset(c for c in (_CKPT_CODE, _NR_CODE) if c is not None)
 
 
-def _pinned(ctx: Any, active: Active) -> bool:
-    g = getattr(ctx, "run_function", None)
+def _pinned(ctx: Any, active: Active, attr: str = "run_function") -> bool:
+    g = getattr(ctx, attr, None)
     while g is not None:
         if getattr(g, "_sn_active", None) is active:
             return True
@@ -282,7 +289,7 @@ def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) ->
     the outermost such block. Checkpoints this nest pinned already stay as they are (one checkpointed
     function may run modules of several nests, each pins its own)."""
     f = frame
-    while f is not None and f is not stop and f.f_code is not _CKPT_CODE:  # the common case: none (cheap)
+    while f is not None and f is not stop and f.f_code not in _CODES:  # the common case: none (cheap)
         f = f.f_back
     if f is None or f is stop:
         return
@@ -294,6 +301,12 @@ def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) ->
             fn = getattr(ctx, "run_function", None)
             if fn is not None and not _pinned(ctx, active):
                 ctx.run_function = in_plan(active, _plan_at(active, plan, inside), fn)
+        elif f.f_code is _NR_CODE:
+            gen = f.f_locals.get("gen")
+            frame_ = getattr(getattr(gen, "gi_frame", None), "f_locals", {}).get("new_frame")
+            fn = getattr(frame_, "recompute_fn", None)
+            if fn is not None and not _pinned(frame_, active, "recompute_fn"):
+                frame_.recompute_fn = in_plan(active, _plan_at(active, plan, inside), fn)
         inside.add(id(f))
         f = f.f_back
 

@@ -9,13 +9,31 @@ nothing more.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import SortedNetError
+from ..views import _compiling, _grad_enabled
 from .base import Slicer, slicer
+
+_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def _pin_checkpoints(m: nn.Module) -> None:
+    """A layer list read inside a non-reentrant activation checkpoint's forward (its saved-tensor hooks are on):
+    the recomputation during backward runs the depth of now, wherever backward runs (outside the forward's
+    ``use`` block it would recompute another depth: ``blocks[-1]`` another block of the same shape, which
+    PyTorch's recomputation check cannot see)."""
+    if _grad_enabled() and not _compiling() and _saved_tensors_hooks(False) is not None:
+        a = m.__dict__["_sn"].active
+        if a is not None:
+            from ..plan import pin_checkpoints
+
+            pin_checkpoints(a, a.plan(), sys._getframe(2))
 
 
 def refuse_tree_change(path: str, action: str, depth: bool) -> None:
@@ -45,12 +63,15 @@ class DepthSlicer(Slicer):
 
     def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
         def __iter__(self_):
+            _pin_checkpoints(self_)
             return iter(self_._sn.slicer.active(self_))
 
         def __len__(self_):
+            _pin_checkpoints(self_)
             return self_._sn.bind["depth"].features()
 
         def __getitem__(self_, idx):
+            _pin_checkpoints(self_)
             base = self_._sn.cls
             if not isinstance(idx, slice):
                 return base.__getitem__(self_, idx)
