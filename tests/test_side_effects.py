@@ -176,3 +176,44 @@ def test_discover_and_sort_units_never_flip_the_users_training_flags():
     nest = sn.wrap(model, *dims)
     sort_units(nest, "l2", example=x)
     assert calls == [] and all(m.training for m in model.modules())
+
+
+def _leak_model(kind: str):
+    """A fresh model class per call when ``kind == "own_class"`` (a factory), else stock modules."""
+    lin = type("FactoryLinear", (nn.Linear,), {}) if kind == "own_class" else nn.Linear
+    return nn.Sequential(lin(8, 32), nn.ReLU(), nn.ModuleList([lin(32, 32) for _ in range(3)]), lin(32, 4))
+
+
+@pytest.mark.parametrize("kind", ["stock", "own_class"])
+@pytest.mark.parametrize("how", ["dropped", "unwrapped"])
+def test_a_wrapped_model_is_freed_with_its_last_reference(how, kind):
+    """A trainer or server that builds and drops wrapped models (trials, reloads) must not keep them: the
+    global guard table, the thread's context variables and the class cache hold nothing that leads back to a
+    model (before: every model dropped without unwrap() lived for ever, with its weights; every nest left
+    two context variables, holding its state, in the thread that used it)."""
+    import contextvars
+    import gc
+    import importlib
+    import weakref
+
+    wrap_mod = importlib.import_module("sortednet.wrap")
+    from sortednet.slicers import base
+
+    gc.collect()
+    guarded, classes, context = len(wrap_mod._GUARDED), len(base._SUBCLASSES), len(contextvars.copy_context())
+    refs = []
+    for _ in range(5):
+        m = _leak_model(kind)
+        nest = sn.wrap(m, sn.Width("h", [8, 32], out=["0", "2.*"], inp=["2.*", "3"]))
+        with nest.use("h=8"):
+            m[0](torch.randn(2, 8))
+        m[0](torch.randn(2, 8))
+        nest.export("h=8")
+        refs.append((weakref.ref(m), weakref.ref(nest)))
+        if how == "unwrapped":
+            nest.unwrap()
+        del m, nest
+    gc.collect()
+    assert [(a() is None, b() is None) for a, b in refs] == [(True, True)] * 5
+    assert (len(wrap_mod._GUARDED), len(base._SUBCLASSES), len(contextvars.copy_context())) == \
+        (guarded, classes, context)

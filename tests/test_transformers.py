@@ -759,3 +759,14 @@ def test_the_cache_guard_never_reads_the_deprecated_cache_alias(monkeypatch):
     with nest.use(nest.smallest), torch.no_grad():
         model(x, use_cache=False)
         assert model(x, use_cache=True).cache is not None
+
+
+@pytest.mark.parametrize("enc, dec", [(4, 2), (2, 4)])
+def test_layer_lists_of_different_lengths_are_named_in_order(enc, dec):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=enc,
+                                             num_decoder_layers=dec, num_heads=4))
+    with pytest.raises(sn.SortedNetError, match=rf"\['encoder.block', 'decoder.block'\] have different lengths "
+                                                rf"\[{enc}, {dec}\]"):
+        sn.from_transformers(t5, depth=[1])

@@ -145,10 +145,11 @@ class _Open:
     alive), and whether it was left while later blocks were still open. Never changed: a context copied
     inside the block (a task, ``copy_context().run``) keeps its own view of the stack."""
 
-    __slots__ = ("prev", "frame", "code", "left", "pin")
+    __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok")
 
     def __init__(self, prev: Any, frame: Any, left: bool = False, pin: bool = False) -> None:
         self.prev, self.left, self.pin = prev, left, pin
+        self.vtok = self.utok = None  # the context variables' tokens of entering (see close_block)
         if frame is None:
             self.frame, self.code = 0, None
         else:
@@ -190,8 +191,8 @@ class Use:
                                  "another task, or nested in itself); call nest.use(...) for each block")
         a = self.active
         self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (open_block, inlined: the hot path)
-        a.uses.set((*a.uses.get(), entry))
-        a.var.set(self.plan)
+        entry.utok = a.uses.set((*a.uses.get(), entry))
+        entry.vtok = a.var.set(self.plan)
         return self.plan.sub
 
     def __call__(self, fn: Any) -> Any:
@@ -209,11 +210,25 @@ class Use:
             close_block(self.active, entry, sys._getframe(1))
 
 
-def open_block(a: Active, frame: Any, *, pin: bool = False) -> _Open:
-    """Push a block entered in ``frame`` on this context's stack (the caller then sets the variable)."""
+def open_block(a: Active, frame: Any, plan: Plan, *, pin: bool = False) -> _Open:
+    """Push a block entered in ``frame`` on this context's stack and put ``plan`` in force."""
     entry = _Open(a.var.get(a), frame, pin=pin)  # the value before this block (the Active itself: none)
-    a.uses.set((*a.uses.get(), entry))
+    entry.utok = a.uses.set((*a.uses.get(), entry))
+    entry.vtok = a.var.set(plan)
     return entry
+
+
+def _reset(var: contextvars.ContextVar, token: Any, value: Any) -> None:
+    """``var`` back to before ``token`` (a variable never set before leaves the context: a context that outlives
+    many nests, the main thread's, would otherwise keep each nest's state, its model included, for ever);
+    ``value`` where the token cannot be used here (another context)."""
+    try:
+        if token is not None:
+            var.reset(token)
+            return
+    except (ValueError, RuntimeError):
+        pass
+    var.set(value)
 
 
 def close_block(a: Active, entry: _Open, here: Any, *, keep_above: bool = False) -> None:
@@ -221,8 +236,12 @@ def close_block(a: Active, entry: _Open, here: Any, *, keep_above: bool = False)
     it stay whatever their frames (a stale pin found later: the blocks opened since are the caller's)."""
     stack = a.uses.get()
     if stack and stack[-1] is entry and (len(stack) == 1 or not stack[-2].left):  # in order: the common case
-        a.var.set(entry.prev)
-        a.uses.set(stack[:-1])
+        if len(stack) == 1:  # the outermost: the context holds the variables as before any block
+            _reset(a.var, entry.vtok, entry.prev)
+            _reset(a.uses, entry.utok, ())
+        else:
+            a.var.set(entry.prev)
+            a.uses.set(stack[:-1])
         return
     i = next((j for j, e in enumerate(stack) if e is entry), None)
     if i is None:  # left in another context (a generator closed elsewhere): leave that context as it is

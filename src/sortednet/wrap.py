@@ -404,9 +404,8 @@ class Pin:
         if not grad:  # (inside a reentrant checkpoint's forward: it recomputes the plan in force there)
             pin_checkpoints(a, a.plan(), sys._getframe(1))
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
-        entry = open_block(a, sys._getframe(1), pin=True) if pinned else None  # on the context's stack, as use
-        if pinned:
-            a.var.set(a.default)
+        # on the context's stack, as use
+        entry = open_block(a, sys._getframe(1), a.default, pin=True) if pinned else None
         self._count(grad)
         stack.append([entry, sys._getframe(1), a.default if pinned else None, grad])
 
@@ -501,8 +500,10 @@ class Guards:
 @dataclass(frozen=True)
 class _Guard:
     path: str                               # the guarded child's path (a layer list's own path for its key None)
-    below: tuple[tuple[str, nn.Module], ...]  # the sliced modules at or below it, by path relative to it
-    guards: Guards                          # the nest's (a re-made container's links join them)
+    below: tuple[tuple[str, Any], ...]      # weakly, the sliced modules at or below it, by path relative to it
+    guards_ref: Any                         # weakly, the nest's Guards (a re-made container's links join them):
+    # _GUARDED's values hold nothing strongly that leads back to its keys (a sliced module leads to the nest,
+    # the nest to the model): a model dropped without unwrap() would never be freed
 
 
 #: parent module -> {child name (None: any name, a Depth layer list) -> _Guard}: the links from a nest's root
@@ -533,8 +534,11 @@ def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
     g = None if names is None else names.get(name)
     if g is None and not depth or parent._modules.get(name, ()) is value:  # not guarded, or the same module
         return None
-    if g is not None and value is not None and all(_at(value, rel) is m for rel, m in g.below):
-        _guard(value, g.path, g.below, g.guards)
+    below = None if g is None else tuple((rel, m()) for rel, m in g.below)
+    if g is not None and value is not None and all(_at(value, rel) is m for rel, m in below):
+        guards = g.guards_ref()
+        if guards is not None:
+            _guard(value, g.path, below, guards)
         return None
     lists = st.path if depth else ""
     where = g.path if g is not None else f"{lists}.{name}" if lists else name
@@ -547,9 +551,9 @@ def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Modul
     containers = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
     for parent, name, _, path in tree_links(root, [rel for rel, _ in sliced]):
         full = f"{root_path}.{path}" if root_path and path else root_path or path
-        below = tuple((rel[len(path) + 1:] if rel != path else "", m) for rel, m in sliced
+        below = tuple((rel[len(path) + 1:] if rel != path else "", weakref.ref(m)) for rel, m in sliced
                       if rel == path or rel.startswith(path + "."))
-        _GUARDED.setdefault(parent, {})[name] = _Guard(full, below, guards)
+        _GUARDED.setdefault(parent, {})[name] = _Guard(full, below, weakref.ref(guards))
         guards.links.append((parent, name))
         if isinstance(parent, containers) and all(c is not parent for c, _, _ in guards.counts):
             guards.counts.append((parent, len(parent._modules), full.rpartition(".")[0]))
@@ -563,7 +567,7 @@ def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[s
     guards = Guards()
     _guard(root, "", sliced.items(), guards)
     for path, c in containers.items():
-        _GUARDED.setdefault(c, {})[None] = _Guard(path, (), guards)
+        _GUARDED.setdefault(c, {})[None] = _Guard(path, (), weakref.ref(guards))
         guards.links.append((c, None))
         if all(x is not c for x, _, _ in guards.counts):
             guards.counts.append((c, len(c._modules), path))

@@ -144,11 +144,11 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
                           layout=lay.layout_of_qkv(_holder(model.config, lay.heads_key))
                           if isinstance(lay.qkv, str) else None))
     if depth is not None:
-        counts = {len(model.get_submodule(P)) for P in found.stacks}
-        if len(counts) > 1:
+        lengths = [len(model.get_submodule(P)) for P in found.stacks]
+        if len(set(lengths)) > 1:
             raise SortedNetError(f"from_transformers(depth=...): the layer lists {list(found.stacks)} have different "
-                                 f"lengths {sorted(counts)}; declare one sn.Depth per list by hand")
-        sizes = _resolve("depth", depth, counts.pop())
+                                 f"lengths {lengths}; declare one sn.Depth per list by hand")
+        sizes = _resolve("depth", depth, lengths[0])
         names, idx = getattr(model.config, "stage_names", None), getattr(model.config, "out_indices", None)
         if _is_backbone(model) and isinstance(names, (list, tuple)) and idx:
             deepest = max(i % len(names) for i in idx)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass", "STATIC"]
 
 _REGISTRY: dict[type, "Slicer"] = {}
-_SUBCLASSES: dict[tuple, type] = {}
+#: (class, slicer type, names) -> its sliced subclass, held weakly: shared by every module wrapped with them while
+#: one is, then gone (a class made per model, by a factory, is freed with its last model after unwrap)
+_SUBCLASSES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def memory_format(t: Tensor | None) -> torch.memory_format:
