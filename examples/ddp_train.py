@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=os.path.join("runs", "ddp_digits.safetensors"))
     args = p.parse_args(argv)
 
+    if "RANK" not in os.environ:
+        raise SystemExit("ddp_train.py runs under torchrun, e.g. `torchrun --standalone --nproc_per_node 2 "
+                         "examples/ddp_train.py`; one process without torchrun: examples/train_digits.py")
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -61,7 +61,7 @@ def main() -> None:
     itos = {i: c for c, i in stoi.items()}
     cfg = LlamaConfig(vocab_size=len(stoi), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)  # characters only: no '\n' stops
     model = LlamaForCausalLM(cfg)
 
     # 1. nest: ffn {64, 128, 256} x query heads {2, 4} (whole key/value groups) x depth {2, 3, 4}

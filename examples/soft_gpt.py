@@ -53,7 +53,7 @@ def main() -> None:
     train, val, stoi = data(ctx=64, batch=16, steps=2 * args.steps, seed=0)
     itos = {i: c for c, i in stoi.items()}
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(stoi), n_embd=64, n_layer=4, n_head=4, n_positions=128,
-                                       bos_token_id=0, eos_token_id=0))
+                                       bos_token_id=None, eos_token_id=None))  # characters only
 
     # 1. "pretrain" the plain model (stands in for a downloaded checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
