@@ -337,6 +337,43 @@ def test_trainer_gradient_equals_mean_loss_over_accumulated_batch(soft, tmp_path
     torch.testing.assert_close(before - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_trainer_gradient_accumulation_of_a_classifier_is_the_mean_over_the_batch(family, tmp_path):
+    """A sequence classifier's loss is a per-micro-batch mean that ignores ``num_items_in_batch``, which the
+    Trainer passes to any forward taking ``**kwargs`` (and then skips dividing by the accumulation steps):
+    each micro-batch counted in full, twice the step with 2 micro-batches. SortedTrainer measures it and
+    divides: one SGD step == -lr x the gradient of the mean of the micro-batches' losses."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=64,
+                                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    else:
+        model = LlamaForSequenceClassification(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2, pad_token_id=0))
+    model.train()
+    nest = sn.from_transformers(model, ffn=[32], depth=[1])
+    x = torch.randint(1, 40, (4, 9), generator=torch.Generator().manual_seed(9))
+    y = torch.tensor([0, 1, 1, 0])
+    data = [{"input_ids": row, "labels": lab} for row, lab in zip(x, y)]
+    sub = nest.resolve("ffn=32,depth=1")
+    head = model.classifier if family == "bert" else model.score
+    with nest.use(sub):
+        loss = (model(input_ids=x[:2], labels=y[:2]).loss + model(input_ids=x[2:], labels=y[2:]).loss) / 2
+    want = torch.autograd.grad(loss, head.weight)[0]
+    before = head.weight.detach().clone()
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
+                            sampler=sn.Sampler([sub], k=1, seed=0))
+    trainer.train()
+    torch.testing.assert_close(before - head.weight.detach(), want, atol=1e-5, rtol=1e-4)
+
+
 def test_trainer_applies_the_samplers_loss_weights(tmp_path):
     """SortedTrainer weighs each drawn sub-model's loss as sn.accumulate(weights=loss_weights_for(subs))."""
     model, _, _, _ = build("llama")

@@ -10,6 +10,7 @@ lighter-weight alternative: it activates one sub-model per step.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -176,6 +177,8 @@ class SortedTrainer(Trainer):
         """One forward + backward per drawn sub-model (each loss scaled by 1/k, or by the sampler's
         ``loss_weights_for(subs)`` when it has loss weights), so only one sub-model's graph is alive
         at a time: peak memory is that of one step, not k."""
+        if num_items_in_batch is not None and self._loss_uses_items is None:
+            self._loss_uses_items = self._check_loss_kwargs(model, inputs, num_items_in_batch)
         subs = self.draw()
         self.history.append((self.state.global_step, tuple(subs)))
         weigh = getattr(self.sampler, "loss_weights_for", None)
@@ -200,6 +203,32 @@ class SortedTrainer(Trainer):
         if self.accelerator.sync_gradients:  # last micro-batch of the optimizer step: one all-reduce
             snd.sync_gradients(self.nest.model)  # (a no-op in one process)
         return total
+
+    _loss_uses_items: bool | None = None
+
+    def _check_loss_kwargs(self, model: torch.nn.Module, inputs: dict[str, Any], n: Any) -> bool:
+        """Whether the model's own loss divides by ``num_items_in_batch``. The Trainer passes it to every model
+        whose forward takes ``**kwargs`` and then skips dividing by the accumulation steps; a loss that ignores
+        it (transformers' sequence classification, question answering, any loss computed inline) would make
+        each micro-batch's mean count in full: with ``gradient_accumulation_steps=g``, g times the step.
+        Measured once, on the first micro-batch: two forwards without gradients, with the same random state,
+        giving ``n`` and ``2 n``; a loss that ignores it comes back the same, and the Trainer is then told the
+        model does not take loss kwargs (it divides by the accumulation steps, as for any such model)."""
+        if (not self.model_accepts_loss_kwargs or self.soft_exits is not None or self.compute_loss_func is not None
+                or self.label_smoother is not None or "labels" not in inputs or self.loss_is_scaled_for_ga is not None):
+            return True
+        inputs = self._prepare_inputs(inputs)
+        losses = []
+        for items in (n, n * 2):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                out = model(**inputs, num_items_in_batch=items)
+            loss = out["loss"] if isinstance(out, dict) else out[0]
+            losses.append(float(loss.detach().float()))
+        uses = not math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0)
+        if not uses:
+            self.model_accepts_loss_kwargs = False
+        return uses
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
