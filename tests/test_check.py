@@ -742,3 +742,72 @@ def test_a_forgotten_binding_next_to_a_norm_of_the_users_does_not_blame_the_norm
         sn.wrap(m, sn.Width("h", [8, 16], out=["0", "2"], inp=["2", "4"], norm=["1"]), example=x)
     assert "which this dimension slices itself: _MyRMSNorm '1'" in str(e.value)
     assert "add norm='3'" in str(e.value) and "remove that binding" not in str(e.value)
+
+
+class _Affine(nn.Module):
+    """A module of the user's with non-standard parameter names."""
+
+    def __init__(self, i: int, o: int):
+        super().__init__()
+        self.W, self.b = nn.Parameter(torch.randn(o, i) * 0.3), nn.Parameter(torch.randn(o) * 0.1)
+
+    def forward(self, x):
+        return x @ self.W.T + self.b
+
+
+class _AffineB(_Affine):
+    pass
+
+
+class _AffineSlicer(sn.Slicer):
+    roles, attrs = ("out", "inp"), ("W", "b")
+
+    def full(self, m, role):
+        return m._parameters["W"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        return self.take(m, name, [(0, "out"), (1, "inp")] if name == "W" else [(0, "out")])
+
+
+def test_a_slicer_registered_for_two_types_refuses_own_forward_subclasses_of_both():
+    """Stacked ``@sn.slicer`` decorators: the subclass-with-its-own-forward refusal held for the last type only
+    (``types`` was overwritten), so a subclass of the other that reads ``_parameters`` directly was wrapped."""
+    cls = sn.slicer(_AffineB)(sn.slicer(_Affine)(type("_Stacked", (_AffineSlicer,), {})))
+    assert set(cls.types) == {_Affine, _AffineB}
+
+    class Sub(_Affine):
+        def forward(self, x):
+            return x @ self._parameters["W"].T
+
+    class SubB(_AffineB):
+        def forward(self, x):
+            return x @ self._parameters["W"].T
+
+    for kind in (Sub, SubB):
+        m = nn.Sequential(kind(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        with pytest.raises(sn.PatternError, match="with its own forward"):
+            sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+
+
+@pytest.mark.parametrize("bug", ["untouched", "full_copy"])
+def test_a_custom_export_that_leaves_the_full_tensor_is_named(bug):
+    class Exporting(_AffineSlicer):
+        def export(self, live, copy_):
+            if bug == "full_copy":
+                copy_._parameters["W"] = nn.Parameter(live._parameters["W"].detach().clone())
+                copy_._parameters["b"] = nn.Parameter(live._parameters["b"].detach().clone())
+            return copy_
+
+    class Mine(_Affine):
+        pass
+
+    sn.slicer(Mine)(Exporting)
+    torch.manual_seed(0)
+    m = nn.Sequential(Mine(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    what = "the live tensor itself" if bug == "untouched" else r"a tensor of shape \(16, 4\)"
+    with pytest.raises(sn.SortedNetError, match=rf"Exporting.export left {what} as 0.W, where the live module "
+                                                r"reads \(8, 4\)"):
+        nest.export("h=8")
+    with pytest.raises(sn.SortedNetError, match="Exporting.export left"):
+        nest.check(torch.randn(2, 4))

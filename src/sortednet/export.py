@@ -76,6 +76,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             c.__class__ = live._sn.cls
             del c.__dict__["_sn"]
             r = live._sn.slicer.export(live, c)
+            if r is c:
+                _check_exported(live, c, path, sub)
             if r is not c:
                 _carry_hooks(c, r)
                 if not path:
@@ -113,6 +115,24 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
 
 
 _INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
+
+
+def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> None:
+    """Each sliced tensor a slicer's ``export`` left in the copy is a new tensor of the shape the live module
+    reads under ``sub`` (a custom slicer returning the copy untouched would leave the live, full-size tensor:
+    an export that disagrees with the live model and with ``cost``, sharing the live weights)."""
+    sl = live._sn.slicer
+    for name in sl.attr_names(live, live._sn.bind):
+        full = sl.tensor(live, name)
+        if full is None:
+            continue
+        got = c._parameters.get(name) if name in c._parameters else c._buffers.get(name)
+        v = getattr(live, name)
+        if got is full or (isinstance(got, Tensor) and isinstance(v, Tensor) and got.shape != v.shape):
+            what = "the live tensor itself" if got is full else f"a tensor of shape {tuple(got.shape)}"
+            raise SortedNetError(f"export({sub}): {type(sl).__name__}.export left {what} as {_name(path, name)}, "
+                                 f"where the live module reads {tuple(v.shape)} under this sub-model: a slicer's "
+                                 "export must put a new tensor of what its value() gives (Slicer.export does)")
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel) -> None:

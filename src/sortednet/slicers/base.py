@@ -83,10 +83,10 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
     """
 
     def deco(cls: type[Slicer]) -> type[Slicer]:
-        inst = cls()
+        cls.types = tuple(dict.fromkeys((*cls.__dict__.get("types", ()), *types)))  # (stacked decorators: all
+        inst = cls()                                                                 # of them, for own_forward)
         for t in types:
             _REGISTRY[t] = inst
-        cls.types = types
         return cls
 
     return deco
