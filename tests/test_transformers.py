@@ -374,6 +374,22 @@ def test_trainer_gradient_accumulation_of_a_classifier_is_the_mean_over_the_batc
     torch.testing.assert_close(before - head.weight.detach(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_trainer_measures_the_loss_weighting_only_on_a_micro_batch_with_labels(tmp_path):
+    """A first micro-batch without a labelled token (a masked prompt) gives 0 whatever the count: undecided,
+    not "ignores num_items_in_batch" (which would drop token weighting for the whole run)."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, depth=[2])
+    x = ids(seed=9, b=4)
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    trainer = SortedTrainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in x],
+                            nest=nest)
+    masked = {"input_ids": x[:2], "labels": torch.full_like(x[:2], -100)}
+    assert trainer._check_loss_kwargs(model, masked, torch.tensor(9)) is None and trainer.model_accepts_loss_kwargs
+    assert trainer._check_loss_kwargs(model, {"input_ids": x[:2], "labels": x[:2]}, torch.tensor(9)) is True
+    assert trainer.model_accepts_loss_kwargs
+
+
 def test_trainer_applies_the_samplers_loss_weights(tmp_path):
     """SortedTrainer weighs each drawn sub-model's loss as sn.accumulate(weights=loss_weights_for(subs))."""
     model, _, _, _ = build("llama")

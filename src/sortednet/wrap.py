@@ -525,7 +525,10 @@ def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
     """Global module registration hook (``setattr`` / ``add_module`` of a child): refuses changing a guarded
     link or a block of a Depth layer list (also of a deep copy of a wrapped model, which follows the nest);
     a container re-made around the same sliced modules (at the same paths) is accepted and guarded. Costs
-    one weak-dict lookup per module registration in the process."""
+    one weak-dict lookup per module registration in the process. Not traced by Dynamo (a module assigned in
+    a compiled forward: guards on the weak dict's changing keys would fail to build)."""
+    if _compiling():
+        return None
     names = _GUARDED.get(parent)
     st = parent.__dict__.get("_sn")
     depth = st is not None and "depth" in st.bind

@@ -206,25 +206,32 @@ class SortedTrainer(Trainer):
 
     _loss_uses_items: bool | None = None
 
-    def _check_loss_kwargs(self, model: torch.nn.Module, inputs: dict[str, Any], n: Any) -> bool:
+    def _check_loss_kwargs(self, model: torch.nn.Module, inputs: dict[str, Any], n: Any) -> bool | None:
         """Whether the model's own loss divides by ``num_items_in_batch``. The Trainer passes it to every model
         whose forward takes ``**kwargs`` and then skips dividing by the accumulation steps; a loss that ignores
         it (transformers' sequence classification, question answering, any loss computed inline) would make
         each micro-batch's mean count in full: with ``gradient_accumulation_steps=g``, g times the step.
-        Measured once, on the first micro-batch: two forwards without gradients, with the same random state,
-        giving ``n`` and ``2 n``; a loss that ignores it comes back the same, and the Trainer is then told the
+        Measured once, on the first micro-batch: two forwards in eval mode without gradients, giving ``n`` and
+        ``2 n``; a loss that ignores it comes back the same, and the Trainer is then told the
         model does not take loss kwargs (it divides by the accumulation steps, as for any such model)."""
         if (not self.model_accepts_loss_kwargs or self.soft_exits is not None or self.compute_loss_func is not None
                 or self.label_smoother is not None or "labels" not in inputs or self.loss_is_scaled_for_ga is not None):
             return True
         inputs = self._prepare_inputs(inputs)
         losses = []
-        for items in (n, n * 2):
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                out = model(**inputs, num_items_in_batch=items)
-            loss = out["loss"] if isinstance(out, dict) else out[0]
-            losses.append(float(loss.detach().float()))
+        modes = [(m, m.training) for m in model.modules()]
+        try:  # eval mode: no dropout, no BatchNorm statistics updated by these two extra forwards
+            model.eval()
+            for items in (n, n * 2):
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    out = model(**inputs, num_items_in_batch=items)
+                loss = out["loss"] if isinstance(out, dict) else out[0]
+                losses.append(float(loss.detach().float()))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if not all(math.isfinite(v) and v != 0 for v in losses):  # (no labelled token here: undecided, the next
+            return None                                           # micro-batch measures again)
         uses = not math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0)
         if not uses:
             self.model_accepts_loss_kwargs = False

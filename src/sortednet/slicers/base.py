@@ -402,7 +402,7 @@ def _buffer_guard(m: nn.Module, name: str, tensor: Any) -> None:
     """Global buffer registration hook (``register_buffer`` and ``module.buf = tensor``): a sliced buffer may be
     replaced by one of its own shape, never another (as :func:`_guarded_register` for parameters)."""
     st = m.__dict__.get("_sn")
-    if st is None or tensor is None or name not in getattr(type(m), "_sn_names", ()):
+    if st is None or tensor is None or name not in getattr(type(m), "_sn_names", ()) or _compiling():
         return None
     old = m._buffers.get(name)
     if old is not None and isinstance(tensor, Tensor) and tuple(tensor.shape) != tuple(old.shape):
