@@ -154,6 +154,31 @@ TABLE = {
     "submodel_int_key": B(_fresh(lambda c, t: sn.SubModel({1: 2})), "dimension names", "1"),
     "submodel_bool_size": B(_fresh(lambda c, t: sn.SubModel(h=True)), "'h'", "True"),
     "profile_dict_malformed": B(_fresh(lambda c, t: sn.Profile.from_dict({"costs": {}})), "Profile"),
+    # raw TypeErrors / FileNotFoundError before (a fuzz of the public API)
+    "width_pattern_an_int": B(_fresh(lambda c, t: sn.Width("h", [4, 16], out=0, inp="2")), "out patterns", "0"),
+    "depth_layers_an_int": B(_fresh(lambda c, t: sn.Depth("d", [1, 2], layers=3)), "patterns", "3"),
+    "width_chunks_a_float": B(_fresh(lambda c, t: sn.Width("h", [4, 16], out="0", chunks=2.0)), "chunks=2.0"),
+    "width_chunks_a_list": B(_fresh(lambda c, t: sn.Width("h", [4, 16], out="0", chunks=[2])), "chunks=[2]"),
+    "cost_metric_a_list": B(_on(mlp, lambda c, n, t: n.cost("h1=4", ["params"])), "metric", "['params']"),
+    "check_mixed_none": B(_on(mlp, lambda c, n, t: n.check(c.example, mixed=None)), "mixed", "None"),
+    "check_mixed_float": B(_on(mlp, lambda c, n, t: n.check(c.example, mixed=1.5)), "mixed", "1.5"),
+    "checkpoint_not_callable": B(_on(mlp, lambda c, n, t: n.checkpoint(None, c.example)), "callable", "None"),
+    "save_empty_path": B(_on(mlp, lambda c, n, t: sn.save(n, "")), "empty string"),
+    "by_ratio_no_dims": B(_fresh(lambda c, t: sn.by_ratio(None, [0.5])), "list of dimensions", "None"),
+    "by_ratio_strings": B(_fresh(lambda c, t: sn.by_ratio(["h"], [0.5])), "list of dimensions"),
+    "accumulate_closure_none": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.largest], None)), "closure", "None"),
+    "accumulate_backward_string": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.largest], closure(
+        c, lambda y: y.sum()), backward="x")), "backward=", "'x'"),
+    "fit_loader_none": B(_on(mlp, lambda c, n, t: _fit(c, n, None)), "loader", "NoneType"),
+    "fit_optimizer_string": B(_on(mlp, lambda c, n, t: sn.fit(n, [], "sgd", sn.Sampler(n.submodels, k=1))),
+                              "optimizer", "str"),
+    "fit_loss_fn_none": B(_on(mlp, lambda c, n, t: sn.fit(n, [], torch.optim.SGD(c.model.parameters(), lr=0.1),
+                                                          sn.Sampler(n.submodels, k=1), loss_fn=None)), "loss_fn"),
+    "fit_scheduler_string": B(_on(mlp, lambda c, n, t: sn.fit(n, [], torch.optim.SGD(c.model.parameters(), lr=0.1),
+                                                              sn.Sampler(n.submodels, k=1), scheduler="x")),
+                              "scheduler", "'x'"),
+    "fit_not_a_nest": B(_fresh(lambda c, t: sn.fit(None, [], torch.optim.SGD(c.model.parameters(), lr=0.1),
+                                                   sn.Sampler([sn.SubModel(h=1)], k=1))), "Nest", "NoneType"),
 }
 
 

@@ -811,3 +811,33 @@ def test_a_custom_export_that_leaves_the_full_tensor_is_named(bug):
         nest.export("h=8")
     with pytest.raises(sn.SortedNetError, match="Exporting.export left"):
         nest.check(torch.randn(2, 4))
+
+
+class _PerLayer(nn.Module):
+    """Returns the logits and one hidden state per block (as ``output_hidden_states``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):
+        h, hs = self.inp(x), []
+        for b in self.blocks:
+            h = h + torch.relu(b(h))
+            hs.append(h)
+        return self.head(h), tuple(hs)
+
+
+def test_check_lets_a_per_layer_output_follow_depth_and_still_names_a_width_fault():
+    """A Depth sub-model returns fewer per-layer states (the export does the same): check compared them with
+    the full model's and refused every such model; it compares with the full widths at the same depth."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    nest = sn.wrap(_PerLayer(), sn.Depth("d", [1, 2, 3], layers="blocks"), example=x)
+    with torch.no_grad(), nest.use("d=2"):
+        assert len(nest.model(x)[1]) == 2
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError, match="slices the network's output"):   # blocks.* outputs sliced
+        sn.wrap(_PerLayer(), sn.Depth("d", [1, 3], layers="blocks"),
+                sn.Width("w", [8, 16], out=["inp", "blocks.*"], inp=["blocks.*", "head"]), example=x)

@@ -356,3 +356,25 @@ def test_a_table_writes_latency_with_its_unit():
     table = sn.Profile(subs, {"params": (10.0, 20.0, 40.0), "latency": (8.5e-4, 1.44e-3, 2.5)}).to_markdown()
     assert "| latency |" in table.splitlines()[0]
     assert [line.split(" | ")[2] for line in table.splitlines()[2:]] == ["850 µs", "1.44 ms", "2.5 s"]
+
+
+def test_flops_are_recounted_for_a_control_tensor_of_another_value():
+    """A one-element integer tensor that a forward branches on (a step count) keys the FLOPs table by its
+    value, as a Python int does (the count of the first value was returned for every other)."""
+    class Steps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.big, self.o = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, x, steps):
+            h = self.a(x)
+            for _ in range(int(steps)):
+                h = self.big(h)
+            return self.o(h)
+
+    m = Steps()
+    nest = sn.wrap(m, sn.Width("w", [8, 16], out=["a", "big"], inp=["big", "o"]))
+    x = torch.randn(2, 8)
+    by_int = [nest.cost("w=8", "flops", example=(x, n)) for n in (1, 5)]
+    by_tensor = [nest.cost("w=8", "flops", example=(x, torch.tensor(n))) for n in (1, 5)]
+    assert by_tensor == by_int and by_int[0] < by_int[1]

@@ -296,5 +296,13 @@ def example_signature(example: Any) -> tuple:
     False
     """
     leaves, spec = tree_flatten(example)
-    return (str(spec), *((tuple(t.shape), str(t.dtype), str(t.device)) if isinstance(t, Tensor) else repr(t)
-                         for t in leaves))
+    return (str(spec), *(_tensor_signature(t) if isinstance(t, Tensor) else repr(t) for t in leaves))
+
+
+def _tensor_signature(t: Tensor) -> tuple:
+    """Shape, dtype and device; and the value of a one-element integer or bool tensor (a step count or a flag
+    that a forward may branch on, as it would on a Python int)."""
+    sig = (tuple(t.shape), str(t.dtype), str(t.device))
+    if t.numel() == 1 and not t.is_floating_point() and not t.is_complex() and t.device.type != "meta":
+        return (*sig, t.item())
+    return sig

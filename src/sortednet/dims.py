@@ -88,6 +88,9 @@ class Target:
 def _as_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
+    if not isinstance(value, str) and not isinstance(value, Iterable):
+        raise PatternError(f"{what} patterns must be a string or a list of strings (\"\" is the root module), "
+                           f"got {value!r}")
     out = (value,) if isinstance(value, str) else tuple(value)
     for p in out:
         if not isinstance(p, str):
@@ -263,6 +266,9 @@ class Width(Dimension):
         self.out = _as_patterns(out, f"Width {name!r} out")
         if isinstance(chunks, int) and not isinstance(chunks, bool):
             chunks = {p: chunks for p in self.out}
+        if chunks is not None and not isinstance(chunks, dict):
+            raise PatternError(f"Width {name!r}: chunks={chunks!r} must be a positive int or a dict mapping out= "
+                               f"patterns {list(self.out)} to positive ints")
         chunks = dict(chunks or {})
         bad = [(p, n) for p, n in chunks.items() if p not in self.out or isinstance(n, bool)
                or not isinstance(n, int) or n < 1]

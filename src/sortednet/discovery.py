@@ -187,6 +187,10 @@ def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[st
     [{'a': 4, 'b': 2}, {'a': 8, 'b': 2}, {'a': 16, 'b': 4}]
     """
     ratios = _check_ratios(ratios)
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not all(isinstance(d, Dimension)
+                                                                                   for d in dims):
+        raise SortedNetError(f"by_ratio needs a list of dimensions (sn.Width / sn.Heads / ..., e.g. from sn.discover), "
+                             f"got {dims!r}")
     return list({tuple(sorted(s.items())): s for s in (
         {d.name: next(x for x in d.sizes if x >= r * d.full - 1e-9) for d in dims} for r in ratios)}.values())
 

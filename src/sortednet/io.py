@@ -114,6 +114,8 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     p = os.fspath(path)
     if isinstance(p, bytes):
         raise SortedNetError(f"sn.save() needs a str path, got bytes {p!r}")
+    if not p:
+        raise SortedNetError("sn.save() needs a file path, got an empty string")
     folder = os.path.dirname(os.path.abspath(p))
     if not os.path.isdir(folder):
         raise SortedNetError(f"cannot save to {p!r}: folder {folder!r} does not exist")

@@ -457,6 +457,9 @@ class Nest:
         """
         from torch.utils.checkpoint import checkpoint
 
+        if not callable(fn):
+            raise SortedNetError(f"nest.checkpoint(fn, ...) needs a callable (a module or function), got {fn!r}")
+
         run = in_plan(self._state, self._state.plan(), fn)
         return checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
 
@@ -510,6 +513,8 @@ class Nest:
         >>> nest.cost("h=2"), nest.cost("h=2", "flops", example=torch.randn(1, 4))
         (16, 24)
         """
+        if not isinstance(metric, str):
+            raise SortedNetError(f"cost: metric must be one of {list(METRICS)}, got {metric!r}")
         self._check_structure(f"cost(..., {metric!r})")
         sub = self.resolve(sub)
         cache = self._cost_cache.get(metric)
@@ -843,6 +848,9 @@ class Nest:
         dimension, module path and missing binding. See :mod:`sortednet.check`."""
         from .check import check
 
+        if isinstance(mixed, bool) or not isinstance(mixed, int) or mixed < 0:
+            raise SortedNetError(f"check(mixed=...) takes the number of random mixed sub-models, an int >= 0, got "
+                                 f"{mixed!r}")
         self._check_structure("check")
         check(self, example, mixed=mixed)
 

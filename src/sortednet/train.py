@@ -165,6 +165,11 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     >>> len(losses), model[0].weight.grad.shape
     (3, torch.Size([8, 4]))
     """
+    if not callable(closure):
+        raise SortedNetError(f"accumulate(nest, subs, closure): the closure must be a function of no arguments "
+                             f"returning the loss, got {closure!r}")
+    if backward is not None and not callable(backward):
+        raise SortedNetError(f"accumulate(backward=...) takes a function of the scaled loss, got {backward!r}")
     nest._check_structure("accumulate")  # (a layer list replaced or grown since wrap would train the wrong model)
     ok = isinstance(subs, Sequence) and not isinstance(subs, (str, bytes))
     resolved = [nest.resolve(s) for s in subs] if ok else None
@@ -416,8 +421,21 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     >>> min(hist.last_scores.values()) > 0.8
     True
     """
+    from .nest import Nest
+
+    if not isinstance(nest, Nest):
+        raise SortedNetError(f"fit() needs the Nest (sn.wrap(model, ...)), got {type(nest).__name__}")
+    if not all(callable(getattr(optimizer, f, None)) for f in ("step", "zero_grad")):
+        raise SortedNetError(f"fit() needs an optimizer (torch.optim.Optimizer: step, zero_grad), got "
+                             f"{type(optimizer).__name__}")
     if not isinstance(sampler, Sampler):
         raise SortedNetError(f"fit() needs an sn.Sampler, got {type(sampler).__name__}")
+    if not callable(loss_fn):
+        raise SortedNetError(f"fit(loss_fn=...) takes a callable loss_fn(output, target), got {loss_fn!r}")
+    if loader is None or isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
+        raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise SortedNetError(f"fit(scheduler=...) takes an LR scheduler (with .step()), got {scheduler!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         raise SortedNetError(f"fit() trains in one process, but a process group of "
