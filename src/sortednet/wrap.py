@@ -267,7 +267,7 @@ class StaleCalibration:
         calibrated = [st for b in self.bns if (st := b.__dict__.get("_sn")) is not None and st.norm is not None]
         if not calibrated:
             return
-        own = [(n, t) for n, t in module._parameters.items()] + [
+        own = list(module._parameters.items()) + [
             (n, t) for n, t in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for name, old in own:
             new = state_dict.get(prefix + name)

@@ -351,7 +351,7 @@ def _read_error(st: State, name: str, err: AttributeError) -> SortedNetError:
                           f"{err}")
 
 
-def _guarded_delattr(base: type, names: frozenset) -> Callable[[nn.Module, str], None]:
+def _guarded_delattr(base: type) -> Callable[[nn.Module, str], None]:
     """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize and
     spectral_norm start by deleting it; the nest would then slice nothing, and parametrize would fail
     half-way with the weight gone). ``prune`` is caught by :func:`_guarded_register`; the deprecated
@@ -475,7 +475,7 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
             _HOOKS.append(nn.modules.module.register_module_buffer_registration_hook(_buffer_guard))
         cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
                                                        "_sn_names": frozenset(names),
-                                                       "__delattr__": _guarded_delattr(base, frozenset(names)),
+                                                       "__delattr__": _guarded_delattr(base),
                                                        "register_parameter": _guarded_register(base, frozenset(names)),
                                                        "__module__": base.__module__,
                                                        "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle,
