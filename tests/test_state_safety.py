@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
+from torch.nn.utils import weight_norm as _WEIGHT_NORM  # (bound at import, as user code does)
 
 import sortednet as sn
 from models import assert_unchanged, snapshot
@@ -525,6 +526,52 @@ def test_a_sliced_parameter_replaced_by_another_shape_is_refused_before_anything
     m[2].weight = nn.Parameter(torch.randn(w.shape[0], w.shape[1] + 1))  # the plain model: as PyTorch does
 
 
+_WRITES = {
+    "tensor": lambda m: setattr(m, "weight", torch.zeros(32, 16)),
+    "parameter": lambda m: setattr(m, "weight", nn.Parameter(torch.zeros(32, 16))),
+    "buffer": lambda m: m.register_buffer("weight", torch.zeros(32, 16)),
+    "del_weight": lambda m: delattr(m, "weight"),
+    "in_features": lambda m: setattr(m, "in_features", 3),
+    "del_in_features": lambda m: delattr(m, "in_features"),
+}
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+@pytest.mark.parametrize("write", sorted(_WRITES))
+def test_writes_to_a_sliced_attribute_are_refused_and_leave_nothing_behind(write, mode):
+    """An svd ``Rank`` layer's ``weight`` is computed (``U @ V``), not a parameter: ``layer.weight = tensor`` went
+    into the instance ``__dict__``, had no effect while wrapped and, after ``unwrap``, shadowed the restored
+    parameter (the model computed with zeros while its state_dict showed the weight); a Parameter raised a bare
+    KeyError. Writes to sliced plain attributes (``in_features``) were ignored while wrapped and came back at
+    unwrap. All are refused, naming the attribute; the model computes as before, also after unwrap."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(3, 16)
+    nest = sn.wrap(m, sn.Rank("r", [2, 8], targets="0", mode=mode))
+    def run(sub):
+        with torch.no_grad(), nest.use(sub):
+            return m(x)
+
+    outs = {s: run(s) for s in nest.submodels}
+    before = snapshot(m)
+    if mode == "lora" and write in ("tensor", "parameter"):  # a real (frozen) parameter there: PyTorch's own
+        if write == "tensor":                                  # refusal, and a same-shape replacement is allowed
+            with pytest.raises(TypeError, match="cannot assign"):
+                _WRITES[write](m[0])
+            assert_unchanged(m, before)
+        return
+    with pytest.raises(sn.SortedNetError, match=r"0\.(weight|in_features) is sliced by sortednet"):
+        _WRITES[write](m[0])
+    assert_unchanged(m, before)
+    assert "weight" not in m[0].__dict__ and m[0].__dict__["in_features"] == 16
+    assert all(torch.equal(run(s), o) for s, o in outs.items())
+    m[0].in_features = 16  # writing the value it has changes nothing (transformers' tie_weights does it)
+    full = run(nest.largest)
+    nest.unwrap(merge=True)  # the largest sub-model baked in
+    torch.testing.assert_close(m(x), full, atol=1e-5, rtol=1e-5)
+    assert type(m[0].weight) is nn.Parameter
+
+
 @pytest.mark.parametrize("how", ["setattr", "register_buffer", "parametrize"])
 def test_a_sliced_buffer_replaced_by_another_shape_is_refused_before_anything_changes(how):
     """BatchNorm running statistics are sliced like its weight: another shape would make every forward fail
@@ -562,11 +609,33 @@ def test_a_sliced_buffer_replaced_by_another_shape_is_refused_before_anything_ch
 def test_a_weight_removed_behind_the_guard_is_named_at_the_next_read():
     m = _mlp()
     nest = _mlp_nest(m)
-    torch.nn.utils.weight_norm(m[2])  # (deprecated) deletes _parameters["weight"] directly
+    w = m[2]._parameters.pop("weight")  # a private write no hook sees
     with pytest.raises(sn.SortedNetError, match="2.weight: the tensor sortednet slices is no longer"):
         m(torch.randn(2, 4))
+    m[2]._parameters["weight"] = w
     nest.unwrap()
-    torch.nn.utils.remove_weight_norm(m[2])
+    assert m(torch.randn(2, 4)).shape == (2, 3)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", ["function", "class", "bound_before"])
+def test_the_deprecated_weight_norm_is_refused_before_anything_changes(how):
+    """``torch.nn.utils.weight_norm`` deletes ``_parameters["weight"]`` directly, registers ``weight_g`` /
+    ``weight_v`` and then sets ``weight``: refused before its first step (``WeightNorm.apply``, however the
+    function was imported), the module left whole; after unwrap it applies as in plain PyTorch."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    m = _mlp()
+    nest = _mlp_nest(m)
+    before = snapshot(m)
+    apply = {"function": lambda: torch.nn.utils.weight_norm(m[2]), "class": lambda: WeightNorm.apply(m[2], "weight", 0),
+             "bound_before": lambda: _WEIGHT_NORM(m[2])}[how]
+    with pytest.raises(sn.SortedNetError, match=r"2\.weight is sliced by sortednet and cannot be removed"):
+        apply()
+    assert_unchanged(m, before)
+    assert not m[2]._forward_pre_hooks and set(m[2]._parameters) == {"weight", "bias"}
+    nest.unwrap()
+    torch.nn.utils.weight_norm(m[2])
     assert m(torch.randn(2, 4)).shape == (2, 3)
 
 

@@ -81,6 +81,19 @@ def _crc(data: Any) -> str:
     return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
+#: ``__metadata__`` key of the CRC-32 of the rest of the header (every other metadata string and the tensor
+#: table), written by :func:`write` and checked by :meth:`Container.header_ok`
+HEADER_CRC = "header_crc32"
+
+
+def header_crc(metadata: Mapping[str, str], table: Mapping[str, tuple[str, list[int], int, int]]) -> str:
+    """CRC-32 of a canonical text of ``metadata`` (without :data:`HEADER_CRC`) and the tensor ``table``
+    (``name -> (dtype code, shape, begin, end)``): independent of key order and whitespace."""
+    doc = {"metadata": {k: v for k, v in metadata.items() if k != HEADER_CRC},
+           "tensors": {k: [d, list(s), b, e] for k, (d, s, b, e) in table.items()}}
+    return _crc(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of ``t`` as stored in a safetensors file (little-endian, C order), on the CPU."""
     t = t.detach().to("cpu").contiguous()
@@ -111,8 +124,12 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
         table[n] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
 
+    rows = {n: (v["dtype"], v["shape"], *v["data_offsets"]) for n, v in table.items()}
+
     def header(crcs: dict[str, str]) -> bytes:
-        raw = json.dumps({"__metadata__": metadata(crcs), **table}, separators=(",", ":")).encode()
+        meta = dict(metadata(crcs))
+        meta[HEADER_CRC] = header_crc(meta, rows)
+        raw = json.dumps({"__metadata__": meta, **table}, separators=(",", ":")).encode()
         return raw + b" " * (-len(raw) % 8)
 
     placeholder = header({n: "0" * 8 for n in names})
@@ -161,6 +178,15 @@ class Container:
         if self._mm is not None:
             self._mm.close()
             self._mm = None
+
+    def header_ok(self) -> bool | None:
+        """Whether the header's own CRC-32 (:data:`HEADER_CRC`) matches the rest of the header; None when the
+        file has none (written before it existed, or by another tool)."""
+        stored = self.metadata.get(HEADER_CRC)
+        if stored is None:
+            return None
+        rows = {n: (_CODES[e.dtype], list(e.shape), e.begin, e.end) for n, e in self.entries.items()}
+        return stored == header_crc(self.metadata, rows)
 
     def crc(self, name: str) -> str:
         """CRC-32 (hex) of tensor ``name``'s bytes in the file."""

@@ -21,6 +21,7 @@ from torch import nn
 from . import checkpoint as ck
 from .errors import SortedNetError
 from .meta import (
+    CHECKSUM,
     EXTRA_PREFIX,
     FORMAT,
     FORMATS,
@@ -150,7 +151,7 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
 
     def metadata(crcs: dict[str, str]) -> dict[str, str]:
         meta = {"format": FORMAT, "dims": dims, "submodels": subs, "count": len(nest.submodels),
-                "extra": nest._extra_state(), "checksum": "crc32", "crc32": crcs}
+                "extra": nest._extra_state(), "checksum": CHECKSUM, "crc32": crcs}
         return {"sortednet": _dumps(meta)}
 
     ck.write(p, tensors, metadata)
@@ -228,6 +229,13 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         raise SortedNetError(f"load() needs a file path, got {type(path).__name__}")
     with ck.read(path) as f:
         meta = read_meta(f)
+        if verify and meta["crc32"] is not None:  # first: a damaged description would mislead every check
+            ok = f.header_ok()
+            if ok is False or (ok is None and meta["checksum"] == CHECKSUM):
+                raise SortedNetError(f"checkpoint {where}: the header is damaged (its CRC-32 "
+                                     f"{'is missing' if ok is None else 'does not match'}: the nest's description "
+                                     "or the tensor table changed after it was written); load(..., verify=False) "
+                                     "skips this check")
         names = [d["name"] for d in meta["dims"]]
         if isinstance(model, Nest):
             nest, dims = model, None

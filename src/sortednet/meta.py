@@ -6,7 +6,7 @@ Format ``sortednet/2`` (written by :func:`sortednet.save`)::
      "dims": [{"kind": "width", "name": "ffn", "sizes": [..], "out": [exact module paths], ...,
                "patterns": {"out": [patterns as written]}}],     # patterns: information only
      "submodels": null | [[size per dim], ...],                # null: the full product
-     "count": N, "extra": {"profile": {...}}, "checksum": "crc32", "crc32": {tensor: "8 hex"}}
+     "count": N, "extra": {"profile": {...}}, "checksum": "crc32+header", "crc32": {tensor: "8 hex"}}
 
 ``sortednet/1`` files (patterns as written, every sub-model listed by name, no
 checksum) are read when every pattern is an exact module path; a pattern
@@ -29,11 +29,13 @@ from .errors import SortedNetError, nearby
 from .patterns import match
 from .submodel import MAX_SUBMODELS, SubModel
 
-__all__ = ["FORMAT", "FORMATS", "EXTRA_PREFIX", "read_meta", "exact_spec", "rows_of", "calibration_entries",
+__all__ = ["FORMAT", "FORMATS", "CHECKSUM", "EXTRA_PREFIX", "read_meta", "exact_spec", "rows_of", "calibration_entries",
            "check_profile", "PATTERN_FIELDS"]
 
 FORMAT = "sortednet/2"
 FORMATS = ("sortednet/1", FORMAT)
+#: ``checksum`` written since the header has its own CRC-32 (files saying ``"crc32"`` check the tensors only)
+CHECKSUM = "crc32+header"
 #: tensors stored beside the weights (e.g. calibrated BatchNorm statistics) live under this key prefix
 EXTRA_PREFIX = "_sortednet/"
 #: spec keys of each built-in dimension kind that hold module patterns
@@ -136,7 +138,7 @@ def _check_spec(spec: Any, i: int, fmt: str, where: str) -> None:
 
 def _crcs(meta: dict[str, Any], f: Container, where: str) -> dict[str, str]:
     crcs = meta["crc32"]
-    if meta["checksum"] != "crc32" or not isinstance(crcs, dict):
+    if meta["checksum"] not in ("crc32", CHECKSUM) or not isinstance(crcs, dict):
         raise _err(where, f"checksum {str(meta['checksum'])[:40]!r} / 'crc32' table is not understood")
     bad = [k for k, v in crcs.items() if not (isinstance(v, str) and len(v) == 8 and
                                               all(c in "0123456789abcdef" for c in v))]

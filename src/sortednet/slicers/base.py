@@ -306,10 +306,17 @@ class Slicer:
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
 
-            def set_(self_: nn.Module, v: Any) -> None:
-                self_.__dict__[name] = v
+            def set_(self_: nn.Module, v: Any) -> None:  # (nn.Module.__setattr__ of a name that is not a
+                d = self_.__dict__                         # parameter, buffer or child: in_features, a Rank
+                if name in d and _same(d[name], v):        # layer's computed weight, ...)
+                    d[name] = v  # the value it has (transformers' tie_weights re-sets out_features)
+                    return
+                raise _write_error(self_.__dict__["_sn"], name, v)
 
-            return property(get, set_)
+            def del_(self_: nn.Module) -> None:
+                raise _write_error(self_.__dict__["_sn"], name, None, delete=True)
+
+            return property(get, set_, del_)
 
         return {n: make(n) for n in names}
 
@@ -346,6 +353,32 @@ class Slicer:
         return {}
 
 
+def _same(old: Any, new: Any) -> bool:
+    """Whether writing ``new`` over ``old`` changes nothing (tensors: only the same object)."""
+    if old is new:
+        return True
+    if isinstance(old, Tensor) or isinstance(new, Tensor) or type(old) is not type(new):
+        return False
+    try:
+        return bool(old == new)
+    except Exception:  # (an == that cannot answer: treat as a change)
+        return False
+
+
+def _write_error(st: State, name: str, v: Any, delete: bool = False) -> SortedNetError:
+    what = "deleted" if delete else f"set (to {type(v).__name__} {_short(v)})"
+    return SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet (its value follows the "
+                          f"active sub-model, read through the {type(st.slicer).__name__}) and cannot be {what} "
+                          "while wrapped: nest.unwrap() first, change the module, then wrap again")
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"of shape {tuple(v.shape)}"
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def _read_error(st: State, name: str, err: AttributeError) -> SortedNetError:
     return SortedNetError(f"reading the sliced {st.path + '.' if st.path else ''}{name} raised AttributeError: "
                           f"{err}")
@@ -354,9 +387,10 @@ def _read_error(st: State, name: str, err: AttributeError) -> SortedNetError:
 def _guarded_delattr(base: type) -> Callable[[nn.Module, str], None]:
     """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize and
     spectral_norm start by deleting it; the nest would then slice nothing, and parametrize would fail
-    half-way with the weight gone). ``prune`` is caught by :func:`_guarded_register`; the deprecated
-    ``torch.nn.utils.weight_norm`` deletes through ``_parameters`` directly, and the next forward, ``use``
-    or ``export`` then refuses the module (its sliced weight is gone)."""
+    half-way with the weight gone). ``prune`` is caught by :func:`_guarded_register`, the deprecated
+    ``torch.nn.utils.weight_norm`` (which deletes through ``_parameters`` directly) by
+    :func:`_guard_weight_norm`; any other deletion behind this guard is named by the next forward, ``use``
+    or ``export`` (the sliced weight is gone)."""
 
     def __delattr__(self: nn.Module, name: str) -> None:
         refuse_removal(self, name)
@@ -398,6 +432,26 @@ def _guard_parametrize() -> None:
     parametrize.register_parametrization = register_parametrization
 
 
+def _guard_weight_norm() -> None:
+    """Check the deprecated ``torch.nn.utils.weight_norm`` before it runs: ``WeightNorm.apply`` deletes
+    ``_parameters[name]`` directly (no hook sees it), registers ``<name>_g`` / ``<name>_v`` and only then sets
+    the attribute, where a refusal would leave the module without its weight. The wrapper sits on the class,
+    so it also holds for the function bound before ``import sortednet``."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    original = WeightNorm.__dict__["apply"].__func__
+    if getattr(original, "_sn_guard", False):
+        return
+
+    @functools.wraps(original)
+    def apply(module: nn.Module, name: str, dim: int) -> Any:
+        refuse_removal(module, name)
+        return original(module, name, dim)
+
+    apply._sn_guard = True  # type: ignore[attr-defined]
+    WeightNorm.apply = staticmethod(apply)  # type: ignore[method-assign]
+
+
 def _buffer_guard(m: nn.Module, name: str, tensor: Any) -> None:
     """Global buffer registration hook (``register_buffer`` and ``module.buf = tensor``): a sliced buffer may be
     replaced by one of its own shape, never another (as :func:`_guarded_register` for parameters)."""
@@ -431,6 +485,8 @@ def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
                                  f"replaced by a parameter of another shape ({tuple(param.shape)} for "
                                  f"{tuple(old.shape)}) while wrapped; nest.unwrap() first, change the module, "
                                  "then wrap again")
+        if st is not None and name in names and name not in self._parameters:  # a buffer, or computed (svd Rank)
+            raise _write_error(st, name, param)
         if st is not None and name.endswith("_orig") and name[:-5] in names and name[:-5] in self._parameters:
             raise SortedNetError(f"{st.path + '.' if st.path else ''}{name[:-5]} is read through sortednet's "
                                  "slicer of its module (a view in every forward) and cannot be pruned while "
@@ -440,6 +496,20 @@ def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
         base.register_parameter(self, name, param)
 
     return register_parameter
+
+
+def _guarded_register_buffer(base: type, names: frozenset) -> Callable[..., None]:
+    """``register_buffer`` of a sliced subclass: a name sliced as a parameter or computed by the slicer (a
+    Rank layer's ``weight``) cannot become a buffer (PyTorch would raise a bare ``KeyError``); a sliced
+    buffer's own replacement goes on to :func:`_buffer_guard`."""
+
+    def register_buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        st = self.__dict__.get("_sn")
+        if st is not None and name in names and name not in self._buffers:
+            raise _write_error(st, name, tensor)
+        base.register_buffer(self, name, tensor, persistent)
+
+    return register_buffer
 
 
 def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
@@ -477,6 +547,8 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
                                                        "_sn_names": frozenset(names),
                                                        "__delattr__": _guarded_delattr(base),
                                                        "register_parameter": _guarded_register(base, frozenset(names)),
+                                                       "register_buffer": _guarded_register_buffer(base,
+                                                                                                   frozenset(names)),
                                                        "__module__": base.__module__,
                                                        "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle,
                                                        "__prepare_scriptable__": _no_script})
@@ -485,3 +557,4 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
 
 
 _guard_parametrize()
+_guard_weight_norm()
