@@ -394,19 +394,35 @@ def test_sliding_window_models_equal_generate():
             assert torch.equal(got.sequences, want), (draft, k)
 
 
-def test_generation_config_logit_processors_are_refused_before_any_forward():
+@pytest.mark.parametrize("setting, value, sampling", [
+    ("repetition_penalty", 1.3, False), ("stop_strings", ["ab"], False),
+    ("min_p", 0.3, True), ("typical_p", 0.2, True), ("epsilon_cutoff", 0.01, True), ("eta_cutoff", 0.01, True),
+    ("top_h", 0.5, True)])
+def test_generation_config_logit_processors_are_refused_before_any_forward(setting, value, sampling):
+    """Settings with which generate() would give other tokens (or, sampling, another distribution: the probe's
+    min_p=0.3 drew 39 of 40 first tokens outside generate's support) are refused; a sampling filter only when
+    sampling, as generate() applies it only then."""
     model = llama()
     nest = sn.from_transformers(model, depth=[2])
-    model.generation_config.repetition_penalty = 1.3
+    old = getattr(model.generation_config, setting)
+    setattr(model.generation_config, setting, value)
     calls = []
     h = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = torch.tensor([[1, 2, 3]])
     try:
-        with pytest.raises(sn.SortedNetError, match="repetition_penalty"):
-            sn.speculative_generate(nest, torch.tensor([[1, 2, 3]]), draft="depth=2", max_new_tokens=4)
+        with pytest.raises(sn.SortedNetError, match=setting):
+            sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=4, do_sample=True,
+                                    generator=torch.Generator().manual_seed(0))
+        assert not calls
+        if sampling:  # greedy: generate() ignores the filter, and so may speculative decoding
+            got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=4)
+            assert torch.equal(got.sequences, plain(model, ids, 4))
+        else:
+            with pytest.raises(sn.SortedNetError, match=setting):
+                sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=4)
     finally:
         h.remove()
-        model.generation_config.repetition_penalty = 1.0
-    assert not calls
+        setattr(model.generation_config, setting, old)
 
 
 def test_a_prompt_holding_the_pad_token_is_masked_as_generate_does():

@@ -90,7 +90,7 @@ class CacheGuard:
         sub = self.active.plan().sub
         depth, key = self._key(cache, sub)
         d = None if depth is None else self._ran(module, sub, depth)
-        records[id(self.active)] = [key, {d: 0} if d is not None and d < self.full else {}]
+        records[id(self.active)] = [key, {d: 0} if d is not None and d < self.full else {}, self.active.epoch]
         return None
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -106,13 +106,18 @@ class CacheGuard:
         depth, key = self._key(cache, sub)
         rec = records.get(id(self.active))
         if filled == 0:
-            rec = records[id(self.active)] = [key, {}]
+            rec = records[id(self.active)] = [key, {}, self.active.epoch]
         elif rec is None:
             raise SortedNetError(
                 f"the key/value cache holds {filled} positions that this nest did not see computed (filled "
                 "before wrap, by an exported model, or by a module that is not the wrapped model): it cannot "
                 f"tell whether sub-model {sub} would have computed them. Fill the cache through the wrapped "
                 "model, or start a new one")
+        elif rec[2] != self.active.epoch:
+            raise SortedNetError(
+                f"the key/value cache holds {filled} positions computed before the nest's units were re-ordered "
+                "(sort_units / sort_by_importance permuted heads or neurons in the weights since): its keys and "
+                "values are in the old order. Start a new cache")
         elif rec[0] != key:
             raise SortedNetError(
                 f"the key/value cache holds {filled} positions computed by sub-model "

@@ -600,7 +600,9 @@ class Nest:
         return prof
 
     def _drop_scores(self, why: str) -> None:
-        """The profile's scores no longer describe the weights (units permuted): keep its costs, drop them."""
+        """The units were permuted: the profile's scores no longer describe the weights (its costs stay), and a
+        key/value cache filled before holds keys and values in the old order (refused from now on)."""
+        self._state.epoch += 1
         prof = self._profile
         if prof is not None and prof.scores is not None:
             import dataclasses

@@ -82,6 +82,12 @@ _UNSUPPORTED: dict[str, tuple] = {
     "exponential_decay_length_penalty": (None,), "forced_decoder_ids": (None,),
     "guidance_scale": (None, 1.0), "watermarking_config": (None,), "num_beams": (None, 1),
     "num_return_sequences": (None, 1), "penalty_alpha": (None,), "diversity_penalty": (None, 0.0),
+    "stop_strings": (None,),
+}
+#: sampling filters that generate() applies with do_sample=True only (greedy decoding ignores them)
+_UNSUPPORTED_SAMPLING: dict[str, tuple] = {
+    "min_p": (None,), "top_h": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
 }
 
 
@@ -113,9 +119,17 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
     changed = {k: getattr(gen, k, None) for k, default in _UNSUPPORTED.items()
                if getattr(gen, k, None) not in default}
     if changed:
-        raise SortedNetError(f"the model's generation_config sets {changed}, which transform the logits in "
-                             "generate(); speculative_generate does not apply them (its greedy output would differ "
-                             "from generate's): reset them on model.generation_config, or use model.generate")
+        raise SortedNetError(f"the model's generation_config sets {changed}, which transform the logits (or stop "
+                             "the search) in generate(); speculative_generate does not apply them (its greedy output "
+                             "would differ from generate's): reset them on model.generation_config, or use "
+                             "model.generate")
+    filters = {k: getattr(gen, k, None) for k, default in _UNSUPPORTED_SAMPLING.items()
+               if getattr(gen, k, None) not in default} if s.do_sample else {}
+    if filters:
+        raise SortedNetError(f"the model's generation_config sets the sampling filters {filters}, which "
+                             "generate(do_sample=True) applies; speculative_generate samples with temperature, "
+                             "top_k and top_p only (its tokens would come from another distribution): reset them "
+                             "on model.generation_config, or use model.generate")
     if eos is None:
         eos = getattr(gen, "eos_token_id", None)
     if isinstance(eos, Tensor):
