@@ -29,7 +29,7 @@ from .modes import eval_mode
 from .plan import Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
-from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList
+from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_int
 from .views import is_fsdp, new_lock
 from .wrap import (
     Pin,
@@ -357,9 +357,10 @@ class Nest:
         sizes = {}
         for name, d in self._by_name.items():
             s = sub.get(name, d.full)
-            if s not in d.sizes:
+            n = as_int(s)  # (a tensor is compared by its value, never by its own ==)
+            if n is None or n not in d.sizes:
                 raise SortedNetError(f"{d.kind} {name!r} has no size {s!r}; sizes are {list(d.sizes)}")
-            sizes[name] = s
+            sizes[name] = n
         out = SubModel(sizes)
         if self._rows is not None and self.submodels is not None and self.submodels.position(out) is None:
             listed = self.submodels

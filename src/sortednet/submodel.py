@@ -27,8 +27,8 @@ def as_int(v: Any) -> int | None:
         return None
     try:
         return operator.index(v)
-    except TypeError:  # a float tensor has __index__, and refuses it
-        return None
+    except (TypeError, RuntimeError, ValueError):  # a float tensor has __index__ and refuses it; a meta or
+        return None                                # multi-element tensor raises other errors
 
 class SubModel(Mapping[str, int]):
     """One nested sub-model: the active size of every dimension.
