@@ -255,10 +255,14 @@ class _Mixing(nn.Module):
             h = self.conv(h.unsqueeze(1)).amax(-1)
         elif self.how == "negative_index":
             h = h * torch.sigmoid(h[:, -1, None])  # the LAST unit gates: another unit at every width
+        elif self.how == "computed_index":  # the same, by a positive index computed from the width
+            h = h * torch.sigmoid(h[:, h.shape[1] - 1, None])
+        elif self.how == "unbind":  # one tensor per unit, the last one picked
+            h = h * torch.sigmoid(h.unbind(1)[-1])[:, None]
         return self.o(h) + self.c(F.relu(self.b(x)))
 
 
-@pytest.mark.parametrize("how", ["pool", "interp", "conv", "negative_index", "hook"])
+@pytest.mark.parametrize("how", ["pool", "interp", "conv", "negative_index", "computed_index", "unbind", "hook"])
 def test_features_mixed_along_their_axis_are_left_out(how):
     model, x = _Mixing(how).eval(), torch.randn(3, 6)
     dims = sn.discover(model, x, ratios=[0.25, 1.0])
@@ -449,3 +453,28 @@ def test_heads_of_an_attention_that_adds_its_own_residual_are_discovered(kv_head
     for sub in nest.submodels:
         with torch.no_grad(), nest.use(sub):
             torch.testing.assert_close(nest.export(sub)(x), model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("where", ["leaf", "container"])
+def test_a_torchscript_part_is_refused_by_name_and_the_model_left_whole(where):
+    """A scripted module keeps its own forward and parameter tables, which the dry runs and private copies of
+    discover / check / sort_units cannot follow (they raised a raw AttributeError / KeyError)."""
+    from sortednet.importance import sort_units
+
+    part = nn.Linear(16, 16) if where == "leaf" else nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), torch.jit.script(part), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 3)).eval()
+    x = torch.randn(3, 6)
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="'2' is a TorchScript module"):
+        sn.discover(model, x, ratios=[0.5, 1.0])
+    assert_unchanged(model, before)
+    dim = sn.Width("h", [6, 12], out="4", inp="6")  # (a width the scripted part does not read; still a dry run
+    with pytest.raises(sn.SortedNetError, match="'2' is a TorchScript module"):  # of the whole forward)
+        sn.wrap(model, dim, example=x)
+    assert_unchanged(model, before)
+    nest = sn.wrap(model, dim)
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="'2' is a TorchScript module"):
+        sort_units(nest, "l1", example=x)
+    assert_unchanged(model, before)

@@ -193,8 +193,8 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
         if i is None:
             srcs.append([])
             continue
-        if isinstance(i, int) and i < 0:  # counted from the end: another unit at every size
-            a.uf.fix(xv[ax], f"{why} (a negative index)")
+        if isinstance(i, int):  # counted from the end, or computed from the size (h[:, h.shape[1] - 1]): another
+            a.uf.fix(xv[ax], f"{why} (an integer index)")  # unit at every size; the trace cannot tell them apart
         if isinstance(i, slice):
             full = i.step in (None, 1) and (i.start in (None, 0)) and (i.stop is None or i.stop >= x.shape[ax])
             if full:
@@ -313,7 +313,8 @@ def handle(a, ev) -> bool:
         for o in outs:
             srcs = []
             for i in range(x.dim()):
-                if i == d and name == "unbind":
+                if i == d and name == "unbind":  # one tensor per unit: its count and their positions follow
+                    a.uf.fix(xv[i], f"unbound by {why}")  # the size (units[-1] is another unit at every size)
                     continue
                 if i == d and o.shape[i] != x.shape[i]:
                     a.uf.fix(xv[i], f"split by {why}")

@@ -43,6 +43,7 @@ def dry_run(model: nn.Module) -> Iterator[None]:
     """
     import torch
 
+    refuse_script(model, "a dry run of the model's forward")
     slots = [(m, d, name, t) for m in model.modules() for d in (m._parameters, m._buffers)
              for name, t in d.items() if isinstance(t, torch.Tensor)]
     params = {id(t): t for m, d, _, t in slots if d is m._parameters}
@@ -70,6 +71,19 @@ def dry_run(model: nn.Module) -> Iterator[None]:
                     t.data = v
                 elif not t.is_meta and not torch.equal(t, v):  # (meta: no values to put back)
                     t.copy_(v)
+
+
+def refuse_script(model: nn.Module, what: str) -> None:
+    """A TorchScript module inside ``model`` (``torch.jit.script`` / ``trace``) is refused, named: checks,
+    discovery, sorting and FLOPs counting run and copy the Python modules, and a scripted part keeps its own
+    compiled forward and parameter tables, which they cannot follow (nor restore)."""
+    script = torch.jit.ScriptModule
+    for path, m in model.named_modules():
+        if isinstance(m, script):
+            raise SortedNetError(f"{path or '<root>'!r} is a TorchScript module ({type(m).__name__}, from "
+                                 f"torch.jit.script / trace): {what} follows the model's Python modules and cannot "
+                                 "run or copy a scripted part. Use the eager module here and script afterwards "
+                                 "(nest.export(sub) is a plain model that torch.jit.script accepts)")
 
 
 def _storage(t: Any) -> int:
@@ -146,6 +160,7 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (),
     >>> view.training, model.training, view[0].weight is model[0].weight
     (False, True, True)
     """
+    refuse_script(model, "a private eval-mode view of the model")
     own = {id(m) for m in own_state}
     memo: dict[int, object] = {id(d): d for d in keep}
     for t in [*model.parameters(), *model.buffers()]:
