@@ -852,3 +852,27 @@ def test_layer_lists_of_different_lengths_are_named_in_order(enc, dec):
     with pytest.raises(sn.SortedNetError, match=rf"\['encoder.block', 'decoder.block'\] have different lengths "
                                                 rf"\[{enc}, {dec}\]"):
         sn.from_transformers(t5, depth=[1])
+
+
+def test_a_heads_dimension_of_layers_the_depth_drops_does_not_shape_the_config(tmp_path):
+    """Heads sliced only in layers 2-3, depth 1: the export is layer 0 at full size, which a stock config
+    describes (it was refused, the config taking the head count of a dimension whose layers were all dropped);
+    with those layers kept, unequal head counts per layer are still refused."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    layers = [f"model.layers.{i}.self_attn" for i in (2, 3)]
+    nest = sn.wrap(model, sn.Heads("h", [2, 4], attn=layers, qkv=["q_proj", "k_proj", "v_proj"], o="o_proj"),
+                   sn.Depth("depth", [1, 4], layers="model.layers"))
+    x = ids()
+    for sub in ("h=2,depth=1", "h=4,depth=1"):
+        small = nest.export(sub)
+        assert small.config.num_attention_heads == 4 and small.config.num_hidden_layers == 1
+        with torch.no_grad(), nest.use(sub):
+            live = out(model, x)
+        small.save_pretrained(tmp_path / sub)
+        again = LlamaForCausalLM.from_pretrained(tmp_path / sub).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(out(small, x), live, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out(again, x), live, atol=1e-5, rtol=0)
+    with pytest.raises(sn.SortedNetError, match="cannot be described by LlamaConfig"):
+        nest.export("h=2,depth=4")

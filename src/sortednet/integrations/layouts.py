@@ -214,9 +214,9 @@ def detect(model: nn.Module) -> Found:
         if not hits:
             continue
         if len(hits) > lay.extra.get("stacks", 1):
-            raise SortedNetError(f"{type(model).__name__} holds {len(hits)} {lay.family} layer lists {list(hits)}; "
-                                 "nest one tower at a time: pass the sub-module that holds one of them (e.g. "
-                                 "sn.from_transformers(model.vision_model, ...))")
+            raise SortedNetError(f"{type(model).__name__} holds {len(hits)} layer lists {list(hits)} (whose blocks "
+                                 f"match the {lay.family} layout's); nest one tower at a time: pass the sub-module "
+                                 "that holds one of them (e.g. sn.from_transformers(model.vision_model, ...))")
         tails = {p.rpartition(".")[2] for p in hits}
         missed = [p for p, _ in lists if p not in hits and p.rpartition(".")[2] in tails]
         if missed:

@@ -454,7 +454,10 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
             if isinstance(v, (list, tuple)) and len(v) == L0:
                 setattr(h, k, type(v)(v[:L]))
         _fit_backbone_stages(h, L0, L, sub, _is_backbone(nest.model))
-    heads = [d for d in nest.dims if isinstance(d, Heads)]
+    kept = {n for n, _ in small.named_modules()}  # a Heads of layers the sub-model's depth drops describes nothing
+    heads = [d for d in nest.dims if isinstance(d, Heads)
+             and any(path in kept and any(b.dim.name == d.name for b in m._sn.bind.values())
+                     for path, m in nest._sliced.items())]
     n_heads, group = _head_counts(nest.model.config, lay)
     if not heads or all(sub[d.name] == d.full for d in heads):
         return
