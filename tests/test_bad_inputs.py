@@ -133,6 +133,11 @@ TABLE = {
                                 "scalar loss"),
     "accumulate_detached_loss": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.largest], closure(
         c, lambda y: y.sum().detach()))), "does not require grad"),
+    "distill_one_d_logits": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
+        c, lambda y: (y.square().mean(), y.sum(-1))), distill=sn.Distill())), "logits of", "(batch, classes)"),
+    "distill_integer_logits": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
+        c, lambda y: (y.square().mean(), y.argmax(-1, keepdim=True).expand_as(y))), distill=sn.Distill())),
+        "floating point", "torch.int64"),
     "distill_temperature_bool": B(_on(mlp, lambda c, n, t: sn.Distill(temperature=True)), "temperature", "True"),
     "distill_alpha_bool": B(_on(mlp, lambda c, n, t: sn.Distill(alpha=False)), "alpha", "False"),
     "distill_temperature_negative": B(_on(mlp, lambda c, n, t: sn.Distill(temperature=-1.0)), "temperature"),

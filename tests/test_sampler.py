@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch.nn as nn
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import sortednet as sn
@@ -72,6 +73,9 @@ def test_seeds_and_steps_give_different_draws(strategy, k):
     {"strategy": "sandwich", "k": 4},
     {"strategy": "sandwich", "k": 3, "weights": "small"},
     {"strategy": "sandwich", "k": 3, "weights": [9, 5, 1, 2, 0.5, 3, 1, 9]},
+    {"strategy": "weighted", "k": 3, "weights": [5, 1, 1, 2, 0.5, 3, 1, 4]},
+    {"strategy": "weighted", "k": 5, "weights": "large"},
+    {"strategy": "sandwich", "k": 5, "weights": [9, 1, 2, 3, 4, 6, 8, 9]},
 ], ids=str)
 def test_inclusion_frequencies_match_expected(cfg):
     cfg = dict(cfg)
@@ -307,3 +311,43 @@ def test_a_sampler_built_from_the_nest_pickles_and_copies_without_it():
         with pytest.raises(sn.SortedNetError, match="needs the nest"):  # rebuilding cost weights needs the nest
             t.load_state_dict(s.state_dict())
     assert s._source is nest   # the original keeps it
+
+
+def _brute_inclusion(p, k):
+    """Every ordered draw of k items, each with its probability (successive sampling)."""
+    import itertools
+
+    out = [0.0] * len(p)
+    for seq in itertools.permutations(range(len(p)), k):
+        pr, left = 1.0, set(range(len(p)))
+        for i in seq:
+            pr *= p[i] / sum(p[j] for j in left)
+            left.discard(i)
+        for i in seq:
+            out[i] += pr
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.lists(st.floats(0.0, 10.0), min_size=2, max_size=7), k=st.integers(1, 6))
+def test_inclusion_is_exact_for_successive_weighted_draws(w, k):
+    """expected_fraction for weighted draws of several sub-models (min(1, k p) said 0.3 where 0.454 came out)."""
+    from sortednet.sampler import inclusion
+
+    assume(sum(x > 0 for x in w) > k)
+    p = [x / sum(w) for x in w]
+    got = inclusion(p, k)
+    assert got == pytest.approx(_brute_inclusion(p, k), abs=1e-9)
+    assert sum(got) == pytest.approx(k)
+
+
+def test_inclusion_beyond_the_exact_budget_is_close(monkeypatch):
+    import sortednet.sampler as smp
+
+    rng = np.random.default_rng(0)
+    p = rng.random(9) ** 2
+    p /= p.sum()
+    exact = smp.inclusion(p, 4)
+    monkeypatch.setattr(smp, "EXACT_WORK", 0)
+    approx = smp.inclusion(p, 4)
+    assert sum(approx) == pytest.approx(4) and max(abs(a - b) for a, b in zip(exact, approx)) < 0.05

@@ -115,6 +115,10 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
     if want_logits and not isinstance(logits, Tensor):
         raise SortedNetError(f"with distill=, the closure must return (loss, logits); for {sub} it returned "
                              f"{type(out).__name__} without logits")
+    if want_logits and (logits.dim() < 2 or not logits.is_floating_point()):  # (checked before its backward)
+        raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
+                             f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
+                             f"{tuple(logits.shape)}")
     if not isinstance(out, Tensor) or out.numel() != 1:
         raise SortedNetError(f"closure for {sub} must return a scalar loss tensor (or (loss, logits)), got "
                              f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
@@ -404,7 +408,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
-    under ``"skipped"``); ``"raise"`` stops the run instead, with no gradient left behind (the optimizer did
+    under ``"skipped"``; a step whose every sub-model was skipped moves no weight, no gradient being left, yet
+    counts as a step: the scheduler steps too, so the schedule stays aligned with the step numbers a resumed
+    run uses); ``"raise"`` stops the run instead, with no gradient left behind (the optimizer did
     not step; ``fit`` also clears gradients before its first step). Evaluations leave torch's random state
     alone, so a resumed run draws what the uninterrupted one did. The model trains in train mode;
     every module's train / eval mode is back as it was when ``fit`` returns (or raises).
