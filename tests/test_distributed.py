@@ -288,7 +288,68 @@ def _errors(rank: int, out_dir: str) -> dict:
                torch.optim.SGD(case.model.parameters(), lr=0.1), sn.Sampler(nest, k=1))
     except sn.SortedNetError as e:
         out["fit_multi_rank"] = str(e)
+    out.update(_one_rank_faults(rank, out_dir))
     return out
+
+
+def _one_rank_faults(rank: int, out_dir: str) -> dict:
+    """A fault on ONE rank raises on EVERY rank (each rank's error gathered: a rank left waiting would hang
+    the run). Rank 1 is at fault unless said otherwise."""
+    out: dict = {}
+
+    def every_rank(key, fn):
+        try:
+            fn()
+            mine = "accepted"
+        except Exception as e:  # noqa: BLE001  (recorded by type and text)
+            mine = f"{type(e).__name__}: {e}"
+        got: list = [None] * WORLD
+        dist.all_gather_object(got, mine)
+        out[key] = got
+
+    case, nest = _build("mlp", "ddp")
+    ddp = DDP(case.model)
+    two = [nest.smallest, nest.largest]
+    step = lambda closure=None, **kw: snd.accumulate(  # noqa: E731
+        nest, two, closure or (lambda: _loss(ddp(case.example))), module=ddp, **kw)
+    every_rank("bad_weights_one_rank", lambda: step(weights=[1.0] if rank == 1 else [0.5, 0.5]))
+    every_rank("other_weights", lambda: step(weights=[0.3, 0.7] if rank == 1 else [0.5, 0.5]))
+    every_rank("bad_nonfinite_one_rank", lambda: step(nonfinite="drop" if rank == 1 else "raise"))
+
+    def detached():  # refused by accumulate after the forward, on rank 1 only
+        loss = _loss(ddp(case.example))
+        return loss.detach() if rank == 1 else loss
+
+    every_rank("refused_loss_one_rank", lambda: step(detached))
+
+    def early():  # raises before its forward on rank 1: the other rank is at its forward's check by then
+        if rank == 1 and nest.active == nest.largest:
+            raise ValueError("no batch")
+        return _loss(ddp(case.example))
+
+    every_rank("closure_raises_one_rank", lambda: step(early))
+    every_rank("ranks_still_in_step", lambda: step())  # the ranks are matched again afterwards
+    every_rank("save_missing_folder", lambda: snd.save(nest, os.path.join(out_dir, f"missing-{rank}",
+                                                                           "nest.safetensors")))
+    every_rank("calibrate_multi_rank", lambda: _bn_nest()[1].calibrate([torch.randn(4, 1, 6, 6)], batches=1))
+    # DDP(process_group=one rank each): each rank is its own replica, nothing is averaged across ranks
+    groups = [dist.new_group([r]) for r in range(WORLD)]
+    case, nest = _build("mlp", "ddp")
+    ref_case = FAMILIES["mlp"](seed=0)
+    ref = ref_case.model
+    x = _batch("mlp", rank).chunk(WORLD)[rank]
+    alone = DDP(case.model, process_group=groups[rank])
+    snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(alone(x)), module=alone)
+    rnest = sn.wrap(ref, *ref_case.dims)
+    sn.accumulate(rnest, [rnest.smallest, rnest.largest], lambda: _loss(ref(x)))
+    out["own_group_grad_error"] = max(float((p.grad - q.grad).abs().max()) for p, q in
+                                      zip(case.model.parameters(), ref.parameters()))
+    return out
+
+
+def _bn_nest():
+    case = FAMILIES["cnn_bn_residual"](seed=0)
+    return case, sn.wrap(case.model, *case.dims)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -405,6 +466,32 @@ def test_misuse_raises_clear_errors(run):
         assert after == before, fam
     for key in ("other_order", "other_k"):  # (rank 0's record; every rank raised, or the run would hang)
         assert "ranks disagree on the sub-models" in errs[key] and "rank 1 has" in errs[key], errs[key]
+
+
+def test_a_fault_on_one_rank_raises_on_every_rank(run):
+    """Each of these hung the other rank (its next collective waited for ever), or averaged silently."""
+    _, results = run
+    errs = results["errors"]
+    expect = {  # key -> (the faulty rank's error, the other rank's)
+        "bad_weights_one_rank": ("weights must be 2", "rank 1 refused: weights must be 2"),
+        "bad_nonfinite_one_rank": ("nonfinite= must be one of", "rank 1 refused: nonfinite="),
+        "other_weights": ("ranks disagree on the sub-models (and weights", "ranks disagree on the sub-models"),
+        "refused_loss_one_rank": ("does not require grad", "failed on another rank"),
+        "closure_raises_one_rank": ("ValueError: no batch", "reached different points of the step"),
+        "save_missing_folder": ("does not exist", "rank 0 could not write the checkpoint"),
+    }
+    for key, (faulty, other) in expect.items():
+        got = errs[key]
+        at = 0 if key == "save_missing_folder" else 1
+        assert faulty in got[at] and other in got[1 - at], (key, got)
+    assert errs["ranks_still_in_step"] == ["accepted"] * WORLD
+    assert all("calibrate() runs in one process" in e for e in errs["calibrate_multi_rank"])
+
+
+def test_a_ddp_wrapper_with_its_own_process_group_is_averaged_over_that_group_only(run):
+    """DDP(process_group=a one-rank group): accumulate averaged over the whole world anyway (0.07 off)."""
+    _, results = run
+    assert results["errors"]["own_group_grad_error"] < 1e-6
 
 
 def test_sharded_save_and_ranks_switching_inside_the_closure_are_refused_on_every_rank(run):

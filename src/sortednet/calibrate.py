@@ -75,6 +75,13 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     ...     tuple(nest.model[1].running_mean.shape)
     (2,)
     """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise SortedNetError(f"calibrate() runs in one process, but a process group of {dist.get_world_size()} "
+                             "ranks is initialised: each rank would calibrate on its own batches and the ranks "
+                             "would keep different statistics (DDP does not broadcast them; sortednet.distributed."
+                             "save would write rank 0's). Calibrate in a single process: load the checkpoint "
+                             "there with sn.load, calibrate on the full data, then save")
     bns = batchnorms(nest)
     if not bns:
         raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "

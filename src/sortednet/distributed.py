@@ -221,12 +221,17 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         raise SortedNetError("DDP(static_graph=True) cannot run sortednet's accumulation: every sub-model's "
                              "backward runs under no_sync (sliced gradients are synchronised once afterwards), "
                              "which a static graph does not support; build the DDP wrapper without static_graph")
+    if group is None and isinstance(ddp, _ddp_type()):
+        group = ddp.process_group  # (DDP(process_group=...): its replicas, not the whole world)
     hooks = []
     if _active() and dist.get_world_size(group) > 1:
-        _same_on_every_rank(nest, subs, group)
-        kwargs["_agree"] = lambda bad: _any_rank(bad, group)
-        # before FSDP's all-gathers (prepended): every rank runs the same sub-model in each forward
-        hooks.append(nest.model.register_forward_pre_hook(_forward_agreement(nest, group), prepend=True))
+        _same_on_every_rank(nest, subs, group, closure, kwargs)
+        kwargs["_agree"] = lambda bad, failed: _loss_agreement(bad, failed, group)
+        # before FSDP's all-gathers and DDP's buffer broadcast (prepended, also on the wrapper the closure
+        # calls): every rank runs the same sub-model in each forward
+        agree = _forward_agreement(nest, group)
+        for m in {id(m): m for m in (ddp, nest.model) if m is not None}.values():
+            hooks.append(m.register_forward_pre_hook(agree, prepend=True))
     try:
         units = _fsdp_modules(module if module is not None else nest.model)
         if units or is_fsdp(nest.model):
@@ -258,7 +263,8 @@ def _forward_agreement(nest: Nest, group: Any) -> Callable[[nn.Module, tuple], N
     def pre(mod: nn.Module, args: tuple) -> None:
         if not _compiling():
             _agree_on([str(nest.active)], group, "the sub-model of a forward inside accumulate",
-                      "a closure that switches sub-models (nest.use inside it) must do so alike on every rank")
+                      "a closure that switches sub-models (nest.use inside it) must do so alike on every rank",
+                      phase=_FORWARD)
     return pre
 
 
@@ -293,12 +299,44 @@ def _gather_once(units: list[nn.Module]) -> None:
             _GATHERED.add(u)
 
 
-def _any_rank(flag: bool, group: Any) -> bool:
-    """Whether ``flag`` is set on any rank (one all_reduce of one number): a non-finite loss of one
-    rank makes every rank skip (or raise for) that sub-model, so the collectives stay matched."""
-    t = torch.tensor([float(flag)], device=_collective_device(group))
+#: where a rank is inside :func:`accumulate` when it meets the others (:func:`_sync`)
+_START, _FORWARD, _LOSS = 1, 2, 3
+_PHASES = {_START: "the start of a step", _FORWARD: "a forward", _LOSS: "the loss check after a closure"}
+_FLAGS = 2
+
+
+def _sync(phase: int, digest: int, flags: Sequence[bool], group: Any) -> tuple[bool, list[bool]]:
+    """Every collective of :func:`accumulate` is this one ``all_reduce`` (MAX) of ``[phase, -phase, digest,
+    -digest, *flags]``: whether ``digest`` is the same on every rank, and each flag set on any rank. Ranks
+    at different points (a closure that raised before its forward on one rank, or ran the model twice) would
+    otherwise pair unrelated collectives and hang: the phase tells, and every rank raises."""
+    bits = [int(f) for f in flags] + [0] * (_FLAGS - len(flags))  # one length always: gloo aborts the
+    t = torch.tensor([phase, -phase, digest, -digest, *bits], dtype=torch.int64,  # process on a size mismatch
+                     device=_collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    v = t.tolist()
+    if v[0] != -v[1]:
+        raise _told(f"sortednet.distributed.accumulate: the ranks reached different points of the step "
+                             f"(this rank: {_PHASES[phase]}; another: {_PHASES.get(-v[1] if v[0] == phase else v[0])})"
+                             ": a closure raised on some rank (its error is raised there) or ran the model a "
+                             "different number of times; stopping on every rank so that no collective is left "
+                             "waiting")
+    return v[2] == -v[3], [bool(x) for x in v[4:4 + len(flags)]]
+
+
+def _told(msg: str) -> SortedNetError:
+    """An error every rank raises at the same collective: nothing more to tell the others (``accumulate``'s
+    check after a closure lets it through without another collective)."""
+    err = SortedNetError(msg)
+    err._sn_ranks_told = True  # type: ignore[attr-defined]
+    return err
+
+
+def _loss_agreement(bad: bool, failed: bool, group: Any) -> tuple[bool, bool]:
+    """After a sub-model's closure: (a non-finite loss on any rank, a failed closure on any rank). A non-finite
+    loss of one rank makes every rank skip (or raise for) that sub-model, so the collectives stay matched."""
+    _, (any_bad, any_failed) = _sync(_LOSS, 0, (bad, failed), group)
+    return any_bad, any_failed
 
 
 def _collective_device(group: Any) -> torch.device:
@@ -308,31 +346,53 @@ def _collective_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any) -> None:
+def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, closure: Any = None,
+                        kwargs: dict[str, Any] | None = None) -> None:
     """Raise :class:`SortedNetError` on every rank unless every rank passes the same sub-models, in the same
-    order. Ranks that drew differently (a seed per rank, another ``k``) would average the gradients of
-    different sub-models, or mismatch their collectives and abort."""
+    order, with the same weights, distillation and ``nonfinite``. Ranks that drew differently (a seed per
+    rank, another ``k``) would average the gradients of different sub-models, or mismatch their collectives
+    and abort. Arguments that :func:`sortednet.accumulate` refuses on one rank only are refused on every rank
+    (that rank's own error there, the others naming it), before any collective of the step."""
+    from .train import _checked
+
+    kw = kwargs or {}
+    error = None
     try:
-        names = [str(nest.resolve(s)) for s in subs]
+        names = [str(s) for s in _checked(nest, subs, closure if closure is not None else (lambda: None),
+                                          kw.get("distill"), kw.get("weights"), kw.get("backward"),
+                                          kw.get("nonfinite", "raise"))[0]]
+    except SortedNetError as e:
+        error, names = e, []
+    if error is None:
+        weights = kw.get("weights")
+        names += [f"weights={None if weights is None else [float(w) for w in weights]}",
+                  f"distill={kw.get('distill')!r}", f"nonfinite={kw.get('nonfinite', 'raise')!r}"]
+    else:
+        names += [f"refused: {error}"]
+    try:
+        _agree_on(names, group, "the sub-models (and weights, distill=, nonfinite=) of this step",
+                  "give every rank's Sampler the same seed, k and step (the gradients of different sub-models "
+                  "would be averaged), and the same accumulate arguments")
     except SortedNetError:
-        names = [repr(s) for s in subs]  # (refused by accumulate itself, alike on every rank)
-    _agree_on(names, group, "the sub-models of this step",
-              "give every rank's Sampler the same seed, k and step (the gradients of different sub-models "
-              "would be averaged)")
+        if error is not None:
+            raise error from None
+        raise
 
 
-def _agree_on(names: list[str], group: Any, what: str, hint: str) -> None:
+def _agree_on(names: list[str], group: Any, what: str, hint: str, phase: int = _START) -> None:
     """Raise :class:`SortedNetError` on every rank unless ``names`` is the same on every rank (one ``all_reduce``
     of a digest; the names are gathered only to say which rank differs)."""
     digest = int.from_bytes(hashlib.sha1("\n".join(names).encode()).digest()[:7], "big")  # exact in int64
-    t = torch.tensor([digest, -digest], dtype=torch.int64, device=_collective_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    if int(t[0]) != -int(t[1]):  # max != min: every rank sees it and raises (collectives stay matched)
+    same, _ = _sync(phase, digest, (), group)
+    if not same:  # every rank sees it and raises (collectives stay matched)
         every: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(every, names, group=group)
+        refused = next(((r, n[-1]) for r, n in enumerate(every) if n and n[-1].startswith("refused: ")), None)
+        if refused is not None:
+            raise _told(f"rank {refused[0]} {refused[1]} (the other ranks stop too, so that no "
+                        "collective is left waiting)")
         bad = next(r for r, other in enumerate(every) if other != every[0])
-        raise SortedNetError(f"ranks disagree on {what}: rank 0 has {every[0]}, rank {bad} has {every[bad]}; "
-                             f"{hint}")
+        raise _told(f"ranks disagree on {what}: rank 0 has {every[0]}, rank {bad} has {every[bad]}; {hint}")
 
 
 def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
@@ -361,8 +421,10 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
     Collective: call it on every rank. DDP / plain: rank 0 calls
     :func:`sortednet.save` (weights are replicated). FSDP2: every rank takes
     part in gathering the full state dict (to CPU, held by rank 0 only), which
-    rank 0 writes. Ends with a barrier so the file exists
-    everywhere afterwards (on a shared file system).
+    rank 0 writes. Ends with rank 0 telling every rank how the write went (a
+    broadcast, which is also the barrier: the file exists everywhere afterwards,
+    on a shared file system); when rank 0 could not write it (a missing folder),
+    every rank raises, none is left waiting.
 
     >>> import os, tempfile, torch.nn as nn, sortednet as sn, sortednet.distributed as snd
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [4, 8], out="0", inp="1"))
@@ -373,13 +435,25 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
     from .io import save as _save
 
     me = dist.get_rank() if _active() else 0
+    error: Exception | None = None
     if is_fsdp(nest.model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(nest.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if me == 0:  # gathered tensors may be views into padded buffers: store compact copies
-            _save(nest, path, state={k: v.detach().clone() for k, v in state.items()})
+            try:
+                _save(nest, path, state={k: v.detach().clone() for k, v in state.items()})
+            except Exception as e:
+                error = e
     elif me == 0:
-        _save(nest, path)
-    if _active():
-        dist.barrier()
+        try:
+            _save(nest, path)
+        except Exception as e:
+            error = e
+    if _active():  # rank 0's outcome, to every rank (also the barrier: the file exists when this returns)
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None and error is None:
+            raise SortedNetError(f"sortednet.distributed.save: rank 0 could not write the checkpoint ({outcome[0]})")
+    if error is not None:
+        raise error

@@ -132,7 +132,7 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
 def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
                distill: Distill | None = None, weights: Sequence[float] | None = None,
                backward: Callable[[Tensor], Any] | None = None, nonfinite: str = "raise",
-               _agree: Callable[[bool], bool] | None = None) -> Losses:
+               _agree: Callable[[bool, bool], tuple[bool, bool]] | None = None) -> Losses:
     """Backward the loss of each sub-model in ``subs``, one after another, into ``.grad``.
 
     For every sub-model: activate it (``nest.use``), call ``closure()`` (it runs
@@ -169,6 +169,33 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     >>> len(losses), model[0].weight.grad.shape
     (3, torch.Size([8, 4]))
     """
+    resolved, weights = _checked(nest, subs, closure, distill, weights, backward, nonfinite)
+    order = list(range(len(resolved)))
+    teacher = None
+    if distill is not None and len(resolved) > 1:
+        rank = nest.submodels.position  # O(log N); None for an unlisted sub-model
+        teacher = max(order, key=lambda i: (-1 if (r := rank(resolved[i])) is None else r,
+                                            nest.cost(resolved[i], "params")))
+        order.remove(teacher)
+        order.insert(0, teacher)
+    losses = [0.0] * len(resolved)
+    skipped: list[SubModel] = []
+    done: list[SubModel] = []
+    try:
+        _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
+             done)
+    except BaseException as e:
+        if done and hasattr(e, "add_note") and not getattr(e, "_sn_partial", False):
+            e.add_note(f"sortednet.accumulate: {', '.join(map(str, done))} had already added their gradients to "
+                       ".grad in this call; zero them (optimizer.zero_grad()) before trying again")
+        raise
+    return Losses(losses, skipped=skipped)
+
+
+def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: Any, weights: Any, backward: Any,
+             nonfinite: Any) -> tuple[list[SubModel], list[float]]:
+    """:func:`accumulate`'s arguments checked (a :class:`SortedNetError` for the first fault, before anything
+    runs): the resolved sub-models and their weights."""
     if not callable(closure):
         raise SortedNetError(f"accumulate(nest, subs, closure): the closure must be a function of no arguments "
                              f"returning the loss, got {closure!r}")
@@ -200,26 +227,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             raise SortedNetError(f"weights {raw!r} are all 0: no sub-model would be trained")
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
-    order = list(range(len(resolved)))
-    teacher = None
-    if distill is not None and len(resolved) > 1:
-        rank = nest.submodels.position  # O(log N); None for an unlisted sub-model
-        teacher = max(order, key=lambda i: (-1 if (r := rank(resolved[i])) is None else r,
-                                            nest.cost(resolved[i], "params")))
-        order.remove(teacher)
-        order.insert(0, teacher)
-    losses = [0.0] * len(resolved)
-    skipped: list[SubModel] = []
-    done: list[SubModel] = []
-    try:
-        _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
-             done)
-    except BaseException as e:
-        if done and hasattr(e, "add_note") and not getattr(e, "_sn_partial", False):
-            e.add_note(f"sortednet.accumulate: {', '.join(map(str, done))} had already added their gradients to "
-                       ".grad in this call; zero them (optimizer.zero_grad()) before trying again")
-        raise
-    return Losses(losses, skipped=skipped)
+    return resolved, weights
 
 
 def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callable[[], Any], distill: Any,
@@ -230,17 +238,37 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
     target: Tensor | None = None
     for i in order:
         with nest.use(resolved[i]):
-            loss, logits = _split(closure(), distill is not None, resolved[i])
-            total = loss
-            if i == teacher:
-                target = logits.detach()
-            elif target is not None and distill.alpha == 1:  # soft targets only: the task loss plays no part
-                total = distill.soft_loss(logits, target)
-            elif target is not None and distill.alpha > 0:
-                total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
-            losses[i] = float(loss.detach())
-            mine = nonfinite != "ignore" and not math.isfinite(losses[i] if total is loss else float(total.detach()))
-            bad = mine if _agree is None or nonfinite == "ignore" else _agree(mine)  # all ranks decide alike
+            failed: Exception | None = None
+            try:
+                loss, logits = _split(closure(), distill is not None, resolved[i])
+                total = loss
+                if i == teacher:
+                    target = logits.detach()
+                elif target is not None and distill.alpha == 1:  # soft targets only: the task loss plays no part
+                    total = distill.soft_loss(logits, target)
+                elif target is not None and distill.alpha > 0:
+                    total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
+                losses[i] = float(loss.detach())
+                mine = nonfinite != "ignore" and not math.isfinite(losses[i] if total is loss else
+                                                                   float(total.detach()))
+            except Exception as e:  # several ranks: the others must hear of it, or they wait in a collective
+                if _agree is None or getattr(e, "_sn_ranks_told", False):  # (raised on every rank at once)
+                    raise
+                failed, mine = e, False
+            bad = mine
+            if _agree is not None:  # all ranks decide alike (one all_reduce): a non-finite loss or a failure
+                try:
+                    bad, elsewhere = _agree(mine, failed is not None)
+                except SortedNetError:
+                    if failed is not None:
+                        raise failed from None  # this rank's own error (the others were told: they raise too)
+                    raise
+                if failed is not None:
+                    raise failed
+                if elsewhere:
+                    raise SortedNetError(f"accumulate: the closure of {resolved[i]} failed on another rank (its error "
+                                         "is raised there); stopping here too, so that no rank is left waiting "
+                                         "in a collective")
             if bad:
                 what = f"loss of {resolved[i]} is {losses[i]}" + ("" if total is loss else " (with distillation: "
                                                                    f"{float(total.detach())})")
