@@ -171,6 +171,9 @@ class Nest:
         self._count_tensors()
         self._flops_example: Any = None   # input signature of the FLOPs in _cost_cache["flops"]
         self._profile: Profile | None = None
+        self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
+        self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
+        self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
         rows = SubModelList.product(names, sizes).rows if self._rows is None else self._rows
@@ -614,10 +617,25 @@ class Nest:
                           "dropped (its costs stay). Measure them again: nest.profile(example, score=...)",
                           stacklevel=3)
 
+    def _weights_key(self) -> Any:
+        """What the model computes with: every parameter and buffer (object and version counter: an optimizer
+        step, ``load_state_dict`` or any in-place write moves it) and the calibrations made. ``.data`` writes
+        and inference tensors (no version counter) are not seen."""
+        key = [self._calibrations]
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            try:
+                key.append((id(t), t._version))
+            except RuntimeError:  # an inference tensor
+                key.append((id(t), None))
+        return tuple(key)
+
     def _set_profile(self, prof: Profile | None) -> None:
         old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
+        self._scored_on = self._stale_warned = None
         if prof is None:
             return
+        if prof.scores is not None:
+            self._scored_on = self._weights_key()
         if old is not None:  # the new profile replaces the old one's measured costs
             with self._cost_lock:  # (costs counted by cost(..., example=) stay unless the new profile has them)
                 for metric in old.costs:
@@ -670,7 +688,23 @@ class Nest:
                     f"{len(self.submodels)} sub-models on the input signature counted last; the table holds one "
                     "input signature, so a count on another shape (cost(..., 'flops', example=...)) starts a new "
                     "table. Run nest.profile(example) again, or count every sub-model on one example")
+        if self._scored_on is not None:
+            self._warn_if_scores_stale()
         return self._select().pick(limits)
+
+    def _warn_if_scores_stale(self) -> None:
+        """Warn (once per state of the weights) when the model changed since its profile's scores were measured:
+        pick still ranks by them."""
+        now = self._weights_key()
+        if self._scored_on is None or now == self._scored_on or now == self._stale_warned:
+            return
+        self._stale_warned = now
+        import warnings
+
+        warnings.warn("nest.pick: the profile's scores were measured on other weights (the model was trained, "
+                      "loaded or calibrated since); pick still ranks sub-models by them. Measure them again with "
+                      "nest.profile(example, score=...), or drop them with nest.profile(example) (costs only)",
+                      StaleScoresWarning, stacklevel=3)
 
     def _select(self) -> Selector:
         if self._selector is None:
@@ -707,7 +741,10 @@ class Nest:
         from .calibrate import calibrate
 
         self._check_structure("calibrate")
-        return calibrate(self, loader, subs=subs, batches=batches)
+        try:
+            return calibrate(self, loader, subs=subs, batches=batches)
+        finally:
+            self._calibrations += 1
 
     def drop_calibration(self) -> None:
         """Forget the per-sub-model BatchNorm statistics of :meth:`calibrate` (or of a loaded checkpoint): eval mode
@@ -725,6 +762,7 @@ class Nest:
         self._check_alive()
         for m in batchnorms(self).values():
             m._sn.norm = None
+        self._calibrations += 1
 
     # -- export / unwrap ------------------------------------------------------
     def export(self, sub: SubModelLike | None = None, *, plain: bool = False) -> nn.Module:
@@ -888,6 +926,10 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
     """
     return Nest(model, *dims, submodels=submodels, inplace_grad=inplace_grad,
                 inplace_min_numel=inplace_min_numel, example=example)
+
+
+class StaleScoresWarning(UserWarning):
+    """``pick`` ranks by profile scores measured before the model last changed."""
 
 
 def _warn_if_loss_like(prof: Profile) -> None:
