@@ -841,3 +841,66 @@ def test_check_lets_a_per_layer_output_follow_depth_and_still_names_a_width_faul
     with pytest.raises(sn.SortedNetError, match="slices the network's output"):   # blocks.* outputs sliced
         sn.wrap(_PerLayer(), sn.Depth("d", [1, 3], layers="blocks"),
                 sn.Width("w", [8, 16], out=["inp", "blocks.*"], inp=["blocks.*", "head"]), example=x)
+
+
+class _MultiQuery(nn.Module):
+    """One key/value head read by every query head (PaLM, Falcon-7B, Gemma-2B): ``repeat`` says how its forward
+    learns how many query heads there are."""
+
+    def __init__(self, repeat: str, E: int = 32, H: int = 4, d: int = 8):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads, self.repeat = H, d, 1, repeat
+        self.num_key_value_groups = H  # (transformers' name: query heads per key/value head)
+        self.rep = H                    # (a name Heads does not know)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(E, H * d), nn.Linear(E, d), nn.Linear(E, d)
+        self.o_proj = nn.Linear(H * d, E)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (p(x).view(B, T, 1, self.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+        n = {"groups": self.num_key_value_groups, "computed": self.num_heads // self.num_kv_heads,
+             "expand": None, "unknown": self.rep}[self.repeat]
+        k, v = (k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)) if n is None else \
+            (k.repeat_interleave(n, 1), v.repeat_interleave(n, 1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _MQABlock(nn.Module):
+    def __init__(self, repeat: str):
+        super().__init__()
+        self.attn, self.head = _MultiQuery(repeat), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(x + self.attn(x))
+
+
+@pytest.mark.parametrize("repeat", ["groups", "computed", "expand"])
+def test_multi_query_attention_takes_any_number_of_heads(repeat):
+    """k / v of one head stay whole and every query-head count is a sub-model (it was refused: 'sizes that
+    are multiples of 4'); each equals the full model with the other heads' output columns zeroed."""
+    torch.manual_seed(0)
+    model, x = _MQABlock(repeat).eval(), torch.randn(2, 6, 32)
+    ref = __import__("copy").deepcopy(model)
+    nest = sn.wrap(model, sn.Heads("h", [1, 2, 3, 4], attn="attn"), example=x)
+    for sub in nest.submodels:
+        masked = __import__("copy").deepcopy(ref)
+        with torch.no_grad():
+            masked.attn.o_proj.weight[:, sub["h"] * 8:] = 0
+            with nest.use(sub):
+                live = model(x)
+            small = nest.export(sub)
+            torch.testing.assert_close(live, masked(x), atol=1e-5, rtol=0)
+            torch.testing.assert_close(small(x), live, atol=1e-5, rtol=0)
+        assert small.attn.k_proj.out_features == 8 and small.attn.q_proj.out_features == sub["h"] * 8
+        assert nest.cost(sub) == sum(p.numel() for p in small.parameters())
+
+
+def test_multi_query_attention_with_a_repeat_count_of_its_own_is_refused_by_the_check():
+    torch.manual_seed(0)
+    model, x = _MQABlock("unknown").eval(), torch.randn(2, 6, 32)
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="heads 'h' at 1"):
+        sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="attn"), example=x)
+    assert_unchanged(model, before)

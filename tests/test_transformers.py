@@ -876,3 +876,36 @@ def test_a_heads_dimension_of_layers_the_depth_drops_does_not_shape_the_config(t
             torch.testing.assert_close(out(again, x), live, atol=1e-5, rtol=0)
     with pytest.raises(sn.SortedNetError, match="cannot be described by LlamaConfig"):
         nest.export("h=2,depth=4")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_multi_query_models_nest_their_query_heads(family, tmp_path):
+    """num_key_value_heads=1 (Gemma-2B, PaLM-style): heads=[1, 2] was refused ('multiples of 4'); now each
+    sub-model keeps the one key/value head, exports with a stock config that reloads, and generates as live."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "gemma": (GemmaForCausalLM, GemmaConfig)}[family]
+    torch.manual_seed(0)
+    model = cls(cfg_cls(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=8, bos_token_id=0,
+                        eos_token_id=None, pad_token_id=0)).eval()
+    nest = sn.from_transformers(model, heads=[0.25, 0.5], ffn=[24])  # (fractions: 1 and 2 heads)
+    assert [d.sizes for d in nest.dims if d.kind == "heads"] == [(1, 2, 4)]
+    x = ids(b=2, t=7)
+    with torch.no_grad():
+        before = out(model, x)
+    sn.sort_by_importance(nest, [ids(seed=5, b=2, t=8)])
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, x), before, atol=1e-5, rtol=0)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = out(model, x)
+            gen = model.generate(x[:1], max_new_tokens=4, do_sample=False)
+        small = nest.export(sub)
+        assert small.config.num_key_value_heads == 1 and small.config.num_attention_heads == sub["heads"]
+        small.save_pretrained(tmp_path / str(sub))
+        again = cls.from_pretrained(tmp_path / str(sub)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(out(small, x), live, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out(again, x), live, atol=1e-5, rtol=0)
+            assert torch.equal(small.generate(x[:1], max_new_tokens=4, do_sample=False), gen)

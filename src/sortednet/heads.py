@@ -22,6 +22,8 @@ FUSED_NAMES = ("qkv", "qkv_proj", "to_qkv", "Wqkv", "c_attn", "query_key_value")
 STACKED_NAMES = ("qkv", "to_qkv", "Wqkv", "c_attn")
 LAYOUTS = ("stacked", "interleaved")
 KV_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+#: query heads per key/value head: constant under grouped-query slicing, the head count under multi-query
+GROUP_ATTRS = ("num_key_value_groups", "n_rep", "num_queries_per_kv")
 BIAS_NAMES = ("relative_attention_bias",)  # per-head relative position biases (T5): an Embedding of width heads
 O_NAMES = ("o_proj", "out_proj", "o", "wo", "out", "proj", "to_out", "c_proj", "dense", "out_lin")
 
@@ -167,10 +169,14 @@ class Heads(Dimension):
                                 f"is not divisible into {H} heads")
             d, group = q_out // H, 1
             targets = [Target(_join(path, projections[0]), "out", Binding(self, unit=d), pat)]
+        mqa = False
         for n in projections[1:]:
             kv_out = _out_features(_child(m, n))
             if kv_out == q_out:
                 targets.append(Target(_join(path, n), "out", Binding(self, unit=d), pat))
+                continue
+            if kv_out == d and H > 1:  # multi-query: one key/value head that every query head reads, whatever
+                group, mqa = H, True  # their number: k and v stay whole
                 continue
             if kv_out % d or H % (kv_out // d):
                 raise SizeError(f"Heads {self.name!r} at {path!r}: {n}.out_features={kv_out} is not a whole "
@@ -181,7 +187,7 @@ class Heads(Dimension):
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
         self._refuse_per_head_tensors(path, m, d)
         targets += self._bias_targets(path, m, pat)
-        targets += self._attr_targets(path, m, d, group, pat)
+        targets += self._attr_targets(path, m, d, group, pat, mqa)
         return targets
 
     def _check_group(self, path: str, group: int) -> None:
@@ -245,7 +251,11 @@ class Heads(Dimension):
                 out.append(Target(_join(path, n), "out", Binding(self), pat))
         return out
 
-    def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str) -> list[Target]:
+    def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str,
+                      mqa: bool = False) -> list[Target]:
+        """Integer attributes that follow the head count (``num_heads``, ``all_head_size``, key/value heads);
+        multi-query (``mqa``): the key/value head count stays 1 and the query heads per key/value head
+        (``num_key_value_groups``) follow the head count."""
         H = self.full
         attrs = vars(m)
         if self.count_attrs is not None:
@@ -265,7 +275,7 @@ class Heads(Dimension):
                                 "name the attributes with count_attrs=")
             chosen = {a: v for a, v in attrs.items() if type(v) is int and (
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
-                or (a in KV_ATTRS and v == H // group))}
+                or (a in KV_ATTRS and v == H // group and not mqa) or (mqa and a in GROUP_ATTRS and v == H))}
         out = []
         for a, v in chosen.items():
             if v == H:

@@ -139,6 +139,8 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
             raise SortedNetError(f"from_transformers(heads=...) on {type(model).__name__}: {lay.no_heads}; "
                                  "nest ffn= / depth= only")
         n_heads, group = _head_counts(model.config, lay)
+        if group == n_heads and not isinstance(lay.qkv, str):
+            group = 1  # multi-query with separate k / v projections: any count of query heads (docs/heads.md)
         dims.append(Heads("heads", _resolve("heads", heads, n_heads, group), attn=_rel(model, found, lay.attn),
                           qkv=lay.qkv, o=lay.o, count_attrs=lay.count_attrs,
                           layout=lay.layout_of_qkv(_holder(model.config, lay.heads_key))
@@ -472,7 +474,7 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     setattr(h, lay.head_dim_key, d)
     setattr(h, lay.heads_key, n)
     if lay.kv_key and getattr(h, lay.kv_key, None):
-        setattr(h, lay.kv_key, n // group)
+        setattr(h, lay.kv_key, 1 if group == n_heads else n // group)  # (multi-query: one key/value head)
 
 
 def _is_backbone(model: nn.Module) -> bool:
