@@ -12,9 +12,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import sortednet as sn
 from models import FAMILIES
