@@ -904,3 +904,47 @@ def test_multi_query_attention_with_a_repeat_count_of_its_own_is_refused_by_the_
     with pytest.raises(sn.SortedNetError, match="heads 'h' at 1"):
         sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="attn"), example=x)
     assert_unchanged(model, before)
+
+
+class _CrossAttention(nn.Module):
+    """Cross-attention (two inputs) keeping its head count under a name Heads does not know."""
+
+    def __init__(self, E: int = 32, H: int = 4):
+        super().__init__()
+        self.num_heads, self.h = H, H
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+
+    def forward(self, x, ctx):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, -1).transpose(1, 2)  # (self.h: the full count at every size)
+        k, v = (p(ctx).view(B, ctx.shape[1], self.h, -1).transpose(1, 2) for p in (self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+
+
+class _CrossBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _CrossAttention()
+
+    def forward(self, x, ctx):
+        return self.attn(x, ctx)
+
+
+def test_an_attention_wrap_cannot_run_alone_is_named_in_a_warning():
+    """wrap without an example runs single-input attention alone; a cross-attention (two inputs) was passed
+    in silence, and this one gives sub-models 0.02-0.05 off the first heads: now a warning names it, and
+    wrap(example=) refuses it."""
+    import warnings
+
+    from sortednet.check import UnverifiedHeadsWarning
+
+    torch.manual_seed(0)
+    model, x, ctx = _CrossBlock().eval(), torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    with pytest.warns(UnverifiedHeadsWarning, match=r"\['attn'\]"):
+        nest = sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="attn", qkv=("q", "k", "v"), o="o"))
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError, match="heads 'h'"):
+        sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="attn", qkv=("q", "k", "v"), o="o"), example=(x, ctx))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedHeadsWarning)  # a self-attention it runs: no warning
+        sn.wrap(_MQABlock("groups").eval(), sn.Heads("h", [2, 4], attn="attn"))

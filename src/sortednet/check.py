@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import random
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -401,6 +402,7 @@ def attention_self_check(nest: Nest) -> None:
     know, per-head values computed in the forward from the head count give something else), and it must
     run where the full module runs. A module that needs more arguments is left to ``check(example)``."""
     todo = []  # (dimension, attention path, its output projection, class name)
+    unverified: list[str] = []  # attentions this check cannot run alone: said, not silently passed
     for d, path, att in _hand_written_attentions(nest):
         inside = {id(m) for m in att.modules()}
         o = next((m for m in nest._sliced.values() if id(m) in inside and isinstance(m, nn.Linear)
@@ -410,13 +412,28 @@ def attention_self_check(nest: Nest) -> None:
         try:
             params = list(inspect.signature(type(att).forward).parameters.values())[1:]
         except (TypeError, ValueError):
+            unverified.append(path or "<root>")
             continue
         required = [q for q in params if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY,
                                                                              q.POSITIONAL_OR_KEYWORD)]
         if len(required) != 1 or any(q.default is q.empty and q.kind is q.KEYWORD_ONLY for q in params):
+            unverified.append(path or "<root>")
             continue
         cls = (type(att).__bases__[0] if getattr(type(att), "_sn_sliced", False) else type(att)).__name__
         todo.append((d, path, o, cls))
+    _self_check_runs(nest, todo, unverified)
+    if unverified:
+        warnings.warn(f"sn.wrap: Heads could not run the attention module(s) {unverified[:5]} alone (their "
+                      "forward takes more than one tensor, e.g. cross-attention, or refused a random (batch, "
+                      "positions, features) input), so whole heads are not verified there: pass "
+                      "wrap(..., example=...) or run nest.check(example)", UnverifiedHeadsWarning, stacklevel=4)
+
+
+class UnverifiedHeadsWarning(UserWarning):
+    """``wrap`` without an example could not verify that a Heads dimension slices whole heads of an attention."""
+
+
+def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
     if not todo:
         return
     tol = _tolerance(nest)
@@ -431,6 +448,7 @@ def attention_self_check(nest: Nest) -> None:
                 with Use(nest._state, nest._plans.build(full)), seeded(0):
                     call_model(mod, x)
             except Exception:  # not a self-attention of (batch, positions, features): not for this check
+                unverified.append(path or "<root>")
                 continue
             for size in d.sizes[:-1]:  # every size: a reordering of heads may keep the smallest whole only
                 try:
