@@ -906,7 +906,7 @@ def test_multi_query_attention_with_a_repeat_count_of_its_own_is_refused_by_the_
     assert_unchanged(model, before)
 
 
-class _CrossAttention(nn.Module):
+class _CrossAttentionOwnCount(nn.Module):
     """Cross-attention (two inputs) keeping its head count under a name Heads does not know."""
 
     def __init__(self, E: int = 32, H: int = 4):
@@ -924,7 +924,7 @@ class _CrossAttention(nn.Module):
 class _CrossBlock(nn.Module):
     def __init__(self):
         super().__init__()
-        self.attn = _CrossAttention()
+        self.attn = _CrossAttentionOwnCount()
 
     def forward(self, x, ctx):
         return self.attn(x, ctx)
