@@ -909,3 +909,18 @@ def test_multi_query_models_nest_their_query_heads(family, tmp_path):
             torch.testing.assert_close(out(small, x), live, atol=1e-5, rtol=0)
             torch.testing.assert_close(out(again, x), live, atol=1e-5, rtol=0)
             assert torch.equal(small.generate(x[:1], max_new_tokens=4, do_sample=False), gen)
+
+
+def test_verify_on_a_model_without_weights_says_it_did_not_run():
+    """from_transformers(verify=True) on the meta device returned a nest as if verified: now a warning says the
+    layout was not checked (verify=False asks for nothing and gets no warning)."""
+    import warnings
+
+    with torch.device("meta"):
+        model = llama()
+    with pytest.warns(UserWarning, match=r"verify=True\): the LlamaForCausalLM is on the meta device"):
+        nest = sn.from_transformers(model, ffn=[24])
+    nest.unwrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sn.from_transformers(model, ffn=[24], verify=False)

@@ -99,7 +99,7 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     biases built for every head) is unwrapped and refused with a
     :class:`SortedNetError` instead of giving wrong sub-models. It costs a few
     forwards of a 2 x 8 input; ``verify=False`` skips it (models on the meta
-    device or sharded are never run).
+    device or sharded are never run: a warning says the check did not run).
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -210,10 +210,18 @@ def _self_check(nest: Nest) -> None:
 
     model = nest.model
     tensors = [*model.parameters(), *model.buffers()]
-    if not tensors or any(t.is_meta or is_sharded(t) for t in tensors):
+    if not tensors:
         return
-    example = _dummy_input(model)
+    why = ("is on the meta device" if any(t.is_meta for t in tensors) else
+           "is sharded" if any(is_sharded(t) for t in tensors) else None)
+    example = None if why else _dummy_input(model)
     if example is None:
+        import warnings
+
+        warnings.warn(f"from_transformers(verify=True): the {type(model).__name__} "
+                      f"{why or 'takes inputs this check cannot make up'}, so its layout was not verified on the "
+                      "model itself; once it holds its weights, run nest.check(example) (or verify on a copy "
+                      "built on a real device)", stacklevel=3)
         return
     dev, fdtype = tensors[0].device, next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     example = {k: (v.to(dev, fdtype) if v.is_floating_point() else v.to(dev)) for k, v in example.items()}
