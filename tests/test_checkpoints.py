@@ -412,6 +412,11 @@ def test_fuzz_metadata_and_bytes(valid, tmp_path, data):
     check_load(str(path), data.draw(st.sampled_from(["fresh", "nest"]), label="target"), "any")
 
 
+def _write(path, raw: bytes):
+    path.write_bytes(raw)
+    return path
+
+
 def test_a_flipped_bit_in_the_header_is_refused(valid, tmp_path):
     """The header has its own CRC-32: a bit flipped anywhere in the nest's description or the tensor table
     (a LoRA alpha 8.0 -> 9.0, a size of the sub-model list) is refused, never loaded as another nest. Every
@@ -434,4 +439,15 @@ def test_a_flipped_bit_in_the_header_is_refused(valid, tmp_path):
     assert not accepted, f"{len(accepted)} of {n} header bytes flipped and loaded: {accepted[:10]}"
     check_load(str(tmp_path / "flip.safetensors"), "nest", "err")
     path.write_bytes(raw)
+    check_load(str(path), "fresh", "ok")
+
+
+def test_a_checkpoint_rewritten_by_safetensors_loads(valid, tmp_path):
+    """safetensors' save_file lays the tensors out in its own order: the header CRC leaves byte ranges out (a
+    re-saved, identical checkpoint was refused as damaged)."""
+    tensors, meta, raw = valid
+    with safe_open(str(_write(tmp_path / "orig.safetensors", raw)), "pt") as f:
+        metadata = f.metadata()
+    path = tmp_path / "resaved.safetensors"
+    save_file({k: v.clone() for k, v in reversed(list(tensors.items()))}, str(path), metadata=metadata)
     check_load(str(path), "fresh", "ok")

@@ -478,3 +478,23 @@ def test_a_torchscript_part_is_refused_by_name_and_the_model_left_whole(where):
     with pytest.raises(sn.SortedNetError, match="'2' is a TorchScript module"):
         sort_units(nest, "l1", example=x)
     assert_unchanged(model, before)
+
+
+class _ScriptedAct(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) * 2
+
+
+def test_a_stateless_scripted_activation_is_run_like_any_module():
+    """Only scripted parts holding tensors or children are refused by the dry runs (a scripted activation
+    worked before that refusal and works now); tracing the wiring cannot see inside it and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), torch.jit.script(_ScriptedAct()), nn.Linear(16, 3)).eval()
+    x = torch.randn(3, 6)
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"), example=x)
+    assert nest.cost(nest.smallest, "flops", example=x) < nest.cost(nest.largest, "flops", example=x)
+    with torch.no_grad(), nest.use(nest.smallest):
+        torch.testing.assert_close(nest.export(nest.smallest)(x), model(x), atol=1e-6, rtol=0)
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError, match="'1' is a TorchScript module"):
+        sn.discover(model, x, ratios=[0.5, 1.0])

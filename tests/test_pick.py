@@ -296,6 +296,9 @@ def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path
         return sum(issubclass(w.category, StaleScoresWarning) for w in got)
 
     assert stale(lambda: nest.profile(x, score=lambda s: s["h"], metrics=("params",), progress=False)) == 0
+    assert stale(lambda: nest.check(x)) == 0  # (its training-mode dry run puts BatchNorm statistics back)
+    assert stale(lambda: pytest.raises(sn.SortedNetError, nest.calibrate, [], batches=1)) == 0  # nothing happened
+    assert stale(nest.drop_calibration) == 0  # nothing to drop
     assert stale(lambda: nest.calibrate([x], batches=1)) == 1
     assert stale(lambda: nest.profile(x, score=lambda s: s["h"], metrics=("params",), progress=False)) == 0
     path = str(tmp_path / "n.safetensors")

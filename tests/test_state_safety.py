@@ -566,6 +566,10 @@ def test_writes_to_a_sliced_attribute_are_refused_and_leave_nothing_behind(write
     assert "weight" not in m[0].__dict__ and m[0].__dict__["in_features"] == 16
     assert all(torch.equal(run(s), o) for s, o in outs.items())
     m[0].in_features = 16  # writing the value it has changes nothing (transformers' tie_weights does it)
+    m[0].in_features = np.int64(16)  # (by value)
+    with nest.use(nest.smallest):
+        m[0].in_features = m[0].in_features  # the value it reads under the active sub-model
+    assert type(m[0].__dict__["in_features"]) is int
     full = run(nest.largest)
     nest.unwrap(merge=True)  # the largest sub-model baked in
     torch.testing.assert_close(m(x), full, atol=1e-5, rtol=1e-5)

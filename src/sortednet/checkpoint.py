@@ -86,11 +86,13 @@ def _crc(data: Any) -> str:
 HEADER_CRC = "header_crc32"
 
 
-def header_crc(metadata: Mapping[str, str], table: Mapping[str, tuple[str, list[int], int, int]]) -> str:
+def header_crc(metadata: Mapping[str, str], table: Mapping[str, tuple[str, list[int]]]) -> str:
     """CRC-32 of a canonical text of ``metadata`` (without :data:`HEADER_CRC`) and the tensor ``table``
-    (``name -> (dtype code, shape, begin, end)``): independent of key order and whitespace."""
+    (``name -> (dtype code, shape)``): independent of key order and whitespace, and of where each tensor's
+    bytes lie (another writer, safetensors' ``save_file``, orders them its own way; the structure check and
+    each tensor's own CRC-32 cover the bytes)."""
     doc = {"metadata": {k: v for k, v in metadata.items() if k != HEADER_CRC},
-           "tensors": {k: [d, list(s), b, e] for k, (d, s, b, e) in table.items()}}
+           "tensors": {k: [d, list(s)] for k, (d, s) in table.items()}}
     return _crc(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
 
 
@@ -124,7 +126,7 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
         table[n] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
 
-    rows = {n: (v["dtype"], v["shape"], *v["data_offsets"]) for n, v in table.items()}
+    rows = {n: (v["dtype"], v["shape"]) for n, v in table.items()}
 
     def header(crcs: dict[str, str]) -> bytes:
         meta = dict(metadata(crcs))
@@ -185,7 +187,7 @@ class Container:
         stored = self.metadata.get(HEADER_CRC)
         if stored is None:
             return None
-        rows = {n: (_CODES[e.dtype], list(e.shape), e.begin, e.end) for n, e in self.entries.items()}
+        rows = {n: (_CODES[e.dtype], list(e.shape)) for n, e in self.entries.items()}
         return stored == header_crc(self.metadata, rows)
 
     def crc(self, name: str) -> str:

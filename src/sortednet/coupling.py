@@ -228,6 +228,12 @@ class _Recorder(TorchFunctionMode):
 
 def _hooks(model: nn.Module, rec: _Recorder, attn: dict[str, tuple]) -> list:
     handles = []
+    script = [p for p, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if script:  # (PyTorch refuses hooks on them, and their ops run in TorchScript, out of the recording's sight)
+        raise SortedNetError(f"{script[0] or '<root>'!r} is a TorchScript module (torch.jit.script / trace): tracing "
+                             "the model's wiring (discover, sort_units) follows its Python modules and cannot see "
+                             "inside a scripted part. Use the eager module there and script afterwards "
+                             "(nest.export(sub) is a plain model that torch.jit.script accepts)")
     for path, m in model.named_modules():
         leaf, cand = _is_leaf(m), path in attn
 

@@ -255,8 +255,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         on_meta = [k for k, (t, _, _) in state.items() if t is not None and t.is_meta]
         if on_meta:
             raise SortedNetError(f"checkpoint {where}: the model's {on_meta[:3]} are on the meta device, where no "
-                                 "value can be loaded; materialise it first (model.to_empty(device=...)), re-create its "
-                                 "non-persistent buffers (no checkpoint holds them: e.g. rotary inv_freq), then load")
+                                 "value can be loaded; materialise it first (model.to_empty(device=...)), re-create "
+                                 "its non-persistent buffers (no checkpoint holds them: e.g. rotary inv_freq), then "
+                                 "load")
         frozen = [k for k, (t, _, _) in state.items() if t is not None and t.is_inference()]
         if frozen and not torch.is_inference_mode_enabled():
             raise SortedNetError(f"checkpoint {where}: the model's {frozen[:3]} are inference tensors (created "

@@ -74,12 +74,14 @@ def dry_run(model: nn.Module) -> Iterator[None]:
 
 
 def refuse_script(model: nn.Module, what: str) -> None:
-    """A TorchScript module inside ``model`` (``torch.jit.script`` / ``trace``) is refused, named: checks,
-    discovery, sorting and FLOPs counting run and copy the Python modules, and a scripted part keeps its own
-    compiled forward and parameter tables, which they cannot follow (nor restore)."""
+    """A TorchScript module inside ``model`` (``torch.jit.script`` / ``trace``) holding tensors or children is
+    refused, named: checks, discovery, sorting and FLOPs counting run and copy the Python modules, and a
+    scripted part keeps its own compiled forward and parameter tables, which they cannot follow (nor restore).
+    A stateless scripted leaf (an activation) is copied and run like any module."""
     script = torch.jit.ScriptModule
     for path, m in model.named_modules():
-        if isinstance(m, script):
+        if isinstance(m, script) and (next(m.parameters(), None) is not None or next(m.buffers(), None) is not None
+                                      or next(m.children(), None) is not None):  # (a stateless leaf runs fine)
             raise SortedNetError(f"{path or '<root>'!r} is a TorchScript module ({type(m).__name__}, from "
                                  f"torch.jit.script / trace): {what} follows the model's Python modules and cannot "
                                  "run or copy a scripted part. Use the eager module here and script afterwards "

@@ -741,10 +741,9 @@ class Nest:
         from .calibrate import calibrate
 
         self._check_structure("calibrate")
-        try:
-            return calibrate(self, loader, subs=subs, batches=batches)
-        finally:
-            self._calibrations += 1
+        done = calibrate(self, loader, subs=subs, batches=batches)
+        self._calibrations += 1  # (what eval computes changed: profile scores measured before are stale)
+        return done
 
     def drop_calibration(self) -> None:
         """Forget the per-sub-model BatchNorm statistics of :meth:`calibrate` (or of a loaded checkpoint): eval mode
@@ -761,8 +760,9 @@ class Nest:
 
         self._check_alive()
         for m in batchnorms(self).values():
-            m._sn.norm = None
-        self._calibrations += 1
+            if m._sn.norm is not None:
+                m._sn.norm = None
+                self._calibrations += 1
 
     # -- export / unwrap ------------------------------------------------------
     def export(self, sub: SubModelLike | None = None, *, plain: bool = False) -> nn.Module:
@@ -893,7 +893,12 @@ class Nest:
             raise SortedNetError(f"check(mixed=...) takes the number of random mixed sub-models, an int >= 0, got "
                                  f"{mixed!r}")
         self._check_structure("check")
-        check(self, example, mixed=mixed)
+        fresh = self._scored_on is not None and self._weights_key() == self._scored_on
+        try:
+            check(self, example, mixed=mixed)
+        finally:  # its dry runs put back every value (BatchNorm statistics by copy_, which moves the version
+            if fresh:  # counters): the profile's scores still describe the weights
+                self._scored_on = self._weights_key()
 
 
 def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] | None = None,

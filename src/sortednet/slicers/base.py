@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -309,8 +310,13 @@ class Slicer:
             def set_(self_: nn.Module, v: Any) -> None:  # (nn.Module.__setattr__ of a name that is not a
                 d = self_.__dict__                         # parameter, buffer or child: in_features, a Rank
                 if name in d and _same(d[name], v):        # layer's computed weight, ...)
-                    d[name] = v  # the value it has (transformers' tie_weights re-sets out_features)
-                    return
+                    return  # the value it has (transformers' tie_weights re-sets out_features)
+                try:
+                    now = get(self_)
+                except SortedNetError:
+                    now = _MISSING
+                if now is not _MISSING and _same(now, v):
+                    return  # the value it reads under the active sub-model (m.n = m.n inside use)
                 raise _write_error(self_.__dict__["_sn"], name, v)
 
             def del_(self_: nn.Module) -> None:
@@ -353,11 +359,17 @@ class Slicer:
         return {}
 
 
+_MISSING = object()
+
+
 def _same(old: Any, new: Any) -> bool:
     """Whether writing ``new`` over ``old`` changes nothing (tensors: only the same object)."""
     if old is new:
         return True
-    if isinstance(old, Tensor) or isinstance(new, Tensor) or type(old) is not type(new):
+    if isinstance(old, Tensor) or isinstance(new, Tensor):
+        return False
+    both = all(isinstance(x, numbers.Number) and not isinstance(x, bool) for x in (old, new))
+    if not both and type(old) is not type(new):  # (numbers compare by value: np.int64(16) is 16)
         return False
     try:
         return bool(old == new)
