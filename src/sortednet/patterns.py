@@ -18,7 +18,8 @@ __all__ = ["match", "match_pattern"]
 def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> list[str]:
     """Paths in ``modules`` matched by ``pattern``.
 
-    Exact name; glob where ``*`` is one path component and ``**`` any number;
+    Exact name; glob where ``*`` is one path component and ``**`` one or more (``a.**.fc`` matches
+    ``a.x.fc`` and ``a.x.y.fc``, not ``a.fc``);
     ``re:<regex>`` matched against the whole path. A pattern that matches
     nothing is a :class:`~sortednet.errors.PatternError` that lists nearby
     module names.
