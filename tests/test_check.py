@@ -948,3 +948,50 @@ def test_an_attention_wrap_cannot_run_alone_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnverifiedHeadsWarning)  # a self-attention it runs: no warning
         sn.wrap(_MQABlock("groups").eval(), sn.Heads("h", [2, 4], attn="attn"))
+
+
+class _MaskedAttention(nn.Module):
+    """Self-attention taking a mask (a second required input): whole heads, verified only on an example."""
+
+    def __init__(self, E: int = 32, H: int = 4):
+        super().__init__()
+        self.num_heads = H
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+
+    def forward(self, x, mask):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = _MaskedAttention(), nn.Linear(32, 3)
+
+    def forward(self, x):
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        return self.head(x + self.attn(x, mask))
+
+
+def test_the_unverified_heads_warning_is_only_for_wrap_without_an_example(tmp_path):
+    """discover (which measures whole heads on its example) and sn.load (which takes no example) wrap
+    internally: they gave the warning meant for wrap without an example, telling the user to pass one."""
+    import warnings
+
+    from sortednet.check import UnverifiedHeadsWarning
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedHeadsWarning)
+        dims = sn.discover(_MaskedNet().eval(), x, ratios=[0.5, 1.0])
+        assert any(d.kind == "heads" for d in dims), dims
+        model = _MaskedNet().eval()
+        nest = sn.wrap(model, sn.Heads("h", [2, 4], attn="attn", qkv=("q", "k", "v"), o="o"), example=x)
+        path = str(tmp_path / "n.safetensors")
+        sn.save(nest, path)
+        sn.load(_MaskedNet().eval(), path)
+    with pytest.warns(UnverifiedHeadsWarning, match="attn"):
+        sn.wrap(_MaskedNet().eval(), sn.Heads("h", [2, 4], attn="attn", qkv=("q", "k", "v"), o="o"))

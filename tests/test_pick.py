@@ -312,3 +312,32 @@ def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path
     assert stale(opt.step) == 1
     assert stale(nest.drop_calibration) == 1
     assert stale(lambda: nest.profile(x, metrics=("params",), progress=False)) == 0  # no scores: nothing to warn
+
+
+def test_a_buffer_that_only_caches_derived_values_does_not_make_scores_stale():
+    """Dynamic RoPE re-assigns its non-persistent inv_freq after a long input and back after a short one:
+    outputs and weights unchanged, yet pick warned that the scores were stale."""
+    import warnings
+
+    from sortednet.nest import StaleScoresWarning
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+            self.register_buffer("scale", torch.ones(()), persistent=False)
+
+        def forward(self, x):
+            self.scale = torch.ones(()) * (2.0 if x.shape[0] > 4 else 1.0)  # re-made from the input's length
+            return self.fc2(torch.relu(self.fc1(x)) * self.scale / self.scale)
+
+    model = Cached()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="fc1", inp="fc2"))
+    x = torch.randn(3, 4)
+    nest.profile(x, score=lambda s: s["h"], metrics=("params",), progress=False)
+    with torch.no_grad():
+        model(torch.randn(6, 4))
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleScoresWarning)
+        nest.pick(params=100)

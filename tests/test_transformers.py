@@ -911,6 +911,17 @@ def test_multi_query_models_nest_their_query_heads(family, tmp_path):
             assert torch.equal(small.generate(x[:1], max_new_tokens=4, do_sample=False), gen)
 
 
+def test_verify_on_a_model_its_input_does_not_fit_says_it_did_not_run():
+    """BertForMultipleChoice takes (batch, choices, length) ids: the check's made-up input does not run, and
+    verify=True returned in silence."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    model = BertForMultipleChoice(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=48)).eval()
+    with pytest.warns(UserWarning, match="BertForMultipleChoice does not run on the input this check makes up"):
+        sn.from_transformers(model, heads=[2], ffn=[0.5])
+
+
 def test_verify_on_a_model_without_weights_says_it_did_not_run():
     """from_transformers(verify=True) on the meta device returned a nest as if verified: now a warning says the
     layout was not checked (verify=False asks for nothing and gets no warning)."""

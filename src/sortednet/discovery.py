@@ -98,12 +98,24 @@ def _fresh(dims: Sequence[Dimension]) -> list[Dimension]:
     return [dimension_from_spec(d.spec()) for d in dims]
 
 
+def _quiet_wrap(model: nn.Module, *dims: Dimension, **kw: Any) -> Any:
+    """``wrap`` for discovery's own dry runs on the example: the warning that ``wrap`` could not verify an
+    attention alone is not for the user (discovery measures whole heads on the example itself)."""
+    import warnings
+
+    from .check import UnverifiedHeadsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnverifiedHeadsWarning)
+        return wrap(model, *dims, **kw)
+
+
 def _failures(probe: nn.Module, example: Any, dims: list[Dimension], want: list) -> list[int] | None:
     """Indices of ``dims`` whose smallest size (alone) fails on ``probe``; None when they do not wrap together."""
     fresh = _fresh(dims)
     subs = [{}, {d.name: d.sizes[0] for d in fresh}, *({d.name: d.sizes[0]} for d in fresh)]
     try:
-        nest = wrap(probe, *fresh, submodels=subs)
+        nest = _quiet_wrap(probe, *fresh, submodels=subs)
     except SortedNetError:
         return None
     if split_ties(probe, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()}) is not None:
@@ -157,7 +169,8 @@ def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[
     if not heads:
         return dims
     fresh = _fresh(dims)
-    nest = wrap(probe, *fresh, submodels=[{}, *({fresh[i].name: s} for i in heads for s in fresh[i].sizes[:-1])])
+    nest = _quiet_wrap(probe, *fresh,
+                       submodels=[{}, *({fresh[i].name: s} for i in heads for s in fresh[i].sizes[:-1])])
     full = SubModel({d.name: d.full for d in fresh})
 
     def whole(d: Dimension, size: int) -> bool:

@@ -276,7 +276,13 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         # -- every check passed: change the target ------------------------------------
         if dims is not None:
             subs = None if rows is None else [dict(zip(names, r)) for r in rows]
-            nest = wrap(model, *dims, submodels=subs)
+            import warnings
+
+            from .check import UnverifiedHeadsWarning
+
+            with warnings.catch_warnings():  # (sn.load takes no example: nest.check(example) verifies; the
+                warnings.simplefilter("ignore", UnverifiedHeadsWarning)  # wrap-time warning is not actionable)
+                nest = wrap(model, *dims, submodels=subs)
         sd = nest.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, targets in copies.items():

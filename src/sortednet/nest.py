@@ -618,11 +618,13 @@ class Nest:
                           stacklevel=3)
 
     def _weights_key(self) -> Any:
-        """What the model computes with: every parameter and buffer (object and version counter: an optimizer
-        step, ``load_state_dict`` or any in-place write moves it) and the calibrations made. ``.data`` writes
-        and inference tensors (no version counter) are not seen."""
+        """What the model computes with: every parameter and persistent buffer (object and version counter: an
+        optimizer step, ``load_state_dict`` or any in-place write moves it) and the calibrations made. ``.data``
+        writes and inference tensors (no version counter) are not seen."""
         key = [self._calibrations]
-        for t in (*self.model.parameters(), *self.model.buffers()):
+        persistent = [b for m in self.model.modules() for n, b in m._buffers.items()  # (a non-persistent buffer
+                      if b is not None and n not in m._non_persistent_buffers_set]   # caches derived values:
+        for t in (*self.model.parameters(), *persistent):                           # dynamic RoPE's inv_freq)
             try:
                 key.append((id(t), t._version))
             except RuntimeError:  # an inference tensor

@@ -202,6 +202,14 @@ def _dummy_input(model: nn.Module) -> dict | None:
     return None
 
 
+def _not_verified(model: nn.Module, why: str) -> None:
+    import warnings
+
+    warnings.warn(f"from_transformers(verify=True): the {type(model).__name__} {why}, so its layout was not "
+                  "verified on the model itself; run nest.check(example) on an input of yours (once the model "
+                  "holds its weights)", stacklevel=4)
+
+
 def _self_check(nest: Nest) -> None:
     """``from_transformers(verify=True)``: see its docstring."""
     from ..check import first_float, whole_units_error
@@ -216,12 +224,7 @@ def _self_check(nest: Nest) -> None:
            "is sharded" if any(is_sharded(t) for t in tensors) else None)
     example = None if why else _dummy_input(model)
     if example is None:
-        import warnings
-
-        warnings.warn(f"from_transformers(verify=True): the {type(model).__name__} "
-                      f"{why or 'takes inputs this check cannot make up'}, so its layout was not verified on the "
-                      "model itself; once it holds its weights, run nest.check(example) (or verify on a copy "
-                      "built on a real device)", stacklevel=3)
+        _not_verified(model, why or "takes inputs this check cannot make up")
         return
     dev, fdtype = tensors[0].device, next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     example = {k: (v.to(dev, fdtype) if v.is_floating_point() else v.to(dev)) for k, v in example.items()}
@@ -234,8 +237,9 @@ def _self_check(nest: Nest) -> None:
         try:
             with nest.use(nest.largest):
                 view(**example)
-        except Exception:  # the full model itself does not run on this input here (e.g. float16 on a CPU):
-            return         # nothing to learn about the layout
+        except Exception as e:  # the full model itself does not run on this input here (e.g. float16 on a
+            _not_verified(model, f"does not run on the input this check makes up ({type(e).__name__})")  # CPU)
+            return
         for sub, what in [*((nest.resolve({**full, d.name: d.sizes[0]}), d) for d in nest.dims
                             if d.name in ("ffn", "heads") and d.sizes[0] < d.full), (nest.smallest, None)]:
             name = what.name if what is not None else "the smallest sub-model"
