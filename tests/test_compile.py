@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 import torch._dynamo
+from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import sortednet as sn
@@ -355,3 +356,48 @@ def test_nest_compile_refuses_unknown_keywords():
     nest.unwrap()
     with pytest.raises(sn.SortedNetError):
         nest.compile()
+
+
+def test_nest_compile_pins_the_default_for_a_whole_call_across_graph_breaks():
+    """A compiled call outside `use` with a graph break: an activate from another thread at the break made the
+    second graph read the new default (a forward mixing two sub-models); nest.compile() pins the call."""
+    import threading
+
+    ready, go, on = threading.Event(), threading.Event(), [False]
+
+    @torch._dynamo.disable
+    def pause():
+        if on[0]:
+            ready.set()
+            go.wait(10)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc2(torch.relu(self.fc1(x)))
+            pause()  # a graph break
+            return self.fc4(torch.relu(self.fc3(h)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    nest = sn.wrap(net, sn.Width("h", [2, 8], out=["fc1", "fc3"], inp=["fc2", "fc4"]))
+    x = torch.randn(3, 4)
+    with torch.no_grad(), nest.use("h=2"):
+        want = net(x)
+    step = nest.compile(backend="eager")
+    with torch.no_grad():
+        nest.activate("h=2")
+        step(x)
+        nest.activate("h=8")
+        step(x)
+        nest.activate("h=2")
+        on[0] = True
+        other = threading.Thread(target=lambda: (ready.wait(10), nest.activate("h=8"), go.set()))
+        other.start()
+        got = step(x)
+        other.join()
+        on[0] = False
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

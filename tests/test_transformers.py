@@ -935,3 +935,22 @@ def test_verify_on_a_model_without_weights_says_it_did_not_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sn.from_transformers(model, ffn=[24], verify=False)
+
+
+def test_a_whole_model_compiled_decode_loop_continues_its_cache():
+    """torch.compile(model) traces the cache check's hooks: the check's first steps broke the graph and ran
+    it eagerly, refusing every compiled decode step (a cache its compiled prefill could not record)."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    nest = sn.from_transformers(model, ffn=[24], heads=[2], depth=[2])
+    compiled = torch.compile(model, backend="eager")
+    x, nxt = ids(b=1, t=6), ids(seed=2, b=1, t=1)
+    for sub in (nest.smallest, nest.largest):
+        with torch.no_grad(), nest.use(sub):
+            want = model(input_ids=torch.cat([x, nxt], 1)).logits[0, -1]
+            out = compiled(input_ids=x, use_cache=True)
+            got = compiled(input_ids=nxt, **{KV: out.cache if hasattr(out, "cache") else out.past_key_values},
+                           use_cache=True).logits[0, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            with pytest.raises(sn.SortedNetError, match="did not see computed"):  # eager: no record to trust
+                model(input_ids=nxt, **{KV: out.cache if hasattr(out, "cache") else out.past_key_values})

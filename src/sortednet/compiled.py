@@ -90,6 +90,15 @@ class Compiled:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.nest._check_alive()
+        state = self.nest._state
+        if state._scoped is state:  # outside any use: pin the default for the whole call, as eager forwards
+            from .plan import Use  # are pinned (each graph of a model with graph breaks would read the default
+
+            with Use(state, state.default):  # again: an activate from another thread in between mixed two)
+                return self._call(args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
         if not torch.is_grad_enabled():  # no gradient to place: slicing inside the graph is as fast
             return self._compiled({}, args, kwargs)  # (measured), and needs no lock
         with self._lock:

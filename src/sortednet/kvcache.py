@@ -94,8 +94,10 @@ class CacheGuard:
         return None
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if _compiling():  # first: anything before it could break the graph and run the rest eagerly, checking a
+            return None   # cache whose compiled prefill recorded nothing (made() does not record while compiling)
         cache = self._given(args, kwargs)
-        if cache is None or _compiling():
+        if cache is None:
             return None
         try:
             filled = int(cache.get_seq_length())
