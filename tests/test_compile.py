@@ -361,8 +361,6 @@ def test_nest_compile_refuses_unknown_keywords():
 def test_nest_compile_pins_the_default_for_a_whole_call_across_graph_breaks():
     """A compiled call outside `use` with a graph break: an activate from another thread at the break made the
     second graph read the new default (a forward mixing two sub-models); nest.compile() pins the call."""
-    import threading
-
     ready, go, on = threading.Event(), threading.Event(), [False]
 
     @torch._dynamo.disable
