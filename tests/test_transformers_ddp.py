@@ -53,8 +53,8 @@ def train(out_dir: str, world: int, mode: str) -> tuple[dict, list, int]:
     calls = [0]
     all_reduce = dist.all_reduce
 
-    def counting(*a, **k):  # DDP's own reducer does not come through here; sync_gradients does
-        calls[0] += 1
+    def counting(*a, **k):  # DDP's own reducer does not come through here; sync_gradients does (the rest:
+        calls[0] += a[0].numel() > 8  # small agreements of sub-models and flags)
         return all_reduce(*a, **k)
 
     dist.all_reduce = counting
@@ -71,6 +71,49 @@ def train(out_dir: str, world: int, mode: str) -> tuple[dict, list, int]:
     finally:
         dist.all_reduce = all_reduce
     return model.state_dict(), history, calls[0]
+
+
+def faults(out_dir: str) -> dict:
+    """Faults of one rank that must raise on every rank, or be agreed, instead of hanging the other."""
+    import torch.distributed as dist
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    import sortednet as sn
+    from sortednet.integrations import SortedTrainer
+
+    rank, out = dist.get_rank(), {}
+    args = dict(max_steps=2, per_device_train_batch_size=2, optim="sgd", learning_rate=0.1, report_to=[],
+                use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no", seed=0,
+                ddp_backend="gloo")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[1, 2])
+    x = torch.randint(1, 40, (4, 9), generator=torch.Generator().manual_seed(1))
+    trainer = SortedTrainer(model=model, args=TrainingArguments(os.path.join(out_dir, "seed"), **args),
+                            train_dataset=[{"input_ids": r, "labels": r} for r in x], nest=nest,
+                            sampler=sn.Sampler(nest.submodels, k=2, strategy="uniform", seed=5 + rank))
+    try:  # a sampler seeded per rank: the gradients of different sub-models would be averaged
+        trainer.train()
+        out["seed_per_rank"] = "accepted"
+    except sn.SortedNetError as e:
+        out["seed_per_rank"] = str(e)
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=48, num_labels=3))
+    nest = sn.from_transformers(bert, ffn=[24])
+    data = [{"input_ids": r, "labels": torch.tensor(1 if i == 0 else -100)} for i, r in enumerate(x)]
+    trainer = SortedTrainer(model=bert, args=TrainingArguments(os.path.join(out_dir, "labels"), **args,
+                                                               gradient_accumulation_steps=1),
+                            train_dataset=data, nest=nest)
+    try:  # one rank's first micro-batch has no label: it could not tell whether the loss takes
+        trainer.train()  # num_items_in_batch, and counting them alone (a collective) hung the other rank
+        out["no_label_on_one_rank"] = ("ok", trainer.model_accepts_loss_kwargs)
+    except Exception as e:  # noqa: BLE001  (recorded)
+        out["no_label_on_one_rank"] = (f"{type(e).__name__}: {e}", None)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, out)
+    return every
 
 
 def _free_port() -> int:
@@ -100,6 +143,9 @@ def test_sorted_trainer_under_ddp_equals_one_process(tmp_path):
         for k, v in ref.items():
             torch.testing.assert_close(ddp[mode]["state"][k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert ddp["sorted"]["calls"] == STEPS  # one gradient all-reduce per optimizer step (the model is one bucket)
+    for rank in ddp["faults"]:  # every rank raised (or the run would have hung), and agreed
+        assert "ranks disagree on the sub-models of step 0" in rank["seed_per_rank"], rank
+        assert rank["no_label_on_one_rank"] == ("ok", False), rank
 
 
 if __name__ == "__main__":  # one rank of the torchrun above
@@ -109,6 +155,7 @@ if __name__ == "__main__":  # one rank of the torchrun above
     for mode in ("sorted", "callback"):
         state, history, calls = train(os.path.join(sys.argv[1], "ddp"), 2, mode)
         res[mode] = {"state": state, "history": history, "calls": calls}
+    res["faults"] = faults(os.path.join(sys.argv[1], "faults"))
     if dist.get_rank() == 0:
         torch.save(res, os.path.join(sys.argv[1], "state.pt"))
     dist.barrier()

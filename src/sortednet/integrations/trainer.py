@@ -178,8 +178,13 @@ class SortedTrainer(Trainer):
         ``loss_weights_for(subs)`` when it has loss weights), so only one sub-model's graph is alive
         at a time: peak memory is that of one step, not k."""
         if num_items_in_batch is not None and self._loss_uses_items is None:
-            self._loss_uses_items = self._check_loss_kwargs(model, inputs, num_items_in_batch)
+            self._loss_uses_items = _agreed(self._check_loss_kwargs(model, inputs, num_items_in_batch))
+            if self._loss_uses_items is False:  # the Trainer then divides by the accumulation steps itself
+                self.model_accepts_loss_kwargs = False
         subs = self.draw()
+        if _ranks() > 1:  # ranks that drew other sub-models (a seed per rank) would average their gradients
+            snd._agree_on([str(s) for s in subs], None, f"the sub-models of step {self.state.global_step}",
+                          "give every rank's sampler the same seed (SortedTrainer draws by the global step)")
         self.history.append((self.state.global_step, tuple(subs)))
         weigh = getattr(self.sampler, "loss_weights_for", None)
         weights = weigh(subs) if weigh is not None else None
@@ -232,10 +237,7 @@ class SortedTrainer(Trainer):
                 m.training = mode
         if not all(math.isfinite(v) and v != 0 for v in losses):  # (no labelled token here: undecided, the next
             return None                                           # micro-batch measures again)
-        uses = not math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0)
-        if not uses:
-            self.model_accepts_loss_kwargs = False
-        return uses
+        return not math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -250,6 +252,28 @@ class SortedTrainer(Trainer):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             return loss / k, outputs
         return super().compute_loss(model, inputs, False, num_items_in_batch) / k
+
+
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _agreed(mine: bool | None) -> bool | None:
+    """``SortedTrainer._check_loss_kwargs``'s verdict, the same on every rank (one all_reduce): a rank whose
+    first micro-batch had no labelled token is undecided, and on its own it would keep counting
+    ``num_items_in_batch`` (a collective) while the others stopped: unmatched collectives, a hang."""
+    if _ranks() == 1:
+        return mine
+    dist = torch.distributed
+    t = torch.tensor([mine is True, mine is False], dtype=torch.int64, device=snd._collective_device(None))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    uses, ignores = bool(t[0]), bool(t[1])
+    if uses and ignores:
+        raise SortedNetError("SortedTrainer: the ranks disagree on whether the model's loss divides by "
+                             "num_items_in_batch (measured on each rank's first micro-batch); set "
+                             "trainer.model_accepts_loss_kwargs yourself")
+    return True if uses else False if ignores else None
 
 
 class SubModelCallback(TrainerCallback):
