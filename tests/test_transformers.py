@@ -611,17 +611,21 @@ KV_STEPS = {  # (prefill sub-model, next-token sub-model) -> refused?
 }
 
 
-@pytest.mark.parametrize("first, then", sorted(KV_STEPS))
-def test_a_kv_cache_continued_by_another_submodel_is_exact_or_refused(first, then):
-    """A cache filled by one sub-model and continued by another gives that sub-model's own logits (a
-    shallower depth of the same widths) or is refused before anything runs, naming what is missing."""
+def _cache_case():
+    """A Llama nested over ffn, heads and depth, a 6-token prompt, one next token and an empty cache."""
     from transformers import DynamicCache
 
     torch.manual_seed(0)
     model = llama().eval()
     nest = sn.from_transformers(model, ffn=[24], heads=[2], depth=[2])
-    x, nxt = ids(b=1, t=6), ids(seed=2, b=1, t=1)
-    cache = DynamicCache(config=model.config)
+    return model, nest, ids(b=1, t=6), ids(seed=2, b=1, t=1), DynamicCache(config=model.config)
+
+
+@pytest.mark.parametrize("first, then", sorted(KV_STEPS))
+def test_a_kv_cache_continued_by_another_submodel_is_exact_or_refused(first, then):
+    """A cache filled by one sub-model and continued by another gives that sub-model's own logits (a
+    shallower depth of the same widths) or is refused before anything runs, naming what is missing."""
+    model, nest, x, nxt, cache = _cache_case()
     with torch.no_grad():
         with nest.use(first):
             model(input_ids=x, **{KV: cache}, use_cache=True)
@@ -644,11 +648,7 @@ def test_a_kv_cache_filled_before_the_units_were_sorted_is_refused(how):
 
     from sortednet.importance import sort_units
 
-    torch.manual_seed(0)
-    model = llama().eval()
-    nest = sn.from_transformers(model, ffn=[24], heads=[2], depth=[2])
-    x, nxt = ids(b=1, t=6), ids(seed=2, b=1, t=1)
-    cache = DynamicCache(config=model.config)
+    model, nest, x, nxt, cache = _cache_case()
     with torch.no_grad():
         model(input_ids=x, **{KV: cache}, use_cache=True)
     if how == "sort_units":
