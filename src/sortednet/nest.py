@@ -173,6 +173,7 @@ class Nest:
         self._profile: Profile | None = None
         self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
         self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
+        self._score_slots: list | None = None  # the parameter and buffer slots _weights_key reads
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
@@ -618,22 +619,27 @@ class Nest:
                           stacklevel=3)
 
     def _weights_key(self) -> Any:
-        """What the model computes with: every parameter and persistent buffer (object and version counter: an
-        optimizer step, ``load_state_dict`` or any in-place write moves it) and the calibrations made. ``.data``
-        writes and inference tensors (no version counter) are not seen."""
-        key = [self._calibrations]
-        persistent = [b for m in self.model.modules() for n, b in m._buffers.items()  # (a non-persistent buffer
-                      if b is not None and n not in m._non_persistent_buffers_set]   # caches derived values:
-        for t in (*self.model.parameters(), *persistent):                           # dynamic RoPE's inv_freq)
+        """What the model computes with: the tensor in every parameter and persistent buffer slot (object and
+        version counter: an optimizer step, ``load_state_dict`` or any in-place write moves it) and the
+        calibrations made. ``.data`` writes and inference tensors (no version counter) are not seen. The slots
+        are listed once per profile (walking the module tree on every ``pick`` cost more than the pick; the tree
+        itself cannot change while wrapped)."""
+        if self._score_slots is None:
+            self._score_slots = [(store, n) for m in self.model.modules()
+                                 for store, skip in ((m._parameters, ()), (m._buffers, m._non_persistent_buffers_set))
+                                 for n in store if n not in skip]  # (a non-persistent buffer caches derived values:
+        key: list[Any] = [self._calibrations]                       # dynamic RoPE's inv_freq)
+        for store, n in self._score_slots:
+            t = store.get(n)
             try:
-                key.append((id(t), t._version))
+                key.append(None if t is None else (id(t), t._version))
             except RuntimeError:  # an inference tensor
                 key.append((id(t), None))
         return tuple(key)
 
     def _set_profile(self, prof: Profile | None) -> None:
         old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
-        self._scored_on = self._stale_warned = None
+        self._scored_on = self._stale_warned = self._score_slots = None
         if prof is None:
             return
         if prof.scores is not None:
