@@ -43,7 +43,7 @@ from torch import nn
 
 from .errors import SortedNetError
 from .slicers import is_sharded
-from .submodel import SubModelLike
+from .submodel import SubModel, SubModelLike
 from .views import _compiling, is_fsdp
 from .views import fsdp_units as _fsdp_modules
 
@@ -225,7 +225,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         group = ddp.process_group  # (DDP(process_group=...): its replicas, not the whole world)
     hooks = []
     if _active() and dist.get_world_size(group) > 1:
-        _same_on_every_rank(nest, subs, group, closure, kwargs)
+        kwargs["_prechecked"] = _same_on_every_rank(nest, subs, group, closure, kwargs)  # (checked once)
         kwargs["_agree"] = lambda bad, failed: _loss_agreement(bad, failed, group)
         # before FSDP's all-gathers and DDP's buffer broadcast (prepended, also on the wrapper the closure
         # calls): every rank runs the same sub-model in each forward
@@ -316,11 +316,11 @@ def _sync(phase: int, digest: int, flags: Sequence[bool], group: Any) -> tuple[b
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     v = t.tolist()
     if v[0] != -v[1]:
-        raise _told(f"sortednet.distributed.accumulate: the ranks reached different points of the step "
-                             f"(this rank: {_PHASES[phase]}; another: {_PHASES.get(-v[1] if v[0] == phase else v[0])})"
-                             ": a closure raised on some rank (its error is raised there) or ran the model a "
-                             "different number of times; stopping on every rank so that no collective is left "
-                             "waiting")
+        other = _PHASES.get(-v[1] if v[0] == phase else v[0])
+        raise _told(f"sortednet.distributed.accumulate: the ranks reached different points of the step (this "
+                    f"rank: {_PHASES[phase]}; another: {other}): a closure raised on some rank (its error is raised "
+                    "there) or ran the model a different number of times; stopping on every rank so that no "
+                    "collective is left waiting")
     return v[2] == -v[3], [bool(x) for x in v[4:4 + len(flags)]]
 
 
@@ -347,7 +347,7 @@ def _collective_device(group: Any) -> torch.device:
 
 
 def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, closure: Any = None,
-                        kwargs: dict[str, Any] | None = None) -> None:
+                        kwargs: dict[str, Any] | None = None) -> tuple[list[SubModel], list[float]]:
     """Raise :class:`SortedNetError` on every rank unless every rank passes the same sub-models, in the same
     order, with the same weights, distillation and ``nonfinite``. Ranks that drew differently (a seed per
     rank, another ``k``) would average the gradients of different sub-models, or mismatch their collectives
@@ -356,11 +356,11 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, cl
     from .train import _checked
 
     kw = kwargs or {}
-    error = None
+    error, checked = None, None
     try:
-        names = [str(s) for s in _checked(nest, subs, closure if closure is not None else (lambda: None),
-                                          kw.get("distill"), kw.get("weights"), kw.get("backward"),
-                                          kw.get("nonfinite", "raise"))[0]]
+        checked = _checked(nest, subs, closure if closure is not None else (lambda: None), kw.get("distill"),
+                           kw.get("weights"), kw.get("backward"), kw.get("nonfinite", "raise"))
+        names = [str(s) for s in checked[0]]
     except SortedNetError as e:
         error, names = e, []
     if error is None:
@@ -377,6 +377,9 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, cl
         if error is not None:
             raise error from None
         raise
+    if error is not None or checked is None:  # (the same refusal on every rank: each raises its own, no
+        raise error or SortedNetError("accumulate: arguments not checked")  # collective pending)
+    return checked
 
 
 def _agree_on(names: list[str], group: Any, what: str, hint: str, phase: int = _START) -> None:

@@ -132,7 +132,8 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
 def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
                distill: Distill | None = None, weights: Sequence[float] | None = None,
                backward: Callable[[Tensor], Any] | None = None, nonfinite: str = "raise",
-               _agree: Callable[[bool, bool], tuple[bool, bool]] | None = None) -> Losses:
+               _agree: Callable[[bool, bool], tuple[bool, bool]] | None = None,
+               _prechecked: tuple[list[SubModel], list[float]] | None = None) -> Losses:
     """Backward the loss of each sub-model in ``subs``, one after another, into ``.grad``.
 
     For every sub-model: activate it (``nest.use``), call ``closure()`` (it runs
@@ -169,7 +170,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     >>> len(losses), model[0].weight.grad.shape
     (3, torch.Size([8, 4]))
     """
-    resolved, weights = _checked(nest, subs, closure, distill, weights, backward, nonfinite)
+    resolved, weights = _prechecked or _checked(nest, subs, closure, distill, weights, backward, nonfinite)
     order = list(range(len(resolved)))
     teacher = None
     if distill is not None and len(resolved) > 1:
