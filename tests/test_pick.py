@@ -281,7 +281,7 @@ def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path
 
     def build():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2), nn.Linear(2, 2)).eval()
 
     m = build()
     nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", norm="1", inp="3"))
@@ -311,6 +311,10 @@ def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path
     sn.accumulate(nest, [nest.largest], lambda: m(x).square().mean())
     assert stale(opt.step) == 1
     assert stale(nest.drop_calibration) == 1
+    assert stale(lambda: nest.profile(x, score=lambda s: s["h"], metrics=("params",), progress=False)) == 0
+    assert stale(lambda: m[4].register_buffer("extra", torch.ones(2))) == 1  # a slot the profile never saw
+    torch.manual_seed(3)
+    assert stale(lambda: m.__setitem__(4, nn.Linear(2, 2))) == 1  # an unsliced module replaced, new weights
     assert stale(lambda: nest.profile(x, metrics=("params",), progress=False)) == 0  # no scores: nothing to warn
 
 

@@ -174,6 +174,7 @@ class Nest:
         self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
         self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
         self._score_slots: list | None = None  # the parameter and buffer slots _weights_key reads
+        self._slots_at = -1                    # _REGISTRATIONS when they were listed
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
@@ -622,9 +623,11 @@ class Nest:
         """What the model computes with: the tensor in every parameter and persistent buffer slot (object and
         version counter: an optimizer step, ``load_state_dict`` or any in-place write moves it) and the
         calibrations made. ``.data`` writes and inference tensors (no version counter) are not seen. The slots
-        are listed once per profile (walking the module tree on every ``pick`` cost more than the pick; the tree
-        itself cannot change while wrapped)."""
-        if self._score_slots is None:
+        are listed again only after a module, parameter or buffer was registered anywhere (a global count):
+        walking the module tree on every ``pick`` cost more than the pick."""
+        if self._score_slots is None or self._slots_at != _REGISTRATIONS[0]:
+            _count_registrations()
+            self._slots_at = _REGISTRATIONS[0]
             self._score_slots = [(store, n) for m in self.model.modules()
                                  for store, skip in ((m._parameters, ()), (m._buffers, m._non_persistent_buffers_set))
                                  for n in store if n not in skip]  # (a non-persistent buffer caches derived values:
@@ -939,6 +942,26 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
     """
     return Nest(model, *dims, submodels=submodels, inplace_grad=inplace_grad,
                 inplace_min_numel=inplace_min_numel, example=example)
+
+
+#: registrations of modules, parameters and buffers in any module since the count started (a module
+#: replaced or a buffer added after ``profile`` gives new slots to watch for stale scores)
+_REGISTRATIONS = [0]
+_COUNTING: list = []
+
+
+def _count_registrations() -> None:
+    """Install the global registration hooks that keep :data:`_REGISTRATIONS` (once per process)."""
+    if _COUNTING:
+        return
+
+    def bump(*_: Any) -> None:
+        _REGISTRATIONS[0] += 1
+
+    mod = nn.modules.module
+    _COUNTING.extend((mod.register_module_module_registration_hook(bump),
+                      mod.register_module_parameter_registration_hook(bump),
+                      mod.register_module_buffer_registration_hook(bump)))
 
 
 class StaleScoresWarning(UserWarning):
