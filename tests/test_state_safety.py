@@ -577,6 +577,24 @@ def test_writes_to_a_sliced_attribute_are_refused_and_leave_nothing_behind(write
     assert type(m[0].weight) is nn.Parameter
 
 
+def test_data_parallel_replication_is_refused_by_name():
+    """``torch.nn.DataParallel`` over several devices copies each module (``_replicate_for_data_parallel``) and
+    sets the broadcast parameters on the copies as plain attributes; its replicas then run in worker threads,
+    which do not see the caller's active sub-model. The replication step (reproduced here: ``replicate`` itself
+    needs several GPUs) is refused naming DataParallel, not as an unexplained write; the model is unchanged."""
+    torch.manual_seed(0)
+    m = _mlp()
+    _mlp_nest(m)
+    before = snapshot(m)
+    replica = m[2]._replicate_for_data_parallel()
+    with pytest.raises(sn.SortedNetError, match=r"2\.weight: torch\.nn\.DataParallel is not supported"):
+        replica.weight = m[2]._parameters["weight"].detach() * 1
+    assert_unchanged(m, before)
+    with pytest.raises(sn.SortedNetError, match=r"2\.in_features is sliced by sortednet"):  # (not a replica)
+        m[2].in_features = 3
+    assert_unchanged(m, before)
+
+
 @pytest.mark.parametrize("how", ["setattr", "register_buffer", "parametrize"])
 def test_a_sliced_buffer_replaced_by_another_shape_is_refused_before_anything_changes(how):
     """BatchNorm running statistics are sliced like its weight: another shape would make every forward fail

@@ -317,7 +317,7 @@ class Slicer:
                     now = _MISSING
                 if now is not _MISSING and _same(now, v):
                     return  # the value it reads under the active sub-model (m.n = m.n inside use)
-                raise _write_error(self_.__dict__["_sn"], name, v)
+                raise _write_error(self_.__dict__["_sn"], name, v, replica=bool(d.get("_is_replica")))
 
             def del_(self_: nn.Module) -> None:
                 raise _write_error(self_.__dict__["_sn"], name, None, delete=True)
@@ -377,7 +377,12 @@ def _same(old: Any, new: Any) -> bool:
         return False
 
 
-def _write_error(st: State, name: str, v: Any, delete: bool = False) -> SortedNetError:
+def _write_error(st: State, name: str, v: Any, delete: bool = False, replica: bool = False) -> SortedNetError:
+    if replica:  # torch.nn.parallel.replicate sets each replica's parameters as plain attributes
+        return SortedNetError(f"{st.path + '.' if st.path else ''}{name}: torch.nn.DataParallel is not supported "
+                              "(its replicas run in worker threads that do not see the active sub-model, and it "
+                              "re-sets the sliced parameters on every forward); use DistributedDataParallel, one "
+                              "process per device (docs/scaling.md)")
     what = "deleted" if delete else f"set (to {type(v).__name__} {_short(v)})"
     return SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet (its value follows the "
                           f"active sub-model, read through the {type(st.slicer).__name__}) and cannot be {what} "
