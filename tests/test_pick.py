@@ -77,8 +77,17 @@ def test_exact_boundary_and_below_smallest(table):
             got = subs.index(sel.pick({m: costs[m][i]}))   # budget exactly a sub-model's cost
             assert costs[m][got] <= costs[m][i] and score[got] >= score[i]
         low = min(costs[m])
-        with pytest.raises(BudgetError, match=rf"{m} <= {low - 0.5:g} \(the smallest available is {low:g}"):
+        with pytest.raises(BudgetError, match=rf"{m} <= \S+ \(the smallest available is \S+,") as e:
             sel.pick({m: low - 0.5})
+        said = re.search(rf"{m} <= (\S+) \(the smallest available is (\S+),", str(e.value)).groups()
+        assert [float(v) for v in said] == [low - 0.5, low], "the message rounds the budget or the cost"
+
+
+def test_a_budget_just_below_the_smallest_is_not_rounded_up_to_it_in_the_message():
+    subs = [sn.SubModel(i=i) for i in range(2)]
+    sel = Selector(subs, {"params": [195.0, 2_500_000.0]})
+    with pytest.raises(BudgetError, match=r"params <= 194\.9999 \(the smallest available is 195, i=0\)"):
+        sel.pick({"params": 194.9999})
 
 
 def test_jointly_infeasible_budget_names_the_limits():
@@ -345,3 +354,24 @@ def test_a_buffer_that_only_caches_derived_values_does_not_make_scores_stale():
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleScoresWarning)
         nest.pick(params=100)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda s: 1 / 0, r"score\(h=2\) raised ZeroDivisionError: division by zero"),
+    (lambda s: float("nan"), r"score\(h=2\) returned nan"),
+    (lambda s: "0.9", r"score\(h=2\) returned str"),
+    (lambda s: True, r"score\(h=2\) returned bool"),
+    (lambda s: torch.ones(2), r"score\(h=2\) returned Tensor"),
+])
+def test_a_failing_or_non_numeric_score_is_named_and_keeps_the_profile(bad, match):
+    """A score function that raises was reported as the example's fault ("profile on the example ... failed");
+    every failure names ``score(sub)`` and leaves the nest's previous profile in place."""
+    torch.manual_seed(0)
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+                   sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    x = torch.randn(3, 4)
+    first = nest.profile(x, score=lambda s: float(s["h"]), metrics=("params",), repeat=1, warmup=0, progress=False)
+    with pytest.raises(sn.SortedNetError, match=match) as e:
+        nest.profile(x, score=bad, metrics=("params",), repeat=1, warmup=0, progress=False)
+    assert "on the example" not in str(e.value)
+    assert nest._profile is first and nest.pick(params=1e9) == nest.largest

@@ -246,7 +246,12 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
                 cols["memory"].append(float(measure_memory(nest, sub, example, model=view)))
             if score is not None:
                 with nest.use(sub):
-                    value = float(score(sub))
+                    try:
+                        value = float(score(sub))
+                    except SortedNetError:
+                        raise
+                    except Exception as e:  # the user's score function: named as such, not as the example's fault
+                        raise SortedNetError(f"score({sub}) raised {type(e).__name__}: {str(e)[:500]}") from e
                 if not math.isfinite(value):
                     raise SortedNetError(f"score({sub}) returned {value}; scores must be finite numbers")
                 scores.append(value)

@@ -2,7 +2,8 @@
 
 Sub-models are ranked best first: by score (a profile's score, or the
 parameter count when there is none: SortedNet's "bigger is better"), ties to
-the lower cost in each limited metric (in the order given), then to fewer
+the lower cost in each limited metric (in the order params, flops, latency,
+memory, whatever order the keywords came in), then to fewer
 parameters, then to the later sub-model of the nest's cost order when no
 scores are measured (the earlier otherwise); one ranking per set of limited
 metrics, built on first use. ``pick`` returns the best-ranked sub-model that
@@ -133,7 +134,7 @@ class Selector:
         low = {m: self._min[m] for m in limits if limits[m] < self._min[m][0]}
         if low:
             raise BudgetError("no sub-model fits " + ", ".join(
-                f"{m} <= {limits[m]:g} (the smallest available is {c:g}, {s})" for m, (c, s) in low.items()))
+                f"{m} <= {_num(limits[m])} (the smallest available is {_num(c)}, {s})" for m, (c, s) in low.items()))
         if len(limits) == 1:
             (metric, limit), = limits.items()
             costs, best = self._table(metric)
@@ -149,7 +150,14 @@ class Selector:
             ranked = ok if ranked is None else np.logical_and(ranked, ok, out=ranked)
         first = int(ranked.argmax())
         if not ranked[first]:
-            raise BudgetError("no sub-model fits all of " + ", ".join(f"{m} <= {v:g}" for m, v in limits.items())
+            raise BudgetError("no sub-model fits all of " + ", ".join(f"{m} <= {_num(v)}" for m, v in limits.items())
                               + " at once; each alone is feasible (smallest: " + ", ".join(
-                                  f"{m} {self.smallest(m)[0]:g}" for m in limits) + ")")
+                                  f"{m} {_num(self.smallest(m)[0])}" for m in limits) + ")")
         return self.subs[int(ranking[first])]
+
+
+def _num(v: float) -> str:
+    """A budget or cost for a message, never rounded (``:g`` would print a budget of 194.9999 as 195, next to a
+    smallest cost of 195)."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() and abs(v) < 1e16 else repr(v)
