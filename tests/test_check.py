@@ -843,6 +843,69 @@ def test_check_lets_a_per_layer_output_follow_depth_and_still_names_a_width_faul
                 sn.Width("w", [8, 16], out=["inp", "blocks.*"], inp=["blocks.*", "head"]), example=x)
 
 
+class _HeadInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.s(x)
+
+
+class _StreamResizer(nn.Module):
+    """A residual block, then a block that re-sizes the stream the head reads: a depth that drops the second
+    hands the head the first's width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.steps = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 16, 1)),
+            nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.GELU())])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.steps[0](x)
+        for blk in self.steps[1:]:
+            x = blk(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_depth_that_truncates_the_output_layers_or_hands_on_another_width_is_refused():
+    """Two wirings a fuzzer found accepted by ``wrap(example=)``: a Depth over a Sequential that holds the
+    classifier (``d=2`` returned the 16-wide hidden state instead of 3 logits: check compared it with the
+    full widths at the same depth, which accepts any depth-made shape) and a Depth that drops a block re-sizing
+    the stream (18 of 54 listed sub-models raised a raw shape error at forward; the smallest, the largest, each
+    dimension alone and the mixed samples all happened to run). Both are refused naming the depth; a per-layer
+    output that follows depth (fewer states of the same shape) stays accepted (test above)."""
+    torch.manual_seed(0)
+    m = _HeadInside()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"depth 'd' at 2 changes the output shapes from \[\(2, 5, 3\)\] "
+                                                r"to \[\(2, 5, 16\)\].*output layers"):
+        sn.wrap(m, sn.Depth("d", [2, 4], layers="s"), example=torch.randn(2, 5, 16))
+    assert_unchanged(m, before)
+    m = _StreamResizer().eval()
+    before = snapshot(m)
+    dims = [sn.Width("stem", [4, 8, 16], out=["stem", "steps.0.3"], inp=["steps.0.0", "steps.1.0"]),
+            sn.Width("inner", [2, 4, 8], out=["steps.0.0"], inp=["steps.0.3"], norm=["steps.0.1"]),
+            sn.Width("last", [4, 8, 16], out=["steps.1.0"], inp=["head"]),
+            sn.Depth("dd", [1, 2], layers="steps")]
+    with pytest.raises(sn.SortedNetError, match=r"(?s)depth 'dd' at 1 with width '(stem|last)'.*re-size the stream"):
+        sn.wrap(m, *dims, example=torch.randn(2, 3, 8, 8))
+    assert_unchanged(m, before)
+    nest = sn.wrap(m, *dims)  # without an example: as declared; the faulty sub-models are the ones check names
+    bad = []
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            try:
+                m(torch.randn(2, 3, 8, 8))
+            except RuntimeError:
+                bad.append(sub)
+    assert bad and all(sub["dd"] == 1 and sub["stem"] != sub["last"] for sub in bad)
+
+
 class _MultiQuery(nn.Module):
     """One key/value head read by every query head (PaLM, Falcon-7B, Gemma-2B): ``repeat`` says how its forward
     learns how many query heads there are."""

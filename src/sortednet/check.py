@@ -2,8 +2,9 @@
 
 ``nest.check(example)`` runs, without gradients, in eval mode and again in
 training mode (dropout off; training-only branches such as auxiliary heads
-must be wired too), each dimension alone at its smallest size, the smallest
-and the largest sub-model and a few mixed ones; their outputs must keep the full model's shapes and
+must be wired too), each dimension alone at its smallest size, each depth below full with each other
+dimension at its smallest, the smallest and the largest sub-model and a few mixed ones; their outputs must
+keep the full model's shapes (a lower depth may return fewer per-layer states) and
 ``export`` of the smallest must equal its live output. When one fails, the
 wiring is compared with the coupled groups found by :mod:`sortednet.coupling`
 and the error names the dimension, the module path and the role (``out=``,
@@ -577,10 +578,25 @@ def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Cal
         if key not in cache:
             ref = SubModel({d.name: d.full for d in nest.dims}).replace(**dict(zip((d.name for d in depths), key)))
             with Use(nest._state, nest._plans.build(ref)):  # (uncached: a restricted nest may not list it)
-                cache[key] = shapes()
+                got = shapes()
+            stray = [g for g in got if isinstance(g, tuple) and not any(_same_but_count(g, w) for w in want)]
+            if stray:
+                dropped = ", ".join(f"{d.name!r} at {k}" for k, d in zip(key, depths) if k != d.full)
+                raise SortedNetError(
+                    f"nest.check: depth {dropped} changes the output shapes from {want} to {got}: the layers it "
+                    f"drops include the network's output layers (a head or classifier inside the depth's layer "
+                    "list), so that sub-model returns an intermediate state, not the model's output; keep "
+                    "the output layers out of the layers Depth truncates")
+            cache[key] = got
         return cache[key]
 
     return at
+
+
+def _same_but_count(got: tuple, want: Any) -> bool:
+    """``got`` is one of the full model's output shapes ``want``, or differs from it only in the first axis (the
+    number of stacked per-layer states, which a lower depth makes smaller)."""
+    return isinstance(want, tuple) and len(got) == len(want) and got[1:] == want[1:]
 
 
 def _shapes(x: Any) -> list:
@@ -601,6 +617,16 @@ def _plan(nest: Nest, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
             best = max(cands, key=lambda s: sum(s[e.name] == e.full for e in nest.dims))
             out.append((best, f"{d.kind} {d.name!r} at {d.sizes[0]}"))
     out += [(nest.smallest, "the smallest sub-model"), (nest.largest, "the largest sub-model")]
+    # a depth that drops a block can hand the layers after it another dimension's width (a block that re-sizes
+    # the stream, skipped): each depth below full with each other dimension at its smallest, the rest as full as
+    # listed, so two widths meeting only there differ (the smallest sub-model can match them by coincidence)
+    for dd in (d for d in nest.dims if d.kind == "depth"):
+        for size in dd.sizes[:-1]:
+            for w in (e for e in nest.dims if e is not dd and len(e.sizes) > 1):
+                cands = [s for s in pool if s[dd.name] == size and s[w.name] == w.sizes[0]]
+                if cands:
+                    best = max(cands, key=lambda s: sum(s[e.name] == e.full for e in nest.dims))
+                    out.append((best, f"depth {dd.name!r} at {size} with {w.kind} {w.name!r} at {w.sizes[0]}"))
     out += [(subs[rng.randrange(len(subs))], "a mixed sub-model") for _ in range(min(mixed, len(subs)))]
     return list(dict.fromkeys(out))
 
@@ -618,6 +644,11 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
             "(q, k, v = qkv.split(self.n_embd), head_dim = C // self.n_head, a view to its own embedding width) "
             "still sees the full widths: derive them from the tensors or from attributes Heads slices "
             "(num_heads, head_dim, ...; count_attrs=), see docs/heads.md" if heads else "")
+    depths = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
+    if depths and not hint:
+        hint = (f"; depth {depths}: the blocks it drops may re-size the stream the layers after them read, which "
+                "then get the width of the last block kept; bind those layers to the dimensions of every block "
+                "that can end the stream (one Width for the stream), or keep such blocks out of the Depth")
     return SortedNetError(head + "\n  (no missing binding found by tracing: check custom modules and ops of "
                           f"the sliced features{hint})")
 
