@@ -872,6 +872,28 @@ class _StreamResizer(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class _Stacked(nn.Module):
+    """Returns its per-layer states stacked on ``axis``: a lower depth stacks fewer."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.blocks, self.axis = nn.ModuleList(nn.Linear(8, 8) for _ in range(4)), axis
+
+    def forward(self, x):
+        hs = [x]
+        for b in self.blocks:
+            x = b(x)
+            hs.append(x)
+        return x, torch.stack(hs, self.axis), torch.stack(hs[1:], self.axis)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_per_layer_states_stacked_on_any_axis_follow_depth(axis):
+    nest = sn.wrap(_Stacked(axis), sn.Depth("d", [1, 2, 4], layers="blocks"), example=torch.randn(3, 8))
+    with torch.no_grad(), nest.use("d=2"):
+        assert nest.model(torch.randn(3, 8))[1].shape[axis] == 3
+
+
 def test_a_depth_that_truncates_the_output_layers_or_hands_on_another_width_is_refused():
     """Two wirings a fuzzer found accepted by ``wrap(example=)``: a Depth over a Sequential that holds the
     classifier (``d=2`` returned the 16-wide hidden state instead of 3 logits: check compared it with the

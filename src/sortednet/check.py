@@ -579,7 +579,8 @@ def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Cal
             ref = SubModel({d.name: d.full for d in nest.dims}).replace(**dict(zip((d.name for d in depths), key)))
             with Use(nest._state, nest._plans.build(ref)):  # (uncached: a restricted nest may not list it)
                 got = shapes()
-            stray = [g for g in got if isinstance(g, tuple) and not any(_same_but_count(g, w) for w in want)]
+            counts = {(d.full + e, k + e) for k, d in zip(key, depths) for e in (0, 1)}
+            stray = [g for g in got if isinstance(g, tuple) and not any(_same_but_count(g, w, counts) for w in want)]
             if stray:
                 dropped = ", ".join(f"{d.name!r} at {k}" for k, d in zip(key, depths) if k != d.full)
                 raise SortedNetError(
@@ -593,10 +594,14 @@ def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Cal
     return at
 
 
-def _same_but_count(got: tuple, want: Any) -> bool:
-    """``got`` is one of the full model's output shapes ``want``, or differs from it only in the first axis (the
-    number of stacked per-layer states, which a lower depth makes smaller)."""
-    return isinstance(want, tuple) and len(got) == len(want) and got[1:] == want[1:]
+def _same_but_count(got: tuple, want: Any, counts: set[tuple[int, int]]) -> bool:
+    """``got`` is one of the full model's output shapes ``want``, or differs from it in one axis only, whose size
+    goes from a depth's full count of layers to its count at the sub-model (``counts``: (full, kept) pairs, also
+    one more each, for an embedding state first): per-layer states stacked on any axis."""
+    if not isinstance(want, tuple) or len(got) != len(want):
+        return False
+    diff = [(w, g) for w, g in zip(want, got) if w != g]
+    return not diff or (len(diff) == 1 and diff[0] in counts)
 
 
 def _shapes(x: Any) -> list:
