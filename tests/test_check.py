@@ -873,25 +873,75 @@ class _StreamResizer(nn.Module):
 
 
 class _Stacked(nn.Module):
-    """Returns its per-layer states stacked on ``axis``: a lower depth stacks fewer."""
+    """Returns its per-layer states stacked on ``axis`` (with the embedding state, and a final one), or
+    concatenated on the features: a lower depth returns fewer."""
 
-    def __init__(self, axis: int):
+    def __init__(self, axis: int, how: str = "stack"):
         super().__init__()
-        self.blocks, self.axis = nn.ModuleList(nn.Linear(8, 8) for _ in range(4)), axis
+        self.blocks, self.axis, self.how = nn.ModuleList(nn.Linear(8, 8) for _ in range(4)), axis, how
+        self.final = nn.LayerNorm(8)
 
     def forward(self, x):
         hs = [x]
         for b in self.blocks:
             x = b(x)
             hs.append(x)
-        return x, torch.stack(hs, self.axis), torch.stack(hs[1:], self.axis)
+        hs.append(self.final(x))
+        join = torch.stack if self.how == "stack" else torch.cat
+        return self.final(x), join(hs, self.axis), join(hs[1:-1], self.axis)
 
 
-@pytest.mark.parametrize("axis", [0, 1, -1])
-def test_per_layer_states_stacked_on_any_axis_follow_depth(axis):
-    nest = sn.wrap(_Stacked(axis), sn.Depth("d", [1, 2, 4], layers="blocks"), example=torch.randn(3, 8))
+class _Maps(nn.Module):
+    """An attention that also returns its attention maps, one per head (``output_attentions=True``)."""
+
+    def __init__(self, E: int = 16, H: int = 4):
+        super().__init__()
+        self.num_heads = H
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return self.o((a @ v).transpose(1, 2).reshape(B, T, -1)), a
+
+
+@pytest.mark.parametrize("axis, how", [(0, "stack"), (1, "stack"), (-1, "stack"), (-1, "cat"), (0, "cat")])
+def test_per_layer_states_stacked_or_concatenated_follow_depth_and_attention_maps_follow_heads(axis, how):
+    """A lower depth may return fewer stacked / concatenated per-layer states (any count per layer, with an
+    embedding and a final state), fewer heads shorter attention maps: all valid, all accepted."""
+    x = torch.randn(3, 8)
+    nest = sn.wrap(_Stacked(axis, how), sn.Depth("d", [1, 2, 4], layers="blocks"), example=x)
     with torch.no_grad(), nest.use("d=2"):
-        assert nest.model(torch.randn(3, 8))[1].shape[axis] == 3
+        assert nest.model(x)[1].shape[axis] == (4 if how == "stack" else 4 * 8 if axis else 4 * 3)
+    torch.manual_seed(0)
+    nest = sn.wrap(_Maps(), sn.Heads("h", [1, 2, 4], attn=""), example=torch.randn(2, 5, 16))
+    with torch.no_grad(), nest.use("h=2"):
+        assert nest.model(torch.randn(2, 5, 16))[1].shape == (2, 2, 5, 5)
+
+
+class _Widening(nn.Module):
+    """Block 2 widens the stream and block 3 narrows it back: depth 3 hands the head 32 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 32), nn.Linear(32, 16)])
+        self.head = nn.Linear(16, 7)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.relu(b(x))
+        return self.head(x)
+
+
+def test_every_depth_is_checked_even_alone():
+    """Only the smallest, the largest and random mixes ran for a nest of one Depth: the middle depth that fails
+    was accepted by chance."""
+    m = _Widening()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"depth 'd' at 3 \(d=3\) fails: RuntimeError"):
+        sn.wrap(m, sn.Depth("d", [1, 2, 3, 4], layers="blocks"), example=torch.randn(10, 16))
+    assert_unchanged(m, before)
 
 
 def test_a_depth_that_truncates_the_output_layers_or_hands_on_another_width_is_refused():

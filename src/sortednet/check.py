@@ -4,7 +4,8 @@
 training mode (dropout off; training-only branches such as auxiliary heads
 must be wired too), each dimension alone at its smallest size, each depth below full with each other
 dimension at its smallest, the smallest and the largest sub-model and a few mixed ones; their outputs must
-keep the full model's shapes (a lower depth may return fewer per-layer states) and
+keep the full model's shapes (a lower depth may return fewer per-layer states, fewer heads shorter
+attention maps) and
 ``export`` of the smallest must equal its live output. When one fails, the
 wiring is compared with the coupled groups found by :mod:`sortednet.coupling`
 and the error names the dimension, the module path and the role (``out=``,
@@ -579,8 +580,7 @@ def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Cal
             ref = SubModel({d.name: d.full for d in nest.dims}).replace(**dict(zip((d.name for d in depths), key)))
             with Use(nest._state, nest._plans.build(ref)):  # (uncached: a restricted nest may not list it)
                 got = shapes()
-            counts = {(d.full + e, k + e) for k, d in zip(key, depths) for e in (0, 1)}
-            stray = [g for g in got if isinstance(g, tuple) and not any(_same_but_count(g, w, counts) for w in want)]
+            stray = [g for g in got if isinstance(g, tuple) and not any(_fewer_on_one_axis(g, w) for w in want)]
             if stray:
                 dropped = ", ".join(f"{d.name!r} at {k}" for k, d in zip(key, depths) if k != d.full)
                 raise SortedNetError(
@@ -594,14 +594,32 @@ def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Cal
     return at
 
 
-def _same_but_count(got: tuple, want: Any, counts: set[tuple[int, int]]) -> bool:
-    """``got`` is one of the full model's output shapes ``want``, or differs from it in one axis only, whose size
-    goes from a depth's full count of layers to its count at the sub-model (``counts``: (full, kept) pairs, also
-    one more each, for an embedding state first): per-layer states stacked on any axis."""
+def _fewer_on_one_axis(got: tuple, want: Any) -> bool:
+    """``got`` is one of the full model's output shapes ``want``, or smaller than it on one axis only: per-layer
+    states stacked or concatenated on any axis (with an embedding state, a final one, two per layer, two
+    towers' states together). A larger size, another axis or another rank is an intermediate state returned
+    in place of the output."""
     if not isinstance(want, tuple) or len(got) != len(want):
         return False
     diff = [(w, g) for w, g in zip(want, got) if w != g]
-    return not diff or (len(diff) == 1 and diff[0] in counts)
+    return not diff or (len(diff) == 1 and diff[0][1] < diff[0][0])
+
+
+def _same_but_heads(nest: Nest, sub: SubModel, got: list, ref: list) -> bool:
+    """``got`` equals ``ref`` but for outputs with one axis of a Heads dimension's count going from full to the
+    sub-model's (attention maps, ``output_attentions=True``): whole heads dropped, no feature sliced."""
+    counts = {(d.full, sub[d.name]) for d in nest.dims if d.kind == "heads" and sub[d.name] != d.full}
+    if not counts or len(got) != len(ref):
+        return False
+    for g, r in zip(got, ref):
+        if g == r:
+            continue
+        if not (isinstance(g, tuple) and isinstance(r, tuple) and len(g) == len(r)):
+            return False
+        diff = [(a, b) for a, b in zip(r, g) if a != b]
+        if len(diff) != 1 or diff[0] not in counts:
+            return False
+    return True
 
 
 def _shapes(x: Any) -> list:
@@ -626,7 +644,11 @@ def _plan(nest: Nest, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
     # the stream, skipped): each depth below full with each other dimension at its smallest, the rest as full as
     # listed, so two widths meeting only there differ (the smallest sub-model can match them by coincidence)
     for dd in (d for d in nest.dims if d.kind == "depth"):
-        for size in dd.sizes[:-1]:
+        for size in dd.sizes[:-1]:  # every depth (a middle block may re-size the stream), then with each other
+            cands = [s for s in pool if s[dd.name] == size]  # dimension at its smallest
+            if cands:
+                best = max(cands, key=lambda s: sum(s[e.name] == e.full for e in nest.dims))
+                out.append((best, f"depth {dd.name!r} at {size}"))
             for w in (e for e in nest.dims if e is not dd and len(e.sizes) > 1):
                 cands = [s for s in pool if s[dd.name] == size and s[w.name] == w.sizes[0]]
                 if cands:
@@ -708,7 +730,7 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> Non
             raise _fail(nest, view, example, f"{what} in training mode", sub, f"fails: {type(e).__name__}: {e} "
                         "(a module that runs only in training, e.g. an auxiliary head, reads sliced features "
                         "without being in the dimension)") from e
-        if got != at_depth(sub):
+        if got != at_depth(sub) and not _same_but_heads(nest, sub, got, at_depth(sub)):
             raise _fail(nest, view, example, f"{what} in training mode", sub,
                         f"changes the output shapes from {want} to {got}")
 
@@ -754,7 +776,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     got = _shapes(call_model(model, example))
                 except Exception as e:
                     raise _fail(nest, model, example, what, sub, f"fails: {type(e).__name__}: {e}") from e
-            if got != at_depth(sub):
+            if got != at_depth(sub) and not _same_but_heads(nest, sub, got, at_depth(sub)):
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         _check_size_two(nest, model, example, want)
