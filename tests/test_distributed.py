@@ -3,7 +3,8 @@
 Every scenario trains 20 sorted steps on 2 ranks and is compared with one
 process training on the same global batches with the same drawn sub-models.
 Sliced tensors of every size use the in-place gradient hook
-(``INPLACE_MIN_NUMEL = 0``), the path DDP's reducer cannot see.
+(``INPLACE_MIN_NUMEL = 0``): the gradient node of a sliced parameter then runs without a gradient of its
+own, and only ``.grad`` holds what the slices added.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def _errors(rank: int, out_dir: str) -> dict:
         out["wrap_after_fully_shard"] = str(e)
     case, nest = _build("mlp", "ddp")
     ddp = snd.guard(DDP(case.model, find_unused_parameters=True), nest)
-    try:  # plain sn.accumulate through DDP's reducer: would average wrong gradients
+    try:  # plain sn.accumulate through DDP's reducer: unchecked agreement of the ranks, skipped blocks awaited
         sn.accumulate(nest, [nest.smallest], lambda: _loss(ddp(case.example)))
     except sn.SortedNetError as e:
         out["ddp_reducer_guard"] = str(e)

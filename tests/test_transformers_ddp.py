@@ -1,8 +1,8 @@
 """SortedTrainer under DDP (``torchrun --nproc_per_node 2``, gloo, CPU) equals one process.
 
-Transformers' Trainer wraps the model in DDP with ``find_unused_parameters=True``; its reducer would miss
-the in-place gradients of sliced weights and average stale or partial ones. SortedTrainer runs every
-backward under ``no_sync`` and all-reduces the gradients once per optimizer step. Every slice here uses
+Transformers' Trainer wraps the model in DDP; its reducer expects a gradient for every parameter it cannot
+prove unused (a depth skips blocks) and does not check that the ranks ran the same sub-models. SortedTrainer
+runs every backward under ``no_sync`` and all-reduces the gradients once per optimizer step. Every slice here uses
 the in-place gradient path (``INPLACE_MIN_NUMEL = 0``). Each optimizer step sees the whole 4-sample
 dataset (2 per rank, or 4 in one process), so the two runs must agree whatever the data order.
 """

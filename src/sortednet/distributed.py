@@ -158,11 +158,14 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
 def guard(module: nn.Module, nest: Nest) -> nn.Module:
     """Make a DDP ``module`` refuse forwards whose backward its reducer would get wrong.
 
-    With ``inplace_grad=True`` (the default) DDP's reducer misses the gradients
-    of sliced weights; a forward with gradient sync on and a sub-model below
-    the largest then raises :class:`SortedNetError` instead of silently
-    averaging wrong gradients. :func:`accumulate` (always under ``no_sync``)
-    installs this itself. Returns ``module``. Other modules pass unchanged.
+    DDP's reducer expects a gradient for every parameter it cannot prove unused
+    (a depth below full leaves the skipped blocks without one: DDP then raises
+    at the next step, or needs ``find_unused_parameters=True``), and nothing
+    checks that the ranks run the same sub-model in such a backward. With
+    ``inplace_grad=True`` (the default) a forward with gradient sync on and a
+    sub-model below the largest raises :class:`SortedNetError` instead.
+    :func:`accumulate` (always under ``no_sync``, agreement checked) installs
+    this itself. Returns ``module``. Other modules pass unchanged.
 
     >>> import torch.nn as nn, sortednet as sn, sortednet.distributed as snd
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [4, 8], out="0", inp="1"))
@@ -177,9 +180,10 @@ def guard(module: nn.Module, nest: Nest) -> nn.Module:
     def check(mod: nn.Module, args: tuple) -> None:
         if inplace and torch.is_grad_enabled() and mod.require_backward_grad_sync and nest.active != nest.largest:
             raise SortedNetError(
-                f"DDP forward of sub-model {nest.active} with gradient sync on: DDP's reducer does not see the "
-                "in-place gradients of sliced weights. Use sortednet.distributed.accumulate(nest, subs, closure, "
-                "module=ddp_model), or wrap(..., inplace_grad=False) with DDP(find_unused_parameters=True)")
+                f"DDP forward of sub-model {nest.active} with gradient sync on: DDP's reducer would wait for the "
+                "blocks a depth skips and average without checking that the ranks ran the same sub-model. Use "
+                "sortednet.distributed.accumulate(nest, subs, closure, module=ddp_model), or wrap(..., "
+                "inplace_grad=False) with DDP(find_unused_parameters=True)")
 
     ddp.register_forward_pre_hook(check)
     ddp._sn_guarded = True

@@ -195,7 +195,7 @@ class SortedTrainer(Trainer):
         if ddp is not None:
             snd.guard(ddp, self.nest)  # any forward that would reach DDP's reducer raises instead
         try:
-            with snd.no_sync(ddp):  # DDP's reducer misses the in-place gradients of sliced weights
+            with snd.no_sync(ddp):  # one agreed all-reduce per step, not DDP's reducer (docs/scaling.md)
                 for sub, w in zip(subs, weights):
                     if self.soft_exits is not None and self._depth is not None:
                         sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
