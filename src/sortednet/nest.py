@@ -170,6 +170,7 @@ class Nest:
         self._cost_lock = threading.Lock()
         self._count_tensors()
         self._flops_example: Any = None   # input signature of the FLOPs in _cost_cache["flops"]
+        self._flops_complete: Any = None  # the FLOPs table last found to hold every listed sub-model
         self._profile: Profile | None = None
         self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
         self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
@@ -693,12 +694,15 @@ class Nest:
             limits["params"] = min(limits.get("params", float("inf")), math.floor(share * (1 + 2.0 ** -50)))
         if "flops" in limits:
             have = self._cost_cache["flops"]
-            if 0 < len(have) and not all(sub in have for sub in self.submodels):
+            # (a table only grows, and a new one is a new dict: one complete pass per table, not per pick)
+            if 0 < len(have) and have is not self._flops_complete and not all(sub in have for sub in self.submodels):
                 raise SortedNetError(
                     f"pick(flops=...): FLOPs are known for {sum(sub in have for sub in self.submodels)} of "
                     f"{len(self.submodels)} sub-models on the input signature counted last; the table holds one "
                     "input signature, so a count on another shape (cost(..., 'flops', example=...)) starts a new "
                     "table. Run nest.profile(example) again, or count every sub-model on one example")
+            if 0 < len(have):
+                self._flops_complete = have
         if self._scored_on is not None:
             self._warn_if_scores_stale()
         return self._select().pick(limits)
