@@ -88,6 +88,10 @@ def test_a_budget_just_below_the_smallest_is_not_rounded_up_to_it_in_the_message
     sel = Selector(subs, {"params": [195.0, 2_500_000.0]})
     with pytest.raises(BudgetError, match=r"params <= 194\.9999 \(the smallest available is 195, i=0\)"):
         sel.pick({"params": 194.9999})
+    with pytest.raises(BudgetError, match=r"params <= 194\.99999999999997 \(the smallest available is 195,"):
+        sel.pick({"params": 195 - 2 ** -45})
+    with pytest.raises(BudgetError, match=r"params <= 0\.3 \(the smallest"):  # (no float noise of 0.1 * 3)
+        sel.pick({"params": 0.1 * 3})
 
 
 def test_jointly_infeasible_budget_names_the_limits():

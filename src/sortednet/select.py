@@ -134,7 +134,7 @@ class Selector:
         low = {m: self._min[m] for m in limits if limits[m] < self._min[m][0]}
         if low:
             raise BudgetError("no sub-model fits " + ", ".join(
-                f"{m} <= {_num(limits[m])} (the smallest available is {_num(c)}, {s})" for m, (c, s) in low.items()))
+                f"{m} <= {_num(limits[m], c)} (the smallest available is {_num(c)}, {s})" for m, (c, s) in low.items()))
         if len(limits) == 1:
             (metric, limit), = limits.items()
             costs, best = self._table(metric)
@@ -156,8 +156,11 @@ class Selector:
         return self.subs[int(ranking[first])]
 
 
-def _num(v: float) -> str:
-    """A budget or cost for a message, never rounded (``:g`` would print a budget of 194.9999 as 195, next to a
-    smallest cost of 195)."""
+def _num(v: float, near: float | None = None) -> str:
+    """A budget or cost for a message: 12 significant digits (no float noise of a computed budget), all of them
+    where those would print a budget just below the smallest cost as that cost (194.99999999999997 as 195)."""
     v = float(v)
-    return str(int(v)) if v.is_integer() and abs(v) < 1e16 else repr(v)
+    if v.is_integer() and abs(v) < 1e16:
+        return str(int(v))
+    short = f"{v:.12g}"
+    return repr(v) if near is not None and float(short) == float(near) and v != near else short
