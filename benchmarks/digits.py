@@ -267,7 +267,7 @@ def merge(path: str, new: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     p.add_argument("--quick", action="store_true", help="1 seed, 5%% of the steps, output in a temporary folder")

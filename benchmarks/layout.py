@@ -14,7 +14,7 @@ of ``benchmarks/overhead.py``), each as a ratio to a standalone layer / model of
 
     python benchmarks/layout.py [--quick]
 
-Writes benchmarks/results/layout.md.
+Writes benchmarks/results/layout.md (``--quick``: layout_quick.md).
 """
 
 from __future__ import annotations
@@ -247,4 +247,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     text = run(args.quick)
     print(text)
-    print("wrote", write("layout.md", text))
+    print("wrote", write("layout_quick.md" if args.quick else "layout.md", text))

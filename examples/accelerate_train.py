@@ -29,7 +29,7 @@ from sortednet.train import evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=128, help="global batch (split over the processes)")
     p.add_argument("--k", type=int, default=4, help="sub-models per step")

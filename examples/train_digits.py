@@ -105,9 +105,9 @@ def report(nest: sn.Nest, scores: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--epochs", type=int, default=65)
-    p.add_argument("--k", type=int, default=4, help="sub-models trained per optimizer step")
+    p.add_argument("--k", type=int, default=4, help="sub-models trained per optimizer step (not with --strategy all)")
     p.add_argument("--strategy", default="sandwich", choices=["uniform", "sandwich", "weighted", "all"])
     p.add_argument("--distill", action="store_true", help="in-place distillation from the largest drawn sub-model")
     p.add_argument("--seed", type=int, default=0)
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     (xva, yva), (xtr, ytr) = (xtr[:n_val], ytr[:n_val]), (xtr[n_val:], ytr[n_val:])
     nest = build()
     print(f"{nest}\n{len(nest.submodels)} sub-models share {nest.cost(nest.largest):,} parameters")
-    sampler = sn.Sampler(nest.submodels, k=args.k, strategy=args.strategy, seed=args.seed,
+    k = None if args.strategy == "all" else args.k  # ("all": every sub-model each step)
+    sampler = sn.Sampler(nest.submodels, k=k, strategy=args.strategy, seed=args.seed,
                          weights="large" if args.strategy == "weighted" else None)
     opt = torch.optim.Adam(nest.trainable_parameters(), lr=3e-3)
     loader = Batches(xtr, ytr, 64, seed=args.seed)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     sn.fit(nest, loader, opt, sampler, epochs=args.epochs, scheduler=sched, progress=not args.quiet,
            distill=sn.Distill() if args.distill else None)
     print(f"trained {len(nest.submodels)} sub-models in {time.perf_counter() - t0:.0f} s "
-          f"({args.epochs * len(loader)} steps x k={args.k}, strategy {args.strategy!r})")
+          f"({args.epochs * len(loader)} steps x k={k or len(nest.submodels)}, strategy {args.strategy!r})")
     scores = evaluate(nest, (xte, yte))
     report(nest, scores, args.table)
     # profile: FLOPs per sub-model and its validation accuracy as the score; pick() then returns the
