@@ -5,6 +5,7 @@ failed wrap(example=) leaves the model exactly as it was."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -1130,3 +1131,33 @@ def test_the_unverified_heads_warning_is_only_for_wrap_without_an_example(tmp_pa
         sn.load(_MaskedNet().eval(), path)
     with pytest.warns(UnverifiedHeadsWarning, match="attn"):
         sn.wrap(_MaskedNet().eval(), sn.Heads("h", [2, 4], attn="attn", qkv=("q", "k", "v"), o="o"))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
+def test_a_raw_error_under_an_unchecked_sub_model_gets_a_note_pointing_at_check():
+    """A nest wrapped without an example runs its wiring unchecked: a forgotten binding surfaces as PyTorch's raw
+    error at forward. The error keeps its type and message (code catching it still works) and gains a note naming
+    the sub-model and ``nest.check``; errors of the full model, errors already in flight and sortednet's own
+    errors get none."""
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    nest = sn.wrap(m, sn.Width("ch", [4, 8, 16], out="0", inp="3"))  # BatchNorm '1' forgotten
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements") as e:
+        with nest.use(nest.smallest):
+            m(x)
+    assert any("sub-model ch=4" in n and "nest.check(example)" in n for n in e.value.__notes__)
+    with pytest.raises(RuntimeError) as e:  # the full model's own error: no note
+        m(torch.randn(2, 5, 8, 8))
+    assert not getattr(e.value, "__notes__", None)
+    try:
+        raise ValueError("in flight")
+    except ValueError as outer:
+        with nest.use(nest.smallest), pytest.raises(RuntimeError):
+            m(x)
+        assert not getattr(outer, "__notes__", None)
+    checked = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+                      sn.Width("h", [4, 8], out="0", inp="2"), example=torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as e:
+        with checked.use(checked.smallest):
+            checked.model(torch.randn(3, 5))
+    assert e.value.__notes__ == ["(sortednet: raised while running sub-model h=4)"]

@@ -108,6 +108,7 @@ class Nest:
         try:
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
             self._pin = pin = Pin(self._state)
+            pin.note = self._failure_note
             hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
             hooks += install_guards(model, self._state, self.dims)  # (Hugging Face) a cache another sub-model
             # filled is continued only where it is exact
@@ -173,6 +174,7 @@ class Nest:
         self._flops_complete: Any = None  # the FLOPs table last found to hold every listed sub-model
         self._profile: Profile | None = None
         self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
+        self._checked = False            # nest.check passed (wrap(example=) runs it): see _failure_note
         self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
         self._score_slots: list | None = None  # the parameter and buffer slots _weights_key reads
         self._slots_at = -1                    # _REGISTRATIONS when they were listed
@@ -898,6 +900,16 @@ class Nest:
         dims = ", ".join(repr(d) for d in self.dims)
         return f"Nest({type(self.model).__name__}, {len(self.submodels)} sub-models: {dims})"
 
+    def _failure_note(self, sub: SubModel) -> str | None:
+        """The note added to an error a forward raises under ``sub`` (see ``Pin._annotate``): none at full size."""
+        if all(sub[d.name] == d.full for d in self.dims):
+            return None
+        if self._checked:
+            return f"(sortednet: raised while running sub-model {sub})"
+        return (f"(sortednet: raised while running sub-model {sub}, below the full model. The nest was wrapped "
+                "without an example, so its wiring is unchecked: if the full model runs on this input, "
+                "nest.check(example) names the dimension, module and binding that is missing)")
+
     def check(self, example: Any, *, mixed: int = 3) -> None:
         """Dry-run sub-models on ``example`` (each dimension at its smallest, smallest, largest, ``mixed``
         random ones, export of the smallest); a wiring mistake raises a :class:`SortedNetError` naming the
@@ -911,6 +923,7 @@ class Nest:
         fresh = self._scored_on is not None and self._weights_key() == self._scored_on
         try:
             check(self, example, mixed=mixed)
+            self._checked = True
         finally:  # its dry runs put back every value (BatchNorm statistics by copy_, which moves the version
             if fresh:  # counters): the profile's scores still describe the weights
                 self._scored_on = self._weights_key()

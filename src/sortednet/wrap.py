@@ -8,7 +8,7 @@ import sys
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,11 +363,13 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards")
+    __slots__ = ("active", "local", "lock", "guards", "note")
 
     def __init__(self, active: Any) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
         self.guards: Guards | None = None  # the nest's module tree: its containers' child counts are checked
+        # what to add to an error the forward raises under a sub-model (a note, the error itself unchanged)
+        self.note: Callable[[Any], str | None] | None = None
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -407,17 +409,38 @@ class Pin:
         # on the context's stack, as use
         entry = open_block(a, sys._getframe(1), a.default, pin=True) if pinned else None
         self._count(grad)
-        stack.append([entry, sys._getframe(1), a.default if pinned else None, grad])
+        stack.append([entry, sys._getframe(1), a.default if pinned else None, grad, sys.exc_info()[1]])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():
             return
         stack = self.local.__dict__.get("stack")
         if stack:
-            entry, _, _, grad = stack.pop()
+            top = stack.pop()
+            entry, grad = top[0], top[3]
+            if out is None:  # (always_call: also after the forward raised, inside torch's except block)
+                self._annotate(top[4] if len(top) > 4 else None)
             self._count(-grad)
             if entry is not None:  # (a use block the user's hooks opened around the forward ends with it)
                 close_block(self.active, entry, sys._getframe(1))
+
+    def _annotate(self, before: BaseException | None) -> None:
+        """Add a note naming the sub-model to the error the forward is raising (not one that was in flight when
+        it started): a raw shape error of an unchecked wiring then points at ``nest.check``. The error's type
+        and message stay as they are."""
+        err = sys.exc_info()[1]
+        if (err is None or err is before or self.note is None or isinstance(err, SortedNetError)
+                or not isinstance(err, (RuntimeError, ValueError, IndexError, AssertionError))
+                or not hasattr(err, "add_note")):
+            return
+        a = self.active
+        p = a._scoped  # (Active.plan() without its checkpoint side effect)
+        try:
+            text = self.note((a.default if p is a else p).sub)
+        except Exception:
+            return
+        if text and text not in getattr(err, "__notes__", ()):
+            err.add_note(text)
 
     def no_grad_read(self, plan: Any) -> None:
         """A sliced attribute read without gradients while a forward with gradients runs (in some thread):
