@@ -280,3 +280,74 @@ def test_an_optimizer_whose_state_is_not_per_element_is_refused_unchanged():
     after = opt.state_dict()["state"][0]
     assert state["state"][0].keys() == after.keys()
     assert all(same(v, after[k]) for k, v in state["state"][0].items())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda m, b: torch.tensor(float("nan"), requires_grad=True) * m(b[0]).sum(), "loss of batch 0 is nan"),
+    (lambda m, b: m(b[0]).sum() * 1e38 * 1e38, "loss of batch 0 is inf"),
+    (lambda m, b: m(b[0]), "must be a scalar"),
+    (lambda m, b: 1 / 0, "loss of batch 0 raised ZeroDivisionError"),
+])
+def test_taylor_refuses_a_loss_it_cannot_score_by_before_anything_changes(bad, match):
+    """A NaN loss gave NaN scores for every unit; the sort then "succeeded" with the identity order, dropped the
+    profile's scores and invalidated every KV cache. A loss that raises escaped as a raw error."""
+    model, dims, x = _case("mlp")
+    nest = sn.wrap(model, *dims)
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=match):
+        sort_units(nest, "taylor", example=x, data=[(x, None)], loss_fn=bad)
+    assert_unchanged(model, before)
+    with pytest.raises(sn.SortedNetError, match="full model does not run on the example"):
+        sort_units(nest, "l1", example=torch.randn(3, 999))
+    assert_unchanged(model, before)
+
+
+def test_a_nest_without_width_or_heads_is_refused_without_side_effects():
+    """A Depth-only nest has no units: sort_units returned {} but still dropped the profile's scores and made
+    every KV cache filled before it count as stale."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    nest = sn.wrap(nn.ModuleDict({"s": model}), sn.Depth("d", [1, 3], layers="s"))
+    epoch = nest._state.epoch
+    with pytest.raises(sn.SortedNetError, match="no Width or Heads dimension"):
+        sort_units(nest, "l1", example=torch.randn(2, 4))
+    assert nest._state.epoch == epoch
+
+
+def test_sort_by_importance_moves_gradients_and_optimizer_state_with_the_units():
+    """Gradients accumulated before ``sort_by_importance`` stayed in the old unit order (every family: the
+    next optimizer step applied them to other neurons / heads); it had no ``optimizer=``. Both now follow: a
+    sorted model trained on equals the never-sorted twin trained on, up to float rounding."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def build():
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(cfg)
+        nest = sn.from_transformers(m, ffn=[32], heads=[2])
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for _ in range(2):
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        m(input_ids=ids, labels=ids).loss.backward()  # gradients accumulated, step not taken yet
+        return m, nest, opt
+
+    def finish(m, opt):
+        for _ in range(3):
+            opt.step()
+            opt.zero_grad()
+            m(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            return m(input_ids=ids).logits
+
+    twin, _, topt = build()
+    m, nest, opt = build()
+    perms = sn.sort_by_importance(nest, [ids], optimizer=opt)
+    assert any(not torch.equal(p["ffn"], torch.arange(64)) for p in perms.values())  # units did move
+    torch.testing.assert_close(finish(m, opt), finish(twin, topt), rtol=1e-4, atol=1e-4)
+    with pytest.raises(sn.SortedNetError, match="optimizer= takes a torch.optim.Optimizer"):
+        sn.sort_by_importance(nest, [ids], optimizer=object())

@@ -185,7 +185,22 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
             for batch in data:
                 for p in params:
                     p.grad = None
-                (loss_fn or _loss)(model, batch).backward()
+                try:
+                    loss = (loss_fn or _loss)(model, batch)
+                except SortedNetError:
+                    raise
+                except Exception as e:  # the user's batch or loss_fn: named, nothing changed
+                    raise SortedNetError(f"sort_units(method='taylor'): the loss of batch {n} raised "
+                                         f"{type(e).__name__}: {str(e)[:300]}; nothing was changed") from e
+                if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+                    raise SortedNetError("sort_units(method='taylor'): the loss must be a scalar floating-point "
+                                         f"tensor, got {type(loss).__name__}"
+                                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+                if not bool(torch.isfinite(loss.detach()).all()):
+                    raise SortedNetError(f"sort_units(method='taylor'): the loss of batch {n} is "
+                                         f"{float(loss.detach())}; its gradient scores would be NaN and every order "
+                                         "meaningless. Nothing was changed: drop that batch (or fix the loss)")
+                loss.reshape(()).backward()
                 for _, d, part, _ in groups:
                     for b in part:
                         t, ax = b.tensors[0] if b.tensors else (None, 0)
@@ -200,6 +215,10 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
             p.grad = g
     if n == 0:
         raise SortedNetError("sort_units(method='taylor'): data is empty")
+    bad = [f"{path} ({role})" for (path, role), v in acc.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise SortedNetError(f"sort_units(method='taylor'): the gradient scores of {bad[:3]} are not finite "
+                             "(gradients overflowed: inputs or loss far out of scale); nothing was changed")
     return acc
 
 
@@ -312,6 +331,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if any(d.kind == "rank" for d in nest.dims):
         raise SortedNetError("sort_units permutes full weight matrices; sort a nest without a Rank dimension "
                              "first, then unwrap and wrap again with Rank")
+    if not any(d.kind in ("width", "heads") for d in nest.dims):
+        raise SortedNetError(f"sort_units: the nest has no Width or Heads dimension "
+                             f"({[d.name for d in nest.dims]}), so there are no units to sort; nothing was changed")
     calibrated = [p for p, m in nest._sliced.items() if m._sn.norm is not None and m._sn.norm.stats]
     if calibrated:
         raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
@@ -335,7 +357,11 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
           atol: float, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
     err = float("inf")
     with dry_run(nest.model), torch.no_grad(), nest.use(nest.largest):
-        ref = _leaves(call_model(model, example))
+        try:
+            ref = _leaves(call_model(model, example))
+        except Exception as e:
+            raise SortedNetError(f"sort_units: the full model does not run on the example: {type(e).__name__}: "
+                                 f"{str(e)[:300]}; nothing was changed") from e
     tview, _ = train_view(nest, running_stats=True)  # batch statistics of a small example magnify rounding
 
     def train_out(seed: int) -> list[Tensor]:

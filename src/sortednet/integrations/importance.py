@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError
-from ..importance import rel_err
+from ..importance import _check_state, _companions, rel_err
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
@@ -58,16 +58,18 @@ def _score(m: nn.Module, unit: int) -> Tensor:
     return per.reshape(-1, unit).sum(1).abs()
 
 
-def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None) -> None:
+def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = None) -> None:
+    """Permute ``m``'s units of ``role`` by ``idx``: the weight (and bias), their ``.grad`` and ``opt``'s
+    per-element state (Adam's moments, momentum) alike."""
     out_ax, in_ax = _axes(m)
     w = Slicer.tensor(m, "weight")
     ax = out_ax if role == "out" else in_ax
     b = Slicer.tensor(m, "bias") if role == "out" else None
-    new_w = w.data.index_select(ax, idx.to(w.device))  # both computed before either is written
-    new_b = b.data.index_select(0, idx.to(b.device)) if b is not None else None
-    w.data.copy_(new_w)
-    if new_b is not None:
-        b.data.copy_(new_b)
+    moves = [(c, a) for t, a in ((w, ax), (b, 0)) if t is not None
+             for c in _companions(t, opt) if c.shape[a] == t.shape[a]]  # (a statistic reduced over a: stays)
+    new = [c.data.index_select(a, idx.to(c.device)) for c, a in moves]  # all computed before any is written
+    for (c, _), v in zip(moves, new):
+        c.data.copy_(v)
     if log is not None:  # logged once applied: an undo inverts what was done, nothing else
         log.append(("rows", m, role, idx))
 
@@ -97,13 +99,17 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
 
 
 def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
-                       ffn: bool = True, heads: bool = True) -> dict[str, dict[str, Tensor]]:
+                       ffn: bool = True, heads: bool = True,
+                       optimizer: torch.optim.Optimizer | None = None) -> dict[str, dict[str, Tensor]]:
     """Permute FFN neurons and attention heads of every layer, most important first.
 
     The full model's outputs are unchanged. ``batches`` are dicts of model
     inputs with labels (or token tensors, used as their own labels), or
-    anything ``loss_fn(model, batch)`` turns into a loss. Call before creating
-    the optimizer. Returns the permutation applied per layer.
+    anything ``loss_fn(model, batch)`` turns into a loss. A parameter's
+    ``.grad`` (accumulated gradients) is permuted with it; an optimizer that
+    already holds state (momentum, Adam's moments) must be passed as
+    ``optimizer=`` so that its state follows the units (or sort before
+    building it). Returns the permutation applied per layer.
 
     >>> import torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -118,6 +124,11 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     if any(d.kind == "rank" for d in nest.dims):
         raise SortedNetError("sort_by_importance permutes full weight matrices; run it on a nest without a rank "
                              "dimension (sort first, then nest.unwrap() and from_transformers(..., rank=...))")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise SortedNetError(f"sort_by_importance: optimizer= takes a torch.optim.Optimizer, got "
+                             f"{type(optimizer).__name__}")
+    if optimizer is not None:
+        _check_state(optimizer)
     found: Found = _layout_of(nest)
     lay, model = found.layout, nest.model
     heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads
@@ -172,16 +183,16 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 if ffn:
                     p["ffn"] = order = torch.argsort(ffn_s[i], descending=True, stable=True)
                     if order.dim() == 2:  # experts: each expert's neurons ordered on their own
-                        _permute_experts(blk.get_submodule(_paths(blk, lay.ffn_out)[0]), order, log)
+                        _permute_experts(blk.get_submodule(_paths(blk, lay.ffn_out)[0]), order, log, optimizer)
                     else:
                         rows = torch.cat([order + c * order.numel() for c in range(lay.ffn_chunks)])  # [gate; up]
                         for path in _paths(blk, lay.ffn_out):
-                            _permute(blk.get_submodule(path), "out", rows, log)
+                            _permute(blk.get_submodule(path), "out", rows, log, optimizer)
                         for path in _paths(blk, lay.ffn_inp):
-                            _permute(blk.get_submodule(path), "inp", order, log)
+                            _permute(blk.get_submodule(path), "inp", order, log, optimizer)
                 if heads:
                     p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
-                                             lay.layout_of_qkv(model.config), log)
+                                             lay.layout_of_qkv(model.config), log, optimizer)
         half = any(q.is_floating_point() and q.dtype not in (torch.float32, torch.float64) for q in model.parameters())
         err = 0.0 if ref is None else rel_err(_outputs(nest, first, loss_fn), ref)
         if not err <= (5e-2 if half else 1e-4):  # half precision: a deep stack's rounding (bf16 ulp ~ 8e-3)
@@ -194,9 +205,9 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
         with torch.no_grad():
             for kind, m, *rest in reversed(log):
                 if kind == "experts":
-                    _permute_experts(m, torch.argsort(rest[0], dim=1), None)
+                    _permute_experts(m, torch.argsort(rest[0], dim=1), None, optimizer)
                 else:
-                    _permute(m, rest[0], torch.argsort(rest[1]), None)
+                    _permute(m, rest[0], torch.argsort(rest[1]), None, optimizer)
         if isinstance(e, Exception) and not isinstance(e, SortedNetError):
             raise SortedNetError(f"sort_by_importance cannot permute this {lay.family}-layout model "
                                  f"({type(e).__name__}: {e}); nothing was changed. Use ffn=False or heads=False for "
@@ -232,15 +243,19 @@ def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
     return [p for r in rels for p in glob_children(blk, r)]
 
 
-def _permute_experts(m: nn.Module, order: Tensor, log: list | None) -> None:
+def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = None) -> None:
     gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
     if order.shape[0] != gu.shape[0] or 2 * order.shape[1] != gu.shape[1] or order.shape[1] != down.shape[2]:
         raise SortedNetError(f"sort_by_importance: expert order {tuple(order.shape)} does not fit "
                              f"{type(m).__name__} {tuple(gu.shape)} / {tuple(down.shape)}")
+    gus = [c for c in _companions(gu, opt) if c.shape[1] == gu.shape[1]]   # (+ .grad, optimizer state)
+    downs = [c for c in _companions(down, opt) if c.shape[2] == down.shape[2]]
     for e, o in enumerate(order):
         rows = torch.cat([o, o + o.numel()]).to(gu.device)  # [gate; up]: the same order in both halves
-        gu.data[e].copy_(gu.data[e].index_select(0, rows))
-        down.data[e].copy_(down.data[e].index_select(1, o.to(down.device)))
+        for c in gus:
+            c.data[e].copy_(c.data[e].index_select(0, rows))
+        for c in downs:
+            c.data[e].copy_(c.data[e].index_select(1, o.to(c.device)))
     if log is not None:
         log.append(("experts", m, order))
 
@@ -266,7 +281,8 @@ def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -
                              "or heads=False where that avoids it, or permute the units yourself")
 
 
-def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | None, log: list) -> Tensor:
+def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | None, log: list,
+                opt: Any = None) -> Tensor:
     """Permute whole heads (whole key/value groups with GQA); returns the query-head order."""
     H = score.numel()
     by_group = score.reshape(H // group, group)
@@ -277,14 +293,15 @@ def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | N
     d = Slicer.tensor(o, "weight").shape[_axes(o)[1]] // H
     q_idx = _expand(q_order, d)
     if isinstance(lay.qkv, str) and layout == "interleaved":  # per head [q_h; k_h; v_h]: move whole 3d blocks
-        _permute(attn.get_submodule(lay.qkv), "out", _expand(q_order, 3 * d), log)
+        _permute(attn.get_submodule(lay.qkv), "out", _expand(q_order, 3 * d), log, opt)
     elif isinstance(lay.qkv, str):  # fused [q; k; v] along the output axis (k, v with H / group heads)
         E, kv_idx = H * d, _expand(g_order, d) if group > 1 else q_idx
-        _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, kv_idx + E, kv_idx + E + E // group]), log)
+        _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, kv_idx + E, kv_idx + E + E // group]), log,
+                 opt)
     else:
-        _permute(attn.get_submodule(lay.qkv[0]), "out", q_idx, log)
+        _permute(attn.get_submodule(lay.qkv[0]), "out", q_idx, log, opt)
         kv_idx = _expand(g_order, d) if group > 1 else q_idx
         for name in lay.qkv[1:]:
-            _permute(attn.get_submodule(name), "out", kv_idx, log)
-    _permute(o, "inp", q_idx, log)
+            _permute(attn.get_submodule(name), "out", kv_idx, log, opt)
+    _permute(o, "inp", q_idx, log, opt)
     return q_order
