@@ -217,3 +217,27 @@ def test_a_wrapped_model_is_freed_with_its_last_reference(how, kind):
     assert [(a() is None, b() is None) for a, b in refs] == [(True, True)] * 5
     assert (len(wrap_mod._GUARDED), len(base._SUBCLASSES), len(contextvars.copy_context())) == \
         (guarded, classes, context)
+
+
+def test_a_deep_copy_kept_after_unwrap_does_not_keep_the_original_alive():
+    """An EMA / teacher copy shares the nest's run-time pin (it follows the same sub-model); the pin held the
+    nest's module guards and its error-note method strongly, so after ``nest.unwrap()`` a kept copy still held the
+    original model and all its weights. Both are weak now: after unwrap (or unwrap_copy) only the copy remains."""
+    import copy
+    import gc
+    import weakref
+
+    for how in ("unwrap", "unwrap_copy"):
+        m = _leak_model("stock")
+        nest = sn.wrap(m, sn.Width("h", [8, 32], out=["0", "2.*"], inp=["2.*", "3"]))
+        ema = copy.deepcopy(m)
+        with nest.use("h=8"):
+            small = ema[0](torch.randn(2, 8))
+        getattr(nest, how)(*(() if how == "unwrap" else (ema,)))
+        if how == "unwrap_copy":
+            nest.unwrap()
+        weight = weakref.ref(m[0]._parameters["weight"])
+        del m, nest
+        gc.collect()
+        assert weight() is None, how
+        assert small.shape == (2, 8) and ema[0](torch.randn(2, 8)).shape == (2, 32)

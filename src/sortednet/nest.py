@@ -108,7 +108,7 @@ class Nest:
         try:
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
             self._pin = pin = Pin(self._state)
-            pin.note = self._failure_note
+            pin.note = weakref.WeakMethod(self._failure_note)
             hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
             hooks += install_guards(model, self._state, self.dims)  # (Hugging Face) a cache another sub-model
             # filled is continued only where it is exact
@@ -201,8 +201,9 @@ class Nest:
         or one above it replaced, a block added to a Depth layer list): the live sub-models would run another
         model silently (see :func:`~sortednet.wrap.guard_tree`)."""
         unguard_tree(getattr(self, "_guards", None))
-        self._guards = self._pin.guards = guard_tree(
+        self._guards = guard_tree(
             self.model, self._sliced, {p: m for p, m in self._sliced.items() if "depth" in m._sn.bind})
+        self._pin.guards = weakref.ref(self._guards)
 
     def _count_tensors(self) -> None:
         """(Re)build what counts parameters by object: the owner of each sliced tensor and the counter, then
@@ -825,7 +826,7 @@ class Nest:
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
         unwrap_modules(self._sliced.values(), self._hooks, merge=merge)
         unguard_tree(self._guards)
-        self._pin.guards = None  # (deep copies keep the pin: they no longer check the user's model)
+        self._pin.guards = self._pin.note = None  # (deep copies keep the pin: they no longer check the user's model)
         for d in self.dims:
             d._nest = None
         self._state.default = full  # deep copies of the model (EMA / teacher) still follow it: the full model

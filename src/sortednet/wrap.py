@@ -8,7 +8,7 @@ import sys
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -367,9 +367,11 @@ class Pin:
 
     def __init__(self, active: Any) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
-        self.guards: Guards | None = None  # the nest's module tree: its containers' child counts are checked
-        # what to add to an error the forward raises under a sub-model (a note, the error itself unchanged)
-        self.note: Callable[[Any], str | None] | None = None
+        # weakly (deep copies of the model share this pin: it must not keep the original alive), the nest's
+        # module tree, whose containers' child counts are checked, and what adds a note to an error a forward
+        # raises under a sub-model (the error itself unchanged)
+        self.guards: weakref.ref[Guards] | None = None
+        self.note: weakref.WeakMethod | None = None
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -396,8 +398,9 @@ class Pin:
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
             return
-        if self.guards is not None:
-            self.guards.check_counts()  # (a few len() calls: insert / pop / del reach no registration hook)
+        g = self.guards() if self.guards is not None else None
+        if g is not None:
+            g.check_counts()  # (a few len() calls: insert / pop / del reach no registration hook)
         a = self.active
         stack = self._stack()
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
@@ -429,14 +432,15 @@ class Pin:
         it started): a raw shape error of an unchecked wiring then points at ``nest.check``. The error's type
         and message stay as they are."""
         err = sys.exc_info()[1]
-        if (err is None or err is before or self.note is None or isinstance(err, SortedNetError)
+        note = self.note() if self.note is not None else None
+        if (err is None or err is before or note is None or isinstance(err, SortedNetError)
                 or not isinstance(err, (RuntimeError, ValueError, IndexError, AssertionError))
                 or not hasattr(err, "add_note")):
             return
         a = self.active
         p = a._scoped  # (Active.plan() without its checkpoint side effect)
         try:
-            text = self.note((a.default if p is a else p).sub)
+            text = note((a.default if p is a else p).sub)
         except Exception:
             return
         if text and text not in getattr(err, "__notes__", ()):
