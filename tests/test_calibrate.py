@@ -339,3 +339,67 @@ def test_in_place_writes_are_seen_after_inference_mode_or_a_dtype_change(how):
         model.b1.running_mean.zero_()
         with pytest.raises(sn.SortedNetError, match="changed in place"):
             model(x)
+
+
+class _DepthThenBN(nn.Module):
+    """A stem BatchNorm ahead of every sliced layer, residual blocks under a Depth, then a BatchNorm after the
+    stack whose channel count no dimension changes (it cannot be under any norm=)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn_in = nn.Linear(6, 8), nn.BatchNorm1d(6)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+                                    for _ in range(3))
+        self.bn_out, self.head = nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stem(self.bn_in(x))
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(self.bn_out(x))
+
+
+def test_calibrate_names_an_unsliced_batchnorm_whose_inputs_differ_between_sub_models():
+    """A BatchNorm after a Depth stack sees other inputs at every depth but keeps the full model's statistics:
+    calibrate left it uncalibrated without a word (logits 0.8 off a recalibrated export). It is named in a
+    warning; a BatchNorm whose inputs no sub-model changes (the stem's) is not."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = _DepthThenBN().eval()
+    nest = sn.wrap(m, sn.Width("w", [8, 16], out="blocks.*.0", norm="blocks.*.1", inp="blocks.*.3"),
+                   sn.Depth("d", [1, 3], layers="blocks"))
+    batches = [torch.randn(32, 6) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"\['bn_out'\] are in no dimension's norm=") as got:
+        nest.calibrate(batches, batches=2)
+    assert not any("bn_in" in str(w.message) for w in got)
+    nest.unwrap()
+    nest = sn.wrap(m, sn.Width("w", [8, 16], out="blocks.*.0", norm="blocks.*.1", inp="blocks.*.3"))
+    with pytest.warns(UserWarning, match=r"\['bn_out'\]"):  # widths inside the blocks: bn_out's inputs change too
+        nest.calibrate(batches, batches=2)
+    stem = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    nest = sn.wrap(stem, sn.Width("h", [8, 16], out="1", norm="2", inp="4"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stem BatchNorm's inputs are the same for every sub-model: no warning
+        nest.calibrate(batches, batches=2)
+
+
+@pytest.mark.parametrize("value", ["other", "same"])
+def test_assigning_a_running_statistic_after_calibrating_drops_that_modules_calibration(value):
+    """``bn.running_mean = tensor`` after calibrating changed the state_dict but eval and export still read the
+    calibrated statistics; assigning other values now drops the module's calibration (as load_state_dict does),
+    the same values keep it."""
+    m, dims = bnnet()
+    nest = sn.wrap(m, *dims)
+    nest.calibrate(data(), batches=4)
+    before = m.b1._buffers["running_mean"].clone()  # (the shared buffer: m.b1.running_mean reads the calibration)
+    new = torch.full_like(before, 5.0) if value == "other" else before.clone()
+    m.b1.running_mean = new
+    assert (m.b1._sn.norm is None) == (value == "other") and m.b2._sn.norm is not None
+    with nest.use("a=4,b=12"), torch.no_grad():
+        live = m.b1.running_mean.clone()
+    exported = nest.export("a=4,b=12").b1.running_mean
+    if value == "other":
+        assert torch.equal(live, new[:4]) and torch.equal(exported, new[:4])
+    else:
+        assert torch.equal(live, exported)

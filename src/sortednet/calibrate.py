@@ -17,6 +17,7 @@ recalibrated; other BatchNorm modules keep their shared statistics.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections.abc import Iterable
@@ -85,7 +86,9 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     bns = batchnorms(nest)
     if not bns:
         raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "
-                             "list BatchNorm layers under norm= of a Width")
+                             "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
+                             "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
+                             "every sub-model)")
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise SortedNetError(f"calibrate(): batches must be an int >= 1, got {batches!r}")
     if isinstance(subs, (str, bytes)) or isinstance(subs, dict):
@@ -109,12 +112,20 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     results: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {m: {} for m in bns.values()}
     # on a private eval-mode view sharing every weight: its BatchNorm copies alone go to training mode,
     # with their own momentum, statistics and counters, so no thread sees a mode or statistic change
+    sliced = {id(m) for m in bns.values()}
+    others = {p: m for p, m in nest.model.named_modules() if isinstance(m, _BatchNorm)
+              and m.track_running_stats and id(m) not in sliced}
+    seen: dict[str, list[Tensor]] = {p: [] for p in others}  # per sub-model: the mean input of unsliced ones
     with eval_mode(nest, own_state=bns.values()) as (view, copies):
         pairs = [(m, copies[id(m)]) for m in bns.values()]
         for _, c in pairs:
             c.train()
             c.momentum = None  # cumulative average over the batches
+        for p, m in others.items():  # (hooks on the private view's copies: the user's modules are untouched)
+            copies[id(m)].register_forward_pre_hook(functools.partial(_record, seen[p]))
         for sub in todo:
+            for v in seen.values():
+                v.append(None)
             with nest.use(sub), torch.no_grad():
                 for m, c in pairs:
                     n, ref = c.num_features, m.__dict__["_buffers"]["running_mean"]
@@ -135,7 +146,34 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     for m, stats in results.items():
         old = m._sn.norm.stats if m._sn.norm is not None else {}
         m._sn.norm = NormStats(nest.dims, {**old, **stats})  # one assignment: readers see old or new
+    moved = [p for p, v in seen.items() if _differ([t for t in v if t is not None])]
+    if moved:
+        warnings.warn(f"calibrate(): the BatchNorm layers {moved[:3]}{' ...' if len(moved) > 3 else ''} are in no "
+                      "dimension's norm=, but their inputs differ between the sub-models calibrated (a Depth, or a "
+                      "width upstream that reaches them through a layer of fixed size, changes them): they keep one "
+                      "set of running statistics, the full model's, for every sub-model, so a sub-model's eval "
+                      "output and export are not calibrated there", stacklevel=3)
     return todo
+
+
+def _record(into: list, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: add the per-channel mean and mean square of the input to ``into[-1]``."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
+        return
+    dims = [d for d in range(x.dim()) if d != 1]
+    xd = x.detach().double()
+    m = torch.stack([xd.mean(dims), xd.square().mean(dims)]).cpu()
+    into[-1] = m if into[-1] is None else into[-1] + m
+
+
+def _differ(means: list[Tensor]) -> bool:
+    """Do these per-sub-model input moments differ beyond rounding (relative to the inputs' scale)?"""
+    if len(means) < 2 or any(m.shape != means[0].shape for m in means):
+        return False
+    a = torch.stack(means)                                # (sub-models, [mean, mean square], channels)
+    ms = a[:, 1].clamp_min(0).max() + 1e-24              # the inputs' largest mean square
+    return bool((a[:, 0] - a[:1, 0]).abs().max() / ms.sqrt() > 1e-4 or (a[:, 1] - a[:1, 1]).abs().max() / ms > 1e-4)
 
 
 def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:

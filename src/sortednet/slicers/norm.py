@@ -110,6 +110,9 @@ def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor |
     return own
 
 
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @slicer(nn.LayerNorm, *_RMS)
 class LayerNormSlicer(Slicer):
     roles = ("norm",)
@@ -191,7 +194,20 @@ class BatchNormSlicer(Slicer):
             self_.__dict__["_sn"].norm = None
             base.reset_running_stats(self_)
 
-        return {**super().namespace(m, names), "reset_running_stats": reset_running_stats}
+        def __setattr__(self_: nn.Module, name: str, value: Any) -> None:
+            """``module.running_mean = tensor`` (plain PyTorch's way to replace a statistic) drops this module's
+            calibrated statistics when it changes a value, as ``load_state_dict`` does: eval mode read them
+            instead of the buffer, so the assignment was silently ignored."""
+            st = self_.__dict__.get("_sn")
+            old = self_.__dict__["_buffers"].get(name) if name in _STATS else None
+            base.__setattr__(self_, name, value)  # (PyTorch's checks and sortednet's first)
+            if (old is not None and st is not None and st.norm is not None and st.norm.override is None
+                    and value is not old and not (isinstance(value, Tensor) and value.shape == old.shape
+                                                  and torch.equal(value.detach().to(old.device, old.dtype), old))):
+                st.norm = None
+
+        return {**super().namespace(m, names), "reset_running_stats": reset_running_stats,
+                "__setattr__": __setattr__}
 
     def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
         copy_ = super().export(live, copy_)
