@@ -954,3 +954,28 @@ def test_a_whole_model_compiled_decode_loop_continues_its_cache():
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             with pytest.raises(sn.SortedNetError, match="did not see computed"):  # eager: no record to trust
                 model(input_ids=nxt, **{KV: out.cache if hasattr(out, "cache") else out.past_key_values})
+
+
+def test_nest_compile_checks_the_cache_as_eager_does():
+    """``nest.compile()`` continued a cache another sub-model filled (the root's cache check returns at once
+    inside the graph): a silent mix of two models. Its wrapper now runs the check eagerly around the compiled
+    call: refused as in eager, and its own decode loop (prefill, then one token) continues and is exact."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    nest = sn.from_transformers(model, ffn=[24], heads=[2], depth=[2])
+    step = nest.compile(backend="eager")
+    x, nxt = ids(b=1, t=6), ids(seed=2, b=1, t=1)
+    other = nest.resolve({"ffn": 24, "heads": 4, "depth": 4}) if nest.largest["ffn"] != 24 else nest.smallest
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            with nest.use(nest.largest):
+                out = model(input_ids=x, use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            with nest.use(other), pytest.raises(sn.SortedNetError, match="computed by sub-model"):
+                step(input_ids=nxt, **{KV: cache}, use_cache=True)
+            with nest.use(nest.largest):
+                want = model(input_ids=torch.cat([x, nxt], 1)).logits[0, -1]
+                out = step(input_ids=x, use_cache=True)
+                got = step(input_ids=nxt, **{KV: out.cache if hasattr(out, "cache") else out.past_key_values},
+                           use_cache=True).logits[0, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

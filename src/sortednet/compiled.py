@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import SortedNetError
+from .kvcache import CacheGuard
 from .views import View
 
 if TYPE_CHECKING:
@@ -99,11 +100,21 @@ class Compiled:
         return self._call(args, kwargs)
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
+        # the key/value cache check of the root (a forward pre-hook, which returns at once inside the graph):
+        # run eagerly around the compiled call, so a cache another sub-model filled is refused as in eager
+        model = self.nest.model
+        guards = [h for h in model._forward_pre_hooks.values() if isinstance(h, CacheGuard)]
+        for g in guards:
+            g(model, args, kwargs)
         if not torch.is_grad_enabled():  # no gradient to place: slicing inside the graph is as fast
-            return self._compiled({}, args, kwargs)  # (measured), and needs no lock
-        with self._lock:
-            params = {key: getattr(m, name) for key, m, name in self._targets}
-            return self._compiled(params, args, kwargs)
+            out = self._compiled({}, args, kwargs)  # (measured), and needs no lock
+        else:
+            with self._lock:
+                params = {key: getattr(m, name) for key, m, name in self._targets}
+                out = self._compiled(params, args, kwargs)
+        for g in guards:
+            g.made(model, args, kwargs, out)
+        return out
 
     def __repr__(self) -> str:
         return f"Compiled({len(self._targets)} sliced parameters as graph inputs)"
