@@ -384,16 +384,16 @@ def test_calibrate_names_an_unsliced_batchnorm_whose_inputs_differ_between_sub_m
         nest.calibrate(batches, batches=2)
 
 
-@pytest.mark.parametrize("value", ["other", "same"])
+@pytest.mark.parametrize("value", ["other", "same", "read"])
 def test_assigning_a_running_statistic_after_calibrating_drops_that_modules_calibration(value):
     """``bn.running_mean = tensor`` after calibrating changed the state_dict but eval and export still read the
     calibrated statistics; assigning other values now drops the module's calibration (as load_state_dict does),
-    the same values keep it."""
+    the buffer's own values, or what eval reads (``m.x = m.x``), keep it."""
     m, dims = bnnet()
     nest = sn.wrap(m, *dims)
     nest.calibrate(data(), batches=4)
     before = m.b1._buffers["running_mean"].clone()  # (the shared buffer: m.b1.running_mean reads the calibration)
-    new = torch.full_like(before, 5.0) if value == "other" else before.clone()
+    new = {"other": torch.full_like(before, 5.0), "same": before.clone(), "read": m.b1.running_mean}[value]
     m.b1.running_mean = new
     assert (m.b1._sn.norm is None) == (value == "other") and m.b2._sn.norm is not None
     with nest.use("a=4,b=12"), torch.no_grad():

@@ -4,8 +4,8 @@
 training mode (dropout off; training-only branches such as auxiliary heads
 must be wired too), each dimension alone at its smallest size, each depth below full with each other
 dimension at its smallest, the smallest and the largest sub-model and a few mixed ones; their outputs must
-keep the full model's shapes (a lower depth may return fewer per-layer states, fewer heads shorter
-attention maps) and
+keep the full model's shapes (a lower depth those of the full widths at that depth, fewer heads may
+shorten attention maps) and
 ``export`` of the smallest must equal its live output. When one fails, the
 wiring is compared with the coupled groups found by :mod:`sortednet.coupling`
 and the error names the dimension, the module path and the role (``out=``,
@@ -565,44 +565,29 @@ def _tolerance(nest: Nest) -> float:
     return 1e-1 if half else 1e-3  # half precision: the rounding a deep stack accumulates
 
 
-def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Callable[[SubModel], list]:
+def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Callable[..., list]:
     """The output shapes a sub-model must give: the full model's (``want``), or, when its depths differ, those
     of the full widths at its depths (a model returning one hidden state per layer returns fewer; a width or
     head count must change nothing). Each depth combination is run once, listed in the nest or not."""
     depths = [d for d in nest.dims if d.kind == "depth"]
     cache: dict[tuple, list] = {}
 
-    def at(sub: SubModel) -> list:
+    def at(sub: SubModel, got: list | None = None) -> list:
+        """(``got``: the shapes ``sub`` gave; a sub-model at full widths is its depth's reference itself.)"""
         key = tuple(sub[d.name] for d in depths)
         if all(k == d.full for k, d in zip(key, depths)):
             return want
+        if got is not None and key not in cache and all(sub[d.name] == d.full for d in nest.dims
+                                                       if d.kind != "depth"):
+            cache[key] = got
         if key not in cache:
             ref = SubModel({d.name: d.full for d in nest.dims}).replace(**dict(zip((d.name for d in depths), key)))
             with Use(nest._state, nest._plans.build(ref)):  # (uncached: a restricted nest may not list it)
                 got = shapes()
-            stray = [g for g in got if isinstance(g, tuple) and not any(_fewer_on_one_axis(g, w) for w in want)]
-            if stray:
-                dropped = ", ".join(f"{d.name!r} at {k}" for k, d in zip(key, depths) if k != d.full)
-                raise SortedNetError(
-                    f"nest.check: depth {dropped} changes the output shapes from {want} to {got}: the layers it "
-                    f"drops include the network's output layers (a head or classifier inside the depth's layer "
-                    "list), so that sub-model returns an intermediate state, not the model's output; keep "
-                    "the output layers out of the layers Depth truncates")
             cache[key] = got
         return cache[key]
 
     return at
-
-
-def _fewer_on_one_axis(got: tuple, want: Any) -> bool:
-    """``got`` is one of the full model's output shapes ``want``, or smaller than it on one axis only: per-layer
-    states stacked or concatenated on any axis (with an embedding state, a final one, two per layer, two
-    towers' states together). A larger size, another axis or another rank is an intermediate state returned
-    in place of the output."""
-    if not isinstance(want, tuple) or len(got) != len(want):
-        return False
-    diff = [(w, g) for w, g in zip(want, got) if w != g]
-    return not diff or (len(diff) == 1 and diff[0][1] < diff[0][0])
 
 
 def _same_but_heads(nest: Nest, sub: SubModel, got: list, ref: list) -> bool:
@@ -627,7 +612,7 @@ def _shapes(x: Any) -> list:
     return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output_leaves(x)]
 
 
-def _plan(nest: Nest, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
+def _plan(nest: Nest, mixed: int, seed: int, every_depth: bool = True) -> list[tuple[SubModel, str]]:
     """(sub-model, what it tests), among the nest's listed sub-models: each dimension at its smallest with
     as many others as possible at full size, the smallest, the largest and a few mixed ones."""
     subs = nest.submodels
@@ -644,11 +629,13 @@ def _plan(nest: Nest, mixed: int, seed: int) -> list[tuple[SubModel, str]]:
     # the stream, skipped): each depth below full with each other dimension at its smallest, the rest as full as
     # listed, so two widths meeting only there differ (the smallest sub-model can match them by coincidence)
     for dd in (d for d in nest.dims if d.kind == "depth"):
-        for size in dd.sizes[:-1]:  # every depth (a middle block may re-size the stream), then with each other
-            cands = [s for s in pool if s[dd.name] == size]  # dimension at its smallest
-            if cands:
+        for size in dd.sizes[:-1]:  # every depth (a middle block may re-size the stream), and the shallowest and
+            cands = [s for s in pool if s[dd.name] == size]  # deepest below full with each other dimension at
+            if cands and (every_depth or size == dd.sizes[0]):  # its smallest
                 best = max(cands, key=lambda s: sum(s[e.name] == e.full for e in nest.dims))
                 out.append((best, f"depth {dd.name!r} at {size}"))
+            if size not in (dd.sizes[0], dd.sizes[-2]):
+                continue
             for w in (e for e in nest.dims if e is not dd and len(e.sizes) > 1):
                 cands = [s for s in pool if s[dd.name] == size and s[w.name] == w.sizes[0]]
                 if cands:
@@ -723,14 +710,14 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> Non
             return _shapes(call_model(view, example))
 
     at_depth = _reference_shapes(nest, shapes, want)
-    for sub, what in _plan(nest, mixed, seed):
+    for sub, what in _plan(nest, mixed, seed, every_depth=False):  # (every depth ran in eval mode already)
         try:
             got = run(sub)
         except Exception as e:
             raise _fail(nest, view, example, f"{what} in training mode", sub, f"fails: {type(e).__name__}: {e} "
                         "(a module that runs only in training, e.g. an auxiliary head, reads sliced features "
                         "without being in the dimension)") from e
-        if got != at_depth(sub) and not _same_but_heads(nest, sub, got, at_depth(sub)):
+        if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
             raise _fail(nest, view, example, f"{what} in training mode", sub,
                         f"changes the output shapes from {want} to {got}")
 
@@ -776,7 +763,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     got = _shapes(call_model(model, example))
                 except Exception as e:
                     raise _fail(nest, model, example, what, sub, f"fails: {type(e).__name__}: {e}") from e
-            if got != at_depth(sub) and not _same_but_heads(nest, sub, got, at_depth(sub)):
+            if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         _check_size_two(nest, model, example, want)

@@ -908,8 +908,8 @@ class Nest:
         if self._checked:
             return f"(sortednet: raised while running sub-model {sub})"
         return (f"(sortednet: raised while running sub-model {sub}, below the full model. The nest was wrapped "
-                "without an example, so its wiring is unchecked: if the full model runs on this input, "
-                "nest.check(example) names the dimension, module and binding that is missing)")
+                "without an example, so its wiring is unchecked: if this is a shape error the full model does not "
+                "raise on this input, nest.check(example) names the dimension, module and binding that is missing)")
 
     def check(self, example: Any, *, mixed: int = 3) -> None:
         """Dry-run sub-models on ``example`` (each dimension at its smallest, smallest, largest, ``mixed``

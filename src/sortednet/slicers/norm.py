@@ -200,11 +200,13 @@ class BatchNormSlicer(Slicer):
             instead of the buffer, so the assignment was silently ignored."""
             st = self_.__dict__.get("_sn")
             old = self_.__dict__["_buffers"].get(name) if name in _STATS else None
+            calibrated = old is not None and st is not None and st.norm is not None and st.norm.override is None
+            read = getattr(self_, name) if calibrated else None  # (what eval reads now: the calibrated statistic)
             base.__setattr__(self_, name, value)  # (PyTorch's checks and sortednet's first)
-            if (old is not None and st is not None and st.norm is not None and st.norm.override is None
-                    and value is not old and not (isinstance(value, Tensor) and value.shape == old.shape
-                                                  and torch.equal(value.detach().to(old.device, old.dtype), old))):
-                st.norm = None
+            if calibrated and value is not old and not any(
+                    isinstance(value, Tensor) and isinstance(t, Tensor) and value.shape == t.shape
+                    and torch.equal(value.detach().to(t.device, t.dtype), t.detach()) for t in (old, read)):
+                st.norm = None  # (the buffer's values, or what eval reads, written back: m.x = m.x keeps it)
 
         return {**super().namespace(m, names), "reset_running_stats": reset_running_stats,
                 "__setattr__": __setattr__}
