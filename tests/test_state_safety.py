@@ -481,7 +481,7 @@ class _Symmetric(nn.Module):
 
 @pytest.mark.parametrize("inside", [None, "h1=8,h2=4"], ids=["full", "inside_use"])
 @pytest.mark.parametrize("how", ["parametrize", "right_inverse", "right_inverse_imported", "orthogonal",
-                                 "weight_norm", "spectral_norm", "prune", "bias"])
+                                 "weight_norm", "spectral_norm", "prune", "bias", "set_none", "bias_none"])
 def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how, inside):
     from torch.nn.utils.parametrize import register_parametrization  # bound after sortednet's import
 
@@ -499,8 +499,10 @@ def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how,
              "weight_norm": lambda: torch.nn.utils.parametrizations.weight_norm(m[2]),
              "spectral_norm": lambda: torch.nn.utils.parametrizations.spectral_norm(m[2]),
              "prune": lambda: prune.l1_unstructured(m[2], "weight", amount=0.5),
+             "set_none": lambda: setattr(m[2], "weight", None),
+             "bias_none": lambda: setattr(m[2], "bias", None),
              "bias": lambda: reg(m[2], "bias", nn.Identity())}[how]
-    name = "bias" if how == "bias" else "weight"
+    name = "bias" if how in ("bias", "bias_none") else "weight"
     with pytest.raises(sn.SortedNetError, match=f"2.{name} is (sliced by sortednet|read through sortednet)"):
         with nest.use(inside) if inside else contextlib.nullcontext():
             apply()
@@ -509,6 +511,31 @@ def test_reparametrizing_a_sliced_weight_is_refused_before_anything_changes(how,
         torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-6)
     nest.unwrap()
     apply()   # the plain model: as PyTorch does
+
+
+def test_global_pruning_that_reaches_a_sliced_weight_prunes_nothing():
+    """``prune.global_unstructured`` prunes its tensors one after another: the refusal at the sliced weight came
+    after the unsliced layer listed before it was pruned (a model left half-pruned, its outputs changed)."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = m(x)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"0\.weight is sliced by sortednet"):
+        prune.global_unstructured([(m[4], "weight"), (m[0], "weight")], pruning_method=prune.L1Unstructured,
+                                  amount=0.5)
+    assert_unchanged(m, before)
+    assert not m[4]._forward_pre_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-6)
+    nest.unwrap()
+    prune.global_unstructured(iter([(m[4], "weight"), (m[0], "weight")]), pruning_method=prune.L1Unstructured,
+                              amount=0.5)  # the plain model, an iterator: as PyTorch does
+    assert hasattr(m[0], "weight_mask") and hasattr(m[4], "weight_mask")
 
 
 def test_a_sliced_parameter_replaced_by_another_shape_is_refused_before_anything_changes():

@@ -500,6 +500,8 @@ def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
     def register_parameter(self: nn.Module, name: str, param: Any) -> None:
         st = self.__dict__.get("_sn")
         old = self._parameters.get(name) if st is not None and name in names else None
+        if old is not None and param is None:  # (module.weight = None: the sliced parameter removed)
+            refuse_removal(self, name)
         if old is not None and param is not None and tuple(param.shape) != tuple(old.shape):
             raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet: it cannot be "
                                  f"replaced by a parameter of another shape ({tuple(param.shape)} for "
@@ -578,3 +580,31 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
 
 _guard_parametrize()
 _guard_weight_norm()
+
+
+def _guard_global_prune() -> None:
+    """Check every ``(module, name)`` of ``torch.nn.utils.prune.global_unstructured`` before it prunes any:
+    it prunes them one after another, so a refusal at a sliced tensor came after the modules listed before it
+    were pruned (a model left half-pruned). Wraps the module attribute, once per process, at import."""
+    try:
+        from torch.nn.utils import prune
+
+        original = prune.global_unstructured
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "_sn_guard", False):
+        return
+
+    @functools.wraps(original)
+    def global_unstructured(parameters: Any, *args: Any, **kwargs: Any) -> Any:
+        parameters = list(parameters)  # (an iterator would be spent by the check)
+        for item in parameters:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str):
+                refuse_removal(*item)
+        return original(parameters, *args, **kwargs)
+
+    global_unstructured._sn_guard = True  # type: ignore[attr-defined]
+    prune.global_unstructured = global_unstructured
+
+
+_guard_global_prune()
