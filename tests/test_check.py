@@ -1167,3 +1167,18 @@ def test_a_raw_error_under_an_unchecked_sub_model_gets_a_note_pointing_at_check(
         with checked.use(checked.smallest):
             checked.model(torch.randn(3, 5))
     assert e.value.__notes__ == ["(sortednet: raised while running sub-model h=4)"]
+
+
+def test_a_meta_model_or_example_is_refused_by_check_not_a_raw_error():
+    """``wrap(meta_model, ..., example=meta_x)`` leaked PyTorch's NotImplementedError (``aten::equal`` on Meta)."""
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="meta device"):
+        sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"), example=torch.empty(3, 4, device="meta"))
+    assert_unchanged(m, before)
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))  # without an example: as documented
+    m.to_empty(device="cpu")
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    nest.check(torch.randn(3, 4))

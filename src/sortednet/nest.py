@@ -921,6 +921,13 @@ class Nest:
             raise SortedNetError(f"check(mixed=...) takes the number of random mixed sub-models, an int >= 0, got "
                                  f"{mixed!r}")
         self._check_structure("check")
+        from .coupling_ops import leaves
+
+        if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())) or any(
+                isinstance(t, torch.Tensor) and t.is_meta for t in leaves(example)):
+            raise SortedNetError("nest.check: the model or the example is on the meta device, where nothing can "
+                                 "run or be compared: wrap without example= and check once the weights are "
+                                 "materialised (model.to_empty(device=...) and their initialisation)")
         fresh = self._scored_on is not None and self._weights_key() == self._scored_on
         try:
             check(self, example, mixed=mixed)
