@@ -33,8 +33,17 @@ def _legacy_weight_norm(m):
         nn.utils.weight_norm(m[0])
 
 
+def _weight_drop(m):
+    """AWD-LSTM's WeightDrop: ``weight`` moved to ``weight_raw``, set by a pre-hook at every forward (never run
+    yet: the module has no ``weight`` at all; wrap accepted it and export built a model that could not run)."""
+    w = m[0]._parameters.pop("weight")
+    m[0].register_parameter("weight_raw", nn.Parameter(w.data))
+    m[0].register_forward_pre_hook(lambda mod, inp: setattr(mod, "weight", mod.weight_raw * 1.0))
+
+
 @pytest.mark.parametrize("apply, needle", [(_weight_norm, "parametrized"), (_spectral_norm, "parametrized"),
-                                           (_legacy_weight_norm, "no parameter or buffer 'weight'")])
+                                           (_legacy_weight_norm, "no parameter or buffer 'weight'"),
+                                           (_weight_drop, "no parameter or buffer 'weight'")])
 def test_computed_weights_are_refused_and_the_model_kept(apply, needle):
     torch.manual_seed(0)
     m = _mlp()
@@ -78,6 +87,19 @@ class _Locked(nn.Module):
 
     def forward(self, x):
         return self.fc(x)
+
+
+def test_a_weight_a_hook_sets_at_every_forward_is_refused_before_the_first_forward_too():
+    """Before its first forward a WeightDrop module has no ``weight`` at all: wrap accepted it, ``cost`` counted
+    ``weight_raw`` and ``export`` built a model that could not run."""
+    torch.manual_seed(0)
+    m = _mlp()
+    _weight_drop(m)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="'0' \\(Linear\\) has no 'weight' at all"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert_unchanged(m, before)
+    assert m(torch.randn(2, 4)).shape == (2, 3)
 
 
 def test_an_attribute_that_cannot_be_copied_is_named():
