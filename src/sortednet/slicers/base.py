@@ -231,8 +231,8 @@ class Slicer:
                 raise PatternError(f"{path!r} ({type(m).__name__}) has no parameter or buffer {name!r} to slice "
                                    "(a weight_norm / spectral_norm hook or other code computes it in every "
                                    "forward): remove that hook or leave the module out of the dimension")
-            if (isinstance(axes, tuple) and name not in added and name not in m._parameters
-                    and name not in m._buffers and name not in m.__dict__):
+            if (name == "weight" and isinstance(axes, tuple) and name not in added and name not in m._parameters
+                    and name not in m._buffers and name not in m.__dict__):  # (a bias may be absent: nn.RMSNorm)
                 raise PatternError(f"{path!r} ({type(m).__name__}) has no {name!r} at all (code such as a WeightDrop "
                                    "pre-hook sets it in every forward from another tensor): there is nothing to "
                                    "slice; leave the module out of the dimension")
