@@ -2,8 +2,9 @@
 
 ``nest.check(example)`` runs, without gradients, in eval mode and again in
 training mode (dropout off; training-only branches such as auxiliary heads
-must be wired too), each dimension alone at its smallest size, each depth below full with each other
-dimension at its smallest, the smallest and the largest sub-model and a few mixed ones; their outputs must
+must be wired too), each dimension alone at its smallest size, each depth below full (the shallowest and the
+deepest also with each other dimension at its smallest), the smallest and the largest sub-model and a few
+mixed ones; their outputs must
 keep the full model's shapes (a lower depth those of the full widths at that depth, fewer heads may
 shorten attention maps) and
 ``export`` of the smallest must equal its live output. When one fails, the
@@ -614,7 +615,9 @@ def _shapes(x: Any) -> list:
 
 def _plan(nest: Nest, mixed: int, seed: int, every_depth: bool = True) -> list[tuple[SubModel, str]]:
     """(sub-model, what it tests), among the nest's listed sub-models: each dimension at its smallest with
-    as many others as possible at full size, the smallest, the largest and a few mixed ones."""
+    as many others as possible at full size, the smallest, the largest, each depth below full (``every_depth``;
+    else the shallowest), the shallowest and deepest below full with each other dimension at its smallest, and a
+    few mixed ones."""
     subs = nest.submodels
     rng = random.Random(seed)
     pool = [subs[i] for i in (range(len(subs)) if len(subs) <= 4096 else sorted(rng.sample(range(len(subs)), 4096)))]
@@ -626,7 +629,7 @@ def _plan(nest: Nest, mixed: int, seed: int, every_depth: bool = True) -> list[t
             out.append((best, f"{d.kind} {d.name!r} at {d.sizes[0]}"))
     out += [(nest.smallest, "the smallest sub-model"), (nest.largest, "the largest sub-model")]
     # a depth that drops a block can hand the layers after it another dimension's width (a block that re-sizes
-    # the stream, skipped): each depth below full with each other dimension at its smallest, the rest as full as
+    # the stream, skipped): depths below full with each other dimension at its smallest, the rest as full as
     # listed, so two widths meeting only there differ (the smallest sub-model can match them by coincidence)
     for dd in (d for d in nest.dims if d.kind == "depth"):
         for size in dd.sizes[:-1]:  # every depth (a middle block may re-size the stream), and the shallowest and
