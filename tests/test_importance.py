@@ -351,3 +351,24 @@ def test_sort_by_importance_moves_gradients_and_optimizer_state_with_the_units()
     torch.testing.assert_close(finish(m, opt), finish(twin, topt), rtol=1e-4, atol=1e-4)
     with pytest.raises(sn.SortedNetError, match="optimizer= takes a torch.optim.Optimizer"):
         sn.sort_by_importance(nest, [ids], optimizer=object())
+
+
+@pytest.mark.parametrize("method", ["l1", "taylor"])
+def test_a_restricted_nest_without_the_full_model_is_sorted_against_the_full_model(method):
+    """sort_units verified (and scored) under ``nest.largest``: in a nest whose list leaves out the full model
+    that is a smaller sub-model, whose output a permutation legitimately changes, so every sort was refused as a
+    wiring mistake ("a module coupled to a dimension is not declared"; check passed)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    nest = sn.wrap(m, sn.Width("a", [8, 16, 32], out="0", inp="2"), sn.Width("b", [8, 16, 32], out="2", inp="4"),
+                   submodels=[{"a": 8, "b": 8}, {"a": 16, "b": 16}])
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with torch.no_grad():
+        ref = m(x)
+    w = m[0].weight.detach().clone()
+    orders = sort_units(nest, method, example=x, data=[(x, y)])
+    assert set(orders) == {"a@0", "b@2"} and not torch.equal(m[0].weight, w)  # units moved
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(sn.SortedNetError):  # the list still holds
+        nest.use("a=32,b=32").__enter__()

@@ -32,6 +32,8 @@ from .coupling import analyse
 from .coupling_ops import leaves
 from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
+from .plan import Use
+from .submodel import SubModel
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -98,7 +100,7 @@ def _groups(nest: Nest, example: Any) -> list[tuple[str, Any, list[_Bind], int]]
             by_dim.setdefault(b.dim.name, []).append(_Bind(path, m, role, b.unit, b.div, b.chunks))
     traced: dict[tuple[str, str], int] = {}
     if example is not None:
-        with nest.use(nest.largest):
+        with _at_full(nest):
             traced = analyse(nest.model, example).role_group
     out = []
     for d in nest.dims:
@@ -161,6 +163,12 @@ def _order(score: Tensor, block: int) -> Tensor:
     return (g[:, None] * block + within).reshape(-1)
 
 
+def _at_full(nest: Nest) -> Use:
+    """The full model in force: every dimension at its full size, also in a restricted nest whose list leaves it
+    out (its ``largest`` is then smaller, and a permutation changes which units its prefixes keep)."""
+    return Use(nest._state, nest._plans.build(SubModel({d.name: d.full for d in nest.dims})))
+
+
 def _loss(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return F.cross_entropy(model(batch[0]), batch[1])
@@ -181,7 +189,7 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
     acc: dict[tuple[str, str], Tensor] = {}
     n = 0
     try:
-        with dry_run(nest.model), nest.use(nest.largest), torch.enable_grad():
+        with dry_run(nest.model), _at_full(nest), torch.enable_grad():
             for batch in data:
                 for p in params:
                     p.grad = None
@@ -356,7 +364,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
 def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
           atol: float, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
     err = float("inf")
-    with dry_run(nest.model), torch.no_grad(), nest.use(nest.largest):
+    with dry_run(nest.model), torch.no_grad(), _at_full(nest):
         try:
             ref = _leaves(call_model(model, example))
         except Exception as e:
@@ -365,7 +373,7 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
     tview, _ = train_view(nest, running_stats=True)  # batch statistics of a small example magnify rounding
 
     def train_out(seed: int) -> list[Tensor]:
-        with dry_run(nest.model), seeded(seed), torch.no_grad(), nest.use(nest.largest):
+        with dry_run(nest.model), seeded(seed), torch.no_grad(), _at_full(nest):
             return _leaves(call_model(tview, example))
 
     try:  # training mode too (auxiliary heads, ...), when it is deterministic with dropout off
@@ -386,7 +394,7 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
         with torch.no_grad():
             try:
                 _apply(groups, orders, optimizer)
-                with dry_run(nest.model), nest.use(nest.largest):
+                with dry_run(nest.model), _at_full(nest):
                     got = _leaves(call_model(model, example))
                 err = rel_err(got, ref)
                 if err <= atol and ref_t is not None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError
-from ..importance import _check_state, _companions, rel_err
+from ..importance import _at_full, _check_state, _companions, rel_err
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
@@ -142,7 +142,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     n = 0
     try:
         # a private eval-mode view sharing every weight: other threads never see model.training flip
-        with nest.use(nest.largest), eval_mode(nest) as (view, _), torch.enable_grad():
+        with _at_full(nest), eval_mode(nest) as (view, _), torch.enable_grad():
             for batch in batches:
                 for p in model.parameters():
                     p.grad = None
@@ -225,7 +225,7 @@ def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> list[Tensor]:
     from ..modes import seeded
 
     seen: list[Any] = []
-    with nest.use(nest.largest), eval_mode(nest) as (view, _), torch.no_grad(), seeded(0):
+    with _at_full(nest), eval_mode(nest) as (view, _), torch.no_grad(), seeded(0):
         hook = view.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
         try:
             loss = (loss_fn or _default_loss)(view, copy.copy(batch) if isinstance(batch, Mapping) else batch)
