@@ -224,3 +224,25 @@ def test_incomplete_width_still_runs_when_shapes_agree():
     nest = sn.wrap(c.model, Width("o", [2, 5], out="fc3"))   # the model's output width nests: legitimate
     with nest.use("o=2"):
         assert nest(c.example).shape == (6, 2)
+
+
+@pytest.mark.parametrize("call", ["inplace_grad", "submodels", "plain", "merge"])
+def test_yes_no_options_and_the_submodel_list_refuse_values_of_another_type(call):
+    """A type fuzzer: ``wrap(inplace_grad='')`` / ``export(plain=2.5)`` / ``unwrap(merge=tensor)`` were read by
+    their truth (a tensor raised deep inside), ``wrap(submodels=True)`` raised a bare "not iterable"."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    dim = lambda: sn.Width("h", [4, 8], out="0", inp="2")  # noqa: E731
+    if call in ("inplace_grad", "submodels"):
+        for bad in ("", 2.5, torch.tensor([4, 8])) if call == "inplace_grad" else (True, 2.5, object()):
+            with pytest.raises(sn.SortedNetError, match=f"{call}"):
+                sn.wrap(m, dim(), **{call: bad})
+            assert type(m[0]) is torch.nn.Linear
+        sn.wrap(m, dim(), inplace_grad=np.bool_(False)).unwrap()
+        return
+    nest = sn.wrap(m, dim())
+    with pytest.raises(sn.SortedNetError, match=f"{call}=...\\) takes True or False"):
+        nest.export(plain=2.5) if call == "plain" else nest.unwrap(merge=torch.tensor([4, 8]))
+    assert type(m[0]) is not torch.nn.Linear  # still wrapped

@@ -103,6 +103,8 @@ class Nest:
             inplace_min_numel = _slicers.INPLACE_MIN_NUMEL
         if isinstance(inplace_min_numel, bool) or not isinstance(inplace_min_numel, int) or inplace_min_numel < 0:
             raise SortedNetError(f"inplace_min_numel must be an int >= 0, got {inplace_min_numel!r}")
+        _flag("wrap", "inplace_grad", inplace_grad)
+        inplace_grad = bool(inplace_grad)
         self._inplace_min_numel = inplace_min_numel
         hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
         try:
@@ -147,7 +149,7 @@ class Nest:
                                      "e.g. every dimension at the same ratio: sn.by_ratio(dims, ratios) "
                                      "(many dimensions, as sn.discover finds in a CNN, multiply fast)")
             return
-        if isinstance(submodels, (str, bytes, Mapping)):
+        if isinstance(submodels, (str, bytes, Mapping, torch.Tensor)) or not isinstance(submodels, Iterable):
             raise SortedNetError(f"submodels= takes a list of sub-models, got {type(submodels).__name__} "
                                  f"{submodels!r}; wrap it in a list")
         pos = [{v: i for i, v in enumerate(s)} for s in sizes]
@@ -803,6 +805,7 @@ class Nest:
                                  "sortednet.distributed.save(nest, path) on every rank, then in one process "
                                  "sn.load it into a fresh model and export there")
         new = export_submodel(self, sub)
+        _flag("export", "plain", plain)
         if plain:
             return new
         stale = getattr(new, "config", None) if hasattr(new, "save_pretrained") else None
@@ -822,6 +825,7 @@ class Nest:
         adapters; ``merge=True`` first bakes the largest rank into that weight
         (svd: ``U @ V``; lora: ``W0 + alpha / R * B @ A``). See docs/rank.md.
         """
+        _flag("unwrap", "merge", merge)
         self._check_alive()
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
         unwrap_modules(self._sliced.values(), self._hooks, merge=merge)
@@ -1021,3 +1025,9 @@ def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], flo
         return float(value)
 
     return checked
+
+
+def _flag(what: str, name: str, value: Any) -> None:
+    """Refuse a yes/no option that is not a bool (a string, a tensor, a number would be read by its truth)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise SortedNetError(f"{what}({name}=...) takes True or False, got {type(value).__name__} {value!r}")
