@@ -797,6 +797,7 @@ class Nest:
         SortedNetError when none can describe it; ``plain=True`` skips them
         (the copy then keeps the full model's config).
         """
+        _flag("export", "plain", plain)
         self._check_structure("export")
         sub = self.resolve(sub)
         if is_fsdp(self.model):
@@ -805,7 +806,6 @@ class Nest:
                                  "sortednet.distributed.save(nest, path) on every rank, then in one process "
                                  "sn.load it into a fresh model and export there")
         new = export_submodel(self, sub)
-        _flag("export", "plain", plain)
         if plain:
             return new
         stale = getattr(new, "config", None) if hasattr(new, "save_pretrained") else None
