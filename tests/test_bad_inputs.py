@@ -246,3 +246,10 @@ def test_yes_no_options_and_the_submodel_list_refuse_values_of_another_type(call
     with pytest.raises(sn.SortedNetError, match=f"{call}=...\\) takes True or False"):
         nest.export(plain=2.5) if call == "plain" else nest.unwrap(merge=torch.tensor([4, 8]))
     assert type(m[0]) is not torch.nn.Linear  # still wrapped
+    if call == "merge":  # unwrap_copy(merge="no") merged (a non-empty string is true)
+        copy = __import__("copy").deepcopy(m)
+        for bad in ("no", 0, None):
+            with pytest.raises(sn.SortedNetError, match="unwrap_copy\\(merge=...\\) takes True or False"):
+                nest.unwrap_copy(copy, merge=bad)
+            assert type(copy[0]) is not torch.nn.Linear
+        assert type(nest.unwrap_copy(copy, merge=False)[0]) is torch.nn.Linear

@@ -1169,6 +1169,22 @@ def test_a_raw_error_under_an_unchecked_sub_model_gets_a_note_pointing_at_check(
     assert e.value.__notes__ == ["(sortednet: raised while running sub-model h=4)"]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
+@pytest.mark.parametrize("how", ["wrap", "check"])
+def test_checks_own_refusal_does_not_tell_the_user_to_run_check(how):
+    """The raw error under check's own refusal (its ``__cause__``) carried the note for unchecked nests ("wrapped
+    without an example ... nest.check(example) names ..."), printed in the traceback of a user who had passed an
+    example or was running check: only the sub-model is named there."""
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    dim, x = sn.Width("h", [4, 8], out="0"), torch.randn(3, 4)  # inp="2" forgotten
+    with pytest.raises(sn.SortedNetError, match="h=4") as e:
+        if how == "wrap":
+            sn.wrap(m, dim, example=x)
+        else:
+            sn.wrap(m, dim).check(x)
+    assert e.value.__cause__.__notes__ == ["(sortednet: raised while running sub-model h=4)"]
+
+
 def test_a_meta_model_or_example_is_refused_by_check_not_a_raw_error():
     """``wrap(meta_model, ..., example=meta_x)`` leaked PyTorch's NotImplementedError (``aten::equal`` on Meta)."""
     with torch.device("meta"):

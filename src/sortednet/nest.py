@@ -177,6 +177,7 @@ class Nest:
         self._profile: Profile | None = None
         self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
         self._checked = False            # nest.check passed (wrap(example=) runs it): see _failure_note
+        self._checking = False           # nest.check is running: its own refusals say what is missing
         self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
         self._score_slots: list | None = None  # the parameter and buffer slots _weights_key reads
         self._slots_at = -1                    # _REGISTRATIONS when they were listed
@@ -843,6 +844,7 @@ class Nest:
         """Restore the original classes of a ``copy.deepcopy`` of the wrapped model (an EMA or
         teacher copy, which follows this nest's sub-models) and return it; like :meth:`unwrap`,
         and also after the nest itself was unwrapped (the copy then runs the full model)."""
+        _flag("unwrap_copy", "merge", merge)
         if not isinstance(copy, nn.Module):
             raise SortedNetError(f"unwrap_copy() takes a deep copy of the wrapped model, got {type(copy).__name__}")
         if copy is self.model:
@@ -909,7 +911,7 @@ class Nest:
         """The note added to an error a forward raises under ``sub`` (see ``Pin._annotate``): none at full size."""
         if all(sub[d.name] == d.full for d in self.dims):
             return None
-        if self._checked:
+        if self._checked or self._checking:  # (check's own dry runs: its SortedNetError names the binding)
             return f"(sortednet: raised while running sub-model {sub})"
         return (f"(sortednet: raised while running sub-model {sub}, below the full model. The nest was wrapped "
                 "without an example, so its wiring is unchecked: if this is a shape error the full model does not "
@@ -933,10 +935,12 @@ class Nest:
                                  "run or be compared: wrap without example= and check once the weights are "
                                  "materialised (model.to_empty(device=...) and their initialisation)")
         fresh = self._scored_on is not None and self._weights_key() == self._scored_on
+        checking, self._checking = self._checking, True
         try:
             check(self, example, mixed=mixed)
             self._checked = True
         finally:  # its dry runs put back every value (BatchNorm statistics by copy_, which moves the version
+            self._checking = checking
             if fresh:  # counters): the profile's scores still describe the weights
                 self._scored_on = self._weights_key()
 
