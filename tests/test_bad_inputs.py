@@ -48,9 +48,9 @@ def _fresh(act):
     return build
 
 
-def _fit(c, nest, batches):
-    opt = torch.optim.SGD(c.model.parameters(), lr=0.0)
-    return sn.fit(nest, batches, opt, sn.Sampler(nest.submodels, k=1, seed=0), progress=False)
+def _fit(c, nest, batches, lr=0.0, **kw):
+    opt = torch.optim.SGD(c.model.parameters(), lr=lr)
+    return sn.fit(nest, batches, opt, sn.Sampler(nest.submodels, k=1, seed=0), **{"progress": False, **kw})
 
 
 def _incomplete(tmp):
@@ -188,7 +188,58 @@ TABLE = {
                               "scheduler", "'x'"),
     "fit_not_a_nest": B(_fresh(lambda c, t: sn.fit(None, [], torch.optim.SGD(c.model.parameters(), lr=0.1),
                                                    sn.Sampler([sn.SubModel(h=1)], k=1))), "Nest", "NoneType"),
+    # a second type fuzzer (numbers that are not numbers, orders that are not the user's, flags read by truth)
+    "sampler_weights_strings": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, strategy="weighted",
+                                                                     weights=["1"] * len(n.submodels))),
+                                 "weights", "real numbers"),
+    "sampler_weights_a_set": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, strategy="weighted", weights=set(
+        range(1, len(n.submodels) + 1)))), "weights", "in the order of the sub-models"),
+    "sampler_weights_numpy_bools": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, strategy="weighted", weights=[
+        __import__("numpy").True_] * len(n.submodels))), "weights", "real numbers"),
+    "sampler_weights_huge_int": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, strategy="weighted", weights=[
+        10 ** 400] + [1] * (len(n.submodels) - 1))), "weights", "finite"),
+    "sampler_loss_weights_huge_int": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, loss_weights=[
+        10 ** 400] + [1] * (len(n.submodels) - 1))), "loss_weights", "finite"),
+    "sampler_loss_weights_for_none": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, loss_weights="large")
+                                           .loss_weights_for(None)), "loss_weights_for", "None"),
+    "sampler_state_submodels_none": B(_on(mlp, lambda c, n, t: (lambda s: s.load_state_dict(
+        {**s.state_dict(), "submodels": None}))(sn.Sampler(n, k=1))), "sampler state", "NoneType"),
+    "distill_temperature_huge_int": B(_on(mlp, lambda c, n, t: sn.Distill(temperature=10 ** 400)), "temperature"),
+    "accumulate_weights_strings": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
+        c, lambda y: y.sum()), weights=["0.5", "0.5"])), "weights", "in the order of the sub-models"),
+    "accumulate_weights_a_set": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
+        c, lambda y: y.sum()), weights={0.25, 0.75})), "weights", "{"),
+    "fit_device_meta": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, c.example)], device="meta")),
+                         "device", "meta"),
+    "fit_device_not_here": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, c.example)], device="cuda:9")),
+                             "device", "cuda:9", "not available"),
+    "fit_progress_tensor": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, c.example)], progress=torch.tensor(
+        [1, 0]))), "progress=", "True or False"),
+    "fit_eval_set_bad_second_batch": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, c.example)] * 3, lr=0.1,
+                                                                     eval_data=[(c.example, _labels(c)), (c.example,)],
+                                                                     loss_fn=lambda o, y: o.square().mean())),
+                                       "eval_data", "1 items"),
+    "load_strict_string": B(lambda tmp: (lambda c, n, p: (c, n, lambda: sn.load(n, p, strict="no")))(*_saved(tmp)),
+                            "load(strict=...)", "'no'"),
+    "load_verify_tensor": B(lambda tmp: (lambda c, n, p: (c, n, lambda: sn.load(c.model, p, verify=torch.ones(
+        2))))(*_saved(tmp)), "load(verify=...)", "Tensor"),
+    "sort_units_negative_atol": B(_on(mlp, lambda c, n, t: _sort_units()(n, example=c.example, atol=-1.0)),
+                                  "atol=", "-1.0"),
+    "sort_units_data_an_int": B(_on(mlp, lambda c, n, t: _sort_units()(n, "taylor", example=c.example, data=3)),
+                                "data=", "int"),
+    "discover_ratios_a_string": B(_fresh(lambda c, t: sn.discover(c.model, c.example, ratios="1")), "ratios", "'1'"),
+    "discover_heads_a_string": B(_fresh(lambda c, t: sn.discover(c.model, c.example, heads="no")), "heads=", "'no'"),
 }
+
+
+def _labels(c):
+    return torch.zeros(len(c.example), dtype=torch.long)
+
+
+def _sort_units():
+    from sortednet.importance import sort_units
+
+    return sort_units
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))

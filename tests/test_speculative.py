@@ -352,6 +352,13 @@ def test_bad_input_is_refused_before_any_forward():
         dict(draft="depth=1", target=bert),                              # not a causal LM
         dict(draft="depth=1", target=target.model),                      # a sub-model needs a Nest target
         dict(draft=target, exits=["depth=1"], target=target.model),      # the draft nest wraps the target itself
+        # a type fuzzer: raw TypeError / RuntimeError, or a value read by its truth (do_sample="no" sampled)
+        dict(draft="depth=1", eos_token_id=2.0),
+        dict(draft="depth=1", do_sample="no"),
+        dict(draft="depth=1", do_sample=torch.tensor([1, 0])),
+        dict(draft="depth=1", share_cache=torch.tensor([1, 0])),
+        dict(draft="depth=1", do_sample=True, top_p=True),
+        dict(draft="depth=1", do_sample=True, temperature=float("inf")),
     ]
     for kw in bad:
         kw = {"target": target, "input_ids": ids, "max_new_tokens": 4, **kw}

@@ -979,3 +979,25 @@ def test_nest_compile_checks_the_cache_as_eager_does():
                 got = step(input_ids=nxt, **{KV: out.cache if hasattr(out, "cache") else out.past_key_values},
                            use_cache=True).logits[0, -1]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_from_transformers_checks_its_options_before_wrapping():
+    """A type fuzzer: ``verify=tensor`` raised a raw RuntimeError AFTER wrapping (the model was left wrapped, a
+    retry refused as 'already wrapped'); ``rank_targets="self_attn.q_proj"`` and ``ffn="0.5"`` were split into
+    characters; ``ffn=[np.int64(24)]`` was refused while ``np.float64`` was taken."""
+    import re
+
+    import numpy as np
+
+    model = llama()
+    classes = [type(m) for m in model.modules()]
+    for kw, needle in [(dict(ffn=[0.5], verify=torch.tensor([1, 0])), "verify=..."),
+                       (dict(ffn=[0.5], verify="no"), "verify=..."),
+                       (dict(rank=[4], rank_targets="self_attn.q_proj"), "rank_targets="),
+                       (dict(rank=[4], rank_targets=[None]), "rank_targets="),
+                       (dict(ffn="0.5"), "got str '0.5'")]:
+        with pytest.raises(sn.SortedNetError, match=re.escape(needle)):
+            sn.from_transformers(model, **kw)
+        assert [type(m) for m in model.modules()] == classes, kw
+    nest = sn.from_transformers(model, ffn=[np.int64(24)], heads=[np.float32(0.5)])
+    assert nest.smallest == sn.SubModel(ffn=24, heads=2)

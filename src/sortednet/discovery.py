@@ -30,7 +30,8 @@ from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
 from .heads import Heads
 from .modes import copy_model
-from .nest import wrap
+from .nest import _flag, wrap
+from .sampler import number_list
 from .submodel import SubModel
 from .wrap import split_ties
 
@@ -48,10 +49,13 @@ def sizes_for(full: int, ratios: Sequence[float], multiple: int = 1) -> list[int
 
 
 def _check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    bad = SortedNetError(f"ratios must be a sequence of numbers in (0, 1], got {ratios!r}")
+    if isinstance(ratios, (set, frozenset)):  # (the order of ratios does not matter: they are sorted)
+        ratios = list(ratios)
     try:
-        out = tuple(float(r) for r in ratios)
-    except (TypeError, ValueError):
-        raise SortedNetError(f"ratios must be a sequence of numbers in (0, 1], got {ratios!r}") from None
+        out = tuple(number_list(ratios, "ratios"))
+    except SortedNetError:
+        raise bad from None
     if not out or any(not 0 < r <= 1 for r in out):
         raise SortedNetError(f"ratios must be non-empty numbers in (0, 1], got {list(ratios)}")
     return out
@@ -229,6 +233,8 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     >>> nest.export("w0=4")[5]
     Linear(in_features=4, out_features=10, bias=True)
     """
+    _flag("discover", "heads", heads)
+    _flag("discover", "verify", verify)
     ratios = _check_ratios(ratios)
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise SortedNetError(f"discover(): multiple_of must be a positive int, got {multiple_of!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+import numpy
+
 __all__ = ["SortedNetError", "PatternError", "SizeError", "BudgetError", "nearby"]
 
 
@@ -45,3 +47,14 @@ def nearby(word: str, candidates: Iterable[str], n: int = 5) -> str:
     if not close:
         close = cands[:n]
     return ", ".join(repr(c) for c in close) if close else "(none)"
+
+
+def flag(what: str, name: str, value: object) -> None:
+    """Refuse a yes/no option that is not a bool (a string, a tensor, a number would be read by its truth).
+
+    >>> flag("export", "plain", "no")
+    Traceback (most recent call last):
+    sortednet.errors.SortedNetError: export(plain=...) takes True or False, got str 'no'
+    """
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise SortedNetError(f"{what}({name}=...) takes True or False, got {type(value).__name__} {value!r}")

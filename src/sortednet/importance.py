@@ -346,8 +346,15 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if calibrated:
         raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
                              "that a permutation would invalidate; sort before nest.calibrate")
-    if example is None and data is not None:
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 <= atol < math.inf:
+        raise SortedNetError(f"sort_units(atol=...) takes the relative tolerance of the full model's output, a "
+                             f"finite number >= 0, got {atol!r}")
+    if data is not None:
+        if isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(data, Iterable):
+            raise SortedNetError(f"sort_units(data=...) takes batches of the model's input (a list or a "
+                                 f"DataLoader), got {type(data).__name__}")
         data = list(data)
+    if example is None and data is not None:
         example = _example_of(data)
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")

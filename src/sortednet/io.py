@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
-from .errors import SortedNetError
+from .errors import SortedNetError, flag
 from .meta import (
     CHECKSUM,
     EXTRA_PREFIX,
@@ -222,6 +222,8 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     """
     if not isinstance(model, (Nest, nn.Module)):
         raise SortedNetError(f"load() needs an nn.Module or a Nest, got {type(model).__name__}")
+    flag("load", "strict", strict)
+    flag("load", "verify", verify)
     if isinstance(model, Nest):
         model._check_structure("sn.load")
     where = repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else repr(path)

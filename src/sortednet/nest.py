@@ -23,6 +23,7 @@ from . import slicers as _slicers
 from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature
 from .dims import Active, Dimension
 from .errors import SortedNetError
+from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
 from .modes import eval_mode
@@ -1030,8 +1031,3 @@ def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], flo
 
     return checked
 
-
-def _flag(what: str, name: str, value: Any) -> None:
-    """Refuse a yes/no option that is not a bool (a string, a tensor, a number would be read by its truth)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise SortedNetError(f"{what}({name}=...) takes True or False, got {type(value).__name__} {value!r}")

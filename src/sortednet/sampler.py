@@ -9,10 +9,13 @@ a resumed run samples as the interrupted one did.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import SortedNetError
 from .submodel import SubModel, SubModelList, sequence_digest
@@ -31,6 +34,39 @@ def _check_index(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise SortedNetError(f"{what} must be a non-negative int, got {value!r}")
     return int(value)
+
+
+def number_list(values: Any, what: str) -> list[float]:
+    """``values`` as floats, one per entry, in the caller's order: a list, tuple, 1-d array or tensor, or an
+    iterator (read once) of real numbers (Python, NumPy, one-element tensors; not bools, strings, sets or
+    mappings, whose order or meaning is not the user's). Huge integers become ``inf`` (the caller's
+    finiteness check refuses them by name). A :class:`SortedNetError` naming ``what`` otherwise."""
+    bad = SortedNetError(f"{what} must be a list of real numbers in the order of the sub-models, got {values!r}")
+    if isinstance(values, (str, bytes, set, frozenset, Mapping)) or isinstance(values, numbers.Real):
+        raise bad
+    if isinstance(values, torch.Tensor):
+        if values.ndim != 1 or values.dtype is torch.bool or values.is_complex():
+            raise bad
+        values = values.tolist()
+    elif isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind not in "iuf":
+            raise bad
+        values = values.tolist()
+    try:
+        values = list(values)
+    except TypeError:
+        raise bad from None
+    out = []
+    for x in values:
+        if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype is not torch.bool and not x.is_complex():
+            x = x.item()
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+            raise bad
+        try:
+            out.append(float(x))
+        except OverflowError:
+            out.append(math.inf if x > 0 else -math.inf)
+    return out
 
 
 def _check_order(subs: Sequence[SubModel]) -> None:
@@ -167,6 +203,10 @@ class Sampler:
                  weights: Sequence[float] | str | None = None,
                  loss_weights: Sequence[float] | str | None = None, small_first: int = 0) -> None:
         nest = None
+        if weights is not None and not isinstance(weights, str):
+            weights = number_list(weights, "weights")  # (an iterator is read once, here)
+        if loss_weights is not None and not isinstance(loss_weights, str):
+            loss_weights = number_list(loss_weights, "loss_weights")
         if hasattr(submodels, "submodels") and hasattr(submodels, "cost"):
             nest, submodels = submodels, submodels.submodels
         if isinstance(submodels, (str, bytes, Mapping)) or not isinstance(submodels, Sequence):
@@ -229,10 +269,9 @@ class Sampler:
                                      f"never trained); got 0 for {subs[int(np.argmin(loss_w))]}")
         self.submodels: Sequence[SubModel] = subs
         self.k, self.strategy, self.seed = k, strategy, _check_index(seed, "seed")
-        self.weights = weights if isinstance(weights, str) else (None if weights is None else list(map(float, weights)))
+        self.weights = weights
         self.probs: np.ndarray | None = probs
-        self.loss_weights = loss_weights if isinstance(loss_weights, str) else (
-            None if loss_weights is None else list(map(float, loss_weights)))
+        self.loss_weights = loss_weights
         self._loss_w: np.ndarray | None = loss_w
         self.small_first = small_first
         self._pos: dict[SubModel, int] | None = None
@@ -259,12 +298,7 @@ class Sampler:
                 raise SortedNetError(f"unknown weight rule {weights!r}; choose one of {list(WEIGHT_RULES)} "
                                      "or give one number per sub-model")
         else:
-            try:
-                if any(isinstance(x, bool) for x in weights):
-                    raise TypeError
-                w = np.array([float(x) for x in weights])
-            except (TypeError, ValueError):
-                raise SortedNetError(f"weights must be numbers, got {weights!r}") from None
+            w = np.array(number_list(weights, "weights"))
             if len(w) != n:
                 raise SortedNetError(f"weights has {len(w)} entries but there are {n} sub-models")
             if not np.all(np.isfinite(w)) or np.any(w < 0):
@@ -316,6 +350,9 @@ class Sampler:
                 return SubModel.parse(s) if isinstance(s, str) else SubModel(s) if isinstance(s, Mapping) else s
             except SortedNetError:
                 return s
+        if isinstance(subs, (str, bytes, Mapping)) or not isinstance(subs, Sequence):
+            raise SortedNetError(f"loss_weights_for takes the list of drawn sub-models (sampler.draw(step)), got "
+                                 f"{subs!r}")
         idx = [position(key(s)) for s in subs]
         if not idx or any(i is None for i in idx):
             raise SortedNetError(f"loss_weights_for: {list(subs)!r} are not (all) sub-models of this sampler")
@@ -386,6 +423,9 @@ class Sampler:
         if isinstance(mine, str) or isinstance(theirs, str):
             if theirs != mine:
                 raise SortedNetError(f"sampler state is for {str(theirs)[:80]}; this sampler has {str(mine)[:80]}")
+        elif isinstance(theirs, (bytes, Mapping)) or not isinstance(theirs, Sequence):
+            raise SortedNetError(f"sampler state: 'submodels' must be the list or digest state_dict() wrote, got "
+                                 f"{type(theirs).__name__}")
         elif list(theirs) != mine:
             raise SortedNetError(f"sampler state is for {len(theirs)} sub-models "
                                  f"{list(theirs)[:4]}..., this sampler has {len(mine)} {mine[:4]}...")

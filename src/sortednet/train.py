@@ -25,8 +25,9 @@ from torch import Tensor
 
 from .cost import call_model
 from .errors import SortedNetError
+from .errors import flag as _flag
 from .modes import eval_mode
-from .sampler import Sampler
+from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
 
 if TYPE_CHECKING:
@@ -61,7 +62,10 @@ def _real(x: Any) -> float | None:
     if isinstance(x, torch.Tensor):
         x = x.item() if x.numel() == 1 and not x.is_complex() and x.dtype is not torch.bool else None
     if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
-        return float(x)
+        try:
+            return float(x)
+        except OverflowError:  # an int beyond float's range: the callers' finiteness checks refuse it
+            return math.inf if x > 0 else -math.inf
     return None
 
 
@@ -88,7 +92,7 @@ class Distill:
     def __post_init__(self) -> None:
         t, a = _real(self.temperature), _real(self.alpha)
         if t is None or not (math.isfinite(t) and t > 0):
-            raise SortedNetError(f"Distill temperature must be a positive number, got {self.temperature!r}")
+            raise SortedNetError(f"Distill temperature must be a positive finite number, got {self.temperature!r}")
         if a is None or not 0 <= a <= 1:
             raise SortedNetError(f"Distill alpha must be in [0, 1], got {self.alpha!r}")
         object.__setattr__(self, "temperature", t)  # (frozen) one float from any real number
@@ -218,12 +222,12 @@ def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: An
     else:
         raw = weights
         try:
-            weights = [float(w) for w in raw]
-        except (TypeError, ValueError):
+            weights = number_list(raw, "weights")
+        except SortedNetError:
             weights = []
-        if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights) \
-                or any(isinstance(w, bool) for w in raw):
-            raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers, got {raw!r}")
+        if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers in the order of the "
+                                 f"sub-models, got {raw!r}")
         if not any(weights):
             raise SortedNetError(f"weights {raw!r} are all 0: no sub-model would be trained")
     if nonfinite not in NONFINITE:
@@ -433,7 +437,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     A tqdm bar shows the running loss of small / medium / large sub-models.
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) whenever
     the step count (continued from ``start_step``) reaches a multiple of
-    ``eval_every``, and at the end. Returns a :class:`History`.
+    ``eval_every``, and at the end; before the first step, every batch of a list (the first of a
+    loader) is checked to be an ``(inputs, target)`` pair and the first is evaluated, so a malformed
+    eval set is refused before training. Returns a :class:`History`.
     A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
@@ -494,11 +500,19 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError("fit(scheduler=ReduceLROnPlateau) needs a metric at each step; fit calls "
                              "scheduler.step() without one: step it yourself from the History, or use another "
                              "scheduler")
+    _flag("fit", "progress", progress)
     if device is not None:
+        asked = device
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise SortedNetError(f"fit(device=...): {e}") from None
+        if device.type == "meta":
+            raise SortedNetError("fit(device='meta'): nothing can be trained on the meta device")
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:  # (a CPU build raises AssertionError for "cuda")
+            raise SortedNetError(f"fit(device={asked!r}): that device is not available here: {e}") from None
     if epochs > 1 and _one_shot(loader):
         raise SortedNetError(f"fit(epochs={epochs}) needs a loader it can iterate again (a list, a DataLoader); "
                              f"a {type(loader).__name__} is exhausted after the first epoch")
@@ -513,10 +527,16 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         total = epochs * len(loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
-    if eval_data is not None:  # a malformed eval set is refused now, not after the first eval_every steps
+    if eval_data is not None:  # a malformed eval set is refused now, not after the first eval_every steps:
         with _rng_kept(device):  # (iterating a DataLoader draws from torch's generator: resumed runs stay exact)
             first = next(iter(_batches(eval_data)), None)
             evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest])
+        if isinstance(eval_data, (tuple, list)):  # the first batch runs; every other batch of a list is a pair
+            bad = next((b for b in _batches(eval_data) if not (isinstance(b, (tuple, list)) and len(b) == 2)), None)
+            if bad is not None:
+                raise SortedNetError("fit(eval_data=...): evaluate needs (inputs, target) pairs; got a "
+                                     f"{type(bad).__name__}" + (f" of {len(bad)} items" if
+                                                                isinstance(bad, (tuple, list)) else ""))
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (and resumed)

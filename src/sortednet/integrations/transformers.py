@@ -12,8 +12,10 @@ whose config matches its smaller shapes, so ``save_pretrained`` ->
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Sequence
 
+import numpy
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -21,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
 from ..heads import Heads
-from ..nest import EXPORT_HOOKS, Nest, wrap
+from ..nest import EXPORT_HOOKS, Nest, _flag, wrap
 from ..rank import Rank
 from ..slicers import register_transformers_types, slicer_for
 from ..submodel import SubModel, SubModelLike
@@ -37,20 +39,28 @@ def register_known_slicers() -> None:
     register_transformers_types()
 
 
+def _number(what: str, s: object) -> int | float:
+    """A size as a Python int (any integral type: numpy, torch scalars) or float (a fraction), never a bool."""
+    if isinstance(s, (bool, numpy.bool_)) or not isinstance(s, numbers.Real):
+        raise SizeError(f"{what}: size {s!r} must be an int or a fraction in (0, 1]")
+    return int(s) if isinstance(s, numbers.Integral) else float(s)
+
+
 def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int] | None:
     """Integers stay; fractions in (0, 1] become ``round(f * full)`` rounded to ``multiple``."""
     if sizes is None:
         return None
-    if isinstance(sizes, (int, float)):
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (numbers.Real, Sequence, set, frozenset, range)):
+        raise SizeError(f"{what}: sizes must be a list of ints or fractions in (0, 1], got "
+                        f"{type(sizes).__name__} {sizes!r}")
+    if isinstance(sizes, numbers.Real):
         sizes = [sizes]
-    sizes = list(sizes)
+    sizes = [_number(what, s) for s in sizes]
     if any(isinstance(s, float) for s in sizes) and any(type(s) is int and s == 1 for s in sizes):
         raise SizeError(f"{what}: sizes {sizes} mix fractions with the integer 1, which is the size 1 (one unit), "
                         "not the full size: write 1.0 for the full size (or give every size as an integer)")
     out = []
     for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
-            raise SizeError(f"{what}: size {s!r} must be an int or a fraction in (0, 1]")
         if isinstance(s, float):
             if not 0 < s <= 1:
                 raise SizeError(f"{what}: fraction {s} must be in (0, 1] (full size {full})")
@@ -111,6 +121,11 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     """
     if not isinstance(model, nn.Module):
         raise SortedNetError(f"from_transformers needs a transformers model, got {type(model).__name__}")
+    _flag("from_transformers", "verify", verify)
+    if rank_targets is not None and (isinstance(rank_targets, (str, bytes)) or not isinstance(rank_targets, Sequence)
+                                     or not all(isinstance(t, str) for t in rank_targets)):
+        raise SortedNetError(f"from_transformers(rank_targets=...) takes a list of module paths relative to a block "
+                             f"(e.g. ['self_attn.q_proj']), got {rank_targets!r}")
     register_known_slicers()
     found = detect(model)
     lay = found.layout

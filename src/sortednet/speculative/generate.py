@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import SortedNetError
+from ..errors import SortedNetError, flag
 from .plan import Plan, make_plan
 from .sampling import Sampling, accept_greedy, accept_sampled, auto_draft_length
 
@@ -107,11 +108,13 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
                                        or num_draft_tokens < 1):
         raise SortedNetError(f"num_draft_tokens must be an int >= 1 or 'auto', got {num_draft_tokens!r}")
     s = sampling
-    if s.do_sample and not (isinstance(s.temperature, (int, float)) and s.temperature > 0):
-        raise SortedNetError(f"temperature must be > 0, got {s.temperature!r}")
+    if s.do_sample and (isinstance(s.temperature, bool) or not isinstance(s.temperature, (int, float))
+                        or not 0 < s.temperature < math.inf):
+        raise SortedNetError(f"temperature must be a finite number > 0, got {s.temperature!r}")
     if s.top_k is not None and (isinstance(s.top_k, bool) or not isinstance(s.top_k, int) or s.top_k < 1):
         raise SortedNetError(f"top_k must be an int >= 1 or None, got {s.top_k!r}")
-    if s.top_p is not None and not (isinstance(s.top_p, (int, float)) and 0 < s.top_p <= 1):
+    if s.top_p is not None and (isinstance(s.top_p, bool) or not isinstance(s.top_p, (int, float))
+                                or not 0 < s.top_p <= 1):
         raise SortedNetError(f"top_p must be in (0, 1] or None, got {s.top_p!r}")
     if s.generator is not None and not isinstance(s.generator, torch.Generator):
         raise SortedNetError(f"generator must be a torch.Generator, got {type(s.generator).__name__}")
@@ -134,6 +137,8 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
         eos = getattr(gen, "eos_token_id", None)
     if isinstance(eos, Tensor):
         eos = eos.tolist()
+    if eos is not None and not isinstance(eos, (int, np.integer, list, tuple)):
+        raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
     eos = [] if eos is None else [eos] if isinstance(eos, (int, np.integer)) else list(eos)
     if any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in eos):
         raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
@@ -193,6 +198,9 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     >>> bool((out.sequences == plain).all()), out.stats.new_tokens
     (True, 8)
     """
+    flag("speculative_generate", "do_sample", do_sample)
+    if share_cache is not None:
+        flag("speculative_generate", "share_cache", share_cache)
     plan = make_plan(target, draft, exits=exits, thresholds=thresholds, target_sub=target_sub,
                      share_cache=share_cache)
     sampling = Sampling(bool(do_sample), temperature, top_k, top_p, generator)
