@@ -284,6 +284,18 @@ def _errors(rank: int, out_dir: str) -> dict:
                        module=DDP(case.model, static_graph=True))
     except sn.SortedNetError as e:
         out["static_graph"] = str(e)
+    emb = torch.nn.Sequential(torch.nn.Embedding(10, 8, sparse=True), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    enest = sn.wrap(emb, sn.Width("h", [4, 8], out="1", inp="2"))
+    tokens = torch.tensor([[1, 2, 3]])
+    try:  # a sparse gradient could not be flattened into the all_reduce: a raw "reshape ... sparse" before
+        snd.accumulate(enest, [enest.largest], lambda: emb(tokens).sum())
+    except sn.SortedNetError as e:
+        out["sparse_accumulate"] = (str(e), emb[0].weight.grad is None)
+    emb(tokens).sum().backward()
+    try:
+        snd.sync_gradients(emb)
+    except sn.SortedNetError as e:
+        out["sparse_sync"] = str(e)
     try:
         sn.fit(nest, [(case.example, torch.zeros(len(case.example), dtype=torch.long))],
                torch.optim.SGD(case.model.parameters(), lr=0.1), sn.Sampler(nest, k=1))
@@ -460,6 +472,9 @@ def test_misuse_raises_clear_errors(run):
     assert "wrap before fully_shard" in errs.get("wrap_after_fully_shard", "")
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
     assert "static_graph" in errs.get("static_graph", "")
+    msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran
+    assert "['0']" in msg and "sparse gradients" in msg and untouched
+    assert "sync_gradients" in errs["sparse_sync"] and "['0']" in errs["sparse_sync"]
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
     assert "sortednet.distributed.save" in errs.get("export_sharded", "")
     assert "module=ddp_model" in errs["module_left_out"]

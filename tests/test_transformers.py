@@ -448,6 +448,69 @@ def test_callback_activates_one_submodel_per_optimizer_step(tmp_path):
     assert {sub for training, sub in steps if not training} == {nest.largest}  # evaluation: never a drawn one
 
 
+def test_callback_gives_back_the_submodel_when_train_raises_inside_a_step(tmp_path):
+    """No callback runs when an exception leaves ``trainer.train()`` inside a step: the drawn sub-model stayed the
+    nest-wide default, and every later evaluation or generation silently ran it. The next forward outside the
+    dead training loop now restores the sub-model active before training."""
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 48], depth=[1, 4])
+    x = ids(seed=3, b=8)
+    data = [{"input_ids": r, "labels": r} for r in x]
+    data[5] = {"input_ids": torch.full((9,), 10 * V), "labels": x[5]}  # out of the vocabulary: step 2 raises
+    cb = SubModelCallback(nest, sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=1))
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    assert cb.sampler.draw(2)[0] != nest.largest  # (the failing step runs a smaller sub-model)
+    with pytest.raises(IndexError):
+        trainer.train()
+    assert nest.active == cb.history[-1][1] != nest.largest
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(nest.active))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x[:1])
+    assert seen == [nest.largest] and nest.active == nest.largest
+    data[5] = {"input_ids": x[5], "labels": x[5]}  # a second run trains and ends as usual
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    assert nest.active == nest.largest
+    assert not any(getattr(h, "__self__", None) is cb for h in model._forward_pre_hooks.values())  # hook removed
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_soft_loss_passes_the_models_other_inputs_to_its_forward(name, tmp_path):
+    """SoFT dropped every input but input_ids / attention_mask: packed ``position_ids``, GPT-2's
+    ``token_type_ids`` and ``inputs_embeds`` data trained another function than the model's, silently."""
+    model, _, _, _ = build(name)
+    x = ids(seed=4)
+    n = len(model.get_submodule("model.layers" if name == "llama" else "transformer.h"))
+    if name == "llama":
+        pos = torch.arange(x.shape[1]).repeat(2, 1)
+        pos[:, 5:] -= 5  # two packed sequences per row
+        extra = {"position_ids": pos}
+    else:
+        extra = {"token_type_ids": (torch.arange(x.shape[1]) >= 5).long().repeat(2, 1)}
+    want = model(input_ids=x, labels=x, **extra).loss
+    assert not torch.equal(model(input_ids=x, labels=x).loss, want)  # (the input changes the loss)
+    torch.testing.assert_close(soft_loss(model, x, exits=[n], **extra).loss, want)
+    emb = model.get_input_embeddings()(x)
+    torch.testing.assert_close(soft_loss(model, exits=[n], labels=x, inputs_embeds=emb, **extra).loss, want)
+    with pytest.raises(sn.SortedNetError, match="needs labels"):
+        soft_loss(model, exits=[n], inputs_embeds=emb)
+    with pytest.raises(sn.SortedNetError, match="past_key_values"):
+        soft_loss(model, x, exits=[n], past_key_values=None)
+    torch.testing.assert_close(soft_loss(model, x, exits=[n], use_cache=False, **extra).loss,
+                               model(input_ids=x, labels=x, use_cache=False, **extra).loss)
+    nest = sn.from_transformers(model, ffn=[16])
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    for bad in ([1.0], [1.0, -1.0], [float("nan"), 1.0], [0.0, 0.0]):
+        with pytest.raises(sn.SortedNetError, match="soft_weights"):
+            SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_exits=[1, n], soft_weights=bad)
+    with pytest.raises(sn.SortedNetError, match="needs soft_exits"):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_weights=[1.0, 2.0])
+
+
 def test_trainer_rejects_foreign_model(tmp_path):
     model, _, _, _ = build("gpt2")
     nest = sn.from_transformers(model, ffn=[32])

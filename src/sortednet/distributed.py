@@ -105,6 +105,19 @@ def no_sync(module: nn.Module | None) -> Iterator[None]:
         setter(True)
 
 
+def _refuse_sparse(module: nn.Module, who: str) -> None:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) cannot go into one flat ``all_reduce``: refused on every
+    rank alike (the modules are the same on every rank), before any backward or collective."""
+    sparse = [n for n, m in module.named_modules() if getattr(m, "sparse", False) is True
+              and isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    sparse = sparse or [n for n, p in module.named_parameters()
+                        if p.grad is not None and p.grad.layout is not torch.strided]
+    if sparse:
+        raise SortedNetError(f"{who}: {sparse[:3]} produce sparse gradients, which sortednet's one-shot gradient "
+                             "averaging does not handle; build them with sparse=False (dense gradients), or "
+                             "let DDP itself reduce them (a stock DDP loop without sortednet.distributed)")
+
+
 def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = _BUCKET_BYTES) -> int:
     """Average ``.grad`` of every trainable parameter of ``module`` over the ranks of ``group``.
 
@@ -127,6 +140,7 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
                              "own gradients: use sortednet.distributed.accumulate(..., module=fsdp_model)")
     if not _active() or dist.get_world_size(group) == 1:
         return 0
+    _refuse_sparse(module, "sync_gradients")
     world = dist.get_world_size(group)
     buckets: dict[tuple, list[list[nn.Parameter]]] = {}
     for p in params:
@@ -229,6 +243,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         group = ddp.process_group  # (DDP(process_group=...): its replicas, not the whole world)
     hooks = []
     if _active() and dist.get_world_size(group) > 1:
+        _refuse_sparse(nest.model if module is None else _inner(module), "sortednet.distributed.accumulate")
         kwargs["_prechecked"] = _same_on_every_rank(nest, subs, group, closure, kwargs)  # (checked once)
         kwargs["_agree"] = lambda bad, failed: _loss_agreement(bad, failed, group)
         # before FSDP's all-gathers and DDP's buffer broadcast (prepended, also on the wrapper the closure

@@ -9,10 +9,12 @@ pass, not one per sub-model. Blocks after the deepest exit do not run.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -90,14 +92,18 @@ def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module,
     return base, model.get_submodule(found.layers), norm, head
 
 
-def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int] | None = None,
+def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits: Sequence[int] | None = None,
               weights: Sequence[float] | None = None, labels: Tensor | None = None,
-              attention_mask: Tensor | None = None) -> SoftOutput:
+              attention_mask: Tensor | None = None, **model_inputs: Any) -> SoftOutput:
     """Causal LM loss at every exit depth in ``exits``, from one forward pass.
 
     ``exits`` defaults to the sizes of the nest's ``Depth`` dimension, else
     every block. The rest of the model (width / heads) runs as the active
     sub-model, so combine with ``nest.use(...)`` and a sampler for those.
+    Other inputs of the model (``position_ids`` of packed sequences,
+    ``token_type_ids``, ``inputs_embeds`` instead of ``input_ids``, which
+    then needs ``labels``) go to its forward as they would without SoFT; one
+    its base model does not take is refused.
 
     >>> import torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -130,6 +136,18 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int
                                  f"{given} and weights {weights}")
         pairs = sorted(zip(given, weights))  # each weight stays with its exit
         exits, weights = [e for e, _ in pairs], [w for _, w in pairs]
+    taken = ("past_key_values", "cache", "output_hidden_states", "return_dict")
+    if any(k in model_inputs for k in taken):
+        raise SortedNetError(f"soft_loss runs one forward from the start and reads the exits itself: "
+                             f"{sorted(k for k in model_inputs if k in taken)} cannot be passed")
+    params = inspect.signature(base.forward).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in model_inputs if k not in params)
+        if unknown:
+            raise SortedNetError(f"soft_loss: {type(base).__name__}.forward takes no {unknown} (the inputs of the "
+                                 f"exits' base model are {[k for k in params if k != 'self']})")
+    if labels is None and input_ids is None:
+        raise SortedNetError("soft_loss without input_ids (inputs_embeds=...) needs labels=")
     labels = input_ids if labels is None else labels
     captured: dict[int, Tensor] = {}
 
@@ -144,7 +162,8 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor, *, exits: Sequence[int
     blocks = list(layers)
     handles = [blocks[e - 1].register_forward_hook(hook_for(e)) for e in exits]
     try:
-        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        base(input_ids=input_ids, attention_mask=attention_mask, **model_inputs)  # (as the model's own call:
+        # use_cache changes more than memory in some models, e.g. whether packed position_ids mask per sequence)
     except _Stop:
         pass
     finally:

@@ -11,12 +11,16 @@ lighter-weight alternative: it activates one sub-model per step.
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from .. import distributed as snd
 from ..dims import Depth
@@ -97,10 +101,19 @@ class SortedTrainer(Trainer):
                  soft_weights: Sequence[float] | None = None, **kw: Any) -> None:
         if not isinstance(nest, Nest):
             raise SortedNetError(f"SortedTrainer(nest=...) needs a Nest, got {type(nest).__name__}")
+        if soft_exits is None and soft_weights is not None:
+            raise SortedNetError("SortedTrainer(soft_weights=...) weights the SoFT exits: it needs soft_exits=[...]")
         if soft_exits is not None:
             exits = list(soft_exits)
             if not exits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in exits):
                 raise SortedNetError(f"SortedTrainer(soft_exits=...) needs depths >= 1, got {exits}")
+            if soft_weights is not None:
+                soft_weights = list(soft_weights)
+                if len(soft_weights) != len(exits) or any(
+                        isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 <= w < math.inf
+                        for w in soft_weights) or not sum(soft_weights) > 0:
+                    raise SortedNetError(f"SortedTrainer(soft_weights=...) needs one finite weight >= 0 per exit of "
+                                         f"soft_exits={exits} (not all 0), got {soft_weights}")
             args_ = kw.get("args", args[1] if len(args) > 1 else None)
             smoothing = getattr(args_, "label_smoothing_factor", 0) or 0
             if smoothing or kw.get("compute_loss_func") is not None:
@@ -244,9 +257,10 @@ class SortedTrainer(Trainer):
         k = getattr(self, "_k", None)
         if k is None:  # evaluation (or a direct call): the active sub-model, as a plain Trainer would
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.soft_exits is not None:
-            loss = soft_loss(self.nest, inputs["input_ids"], exits=self.soft_exits, weights=self.soft_weights,
-                             labels=inputs.get("labels"), attention_mask=inputs.get("attention_mask")).loss / k
+        if self.soft_exits is not None:  # every model input goes to the exits' forward, as without SoFT
+            rest = {key: v for key, v in inputs.items() if key != "labels"}
+            loss = soft_loss(self.nest, exits=self.soft_exits, weights=self.soft_weights, labels=inputs.get("labels"),
+                             **rest).loss / k
             return (loss, None) if return_outputs else loss
         if return_outputs:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
@@ -283,6 +297,9 @@ class SubModelCallback(TrainerCallback):
     becomes the nest-wide default; all micro-batches of the step use it. At
     each step end (before any evaluation or checkpoint) and at train end, the
     sub-model active when training began (by default the largest) is restored.
+    An exception that ends ``trainer.train()`` inside a step reaches no
+    callback: the model's next forward outside that training loop (an
+    evaluation, a generation) restores that sub-model first.
 
     >>> import torch.nn as nn, sortednet as sn
     >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
@@ -301,6 +318,22 @@ class SubModelCallback(TrainerCallback):
             raise SortedNetError(f"SubModelCallback trains one sub-model per optimizer step, but the sampler draws "
                                  f"{drawn}; give it a k=1 sampler, or use SortedTrainer for several per step")
         self.history: list[tuple[int, SubModel]] = []
+        self._open: tuple[int, int, Any] | None = None  # the step in progress: (thread, its loop's frame id, code)
+        self._hook: Any = None
+
+    def _heal(self, module: Any, args: Any) -> None:
+        """Forward pre-hook: a step whose training loop is no longer running (an exception left
+        ``trainer.train()`` between step begin and end) gives back the sub-model active before training."""
+        step = self._open
+        if step is None or step[0] != threading.get_ident():  # (autograd threads: the step's own recomputations)
+            return
+        f = sys._getframe(1)
+        while f is not None:
+            if id(f) == step[1] and f.f_code is step[2]:
+                return
+            f = f.f_back
+        self._open = None
+        self.nest.activate(getattr(self, "_outside", self.nest.largest))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         model = kw.get("model")
@@ -308,15 +341,29 @@ class SubModelCallback(TrainerCallback):
             raise SortedNetError(f"SubModelCallback: the Trainer trains a {type(model).__name__} that is not the "
                                  "nest's model: its steps would train the full model while the callback records draws; "
                                  "pass model=nest.model to the Trainer (with model_init, wrap the model it returns)")
+        if self._open is not None:  # a step of an earlier train() that raised, never healed by a forward
+            self._open = None
+            self.nest.activate(getattr(self, "_outside", self.nest.largest))
         self._outside = self.nest.active  # what evaluation, saving and the end of training see
+        if self._hook is None:
+            self._hook = self.nest.model.register_forward_pre_hook(self._heal, prepend=True)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        f = sys._getframe(1)
+        while f is not None and f.f_globals.get("__name__") == CallbackHandler.__module__:
+            f = f.f_back  # the training loop that called the callback handler
         sub = self.nest.activate(self.sampler.draw(state.global_step)[0])
+        self._open = None if f is None else (threading.get_ident(), id(f), f.f_code)
         self.history.append((state.global_step, sub))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         # evaluation / checkpoints between steps score the same sub-model every time, not the last one drawn
+        self._open = None
         self.nest.activate(getattr(self, "_outside", self.nest.largest))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._open = None
         self.nest.activate(getattr(self, "_outside", self.nest.largest))
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
