@@ -304,3 +304,32 @@ def test_yes_no_options_and_the_submodel_list_refuse_values_of_another_type(call
                 nest.unwrap_copy(copy, merge=bad)
             assert type(copy[0]) is not torch.nn.Linear
         assert type(nest.unwrap_copy(copy, merge=False)[0]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("fails", ["open", "write"])
+def test_save_turns_an_os_error_into_a_named_refusal_and_keeps_the_old_file(fails, tmp_path, monkeypatch):
+    """A folder sortednet may not write in raised a raw FileNotFoundError / PermissionError naming only the
+    hidden temporary file; a full disk a raw OSError. Now: a SortedNetError naming the path, the old checkpoint
+    intact and no temporary file left."""
+    import errno
+
+    c, nest = mlp()
+    path = str(tmp_path / "n.safetensors")
+    sn.save(nest, path)
+    old = open(path, "rb").read()
+    if fails == "open":
+        def refuse(*a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        monkeypatch.setattr(os, "open", refuse)
+    else:
+        real = os.fsync
+
+        def full(fd):
+            real(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(sn.SortedNetError, match="Permission denied" if fails == "open" else "No space left") as e:
+        sn.save(nest, path)
+    monkeypatch.undo()
+    assert "n.safetensors" in str(e.value)
+    assert open(path, "rb").read() == old and os.listdir(tmp_path) == ["n.safetensors"]

@@ -140,7 +140,10 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
                              f"{MAX_HEADER:,}-byte limit of safetensors (too many sub-models listed?)")
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    except OSError as e:
+        raise SortedNetError(f"cannot write a checkpoint in {folder!r} (for {path!r}): {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(len(placeholder).to_bytes(8, "little"))
@@ -158,6 +161,9 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # (a full disk, a quota, a path turned into a folder meanwhile): the old file stays
+        raise SortedNetError(f"cannot write checkpoint {path!r}: {e.strerror or e}; the file there (if any) is "
+                             "unchanged") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
