@@ -347,6 +347,23 @@ def test_svd_trainable_parameters_include_factors():
     assert {"fc1.U", "fc1.V", "fc2.U", "fc2.V", "fc3.weight"} <= names
 
 
+def test_lora_next_to_svd_trains_the_svd_factors_too():
+    """With a LoRA Rank in the nest, trainable_parameters() returned only the adapters: the factors of an svd
+    Rank beside it, which hold the layer's weights, got gradients that no optimizer built from it applied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Rank("s", [2, 8], targets="0"), sn.Rank("l", [2, 4], targets="2", mode="lora"))
+    names = [n for n, p in model.named_parameters() if any(p is q for q in nest.trainable_parameters())]
+    assert names == ["0.U", "0.V", "2.lora_A", "2.lora_B"]
+    opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with nest.use(nest.smallest):
+        model(torch.randn(4, 8)).square().mean().backward()
+    opt.step()
+    changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, before[k]))
+    assert changed == ["0.U", "0.V", "2.lora_B"]  # (lora_B starts at 0: lora_A's first gradient is 0)
+
+
 # -- invariant 9: bad input, model unchanged ---------------------------------------
 class OwnForward(nn.Linear):
     def forward(self, x):
@@ -359,6 +376,7 @@ class WithMHA(nn.Module):
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.fc, self.odd = nn.Linear(8, 6), OwnForward(6, 6)
         self.ln = nn.LayerNorm(6)
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
 
 
 BAD = {
@@ -369,6 +387,8 @@ BAD = {
     "no_match": lambda: [sn.Rank("r", [2], targets="fcc")],
     "own_forward": lambda: [sn.Rank("r", [2], targets="odd")],
     "mha_out_proj_factored": lambda: [sn.Rank("r", [2], targets="attn.out_proj")],
+    # the encoder layer's inference fast path reads linear1.weight / linear2.weight: a factored export crashed
+    "encoder_layer_linear_factored": lambda: [sn.Rank("r", [2], targets="enc.linear2")],
     "unsorted": lambda: [sn.Rank("r", [4, 2], targets="fc")],
     "bad_mode": lambda: [sn.Rank("r", [2], targets="fc", mode="dora")],
     "alpha_in_svd": lambda: [sn.Rank("r", [2], targets="fc", alpha=2.0)],

@@ -864,11 +864,17 @@ class Nest:
         return copy
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters an optimizer should get (those requiring grad, each once):
-        only the adapters when the nest has LoRA adapters (``Rank(mode="lora")``)."""
+        """The parameters an optimizer should get (those requiring grad, each once): all of them, or,
+        when the nest has LoRA adapters (``Rank(mode="lora")``), only what its Rank dimensions train:
+        the adapters, and the ``U`` / ``V`` factors of ``Rank(mode="svd")`` targets next to them."""
         adapters = {id(t): t for m in self._sliced.values() for t in m._sn.slicer.adapters(m)}
-        params = adapters.values() if adapters else self.model.parameters()
-        return [p for p in params if p.requires_grad]
+        if not adapters:
+            return [p for p in self.model.parameters() if p.requires_grad]
+        from .slicers.lowrank import SVD
+
+        keep = {*adapters, *(id(t) for m in self._sliced.values() if m._sn.slicer is SVD
+                              for t in (m._parameters.get(n) for n in SVD.factors) if t is not None)}
+        return [p for p in self.model.parameters() if id(p) in keep and p.requires_grad]
 
     def _extra_state(self) -> dict[str, Any]:
         """JSON-able state saved with the checkpoint (extended by features such as profiles)."""

@@ -98,11 +98,13 @@ class Rank(Dimension):
                     raise PatternError(f"Rank {self.name!r}: pattern {pat!r} matched {path!r}, a "
                                        f"{type(m).__name__}; rank targets must be nn.Linear")
                 parent, _, child = path.rpartition(".")
-                if (self.mode == "svd" and self.export != "merged" and child == "out_proj"
-                        and isinstance(modules.get(parent), nn.MultiheadAttention)):
+                owner = modules.get(parent)
+                if self.mode == "svd" and self.export != "merged" and (
+                        (child == "out_proj" and isinstance(owner, nn.MultiheadAttention))
+                        or (child in ("linear1", "linear2") and isinstance(owner, nn.TransformerEncoderLayer))):
                     raise PatternError(f"Rank {self.name!r}: {path!r} is read as a weight matrix by its "
-                                       "nn.MultiheadAttention, which cannot run two factored Linears; "
-                                       "use export='merged' (or mode='lora')")
+                                       f"{type(owner).__name__} (its inference fast path), which cannot run two "
+                                       "factored Linears; use export='merged' (or mode='lora')")
                 out.append(Target(path, "rank", b, pat))
         return out
 
