@@ -228,6 +228,8 @@ TABLE = {
     "sort_units_data_an_int": B(_on(mlp, lambda c, n, t: _sort_units()(n, "taylor", example=c.example, data=3)),
                                 "data=", "int"),
     "discover_ratios_a_string": B(_fresh(lambda c, t: sn.discover(c.model, c.example, ratios="1")), "ratios", "'1'"),
+    "distributed_save_not_a_nest": B(_fresh(lambda c, t: __import__("sortednet.distributed").distributed.save(
+        c.model, os.path.join(t, "m.safetensors"))), "needs a Nest", "MLP"),
     "discover_heads_a_string": B(_fresh(lambda c, t: sn.discover(c.model, c.example, heads="no")), "heads=", "'no'"),
 }
 

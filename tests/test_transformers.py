@@ -1064,3 +1064,17 @@ def test_from_transformers_checks_its_options_before_wrapping():
         assert [type(m) for m in model.modules()] == classes, kw
     nest = sn.from_transformers(model, ffn=[np.int64(24)], heads=[np.float32(0.5)])
     assert nest.smallest == sn.SubModel(ffn=24, heads=2)
+    # sort_by_importance: raw TypeError / IndexError / KeyError before, the model unchanged throughout
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = ids()
+    for kw, needle in [(dict(batches=None), "batches="), (dict(batches=x), "pass [batch]"),
+                       (dict(batches={"input_ids": x}), "pass [batch]"), (dict(batches=[x], loss_fn=5), "loss_fn="),
+                       (dict(batches=[x, x + V]), "outside the model's vocabulary"),
+                       (dict(batches=[{"input_ids": x + V, "labels": x}]), "outside the model's vocabulary"),
+                       (dict(batches=[x], ffn="yes"), "ffn=...")]:
+        with pytest.raises(sn.SortedNetError, match=re.escape(needle)):
+            sn.sort_by_importance(nest, **kw)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), kw
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError, match="unwrapped"):
+        sn.sort_by_importance(nest, [x])

@@ -455,7 +455,12 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
     True
     """
     from .io import save as _save
+    from .nest import Nest
 
+    if not isinstance(nest, Nest):  # (every rank alike: nothing collective has started)
+        raise SortedNetError(f"sortednet.distributed.save needs a Nest (what sn.wrap returned), got "
+                             f"{type(nest).__name__}")
+    nest._check_alive()
     me = dist.get_rank() if _active() else 0
     error: Exception | None = None
     if is_fsdp(nest.model):

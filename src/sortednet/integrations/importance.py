@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import SortedNetError
+from ..errors import SortedNetError, flag
 from ..importance import _at_full, _check_state, _companions, rel_err
 from ..modes import eval_mode
 from ..nest import Nest
@@ -78,6 +78,16 @@ def _expand(order: Tensor, unit: int) -> Tensor:
     return (order[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
 
 
+def _in_vocab(model: nn.Module, ids: Tensor) -> None:
+    """Token ids outside the embedding table raised a bare IndexError deep in the forward."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if isinstance(vocab, int) and ids.numel() and not ids.is_floating_point() and not (
+            0 <= int(ids.min()) and int(ids.max()) < vocab):
+        raise SortedNetError(f"sort_by_importance: a batch holds token ids {int(ids.min())}..{int(ids.max())}, "
+                             f"outside the model's vocabulary of {vocab}")
+
+
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:
     hint = ("pass loss_fn=lambda model, batch: <scalar loss>, e.g. for an encoder a mean-pooled embedding "
             "objective: loss_fn=lambda m, b: m(**b).last_hidden_state.mean(1).pow(2).sum()")
@@ -85,8 +95,11 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
         if batch.dtype not in (torch.long, torch.int, torch.int32) or batch.dim() != 2:
             raise SortedNetError(f"sort_by_importance: a tensor batch must be token ids of shape (batch, seq), got "
                                  f"{batch.dtype} {tuple(batch.shape)}; {hint}")
+        _in_vocab(model, batch)
         out = model(input_ids=batch, labels=batch)
     elif isinstance(batch, Mapping):
+        if isinstance(batch.get("input_ids"), Tensor):
+            _in_vocab(model, batch["input_ids"])
         out = model(**batch)
     else:
         raise SortedNetError(f"sort_by_importance cannot use a batch of type {type(batch).__name__} (give dicts of "
@@ -121,6 +134,18 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     """
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sort_by_importance needs a Nest (sn.from_transformers(...)), got {type(nest).__name__}")
+    nest._check_alive()
+    flag("sort_by_importance", "ffn", ffn)
+    flag("sort_by_importance", "heads", heads)
+    if loss_fn is not None and not callable(loss_fn):
+        raise SortedNetError(f"sort_by_importance: loss_fn= takes a function (model, batch) -> scalar loss, got "
+                             f"{type(loss_fn).__name__}")
+    if isinstance(batches, (Tensor, Mapping)):
+        raise SortedNetError(f"sort_by_importance: batches= is a sequence of batches; got one {type(batches).__name__}"
+                             " (iterating it would give its rows or keys): pass [batch]")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise SortedNetError(f"sort_by_importance: batches= takes a list (or loader) of batches, got "
+                             f"{type(batches).__name__}")
     if any(d.kind == "rank" for d in nest.dims):
         raise SortedNetError("sort_by_importance permutes full weight matrices; run it on a nest without a rank "
                              "dimension (sort first, then nest.unwrap() and from_transformers(..., rank=...))")
@@ -152,7 +177,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
                     raise SortedNetError(f"sort_by_importance: loss_fn must return a scalar floating-point tensor, "
                                          f"got {type(loss).__name__}"
-                                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+                                         + (f" {loss.dtype} of shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
+                                            else ""))
                 if not bool(torch.isfinite(loss.detach())):
                     raise SortedNetError(f"sort_by_importance: the loss of batch {n} is {float(loss.detach())}; "
                                          "its gradient scores would be NaN and every order meaningless. Nothing "
