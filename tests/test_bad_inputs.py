@@ -335,3 +335,33 @@ def test_save_turns_an_os_error_into_a_named_refusal_and_keeps_the_old_file(fail
     monkeypatch.undo()
     assert "n.safetensors" in str(e.value)
     assert open(path, "rb").read() == old and os.listdir(tmp_path) == ["n.safetensors"]
+
+
+@pytest.mark.parametrize("fault", [OSError, KeyboardInterrupt])
+def test_load_interrupted_while_copying_says_so_and_can_run_again(fault, tmp_path, monkeypatch):
+    """Past every check, a read error of the disk or Ctrl-C while weights are copied raised bare and left a fresh
+    model wrapped (a second sn.load refused it as 'already wrapped'), with nothing saying it was half loaded."""
+    import sortednet.checkpoint as ck
+
+    c, nest, path = _saved(str(tmp_path))
+    fresh = FAMILIES["mlp"](seed=7).model
+    classes = [type(m) for m in fresh.modules()]
+    real, calls = ck.Container.copy_into, []
+
+    def flaky(self, name, targets):
+        calls.append(name)
+        if len(calls) == 3:
+            raise fault("simulated")
+        return real(self, name, targets)
+    monkeypatch.setattr(ck.Container, "copy_into", flaky)
+    with pytest.raises(sn.SortedNetError if fault is OSError else KeyboardInterrupt) as e:
+        sn.load(fresh, path)
+    text = str(e.value) + "".join(getattr(e.value, "__notes__", []))
+    assert "loading stopped after 2 of" in text and "load again" in text
+    assert [type(m) for m in fresh.modules()] == classes  # unwrapped: it can be loaded again
+    monkeypatch.undo()
+    again = sn.load(fresh, path)
+    with torch.no_grad():
+        for sub in nest.submodels:
+            with again.use(sub), nest.use(sub):
+                assert torch.equal(again(c.example), nest(c.example))

@@ -20,6 +20,7 @@ import mmap
 import os
 import secrets
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -203,6 +204,22 @@ class Container:
             return _crc(b"")
         with memoryview(self._mm) as mv, mv[self._start + e.begin:self._start + e.end] as part:
             return _crc(part)
+
+    def copy_into(self, name: str, targets: list[torch.Tensor]) -> None:
+        """``name``'s data copied into each of ``targets`` straight from the mapped file: no temporary
+        (loading allocates nothing per tensor, so running out of memory cannot stop it half way)."""
+        e = self.entries[name]
+        if e.end == e.begin:
+            return
+        with memoryview(self._mm) as mv, mv[self._start + e.begin:self._start + e.end] as part:
+            with warnings.catch_warnings():  # (the mapping is read-only; the view is only read from)
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.frombuffer(part, dtype=e.dtype).reshape(e.shape)
+            try:
+                for t in targets:
+                    t.copy_(src)
+            finally:
+                del src  # (the memoryview can only be released once no tensor views it)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A new CPU tensor holding ``name``'s data."""

@@ -286,13 +286,24 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                 warnings.simplefilter("ignore", UnverifiedHeadsWarning)  # wrap-time warning is not actionable)
                 nest = wrap(model, *dims, submodels=subs)
         sd = nest.model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for name, targets in copies.items():
-                src = f.tensor(name)
-                for k in targets:
-                    sd[k].copy_(src)
-        nest._load_extra_state(meta["extra"])
-        nest._load_extra_tensors({k: f.tensor(k) for k in calib})
+        done = 0
+        try:
+            with torch.no_grad():
+                for name, targets in copies.items():
+                    f.copy_into(name, [sd[k] for k in targets])
+                    done += 1
+            nest._load_extra_state(meta["extra"])
+            nest._load_extra_tensors({k: f.tensor(k) for k in calib})
+        except BaseException as e:  # (an interrupt, a read error of the disk): past every check, nothing to undo
+            if dims is not None:  # a fresh model: back to its own classes, so that sn.load(model, path) can run again
+                nest.unwrap()
+            msg = (f"checkpoint {where}: loading stopped after {done} of {len(copies)} tensors had been copied "
+                   f"({type(e).__name__}: {e}): the model now holds some of the checkpoint's values and some of its "
+                   "own; load again")
+            if not isinstance(e, Exception):
+                e.add_note(msg) if hasattr(e, "add_note") else None
+                raise
+            raise SortedNetError(msg) from e
     return nest
 
 
