@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 import torch.nn as nn
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -351,3 +352,32 @@ def test_inclusion_beyond_the_exact_budget_is_close(monkeypatch):
     monkeypatch.setattr(smp, "EXACT_WORK", 0)
     approx = smp.inclusion(p, 4)
     assert sum(approx) == pytest.approx(4) and max(abs(a - b) for a, b in zip(exact, approx)) < 0.05
+
+
+def test_weights_take_every_real_number_float_reads_and_refuse_what_is_not_one():
+    """Weights are read in the caller's order as ``float()`` reads them (0-d arrays, ``Decimal``, object arrays,
+    a column tensor were accepted before the stricter check and must stay so); strings, sets, bools, complex
+    numbers are refused, for ``weights=``, ``loss_weights=`` and ``sn.accumulate(weights=)`` alike."""
+    import decimal
+
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
+                   sn.Width("h", [2, 4, 8], out="0", inp="1"))
+    good = [[np.array(1.0), np.array(2.0), np.array(3.0)], [decimal.Decimal("1"), 2, 3],
+            np.array([1, 2, 3], dtype=object), torch.tensor([[1.0], [2.0], [3.0]]), np.array([1, 2, 3], np.float16),
+            [torch.tensor(1.0), torch.tensor(2), np.float32(3)], (x for x in (1, 2, 3)), range(1, 4)]
+    for w in good:
+        for kw in ("weights", "loss_weights"):
+            w = w if not hasattr(w, "__next__") else (x for x in (1, 2, 3))
+            s = sn.Sampler(nest, k=2, **({"strategy": "weighted"} if kw == "weights" else {}), **{kw: w})
+            assert getattr(s, kw) == [1.0, 2.0, 3.0]
+            json.dumps(s.state_dict())
+    bad = [["1", "2", "3"], {1.0, 2.0, 3.0}, [np.True_, np.False_, np.True_], [1 + 0j, 2, 3],
+           np.array([1 + 1j, 2, 3]), torch.ones(3, 2), {"a": 1}]
+    for w in bad:
+        with pytest.raises(sn.SortedNetError, match="weights"):
+            sn.Sampler(nest, k=1, strategy="weighted", weights=w)
+    x = torch.randn(3, 4)
+    ref = sn.accumulate(nest, [nest.smallest, nest.largest], lambda: nest.model(x).square().mean(), weights=[0.3, 0.7])
+    same = sn.accumulate(nest, [nest.smallest, nest.largest], lambda: nest.model(x).square().mean(),
+                         weights=[np.array(0.3), decimal.Decimal("0.7")])
+    assert list(ref) == list(same)

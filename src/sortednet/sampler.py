@@ -37,35 +37,37 @@ def _check_index(value: Any, what: str) -> int:
 
 
 def number_list(values: Any, what: str) -> list[float]:
-    """``values`` as floats, one per entry, in the caller's order: a list, tuple, 1-d array or tensor, or an
-    iterator (read once) of real numbers (Python, NumPy, one-element tensors; not bools, strings, sets or
-    mappings, whose order or meaning is not the user's). Huge integers become ``inf`` (the caller's
-    finiteness check refuses them by name). A :class:`SortedNetError` naming ``what`` otherwise."""
+    """``values`` as floats, one per entry, in the caller's order: a list, tuple, 1-d (or column) array or
+    tensor, or an iterator (read once), of anything ``float()`` reads as a real number (Python, NumPy and
+    ``Decimal`` numbers, 0-d arrays, one-element tensors); never bools, strings, complex numbers, sets or
+    mappings, whose meaning or order is not the user's. Huge integers become ``inf`` (the caller's finiteness
+    check refuses them by name). A :class:`SortedNetError` naming ``what`` otherwise."""
     bad = SortedNetError(f"{what} must be a list of real numbers in the order of the sub-models, got {values!r}")
-    if isinstance(values, (str, bytes, set, frozenset, Mapping)) or isinstance(values, numbers.Real):
+    if isinstance(values, (str, bytes, set, frozenset, Mapping)) or isinstance(values, numbers.Number):
         raise bad
-    if isinstance(values, torch.Tensor):
-        if values.ndim != 1 or values.dtype is torch.bool or values.is_complex():
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        shape = tuple(values.shape)
+        if len(shape) == 0 or sum(n > 1 for n in shape) > 1:  # (a row or column of any rank is a list)
             raise bad
-        values = values.tolist()
-    elif isinstance(values, np.ndarray):
-        if values.ndim != 1 or values.dtype.kind not in "iuf":
-            raise bad
-        values = values.tolist()
+        values = values.reshape(-1).tolist()
     try:
         values = list(values)
     except TypeError:
         raise bad from None
     out = []
     for x in values:
-        if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype is not torch.bool and not x.is_complex():
-            x = x.item()
-        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        kind = getattr(x, "dtype", None)
+        if (isinstance(x, (bool, np.bool_, str, bytes)) or kind is torch.bool
+                or getattr(kind, "kind", None) in ("b", "c", "O", "S", "U")
+                or (isinstance(x, numbers.Complex) and not isinstance(x, numbers.Real))
+                or (isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_complex()))):
             raise bad
         try:
             out.append(float(x))
         except OverflowError:
             out.append(math.inf if x > 0 else -math.inf)
+        except (TypeError, ValueError):
+            raise bad from None
     return out
 
 
