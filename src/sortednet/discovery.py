@@ -28,9 +28,10 @@ from .cost import call_model
 from .coupling import Coupling, Group, analyse
 from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
+from .errors import flag as _flag
 from .heads import Heads
 from .modes import copy_model
-from .nest import _flag, wrap
+from .nest import wrap
 from .sampler import number_list
 from .submodel import SubModel
 from .wrap import split_ties

@@ -22,8 +22,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
+from ..errors import flag as _flag
 from ..heads import Heads
-from ..nest import EXPORT_HOOKS, Nest, _flag, wrap
+from ..nest import EXPORT_HOOKS, Nest, wrap
 from ..rank import Rank
 from ..slicers import register_transformers_types, slicer_for
 from ..submodel import SubModel, SubModelLike
