@@ -1198,3 +1198,56 @@ def test_a_meta_model_or_example_is_refused_by_check_not_a_raw_error():
     for p in m.parameters():
         torch.nn.init.normal_(p)
     nest.check(torch.randn(3, 4))
+
+
+class _Blocks(nn.Module):
+    """Four residual blocks in a layer list; ``how`` is how the forward reaches them."""
+
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        act = nn.GELU()  # one activation module every block holds: runs under every depth, legitimately
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), act) for _ in range(4))
+        self.head, self.how = nn.Linear(8, 2), how
+        if how == "registered":
+            self.lins = nn.ModuleList(b[0] for b in self.layers)
+        elif how == "list":
+            self.__dict__["lins"] = [b[0] for b in self.layers]
+        elif how == "weights":
+            self.__dict__["ws"] = [(b[0].weight, b[0].bias) for b in self.layers]
+
+    def forward(self, x):
+        if self.how in ("registered", "list"):
+            for lin in self.lins:
+                x = x + lin(x)
+        elif self.how == "weights":
+            for w, b in self.ws:
+                x = x + torch.nn.functional.linear(x, w, b)
+        else:
+            for blk in self.layers:
+                x = x + blk(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("how", ["registered", "list", "weights"])
+def test_depth_whose_layers_the_forward_reaches_outside_the_list_is_refused(how):
+    """The blocks' layers (or weights) held in another ModuleList or a plain list and called from there ran under
+    every depth: the depth changed nothing, check accepted it, cost counted 99 parameters of a forward reading
+    315, and the export held weights it did not register."""
+    m = _Blocks(how)
+    params = list(m.parameters())
+    with pytest.raises(sn.SortedNetError, match="the forward ran it|holds blocks the sub-model skips"):
+        sn.wrap(m, sn.Depth("d", [1, 4], layers="layers"), example=torch.randn(3, 8))
+    assert all(a is b for a, b in zip(m.parameters(), params)) and type(m.layers) is nn.ModuleList
+    if how != "registered":  # (a registered alias is a layer of the export too: only check sees it)
+        nest = sn.wrap(m, sn.Depth("d", [1, 4], layers="layers"))
+        with pytest.raises(sn.SortedNetError, match="holds blocks the sub-model skips"):
+            nest.export("d=1")
+
+
+def test_depth_with_a_module_every_block_holds_still_passes_check():
+    m = _Blocks("layers")
+    nest = sn.wrap(m, sn.Depth("d", [1, 2, 4], layers="layers"), example=torch.randn(3, 8))
+    x = torch.randn(3, 8)
+    with nest.use("d=2"), torch.no_grad():
+        assert torch.allclose(nest.export("d=2")(x), m(x))

@@ -663,11 +663,45 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
             "(num_heads, head_dim, ...; count_attrs=), see docs/heads.md" if heads else "")
     depths = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
     if depths and not hint:
-        hint = (f"; depth {depths}: the blocks it drops may re-size the stream the layers after them read, which "
-                "then get the width of the last block kept; bind those layers to the dimensions of every block "
-                "that can end the stream (one Width for the stream), or keep such blocks out of the Depth")
+        hint = (f"; depth {depths}: a forward that counts its blocks itself (range(self.num_layers), zip(..., "
+                "strict=True) with a list of another length) must take len() of the layer list instead; or the "
+                "blocks it drops re-size the stream the layers after them read, which then get the width of the "
+                "last block kept: bind those layers to the dimensions of every block that can end the stream (one "
+                "Width for the stream), or keep such blocks out of the Depth")
     return SortedNetError(head + "\n  (no missing binding found by tracing: check custom modules and ops of "
                           f"the sliced features{hint})")
+
+
+def _skipped_layers_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
+    """Each Depth at its shallowest: no layer of a block it skips may run. A forward that reaches the blocks'
+    layers some other way (another ModuleList or a plain list of them) runs them under every depth: the depth
+    would change nothing, and cost / export would count a model the forward does not compute."""
+    full = SubModel({d.name: d.full for d in nest.dims})
+    for dd in (d for d in nest.dims if d.kind == "depth"):
+        ran: list[str] = []
+
+        def seen(where: str, ran: list[str] = ran) -> Callable[..., None]:
+            return lambda mod, args: ran.append(where)
+
+        with Use(nest._state, nest._plans.build(full.replace(**{dd.name: dd.sizes[0]}))):
+            drop = {(id(m), name) for m in nest._sliced.values() for name in m._sn.slicer.skipped(m)}
+            lists = [m for m in nest._sliced.values() if any((id(m), n) in drop for n in m._modules)]
+            kept = {id(c) for m in lists for n, b in m._modules.items() if (id(m), n) not in drop and b is not None
+                    for c in b.modules()}  # (a module every block holds, or a block shared ALBERT-style, runs)
+            hooks = [copies[id(c)].register_forward_pre_hook(seen(f"{path}.{name}.{sp}".rstrip(".")))
+                     for path, m in nest._sliced.items() for name in m._modules if (id(m), name) in drop
+                     for sp, c in m._modules[name].named_modules() if id(c) not in kept and id(c) in copies]
+            try:
+                call_model(model, example)
+            finally:
+                for h in hooks:
+                    h.remove()
+        if ran:
+            raise SortedNetError(
+                f"nest.check: depth {dd.name!r} at {dd.sizes[0]} skips the block holding {ran[0]!r}, but the "
+                "forward ran it: it reaches the blocks' layers outside the layer list (another ModuleList, a list "
+                "or dict attribute of them), so they run under every depth and the depth changes nothing. Call the "
+                "blocks through the layer list")
 
 
 def _check_size_two(nest: Nest, model: Any, example: Any, want: list) -> None:
@@ -769,6 +803,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
+        _skipped_layers_run(nest, model, copies, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
         if why is not None:
