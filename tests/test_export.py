@@ -363,6 +363,16 @@ def test_sliced_mha_takes_per_head_masks_of_the_full_model_or_of_the_submodel():
         torch.testing.assert_close(live, small(x, None, full[:, :2].reshape(4, 5, 5))[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("opt", [dict(qkv=("a", "b", "c")), dict(o="nope"), dict(count_attrs=["bogus"]),
+                                 dict(layout="interleaved")])
+def test_heads_options_of_hand_written_attention_are_refused_on_stock_mha(opt):
+    """They were ignored silently on an nn.MultiheadAttention, even naming children it does not have."""
+    m = _MHANet(True)
+    with pytest.raises(sn.SortedNetError, match=f"takes no \\['{next(iter(opt))}'\\]"):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn="att", **opt))
+    assert type(m.att) is nn.MultiheadAttention
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @given(heads=st.sampled_from([1, 2, 4]), batch_first=st.booleans(), seed=st.integers(0, 2**16))
 def test_transformer_encoder_with_padding_under_no_grad(heads, batch_first, seed):

@@ -136,6 +136,11 @@ class Heads(Dimension):
     def _plan_one(self, path: str, m: nn.Module, pat: str) -> list[Target]:
         H = self.full
         if isinstance(m, nn.MultiheadAttention):
+            given = [k for k, v in (("qkv", self.qkv), ("o", self.o), ("count_attrs", self.count_attrs),
+                                    ("layout", self.layout)) if v is not None]
+            if given:  # (its packed in_proj_weight, out_proj and num_heads are known: the options would be ignored)
+                raise self._err(path, f"an nn.MultiheadAttention takes no {given}: its packed projection, "
+                                      "out_proj and num_heads are sliced as they are; leave them out")
             if m.num_heads != H:
                 raise SizeError(f"Heads {self.name!r}: largest size {H} != {path}.num_heads={m.num_heads}")
             d = m.head_dim
