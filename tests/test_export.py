@@ -594,3 +594,34 @@ def test_an_exported_attention_keeps_the_models_mode_and_scripting_is_refused_cl
     with pytest.raises(sn.SortedNetError, match="torch.jit.script of a wrapped model"):
         torch.jit.script(enc)
     torch.testing.assert_close(torch.jit.trace(small, x)(x), live, atol=1e-5, rtol=0)
+
+
+def test_fx_symbolic_trace_of_a_depth_nest_is_refused_and_torch_export_captures_the_submodel():
+    """``torch.fx.symbolic_trace`` unrolled the layer list at the trace's depth while the sliced layers (leaf
+    modules to FX) followed ``use`` at call time: the GraphModule silently mixed two sub-models (0.07 from the
+    sub-model, 0.28 from the full model). ``torch.export`` (make_fx) runs the real forward: it stays allowed."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(3))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.head = blocks, nn.Linear(8, 2)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return self.head(x)
+
+    m = Net().eval()
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="blocks.*.0", inp="blocks.*.2"), sn.Depth("d", [1, 3],
+                                                                                          layers="blocks"))
+    for sub in (nest.largest, nest.smallest):
+        with nest.use(sub), pytest.raises(sn.SortedNetError, match="torch.fx symbolic tracing"):
+            torch.fx.symbolic_trace(m)
+    x = torch.randn(4, 8)
+    with nest.use(nest.smallest):
+        want = m(x)
+        prog = torch.export.export(m, (x,))
+    torch.testing.assert_close(prog.module()(x), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(nest.export(nest.smallest)(x), want, atol=1e-6, rtol=0)

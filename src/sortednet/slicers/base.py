@@ -558,8 +558,8 @@ def _no_script(self: nn.Module) -> None:
     Python, which TorchScript cannot compile."""
     raise SortedNetError(f"torch.jit.script of a wrapped model ({self.__dict__['_sn'].path or '<root>'!r} is a "
                          f"sliced {self.__dict__['_sn'].cls.__name__}): script nest.export(sub), a plain model of one "
-                         "sub-model; torch.jit.trace or torch.export.export of the live model under nest.use(sub) "
-                         "capture that sub-model")
+                         "sub-model; torch.export.export, or torch.jit.trace under torch.no_grad(), of the live "
+                         "model under nest.use(sub) capture that sub-model")
 
 
 def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
