@@ -625,3 +625,28 @@ def test_fx_symbolic_trace_of_a_depth_nest_is_refused_and_torch_export_captures_
         prog = torch.export.export(m, (x,))
     torch.testing.assert_close(prog.module()(x), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(nest.export(nest.smallest)(x), want, atol=1e-6, rtol=0)
+
+
+def test_fx_symbolic_trace_refuses_a_sliced_size_read_in_python_and_keeps_width_only_models_live():
+    """A forward that reads a sliced attribute in Python (``self.fc.out_features`` to size a view) had it baked
+    into the traced graph as the traced sub-model's value; a width-only model whose forward only calls its layers
+    traces to a module that follows ``use`` like the live model."""
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(x).view(-1, self.fc.out_features).relu())
+
+    m = Reads()
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="fc", inp="out"))
+    with pytest.raises(sn.SortedNetError, match="'fc'.out_features"):
+        torch.fx.symbolic_trace(m)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    nest = sn.wrap(plain, sn.Width("h", [8, 16], out="0", inp="2"))
+    traced = torch.fx.symbolic_trace(plain)
+    x = torch.randn(3, 8)
+    for sub in nest.submodels:
+        with nest.use(sub):
+            torch.testing.assert_close(traced(x), plain(x), atol=1e-6, rtol=0)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from .errors import SortedNetError
 
@@ -175,6 +177,21 @@ class SliceInto(torch.autograd.Function):
 #: ``SliceInto.apply`` without ``autograd.Function.apply``'s Python wrapper (which only adds
 #: functorch and ``setup_context`` handling: :func:`narrow` never calls it under functorch)
 _slice_into = super(torch.autograd.Function, SliceInto).apply  # type: ignore[misc]
+_fx = _symbolic_trace  # (``_fx._is_fx_tracing_flag``: read inline on hot paths, then :func:`fx_tracing`)
+
+
+def fx_tracing() -> bool:
+    """``torch.fx.symbolic_trace`` is running (proxies instead of tensors: what a sliced read returns would be
+    baked into the graph as one sub-model's constant); ``torch.export``'s make_fx runs real tensors: not this."""
+    return _symbolic_trace._is_fx_tracing_flag and get_proxy_mode() is None
+
+
+def fx_refused(what: str) -> SortedNetError:
+    return SortedNetError(
+        f"torch.fx symbolic tracing of a wrapped model: {what} would be baked into the graph as the sub-model "
+        "active during the trace, while its sliced layers, called as modules, follow nest.use at call time: the "
+        "traced module would mix two sub-models. Trace nest.export(sub) (a plain model), or capture a sub-model "
+        "with torch.export.export(model, ...) inside nest.use(sub)")
 _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active

@@ -18,7 +18,22 @@ from torch import Tensor, nn
 
 from ..dims import Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
-from ..views import DYNAMIC, STATIC, View, _compiling, _grad_enabled, cut, cuts_for, is_sharded, narrow, new_lock, view
+from ..views import (
+    DYNAMIC,
+    STATIC,
+    View,
+    _compiling,
+    _fx,
+    _grad_enabled,
+    cut,
+    cuts_for,
+    fx_refused,
+    fx_tracing,
+    is_sharded,
+    narrow,
+    new_lock,
+    view,
+)
 from ..views import SliceInto as _SliceInto  # noqa: F401  (kept importable: sortednet.slicers._SliceInto)
 
 if TYPE_CHECKING:
@@ -293,6 +308,8 @@ class Slicer:
             role = f"attr:{name}"
 
             def get(self_: nn.Module) -> Any:  # the hot path: one plan lookup
+                if _fx._is_fx_tracing_flag and fx_tracing():
+                    raise fx_refused(f"{self_.__dict__['_sn'].path or '<root>'!r}.{name}")
                 st = self_.__dict__["_sn"]
                 a = st.active
                 try:

@@ -15,15 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import _symbolic_trace as _fx
-from torch.fx.experimental import proxy_tensor as _proxy_tensor
 
 from ..errors import SortedNetError
-from ..views import _compiling, _grad_enabled
+from ..views import _compiling, _fx, _grad_enabled, fx_refused, fx_tracing
 from .base import Slicer, slicer
 
 _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
-_proxy_mode = _proxy_tensor.get_proxy_mode
 
 
 def _pin_checkpoints(m: nn.Module) -> None:
@@ -31,12 +28,8 @@ def _pin_checkpoints(m: nn.Module) -> None:
     the recomputation during backward runs the depth of now, wherever backward runs (outside the forward's
     ``use`` block it would recompute another depth: ``blocks[-1]`` another block of the same shape, which
     PyTorch's recomputation check cannot see)."""
-    if _fx._is_fx_tracing_flag and _proxy_mode() is None:  # torch.fx.symbolic_trace (torch.export's make_fx: fine)
-        raise SortedNetError(
-            f"torch.fx symbolic tracing of a wrapped model: the Depth layer list {m._sn.path or '<root>'!r} would be "
-            "unrolled at the depth of the trace while its sliced layers, called as modules, follow nest.use at call "
-            "time: the traced module would mix two sub-models. Trace nest.export(sub) (a plain model), or capture a "
-            "sub-model with torch.export.export(model, ...) inside nest.use(sub)")
+    if _fx._is_fx_tracing_flag and fx_tracing():  # (torch.export's make_fx runs real tensors: fine)
+        raise fx_refused(f"the Depth layer list {m._sn.path or '<root>'!r}, unrolled at the trace's depth,")
     if _grad_enabled() and not _compiling() and _saved_tensors_hooks(False) is not None:
         a = m.__dict__["_sn"].active
         if a is not None:
