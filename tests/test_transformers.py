@@ -1078,3 +1078,21 @@ def test_from_transformers_checks_its_options_before_wrapping():
     nest.unwrap()
     with pytest.raises(sn.SortedNetError, match="unwrapped"):
         sn.sort_by_importance(nest, [x])
+
+
+def test_several_layer_lists_are_refused_with_advice_that_fits_them():
+    """The refusal advised ``sn.from_transformers(model.vision_model, ...)`` for every model with several layer
+    lists: BART has no vision_model (its towers are model.encoder / model.decoder) and Swin's lists are stages."""
+    from transformers import BartConfig, BartForConditionalGeneration, SwinConfig, SwinModel
+
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
+                                                   encoder_attention_heads=4, decoder_attention_heads=4,
+                                                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32))
+    with pytest.raises(sn.SortedNetError, match=r"model\.get_submodule\('model\.encoder'\)"):
+        sn.from_transformers(bart, ffn=[32])
+    nest = sn.from_transformers(bart.get_submodule("model.encoder"), ffn=[32])
+    assert nest.smallest == sn.SubModel(ffn=32)
+    swin = SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                window_size=4))
+    with pytest.raises(sn.SortedNetError, match="stages of one network"):
+        sn.from_transformers(swin, ffn=[0.5])

@@ -214,9 +214,16 @@ def detect(model: nn.Module) -> Found:
         if not hits:
             continue
         if len(hits) > lay.extra.get("stacks", 1):
-            raise SortedNetError(f"{type(model).__name__} holds {len(hits)} layer lists {list(hits)} (whose blocks "
-                                 f"match the {lay.family} layout's); nest one tower at a time: pass the sub-module "
-                                 "that holds one of them (e.g. sn.from_transformers(model.vision_model, ...))")
+            head = f"{type(model).__name__} holds {len(hits)} layer lists {list(hits)} (whose blocks match the " \
+                   f"{lay.family} layout's)"
+            if any(part.isdigit() for p in hits for part in p.split(".")):  # lists inside a list: stages
+                raise SortedNetError(f"{head}: stages of one network (each with its own width and head count), "
+                                     "which from_transformers cannot nest as one; declare the dimensions by hand "
+                                     "with sn.wrap (one Width / Heads per stage, sn.discover proposes them)")
+            towers = [p.rpartition(".")[0] for p in hits]
+            raise SortedNetError(f"{head}; nest one tower at a time: pass the sub-module that holds one of them, "
+                                 f"e.g. sn.from_transformers(model.get_submodule({towers[0]!r}), ...) (towers: "
+                                 f"{towers})")
         tails = {p.rpartition(".")[2] for p in hits}
         missed = [p for p, _ in lists if p not in hits and p.rpartition(".")[2] in tails]
         if missed:
