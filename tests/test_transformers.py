@@ -1096,3 +1096,16 @@ def test_several_layer_lists_are_refused_with_advice_that_fits_them():
                                 window_size=4))
     with pytest.raises(sn.SortedNetError, match="stages of one network"):
         sn.from_transformers(swin, ffn=[0.5])
+
+
+def test_alibi_models_refuse_heads_naming_alibi_and_nest_the_rest():
+    """Bloom (and Falcon with alibi=True) build ALiBi slopes for every head of the config: the heads refusal came
+    from the self-check as a tensor-shape error that did not say why."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    m = BloomForCausalLM(BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4))
+    classes = [type(x) for x in m.modules()]
+    with pytest.raises(sn.SortedNetError, match="ALiBi"):
+        sn.from_transformers(m, heads=[2], ffn=[0.5])
+    assert [type(x) for x in m.modules()] == classes
+    assert sn.from_transformers(m, ffn=[0.5], depth=[1]).smallest == sn.SubModel(ffn=64, depth=1)

@@ -154,6 +154,11 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
         if lay.no_heads:
             raise SortedNetError(f"from_transformers(heads=...) on {type(model).__name__}: {lay.no_heads}; "
                                  "nest ffn= / depth= only")
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "alibi", False) or getattr(cfg, "model_type", None) == "bloom":
+            raise SortedNetError(f"from_transformers(heads=...) on {type(model).__name__}: its ALiBi position "
+                                 "biases are built for every head from the config's head count at each forward, "
+                                 "not sliced with the heads; nest ffn= / depth= only")
         n_heads, group = _head_counts(model.config, lay)
         if group == n_heads and not isinstance(lay.qkv, str):
             group = 1  # multi-query with separate k / v projections: any count of query heads (docs/heads.md)
