@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         g = torch.Generator().manual_seed(args.seed * 100_003 + step)   # the same global batch everywhere
         idx = torch.randint(0, len(xtr), (args.batch,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
         x, y = xtr[idx].to(accelerator.device), ytr[idx].to(accelerator.device)
-        losses = snd.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(model(x), y), module=model)  # noqa: B023
+        losses = snd.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(model(x), y),  # noqa: B023
+                                module=model, backward=accelerator.backward)  # (its loss scaling, mixed precision)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 100 == 0:

@@ -296,6 +296,13 @@ def _errors(rank: int, out_dir: str) -> dict:
         snd.sync_gradients(emb)
     except sn.SortedNetError as e:
         out["sparse_sync"] = str(e)
+    case, nest = _build("lm_width_heads_depth", "ddp")  # sn.accumulate (not snd's) through a DDP wrapper, a depth below full
+    plain_ddp = DDP(case.model)
+    shallow = nest.smallest
+    try:
+        sn.accumulate(nest, [shallow], lambda: plain_ddp(case.example).float().square().mean())
+    except sn.SortedNetError as e:
+        out["sn_accumulate_ddp"] = (str(e), all(p.grad is None for p in case.model.parameters()))
     try:
         sn.fit(nest, [(case.example, torch.zeros(len(case.example), dtype=torch.long))],
                torch.optim.SGD(case.model.parameters(), lr=0.1), sn.Sampler(nest, k=1))
@@ -475,6 +482,8 @@ def test_misuse_raises_clear_errors(run):
     msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran
     assert "['0']" in msg and "sparse gradients" in msg and untouched
     assert "sync_gradients" in errs["sparse_sync"] and "['0']" in errs["sparse_sync"]
+    msg, untouched = errs["sn_accumulate_ddp"]  # DDP would have averaged part of the step, raised a step later
+    assert "sortednet.distributed.accumulate" in msg and "find_unused_parameters=False" in msg and untouched
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
     assert "sortednet.distributed.save" in errs.get("export_sharded", "")
     assert "module=ddp_model" in errs["module_left_out"]

@@ -778,3 +778,22 @@ def test_fit_refuses_a_malformed_eval_set_before_the_first_step(bad):
         sn.fit(nest, [(x, y)] * 10, opt, sn.Sampler(nest.submodels, k=2, seed=0), eval_data=eval_data,
                eval_every=5, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not opt.state
+
+
+def test_a_skipped_nonfinite_batch_names_the_batchnorms_its_forward_poisoned():
+    """A NaN in the input: the loss is skipped (no backward), but the forward already wrote NaN into the
+    BatchNorm running statistics, after which every evaluation is NaN. The warning now says so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="3", norm="1"))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    x[3, 0] = float("nan")
+    with pytest.warns(sn.train.NonFiniteLossWarning, match=r"non-finite BatchNorm running statistics in \['1'\]"):
+        losses = sn.accumulate(nest, [nest.largest], lambda: F.cross_entropy(model(x), y), nonfinite="skip")
+    assert losses.skipped == (nest.largest,) and model[0].weight.grad is None
+    model[1].reset_running_stats()
+    with pytest.warns(sn.train.NonFiniteLossWarning) as rec:  # a finite batch whose loss is NaN: none named
+        sn.accumulate(nest, [nest.largest], lambda: F.cross_entropy(model(x.nan_to_num()), y) * float("nan"),
+                      nonfinite="skip")
+    assert "BatchNorm" not in str(rec[0].message)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .errors import flag as _flag
 from .modes import eval_mode
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
+from .views import _distributed
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -186,6 +188,9 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     losses = [0.0] * len(resolved)
     skipped: list[SubModel] = []
     done: list[SubModel] = []
+    hook = None
+    if _prechecked is None and _distributed():  # (sortednet.distributed.accumulate has its own hooks)
+        hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_reducer_check(nest))
     try:
         _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
              done)
@@ -194,7 +199,29 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             e.add_note(f"sortednet.accumulate: {', '.join(map(str, done))} had already added their gradients to "
                        ".grad in this call; zero them (optimizer.zero_grad()) before trying again")
         raise
+    finally:
+        if hook is not None:
+            hook.remove()
     return Losses(losses, skipped=skipped)
+
+
+def _ddp_reducer_check(nest: Nest) -> None:
+    """Forward pre-hook of :func:`accumulate` under torch.distributed: a forward through a DDP wrapper whose
+    reducer expects a gradient for every parameter (no unused-parameter search, sync on) under a depth below
+    full leaves the skipped blocks' buckets un-averaged this step (the optimizer steps on local gradients) and
+    raises DDP's own error only at the next forward."""
+    ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
+    ddp = getattr(ddp, "_active_ddp_module", None)
+    if ddp is None or not ddp.require_backward_grad_sync or ddp.find_unused_parameters or not torch.is_grad_enabled():
+        return
+    sub = nest.active
+    shallow = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
+    if shallow:
+        raise SortedNetError(f"sn.accumulate: a DistributedDataParallel forward of {sub} (depth {shallow} below full) "
+                             "with gradient sync on and find_unused_parameters=False: the blocks it skips give no "
+                             "gradient, so DDP would average only part of this step and raise at the next one. Use "
+                             "sortednet.distributed.accumulate(nest, subs, closure, module=ddp_model) (with "
+                             "Accelerate: module=the prepared model, backward=accelerator.backward)")
 
 
 def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: Any, weights: Any, backward: Any,
@@ -233,6 +260,16 @@ def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: An
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
     return resolved, weights
+
+
+def _nonfinite_stats(nest: Nest) -> list[str]:
+    """BatchNorm modules whose running mean / variance hold a non-finite value (a skipped non-finite batch's
+    forward has already written into them: skipping its backward cannot undo that)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [p for p, m in nest.model.named_modules() if isinstance(m, _BatchNorm) and any(
+        t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in (m._buffers.get("running_mean"), m._buffers.get("running_var")))]
 
 
 def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callable[[], Any], distill: Any,
@@ -288,7 +325,12 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
                 skipped.append(resolved[i])
                 if i == teacher:
                     target = None
-                warnings.warn(f"sortednet.accumulate: skipped the backward of {resolved[i]}: the {what}",
+                stats = _nonfinite_stats(nest)
+                warnings.warn(f"sortednet.accumulate: skipped the backward of {resolved[i]}: the {what}"
+                              + (f"; its forward already left non-finite BatchNorm running statistics in "
+                                 f"{stats[:3]}{' ...' if len(stats) > 3 else ''}: every evaluation gives NaN until "
+                                 "they are re-estimated (nest.calibrate, or reset_running_stats and a pass over "
+                                 "the data) or reloaded" if stats else ""),
                               NonFiniteLossWarning, stacklevel=3)
             else:
                 scaled = total * weights[i]
