@@ -296,7 +296,8 @@ def _errors(rank: int, out_dir: str) -> dict:
         snd.sync_gradients(emb)
     except sn.SortedNetError as e:
         out["sparse_sync"] = str(e)
-    case, nest = _build("lm_width_heads_depth", "ddp")  # sn.accumulate (not snd's) through a DDP wrapper, a depth below full
+    # sn.accumulate (not snd's) through a DDP wrapper, at a depth below full
+    case, nest = _build("lm_width_heads_depth", "ddp")
     plain_ddp = DDP(case.model)
     shallow = nest.smallest
     try:
