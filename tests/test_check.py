@@ -1229,20 +1229,34 @@ class _Blocks(nn.Module):
         return self.head(x)
 
 
-@pytest.mark.parametrize("how", ["registered", "list", "weights"])
+@pytest.mark.parametrize("how", ["list", "weights"])
 def test_depth_whose_layers_the_forward_reaches_outside_the_list_is_refused(how):
-    """The blocks' layers (or weights) held in another ModuleList or a plain list and called from there ran under
-    every depth: the depth changed nothing, check accepted it, cost counted 99 parameters of a forward reading
-    315, and the export held weights it did not register."""
+    """The blocks' layers (or weights) held in a plain list and called from there ran under every depth: the depth
+    changed nothing, check accepted it, cost counted 99 parameters of a forward reading 315, and the export
+    carried weights it did not register. check now runs the shallowest depth with a hook on every layer of the
+    skipped blocks and watches every op for their weights."""
     m = _Blocks(how)
     params = list(m.parameters())
-    with pytest.raises(sn.SortedNetError, match="the forward ran it|holds blocks the sub-model skips"):
+    with pytest.raises(sn.SortedNetError, match="skips the block holding 'layers.1.0.*the forward ran it"):
         sn.wrap(m, sn.Depth("d", [1, 4], layers="layers"), example=torch.randn(3, 8))
     assert all(a is b for a, b in zip(m.parameters(), params)) and type(m.layers) is nn.ModuleList
-    if how != "registered":  # (a registered alias is a layer of the export too: only check sees it)
-        nest = sn.wrap(m, sn.Depth("d", [1, 4], layers="layers"))
-        with pytest.raises(sn.SortedNetError, match="holds blocks the sub-model skips"):
-            nest.export("d=1")
+
+
+def test_depth_with_layers_registered_twice_is_consistent_and_a_held_list_never_called_is_fine():
+    """Layers registered in a second ModuleList run under every depth, and the export keeps them too: cost and
+    export describe what the forward computes (the depth is useless, not wrong). A plain list of the blocks'
+    norms or parameters that the forward never calls (logging, optimizer groups) is no reason to refuse."""
+    m = _Blocks("registered")
+    nest = sn.wrap(m, sn.Depth("d", [1, 4], layers="layers"), example=torch.randn(3, 8))
+    x = torch.randn(3, 8)
+    with nest.use("d=1"), torch.no_grad():
+        small = nest.export("d=1")
+        assert torch.allclose(small(x), m(x)) and nest.cost("d=1") == sum(p.numel() for p in small.parameters())
+    held = _Blocks("layers")
+    held.__dict__["no_decay"] = [p for b in held.layers for n, p in b.named_parameters() if n.endswith("bias")]
+    nest = sn.wrap(held, sn.Depth("d", [1, 4], layers="layers"), example=torch.randn(3, 8))
+    with nest.use("d=1"), torch.no_grad():
+        assert torch.allclose(nest.export("d=1")(x), held(x))
 
 
 def test_depth_with_a_module_every_block_holds_still_passes_check():

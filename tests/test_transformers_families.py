@@ -502,7 +502,7 @@ REFUSED = {
     "xglm heads": (_c("XGLMForCausalLM", "XGLMConfig", d_model=32, num_layers=2, attention_heads=4, ffn_dim=48,
                       max_position_embeddings=32, **TOK), dict(heads=[2]), "causal", "heads=2"),
     "bloom heads (ALiBi)": (_c("BloomForCausalLM", "BloomConfig", hidden_size=32, n_layer=2, n_head=4, **TOK),
-                            dict(heads=[2]), "causal", "heads=2"),
+                            dict(heads=[2]), "causal", "ALiBi"),
     "olmo2 heads (q/k norm over all heads)": (
         _c("Olmo2ForCausalLM", "Olmo2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=4, **TOK), dict(heads=[2]), "causal", "heads=2"),

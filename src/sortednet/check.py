@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .cost import call_model
 from .coupling import analyse
@@ -672,10 +674,29 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
                           f"the sliced features{hint})")
 
 
+class _Reads(TorchFunctionMode):
+    """Notes (in ``ran``) every torch function given one of ``weights`` (``id -> name``) as an argument."""
+
+    def __init__(self, weights: dict[int, str], ran: list[str]) -> None:
+        super().__init__()
+        self.weights, self.ran = weights, ran
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        hit = next((self.weights[id(t)] for t in tree_leaves((args, kwargs)) if id(t) in self.weights), None)
+        if hit is not None:
+            self.ran.append(hit)
+        return func(*args, **kwargs)
+
+
 def _skipped_layers_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
-    """Each Depth at its shallowest: no layer of a block it skips may run. A forward that reaches the blocks'
-    layers some other way (another ModuleList or a plain list of them) runs them under every depth: the depth
-    would change nothing, and cost / export would count a model the forward does not compute."""
+    """Each Depth at its shallowest: no layer of a block it skips may run, and no weight of one may enter an op,
+    unless the model also holds it where the depth does not reach (a block kept as ``self.final``, a module every
+    block shares: what the export keeps too). A forward that reaches the skipped blocks' layers or weights
+    another way (a Python list or dict of them) runs them under every depth: the depth would change nothing, and
+    cost / export would describe a model the forward does not compute."""
+    from .export import reachable_modules
+
     full = SubModel({d.name: d.full for d in nest.dims})
     for dd in (d for d in nest.dims if d.kind == "depth"):
         ran: list[str] = []
@@ -684,24 +705,28 @@ def _skipped_layers_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Modul
             return lambda mod, args: ran.append(where)
 
         with Use(nest._state, nest._plans.build(full.replace(**{dd.name: dd.sizes[0]}))):
-            drop = {(id(m), name) for m in nest._sliced.values() for name in m._sn.slicer.skipped(m)}
-            lists = [m for m in nest._sliced.values() if any((id(m), n) in drop for n in m._modules)]
-            kept = {id(c) for m in lists for n, b in m._modules.items() if (id(m), n) not in drop and b is not None
-                    for c in b.modules()}  # (a module every block holds, or a block shared ALBERT-style, runs)
-            hooks = [copies[id(c)].register_forward_pre_hook(seen(f"{path}.{name}.{sp}".rstrip(".")))
-                     for path, m in nest._sliced.items() for name in m._modules if (id(m), name) in drop
-                     for sp, c in m._modules[name].named_modules() if id(c) not in kept and id(c) in copies]
+            drop = [(path, m, name) for path, m in nest._sliced.items() for name in m._sn.slicer.skipped(m)]
+            kept = reachable_modules(nest.model, {(id(m), name) for _, m, name in drop})
+            inside = [(f"{path}.{name}.{sp}".rstrip("."), c) for path, m, name in drop
+                      for sp, c in m._modules[name].named_modules() if id(c) not in kept]
+            kept_tensors = {id(t) for c in kept.values() for t in (*c._parameters.values(), *c._buffers.values())}
+            weights = {id(t): f"{where}.{n}" for where, c in inside
+                       for n, t in (*c._parameters.items(), *c._buffers.items())
+                       if t is not None and id(t) not in kept_tensors}
+
+            hooks = [copies[id(c)].register_forward_pre_hook(seen(where)) for where, c in inside if id(c) in copies]
             try:
-                call_model(model, example)
+                with _Reads(weights, ran):
+                    call_model(model, example)
             finally:
                 for h in hooks:
                     h.remove()
         if ran:
             raise SortedNetError(
                 f"nest.check: depth {dd.name!r} at {dd.sizes[0]} skips the block holding {ran[0]!r}, but the "
-                "forward ran it: it reaches the blocks' layers outside the layer list (another ModuleList, a list "
-                "or dict attribute of them), so they run under every depth and the depth changes nothing. Call the "
-                "blocks through the layer list")
+                "forward ran it: it reaches the blocks' layers or weights outside the layer list (a list or dict "
+                "attribute of them), so they run under every depth and the depth changes nothing. Call the blocks "
+                "through the layer list")
 
 
 def _check_size_two(nest: Nest, model: Any, example: Any, want: list) -> None:

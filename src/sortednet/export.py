@@ -65,15 +65,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         for m, name in drop:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
-        # what only skipped blocks hold (their sub-modules, parameters, buffers): a plain attribute holding any
-        # of it would run it under every depth, and carry it into the export unregistered
-        inside = {id(c): c for m, name in drop if id(m._modules[name]) not in kept
-                  for c in m._modules[name].modules() if id(c) not in kept}
-        kept_tensors = {id(t) for c in kept.values() for t in (*c._parameters.values(), *c._buffers.values())}
-        lost = {id(t) for c in inside.values() for t in (*c._parameters.values(), *c._buffers.values())
-                if t is not None and id(t) not in kept_tensors}
-        _refuse_held_aside(model, set(inside) | {k for k, v in memo.items() if v is None and isinstance(k, int)},
-                           {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, lost)
+        _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)},
+                           {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             if _inside(path, skipped):
@@ -142,8 +135,7 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
                                  "export must put a new tensor of what its value() gives (Slicer.export does)")
 
 
-def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
-                       lost: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel) -> None:
     """Refuse an export that would leave ``None`` where a plain attribute (a Python list, tuple, dict or
     attribute outside ``_modules``) holds a block the sub-model skips, or would share a live full-size tensor
     that a plain attribute (a list, dict or ``functools.partial`` of it) holds besides its module: the copy's
@@ -155,7 +147,7 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
         if isinstance(v, nn.Module):
             return "blocks" if id(v) in dropped else None
         if isinstance(v, Tensor):
-            return "tensor" if id(v) in sliced else "blocks" if id(v) in lost else None
+            return "tensor" if id(v) in sliced else None
         if isinstance(v, functools.partial):
             v = (v.func, v.args, v.keywords)
         if depth < 6 and isinstance(v, (list, tuple, set, frozenset, dict)):
@@ -168,11 +160,9 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                 continue
             what = held(v)
             if what == "blocks":
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips (or "
-                                     "their layers or weights), outside the layer list (a plain Python attribute): "
-                                     "a forward calling them there runs them under every depth, and the export "
-                                     "cannot hold them. Keep blocks only in the nn.ModuleList / nn.Sequential and "
-                                     "reach their layers through it")
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
+                                     "outside the layer list (a plain Python attribute); the export cannot hold "
+                                     "them. Keep blocks only in the nn.ModuleList / nn.Sequential and iterate it")
             if what == "tensor":
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
                                      "module's weight or buffer) in a plain Python attribute: a forward that reads it "

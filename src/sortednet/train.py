@@ -216,7 +216,9 @@ def _ddp_reducer_check(nest: Nest) -> None:
         return
     sub = nest.active
     shallow = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
-    if shallow:
+    trained = shallow and any(p.requires_grad for m in nest._sliced.values() for name in m._sn.slicer.skipped(m)
+                              for p in m._modules[name].parameters())  # (frozen skipped blocks: nothing waits)
+    if trained:
         raise SortedNetError(f"sn.accumulate: a DistributedDataParallel forward of {sub} (depth {shallow} below full) "
                              "with gradient sync on and find_unused_parameters=False: the blocks it skips give no "
                              "gradient, so DDP would average only part of this step and raise at the next one. Use "
