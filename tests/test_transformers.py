@@ -839,6 +839,52 @@ def test_an_encoder_decoder_cache_is_continued_by_its_own_submodel_only():
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_an_encoder_output_goes_to_its_own_submodels_decoder_only():
+    """``encoder_outputs`` computed under one sub-model and given to the decoder under another ran silently (the
+    cache check sees caches only): the decoder's cross-attention read another model's encoding (logits 4.4 to
+    7.5 from either sub-model's own). Now refused; the same sub-model, and generate, run as before."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1)).eval()
+    nest = sn.from_transformers(t5, ffn=[32], heads=[2], depth=[1])
+    x, dec = torch.tensor([[3, 1, 4, 1, 5]]), torch.tensor([[0, 7, 8]])
+    with torch.no_grad():
+        for a, b in (("ffn=64,heads=4,depth=2", "depth=1"), ("depth=1", "ffn=64,heads=4,depth=2"),
+                     ("ffn=64,heads=4,depth=2", "heads=2")):
+            with nest.use(a):
+                enc = t5.get_encoder()(input_ids=x)
+            with nest.use(b), pytest.raises(sn.SortedNetError, match="encoder output"):
+                t5(encoder_outputs=enc, decoder_input_ids=dec)
+            with nest.use(a):
+                got = t5(encoder_outputs=enc, decoder_input_ids=dec).logits
+                torch.testing.assert_close(got, t5(input_ids=x, decoder_input_ids=dec).logits, atol=1e-5, rtol=0)
+        with nest.use("depth=1"):
+            assert t5.generate(x, max_new_tokens=3, num_beams=2).shape[0] == 1
+
+
+def test_a_static_cache_reset_and_reused_under_another_head_count_is_refused():
+    """reset() empties a StaticCache but keeps tensors shaped for the head count that filled it: reused under
+    another one, PyTorch raised inside index_copy_. A depth change after reset still runs."""
+    from transformers import StaticCache
+
+    model = llama().eval()
+    nest = sn.from_transformers(model, heads=[2], depth=[2])
+    x = ids()[:1]
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        with nest.use("heads=2,depth=4"):
+            model.generate(x, max_new_tokens=2, do_sample=False, **{KV: cache})
+        cache.reset()
+        with nest.use("heads=4,depth=4"), pytest.raises(sn.SortedNetError, match="reset"):
+            model.generate(x, max_new_tokens=2, do_sample=False, **{KV: cache})
+        cache.reset()
+        with nest.use("heads=2,depth=2"):
+            model.generate(x, max_new_tokens=2, do_sample=False, **{KV: cache})
+
+
 @pytest.mark.parametrize("sub", [None, "ffn=24,depth=2"])
 def test_the_manual_decode_loop_continues_the_cache_the_forward_made(sub):
     """``out = model(ids, use_cache=True)`` then ``model(next, cache=out.cache)``: the cache the forward made

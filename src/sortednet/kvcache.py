@@ -24,6 +24,8 @@ import inspect
 import sys
 from typing import Any
 
+import torch
+
 from .errors import SortedNetError
 from .views import _compiling
 
@@ -39,6 +41,7 @@ class CacheGuard:
 
     def __init__(self, active: Any, dims: tuple, names: tuple[str, ...], index: int | None) -> None:
         self.active, self.names, self.index = active, names, index
+        self.heads = {d.name for d in dims if d.kind == "heads"}  # (they change the keys' shapes)
         depth = [d for d in dims if d.kind == "depth"]
         # one list of layers: a shallower depth runs a prefix of the same layers; several (an encoder and a
         # decoder under one Depth) or several Depth dimensions: every change of sub-model is refused
@@ -108,6 +111,12 @@ class CacheGuard:
         depth, key = self._key(cache, sub)
         rec = records.get(id(self.active))
         if filled == 0:
+            if rec is not None and _allocated(cache) and any(  # (a StaticCache after reset())
+                    dict(rec[0]).get(n) != dict(key).get(n) for n in self.heads):
+                raise SortedNetError(
+                    f"the key/value cache was allocated for sub-model {','.join(f'{n}={s}' for n, s in rec[0])} "
+                    f"(emptied by reset(), its tensors keep those shapes); sub-model {sub} computes keys and "
+                    "values of other shapes. Start a new cache for each sub-model")
             rec = records[id(self.active)] = [key, {}, self.active.epoch]
         elif rec is None:
             raise SortedNetError(
@@ -156,6 +165,54 @@ class CacheGuard:
         return None
 
 
+def _allocated(cache: Any) -> bool:
+    """A cache whose layers hold preallocated key tensors (a static cache), filled or not."""
+    layers = getattr(cache, "layers", None)
+    return isinstance(layers, (list, tuple)) and any(
+        isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys.numel() > 0 for x in layers)
+
+
+class EncoderGuard:
+    """An encoder-decoder's encoder output is marked with the sub-model that computed it; a decoder given it
+    under another sub-model (``model(encoder_outputs=...)`` or ``generate(encoder_outputs=...)`` after a
+    switch) is refused: its cross-attention would read another model's encoding. An output without the mark
+    (computed elsewhere, or expanded for beams) cannot be told apart and passes."""
+
+    ATTR = "_sortednet_encoded"
+
+    def __init__(self, active: Any) -> None:
+        self.active = active
+
+    def __deepcopy__(self, memo: dict) -> "EncoderGuard":
+        return self
+
+    def made(self, module: Any, args: tuple, output: Any) -> None:
+        if _compiling():
+            return None
+        t = getattr(output, "last_hidden_state", None)
+        if t is None and isinstance(output, (tuple, list)) and output:
+            t = output[0]
+        if isinstance(t, torch.Tensor):
+            try:
+                t.__dict__.setdefault(self.ATTR, {})[id(self.active)] = self.active.plan().sub
+            except AttributeError:
+                pass
+        return None
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if _compiling():
+            return None
+        t = kwargs.get("encoder_hidden_states")
+        made = getattr(t, self.ATTR, None) if isinstance(t, torch.Tensor) else None
+        by = None if made is None else made.get(id(self.active))
+        sub = self.active.plan().sub
+        if by is not None and by != sub:
+            raise SortedNetError(f"the encoder output given to the decoder was computed by sub-model {by}; the "
+                                 f"decoder runs {sub}, whose cross-attention expects its own encoder's output. "
+                                 "Run the encoder under the same sub-model (or leave encoder_outputs out)")
+        return None
+
+
 def install_guards(model: Any, active: Any, dims: tuple) -> list:
     """Hooks of :class:`CacheGuard` on the wrapped model's root and on every Hugging Face model inside it
     (``model.model``, T5's stacks) whose forward takes a cache."""
@@ -170,7 +227,23 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
             guard = CacheGuard(active, dims, names, index)
             hooks += [m.register_forward_pre_hook(guard, with_kwargs=True),
                       m.register_forward_hook(guard.made, with_kwargs=True)]
+    top = next((m for m in mods if getattr(getattr(m, "config", None), "is_encoder_decoder", False)
+                and callable(getattr(m, "get_encoder", None))), None)
+    encoder = top.get_encoder() if top is not None else None
+    if isinstance(encoder, torch.nn.Module):
+        enc = EncoderGuard(active)
+        hooks.append(encoder.register_forward_hook(enc.made))
+        for m in mods:  # the decoder stacks (transformers models themselves) that take the encoder's output
+            if m is not encoder and not any(m is e for e in encoder.modules()) and _takes(m, "encoder_hidden_states"):
+                hooks.append(m.register_forward_pre_hook(enc, with_kwargs=True))
     return hooks
+
+
+def _takes(m: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(type(m).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def kv_cache_params(model: Any) -> tuple[tuple[str, ...], int | None]:
