@@ -865,6 +865,29 @@ def test_an_encoder_output_goes_to_its_own_submodels_decoder_only():
             assert t5.generate(x, max_new_tokens=3, num_beams=2).shape[0] == 1
 
 
+def test_an_encoder_output_serves_every_decoder_only_submodel_and_pickles_plainly(tmp_path):
+    """Dimensions that do not reach the encoder may differ (its output is the same); the note is kept beside the
+    tensor, so ``torch.load`` (weights_only) reads a saved encoder output as without sortednet."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1)).eval()
+    nest = sn.wrap(t5, sn.Width("ffn", [16, 64], out="decoder.block.*.layer.2.DenseReluDense.wi",
+                                inp="decoder.block.*.layer.2.DenseReluDense.wo"),
+                   sn.Depth("ddepth", [1, 2], layers="decoder.block"))
+    x, dec = torch.tensor([[3, 1, 4, 1, 5]]), torch.tensor([[0, 7, 8]])
+    with torch.no_grad():
+        enc = t5.get_encoder()(input_ids=x)
+        for sub in nest.submodels:
+            with nest.use(sub):
+                torch.testing.assert_close(t5(encoder_outputs=enc, decoder_input_ids=dec).logits,
+                                           t5(input_ids=x, decoder_input_ids=dec).logits, atol=1e-5, rtol=0)
+    torch.save({"encoded": enc.last_hidden_state}, tmp_path / "enc.pt")
+    assert torch.equal(torch.load(tmp_path / "enc.pt")["encoded"], enc.last_hidden_state)
+
+
 def test_a_static_cache_reset_and_reused_under_another_head_count_is_refused():
     """reset() empties a StaticCache but keeps tensors shaped for the head count that filled it: reused under
     another one, PyTorch raised inside index_copy_. A depth change after reset still runs."""

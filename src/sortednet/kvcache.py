@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -173,42 +174,47 @@ def _allocated(cache: Any) -> bool:
 
 
 class EncoderGuard:
-    """An encoder-decoder's encoder output is marked with the sub-model that computed it; a decoder given it
-    under another sub-model (``model(encoder_outputs=...)`` or ``generate(encoder_outputs=...)`` after a
-    switch) is refused: its cross-attention would read another model's encoding. An output without the mark
-    (computed elsewhere, or expanded for beams) cannot be told apart and passes."""
+    """An encoder-decoder's encoder output is noted with the sizes, under the sub-model that computed it, of
+    the dimensions that reach the encoder; a decoder given it under other such sizes (``model(encoder_outputs=
+    ...)`` or ``generate(encoder_outputs=...)`` after a switch) is refused: its cross-attention would read
+    another model's encoding. Dimensions of the decoder alone may differ. The note is kept beside the tensor
+    (by identity, dropped with it), never on it: the tensor pickles as without sortednet. An output without a
+    note (computed elsewhere, copied, or expanded for beams) cannot be told apart and passes."""
 
-    ATTR = "_sortednet_encoded"
-
-    def __init__(self, active: Any) -> None:
-        self.active = active
+    def __init__(self, active: Any, names: frozenset[str]) -> None:
+        self.active, self.names = active, names
+        self.notes: dict[int, tuple[Any, tuple]] = {}
 
     def __deepcopy__(self, memo: dict) -> "EncoderGuard":
         return self
 
+    def _sizes(self) -> tuple:
+        return tuple((n, s) for n, s in self.active.plan().sub.items() if n in self.names)
+
     def made(self, module: Any, args: tuple, output: Any) -> None:
-        if _compiling():
+        if _compiling() or not self.names:
             return None
         t = getattr(output, "last_hidden_state", None)
         if t is None and isinstance(output, (tuple, list)) and output:
             t = output[0]
         if isinstance(t, torch.Tensor):
-            try:
-                t.__dict__.setdefault(self.ATTR, {})[id(self.active)] = self.active.plan().sub
-            except AttributeError:
-                pass
+            key, notes = id(t), self.notes
+            notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), self._sizes())
         return None
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if _compiling():
+        if _compiling() or not self.names:
             return None
         t = kwargs.get("encoder_hidden_states")
-        made = getattr(t, self.ATTR, None) if isinstance(t, torch.Tensor) else None
-        by = None if made is None else made.get(id(self.active))
-        sub = self.active.plan().sub
-        if by is not None and by != sub:
-            raise SortedNetError(f"the encoder output given to the decoder was computed by sub-model {by}; the "
-                                 f"decoder runs {sub}, whose cross-attention expects its own encoder's output. "
+        note = self.notes.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if note is None or note[0]() is not t:
+            return None
+        now = self._sizes()
+        if note[1] != now:
+            show = lambda sizes: ",".join(f"{n}={s}" for n, s in sizes)  # noqa: E731
+            raise SortedNetError(f"the encoder output given to the decoder was computed with {show(note[1])}; "
+                                 f"the sub-model now in force ({self.active.plan().sub}) runs the encoder with "
+                                 f"{show(now)}, and its decoder's cross-attention expects that encoder's output. "
                                  "Run the encoder under the same sub-model (or leave encoder_outputs out)")
         return None
 
@@ -231,7 +237,9 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
                 and callable(getattr(m, "get_encoder", None))), None)
     encoder = top.get_encoder() if top is not None else None
     if isinstance(encoder, torch.nn.Module):
-        enc = EncoderGuard(active)
+        names = frozenset(b.dim.name for m in encoder.modules() if "_sn" in m.__dict__  # (dims reaching it)
+                          for b in m.__dict__["_sn"].bind.values())
+        enc = EncoderGuard(active, names)
         hooks.append(encoder.register_forward_hook(enc.made))
         for m in mods:  # the decoder stacks (transformers models themselves) that take the encoder's output
             if m is not encoder and not any(m is e for e in encoder.modules()) and _takes(m, "encoder_hidden_states"):
