@@ -98,6 +98,10 @@ def test_stats_equal_independent_recalibration_and_are_used(name):
             torch.testing.assert_close(mean, r.running_mean, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(var, r.running_var, rtol=1e-5, atol=1e-6)
             assert torch.equal(bns(exp)[n].running_mean, mean) and torch.equal(bns(exp)[n].running_var, var)
+            # the batches averaged, not the shared training counter: momentum=None training of the export
+            # weighs its next batch 1 / (count + 1), as after the plain recalibration
+            assert torch.equal(bns(exp)[n].num_batches_tracked, r.num_batches_tracked)
+            assert int(r.num_batches_tracked) == len(batches) != int(bns(model)[n].num_batches_tracked)
         torch.testing.assert_close(exp(x), y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ref(x), y, rtol=1e-4, atol=1e-4)
         seen[sub] = live
@@ -145,6 +149,8 @@ def test_calibration_saved_and_loaded_exactly(name, tmp_path):
             got = {n: stats(m) for n, m in bns(fresh).items()}
             assert torch.equal(fresh(x), y)
         assert all(torch.equal(a, b) for n in want for a, b in zip(want[n], got[n]))
+        counts = [{n: m.num_batches_tracked for n, m in bns(n_.export(sub)).items()} for n_ in (nest, loaded)]
+        assert counts[0].keys() == counts[1].keys() and all(torch.equal(counts[0][k], counts[1][k]) for k in counts[0])
     # loading a checkpoint without calibration clears it
     plain, plain_dims = BUILDERS[name]()
     sn.save(sn.wrap(plain, *plain_dims), tmp_path / "p.safetensors")

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats_from_tensors"]
 
 _NAMES = ("running_mean", "running_var")
+COUNT = "num_batches_tracked"  # stored beside a sub-model's statistics: the number of batches they average
 
 
 def batchnorms(nest: Nest) -> dict[str, nn.Module]:
@@ -141,7 +142,10 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         raise nest._forward_error("calibrate", sub, x, e) from e
                 for m, c in pairs:  # fresh, normal tensors (also under inference_mode): an in-place write
                     with torch.inference_mode(False):  # after this is detected (their version counters)
-                        results[m][_key(nest)] = {n: t.clone() for n, t in c._sn.norm.override.items()}
+                        own = {n: t.clone() for n, t in c._sn.norm.override.items()}
+                        # the batches averaged: an export's num_batches_tracked (momentum=None weighs by it)
+                        own[COUNT] = torch.tensor(len(data), dtype=torch.long, device=own["running_mean"].device)
+                        results[m][_key(nest)] = own
                     c._sn.norm = None
     for m, stats in results.items():
         old = m._sn.norm.stats if m._sn.norm is not None else {}
@@ -187,6 +191,8 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
                 buf = m.__dict__["_buffers"][name]  # in the buffer's dtype / device (model.to() moved those)
                 t = unwritten(path, name, stats[name], m._sn.norm).detach()
                 out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{name}"] = t.to(device=buf.device, dtype=buf.dtype).contiguous()
+            if COUNT in stats:
+                out[f"{EXTRA_PREFIX}bn/{sub}/{path}/{COUNT}"] = stats[COUNT].detach().to(torch.long).clone()
     return out
 
 
@@ -203,14 +209,14 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor]) -> None:
             path, name = rest.rsplit("/", 1)
         except ValueError:
             raise SortedNetError(f"malformed calibration key {k!r} in checkpoint") from None
-        if path not in bns or name not in _NAMES:
+        if path not in bns or name not in (*_NAMES, COUNT):
             raise SortedNetError(f"checkpoint has calibration for {path!r}.{name}, which is not a sliced "
                                  f"BatchNorm statistic of this nest (sliced BatchNorm: {sorted(bns)[:8]})")
         sub = nest.resolve(sub_text)
         m = bns[path]
-        buf = m.__dict__["_buffers"][name]
+        buf = m.__dict__["_buffers"][name if name != COUNT else "running_mean"]
         with torch.inference_mode(False):
             found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
-                t.to(device=buf.device, dtype=buf.dtype, copy=True)
+                t.to(device=buf.device, dtype=buf.dtype if name != COUNT else torch.long, copy=True)
     for m in bns.values():
         m._sn.norm = NormStats(nest.dims, found[m]) if m in found else None

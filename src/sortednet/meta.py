@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import Container, parse_json
@@ -229,6 +230,7 @@ def calibration_entries(f: Container, keys: list[str], planned: Mapping[str, tup
     sizes = [set(d["sizes"]) for d in meta["dims"]]
     prefix = f"{EXTRA_PREFIX}bn/"
     pairs: dict[tuple, set[str]] = {}
+    counts: set[tuple] = set()
     for k in keys:
         if not k.startswith(prefix) or k.count("/") < 4:
             raise _err(where, f"unknown reserved tensor {k[:200]!r}")
@@ -242,10 +244,17 @@ def calibration_entries(f: Container, keys: list[str], planned: Mapping[str, tup
         if set(sub) != set(names) or any(v not in ok for v, ok in zip(row, sizes)) or \
                 (listed is not None and row not in listed):
             raise _err(where, f"calibration tensor {k[:200]!r} is for {sub_text[:100]!r}, not a sub-model of this nest")
-        if path not in bns or stat not in ("running_mean", "running_var"):
+        if path not in bns or stat not in ("running_mean", "running_var", "num_batches_tracked"):
             raise _err(where, f"calibration for {path[:200]!r}.{stat[:40]}, which is not a sliced BatchNorm "
                               f"statistic of this nest (sliced BatchNorm: {sorted(bns)[:8]})")
         m, bind = bns[path]
+        if stat == "num_batches_tracked":  # the number of batches the statistics average
+            e = f.entries[k]
+            if e.shape != () or e.dtype != torch.long:
+                raise _err(where, f"calibration tensor {k[:200]!r} is {e.dtype}{list(e.shape)}; a batch count is "
+                                  "torch.int64[]")
+            counts.add((row, path))
+            continue
         b = bind["norm"]
         size = row[names.index(b.dim.name)]
         n = b.total(size) if hasattr(b, "total") else b.features(size) * b.chunks
@@ -255,9 +264,10 @@ def calibration_entries(f: Container, keys: list[str], planned: Mapping[str, tup
             raise _err(where, f"calibration tensor {k[:200]!r} is {e.dtype}{list(e.shape)}; {path!r} at "
                               f"{b.dim.name}={size} needs {buf.dtype}[{n}]")
         pairs.setdefault((row, path), set()).add(stat)
-    half = next((k for k, v in pairs.items() if len(v) != 2), None)
+    half = next((k for k, v in pairs.items() if len(v) != 2), None)  # (mean and variance, the count optional)
+    half = half or next((k for k in counts if k not in pairs), None)
     if half is not None:
-        raise _err(where, f"calibration of {half[1]!r} for {dict(zip(names, half[0]))} has only {sorted(pairs[half])}")
+        raise _err(where, f"calibration of {half[1]!r} for {dict(zip(names, half[0]))} has only {sorted(pairs.get(half, {'num_batches_tracked'}))}")
     return keys
 
 

@@ -64,18 +64,19 @@ class NormStats:
     def to(self, like: Tensor) -> NormStats:
         """The statistics in ``like``'s dtype and on its device."""
         with torch.inference_mode(False):
-            return NormStats(self.dims, {k: {n: t.to(device=like.device, dtype=like.dtype, copy=True)
+            return NormStats(self.dims, {k: {n: t.to(device=like.device, copy=True,  # (a batch count stays long)
+                                                  dtype=like.dtype if t.is_floating_point() else t.dtype)
                                              for n, t in d.items()} for k, d in self.stats.items()}, self.override)
 
     def active(self, name: str, *, training: bool, any_mode: bool = False) -> Tensor | None:
         """Statistic ``name`` for the active sub-model, or None (none calibrated for it, or
         ``training`` and not ``any_mode``)."""
         if self.override is not None:
-            return self.override[name]
+            return self.override.get(name)
         if not self.stats or (training and not any_mode):
             return None
         hit = self.stats.get(tuple(d.active for d in self.dims))
-        return None if hit is None else hit[name]
+        return None if hit is None else hit.get(name)  # (a batch count is absent from older checkpoints)
 
 
 def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
@@ -217,6 +218,13 @@ class BatchNormSlicer(Slicer):
             own = active_stats(live, name, any_mode=True)
             if own is not None:
                 copy_._buffers[name] = own.detach().clone()
+        norm = live.__dict__["_sn"].norm
+        count = None if norm is None else norm.active("num_batches_tracked", training=False)
+        if count is not None and copy_._buffers.get("num_batches_tracked") is not None:
+            # the calibration's batch count, not the shared training counter: with momentum=None the next
+            # training batch of the export is weighed 1 / (count + 1), as after a plain cumulative recalibration
+            copy_._buffers["num_batches_tracked"] = count.detach().to(
+                device=copy_._buffers["num_batches_tracked"].device).clone()
         return copy_
 
 
