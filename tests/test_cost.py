@@ -378,3 +378,79 @@ def test_flops_are_recounted_for_a_control_tensor_of_another_value():
     by_int = [nest.cost("w=8", "flops", example=(x, n)) for n in (1, 5)]
     by_tensor = [nest.cost("w=8", "flops", example=(x, torch.tensor(n))) for n in (1, 5)]
     assert by_tensor == by_int and by_int[0] < by_int[1]
+
+
+def _mlp_nest():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    return model, sn.wrap(model, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+
+
+def test_a_profiles_flops_stay_picks_table_and_survive_save_and_load(tmp_path):
+    """Counting FLOPs on another example answers that call but leaves the profile's table (measured on the
+    example of its latency and memory, and the one sn.save stores) to pick: the same budget picks the same
+    sub-model before and after a save and load."""
+    x1, x64 = torch.randn(1, 8), torch.randn(64, 8)
+    model, nest = _mlp_nest()
+    prof = nest.profile(x1, repeat=1, warmup=0, progress=False)
+    big = [nest.cost(s, "flops", example=x64) for s in nest.submodels]
+    assert big == [64 * f for f in prof.costs["flops"]]                       # the call counts its example
+    assert [nest.cost(s, "flops") for s in nest.submodels] == list(prof.costs["flops"])
+    budget = prof.costs["flops"][1]
+    picked = [nest.pick(flops=budget), nest.pick(flops=budget, memory=1e12)]
+    sn.save(nest, tmp_path / "n.safetensors")
+    _, fresh = _mlp_nest()
+    sn.load(fresh, tmp_path / "n.safetensors")
+    assert [fresh.cost(s, "flops") for s in fresh.submodels] == [nest.cost(s, "flops") for s in nest.submodels]
+    assert [fresh.pick(flops=budget), fresh.pick(flops=budget, memory=1e12)] == picked == [nest.submodels[1]] * 2
+
+
+def test_pick_refuses_flops_and_measured_limits_of_two_different_inputs():
+    """FLOPs counted on one input next to latency / memory profiled on another: refused, not mixed."""
+    x1, x64 = torch.randn(1, 8), torch.randn(64, 8)
+    _, nest = _mlp_nest()
+    nest.profile(x1, metrics=("params", "latency", "memory"), repeat=1, warmup=0, progress=False)
+    flops = [nest.cost(s, "flops", example=x64) for s in nest.submodels]
+    assert nest.pick(flops=flops[1]) == nest.submodels[1]                     # FLOPs alone: one input
+    for measured in ("memory", "latency"):
+        with pytest.raises(sn.SortedNetError, match=rf"pick\(flops=\.\.\., {measured}=\.\.\.\).*another input"):
+            nest.pick(flops=flops[1], **{measured: 1e12})
+    flops = [nest.cost(s, "flops", example=x1) for s in nest.submodels]      # the profile's input
+    assert nest.pick(flops=flops[1], memory=1e12, latency=1e12) == nest.submodels[1]
+
+
+class _Gram(torch.nn.Module):
+    """No parameters, but a matmul: FLOPs of its own."""
+
+    def forward(self, x):
+        return x @ x.T @ x
+
+
+@pytest.mark.parametrize("change", ["append", "replace"])
+def test_a_module_without_parameters_added_or_replaced_after_profiling_is_counted_again(change):
+    """The model's parameters stay, its forward does not: FLOPs are counted on the new forward (they were served
+    from the table of the old one), and the profile's measured costs are dropped with a warning."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(6, 8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4), torch.nn.Identity())
+    nest = sn.wrap(model, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    nest.profile(x, repeat=1, warmup=0, progress=False)
+    before = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    if change == "append":  # a Sequential on the way to sliced modules grew: its forward refuses to run
+        model.append(_Gram())
+        with pytest.raises(sn.SortedNetError, match="holds 5 modules, 4 when wrapped"):
+            nest.cost(nest.smallest, "flops", example=x)
+        return
+    model[3] = _Gram()
+    with pytest.warns(UserWarning, match=r"added, removed or replaced after nest.profile.*'flops', 'latency'"):
+        now = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    want = []
+    for s in nest.submodels:
+        with FlopCounterMode(display=False) as counter:
+            nest.export(s)(x)
+        want.append(counter.get_total_flops())
+    assert now == want and all(a > b for a, b in zip(now, before))
+    with pytest.raises(sn.SortedNetError, match="latency"):
+        nest.pick(latency=1.0)
+    assert nest.pick(flops=now[1]) == nest.submodels[1]

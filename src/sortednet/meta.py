@@ -267,7 +267,8 @@ def calibration_entries(f: Container, keys: list[str], planned: Mapping[str, tup
     half = next((k for k, v in pairs.items() if len(v) != 2), None)  # (mean and variance, the count optional)
     half = half or next((k for k in counts if k not in pairs), None)
     if half is not None:
-        raise _err(where, f"calibration of {half[1]!r} for {dict(zip(names, half[0]))} has only {sorted(pairs.get(half, {'num_batches_tracked'}))}")
+        have = sorted(pairs.get(half, {"num_batches_tracked"}))
+        raise _err(where, f"calibration of {half[1]!r} for {dict(zip(names, half[0]))} has only {have}")
     return keys
 
 

@@ -57,6 +57,12 @@ def _sig_key(sig: Any) -> tuple:
     return tuple(tuple(map(str, s)) if isinstance(s, (tuple, list)) else s for s in sig)
 
 
+def _profile_sig(prof: Profile) -> tuple:
+    """The signature key of the example ``prof`` was measured on (one of its own when it records none)."""
+    stored = prof.meta.get("input")  # the profile's example signature, as text
+    return _sig_key(stored) if isinstance(stored, (list, tuple)) else ("profile", id(prof))
+
+
 _LIVE: "weakref.WeakSet[Nest]" = weakref.WeakSet()  # nests not unwrapped yet
 
 
@@ -174,6 +180,7 @@ class Nest:
         self._cost_lock = threading.Lock()
         self._count_tensors()
         self._flops_example: Any = None   # input signature of the FLOPs in _cost_cache["flops"]
+        self._profile_flops: Any = None   # the profile's example signature when it holds FLOPs (pick's table)
         self._flops_complete: Any = None  # the FLOPs table last found to hold every listed sub-model
         self._profile: Profile | None = None
         self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
@@ -237,15 +244,42 @@ class Nest:
             warnings.warn(f"the model's parameter dtypes changed after nest.profile: its measured {stale} no longer "
                           "apply and were dropped; measure them again with nest.profile(example)", stacklevel=4)
 
+    def _forward_changed(self) -> None:
+        """Modules were added, removed or replaced (none holding parameters): the forward may differ from the one
+        counted and timed. FLOPs are counted again on request; a profile's measured costs are dropped."""
+        prof = self._profile
+        stale = [m for m in ("flops", "latency", "memory") if prof is not None and m in prof.costs]
+        with self._cost_lock:
+            for m in ("flops", "latency", "memory"):
+                self._cost_cache[m] = {}
+            self._flops_example = None
+            self._selector = None
+        if stale:
+            import dataclasses
+            import warnings
+
+            self._set_profile(dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k not in stale}))
+            warnings.warn(f"modules of the model were added, removed or replaced after nest.profile: its measured "
+                          f"{stale} describe the forward before and were dropped; measure them again with "
+                          "nest.profile(example)", stacklevel=4)
+
     def _tensor_ids(self) -> tuple:
         return tuple((id(p), p.dtype) for p in self.model.parameters())
 
     def _fingerprint(self) -> tuple:
-        """The model's parameters as the cost tables and export rely on: names, shapes and which names
-        hold one tensor (ties). Values may change while wrapped; this may not."""
+        """The model as the cost tables and export rely on: its parameters (names, shapes and which names
+        hold one tensor: ties; values may change while wrapped, this may not) and its modules (path and object:
+        one added, removed or replaced without parameters, e.g. an activation appended to a Sequential, changes
+        the forward that FLOPs, latency and memory were measured on). One walk of the tree."""
         first: dict[int, int] = {}
-        return tuple((n, tuple(p.shape), first.setdefault(id(p), i))
-                     for i, (n, p) in enumerate(self.model.named_parameters(remove_duplicate=False)))
+        params: list[tuple] = []
+        paths: list[tuple[str, int]] = []
+        for path, m in self.model.named_modules(remove_duplicate=False):
+            paths.append((path, id(m)))
+            for n, p in m._parameters.items():
+                if p is not None:
+                    params.append((f"{path}.{n}" if path else n, tuple(p.shape), first.setdefault(id(p), len(params))))
+        return tuple(params), tuple(paths)
 
     def _buffer_shapes(self) -> tuple:
         """Shapes of the sliced buffers (BatchNorm running statistics, ...): as the slicers read them."""
@@ -285,9 +319,9 @@ class Nest:
                 why = f"the child {shadow!r} is hidden by an instance attribute of that name"
         if why is None:
             new = self._fingerprint()
-            if new != self._structure:
-                old_d = {n: (shape, tie) for n, shape, tie in self._structure}
-                new_d = {n: (shape, tie) for n, shape, tie in new}
+            if new[0] != self._structure[0]:
+                old_d = {n: (shape, tie) for n, shape, tie in self._structure[0]}
+                new_d = {n: (shape, tie) for n, shape, tie in new[0]}
                 added = [n for n in new_d if n not in old_d]
                 gone = [n for n in old_d if n not in new_d]
                 changed = [n for n in new_d if n in old_d and new_d[n][0] != old_d[n][0]]
@@ -297,6 +331,9 @@ class Nest:
                                      ("parameters re-shaped:", changed)) if v)
                 else:
                     why = "parameters were tied or untied (a tensor now held under other names)"
+            elif new[1] != self._structure[1]:  # modules without parameters added, removed or replaced
+                self._structure = new
+                self._forward_changed()
         if why is None and (bufs := self._buffer_shapes()) != self._sliced_buffers:
             was = dict(self._sliced_buffers)
             changed = [f"{n} {was.get(n)} -> {shape}" for n, shape in bufs if was.get(n) != shape]
@@ -519,7 +556,8 @@ class Nest:
         blocks, plus every parameter outside the nest's dimensions, used or not: a list of per-block norms
         walked in parallel with a Depth list is kept whole unless the Depth names it too); ``"flops"``
         counts one forward on ``example``
-        (cached per sub-model; a new example shape recounts); ``"latency"``
+        (cached per sub-model; a new example shape recounts; without ``example``: the table ``pick`` reads,
+        the profile's input while a profile measured FLOPs, else the input counted last); ``"latency"``
         (median seconds) and ``"memory"`` (bytes) are known after :meth:`profile`.
 
         >>> import torch, torch.nn as nn, sortednet as sn
@@ -550,7 +588,8 @@ class Nest:
 
     def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None, store: bool = True) -> int:
         """FLOPs of ``sub`` on ``example``, cached under the example's signature. Thread-safe: the
-        table ``pick`` reads only ever holds counts of one signature (the latest asked for)."""
+        table ``pick`` reads only ever holds counts of one signature (the latest asked for, or the
+        profile's while a profile holds FLOPs)."""
         sig = _sig_key(example_signature(example))
         with self._cost_lock:
             hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example else None
@@ -564,6 +603,10 @@ class Nest:
             if not store:  # a profile being built: its table is installed with it, or not at all
                 return hit
             with self._cost_lock:
+                if self._profile_flops is not None and sig != self._profile_flops:
+                    # the profile's FLOPs table stays pick's: latency and memory were measured on its example,
+                    # and sn.save stores it (a count on another example answers this call only)
+                    return hit
                 if sig != self._flops_example:
                     self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
                     self._flops_example = sig
@@ -651,6 +694,7 @@ class Nest:
     def _set_profile(self, prof: Profile | None) -> None:
         old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
         self._scored_on = self._stale_warned = self._score_slots = None
+        self._profile_flops = None
         if prof is None:
             return
         if prof.scores is not None:
@@ -667,9 +711,7 @@ class Nest:
                 with self._cost_lock:  # a new table that no cost(..., example=x) mistakes for its own
                     self._cost_cache["flops"] = {s: v for s, v in zip(prof.submodels, values)
                                                  if s in self.submodels}
-                    stored = prof.meta.get("input")  # the profile's example signature, as text
-                    self._flops_example = (_sig_key(stored) if isinstance(stored, (list, tuple))
-                                           else ("profile", id(prof)))
+                    self._flops_example = self._profile_flops = _profile_sig(prof)
             elif metric != "params":
                 self._cost_cache[metric].update(
                     (s, v) for s, v in zip(prof.submodels, values) if s in self.submodels)
@@ -700,6 +742,14 @@ class Nest:
             share = fraction * self.cost(self.largest)
             limits["params"] = min(limits.get("params", float("inf")), math.floor(share * (1 + 2.0 ** -50)))
         if "flops" in limits:
+            measured = [m for m in ("latency", "memory") if m in limits]
+            prof = self._profile
+            if measured and prof is not None and self._flops_example != _profile_sig(prof):
+                raise SortedNetError(
+                    f"pick(flops=..., {measured[0]}=...): the FLOPs table was counted on another input than the "
+                    f"profile's {measured[0]} (cost(..., 'flops', example=...) on {self._flops_example!r}, the "
+                    f"profile on {prof.meta.get('input')!r}): the limits would describe two different inputs. "
+                    "Profile that input (nest.profile(example)), or count FLOPs on the profile's example")
             have = self._cost_cache["flops"]
             # (a table only grows, and a new one is a new dict: one complete pass per table, not per pick)
             if 0 < len(have) and have is not self._flops_complete and not all(sub in have for sub in self.submodels):

@@ -270,6 +270,8 @@ class StaleCalibration:
         own = list(module._parameters.items()) + [
             (n, t) for n, t in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for name, old in own:
+            if name == "num_batches_tracked":  # a counter: neither eval nor the calibrated statistics read it
+                continue                       # (a refused load of an export's state copies it alone)
             new = state_dict.get(prefix + name)
             if (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.shape == old.shape
                     and not new.is_meta and not old.is_meta
