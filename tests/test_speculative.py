@@ -244,6 +244,13 @@ def test_eos_attention_mask_plain_target_and_restored_state():
     draft = sn.from_transformers(llama(seed=5, layers=2), depth=[1])
     out = sn.speculative_generate(llama(), ids, draft=draft, exits=["depth=1"], max_new_tokens=10, eos_token_id=[])
     assert torch.equal(out.sequences, plain(llama(), ids, 10, eos=[]))
+    # a draft nest without exits= drafts with its sub-model in force (its use block, else its default), as the
+    # target runs its own: the draft's largest was used inside `draft.use(...)`
+    for sub in ("depth=1", None):
+        with draft.use(sub) if sub else contextlib.nullcontext():
+            out = sn.speculative_generate(llama(), ids, draft=draft, max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(out.sequences, plain(llama(), ids, 6, eos=[]))
+        assert list(out.stats.exits) == [str(draft.resolve(sub) if sub else draft.largest)]
     # state: active sub-model, training flags and the global RNG are as before
     model.train()
     model.model.layers[1].eval()

@@ -179,7 +179,8 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     same nest (``"depth=2"``; dimensions left out take the target's sizes) →
     self-speculative, sharing the KV cache of its layers when it differs from
     the target only in depth (``share_cache=None``: whenever possible); or a
-    separate Nest with ``exits=[...]`` (ascending depths, one width) and
+    separate Nest with ``exits=[...]`` (ascending depths, one width; without
+    ``exits``: its sub-model in force, like the target's) and
     ``thresholds`` (one per exit in [0, 1]; a token exits at the first exit
     whose max softmax probability reaches its threshold, else at the last) →
     the S2D cascade; or a plain causal LM. Greedy output equals the target's

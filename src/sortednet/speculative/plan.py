@@ -158,7 +158,8 @@ def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, threshold
         dnest, exits = tnest, [draft]
     elif isinstance(draft, Nest):
         dnest = draft
-        exits = [draft.largest] if exits is None else exits
+        # no exits: the draft nest's own sub-model in force (its `use` block, else its default), as the target's
+        exits = [draft.active] if exits is None else exits
     elif isinstance(draft, nn.Module):
         if exits is not None:
             raise SortedNetError("exits= needs a Nest draft; a plain draft model has one exit (its last layer)")
