@@ -408,3 +408,20 @@ def test_pick_with_flops_checks_the_table_once_not_per_call():
     nest._cost_cache["flops"] = Counting(nest._cost_cache["flops"])
     with pytest.raises(sn.SortedNetError, match="FLOPs are known for 15 of 16"):
         nest.pick(**budget)
+
+
+def test_latency_and_memory_limits_need_the_profiles_device():
+    """A profile timed on one device does not rank sub-models on another: pick(latency=/memory=) refuses once no
+    parameter is on the profile's device any more (model.to(...) keeps the parameter objects, so nothing else
+    notices); parameter limits go on."""
+    import torch.nn as nn
+
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    nest.profile(torch.randn(2, 8), repeat=1, warmup=0, progress=False)
+    assert nest.pick(latency=1.0, memory=1e12) == nest.largest
+    m.to("meta")
+    for kw in (dict(latency=1.0), dict(memory=1e12), dict(params=1e9, latency=1.0)):
+        with pytest.raises(sn.SortedNetError, match=r"profile measured .* on cpu, but the model's parameters are now on meta"):
+            nest.pick(**kw)
+    assert nest.pick(params=1e9) == nest.largest

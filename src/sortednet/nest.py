@@ -741,9 +741,18 @@ class Nest:
             # fraction = cost / largest picks that cost, and never one a parameter over)
             share = fraction * self.cost(self.largest)
             limits["params"] = min(limits.get("params", float("inf")), math.floor(share * (1 + 2.0 ** -50)))
+        measured = [m for m in ("latency", "memory") if m in limits]
+        prof = self._profile
+        if measured and prof is not None:  # timed on the profile's device: another one's would rank other costs
+            where = torch.device(prof.device).type
+            have = {p.device.type for p in self.model.parameters()}
+            if have and where not in have:
+                raise SortedNetError(
+                    f"pick({measured[0]}=...): the profile measured {' and '.join(measured)} on {prof.device}, "
+                    f"but the model's parameters are now on {', '.join(sorted(have))}: those costs do not "
+                    "describe this device. Profile again there (nest.profile(example on that device)), or move the "
+                    "model back")
         if "flops" in limits:
-            measured = [m for m in ("latency", "memory") if m in limits]
-            prof = self._profile
             if measured and prof is not None and self._flops_example != _profile_sig(prof):
                 raise SortedNetError(
                     f"pick(flops=..., {measured[0]}=...): the FLOPs table was counted on another input than the "
