@@ -22,7 +22,7 @@ from torch import nn
 from . import slicers as _slicers
 from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature
 from .dims import Active, Dimension
-from .errors import SortedNetError
+from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
@@ -771,7 +771,14 @@ class Nest:
                 self._flops_complete = have
         if self._scored_on is not None:
             self._warn_if_scores_stale()
-        return self._select().pick(limits)
+        try:
+            return self._select().pick(limits)
+        except BudgetError as e:
+            if fraction is None or f"params <= {limits['params']} " not in str(e) or \
+                    (params is not None and limits["params"] == budget("params", params)):
+                raise
+            raise BudgetError(f"{e} (params <= {limits['params']} is fraction={fraction} of the largest sub-model's "
+                              f"{self.cost(self.largest)})") from None
 
     def _warn_if_scores_stale(self) -> None:
         """Warn (once per state of the weights) when the model changed since its profile's scores were measured:
