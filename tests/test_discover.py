@@ -4,6 +4,8 @@ live output; what must not shrink is left out."""
 
 from __future__ import annotations
 
+import collections
+
 import copy
 import random
 
@@ -294,6 +296,44 @@ def test_a_dataclass_output_is_opened_so_its_classes_never_shrink(dataclass_out)
     with pytest.raises(sn.SortedNetError, match="changes the output shapes"):
         sn.wrap(model, sn.Width("cls", [2, 5], out="o"), example=x)
     assert type(model.o) is nn.Linear  # refused before anything changed
+
+
+class _Classes(nn.Module):
+    """Class scores that leave the network reduced (top class and its probability, log-partition, a sum), stored on
+    the module, or inside a container pytree keeps whole: no layer reads them, and they are not a visible output."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.a, self.o, self.aux = how, nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        y = self.o(h)
+        if self.how == "top":
+            r = y.softmax(-1).max(-1)
+            return r.values, r.indices
+        if self.how == "logsumexp":
+            return torch.logsumexp(y, -1)
+        if self.how == "sum":
+            return y.sum(-1) + self.aux(h).pow(2).mean()
+        if self.how == "stored":
+            self.last_aux = self.aux(h)
+            return y
+        return y, collections.UserDict(aux=self.aux(h))
+
+
+@pytest.mark.parametrize("how", ["top", "logsumexp", "sum", "stored", "userdict"])
+def test_features_no_layer_reads_are_never_shrunk(how):
+    """A Width only writing features (no layer reads them) would shrink classes that leave the network unseen: the
+    sub-model picked its top class among the first half, or returned half of an auxiliary head."""
+    model, x = _Classes(how).eval(), torch.randn(3, 6)
+    dims = sn.discover(model, x, ratios=[0.5, 1.0])
+    assert [(d.out, d.inp) for d in widths(dims)] == [(("a",), ("o", "aux") if how in ("sum", "stored", "userdict")
+                                                      else ("o",))]
+    if how == "userdict":  # check compares the tensors inside the container too
+        with pytest.raises(sn.SortedNetError, match="changes the output shapes"):
+            sn.wrap(model, sn.Width("cls", [2, 4], out="aux"), example=x)
+        assert type(model.aux) is nn.Linear
 
 
 # -- BatchNorm subclasses with a forward of their own (timm's BatchNormAct2d) ----------------------------------

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,8 @@ def leaves(x: Any) -> list[Any]:
     for leaf in tree_leaves(x):
         if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
             out += leaves([getattr(leaf, f.name, None) for f in dataclasses.fields(leaf)])  # (init=False: unset)
+        elif isinstance(leaf, Mapping) and not isinstance(leaf, type):  # a UserDict, a mapping pytree keeps whole
+            out += leaves(list(leaf.values()))
         else:
             out.append(leaf)
     return out

@@ -83,6 +83,8 @@ def _width(g: Group, ratios: Sequence[float], multiple_of: int, taken: set[str])
     if len(sizes) < 2:
         return None
     roles = {r: list(dict.fromkeys(g.roles(r))) for r in ("out", "inp", "norm")}
+    if not roles["inp"]:  # features no layer reads: reduced away (a class axis under softmax().max(), logsumexp,
+        return None       # sum) or leaving the graph unseen (stored on a module, a container pytree cannot open)
     return Width(_name(roles["out"][0], taken), sizes, **roles)
 
 
