@@ -336,6 +336,23 @@ def test_features_no_layer_reads_are_never_shrunk(how):
         assert type(model.aux) is nn.Linear
 
 
+class _TokenMean(nn.Module):
+    def __init__(self, key):
+        super().__init__()
+        self.key, self.a, self.c = key, nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.c(F.relu(self.a(x)).mean(**{self.key: 1}))
+
+
+@pytest.mark.parametrize("key", ["dim", "axis"])
+def test_numpy_style_axis_keywords_are_read_like_dim(key):
+    """``h.mean(axis=1)`` (torch takes NumPy's spelling) averages the tokens, as ``dim=1`` does: the features stay
+    one group (axis= was taken for the default dimension, and the group was dropped)."""
+    dims = sn.discover(_TokenMean(key).eval(), torch.randn(2, 5, 8), ratios=[0.5, 1.0])
+    assert [(d.out, d.inp, d.sizes) for d in widths(dims)] == [(("a",), ("c",), (8, 16))]
+
+
 # -- BatchNorm subclasses with a forward of their own (timm's BatchNormAct2d) ----------------------------------
 class _FullStatsBN(nn.BatchNorm2d):
     """Reads its statistics from the registry, not the (sliced) attributes."""

@@ -213,8 +213,9 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
 
 
 def _dim_arg(ev, pos: int, default: Any = 0) -> Any:
-    if "dim" in ev.kwargs:
-        return ev.kwargs["dim"]
+    for key in ("dim", "axis"):  # (torch takes NumPy's axis= too: torch.cat(xs, axis=1), x.sum(axis=1))
+        if key in ev.kwargs:
+            return ev.kwargs[key]
     return ev.args[pos] if len(ev.args) > pos else default
 
 
