@@ -5,7 +5,6 @@ live output; what must not shrink is left out."""
 from __future__ import annotations
 
 import collections
-
 import copy
 import random
 
