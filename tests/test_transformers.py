@@ -1167,6 +1167,35 @@ def test_several_layer_lists_are_refused_with_advice_that_fits_them():
         sn.from_transformers(swin, ffn=[0.5])
 
 
+def test_a_decoder_tower_is_not_described_by_the_encoders_config_keys():
+    """BART's decoder tower nested alone: the layout's num_attention_heads / num_hidden_layers are the encoder's keys
+    there (BartConfig maps them to encoder_*). Heads are refused naming that (a size error told the user to use sizes
+    that could not help); a shallower config export is refused pointing to plain=True (it set encoder_layers), while
+    the live sub-models, the plain export and the full-depth export are right."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=32, encoder_layers=3, decoder_layers=2,
+                                                   encoder_attention_heads=8, decoder_attention_heads=4,
+                                                   encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                                   max_position_embeddings=32)).eval()
+    decoder = bart.get_submodule("model.decoder")
+    with pytest.raises(sn.SortedNetError, match=r"decoder tower.*num_attention_heads is the encoder's there"):
+        sn.from_transformers(decoder, heads=[2])
+    assert not any("_sn" in m.__dict__ for m in bart.modules())
+    nest = sn.from_transformers(decoder, depth=[1])
+    ids, enc = torch.randint(0, V, (1, 5)), torch.randn(1, 4, 32)
+    with pytest.raises(sn.SortedNetError, match=r"encoder_layers; this tower's is decoder_layers.*plain=True"):
+        nest.export("depth=1")
+    assert bart.config.encoder_layers == 3 and bart.config.decoder_layers == 2
+    for sub, kw in (("depth=1", dict(plain=True)), ("depth=2", {})):
+        small = nest.export(sub, **kw).eval()
+        with nest.use(sub), torch.no_grad():
+            want = decoder(input_ids=ids, encoder_hidden_states=enc).last_hidden_state
+        with torch.no_grad():
+            torch.testing.assert_close(small(input_ids=ids, encoder_hidden_states=enc).last_hidden_state, want)
+    assert nest.export("depth=2").config.encoder_layers == 3
+
+
 def test_alibi_models_refuse_heads_naming_alibi_and_nest_the_rest():
     """Bloom (and Falcon with alibi=True) build ALiBi slopes for every head of the config: the heads refusal came
     from the self-check as a tensor-shape error that did not say why."""

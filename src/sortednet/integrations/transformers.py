@@ -130,6 +130,10 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     register_known_slicers()
     found = detect(model)
     lay = found.layout
+    if heads is not None and (why := _other_towers_key(model, (lay.heads_key,))) is not None:
+        raise SortedNetError(f"from_transformers(heads=...): {why}: the head count and head size would be the other "
+                             "tower's. Declare this tower's heads by hand: sn.wrap(model, sn.Heads(...)) "
+                             "(docs/heads.md)")
     blk = found.block(model, 0, 0)
     dims = []
     if ffn is not None:
@@ -441,6 +445,26 @@ def _has_key(cfg, key: str) -> bool:
     return hasattr(cfg, key) or (text is not None and hasattr(text, key))
 
 
+def _other_towers_key(model: nn.Module, keys: Sequence[str]) -> str | None:
+    """For the decoder tower of an encoder-decoder model nested alone, the first of the layout's config ``keys``
+    that is the encoder's there (BartConfig maps ``num_hidden_layers`` to ``encoder_layers``, T5's ``num_layers``
+    sits beside ``num_decoder_layers``), described; None elsewhere."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not getattr(cfg, "is_encoder_decoder", False):
+        return None
+    if not (getattr(model, "is_decoder", False) is True or "Decoder" in type(model).__name__):
+        return None
+    amap = getattr(type(cfg), "attribute_map", None) or {}
+    for key in keys:
+        real = amap.get(key, key)
+        theirs = next((c for c in (real.replace("encoder_", "decoder_"), real.replace("num_", "num_decoder_", 1))
+                       if c != real and hasattr(cfg, c)), None)
+        if theirs is not None and "decoder" not in real:
+            return (f"{type(model).__name__} is the decoder tower of an encoder-decoder model, and "
+                    f"{type(cfg).__name__}.{key} is the encoder's there ({real}; this tower's is {theirs})")
+    return None
+
+
 def _holder(cfg, key: str):
     """The config object holding ``key``: ``cfg`` itself, or its text config (a vision-language model)."""
     if hasattr(cfg, key):
@@ -463,6 +487,7 @@ def _ffn_size(block: nn.Module, lay: Layout, cls: str) -> int | None:
 def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cfg) -> None:
     lay = found.layout
     cls = type(nest.model).__name__
+    other = _other_towers_key(nest.model, lay.depth_keys)
     b0 = found.block(small, 0, 0) if len(small.get_submodule(found.stacks[0])) else None
     full0 = found.block(nest.model, 0, 0) if b0 is not None and lay.ffn_out else None
     keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
@@ -478,6 +503,11 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
         h = _holder(cfg, key)
         L0, L = getattr(h, key), len(small.get_submodule(P))
         n_all = len(nest.model.get_submodule(P)._modules)  # (its len() is the active depth under use)
+        if other is not None:  # the key counts the encoder's layers: left as it is, at full depth only
+            if L == n_all:
+                continue
+            raise SortedNetError(f"{other}: no config value describes the shallower sub-model; export it as a "
+                                 "plain module, nest.export(sub, plain=True)")
         if L0 != n_all:  # the list is run more than once (ALBERT's shared group)
             raise SortedNetError(f"{cls}: its config's {key!r} is {L0} but {P!r} holds "
                                  f"{n_all} layers (the model runs them several times, or "
