@@ -797,3 +797,14 @@ def test_a_skipped_nonfinite_batch_names_the_batchnorms_its_forward_poisoned():
         sn.accumulate(nest, [nest.largest], lambda: F.cross_entropy(model(x.nan_to_num()), y) * float("nan"),
                       nonfinite="skip")
     assert "BatchNorm" not in str(rec[0].message)
+
+
+def test_mean_loss_leaves_out_every_skipped_sub_model():
+    """A student skipped for a non-finite distillation term keeps a finite task loss in the record: it was never
+    backpropagated, so the mean leaves it out (as the progress bar does)."""
+    from sortednet.train import History
+
+    h = History(train=[{"step": 0, "losses": {"h=4": 1.0, "h=8": 0.5}},
+                       {"step": 1, "losses": {"h=4": 9.0, "h=8": 0.3}, "skipped": ["h=4"]},
+                       {"step": 2, "losses": {"h=4": float("nan"), "h=8": 0.1}, "skipped": ["h=4"]}])
+    assert h.mean_loss() == {"h=4": 1.0, "h=8": pytest.approx(0.3)}

@@ -455,8 +455,9 @@ class History:
         """Mean training loss per sub-model over the last ``last`` steps (skipped non-finite losses left out)."""
         sums: dict[str, list[float]] = {}
         for rec in self.train[-last:]:
+            skipped = set(rec.get("skipped", ()))  # (a finite task loss whose distillation term was not finite)
             for s, v in rec["losses"].items():
-                if math.isfinite(v):
+                if math.isfinite(v) and s not in skipped:
                     sums.setdefault(s, []).append(v)
         return {s: sum(v) / len(v) for s, v in sums.items()}
 
