@@ -1265,3 +1265,59 @@ def test_depth_with_a_module_every_block_holds_still_passes_check():
     x = torch.randn(3, 8)
     with nest.use("d=2"), torch.no_grad():
         assert torch.allclose(nest.export("d=2")(x), m(x))
+
+
+class _Moves(nn.Module):
+    """Features of ``fc1`` (16) reaching an op that moves them between positions, with shapes that still fit at 8:
+    the dry runs pass, yet the sub-model computes on other units than the full model."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(8 if how == "tail" else 16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.how == "tail":     # the last 8 features: at h=8 the first 8, other units
+            return self.fc2(h[:, -8:])
+        if self.how == "chunk":    # q / k halves: at h=8 features 4..7 switch from q to k
+            q, k = h.chunk(2, -1)
+            return self.fc2(h) + (q * k).sum(-1, keepdim=True)
+        if self.how == "groups":   # a softmax within two groups of the features: the groups are re-cut
+            return self.fc2(h.view(h.shape[0], 2, -1).softmax(-1).flatten(1))
+        b = x.shape[0]             # "heads": 4 heads hard-coded, so a Width re-cuts every head
+        return self.fc2(h.view(b, 4, -1).softmax(-1).reshape(b, -1))
+
+
+@pytest.mark.parametrize("how,op", [("tail", "__getitem__"), ("chunk", "chunk"), ("groups", "view"),
+                                    ("heads", "view")])
+def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how, op):
+    """check refused these only when a shape broke; the wiring trace names the op that moves the features."""
+    torch.manual_seed(0)
+    model, x = _Moves(how).eval(), torch.randn(3, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dims = [sn.Width("h", [8, 16], out="fc1", inp=[] if how == "tail" else "fc2")]
+    with pytest.raises(sn.SortedNetError, match=rf"dry runs pass, but\n.*'fc1' \(out=\) reach.*'{op}'.*moves them"):
+        sn.wrap(model, *dims, example=x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model.fc1) is nn.Linear
+
+
+@pytest.mark.parametrize("reduce", [lambda y: y.logsumexp(-1), lambda y: y.softmax(-1).amax(-1), lambda y: y.sum(-1)])
+def test_a_width_whose_features_no_layer_reads_is_refused(reduce):
+    """Classes sliced, then reduced away before the output: the shapes fit, half the classes were gone."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return reduce(self.head(torch.relu(self.a(x))))
+
+    model, x = Net().eval(), torch.randn(3, 6)
+    with pytest.raises(sn.SortedNetError, match=r"width 'cls' slices the outputs of \['head'\] but no layer reads"):
+        sn.wrap(model, sn.Width("cls", [5, 10], out="head"), example=x)
+    assert type(model.head) is nn.Linear
+    sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="head"), example=x)  # the hidden width is fine

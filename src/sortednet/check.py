@@ -50,10 +50,18 @@ def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
             if role in ("out", "inp", "norm") and b.dim.kind == "width"}
 
 
-def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
+#: why the wiring trace fixes an axis, when the op moves features between positions: a prefix of the axis is not
+#: a prefix of what the op makes of it (a slice or an index, chunk / split / unbind, concatenation, a reshape that
+#: splits or merges the axis): a sub-model computes on other units than the full model, with shapes that fit
+_MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|merges or splits this axis")
+
+
+def diagnose(nest: Nest, example: Any, model: Any = None, *, moved_only: bool = False) -> list[str]:
     """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
 
-    ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view)."""
+    ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view).
+    ``moved_only``: only features that reach an op moving them between positions (:data:`_MOVED`; not for a
+    dimension with ``chunks=``, whose fused layout ``check`` measures unit by unit)."""
     bound = _bound(nest)
     if not bound:
         return []
@@ -63,6 +71,15 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
     for g in groups:
         mine = [(k, bound[k]) for k in g.bindings if k in bound]
         if not mine:
+            continue
+        if moved_only:
+            if g.fixed is None or not _MOVED.search(g.fixed) or any(getattr(d, "chunks", None) for _, d in mine):
+                continue  # (a fused output's chunks: check measures their whole units itself)
+            (p0, r0), d0 = mine[0]
+            problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, which moves "
+                            "them between positions: a sub-model's first units are not the full model's there (its "
+                            "shapes still fit, so the dry runs pass); remove that binding, or for a fused output "
+                            "(gate|up) declare chunks=, for whole heads split by a view declare sn.Heads")
             continue
         dims = list(dict.fromkeys(d.name for _, d in mine))
         (p0, r0), d0 = mine[0]
@@ -828,6 +845,24 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
+        try:
+            moved = diagnose(nest, example, model, moved_only=True)
+        except SortedNetError:  # a part the wiring trace cannot follow (a TorchScript module): the dry runs stand
+            moved = []
+        if moved:
+            raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(moved))
+        roles: dict[Any, set[str]] = {}
+        for (path, role), d in _bound(nest).items():
+            roles.setdefault(d, set()).add(role)
+        for d, rs in roles.items():
+            if rs == {"out"}:
+                writers = [p for (p, r), e in _bound(nest).items() if e is d]
+                raise SortedNetError(
+                    f"nest.check: width {d.name!r} slices the outputs of {writers[:4]} but no layer reads them (no "
+                    "inp=, no norm=): the dry runs pass because those features are reduced away (a sum, a max or "
+                    "logsumexp over classes) or leave the network unseen (stored on a module), so a sub-model "
+                    "silently computes over fewer of them. Bind the layers that read them with inp=, or remove the "
+                    "dimension")
         _skipped_layers_run(nest, model, copies, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
