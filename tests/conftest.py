@@ -1,5 +1,6 @@
 """Shared test setup: tests/ on the import path, one small hypothesis profile (derandomized: every machine and
-every run tries the same inputs, so CI's verdict does not depend on the draw), one torch thread (the CI machine has two cores shared by many jobs)."""
+every run tries the same inputs, so CI's verdict does not depend on the draw), one torch thread (the CI machine
+has two cores shared by many jobs)."""
 
 from __future__ import annotations
 

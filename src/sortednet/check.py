@@ -852,7 +852,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         if moved:
             raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(moved))
         roles: dict[Any, set[str]] = {}
-        for (path, role), d in _bound(nest).items():
+        for (_path, role), d in _bound(nest).items():
             roles.setdefault(d, set()).add(role)
         for d, rs in roles.items():
             if rs == {"out"}:
