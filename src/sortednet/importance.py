@@ -5,7 +5,8 @@ features) and ``Heads`` dimension and permutes them, consistently in every
 binding of the group (producers' rows and biases, consumers' columns, norm
 weights and BatchNorm running statistics, packed q/k/v chunks, whole key/value
 groups with grouped-query attention, whole GroupNorm groups), so the full
-model computes the same function while small sub-models keep the best units.
+model computes the same function while small sub-models keep the units scored highest (a heuristic
+start for sorted training: each unit is scored alone, so an untrained small sub-model is not always better).
 
 Scores: ``"l1"`` / ``"l2"`` norm of each unit's weights (producers' rows for a
 width, the output projection's columns for heads); ``"bn"`` BatchNorm |gamma|
