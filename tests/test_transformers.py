@@ -1196,6 +1196,24 @@ def test_a_decoder_tower_is_not_described_by_the_encoders_config_keys():
     assert nest.export("depth=2").config.encoder_layers == 3
 
 
+def test_a_t5_decoder_tower_has_a_config_of_its_own_and_exports_shallower():
+    """T5 builds its decoder from a copy of the config whose num_layers is the decoder's: its depth exports are
+    right (a refusal meant for BART's shared config must not reach it)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    m = T5ForConditionalGeneration(T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                            num_decoder_layers=3, num_heads=4)).eval()
+    nest = sn.from_transformers(m.decoder, heads=[2], depth=[1])
+    ids, enc = torch.randint(0, V, (1, 5)), torch.randn(1, 4, 32)
+    for sub in nest.submodels:
+        small = nest.export(sub).eval()
+        assert small.config.num_layers == sub["depth"] == len(small.block)
+        with nest.use(sub), torch.no_grad():
+            want = m.decoder(input_ids=ids, encoder_hidden_states=enc).last_hidden_state
+        with torch.no_grad():
+            torch.testing.assert_close(small(input_ids=ids, encoder_hidden_states=enc).last_hidden_state, want)
+
+
 def test_alibi_models_refuse_heads_naming_alibi_and_nest_the_rest():
     """Bloom (and Falcon with alibi=True) build ALiBi slopes for every head of the config: the heads refusal came
     from the self-check as a tensor-shape error that did not say why."""

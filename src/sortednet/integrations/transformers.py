@@ -454,6 +454,8 @@ def _other_towers_key(model: nn.Module, keys: Sequence[str]) -> str | None:
         return None
     if not (getattr(model, "is_decoder", False) is True or "Decoder" in type(model).__name__):
         return None
+    if getattr(cfg, "is_decoder", False) is True:  # the tower's own config copy (T5's decoder: num_layers is its own)
+        return None
     amap = getattr(type(cfg), "attribute_map", None) or {}
     for key in keys:
         real = amap.get(key, key)
