@@ -1286,8 +1286,10 @@ class _Moves(nn.Module):
             return self.fc2(h) + (q * k).sum(-1, keepdim=True)
         if self.how == "groups":   # a softmax within two groups of the features: the groups are re-cut
             return self.fc2(h.view(h.shape[0], 2, -1).softmax(-1).flatten(1))
-        b = x.shape[0]             # "heads": 4 heads hard-coded, so a Width re-cuts every head
-        return self.fc2(h.view(b, 4, -1).softmax(-1).reshape(b, -1))
+        b = x.shape[0]
+        if self.how == "head_dim":  # groups of 4 (a head size): a prefix of the axis is whole groups
+            return self.fc2(h.view(b, -1, 4).softmax(-1).reshape(b, -1))
+        return self.fc2(h.view(b, 4, -1).softmax(-1).reshape(b, -1))  # "heads": 4 hard-coded, every one re-cut
 
 
 @pytest.mark.parametrize("how,op", [("tail", "__getitem__"), ("chunk", "chunk"), ("groups", "view"),
@@ -1302,6 +1304,16 @@ def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how,
         sn.wrap(model, *dims, example=x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert type(model.fc1) is nn.Linear
+
+
+def test_a_view_into_units_of_a_fixed_size_keeps_whole_units_and_is_accepted():
+    """view(B, -1, head_dim) splits the sliced axis into whole units: measured equal to the full model with the
+    other units masked, so check accepts it (as sn.Heads would be)."""
+    torch.manual_seed(0)
+    model, x = _Moves("head_dim").eval(), torch.randn(3, 6)
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"), example=x)
+    with nest.use("h=8"), torch.no_grad():
+        torch.testing.assert_close(nest.export("h=8")(x), model(x))
 
 
 @pytest.mark.parametrize("reduce", [lambda y: y.logsumexp(-1), lambda y: y.softmax(-1).amax(-1), lambda y: y.sum(-1)])

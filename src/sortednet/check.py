@@ -41,7 +41,7 @@ from .wrap import split_ties
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["check", "diagnose", "whole_units_error"]
+__all__ = ["check", "diagnose", "moved_features", "whole_units_error"]
 
 
 def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
@@ -56,12 +56,34 @@ def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
 _MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|merges or splits this axis")
 
 
-def diagnose(nest: Nest, example: Any, model: Any = None, *, moved_only: bool = False) -> list[str]:
+def moved_features(nest: Nest, example: Any, model: Any = None) -> list[tuple[Any, str, str]]:
+    """``(dimension, op, message)`` for each group of Width features that reaches an op moving them between
+    positions (:data:`_MOVED`), leaving out dimensions with ``chunks=`` (``check`` measures a fused output unit
+    by unit). ``model``: as for :func:`diagnose`."""
+    bound = _bound(nest)
+    if not bound:
+        return []
+    with nest.use(nest.largest):
+        groups = analyse(nest.model if model is None else model, example).groups
+    out = []
+    for g in groups:
+        mine = [(k, bound[k]) for k in g.bindings if k in bound]
+        if not mine or g.fixed is None or not _MOVED.search(g.fixed) or any(getattr(d, "chunks", None)
+                                                                             for _, d in mine):
+            continue
+        (p0, r0), d0 = mine[0]
+        out.append((d0, g.fixed, f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, which "
+                                 "moves them between positions: a sub-model's first units are not the full model's "
+                                 "there (its shapes still fit, so the dry runs pass); remove that binding, or for a "
+                                 "fused output (gate|up) declare chunks=, for whole heads split by a view declare "
+                                 "sn.Heads"))
+    return out
+
+
+def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
     """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
 
-    ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view).
-    ``moved_only``: only features that reach an op moving them between positions (:data:`_MOVED`; not for a
-    dimension with ``chunks=``, whose fused layout ``check`` measures unit by unit)."""
+    ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view)."""
     bound = _bound(nest)
     if not bound:
         return []
@@ -71,15 +93,6 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, moved_only: bool = 
     for g in groups:
         mine = [(k, bound[k]) for k in g.bindings if k in bound]
         if not mine:
-            continue
-        if moved_only:
-            if g.fixed is None or not _MOVED.search(g.fixed) or any(getattr(d, "chunks", None) for _, d in mine):
-                continue  # (a fused output's chunks: check measures their whole units itself)
-            (p0, r0), d0 = mine[0]
-            problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, which moves "
-                            "them between positions: a sub-model's first units are not the full model's there (its "
-                            "shapes still fit, so the dry runs pass); remove that binding, or for a fused output "
-                            "(gate|up) declare chunks=, for whole heads split by a view declare sn.Heads")
             continue
         dims = list(dict.fromkeys(d.name for _, d in mine))
         (p0, r0), d0 = mine[0]
@@ -846,11 +859,17 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         try:
-            moved = diagnose(nest, example, model, moved_only=True)
+            moved = moved_features(nest, example, model)
         except SortedNetError:  # a part the wiring trace cannot follow (a TorchScript module): the dry runs stand
             moved = []
+        tol = _tolerance(nest)
+        for d in dict.fromkeys(d for d, _, _ in moved):  # a view that splits the axis into (units, fixed inner
+            if all("merges or splits this axis" in op for e, op, _ in moved if e is d) and not _mixes_units(nest, d):
+                errs = [whole_units_error(nest, d, size, example, model, copies) for size in d.sizes[:-1]]
+                if all(err is not None and err <= tol for err in errs):  # size): whole units, e.g. heads split
+                    moved = [m for m in moved if m[0] is not d]           # by view(B, T, -1, head_dim)
         if moved:
-            raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(moved))
+            raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(m for _, _, m in moved))
         roles: dict[Any, set[str]] = {}
         for (_path, role), d in _bound(nest).items():
             roles.setdefault(d, set()).add(role)
@@ -871,7 +890,6 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                  "model can hold them (export refuses them, pick passes them over); bind both holders "
                                  "to one dimension on the same axis, or untie the weights")
         _check_training_mode(nest, example, mixed, seed)
-        tol = _tolerance(nest)
         full = SubModel({k.name: k.full for k in nest.dims})
         for d in nest.dims:  # every size: a reordering of heads may keep the smallest whole, not the others
             for size in (d.sizes[:-1] if d.kind == "heads" else ()):
