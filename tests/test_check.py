@@ -1306,6 +1306,46 @@ def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how,
     assert type(model.fc1) is nn.Linear
 
 
+class _Attention(nn.Module):
+    """Hand-written attention, heads split by a view: ``view(B, T, -1, 4)`` (head size 4) or ``view(B, T, 4, -1)``
+    (four heads hard-coded), with an optional per-head gate."""
+
+    def __init__(self, fixed_heads: bool, gate: bool = False):
+        super().__init__()
+        self.fixed, self.q, self.k, self.v, self.o = fixed_heads, *(nn.Linear(16, 16) for _ in range(4))
+        self.gate = nn.Parameter(torch.ones(4, 1)) if gate else None
+
+    def split(self, t):
+        b, n, _ = t.shape
+        return (t.view(b, n, 4, -1) if self.fixed else t.view(b, n, -1, 4)).transpose(1, 2)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        y = F.scaled_dot_product_attention(self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x)))
+        if self.gate is not None:
+            y = y * self.gate[: y.shape[1], :, None]
+        return self.o(y.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("example", ["random", "one_token", "zeros", "same_tokens"])
+@pytest.mark.parametrize("gate", [False, True])
+def test_heads_split_by_a_view_are_judged_by_shapes_not_by_the_examples_values(example, gate):
+    """Four hard-coded heads re-cut by a Width over q/k/v/o: a one-token, all-zero or repeated-token example (or a
+    gate still at its initial ones) made the masked-units measurement equal, so it was accepted; the shapes of the
+    view at the smaller size decide now. A head size kept by view(B, T, -1, 4) is accepted on every example."""
+    torch.manual_seed(0)
+    x = {"random": torch.randn(2, 5, 16), "one_token": torch.randn(2, 1, 16), "zeros": torch.zeros(2, 5, 16),
+         "same_tokens": torch.randn(2, 1, 16).expand(2, 5, 16).contiguous()}[example]
+    dims = lambda: [sn.Width("w", [8, 16], out=["q", "k", "v"], inp="o")]  # noqa: E731
+    with pytest.raises(sn.SortedNetError, match="merges or splits this axis"):
+        sn.wrap(_Attention(True, gate).eval(), *dims(), example=x)
+    model = _Attention(False, gate).eval()
+    nest = sn.wrap(model, *dims(), example=x)
+    y = torch.randn(2, 5, 16)
+    with nest.use("w=8"), torch.no_grad():
+        torch.testing.assert_close(nest.export("w=8")(y), model(y))
+
+
 def test_a_view_into_units_of_a_fixed_size_keeps_whole_units_and_is_accepted():
     """view(B, -1, head_dim) splits the sliced axis into whole units: measured equal to the full model with the
     other units masked, so check accepts it (as sn.Heads would be)."""

@@ -80,6 +80,87 @@ def moved_features(nest: Nest, example: Any, model: Any = None) -> list[tuple[An
     return out
 
 
+_RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
+
+
+class _ReshapeLog(TorchFunctionMode):
+    """Records ``(input shape, output shape)`` of every view / reshape / flatten / unflatten, in call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in _RESHAPES and args and isinstance(args[0], torch.Tensor) \
+                and isinstance(out, torch.Tensor):
+            self.calls.append((tuple(args[0].shape), tuple(out.shape)))
+        return out
+
+
+def _axis_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """The axes of shape ``a`` and of shape ``b`` (one reshaped into the other) that hold the same elements, in
+    order: ``(16,) -> (4, 4)`` is one group ``([0], [0, 1])``; None where they do not factor (a zero size)."""
+    if 0 in a or 0 in b:
+        return None
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if i == len(a) or j == len(b):  # trailing size-1 axes
+            if any(x != 1 for x in a[i:]) or any(x != 1 for x in b[j:]):
+                return None
+            groups.append((list(range(i, len(a))), list(range(j, len(b)))))
+            break
+        gi, gj, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i == len(a):
+                    return None
+                gi.append(i)
+                pa, i = pa * a[i], i + 1
+            else:
+                if j == len(b):
+                    return None
+                gj.append(j)
+                pb, j = pb * b[j], j + 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _recut_by_reshape(nest: Nest, d: Any, example: Any, model: Any) -> bool | None:
+    """Whether a view / reshape re-cuts ``d``'s units at any of its smaller sizes (the others full): comparing each
+    call's shapes at the full model and at the sub-model, only the leading axis (of size > 1) of a group of axes
+    may shrink, on both sides: ``view(B, T, -1, head_dim)`` keeps whole heads; ``view(B, T, 4, -1)`` shrinks every
+    head, and a channels-last flatten interleaves channels. Decided on shapes alone (values, the example's
+    contents and the weights cannot hide it). None when the runs cannot be aligned (other calls: size-dependent
+    control flow)."""
+    def run(sub: SubModel) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        log = _ReshapeLog()
+        with Use(nest._state, nest._plans.build(sub)), seeded(0), log:
+            call_model(model, example)
+        return log.calls
+
+    full = SubModel({k.name: k.full for k in nest.dims})
+    ref = run(full)
+    for size in d.sizes[:-1]:
+        got = run(full.replace(**{d.name: size}))
+        if len(got) != len(ref):
+            return None
+        for (fa, fb), (sa, sb) in zip(ref, got):
+            if (fa, fb) == (sa, sb):
+                continue
+            groups = _axis_groups(fa, fb)
+            if groups is None or len(sa) != len(fa) or len(sb) != len(fb):
+                return None
+            for gi, gj in groups:
+                lead_i = next((x for x in gi if fa[x] != 1), gi[0])
+                lead_j = next((x for x in gj if fb[x] != 1), gj[0])
+                if [x for x in gi if fa[x] != sa[x]] not in ([], [lead_i]) or \
+                        [x for x in gj if fb[x] != sb[x]] not in ([], [lead_j]):
+                    return True
+    return False
+
+
 def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
     """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
 
@@ -864,10 +945,12 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             moved = []
         tol = _tolerance(nest)
         for d in dict.fromkeys(d for d, _, _ in moved):  # a view that splits the axis into (units, fixed inner
-            if all("merges or splits this axis" in op for e, op, _ in moved if e is d) and not _mixes_units(nest, d):
-                errs = [whole_units_error(nest, d, size, example, model, copies) for size in d.sizes[:-1]]
-                if all(err is not None and err <= tol for err in errs):  # size): whole units, e.g. heads split
-                    moved = [m for m in moved if m[0] is not d]           # by view(B, T, -1, head_dim)
+            if all("merges or splits this axis" in op for e, op, _ in moved if e is d) and \
+                    _recut_by_reshape(nest, d, example, model) is False:  # size): whole units, e.g. heads split
+                errs = [] if _mixes_units(nest, d) else [   # by view(B, T, -1, head_dim); and measured (where it
+                    whole_units_error(nest, d, size, example, model, copies) for size in d.sizes[:-1]]  # can be)
+                if all(err is None or err <= tol for err in errs):  # equal to the full model with the other units
+                    moved = [m for m in moved if m[0] is not d]     # masked (a q head paired with another kv head)
         if moved:
             raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(m for _, _, m in moved))
         roles: dict[Any, set[str]] = {}
