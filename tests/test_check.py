@@ -1346,6 +1346,17 @@ def test_heads_split_by_a_view_are_judged_by_shapes_not_by_the_examples_values(e
         torch.testing.assert_close(nest.export("w=8")(y), model(y))
 
 
+def test_hard_coded_heads_in_a_module_that_names_its_head_count_are_refused():
+    """With num_heads / head_dim attributes the wiring trace takes the module for an attention of its own and flags
+    nothing: the view's shapes at the smaller size still show the re-cut heads."""
+    torch.manual_seed(0)
+    model, x = _Attention(True).eval(), torch.randn(2, 5, 16)
+    model.num_heads, model.head_dim = 4, 4
+    with pytest.raises(sn.SortedNetError, match="re-cuts its units"):
+        sn.wrap(model, sn.Width("w", [8, 16], out=["q", "k", "v"], inp="o"), example=x)
+    assert type(model.q) is nn.Linear
+
+
 def test_a_view_into_units_of_a_fixed_size_keeps_whole_units_and_is_accepted():
     """view(B, -1, head_dim) splits the sliced axis into whole units: measured equal to the full model with the
     other units masked, so check accepts it (as sn.Heads would be)."""

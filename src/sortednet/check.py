@@ -153,8 +153,8 @@ def _recut_by_reshape(nest: Nest, d: Any, example: Any, model: Any) -> bool | No
             if groups is None or len(sa) != len(fa) or len(sb) != len(fb):
                 return None
             for gi, gj in groups:
-                lead_i = next((x for x in gi if fa[x] != 1), gi[0])
-                lead_j = next((x for x in gj if fb[x] != 1), gj[0])
+                lead_i = next((x for x in gi if fa[x] != 1), gi[0] if gi else None)  # (trailing size-1 axes
+                lead_j = next((x for x in gj if fb[x] != 1), gj[0] if gj else None)  # may match nothing)
                 if [x for x in gi if fa[x] != sa[x]] not in ([], [lead_i]) or \
                         [x for x in gj if fb[x] != sb[x]] not in ([], [lead_j]):
                     return True
@@ -944,13 +944,30 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         except SortedNetError:  # a part the wiring trace cannot follow (a TorchScript module): the dry runs stand
             moved = []
         tol = _tolerance(nest)
-        for d in dict.fromkeys(d for d, _, _ in moved):  # a view that splits the axis into (units, fixed inner
-            if all("merges or splits this axis" in op for e, op, _ in moved if e is d) and \
-                    _recut_by_reshape(nest, d, example, model) is False:  # size): whole units, e.g. heads split
-                errs = [] if _mixes_units(nest, d) else [   # by view(B, T, -1, head_dim); and measured (where it
-                    whole_units_error(nest, d, size, example, model, copies) for size in d.sizes[:-1]]  # can be)
-                if all(err is None or err <= tol for err in errs):  # equal to the full model with the other units
-                    moved = [m for m in moved if m[0] is not d]     # masked (a q head paired with another kv head)
+        flagged = {d for d, _, _ in moved}
+        for d in nest.dims:  # a view that splits the axis into (units, fixed inner size) keeps whole units, e.g. heads
+            if d.kind != "width" or getattr(d, "chunks", None):  # split by view(B, T, -1, head_dim); judged on shapes
+                continue
+            recut = _recut_by_reshape(nest, d, example, model)
+            if d not in flagged:  # (also where the trace took the module for an attention of its own)
+                if recut is True:
+                    moved.append((d, "", f"width {d.name!r}: a view / reshape re-cuts its units at a smaller size "
+                                         "(a factor after the leading one shrinks: heads or groups of a hard-coded "
+                                         "count, a channels-last flatten), so a sub-model computes on other units "
+                                         "than the full model; for whole heads declare sn.Heads"))
+                continue
+            if not all("merges or splits this axis" in op for e, op, _ in moved if e is d):
+                continue
+            if recut is None:
+                moved.append((d, "", f"width {d.name!r}: its view / reshape calls differ in number between sizes "
+                                     "(control flow that depends on the size), so check cannot compare them call by "
+                                     "call"))
+                continue
+            if recut is False:  # and measured, where it can be: equal to the full model with the other units masked
+                errs = [] if _mixes_units(nest, d) else [  # (a q head paired with another key/value head is not)
+                    whole_units_error(nest, d, size, example, model, copies) for size in d.sizes[:-1]]
+                if all(err is None or err <= tol for err in errs):
+                    moved = [m for m in moved if m[0] is not d]
         if moved:
             raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(m for _, _, m in moved))
         roles: dict[Any, set[str]] = {}
