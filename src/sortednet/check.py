@@ -56,20 +56,24 @@ def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
 _MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|merges or splits this axis")
 
 
-def moved_features(nest: Nest, example: Any, model: Any = None) -> list[tuple[Any, str, str]]:
-    """``(dimension, op, message)`` for each group of Width features that reaches an op moving them between
-    positions (:data:`_MOVED`), leaving out dimensions with ``chunks=`` (``check`` measures a fused output unit
-    by unit). ``model``: as for :func:`diagnose`."""
+def _bound_groups(nest: Nest, example: Any, model: Any) -> list[tuple[Any, list[tuple[tuple[str, str], Any]]]]:
+    """The coupled groups of the traced wiring (at the largest sub-model) that hold a binding of a Width of
+    ``nest``, each with those bindings ``((path, role), dimension)``."""
     bound = _bound(nest)
     if not bound:
         return []
     with nest.use(nest.largest):
         groups = analyse(nest.model if model is None else model, example).groups
+    return [(g, mine) for g in groups if (mine := [(k, bound[k]) for k in g.bindings if k in bound])]
+
+
+def moved_features(nest: Nest, example: Any, model: Any = None) -> list[tuple[Any, str, str]]:
+    """``(dimension, op, message)`` for each group of Width features that reaches an op moving them between
+    positions (:data:`_MOVED`), leaving out dimensions with ``chunks=`` (``check`` measures a fused output unit
+    by unit). ``model``: as for :func:`diagnose`."""
     out = []
-    for g in groups:
-        mine = [(k, bound[k]) for k in g.bindings if k in bound]
-        if not mine or g.fixed is None or not _MOVED.search(g.fixed) or any(getattr(d, "chunks", None)
-                                                                             for _, d in mine):
+    for g, mine in _bound_groups(nest, example, model):
+        if g.fixed is None or not _MOVED.search(g.fixed) or any(getattr(d, "chunks", None) for _, d in mine):
             continue
         (p0, r0), d0 = mine[0]
         out.append((d0, g.fixed, f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, which "
@@ -165,16 +169,9 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
     """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
 
     ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view)."""
-    bound = _bound(nest)
-    if not bound:
-        return []
-    with nest.use(nest.largest):
-        groups = analyse(nest.model if model is None else model, example).groups
     problems = []
-    for g in groups:
-        mine = [(k, bound[k]) for k in g.bindings if k in bound]
-        if not mine:
-            continue
+    bound = _bound(nest)
+    for g, mine in _bound_groups(nest, example, model):
         dims = list(dict.fromkeys(d.name for _, d in mine))
         (p0, r0), d0 = mine[0]
         if len(dims) > 1:
