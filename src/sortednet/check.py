@@ -131,13 +131,13 @@ def _axis_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int]
     return groups
 
 
-def _recut_by_reshape(nest: Nest, d: Any, example: Any, model: Any) -> bool | None:
-    """Whether a view / reshape re-cuts ``d``'s units at any of its smaller sizes (the others full): comparing each
-    call's shapes at the full model and at the sub-model, only the leading axis (of size > 1) of a group of axes
-    may shrink, on both sides: ``view(B, T, -1, head_dim)`` keeps whole heads; ``view(B, T, 4, -1)`` shrinks every
-    head, and a channels-last flatten interleaves channels. Decided on shapes alone (values, the example's
-    contents and the weights cannot hide it). None when the runs cannot be aligned (other calls: size-dependent
-    control flow)."""
+def _recut_by_reshape(nest: Nest, subs: list[SubModel], example: Any, model: Any) -> bool | None:
+    """Whether a view / reshape re-cuts units in any of ``subs`` (e.g. one Width at each smaller size, the others
+    full): comparing each call's shapes at the full model and at the sub-model, only the leading axis (of size > 1)
+    of a group of axes may shrink, on both sides: ``view(B, T, -1, head_dim)`` keeps whole heads;
+    ``view(B, T, 4, -1)`` shrinks every head, and a channels-last flatten interleaves channels. Decided on shapes
+    alone (values, the example's contents and the weights cannot hide it). None when the runs cannot be aligned
+    (other calls: size-dependent control flow)."""
     def run(sub: SubModel) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         log = _ReshapeLog()
         with Use(nest._state, nest._plans.build(sub)), seeded(0), log:
@@ -146,8 +146,8 @@ def _recut_by_reshape(nest: Nest, d: Any, example: Any, model: Any) -> bool | No
 
     full = SubModel({k.name: k.full for k in nest.dims})
     ref = run(full)
-    for size in d.sizes[:-1]:
-        got = run(full.replace(**{d.name: size}))
+    for sub in subs:
+        got = run(sub)
         if len(got) != len(ref):
             return None
         for (fa, fb), (sa, sb) in zip(ref, got):
@@ -942,10 +942,14 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             moved = []
         tol = _tolerance(nest)
         flagged = {d for d, _, _ in moved}
-        for d in nest.dims:  # a view that splits the axis into (units, fixed inner size) keeps whole units, e.g. heads
-            if d.kind != "width" or getattr(d, "chunks", None):  # split by view(B, T, -1, head_dim); judged on shapes
-                continue
-            recut = _recut_by_reshape(nest, d, example, model)
+        widths = [d for d in nest.dims if d.kind == "width" and not getattr(d, "chunks", None)]
+        full = SubModel({k.name: k.full for k in nest.dims})
+        # every width at its smallest at once first: where no view re-cuts there, none is judged one by one
+        calm = not flagged and _recut_by_reshape(
+            nest, [full.replace(**{d.name: d.sizes[0] for d in widths})], example, model) is False
+        for d in [] if calm else widths:  # a view that splits the axis into (units, fixed inner size) keeps whole
+            recut = _recut_by_reshape(  # units, e.g. heads split by view(B, T, -1, head_dim); judged on shapes
+                nest, [full.replace(**{d.name: size}) for size in d.sizes[:-1]], example, model)
             if d not in flagged:  # (also where the trace took the module for an attention of its own)
                 if recut is True:
                     moved.append((d, "", f"width {d.name!r}: a view / reshape re-cuts its units at a smaller size "
