@@ -100,7 +100,7 @@ TABLE = {
     "pick_nan": B(_on(mlp, lambda c, n, t: n.pick(params=float("nan"))), "not a number"),
     "pick_fraction_string": B(_on(mlp, lambda c, n, t: n.pick(fraction="0.5")), "fraction=", "str"),
     "pick_fraction_zero": B(_on(mlp, lambda c, n, t: n.pick(fraction=0)), "fraction", "(0, 1]"),
-    "pick_fraction_tiny": B(_on(mlp, lambda c, n, t: n.pick(fraction=1e-9)), "params <= 0 is fraction=1e-09"),
+    "pick_fraction_tiny": B(_on(mlp, lambda c, n, t: n.pick(fraction=1e-9)), "fraction=1e-09 of the largest"),
     "pick_unknown_metric": B(_on(mlp, lambda c, n, t: n.pick(latency=1.0)), "'latency'", "profile"),
     "use_arabic_digit": B(_on(mlp, lambda c, n, t: n.use("h1=\u0664").__enter__()), "cannot parse", "h1="),
     "use_fullwidth_digit": B(_on(mlp, lambda c, n, t: n.use("h1=\uff18").__enter__()), "cannot parse"),

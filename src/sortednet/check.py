@@ -131,37 +131,34 @@ def _axis_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int]
     return groups
 
 
-def _recut_by_reshape(nest: Nest, subs: list[SubModel], example: Any, model: Any) -> bool | None:
-    """Whether a view / reshape re-cuts units in any of ``subs`` (e.g. one Width at each smaller size, the others
-    full): comparing each call's shapes at the full model and at the sub-model, only the leading axis (of size > 1)
-    of a group of axes may shrink, on both sides: ``view(B, T, -1, head_dim)`` keeps whole heads;
-    ``view(B, T, 4, -1)`` shrinks every head, and a channels-last flatten interleaves channels. Decided on shapes
-    alone (values, the example's contents and the weights cannot hide it). None when the runs cannot be aligned
-    (other calls: size-dependent control flow)."""
-    def run(sub: SubModel) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        log = _ReshapeLog()
-        with Use(nest._state, nest._plans.build(sub)), seeded(0), log:
-            call_model(model, example)
-        return log.calls
+def _reshape_calls(nest: Nest, sub: SubModel, example: Any, model: Any) -> list[tuple[tuple[int, ...], ...]]:
+    """``(input shape, output shape)`` of every view / reshape / flatten / unflatten of one forward of ``sub``."""
+    log = _ReshapeLog()
+    with Use(nest._state, nest._plans.build(sub)), seeded(0), log:
+        call_model(model, example)
+    return log.calls
 
-    full = SubModel({k.name: k.full for k in nest.dims})
-    ref = run(full)
-    for sub in subs:
-        got = run(sub)
-        if len(got) != len(ref):
+
+def _recut(ref: list[tuple[tuple[int, ...], ...]], got: list[tuple[tuple[int, ...], ...]]) -> bool | None:
+    """Whether a view / reshape re-cuts units between the full model's calls ``ref`` and a sub-model's ``got``
+    (:func:`_reshape_calls`): only the leading axis (of size > 1) of a group of axes may shrink, on both sides:
+    ``view(B, T, -1, head_dim)`` keeps whole heads; ``view(B, T, 4, -1)`` shrinks every head, and a channels-last
+    flatten interleaves channels. Decided on shapes alone (values, the example's contents and the weights cannot
+    hide it). None when the calls cannot be aligned (size-dependent control flow)."""
+    if len(got) != len(ref):
+        return None
+    for (fa, fb), (sa, sb) in zip(ref, got):
+        if (fa, fb) == (sa, sb):
+            continue
+        groups = _axis_groups(fa, fb)
+        if groups is None or len(sa) != len(fa) or len(sb) != len(fb):
             return None
-        for (fa, fb), (sa, sb) in zip(ref, got):
-            if (fa, fb) == (sa, sb):
-                continue
-            groups = _axis_groups(fa, fb)
-            if groups is None or len(sa) != len(fa) or len(sb) != len(fb):
-                return None
-            for gi, gj in groups:
-                lead_i = next((x for x in gi if fa[x] != 1), gi[0] if gi else None)  # (trailing size-1 axes
-                lead_j = next((x for x in gj if fb[x] != 1), gj[0] if gj else None)  # may match nothing)
-                if [x for x in gi if fa[x] != sa[x]] not in ([], [lead_i]) or \
-                        [x for x in gj if fb[x] != sb[x]] not in ([], [lead_j]):
-                    return True
+        for gi, gj in groups:
+            lead_i = next((x for x in gi if fa[x] != 1), gi[0] if gi else None)  # (trailing size-1 axes
+            lead_j = next((x for x in gj if fb[x] != 1), gj[0] if gj else None)  # may match nothing)
+            if [x for x in gi if fa[x] != sa[x]] not in ([], [lead_i]) or \
+                    [x for x in gj if fb[x] != sb[x]] not in ([], [lead_j]):
+                return True
     return False
 
 
@@ -944,45 +941,46 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         flagged = {d for d, _, _ in moved}
         widths = [d for d in nest.dims if d.kind == "width" and not getattr(d, "chunks", None)]
         full = SubModel({k.name: k.full for k in nest.dims})
+        ref = _reshape_calls(nest, full, example, model)
+
+        def recut(subs: list[SubModel]) -> bool | None:
+            verdicts = [_recut(ref, _reshape_calls(nest, s, example, model)) for s in subs]
+            return True if True in verdicts else None if None in verdicts else False
+
         # every width at its smallest at once first: where no view re-cuts there, none is judged one by one
-        calm = not flagged and _recut_by_reshape(
-            nest, [full.replace(**{d.name: d.sizes[0] for d in widths})], example, model) is False
+        calm = not flagged and recut([full.replace(**{d.name: d.sizes[0] for d in widths})]) is False
         for d in [] if calm else widths:  # a view that splits the axis into (units, fixed inner size) keeps whole
-            recut = _recut_by_reshape(  # units, e.g. heads split by view(B, T, -1, head_dim); judged on shapes
-                nest, [full.replace(**{d.name: size}) for size in d.sizes[:-1]], example, model)
+            if d in flagged and not all("merges or splits this axis" in op for e, op, _ in moved if e is d):
+                continue                  # units, e.g. heads split by view(B, T, -1, head_dim); judged on shapes
+            cut = recut([full.replace(**{d.name: size}) for size in d.sizes[:-1]])
             if d not in flagged:  # (also where the trace took the module for an attention of its own)
-                if recut is True:
+                if cut is True:
                     moved.append((d, "", f"width {d.name!r}: a view / reshape re-cuts its units at a smaller size "
                                          "(a factor after the leading one shrinks: heads or groups of a hard-coded "
                                          "count, a channels-last flatten), so a sub-model computes on other units "
                                          "than the full model; for whole heads declare sn.Heads"))
-                continue
-            if not all("merges or splits this axis" in op for e, op, _ in moved if e is d):
-                continue
-            if recut is None:
+            elif cut is None:
                 moved.append((d, "", f"width {d.name!r}: its view / reshape calls differ in number between sizes "
                                      "(control flow that depends on the size), so check cannot compare them call by "
                                      "call"))
-                continue
-            if recut is False:  # and measured, where it can be: equal to the full model with the other units masked
+            elif cut is False:  # and measured, where it can be: equal to the full model with the other units masked
                 errs = [] if _mixes_units(nest, d) else [  # (a q head paired with another key/value head is not)
                     whole_units_error(nest, d, size, example, model, copies) for size in d.sizes[:-1]]
                 if all(err is None or err <= tol for err in errs):
                     moved = [m for m in moved if m[0] is not d]
         if moved:
             raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(m for _, _, m in moved))
-        roles: dict[Any, set[str]] = {}
-        for (_path, role), d in _bound(nest).items():
-            roles.setdefault(d, set()).add(role)
-        for d, rs in roles.items():
-            if rs == {"out"}:
-                writers = [p for (p, r), e in _bound(nest).items() if e is d]
+        bound: dict[Any, list[tuple[str, str]]] = {}
+        for key, d in _bound(nest).items():
+            bound.setdefault(d, []).append(key)
+        for d, keys in bound.items():
+            if {role for _, role in keys} == {"out"}:
                 raise SortedNetError(
-                    f"nest.check: width {d.name!r} slices the outputs of {writers[:4]} but no layer reads them (no "
-                    "inp=, no norm=): the dry runs pass because those features are reduced away (a sum, a max or "
-                    "logsumexp over classes) or leave the network unseen (stored on a module), so a sub-model "
-                    "silently computes over fewer of them. Bind the layers that read them with inp=, or remove the "
-                    "dimension")
+                    f"nest.check: width {d.name!r} slices the outputs of {[p for p, _ in keys][:4]} but no layer "
+                    "reads them (no inp=, no norm=): the dry runs pass because those features are reduced away (a "
+                    "sum, a max or logsumexp over classes) or leave the network unseen (stored on a module), so a "
+                    "sub-model silently computes over fewer of them. Bind the layers that read them with inp=, or "
+                    "remove the dimension")
         _skipped_layers_run(nest, model, copies, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
@@ -991,7 +989,6 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                  "model can hold them (export refuses them, pick passes them over); bind both holders "
                                  "to one dimension on the same axis, or untie the weights")
         _check_training_mode(nest, example, mixed, seed)
-        full = SubModel({k.name: k.full for k in nest.dims})
         for d in nest.dims:  # every size: a reordering of heads may keep the smallest whole, not the others
             for size in (d.sizes[:-1] if d.kind == "heads" else ()):
                 sub = full.replace(**{d.name: size})

@@ -231,37 +231,27 @@ class Nest:
         counter = ParamCounter(self, owners)
         with self._cost_lock:
             self._param_counter, self._cost_cache["params"], self._tensors = counter, {}, ids
+        if old_dtypes and old_dtypes != [d for _, d in ids]:  # latency and memory were measured at the old dtypes
+            self._drop_measured(("memory", "latency"), "the model's parameter dtypes changed", 5)
+
+    def _drop_measured(self, metrics: tuple[str, ...], why: str, stacklevel: int) -> None:
+        """Forget ``metrics`` (cached and in the profile, with a warning when the profile had them): ``why``
+        (after nest.profile) made them describe another model."""
         prof = getattr(self, "_profile", None)
-        stale = [m for m in ("memory", "latency") if prof is not None and m in prof.costs]
-        if old_dtypes and old_dtypes != [d for _, d in ids] and stale:  # measured at the old dtypes
-            import dataclasses
-            import warnings
-
-            self._set_profile(dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k not in stale}))
-            with self._cost_lock:
-                for m in stale:
-                    self._cost_cache[m] = {}
-            warnings.warn(f"the model's parameter dtypes changed after nest.profile: its measured {stale} no longer "
-                          "apply and were dropped; measure them again with nest.profile(example)", stacklevel=4)
-
-    def _forward_changed(self) -> None:
-        """Modules were added, removed or replaced (none holding parameters): the forward may differ from the one
-        counted and timed. FLOPs are counted again on request; a profile's measured costs are dropped."""
-        prof = self._profile
-        stale = [m for m in ("flops", "latency", "memory") if prof is not None and m in prof.costs]
+        stale = [m for m in metrics if prof is not None and m in prof.costs]
         with self._cost_lock:
-            for m in ("flops", "latency", "memory"):
+            for m in metrics:
                 self._cost_cache[m] = {}
-            self._flops_example = None
+            if "flops" in metrics:
+                self._flops_example = None
             self._selector = None
         if stale:
             import dataclasses
             import warnings
 
             self._set_profile(dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k not in stale}))
-            warnings.warn(f"modules of the model were added, removed or replaced after nest.profile: its measured "
-                          f"{stale} describe the forward before and were dropped; measure them again with "
-                          "nest.profile(example)", stacklevel=4)
+            warnings.warn(f"{why} after nest.profile: its measured {stale} no longer apply and were dropped; measure "
+                          "them again with nest.profile(example)", stacklevel=stacklevel)
 
     def _tensor_ids(self) -> tuple:
         return tuple((id(p), p.dtype) for p in self.model.parameters())
@@ -331,9 +321,10 @@ class Nest:
                                      ("parameters re-shaped:", changed)) if v)
                 else:
                     why = "parameters were tied or untied (a tensor now held under other names)"
-            elif new[1] != self._structure[1]:  # modules without parameters added, removed or replaced
-                self._structure = new
-                self._forward_changed()
+            elif new[1] != self._structure[1]:  # modules without parameters added, removed or replaced: the forward
+                self._structure = new            # may differ from the one counted and timed (FLOPs count again)
+                self._drop_measured(("flops", "latency", "memory"), "modules of the model were added, removed or "
+                                    "replaced", 4)
         if why is None and (bufs := self._buffer_shapes()) != self._sliced_buffers:
             was = dict(self._sliced_buffers)
             changed = [f"{n} {was.get(n)} -> {shape}" for n, shape in bufs if was.get(n) != shape]
@@ -771,14 +762,12 @@ class Nest:
                 self._flops_complete = have
         if self._scored_on is not None:
             self._warn_if_scores_stale()
-        try:
-            return self._select().pick(limits)
-        except BudgetError as e:
-            if fraction is None or f"params <= {limits['params']} " not in str(e) or \
-                    (params is not None and limits["params"] == budget("params", params)):
-                raise
-            raise BudgetError(f"{e} (params <= {limits['params']} is fraction={fraction} of the largest sub-model's "
-                              f"{self.cost(self.largest)})") from None
+        if fraction is not None and limits["params"] < self._params.min() and \
+                (params is None or limits["params"] < budget("params", params)):  # the fraction is the limit
+            raise BudgetError(f"no sub-model fits fraction={fraction} of the largest sub-model's "
+                              f"{self.cost(self.largest)} parameters (params <= {limits['params']}; the smallest "
+                              f"available is {int(self._params.min())})")
+        return self._select().pick(limits)
 
     def _warn_if_scores_stale(self) -> None:
         """Warn (once per state of the weights) when the model changed since its profile's scores were measured:
