@@ -123,7 +123,7 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
     if key == "gqa_group_not_dividing":
         m, x = fam("lm_width_heads_depth")
         return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 4], attn="blocks.*.attn")),
-                   ("multiples of 2", "[1]"))
+                   ("multiples of 2", "[1]", "sizes count query heads"))
     if key == "groupnorm_not_dividing":
         m, x = fam("cnn_bn_residual")
         return Bad(m, x, lambda: sn.wrap(m, Width("ch", [1, 4, 8], out=["stem", "conv", "dw"],

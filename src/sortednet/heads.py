@@ -187,7 +187,8 @@ class Heads(Dimension):
                 raise SizeError(f"Heads {self.name!r} at {path!r}: {n}.out_features={kv_out} is not a whole "
                                 f"number of {d}-wide heads dividing {H}")
             group = H // (kv_out // d)
-            self._check_group(path, group)
+            self._check_group(path, group, f" (the largest size {H} makes heads {d} wide: "
+                                           f"{projections[0]}.out_features={q_out} / {H}; sizes count query heads)")
             targets.append(Target(_join(path, n), "out", Binding(self, unit=d, div=group), pat))
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
         self._refuse_per_head_tensors(path, m, d)
@@ -195,11 +196,11 @@ class Heads(Dimension):
         targets += self._attr_targets(path, m, d, group, pat, mqa)
         return targets
 
-    def _check_group(self, path: str, group: int) -> None:
+    def _check_group(self, path: str, group: int, why: str = "") -> None:
         bad = [s for s in self.sizes if s % group]
         if bad:
             raise SizeError(f"Heads {self.name!r} at {path!r}: grouped-query attention with {self.full // group} "
-                            f"key/value heads needs sizes that are multiples of {group}; bad: {bad}")
+                            f"key/value heads needs sizes that are multiples of {group}; bad: {bad}{why}")
 
     def _fused(self, path: str, name: str, rows: int, o_in: int | None) -> tuple[int, int, Binding]:
         """(head size, query heads per key/value head, binding) of a fused q/k/v projection."""
