@@ -119,6 +119,43 @@ def test_custom_backward_is_used_once_per_submodel():
         torch.testing.assert_close(p.grad, 2 * q.grad, msg=name)
 
 
+@pytest.fixture
+def accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: cleared after the test."""
+    state = pytest.importorskip("accelerate.state")
+    yield
+    state.AcceleratorState._reset_state(True)
+    state.GradientState._reset_state()
+
+
+def test_accumulate_without_accelerate_backward_inside_its_accumulation_is_refused(accelerate_state):
+    """``with accelerator.accumulate(model):`` around ``sn.accumulate`` without ``backward=accelerator.backward``
+    skipped Accelerate's 1/steps: every optimizer step's gradient ``steps`` times too large, silently. Refused
+    on the first micro-step, before any forward; with ``backward=`` the step equals one over the whole batch."""
+    from accelerate import Accelerator
+
+    case, ref_case = FAMILIES["mlp"](seed=3), FAMILIES["mlp"](seed=3)
+    nest, ref = sn.wrap(case.model, *case.dims), sn.wrap(ref_case.model, *ref_case.dims)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = acc.prepare(case.model)
+    x = case.example.repeat(2, *[1] * (case.example.dim() - 1))
+    halves = x.chunk(2)
+    calls = []
+    with acc.accumulate(model):
+        with pytest.raises(sn.SortedNetError, match="backward=accelerator.backward"):
+            sn.accumulate(nest, nest.submodels, lambda: calls.append(1) or task_loss(model(halves[0])))
+    assert calls == [] and all(p.grad is None for p in case.model.parameters())
+    acc.step = 0  # (the refused call's micro-step again)
+    for half in halves:
+        with acc.accumulate(model):
+            sn.accumulate(nest, nest.submodels, lambda: task_loss(model(half)), backward=acc.backward)
+    assert acc.sync_gradients  # the step's last micro-step synchronised: plain calls afterwards are not refused
+    for half in halves:
+        sn.accumulate(ref, ref.submodels, lambda: task_loss(ref_case.model(half)) / 2)
+    for (name, p), q in zip(case.model.named_parameters(), ref_case.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_a_sub_model_listed_twice_is_refused_before_any_backward():
     case = FAMILIES["mlp"](seed=2)
     nest = sn.wrap(case.model, *case.dims)

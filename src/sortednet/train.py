@@ -226,6 +226,21 @@ def _ddp_reducer_check(nest: Nest) -> None:
                              "Accelerate: module=the prepared model, backward=accelerator.backward)")
 
 
+def _accelerate_micro_step() -> int:
+    """Accelerate's number of accumulation micro-steps while this call is one that does not synchronise
+    (inside ``accelerator.accumulate(model)`` before the last micro-step of an optimizer step), else 0.
+    Read from Accelerate's shared ``GradientState`` only when Accelerate is imported and has one."""
+    state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
+    if state is None or not getattr(state, "_shared_state", None):
+        return 0
+    try:
+        gradient = state()  # (its shared state, unchanged: no plugin given)
+        steps, sync = int(gradient.num_steps), gradient.sync_gradients
+    except Exception:  # (another Accelerate version's layout: nothing to say)
+        return 0
+    return steps if steps > 1 and sync is False else 0
+
+
 def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: Any, weights: Any, backward: Any,
              nonfinite: Any) -> tuple[list[SubModel], list[float]]:
     """:func:`accumulate`'s arguments checked (a :class:`SortedNetError` for the first fault, before anything
@@ -235,6 +250,12 @@ def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: An
                              f"returning the loss, got {closure!r}")
     if backward is not None and not callable(backward):
         raise SortedNetError(f"accumulate(backward=...) takes a function of the scaled loss, got {backward!r}")
+    if backward is None and (steps := _accelerate_micro_step()):
+        raise SortedNetError(f"accumulate without backward= inside Accelerate's gradient accumulation over {steps} "
+                             "micro-steps (accelerator.accumulate(model) on a step that does not synchronise): "
+                             "loss.backward() skips the 1/steps Accelerate divides by, so each optimizer step's "
+                             f"gradient would be {steps}x too large. Pass backward=accelerator.backward (or backward=lambda l: "
+                             "l.backward() if the closure already divides its loss)")
     nest._check_structure("accumulate")  # (a layer list replaced or grown since wrap would train the wrong model)
     ok = isinstance(subs, Sequence) and not isinstance(subs, (str, bytes))
     resolved = [nest.resolve(s) for s in subs] if ok else None
