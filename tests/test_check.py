@@ -790,6 +790,77 @@ def test_a_slicer_registered_for_two_types_refuses_own_forward_subclasses_of_bot
             sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
 
 
+class _ScaledLinear(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in))
+        self.scale = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) * self.scale
+
+
+@pytest.mark.parametrize("how", ["value", "views"])
+def test_a_custom_slicer_that_raises_is_named_and_the_model_left_as_it_was(how):
+    """A slicer whose axes are swapped (``(1, "out")`` on a ``(out, in)`` weight) raised torch's own
+    ``start (0) + length (16) exceeds dimension size (8)`` from wrap, naming neither module nor slicer."""
+    axes = ((1, "out"), (0, "inp"))
+
+    class Swapped(sn.Slicer):
+        roles = ("out", "inp")
+        attrs = ("weight", "scale")
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+        def value(self, m, name):
+            return self.take(m, name, list(axes) if name == "weight" else [(0, "out")])
+
+    if how == "views":
+        Swapped.views = {"weight": axes}
+    cls = type(f"_ScaledLinear{how}", (_ScaledLinear,), {})
+    sn.slicer(cls)(type(f"Swapped{how}", (Swapped,), {}))
+    m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=rf"slicer Swapped{how} of '0' raised reading 'weight'"):
+        sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    assert type(m[0]) is cls and "_sn" not in m[0].__dict__
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+class _Shifted(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in))
+        self.shift = nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + self.shift
+
+
+@sn.slicer(_Shifted)
+class _ShiftForgotten(sn.Slicer):
+    roles = ("out", "inp")
+    attrs = ("weight",)  # the mistake: 'shift' left out
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        return self.take(m, name, [(0, "out"), (1, "inp")])
+
+
+def test_check_names_a_tensor_a_custom_slicer_leaves_out():
+    """check refused, but blamed the (right) inp= binding of the next layer: the cause is the custom slicer's
+    attrs, which leave out a tensor of the sliced role's full size."""
+    m = nn.Sequential(_Shifted(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    with pytest.raises(sn.SortedNetError, match=r"leave out of attrs: 0\.shift \(32,\) has the full size of the "
+                                                r"sliced role 'out'"):
+        sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"), example=torch.randn(3, 8))
+    ok = sn.wrap(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)), sn.Width("h", [8, 32], out="0"))
+    assert ok._unlisted_tensors() == ""  # (the built-in slicers list their tensors)
+
+
 @pytest.mark.parametrize("bug", ["untouched", "full_copy"])
 def test_a_custom_export_that_leaves_the_full_tensor_is_named(bug):
     class Exporting(_AffineSlicer):

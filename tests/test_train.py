@@ -148,10 +148,10 @@ def test_accumulate_without_accelerate_backward_inside_its_accumulation_is_refus
     acc.step = 0  # (the refused call's micro-step again)
     for half in halves:
         with acc.accumulate(model):
-            sn.accumulate(nest, nest.submodels, lambda: task_loss(model(half)), backward=acc.backward)
+            sn.accumulate(nest, nest.submodels, lambda h=half: task_loss(model(h)), backward=acc.backward)
     assert acc.sync_gradients  # the step's last micro-step synchronised: plain calls afterwards are not refused
     for half in halves:
-        sn.accumulate(ref, ref.submodels, lambda: task_loss(ref_case.model(half)) / 2)
+        sn.accumulate(ref, ref.submodels, lambda h=half: task_loss(ref_case.model(h)) / 2)
     for (name, p), q in zip(case.model.named_parameters(), ref_case.model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 

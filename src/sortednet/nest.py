@@ -979,6 +979,27 @@ class Nest:
                 "without an example, so its wiring is unchecked: if this is a shape error the full model does not "
                 "raise on this input, nest.check(example) names the dimension, module and binding that is missing)")
 
+    def _unlisted_tensors(self) -> str:
+        """Tensors of a module under a user's slicer that its ``attrs`` leave out although one of their axes has
+        the full size of a role this nest slices there: a forward reading them mixes full and sliced sizes."""
+        out = []
+        for path, m in self._sliced.items():
+            st = m._sn
+            if type(st.slicer).__module__.startswith("sortednet."):
+                continue
+            listed = set(st.slicer.attr_names(m, st.bind))
+            fulls = {st.slicer.full(m, r): r for r, b in st.bind.items() if not r.startswith("attr:")
+                     and b.dim.sizes[0] < b.dim.full}
+            for name, t in (*m._parameters.items(), *m._buffers.items()):
+                role = next((fulls[n] for n in getattr(t, "shape", ()) if n in fulls), None)
+                if t is not None and name not in listed and role is not None:
+                    out.append(f"{path + '.' if path else ''}{name} {tuple(t.shape)} has the full size of the "
+                               f"sliced role {role!r}")
+        if not out:
+            return ""
+        return (f"the slicers of your own types leave out of attrs: {'; '.join(out[:4])}. A tensor the forward "
+                "reads must be listed in attrs and cut in value() (docs/custom_slicers.md)")
+
     def check(self, example: Any, *, mixed: int = 3) -> None:
         """Dry-run sub-models on ``example`` (each dimension at its smallest, smallest, largest, ``mixed``
         random ones, export of the smallest); a wiring mistake raises a :class:`SortedNetError` naming the
@@ -1001,6 +1022,11 @@ class Nest:
         try:
             check(self, example, mixed=mixed)
             self._checked = True
+        except SortedNetError as e:
+            unlisted = self._unlisted_tensors()
+            if unlisted:  # the likelier cause, whatever the trace blamed
+                raise SortedNetError(f"{e}\n  note: {unlisted}") from e
+            raise
         finally:  # its dry runs put back every value (BatchNorm statistics by copy_, which moves the version
             self._checking = checking
             if fresh:  # counters): the profile's scores still describe the weights

@@ -254,8 +254,8 @@ def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: An
         raise SortedNetError(f"accumulate without backward= inside Accelerate's gradient accumulation over {steps} "
                              "micro-steps (accelerator.accumulate(model) on a step that does not synchronise): "
                              "loss.backward() skips the 1/steps Accelerate divides by, so each optimizer step's "
-                             f"gradient would be {steps}x too large. Pass backward=accelerator.backward (or backward=lambda l: "
-                             "l.backward() if the closure already divides its loss)")
+                             f"gradient would be {steps}x too large. Pass backward=accelerator.backward (or "
+                             "backward=lambda l: l.backward() if the closure already divides its loss)")
     nest._check_structure("accumulate")  # (a layer list replaced or grown since wrap would train the wrong model)
     ok = isinstance(subs, Sequence) and not isinstance(subs, (str, bytes))
     resolved = [nest.resolve(s) for s in subs] if ok else None

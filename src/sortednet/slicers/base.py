@@ -328,6 +328,12 @@ class Slicer:
                     return e
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
+                except SortedNetError:
+                    raise
+                except Exception as err:  # a user's slicer (an axis swapped, a role it does not have): named
+                    if type(st.slicer).__module__.startswith("sortednet."):
+                        raise
+                    raise _slicer_error(st, name, err) from err
 
             def set_(self_: nn.Module, v: Any) -> None:  # (nn.Module.__setattr__ of a name that is not a
                 d = self_.__dict__                         # parameter, buffer or child: in_features, a Rank
@@ -416,6 +422,13 @@ def _short(v: Any) -> str:
         return f"of shape {tuple(v.shape)}"
     r = repr(v)
     return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _slicer_error(st: State, name: str, err: Exception) -> SortedNetError:
+    return SortedNetError(f"the slicer {type(st.slicer).__name__} of {st.path or '<root>'!r} raised reading "
+                          f"{name!r} at sizes {st.sizes()}: {type(err).__name__}: {str(err).rstrip('.')}. Check "
+                          "its value() / views: each (axis, role) must cut an axis whose full size is that role's "
+                          "(full(m, role))")
 
 
 def _read_error(st: State, name: str, err: AttributeError) -> SortedNetError:
