@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -312,6 +313,40 @@ def test_trainer_same_submodels_for_all_micro_batches(soft, tmp_path):
         assert list(subs) == sampler.draw(s)
     assert len(set(by_step.values())) > 1  # different steps train different sub-models
     assert not torch.equal(model.lm_head.weight, before)
+
+
+@pytest.mark.parametrize("change", ["seed", "k", "soft_exits"])
+def test_trainer_resumed_with_another_sampler_is_refused_before_anything_loads(change, tmp_path):
+    """A checkpoint recorded no sampler settings: resuming with another seed, k or SoFT exits trained other
+    sub-models than the run that wrote it, silently. The configuration is saved next to the weights and
+    compared; the same one resumes."""
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(8)]
+
+    def trainer(steps, seed=3, k=1, soft=None):
+        args = TrainingArguments(str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
+                                 report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True,
+                                 logging_strategy="no", seed=0)
+        return SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=soft,
+                             sampler=sn.Sampler(nest.submodels, k=k, strategy="uniform", seed=seed))
+
+    trainer(2).train()
+    folder = str(tmp_path / "checkpoint-2")
+    assert json.load(open(tmp_path / "checkpoint-2" / "sortednet_training.json"))["sampler"]["seed"] == 3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # (so that a load would show)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {"seed": dict(seed=4), "k": dict(k=2), "soft_exits": dict(soft=[2, 4])}[change]
+    with pytest.raises(sn.SortedNetError, match=rf"another training configuration .*{change}: checkpoint"):
+        trainer(3, **bad).train(resume_from_checkpoint=folder)
+    assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())  # nothing loaded
+    resumed = trainer(3)
+    resumed.train(resume_from_checkpoint=folder)
+    assert [s for s, _ in resumed.history] == [2] and before.keys() == model.state_dict().keys()
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -656,7 +691,8 @@ def test_trainer_checkpoints_of_a_rank_nest_load_as_what_they_trained(mode, tmp_
     if mode == "lora":  # nothing but the adapters moved (embeddings, norms and the LM head included)
         assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     model2, nest2 = built()
-    trainer2 = SortedTrainer(model=model2, args=args, train_dataset=data, nest=nest2)
+    trainer2 = SortedTrainer(model=model2, args=args, train_dataset=data, nest=nest2,
+                             sampler=sn.Sampler(nest2, k=2, seed=0))  # (resuming: the sampler it trained with)
     trainer2._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
     assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), model.state_dict().values()))
     (tmp_path / "checkpoint-1" / NEST_FILE).unlink()

@@ -10,6 +10,7 @@ lighter-weight alternative: it activates one sub-model per step.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -35,6 +36,7 @@ from .soft import soft_loss
 __all__ = ["SortedTrainer", "SubModelCallback", "make_sampler", "NEST_FILE"]
 
 NEST_FILE = "sortednet.safetensors"  # the nest's own checkpoint next to a Rank nest's Hugging Face files
+TRAINING_FILE = "sortednet_training.json"  # what draws the sub-models: compared when resuming
 
 
 def make_sampler(nest: Nest, submodels: Sequence[SubModel] | None = None, *, k: int = 3, seed: int = 0,
@@ -65,6 +67,13 @@ def _checked_sampler(nest: Nest, sampler: Any, who: str) -> Any:
             raise SortedNetError(f"{who}: the sampler lists sub-models this nest does not have ({foreign[0]}, "
                                  f"{len(foreign)} in all); build it from nest.submodels")
     return sampler
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved training configuration as one flat mapping (the sampler's keys and the SoFT ones)."""
+    sampler = config.get("sampler")
+    return {**(sampler if isinstance(sampler, dict) else {}), "soft_exits": config.get("soft_exits"),
+            "soft_weights": config.get("soft_weights")}
 
 
 def _unwrapped(model: Any) -> Any:
@@ -144,11 +153,50 @@ class SortedTrainer(Trainer):
                 if p.requires_grad and id(p) not in keep:
                     p.requires_grad_(False)
 
+    def _training_config(self) -> dict[str, Any] | None:
+        """What decides which sub-models train at each step, as JSON (None for a sampler without
+        ``state_dict()``): the sampler's configuration and the SoFT exits."""
+        state = getattr(self.sampler, "state_dict", None)
+        if not callable(state):
+            return None
+        try:
+            return json.loads(json.dumps({"sampler": state(), "soft_exits": self.soft_exits,
+                                          "soft_weights": self.soft_weights}))
+        except (TypeError, ValueError):  # (a sampler of the user's whose state is not JSON)
+            return None
+
+    def _check_resumed_training(self, folder: str) -> None:
+        """Resuming with another sampler (seed, k, strategy, sub-model list) or other SoFT exits would train
+        other sub-models from here on than the run that wrote the checkpoint, silently: refused, before
+        anything loads."""
+        path = os.path.join(folder, TRAINING_FILE)
+        mine = self._training_config()
+        if mine is None or not os.path.exists(path):  # (a checkpoint of an earlier version: nothing to compare)
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != mine:
+            a, b = _flat(saved), _flat(mine)
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            diff = "; ".join(f"{k}: checkpoint {str(a.get(k))[:60]}, now {str(b.get(k))[:60]}" for k in keys[:4])
+            raise SortedNetError(f"SortedTrainer: resuming from {folder!r} with another training configuration "
+                                 f"than the run that wrote it ({diff}): from here on other sub-models would train "
+                                 "than in that run. Build the sampler as then (sampler.load_state_dict(json.load("
+                                 f"open({path!r}))['sampler'])), or delete that file to resume with the new one on "
+                                 "purpose")
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """A Rank nest's parameters are factors / adapters, which ``from_pretrained`` would drop or
-        re-initialise: its checkpoints hold the largest sub-model merged into stock weights (the Hugging
-        Face files, loaded by ``from_pretrained`` as that sub-model) and the nest itself (:data:`NEST_FILE`,
-        what resuming loads). Other nests keep their stock keys and shapes: Trainer's own files."""
+        """The training configuration goes into :data:`TRAINING_FILE` (resuming compares it). A Rank nest's
+        parameters are factors / adapters, which ``from_pretrained`` would drop or re-initialise: its
+        checkpoints hold the largest sub-model merged into stock weights (the Hugging Face files, loaded by
+        ``from_pretrained`` as that sub-model) and the nest itself (:data:`NEST_FILE`, what resuming loads).
+        Other nests keep their stock keys and shapes: Trainer's own files."""
+        config = self._training_config()
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if config is not None and self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, TRAINING_FILE), "w") as f:
+                json.dump(config, f, indent=1)
         if not self._rank:
             return super()._save(output_dir, state_dict)
         from .transformers import export_pretrained
@@ -160,6 +208,7 @@ class SortedTrainer(Trainer):
             save(self.nest, os.path.join(output_dir, NEST_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        self._check_resumed_training(resume_from_checkpoint)
         if not self._rank:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_nest(resume_from_checkpoint)
