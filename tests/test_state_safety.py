@@ -418,6 +418,18 @@ def test_a_deep_copy_follows_the_nest_and_refuses_block_changes_alike():
     for change in ("append a block", "replace a block", "insert a block", "pop a block"):
         with pytest.raises(sn.SortedNetError, match=r"(?s)Depth layer list 'blocks'.*nest.unwrap_copy\(copy\)"):
             _TREE_CHANGES[change](ema)
+    # the copy's links to its sliced modules: accepted, a replaced module ran unsliced under every sub-model
+    before, tree = snapshot(ema), list(ema.named_modules())
+    for change in ("replace a sliced module", "set a sliced module to None", "replace the layer list"):
+        with pytest.raises(sn.SortedNetError, match=r"(?s)of a copy of a wrapped model.*nest.unwrap_copy\(copy\)"):
+            _TREE_CHANGES[change](ema)
+    assert list(ema.named_modules()) == tree
+    assert_unchanged(ema, before)
+    ema.blocks[0][0] = ema.blocks[0][0]  # (the same module again, and a re-made block around the same ones)
+    ema.blocks[0].extra = nn.Identity()
+    x = torch.randn(3, 8)
+    with torch.no_grad(), nest.use("ffn=4,depth=2"):
+        torch.testing.assert_close(ema(x), m(x))
     assert len(ema.blocks._modules) == 3
     nest.unwrap_copy(ema)
     ema.blocks.append(nn.Identity())
@@ -425,6 +437,24 @@ def test_a_deep_copy_follows_the_nest_and_refuses_block_changes_alike():
     nest.unwrap()                       # free again, and the copy does not check it
     m.blocks.insert(0, nn.Identity())
     teacher(torch.randn(2, 8))
+
+
+def test_nest_of_finds_the_nest_of_a_model_and_of_its_copies():
+    """A model whose nest variable was dropped kept running the nest's sub-model, and wrapping it again said
+    'call nest.unwrap() first' with no way to get the nest back."""
+    m = _Blocks()
+    nest = _blocks_nest(m)
+    ema = copy.deepcopy(m)
+    assert sn.Nest.of(m) is nest and sn.Nest.of(ema) is nest and sn.Nest.of(m.blocks[0]) is nest
+    with pytest.raises(sn.SortedNetError, match=r"sn.Nest.of\(model\) gives the nest"):
+        sn.wrap(ema, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+    with pytest.raises(sn.SortedNetError, match="no nest slices this Linear"):
+        sn.Nest.of(nn.Linear(2, 2))
+    sn.Nest.of(m).unwrap_copy(ema)
+    sn.Nest.of(m).unwrap()
+    sn.wrap(m, sn.Width("ffn", [8, 16], out="blocks.*.0", inp="blocks.*.2"))
+    with pytest.raises(sn.SortedNetError, match="Nest.of"):
+        sn.Nest.of("m")
 
 
 def test_putting_back_the_same_module_and_changing_parts_outside_the_nest_are_fine():

@@ -896,6 +896,27 @@ class Nest:
         _LIVE.discard(self)
         return self.model
 
+    @staticmethod
+    def of(model: nn.Module) -> "Nest":
+        """The nest (not unwrapped) that slices ``model`` or modules in it: the nest that wrapped it, or the one a
+        deep copy of its model (an EMA or teacher copy) follows. For a model whose nest was not kept.
+
+        >>> import torch.nn as nn, sortednet as sn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        >>> _ = sn.wrap(model, sn.Width("h", [2, 8], out="0", inp="1"))
+        >>> sn.Nest.of(model).unwrap() is model
+        True
+        """
+        if not isinstance(model, nn.Module):
+            raise SortedNetError(f"Nest.of() takes an nn.Module, got {type(model).__name__}")
+        state = next((m.__dict__["_sn"].active for m in model.modules() if "_sn" in m.__dict__), None)
+        for nest in list(_LIVE):
+            if nest._alive and (nest.model is model or state is not None and state is nest._state):
+                return nest
+        raise SortedNetError(f"Nest.of(): no nest slices this {type(model).__name__}" + (
+            " (a deep copy of a model whose nest was unwrapped: it runs the full model; deep-copy the unwrapped "
+            "model instead)" if state is not None else ""))
+
     def unwrap_copy(self, copy: nn.Module, *, merge: bool = False) -> nn.Module:
         """Restore the original classes of a ``copy.deepcopy`` of the wrapped model (an EMA or
         teacher copy, which follows this nest's sub-models) and return it; like :meth:`unwrap`,

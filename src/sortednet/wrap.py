@@ -56,7 +56,10 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     modules = dict(model.named_modules())
     wrapped = [n or "<root>" for n, m in modules.items() if "_sn" in m.__dict__]
     if wrapped:
-        raise SortedNetError(f"model is already wrapped (sliced modules: {wrapped[:5]}); call nest.unwrap() first")
+        more = f" and {len(wrapped) - 5} more" if len(wrapped) > 5 else ""
+        raise SortedNetError(f"model is already wrapped (sliced modules: {wrapped[:5]}{more}); call nest.unwrap() "
+                             "first (sn.Nest.of(model) gives the nest; a deep copy of a wrapped model follows that "
+                             "model's nest: nest.unwrap_copy(copy))")
     lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if _uninitialized(t)]
     if lazy:  # their shapes (and so every parameter count) are not known yet
         raise PatternError(f"model has uninitialised (lazy) tensors {lazy[:4]} (nn.LazyLinear, ...): run one forward "
@@ -562,7 +565,7 @@ def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
     st = parent.__dict__.get("_sn")
     depth = st is not None and "depth" in st.bind
     if names is None and not depth:
-        return None
+        return _copy_link(parent, name, value)
     g = None if names is None else names.get(name)
     if g is None and not depth or parent._modules.get(name, ()) is value:  # not guarded, or the same module
         return None
@@ -576,6 +579,22 @@ def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
     where = g.path if g is not None else f"{lists}.{name}" if lists else name
     refuse_tree_change(lists if depth else where,
                        f"setting {where!r} to {'None' if value is None else 'a new ' + type(value).__name__}", depth)
+
+
+def _copy_link(parent: nn.Module, name: str, value: Any) -> None:
+    """A link no nest guards (a deep copy of a wrapped model, an EMA or teacher copy, follows the nest but its
+    links were never guarded): replacing a child that holds sliced modules is refused as on the wrapped model
+    (the new module would run unsliced under every sub-model), unless the new child holds the same sliced
+    modules at the same places."""
+    old = parent._modules.get(name)
+    if old is None or old is value:
+        return None
+    sliced = [(rel, m) for rel, m in old.named_modules() if "_sn" in m.__dict__]
+    if not sliced or value is not None and all(_at(value, rel) is m for rel, m in sliced):
+        return None
+    held = sliced[0][1].__dict__["_sn"].path
+    refuse_tree_change(name, f"setting {name!r} of a copy of a wrapped model (it holds the sliced {held!r}) to "
+                             f"{'None' if value is None else 'a new ' + type(value).__name__}", False)
 
 
 def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Module]], guards: Guards) -> None:
