@@ -228,12 +228,14 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     [True, True]
     """
     from .train import accumulate as _accumulate
+    from .train import refuse_unscaled
 
     if module is not None and not isinstance(module, nn.Module):
         raise SortedNetError(f"module= takes the DDP / FSDP2 model the closure calls, got {type(module).__name__}")
     if module is not None and not any(m is nest.model for m in module.modules()):
         raise SortedNetError(f"module= ({type(module).__name__}) does not contain this nest's model "
                              f"({type(nest.model).__name__}); pass the wrapper the closure calls")
+    refuse_unscaled(nest, kwargs.get("backward"), module)
     ddp = _uncompiled(module)
     if isinstance(ddp, _ddp_type()) and getattr(ddp, "static_graph", False):
         raise SortedNetError("DDP(static_graph=True) cannot run sortednet's accumulation: every sub-model's "

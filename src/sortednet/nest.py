@@ -30,6 +30,7 @@ from .modes import eval_mode
 from .plan import Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
+from .slicers import base as _base
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_int
 from .views import is_fsdp, new_lock
 from .wrap import (
@@ -193,7 +194,11 @@ class Nest:
         self._selector: Selector | None = None
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
         rows = SubModelList.product(names, sizes).rows if self._rows is None else self._rows
-        params = self._param_table(rows)
+        _base.NAMING_SLICER_ERRORS[0] += 1
+        try:
+            params = self._param_table(rows)
+        finally:
+            _base.NAMING_SLICER_ERRORS[0] -= 1
         order = np.argsort(params, kind="stable")  # rows are in size order: ties go to smaller sizes first
         self._params = params[order]
         self._params.setflags(write=False)
@@ -1000,13 +1005,23 @@ class Nest:
                 "without an example, so its wiring is unchecked: if this is a shape error the full model does not "
                 "raise on this input, nest.check(example) names the dimension, module and binding that is missing)")
 
-    def _unlisted_tensors(self) -> str:
+    def _unlisted_tensors(self, failure: BaseException | None) -> str:
         """Tensors of a module under a user's slicer that its ``attrs`` leave out although one of their axes has
-        the full size of a role this nest slices there: a forward reading them mixes full and sliced sizes."""
+        the full size of a role this nest slices there, when ``failure`` (what a dry run of check raised) was
+        raised inside that module's forward: reading them mixes full and sliced sizes."""
+        inside = set()
+        tb = getattr(failure, "__traceback__", None)
+        while tb is not None:  # each frame's first argument (a method's self, whatever its name): a sliced
+            code = tb.tb_frame.f_code  # module (check runs eval-mode copies of them: by path)
+            st = getattr(tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None, "__dict__",
+                         {}).get("_sn")
+            if st is not None:
+                inside.add(st.path)
+            tb = tb.tb_next
         out = []
         for path, m in self._sliced.items():
             st = m._sn
-            if type(st.slicer).__module__.startswith("sortednet."):
+            if path not in inside or type(st.slicer).__module__.startswith("sortednet."):
                 continue
             listed = set(st.slicer.attr_names(m, st.bind))
             fulls = {st.slicer.full(m, r): r for r, b in st.bind.items() if not r.startswith("attr:")
@@ -1044,8 +1059,9 @@ class Nest:
             check(self, example, mixed=mixed)
             self._checked = True
         except SortedNetError as e:
-            unlisted = self._unlisted_tensors()
-            if unlisted:  # the likelier cause, whatever the trace blamed
+            full_fails = str(e).startswith("nest.check: the full model")  # (then it is not about slicing)
+            unlisted = "" if full_fails else self._unlisted_tensors(e.__cause__)
+            if unlisted:  # a sub-model's dry run failed inside such a module: a likely cause
                 raise SortedNetError(f"{e}\n  note: {unlisted}") from e
             raise
         finally:  # its dry runs put back every value (BatchNorm statistics by copy_, which moves the version

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .cost import call_model
 from .errors import SortedNetError
@@ -226,10 +226,27 @@ def _ddp_reducer_check(nest: Nest) -> None:
                              "Accelerate: module=the prepared model, backward=accelerator.backward)")
 
 
+def refuse_unscaled(nest: Nest, backward: Any, module: nn.Module | None = None) -> None:
+    """Refuse ``accumulate`` without ``backward=`` on a model Accelerate prepared (``nest.model`` or the
+    ``module`` the closure calls) while Accelerate accumulates gradients over several micro-steps and this one
+    does not synchronise (``with accelerator.accumulate(model):``): ``loss.backward()`` skips the
+    ``1 / steps`` that ``accelerator.backward`` divides by."""
+    if backward is not None:
+        return
+    prepared = any(getattr(m, "_is_accelerate_prepared", False) for m in (nest.model, module) if m is not None)
+    steps = _accelerate_micro_step() if prepared else 0
+    if steps:
+        raise SortedNetError(f"accumulate without backward= on a model Accelerate prepared, on a micro-step of its "
+                             f"gradient accumulation over {steps} micro-steps that does not synchronise: "
+                             "loss.backward() skips the 1/steps Accelerate divides by, so each optimizer step's "
+                             f"gradient would be {steps}x too large. Pass backward=accelerator.backward (or "
+                             "backward=lambda l: l.backward() if the closure already divides its loss)")
+
+
 def _accelerate_micro_step() -> int:
-    """Accelerate's number of accumulation micro-steps while this call is one that does not synchronise
-    (inside ``accelerator.accumulate(model)`` before the last micro-step of an optimizer step), else 0.
-    Read from Accelerate's shared ``GradientState`` only when Accelerate is imported and has one."""
+    """Accelerate's number of accumulation micro-steps while its shared gradient state says the current one
+    does not synchronise (inside ``accelerator.accumulate(model)`` before the last micro-step of an optimizer
+    step; the state stays so after a loop that ends there), else 0. Read only when Accelerate is imported."""
     state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
     if state is None or not getattr(state, "_shared_state", None):
         return 0
@@ -250,12 +267,7 @@ def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: An
                              f"returning the loss, got {closure!r}")
     if backward is not None and not callable(backward):
         raise SortedNetError(f"accumulate(backward=...) takes a function of the scaled loss, got {backward!r}")
-    if backward is None and (steps := _accelerate_micro_step()):
-        raise SortedNetError(f"accumulate without backward= inside Accelerate's gradient accumulation over {steps} "
-                             "micro-steps (accelerator.accumulate(model) on a step that does not synchronise): "
-                             "loss.backward() skips the 1/steps Accelerate divides by, so each optimizer step's "
-                             f"gradient would be {steps}x too large. Pass backward=accelerator.backward (or "
-                             "backward=lambda l: l.backward() if the closure already divides its loss)")
+    refuse_unscaled(nest, backward)
     nest._check_structure("accumulate")  # (a layer list replaced or grown since wrap would train the wrong model)
     ok = isinstance(subs, Sequence) and not isinstance(subs, (str, bytes))
     resolved = [nest.resolve(s) for s in subs] if ok else None

@@ -70,10 +70,9 @@ def _checked_sampler(nest: Nest, sampler: Any, who: str) -> Any:
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved training configuration as one flat mapping (the sampler's keys and the SoFT ones)."""
+    """A saved training configuration as one flat mapping (the sampler's keys and the SoFT exits)."""
     sampler = config.get("sampler")
-    return {**(sampler if isinstance(sampler, dict) else {}), "soft_exits": config.get("soft_exits"),
-            "soft_weights": config.get("soft_weights")}
+    return {**(sampler if isinstance(sampler, dict) else {}), "soft_exits (exit, weight)": config.get("soft")}
 
 
 def _unwrapped(model: Any) -> Any:
@@ -154,15 +153,20 @@ class SortedTrainer(Trainer):
                     p.requires_grad_(False)
 
     def _training_config(self) -> dict[str, Any] | None:
-        """What decides which sub-models train at each step, as JSON (None for a sampler without
-        ``state_dict()``): the sampler's configuration and the SoFT exits."""
-        state = getattr(self.sampler, "state_dict", None)
-        if not callable(state):
+        """What decides which sub-models train at each step, as JSON: the configuration of an ``sn.Sampler``
+        (its state is nothing else; None for a sampler of the user's, whose state may hold progress) and the
+        SoFT exits with their normalised weights, in exit order (as ``soft_loss`` uses them)."""
+        if not isinstance(self.sampler, Sampler):
             return None
+        soft = None
+        if self.soft_exits is not None:
+            given = self.soft_weights if self.soft_weights is not None else [1.0] * len(self.soft_exits)
+            weights = [float(w) for w in given]
+            total = sum(weights)
+            soft = [[int(e), w / total] for e, w in sorted(zip(self.soft_exits, weights))]
         try:
-            return json.loads(json.dumps({"sampler": state(), "soft_exits": self.soft_exits,
-                                          "soft_weights": self.soft_weights}))
-        except (TypeError, ValueError):  # (a sampler of the user's whose state is not JSON)
+            return json.loads(json.dumps({"sampler": self.sampler.state_dict(), "soft": soft}))
+        except (TypeError, ValueError):  # (weights of a type JSON does not take: nothing to compare)
             return None
 
     def _check_resumed_training(self, folder: str) -> None:

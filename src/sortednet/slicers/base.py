@@ -330,10 +330,10 @@ class Slicer:
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
                 except SortedNetError:
                     raise
-                except Exception as err:  # a user's slicer (an axis swapped, a role it does not have): named
-                    if type(st.slicer).__module__.startswith("sortednet."):
-                        raise
-                    raise _slicer_error(st, name, err) from err
+                except Exception as err:  # a user's slicer (an axis swapped, a role it does not have) failing
+                    if not NAMING_SLICER_ERRORS[0] or type(st.slicer).__module__.startswith("sortednet."):
+                        raise                 # while wrap reads every attribute: named (later errors, such as
+                    raise _slicer_error(st, name, err) from err  # running out of memory, keep their type)
 
             def set_(self_: nn.Module, v: Any) -> None:  # (nn.Module.__setattr__ of a name that is not a
                 d = self_.__dict__                         # parameter, buffer or child: in_features, a Rank
@@ -422,6 +422,11 @@ def _short(v: Any) -> str:
         return f"of shape {tuple(v.shape)}"
     r = repr(v)
     return r if len(r) <= 40 else r[:37] + "..."
+
+
+#: > 0 while ``wrap`` counts parameters (it reads every sliced attribute): an error from a user's slicer is
+#: then turned into a SortedNetError naming it
+NAMING_SLICER_ERRORS = [0]
 
 
 def _slicer_error(st: State, name: str, err: Exception) -> SortedNetError:
