@@ -427,6 +427,12 @@ def test_a_deep_copy_follows_the_nest_and_refuses_block_changes_alike():
     assert_unchanged(ema, before)
     ema.blocks[0][0] = ema.blocks[0][0]  # (the same module again, and a re-made block around the same ones)
     ema.blocks[0].extra = nn.Identity()
+    holder = nn.Module()  # modules that hold a whole model or copy, or a part, may change what they hold
+    holder.student, holder.ema, holder.part = m, copy.deepcopy(m), copy.deepcopy(m.blocks[0][0])
+    holder.ema = copy.deepcopy(holder.student)
+    holder.student, holder.ema, holder.part = nn.Identity(), None, nn.Identity()
+    outer = nn.Sequential(m, nn.Linear(8, 2))
+    outer[1], outer[0] = nn.Linear(8, 3), nn.Identity()
     x = torch.randn(3, 8)
     with torch.no_grad(), nest.use("ffn=4,depth=2"):
         torch.testing.assert_close(ema(x), m(x))
@@ -450,8 +456,12 @@ def test_nest_of_finds_the_nest_of_a_model_and_of_its_copies():
         sn.wrap(ema, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
     with pytest.raises(sn.SortedNetError, match="no nest slices this Linear"):
         sn.Nest.of(nn.Linear(2, 2))
+    with pytest.raises(sn.SortedNetError, match="2 nests slice modules of this ModuleList"):
+        sn.Nest.of(nn.ModuleList([m, _blocks_nest(_Blocks()).model]))
+    kept = copy.deepcopy(m)
     sn.Nest.of(m).unwrap_copy(ema)
     sn.Nest.of(m).unwrap()
+    kept.blocks[0][0] = nn.Linear(8, 16)  # a copy of an unwrapped nest runs the full model: free to change
     sn.wrap(m, sn.Width("ffn", [8, 16], out="blocks.*.0", inp="blocks.*.2"))
     with pytest.raises(sn.SortedNetError, match="Nest.of"):
         sn.Nest.of("m")

@@ -914,13 +914,16 @@ class Nest:
         """
         if not isinstance(model, nn.Module):
             raise SortedNetError(f"Nest.of() takes an nn.Module, got {type(model).__name__}")
-        state = next((m.__dict__["_sn"].active for m in model.modules() if "_sn" in m.__dict__), None)
-        for nest in list(_LIVE):
-            if nest._alive and (nest.model is model or state is not None and state is nest._state):
-                return nest
+        states = {id(m.__dict__["_sn"].active) for m in model.modules() if "_sn" in m.__dict__}
+        found = [n for n in list(_LIVE) if n._alive and (n.model is model or id(n._state) in states)]
+        if len(found) > 1:
+            raise SortedNetError(f"Nest.of(): {len(found)} nests slice modules of this {type(model).__name__} "
+                                 f"(of {[type(n.model).__name__ for n in found]}); ask for each model alone")
+        if found:
+            return found[0]
         raise SortedNetError(f"Nest.of(): no nest slices this {type(model).__name__}" + (
             " (a deep copy of a model whose nest was unwrapped: it runs the full model; deep-copy the unwrapped "
-            "model instead)" if state is not None else ""))
+            "model instead)" if states else ""))
 
     def unwrap_copy(self, copy: nn.Module, *, merge: bool = False) -> nn.Module:
         """Restore the original classes of a ``copy.deepcopy`` of the wrapped model (an EMA or

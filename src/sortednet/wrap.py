@@ -582,17 +582,30 @@ def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
 
 
 def _copy_link(parent: nn.Module, name: str, value: Any) -> None:
-    """A link no nest guards (a deep copy of a wrapped model, an EMA or teacher copy, follows the nest but its
-    links were never guarded): replacing a child that holds sliced modules is refused as on the wrapped model
-    (the new module would run unsliced under every sub-model), unless the new child holds the same sliced
-    modules at the same places."""
+    """A link no nest guards. Inside a deep copy of a wrapped model (an EMA or teacher copy, which follows the
+    live nest), replacing a child on the path to a copied sliced module is refused as on the wrapped model: the
+    new module would run unsliced under every sub-model. Such a link is recognised by the sliced module's path
+    in the wrapped model ending with this link's (``blocks.0`` + ``0`` for ``blocks.0.0``); a module holding a
+    whole model or copy (a user's wrapper, an EMA holder), another model holding a part, and copies of an
+    unwrapped nest (they run the full model) are left alone, as a new child that holds the same sliced modules
+    at the same places."""
     old = parent._modules.get(name)
     if old is None or old is value:
         return None
-    sliced = [(rel, m) for rel, m in old.named_modules() if "_sn" in m.__dict__]
-    if not sliced or value is not None and all(_at(value, rel) is m for rel, m in sliced):
+    hits = []
+    for rel, m in old.named_modules():
+        st = m.__dict__.get("_sn")
+        if st is None:
+            continue
+        nest = next((b.dim._nest for b in st.bind.values()), None)
+        if nest is None or nest._sliced.get(st.path) is m:  # (an unwrapped nest's copy, or the nest's own module)
+            continue
+        tail = f"{name}.{rel}" if rel else name
+        if st.path == tail or st.path.endswith("." + tail):
+            hits.append((rel, m))
+    if not hits or value is not None and all(_at(value, rel) is m for rel, m in hits):
         return None
-    held = sliced[0][1].__dict__["_sn"].path
+    held = hits[0][1].__dict__["_sn"].path
     refuse_tree_change(name, f"setting {name!r} of a copy of a wrapped model (it holds the sliced {held!r}) to "
                              f"{'None' if value is None else 'a new ' + type(value).__name__}", False)
 
