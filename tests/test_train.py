@@ -362,6 +362,26 @@ def test_fit_that_raises_on_a_nonfinite_loss_leaves_no_gradient():
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("loader", ["empty", "drop_last"])
+def test_fit_refuses_a_loader_that_yields_no_batch(loader):
+    """An empty loader (or drop_last with fewer samples than a batch) returned an empty History: nothing
+    trained, and nothing said so."""
+    x, y = toy_batch(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    data = [] if loader == "empty" else torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=len(x) + 1, drop_last=True)
+    with pytest.raises(sn.SortedNetError, match="yielded no batch in epoch 1"):
+        sn.fit(nest, data, torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), progress=False)
+
+
+def test_sandwich_over_one_submodel_says_what_it_needs():
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
+                   sn.Width("h", [8], out="0", inp="1"))
+    with pytest.raises(sn.SortedNetError, match="needs at least 2 sub-models, this sampler has 1"):
+        sn.Sampler(nest, k=1, strategy="sandwich")
+
+
 def test_fit_resumed_evaluates_at_the_same_steps():
     """eval_every counts the run's steps (continued from start_step): a resumed run evaluates where the
     uninterrupted one did."""

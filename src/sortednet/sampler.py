@@ -239,6 +239,9 @@ class Sampler:
             raise SortedNetError(f"strategy {strategy!r} needs k (sub-models per step, 1..{n})")
         k = _check_index(k, "k")
         lo = 2 if strategy == "sandwich" else 1
+        if n < lo:
+            raise SortedNetError(f"strategy 'sandwich' draws the smallest and the largest sub-model: it needs at "
+                                 f"least 2 sub-models, this sampler has {n}; use strategy='uniform'")
         if not lo <= k <= n:
             raise SortedNetError(f"k={k} is out of range for strategy {strategy!r} with {n} sub-models "
                                  f"(need {lo} <= k <= {n})")

@@ -634,7 +634,8 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
 
     model = nest.model
     with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            before = step
             for batch in loader:
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                     raise SortedNetError("fit(): the loader must yield (inputs, target) pairs; got a "
@@ -671,6 +672,10 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 step += 1
                 if eval_data is not None and eval_every and step % eval_every == 0:  # resumed runs: same steps
                     _record(hist, nest, eval_data, step, bar if progress else None)
+            if step == before:
+                raise SortedNetError(f"fit(): the loader yielded no batch in epoch {epoch + 1} (an empty dataset, or "
+                                     "a DataLoader with drop_last=True and fewer samples than one batch): nothing "
+                                     "would train")
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None)
 
