@@ -439,6 +439,27 @@ def test_generation_config_logit_processors_are_refused_before_any_forward(setti
         setattr(model.generation_config, setting, old)
 
 
+@pytest.mark.parametrize("plain_target", [False, True])
+def test_a_generation_config_that_samples_needs_do_sample_said(plain_target):
+    """generate() samples when the model's generation config says do_sample=True; speculative_generate decoded
+    greedily then, with nothing said. Leaving do_sample out is refused there; said either way, it runs."""
+    model = llama()
+    nest = sn.from_transformers(model, depth=[2])
+    ids = torch.tensor([[1, 2, 3]])
+    target, draft = (model, nest.export("depth=2")) if plain_target else (nest, "depth=2")
+    model.generation_config.do_sample = True
+    try:
+        with pytest.raises(sn.SortedNetError, match="generation_config sets do_sample=True"):
+            sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4)
+        got = sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4, do_sample=False)
+        assert torch.equal(got.sequences, plain(model, ids, 4))
+        sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4, do_sample=True,
+                                generator=torch.Generator().manual_seed(0))
+    finally:
+        model.generation_config.do_sample = False
+    assert sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=0).stats.mean_accepted == 0
+
+
 def test_a_prompt_holding_the_pad_token_is_masked_as_generate_does():
     """generate() infers attention_mask = ids != pad_token_id when the prompt holds the pad token (and it
     is not an eos token); speculative_generate infers the same, so their greedy tokens agree."""

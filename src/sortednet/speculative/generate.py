@@ -166,7 +166,7 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
 def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_tokens: int,
                          num_draft_tokens: int | str = 4, exits: Sequence[Any] | None = None,
                          thresholds: Sequence[float] | None = None, target_sub: Any = None,
-                         share_cache: bool | None = None, do_sample: bool = False, temperature: float = 1.0,
+                         share_cache: bool | None = None, do_sample: bool | None = None, temperature: float = 1.0,
                          top_k: int | None = None, top_p: float | None = None,
                          generator: torch.Generator | None = None, eos_token_id: int | Sequence[int] | None = None,
                          attention_mask: Tensor | None = None) -> SpeculativeOutput:
@@ -199,6 +199,16 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     >>> bool((out.sequences == plain).all()), out.stats.new_tokens
     (True, 8)
     """
+    if do_sample is None:  # generate() follows the model's generation config: say so rather than decode otherwise
+        from ..nest import Nest
+
+        gen = getattr(target.model if isinstance(target, Nest) else target, "generation_config", None)
+        if getattr(gen, "do_sample", False) is True:
+            raise SortedNetError("the model's generation_config sets do_sample=True, which generate() follows (with "
+                                 "the config's temperature, top_k and top_p); speculative_generate takes its "
+                                 "sampling from its arguments only: pass do_sample=True with the filters you want, "
+                                 "or do_sample=False for greedy decoding")
+        do_sample = False
     flag("speculative_generate", "do_sample", do_sample)
     if share_cache is not None:
         flag("speculative_generate", "share_cache", share_cache)
