@@ -235,6 +235,15 @@ def _errors(rank: int, out_dir: str) -> dict:
         out["fsdp_after_eval_forward"] = "ok"
     except sn.SortedNetError as e:
         out["fsdp_after_eval_forward"] = str(e)
+    with torch.no_grad():  # an evaluation between accumulate and the step: the root unit keeps the values from
+        case.model(case.example)  # before the step, which the next step's forwards reused
+    opt.step()
+    opt.zero_grad()
+    got = snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)), module=case.model)
+    opt.zero_grad()
+    case.model.reshard()
+    with torch.no_grad(), nest.use(nest.largest):
+        out["fsdp_eval_before_step"] = (got[0], float(_loss(case.model(case.example))))
     # ranks that drew other sub-models (a seed per rank), or another number of them: refused on every rank
     case, nest = _build("mlp", "ddp")
     ddp = DDP(case.model)
@@ -551,6 +560,8 @@ def test_fsdp2_root_unit_is_resharded_after_a_skipped_last_submodel_and_survives
     errs = results["errors"]
     assert errs["fsdp_resharded_after_skip"] is True
     assert errs["fsdp_after_eval_forward"] == "ok"
+    got, want = errs["fsdp_eval_before_step"]
+    assert got == pytest.approx(want, rel=1e-6)
 
 
 def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(run):

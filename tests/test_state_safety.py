@@ -431,6 +431,10 @@ def test_a_deep_copy_follows_the_nest_and_refuses_block_changes_alike():
     holder.student, holder.ema, holder.part = m, copy.deepcopy(m), copy.deepcopy(m.blocks[0][0])
     holder.ema = copy.deepcopy(holder.student)
     holder.student, holder.ema, holder.part = nn.Identity(), None, nn.Identity()
+    student = nn.ModuleList([copy.deepcopy(m.blocks[0])])  # assembled from copied parts, at the same names
+    student[0] = nn.Identity()
+    half = nn.Sequential(copy.deepcopy(m.blocks[0][0]))
+    half[0] = nn.Identity()
     outer = nn.Sequential(m, nn.Linear(8, 2))
     outer[1], outer[0] = nn.Linear(8, 3), nn.Identity()
     x = torch.randn(3, 8)
@@ -458,11 +462,20 @@ def test_nest_of_finds_the_nest_of_a_model_and_of_its_copies():
         sn.Nest.of(nn.Linear(2, 2))
     with pytest.raises(sn.SortedNetError, match="2 nests slice modules of this ModuleList"):
         sn.Nest.of(nn.ModuleList([m, _blocks_nest(_Blocks()).model]))
+    other = _Blocks()
+    other_nest = _blocks_nest(other)
+    other.teacher = copy.deepcopy(m)  # a model holding a copy of another nest's model: its own nest
+    assert sn.Nest.of(other) is other_nest
     kept = copy.deepcopy(m)
     sn.Nest.of(m).unwrap_copy(ema)
     sn.Nest.of(m).unwrap()
     kept.blocks[0][0] = nn.Linear(8, 16)  # a copy of an unwrapped nest runs the full model: free to change
-    sn.wrap(m, sn.Width("ffn", [8, 16], out="blocks.*.0", inp="blocks.*.2"))
+    width = sn.Width("ffn", [8, 16], out="blocks.*.0", inp="blocks.*.2")
+    n2 = sn.wrap(m, width)
+    stale = copy.deepcopy(m)
+    n2.unwrap()
+    sn.wrap(m, width)  # the same dimension object in a new nest: the old copy still runs the full model
+    stale.blocks[0][0] = nn.Linear(8, 16)
     with pytest.raises(sn.SortedNetError, match="Nest.of"):
         sn.Nest.of("m")
 

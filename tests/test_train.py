@@ -371,8 +371,28 @@ def test_fit_refuses_a_loader_that_yields_no_batch(loader):
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
     data = [] if loader == "empty" else torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=len(x) + 1, drop_last=True)
-    with pytest.raises(sn.SortedNetError, match="yielded no batch in epoch 1"):
-        sn.fit(nest, data, torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), progress=False)
+    opt, sampler = torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1)
+    with pytest.raises(sn.SortedNetError, match="yielded no batch"):
+        sn.fit(nest, data, opt, sampler, progress=False)
+    # a run resumed at its last step has no batch left: its final evaluation, nothing trained
+    hist = sn.fit(nest, data, opt, sampler, progress=False, start_step=4, eval_data=(x, y))
+    assert hist.train == [] and [e["step"] for e in hist.evals] == [4]
+
+
+def test_fit_over_a_loader_that_cannot_restart_warns_and_keeps_what_trained():
+    x, y = toy_batch(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    used = iter([(x, y), (x, y)])
+
+    class Once:  # re-iterable in name only: __iter__ hands out the same iterator
+        def __iter__(self):
+            return used
+
+    with pytest.warns(RuntimeWarning, match="no batch in epoch 2 after 2 steps"):
+        hist = sn.fit(nest, Once(), torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), epochs=2,
+                      progress=False)
+    assert len(hist.train) == 2
 
 
 def test_sandwich_over_one_submodel_says_what_it_needs():
@@ -380,6 +400,8 @@ def test_sandwich_over_one_submodel_says_what_it_needs():
                    sn.Width("h", [8], out="0", inp="1"))
     with pytest.raises(sn.SortedNetError, match="needs at least 2 sub-models, this sampler has 1"):
         sn.Sampler(nest, k=1, strategy="sandwich")
+    with pytest.raises(sn.SortedNetError, match="needs at least 2 sub-models"):
+        sn.Sampler(nest, strategy="sandwich")
 
 
 def test_fit_resumed_evaluates_at_the_same_steps():

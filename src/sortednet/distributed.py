@@ -257,6 +257,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         units = _fsdp_modules(module if module is not None else nest.model)
         if units or is_fsdp(nest.model):
             _gather_once(units)
+            for u in units:  # a forward since the last step (an evaluation before optimizer.step()) left its unit
+                u.reshard()  # unsharded with the values before that step: the next forward would reuse them
             try:
                 return _accumulate(nest, subs, closure, **kwargs)
             finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last

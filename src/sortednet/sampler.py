@@ -230,18 +230,18 @@ class Sampler:
         if strategy not in STRATEGIES:
             raise SortedNetError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
         n = len(subs)
+        lo = 2 if strategy == "sandwich" else 1
+        if n < lo:
+            raise SortedNetError(f"strategy 'sandwich' draws the smallest and the largest sub-model: it needs at "
+                                 f"least 2 sub-models, this sampler has {n}; use strategy='uniform'")
         if strategy == "all":
             if k is not None and _check_index(k, "k") != n:
                 raise SortedNetError(f"strategy 'all' trains all {n} sub-models each step; got k={k} "
                                      "(leave k out)")
             k = n
         elif k is None:
-            raise SortedNetError(f"strategy {strategy!r} needs k (sub-models per step, 1..{n})")
+            raise SortedNetError(f"strategy {strategy!r} needs k (sub-models per step, {lo}..{n})")
         k = _check_index(k, "k")
-        lo = 2 if strategy == "sandwich" else 1
-        if n < lo:
-            raise SortedNetError(f"strategy 'sandwich' draws the smallest and the largest sub-model: it needs at "
-                                 f"least 2 sub-models, this sampler has {n}; use strategy='uniform'")
         if not lo <= k <= n:
             raise SortedNetError(f"k={k} is out of range for strategy {strategy!r} with {n} sub-models "
                                  f"(need {lo} <= k <= {n})")

@@ -633,6 +633,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
     from tqdm.auto import tqdm
 
     model = nest.model
+    first = step
     with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             before = step
@@ -672,10 +673,15 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 step += 1
                 if eval_data is not None and eval_every and step % eval_every == 0:  # resumed runs: same steps
                     _record(hist, nest, eval_data, step, bar if progress else None)
-            if step == before:
-                raise SortedNetError(f"fit(): the loader yielded no batch in epoch {epoch + 1} (an empty dataset, or "
-                                     "a DataLoader with drop_last=True and fewer samples than one batch): nothing "
-                                     "would train")
+            if step == before and epoch == 0 and first == 0:  # (a resumed run may have no batch left)
+                raise SortedNetError("fit(): the loader yielded no batch (an empty dataset, or a DataLoader with "
+                                     "drop_last=True and fewer samples than one batch): nothing would train")
+            if step == before and epoch > 0:
+                warnings.warn(f"fit(epochs={epochs}): the loader yielded no batch in epoch {epoch + 1} after "
+                              f"{step - first} steps: it cannot be iterated again (an IterableDataset whose "
+                              "__iter__ returns a used iterator); trained those steps only", RuntimeWarning,
+                              stacklevel=3)
+                break
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None)
 

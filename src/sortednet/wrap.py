@@ -585,26 +585,37 @@ def _copy_link(parent: nn.Module, name: str, value: Any) -> None:
     """A link no nest guards. Inside a deep copy of a wrapped model (an EMA or teacher copy, which follows the
     live nest), replacing a child on the path to a copied sliced module is refused as on the wrapped model: the
     new module would run unsliced under every sub-model. Such a link is recognised by the sliced module's path
-    in the wrapped model ending with this link's (``blocks.0`` + ``0`` for ``blocks.0.0``); a module holding a
-    whole model or copy (a user's wrapper, an EMA holder), another model holding a part, and copies of an
-    unwrapped nest (they run the full model) are left alone, as a new child that holds the same sliced modules
-    at the same places."""
+    in the wrapped model ending with this link's (``blocks.0`` + ``0`` for ``blocks.0.0``) and by ``parent``
+    holding copies of every sliced module the wrapped model holds below that place, at the same places. A
+    module holding a whole model or copy (a user's wrapper, an EMA holder), a model assembled from some copied
+    parts, and copies of a nest no longer live (they run the full model) are left alone, as is a new child
+    that holds the same sliced modules at the same places."""
     old = parent._modules.get(name)
     if old is None or old is value:
         return None
-    hits = []
+    from .nest import _LIVE  # (wrap.py is imported by nest.py)
+
+    live = {id(n._state): n for n in list(_LIVE) if n._alive}
+    hits, where = [], None
     for rel, m in old.named_modules():
         st = m.__dict__.get("_sn")
-        if st is None:
-            continue
-        nest = next((b.dim._nest for b in st.bind.values()), None)
-        if nest is None or nest._sliced.get(st.path) is m:  # (an unwrapped nest's copy, or the nest's own module)
+        nest = None if st is None else live.get(id(st.active))
+        if nest is None or nest._sliced.get(st.path) is m:  # (a copy of an unwrapped nest, or the nest's own module)
             continue
         tail = f"{name}.{rel}" if rel else name
         if st.path == tail or st.path.endswith("." + tail):
             hits.append((rel, m))
+            where = where or (nest, st.path[:len(st.path) - len(tail)].rstrip("."))
     if not hits or value is not None and all(_at(value, rel) is m for rel, m in hits):
         return None
+    nest, above = where
+    for path in nest._sliced:  # a copy holds every sliced module below its place, each where the original has it
+        if above and not path.startswith(above + "."):
+            continue
+        m = _at(parent, path[len(above) + 1:] if above else path)
+        st = None if m is None else m.__dict__.get("_sn")
+        if st is None or st.path != path or st.active is not nest._state:
+            return None
     held = hits[0][1].__dict__["_sn"].path
     refuse_tree_change(name, f"setting {name!r} of a copy of a wrapped model (it holds the sliced {held!r}) to "
                              f"{'None' if value is None else 'a new ' + type(value).__name__}", False)
