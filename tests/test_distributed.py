@@ -161,6 +161,10 @@ def _errors(rank: int, out_dir: str) -> dict:
             nest.export(nest.smallest)
         except sn.SortedNetError as e:
             out["export_sharded"] = str(e)
+        try:
+            nest.check(case.example)
+        except sn.SortedNetError as e:
+            out["check_sharded"] = str(e)
         try:  # sn.save of a sharded model: refused before writing, pointing to snd.save
             sn.save(nest, os.path.join(out_dir, f"sharded-{rank}.safetensors"))
             out.setdefault("save_sharded", []).append("accepted")
@@ -496,6 +500,7 @@ def test_misuse_raises_clear_errors(run):
     assert "sortednet.distributed.accumulate" in msg and "find_unused_parameters=False" in msg and untouched
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
     assert "sortednet.distributed.save" in errs.get("export_sharded", "")
+    assert "check before fully_shard" in errs.get("check_sharded", "")
     assert "module=ddp_model" in errs["module_left_out"]
     for fam, (before, after) in errs["costs_sharded"].items():
         assert after == before, fam

@@ -1050,6 +1050,10 @@ class Nest:
             raise SortedNetError(f"check(mixed=...) takes the number of random mixed sub-models, an int >= 0, got "
                                  f"{mixed!r}")
         self._check_structure("check")
+        if is_fsdp(self.model):
+            raise SortedNetError("nest.check: the model is sharded with FSDP2 (fully_shard); check runs private "
+                                 "eval-mode copies of it, which sharded weights cannot give: check before "
+                                 "fully_shard (wrap(..., example=x) does), or in one process on a checkpoint")
         from .coupling_ops import leaves
 
         if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())) or any(
