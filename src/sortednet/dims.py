@@ -204,7 +204,7 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch")
+    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -219,6 +219,9 @@ class Active:
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0
+        # weakly, the nest while it is wrapped (set by the nest, cleared by unwrap): deep copies of the model,
+        # which share this object, find out whether the nest they follow is live (sortednet.wrap._copy_link)
+        self.owner: Any = None
         return self
 
     def plan(self) -> Any:

@@ -421,6 +421,7 @@ class Nest:
         parameters under ``use``): modules get their plan slots, dimensions the state."""
         self._plans = Plans(modules)
         self._state = Active(self._plans.build(SubModel({d.name: d.full for d in self.dims})))
+        self._state.owner = weakref.ref(self)
         self._plans.active = self._state
         lock = new_lock()  # one per nest: tied parameters are written through several modules
         for slot, m in enumerate(modules):
@@ -896,6 +897,7 @@ class Nest:
         for d in self.dims:
             d._nest = None
         self._state.default = full  # deep copies of the model (EMA / teacher) still follow it: the full model
+        self._state.owner = None
         self._stop()
         self._alive = False
         _LIVE.discard(self)

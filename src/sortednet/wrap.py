@@ -593,13 +593,11 @@ def _copy_link(parent: nn.Module, name: str, value: Any) -> None:
     old = parent._modules.get(name)
     if old is None or old is value:
         return None
-    from .nest import _LIVE  # (wrap.py is imported by nest.py)
-
-    live = {id(n._state): n for n in list(_LIVE) if n._alive}
     hits, where = [], None
     for rel, m in old.named_modules():
         st = m.__dict__.get("_sn")
-        nest = None if st is None else live.get(id(st.active))
+        owner = None if st is None else getattr(st.active, "owner", None)
+        nest = None if owner is None else owner()
         if nest is None or nest._sliced.get(st.path) is m:  # (a copy of an unwrapped nest, or the nest's own module)
             continue
         tail = f"{name}.{rel}" if rel else name
