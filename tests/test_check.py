@@ -1265,6 +1265,8 @@ def test_a_meta_model_or_example_is_refused_by_check_not_a_raw_error():
         sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"), example=torch.empty(3, 4, device="meta"))
     assert [type(c) for c in m.modules()] == classes and all(a is b for a, b in zip(m.parameters(), params))
     nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))  # without an example: as documented
+    with pytest.raises(sn.SortedNetError, match="profile: the model is on the meta device"):  # (timed nothing)
+        nest.profile(torch.empty(3, 4, device="meta"), repeat=1, progress=False)
     m.to_empty(device="cpu")
     for p in m.parameters():
         torch.nn.init.normal_(p)

@@ -543,3 +543,44 @@ def test_a_rotary_buffer_as_long_as_the_head_count_is_not_taken_for_a_per_head_t
     nest = sn.wrap(m, sn.Heads("heads", [4, 8], attn=""), example=x)
     with nest.use("heads=4"):
         torch.testing.assert_close(m(x), nest.export("heads=4")(x))
+
+
+def test_weights_accelerate_offloads_are_refused_and_its_device_hooks_export():
+    """accelerate's offloading hook (cpu_offload, a device_map with 'cpu' / 'disk') writes each module's
+    full-size weights in at every forward: wrap accepted it, and every smaller sub-model then failed with
+    accelerate's raw ValueError. A hook that only moves tensors between devices (a dispatched model) is fine,
+    and a shallower depth exports (its forward wrapper holding its own, skipped block was taken for a block
+    held aside)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from accelerate import cpu_offload
+
+    m = _mlp()
+    x = torch.randn(2, 4)
+    want = m(x)
+    cpu_offload(m, execution_device=torch.device("cpu"))
+    before = {n: type(mod) for n, mod in m.named_modules()}
+    with pytest.raises(sn.SortedNetError, match=r"accelerate offloads the weights of \['0', '2'\]"):
+        sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    assert {n: type(mod) for n, mod in m.named_modules()} == before
+    torch.testing.assert_close(m(x), want)
+
+    torch.manual_seed(0)
+    deep = nn.Sequential(nn.Linear(4, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]), nn.Linear(8, 3))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.blocks, self.out = deep[0], deep[1], deep[2]
+
+        def forward(self, x):
+            x = self.inp(x)
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return self.out(x)
+
+    net = Net()
+    for b in net.blocks:
+        hooks.add_hook_to_module(b, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    nest = sn.wrap(net, sn.Depth("depth", [1, 3], layers="blocks"))
+    with torch.no_grad(), nest.use("depth=1"):
+        torch.testing.assert_close(nest.export("depth=1")(x), net(x))

@@ -154,7 +154,11 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
             return next((h for x in (v.values() if isinstance(v, dict) else v) if (h := held(x, depth + 1))), None)
         return None
 
-    for path, m in model.named_modules():
+    gone: list[str] = []  # blocks the sub-model skips: what they hold leaves with them (an accelerate hook's
+    for path, m in model.named_modules():  # forward wrapper holding its own block)
+        if id(m) in dropped or any(path.startswith(g + ".") for g in gone):
+            gone.append(path)
+            continue
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue

@@ -632,6 +632,10 @@ class Nest:
         (24.0, 96.0)
         """
         self._check_structure("profile")
+        if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())):
+            raise SortedNetError("profile: the model is on the meta device, where forwards time and allocate "
+                                 "nothing real; profile once the weights are materialised (FLOPs: "
+                                 "nest.cost(sub, 'flops', example=x) counts them on meta)")
         # a dry forward of the extremes names the sub-model when the example does not fit; in eval mode
         # on a private view sharing the weights (model.eval() would change the mode for every thread)
         with eval_mode(self) as (view, _):

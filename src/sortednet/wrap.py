@@ -48,6 +48,14 @@ def _check_dims(dims: Sequence[Dimension]) -> None:
         seen[d.name] = d
 
 
+def _offloaded(m: nn.Module) -> bool:
+    """``m`` carries an accelerate hook that loads its weights in at each forward (offloading)."""
+    hook = m.__dict__.get("_hf_hook")
+    if hook is None:
+        return False
+    return any(getattr(h, "offload", False) is True for h in getattr(hook, "hooks", None) or (hook,))
+
+
 def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Module, Slicer, dict[str, Binding]]]:
     """Everything ``wrap`` will install, fully validated; changes nothing."""
     if not isinstance(model, nn.Module):
@@ -108,6 +116,12 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                                "which may ignore sliced attributes; register a slicer for it explicitly")
         sl.validate(m, bind, path)
         out[path] = (m, sl, bind)
+    offloaded = [p or "<root>" for p, (m, _, _) in out.items() if _offloaded(m)]
+    if offloaded:
+        raise SortedNetError(f"accelerate offloads the weights of {offloaded[:3]} (device_map with 'cpu' / 'disk' "
+                             "entries, cpu_offload, disk_offload): its hook writes the full-size weights into each "
+                             "module at every forward, which smaller sub-models cannot slice. Load the model "
+                             "without offloading (every weight on one device) to wrap it")
     _refuse_tied_factors(model, out)
     return out
 
