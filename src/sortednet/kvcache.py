@@ -151,7 +151,9 @@ class CacheGuard:
                 f"different lengths), or start a new cache")
         layers = getattr(cache, "layers", None)
         if isinstance(layers, (list, tuple)) and filled:  # what the layers this sub-model runs really hold
-            short = [(i, int(layers[i].get_seq_length()) if i < len(layers) else 0) for i in range(d)]
+            short = [(i, int(layers[i].get_seq_length()) if i < len(layers) else 0) for i in range(d)
+                     if i >= len(layers) or hasattr(layers[i], "get_seq_length")]  # (a layer that reuses
+            # another's keys and values, Gemma3n's num_kv_shared_layers, holds none of its own)
             short = [(i, n) for i, n in short if n != filled]
             if short:
                 raise SortedNetError(
