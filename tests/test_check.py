@@ -1348,12 +1348,16 @@ class _Moves(nn.Module):
         super().__init__()
         self.how = how
         self.fc1 = nn.Linear(6, 16)
-        self.fc2 = nn.Linear(8 if how == "tail" else 16, 3)
+        self.fc2 = nn.Linear(8 if how in ("tail", "narrow", "index_select") else 16, 3)
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
         if self.how == "tail":     # the last 8 features: at h=8 the first 8, other units
             return self.fc2(h[:, -8:])
+        if self.how == "narrow":   # the same by narrow, its start computed from the size
+            return self.fc2(h.narrow(1, h.shape[1] - 8, 8))
+        if self.how == "index_select":  # the same picked by an index tensor
+            return self.fc2(h.index_select(1, torch.arange(h.shape[1] - 8, h.shape[1])))
         if self.how == "chunk":    # q / k halves: at h=8 features 4..7 switch from q to k
             q, k = h.chunk(2, -1)
             return self.fc2(h) + (q * k).sum(-1, keepdim=True)
@@ -1366,13 +1370,13 @@ class _Moves(nn.Module):
 
 
 @pytest.mark.parametrize("how,op", [("tail", "__getitem__"), ("chunk", "chunk"), ("groups", "view"),
-                                    ("heads", "view")])
+                                    ("heads", "view"), ("narrow", "narrow"), ("index_select", "index_select")])
 def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how, op):
     """check refused these only when a shape broke; the wiring trace names the op that moves the features."""
     torch.manual_seed(0)
     model, x = _Moves(how).eval(), torch.randn(3, 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dims = [sn.Width("h", [8, 16], out="fc1", inp=[] if how == "tail" else "fc2")]
+    dims = [sn.Width("h", [8, 16], out="fc1", inp=[] if how in ("tail", "narrow", "index_select") else "fc2")]
     with pytest.raises(sn.SortedNetError, match=rf"dry runs pass, but\n.*'fc1' \(out=\) reach.*'{op}'.*moves them"):
         sn.wrap(model, *dims, example=x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

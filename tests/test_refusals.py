@@ -563,6 +563,11 @@ def test_weights_accelerate_offloads_are_refused_and_its_device_hooks_export():
         sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
     assert {n: type(mod) for n, mod in m.named_modules()} == before
     torch.testing.assert_close(m(x), want)
+    outer = nn.Sequential(_mlp())  # one hook on a parent that loads its children's weights (place_submodules)
+    hooks.add_hook_to_module(outer[0], hooks.AlignDevicesHook(
+        execution_device="cpu", offload=True, weights_map=dict(outer[0].state_dict()), place_submodules=True))
+    with pytest.raises(sn.SortedNetError, match=r"accelerate offloads the weights of \['0.0', '0.2'\]"):
+        sn.wrap(outer, sn.Width("h", [8, 16], out="0.0", inp="0.2"))
 
     torch.manual_seed(0)
     deep = nn.Sequential(nn.Linear(4, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]), nn.Linear(8, 3))

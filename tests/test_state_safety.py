@@ -858,6 +858,23 @@ def test_a_block_the_sub_model_skips_never_runs_silently(how):
             nest.export("depth=2")
 
 
+def test_what_a_skipped_block_holds_is_checked_where_kept_code_reaches_it():
+    """A skipped block's own attributes leave with it (an accelerate hook's forward wrapper holds its block), but
+    a module of it that kept code also reaches (``self.tail = blocks[3].fc``) is still looked at: its plain
+    attribute holding a sliced tensor or a skipped block would share the live one with the export."""
+    m = _AsideList("attr")
+    m.tail = m.blocks[3]
+    nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
+    m.blocks[3].owner = [m.blocks[2]]
+    with pytest.raises(sn.SortedNetError, match="blocks.3.owner holds blocks the sub-model skips"):
+        nest.export("depth=2")
+    del m.blocks[3].owner
+    m.blocks[2].owner = [m.blocks[2]]  # (a skipped block no kept code reaches: leaves with its attribute)
+    x = torch.randn(2, 8)
+    with torch.no_grad(), nest.use("depth=2"):
+        torch.testing.assert_close(nest.export("depth=2")(x), m(x))
+
+
 def test_checkpoint_sequential_over_a_depth_sliced_sequential_is_refused():
     torch.manual_seed(0)
     seq = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))

@@ -329,6 +329,24 @@ def handle(a, ev) -> bool:
         return True
     if name == "__getitem__":
         return len(outs) == 1 and _index(a, x, outs[0], ev.args[1], f"indexed by {why}")
+    if name in ("narrow", "narrow_copy"):  # x.narrow(dim, start, length): the slice it is
+        dim, start = _dim_arg(ev, 1), ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("start")
+        length = ev.args[3] if len(ev.args) > 3 else ev.kwargs.get("length")
+        start = int(start) if isinstance(start, Tensor) and start.numel() == 1 else start
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (dim, start, length)) or len(outs) != 1:
+            return False
+        dim %= x.dim()
+        start %= max(x.shape[dim], 1)
+        return _index(a, x, outs[0], (slice(None),) * dim + (slice(start, start + length),), f"indexed by {why}")
+    if name == "index_select" and len(outs) == 1:  # x.index_select(dim, index): units picked by a tensor
+        dim = _dim_arg(ev, 1)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            return False
+        xv, o = a.of(x), outs[0]
+        dim %= x.dim()
+        a.uf.fix(xv[dim], f"indexed by {why}")
+        a.assign(o, [[v] if i != dim else [] for i, v in enumerate(xv)], why)
+        return True
     if name in _FUNCTIONAL_NORM:
         return _functional_norm(a, ev, x, outs)
     return False

@@ -66,7 +66,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
         _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)},
-                           {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub)
+                           {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             if _inside(path, skipped):
@@ -135,7 +135,8 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
                                  "export must put a new tensor of what its value() gives (Slicer.export does)")
 
 
-def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel) -> None:
+def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
+                       kept: dict[int, nn.Module]) -> None:
     """Refuse an export that would leave ``None`` where a plain attribute (a Python list, tuple, dict or
     attribute outside ``_modules``) holds a block the sub-model skips, or would share a live full-size tensor
     that a plain attribute (a list, dict or ``functools.partial`` of it) holds besides its module: the copy's
@@ -154,11 +155,9 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
             return next((h for x in (v.values() if isinstance(v, dict) else v) if (h := held(x, depth + 1))), None)
         return None
 
-    gone: list[str] = []  # blocks the sub-model skips: what they hold leaves with them (an accelerate hook's
-    for path, m in model.named_modules():  # forward wrapper holding its own block)
-        if id(m) in dropped or any(path.startswith(g + ".") for g in gone):
-            gone.append(path)
-            continue
+    for path, m in model.named_modules():
+        if id(m) not in kept:  # in a block the sub-model skips and not held by kept code (another name): what it
+            continue           # holds leaves with it (an accelerate hook's forward wrapper holding its own block)
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue

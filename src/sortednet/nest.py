@@ -632,7 +632,8 @@ class Nest:
         (24.0, 96.0)
         """
         self._check_structure("profile")
-        if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())):
+        if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())) and not any(
+                "_hf_hook" in m.__dict__ for m in self.model.modules()):  # (accelerate loads offloaded ones in)
             raise SortedNetError("profile: the model is on the meta device, where forwards time and allocate "
                                  "nothing real; profile once the weights are materialised (FLOPs: "
                                  "nest.cost(sub, 'flops', example=x) counts them on meta)")

@@ -48,12 +48,14 @@ def _check_dims(dims: Sequence[Dimension]) -> None:
         seen[d.name] = d
 
 
-def _offloaded(m: nn.Module) -> bool:
-    """``m`` carries an accelerate hook that loads its weights in at each forward (offloading)."""
+def _offloaded(m: nn.Module, submodules: bool = False) -> bool:
+    """``m`` carries an accelerate hook that loads its weights in at each forward (offloading); with
+    ``submodules``: one that loads its children's too (``place_submodules``)."""
     hook = m.__dict__.get("_hf_hook")
     if hook is None:
         return False
-    return any(getattr(h, "offload", False) is True for h in getattr(hook, "hooks", None) or (hook,))
+    return any(getattr(h, "offload", False) is True and (not submodules or getattr(h, "place_submodules", False))
+               for h in getattr(hook, "hooks", None) or (hook,))
 
 
 def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Module, Slicer, dict[str, Binding]]]:
@@ -116,7 +118,9 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                                "which may ignore sliced attributes; register a slicer for it explicitly")
         sl.validate(m, bind, path)
         out[path] = (m, sl, bind)
-    offloaded = [p or "<root>" for p, (m, _, _) in out.items() if _offloaded(m)]
+    above = {p for p, m in modules.items() if _offloaded(m, submodules=True)}  # (a hook that places its children)
+    offloaded = [p or "<root>" for p, (m, _, _) in out.items() if _offloaded(m) or any(
+        a == "" or p.startswith(a + ".") for a in above)]
     if offloaded:
         raise SortedNetError(f"accelerate offloads the weights of {offloaded[:3]} (device_map with 'cpu' / 'disk' "
                              "entries, cpu_offload, disk_offload): its hook writes the full-size weights into each "
