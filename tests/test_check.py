@@ -1383,6 +1383,23 @@ def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how,
     assert type(model.fc1) is nn.Linear
 
 
+def test_narrow_and_index_select_that_keep_every_unit_in_place_pass():
+    class Keep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x)).index_select(0, torch.tensor([2, 1, 0]))  # (rows: not a feature axis)
+            h = h.narrow(1, 0, h.shape[1]).index_select(1, torch.arange(h.shape[1]))
+            return self.fc2(h)
+
+    nest = sn.wrap(Keep().eval(), sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=torch.randn(3, 6))
+    x = torch.randn(3, 6)
+    with torch.no_grad(), nest.use("h=8"):
+        torch.testing.assert_close(nest.export("h=8")(x), nest.model(x))
+
+
 class _Attention(nn.Module):
     """Hand-written attention, heads split by a view: ``view(B, T, -1, 4)`` (head size 4) or ``view(B, T, 4, -1)``
     (four heads hard-coded), with an optional per-head gate."""

@@ -344,8 +344,12 @@ def handle(a, ev) -> bool:
             return False
         xv, o = a.of(x), outs[0]
         dim %= x.dim()
-        a.uf.fix(xv[dim], f"indexed by {why}")
-        a.assign(o, [[v] if i != dim else [] for i, v in enumerate(xv)], why)
+        index = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("index")
+        whole = isinstance(index, Tensor) and index.dim() == 1 and index.numel() == x.shape[dim] and bool(
+            (index.cpu() == torch.arange(x.shape[dim])).all())  # (every unit in place: the identity)
+        if not whole:
+            a.uf.fix(xv[dim], f"indexed by {why}")
+        a.assign(o, [[v] if i != dim or whole else [] for i, v in enumerate(xv)], why)
         return True
     if name in _FUNCTIONAL_NORM:
         return _functional_norm(a, ev, x, outs)
