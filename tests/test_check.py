@@ -1400,6 +1400,39 @@ def test_narrow_and_index_select_that_keep_every_unit_in_place_pass():
         torch.testing.assert_close(nest.export("h=8")(x), nest.model(x))
 
 
+class _GatedDepthwise(nn.Module):
+    """Mamba's in_proj -> (x | z), x through a depthwise causal conv: stacked halves, or interleaved ones."""
+
+    def __init__(self, interleaved):
+        super().__init__()
+        self.interleaved = interleaved
+        self.in_proj, self.conv1d = nn.Linear(8, 32), nn.Conv1d(16, 16, 3, groups=16, padding=2)
+        self.out_proj = nn.Linear(16, 8)
+
+    def forward(self, h):
+        xz = self.in_proj(h)
+        x, z = (xz[..., ::2], xz[..., 1::2]) if self.interleaved else xz.chunk(2, -1)
+        x = self.conv1d(x.transpose(1, 2))[:, :, :h.shape[1]].transpose(1, 2)
+        return self.out_proj(F.silu(x) * z)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_a_fused_output_read_by_a_depthwise_conv_is_measured(interleaved):
+    """chunks= is measured unit by unit; a depthwise conv reader made the measurement impossible, so an
+    interleaved x | z (a sub-model mixing x and z units) passed silently. Its input is masked now."""
+    torch.manual_seed(0)
+    width = sn.Width("di", [4, 8, 16], out=["in_proj", "conv1d"], inp=["conv1d", "out_proj"],
+                     chunks={"in_proj": 2})
+    model, x = _GatedDepthwise(interleaved).eval(), torch.randn(2, 7, 8)
+    if interleaved:
+        with pytest.raises(sn.SortedNetError, match="is not the first 4 whole units"):
+            sn.wrap(model, width, example=x)
+        return
+    nest = sn.wrap(model, width, example=x)
+    with torch.no_grad(), nest.use("di=4"):
+        torch.testing.assert_close(nest.export("di=4")(x), model(x))
+
+
 class _Attention(nn.Module):
     """Hand-written attention, heads split by a view: ``view(B, T, -1, 4)`` (head size 4) or ``view(B, T, 4, -1)``
     (four heads hard-coded), with an optional per-head gate."""

@@ -506,6 +506,10 @@ REFUSED = {
     "olmo2 heads (q/k norm over all heads)": (
         _c("Olmo2ForCausalLM", "Olmo2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=4, **TOK), dict(heads=[2]), "causal", "heads=2"),
+    "olmoe heads (q/k norm over all heads)": (
+        _c("OlmoeForCausalLM", "OlmoeConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, **TOK),
+        dict(heads=[2]), "causal", "heads=2"),
     # only one of two towers matches the layout
     "longt5": (_c("LongT5ForConditionalGeneration", "LongT5Config", vocab_size=V, d_model=32, d_kv=8, d_ff=48,
                   num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),

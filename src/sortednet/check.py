@@ -246,6 +246,13 @@ def _is_maskable(m: nn.Module) -> bool:
     return isinstance(m, _maskable()) and (not isinstance(m, _CONVS) or m.__dict__.get("groups", 1) == 1)
 
 
+def _depthwise(m: nn.Module) -> bool:
+    """A depthwise convolution (groups == in == out channels, full sizes)."""
+    d = m.__dict__
+    return isinstance(m, _CONVS) and d.get("groups", 1) > 1 and d.get("groups") == d.get("in_channels") == d.get(
+        "out_channels")
+
+
 def _mixes_units(nest: Nest, dim: Any) -> bool:
     """Whether a norm bound to ``dim`` normalises across its units (LayerNorm, GroupNorm, RMSNorm: the full
     model with units masked is then no reference); BatchNorm keeps every channel to itself."""
@@ -287,8 +294,9 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     if within is not None:
         inside = {id(m) for m in within.modules()}
         reads = [(m, b) for m, b in reads if id(m) in inside]
-    # a plain reader's weight columns are masked; a rank-factorised one's (whose weight is computed) input
-    by_input = {id(m) for m, _ in reads if "rank" in m._sn.bind}
+    # a plain reader's weight columns are masked; a rank-factorised one's (whose weight is computed) input, and
+    # a depthwise convolution's (each channel its own: masking its input channels is the model without them)
+    by_input = {id(m) for m, _ in reads if "rank" in m._sn.bind or _depthwise(m)}
     if not reads or any(id(m) not in by_input and (not _is_maskable(m) or not isinstance(
             m._parameters.get("weight"), torch.Tensor)) for m, _ in reads):
         return None
