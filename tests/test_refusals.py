@@ -570,12 +570,12 @@ def test_weights_accelerate_offloads_are_refused_and_its_device_hooks_export():
         sn.wrap(outer, sn.Width("h", [8, 16], out="0.0", inp="0.2"))
 
     torch.manual_seed(0)
-    deep = nn.Sequential(nn.Linear(4, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]), nn.Linear(8, 3))
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.inp, self.blocks, self.out = deep[0], deep[1], deep[2]
+            self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+            self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
 
         def forward(self, x):
             x = self.inp(x)

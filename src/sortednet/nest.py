@@ -921,9 +921,10 @@ class Nest:
         """
         if not isinstance(model, nn.Module):
             raise SortedNetError(f"Nest.of() takes an nn.Module, got {type(model).__name__}")
-        states = {id(m.__dict__["_sn"].active) for m in model.modules() if "_sn" in m.__dict__}
+        states = [m.__dict__["_sn"].active for m in model.modules() if "_sn" in m.__dict__]
         own = [n for n in list(_LIVE) if n._alive and n.model is model]  # (its own nest first, whatever it holds)
-        found = own or [n for n in list(_LIVE) if n._alive and id(n._state) in states]
+        found = own or list({id(n): n for a in states if (ref := a.owner) is not None and (n := ref()) is not None
+                             and n._alive}.values())  # (the nest each module's run-time state belongs to, while live)
         if len(found) > 1:
             raise SortedNetError(f"Nest.of(): {len(found)} nests slice modules of this {type(model).__name__} "
                                  f"(of {[type(n.model).__name__ for n in found]}); ask for each model alone")
