@@ -276,6 +276,25 @@ def test_unwrap_merge_bakes_the_largest_rank(name):
     torch.testing.assert_close(run(model, case.example), live, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["lora", "svd"])
+def test_unwrap_merge_of_a_restricted_nest_bakes_its_largest_rank(mode):
+    """A nest restricted to ranks {2, 4} of sizes [2, 4, 8] never trains components 5..8: merging bakes rank 4,
+    the nest's largest sub-model (lora at alpha / 4, not alpha / 8), in the nest and in a deep copy alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))
+    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0", "2"], mode=mode), submodels=[{"r": 2}, {"r": 4}])
+    for _, m in rank_modules(model):  # "training" of the factors / adapters, every component
+        for n in m._sn.slicer.factors:
+            m._parameters[n].data.add_(torch.randn_like(m._parameters[n]) * 0.1)
+    x = torch.randn(8, 12)
+    with nest.use(nest.largest):
+        live = model(x).detach()
+    twin = copy.deepcopy(model)
+    merged = nest.unwrap(merge=True)
+    torch.testing.assert_close(merged(x), live, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nest.unwrap_copy(twin, merge=True)(x), live, atol=1e-5, rtol=1e-5)
+
+
 # -- svd: Eckart-Young at wrap time ------------------------------------------------
 @settings(max_examples=8)
 @given(out=st.integers(1, 24), inp=st.integers(1, 24), seed=st.integers(0, 2**16), dtype=st.sampled_from(["64", "32"]))

@@ -890,13 +890,14 @@ class Nest:
         """Restore the original classes and return the model (weights untouched).
 
         ``Rank`` targets get their original weight back and lose their factors /
-        adapters; ``merge=True`` first bakes the largest rank into that weight
-        (svd: ``U @ V``; lora: ``W0 + alpha / R * B @ A``). See docs/rank.md.
+        adapters; ``merge=True`` first bakes the largest rank its sub-models use into that
+        weight (svd: ``U[:, :r] @ V[:r]``; lora: ``W0 + alpha / r * B[:, :r] @ A[:r]``; ``r``
+        is the largest size unless ``submodels=`` restricted the nest). See docs/rank.md.
         """
         _flag("unwrap", "merge", merge)
         self._check_alive()
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
-        unwrap_modules(self._sliced.values(), self._hooks, merge=merge)
+        unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks())
         unguard_tree(self._guards)
         self._pin.guards = self._pin.note = None  # (deep copies keep the pin: they no longer check the user's model)
         for d in self.dims:
@@ -953,8 +954,13 @@ class Nest:
             raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} is not a copy of this nest's model"
                                  + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
                                     " (it holds no sliced module)"))
-        unwrap_modules(mods, wrap_hooks(copy), merge=merge)
+        unwrap_modules(mods, wrap_hooks(copy), merge=merge, ranks=self._merge_ranks())
         return copy
+
+    def _merge_ranks(self) -> dict[str, int]:
+        """Per Rank dimension, the largest rank of the nest's sub-models (what ``merge=True`` bakes in: in a
+        restricted nest the components above it were never active, never trained)."""
+        return {d.name: max(s[d.name] for s in self.submodels) for d in self.dims if d.kind == "rank"}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters an optimizer should get (those requiring grad, each once): all of them, or,

@@ -8,7 +8,7 @@ import sys
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -674,15 +674,23 @@ def unguard_tree(guards: Guards | None) -> None:
                 del _GUARDED[parent]
 
 
-def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool = False) -> None:
+def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool = False,
+                   ranks: Mapping[str, int] | None = None) -> None:
     """Restore the original classes of ``modules`` (a nest's own sliced modules, never another nest's).
 
     Two phases: every slicer first computes what its restore needs (``pre_restore``: merged
     rank weights, tensors converted to the model's current dtype / device), which may fail
     (out of memory, a meta tensor); only then is anything changed, by steps that cannot fail.
+    With ``merge``, a module bound to a rank dimension named in ``ranks`` gets that rank as its
+    ``merge`` (the largest its nest's sub-models use: a restricted nest never trained the rest).
     """
     modules = list(modules)
-    pending = [m.__dict__["_sn"].slicer.pre_restore(m, merge) for m in modules]
+
+    def merge_of(m: nn.Module) -> bool | int:
+        b = m.__dict__["_sn"].bind.get("rank")
+        return ranks.get(b.dim.name, merge) if merge and ranks and b is not None else merge
+
+    pending = [m.__dict__["_sn"].slicer.pre_restore(m, merge_of(m)) for m in modules]
     for h in hooks:
         h.remove()
     for m, pre in zip(modules, pending):

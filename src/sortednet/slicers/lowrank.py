@@ -47,6 +47,11 @@ COUNTING = _Counting()
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
 
 
+def _merge_rank(full: int, merge: bool | int) -> int:
+    """The rank ``unwrap(merge=...)`` bakes in: ``True`` the whole factor, an int the nest's largest rank."""
+    return full if merge is True else min(int(merge), full)
+
+
 class LowRankSlicer(Slicer):
     """Shared part of the two rank slicers: roles, checks, active sizes, forward hook."""
 
@@ -185,7 +190,8 @@ class SVDSlicer(LowRankSlicer):
         w, U = m.__dict__["_sn"].extra["weight"], m._parameters["U"]
         with torch.no_grad():
             if merge:
-                return (U @ m._parameters["V"]).detach().clone(memory_format=torch.contiguous_format)
+                r = _merge_rank(U.shape[1], merge)
+                return (U[:, :r] @ m._parameters["V"][:r]).detach().clone(memory_format=torch.contiguous_format)
             if w.dtype != U.dtype or w.device != U.device:
                 return w.detach().to(device=U.device, dtype=U.dtype)
         return None
@@ -290,8 +296,9 @@ class LoRASlicer(LowRankSlicer):
         if not merge:
             return None
         A, B = m._parameters["lora_A"], m._parameters["lora_B"]
+        r = _merge_rank(A.shape[0], merge)
         with torch.no_grad():
-            return (B @ A).mul_(m.__dict__["_sn"].bind["rank"].dim.scale(A.shape[0])).to(m._parameters["weight"])
+            return (B[:, :r] @ A[:r]).mul_(m.__dict__["_sn"].bind["rank"].dim.scale(r)).to(m._parameters["weight"])
 
     @staticmethod
     def _generator(dim: Any) -> torch.Generator:
