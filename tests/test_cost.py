@@ -190,8 +190,10 @@ def test_profile_rejects_bad_tables():
         sn.Profile(subs, {"speed": (1.0, 2.0)})
     with pytest.raises(sn.SortedNetError, match="1 values for 2"):
         sn.Profile(subs, {"params": (1.0,)})
-    with pytest.raises(sn.SortedNetError, match="not a Profile"):
-        sn.Profile.from_dict({"costs": {}})
+    for bad in ({"costs": {}}, {"submodels": [{"h": 1}], "costs": {"params": ["a"]}},
+                {"submodels": ["h=1"], "costs": {"params": [1]}}):
+        with pytest.raises(sn.SortedNetError, match="not a Profile"):
+            sn.Profile.from_dict(bad)
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual"])
@@ -378,6 +380,27 @@ def test_flops_are_recounted_for_a_control_tensor_of_another_value():
     by_int = [nest.cost("w=8", "flops", example=(x, n)) for n in (1, 5)]
     by_tensor = [nest.cost("w=8", "flops", example=(x, torch.tensor(n))) for n in (1, 5)]
     assert by_tensor == by_int and by_int[0] < by_int[1]
+
+
+def test_flops_are_recounted_for_a_mask_of_other_values():
+    """A forward that keeps the rows a bool mask selects (token dropping, routing) does work in proportion to the
+    mask's True count: a mask of the same shape and other values is counted again (the count of the first
+    mask was returned, 10x too many FLOPs), and each count equals the export's."""
+    class Keep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x, keep):
+            return self.b(torch.relu(self.a(x[keep])))
+
+    nest = sn.wrap(Keep(), sn.Width("h", [16, 64], out="a", inp="b"))
+    x, every, few = torch.randn(100, 16), torch.ones(100, dtype=torch.bool), torch.zeros(100, dtype=torch.bool)
+    few[:10] = True
+    for sub in nest.submodels:
+        counts = [nest.cost(sub, "flops", example=(x, m)) for m in (every, few, every)]
+        assert counts == [flops_of(lambda inp: nest.export(sub)(*inp), (x, m)) for m in (every, few, every)]
+        assert counts[1] * 10 == counts[0]
 
 
 def _mlp_nest():

@@ -295,6 +295,47 @@ def test_unwrap_merge_of_a_restricted_nest_bakes_its_largest_rank(mode):
     torch.testing.assert_close(nest.unwrap_copy(twin, merge=True)(x), live, atol=1e-5, rtol=1e-5)
 
 
+def _stack(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Sequential(nn.Linear(12, 32), nn.ReLU()), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_svd_target_refuses_a_state_dict_from_before_wrap(strict):
+    """svd replaced ``weight`` by ``U``, ``V``: a state_dict of the unwrapped model would have that weight ignored
+    (strict=False: the model trains on from other weights) or refused after the other tensors were copied
+    (strict=True: half loaded). Refused first, from the root, a parent, the target, a wrapper and a deep copy."""
+    plain = _stack(1).state_dict()
+    model = _stack(0)
+    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode="svd"))
+    outer = nn.ModuleDict({"net": model})  # a wrapper: keys under "net."
+    for target, sd in ((model, plain), (model[0], {k[2:]: v for k, v in plain.items() if k.startswith("0.")}),
+                       (model[0][0], {"weight": plain["0.0.weight"], "bias": plain["0.0.bias"]}),
+                       (outer, {f"net.{k}": v for k, v in plain.items()}), (copy.deepcopy(model), plain)):
+        snap = snapshot(target)
+        with pytest.raises(sn.SortedNetError, match=r"'0\.0' is a Rank 'r' \(mode='svd'\) target.*0\.0\.weight|"
+                                                     r"'0\.0' is a Rank.*\['weight'\]"):
+            target.load_state_dict(sd, strict=strict)
+        assert_unchanged(target, snap)
+    model.load_state_dict(model.state_dict(), strict=strict)  # its own keys: fine
+    nest.unwrap()
+    model.load_state_dict(plain, strict=strict)  # unwrapped: the guard left with the nest
+    torch.testing.assert_close(model[3].weight, plain["3.weight"], rtol=0, atol=0)
+
+
+def test_lora_target_loads_base_weights_without_adapters():
+    """lora keeps ``weight`` (frozen under the adapters): a state_dict from before wrap loads it with
+    strict=False and leaves the adapters as they are."""
+    plain = _stack(1).state_dict()
+    model = _stack(0)
+    sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode="lora"))
+    adapters = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    result = model.load_state_dict(plain, strict=False)
+    assert sorted(result.missing_keys) == sorted(adapters) and not result.unexpected_keys
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, adapters[k] if "lora" in k else plain[k], rtol=0, atol=0)
+
+
 # -- svd: Eckart-Young at wrap time ------------------------------------------------
 @settings(max_examples=8)
 @given(out=st.integers(1, 24), inp=st.integers(1, 24), seed=st.integers(0, 2**16), dtype=st.sampled_from(["64", "32"]))

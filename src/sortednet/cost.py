@@ -10,6 +10,8 @@ them for every sub-model (:class:`~sortednet.profile.Profile`).
 
 from __future__ import annotations
 
+import hashlib
+
 import itertools
 import math
 import statistics
@@ -301,8 +303,14 @@ def example_signature(example: Any) -> tuple:
 
 def _tensor_signature(t: Tensor) -> tuple:
     """Shape, dtype and device; and the value of a one-element integer or bool tensor (a step count or a flag
-    that a forward may branch on, as it would on a Python int)."""
+    that a forward may branch on, as it would on a Python int); and a digest of a bool tensor's values (a mask
+    a forward selects with, ``x[mask]``: its count of True sets the FLOPs)."""
     sig = (tuple(t.shape), str(t.dtype), str(t.device))
-    if t.numel() == 1 and not t.is_floating_point() and not t.is_complex() and t.device.type != "meta":
+    if t.device.type == "meta" or t.layout != torch.strided:
+        return sig
+    if t.numel() == 1 and not t.is_floating_point() and not t.is_complex():
         return (*sig, t.item())
+    if t.dtype == torch.bool:
+        data = t.detach().cpu().contiguous().numpy().tobytes()
+        return (*sig, "mask:" + hashlib.blake2b(data, digest_size=8).hexdigest())
     return sig

@@ -172,7 +172,7 @@ class Profile:
                        {k: tuple(float(x) for x in v) for k, v in d["costs"].items()},
                        None if d.get("scores") is None else tuple(float(x) for x in d["scores"]),
                        d.get("device", "cpu"), dict(d.get("meta") or {}))
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise SortedNetError(f"not a Profile dictionary: {e!r}") from None
 
     def to_markdown(self, metric: str = "params") -> str:

@@ -226,6 +226,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
     """
     saved: list[tuple[nn.Module, type, dict, dict, dict, dict]] = []
     hooks: list = []
+    keyed = {path: changed for path, (m, sl, bind) in planned.items() if (changed := sl.planned_state(m, bind))}
     try:
         for path, (m, sl, bind) in planned.items():
             names = sl.attr_names(m, bind)
@@ -248,6 +249,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for path, (m, _, bind) in planned.items():
             if "depth" in bind:
                 hooks.extend(_guard_blocks(model, path, m, bind["depth"]))
+        hooks.extend(_guard_state_keys(model, planned, keyed))
     except BaseException:
         for h in hooks:
             h.remove()
@@ -267,6 +269,52 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             for b in bind.values():
                 b.dim.__dict__.pop("_init_generators", None)
     return hooks
+
+
+def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict]) -> list:
+    """One :class:`StateKeys` pre-hook on each module on the path to a module whose state_dict keys wrap
+    changes (a Rank target: svd ``weight`` -> ``U``, ``V``; lora adds ``lora_A``, ``lora_B``), that module too:
+    a ``load_state_dict`` from any of them checks those keys before its first tensor is copied."""
+    below: dict[str, list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]] = {}
+    for path, changed in keyed.items():
+        _, sl, bind = planned[path]
+        b = bind.get("rank")
+        what = f"Rank {b.dim.name!r} (mode={b.dim.mode!r})" if b is not None and hasattr(b.dim, "mode") \
+            else type(sl).__name__
+        removed = tuple(n for n, v in changed.items() if v is None)
+        added = tuple(n for n, v in changed.items() if v is not None)
+        parts = path.split(".") if path else []
+        for i in range(len(parts) + 1):
+            below.setdefault(".".join(parts[:i]), []).append((path, ".".join(parts[i:]), what, removed, added))
+    return [model.get_submodule(anc)._register_load_state_dict_pre_hook(StateKeys(tuple(t)), with_module=True)
+            for anc, t in below.items()]
+
+
+class StateKeys:
+    """``load_state_dict`` pre-hook (see :func:`_guard_state_keys`). A state_dict holding a key wrap removed
+    (svd's ``weight``: a checkpoint of the model before wrap) but not the keys that replaced it would have that
+    tensor ignored (``strict=False``: training on silently from other weights) or refused by PyTorch after the
+    other tensors were copied (``strict=True``: a half-loaded model); refused here first, naming the module.
+    (PyTorch tells a pre-hook ``strict=True`` whatever the caller passed, so a load lacking only added keys,
+    the adapters, is left to it: fine with ``strict=False``, refused by it otherwise.) Holds paths only: a deep
+    copy of the model keeps a working one."""
+
+    __slots__ = ("targets",)
+
+    def __init__(self, targets: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...]) -> None:
+        self.targets = targets
+
+    def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, *args: Any) -> None:
+        for path, rel, what, removed, added in self.targets:
+            at = prefix + (f"{rel}." if rel else "")
+            stale = [at + n for n in removed if at + n in state_dict]
+            if stale and not any(at + n in state_dict for n in added):
+                raise SortedNetError(
+                    f"load_state_dict: {path or type(module).__name__!r} is a {what} target; wrap replaced its "
+                    f"{list(removed)} by {list(added)}, so this state_dict's {stale} (from the model before "
+                    "wrap) would be ignored (strict=False) or refused after the other tensors loaded. Load those "
+                    "weights before sn.wrap (or nest.unwrap(), load, wrap again); the wrapped model's own "
+                    "state_dict and sn.save / sn.load hold the new keys")
 
 
 class StaleCalibration:
@@ -361,7 +409,7 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
     for m in model.modules():
         loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
         out.extend(_HookKey(loads, k) for k, f in list(loads.items())
-                   if isinstance(getattr(f, "hook", None), StaleCalibration))
+                   if isinstance(getattr(f, "hook", None), (StaleCalibration, StateKeys)))
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
