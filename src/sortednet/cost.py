@@ -11,7 +11,6 @@ them for every sub-model (:class:`~sortednet.profile.Profile`).
 from __future__ import annotations
 
 import hashlib
-
 import itertools
 import math
 import statistics
