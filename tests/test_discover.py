@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -105,6 +106,28 @@ def test_left_out_what_cannot_shrink():
     assert [d.attn for d in dims if isinstance(d, sn.Heads)] == [("layers.0.self_attention",),
                                                                   ("layers.1.self_attention",)]
     assert not _where(*[sn.discover(*build("sequential")), "2", "out"])  # flatten of 4x10 into a Linear
+
+
+class _Gated(nn.Module):
+    """Hidden features scaled by a raw parameter: the one group must stay whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.b = nn.Linear(8, 16), nn.Parameter(torch.ones(16)), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.g)
+
+
+def test_finding_nothing_says_why():
+    """An empty result would wrap into a nest of the full model alone without a word: it warns, naming each
+    group kept whole and the reason (here the raw parameter), while a model with groups is not warned about."""
+    model, x = _Gated(), torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"found no group.*\['a'\] \(16 features\): parameter 'g'"):
+        assert sn.discover(model, x) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sn.discover(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x)
 
 
 def test_heads_that_would_crash_are_dropped():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -250,5 +251,21 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     if lazy:  # tracing would materialise them in place (and draw their values from the global RNG)
         raise SortedNetError(f"discover() got a model with uninitialised (lazy) tensors {lazy[:4]}: run one forward "
                              "pass first so they get their shapes, then discover")
-    dims = declarations(analyse(model, example), ratios, heads=heads, multiple_of=multiple_of)
-    return _verified(model, example, dims) if verify and dims else dims
+    coupling = analyse(model, example)
+    dims = declarations(coupling, ratios, heads=heads, multiple_of=multiple_of)
+    found = _verified(model, example, dims) if verify and dims else dims
+    if not found:
+        warnings.warn(_none_found(coupling, len(dims)), stacklevel=2)
+    return found
+
+
+def _none_found(c: Coupling, dropped: int) -> str:
+    """Why discover returns no declaration: the groups it had to keep whole, with their reasons."""
+    kept = [g for g in c.groups if g.fixed is not None and g.size >= 2 and g.roles("out")
+            and g.fixed not in ("the network input", "the network output")]
+    why = "; ".join(f"{g.roles('out')[:2]} ({g.size} features): {g.fixed}" for g in kept[:4])
+    return ("discover() found no group it can slice safely, so wrapping with its result gives a nest of the full "
+            "model alone" + (f"; {dropped} declaration(s) failed their dry run" if dropped else "")
+            + (f"; kept whole: {why}" + (f" (and {len(kept) - 4} more)" if len(kept) > 4 else "") if kept else "")
+            + ". Declare sn.Width(...) by hand for such parts (docs/width.md), or give a tensor the model reads "
+              "raw a slicer (docs/custom_slicers.md)")
