@@ -352,8 +352,10 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
     ok = [s for s in big if s in tr_ and tr_[s]["mean_cos"] >= 0.95 and tr_[s]["top1"] >= 0.9]
     miss = [f"{s} ({tr_[s]['mean_cos']:.3f} / {tr_[s]['top1']:.3f})" for s in big if s in tr_ and s not in ok]
     own = res.get("trained_vs_full", {})
-    ok_own = [s for s in big if s in own and own[s]["mean_cos"] >= 0.95 and own[s]["top1"] >= 0.9]
-    miss_own = [f"{s} ({own[s]['mean_cos']:.3f} / {own[s]['top1']:.3f})" for s in big if s in own and s not in ok_own]
+    smaller = [s for s in big if frac[s] < 1]  # (the full model against itself is 1 by definition: not counted)
+    ok_own = [s for s in smaller if s in own and own[s]["mean_cos"] >= 0.95 and own[s]["top1"] >= 0.9]
+    miss_own = [f"{s} ({own[s]['mean_cos']:.3f} / {own[s]['top1']:.3f})" for s in smaller
+                if s in own and s not in ok_own]
     tw = res.get("twin", {})
     vs = [f"{s}: nest {tr_[s]['mean_cos']:.3f} / {tr_[s]['top1']:.3f} vs twin {tw[s]['mean_cos']:.3f} / "
           f"{tw[s]['top1']:.3f} ({'not worse' if tr_[s]['mean_cos'] >= tw[s]['mean_cos'] else 'WORSE'})"
@@ -401,8 +403,8 @@ def write(args, res, subs, frac, twins, times, total, t_targets, t_sort, exit_er
           f"Target (every sub-model with >= 50% of the non-embedding parameters: mean cosine >= 0.95 and top-1 "
           f">= 0.9): met by {len(ok)} of {len(big)}: {', '.join(map(str, ok)) or 'none'}. Not met (mean cosine "
           f"/ top-1): {', '.join(miss) or 'none'}.", "",
-          "The same target against the trained nest's own full model (`vs own full`): met by "
-          f"{len(ok_own)} of {len(big)}: {', '.join(map(str, ok_own)) or 'none'}. Not met: "
+          "The same target against the trained nest's own full model (`vs own full`, the sub-models smaller than "
+          f"it): met by {len(ok_own)} of {len(smaller)}: {', '.join(map(str, ok_own)) or 'none'}. Not met: "
           f"{', '.join(miss_own) or 'none'}.", "",
           "Nest vs twin (mean cosine / top-1): " + ("; ".join(vs) or "not run") + ".",
           ""] + why(args, res, subs, tw, times)

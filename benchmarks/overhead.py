@@ -462,7 +462,9 @@ def run(quick: bool, compile_mode: str, torch_profiler: bool = False, repeat: in
          "which on a shared, loaded machine "
          "mostly measures preemption: `--torch-profiler` uses it anyway)")
         + "; medians of 7 alternating calls. `outside ops` is the rest of the call's thread CPU time: Python "
-        "(sliced attribute reads, module calls), the autograd engine and dispatch.",
+        "(sliced attribute reads, module calls), the autograd engine and dispatch. Each breakdown is a separate, "
+        "smaller measurement than the tables above (every op timed, which slows both sides): its totals give "
+        "another ratio than the headline one it explains; read it for where the difference goes, not its size.",
         *prof,
     ]) + "\n"
     return text

@@ -280,13 +280,17 @@ def report(args, steps, dsteps, val_loss, d, k, dL, rows, s2d_rows, nest, dnest,
         "",
         "## One sorted draft nest serving three targets (S2D)",
         "",
+        "`vs plain`: against plain greedy `generate` of that target exported (`nest.export`, a plain model), "
+        "timed in this table's own run, not the first table's baseline.",
+        "",
         table(HEAD, s2d_rows),
         "",
         "## Targets",
         "",
         f"- 100% equality with plain greedy: **{'met' if all_equal else 'NOT met'}** (every row above).",
         f"- >= 1.5x plain greedy tokens/s: **{'met' if ratio[best_name] >= 1.5 else 'not met'}** "
-        f"(best sortednet row: {ratio[best_name]:.2f}x, {best_name}).",
+        f"(best sortednet row of the one-target table, which drafts from the target's own sub-models: "
+        f"{ratio[best_name]:.2f}x, {best_name}).",
         f"- faster than `assistant_early_exit` at identical output: **{'met' if shared > early else 'not met'}** "
         f"(shared cache {shared:.2f}x vs early exit {early:.2f}x).",
         "",
