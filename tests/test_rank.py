@@ -323,6 +323,34 @@ def test_svd_target_refuses_a_state_dict_from_before_wrap(strict):
     torch.testing.assert_close(model[3].weight, plain["3.weight"], rtol=0, atol=0)
 
 
+def test_a_refused_load_keeps_the_calibration():
+    """The key check runs before the hook that drops per-sub-model BatchNorm statistics on a load: a refused
+    load changes nothing, calibration included (it was dropped, and eval silently ran uncalibrated)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))  # the root holds a tensor: its hooks run first
+            self.fc, self.bn, self.out = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.bn(self.fc(x)))) * self.scale
+
+    torch.manual_seed(0)
+    model = Net()
+    plain = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    nest = sn.wrap(model, sn.Width("w", [8, 16], out="fc", inp="out", norm="bn"),
+                   sn.Rank("r", [2, 4], targets="out"))
+    x = torch.randn(32, 8)
+    nest.calibrate([x], batches=1)
+    model.eval()
+    with torch.no_grad(), nest.use("w=8,r=4"):
+        before = model(x[:4])
+    with pytest.raises(sn.SortedNetError, match="'out' is a Rank 'r'"):
+        model.load_state_dict(plain, strict=False)
+    with torch.no_grad(), nest.use("w=8,r=4"):
+        assert torch.equal(model(x[:4]), before)
+
+
 def test_lora_target_loads_base_weights_without_adapters():
     """lora keeps ``weight`` (frozen under the adapters): a state_dict from before wrap loads it with
     strict=False and leaves the adapters as they are."""

@@ -897,7 +897,7 @@ class Nest:
         _flag("unwrap", "merge", merge)
         self._check_alive()
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
-        unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks())
+        unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks(merge))
         unguard_tree(self._guards)
         self._pin.guards = self._pin.note = None  # (deep copies keep the pin: they no longer check the user's model)
         for d in self.dims:
@@ -954,13 +954,17 @@ class Nest:
             raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} is not a copy of this nest's model"
                                  + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
                                     " (it holds no sliced module)"))
-        unwrap_modules(mods, wrap_hooks(copy), merge=merge, ranks=self._merge_ranks())
+        unwrap_modules(mods, wrap_hooks(copy), merge=merge, ranks=self._merge_ranks(merge))
         return copy
 
-    def _merge_ranks(self) -> dict[str, int]:
+    def _merge_ranks(self, merge: bool) -> dict[str, int] | None:
         """Per Rank dimension, the largest rank of the nest's sub-models (what ``merge=True`` bakes in: in a
-        restricted nest the components above it were never active, never trained)."""
-        return {d.name: max(s[d.name] for s in self.submodels) for d in self.dims if d.kind == "rank"}
+        restricted nest the components above it were never active, never trained); read off the listed rows'
+        size indices (sizes ascend), not the sub-models one by one (a product nest may list millions)."""
+        if not merge:
+            return None
+        return {d.name: d.sizes[int(self._rows[:, i].max())] if self._rows is not None else d.full
+                for i, d in enumerate(self.dims) if d.kind == "rank"}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters an optimizer should get (those requiring grad, each once): all of them, or,

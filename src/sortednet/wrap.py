@@ -241,6 +241,8 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for m in model.modules():
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
+        # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
+        hooks.extend(_guard_state_keys(model, planned, keyed))
         bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
         if bns:  # calibration possible: a load that changes any tensor makes it stale
             stale = StaleCalibration(bns)
@@ -249,7 +251,6 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for path, (m, _, bind) in planned.items():
             if "depth" in bind:
                 hooks.extend(_guard_blocks(model, path, m, bind["depth"]))
-        hooks.extend(_guard_state_keys(model, planned, keyed))
     except BaseException:
         for h in hooks:
             h.remove()
