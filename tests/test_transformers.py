@@ -6,6 +6,7 @@ Every model is built from a small config in the test (no downloads).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import os
@@ -674,6 +675,15 @@ def test_hf_gradient_checkpointing_recomputes_the_forward_submodel():
     assert want.keys() == got.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    # every checkpointed layer now holds the context_fn: the model still deep-copies (an EMA copy that follows
+    # the nest) and exports (was refused: the context dragged the nest into the copy)
+    twin = copy.deepcopy(model).eval()
+    model.eval()
+    with torch.no_grad(), nest.use(small):
+        live = model(input_ids=x).logits
+        torch.testing.assert_close(twin(input_ids=x).logits, live)
+        torch.testing.assert_close(nest.export(small)(input_ids=x).logits, live, rtol=1e-5, atol=1e-6)
+    model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     got = grads()                                         # reentrant: the nest pins its recomputation itself
     assert want.keys() == got.keys()

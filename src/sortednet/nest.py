@@ -12,7 +12,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
 from .modes import eval_mode
-from .plan import Plans, Use, in_plan
+from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
@@ -519,10 +519,13 @@ class Nest:
 
         return Compiled(self, **compile_kwargs)
 
-    def checkpoint_context(self) -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+    @property
+    def checkpoint_context(self) -> Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]:
         """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False,
-        context_fn=nest.checkpoint_context)``: the recomputation runs the sub-model active at forward."""
-        return nullcontext(), Use(self._state, self._state.plan())
+        context_fn=nest.checkpoint_context)``: the recomputation runs the sub-model active at forward. It
+        holds the run-time state, not the nest: a model that stores it (Hugging Face gradient checkpointing)
+        can still be deep-copied and exported."""
+        return CheckpointContext(self._state)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:

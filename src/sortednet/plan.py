@@ -16,6 +16,7 @@ its dimensions the same sizes.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -164,6 +165,34 @@ class _Open:
                 return True
             f = f.f_back
         return False
+
+
+class CheckpointContext:
+    """``nest.checkpoint_context``: a ``context_fn`` for non-reentrant activation checkpointing whose
+    recomputation runs under the plan in force when the forward ran. Hugging Face stores it on every
+    checkpointed layer (``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"context_fn": ...})``),
+    so it goes wherever the model goes: a deep copy of the model (EMA / teacher, an export) keeps this one,
+    which holds the run-time state those copies share (a bound method of the nest would drag the nest into
+    the copy, which refuses); a pickled one comes back as a context that pins nothing (the unpickled model
+    follows no nest)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: Active) -> None:
+        self.state = state
+
+    def __call__(self) -> tuple[Any, Any]:
+        return contextlib.nullcontext(), Use(self.state, self.state.plan())
+
+    def __deepcopy__(self, memo: dict) -> "CheckpointContext":
+        return self
+
+    def __reduce__(self) -> Any:
+        return _no_contexts, ()
+
+
+def _no_contexts() -> Any:
+    return lambda: (contextlib.nullcontext(), contextlib.nullcontext())
 
 
 class Use:
