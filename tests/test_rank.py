@@ -323,6 +323,28 @@ def test_svd_target_refuses_a_state_dict_from_before_wrap(strict):
     torch.testing.assert_close(model[3].weight, plain["3.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_an_optimizer_built_before_wrap_is_refused_at_its_step(mode):
+    """svd swaps a target's weight for U, V; lora freezes it under new adapters: an optimizer built before wrap
+    holds neither, and its steps trained everything but those layers, silently. Its step is refused before any
+    change; one built after wrap (over the model or nest.trainable_parameters()) steps; after unwrap the old
+    one is fine again."""
+    torch.manual_seed(0)
+    model = _stack(0)
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode=mode))
+    x, y = torch.randn(16, 12), torch.randn(16, 5)
+    sn.accumulate(nest, nest.submodels, lambda: F.mse_loss(model(x), y))
+    snap = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"optimizer holds the weight of '0\.0'.*built before wrap"):
+        early.step()
+    assert_unchanged(model, snap)
+    for params in (model.parameters(), nest.trainable_parameters()):
+        torch.optim.SGD(params, lr=0.1).step()
+    nest.unwrap()
+    early.step()
+
+
 def test_a_refused_load_keeps_the_calibration():
     """The key check runs before the hook that drops per-sub-model BatchNorm statistics on a load: a refused
     load changes nothing, calibration included (it was dropped, and eval silently ran uncalibrated)."""

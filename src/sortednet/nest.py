@@ -67,6 +67,29 @@ def _profile_sig(prof: Profile) -> tuple:
 _LIVE: "weakref.WeakSet[Nest]" = weakref.WeakSet()  # nests not unwrapped yet
 
 
+_OPTIMIZER_HOOK: list = []  # the process's optimizer step pre-hook, registered when a nest first has Rank targets
+
+
+def _watch_optimizers() -> None:
+    if not _OPTIMIZER_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(_stale_optimizer))
+
+
+def _stale_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Before any ``optimizer.step()`` while a nest with Rank targets is live: an optimizer built before
+    ``sn.wrap`` holds a target's weight that svd replaced by factors (no longer in the model) or, in lora mode,
+    its frozen base weight and no adapter at all: its steps would train nothing of those layers, silently.
+    Refused before the step changes anything."""
+    nests = [n for n in list(_LIVE) if n._alive and n._factored]
+    if not nests or torch.compiler.is_compiling():
+        return
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for n in nests:
+        n._refuse_stale_optimizer(held)
+
+
 def _refuse_inside_another(model: nn.Module) -> None:
     """A model inside (or equal to) a model another live nest wrapped: that nest's unwrap, export and
     checkpoints would take this nest's modules along. Wrap the whole model once, with every dimension."""
@@ -128,6 +151,8 @@ class Nest:
             unwrap_modules([m for m, _, _ in planned.values()], hooks)
             raise
         _LIVE.add(self)
+        if self._factored:
+            _watch_optimizers()
         try:
             from .check import attention_self_check, norm_self_check
             norm_self_check(self)  # a BatchNorm subclass with its own forward must read the sliced tensors
@@ -177,6 +202,7 @@ class Nest:
         self._sliced = {path: m for path, (m, _, _) in planned.items()}
         self._hooks = hooks
         self._depth = [m for m in self._sliced.values() if "depth" in m._sn.bind]
+        self._factored = [(path, m) for path, m in self._sliced.items() if "rank" in m._sn.bind]
         self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
         self._cost_lock = threading.Lock()
         self._count_tensors()
@@ -981,6 +1007,27 @@ class Nest:
         keep = {*adapters, *(id(t) for m in self._sliced.values() if m._sn.slicer is SVD
                               for t in (m._parameters.get(n) for n in SVD.factors) if t is not None)}
         return [p for p in self.model.parameters() if id(p) in keep and p.requires_grad]
+
+    def _refuse_stale_optimizer(self, held: set[int]) -> None:
+        """See :func:`_stale_optimizer`; ``held``: ids of the optimizer's parameters."""
+        adapters: bool | None = None  # whether it holds any adapter (read when a lora target needs it)
+        for path, m in self._factored:
+            st = m._sn
+            svd = st.slicer.factors[0] == "U"  # svd swapped the weight for U, V; lora keeps it, frozen
+            if svd:
+                stale = id(st.extra.get("weight")) in held  # no longer in the model: only an old optimizer has it
+            else:
+                if adapters is None:
+                    adapters = any(id(t) in held for _, a in self._factored for t in a._sn.slicer.adapters(a))
+                stale = not adapters and id(m._parameters.get("weight")) in held
+            if stale:
+                dim = st.bind["rank"].dim
+                raise SortedNetError(
+                    f"optimizer.step(): this optimizer holds the weight of {path or 'the root'!r}, "
+                    + (f"which sn.wrap replaced by the factors {list(st.slicer.factors)} of Rank {dim.name!r} (svd)"
+                       if svd else f"which Rank {dim.name!r} (lora) froze under adapters, and no adapter")
+                    + ": it was built before wrap, and its steps would train nothing of that layer. Build the "
+                      "optimizer after sn.wrap, over nest.trainable_parameters()")
 
     def _extra_state(self) -> dict[str, Any]:
         """JSON-able state saved with the checkpoint (extended by features such as profiles)."""
