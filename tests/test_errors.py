@@ -104,6 +104,9 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
     if key == "sizes_not_ascending":
         m, x = fam("mlp")
         return Bad(m, x, lambda: sn.wrap(m, Width("h1", [16, 8], out="fc1", inp="fc2")), ("ascending", "[16, 8]"))
+    if key == "sizes_a_dict":  # (its keys were taken silently)
+        m, x = fam("mlp")
+        return Bad(m, x, lambda: sn.wrap(m, Width("h1", {8: 1, 16: 2}, out="fc1", inp="fc2")), ("'h1'", "dict"))
     if key == "no_sizes":
         m, x = fam("mlp")
         return Bad(m, x, lambda: sn.wrap(m, Width("h1", [], out="fc1", inp="fc2")), ("'h1'", "at least one size"))
@@ -241,7 +244,8 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
 
 
 KEYS = ["unknown_pattern", "glob_matches_nothing", "bad_regex", "size_zero", "size_negative", "size_not_int",
-        "sizes_not_ascending", "no_sizes", "largest_above_full", "largest_below_full", "heads_not_dividing",
+        "sizes_not_ascending", "sizes_a_dict", "no_sizes", "largest_above_full", "largest_below_full",
+        "heads_not_dividing",
         "mha_heads_mismatch", "gqa_group_not_dividing", "groupnorm_not_dividing", "grouped_conv",
         "depthwise_two_dims", "no_slicer", "subclass_own_forward", "role_claimed_twice", "duplicate_dim_names",
         "not_a_dimension", "not_a_module", "depth_on_non_container", "depth_above_layers",

@@ -87,3 +87,11 @@ def test_heads_sizes_matching_the_head_count_are_accepted():
     nest = sn.wrap(model, sn.Heads("heads", [1, 2, 4], attn="attn"))
     with nest.use("heads=2"):
         assert model.attn.num_heads == 2 and model.attn.q.weight.shape == (6, 12)
+
+
+def test_check_names_the_largest_listed_submodel_not_the_full_model():
+    """A restricted nest's largest sub-model is not the full model: a failing check says which it ran."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    nest = sn.wrap(model, sn.Width("w", [4, 8, 16], out="0", inp="2"), submodels=[{"w": 4}, {"w": 8}])
+    with pytest.raises(sn.SortedNetError, match=r"the largest listed sub-model \(w=8\) does not run"):
+        nest.check(torch.randn(3, 9))

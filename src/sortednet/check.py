@@ -916,7 +916,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             try:
                 out = call_model(model, example)
             except Exception as e:
-                raise SortedNetError(f"nest.check: the full model ({nest.largest}) does not run on the example: "
+                what = "the full model" if not nest._restricted else "the largest listed sub-model"
+                raise SortedNetError(f"nest.check: {what} ({nest.largest}) does not run on the example: "
                                      f"{type(e).__name__}: {e}") from e
             want = _shapes(out)
             if not any(isinstance(t, torch.Tensor) for t in output_leaves(out)):

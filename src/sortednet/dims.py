@@ -10,7 +10,7 @@ context (thread or asyncio task), else the nest-wide default (``activate``).
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -111,6 +111,9 @@ class Dimension:
     def __init__(self, name: str, sizes: Sequence[int]) -> None:
         if not isinstance(name, str) or not name.isidentifier():
             raise SortedNetError(f"dimension name must be an identifier, got {name!r}")
+        if isinstance(sizes, (Mapping, Set)):  # (a dict would give its keys, a set an order of its own)
+            raise SizeError(f"{self.kind} {name!r}: sizes must be a sequence of ints (a list), got "
+                            f"{type(sizes).__name__} {sizes!r}")
         try:
             sizes = tuple(sizes)
         except TypeError:
