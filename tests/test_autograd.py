@@ -10,12 +10,14 @@ sliced tensor, or at the default threshold with real-size weights) and ``ref``
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import sortednet as sn
@@ -332,6 +334,22 @@ def backward_at(where: str, loss: torch.Tensor, nest, sub=None) -> None:
             loss.backward()
     else:
         loss.backward()
+
+
+def test_checkpoint_context_copies_to_itself_and_pickles_to_one_that_pins_nothing():
+    """A model that stores the context (Hugging Face checkpointing) deep-copies with it (the copy follows the
+    same run-time state) and pickles, again and again, to a context that pins nothing."""
+    import pickle
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [2, 8], out="0", inp="1"))
+    ctx = nest.checkpoint_context
+    assert copy.deepcopy(ctx) is ctx
+    with nest.use("h=2"):
+        _, pin = ctx()
+    assert hasattr(pin, "__enter__")
+    again = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(ctx))))
+    assert all(isinstance(c, contextlib.nullcontext) for c in again())
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])

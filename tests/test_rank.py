@@ -323,16 +323,15 @@ def test_svd_target_refuses_a_state_dict_from_before_wrap(strict):
     torch.testing.assert_close(model[3].weight, plain["3.weight"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["svd", "lora"])
-def test_an_optimizer_built_before_wrap_is_refused_at_its_step(mode):
-    """svd swaps a target's weight for U, V; lora freezes it under new adapters: an optimizer built before wrap
-    holds neither, and its steps trained everything but those layers, silently. Its step is refused before any
-    change; one built after wrap (over the model or nest.trainable_parameters()) steps; after unwrap the old
-    one is fine again."""
+def test_an_optimizer_built_before_an_svd_wrap_is_refused_at_its_step():
+    """svd swaps a target's weight for U, V: an optimizer built before wrap holds the old weight and not the
+    factors, and its steps trained everything but those layers, silently. Its step is refused before any
+    change; one built after wrap (over the model or nest.trainable_parameters()) steps; after unwrap (the
+    weight is back in the model) the old one is fine again."""
     torch.manual_seed(0)
     model = _stack(0)
     early = torch.optim.SGD(model.parameters(), lr=0.1)
-    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode=mode))
+    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode="svd"))
     x, y = torch.randn(16, 12), torch.randn(16, 5)
     sn.accumulate(nest, nest.submodels, lambda: F.mse_loss(model(x), y))
     snap = snapshot(model)
@@ -343,6 +342,19 @@ def test_an_optimizer_built_before_wrap_is_refused_at_its_step(mode):
         torch.optim.SGD(params, lr=0.1).step()
     nest.unwrap()
     early.step()
+
+
+def test_lora_adapters_and_the_rest_in_two_optimizers_step():
+    """lora keeps the frozen base weight in the model: an optimizer for the rest of the model (holding it, and
+    no adapter) beside one for the adapters is a normal setup, never refused."""
+    torch.manual_seed(0)
+    model = _stack(0)
+    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode="lora"))
+    adapters = nest.trainable_parameters()
+    rest = [p for p in model.parameters() if all(p is not a for a in adapters)]
+    sn.accumulate(nest, nest.submodels, lambda: model(torch.randn(4, 12)).sum())
+    for params in (adapters, rest):
+        torch.optim.SGD(params, lr=0.1).step()
 
 
 def test_a_refused_load_keeps_the_calibration():

@@ -72,7 +72,7 @@ def test_parse_rejects(bad):
 
 
 @pytest.mark.parametrize("bad", [{"ffn": "4"}, {"ffn": True}, {"": 4}, {3: 4}, {"ffn": 4.0}, {"ffn": np.float64(4)},
-                                 {"ffn": torch.tensor(4.0)}, {"ffn": np.bool_(True)}, "ffn=4", 5, [("ffn", 4)]])
+                                 {"ffn": torch.tensor(4.0)}, {"ffn": np.bool_(True)}, "ffn=4", 5, [("ffn",)]])
 def test_constructor_rejects(bad):
     with pytest.raises(sn.SortedNetError):
         SubModel(bad)
@@ -192,3 +192,8 @@ def test_switching_copies_no_tensor(family, grad, monkeypatch):
                 assert "cat" in str(func) or func.is_view or out.untyped_storage().data_ptr() in {
                     p.untyped_storage().data_ptr() for _, p, _ in views}, f"{func} allocated {tuple(out.shape)}"
     assert {n: p.data_ptr() for n, p in c.model.state_dict(keep_vars=True).items()} == ptrs
+
+
+def test_constructor_takes_pairs_as_dict_does():
+    assert SubModel(zip(["ffn", "depth"], [8, 2])) == SubModel([("ffn", 8), ("depth", 2)]) == {"ffn": 8, "depth": 2}
+    assert SubModel(SubModel(ffn=4).items(), depth=1) == {"ffn": 4, "depth": 1}

@@ -67,7 +67,7 @@ def _profile_sig(prof: Profile) -> tuple:
 _LIVE: "weakref.WeakSet[Nest]" = weakref.WeakSet()  # nests not unwrapped yet
 
 
-_OPTIMIZER_HOOK: list = []  # the process's optimizer step pre-hook, registered when a nest first has Rank targets
+_OPTIMIZER_HOOK: list = []  # the process's optimizer step pre-hook, registered when a nest first has svd Rank targets
 
 
 def _watch_optimizers() -> None:
@@ -78,10 +78,11 @@ def _watch_optimizers() -> None:
 
 
 def _stale_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Before any ``optimizer.step()`` while a nest with Rank targets is live: an optimizer built before
-    ``sn.wrap`` holds a target's weight that svd replaced by factors (no longer in the model) or, in lora mode,
-    its frozen base weight and no adapter at all: its steps would train nothing of those layers, silently.
-    Refused before the step changes anything."""
+    """Before any eager ``optimizer.step()`` while a nest with svd Rank targets is live: an optimizer built
+    before ``sn.wrap`` holds a target's weight that svd replaced by factors (no longer in the model): its steps
+    would train nothing of those layers, silently. Refused before the step changes anything. (A lora target
+    keeps its weight, frozen: an optimizer holding it and no adapter may be an old one or one built for the
+    rest of the model beside the adapters' own; that cannot be told apart, so it is not refused.)"""
     nests = [n for n in list(_LIVE) if n._alive and n._factored]
     if not nests or torch.compiler.is_compiling():
         return
@@ -202,7 +203,8 @@ class Nest:
         self._sliced = {path: m for path, (m, _, _) in planned.items()}
         self._hooks = hooks
         self._depth = [m for m in self._sliced.values() if "depth" in m._sn.bind]
-        self._factored = [(path, m) for path, m in self._sliced.items() if "rank" in m._sn.bind]
+        self._factored = [(path, m) for path, m in self._sliced.items()  # svd Rank targets (held-aside weights)
+                          if "rank" in m._sn.bind and m._sn.extra.get("weight") is not None]
         self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
         self._cost_lock = threading.Lock()
         self._count_tensors()
@@ -1010,24 +1012,15 @@ class Nest:
 
     def _refuse_stale_optimizer(self, held: set[int]) -> None:
         """See :func:`_stale_optimizer`; ``held``: ids of the optimizer's parameters."""
-        adapters: bool | None = None  # whether it holds any adapter (read when a lora target needs it)
         for path, m in self._factored:
             st = m._sn
-            svd = st.slicer.factors[0] == "U"  # svd swapped the weight for U, V; lora keeps it, frozen
-            if svd:
-                stale = id(st.extra.get("weight")) in held  # no longer in the model: only an old optimizer has it
-            else:
-                if adapters is None:
-                    adapters = any(id(t) in held for _, a in self._factored for t in a._sn.slicer.adapters(a))
-                stale = not adapters and id(m._parameters.get("weight")) in held
-            if stale:
-                dim = st.bind["rank"].dim
+            if id(st.extra.get("weight")) in held:  # svd's replaced weight: no longer in the model, so only an
+                dim = st.bind["rank"].dim           # optimizer built before wrap holds it
                 raise SortedNetError(
-                    f"optimizer.step(): this optimizer holds the weight of {path or 'the root'!r}, "
-                    + (f"which sn.wrap replaced by the factors {list(st.slicer.factors)} of Rank {dim.name!r} (svd)"
-                       if svd else f"which Rank {dim.name!r} (lora) froze under adapters, and no adapter")
-                    + ": it was built before wrap, and its steps would train nothing of that layer. Build the "
-                      "optimizer after sn.wrap, over nest.trainable_parameters()")
+                    f"optimizer.step(): this optimizer holds the weight of {path or 'the root'!r}, which sn.wrap "
+                    f"replaced by the factors {list(st.slicer.factors)} of Rank {dim.name!r} (svd), and is no "
+                    "longer in the model: the optimizer was built before wrap, and its steps would train nothing "
+                    "of that layer. Build the optimizer after sn.wrap, over nest.trainable_parameters()")
 
     def _extra_state(self) -> dict[str, Any]:
         """JSON-able state saved with the checkpoint (extended by features such as profiles)."""

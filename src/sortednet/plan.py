@@ -188,11 +188,16 @@ class CheckpointContext:
         return self
 
     def __reduce__(self) -> Any:
-        return _no_contexts, ()
+        return _unpickled_context, ()
 
 
-def _no_contexts() -> Any:
-    return lambda: (contextlib.nullcontext(), contextlib.nullcontext())
+def _no_contexts() -> tuple[Any, Any]:
+    """A ``context_fn`` that pins nothing: what a pickled :class:`CheckpointContext` becomes."""
+    return contextlib.nullcontext(), contextlib.nullcontext()
+
+
+def _unpickled_context() -> Any:
+    return _no_contexts
 
 
 class Use:

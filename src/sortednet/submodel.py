@@ -46,11 +46,14 @@ class SubModel(Mapping[str, int]):
     __slots__ = ("_items", "_dict", "_hash")
 
     def __init__(self, sizes: Mapping[str, int] | None = None, /, **kw: int) -> None:
-        if sizes is not None and not isinstance(sizes, Mapping):
-            hint = f"; parse text with SubModel.parse({sizes!r})" if isinstance(sizes, str) else ""
-            raise SortedNetError(f"SubModel() takes a mapping {{dimension: size}} or keywords, got "
-                                 f"{type(sizes).__name__} {str(sizes)[:60]!r}{hint}")
-        items = dict(sizes or {}, **kw)
+        if isinstance(sizes, (str, bytes)):
+            raise SortedNetError(f"SubModel() takes a mapping {{dimension: size}} (or its pairs) or keywords, got "
+                                 f"the text {str(sizes)[:60]!r}; parse text with SubModel.parse(...)")
+        try:
+            items = dict(sizes or {}, **kw)
+        except (TypeError, ValueError) as e:
+            raise SortedNetError(f"SubModel() takes a mapping {{dimension: size}} (or its pairs) or keywords, got "
+                                 f"{type(sizes).__name__} {str(sizes)[:60]!r}: {e}") from None
         for name, size in items.items():
             if not isinstance(name, str) or not name:
                 raise SortedNetError(f"sub-model keys must be dimension names, got {name!r}")
