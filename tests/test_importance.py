@@ -372,3 +372,30 @@ def test_a_restricted_nest_without_the_full_model_is_sorted_against_the_full_mod
         torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(sn.SortedNetError):  # the list still holds
         nest.use("a=32,b=32").__enter__()
+
+
+def test_a_copy_made_before_sorting_is_refused_not_run_in_the_old_order():
+    """An EMA / teacher deep copy made before sort_units keeps the old unit order while following the nest's
+    sub-models: under a sub-model it ran other units than the nest (and an EMA average mixed unrelated units),
+    silently. Its forward is refused, also for an AveragedModel and a copy of such a copy; a copy made after
+    sorting runs and equals the model; the nest's own views (profile, check, cost) follow the sort; once the
+    nest is unwrapped the old copy runs its (full) model again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    x = torch.randn(3, 4)
+    old, ema = copy.deepcopy(model), torch.optim.swa_utils.AveragedModel(model)
+    with nest.use("h=4"):  # before sorting, the copies follow the nest exactly
+        assert torch.equal(old(x), model(x)) and torch.equal(ema(x), model(x))
+    sort_units(nest, "l1", example=x)
+    new = copy.deepcopy(model)
+    for stale in (old, ema, copy.deepcopy(old)):
+        with pytest.raises(sn.SortedNetError, match="made before the nest's units were re-ordered"):
+            stale(x)
+    with nest.use("h=4"):
+        assert torch.equal(new(x), model(x))
+    nest.check(x)
+    nest.profile(x, repeat=1, progress=False)
+    assert torch.allclose(nest.unwrap_copy(copy.deepcopy(old))(x), model(x), atol=1e-6)
+    nest.unwrap()
+    assert torch.allclose(old(x), model(x), atol=1e-6)

@@ -319,7 +319,8 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     A parameter's ``.grad`` is permuted with it. An optimizer that already holds state for the
     model (momentum, Adam moments) must be passed as ``optimizer=`` so that its per-element
     state follows the units; sort before building the optimizer, or pass it. Copies of the
-    model (an EMA or teacher ``copy.deepcopy``) are not permuted: sort before copying.
+    model (an EMA or teacher ``copy.deepcopy``) are not permuted: sort before copying (a copy made
+    before is refused at its next forward).
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> from sortednet.importance import sort_units

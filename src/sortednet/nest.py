@@ -141,7 +141,7 @@ class Nest:
         hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
         try:
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
-            self._pin = pin = Pin(self._state)
+            self._pin = pin = Pin(self._state, model)
             pin.note = weakref.WeakMethod(self._failure_note)
             hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
             hooks += install_guards(model, self._state, self.dims)  # (Hugging Face) a cache another sub-model

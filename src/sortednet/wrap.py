@@ -435,19 +435,45 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards", "note")
+    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies")
 
-    def __init__(self, active: Any) -> None:
+    def __init__(self, active: Any, root: nn.Module | None = None) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
         # weakly (deep copies of the model share this pin: it must not keep the original alive), the nest's
         # module tree, whose containers' child counts are checked, and what adds a note to an error a forward
         # raises under a sub-model (the error itself unchanged)
         self.guards: weakref.ref[Guards] | None = None
         self.note: weakref.WeakMethod | None = None
+        # weakly, the nest's own root and its deep copies (EMA / teacher): copy -> the unit order (``epoch``) its
+        # weights were copied in, or None for a private view that shares the weights (they follow every sort)
+        self.root = weakref.ref(root) if root is not None else None
+        self.copies: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
-        return self  # a deep copy of the model follows the same nest state
+        """A deep copy of the model follows the same nest state (this pin); the copy is noted with the unit order
+        of the weights it copied, so that one made before ``sort_units`` is refused (see :meth:`stale`)."""
+        root = self.root() if self.root is not None else None
+        for src in [root, *list(self.copies)]:
+            new = memo.get(id(src)) if src is not None else None
+            if isinstance(new, nn.Module) and new is not src and new not in self.copies:
+                w = next(iter(src.parameters()), None)
+                shared = w is not None and memo.get(id(w)) is w
+                self.copies[new] = None if shared else (self.active.epoch if src is root else self.copies.get(src))
+        return self
+
+    def stale(self, module: nn.Module) -> None:
+        """Refuse a forward of a deep copy made before the nest's units were re-ordered: its weights are in the old
+        order, so under a sub-model it runs other units than the nest does (and averaging it with the model,
+        as an EMA does, mixes unrelated units). Not once the nest is unwrapped (copies then run the full model)."""
+        epoch = self.copies.get(module)
+        if epoch is not None and epoch != self.active.epoch and self.active.owner is not None:
+            raise SortedNetError(
+                f"this copy of the model ({type(module).__name__}, an EMA / teacher copy.deepcopy) was made before "
+                "the nest's units were re-ordered (sort_units / sort_by_importance): its weights are in the old "
+                "order, so under a sub-model it would run other units than the nest, and averaging it with the "
+                "model mixes unrelated units. Copy the model again after sorting; nest.unwrap_copy(copy) gives "
+                "its full model as a plain module")
 
     def _stack(self) -> list:
         """This thread's pins ``[open block or None, frame of the root call, pinned plan, with gradients]``,
@@ -470,6 +496,8 @@ class Pin:
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
             return
+        if self.copies and module in self.copies:
+            self.stale(module)
         g = self.guards() if self.guards is not None else None
         if g is not None:
             g.check_counts()  # (a few len() calls: insert / pop / del reach no registration hook)
