@@ -290,7 +290,9 @@ class Sampler:
         if isinstance(weights, str):
             if weights == "cost":
                 if nest is None:
-                    raise SortedNetError("weights='cost' needs the nest: Sampler(nest, ...) instead of nest.submodels")
+                    raise SortedNetError("weights='cost' needs the nest: Sampler(nest, ...) instead of nest.submodels"
+                                         "; for a subset of its sub-models pass their costs, "
+                                         "weights=[nest.cost(s) for s in subset]")
                 if subs is nest.submodels and hasattr(nest, "_params"):
                     w = np.asarray(nest._params, dtype=float)
                 else:
