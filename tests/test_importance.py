@@ -394,6 +394,9 @@ def test_a_copy_made_before_sorting_is_refused_not_run_in_the_old_order():
             stale(x)
     with nest.use("h=4"):
         assert torch.equal(new(x), model(x))
+    assert all(torch.equal(o, torch.arange(16)) for o in sort_units(nest, "l1", example=x).values())
+    with nest.use("h=4"):  # a sort that moved nothing (the order is already sorted) leaves copies valid
+        assert torch.equal(new(x), model(x))
     nest.check(x)
     nest.profile(x, repeat=1, progress=False)
     assert torch.allclose(nest.unwrap_copy(copy.deepcopy(old))(x), model(x), atol=1e-6)

@@ -366,7 +366,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         _check_state(optimizer)
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
         orders = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
-    nest._drop_scores("sort_units")
+    nest._drop_scores("sort_units", orders.values())
     return orders
 
 

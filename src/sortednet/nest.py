@@ -689,9 +689,13 @@ class Nest:
         _warn_if_loss_like(prof)
         return prof
 
-    def _drop_scores(self, why: str) -> None:
-        """The units were permuted: the profile's scores no longer describe the weights (its costs stay), and a
-        key/value cache filled before holds keys and values in the old order (refused from now on)."""
+    def _drop_scores(self, why: str, orders: Iterable[torch.Tensor] = ()) -> None:
+        """The units were permuted by ``orders`` (unit orders; all the identity: nothing moved, nothing to do):
+        the profile's scores no longer describe the weights (its costs stay), and a key/value cache filled
+        before, or a deep copy of the model made before (EMA / teacher), holds them in the old order (refused
+        from now on)."""
+        if all(torch.equal(o, torch.arange(o.shape[-1], device=o.device).expand_as(o)) for o in orders):
+            return
         self._state.epoch += 1
         prof = self._profile
         if prof is not None and prof.scores is not None:

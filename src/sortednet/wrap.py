@@ -454,12 +454,14 @@ class Pin:
         """A deep copy of the model follows the same nest state (this pin); the copy is noted with the unit order
         of the weights it copied, so that one made before ``sort_units`` is refused (see :meth:`stale`)."""
         root = self.root() if self.root is not None else None
-        for src in [root, *list(self.copies)]:
-            new = memo.get(id(src)) if src is not None else None
-            if isinstance(new, nn.Module) and new is not src and new not in self.copies:
-                w = next(iter(src.parameters()), None)
-                shared = w is not None and memo.get(id(w)) is w
-                self.copies[new] = None if shared else (self.active.epoch if src is root else self.copies.get(src))
+        with self.lock:  # (threads copy at once: exports and the private views of cost / profile copy the root)
+            for src in [root, *list(self.copies)]:
+                new = memo.get(id(src)) if src is not None else None
+                if isinstance(new, nn.Module) and new is not src and new not in self.copies:
+                    w = next(iter(src.parameters()), None)
+                    shared = w is not None and memo.get(id(w)) is w
+                    self.copies[new] = None if shared else (self.active.epoch if src is root
+                                                            else self.copies.get(src))
         return self
 
     def stale(self, module: nn.Module) -> None:

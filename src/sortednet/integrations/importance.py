@@ -239,7 +239,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                  f"({type(e).__name__}: {e}); nothing was changed. Use ffn=False or heads=False for "
                                  "the part that fails, or sortednet.importance.sort_units") from e
         raise
-    nest._drop_scores("sort_by_importance")
+    nest._drop_scores("sort_by_importance", [o for p in perms.values() for o in p.values()])
     return perms
 
 
