@@ -14,6 +14,7 @@ from torch import nn
 import arch
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, run, snapshot
+from sortednet import importance
 from sortednet.importance import METHODS, sort_units
 
 
@@ -374,31 +375,46 @@ def test_a_restricted_nest_without_the_full_model_is_sorted_against_the_full_mod
         nest.use("a=32,b=32").__enter__()
 
 
-def test_a_copy_made_before_sorting_is_refused_not_run_in_the_old_order():
-    """An EMA / teacher deep copy made before sort_units keeps the old unit order while following the nest's
-    sub-models: under a sub-model it ran other units than the nest (and an EMA average mixed unrelated units),
-    silently. Its forward is refused, also for an AveragedModel and a copy of such a copy; a copy made after
-    sorting runs and equals the model; the nest's own views (profile, check, cost) follow the sort; once the
-    nest is unwrapped the old copy runs its (full) model again."""
+def test_copies_made_before_sorting_are_permuted_with_the_model(monkeypatch):
+    """An EMA / teacher deep copy made before sort_units follows the nest's sub-models: left in the old unit order
+    it ran other units than the nest (and an EMA average mixed unrelated units), silently. Copies are permuted
+    with the model (weights and .grad), also an AveragedModel and a copy of a copy, so every sub-model of a copy
+    equals the model's and averaging stays aligned; a copy whose modules were changed (it cannot follow) is
+    refused at its forward; a sort that moves nothing changes nothing; the nest's own views (profile, check,
+    cost) follow the sort; once the nest is unwrapped the refused copy runs its (full) model again."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
     nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
     x = torch.randn(3, 4)
     old, ema = copy.deepcopy(model), torch.optim.swa_utils.AveragedModel(model)
-    with nest.use("h=4"):  # before sorting, the copies follow the nest exactly
-        assert torch.equal(old(x), model(x)) and torch.equal(ema(x), model(x))
+    older = copy.deepcopy(old)
+    ema.update_parameters(model)
+    model(x).sum().backward()
+    old(x).sum().backward()
     sort_units(nest, "l1", example=x)
-    new = copy.deepcopy(model)
-    for stale in (old, ema, copy.deepcopy(old)):
-        with pytest.raises(sn.SortedNetError, match="made before the nest's units were re-ordered"):
-            stale(x)
-    with nest.use("h=4"):
-        assert torch.equal(new(x), model(x))
+    ema.update_parameters(model)  # an average of two copies in the same order
+    for sub in ("h=4", "h=16"):
+        with torch.no_grad(), nest.use(sub):
+            want = model(x)
+            for c in (old, ema, older):
+                assert torch.allclose(c(x), want, atol=1e-6)
+    assert torch.equal(old[0].weight.grad, model[0].weight.grad)
     assert all(torch.equal(o, torch.arange(16)) for o in sort_units(nest, "l1", example=x).values())
-    with nest.use("h=4"):  # a sort that moved nothing (the order is already sorted) leaves copies valid
-        assert torch.equal(new(x), model(x))
+    with nest.use("h=4"):  # a sort that moved nothing leaves every copy as it was
+        assert torch.equal(old(x), model(x))
     nest.check(x)
     nest.profile(x, repeat=1, progress=False)
-    assert torch.allclose(nest.unwrap_copy(copy.deepcopy(old))(x), model(x), atol=1e-6)
+
+    def cannot(moves):  # a copy that cannot follow (its modules changed): left as it was, refused at its forward
+        def follow(root):
+            raise sn.SortedNetError("the copy's 0.weight does not match the model's")
+        return follow
+
+    monkeypatch.setattr(importance, "follow_moves", cannot)
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(0.5, 2.0, 16)[:, None])  # (the l1 order now reverses)
+    sort_units(nest, "l1", example=x)
+    with pytest.raises(sn.SortedNetError, match="made before the nest's units were re-ordered"):
+        old(x)
     nest.unwrap()
-    assert torch.allclose(old(x), model(x), atol=1e-6)
+    old(x)  # (the nest gone, copies run their full model)

@@ -1295,3 +1295,18 @@ def test_alibi_models_refuse_heads_naming_alibi_and_nest_the_rest():
         sn.from_transformers(m, heads=[2], ffn=[0.5])
     assert [type(x) for x in m.modules()] == classes
     assert sn.from_transformers(m, ffn=[0.5], depth=[1]).smallest == sn.SubModel(ffn=64, depth=1)
+
+
+def test_a_copy_made_before_sort_by_importance_is_permuted_with_the_model():
+    """A teacher / EMA deep copy made before sort_by_importance keeps following the nest's sub-models: its heads
+    and FFN neurons are permuted with the model's (they ran other units under every smaller sub-model)."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    nest = sn.from_transformers(model, ffn=[16], heads=[2])
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, V, (2, 6))
+    perms = sn.sort_by_importance(nest, [ids])
+    assert any(not torch.equal(o, torch.arange(o.shape[-1])) for p in perms.values() for o in p.values())
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)

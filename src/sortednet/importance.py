@@ -71,7 +71,9 @@ class _Bind:
         axes = _AXES[name].get(role, [])
         if name == "ConvSlicer" and role == "inp" and m.__dict__["groups"] > 1:
             axes = []  # depthwise: its out binding moves the filters
-        self.tensors = [(t, ax) for n, ax in axes if (t := m._parameters.get(n, m._buffers.get(n))) is not None]
+        found = [(n, t, ax) for n, ax in axes if (t := m._parameters.get(n, m._buffers.get(n))) is not None]
+        self.tensors = [(t, ax) for _, t, ax in found]
+        self.names = [n for n, _, _ in found]
 
     def features(self, idx: Tensor, full_units: int, group: int) -> Tensor:
         """Feature permutation of this binding for a unit order ``idx`` (whole groups first)."""
@@ -285,12 +287,16 @@ def _companions(t: Tensor, optimizer: torch.optim.Optimizer | None) -> list[Tens
     return out
 
 
-def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer | None = None
+           ) -> list[tuple[str, str, int, Tensor]]:
+    """Permute every bound tensor (each once), its ``.grad`` and ``optimizer``'s state for it; returns the moves
+    made, ``(module path, tensor name, axis, index)``, to make them again in a deep copy of the model."""
     done: dict[tuple[int, int], tuple[int, Tensor]] = {}
+    moves = []
     for (label, d, part, block), order in zip(groups, orders):
         for b in part:
             idx = b.features(order, d.full, block)
-            for t, ax in b.tensors:
+            for (t, ax), name in zip(b.tensors, b.names):
                 key = (id(t), ax)
                 prev = done.get(key)
                 if prev is not None:
@@ -299,9 +305,31 @@ def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer 
                                              "its units cannot follow both")
                     continue
                 done[key] = (id(order), idx)
+                moves.append((b.path, name, ax, idx))
                 for c in _companions(t, optimizer):
                     if c.shape[ax] == t.shape[ax]:  # (a statistic reduced over this axis has size 1: unchanged)
                         c.data.copy_(c.data.index_select(ax, idx.to(c.device)))
+    return moves
+
+
+def follow_moves(moves: list[tuple[str, str, int, Tensor]]) -> Callable[[nn.Module], None]:
+    """What makes ``moves`` (see :func:`_apply`) in a deep copy of the model (an EMA / teacher copy): its
+    tensors and their ``.grad`` (not an optimizer of its own), all checked before the first is written."""
+    def follow(root: nn.Module) -> None:
+        todo, seen = [], set()
+        for path, name, ax, idx in moves:
+            m = root.get_submodule(path)
+            t = m._parameters.get(name, m._buffers.get(name))
+            if t is None or t.dim() <= ax or t.shape[ax] != idx.numel():
+                raise SortedNetError(f"the copy's {path}.{name} does not match the model's")
+            if (id(t), ax) not in seen:  # (a tensor the copy holds under two names, as the model does)
+                seen.add((id(t), ax))
+                todo.append((t, ax, idx))
+        with torch.no_grad():
+            for t, ax, idx in todo:
+                for c in (t, t.grad) if t.grad is not None else (t,):
+                    c.data.copy_(c.data.index_select(ax, idx.to(c.device)))
+    return follow
 
 
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
@@ -319,8 +347,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     A parameter's ``.grad`` is permuted with it. An optimizer that already holds state for the
     model (momentum, Adam moments) must be passed as ``optimizer=`` so that its per-element
     state follows the units; sort before building the optimizer, or pass it. Copies of the
-    model (an EMA or teacher ``copy.deepcopy``) are not permuted: sort before copying (a copy made
-    before is refused at its next forward).
+    model (an EMA or teacher ``copy.deepcopy``, which follow the nest's sub-models) are permuted with
+    it (weights and ``.grad``; an optimizer of their own is not); one that cannot follow (its modules
+    changed) is refused at its next forward.
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> from sortednet.importance import sort_units
@@ -365,13 +394,14 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if optimizer is not None:
         _check_state(optimizer)
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
-        orders = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
-    nest._drop_scores("sort_units", orders.values())
+        orders, moves = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
+    nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves))
     return orders
 
 
 def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
-          atol: float, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
+          atol: float, optimizer: torch.optim.Optimizer | None
+          ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]]]:
     err = float("inf")
     with dry_run(nest.model), torch.no_grad(), _at_full(nest):
         try:
@@ -402,7 +432,7 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
         err, where = None, ""
         with torch.no_grad():
             try:
-                _apply(groups, orders, optimizer)
+                moves = _apply(groups, orders, optimizer)
                 with dry_run(nest.model), _at_full(nest):
                     got = _leaves(call_model(model, example))
                 err = rel_err(got, ref)
@@ -416,7 +446,7 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                     c.copy_(v)
                 raise
             if err <= atol:
-                return {label: o for (label, *_), o in zip(groups, orders)}
+                return {label: o for (label, *_), o in zip(groups, orders)}, moves
             for c, v in saved:
                 c.copy_(v)
     if err == float("inf"):

@@ -689,14 +689,27 @@ class Nest:
         _warn_if_loss_like(prof)
         return prof
 
-    def _drop_scores(self, why: str, orders: Iterable[torch.Tensor] = ()) -> None:
+    def _drop_scores(self, why: str, orders: Iterable[torch.Tensor] = (),
+                     follow: Callable[[nn.Module], None] | None = None) -> None:
         """The units were permuted by ``orders`` (unit orders; all the identity: nothing moved, nothing to do):
         the profile's scores no longer describe the weights (its costs stay), and a key/value cache filled
-        before, or a deep copy of the model made before (EMA / teacher), holds them in the old order (refused
-        from now on)."""
+        before holds keys and values in the old order (refused from now on). Deep copies of the model (EMA /
+        teacher) that were in the old order are permuted alike by ``follow(copy)``; one it cannot permute (its
+        modules changed) is refused at its next forward (:meth:`sortednet.wrap.Pin.stale`)."""
         if all(torch.equal(o, torch.arange(o.shape[-1], device=o.device).expand_as(o)) for o in orders):
             return
+        old = self._state.epoch
         self._state.epoch += 1
+        pin = self._pin
+        with pin.lock:
+            behind = [c for c, e in pin.copies.items() if e == old]
+        for c in behind if follow is not None else ():
+            try:
+                follow(c)
+            except Exception:  # (nothing written: it stays in the old order, and is refused at its forward)
+                continue
+            with pin.lock:
+                pin.copies[c] = self._state.epoch
         prof = self._profile
         if prof is not None and prof.scores is not None:
             import dataclasses

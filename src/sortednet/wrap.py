@@ -465,14 +465,16 @@ class Pin:
         return self
 
     def stale(self, module: nn.Module) -> None:
-        """Refuse a forward of a deep copy made before the nest's units were re-ordered: its weights are in the old
-        order, so under a sub-model it runs other units than the nest does (and averaging it with the model,
-        as an EMA does, mixes unrelated units). Not once the nest is unwrapped (copies then run the full model)."""
+        """Refuse a forward of a deep copy left in the old unit order by a sort that could not permute it (its
+        modules changed; copies are permuted with the model otherwise): under a sub-model it would run other units
+        than the nest does (and averaging it with the model, as an EMA does, mixes unrelated units). Not once the
+        nest is unwrapped (copies then run the full model)."""
         epoch = self.copies.get(module)
         if epoch is not None and epoch != self.active.epoch and self.active.owner is not None:
             raise SortedNetError(
                 f"this copy of the model ({type(module).__name__}, an EMA / teacher copy.deepcopy) was made before "
-                "the nest's units were re-ordered (sort_units / sort_by_importance): its weights are in the old "
+                "the nest's units were re-ordered (sort_units / sort_by_importance) and could not be permuted with "
+                "the model (its modules changed): its weights are in the old "
                 "order, so under a sub-model it would run other units than the nest, and averaging it with the "
                 "model mixes unrelated units. Copy the model again after sorting; nest.unwrap_copy(copy) gives "
                 "its full model as a plain module")

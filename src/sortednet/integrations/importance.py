@@ -239,7 +239,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                  f"({type(e).__name__}: {e}); nothing was changed. Use ffn=False or heads=False for "
                                  "the part that fails, or sortednet.importance.sort_units") from e
         raise
-    nest._drop_scores("sort_by_importance", [o for p in perms.values() for o in p.values()])
+    nest._drop_scores("sort_by_importance", [o for p in perms.values() for o in p.values()],
+                      follow=_follow_log(nest.model, log))
     return perms
 
 
@@ -267,6 +268,31 @@ def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> list[Tensor]:
 def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
     """The paths under ``blk`` that ``rels`` (``*`` = one component) name; absent ones are skipped."""
     return [p for r in rels for p in glob_children(blk, r)]
+
+
+def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
+    """What makes the permutations in ``log`` again, in order, in a deep copy of ``model`` (an EMA / teacher
+    copy: its tensors and their ``.grad``), every module found and checked before the first is written."""
+    paths = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), path)
+
+    def follow(root: nn.Module) -> None:
+        steps = []
+        for kind, m, *rest in log:
+            c = root.get_submodule(paths[id(m)])
+            for name in ("gate_up_proj", "down_proj") if kind == "experts" else ("weight",):
+                mine, theirs = Slicer.tensor(m, name), Slicer.tensor(c, name)
+                if theirs is None or mine is None or theirs.shape != mine.shape:
+                    raise SortedNetError(f"the copy's {paths[id(m)]}.{name} does not match the model's")
+            steps.append((kind, c, rest))
+        with torch.no_grad():
+            for kind, c, rest in steps:
+                if kind == "experts":
+                    _permute_experts(c, rest[0], None)
+                else:
+                    _permute(c, rest[0], rest[1], None)
+    return follow
 
 
 def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = None) -> None:
