@@ -388,16 +388,22 @@ def test_copies_made_before_sorting_are_permuted_with_the_model(monkeypatch):
     x = torch.randn(3, 4)
     old, ema = copy.deepcopy(model), torch.optim.swa_utils.AveragedModel(model)
     older = copy.deepcopy(old)
+    tied = copy.deepcopy(model)
+    tied[2].weight = model[2].weight  # (a copy sharing one tensor with the model: permuted once, not twice)
     ema.update_parameters(model)
     model(x).sum().backward()
     old(x).sum().backward()
+    with torch.no_grad():
+        full = model(x)
     sort_units(nest, "l1", example=x)
     ema.update_parameters(model)  # an average of two copies in the same order
     for sub in ("h=4", "h=16"):
         with torch.no_grad(), nest.use(sub):
             want = model(x)
-            for c in (old, ema, older):
+            for c in (old, ema, older, tied):
                 assert torch.allclose(c(x), want, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(model(x), full, atol=1e-6)  # the model's own weights were permuted once
     assert torch.equal(old[0].weight.grad, model[0].weight.grad)
     assert all(torch.equal(o, torch.arange(16)) for o in sort_units(nest, "l1", example=x).values())
     with nest.use("h=4"):  # a sort that moved nothing leaves every copy as it was

@@ -35,6 +35,7 @@ from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 from .plan import Use
 from .submodel import SubModel
+from .views import storage_key
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -315,7 +316,7 @@ def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer 
 def follow_moves(moves: list[tuple[str, str, int, Tensor]]) -> Callable[[nn.Module], None]:
     """What makes ``moves`` (see :func:`_apply`) in a deep copy of the model (an EMA / teacher copy): its
     tensors and their ``.grad`` (not an optimizer of its own), all checked before the first is written."""
-    def follow(root: nn.Module) -> None:
+    def follow(root: nn.Module, held: set) -> None:
         todo, seen = [], set()
         for path, name, ax, idx in moves:
             m = root.get_submodule(path)
@@ -326,10 +327,24 @@ def follow_moves(moves: list[tuple[str, str, int, Tensor]]) -> Callable[[nn.Modu
                 seen.add((id(t), ax))
                 todo.append((t, ax, idx))
         with torch.no_grad():
-            for t, ax, idx in todo:
-                for c in (t, t.grad) if t.grad is not None else (t,):
-                    c.data.copy_(c.data.index_select(ax, idx.to(c.device)))
+            held.update(permute_unshared([(c, ax, idx) for t, ax, idx in todo for c in (t, t.grad)
+                                          if c is not None], held))
     return follow
+
+
+def permute_unshared(moves: list[tuple[Tensor, int, Tensor]], held: set) -> set:
+    """``c.index_select(ax, idx)`` into each ``c`` (one copy's moves, a tensor possibly along two axes), except
+    memory in ``held`` (the model's, or another copy's permuted before): a copy sharing a tensor with the model
+    or another copy does not permute it a second time. Returns the memory written, for the caller to hold."""
+    written = set()
+    for c, ax, idx in moves:
+        key = storage_key(c)
+        if key is not None and key in held:
+            continue
+        c.data.copy_(c.data.index_select(ax, idx.to(c.device)))
+        if key is not None:
+            written.add(key)
+    return written
 
 
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,

@@ -32,7 +32,7 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_int
-from .views import is_fsdp, new_lock
+from .views import is_fsdp, new_lock, storage_key
 from .wrap import (
     Pin,
     exportable,
@@ -690,7 +690,7 @@ class Nest:
         return prof
 
     def _drop_scores(self, why: str, orders: Iterable[torch.Tensor] = (),
-                     follow: Callable[[nn.Module], None] | None = None) -> None:
+                     follow: Callable[[nn.Module, set], None] | None = None) -> None:
         """The units were permuted by ``orders`` (unit orders; all the identity: nothing moved, nothing to do):
         the profile's scores no longer describe the weights (its costs stay), and a key/value cache filled
         before holds keys and values in the old order (refused from now on). Deep copies of the model (EMA /
@@ -698,18 +698,25 @@ class Nest:
         modules changed) is refused at its next forward (:meth:`sortednet.wrap.Pin.stale`)."""
         if all(torch.equal(o, torch.arange(o.shape[-1], device=o.device).expand_as(o)) for o in orders):
             return
-        old = self._state.epoch
-        self._state.epoch += 1
-        pin = self._pin
+        pin, old = self._pin, self._state.epoch
         with pin.lock:
             behind = [c for c, e in pin.copies.items() if e == old]
+        # memory the model holds (permuted already, or not to be permuted): a copy's tensor that shares it is
+        # left alone; what one copy permutes is added, so memory copies share is permuted once
+        held = {k for t in [*self.model.parameters(), *self.model.buffers()]
+                for u in (t, t.grad) if u is not None and (k := storage_key(u)) is not None}
+        followed = []
         for c in behind if follow is not None else ():
             try:
-                follow(c)
+                follow(c, held)
             except Exception:  # (nothing written: it stays in the old order, and is refused at its forward)
                 continue
-            with pin.lock:
-                pin.copies[c] = self._state.epoch
+            followed.append(c)
+        with pin.lock:  # (a copy being permuted is not refused meanwhile: its epoch moves with the nest's)
+            self._state.epoch += 1
+            for c in followed:
+                if pin.copies.get(c) == old:
+                    pin.copies[c] = self._state.epoch
         prof = self._profile
         if prof is not None and prof.scores is not None:
             import dataclasses

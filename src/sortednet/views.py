@@ -377,3 +377,15 @@ class View:
 def new_lock() -> Any:
     """The lock a module's ``.grad`` writes hold (one per sliced module)."""
     return threading.Lock()
+
+
+def storage_key(t: torch.Tensor) -> tuple | None:
+    """Where ``t``'s memory lies (device and storage address), to tell tensors that share it; None for tensors
+    without memory (meta)."""
+    if t.device.type == "meta":
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # (a tensor subclass without a plain storage)
+        return None
+    return (str(t.device), ptr) if ptr else None

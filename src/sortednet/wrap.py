@@ -458,8 +458,8 @@ class Pin:
             for src in [root, *list(self.copies)]:
                 new = memo.get(id(src)) if src is not None else None
                 if isinstance(new, nn.Module) and new is not src and new not in self.copies:
-                    w = next(iter(src.parameters()), None)
-                    shared = w is not None and memo.get(id(w)) is w
+                    params = list(src.parameters())  # (a copy sharing only some: permuted where it does not)
+                    shared = bool(params) and all(memo.get(id(w)) is w for w in params)
                     self.copies[new] = None if shared else (self.active.epoch if src is root
                                                             else self.copies.get(src))
         return self

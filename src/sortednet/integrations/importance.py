@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
-from ..importance import _at_full, _check_state, _companions, rel_err
+from ..importance import _at_full, _check_state, _companions, permute_unshared, rel_err
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
+from ..views import storage_key
 from .layouts import Found, glob_children
 from .transformers import _head_counts, _layout_of
 
@@ -277,7 +278,7 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), path)
 
-    def follow(root: nn.Module) -> None:
+    def follow(root: nn.Module, held: set) -> None:
         steps = []
         for kind, m, *rest in log:
             c = root.get_submodule(paths[id(m)])
@@ -286,12 +287,22 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
                 if theirs is None or mine is None or theirs.shape != mine.shape:
                     raise SortedNetError(f"the copy's {paths[id(m)]}.{name} does not match the model's")
             steps.append((kind, c, rest))
+        written: set = set()
         with torch.no_grad():
-            for kind, c, rest in steps:
+            for kind, c, rest in steps:  # memory the model (or a copy permuted before) holds is left alone
                 if kind == "experts":
-                    _permute_experts(c, rest[0], None)
+                    keys = {storage_key(Slicer.tensor(c, n)) for n in ("gate_up_proj", "down_proj")} - {None}
+                    if not keys & held:
+                        _permute_experts(c, rest[0], None)
+                        written |= keys
                 else:
-                    _permute(c, rest[0], rest[1], None)
+                    out_ax, in_ax = _axes(c)
+                    ax = out_ax if rest[0] == "out" else in_ax
+                    b = Slicer.tensor(c, "bias") if rest[0] == "out" else None
+                    written |= permute_unshared([(u, a, rest[1]) for t, a in ((Slicer.tensor(c, "weight"), ax), (b, 0))
+                                                 if t is not None for u in (t, t.grad)
+                                                 if u is not None and u.shape[a] == t.shape[a]], held)
+        held.update(written)  # (another copy sharing this one's memory leaves it alone)
     return follow
 
 
