@@ -424,3 +424,48 @@ def test_copies_made_before_sorting_are_permuted_with_the_model(monkeypatch):
         old(x)
     nest.unwrap()
     old(x)  # (the nest gone, copies run their full model)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(10, 16), nn.Linear(16, 16), nn.Linear(16, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def test_copies_follow_a_sort_whatever_memory_they_share():
+    """Copies are permuted tensor by tensor: one untied after copying (its head its own) gets both tensors
+    permuted; two copies whose weights are views of one flat buffer each get theirs (memory is told apart by
+    address, shape and strides, not by the buffer); a copy sharing every parameter but owning its buffers is
+    permuted there. Each then equals the model under every sub-model."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    nest = sn.wrap(model, sn.Width("d", [4, 8, 16], out=["emb", "fc"], inp=["fc", "head"]))
+    ids = torch.randint(0, 10, (2, 5))
+    untied = copy.deepcopy(model)
+    untied.head.weight = nn.Parameter(untied.emb.weight.detach().clone())
+    flat = torch.zeros(2 * 16 * 16)
+    pair = [copy.deepcopy(model) for _ in range(2)]
+    for i, c in enumerate(pair):  # (each copy's fc weight a view of its own part of one buffer)
+        view = flat[i * 256:(i + 1) * 256].view(16, 16)
+        view.copy_(c.fc.weight.detach())
+        c.fc.weight = nn.Parameter(view)
+    bn_model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    bn_nest = sn.wrap(bn_model, sn.Width("h", [2, 8], out="0", inp="3", norm="1"))
+    bn_model.train()(torch.randn(16, 4))
+    bn_model.eval()
+    own_buffers = copy.deepcopy(bn_model, {id(p): p for p in bn_model.parameters()})
+    sort_units(nest, "l1", example=ids)
+    sort_units(bn_nest, "l1", example=torch.randn(3, 4))
+    with torch.no_grad():
+        for sub in nest.submodels:
+            with nest.use(sub):
+                for c in (untied, *pair):
+                    torch.testing.assert_close(c(ids), model(ids))
+        x = torch.randn(5, 4)
+        for sub in bn_nest.submodels:
+            with bn_nest.use(sub):
+                torch.testing.assert_close(own_buffers(x), bn_model(x))

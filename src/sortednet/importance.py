@@ -300,13 +300,13 @@ def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer 
             for (t, ax), name in zip(b.tensors, b.names):
                 key = (id(t), ax)
                 prev = done.get(key)
+                moves.append((b.path, name, ax, idx))  # (each name: a copy may hold them as two tensors)
                 if prev is not None:
                     if prev[0] != id(order) or not torch.equal(prev[1], idx):
                         raise SortedNetError(f"sort_units: {b.path!r} is permuted by two groups ({label!r}); "
                                              "its units cannot follow both")
                     continue
                 done[key] = (id(order), idx)
-                moves.append((b.path, name, ax, idx))
                 for c in _companions(t, optimizer):
                     if c.shape[ax] == t.shape[ax]:  # (a statistic reduced over this axis has size 1: unchanged)
                         c.data.copy_(c.data.index_select(ax, idx.to(c.device)))

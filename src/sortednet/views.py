@@ -380,12 +380,13 @@ def new_lock() -> Any:
 
 
 def storage_key(t: torch.Tensor) -> tuple | None:
-    """Where ``t``'s memory lies (device and storage address), to tell tensors that share it; None for tensors
-    without memory (meta)."""
+    """Which memory ``t`` reads (device, address of its first element, shape, strides), to tell a tensor
+    holding the same memory as another (one tensor under two names, ``load_state_dict(assign=True)``) from
+    views of other parts of one buffer; None for tensors without memory (meta)."""
     if t.device.type == "meta":
         return None
     try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # (a tensor subclass without a plain storage)
+        ptr = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # (a tensor subclass without plain memory)
         return None
-    return (str(t.device), ptr) if ptr else None
+    return (str(t.device), ptr, tuple(t.shape), t.stride()) if ptr else None

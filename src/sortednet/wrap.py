@@ -458,8 +458,10 @@ class Pin:
             for src in [root, *list(self.copies)]:
                 new = memo.get(id(src)) if src is not None else None
                 if isinstance(new, nn.Module) and new is not src and new not in self.copies:
-                    params = list(src.parameters())  # (a copy sharing only some: permuted where it does not)
-                    shared = bool(params) and all(memo.get(id(w)) is w for w in params)
+                    # a view shares every parameter and buffer (a copy sharing only some is permuted where it
+                    # does not; a scalar counter of its own does not count)
+                    held = [*src.parameters(), *(b for b in src.buffers() if b.dim() > 0)]
+                    shared = bool(held) and all(memo.get(id(w)) is w for w in held)
                     self.copies[new] = None if shared else (self.active.epoch if src is root
                                                             else self.copies.get(src))
         return self

@@ -290,11 +290,19 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
         written: set = set()
         with torch.no_grad():
             for kind, c, rest in steps:  # memory the model (or a copy permuted before) holds is left alone
-                if kind == "experts":
-                    keys = {storage_key(Slicer.tensor(c, n)) for n in ("gate_up_proj", "down_proj")} - {None}
-                    if not keys & held:
-                        _permute_experts(c, rest[0], None)
-                        written |= keys
+                if kind == "experts":  # (each expert's rows of gate_up [gate; up], columns of down: per tensor)
+                    order = rest[0]
+                    for name, ax, both in (("gate_up_proj", 0, True), ("down_proj", 1, False)):
+                        t = Slicer.tensor(c, name)
+                        for u in (t, t.grad):
+                            key = storage_key(u) if u is not None else None
+                            if u is None or (key is not None and key in held):
+                                continue
+                            for e, o in enumerate(order):
+                                i = (torch.cat([o, o + o.numel()]) if both else o).to(u.device)
+                                u.data[e].copy_(u.data[e].index_select(ax, i))
+                            if key is not None:
+                                written.add(key)
                 else:
                     out_ax, in_ax = _axes(c)
                     ax = out_ax if rest[0] == "out" else in_ax
