@@ -382,7 +382,7 @@ def test_a_refused_load_keeps_the_calibration():
     with pytest.raises(sn.SortedNetError, match="'out' is a Rank 'r'"):
         model.load_state_dict(plain, strict=False)
     with torch.no_grad(), nest.use("w=8,r=4"):
-        assert torch.equal(model(x[:4]), before)
+        torch.testing.assert_close(model(x[:4]), before)  # (uncalibrated, w=8 reads the shared statistics)
 
 
 def test_lora_target_loads_base_weights_without_adapters():
