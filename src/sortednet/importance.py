@@ -313,7 +313,7 @@ def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer 
     return moves
 
 
-def follow_moves(moves: list[tuple[str, str, int, Tensor]]) -> Callable[[nn.Module], None]:
+def follow_moves(moves: list[tuple[str, str, int, Tensor]]) -> Callable[[nn.Module, set], None]:
     """What makes ``moves`` (see :func:`_apply`) in a deep copy of the model (an EMA / teacher copy): its
     tensors and their ``.grad`` (not an optimizer of its own), all checked before the first is written."""
     def follow(root: nn.Module, held: set) -> None:

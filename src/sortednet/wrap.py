@@ -452,7 +452,8 @@ class Pin:
 
     def __deepcopy__(self, memo: dict) -> "Pin":
         """A deep copy of the model follows the same nest state (this pin); the copy is noted with the unit order
-        of the weights it copied, so that one made before ``sort_units`` is refused (see :meth:`stale`)."""
+        of the weights it copied, so that a later sort permutes it too (``Nest._drop_scores``), or, where it
+        cannot, refuses it (:meth:`stale`)."""
         root = self.root() if self.root is not None else None
         with self.lock:  # (threads copy at once: exports and the private views of cost / profile copy the root)
             for src in [root, *list(self.copies)]:

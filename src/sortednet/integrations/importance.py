@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
-from ..importance import _at_full, _check_state, _companions, permute_unshared, rel_err
+from ..importance import _at_full, _check_state, _companions, rel_err
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
@@ -59,20 +59,32 @@ def _score(m: nn.Module, unit: int) -> Tensor:
     return per.reshape(-1, unit).sum(1).abs()
 
 
-def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = None) -> None:
+def _unheld(tensors: list[Tensor], held: set | None) -> list[Tensor]:
+    """``tensors`` but those whose memory ``held`` holds (a deep copy's tensor shared with the model, or with a
+    copy permuted before: see :func:`_follow_log`); all of them without ``held``."""
+    return tensors if held is None else [c for c in tensors if (k := storage_key(c)) is None or k not in held]
+
+
+def _written(tensors: list[Tensor]) -> set:
+    return {k for c in tensors if (k := storage_key(c)) is not None}
+
+
+def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = None,
+             held: set | None = None) -> set:
     """Permute ``m``'s units of ``role`` by ``idx``: the weight (and bias), their ``.grad`` and ``opt``'s
-    per-element state (Adam's moments, momentum) alike."""
+    per-element state (Adam's moments, momentum) alike, except memory in ``held``; returns the memory written."""
     out_ax, in_ax = _axes(m)
     w = Slicer.tensor(m, "weight")
     ax = out_ax if role == "out" else in_ax
     b = Slicer.tensor(m, "bias") if role == "out" else None
     moves = [(c, a) for t, a in ((w, ax), (b, 0)) if t is not None
-             for c in _companions(t, opt) if c.shape[a] == t.shape[a]]  # (a statistic reduced over a: stays)
+             for c in _unheld(_companions(t, opt), held) if c.shape[a] == t.shape[a]]  # (reduced over a: stays)
     new = [c.data.index_select(a, idx.to(c.device)) for c, a in moves]  # all computed before any is written
     for (c, _), v in zip(moves, new):
         c.data.copy_(v)
     if log is not None:  # logged once applied: an undo inverts what was done, nothing else
         log.append(("rows", m, role, idx))
+    return _written([c for c, _ in moves])
 
 
 def _expand(order: Tensor, unit: int) -> Tensor:
@@ -290,37 +302,21 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
         written: set = set()
         with torch.no_grad():
             for kind, c, rest in steps:  # memory the model (or a copy permuted before) holds is left alone
-                if kind == "experts":  # (each expert's rows of gate_up [gate; up], columns of down: per tensor)
-                    order = rest[0]
-                    for name, ax, both in (("gate_up_proj", 0, True), ("down_proj", 1, False)):
-                        t = Slicer.tensor(c, name)
-                        for u in (t, t.grad):
-                            key = storage_key(u) if u is not None else None
-                            if u is None or (key is not None and key in held):
-                                continue
-                            for e, o in enumerate(order):
-                                i = (torch.cat([o, o + o.numel()]) if both else o).to(u.device)
-                                u.data[e].copy_(u.data[e].index_select(ax, i))
-                            if key is not None:
-                                written.add(key)
-                else:
-                    out_ax, in_ax = _axes(c)
-                    ax = out_ax if rest[0] == "out" else in_ax
-                    b = Slicer.tensor(c, "bias") if rest[0] == "out" else None
-                    written |= permute_unshared([(u, a, rest[1]) for t, a in ((Slicer.tensor(c, "weight"), ax), (b, 0))
-                                                 if t is not None for u in (t, t.grad)
-                                                 if u is not None and u.shape[a] == t.shape[a]], held)
+                written |= (_permute_experts(c, rest[0], None, None, held) if kind == "experts"
+                            else _permute(c, rest[0], rest[1], None, None, held))
         held.update(written)  # (another copy sharing this one's memory leaves it alone)
     return follow
 
 
-def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = None) -> None:
+def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = None,
+                     held: set | None = None) -> set:
+    """Each expert's neurons by its row of ``order`` (as :func:`_permute`); returns the memory written."""
     gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
     if order.shape[0] != gu.shape[0] or 2 * order.shape[1] != gu.shape[1] or order.shape[1] != down.shape[2]:
         raise SortedNetError(f"sort_by_importance: expert order {tuple(order.shape)} does not fit "
                              f"{type(m).__name__} {tuple(gu.shape)} / {tuple(down.shape)}")
-    gus = [c for c in _companions(gu, opt) if c.shape[1] == gu.shape[1]]   # (+ .grad, optimizer state)
-    downs = [c for c in _companions(down, opt) if c.shape[2] == down.shape[2]]
+    gus = [c for c in _unheld(_companions(gu, opt), held) if c.shape[1] == gu.shape[1]]  # (+ .grad, opt state)
+    downs = [c for c in _unheld(_companions(down, opt), held) if c.shape[2] == down.shape[2]]
     for e, o in enumerate(order):
         rows = torch.cat([o, o + o.numel()]).to(gu.device)  # [gate; up]: the same order in both halves
         for c in gus:
@@ -329,6 +325,7 @@ def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = N
             c.data[e].copy_(c.data[e].index_select(1, o.to(c.device)))
     if log is not None:
         log.append(("experts", m, order))
+    return _written(gus + downs)
 
 
 def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -> None:
