@@ -103,6 +103,40 @@ def test_an_incomplete_nest_is_refused_and_restored():
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_sort_with_a_tolerance_of_their_rounding(dtype):
+    """A reordered sum rounds differently in half precision (float16: 4e-4 relative on this MLP): the default
+    tolerance follows the parameters' dtype instead of refusing a correct nest as "not declared"; a real
+    undeclared coupling (a per-unit gate) is still refused."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 4)).to(dtype)
+    nest = sn.wrap(m, sn.Width("h1", [256, 1024], out="0", inp="2"), sn.Width("h2", [256, 1024], out="2", inp="4"))
+    x = torch.randn(32, 16, dtype=dtype)
+    with torch.no_grad():
+        before = m(x).float()
+    assert set(sort_units(nest, "l1", example=x)) == {"h1@0", "h2@2"}
+    with torch.no_grad():
+        after = m(x).float()
+    assert (after - before).norm() <= 5e-2 * before.norm()
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.gate = nn.Parameter(torch.rand(16) * 2)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            return self.fc2(h * self.gate[: h.shape[-1]])
+
+    gated = Gated().to(dtype)
+    nest = sn.wrap(gated, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"))
+    snap = snapshot(gated)
+    with pytest.raises(sn.SortedNetError, match="not declared"):
+        sort_units(nest, "l1", example=torch.randn(64, 8, dtype=dtype))
+    assert_unchanged(gated, snap)
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e-4])
 def test_an_undeclared_per_unit_gate_is_caught_at_any_output_scale(scale):
     """The output check is relative to the output's own scale: a small-valued output (a regression target

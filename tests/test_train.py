@@ -889,3 +889,104 @@ def test_mean_loss_leaves_out_every_skipped_sub_model():
                        {"step": 1, "losses": {"h=4": 9.0, "h=8": 0.3}, "skipped": ["h=4"]},
                        {"step": 2, "losses": {"h=4": float("nan"), "h=8": 0.1}, "skipped": ["h=4"]}])
     assert h.mean_loss() == {"h=4": 1.0, "h=8": pytest.approx(0.3)}
+
+
+def _tiny_classifier(out: int = 2, seed: int = 0):
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, out))
+    return m, sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+
+
+@pytest.mark.parametrize("case", ["column", "float", "one_logit", "bool"])
+def test_default_accuracy_refuses_targets_it_cannot_score(case):
+    """Argmax accuracy against a (B, 1) column broadcast to (B, B) (scores above 1); against float targets or
+    one logit it scored 0 whatever the model did: each is refused, naming the shapes / dtype and metric=."""
+    m, nest = _tiny_classifier(out=1 if case == "one_logit" else 2)
+    x, y = torch.randn(10, 4), torch.randint(0, 2, (10,))
+    target = {"column": y[:, None], "float": y.float(), "one_logit": y, "bool": y.bool()}[case]
+    needle = {"column": r"shape \(10,\) with targets of shape \(10, 1\)", "float": "torch.float32",
+              "one_logit": r"shape \(10, 1\)", "bool": "torch.bool"}[case]
+    with pytest.raises(sn.SortedNetError, match=needle):
+        evaluate(nest, (x, target))
+    with pytest.raises(sn.SortedNetError, match="metric="):
+        evaluate(nest, (x, target))
+
+
+def test_default_accuracy_leaves_out_the_ignore_index():
+    """Tokens labelled -100 (F.cross_entropy's ignore index: padding, prompt) are neither right nor wrong."""
+    m, nest = _tiny_classifier(out=3)
+    x, y = torch.randn(4, 5, 4), torch.randint(0, 3, (4, 5))
+    y[:, :2] = -100
+    y[0] = -100
+    got = evaluate(nest, (x, y))
+    for s in nest.submodels:
+        with torch.no_grad(), nest.use(s):
+            pred = m(x).argmax(-1)
+        keep = y != -100
+        assert got[s] == pytest.approx(float((pred[keep] == y[keep]).float().mean()))
+    with pytest.raises(sn.SortedNetError, match="ignore index"):
+        evaluate(nest, (x, torch.full((4, 5), -100)))
+
+
+def test_fit_scores_eval_data_with_its_metric_and_refuses_regression_targets_without_one():
+    """fit(eval_data=) of a regression scored 'accuracy 0.0' at every evaluation: refused before training now;
+    metric= scores it (the same number evaluate gives with that metric)."""
+    m, nest = _tiny_classifier(out=1)
+    x = torch.randn(32, 4)
+    y = x.sum(1, keepdim=True)
+    opt, sampler = torch.optim.SGD(m.parameters(), lr=0.05), sn.Sampler(nest, strategy="all")
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(sn.SortedNetError, match="metric="):
+        sn.fit(nest, [(x, y)] * 3, opt, sampler, loss_fn=F.mse_loss, eval_data=(x, y), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before))
+
+    def neg_sse(out, t):
+        return -F.mse_loss(out, t, reduction="sum")
+
+    hist = sn.fit(nest, [(x, y)] * 3, opt, sampler, loss_fn=F.mse_loss, eval_data=(x, y), eval_every=2,
+                  metric=neg_sse, progress=False)
+    assert [e["step"] for e in hist.evals] == [2, 3]
+    want = evaluate(nest, (x, y), metric=neg_sse)
+    assert hist.last_scores == {str(s): pytest.approx(v) for s, v in want.items()}
+    assert all(v < 0 for v in hist.last_scores.values())
+    for kw, needle in [({"metric": "mse"}, "callable"), ({"metric": neg_sse, "eval_data": None}, "no eval_data")]:
+        with pytest.raises(sn.SortedNetError, match=needle):
+            sn.fit(nest, [(x, y)], opt, sampler, loss_fn=F.mse_loss, progress=False, **kw)
+
+
+def test_history_mean_loss_window():
+    from sortednet.train import History
+
+    h = History(train=[{"step": i, "losses": {"a": float(i)}} for i in range(10)])
+    assert h.mean_loss(2) == {"a": 8.5} and h.mean_loss(None) == {"a": 4.5} == h.mean_loss(100)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(sn.SortedNetError, match="mean_loss"):
+            h.mean_loss(bad)
+
+
+def test_fit_drops_calibration_of_the_weights_it_trains():
+    """Calibrated per-sub-model BatchNorm statistics describe the weights before fit: evaluations inside fit read
+    them (stale) after training; fit drops them with a warning, and its scores are those of the shared
+    statistics."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", norm="1", inp="3"))
+    x = torch.randn(32, 4)
+    y = (x[:, 0] > 0).long()
+    nest.calibrate([x * 5 + 3], batches=1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"describe \('1'\): dropped them"):
+        hist = sn.fit(nest, [(x, y)] * 3, opt, sn.Sampler(nest, strategy="all"), eval_data=(x, y), progress=False)
+    assert m[1]._sn.norm is None
+    assert hist.last_scores == {str(s): v for s, v in evaluate(nest, (x, y)).items()}
+
+
+def test_sampler_weights_whose_ratio_underflows_are_refused_by_name():
+    m, nest = _tiny_classifier()
+    for kw in ({"strategy": "weighted", "weights": [1e-300, 1e308], "k": 1}, {"strategy": "all", "loss_weights": [1e-300, 1e308]}):
+        with pytest.raises(sn.SortedNetError, match=r"1e-300 for h=4 is positive but too small"):
+            sn.Sampler(nest, **kw)

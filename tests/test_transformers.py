@@ -450,6 +450,36 @@ def test_trainer_measures_the_loss_weighting_only_on_a_micro_batch_with_labels(t
     assert trainer.model_accepts_loss_kwargs
 
 
+def test_trainer_drops_calibration_of_the_weights_it_trains(tmp_path):
+    """Per-sub-model BatchNorm statistics of nest.calibrate describe the weights before training: Trainer.train
+    drops them (a warning names the module) instead of evaluating and exporting stale ones afterwards."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+        def forward(self, x, labels=None):
+            out = self.b(torch.relu(self.bn(self.a(x))))
+            return {"loss": None if labels is None else F.cross_entropy(out, labels), "logits": out}
+
+    torch.manual_seed(0)
+    model = Classifier()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", norm="bn", inp="b"))
+    x = torch.randn(16, 4)
+    nest.calibrate([x], batches=1)
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    data = [{"x": a, "labels": b} for a, b in zip(x, (x[:, 0] > 0).long())]
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest)
+    assert model.bn._sn.norm is not None
+    with pytest.warns(UserWarning, match=r"SortedTrainer.train trains .* \('bn'\): dropped them"):
+        trainer.train()
+    assert model.bn._sn.norm is None
+
+
 def test_trainer_applies_the_samplers_loss_weights(tmp_path):
     """SortedTrainer weighs each drawn sub-model's loss as sn.accumulate(weights=loss_weights_for(subs))."""
     model, _, _, _ = build("llama")

@@ -348,7 +348,7 @@ def permute_unshared(moves: list[tuple[Tensor, int, Tensor]], held: set) -> set:
 
 
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
-               loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float = 1e-4,
+               loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float | None = None,
                optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
     """Permute the units of every Width / Heads dimension of ``nest``, most important first.
 
@@ -356,7 +356,8 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     ``(inputs, labels)`` or dicts with labels, or any batch with ``loss_fn(model, batch)``).
     ``example`` (default: the inputs of the first batch) is needed: it splits widths into
     their independently coupled groups and verifies that the full model's output is
-    unchanged (relative ``atol``); otherwise everything is restored and a SortedNetError
+    unchanged (relative ``atol``; default 1e-4, 5e-2 for a model with float16 / bfloat16 parameters, whose
+    sums round differently once reordered); otherwise everything is restored and a SortedNetError
     raised. Returns the unit order applied per group (``"dim@first module"``).
 
     A parameter's ``.grad`` is permuted with it. An optimizer that already holds state for the
@@ -392,6 +393,10 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if calibrated:
         raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
                              "that a permutation would invalidate; sort before nest.calibrate")
+    if atol is None:
+        half = any(p.is_floating_point() and p.dtype not in (torch.float32, torch.float64)
+                   for p in nest.model.parameters())
+        atol = 5e-2 if half else 1e-4  # half precision: a reordered sum rounds differently (bf16 ulp ~ 8e-3)
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 <= atol < math.inf:
         raise SortedNetError(f"sort_units(atol=...) takes the relative tolerance of the full model's output, a "
                              f"finite number >= 0, got {atol!r}")
@@ -467,7 +472,8 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
     if err == float("inf"):
         raise SortedNetError("sort_units: these dimensions cannot be permuted consistently (a tensor would follow two "
                              "groups, or one of its modules cannot be permuted); run nest.check(example)")
-    raise SortedNetError(f"sort_units: permuting changes the full model's output{where} (by {err:.3g}): a module "
+    raise SortedNetError(f"sort_units: permuting changes the full model's output{where} (by {err:.3g}, more than "
+                         f"atol={atol:g}): a module "
                          "coupled to a dimension is not declared in it"
                          + (" (one used only in training, e.g. an auxiliary head)" if where else "")
                          + "; run nest.check(example) to find it. If check passes, the model reads the units in "

@@ -312,8 +312,13 @@ class Sampler:
                 raise SortedNetError(f"weights must be finite and non-negative, got {[float(x) for x in w][:8]}")
         if w.max() <= 0:
             raise SortedNetError("weights sum to zero; at least one sub-model needs a positive weight")
-        w = w / w.max()  # first: a sum of huge finite weights (1e308 each) would overflow to inf
-        return w / w.sum()
+        scaled = w / w.max()  # first: a sum of huge finite weights (1e308 each) would overflow to inf
+        lost = np.flatnonzero((w > 0) & (scaled == 0))
+        if len(lost):
+            raise SortedNetError(f"weights: {float(w[lost[0]])!r} for {subs[int(lost[0])]} is positive but too small "
+                                 f"next to the largest, {float(w.max())!r}, to be represented (their ratio "
+                                 "underflows float64)")
+        return scaled / scaled.sum()
 
     def draw(self, step: int) -> list[SubModel]:
         """The sub-models to train at ``step`` (ascending cost; same answer for the same seed and step)."""

@@ -375,8 +375,31 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
         del loss, logits, total  # free this sub-model's graph before the next forward
 
 
+IGNORE_INDEX = -100  # targets equal to it are not counted by the default accuracy (F.cross_entropy's default)
+
+
 def _accuracy(out: Tensor, y: Tensor) -> float:
-    return float((out.argmax(-1) == y).float().sum())
+    """Correct argmax predictions, counted over the target entries that are not ``IGNORE_INDEX``.
+
+    Refuses what argmax accuracy cannot score right, instead of a number that means nothing: float targets (a
+    regression), one logit per example (argmax is always 0), and targets whose shape is not the prediction's (a
+    ``(B, 1)`` column against ``(B,)`` predictions would broadcast to ``(B, B)``)."""
+    if not isinstance(out, Tensor):
+        raise SortedNetError(f"the default accuracy needs the model's output to be a tensor of logits, got "
+                             f"{type(out).__name__}; pass metric=")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise SortedNetError(f"the default accuracy compares argmax predictions with integer class targets; the "
+                             f"targets are {y.dtype} (a regression or multi-label task?): pass metric=, a "
+                             "callable metric(output, target) returning the sum over the batch")
+    if out.dim() == 0 or out.shape[-1] < 2:
+        raise SortedNetError(f"the default accuracy takes the argmax over the last dimension of the output, which "
+                             f"has shape {tuple(out.shape)} (one logit per example: argmax is always 0); pass "
+                             "metric=, e.g. lambda out, y: ((out.squeeze(-1) > 0).long() == y).sum()")
+    if tuple(out.shape[:-1]) != tuple(y.shape):
+        raise SortedNetError(f"the default accuracy compares output.argmax(-1) of shape {tuple(out.shape[:-1])} "
+                             f"with targets of shape {tuple(y.shape)}: they must be equal (give class indices "
+                             "shaped like the predictions, e.g. y.squeeze(-1) for a column), or pass metric=")
+    return float(((out.argmax(-1) == y) & (y != IGNORE_INDEX)).sum())
 
 
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
@@ -411,7 +434,10 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
 
     ``metric(output, target)`` returns the SUM over the batch (default: number
     of correct argmax predictions); the result is divided by the number of
-    examples, so the default is accuracy. Runs without grad in eval mode on a
+    examples, so the default is accuracy. The default needs integer class targets shaped like
+    ``output.argmax(-1)`` (a sequence's tokens each count; targets equal to -100, the ignore index of
+    ``F.cross_entropy``, are left out) and refuses anything else with a :class:`SortedNetError`: pass
+    ``metric=`` for regression, single-logit, shifted language-model labels and other tasks. Runs without grad in eval mode on a
     private view of the model that shares its weights: the model's own mode, seen
     by every thread (one may be training it), never changes.
 
@@ -447,8 +473,11 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
         batches.append((_to(item[0], device), _to(item[1], device)))
     if not batches:
         raise SortedNetError("evaluate got no batches")
-    # the default (accuracy) counts every target entry (a sequence's tokens too); a custom metric sums per example
-    count = sum((y.numel() if default else len(y)) for _, y in batches)
+    # the default (accuracy) counts every target entry but the ignore index (a sequence's tokens too); a custom
+    # metric sums per example
+    count = sum((int((y != IGNORE_INDEX).sum()) if default else len(y)) for _, y in batches)
+    if default and count == 0:
+        raise SortedNetError(f"evaluate: every target is the ignore index {IGNORE_INDEX}; nothing to score")
     out: dict[SubModel, float] = {}
     with eval_mode(nest) as (view, _), torch.no_grad():
         for s in subs:
@@ -484,10 +513,14 @@ class History:
         """Scores of the latest evaluation (empty when none ran)."""
         return dict(self.evals[-1]["scores"]) if self.evals else {}
 
-    def mean_loss(self, last: int = 50) -> dict[str, float]:
-        """Mean training loss per sub-model over the last ``last`` steps (skipped non-finite losses left out)."""
+    def mean_loss(self, last: int | None = 50) -> dict[str, float]:
+        """Mean training loss per sub-model over the last ``last`` steps (``None``: all of them; skipped
+        non-finite losses left out)."""
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+            raise SortedNetError(f"History.mean_loss(last=...) takes a number of steps >= 1 or None (all), "
+                                 f"got {last!r}")
         sums: dict[str, list[float]] = {}
-        for rec in self.train[-last:]:
+        for rec in self.train if last is None else self.train[-last:]:
             skipped = set(rec.get("skipped", ()))  # (a finite task loss whose distillation term was not finite)
             for s, v in rec["losses"].items():
                 if math.isfinite(v) and s not in skipped:
@@ -502,8 +535,8 @@ def _groups(n: int) -> list[str]:
 
 def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Optimizer, sampler: Sampler, *,
         epochs: int = 1, loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy, distill: Distill | None = None,
-        eval_data: Any = None, eval_every: int | None = None, start_step: int = 0,
-        scheduler: Any = None, progress: bool = True, device: torch.device | str | None = None,
+        eval_data: Any = None, eval_every: int | None = None, metric: Callable[[Any, Any], Any] | None = None,
+        start_step: int = 0, scheduler: Any = None, progress: bool = True, device: torch.device | str | None = None,
         nonfinite: str = "skip") -> History:
     """Train with ``sampler`` + :func:`accumulate` over ``epochs`` passes of ``loader``.
 
@@ -515,7 +548,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     A tqdm bar shows the running loss of small / medium / large sub-models.
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) whenever
     the step count (continued from ``start_step``) reaches a multiple of
-    ``eval_every``, and at the end; before the first step, every batch of a list (the first of a
+    ``eval_every``, and at the end, with ``metric`` (default: accuracy; see :func:`evaluate`, which refuses
+    targets accuracy cannot score, such as a regression's float targets); before the first step, every batch of a list (the first of a
     loader) is checked to be an ``(inputs, target)`` pair and the first is evaluated, so a malformed
     eval set is refused before training. Returns a :class:`History`.
     A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
@@ -526,7 +560,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     run uses); ``"raise"`` stops the run instead, with no gradient left behind (the optimizer did
     not step; ``fit`` also clears gradients before its first step). Evaluations leave torch's random state
     alone, so a resumed run draws what the uninterrupted one did. The model trains in train mode;
-    every module's train / eval mode is back as it was when ``fit`` returns (or raises).
+    every module's train / eval mode is back as it was when ``fit`` returns (or raises). Per-sub-model
+    BatchNorm statistics of :meth:`Nest.calibrate` describe the weights ``fit`` is about to change: ``fit``
+    drops them (a warning says so) and the evaluations read the shared statistics; calibrate again after it.
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -571,6 +607,11 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"start_step must be an int >= 0, got {start_step!r}")
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
+    if metric is not None and not callable(metric):
+        raise SortedNetError(f"fit(metric=...) takes a callable metric(output, target) returning the sum over the "
+                             f"batch, got {metric!r}")
+    if metric is not None and eval_data is None:
+        raise SortedNetError("fit(metric=...) scores eval_data, but no eval_data was given")
     if eval_data is not None and _one_shot(eval_data):
         raise SortedNetError(f"fit(eval_data=...) is evaluated more than once: give data it can iterate again (a "
                              f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}")
@@ -608,28 +649,44 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     if eval_data is not None:  # a malformed eval set is refused now, not after the first eval_every steps:
         with _rng_kept(device):  # (iterating a DataLoader draws from torch's generator: resumed runs stay exact)
             first = next(iter(_batches(eval_data)), None)
-            evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest])
+            evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest], metric=metric)
         if isinstance(eval_data, (tuple, list)):  # the first batch runs; every other batch of a list is a pair
             bad = next((b for b in _batches(eval_data) if not (isinstance(b, (tuple, list)) and len(b) == 2)), None)
             if bad is not None:
                 raise SortedNetError("fit(eval_data=...): evaluate needs (inputs, target) pairs; got a "
                                      f"{type(bad).__name__}" + (f" of {len(bad)} items" if
                                                                 isinstance(bad, (tuple, list)) else ""))
+    drop_stale_calibration(nest, "fit", stacklevel=3)
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (and resumed)
     try:
         _fit_loop(nest, loader, sampler, optimizer, scheduler, loss_fn, distill, nonfinite, epochs, total,
-                  progress, device, group, ema, hist, step, eval_data, eval_every)
+                  progress, device, group, ema, hist, step, eval_data, eval_every, metric)
     finally:  # the caller's modes come back (a model put in eval mode before fit is in eval mode after it)
         for m, training in modes:
             m.training = training
     return hist
 
 
+def drop_stale_calibration(nest: Nest, who: str, stacklevel: int = 2) -> None:
+    """Training is about to change the weights that per-sub-model BatchNorm statistics of
+    :meth:`Nest.calibrate` describe: drop them, with a warning naming the modules (evaluations during training
+    then read the shared statistics, as an uncalibrated nest does)."""
+    calibrated = [p for p, m in nest._sliced.items() if m._sn.norm is not None and m._sn.norm.stats]
+    if calibrated:
+        warnings.warn(f"{who} trains the weights that the per-sub-model BatchNorm statistics of nest.calibrate "
+                      f"describe ({', '.join(repr(p) for p in calibrated[:3])}"
+                      f"{', ...' if len(calibrated) > 3 else ''}): dropped them (nest.drop_calibration()); "
+                      "evaluations read the shared statistics. Calibrate again after training", UserWarning,
+                      stacklevel=stacklevel)
+        nest.drop_calibration()
+
+
 def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: Any, loss_fn: Any, distill: Any,
               nonfinite: str, epochs: int, total: int | None, progress: bool, device: Any, group: dict,
-              ema: dict[str, float], hist: History, step: int, eval_data: Any, eval_every: int | None) -> None:
+              ema: dict[str, float], hist: History, step: int, eval_data: Any, eval_every: int | None,
+              metric: Any) -> None:
     from tqdm.auto import tqdm
 
     model = nest.model
@@ -672,7 +729,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 bar.update(1)
                 step += 1
                 if eval_data is not None and eval_every and step % eval_every == 0:  # resumed runs: same steps
-                    _record(hist, nest, eval_data, step, bar if progress else None)
+                    _record(hist, nest, eval_data, step, bar if progress else None, metric)
             if step == before and epoch == 0 and first == 0:  # (a resumed run may have no batch left)
                 raise SortedNetError("fit(): the loader yielded no batch (an empty dataset, or a DataLoader with "
                                      "drop_last=True and fewer samples than one batch): nothing would train")
@@ -683,7 +740,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                               stacklevel=3)
                 break
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
-        _record(hist, nest, eval_data, step, None)
+        _record(hist, nest, eval_data, step, None, metric)
 
 
 def _rng_kept(device: Any) -> Any:
@@ -694,9 +751,9 @@ def _rng_kept(device: Any) -> Any:
     return torch.random.fork_rng(devices=cuda)
 
 
-def _record(hist: History, nest: Nest, data: Any, step: int, bar: Any) -> None:
+def _record(hist: History, nest: Nest, data: Any, step: int, bar: Any, metric: Any = None) -> None:
     with _rng_kept(next((p.device for p in nest.model.parameters()), None)):
-        scores = evaluate(nest, data)
+        scores = evaluate(nest, data, metric=metric)
     hist.evals.append({"step": step, "scores": {str(s): v for s, v in scores.items()}})
     if bar is not None:
         vals = list(scores.values())

@@ -31,6 +31,7 @@ from ..io import load, save
 from ..nest import Nest
 from ..sampler import Sampler
 from ..submodel import SubModel
+from ..train import drop_stale_calibration
 from .soft import soft_loss
 
 __all__ = ["SortedTrainer", "SubModelCallback", "make_sampler", "NEST_FILE"]
@@ -151,6 +152,12 @@ class SortedTrainer(Trainer):
             for p in nest.model.parameters():
                 if p.requires_grad and id(p) not in keep:
                     p.requires_grad_(False)
+
+    def train(self, *args: Any, **kw: Any) -> Any:
+        """``Trainer.train``; per-sub-model BatchNorm statistics of ``nest.calibrate`` describe the weights it is
+        about to change: they are dropped first, with a warning (calibrate again after training)."""
+        drop_stale_calibration(self.nest, "SortedTrainer.train", stacklevel=3)
+        return super().train(*args, **kw)
 
     def _training_config(self) -> dict[str, Any] | None:
         """What decides which sub-models train at each step, as JSON: the configuration of an ``sn.Sampler``
