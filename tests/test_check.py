@@ -4,6 +4,7 @@ failed wrap(example=) leaves the model exactly as it was."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 
@@ -670,6 +671,37 @@ def test_heads_are_checked_at_every_size_not_only_the_smallest():
     nest = sn.wrap(_Scaled().eval(), sn.Heads("h", [1, 2, 4], attn="att"))
     with pytest.raises(sn.SortedNetError, match="heads 'h' at 2 is not the first 2 whole heads"):
         nest.check(x)
+
+
+class _WindowedHeads(nn.Module):
+    """Each head attends within its own causal window, spread over [1, 64] by the head count: at 2 heads the
+    windows are [1, 64], the full module's first two [1, 22]; alike on 5 positions, not on 32."""
+
+    def __init__(self, width=32, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, width // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        win = torch.linspace(1, 64, self.num_heads).round()
+        dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+        allowed = (dist >= 0) & (dist[None] < win[:, None, None])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_per_head_behaviour_past_a_few_positions_is_refused_at_wrap():
+    """wrap's self-check ran 5 positions: per-head windows computed from the head count passed it, and the
+    2-head sub-model differed from the full model's first two heads by 8% on 32 positions."""
+    torch.manual_seed(0)
+    m = _WindowedHeads()
+    snap = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="2 heads are not the first 2 whole heads"):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn=""))
+    assert type(m) is _WindowedHeads and m.num_heads == 4
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in snap.items())
 
 
 class _FusedFastAxis(nn.Module):
@@ -1511,3 +1543,36 @@ def test_a_width_whose_features_no_layer_reads_is_refused(reduce):
         sn.wrap(model, sn.Width("cls", [5, 10], out="head"), example=x)
     assert type(model.head) is nn.Linear
     sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="head"), example=x)  # the hidden width is fine
+
+
+class _VitPytorchAttention(nn.Module):
+    """lucidrains vit-pytorch's Attention: the output projection sits in ``to_out = Sequential(Linear, Dropout)``."""
+
+    def __init__(self, dim=32, heads=4, dim_head=8):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.to_qkv = nn.Linear(dim, dim_head * heads * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim_head * heads, dim), nn.Dropout(0.0))
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
+        attn = (q @ k.transpose(-1, -2) * self.scale).softmax(-1)
+        return self.to_out((attn @ v).transpose(1, 2).flatten(2))
+
+
+def test_an_output_projection_inside_a_sequential_is_found():
+    """Auto-detection took to_out (a Sequential) as the projection: 'input width None is not a whole number of
+    4 heads'. It reads the Linear inside now; an explicit o='to_out' says which name to give."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32)
+    m = _VitPytorchAttention().eval()
+    with pytest.raises(sn.SortedNetError, match=r"o='to_out.0'"):
+        sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="", o="to_out"))
+    ref = copy.deepcopy(m)
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn=""))
+    with torch.no_grad():
+        ref.to_out[0].weight[:, 16:] = 0  # the full model's first two heads
+        with nest.use("h=2"):
+            live = m(x)
+        torch.testing.assert_close(live, ref(x))
+        torch.testing.assert_close(nest.export("h=2")(x), live)

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import sortednet as sn
 import sortednet.distributed as snd
 import sortednet.slicers as slicers
+from sortednet.importance import sort_units
 from models import FAMILIES as BASE
 
 WORLD, STEPS, GLOBAL_BATCH, LR = 2, 20, 4, 0.05
@@ -165,6 +166,10 @@ def _errors(rank: int, out_dir: str) -> dict:
             nest.check(case.example)
         except sn.SortedNetError as e:
             out["check_sharded"] = str(e)
+        try:  # sorting permutes weights in place: sharded ones cannot be, refused up front (not a deepcopy error)
+            sort_units(nest, "l1", example=case.example)
+        except sn.SortedNetError as e:
+            out.setdefault("sort_sharded", []).append(str(e))
         try:  # sn.save of a sharded model: refused before writing, pointing to snd.save
             sn.save(nest, os.path.join(out_dir, f"sharded-{rank}.safetensors"))
             out.setdefault("save_sharded", []).append("accepted")
@@ -366,6 +371,14 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
     every_rank("save_missing_folder", lambda: snd.save(nest, os.path.join(out_dir, f"missing-{rank}",
                                                                            "nest.safetensors")))
     every_rank("calibrate_multi_rank", lambda: _bn_nest()[1].calibrate([torch.randn(4, 1, 6, 6)], batches=1))
+    own = _batch("mlp", 100 + rank)  # each rank's own data: Taylor scores (and orders) would differ per replica
+    every_rank("sort_taylor_multi_rank", lambda: sort_units(nest, "taylor", example=own, data=[own],
+                                                            loss_fn=lambda m, b: _loss(m(b))))
+    every_rank("sort_l1_multi_rank", lambda: sort_units(nest, "l1", example=own))  # weights alone: alike
+    state = [p.detach().clone() for p in case.model.parameters()]
+    got: list = [None] * WORLD
+    dist.all_gather_object(got, state)
+    out["sorted_replicas_equal"] = all(torch.equal(a, b) for a, b in zip(got[0], got[1]))
     # DDP(process_group=one rank each): each rank is its own replica, nothing is averaged across ranks
     groups = [dist.new_group([r]) for r in range(WORLD)]
     case, nest = _build("mlp", "ddp")
@@ -526,6 +539,10 @@ def test_a_fault_on_one_rank_raises_on_every_rank(run):
         assert faulty in got[at] and other in got[1 - at], (key, got)
     assert errs["ranks_still_in_step"] == ["accepted"] * WORLD
     assert all("calibrate() runs in one process" in e for e in errs["calibrate_multi_rank"])
+    assert all("scores units from data" in e for e in errs["sort_taylor_multi_rank"])
+    assert errs["sort_l1_multi_rank"] == ["accepted"] * WORLD and errs["sorted_replicas_equal"]
+    assert len(errs["sort_sharded"]) == 2 and all("sort in one process, before fully_shard" in e
+                                                  for e in errs["sort_sharded"])
 
 
 def test_a_ddp_wrapper_with_its_own_process_group_is_averaged_over_that_group_only(run):

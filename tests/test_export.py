@@ -4,10 +4,15 @@ torch.save / torch.load and torch.export."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
+import pickle
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -650,3 +655,66 @@ def test_fx_symbolic_trace_refuses_a_sliced_size_read_in_python_and_keeps_width_
     for sub in nest.submodels:
         with nest.use(sub):
             torch.testing.assert_close(traced(x), plain(x), atol=1e-6, rtol=0)
+
+
+class _PlainCfg:
+    def __init__(self, n_heads=4, temp=1.0):
+        self.n_heads, self.temp = n_heads, temp
+
+
+class _SlotCfg:
+    __slots__ = ("n_heads", "temp")
+
+    def __init__(self, n_heads=4, temp=1.0):
+        self.n_heads, self.temp = n_heads, temp
+
+
+@dataclasses.dataclass
+class _DataCfg:
+    n_heads: int = 4
+    temp: float = 1.0
+
+
+class _CfgAttention(nn.Module):
+    """Hand-written attention that reads its head count and a temperature from a config object."""
+
+    def __init__(self, cfg, width=16):
+        super().__init__()
+        self.cfg = cfg
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.cfg.n_heads
+        q, k, v = (f(x).view(b, t, h, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q * self.cfg.temp, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, h * 4))
+
+
+@pytest.mark.parametrize("make", [_PlainCfg, _SlotCfg, _DataCfg, lambda: types.SimpleNamespace(n_heads=4, temp=1.0)],
+                         ids=["plain", "slots", "dataclass", "namespace"])
+def test_a_config_holding_the_head_count_takes_writes_through_the_module(make):
+    """count_attrs=["cfg.n_heads"]: reads of module.cfg are per-sub-model copies; a write through one
+    (module.cfg.temp = 0.1) was lost with the copy, silently. It reaches the user's object now; a write to the
+    head count itself is refused; copies pickle and deep-copy as the original class."""
+    torch.manual_seed(0)
+    cfg = make()
+    m = _CfgAttention(cfg)
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="", count_attrs=["cfg.n_heads"]))
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = m(x)
+        m.cfg.temp = 0.1
+        assert cfg.temp == 0.1 and m.cfg.temp == 0.1 and isinstance(m.cfg, type(cfg))
+        assert not torch.allclose(m(x), before)
+    with nest.use("h=2"):
+        assert m.cfg.n_heads == 2 and cfg.n_heads == 4
+        with pytest.raises(sn.SortedNetError, match="'n_heads' .* head count"):
+            m.cfg.n_heads = 3
+        assert cfg.n_heads == 4 and m.cfg.n_heads == 2
+        for back in (pickle.loads(pickle.dumps(m.cfg)), copy.deepcopy(m.cfg), copy.copy(m.cfg)):
+            assert type(back) is type(cfg) and back.n_heads == 2 and back.temp == 0.1
+            back.temp = 7.0  # a plain copy of the user's class: writes stay in it
+        assert cfg.temp == 0.1
+    small = nest.export("h=2")
+    assert type(small.cfg) is type(cfg) and small.cfg.n_heads == 2 and small.cfg.temp == 0.1

@@ -511,11 +511,19 @@ def _attention_modules(nest: Nest, dim: Any, copies: dict[int, nn.Module],
     return out
 
 
+def _positions(width: int) -> int:
+    """Positions of ``attention_self_check``'s random input: 64 (per-head behaviour that appears only past a
+    few positions, such as per-head attention windows, shows), fewer for wide modules (a run costs ~16 T C^2
+    operations: about 2e8 at most), never below 5."""
+    return max(5, min(64, 12_500_000 // max(1, width * width)))
+
+
 def attention_self_check(nest: Nest) -> None:
     """``wrap`` without an example: every hand-written attention module a ``Heads`` dimension slices (not
     ``nn.MultiheadAttention``, which sortednet runs itself, nor a transformers class, which
     ``from_transformers`` verifies) whose forward takes one tensor is run alone on a random
-    ``(2, 5, features)`` input, on a private eval-mode view: each smaller head count must be the first
+    ``(2, T, features)`` input (T = 64 positions, fewer for wide modules, at least 5; 5 where the module
+    refuses T), on a private eval-mode view: each smaller head count must be the first
     heads of the full module (a layout read from a name, a head count kept under a name Heads does not
     know, per-head values computed in the forward from the head count give something else), and it must
     run where the full module runs. A module that needs more arguments is left to ``check(example)``."""
@@ -559,13 +567,18 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
     with dry_run(nest.model), eval_mode(nest) as (view, copies), torch.no_grad():  # one private view for all
         for d, path, o, cls in todo:
             w = next(iter(o.parameters()))
-            x = torch.randn(2, 5, o.out_features, generator=torch.Generator().manual_seed(0)).to(w)
             where = path or "the model's root"
             mod = view.get_submodule(path)
-            try:
-                with Use(nest._state, nest._plans.build(full)), seeded(0):
-                    call_model(mod, x)
-            except Exception:  # not a self-attention of (batch, positions, features): not for this check
+            x = None
+            for n in dict.fromkeys((_positions(o.out_features), 5)):  # long enough for per-head windows, where the
+                x = torch.randn(2, n, o.out_features, generator=torch.Generator().manual_seed(0)).to(w)  # width
+                try:                                                                           # makes it cheap
+                    with Use(nest._state, nest._plans.build(full)), seeded(0):
+                        call_model(mod, x)
+                    break
+                except Exception:  # not a self-attention of (batch, positions, features), or not that long
+                    x = None
+            if x is None:
                 unverified.append(path or "<root>")
                 continue
             for size in d.sizes[:-1]:  # every size: a reordering of heads may keep the smallest whole only

@@ -80,7 +80,8 @@ class Heads(Dimension):
     names or given explicitly; their outputs / inputs are sliced in whole
     heads. Integer attributes the module's ``forward`` reads (``num_heads``,
     ``n_head``, ``all_head_size``, ... or ``count_attrs``, which may name a
-    field of an attribute object, e.g. ``"config.num_attention_heads"``) report
+    field of an attribute object, e.g. ``"config.num_attention_heads"``: reads of ``m.config`` are then
+    copies holding the active count, whose other writes reach the object itself) report
     the active count. Key/value projections with fewer heads (grouped-query attention)
     keep their ratio: every size must be a multiple of the group.
 
@@ -161,6 +162,13 @@ class Heads(Dimension):
         for n in (*projections, o):
             if _child(m, n) is None:
                 raise self._err(path, f"has no child {n!r} (children: {sorted(names)})")
+        box = _child(m, o)
+        if _in_features(box) is None and isinstance(box, nn.Sequential) and len(box) \
+                and _in_features(box[0]) is not None:  # (vit-pytorch: to_out = Sequential(Linear, Dropout))
+            if self.o is not None:
+                raise self._err(path, f"the output projection {o!r} is an nn.Sequential; name the layer in it "
+                                      f"that reads the heads, o={o + '.0'!r}")
+            o = f"{o}.0"
         q = _child(m, projections[0])
         q_out = _out_features(q)
         if not isinstance(q_out, int):

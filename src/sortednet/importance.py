@@ -35,7 +35,7 @@ from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 from .plan import Use
 from .submodel import SubModel
-from .views import storage_key
+from .views import is_fsdp, storage_key
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -347,6 +347,23 @@ def permute_unshared(moves: list[tuple[Tensor, int, Tensor]], held: set) -> set:
     return written
 
 
+def one_process(nest: Nest, who: str, data_based: bool) -> None:
+    """Refuse a sort that ranks would do differently: under FSDP2 (sharded weights: sort in one process,
+    before ``fully_shard``), and, in a process group of several ranks, a sort whose scores come from data (each
+    rank's own batches would give each replica another order, silently: DDP does not compare weights)."""
+    if is_fsdp(nest.model):
+        raise SortedNetError(f"{who}: the model is sharded with FSDP2 (fully_shard), whose parameters cannot be "
+                             "permuted in place across ranks; sort in one process, before fully_shard (or load "
+                             "the checkpoint in one process with sn.load, sort, save)")
+    dist = torch.distributed
+    if data_based and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise SortedNetError(f"{who} scores units from data, but a process group of {dist.get_world_size()} ranks "
+                             "is initialised: each rank would score its own batches and apply another order to "
+                             "its replica, leaving the replicas different. Sort in one process before "
+                             "distributing (or with a weight-norm method, 'l1' / 'l2' / 'bn', which every rank "
+                             "computes alike)")
+
+
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
                loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float | None = None,
                optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
@@ -383,6 +400,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if method not in METHODS:
         raise SortedNetError(f"sort_units: unknown method {method!r}; choose one of {list(METHODS)}")
     nest._check_structure("sort_units")
+    one_process(nest, "sort_units", data_based=method == "taylor")
     if any(d.kind == "rank" for d in nest.dims):
         raise SortedNetError("sort_units permutes full weight matrices; sort a nest without a Rank dimension "
                              "first, then unwrap and wrap again with Rank")

@@ -387,9 +387,9 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
     if not isinstance(out, Tensor):
         raise SortedNetError(f"the default accuracy needs the model's output to be a tensor of logits, got "
                              f"{type(out).__name__}; pass metric=")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+    if y.is_floating_point() or y.is_complex():
         raise SortedNetError(f"the default accuracy compares argmax predictions with integer class targets; the "
-                             f"targets are {y.dtype} (a regression or multi-label task?): pass metric=, a "
+                             f"targets are {y.dtype} (a regression task, or soft labels?): pass metric=, a "
                              "callable metric(output, target) returning the sum over the batch")
     if out.dim() == 0 or out.shape[-1] < 2:
         raise SortedNetError(f"the default accuracy takes the argmax over the last dimension of the output, which "
@@ -516,11 +516,11 @@ class History:
     def mean_loss(self, last: int | None = 50) -> dict[str, float]:
         """Mean training loss per sub-model over the last ``last`` steps (``None``: all of them; skipped
         non-finite losses left out)."""
-        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+        if last is not None and (isinstance(last, bool) or not isinstance(last, numbers.Integral) or last < 1):
             raise SortedNetError(f"History.mean_loss(last=...) takes a number of steps >= 1 or None (all), "
                                  f"got {last!r}")
         sums: dict[str, list[float]] = {}
-        for rec in self.train if last is None else self.train[-last:]:
+        for rec in self.train if last is None else self.train[-int(last):]:
             skipped = set(rec.get("skipped", ()))  # (a finite task loss whose distillation term was not finite)
             for s, v in rec["losses"].items():
                 if math.isfinite(v) and s not in skipped:
@@ -562,7 +562,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     alone, so a resumed run draws what the uninterrupted one did. The model trains in train mode;
     every module's train / eval mode is back as it was when ``fit`` returns (or raises). Per-sub-model
     BatchNorm statistics of :meth:`Nest.calibrate` describe the weights ``fit`` is about to change: ``fit``
-    drops them (a warning says so) and the evaluations read the shared statistics; calibrate again after it.
+    drops them at its first optimizer step (a warning says so; a run refused before it keeps them) and the
+    evaluations read the shared statistics; calibrate again after it.
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -656,7 +657,6 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                 raise SortedNetError("fit(eval_data=...): evaluate needs (inputs, target) pairs; got a "
                                      f"{type(bad).__name__}" + (f" of {len(bad)} items" if
                                                                 isinstance(bad, (tuple, list)) else ""))
-    drop_stale_calibration(nest, "fit", stacklevel=3)
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (and resumed)
@@ -712,6 +712,8 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 except BaseException:  # (nonfinite="raise", an error in the loss): the step leaves no gradient
                     optimizer.zero_grad(set_to_none=True)
                     raise
+                if step == first:  # the weights change now: calibrated statistics would describe old ones
+                    drop_stale_calibration(nest, "fit", stacklevel=4)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:

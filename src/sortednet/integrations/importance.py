@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
-from ..importance import _at_full, _check_state, _companions, rel_err
+from ..importance import _at_full, _check_state, _companions, one_process, rel_err
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
@@ -148,6 +148,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sort_by_importance needs a Nest (sn.from_transformers(...)), got {type(nest).__name__}")
     nest._check_alive()
+    one_process(nest, "sort_by_importance", data_based=True)
     flag("sort_by_importance", "ffn", ffn)
     flag("sort_by_importance", "heads", heads)
     if loss_fn is not None and not callable(loss_fn):
