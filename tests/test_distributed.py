@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import sortednet as sn
 import sortednet.distributed as snd
 import sortednet.slicers as slicers
-from sortednet.importance import sort_units
 from models import FAMILIES as BASE
+from sortednet.importance import sort_units
 
 WORLD, STEPS, GLOBAL_BATCH, LR = 2, 20, 4, 0.05
 

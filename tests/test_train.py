@@ -920,6 +920,10 @@ def test_default_accuracy_scores_bool_and_narrow_integer_targets_as_classes():
     x, y = torch.randn(12, 4), torch.randint(0, 2, (12,))
     want = evaluate(nest, (x, y))
     assert evaluate(nest, (x, y.bool())) == want == evaluate(nest, (x, y.to(torch.uint8)))
+    _, wide = _tiny_classifier(out=200)  # uint8 class 156 is -100 wrapped: a class, not the ignore index
+    y = torch.full((12,), 156)
+    y[:6] = 3
+    assert evaluate(wide, (x, y.to(torch.uint8))) == evaluate(wide, (x, y))
 
 
 def test_default_accuracy_leaves_out_the_ignore_index():
@@ -1000,6 +1004,7 @@ def test_fit_drops_calibration_of_the_weights_it_trains():
 
 def test_sampler_weights_whose_ratio_underflows_are_refused_by_name():
     m, nest = _tiny_classifier()
-    for kw in ({"strategy": "weighted", "weights": [1e-300, 1e308], "k": 1}, {"strategy": "all", "loss_weights": [1e-300, 1e308]}):
+    for kw in ({"strategy": "weighted", "weights": [1e-300, 1e308], "k": 1},
+               {"strategy": "all", "loss_weights": [1e-300, 1e308]}):
         with pytest.raises(sn.SortedNetError, match=r"1e-300 for h=4 is positive but too small"):
             sn.Sampler(nest, **kw)

@@ -80,9 +80,9 @@ class Heads(Dimension):
     names or given explicitly; their outputs / inputs are sliced in whole
     heads. Integer attributes the module's ``forward`` reads (``num_heads``,
     ``n_head``, ``all_head_size``, ... or ``count_attrs``, which may name a
-    field of an attribute object, e.g. ``"config.num_attention_heads"``: reads of ``m.config`` are then
-    copies holding the active count, whose other writes reach the object itself) report
-    the active count. Key/value projections with fewer heads (grouped-query attention)
+    field of an attribute object, e.g. ``"config.num_attention_heads"``: reads of ``m.config`` under a
+    smaller sub-model are then copies holding the active count, so a write through them is lost: write the
+    object itself) report the active count. Key/value projections with fewer heads (grouped-query attention)
     keep their ratio: every size must be a multiple of the group.
 
     A fused ``qkv`` projection needs its row layout: ``layout="stacked"``

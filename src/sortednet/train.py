@@ -399,7 +399,13 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
         raise SortedNetError(f"the default accuracy compares output.argmax(-1) of shape {tuple(out.shape[:-1])} "
                              f"with targets of shape {tuple(y.shape)}: they must be equal (give class indices "
                              "shaped like the predictions, e.g. y.squeeze(-1) for a column), or pass metric=")
-    return float(((out.argmax(-1) == y) & (y != IGNORE_INDEX)).sum())
+    return float(((out.argmax(-1) == y) & _counted(y)).sum())
+
+
+def _counted(y: Tensor) -> Tensor | bool:
+    """The target entries the default accuracy counts: all but ``IGNORE_INDEX`` (only a signed integer type can
+    hold it: in uint8, -100 would wrap to the class 156)."""
+    return (y != IGNORE_INDEX) if y.is_signed() else True
 
 
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
@@ -437,8 +443,8 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     examples, so the default is accuracy. The default needs integer class targets shaped like
     ``output.argmax(-1)`` (a sequence's tokens each count; targets equal to -100, the ignore index of
     ``F.cross_entropy``, are left out) and refuses anything else with a :class:`SortedNetError`: pass
-    ``metric=`` for regression, single-logit, shifted language-model labels and other tasks. Runs without grad in eval mode on a
-    private view of the model that shares its weights: the model's own mode, seen
+    ``metric=`` for regression, single-logit, shifted language-model labels and other tasks. Runs without
+    grad in eval mode on a private view of the model that shares its weights: the model's own mode, seen
     by every thread (one may be training it), never changes.
 
     >>> import torch, torch.nn as nn, sortednet as sn
@@ -475,7 +481,8 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
         raise SortedNetError("evaluate got no batches")
     # the default (accuracy) counts every target entry but the ignore index (a sequence's tokens too); a custom
     # metric sums per example
-    count = sum((int((y != IGNORE_INDEX).sum()) if default else len(y)) for _, y in batches)
+    count = sum((int((y != IGNORE_INDEX).sum()) if default and y.is_signed() else y.numel() if default else len(y))
+                for _, y in batches)
     if default and count == 0:
         raise SortedNetError(f"evaluate: every target is the ignore index {IGNORE_INDEX}; nothing to score")
     out: dict[SubModel, float] = {}
@@ -549,9 +556,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) whenever
     the step count (continued from ``start_step``) reaches a multiple of
     ``eval_every``, and at the end, with ``metric`` (default: accuracy; see :func:`evaluate`, which refuses
-    targets accuracy cannot score, such as a regression's float targets); before the first step, every batch of a list (the first of a
-    loader) is checked to be an ``(inputs, target)`` pair and the first is evaluated, so a malformed
-    eval set is refused before training. Returns a :class:`History`.
+    targets accuracy cannot score, such as a regression's float targets); before the first step, every batch
+    of a list (the first of a loader) is checked to be an ``(inputs, target)`` pair and the first is
+    evaluated, so a malformed eval set is refused before training. Returns a :class:`History`.
     A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
