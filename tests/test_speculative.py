@@ -440,24 +440,37 @@ def test_generation_config_logit_processors_are_refused_before_any_forward(setti
 
 
 @pytest.mark.parametrize("plain_target", [False, True])
-def test_a_generation_config_that_samples_needs_do_sample_said(plain_target):
-    """generate() samples when the model's generation config says do_sample=True; speculative_generate decoded
-    greedily then, with nothing said. Leaving do_sample out is refused there; said either way, it runs."""
-    model = llama()
+def test_sampling_left_out_is_taken_as_generate_takes_it(plain_target):
+    """generate() samples with its generation config's do_sample / temperature / top_k / top_p and, where
+    neither sets one, top-k 50: speculative_generate sampled from the whole vocabulary (42% of tokens outside
+    generate's top 50 on a 100-token model) and ignored a config's temperature. Each value left out now comes
+    from the same place; sampled tokens stay inside the set generate can draw from."""
+    model = llama(vocab=100, init=0.5)
     nest = sn.from_transformers(model, depth=[2])
     ids = torch.tensor([[1, 2, 3]])
     target, draft = (model, nest.export("depth=2")) if plain_target else (nest, "depth=2")
-    model.generation_config.do_sample = True
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+
+    def drawn(n=150, **kw):
+        g = torch.Generator().manual_seed(0)
+        return {int(sn.speculative_generate(target, ids, draft=draft, max_new_tokens=1, generator=g,
+                                            **kw).sequences[0, -1]) for _ in range(n)}
+
+    top50 = set(logits.topk(50).indices.tolist())
+    got = drawn(do_sample=True)
+    assert got <= top50 and len(got) > 10
+    assert len(drawn(do_sample=True, top_k=0) - top50) > 0  # top_k=0: no top-k filter, as in generate
+    gen = model.generation_config
     try:
-        with pytest.raises(sn.SortedNetError, match="generation_config sets do_sample=True"):
-            sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4)
-        got = sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4, do_sample=False)
-        assert torch.equal(got.sequences, plain(model, ids, 4))
-        sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4, do_sample=True,
-                                generator=torch.Generator().manual_seed(0))
+        gen.do_sample, gen.top_k = True, 3  # do_sample and top_k from the config, as generate reads them
+        assert drawn() <= set(logits.topk(3).indices.tolist())
+        assert len(drawn(top_k=20)) > 3  # an argument still wins over the config
+        gen.do_sample = False
+        assert torch.equal(sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4).sequences,
+                           plain(model, ids, 4))
     finally:
-        model.generation_config.do_sample = False
-    assert sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=0).stats.mean_accepted == 0
+        gen.do_sample, gen.top_k = False, None
 
 
 def test_a_prompt_holding_the_pad_token_is_masked_as_generate_does():

@@ -92,6 +92,27 @@ _UNSUPPORTED_SAMPLING: dict[str, tuple] = {
 }
 
 
+#: what generate() samples with where neither the call nor the model's generation config sets a value
+_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def _sampling(gen: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any, generator: Any) -> Sampling:
+    """The sampling ``generate`` would do: each value left out comes from the generation config, else from
+    generate's defaults (top-k 50 included); ``top_k=0`` and ``top_p=1`` filter nothing."""
+    given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    v = {k: x if x is not None else getattr(gen, k, None) for k, x in given.items()}
+    v = {k: x if x is not None else _SAMPLING_DEFAULTS[k] for k, x in v.items()}
+    if not isinstance(v["do_sample"], bool):
+        raise SortedNetError(f"do_sample must be True or False, got {v['do_sample']!r}")
+    k = v["top_k"]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise SortedNetError(f"top_k must be an int >= 0 (0: no top-k filter) or None, got {k!r}")
+    p = v["top_p"]
+    if not (isinstance(p, bool) or not isinstance(p, (int, float, np.floating))) and p == 1:
+        p = None  # (generate adds no top-p filter at 1)
+    return Sampling(v["do_sample"], v["temperature"], int(k) or None, p, generator)
+
+
 def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draft_tokens: Any,
               sampling: Sampling, vocab: int, eos: Any, model: Any) -> tuple[int, list[int]]:
     """Checks the run's inputs; returns (left padding to skip, eos ids)."""
@@ -166,8 +187,8 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
 def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_tokens: int,
                          num_draft_tokens: int | str = 4, exits: Sequence[Any] | None = None,
                          thresholds: Sequence[float] | None = None, target_sub: Any = None,
-                         share_cache: bool | None = None, do_sample: bool | None = None, temperature: float = 1.0,
-                         top_k: int | None = None, top_p: float | None = None,
+                         share_cache: bool | None = None, do_sample: bool | None = None,
+                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                          generator: torch.Generator | None = None, eos_token_id: int | Sequence[int] | None = None,
                          attention_mask: Tensor | None = None) -> SpeculativeOutput:
     """Decode with a nested (or separate sorted) draft, verified by the target: the target's own output.
@@ -185,7 +206,9 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     whose max softmax probability reaches its threshold, else at the last) →
     the S2D cascade; or a plain causal LM. Greedy output equals the target's
     greedy ``generate``; sampling (temperature -> top-k -> top-p, randomness
-    from ``generator`` only) keeps the target's distribution. Batch size 1.
+    from ``generator`` only) keeps the target's distribution. ``do_sample``, ``temperature``, ``top_k``,
+    ``top_p`` left out are taken as ``generate`` takes them: from the model's generation config, else greedy,
+    temperature 1, top-k 50 and no top-p (``top_k=0``: no top-k filter). Batch size 1.
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -199,23 +222,14 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     >>> bool((out.sequences == plain).all()), out.stats.new_tokens
     (True, 8)
     """
-    if do_sample is None:  # generate() follows the model's generation config: say so rather than decode otherwise
-        from ..nest import Nest
-
-        gen = getattr(target.model if isinstance(target, Nest) else target, "generation_config", None)
-        if getattr(gen, "do_sample", False) is True:
-            raise SortedNetError("the model's generation_config sets do_sample=True, which generate() follows (with "
-                                 "the config's temperature, top_k and top_p); speculative_generate takes its "
-                                 "sampling from its arguments only: pass do_sample=True with the filters you want, "
-                                 "or do_sample=False for greedy decoding")
-        do_sample = False
-    flag("speculative_generate", "do_sample", do_sample)
+    if do_sample is not None:
+        flag("speculative_generate", "do_sample", do_sample)
     if share_cache is not None:
         flag("speculative_generate", "share_cache", share_cache)
     plan = make_plan(target, draft, exits=exits, thresholds=thresholds, target_sub=target_sub,
                      share_cache=share_cache)
-    sampling = Sampling(bool(do_sample), temperature, top_k, top_p, generator)
     tmodel = plan.models[0]
+    sampling = _sampling(getattr(tmodel, "generation_config", None), do_sample, temperature, top_k, top_p, generator)
     pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
                          eos_token_id, tmodel)
     modes = [m for model in plan.models for m in model.modules() if m.training]
