@@ -10,6 +10,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -469,8 +470,11 @@ def test_sampling_left_out_is_taken_as_generate_takes_it(plain_target):
         gen.do_sample = False
         assert torch.equal(sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4).sequences,
                            plain(model, ids, 4))
+        gen.top_k, gen.top_p = -1, 0.0  # values greedy decoding never reads: not looked at, as in generate
+        assert torch.equal(sn.speculative_generate(target, ids, draft=draft, max_new_tokens=4,
+                                                   do_sample=np.bool_(False)).sequences, plain(model, ids, 4))
     finally:
-        gen.do_sample, gen.top_k = False, None
+        gen.do_sample, gen.top_k, gen.top_p = False, None, None
 
 
 def test_a_prompt_holding_the_pad_token_is_masked_as_generate_does():

@@ -99,18 +99,23 @@ _SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_
 def _sampling(gen: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any, generator: Any) -> Sampling:
     """The sampling ``generate`` would do: each value left out comes from the generation config, else from
     generate's defaults (top-k 50 included); ``top_k=0`` and ``top_p=1`` filter nothing."""
-    given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    v = {k: x if x is not None else getattr(gen, k, None) for k, x in given.items()}
-    v = {k: x if x is not None else _SAMPLING_DEFAULTS[k] for k, x in v.items()}
-    if not isinstance(v["do_sample"], bool):
-        raise SortedNetError(f"do_sample must be True or False, got {v['do_sample']!r}")
+    if do_sample is None:
+        do_sample = getattr(gen, "do_sample", None)
+    if do_sample is None:
+        do_sample = False
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise SortedNetError(f"do_sample must be True or False, got {do_sample!r}")
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    if do_sample:  # (greedy decoding reads no sampling value: the config's are not looked at, as in generate)
+        given = {k: x if x is not None else getattr(gen, k, None) for k, x in given.items()}
+    v = {k: x if x is not None else _SAMPLING_DEFAULTS[k] for k, x in given.items()}
     k = v["top_k"]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
         raise SortedNetError(f"top_k must be an int >= 0 (0: no top-k filter) or None, got {k!r}")
     p = v["top_p"]
     if not (isinstance(p, bool) or not isinstance(p, (int, float, np.floating))) and p == 1:
         p = None  # (generate adds no top-p filter at 1)
-    return Sampling(v["do_sample"], v["temperature"], int(k) or None, p, generator)
+    return Sampling(bool(do_sample), v["temperature"], int(k) or None, p, generator)
 
 
 def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draft_tokens: Any,
