@@ -13,6 +13,7 @@ import torch
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, run, snapshot
 from sortednet import Width
+from sortednet import checkpoint as ck
 
 
 def mlp():
@@ -336,6 +337,52 @@ def test_save_turns_an_os_error_into_a_named_refusal_and_keeps_the_old_file(fail
     monkeypatch.undo()
     assert "n.safetensors" in str(e.value)
     assert open(path, "rb").read() == old and os.listdir(tmp_path) == ["n.safetensors"]
+
+
+def test_save_keeps_an_existing_files_permissions_and_writes_through_a_link(tmp_path, monkeypatch):
+    """Saving over a 0600 checkpoint left a 0644 one (readable by others); saving to a "latest" symbolic link
+    replaced the link by a file, the checkpoint it pointed to keeping the old weights. Both now behave as
+    torch.save does. A failure that is not an OSError (a tensor that cannot be read back) is named too."""
+    import stat
+
+    c, nest = mlp()
+    real = tmp_path / "ckpt-1.safetensors"
+    sn.save(nest, str(real))
+    os.chmod(real, 0o600)
+    link = tmp_path / "latest.safetensors"
+    os.symlink(real.name, link)
+    with torch.no_grad():
+        next(c.model.parameters()).add_(1.0)
+    sn.save(nest, str(link))
+    assert os.path.islink(link) and stat.S_IMODE(os.stat(real).st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-1.safetensors", "latest.safetensors"]
+    fresh = FAMILIES["mlp"]()
+    loaded = sn.load(fresh.model, str(real))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.state_dict().values(), c.model.state_dict().values()))
+    loaded.unwrap()
+    old = real.read_bytes()
+
+    def unreadable(t):
+        raise RuntimeError("device-side copy failed")
+    monkeypatch.setattr(ck, "_raw", unreadable)
+    with pytest.raises(sn.SortedNetError, match="RuntimeError: device-side copy failed.*unchanged"):
+        sn.save(nest, str(link))
+    monkeypatch.undo()
+    assert real.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["ckpt-1.safetensors", "latest.safetensors"]
+
+
+def test_load_failing_after_every_tensor_says_the_weights_loaded(tmp_path, monkeypatch):
+    """Restoring the calibration / profile failed after every weight was copied: the message said 'stopped after
+    N of N tensors ... some of the checkpoint's values and some of its own', which was not so."""
+    from sortednet.nest import Nest
+
+    c, nest, path = _saved(str(tmp_path))
+
+    def broken(self, extra):
+        raise OSError("simulated")
+    monkeypatch.setattr(Nest, "_load_extra_state", broken)
+    with pytest.raises(sn.SortedNetError, match=r"all \d+ tensors were copied, then restoring"):
+        sn.load(FAMILIES["mlp"](seed=7).model, path)
 
 
 @pytest.mark.parametrize("fault", [OSError, KeyboardInterrupt])

@@ -19,6 +19,7 @@ import math
 import mmap
 import os
 import secrets
+import stat
 import sys
 import warnings
 import zlib
@@ -110,8 +111,10 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
     strings once the CRC-32 of every tensor (hex, by name) is known.
 
     The file is written under a hidden temporary name in the same folder, created with
-    mode ``0o666`` so the user's umask applies, and renamed over ``path`` at the end;
-    on any error (also ``KeyboardInterrupt``) the temporary file is removed.
+    mode ``0o666`` so the user's umask applies (an existing file's permission bits are kept, as
+    ``torch.save`` keeps them), and renamed over ``path`` at the end (a symbolic link is written
+    through: the file it points to is replaced, the link stays); on any error (also
+    ``KeyboardInterrupt``) the temporary file is removed and the file there is unchanged.
     """
     if sys.byteorder != "little":
         raise SortedNetError("sortednet checkpoints are written on little-endian machines only")
@@ -139,6 +142,12 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
     if len(placeholder) > MAX_HEADER:
         raise SortedNetError(f"checkpoint header would be {len(placeholder):,} bytes, above the "
                              f"{MAX_HEADER:,}-byte limit of safetensors (too many sub-models listed?)")
+    if os.path.islink(path):  # (a "latest -> ckpt-7" link: torch.save writes through it too)
+        path = os.path.realpath(path)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None  # (a new file: the umask decides)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     try:
@@ -161,10 +170,17 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
             f.write(final)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as e:  # (a full disk, a quota, a path turned into a folder meanwhile): the old file stays
         raise SortedNetError(f"cannot write checkpoint {path!r}: {e.strerror or e}; the file there (if any) is "
                              "unchanged") from e
+    except (SortedNetError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # (a tensor that cannot be read back to the CPU, ...): the old file stays too
+        raise SortedNetError(f"cannot write checkpoint {path!r}: {type(e).__name__}: {e}; the file there (if "
+                             "any) is unchanged") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

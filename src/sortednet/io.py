@@ -297,9 +297,14 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         except BaseException as e:  # (an interrupt, a read error of the disk): past every check, nothing to undo
             if dims is not None:  # a fresh model: back to its own classes, so that sn.load(model, path) can run again
                 nest.unwrap()
-            msg = (f"checkpoint {where}: loading stopped after {done} of {len(copies)} tensors had been copied "
-                   f"({type(e).__name__}: {e}): the model now holds some of the checkpoint's values and some of its "
-                   "own; load again")
+            if done == len(copies):  # (every weight copied: the calibration / profile step failed)
+                msg = (f"checkpoint {where}: all {done} tensors were copied, then restoring the nest's calibration "
+                       f"and profile failed ({type(e).__name__}: {e}): the weights are the checkpoint's, the "
+                       "per-sub-model statistics and scores may not be; load again")
+            else:
+                msg = (f"checkpoint {where}: loading stopped after {done} of {len(copies)} tensors had been copied "
+                       f"({type(e).__name__}: {e}): the model now holds some of the checkpoint's values and some of "
+                       "its own; load again")
             if not isinstance(e, Exception):
                 e.add_note(msg) if hasattr(e, "add_note") else None
                 raise
