@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+import warnings
 
 import pytest
 import torch
@@ -830,6 +831,69 @@ class _ScaledLinear(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.weight) * self.scale
+
+
+@pytest.mark.parametrize("cut", ["data", "detach"])
+def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
+    """A value() that cut from ``.data`` (or ``.detach()``) passed wrap and check: the parameter's gradient was
+    None at every size, so it never trained, with nothing said."""
+
+    class Detached(sn.Slicer):
+        roles = ("out", "inp")
+        attrs = ("weight", "scale")
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+        def value(self, m, name):
+            if name == "weight":
+                return self.take(m, "weight", [(0, "out"), (1, "inp")])
+            k = self.features(m, "out", m._parameters["scale"].shape[0])
+            scale = m._parameters["scale"]
+            return (scale.data if cut == "data" else scale.detach())[:k]
+
+    cls = type(f"_ScaledLinear_{cut}", (_ScaledLinear,), {})
+    sn.slicer(cls)(type(f"Detached_{cut}", (Detached,), {}))
+    m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=rf"Detached_{cut} \(slicer of '0'.*'scale' at .* detached"):
+        sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    assert type(m[0]) is cls and "_sn" not in m[0].__dict__
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    m[0].scale.requires_grad_(False)  # a frozen parameter has no gradient to lose: accepted
+    sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2")).unwrap()
+
+
+class _ZippedNorms(nn.Module):
+    """Blocks paired with a second per-layer list (``zip(self.blocks, self.norms)``)."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.norms = nn.ModuleList(nn.LayerNorm(8) for _ in range(n))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for block, norm in zip(self.blocks, self.norms):
+            x = norm(block(x))
+        return self.head(x)
+
+
+def test_layers_idle_at_a_shallow_depth_are_named_with_how_to_bind_them():
+    """A per-layer list the Depth does not reach: at depth 1 three of its norms never ran, yet cost counted them
+    and export kept them (154 parameters for a 106-parameter model), with nothing said by check."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    m = _ZippedNorms()
+    with pytest.warns(sn.check.IdleLayersWarning, match=r"\['norms.1', 'norms.2', 'norms.3'\] \(48 parameters\)"
+                                                         r".*layers=\[<the blocks>, 'norms'\]"):
+        nest = sn.wrap(m, sn.Depth("depth", [1, 4], layers="blocks"), example=x)
+    assert nest.cost("depth=1") == 154
+    nest.unwrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.IdleLayersWarning)
+        nest = sn.wrap(m, sn.Depth("depth", [1, 4], layers=["blocks", "norms"]), example=x)
+    assert nest.cost("depth=1") == 106 == sum(p.numel() for p in nest.export("depth=1").parameters())
 
 
 @pytest.mark.parametrize("how", ["value", "views"])

@@ -559,6 +559,11 @@ class UnverifiedHeadsWarning(UserWarning):
     """``wrap`` without an example could not verify that a Heads dimension slices whole heads of an attention."""
 
 
+class IdleLayersWarning(UserWarning):
+    """``check``: layers outside a Depth's blocks that run at full depth but not at a shallower one (a second
+    per-layer list zipped with the blocks): ``cost`` counts them and ``export`` keeps them there."""
+
+
 def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
     if not todo:
         return
@@ -602,6 +607,32 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
                         "(grouped-query attention) it shares key/value heads in another order than query head i "
                         "reading key/value head i // group (repeat_interleave, not repeat); fix the layout, or "
                         "give it a custom slicer")
+
+
+def slicer_grad_self_check(nest: Nest) -> None:
+    """``wrap``: a slicer of the user's own whose ``value()`` cuts a parameter that requires grad must give a
+    tensor connected to it (a view, or any differentiable op), at the full and the smallest sizes: one cut from
+    ``.data`` or ``.detach()`` would leave that parameter untrained, at every size, with nothing said. Refused,
+    naming the slicer, the module and the tensor."""
+    user = [(path, m) for path, m in nest._sliced.items() if not type(m._sn.slicer).__module__.startswith("sortednet.")]
+    if not user:
+        return
+    for sub in (SubModel({d.name: d.full for d in nest.dims}), SubModel({d.name: d.sizes[0] for d in nest.dims})):
+        with Use(nest._state, nest._plans.build(sub)), torch.enable_grad():
+            for path, m in user:
+                sl = m._sn.slicer
+                for name in sl.attr_names(m, m._sn.bind):
+                    p = m._parameters.get(name)
+                    if p is None or not p.requires_grad:
+                        continue
+                    v = getattr(m, name)
+                    if isinstance(v, torch.Tensor) and not v.requires_grad:
+                        raise SortedNetError(
+                            f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__}) gives "
+                            f"{name!r} at {sub} detached from the parameter (cut from .data or .detach()?): its "
+                            "gradient would never reach the parameter, which would not train at any size. Cut the "
+                            "parameter itself (a view such as p[:k] or p.narrow(...)) in value() "
+                            "(docs/custom_slicers.md)")
 
 
 def norm_self_check(nest: Nest) -> None:
@@ -855,6 +886,49 @@ def _skipped_layers_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Modul
                 "through the layer list")
 
 
+def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
+    """Each Depth at its shallowest: a layer outside the blocks it skips that runs at full depth but not there
+    (a second per-layer list the forward zips with the blocks, ``zip(self.blocks, self.norms)``) is counted by
+    ``cost`` and kept by ``export`` at that depth, idle: said with an :class:`IdleLayersWarning` naming it and
+    how to bind it (a wrong count, not a wrong output)."""
+    depths = [d for d in nest.dims if d.kind == "depth"]
+    if not depths:
+        return
+    holders = [(path, m) for path, m in nest.model.named_modules()
+               if id(m) in copies and any(p is not None for p in m._parameters.values())]
+
+    def ran_under(sub: SubModel) -> set[str]:
+        ran: set[str] = set()
+        hooks = [copies[id(m)].register_forward_pre_hook(lambda mod, args, p=path: ran.add(p)) for path, m in holders]
+        try:
+            with Use(nest._state, nest._plans.build(sub)), seeded(0):
+                call_model(model, example)
+        finally:
+            for h in hooks:
+                h.remove()
+        return ran
+
+    full = SubModel({d.name: d.full for d in nest.dims})
+    at_full = ran_under(full)
+    for dd in depths:
+        shallow = full.replace(**{dd.name: dd.sizes[0]})
+        with Use(nest._state, nest._plans.build(shallow)):
+            dropped = [f"{path}.{name}".lstrip(".") for path, m in nest._sliced.items()
+                       for name in m._sn.slicer.skipped(m)]
+        idle = sorted(p for p in at_full - ran_under(shallow)
+                      if not any(p == d or p.startswith(d + ".") for d in dropped))
+        if idle:
+            count = sum(t.numel() for p in idle for t in nest.model.get_submodule(p)._parameters.values()
+                        if t is not None)
+            lists = sorted({p.rsplit(".", 1)[0] for p in idle if "." in p})
+            warnings.warn(
+                f"nest.check: depth {dd.name!r} at {dd.sizes[0]} does not run {idle[:4]}"
+                f"{' ...' if len(idle) > 4 else ''} ({count:,} parameters), which run at full depth: cost counts "
+                f"them and export keeps them at that depth. A per-layer list the forward pairs with the blocks "
+                f"belongs in the Depth too: sn.Depth(..., layers=[<the blocks>, {', '.join(map(repr, lists[:2]))}])",
+                IdleLayersWarning, stacklevel=4)
+
+
 def _check_size_two(nest: Nest, model: Any, example: Any, want: list) -> None:
     """A Width whose smallest size is 1 also runs at 2 units (the others full), whether listed or not: one
     unit broadcasts against a layer it was not bound to ((B, 1) * (B, C) is no shape error), two do not."""
@@ -1004,6 +1078,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     "sub-model silently computes over fewer of them. Bind the layers that read them with inp=, or "
                     "remove the dimension")
         _skipped_layers_run(nest, model, copies, example)
+        _idle_at_depth(nest, model, copies, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
         if why is not None:
