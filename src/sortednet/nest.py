@@ -8,6 +8,7 @@ physically smaller plain model, and unwraps.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import warnings
 import weakref
@@ -27,7 +28,7 @@ from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
 from .modes import eval_mode
-from .plan import CheckpointContext, Plans, Use, in_plan
+from .plan import CheckpointContext, Plans, Use, heal_pins, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
@@ -479,7 +480,10 @@ class Nest:
     @property
     def active(self) -> SubModel:
         """The sub-model in force for the caller: its innermost ``use`` block, else the default."""
-        return self._state.plan().sub
+        a = self._state
+        if a.uses.get():  # (pins left by a forward an interrupt stopped: gone, as the next forward finds them)
+            heal_pins(a, sys._getframe(1))
+        return a.plan().sub
 
     def use(self, sub: SubModelLike) -> AbstractContextManager[SubModel]:
         """Run ``sub`` inside the block; the previous one is restored on exit, also
@@ -513,7 +517,9 @@ class Nest:
 
     def activate(self, sub: SubModelLike) -> SubModel:
         """Make ``sub`` the nest-wide default (callers outside ``use`` see it).
-        Atomic: a concurrent reader sees the old or the new sub-model, never a mix."""
+        Atomic: a concurrent forward of the model sees the old or the new sub-model, never a mix (a forward of
+        the model's root is pinned to the default it starts with; a part of the model called on its own outside
+        ``use`` is not: docs/deployment.md)."""
         plan = self._plan(sub)
         self._check_alive()
         self._state.default = plan
