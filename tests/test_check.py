@@ -879,14 +879,43 @@ class _ZippedNorms(nn.Module):
         return self.head(x)
 
 
+class _RoutedHead(nn.Module):
+    """Blocks, then a router picking one of as many experts as there are blocks, per example: which experts run
+    changes with the depth too, but the list is not paired with the blocks (cost and export are right)."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.router = nn.Linear(8, n)
+        self.experts = nn.ModuleList(nn.Linear(8, 2) for _ in range(n))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        pick = self.router(x).argmax(-1)
+        out = torch.zeros(len(x), 2)
+        for i, expert in enumerate(self.experts):
+            if bool((pick == i).any()):
+                out[pick == i] = expert(x[pick == i])
+        return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_routing_that_changes_with_the_depth_is_not_taken_for_an_idle_list(seed):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.IdleLayersWarning)
+        sn.wrap(_RoutedHead(), sn.Depth("depth", [1, 4], layers="blocks"), example=torch.randn(6, 8)).unwrap()
+
+
 def test_layers_idle_at_a_shallow_depth_are_named_with_how_to_bind_them():
     """A per-layer list the Depth does not reach: at depth 1 three of its norms never ran, yet cost counted them
     and export kept them (154 parameters for a 106-parameter model), with nothing said by check."""
     torch.manual_seed(0)
     x = torch.randn(3, 8)
     m = _ZippedNorms()
-    with pytest.warns(sn.check.IdleLayersWarning, match=r"\['norms.1', 'norms.2', 'norms.3'\] \(48 parameters\)"
-                                                         r".*layers=\[<the blocks>, 'norms'\]"):
+    with pytest.warns(sn.check.IdleLayersWarning, match=r"first d entries of \['norms'\].*all 4: 48 idle "
+                                                         r"parameters at depth 1.*layers=\[<the blocks>, 'norms'\]"):
         nest = sn.wrap(m, sn.Depth("depth", [1, 4], layers="blocks"), example=x)
     assert nest.cost("depth=1") == 154
     nest.unwrap()

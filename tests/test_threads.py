@@ -354,31 +354,6 @@ def test_the_pin_heals_after_an_interrupt_and_honours_activate_in_the_same_threa
         h.remove(), h2.remove()
 
 
-def test_active_after_an_interrupted_forward_reports_the_sub_model_the_next_forward_runs():
-    """A forward interrupted under activate(A), then activate(B) from another thread: nest.active (and export()
-    with no argument) still said A while the next forward ran B."""
-    import threading
-
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
-    nest.activate("h=2")
-    h = m[2].register_forward_pre_hook(lambda mod, args: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt), torch.no_grad():
-        m(torch.randn(3, 4))
-    h.remove()
-    t = threading.Thread(target=nest.activate, args=("h=4",))
-    t.start()
-    t.join()
-    assert nest.active == nest.resolve("h=4") and nest.export()[0].out_features == 4
-    seen = []
-    h = m[0].register_forward_hook(lambda mod, a, out: seen.append(out.shape[-1]))
-    with torch.no_grad():
-        m(torch.randn(3, 4))
-    h.remove()
-    assert seen == [4]
-
-
 def _small_nest():
     """A 3-width MLP nest, an input and each width's exported output."""
     torch.manual_seed(0)

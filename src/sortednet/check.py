@@ -615,7 +615,7 @@ def slicer_grad_self_check(nest: Nest) -> None:
     ``.data`` or ``.detach()`` would leave that parameter untrained, at every size, with nothing said. Refused,
     naming the slicer, the module and the tensor."""
     user = [(path, m) for path, m in nest._sliced.items() if not type(m._sn.slicer).__module__.startswith("sortednet.")]
-    if not user:
+    if not user or torch.is_inference_mode_enabled():  # (inference mode: no value has a gradient to lose)
         return
     for sub in (SubModel({d.name: d.full for d in nest.dims}), SubModel({d.name: d.sizes[0] for d in nest.dims})):
         with Use(nest._state, nest._plans.build(sub)), torch.enable_grad():
@@ -623,7 +623,7 @@ def slicer_grad_self_check(nest: Nest) -> None:
                 sl = m._sn.slicer
                 for name in sl.attr_names(m, m._sn.bind):
                     p = m._parameters.get(name)
-                    if p is None or not p.requires_grad:
+                    if p is None or not p.requires_grad or p.is_inference():
                         continue
                     v = getattr(m, name)
                     if isinstance(v, torch.Tensor) and not v.requires_grad:
@@ -887,46 +887,56 @@ def _skipped_layers_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Modul
 
 
 def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
-    """Each Depth at its shallowest: a layer outside the blocks it skips that runs at full depth but not there
-    (a second per-layer list the forward zips with the blocks, ``zip(self.blocks, self.norms)``) is counted by
-    ``cost`` and kept by ``export`` at that depth, idle: said with an :class:`IdleLayersWarning` naming it and
-    how to bind it (a wrong count, not a wrong output)."""
-    depths = [d for d in nest.dims if d.kind == "depth"]
-    if not depths:
-        return
-    holders = [(path, m) for path, m in nest.model.named_modules()
-               if id(m) in copies and any(p is not None for p in m._parameters.values())]
-
-    def ran_under(sub: SubModel) -> set[str]:
-        ran: set[str] = set()
-        hooks = [copies[id(m)].register_forward_pre_hook(lambda mod, args, p=path: ran.add(p)) for path, m in holders]
-        try:
-            with Use(nest._state, nest._plans.build(sub)), seeded(0):
-                call_model(model, example)
-        finally:
-            for h in hooks:
-                h.remove()
-        return ran
-
-    full = SubModel({d.name: d.full for d in nest.dims})
-    at_full = ran_under(full)
-    for dd in depths:
-        shallow = full.replace(**{dd.name: dd.sizes[0]})
-        with Use(nest._state, nest._plans.build(shallow)):
-            dropped = [f"{path}.{name}".lstrip(".") for path, m in nest._sliced.items()
-                       for name in m._sn.slicer.skipped(m)]
-        idle = sorted(p for p in at_full - ran_under(shallow)
-                      if not any(p == d or p.startswith(d + ".") for d in dropped))
-        if idle:
-            count = sum(t.numel() for p in idle for t in nest.model.get_submodule(p)._parameters.values()
-                        if t is not None)
-            lists = sorted({p.rsplit(".", 1)[0] for p in idle if "." in p})
+    """A second per-layer list the forward pairs with a Depth's blocks (``zip(self.blocks, self.norms)``,
+    ``self.norms[i]``) but the Depth does not cut: at each depth d only its first d entries run, while ``cost``
+    counts and ``export`` keeps all of them. Said with an :class:`IdleLayersWarning` naming it and how to bind
+    it (a wrong count, not a wrong output). Only a list as long as the blocks, run whole at full depth and
+    exactly its first d entries at every depth d, counts: which experts a router picks, or which branch an
+    input takes, also changes with the depth, and is no such list."""
+    for dd in (d for d in nest.dims if d.kind == "depth"):
+        bound = {id(m) for m in nest._sliced.values() if "depth" in m._sn.bind}  # (every Depth's own layer lists)
+        lists = [(path, c) for path, c in nest.model.named_modules()
+                 if isinstance(c, (nn.ModuleList, nn.Sequential)) and id(c) not in bound and len(c) == dd.full
+                 and id(c) in copies and any(True for _ in c.parameters())]
+        if not lists:
+            continue
+        holders = {path: c for path, c in lists}
+        full = SubModel({d.name: d.full for d in nest.dims})
+        whole = {k for k, r in _entries_run(nest, model, copies, example, holders, full).items()
+                 if r == set(range(dd.full))}
+        for size in dd.sizes[:-1]:
+            if not whole:
+                break
+            at = _entries_run(nest, model, copies, example, holders, full.replace(**{dd.name: size}))
+            whole = {k for k in whole if at[k] == set(range(size))}
+        if whole:
+            idle = sorted(whole)
+            count = sum(t.numel() for p in idle for i, e in enumerate(holders[p]) if i >= dd.sizes[0]
+                        for t in e.parameters())
             warnings.warn(
-                f"nest.check: depth {dd.name!r} at {dd.sizes[0]} does not run {idle[:4]}"
-                f"{' ...' if len(idle) > 4 else ''} ({count:,} parameters), which run at full depth: cost counts "
-                f"them and export keeps them at that depth. A per-layer list the forward pairs with the blocks "
-                f"belongs in the Depth too: sn.Depth(..., layers=[<the blocks>, {', '.join(map(repr, lists[:2]))}])",
-                IdleLayersWarning, stacklevel=4)
+                f"nest.check: depth {dd.name!r} runs only the first d entries of {idle[:3]} (per-layer lists the "
+                f"forward pairs with its blocks), yet cost counts and export keeps all {dd.full}: {count:,} idle "
+                f"parameters at depth {dd.sizes[0]}. Cut them with the blocks: sn.Depth({dd.name!r}, ..., "
+                f"layers=[<the blocks>, {', '.join(map(repr, idle[:2]))}])", IdleLayersWarning, stacklevel=4)
+
+
+def _entries_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any,
+                 holders: dict[str, nn.Module], sub: SubModel) -> dict[str, set[int]]:
+    """The indices of each list in ``holders`` whose entry ran in a forward of ``sub`` on ``example``."""
+    ran: dict[str, set[int]] = {path: set() for path in holders}
+
+    def seen(path: str, i: int) -> Callable[..., None]:
+        return lambda mod, args: ran[path].add(i)
+
+    hooks = [copies[id(e)].register_forward_pre_hook(seen(path, i))
+             for path, c in holders.items() for i, e in enumerate(c) if id(e) in copies]
+    try:
+        with Use(nest._state, nest._plans.build(sub)), seeded(0):
+            call_model(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran
 
 
 def _check_size_two(nest: Nest, model: Any, example: Any, want: list) -> None:

@@ -8,7 +8,6 @@ physically smaller plain model, and unwraps.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import warnings
 import weakref
@@ -28,7 +27,7 @@ from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
 from .modes import eval_mode
-from .plan import CheckpointContext, Plans, Use, heal_pins, in_plan
+from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
@@ -480,10 +479,7 @@ class Nest:
     @property
     def active(self) -> SubModel:
         """The sub-model in force for the caller: its innermost ``use`` block, else the default."""
-        a = self._state
-        if a.uses.get():  # (pins left by a forward an interrupt stopped: gone, as the next forward finds them)
-            heal_pins(a, sys._getframe(1))
-        return a.plan().sub
+        return self._state.plan().sub
 
     def use(self, sub: SubModelLike) -> AbstractContextManager[SubModel]:
         """Run ``sub`` inside the block; the previous one is restored on exit, also
