@@ -514,7 +514,7 @@ def _attention_modules(nest: Nest, dim: Any, copies: dict[int, nn.Module],
 def _positions(width: int) -> int:
     """Positions of ``attention_self_check``'s random input: 64 (per-head behaviour that appears only past a
     few positions, such as per-head attention windows, shows), fewer for wide modules (a run costs ~16 T C^2
-    operations: about 2e8 at most), never below 5."""
+    operations: about 2e8 at most while T > 5, that is up to 1,443 features), never below 5."""
     return max(5, min(64, 12_500_000 // max(1, width * width)))
 
 

@@ -442,7 +442,8 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     of correct argmax predictions); the result is divided by the number of
     examples, so the default is accuracy. The default needs integer class targets shaped like
     ``output.argmax(-1)`` (a sequence's tokens each count; targets equal to -100, the ignore index of
-    ``F.cross_entropy``, are left out) and refuses anything else with a :class:`SortedNetError`: pass
+    ``F.cross_entropy``, are left out; bool labels count as classes 0 / 1) and refuses float targets, one
+    logit per example and other shapes with a :class:`SortedNetError`: pass
     ``metric=`` for regression, single-logit, shifted language-model labels and other tasks. Runs without
     grad in eval mode on a private view of the model that shares its weights: the model's own mode, seen
     by every thread (one may be training it), never changes.
