@@ -408,6 +408,11 @@ def _counted(y: Tensor) -> Tensor | bool:
     return (y != IGNORE_INDEX) if y.is_signed() else True
 
 
+def _count(y: Tensor) -> int:
+    """How many target entries of ``y`` the default accuracy divides by."""
+    return int((y != IGNORE_INDEX).sum()) if y.is_signed() else y.numel()
+
+
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
     """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor), or batches of them."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor) \
@@ -482,8 +487,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
         raise SortedNetError("evaluate got no batches")
     # the default (accuracy) counts every target entry but the ignore index (a sequence's tokens too); a custom
     # metric sums per example
-    count = sum((int((y != IGNORE_INDEX).sum()) if default and y.is_signed() else y.numel() if default else len(y))
-                for _, y in batches)
+    count = sum((_count(y) if default else len(y)) for _, y in batches)
     if default and count == 0:
         raise SortedNetError(f"evaluate: every target is the ignore index {IGNORE_INDEX}; nothing to score")
     out: dict[SubModel, float] = {}
