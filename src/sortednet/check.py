@@ -560,8 +560,9 @@ class UnverifiedHeadsWarning(UserWarning):
 
 
 class IdleLayersWarning(UserWarning):
-    """``check``: layers outside a Depth's blocks that run at full depth but not at a shallower one (a second
-    per-layer list zipped with the blocks): ``cost`` counts them and ``export`` keeps them there."""
+    """``check``: a second per-layer list the forward pairs with a Depth's blocks (``zip(self.blocks,
+    self.norms)``) but the Depth does not cut: at a shallower depth its later entries do not run, while ``cost``
+    counts them and ``export`` keeps them."""
 
 
 def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
@@ -893,8 +894,8 @@ def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], e
     it (a wrong count, not a wrong output). Only a list as long as the blocks, run whole at full depth and
     exactly its first d entries at every depth d, counts: which experts a router picks, or which branch an
     input takes, also changes with the depth, and is no such list."""
+    bound = {id(m) for m in nest._sliced.values() if "depth" in m._sn.bind}  # (every Depth's own layer lists)
     for dd in (d for d in nest.dims if d.kind == "depth"):
-        bound = {id(m) for m in nest._sliced.values() if "depth" in m._sn.bind}  # (every Depth's own layer lists)
         lists = [(path, c) for path, c in nest.model.named_modules()
                  if isinstance(c, (nn.ModuleList, nn.Sequential)) and id(c) not in bound and len(c) == dd.full
                  and id(c) in copies and any(True for _ in c.parameters())]
