@@ -242,7 +242,6 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
         # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
-        hooks.append(model._register_load_state_dict_pre_hook(StateShapes(), with_module=True))
         hooks.extend(_guard_state_keys(model, planned, keyed))
         bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
         if bns:  # calibration possible: a load that changes any tensor makes it stale
@@ -290,36 +289,6 @@ def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict]) -
             below.setdefault(".".join(parts[:i]), []).append((path, ".".join(parts[i:]), what, removed, added))
     return [model.get_submodule(anc)._register_load_state_dict_pre_hook(StateKeys(tuple(t)), with_module=True)
             for anc, t in below.items()]
-
-
-class StateShapes:
-    """``load_state_dict`` pre-hook of the wrapped model's root: a tensor of another shape than the model's
-    (a checkpoint of another size, another number of heads) is refused before the first tensor is copied, where
-    PyTorch reports it after copying all the others (a half-loaded model; calibrated statistics dropped as they
-    changed). Keys of modules whose class loads its own way (a ``_load_from_state_dict`` outside torch) are left
-    to them, and so is PyTorch's own allowance (a 1-element tensor into a 0-dim one)."""
-
-    __slots__ = ()
-
-    def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, *args: Any) -> None:
-        bad = []
-        for path, m in module.named_modules():
-            load = type(m)._load_from_state_dict
-            if load is not nn.Module._load_from_state_dict and not getattr(load, "__module__", "").startswith("torch."):
-                continue
-            at = f"{prefix}{path}." if path else prefix
-            for name, t in (*m._parameters.items(), *m._buffers.items()):
-                v = state_dict.get(at + name)
-                if not isinstance(v, torch.Tensor) or not isinstance(t, torch.Tensor) \
-                        or isinstance(t, nn.parameter.UninitializedTensorMixin) or v.shape == t.shape \
-                        or (t.dim() == 0 and tuple(v.shape) == (1,)):
-                    continue
-                bad.append(f"{at + name}: {tuple(v.shape)} in the state_dict, {tuple(t.shape)} in the model")
-        if bad:
-            where = f"under {prefix[:-1]!r}" if prefix else "in the model"
-            raise SortedNetError(f"load_state_dict: {len(bad)} tensor(s) of another shape than the model's "
-                                 f"({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}); nothing {where} was "
-                                 "loaded. The checkpoint is of another size or architecture")
 
 
 class StateKeys:
