@@ -833,18 +833,36 @@ class _ScaledLinear(nn.Module):
         return F.linear(x, self.weight) * self.scale
 
 
+class _ScaledSlicerBase(sn.Slicer):
+    """Roles and sizes of ``_ScaledLinear`` (not registered: the tests below register variants of ``value``)."""
+
+    roles = ("out", "inp")
+    attrs = ("weight", "scale")
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+
+def _refused_at_wrap(slicer: type, tag: str, match: str) -> nn.Module:
+    """Register ``slicer`` for a fresh ``_ScaledLinear`` subclass; wrapping a model of it must be refused
+    (``match``), the model left as it was. Returns the model."""
+    cls = type(f"_ScaledLinear{tag}", (_ScaledLinear,), {})
+    sn.slicer(cls)(type(f"{slicer.__name__}{tag}", (slicer,), {}))
+    m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    assert type(m[0]) is cls and "_sn" not in m[0].__dict__
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    return m
+
+
 @pytest.mark.parametrize("cut", ["data", "detach"])
 def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
     """A value() that cut from ``.data`` (or ``.detach()``) passed wrap and check: the parameter's gradient was
     None at every size, so it never trained, with nothing said."""
 
-    class Detached(sn.Slicer):
-        roles = ("out", "inp")
-        attrs = ("weight", "scale")
-
-        def full(self, m, role):
-            return m._parameters["weight"].shape[0 if role == "out" else 1]
-
+    class Detached(_ScaledSlicerBase):
         def value(self, m, name):
             if name == "weight":
                 return self.take(m, "weight", [(0, "out"), (1, "inp")])
@@ -852,14 +870,7 @@ def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
             scale = m._parameters["scale"]
             return (scale.data if cut == "data" else scale.detach())[:k]
 
-    cls = type(f"_ScaledLinear_{cut}", (_ScaledLinear,), {})
-    sn.slicer(cls)(type(f"Detached_{cut}", (Detached,), {}))
-    m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match=rf"Detached_{cut} \(slicer of '0'.*'scale' at .* detached"):
-        sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
-    assert type(m[0]) is cls and "_sn" not in m[0].__dict__
-    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    m = _refused_at_wrap(Detached, f"_{cut}", rf"Detached_{cut} \(slicer of '0'.*'scale' at .* detached")
     m[0].scale.requires_grad_(False)  # a frozen parameter has no gradient to lose: accepted
     sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2")).unwrap()
 
@@ -931,26 +942,13 @@ def test_a_custom_slicer_that_raises_is_named_and_the_model_left_as_it_was(how):
     ``start (0) + length (16) exceeds dimension size (8)`` from wrap, naming neither module nor slicer."""
     axes = ((1, "out"), (0, "inp"))
 
-    class Swapped(sn.Slicer):
-        roles = ("out", "inp")
-        attrs = ("weight", "scale")
-
-        def full(self, m, role):
-            return m._parameters["weight"].shape[0 if role == "out" else 1]
-
+    class Swapped(_ScaledSlicerBase):
         def value(self, m, name):
             return self.take(m, name, list(axes) if name == "weight" else [(0, "out")])
 
     if how == "views":
         Swapped.views = {"weight": axes}
-    cls = type(f"_ScaledLinear{how}", (_ScaledLinear,), {})
-    sn.slicer(cls)(type(f"Swapped{how}", (Swapped,), {}))
-    m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match=rf"slicer Swapped{how} of '0' raised reading 'weight'"):
-        sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
-    assert type(m[0]) is cls and "_sn" not in m[0].__dict__
-    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    _refused_at_wrap(Swapped, how, rf"slicer Swapped{how} of '0' raised reading 'weight'")
 
 
 class _Shifted(nn.Module):
