@@ -33,6 +33,7 @@ from .meta import EXTRA_PREFIX
 from .modes import eval_mode
 from .slicers.norm import NormStats, active_stats, unwritten
 from .submodel import SubModel, SubModelLike
+from .views import world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -77,9 +78,8 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     ...     tuple(nest.model[1].running_mean.shape)
     (2,)
     """
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise SortedNetError(f"calibrate() runs in one process, but a process group of {dist.get_world_size()} "
+    if world_size() > 1:
+        raise SortedNetError(f"calibrate() runs in one process, but a process group of {world_size()} "
                              "ranks is initialised: each rank would calibrate on its own batches and the ranks "
                              "would keep different statistics (DDP does not broadcast them; sortednet.distributed."
                              "save would write rank 0's). Calibrate in a single process: load the checkpoint "

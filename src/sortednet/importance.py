@@ -35,7 +35,7 @@ from .errors import SortedNetError
 from .modes import dry_run, eval_mode, seeded, train_view
 from .plan import Use
 from .submodel import SubModel
-from .views import is_fsdp, storage_key
+from .views import is_fsdp, storage_key, world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -355,9 +355,8 @@ def one_process(nest: Nest, who: str, data_based: bool) -> None:
         raise SortedNetError(f"{who}: the model is sharded with FSDP2 (fully_shard), whose parameters cannot be "
                              "permuted in place across ranks; sort in one process, before fully_shard (or load "
                              "the checkpoint in one process with sn.load, sort, save)")
-    dist = torch.distributed
-    if data_based and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise SortedNetError(f"{who} scores units from data, but a process group of {dist.get_world_size()} ranks "
+    if data_based and world_size() > 1:
+        raise SortedNetError(f"{who} scores units from data, but a process group of {world_size()} ranks "
                              "is initialised: each rank would score its own batches and apply another order to "
                              "its replica, leaving the replicas different. Sort in one process before "
                              "distributing (or with a weight-norm method, 'l1' / 'l2' / 'bn', which every rank "
@@ -407,7 +406,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if not any(d.kind in ("width", "heads") for d in nest.dims):
         raise SortedNetError(f"sort_units: the nest has no Width or Heads dimension "
                              f"({[d.name for d in nest.dims]}), so there are no units to sort; nothing was changed")
-    calibrated = [p for p, m in nest._sliced.items() if m._sn.norm is not None and m._sn.norm.stats]
+    calibrated = nest._calibrated()
     if calibrated:
         raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
                              "that a permutation would invalidate; sort before nest.calibrate")

@@ -891,6 +891,10 @@ class Nest:
         self._calibrations += 1  # (what eval computes changed: profile scores measured before are stale)
         return done
 
+    def _calibrated(self) -> list[str]:
+        """Paths of the sliced BatchNorms holding per-sub-model statistics of :meth:`calibrate`."""
+        return [p for p, m in self._sliced.items() if m._sn.norm is not None and m._sn.norm.stats]
+
     def drop_calibration(self) -> None:
         """Forget the per-sub-model BatchNorm statistics of :meth:`calibrate` (or of a loaded checkpoint): eval mode
         reads the shared running statistics again, as before calibrating.

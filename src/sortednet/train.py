@@ -30,7 +30,7 @@ from .errors import flag as _flag
 from .modes import eval_mode
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
-from .views import _distributed
+from .views import _distributed, world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -410,7 +410,8 @@ def _counted(y: Tensor) -> Tensor | bool:
 
 def _count(y: Tensor) -> int:
     """How many target entries of ``y`` the default accuracy divides by."""
-    return int((y != IGNORE_INDEX).sum()) if y.is_signed() else y.numel()
+    kept = _counted(y)
+    return y.numel() if kept is True else int(kept.sum())
 
 
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
@@ -604,12 +605,11 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise SortedNetError(f"fit(scheduler=...) takes an LR scheduler (with .step()), got {scheduler!r}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise SortedNetError(f"fit() trains in one process, but a process group of "
-                             f"{torch.distributed.get_world_size()} ranks is initialised: each rank would train its "
-                             "own copy. Write the loop with sortednet.distributed.accumulate (DDP / FSDP2 / "
-                             "Accelerate; docs/scaling.md), which synchronises the gradients")
+    if world_size() > 1:
+        raise SortedNetError(f"fit() trains in one process, but a process group of {world_size()} ranks is "
+                             "initialised: each rank would train its own copy. Write the loop with "
+                             "sortednet.distributed.accumulate (DDP / FSDP2 / Accelerate; docs/scaling.md), which "
+                             "synchronises the gradients")
     if sampler.submodels != nest.submodels and any(s not in nest.submodels for s in sampler.submodels):
         raise SortedNetError("the sampler lists sub-models this nest does not have; build it from nest.submodels")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -685,7 +685,7 @@ def drop_stale_calibration(nest: Nest, who: str, stacklevel: int = 2) -> None:
     """Training is about to change the weights that per-sub-model BatchNorm statistics of
     :meth:`Nest.calibrate` describe: drop them, with a warning naming the modules (evaluations during training
     then read the shared statistics, as an uncalibrated nest does)."""
-    calibrated = [p for p, m in nest._sliced.items() if m._sn.norm is not None and m._sn.norm.stats]
+    calibrated = nest._calibrated()
     if calibrated:
         warnings.warn(f"{who} trains the weights that the per-sub-model BatchNorm statistics of nest.calibrate "
                       f"describe ({', '.join(repr(p) for p in calibrated[:3])}"

@@ -231,6 +231,12 @@ def _distributed() -> bool:
     return ready is not None and dist.is_available() and ready()
 
 
+def world_size() -> int:
+    """Ranks of the initialised default process group (1 without one): > 1 where work done in one process
+    (calibration, a data-based sort, ``fit``) would differ between ranks."""
+    return sys.modules["torch.distributed"].get_world_size() if _distributed() else 1
+
+
 class LinearInto(torch.autograd.Function):
     """``F.linear(x, W[cuts], b[bcuts])`` whose weight gradient is accumulated into its slice of ``W.grad`` by
     the matmul itself (``addmm_`` with ``beta=1``), in the slice's own row-major layout.

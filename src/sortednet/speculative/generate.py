@@ -93,16 +93,14 @@ _UNSUPPORTED_SAMPLING: dict[str, tuple] = {
 
 
 #: what generate() samples with where neither the call nor the model's generation config sets a value
-_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 def _sampling(gen: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any, generator: Any) -> Sampling:
     """The sampling ``generate`` would do: each value left out comes from the generation config, else from
     generate's defaults (top-k 50 included); ``top_k=0`` and ``top_p=1`` filter nothing."""
     if do_sample is None:
-        do_sample = getattr(gen, "do_sample", None)
-    if do_sample is None:
-        do_sample = False
+        do_sample = getattr(gen, "do_sample", None) or False
     if not isinstance(do_sample, (bool, np.bool_)):
         raise SortedNetError(f"do_sample must be True or False, got {do_sample!r}")
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
@@ -113,7 +111,7 @@ def _sampling(gen: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
         raise SortedNetError(f"top_k must be an int >= 0 (0: no top-k filter) or None, got {k!r}")
     p = v["top_p"]
-    if not (isinstance(p, bool) or not isinstance(p, (int, float, np.floating))) and p == 1:
+    if isinstance(p, (int, float, np.floating)) and not isinstance(p, bool) and p == 1:
         p = None  # (generate adds no top-p filter at 1)
     return Sampling(bool(do_sample), v["temperature"], int(k) or None, p, generator)
 
