@@ -328,6 +328,14 @@ def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path
     assert stale(lambda: m[4].register_buffer("extra", torch.ones(2))) == 1  # a slot the profile never saw
     torch.manual_seed(3)
     assert stale(lambda: m.__setitem__(4, nn.Linear(2, 2))) == 1  # an unsliced module replaced, new weights
+    # a checkpoint loaded with strict=False that leaves weights the file lacks as they were: its scores were
+    # measured on the file's model, not on this mix (a full load of the same file: the file's weights)
+    for strict, warned in ((True, 0), (False, 1)):
+        m2 = build()
+        if not strict:
+            m2[4].register_buffer("extra", torch.ones(2))  # not in the file
+        nest = sn.wrap(m2, sn.Width("h", [2, 4, 8], out="0", norm="1", inp="3"))
+        assert stale(lambda: sn.load(nest, path, strict=strict)) == warned  # noqa: B023
     assert stale(lambda: nest.profile(x, metrics=("params",), progress=False)) == 0  # no scores: nothing to warn
 
 
@@ -424,4 +432,38 @@ def test_latency_and_memory_limits_need_the_profiles_device():
     for kw in (dict(latency=1.0), dict(memory=1e12), dict(params=1e9, latency=1.0)):
         with pytest.raises(sn.SortedNetError, match=r"measured .* on cpu, but the model.s parameters are now on meta"):
             nest.pick(**kw)
+    assert nest.pick(params=1e9) == nest.largest
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_a_checkpoint_without_a_profile_drops_the_profiles_costs(tmp_path, counted):
+    """sn.load of a file saved before profiling replaces the profile by none: its measured latency, memory and
+    FLOPs went on answering cost() and pick() with no device check left to catch a moved model. A FLOPs table
+    counted by cost(..., example=) next to a profile without FLOPs is not the profile's: it stays."""
+    import torch.nn as nn
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    sn.save(sn.wrap(build(1), sn.Width("h", [4, 8, 16], out="0", inp="2")), tmp_path / "plain.safetensors")
+    m = build(0)
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    metrics = ("params", "latency", "memory") if counted else ("params", "flops", "latency", "memory")
+    nest.profile(torch.randn(4, 6), metrics=metrics, repeat=1, warmup=0, progress=False)
+    if counted:
+        nest.cost(nest.largest, "flops", example=torch.randn(2, 6))
+    flops = nest.cost(nest.largest, "flops")
+    sn.load(nest, tmp_path / "plain.safetensors")
+    assert nest._profile is None
+    for metric in ("latency", "memory"):
+        with pytest.raises(sn.SortedNetError, match=f"no '{metric}' cost"):
+            nest.cost(nest.largest, metric)
+    with pytest.raises(sn.SortedNetError, match="latency"):
+        nest.pick(latency=1.0)
+    if counted:
+        assert nest.cost(nest.largest, "flops") == flops
+    else:
+        with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
+            nest.cost(nest.largest, "flops")
     assert nest.pick(params=1e9) == nest.largest

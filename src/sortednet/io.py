@@ -293,6 +293,8 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     f.copy_into(name, [sd[k] for k in targets])
                     done += 1
             nest._load_extra_state(meta["extra"])
+            if len(state) > sum(map(len, copies.values())):  # strict=False left weights as they were: the
+                nest._scores_of_other_weights()              # file's scores describe the file's model
             nest._load_extra_tensors({k: f.tensor(k) for k in calib})
         except BaseException as e:  # (an interrupt, a read error of the disk): past every check, nothing to undo
             if dims is not None:  # a fresh model: back to its own classes, so that sn.load(model, path) can run again

@@ -755,17 +755,17 @@ class Nest:
         old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
         self._scored_on = self._stale_warned = self._score_slots = None
         self._profile_flops = None
+        if old is not None:  # the new profile (or none: a checkpoint without one) replaces the old one's costs
+            with self._cost_lock:  # (costs counted by cost(..., example=) stay unless the new profile has them)
+                for metric in old.costs:
+                    if metric != "params" and (prof is None or metric not in prof.costs):
+                        self._cost_cache[metric] = {}
+                        if metric == "flops":
+                            self._flops_example = None
         if prof is None:
             return
         if prof.scores is not None:
             self._scored_on = self._weights_key()
-        if old is not None:  # the new profile replaces the old one's measured costs
-            with self._cost_lock:  # (costs counted by cost(..., example=) stay unless the new profile has them)
-                for metric in old.costs:
-                    if metric != "params" and metric not in prof.costs:
-                        self._cost_cache[metric] = {}
-                        if metric == "flops":
-                            self._flops_example = None
         for metric, values in prof.costs.items():
             if metric == "flops":  # measured on the profile's example, whose signature is not known here:
                 with self._cost_lock:  # a new table that no cost(..., example=x) mistakes for its own
@@ -837,6 +837,12 @@ class Nest:
                               f"{self.cost(self.largest)} parameters (params <= {limits['params']}; the smallest "
                               f"available is {int(self._params.min())})")
         return self._select().pick(limits)
+
+    def _scores_of_other_weights(self) -> None:
+        """The profile's scores were measured on weights the model does not hold as a whole (a checkpoint
+        loaded with ``strict=False`` that left some weights as they were): the next pick warns."""
+        if self._scored_on is not None:
+            self._scored_on = ()  # (equals no state of the weights)
 
     def _warn_if_scores_stale(self) -> None:
         """Warn (once per state of the weights) when the model changed since its profile's scores were measured:
