@@ -285,6 +285,34 @@ def test_pick_passes_over_submodels_that_cannot_be_exported(budget):
     assert nest.cost(sub) == max(fits)
 
 
+class _SlicedAndWhole(nn.Module):
+    """One weight held by a sliced Linear (``a``) and by a Linear no dimension slices (``c``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(8, 16)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + self.c(x).sum(-1, keepdim=True)
+
+
+def test_pick_keeps_the_full_model_when_a_tied_weight_is_also_held_whole():
+    """The unsliced holder's cut of the shared weight was written as ``()``, a sliced holder's at full size as
+    ``((), None)``: the two never compared equal, so every sub-model, the full one included (which exports),
+    counted as unexportable and pick refused whatever the budget."""
+    torch.manual_seed(0)
+    nest = sn.wrap(_SlicedAndWhole(), sn.Width("h", [4, 8, 16], out="a", inp="b"))
+    x = torch.randn(3, 8)
+    assert nest.pick(params=1e9) == nest.largest == nest.pick(fraction=1.0)
+    torch.testing.assert_close(nest.export(nest.largest)(x), nest.model(x))
+    for s in nest.submodels[:-1]:  # the smaller ones cut the shared weight one way in a, not at all in c
+        with pytest.raises(sn.SortedNetError, match="tied"):
+            nest.export(s)
+    with pytest.raises(BudgetError):
+        nest.pick(params=nest.cost(nest.largest) - 1)
+
+
 def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path):
     """Scores measured, then the model calibrated, trained or changed in place: pick kept ranking by the old
     scores without a word (the probe's CNN picked a 92.7% sub-model where a 95.7% one fit after calibrating)."""

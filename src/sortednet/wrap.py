@@ -149,7 +149,7 @@ def _split_groups(model: nn.Module, planned: dict) -> list[list[tuple[str, dict,
             if t is None:
                 continue
             hit = by_module.get(id(m))
-            cut: Any = lambda sizes: ()  # noqa: E731  (an unsliced holder reads the whole tensor)
+            cut: Any = lambda sizes: ((), None)  # noqa: E731  (an unsliced holder: the whole tensor, as cuts_for)
             if hit is None:
                 axes: dict | None = {}
             else:
