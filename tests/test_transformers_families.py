@@ -920,3 +920,28 @@ def test_generate_with_layers_that_share_another_layers_cache():
         with nest.use(sub):
             assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
                                plain.generate(ids, max_new_tokens=5, do_sample=False)), sub
+
+
+@pytest.mark.parametrize("build", [
+    _c("GPTBigCodeForCausalLM", "GPTBigCodeConfig", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=True,
+       **TOK),
+    _c("FalconForCausalLM", "FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+       multi_query=True, new_decoder_architecture=False, **TOK),
+    _c("Phi3ForCausalLM", "Phi3Config", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+       num_attention_heads=4, num_key_value_heads=1, **TOK),
+], ids=["gpt_bigcode", "falcon", "phi3"])
+def test_fused_multi_query_projections_refuse_fewer_heads_saying_why(build):
+    """One fused q/k/v projection holding ONE key/value head that every query head reads: fewer heads were
+    refused as 'grouped-query attention with 1 key/value heads needs sizes that are multiples of 4', which
+    reads as a grouping rule; the refusal names the fused projection and the full count, changing nothing.
+    The full count alone still nests."""
+    torch.manual_seed(0)
+    model = build().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(sn.SizeError, match=r"fused multi-query projection .* ONE key/value head .*bad: \[2\]"):
+        sn.from_transformers(model, heads=[2, 4])
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    nest = sn.from_transformers(model, heads=[4], depth=[1, 2])
+    assert [s["depth"] for s in nest.submodels] == [1, 2]

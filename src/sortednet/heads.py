@@ -226,6 +226,11 @@ class Heads(Dimension):
             raise SizeError(f"Heads {self.name!r} at {path!r}: {name}.out_features={rows} is not q ({H}x{d}) plus "
                             f"k and v of a whole number of {d}-wide heads dividing {H}")
         group = H // (kv2 // 2)
+        if group == H > 1 and self.sizes[0] < H:
+            raise SizeError(f"Heads {self.name!r} at {path!r}: {name} is a fused multi-query projection (the {H} "
+                            f"query heads and ONE key/value head that all of them read): sizes below the full {H} "
+                            f"are not supported there (bad: {[s for s in self.sizes if s < H]}); keep {H} heads "
+                            "and nest other dimensions")
         self._check_group(path, group)
         if layout == "interleaved":  # one block per key/value head: [q x group, k, v]
             return d, group, Binding(self, unit=(group + 2) * d, div=group)
