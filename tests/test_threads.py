@@ -307,6 +307,41 @@ def test_activate_during_a_forward_takes_effect_at_the_next_one():
     assert nest.export("d=1,w=4")._forward_hooks == {} and not nest.export("d=1,w=4")._forward_pre_hooks
 
 
+def test_a_forward_entered_at_a_child_of_the_root_holds_its_default_too():
+    """``model.body(x)`` (a Hugging Face ``model.model(...)`` for hidden states) read the default anew at each
+    layer: an activate from another thread mid-forward mixed two sub-models in one output. The root's direct
+    children that hold sliced modules now pin it as the root does; exports and unwrap drop those hooks."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    net = nn.Sequential()
+    net.add_module("body", body)
+    net.add_module("head", nn.Linear(8, 2))
+    nest = sn.wrap(net, sn.Width("a", [4, 32], out="body.0", inp="body.2"),
+                   sn.Width("b", [4, 32], out="body.2", inp="body.4"), submodels=["a=4,b=4", "a=32,b=32"])
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ref = {}
+        for s in nest.submodels:
+            with nest.use(s):
+                ref[str(s)] = body(x)
+        nest.activate("a=4,b=4")
+
+        def other_thread(*args):
+            t = threading.Thread(target=nest.activate, args=("a=32,b=32",))
+            t.start()
+            t.join()
+
+        h = body[0].register_forward_hook(other_thread)
+        y = body(x)
+        h.remove()
+        assert torch.equal(y, ref["a=4,b=4"])
+        assert torch.equal(body(x), ref["a=32,b=32"])  # the next forward
+    exported = nest.export("a=4,b=4")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in exported.modules())
+    nest.unwrap()
+    assert not body._forward_hooks and not body._forward_pre_hooks
+
+
 def test_use_objects_refuse_what_they_cannot_do():
     import asyncio
 

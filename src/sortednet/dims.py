@@ -207,7 +207,7 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner")
+    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "on_backward_read", "epoch", "owner")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -217,8 +217,9 @@ class Active:
         # the open ``use`` blocks of the context, oldest first (see sortednet.plan.Use); never mutated
         self.uses: contextvars.ContextVar[tuple] = contextvars.ContextVar("sortednet_uses", default=())
         # root forwards with gradients in progress (any thread), and what a read without gradients during one
-        # calls: it may be a reentrant checkpoint's forward (sortednet.wrap.Pin.no_grad_read)
-        self.training, self.on_no_grad_read = 0, None
+        # calls: it may be a reentrant checkpoint's forward (sortednet.wrap.Pin.no_grad_read); what a read with
+        # gradients during backward outside them calls: it may be a recomputation no forward pinned
+        self.training, self.on_no_grad_read, self.on_backward_read = 0, None, None
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0
@@ -231,8 +232,11 @@ class Active:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
         p = self.default if p is self else p
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.training:
-            self.on_no_grad_read(p)
+        if not torch.is_grad_enabled():
+            if not torch.compiler.is_compiling() and self.training:
+                self.on_no_grad_read(p)
+        elif not torch.compiler.is_compiling() and not self.training and in_backward():
+            self.on_backward_read()
         return p
 
     def __deepcopy__(self, memo: dict) -> "Active":
@@ -240,6 +244,14 @@ class Active:
 
     def __reduce__(self) -> Any:
         raise SortedNetError("the run-time state of a nest cannot be pickled; use sn.save(nest, path)")
+
+
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def in_backward() -> bool:
+    """The autograd engine is running a backward in this thread (a reentrant checkpoint recomputes there)."""
+    return _graph_task() >= 0
 
 
 def dimension_from_spec(spec: dict[str, Any]) -> Dimension:

@@ -35,6 +35,7 @@ from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_in
 from .views import is_fsdp, new_lock, storage_key
 from .wrap import (
     Pin,
+    entry_children,
     exportable,
     guard_tree,
     install,
@@ -144,6 +145,9 @@ class Nest:
             self._pin = pin = Pin(self._state, model)
             pin.note = weakref.WeakMethod(self._failure_note)
             hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
+            for c in entry_children(model, planned):  # forwards entered below the root are pinned as well
+                hooks += [c.register_forward_pre_hook(pin.inner_pre),
+                          c.register_forward_hook(pin.inner_post, always_call=True)]
             hooks += install_guards(model, self._state, self.dims)  # (Hugging Face) a cache another sub-model
             # filled is continued only where it is exact
             self._attach(planned, hooks)

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
-from .plan import close_block, heal_pins, open_block, pin_checkpoints
+from .plan import close_block, heal_pins, open_block, pin_checkpoints, refuse_unpinned_recompute
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
@@ -422,6 +422,25 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
 
 
 
+def entry_children(model: nn.Module, planned: dict) -> list[nn.Module]:
+    """The root's direct children that a training script may call instead of the root (``model.model`` of a
+    Hugging Face head model, PEFT calling ``model.forward`` and then it): those with a forward of their own and
+    sliced modules below them (not a sliced leaf itself: a checkpoint inside it cannot hold another module)."""
+    sliced = {id(m) for m, _, _ in planned.values()}
+    out: list[nn.Module] = []
+    for c in model.children():
+        if (c is model or any(c is o for o in out) or isinstance(c, torch.jit.ScriptModule)  # (no hooks there)
+                or type(c).forward is nn.Module.forward):
+            continue
+        if any(id(d) in sliced for _, d in c.named_modules() if d is not c):
+            out.append(c)
+    return out
+
+
+#: what :meth:`Pin.inner_pre` pushes inside a forward already pinned: no block, no count
+_INNER: list = [None, None, None, 0, None]
+
+
 class Pin:
     """Forward hooks on the wrapped model's root: a forward that starts outside any ``use`` runs the
     nest-wide default in force when it starts, to its end. ``activate`` from another thread then takes
@@ -448,7 +467,7 @@ class Pin:
         # weights were copied in, or None for a private view that shares the weights (they follow every sort)
         self.root = weakref.ref(root) if root is not None else None
         self.copies: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
-        active.on_no_grad_read = self.no_grad_read
+        active.on_no_grad_read, active.on_backward_read = self.no_grad_read, self.backward_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
         """A deep copy of the model follows the same nest state (this pin); the copy is noted with the unit order
@@ -482,12 +501,12 @@ class Pin:
                 "model mixes unrelated units. Copy the model again after sorting; nest.unwrap_copy(copy) gives "
                 "its full model as a plain module")
 
-    def _stack(self) -> list:
+    def _stack(self, here: Any = None) -> list:
         """This thread's pins ``[open block or None, frame of the root call, pinned plan, with gradients]``,
-        stale ones undone."""
+        stale ones undone (``here``: the calling hook's caller, by default ``sys._getframe(2)``)."""
         stack = self.local.__dict__.setdefault("stack", [])
         if stack:
-            outer, f = stack[0][1], sys._getframe(2)
+            outer, f = stack[0][1], here or sys._getframe(2)
             while f is not None and f is not outer:
                 f = f.f_back
             if f is None:  # the outermost pinned forward is gone without its post hook (an interrupt)
@@ -503,28 +522,56 @@ class Pin:
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
             return
+        self._enter(module, sys._getframe(1))
+
+    def inner_pre(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of a direct child of the root that holds sliced modules: a forward entered there,
+        while no forward of the root runs in this thread (``model.model(ids)``, or ``model.forward(x)`` as
+        PEFT's tuners call it, then ``model.model``), is pinned and counted as the root's is, so reentrant
+        checkpoints inside it recompute its sub-model; inside a root forward it only marks its place."""
+        if _compiling():
+            return
+        here = sys._getframe(1)
+        stack = self._stack(here)
+        if stack:
+            stack.append(_INNER)
+        else:
+            self._enter(module, here)
+
+    def inner_post(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if _compiling():
+            return
+        stack = self.local.__dict__.get("stack")
+        if stack and stack[-1] is _INNER:
+            stack.pop()
+        else:
+            self._leave(stack, sys._getframe(1), out)
+
+    def _enter(self, module: nn.Module, here: Any) -> None:
         if self.copies and module in self.copies:
             self.stale(module)
         g = self.guards() if self.guards is not None else None
         if g is not None:
             g.check_counts()  # (a few len() calls: insert / pop / del reach no registration hook)
         a = self.active
-        stack = self._stack()
+        stack = self._stack(here)
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
-            heal_pins(a, sys._getframe(1))
+            heal_pins(a, here)
         grad = _grad_enabled()
         if not grad:  # (inside a reentrant checkpoint's forward: it recomputes the plan in force there)
-            pin_checkpoints(a, a.plan(), sys._getframe(1))
+            pin_checkpoints(a, a.plan(), here)
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         # on the context's stack, as use
-        entry = open_block(a, sys._getframe(1), a.default, pin=True) if pinned else None
+        entry = open_block(a, here, a.default, pin=True) if pinned else None
         self._count(grad)
-        stack.append([entry, sys._getframe(1), a.default if pinned else None, grad, sys.exc_info()[1]])
+        stack.append([entry, here, a.default if pinned else None, grad, sys.exc_info()[1]])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():
             return
-        stack = self.local.__dict__.get("stack")
+        self._leave(self.local.__dict__.get("stack"), sys._getframe(1), out)
+
+    def _leave(self, stack: list | None, here: Any, out: Any = None) -> None:
         if stack:
             top = stack.pop()
             entry, grad = top[0], top[3]
@@ -532,7 +579,7 @@ class Pin:
                 self._annotate(top[4] if len(top) > 4 else None)
             self._count(-grad)
             if entry is not None:  # (a use block the user's hooks opened around the forward ends with it)
-                close_block(self.active, entry, sys._getframe(1))
+                close_block(self.active, entry, here)
 
     def _annotate(self, before: BaseException | None) -> None:
         """Add a note naming the sub-model to the error the forward is raising (not one that was in flight when
@@ -563,6 +610,11 @@ class Pin:
                 if e[3]:  # the innermost forward with gradients of this thread
                     pin_checkpoints(self.active, plan, sys._getframe(2), stop=e[1])
                     return
+
+    def backward_read(self) -> None:
+        """A sliced attribute read with gradients during backward while no pinned forward runs: see
+        :func:`sortednet.plan.refuse_unpinned_recompute`."""
+        refuse_unpinned_recompute(self.active, sys._getframe(2))
 
     def enter_root(self, frame: Any) -> list:
         """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan``) starts in
