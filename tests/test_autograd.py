@@ -499,46 +499,77 @@ def test_reentrant_checkpoints_of_a_forward_entered_below_the_root_recompute_its
     assert nest.active == nest.largest
 
 
-@pytest.mark.parametrize("where", ["outside_use", "inside_use"])
-@pytest.mark.parametrize("how", ["part", "sequential"])
-def test_a_reentrant_checkpoint_no_forward_pinned_is_refused_at_backward(how, where):
+@pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel", "inside_use"])
+@pytest.mark.parametrize("how", ["part", "sequential", "use_inside", "activate"])
+def test_a_reentrant_checkpoint_of_a_part_called_on_its_own_recomputes_its_forward_submodel(how, where):
     """``checkpoint(part, x, use_reentrant=True)`` on a part of the model, or ``checkpoint_sequential`` over the
-    root's layers: no forward of the root (or of an entry child) runs, so nothing records the sub-model the
-    checkpointed forward ran, and the recomputation ran whatever was in force at backward (silently another
-    sub-model outside the use block, and on an accelerator's autograd thread even inside it). Refused at
-    backward, naming the fixes; ``nest.checkpoint`` on the same part recomputes the right sub-model."""
+    root's layers: no forward of the root runs, so nothing pinned the recomputation, which ran whatever was in
+    force at backward (silently another sub-model outside the use block, or on an accelerator's autograd
+    thread). A read without gradients while no forward of the root runs now looks for reentrant checkpoints
+    too; a use block inside the checkpointed function, and an activated default, recompute as they ran."""
     from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
-
-    x = torch.randn(5, 6, requires_grad=True)
-    model = build()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
     nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"), sn.Width("g", [8, 16], out="2", inp="4"))
+    x = torch.randn(5, 6, requires_grad=True)
+    sub = "h=4,g=8"
+
+    def head(t):
+        if how == "use_inside":
+            with nest.use(sub):
+                return model[2](model[1](model[0](t)))
+        return model[2](model[1](model[0](t)))
 
     def forward(ckpt):
         if how == "sequential":
-            return checkpoint_sequential(model, 2, x, use_reentrant=True) if ckpt == "torch" else model(x)
-        head = (lambda t: model[2](model[1](model[0](t))))  # noqa: E731
-        part = {"torch": lambda: checkpoint(head, x, use_reentrant=True),
-                "nest": lambda: nest.checkpoint(head, x, use_reentrant=True), None: lambda: head(x)}[ckpt]()
+            return checkpoint_sequential(model, 2, x, use_reentrant=True) if ckpt else model(x)
+        part = checkpoint(head, x, use_reentrant=True) if ckpt else head(x)
         return model[4](model[3](part))
 
-    with nest.use("h=4,g=8"):
-        forward(None).square().sum().backward()
-    want = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    with nest.use("h=4,g=8"):
-        loss = forward("torch").square().sum()
-    with pytest.raises(sn.SortedNetError, match=r"reentrant activation checkpoint.*nest\.checkpoint"):
-        backward_at(where, loss, nest, "h=4,g=8")
-    if how == "part":
+    def run(ckpt):
+        if how == "activate":
+            nest.activate(sub)
+            loss = forward(ckpt).square().sum()
+            nest.activate(nest.largest if where == "other_submodel" else sub)
+        else:
+            with nest.use(sub):
+                loss = forward(ckpt).square().sum()
+        backward_at(where, loss, nest, sub)
+        nest.activate(nest.largest)
+        out = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
         model.zero_grad(set_to_none=True)
-        with nest.use("h=4,g=8"):
-            loss = forward("nest").square().sum()
-        backward_at(where, loss, nest, "h=4,g=8")
-        same_grads([p.grad for p in model.parameters()], want, f"nest.checkpoint of a part ({where})")
+        x.grad = None
+        return out
+
+    want = run(False)
+    got = run(True)  # (activate + other_submodel: activated again between forward and backward)
+    same_grads(got, want, f"{how} checkpoint, backward {where}")
+    assert nest._state.training == 0 and nest._state.forwards == 0 and not nest._state.uses.get()
+
+
+@pytest.mark.parametrize("inner", ["reentrant", "none"])
+def test_a_non_reentrant_checkpoint_around_the_root_recomputes_its_forward_submodel(inner):
+    """``checkpoint(model, x, use_reentrant=False)`` with reentrant checkpoints inside the model, backward outside
+    the use block: PyTorch's recomputation check saw only the inner checkpoints' inputs, whose shapes do not
+    change with the width, and the default sub-model was recomputed silently. The root forward now pins the
+    non-reentrant checkpoint around it (as it pins a reentrant one)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = _Holder()
+    model.body.ckpt = inner == "reentrant"
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="body.blocks.*.0", inp="body.blocks.*.2"))
+    x = torch.randn(5, 6, requires_grad=True)
+    with nest.use("h=4"):
+        model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    with nest.use("h=4"):
+        loss = checkpoint(model, x, use_reentrant=False).square().sum()
+    loss.backward()
+    same_grads([p.grad for p in model.parameters()] + [x.grad], want, f"non-reentrant around the root ({inner})")
 
 
 class _CheckpointedUse(_CheckpointedBlocks):

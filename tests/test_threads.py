@@ -311,11 +311,18 @@ def test_a_forward_entered_at_a_child_of_the_root_holds_its_default_too():
     """``model.body(x)`` (a Hugging Face ``model.model(...)`` for hidden states) read the default anew at each
     layer: an activate from another thread mid-forward mixed two sub-models in one output. The root's direct
     children that hold sliced modules now pin it as the root does; exports and unwrap drop those hooks."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
-    net = nn.Sequential()
-    net.add_module("body", body)
-    net.add_module("head", nn.Linear(8, 2))
+    net = Net()
+    body = net.body
     nest = sn.wrap(net, sn.Width("a", [4, 32], out="body.0", inp="body.2"),
                    sn.Width("b", [4, 32], out="body.2", inp="body.4"), submodels=["a=4,b=4", "a=32,b=32"])
     x = torch.randn(5, 8)

@@ -179,6 +179,10 @@ class Dimension:
 
 
 
+def _no_pin(plan: Any) -> None:
+    """``Active.on_no_grad_read`` of a state no :class:`sortednet.wrap.Pin` watches (nothing to pin)."""
+
+
 class Active:
     """Which sub-model each caller of one nest runs (``nest.use`` / ``nest.activate``).
 
@@ -207,7 +211,7 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "on_backward_read", "epoch", "owner")
+    __slots__ = ("var", "default", "uses", "training", "forwards", "on_no_grad_read", "epoch", "owner")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -216,10 +220,10 @@ class Active:
         self.var, self.default = var, default
         # the open ``use`` blocks of the context, oldest first (see sortednet.plan.Use); never mutated
         self.uses: contextvars.ContextVar[tuple] = contextvars.ContextVar("sortednet_uses", default=())
-        # root forwards with gradients in progress (any thread), and what a read without gradients during one
-        # calls: it may be a reentrant checkpoint's forward (sortednet.wrap.Pin.no_grad_read); what a read with
-        # gradients during backward outside them calls: it may be a recomputation no forward pinned
-        self.training, self.on_no_grad_read, self.on_backward_read = 0, None, None
+        # root forwards with gradients in progress (any thread), root forwards of any kind in progress, and what
+        # a read without gradients during one with gradients, or outside every one, calls: it may be a reentrant
+        # checkpoint's forward (sortednet.wrap.Pin.no_grad_read)
+        self.training, self.forwards, self.on_no_grad_read = 0, 0, _no_pin
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0
@@ -232,11 +236,8 @@ class Active:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
         p = self.default if p is self else p
-        if not torch.is_grad_enabled():
-            if not torch.compiler.is_compiling() and self.training:
-                self.on_no_grad_read(p)
-        elif not torch.compiler.is_compiling() and not self.training and in_backward():
-            self.on_backward_read()
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and (self.training or not self.forwards):
+            self.on_no_grad_read(p)
         return p
 
     def __deepcopy__(self, memo: dict) -> "Active":
@@ -244,14 +245,6 @@ class Active:
 
     def __reduce__(self) -> Any:
         raise SortedNetError("the run-time state of a nest cannot be pickled; use sn.save(nest, path)")
-
-
-_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
-
-
-def in_backward() -> bool:
-    """The autograd engine is running a backward in this thread (a reentrant checkpoint recomputes there)."""
-    return _graph_task() >= 0
 
 
 def dimension_from_spec(spec: dict[str, Any]) -> Dimension:

@@ -324,32 +324,6 @@ _CKPT_CODE = getattr(_CKPT_FORWARD, "__code__", None)
 # the checkpointed function pins it as the reentrant ones are (:meth:`sortednet.slicers.depth.DepthSlicer`).
 _NR_CODE = getattr(inspect.unwrap(getattr(_checkpoint, "checkpoint", None)), "__code__", None)
 _CODES = frozenset(c for c in (_CKPT_CODE, _NR_CODE) if c is not None)
-_CKPT_BACK_CODE = getattr(getattr(getattr(_checkpoint, "CheckpointFunction", None), "backward", None), "__code__", None)
-
-
-def refuse_unpinned_recompute(active: Active, frame: Any) -> None:
-    """A sliced read with gradients during backward, outside every pinned forward: when it comes from a
-    reentrant checkpoint's recomputation whose forward this nest did not pin (the forward never went through
-    the root or one of its entry children: a checkpoint called on a part of the model, a method of the root
-    that runs its blocks), nothing tells which sub-model that forward ran, and the recomputation would run the
-    one in force now (on an accelerator backward runs on another thread, where no ``use`` block is): refused.
-    Reads during backward for other reasons (hooks under ``create_graph``) go on."""
-    f = frame
-    while f is not None:
-        if f.f_code is _CKPT_BACK_CODE:
-            ctx = f.f_locals.get("ctx")
-            if ctx is not None and not _pinned(ctx, active):
-                raise SortedNetError(
-                    "a reentrant activation checkpoint (torch.utils.checkpoint(..., use_reentrant=True)) is "
-                    "recomputing, during backward, a forward of the wrapped model that did not go through the "
-                    "model itself or one of its direct children (a checkpoint called on a part of the model, "
-                    "checkpoint_sequential, a method of the model that runs its blocks): sortednet cannot tell "
-                    "which sub-model that forward ran, and the recomputation would run the one in force now, "
-                    "silently mixing two sub-models' gradients. Call the model itself (model(x)), wrap the "
-                    "checkpointed call as nest.checkpoint(fn, *args), or checkpoint with use_reentrant=False and "
-                    "context_fn=nest.checkpoint_context")
-            return
-        f = f.f_back
 
 
 def _pinned(ctx: Any, active: Active, attr: str = "run_function") -> bool:

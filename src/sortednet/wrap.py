@@ -19,12 +19,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .patterns import match_pattern
-from .plan import close_block, heal_pins, open_block, pin_checkpoints, refuse_unpinned_recompute
+from .plan import close_block, heal_pins, open_block, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
 from .slicers.depth import refuse_tree_change
 from .views import _compiling, _grad_enabled, cuts_for
+
+#: the innermost saved-tensor hooks (a non-reentrant checkpoint's forward installs them), or None
+_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 __all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin", "guard_tree",
            "unguard_tree", "tree_links"]
@@ -425,7 +428,12 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
 def entry_children(model: nn.Module, planned: dict) -> list[nn.Module]:
     """The root's direct children that a training script may call instead of the root (``model.model`` of a
     Hugging Face head model, PEFT calling ``model.forward`` and then it): those with a forward of their own and
-    sliced modules below them (not a sliced leaf itself: a checkpoint inside it cannot hold another module)."""
+    sliced modules below them, so that such a forward is pinned as the root's (not a sliced leaf itself: a
+    checkpoint inside it cannot hold another module). None under an ``nn.Sequential`` root: its forward calls
+    every child, each hook costs a few microseconds per call and takes the child off PyTorch's fast call path,
+    and a part called on its own is still seen by its reads (:meth:`Pin.no_grad_read`)."""
+    if type(model).forward is nn.Sequential.forward:
+        return []
     sliced = {id(m) for m, _, _ in planned.values()}
     out: list[nn.Module] = []
     for c in model.children():
@@ -467,7 +475,7 @@ class Pin:
         # weights were copied in, or None for a private view that shares the weights (they follow every sort)
         self.root = weakref.ref(root) if root is not None else None
         self.copies: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
-        active.on_no_grad_read, active.on_backward_read = self.no_grad_read, self.backward_read
+        active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
         """A deep copy of the model follows the same nest state (this pin); the copy is noted with the unit order
@@ -510,14 +518,15 @@ class Pin:
             while f is not None and f is not outer:
                 f = f.f_back
             if f is None:  # the outermost pinned forward is gone without its post hook (an interrupt)
-                self._count(-sum(e[3] for e in stack))
+                self._count(-sum(e[3] for e in stack), -sum(e is not _INNER for e in stack))
                 stack.clear()
         return stack
 
-    def _count(self, n: int) -> None:
-        if n:
-            with self.lock:
-                self.active.training += n
+    def _count(self, n: int, forwards: int) -> None:
+        """``n`` forwards with gradients and ``forwards`` forwards in all more (fewer) in progress."""
+        with self.lock:
+            self.active.training += n
+            self.active.forwards += forwards
 
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
@@ -558,12 +567,12 @@ class Pin:
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
             heal_pins(a, here)
         grad = _grad_enabled()
-        if not grad:  # (inside a reentrant checkpoint's forward: it recomputes the plan in force there)
-            pin_checkpoints(a, a.plan(), here)
+        if not grad or _saved_tensors_hooks(False) is not None:  # (inside a reentrant checkpoint's forward, or
+            pin_checkpoints(a, a.plan(), here)  # a non-reentrant one's: it recomputes the plan in force there)
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         # on the context's stack, as use
         entry = open_block(a, here, a.default, pin=True) if pinned else None
-        self._count(grad)
+        self._count(grad, 1)
         stack.append([entry, here, a.default if pinned else None, grad, sys.exc_info()[1]])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
@@ -577,7 +586,7 @@ class Pin:
             entry, grad = top[0], top[3]
             if out is None:  # (always_call: also after the forward raised, inside torch's except block)
                 self._annotate(top[4] if len(top) > 4 else None)
-            self._count(-grad)
+            self._count(-grad, -(top is not _INNER))
             if entry is not None:  # (a use block the user's hooks opened around the forward ends with it)
                 close_block(self.active, entry, here)
 
@@ -601,20 +610,20 @@ class Pin:
             err.add_note(text)
 
     def no_grad_read(self, plan: Any) -> None:
-        """A sliced attribute read without gradients while a forward with gradients runs (in some thread):
-        when that forward is in this thread and the read comes from a reentrant checkpoint's forward inside
-        it, the checkpoint recomputes under ``plan`` during backward, wherever backward runs."""
+        """A sliced attribute read without gradients while a forward with gradients runs (in some thread), or
+        while no forward of the root runs at all: when the read comes from a reentrant checkpoint's forward,
+        the checkpoint recomputes under ``plan`` during backward, wherever backward runs. Inside a forward
+        with gradients of this thread, the stack is looked up to that forward's frame; with no forward of the
+        root (or of an entry child) in this thread (a part of the model called on its own: a checkpoint you
+        called on it, ``checkpoint_sequential``, a method that runs the blocks), to its top."""
         stack = self.local.__dict__.get("stack")
         if stack:
             for e in reversed(stack):
                 if e[3]:  # the innermost forward with gradients of this thread
                     pin_checkpoints(self.active, plan, sys._getframe(2), stop=e[1])
                     return
-
-    def backward_read(self) -> None:
-        """A sliced attribute read with gradients during backward while no pinned forward runs: see
-        :func:`sortednet.plan.refuse_unpinned_recompute`."""
-        refuse_unpinned_recompute(self.active, sys._getframe(2))
+        else:
+            pin_checkpoints(self.active, plan, sys._getframe(2))
 
     def enter_root(self, frame: Any) -> list:
         """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan``) starts in
@@ -622,7 +631,7 @@ class Pin:
         stack = self._stack()
         grad = _grad_enabled()
         entry = [None, frame, None, grad]
-        self._count(grad)
+        self._count(grad, 1)
         stack.append(entry)
         return entry
 
@@ -630,7 +639,7 @@ class Pin:
         stack = self.local.__dict__.get("stack")
         if stack and any(e is entry for e in stack):
             stack[:] = [e for e in stack if e is not entry]
-            self._count(-entry[3])
+            self._count(-entry[3], -1)
 
     def repin(self, plan: Any) -> None:
         """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan`` (not inside

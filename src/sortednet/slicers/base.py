@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..dims import Active, Binding, in_backward
+from ..dims import Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
 from ..views import (
     DYNAMIC,
@@ -318,11 +318,8 @@ class Slicer:
                         return st.slicer.value(self_, name) if b is None else b.features()
                     p = a._scoped  # Active.plan(), inlined: the nest's context variable, else the default
                     p = a.default if p is a else p
-                    if not _grad_enabled():
-                        if not _compiling() and a.training:  # (maybe a reentrant checkpoint's forward:
-                            a.on_no_grad_read(p)             # Pin.no_grad_read)
-                    elif not _compiling() and not a.training and in_backward():  # (maybe a recomputation
-                        a.on_backward_read()                                     # nobody pinned)
+                    if not _grad_enabled() and not _compiling() and (a.training or not a.forwards):  # (maybe a
+                        a.on_no_grad_read(p)                  # reentrant checkpoint's forward: Pin.no_grad_read)
                     e = p.entries[st.slot][name]
                     if e.__class__ is View:
                         return e.take(self_, st)

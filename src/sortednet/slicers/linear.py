@@ -7,7 +7,6 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..dims import in_backward
 from ..views import View, _compiling, _grad_enabled, linear
 from .base import Slicer, slicer
 
@@ -44,8 +43,6 @@ def _forward(self: nn.Linear, input: Tensor) -> Tensor:
         st = self.__dict__["_sn"]
         a = st.active
         if a is not None:
-            if not a.training and in_backward():  # (maybe a reentrant checkpoint's recomputation nobody pinned)
-                a.on_backward_read()
             p = a._scoped
             e = (a.default if p is a else p).entries[st.slot]
             wv = e["weight"]
