@@ -179,10 +179,6 @@ class Dimension:
 
 
 
-def _no_pin(plan: Any) -> None:
-    """``Active.on_no_grad_read`` of a state no :class:`sortednet.wrap.Pin` watches (nothing to pin)."""
-
-
 class Active:
     """Which sub-model each caller of one nest runs (``nest.use`` / ``nest.activate``).
 
@@ -211,7 +207,7 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses", "training", "forwards", "on_no_grad_read", "epoch", "owner")
+    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -220,10 +216,9 @@ class Active:
         self.var, self.default = var, default
         # the open ``use`` blocks of the context, oldest first (see sortednet.plan.Use); never mutated
         self.uses: contextvars.ContextVar[tuple] = contextvars.ContextVar("sortednet_uses", default=())
-        # root forwards with gradients in progress (any thread), root forwards of any kind in progress, and what
-        # a read without gradients during one with gradients, or outside every one, calls: it may be a reentrant
-        # checkpoint's forward (sortednet.wrap.Pin.no_grad_read)
-        self.training, self.forwards, self.on_no_grad_read = 0, 0, _no_pin
+        # root forwards with gradients in progress (any thread), and what a read without gradients during one
+        # calls: it may be a reentrant checkpoint's forward (sortednet.wrap.Pin.no_grad_read)
+        self.training, self.on_no_grad_read = 0, None
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0
@@ -236,7 +231,7 @@ class Active:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
         p = self.default if p is self else p
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and (self.training or not self.forwards):
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.training:
             self.on_no_grad_read(p)
         return p
 

@@ -298,8 +298,9 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
             pin = getattr(active.on_no_grad_read, "__self__", None)
             if pin is None:
                 return fn(*args, **kwargs)
-            root = pin.enter_root(sys._getframe())  # a recomputation is a forward: checkpoints created in
-            try:                                    # it (nested ones) are pinned as in the root's forward
+            uses = active.uses.get()  # (the block just opened: an activate in fn re-pins it, see Pin.repin)
+            root = pin.enter_root(sys._getframe(), uses[-1] if uses else None)  # a recomputation is a forward:
+            try:                                    # checkpoints created in it (nested ones) are pinned too
                 return fn(*args, **kwargs)
             finally:
                 pin.exit_root(root)

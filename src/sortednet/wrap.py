@@ -430,8 +430,8 @@ def entry_children(model: nn.Module, planned: dict) -> list[nn.Module]:
     Hugging Face head model, PEFT calling ``model.forward`` and then it): those with a forward of their own and
     sliced modules below them, so that such a forward is pinned as the root's (not a sliced leaf itself: a
     checkpoint inside it cannot hold another module). None under an ``nn.Sequential`` root: its forward calls
-    every child, each hook costs a few microseconds per call and takes the child off PyTorch's fast call path,
-    and a part called on its own is still seen by its reads (:meth:`Pin.no_grad_read`)."""
+    every child, and each hook costs a few microseconds per call (it takes the child off PyTorch's fast call
+    path)."""
     if type(model).forward is nn.Sequential.forward:
         return []
     sliced = {id(m) for m, _, _ in planned.values()}
@@ -518,15 +518,14 @@ class Pin:
             while f is not None and f is not outer:
                 f = f.f_back
             if f is None:  # the outermost pinned forward is gone without its post hook (an interrupt)
-                self._count(-sum(e[3] for e in stack), -sum(e is not _INNER for e in stack))
+                self._count(-sum(e[3] for e in stack))
                 stack.clear()
         return stack
 
-    def _count(self, n: int, forwards: int) -> None:
-        """``n`` forwards with gradients and ``forwards`` forwards in all more (fewer) in progress."""
-        with self.lock:
-            self.active.training += n
-            self.active.forwards += forwards
+    def _count(self, n: int) -> None:
+        if n:
+            with self.lock:
+                self.active.training += n
 
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiling():
@@ -568,11 +567,12 @@ class Pin:
             heal_pins(a, here)
         grad = _grad_enabled()
         if not grad or _saved_tensors_hooks(False) is not None:  # (inside a reentrant checkpoint's forward, or
-            pin_checkpoints(a, a.plan(), here)  # a non-reentrant one's: it recomputes the plan in force there)
+            p = a._scoped                                          # a non-reentrant one's: it recomputes the
+            pin_checkpoints(a, a.default if p is a else p, here)  # plan in force there)
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         # on the context's stack, as use
         entry = open_block(a, here, a.default, pin=True) if pinned else None
-        self._count(grad, 1)
+        self._count(grad)
         stack.append([entry, here, a.default if pinned else None, grad, sys.exc_info()[1]])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
@@ -586,7 +586,7 @@ class Pin:
             entry, grad = top[0], top[3]
             if out is None:  # (always_call: also after the forward raised, inside torch's except block)
                 self._annotate(top[4] if len(top) > 4 else None)
-            self._count(-grad, -(top is not _INNER))
+            self._count(-grad)
             if entry is not None:  # (a use block the user's hooks opened around the forward ends with it)
                 close_block(self.active, entry, here)
 
@@ -610,28 +610,25 @@ class Pin:
             err.add_note(text)
 
     def no_grad_read(self, plan: Any) -> None:
-        """A sliced attribute read without gradients while a forward with gradients runs (in some thread), or
-        while no forward of the root runs at all: when the read comes from a reentrant checkpoint's forward,
-        the checkpoint recomputes under ``plan`` during backward, wherever backward runs. Inside a forward
-        with gradients of this thread, the stack is looked up to that forward's frame; with no forward of the
-        root (or of an entry child) in this thread (a part of the model called on its own: a checkpoint you
-        called on it, ``checkpoint_sequential``, a method that runs the blocks), to its top."""
+        """A sliced attribute read without gradients while a forward with gradients runs (in some thread):
+        when that forward is in this thread and the read comes from a reentrant checkpoint's forward inside
+        it, the checkpoint recomputes under ``plan`` during backward, wherever backward runs."""
         stack = self.local.__dict__.get("stack")
         if stack:
             for e in reversed(stack):
                 if e[3]:  # the innermost forward with gradients of this thread
                     pin_checkpoints(self.active, plan, sys._getframe(2), stop=e[1])
                     return
-        else:
-            pin_checkpoints(self.active, plan, sys._getframe(2))
 
-    def enter_root(self, frame: Any) -> list:
-        """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan``) starts in
-        ``frame``: reads without gradients inside it pin checkpoints as in a root forward."""
+    def enter_root(self, frame: Any, block: Any = None) -> list:
+        """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan`` inside its use
+        ``block``) starts in ``frame``: reads without gradients inside it pin checkpoints as in a root forward,
+        and an ``activate`` in this thread during it re-pins the block, as in a pinned root forward (the
+        checkpointed function activating another sub-model recomputes as its forward ran)."""
         stack = self._stack()
         grad = _grad_enabled()
-        entry = [None, frame, None, grad]
-        self._count(grad, 1)
+        entry = [block, frame, None, grad]
+        self._count(grad)
         stack.append(entry)
         return entry
 
@@ -639,7 +636,7 @@ class Pin:
         stack = self.local.__dict__.get("stack")
         if stack and any(e is entry for e in stack):
             stack[:] = [e for e in stack if e is not entry]
-            self._count(-entry[3], -1)
+            self._count(-entry[3])
 
     def repin(self, plan: Any) -> None:
         """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan`` (not inside
