@@ -279,6 +279,29 @@ def _views(model):
         yield name, getattr(model.get_submodule(path), attr)
 
 
+def _holds_its_default(nest, run, first, x):
+    """``run(x)`` started under the smallest sub-model keeps it while another thread activates the largest
+    from a hook on ``first`` (deterministically mid-forward); the next call runs the largest."""
+    small, large = nest.submodels[0], nest.submodels[-1]
+    with torch.no_grad():
+        ref = {}
+        for s in (small, large):
+            with nest.use(s):
+                ref[s] = run(x)
+        nest.activate(small)
+
+        def other_thread(*args):
+            t = threading.Thread(target=nest.activate, args=(large,))
+            t.start()
+            t.join()
+
+        h = first.register_forward_hook(other_thread)
+        y = run(x)
+        h.remove()
+        assert torch.equal(y, ref[small])
+        assert torch.equal(run(x), ref[large])  # the next forward
+
+
 def test_activate_during_a_forward_takes_effect_at_the_next_one():
     """A forward that starts outside use holds the default it started with: an activate from another thread
     in the middle (started from a hook, deterministically) cannot mix two sub-models."""
@@ -287,23 +310,7 @@ def test_activate_during_a_forward_takes_effect_at_the_next_one():
     net = nn.Sequential(blocks, nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
     nest = sn.wrap(net, sn.Depth("d", [1, 3], layers="0"), sn.Width("w", [4, 32], out="1", inp="3"),
                    submodels=["d=1,w=4", "d=3,w=32"])
-    x = torch.randn(5, 8)
-    with torch.no_grad():
-        ref = {}
-        for s in nest.submodels:
-            with nest.use(s):
-                ref[str(s)] = net(x)
-        nest.activate("d=1,w=4")
-        def other_thread(*args):
-            t = threading.Thread(target=nest.activate, args=("d=3,w=32",))
-            t.start()
-            t.join()
-
-        h = blocks[0].register_forward_hook(other_thread)
-        y = net(x)
-        h.remove()
-        assert torch.equal(y, ref["d=1,w=4"])
-        assert torch.equal(net(x), ref["d=3,w=32"])  # the next forward
+    _holds_its_default(nest, net, blocks[0], torch.randn(5, 8))
     assert nest.export("d=1,w=4")._forward_hooks == {} and not nest.export("d=1,w=4")._forward_pre_hooks
 
 
@@ -325,24 +332,7 @@ def test_a_forward_entered_at_a_child_of_the_root_holds_its_default_too():
     body = net.body
     nest = sn.wrap(net, sn.Width("a", [4, 32], out="body.0", inp="body.2"),
                    sn.Width("b", [4, 32], out="body.2", inp="body.4"), submodels=["a=4,b=4", "a=32,b=32"])
-    x = torch.randn(5, 8)
-    with torch.no_grad():
-        ref = {}
-        for s in nest.submodels:
-            with nest.use(s):
-                ref[str(s)] = body(x)
-        nest.activate("a=4,b=4")
-
-        def other_thread(*args):
-            t = threading.Thread(target=nest.activate, args=("a=32,b=32",))
-            t.start()
-            t.join()
-
-        h = body[0].register_forward_hook(other_thread)
-        y = body(x)
-        h.remove()
-        assert torch.equal(y, ref["a=4,b=4"])
-        assert torch.equal(body(x), ref["a=32,b=32"])  # the next forward
+    _holds_its_default(nest, body, body[0], torch.randn(5, 8))
     exported = nest.export("a=4,b=4")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in exported.modules())
     nest.unwrap()
