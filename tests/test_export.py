@@ -407,6 +407,63 @@ def test_transformer_encoder_with_padding_under_no_grad(heads, batch_first, seed
         torch.testing.assert_close(live, before, atol=1e-6, rtol=0)
 
 
+def test_an_exported_encoder_with_an_odd_head_count_takes_no_nested_tensors():
+    """Heads with the model width narrowed alongside: the sub-model's attention exports as a plain
+    nn.MultiheadAttention of 3 heads, but the export kept the full encoder's ``use_nested_tensor=True``, and a
+    padded batch under no_grad raised PyTorch's 'num_heads is not even' AssertionError (a TransformerEncoder
+    built at that size sets it False itself). The export now decides it as PyTorch's __init__ does."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 16)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+
+        def forward(self, x, pad=None):
+            return self.enc(self.inp(x), src_key_padding_mask=pad)
+
+    model = M().eval()
+    nest = sn.wrap(model, sn.Heads("heads", [3, 4], attn="enc.layers.*.self_attn"),
+                   sn.Width("embed", [12, 16], out=["inp", "enc.layers.*.self_attn.out_proj", "enc.layers.*.linear2"],
+                            inp=["enc.layers.*.self_attn", "enc.layers.*.linear1"],
+                            norm=["enc.layers.*.norm1", "enc.layers.*.norm2"]))
+    x, pad = torch.randn(3, 6, 5), torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    odd = 0
+    for sub in nest.submodels:  # (heads x head size != width: sortednet's PrunedMultiheadAttention)
+        small = nest.export(sub).eval()
+        attn = small.enc.layers[0].self_attn
+        if type(attn) is nn.MultiheadAttention:
+            assert small.enc.use_nested_tensor == (attn.num_heads % 2 == 0)
+            odd += attn.num_heads % 2
+        with torch.no_grad():
+            with nest.use(sub):
+                live = model(x, pad)
+            torch.testing.assert_close(small(x, pad)[~pad], live[~pad], atol=1e-5, rtol=0)
+    assert odd == 1  # heads=3,embed=12
+
+
+def test_a_multihead_attention_subclass_with_its_own_forward_is_refused_at_wrap():
+    """Sortednet runs its own attention for every smaller sub-model: a subclass's forward (here scaling the
+    output; torch's quantizable MultiheadAttention projects through other modules) was skipped there, silently,
+    and dropped by export. Refused, naming the class; the model is unchanged."""
+    from torch.ao.nn.quantizable import MultiheadAttention as QuantizableMHA
+
+    class ScaledMHA(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            out, w = super().forward(*args, **kwargs)
+            return out * 10, w
+
+    for cls in (ScaledMHA, QuantizableMHA):
+        m = nn.Sequential(cls(16, 4, batch_first=True))
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(sn.SortedNetError, match=f"{cls.__qualname__} subclasses nn.MultiheadAttention with a "
+                                                    "forward of its own"):
+            sn.wrap(m, sn.Heads("h", [2, 4], attn="0"))
+        assert type(m[0]) is cls and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
 def test_a_model_with_a_config_that_no_hook_writes_is_refused_even_with_the_integrations_loaded():
     import sortednet.integrations  # noqa: F401  (registers the transformers export hook)
 

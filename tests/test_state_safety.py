@@ -657,6 +657,31 @@ def test_writes_to_a_sliced_attribute_are_refused_and_leave_nothing_behind(write
     assert type(m[0].weight) is nn.Parameter
 
 
+@pytest.mark.parametrize("name, value", [("max_norm", 1.0), ("sparse", True)])
+def test_an_embedding_setting_that_wrap_refuses_cannot_be_set_after_wrap(name, value):
+    """``wrap`` refuses a sliced Embedding with ``max_norm`` (its lookups renormalise rows of the shared weight in
+    place) or ``sparse``; set after wrap, ``max_norm`` went through: one lookup under a narrower sub-model
+    rescaled its columns of the shared rows for every other sub-model (a row norm 6.55 -> 5.17). Refused, naming
+    the attribute; the weight is unchanged, and after unwrap the setting is the module's own again."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
+    with torch.no_grad():
+        m[0].weight.mul_(3)
+    nest = sn.wrap(m, sn.Width("c", [4, 8], out="0", inp="1"))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=rf"0\.{name} is sliced by sortednet"):
+        setattr(m[0], name, value)
+    m[0].max_norm, m[0].sparse = None, False  # the values it has: nothing changes
+    assert_unchanged(m, before)
+    with nest.use("c=4"):
+        m(torch.tensor([1, 2])).sum().backward()
+    assert m[0].weight.grad.layout is torch.strided
+    assert_unchanged(m, before)  # (no row renormalised)
+    nest.unwrap()
+    setattr(m[0], name, value)
+    assert getattr(m[0], name) == value
+
+
 def test_data_parallel_replication_is_refused_by_name():
     """``torch.nn.DataParallel`` over several devices copies each module (``_replicate_for_data_parallel``) and
     sets the broadcast parameters on the copies as plain attributes; its replicas then run in worker threads,

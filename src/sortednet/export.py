@@ -95,6 +95,10 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
             if torch_stack and isinstance(m.__dict__.get("num_layers"), int):
                 m.num_layers = len(m.layers)
+            if isinstance(m, nn.TransformerEncoder) and m.__dict__.get("use_nested_tensor") and any(
+                    type(a) is nn.MultiheadAttention and a.num_heads % 2
+                    for a in (getattr(layer, "self_attn", None) for layer in m.layers)):
+                m.use_nested_tensor = False  # (as PyTorch's own __init__ decides: no nested tensors for odd heads)
         _share_once(model, new, skipped, sub)
     return new
 

@@ -13,9 +13,11 @@ from .base import Slicer, slicer
 @slicer(nn.Embedding)
 class EmbeddingSlicer(Slicer):
     roles = ("out",)
-    attrs = ("weight", "embedding_dim")
+    # max_norm / sparse: read as they were at wrap (None / False, which check requires); a write of another
+    # value is refused as for embedding_dim (max_norm renormalises looked-up rows of the shared weight in place)
+    attrs = ("weight", "embedding_dim", "max_norm", "sparse")
     views = {"weight": ((1, "out"),)}
-    static = ("embedding_dim",)
+    static = ("embedding_dim", "max_norm", "sparse")
 
     def full(self, m: nn.Module, role: str) -> int:
         return m.__dict__["embedding_dim"]
@@ -32,4 +34,6 @@ class EmbeddingSlicer(Slicer):
     def value(self, m: nn.Module, name: str) -> Any:
         if name == "weight":
             return self.take(m, "weight", [(1, "out")])
+        if name in ("max_norm", "sparse"):
+            return m.__dict__[name]
         return self.features(m, "out", m.__dict__["embedding_dim"])

@@ -151,6 +151,12 @@ class MHASlicer(Slicer):
         return m.__dict__["embed_dim"] * (3 if role == "heads" else 1)
 
     def check(self, m: nn.Module, bind: dict, path: str) -> None:
+        if type(m).forward is not nn.MultiheadAttention.forward:  # (sub-models run sortednet's own attention)
+            raise PatternError(
+                f"{path!r}: {type(m).__module__}.{type(m).__qualname__} subclasses nn.MultiheadAttention with a "
+                "forward of its own, which sortednet's attention would skip under every smaller sub-model (and "
+                "export would drop); register a slicer for it (docs/custom_slicers.md) or leave it out of the "
+                "dimension")
         if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
             raise PatternError(f"{path!r}: MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or "
                                "add_zero_attn cannot be sliced")
