@@ -23,11 +23,8 @@ from .plan import close_block, heal_pins, open_block, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
-from .slicers.depth import refuse_tree_change
+from .slicers.depth import _saved_tensors_hooks, refuse_tree_change
 from .views import _compiling, _grad_enabled, cuts_for
-
-#: the innermost saved-tensor hooks (a non-reentrant checkpoint's forward installs them), or None
-_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 __all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin", "guard_tree",
            "unguard_tree", "tree_links"]
