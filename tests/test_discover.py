@@ -19,6 +19,7 @@ from torch import nn
 import arch
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, case_params, run, snapshot
+from sortednet.check import output_leaves
 from sortednet.discovery import sizes_for
 from sortednet.importance import sort_units
 
@@ -292,6 +293,62 @@ def test_features_mixed_along_their_axis_are_left_out(how):
     dims = sn.discover(model, x, ratios=[0.25, 1.0])
     assert not [d for d in dims if "a" in d.out or (how != "conv" and "o" in d.inp)], dims
     assert (("b",), ("c",)) in [(d.out, d.inp) for d in widths(dims)]
+
+
+class _RawRead(nn.Module):
+    """``a -> b -> o`` where the forward also reads ``b``'s tensors directly (``how``), next to a plain pair
+    ``c -> d``. Read as an attribute of a wrapped module a tensor is the active slice, so what the op does to
+    it decides, as for features: an integer index picks another unit at every width, a penalty over
+    ``b.parameters()`` sees the full tensors live (and the smaller ones exported); an elementwise use of the
+    slice is consistent at every width."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.o = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.c, self.d = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.b(F.relu(self.a(x))))
+        y = self.o(h) + self.d(F.relu(self.c(x)))
+        if self.how == "last_bias":
+            return y + self.b.bias[-1]
+        if self.how == "parameters":  # a penalty returned next to the output
+            return y, sum(p.square().sum() for p in self.b.parameters())
+        if self.how == "parameters_scale":
+            return y * torch.stack([p.mean() for p in self.b.parameters()]).sum()
+        if self.how == "functional":  # b's weight in a functional call beside b's own
+            return y + F.linear(F.relu(self.a(x)), self.b.weight).mean(-1, keepdim=True)
+        if self.how == "scale_by_bias":  # b's features scaled by its own bias: the same slice live and exported
+            return self.o(h * self.b.bias) + self.d(F.relu(self.c(x)))
+        if self.how == "clamp":  # an in-place write into the slice, as a weight clip in the forward
+            with torch.no_grad():
+                self.b.weight.clamp_(-0.5, 0.5)
+            return y
+        raise AssertionError(self.how)
+
+
+@pytest.mark.parametrize("how, kept_b_out, kept_a_out", [
+    ("last_bias", False, True), ("parameters", False, False), ("parameters_scale", False, False),
+    ("functional", False, False), ("scale_by_bias", True, True), ("clamp", True, True)])
+def test_a_module_tensor_read_by_the_forward_is_linked_to_its_features(how, kept_b_out, kept_a_out):
+    model, x = _RawRead(how).eval(), torch.randn(3, 6)
+    with torch.no_grad():
+        model.b.weight.mul_(0.5)  # (inside the clamp: the clip writes nothing)
+    expected = run(copy.deepcopy(model), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dims = sn.discover(model, x, ratios=[0.25, 1.0])
+    outs = {p for d in widths(dims) for p in d.out}
+    assert ("b" in outs, "a" in outs) == (kept_b_out, kept_a_out), dims
+    assert (("c",), ("d",)) in [(d.out, d.inp) for d in widths(dims)]
+    nest = sn.wrap(model, *dims, example=x)
+    assert all(map(torch.equal, output_leaves(run(model, x)), output_leaves(expected)))
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = model(x)
+        for a, b in zip(output_leaves(nest.export(sub)(x)), output_leaves(live)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dataclass_out", [False, True])

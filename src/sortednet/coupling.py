@@ -32,6 +32,7 @@ from .coupling_ops import Attention, _tensors, attention_block, handle, leaf_typ
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads, separate_qkv
 from .modes import dry_run, eval_view, seeded
+from .slicers.base import slicer_for
 
 __all__ = ["Group", "Coupling", "analyse"]
 
@@ -282,6 +283,21 @@ def record(model: nn.Module, example: Any) -> tuple[list[_Event], Any, dict[str,
     return rec.sinks[0], out, attn
 
 
+def _axis_roles(m: nn.Module, attr: str) -> tuple[tuple[int, str], ...] | None:
+    """The ``(axis, role)`` pairs of tensor ``attr`` of a sliceable module ``m`` (its slicer's view rules);
+    ``()`` for a module sortednet does not slice, ``None`` where they are not known."""
+    sl = slicer_for(m)
+    if sl is None:
+        return ()
+    try:
+        axes = sl.rules(m).get(attr)
+    except Exception:  # a user's slicer that needs the wrapped state
+        return None
+    if not isinstance(axes, tuple) or not all(isinstance(a, tuple) and len(a) == 2 for a in axes):
+        return None
+    return axes
+
+
 class _Analysis:
     """Turns recorded events into variables linked in a union-find."""
 
@@ -291,6 +307,12 @@ class _Analysis:
         self.vars: dict[int, list[int]] = {}
         self.params = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
         self.modules = dict(model.named_modules())
+        self.owners: dict[int, list[tuple[str, nn.Module, str]]] = {}  # a tensor -> (path, module, attribute)
+        for path, m in model.named_modules(remove_duplicate=False):  # every holder of a tied tensor
+            for attr, t in (*m._parameters.items(), *m._buffers.items()):
+                if t is not None:
+                    self.owners.setdefault(id(t), []).append((path, m, attr))
+        self.raw: list[tuple[int, str, str, str]] = []  # (variable, module path, role, tensor name) to link
         self.attention: list[Attention] = []
         for t in _tensors(example):
             self.vars[id(t)] = [self.uf.new(s, "the network input") for s in t.shape]
@@ -301,8 +323,44 @@ class _Analysis:
         if v is None:
             name = self.params.get(id(t))
             why = f"parameter {name!r}" if name else "a tensor from outside the traced ops"
-            v = self.vars[id(t)] = [self.uf.new(s, why) for s in t.shape]
+            v = self.vars[id(t)] = self._raw(t, name) if name else [self.uf.new(s, why) for s in t.shape]
         return v
+
+    def _raw(self, t: Tensor, name: str) -> list[int]:
+        """Variables of a parameter / buffer that an op reads directly (``self.fc.bias[-1]``, a penalty over
+        ``fc.weight``, a functional call on it). Read as an attribute of a wrapped module it is the active
+        slice, so each axis that holds a role's features is linked to that role (at the end of the analysis,
+        when every module call is bound) and what the op does to it decides, as for any feature axis. An axis
+        of no role (a kernel's), a tensor of an unsliceable module (a class token) or of a slicer whose rules
+        are not known is fixed; the last fixes every role of its module."""
+        why = f"parameter {name!r}"
+        links: list[list[tuple[str, str]]] = [[] for _ in t.shape]
+        for path, m, attr in self.owners.get(id(t), ()):
+            axes = _axis_roles(m, attr)
+            if axes is None:
+                if t.dim():  # (a 0-d count holds no unit)
+                    self.raw.append((-1, path, "", name))
+                continue
+            for axis, role in axes:
+                if 0 <= axis < t.dim():
+                    links[axis].append((path, role))
+        vs = [self.uf.new(s, None if links[i] else why) for i, s in enumerate(t.shape)]
+        self.raw += [(vs[i], path, role, name) for i, ls in enumerate(links) for path, role in ls]
+        return vs
+
+    def link_raw(self) -> None:
+        """Join each directly read tensor axis to its role (see :meth:`_raw`). A module that never ran on
+        the example has no role bound: its tensor's axis stays fixed."""
+        for v, path, role, name in self.raw:
+            why = f"parameter {name!r}, read directly by the forward"
+            if v < 0:  # the rules of its slicer are not known: every role of the module
+                for (p, _), r in list(self.uf.roles.items()):
+                    if p == path:
+                        self.uf.fix(r, why)
+            elif (path, role) in self.uf.roles:
+                self.uf.union(v, self.uf.roles[(path, role)])
+            else:
+                self.uf.fix(v, why)
 
     def assign(self, t: Tensor, srcs: list[list[int]], why: str) -> list[int]:
         """Give ``t`` (an op's output) per-axis variables linked to ``srcs`` (per axis; empty = fresh, fixed)."""
@@ -400,6 +458,7 @@ def _analyse(view: nn.Module, model: nn.Module, example: Any) -> Coupling:
         events, out, attn = record(view, example)
     a = _Analysis(view, example, attn)
     a.run(events)
+    a.link_raw()
     a.fix_all(_tensors(out), "the network output")
     return _coupling(a.uf, a.attention)
 

@@ -10,7 +10,8 @@ paths as patterns. What must not shrink (the network's input and output, the
 classes, raw parameters such as class tokens or layer scales, concatenated or
 reshaped axes, anything an op discovery does not understand touches) is left
 out. Each candidate is then dry-run on a copy of the model (smallest size,
-alone and together): one that fails is dropped.
+alone and together): one that fails, or whose live output is not its
+export's, is dropped.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .check import _shapes, _tolerance, whole_units_error
+from .check import _rel_diff, _shapes, _tolerance, output_leaves, whole_units_error
 from .cost import call_model
 from .coupling import Coupling, Group, analyse
 from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
 from .errors import flag as _flag
 from .heads import Heads
-from .modes import copy_model
+from .modes import copy_model, seeded
 from .nest import wrap
 from .sampler import number_list
 from .submodel import SubModel
@@ -166,7 +167,50 @@ def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dim
                     kept.append(d)
             dims = kept
         dims = _whole_heads(probe, example, dims)
+        for _ in range(len(dims)):
+            bad = _unlike_export(probe, example, dims)
+            if not bad:
+                break
+            dims = [d for i, d in enumerate(dims) if i not in bad]
     return dims
+
+
+def _unlike_export(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[int]:
+    """Indices of ``dims`` whose live sub-model (its smallest size, alone) computes something else than its
+    export: a forward that reads a parameter whole (``sum(p.square().sum() for p in m.parameters())``, which
+    the recording cannot tell from the sliced attribute) sees the full tensor live, the smaller one exported.
+    Checked on all smallest together first; [] when they agree or the nest does not export."""
+    if not dims:
+        return []
+    fresh = _fresh(dims)
+    smallest = {d.name: d.sizes[0] for d in fresh}
+    nest = _quiet_wrap(probe, *fresh, submodels=[{}, smallest, *({d.name: d.sizes[0]} for d in fresh)])
+    tol = _tolerance(nest) / 10
+
+    def differs(sub: dict[str, int]) -> bool | None:
+        with nest.use(sub), seeded(0):
+            live = call_model(probe, example)
+        try:
+            exported = nest.export(sub, plain=True).eval()
+        except SortedNetError:  # not exportable: nothing to compare with (check says why)
+            return None
+        try:
+            with seeded(0):
+                got = call_model(exported, example)
+        except Exception:
+            return True
+        for a, b in zip(output_leaves(got), output_leaves(live)):
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                if a.shape != b.shape or _rel_diff(a.double(), b.double(), 1.0) > tol:
+                    return True
+        return False
+
+    try:
+        if not differs(smallest):
+            return []
+        return [i for i, d in enumerate(fresh) if differs({d.name: d.sizes[0]})] or list(range(len(dims)))
+    finally:
+        nest.unwrap()
 
 
 def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[Dimension]:
