@@ -307,9 +307,17 @@ class _RawRead(nn.Module):
         self.how = how
         self.a, self.b, self.o = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
         self.c, self.d = nn.Linear(6, 8), nn.Linear(8, 3)
+        if how == "user_buffer":  # a tensor of the user's on a Linear: not sliced, read whole
+            self.b.register_buffer("gate", torch.rand(8))
+        self.register_buffer("calls", torch.zeros(()))
 
     def forward(self, x):
         h = F.relu(self.b(F.relu(self.a(x))))
+        if self.how == "user_buffer":
+            return self.o(h * self.b.gate) + self.d(F.relu(self.c(x)))
+        if self.how == "counter":  # not repeatable: each call counts (the export comparison steps aside)
+            self.calls += 1
+            return (self.o(h) + self.d(F.relu(self.c(x)))) * (1 + 0.01 * self.calls)
         y = self.o(h) + self.d(F.relu(self.c(x)))
         if self.how == "last_bias":
             return y + self.b.bias[-1]
@@ -330,7 +338,8 @@ class _RawRead(nn.Module):
 
 @pytest.mark.parametrize("how, kept_b_out, kept_a_out", [
     ("last_bias", False, True), ("parameters", False, False), ("parameters_scale", False, False),
-    ("functional", False, False), ("scale_by_bias", True, True), ("clamp", True, True)])
+    ("functional", False, False), ("scale_by_bias", True, True), ("clamp", True, True),
+    ("user_buffer", False, True), ("counter", True, True)])
 def test_a_module_tensor_read_by_the_forward_is_linked_to_its_features(how, kept_b_out, kept_a_out):
     model, x = _RawRead(how).eval(), torch.randn(3, 6)
     with torch.no_grad():
@@ -342,13 +351,39 @@ def test_a_module_tensor_read_by_the_forward_is_linked_to_its_features(how, kept
     outs = {p for d in widths(dims) for p in d.out}
     assert ("b" in outs, "a" in outs) == (kept_b_out, kept_a_out), dims
     assert (("c",), ("d",)) in [(d.out, d.inp) for d in widths(dims)]
-    nest = sn.wrap(model, *dims, example=x)
+    nest = sn.wrap(model, *dims, example=x if how != "counter" else None)
+    model.calls.zero_()
     assert all(map(torch.equal, output_leaves(run(model, x)), output_leaves(expected)))
     for sub in nest.submodels:
+        small = nest.export(sub)
         with torch.no_grad(), nest.use(sub):
             live = model(x)
-        for a, b in zip(output_leaves(nest.export(sub)(x)), output_leaves(live)):
+        for a, b in zip(output_leaves(small(x)), output_leaves(live)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+class _ReadsItsStatistics(nn.Module):
+    """A forward that scales by a BatchNorm's running variance, read directly: the running statistics are
+    sliced with the channels, so the group stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.bn(self.conv(x)) * self.bn.running_var.mean()))
+
+
+def test_a_norm_statistic_read_by_the_forward_follows_the_channels():
+    torch.manual_seed(0)
+    model, x = _ReadsItsStatistics().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+    dims = sn.discover(model, x, ratios=[0.25, 1.0])
+    assert [(d.out, d.inp, d.norm) for d in widths(dims)] == [(("conv",), ("conv2",), ("bn",))]
+    nest = sn.wrap(model, *dims, example=x)
+    with torch.no_grad(), nest.use(nest.smallest):
+        torch.testing.assert_close(nest.export(nest.smallest)(x), model(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dataclass_out", [False, True])

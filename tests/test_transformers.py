@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -1376,3 +1377,30 @@ def test_a_copy_made_before_sort_by_importance_is_permuted_with_the_model():
     for sub in nest.submodels:
         with torch.no_grad(), nest.use(sub):
             torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_heads_declared_by_hand_on_a_transformers_attention_are_verified_or_said_unverified():
+    """``from_transformers`` verifies the layouts it declares; a ``Heads`` written by hand on a transformers
+    attention class is the user's and was neither run nor warned about: a wrong layout (GPT-NeoX's fused
+    projection is interleaved per head, declared stacked) ran and exported a wrong sub-model in silence."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from sortednet.check import UnverifiedHeadsWarning
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    model, x = GPTNeoXForCausalLM(cfg).eval(), ids()
+    wrong = sn.Heads("h", [2, 4], attn="gpt_neox.layers.*.attention", qkv="query_key_value", layout="stacked")
+    with pytest.warns(UnverifiedHeadsWarning, match="gpt_neox.layers.0.attention"):
+        nest = sn.wrap(model, wrong)
+    with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads"):
+        nest.check(x)
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError, match="not the first 2 whole heads"):
+        sn.wrap(model, wrong, example=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedHeadsWarning)
+        nest = sn.from_transformers(model, heads=[2, 4])  # its own layout, verified by it: no warning
+    with torch.no_grad(), nest.use("heads=2"):
+        live = model(x).logits
+    torch.testing.assert_close(nest.export("heads=2", plain=True)(x).logits, live, atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ and the error names the dimension, the module path and the role (``out=``,
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import random
 import re
@@ -390,11 +391,18 @@ def _attention_paths(nest: Nest, d: Any, modules: dict[str, nn.Module]) -> list[
     return list(dict.fromkeys(p for pat in d.attn for p in match(pat, modules, f"Heads {d.name!r} attn")))
 
 
-def _known_layout(m: nn.Module) -> bool:
-    """``nn.MultiheadAttention`` (sortednet runs it itself) or a transformers class (``from_transformers``
-    verifies it): not hand-written attention."""
+#: set by ``from_transformers`` while it wraps: the transformers attention classes it declares Heads on are its
+#: own layouts, which it verifies itself once the nest is made
+FROM_TRANSFORMERS: contextvars.ContextVar[bool] = contextvars.ContextVar("sortednet_from_transformers", default=False)
+
+
+def _known_layout(m: nn.Module, nest: Nest) -> bool:
+    """``nn.MultiheadAttention`` (sortednet runs it itself) or a transformers class in a nest made by
+    ``from_transformers`` (which verifies it): not hand-written attention. A transformers class under a
+    ``Heads`` declared by hand is checked like any module of the user's."""
     cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
-    return issubclass(cls, nn.MultiheadAttention) or cls.__module__.startswith("transformers.")
+    hf = getattr(nest, "_hf", None) is not None or FROM_TRANSFORMERS.get()
+    return issubclass(cls, nn.MultiheadAttention) or (hf and cls.__module__.startswith("transformers."))
 
 
 def _hand_written_attentions(nest: Nest) -> Iterator[tuple[Any, str, nn.Module]]:
@@ -403,7 +411,7 @@ def _hand_written_attentions(nest: Nest) -> Iterator[tuple[Any, str, nn.Module]]
     for d in nest.dims:
         if d.kind == "heads" and d.sizes[0] < d.full:
             for p in _attention_paths(nest, d, modules):
-                if not _known_layout(modules[p]):
+                if not _known_layout(modules[p], nest):
                     yield d, p, modules[p]
 
 

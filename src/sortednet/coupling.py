@@ -283,19 +283,30 @@ def record(model: nn.Module, example: Any) -> tuple[list[_Event], Any, dict[str,
     return rec.sinks[0], out, attn
 
 
-def _axis_roles(m: nn.Module, attr: str) -> tuple[tuple[int, str], ...] | None:
-    """The ``(axis, role)`` pairs of tensor ``attr`` of a sliceable module ``m`` (its slicer's view rules);
-    ``()`` for a module sortednet does not slice, ``None`` where they are not known."""
+def _axis_roles(m: nn.Module, attr: str, t: Tensor) -> tuple[tuple[int, str], ...] | None:
+    """The ``(axis, role)`` pairs of tensor ``attr`` of module ``m``: its slicer's view rules, or for a
+    one-role slicer (a norm's running statistics) the one axis of that role's size. ``()`` where the tensor is
+    read whole live (a module sortednet does not slice, a tensor its slicer does not serve sliced: the
+    tensor's axes are fixed, the module's roles untouched); ``None`` where the axes are not known (every
+    role of the module is fixed)."""
     sl = slicer_for(m)
-    if sl is None:
+    if sl is None or attr not in sl.attrs:
         return ()
     try:
         axes = sl.rules(m).get(attr)
     except Exception:  # a user's slicer that needs the wrapped state
-        return None
-    if not isinstance(axes, tuple) or not all(isinstance(a, tuple) and len(a) == 2 for a in axes):
-        return None
-    return axes
+        axes = None
+    if isinstance(axes, tuple) and all(isinstance(a, tuple) and len(a) == 2 for a in axes):
+        return axes
+    if len(sl.roles) == 1:
+        try:
+            full = sl.full(m, sl.roles[0])
+        except Exception:
+            return None
+        hits = [i for i, s in enumerate(t.shape) if s == full]
+        if len(hits) == 1:
+            return ((hits[0], sl.roles[0]),)
+    return None
 
 
 class _Analysis:
@@ -331,19 +342,24 @@ class _Analysis:
         ``fc.weight``, a functional call on it). Read as an attribute of a wrapped module it is the active
         slice, so each axis that holds a role's features is linked to that role (at the end of the analysis,
         when every module call is bound) and what the op does to it decides, as for any feature axis. An axis
-        of no role (a kernel's), a tensor of an unsliceable module (a class token) or of a slicer whose rules
-        are not known is fixed; the last fixes every role of its module."""
+        of no role (a kernel's) and a tensor read whole live (a class token, a buffer of the user's on a
+        Linear, a tensor tied to one) are fixed; a tensor whose axes are not known fixes every role of its
+        module."""
         why = f"parameter {name!r}"
         links: list[list[tuple[str, str]]] = [[] for _ in t.shape]
+        whole = False
         for path, m, attr in self.owners.get(id(t), ()):
-            axes = _axis_roles(m, attr)
+            axes = _axis_roles(m, attr, t)
             if axes is None:
                 if t.dim():  # (a 0-d count holds no unit)
                     self.raw.append((-1, path, "", name))
                 continue
+            whole = whole or not axes
             for axis, role in axes:
                 if 0 <= axis < t.dim():
                     links[axis].append((path, role))
+        if whole:  # one holder serves it whole: which holder this read went through is not known
+            links = [[] for _ in t.shape]
         vs = [self.uf.new(s, None if links[i] else why) for i, s in enumerate(t.shape)]
         self.raw += [(vs[i], path, role, name) for i, ls in enumerate(links) for path, role in ls]
         return vs
@@ -352,7 +368,7 @@ class _Analysis:
         """Join each directly read tensor axis to its role (see :meth:`_raw`). A module that never ran on
         the example has no role bound: its tensor's axis stays fixed."""
         for v, path, role, name in self.raw:
-            why = f"parameter {name!r}, read directly by the forward"
+            why = f"parameter {name!r}"  # (check's diagnosis reads the module path from this)
             if v < 0:  # the rules of its slicer are not known: every role of the module
                 for (p, _), r in list(self.uf.roles.items()):
                     if p == path:

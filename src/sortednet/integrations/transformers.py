@@ -23,6 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
 from ..errors import flag as _flag
+from ..check import FROM_TRANSFORMERS
 from ..heads import Heads
 from ..nest import EXPORT_HOOKS, Nest, wrap
 from ..rank import Rank
@@ -190,7 +191,11 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
         dims.append(_rank_dim(model, found, rank, rank_mode, rank_targets))
     if not dims:
         raise SortedNetError("from_transformers needs at least one of ffn=, heads=, depth=, rank=")
-    nest = wrap(model, *dims)
+    token = FROM_TRANSFORMERS.set(True)
+    try:
+        nest = wrap(model, *dims)
+    finally:
+        FROM_TRANSFORMERS.reset(token)
     nest._hf = found
     if verify:
         try:
