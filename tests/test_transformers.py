@@ -1384,6 +1384,7 @@ def test_heads_declared_by_hand_on_a_transformers_attention_are_verified_or_said
     attention class is the user's and was neither run nor warned about: a wrong layout (GPT-NeoX's fused
     projection is interleaved per head, declared stacked) ran and exported a wrong sub-model in silence."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     from sortednet.check import UnverifiedHeadsWarning
 
     torch.manual_seed(0)

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..check import FROM_TRANSFORMERS
 from ..dims import Depth, Width
 from ..errors import SizeError, SortedNetError
 from ..errors import flag as _flag
-from ..check import FROM_TRANSFORMERS
 from ..heads import Heads
 from ..nest import EXPORT_HOOKS, Nest, wrap
 from ..rank import Rank
