@@ -1141,11 +1141,17 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         hint = (f" (Depth {depth}: a forward that walks its layer list with .children(), .named_children(), "
                 "._modules or torch.utils.checkpoint.checkpoint_sequential sees every block; iterate it, index it "
                 "or take len() of it instead)" if depth else "")
+        try:  # copied before the live run: a forward that counts its calls in a buffer starts both at one count
+            exported = nest.export(sub, plain=True).eval()
+        except SortedNetError:
+            raise
+        except Exception as e:
+            raise SortedNetError(f"nest.check: export({sub}) failed: {type(e).__name__}: {e}{hint}") from e
         with nest.use(sub), seeded(seed):
             live = call_model(model, example)
         try:
             with seeded(seed):
-                got = call_model(nest.export(sub, plain=True).eval(), example)
+                got = call_model(exported, example)
         except SortedNetError:
             raise
         except Exception as e:
