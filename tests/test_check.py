@@ -1667,3 +1667,59 @@ def test_an_output_projection_inside_a_sequential_is_found():
             live = m(x)
         torch.testing.assert_close(live, ref(x))
         torch.testing.assert_close(nest.export("h=2")(x), live)
+
+
+class _CountsItsLayers(nn.Module):
+    """A stack that keeps its layer count (``how``: on itself, in a config object of its own, or not at all)
+    and reads it in the forward: a residual scale and a final norm after the last block."""
+
+    def __init__(self, n: int, how: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.norm = nn.LayerNorm(8)
+        if how == "attribute":
+            self.n_layers = n
+        elif how == "config":
+            self.config = type("Config", (), {})()
+            self.config.num_layers = n
+        self.how = how
+
+    def count(self) -> int:
+        return {"attribute": lambda: self.n_layers, "config": lambda: self.config.num_layers,
+                "len": lambda: len(self.blocks)}[self.how]()
+
+    def forward(self, x):
+        n = self.count()
+        for i, block in enumerate(self.blocks):
+            x = x + block(x) / (2 * n) ** 0.5
+            if i == n - 1:
+                x = self.norm(x)
+        return x
+
+
+@pytest.mark.parametrize("how", ["attribute", "config", "len"])
+def test_a_layer_count_kept_in_an_attribute_is_said_not_to_follow_the_depth(how):
+    """At depth 2 of 4, a forward reading a stored count keeps the 4-layer scale and never reaches its final
+    norm: not the 2-layer network, while its export computes the same (check cannot tell). ``len()`` of the
+    list follows the depth and equals the 2-layer model."""
+    from sortednet.check import LayerCountWarning
+
+    torch.manual_seed(0)
+    model, x = _CountsItsLayers(4, how), torch.randn(3, 8)
+    two = _CountsItsLayers(2, how)
+    two.load_state_dict(model.state_dict(), strict=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        nest = sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=x)
+    said = [w for w in seen if issubclass(w.category, LayerCountWarning)]
+    with torch.no_grad(), nest.use("depth=2"):
+        live = model(x)
+    same = torch.allclose(live, two(x), atol=1e-6)
+    assert same == (how == "len") and bool(said) == (not same)
+    if said:
+        assert ("n_layers" if how == "attribute" else "config.num_layers") in str(said[0].message)
+    with warnings.catch_warnings():  # PyTorch's own encoder keeps num_layers and reads len() of its layers
+        warnings.simplefilter("error", LayerCountWarning)
+        enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 4,
+                                                  enable_nested_tensor=False))
+        sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers")).unwrap()

@@ -399,6 +399,33 @@ def _bn_nest():
     return case, sn.wrap(case.model, *case.dims)
 
 
+def _bn_buffers(rank: int) -> dict:
+    """BatchNorm in training mode under DDP + sortednet's accumulation: every forward runs under no_sync, where
+    DDP broadcasts no buffers; ``accumulate`` then copies the first rank's at the step's end, as DDP's
+    pre-forward broadcast would (the ranks' statistics drifted apart, each from its own shards, in silence).
+    Each rank's buffers after 3 steps, and rank 0's running statistics computed alone on its own shards."""
+    case, nest = _bn_nest()
+    model = case.model.train()
+    ddp, opt, sampler = DDP(model), _optimizer(nest.trainable_parameters()), _sampler(nest)
+    alone_case, alone = _bn_nest()
+    alone_case.model.train()
+    for step in range(3):
+        with torch.no_grad():  # rank 0's forwards of this step, with this step's weights, on its shard alone
+            for p, q in zip(model.parameters(), alone_case.model.parameters()):
+                q.copy_(p)
+            for sub in sampler.draw(step):
+                with alone.use(sub):
+                    alone_case.model(_batch("cnn_bn_residual", step).chunk(WORLD)[0])
+        x = _batch("cnn_bn_residual", step).chunk(WORLD)[rank]
+        snd.accumulate(nest, sampler.draw(step), lambda: _loss(ddp(x)), module=ddp)  # noqa: B023
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    mine = {k: v.clone() for k, v in model.named_buffers()}
+    every: list = [None] * WORLD
+    dist.all_gather_object(every, mine)
+    return {"ranks": every, "rank0_alone": {k: v.clone() for k, v in alone_case.model.named_buffers()}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -408,6 +435,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {name: _train_rank(rank, fam, mode, os.path.join(out_dir, f"{name}.safetensors"))
                    for name, (fam, mode) in SCENARIOS.items()}
         results["errors"] = _errors(rank, out_dir)
+        results["bn_buffers"] = _bn_buffers(rank)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -606,6 +634,17 @@ def test_sync_gradients_averages_and_keeps_none_where_no_rank_has_a_gradient(run
         assert got["no_rank"] is None
         torch.testing.assert_close(got["both"][0], torch.full((2, 3), 1.5))
         torch.testing.assert_close(got["both"][1], torch.full((2,), 5.0))
+
+
+def test_batchnorm_statistics_under_ddp_are_the_first_ranks_on_every_rank(run):
+    _, results = run
+    got = results["bn_buffers"]
+    ranks, alone = got["ranks"], got["rank0_alone"]
+    stats = [k for k in alone if k.endswith("running_mean")]
+    assert stats and any(not torch.equal(ranks[0][k], torch.zeros_like(ranks[0][k])) for k in stats)
+    for k in alone:
+        assert torch.equal(ranks[1][k], ranks[0][k]), k
+        torch.testing.assert_close(ranks[0][k].double(), alone[k].double(), atol=1e-5, rtol=0, msg=k)
 
 
 def test_single_process_helpers_are_no_ops():

@@ -567,6 +567,51 @@ class UnverifiedHeadsWarning(UserWarning):
     """``wrap`` without an example could not verify that a Heads dimension slices whole heads of an attention."""
 
 
+class LayerCountWarning(UserWarning):
+    """``wrap``: a module around a Depth's layer list keeps the full layer count in an attribute named like one
+    (``self.n_layers = 4``), which a forward reading it sees at every depth."""
+
+
+_COUNT_NAME = re.compile(r"(n|num|number_of)_?(hidden_|transformer_)?(layers?|blocks?)|depth|n_layer", re.IGNORECASE)
+
+
+def layer_count_warning(nest: Nest) -> None:
+    """Warn when a module holding a Depth's layer list (or a config object of it) keeps an int named like a layer
+    count equal to the full depth: ``1 / sqrt(2 * self.n_layers)`` or ``if i == self.n_layers - 1`` in its forward
+    reads the full count under every depth, and the sub-model is then not the network of its first d blocks,
+    while its export computes the same (check cannot tell). ``len(self.blocks)`` follows the depth. Configs of
+    transformers models are left out (their forwards slice ``layers[:config.num_hidden_layers]``, which follows)."""
+    found: list[str] = []
+    for path, m in nest._sliced.items():
+        b = m._sn.bind.get("depth")
+        if b is None:
+            continue
+        full = b.dim.full
+        parts = path.split(".") if path else []
+        for i in range(len(parts)):
+            where = ".".join(parts[:i])
+            holder = nest.model.get_submodule(where)
+            cls = type(holder).__bases__[0] if getattr(type(holder), "_sn_sliced", False) else type(holder)
+            if cls.__module__.startswith(("torch.", "transformers.")):  # stock code, which reads len() of its
+                continue  # layer list (nn.TransformerEncoder.num_layers, DistilBERT's n_layers are kept, not read)
+            spots = [(where, vars(holder))]
+            for k, v in vars(holder).items():
+                if k in ("config", "cfg", "args", "hparams") and hasattr(v, "__dict__") and not isinstance(v, nn.Module) \
+                        and not type(v).__module__.startswith("transformers."):
+                    spots.append((f"{where}.{k}" if where else k, vars(v)))
+            for at, attrs in spots:
+                found += [f"{at}.{k}" if at else k for k, v in attrs.items()
+                          if type(v) is int and v == full and _COUNT_NAME.fullmatch(k)]
+    found = list(dict.fromkeys(found))
+    if found:
+        lists = [p for p, m in nest._sliced.items() if "depth" in m._sn.bind]
+        warnings.warn(f"sn.wrap: {found[:3]} hold the full layer count of the Depth layer list {lists[:2]}; a forward "
+                      "that reads it (a final norm after block n_layers - 1, a residual scale 1 / sqrt(2 * n_layers)) "
+                      "sees the full count at every depth, so a shallower sub-model would not be the network of its "
+                      "first d blocks (its export computes the same, so check cannot tell). Read len() of the layer "
+                      "list in the forward, which follows the depth", LayerCountWarning, stacklevel=4)
+
+
 class IdleLayersWarning(UserWarning):
     """``check``: a second per-layer list the forward pairs with a Depth's blocks (``zip(self.blocks,
     self.norms)``) but the Depth does not cut: at a shallower depth its later entries do not run, while ``cost``

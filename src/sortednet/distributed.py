@@ -50,7 +50,7 @@ from .views import fsdp_units as _fsdp_modules
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["accumulate", "sync_gradients", "no_sync", "check_submodels", "guard", "save", "is_fsdp"]
+__all__ = ["accumulate", "sync_gradients", "sync_buffers", "no_sync", "check_submodels", "guard", "save", "is_fsdp"]
 
 _BUCKET_BYTES = 25 * 2**20
 
@@ -169,6 +169,33 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     return calls
 
 
+def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
+    """Copy the buffers (BatchNorm running statistics) of the first rank of ``group`` to every rank, as a
+    ``DistributedDataParallel`` wrapper with ``broadcast_buffers=True`` does before each forward that is not under
+    its ``no_sync``. sortednet runs every forward of a step under ``no_sync`` (one gradient all-reduce per step), so
+    DDP broadcast nothing: :func:`accumulate` and ``SortedTrainer`` call this at each optimizer step's end instead.
+    A DDP wrapper built with ``broadcast_buffers=False`` keeps each rank's own. Returns the number of broadcasts
+    (0 without a process group of several ranks).
+
+    >>> import torch.nn as nn, sortednet.distributed as snd
+    >>> snd.sync_buffers(nn.BatchNorm1d(4))   # single process: nothing to do
+    0
+    """
+    ddp = _uncompiled(module)
+    if isinstance(ddp, _ddp_type()):
+        if not getattr(ddp, "broadcast_buffers", True):
+            return 0
+        group = ddp.process_group if group is None else group
+    if not _active() or dist.get_world_size(group) == 1:
+        return 0
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    calls = 0
+    for b in _inner(module).buffers():
+        dist.broadcast(b, src=src, group=group)
+        calls += 1
+    return calls
+
+
 def guard(module: nn.Module, nest: Nest) -> nn.Module:
     """Make a DDP ``module`` refuse forwards whose backward its reducer would get wrong.
 
@@ -276,6 +303,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     # everything the closure trains: also parameters outside the nest inside the DDP wrapper (a task head,
     # the LM head of a nested backbone), whose gradients no_sync kept local too
     sync_gradients(nest.model if module is None else _inner(module), group=group)
+    if isinstance(ddp, _ddp_type()):  # what DDP's pre-forward broadcast would have done (every forward ran
+        sync_buffers(ddp, group=group)  # under no_sync): the running statistics of the first rank's shards
     return losses
 
 

@@ -280,6 +280,8 @@ class SortedTrainer(Trainer):
             self._k = None
         if self.accelerator.sync_gradients:  # last micro-batch of the optimizer step: one all-reduce
             snd.sync_gradients(self.nest.model)  # (a no-op in one process)
+            if ddp is not None:  # DDP's pre-forward buffer broadcast, which no_sync skipped
+                snd.sync_buffers(ddp)
         return total
 
     _loss_uses_items: bool | None = None
