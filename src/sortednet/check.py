@@ -596,8 +596,8 @@ def layer_count_warning(nest: Nest) -> None:
                 continue  # layer list (nn.TransformerEncoder.num_layers, DistilBERT's n_layers are kept, not read)
             spots = [(where, vars(holder))]
             for k, v in vars(holder).items():
-                if k in ("config", "cfg", "args", "hparams") and hasattr(v, "__dict__") and not isinstance(v, nn.Module) \
-                        and not type(v).__module__.startswith("transformers."):
+                if k in ("config", "cfg", "args", "hparams") and hasattr(v, "__dict__") \
+                        and not isinstance(v, nn.Module) and not type(v).__module__.startswith("transformers."):
                     spots.append((f"{where}.{k}" if where else k, vars(v)))
             for at, attrs in spots:
                 found += [f"{at}.{k}" if at else k for k, v in attrs.items()
