@@ -1677,7 +1677,7 @@ class _CountsItsLayers(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
         self.norm = nn.LayerNorm(8)
-        if how == "attribute":
+        if how in ("attribute", "kept"):  # kept: only stored, as nanoGPT keeps config.n_layer for its init
             self.n_layers = n
         elif how == "config":
             self.config = type("Config", (), {})()
@@ -1686,7 +1686,7 @@ class _CountsItsLayers(nn.Module):
 
     def count(self) -> int:
         return {"attribute": lambda: self.n_layers, "config": lambda: self.config.num_layers,
-                "len": lambda: len(self.blocks)}[self.how]()
+                "len": lambda: len(self.blocks), "kept": lambda: len(self.blocks)}[self.how]()
 
     def forward(self, x):
         n = self.count()
@@ -1697,11 +1697,11 @@ class _CountsItsLayers(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("how", ["attribute", "config", "len"])
-def test_a_layer_count_kept_in_an_attribute_is_said_not_to_follow_the_depth(how):
+@pytest.mark.parametrize("how", ["attribute", "config", "len", "kept"])
+def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
     """At depth 2 of 4, a forward reading a stored count keeps the 4-layer scale and never reaches its final
-    norm: not the 2-layer network, while its export computes the same (check cannot tell). ``len()`` of the
-    list follows the depth and equals the 2-layer model."""
+    norm: not the 2-layer network, while its export computes the same (no other check can tell). ``len()`` of
+    the list follows the depth and equals the 2-layer model; a count only stored is not named."""
     from sortednet.check import LayerCountWarning
 
     torch.manual_seed(0)
@@ -1715,11 +1715,13 @@ def test_a_layer_count_kept_in_an_attribute_is_said_not_to_follow_the_depth(how)
     with torch.no_grad(), nest.use("depth=2"):
         live = model(x)
     same = torch.allclose(live, two(x), atol=1e-6)
-    assert same == (how == "len") and bool(said) == (not same)
+    assert same == (how in ("len", "kept")) and bool(said) == (not same)
+    if how == "attribute":
+        assert type(model.n_layers) is int and model.n_layers == 4  # (put back as it was)
     if said:
         assert ("n_layers" if how == "attribute" else "config.num_layers") in str(said[0].message)
     with warnings.catch_warnings():  # PyTorch's own encoder keeps num_layers and reads len() of its layers
         warnings.simplefilter("error", LayerCountWarning)
         enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 4,
                                                   enable_nested_tensor=False))
-        sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers")).unwrap()
+        sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers"), example=torch.randn(2, 3, 8)).unwrap()

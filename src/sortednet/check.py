@@ -568,48 +568,118 @@ class UnverifiedHeadsWarning(UserWarning):
 
 
 class LayerCountWarning(UserWarning):
-    """``wrap``: a module around a Depth's layer list keeps the full layer count in an attribute named like one
-    (``self.n_layers = 4``), which a forward reading it sees at every depth."""
+    """``check``: the forward reads an int named like a layer count, equal to a Depth's full size, kept on a
+    module holding the layer list (``self.n_layers``) or in its config object: it reads the full count at every
+    depth."""
 
 
 _COUNT_NAME = re.compile(r"(n|num|number_of)_?(hidden_|transformer_)?(layers?|blocks?)|depth|n_layer", re.IGNORECASE)
+_CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
-def layer_count_warning(nest: Nest) -> None:
-    """Warn when a module holding a Depth's layer list (or a config object of it) keeps an int named like a layer
-    count equal to the full depth: ``1 / sqrt(2 * self.n_layers)`` or ``if i == self.n_layers - 1`` in its forward
-    reads the full count under every depth, and the sub-model is then not the network of its first d blocks,
-    while its export computes the same (check cannot tell). ``len(self.blocks)`` follows the depth. Configs of
-    transformers models are left out (their forwards slice ``layers[:config.num_hidden_layers]``, which follows)."""
-    found: list[str] = []
+class _Watched(int):
+    """An int that records being computed with (arithmetic, comparison, conversion)."""
+
+    def __new__(cls, value: int, seen: list, name: str) -> "_Watched":
+        obj = super().__new__(cls, value)
+        obj._seen, obj._name, obj._value = seen, name, int(value)
+        return obj
+
+    def __hash__(self) -> int:
+        return int.__hash__(self)
+
+
+def _watching(op: str) -> Callable:
+    base = getattr(int, op)
+
+    def method(self, *args):
+        self._seen.append(self._name)
+        return base(self._value, *args)
+    return method
+
+
+for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+            "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__eq__",
+            "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__float__", "__index__", "__int__", "__bool__",
+            "__lshift__", "__rshift__", "__and__", "__or__"):
+    setattr(_Watched, _op, _watching(_op))
+
+
+def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]]:
+    """(holder, attribute, display name, full depth) of each int named like a layer count and equal to a Depth's
+    full size, on a module above a Depth layer list (in ``model``, the check's private view) or in a config
+    object it keeps. PyTorch's and transformers' own classes and configs are left out: their forwards read
+    ``len()`` of the list or slice it (``layers[:config.num_hidden_layers]``), which follows the depth."""
+    spots: dict[tuple[int, str], tuple[Any, str, str, int]] = {}
     for path, m in nest._sliced.items():
         b = m._sn.bind.get("depth")
-        if b is None:
-            continue
-        full = b.dim.full
-        parts = path.split(".") if path else []
+        parts = path.split(".") if path and b is not None else []
         for i in range(len(parts)):
             where = ".".join(parts[:i])
-            holder = nest.model.get_submodule(where)
+            try:
+                holder = model.get_submodule(where)
+            except AttributeError:
+                continue
             cls = type(holder).__bases__[0] if getattr(type(holder), "_sn_sliced", False) else type(holder)
-            if cls.__module__.startswith(("torch.", "transformers.")):  # stock code, which reads len() of its
-                continue  # layer list (nn.TransformerEncoder.num_layers, DistilBERT's n_layers are kept, not read)
-            spots = [(where, vars(holder))]
-            for k, v in vars(holder).items():
-                if k in ("config", "cfg", "args", "hparams") and hasattr(v, "__dict__") \
-                        and not isinstance(v, nn.Module) and not type(v).__module__.startswith("transformers."):
-                    spots.append((f"{where}.{k}" if where else k, vars(v)))
-            for at, attrs in spots:
-                found += [f"{at}.{k}" if at else k for k, v in attrs.items()
-                          if type(v) is int and v == full and _COUNT_NAME.fullmatch(k)]
-    found = list(dict.fromkeys(found))
-    if found:
+            if cls.__module__.startswith(("torch.", "transformers.")):
+                continue
+            objs = [(holder, where)]
+            for k in _CONFIGS:
+                v = holder.__dict__.get(k)
+                if v is not None and not isinstance(v, nn.Module) and not type(v).__module__.startswith(
+                        ("transformers.", "builtins")):
+                    objs.append((v, f"{where}.{k}" if where else k))
+            for obj, at in objs:
+                try:
+                    attrs = dict(vars(obj))
+                except Exception:  # (no __dict__, or one that is not a mapping)
+                    continue
+                for k, v in attrs.items():
+                    if type(v) is int and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k):
+                        spots.setdefault((id(obj), k), (obj, k, f"{at}.{k}" if at else k, v))
+    return list(spots.values())
+
+
+def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
+    """Warn (:class:`LayerCountWarning`) when the forward computes with a layer count kept aside: at a
+    shallower depth ``1 / sqrt(2 * self.n_layers)`` keeps the full model's scale and ``if i == self.n_layers -
+    1: x = self.norm(x)`` never reaches its final norm, while the export computes the same (no other check can
+    tell). Measured: the counts are swapped for ints that record their use during one full-size forward (a
+    count only kept, as nanoGPT's ``config.n_layer`` for its init, is not read and not named)."""
+    try:
+        spots = _count_spots(nest, model)
+    except Exception:  # (a module whose __dict__ or config is not what Python's usually are: nothing to say)
+        return
+    if not spots:
+        return
+    seen: list[str] = []
+    done = []
+    try:
+        for obj, k, name, v in spots:
+            try:
+                setattr(obj, k, _Watched(v, seen, name))
+            except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
+                continue
+            done.append((obj, k, v))
+        with nest.use(SubModel({d.name: d.full for d in nest.dims})):
+            call_model(model, example)
+    except Exception:  # the dry runs report what fails; this only looks
+        return
+    finally:
+        for obj, k, v in done:
+            try:
+                setattr(obj, k, v)
+            except Exception:
+                pass
+    read = list(dict.fromkeys(seen))
+    if read:
         lists = [p for p, m in nest._sliced.items() if "depth" in m._sn.bind]
-        warnings.warn(f"sn.wrap: {found[:3]} hold the full layer count of the Depth layer list {lists[:2]}; a forward "
-                      "that reads it (a final norm after block n_layers - 1, a residual scale 1 / sqrt(2 * n_layers)) "
-                      "sees the full count at every depth, so a shallower sub-model would not be the network of its "
-                      "first d blocks (its export computes the same, so check cannot tell). Read len() of the layer "
-                      "list in the forward, which follows the depth", LayerCountWarning, stacklevel=4)
+        warnings.warn(f"nest.check: the forward computes with {read[:3]}, the full layer count of the Depth layer "
+                      f"list {lists[:2]}: at a shallower depth it still reads the full count (a final norm after "
+                      "block n_layers - 1 is never reached, a residual scale 1 / sqrt(2 * n_layers) stays the full "
+                      "model's), so a sub-model is not the network of its first d blocks, and its export computes "
+                      "the same. Read len() of the layer list in the forward, which follows the depth",
+                      LayerCountWarning, stacklevel=4)
 
 
 class IdleLayersWarning(UserWarning):
@@ -1143,6 +1213,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     "remove the dimension")
         _skipped_layers_run(nest, model, copies, example)
         _idle_at_depth(nest, model, copies, example)
+        _counts_read(nest, model, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
         if why is not None:

@@ -174,24 +174,33 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     ``DistributedDataParallel`` wrapper with ``broadcast_buffers=True`` does before each forward that is not under
     its ``no_sync``. sortednet runs every forward of a step under ``no_sync`` (one gradient all-reduce per step), so
     DDP broadcast nothing: :func:`accumulate` and ``SortedTrainer`` call this at each optimizer step's end instead.
-    A DDP wrapper built with ``broadcast_buffers=False`` keeps each rank's own. Returns the number of broadcasts
-    (0 without a process group of several ranks).
+    A DDP wrapper built with ``broadcast_buffers=False`` keeps each rank's own, and so do the buffers DDP was told
+    to ignore and a buffer whose shape or dtype differs between ranks (a cache one rank grew). One
+    ``all_gather_object`` of the buffers' names and shapes, then one broadcast per buffer. Returns the number of
+    broadcasts (0 without a process group of several ranks).
 
     >>> import torch.nn as nn, sortednet.distributed as snd
     >>> snd.sync_buffers(nn.BatchNorm1d(4))   # single process: nothing to do
     0
     """
     ddp = _uncompiled(module)
+    ignored: set[str] = set()
     if isinstance(ddp, _ddp_type()):
         if not getattr(ddp, "broadcast_buffers", True):
             return 0
         group = ddp.process_group if group is None else group
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())  # (DDP leaves those alone too)
     if not _active() or dist.get_world_size(group) == 1:
         return 0
+    mine = {n: b for n, b in _inner(module).named_buffers() if n not in ignored}
+    signature = [(n, tuple(b.shape), str(b.dtype)) for n, b in mine.items()]
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, signature, group=group)
+    common = set.intersection(*(set(e) for e in every))  # a cache grown on one rank only stays each rank's own
     src = 0 if group is None else dist.get_global_rank(group, 0)
     calls = 0
-    for b in _inner(module).buffers():
-        dist.broadcast(b, src=src, group=group)
+    for n, _, _ in (e for e in every[0] if e in common):  # in the first rank's order on every rank
+        dist.broadcast(mine[n], src=src, group=group)
         calls += 1
     return calls
 

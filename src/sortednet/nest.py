@@ -159,9 +159,8 @@ class Nest:
         if self._factored:
             _watch_optimizers()
         try:
-            from .check import attention_self_check, layer_count_warning, norm_self_check, slicer_grad_self_check
+            from .check import attention_self_check, norm_self_check, slicer_grad_self_check
             slicer_grad_self_check(self)  # a user's slicer must not cut a trained parameter off its gradient
-            layer_count_warning(self)  # a layer count kept in an attribute does not follow a Depth
             norm_self_check(self)  # a BatchNorm subclass with its own forward must read the sliced tensors
             if example is not None:
                 self.check(example)
