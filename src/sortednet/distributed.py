@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -175,9 +176,9 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     its ``no_sync``. sortednet runs every forward of a step under ``no_sync`` (one gradient all-reduce per step), so
     DDP broadcast nothing: :func:`accumulate` and ``SortedTrainer`` call this at each optimizer step's end instead.
     A DDP wrapper built with ``broadcast_buffers=False`` keeps each rank's own, and so do the buffers DDP was told
-    to ignore and a buffer whose shape or dtype differs between ranks (a cache one rank grew). One
-    ``all_gather_object`` of the buffers' names and shapes, then one broadcast per buffer. Returns the number of
-    broadcasts (0 without a process group of several ranks).
+    to ignore and a buffer whose shape or dtype differs between ranks (a cache one rank grew). One all-reduce
+    of a digest of the buffers' names and shapes (an ``all_gather_object`` of them only where they differ), then
+    one broadcast per dtype. Returns the number of collectives (0 without a process group of several ranks).
 
     >>> import torch.nn as nn, sortednet.distributed as snd
     >>> snd.sync_buffers(nn.BatchNorm1d(4))   # single process: nothing to do
@@ -193,15 +194,33 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     if not _active() or dist.get_world_size(group) == 1:
         return 0
     mine = {n: b for n, b in _inner(module).named_buffers() if n not in ignored}
-    signature = [(n, tuple(b.shape), str(b.dtype)) for n, b in mine.items()]
-    every: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, signature, group=group)
-    common = set.intersection(*(set(e) for e in every))  # a cache grown on one rank only stays each rank's own
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    calls = 0
-    for n, _, _ in (e for e in every[0] if e in common):  # in the first rank's order on every rank
-        dist.broadcast(mine[n], src=src, group=group)
+    if not mine:
+        return 0
+    signature = [(n, tuple(b.shape), str(b.dtype), str(b.device)) for n, b in mine.items()]
+    digest = zlib.crc32(repr(signature).encode())
+    flag = torch.tensor([digest, -digest], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)  # max == min == mine: every rank holds the same
+    calls = 1
+    if int(flag[0]) == digest == -int(flag[1]):
+        order = signature
+    else:  # a cache grown on one rank only (another shape): the others are broadcast, that one stays each rank's
+        every: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, signature, group=group)
         calls += 1
+        common = set.intersection(*(set(e) for e in every))
+        order = [e for e in every[0] if e in common]  # in the first rank's order on every rank
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    bundles: dict[tuple, list[torch.Tensor]] = {}
+    for n, _, dtype, device in order:
+        bundles.setdefault((dtype, device), []).append(mine[n])
+    for tensors in bundles.values():  # one broadcast per dtype and device
+        flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
+        dist.broadcast(flat, src=src, group=group)
+        calls += 1
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
     return calls
 
 
