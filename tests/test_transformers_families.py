@@ -539,9 +539,9 @@ def test_a_layout_described_wrongly_is_caught_by_the_self_check():
     is the user's explicit opt-out."""
     import dataclasses
 
-    from sortednet.integrations.layouts import LAYOUTS
-
-    neox = next(lay for lay in LAYOUTS if lay.family == "gpt_neox")
+    # (sni.LAYOUTS, not the module path: pytest's importlib mode, collecting layouts.py's doctests before the
+    # package, can put a second copy of that module in sys.modules, whose Layout class register_layout refuses)
+    neox = next(lay for lay in sni.LAYOUTS if lay.family == "gpt_neox")
     wrong = sni.register_layout(dataclasses.replace(neox, family="neox_wrong", qkv_layout="stacked"))
     try:
         model, _, kind, _ = build("gpt_neox")
