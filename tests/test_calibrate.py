@@ -409,3 +409,48 @@ def test_assigning_a_running_statistic_after_calibrating_drops_that_modules_cali
         assert torch.equal(live, new[:4]) and torch.equal(exported, new[:4])
     else:
         assert torch.equal(live, exported)
+
+
+@pytest.mark.parametrize("then", ["calibrate_another", "double", "deepcopy"])
+def test_a_write_into_one_sub_models_statistics_stays_refused_after_the_statistics_are_rebuilt(then):
+    """Calibrating another sub-model, ``model.double()`` (converted on the next read) and a deep copy rebuild
+    the calibrated statistics as new objects, counted from then: a write made before into sub-model A's went
+    through silently (A ran with the written values, and ``sn.save`` stored them)."""
+    import copy
+
+    model, nest, _ = _calibrated_pair("bnnet")
+    a, b = nest.smallest, nest.largest
+    x = data(1, seed=9)[0][0]
+    with nest.use(a):
+        model.b1.running_mean.zero_()
+    if then == "calibrate_another":
+        nest.calibrate(data(2, seed=4), subs=[b], batches=2)
+    elif then == "double":
+        model.double()
+        x = x.double()
+        with torch.no_grad(), nest.use(b):
+            model(x)  # (converts every sub-model's statistics)
+    else:
+        model = copy.deepcopy(model)
+    with pytest.raises(sn.SortedNetError, match=r"b1.running_mean: the calibrated statistics .* changed in place"):
+        with torch.no_grad(), nest.use(a):  # (a deep copy follows its nest's use)
+            model(x)
+
+
+def test_writing_a_calibrated_statistic_back_does_not_tie_it_to_the_shared_buffer():
+    """``bn.running_mean = bn.running_mean`` in eval mode (the full sub-model's calibrated statistic written
+    back, which keeps the calibration): the shared buffer became that very tensor, and a training-mode forward
+    then updated the calibrated statistic in place, unseen (the live eval output moved by 0.1 from the export)."""
+    model, nest, _ = _calibrated_pair("bnnet")
+    full = nest.largest
+    x = data(1, seed=9)[0][0]
+    calibrated = stats(nest.export(full).b1)
+    model.b1.running_mean = model.b1.running_mean
+    assert nest._calibrated()  # (kept: the same values)
+    model.train()
+    with torch.no_grad():
+        model(x * 3 + 5)  # training mode: the shared buffer is updated, the calibrated statistic is not
+    model.eval()
+    assert not torch.equal(model.b1._buffers["running_mean"], calibrated[0])  # (the shared one moved)
+    for got, want in zip(stats(nest.export(full).b1), calibrated):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -148,8 +148,12 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         results[m][_key(nest)] = own
                     c._sn.norm = None
     for m, stats in results.items():
-        old = m._sn.norm.stats if m._sn.norm is not None else {}
-        m._sn.norm = NormStats(nest.dims, {**old, **stats})  # one assignment: readers see old or new
+        prev = m._sn.norm
+        old = prev.stats if prev is not None else {}
+        norm = NormStats(nest.dims, {**old, **stats})
+        if prev is not None:  # a statistic of another sub-model written in place stays refused
+            norm.carry(prev, [k for k in old if k not in stats])
+        m._sn.norm = norm  # one assignment: readers see old or new
     moved = [p for p, v in seen.items() if _differ([t for t in v if t is not None])]
     if moved:
         warnings.warn(f"calibrate(): the BatchNorm layers {moved[:3]}{' ...' if len(moved) > 3 else ''} are in no "

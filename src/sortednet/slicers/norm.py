@@ -57,16 +57,33 @@ class NormStats:
                          if not t.is_inference())
 
     def __deepcopy__(self, memo: dict) -> NormStats:
-        """A copy with its own tensors, counted from now (deep-copying a tensor moves its version counter)."""
+        """A copy with its own tensors, counted from now (deep-copying a tensor moves its version counter); a
+        statistic written in place before stays marked written in the copy."""
         return NormStats(copy.deepcopy(self.dims, memo), copy.deepcopy(self.stats, memo),
-                         copy.deepcopy(self.override, memo))
+                         copy.deepcopy(self.override, memo)).carry(self)
 
     def to(self, like: Tensor) -> NormStats:
-        """The statistics in ``like``'s dtype and on its device."""
+        """The statistics in ``like``'s dtype and on its device (a statistic written in place stays marked)."""
         with torch.inference_mode(False):
             return NormStats(self.dims, {k: {n: t.to(device=like.device, copy=True,  # (a batch count stays long)
                                                   dtype=like.dtype if t.is_floating_point() else t.dtype)
-                                             for n, t in d.items()} for k, d in self.stats.items()}, self.override)
+                                             for n, t in d.items()} for k, d in self.stats.items()},
+                             self.override).carry(self)
+
+    def written(self, t: Tensor) -> bool:
+        """Whether stored statistic ``t`` was written in place since it was stored (its version counter)."""
+        return not t.is_inference() and t._version != self.base.get(id(t), 0)
+
+    def carry(self, old: NormStats, keys: Any = None) -> NormStats:
+        """Keep ``old``'s written marks in this one, made from it (the same sub-models' statistics, converted,
+        copied or carried over): a new object counts versions from now and would otherwise pass a write made
+        before it. ``keys``: the sub-models carried (default: all of ``old``'s). Returns ``self``."""
+        for k in old.stats if keys is None else keys:
+            for n, t in old.stats.get(k, {}).items():
+                mine = self.stats.get(k, {}).get(n)
+                if mine is not None and old.written(t):
+                    self.base[id(mine)] = -1  # (no version counter is negative: unwritten() refuses it)
+        return self
 
     def active(self, name: str, *, training: bool, any_mode: bool = False) -> Tensor | None:
         """Statistic ``name`` for the active sub-model, or None (none calibrated for it, or
@@ -82,7 +99,7 @@ class NormStats:
 def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
     """``t``, a calibrated statistic of ``norm``, after checking that nothing wrote into it in place (its version
     counter; a write through ``.data`` is not counted, as in PyTorch's own checks)."""
-    if not t.is_inference() and t._version != norm.base.get(id(t), 0):
+    if norm.written(t):
         raise SortedNetError(f"{path}.{name}: the calibrated statistics of a sub-model were changed in place (e.g. "
                              f"{path}.{name}.zero_() or .copy_(...) in eval mode after nest.calibrate): in eval mode "
                              f"a calibrated BatchNorm's {name} is that sub-model's own statistic, not the shared "
@@ -90,6 +107,13 @@ def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
                              "buffers again) or nest.calibrate(...) again; module.reset_running_stats() drops the "
                              "module's calibration itself")
     return t
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.device == b.device
+    except Exception:  # (a tensor without storage: a meta or functional one)
+        return a is b
 
 
 def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor | None:
@@ -203,7 +227,10 @@ class BatchNormSlicer(Slicer):
             old = self_.__dict__["_buffers"].get(name) if name in _STATS else None
             calibrated = old is not None and st is not None and st.norm is not None and st.norm.override is None
             read = getattr(self_, name) if calibrated else None  # (what eval reads now: the calibrated statistic)
-            base.__setattr__(self_, name, value)  # (PyTorch's checks and sortednet's first)
+            if calibrated and isinstance(value, Tensor) and any(_same_storage(value, t) for d in st.norm.stats.values()
+                                                                 for t in d.values()):
+                value = value.detach().clone()  # (a calibrated statistic made the shared buffer would be updated
+            base.__setattr__(self_, name, value)  # in place by a training forward, unseen) PyTorch's checks first
             if calibrated and value is not old and not any(
                     isinstance(value, Tensor) and isinstance(t, Tensor) and value.shape == t.shape
                     and torch.equal(value.detach().to(t.device, t.dtype), t.detach()) for t in (old, read)):
