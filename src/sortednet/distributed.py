@@ -214,7 +214,7 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     for n, _, dtype, device in order:
         bundles.setdefault((dtype, device), []).append(mine[n])
     for tensors in bundles.values():  # one broadcast per dtype and device
-        flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # (a copy: written back below)
         dist.broadcast(flat, src=src, group=group)
         calls += 1
         offset = 0
