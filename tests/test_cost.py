@@ -478,3 +478,68 @@ def test_a_module_without_parameters_added_or_replaced_after_profiling_is_counte
     with pytest.raises(sn.SortedNetError, match="latency"):
         nest.pick(latency=1.0)
     assert nest.pick(flops=now[1]) == nest.submodels[1]
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.rnn(x)[0])))
+
+
+def test_a_recurrent_layer_counts_the_same_on_the_fused_and_the_plain_kernel():
+    """nn.LSTM on the CPU runs oneDNN's fused layer, which PyTorch's FLOP table does not know (it counted as
+    zero); with oneDNN off the same layer runs as plain matmuls: both counts agree."""
+    x = torch.randn(3, 5, 8)
+    counts = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        with torch.backends.mkldnn.flags(enabled=fused):
+            nest = sn.wrap(_Recurrent().eval(), sn.Width("h", [16, 64], out="fc1", inp="fc2"))
+            counts.append([nest.cost(s, "flops", example=x) for s in nest.submodels])
+    assert counts[0] == counts[1]
+    lstm = 2 * 3 * 5 * sum(p.numel() for n, p in nest.model.rnn.named_parameters() if n.startswith("weight"))
+    assert counts[0][0] > lstm
+
+
+def test_an_operator_without_a_flop_formula_is_refused_not_counted_as_zero():
+    """A matmul-like custom operator has no formula: counting refuses it (naming it) instead of a total
+    without its work; once a formula is registered it counts."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    name = f"sntest_{zlib.crc32(str(id(object())).encode())}::fused_mm"
+
+    @torch.library.custom_op(name, mutates_args=())
+    def fused_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w.t()
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(fused_mm(x, self.fc1.weight) + self.fc1.bias))
+
+    nest = sn.wrap(Custom(), sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    x = torch.randn(4, 8)
+    with pytest.raises(sn.SortedNetError, match=r"operator sntest_\d+\.fused_mm"):
+        nest.cost(nest.smallest, "flops", example=x)
+    with pytest.raises(sn.SortedNetError, match="fused_mm"):
+        nest.profile(x, metrics=("flops",), progress=False)
+    with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):  # nothing half-counted was kept
+        nest.cost(nest.smallest, "flops")
+    op = getattr(torch.ops, name.split("::")[0]).fused_mm
+
+    @register_flop_formula(op)
+    def _(x_shape, w_shape, *args, **kwargs):
+        return 2 * x_shape[0] * x_shape[1] * w_shape[0]
+
+    try:
+        flops = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+        assert flops == [2 * 4 * 8 * h + 2 * 4 * h * 3 for h in (8, 32)]
+    finally:
+        flop_registry.pop(op, None)

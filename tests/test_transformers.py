@@ -1091,6 +1091,30 @@ def test_attention_flops_are_counted_whatever_the_attention_kernel(build):
     assert counts["sdpa"][0] < counts["sdpa"][1]
 
 
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen2Moe"])
+def test_expert_flops_are_counted_whatever_the_experts_kernel(family):
+    """Mixture-of-experts layers run their experts as grouped matmuls (transformers' default), batched
+    matmuls or a loop of Linears: the FLOPs of every ffn width count the same under each (PyTorch's FLOP
+    table has no formula for the grouped one, which once counted every width as zero expert work and made
+    ``pick(flops=)`` return the largest sub-model for the smallest's budget)."""
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=16, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        num_local_experts=4, num_experts=4, num_experts_per_tok=2)
+    x = torch.randint(0, V, (2, 8))
+    counts = {}
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        torch.manual_seed(0)
+        model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+        model.set_experts_implementation(impl)
+        assert model.config._experts_implementation == impl
+        nest = sn.from_transformers(model, ffn=[4, 8])
+        counts[impl] = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+        assert nest.pick(flops=counts[impl][0]) == nest.smallest
+    assert counts["grouped_mm"] == counts["batched_mm"] == counts["eager"]
+    assert counts["eager"][0] < counts["eager"][1] < counts["eager"][2]
+
+
 def test_the_cache_guard_never_reads_the_deprecated_cache_alias(monkeypatch):
     """transformers 5 outputs carry ``cache``; reading their ``past_key_values`` alias logs a deprecation
     warning at every forward of a wrapped model that makes no cache (training, ``use_cache=False``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -403,6 +404,43 @@ def test_rank_svd_export_pretrained_and_rank_targets(tmp_path):
         back = T.LlamaForCausalLM.from_pretrained(tmp_path / str(sub)).eval()
         with torch.no_grad(), nest.use(sub):
             torch.testing.assert_close(out(back, x), out(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_rank_targets_each_name_a_module_of_some_block():
+    """A misspelled target next to a right one was dropped without a word (adapters on the right one only);
+    a target only some blocks hold (a dense layer among mixture-of-experts ones) was dropped when the first
+    block lacked it. Each target must name a module of some block; it reaches every block that has it.
+    ``ffn=`` on such a mixed model is refused naming both FFN kinds (it named a "llama block" alone)."""
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, **TOK)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for targets, bad in [(["self_attn.q_proj", "mlp.nope"], "['mlp.nope']"),
+                         (["mlp.up_proj", "mlp.down_prj"], "['mlp.down_prj']"), (["self_attn.q_prj"], "q_prj")]:
+        with pytest.raises(sn.SortedNetError, match=re.escape(bad) + ".*match no module.*self_attn.q_proj"):
+            sn.from_transformers(model, rank=[2, 4], rank_targets=targets)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    cfg = T.Qwen2MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                           shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[1],
+                           **TOK)
+    moe = T.Qwen2MoeForCausalLM(cfg).eval()
+    with pytest.raises(sn.SortedNetError, match=r"blocks hold different FFNs: model\.layers\.0 has \['mlp\.experts'\]"
+                       r".*block model\.layers\.1 has none"):  # one width cannot span expert and dense FFNs
+        sn.from_transformers(moe, ffn=[8])
+    nest = sn.from_transformers(moe, rank=[2, 8], rank_mode="lora", rank_targets=["mlp.gate_proj", "self_attn.v_proj"])
+    assert sorted(p for p, m in moe.named_modules() if hasattr(m, "lora_A")) == [
+        "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.self_attn.v_proj",
+        "model.layers.2.self_attn.v_proj"]
+    with torch.no_grad():
+        for m in moe.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_()
+    x = inputs("causal")
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(out(nest.export(sub, plain=True), x), out(moe, x), atol=1e-5, rtol=1e-5)
 
 
 class _DemoLayout:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 import statistics
 import time
 import weakref
@@ -26,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from .errors import SortedNetError
 from .export import reachable_modules
 from .slicers.lowrank import COUNTING
 from .submodel import SubModel
@@ -137,12 +139,57 @@ def _sdpa_flops(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> i
     return 2 * math.prod(lead) * L * S * (E + Ev)
 
 
-#: fused attention kernels that torch.utils.flop_counter has no formula for (the CPU one: without it,
-#: every attention score matmul of a model on the CPU would count as zero)
-_MORE_FLOPS = {getattr(torch.ops.aten, name): _sdpa_flops
-               for name in ("_scaled_dot_product_flash_attention_for_cpu",
-                            "_scaled_dot_product_fused_attention_overrideable")
-               if hasattr(torch.ops.aten, name)}
+def _grouped_mm_flops(a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> int:
+    """One grouped matmul (mixture-of-experts kernels): ``(M, K) x (G, K, N)`` (rows split by group),
+    ``(G, M, K) x (G, K, N)``, ``(G, M, K) x (K, N)`` (columns split) or ``(M, K) x (K, N)`` (the
+    reduction split); every case multiplies each row of ``a`` with one group's ``K x N`` block."""
+    if a.dim() == 2 and b.dim() == 3:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[2]
+    if a.dim() == 3 and b.dim() == 3:
+        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    if a.dim() == 3:
+        return 2 * a.shape[1] * a.shape[2] * b.shape[1]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _rnn_layer_flops(x: Tensor, w_ih: Tensor, w_hh: Tensor, *args: Any, **kwargs: Any) -> int:
+    """One fused recurrent layer (oneDNN's LSTM / GRU kernel on the CPU): every time step of every
+    sequence multiplies its input by ``w_ih`` and its hidden state by ``w_hh`` (as a recurrent
+    layer decomposed into ``mm`` counts)."""
+    return 2 * (x.numel() // x.shape[-1]) * (w_ih.numel() + w_hh.numel())
+
+
+#: kernels that torch.utils.flop_counter has no formula for, by operator name: the fused attention
+#: kernels (the CPU one: without it, every attention score matmul of a model on the CPU would count as
+#: zero), the grouped matmuls mixture-of-experts layers run (transformers' experts, and its fallback
+#: for them), and oneDNN's fused recurrent layer (nn.LSTM on the CPU)
+_MORE_FLOPS: dict[str, Callable[..., int]] = {
+    "aten._scaled_dot_product_flash_attention_for_cpu": _sdpa_flops,
+    "aten._scaled_dot_product_fused_attention_overrideable": _sdpa_flops,
+    "aten._grouped_mm": _grouped_mm_flops,
+    "aten._scaled_grouped_mm": _grouped_mm_flops,
+    "transformers.grouped_mm_fallback": _grouped_mm_flops,
+    "aten.mkldnn_rnn_layer": _rnn_layer_flops,
+    # in-place and fused variants of the registry's own: the same multiply-adds
+    "aten.addmm_": flop_registry[torch.ops.aten.addmm],
+    "aten._addmm_activation": flop_registry[torch.ops.aten.addmm],
+    "aten.baddbmm_": flop_registry[torch.ops.aten.baddbmm],
+    "aten.addbmm": flop_registry[torch.ops.aten.baddbmm],
+    "aten.addbmm_": flop_registry[torch.ops.aten.baddbmm],
+}
+
+#: a word of an operator's name that says it multiplies matrices (``aten._int_mm``, ``aten._trilinear``,
+#: ``aten._cudnn_rnn``, a custom ``mylib::fused_attention``): such an operator with no formula and no
+#: decomposition would count as zero, so counting refuses it rather than return a total without it
+_COMPUTE_WORD = re.compile(
+    r"(?:^|_)(?:\w*mm|matmul|gemm|einsum|conv(?:olution|\dd|_\w+)?|\w*linear|attention|rnn|lstm|gru)(?:_|$)")
+
+
+def _uncountable(name: str) -> bool:
+    """Whether an operator named ``name`` (``ns.op``) multiplies matrices by its name (see
+    :data:`_COMPUTE_WORD`): not the interpolations whose names say ``linear`` (``upsample_bilinear2d``)."""
+    op = name.rpartition(".")[2]
+    return bool(_COMPUTE_WORD.search(op)) and "upsample" not in op
 
 
 class _Pause:
@@ -175,12 +222,19 @@ class _CountFlops(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.paused:
             return func(*args, **kwargs)
-        count = flop_registry.get(func._overloadpacket) or _MORE_FLOPS.get(func._overloadpacket)
+        packet = func._overloadpacket
+        count = flop_registry.get(packet) or _MORE_FLOPS.get(str(packet))
         if count is None and func is not torch.ops.prim.device.default:
             with self:  # composite operators: count what they decompose into
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:
                 return out
+            if _uncountable(str(packet)):
+                raise SortedNetError(
+                    f"cannot count the FLOPs of operator {packet}: torch.utils.flop_counter has no formula for "
+                    "it, so a count would leave its work out (and pick(flops=) would choose by that wrong "
+                    "count); register one with torch.utils.flop_counter.register_flop_formula, run the model "
+                    "through operators that have one, or budget by params / latency instead")
         out = func(*args, **kwargs)
         if count is not None:
             self.total += count(*args, **kwargs, out_val=out)

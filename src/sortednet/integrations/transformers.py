@@ -143,7 +143,15 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
                 try:
                     m = b.get_submodule(_ffn_out_path(b, lay, type(model).__name__))
                 except SortedNetError as e:
-                    raise SortedNetError(f"from_transformers(ffn=...): block {P}.{i}: {e}") from None
+                    if b is blk or not glob_children(blk, _ffn_out_path(blk, lay, type(model).__name__)):
+                        raise SortedNetError(f"from_transformers(ffn=...): block {P}.{i}: {e}") from None
+                    raise SortedNetError(
+                        f"from_transformers(ffn=...) on {type(model).__name__}: its blocks hold different FFNs: "
+                        f"{found.stacks[-1]}.0 has {list(lay.ffn_out)} ({lay.family} layout), block {P}.{i} has "
+                        "none of them (a model that mixes dense and mixture-of-experts layers, e.g. "
+                        "mlp_only_layers / decoder_sparse_step / first_k_dense_replace); one ffn= width cannot "
+                        "span both kinds: nest heads= / depth= only, or build the model with one FFN kind in "
+                        "every layer") from None
                 if slicer_for(m) is None:
                     raise SortedNetError(
                         f"from_transformers(ffn=...) on {type(model).__name__}: the FFN module of block {P}.{i}, "
@@ -297,24 +305,32 @@ def _self_check(nest: Nest) -> None:
 def _rank_dim(model: nn.Module, found: Found, rank: Sequence[int], mode: str,
               targets: Sequence[str] | None) -> Rank:
     lay = found.layout
-    blk = found.block(model)
+    given = targets is not None
     if targets is None:
         qkv = [] if lay.qkv is None else [lay.qkv] if isinstance(lay.qkv, str) else list(lay.qkv)
         targets = [f"{a}.{p}" for a in lay.attn for p in (*qkv, lay.o) if p] + list(lay.ffn_out + lay.ffn_inp)
-    rel = [r for t in targets for r in glob_children(blk, t)]
-    if not rel:
-        raise SortedNetError(f"from_transformers(rank_targets={list(targets)}): no such module in a "
-                             f"{lay.family} block")
-    bad = [p for p in rel if not isinstance(blk.get_submodule(p), nn.Linear)]
+    targets = list(dict.fromkeys(targets))
+    # every block of every stack: blocks of one model may differ (dense and mixture-of-experts layers)
+    blocks = [(i, b) for i, P in enumerate(found.stacks) for b in model.get_submodule(P)]
+    hits = {t: [(i, b, r) for i, b in blocks for r in glob_children(b, t)] for t in targets}
+    missing = [t for t in targets if not hits[t]]
+    if missing and (given or len(missing) == len(targets)):
+        blk = found.block(model)
+        linears = [n for n, m in blk.named_modules() if isinstance(m, nn.Linear)]
+        raise SortedNetError(f"from_transformers(rank_targets={targets}): {missing} match no module of any "
+                             f"{lay.family} block (paths are relative to a block; its Linear layers: {linears})")
+    bad = sorted({r for t in targets for _, b, r in hits[t] if not isinstance(b.get_submodule(r), nn.Linear)})
     if bad:
+        kind = next(type(b.get_submodule(r)).__name__ for t in targets for _, b, r in hits[t] if r == bad[0])
         raise SortedNetError(f"from_transformers(rank=...): rank targets must be nn.Linear, but the "
-                             f"{lay.family} layout has {type(blk.get_submodule(bad[0])).__name__} at {bad}; "
+                             f"{lay.family} layout has {kind} at {bad}; "
                              "use ffn=/heads=/depth= for this model (or rank_targets= to pick nn.Linear ones)")
     if isinstance(rank, int) or any(isinstance(r, float) for r in rank):
         raise SizeError(f"rank: sizes must be a list of integer ranks, got {rank!r}")
+    patterns = [f"{P}.*.{t}" for i, P in enumerate(found.stacks) for t in sorted(targets)
+                if any(h[0] == i for h in hits[t])]
     # the stock class stores full weights: svd factors are multiplied back on export, and cost counts that
-    return Rank("rank", list(rank), targets=_rel(model, found, sorted(set(targets))), mode=mode,
-                **({"export": "merged"} if mode == "svd" else {}))
+    return Rank("rank", list(rank), targets=patterns, mode=mode, **({"export": "merged"} if mode == "svd" else {}))
 
 
 def _ffn_out_path(block: nn.Module, lay: Layout, cls: str) -> str:
