@@ -674,6 +674,26 @@ def test_heads_are_checked_at_every_size_not_only_the_smallest():
         nest.check(x)
 
 
+class _ReadsAttentionWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att, self.out = nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        y, w = self.att(x, x, x, need_weights=True)  # averaged over the heads in force
+        return self.out(x + y) + w[..., :1]
+
+
+def test_a_heads_refusal_names_a_forward_that_reads_the_attention_weights():
+    """A forward that reads the attention weights (need_weights=True, averaged over heads) fails the whole-heads
+    check with a correct layout: the refusal blamed the layout alone; it now names that reading too."""
+    torch.manual_seed(0)
+    nest = sn.wrap(_ReadsAttentionWeights().eval(), sn.Heads("h", [1, 2, 4], attn="att"))
+    with pytest.raises(sn.SortedNetError, match=r"(?s)is not the first 1 whole heads.*the attention weights of "
+                                                r"need_weights=True"):
+        nest.check(torch.randn(2, 6, 16))
+
+
 class _WindowedHeads(nn.Module):
     """Each head attends within its own causal window, spread over [1, 64] by the head count: at 2 heads the
     windows are [1, 64], the full module's first two [1, 22]; alike on 5 positions, not on 32."""

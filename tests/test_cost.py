@@ -505,6 +505,24 @@ def test_a_recurrent_layer_counts_the_same_on_the_fused_and_the_plain_kernel():
     assert counts[0][0] > lstm
 
 
+def test_a_bilinear_layer_counts_its_multiply_adds():
+    """nn.Bilinear runs ``aten._trilinear``, which PyTorch's FLOP table does not know (it counted as zero):
+    ``2 x N x out x in1 x in2``."""
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.bl = torch.nn.Linear(8, 32), torch.nn.Linear(32, 6), torch.nn.Bilinear(6, 5, 7)
+
+        def forward(self, x):
+            return self.bl(self.fc2(torch.relu(self.fc1(x))), x[:, :5])
+
+    nest = sn.wrap(Head(), sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    x = torch.randn(4, 8)
+    assert [nest.cost(s, "flops", example=x) for s in nest.submodels] == [
+        2 * 4 * 8 * h + 2 * 4 * h * 6 + 2 * 4 * 7 * 6 * 5 for h in (8, 32)]
+
+
 def test_an_operator_without_a_flop_formula_is_refused_not_counted_as_zero():
     """A matmul-like custom operator has no formula: counting refuses it (naming it) instead of a total
     without its work; once a formula is registered it counts."""

@@ -682,6 +682,27 @@ def test_an_embedding_setting_that_wrap_refuses_cannot_be_set_after_wrap(name, v
     assert getattr(m[0], name) == value
 
 
+@pytest.mark.parametrize("name", ["num_heads", "head_dim", "embed_dim"])
+def test_an_attention_size_cannot_be_set_after_wrap(name):
+    """``head_dim`` of a wrapped MultiheadAttention was writable (``num_heads`` / ``embed_dim`` refused): the full
+    model ran on (PyTorch's forward derives it), every smaller sub-model and even the full export then failed with
+    a raw reshape error. Refused as the others, the module unchanged; after unwrap the module's own again."""
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(16, 4, batch_first=True)
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn=""))
+    x = torch.randn(2, 5, 16)
+    old = getattr(m, name)
+    with pytest.raises(sn.SortedNetError, match=rf"{name} is sliced by sortednet"):
+        setattr(m, name, 2 * old)
+    setattr(m, name, old)  # the value it has: nothing changes
+    with torch.no_grad(), nest.use("h=2"):
+        torch.testing.assert_close(m(x, x, x)[0], nest.export("h=2")(x, x, x)[0], atol=1e-6, rtol=1e-6)
+    assert m.head_dim == 4 and nest.export("h=4").head_dim == 4
+    nest.unwrap()
+    setattr(m, name, 2 * old)
+    assert getattr(m, name) == 2 * old
+
+
 def test_data_parallel_replication_is_refused_by_name():
     """``torch.nn.DataParallel`` over several devices copies each module (``_replicate_for_data_parallel``) and
     sets the broadcast parameters on the copies as plain attributes; its replicas then run in worker threads,

@@ -1241,7 +1241,11 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         f"outputs masked at {o[:3]}): the attention splits its projections with the heads as the "
                         "fast axis (e.g. view(B, N, head_dim, heads)), packs q/k/v in another order, reorders or "
                         "mixes heads (a norm over all heads); with the heads as the fast axis a Width over the "
-                        "projections shrinks every head's size instead; otherwise fix the layout")
+                        "projections shrinks every head's size instead; otherwise fix the layout. A correct layout "
+                        "fails this too when the forward reads the heads elsewhere than through the attention's "
+                        "output (the attention weights of need_weights=True, averaged over heads or summed): "
+                        "fewer heads change that reading by more than masking their outputs does, so this check "
+                        "cannot vouch for the nest; declare it without example= if that reading is intended")
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
             if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not _mixes_units(nest, d):
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)

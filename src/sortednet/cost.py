@@ -159,10 +159,24 @@ def _rnn_layer_flops(x: Tensor, w_ih: Tensor, w_hh: Tensor, *args: Any, **kwargs
     return 2 * (x.numel() // x.shape[-1]) * (w_ih.numel() + w_hh.numel())
 
 
+def _trilinear_flops(i1: Tensor, i2: Tensor, i3: Tensor, expand1: list[int], expand2: list[int],
+                     expand3: list[int], *args: Any, **kwargs: Any) -> int:
+    """``nn.Bilinear``'s kernel: the three inputs, each unsqueezed at its ``expand`` dims, multiply over their
+    broadcast shape and sum some of its dims; 2 per multiply-add of that shape (``N x out x in1 x in2``
+    for a bilinear layer)."""
+    shapes = []
+    for t, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        shape = list(t.shape)
+        for d in sorted(expand):
+            shape.insert(d, 1)
+        shapes.append(shape)
+    return 2 * math.prod(torch.broadcast_shapes(*shapes))
+
+
 #: kernels that torch.utils.flop_counter has no formula for, by operator name: the fused attention
 #: kernels (the CPU one: without it, every attention score matmul of a model on the CPU would count as
 #: zero), the grouped matmuls mixture-of-experts layers run (transformers' experts, and its fallback
-#: for them), and oneDNN's fused recurrent layer (nn.LSTM on the CPU)
+#: for them), oneDNN's fused recurrent layer (nn.LSTM on the CPU) and nn.Bilinear's kernel
 _MORE_FLOPS: dict[str, Callable[..., int]] = {
     "aten._scaled_dot_product_flash_attention_for_cpu": _sdpa_flops,
     "aten._scaled_dot_product_fused_attention_overrideable": _sdpa_flops,
@@ -170,6 +184,7 @@ _MORE_FLOPS: dict[str, Callable[..., int]] = {
     "aten._scaled_grouped_mm": _grouped_mm_flops,
     "transformers.grouped_mm_fallback": _grouped_mm_flops,
     "aten.mkldnn_rnn_layer": _rnn_layer_flops,
+    "aten._trilinear": _trilinear_flops,
     # in-place and fused variants of the registry's own: the same multiply-adds
     "aten.addmm_": flop_registry[torch.ops.aten.addmm],
     "aten._addmm_activation": flop_registry[torch.ops.aten.addmm],
@@ -178,11 +193,11 @@ _MORE_FLOPS: dict[str, Callable[..., int]] = {
     "aten.addbmm_": flop_registry[torch.ops.aten.baddbmm],
 }
 
-#: a word of an operator's name that says it multiplies matrices (``aten._int_mm``, ``aten._trilinear``,
-#: ``aten._cudnn_rnn``, a custom ``mylib::fused_attention``): such an operator with no formula and no
+#: a word of an operator's name that says it multiplies matrices (``aten._int_mm``, ``aten._cudnn_rnn``,
+#: a custom ``mylib::fused_attention`` or ``flash_attn::_flash_attn_forward``): such an operator with no formula and no
 #: decomposition would count as zero, so counting refuses it rather than return a total without it
 _COMPUTE_WORD = re.compile(
-    r"(?:^|_)(?:\w*mm|matmul|gemm|einsum|conv(?:olution|\dd|_\w+)?|\w*linear|attention|rnn|lstm|gru)(?:_|$)")
+    r"(?:^|_)(?:\w*mm|matmul|gemm|einsum|conv(?:olution|\dd|_\w+)?|\w*linear|atten\w*|attn|rnn|lstm|gru)(?:_|$)")
 
 
 def _uncountable(name: str) -> bool:

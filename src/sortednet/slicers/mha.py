@@ -142,9 +142,11 @@ def _nested(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: in
 @slicer(nn.MultiheadAttention)
 class MHASlicer(Slicer):
     roles = ("heads", "inp")
-    attrs = ("in_proj_weight", "in_proj_bias", "num_heads", "embed_dim")
+    #: head_dim never changes (heads are whole), but PyTorch's forward derives it and the export reads it:
+    #: served too, so that a write to it while wrapped is refused as one to num_heads is
+    attrs = ("in_proj_weight", "in_proj_bias", "num_heads", "embed_dim", "head_dim")
     views = {"in_proj_weight": ((0, "heads"), (1, "inp")), "in_proj_bias": ((0, "heads"),)}
-    static = ("num_heads", "embed_dim")
+    static = ("num_heads", "embed_dim", "head_dim")
     overrides_forward = True
 
     def full(self, m: nn.Module, role: str) -> int:
@@ -169,6 +171,8 @@ class MHASlicer(Slicer):
         if name == "num_heads":
             b = m._sn.bind.get("heads")
             return m.__dict__["num_heads"] if b is None else b.dim.active
+        if name == "head_dim":
+            return m.__dict__["head_dim"]
         return self.features(m, "inp", m.__dict__["embed_dim"])
 
     def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
