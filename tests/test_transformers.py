@@ -294,6 +294,50 @@ def test_importance_sorting_puts_important_heads_first():
     assert perms["transformer.h.0"]["heads"][0].item() == 3
 
 
+def test_sort_by_importance_checks_the_model_itself_when_the_loss_cannot_be_compared(monkeypatch):
+    """A ``loss_fn`` that calls the user's model in training mode and samples gives another loss at every call:
+    the before / after comparison was skipped, and a permutation that missed the output projection's columns
+    (injected here) changed the full model's logits with no word. The model's own output on the batch is now
+    compared too; a batch that is not the model's input, with such a loss, gets a warning."""
+    import sortednet.integrations.importance as imp
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3))
+    nest = sn.from_transformers(model, ffn=[16], heads=[2])
+    x = ids(seed=3, b=2)
+
+    g = torch.Generator().manual_seed(0)  # a stream of its own: torch's seeded one does not reach it
+
+    def noisy(view, batch):
+        b = batch["ids"] if isinstance(batch, dict) else batch
+        model.train()
+        try:
+            return model(input_ids=b, labels=b).loss * (1 + 0.1 * torch.rand((), generator=g))
+        finally:
+            model.eval()
+
+    real = imp._permute
+
+    def misses_o_proj(m, role, idx, *args, **kwargs):
+        if role == "inp" and m in [blk.self_attn.o_proj for blk in model.model.layers]:
+            return set()
+        return real(m, role, idx, *args, **kwargs)
+
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with monkeypatch.context() as mp:
+        mp.setattr(imp, "_permute", misses_o_proj)
+        with pytest.raises(sn.SortedNetError, match="outputs differ from the original's"):
+            sn.sort_by_importance(nest, [x], loss_fn=noisy, ffn=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="the sort is not verified"):
+        sn.sort_by_importance(nest, [{"ids": x}], loss_fn=noisy, ffn=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sn.sort_by_importance(nest, [x], loss_fn=noisy)
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_trainer_same_submodels_for_all_micro_batches(soft, tmp_path):
     model, _, _, _ = build("llama")
@@ -1301,7 +1345,9 @@ def test_from_transformers_checks_its_options_before_wrapping():
                        (dict(batches={"input_ids": x}), "pass [batch]"), (dict(batches=[x], loss_fn=5), "loss_fn="),
                        (dict(batches=[x, x + V]), "outside the model's vocabulary"),
                        (dict(batches=[{"input_ids": x + V, "labels": x}]), "outside the model's vocabulary"),
-                       (dict(batches=[x], ffn="yes"), "ffn=...")]:
+                       (dict(batches=[x], ffn="yes"), "ffn=..."),
+                       (dict(batches=[x], loss_fn=lambda m, b: m(input_ids=b, labels=b[:, ::2]).loss),
+                        "the loss of batch 0 raised ValueError")]:
         with pytest.raises(sn.SortedNetError, match=re.escape(needle)):
             sn.sort_by_importance(nest, **kw)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), kw

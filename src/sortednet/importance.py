@@ -20,8 +20,10 @@ than ``atol`` (relative), every tensor is restored and a SortedNetError raised.
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -250,6 +252,62 @@ def _example_of(data: Any) -> Any:
     return None
 
 
+class OptimizerStateWarning(UserWarning):
+    """A sort permuted parameters that an optimizer not passed as ``optimizer=`` holds per-element state
+    for (momentum, Adam's moments): that state stays where the units were, so further steps of that
+    optimizer would apply one unit's moments to another."""
+
+
+def optimizers(fn: str, optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
+    """``optimizer=`` of a sort as a tuple: one optimizer, a list / tuple of them (a model trained by
+    several), or None; each checked (:func:`_check_state`) before anything changes."""
+    if optimizer is None:
+        return ()
+    opts = (optimizer,) if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    if not isinstance(opts, (list, tuple)) or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
+        raise SortedNetError(f"{fn}: optimizer= takes a torch.optim.Optimizer (or a list of them), got "
+                             f"{type(optimizer).__name__}")
+    for o in opts:
+        _check_state(o)
+    return tuple(opts)
+
+
+def warn_stray_optimizers(fn: str, nest: Nest, passed: tuple[torch.optim.Optimizer, ...]) -> None:
+    """Warn (:class:`OptimizerStateWarning`) about every live optimizer of this process, other than
+    ``passed``, that holds per-element state for a parameter the sort may permute: its moments would no
+    longer line up with their units. (Found by a scan of the live objects: a sort is rare, the scan cheap
+    next to its forwards; an optimizer that is garbage but not collected yet is collected first.)"""
+    ids = {id(p) for m in nest._sliced.values() for p in m.parameters(recurse=False)}
+    mine = {id(o.state) for o in passed}
+
+    def stray() -> list[str]:
+        found: dict[int, str] = {}
+        for o in gc.get_objects():
+            if not issubclass(type(o), torch.optim.Optimizer):  # (type(): no object's __class__ is read)
+                continue
+            try:
+                state = o.state
+            except Exception:  # (a wrapper whose state cannot be read: not ours to judge)
+                continue
+            if not isinstance(state, Mapping) or id(state) in mine or id(state) in found:
+                continue
+            n = sum(1 for p, st in list(state.items()) if id(p) in ids and isinstance(st, Mapping)
+                    and any(isinstance(v, Tensor) and v.numel() > 1 for v in st.values()))
+            if n:
+                found[id(state)] = f"{type(o).__name__} (state for {n} of them)"
+        return list(found.values())
+
+    if stray():
+        gc.collect()
+        names = stray()
+        if names:
+            warnings.warn(f"{fn}: {', '.join(names)} holds momentum / moments for parameters this sort permutes "
+                          "and was not passed as optimizer=: its state stays where the units were, so its next "
+                          "steps would apply one unit's moments to another. Pass it (optimizer=opt, or a list of "
+                          "every optimizer of the model), or build a new optimizer after sorting",
+                          OptimizerStateWarning, stacklevel=3)
+
+
 def _check_state(optimizer: torch.optim.Optimizer) -> None:
     """Refuse (before anything changes) an optimizer whose state does not live element by element on
     each parameter: a list of tensors (L-BFGS's direction history) or a tensor of another shape than its
@@ -269,14 +327,14 @@ def _check_state(optimizer: torch.optim.Optimizer) -> None:
                                      "after sorting)")
 
 
-def _companions(t: Tensor, optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
-    """``t`` and the tensors whose units follow it: its ``.grad`` and the optimizer's state for it (momentum,
+def _companions(t: Tensor, opts: tuple[torch.optim.Optimizer, ...] = ()) -> list[Tensor]:
+    """``t`` and the tensors whose units follow it: its ``.grad`` and the optimizers' state for it (momentum,
     Adam's moments; a factored optimizer's row / column statistics, of size 1 along reduced axes). Other
     non-scalar state (a flattened layout) cannot follow the units: refused."""
     out = [t]
     if t.grad is not None:
         out.append(t.grad)
-    if optimizer is not None:
+    for optimizer in opts:
         for k, v in optimizer.state.get(t, {}).items():
             if not isinstance(v, Tensor) or v.numel() == 1:
                 continue  # step counts and other scalars
@@ -288,7 +346,7 @@ def _companions(t: Tensor, optimizer: torch.optim.Optimizer | None) -> list[Tens
     return out
 
 
-def _apply(groups: list, orders: list[Tensor], optimizer: torch.optim.Optimizer | None = None
+def _apply(groups: list, orders: list[Tensor], optimizer: tuple[torch.optim.Optimizer, ...] = ()
            ) -> list[tuple[str, str, int, Tensor]]:
     """Permute every bound tensor (each once), its ``.grad`` and ``optimizer``'s state for it; returns the moves
     made, ``(module path, tensor name, axis, index)``, to make them again in a deep copy of the model."""
@@ -365,7 +423,8 @@ def one_process(nest: Nest, who: str, data_based: bool) -> None:
 
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
                loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float | None = None,
-               optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
+               optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None
+               ) -> dict[str, Tensor]:
     """Permute the units of every Width / Heads dimension of ``nest``, most important first.
 
     ``method``: ``"l1"`` | ``"l2"`` | ``"bn"`` | ``"taylor"`` (needs ``data``, batches of
@@ -377,8 +436,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     raised. Returns the unit order applied per group (``"dim@first module"``).
 
     A parameter's ``.grad`` is permuted with it. An optimizer that already holds state for the
-    model (momentum, Adam moments) must be passed as ``optimizer=`` so that its per-element
-    state follows the units; sort before building the optimizer, or pass it. Copies of the
+    model (momentum, Adam moments) must be passed as ``optimizer=`` (a list for several) so that its
+    per-element state follows the units; sort before building the optimizer, or pass it (any other live
+    optimizer holding such state gets an :class:`OptimizerStateWarning`). Copies of the
     model (an EMA or teacher ``copy.deepcopy``, which follow the nest's sub-models) are permuted with
     it (weights and ``.grad``; an optimizer of their own is not); one that cannot follow (its modules
     changed) is refused at its next forward.
@@ -426,10 +486,8 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         example = _example_of(data)
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise SortedNetError(f"sort_units: optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if optimizer is not None:
-        _check_state(optimizer)
+    optimizer = optimizers("sort_units", optimizer)
+    warn_stray_optimizers("sort_units", nest, optimizer)
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
         orders, moves = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
     nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves))
@@ -437,7 +495,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
 
 
 def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
-          atol: float, optimizer: torch.optim.Optimizer | None
+          atol: float, optimizer: tuple[torch.optim.Optimizer, ...]
           ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]]]:
     err = float("inf")
     with dry_run(nest.model), torch.no_grad(), _at_full(nest):

@@ -14,7 +14,8 @@ by their summed score) and query heads are ordered within their group.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
-from ..importance import _at_full, _check_state, _companions, one_process, rel_err
+from ..importance import _at_full, _companions, one_process, optimizers, rel_err, warn_stray_optimizers
 from ..modes import eval_mode
 from ..nest import Nest
 from ..slicers import Slicer
@@ -69,7 +70,7 @@ def _written(tensors: list[Tensor]) -> set:
     return {k for c in tensors if (k := storage_key(c)) is not None}
 
 
-def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = None,
+def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = (),
              held: set | None = None) -> set:
     """Permute ``m``'s units of ``role`` by ``idx``: the weight (and bias), their ``.grad`` and ``opt``'s
     per-element state (Adam's moments, momentum) alike, except memory in ``held``; returns the memory written."""
@@ -126,7 +127,8 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
 
 def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                        ffn: bool = True, heads: bool = True,
-                       optimizer: torch.optim.Optimizer | None = None) -> dict[str, dict[str, Tensor]]:
+                       optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None
+                       ) -> dict[str, dict[str, Tensor]]:
     """Permute FFN neurons and attention heads of every layer, most important first.
 
     The full model's outputs are unchanged. ``batches`` are dicts of model
@@ -134,8 +136,9 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     anything ``loss_fn(model, batch)`` turns into a loss. A parameter's
     ``.grad`` (accumulated gradients) is permuted with it; an optimizer that
     already holds state (momentum, Adam's moments) must be passed as
-    ``optimizer=`` so that its state follows the units (or sort before
-    building it). Returns the permutation applied per layer.
+    ``optimizer=`` (a list for several) so that its state follows the units
+    (or sort before building it; any other live optimizer holding such state
+    gets an ``OptimizerStateWarning``). Returns the permutation applied per layer.
 
     >>> import torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -163,15 +166,12 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     if any(d.kind == "rank" for d in nest.dims):
         raise SortedNetError("sort_by_importance permutes full weight matrices; run it on a nest without a rank "
                              "dimension (sort first, then nest.unwrap() and from_transformers(..., rank=...))")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise SortedNetError(f"sort_by_importance: optimizer= takes a torch.optim.Optimizer, got "
-                             f"{type(optimizer).__name__}")
-    if optimizer is not None:
-        _check_state(optimizer)
+    optimizer = optimizers("sort_by_importance", optimizer)
     found: Found = _layout_of(nest)
     lay, model = found.layout, nest.model
     heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads
     _check_layout(lay, found, model, ffn, heads)
+    warn_stray_optimizers("sort_by_importance", nest, optimizer)
     named = [(f"{P}.{k}", b) for P in found.stacks for k, b in model.get_submodule(P)._modules.items()]
     blocks = [b for _, b in named]
     n_heads, group = _head_counts(model.config, lay)
@@ -187,7 +187,13 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                     p.grad = None
                 if n == 0:  # kept for the before / after comparison (a shallow copy: loss_fn may pop keys)
                     first = copy.copy(batch) if isinstance(batch, Mapping) else batch
-                loss = (loss_fn or _default_loss)(view, batch)
+                try:
+                    loss = (loss_fn or _default_loss)(view, batch)
+                except SortedNetError:
+                    raise
+                except Exception as e:
+                    raise SortedNetError(f"sort_by_importance: the loss of batch {n} raised {type(e).__name__}: "
+                                         f"{str(e)[:300]}; nothing was changed") from e
                 if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
                     raise SortedNetError(f"sort_by_importance: loss_fn must return a scalar floating-point tensor, "
                                          f"got {type(loss).__name__}"
@@ -214,6 +220,12 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     ref = _outputs(nest, first, loss_fn)
     if rel_err(_outputs(nest, first, loss_fn), ref) > 0:  # outputs that vary run to run (sampling in loss_fn
         ref = None                                        # beyond torch's seeded stream) cannot be compared
+    direct = _direct(nest, first)  # the model's own output on the batch, whatever loss_fn does
+    if ref is None and direct is None:
+        warnings.warn("sort_by_importance: the full model's output could not be compared before and after the "
+                      "permutation (loss_fn gives another value at every call and the batch is not the model's own "
+                      "input: a dict of its keyword inputs or a tensor of token ids), so the sort is not verified; "
+                      "pass such a batch first to have it checked", stacklevel=2)
     perms: dict[str, dict[str, Tensor]] = {}
     log: list[tuple] = []  # every permutation applied, to undo them if the full model changed
     try:
@@ -235,6 +247,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                              lay.layout_of_qkv(model.config), log, optimizer)
         half = any(q.is_floating_point() and q.dtype not in (torch.float32, torch.float64) for q in model.parameters())
         err = 0.0 if ref is None else rel_err(_outputs(nest, first, loss_fn), ref)
+        if direct is not None:
+            err = max(err, rel_err(_direct(nest, first), direct))
         if not err <= (5e-2 if half else 1e-4):  # half precision: a deep stack's rounding (bf16 ulp ~ 8e-3)
             raise SortedNetError(
                 f"sort_by_importance: the permuted {lay.family}-layout model's outputs differ from the original's by "
@@ -256,6 +270,36 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     nest._drop_scores("sort_by_importance", [o for p in perms.values() for o in p.values()],
                       follow=_follow_log(nest.model, log))
     return perms
+
+
+def _direct(nest: Nest, batch: Any) -> list[Tensor] | None:
+    """The full model's own floating-point outputs on ``batch`` (a dict of its keyword inputs, or a tensor of
+    token ids), called directly on an eval-mode view: the check a sort keeps when ``loss_fn`` cannot be compared
+    (it calls the model in training mode, samples...). None when the batch is not such an input, or the
+    output varies from call to call."""
+    from ..coupling_ops import leaves
+    from ..modes import seeded
+
+    if not (isinstance(batch, Mapping) or (isinstance(batch, Tensor) and not batch.is_floating_point())):
+        return None
+
+    def run() -> list[Tensor]:
+        with _at_full(nest), eval_mode(nest) as (view, _), torch.no_grad(), seeded(0):
+            out = view(**dict(batch)) if isinstance(batch, Mapping) else view(batch)
+        loss = getattr(out, "loss", None)
+        outs = leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
+        # the main output alone (and the loss): later ones may be per head (attention maps, a key / value
+        # cache) and legitimately follow the new order
+        main = next((t for t in outs if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0), None)
+        return [t.detach() for t in (main, loss) if isinstance(t, Tensor) and t.is_floating_point()]
+
+    try:
+        first = run()
+        if not first or rel_err(run(), first) > 0:
+            return None
+    except Exception:  # (not the model's own input: loss_fn knows how to use it)
+        return None
+    return first
 
 
 def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> list[Tensor]:
@@ -309,7 +353,7 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
     return follow
 
 
-def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = None,
+def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = (),
                      held: set | None = None) -> set:
     """Each expert's neurons by its row of ``order`` (as :func:`_permute`); returns the memory written."""
     gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
@@ -351,7 +395,7 @@ def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -
 
 
 def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | None, log: list,
-                opt: Any = None) -> Tensor:
+                opt: Any = ()) -> Tensor:
     """Permute whole heads (whole key/value groups with GQA); returns the query-head order."""
     H = score.numel()
     by_group = score.reshape(H // group, group)
