@@ -495,6 +495,24 @@ def test_a_prompt_holding_the_pad_token_is_masked_as_generate_does():
         sn.speculative_generate(nest, torch.tensor([[3, 0, 5]]), draft="depth=2", max_new_tokens=2)
 
 
+def test_gpt2_decodes_up_to_one_past_its_positions_as_generate_does():
+    """The last new token is returned, never fed back: generate() runs a 57-token prompt + 8 new tokens on 64
+    positions, which speculative_generate refused; one more is refused by both. A draft length far above what is
+    left to emit no longer sizes the token buffer by itself (10**8 allocated ~1 GB)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+                                       eos_token_id=None)).eval()
+    nest = sn.from_transformers(model, depth=[1, 2])
+    for n, new in ((57, 8), (64, 1)):
+        ids = torch.randint(2, V, (1, n), generator=torch.Generator().manual_seed(n))
+        want = model.generate(ids, max_new_tokens=new, do_sample=False)
+        for k in (4, 10**12):
+            got = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=new, num_draft_tokens=k)
+            assert torch.equal(got.sequences, want), (n, new, k)
+    with pytest.raises(sn.SortedNetError, match=r"prompt \(58\) \+ max_new_tokens \(8\) exceeds"):
+        sn.speculative_generate(nest, torch.randint(2, V, (1, 58)), draft="depth=1", max_new_tokens=8)
+
+
 def test_what_speculative_decoding_cannot_reproduce_is_refused():
     """Recurrent state (no rollback of rejected drafts), position-dependent RoPE frequencies, and generation
     settings that change generate()'s output (guidance, beams, ...) are refused before any forward."""

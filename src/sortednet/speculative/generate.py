@@ -181,9 +181,10 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
                                  + (f" (the mask generate() infers: the prompt holds the pad token {pad_id})"
                                     if isinstance(pad_id, int) and bool((input_ids == pad_id).any()) else ""))
     limit = getattr(model.config, "n_positions", None) if getattr(model.config, "model_type", "") == "gpt2" else None
-    if limit is not None and input_ids.shape[1] - pad + max_new_tokens > limit:
+    # the last new token is returned, never fed back: a sequence may end one past the model's positions
+    if limit is not None and input_ids.shape[1] - pad + max_new_tokens > limit + 1:
         raise SortedNetError(f"prompt ({input_ids.shape[1] - pad}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's {limit} positions")
+                             f"model's {limit} positions (+ 1: the last new token is not fed back)")
     return pad, eos
 
 
@@ -268,7 +269,8 @@ def _decode(plan: Plan, prompt: Tensor, max_new: int, k_spec: int | str, samplin
     k = 1 if auto else int(k_spec)
     most = 12 if auto else k
     n = prompt.shape[1]                      # sequence length; the last token is in no cache yet
-    buf = torch.zeros(1, n + max_new + most + 1, dtype=torch.long, device=prompt.device)
+    # a round drafts at most what is left to emit: the buffer never needs more than max_new past the emitted
+    buf = torch.zeros(1, n + max_new + min(most, max_new) + 1, dtype=torch.long, device=prompt.device)
     buf[:, :n] = prompt
     stacks = list(dict.fromkeys([plan.target] + [s for s, _ in plan.exits]))
     out: list[int] = []
