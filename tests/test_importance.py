@@ -389,22 +389,55 @@ def test_sort_by_importance_moves_gradients_and_optimizer_state_with_the_units()
         sn.sort_by_importance(nest, [ids], optimizer=object())
 
 
+class _Inner(torch.optim.Optimizer):
+    """A wrapper whose state lives in an inner optimizer (as ZeroRedundancyOptimizer's ``optim``)."""
+
+    def __init__(self, params):
+        params = list(params)
+        super().__init__(params, {})
+        self.optim = torch.optim.Adam(params, lr=0.05)
+
+    def step(self, closure=None):
+        return self.optim.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self.optim.zero_grad(set_to_none)
+
+
+class _Shared(torch.optim.Optimizer):
+    """A wrapper sharing its inner optimizer's state (as Accelerate's AcceleratedOptimizer)."""
+
+    def __init__(self, params):  # (no Optimizer.__init__: every attribute is the inner one's)
+        self.optimizer = torch.optim.Adam(params, lr=0.05)
+
+    state = property(lambda self: self.optimizer.state)
+    param_groups = property(lambda self: self.optimizer.param_groups)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+
 def test_an_optimizer_left_out_of_a_sort_is_named_and_several_can_be_passed():
     """An Adam that had stepped and was not passed as ``optimizer=`` kept its moments where the units were:
     three more steps later the model differed from its never-sorted twin by 0.2, with no word. It is now named
-    in an OptimizerStateWarning; a model trained by two optimizers passes both (a list) and trains on as its
-    twin does."""
+    in an OptimizerStateWarning; a model trained by two optimizers passes both (a list), a wrapper brings its
+    inner optimizer's state along (and a state shared by the two, or passed twice, moves once): each trains on as
+    its twin does."""
     from sortednet.importance import OptimizerStateWarning
 
     x, y = torch.randn(16, 6), torch.randn(16, 3)
 
-    def build(two):
+    def build(kind):
         torch.manual_seed(0)
         m = _PreWidth()
         nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
-        opts = ([torch.optim.Adam([*m.pre.parameters(), *m.fc1.parameters()], lr=0.05),
-                 torch.optim.SGD(m.fc2.parameters(), lr=0.05, momentum=0.9)] if two
-                else [torch.optim.Adam(m.parameters(), lr=0.05)])
+        opts = {"two": lambda: [torch.optim.Adam([*m.pre.parameters(), *m.fc1.parameters()], lr=0.05),
+                                torch.optim.SGD(m.fc2.parameters(), lr=0.05, momentum=0.9)],
+                "inner": lambda: [_Inner(m.parameters())], "shared": lambda: [_Shared(m.parameters())],
+                }.get(kind, lambda: [torch.optim.Adam(m.parameters(), lr=0.05)])()
         for _ in range(3):
             (m(x) - y).pow(2).mean().backward()
             for o in opts:
@@ -421,17 +454,18 @@ def test_an_optimizer_left_out_of_a_sort_is_named_and_several_can_be_passed():
         with torch.no_grad():
             return m(x)
 
-    m, nest, opts = build(two=False)
+    m, nest, opts = build("one")
     with pytest.warns(OptimizerStateWarning, match=r"sort_units: Adam \(state for 4 of them\)"):
         orders = sort_units(nest, "l1", example=x)
     assert not torch.equal(orders["h@fc1"], torch.arange(16))
-    for two in (False, True):
-        twin, _, topts = build(two)
-        m, nest, opts = build(two)
+    for kind in ("one", "twice", "two", "inner", "shared"):
+        twin, _, topts = build(kind)
+        m, nest, opts = build(kind)
         with warnings.catch_warnings():
             warnings.simplefilter("error", OptimizerStateWarning)
-            sort_units(nest, "l1", example=x, optimizer=opts if two else opts[0])
-        torch.testing.assert_close(finish(m, opts), finish(twin, topts), rtol=1e-4, atol=1e-5)
+            sort_units(nest, "l1", example=x, optimizer=opts + opts if kind == "twice" else
+                       opts if kind == "two" else opts[0])
+        torch.testing.assert_close(finish(m, opts), finish(twin, topts), rtol=1e-4, atol=1e-5, msg=kind)
     with pytest.raises(sn.SortedNetError, match="optimizer= takes a torch.optim.Optimizer \\(or a list of them\\)"):
         sort_units(nest, "l1", example=x, optimizer=[opts[0], "adam"])
 

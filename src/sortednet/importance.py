@@ -260,24 +260,34 @@ class OptimizerStateWarning(UserWarning):
 
 def optimizers(fn: str, optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
     """``optimizer=`` of a sort as a tuple: one optimizer, a list / tuple of them (a model trained by
-    several), or None; each checked (:func:`_check_state`) before anything changes."""
+    several), or None; each checked (:func:`_check_state`) before anything changes. A wrapper's inner
+    optimizer comes along (ZeroRedundancyOptimizer's ``optim``, Accelerate's ``optimizer``: the state
+    lives there), and each state is kept once (a wrapper that shares its inner optimizer's state, or one
+    passed twice, would move it twice)."""
     if optimizer is None:
         return ()
     opts = (optimizer,) if isinstance(optimizer, torch.optim.Optimizer) else optimizer
     if not isinstance(opts, (list, tuple)) or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
         raise SortedNetError(f"{fn}: optimizer= takes a torch.optim.Optimizer (or a list of them), got "
                              f"{type(optimizer).__name__}")
-    for o in opts:
+    out: dict[int, torch.optim.Optimizer] = {}
+    todo = list(opts)
+    while todo:
+        o = todo.pop(0)
+        inner = [getattr(o, a, None) for a in ("optim", "optimizer")]
+        todo += [i for i in inner if isinstance(i, torch.optim.Optimizer) and i is not o]
+        out.setdefault(id(o.state), o)
+    for o in out.values():
         _check_state(o)
-    return tuple(opts)
+    return tuple(out.values())
 
 
-def warn_stray_optimizers(fn: str, nest: Nest, passed: tuple[torch.optim.Optimizer, ...]) -> None:
+def warn_stray_optimizers(fn: str, params: Iterable[Tensor], passed: tuple[torch.optim.Optimizer, ...]) -> None:
     """Warn (:class:`OptimizerStateWarning`) about every live optimizer of this process, other than
-    ``passed``, that holds per-element state for a parameter the sort may permute: its moments would no
-    longer line up with their units. (Found by a scan of the live objects: a sort is rare, the scan cheap
-    next to its forwards; an optimizer that is garbage but not collected yet is collected first.)"""
-    ids = {id(p) for m in nest._sliced.values() for p in m.parameters(recurse=False)}
+    ``passed``, that holds per-element state for one of ``params`` (those the sort permutes): its moments
+    would no longer line up with their units. (Found by a scan of the live objects: a sort is rare, the
+    scan cheap next to its forwards; an optimizer that is garbage but not collected yet is collected first.)"""
+    ids = {id(p) for p in params}
     mine = {id(o.state) for o in passed}
 
     def stray() -> list[str]:
@@ -487,7 +497,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
     optimizer = optimizers("sort_units", optimizer)
-    warn_stray_optimizers("sort_units", nest, optimizer)
+    warn_stray_optimizers("sort_units", [p for m in nest._sliced.values()
+                                         if any(b.dim.kind in ("width", "heads") for b in m._sn.bind.values())
+                                         for p in m.parameters(recurse=False)], optimizer)
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
         orders, moves = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
     nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves))

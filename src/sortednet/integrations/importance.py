@@ -171,9 +171,12 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     lay, model = found.layout, nest.model
     heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads
     _check_layout(lay, found, model, ffn, heads)
-    warn_stray_optimizers("sort_by_importance", nest, optimizer)
     named = [(f"{P}.{k}", b) for P in found.stacks for k, b in model.get_submodule(P)._modules.items()]
     blocks = [b for _, b in named]
+    warn_stray_optimizers("sort_by_importance", [  # what the sort moves: the FFNs, the attentions
+        p for blk in blocks for m in ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn
+                                      else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
+        for p in m.parameters()], optimizer)
     n_heads, group = _head_counts(model.config, lay)
     saved = {p: p.grad for p in model.parameters()}
     ffn_s = [0.0] * len(blocks)
@@ -347,8 +350,8 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
         written: set = set()
         with torch.no_grad():
             for kind, c, rest in steps:  # memory the model (or a copy permuted before) holds is left alone
-                written |= (_permute_experts(c, rest[0], None, None, held) if kind == "experts"
-                            else _permute(c, rest[0], rest[1], None, None, held))
+                written |= (_permute_experts(c, rest[0], None, (), held) if kind == "experts"
+                            else _permute(c, rest[0], rest[1], None, (), held))
         held.update(written)  # (another copy sharing this one's memory leaves it alone)
     return follow
 
