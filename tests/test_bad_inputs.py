@@ -413,3 +413,47 @@ def test_load_interrupted_while_copying_says_so_and_can_run_again(fault, tmp_pat
         for sub in nest.submodels:
             with again.use(sub), nest.use(sub):
                 assert torch.equal(again(c.example), nest(c.example))
+
+
+class _Layer(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class _NoFull(sn.Slicer):
+    roles = ("out",)
+
+    def value(self, m, name):
+        return None
+
+
+class _NeedsArgs(sn.Slicer):
+    def __init__(self, scale):
+        self.scale = scale
+
+    def full(self, m, role):
+        return 1
+
+
+@pytest.mark.parametrize("register, match", [
+    (lambda: sn.slicer(), r"takes the nn.Module classes .* got none"),
+    (lambda: sn.slicer(int), r"<class 'int'> is not an nn.Module class"),
+    (lambda: sn.slicer(torch.nn.Linear(2, 2)), r"Linear\(in_features=2.* is not an nn.Module class"),
+    (lambda: sn.slicer(_Layer)(type("NotASlicer", (), {})), r"decorates a subclass of sn.Slicer, not"),
+    (lambda: sn.slicer(_Layer)(_NoFull), r"slicer _NoFull: full\(m, role\) is not defined"),
+    (lambda: sn.slicer(_Layer)(_NeedsArgs), r"slicer _NeedsArgs: it is made once with no arguments"),
+])
+def test_a_slicer_registration_it_cannot_use_is_refused_at_once(register, match):
+    """``@sn.slicer`` took anything: an int or a module instance as the type (``slicer_for(42)`` then answered),
+    a class that is no Slicer (a raw AttributeError at the next wrap), one without ``full()`` (a bare
+    NotImplementedError at wrap) or one that needs arguments (a raw TypeError). Refused when registered, and
+    nothing is registered."""
+    with pytest.raises(sn.SortedNetError, match=match):
+        register()
+    assert sn.slicer_for(_Layer()) is None
+
+
+def test_numpy_integers_are_chunk_counts_as_they_are_sizes():
+    np = pytest.importorskip("numpy")
+    assert sn.Width("h", [4, 8], out="a", chunks=np.int64(2)).chunks == {"a": 2}
+    assert sn.Width("h", [4, 8], out="a", chunks={"a": np.int32(3)}).chunks == {"a": 3}

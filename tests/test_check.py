@@ -1745,3 +1745,83 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
         enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 4,
                                                   enable_nested_tensor=False))
         sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers"), example=torch.randn(2, 3, 8)).unwrap()
+
+
+class _ScaledLinear(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight, self.scale = nn.Parameter(torch.randn(o, i) / i ** 0.5), nn.Parameter(1 + torch.rand(o))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) * self.scale
+
+
+class _ScaledSlicer(sn.Slicer):
+    roles, attrs = ("out", "inp"), ("weight", "scale")
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        return self.take(m, name, [(0, "out"), (1, "inp")] if name == "weight" else [(0, "out")])
+
+    def numel(self, m, name):  # a user's mistake: the full size, whatever the sub-model
+        return m._parameters[name].numel()
+
+
+sn.slicer(_ScaledLinear)(_ScaledSlicer)
+
+
+class _Proj(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight, self.hidden = nn.Parameter(torch.randn(o, i) / i ** 0.5), o
+
+    def forward(self, x):
+        return F.linear(x, self.weight) / self.hidden ** 0.5
+
+
+@sn.slicer(_Proj)
+class _ProjSlicer(sn.Slicer):
+    roles, attrs = ("out", "inp"), ("weight", "hidden")
+    views, static = {"weight": ((0, "out"), (1, "inp"))}, ("hidden",)
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        return self.features(m, "out", m.__dict__["hidden"])
+
+    def export(self, live, copy_):  # a user's mistake: the width of the wrong role where both are bound
+        copy_ = super().export(live, copy_)
+        copy_.hidden = (live._sn.bind.get("inp") or live._sn.bind["out"]).total()
+        return copy_
+
+
+def test_check_compares_counts_and_mixed_sub_models_with_their_exports():
+    """A custom slicer's ``numel()`` was trusted: ``cost`` said 315 parameters where the export held 99, and pick
+    chose by that. A custom ``export()`` right at the smallest sub-model alone exported 6 of 9 sub-models other
+    than they run (check exported the smallest only). Check now compares each export's parameter count with cost
+    and exports the two most mixed sub-models it dry-runs too."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    m = nn.Sequential(_ScaledLinear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    with pytest.raises(sn.SortedNetError, match=r"cost\(h=8\) counts 315 parameters but export\(h=8\) holds 99"):
+        nest.check(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = _Proj(8, 32), _Proj(32, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+    net = Net()
+    before = copy.deepcopy(net.state_dict())
+    dims = (sn.Width("A", [8, 16, 32], out="a", inp="b"), sn.Width("B", [8, 16, 32], out="b", inp="c"))
+    with pytest.raises(sn.SortedNetError, match=r"export\(A=\d+,B=\d+\) differs from its live output"):
+        sn.wrap(net, *dims, example=x)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert type(net.a) is _Proj

@@ -1118,6 +1118,52 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> Non
                         f"changes the output shapes from {want} to {got}")
 
 
+def _to_export(nest: Nest, mixed: int, seed: int) -> list[SubModel]:
+    """The sub-models whose export check compares with their live output: the smallest, and the two most
+    mixed of those it dry-runs (an export written for one combination of sizes can fail another)."""
+    others = [s for s, _ in _plan(nest, mixed, seed) if s not in (nest.smallest, nest.largest)]
+
+    def spread(s: SubModel) -> tuple[int, int]:  # dimensions neither full nor smallest, then neither full
+        return (sum(s[d.name] not in (d.full, d.sizes[0]) for d in nest.dims),
+                sum(s[d.name] != d.full for d in nest.dims))
+
+    return [nest.smallest, *sorted(dict.fromkeys(others), key=spread, reverse=True)[:2]]
+
+
+def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: float, hint: str, seed: int) -> None:
+    """``export(sub)`` holds ``cost(sub)`` parameters and computes ``sub``'s live output (else a
+    :class:`SortedNetError` naming the sub-model)."""
+    try:  # copied before the live run: a forward that counts its calls in a buffer starts both at one count
+        exported = nest.export(sub, plain=True).eval()
+    except SortedNetError:
+        raise
+    except Exception as e:
+        raise SortedNetError(f"nest.check: export({sub}) failed: {type(e).__name__}: {e}{hint}") from e
+    held, counted = sum(p.numel() for p in exported.parameters()), nest.cost(sub)
+    if held != counted:
+        raise SortedNetError(
+            f"nest.check: cost({sub}) counts {counted:,} parameters but export({sub}) holds {held:,}: a slicer's "
+            "numel() disagrees with the tensors it serves (or its export() keeps others), so pick and every budget "
+            "would choose by a wrong size")
+    with nest.use(sub), seeded(seed):
+        live = call_model(model, example)
+    try:
+        with seeded(seed):
+            got = call_model(exported, example)
+    except SortedNetError:
+        raise
+    except Exception as e:
+        raise SortedNetError(f"nest.check: export({sub}) does not run on the example: {type(e).__name__}: "
+                             f"{e}{hint}") from e
+    for a, b in zip(output_leaves(got), output_leaves(live)):
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            continue
+        rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None
+        if rel is None or rel > tol / 10:  # relative to the output's scale (large outputs round more)
+            diff = f"by {rel:.3g} relative to its scale" if rel is not None else f"in shape {tuple(a.shape)}"
+            raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")
+
+
 def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     """Dry-run ``nest`` on ``example``; raise a :class:`SortedNetError` naming the wiring mistake.
 
@@ -1256,31 +1302,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         f"masked), although chunks={d.chunks} says its out= layers stack that many projections "
                         "(e.g. gate|up) one after another: the layer interleaves them (e.g. y[..., ::2] / "
                         "y[..., 1::2]) or its units are not independent; such a layer cannot be sliced by a prefix")
-        sub = nest.smallest
         depth = [d.name for d in nest.dims if d.kind == "depth"]
         hint = (f" (Depth {depth}: a forward that walks its layer list with .children(), .named_children(), "
                 "._modules or torch.utils.checkpoint.checkpoint_sequential sees every block; iterate it, index it "
                 "or take len() of it instead)" if depth else "")
-        try:  # copied before the live run: a forward that counts its calls in a buffer starts both at one count
-            exported = nest.export(sub, plain=True).eval()
-        except SortedNetError:
-            raise
-        except Exception as e:
-            raise SortedNetError(f"nest.check: export({sub}) failed: {type(e).__name__}: {e}{hint}") from e
-        with nest.use(sub), seeded(seed):
-            live = call_model(model, example)
-        try:
-            with seeded(seed):
-                got = call_model(exported, example)
-        except SortedNetError:
-            raise
-        except Exception as e:
-            raise SortedNetError(f"nest.check: export({sub}) does not run on the example: {type(e).__name__}: "
-                                 f"{e}{hint}") from e
-        for a, b in zip(output_leaves(got), output_leaves(live)):
-            if not isinstance(a, torch.Tensor) or not a.is_floating_point():
-                continue
-            rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None
-            if rel is None or rel > tol / 10:  # relative to the output's scale (large outputs round more)
-                diff = f"by {rel:.3g} relative to its scale" if rel is not None else f"in shape {tuple(a.shape)}"
-                raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")
+        for sub in _to_export(nest, mixed, seed):
+            _export_matches(nest, model, example, sub, tol, hint, seed)

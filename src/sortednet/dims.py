@@ -10,6 +10,7 @@ context (thread or asyncio task), else the nest-wide default (``activate``).
 from __future__ import annotations
 
 import contextvars
+import numbers
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -273,12 +274,13 @@ class Width(Dimension):
                  chunks: int | dict[str, int] | None = None) -> None:
         super().__init__(name, sizes)
         self.out = _as_patterns(out, f"Width {name!r} out")
-        if isinstance(chunks, int) and not isinstance(chunks, bool):
-            chunks = {p: chunks for p in self.out}
+        if isinstance(chunks, numbers.Integral) and not isinstance(chunks, bool):  # (numpy ints as sizes are)
+            chunks = {p: int(chunks) for p in self.out}
         if chunks is not None and not isinstance(chunks, dict):
             raise PatternError(f"Width {name!r}: chunks={chunks!r} must be a positive int or a dict mapping out= "
                                f"patterns {list(self.out)} to positive ints")
-        chunks = dict(chunks or {})
+        chunks = {p: int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else n
+                  for p, n in (chunks or {}).items()}
         bad = [(p, n) for p, n in chunks.items() if p not in self.out or isinstance(n, bool)
                or not isinstance(n, int) or n < 1]
         if bad:

@@ -98,10 +98,26 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
     'LinearSlicer'
     """
 
+    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if not types or bad:
+        raise SortedNetError(f"sn.slicer(...) takes the nn.Module classes the slicer serves, e.g. "
+                             f"@sn.slicer(MyLayer); got {list(types) if types else 'none'}"
+                             + (f" ({bad[0]!r} is not an nn.Module class)" if bad else ""))
+
     def deco(cls: type[Slicer]) -> type[Slicer]:
+        if not (isinstance(cls, type) and issubclass(cls, Slicer)):
+            raise SortedNetError(f"@sn.slicer({', '.join(t.__name__ for t in types)}) decorates a subclass of "
+                                 f"sn.Slicer, not {cls!r}")
+        if cls.full is Slicer.full:
+            raise SortedNetError(f"slicer {cls.__name__}: full(m, role) is not defined (the number of features "
+                                 "of each role before slicing); define it (docs/custom_slicers.md)")
+        try:
+            inst = cls()
+        except Exception as e:
+            raise SortedNetError(f"slicer {cls.__name__}: it is made once with no arguments (cls()) and shared "
+                                 f"by every module it serves; that failed: {type(e).__name__}: {e}") from e
         cls.types = tuple(dict.fromkeys((*cls.__dict__.get("types", ()), *types)))  # (stacked decorators: all
-        inst = cls()                                                                 # of them, for own_forward)
-        for t in types:
+        for t in types:                                                              # of them, for own_forward)
             _REGISTRY[t] = inst
         return cls
 
