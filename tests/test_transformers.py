@@ -1475,3 +1475,14 @@ def test_heads_declared_by_hand_on_a_transformers_attention_are_verified_or_said
     with torch.no_grad(), nest.use("heads=2"):
         live = model(x).logits
     torch.testing.assert_close(nest.export("heads=2", plain=True)(x).logits, live, atol=1e-5, rtol=0)
+
+
+def test_check_accepts_a_half_precision_rank_nest_whose_mixed_exports_round_apart():
+    """check exports mixed sub-models too: a bfloat16 Llama nested with an svd Rank (the live weight is computed
+    as U @ V, the export holds it merged) rounds ~1e-2 apart at its deeper, wider sub-models: plain bf16 rounding
+    (float32: 9e-7), which a tenth of the half-precision tolerance refused."""
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                                     num_attention_heads=8, num_key_value_heads=4)).eval().to(torch.bfloat16)
+    nest = sn.from_transformers(m, ffn=[128, 256], heads=[4], depth=[2, 4], rank=[16, 64], rank_mode="svd")
+    nest.check(torch.randint(0, V, (2, 12)))

@@ -111,13 +111,18 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
         if cls.full is Slicer.full:
             raise SortedNetError(f"slicer {cls.__name__}: full(m, role) is not defined (the number of features "
                                  "of each role before slicing); define it (docs/custom_slicers.md)")
+        had = cls.__dict__.get("types")
+        cls.types = tuple(dict.fromkeys((*(had or ()), *types)))  # (stacked decorators: all of them, for own_forward)
         try:
             inst = cls()
         except Exception as e:
+            if had is None:
+                del cls.types
+            else:
+                cls.types = had
             raise SortedNetError(f"slicer {cls.__name__}: it is made once with no arguments (cls()) and shared "
                                  f"by every module it serves; that failed: {type(e).__name__}: {e}") from e
-        cls.types = tuple(dict.fromkeys((*cls.__dict__.get("types", ()), *types)))  # (stacked decorators: all
-        for t in types:                                                              # of them, for own_forward)
+        for t in types:
             _REGISTRY[t] = inst
         return cls
 
