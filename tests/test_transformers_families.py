@@ -387,7 +387,15 @@ def test_export_of_a_pretrained_model_never_keeps_a_stale_config(tmp_path):
     assert small.config.num_hidden_layers == 1 and model.config.num_hidden_layers == 2
     small.save_pretrained(tmp_path)
     T.Phi3ForCausalLM.from_pretrained(tmp_path)  # was: refused (mismatched sizes)
-    assert nest.export("depth=1", plain=True).config.num_hidden_layers == 2  # explicitly plain
+    plain = nest.export("depth=1", plain=True)
+    assert plain.config.num_hidden_layers == 2  # explicitly plain
+    # its checkpoint was written: from_pretrained then built 2 layers, one of them at random (only a log said so)
+    with pytest.raises(sn.SortedNetError, match=r"nest.export\('depth=1', plain=True\): its config still"):
+        plain.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    torch.save(plain, tmp_path / "plain.pt")  # the way to keep it
+    nest.export("depth=2", plain=True).save_pretrained(tmp_path / "full")  # the full model's config is its own
+    T.Phi3ForCausalLM.from_pretrained(tmp_path / "full")
 
 
 def test_rank_svd_export_pretrained_and_rank_targets(tmp_path):

@@ -7,6 +7,7 @@ physically smaller plain model, and unwraps.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -102,6 +103,14 @@ def _refuse_inside_another(model: nn.Module) -> None:
         if where is not None:
             raise SortedNetError(f"{type(model).__name__} is {where!r} of a model another nest wraps ({other!r}); "
                                  "wrap the whole model once with every dimension, or call that nest's unwrap() first")
+
+
+def _refuse_save_pretrained(cls: str, sub: str, *args: Any, **kwargs: Any) -> None:
+    """``save_pretrained`` of a ``plain=True`` export of a smaller sub-model (set on the instance)."""
+    raise SortedNetError(f"this {cls} is nest.export({sub!r}, plain=True): its config still describes the full "
+                         "model, so save_pretrained would write a checkpoint that from_pretrained loads with other "
+                         "shapes (or, with fewer layers, with the missing ones initialised at random); save it with "
+                         "torch.save, or export without plain=True for a config cut to the sub-model")
 
 
 class Nest:
@@ -946,9 +955,19 @@ class Nest:
                                  "sortednet.distributed.save(nest, path) on every rank, then in one process "
                                  "sn.load it into a fresh model and export there")
         new = export_submodel(self, sub)
-        if plain:
-            return new
         stale = getattr(new, "config", None) if hasattr(new, "save_pretrained") else None
+        if plain:
+            if stale is not None and sub != SubModel({d.name: d.full for d in self.dims}):
+                # its config describes the full model: a checkpoint of it would load other shapes, or (fewer
+                # layers) load with the missing ones initialised at random
+                new.__dict__["save_pretrained"] = functools.partial(_refuse_save_pretrained, type(new).__name__,
+                                                                   str(sub))
+            return new
+        if stale is not None and "transformers" not in EXPORT_HOOKS:
+            try:  # a transformers model: its export hook lives in sortednet.integrations (imported on demand)
+                import sortednet.integrations  # noqa: F401
+            except ImportError:
+                pass
         for hook in EXPORT_HOOKS.values():
             new = hook(self, sub, new)
         if stale is not None and getattr(new, "config", None) is stale:  # no hook wrote a config for the shapes
