@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, snapshot
+from sortednet.io import read_metadata
 
 BOUND_S = 5.0  # every load (good or bad) finishes well within this
 
@@ -193,6 +194,13 @@ CASES = {
     "extra_not_object": E(_set(["extra"], [1])),
     "extra_unknown_key": E(_set(["extra", "evil"], 1)),
     "extra_null": E(lambda t, m: json.dumps(rewrite(t, {**m, "extra": None})), "ok", "ok"),
+    "ties_missing": E(_del(["ties"]), "ok", "ok"),  # (files written before ties were recorded)
+    "ties_not_list": E(_set(["ties"], "all")),
+    "ties_group_of_one": E(_set(["ties"], [["stem.weight"]])),
+    "ties_group_unstored": E(_set(["ties"], [["nope.weight", "stem.weight"]])),
+    "ties_both_stored": E(_set(["ties"], [["stem.weight", "conv.weight"]])),
+    "ties_not_strings": E(_set(["ties"], [["stem.weight", 3]])),
+    "ties_to_a_name_not_in_the_model": E(_set(["ties"], [["stem.weight", "elsewhere.weight"]]), "ok", "ok"),
     "profile_not_object": E(_set(["extra", "profile"], "fast")),
     "profile_missing_costs": E(_profile(lambda p: p.pop("costs"))),
     "profile_negative_cost": E(_profile(lambda p: p["costs"]["flops"].__setitem__(0, -1.0))),
@@ -451,3 +459,42 @@ def test_a_checkpoint_rewritten_by_safetensors_loads(valid, tmp_path):
     path = tmp_path / "resaved.safetensors"
     save_file({k: v.clone() for k, v in reversed(list(tensors.items()))}, str(path), metadata=metadata)
     check_load(str(path), "fresh", "ok")
+
+
+class _TiedLM(torch.nn.Module):
+    def __init__(self, tie=True):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.fc2(torch.relu(self.fc1(self.emb(ids)))))
+
+
+def test_a_tied_checkpoint_fills_both_names_of_a_model_that_holds_them_apart(tmp_path):
+    """A tied tensor is stored once: a model built untied (materialised from the meta device with to_empty, or
+    under accelerate's init_empty_weights) was refused for the missing name, and the hint's strict=False left it
+    uninitialised (NaN logits at every sub-model). The file now records the names each stored tensor stood for,
+    and a model that holds them apart gets the value in each."""
+    torch.manual_seed(0)
+    src = _TiedLM()
+    def dims():
+        return [sn.Width("h", [8, 32], out="fc1", inp="fc2")]
+
+    path = tmp_path / "tied.safetensors"
+    source = sn.wrap(src, *dims())
+    sn.save(source, path)
+    assert read_metadata(path)["ties"] == [["emb.weight", "head.weight"]]
+    ids = torch.randint(0, 20, (2, 5))
+    for target in ("fresh", "nest"):
+        with torch.device("meta"):
+            m = _TiedLM(tie=False)
+        m.to_empty(device="cpu")
+        nest = sn.load(m if target == "fresh" else sn.wrap(m, *dims()), path)
+        assert torch.equal(m.head.weight, src.emb.weight) and m.head.weight is not m.emb.weight
+        for sub in nest.submodels:
+            with torch.no_grad(), nest.use(sub), source.use(sub):
+                got, want = m(ids), src(ids)
+            assert torch.equal(got, want), (target, sub)

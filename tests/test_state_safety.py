@@ -48,6 +48,40 @@ def test_a_nest_inside_another_nests_model_is_refused_and_unwrap_restores_only_i
     inner.unwrap()
 
 
+class _Shares(nn.Module):
+    def __init__(self, blocks, out):
+        super().__init__()
+        self.blocks, self.head = blocks, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, out))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+def test_a_module_another_nests_model_holds_is_refused_in_either_order():
+    """Two models sharing one block list, each wrapped: the second nest's Depth over the shared list was taken
+    (when the first nest sliced only its own head), and that nest's full model then silently ran one block of
+    three (0.074 off), its export kept the second nest's list class and its cost counted the shallower model.
+    Refused now, as the other order already was (the list then already wrapped)."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(3))
+    a, b = _Shares(blocks, 4), _Shares(blocks, 2)
+    x = torch.randn(3, 8)
+    want = a(x).detach()
+    na = sn.wrap(a, sn.Width("hw", [4, 16], out="head.0", inp="head.2"))
+    before = snapshot(b)
+    with pytest.raises(sn.SortedNetError, match="'blocks' of this _Shares is also 'blocks' of the model another nest"):
+        sn.wrap(b, sn.Depth("d", [1, 3], layers="blocks"))
+    assert_unchanged(b, before)
+    assert type(blocks) is nn.ModuleList and torch.equal(a(x), want)
+    na.unwrap()
+    nb = sn.wrap(b, sn.Depth("d", [1, 3], layers="blocks"))
+    with pytest.raises(sn.SortedNetError, match="already wrapped"):
+        sn.wrap(a, sn.Depth("d", [1, 3], layers="blocks"))
+    nb.unwrap()
+
+
 @pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_rank_svd_unwrap_follows_the_models_dtype(dtype, merge):

@@ -142,7 +142,10 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
         raise SortedNetError(f"cannot save: {meta_keys[:3]} are on the meta device (no values); materialise the "
                              "model first (model.to_empty(device=...) and initialise or load its weights)")
     entries = {k: (v, tuple(v.shape), v.dtype) for k, v in sd.items()}
-    tensors = {g[0]: entries[g[0]][0] for g in _alias_groups(entries)}
+    groups = _alias_groups(entries)
+    tensors = {g[0]: entries[g[0]][0] for g in groups}
+    ties = [g for g in groups if len(g) > 1]  # the names each stored tensor stood for: a model that holds them
+    # as separate tensors (built untied, e.g. materialised from the meta device) gets the value in each
     extra = nest._extra_tensors()
     clash = sorted(set(extra) & set(tensors))
     if clash:
@@ -151,7 +154,7 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
 
     def metadata(crcs: dict[str, str]) -> dict[str, str]:
         meta = {"format": FORMAT, "dims": dims, "submodels": subs, "count": len(nest.submodels),
-                "extra": nest._extra_state(), "checksum": CHECKSUM, "crc32": crcs}
+                "extra": nest._extra_state(), "checksum": CHECKSUM, "crc32": crcs, "ties": ties}
         return {"sortednet": _dumps(meta)}
 
     ck.write(p, tensors, metadata)
@@ -265,7 +268,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             raise SortedNetError(f"checkpoint {where}: the model's {frozen[:3]} are inference tensors (created "
                                  "under torch.inference_mode), which cannot be written outside it; build the model "
                                  "outside inference_mode, then load")
-        copies = _match_tensors(f, aliased, strict, where)
+        copies = _match_tensors(f, aliased, strict, where, meta["ties"])
         _unwritable(f, state, copies, where)
         extra_names = [k for k in f.entries if k.startswith(EXTRA_PREFIX)]
         calib = calibration_entries(f, extra_names, planned, meta, rows, where)
@@ -376,8 +379,11 @@ def _unwritable(f: ck.Container, state: Mapping[str, tuple], copies: dict[str, l
                              "from its own; register it as a full tensor (.clone()) in the model, then load")
 
 
-def _match_tensors(f: ck.Container, state: dict[str, tuple], strict: bool, where: str) -> dict[str, list[str]]:
-    """File tensor -> target names it fills; every name, shape and dtype checked."""
+def _match_tensors(f: ck.Container, state: dict[str, tuple], strict: bool, where: str,
+                   ties: list[list[str]] = ()) -> dict[str, list[str]]:
+    """File tensor -> target names it fills; every name, shape and dtype checked. A name the file stored
+    under a tied partner's (``ties``) takes that tensor (a model that holds the two apart gets it in each)."""
+    stored_as = {k: g[0] for g in ties for k in g}
     copies: dict[str, list[str]] = {}
     missing: list[str] = []
     for group in _alias_groups(state):
@@ -386,18 +392,20 @@ def _match_tensors(f: ck.Container, state: dict[str, tuple], strict: bool, where
             raise SortedNetError(f"checkpoint {where} stores {present} separately, but in the model they are one "
                                  "shared (tied) tensor")
         if not present:
+            present = list(dict.fromkeys(stored_as[k] for k in group if k in stored_as))[:1]
+        if not present:
             missing += group
             continue
         e = f.entries[present[0]]
-        _, shape, dtype = state[present[0]]
+        _, shape, dtype = state[group[0]]
         if e.shape != shape:
-            raise SortedNetError(f"checkpoint {where}: {present[0]!r} has shape {list(e.shape)}, the model "
-                                 f"{list(shape)}")
+            raise SortedNetError(f"checkpoint {where}: {present[0]!r} has shape {list(e.shape)}, the model's "
+                                 f"{group[0]!r} {list(shape)}")
         if e.dtype != dtype:
-            raise SortedNetError(f"checkpoint {where}: {present[0]!r} is {e.dtype}, the model's is {dtype}; "
-                                 "sortednet does not cast silently: load into a model of the saved dtype and "
-                                 "convert it afterwards (model.to(dtype))")
-        copies[present[0]] = group
+            raise SortedNetError(f"checkpoint {where}: {present[0]!r} is {e.dtype}, the model's {group[0]!r} is "
+                                 f"{dtype}; sortednet does not cast silently: load into a model of the saved dtype "
+                                 "and convert it afterwards (model.to(dtype))")
+        copies[present[0]] = copies.get(present[0], []) + group
     unexpected = [k for k in f.entries if k not in state and not k.startswith(EXTRA_PREFIX)]
     if strict and (missing or unexpected):
         raise SortedNetError(f"checkpoint {where} does not fit the model: missing keys {sorted(missing)[:8]}, "

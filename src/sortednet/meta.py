@@ -44,7 +44,8 @@ PATTERN_FIELDS = {"width": ("out", "inp", "norm"), "depth": ("layers",), "heads"
 MAX_DIMS, MAX_SIZES, MAX_SIZE = 64, 4096, 2 ** 31
 METRICS = ("params", "flops", "latency", "memory")
 _KEYS = {FORMATS[0]: {"format", "dims", "submodels", "extra"},
-         FORMAT: {"format", "dims", "submodels", "count", "extra", "checksum", "crc32"}}
+         FORMAT: {"format", "dims", "submodels", "count", "extra", "checksum", "crc32", "ties"}}
+_OPTIONAL = {"extra", "ties"}  # ("ties": the names a stored tensor was tied to, written since 0.1)
 
 
 def exact_spec(d: Dimension, modules: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def read_meta(f: Container) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise SortedNetError(f"{f.path!r} has format {str(fmt)[:40]!r}; this version reads {list(FORMATS)}")
     unknown = sorted(set(meta) - _KEYS[fmt])
-    missing = sorted(_KEYS[fmt] - {"extra"} - set(meta))
+    missing = sorted(_KEYS[fmt] - _OPTIONAL - set(meta))
     if unknown or missing:
         raise _err(where, f"metadata has unknown keys {unknown[:5]} / lacks {missing} (format {fmt})")
     dims = meta["dims"]
@@ -105,6 +106,11 @@ def read_meta(f: Container) -> dict[str, Any]:
         extra = meta["extra"] = {}
     if not isinstance(extra, dict) or set(extra) - {"profile"}:
         raise _err(where, f"'extra' must be an object with at most a 'profile', got {str(extra)[:80]}")
+    ties = meta.setdefault("ties", [])
+    if not isinstance(ties, list) or not all(
+            isinstance(g, list) and len(g) > 1 and all(isinstance(k, str) for k in g)
+            and g[0] in f.entries and not any(k in f.entries for k in g[1:]) for g in ties):
+        raise _err(where, f"'ties' must list groups of names, the first stored, the others not, got {str(ties)[:80]}")
     meta["crc32"] = _crcs(meta, f, where) if fmt == FORMAT else None
     meta["rows"] = _rows(meta, where)
     meta["dims_built"] = lambda modules: _build(meta, modules, where)

@@ -113,6 +113,23 @@ def _refuse_save_pretrained(cls: str, sub: str, *args: Any, **kwargs: Any) -> No
                          "torch.save, or export without plain=True for a config cut to the sub-model")
 
 
+def _refuse_shared_with_another(model: nn.Module, planned: Mapping[str, Any]) -> None:
+    """A module this nest would slice that is also part of a model another live nest wraps (two models sharing
+    a block list, a layer): its sub-models would change that model's forward, exports and costs too, under
+    that nest's full model. (The other way round, a module the other nest slices, is refused as wrapped.)"""
+    mine = {id(entry[0]): path for path, entry in planned.items()}
+    for other in list(_LIVE):
+        if not other._alive or other.model is model:
+            continue
+        for where, m in other.model.named_modules():
+            if id(m) in mine:
+                raise SortedNetError(f"{mine[id(m)]!r} of this {type(model).__name__} is also {where!r} of the "
+                                     f"model another nest wraps ({other!r}): slicing it here would change that "
+                                     "model's forward, exports and costs as well; wrap one model holding both "
+                                     "(every dimension in one nest), copy the shared module, or call that nest's "
+                                     "unwrap() first")
+
+
 class Nest:
     """A model holding nested sub-models that share its weights. Build with :func:`sortednet.wrap`.
 
@@ -140,6 +157,7 @@ class Nest:
         """
         _refuse_inside_another(model)
         planned = plan(model, dims)
+        _refuse_shared_with_another(model, planned)
         self._prepare(model, dims, submodels)       # validates sub-models, still no mutation
         if inplace_min_numel is None:
             inplace_min_numel = _slicers.INPLACE_MIN_NUMEL
