@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "src" / "sortednet"
 
 
@@ -117,3 +119,21 @@ def test_every_module_imports_on_its_own():
     names = sorted(MODULES)
     r = subprocess.run([sys.executable, "-c", _ALONE, *names], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+_EXPORT_ALONE = """
+import sys, torch, transformers as T, sortednet as sn
+assert "sortednet.integrations" not in sys.modules
+m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="model.layers"))
+print(nest.export("d=2").config.num_hidden_layers)
+"""
+
+
+def test_exporting_a_transformers_model_needs_no_import_of_the_integrations():
+    """``export`` of a transformers model declared by hand refused until ``sortednet.integrations`` (which
+    cuts its config) had been imported; it imports it itself now."""
+    pytest.importorskip("transformers")
+    r = subprocess.run([sys.executable, "-c", _EXPORT_ALONE], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "2", (r.stdout + r.stderr)[-3000:]

@@ -7,6 +7,7 @@
 (3, SubModel(hidden=16))
 """
 
+from . import nest as _nest
 from .dims import Depth, Dimension, Width
 from .discovery import by_ratio, discover
 from .errors import BudgetError, PatternError, SizeError, SortedNetError
@@ -24,6 +25,17 @@ from .train import Distill, accumulate, fit
 __version__ = "0.1.0"
 
 _LAZY = {"from_transformers", "sort_by_importance"}  # need transformers: imported on first use
+
+
+def _load_integrations() -> None:
+    """Import ``sortednet.integrations`` (its export hook for transformers models), if transformers is there."""
+    try:
+        from . import integrations  # noqa: F401
+    except ImportError:
+        pass
+
+
+_nest.EXPORT_HOOK_LOADERS.append(_load_integrations)
 
 
 def __getattr__(name: str):

@@ -53,6 +53,9 @@ __all__ = ["Nest", "wrap", "MAX_SUBMODELS"]
 #: ``hook(nest, sub, exported) -> exported`` run by :meth:`Nest.export` (integrations register theirs:
 #: sortednet.integrations gives transformers models a config that matches the exported shapes)
 EXPORT_HOOKS: dict[str, Callable[..., nn.Module]] = {}
+#: called when a model with a library config is exported and no hook is registered yet: each may import the
+#: module that registers one (the package registers the import of ``sortednet.integrations``)
+EXPORT_HOOK_LOADERS: list[Callable[[], None]] = []
 
 
 def _sig_key(sig: Any) -> tuple:
@@ -982,10 +985,8 @@ class Nest:
                                                                    str(sub))
             return new
         if stale is not None and "transformers" not in EXPORT_HOOKS:
-            try:  # a transformers model: its export hook lives in sortednet.integrations (imported on demand)
-                import sortednet.integrations  # noqa: F401
-            except ImportError:
-                pass
+            for load in EXPORT_HOOK_LOADERS:  # a transformers model: its hook lives in sortednet.integrations
+                load()
         for hook in EXPORT_HOOKS.values():
             new = hook(self, sub, new)
         if stale is not None and getattr(new, "config", None) is stale:  # no hook wrote a config for the shapes
