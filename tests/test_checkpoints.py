@@ -487,6 +487,9 @@ def test_a_tied_checkpoint_fills_both_names_of_a_model_that_holds_them_apart(tmp
     source = sn.wrap(src, *dims())
     sn.save(source, path)
     assert read_metadata(path)["ties"] == [["emb.weight", "head.weight"]]
+    sn.save(sn.wrap(_TiedLM(tie=False), *dims()), tmp_path / "untied.safetensors")
+    with safe_open(tmp_path / "untied.safetensors", "pt") as f:  # no ties: no key (older versions read the file)
+        assert "ties" not in json.loads(f.metadata()["sortednet"])
     ids = torch.randint(0, 20, (2, 5))
     for target in ("fresh", "nest"):
         with torch.device("meta"):

@@ -396,6 +396,9 @@ def test_export_of_a_pretrained_model_never_keeps_a_stale_config(tmp_path):
     torch.save(plain, tmp_path / "plain.pt")  # the way to keep it
     nest.export("depth=2", plain=True).save_pretrained(tmp_path / "full")  # the full model's config is its own
     T.Phi3ForCausalLM.from_pretrained(tmp_path / "full")
+    nest.unwrap()
+    lora = sn.from_transformers(model, rank=[2, 4])  # adapters merge away: a rank sub-model keeps every shape
+    lora.export("rank=2", plain=True).save_pretrained(tmp_path / "lora")
 
 
 def test_rank_svd_export_pretrained_and_rank_targets(tmp_path):

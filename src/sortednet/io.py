@@ -154,7 +154,9 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
 
     def metadata(crcs: dict[str, str]) -> dict[str, str]:
         meta = {"format": FORMAT, "dims": dims, "submodels": subs, "count": len(nest.submodels),
-                "extra": nest._extra_state(), "checksum": CHECKSUM, "crc32": crcs, "ties": ties}
+                "extra": nest._extra_state(), "checksum": CHECKSUM, "crc32": crcs}
+        if ties:  # (only where there are: a file without ties stays readable by versions before them)
+            meta["ties"] = ties
         return {"sortednet": _dumps(meta)}
 
     ck.write(p, tensors, metadata)

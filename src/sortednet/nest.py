@@ -978,7 +978,7 @@ class Nest:
         new = export_submodel(self, sub)
         stale = getattr(new, "config", None) if hasattr(new, "save_pretrained") else None
         if plain:
-            if stale is not None and sub != SubModel({d.name: d.full for d in self.dims}):
+            if stale is not None and self._shapes_differ(new):
                 # its config describes the full model: a checkpoint of it would load other shapes, or (fewer
                 # layers) load with the missing ones initialised at random
                 new.__dict__["save_pretrained"] = functools.partial(_refuse_save_pretrained, type(new).__name__,
@@ -995,6 +995,16 @@ class Nest:
                                  "sortednet.integrations first); pass plain=True for a plain module that keeps the "
                                  "full model's config")
         return new
+
+    def _shapes_differ(self, new: nn.Module) -> bool:
+        """Whether export ``new`` holds other tensors than the model's full state (a shape cut, a layer dropped),
+        a Rank's factors / adapters aside (an export merges them into the weight they stand for)."""
+        full = self.model.state_dict()
+        mine = new.state_dict()
+        rank = {f"{p}.{n}" for p, m in self._sliced.items() if "rank" in m._sn.bind
+                for n in ("U", "V", "lora_A", "lora_B")}
+        return (any(k in full and tuple(v.shape) != tuple(full[k].shape) for k, v in mine.items())
+                or any(k not in mine for k in full if k not in rank))
 
     def unwrap(self, *, merge: bool = False) -> nn.Module:
         """Restore the original classes and return the model (weights untouched).
