@@ -215,8 +215,9 @@ def test_a_wrapped_model_is_freed_with_its_last_reference(how, kind):
         del m, nest
     gc.collect()
     assert [(a() is None, b() is None) for a, b in refs] == [(True, True)] * 5
-    assert (len(wrap_mod._GUARDED), len(base._SUBCLASSES), len(contextvars.copy_context())) == \
-        (guarded, classes, context)
+    # nothing added (entries of earlier tests' models may go meanwhile, as their last references do: at most)
+    assert len(wrap_mod._GUARDED) <= guarded and len(base._SUBCLASSES) <= classes
+    assert len(contextvars.copy_context()) <= context
 
 
 def test_a_deep_copy_kept_after_unwrap_does_not_keep_the_original_alive():
