@@ -500,4 +500,4 @@ def test_a_tied_checkpoint_fills_both_names_of_a_model_that_holds_them_apart(tmp
         for sub in nest.submodels:
             with torch.no_grad(), nest.use(sub), source.use(sub):
                 got, want = m(ids), src(ids)
-            assert torch.equal(got, want), (target, sub)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=f"{target} {sub}")
