@@ -1118,10 +1118,10 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> Non
                         f"changes the output shapes from {want} to {got}")
 
 
-def _to_export(nest: Nest, mixed: int, seed: int) -> list[SubModel]:
+def _to_export(nest: Nest, ran: list[tuple[SubModel, str]]) -> list[SubModel]:
     """The sub-models whose export check compares with their live output: the smallest, and the two most
-    mixed of those it dry-runs (an export written for one combination of sizes can fail another)."""
-    others = [s for s, _ in _plan(nest, mixed, seed) if s not in (nest.smallest, nest.largest)]
+    mixed of those it dry-ran (``ran``: an export written for one combination of sizes can fail another)."""
+    others = [s for s, _ in ran if s not in (nest.smallest, nest.largest)]
 
     def spread(s: SubModel) -> tuple[int, int]:  # dimensions neither full nor smallest, then neither full
         return (sum(s[d.name] not in (d.full, d.sizes[0]) for d in nest.dims),
@@ -1202,7 +1202,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 "the heads' layout), so whole heads cannot be verified; check with an example of two or more "
                 "positions")
         at_depth = _reference_shapes(nest, lambda: _shapes(call_model(model, example)), want)
-        for sub, what in _plan(nest, mixed, seed):
+        ran = _plan(nest, mixed, seed)
+        for sub, what in ran:
             with nest.use(sub):
                 try:
                     got = _shapes(call_model(model, example))
@@ -1308,6 +1309,6 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         hint = (f" (Depth {depth}: a forward that walks its layer list with .children(), .named_children(), "
                 "._modules or torch.utils.checkpoint.checkpoint_sequential sees every block; iterate it, index it "
                 "or take len() of it instead)" if depth else "")
-        for i, sub in enumerate(_to_export(nest, mixed, seed)):  # the smallest within a tenth of the tolerance;
+        for i, sub in enumerate(_to_export(nest, ran)):  # the smallest within a tenth of the tolerance;
             _export_matches(nest, model, example, sub, tol / 10 if i == 0 else tol, hint, seed)  # deeper / wider
             # sub-models in half precision round further apart (a rank target's computed weight: ~1e-2 in bf16)
