@@ -10,6 +10,7 @@ import functools
 import os
 import pickle
 import random
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
+from torch.overrides import TorchFunctionMode
 from torch.nn.utils import weight_norm as _WEIGHT_NORM  # (bound at import, as user code does)
 
 import sortednet as sn
@@ -111,6 +113,98 @@ def test_unwrap_computes_everything_before_it_changes_anything():
     assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
     assert all(p.is_meta for p in m.parameters()) and list(m.state_dict()) == [
         f"{i}.{n}" for i in (0, 2, 4) for n in ("weight", "bias")]
+
+
+class _InterruptAt(TorchFunctionMode):
+    """Raises KeyboardInterrupt (a Ctrl-C) at the n-th torch function call."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_an_interrupted_unwrap_leaves_the_model_wrapped_or_unwrapped_never_half(mode):
+    """A Ctrl-C anywhere in ``unwrap(merge=True)``: before the commit nothing changed and the nest still
+    works (a retry merges as if never interrupted); once the commit began it finishes (every module plain, the
+    merged weights in place, the nest closed) and the interrupt is raised after. Never some modules plain and
+    others sliced, adapters deleted before their delta was merged, or a retry refused with a raw KeyError."""
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"),
+                       sn.Rank("r", [2, 4], targets=["2", "4"], mode=mode))
+        with torch.no_grad():  # trained adapters / factors: the merge changes the weights
+            for p in nest.trainable_parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        return m, nest
+
+    x = torch.randn(5, 8)
+    ref_m, ref_nest = build()
+    with torch.no_grad():
+        want = ref_m(x)
+    ref_nest.unwrap(merge=True)
+    states = {"wrapped": 0, "unwrapped": 0}
+    n = 0
+    while True:
+        n += 1
+        m, nest = build()
+        with torch.enable_grad(), _InterruptAt(n) as mode_:  # (an interrupt in torch.no_grad's own __exit__
+            # would leave grad mode off: the outer enable_grad restores it)
+            try:
+                nest.unwrap(merge=True)
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+        if not interrupted:
+            break
+        sliced = [i for i, x_ in enumerate(m) if "_sn" in x_.__dict__]
+        if sliced:  # interrupted before the commit: all still sliced, and a retry merges
+            assert sliced == [0, 2, 4], (n, sliced)
+            states["wrapped"] += 1
+            nest.unwrap(merge=True)
+        else:
+            states["unwrapped"] += 1
+            with pytest.raises(sn.SortedNetError, match="unwrapped"):
+                nest.unwrap(merge=True)
+        assert [type(x_) for x_ in m] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear], n
+        assert m.state_dict().keys() == ref_m.state_dict().keys(), n
+        for k, v in ref_m.state_dict().items():
+            torch.testing.assert_close(m.state_dict()[k], v, msg=f"{k} after an interrupt at call {n}")
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), want)
+    assert states["wrapped"] >= 1 and states["unwrapped"] >= 1, (n, states)  # (both phases were hit)
+
+
+def test_a_custom_slicer_whose_restore_raises_does_not_stop_the_other_modules():
+    """The commit runs every step: one module's failing restore leaves the others restored and the nest
+    closed, then raises."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"), sn.Width("g", [4, 16], out="2", inp="4"))
+    slicer = m[2].__dict__["_sn"].slicer
+    orig, calls = slicer.restore, []
+
+    def restore(mod, merge, pending=None):
+        calls.append(mod)
+        if mod is m[2]:
+            raise RuntimeError("a fault in a slicer's restore")
+        return orig(mod, merge, pending)
+
+    with mock.patch.object(slicer, "restore", restore):
+        with pytest.raises(RuntimeError, match="a fault in a slicer"):
+            nest.unwrap()
+    assert any(c is m[2] for c in calls)
+    assert type(m[0]) is nn.Linear and type(m[4]) is nn.Linear  # restored after the fault, in either order
+    assert "_sn" not in m[0].__dict__ and "_sn" not in m[4].__dict__
+    with pytest.raises(sn.SortedNetError, match="unwrapped"):
+        nest.use(nest.smallest).__enter__()
 
 
 def test_a_deep_copy_runs_the_full_model_after_unwrap_and_unwrap_copy_restores_it():

@@ -181,17 +181,22 @@ def test_a_sub_model_listed_twice_is_refused_before_any_backward():
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
-@pytest.mark.parametrize("fault", ["raises", "not_scalar", "detached"])
+@pytest.mark.parametrize("fault", ["raises", "not_scalar", "detached", "backward_hook"])
 def test_an_error_after_a_backward_says_which_gradients_were_added(fault):
     """accumulate streams one backward per sub-model: a fault at the second leaves the first's gradients in
-    ``.grad``, and the error says so (``fit`` zeroes them itself)."""
+    ``.grad``, and the error says so (``fit`` zeroes them itself); a fault inside the second's backward (a
+    hook) may leave part of its own gradients too, and the note says that as well."""
     case = FAMILIES["mlp"](seed=2)
     nest = sn.wrap(case.model, *case.dims)
     first, second = nest.largest, nest.smallest
 
     def closure():
-        loss = task_loss(case.model(case.example))
+        out = case.model(case.example)
+        loss = task_loss(out)
         if nest.active != second:
+            return loss
+        if fault == "backward_hook":
+            out.register_hook(lambda g: (_ for _ in ()).throw(ValueError("a fault in a backward hook")))
             return loss
         if fault == "raises":
             raise ValueError("a fault in the user's closure")
@@ -199,7 +204,10 @@ def test_an_error_after_a_backward_says_which_gradients_were_added(fault):
 
     with pytest.raises((ValueError, sn.SortedNetError)) as info:
         sn.accumulate(nest, [first, second], closure)
-    assert any(f"{first} had already added their gradients" in n for n in getattr(info.value, "__notes__", []))
+    notes = getattr(info.value, "__notes__", [])
+    assert any(f"{first} had already added their gradients" in n for n in notes)
+    in_backward = fault == "backward_hook"  # (a detached or non-scalar loss is refused before its backward)
+    assert any(f"the backward of {second} raised part-way" in n for n in notes) == in_backward, notes
     assert any(p.grad is not None for p in case.model.parameters())
 
 

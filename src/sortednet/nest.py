@@ -1017,16 +1017,18 @@ class Nest:
         _flag("unwrap", "merge", merge)
         self._check_alive()
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
-        unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks(merge))
-        unguard_tree(self._guards)
-        self._pin.guards = self._pin.note = None  # (deep copies keep the pin: they no longer check the user's model)
-        for d in self.dims:
-            d._nest = None
-        self._state.default = full  # deep copies of the model (EMA / teacher) still follow it: the full model
-        self._state.owner = None
-        self._stop()
-        self._alive = False
-        _LIVE.discard(self)
+
+        def forget() -> None:  # (run by the commit even if a step before it raised: never a half-unwrapped nest)
+            self._pin.guards = self._pin.note = None  # (deep copies keep the pin: they no longer check the model)
+            for d in self.dims:
+                d._nest = None
+            self._state.default = full  # deep copies of the model (EMA / teacher) still follow it: the full model
+            self._state.owner = None
+            self._alive = False
+            _LIVE.discard(self)
+
+        unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks(merge),
+                       then=(functools.partial(unguard_tree, self._guards), forget, self._stop))
         return self.model
 
     @staticmethod

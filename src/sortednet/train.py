@@ -164,7 +164,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     or ``"ignore"`` (backward anyway, as plain PyTorch would).
     (:func:`sortednet.distributed.accumulate` makes this decision once for all ranks.)
     Any other error raised after a backward (the closure raising, a loss that is
-    not a scalar) leaves the earlier sub-models' gradients in ``.grad`` too; on
+    not a scalar) leaves the earlier sub-models' gradients in ``.grad`` too, and
+    an error inside a backward (a backward hook) part of that sub-model's; on
     Python 3.11+ the exception carries a note naming them. A sub-model listed
     twice is refused (weight it with ``weights=``).
 
@@ -187,7 +188,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         order.insert(0, teacher)
     losses = [0.0] * len(resolved)
     skipped: list[SubModel] = []
-    done: list[SubModel] = []
+    done: list[Any] = []
     hook = None
     if _prechecked is None and _distributed():  # (sortednet.distributed.accumulate has its own hooks)
         hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_reducer_check(nest))
@@ -196,8 +197,12 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
              done)
     except BaseException as e:
         if done and hasattr(e, "add_note") and not getattr(e, "_sn_partial", False):
-            e.add_note(f"sortednet.accumulate: {', '.join(map(str, done))} had already added their gradients to "
-                       ".grad in this call; zero them (optimizer.zero_grad()) before trying again")
+            whole = [str(s) for s in done if not isinstance(s, tuple)]
+            part = done[-1][0] if isinstance(done[-1], tuple) else None
+            e.add_note("sortednet.accumulate: " + (f"{', '.join(whole)} had already added their gradients to .grad "
+                       "in this call" if whole else "") + (" and " if whole and part else "") + (
+                       f"the backward of {part} raised part-way (some of its gradients may be in .grad)" if part
+                       else "") + "; zero them (optimizer.zero_grad()) before trying again")
         raise
     finally:
         if hook is not None:
@@ -309,9 +314,9 @@ def _nonfinite_stats(nest: Nest) -> list[str]:
 
 def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callable[[], Any], distill: Any,
          teacher: int | None, weights: list[float], nonfinite: str, backward: Callable[[Tensor], Any] | None,
-         _agree: Any, losses: list[float], skipped: list[SubModel], done: list[SubModel]) -> None:
+         _agree: Any, losses: list[float], skipped: list[SubModel], done: list[Any]) -> None:
     """:func:`accumulate`'s loop over the sub-models, in ``order`` (the teacher first); ``done`` collects those
-    backpropagated."""
+    backpropagated (the one whose backward is running as a 1-tuple: an error there may leave part of its gradients)."""
     target: Tensor | None = None
     for i in order:
         with nest.use(resolved[i]):
@@ -369,8 +374,9 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
                               NonFiniteLossWarning, stacklevel=3)
             else:
                 scaled = total * weights[i]
+                done.append((resolved[i],))  # (backward started: an error in it may leave part of its gradients)
                 scaled.backward() if backward is None else backward(scaled)
-                done.append(resolved[i])
+                done[-1] = resolved[i]
                 del scaled
         del loss, logits, total  # free this sub-model's graph before the next forward
 

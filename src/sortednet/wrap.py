@@ -8,7 +8,7 @@ import sys
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -814,12 +814,14 @@ def unguard_tree(guards: Guards | None) -> None:
 
 
 def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool = False,
-                   ranks: Mapping[str, int] | None = None) -> None:
+                   ranks: Mapping[str, int] | None = None, then: Sequence[Callable[[], Any]] = ()) -> None:
     """Restore the original classes of ``modules`` (a nest's own sliced modules, never another nest's).
 
     Two phases: every slicer first computes what its restore needs (``pre_restore``: merged
     rank weights, tensors converted to the model's current dtype / device), which may fail
-    (out of memory, a meta tensor); only then is anything changed, by steps that cannot fail.
+    (out of memory, a meta tensor); only then is anything changed, by steps that cannot fail
+    (reference swaps), each run even if one raises (:func:`finish_all`), ``then`` (the caller's own
+    bookkeeping) last.
     With ``merge``, a module bound to a rank dimension named in ``ranks`` gets that rank as its
     ``merge`` (the largest its nest's sub-models use: a restricted nest never trained the rest).
     """
@@ -830,13 +832,40 @@ def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool
         return ranks.get(b.dim.name, merge) if merge and ranks and b is not None else merge
 
     pending = [m.__dict__["_sn"].slicer.pre_restore(m, merge_of(m)) for m in modules]
-    for h in hooks:
-        h.remove()
-    for m, pre in zip(modules, pending):
-        st = m.__dict__["_sn"]
+
+    def restore(m: nn.Module, pre: Any) -> None:  # (idempotent: finish_all may run it again)
+        st = m.__dict__.get("_sn")
+        if st is None:
+            return
         if pre is None:  # slicers written before pre_restore take (m, merge)
             st.slicer.restore(m, merge)
         else:
             st.slicer.restore(m, merge, pre)
-        del m.__dict__["_sn"]
         m.__class__ = st.cls
+        del m.__dict__["_sn"]
+
+    steps = [h.remove for h in hooks] + [functools.partial(restore, m, pre) for m, pre in zip(modules, pending)]
+    finish_all(steps + list(then))
+
+
+def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
+    """Run every step of a commit to the end: stopping half-way would leave the model half converted (some
+    modules plain, others sliced, adapters gone before their merge, a retry refused). The steps only swap
+    references and are idempotent: one that a KeyboardInterrupt (a Ctrl-C) stopped runs again; any other error
+    (a custom slicer's ``restore`` breaking its contract) is not retried. The first error is raised after the
+    last step."""
+    first: BaseException | None = None
+    i, again = 0, False
+    while i < len(steps):
+        try:
+            while i < len(steps):
+                steps[i]()
+                i, again = i + 1, False
+        except BaseException as e:  # noqa: PERF203 (every step must run)
+            first = first if first is not None else e
+            if again or not isinstance(e, KeyboardInterrupt):  # (retried once already, or not an interrupt)
+                i, again = i + 1, False
+            else:
+                again = True
+    if first is not None:
+        raise first

@@ -205,7 +205,8 @@ class Slicer:
 
     def restore(self, m: nn.Module, merge: bool, pending: Any = None) -> None:
         """Undo :meth:`prepare` at unwrap; ``merge`` bakes trained tensors into the original ones.
-        ``pending`` is what :meth:`pre_restore` returned; must not fail."""
+        ``pending`` is what :meth:`pre_restore` returned; must not fail (reference swaps only) and must be
+        idempotent: after a Ctrl-C in the middle of it, unwrap runs it again."""
 
     def rules(self, m: nn.Module) -> dict[str, Any]:
         """How the per-sub-model plan serves each attribute of ``m`` without calling :meth:`value`:

@@ -199,12 +199,13 @@ class SVDSlicer(LowRankSlicer):
     def restore(self, m: nn.Module, merge: bool, pending: Tensor | None = None) -> None:
         st = m.__dict__["_sn"]
         w = st.extra["weight"]
-        if pending is not None:
+        if pending is not None:  # (idempotent, as unwrap may run it twice after a Ctrl-C)
             if torch._has_compatible_shallow_copy_type(w, pending):
                 w.data = pending  # the same Parameter object, as model.to() keeps it
             else:  # e.g. moved to the meta device: a new Parameter, as Module._apply makes one
-                w = nn.Parameter(pending, requires_grad=w.requires_grad)
-        params = {n: w if n == "weight" else m._parameters[n] for n in st.extra["order"]}
+                w = st.extra["weight"] = nn.Parameter(pending, requires_grad=w.requires_grad)
+        params = st.extra.get("restored") or {n: w if n == "weight" else m._parameters[n] for n in st.extra["order"]}
+        st.extra["restored"] = params
         m._parameters.clear()
         m._parameters.update(params)
 
@@ -293,12 +294,15 @@ class LoRASlicer(LowRankSlicer):
         m._parameters["lora_B"] = nn.Parameter(B)
 
     def pre_restore(self, m: nn.Module, merge: bool) -> Tensor | None:
+        """The merged weight ``W0 + alpha / r * B[:, :r] @ A[:r]`` as a new tensor (None without ``merge``):
+        all arithmetic happens here, so that :meth:`restore` only swaps references."""
         if not merge:
             return None
-        A, B = m._parameters["lora_A"], m._parameters["lora_B"]
+        A, B, w = m._parameters["lora_A"], m._parameters["lora_B"], m._parameters["weight"]
         r = _merge_rank(A.shape[0], merge)
         with torch.no_grad():
-            return (B[:, :r] @ A[:r]).mul_(m.__dict__["_sn"].bind["rank"].dim.scale(r)).to(m._parameters["weight"])
+            delta = (B[:, :r] @ A[:r]).mul_(m.__dict__["_sn"].bind["rank"].dim.scale(r))
+            return torch.add(w.detach(), delta.to(w)).contiguous()
 
     @staticmethod
     def _generator(dim: Any) -> torch.Generator:
@@ -315,10 +319,14 @@ class LoRASlicer(LowRankSlicer):
 
     def restore(self, m: nn.Module, merge: bool, pending: Tensor | None = None) -> None:
         st = m.__dict__["_sn"]
-        del m._parameters["lora_A"], m._parameters["lora_B"]
-        if pending is not None:
-            with torch.no_grad():
-                m._parameters["weight"].add_(pending)
+        if pending is not None:  # (idempotent, as unwrap may run it twice after a Ctrl-C)
+            w = m._parameters["weight"]
+            if torch._has_compatible_shallow_copy_type(w, pending):
+                w.data = pending  # the same Parameter object (a tied partner sees the merge too)
+            else:
+                m._parameters["weight"] = nn.Parameter(pending, requires_grad=False)
+        m._parameters.pop("lora_A", None)
+        m._parameters.pop("lora_B", None)
         for n, flag in st.extra["requires_grad"].items():
             m._parameters[n].requires_grad_(flag)
 
