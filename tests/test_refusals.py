@@ -12,6 +12,7 @@ from torch import nn
 
 import sortednet as sn
 from models import assert_unchanged, snapshot
+from sortednet.check import UncheckedTrainingWarning
 from sortednet.importance import sort_units
 
 
@@ -165,6 +166,34 @@ def test_training_only_branches_are_checked(declared):
         sort_units(nest, "l1", example=x)
     assert_unchanged(m, before)
     assert m.training and m.drop.p == 0.5
+
+
+class _AuxBNNet(_AuxNet):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.fc1(x)))
+        out = self.fc2(self.drop(h))
+        return (out, self.aux(h)) if self.training else out
+
+
+def test_a_training_mode_check_that_cannot_run_says_so():
+    """On a batch of one, BatchNorm cannot run in training mode, so check's training-mode pass cannot run:
+    it says so (the undeclared auxiliary head goes unverified) instead of passing in silence; on a batch of
+    two the same mistake is caught."""
+    torch.manual_seed(0)
+    m = _AuxBNNet().train()
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", norm="bn", inp="fc2"))
+    with pytest.warns(UncheckedTrainingWarning, match="fails in training mode.*batch of 2 or more"):
+        nest.check(torch.randn(1, 6))
+    with pytest.raises(sn.SortedNetError, match="in training mode"):
+        nest.check(torch.randn(2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncheckedTrainingWarning)
+        sn.wrap(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)),
+                sn.Width("w", [4, 8], out="0", norm="1", inp="2"), example=torch.randn(2, 6))
 
 
 def test_rank_svd_of_a_meta_model_is_refused_and_a_meta_model_has_no_false_ties(tmp_path):

@@ -567,6 +567,11 @@ class UnverifiedHeadsWarning(UserWarning):
     """``wrap`` without an example could not verify that a Heads dimension slices whole heads of an attention."""
 
 
+class UncheckedTrainingWarning(UserWarning):
+    """``check``: the full model fails in training mode on the example (BatchNorm on a batch of one), so the
+    training-mode dry run was skipped."""
+
+
 class LayerCountWarning(UserWarning):
     """``check``: the forward reads an int named like a layer count, equal to a Depth's full size, kept on a
     module holding the layer list (``self.n_layers``) or in its config object: it reads the full count at every
@@ -1098,7 +1103,11 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> Non
 
     try:
         want = run(nest.largest)
-    except Exception:
+    except Exception as e:
+        warnings.warn(f"nest.check: the full model fails in training mode on this example ({type(e).__name__}: "
+                      f"{str(e)[:200]}), so the sub-models were dry-run in eval mode only: a branch that runs only "
+                      "in training (an auxiliary head) is not verified. Give an example the model can train on "
+                      "(e.g. a batch of 2 or more for BatchNorm)", UncheckedTrainingWarning, stacklevel=4)
         return
 
     def shapes() -> list:
