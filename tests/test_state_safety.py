@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
-from torch.overrides import TorchFunctionMode
 from torch.nn.utils import weight_norm as _WEIGHT_NORM  # (bound at import, as user code does)
+from torch.overrides import TorchFunctionMode
 
 import sortednet as sn
 from models import assert_unchanged, snapshot
@@ -155,7 +155,7 @@ def test_an_interrupted_unwrap_leaves_the_model_wrapped_or_unwrapped_never_half(
     while True:
         n += 1
         m, nest = build()
-        with torch.enable_grad(), _InterruptAt(n) as mode_:  # (an interrupt in torch.no_grad's own __exit__
+        with torch.enable_grad(), _InterruptAt(n):  # (an interrupt in torch.no_grad's own __exit__
             # would leave grad mode off: the outer enable_grad restores it)
             try:
                 nest.unwrap(merge=True)
