@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import sortednet as sn
 
@@ -283,3 +284,42 @@ def place(small: torch.Tensor, full_shape: torch.Size, chunks: int = 1) -> tuple
         big[idx] = small[c * n:(c + 1) * n]
         mask[idx] = True
     return big, mask
+
+
+class InterruptAt(TorchFunctionMode):
+    """Raises KeyboardInterrupt (a Ctrl-C) at the n-th torch function call (only calls whose name contains
+    ``only``, if given). Grad mode is set back on exit: an interrupt inside torch.no_grad's own ``__exit__``
+    would leave it off for the tests after."""
+
+    def __init__(self, n: int, only: str | None = None) -> None:
+        super().__init__()
+        self.n, self.only, self.calls, self.fired = n, only, 0, False
+
+    def __enter__(self):
+        self.grad = torch.is_grad_enabled()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        torch.set_grad_enabled(self.grad)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.only is None or self.only in getattr(func, "__name__", str(func)):
+            self.calls += 1
+            if self.calls == self.n:
+                self.fired = True
+                raise KeyboardInterrupt
+        return func(*args, **(kwargs or {}))
+
+
+def interrupted(n: int, call: Callable[[], object], only: str | None = None) -> bool:
+    """Run ``call`` with a Ctrl-C at its n-th torch function call (see :class:`InterruptAt`): whether it was
+    interrupted (False: the call has fewer than n such calls and completed)."""
+    with InterruptAt(n, only) as mode:
+        try:
+            call()
+        except KeyboardInterrupt:
+            return True
+    assert not mode.fired
+    return False

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sortednet as sn
-from models import FAMILIES
+from models import FAMILIES, InterruptAt, interrupted
 
 
 class BNNet(nn.Module):
@@ -454,3 +454,40 @@ def test_writing_a_calibrated_statistic_back_does_not_tie_it_to_the_shared_buffe
     assert not torch.equal(model.b1._buffers["running_mean"], calibrated[0])  # (the shared one moved)
     for got, want in zip(stats(nest.export(full).b1), calibrated):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_interrupted_calibrate_calibrates_every_layer_or_none():
+    """A Ctrl-C at any point of calibrate's last steps (the statistics are being stored): every BatchNorm
+    of the nest gets its per-sub-model statistics, or none does; never some layers calibrated and others
+    reading the shared statistics."""
+    m, dims = bnnet()
+    nest = sn.wrap(m, *dims)
+    batches = data(2)
+    with InterruptAt(10**9) as count:
+        nest.calibrate(batches)
+    every = nest._calibrated()
+    assert len(every) == 2
+    x = batches[0][0]
+    with torch.no_grad():
+        calibrated = {str(s): run_sub(nest, m, s, x) for s in nest.submodels}
+    hit = 0
+    for n in range(max(1, count.calls - 60), count.calls + 1):
+        m, dims = bnnet()
+        nest = sn.wrap(m, *dims)
+        with torch.no_grad():
+            shared = {str(s): run_sub(nest, m, s, x) for s in nest.submodels}
+        if not interrupted(n, lambda: nest.calibrate(batches)):  # noqa: B023
+            continue
+        hit += 1
+        now = nest._calibrated()
+        assert now in ([], every), (n, now)
+        want = calibrated if now else shared
+        with torch.no_grad():
+            for s in nest.submodels:
+                torch.testing.assert_close(run_sub(nest, m, s, x), want[str(s)], msg=f"{s} after call {n}")
+    assert hit >= 50
+
+
+def run_sub(nest, model, sub, x):
+    with nest.use(sub):
+        return model(x)

@@ -16,7 +16,7 @@ from torch import nn
 
 import arch
 import sortednet as sn
-from models import FAMILIES, assert_unchanged, snapshot
+from models import FAMILIES, InterruptAt, assert_unchanged, interrupted, snapshot
 
 
 @functools.cache
@@ -1825,3 +1825,28 @@ def test_check_compares_counts_and_mixed_sub_models_with_their_exports():
         sn.wrap(net, *dims, example=x)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert type(net.a) is _Proj
+
+
+@pytest.mark.parametrize("only", ["equal", "copy_"])
+def test_an_interrupted_check_puts_every_statistic_back(only):
+    """check's dry runs in training mode move BatchNorm running statistics, then put them back: a Ctrl-C
+    while they are put back still puts back every one (the model is exactly as before), not some."""
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).train()
+        return m, sn.wrap(m, sn.Width("a", [2, 4, 8], out="0", norm="1", inp="3"),
+                          sn.Width("b", [4, 8], out="3", norm="4", inp="8"))
+
+    x = torch.randn(4, 3, 8, 8)
+    m, nest = build()
+    with InterruptAt(10**9, only) as count:
+        nest.check(x)
+    hit = 0
+    for n in range(1, count.calls + 1):
+        m, nest = build()
+        before = snapshot(m)
+        if interrupted(n, lambda: nest.check(x), only):  # noqa: B023
+            hit += 1
+            assert_unchanged(m, before)
+    assert hit == count.calls >= 10

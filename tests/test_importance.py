@@ -14,7 +14,7 @@ from torch import nn
 
 import arch
 import sortednet as sn
-from models import FAMILIES, assert_unchanged, run, snapshot
+from models import FAMILIES, InterruptAt, assert_unchanged, interrupted, run, snapshot
 from sortednet import importance
 from sortednet.importance import METHODS, sort_units
 
@@ -585,3 +585,49 @@ def test_copies_follow_a_sort_whatever_memory_they_share():
         for sub in bn_nest.submodels:
             with bn_nest.use(sub):
                 torch.testing.assert_close(own_buffers(x), bn_model(x))
+
+
+@pytest.mark.parametrize("only", ["__set__", "copy_"])
+def test_an_interrupted_taylor_sort_is_all_or_nothing(only):
+    """A Ctrl-C anywhere in sort_units(method='taylor') while it puts state back or commits: the weights,
+    BatchNorm statistics, pending gradients and momentum are all as before, or all as a never-interrupted
+    sort left them; never some gradients put back and others holding the scoring pass's."""
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).train()
+        nest = sn.wrap(m, sn.Width("a", [2, 4, 8], out="0", norm="1", inp="3"),
+                       sn.Width("b", [4, 8], out="3", norm="4", inp="8"))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()  # momentum buffers
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)  # and a pending gradient
+        return m, nest, opt
+
+    def state(m, opt):
+        return ({k: v.clone() for k, v in m.state_dict().items()},
+                [p.grad.clone() for p in m.parameters()],
+                [opt.state[p]["momentum_buffer"].clone() for p in m.parameters()])
+
+    def same(a, b):
+        return all(torch.equal(u, v) for x, y in zip(a, b) for u, v in
+                   zip(x.values() if isinstance(x, dict) else x, y.values() if isinstance(y, dict) else y))
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g))]
+    m, nest, opt = build()
+    with InterruptAt(10**9, only) as count:
+        sort_units(nest, "taylor", data=batches, optimizer=opt)
+    sorted_ = state(m, opt)
+    hit = 0
+    for n in range(1, count.calls + 1):
+        m, nest, opt = build()
+        before = state(m, opt)
+        if not interrupted(n, lambda: sort_units(nest, "taylor", data=batches, optimizer=opt), only):  # noqa: B023
+            continue
+        hit += 1
+        now = state(m, opt)
+        assert same(now, before) or same(now, sorted_), f"a mix after an interrupt at {only} call {n}"
+    assert hit == count.calls and not same(before, sorted_)

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 from torch.nn.utils import weight_norm as _WEIGHT_NORM  # (bound at import, as user code does)
-from torch.overrides import TorchFunctionMode
 
 import sortednet as sn
-from models import assert_unchanged, snapshot
+from models import assert_unchanged, interrupted, snapshot
 from sortednet.importance import sort_units
 from sortednet.rng import rng_state, set_rng_state
 
@@ -115,20 +114,6 @@ def test_unwrap_computes_everything_before_it_changes_anything():
         f"{i}.{n}" for i in (0, 2, 4) for n in ("weight", "bias")]
 
 
-class _InterruptAt(TorchFunctionMode):
-    """Raises KeyboardInterrupt (a Ctrl-C) at the n-th torch function call."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n, self.calls = n, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        if self.calls == self.n:
-            raise KeyboardInterrupt
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", ["svd", "lora"])
 def test_an_interrupted_unwrap_leaves_the_model_wrapped_or_unwrapped_never_half(mode):
     """A Ctrl-C anywhere in ``unwrap(merge=True)``: before the commit nothing changed and the nest still
@@ -155,14 +140,7 @@ def test_an_interrupted_unwrap_leaves_the_model_wrapped_or_unwrapped_never_half(
     while True:
         n += 1
         m, nest = build()
-        with torch.enable_grad(), _InterruptAt(n):  # (an interrupt in torch.no_grad's own __exit__
-            # would leave grad mode off: the outer enable_grad restores it)
-            try:
-                nest.unwrap(merge=True)
-                interrupted = False
-            except KeyboardInterrupt:
-                interrupted = True
-        if not interrupted:
+        if not interrupted(n, lambda: nest.unwrap(merge=True)):  # noqa: B023
             break
         sliced = [i for i, x_ in enumerate(m) if "_sn" in x_.__dict__]
         if sliced:  # interrupted before the commit: all still sliced, and a retry merges

@@ -382,6 +382,46 @@ def test_fit_that_raises_on_a_nonfinite_loss_leaves_no_gradient():
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
+@pytest.mark.parametrize("where", ["loss", "loader", "optimizer"])
+def test_fit_stopped_by_an_error_says_how_many_steps_it_made(where):
+    """An error (or a Ctrl-C) that stops fit says how many optimizer steps are in the weights and whether
+    gradients are left (a run resumes from a checkpoint by that step); accumulate's advice to zero the
+    gradients is dropped (fit did)."""
+    x, y = toy_batch(0)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    calls = [0]
+
+    def loss(o, t):
+        calls[0] += 1
+        if where == "loss" and calls[0] == 6:  # the second sub-model of the third step (k=2)
+            raise ValueError("a fault in the loss")
+        return F.cross_entropy(o, t)
+
+    def loader():
+        for i in range(5):
+            if where == "loader" and i == 3:
+                raise OSError("a fault in the loader")
+            yield x, y
+
+    if where == "optimizer":
+        real = opt.step
+        opt.step = lambda *a, **k: real(*a, **k) if calls[0] < 6 else (_ for _ in ()).throw(ValueError("a fault"))
+    with pytest.raises((ValueError, OSError)) as info:
+        sn.fit(nest, loader(), opt, sn.Sampler(nest, k=2, seed=0), loss_fn=loss, progress=False)
+    notes = getattr(info.value, "__notes__", [])
+    steps = {"loss": 2, "loader": 3, "optimizer": 2}[where]
+    assert any(f"stopped after {steps} optimizer step(s) of this call: the weights are those after step "
+               f"{steps - 1}" in n for n in notes), notes
+    left = where == "optimizer"
+    assert any(("gradients are left in .grad" if left else "no gradient is left") in n for n in notes), notes
+    assert (any(p.grad is not None for p in m.parameters())) == left
+    assert not any(n.startswith("sortednet.accumulate:") for n in notes), notes
+
+
 @pytest.mark.parametrize("loader", ["empty", "drop_last"])
 def test_fit_refuses_a_loader_that_yields_no_batch(loader):
     """An empty loader (or drop_last with fewer samples than a batch) returned an empty History: nothing

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .cost import call_model
 from .errors import SortedNetError
 from .meta import EXTRA_PREFIX
-from .modes import eval_mode
+from .modes import eval_mode, finish_all
 from .slicers.norm import NormStats, active_stats, unwritten
 from .submodel import SubModel, SubModelLike
 from .views import world_size
@@ -147,13 +147,16 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         own[COUNT] = torch.tensor(len(data), dtype=torch.long, device=own["running_mean"].device)
                         results[m][_key(nest)] = own
                     c._sn.norm = None
-    for m, stats in results.items():
+    norms = {}
+    for m, stats in results.items():  # every module's new statistics first (nothing changed yet) ...
         prev = m._sn.norm
         old = prev.stats if prev is not None else {}
-        norm = NormStats(nest.dims, {**old, **stats})
+        norm = norms[m] = NormStats(nest.dims, {**old, **stats})
         if prev is not None:  # a statistic of another sub-model written in place stays refused
             norm.carry(prev, [k for k in old if k not in stats])
-        m._sn.norm = norm  # one assignment: readers see old or new
+    # ... then one assignment per module (readers see old or new), each made even after a Ctrl-C: never some
+    # layers calibrated and others not
+    finish_all([functools.partial(setattr, m._sn, "norm", norm) for m, norm in norms.items()])
     moved = [p for p, v in seen.items() if _differ([t for t in v if t is not None])]
     if moved:
         warnings.warn(f"calibrate(): the BatchNorm layers {moved[:3]}{' ...' if len(moved) > 3 else ''} are in no "

@@ -34,7 +34,7 @@ from .cost import call_model
 from .coupling import analyse
 from .coupling_ops import leaves
 from .errors import SortedNetError
-from .modes import dry_run, eval_mode, seeded, train_view
+from .modes import dry_run, eval_mode, finish_all, seeded, train_view
 from .plan import Use
 from .submodel import SubModel
 from .views import is_fsdp, storage_key, world_size
@@ -224,9 +224,8 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
                         key = (b.path, b.role)
                         acc[key] = acc.get(key, 0) + b.per_unit(wg, d.full).abs()
                 n += 1
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
+    finally:  # (every gradient back, even after a Ctrl-C: finish_all)
+        finish_all([lambda: [setattr(p, "grad", g) for p, g in zip(params, saved)]])
     if n == 0:
         raise SortedNetError("sort_units(method='taylor'): data is empty")
     bad = [f"{path} ({role})" for (path, role), v in acc.items() if not bool(torch.isfinite(v).all())]

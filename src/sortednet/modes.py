@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,31 @@ from .errors import SortedNetError
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["eval_mode", "eval_view", "dry_run", "train_view", "seeded"]
+__all__ = ["eval_mode", "eval_view", "dry_run", "train_view", "seeded", "finish_all"]
+
+
+def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
+    """Run every step of a commit (or of putting state back) to the end, even when one raises: stopping
+    half-way would leave the model half changed (some modules plain and others sliced at unwrap, some
+    BatchNorm layers calibrated and others not, a dry run's statistics half restored). The steps are
+    idempotent and cannot fail on their own (reference swaps, copies of values computed before): one that a
+    KeyboardInterrupt (a Ctrl-C) stopped runs again, once; any other error (a custom slicer's ``restore``
+    breaking its contract) is not retried. The first error is raised after the last step."""
+    first: BaseException | None = None
+    i, again = 0, False
+    while i < len(steps):
+        try:
+            while i < len(steps):
+                steps[i]()
+                i, again = i + 1, False
+        except BaseException as e:  # noqa: PERF203 (every step must run)
+            first = first if first is not None else e
+            if again or not isinstance(e, KeyboardInterrupt):  # (retried once already, or not an interrupt)
+                i, again = i + 1, False
+            else:
+                again = True
+    if first is not None:
+        raise first
 
 
 @contextmanager
@@ -53,10 +77,7 @@ def dry_run(model: nn.Module) -> Iterator[None]:
     saved += [(p, p.detach().clone()) for p in params.values() if p.device.type != "meta" and not _storage(p)
               and p.numel()]
     guard = _SaveOnWrite(params.values())
-    try:
-        with guard:
-            yield
-    finally:
+    def put_back() -> None:  # (idempotent: run to the end even after a Ctrl-C, see finish_all)
         with torch.no_grad():
             for _, d, name, t in slots:
                 if d.get(name) is not t:
@@ -71,6 +92,12 @@ def dry_run(model: nn.Module) -> Iterator[None]:
                     t.data = v
                 elif not t.is_meta and not torch.equal(t, v):  # (meta: no values to put back)
                     t.copy_(v)
+
+    try:
+        with guard:
+            yield
+    finally:
+        finish_all([put_back])
 
 
 def refuse_script(model: nn.Module, what: str) -> None:

@@ -579,7 +579,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     run uses); ``"raise"`` stops the run instead, with no gradient left behind (the optimizer did
     not step; ``fit`` also clears gradients before its first step). Evaluations leave torch's random state
     alone, so a resumed run draws what the uninterrupted one did. The model trains in train mode;
-    every module's train / eval mode is back as it was when ``fit`` returns (or raises). Per-sub-model
+    every module's train / eval mode is back as it was when ``fit`` returns (or raises); an error or a
+    Ctrl-C that stops the run carries a note saying how many optimizer steps it made. Per-sub-model
     BatchNorm statistics of :meth:`Nest.calibrate` describe the weights ``fit`` is about to change: ``fit``
     drops them at its first optimizer step (a warning says so; a run refused before it keeps them) and the
     evaluations read the shared statistics; calibrate again after it.
@@ -678,9 +679,21 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (and resumed)
+    reached = [start_step]  # (steps whose update is in the weights: _fit_loop counts it)
     try:
         _fit_loop(nest, loader, sampler, optimizer, scheduler, loss_fn, distill, nonfinite, epochs, total,
-                  progress, device, group, ema, hist, step, eval_data, eval_every, metric)
+                  progress, device, group, ema, hist, step, eval_data, eval_every, metric, reached)
+    except BaseException as e:  # where the run stopped: what a resumed run needs to know
+        if hasattr(e, "add_note"):
+            stepped = reached[0] - start_step
+            e.add_note((f"sortednet.fit: stopped after {stepped} optimizer step(s) of this call: the weights are "
+                        f"those after step {reached[0] - 1}" if stepped else "sortednet.fit: stopped before its "
+                        "first optimizer step: the weights are as they were") + (
+                       "; gradients are left in .grad" if any(p.grad is not None for p in model.parameters()) else
+                       " and no gradient is left in .grad") + " (BatchNorm running statistics also saw the forwards "
+                       "of the step that failed). To resume, "
+                       "reload the last checkpoint and pass start_step= its step (docs/training.md, Resuming)")
+        raise
     finally:  # the caller's modes come back (a model put in eval mode before fit is in eval mode after it)
         for m, training in modes:
             m.training = training
@@ -704,7 +717,7 @@ def drop_stale_calibration(nest: Nest, who: str, stacklevel: int = 2) -> None:
 def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: Any, loss_fn: Any, distill: Any,
               nonfinite: str, epochs: int, total: int | None, progress: bool, device: Any, group: dict,
               ema: dict[str, float], hist: History, step: int, eval_data: Any, eval_every: int | None,
-              metric: Any) -> None:
+              metric: Any, reached: list[int]) -> None:
     from tqdm.auto import tqdm
 
     model = nest.model
@@ -727,12 +740,15 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 try:
                     losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite,
                                         weights=sampler.loss_weights_for(subs))
-                except BaseException:  # (nonfinite="raise", an error in the loss): the step leaves no gradient
+                except BaseException as e:  # (nonfinite="raise", an error in the loss): the step leaves no gradient
                     optimizer.zero_grad(set_to_none=True)
+                    if getattr(e, "__notes__", None):  # (accumulate's advice to zero the gradients: done here)
+                        e.__notes__[:] = [n for n in e.__notes__ if not n.startswith("sortednet.accumulate:")]
                     raise
                 if step == first:  # the weights change now: calibrated statistics would describe old ones
                     drop_stale_calibration(nest, "fit", stacklevel=4)
                 optimizer.step()
+                reached[0] = step + 1
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()

@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
+from .modes import finish_all
 from .patterns import match_pattern
 from .plan import close_block, heal_pins, open_block, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
@@ -848,24 +849,3 @@ def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool
     finish_all(steps + list(then))
 
 
-def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
-    """Run every step of a commit to the end: stopping half-way would leave the model half converted (some
-    modules plain, others sliced, adapters gone before their merge, a retry refused). The steps only swap
-    references and are idempotent: one that a KeyboardInterrupt (a Ctrl-C) stopped runs again; any other error
-    (a custom slicer's ``restore`` breaking its contract) is not retried. The first error is raised after the
-    last step."""
-    first: BaseException | None = None
-    i, again = 0, False
-    while i < len(steps):
-        try:
-            while i < len(steps):
-                steps[i]()
-                i, again = i + 1, False
-        except BaseException as e:  # noqa: PERF203 (every step must run)
-            first = first if first is not None else e
-            if again or not isinstance(e, KeyboardInterrupt):  # (retried once already, or not an interrupt)
-                i, again = i + 1, False
-            else:
-                again = True
-    if first is not None:
-        raise first
