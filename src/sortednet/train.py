@@ -686,13 +686,16 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     except BaseException as e:  # where the run stopped: what a resumed run needs to know
         if hasattr(e, "add_note"):
             stepped = reached[0] - start_step
+            bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                     for m in model.modules())
             e.add_note((f"sortednet.fit: stopped after {stepped} optimizer step(s) of this call: the weights are "
                         f"those after step {reached[0] - 1}" if stepped else "sortednet.fit: stopped before its "
                         "first optimizer step: the weights are as they were") + (
                        "; gradients are left in .grad" if any(p.grad is not None for p in model.parameters()) else
-                       " and no gradient is left in .grad") + " (BatchNorm running statistics also saw the forwards "
-                       "of the step that failed). To resume, "
-                       "reload the last checkpoint and pass start_step= its step (docs/training.md, Resuming)")
+                       " and no gradient is left in .grad") + (
+                       " (BatchNorm running statistics may also have seen forwards of the step that was stopped)"
+                       if bn else "") + ("" if isinstance(e, SortedNetError) else ". To resume, reload the last "
+                                         "checkpoint and pass start_step= its step (docs/training.md, Resuming)"))
         raise
     finally:  # the caller's modes come back (a model put in eval mode before fit is in eval mode after it)
         for m, training in modes:
