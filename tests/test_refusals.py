@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sortednet as sn
-from models import assert_unchanged, snapshot
+from models import InterruptAt, assert_unchanged, interrupted, snapshot
 from sortednet.check import UncheckedTrainingWarning
 from sortednet.importance import sort_units
 
@@ -166,6 +166,28 @@ def test_training_only_branches_are_checked(declared):
         sort_units(nest, "l1", example=x)
     assert_unchanged(m, before)
     assert m.training and m.drop.p == 0.5
+
+
+def test_a_refused_sort_interrupted_while_it_undoes_puts_every_weight_back():
+    """sort_units permutes, sees the output change (an undeclared training-only reader) and undoes the
+    permutation: a Ctrl-C during that undo still puts back every tensor."""
+    def build():
+        torch.manual_seed(0)
+        m = _AuxNet().train()
+        return m, sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp=["fc2"]))
+
+    x = torch.randn(4, 6)
+    m, nest = build()
+    with InterruptAt(10**9, "copy_") as count, pytest.raises(sn.SortedNetError, match="in training mode"):
+        sort_units(nest, "l1", example=x)
+    hit = 0
+    for n in range(1, count.calls + 1):
+        m, nest = build()
+        before = snapshot(m)
+        if interrupted(n, lambda: sort_units(nest, "l1", example=x), "copy_"):  # noqa: B023
+            hit += 1
+            assert_unchanged(m, before)
+    assert hit == count.calls >= 4
 
 
 class _AuxBNNet(_AuxNet):

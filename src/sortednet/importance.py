@@ -20,6 +20,7 @@ than ``atol`` (relative), every tensor is restored and a SortedNetError raised.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import warnings
@@ -548,13 +549,11 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
             except SortedNetError:
                 err = float("inf")
             except BaseException:  # anything else (an interrupt, a failing forward): undo, then re-raise
-                for c, v in saved:
-                    c.copy_(v)
+                finish_all([functools.partial(_put_back, saved)])
                 raise
             if err <= atol:
                 return {label: o for (label, *_), o in zip(groups, orders)}, moves
-            for c, v in saved:
-                c.copy_(v)
+            finish_all([functools.partial(_put_back, saved)])  # (every tensor, even after a Ctrl-C)
     if err == float("inf"):
         raise SortedNetError("sort_units: these dimensions cannot be permuted consistently (a tensor would follow two "
                              "groups, or one of its modules cannot be permuted); run nest.check(example)")
@@ -569,6 +568,12 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                          "nest unsorted" + (". For a transformers model, sn.sort_by_importance sorts the layouts it "
                          "knows and names the parts it cannot" if type(nest.model).__module__.startswith(
                              "transformers.") else "") + ". Nothing was changed")
+
+
+def _put_back(saved: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for c, v in saved:
+            c.copy_(v)
 
 
 def rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
