@@ -291,9 +291,9 @@ class InterruptAt(TorchFunctionMode):
     ``only``, if given). Grad mode is set back on exit: an interrupt inside torch.no_grad's own ``__exit__``
     would leave it off for the tests after."""
 
-    def __init__(self, n: int, only: str | None = None) -> None:
+    def __init__(self, n: int, only: str | None = None, exc: type[BaseException] = KeyboardInterrupt) -> None:
         super().__init__()
-        self.n, self.only, self.calls, self.fired = n, only, 0, False
+        self.n, self.only, self.exc, self.calls, self.fired = n, only, exc, 0, False
 
     def __enter__(self):
         self.grad = torch.is_grad_enabled()
@@ -309,17 +309,21 @@ class InterruptAt(TorchFunctionMode):
             self.calls += 1
             if self.calls == self.n:
                 self.fired = True
-                raise KeyboardInterrupt
+                raise self.exc("injected")
         return func(*args, **(kwargs or {}))
 
 
-def interrupted(n: int, call: Callable[[], object], only: str | None = None) -> bool:
-    """Run ``call`` with a Ctrl-C at its n-th torch function call (see :class:`InterruptAt`): whether it was
-    interrupted (False: the call has fewer than n such calls and completed)."""
-    with InterruptAt(n, only) as mode:
+def interrupted(n: int, call: Callable[[], object], only: str | None = None,
+                exc: type[BaseException] = KeyboardInterrupt) -> bool:
+    """Run ``call`` with a Ctrl-C (or ``exc``) at its n-th torch function call (see :class:`InterruptAt`): whether
+    it was interrupted (False: the call has fewer than n such calls and completed). An ``exc`` that the call turns
+    into a ``SortedNetError`` counts as interrupted too."""
+    with InterruptAt(n, only, exc) as mode:
         try:
             call()
-        except KeyboardInterrupt:
+        except (exc, sn.SortedNetError):
+            if not mode.fired:
+                raise
             return True
     assert not mode.fired
     return False

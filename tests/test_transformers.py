@@ -1449,6 +1449,50 @@ def test_a_copy_made_before_sort_by_importance_is_permuted_with_the_model():
             torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_sort_by_importance_stopped_between_two_writes_is_undone_exactly(exc):
+    """A Ctrl-C (or an error) between two tensors of one module (its weight written, its bias, gradient or
+    Adam moments not yet): the undo inverts exactly the writes made, so the model, gradients and optimizer
+    state are all as before (and "nothing was changed" is true), or all as a never-stopped sort left them."""
+    from models import InterruptAt, interrupted
+
+    def build():
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)).eval()
+        nest = sn.from_transformers(model, ffn=[32], heads=[2])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model(x).last_hidden_state.pow(2).mean().backward()
+        opt.step()  # Adam's moments, and a pending gradient
+        return model, nest, opt
+
+    def state(model, opt):
+        return [t.clone() for t in (*model.state_dict().values(), *(p.grad for p in model.parameters()
+                                                                    if p.grad is not None),
+                                    *(v for p in model.parameters() for v in opt.state[p].values()))]
+
+    x = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def loss(m, b):
+        return m(b).last_hidden_state.pow(2).mean()
+
+    model, nest, opt = build()
+    with InterruptAt(10**9, "copy_") as count:
+        sn.sort_by_importance(nest, [x], loss_fn=loss, optimizer=opt)
+    done = state(model, opt)
+    hit = 0
+    for n in range(1, count.calls + 1, 3):  # (points between every module's writes: weight, bias, gradient,
+        model, nest, opt = build()             # moments)
+        before = state(model, opt)
+        if not interrupted(n, lambda: sn.sort_by_importance(nest, [x], loss_fn=loss, optimizer=opt),  # noqa: B023
+                           "copy_", exc):
+            continue
+        hit += 1
+        now = state(model, opt)
+        assert all(map(torch.equal, now, before)) or all(map(torch.equal, now, done)), f"a mix after call {n}"
+    assert hit >= 10 and not all(map(torch.equal, before, done))
+
+
 def test_heads_declared_by_hand_on_a_transformers_attention_are_verified_or_said_unverified():
     """``from_transformers`` verifies the layouts it declares; a ``Heads`` written by hand on a transformers
     attention class is the user's and was neither run nor warned about: a wrong layout (GPT-NeoX's fused

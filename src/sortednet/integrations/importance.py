@@ -14,6 +14,7 @@ by their summed score) and query heads are ordered within their group.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
 from ..importance import _at_full, _companions, one_process, optimizers, rel_err, warn_stray_optimizers
-from ..modes import eval_mode
+from ..modes import eval_mode, finish_all
 from ..nest import Nest
 from ..slicers import Slicer
 from ..views import storage_key
@@ -81,11 +82,34 @@ def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = 
     moves = [(c, a) for t, a in ((w, ax), (b, 0)) if t is not None
              for c in _unheld(_companions(t, opt), held) if c.shape[a] == t.shape[a]]  # (reduced over a: stays)
     new = [c.data.index_select(a, idx.to(c.device)) for c, a in moves]  # all computed before any is written
-    for (c, _), v in zip(moves, new):
-        c.data.copy_(v)
-    if log is not None:  # logged once applied: an undo inverts what was done, nothing else
+    for (c, a), v in zip(moves, new):
+        _write(c.data, v, a, idx, log)
+    if log is not None:  # (for deep copies: the module's permutation, once every tensor of it was written)
         log.append(("rows", m, role, idx))
     return _written([c for c, _ in moves])
+
+
+def _write(d: Tensor, v: Tensor, axis: int, idx: Tensor, log: list | None) -> None:
+    """``d.copy_(v)`` (``v``: ``d`` permuted by ``idx`` along ``axis``), logged for :func:`_undo` with the version
+    the write gives ``d``: an undo inverts exactly the writes that happened, also after an error (or a Ctrl-C)
+    between two tensors of one module."""
+    if log is not None:
+        log.append(("tensor", d, axis, idx, _version(d) + 1))
+    d.copy_(v)
+
+
+def _version(d: Tensor) -> int:
+    try:
+        return d._version
+    except RuntimeError:  # an inference tensor (no version counter): an undo writes it back regardless
+        return -1
+
+
+def _undo(entry: tuple) -> None:
+    """Invert one logged write (see :func:`_write`), if it happened and was not inverted yet: idempotent."""
+    _, d, axis, idx, after = entry
+    if _version(d) == after:
+        d.copy_(d.index_select(axis, torch.argsort(idx).to(d.device)))
 
 
 def _expand(order: Tensor, unit: int) -> Tensor:
@@ -259,12 +283,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 "does not move (e.g. per-head q/k norms); nothing was changed. Use ffn=False or heads=False for the "
                 "part that moves them, or sortednet.importance.sort_units")
     except BaseException as e:
-        with torch.no_grad():
-            for kind, m, *rest in reversed(log):
-                if kind == "experts":
-                    _permute_experts(m, torch.argsort(rest[0], dim=1), None, optimizer)
-                else:
-                    _permute(m, rest[0], torch.argsort(rest[1]), None, optimizer)
+        with torch.no_grad():  # every write that happened, inverted (each once, even after a Ctrl-C)
+            finish_all([functools.partial(_undo, w) for w in reversed(log) if w[0] == "tensor"])
         if isinstance(e, Exception) and not isinstance(e, SortedNetError):
             raise SortedNetError(f"sort_by_importance cannot permute this {lay.family}-layout model "
                                  f"({type(e).__name__}: {e}); nothing was changed. Use ffn=False or heads=False for "
@@ -341,6 +361,8 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
     def follow(root: nn.Module, held: set) -> None:
         steps = []
         for kind, m, *rest in log:
+            if kind == "tensor":  # (the model's own writes, for an undo)
+                continue
             c = root.get_submodule(paths[id(m)])
             for name in ("gate_up_proj", "down_proj") if kind == "experts" else ("weight",):
                 mine, theirs = Slicer.tensor(m, name), Slicer.tensor(c, name)
@@ -368,9 +390,11 @@ def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = (
     for e, o in enumerate(order):
         rows = torch.cat([o, o + o.numel()]).to(gu.device)  # [gate; up]: the same order in both halves
         for c in gus:
-            c.data[e].copy_(c.data[e].index_select(0, rows))
+            d = c.data[e]
+            _write(d, d.index_select(0, rows), 0, rows, log)
         for c in downs:
-            c.data[e].copy_(c.data[e].index_select(1, o.to(c.device)))
+            d = c.data[e]
+            _write(d, d.index_select(1, o.to(c.device)), 1, o, log)
     if log is not None:
         log.append(("experts", m, order))
     return _written(gus + downs)
