@@ -10,6 +10,7 @@ import functools
 import os
 import pickle
 import random
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch.nn.utils import prune
 from torch.nn.utils import weight_norm as _WEIGHT_NORM  # (bound at import, as user code does)
 
 import sortednet as sn
-from models import assert_unchanged, interrupted, snapshot
+from models import InterruptAt, assert_unchanged, interrupted, snapshot
 from sortednet.importance import sort_units
 from sortednet.rng import rng_state, set_rng_state
 
@@ -221,6 +222,47 @@ def _trained(sort: bool, optimizer_kw: bool, optimizer: type = torch.optim.Adam)
     opt.step()
     with torch.no_grad():
         return m(x)
+
+
+def test_a_sort_stopped_anywhere_never_leaves_a_copy_silently_in_the_old_order():
+    """A Ctrl-C anywhere in sort_units, also after the weights were permuted (while the deep copies are
+    being permuted alike, or the profile's scores dropped): an EMA copy made before either runs the nest's
+    sub-models exactly as the model does, or is refused at its forward; the profile's scores stay only if
+    the weights did not move."""
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", inp="2"), sn.Width("g", [4, 16], out="2", inp="4"))
+        nest.profile(x, metrics=("params",), score=lambda sub: float(m(x).detach().std()), progress=False)
+        return m, nest, copy.deepcopy(m)
+
+    x = torch.randn(6, 8)
+    m, nest, _ = build()
+    with InterruptAt(10**9) as count, pytest.warns(UserWarning, match="no longer apply"):
+        sort_units(nest, "l1", example=x)
+    states = {"refused": 0, "follows": 0}
+    for n in range(max(1, count.calls - 300), count.calls + 1, 5):  # (the commit and everything after it)
+        m, nest, ema = build()
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not interrupted(n, lambda: sort_units(nest, "l1", example=x)):  # noqa: B023
+                continue
+        moved = any(not torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+        assert (nest._profile.scores is None) == moved, n
+        for sub in nest.submodels:
+            with torch.no_grad(), nest.use(sub):
+                want = m(x)
+                try:
+                    got = ema(x)
+                except sn.SortedNetError as e:
+                    assert moved and "re-ordered" in str(e), (n, str(e))
+                    states["refused"] += 1
+                    break
+                torch.testing.assert_close(got, want, msg=f"{sub} of the copy after an interrupt at call {n}")
+        else:
+            states["follows"] += 1
+    assert states["refused"] >= 1 and states["follows"] >= 1, states
 
 
 def test_sort_units_carries_gradients_and_optimizer_state_with_the_units():

@@ -501,14 +501,14 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
                                          if any(b.dim.kind in ("width", "heads") for b in m._sn.bind.values())
                                          for p in m.parameters(recurse=False)], optimizer)
     with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
-        orders, moves = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
-    nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves))
+        orders, moves, token = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
+    nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves), token=token)
     return orders
 
 
 def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
           atol: float, optimizer: tuple[torch.optim.Optimizer, ...]
-          ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]]]:
+          ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]], Any]:
     err = float("inf")
     with dry_run(nest.model), torch.no_grad(), _at_full(nest):
         try:
@@ -536,9 +536,10 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                 for c in _companions(t, optimizer)}
         saved = [(c, c.detach().clone()) for c in held.values()]
         orders = [_order(_scores(part, d.full, method, d.kind, taylor), block) for _, d, part, block in groups]
-        err, where = None, ""
+        err, where, token = None, "", None
         with torch.no_grad():
             try:
+                token = nest._permuting()  # (copies in the old order: refused until followed, if this stops)
                 moves = _apply(groups, orders, optimizer)
                 with dry_run(nest.model), _at_full(nest):
                     got = _leaves(call_model(model, example))
@@ -549,11 +550,11 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
             except SortedNetError:
                 err = float("inf")
             except BaseException:  # anything else (an interrupt, a failing forward): undo, then re-raise
-                finish_all([functools.partial(_put_back, saved)])
+                finish_all(_undo_steps(nest, saved, token))
                 raise
             if err <= atol:
-                return {label: o for (label, *_), o in zip(groups, orders)}, moves
-            finish_all([functools.partial(_put_back, saved)])  # (every tensor, even after a Ctrl-C)
+                return {label: o for (label, *_), o in zip(groups, orders)}, moves, token
+            finish_all(_undo_steps(nest, saved, token))  # (every tensor, even after a Ctrl-C)
     if err == float("inf"):
         raise SortedNetError("sort_units: these dimensions cannot be permuted consistently (a tensor would follow two "
                              "groups, or one of its modules cannot be permuted); run nest.check(example)")
@@ -568,6 +569,11 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                          "nest unsorted" + (". For a transformers model, sn.sort_by_importance sorts the layouts it "
                          "knows and names the parts it cannot" if type(nest.model).__module__.startswith(
                              "transformers.") else "") + ". Nothing was changed")
+
+
+def _undo_steps(nest: Nest, saved: list[tuple[Tensor, Tensor]], token: Any) -> list[Callable[[], None]]:
+    """Every saved tensor back, then the nest told that no unit moved (see :func:`sortednet.modes.finish_all`)."""
+    return [functools.partial(_put_back, saved), *([functools.partial(nest._unpermuted, token)] if token else [])]
 
 
 def _put_back(saved: list[tuple[Tensor, Tensor]]) -> None:

@@ -726,43 +726,68 @@ class Nest:
         _warn_if_loss_like(prof)
         return prof
 
+    def _permuting(self) -> tuple[int, Profile | None]:
+        """A sort is about to write permuted units: from now on deep copies of the model in the current order
+        (EMA / teacher) and key/value caches filled in it are stale (refused at their next use) and the profile's
+        scores are set aside, until :meth:`_drop_scores` permutes the copies alike, or :meth:`_unpermuted` says
+        every unit is back. So a sort stopped anywhere (an error, a Ctrl-C) never leaves a copy silently in
+        another order. Returns what :meth:`_unpermuted` needs."""
+        with self._pin.lock:
+            old = self._state.epoch
+            self._state.epoch = old + 1
+        prof = self._profile
+        if prof is not None and prof.scores is not None:
+            import dataclasses
+
+            self._set_profile(dataclasses.replace(prof, scores=None))
+        return old, prof
+
+    def _unpermuted(self, token: tuple[int, Profile | None]) -> None:
+        """The sort begun by :meth:`_permuting` was undone (every unit back in place): copies and caches of that
+        order are current again, and the scores too. Idempotent."""
+        old, prof = token
+        with self._pin.lock:
+            self._state.epoch = old
+        if prof is not None and prof.scores is not None and self._profile is not prof:
+            self._set_profile(prof)
+
     def _drop_scores(self, why: str, orders: Iterable[torch.Tensor] = (),
-                     follow: Callable[[nn.Module, set], None] | None = None) -> None:
-        """The units were permuted by ``orders`` (unit orders; all the identity: nothing moved, nothing to do):
-        the profile's scores no longer describe the weights (its costs stay), and a key/value cache filled
-        before holds keys and values in the old order (refused from now on). Deep copies of the model (EMA /
-        teacher) that were in the old order are permuted alike by ``follow(copy)``; one it cannot permute (its
-        modules changed) is refused at its next forward (:meth:`sortednet.wrap.Pin.stale`)."""
+                     follow: Callable[[nn.Module, set], None] | None = None,
+                     token: tuple[int, Profile | None] | None = None) -> None:
+        """The units were permuted by ``orders`` (unit orders; all the identity: nothing moved, nothing to do)
+        since :meth:`_permuting` gave ``token`` (None: call it now): the profile's scores no longer describe the
+        weights (its costs stay), and a key/value cache filled before holds keys and values in the old order
+        (refused from now on). Deep copies of the model (EMA / teacher) that were in the old order are permuted
+        alike by ``follow(copy)``; one it cannot permute (its modules changed) is refused at its next forward
+        (:meth:`sortednet.wrap.Pin.stale`)."""
+        orders = list(orders)
+        if token is None:
+            token = self._permuting()
+        old, prof = token
         if all(torch.equal(o, torch.arange(o.shape[-1], device=o.device).expand_as(o)) for o in orders):
+            self._unpermuted(token)
             return
-        pin, old = self._pin, self._state.epoch
+        pin = self._pin
         with pin.lock:
             behind = [c for c, e in pin.copies.items() if e == old]
+        if prof is not None and prof.scores is not None:
+            import warnings
+
+            warnings.warn(f"{why}: the profile's scores were measured before and no longer apply; they were "
+                          "dropped (its costs stay). Measure them again: nest.profile(example, score=...)",
+                          stacklevel=3)
         # memory the model holds (permuted already, or not to be permuted): a copy's tensor that shares it is
         # left alone; what one copy permutes is added, so memory copies share is permuted once
         held = {k for t in [*self.model.parameters(), *self.model.buffers()]
                 for u in (t, t.grad) if u is not None and (k := storage_key(u)) is not None}
-        followed = []
         for c in behind if follow is not None else ():
             try:
                 follow(c, held)
             except Exception:  # (nothing written: it stays in the old order, and is refused at its forward)
                 continue
-            followed.append(c)
-        with pin.lock:  # (a copy being permuted is not refused meanwhile: its epoch moves with the nest's)
-            self._state.epoch += 1
-            for c in followed:
+            with pin.lock:  # (each copy current once permuted; one not reached (a Ctrl-C) stays refused)
                 if pin.copies.get(c) == old:
                     pin.copies[c] = self._state.epoch
-        prof = self._profile
-        if prof is not None and prof.scores is not None:
-            import dataclasses
-            import warnings
-
-            self._set_profile(dataclasses.replace(prof, scores=None))
-            warnings.warn(f"{why}: the profile's scores were measured before and no longer apply; they were "
-                          "dropped (its costs stay). Measure them again: nest.profile(example, score=...)",
-                          stacklevel=3)
 
     def _weights_key(self) -> Any:
         """What the model computes with: the tensor in every parameter and persistent buffer slot (object and

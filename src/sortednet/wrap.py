@@ -502,7 +502,8 @@ class Pin:
             raise SortedNetError(
                 f"this copy of the model ({type(module).__name__}, an EMA / teacher copy.deepcopy) was made before "
                 "the nest's units were re-ordered (sort_units / sort_by_importance) and could not be permuted with "
-                "the model (its modules changed): its weights are in the old "
+                "the model (its modules changed, or the sort was stopped before it reached this copy): its weights "
+                "are in the old "
                 "order, so under a sub-model it would run other units than the nest, and averaging it with the "
                 "model mixes unrelated units. Copy the model again after sorting; nest.unwrap_copy(copy) gives "
                 "its full model as a plain module")

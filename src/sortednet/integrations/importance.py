@@ -255,7 +255,9 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                       "pass such a batch first to have it checked", stacklevel=2)
     perms: dict[str, dict[str, Tensor]] = {}
     log: list[tuple] = []  # every permutation applied, to undo them if the full model changed
+    token = None
     try:
+        token = nest._permuting()  # (copies in the old order: refused until followed, if this stops)
         with torch.no_grad():
             for i, blk in enumerate(blocks):
                 perms[named[i][0]] = p = {}
@@ -284,14 +286,15 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 "part that moves them, or sortednet.importance.sort_units")
     except BaseException as e:
         with torch.no_grad():  # every write that happened, inverted (each once, even after a Ctrl-C)
-            finish_all([functools.partial(_undo, w) for w in reversed(log) if w[0] == "tensor"])
+            finish_all([*(functools.partial(_undo, w) for w in reversed(log) if w[0] == "tensor"),
+                        *([functools.partial(nest._unpermuted, token)] if token else [])])
         if isinstance(e, Exception) and not isinstance(e, SortedNetError):
             raise SortedNetError(f"sort_by_importance cannot permute this {lay.family}-layout model "
                                  f"({type(e).__name__}: {e}); nothing was changed. Use ffn=False or heads=False for "
                                  "the part that fails, or sortednet.importance.sort_units") from e
         raise
     nest._drop_scores("sort_by_importance", [o for p in perms.values() for o in p.values()],
-                      follow=_follow_log(nest.model, log))
+                      follow=_follow_log(nest.model, log), token=token)
     return perms
 
 
