@@ -265,6 +265,57 @@ def test_sorting_drops_profile_scores_measured_before_it():
     assert nest._profile is not None and nest._profile.scores is None and "params" in nest._profile.costs
 
 
+class _Gated(nn.Module):
+    """A per-unit gate the width does not declare: any permutation changes the output (the sort is refused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.gate = nn.Parameter(torch.rand(16) * 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h * self.gate[: h.shape[-1]])
+
+
+@pytest.mark.parametrize("sort", ["refused", "identity"])
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_sort_that_moves_nothing_keeps_the_scores_and_their_staleness(sort, trained):
+    """A refused sort (undone) or one that moves nothing leaves the profile exactly as it was: scores that
+    described the weights still do (no stale warning for the write-back), and scores made stale by training
+    before the sort are still said to be stale at pick."""
+    from sortednet.nest import StaleScoresWarning
+
+    torch.manual_seed(0)
+    if sort == "refused":
+        m = _Gated()
+        nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"))
+    else:
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    x = torch.randn(16, 8)
+    if sort == "identity":
+        sort_units(nest, "l1", example=x)  # sorted once: the second sort is the identity
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nest.profile(x, score=lambda s: float(m(x).abs().mean()), repeat=1, progress=False)
+    if trained:  # (a tiny step: the weights change, their unit order does not)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-7)
+        m(x).sum().backward()
+        opt.step()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if sort == "refused":
+            with pytest.raises(sn.SortedNetError, match="permuting changes"):
+                sort_units(nest, "l1", example=x)
+        else:
+            assert all(torch.equal(o, torch.arange(len(o))) for o in sort_units(nest, "l1", example=x).values())
+        assert not [w for w in seen if "no longer apply" in str(w.message)]
+        assert nest._profile.scores is not None
+        nest.pick(params=10**9)
+    assert any(issubclass(w.category, StaleScoresWarning) for w in seen) == trained, [str(w.message) for w in seen]
+
+
 def test_bn_scores_fall_back_to_l1_where_the_batchnorm_has_no_gamma():
     """``affine=False``: no gamma to rank by (its first tensor is the running mean): "bn" orders as "l1"."""
     orders = {}

@@ -726,34 +726,39 @@ class Nest:
         _warn_if_loss_like(prof)
         return prof
 
-    def _permuting(self) -> tuple[int, Profile | None]:
+    def _permuting(self) -> tuple[int, dict[str, Any], bool]:
         """A sort is about to write permuted units: from now on deep copies of the model in the current order
         (EMA / teacher) and key/value caches filled in it are stale (refused at their next use) and the profile's
-        scores are set aside, until :meth:`_drop_scores` permutes the copies alike, or :meth:`_unpermuted` says
-        every unit is back. So a sort stopped anywhere (an error, a Ctrl-C) never leaves a copy silently in
-        another order. Returns what :meth:`_unpermuted` needs."""
+        scores are set aside (``pick`` does not rank by them), until :meth:`_drop_scores` permutes the copies
+        alike, or :meth:`_unpermuted` says every unit is back. So a sort stopped anywhere (an error, a Ctrl-C)
+        never leaves a copy silently in another order. Returns what :meth:`_unpermuted` needs."""
         with self._pin.lock:
             old = self._state.epoch
             self._state.epoch = old + 1
-        prof = self._profile
+        kept = {k: self.__dict__.get(k) for k in ("_profile", "_selector", "_scored_on", "_stale_warned")}
+        prof = kept["_profile"]
+        fresh = prof is not None and prof.scores is not None and kept["_scored_on"] is not None \
+            and kept["_scored_on"] == self._weights_key()
         if prof is not None and prof.scores is not None:
             import dataclasses
 
-            self._set_profile(dataclasses.replace(prof, scores=None))
-        return old, prof
+            self._profile, self._selector = dataclasses.replace(prof, scores=None), None
+        return old, kept, fresh
 
-    def _unpermuted(self, token: tuple[int, Profile | None]) -> None:
+    def _unpermuted(self, token: tuple[int, dict[str, Any], bool]) -> None:
         """The sort begun by :meth:`_permuting` was undone (every unit back in place): copies and caches of that
-        order are current again, and the scores too. Idempotent."""
-        old, prof = token
+        order are current again, and the profile is as it was (scores that described the weights then still
+        do: the values are the same, though writing them back moved their version counters). Idempotent."""
+        old, kept, fresh = token
         with self._pin.lock:
             self._state.epoch = old
-        if prof is not None and prof.scores is not None and self._profile is not prof:
-            self._set_profile(prof)
+        self.__dict__.update(kept)
+        if fresh:
+            self._scored_on = self._weights_key()
 
     def _drop_scores(self, why: str, orders: Iterable[torch.Tensor] = (),
                      follow: Callable[[nn.Module, set], None] | None = None,
-                     token: tuple[int, Profile | None] | None = None) -> None:
+                     token: tuple[int, dict[str, Any], bool] | None = None) -> None:
         """The units were permuted by ``orders`` (unit orders; all the identity: nothing moved, nothing to do)
         since :meth:`_permuting` gave ``token`` (None: call it now): the profile's scores no longer describe the
         weights (its costs stay), and a key/value cache filled before holds keys and values in the old order
@@ -763,16 +768,19 @@ class Nest:
         orders = list(orders)
         if token is None:
             token = self._permuting()
-        old, prof = token
+        old, kept, _ = token
         if all(torch.equal(o, torch.arange(o.shape[-1], device=o.device).expand_as(o)) for o in orders):
             self._unpermuted(token)
             return
         pin = self._pin
         with pin.lock:
             behind = [c for c, e in pin.copies.items() if e == old]
+        prof = kept["_profile"]
         if prof is not None and prof.scores is not None:
+            import dataclasses
             import warnings
 
+            self._set_profile(dataclasses.replace(prof, scores=None))
             warnings.warn(f"{why}: the profile's scores were measured before and no longer apply; they were "
                           "dropped (its costs stay). Measure them again: nest.profile(example, score=...)",
                           stacklevel=3)
