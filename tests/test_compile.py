@@ -399,3 +399,54 @@ def test_nest_compile_pins_the_default_for_a_whole_call_across_graph_breaks():
         other.join()
         on[0] = False
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+class _Break(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.fc1(x).relu()
+        torch._dynamo.graph_break()  # the forward runs in two graphs, functional_call's swaps eagerly
+        return self.fc2(h)
+
+
+def test_nest_compile_interrupted_anywhere_in_the_swaps_leaves_the_model_its_own_parameters(monkeypatch):
+    """A Ctrl-C inside functional_call's swap in or swap back (each stops at the first error, and its swap in
+    puts nothing back on a KeyboardInterrupt) must not leave a sliced view as a module's weight: the model's
+    own Parameters come back, and the next step is the eager step."""
+    import torch.nn.utils._named_member_accessor as accessor
+
+    real = accessor.swap_tensor
+    torch.manual_seed(0)
+    net = _Break()
+    nest = sn.wrap(net, sn.Width("h", [4, 12], out="fc1", inp="fc2"))
+    own = dict(net.named_parameters())
+    x = torch.randn(3, 8)
+    with nest.use("h=4"):
+        want = nest.model(x).detach()
+    step = nest.compile(backend="eager")
+    k, fired = 0, True
+    while fired:
+        k += 1
+        calls = iter(range(1, 10**6))
+
+        def swap(*a, k=k, calls=calls, **kw):
+            if next(calls) == k:
+                raise KeyboardInterrupt("injected")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(accessor, "swap_tensor", swap)
+        try:
+            with nest.use("h=4"):
+                step(x).sum().backward()
+            fired = False
+        except KeyboardInterrupt:
+            fired = True
+        monkeypatch.setattr(accessor, "swap_tensor", real)
+        now = dict(net.named_parameters())
+        assert now.keys() == own.keys() and all(now[n] is own[n] for n in own), f"interrupt at swap {k}"
+        with nest.use("h=4"):
+            torch.testing.assert_close(step(x), want, msg=f"interrupt at swap {k}")
+    assert k > 4, f"only {k - 1} swaps seen: the test reached no swap back"

@@ -24,6 +24,7 @@ as with ``torch.compile(model)``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections.abc import Callable
@@ -33,6 +34,7 @@ import torch
 
 from .errors import SortedNetError
 from .kvcache import CacheGuard
+from .modes import finish_all
 from .views import View
 
 if TYPE_CHECKING:
@@ -110,14 +112,34 @@ class Compiled:
             out = self._compiled({}, args, kwargs)  # (measured), and needs no lock
         else:
             with self._lock:
+                own = [m._parameters[name] for _, m, name in self._targets]
                 params = {key: getattr(m, name) for key, m, name in self._targets}
-                out = self._compiled(params, args, kwargs)
+                try:
+                    out = self._compiled(params, args, kwargs)
+                finally:
+                    put_back(self._targets, own, params)
         for g in guards:
             g.made(model, args, kwargs, out)
         return out
 
     def __repr__(self) -> str:
         return f"Compiled({len(self._targets)} sliced parameters as graph inputs)"
+
+
+def put_back(targets: list[tuple[str, torch.nn.Module, str]], own: list[torch.Tensor],
+             params: dict[str, torch.Tensor]) -> None:
+    """Each module's own parameter back where ``functional_call`` left a handed-over view: its swap back
+    (and its swap in, which puts nothing back on a KeyboardInterrupt) stops at the first error, and a
+    Ctrl-C there would leave a plain tensor of the sub-model's size as the model's weight for good."""
+    left = [(m, name, params[key], p) for (key, m, name), p in zip(targets, own, strict=True)
+            if m._parameters.get(name) is params[key]]
+    if left:
+        finish_all([functools.partial(_restore, *t) for t in left])
+
+
+def _restore(m: torch.nn.Module, name: str, view: torch.Tensor, own: torch.Tensor) -> None:
+    if m._parameters.get(name) is view:
+        m._parameters[name] = own
 
 
 def handed_over(nest: Nest) -> list[tuple[str, torch.nn.Module, str]]:
