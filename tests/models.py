@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dis
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -326,4 +328,51 @@ def interrupted(n: int, call: Callable[[], object], only: str | None = None,
                 raise
             return True
     assert not mode.fired
+    return False
+
+
+def interrupted_between_bytecodes(n: int, call: Callable[[], object], *functions: Callable,
+                                  starts: bool = True) -> bool:
+    """Run ``call`` with a KeyboardInterrupt raised at the n-th point inside ``functions`` (their own frames, not
+    what they call) where CPython handles a pending signal, as a real Ctrl-C does: a function's first
+    instruction (unless ``starts`` is False), the instruction after each call returns, a backward jump. Whether
+    it was interrupted (False: fewer than n such points were reached)."""
+    points = {}
+    for f in functions:
+        code = getattr(f, "__func__", f).__code__
+        ins = list(dis.get_instructions(code))
+        points[code] = {b.offset for a, b in zip(ins, ins[1:]) if a.opname.startswith("CALL")} \
+            | {i.offset for i in ins if i.opname.startswith("JUMP_BACKWARD")}
+    seen, fired = 0, False
+
+    def point() -> None:
+        nonlocal seen, fired
+        seen += 1
+        if seen == n:
+            fired = True
+            raise KeyboardInterrupt("injected")  # (a raising trace function is unset: one interrupt)
+
+    def step(frame, event, arg):
+        if event == "opcode" and frame.f_lasti in points[frame.f_code]:
+            point()
+        return step
+
+    def enter(frame, event, arg):  # the call event: the function's first instruction
+        if frame.f_code in points:
+            if starts:
+                point()
+            frame.f_trace_opcodes = True
+            return step
+        return None
+
+    old = sys.gettrace()
+    sys.settrace(enter)
+    try:
+        call()
+    except KeyboardInterrupt:
+        if not fired:
+            raise
+        return True
+    finally:
+        sys.settrace(old)
     return False

@@ -4,6 +4,7 @@ sub-model that was active at forward, whatever other threads do."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import sortednet as sn
-from models import FAMILIES, run
+from models import FAMILIES, interrupted_between_bytecodes, run
 from sortednet import slicers
 
 FAMS = sorted(FAMILIES)
@@ -547,6 +548,43 @@ def test_a_pin_left_by_an_interrupted_forward_never_overrides_a_later_use_or_act
         assert nest.active == nest.resolve("h=4") and torch.equal(m(x), ref["h=4"])
         nest.activate(nest.largest)
         assert torch.equal(m(x), ref["h=8"])
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["one", "nested"])
+def test_a_ctrl_c_anywhere_in_entering_or_leaving_use_never_leaves_the_submodel_in_force(nested):
+    """A Ctrl-C lands where Python handles signals: a function's start, after each call, a backward jump. At every
+    such point of entering and leaving a use block, the caller is back to what was in force before (the full
+    model, or the outer block's sub-model); the next forwards are those of the full model. The one point no
+    Python context manager can guard is the first instruction of ``__exit__`` itself (torch.no_grad has the
+    same): there the interrupt arrives before any of its code runs."""
+    import contextvars
+
+    from sortednet.plan import Use, _reset, close_block
+
+    m, nest, x, ref = _small_nest()
+
+    def call():
+        with nest.use("h=4") if nested else contextlib.nullcontext():
+            try:
+                with nest.use("h=2"):
+                    assert torch.equal(m(x), ref["h=2"])
+            finally:
+                assert not nested or torch.equal(m(x), ref["h=4"]), "the outer block's sub-model is gone"
+
+    with torch.no_grad():
+        for fns, starts in [((Use.__enter__, Use._leave, close_block, _reset), True), ((Use.__exit__,), False)]:
+            n, fired = 0, True
+            while fired:
+                n += 1
+
+                def trial(n=n, fns=fns, starts=starts):  # in a copy of this context: a leak stays in it
+                    hit = interrupted_between_bytecodes(n, call, *fns, starts=starts)
+                    return hit, nest.active, m(x)
+
+                fired, active, out = contextvars.copy_context().run(trial)
+                assert active == nest.largest and torch.equal(out, ref["h=8"]), f"{fns[0].__qualname__} point {n}"
+            assert n > 3, f"{fns[0].__qualname__}: only {n - 1} points reached"
+        assert nest.active == nest.largest and torch.equal(m(x), ref["h=8"])
 
 
 def test_a_module_half_imported_by_another_thread_never_unslices_a_read(monkeypatch):

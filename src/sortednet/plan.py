@@ -224,10 +224,14 @@ class Use:
             raise SortedNetError(f"this nest.use({self.plan.sub}) block is already entered in this thread (by "
                                  "another task, or nested in itself); call nest.use(...) for each block")
         a = self.active
-        self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (open_block, inlined: the hot path)
-        entry.utok = a.uses.set((*a.uses.get(), entry))
-        entry.vtok = a.var.set(self.plan)
-        return self.plan.sub
+        try:
+            self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (open_block, inlined: hot path)
+            entry.utok = a.uses.set((*a.uses.get(), entry))
+            entry.vtok = a.var.set(self.plan)
+            return self.plan.sub
+        except BaseException:  # a Ctrl-C after the sets: the with block never starts, __exit__ never runs
+            self._leave(key, sys._getframe(1))
+            raise
 
     def __call__(self, fn: Any) -> Any:
         """As a decorator: ``fn`` runs under the plan at every call (plain functions: a coroutine or
@@ -239,9 +243,23 @@ class Use:
         return functools.wraps(fn)(in_plan(self.active, self.plan, fn))
 
     def __exit__(self, *exc: object) -> None:
-        entry = self.tokens.pop(threading.get_ident(), None)
-        if entry is not None:  # (None: left in another thread than the one that entered: nothing to undo)
-            close_block(self.active, entry, sys._getframe(1))
+        try:  # (_leave, inlined: the hot path)
+            key = threading.get_ident()
+            entry = self.tokens.get(key)
+            if entry is not None:
+                close_block(self.active, entry, sys._getframe(1))
+                del self.tokens[key]
+        except BaseException:  # a Ctrl-C part-way: the block must not stay in force (closing twice is harmless)
+            self._leave(threading.get_ident(), sys._getframe(1))
+            raise
+
+    def _leave(self, key: int, here: Any) -> None:
+        """Close this thread's block (none: left in another thread than the one that entered, or never
+        entered); the token goes only once the block is closed."""
+        entry = self.tokens.get(key)
+        if entry is not None:
+            close_block(self.active, entry, here)
+            self.tokens.pop(key, None)
 
 
 def open_block(a: Active, frame: Any, plan: Plan, *, pin: bool = False) -> _Open:
