@@ -5,6 +5,7 @@ sub-model that was active at forward, whatever other threads do."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import pytest
@@ -585,6 +586,60 @@ def test_a_ctrl_c_anywhere_in_entering_or_leaving_use_never_leaves_the_submodel_
                 assert active == nest.largest and torch.equal(out, ref["h=8"]), f"{fns[0].__qualname__} point {n}"
             assert n > 3, f"{fns[0].__qualname__}: only {n - 1} points reached"
         assert nest.active == nest.largest and torch.equal(m(x), ref["h=8"])
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_ctrl_c_anywhere_in_a_forwards_hooks_never_keeps_an_old_default_in_force(grad):
+    """A forward outside use pins the default it starts with (its pre hook opens the pin, its post hook closes
+    it). A Ctrl-C at any point of those hooks: after an activate from another thread, the next forwards in this
+    thread run the new default, nest.active says so, and the count of forwards with gradients is back to 0 (the
+    pin left behind was once taken for the next forward's, whose frame had the same id and code)."""
+    import contextvars
+
+    from sortednet.plan import _reset, close_block, heal_pins
+    from sortednet.wrap import Pin
+
+    m, nest, x, ref = _small_nest()
+    fns = (Pin.pre, Pin.post, Pin._enter, Pin._leave, Pin._stack, Pin._count, close_block, heal_pins, _reset)
+
+    def forward():
+        with torch.set_grad_enabled(grad):
+            out = m(x)
+        if grad:
+            out.sum().backward()
+
+    def trial(n):
+        nest.activate("h=4")
+        hit = interrupted_between_bytecodes(n, forward, *fns)
+        other = threading.Thread(target=nest.activate, args=("h=8",))
+        other.start(), other.join()
+        with torch.no_grad():
+            outs = [m(x), m(x)]
+        return hit, outs, nest.active, nest._state.training
+
+    n, fired = 0, True
+    while fired:
+        n += 1
+        fired, outs, active, training = contextvars.copy_context().run(trial, n)
+        assert all(torch.equal(o, ref["h=8"]) for o in outs), f"point {n}: a forward ran the old default"
+        assert active == nest.largest, f"point {n}: nest.active is {active}"
+        assert training == 0, f"point {n}: {training} forwards with gradients counted as running"
+    assert n > 10, f"only {n - 1} points reached"
+
+
+def test_finish_all_runs_every_step_whatever_point_a_ctrl_c_lands_on():
+    """Every step runs (one a Ctrl-C stopped runs again) and the interrupt is raised after the last; the one
+    point no function can guard is its own first instruction."""
+    from sortednet.modes import finish_all
+
+    n, fired = 0, True
+    while fired:
+        n += 1
+        done: list[int] = []
+        steps = [functools.partial(done.append, i) for i in range(4)]
+        fired = interrupted_between_bytecodes(n, functools.partial(finish_all, steps), finish_all, starts=False)
+        assert sorted(set(done)) == [0, 1, 2, 3], f"point {n}: steps {done} ran"
+    assert n > 4
 
 
 def test_a_module_half_imported_by_another_thread_never_unslices_a_read(monkeypatch):

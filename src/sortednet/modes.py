@@ -38,14 +38,15 @@ def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
     breaking its contract) is not retried. The first error is raised after the last step."""
     first: BaseException | None = None
     i, again = 0, False
-    while i < len(steps):
+    while True:  # (no call outside the try: a Ctrl-C is handled only after a call returns)
         try:
             while i < len(steps):
                 steps[i]()
                 i, again = i + 1, False
+            break
         except BaseException as e:  # noqa: PERF203 (every step must run)
             first = first if first is not None else e
-            if again or not isinstance(e, KeyboardInterrupt):  # (retried once already, or not an interrupt)
+            if again or e.__class__ is not KeyboardInterrupt:  # (retried once already, or not an interrupt)
                 i, again = i + 1, False
             else:
                 again = True

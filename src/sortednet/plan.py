@@ -144,13 +144,18 @@ class _Open:
     """One open ``use`` block on its context's stack: the value the variable held before it, where it was
     entered (a frame's id and code, not the frame: a copied context must not keep the caller's locals
     alive), and whether it was left while later blocks were still open. Never changed: a context copied
-    inside the block (a task, ``copy_context().run``) keeps its own view of the stack."""
+    inside the block (a task, ``copy_context().run``) keeps its own view of the stack.
 
-    __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok")
+    A forward's pin keeps its frame itself (torch's call of the root, not the user's): a pin left behind by an
+    interrupt is found stale by identity, where the id of a frame that ended may already be the id of the next
+    forward's frame (the same code, so it would look still running, and keep the old default in force)."""
+
+    __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok", "held")
 
     def __init__(self, prev: Any, frame: Any, left: bool = False, pin: bool = False) -> None:
         self.prev, self.left, self.pin = prev, left, pin
         self.vtok = self.utok = None  # the context variables' tokens of entering (see close_block)
+        self.held = frame if pin else None
         if frame is None:
             self.frame, self.code = 0, None
         else:
@@ -159,9 +164,9 @@ class _Open:
     def running(self, start: Any) -> bool:
         """Whether the frame that entered the block is on the call stack from ``start`` up (a block of a
         suspended generator is not)."""
-        f = start
+        f, held = start, self.held
         while f is not None:
-            if id(f) == self.frame and f.f_code is self.code:
+            if f is held if held is not None else (id(f) == self.frame and f.f_code is self.code):
                 return True
             f = f.f_back
         return False
@@ -225,7 +230,7 @@ class Use:
                                  "another task, or nested in itself); call nest.use(...) for each block")
         a = self.active
         try:
-            self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (open_block, inlined: hot path)
+            self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (the block on this context's stack)
             entry.utok = a.uses.set((*a.uses.get(), entry))
             entry.vtok = a.var.set(self.plan)
             return self.plan.sub
@@ -260,14 +265,6 @@ class Use:
         if entry is not None:
             close_block(self.active, entry, here)
             self.tokens.pop(key, None)
-
-
-def open_block(a: Active, frame: Any, plan: Plan, *, pin: bool = False) -> _Open:
-    """Push a block entered in ``frame`` on this context's stack and put ``plan`` in force."""
-    entry = _Open(a.var.get(a), frame, pin=pin)  # the value before this block (the Active itself: none)
-    entry.utok = a.uses.set((*a.uses.get(), entry))
-    entry.vtok = a.var.set(plan)
-    return entry
 
 
 def _reset(var: contextvars.ContextVar, token: Any, value: Any) -> None:

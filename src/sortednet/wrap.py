@@ -20,7 +20,7 @@ from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .modes import finish_all
 from .patterns import match_pattern
-from .plan import close_block, heal_pins, open_block, pin_checkpoints
+from .plan import _Open, close_block, heal_pins, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
@@ -569,10 +569,19 @@ class Pin:
             p = a._scoped                                          # a non-reentrant one's: it recomputes the
             pin_checkpoints(a, a.default if p is a else p, here)  # plan in force there)
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
-        # on the context's stack, as use
-        entry = open_block(a, here, a.default, pin=True) if pinned else None
-        self._count(grad)
-        stack.append([entry, here, a.default if pinned else None, grad, sys.exc_info()[1]])
+        # This thread's record first, then the count and the pin on the context's stack (as use): a Ctrl-C
+        # anywhere leaves a record that holds all that was done (the next forward finds it stale and undoes it)
+        plan = a.default
+        top = [None, here, plan if pinned else None, 0, sys.exc_info()[1]]
+        stack.append(top)
+        if grad:
+            with self.lock:
+                a.training += 1
+                top[3] = 1  # (no signal is handled between these two lines: neither calls)
+        if pinned:
+            top[0] = entry = _Open(a.var.get(a), here, pin=True)
+            entry.utok = a.uses.set((*a.uses.get(), entry))
+            entry.vtok = a.var.set(plan)
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():
@@ -581,13 +590,18 @@ class Pin:
 
     def _leave(self, stack: list | None, here: Any, out: Any = None) -> None:
         if stack:
-            top = stack.pop()
-            entry, grad = top[0], top[3]
+            top = stack[-1]
             if out is None:  # (always_call: also after the forward raised, inside torch's except block)
                 self._annotate(top[4] if len(top) > 4 else None)
-            self._count(-grad)
-            if entry is not None:  # (a use block the user's hooks opened around the forward ends with it)
-                close_block(self.active, entry, here)
+            # the pin closed and the count taken back before the record goes (the reverse of _enter): a Ctrl-C
+            # anywhere leaves the record of what is left to undo
+            if top[0] is not None:  # (a use block the user's hooks opened around the forward ends with it)
+                close_block(self.active, top[0], here)
+            if top[3]:
+                with self.lock:
+                    self.active.training -= 1
+                    top[3] = 0
+            stack.pop()
 
     def _annotate(self, before: BaseException | None) -> None:
         """Add a note naming the sub-model to the error the forward is raising (not one that was in flight when
@@ -625,17 +639,22 @@ class Pin:
         and an ``activate`` in this thread during it re-pins the block, as in a pinned root forward (the
         checkpointed function activating another sub-model recomputes as its forward ran)."""
         stack = self._stack()
-        grad = _grad_enabled()
-        entry = [block, frame, None, grad]
-        self._count(grad)
-        stack.append(entry)
+        entry = [block, frame, None, 0]
+        stack.append(entry)  # (the record first, then the count: see _enter)
+        if _grad_enabled():
+            with self.lock:
+                self.active.training += 1
+                entry[3] = 1
         return entry
 
     def exit_root(self, entry: list) -> None:
         stack = self.local.__dict__.get("stack")
         if stack and any(e is entry for e in stack):
+            if entry[3]:
+                with self.lock:
+                    self.active.training -= 1
+                    entry[3] = 0
             stack[:] = [e for e in stack if e is not entry]
-            self._count(-entry[3])
 
     def repin(self, plan: Any) -> None:
         """``activate(plan)`` in this thread during a pinned forward: the rest of it runs ``plan`` (not inside
