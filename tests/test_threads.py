@@ -588,8 +588,9 @@ def test_a_ctrl_c_anywhere_in_entering_or_leaving_use_never_leaves_the_submodel_
         assert nest.active == nest.largest and torch.equal(m(x), ref["h=8"])
 
 
+@pytest.mark.parametrize("where", ["other_thread", "this_thread"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_a_ctrl_c_anywhere_in_a_forwards_hooks_never_keeps_an_old_default_in_force(grad):
+def test_a_ctrl_c_anywhere_in_a_forwards_hooks_never_keeps_an_old_default_in_force(grad, where):
     """A forward outside use pins the default it starts with (its pre hook opens the pin, its post hook closes
     it). A Ctrl-C at any point of those hooks: after an activate from another thread, the next forwards in this
     thread run the new default, nest.active says so, and the count of forwards with gradients is back to 0 (the
@@ -611,8 +612,12 @@ def test_a_ctrl_c_anywhere_in_a_forwards_hooks_never_keeps_an_old_default_in_for
     def trial(n):
         nest.activate("h=4")
         hit = interrupted_between_bytecodes(n, forward, *fns)
-        other = threading.Thread(target=nest.activate, args=("h=8",))
-        other.start(), other.join()
+        if where == "this_thread":  # it undoes what the interrupted forward left, before any forward
+            nest.activate("h=8")
+            assert nest.active == nest.largest and nest._state.training == 0, f"point {n}"
+        else:
+            other = threading.Thread(target=nest.activate, args=("h=8",))
+            other.start(), other.join()
         with torch.no_grad():
             outs = [m(x), m(x)]
         return hit, outs, nest.active, nest._state.training
@@ -625,6 +630,60 @@ def test_a_ctrl_c_anywhere_in_a_forwards_hooks_never_keeps_an_old_default_in_for
         assert active == nest.largest, f"point {n}: nest.active is {active}"
         assert training == 0, f"point {n}: {training} forwards with gradients counted as running"
     assert n > 10, f"only {n - 1} points reached"
+
+
+def test_a_context_copied_during_a_forward_keeps_neither_its_input_nor_the_model_alive():
+    import contextvars
+    import gc
+    import weakref
+
+    m, nest, x, ref = _small_nest()
+    copies = []
+    m[0].register_forward_hook(lambda mod, a, out: copies.append(contextvars.copy_context()) and None)
+    inp = torch.randn(3, 4)
+    gone = weakref.ref(inp)
+    m(inp)
+    del inp
+    gc.collect()
+    assert gone() is None, "the forward's input is kept alive by a context copied during it"
+    model = weakref.ref(m)
+    del m, nest
+    gc.collect()
+    assert model() is None and len(copies) == 1
+
+
+def test_a_refusal_by_a_nested_forwards_pre_hook_leaves_the_outer_forwards_pin_alone(monkeypatch):
+    """The root's post hook runs also when its pre hook raised (torch's always-call hooks): a nested forward of the
+    model refused there takes back its own record, not the outer forward's, whose pin keeps its default to the end
+    while another thread activates another sub-model."""
+    from sortednet.wrap import Guards
+
+    m, nest, x, ref = _small_nest()
+    real, refuse = Guards.check_counts, []
+
+    def check_counts(self):
+        if refuse:
+            raise sn.SortedNetError("refused (injected)")
+        return real(self)
+
+    monkeypatch.setattr(Guards, "check_counts", check_counts)
+
+    def inside(mod, args, out):
+        refuse.append(True)
+        with pytest.raises(sn.SortedNetError, match="injected"):
+            m(x)
+        refuse.clear()
+        other = threading.Thread(target=nest.activate, args=("h=2",))
+        other.start(), other.join()
+
+    h = m[0].register_forward_hook(inside)
+    with torch.no_grad():
+        out = m(x)
+    h.remove()
+    assert torch.equal(out, ref["h=8"]), "the rest of the forward ran the default another thread activated"
+    assert nest._state.training == 0 and not nest._pin.local.__dict__.get("stack")
+    with torch.no_grad():
+        assert torch.equal(m(x), ref["h=2"]) and nest.active == nest.resolve("h=2")
 
 
 def test_finish_all_runs_every_step_whatever_point_a_ctrl_c_lands_on():

@@ -146,9 +146,10 @@ class _Open:
     alive), and whether it was left while later blocks were still open. Never changed: a context copied
     inside the block (a task, ``copy_context().run``) keeps its own view of the stack.
 
-    A forward's pin keeps its frame itself (torch's call of the root, not the user's): a pin left behind by an
-    interrupt is found stale by identity, where the id of a frame that ended may already be the id of the next
-    forward's frame (the same code, so it would look still running, and keep the old default in force)."""
+    A forward's pin keeps its frame itself (torch's call of the root, not the user's) while it is open: a pin
+    left behind by an interrupt is found stale by identity, where the id of a frame that ended may already be
+    the id of the next forward's frame (the same code, so it would look still running, and keep the old default
+    in force). Closed, it lets the frame go (a context copied during the forward keeps the entry)."""
 
     __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok", "held")
 

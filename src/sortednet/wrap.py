@@ -555,13 +555,18 @@ class Pin:
             self._leave(stack, sys._getframe(1), out)
 
     def _enter(self, module: nn.Module, here: Any) -> None:
+        # This thread's record first (the post hook, which torch runs also when this one raises, takes it back),
+        # then the count and the pin on the context's stack (as use): a Ctrl-C anywhere leaves a record that
+        # holds all that was done (the next forward finds it stale and undoes it)
+        stack = self._stack(here)
+        top = [None, here, None, 0, sys.exc_info()[1]]
+        stack.append(top)
         if self.copies and module in self.copies:
             self.stale(module)
         g = self.guards() if self.guards is not None else None
         if g is not None:
             g.check_counts()  # (a few len() calls: insert / pop / del reach no registration hook)
         a = self.active
-        stack = self._stack(here)
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
             heal_pins(a, here)
         grad = _grad_enabled()
@@ -569,11 +574,7 @@ class Pin:
             p = a._scoped                                          # a non-reentrant one's: it recomputes the
             pin_checkpoints(a, a.default if p is a else p, here)  # plan in force there)
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
-        # This thread's record first, then the count and the pin on the context's stack (as use): a Ctrl-C
-        # anywhere leaves a record that holds all that was done (the next forward finds it stale and undoes it)
-        plan = a.default
-        top = [None, here, plan if pinned else None, 0, sys.exc_info()[1]]
-        stack.append(top)
+        plan = top[2] = a.default if pinned else None
         if grad:
             with self.lock:
                 a.training += 1
@@ -597,6 +598,7 @@ class Pin:
             # anywhere leaves the record of what is left to undo
             if top[0] is not None:  # (a use block the user's hooks opened around the forward ends with it)
                 close_block(self.active, top[0], here)
+                top[0].held = None  # (a context copied during the forward keeps the entry: not the frame)
             if top[3]:
                 with self.lock:
                     self.active.training -= 1
@@ -663,9 +665,10 @@ class Pin:
         if _compiling():
             return
         a = self.active
+        here = sys._getframe(1)
         if a.uses.get():
-            heal_pins(a, sys._getframe(1))
-        stack = self.local.__dict__.get("stack")
+            heal_pins(a, here)
+        stack = self._stack(here)  # (records of this thread's interrupted forwards: gone too)
         if stack:
             top = next((e for e in reversed(stack) if e[0] is not None), None)
             uses = a.uses.get()
