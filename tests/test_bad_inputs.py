@@ -457,3 +457,56 @@ def test_numpy_integers_are_chunk_counts_as_they_are_sizes():
     np = pytest.importorskip("numpy")
     assert sn.Width("h", [4, 8], out="a", chunks=np.int64(2)).chunks == {"a": 2}
     assert sn.Width("h", [4, 8], out="a", chunks={"a": np.int32(3)}).chunks == {"a": 3}
+
+
+def test_load_stopped_by_a_ctrl_c_at_any_point_of_its_own_code_is_all_or_nothing_or_says_so(tmp_path):
+    """A Ctrl-C anywhere in sn.load's own code into a fresh model: the model is plain again (it can be loaded
+    again), holding its own weights unless the interrupt's note says some were copied. Was: wrapped, not loaded,
+    no note, as the wrap returned. A Ctrl-C anywhere in saving leaves the old file and no temporary."""
+    from models import interrupted_between_bytecodes
+    from sortednet.checkpoint import write
+    from sortednet.io import load
+
+    c, nest, path = _saved(str(tmp_path))
+    own = {k: v.clone() for k, v in FAMILIES["mlp"](seed=7).model.state_dict().items()}
+    classes = [type(m) for m in FAMILIES["mlp"](seed=7).model.modules()]
+    n, fired = 0, True
+    while fired:
+        n += 1
+        fresh, notes = FAMILIES["mlp"](seed=7).model, []
+
+        def call(fresh=fresh, notes=notes):
+            try:
+                sn.load(fresh, path)
+            except KeyboardInterrupt as e:
+                notes.extend(getattr(e, "__notes__", []))
+                raise
+
+        fired = interrupted_between_bytecodes(n, call, load)
+        if not fired:
+            break
+        if [type(m) for m in fresh.modules()] != classes:  # stopped as load returned: wrapped and loaded in full
+            done = sn.Nest.of(fresh)
+            with torch.no_grad(), done.use(nest.smallest), nest.use(nest.smallest):
+                assert torch.equal(done(c.example), nest(c.example)), f"point {n}: wrapped, not loaded"
+            done.unwrap()
+            continue
+        if not any("tensors had been copied" in t or "tensors were copied" in t for t in notes):
+            for k, v in fresh.state_dict().items():
+                assert torch.equal(v, own[k]), f"point {n}: {k} changed, and no note says so"
+        with torch.no_grad():
+            again = sn.load(fresh, path)
+            for sub in nest.submodels[:2]:
+                with again.use(sub), nest.use(sub):
+                    assert torch.equal(again(c.example), nest(c.example)), f"point {n}"
+        again.unwrap()
+    assert n > 20, f"only {n - 1} points reached"
+
+    before = open(path, "rb").read()
+    n, fired = 0, True
+    while fired:
+        n += 1
+        fired = interrupted_between_bytecodes(n, lambda: sn.save(nest, path), write)
+        assert sorted(os.listdir(tmp_path)) == ["n.safetensors"], f"point {n}: {os.listdir(tmp_path)}"
+        assert open(path, "rb").read() == before, f"point {n}"
+    assert n > 10, f"only {n - 1} points reached"

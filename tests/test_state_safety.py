@@ -1264,3 +1264,41 @@ def test_a_sliced_tensor_held_in_a_plain_attribute_is_refused_by_export_and_chec
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"))
     with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): aside holds a tensor"):
         nest.export("h=8")
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(d) for m in model.modules() for d in (m._forward_pre_hooks, m._forward_hooks,
+                                                          m._load_state_dict_pre_hooks, m._state_dict_hooks))
+
+
+def test_wrap_stopped_by_a_ctrl_c_at_any_point_leaves_the_model_plain_or_wrapped_never_stuck():
+    """A Ctrl-C anywhere in wrap's own code (the install, the hooks, the nest's set-up): the model is as it was
+    (classes, keys, no hook; it loads its own state_dict and can be wrapped again), or fully wrapped and its nest
+    found by Nest.of (which unwraps it). Was: wrapped with no nest to undo it, or a load hook left behind that
+    refused the model's own state_dict."""
+    from models import interrupted_between_bytecodes
+    from sortednet.nest import Nest
+    from sortednet.wrap import _guard_state_keys, install
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
+
+    dims = lambda: (sn.Width("h", [4, 8], out="0", norm="1", inp="3"), sn.Rank("r", [1, 3], targets="4", mode="svd"))
+    x = torch.randn(5, 6)
+    ref = build().eval()
+    want, keys = ref(x), list(ref.state_dict())
+    n, fired = 0, True
+    while fired:
+        n += 1
+        m = build().eval()
+        fired = interrupted_between_bytecodes(n, lambda m=m: sn.wrap(m, *dims()), install, _guard_state_keys,
+                                              Nest.__init__)
+        if any("_sn" in mod.__dict__ for mod in m.modules()):  # wrapped: its nest is found and unwraps it
+            Nest.of(m).unwrap()
+        assert [type(mod) for mod in m.modules()] == [type(mod) for mod in ref.modules()], f"point {n}"
+        assert list(m.state_dict()) == keys and _hooks(m) == 0, f"point {n}"
+        m.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(m(x), want, msg=f"point {n}")
+        sn.wrap(m, *dims()).unwrap()
+    assert n > 20, f"only {n - 1} points reached"

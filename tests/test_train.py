@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import sortednet as sn
-from models import FAMILIES
+from models import FAMILIES, interrupted_between_bytecodes
 from sortednet import slicers
 from sortednet.train import evaluate
 
@@ -414,8 +415,13 @@ def test_fit_stopped_by_an_error_says_how_many_steps_it_made(where):
         sn.fit(nest, loader(), opt, sn.Sampler(nest, k=2, seed=0), loss_fn=loss, progress=False)
     notes = getattr(info.value, "__notes__", [])
     steps = {"loss": 2, "loader": 3, "optimizer": 2}[where]
-    assert any(f"stopped after {steps} optimizer step(s) of this call: the weights are those after step "
-               f"{steps - 1}" in n for n in notes), notes
+    if where == "optimizer":  # (an optimizer that raised may have updated some parameters before)
+        assert any(f"stopped in optimizer step {steps} (after {steps} step(s) of this call), while or just after "
+                   f"optimizer.step() ran: the weights are those after step {steps} or after step {steps - 1}" in n
+                   for n in notes), notes
+    else:
+        assert any(f"stopped after {steps} optimizer step(s) of this call: the weights are those after step "
+                   f"{steps - 1}" in n for n in notes), notes
     left = where == "optimizer"
     assert any(("gradients are left in .grad" if left else "no gradient is left") in n for n in notes), notes
     assert (any(p.grad is not None for p in m.parameters())) == left
@@ -1067,3 +1073,69 @@ def test_sampler_weights_whose_ratio_underflows_are_refused_by_name():
                {"strategy": "all", "loss_weights": [1e-300, 1e308]}):
         with pytest.raises(sn.SortedNetError, match=r"1e-300 for h=4 is positive but too small"):
             sn.Sampler(nest, **kw)
+
+
+def test_fit_stopped_by_a_ctrl_c_at_any_point_says_truly_where_it_stopped():
+    """At every point where Python could raise a Ctrl-C inside fit's own code: the note's step count matches
+    the weights (a step whose update may or may not be in them is said to be so), a scheduler left one step
+    behind the optimizer is named, and every module's training flag is back (the model was in eval mode)."""
+    from sortednet.train import _fit_loop, fit
+
+    x, y = toy_batch(0)
+
+    def setup():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)).eval()
+        nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return m, nest, opt, sched
+
+    def fit_run(m, nest, opt, sched, steps=3):
+        sn.fit(nest, [(x, y)] * steps, opt, sn.Sampler(nest, k=2, seed=0), scheduler=sched, progress=False)
+
+    after = []
+    for k in range(4):  # the weights after k steps
+        m, *rest = setup()
+        if k:
+            fit_run(m, *rest, steps=k)
+        after.append([p.detach().clone() for p in m.parameters()])
+
+    def holds(m, k):
+        return all(torch.equal(p, q) for p, q in zip(m.parameters(), after[k]))
+
+    n, fired = 0, True
+    while fired:
+        n += 1
+        notes: list[str] = []
+        m, nest, opt, sched = setup()
+
+        def call(args=(m, nest, opt, sched), notes=notes):
+            try:
+                fit_run(*args)
+            except KeyboardInterrupt as e:
+                notes.extend(getattr(e, "__notes__", []))
+                raise
+
+        fired = interrupted_between_bytecodes(n, call, fit, _fit_loop)
+        assert not any(mod.training for mod in m.modules()), f"point {n}: modules left in training mode"
+        if not fired:
+            assert holds(m, 3)
+            break
+        note = next((t for t in notes if t.startswith("sortednet.fit:")), None)
+        if note is None:  # (stopped before fit's try, or after it: nothing trained, or all of it)
+            assert holds(m, 0) or holds(m, 3), f"point {n}: no note, weights of a step in between"
+            continue
+        exact = re.search(r"stopped after (\d+) optimizer step\(s\)", note)
+        maybe = re.search(r"the weights are those after step (\d+) or (after step (\d+)|as they were)", note)
+        if exact:
+            steps = int(exact[1])
+            assert holds(m, steps), f"point {n}: {note}"
+            if "one behind the optimizer" not in note:
+                assert sched.last_epoch == steps, f"point {n}: scheduler at {sched.last_epoch}: {note}"
+        elif maybe:
+            assert holds(m, int(maybe[1]) + 1) or holds(m, int(maybe[1])), f"point {n}: {note}"
+        else:
+            assert "before its first optimizer step" in note and holds(m, 0), f"point {n}: {note}"
+            assert sched.last_epoch == 0
+    assert n > 30, f"only {n - 1} points reached"

@@ -150,11 +150,14 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
         mode = None  # (a new file: the umask decides)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    ours = True  # (before the file exists: a Ctrl-C as os.open returns must not leave it behind)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    except OSError as e:
-        raise SortedNetError(f"cannot write a checkpoint in {folder!r} (for {path!r}): {e.strerror or e}") from e
-    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+        except OSError as e:  # (nothing made: a file of that name, if any, is someone else's)
+            ours = False
+            raise SortedNetError(f"cannot write a checkpoint in {folder!r} (for {path!r}): {e.strerror or e}") \
+                from e
         with os.fdopen(fd, "wb") as f:
             f.write(len(placeholder).to_bytes(8, "little"))
             f.write(placeholder)
@@ -182,7 +185,7 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
         raise SortedNetError(f"cannot write checkpoint {path!r}: {type(e).__name__}: {e}; the file there (if "
                              "any) is unchanged") from e
     finally:
-        if os.path.exists(tmp):
+        if ours and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -201,8 +204,11 @@ class Container:
 
     def close(self) -> None:
         if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+            mm, self._mm = self._mm, None
+            try:
+                mm.close()
+            except BufferError:  # a view left open by an interrupt (a Ctrl-C as memoryview() returned): the
+                pass             # mapping closes when that view is collected; the interrupt is what is raised
 
     def header_ok(self) -> bool | None:
         """Whether the header's own CRC-32 (:data:`HEADER_CRC`) matches the rest of the header; None when the

@@ -281,18 +281,19 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     raise SortedNetError(f"checkpoint {where}: tensor {k!r} is damaged (CRC-32 {f.crc(k)} != "
                                          f"stored {meta['crc32'][k]}); load(..., verify=False) skips this check")
         # -- every check passed: change the target ------------------------------------
-        if dims is not None:
-            subs = None if rows is None else [dict(zip(names, r)) for r in rows]
-            import warnings
-
-            from .check import UnverifiedHeadsWarning
-
-            with warnings.catch_warnings():  # (sn.load takes no example: nest.check(example) verifies; the
-                warnings.simplefilter("ignore", UnverifiedHeadsWarning)  # wrap-time warning is not actionable)
-                nest = wrap(model, *dims, submodels=subs)
-        sd = nest.model.state_dict(keep_vars=True)
-        done = 0
+        done, copying = 0, False
         try:
+            if dims is not None:
+                subs = None if rows is None else [dict(zip(names, r)) for r in rows]
+                import warnings
+
+                from .check import UnverifiedHeadsWarning
+
+                with warnings.catch_warnings():  # (sn.load takes no example: nest.check(example) verifies; the
+                    warnings.simplefilter("ignore", UnverifiedHeadsWarning)  # wrap-time warning: not actionable)
+                    nest = wrap(model, *dims, submodels=subs)
+            copying = True
+            sd = nest.model.state_dict(keep_vars=True)
             with torch.no_grad():
                 for name, targets in copies.items():
                     f.copy_into(name, [sd[k] for k in targets])
@@ -303,7 +304,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             nest._load_extra_tensors({k: f.tensor(k) for k in calib})
         except BaseException as e:  # (an interrupt, a read error of the disk): past every check, nothing to undo
             if dims is not None:  # a fresh model: back to its own classes, so that sn.load(model, path) can run again
-                nest.unwrap()
+                _unwrap_fresh(model)  # (also when stopped as wrap returned, before its nest was handed over)
+            if not copying:  # (wrap refused, or was stopped: it undid itself; nothing was copied)
+                raise
             if done == len(copies):  # (every weight copied: the calibration / profile step failed)
                 msg = (f"checkpoint {where}: all {done} tensors were copied, then restoring the nest's calibration "
                        f"and profile failed ({type(e).__name__}: {e}): the weights are the checkpoint's, the "
@@ -317,6 +320,12 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                 raise
             raise SortedNetError(msg) from e
     return nest
+
+
+def _unwrap_fresh(model: nn.Module) -> None:
+    """Unwrap the nest that load made on ``model``, if it got that far."""
+    if any("_sn" in m.__dict__ for m in model.modules()):
+        Nest.of(model).unwrap()
 
 
 def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,12 @@ def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
                 again = True
     if first is not None:
         raise first
+
+
+def restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
+    """Each module's ``training`` flag back (``(module, flag)`` pairs), every one even after a Ctrl-C part-way:
+    a model left partly in training mode would run dropout and update BatchNorm statistics in silence."""
+    finish_all([functools.partial(setattr, m, "training", training) for m, training in modes])
 
 
 @contextmanager

@@ -36,9 +36,11 @@ from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_in
 from .views import is_fsdp, new_lock, storage_key
 from .wrap import (
     Pin,
+    drop_hooks_since,
     entry_children,
     exportable,
     guard_tree,
+    hook_keys,
     install,
     plan,
     split_ties,
@@ -169,21 +171,25 @@ class Nest:
         _flag("wrap", "inplace_grad", inplace_grad)
         inplace_grad = bool(inplace_grad)
         self._inplace_min_numel = inplace_min_numel
-        hooks = install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel)
-        try:
+        hooks: list = []
+        before = hook_keys(model)
+        try:  # (install undoes itself when it fails; what stops this after it is undone here)
+            install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel, hooks=hooks)
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
             self._pin = pin = Pin(self._state, model)
             pin.note = weakref.WeakMethod(self._failure_note)
-            hooks += [model.register_forward_pre_hook(pin.pre), model.register_forward_hook(pin.post, always_call=True)]
+            hooks.append(model.register_forward_pre_hook(pin.pre))  # (each handle kept as soon as it is made)
+            hooks.append(model.register_forward_hook(pin.post, always_call=True))
             for c in entry_children(model, planned):  # forwards entered below the root are pinned as well
-                hooks += [c.register_forward_pre_hook(pin.inner_pre),
-                          c.register_forward_hook(pin.inner_post, always_call=True)]
+                hooks.append(c.register_forward_pre_hook(pin.inner_pre))
+                hooks.append(c.register_forward_hook(pin.inner_post, always_call=True))
             hooks += install_guards(model, self._state, self.dims)  # (Hugging Face) a cache another sub-model
             # filled is continued only where it is exact
             self._attach(planned, hooks)
         except BaseException:
             self._stop()
-            unwrap_modules([m for m, _, _ in planned.values()], hooks)
+            unwrap_modules([m for m, _, _ in planned.values() if "_sn" in m.__dict__], hooks)
+            drop_hooks_since(model, before)
             raise
         _LIVE.add(self)
         if self._factored:
@@ -1079,7 +1085,8 @@ class Nest:
             raise SortedNetError(f"Nest.of() takes an nn.Module, got {type(model).__name__}")
         states = [m.__dict__["_sn"].active for m in model.modules() if "_sn" in m.__dict__]
         own = [n for n in list(_LIVE) if n._alive and n.model is model]  # (its own nest first, whatever it holds)
-        found = own or list({id(n): n for a in states if (ref := a.owner) is not None and (n := ref()) is not None
+        found = own or list({id(n): n for a in states if a is not None and (ref := a.owner) is not None
+                             and (n := ref()) is not None
                              and n._alive}.values())  # (the nest each module's run-time state belongs to, while live)
         if len(found) > 1:
             raise SortedNetError(f"Nest.of(): {len(found)} nests slice modules of this {type(model).__name__} "

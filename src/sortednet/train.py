@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .cost import call_model
 from .errors import SortedNetError
 from .errors import flag as _flag
-from .modes import eval_mode
+from .modes import eval_mode, restore_modes
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
 from .views import _distributed, world_size
@@ -677,10 +677,12 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                                      f"{type(bad).__name__}" + (f" of {len(bad)} items" if
                                                                 isinstance(bad, (tuple, list)) else ""))
     modes = [(m, m.training) for m in model.modules()]
-    model.train()
-    optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (and resumed)
-    reached = [start_step]  # (steps whose update is in the weights: _fit_loop counts it)
+    # steps whose update is in the weights, and where a step stands ("optimizer": its optimizer.step() was
+    # called and may or may not have returned; "scheduler": done, its scheduler.step() maybe not): _fit_loop
+    reached: list[Any] = [start_step, None]
     try:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (resumed)
         _fit_loop(nest, loader, sampler, optimizer, scheduler, loss_fn, distill, nonfinite, epochs, total,
                   progress, device, group, ema, hist, step, eval_data, eval_every, metric, reached)
     except BaseException as e:  # where the run stopped: what a resumed run needs to know
@@ -688,9 +690,16 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
             stepped = reached[0] - start_step
             bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                      for m in model.modules())
-            e.add_note((f"sortednet.fit: stopped after {stepped} optimizer step(s) of this call: the weights are "
+            e.add_note((f"sortednet.fit: stopped in optimizer step {reached[0]} (after {stepped} step(s) of this "
+                        f"call), while or just after optimizer.step() ran: the weights are those after step "
+                        f"{reached[0]} or " + (f"after step {reached[0] - 1}" if stepped else "as they were")
+                        + " (an optimizer stopped part-way may have updated some parameters only)"
+                        if reached[1] == "optimizer" else
+                        f"sortednet.fit: stopped after {stepped} optimizer step(s) of this call: the weights are "
                         f"those after step {reached[0] - 1}" if stepped else "sortednet.fit: stopped before its "
                         "first optimizer step: the weights are as they were") + (
+                       f"; the scheduler may not have stepped for step {reached[0] - 1} (one behind the optimizer)"
+                       if reached[1] == "scheduler" and scheduler is not None else "") + (
                        "; gradients are left in .grad" if any(p.grad is not None for p in model.parameters()) else
                        " and no gradient is left in .grad") + (
                        " (BatchNorm running statistics may also have seen forwards of the step that was stopped)"
@@ -698,8 +707,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                                          "checkpoint and pass start_step= its step (docs/training.md, Resuming)"))
         raise
     finally:  # the caller's modes come back (a model put in eval mode before fit is in eval mode after it)
-        for m, training in modes:
-            m.training = training
+        restore_modes(modes)
     return hist
 
 
@@ -750,11 +758,13 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     raise
                 if step == first:  # the weights change now: calibrated statistics would describe old ones
                     drop_stale_calibration(nest, "fit", stacklevel=4)
+                reached[1] = "optimizer"
                 optimizer.step()
-                reached[0] = step + 1
+                reached[0], reached[1] = step + 1, "scheduler"  # (no signal is handled within this line)
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
+                reached[1] = None
                 rec: dict[str, Any] = {"step": step, "losses": {str(nest.resolve(s)): v for s, v in zip(subs, losses)}}
                 if losses.skipped:
                     rec["skipped"] = [str(nest.resolve(s)) for s in losses.skipped]

@@ -218,15 +218,18 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
                                    "them, or leave the layer out of the Rank targets")
 
 
-def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096) -> list:
-    """Swap in per-instance subclasses; returns hook handles.
+def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096,
+            hooks: list | None = None) -> list:
+    """Swap in per-instance subclasses; returns hook handles (appended to ``hooks`` as each is registered: the
+    caller's list holds every handle whatever stops the caller after this returns).
 
     All-or-nothing: if a slicer's ``prepare`` fails (e.g. the SVD of a huge layer runs
     out of memory), every module converted so far gets back its class, ``__dict__``
     entries, parameters, buffers and ``requires_grad`` flags, and the error propagates.
     """
     saved: list[tuple[nn.Module, type, dict, dict, dict, dict]] = []
-    hooks: list = []
+    hooks = [] if hooks is None else hooks
+    before = hook_keys(model)
     keyed = {path: changed for path, (m, sl, bind) in planned.items() if (changed := sl.planned_state(m, bind))}
     try:
         for path, (m, sl, bind) in planned.items():
@@ -243,18 +246,21 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
         # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
-        hooks.extend(_guard_state_keys(model, planned, keyed))
+        _guard_state_keys(model, planned, keyed, hooks)
         bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
         if bns:  # calibration possible: a load that changes any tensor makes it stale
             stale = StaleCalibration(bns)
-            hooks.extend(m._register_load_state_dict_pre_hook(stale, with_module=True) for m in model.modules()
-                         if m._parameters or m._buffers)
+            for m in model.modules():
+                if m._parameters or m._buffers:
+                    hooks.append(m._register_load_state_dict_pre_hook(stale, with_module=True))
         for path, (m, _, bind) in planned.items():
             if "depth" in bind:
                 hooks.extend(_guard_blocks(model, path, m, bind["depth"]))
     except BaseException:
         for h in hooks:
             h.remove()
+        hooks.clear()
+        drop_hooks_since(model, before)  # (one registered as a Ctrl-C came, before its handle was kept)
         for m, cls, attrs, params, buffers, grads in reversed(saved):
             m.__class__ = cls
             for k in [k for k in m.__dict__ if k not in attrs]:
@@ -273,7 +279,31 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
     return hooks
 
 
-def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict]) -> list:
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+               "_state_dict_pre_hooks", "_state_dict_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def hook_keys(model: nn.Module) -> dict[int, frozenset]:
+    """The keys of every hook table of ``model``'s modules (see :func:`drop_hooks_since`)."""
+    return {id(d): frozenset(d) for m in model.modules() for name in _HOOK_DICTS
+            if (d := m.__dict__.get(name)) is not None}
+
+
+def drop_hooks_since(model: nn.Module, before: dict[int, frozenset]) -> None:
+    """Remove every hook registered on ``model``'s modules since :func:`hook_keys` gave ``before``: the undo of a
+    wrap finds them all, also one whose handle a Ctrl-C kept from reaching the list of handles (the keys are
+    handle ids, which only grow)."""
+    for m in model.modules():
+        for name in _HOOK_DICTS:
+            d = m.__dict__.get(name)
+            if d:
+                old = before.get(id(d), frozenset())
+                for k in [k for k in d if k not in old]:
+                    d.pop(k, None)
+
+
+def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict], hooks: list) -> None:
     """One :class:`StateKeys` pre-hook on each module on the path to a module whose state_dict keys wrap
     changes (a Rank target: svd ``weight`` -> ``U``, ``V``; lora adds ``lora_A``, ``lora_B``), that module too:
     a ``load_state_dict`` from any of them checks those keys before its first tensor is copied."""
@@ -288,8 +318,9 @@ def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict]) -
         parts = path.split(".") if path else []
         for i in range(len(parts) + 1):
             below.setdefault(".".join(parts[:i]), []).append((path, ".".join(parts[i:]), what, removed, added))
-    return [model.get_submodule(anc)._register_load_state_dict_pre_hook(StateKeys(tuple(t)), with_module=True)
-            for anc, t in below.items()]
+    for anc, t in below.items():  # (each handle kept as soon as it is made: see install)
+        hooks.append(model.get_submodule(anc)._register_load_state_dict_pre_hook(StateKeys(tuple(t)),
+                                                                                 with_module=True))
 
 
 class StateKeys:

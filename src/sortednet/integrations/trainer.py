@@ -28,6 +28,7 @@ from ..dims import Depth
 from ..distributed import _ddp_type
 from ..errors import SortedNetError
 from ..io import load, save
+from ..modes import restore_modes
 from ..nest import Nest
 from ..sampler import Sampler
 from ..submodel import SubModel
@@ -308,8 +309,7 @@ class SortedTrainer(Trainer):
                 loss = out["loss"] if isinstance(out, dict) else out[0]
                 losses.append(float(loss.detach().float()))
         finally:
-            for m, mode in modes:
-                m.training = mode
+            restore_modes(modes)
         if not all(math.isfinite(v) and v != 0 for v in losses):  # (no labelled token here: undecided, the next
             return None                                           # micro-batch measures again)
         return not math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SortedNetError, flag
+from ..modes import restore_modes
 from .plan import Plan, make_plan
 from .sampling import Sampling, accept_greedy, accept_sampled, auto_draft_length
 
@@ -245,8 +246,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
                 stack.enter_context(ctx)
             new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
     finally:
-        for m in modes:
-            m.training = True
+        restore_modes([(m, True) for m in modes])
     seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
     return SpeculativeOutput(seq, stats)
 
