@@ -1292,13 +1292,38 @@ def test_wrap_stopped_by_a_ctrl_c_at_any_point_leaves_the_model_plain_or_wrapped
     while fired:
         n += 1
         m = build().eval()
+        m[3].register_forward_hook(lambda *a: None)  # the user's own hooks stay
+        m._register_load_state_dict_pre_hook(lambda *a, **k: None)
         fired = interrupted_between_bytecodes(n, lambda m=m: sn.wrap(m, *dims()), install, _guard_state_keys,
                                               Nest.__init__)
         if any("_sn" in mod.__dict__ for mod in m.modules()):  # wrapped: its nest is found and unwraps it
             Nest.of(m).unwrap()
         assert [type(mod) for mod in m.modules()] == [type(mod) for mod in ref.modules()], f"point {n}"
-        assert list(m.state_dict()) == keys and _hooks(m) == 0, f"point {n}"
+        assert list(m.state_dict()) == keys and _hooks(m) == 2, f"point {n}"
         m.load_state_dict(ref.state_dict())
         torch.testing.assert_close(m(x), want, msg=f"point {n}")
         sn.wrap(m, *dims()).unwrap()
     assert n > 20, f"only {n - 1} points reached"
+
+
+def test_a_failed_wrap_removes_its_own_hooks_only(monkeypatch):
+    """Hooks someone else registers while wrap runs (a slicer's prepare, another thread) survive its undo."""
+    from sortednet.nest import Nest
+
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    real = Nest._attach
+
+    def attach(self, *a, **k):
+        real(self, *a, **k)
+        m.register_forward_pre_hook(lambda *a: None)
+        m[2].register_forward_hook(lambda *a: None, always_call=True)
+        raise RuntimeError("a fault after the hooks (injected)")
+
+    monkeypatch.setattr(Nest, "_attach", attach)
+    with pytest.raises(RuntimeError, match="injected"):
+        sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+    assert len(m._forward_pre_hooks) == 1 and len(m[2]._forward_hooks) == 1
+    assert len(m[2]._forward_hooks_always_called) == 1 and _hooks(m) == 2
+    monkeypatch.undo()
+    sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2")).unwrap()
+    assert _hooks(m) == 2

@@ -174,7 +174,8 @@ class Nest:
         hooks: list = []
         before = hook_keys(model)
         try:  # (install undoes itself when it fails; what stops this after it is undone here)
-            install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel, hooks=hooks)
+            install(model, planned, inplace_grad=inplace_grad, min_numel=inplace_min_numel, hooks=hooks,
+                    before=before)
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
             self._pin = pin = Pin(self._state, model)
             pin.note = weakref.WeakMethod(self._failure_note)

@@ -219,7 +219,7 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
 
 
 def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096,
-            hooks: list | None = None) -> list:
+            hooks: list | None = None, before: dict[int, frozenset] | None = None) -> list:
     """Swap in per-instance subclasses; returns hook handles (appended to ``hooks`` as each is registered: the
     caller's list holds every handle whatever stops the caller after this returns).
 
@@ -229,7 +229,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
     """
     saved: list[tuple[nn.Module, type, dict, dict, dict, dict]] = []
     hooks = [] if hooks is None else hooks
-    before = hook_keys(model)
+    before = hook_keys(model) if before is None else before
     keyed = {path: changed for path, (m, sl, bind) in planned.items() if (changed := sl.planned_state(m, bind))}
     try:
         for path, (m, sl, bind) in planned.items():
@@ -285,22 +285,36 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 
 
 def hook_keys(model: nn.Module) -> dict[int, frozenset]:
-    """The keys of every hook table of ``model``'s modules (see :func:`drop_hooks_since`)."""
-    return {id(d): frozenset(d) for m in model.modules() for name in _HOOK_DICTS
-            if (d := m.__dict__.get(name)) is not None}
+    """The keys of every non-empty hook table of ``model``'s modules (see :func:`drop_hooks_since`)."""
+    return {id(d): frozenset(d) for m in model.modules() for name in _HOOK_DICTS if (d := m.__dict__.get(name))}
 
 
 def drop_hooks_since(model: nn.Module, before: dict[int, frozenset]) -> None:
-    """Remove every hook registered on ``model``'s modules since :func:`hook_keys` gave ``before``: the undo of a
-    wrap finds them all, also one whose handle a Ctrl-C kept from reaching the list of handles (the keys are
-    handle ids, which only grow)."""
+    """Remove every sortednet hook registered on ``model``'s modules since :func:`hook_keys` gave ``before``: the
+    undo of a wrap finds them all, also one whose handle a Ctrl-C kept from reaching the list of handles. Hooks
+    anyone else registered meanwhile (a slicer's ``prepare``, another thread) stay."""
     for m in model.modules():
         for name in _HOOK_DICTS:
             d = m.__dict__.get(name)
             if d:
                 old = before.get(id(d), frozenset())
-                for k in [k for k in d if k not in old]:
+                for k in [k for k in d if k not in old and _ours(d[k])]:
                     d.pop(k, None)
+                    for other in _HOOK_DICTS:  # (torch keeps a hook's flags in tables of their own)
+                        extra = m.__dict__.get(other)
+                        if extra and k in extra and not callable(extra[k]):
+                            extra.pop(k, None)
+
+
+def _ours(hook: Any) -> bool:
+    """Whether a hook table's entry is sortednet's (a function, method, partial or object of this package; torch
+    wraps ``with_module`` hooks in an object holding the hook)."""
+    for attr in ("hook", "__func__", "func"):
+        hook = getattr(hook, attr, hook)
+    module = getattr(hook, "__module__", None)
+    if not isinstance(module, str):
+        module = type(hook).__module__
+    return module == "sortednet" or module.startswith("sortednet.")
 
 
 def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict], hooks: list) -> None:
