@@ -120,17 +120,7 @@ def test_half_precision_models_sort_with_a_tolerance_of_their_rounding(dtype):
         after = m(x).float()
     assert (after - before).norm() <= 5e-2 * before.norm()
 
-    class Gated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
-            self.gate = nn.Parameter(torch.rand(16) * 2)
-
-        def forward(self, x):
-            h = torch.relu(self.fc1(x))
-            return self.fc2(h * self.gate[: h.shape[-1]])
-
-    gated = Gated().to(dtype)
+    gated = _Gated().to(dtype)
     nest = sn.wrap(gated, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"))
     snap = snapshot(gated)
     with pytest.raises(sn.SortedNetError, match="not declared"):
