@@ -1327,3 +1327,40 @@ def test_a_failed_wrap_removes_its_own_hooks_only(monkeypatch):
     monkeypatch.undo()
     sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2")).unwrap()
     assert _hooks(m) == 2
+
+
+def _fused_cases():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    yield "mha", mha, sn.wrap(mha, sn.Heads("h", [1, 2, 4], attn="")), "h=2", mha, "in_proj_weight"
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(16, 8))
+    yield "chunks", mlp, sn.wrap(mlp, sn.Width("f", [4, 16], out="0", inp="2", chunks={"0": 2})), "f=4", mlp[0], \
+        "weight"
+
+
+_FUSED_WRITES = {"init": lambda w: nn.init.zeros_(w), "clamp": lambda w: w.clamp_(-0.01, 0.01),
+                 "copy": lambda w: w.copy_(torch.zeros_like(w)), "setitem": lambda w: w.__setitem__(0, 1.0),
+                 "data": lambda w: w.data.zero_(), "detach": lambda w: w.detach().mul_(2),
+                 "index": lambda w: w[1:3].fill_(5.0), "out": lambda w: torch.add(w, 1, out=w),
+                 "iadd": lambda w: w.__iadd__(1)}
+
+
+@pytest.mark.parametrize("write", list(_FUSED_WRITES))
+def test_a_write_into_a_fused_weight_under_a_submodel_is_refused_not_lost(write):
+    """A weight of fused blocks under a sub-model is a concatenation (a copy): a write into it could not reach
+    the parameter. It raises, naming the attribute, with or without gradients, and changes nothing; every other
+    use of it runs as before (plain tensors out)."""
+    for case, _, nest, sub, mod, name in _fused_cases():
+        full = mod._parameters[name].detach().clone()
+        for grad in (True, False):
+            with nest.use(sub), torch.set_grad_enabled(grad):
+                w = getattr(mod, name)
+                with torch.no_grad(), pytest.raises(sn.SortedNetError, match=f"{name}: written in place"):
+                    _FUSED_WRITES[write](w)
+                assert type(w * 2) is torch.Tensor and type(w.sum()) is torch.Tensor
+            assert torch.equal(mod._parameters[name], full), f"{case} {write}"
+        with nest.use(sub), torch.no_grad():  # the export, built from those reads, trains as a plain model
+            small = nest.export(sub)
+        for p in small.parameters():
+            assert type(p) is nn.Parameter
+            p.data.mul_(1.0)

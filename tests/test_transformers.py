@@ -221,6 +221,29 @@ def test_soft_loss_is_mean_of_separate_exit_losses(name, weights):
     assert model.get_output_embeddings().weight.grad is not None
 
 
+def test_soft_loss_stopped_by_a_ctrl_c_anywhere_leaves_no_exit_hook():
+    """A Ctrl-C as soft_loss registers its exit hooks (before a handle was kept) left a hook that stopped every
+    later forward of the model with a bare internal exception."""
+    from models import interrupted_between_bytecodes
+    from sortednet.integrations.soft import soft_loss as soft
+
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16, 48], depth=[1, 2, 4])
+    x = ids(seed=3)
+    hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    before = hooks()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    n, fired = 0, True
+    while fired:
+        n += 1
+        fired = interrupted_between_bytecodes(n, lambda: soft(nest, x), soft)
+        assert hooks() == before, f"point {n}: {hooks() - before} exit hooks left"
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=x).logits, want, msg=f"point {n}")
+    assert n > 10
+
+
 def test_soft_loss_rejects_bad_exits():
     model, _, _, _ = build("gpt2")
     for exits in ([0], [5], [], [2.5]):

@@ -343,12 +343,89 @@ def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
     return t
 
 
-def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any) -> Tensor:
-    """``t`` sliced by :func:`cuts_for`'s result (a view, or a ``cat`` of fused blocks)."""
+def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "") -> Tensor:
+    """``t`` sliced by :func:`cuts_for`'s result (a view, or a ``cat`` of fused blocks: a :class:`FusedCopy`)."""
     if segs is None:
         return narrow(t, cuts, st)
     axis, parts = segs
-    return torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
+    out = torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
+    if _compiling() or _functorch_active() or _inspected():
+        return out
+    out = out.as_subclass(FusedCopy)
+    out._sn_where = f"{st.path}.{name}" if st.path and name else name or st.path or "a fused attribute"
+    return out
+
+
+class FusedCopy(torch.Tensor):
+    """A fused-block attribute under a sub-model (``chunks=`` / ``parts=``: the first rows of each block of
+    ``[q; k; v]`` or ``[gate; up]``, MultiheadAttention's ``in_proj_weight`` under Heads): a ``cat`` of the
+    blocks' slices, a copy, not a view of the parameter. A write into it in place (``nn.init.*_``,
+    ``.clamp_``, ``.copy_``, ``[...] =``, through ``.data``, ``.detach()`` or an indexed view of it) would not
+    reach the parameter and be lost in silence: it is refused. Every other operation runs as on a plain
+    tensor and returns plain tensors."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        me = args[0] if args and isinstance(args[0], FusedCopy) else None
+        out = kwargs.get("out")
+        if (me is not None and ((name.endswith("_") and not name.startswith("__")) or name in _WRITES)) or \
+                isinstance(out, FusedCopy) or (isinstance(out, (tuple, list)) and
+                                               any(isinstance(o, FusedCopy) for o in out)):
+            where = (me if me is not None else next(o for o in (out if isinstance(out, (tuple, list)) else [out])
+                                                   if isinstance(o, FusedCopy)))._sn_where
+            raise SortedNetError(
+                f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
+                "fused blocks (a copy, not a view of the parameter): the write would not reach the parameter. "
+                "Write to the full parameter outside nest.use(...) (module._parameters[...] is the whole tensor), "
+                "or to the exported sub-model")
+        with _NoSubclass():
+            result = func(*args, **kwargs)
+            if me is None or result.__class__ is not Tensor or not _aliases(result, me):
+                return result
+            alias = result.as_subclass(FusedCopy)  # (.data, .detach(), w[0], w.view(...): a write there is lost too)
+        alias._sn_where = me._sn_where
+        return alias
+
+
+def plain(t: Tensor | None) -> Tensor | None:
+    """``t`` as a plain tensor (a :class:`FusedCopy` unwrapped: sortednet's own forwards, which write nothing,
+    skip its per-operation check)."""
+    if t.__class__ is not FusedCopy:
+        return t
+    with _NoSubclass():
+        return t.as_subclass(Tensor)
+
+
+# PyTorch code that reads fused attributes only to decide on its fast paths (a tensor subclass among them turns
+# TransformerEncoder's nested-tensor path off, and padded positions would then differ from the export's)
+_INSPECTORS = frozenset(f.__code__ for f in (torch.nn.TransformerEncoder.forward,
+                                              torch.nn.TransformerEncoderLayer.forward))
+
+
+def _inspected() -> bool:
+    f = sys._getframe(2)
+    for _ in range(6):
+        if f is None:
+            return False
+        if f.f_code in _INSPECTORS:
+            return True
+        f = f.f_back
+    return False
+
+
+_WRITES = frozenset({"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                     "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                     "__imatmul__"})
+_NoSubclass = torch._C.DisableTorchFunctionSubclass
+
+
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and b.numel() > 0
+    except (RuntimeError, NotImplementedError):  # (a tensor without storage: nothing to write through)
+        return False
 
 
 class View:
@@ -374,7 +451,7 @@ class View:
             return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
         if self.segs is None:
             return narrow(t, self.cuts, st)
-        return view(t, self.cuts, self.segs, st)
+        return view(t, self.cuts, self.segs, st, self.name)
 
     def __repr__(self) -> str:
         return f"View({self.name!r}, {self.cuts}, {self.segs})"

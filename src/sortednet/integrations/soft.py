@@ -9,6 +9,7 @@ pass, not one per sub-model. Blocks after the deepest exit do not run.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from ..dims import Depth
 from ..errors import SortedNetError
+from ..modes import finish_all
 from ..nest import Nest
 from .layouts import Found, detect
 from .transformers import _layout_of
@@ -157,18 +159,31 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
             if e == exits[-1]:
                 raise _Stop
 
+        hook._sn_call = captured  # (this call's hooks are found by it: see the finally below)
         return hook
 
     blocks = list(layers)
-    handles = [blocks[e - 1].register_forward_hook(hook_for(e)) for e in exits]
     try:
+        for e in exits:
+            blocks[e - 1].register_forward_hook(hook_for(e))
         base(input_ids=input_ids, attention_mask=attention_mask, **model_inputs)  # (as the model's own call:
         # use_cache changes more than memory in some models, e.g. whether packed position_ids mask per sequence)
     except _Stop:
         pass
-    finally:
-        for h in handles:
-            h.remove()
+    finally:  # every hook of this call goes, also one registered as a Ctrl-C came (before a handle was kept)
+        _unhook(blocks, captured)
     losses = {e: causal_lm_loss(head(norm(captured[e])), labels) for e in exits}
     total = sum(w * losses[e] for w, e in zip(weights, exits)) / sum(weights)
     return SoftOutput(total, losses)
+
+
+def _unhook(blocks: list[nn.Module], call: dict) -> None:
+    """Remove the exit hooks of one soft_loss call from every block, each even after a Ctrl-C part-way."""
+    finish_all([functools.partial(_unhook_block, b, call) for b in blocks])
+
+
+def _unhook_block(block: nn.Module, call: dict) -> None:
+    for k in [k for k, fn in block._forward_hooks.items() if getattr(fn, "_sn_call", None) is call]:
+        block._forward_hooks.pop(k, None)
+        block._forward_hooks_with_kwargs.pop(k, None)
+        block._forward_hooks_always_called.pop(k, None)

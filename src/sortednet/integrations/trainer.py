@@ -205,19 +205,19 @@ class SortedTrainer(Trainer):
         Other nests keep their stock keys and shapes: Trainer's own files."""
         config = self._training_config()
         folder = output_dir if output_dir is not None else self.args.output_dir
-        if config is not None and self.args.should_save:
-            os.makedirs(folder, exist_ok=True)
+        if not self._rank:
+            super()._save(output_dir, state_dict)
+        else:
+            from .transformers import export_pretrained
+
+            merged = export_pretrained(self.nest, self.nest.largest).state_dict()
+            super()._save(output_dir, state_dict=merged)
+            if self.args.should_save:
+                save(self.nest, os.path.join(folder, NEST_FILE))
+        if config is not None and self.args.should_save:  # (after the weights: a folder stopped before them
+            os.makedirs(folder, exist_ok=True)            # holds no file of ours either)
             with open(os.path.join(folder, TRAINING_FILE), "w") as f:
                 json.dump(config, f, indent=1)
-        if not self._rank:
-            return super()._save(output_dir, state_dict)
-        from .transformers import export_pretrained
-
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        merged = export_pretrained(self.nest, self.nest.largest).state_dict()
-        super()._save(output_dir, state_dict=merged)
-        if self.args.should_save:
-            save(self.nest, os.path.join(output_dir, NEST_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self._check_resumed_training(resume_from_checkpoint)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..views import View, _compiling, _grad_enabled, linear
+from ..views import View, _compiling, _grad_enabled, linear, plain
 from .base import Slicer, slicer
 
 
@@ -50,4 +50,4 @@ def _forward(self: nn.Linear, input: Tensor) -> Tensor:
                 y = linear(self, input, wv, e["bias"], st)
                 if y is not None:
                     return y
-    return F.linear(input, self.weight, self.bias)
+    return F.linear(input, plain(self.weight), plain(self.bias))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PatternError, SortedNetError
+from ..views import plain
 from .base import Slicer, slicer
 
 
@@ -42,7 +43,7 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
     S = key.shape[0]
     _check_masks(mha, attn_mask, key_padding_mask, B, L, S, heads)
     d = mha.head_dim
-    w, b = mha.in_proj_weight, mha.in_proj_bias
+    w, b = plain(mha.in_proj_weight), plain(mha.in_proj_bias)
     n = heads * d
     bq, bk, bv = (None, None, None) if b is None else b.split(n)
     q = F.linear(query, w[:n], bq).view(L, B, heads, d).permute(1, 2, 0, 3)
