@@ -1364,3 +1364,85 @@ def test_a_write_into_a_fused_weight_under_a_submodel_is_refused_not_lost(write)
         for p in small.parameters():
             assert type(p) is nn.Parameter
             p.data.mul_(1.0)
+
+
+@pytest.mark.parametrize("write", ["normal_", "uniform_", "kaiming_uniform_", "constant_", "relu", "dropout",
+                                   "leaky_relu", "normalize_out"])
+def test_functions_that_write_a_fused_weight_by_keyword_are_refused_too(write):
+    """nn.init.* and F.*(inplace=True) hand their tensor to __torch_function__ by keyword."""
+    fn = {"normal_": lambda w: nn.init.normal_(w), "uniform_": lambda w: nn.init.uniform_(w),
+          "kaiming_uniform_": lambda w: nn.init.kaiming_uniform_(w), "constant_": lambda w: nn.init.constant_(w, 0.),
+          "relu": lambda w: F.relu(w, inplace=True), "dropout": lambda w: F.dropout(w, 0.5, True, True),
+          "leaky_relu": lambda w: F.leaky_relu(w, 0.1, True),
+          "normalize_out": lambda w: F.normalize(w.detach().clone(), dim=1, out=w)}[write]
+    for case, _, nest, sub, mod, name in _fused_cases():
+        full = mod._parameters[name].detach().clone()
+        with nest.use(sub), torch.no_grad():
+            with pytest.raises(sn.SortedNetError, match="written in place"):
+                fn(getattr(mod, name))
+        assert torch.equal(mod._parameters[name], full), f"{case} {write}"
+
+
+def test_what_belongs_to_a_read_fused_weight_as_an_object_stays_as_for_a_plain_tensor():
+    """Formatting, copies, pickling and a new Parameter made from a read work as on a plain tensor (a copy is
+    plain and writable); flag changes are not writes."""
+    import pickle
+
+    for case, _, nest, sub, mod, name in _fused_cases():
+        with nest.use(sub), torch.no_grad():
+            w = getattr(mod, name)
+            assert f"{w[0, 0]:.3f}" == f"{float(w[0, 0]):.3f}" and repr(w).startswith("tensor(")
+            for copied in (copy.deepcopy(w), pickle.loads(pickle.dumps(w)), w.clone()):
+                assert type(copied) is torch.Tensor
+                copied.zero_()
+            p = nn.Parameter(w.detach())
+            w.detach().requires_grad_(False)
+        assert type(p) is nn.Parameter, case
+        opt = torch.optim.SGD([p], lr=0.1)
+        p.sum().backward()
+        opt.step()
+
+
+class _ClampingLinear(nn.Module):
+    """A user's layer whose own forward writes its weight in place (a max-norm constraint)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in ** 0.5)
+        self.bias = nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.weight.clamp_(-0.1, 0.1)
+        return F.linear(x, self.weight, self.bias)
+
+
+@sn.slicer(_ClampingLinear)
+class _ClampingSlicer(sn.Slicer):
+    roles = ("out", "inp")
+    attrs = ("weight", "bias")
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        return self.take(m, name, [(0, "out"), (1, "inp")] if name == "weight" else [(0, "out")])
+
+
+def test_a_users_own_forward_writing_its_fused_weight_is_refused_while_library_layers_run_unchecked():
+    """A library layer's forward (nn.Linear's) only reads its weight; a user's forward may write it, and on a
+    fused weight under a sub-model that write would be lost: it raises, and the parameter is unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    for cls in (nn.Linear, _ClampingLinear):
+        m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 8))
+        nest = sn.wrap(m, sn.Width("f", [4, 16], out="0", chunks={"0": 2}))
+        w, b = m[0]._parameters["weight"].detach().clone(), m[0]._parameters["bias"].detach().clone()
+        with nest.use("f=4"):
+            if cls is nn.Linear:  # the fused rows of both chunks: 0..3 and 16..19
+                want = F.linear(x, torch.cat([w[:4], w[16:20]]), torch.cat([b[:4], b[16:20]]))
+                torch.testing.assert_close(m[0](x), want)
+            else:
+                with pytest.raises(sn.SortedNetError, match=r"0\.weight: written in place \(clamp_\)"):
+                    m[0](x)
+        assert torch.equal(m[0]._parameters["weight"], w), cls.__name__

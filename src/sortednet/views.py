@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -343,13 +344,13 @@ def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
     return t
 
 
-def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "") -> Tensor:
+def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "", m: Any = None) -> Tensor:
     """``t`` sliced by :func:`cuts_for`'s result (a view, or a ``cat`` of fused blocks: a :class:`FusedCopy`)."""
     if segs is None:
         return narrow(t, cuts, st)
     axis, parts = segs
     out = torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
-    if _compiling() or _functorch_active() or _inspected():
+    if _compiling() or _functorch_active() or _inspected(m):
         return out
     out = out.as_subclass(FusedCopy)
     out._sn_where = f"{st.path}.{name}" if st.path and name else name or st.path or "a fused attribute"
@@ -370,11 +371,17 @@ class FusedCopy(torch.Tensor):
         name = getattr(func, "__name__", "")
         me = args[0] if args and isinstance(args[0], FusedCopy) else None
         out = kwargs.get("out")
-        if (me is not None and ((name.endswith("_") and not name.startswith("__")) or name in _WRITES)) or \
-                isinstance(out, FusedCopy) or (isinstance(out, (tuple, list)) and
-                                               any(isinstance(o, FusedCopy) for o in out)):
-            where = (me if me is not None else next(o for o in (out if isinstance(out, (tuple, list)) else [out])
-                                                   if isinstance(o, FusedCopy)))._sn_where
+        written = None
+        if ((name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES) or name in _WRITES
+                or kwargs.get("inplace") is True):
+            # (the tensor written: a method's self, or the first tensor of a function such as nn.init.normal_ or
+            # F.relu(inplace=True), which hand their tensor over by keyword)
+            written = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        if not isinstance(written, FusedCopy):
+            written = next((o for o in (out if isinstance(out, (tuple, list)) else [out])
+                            if isinstance(o, FusedCopy)), None)
+        if written is not None:
+            where = written._sn_where
             raise SortedNetError(
                 f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
                 "fused blocks (a copy, not a view of the parameter): the write would not reach the parameter. "
@@ -387,6 +394,26 @@ class FusedCopy(torch.Tensor):
             alias = result.as_subclass(FusedCopy)  # (.data, .detach(), w[0], w.view(...): a write there is lost too)
         alias._sn_where = me._sn_where
         return alias
+
+    # what belongs to the object, not to values a write would lose: as a plain tensor (a copy is plain)
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+        return plain(self).__repr__(*args, **kwargs)
+
+    def __format__(self, spec: str) -> str:
+        return plain(self).__format__(spec)
+
+    def __deepcopy__(self, memo: dict) -> Tensor:
+        return plain(self).__deepcopy__(memo)
+
+    def __reduce_ex__(self, proto: Any) -> Any:
+        return plain(self).__reduce_ex__(proto)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_is_param" and value:  # nn.Parameter(w.detach()): a parameter of its own (of a copy), plain
+            object.__setattr__(self, "__class__", nn.Parameter)
+            self.__dict__.pop("_sn_where", None)
+            return
+        super().__setattr__(name, value)
 
 
 def plain(t: Tensor | None) -> Tensor | None:
@@ -404,18 +431,41 @@ _INSPECTORS = frozenset(f.__code__ for f in (torch.nn.TransformerEncoder.forward
                                               torch.nn.TransformerEncoderLayer.forward))
 
 
-def _inspected() -> bool:
+def _inspected(m: Any) -> bool:
+    """Whether the read comes from the forward of ``m``'s class when that class is library code that reads its
+    weight only to compute (PyTorch's and Hugging Face's layers: the per-operation check of a
+    :class:`FusedCopy` would only cost time), or from PyTorch code that reads fused attributes to choose a fast
+    path (:data:`_INSPECTORS`). A user's own forward keeps the check: it may write its weight in place."""
+    own = _trusted_forward(type(m))
     f = sys._getframe(2)
-    for _ in range(6):
+    for _ in range(5):
         if f is None:
             return False
-        if f.f_code in _INSPECTORS:
+        code = f.f_code
+        if code is own or code in _INSPECTORS:
             return True
         f = f.f_back
     return False
 
 
-_WRITES = frozenset({"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+_TRUSTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (FSDP2 makes a class per module)
+_LIBRARIES = ("torch.nn.", "transformers.")  # (remote code loads as `transformers_modules.`: not trusted)
+
+
+def _trusted_forward(cls: type) -> Any:
+    """The code object of ``cls.forward`` when PyTorch or transformers defines it, else ``None`` (cached)."""
+    try:
+        return _TRUSTED[cls]
+    except KeyError:
+        fwd = getattr(cls, "forward", None)
+        code = getattr(fwd, "__code__", None)
+        mod = getattr(fwd, "__module__", "") or ""
+        _TRUSTED[cls] = out = code if mod.startswith(_LIBRARIES) else None
+        return out
+
+
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "set_"})  # (flags, or a rebinding: as `.data =`)
+_WRITES = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                      "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
                      "__imatmul__"})
 _NoSubclass = torch._C.DisableTorchFunctionSubclass
@@ -451,7 +501,7 @@ class View:
             return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
         if self.segs is None:
             return narrow(t, self.cuts, st)
-        return view(t, self.cuts, self.segs, st, self.name)
+        return view(t, self.cuts, self.segs, st, self.name, m)
 
     def __repr__(self) -> str:
         return f"View({self.name!r}, {self.cuts}, {self.segs})"

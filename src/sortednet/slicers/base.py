@@ -312,7 +312,7 @@ class Slicer:
             return t       # must get its sharded parameter back, never a slice of it
         st: State = m.__dict__["_sn"]
         cuts, segs = cuts_for(t.shape, st.bind, axes, st.sizes())
-        return view(t, cuts, segs, st, name)
+        return view(t, cuts, segs, st, name, m)
 
     def features(self, m: nn.Module, role: str, full: int) -> int:
         """Active features of ``role`` (``full`` when the role is not bound)."""
