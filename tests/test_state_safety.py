@@ -1342,7 +1342,8 @@ _FUSED_WRITES = {"init": lambda w: nn.init.zeros_(w), "clamp": lambda w: w.clamp
                  "copy": lambda w: w.copy_(torch.zeros_like(w)), "setitem": lambda w: w.__setitem__(0, 1.0),
                  "data": lambda w: w.data.zero_(), "detach": lambda w: w.detach().mul_(2),
                  "index": lambda w: w[1:3].fill_(5.0), "out": lambda w: torch.add(w, 1, out=w),
-                 "iadd": lambda w: w.__iadd__(1)}
+                 "iadd": lambda w: w.__iadd__(1), "split": lambda w: w.split(2)[0].mul_(2),
+                 "unbind": lambda w: w.unbind(0)[1].zero_(), "chunk": lambda w: w.detach().chunk(2)[0].fill_(3.0)}
 
 
 @pytest.mark.parametrize("write", list(_FUSED_WRITES))
@@ -1383,6 +1384,10 @@ def test_functions_that_write_a_fused_weight_by_keyword_are_refused_too(write):
         assert torch.equal(mod._parameters[name], full), f"{case} {write}"
 
 
+def plain_values(w):
+    return w.detach().clone().numpy()
+
+
 def test_what_belongs_to_a_read_fused_weight_as_an_object_stays_as_for_a_plain_tensor():
     """Formatting, copies, pickling and a new Parameter made from a read work as on a plain tensor (a copy is
     plain and writable); flag changes are not writes."""
@@ -1397,6 +1402,14 @@ def test_what_belongs_to_a_read_fused_weight_as_an_object_stays_as_for_a_plain_t
                 copied.zero_()
             p = nn.Parameter(w.detach())
             w.detach().requires_grad_(False)
+            t = w.detach()
+            t.t_()  # (shape and strides only: no value is lost)
+            t.unsqueeze_(0)
+            assert t.shape == (1, *w.shape[::-1])
+            arr = w.detach().numpy()  # read-only: a write through numpy could not reach the parameter
+            assert np.array_equal(arr, plain_values(w)) and not arr.flags.writeable
+            with pytest.raises(ValueError, match="read-only"):
+                arr[0, 0] = 7.0
         assert type(p) is nn.Parameter, case
         opt = torch.optim.SGD([p], lr=0.1)
         p.sum().backward()
@@ -1446,3 +1459,22 @@ def test_a_users_own_forward_writing_its_fused_weight_is_refused_while_library_l
                 with pytest.raises(sn.SortedNetError, match=r"0\.weight: written in place \(clamp_\)"):
                     m[0](x)
         assert torch.equal(m[0]._parameters["weight"], w), cls.__name__
+
+
+def test_a_fused_weight_read_under_a_submodel_can_be_handed_to_a_compiled_function():
+    """Its operations run eagerly there (the write check is never traced): values as eager, writes refused;
+    fullgraph=True refuses it loudly, naming the reason."""
+    for case, _, nest, sub, mod, name in _fused_cases():
+        torch._dynamo.reset()
+        full = mod._parameters[name].detach().clone()
+        f = torch.compile(lambda w: (w * w).sum() + w[0].abs().sum(), backend="eager")
+        with nest.use(sub), torch.no_grad():
+            w = getattr(mod, name)
+            want = (plain_values(w) ** 2).sum() + np.abs(plain_values(w)[0]).sum()
+            assert abs(float(f(w)) - float(want)) <= 1e-4 * abs(float(want)), case
+            with pytest.raises(sn.SortedNetError, match="written in place"):
+                torch.compile(lambda w: w.mul_(2).sum(), backend="eager")(w)
+            with pytest.raises(Exception, match="fused weight read under a sortednet sub-model"):
+                torch.compile(lambda w: w.sum(), backend="eager", fullgraph=True)(w)
+        assert torch.equal(mod._parameters[name], full), case
+    torch._dynamo.reset()

@@ -357,6 +357,15 @@ def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "", m: Any 
     return out
 
 
+_NOT_TRACED = ("a fused weight read under a sortednet sub-model outside the compiled code (a copy that refuses "
+               "in-place writes) runs its operations eagerly; read it inside the compiled function, or pass "
+               "w.clone() (a plain tensor)")
+try:  # (a compiled function handed one runs its ops eagerly through here: dynamo never traces the check)
+    _eager_only = torch.compiler.disable(reason=_NOT_TRACED)
+except TypeError:  # (torch < 2.8: no reason)
+    _eager_only = torch.compiler.disable
+
+
 class FusedCopy(torch.Tensor):
     """A fused-block attribute under a sub-model (``chunks=`` / ``parts=``: the first rows of each block of
     ``[q; k; v]`` or ``[gate; up]``, MultiheadAttention's ``in_proj_weight`` under Heads): a ``cat`` of the
@@ -366,6 +375,7 @@ class FusedCopy(torch.Tensor):
     tensor and returns plain tensors."""
 
     @classmethod
+    @_eager_only
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
@@ -389,11 +399,17 @@ class FusedCopy(torch.Tensor):
                 "or to the exported sub-model")
         with _NoSubclass():
             result = func(*args, **kwargs)
-            if me is None or result.__class__ is not Tensor or not _aliases(result, me):
+            if me is None or func == _BASE:  # (`_base`: the plain cat under the subclass view, as for PyTorch's own)
                 return result
-            alias = result.as_subclass(FusedCopy)  # (.data, .detach(), w[0], w.view(...): a write there is lost too)
-        alias._sn_where = me._sn_where
-        return alias
+            if isinstance(result, (tuple, list)):  # (split, chunk, unbind: views of it, a write there is lost too)
+                return type(result)(_alias_of(r, me) for r in result)
+            return _alias_of(result, me)  # (.data, .detach(), w[0], w.view(...))
+
+    def numpy(self, *args: Any, **kwargs: Any) -> Any:
+        """A read-only array (a write through it could not reach the parameter: numpy refuses it)."""
+        arr = plain(self).numpy(*args, **kwargs)
+        arr.flags.writeable = False
+        return arr
 
     # what belongs to the object, not to values a write would lose: as a plain tensor (a copy is plain)
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
@@ -414,6 +430,19 @@ class FusedCopy(torch.Tensor):
             self.__dict__.pop("_sn_where", None)
             return
         super().__setattr__(name, value)
+
+
+def _alias_of(result: Any, me: FusedCopy) -> Any:
+    """``result`` as a :class:`FusedCopy` where it shares ``me``'s memory (a write into it would be lost too)."""
+    if result.__class__ is not Tensor or not _aliases(result, me):
+        return result
+    with _NoSubclass():
+        alias = result.as_subclass(FusedCopy)
+    alias._sn_where = me._sn_where
+    return alias
+
+
+_BASE = Tensor._base.__get__
 
 
 def plain(t: Tensor | None) -> Tensor | None:
@@ -449,11 +478,12 @@ def _inspected(m: Any) -> bool:
 
 
 _TRUSTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (FSDP2 makes a class per module)
-_LIBRARIES = ("torch.nn.", "transformers.")  # (remote code loads as `transformers_modules.`: not trusted)
+_LIBRARIES = ("torch.nn.", "transformers.", "sortednet.")  # (remote code loads as `transformers_modules.`: not trusted)
 
 
 def _trusted_forward(cls: type) -> Any:
-    """The code object of ``cls.forward`` when PyTorch or transformers defines it, else ``None`` (cached)."""
+    """The code object of ``cls.forward`` when PyTorch, transformers or sortednet (the forwards it installs on
+    sliced layers) defines it, else ``None`` (cached)."""
     try:
         return _TRUSTED[cls]
     except KeyError:
@@ -464,7 +494,10 @@ def _trusted_forward(cls: type) -> Any:
         return out
 
 
-_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "set_"})  # (flags, or a rebinding: as `.data =`)
+# flags, a rebinding (as `.data =`), or a change of the tensor's shape / strides only (its values stay; a later
+# write into it is still checked)
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "set_", "t_", "transpose_", "swapdims_", "swapaxes_",
+                         "unsqueeze_", "squeeze_", "as_strided_", "resize_", "resize_as_", "detach_"})
 _WRITES = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                      "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
                      "__imatmul__"})
