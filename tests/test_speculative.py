@@ -529,6 +529,16 @@ def test_what_speculative_decoding_cannot_reproduce_is_refused():
                                        rope_scaling={"rope_type": "dynamic", "factor": 2.0})).eval()
     with pytest.raises(sn.SortedNetError, match="dynamic"):
         sn.speculative_generate(sn.from_transformers(dyn, depth=[1]), ids, draft="depth=1", max_new_tokens=4)
+    shared = T.Gemma3nForCausalLM(T.Gemma3nTextConfig(  # (its last layers read earlier layers' keys and values)
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_kv_shared_layers=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=V, laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
+        pad_token_id=0, bos_token_id=0, eos_token_id=None)).eval()
+    for draft in ("depth=3", "depth=4"):
+        with pytest.raises(sn.SortedNetError, match="last 2 layers reuse the keys and values"):
+            sn.speculative_generate(sn.from_transformers(shared, depth=[3]), ids, draft=draft, max_new_tokens=4)
+        sn.Nest.of(shared).unwrap()
     model = llama()
     nest = sn.from_transformers(model, depth=[1, 2])
     for key, value in (("guidance_scale", 3.0), ("num_beams", 3)):

@@ -77,6 +77,12 @@ def _check_model(model: Any, what: str) -> None:
         raise SortedNetError(f"speculative_generate: the {what} uses rope_type={kind!r}, whose frequencies depend on "
                              "the longest position in a forward: verifying several draft tokens at once would not "
                              "give generate()'s tokens; use model.generate")
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    shared = getattr(text, "num_kv_shared_layers", 0)
+    if isinstance(shared, int) and shared > 0:
+        raise SortedNetError(f"speculative_generate: the {what}'s last {shared} layers reuse the keys and values of "
+                             "earlier layers (num_kv_shared_layers, as Gemma3n's), which the draft's cache, rolled "
+                             "back per layer, does not model; use model.generate")
 
 
 def _vocab(model: nn.Module) -> int:
