@@ -1343,7 +1343,9 @@ _FUSED_WRITES = {"init": lambda w: nn.init.zeros_(w), "clamp": lambda w: w.clamp
                  "data": lambda w: w.data.zero_(), "detach": lambda w: w.detach().mul_(2),
                  "index": lambda w: w[1:3].fill_(5.0), "out": lambda w: torch.add(w, 1, out=w),
                  "iadd": lambda w: w.__iadd__(1), "split": lambda w: w.split(2)[0].mul_(2),
-                 "unbind": lambda w: w.unbind(0)[1].zero_(), "chunk": lambda w: w.detach().chunk(2)[0].fill_(3.0)}
+                 "unbind": lambda w: w.unbind(0)[1].zero_(), "chunk": lambda w: w.detach().chunk(2)[0].fill_(3.0),
+                 "foreach": lambda w: torch._foreach_add_([w], 1.0), "aten": lambda w: torch.ops.aten.zero_.default(w),
+                 "copy.copy": lambda w: copy.copy(w).zero_()}
 
 
 @pytest.mark.parametrize("write", list(_FUSED_WRITES))
@@ -1410,6 +1412,11 @@ def test_what_belongs_to_a_read_fused_weight_as_an_object_stays_as_for_a_plain_t
             assert np.array_equal(arr, plain_values(w)) and not arr.flags.writeable
             with pytest.raises(ValueError, match="read-only"):
                 arr[0, 0] = 7.0
+            mine = torch.zeros(w.shape)  # after set_ it holds the caller's tensor: writes are real, not refused
+            t = w.detach()
+            t.set_(mine)
+            t.fill_(1.0)
+            assert float(mine.sum()) == mine.numel()
         assert type(p) is nn.Parameter, case
         opt = torch.optim.SGD([p], lr=0.1)
         p.sum().backward()

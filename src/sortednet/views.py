@@ -18,6 +18,7 @@ sliced weight its gradient:
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import weakref
@@ -352,8 +353,9 @@ def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "", m: Any 
     out = torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
     if _compiling() or _functorch_active() or _inspected(m):
         return out
-    out = out.as_subclass(FusedCopy)
+    cat, out = out, out.as_subclass(FusedCopy)
     out._sn_where = f"{st.path}.{name}" if st.path and name else name or st.path or "a fused attribute"
+    out._sn_of = cat  # (the copy's memory)
     return out
 
 
@@ -379,18 +381,21 @@ class FusedCopy(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        op = name.partition(".")[0]  # (torch.ops.aten.add_.Tensor is named "add_.Tensor")
         me = args[0] if args and isinstance(args[0], FusedCopy) else None
         out = kwargs.get("out")
         written = None
-        if ((name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES) or name in _WRITES
+        if ((op.endswith("_") and not op.startswith("__") and op not in _NOT_WRITES) or op in _WRITES
                 or kwargs.get("inplace") is True):
-            # (the tensor written: a method's self, or the first tensor of a function such as nn.init.normal_ or
-            # F.relu(inplace=True), which hand their tensor over by keyword)
-            written = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        if not isinstance(written, FusedCopy):
+            # (the tensor written: a method's self, the first tensor of a function such as nn.init.normal_ or
+            # F.relu(inplace=True), which hand their tensor over by keyword, or any of a list: _foreach_add_)
+            first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            written = next((t for t in (first if isinstance(first, (list, tuple)) else (first,))
+                            if isinstance(t, FusedCopy)), None)
+        if written is None:
             written = next((o for o in (out if isinstance(out, (tuple, list)) else [out])
                             if isinstance(o, FusedCopy)), None)
-        if written is not None:
+        if written is not None and _holds_copy(written):
             where = written._sn_where
             raise SortedNetError(
                 f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
@@ -404,6 +409,10 @@ class FusedCopy(torch.Tensor):
             if isinstance(result, (tuple, list)):  # (split, chunk, unbind: views of it, a write there is lost too)
                 return type(result)(_alias_of(r, me) for r in result)
             return _alias_of(result, me)  # (.data, .detach(), w[0], w.view(...))
+
+    def __copy__(self) -> Tensor:
+        """``copy.copy``: as for a plain tensor, a tensor sharing its memory (so checked as it is)."""
+        return _alias_of(copy.copy(plain(self)), self)
 
     def numpy(self, *args: Any, **kwargs: Any) -> Any:
         """A read-only array (a write through it could not reach the parameter: numpy refuses it)."""
@@ -428,6 +437,7 @@ class FusedCopy(torch.Tensor):
         if name == "_is_param" and value:  # nn.Parameter(w.detach()): a parameter of its own (of a copy), plain
             object.__setattr__(self, "__class__", nn.Parameter)
             self.__dict__.pop("_sn_where", None)
+            self.__dict__.pop("_sn_of", None)
             return
         super().__setattr__(name, value)
 
@@ -438,11 +448,18 @@ def _alias_of(result: Any, me: FusedCopy) -> Any:
         return result
     with _NoSubclass():
         alias = result.as_subclass(FusedCopy)
-    alias._sn_where = me._sn_where
+    alias._sn_where, alias._sn_of = me._sn_where, me._sn_of
     return alias
 
 
 _BASE = Tensor._base.__get__
+
+
+def _holds_copy(t: FusedCopy) -> bool:
+    """Whether ``t`` still holds the copy's memory (after ``t.set_(other)`` it holds ``other``: a write there is
+    real; ``set_`` itself never reaches ``__torch_function__``)."""
+    with _NoSubclass():
+        return _aliases(t, t._sn_of)
 
 
 def plain(t: Tensor | None) -> Tensor | None:
