@@ -866,6 +866,15 @@ def test_trainer_checkpoints_of_a_rank_nest_load_as_what_they_trained(mode, tmp_
     (tmp_path / "checkpoint-1" / NEST_FILE).unlink()
     with pytest.raises(sn.SortedNetError, match=NEST_FILE):
         trainer2._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
+    # the model's own save_pretrained would write the factors / adapters, which from_pretrained re-initialises or
+    # drops: refused before any weight is written; after unwrap(merge=True) it writes the merged model
+    with pytest.raises(sn.SortedNetError, match=rf"save_pretrained of this LlamaForCausalLM: .*mode='{mode}'"):
+        model.save_pretrained(tmp_path / "direct")
+    assert not [f for f in (tmp_path / "direct").iterdir() if f.suffix in (".safetensors", ".bin")]
+    nest.unwrap(merge=True)
+    model.save_pretrained(tmp_path / "merged")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(x).logits
+    torch.testing.assert_close(back, live, atol=1e-5, rtol=1e-4)
 
 
 # -- a key/value cache continued by another sub-model ----------------------------------------------------

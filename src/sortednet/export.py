@@ -89,7 +89,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         for h in nest._hooks:  # wrap's own hooks (no-fast-path, the root's Pin) stay with the live model
             for m in new.modules():
                 for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called",
-                             "_load_state_dict_pre_hooks"):
+                             "_load_state_dict_pre_hooks", "_state_dict_pre_hooks"):
                     m.__dict__.get(attr, {}).pop(h.id, None)
         for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))

@@ -35,6 +35,7 @@ from .slicers import base as _base
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_int
 from .views import is_fsdp, new_lock, storage_key
 from .wrap import (
+    FactorsNotPretrained,
     Pin,
     drop_hooks_since,
     entry_children,
@@ -186,6 +187,10 @@ class Nest:
                 hooks.append(c.register_forward_hook(pin.inner_post, always_call=True))
             hooks += install_guards(model, self._state, self.dims)  # (Hugging Face) a cache another sub-model
             # filled is continued only where it is exact
+            ranks = [d for d in self.dims if d.kind == "rank"]
+            if ranks and callable(getattr(model, "save_pretrained", None)):
+                names = ", ".join(f"Rank {d.name!r} (mode={d.mode!r})" for d in ranks)
+                hooks.append(model.register_state_dict_pre_hook(FactorsNotPretrained(names)))
             self._attach(planned, hooks)
         except BaseException:
             self._stop()

@@ -449,14 +449,42 @@ class _HookKey:
         self.hooks.pop(self.key, None)
 
 
+class FactorsNotPretrained:
+    """State-dict pre-hook on a Hugging Face model wrapped with ``Rank``: refuses ``model.save_pretrained``
+    (which reads ``model.state_dict()``), whose files would hold the factors / adapters that
+    ``from_pretrained`` re-initialises or drops with only a load report: a different model, silently."""
+
+    def __init__(self, dims: str) -> None:
+        self.dims = dims
+
+    def __call__(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        f = sys._getframe(2)
+        for _ in range(4):
+            if f is None:
+                return
+            if f.f_code.co_name == "save_pretrained" and str(f.f_globals.get("__name__", "")).startswith(
+                    "transformers."):
+                raise SortedNetError(
+                    f"save_pretrained of this {type(module).__name__}: its parameters hold the factors / adapters "
+                    f"of {self.dims}, which from_pretrained would re-initialise or drop (a different model, with "
+                    "only a load report). Save sortednet.integrations.export_pretrained(nest, nest.largest)"
+                    ".save_pretrained(path) (stock weights, the largest sub-model merged), sn.save(nest, path) to "
+                    "resume, or call nest.unwrap(merge=True) first (no weights were written; save_pretrained had "
+                    "written its config files already)")
+            f = f.f_back
+
+
 def wrap_hooks(model: nn.Module) -> list[_HookKey]:
-    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`), found in ``model``
+    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the save guard of a
+    :class:`FactorsNotPretrained`), found in ``model``
     (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
     out = []
     for m in model.modules():
         loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
         out.extend(_HookKey(loads, k) for k, f in list(loads.items())
                    if isinstance(getattr(f, "hook", None), (StaleCalibration, StateKeys)))
+        saves = m.__dict__.get("_state_dict_pre_hooks", {})
+        out.extend(_HookKey(saves, k) for k, f in list(saves.items()) if isinstance(f, FactorsNotPretrained))
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
