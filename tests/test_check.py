@@ -1504,6 +1504,10 @@ class _Moves(nn.Module):
         if self.how == "chunk":    # q / k halves: at h=8 features 4..7 switch from q to k
             q, k = h.chunk(2, -1)
             return self.fc2(h) + (q * k).sum(-1, keepdim=True)
+        if self.how == "roll":     # units shifted by one: at h=8 unit 7 comes from another place
+            return self.fc2(h.roll(1, 1))
+        if self.how == "flip":     # reversed units added: at h=8 unit 0 meets unit 7, not unit 15
+            return self.fc2(h + h.flip(1))
         if self.how == "groups":   # a softmax within two groups of the features: the groups are re-cut
             return self.fc2(h.view(h.shape[0], 2, -1).softmax(-1).flatten(1))
         b = x.shape[0]
@@ -1513,7 +1517,8 @@ class _Moves(nn.Module):
 
 
 @pytest.mark.parametrize("how,op", [("tail", "__getitem__"), ("chunk", "chunk"), ("groups", "view"),
-                                    ("heads", "view"), ("narrow", "narrow"), ("index_select", "index_select")])
+                                    ("heads", "view"), ("narrow", "narrow"), ("index_select", "index_select"),
+                                    ("roll", "roll"), ("flip", "flip")])
 def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how, op):
     """check refused these only when a shape broke; the wiring trace names the op that moves the features."""
     torch.manual_seed(0)

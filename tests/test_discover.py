@@ -164,6 +164,28 @@ def test_unknown_ops_concat_and_split_fix_their_channels():
     assert [(d.out, d.inp) for d in widths(dims)] == [(("f",), ("g",)), (("g",), ("head",))]
 
 
+class _SpatialRoll(nn.Module):
+    """Swin's shifted windows: a roll over height and width carries every channel unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.roll(F.relu(self.a(x)), shifts=(-1, -1), dims=(2, 3)).flip(-1)
+        return self.head(F.relu(self.b(h)).mean((2, 3)))
+
+
+def test_a_roll_or_flip_over_other_axes_keeps_the_channels():
+    model, x = _SpatialRoll().eval(), torch.randn(2, 3, 5, 5)
+    dims = sn.discover(model, x, ratios=[0.5, 1.0])
+    assert (("a",), ("b",)) in [(d.out, d.inp) for d in widths(dims)]
+    nest = sn.wrap(model, *dims, example=x)
+    for sub in nest.submodels:
+        with nest.use(sub), torch.no_grad():
+            torch.testing.assert_close(model(x), nest.export(sub)(x))
+
+
 def test_sizes_respect_group_norm_and_grouped_query_heads():
     model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.Conv2d(16, 2, 1))
     (d,) = sn.discover(model, torch.randn(1, 3, 4, 4), ratios=[0.3, 0.6])

@@ -351,9 +351,39 @@ def handle(a, ev) -> bool:
             a.uf.fix(xv[dim], f"indexed by {why}")
         a.assign(o, [[v] if i != dim or whole else [] for i, v in enumerate(xv)], why)
         return True
+    if name in _REORDER and len(outs) == 1 and outs[0].shape == x.shape:
+        return _reorder(a, ev, x, outs[0], why)
     if name in _FUNCTIONAL_NORM:
         return _functional_norm(a, ev, x, outs)
     return False
+
+
+#: ops that keep every axis's size but reorder the units of some: a prefix of such an axis is not a prefix after
+_REORDER = frozenset({"roll", "flip", "fliplr", "flipud"})
+
+
+def _reorder(a, ev, x: Tensor, o: Tensor, why: str) -> bool:
+    """``roll`` / ``flip``: the reordered axes are fixed (a sub-model would compute on other units than the full
+    model, with shapes that fit), every other axis carried unchanged (Swin's shifted windows roll H and W)."""
+    n = x.dim()
+    if ev.name == "fliplr":
+        dims: Any = [1]
+    elif ev.name == "flipud":
+        dims = [0]
+    else:
+        pos = 2 if ev.name == "roll" else 1
+        dims = ev.kwargs.get("dims", ev.args[pos] if len(ev.args) > pos else None)
+    if dims is None:  # roll without dims: over the flattened tensor, every axis
+        dims = list(range(n))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and -n <= d < n for d in dims):
+        return False
+    moved = {d % n for d in dims}
+    xv = a.of(x)
+    for i in moved:
+        a.uf.fix(xv[i], f"reordered by {why}")
+    a.assign(o, [[] if i in moved else [v] for i, v in enumerate(xv)], why)
+    return True
 
 
 #: functional norms a norm module's own forward may call (timm's BatchNormAct2d, LayerNorm2d; a subclass
