@@ -474,8 +474,10 @@ def test_dry_runs_restore_a_resized_buffer_and_run_higher_order_ops():
     before = snapshot(model)
     sn.discover(model, x, ratios=[0.5, 1.0])  # runs (torch.cond is an op it does not know: fixed, left out)
     assert_unchanged(model, before)
-    nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="o"), example=x)
-    nest.check(x)
+    with pytest.warns(UserWarning, match="'cond'"):  # (an op the wiring trace does not follow: said, not refused)
+        nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="o"), example=x)
+    with pytest.warns(UserWarning, match="'cond'"):
+        nest.check(x)
     assert torch.equal(model.cache, torch.zeros(2))
 
 
@@ -1529,6 +1531,31 @@ def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how,
         sn.wrap(model, *dims, example=x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert type(model.fc1) is nn.Linear
+
+
+class _Gathered(nn.Module):
+    """``fc1``'s units reversed by ``gather`` (an op the wiring trace does not understand), shapes that fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        idx = torch.arange(h.shape[1] - 1, -1, -1).expand(h.shape[0], -1)
+        return self.fc2(torch.gather(h, 1, idx))
+
+
+def test_features_reaching_an_op_the_trace_cannot_follow_are_named_in_a_warning():
+    """A sub-model of this nest runs and passes the dry runs, yet computes on reversed units; check cannot tell
+    (the op may as well act on each unit alone, as torch.cond of elementwise branches does), so it says so,
+    naming the op, instead of passing in silence."""
+    from sortednet.check import UnfollowedOpWarning
+
+    torch.manual_seed(0)
+    model, x = _Gathered().eval(), torch.randn(3, 6)
+    with pytest.warns(UnfollowedOpWarning, match=r"not verified.*\n.*'fc1' \(out=\) reach 'gather'"):
+        sn.wrap(model, sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=x)
 
 
 def test_narrow_and_index_select_that_keep_every_unit_in_place_pass():

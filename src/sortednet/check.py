@@ -74,17 +74,45 @@ def moved_features(nest: Nest, example: Any, model: Any = None) -> list[tuple[An
     """``(dimension, op, message)`` for each group of Width features that reaches an op moving them between
     positions (:data:`_MOVED`), leaving out dimensions with ``chunks=`` (``check`` measures a fused output unit
     by unit). ``model``: as for :func:`diagnose`."""
-    out = []
+    return _traced_findings(nest, example, model)[0]
+
+
+def unfollowed_features(nest: Nest, example: Any, model: Any = None) -> list[str]:
+    """One line per group of Width features that reaches an op the wiring trace does not understand (``gather``,
+    ``torch.cond``, an op of the user's) outside the modules the nest slices: whether a sub-model's first units
+    are the full model's there cannot be told, and the shapes may still fit. ``model``: as for :func:`diagnose`."""
+    return _traced_findings(nest, example, model)[1]
+
+
+_UNKNOWN = "an op discovery does not understand"  # (the reason the wiring trace gives: coupling.py)
+
+
+def _traced_findings(nest: Nest, example: Any, model: Any) -> tuple[list[tuple[Any, str, str]], list[str]]:
+    """:func:`moved_features` and :func:`unfollowed_features` from one trace of the wiring."""
+    moved, unfollowed = [], []
     for g, mine in _bound_groups(nest, example, model):
-        if g.fixed is None or not _MOVED.search(g.fixed) or any(getattr(d, "chunks", None) for _, d in mine):
+        if g.fixed is None or any(getattr(d, "chunks", None) for _, d in mine):
             continue
         (p0, r0), d0 = mine[0]
-        out.append((d0, g.fixed, f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, which "
-                                 "moves them between positions: a sub-model's first units are not the full model's "
-                                 "there (its shapes still fit, so the dry runs pass); remove that binding, or for a "
-                                 "fused output (gate|up) declare chunks=, for whole heads split by a view declare "
-                                 "sn.Heads"))
-    return out
+        if _MOVED.search(g.fixed):
+            moved.append((d0, g.fixed, f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, "
+                                       "which moves them between positions: a sub-model's first units are not the "
+                                       "full model's there (its shapes still fit, so the dry runs pass); remove that "
+                                       "binding, or for a fused output (gate|up) declare chunks=, for whole heads "
+                                       "split by a view declare sn.Heads"))
+        elif _UNKNOWN in g.fixed and not _inside_sliced(nest, g.fixed):  # (inside a module a slicer of the
+            # user's slices, its forward recorded op by op, the slicer stands for it)
+            unfollowed.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}")
+    return moved, unfollowed
+
+
+def _inside_sliced(nest: Nest, fixed: str) -> bool:
+    """Whether the op ``fixed`` names ran in the forward of a module ``nest`` slices (or below it)."""
+    where = re.search(r"\(in '([^']*)'\)", fixed)
+    if where is None:
+        return False
+    at = "" if where.group(1) == "<root>" else where.group(1)
+    return any(at == p or (p == "" and at) or at.startswith(f"{p}.") for p in nest._sliced)
 
 
 _RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
@@ -567,6 +595,11 @@ def attention_self_check(nest: Nest) -> None:
 
 class UnverifiedHeadsWarning(UserWarning):
     """``wrap`` without an example could not verify that a Heads dimension slices whole heads of an attention."""
+
+
+class UnfollowedOpWarning(UserWarning):
+    """``check``: a Width's features reach an op the wiring trace does not understand, where the dry runs pass:
+    whether a sub-model's first units are the full model's there was not verified."""
 
 
 class UncheckedTrainingWarning(UserWarning):
@@ -1224,9 +1257,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
         try:
-            moved = moved_features(nest, example, model)
+            moved, unfollowed = _traced_findings(nest, example, model)
         except SortedNetError:  # a part the wiring trace cannot follow (a TorchScript module): the dry runs stand
-            moved = []
+            moved, unfollowed = [], []
         tol = _tolerance(nest)
         flagged = {d for d, _, _ in moved}
         widths = [d for d in nest.dims if d.kind == "width" and not getattr(d, "chunks", None)]
@@ -1260,6 +1293,11 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     moved = [m for m in moved if m[0] is not d]
         if moved:
             raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(m for _, _, m in moved))
+        if unfollowed:
+            warnings.warn("nest.check: the dry runs pass, but whether these ops keep each unit in place (a sub-model's "
+                          "first units the full model's) was not verified; act on each unit alone there, or "
+                          "compare a sub-model with the full model masked:\n  " + "\n  ".join(unfollowed),
+                          UnfollowedOpWarning, stacklevel=3)
         bound: dict[Any, list[tuple[str, str]]] = {}
         for key, d in _bound(nest).items():
             bound.setdefault(d, []).append(key)
