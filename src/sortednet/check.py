@@ -77,18 +77,13 @@ def moved_features(nest: Nest, example: Any, model: Any = None) -> list[tuple[An
     return _traced_findings(nest, example, model)[0]
 
 
-def unfollowed_features(nest: Nest, example: Any, model: Any = None) -> list[str]:
-    """One line per group of Width features that reaches an op the wiring trace does not understand (``gather``,
-    ``torch.cond``, an op of the user's) outside the modules the nest slices: whether a sub-model's first units
-    are the full model's there cannot be told, and the shapes may still fit. ``model``: as for :func:`diagnose`."""
-    return _traced_findings(nest, example, model)[1]
-
-
 _UNKNOWN = "an op discovery does not understand"  # (the reason the wiring trace gives: coupling.py)
 
 
 def _traced_findings(nest: Nest, example: Any, model: Any) -> tuple[list[tuple[Any, str, str]], list[str]]:
-    """:func:`moved_features` and :func:`unfollowed_features` from one trace of the wiring."""
+    """:func:`moved_features`, and the groups that reach an op the wiring trace does not understand (``gather``,
+    ``torch.cond``, an op of the user's) outside the modules the nest slices (whether a sub-model's first units
+    are the full model's there cannot be told; the shapes may still fit), from one trace of the wiring."""
     moved, unfollowed = [], []
     for g, mine in _bound_groups(nest, example, model):
         if g.fixed is None or any(getattr(d, "chunks", None) for _, d in mine):
