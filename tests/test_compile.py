@@ -450,3 +450,27 @@ def test_nest_compile_interrupted_anywhere_in_the_swaps_leaves_the_model_its_own
         with nest.use("h=4"):
             torch.testing.assert_close(step(x), want, msg=f"interrupt at swap {k}")
     assert k > 4, f"only {k - 1} swaps seen: the test reached no swap back"
+
+
+def test_use_inside_a_compiled_function_splits_it_there_and_fullgraph_says_why():
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    subs = three(nest)
+
+    def body(x, sub):
+        with nest.use(sub):
+            return nest.model(x) * 2
+
+    split = torch.compile(body, backend="eager")
+    for sub in subs + subs[::-1]:
+        with nest.use(sub):
+            want = nest.model(case.example) * 2
+        torch.testing.assert_close(split(case.example, sub), want, rtol=1e-5, atol=1e-5)
+    def body2(x, sub):  # (a new code object: Dynamo's cache of body's frames is per code object)
+        with nest.use(sub):
+            return nest.model(x) * 2
+
+    whole = torch.compile(body2, backend="eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"nest\.use\(\) sets a context variable"):
+        whole(case.example, subs[0])
+    assert nest.active == nest.largest  # (nothing left in force)

@@ -136,6 +136,19 @@ def _refuse_shared_with_another(model: nn.Module, planned: Mapping[str, Any]) ->
                                      "unwrap() first")
 
 
+def _use_not_traced() -> None:
+    """Where Dynamo meets ``nest.use`` inside a compiled function: it cannot trace the context variable."""
+
+
+_USE_REASON = ("sortednet: nest.use() sets a context variable, which Dynamo cannot trace; enter `with "
+               "nest.use(sub):` outside the compiled function (the compiled model then has one graph per "
+               "sub-model), or drop fullgraph=True to let Dynamo split the function there")
+try:
+    _use_not_traced = torch.compiler.disable(_use_not_traced, reason=_USE_REASON)
+except TypeError:  # (torch < 2.8: no reason)
+    _use_not_traced = torch.compiler.disable(_use_not_traced)
+
+
 class Nest:
     """A model holding nested sub-models that share its weights. Build with :func:`sortednet.wrap`.
 
@@ -555,6 +568,8 @@ class Nest:
         >>> seen
         ['h=2', 'h=8']
         """
+        if torch.compiler.is_compiling():
+            _use_not_traced()  # (Dynamo: a graph break here, or fullgraph=True's error with the reason)
         return Use(self._state, self._plan(sub))
 
     def activate(self, sub: SubModelLike) -> SubModel:
