@@ -800,6 +800,39 @@ def test_a_forgotten_binding_next_to_a_norm_of_the_users_does_not_blame_the_norm
     assert "add norm='3'" in str(e.value) and "remove that binding" not in str(e.value)
 
 
+class _Mixer(nn.Module):
+    """MLP-Mixer-like: a token-mixing MLP over the sequence axis (16 tokens) next to a channel MLP over
+    the embedding (16 channels): the same size, different axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln1, self.ln2 = nn.Linear(12, 16), nn.LayerNorm(16), nn.LayerNorm(16)
+        self.tok1, self.tok2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.ch1, self.ch2, self.fc = nn.Linear(16, 48), nn.Linear(48, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.tok2(F.gelu(self.tok1(self.ln1(h).transpose(1, 2)))).transpose(1, 2)
+        h = h + self.ch2(F.gelu(self.ch1(self.ln2(h))))
+        return self.fc(h.mean(1))
+
+
+def test_a_binding_on_an_axis_of_the_same_size_is_named_with_both_ways_out():
+    """A token-mixing layer put in the channel dimension (its sequence axis has as many units): the message
+    said only "add out='tok2'" (which makes it worse); it now also says to remove the binding, and only where
+    the binding is alone in its traced group."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 12)
+    channels = dict(out=["emb", "ch2"], inp=["ch1", "fc"], norm=["ln1", "ln2"])
+    sn.wrap(_Mixer(), sn.Width("e", [8, 16], **channels), example=x).unwrap()  # the right wiring passes
+    with pytest.raises(sn.SortedNetError) as e:
+        sn.wrap(_Mixer(), sn.Width("e", [8, 16], **{**channels, "inp": ["ch1", "fc", "tok1"]}), example=x)
+    assert "'tok1' (inp=) shares its 16 features" in str(e.value) and "remove inp='tok1'" in str(e.value)
+    with pytest.raises(sn.SortedNetError) as e:  # a forgotten partner: only the advice to add it
+        sn.wrap(_Mixer(), sn.Width("e", [8, 16], **{**channels, "out": ["emb"]}), example=x)
+    assert "add out='ch2'" in str(e.value) and "remove" not in str(e.value)
+
+
 class _Affine(nn.Module):
     """A module of the user's with non-standard parameter names."""
 

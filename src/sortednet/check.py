@@ -203,8 +203,12 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
         missing = [k for k in g.bindings if k not in bound]
         if missing:
             lst = ", ".join(f"{r}={p!r}" for p, r in missing[:8]) + (" ..." if len(missing) > 8 else "")
+            alone = len(mine) == 1 and sum(d is d0 for d in bound.values()) > 1
             problems.append(f"{d0.kind} {d0.name!r}: {p0!r} ({r0}=) shares its {g.size} features with modules it "
-                            f"does not slice; add {lst}")
+                            f"does not slice; add {lst}" + (
+                                f"; or, if {p0!r} uses another axis of the same size (none of the dimension's "
+                                "other modules reads or writes these features; e.g. a token-mixing layer's "
+                                f"sequence axis), remove {r0}={p0!r}" if alone else ""))
         elif g.fixed is not None:
             own = next((p for p, m in nest._sliced.items() if p and f"'{p}." in g.fixed and any(
                 b.dim is d0 for b in m._sn.bind.values())), None)
