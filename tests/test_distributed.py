@@ -76,6 +76,12 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
 def _build(family: str, mode: str):
     case = FAMILIES[family](seed=0)
     nest = sn.wrap(case.model, *case.dims, inplace_grad=mode != "ddp_unused")
+    if family == "mlp_rank_lora":  # adapters as a resumed run has them: wrap starts B at zero, which hid FSDP2
+        g = torch.Generator().manual_seed(7)  # writing B·A into the frozen base weight at its first forward
+        with torch.no_grad():
+            for name, p in case.model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return case, nest
 
 

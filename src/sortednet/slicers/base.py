@@ -346,8 +346,11 @@ class Slicer:
                     if e.__class__ is View:
                         return e.take(self_, st)
                     if e is DYNAMIC:
-                        return st.slicer.value(self_, name)
-                    return e
+                        t = self_._parameters.get(name)
+                        if t is not None and is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m,
+                            return t  # name) and must get its parameter back, never a value computed from it
+                        return st.slicer.value(self_, name)  # (a LoRA weight W0 + B·A: it took that for its
+                    return e                                  # parameter and wrote it into the base)
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
                 except SortedNetError:
