@@ -164,6 +164,15 @@ def _errors(rank: int, out_dir: str) -> dict:
         before = [nest.cost(s) for s in nest.submodels]
         fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
         costs[fam] = (before, [nest.cost(s) for s in nest.submodels])
+        if fam == "mlp":  # a read of a sharded parameter at rest that the sub-model would cut: refused, not whole
+            from sortednet.views import is_sharded
+            out["read_at_rest_full"] = is_sharded(case.model.fc1.weight)
+            try:
+                with nest.use(nest.smallest):
+                    case.model.fc1.weight  # noqa: B018
+                out["read_at_rest_small"] = "accepted"
+            except sn.SortedNetError as e:
+                out["read_at_rest_small"] = str(e)
         try:
             nest.export(nest.smallest)
         except sn.SortedNetError as e:
@@ -188,6 +197,25 @@ def _errors(rank: int, out_dir: str) -> dict:
         sn.wrap(case.model, *case.dims)
     except sn.SortedNetError as e:
         out["wrap_after_fully_shard"] = str(e)
+    # tensor parallelism after wrap: its DTensor parameters stay sharded inside the forward, where a slice of
+    # the local shard is not the sub-model's: refused by name (was: the whole tensor, the full-size layers run
+    # under the smallest sub-model in silence, 0.68 off); the full model runs as before
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    with torch.no_grad():
+        want = case.model(case.example)
+    parallelize_module(case.model, init_device_mesh("cpu", (WORLD,)),
+                       {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    with torch.no_grad():
+        got = case.model(case.example)
+        out["tp_full"] = ((got.full_tensor() if hasattr(got, "full_tensor") else got) - want).abs().max().item()
+        try:
+            with nest.use(nest.smallest):
+                case.model(case.example)
+            out["tp_small"] = "accepted"
+        except sn.SortedNetError as e:
+            out["tp_small"] = str(e)
     case, nest = _build("mlp", "ddp")
     ddp = snd.guard(DDP(case.model, find_unused_parameters=True), nest)
     try:  # plain sn.accumulate through DDP's reducer: unchecked agreement of the ranks, skipped blocks awaited
@@ -538,6 +566,9 @@ def test_misuse_raises_clear_errors(run):
     _, results = run
     errs = results["errors"]
     assert "wrap before fully_shard" in errs.get("wrap_after_fully_shard", "")
+    assert errs["tp_full"] < 1e-5 and "fc1.weight is a DTensor" in errs["tp_small"]
+    assert "Tensor parallelism" in errs["tp_small"]
+    assert errs["read_at_rest_full"] and "fc1.weight is a DTensor" in errs["read_at_rest_small"]
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
     assert "static_graph" in errs.get("static_graph", "")
     msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran

@@ -34,7 +34,7 @@ from .errors import SortedNetError
 if TYPE_CHECKING:
     from .dims import Binding
 
-__all__ = ["SliceInto", "View", "DYNAMIC", "STATIC", "cut", "cuts_for", "view", "narrow", "is_sharded",
+__all__ = ["SliceInto", "View", "DYNAMIC", "STATIC", "cut", "cuts_for", "view", "narrow", "is_sharded", "sharded_read",
            "accumulates_plainly"]
 
 Cuts = tuple[tuple[int, int, int], ...]
@@ -66,6 +66,36 @@ def is_sharded(t: object) -> bool:
         return False
     kind = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # None while another thread is
     return kind is not None and isinstance(t, kind)                                # still importing the module
+
+
+def fsdp_reading(depth: int = 8) -> bool:
+    """Whether FSDP2's own code (``torch.distributed.fsdp``) is among the last ``depth`` callers: its
+    bookkeeping finds its sharded parameters again with ``getattr(module, name)`` (lazy init at the first
+    forward, ``.to()``, ``load_state_dict``) and must get the parameter itself back."""
+    f = sys._getframe(1)
+    for _ in range(depth):
+        if f is None:
+            return False
+        if f.f_globals.get("__name__", "").startswith("torch.distributed.fsdp"):
+            return True
+        f = f.f_back
+    return False
+
+
+def sharded_read(t: Tensor, cutting: bool, st: Any, name: str) -> Tensor:
+    """A DTensor parameter read through a sliced attribute: FSDP2's bookkeeping and reads the active
+    sub-model does not cut get it whole; any other read that the sub-model would cut is refused. Such a read
+    is tensor parallelism (its DTensors stay sharded in the forward, where a slice of the local shard is not
+    the sub-model's slice) or a read of FSDP2's sharded parameter outside a forward: handing the whole tensor
+    out would run the full-size layer under the sub-model, in silence."""
+    if not cutting or fsdp_reading():
+        return t
+    where = f"{st.path + '.' if st.path else ''}{name}"
+    raise SortedNetError(f"{where} is a DTensor ({getattr(t, 'placements', '?')}) where the active sub-model cuts "
+                         "it: sortednet slices plain tensors only. Tensor parallelism (parallelize_module, "
+                         "DTensor parameters inside the forward) is not supported; FSDP2 (fully_shard) is, and "
+                         "its sharded parameters are plain inside the forward: read sliced attributes there, or "
+                         "outside use(...) (the full model)")
 
 
 def fsdp_units(module: nn.Module) -> list[nn.Module]:
@@ -548,7 +578,7 @@ class View:
                                      "deleted after wrap); nest.unwrap() first, change the module, then wrap again")
         tp = type(t)
         if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
-            return t  # FSDP2 at rest: its bookkeeping must get its sharded parameter back
+            return sharded_read(t, bool(self.cuts) or self.segs is not None, st, self.name)
         if self.segs is None:
             return narrow(t, self.cuts, st)
         return view(t, self.cuts, self.segs, st, self.name, m)

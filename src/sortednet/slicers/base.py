@@ -27,11 +27,13 @@ from ..views import (
     _grad_enabled,
     cut,
     cuts_for,
+    fsdp_reading,
     fx_refused,
     fx_tracing,
     is_sharded,
     narrow,
     new_lock,
+    sharded_read,
     view,
 )
 from ..views import SliceInto as _SliceInto  # noqa: F401  (kept importable: sortednet.slicers._SliceInto)
@@ -308,10 +310,10 @@ class Slicer:
             t = m._buffers.get(name)
             if t is None:
                 return None
-        if is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and
-            return t       # must get its sharded parameter back, never a slice of it
         st: State = m.__dict__["_sn"]
         cuts, segs = cuts_for(t.shape, st.bind, axes, st.sizes())
+        if is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and must get its sharded
+            return sharded_read(t, bool(cuts) or segs is not None, st, name)  # parameter back, never a slice
         return view(t, cuts, segs, st, name, m)
 
     def features(self, m: nn.Module, role: str, full: int) -> int:
@@ -347,10 +349,10 @@ class Slicer:
                         return e.take(self_, st)
                     if e is DYNAMIC:
                         t = self_._parameters.get(name)
-                        if t is not None and is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m,
-                            return t  # name) and must get its parameter back, never a value computed from it
-                        return st.slicer.value(self_, name)  # (a LoRA weight W0 + B·A: it took that for its
-                    return e                                  # parameter and wrote it into the base)
+                        if t is not None and is_sharded(t) and fsdp_reading():  # FSDP2's bookkeeping must get
+                            return t  # its parameter back, never a value computed from it (a LoRA weight
+                        return st.slicer.value(self_, name)  # W0 + B·A: it took that for the parameter and
+                    return e                                  # wrote it into the base)
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
                 except SortedNetError:
