@@ -68,16 +68,16 @@ def is_sharded(t: object) -> bool:
     return kind is not None and isinstance(t, kind)                                # still importing the module
 
 
-def fsdp_reading(depth: int = 8) -> bool:
-    """Whether FSDP2's own code (``torch.distributed.fsdp``) is among the last ``depth`` callers: its
-    bookkeeping finds its sharded parameters again with ``getattr(module, name)`` (lazy init at the first
-    forward, ``.to()``, ``load_state_dict``) and must get the parameter itself back."""
+def fsdp_reading() -> bool:
+    """Whether the code reading a sliced attribute (the first caller outside sortednet) is FSDP2's own
+    (``torch.distributed.fsdp``): its bookkeeping finds its sharded parameters again with
+    ``getattr(module, name)`` (lazy init at the first forward, ``.to()``, ``load_state_dict``) and must get
+    the parameter itself back."""
     f = sys._getframe(1)
-    for _ in range(depth):
-        if f is None:
-            return False
-        if f.f_globals.get("__name__", "").startswith("torch.distributed.fsdp"):
-            return True
+    while f is not None:
+        name = f.f_globals.get("__name__", "")
+        if not (name == "sortednet" or name.startswith("sortednet.")):
+            return name.startswith("torch.distributed.fsdp")
         f = f.f_back
     return False
 
