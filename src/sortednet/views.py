@@ -77,7 +77,7 @@ def fsdp_reading() -> bool:
     while f is not None:
         name = f.f_globals.get("__name__", "")
         if not (name == "sortednet" or name.startswith("sortednet.")):
-            return name.startswith("torch.distributed.fsdp")
+            return name.startswith(("torch.distributed.fsdp", "torch.distributed._composable.fsdp"))  # (torch < 2.6)
         f = f.f_back
     return False
 
