@@ -101,9 +101,9 @@ def sharded_read(t: Tensor, cutting: bool, st: Any, name: str) -> Tensor:
 def fsdp_units(module: nn.Module) -> list[nn.Module]:
     """The modules of ``module`` that ``fully_shard`` made FSDP2 units (their parameters may be unsharded
     plain tensors between a forward and its backward, so the parameter types alone cannot tell)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    kind = getattr(fsdp, "FSDPModule", None)
-    return [] if kind is None else [m for m in module.modules() if isinstance(m, kind)]
+    kinds = tuple(k for mod in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")  # (torch < 2.6:
+                  if (k := getattr(sys.modules.get(mod), "FSDPModule", None)) is not None)  # the latter)
+    return [m for m in module.modules() if isinstance(m, kinds)] if kinds else []
 
 
 def is_fsdp(module: nn.Module) -> bool:
