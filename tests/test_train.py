@@ -445,6 +445,25 @@ def test_fit_refuses_a_loader_that_yields_no_batch(loader):
     assert hist.train == [] and [e["step"] for e in hist.evals] == [4]
 
 
+def test_fit_refuses_float_targets_for_its_default_loss_before_any_forward():
+    """A regression's float targets met the default F.cross_entropy, which reads them as class probabilities:
+    fit trained on a meaningless loss (negative values) in silence. Refused before the first forward (the
+    BatchNorm statistics stay); a loss of the user's, or F.cross_entropy passed explicitly (soft labels), runs."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", norm="1", inp="3"))
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt, sampler = torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2, seed=0)
+    with pytest.raises(sn.SortedNetError, match=r"torch.float32, shape \(32, 3\).*loss_fn=.*F.mse_loss"):
+        sn.fit(nest, [(x, y)] * 3, opt, sampler, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    hist = sn.fit(nest, [(x, y)] * 3, opt, sampler, loss_fn=F.mse_loss, progress=False)
+    assert len(hist.train) == 3 and all(v >= 0 for rec in hist.train for v in rec["losses"].values())
+    soft = torch.softmax(torch.randn(32, 3), -1)
+    assert len(sn.fit(nest, [(x, soft)], opt, sampler, loss_fn=F.cross_entropy, progress=False).train) == 1
+
+
 def test_fit_over_a_loader_that_cannot_restart_warns_and_keeps_what_trained():
     x, y = toy_batch(0)
     m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))

@@ -553,7 +553,7 @@ def _groups(n: int) -> list[str]:
 
 
 def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Optimizer, sampler: Sampler, *,
-        epochs: int = 1, loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy, distill: Distill | None = None,
+        epochs: int = 1, loss_fn: Callable[[Any, Any], Tensor] | None = None, distill: Distill | None = None,
         eval_data: Any = None, eval_every: int | None = None, metric: Callable[[Any, Any], Any] | None = None,
         start_step: int = 0, scheduler: Any = None, progress: bool = True, device: torch.device | str | None = None,
         nonfinite: str = "skip") -> History:
@@ -564,6 +564,10 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     ``profile``, ``calibrate``, ``check``); each batch is one optimizer step
     numbered from ``start_step`` (to resume, pass the step reached and the
     remaining batches; the sampler then draws what the uninterrupted run would).
+    ``loss_fn(output, target)``: by default ``F.cross_entropy`` on class-index targets; float targets are
+    refused with the default before any forward (``F.cross_entropy`` would read them as class probabilities,
+    so a regression trained in silence on a meaningless loss): pass ``loss_fn=F.mse_loss`` (or your loss) for a
+    regression, ``loss_fn=F.cross_entropy`` itself for soft labels.
     A tqdm bar shows the running loss of small / medium / large sub-models.
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) whenever
     the step count (continued from ``start_step``) reaches a multiple of
@@ -606,7 +610,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                              f"{type(optimizer).__name__}")
     if not isinstance(sampler, Sampler):
         raise SortedNetError(f"fit() needs an sn.Sampler, got {type(sampler).__name__}")
-    if not callable(loss_fn):
+    if loss_fn is not None and not callable(loss_fn):
         raise SortedNetError(f"fit(loss_fn=...) takes a callable loss_fn(output, target), got {loss_fn!r}")
     if loader is None or isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
         raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
@@ -742,10 +746,16 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                                          f"{type(batch).__name__}" + (f" of {len(batch)} items" if
                                                                       isinstance(batch, (tuple, list)) else ""))
                 x, y = _to(batch[0], device), _to(batch[1], device)
+                if loss_fn is None and isinstance(y, Tensor) and (y.is_floating_point() or y.is_complex()):
+                    raise SortedNetError(
+                        f"fit(): the targets of step {step} are {y.dtype}, shape {tuple(y.shape)}, and the default "
+                        "loss is F.cross_entropy on class indices (it would read float targets as class "
+                        "probabilities: a regression would train on a meaningless loss); pass loss_fn=, e.g. "
+                        "F.mse_loss for a regression, or F.cross_entropy itself for soft labels")
 
                 def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor]:
                     out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
-                    return loss_fn(out, y), out
+                    return (F.cross_entropy if loss_fn is None else loss_fn)(out, y), out
 
                 subs = sampler.draw(step)
                 try:
