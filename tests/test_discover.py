@@ -131,6 +131,39 @@ def test_finding_nothing_says_why():
         assert sn.discover(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x)
 
 
+class _GatedAfterMLP(nn.Module):
+    """A free MLP width, then a width scaled by a raw parameter (a layer scale): one group found, one kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.a, self.g, self.b = nn.Linear(8, 16), nn.Parameter(torch.ones(16)), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = x + self.down(torch.relu(self.up(x)))
+        return self.b(self.a(h) * self.g)
+
+
+@pytest.mark.parametrize("arch_name", ["vit_timm", "unet"])
+def test_a_result_that_leaves_groups_whole_says_which_and_why(arch_name):
+    """discover returned the groups it found and dropped the others in silence (a user never learned that the
+    residual width of a ViT, or a U-Net's concatenated skips, stay whole): a KeptWholeWarning names them with
+    the reason; a model with nothing kept whole (resnet18) gets no warning."""
+    from sortednet.discovery import KeptWholeWarning
+
+    with pytest.warns(KeptWholeWarning, match=r"returns 1 declaration.*\['a'\] \(16 features\): parameter 'g'"):
+        dims = sn.discover(_GatedAfterMLP(), torch.randn(2, 8), ratios=[0.5, 1.0])
+    assert [d.name for d in dims] and dims[0].spec()["out"] == ["up"]
+    model, x = arch.build(arch_name)
+    reason = {"vit_timm": "parameter 'cls_token'", "unet": "concatenated by 'cat'"}[arch_name]
+    with pytest.warns(KeptWholeWarning, match=f"kept whole: .*{reason}"):
+        assert sn.discover(model, x, ratios=[0.5, 1.0])
+    model, x = arch.build("resnet18")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sn.discover(model, x, ratios=[0.5, 1.0])
+
+
 def test_heads_that_would_crash_are_dropped():
     torch.manual_seed(0)
     model = arch.TimmViT(reshape_c=True).eval()        # timm's reshape(B, N, C): fewer heads cannot run

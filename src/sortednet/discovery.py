@@ -305,16 +305,43 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     found = _verified(model, example, dims) if verify and dims else dims
     if not found:
         warnings.warn(_none_found(coupling, len(dims)), stacklevel=2)
+    elif (kept := _kept_whole(coupling)) or len(found) < len(dims):
+        warnings.warn(KeptWholeWarning(_partly_found(kept, len(dims) - len(found), len(found))), stacklevel=2)
     return found
+
+
+class KeptWholeWarning(UserWarning):
+    """``discover`` returned declarations, and left other groups of features out (kept whole, with the reason
+    the trace gives: a raw parameter such as a class token or a layer scale, a concatenation, an op it does not
+    understand), or dropped declarations that failed their dry run: the result slices part of the model."""
+
+
+def _kept_whole(c: Coupling) -> list[Any]:
+    """Groups the trace keeps whole for a reason inside the model (not the network's input or output)."""
+    return [g for g in c.groups if g.fixed is not None and g.size >= 2 and g.roles("out")
+            and g.fixed not in ("the network input", "the network output")]
+
+
+def _why(kept: list[Any]) -> str:
+    return ("; ".join(f"{g.roles('out')[:2]} ({g.size} features): {g.fixed}" for g in kept[:4])
+            + (f" (and {len(kept) - 4} more)" if len(kept) > 4 else ""))
+
+
+def _partly_found(kept: list[Any], dropped: int, found: int) -> str:
+    return (f"discover() returns {found} declaration(s) and leaves part of the model unsliced"
+            + (f"; kept whole: {_why(kept)}" if kept else "")
+            + (f"; {dropped} declaration(s) failed their dry run" if dropped else "")
+            + ". To slice those features too, declare sn.Width(...) by hand (docs/width.md) or give a tensor the "
+              "model reads raw a slicer (docs/custom_slicers.md); warnings.simplefilter('ignore', "
+              "sortednet.discovery.KeptWholeWarning) silences this")
 
 
 def _none_found(c: Coupling, dropped: int) -> str:
     """Why discover returns no declaration: the groups it had to keep whole, with their reasons."""
-    kept = [g for g in c.groups if g.fixed is not None and g.size >= 2 and g.roles("out")
-            and g.fixed not in ("the network input", "the network output")]
-    why = "; ".join(f"{g.roles('out')[:2]} ({g.size} features): {g.fixed}" for g in kept[:4])
+    kept = _kept_whole(c)
+    why = _why(kept)
     return ("discover() found no group it can slice safely, so wrapping with its result gives a nest of the full "
             "model alone" + (f"; {dropped} declaration(s) failed their dry run" if dropped else "")
-            + (f"; kept whole: {why}" + (f" (and {len(kept) - 4} more)" if len(kept) > 4 else "") if kept else "")
+            + (f"; kept whole: {why}" if kept else "")
             + ". Declare sn.Width(...) by hand for such parts (docs/width.md), or give a tensor the model reads "
               "raw a slicer (docs/custom_slicers.md)")
