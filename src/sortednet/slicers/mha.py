@@ -161,8 +161,15 @@ class MHASlicer(Slicer):
                 "export would drop); register a slicer for it (docs/custom_slicers.md) or leave it out of the "
                 "dimension")
         if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-            raise PatternError(f"{path!r}: MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or "
-                               "add_zero_attn cannot be sliced")
+            what = ", ".join(w for w, on in [(f"kdim={m.kdim}, vdim={m.vdim} != embed_dim={m.embed_dim} (separate "
+                                              "q/k/v weights)", not m._qkv_same_embed_dim),
+                                             ("add_bias_kv", m.bias_k is not None),
+                                             ("add_zero_attn", m.add_zero_attn)] if on)
+            raise PatternError(f"{path!r}: nn.MultiheadAttention with {what} cannot be sliced (sortednet's "
+                               "attention for smaller sub-models reads the packed in_proj_weight only); leave it out "
+                               "of the dimension (it then runs whole in every sub-model), or write the attention "
+                               "with separate q/k/v nn.Linear layers, which Heads slices with qkv=(...), o=... "
+                               "(docs/heads.md)")
 
     def value(self, m: nn.Module, name: str) -> Any:
         if name == "in_proj_weight":
