@@ -628,6 +628,40 @@ def test_group_norms_of_several_group_sizes_take_the_least_common_multiple():
     assert d.sizes == (6, 12) and set(d.norm) == {"g1", "g2"}
 
 
+class _OneGroupNorm(nn.Module):
+    """GroupNorm(1, C), the "LayerNorm for conv" idiom, next to GroupNorm(4, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16)
+        self.c2, self.gn2, self.head = nn.Conv2d(16, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.gn2(self.c2(torch.relu(self.gn(self.c1(x))))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_one_group_norm_shrinks_as_one_group_of_the_active_channels():
+    """GroupNorm(1, C) was refused at every smaller size ("16 channels per group; sizes not multiples of 16")
+    and left whole by discover: it is one group of the active channels, exported as GroupNorm(1, c)."""
+    torch.manual_seed(0)
+    model, x = _OneGroupNorm(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    dims = sn.discover(model, x, ratios=[0.25, 0.5, 1.0])
+    assert [(d.sizes, d.norm) for d in dims] == [((4, 8, 16), ("gn",)), ((2, 4, 8), ("gn2",))]
+    nest = sn.wrap(model, *dims, example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+        for sub in nest.submodels:
+            small = nest.export(sub)
+            assert (small.gn.num_groups, small.gn.num_channels) == (1, sub[dims[0].name])
+            with nest.use(sub):
+                torch.testing.assert_close(model(x), small(x), rtol=1e-5, atol=1e-6)
+        sort_units(nest, "l1", example=x)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_sort_units_on_units_read_in_order_names_the_cause():
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
     model.append(_Cumsum()).append(nn.Linear(16, 2))

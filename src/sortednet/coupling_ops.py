@@ -22,6 +22,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
 from .slicers.base import own_forward, slicer_for
+from .slicers.norm import group_size
 
 __all__ = ["handle", "module", "attention_block", "Attention"]
 
@@ -432,7 +433,7 @@ def _functional_norm(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
     a.uf.bind(xv[axis], path, "norm")
     if isinstance(m, nn.GroupNorm):
         r = a.uf.find(xv[axis])
-        a.uf.mult[r] = math.lcm(a.uf.mult[r], m.__dict__["num_channels"] // m.__dict__["num_groups"])
+        a.uf.mult[r] = math.lcm(a.uf.mult[r], group_size(m))
     return True
 
 
@@ -494,7 +495,7 @@ def module(a, ev) -> None:
         a.uf.bind(xv[axis], path, "norm")
         if isinstance(m, nn.GroupNorm):
             r = a.uf.find(xv[axis])
-            a.uf.mult[r] = math.lcm(a.uf.mult[r], m.__dict__["num_channels"] // m.__dict__["num_groups"])
+            a.uf.mult[r] = math.lcm(a.uf.mult[r], group_size(m))
     elif isinstance(m, nn.PReLU):  # one slope per channel (axis 1, or 0 for a 1-d input), or one shared
         if y.shape != x.shape:
             return a.unknown(ev)

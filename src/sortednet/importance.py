@@ -37,6 +37,7 @@ from .coupling_ops import leaves
 from .errors import SortedNetError
 from .modes import dry_run, eval_mode, finish_all, seeded, train_view
 from .plan import Use
+from .slicers.norm import group_size
 from .submodel import SubModel
 from .views import is_fsdp, storage_key, world_size
 
@@ -124,7 +125,7 @@ def _groups(nest: Nest, example: Any) -> list[tuple[str, Any, list[_Bind], int]]
             block = 1
             for b in part:
                 if type(b.m._sn.slicer).__name__ == "GroupNormSlicer":
-                    block = math.lcm(block, b.m.__dict__["num_channels"] // b.m.__dict__["num_groups"])
+                    block = math.lcm(block, group_size(b.m))
                 block = max(block, b.div)
             out.append((f"{d.name}@{where}", d, part, block))
     return out

@@ -159,6 +159,14 @@ class LayerNormSlicer(Slicer):
         return self.take(m, name, [(0, "norm")])
 
 
+def group_size(m: nn.Module) -> int:
+    """Channels a sub-model keeps or drops together in GroupNorm ``m``: its channels per group (the group
+    count follows the active channels), or 1 for ``GroupNorm(1, C)``, which stays one group of the active
+    channels (normalised together, as a LayerNorm over fewer features)."""
+    g = m.__dict__["num_groups"]
+    return 1 if g == 1 else m.__dict__["num_channels"] // g
+
+
 @slicer(nn.GroupNorm)
 class GroupNormSlicer(Slicer):
     roles = ("norm",)
@@ -170,7 +178,7 @@ class GroupNormSlicer(Slicer):
         return m.__dict__["num_channels"]
 
     def check(self, m: nn.Module, bind: dict, path: str) -> None:
-        per = m.__dict__["num_channels"] // m.__dict__["num_groups"]
+        per = group_size(m)
         b = bind["norm"]
         bad = [s for s in b.dim.sizes if b.features(s) % per]
         if bad:
@@ -182,7 +190,7 @@ class GroupNormSlicer(Slicer):
         if name == "num_channels":
             return c
         if name == "num_groups":
-            return c // (m.__dict__["num_channels"] // m.__dict__["num_groups"])
+            return c // group_size(m) if m.__dict__["num_groups"] != 1 else 1
         return self.take(m, name, [(0, "norm")])
 
 
