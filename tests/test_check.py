@@ -833,6 +833,25 @@ def test_a_binding_on_an_axis_of_the_same_size_is_named_with_both_ways_out():
     assert "add out='ch2'" in str(e.value) and "remove" not in str(e.value)
 
 
+class _LayerScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gamma, self.b = nn.Linear(8, 16), nn.Parameter(torch.ones(16)), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.gamma)
+
+
+def test_features_reaching_a_raw_parameter_name_the_way_to_slice_them():
+    """A layer scale read raw: the message said only "remove that binding", which gives up the width the user
+    wants; it now also says how to slice it (the parameter in a module with a slicer)."""
+    with pytest.raises(sn.SortedNetError) as e:
+        sn.wrap(_LayerScaled(), sn.Width("h", [8, 16], out="a", inp="b"), example=torch.randn(2, 8))
+    msg = str(e.value)
+    assert "reach parameter 'gamma'" in msg and "remove that binding" in msg
+    assert "hold 'gamma' in a module a slicer serves" in msg and "custom_slicers.md" in msg
+
+
 class _Affine(nn.Module):
     """A module of the user's with non-standard parameter names."""
 

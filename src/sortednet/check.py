@@ -222,8 +222,13 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
                 problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, of a "
                                 f"module it does not slice; add {hint}")
             else:
+                raw = re.fullmatch(r"parameter '(.+)'", g.fixed)
                 problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, so they "
-                                "cannot shrink; remove that binding")
+                                "cannot shrink; remove that binding" + (
+                                    f", or, to slice them, hold {raw.group(1)!r} in a module a slicer serves "
+                                    "(nn.LayerNorm / nn.RMSNorm for a norm weight; a small module of yours with "
+                                    "@sn.slicer for a layer scale or a token: docs/custom_slicers.md) and bind "
+                                    "that module" if raw else ""))
     return problems
 
 
