@@ -662,6 +662,42 @@ def test_one_group_norm_shrinks_as_one_group_of_the_active_channels():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
 
 
+class _CallsGroupNorm(nn.Module):
+    """A forward calling F.group_norm with a group count of its own on a GroupNorm's weights."""
+
+    def __init__(self, call_groups: int, module_groups: int):
+        super().__init__()
+        self.call_groups = call_groups
+        self.c0, self.gn = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(module_groups, 16)
+        self.c1, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.group_norm(self.c0(x), self.call_groups, self.gn.weight, self.gn.bias)
+        return self.fc(self.c1(F.relu(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("call_groups, module_groups", [(4, 1), (2, 4), (1, 1), (4, 4)])
+def test_a_group_norm_call_with_its_own_group_count_is_not_taken_for_the_modules(call_groups, module_groups):
+    """F.group_norm(h, 4, gn.weight, gn.bias) on a GroupNorm(1, 16): discover sliced the channels by the module's
+    rule (one group of the active channels) while the call cut 4 groups anew at every width (the sub-model's
+    norm 0.69 off the full model's on the kept channels, live == export, no word); a GroupNorm(4, 16) called with
+    2 groups was as silent. Now the channels are kept whole and a hand-written Width is refused by name; a
+    call with the module's own count is sliced as before."""
+    torch.manual_seed(0)
+    model, x = _CallsGroupNorm(call_groups, module_groups).eval(), torch.randn(2, 3, 8, 8)
+    own = call_groups == module_groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dims = sn.discover(model, x, ratios=[0.25, 0.5, 1.0])
+    assert any(d.spec().get("norm") == ["gn"] for d in dims) == own
+    decl = sn.Width("w", [4, 16], out="c0", inp="c1", norm="gn")
+    if own:
+        sn.wrap(model, decl, example=x).unwrap()
+    else:
+        with pytest.raises(sn.SortedNetError, match=f"regrouped by 'group_norm'.*{call_groups} groups of its own"):
+            sn.wrap(model, decl, example=x)
+
+
 def test_sort_units_on_units_read_in_order_names_the_cause():
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
     model.append(_Cumsum()).append(nn.Linear(16, 2))

@@ -55,7 +55,7 @@ def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
 #: a prefix of what the op makes of it (a slice or an index, chunk / split / unbind, concatenation, roll / flip,
 #: a reshape that splits or merges the axis): a sub-model computes on other units than the full model, with shapes
 #: that fit
-_MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|"
+_MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|regrouped by|"
                     r"merges or splits this axis")
 
 

@@ -355,7 +355,7 @@ def handle(a, ev) -> bool:
     if name in _REORDER and len(outs) == 1 and outs[0].shape == x.shape:
         return _reorder(a, ev, x, outs[0], why)
     if name in _FUNCTIONAL_NORM:
-        return _functional_norm(a, ev, x, outs)
+        return _functional_norm(a, ev, x, outs, why)
     return False
 
 
@@ -398,7 +398,7 @@ _FUNCTIONAL_NORM: dict[str, tuple[tuple[type, ...], tuple[str | None, ...]]] = {
 }
 
 
-def _functional_norm(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
+def _functional_norm(a, ev, x: Tensor, outs: list[Tensor], why: str = "") -> bool:
     """``F.batch_norm`` / ``layer_norm`` / ``rms_norm`` / ``group_norm`` reading exactly the tensors of one norm
     module of a kind sortednet slices (its parameters and buffers under their own names): that module's
     ``norm`` role on the normalised axis, the output's axes the input's. Anything else (tensors of another
@@ -421,6 +421,15 @@ def _functional_norm(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
         own = m._parameters.get(n) if n in m._parameters else m._buffers.get(n)
         if own is not t or a.params.get(id(t)) != (f"{path}.{n}" if path else n):
             return False
+    groups = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("num_groups")
+    if isinstance(m, nn.GroupNorm) and groups != m.__dict__["num_groups"]:  # a group count of the call's own
+        axis = 1 if x.dim() > 1 else 0  # (F.group_norm(h, 4, gn.weight, ...) on a GroupNorm(1, C)): the module's
+        xv = a.of(x)                    # rule (its groups follow the channels) is not the call's, whose groups
+        a.uf.bind(xv[axis], path, "norm")  # a sub-model would cut anew: the channels are fixed, named
+        a.uf.fix(xv[axis], f"regrouped by {why or repr(ev.name)}: {groups} groups of its own where "
+                           f"{path!r} has {m.__dict__['num_groups']}")
+        a.assign(outs[0], [[] if i == axis else [v] for i, v in enumerate(xv)], path)
+        return True
     if isinstance(m, _NORM_LAST):
         shape = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("normalized_shape")
         if tuple(shape) != (x.shape[-1],):
