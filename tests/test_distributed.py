@@ -173,6 +173,14 @@ def _errors(rank: int, out_dir: str) -> dict:
                 out["read_at_rest_small"] = "accepted"
             except sn.SortedNetError as e:
                 out["read_at_rest_small"] = str(e)
+            # torch.distributed's bookkeeping walks the names with getattr: whole tensors inside use(small) too
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+            outside = get_model_state_dict(case.model)
+            with nest.use(nest.smallest):
+                inside = get_model_state_dict(case.model)
+                snd.save(nest, os.path.join(out_dir, f"inside-use-{rank}.safetensors"))
+            out["dcp_inside_use"] = sorted(inside) == sorted(outside) and all(
+                inside[k].shape == outside[k].shape for k in outside)
         try:
             nest.export(nest.smallest)
         except sn.SortedNetError as e:
@@ -569,6 +577,7 @@ def test_misuse_raises_clear_errors(run):
     assert errs["tp_full"] < 1e-5 and "fc1.weight is a DTensor" in errs["tp_small"]
     assert "Tensor parallelism" in errs["tp_small"]
     assert errs["read_at_rest_full"] and "fc1.weight is a DTensor" in errs["read_at_rest_small"]
+    assert errs["dcp_inside_use"]
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
     assert "static_graph" in errs.get("static_graph", "")
     msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran

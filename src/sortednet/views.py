@@ -69,15 +69,16 @@ def is_sharded(t: object) -> bool:
 
 
 def fsdp_reading() -> bool:
-    """Whether the code reading a sliced attribute (the first caller outside sortednet) is FSDP2's own
-    (``torch.distributed.fsdp``): its bookkeeping finds its sharded parameters again with
-    ``getattr(module, name)`` (lazy init at the first forward, ``.to()``, ``load_state_dict``) and must get
-    the parameter itself back."""
+    """Whether the code reading a sliced attribute (the first caller outside sortednet) is torch.distributed's
+    own bookkeeping: FSDP2 finds its sharded parameters again with ``getattr(module, name)`` (lazy init at the
+    first forward, ``.to()``, ``load_state_dict``), distributed checkpointing walks parameter names with it
+    (``get_model_state_dict``, ``get_optimizer_state_dict``): they must get the parameter itself back. A
+    forward's read (tensor parallelism) comes from the module's own code (``torch.nn``, the user's)."""
     f = sys._getframe(1)
     while f is not None:
         name = f.f_globals.get("__name__", "")
         if not (name == "sortednet" or name.startswith("sortednet.")):
-            return name.startswith(("torch.distributed.fsdp", "torch.distributed._composable.fsdp"))  # (torch < 2.6)
+            return name.startswith("torch.distributed.")
         f = f.f_back
     return False
 
