@@ -421,7 +421,7 @@ def _functional_norm(a, ev, x: Tensor, outs: list[Tensor], why: str = "") -> boo
         own = m._parameters.get(n) if n in m._parameters else m._buffers.get(n)
         if own is not t or a.params.get(id(t)) != (f"{path}.{n}" if path else n):
             return False
-    groups = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("num_groups")
+    groups = (ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("num_groups")) if ev.name == "group_norm" else None
     if isinstance(m, nn.GroupNorm) and groups != m.__dict__["num_groups"]:  # a group count of the call's own
         axis = 1 if x.dim() > 1 else 0  # (F.group_norm(h, 4, gn.weight, ...) on a GroupNorm(1, C)): the module's
         xv = a.of(x)                    # rule (its groups follow the channels) is not the call's, whose groups

@@ -68,7 +68,7 @@ def is_sharded(t: object) -> bool:
     return kind is not None and isinstance(t, kind)                                # still importing the module
 
 
-def fsdp_reading() -> bool:
+def distributed_bookkeeping() -> bool:
     """Whether the code reading a sliced attribute (the first caller outside sortednet) is torch.distributed's
     own bookkeeping: FSDP2 finds its sharded parameters again with ``getattr(module, name)`` (lazy init at the
     first forward, ``.to()``, ``load_state_dict``), distributed checkpointing walks parameter names with it
@@ -89,7 +89,7 @@ def sharded_read(t: Tensor, cutting: bool, st: Any, name: str) -> Tensor:
     is tensor parallelism (its DTensors stay sharded in the forward, where a slice of the local shard is not
     the sub-model's slice) or a read of FSDP2's sharded parameter outside a forward: handing the whole tensor
     out would run the full-size layer under the sub-model, in silence."""
-    if not cutting or fsdp_reading():
+    if not cutting or distributed_bookkeeping():
         return t
     where = f"{st.path + '.' if st.path else ''}{name}"
     raise SortedNetError(f"{where} is a DTensor ({getattr(t, 'placements', '?')}) where the active sub-model cuts "

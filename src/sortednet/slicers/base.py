@@ -27,7 +27,7 @@ from ..views import (
     _grad_enabled,
     cut,
     cuts_for,
-    fsdp_reading,
+    distributed_bookkeeping,
     fx_refused,
     fx_tracing,
     is_sharded,
@@ -349,10 +349,10 @@ class Slicer:
                         return e.take(self_, st)
                     if e is DYNAMIC:
                         t = self_._parameters.get(name)
-                        if t is not None and is_sharded(t) and fsdp_reading():  # FSDP2's bookkeeping must get
-                            return t  # its parameter back, never a value computed from it (a LoRA weight
-                        return st.slicer.value(self_, name)  # W0 + B·A: it took that for the parameter and
-                    return e                                  # wrote it into the base)
+                        if t is not None and is_sharded(t) and distributed_bookkeeping():  # FSDP2 must get its
+                            return t  # parameter back, never a value computed from it (a LoRA weight W0 + B·A:
+                        return st.slicer.value(self_, name)  # it took that for the parameter and wrote it into
+                    return e                                  # the base)
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
                 except SortedNetError:

@@ -190,7 +190,7 @@ class GroupNormSlicer(Slicer):
         if name == "num_channels":
             return c
         if name == "num_groups":
-            return c // group_size(m) if m.__dict__["num_groups"] != 1 else 1
+            return 1 if m.__dict__["num_groups"] == 1 else c // group_size(m)
         return self.take(m, name, [(0, "norm")])
 
 
