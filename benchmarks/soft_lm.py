@@ -122,7 +122,7 @@ def evaluate(model: GPT2LMHeadModel, val_batches: list[torch.Tensor], exits: lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 2000; --quick: 20)")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--width", type=int, default=96)
     ap.add_argument("--heads", type=int, default=4)
@@ -133,10 +133,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timing-repeat", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="smoke run: do not write results")
+    ap.add_argument("--quick", action="store_true", help="smoke run (20 steps unless --steps): do not write results")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--replot", action="store_true", help="rewrite the .md and .png from results/soft_lm.json")
     args = ap.parse_args()
+    args.steps = args.steps if args.steps is not None else 20 if args.quick else 2000
     if args.replot:
         with open(os.path.join(RESULTS, "soft_lm.json")) as f:
             return report(json.load(f))
@@ -160,6 +161,7 @@ def main() -> None:
     res["separate_" + str(args.layers)] = {"sec_per_step": res["standard"]["sec_per_step"],
                                            "val_loss": {args.layers: res["standard"]["val_loss"][args.layers]}}
     if args.quick:
+        print("quick run: nothing written (drop --quick for the results file)")
         return
     cfg = {k: v for k, v in vars(args).items() if k not in ("quick", "verbose", "replot")}
     res["meta"] = {"cfg": cfg, "exits": exits, "vocab": vocab, "n_train": len(train_ids), "n_val": len(val_ids)}

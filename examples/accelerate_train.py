@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         scores = evaluate(single, (xte, yte))
         for sub in (single.smallest, single.largest):
             print(f"{str(sub):<22} {single.cost(sub):>6,} params  test accuracy {100 * scores[sub]:.1f}%")
-        print(f"{world} processes; checkpoint: {args.out}")
+        print(f"{world} process{'es' if world > 1 else ''}; checkpoint: {args.out}")
     accelerator.end_training()
 
 

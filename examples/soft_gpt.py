@@ -65,7 +65,7 @@ def main() -> None:
 
     # 2. nest it: FFN width, whole heads, depth; then most important neurons / heads first
     nest = sn.from_transformers(model, ffn=[0.5], heads=[2], depth=[2])
-    sn.sort_by_importance(nest, train[:4])
+    sn.sort_by_importance(nest, train[:4], optimizer=opt)  # (its moments move with the units)
     print(nest)
 
     # 3. SoFT: both depth exits in one forward; width/heads sub-models from a sampler
