@@ -12,6 +12,7 @@ from torch import nn
 
 import sortednet as sn
 from models import FAMILIES, InterruptAt, interrupted
+from sortednet.calibrate import StaleCalibrationWarning
 
 
 class BNNet(nn.Module):
@@ -491,3 +492,85 @@ def test_an_interrupted_calibrate_calibrates_every_layer_or_none():
 def run_sub(nest, model, sub, x):
     with nest.use(sub):
         return model(x)
+
+
+def _train_steps(model, steps=2):
+    """A loop of the user's own: training-mode forwards and SGD steps (no sortednet call)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for x, _ in data(steps, seed=5):
+        opt.zero_grad()
+        model(x * 3 - 1).square().mean().backward()
+        opt.step()
+    model.eval()
+
+
+def _stale(record):
+    return [w for w in record if issubclass(w.category, StaleCalibrationWarning)]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("read", ["eval_forward", "export", "save"])
+def test_calibrated_statistics_read_after_training_on_warn_once(name, read, tmp_path):
+    """Calibrate, then train on in a loop of one's own: the per-sub-model statistics describe the weights of before
+    (PyTorch does not count running-statistics updates, but num_batches_tracked moves); eval, export and save name
+    it once, and still read them (documented)."""
+    model, nest, _ = _calibrated_pair(name)
+    x = data(1, seed=9)[0][0]
+    _train_steps(model)
+    with pytest.warns(StaleCalibrationWarning, match="predate training-mode forwards") as record:
+        with torch.no_grad(), nest.use(nest.smallest):
+            if read == "eval_forward":
+                model(x)
+                model(x)
+            elif read == "export":
+                nest.export(nest.smallest)
+            else:
+                sn.save(nest, tmp_path / "c.safetensors")
+    assert len(_stale(record)) == 1
+    nest.calibrate(data(3), batches=3)   # calibrated again: current, no warning
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error", StaleCalibrationWarning)
+        with torch.no_grad(), nest.use(nest.smallest):
+            model(x)
+        nest.export(nest.smallest)
+
+
+def test_what_does_not_train_does_not_make_calibrated_statistics_stale(tmp_path):
+    """Eval forwards, check, export, save / load, a deep copy, a dtype move, calibrating other sub-models: none is a
+    training-mode forward of the model; no warning."""
+    import copy
+    import warnings
+
+    model, nest, _ = _calibrated_pair("cnn_bn_residual")
+    x = data(1, seed=9)[0][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        nest.check(x)
+        for sub in nest.submodels:
+            with torch.no_grad(), nest.use(sub):
+                model(x)
+            nest.export(sub)
+        sn.save(nest, tmp_path / "c.safetensors")
+        other, dims = cnn()
+        loaded = sn.load(sn.wrap(other, *dims), tmp_path / "c.safetensors")
+        copied = copy.deepcopy(model)
+        model.double()
+        nest.calibrate([(b.double(), y) for b, y in data(3)], subs=[nest.smallest], batches=3)
+        for m, xx in ((other, x), (copied, x), (model, x.double())):
+            with torch.no_grad(), loaded.use(loaded.smallest), nest.use(nest.largest):
+                m.eval()(xx)
+
+
+def test_recalibrating_some_sub_models_after_training_keeps_the_others_stale():
+    model, nest, _ = _calibrated_pair("bnnet")
+    x = data(1, seed=9)[0][0]
+    _train_steps(model)
+    nest.calibrate(data(3), subs=[nest.smallest], batches=3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        with torch.no_grad(), nest.use(nest.smallest):
+            model(x)                                   # calibrated after the training: current
+    with pytest.warns(StaleCalibrationWarning), torch.no_grad(), nest.use(nest.largest):
+        model(x)                                       # carried over from before the training

@@ -716,16 +716,25 @@ def test_nonfinite_loss_skip_equals_training_without_it(family, distill):
         assert torch.isfinite(g).all() and torch.equal(g, h), n
 
 
-def test_nonfinite_teacher_is_skipped_and_gives_no_soft_target():
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0])
+def test_nonfinite_teacher_is_skipped_and_gives_no_soft_target(alpha):
+    """The students' soft term is absent that step, not replaced: ``(1 - alpha) * task_loss`` alone (``alpha=1``,
+    soft targets only: no gradient at all; it used to switch them to the full task loss in silence)."""
     case, ref_case = FAMILIES["mlp"](seed=0), FAMILIES["mlp"](seed=0)
     nest, ref = sn.wrap(case.model, *case.dims), sn.wrap(ref_case.model, *ref_case.dims)
-    subs = [nest.smallest, nest.largest]
-    with _nonfinite_warns():
+    subs = [nest.smallest, nest.submodels[1], nest.largest]
+    with _nonfinite_warns(match="no soft target this step"):
         losses = sn.accumulate(nest, subs, _poisoned(nest, nest.largest, case.example, logits=True),
-                               distill=sn.Distill(alpha=0.5), nonfinite="skip")
-    assert losses.skipped == (nest.largest,)
-    sn.accumulate(ref, [ref.smallest], lambda: task_loss(ref_case.model(ref_case.example)), weights=[0.5])
-    assert all(torch.equal(g, h) for g, h in zip(grads(case.model).values(), grads(ref_case.model).values()))
+                               distill=sn.Distill(alpha=alpha), nonfinite="skip")
+    assert losses.skipped == (nest.largest,) and all(math.isfinite(v) for v in losses[:2])
+    got = grads(case.model)
+    if alpha == 1:
+        assert all(not g.any() for g in got.values())
+        return
+    sn.accumulate(ref, subs[:2], lambda: task_loss(ref_case.model(ref_case.example)),
+                  weights=[(1 - alpha) / 3] * 2)
+    for (n, g), h in zip(got.items(), grads(ref_case.model).values()):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_nonfinite_ignore_backpropagates_like_plain_pytorch():

@@ -31,14 +31,15 @@ from .cost import call_model
 from .errors import SortedNetError
 from .meta import EXTRA_PREFIX
 from .modes import eval_mode, finish_all
-from .slicers.norm import NormStats, active_stats, unwritten
+from .slicers.norm import NormStats, StaleCalibrationWarning, active_stats, trained_since, unwritten
 from .submodel import SubModel, SubModelLike
 from .views import world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats_from_tensors"]
+__all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats_from_tensors",
+           "StaleCalibrationWarning"]
 
 _NAMES = ("running_mean", "running_var")
 COUNT = "num_batches_tracked"  # stored beside a sub-model's statistics: the number of batches they average
@@ -147,13 +148,15 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         own[COUNT] = torch.tensor(len(data), dtype=torch.long, device=own["running_mean"].device)
                         results[m][_key(nest)] = own
                     c._sn.norm = None
-    norms = {}
+    norms, told = {}, [False]
     for m, stats in results.items():  # every module's new statistics first (nothing changed yet) ...
         prev = m._sn.norm
         old = prev.stats if prev is not None else {}
-        norm = norms[m] = NormStats(nest.dims, {**old, **stats})
+        kept = [k for k in old if k not in stats]
+        stale = () if prev is None else kept if trained_since(m, prev) else set(prev.since.get("stale", ())) & set(kept)
+        norm = norms[m] = NormStats(nest.dims, {**old, **stats}).watch(m, told, stale)
         if prev is not None:  # a statistic of another sub-model written in place stays refused
-            norm.carry(prev, [k for k in old if k not in stats])
+            norm.carry(prev, kept)
     # ... then one assignment per module (readers see old or new), each made even after a Ctrl-C: never some
     # layers calibrated and others not
     finish_all([functools.partial(setattr, m._sn, "norm", norm) for m, norm in norms.items()])
@@ -191,6 +194,13 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
     """Calibrated statistics as flat tensors under the checkpoint's reserved prefix."""
     names = [d.name for d in nest.dims]
     out = {}
+    older = [p for p, m in batchnorms(nest).items() if m._sn.norm is not None and m._sn.norm.stats
+             and (trained_since(m, m._sn.norm) or m._sn.norm.since.get("stale"))]
+    if older:
+        warnings.warn(f"saving the per-sub-model BatchNorm statistics of {older[:3]}{' ...' if len(older) > 3 else ''}"
+                      ", which predate training-mode forwards of the model (calibrated or loaded before it trained "
+                      "on): they describe the weights of before. nest.calibrate(loader) again first, or "
+                      "nest.drop_calibration() to save none", StaleCalibrationWarning, stacklevel=4)
     for path, m in batchnorms(nest).items():
         for key, stats in (m._sn.norm.stats if m._sn.norm is not None else {}).items():
             sub = SubModel(dict(zip(names, key)))
@@ -225,5 +235,6 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor]) -> None:
         with torch.inference_mode(False):
             found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
                 t.to(device=buf.device, dtype=buf.dtype if name != COUNT else torch.long, copy=True)
+    told = [False]
     for m in bns.values():
-        m._sn.norm = NormStats(nest.dims, found[m]) if m in found else None
+        m._sn.norm = NormStats(nest.dims, found[m]).watch(m, told) if m in found else None

@@ -185,10 +185,12 @@ def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = ()) -> Iterator[tu
     yield view, copies  # type: ignore[misc]
 
 
-def eval_view(model: nn.Module, *, keep: Iterable[object] = (),
-              own_state: Iterable[nn.Module] = ()) -> tuple[nn.Module, dict[int, nn.Module]]:
+def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Iterable[nn.Module] = (),
+              own_stats: bool = False) -> tuple[nn.Module, dict[int, nn.Module]]:
     """A private eval-mode copy of ``model``'s module tree sharing every parameter, buffer,
     sortednet state and object in ``keep`` (see :func:`eval_mode`), and ``id(module) -> copy``.
+    ``own_stats``: every BatchNorm / InstanceNorm copy gets copies of its running statistics and batch
+    counter instead (a training-mode forward of the view then leaves the model's untouched).
 
     >>> import torch.nn as nn
     >>> from sortednet.modes import eval_view
@@ -208,6 +210,11 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (),
             memo[id(st)] = dataclasses.replace(st, extra=dict(st.extra)) if id(m) in own else st
         if id(m) in own and getattr(m, "num_batches_tracked", None) is not None:
             memo[id(m.num_batches_tracked)] = m.num_batches_tracked.clone()
+        if own_stats and isinstance(m, nn.modules.batchnorm._NormBase):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                t = m.__dict__["_buffers"].get(name)
+                if t is not None:
+                    memo[id(t)] = t.clone()
     view = copy_model(model, memo, f"a private eval-mode view of {type(model).__name__} (needed so that no other "
                                    "thread sees a mode change)")
     view.train(False)
@@ -247,11 +254,13 @@ def train_view(nest: Nest, *, running_stats: bool = False) -> tuple[nn.Module, d
     """Like :func:`eval_view` but in TRAINING mode, with dropout off: ``nn.Dropout*`` modules and float
     attributes named ``*dropout*`` (Hugging Face attention dropout) are 0 on the private copies, so
     training-only branches (auxiliary heads, batch statistics) can be compared run against run.
-    Batch statistics still update shared buffers: run it under :func:`dry_run`. ``running_stats``:
+    BatchNorm / InstanceNorm running statistics and batch counters are the view's own copies (a training forward
+    updates those, not the model's, which another thread may be reading), except with ``running_stats``; other
+    buffers a training forward writes are shared: run it under :func:`dry_run`. ``running_stats``:
     BatchNorm copies normalise with their running statistics (eval) while the rest trains: a comparison of
     two runs then sees the training-only branches without BatchNorm over a small batch magnifying float
-    rounding."""
-    view, copies = eval_view(nest.model, keep=nest.dims)
+    rounding; they read the model's own statistics (a permutation of the model's reaches them)."""
+    view, copies = eval_view(nest.model, keep=nest.dims, own_stats=not running_stats)
     view.train(True)
     if running_stats:
         for m in view.modules():

@@ -160,7 +160,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     (default; a :class:`~sortednet.SortedNetError` naming the sub-model; the
     sub-models before it already added their gradients: zero them), ``"skip"``
     (no backward for it, a :class:`NonFiniteLossWarning`, listed in the
-    result's ``skipped``; a skipped distillation teacher gives no soft target)
+    result's ``skipped``; a skipped distillation teacher gives no soft target: the
+    others' loss that step is ``(1 - alpha) * task_loss`` alone, none at ``alpha=1``)
     or ``"ignore"`` (backward anyway, as plain PyTorch would).
     (:func:`sortednet.distributed.accumulate` makes this decision once for all ranks.)
     Any other error raised after a backward (the closure raising, a loss that is
@@ -318,6 +319,7 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
     """:func:`accumulate`'s loop over the sub-models, in ``order`` (the teacher first); ``done`` collects those
     backpropagated (the one whose backward is running as a 1-tuple: an error there may leave part of its gradients)."""
     target: Tensor | None = None
+    orphaned = False  # the teacher was skipped: the students' soft term is absent this step
     for i in order:
         with nest.use(resolved[i]):
             failed: Exception | None = None
@@ -330,6 +332,8 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
                     total = distill.soft_loss(logits, target)
                 elif target is not None and distill.alpha > 0:
                     total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
+                elif orphaned and distill.alpha > 0:  # no soft target this step: the task term alone, at its weight
+                    total = (1 - distill.alpha) * loss  # (alpha=1: nothing to learn from; no backward below)
                 losses[i] = float(loss.detach())
                 mine = nonfinite != "ignore" and not math.isfinite(losses[i] if total is loss else
                                                                    float(total.detach()))
@@ -364,7 +368,9 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
                     raise err
                 skipped.append(resolved[i])
                 if i == teacher:
-                    target = None
+                    target, orphaned = None, True
+                    what += ("; the others get no soft target this step: their task loss alone, weighted 1 - alpha = "
+                             f"{1 - distill.alpha:g}" + (" (no backward)" if distill.alpha == 1 else ""))
                 stats = _nonfinite_stats(nest)
                 warnings.warn(f"sortednet.accumulate: skipped the backward of {resolved[i]}: the {what}"
                               + (f"; its forward already left non-finite BatchNorm running statistics in "
@@ -372,6 +378,8 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
                                  "they are re-estimated (nest.calibrate, or reset_running_stats and a pass over "
                                  "the data) or reloaded" if stats else ""),
                               NonFiniteLossWarning, stacklevel=3)
+            elif orphaned and distill.alpha == 1:
+                pass  # (a soft-target-only student without its teacher: no term to learn from this step)
             else:
                 scaled = total * weights[i]
                 done.append((resolved[i],))  # (backward started: an error in it may leave part of its gradients)

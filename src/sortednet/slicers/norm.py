@@ -12,6 +12,7 @@ sortednet/calibrate.py), after which eval mode and export use per-sub-model ones
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PatternError, SizeError, SortedNetError
 from ..views import _compiling
@@ -51,6 +53,12 @@ class NormStats:
     override: dict[str, Tensor] | None = None
     #: version counter of each stored tensor when stored (see :func:`unwritten`)
     base: dict[int, int] = field(init=False, repr=False, compare=False, default_factory=dict)
+    #: what the statistics were computed after (see :meth:`watch`): ``at``, the module's shared
+    #: ``num_batches_tracked`` (object id, version counter: every training-mode forward adds 1 to it, while
+    #: PyTorch does not count its running-statistics updates); ``stale``, sub-models whose statistics were
+    #: already older than a training-mode forward when this object was made; ``told``, a flag shared by the
+    #: modules of one calibration (one warning for all of them)
+    since: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.base.update((id(t), t._version) for d in self.stats.values() for t in d.values()
@@ -59,16 +67,22 @@ class NormStats:
     def __deepcopy__(self, memo: dict) -> NormStats:
         """A copy with its own tensors, counted from now (deep-copying a tensor moves its version counter); a
         statistic written in place before stays marked written in the copy."""
-        return NormStats(copy.deepcopy(self.dims, memo), copy.deepcopy(self.stats, memo),
-                         copy.deepcopy(self.override, memo)).carry(self)
+        new = NormStats(copy.deepcopy(self.dims, memo), copy.deepcopy(self.stats, memo),
+                        copy.deepcopy(self.override, memo)).carry(self)
+        new.since.update(self.since, told=[bool(self.since.get("told", [False])[0])])  # (the copy's counters:
+        if "at" in self.since:                                                      # from its first read)
+            new.since["at"] = WeakIdKeyDictionary(self.since["at"])
+        return new
 
     def to(self, like: Tensor) -> NormStats:
         """The statistics in ``like``'s dtype and on its device (a statistic written in place stays marked)."""
         with torch.inference_mode(False):
-            return NormStats(self.dims, {k: {n: t.to(device=like.device, copy=True,  # (a batch count stays long)
-                                                  dtype=like.dtype if t.is_floating_point() else t.dtype)
-                                             for n, t in d.items()} for k, d in self.stats.items()},
-                             self.override).carry(self)
+            new = NormStats(self.dims, {k: {n: t.to(device=like.device, copy=True,  # (a batch count stays long)
+                                                 dtype=like.dtype if t.is_floating_point() else t.dtype)
+                                            for n, t in d.items()} for k, d in self.stats.items()},
+                            self.override).carry(self)
+        new.since.update(self.since)
+        return new
 
     def written(self, t: Tensor) -> bool:
         """Whether stored statistic ``t`` was written in place since it was stored (its version counter)."""
@@ -83,6 +97,15 @@ class NormStats:
                 mine = self.stats.get(k, {}).get(n)
                 if mine is not None and old.written(t):
                     self.base[id(mine)] = -1  # (no version counter is negative: unwritten() refuses it)
+        return self
+
+    def watch(self, m: nn.Module, told: list[bool], stale: Any = ()) -> NormStats:
+        """Count training-mode forwards of ``m`` from now (see :func:`trained_since`); ``stale``: keys of
+        statistics carried over that were already out of date. Returns ``self``."""
+        at, now = WeakIdKeyDictionary(), _counter(m)
+        if now is not None:
+            at[now[0]] = (now[1], _value(now[0]))
+        self.since.update(at=at, told=told, stale=frozenset(stale))
         return self
 
     def active(self, name: str, *, training: bool, any_mode: bool = False) -> Tensor | None:
@@ -109,6 +132,70 @@ def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
     return t
 
 
+class StaleCalibrationWarning(UserWarning):
+    """Eval mode or ``export`` read per-sub-model BatchNorm statistics of ``nest.calibrate`` (or of a loaded
+    checkpoint) after training-mode forwards of the model: they describe the weights of before."""
+
+
+def _counter(m: nn.Module) -> tuple[Tensor, int] | None:
+    """``m``'s shared ``num_batches_tracked`` and its version counter, or None (none, or an inference tensor: no
+    version counter)."""
+    t = m.__dict__["_buffers"].get("num_batches_tracked")
+    if t is None:
+        return None
+    try:
+        return t, t._version
+    except RuntimeError:
+        return None
+
+
+def _value(t: Tensor) -> int | None:
+    try:
+        return int(t)
+    except Exception:  # (a meta tensor: no value)
+        return None
+
+
+def trained_since(m: nn.Module, norm: NormStats) -> bool:
+    """Whether ``m`` ran a training-mode forward since ``norm`` was computed or loaded: its batch counter
+    ``num_batches_tracked`` (+1 per training-mode forward) holds another value. Read only when the counter's
+    version moved (PyTorch does not count running-statistics updates, but it counts the counter's); a run that put
+    the counter back to its value (a dry run of sortednet's) moved the version, not the value. A counter first seen
+    here (``model.to(device)``, a deep copy, a view's own copy) is counted from now; once seen trained, it stays so."""
+    since = norm.since
+    if since.get("trained"):
+        return True
+    at, now = since.get("at"), _counter(m)
+    if at is None or now is None:
+        return False
+    t, version = now
+    base = at.get(t)
+    if base is not None and base[0] == version:
+        return False
+    value = _value(t)
+    if base is None or value is None or base[1] is None or value == base[1]:
+        at[t] = (version, value)
+        return False
+    since["trained"] = True
+    return True
+
+
+def _warn_if_trained(path: str, m: nn.Module, norm: NormStats) -> None:
+    told = norm.since.get("told")
+    if told is None or told[0]:
+        return
+    key = tuple(d.active for d in norm.dims)
+    if not (trained_since(m, norm) or key in norm.since["stale"]):
+        return
+    told[0] = True
+    warnings.warn(f"{path}: this sub-model's BatchNorm statistics from nest.calibrate (or sn.load) predate "
+                  "training-mode forwards of the model (its shared running statistics and num_batches_tracked "
+                  "moved since): eval mode and export still read them, and they describe the weights of before. "
+                  "Calibrate again after training (nest.calibrate(loader)), or nest.drop_calibration() to read the "
+                  "shared statistics (sn.fit and SortedTrainer drop them as they train)", StaleCalibrationWarning,
+                  stacklevel=4)
+
+
 def _same_storage(a: Tensor, b: Tensor) -> bool:
     try:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.device == b.device
@@ -126,6 +213,7 @@ def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor |
     own = None if norm is None else norm.active(name, training=m.training, any_mode=any_mode)
     if own is not None and norm.override is None and not _compiling():  # (a version counter is no graph value)
         unwritten(st.path, name, own, norm)
+        _warn_if_trained(st.path, m, norm)
     buf = m.__dict__["_buffers"].get(name)
     if own is not None and buf is not None and (own.dtype != buf.dtype or own.device != buf.device):
         if norm.override is None and not _compiling():  # converted once and kept (one assignment), so that a
