@@ -1167,3 +1167,66 @@ def test_fit_stopped_by_a_ctrl_c_at_any_point_says_truly_where_it_stopped():
             assert "before its first optimizer step" in note and holds(m, 0), f"point {n}: {note}"
             assert sched.last_epoch == 0
     assert n > 30, f"only {n - 1} points reached"
+
+
+def _token_model(seed=0, vocab=11, hidden=16):
+    """Per-position logits (no mixing across positions): a padded position's token reaches only its own logits."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+                                torch.nn.Linear(hidden, vocab))
+    return model, sn.wrap(model, sn.Width("h", [4, 8, 16], out="1", inp="3"))
+
+
+def _padded_batches(garbage_seed, steps=3, vocab=11):
+    """(tokens, targets): the last positions of some rows are padding (target -100), filled with tokens drawn by
+    ``garbage_seed``; the rest is the same for every seed."""
+    g, junk = torch.Generator().manual_seed(0), torch.Generator().manual_seed(garbage_seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randint(0, vocab, (4, 6), generator=g)
+        y = torch.randint(0, vocab, (4, 6), generator=g)
+        pad = torch.arange(6) >= torch.tensor([6, 3, 4, 2])[:, None]
+        x = torch.where(pad, torch.randint(0, vocab, (4, 6), generator=junk), x)
+        out.append((x, y.masked_fill(pad, -100)))
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_padding_does_not_reach_the_distillation_term(alpha):
+    """fit with sn.Distill on targets holding -100 (padding): the soft term counts only the positions the task loss
+    counts, so what the padded positions hold changes nothing (it used to average the KL over them too)."""
+    def loss_fn(out, y):
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100)
+
+    params = []
+    for garbage in (1, 2):
+        model, nest = _token_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        sn.fit(nest, _padded_batches(garbage), opt, sn.Sampler(nest.submodels, k=3, strategy="all", seed=0),
+               loss_fn=loss_fn, distill=sn.Distill(temperature=2.0, alpha=alpha), progress=False)
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_distillation_mask_from_the_closure_equals_a_hand_written_masked_kl():
+    model, nest = _token_model()
+    twin, ref = _token_model()
+    x, y = _padded_batches(1, steps=1)[0]
+    keep = y != -100
+    d = sn.Distill(temperature=3.0, alpha=0.7)
+    sn.accumulate(nest, [nest.smallest, nest.largest], lambda: (
+        F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, keep), distill=d, weights=[1.0, 1.0])
+    with ref.use(ref.largest):
+        t = twin(x)
+        F.cross_entropy(t.flatten(0, 1), y.flatten()).backward()
+    with ref.use(ref.smallest):
+        s = twin(x)
+        kl = (F.softmax(t.detach() / 3, -1) * (F.log_softmax(t.detach() / 3, -1) - F.log_softmax(s / 3, -1))).sum(-1)
+        (0.3 * F.cross_entropy(s.flatten(0, 1), y.flatten()) + 0.7 * 9 * kl[keep].mean()).backward()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    for bad in (keep.float(), keep[:, :3], "mask"):
+        with pytest.raises(sn.SortedNetError, match="distillation mask"):
+            sn.accumulate(nest, [nest.smallest, nest.largest], lambda b=bad: (
+                F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, b), distill=d)

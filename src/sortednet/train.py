@@ -79,7 +79,9 @@ class Distill:
     A student's loss becomes ``(1 - alpha) * task_loss + alpha * T² · KL(teacher_T ‖ student_T)``
     where ``_T`` is a softmax at temperature ``T`` over the last axis (class
     logits ``(B, C)`` or LM logits ``(B, L, V)``; the KL is averaged over every
-    other position). ``alpha=1`` is US-Nets' rule (soft targets only).
+    other position, or over those a ``mask`` keeps: a closure returning
+    ``(loss, logits, mask)``, as ``fit`` does where targets equal -100, leaves
+    padding out). ``alpha=1`` is US-Nets' rule (soft targets only).
 
     >>> import torch, sortednet as sn
     >>> d = sn.Distill(temperature=2.0, alpha=0.5)
@@ -100,8 +102,15 @@ class Distill:
         object.__setattr__(self, "temperature", t)  # (frozen) one float from any real number
         object.__setattr__(self, "alpha", a)
 
-    def soft_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over all but the last axis."""
+    def soft_loss(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over all but the last axis, or over the
+        positions where boolean ``mask`` (the logits' shape without the last axis) is True (none: 0).
+
+        >>> d = Distill(temperature=1.0)
+        >>> s, t = torch.zeros(2, 3), torch.tensor([[0.0, 0.0, 0.0], [9.0, 0.0, 0.0]])
+        >>> float(d.soft_loss(s, t, mask=torch.tensor([True, False])))
+        0.0
+        """
         if student.shape != teacher.shape:
             raise SortedNetError(f"distillation needs student and teacher logits of one shape, got "
                                  f"{tuple(student.shape)} and {tuple(teacher.shape)}")
@@ -109,15 +118,23 @@ class Distill:
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)  # bf16 /
         s = F.log_softmax(student.to(dtype).flatten(0, -2) / t, dim=-1)  # fp16 logits in float32, float64 kept
         p = F.log_softmax(teacher.to(dtype).flatten(0, -2) / t, dim=-1)
-        return F.kl_div(s, p, reduction="batchmean", log_target=True) * (t * t)
+        if mask is None:
+            return F.kl_div(s, p, reduction="batchmean", log_target=True) * (t * t)
+        keep = mask.reshape(-1).to(device=s.device)
+        per = F.kl_div(s, p, reduction="none", log_target=True).sum(-1)  # (positions,)
+        return (per * keep).sum() / keep.sum().clamp_min(1) * (t * t)
 
 
-def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None]:
-    logits = None
+def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    logits = mask = None
     if isinstance(out, (tuple, list)):
-        if len(out) != 2:
-            raise SortedNetError(f"closure for {sub} returned {len(out)} values; return loss or (loss, logits)")
-        out, logits = out
+        if len(out) == 3 and want_logits:
+            out, logits, mask = out
+        elif len(out) != 2:
+            raise SortedNetError(f"closure for {sub} returned {len(out)} values; return loss or (loss, logits)"
+                                 + (", or (loss, logits, mask)" if want_logits else ""))
+        else:
+            out, logits = out
     if want_logits and not isinstance(logits, Tensor):
         raise SortedNetError(f"with distill=, the closure must return (loss, logits); for {sub} it returned "
                              f"{type(out).__name__} without logits")
@@ -125,6 +142,12 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
                              f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
                              f"{tuple(logits.shape)}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
+                             or tuple(mask.shape) != tuple(logits.shape[:-1])):
+        raise SortedNetError(f"the distillation mask of {sub} must be a bool tensor of the logits' shape without "
+                             f"the last axis, {tuple(logits.shape[:-1])} (True: the position counts); got "
+                             f"{type(mask).__name__}" + (f" {mask.dtype} {tuple(mask.shape)}"
+                                                         if isinstance(mask, Tensor) else ""))
     if not isinstance(out, Tensor) or out.numel() != 1:
         raise SortedNetError(f"closure for {sub} must return a scalar loss tensor (or (loss, logits)), got "
                              f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
@@ -132,7 +155,7 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"loss of {sub} is complex ({out.dtype}); return a real scalar (e.g. its .abs())")
     if not out.requires_grad:
         raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad()?")
-    return out.reshape(()), logits
+    return out.reshape(()), logits, mask
 
 
 def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], Any], *,
@@ -324,14 +347,14 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
         with nest.use(resolved[i]):
             failed: Exception | None = None
             try:
-                loss, logits = _split(closure(), distill is not None, resolved[i])
+                loss, logits, mask = _split(closure(), distill is not None, resolved[i])
                 total = loss
                 if i == teacher:
                     target = logits.detach()
                 elif target is not None and distill.alpha == 1:  # soft targets only: the task loss plays no part
-                    total = distill.soft_loss(logits, target)
+                    total = distill.soft_loss(logits, target, mask)
                 elif target is not None and distill.alpha > 0:
-                    total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target)
+                    total = (1 - distill.alpha) * loss + distill.alpha * distill.soft_loss(logits, target, mask)
                 elif orphaned and distill.alpha > 0:  # no soft target this step: the task term alone, at its weight
                     total = (1 - distill.alpha) * loss  # (alpha=1: nothing to learn from; no backward below)
                 losses[i] = float(loss.detach())
@@ -386,10 +409,19 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
                 scaled.backward() if backward is None else backward(scaled)
                 done[-1] = resolved[i]
                 del scaled
-        del loss, logits, total  # free this sub-model's graph before the next forward
+        del loss, logits, mask, total  # free this sub-model's graph before the next forward
 
 
 IGNORE_INDEX = -100  # targets equal to it are not counted by the default accuracy (F.cross_entropy's default)
+
+
+def _ignored(out: Any, y: Any) -> tuple[Tensor, ...]:
+    """``(mask,)`` of the positions that count in distillation when integer targets ``y`` of the logits' shape
+    without the last axis hold ``IGNORE_INDEX`` (padding, a prompt left out of the loss), else ``()``."""
+    if (isinstance(out, Tensor) and isinstance(y, Tensor) and not y.is_floating_point() and not y.is_complex()
+            and y.dtype != torch.bool and tuple(y.shape) == tuple(out.shape[:-1]) and bool((y == IGNORE_INDEX).any())):
+        return (y != IGNORE_INDEX,)
+    return ()
 
 
 def _accuracy(out: Tensor, y: Tensor) -> float:
@@ -761,9 +793,10 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                         "probabilities: a regression would train on a meaningless loss); pass loss_fn=, e.g. "
                         "F.mse_loss for a regression, or F.cross_entropy itself for soft labels")
 
-                def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor]:
+                def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
                     out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
-                    return (F.cross_entropy if loss_fn is None else loss_fn)(out, y), out
+                    loss = (F.cross_entropy if loss_fn is None else loss_fn)(out, y)
+                    return (loss, out) if distill is None else (loss, out, *_ignored(out, y))
 
                 subs = sampler.draw(step)
                 try:
