@@ -546,3 +546,33 @@ def test_what_speculative_decoding_cannot_reproduce_is_refused():
         with pytest.raises(sn.SortedNetError, match=key):
             sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=4)
         setattr(model.generation_config, key, None)
+
+
+def test_float64_near_tie_picks_what_generate_picks():
+    """generate takes the argmax of float32-cast logits: two tokens equal in float32 but not in float64 tie there and
+    the lower index wins; speculative decoding must pick alike (it took the float64 argmax)."""
+    model = llama(seed=0, init=0.2).double()
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[3], w[5] = w[11] * 3, w[11] * 3 * (1 + 1e-12)  # equal logits in float32; in float64 5 wins where > 0
+    nest = sn.from_transformers(model, depth=[1, 2])
+    ids = torch.tensor([[10, 20, 11]])
+    ref = plain(model, ids, 8, eos=[])
+    out = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(out.sequences, ref)
+    with torch.no_grad():
+        logits = model(ref[:, :-1]).logits[0, ids.shape[1] - 1:]
+    tied = logits[:, [3, 5]]
+    assert ((tied[:, 0].float() == tied[:, 1].float()) & (tied[:, 1] > tied[:, 0])).any()  # a tie was decided
+
+
+@pytest.mark.parametrize("draft", ["depth=1", {"depth": 1}, "SubModel"])
+def test_a_partial_draft_takes_the_targets_other_sizes_in_every_form(draft):
+    nest = nested("llama", True)
+    draft = sn.SubModel.parse("depth=1") if draft == "SubModel" else draft
+    ids = torch.tensor([[3, 5, 7, 8]])
+    with nest.use("ffn=24,depth=4"):
+        ref = plain(nest.model, ids, 12)
+        out = sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=12)
+    assert torch.equal(out.sequences, ref)
+    assert list(out.stats.exits) == [str(nest.resolve("ffn=24,depth=1"))]

@@ -286,7 +286,7 @@ def _decode(plan: Plan, prompt: Tensor, max_new: int, k_spec: int | str, samplin
                 t = sampling.draw(q)
                 qs.append(q)
             else:
-                t = int(logits.argmax())
+                t = int(logits.float().argmax())
             buf[0, n + i] = t
             drafted.append(t)
             where.append(e)

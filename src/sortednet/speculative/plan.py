@@ -104,7 +104,7 @@ def _hidden(model: nn.Module) -> int:
 
 def _resolve_exit(nest: Nest, sub: Any, base: SubModel | None) -> SubModel:
     """Resolve a sub-model of ``nest``; dimensions left out take ``base``'s sizes (the target's, same nest)."""
-    if isinstance(sub, SubModel) or base is None:
+    if base is None:
         return nest.resolve(sub)
     if isinstance(sub, str):
         sub = SubModel.parse(sub)

@@ -21,7 +21,8 @@ __all__ = ["Sampling", "filtered", "accept_greedy", "accept_sampled", "auto_draf
 
 @dataclass(frozen=True)
 class Sampling:
-    """How tokens are chosen: ``do_sample=False`` is greedy (argmax of the raw logits)."""
+    """How tokens are chosen: ``do_sample=False`` is greedy (argmax of the logits in float32, as ``generate``
+    casts them)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -64,7 +65,7 @@ def accept_greedy(target_logits: Tensor, drafted: list[int]) -> tuple[int, int]:
     >>> accept_greedy(torch.tensor([[0., 1.], [1., 0.], [0., 1.]]), [1, 1])
     (1, 0)
     """
-    best = target_logits.argmax(-1).tolist()
+    best = target_logits.float().argmax(-1).tolist()  # (in float32, as generate's: a float64 near-tie alike)
     j = 0
     while j < len(drafted) and drafted[j] == best[j]:
         j += 1
