@@ -34,6 +34,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
     TrainingArguments,
 )
+from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
 
 import sortednet as sn  # noqa: E402
 from sortednet.integrations import SortedTrainer, SubModelCallback, export_pretrained, soft_loss  # noqa: E402
@@ -1562,3 +1563,40 @@ def test_check_accepts_a_half_precision_rank_nest_whose_mixed_exports_round_apar
                                      num_attention_heads=8, num_key_value_heads=4)).eval().to(torch.bfloat16)
     nest = sn.from_transformers(m, ffn=[128, 256], heads=[4], depth=[2, 4], rank=[16, 64], rank_mode="svd")
     nest.check(torch.randint(0, V, (2, 12)))
+
+
+class _ScaledMLP(LlamaMLP):
+    def forward(self, x):
+        return super().forward(x) * self.depth_scale
+
+
+class _DepthScaledLlama(LlamaForCausalLM):
+    """MLP branches scaled by sqrt(layers / 36), fixed when the model is built (as ESMC and MiniCPM do)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            layer.mlp = _ScaledMLP(config)
+            layer.mlp.depth_scale = (config.num_hidden_layers / 36) ** 0.5
+        self.post_init()
+
+
+def test_an_export_whose_class_derives_a_constant_from_the_layer_count_is_refused(tmp_path):
+    """The export keeps the full model's scale, a model built from its config (2 layers) computes another:
+    from_pretrained of the export silently differed from the live sub-model (0.0028 here); now refused by name, the
+    plain export works."""
+    torch.manual_seed(0)
+    model = _DepthScaledLlama(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2)).eval()
+    nest = sn.from_transformers(model, ffn=[32], depth=[2])
+    x = torch.randint(0, 50, (1, 7))
+    ex = nest.export("ffn=32,depth=4")  # every layer kept: the same constant
+    ex.save_pretrained(tmp_path)
+    with nest.use("ffn=32,depth=4"), torch.no_grad():
+        torch.testing.assert_close(_DepthScaledLlama.from_pretrained(tmp_path).eval()(x).logits, model(x).logits,
+                                   rtol=0, atol=1e-6)
+    with pytest.raises(sn.SortedNetError, match=r"model\.layers\.0\.mlp\.depth_scale is 0.333333 .* 0.235702"):
+        nest.export("ffn=64,depth=2")
+    plain = nest.export("ffn=64,depth=2", plain=True)
+    with nest.use("ffn=64,depth=2"), torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, model(x).logits, rtol=0, atol=1e-6)

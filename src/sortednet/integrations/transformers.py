@@ -12,6 +12,7 @@ whose config matches its smaller shapes, so ``save_pretrained`` ->
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -636,6 +637,32 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
             f"sub-model {sub} cannot be described by {type(cfg).__name__} ({why}): {len(bad)} tensors differ, "
             f"e.g. {k!r} is {h} but the config gives {w}; export it as a plain module with "
             "nest.export(sub, plain=True)")
+    drift = _derived_constants(small, fresh)
+    if drift:
+        path, k, h, w = drift[0]
+        raise SortedNetError(
+            f"sub-model {sub} cannot be described by {type(cfg).__name__}: the class derives a constant from the "
+            f"changed config (e.g. from the layer count): {path or 'the model'}.{k} is {h:g} in the sub-model but "
+            f"{w:g} in a model built from the exported config ({len(drift)} such values), so from_pretrained of the "
+            "export would compute something else; export it as a plain module with nest.export(sub, plain=True)")
+
+
+def _derived_constants(small: nn.Module, fresh: nn.Module) -> list[tuple[str, str, float, float]]:
+    """Float attributes of ``small``'s modules (a residual scale, a softmax scale) that a model built from the
+    exported config sets otherwise: ``(path, name, exported, rebuilt)``. Dropout rates are left out (training only,
+    and users change them)."""
+    built = dict(fresh.named_modules())
+    out = []
+    for path, m in small.named_modules():
+        other = built.get(path)
+        if other is None or isinstance(m, nn.modules.dropout._DropoutNd):
+            continue
+        for k, v in vars(m).items():
+            w = other.__dict__.get(k)
+            if (type(v) is float and type(w) is float and not k.startswith("_") and "dropout" not in k.lower()
+                    and not math.isclose(v, w, rel_tol=1e-9, abs_tol=0.0)):
+                out.append((path, k, v, w))
+    return out
 
 
 EXPORT_HOOKS["transformers"] = _export_hook
