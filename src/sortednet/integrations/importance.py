@@ -386,8 +386,12 @@ def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = (
     """Each expert's neurons by its row of ``order`` (as :func:`_permute`); returns the memory written."""
     gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
     if order.shape[0] != gu.shape[0] or 2 * order.shape[1] != gu.shape[1] or order.shape[1] != down.shape[2]:
-        raise SortedNetError(f"sort_by_importance: expert order {tuple(order.shape)} does not fit "
-                             f"{type(m).__name__} {tuple(gu.shape)} / {tuple(down.shape)}")
+        raise SortedNetError(f"sort_by_importance: cannot sort the FFN neurons of the experts of {type(m).__name__}: "
+                             f"its gate_up_proj {tuple(gu.shape)} / down_proj {tuple(down.shape)} are not in the "
+                             f"layout it permutes, (experts, 2 x ffn, hidden) with the gate rows before the up rows "
+                             f"and (experts, hidden, ffn) (Mixtral, Qwen-MoE); an expert order {tuple(order.shape)} "
+                             "does not fit them (e.g. a transposed or interleaved layout). Pass ffn=False to sort "
+                             "the other dimensions; nothing was changed")
     gus = [c for c in _unheld(_companions(gu, opt), held) if c.shape[1] == gu.shape[1]]  # (+ .grad, opt state)
     downs = [c for c in _unheld(_companions(down, opt), held) if c.shape[2] == down.shape[2]]
     for e, o in enumerate(order):
