@@ -775,3 +775,34 @@ def test_a_config_holding_the_head_count_is_the_users_object_at_the_full_count(m
     small = nest.export("h=2")
     assert type(small.cfg) is type(cfg) and small.cfg.n_heads == 2 and small.cfg.temp == 0.1
     assert cfg.n_heads == 4
+
+
+def test_a_symbolic_trace_in_another_thread_does_not_refuse_this_threads_forward():
+    """torch.fx's tracing flag is process-wide: while another thread traced (torch.compile and make_fx set it too),
+    every forward of the wrapped model in a serving thread was refused as a symbolic trace of its own."""
+    import threading
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    inside, release = threading.Event(), threading.Event()
+
+    def waits(x):
+        inside.set()
+        assert release.wait(60)
+        return x + 1
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced = []  # (make_fx, as torch.compile runs it: a plain symbolic_trace patches nn.Module.__call__ for all)
+    tracer = threading.Thread(target=lambda: traced.append(make_fx(waits)(torch.randn(2))))
+    tracer.start()
+    try:
+        assert inside.wait(60)
+        x = torch.randn(3, 8)
+        with torch.no_grad(), nest.use("h=4"):
+            got = model(x)
+        torch.testing.assert_close(got, nest.export("h=4")(x), rtol=0, atol=1e-6)
+    finally:
+        release.set()
+        tracer.join(60)
+    assert isinstance(traced[0], torch.fx.GraphModule)  # (a trace in this thread: refused, tests above)

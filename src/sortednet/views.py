@@ -213,10 +213,22 @@ _slice_into = super(torch.autograd.Function, SliceInto).apply  # type: ignore[mi
 _fx = _symbolic_trace  # (``_fx._is_fx_tracing_flag``: read inline on hot paths, then :func:`fx_tracing`)
 
 
+_TRACE_CODE = _symbolic_trace.Tracer.trace.__code__
+
+
 def fx_tracing() -> bool:
-    """``torch.fx.symbolic_trace`` is running (proxies instead of tensors: what a sliced read returns would be
-    baked into the graph as one sub-model's constant); ``torch.export``'s make_fx runs real tensors: not this."""
-    return _symbolic_trace._is_fx_tracing_flag and get_proxy_mode() is None
+    """``torch.fx.symbolic_trace`` is running IN THIS THREAD (proxies instead of tensors: what a sliced read returns
+    would be baked into the graph as one sub-model's constant); ``torch.export``'s make_fx runs real tensors: not
+    this. torch.fx's flag is process-wide (another thread compiling sets it): this thread's frames are walked for
+    ``Tracer.trace`` (subclasses such as Hugging Face's tracer call it), only while the flag is set."""
+    if not _symbolic_trace._is_fx_tracing_flag or get_proxy_mode() is not None:
+        return False
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is _TRACE_CODE:
+            return True
+        f = f.f_back
+    return False
 
 
 def fx_refused(what: str) -> SortedNetError:
