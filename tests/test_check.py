@@ -1082,6 +1082,54 @@ def test_a_custom_export_that_leaves_the_full_tensor_is_named(bug):
         nest.check(torch.randn(2, 4))
 
 
+class _TLinear(nn.Module):
+    """A weight stored (in, out), its output size kept as an int the forward does not read."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight, self.bias, self.out_features = nn.Parameter(torch.randn(i, o)), nn.Parameter(torch.randn(o)), o
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("size", ["int", "tuple"])
+def test_a_custom_export_that_leaves_a_size_at_full_is_named(size):
+    """A declared size (in attrs and static) that the slicer's export put back at its full value exported a module
+    saying out_features=20 around a (16, 4) weight: wrap(example=), check and export passed in silence."""
+    class Mine(_TLinear):
+        pass
+
+    @sn.slicer(Mine)
+    class FullSize(sn.Slicer):
+        roles, attrs, static = ("out", "inp"), ("weight", "bias", "out_features"), ("out_features",)
+        views = {"weight": ((0, "inp"), (1, "out")), "bias": ((0, "out"),)}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[1 if role == "out" else 0]
+
+        def value(self, m, name):
+            n = m._sn.bind["out"].total()
+            return n if size == "int" else (n,)
+
+        def export(self, live, copy_):  # the mistake: the full value kept
+            copy_ = sn.Slicer.export(self, live, copy_)
+            copy_.__dict__["out_features"] = live.__dict__["out_features"] if size == "int" else (20,)
+            return copy_
+
+    model = nn.Sequential(nn.Linear(6, 16), Mine(16, 20), nn.ReLU(), nn.Linear(20, 3))
+    model[1].out_features = 20 if size == "int" else (20,)
+    shown = "20" if size == "int" else r"\(20,\)"
+    with pytest.raises(sn.SortedNetError, match=rf"FullSize.export left out_features = {shown} on 1, where the live "
+                                                r"module reads \(?4"):
+        sn.wrap(model, sn.Width("a", [4, 20], out="1", inp="3"), example=torch.randn(5, 6))
+    assert type(model[1]) is Mine
+    nest = sn.wrap(model, sn.Width("a", [4, 20], out="1", inp="3"))
+    with pytest.raises(sn.SortedNetError, match="FullSize.export left out_features"):
+        nest.export("a=4")
+    assert nest.export("a=20")[1].out_features == model[1].out_features
+
+
 class _PerLayer(nn.Module):
     """Returns the logits and one hidden state per block (as ``output_hidden_states``)."""
 
@@ -1882,7 +1930,24 @@ class _ProjSlicer(sn.Slicer):
         return copy_
 
 
-def test_check_compares_counts_and_mixed_sub_models_with_their_exports():
+class _Proj2(_Proj):
+    pass
+
+
+@sn.slicer(_Proj2)
+class _ValueSlicer(_ProjSlicer):
+    def export(self, live, copy_):  # a mistake in values, right where both widths agree
+        copy_ = sn.Slicer.export(self, live, copy_)
+        bind = live._sn.bind
+        if "inp" in bind and bind["inp"].total() != bind["out"].total():
+            copy_.weight.data.mul_(1.5)
+        return copy_
+
+
+@pytest.mark.parametrize("proj,message", [
+    (_Proj, r"export\(A=\d+,B=\d+\): _ProjSlicer.export left hidden = \d+ on b, where the live module reads \d+"),
+    (_Proj2, r"export\(A=\d+,B=\d+\) differs from its live output")], ids=["size", "values"])
+def test_check_compares_counts_and_mixed_sub_models_with_their_exports(proj, message):
     """A custom slicer's ``numel()`` was trusted: ``cost`` said 315 parameters where the export held 99, and pick
     chose by that. A custom ``export()`` right at the smallest sub-model alone exported 6 of 9 sub-models other
     than they run (check exported the smallest only). Check now compares each export's parameter count with cost
@@ -1897,7 +1962,7 @@ def test_check_compares_counts_and_mixed_sub_models_with_their_exports():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.c = _Proj(8, 32), _Proj(32, 32), nn.Linear(32, 3)
+            self.a, self.b, self.c = proj(8, 32), proj(32, 32), nn.Linear(32, 3)
 
         def forward(self, x):
             return self.c(F.relu(self.b(F.relu(self.a(x)))))
@@ -1905,10 +1970,10 @@ def test_check_compares_counts_and_mixed_sub_models_with_their_exports():
     net = Net()
     before = copy.deepcopy(net.state_dict())
     dims = (sn.Width("A", [8, 16, 32], out="a", inp="b"), sn.Width("B", [8, 16, 32], out="b", inp="c"))
-    with pytest.raises(sn.SortedNetError, match=r"export\(A=\d+,B=\d+\) differs from its live output"):
+    with pytest.raises(sn.SortedNetError, match=message):
         sn.wrap(net, *dims, example=x)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
-    assert type(net.a) is _Proj
+    assert type(net.a) is proj
 
 
 @pytest.mark.parametrize("only", ["equal", "copy_"])

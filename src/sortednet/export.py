@@ -14,7 +14,7 @@ refuses them. No tensor of the export aliases the live model.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +121,21 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
 _INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
 
 
+_ABSENT = object()
+
+
+def _flat(v: Any) -> list[int]:
+    return [int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _is_size(v: Any) -> bool:
+    """An int (not a bool) or a tuple / list / torch.Size of ints."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                       for x in v))
+
+
 def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> None:
     """Each sliced tensor a slicer's ``export`` left in the copy is a new tensor of the shape the live module
     reads under ``sub`` (a custom slicer returning the copy untouched would leave the live, full-size tensor:
@@ -128,7 +143,13 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
     sl = live._sn.slicer
     for name in sl.attr_names(live, live._sn.bind):
         full = sl.tensor(live, name)
-        if full is None:
+        if full is None:  # a size (out_features, normalized_shape): the copy's must be what the live module reads
+            kept, v = c.__dict__.get(name, _ABSENT), getattr(live, name, _ABSENT)
+            if kept is not _ABSENT and _is_size(v) and _is_size(kept) and tuple(_flat(kept)) != tuple(_flat(v)):
+                raise SortedNetError(f"export({sub}): {type(sl).__name__}.export left {name} = {kept!r} on "
+                                     f"{path or 'the root module'}, where the live module "
+                                     f"reads {v!r} under this sub-model: a slicer's export must set each size it "
+                                     "slices to what its value() gives (Slicer.export does)")
             continue
         got = c._parameters.get(name) if name in c._parameters else c._buffers.get(name)
         v = getattr(live, name)
