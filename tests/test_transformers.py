@@ -1079,6 +1079,37 @@ def test_an_encoder_output_goes_to_its_own_submodels_decoder_only():
             assert t5.generate(x, max_new_tokens=3, num_beams=2).shape[0] == 1
 
 
+@pytest.mark.parametrize("how", ["beams", "sequences", "copy"])
+def test_an_encoder_output_expanded_or_copied_keeps_its_submodel(how):
+    """generate expands encoder_outputs for beams / several sequences (each row repeated, a new tensor): the note
+    was lost and the decoder of another sub-model read that encoding in silence (beam search under one sub-model
+    with the other's encoder). The copy is now found by its values; the same sub-model runs as before."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.modeling_outputs import BaseModelOutput
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1)).eval()
+    nest = sn.from_transformers(t5, ffn=[32], heads=[2], depth=[1])
+    x = torch.tensor([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
+    kw = {"beams": dict(num_beams=2), "sequences": dict(num_beams=2, num_return_sequences=2), "copy": {}}[how]
+    a, b = "ffn=64,heads=4,depth=2", "ffn=32,heads=4,depth=2"
+    with torch.no_grad():
+        with nest.use(a):
+            enc = t5.get_encoder()(input_ids=x).last_hidden_state
+        given = enc.clone() if how == "copy" else enc
+
+        def run():
+            return t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=given), max_new_tokens=4,
+                               do_sample=False, **kw)
+
+        with nest.use(b), pytest.raises(sn.SortedNetError, match="encoder output"):
+            run()
+        with nest.use(a):
+            assert torch.equal(run(), t5.generate(x, max_new_tokens=4, do_sample=False, **kw))
+
+
 def test_an_encoder_output_serves_every_decoder_only_submodel_and_pickles_plainly(tmp_path):
     """Dimensions that do not reach the encoder may differ (its output is the same); the note is kept beside the
     tensor, so ``torch.load`` (weights_only) reads a saved encoder output as without sortednet."""

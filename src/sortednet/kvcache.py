@@ -180,8 +180,9 @@ class EncoderGuard:
     the dimensions that reach the encoder; a decoder given it under other such sizes (``model(encoder_outputs=
     ...)`` or ``generate(encoder_outputs=...)`` after a switch) is refused: its cross-attention would read
     another model's encoding. Dimensions of the decoder alone may differ. The note is kept beside the tensor
-    (by identity, dropped with it), never on it: the tensor pickles as without sortednet. An output without a
-    note (computed elsewhere, copied, or expanded for beams) cannot be told apart and passes."""
+    (by identity, dropped with it), never on it: the tensor pickles as without sortednet. A copy of a noted output,
+    or one expanded for beams (each row repeated), is found by its values; an output computed elsewhere carries
+    no note and passes."""
 
     def __init__(self, active: Any, names: frozenset[str]) -> None:
         self.active, self.names = active, names
@@ -204,13 +205,35 @@ class EncoderGuard:
             notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), self._sizes())
         return None
 
+    def _copied(self, t: torch.Tensor) -> tuple[Any, tuple] | None:
+        """The note of a noted output that ``t`` copies, rows repeated ``k`` times each (``generate`` expands the
+        encoder output for beams or several sequences with ``repeat_interleave``; ``k = 1``: a copy), then kept
+        for ``t`` itself (the next decoding steps get it again); None if ``t`` copies none."""
+        for ref, sizes in list(self.notes.values()):
+            o = ref()
+            if (o is None or o is t or o.dim() != t.dim() or o.dim() == 0 or o.shape[1:] != t.shape[1:]
+                    or o.shape[0] == 0 or t.shape[0] % o.shape[0] or o.dtype != t.dtype or o.device != t.device):
+                continue
+            k = t.shape[0] // o.shape[0]
+            with torch.no_grad():
+                same = bool(torch.equal(t, o if k == 1 else o.repeat_interleave(k, dim=0)))
+            if same:
+                key, notes = id(t), self.notes
+                notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), sizes)
+                return notes[key]
+        return None
+
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         if _compiling() or not self.names:
             return None
         t = kwargs.get("encoder_hidden_states")
-        note = self.notes.get(id(t)) if isinstance(t, torch.Tensor) else None
-        if note is None or note[0]() is not t:
+        if not isinstance(t, torch.Tensor):
             return None
+        note = self.notes.get(id(t))
+        if note is None or note[0]() is not t:
+            note = self._copied(t)
+            if note is None:
+                return None
         now = self._sizes()
         if note[1] != now:
             show = lambda sizes: ",".join(f"{n}={s}" for n, s in sizes)  # noqa: E731
