@@ -1153,6 +1153,28 @@ def test_a_static_cache_reset_and_reused_under_another_head_count_is_refused():
             model.generate(x, max_new_tokens=2, do_sample=False, **{KV: cache})
 
 
+def test_a_dynamic_cache_cropped_to_nothing_keeps_its_head_count():
+    """A DynamicCache cropped to no position keeps (batch, kv heads, 0, head_dim) tensors, which the next update
+    concatenates to: another head count failed inside torch.cat; now refused by name. The same heads, or another
+    depth, continue it as a new cache, equal to a fresh one."""
+    from transformers import DynamicCache
+
+    model = llama().eval()
+    nest = sn.from_transformers(model, heads=[2], depth=[2])
+    x = ids()[:1]
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        with nest.use("heads=2,depth=4"):
+            model(input_ids=x, use_cache=True, **{KV: cache})
+        cache.crop(-x.shape[1])
+        assert cache.get_seq_length() == 0
+        with nest.use("heads=4,depth=4"), pytest.raises(sn.SortedNetError, match="cropped to no position"):
+            model(input_ids=x, use_cache=True, **{KV: cache})
+        with nest.use("heads=2,depth=4"):
+            got = model(input_ids=x, use_cache=True, **{KV: cache}).logits
+            torch.testing.assert_close(got, model(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("sub", [None, "ffn=24,depth=2"])
 def test_the_manual_decode_loop_continues_the_cache_the_forward_made(sub):
     """``out = model(ids, use_cache=True)`` then ``model(next, cache=out.cache)``: the cache the forward made

@@ -116,7 +116,8 @@ class CacheGuard:
                     dict(rec[0]).get(n) != dict(key).get(n) for n in self.heads):
                 raise SortedNetError(
                     f"the key/value cache was allocated for sub-model {','.join(f'{n}={s}' for n, s in rec[0])} "
-                    f"(emptied by reset(), its tensors keep those shapes); sub-model {sub} computes keys and "
+                    f"(emptied by reset() or cropped to no position, its tensors keep those shapes); sub-model "
+                    f"{sub} computes keys and "
                     "values of other shapes. Start a new cache for each sub-model")
             rec = records[id(self.active)] = [key, {}, self.active.epoch]
         elif rec is None:
@@ -169,10 +170,12 @@ class CacheGuard:
 
 
 def _allocated(cache: Any) -> bool:
-    """A cache whose layers hold preallocated key tensors (a static cache), filled or not."""
+    """A cache whose layers hold key tensors, filled or not: preallocated (a static cache, also after
+    ``reset()``) or cropped to no position (a dynamic cache keeps ``(batch, heads, 0, head_dim)`` tensors, which
+    the next update concatenates to)."""
     layers = getattr(cache, "layers", None)
     return isinstance(layers, (list, tuple)) and any(
-        isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys.numel() > 0 for x in layers)
+        isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys.dim() >= 3 for x in layers)
 
 
 class EncoderGuard:
