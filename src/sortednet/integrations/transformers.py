@@ -288,7 +288,8 @@ def _self_check(nest: Nest) -> None:
                 except Exception as e:
                     raise SortedNetError(f"from_transformers: {sub} ({name} at its smallest) of {cls} fails on a "
                                          f"small input: {type(e).__name__}: {e}. This family's layout is not "
-                                         "supported for that" + why.format(name=name)) from e
+                                         "supported for that" + _per_head_hint(nest, what)
+                                         + why.format(name=name)) from e
             if what is None:
                 continue
             err = whole_units_error(nest, what, what.sizes[0], example, view, copies)
@@ -562,6 +563,27 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     setattr(h, lay.heads_key, n)
     if lay.kv_key and getattr(h, lay.kv_key, None):
         setattr(h, lay.kv_key, 1 if group == n_heads else n // group)  # (multi-query: one key/value head)
+
+
+def _per_head_hint(nest: Nest, what: object) -> str:
+    """`` (the attention holds per-head tensors that no slicer cuts: ...)`` for a Heads dimension ``what`` whose
+    attentions hold a tensor with an axis of the full head count outside every sliced module (GPT-OSS's attention
+    sinks, Cohere's per-head query / key norms), else ``""``."""
+    if not isinstance(what, Heads):
+        return ""
+    n = what.full
+    parents = {p.rsplit(".", 1)[0] if "." in p else "" for p, m in nest._sliced.items()
+               if any(b.dim is what for b in m._sn.bind.values())}
+    found: list[str] = []
+    for parent in sorted(parents):
+        for sub, m in nest.model.get_submodule(parent).named_modules():
+            path = f"{parent}.{sub}" if sub and parent else sub or parent
+            if path in nest._sliced:
+                continue
+            for k, t in [*m._parameters.items(), *m._buffers.items()]:
+                if isinstance(t, torch.Tensor) and n in t.shape and len(found) < 3:
+                    found.append(f"{path + '.' if path else ''}{k} {tuple(t.shape)}")
+    return (f" (the attention holds per-head tensors that no slicer cuts: {', '.join(found)})" if found else "")
 
 
 def _is_backbone(model: nn.Module) -> bool:
