@@ -561,3 +561,47 @@ def test_an_operator_without_a_flop_formula_is_refused_not_counted_as_zero():
         assert flops == [2 * 4 * 8 * h + 2 * 4 * h * 3 for h in (8, 32)]
     finally:
         flop_registry.pop(op, None)
+
+
+def test_matrix_vector_and_dot_products_are_counted():
+    """``W @ v`` with a 1-D ``v`` runs as aten.mv, which PyTorch's table has no formula for: a hand-written RNN
+    cell over one unbatched sequence counted its recurrence as zero (pick(flops=) chose a sub-model 7.8x over the
+    budget). mv, addmv and dot now count their multiply-adds."""
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.rec, self.o = torch.nn.Linear(8, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 2)
+            self.q = torch.nn.Parameter(torch.randn(2))
+
+        def forward(self, x):  # x: (T, 8), one sequence
+            u, st = self.a(x), torch.zeros(self.rec.weight.shape[0])
+            for t in range(x.shape[0]):
+                st = torch.tanh(self.rec.weight @ st + u[t])                   # aten.mv
+                st = torch.addmv(self.rec.bias, self.rec.weight, st).tanh()    # aten.addmv
+            return torch.dot(self.o(st), self.q)                                # aten.dot
+
+    nest = sn.wrap(Cell(), sn.Width("h", [8, 64], out=["a", "rec"], inp=["rec", "o"]))
+    x = torch.randn(5, 8)
+    assert [nest.cost(s, "flops", example=x) for s in nest.submodels] == [
+        2 * 5 * 8 * h + 5 * 2 * (2 * h * h) + 2 * h * 2 + 2 * 2 for h in (8, 64)]
+
+
+@pytest.mark.parametrize("word", ["mymatmul", "my_gemv", "qmv", "vdot_q"])
+def test_an_operator_named_for_a_product_without_a_formula_is_refused(word):
+    name = f"sntest_{zlib.crc32(str(id(object())).encode())}_{word}::{word}"
+
+    @torch.library.custom_op(name, mutates_args=())
+    def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w.t()
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(product(x, self.fc1.weight) + self.fc1.bias))
+
+    nest = sn.wrap(Custom(), sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    with pytest.raises(sn.SortedNetError, match=f"cannot count the FLOPs of operator .*{word}"):
+        nest.cost(nest.smallest, "flops", example=torch.randn(4, 8))

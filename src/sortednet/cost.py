@@ -173,6 +173,19 @@ def _trilinear_flops(i1: Tensor, i2: Tensor, i3: Tensor, expand1: list[int], exp
     return 2 * math.prod(torch.broadcast_shapes(*shapes))
 
 
+def _mv_flops(a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> int:
+    """``matrix @ vector`` (``aten.mv``): 2 per multiply-add."""
+    return 2 * a.numel()
+
+
+def _addmv_flops(bias: Tensor, a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> int:
+    return 2 * a.numel()
+
+
+def _dot_flops(a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> int:
+    return 2 * a.numel()
+
+
 #: kernels that torch.utils.flop_counter has no formula for, by operator name: the fused attention
 #: kernels (the CPU one: without it, every attention score matmul of a model on the CPU would count as
 #: zero), the grouped matmuls mixture-of-experts layers run (transformers' experts, and its fallback
@@ -185,6 +198,12 @@ _MORE_FLOPS: dict[str, Callable[..., int]] = {
     "transformers.grouped_mm_fallback": _grouped_mm_flops,
     "aten.mkldnn_rnn_layer": _rnn_layer_flops,
     "aten._trilinear": _trilinear_flops,
+    # matrix @ vector and vector . vector (a hand-written RNN cell, a learned query vector, unbatched inputs)
+    "aten.mv": _mv_flops,
+    "aten.addmv": _addmv_flops,
+    "aten.addmv_": _addmv_flops,
+    "aten.dot": _dot_flops,
+    "aten.vdot": _dot_flops,
     # in-place and fused variants of the registry's own: the same multiply-adds
     "aten.addmm_": flop_registry[torch.ops.aten.addmm],
     "aten._addmm_activation": flop_registry[torch.ops.aten.addmm],
@@ -197,7 +216,8 @@ _MORE_FLOPS: dict[str, Callable[..., int]] = {
 #: a custom ``mylib::fused_attention`` or ``flash_attn::_flash_attn_forward``): such an operator with no formula and no
 #: decomposition would count as zero, so counting refuses it rather than return a total without it
 _COMPUTE_WORD = re.compile(
-    r"(?:^|_)(?:\w*mm|matmul|gemm|einsum|conv(?:olution|\dd|_\w+)?|\w*linear|atten\w*|attn|rnn|lstm|gru)(?:_|$)")
+    r"(?:^|_)(?:\w*mm|\w*matmul|\w*gemm|\w*gemv|\w*mv|v?dot|einsum|conv(?:olution|\dd|_\w+)?|\w*linear|atten\w*|"
+    r"attn|rnn|lstm|gru)(?:_|$)")
 
 
 def _uncountable(name: str) -> bool:
