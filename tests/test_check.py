@@ -1603,6 +1603,10 @@ class _Moves(nn.Module):
             return self.fc2(h.narrow(1, h.shape[1] - 8, 8))
         if self.how == "index_select":  # the same picked by an index tensor
             return self.fc2(h.index_select(1, torch.arange(h.shape[1] - 8, h.shape[1])))
+        if self.how == "reversed":  # units reversed by a tensor index (index_select written as indexing)
+            return self.fc2(h[:, torch.arange(h.shape[1] - 1, -1, -1)])
+        if self.how == "masked":   # every other unit, by a boolean mask
+            return self.fc2(h[..., torch.arange(h.shape[1]) % 2 == 0].repeat(1, 2))
         if self.how == "chunk":    # q / k halves: at h=8 features 4..7 switch from q to k
             q, k = h.chunk(2, -1)
             return self.fc2(h) + (q * k).sum(-1, keepdim=True)
@@ -1620,7 +1624,8 @@ class _Moves(nn.Module):
 
 @pytest.mark.parametrize("how,op", [("tail", "__getitem__"), ("chunk", "chunk"), ("groups", "view"),
                                     ("heads", "view"), ("narrow", "narrow"), ("index_select", "index_select"),
-                                    ("roll", "roll"), ("flip", "flip")])
+                                    ("roll", "roll"), ("flip", "flip"), ("reversed", "__getitem__"),
+                                    ("masked", "__getitem__")])
 def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how, op):
     """check refused these only when a shape broke; the wiring trace names the op that moves the features."""
     torch.manual_seed(0)
@@ -1667,6 +1672,7 @@ def test_narrow_and_index_select_that_keep_every_unit_in_place_pass():
         def forward(self, x):
             h = torch.relu(self.fc1(x)).index_select(0, torch.tensor([2, 1, 0]))  # (rows: not a feature axis)
             h = h.narrow(1, 0, h.shape[1]).index_select(1, torch.arange(h.shape[1]))
+            h = h[:, torch.arange(h.shape[1])][:, torch.ones(h.shape[1], dtype=torch.bool)][torch.tensor([0, 2, 1])]
             return self.fc2(h)
 
     nest = sn.wrap(Keep().eval(), sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=torch.randn(3, 6))

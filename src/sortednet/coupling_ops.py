@@ -183,7 +183,12 @@ def _permuted(ev, x: Tensor) -> list[int] | None:
 
 def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) or isinstance(i, bool) for i in idx):
+    tensors = [i for i in idx if isinstance(i, Tensor)]
+    if len(tensors) > 1 or (tensors and (tensors[0].dim() != 1 or tensors[0].is_floating_point()
+                                         or tensors[0].is_complex())):
+        return False  # (several tensor indices, or one of other rank: broadcast together, axes moved)
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice, Tensor))) or isinstance(i, bool)
+           for i in idx):
         return False
     used = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
@@ -199,6 +204,16 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
             continue
         if isinstance(i, int):  # counted from the end, or computed from the size (h[:, h.shape[1] - 1]): another
             a.uf.fix(xv[ax], f"{why} (an integer index)")  # unit at every size; the trace cannot tell them apart
+        if isinstance(i, Tensor):  # h[:, order] (x.index_select written as indexing): units picked by a tensor
+            n = x.shape[ax]
+            picks = i.cpu()
+            whole = bool(picks.all()) and picks.numel() == n if picks.dtype == torch.bool else (
+                picks.numel() == n and bool((picks == torch.arange(n)).all()))  # (every unit in place)
+            if whole:
+                srcs.append([xv[ax]])
+            else:
+                a.uf.fix(xv[ax], f"{why} (a tensor index)")
+                srcs.append([])
         if isinstance(i, slice):
             full = i.step in (None, 1) and (i.start in (None, 0)) and (i.stop is None or i.stop >= x.shape[ax])
             if full:
