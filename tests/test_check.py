@@ -2005,3 +2005,80 @@ def test_an_interrupted_check_puts_every_statistic_back(only):
             hit += 1
             assert_unchanged(m, before)
     assert hit == count.calls >= 10
+
+
+class _PairedFromTheEnd(nn.Module):
+    """Blocks and norms in one Depth; ``how`` says in which order the forward reads the norms."""
+
+    def __init__(self, how, n=4, d=8):
+        super().__init__()
+        self.how = how
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n))
+
+    def forward(self, x):
+        if self.how == "reversed":       # block i with norm n-1-i: at depth d, norm d-1-i
+            pairs = zip(self.blocks, reversed(self.norms))
+        elif self.how == "from_len":     # the same by index
+            pairs = ((b, self.norms[len(self.norms) - 1 - i]) for i, b in enumerate(self.blocks))
+        else:                            # "aligned" / "after": block i with norm i
+            pairs = zip(self.blocks, self.norms)
+        if self.how == "after":          # every block, then every norm on its output (a U-Net-like second pass)
+            outs = []
+            for b in self.blocks:
+                x = x + b(x)
+                outs.append(x)
+            return sum(n(o) for n, o in zip(self.norms, outs))
+        for b, n in pairs:
+            x = x + b(n(x))
+        return x
+
+
+@pytest.mark.parametrize("how", ["reversed", "from_len"])
+def test_a_depth_list_read_from_its_end_is_refused(how):
+    """The Depth keeps the first d norms, and the forward pairs block i with the (d-1-i)-th: every sub-model
+    computed another model (4.1 off at depth 1), live, export and cost all agreeing with each other."""
+    torch.manual_seed(0)
+    model, x = _PairedFromTheEnd(how).eval(), torch.randn(2, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"depth 'depth' keeps the first 1 entries .*\['blocks', 'norms'\].*"
+                                                r"runs them otherwise than the full model"):
+        sn.wrap(model, sn.Depth("depth", [1, 2, 4], layers=["blocks", "norms"]), example=x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model.blocks) is nn.ModuleList
+
+
+@pytest.mark.parametrize("how", ["aligned", "after"])
+def test_depth_lists_read_from_their_start_pass_and_equal_the_first_blocks(how):
+    torch.manual_seed(0)
+    model, x = _PairedFromTheEnd(how).eval(), torch.randn(2, 8)
+    twin = copy.deepcopy(model)
+    nest = sn.wrap(model, sn.Depth("depth", [1, 2, 4], layers=["blocks", "norms"]), example=x)
+    for d in (1, 2):
+        hand = copy.deepcopy(twin)
+        hand.blocks, hand.norms = hand.blocks[:d], hand.norms[:d]
+        with torch.no_grad(), nest.use(f"depth={d}"):
+            torch.testing.assert_close(model(x), hand(x), rtol=0, atol=1e-6)
+
+
+def test_check_of_a_restricted_nest_runs_listed_sub_models_only():
+    """A block that re-sizes the stream coupled to a width by submodels=: check ran the unlisted full widths at the
+    shallow depth and raised torch's raw shape error from inside wrap."""
+    class Resizes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16)])
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x).tanh()
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model, x = Resizes().eval(), torch.randn(2, 8)
+    nest = sn.wrap(model, sn.Depth("depth", [2, 3], layers="blocks"), sn.Width("w", [8, 16], out="blocks.2",
+                                                                                   inp="head"),
+                   submodels=[{"depth": 2, "w": 8}, {"depth": 3, "w": 16}], example=x)
+    with torch.no_grad(), nest.use("depth=2,w=8"):
+        torch.testing.assert_close(nest.export("depth=2,w=8")(x), model(x), rtol=0, atol=1e-6)

@@ -910,9 +910,15 @@ def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Cal
             cache[key] = got
         if key not in cache:
             ref = SubModel({d.name: d.full for d in nest.dims}).replace(**dict(zip((d.name for d in depths), key)))
-            with Use(nest._state, nest._plans.build(ref)):  # (uncached: a restricted nest may not list it)
-                got = shapes()
-            cache[key] = got
+            try:
+                with Use(nest._state, nest._plans.build(ref)):  # (uncached: a restricted nest may not list it)
+                    made = shapes()
+            except Exception as e:
+                if got is None or not nest._restricted:
+                    raise SortedNetError(f"nest.check: {ref} (the full widths at {sub}'s depth) does not run on the "
+                                         f"example: {type(e).__name__}: {e}") from e
+                made = got  # (a restricted nest that couples a width to the depth, as a block dropped that re-sizes
+            cache[key] = made  # the stream does: the first listed sub-model at this depth is the reference)
         return cache[key]
 
     return at
@@ -1014,6 +1020,15 @@ class _Reads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _at_depth(nest: Nest, dd: Any, size: int) -> SubModel | None:
+    """The sub-model that runs Depth ``dd`` at ``size`` with every other dimension as large as it can be: the
+    full widths, or, in a restricted nest (``submodels=``), the last listed one at that depth (None if none)."""
+    full = SubModel({d.name: d.full for d in nest.dims})
+    if not nest._restricted:
+        return full.replace(**{dd.name: size})
+    return next((s for s in reversed(nest.submodels) if s[dd.name] == size), None)
+
+
 def _skipped_layers_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
     """Each Depth at its shallowest: no layer of a block it skips may run, and no weight of one may enter an op,
     unless the model also holds it where the depth does not reach (a block kept as ``self.final``, a module every
@@ -1022,14 +1037,16 @@ def _skipped_layers_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Modul
     cost / export would describe a model the forward does not compute."""
     from .export import reachable_modules
 
-    full = SubModel({d.name: d.full for d in nest.dims})
     for dd in (d for d in nest.dims if d.kind == "depth"):
         ran: list[str] = []
+        shallow = next((s for s in (_at_depth(nest, dd, n) for n in dd.sizes) if s is not None), None)
+        if shallow is None or shallow[dd.name] == dd.full:
+            continue
 
         def seen(where: str, ran: list[str] = ran) -> Callable[..., None]:
             return lambda mod, args: ran.append(where)
 
-        with Use(nest._state, nest._plans.build(full.replace(**{dd.name: dd.sizes[0]}))):
+        with Use(nest._state, nest._plans.build(shallow)):
             drop = [(path, m, name) for path, m in nest._sliced.items() for name in m._sn.slicer.skipped(m)]
             kept = reachable_modules(nest.model, {(id(m), name) for _, m, name in drop})
             inside = [(f"{path}.{name}.{sp}".rstrip("."), c) for path, m, name in drop
@@ -1073,9 +1090,12 @@ def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], e
         whole = {k for k, r in _entries_run(nest, model, copies, example, holders, full).items()
                  if r == set(range(dd.full))}
         for size in dd.sizes[:-1]:
+            sub = _at_depth(nest, dd, size)
             if not whole:
                 break
-            at = _entries_run(nest, model, copies, example, holders, full.replace(**{dd.name: size}))
+            if sub is None:
+                continue
+            at = _entries_run(nest, model, copies, example, holders, sub)
             whole = {k for k in whole if at[k] == set(range(size))}
         if whole:
             idle = sorted(whole)
@@ -1086,6 +1106,48 @@ def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], e
                 f"forward pairs with its blocks), yet cost counts and export keeps all {dd.full}: {count:,} idle "
                 f"parameters at depth {dd.sizes[0]}. Cut them with the blocks: sn.Depth({dd.name!r}, ..., "
                 f"layers=[<the blocks>, {', '.join(map(repr, idle[:2]))}])", IdleLayersWarning, stacklevel=4)
+
+
+def _depth_order(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
+    """A Depth keeps the first d entries of each of its layer lists: right only where what a sub-model runs is the
+    full model's run of those entries, in the same order. A list read from its end (``reversed(self.norms)``
+    zipped with the blocks, ``self.norms[len(self.norms) - 1 - i]``) pairs block 0 with the last norm at full
+    depth and with norm d-1 at depth d: shapes fit, every output is another model's."""
+    full = SubModel({d.name: d.full for d in nest.dims})
+    for dd in (d for d in nest.dims if d.kind == "depth"):
+        holders = {p: m for p, m in nest._sliced.items() if "depth" in m._sn.bind and m._sn.bind["depth"].dim is dd}
+        if not holders:
+            continue
+        ref = _calls(nest, model, copies, example, holders, full)
+        for size in dd.sizes[:-1]:
+            sub = _at_depth(nest, dd, size)
+            if sub is None:
+                continue
+            got, want = _calls(nest, model, copies, example, holders, sub), [(p, i) for p, i in ref if i < size]
+            if got != want:
+                k = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                show = lambda calls, k=k: ", ".join(f"{p}[{i}]" for p, i in calls[max(0, k - 2):k + 3]) or "nothing"  # noqa: E731
+                raise SortedNetError(
+                    f"nest.check: depth {dd.name!r} keeps the first {size} entries of each of its layer lists "
+                    f"{sorted(holders)[:3]}, but at depth {size} the forward runs them otherwise than the full model "
+                    f"runs those entries: call {k + 1} is {show(got)} where the full model runs {show(want)} (a list "
+                    "read from its end, reversed(...) or indexed from len(...), pairs other entries once cut). Read "
+                    "every list of the Depth from its start, in the blocks' order")
+
+
+def _calls(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any,
+           holders: dict[str, nn.Module], sub: SubModel) -> list[tuple[str, int]]:
+    """``(list path, index)`` of each entry of the lists in ``holders`` as a forward of ``sub`` calls it, in order."""
+    calls: list[tuple[str, int]] = []
+    hooks = [copies[id(e)].register_forward_pre_hook(lambda mod, args, key=(path, i): calls.append(key))
+             for path, c in holders.items() for i, e in enumerate(c._modules.values()) if id(e) in copies]
+    try:
+        with Use(nest._state, nest._plans.build(sub)), seeded(0):
+            call_model(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
 
 
 def _entries_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any,
@@ -1315,6 +1377,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     "remove the dimension")
         _skipped_layers_run(nest, model, copies, example)
         _idle_at_depth(nest, model, copies, example)
+        _depth_order(nest, model, copies, example)
         _counts_read(nest, model, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
