@@ -372,7 +372,8 @@ def test_trainer_same_submodels_for_all_micro_batches(soft, tmp_path):
                              learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
                              logging_strategy="no", seed=0)
     before = model.lm_head.weight.detach().clone()
-    sampler = sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=3)
+    subs = [s for s in nest.submodels if s["depth"] == 4] if soft else nest.submodels  # (SoFT: at the deepest exit)
+    sampler = sn.Sampler(subs, k=1, strategy="uniform", seed=3)
     trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sampler,
                             soft_exits=[2, 4] if soft else None)
     trainer.train()
@@ -400,8 +401,9 @@ def test_trainer_resumed_with_another_sampler_is_refused_before_anything_loads(c
         args = TrainingArguments(str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
                                  report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True,
                                  logging_strategy="no", seed=0)
+        subs = nest.submodels if soft is None else [s for s in nest.submodels if s["depth"] == max(soft)]
         return SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=soft,
-                             sampler=sn.Sampler(nest.submodels, k=k, strategy="uniform", seed=seed))
+                             sampler=sn.Sampler(subs, k=k, strategy="uniform", seed=seed))
 
     trainer(2).train()
     folder = str(tmp_path / "checkpoint-2")
@@ -421,8 +423,8 @@ def test_trainer_resumed_with_another_sampler_is_refused_before_anything_loads(c
 
 
 def test_trainer_resumes_with_an_equivalent_configuration(tmp_path):
-    """SoFT exits in another order, weights spelled out as their default or scaled, the sampler built from the
-    nest or its list: the same training, resumed (soft_loss sorts the exits and normalises the weights)."""
+    """SoFT exits in another order, weights spelled out as their default or scaled, the sampler's sub-models as a
+    list or a tuple: the same training, resumed (soft_loss sorts the exits and normalises the weights)."""
     model, _, _, _ = build("llama")
     model.train()
     nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
@@ -435,9 +437,10 @@ def test_trainer_resumes_with_an_equivalent_configuration(tmp_path):
         return SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=soft,
                              soft_weights=weights, sampler=sn.Sampler(source, k=1, strategy="uniform", seed=3))
 
-    trainer(2, nest, [2, 4], None).train()
-    for source, soft, weights in [(nest.submodels, [4, 2], None), (nest, [2, 4], [1, 1]),
-                                  (nest, [4, 2], np.array([2.0, 2.0], dtype=np.float32))]:
+    deep = [s for s in nest.submodels if s["depth"] == 4]  # (SoFT runs each drawn sub-model at the deepest exit)
+    trainer(2, deep, [2, 4], None).train()
+    for source, soft, weights in [(tuple(deep), [4, 2], None), (deep, [2, 4], [1, 1]),
+                                  (deep, [4, 2], np.array([2.0, 2.0], dtype=np.float32))]:
         t = trainer(3, source, soft, weights)
         t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
         assert [s for s, _ in t.history] == [2]
@@ -1667,3 +1670,25 @@ def test_heads_refused_for_per_head_tensors_names_them():
                                                 r"model\.layers\.0\.self_attn\.q_norm\.weight \(4, 8\)"):
         sn.from_transformers(model, heads=[2])
     assert sn.from_transformers(model, ffn=[32]).cost("ffn=32") < sum(p.numel() for p in model.parameters())
+
+
+def test_soft_trainer_draws_at_the_deepest_exit_and_refuses_other_depths(tmp_path):
+    """With soft_exits every drawn sub-model runs at the deepest exit: a sampler drawing other depths turned those
+    draws into copies (a step trained one sub-model twice, history listed depths that never ran). The default
+    sampler now draws at the deepest exit; another one is refused, as are repeated exits."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(4)]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    t = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=[2, 4])
+    assert {s["depth"] for s in t.sampler.submodels} == {4}
+    t.train()
+    assert all(s["depth"] == 4 for _, subs in t.history for s in subs)
+    with pytest.raises(sn.SortedNetError, match=r"the sampler also draws depth=\[2\]"):
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=[2, 4],
+                      sampler=sn.Sampler(nest.submodels, k=2, seed=0))
+    with pytest.raises(sn.SortedNetError, match="distinct exits"):
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=[2, 2, 4])
+    with pytest.raises(sn.SortedNetError, match="exits must be distinct"):
+        soft_loss(nest, ids(), exits=[2, 2, 4])

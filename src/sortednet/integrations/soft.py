@@ -105,7 +105,10 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     Other inputs of the model (``position_ids`` of packed sequences,
     ``token_type_ids``, ``inputs_embeds`` instead of ``input_ids``, which
     then needs ``labels``) go to its forward as they would without SoFT; one
-    its base model does not take is refused.
+    its base model does not take is refused. ``labels`` default to
+    ``input_ids`` as they are, like ``model(input_ids, labels=input_ids)``:
+    ``attention_mask`` does not take padding out of the loss; pass labels with
+    ``-100`` at the padded positions (``DataCollatorForLanguageModeling`` does).
 
     >>> import torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -126,8 +129,10 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     bad = [e for e in given if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= n]
     if not given or bad:
         raise SortedNetError(f"soft_loss: exits must be block counts in 1..{n} (active depth), got {given}")
+    if len(set(given)) != len(given):
+        raise SortedNetError(f"soft_loss: exits must be distinct, got {given}")
     if weights is None:
-        exits, weights = sorted(set(given)), [1.0] * len(set(given))
+        exits, weights = sorted(given), [1.0] * len(given)
     else:
         weights = list(weights)
         if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):

@@ -117,6 +117,8 @@ class SortedTrainer(Trainer):
             exits = list(soft_exits)
             if not exits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in exits):
                 raise SortedNetError(f"SortedTrainer(soft_exits=...) needs depths >= 1, got {exits}")
+            if len(set(exits)) != len(exits):
+                raise SortedNetError(f"SortedTrainer(soft_exits=...) needs distinct exits, got {exits}")
             if soft_weights is not None:
                 soft_weights = list(soft_weights)
                 if len(soft_weights) != len(exits) or any(
@@ -138,16 +140,31 @@ class SortedTrainer(Trainer):
                                  "would only record draws that never train: drop the callback")
         self.nest = nest
         self._rank = any(d.kind == "rank" for d in nest.dims)
-        self.sampler = _checked_sampler(nest, sampler, "SortedTrainer") if sampler is not None else make_sampler(nest)
         self.soft_exits = list(soft_exits) if soft_exits is not None else None
         self.soft_weights = soft_weights
         self.history: list[tuple[int, tuple[SubModel, ...]]] = []
+        self._depth = None
         if self.soft_exits is not None:
             self.loss_is_scaled_for_ga = False  # SoFT losses are per-micro-batch means: Trainer divides by GA steps
             self._depth = next((d for d in nest.dims if isinstance(d, Depth)), None)
             if self._depth is not None and max(self.soft_exits) not in self._depth.sizes:
                 raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "
                                      f"dimension {self._depth.name!r} {list(self._depth.sizes)}")
+        deepest = None if self._depth is None else max(self.soft_exits)
+        if sampler is None:  # (with SoFT: the sub-models at the deepest exit, which every drawn one runs at)
+            sampler = make_sampler(nest, None if deepest is None else
+                                   [s for s in nest.submodels if s[self._depth.name] == deepest])
+        self.sampler = _checked_sampler(nest, sampler, "SortedTrainer")
+        other = sorted({s[self._depth.name] for s in getattr(self.sampler, "submodels", ())} - {deepest}) \
+            if deepest is not None else []
+        if other:
+            raise SortedNetError(
+                f"SortedTrainer(soft_exits={self.soft_exits}): every drawn sub-model runs at the deepest exit "
+                f"({self._depth.name}={deepest}) and trains the shallower exits in the same pass, but the sampler "
+                f"also draws {self._depth.name}={other}: those draws would become copies of others (a step could "
+                f"train one sub-model twice, and history would list depths that never ran). Give a sampler over the "
+                f"sub-models at {self._depth.name}={deepest}: sn.Sampler([s for s in nest.submodels if "
+                f"s[{self._depth.name!r}] == {deepest}], ...) (the default when sampler= is left out)")
         if any(d.kind == "rank" and getattr(d, "mode", None) == "lora" for d in nest.dims):  # after every check
             keep = {id(p) for p in nest.trainable_parameters()}  # the adapters: LoRA trains nothing else
             for p in nest.model.parameters():
