@@ -640,3 +640,28 @@ def test_weights_accelerate_offloads_are_refused_and_its_device_hooks_export():
     nest = sn.wrap(net, sn.Depth("depth", [1, 3], layers="blocks"))
     with torch.no_grad(), nest.use("depth=1"):
         torch.testing.assert_close(nest.export("depth=1")(x), net(x))
+
+
+@pytest.mark.parametrize("container", ["dict", "params"])
+def test_a_depth_over_a_container_it_cannot_cut_says_what_it_takes(container):
+    """A Depth over an nn.ModuleDict or nn.ParameterList said 'has no slicer; register one': it takes an
+    nn.ModuleList or nn.Sequential of blocks, which the refusal now says, before anything changes."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if container == "dict":
+                self.blocks = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)})
+            else:
+                self.blocks = nn.ParameterList([nn.Parameter(torch.ones(4)) for _ in range(2)])
+
+        def forward(self, x):
+            for b in (self.blocks.values() if container == "dict" else self.blocks):
+                x = b(x) if container == "dict" else x * b
+            return x
+
+    model = Stack()
+    before = snapshot(model)
+    with pytest.raises(sn.PatternError, match=r"Depth 'd': 'blocks' \((ModuleDict|ParameterList),.* is not a layer "
+                                              r"list a Depth can cut: it takes an nn\.ModuleList or nn\.Sequential"):
+        sn.wrap(model, sn.Depth("d", [1, 2], layers="blocks"))
+    assert_unchanged(model, before)

@@ -111,6 +111,12 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
             sl = ATTRS_ONLY
         if sl is None:
             pats = sorted({t.pattern for t in roles.values()})
+            if "depth" in bind:
+                raise PatternError(
+                    f"Depth {bind['depth'].dim.name!r}: {path!r} ({type(m).__name__}, matched by {pats}) is not a "
+                    "layer list a Depth can cut: it takes an nn.ModuleList or nn.Sequential of blocks (run in order "
+                    "by the forward); hold the blocks in an nn.ModuleList, or register a slicer for "
+                    f"{type(m).__name__} (see docs/custom_slicers.md)")
             raise PatternError(f"{path!r} ({type(m).__name__}, matched by {pats}) has no slicer; register one "
                                "with @sn.slicer(YourType) (see docs/custom_slicers.md)")
         if sl is not ATTRS_ONLY and own_forward(type(m), sl) and not sl.verifies_forward(type(m)):
