@@ -1840,11 +1840,14 @@ class _CountsItsLayers(nn.Module):
         elif how == "config":
             self.config = type("Config", (), {})()
             self.config.num_layers = n
+        elif how == "dict":  # a plain dict config
+            self.cfg = {"n_layers": n, "width": 8}
         self.how = how
 
     def count(self) -> int:
         return {"attribute": lambda: self.n_layers, "config": lambda: self.config.num_layers,
-                "len": lambda: len(self.blocks), "kept": lambda: len(self.blocks)}[self.how]()
+                "dict": lambda: self.cfg["n_layers"], "len": lambda: len(self.blocks),
+                "kept": lambda: len(self.blocks)}[self.how]()
 
     def forward(self, x):
         n = self.count()
@@ -1855,7 +1858,7 @@ class _CountsItsLayers(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("how", ["attribute", "config", "len", "kept"])
+@pytest.mark.parametrize("how", ["attribute", "config", "dict", "len", "kept"])
 def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
     """At depth 2 of 4, a forward reading a stored count keeps the 4-layer scale and never reaches its final
     norm: not the 2-layer network, while its export computes the same (no other check can tell). ``len()`` of
@@ -1877,7 +1880,10 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
     if how == "attribute":
         assert type(model.n_layers) is int and model.n_layers == 4  # (put back as it was)
     if said:
-        assert ("n_layers" if how == "attribute" else "config.num_layers") in str(said[0].message)
+        assert {"attribute": "n_layers", "config": "config.num_layers",
+                "dict": "cfg['n_layers']"}[how] in str(said[0].message)
+    if how == "dict":
+        assert type(model.cfg["n_layers"]) is int  # (put back as it was)
     with warnings.catch_warnings():  # PyTorch's own encoder keeps num_layers and reads len() of its layers
         warnings.simplefilter("error", LayerCountWarning)
         enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 4,

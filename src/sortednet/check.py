@@ -670,18 +670,28 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
             objs = [(holder, where)]
             for k in _CONFIGS:
                 v = holder.__dict__.get(k)
-                if v is not None and not isinstance(v, nn.Module) and not type(v).__module__.startswith(
+                if type(v) is dict:  # a plain dict config: self.config["n_layers"]
+                    objs.append((v, f"{where}.{k}" if where else k))
+                elif v is not None and not isinstance(v, nn.Module) and not type(v).__module__.startswith(
                         ("transformers.", "builtins")):
                     objs.append((v, f"{where}.{k}" if where else k))
             for obj, at in objs:
                 try:
-                    attrs = dict(vars(obj))
+                    attrs = dict(obj) if type(obj) is dict else dict(vars(obj))
                 except Exception:  # (no __dict__, or one that is not a mapping)
                     continue
                 for k, v in attrs.items():
                     if type(v) is int and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k):
-                        spots.setdefault((id(obj), k), (obj, k, f"{at}.{k}" if at else k, v))
+                        shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
+                        spots.setdefault((id(obj), k), (obj, k, shown, v))
     return list(spots.values())
+
+
+def _put(obj: Any, k: str, v: Any) -> None:
+    if type(obj) is dict:
+        obj[k] = v
+    else:
+        setattr(obj, k, v)
 
 
 def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
@@ -701,7 +711,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
     try:
         for obj, k, name, v in spots:
             try:
-                setattr(obj, k, _Watched(v, seen, name))
+                _put(obj, k, _Watched(v, seen, name))
             except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
                 continue
             done.append((obj, k, v))
@@ -712,7 +722,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
     finally:
         for obj, k, v in done:
             try:
-                setattr(obj, k, v)
+                _put(obj, k, v)
             except Exception:
                 pass
     read = list(dict.fromkeys(seen))
