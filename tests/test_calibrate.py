@@ -574,3 +574,31 @@ def test_recalibrating_some_sub_models_after_training_keeps_the_others_stale():
             model(x)                                   # calibrated after the training: current
     with pytest.warns(StaleCalibrationWarning), torch.no_grad(), nest.use(nest.largest):
         model(x)                                       # carried over from before the training
+
+
+@pytest.mark.parametrize("when", ["trained_then_copied", "copy_trains"])
+def test_a_deep_copy_carries_what_its_calibration_predates(when):
+    """A deep copy (an EMA, a teacher) of a calibrated model counts training-mode forwards from the same baseline:
+    one made after the model trained, or one that trains before its first eval read, used to read its stale
+    statistics in silence. One warning for all its BatchNorm layers."""
+    import copy
+
+    model, nest, _ = _calibrated_pair("cnn_bn_residual")
+    x = data(1, seed=9)[0][0]
+    if when == "trained_then_copied":
+        _train_steps(model)
+        other = copy.deepcopy(model)
+    else:
+        other = copy.deepcopy(model)
+        _train_steps(other)
+    twin = sn.Nest.of(other)
+    with pytest.warns(StaleCalibrationWarning) as record, torch.no_grad(), twin.use(twin.smallest):
+        other.eval()(x)
+        other(x)
+    assert len(_stale(record)) == 1
+    if when == "copy_trains":  # the original did not train
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", StaleCalibrationWarning)
+            with torch.no_grad(), nest.use(nest.smallest):
+                model(x)

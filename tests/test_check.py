@@ -2048,7 +2048,7 @@ def test_a_depth_list_read_from_its_end_is_refused(how):
     model, x = _PairedFromTheEnd(how).eval(), torch.randn(2, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(sn.SortedNetError, match=r"depth 'depth' keeps the first 1 entries .*\['blocks', 'norms'\].*"
-                                                r"runs them otherwise than the full model"):
+                                                r"runs them in another order than the full model"):
         sn.wrap(model, sn.Depth("depth", [1, 2, 4], layers=["blocks", "norms"]), example=x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert type(model.blocks) is nn.ModuleList
@@ -2088,3 +2088,33 @@ def test_check_of_a_restricted_nest_runs_listed_sub_models_only():
                    submodels=[{"depth": 2, "w": 8}, {"depth": 3, "w": 16}], example=x)
     with torch.no_grad(), nest.use("depth=2,w=8"):
         torch.testing.assert_close(nest.export("depth=2,w=8")(x), model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["shared_ab", "one_block", "calls_first"])
+def test_depth_order_passes_shared_and_re_run_blocks(how):
+    """One module at several positions (ALBERT-like [a, b, a, b], [a] * 4) and a block re-run by later blocks
+    (blocks[0] called again at each step) are read from the start: the order check passes them, and each
+    sub-model equals its first d blocks."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    entries = {"shared_ab": [a, b, a, b], "one_block": [a] * 4,
+               "calls_first": [nn.Linear(8, 8) for _ in range(4)]}[how]
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(entries)
+
+        def forward(self, x):
+            for i, blk in enumerate(self.blocks):
+                x = torch.tanh(blk(x)) + (self.blocks[0](x) if how == "calls_first" and i > 0 else 0)
+            return x
+
+    model, x = Stack().eval(), torch.randn(2, 8)
+    twin = copy.deepcopy(model)
+    nest = sn.wrap(model, sn.Depth("d", [1, 2, 4], layers="blocks"), example=x)
+    for d in (1, 2):
+        hand = copy.deepcopy(twin)
+        hand.blocks = nn.ModuleList(list(hand.blocks)[:d])
+        with torch.no_grad(), nest.use(f"d={d}"):
+            torch.testing.assert_close(model(x), hand(x), rtol=0, atol=1e-6)

@@ -1692,3 +1692,24 @@ def test_soft_trainer_draws_at_the_deepest_exit_and_refuses_other_depths(tmp_pat
         SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=[2, 2, 4])
     with pytest.raises(sn.SortedNetError, match="exits must be distinct"):
         soft_loss(nest, ids(), exits=[2, 2, 4])
+
+
+def test_training_only_rates_spaced_over_the_layers_do_not_refuse_an_export(tmp_path):
+    """BEiT spaces its drop-path rates over the layer count and a user may set layerdrop on a stack: both run
+    only in training, so an export that keeps the live rates is no other model in eval (the derived-constant
+    check refused them)."""
+    from transformers import BeitConfig, BeitModel
+
+    torch.manual_seed(0)
+    beit = BeitModel(BeitConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                                image_size=16, patch_size=8, drop_path_rate=0.1)).eval()
+    nest = sn.from_transformers(beit, depth=[2])
+    x = torch.randn(1, 3, 16, 16)
+    ex = nest.export("depth=2").eval()
+    with torch.no_grad(), nest.use("depth=2"):
+        torch.testing.assert_close(ex(pixel_values=x).last_hidden_state, beit(pixel_values=x).last_hidden_state,
+                                   rtol=0, atol=1e-5)
+    model = llama().eval()
+    model.model.layerdrop = 0.2
+    nest = sn.from_transformers(model, depth=[2])
+    nest.export("depth=2")

@@ -661,7 +661,7 @@ def test_soft_loss_keeps_each_weight_with_its_exit_and_refuses_logit_scaling():
     ids = inputs("causal")["input_ids"]
     out = soft_loss(nest, ids, exits=[2, 1], weights=[1.0, 0.0])
     torch.testing.assert_close(out.loss, out.losses[2], atol=0, rtol=0)
-    with pytest.raises(sn.SortedNetError, match="distinct exits"):
+    with pytest.raises(sn.SortedNetError, match="exits must be distinct"):
         soft_loss(nest, ids, exits=[2, 2], weights=[1.0, 1.0])
     torch.manual_seed(0)
     granite = T.GraniteForCausalLM(T.GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=48,

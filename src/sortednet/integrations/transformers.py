@@ -671,17 +671,18 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
 
 def _derived_constants(small: nn.Module, fresh: nn.Module) -> list[tuple[str, str, float, float]]:
     """Float attributes of ``small``'s modules (a residual scale, a softmax scale) that a model built from the
-    exported config sets otherwise: ``(path, name, exported, rebuilt)``. Dropout rates are left out (training only,
-    and users change them)."""
+    exported config sets otherwise: ``(path, name, exported, rebuilt)``. Rates of what runs only in training are
+    left out (dropout, drop path, layer drop: users change them, and a family may space them over the layer
+    count, as BEiT's drop path does)."""
     built = dict(fresh.named_modules())
     out = []
     for path, m in small.named_modules():
         other = built.get(path)
-        if other is None or isinstance(m, nn.modules.dropout._DropoutNd):
+        if other is None or isinstance(m, nn.modules.dropout._DropoutNd) or "drop" in type(m).__name__.lower():
             continue
         for k, v in vars(m).items():
             w = other.__dict__.get(k)
-            if (type(v) is float and type(w) is float and not k.startswith("_") and "dropout" not in k.lower()
+            if (type(v) is float and type(w) is float and not k.startswith("_") and "drop" not in k.lower()
                     and not math.isclose(v, w, rel_tol=1e-9, abs_tol=0.0)):
                 out.append((path, k, v, w))
     return out

@@ -69,9 +69,14 @@ class NormStats:
         statistic written in place before stays marked written in the copy."""
         new = NormStats(copy.deepcopy(self.dims, memo), copy.deepcopy(self.stats, memo),
                         copy.deepcopy(self.override, memo)).carry(self)
-        new.since.update(self.since, told=[bool(self.since.get("told", [False])[0])])  # (the copy's counters:
-        if "at" in self.since:                                                      # from its first read)
-            new.since["at"] = WeakIdKeyDictionary(self.since["at"])
+        told = self.since.get("told", [False])  # (one flag for the copy's modules of one calibration, as here)
+        new.since.update(self.since, told=memo.setdefault(("sortednet.told", id(told)), [bool(told[0])]))
+        if "at" in self.since:  # each counter's copy (a module's buffers are copied before its sortednet state)
+            at = new.since["at"] = WeakIdKeyDictionary(self.since["at"])  # counts from the same baseline; one
+            for t, base in list(self.since["at"].items()):                # not copied yet: from its first read
+                twin = memo.get(id(t))
+                if isinstance(twin, Tensor) and twin is not t:
+                    at[twin] = (None, base[1])  # (its version counter is its own: compared by value first)
         return new
 
     def to(self, like: Tensor) -> NormStats:
