@@ -523,15 +523,11 @@ def test_a_bilinear_layer_counts_its_multiply_adds():
         2 * 4 * 8 * h + 2 * 4 * h * 6 + 2 * 4 * 7 * 6 * 5 for h in (8, 32)]
 
 
-def test_an_operator_without_a_flop_formula_is_refused_not_counted_as_zero():
-    """A matmul-like custom operator has no formula: counting refuses it (naming it) instead of a total
-    without its work; once a formula is registered it counts."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    name = f"sntest_{zlib.crc32(str(id(object())).encode())}::fused_mm"
-
+def _nest_calling(name: str) -> sn.Nest:
+    """A nest whose first layer runs through a new custom operator ``name`` (``ns::op``, x @ w.t()) that has no
+    flop formula."""
     @torch.library.custom_op(name, mutates_args=())
-    def fused_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x @ w.t()
 
     class Custom(torch.nn.Module):
@@ -540,9 +536,18 @@ def test_an_operator_without_a_flop_formula_is_refused_not_counted_as_zero():
             self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 3)
 
         def forward(self, x):
-            return self.fc2(torch.relu(fused_mm(x, self.fc1.weight) + self.fc1.bias))
+            return self.fc2(torch.relu(product(x, self.fc1.weight) + self.fc1.bias))
 
-    nest = sn.wrap(Custom(), sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    return sn.wrap(Custom(), sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+
+
+def test_an_operator_without_a_flop_formula_is_refused_not_counted_as_zero():
+    """A matmul-like custom operator has no formula: counting refuses it (naming it) instead of a total
+    without its work; once a formula is registered it counts."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    name = f"sntest_{zlib.crc32(str(id(object())).encode())}::fused_mm"
+    nest = _nest_calling(name)
     x = torch.randn(4, 8)
     with pytest.raises(sn.SortedNetError, match=r"operator sntest_\d+\.fused_mm"):
         nest.cost(nest.smallest, "flops", example=x)
@@ -588,20 +593,6 @@ def test_matrix_vector_and_dot_products_are_counted():
 
 @pytest.mark.parametrize("word", ["mymatmul", "my_gemv", "qmv", "vdot_q"])
 def test_an_operator_named_for_a_product_without_a_formula_is_refused(word):
-    name = f"sntest_{zlib.crc32(str(id(object())).encode())}_{word}::{word}"
-
-    @torch.library.custom_op(name, mutates_args=())
-    def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x @ w.t()
-
-    class Custom(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 3)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(product(x, self.fc1.weight) + self.fc1.bias))
-
-    nest = sn.wrap(Custom(), sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    nest = _nest_calling(f"sntest_{zlib.crc32(str(id(object())).encode())}_{word}::{word}")
     with pytest.raises(sn.SortedNetError, match=f"cannot count the FLOPs of operator .*{word}"):
         nest.cost(nest.smallest, "flops", example=torch.randn(4, 8))

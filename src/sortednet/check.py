@@ -1173,18 +1173,8 @@ def _entries_run(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], exa
                  holders: dict[str, nn.Module], sub: SubModel) -> dict[str, set[int]]:
     """The indices of each list in ``holders`` whose entry ran in a forward of ``sub`` on ``example``."""
     ran: dict[str, set[int]] = {path: set() for path in holders}
-
-    def seen(path: str, i: int) -> Callable[..., None]:
-        return lambda mod, args: ran[path].add(i)
-
-    hooks = [copies[id(e)].register_forward_pre_hook(seen(path, i))
-             for path, c in holders.items() for i, e in enumerate(c) if id(e) in copies]
-    try:
-        with Use(nest._state, nest._plans.build(sub)), seeded(0):
-            call_model(model, example)
-    finally:
-        for h in hooks:
-            h.remove()
+    for path, i in _calls(nest, model, copies, example, holders, sub):
+        ran[path].add(i)
     return ran
 
 
