@@ -100,10 +100,14 @@ class PassCounter:
 def timed(fns: dict, prompts: list[torch.Tensor], repeat: int, counter: PassCounter | None = None) -> dict:
     """Per method: (outputs, median seconds of a sweep over all prompts, per-prompt stats, target passes per
     sweep). Interleaved finely: for each prompt every method runs once before the next prompt, so that the
-    load of a shared machine hits all methods alike."""
+    load of a shared machine hits all methods alike. One untimed sweep first: a method's first calls (lazy
+    initialisation, caches of transformers' assisted generation) are not timed for any of them."""
     times: dict[str, list[float]] = {n: [] for n in fns}
     res: dict[str, list] = {n: [None] * len(prompts) for n in fns}
     passes: dict[str, int] = {n: 0 for n in fns}
+    for p in prompts:  # (warm-up)
+        for fn in fns.values():
+            fn(p)
     for _ in range(repeat):
         sweep = dict.fromkeys(fns, 0.0)
         for i, p in enumerate(prompts):
