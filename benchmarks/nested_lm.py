@@ -261,9 +261,11 @@ def main() -> None:
         res = report.load(os.path.join(RESULTS, "nested_lm.json"))
         for path in a.merge or ():
             other = report.load(path)
-            if other["meta"]["cfg"]["steps"] != res["meta"]["cfg"]["steps"]:
-                raise SystemExit(f"{path} ran {other['meta']['cfg']['steps']} steps, the results "
-                                 f"{res['meta']['cfg']['steps']}")
+            same = [k for k in res["meta"]["cfg"] if k not in ("jobs", "json", "merge", "render", "recount_flops")]
+            differ = {k: (other["meta"]["cfg"].get(k), res["meta"]["cfg"][k]) for k in same
+                      if other["meta"]["cfg"].get(k) != res["meta"]["cfg"][k]}
+            if differ:  # (anything that changes what a method trains on, or how)
+                raise SystemExit(f"{path} ran another configuration than the results: {differ} (its, theirs)")
             res["methods"].update(other["methods"])
             res["meta"].setdefault("merged", []).append({"file": os.path.basename(path),
                                                          "methods": list(other["methods"]),
@@ -292,6 +294,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     cfg = {k: v for k, v in vars(a).items() if k not in ("quick", "verbose", "render", "methods")}
     res = {"meta": {"cfg": cfg, "wall_s": wall, "threads_per_job": 1, "k": K, "twins": list(TWINS),
+                    "command": "python " + " ".join(sys.argv),
                     "full": FULL, "flops": fl, "params": params, "quick": a.quick},
            "methods": {r["name"]: r for r in results}}
     with open(a.json or os.path.join(out_dir, "nested_lm.json"), "w") as f:

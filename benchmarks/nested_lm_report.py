@@ -109,7 +109,11 @@ def render(res: dict[str, Any], out_dir: str) -> None:
     text = (
         "# Nested Llama LM: FFN width × heads × depth vs twins trained alone\n\n"
         "Written by `benchmarks/nested_lm.py` from `nested_lm.json`"
-        + (" (**--quick smoke run: not a result**)" if meta.get("quick") else "") + ". "
+        + (" (**--quick smoke run: not a result**)" if meta.get("quick") else "") + "; the main run: "
+        + (f"`{meta['command']}`" if meta.get("command") else
+           "(its stored configuration as a command) `python benchmarks/nested_lm.py " + " ".join(
+               f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
+               if k not in ("json", "merge", "render", "recount_flops") and v is not None) + "`") + ". "
         f"Character-level `LlamaForCausalLM` from a config ({cfg['layers']} layers, hidden {cfg['hidden']}, "
         f"FFN {4 * cfg['hidden']}, {cfg['heads']} query heads / {cfg['kv_heads']} key-value heads) on "
         "`pydoc_data.topics` (last 10% held out), nested by `sn.from_transformers` over ffn × heads × depth: "
