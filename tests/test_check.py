@@ -2118,3 +2118,25 @@ def test_depth_order_passes_shared_and_re_run_blocks(how):
         hand.blocks = nn.ModuleList(list(hand.blocks)[:d])
         with torch.no_grad(), nest.use(f"d={d}"):
             torch.testing.assert_close(model(x), hand(x), rtol=0, atol=1e-6)
+
+
+def test_depth_order_passes_a_last_exit_head_read_as_the_lists_last_entry():
+    """One exit head per depth, the forward reading ``self.exits[-1]`` (the last kept entry): the full model
+    never runs the shallower heads, which the order check compared anyway and refused."""
+    class MultiExit(nn.Module):
+        def __init__(self, d=8, n=4):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+            self.exits = nn.ModuleList(nn.Linear(d, 3) for _ in range(n))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return self.exits[-1](x)
+
+    torch.manual_seed(0)
+    model, x = MultiExit().eval(), torch.randn(2, 8)
+    nest = sn.wrap(model, sn.Depth("depth", [1, 2, 4], layers=["blocks", "exits"]), example=x)
+    with torch.no_grad(), nest.use("depth=2"):
+        want = model.exits[1](torch.relu(model.blocks[1](torch.relu(model.blocks[0](x)))))
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)

@@ -1082,7 +1082,7 @@ def test_an_encoder_output_goes_to_its_own_submodels_decoder_only():
             assert t5.generate(x, max_new_tokens=3, num_beams=2).shape[0] == 1
 
 
-@pytest.mark.parametrize("how", ["beams", "sequences", "copy"])
+@pytest.mark.parametrize("how", ["beams", "sequences", "copy", "in_place"])
 def test_an_encoder_output_expanded_or_copied_keeps_its_submodel(how):
     """generate expands encoder_outputs for beams / several sequences (each row repeated, a new tensor): the note
     was lost and the decoder of another sub-model read that encoding in silence (beam search under one sub-model
@@ -1096,14 +1096,19 @@ def test_an_encoder_output_expanded_or_copied_keeps_its_submodel(how):
                                              pad_token_id=0, eos_token_id=1)).eval()
     nest = sn.from_transformers(t5, ffn=[32], heads=[2], depth=[1])
     x = torch.tensor([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
-    kw = {"beams": dict(num_beams=2), "sequences": dict(num_beams=2, num_return_sequences=2), "copy": {}}[how]
+    kw = {"beams": dict(num_beams=2), "sequences": dict(num_beams=2, num_return_sequences=2), "copy": {},
+          "in_place": dict(num_beams=2)}[how]
     a, b = "ffn=64,heads=4,depth=2", "ffn=32,heads=4,depth=2"
     with torch.no_grad():
-        with nest.use(a):
-            enc = t5.get_encoder()(input_ids=x).last_hidden_state
-        given = enc.clone() if how == "copy" else enc
+        with nest.use(a):  # (in_place: no other encoding of the same values may stay alive)
+            enc = None if how == "in_place" else t5.get_encoder()(input_ids=x).last_hidden_state
+        given = enc.clone() if how == "copy" else enc  # (copy: the original stays alive, as a cache of them does)
 
         def run():
+            if how == "in_place":  # the encoder's own output object, which generate expands in place: the
+                with nest.use(a):  # noted tensor is no longer referenced anywhere
+                    out = t5.get_encoder()(input_ids=x)
+                return t5.generate(encoder_outputs=out, max_new_tokens=4, do_sample=False, **kw)
             return t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=given), max_new_tokens=4,
                                do_sample=False, **kw)
 
@@ -1111,6 +1116,26 @@ def test_an_encoder_output_expanded_or_copied_keeps_its_submodel(how):
             run()
         with nest.use(a):
             assert torch.equal(run(), t5.generate(x, max_new_tokens=4, do_sample=False, **kw))
+
+
+def test_equal_encodings_of_two_submodels_serve_the_one_in_force():
+    """LoRA ranks start with zero adapters: every rank encodes alike. An encoding kept from rank=4 matched the
+    expanded one of rank=2 by its values and refused it; the note of the sub-model in force wins."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    nest = sn.from_transformers(t5, rank=[2, 4])
+    x = torch.randint(2, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with nest.use("rank=4"):
+            kept = t5.get_encoder()(input_ids=x)
+        with nest.use("rank=2"):
+            mine = t5.get_encoder()(input_ids=x)
+            assert torch.equal(kept.last_hidden_state, mine.last_hidden_state)
+            got = t5.generate(encoder_outputs=mine, max_new_tokens=3, num_beams=2)
+            assert torch.equal(got, t5.generate(x, max_new_tokens=3, num_beams=2))
 
 
 def test_an_encoder_output_serves_every_decoder_only_submodel_and_pickles_plainly(tmp_path):

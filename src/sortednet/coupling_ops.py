@@ -207,7 +207,8 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
         if isinstance(i, Tensor):  # h[:, order] (x.index_select written as indexing): units picked by a tensor
             n = x.shape[ax]
             picks = i.cpu()
-            whole = bool(picks.all()) and picks.numel() == n if picks.dtype == torch.bool else (
+            mask = picks.dtype in (torch.bool, torch.uint8)  # (a uint8 index is a mask, as in old PyTorch)
+            whole = bool(picks.all()) and picks.numel() == n if mask else (
                 picks.numel() == n and bool((picks == torch.arange(n)).all()))  # (every unit in place)
             if whole:
                 srcs.append([xv[ax]])

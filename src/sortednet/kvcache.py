@@ -112,7 +112,8 @@ class CacheGuard:
         depth, key = self._key(cache, sub)
         rec = records.get(id(self.active))
         if filled == 0:
-            if rec is not None and _allocated(cache) and any(  # (a StaticCache after reset())
+            held = _allocated(cache)  # (a StaticCache after reset(), a DynamicCache cropped to nothing)
+            if rec is not None and (held == "static" or held == "cropped" and len(self.heads) == 1) and any(
                     dict(rec[0]).get(n) != dict(key).get(n) for n in self.heads):
                 raise SortedNetError(
                     f"the key/value cache was allocated for sub-model {','.join(f'{n}={s}' for n, s in rec[0])} "
@@ -169,13 +170,17 @@ class CacheGuard:
         return None
 
 
-def _allocated(cache: Any) -> bool:
-    """A cache whose layers hold key tensors, filled or not: preallocated (a static cache, also after
-    ``reset()``) or cropped to no position (a dynamic cache keeps ``(batch, heads, 0, head_dim)`` tensors, which
-    the next update concatenates to)."""
+def _allocated(cache: Any) -> str | None:
+    """Whether the layers of an empty cache hold key tensors: ``"static"`` (preallocated: a static cache, also
+    after ``reset()``), ``"cropped"`` (a dynamic cache cropped to no position keeps ``(batch, heads, 0, head_dim)``
+    tensors, which the next update concatenates to; which layers hold them is not told, so only one Heads
+    dimension, every layer's, is judged by them) or None."""
     layers = getattr(cache, "layers", None)
-    return isinstance(layers, (list, tuple)) and any(
-        isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys.dim() >= 3 for x in layers)
+    keys = [x.keys for x in layers if isinstance(getattr(x, "keys", None), torch.Tensor)] \
+        if isinstance(layers, (list, tuple)) else []
+    if any(k.numel() > 0 for k in keys):
+        return "static"
+    return "cropped" if any(k.dim() >= 3 for k in keys) else None
 
 
 class EncoderGuard:
@@ -190,6 +195,7 @@ class EncoderGuard:
     def __init__(self, active: Any, names: frozenset[str]) -> None:
         self.active, self.names = active, names
         self.notes: dict[int, tuple[Any, tuple]] = {}
+        self.outputs: dict[int, tuple[Any, tuple]] = {}  # the output objects, by identity
 
     def __deepcopy__(self, memo: dict) -> "EncoderGuard":
         return self
@@ -204,27 +210,46 @@ class EncoderGuard:
         if t is None and isinstance(output, (tuple, list)) and output:
             t = output[0]
         if isinstance(t, torch.Tensor):
-            key, notes = id(t), self.notes
-            notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), self._sizes())
+            sizes = self._sizes()
+            self._keep(t, sizes)
+            if t is getattr(output, "last_hidden_state", None):
+                key, outs = id(output), self.outputs
+                try:
+                    outs[key] = (weakref.ref(output, lambda _, key=key, outs=outs: outs.pop(key, None)), sizes)
+                except TypeError:  # (an output object without weak references)
+                    pass
         return None
 
-    def _copied(self, t: torch.Tensor) -> tuple[Any, tuple] | None:
-        """The note of a noted output that ``t`` copies, rows repeated ``k`` times each (``generate`` expands the
-        encoder output for beams or several sequences with ``repeat_interleave``; ``k = 1``: a copy), then kept
-        for ``t`` itself (the next decoding steps get it again); None if ``t`` copies none."""
+    def _copied(self, t: torch.Tensor, now: tuple) -> tuple[Any, tuple] | None:
+        """The note of a noted output that ``t`` is, or copies with its rows repeated ``k`` times each
+        (``generate`` expands the encoder output for beams or several sequences with ``repeat_interleave``, in
+        place in the output object it was given; ``k = 1``: a copy), then kept for ``t`` itself (the next decoding
+        steps get it again); None if ``t`` copies none. Of several matching notes (sub-models whose encodings are
+        equal), one with the sizes ``now`` in force wins."""
+        for ref, sizes in list(self.outputs.values()):  # (the output object generate expanded in place)
+            out = ref()
+            if out is not None and getattr(out, "last_hidden_state", None) is t:
+                return self._keep(t, sizes)
+        found = None
         for ref, sizes in list(self.notes.values()):
             o = ref()
             if (o is None or o is t or o.dim() != t.dim() or o.dim() == 0 or o.shape[1:] != t.shape[1:]
-                    or o.shape[0] == 0 or t.shape[0] % o.shape[0] or o.dtype != t.dtype or o.device != t.device):
+                    or o.shape[0] == 0 or t.shape[0] % o.shape[0] or o.dtype != t.dtype or o.device != t.device
+                    or (found is not None and sizes != now)):
                 continue
             k = t.shape[0] // o.shape[0]
-            with torch.no_grad():
-                same = bool(torch.equal(t, o if k == 1 else o.repeat_interleave(k, dim=0)))
+            with torch.no_grad():  # (rows repeated: compared by broadcasting, no copy)
+                same = bool((t.reshape(o.shape[0], k, *o.shape[1:]) == o.unsqueeze(1)).all())
             if same:
-                key, notes = id(t), self.notes
-                notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), sizes)
-                return notes[key]
-        return None
+                found = sizes
+                if sizes == now:
+                    break
+        return None if found is None else self._keep(t, found)
+
+    def _keep(self, t: torch.Tensor, sizes: tuple) -> tuple[Any, tuple]:
+        key, notes = id(t), self.notes
+        notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), sizes)
+        return notes[key]
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         if _compiling() or not self.names:
@@ -232,12 +257,12 @@ class EncoderGuard:
         t = kwargs.get("encoder_hidden_states")
         if not isinstance(t, torch.Tensor):
             return None
+        now = self._sizes()
         note = self.notes.get(id(t))
         if note is None or note[0]() is not t:
-            note = self._copied(t)
+            note = self._copied(t, now)
             if note is None:
                 return None
-        now = self._sizes()
         if note[1] != now:
             show = lambda sizes: ",".join(f"{n}={s}" for n, s in sizes)  # noqa: E731
             raise SortedNetError(f"the encoder output given to the decoder was computed with {show(note[1])}; "
