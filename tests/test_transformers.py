@@ -1738,3 +1738,28 @@ def test_training_only_rates_spaced_over_the_layers_do_not_refuse_an_export(tmp_
     model.model.layerdrop = 0.2
     nest = sn.from_transformers(model, depth=[2])
     nest.export("depth=2")
+
+
+def test_a_slice_of_an_encoder_output_or_a_positional_one_keeps_its_submodel():
+    """Encode a batch once, decode a row: h[i:i + 1] (a view) under another sub-model ran in silence, as did the
+    decoder stack given the encoding by position."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1)).eval()
+    nest = sn.from_transformers(t5, ffn=[32])
+    x, dec = torch.tensor([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]]), torch.tensor([[0, 7, 8]])
+    with torch.no_grad():
+        with nest.use("ffn=64"):
+            h = t5.get_encoder()(input_ids=x).last_hidden_state
+        with nest.use("ffn=32"):
+            for given in (h[:1], h[1:], h[:, :3]):
+                with pytest.raises(sn.SortedNetError, match="encoder output"):
+                    t5(encoder_outputs=(given,), decoder_input_ids=dec.expand(given.shape[0], -1))
+            with pytest.raises(sn.SortedNetError, match="encoder output"):
+                t5.decoder(dec.expand(2, -1), None, h)
+        with nest.use("ffn=64"):
+            t5(encoder_outputs=(h[:1],), decoder_input_ids=dec)
+            t5.decoder(dec.expand(2, -1), None, h)

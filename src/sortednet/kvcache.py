@@ -20,12 +20,14 @@ several layer lists under its depth, allows no change at all: the encoder's outp
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import weakref
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import SortedNetError
 from .views import _compiling
@@ -196,6 +198,7 @@ class EncoderGuard:
         self.active, self.names = active, names
         self.notes: dict[int, tuple[Any, tuple]] = {}
         self.outputs: dict[int, tuple[Any, tuple]] = {}  # the output objects, by identity
+        self.unnoted = WeakIdKeyDictionary()  # tensors compared with every note and matching none
 
     def __deepcopy__(self, memo: dict) -> "EncoderGuard":
         return self
@@ -230,6 +233,13 @@ class EncoderGuard:
             out = ref()
             if out is not None and getattr(out, "last_hidden_state", None) is t:
                 return self._keep(t, sizes)
+        base = t._base  # a view of a noted output (a slice of its rows or positions: h[i:i + 1])
+        if base is not None:
+            note = self.notes.get(id(base))
+            if note is not None and note[0]() is base:
+                return self._keep(t, note[1])
+        if t in self.unnoted:  # (compared before: the next decoding steps get the same tensor)
+            return None
         found = None
         for ref, sizes in list(self.notes.values()):
             o = ref()
@@ -244,7 +254,10 @@ class EncoderGuard:
                 found = sizes
                 if sizes == now:
                     break
-        return None if found is None else self._keep(t, found)
+        if found is None:
+            self.unnoted[t] = True
+            return None
+        return self._keep(t, found)
 
     def _keep(self, t: torch.Tensor, sizes: tuple) -> tuple[Any, tuple]:
         key, notes = id(t), self.notes
@@ -255,6 +268,9 @@ class EncoderGuard:
         if _compiling() or not self.names:
             return None
         t = kwargs.get("encoder_hidden_states")
+        if t is None and args:  # (given by position: t5.decoder(ids, mask, encoder_hidden_states))
+            i = _position(type(module), "encoder_hidden_states")
+            t = args[i] if i is not None and i < len(args) else None
         if not isinstance(t, torch.Tensor):
             return None
         now = self._sizes()
@@ -298,6 +314,17 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
             if m is not encoder and not any(m is e for e in encoder.modules()) and _takes(m, "encoder_hidden_states"):
                 hooks.append(m.register_forward_pre_hook(enc, with_kwargs=True))
     return hooks
+
+
+@functools.cache
+def _position(cls: type, name: str) -> int | None:
+    """The position of argument ``name`` among those ``cls.forward`` takes by position (after ``self``)."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names.index(name) if name in names else None
 
 
 def _takes(m: Any, name: str) -> bool:

@@ -195,7 +195,8 @@ def _warn_if_trained(path: str, m: nn.Module, norm: NormStats) -> None:
     told[0] = True
     warnings.warn(f"{path}: this sub-model's BatchNorm statistics from nest.calibrate (or sn.load) predate "
                   "training-mode forwards of the model (its shared running statistics and num_batches_tracked "
-                  "moved since): eval mode and export still read them, and they describe the weights of before. "
+                  "moved since): eval mode and export still read them, and they describe the model as it was then "
+                  "(its weights of before, if it trained). "
                   "Calibrate again after training (nest.calibrate(loader)), or nest.drop_calibration() to read the "
                   "shared statistics (sn.fit and SortedTrainer drop them as they train)", StaleCalibrationWarning,
                   stacklevel=4)
