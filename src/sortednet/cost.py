@@ -60,9 +60,9 @@ class ParamCounter:
     independent widths cost a few dozen module walks, not 10,000.
     """
 
-    def __init__(self, nest: Nest, owners: dict[int, tuple[nn.Module, str]] | None = None) -> None:
+    def __init__(self, nest: Nest, owners: dict[int, list[tuple[nn.Module, str]]] | None = None) -> None:
         self.nest = nest
-        self.owners = nest._tensor_owner if owners is None else owners  # sliced tensor -> (module, name)
+        self.owners = nest._tensor_owner if owners is None else owners  # sliced tensor -> [(module, name)]
         names = [d.name for d in nest.dims]
         deps: dict[int, set[str]] = {}
         for m in nest._sliced.values():
@@ -111,11 +111,13 @@ class ParamCounter:
                 held = reachable_modules(nest.model, {(id(m), name) for m in nest._depth
                                                       for name in m._sn.slicer.skipped(m)})
                 skipped -= {id(p) for m in held.values() for p in m._parameters.values() if p is not None}
+            gone = {id(x) for blk in blocks for x in blk.modules()}  # (modules that do not run)
             total = 0
             for p in params:
                 if id(p) in skipped:
                     continue
-                owner = self.owners.get(id(p))
+                holders = self.owners.get(id(p))  # a tied tensor: at its first holder's cut that runs
+                owner = next((h for h in holders if id(h[0]) not in gone), holders[0]) if holders else None
                 n = owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
                 total += n * p.element_size() if in_bytes else n
         return total

@@ -312,12 +312,12 @@ class Nest:
     def _count_tensors(self) -> None:
         """(Re)build what counts parameters by object: the owner of each sliced tensor and the counter, then
         swap them in at once (another thread's cost() uses one counter with its own owners throughout)."""
-        owners: dict[int, tuple[nn.Module, str]] = {}
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}  # every holder, in the model's order
         for m in self._sliced.values():
             for name in m._sn.slicer.attr_names(m, m._sn.bind):
                 t = m._sn.slicer.tensor(m, name)
                 if isinstance(t, torch.Tensor):
-                    owners[id(t)] = (m, name)
+                    owners.setdefault(id(t), []).append((m, name))
         ids = self._tensor_ids()
         old_dtypes = [d for _, d in getattr(self, "_tensors", ())]
         self._tensor_owner = owners
