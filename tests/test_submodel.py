@@ -72,7 +72,8 @@ def test_parse_rejects(bad):
 
 
 @pytest.mark.parametrize("bad", [{"ffn": "4"}, {"ffn": True}, {"": 4}, {3: 4}, {"ffn": 4.0}, {"ffn": np.float64(4)},
-                                 {"ffn": torch.tensor(4.0)}, {"ffn": np.bool_(True)}, "ffn=4", 5, [("ffn",)]])
+                                 {"ffn": torch.tensor(4.0)}, {"ffn": np.bool_(True)}, {"ffn": torch.tensor(True)},
+                                 {"ffn": np.array(True)}, "ffn=4", 5, [("ffn",)]])
 def test_constructor_rejects(bad):
     with pytest.raises(sn.SortedNetError):
         SubModel(bad)

@@ -23,8 +23,9 @@ def as_int(v: Any) -> int | None:
     floats, strings: a size is never silently rounded)."""
     if type(v) is int:
         return v
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        return None
+    if isinstance(v, (bool, np.bool_)) or not hasattr(v, "__index__") or str(getattr(v, "dtype", "")) in (
+            "torch.bool", "bool"):
+        return None  # (a bool tensor has __index__: True would become size 1)
     try:
         return operator.index(v)
     except (TypeError, RuntimeError, ValueError):  # a float tensor has __index__ and refuses it; a meta or
