@@ -573,10 +573,14 @@ def attention_self_check(nest: Nest) -> None:
     unverified: list[str] = []  # attentions this check cannot run alone: said, not silently passed
     for d, path, att in _hand_written_attentions(nest):
         inside = {id(m) for m in att.modules()}
-        o = next((m for m in nest._sliced.values() if id(m) in inside and isinstance(m, nn.Linear)
-                  and m._sn.bind.get("inp") is not None and m._sn.bind["inp"].dim is d), None)
-        if o is None or any(t.is_meta or not t.is_floating_point() for t in att.parameters()):
+        readers = [m for m in nest._sliced.values() if id(m) in inside and m._sn.bind.get("inp") is not None
+                   and m._sn.bind["inp"].dim is d]
+        o = next((m for m in readers if isinstance(m, nn.Linear)), None)
+        if not readers or any(t.is_meta or not t.is_floating_point() for t in att.parameters()):
             continue  # (a model built on the meta device has nothing to run)
+        if o is None or any(not _is_maskable(m) for m in readers):  # (an output projection of another kind: a
+            unverified.append(path or "<root>")                   # Conv1d over (B, C, T), a module of the user's)
+            continue
         try:
             params = list(inspect.signature(type(att).forward).parameters.values())[1:]
         except (TypeError, ValueError):
@@ -593,7 +597,8 @@ def attention_self_check(nest: Nest) -> None:
     if unverified:
         warnings.warn(f"sn.wrap: Heads could not run the attention module(s) {unverified[:5]} alone (their "
                       "forward takes more than one tensor, e.g. cross-attention, or refused a random (batch, "
-                      "positions, features) input), so whole heads are not verified there: pass "
+                      "positions, features) input, or their output projection is not a plain nn.Linear whose "
+                      "weight columns can be masked), so whole heads are not verified there: pass "
                       "wrap(..., example=...) or run nest.check(example)", UnverifiedHeadsWarning, stacklevel=4)
 
 
@@ -775,7 +780,10 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
                         "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
                         "(docs/custom_slicers.md)") from e
                 err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
-                if err is not None and not err <= tol:
+                if err is None:
+                    unverified.append(path or "<root>")
+                    break
+                if not err <= tol:
                     raise SortedNetError(
                         f"Heads {d.name!r} at {where!r} ({cls}): {size} heads are not the first "
                         f"{size} whole heads of the full module (relative difference {err:.3g}, run alone on a "
@@ -1408,6 +1416,15 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                             raise _fail(nest, model, example, f"heads {d.name!r} alone at {size}", sub,
                                         f"fails: {type(e).__name__}: {e}") from e
                 err = whole_units_error(nest, d, size, example, model, copies)
+                if err is None and size == d.sizes[0]:
+                    blind = [p or "<root>" for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
+                             and m._sn.bind["inp"].dim is d and not _is_maskable(m) and "rank" not in m._sn.bind
+                             and not _depthwise(m)]
+                    warnings.warn(f"nest.check: heads {d.name!r}: whole heads are not verified, for any attention "
+                                  f"it slices: the output projection(s) {blind[:3]} are not plain Linear / Conv1D "
+                                  "layers whose weight columns check can mask to build the reference (a module of "
+                                  "your own: test a sub-model against the full model with the other heads' "
+                                  "outputs zeroed by hand)", UnverifiedHeadsWarning, stacklevel=3)
                 if err is not None and not err <= tol:
                     o = [p for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
                          and m._sn.bind["inp"].dim is d]
