@@ -2142,15 +2142,8 @@ def test_depth_order_passes_a_last_exit_head_read_as_the_lists_last_entry():
         torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
 
 
-class _OwnProj(nn.Module):
+class _OwnProj(_ScaledLinear):
     """An output projection of the user's own (a Linear with a per-output scale), with a right slicer."""
-
-    def __init__(self, i, o):
-        super().__init__()
-        self.weight, self.scale = nn.Parameter(torch.randn(o, i) / i ** 0.5), nn.Parameter(1 + torch.rand(o))
-
-    def forward(self, x):
-        return F.linear(x, self.weight) * self.scale
 
 
 @sn.slicer(_OwnProj)
