@@ -53,9 +53,9 @@ class NormStats:
     override: dict[str, Tensor] | None = None
     #: version counter of each stored tensor when stored (see :func:`unwritten`)
     base: dict[int, int] = field(init=False, repr=False, compare=False, default_factory=dict)
-    #: what the statistics were computed after (see :meth:`watch`): ``at``, the module's shared
-    #: ``num_batches_tracked`` (object id, version counter: every training-mode forward adds 1 to it, while
-    #: PyTorch does not count its running-statistics updates); ``stale``, sub-models whose statistics were
+    #: what the statistics were computed after (see :meth:`watch`): ``at``, each ``num_batches_tracked`` tensor
+    #: of the module seen (weakly keyed) -> (version counter, value) then: every training-mode forward adds 1 to
+    #: it, while PyTorch does not count its running-statistics updates; ``stale``, sub-models whose statistics were
     #: already older than a training-mode forward when this object was made; ``told``, a flag shared by the
     #: modules of one calibration (one warning for all of them)
     since: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
@@ -138,8 +138,8 @@ def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
 
 
 class StaleCalibrationWarning(UserWarning):
-    """Eval mode or ``export`` read per-sub-model BatchNorm statistics of ``nest.calibrate`` (or of a loaded
-    checkpoint) after training-mode forwards of the model: they describe the weights of before."""
+    """Eval mode, ``export`` or ``sn.save`` read per-sub-model BatchNorm statistics of ``nest.calibrate`` (or of a
+    loaded checkpoint) after training-mode forwards of the model: they describe the model as it was before."""
 
 
 def _counter(m: nn.Module) -> tuple[Tensor, int] | None:
