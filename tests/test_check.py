@@ -2185,3 +2185,53 @@ def test_whole_heads_that_cannot_be_measured_are_said_not_verified():
         nest.check(x)
     with pytest.raises(sn.SortedNetError, match="not the first 1 whole heads"):  # a plain Linear there: measured
         sn.wrap(_PerHeadRowsNamedQkv(nn.Linear).eval(), sn.Heads("heads", [1, 2, 4], attn=""))
+
+
+def test_heads_over_multihead_attention_with_a_lora_out_proj_are_checked_without_a_warning():
+    """nn.MultiheadAttention reads out_proj's (computed) weight without calling it: check cannot mask a rank
+    reader's input there, and warned, naming no projection, about what it verified before."""
+    from sortednet.check import UnverifiedHeadsWarning
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    nest = sn.wrap(model, sn.Heads("heads", [2, 4], attn="layers.*.self_attn"),
+                   sn.Rank("r", [2, 16], targets="layers.*.self_attn.out_proj", mode="lora"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedHeadsWarning)
+        nest.check(torch.randn(2, 5, 16))
+
+
+def test_an_attention_with_conv1d_projections_is_verified_at_wrap():
+    """transformers' Conv1D (GPT-2's transposed Linear) as the projections of a hand-written attention: wrap's
+    self-check runs it (it said 'not verified' after the last change) and refuses a wrong layout at wrap."""
+    from transformers.pytorch_utils import Conv1D
+
+    from sortednet.check import UnverifiedHeadsWarning
+
+    class Attn(nn.Module):
+        def __init__(self, d=16, h=4, heads_fast=False):
+            super().__init__()
+            self.num_heads, self.head_dim, self.heads_fast = h, d // h, heads_fast
+            self.q, self.k, self.v, self.o = (Conv1D(d, d) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            if self.heads_fast:  # heads as the fast axis: not whole heads
+                sp = lambda y: y.view(b, t, self.head_dim, -1).permute(0, 3, 1, 2)  # noqa: E731
+                y = F.scaled_dot_product_attention(sp(self.q(x)), sp(self.k(x)), sp(self.v(x)))
+                return self.o(y.permute(0, 2, 3, 1).reshape(b, t, -1))
+            sp = lambda y: y.view(b, t, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+            y = F.scaled_dot_product_attention(sp(self.q(x)), sp(self.k(x)), sp(self.v(x)))
+            return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    torch.manual_seed(0)
+    good, bad = Attn(), Attn(heads_fast=True)
+    for m in (good, bad):
+        for p in m.parameters():
+            nn.init.normal_(p, std=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedHeadsWarning)
+        sn.wrap(good, sn.Heads("h", [1, 2, 4], attn=""))
+    with pytest.raises(sn.SortedNetError, match="not the first 1 whole heads of the full module"):
+        sn.wrap(bad, sn.Heads("h", [1, 2, 4], attn=""))

@@ -629,3 +629,30 @@ def test_a_tied_tensor_is_counted_at_the_cut_of_a_holder_that_runs():
         held = sum({id(p): p.numel() for p in exported.parameters()}.values())
         assert nest.cost(sub) == held, sub
     assert nest.cost("f0=32,f1=16,depth=1") == nest.cost("f0=32,f1=32,depth=1")
+
+
+def test_a_tensor_tied_to_an_unbound_layer_counts_whole_when_its_bound_holder_is_skipped():
+    """A block's weight also held by a layer outside the Depth that no dimension binds: at depth 1 the block does
+    not run, the other layer holds the tensor whole, and cost counted it at the skipped block's cut."""
+    from torch import nn
+
+    def mlp():
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.post = nn.ModuleList(mlp() for _ in range(2)), mlp()
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return x + self.post(x)
+
+    torch.manual_seed(0)
+    m = M()
+    m.post[0].weight = m.blocks[1][0].weight
+    nest = sn.wrap(m, sn.Width("f1", [16, 32], out="blocks.1.0", inp="blocks.1.2"),
+                   sn.Depth("depth", [1, 2], layers="blocks"))
+    for sub in ("f1=16,depth=1", "f1=32,depth=1"):
+        assert nest.cost(sub) == sum({id(p): p.numel() for p in nest.export(sub).parameters()}.values()), sub

@@ -560,6 +560,15 @@ def _positions(width: int) -> int:
     return max(5, min(64, 12_500_000 // max(1, width * width)))
 
 
+def _width_out(m: nn.Module) -> int | None:
+    """The output features of a projection over the last axis (``nn.Linear``; transformers' ``Conv1D`` keeps them
+    as ``nf``), else None."""
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    conv1d = _hf_conv1d()
+    return m.__dict__.get("nf") if conv1d is not None and isinstance(m, conv1d) else None
+
+
 def attention_self_check(nest: Nest) -> None:
     """``wrap`` without an example: every hand-written attention module a ``Heads`` dimension slices (not
     ``nn.MultiheadAttention``, which sortednet runs itself, nor a transformers class, which
@@ -575,7 +584,7 @@ def attention_self_check(nest: Nest) -> None:
         inside = {id(m) for m in att.modules()}
         readers = [m for m in nest._sliced.values() if id(m) in inside and m._sn.bind.get("inp") is not None
                    and m._sn.bind["inp"].dim is d]
-        o = next((m for m in readers if isinstance(m, nn.Linear)), None)
+        o = next((m for m in readers if _width_out(m) is not None), None)
         if not readers or any(t.is_meta or not t.is_floating_point() for t in att.parameters()):
             continue  # (a model built on the meta device has nothing to run)
         if o is None or any(not _is_maskable(m) for m in readers):  # (an output projection of another kind: a
@@ -758,9 +767,10 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
             where = path or "the model's root"
             mod = view.get_submodule(path)
             x = None
-            for n in dict.fromkeys((_positions(o.out_features), 5)):  # long enough for per-head windows, where the
-                x = torch.randn(2, n, o.out_features, generator=torch.Generator().manual_seed(0)).to(w)  # width
-                try:                                                                           # makes it cheap
+            width = _width_out(o)
+            for n in dict.fromkeys((_positions(width), 5)):  # long enough for per-head windows, where the width
+                x = torch.randn(2, n, width, generator=torch.Generator().manual_seed(0)).to(w)  # makes it cheap
+                try:
                     with Use(nest._state, nest._plans.build(full)), seeded(0):
                         call_model(mod, x)
                     break
@@ -1416,10 +1426,10 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                             raise _fail(nest, model, example, f"heads {d.name!r} alone at {size}", sub,
                                         f"fails: {type(e).__name__}: {e}") from e
                 err = whole_units_error(nest, d, size, example, model, copies)
-                if err is None and size == d.sizes[0]:
-                    blind = [p or "<root>" for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
-                             and m._sn.bind["inp"].dim is d and not _is_maskable(m) and "rank" not in m._sn.bind
-                             and not _depthwise(m)]
+                blind = [p or "<root>" for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
+                         and m._sn.bind["inp"].dim is d and not _is_maskable(m) and "rank" not in m._sn.bind
+                         and not _depthwise(m)] if err is None and size == d.sizes[0] else []
+                if blind:
                     warnings.warn(f"nest.check: heads {d.name!r}: whole heads are not verified, for any attention "
                                   f"it slices: the output projection(s) {blind[:3]} are not plain Linear / Conv1D "
                                   "layers whose weight columns check can mask to build the reference (a module of "

@@ -116,8 +116,9 @@ class ParamCounter:
             for p in params:
                 if id(p) in skipped:
                     continue
-                holders = self.owners.get(id(p))  # a tied tensor: at its first holder's cut that runs
-                owner = next((h for h in holders if id(h[0]) not in gone), holders[0]) if holders else None
+                holders = self.owners.get(id(p))  # a tied tensor: at its first holder's cut that runs (none:
+                owner = next((h for h in holders or () if id(h[0]) not in gone), None)  # held whole by a module
+                # that runs and no dimension binds)
                 n = owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
                 total += n * p.element_size() if in_bytes else n
         return total
