@@ -1230,3 +1230,17 @@ def test_distillation_mask_from_the_closure_equals_a_hand_written_masked_kl():
         with pytest.raises(sn.SortedNetError, match="distillation mask"):
             sn.accumulate(nest, [nest.smallest, nest.largest], lambda b=bad: (
                 F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, b), distill=d)
+
+
+def test_non_finite_logits_at_masked_positions_stay_out_of_the_soft_term():
+    """A padded row's logits may be -inf or NaN (a fully masked attention row): 0 * nan made every student's loss
+    NaN, skipped each step; masked positions now contribute nothing."""
+    d = sn.Distill(temperature=2.0, alpha=1.0)
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    want = d.soft_loss(student[keep], teacher[keep])
+    for bad in (float("nan"), float("-inf")):
+        s, t = student.clone(), teacher.clone()
+        s[~keep], t[~keep] = bad, bad
+        torch.testing.assert_close(d.soft_loss(s, t, keep), want)

@@ -122,7 +122,8 @@ class Distill:
             return F.kl_div(s, p, reduction="batchmean", log_target=True) * (t * t)
         keep = mask.reshape(-1).to(device=s.device)
         per = F.kl_div(s, p, reduction="none", log_target=True).sum(-1)  # (positions,)
-        return (per * keep).sum() / keep.sum().clamp_min(1) * (t * t)
+        per = torch.where(keep, per, per.new_zeros(()))  # (a padded row's -inf / NaN logits: left out, not 0 * nan)
+        return per.sum() / keep.sum().clamp_min(1) * (t * t)
 
 
 def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None, Tensor | None]:
