@@ -4,6 +4,8 @@ and on real nests."""
 
 from __future__ import annotations
 
+import decimal
+import fractions
 import functools
 import itertools
 import re
@@ -169,6 +171,54 @@ def test_ties_with_scores_go_to_fewer_params():
     subs = [sn.SubModel(i=i) for i in range(3)]
     sel = Selector(subs, {"params": [3.0, 1.0, 2.0]}, scores=[0.9, 0.9, 0.5])
     assert sel.pick({"params": 10}) == subs[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(table=tables())
+def test_the_printed_front_holds_what_pick_returns(table):
+    """Profile.front (and the table's stars) keeps, of sub-models tied in cost and score, the one pick returns."""
+    subs, costs, scores = table
+    prof = sn.Profile(tuple(subs), {m: tuple(v) for m, v in costs.items()},
+                      None if scores is None else tuple(scores))
+    sel = Selector(subs, costs, scores)
+    for metric in METRICS:
+        front = prof.front(metric)
+        assert {sel.pick({metric: costs[metric][subs.index(s)]}) for s in front} == set(front)
+    starred = {line.split("`")[1] for line in prof.to_markdown().splitlines() if line.endswith("| * |")}
+    assert starred == {str(s) for s in prof.front("params")}
+    c, s = sel.smallest("params")
+    assert sel.pick({"params": c}) == s, "the smallest named in a BudgetError is not what pick returns there"
+
+
+def test_equal_size_ranks_front_and_pick_agree_on_a_nest():
+    """LoRA ranks do not change the deployed size: the front and pick both keep the highest rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"),
+                   sn.Rank("r", [1, 2, 4], targets="0", mode="lora"))
+    prof = nest.profile(torch.randn(1, 8), metrics=("params", "flops"), progress=False)
+    front = prof.front("params")
+    assert [s["r"] for s in front] == [4, 4, 4]
+    assert [nest.pick(params=nest.cost(s)) for s in front] == list(front)
+    with pytest.raises(BudgetError, match=r"the smallest available is 56, h=4,r=4\)"):
+        nest.pick(params=55)
+
+
+@pytest.mark.parametrize("value", [fractions.Fraction(600), decimal.Decimal("600.5"), torch.tensor(600),
+                                   torch.tensor([600.0]), np.float32(600)])
+def test_a_budget_may_be_any_real_number(value):
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    assert nest.pick(params=value) == nest.pick(params=600)
+
+
+@pytest.mark.parametrize("value", [torch.tensor(True), torch.tensor([1.0, 2.0]), torch.tensor(1 + 1j),
+                                   decimal.Decimal("sNaN"), "600"])
+def test_a_budget_that_is_no_real_number_is_refused(value):
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    with pytest.raises(sn.SortedNetError, match="budget params="):
+        nest.pick(params=value)
 
 
 @functools.cache

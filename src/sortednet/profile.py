@@ -42,14 +42,19 @@ def _number(v: Any, what: str) -> float:
     return f
 
 
-def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> list[int]:
+def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float], *, keep: str = "first") -> list[int]:
     """Indices of points not dominated: no other point costs ≤ on every axis and
     scores ≥, with at least one strict. ``costs[i]`` is a tuple (one entry per metric).
-    Returned in input order; of exact duplicates only the first is kept.
+    Returned in input order; of exact duplicates only the first is kept (``keep="last"``: the last, as
+    ``pick`` does without scores, where the later of equal sub-models is the larger in the nest's order).
 
     >>> pareto_front([(1,), (2,), (3,), (2,)], [0.5, 0.4, 0.9, 0.7])
     [0, 2, 3]
+    >>> pareto_front([(1,), (1,)], [2, 2]), pareto_front([(1,), (1,)], [2, 2], keep="last")
+    ([0], [1])
     """
+    if keep not in ("first", "last"):
+        raise SortedNetError(f"pareto_front(keep=...) takes 'first' or 'last', got {keep!r}")
     if len(costs) != len(scores):
         raise SortedNetError(f"pareto_front: {len(costs)} cost rows but {len(scores)} scores")
     pts = [(tuple(_number(x, "cost") for x in c), _number(s, "score")) for c, s in zip(costs, scores)]
@@ -57,7 +62,8 @@ def pareto_front(costs: Sequence[Sequence[float]], scores: Sequence[float]) -> l
         raise SortedNetError(f"pareto_front: cost rows of different lengths {sorted({len(c) for c, _ in pts})}")
     # a point can only be dominated by one sorted before it (cost tuple ascending, score descending),
     # and if so also by a point already on the front: one pass, O(N * front)
-    order = sorted(range(len(pts)), key=lambda i: (pts[i][0], -pts[i][1], i))
+    last = keep == "last"
+    order = sorted(range(len(pts)), key=lambda i: (pts[i][0], -pts[i][1], -i if last else i))
     front: list[int] = []
     if all(len(c) == 1 for c, _ in pts):  # one cost axis: a sweep keeping the best score so far
         best = None
@@ -148,13 +154,16 @@ class Profile:
 
     def front(self, metric: str = "params") -> tuple[SubModel, ...]:
         """Sub-models on the Pareto front of (``metric``, score), cheapest first.
-        Without scores the parameter count stands in for the score."""
+        Without scores the parameter count stands in for the score. Of sub-models equal in both, the one
+        ``nest.pick`` returns is kept: the earlier with scores, the later (the larger in the nest's order,
+        e.g. the higher LoRA rank of equal size) without."""
         if metric not in self.costs:
             raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
         scores = self.scores if self.scores is not None else self.costs.get("params")
         if scores is None:
             raise SortedNetError("a Pareto front needs scores or a 'params' column")
-        idx = pareto_front([(c,) for c in self.costs[metric]], scores)
+        idx = pareto_front([(c,) for c in self.costs[metric]], scores,
+                           keep="first" if self.scores is not None else "last")
         return tuple(self.submodels[i] for i in sorted(idx, key=lambda i: self.costs[metric][i]))
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,11 +23,14 @@ the smallest cost available.
 
 from __future__ import annotations
 
+import decimal
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import BudgetError, SortedNetError
 from .submodel import SubModel
@@ -36,19 +39,25 @@ __all__ = ["Selector", "budget"]
 
 
 def budget(name: str, value: Any) -> float:
-    """A budget given to ``pick`` as a float: a real number (int, float or NumPy scalar),
-    never a bool, string, complex or container; NaN is refused. An int too large for a
-    float is an unlimited budget (``inf``).
+    """A budget given to ``pick`` as a float: a real number (int, float, ``Fraction``, ``Decimal``, a NumPy
+    scalar or a one-element real tensor), never a bool, string, complex or container; NaN is refused. An int
+    too large for a float is an unlimited budget (``inf``).
 
-    >>> budget("params", 10**400), budget("flops", 2)
-    (inf, 2.0)
+    >>> import torch
+    >>> budget("params", 10**400), budget("flops", 2), budget("params", torch.tensor(30))
+    (inf, 2.0, 30.0)
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype is not torch.bool \
+            and not value.is_complex():
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, decimal.Decimal)):
         raise SortedNetError(f"budget {name}= must be a real number, got {type(value).__name__} {value!r}")
     try:
         out = float(value)
     except OverflowError:
         out = math.inf if value > 0 else -math.inf
+    except ValueError:  # a signalling Decimal NaN
+        out = math.nan
     if out != out:
         raise SortedNetError(f"budget {name}={value} is not a number")
     return out
@@ -92,7 +101,7 @@ class Selector:
         self._rankings: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._single: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._ranked: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
-        self._min = {k: (float(v.min()), self.subs[int(v.argmin())]) for k, v in self.costs.items()}
+        self._min = {k: float(v.min()) for k, v in self.costs.items()}
 
     def _ranking(self, metrics: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         """(ranking[r] = sub index of rank r, rank[i] = rank of sub i) with ties in score broken to the
@@ -118,8 +127,10 @@ class Selector:
         return t
 
     def smallest(self, metric: str) -> tuple[float, SubModel]:
-        """The lowest ``metric`` cost available and a sub-model having it."""
-        return self._min[metric]
+        """The lowest ``metric`` cost available and the sub-model ``pick`` returns at that budget (of several
+        that cost it, the best-ranked)."""
+        low = self._min[metric]
+        return low, self.pick({metric: low})
 
     def pick(self, limits: Mapping[str, float]) -> SubModel:
         """Best-ranked sub-model with ``cost[metric] <= limit`` for every given limit."""
@@ -131,10 +142,11 @@ class Selector:
                                      f"known: {sorted(self.costs)} (run nest.profile to measure more)")
             if limit != limit:
                 raise SortedNetError(f"budget {metric}={limit} is not a number")
-        low = {m: self._min[m] for m in limits if limits[m] < self._min[m][0]}
+        low = [m for m in limits if limits[m] < self._min[m]]
         if low:
             raise BudgetError("no sub-model fits " + ", ".join(
-                f"{m} <= {_num(limits[m], c)} (the smallest available is {_num(c)}, {s})" for m, (c, s) in low.items()))
+                f"{m} <= {_num(limits[m], c)} (the smallest available is {_num(c)}, {s})"
+                for m in low for c, s in [self.smallest(m)]))
         if len(limits) == 1:
             (metric, limit), = limits.items()
             costs, best = self._table(metric)
