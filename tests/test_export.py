@@ -336,6 +336,45 @@ def test_sliced_mha_reads_masks_as_stock_mha_does(which, dtype):
                         run(x, **kw)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("encoder", [False, True])
+def test_float32_masks_under_autocast_run_as_in_stock_attention(need_weights, encoder):
+    """Under ``torch.autocast`` the projections are bfloat16 and a float32 mask (a causal mask from
+    ``generate_square_subsequent_mask``, the float mask ``nn.TransformerEncoder`` makes of a bool padding mask)
+    is cast by autocast's attention: stock PyTorch runs it, so every sub-model and its export do too."""
+    torch.manual_seed(0)
+    if encoder:
+        m = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+        attn = "layers.*.self_attn"
+    else:
+        m = _MHANet(True).eval()
+        attn = "att"
+    plain_model = copy.deepcopy(m)
+    x = torch.randn(2, 5, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)          # float32, -inf above the diagonal
+    pad = torch.tensor([[False] * 4 + [True], [False] * 3 + [True] * 2])
+
+    def run(model):
+        if encoder:
+            return model(x, mask=causal, src_key_padding_mask=pad)
+        return model(x, pad.float().masked_fill(pad, float("-inf")), causal, need_weights)[0]
+
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn=attn))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # the full model (the stock encoder's fused inference path returns bfloat16, its regular path float32)
+        torch.testing.assert_close(run(m), run(plain_model), atol=0.05, rtol=0.05, check_dtype=False)
+        for sub in nest.submodels:
+            small = nest.export(sub).eval()
+            with nest.use(sub):
+                live = run(m)
+            assert live.isfinite().all()
+            torch.testing.assert_close(live, run(small), atol=0.05, rtol=0.05, check_dtype=False)
+    with torch.no_grad(), nest.use("h=2"):  # without autocast another float dtype is still refused, as PyTorch does
+        with pytest.raises(sn.SortedNetError, match="dtype"):
+            m(x, mask=causal.double()) if encoder else m.att(x, x, x, attn_mask=causal.double())
+
+
 @pytest.mark.parametrize("mask,kpm", [
     ((12, 5, 5), None),   # per head, for a batch of 3: batch 1 would get batch 0's last heads' masks
     ((6, 5, 5), None),    # three heads per sequence (neither the full model's 4 nor the sub-model's 2)
