@@ -34,6 +34,10 @@ def _legacy_weight_norm(m):
         nn.utils.weight_norm(m[0])
 
 
+def _prune(m):
+    nn.utils.prune.l1_unstructured(m[0], "weight", amount=0.5)
+
+
 def _weight_drop(m):
     """AWD-LSTM's WeightDrop: ``weight`` moved to ``weight_raw``, set by a pre-hook at every forward (never run
     yet: the module has no ``weight`` at all; wrap accepted it and export built a model that could not run)."""
@@ -44,7 +48,8 @@ def _weight_drop(m):
 
 @pytest.mark.parametrize("apply, needle", [(_weight_norm, "parametrized"), (_spectral_norm, "parametrized"),
                                            (_legacy_weight_norm, "no parameter or buffer 'weight'"),
-                                           (_weight_drop, "no parameter or buffer 'weight'")])
+                                           (_weight_drop, "no parameter or buffer 'weight'"),
+                                           (_prune, r"is pruned .*prune\.remove\(module, 'weight'\)")])
 def test_computed_weights_are_refused_and_the_model_kept(apply, needle):
     torch.manual_seed(0)
     m = _mlp()

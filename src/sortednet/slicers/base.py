@@ -267,6 +267,12 @@ class Slicer:
         for name, axes in self.rules(m).items():
             if (isinstance(axes, tuple) and isinstance(m.__dict__.get(name), Tensor) and name not in added
                     and name not in m._parameters and name not in m._buffers):
+                if f"{name}_orig" in m._parameters and f"{name}_mask" in m._buffers:
+                    raise PatternError(
+                        f"{path!r} ({type(m).__name__}) is pruned (torch.nn.utils.prune: {name!r} is computed in "
+                        f"every forward from {name}_orig and {name}_mask): slicing it is not supported; make the "
+                        f"pruning permanent first (torch.nn.utils.prune.remove(module, {name!r})) or leave the "
+                        "module out of the dimension")
                 raise PatternError(f"{path!r} ({type(m).__name__}) has no parameter or buffer {name!r} to slice "
                                    "(a weight_norm / spectral_norm hook or other code computes it in every "
                                    "forward): remove that hook or leave the module out of the dimension")
