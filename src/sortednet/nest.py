@@ -357,12 +357,15 @@ class Nest:
         first: dict[int, int] = {}
         params: list[tuple] = []
         paths: list[tuple[str, int]] = []
+        tensors: list[tuple[int, torch.dtype]] = []  # _tensor_ids() of the same walk (a second walk doubled a pick)
         for path, m in self.model.named_modules(remove_duplicate=False):
             paths.append((path, id(m)))
             for n, p in m._parameters.items():
                 if p is not None:
+                    if id(p) not in first:
+                        tensors.append((id(p), p.dtype))
                     params.append((f"{path}.{n}" if path else n, tuple(p.shape), first.setdefault(id(p), len(params))))
-        return tuple(params), tuple(paths)
+        return tuple(params), tuple(paths), tuple(tensors)
 
     def _buffer_shapes(self) -> tuple:
         """Shapes of the sliced buffers (BatchNorm running statistics, ...): as the slicers read them."""
@@ -426,7 +429,7 @@ class Nest:
             raise SortedNetError(f"{what}: the model changed after wrap: {why}. The nest's cost tables, paths and "
                                  "export describe the model as wrapped; nest.unwrap(), change the model, then "
                                  "wrap it again")
-        if self._tensor_ids() != self._tensors:  # the same names and shapes in new objects or dtypes
+        if new[2] != self._tensors:  # the same names and shapes in new objects or dtypes
             self._count_tensors()  # (load_state_dict(assign=True), fully_shard, .to() that replaces them)
 
     def _param_table(self, rows: np.ndarray) -> np.ndarray:
