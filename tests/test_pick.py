@@ -9,6 +9,7 @@ import fractions
 import functools
 import itertools
 import re
+import warnings
 import zlib
 
 import numpy as np
@@ -545,3 +546,19 @@ def test_a_checkpoint_without_a_profile_drops_the_profiles_costs(tmp_path, count
         with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
             nest.cost(nest.largest, "flops")
     assert nest.pick(params=1e9) == nest.largest
+
+
+def test_a_flops_count_on_another_input_than_the_profiles_warns_that_pick_does_not_read_it():
+    """pick(flops=) reads the profile's table: counting every sub-model on a batch of 64 and then picking a
+    budget meant for that batch chose the largest sub-model, 5x over it, in silence."""
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    nest.profile(case.example[:1], metrics=("params", "flops"), progress=False)
+    big = case.example.repeat(8, 1)
+    with pytest.warns(sn.nest.OtherInputFlopsWarning, match="answers this call only"):
+        counts = {s: nest.cost(s, "flops", example=big) for s in nest.submodels}
+    assert counts[nest.largest] == 8 * case.example.shape[0] * nest.cost(nest.largest, "flops")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nest.cost(nest.smallest, "flops", example=big)              # once per input
+        nest.cost(nest.smallest, "flops", example=case.example[:1])  # the profile's own input: no warning

@@ -280,6 +280,7 @@ class Nest:
         self._slots_at = -1                    # _REGISTRATIONS when they were listed
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
+        self._told_other_flops: set = set()  # input signatures OtherInputFlopsWarning was given for
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
         rows = SubModelList.product(names, sizes).rows if self._rows is None else self._rows
         _base.NAMING_SLICER_ERRORS[0] += 1
@@ -701,6 +702,17 @@ class Nest:
                 if self._profile_flops is not None and sig != self._profile_flops:
                     # the profile's FLOPs table stays pick's: latency and memory were measured on its example,
                     # and sn.save stores it (a count on another example answers this call only)
+                    told = self._told_other_flops
+                    if sig not in told:  # (a pick(flops=) budget meant for this input would read the other table)
+                        told.add(sig)
+                        import warnings
+
+                        prof = self._profile
+                        warnings.warn(
+                            f"cost(..., 'flops', example=...): this count, on {example_signature(example)}, answers "
+                            f"this call only; pick(flops=...) reads the profile's FLOPs table, counted on "
+                            f"{None if prof is None else prof.meta.get('input')!r}. To pick by FLOPs of this input, "
+                            "profile it: nest.profile(example)", OtherInputFlopsWarning, stacklevel=3)
                     return hit
                 if sig != self._flops_example:
                     self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
@@ -1344,6 +1356,11 @@ def _count_registrations() -> None:
     _COUNTING.extend((mod.register_module_module_registration_hook(bump),
                       mod.register_module_parameter_registration_hook(bump),
                       mod.register_module_buffer_registration_hook(bump)))
+
+
+class OtherInputFlopsWarning(UserWarning):
+    """``cost(..., 'flops', example=x)`` on another input than the profile's: the count answers that call, but
+    ``pick(flops=...)`` keeps reading the profile's table (warned once per input signature)."""
 
 
 class StaleScoresWarning(UserWarning):
