@@ -562,3 +562,48 @@ def test_a_flops_count_on_another_input_than_the_profiles_warns_that_pick_does_n
         warnings.simplefilter("error")
         nest.cost(nest.smallest, "flops", example=big)              # once per input
         nest.cost(nest.smallest, "flops", example=case.example[:1])  # the profile's own input: no warning
+
+
+def test_a_profile_on_the_export_measures_each_exported_sub_model(monkeypatch):
+    """profile(on="export") times and measures what is deployed: each sub-model's export, not the live model."""
+    from sortednet.cost import measure_memory
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    nest = sn.wrap(m, sn.Rank("r", [4, 8, 16, 32], targets="0"), sn.Width("h", [8, 32], out="0", inp="2"))
+    x = torch.randn(2, 32)
+    export, runs = nest.export, {}
+
+    def spy(sub, **kw):
+        small = export(sub, **kw)
+        runs[str(sub)] = 0
+        small.register_forward_hook(lambda *_: runs.__setitem__(str(sub), runs[str(sub)] + 1))
+        return small
+
+    monkeypatch.setattr(nest, "export", spy)
+    prof = nest.profile(x, metrics=("memory", "latency"), repeat=3, warmup=1, progress=False, on="export")
+    monkeypatch.undo()
+    assert runs == {str(s): 3 + 1 + 1 for s in nest.submodels}  # latency (warm-up + repeats) and memory
+    assert prof.meta["on"] == "export" and "measured_live" not in prof.meta
+    for s in nest.submodels:
+        assert prof.cost(s, "memory") == measure_memory(nest, s, x, model=nest.export(s).eval())
+    budget = sorted(prof.costs["latency"])[3]
+    assert prof.cost(nest.pick(latency=budget), "latency") <= budget  # pick reads the export's timings
+    assert "on" not in nest.profile(x, metrics=("memory",), progress=False).meta
+    with pytest.raises(sn.SortedNetError, match=r"on=.*'live'.*'export'.*'deployed'"):
+        nest.profile(x, metrics=("latency",), progress=False, on="deployed")
+
+
+def test_a_profile_on_the_export_measures_what_cannot_be_exported_live_and_says_so():
+    torch.manual_seed(0)
+    W = sn.Width
+    nest = sn.wrap(_TiedTwice(), W("h1", [4, 16], out="a", inp="b"), W("h2", [4, 16], out="b", inp="c"))
+    x = torch.randn(2, 8)
+    prof = nest.profile(x, metrics=("memory",), repeat=1, warmup=0, progress=False, on="export")
+    unexportable = []
+    for s in nest.submodels:
+        try:
+            nest.export(s)
+        except sn.SortedNetError:
+            unexportable.append(str(s))
+    assert unexportable and prof.meta["measured_live"] == unexportable

@@ -723,13 +723,17 @@ class Nest:
 
     def profile(self, example_inputs: Any, *, score: Callable[[SubModel], float] | None = None,
                 metrics: Sequence[str] = ("params", "flops", "latency", "memory"), repeat: int = 20,
-                warmup: int = 3, progress: bool = True) -> Profile:
+                warmup: int = 3, progress: bool = True, on: str = "live") -> Profile:
         """Measure every sub-model on ``example_inputs`` (a tensor, tuple of args or dict
         of kwargs): params, FLOPs, latency (median of ``repeat`` after ``warmup``, on the
         inputs' device), memory, and ``score(sub)`` (called inside ``use(sub)``, e.g.
         validation accuracy; higher is better: pass a loss negated). Kept on the nest for
         :meth:`pick` and saved by ``sn.save``. Scores that fall almost always as sub-models grow
         (a loss passed as is) get a warning.
+        ``on="live"`` (default) times the wrapped model under ``use(sub)``, as multi-budget serving runs it;
+        ``on="export"`` times (and measures the memory of) each ``nest.export(sub)`` in turn, as deployed (one
+        copy at a time; a sub-model that cannot be exported, which pick never returns, is measured live and
+        listed in the profile's ``meta["measured_live"]``). FLOPs and params always describe the export.
         Costs are measured in eval mode on a private view sharing the weights; no
         module's mode changes (other threads may be serving or training), so
         ``score`` runs your code on your model as it is: call ``model.eval()``
@@ -758,7 +762,7 @@ class Nest:
                         raise self._forward_error("profile", sub, example_inputs, e) from e
         try:
             prof = build_profile(self, example_inputs, score=None if score is None else _checked_score(score),
-                                 metrics=metrics, repeat=repeat, warmup=warmup, progress=progress)
+                                 metrics=metrics, repeat=repeat, warmup=warmup, progress=progress, on=on)
         except SortedNetError:
             raise
         except Exception as e:

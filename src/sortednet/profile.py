@@ -229,9 +229,23 @@ class Profile:
         fig.savefig(path)
 
 
+def _deployed(nest: Nest, sub: SubModel) -> Any:
+    """``sub`` exported as it would be deployed, in eval mode (plain where the model's own class cannot hold
+    it); None where it cannot be exported at all (a tied tensor cut two ways: ``pick`` never returns it)."""
+    for plain in (False, True):
+        try:
+            return nest.export(sub, plain=plain).eval()
+        except SortedNetError:
+            continue
+    return None
+
+
 def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float] | None,
-                  metrics: Sequence[str], repeat: int, warmup: int, progress: bool) -> Profile:
+                  metrics: Sequence[str], repeat: int, warmup: int, progress: bool, on: str = "live") -> Profile:
     """Measure ``metrics`` (and ``score``) for every sub-model of ``nest``; see :meth:`Nest.profile`."""
+    if on not in ("live", "export"):
+        raise SortedNetError(f"profile(on=...) takes 'live' (time the wrapped model under use(sub)) or 'export' "
+                             f"(time each nest.export(sub)), got {on!r}")
     if isinstance(metrics, str):  # one metric by name
         metrics = (metrics,)
     metrics = tuple(dict.fromkeys(("params", *metrics)))
@@ -244,15 +258,23 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
 
     cols: dict[str, list[float]] = {m: [] for m in metrics}
     scores: list[float] = []
+    live_only: list[str] = []
     with eval_mode(nest) as (view, _):  # measured in eval mode on a private view: no thread sees a mode change
         for sub in tqdm(nest.submodels, desc="profiling", disable=not progress, leave=False):
             cols["params"].append(float(nest.cost(sub, "params")))
             if "flops" in metrics:
                 cols["flops"].append(float(nest._flops(sub, example, model=view, store=False)))
+            timed = view
+            if on == "export" and ("latency" in metrics or "memory" in metrics):
+                timed = _deployed(nest, sub)
+                if timed is None:  # (measured live: pick passes over it)
+                    live_only.append(str(sub))
+                    timed = view
             if "latency" in metrics:
-                cols["latency"].append(measure_latency(nest, sub, example, repeat=repeat, warmup=warmup, model=view))
+                cols["latency"].append(measure_latency(nest, sub, example, repeat=repeat, warmup=warmup, model=timed))
             if "memory" in metrics:
-                cols["memory"].append(float(measure_memory(nest, sub, example, model=view)))
+                cols["memory"].append(float(measure_memory(nest, sub, example, model=timed)))
+            del timed
             if score is not None:
                 with nest.use(sub):
                     try:
@@ -268,4 +290,6 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
     return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},
                    tuple(scores) if score is not None else None, device,
                    {"repeat": repeat, "warmup": warmup, "input": [list(map(str, s)) if isinstance(s, tuple) else s
-                                                                  for s in example_signature(example)]})
+                                                                  for s in example_signature(example)],
+                    **({"on": on} if on != "live" else {}),
+                    **({"measured_live": live_only} if live_only else {})})
