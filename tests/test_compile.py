@@ -474,3 +474,29 @@ def test_use_inside_a_compiled_function_splits_it_there_and_fullgraph_says_why()
     with pytest.raises(torch._dynamo.exc.Unsupported, match=r"nest\.use\(\) sets a context variable"):
         whole(case.example, subs[0])
     assert nest.active == nest.largest  # (nothing left in force)
+
+
+@pytest.mark.parametrize("prior_grad", [False, True])
+@pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual"])
+def test_compiled_autograd_gives_the_gradients_of_eager_autograd(family, prior_grad):
+    """Compiled autograd traces the backward into a graph: the in-place path's write into ``param.grad`` was not
+    in it, so sliced weights got no gradient at all (``.grad`` None, never trained). It now steps aside there."""
+    import torch._dynamo.compiled_autograd as ca
+
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims, inplace_min_numel=0)  # every sliced tensor on the in-place path
+    model, sub = nest.model, nest.submodels[len(nest.submodels) // 2]
+    ref = nest.export(sub).train()
+    model.train()
+    if prior_grad:
+        for p, r in zip(model.parameters(), ref.parameters()):
+            p.grad, r.grad = torch.ones_like(p), None
+    ref(case.example).square().mean().backward()
+    with nest.use(sub):
+        loss = model(case.example).square().mean()
+    with ca._enable(torch.compile(backend="aot_eager")):
+        loss.backward()
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        inside = p.grad[tuple(slice(0, n) for n in r.shape)]
+        torch.testing.assert_close(inside - (1.0 if prior_grad else 0.0), r.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -245,7 +245,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False, index: int = 0) -> bool:
     """Inside :class:`SliceInto`'s backward: would autograd just add the gradient into ``p.grad``?
 
-    False under ``create_graph`` (grad mode is on in backward), when ``p`` has
+    False under ``create_graph`` (grad mode is on in backward), under compiled autograd, when ``p`` has
     tensor hooks or post-accumulate-grad hooks, when ``.grad`` is not a plain
     dense tensor of the gradient's dtype or ``p.grad_dtype`` asks for another
     (fp32 gradients of bf16 weights), and when the engine will not run
@@ -255,6 +255,8 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
     is initialised: DDP's reducer hooks it there.
     """
     if torch.is_grad_enabled() or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+        return False
+    if _compiling() or _compiled_autograd():  # a traced backward: a write into p.grad would not be in the graph
         return False
     if grad.layout is not torch.strided or (whole and _distributed()):
         return False
@@ -268,6 +270,14 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
         return bool(torch._C._will_engine_execute_node(node.next_functions[index][0]))
     except (RuntimeError, IndexError, AttributeError):
         return False
+
+
+def _compiled_autograd() -> bool:
+    """A backward run by compiled autograd (``torch._dynamo.config.compiled_autograd``, ``compiled_autograd._enable``):
+    it traces the backward into a graph, and a Python-side write into ``.grad`` is not part of it (the gradient
+    was lost in silence). Read from ``sys.modules``: nothing is imported on the backward's hot path."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and bool(getattr(ca, "in_compiled_autograd_region", False))
 
 
 def _distributed() -> bool:
