@@ -420,6 +420,13 @@ class DepthGuard:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.index >= self.binding.features():
             d = self.binding.dim
+            if torch._C._current_graph_task_id() != -1:  # a forward run by a backward: a checkpoint recomputing
+                raise SortedNetError(
+                    f"block {self.path!r} is recomputed by an activation checkpoint during a backward under "
+                    f"{d.name}={d.active}, which skips it: its forward ran under another sub-model. Run the backward "
+                    "inside the nest.use(...) block of its forward (one backward per sub-model), or checkpoint "
+                    "with nest.checkpoint(fn, ...) or checkpoint(..., use_reentrant=False, "
+                    "context_fn=nest.checkpoint_context), which recompute under the forward's sub-model")
             raise SortedNetError(
                 f"block {self.path!r} ran under {d.name}={d.active}, which skips it: the forward reaches the "
                 "blocks of the layer list other than by iterating, indexing or slicing it (e.g. a Python list of "
