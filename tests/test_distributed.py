@@ -370,6 +370,68 @@ def _errors(rank: int, out_dir: str) -> dict:
     except sn.SortedNetError as e:
         out["fit_multi_rank"] = str(e)
     out.update(_one_rank_faults(rank, out_dir))
+    out.update(_sharding_and_ignores(rank, out_dir))
+    return out
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding and an output layer holding one tensor, a nested hidden width between."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc1, self.fc2 = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.fc2(torch.relu(self.fc1(self.emb(tokens)))))
+
+
+def _tied_nest(model):
+    return sn.wrap(model, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
+
+
+def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict = {}
+    # DDP told to leave parameters alone (rank-local weights): accumulate averaged them anyway
+    case, nest = _build("mlp", "ddp")
+    DDP._set_params_and_buffers_to_ignore_for_model(case.model, ["fc3.weight", "fc3.bias"])
+    ddp = DDP(case.model)
+    x = _batch("mlp", 0).chunk(WORLD)[rank]
+    snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(ddp(x)), module=ddp)
+    every: list = [None] * WORLD
+    dist.all_gather_object(every, (case.model.fc3.weight.grad.clone(), case.model.fc1.weight.grad.clone()))
+    out["ignored_grads"] = every
+    # a tied weight under FSDP2: snd.save gathered it once per name into two tensors, a file sn.load refused
+    model = _TiedLM()
+    nest = _tied_nest(model)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model, mesh=mesh)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    snd.accumulate(nest, [nest.smallest, nest.largest], lambda: model(tokens).square().mean(), module=model)
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    snd.save(nest, os.path.join(out_dir, "tied-fsdp2.safetensors"))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    out["tied_state"] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    try:  # sn.load into the sharded model: a raw "invalid python storage" error before
+        sn.load(nest, os.path.join(out_dir, "tied-fsdp2.safetensors"))
+        out["load_into_sharded"] = "accepted"
+    except sn.SortedNetError as e:
+        out["load_into_sharded"] = str(e)
+    # the blocks sharded, the root not: the root's gradients stayed each rank's own (the replicas drifted apart)
+    case, nest = _build("lm_width_heads_depth", "fsdp2_blocks")
+    for blocks in [m for m in case.model.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for blk in blocks:
+            fully_shard(blk, mesh=mesh)
+    try:
+        snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)), module=case.model)
+        out["root_unsharded"] = "accepted"
+    except sn.SortedNetError as e:
+        out["root_unsharded"] = (str(e), all(p.grad is None for p in case.model.parameters()))
     return out
 
 
@@ -691,6 +753,31 @@ def test_batchnorm_statistics_under_ddp_are_the_first_ranks_on_every_rank(run):
     for k in alone:
         assert torch.equal(ranks[1][k], ranks[0][k]), k
         torch.testing.assert_close(ranks[0][k].double(), alone[k].double(), atol=1e-5, rtol=0, msg=k)
+
+
+def test_parameters_ddp_ignores_keep_each_ranks_gradient(run):
+    """DDP._set_params_and_buffers_to_ignore_for_model: DDP leaves those gradients local; accumulate averaged them."""
+    _, results = run
+    (local0, shared0), (local1, shared1) = results["errors"]["ignored_grads"]
+    assert not torch.allclose(local0, local1)  # each rank's own data
+    torch.testing.assert_close(shared0, shared1)
+
+
+def test_a_tied_weight_saved_from_fsdp2_loads_in_one_process_still_tied(run):
+    out, results = run
+    fresh = _TiedLM()
+    loaded = sn.load(fresh, os.path.join(out, "tied-fsdp2.safetensors"))
+    assert fresh.head.weight is fresh.emb.weight and loaded.submodels == _tied_nest(_TiedLM()).submodels
+    for k, v in results["errors"]["tied_state"].items():
+        torch.testing.assert_close(fresh.state_dict()[k], v, atol=0, rtol=0)
+
+
+def test_fsdp2_misuse_is_named(run):
+    _, results = run
+    errs = results["errors"]
+    assert "sn.load into a model sharded with FSDP2" in errs["load_into_sharded"]
+    msg, untouched = errs["root_unsharded"]
+    assert "in no fully_shard unit" in msg and "'emb.weight'" in msg and untouched, msg
 
 
 def test_single_process_helpers_are_no_ops():

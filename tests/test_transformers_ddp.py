@@ -76,10 +76,11 @@ def train(out_dir: str, world: int, mode: str) -> tuple[dict, list, int]:
 def faults(out_dir: str) -> dict:
     """Faults of one rank that must raise on every rank, or be agreed, instead of hanging the other."""
     import torch.distributed as dist
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, Trainer,
+                              TrainingArguments)
 
     import sortednet as sn
-    from sortednet.integrations import SortedTrainer
+    from sortednet.integrations import SortedTrainer, SubModelCallback
 
     rank, out = dist.get_rank(), {}
     args = dict(max_steps=2, per_device_train_batch_size=2, optim="sgd", learning_rate=0.1, report_to=[],
@@ -111,6 +112,20 @@ def faults(out_dir: str) -> dict:
         out["no_label_on_one_rank"] = ("ok", trainer.model_accepts_loss_kwargs)
     except Exception as e:  # noqa: BLE001  (recorded)
         out["no_label_on_one_rank"] = (f"{type(e).__name__}: {e}", None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[1, 2])
+    shallow = [s for s in nest.submodels if s["depth"] < 3]
+    cb = SubModelCallback(nest, sn.Sampler(shallow, k=1, strategy="uniform", seed=5))
+    trainer = Trainer(model=model, args=TrainingArguments(os.path.join(out_dir, "unused"), **args,
+                                                          ddp_find_unused_parameters=False),
+                      train_dataset=[{"input_ids": r, "labels": r} for r in x], callbacks=[cb])
+    try:  # DDP's reducer waited for the skipped blocks: part of the step averaged, DDP's raw error a step later
+        trainer.train()
+        out["callback_find_unused_false"] = "accepted"
+    except sn.SortedNetError as e:
+        out["callback_find_unused_false"] = str(e)
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, out)
     return every
@@ -146,6 +161,8 @@ def test_sorted_trainer_under_ddp_equals_one_process(tmp_path):
     for rank in ddp["faults"]:  # every rank raised (or the run would have hung), and agreed
         assert "ranks disagree on the sub-models of step 0" in rank["seed_per_rank"], rank
         assert rank["no_label_on_one_rank"] == ("ok", False), rank
+        msg = rank["callback_find_unused_false"]
+        assert "SubModelCallback" in msg and "ddp_find_unused_parameters=True" in msg, msg
 
 
 if __name__ == "__main__":  # one rank of the torchrun above

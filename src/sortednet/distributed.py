@@ -122,6 +122,9 @@ def _refuse_sparse(module: nn.Module, who: str) -> None:
 def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = _BUCKET_BYTES) -> int:
     """Average ``.grad`` of every trainable parameter of ``module`` over the ranks of ``group``.
 
+    Parameters DDP was told to leave alone (``DDP._set_params_and_buffers_to_ignore_for_model``: rank-local
+    weights) keep each rank's own gradient, as under DDP itself.
+
     One ``all_reduce`` per bucket of ``bucket_bytes`` (per dtype and device).
     A parameter with no gradient on a rank counts as zero there; one with no
     gradient on ANY rank keeps ``grad=None`` (the optimizer skips it, as it
@@ -133,8 +136,9 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     >>> snd.sync_gradients(m)   # single process: nothing to do
     0
     """
+    ignored = _ignored(module)
     module = _inner(module)
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for n, p in module.named_parameters() if p.requires_grad and n not in ignored]
     sharded = [n for n, p in module.named_parameters() if is_sharded(p)]
     if sharded:
         raise SortedNetError(f"sync_gradients got FSDP2-sharded parameters ({sharded[:3]}); FSDP2 reduces its "
@@ -170,6 +174,15 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     return calls
 
 
+def _ignored(module: nn.Module) -> set[str]:
+    """Names (relative to the model inside a DDP wrapper) of the parameters and buffers DDP leaves alone: the
+    wrapper's ``parameters_to_ignore``, or, for the model itself, what
+    ``DDP._set_params_and_buffers_to_ignore_for_model`` marked on it."""
+    ddp = _uncompiled(module)
+    names = set(getattr(ddp, "parameters_to_ignore", ()) or ()) if isinstance(ddp, _ddp_type()) else set()
+    return names | set(getattr(_inner(module), "_ddp_params_and_buffers_to_ignore", ()) or ())
+
+
 def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     """Copy the buffers (BatchNorm running statistics) of the first rank of ``group`` to every rank, as a
     ``DistributedDataParallel`` wrapper with ``broadcast_buffers=True`` does before each forward that is not under
@@ -185,12 +198,11 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     0
     """
     ddp = _uncompiled(module)
-    ignored: set[str] = set()
+    ignored = _ignored(module)  # (DDP leaves those alone too)
     if isinstance(ddp, _ddp_type()):
         if not getattr(ddp, "broadcast_buffers", True):
             return 0
         group = ddp.process_group if group is None else group
-        ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())  # (DDP leaves those alone too)
     if not _active() or dist.get_world_size(group) == 1:
         return 0
     mine = {n: b for n, b in _inner(module).named_buffers() if n not in ignored}
@@ -311,6 +323,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     try:
         units = _fsdp_modules(module if module is not None else nest.model)
         if units or is_fsdp(nest.model):
+            _refuse_unsharded(module if module is not None else nest.model, units, group)
             _gather_once(units)
             for u in units:  # a forward since the last step (an evaluation before optimizer.step()) left its unit
                 u.reshard()  # unsharded with the values before that step: the next forward would reuse them
@@ -330,10 +343,26 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             h.remove()
     # everything the closure trains: also parameters outside the nest inside the DDP wrapper (a task head,
     # the LM head of a nested backbone), whose gradients no_sync kept local too
-    sync_gradients(nest.model if module is None else _inner(module), group=group)
+    sync_gradients(nest.model if module is None else module, group=group)  # (the wrapper: what DDP ignores)
     if isinstance(ddp, _ddp_type()):  # what DDP's pre-forward broadcast would have done (every forward ran
         sync_buffers(ddp, group=group)  # under no_sync): the running statistics of the first rank's shards
     return losses
+
+
+def _refuse_unsharded(module: nn.Module, units: list[nn.Module], group: Any) -> None:
+    """Under FSDP2 on several ranks, trainable parameters in no ``fully_shard`` unit (the root left unsharded
+    after sharding its blocks) would keep each rank's own gradient: the replicas drift apart in silence, as
+    under plain FSDP2. Refused on every rank alike (the model is the same everywhere), before any collective of
+    the step. A parameter inside a unit that the unit does not shard was left out on purpose (``ignored_params``)."""
+    if not _active() or dist.get_world_size(group) == 1:
+        return
+    covered = {id(p) for u in units for p in u.parameters()}
+    loose = [n for n, p in _inner(module).named_parameters() if p.requires_grad and id(p) not in covered]
+    if loose:
+        raise SortedNetError(
+            f"FSDP2: the trainable parameters {loose[:3]}{' ...' if len(loose) > 3 else ''} are in no fully_shard "
+            "unit, so no rank averages their gradients and the replicas would drift apart; fully_shard the root "
+            "module too (after its blocks)")
 
 
 def _forward_agreement(nest: Nest, group: Any) -> Callable[[nn.Module, tuple], None]:
@@ -530,7 +559,17 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
         state = get_model_state_dict(nest.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if me == 0:  # gathered tensors may be views into padded buffers: store compact copies
             try:
-                _save(nest, path, state={k: v.detach().clone() for k, v in state.items()})
+                compact = {k: v.detach().clone() for k, v in state.items()}
+                # a tied weight was gathered once per name, into tensors of their own: one tensor again, as the
+                # model holds it (the file records the tie; stored twice it could not be loaded into the model)
+                held: dict[int, list[str]] = {}
+                for name, p in nest.model.named_parameters(remove_duplicate=False):
+                    held.setdefault(id(p), []).append(name)
+                for names in held.values():
+                    present = [n for n in names if n in compact]
+                    for n in present[1:]:
+                        compact[n] = compact[present[0]]
+                _save(nest, path, state=compact)
             except Exception as e:
                 error = e
     elif me == 0:

@@ -33,7 +33,7 @@ from .meta import (
     rows_of,
 )
 from .nest import Nest, wrap
-from .views import is_sharded
+from .views import is_fsdp, is_sharded
 from .wrap import plan
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
@@ -231,6 +231,12 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     flag("load", "verify", verify)
     if isinstance(model, Nest):
         model._check_structure("sn.load")
+    target = model.model if isinstance(model, Nest) else model
+    if is_fsdp(target):  # (its parameters are shards: read back from the file's full tensors they would not be)
+        raise SortedNetError(
+            "sn.load into a model sharded with FSDP2 (fully_shard): its parameters are DTensor shards. Load into the "
+            "model before fully_shard (then shard it), or load the weights with torch.distributed.checkpoint's "
+            "set_model_state_dict (full_state_dict=True) on every rank")
     where = repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
     if not isinstance(path, (str, os.PathLike)):
         raise SortedNetError(f"load() needs a file path, got {type(path).__name__}")

@@ -235,7 +235,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     return Losses(losses, skipped=skipped)
 
 
-def _ddp_reducer_check(nest: Nest) -> None:
+def _ddp_reducer_check(nest: Nest, who: str = "sn.accumulate", advice: str | None = None) -> None:
     """Forward pre-hook of :func:`accumulate` under torch.distributed: a forward through a DDP wrapper whose
     reducer expects a gradient for every parameter (no unused-parameter search, sync on) under a depth below
     full leaves the skipped blocks' buckets un-averaged this step (the optimizer steps on local gradients) and
@@ -249,11 +249,12 @@ def _ddp_reducer_check(nest: Nest) -> None:
     trained = shallow and any(p.requires_grad for m in nest._sliced.values() for name in m._sn.slicer.skipped(m)
                               for p in m._modules[name].parameters())  # (frozen skipped blocks: nothing waits)
     if trained:
-        raise SortedNetError(f"sn.accumulate: a DistributedDataParallel forward of {sub} (depth {shallow} below full) "
+        raise SortedNetError(f"{who}: a DistributedDataParallel forward of {sub} (depth {shallow} below full) "
                              "with gradient sync on and find_unused_parameters=False: the blocks it skips give no "
-                             "gradient, so DDP would average only part of this step and raise at the next one. Use "
-                             "sortednet.distributed.accumulate(nest, subs, closure, module=ddp_model) (with "
-                             "Accelerate: module=the prepared model, backward=accelerator.backward)")
+                             "gradient, so DDP would average only part of this step and raise at the next one. " + (
+                                 advice or "Use sortednet.distributed.accumulate(nest, subs, closure, "
+                                 "module=ddp_model) (with Accelerate: module=the prepared model, "
+                                 "backward=accelerator.backward)"))
 
 
 def refuse_unscaled(nest: Nest, backward: Any, module: nn.Module | None = None) -> None:

@@ -32,7 +32,7 @@ from ..modes import restore_modes
 from ..nest import Nest
 from ..sampler import Sampler
 from ..submodel import SubModel
-from ..train import drop_stale_calibration
+from ..train import _ddp_reducer_check, drop_stale_calibration
 from .soft import soft_loss
 
 __all__ = ["SortedTrainer", "SubModelCallback", "make_sampler", "NEST_FILE"]
@@ -406,6 +406,10 @@ class SubModelCallback(TrainerCallback):
         step = self._open
         if step is None or step[0] != threading.get_ident():  # (autograd threads: the step's own recomputations)
             return
+        _ddp_reducer_check(self.nest, "SubModelCallback", (
+            "Transformers builds DDP so when gradient checkpointing is on or ddp_find_unused_parameters=False: set "
+            "TrainingArguments(ddp_find_unused_parameters=True) (with gradient checkpointing also "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}), or train with SortedTrainer"))
         f = sys._getframe(1)
         while f is not None:
             if id(f) == step[1] and f.f_code is step[2]:
