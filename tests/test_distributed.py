@@ -432,6 +432,22 @@ def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
         out["root_unsharded"] = "accepted"
     except sn.SortedNetError as e:
         out["root_unsharded"] = (str(e), all(p.grad is None for p in case.model.parameters()))
+    # FSDP1 (FullyShardedDataParallel) flattens parameters: refused by name, before or after wrap
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    case = FAMILIES["mlp"](seed=0)
+    FullyShardedDataParallel(case.model, device_id=torch.device("cpu"), use_orig_params=True)
+    try:
+        sn.wrap(case.model, *case.dims)
+        out["fsdp1_then_wrap"] = "accepted"
+    except sn.SortedNetError as e:
+        out["fsdp1_then_wrap"] = str(e)
+    case = FAMILIES["mlp"](seed=0)
+    sn.wrap(case.model, *case.dims)
+    try:
+        FullyShardedDataParallel(case.model, device_id=torch.device("cpu"))
+        out["wrap_then_fsdp1"] = "accepted"
+    except sn.SortedNetError as e:
+        out["wrap_then_fsdp1"] = str(e)
     return out
 
 
@@ -776,6 +792,8 @@ def test_fsdp2_misuse_is_named(run):
     _, results = run
     errs = results["errors"]
     assert "sn.load into a model sharded with FSDP2" in errs["load_into_sharded"]
+    for key in ("fsdp1_then_wrap", "wrap_then_fsdp1"):
+        assert "FSDP1" in errs[key] and "fully_shard" in errs[key], errs[key]
     msg, untouched = errs["root_unsharded"]
     assert "in no fully_shard unit" in msg and "'emb.weight'" in msg and untouched, msg
 

@@ -79,6 +79,12 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     if sharded:
         raise SortedNetError(f"model parameters are already sharded (FSDP2 DTensors, e.g. {sharded[:3]}): "
                              "call sn.wrap before fully_shard (see docs/scaling.md)")
+    fsdp1 = [n or "<root>" for n, m in modules.items() if _is_fsdp1(m)]
+    if fsdp1:
+        raise SortedNetError(f"{fsdp1[0]!r} is managed by FSDP1 (FullyShardedDataParallel), which flattens the "
+                             "parameters of each unit into one FlatParameter that no slicer can cut: not supported; "
+                             "call sn.wrap on the plain model, then shard it with torch.distributed.fsdp.fully_shard "
+                             "(FSDP2)")
     try:
         targets: list[Target] = [t for d in dims for t in d.plan(modules)]
     except PatternError as e:  # a second name of a module (self.b = self.a): say which name to use
@@ -135,6 +141,14 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                              "without offloading (every weight on one device) to wrap it")
     _refuse_tied_factors(model, out)
     return out
+
+
+def _is_fsdp1(m: nn.Module) -> bool:
+    """An FSDP1 ``FullyShardedDataParallel`` wrapper, or a module inside one (FSDP1 marks those; so does FSDP2's
+    ``fully_shard``, whose DTensor parameters are recognised first)."""
+    t = type(m)
+    return (t.__name__ == "FullyShardedDataParallel" and t.__module__.startswith("torch.distributed.fsdp")) or (
+        m.__dict__.get("_is_fsdp_managed_module") is True and "_fsdp_use_orig_params" in m.__dict__)
 
 
 def _uninitialized(t: object) -> bool:

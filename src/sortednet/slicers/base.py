@@ -9,6 +9,7 @@ import functools
 import math
 import numbers
 import weakref
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -495,10 +496,27 @@ def refuse_removal(m: Any, name: str) -> None:
     st = m.__dict__.get("_sn") if isinstance(m, nn.Module) else None
     if (st is not None and name in getattr(type(m), "_sn_names", ())
             and (name in m._parameters or name in m._buffers)):
+        if _fsdp1_running():
+            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet: FSDP1 "
+                                 "(FullyShardedDataParallel) flattens the parameters of its units into one "
+                                 "FlatParameter, which no slicer can cut, and is not supported; shard the wrapped "
+                                 "model with torch.distributed.fsdp.fully_shard (FSDP2) instead")
         raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet and cannot be "
                              "removed or re-parametrized while wrapped (torch.nn.utils.parametrize, prune, "
                              "weight_norm and spectral_norm replace it): nest.unwrap() first, apply it, then "
                              "wrap again (wrap refuses what it cannot slice)")
+
+
+def _fsdp1_running() -> bool:
+    """An FSDP1 ``FullyShardedDataParallel`` constructor is on this thread's stack (it removes each parameter to
+    flatten it)."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_globals.get("__name__", "")
+        if name.startswith("torch.distributed.fsdp.") and "_fully_shard" not in name:
+            return True
+        f = f.f_back
+    return False
 
 
 def _guard_parametrize() -> None:
