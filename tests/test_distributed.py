@@ -432,6 +432,15 @@ def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
         out["root_unsharded"] = "accepted"
     except sn.SortedNetError as e:
         out["root_unsharded"] = (str(e), all(p.grad is None for p in case.model.parameters()))
+    case = FAMILIES["mlp"](seed=0)
+    nest = sn.wrap(case.model, *case.dims)
+    fully_shard(case.model, mesh=mesh)
+    for key, call in (("compile_sharded", nest.compile), ("profile_sharded", lambda: nest.profile(case.example))):
+        try:  # (they said "Tensor parallelism is not supported" / "deepcopy failed")
+            call()
+            out[key] = "accepted"
+        except sn.SortedNetError as e:
+            out[key] = str(e)
     # FSDP1 (FullyShardedDataParallel) flattens parameters: refused by name, before or after wrap
     from torch.distributed.fsdp import FullyShardedDataParallel
     case = FAMILIES["mlp"](seed=0)
@@ -792,6 +801,8 @@ def test_fsdp2_misuse_is_named(run):
     _, results = run
     errs = results["errors"]
     assert "sn.load into a model sharded with FSDP2" in errs["load_into_sharded"]
+    assert "nest.compile() of a model sharded with FSDP2" in errs["compile_sharded"]
+    assert "profile before fully_shard" in errs["profile_sharded"]
     for key in ("fsdp1_then_wrap", "wrap_then_fsdp1"):
         assert "FSDP1" in errs[key] and "fully_shard" in errs[key], errs[key]
     msg, untouched = errs["root_unsharded"]

@@ -35,7 +35,7 @@ import torch
 from .errors import SortedNetError
 from .kvcache import CacheGuard
 from .modes import finish_all
-from .views import View
+from .views import View, is_fsdp
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -75,6 +75,11 @@ class Compiled:
             raise SortedNetError(f"nest.compile() passes keywords to torch.compile, which takes "
                                  f"{[k for k in inspect.signature(torch.compile).parameters if k != 'model']}; "
                                  f"got {unknown or ['model']}")
+        if is_fsdp(nest.model):  # (it reads the sliced parameters at rest, where FSDP2 holds them in shards)
+            raise SortedNetError("nest.compile() of a model sharded with FSDP2 (fully_shard) is not supported: it "
+                                 "hands each sub-model's sliced parameters to the graph as inputs, while FSDP2 holds "
+                                 "them as shards outside its forward; train it eagerly (sortednet.distributed."
+                                 "accumulate), or compile in one process")
         compile_kwargs.setdefault("dynamic", False)
         self.nest = nest
         self._targets = handed_over(nest)

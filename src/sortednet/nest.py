@@ -746,6 +746,11 @@ class Nest:
         (24.0, 96.0)
         """
         self._check_structure("profile")
+        if is_fsdp(self.model):
+            raise SortedNetError("nest.profile: the model is sharded with FSDP2 (fully_shard); profile runs private "
+                                 "eval-mode copies of it, which sharded weights cannot give: profile before "
+                                 "fully_shard, or in one process on a checkpoint (sortednet.distributed.save, then "
+                                 "sn.load)")
         if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())) and not any(
                 "_hf_hook" in m.__dict__ for m in self.model.modules()):  # (accelerate loads offloaded ones in)
             raise SortedNetError("profile: the model is on the meta device, where forwards time and allocate "
