@@ -76,8 +76,14 @@ def train(out_dir: str, world: int, mode: str) -> tuple[dict, list, int]:
 def faults(out_dir: str) -> dict:
     """Faults of one rank that must raise on every rank, or be agreed, instead of hanging the other."""
     import torch.distributed as dist
-    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainingArguments,
+    )
 
     import sortednet as sn
     from sortednet.integrations import SortedTrainer, SubModelCallback

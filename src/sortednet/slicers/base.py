@@ -8,8 +8,8 @@ import copy
 import functools
 import math
 import numbers
-import weakref
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
