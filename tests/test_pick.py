@@ -206,14 +206,26 @@ def test_equal_size_ranks_front_and_pick_agree_on_a_nest():
 
 
 @pytest.mark.parametrize("value", [fractions.Fraction(600), decimal.Decimal("600.5"), torch.tensor(600),
-                                   torch.tensor([600.0]), np.float32(600)])
+                                   torch.tensor([600.0]), np.float32(600), np.array(600), np.array([600.0])])
 def test_a_budget_may_be_any_real_number(value):
     case = FAMILIES["mlp"]()
     nest = sn.wrap(case.model, *case.dims)
     assert nest.pick(params=value) == nest.pick(params=600)
 
 
+def test_an_exact_budget_just_below_a_cost_never_picks_it():
+    """A Decimal or Fraction a hair below a sub-model's cost rounded up to it as a float: over budget."""
+    subs = [sn.SubModel(h=h) for h in (2, 4, 8)]
+    sel = Selector(subs, {"params": [16.0, 30.0, 58.0]})
+    assert sel.pick({"params": sn.select.budget("params", decimal.Decimal("29.99999999999999999999"))}) == subs[0]
+    assert sel.pick({"params": sn.select.budget("params", fractions.Fraction(30 * 10**30 - 1, 10**30))}) == subs[0]
+    assert sel.pick({"params": sn.select.budget("params", decimal.Decimal(30))}) == subs[1]
+    with pytest.raises(BudgetError):
+        sel.pick({"params": sn.select.budget("params", decimal.Decimal("15.99999999999999999"))})
+
+
 @pytest.mark.parametrize("value", [torch.tensor(True), torch.tensor([1.0, 2.0]), torch.tensor(1 + 1j),
+                                   torch.tensor(600.0, device="meta"), np.array(True), np.array([1.0, 2.0]),
                                    decimal.Decimal("sNaN"), "600"])
 def test_a_budget_that_is_no_real_number_is_refused(value):
     case = FAMILIES["mlp"]()
@@ -584,7 +596,7 @@ def test_a_profile_on_the_export_measures_each_exported_sub_model(monkeypatch):
     prof = nest.profile(x, metrics=("memory", "latency"), repeat=3, warmup=1, progress=False, on="export")
     monkeypatch.undo()
     assert runs == {str(s): 3 + 1 + 1 for s in nest.submodels}  # latency (warm-up + repeats) and memory
-    assert prof.meta["on"] == "export" and "measured_live" not in prof.meta
+    assert prof.meta["on"] == "export" and "measured_live" not in prof.meta and "not_exportable" not in prof.meta
     for s in nest.submodels:
         assert prof.cost(s, "memory") == measure_memory(nest, s, x, model=nest.export(s).eval())
     budget = sorted(prof.costs["latency"])[3]
@@ -594,7 +606,7 @@ def test_a_profile_on_the_export_measures_each_exported_sub_model(monkeypatch):
         nest.profile(x, metrics=("latency",), progress=False, on="deployed")
 
 
-def test_a_profile_on_the_export_measures_what_cannot_be_exported_live_and_says_so():
+def test_a_profile_lists_what_cannot_be_exported_and_leaves_it_off_its_front():
     torch.manual_seed(0)
     W = sn.Width
     nest = sn.wrap(_TiedTwice(), W("h1", [4, 16], out="a", inp="b"), W("h2", [4, 16], out="b", inp="c"))
@@ -606,4 +618,7 @@ def test_a_profile_on_the_export_measures_what_cannot_be_exported_live_and_says_
             nest.export(s)
         except sn.SortedNetError:
             unexportable.append(str(s))
-    assert unexportable and prof.meta["measured_live"] == unexportable
+    assert unexportable and prof.meta["not_exportable"] == unexportable and "measured_live" not in prof.meta
+    front = prof.front("params")  # pick passes over them: the front too
+    assert front and not set(map(str, front)) & set(unexportable)
+    assert {nest.pick(params=prof.cost(s, "params")) for s in front} == set(front)

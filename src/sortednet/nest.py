@@ -732,8 +732,9 @@ class Nest:
         (a loss passed as is) get a warning.
         ``on="live"`` (default) times the wrapped model under ``use(sub)``, as multi-budget serving runs it;
         ``on="export"`` times (and measures the memory of) each ``nest.export(sub)`` in turn, as deployed (one
-        copy at a time; a sub-model that cannot be exported, which pick never returns, is measured live and
-        listed in the profile's ``meta["measured_live"]``). FLOPs and params always describe the export.
+        copy at a time; a sub-model that cannot be exported, which pick never returns, is measured live: such
+        sub-models are listed in ``meta["not_exportable"]``, and the profile's front leaves them out). FLOPs and
+        params always describe the export.
         Costs are measured in eval mode on a private view sharing the weights; no
         module's mode changes (other threads may be serving or training), so
         ``score`` runs your code on your model as it is: call ``model.eval()``
@@ -989,7 +990,7 @@ class Nest:
                     all(s in prof._pos for s in subs):
                 scores = [prof.scores[prof._pos[s]] for s in subs]
             planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()}
-            ok = exportable(self.model, planned)
+            ok = self._exportable()
             if ok is not None:  # a tied tensor sliced differently by its holders: pick only what exports
                 keep = [i for i, s in enumerate(subs) if ok(dict(s))]
                 if not keep:
@@ -1000,6 +1001,11 @@ class Nest:
                 scores = None if scores is None else [scores[i] for i in keep]
             self._selector = Selector(subs, costs, scores)
         return self._selector
+
+    def _exportable(self) -> Callable[[dict], bool] | None:
+        """A test ``sizes -> bool``: does the sub-model export (every tied tensor cut alike by its holders)? None
+        when every sub-model does. ``pick`` passes over the others, and a profile's front leaves them out."""
+        return exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()})
 
     def calibrate(self, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
                   batches: int = 10) -> list[SubModel]:

@@ -156,15 +156,18 @@ class Profile:
         """Sub-models on the Pareto front of (``metric``, score), cheapest first.
         Without scores the parameter count stands in for the score. Of sub-models equal in both, the one
         ``nest.pick`` returns is kept: the earlier with scores, the later (the larger in the nest's order,
-        e.g. the higher LoRA rank of equal size) without."""
+        e.g. the higher LoRA rank of equal size) without. Sub-models listed in ``meta["not_exportable"]`` (a
+        tied tensor cut two ways), which ``pick`` passes over, are left out."""
         if metric not in self.costs:
             raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
         scores = self.scores if self.scores is not None else self.costs.get("params")
         if scores is None:
             raise SortedNetError("a Pareto front needs scores or a 'params' column")
-        idx = pareto_front([(c,) for c in self.costs[metric]], scores,
+        out = set(self.meta.get("not_exportable") or ())  # (pick passes over them)
+        rows = [i for i, s in enumerate(self.submodels) if str(s) not in out]
+        idx = pareto_front([(self.costs[metric][i],) for i in rows], [scores[i] for i in rows],
                            keep="first" if self.scores is not None else "last")
-        return tuple(self.submodels[i] for i in sorted(idx, key=lambda i: self.costs[metric][i]))
+        return tuple(self.submodels[rows[i]] for i in sorted(idx, key=lambda i: self.costs[metric][rows[i]]))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; :meth:`from_dict` rebuilds an equal profile."""
@@ -258,6 +261,8 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
 
     cols: dict[str, list[float]] = {m: [] for m in metrics}
     scores: list[float] = []
+    ok = nest._exportable()  # (a tied tensor cut two ways: pick passes over those, the front leaves them out)
+    unexportable = set() if ok is None else {str(s) for s in nest.submodels if not ok(dict(s))}
     live_only: list[str] = []
     with eval_mode(nest) as (view, _):  # measured in eval mode on a private view: no thread sees a mode change
         for sub in tqdm(nest.submodels, desc="profiling", disable=not progress, leave=False):
@@ -265,9 +270,9 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
             if "flops" in metrics:
                 cols["flops"].append(float(nest._flops(sub, example, model=view, store=False)))
             timed = view
-            if on == "export" and ("latency" in metrics or "memory" in metrics):
+            if on == "export" and ("latency" in metrics or "memory" in metrics) and str(sub) not in unexportable:
                 timed = _deployed(nest, sub)
-                if timed is None:  # (measured live: pick passes over it)
+                if timed is None:  # (an export that fails otherwise, even plain: measured live, and said so)
                     live_only.append(str(sub))
                     timed = view
             if "latency" in metrics:
@@ -292,4 +297,6 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
                    {"repeat": repeat, "warmup": warmup, "input": [list(map(str, s)) if isinstance(s, tuple) else s
                                                                   for s in example_signature(example)],
                     **({"on": on} if on != "live" else {}),
+                    **({"not_exportable": [str(s) for s in nest.submodels if str(s) in unexportable]}
+                       if unexportable else {}),
                     **({"measured_live": live_only} if live_only else {})})

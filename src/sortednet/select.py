@@ -24,6 +24,7 @@ the smallest cost available.
 from __future__ import annotations
 
 import decimal
+import fractions
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -40,15 +41,22 @@ __all__ = ["Selector", "budget"]
 
 def budget(name: str, value: Any) -> float:
     """A budget given to ``pick`` as a float: a real number (int, float, ``Fraction``, ``Decimal``, a NumPy
-    scalar or a one-element real tensor), never a bool, string, complex or container; NaN is refused. An int
-    too large for a float is an unlimited budget (``inf``).
+    scalar or one-element array, a one-element real tensor), never a bool, string, complex or container; NaN is
+    refused. An exact number (int, ``Fraction``, ``Decimal``) becomes the largest float not above it, so no cost
+    above the budget passes; an int too large for a float is an unlimited budget (``inf``).
 
-    >>> import torch
+    >>> import torch, fractions
     >>> budget("params", 10**400), budget("flops", 2), budget("params", torch.tensor(30))
     (inf, 2.0, 30.0)
+    >>> budget("params", fractions.Fraction(30 * 10**20 - 1, 10**20)) < 30
+    True
     """
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype is not torch.bool \
-            and not value.is_complex():
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if value.is_meta:
+            raise SortedNetError(f"budget {name}= is a tensor on the meta device, which holds no value")
+        if value.dtype is not torch.bool and not value.is_complex():
+            value = value.item()
+    elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, decimal.Decimal)):
         raise SortedNetError(f"budget {name}= must be a real number, got {type(value).__name__} {value!r}")
@@ -60,6 +68,10 @@ def budget(name: str, value: Any) -> float:
         out = math.nan
     if out != out:
         raise SortedNetError(f"budget {name}={value} is not a number")
+    if math.isfinite(out) and not isinstance(value, (float, np.floating)):  # (rounded to the nearest float: it
+        exact = fractions.Fraction(value)                                   # may lie above the budget)
+        if fractions.Fraction(out) > exact:
+            out = math.nextafter(out, -math.inf)
     return out
 
 
