@@ -205,6 +205,14 @@ def _errors(rank: int, out_dir: str) -> dict:
         sn.wrap(case.model, *case.dims)
     except sn.SortedNetError as e:
         out["wrap_after_fully_shard"] = str(e)
+    case = FAMILIES["mlp"](seed=0)  # left unsharded after a forward: plain tensors, an FSDP2 unit all the same
+    fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)), reshard_after_forward=False)
+    with torch.no_grad():
+        case.model(case.example)
+    try:
+        sn.wrap(case.model, *case.dims)
+    except sn.SortedNetError as e:
+        out["wrap_after_unsharded_fully_shard"] = str(e)
     # tensor parallelism after wrap: its DTensor parameters stay sharded inside the forward, where a slice of
     # the local shard is not the sub-model's: refused by name (was: the whole tensor, the full-size layers run
     # under the smallest sub-model in silence, 0.68 off); the full model runs as before
@@ -406,6 +414,21 @@ def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
     every: list = [None] * WORLD
     dist.all_gather_object(every, (case.model.fc3.weight.grad.clone(), case.model.fc1.weight.grad.clone()))
     out["ignored_grads"] = every
+    # sn.accumulate through DDP(find_unused_parameters=False) at a depth whose skipped blocks DDP ignores: DDP
+    # waits for none of them, so the reducer check must not refuse it
+    case, nest = _build("lm_width_heads_depth", "ddp_unused")
+    depth = next(d for d in nest.dims if d.kind == "depth")
+    shallow = next(sub for sub in reversed(nest.submodels) if sub[depth.name] == min(depth.sizes))
+    skipped = [n for n, _ in case.model.named_parameters()
+               if any(n.startswith(f"blocks.{i}.") for i in range(min(depth.sizes), max(depth.sizes)))]
+    DDP._set_params_and_buffers_to_ignore_for_model(case.model, skipped)
+    ddp = DDP(case.model, find_unused_parameters=False)
+    try:
+        for _ in range(2):
+            sn.accumulate(nest, [shallow], lambda: _loss(ddp(case.example)))  # noqa: B023
+        out["ignored_skipped_blocks"] = "ok"
+    except sn.SortedNetError as e:
+        out["ignored_skipped_blocks"] = str(e)
     # a tied weight under FSDP2: snd.save gathered it once per name into two tensors, a file sn.load refused
     model = _TiedLM()
     nest = _tied_nest(model)
@@ -427,11 +450,13 @@ def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
     for blocks in [m for m in case.model.modules() if isinstance(m, torch.nn.ModuleList)]:
         for blk in blocks:
             fully_shard(blk, mesh=mesh)
+    before = [p.detach().clone() for p in _build("lm_width_heads_depth", "fsdp2_blocks")[0].model.parameters()]
     try:
         snd.accumulate(nest, [nest.largest], lambda: _loss(case.model(case.example)), module=case.model)
         out["root_unsharded"] = "accepted"
     except sn.SortedNetError as e:
-        out["root_unsharded"] = (str(e), all(p.grad is None for p in case.model.parameters()))
+        out["root_unsharded"] = (str(e), all(torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, q)
+                                             for p, q in zip(case.model.parameters(), before)))
     case = FAMILIES["mlp"](seed=0)
     nest = sn.wrap(case.model, *case.dims)
     fully_shard(case.model, mesh=mesh)
@@ -441,6 +466,20 @@ def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
             out[key] = "accepted"
         except sn.SortedNetError as e:
             out[key] = str(e)
+    # the nest's backbone with its blocks sharded inside a task model whose root unit is sharded too: accepted
+    # (the root unit covers the backbone's own parameters; module= the backbone or nothing)
+    case, nest = _build("lm_width_heads_depth", "fsdp2_blocks")
+    outer = torch.nn.Sequential(case.model)
+    for blocks in [m for m in case.model.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for blk in blocks:
+            fully_shard(blk, mesh=mesh)
+    fully_shard(outer, mesh=mesh)
+    try:
+        for module in (None, case.model):
+            snd.accumulate(nest, [nest.largest], lambda: _loss(outer(case.example)), module=module)
+        out["outer_root_sharded"] = "ok"
+    except sn.SortedNetError as e:
+        out["outer_root_sharded"] = str(e)
     # FSDP1 (FullyShardedDataParallel) flattens parameters: refused by name, before or after wrap
     from torch.distributed.fsdp import FullyShardedDataParallel
     case = FAMILIES["mlp"](seed=0)
@@ -661,6 +700,7 @@ def test_misuse_raises_clear_errors(run):
     _, results = run
     errs = results["errors"]
     assert "wrap before fully_shard" in errs.get("wrap_after_fully_shard", "")
+    assert "wrap before fully_shard" in errs.get("wrap_after_unsharded_fully_shard", "")
     assert errs["tp_full"] < 1e-5 and "fc1.weight is a DTensor" in errs["tp_small"]
     assert "Tensor parallelism" in errs["tp_small"]
     assert errs["read_at_rest_full"] and "fc1.weight is a DTensor" in errs["read_at_rest_small"]
@@ -786,6 +826,7 @@ def test_parameters_ddp_ignores_keep_each_ranks_gradient(run):
     (local0, shared0), (local1, shared1) = results["errors"]["ignored_grads"]
     assert not torch.allclose(local0, local1)  # each rank's own data
     torch.testing.assert_close(shared0, shared1)
+    assert results["errors"]["ignored_skipped_blocks"] == "ok"
 
 
 def test_a_tied_weight_saved_from_fsdp2_loads_in_one_process_still_tied(run):
@@ -805,6 +846,7 @@ def test_fsdp2_misuse_is_named(run):
     assert "profile before fully_shard" in errs["profile_sharded"]
     for key in ("fsdp1_then_wrap", "wrap_then_fsdp1"):
         assert "FSDP1" in errs[key] and "fully_shard" in errs[key], errs[key]
+    assert errs["outer_root_sharded"] == "ok", errs["outer_root_sharded"]
     msg, untouched = errs["root_unsharded"]
     assert "in no fully_shard unit" in msg and "'emb.weight'" in msg and untouched, msg
 

@@ -370,9 +370,10 @@ def test_float32_masks_under_autocast_run_as_in_stock_attention(need_weights, en
                 live = run(m)
             assert live.isfinite().all()
             torch.testing.assert_close(live, run(small), atol=0.05, rtol=0.05, check_dtype=False)
-    with torch.no_grad(), nest.use("h=2"):  # without autocast another float dtype is still refused, as PyTorch does
-        with pytest.raises(sn.SortedNetError, match="dtype"):
-            m(x, mask=causal.double()) if encoder else m.att(x, x, x, attn_mask=causal.double())
+    for autocast in (False, True):  # another float dtype is still refused, as PyTorch does (autocast casts no
+        with torch.no_grad(), nest.use("h=2"), torch.autocast("cpu", torch.bfloat16, enabled=autocast):  # float64)
+            with pytest.raises(sn.SortedNetError, match="dtype"):
+                m(x, mask=causal.double()) if encoder else m.att(x, x, x, attn_mask=causal.double())
 
 
 @pytest.mark.parametrize("mask,kpm", [

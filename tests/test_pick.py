@@ -574,6 +574,9 @@ def test_a_flops_count_on_another_input_than_the_profiles_warns_that_pick_does_n
         warnings.simplefilter("error")
         nest.cost(nest.smallest, "flops", example=big)              # once per input
         nest.cost(nest.smallest, "flops", example=case.example[:1])  # the profile's own input: no warning
+    nest.profile(case.example[:2], metrics=("params", "flops"), progress=False)  # a new table: told again
+    with pytest.warns(sn.nest.OtherInputFlopsWarning):
+        nest.cost(nest.smallest, "flops", example=big)
 
 
 def test_a_profile_on_the_export_measures_each_exported_sub_model(monkeypatch):

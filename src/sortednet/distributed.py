@@ -323,15 +323,16 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     try:
         units = _fsdp_modules(module if module is not None else nest.model)
         if units or is_fsdp(nest.model):
-            _refuse_unsharded(module if module is not None else nest.model, units, group)
             _gather_once(units)
             for u in units:  # a forward since the last step (an evaluation before optimizer.step()) left its unit
                 u.reshard()  # unsharded with the values before that step: the next forward would reuse them
             try:
-                return _accumulate(nest, subs, closure, **kwargs)
+                fsdp_losses = _accumulate(nest, subs, closure, **kwargs)
             finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last
                 for u in units:  # of the step) leaves its unit unsharded: the optimizer would step the sharded
                     u.reshard()  # parameters while the next forward reused the stale unsharded ones
+            _refuse_unsharded(module if module is not None else nest.model, units, group)
+            return fsdp_losses
         if module is not None:
             guard(module, nest)
         elif _active():
@@ -350,19 +351,22 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
 
 
 def _refuse_unsharded(module: nn.Module, units: list[nn.Module], group: Any) -> None:
-    """Under FSDP2 on several ranks, trainable parameters in no ``fully_shard`` unit (the root left unsharded
-    after sharding its blocks) would keep each rank's own gradient: the replicas drift apart in silence, as
-    under plain FSDP2. Refused on every rank alike (the model is the same everywhere), before any collective of
-    the step. A parameter inside a unit that the unit does not shard was left out on purpose (``ignored_params``)."""
+    """After the step's backwards under FSDP2 on several ranks: a parameter that got a plain gradient and is no
+    DTensor belongs to no ``fully_shard`` unit (the blocks sharded, the root left plain), so no rank reduced
+    it and the replicas would drift apart in silence, as under plain FSDP2. Raised on every rank alike (the
+    model is the same everywhere), before the optimizer step. Parameters an enclosing unit manages are sharded
+    again by then; one inside a unit that the unit leaves unsharded (``ignored_params``) is left alone."""
     if not _active() or dist.get_world_size(group) == 1:
         return
-    covered = {id(p) for u in units for p in u.parameters()}
-    loose = [n for n, p in _inner(module).named_parameters() if p.requires_grad and id(p) not in covered]
+    inside = {id(p) for u in units for p in u.parameters()}
+    loose = [n for n, p in _inner(module).named_parameters()
+             if p.requires_grad and p.grad is not None and id(p) not in inside
+             and not is_sharded(p) and not is_sharded(p.grad)]
     if loose:
         raise SortedNetError(
             f"FSDP2: the trainable parameters {loose[:3]}{' ...' if len(loose) > 3 else ''} are in no fully_shard "
-            "unit, so no rank averages their gradients and the replicas would drift apart; fully_shard the root "
-            "module too (after its blocks)")
+            "unit, so no rank averaged their gradients (this step's are in .grad: zero them) and the replicas "
+            "would drift apart; fully_shard the root module too (after its blocks)")
 
 
 def _forward_agreement(nest: Nest, group: Any) -> Callable[[nn.Module, tuple], None]:

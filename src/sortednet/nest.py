@@ -872,6 +872,7 @@ class Nest:
 
     def _set_profile(self, prof: Profile | None) -> None:
         old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
+        self._told_other_flops = set()  # (a new profile's table: another input may be warned about again)
         self._scored_on = self._stale_warned = self._score_slots = None
         self._profile_flops = None
         if old is not None:  # the new profile (or none: a checkpoint without one) replaces the old one's costs

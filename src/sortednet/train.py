@@ -246,8 +246,13 @@ def _ddp_reducer_check(nest: Nest, who: str = "sn.accumulate", advice: str | Non
         return
     sub = nest.active
     shallow = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
-    trained = shallow and any(p.requires_grad for m in nest._sliced.values() for name in m._sn.slicer.skipped(m)
-                              for p in m._modules[name].parameters())  # (frozen skipped blocks: nothing waits)
+    if not shallow:
+        return
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())  # (DDP waits for none of those)
+    ignored = {id(p) for n, p in ddp.module.named_parameters() if n in ignored} if ignored else set()
+    trained = any(p.requires_grad and id(p) not in ignored for m in nest._sliced.values()
+                  for name in m._sn.slicer.skipped(m)
+                  for p in m._modules[name].parameters())  # (frozen skipped blocks: nothing waits)
     if trained:
         raise SortedNetError(f"{who}: a DistributedDataParallel forward of {sub} (depth {shallow} below full) "
                              "with gradient sync on and find_unused_parameters=False: the blocks it skips give no "

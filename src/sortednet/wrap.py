@@ -25,7 +25,7 @@ from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
 from .slicers.depth import _saved_tensors_hooks, refuse_tree_change
-from .views import _compiling, _grad_enabled, cuts_for
+from .views import _compiling, _grad_enabled, cuts_for, fsdp_units
 
 __all__ = ["plan", "install", "unwrap_modules", "wrap_hooks", "split_ties", "match_pattern", "Pin", "guard_tree",
            "unguard_tree", "tree_links"]
@@ -79,6 +79,11 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     if sharded:
         raise SortedNetError(f"model parameters are already sharded (FSDP2 DTensors, e.g. {sharded[:3]}): "
                              "call sn.wrap before fully_shard (see docs/scaling.md)")
+    shard_units = {id(u) for u in fsdp_units(model)}
+    units = [n or "<root>" for n, m in modules.items() if id(m) in shard_units]
+    if units:  # (unsharded between a forward and its backward, or kept so: reshard_after_forward=False)
+        raise SortedNetError(f"{units[0]!r} was sharded with FSDP2 (fully_shard): call sn.wrap before fully_shard "
+                             "(see docs/scaling.md)")
     fsdp1 = [n or "<root>" for n, m in modules.items() if _is_fsdp1(m)]
     if fsdp1:
         raise SortedNetError(f"{fsdp1[0]!r} is managed by FSDP1 (FullyShardedDataParallel), which flattens the "

@@ -114,8 +114,10 @@ def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
         raise MaskTypeError(f"only bool and floating types of {name} are supported (got {mask.dtype}), as in "
                             "nn.MultiheadAttention: pass mask.bool() for a mask whose nonzero entries block")
     if mask.dtype != dtype:
-        if torch.is_autocast_enabled(mask.device.type):  # as autocast's attention casts it (a float32 mask
-            return mask.to(dtype)                          # beside bf16 projections: what the stock module runs)
+        device = mask.device.type
+        if (torch.is_autocast_enabled(device) and dtype == torch.get_autocast_dtype(device)
+                and mask.dtype != torch.float64):  # autocast's attention casts it, as it casts any floating input
+            return mask.to(dtype)                    # but float64 (a float32 mask beside bf16 projections)
         raise MaskTypeError(f"a floating-point {name} must have the query's dtype ({dtype}), got {mask.dtype}: "
                             "nn.MultiheadAttention refuses it too; pass mask.to(query.dtype) or a bool mask")
     return mask
