@@ -406,6 +406,48 @@ def test_models_with_lazy_modules_or_extra_state_are_refused_clearly(tmp_path):
     nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
     with pytest.raises(sn.SortedNetError, match="get_extra_state"):
         sn.save(nest, tmp_path / "n.safetensors")
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    sn.save(sn.wrap(plain, sn.Width("h", [4, 16], out="0", inp="2")), tmp_path / "plain.safetensors")
+    target = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Stateful(16, 4))
+    before = [(type(x), [t.clone() for t in x.parameters(recurse=False)]) for x in target.modules()]
+    with pytest.raises(sn.SortedNetError, match=r"sn.load: state_dict entries \['2._extra_state'\]"):
+        sn.load(target, tmp_path / "plain.safetensors")  # (an AttributeError of the dict it returns before)
+    after = [(type(x), list(x.parameters(recurse=False))) for x in target.modules()]
+    assert [t for t, _ in after] == [t for t, _ in before]
+    assert all(torch.equal(a, b) for (_, xs), (_, ys) in zip(before, after) for a, b in zip(xs, ys))
+
+
+class _TensorState(nn.Module):
+    """State a module keeps behind its own state_dict code: a tensor from get_extra_state, or a parameter stored
+    in another form by _save_to_state_dict. sn.load copied into the temporary and lost it, in silence."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.scale, self.g = how, torch.tensor(1.0), nn.Parameter(torch.ones(2))
+
+    def get_extra_state(self):
+        return self.scale.clone() if self.how == "extra" else None
+
+    def set_extra_state(self, state):
+        if state is not None:
+            self.scale = state.clone()
+
+    def _save_to_state_dict(self, dest, prefix, keep_vars):
+        if self.how == "log":
+            dest[prefix + "log_g"] = self.g.detach().log()
+        else:
+            super()._save_to_state_dict(dest, prefix, keep_vars)
+
+    def forward(self, x):
+        return x * self.scale * self.g[0]
+
+
+@pytest.mark.parametrize("how", ["extra", "log"])
+def test_state_a_module_computes_for_its_state_dict_is_refused_by_save_and_load(tmp_path, how):
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), _TensorState(how))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    with pytest.raises(sn.SortedNetError, match="not parameters or buffers of their modules"):
+        sn.save(nest, tmp_path / "n.safetensors")
 
 
 # -- the model changed after wrap ----------------------------------------------------------------------

@@ -39,11 +39,37 @@ from .wrap import plan
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
 
 
+def _foreign_entries(model: nn.Module, sd: Mapping[str, Any]) -> list[str]:
+    """``state_dict`` entries (of ``sd``, taken with ``keep_vars=True``) that are not a parameter or buffer the
+    module holds: what a module's own ``get_extra_state`` or ``_save_to_state_dict`` computes. Writing into
+    such a tensor changes a temporary; only the module's own load code could restore it."""
+    own: dict[str, Any] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for store in (m._parameters, m._buffers):
+            for n, t in store.items():
+                own[prefix + n] = t
+    return [k for k, v in sd.items() if own.get(k, own) is not v]
+
+
+def _refuse_foreign(model: nn.Module, sd: Mapping[str, Any], what: str) -> None:
+    foreign = _foreign_entries(model, sd)
+    if foreign:
+        raise SortedNetError(
+            f"{what}: state_dict entries {foreign[:3]} are not parameters or buffers of their modules but what the "
+            "module's own code computes (get_extra_state, an overridden _save_to_state_dict); a sortednet checkpoint "
+            "copies tensors in place and cannot run that code's load side, so the state would be lost in silence. "
+            "Save that module's state separately (or register it as a buffer), or save an exported sub-model with "
+            "torch.save")
+
+
 def _target_state(model: nn.Module, planned: Mapping[str, tuple]) -> dict[str, tuple[torch.Tensor | None, tuple,
                                                                                        torch.dtype]]:
     """The state_dict the (planned) nest will have: name -> (tensor or None if not yet made, shape, dtype)."""
+    sd = model.state_dict(keep_vars=True)
+    _refuse_foreign(model, sd, "sn.load")
     out: dict[str, tuple[torch.Tensor | None, tuple, torch.dtype]] = {
-        k: (v, tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+        k: (v, tuple(v.shape), v.dtype) for k, v in sd.items()}
     names: dict[int, list[str]] = {}  # every name of each module (one held under two names: both change)
     for path, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(path)
@@ -132,6 +158,8 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
         raise SortedNetError(f"sn.save(): {shards[0]!r} (and {len(shards) - 1} more) is a shard (the model is "
                              "sharded with FSDP2): use sortednet.distributed.save(nest, path) on every rank, which "
                              "gathers the full state and writes it from rank 0")
+    if state is None:
+        _refuse_foreign(nest.model, nest.model.state_dict(keep_vars=True), "sn.save")
     odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if odd:
         raise SortedNetError(f"cannot save: state_dict entries {odd[:3]} are not tensors (a module's "
