@@ -625,3 +625,21 @@ def test_a_profile_lists_what_cannot_be_exported_and_leaves_it_off_its_front():
     front = prof.front("params")  # pick passes over them: the front too
     assert front and not set(map(str, front)) & set(unexportable)
     assert {nest.pick(params=prof.cost(s, "params")) for s in front} == set(front)
+
+
+def test_a_complete_load_of_a_model_with_a_broadcast_buffer_keeps_its_scores_fresh(tmp_path):
+    """A buffer registered as an expand() is skipped by a load (the file holds what it holds): that was read as
+    "strict=False left weights as they were", and pick warned that a complete load's scores were stale."""
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        m.register_buffer("scale", torch.ones(1).expand(2))
+        return m
+
+    nest = sn.wrap(build(), sn.Width("h", [4, 8], out="0", inp="2"))
+    nest.profile(torch.randn(1, 4), score=lambda sub: float(sub["h"]), metrics=("params",), progress=False)
+    sn.save(nest, tmp_path / "n.safetensors")
+    loaded = sn.load(build(), tmp_path / "n.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loaded.pick(params=10**6) == loaded.largest

@@ -305,7 +305,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                                  "under torch.inference_mode), which cannot be written outside it; build the model "
                                  "outside inference_mode, then load")
         copies = _match_tensors(f, aliased, strict, where, meta["ties"])
-        _unwritable(f, state, copies, where)
+        equal = _unwritable(f, state, copies, where)
+        loaded = {k for targets in copies.values() for k in targets} | equal
+        left = [k for k in state if k not in loaded]  # strict=False: weights the file lacks, left as they are
         extra_names = [k for k in f.entries if k.startswith(EXTRA_PREFIX)]
         calib = calibration_entries(f, extra_names, planned, meta, rows, where)
         check_profile(meta["extra"].get("profile"), meta, rows, where)
@@ -333,22 +335,30 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     f.copy_into(name, [sd[k] for k in targets])
                     done += 1
             nest._load_extra_state(meta["extra"])
-            if len(state) > sum(map(len, copies.values())):  # strict=False left weights as they were: the
-                nest._scores_of_other_weights()              # file's scores describe the file's model
-            nest._load_extra_tensors({k: f.tensor(k) for k in calib})
+            if left:  # strict=False left weights as they were: the file's scores and per-sub-model statistics
+                nest._scores_of_other_weights()  # describe the file's model, not the mix
+                _drop_mixed_calibration(nest, calib, left, where)
+            else:
+                nest._load_extra_tensors({k: f.tensor(k) for k in calib})
         except BaseException as e:  # (an interrupt, a read error of the disk): past every check, nothing to undo
             if dims is not None:  # a fresh model: back to its own classes, so that sn.load(model, path) can run again
                 _unwrap_fresh(model)  # (also when stopped as wrap returned, before its nest was handed over)
             if not copying:  # (wrap refused, or was stopped: it undid itself; nothing was copied)
                 raise
+            if done and dims is None and done < len(copies):  # an existing nest now holds a mix of weights:
+                nest.drop_calibration()  # its per-sub-model statistics describe neither (as load_state_dict drops them)
             if done == len(copies):  # (every weight copied: the calibration / profile step failed)
                 msg = (f"checkpoint {where}: all {done} tensors were copied, then restoring the nest's calibration "
                        f"and profile failed ({type(e).__name__}: {e}): the weights are the checkpoint's, the "
                        "per-sub-model statistics and scores may not be; load again")
+            elif done == 0:
+                msg = (f"checkpoint {where}: loading stopped before any of its {len(copies)} tensors was copied "
+                       f"({type(e).__name__}: {e}): the model holds its own values; load again")
             else:
                 msg = (f"checkpoint {where}: loading stopped after {done} of {len(copies)} tensors had been copied "
                        f"({type(e).__name__}: {e}): the model now holds some of the checkpoint's values and some of "
-                       "its own; load again")
+                       "its own" + (", and its per-sub-model BatchNorm statistics were dropped" if dims is None else "")
+                       + "; load again")
             if not isinstance(e, Exception):
                 e.add_note(msg) if hasattr(e, "add_note") else None
                 raise
@@ -407,9 +417,27 @@ def _bound(spec: Any) -> Any:
             for k, v in spec.items() if k != "patterns"}
 
 
-def _unwritable(f: ck.Container, state: Mapping[str, tuple], copies: dict[str, list[str]], where: str) -> None:
+def _drop_mixed_calibration(nest: Nest, calib: Any, left: list[str], where: str) -> None:
+    """``strict=False`` left ``left`` as they were: neither the file's per-sub-model BatchNorm statistics nor the
+    nest's own describe the weights now held; dropped, with a warning when there were any."""
+    from .calibrate import StaleCalibrationWarning, batchnorms
+
+    had = any(m._sn.norm is not None for m in batchnorms(nest).values())
+    nest.drop_calibration()
+    if calib or had:
+        import warnings
+
+        warnings.warn(f"sn.load(strict=False) of {where}: {len(left)} of the model's tensors are not in the file "
+                      f"(e.g. {left[0]!r}) and were left as they were, so the per-sub-model BatchNorm statistics "
+                      "(the file's and the nest's) describe other weights than those now held and were dropped; "
+                      "run nest.calibrate(...) again", StaleCalibrationWarning, stacklevel=3)
+
+
+def _unwritable(f: ck.Container, state: Mapping[str, tuple], copies: dict[str, list[str]], where: str) -> set[str]:
     """Targets whose elements share memory (a buffer registered as ``torch.ones(1).expand(n)``) cannot be
-    written: a file value equal to what they hold is skipped (dropped from ``copies``), any other refused."""
+    written: a file value equal to what they hold is skipped (dropped from ``copies`` and returned), any other
+    refused."""
+    equal: set[str] = set()
     for name, targets in list(copies.items()):
         shared = [k for k in targets
                   if state[k][0] is not None and torch._debug_has_internal_overlap(state[k][0]) == 1]
@@ -418,10 +446,12 @@ def _unwritable(f: ck.Container, state: Mapping[str, tuple], copies: dict[str, l
         src = f.tensor(name)
         if all(torch.equal(src, state[k][0]) for k in shared):
             copies[name] = [k for k in targets if k not in shared]
+            equal.update(shared)
             continue
         raise SortedNetError(f"checkpoint {where}: the model's {shared[0]!r} is a broadcast view whose elements share "
                              "memory (registered as an expand()), so it cannot hold the saved values, which differ "
                              "from its own; register it as a full tensor (.clone()) in the model, then load")
+    return equal
 
 
 def _match_tensors(f: ck.Container, state: dict[str, tuple], strict: bool, where: str,
