@@ -241,7 +241,8 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     weights; or, given a Nest with the same dimensions and sub-models, load into it.
 
     All-or-nothing: everything is checked before the first change, and on any fault a
-    :class:`SortedNetError` names it with the target exactly as it was. ``verify``
+    :class:`SortedNetError` names it with the target exactly as it was (a Ctrl-C or a disk
+    read error while weights are copied stops it part-way: the error says how far). ``verify``
     (default) checks every tensor's CRC-32 first; ``strict=False`` tolerates weights
     missing from the file (left as they are) and extra ones (ignored). Tensors must
     have the target's dtype (no silent cast): convert the model after loading instead.
