@@ -213,15 +213,14 @@ def test_a_budget_may_be_any_real_number(value):
     assert nest.pick(params=value) == nest.pick(params=600)
 
 
-def test_an_exact_budget_just_below_a_cost_never_picks_it():
-    """A Decimal or Fraction a hair below a sub-model's cost rounded up to it as a float: over budget."""
-    subs = [sn.SubModel(h=h) for h in (2, 4, 8)]
-    sel = Selector(subs, {"params": [16.0, 30.0, 58.0]})
-    assert sel.pick({"params": sn.select.budget("params", decimal.Decimal("29.99999999999999999999"))}) == subs[0]
-    assert sel.pick({"params": sn.select.budget("params", fractions.Fraction(30 * 10**30 - 1, 10**30))}) == subs[0]
-    assert sel.pick({"params": sn.select.budget("params", decimal.Decimal(30))}) == subs[1]
-    with pytest.raises(BudgetError):
-        sel.pick({"params": sn.select.budget("params", decimal.Decimal("15.99999999999999999"))})
+def test_a_budget_equal_to_a_cost_picks_it_at_any_size():
+    """Costs are compared as float64: an int budget equal to a FLOP count above 2**53 (a big model counted on the
+    meta device) picks that sub-model, whatever type carries it."""
+    big = 108152352493780956  # float() rounds it up by 4
+    subs = [sn.SubModel(h=h) for h in (2, 4)]
+    sel = Selector(subs, {"params": [1.0, 2.0], "flops": [float(big // 2), float(big)]})
+    for value in (big, np.int64(big), torch.tensor(big), fractions.Fraction(big), decimal.Decimal(big)):
+        assert sel.pick({"flops": sn.select.budget("flops", value)}) == subs[1], type(value)
 
 
 @pytest.mark.parametrize("value", [torch.tensor(True), torch.tensor([1.0, 2.0]), torch.tensor(1 + 1j),
@@ -643,3 +642,12 @@ def test_a_complete_load_of_a_model_with_a_broadcast_buffer_keeps_its_scores_fre
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert loaded.pick(params=10**6) == loaded.largest
+
+
+@pytest.mark.parametrize("bad", [["h=9"], ["h = 2"], "h=2", 5, [{"h": 2}]])
+def test_a_profile_refuses_a_not_exportable_list_that_names_no_profiled_sub_model(bad):
+    subs = tuple(sn.SubModel(h=h) for h in (1, 2, 3))
+    with pytest.raises(sn.SortedNetError, match=r"meta\['not_exportable'\] must list profiled sub-models"):
+        sn.Profile(subs, {"params": (1.0, 2.0, 3.0)}, meta={"not_exportable": bad})
+    good = sn.Profile(subs, {"params": (1.0, 2.0, 3.0)}, meta={"not_exportable": ["h=3"]})
+    assert [str(s) for s in good.front()] == ["h=1", "h=2"] and sn.Profile.from_dict(good.to_dict()) == good

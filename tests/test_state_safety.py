@@ -1554,3 +1554,28 @@ def test_a_fused_weight_read_under_a_submodel_can_be_handed_to_a_compiled_functi
                 torch.compile(lambda w: w.sum(), backend="eager", fullgraph=True)(w)
         assert torch.equal(mod._parameters[name], full), case
     torch._dynamo.reset()
+
+
+def test_a_state_dict_whose_hooks_rename_keys_saves_and_loads(tmp_path):
+    """checkpoint_wrapper's state_dict hook strips its prefix from the keys: the tensors are still the modules'
+    own parameters, so save and load go on (a check by key refused them as computed state)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(checkpoint_wrapper(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))),
+                             nn.Linear(4, 2))
+
+    def dims():
+        return [sn.Width("h", [4, 16], out="0._checkpoint_wrapped_module.0", inp="0._checkpoint_wrapped_module.2")]
+
+    m = build(0)
+    assert "0.0.weight" in m.state_dict()  # (renamed by the hook)
+    nest = sn.wrap(m, *dims())
+    sn.save(nest, tmp_path / "n.safetensors")
+    loaded = sn.load(build(1), tmp_path / "n.safetensors")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        for sub in nest.submodels:
+            with nest.use(sub), loaded.use(sub):
+                assert torch.equal(loaded(x), nest(x))

@@ -43,13 +43,9 @@ def _foreign_entries(model: nn.Module, sd: Mapping[str, Any]) -> list[str]:
     """``state_dict`` entries (of ``sd``, taken with ``keep_vars=True``) that are not a parameter or buffer the
     module holds: what a module's own ``get_extra_state`` or ``_save_to_state_dict`` computes. Writing into
     such a tensor changes a temporary; only the module's own load code could restore it."""
-    own: dict[str, Any] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        prefix = f"{path}." if path else ""
-        for store in (m._parameters, m._buffers):
-            for n, t in store.items():
-                own[prefix + n] = t
-    return [k for k, v in sd.items() if own.get(k, own) is not v]
+    own = {id(t) for m in model.modules() for store in (m._parameters, m._buffers) for t in store.values()
+           if t is not None}  # (by object: state_dict hooks may rename keys, e.g. checkpoint_wrapper's prefix)
+    return [k for k, v in sd.items() if id(v) not in own]
 
 
 def _refuse_foreign(model: nn.Module, sd: Mapping[str, Any], what: str) -> None:
@@ -336,9 +332,11 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     f.copy_into(name, [sd[k] for k in targets])
                     done += 1
             nest._load_extra_state(meta["extra"])
-            if left:  # strict=False left weights as they were: the file's scores and per-sub-model statistics
-                nest._scores_of_other_weights()  # describe the file's model, not the mix
-                _drop_mixed_calibration(nest, calib, left, where)
+            if left:  # strict=False left tensors as they were: the file's scores describe the file's model
+                nest._scores_of_other_weights()
+            mixed = [k for k in left if state[k][0] is not None and state[k][0].is_floating_point()]
+            if mixed:  # ... and so do its per-sub-model statistics (an integer counter left changes no weight)
+                _drop_mixed_calibration(nest, calib, mixed, where)
             else:
                 nest._load_extra_tensors({k: f.tensor(k) for k in calib})
         except BaseException as e:  # (an interrupt, a read error of the disk): past every check, nothing to undo
@@ -346,19 +344,22 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                 _unwrap_fresh(model)  # (also when stopped as wrap returned, before its nest was handed over)
             if not copying:  # (wrap refused, or was stopped: it undid itself; nothing was copied)
                 raise
-            if done and dims is None and done < len(copies):  # an existing nest now holds a mix of weights:
-                nest.drop_calibration()  # its per-sub-model statistics describe neither (as load_state_dict drops them)
+            dropped = False
+            if done and dims is None:  # an existing nest now holds other (or mixed) weights: its per-sub-model
+                dropped = _calibrated(nest)  # statistics describe neither (as load_state_dict drops them)
+                nest.drop_calibration()
             if done == len(copies):  # (every weight copied: the calibration / profile step failed)
                 msg = (f"checkpoint {where}: all {done} tensors were copied, then restoring the nest's calibration "
                        f"and profile failed ({type(e).__name__}: {e}): the weights are the checkpoint's, the "
-                       "per-sub-model statistics and scores may not be; load again")
+                       "per-sub-model statistics and scores may not be" + (
+                           " (the nest's own statistics were dropped)" if dropped else "") + "; load again")
             elif done == 0:
                 msg = (f"checkpoint {where}: loading stopped before any of its {len(copies)} tensors was copied "
                        f"({type(e).__name__}: {e}): the model holds its own values; load again")
             else:
                 msg = (f"checkpoint {where}: loading stopped after {done} of {len(copies)} tensors had been copied "
                        f"({type(e).__name__}: {e}): the model now holds some of the checkpoint's values and some of "
-                       "its own" + (", and its per-sub-model BatchNorm statistics were dropped" if dims is None else "")
+                       "its own" + (", and its per-sub-model BatchNorm statistics were dropped" if dropped else "")
                        + "; load again")
             if not isinstance(e, Exception):
                 e.add_note(msg) if hasattr(e, "add_note") else None
@@ -418,12 +419,18 @@ def _bound(spec: Any) -> Any:
             for k, v in spec.items() if k != "patterns"}
 
 
+def _calibrated(nest: Nest) -> bool:
+    from .calibrate import batchnorms
+
+    return any(m._sn.norm is not None for m in batchnorms(nest).values())
+
+
 def _drop_mixed_calibration(nest: Nest, calib: Any, left: list[str], where: str) -> None:
     """``strict=False`` left ``left`` as they were: neither the file's per-sub-model BatchNorm statistics nor the
     nest's own describe the weights now held; dropped, with a warning when there were any."""
-    from .calibrate import StaleCalibrationWarning, batchnorms
+    from .calibrate import StaleCalibrationWarning
 
-    had = any(m._sn.norm is not None for m in batchnorms(nest).values())
+    had = _calibrated(nest)
     nest.drop_calibration()
     if calib or had:
         import warnings

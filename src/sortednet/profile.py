@@ -137,6 +137,12 @@ class Profile:
         if len({tuple(s) for s in self.submodels}) > 1:
             raise SortedNetError(f"Profile: the sub-models name different dimensions "
                                  f"{sorted({tuple(s) for s in self.submodels})[:3]}")
+        out = self.meta.get("not_exportable") if isinstance(self.meta, dict) else None
+        if out is not None:  # (the front leaves them out: names of profiled sub-models, not all of them)
+            names = {str(s) for s in self.submodels}
+            if not isinstance(out, list) or not all(isinstance(x, str) and x in names for x in out):
+                raise SortedNetError(f"Profile: meta['not_exportable'] must list profiled sub-models by name (as "
+                                     f"str(sub) writes them); got {str(out)[:200]}")
         object.__setattr__(self, "_pos", pos)
 
     def index(self, sub: SubModel) -> int:
@@ -184,6 +190,8 @@ class Profile:
                        {k: tuple(float(x) for x in v) for k, v in d["costs"].items()},
                        None if d.get("scores") is None else tuple(float(x) for x in d["scores"]),
                        d.get("device", "cpu"), dict(d.get("meta") or {}))
+        except SortedNetError:
+            raise
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise SortedNetError(f"not a Profile dictionary: {e!r}") from None
 

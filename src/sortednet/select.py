@@ -24,7 +24,6 @@ the smallest cost available.
 from __future__ import annotations
 
 import decimal
-import fractions
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -42,14 +41,15 @@ __all__ = ["Selector", "budget"]
 def budget(name: str, value: Any) -> float:
     """A budget given to ``pick`` as a float: a real number (int, float, ``Fraction``, ``Decimal``, a NumPy
     scalar or one-element array, a one-element real tensor), never a bool, string, complex or container; NaN is
-    refused. An exact number (int, ``Fraction``, ``Decimal``) becomes the largest float not above it, so no cost
-    above the budget passes; an int too large for a float is an unlimited budget (``inf``).
+    refused. Budgets and costs are compared as float64 (the costs are stored so): an exact number is rounded to
+    the nearest float first, as ``float()`` does, so a budget equal to a cost picks it at any size; an int too
+    large for a float is an unlimited budget (``inf``).
 
     >>> import torch, fractions
     >>> budget("params", 10**400), budget("flops", 2), budget("params", torch.tensor(30))
     (inf, 2.0, 30.0)
-    >>> budget("params", fractions.Fraction(30 * 10**20 - 1, 10**20)) < 30
-    True
+    >>> budget("params", fractions.Fraction(1, 4))
+    0.25
     """
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         if value.is_meta:
@@ -68,10 +68,6 @@ def budget(name: str, value: Any) -> float:
         out = math.nan
     if out != out:
         raise SortedNetError(f"budget {name}={value} is not a number")
-    if math.isfinite(out) and not isinstance(value, (float, np.floating)):  # (rounded to the nearest float: it
-        exact = fractions.Fraction(value)                                   # may lie above the budget)
-        if fractions.Fraction(out) > exact:
-            out = math.nextafter(out, -math.inf)
     return out
 
 
