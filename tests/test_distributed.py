@@ -466,6 +466,28 @@ def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
             out[key] = "accepted"
         except sn.SortedNetError as e:
             out[key] = str(e)
+    # a layer in no unit that only rank 0's data reaches: judged from FSDP2's records, so both ranks refuse (judged
+    # from the gradients, rank 0 alone raised and rank 1 went on to its next collective)
+    class Routed(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body, self.extra = body, torch.nn.Linear(5, 5)
+
+        def forward(self, x):
+            y = self.body(x)
+            return self.extra(y) if rank == 0 else y
+
+    case, nest = _build("mlp", "fsdp2")
+    routed = Routed(case.model)
+    fully_shard(case.model, mesh=mesh)
+    try:
+        snd.accumulate(nest, [nest.largest], lambda: _loss(routed(case.example)), module=routed)
+        out["routed_unsharded"] = "accepted"
+    except sn.SortedNetError as e:
+        out["routed_unsharded"] = str(e)
+    every = [None] * WORLD
+    dist.all_gather_object(every, out["routed_unsharded"])
+    out["routed_unsharded"] = every
     # the nest's backbone with its blocks sharded inside a task model whose root unit is sharded too: accepted
     # (the root unit covers the backbone's own parameters; module= the backbone or nothing)
     case, nest = _build("lm_width_heads_depth", "fsdp2_blocks")
@@ -847,6 +869,7 @@ def test_fsdp2_misuse_is_named(run):
     for key in ("fsdp1_then_wrap", "wrap_then_fsdp1"):
         assert "FSDP1" in errs[key] and "fully_shard" in errs[key], errs[key]
     assert errs["outer_root_sharded"] == "ok", errs["outer_root_sharded"]
+    assert all("['extra.weight', 'extra.bias'] are in no fully_shard unit" in e for e in errs["routed_unsharded"])
     msg, untouched = errs["root_unsharded"]
     assert "in no fully_shard unit" in msg and "'emb.weight'" in msg and untouched, msg
 

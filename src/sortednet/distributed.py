@@ -323,6 +323,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     try:
         units = _fsdp_modules(module if module is not None else nest.model)
         if units or is_fsdp(nest.model):
+            judged = _refuse_unsharded(module if module is not None else nest.model, units, group)
             _gather_once(units)
             for u in units:  # a forward since the last step (an evaluation before optimizer.step()) left its unit
                 u.reshard()  # unsharded with the values before that step: the next forward would reuse them
@@ -331,7 +332,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last
                 for u in units:  # of the step) leaves its unit unsharded: the optimizer would step the sharded
                     u.reshard()  # parameters while the next forward reused the stale unsharded ones
-            _refuse_unsharded(module if module is not None else nest.model, units, group)
+            if not judged:  # (the first step: FSDP2 linked its units during it; this step's gradients are in .grad)
+                _refuse_unsharded(module if module is not None else nest.model, units, group)
             return fsdp_losses
         if module is not None:
             guard(module, nest)
@@ -350,23 +352,52 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     return losses
 
 
-def _refuse_unsharded(module: nn.Module, units: list[nn.Module], group: Any) -> None:
-    """After the step's backwards under FSDP2 on several ranks: a parameter that got a plain gradient and is no
-    DTensor belongs to no ``fully_shard`` unit (the blocks sharded, the root left plain), so no rank reduced
-    it and the replicas would drift apart in silence, as under plain FSDP2. Raised on every rank alike (the
-    model is the same everywhere), before the optimizer step. Parameters an enclosing unit manages are sharded
-    again by then; one inside a unit that the unit leaves unsharded (``ignored_params``) is left alone."""
-    if not _active() or dist.get_world_size(group) == 1:
-        return
+def _fsdp_managed(units: list[nn.Module]) -> set[tuple[int, str]] | None:
+    """``(id(module), name)`` of every parameter some FSDP2 unit of the model manages, from FSDP2's own records:
+    the units found and every state of their tree (an enclosing root unit included), which FSDP2 links at its
+    root's first forward. None before that, or where FSDP2's records differ from what this reads (a torch
+    version): nothing is judged then."""
+    try:
+        states: dict[int, Any] = {}
+        for u in units:
+            st = u._get_fsdp_state()
+            every = st._state_ctx.all_states
+            if not every:  # (not initialised by a forward yet)
+                return None
+            states.update((id(x), x) for x in every)
+        managed: set[tuple[int, str]] = set()
+        for st in states.values():
+            group = st._fsdp_param_group
+            for fp in () if group is None else group.fsdp_params:
+                info = fp._module_info
+                managed.add((id(info.module), info.param_name))
+                managed.update((id(m), n) for m, n in zip(info.shared_modules, info.shared_param_names))
+        return managed
+    except AttributeError:
+        return None
+
+
+def _refuse_unsharded(module: nn.Module, units: list[nn.Module], group: Any) -> bool:
+    """Under FSDP2 on several ranks, trainable parameters no ``fully_shard`` unit manages (the blocks sharded,
+    the root left plain) keep each rank's own gradient: the replicas drift apart in silence, as under plain
+    FSDP2. Judged from FSDP2's records, the same on every rank (the model is), so every rank raises alike.
+    A parameter inside a unit that the unit leaves unsharded (``ignored_params``) is left alone. Returns whether
+    it could judge (FSDP2 links its units at the root's first forward)."""
+    if not _active() or dist.get_world_size(group) == 1 or not units:
+        return True
+    managed = _fsdp_managed(units)
+    if managed is None:
+        return False
     inside = {id(p) for u in units for p in u.parameters()}
-    loose = [n for n, p in _inner(module).named_parameters()
-             if p.requires_grad and p.grad is not None and id(p) not in inside
-             and not is_sharded(p) and not is_sharded(p.grad)]
+    loose = [f"{path}.{n}" if path else n for path, m in _inner(module).named_modules()
+             for n, p in m._parameters.items()
+             if p is not None and p.requires_grad and (id(m), n) not in managed and id(p) not in inside]
     if loose:
         raise SortedNetError(
             f"FSDP2: the trainable parameters {loose[:3]}{' ...' if len(loose) > 3 else ''} are in no fully_shard "
-            "unit, so no rank averaged their gradients (this step's are in .grad: zero them) and the replicas "
-            "would drift apart; fully_shard the root module too (after its blocks)")
+            "unit, so no rank averages their gradients and the replicas would drift apart; fully_shard the root "
+            "module too (after its blocks)")
+    return True
 
 
 def _forward_agreement(nest: Nest, group: Any) -> Callable[[nn.Module, tuple], None]:
