@@ -1173,6 +1173,69 @@ def test_a_block_also_held_outside_the_list_runs_and_exports_as_live():
                    for mod in small.modules() for h in mod._forward_pre_hooks.values())
 
 
+class _FinalAlias(nn.Module):
+    """A block also held outside its layer list (``self.final = self.blocks[-1]``), run after the loop."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2))
+        self.final = self.blocks[-1]
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h + self.final(h))
+
+
+class _SharedBlocks(nn.Module):
+    """ALBERT-style: one block object at every position of the list."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(6, 8)
+        blk = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.blocks = nn.ModuleList([blk, blk, blk])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("arch", ["final_alias", "shared_blocks"])
+def test_blocks_held_twice_under_a_width_and_a_depth_export_and_count_as_they_run(arch):
+    """A Width inside blocks that a Depth skips while the model still runs them (held outside the list, or at a
+    kept position): export kept the aliased block at full size in a sliced class (6 of 18 sub-models 0.09-0.13
+    off, or a raw AttributeError), and cost counted a shared block at full size (363 for 159 exported)."""
+    x = torch.randn(4, 6)
+    if arch == "final_alias":
+        m = _FinalAlias()
+        dims = [*(sn.Width(f"w{i}", [4, 8, 16], out=f"blocks.{i}.0", inp=f"blocks.{i}.2") for i in range(2)),
+                sn.Depth("d", [1, 2], layers="blocks")]
+    else:
+        m = _SharedBlocks()
+        dims = [sn.Width("ffn", [4, 16], out="blocks.0.0", inp="blocks.0.2"), sn.Depth("d", [1, 3], layers="blocks")]
+    nest = sn.wrap(m, *dims, example=x)
+    fresh = nest.export(nest.smallest)  # (before any live forward: it raised inside the copy's forward)
+    assert fresh(x).shape == (4, 3)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = m(x)
+        small = nest.export(sub)
+        assert all(not hasattr(mod, "_sn") for mod in small.modules())
+        assert not [type(mod) for mod in small.modules() if type(mod).__module__.startswith("sortednet")]
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), live, atol=1e-6, rtol=1e-5, msg=str(sub))
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub), sub
+
+
 # -- reads without gradients follow the parameter as it is now ------------------------------------------
 
 

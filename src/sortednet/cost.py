@@ -107,11 +107,12 @@ class ParamCounter:
         with nest.use(sub), torch.no_grad():
             blocks = [blk for m in nest._depth for blk in m._sn.slicer.inactive(m)]
             skipped = {id(p) for blk in blocks for p in blk.parameters()}
+            gone = {id(x) for blk in blocks for x in blk.modules()}  # (modules that do not run)
             if skipped:  # a weight of a skipped block that a running module also holds (tied, shared) still counts
                 held = reachable_modules(nest.model, {(id(m), name) for m in nest._depth
                                                       for name in m._sn.slicer.skipped(m)})
                 skipped -= {id(p) for m in held.values() for p in m._parameters.values() if p is not None}
-            gone = {id(x) for blk in blocks for x in blk.modules()}  # (modules that do not run)
+                gone -= {id(m) for m in held.values()}  # (a block also at a kept position, ALBERT-style, runs)
             total = 0
             for p in params:
                 if id(p) in skipped:

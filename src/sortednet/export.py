@@ -69,9 +69,9 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                            {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
-            if _inside(path, skipped):
-                continue
             live = nest._sliced[path]
+            if id(live) not in kept:  # (in a skipped block that nothing kept holds; one also held elsewhere,
+                continue              # self.final = self.blocks[-1], runs and is exported at the sub-model's sizes)
             c = new.get_submodule(path) if path else new
             c.__class__ = live._sn.cls
             del c.__dict__["_sn"]

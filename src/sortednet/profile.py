@@ -190,8 +190,8 @@ class Profile:
                        {k: tuple(float(x) for x in v) for k, v in d["costs"].items()},
                        None if d.get("scores") is None else tuple(float(x) for x in d["scores"]),
                        d.get("device", "cpu"), dict(d.get("meta") or {}))
-        except SortedNetError:
-            raise
+        except SortedNetError as e:
+            raise SortedNetError(f"not a Profile dictionary: {e}") from None
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise SortedNetError(f"not a Profile dictionary: {e!r}") from None
 
