@@ -314,7 +314,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     raise SortedNetError(f"checkpoint {where}: tensor {k!r} is damaged (CRC-32 {f.crc(k)} != "
                                          f"stored {meta['crc32'][k]}); load(..., verify=False) skips this check")
         # -- every check passed: change the target ------------------------------------
-        done, copying = 0, False
+        done, started, copying = 0, 0, False
         try:
             if dims is not None:
                 subs = None if rows is None else [dict(zip(names, r)) for r in rows]
@@ -329,6 +329,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             sd = nest.model.state_dict(keep_vars=True)
             with torch.no_grad():
                 for name, targets in copies.items():
+                    started += 1  # (a copy interrupted as it returns: copied, not yet counted)
                     f.copy_into(name, [sd[k] for k in targets])
                     done += 1
             nest._load_extra_state(meta["extra"])
@@ -345,7 +346,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             if not copying:  # (wrap refused, or was stopped: it undid itself; nothing was copied)
                 raise
             dropped = False
-            if done and dims is None:  # an existing nest now holds other (or mixed) weights: its per-sub-model
+            if started and dims is None:  # an existing nest now holds other (or mixed) weights: its per-sub-model
                 dropped = _calibrated(nest)  # statistics describe neither (as load_state_dict drops them)
                 nest.drop_calibration()
             if done == len(copies):  # (every weight copied: the calibration / profile step failed)
@@ -353,7 +354,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                        f"and profile failed ({type(e).__name__}: {e}): the weights are the checkpoint's, the "
                        "per-sub-model statistics and scores may not be" + (
                            " (the nest's own statistics were dropped)" if dropped else "") + "; load again")
-            elif done == 0:
+            elif started == 0:
                 msg = (f"checkpoint {where}: loading stopped before any of its {len(copies)} tensors was copied "
                        f"({type(e).__name__}: {e}): the model holds its own values; load again")
             else:
