@@ -1209,16 +1209,33 @@ class _SharedBlocks(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("arch", ["final_alias", "shared_blocks"])
+class _LayerAlias(_FinalAlias):
+    """A sliced layer of the last block also held (and run) outside it, by the head."""
+
+    def __init__(self):
+        super().__init__()
+        del self.final
+        self.extra = self.blocks[1][0]
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(torch.relu(self.extra(h)))
+
+
+@pytest.mark.parametrize("arch", ["final_alias", "shared_blocks", "layer_alias"])
 def test_blocks_held_twice_under_a_width_and_a_depth_export_and_count_as_they_run(arch):
     """A Width inside blocks that a Depth skips while the model still runs them (held outside the list, or at a
     kept position): export kept the aliased block at full size in a sliced class (6 of 18 sub-models 0.09-0.13
     off, or a raw AttributeError), and cost counted a shared block at full size (363 for 159 exported)."""
     x = torch.randn(4, 6)
-    if arch == "final_alias":
-        m = _FinalAlias()
-        dims = [*(sn.Width(f"w{i}", [4, 8, 16], out=f"blocks.{i}.0", inp=f"blocks.{i}.2") for i in range(2)),
-                sn.Depth("d", [1, 2], layers="blocks")]
+    if arch in ("final_alias", "layer_alias"):
+        m = _FinalAlias() if arch == "final_alias" else _LayerAlias()
+        head = ["head"] if arch == "layer_alias" else []
+        dims = [*(sn.Width(f"w{i}", [4, 8, 16], out=f"blocks.{i}.0", inp=[f"blocks.{i}.2", *head[:i]])
+                  for i in range(2)), sn.Depth("d", [1, 2], layers="blocks")]
     else:
         m = _SharedBlocks()
         dims = [sn.Width("ffn", [4, 16], out="blocks.0.0", inp="blocks.0.2"), sn.Depth("d", [1, 3], layers="blocks")]

@@ -68,11 +68,16 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)},
                            {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
+        cut = {(id(m), name) for m, name in drop}
+        reach = _kept_paths(model, cut)  # (a kept module first named inside a dropped block: reached elsewhere)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
             if id(live) not in kept:  # (in a skipped block that nothing kept holds; one also held elsewhere,
                 continue              # self.final = self.blocks[-1], runs and is exported at the sub-model's sizes)
-            c = new.get_submodule(path) if path else new
+            if _inside(path, skipped) and id(live) not in reach:
+                continue
+            cpath = path if not _inside(path, skipped) else reach[id(live)]
+            c = new.get_submodule(cpath) if cpath else new
             c.__class__ = live._sn.cls
             del c.__dict__["_sn"]
             r = live._sn.slicer.export(live, c)
@@ -197,6 +202,20 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                                      "there runs the full-size tensor under every sub-model, and the export would "
                                      "share it with the live model. Read it through its module (module.weight), "
                                      "or keep the module itself in the attribute")
+
+
+def _kept_paths(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, str]:
+    """The first path of every module reachable from ``model`` without passing a link in ``cut``."""
+    out: dict[int, str] = {}
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, m = stack.pop()
+        if id(m) in out:
+            continue
+        out[id(m)] = path
+        stack.extend((f"{path}.{name}" if path else name, c) for name, c in reversed(list(m._modules.items()))
+                     if c is not None and (id(m), name) not in cut)
+    return out
 
 
 def reachable_modules(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, nn.Module]:
