@@ -1659,3 +1659,32 @@ def test_a_state_dict_whose_hooks_rename_keys_saves_and_loads(tmp_path):
         for sub in nest.submodels:
             with nest.use(sub), loaded.use(sub):
                 assert torch.equal(loaded(x), nest(x))
+
+
+class _SharedOut(nn.Module):
+    """Every block's nn.MultiheadAttention shares one output projection."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.MultiheadAttention(16, 4, batch_first=True) for _ in range(3))
+        for b in self.blocks[1:]:
+            b.out_proj = self.blocks[0].out_proj
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x, x, x, need_weights=False)[0]
+        return x
+
+
+def test_heads_over_attentions_sharing_one_output_projection():
+    """The shared projection is held under a second name by every later block: wrap raised a raw KeyError."""
+    m, x = _SharedOut(), torch.randn(2, 5, 16)
+    nest = sn.wrap(m, sn.Heads("heads", [1, 2, 4], attn="blocks.*"), sn.Depth("d", [1, 3], layers="blocks"), example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = m(x)
+        small = nest.export(sub)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), live, atol=1e-5, rtol=1e-5, msg=str(sub))
+        assert sum(p.numel() for p in small.parameters()) == nest.cost(sub)

@@ -137,8 +137,10 @@ def _attention_info(path: str, m: nn.Module, modules: dict[str, nn.Module]) -> t
         targets = Heads("probe", [counts[0]], attn=path)._plan_one(path, m, path)
     except SortedNetError:
         return None
-    proj = [t.path for t in targets if t.role == "out"]
-    o = next((t.path for t in targets if t.role == "inp"), None)
+    first = {id(x): n for n, x in modules.items()}  # (a projection held under a second name: its first name)
+    named = {f"{path}.{n}" if path else n: first.get(id(c)) for n, c in m.named_modules() if n}
+    proj = [named.get(t.path) or t.path for t in targets if t.role == "out"]
+    o = next((named.get(t.path) or t.path for t in targets if t.role == "inp"), None)
     if o is None or not proj or any(_base(modules[p]) is not nn.Linear for p in (*proj, o)):
         return None
     own = {id(p) for q in (*proj, o) for p in modules[q].parameters()}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import sys
 import threading
@@ -100,6 +102,10 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
             raise PatternError(f"{e}; {alias[0]} (a module held under two names is matched by its first name)") \
                 from None
         raise
+    if any(t.path not in modules for t in targets):  # a module reached under a second name (an attention's
+        first = {id(m): n for n, m in modules.items()}  # o-projection shared by every block): its first name
+        alias = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if n not in modules}
+        targets = [dataclasses.replace(t, path=alias[t.path]) if t.path in alias else t for t in targets]
     by_path: dict[str, dict[str, Target]] = defaultdict(dict)
     for t in targets:
         prev = by_path[t.path].get(t.role)
