@@ -1688,3 +1688,18 @@ def test_heads_over_attentions_sharing_one_output_projection():
         with torch.no_grad():
             torch.testing.assert_close(small(x), live, atol=1e-5, rtol=1e-5, msg=str(sub))
         assert sum(p.numel() for p in small.parameters()) == nest.cost(sub)
+
+
+def test_a_wiring_hint_names_a_module_held_twice_by_its_first_name():
+    """check advised out='blocks.1.out_proj' (a second name of blocks.0.out_proj), which the patterns refuse."""
+    class M(_SharedOut):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(6, 16)
+
+        def forward(self, x):
+            return super().forward(self.emb(x))
+
+    with pytest.raises(sn.SortedNetError, match=r"does not slice; add out='blocks.0.out_proj'$"):
+        sn.wrap(M(), sn.Width("e", [8, 16], inp="blocks.*", out="emb"), sn.Depth("d", [1, 3], layers="blocks"),
+                example=torch.randn(2, 5, 6))

@@ -194,13 +194,15 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
     ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view)."""
     problems = []
     bound = _bound(nest)
+    first = {id(m): n for n, m in nest.model.named_modules()}  # (a module held under two names: patterns match
+    canon = {n: first[id(m)] for n, m in nest.model.named_modules(remove_duplicate=False)}  # its first name)
     for g, mine in _bound_groups(nest, example, model):
         dims = list(dict.fromkeys(d.name for _, d in mine))
         (p0, r0), d0 = mine[0]
         if len(dims) > 1:
             problems.append(f"dimensions {dims} slice features that must shrink together "
                             f"({[f'{p}:{r}=' for (p, r), _ in mine][:6]}); declare them as one dimension")
-        missing = [k for k in g.bindings if k not in bound]
+        missing = [k for k in dict.fromkeys((canon.get(p, p), r) for p, r in g.bindings) if k not in bound]
         if missing:
             lst = ", ".join(f"{r}={p!r}" for p, r in missing[:8]) + (" ..." if len(missing) > 8 else "")
             alone = len(mine) == 1 and sum(d is d0 for d in bound.values()) > 1
