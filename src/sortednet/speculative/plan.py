@@ -60,11 +60,22 @@ def _is_causal_lm(model: Any) -> bool:
             and not getattr(cfg, "is_encoder_decoder", False) and model.get_output_embeddings() is not None)
 
 
+def _recurrent_layers(cfg: Any) -> bool:
+    """Layers that keep a recurrent or convolution state (transformers >= 5.25 marks them in ``layer_types``,
+    ``"linear_attention"``, ``"conv"``, ``"hybrid"``, where older versions set ``model._is_stateful``)."""
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    kinds = getattr(text, "layer_types", None)
+    if not isinstance(kinds, (list, tuple)):
+        return False
+    return any(isinstance(k, str) and (k in ("linear_attention", "conv", "mamba", "recurrent")
+                                       or k.startswith("hybrid")) for k in kinds)
+
+
 def _check_model(model: Any, what: str) -> None:
     if not _is_causal_lm(model):
         raise SortedNetError(f"speculative_generate: the {what} must be a Hugging Face causal LM (e.g. "
                              f"LlamaForCausalLM, GPT2LMHeadModel) or a Nest of one; got {type(model).__name__}")
-    if getattr(model, "_is_stateful", False):
+    if getattr(model, "_is_stateful", False) or _recurrent_layers(model.config):
         raise SortedNetError(f"speculative_generate: the {what} ({type(model).__name__}) keeps a recurrent state "
                              "(Mamba, RWKV, RecurrentGemma, hybrids) that rejected draft tokens cannot be rolled back "
                              "from; use model.generate")
