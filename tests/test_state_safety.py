@@ -1703,3 +1703,14 @@ def test_a_wiring_hint_names_a_module_held_twice_by_its_first_name():
     with pytest.raises(sn.SortedNetError, match=r"does not slice; add out='blocks.0.out_proj'$"):
         sn.wrap(M(), sn.Width("e", [8, 16], inp="blocks.*", out="emb"), sn.Depth("d", [1, 3], layers="blocks"),
                 example=torch.randn(2, 5, 6))
+
+
+def test_a_module_tree_with_a_cycle_is_refused_by_name():
+    """``c.d = c``: wrap recursed until a RecursionError (PyTorch's own state_dict cannot walk it either)."""
+    m = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.ReLU()), nn.Linear(8, 2))
+    m[1].back = m[1]
+    with pytest.raises(sn.SortedNetError, match=r"'1.back' is a module that contains itself"):
+        sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+    m[1].back = nn.Identity()  # shared, not cyclic: fine
+    m.alias = m[1]
+    sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))

@@ -65,6 +65,11 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     if not isinstance(model, nn.Module):
         raise SortedNetError(f"wrap() needs an nn.Module, got {type(model).__name__}")
     _check_dims(dims)
+    cycle = _cyclic_path(model)
+    if cycle is not None:
+        raise SortedNetError(f"{cycle!r} is a module that contains itself (a cycle in the module tree): "
+                             "state_dict, parameters() with duplicates and sortednet's walks of the tree cannot "
+                             "end; hold the module once (a plain attribute outside _modules for the back reference)")
     modules = dict(model.named_modules())
     wrapped = [n or "<root>" for n, m in modules.items() if "_sn" in m.__dict__]
     if wrapped:
@@ -151,6 +156,30 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                              "without offloading (every weight on one device) to wrap it")
     _refuse_tied_factors(model, out)
     return out
+
+
+def _cyclic_path(model: nn.Module) -> str | None:
+    """The path at which a module first holds one of its own ancestors (``c.d = c``), or None: a depth-first walk
+    that tells a module met again on the current path (a cycle) from one met on another (a shared module)."""
+    state = {id(model): 1}  # 1: on the current path, 2: done
+    stack = [("", iter(model._modules.items()), model)]
+    while stack:
+        path, children, m = stack[-1]
+        for name, c in children:
+            if c is None:
+                continue
+            here = f"{path}.{name}" if path else name
+            seen = state.get(id(c))
+            if seen == 1:
+                return here
+            if seen is None:
+                state[id(c)] = 1
+                stack.append((here, iter(c._modules.items()), c))
+                break
+        else:
+            state[id(m)] = 2
+            stack.pop()
+    return None
 
 
 def _is_fsdp1(m: nn.Module) -> bool:
