@@ -14,6 +14,7 @@ refuses them. No tensor of the export aliases the live model.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,22 +62,18 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             for name in m._sn.slicer.skipped(m):  # e.g. blocks past the active depth
                 drop.append((m, name))
                 skipped.append(_name(path, name))
-        kept = reachable_modules(model, {(id(m), name) for m, name in drop})
+        kept = _kept_paths(model, {(id(m), name) for m, name in drop})  # module id -> a path that reaches it
         for m, name in drop:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
         _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)},
                            {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
-        cut = {(id(m), name) for m, name in drop}
-        reach = _kept_paths(model, cut)  # (a kept module first named inside a dropped block: reached elsewhere)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
-            if id(live) not in kept:  # (in a skipped block that nothing kept holds; one also held elsewhere,
-                continue              # self.final = self.blocks[-1], runs and is exported at the sub-model's sizes)
-            if _inside(path, skipped) and id(live) not in reach:
+            cpath = kept.get(id(live))  # (None: in a skipped block that nothing kept holds; one also held
+            if cpath is None:           # elsewhere, self.final = self.blocks[-1], runs and is exported there)
                 continue
-            cpath = path if not _inside(path, skipped) else reach[id(live)]
             c = new.get_submodule(cpath) if cpath else new
             c.__class__ = live._sn.cls
             del c.__dict__["_sn"]
@@ -166,7 +163,7 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
-                       kept: dict[int, nn.Module]) -> None:
+                       kept: Mapping[int, str]) -> None:
     """Refuse an export that would leave ``None`` where a plain attribute (a Python list, tuple, dict or
     attribute outside ``_modules``) holds a block the sub-model skips, or would share a live full-size tensor
     that a plain attribute (a list, dict or ``functools.partial`` of it) holds besides its module: the copy's

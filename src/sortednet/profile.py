@@ -138,7 +138,7 @@ class Profile:
             raise SortedNetError(f"Profile: the sub-models name different dimensions "
                                  f"{sorted({tuple(s) for s in self.submodels})[:3]}")
         out = self.meta.get("not_exportable") if isinstance(self.meta, dict) else None
-        if out is not None:  # (the front leaves them out: names of profiled sub-models, not all of them)
+        if out is not None:  # (the front leaves them out: names of profiled sub-models)
             names = {str(s) for s in self.submodels}
             if not isinstance(out, list) or not all(isinstance(x, str) and x in names for x in out):
                 raise SortedNetError(f"Profile: meta['not_exportable'] must list profiled sub-models by name (as "

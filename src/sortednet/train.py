@@ -248,8 +248,9 @@ def _ddp_reducer_check(nest: Nest, who: str = "sn.accumulate", advice: str | Non
     shallow = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
     if not shallow:
         return
-    ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())  # (DDP waits for none of those)
-    ignored = {id(p) for n, p in ddp.module.named_parameters() if n in ignored} if ignored else set()
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())  # (DDP waits for none of those; it read
+    ignored = {id(p) for n, p in ddp.module.named_parameters() if n in ignored} if ignored else set()  # the model's
+    # _ddp_params_and_buffers_to_ignore into parameters_to_ignore when built)
     trained = any(p.requires_grad and id(p) not in ignored for m in nest._sliced.values()
                   for name in m._sn.slicer.skipped(m)
                   for p in m._modules[name].parameters())  # (frozen skipped blocks: nothing waits)
