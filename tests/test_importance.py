@@ -672,3 +672,56 @@ def test_an_interrupted_taylor_sort_is_all_or_nothing(only):
         now = state(m, opt)
         assert same(now, before) or same(now, sorted_), f"a mix after an interrupt at {only} call {n}"
     assert hit == count.calls and not same(before, sorted_)
+
+
+class _InterleavedAttention(nn.Module):
+    """A fused projection laid out per key/value head as [q x group, k, v] (Falcon's new decoder layout)."""
+
+    def __init__(self, width=12, heads=4, kv_heads=2, head=4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_key_value_heads = heads, head, kv_heads
+        self.query_key_value = nn.Linear(width, (heads + 2 * kv_heads) * head)
+        self.dense = nn.Linear(heads * head, width)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        d, g = self.head_dim, self.num_heads // self.num_key_value_heads
+        h = self.query_key_value(x).view(b, t, -1, (g + 2) * d)
+        q, k, v = h.split([g * d, d, d], -1)
+        q = q.reshape(b, t, -1, d).transpose(1, 2)  # query head i reads key/value head i // g
+        k, v = k.transpose(1, 2).repeat_interleave(g, 1), v.transpose(1, 2).repeat_interleave(g, 1)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.dense(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _InterleavedNet(nn.Module):
+    def __init__(self, kv_heads):
+        super().__init__()
+        self.inp, self.attn, self.head = nn.Linear(6, 12), _InterleavedAttention(kv_heads=kv_heads), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + self.attn(h))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_an_interleaved_fused_projection_sorts_its_query_heads_within_their_groups(kv_heads):
+    """Falcon-style [q x group, k, v] blocks: the blocks moved whole while the output projection's columns
+    followed the query heads' own order, so the full output changed (0.055) and the sort was refused as an
+    undeclared coupling, which nest.check could not find."""
+    torch.manual_seed(0)
+    model = _InterleavedNet(kv_heads).double()
+    with torch.no_grad():  # the last query head scores highest, the one before it next
+        model.attn.dense.weight[:, 12:16] *= 5
+        model.attn.dense.weight[:, 8:12] *= 3
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    before = run(model, x)
+    sizes = [4] if kv_heads == 1 else [4 // kv_heads, 4]
+    nest = sn.wrap(model, sn.Heads("heads", sizes, attn="attn", layout="interleaved"), example=x)
+    order = sort_units(nest, "l1", example=x)["heads@attn"]
+    torch.testing.assert_close(run(model, x), before, atol=1e-12, rtol=0)
+    assert order[:2].tolist() == [3, 2], order  # (heads 2 and 3 share a key/value head when there are 2 or 1)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = model(x)
+        torch.testing.assert_close(nest.export(sub)(x), live, atol=1e-12, rtol=0)

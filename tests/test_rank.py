@@ -600,3 +600,76 @@ def test_a_bias_shared_with_another_layer_stays_shared_in_every_export(mode, exp
         assert sum(p.numel() for p in small.parameters()) == nest.cost(sub, "params"), sub
         with torch.no_grad(), nest.use(sub):
             torch.testing.assert_close(small(x), m(x), atol=1e-5, rtol=0)
+
+
+class _ReadsWeight(nn.Module):
+    """A forward that reads a rank target's weight matrix instead of calling the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(F.linear(x, self.fc.weight, self.fc.bias)))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha, self.head = nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=True)[0])
+
+
+def _flops_of(module, x):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mode,model,target", [("lora", _ReadsWeight, "fc"), ("svd", _ReadsWeight, "fc"),
+                                               ("lora", _Attention, "mha.out_proj"),
+                                               ("svd", _Attention, "mha.out_proj")])
+def test_flops_of_a_target_read_as_a_matrix_are_those_of_its_merged_export(mode, model, target):
+    """A weight read (F.linear(x, layer.weight), MultiheadAttention's out_proj) built U_r V_r / B_r A_r counted:
+    cost grew with the rank (185,600 at r=32 for an export of 54,528 at every rank) and pick(flops=) refused the
+    export's own count."""
+    torch.manual_seed(0)
+    m = model()
+    kw = {"export": "merged"} if mode == "svd" else {}
+    nest = sn.wrap(m, sn.Rank("r", [1, 4, 16], targets=target, mode=mode, **kw))
+    x = torch.randn(2, 5, 16)
+    counts = []
+    for sub in nest.submodels:
+        counts.append(_flops_of(nest.export(sub).train(), x))  # (train: MultiheadAttention's fast path,
+        # which a counter cannot see into, steps aside, as it does while cost counts)
+        assert nest.cost(sub, "flops", example=x) == counts[-1], sub
+    assert nest.pick(flops=min(counts)) == nest.largest  # (ties: the highest rank)
+
+
+def test_a_factored_export_of_a_target_read_as_a_matrix_is_refused():
+    """An svd target whose weight the forward reads exported as two Linears: the export ran, and the exported
+    model then failed with a raw AttributeError ('Sequential' object has no attribute 'weight')."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    for export in ("auto", "factored"):
+        m = _ReadsWeight()
+        nest = sn.wrap(m, sn.Rank("r", [2, 4, 16], targets="fc", export=export))
+        with torch.no_grad(), nest.use("r=2"):
+            m(x)
+        with pytest.raises(sn.SortedNetError, match=r"fc: a forward of the model reads .*export='merged'"):
+            nest.export("r=2")
+        with pytest.raises(sn.SortedNetError, match="export='merged'"):
+            nest.check(x)
+        _ = m.fc.weight  # (a read outside a forward is the user's own)
+    m = _ReadsWeight()
+    nest = sn.wrap(m, sn.Rank("r", [2, 4, 16], targets="fc", export="merged"))
+    with torch.no_grad(), nest.use("r=2"):
+        live = m(x)
+    torch.testing.assert_close(nest.export("r=2")(x), live, atol=1e-5, rtol=0)
+    m = _ReadsWeight()
+    nest = sn.wrap(m, sn.Rank("r", [2, 4, 16], targets="fc", export="factored"))
+    _ = m.fc.weight.sum()  # a read outside any forward of the model does not make the export refuse
+    assert isinstance(nest.export("r=2").fc, nn.Sequential)

@@ -81,6 +81,40 @@ def test_heads_sizes_disagreeing_with_the_modules_head_count_are_refused(sizes):
     assert_unchanged(model, before)
 
 
+class _HeadSizeOnly(torch.nn.Module):
+    """Llama-style attention that keeps its head size, not its head count."""
+
+    def __init__(self, width=16, heads=4):
+        super().__init__()
+        self.head_dim = width // heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("sizes", [[2, 4, 8], [8], [2, 16]])
+@pytest.mark.parametrize("count_attrs", [None, ()])
+def test_heads_sizes_disagreeing_with_the_modules_head_size_are_refused(sizes, count_attrs):
+    """A module without a head count attribute took more declared heads than it has: 'heads=2' of Heads([2, 4, 8])
+    ran one of its 4-wide heads, a mislabelled sub-model in every table."""
+    torch.manual_seed(0)
+    model = _HeadSizeOnly()
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=rf"head size head_dim=4 differs from the head size "
+                                               rf"{16 // sizes[-1]} .*\(4 heads of 4\)"):
+        sn.wrap(model, sn.Heads("heads", sizes, attn="", count_attrs=count_attrs))
+    assert_unchanged(model, before)
+    nest = sn.wrap(model, sn.Heads("heads", [1, 2, 4], attn="", count_attrs=count_attrs))
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad(), nest.use("heads=2"):
+        assert model.q_proj.weight.shape == (8, 16)
+        torch.testing.assert_close(nest.export("heads=2")(x), model(x))
+
+
 def test_heads_sizes_matching_the_head_count_are_accepted():
     torch.manual_seed(0)
     model = Block12()

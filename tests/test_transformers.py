@@ -1763,3 +1763,33 @@ def test_a_slice_of_an_encoder_output_or_a_positional_one_keeps_its_submodel():
         with nest.use("ffn=64"):
             t5(encoder_outputs=(h[:1],), decoder_input_ids=dec)
             t5.decoder(dec.expand(2, -1), None, h)
+
+
+def test_a_hybrid_with_linear_attention_layers_generates_at_every_depth():
+    """MiniMax keeps its lightning-attention layers' state beside the key/value cache, whose entry for those
+    layers stays empty: the cache guard read it as a layer a shallower sub-model skipped and refused generate()
+    of the unchanged full model."""
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.MiniMaxConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, block_size=4,
+        layer_types=["full_attention", "linear_attention", "full_attention"], max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=None)
+    model = transformers.MiniMaxForCausalLM(cfg).eval()
+    ids = torch.tensor([[5, 9, 3, 7, 11, 2]])
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        before = model.generate(ids, **kw)
+        nest = sn.from_transformers(model, depth=[1, 2])
+        assert torch.equal(model.generate(ids, **kw).sequences, before.sequences)
+        for sub in nest.submodels:
+            with nest.use(sub):
+                live = model.generate(ids, **kw)
+            exported = nest.export(sub).eval().generate(ids, **kw)
+            assert torch.equal(live.sequences, exported.sequences), sub
+            torch.testing.assert_close(torch.stack(live.scores), torch.stack(exported.scores), atol=1e-5, rtol=0)
+        with nest.use("depth=1"):
+            cache = model(ids, use_cache=True).past_key_values
+        with pytest.raises(sn.SortedNetError, match="a sub-model of depth=1 ran on this cache"), nest.use("depth=3"):
+            model(torch.tensor([[4]]), past_key_values=cache)

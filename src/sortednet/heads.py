@@ -15,6 +15,8 @@ __all__ = ["Heads"]
 
 COUNT_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "nhead", "heads")
 SIZE_ATTRS = ("all_head_size", "inner_dim", "attn_dim", "inner_size")
+#: attributes that hold the module's own head size (compared with the one the declared sizes give)
+HEAD_SIZE_ATTRS = ("head_dim", "head_size", "attention_head_size", "dim_head", "d_head")
 QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
              ("wq", "wk", "wv"), ("to_q", "to_k", "to_v"), ("q_lin", "k_lin", "v_lin"))
 FUSED_NAMES = ("qkv", "qkv_proj", "to_qkv", "Wqkv", "c_attn", "query_key_value")
@@ -295,6 +297,14 @@ class Heads(Dimension):
             chosen = {a: v for a, v in attrs.items() if type(v) is int and (
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
                 or (a in KV_ATTRS and v == H // group and not mqa) or (mqa and a in GROUP_ATTRS and v == H))}
+        own = {a: v for a, v in attrs.items() if a in HEAD_SIZE_ATTRS and type(v) is int and v != d}
+        if own:  # (a module that keeps only its head size, as Llama's: more declared heads would split them)
+            a, v = next(iter(own.items()))
+            real = f" ({H * d // v} heads of {v})" if v > 0 and H * d % v == 0 else ""
+            raise SizeError(f"Heads {self.name!r} at {path!r} ({type(m).__name__}): the module's own head size "
+                            f"{a}={v} differs from the head size {d} that the largest size {H} gives its "
+                            f"{H * d} features{real}; a sub-model would count other heads than the module runs. "
+                            "Declare the module's own head count as the largest size")
         out = []
         for a, v in chosen.items():
             if v == H:

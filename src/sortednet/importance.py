@@ -69,6 +69,7 @@ class _Bind:
 
     def __init__(self, path: str, m: nn.Module, role: str, unit: int, div: int, chunks: int) -> None:
         self.path, self.m, self.role, self.unit, self.div, self.chunks = path, m, role, unit, div, chunks
+        self.head = 0  # head size of a fused interleaved projection (a block [q x div, k, v] per key/value head)
         name = type(m._sn.slicer).__name__
         if name not in _AXES:
             raise SortedNetError(f"sort_units: {path!r} ({m._sn.cls.__name__}) is sliced by {name}, whose layout "
@@ -82,6 +83,12 @@ class _Bind:
 
     def features(self, idx: Tensor, full_units: int, group: int) -> Tensor:
         """Feature permutation of this binding for a unit order ``idx`` (whole groups first)."""
+        if self.head:  # each key/value head's block moves whole, its query heads in the order idx gives them
+            g, d = self.div, self.head
+            heads = idx.reshape(-1, g)
+            base = heads[:, :1] // g * self.unit
+            starts = torch.cat([base + heads % g * d, base + g * d, base + (g + 1) * d], 1)
+            return (starts[..., None] + torch.arange(d)).reshape(-1)
         if self.div > 1:
             idx = idx.reshape(-1, group)[:, 0] // group
         per = full_units // self.div * self.unit
@@ -140,7 +147,12 @@ def _heads_parts(nest: Nest, d: Any, binds: list[_Bind]) -> list[tuple[str, list
     for pat in d.attn:
         for path in match(pat, modules, f"Heads {d.name!r} attn"):
             keys = [(t.path, t.role) for t in d._plan_one(path, modules[path], pat) if not t.role.startswith("attr:")]
-            parts.append((path, [by_path[k] for k in keys if k in by_path]))
+            part = [by_path[k] for k in keys if k in by_path]
+            heads = {b.unit for b in part if b.div == 1 and b.role == "inp"}  # (the output projection's columns)
+            for b in part:  # a fused interleaved q/k/v: one block of (group + 2) heads per key/value head
+                if len(heads) == 1 and b.div > 1 and b.chunks == 1 and b.unit == (b.div + 2) * min(heads):
+                    b.head = min(heads)
+            parts.append((path, part))
     return [(w, p) for w, p in parts if p]
 
 

@@ -158,7 +158,8 @@ class CacheGuard:
             short = [(i, int(layers[i].get_seq_length()) if i < len(layers) else 0) for i in range(d)
                      if i >= len(layers) or hasattr(layers[i], "get_seq_length")]  # (a layer that reuses
             # another's keys and values, Gemma3n's num_kv_shared_layers, holds none of its own)
-            short = [(i, n) for i, n in short if n != filled]
+            stateful = _state_layers(module)  # (a linear-attention / convolution layer keeps a state, no keys)
+            short = [(i, n) for i, n in short if n != filled and i not in stateful]
             if short:
                 raise SortedNetError(
                     f"key/value cache: layer {short[0][0]} holds {short[0][1]} positions and layer 0 holds "
@@ -170,6 +171,21 @@ class CacheGuard:
         if d < self.full:  # the layers from d on stop at `filled`
             missing[d] = min(missing.get(d, filled), filled)
         return None
+
+
+#: ``config.layer_types`` entries of layers that keep a recurrent or convolution state instead of keys and values
+STATE_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
+
+
+def _state_layers(module: Any) -> frozenset[int]:
+    """Indices of the layers that ``module``'s config marks as keeping a state, not keys and values (MiniMax's
+    lightning attention: its cache holds that state aside, and the layer's key/value entry stays empty)."""
+    cfg = getattr(module, "config", None)
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    kinds = getattr(text, "layer_types", None)
+    if not isinstance(kinds, (list, tuple)):
+        return frozenset()
+    return frozenset(i for i, k in enumerate(kinds) if k in STATE_LAYER_TYPES)
 
 
 def _allocated(cache: Any) -> str | None:

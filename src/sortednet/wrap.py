@@ -660,6 +660,10 @@ class Pin:
                 stack.clear()
         return stack
 
+    def in_forward(self) -> bool:
+        """Whether a forward of the nest's model (pinned by this object) runs in this thread."""
+        return bool(self.local.__dict__.get("stack"))
+
     def _count(self, n: int) -> None:
         if n:
             with self.lock:

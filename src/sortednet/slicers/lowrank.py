@@ -44,6 +44,18 @@ class _Counting(threading.local):
 
 COUNTING = _Counting()
 
+
+def _note_matrix_read(m: nn.Module) -> None:
+    """Record that a forward of the nest's model read svd target ``m``'s ``weight`` as a matrix (a factored
+    export, two Linears, could not serve that read: ``export`` refuses it). Reads outside a forward (the
+    user's own code) are not recorded."""
+    st = m.__dict__["_sn"]
+    if st.extra.get("matrix_read"):
+        return
+    pin = getattr(st.active.on_no_grad_read, "__self__", None)
+    if pin is not None and pin.in_forward():
+        st.extra["matrix_read"] = True
+
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
 
 
@@ -214,7 +226,12 @@ class SVDSlicer(LowRankSlicer):
             return self.take(m, "U", [(0, "out"), (1, "rank")])
         if name == "V":
             return self.take(m, "V", [(0, "rank"), (1, "inp")])
-        if name == "weight":
+        if name == "weight":  # (read by the parent's forward, as MultiheadAttention reads its out_proj's)
+            if m.__dict__["_sn"].bind["rank"].dim.export != "merged":
+                _note_matrix_read(m)
+            if COUNTING.pause is not None and not self.factored(m):  # the export holds the product: uncounted
+                with COUNTING.pause:
+                    return m.U @ m.V
             return m.U @ m.V
         return self.base_value(m, name)
 
@@ -252,6 +269,16 @@ class SVDSlicer(LowRankSlicer):
         b = live._parameters.get("bias")
         bgrad = b is not None and b.requires_grad
         if self.factored(live):
+            st = live.__dict__["_sn"]
+            if st.extra.get("matrix_read"):
+                where = st.path or "the model"
+                raise SizeError(f"{where}: a forward of the model reads this Rank target's weight matrix "
+                                f"({where}.weight, as F.linear(x, layer.weight) or nn.MultiheadAttention's out_proj "
+                                f"do) instead of calling the layer; its export at rank {self.sizes(live)[2]} would "
+                                f"be two Linears (Rank export={st.bind['rank'].dim.export!r}), which have no weight "
+                                "to read, so the exported model would fail when run. Declare "
+                                "sn.Rank(..., export='merged') for it (one Linear holding U_r V_r, counted so by "
+                                "cost), or call the layer in the forward")
             return nn.Sequential(self._linear(live, V, None, grad), self._linear(live, U, bias, grad, bgrad))
         return self._fill(copy_, U @ V, bias, grad, bgrad)
 
@@ -336,6 +363,9 @@ class LoRASlicer(LowRankSlicer):
         if name == "lora_B":
             return self.take(m, "lora_B", [(0, "out"), (1, "rank")])
         if name == "weight":
+            if COUNTING.pause is not None:  # the export holds the merged weight: built uncounted
+                with COUNTING.pause:
+                    return self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A)
             return self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A)
         return self.base_value(m, name)
 

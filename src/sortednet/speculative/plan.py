@@ -19,6 +19,7 @@ from torch import nn
 
 from ..dims import Depth
 from ..errors import SortedNetError
+from ..kvcache import STATE_LAYER_TYPES
 from ..nest import Nest
 from ..submodel import SubModel
 from .stack import ForwardRunner, LayerRunner, Stack, layer_runner_problem
@@ -67,8 +68,7 @@ def _recurrent_layers(cfg: Any) -> bool:
     kinds = getattr(text, "layer_types", None)
     if not isinstance(kinds, (list, tuple)):
         return False
-    return any(isinstance(k, str) and (k in ("linear_attention", "conv", "mamba", "recurrent")
-                                       or k.startswith("hybrid")) for k in kinds)
+    return any(isinstance(k, str) and (k in STATE_LAYER_TYPES or k.startswith("hybrid")) for k in kinds)
 
 
 def _check_model(model: Any, what: str) -> None:
