@@ -20,7 +20,7 @@ import arch
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, case_params, run, snapshot
 from sortednet.check import output_leaves
-from sortednet.discovery import sizes_for
+from sortednet.discovery import KeptWholeWarning, sizes_for
 from sortednet.importance import sort_units
 
 NAMES = sorted(arch.ARCHS) + sorted(FAMILIES)
@@ -794,3 +794,37 @@ def test_a_stateless_scripted_activation_is_run_like_any_module():
     nest.unwrap()
     with pytest.raises(sn.SortedNetError, match="'1' is a TorchScript module"):
         sn.discover(model, x, ratios=[0.5, 1.0])
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_multi_query_attention_heads_are_discovered(kv_heads):
+    """One key/value head that every query head reads: its k / v projections have no Heads target, so the block
+    was not taken for attention and its heads were kept whole (a KeptWholeWarning, no Heads)."""
+    torch.manual_seed(0)
+    from models import Attention
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(6, 16), Attention(16, 4, kv_heads), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(h + self.attn(h))
+
+    model, x = Net().double().eval(), torch.randn(2, 5, 6, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeptWholeWarning)
+        dims = sn.discover(model, x, ratios=[0.25, 0.5, 1.0])
+    heads = [d for d in dims if isinstance(d, sn.Heads)]
+    assert [(d.attn, tuple(d.sizes)) for d in heads] == [(("attn",), (1, 2, 4) if kv_heads == 1 else (2, 4))]
+    nest = sn.wrap(model, *dims, example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(nest.export(sub)(x), model(x), atol=1e-12, rtol=0)
+    size = heads[0].sizes[0]
+    with torch.no_grad():
+        reference.attn.o.weight[:, size * 4:] = 0  # the heads a sub-model drops, silenced in the full model
+        with nest.use({**nest.largest, heads[0].name: size}):
+            torch.testing.assert_close(model(x), reference(x), atol=1e-12, rtol=0)

@@ -141,6 +141,13 @@ def _attention_info(path: str, m: nn.Module, modules: dict[str, nn.Module]) -> t
     named = {f"{path}.{n}" if path else n: first.get(id(c)) for n, c in m.named_modules() if n}
     proj = [named.get(t.path) or t.path for t in targets if t.role == "out"]
     o = next((named.get(t.path) or t.path for t in targets if t.role == "inp"), None)
+    qkv = separate_qkv({n for n, _ in m.named_children()})
+    if qkv is not None:  # multi-query: the one key/value head's projections read the input whole (no target)
+        for n in qkv:
+            p = f"{path}.{n}" if path else n
+            p = named.get(p) or p
+            if p not in proj and p != o:
+                proj.append(p)
     if o is None or not proj or any(_base(modules[p]) is not nn.Linear for p in (*proj, o)):
         return None
     own = {id(p) for q in (*proj, o) for p in modules[q].parameters()}
