@@ -673,3 +673,12 @@ def test_a_factored_export_of_a_target_read_as_a_matrix_is_refused():
     nest = sn.wrap(m, sn.Rank("r", [2, 4, 16], targets="fc", export="factored"))
     _ = m.fc.weight.sum()  # a read outside any forward of the model does not make the export refuse
     assert isinstance(nest.export("r=2").fc, nn.Sequential)
+    called = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))  # the layer called, a hook reads it
+    nest = sn.wrap(called, sn.Rank("r", [2, 4, 16], targets="0", export="factored"))
+    seen = []
+    handle = called[0].register_forward_hook(lambda mod, args, out: seen.append(float(mod.weight.norm())))
+    with torch.no_grad(), nest.use("r=2"):
+        live = called(x)
+    handle.remove()
+    assert seen
+    torch.testing.assert_close(nest.export("r=2")(x), live, atol=1e-5, rtol=0)

@@ -97,22 +97,34 @@ class _HeadSizeOnly(torch.nn.Module):
 
 
 @pytest.mark.parametrize("sizes", [[2, 4, 8], [8], [2, 16]])
-@pytest.mark.parametrize("count_attrs", [None, ()])
-def test_heads_sizes_disagreeing_with_the_modules_head_size_are_refused(sizes, count_attrs):
+def test_heads_sizes_disagreeing_with_the_modules_head_size_are_refused(sizes):
     """A module without a head count attribute took more declared heads than it has: 'heads=2' of Heads([2, 4, 8])
     ran one of its 4-wide heads, a mislabelled sub-model in every table."""
     torch.manual_seed(0)
     model = _HeadSizeOnly()
     before = snapshot(model)
-    with pytest.raises(sn.SortedNetError, match=rf"head size head_dim=4 differs from the head size "
-                                               rf"{16 // sizes[-1]} .*\(4 heads of 4\)"):
-        sn.wrap(model, sn.Heads("heads", sizes, attn="", count_attrs=count_attrs))
+    with pytest.raises(sn.SortedNetError, match=rf"head size head_dim=4 differs from the head size {16 // sizes[-1]} "
+                                               r".*count_attrs="):
+        sn.wrap(model, sn.Heads("heads", sizes, attn=""))
     assert_unchanged(model, before)
-    nest = sn.wrap(model, sn.Heads("heads", [1, 2, 4], attn="", count_attrs=count_attrs))
+    nest = sn.wrap(model, sn.Heads("heads", [1, 2, 4], attn=""))
     x = torch.randn(2, 3, 16)
     with torch.no_grad(), nest.use("heads=2"):
         assert model.q_proj.weight.shape == (8, 16)
         torch.testing.assert_close(nest.export("heads=2")(x), model(x))
+
+
+def test_a_head_size_attribute_of_another_meaning_is_not_taken_for_the_head_size():
+    """The whole width under a head-size name (Lxmert's head_size = heads x head size) is not a per-head size;
+    count_attrs= states the module's attributes, so an unrelated one can be passed over."""
+    model = _HeadSizeOnly()
+    model.head_size = 16
+    sn.wrap(model, sn.Heads("heads", [2, 4], attn=""))
+    model = _HeadSizeOnly()
+    model.d_head = 8  # (an attribute of another meaning under a head-size name)
+    with pytest.raises(sn.SortedNetError, match="d_head=8"):
+        sn.wrap(model, sn.Heads("heads", [2, 4], attn=""))
+    sn.wrap(model, sn.Heads("heads", [2, 4], attn="", count_attrs=()))
 
 
 def test_heads_sizes_matching_the_head_count_are_accepted():

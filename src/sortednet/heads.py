@@ -294,17 +294,19 @@ class Heads(Dimension):
                                 f"count {a}={v} differs from the largest size {H} (head size {d} from the "
                                 f"projections); slices would cut across its heads. Use sizes up to {v}, or "
                                 "name the attributes with count_attrs=")
+            own = {a: v for a, v in attrs.items() if a in HEAD_SIZE_ATTRS and type(v) is int and v != d
+                   and 0 < v < H * d and H * d % v == 0}  # (one of the whole width: a total, as Lxmert's)
+            if own:  # a module that keeps only its head size, as Llama's: other declared heads would split its own
+                a, v = next(iter(own.items()))
+                raise SizeError(f"Heads {self.name!r} at {path!r} ({type(m).__name__}): the module's own head size "
+                                f"{a}={v} differs from the head size {d} that the largest size {H} gives its "
+                                f"{H * d} query features, so a sub-model would count other heads than the module "
+                                f"runs. The largest size must be the module's own head count (its query projection "
+                                f"holding queries alone); if {a} is not a per-head size, name the module's "
+                                "head-count attributes with count_attrs=[...] (() for none)")
             chosen = {a: v for a, v in attrs.items() if type(v) is int and (
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
                 or (a in KV_ATTRS and v == H // group and not mqa) or (mqa and a in GROUP_ATTRS and v == H))}
-        own = {a: v for a, v in attrs.items() if a in HEAD_SIZE_ATTRS and type(v) is int and v != d}
-        if own:  # (a module that keeps only its head size, as Llama's: more declared heads would split them)
-            a, v = next(iter(own.items()))
-            real = f" ({H * d // v} heads of {v})" if v > 0 and H * d % v == 0 else ""
-            raise SizeError(f"Heads {self.name!r} at {path!r} ({type(m).__name__}): the module's own head size "
-                            f"{a}={v} differs from the head size {d} that the largest size {H} gives its "
-                            f"{H * d} features{real}; a sub-model would count other heads than the module runs. "
-                            "Declare the module's own head count as the largest size")
         out = []
         for a, v in chosen.items():
             if v == H:

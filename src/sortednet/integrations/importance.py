@@ -409,7 +409,7 @@ def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = (
 
 def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -> None:
     """Refuse the layouts whose units this function cannot permute (before anything changes)."""
-    why, blk, cfg = "", found.block(model), model.config
+    why, blk = "", found.block(model)
     if heads and (len(found.stacks) > 1 or len(lay.attn) != 1 or lay.o is None or lay.qkv is None):
         why = "several attention modules per block (T5: a relative position bias shared by a stack's layers)"
     elif ffn and not all(isinstance(m, (nn.Linear, Conv1D)) or (_experts(m) and lay.ffn_chunks == 2)
@@ -420,9 +420,6 @@ def _check_layout(lay, found: Found, model: nn.Module, ffn: bool, heads: bool) -
         why = "blocks without the FFN projections (expert blocks next to dense ones)"
     elif heads and lay.no_heads:
         why = lay.no_heads
-    elif heads and isinstance(lay.qkv, str) and lay.layout_of_qkv(cfg) == "interleaved" \
-            and _head_counts(cfg, lay)[1] > 1:
-        why = "grouped interleaved fused q/k/v rows"
     if why:
         raise SortedNetError(f"sort_by_importance does not support the {lay.family} layout ({why}); use ffn=False "
                              "or heads=False where that avoids it, or permute the units yourself")
@@ -439,8 +436,11 @@ def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | N
     o = attn.get_submodule(lay.o)
     d = Slicer.tensor(o, "weight").shape[_axes(o)[1]] // H
     q_idx = _expand(q_order, d)
-    if isinstance(lay.qkv, str) and layout == "interleaved":  # per head [q_h; k_h; v_h]: move whole 3d blocks
-        _permute(attn.get_submodule(lay.qkv), "out", _expand(q_order, 3 * d), log, opt)
+    if isinstance(lay.qkv, str) and layout == "interleaved":  # per key/value head [q x group; k; v]: each block
+        unit = (group + 2) * d                                  # moves whole, its query heads reordered in it
+        starts = torch.cat([g_order[:, None] * unit + within * d, (g_order * unit + group * d)[:, None],
+                            (g_order * unit + (group + 1) * d)[:, None]], 1)
+        _permute(attn.get_submodule(lay.qkv), "out", (starts[..., None] + torch.arange(d)).reshape(-1), log, opt)
     elif isinstance(lay.qkv, str):  # fused [q; k; v] along the output axis (k, v with H / group heads)
         E, kv_idx = H * d, _expand(g_order, d) if group > 1 else q_idx
         _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, kv_idx + E, kv_idx + E + E // group]), log,

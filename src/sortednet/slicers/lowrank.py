@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import threading
 from contextlib import AbstractContextManager
 from typing import Any
@@ -48,13 +49,19 @@ COUNTING = _Counting()
 def _note_matrix_read(m: nn.Module) -> None:
     """Record that a forward of the nest's model read svd target ``m``'s ``weight`` as a matrix (a factored
     export, two Linears, could not serve that read: ``export`` refuses it). Reads outside a forward (the
-    user's own code) are not recorded."""
+    user's own code) or inside the layer's own call (a hook of its) are not recorded."""
     st = m.__dict__["_sn"]
     if st.extra.get("matrix_read"):
         return
     pin = getattr(st.active.on_no_grad_read, "__self__", None)
-    if pin is not None and pin.in_forward():
-        st.extra["matrix_read"] = True
+    if pin is None or not pin.in_forward():
+        return
+    f, call = sys._getframe(2), nn.Module._call_impl.__code__
+    while f is not None:  # inside the layer's own call (its hooks): the export's Linears run that call instead
+        if f.f_code is call and f.f_locals.get("self") is m:
+            return
+        f = f.f_back
+    st.extra["matrix_read"] = True
 
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
 
