@@ -682,3 +682,13 @@ def test_a_factored_export_of_a_target_read_as_a_matrix_is_refused():
     handle.remove()
     assert seen
     torch.testing.assert_close(nest.export("r=2")(x), live, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_factored_export_keeps_the_models_mode(training):
+    """The Sequential that holds the two factors was made in training mode inside an eval-mode export."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.5), nn.Linear(32, 4)).train(training)
+    nest = sn.wrap(model, sn.Rank("r", [2, 32], targets="0", export="factored"))
+    small = nest.export("r=2")
+    assert isinstance(small[0], nn.Sequential)
+    assert {m.training for m in small.modules()} == {training}

@@ -1793,3 +1793,49 @@ def test_a_hybrid_with_linear_attention_layers_generates_at_every_depth():
             cache = model(ids, use_cache=True).past_key_values
         with pytest.raises(sn.SortedNetError, match="a sub-model of depth=1 ran on this cache"), nest.use("depth=3"):
             model(torch.tensor([[4]]), past_key_values=cache)
+
+
+_LOAD_WITHOUT_SORTEDNET = """
+import sys
+class NoSortedNet:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "sortednet":
+            raise ImportError("sortednet is not installed here")
+sys.meta_path.insert(0, NoSortedNet())
+import torch
+model = torch.load(sys.argv[1], weights_only=False)
+seen = []
+for m in model.modules():  # a hook of the user's after the reload is called as registered
+    m.register_forward_pre_hook(lambda mod, args: seen.append(1))
+    m.register_forward_hook(lambda mod, args, out: seen.append(2))
+x, want = torch.load(sys.argv[2])
+torch.testing.assert_close(model(x).logits, want)
+assert seen
+print(type(model).__name__)
+"""
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_an_export_loads_where_sortednet_is_not_installed(plain, tmp_path):
+    """A plain=True export held its save_pretrained refusal as a functools.partial of sortednet's (torch.load
+    without sortednet: ImportError), and every export kept the with-kwargs flags of the nest's cache-guard hooks
+    (a user's hook registered under that id after a reload was called with kwargs: TypeError)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=16, vocab_size=50)).eval()
+    nest = sn.from_transformers(model, ffn=[32], depth=[2])
+    small = nest.export("ffn=32,depth=2", plain=plain)
+    assert all(not d for m in small.modules() for d in (m._forward_pre_hooks_with_kwargs, m._forward_hooks_with_kwargs))
+    if plain:
+        for m in (small, copy.deepcopy(small)):
+            with pytest.raises(sn.SortedNetError, match="plain=True"):
+                m.save_pretrained(str(tmp_path / "hf"))
+    x = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        torch.save((x, small(x).logits), tmp_path / "want.pt")
+    torch.save(small, tmp_path / "small.pt")
+    proc = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_SORTEDNET, str(tmp_path / "small.pt"),
+                           str(tmp_path / "want.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GPT2LMHeadModel" in proc.stdout

@@ -90,9 +90,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                             parent._modules[name] = r
         for h in nest._hooks:  # wrap's own hooks (no-fast-path, the root's Pin) stay with the live model
             for m in new.modules():
-                for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called",
-                             "_load_state_dict_pre_hooks", "_state_dict_pre_hooks"):
-                    m.__dict__.get(attr, {}).pop(h.id, None)
+                for attr in _WRAP_HOOK_DICTS:  # (a with-kwargs flag left behind would make a hook registered
+                    m.__dict__.get(attr, {}).pop(h.id, None)  # under that id after a reload take kwargs)
         for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
             if torch_stack and isinstance(m.__dict__.get("num_layers"), int):
@@ -107,6 +106,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+_WRAP_HOOK_DICTS = (*_HOOK_DICTS, "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                    "_load_state_dict_post_hooks")
 
 
 def _carry_hooks(old: nn.Module, new: nn.Module) -> None:

@@ -286,7 +286,8 @@ class SVDSlicer(LowRankSlicer):
                                 "to read, so the exported model would fail when run. Declare "
                                 "sn.Rank(..., export='merged') for it (one Linear holding U_r V_r, counted so by "
                                 "cost), or call the layer in the forward")
-            return nn.Sequential(self._linear(live, V, None, grad), self._linear(live, U, bias, grad, bgrad))
+            return nn.Sequential(self._linear(live, V, None, grad),
+                                 self._linear(live, U, bias, grad, bgrad)).train(live.training)
         return self._fill(copy_, U @ V, bias, grad, bgrad)
 
 
