@@ -191,9 +191,13 @@ def test_profile_rejects_bad_tables():
     with pytest.raises(sn.SortedNetError, match="1 values for 2"):
         sn.Profile(subs, {"params": (1.0,)})
     for bad in ({"costs": {}}, {"submodels": [{"h": 1}], "costs": {"params": ["a"]}},
-                {"submodels": ["h=1"], "costs": {"params": [1]}}):
+                {"submodels": ["h=1"], "costs": {"params": [1]}}, [("costs", {})]):
         with pytest.raises(sn.SortedNetError, match="not a Profile"):
             sn.Profile.from_dict(bad)
+    good = sn.Profile(subs, {"params": (1.0, 2.0)}, (0.5, 0.7)).to_dict()
+    good["score"] = good.pop("scores")  # a misspelt key: the scores were dropped in silence
+    with pytest.raises(sn.SortedNetError, match=r"unknown keys \['score'\]"):
+        sn.Profile.from_dict(good)
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual"])

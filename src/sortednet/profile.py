@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -184,7 +184,14 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Profile":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`. A key it does not know is refused (a misspelt ``"score"`` would drop the
+        scores in silence)."""
+        if not isinstance(d, Mapping):
+            raise SortedNetError(f"not a Profile dictionary: a {type(d).__name__}")
+        unknown = sorted(map(str, set(d) - {"submodels", "costs", "scores", "device", "meta"}))
+        if unknown:
+            raise SortedNetError(f"not a Profile dictionary: unknown keys {unknown} (a profile has submodels, costs, "
+                                 "scores, device and meta)")
         try:
             return cls(tuple(SubModel(s) for s in d["submodels"]),
                        {k: tuple(float(x) for x in v) for k, v in d["costs"].items()},
