@@ -247,9 +247,11 @@ def test_soft_loss_stopped_by_a_ctrl_c_anywhere_leaves_no_exit_hook():
 
 def test_soft_loss_rejects_bad_exits():
     model, _, _, _ = build("gpt2")
-    for exits in ([0], [5], [], [2.5]):
+    for exits in ([0], [5], [], [2.5], 2, "12"):  # (a lone number: a raw TypeError)
         with pytest.raises(sn.SortedNetError, match="exits"):
             soft_loss(model, ids(), exits=exits)
+    with pytest.raises(sn.SortedNetError, match="weights must be a list"):
+        soft_loss(model, ids(), exits=[1, 2], weights=1.0)
     with pytest.raises(sn.SortedNetError, match="weight"):
         soft_loss(model, ids(), exits=[1, 2], weights=[1.0])
     for weights in ([float("nan"), 1.0], [float("inf"), 1.0], ["1", "2"], [True, 1]):  # (a NaN loss, a raw
@@ -671,6 +673,10 @@ def test_soft_loss_passes_the_models_other_inputs_to_its_forward(name, tmp_path)
             SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_exits=[1, n], soft_weights=bad)
     with pytest.raises(sn.SortedNetError, match="needs soft_exits"):
         SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_weights=[1.0, 2.0])
+    with pytest.raises(sn.SortedNetError, match="soft_exits must be a list"):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_exits=n)
+    with pytest.raises(sn.SortedNetError, match="soft_weights must be a list"):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_exits=[1, n], soft_weights=1.0)
 
 
 def test_trainer_rejects_foreign_model(tmp_path):

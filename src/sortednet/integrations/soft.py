@@ -13,7 +13,7 @@ import functools
 import inspect
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +125,7 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     if exits is None:
         depth = [d for d in (nest.dims if nest else ()) if isinstance(d, Depth)]
         exits = [s for s in depth[0].sizes if s <= n] if depth else list(range(1, n + 1))
-    given = list(exits)
+    given = _listed(exits, "exits", "exit depths, e.g. [2, 4]")
     bad = [e for e in given if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= n]
     if not given or bad:
         raise SortedNetError(f"soft_loss: exits must be block counts in 1..{n} (active depth), got {given}")
@@ -134,7 +134,7 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     if weights is None:
         exits, weights = sorted(given), [1.0] * len(given)
     else:
-        weights = list(weights)
+        weights = _listed(weights, "weights", "one weight per exit, e.g. [1.0, 2.0]")
         if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
             raise SortedNetError(f"soft_loss: weights must be finite numbers, got {weights}")
         weights = [float(w) for w in weights]
@@ -180,6 +180,13 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     losses = {e: causal_lm_loss(head(norm(captured[e])), labels) for e in exits}
     total = sum(w * losses[e] for w, e in zip(weights, exits)) / sum(weights)
     return SoftOutput(total, losses)
+
+
+def _listed(values: Any, what: str, want: str, who: str = "soft_loss") -> list:
+    """``values`` as a list, or a SortedNetError naming ``what`` when it is not a sequence (a lone number)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise SortedNetError(f"{who}: {what} must be a list of {want}, got {values!r}")
+    return list(values)
 
 
 def _unhook(blocks: list[nn.Module], call: dict) -> None:

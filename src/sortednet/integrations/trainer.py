@@ -33,7 +33,7 @@ from ..nest import Nest
 from ..sampler import Sampler
 from ..submodel import SubModel
 from ..train import _ddp_reducer_check, drop_stale_calibration
-from .soft import soft_loss
+from .soft import _listed, soft_loss
 
 __all__ = ["SortedTrainer", "SubModelCallback", "make_sampler", "NEST_FILE"]
 
@@ -114,13 +114,13 @@ class SortedTrainer(Trainer):
         if soft_exits is None and soft_weights is not None:
             raise SortedNetError("SortedTrainer(soft_weights=...) weights the SoFT exits: it needs soft_exits=[...]")
         if soft_exits is not None:
-            exits = list(soft_exits)
+            exits = _listed(soft_exits, "soft_exits", "exit depths, e.g. [2, 4]", "SortedTrainer")
             if not exits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in exits):
                 raise SortedNetError(f"SortedTrainer(soft_exits=...) needs depths >= 1, got {exits}")
             if len(set(exits)) != len(exits):
                 raise SortedNetError(f"SortedTrainer(soft_exits=...) needs distinct exits, got {exits}")
             if soft_weights is not None:
-                soft_weights = list(soft_weights)
+                soft_weights = _listed(soft_weights, "soft_weights", "one weight per exit", "SortedTrainer")
                 if len(soft_weights) != len(exits) or any(
                         isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 <= w < math.inf
                         for w in soft_weights) or not sum(soft_weights) > 0:
