@@ -576,3 +576,39 @@ def test_a_partial_draft_takes_the_targets_other_sizes_in_every_form(draft):
         out = sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=12)
     assert torch.equal(out.sequences, ref)
     assert list(out.stats.exits) == [str(nest.resolve("ffn=24,depth=1"))]
+
+
+def test_learned_positions_of_any_model_in_the_run_are_checked_before_a_forward():
+    """Only a GPT-2 target's n_positions was read: a separate draft with fewer learned positions, or an OPT target,
+    ran into a raw IndexError part-way; up to one past the positions both decode as generate does."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    target = llama(layers=2)
+    torch.manual_seed(1)
+    draft = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=8,
+                                       bos_token_id=0, eos_token_id=None)).eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    nest = sn.from_transformers(target, depth=[1])
+    with pytest.raises(sn.SortedNetError, match="draft model's 8 learned positions"):
+        sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=5)
+    for k in (1, 3, 6):  # (5 + 4 = one past the draft's 8 positions)
+        out = sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=4, num_draft_tokens=k)
+        assert torch.equal(out.sequences, target.generate(ids, max_new_tokens=4, do_sample=False))
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=16, word_embed_proj_dim=32, bos_token_id=None,
+                                   eos_token_id=None, pad_token_id=None)).eval()
+    opt_nest = sn.from_transformers(opt, depth=[1])
+    with pytest.raises(sn.SortedNetError, match="target model's 16 learned positions"):
+        sn.speculative_generate(opt_nest, ids, draft="depth=1", max_new_tokens=13)
+    out = sn.speculative_generate(opt_nest, ids, draft="depth=1", max_new_tokens=12, num_draft_tokens=3)
+    assert torch.equal(out.sequences, opt.generate(ids, max_new_tokens=12, do_sample=False))
+
+
+def test_the_nests_own_model_as_a_plain_draft_is_refused_by_name():
+    """It runs the target's sub-model; with Rank adapters it was refused as 'larger than the target' (its raw
+    parameter count, adapters included, against the target's cost)."""
+    model = llama(layers=4)
+    nest = sn.from_transformers(model, depth=[1, 2], rank=[2, 4])
+    with pytest.raises(sn.SortedNetError, match="the draft is the target model itself"):
+        sn.speculative_generate(nest, torch.tensor([[1, 2, 3]]), draft=model, max_new_tokens=4)

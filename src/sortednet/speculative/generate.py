@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import SortedNetError, flag
 from ..modes import restore_modes
@@ -118,7 +118,8 @@ def _sampling(gen: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any
 
 
 def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draft_tokens: Any,
-              sampling: Sampling, vocab: int, eos: Any, model: Any) -> tuple[int, list[int]]:
+              sampling: Sampling, vocab: int, eos: Any, model: Any, models: Sequence[Any] = ()
+              ) -> tuple[int, list[int]]:
     """Checks the run's inputs; returns (left padding to skip, eos ids)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise SortedNetError("input_ids must be an integer tensor of shape (batch, length), like generate's")
@@ -181,12 +182,27 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
             raise SortedNetError("attention_mask: only left padding (zeros before the first token) is supported"
                                  + (f" (the mask generate() infers: the prompt holds the pad token {pad_id})"
                                     if isinstance(pad_id, int) and bool((input_ids == pad_id).any()) else ""))
-    limit = getattr(model.config, "n_positions", None) if getattr(model.config, "model_type", "") == "gpt2" else None
-    # the last new token is returned, never fed back: a sequence may end one past the model's positions
-    if limit is not None and input_ids.shape[1] - pad + max_new_tokens > limit + 1:
-        raise SortedNetError(f"prompt ({input_ids.shape[1] - pad}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's {limit} positions (+ 1: the last new token is not fed back)")
+    for who, m in zip(("target", "draft"), models):
+        limit = _positions(m)
+        # the last new token is returned, never fed back: a sequence may end one past the model's positions
+        if limit is not None and input_ids.shape[1] - pad + max_new_tokens > limit + 1:
+            raise SortedNetError(f"prompt ({input_ids.shape[1] - pad}) + max_new_tokens ({max_new_tokens}) exceeds "
+                                 f"the {who} model's {limit} learned positions ({type(m).__name__}; + 1: the last "
+                                 "new token is not fed back)")
     return pad, eos
+
+
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _positions(model: Any) -> int | None:
+    """How many positions a model with a learned position table holds (GPT-2's ``wpe``, OPT's ``embed_positions``
+    less its offset), or None (rotary, ALiBi, sinusoidal: no table to run past)."""
+    for name, m in model.named_modules():
+        if name.rpartition(".")[2] in _POSITION_TABLES and isinstance(m, nn.Embedding):
+            offset = getattr(m, "offset", 0)
+            return m.num_embeddings - (offset if isinstance(offset, int) else 0)
+    return None
 
 
 def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_tokens: int,
@@ -236,7 +252,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     tmodel = plan.models[0]
     sampling = _sampling(getattr(tmodel, "generation_config", None), do_sample, temperature, top_k, top_p, generator)
     pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
-                         eos_token_id, tmodel)
+                         eos_token_id, tmodel, plan.models)
     modes = [m for model in plan.models for m in model.modules() if m.training]
     try:
         for model in plan.models:

@@ -125,6 +125,10 @@ def _resolve_exit(nest: Nest, sub: Any, base: SubModel | None) -> SubModel:
 
 
 def _params(nest: Nest | None, model: nn.Module, sub: SubModel | None) -> float:
+    if nest is None:  # a plain model that another nest wraps runs that nest's sub-model in force: its cost
+        from ..nest import _LIVE  # (Rank factors and adapters are not what it deploys)
+        nest = next((n for n in list(_LIVE) if n.model is model), None)
+        sub = nest.active if nest is not None else None
     return nest.cost(sub, "params") if nest is not None else sum(p.numel() for p in model.parameters())
 
 
@@ -192,6 +196,11 @@ def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, threshold
                              "sub-model would be in force for the target's forwards too; pass the nest as the "
                              "target: speculative_generate(nest, ids, draft='depth=...') (or exits=[...] with "
                              "draft=nest)")
+    if dnest is None and tnest is not None and (any(m is tmodel for m in dmodel.modules())
+                                                or any(m is dmodel for m in tmodel.modules())):
+        raise SortedNetError(f"the draft is the target model itself ({type(tmodel).__name__}), which runs the "
+                             "target's sub-model; pass a sub-model of the target's nest: speculative_generate(nest, "
+                             "ids, draft='depth=...') (or exits=[...] with draft=nest)")
     if dnest is not tnest:
         _check_model(dmodel, "draft")
     if dnest is not None:
