@@ -500,3 +500,45 @@ def test_compiled_autograd_gives_the_gradients_of_eager_autograd(family, prior_g
         assert p.grad is not None, name
         inside = p.grad[tuple(slice(0, n) for n in r.shape)]
         torch.testing.assert_close(inside - (1.0 if prior_grad else 0.0), r.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _Teacher(nn.Module):
+    """A forward that also runs another sub-model of its own nest (a teacher or student pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.nest, self.inner = None, None
+
+    def forward(self, x):
+        y = self.body(x)
+        with self.nest.use(self.inner):
+            return y, self.body(x)
+
+
+@pytest.mark.parametrize("inner", ["h=16", "h=2"])
+def test_nest_compile_refuses_a_larger_submodel_inside_its_call(inner):
+    """nest.compile() swaps the call's slices into the modules: a use(larger) block inside the forward ran them as
+    its full weights (the teacher 0.215 off, its gradient on 4 rows instead of 16), where eager and
+    torch.compile(model) run the larger sub-model; a smaller one cuts its prefixes of them, as of the full."""
+    torch.manual_seed(0)
+    model = _Teacher().double()
+    nest = sn.wrap(model, sn.Width("h", [2, 4, 16], out="body.0", inp="body.2"))
+    model.nest, model.inner = nest, inner
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with nest.use("h=4"):
+        want = model(x)
+    step = nest.compile(backend="eager")
+    with nest.use("h=4"):
+        if inner == "h=16":
+            with pytest.raises(sn.SortedNetError, match=r"nest.use\(h=16\) inside a call of nest.compile\(\)"):
+                step(x)
+            with pytest.raises(sn.SortedNetError, match=r"nest.activate\(h=16\) inside a call"):
+                model.inner = None  # (the activate below runs in the forward instead)
+                model.forward = lambda x: (nest.activate("h=16"), model.body(x))[1]
+                step(x)
+            return
+        got = step(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert nest.active == nest.largest

@@ -35,6 +35,7 @@ import torch
 from .errors import SortedNetError
 from .kvcache import CacheGuard
 from .modes import finish_all
+from .plan import HANDED
 from .views import View, is_fsdp
 
 if TYPE_CHECKING:
@@ -119,9 +120,13 @@ class Compiled:
             with self._lock:
                 own = [m._parameters[name] for _, m, name in self._targets]
                 params = {key: getattr(m, name) for key, m, name in self._targets}
+                state = self.nest._state
+                outer = HANDED.__dict__.get("held")
+                HANDED.held = (state, state.plan())  # (another sub-model inside: refused, see plan.Use)
                 try:
                     out = self._compiled(params, args, kwargs)
                 finally:
+                    HANDED.held = outer
                     put_back(self._targets, own, params)
         for g in guards:
             g.made(model, args, kwargs, out)

@@ -28,7 +28,7 @@ from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
 from .modes import eval_mode
-from .plan import CheckpointContext, Plans, Use, in_plan
+from .plan import CheckpointContext, Plans, Use, in_plan, refuse_in_handover
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
@@ -617,6 +617,7 @@ class Nest:
         ``use`` is not: docs/deployment.md)."""
         plan = self._plan(sub)
         self._check_alive()
+        refuse_in_handover(self._state, plan.sub, "nest.activate")
         self._state.default = plan
         self._pin.repin(plan)  # a forward of this thread in progress runs it from here on, as without the pin
         return plan.sub

@@ -206,6 +206,23 @@ def _unpickled_context() -> Any:
     return _no_contexts
 
 
+#: per thread: ``(nest state, plan)`` while ``nest.compile()``'s call runs with that plan's sliced parameters
+#: swapped into the model's modules (``sortednet.compiled``): another sub-model there would read them as its own
+HANDED = threading.local()
+
+
+def refuse_in_handover(active: Active, sub: SubModel, what: str) -> None:
+    """Refuse switching ``active``'s nest to ``sub`` inside a ``nest.compile()`` call of another sub-model in this
+    thread when ``sub`` is larger in a dimension (the modules hold the call's slices: the larger one would run
+    them as its own weights; a smaller one cuts its prefixes of them, as of the full weights)."""
+    held = HANDED.__dict__.get("held")
+    if held is not None and held[0] is active and any(s > held[1].sub.get(n, s) for n, s in sub.items()):
+        raise SortedNetError(f"{what}({sub}) inside a call of nest.compile() that runs {held[1].sub}: while it runs, "
+                             f"the model's sliced parameters are {held[1].sub}'s slices, handed to the graph, and "
+                             f"{sub} would read them as its own weights. Run that part outside the compiled call, "
+                             "or compile with torch.compile(model) (slicing inside the graph)")
+
+
 class Use:
     """Context manager of ``nest.use``: sets the nest's context variable to ``plan``; on exit the caller's
     previous state (another ``use`` or none: the default) comes back, in this context only. One object
@@ -230,6 +247,8 @@ class Use:
             raise SortedNetError(f"this nest.use({self.plan.sub}) block is already entered in this thread (by "
                                  "another task, or nested in itself); call nest.use(...) for each block")
         a = self.active
+        if HANDED.__dict__.get("held") is not None:
+            refuse_in_handover(a, self.plan.sub, "nest.use")
         try:
             self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (the block on this context's stack)
             entry.utok = a.uses.set((*a.uses.get(), entry))
