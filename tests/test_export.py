@@ -846,3 +846,24 @@ def test_a_symbolic_trace_in_another_thread_does_not_refuse_this_threads_forward
         release.set()
         tracer.join(60)
     assert isinstance(traced[0], torch.fx.GraphModule)  # (a trace in this thread: refused, tests above)
+
+
+def test_wraps_own_hooks_leave_the_export_by_object_not_by_id():
+    """Hook ids restart in every process: a hook of the user's loaded with the model (torch.load) may hold the id of
+    one of wrap's hooks. Export dropped every entry under that id from every hook dict (the user's backward and
+    state-dict hooks went too), and left the with-kwargs flags of wrap's hooks behind."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [2, 8], out="0", inp="2"))
+    ids = [h.id for h in nest._hooks]
+    assert ids
+    user = {}
+    for m in model.modules():  # the user's hooks under the same ids, as after a reload in another process
+        for i in ids:
+            m._backward_hooks[i] = user.setdefault(("bwd", i), lambda mod, gi, go: None)
+            m._state_dict_hooks[i] = user.setdefault(("sd", i), lambda mod, sd, prefix, local: None)
+    small = nest.export("h=2")
+    for m in small.modules():
+        assert all(m._backward_hooks.get(i) is user[("bwd", i)] for i in ids)
+        assert all(m._state_dict_hooks.get(i) is user[("sd", i)] for i in ids)
+        assert not m._forward_pre_hooks and not m._forward_pre_hooks_with_kwargs and not m._forward_hooks_with_kwargs

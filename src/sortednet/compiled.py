@@ -84,6 +84,7 @@ class Compiled:
         compile_kwargs.setdefault("dynamic", False)
         self.nest = nest
         self._targets = handed_over(nest)
+        self._dims = frozenset(b.dim.name for _, m, _ in self._targets for b in m._sn.bind.values())
         self._lock = threading.RLock()
         model = nest.model
 
@@ -122,7 +123,7 @@ class Compiled:
                 params = {key: getattr(m, name) for key, m, name in self._targets}
                 state = self.nest._state
                 outer = HANDED.__dict__.get("held")
-                HANDED.held = (state, state.plan())  # (another sub-model inside: refused, see plan.Use)
+                HANDED.held = (state, state.plan(), self._dims)  # (a larger one inside: refused, see plan.Use)
                 try:
                     out = self._compiled(params, args, kwargs)
                 finally:

@@ -88,10 +88,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                     for name, child in list(parent._modules.items()):
                         if child is c:
                             parent._modules[name] = r
-        for h in nest._hooks:  # wrap's own hooks (no-fast-path, the root's Pin) stay with the live model
-            for m in new.modules():
-                for attr in _WRAP_HOOK_DICTS:  # (a with-kwargs flag left behind would make a hook registered
-                    m.__dict__.get(attr, {}).pop(h.id, None)  # under that id after a reload take kwargs)
+        _drop_wrap_hooks(nest._hooks, new)
         for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
             if torch_stack and isinstance(m.__dict__.get("num_layers"), int):
@@ -106,8 +103,44 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
-_WRAP_HOOK_DICTS = (*_HOOK_DICTS, "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+_EXTRA_HOOK_DICTS = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+                     "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
+def _same_hook(copied: Any, hook: Any) -> bool:
+    """Whether ``copied`` (a deep copy's hook) is ``hook``: itself, a bound method of the same function on the
+    same object (a deep copy makes a new method object), or an object of the same class (one of wrap's
+    hook objects copied with the model)."""
+    if copied is hook or copied == hook:
+        return True
+    if type(copied) is type(hook) is getattr(nn.modules.module, "_WrappedHook", None):  # (torch's wrapper of a
+        return _same_hook(copied.hook, hook.hook)                                    # module-taking hook)
+    return type(copied) is type(hook) and type(hook).__module__.startswith("sortednet.")
+
+
+_MAIN_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+                    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                     "_load_state_dict_post_hooks")
+
+
+def _drop_wrap_hooks(handles: Any, new: nn.Module) -> None:
+    """Wrap's own hooks (no-fast-path, the root's Pin, the cache guards) stay with the live model: each goes from
+    the export's copy of the dict it was registered in, with its flags (a with-kwargs flag left behind would make
+    a hook registered under that id after a reload take kwargs). Found by the hook object itself (a hook of the
+    user's loaded from a pickle may hold the same id: ids restart in every process)."""
+    ours = {}
+    for h in handles:
+        d = h.hooks_dict_ref()
+        fn = d.get(h.id) if d is not None else None
+        if fn is not None:
+            ours[h.id] = fn
+    if not ours:
+        return
+    for m in new.modules():
+        for attr in _MAIN_HOOK_DICTS:
+            d = m.__dict__.get(attr)
+            for k in [k for k in d or () if k in ours and _same_hook(d[k], ours[k])]:
+                del d[k]
+                for extra in _EXTRA_HOOK_DICTS.get(attr, ()):
+                    m.__dict__.get(extra, {}).pop(k, None)
 
 
 def _carry_hooks(old: nn.Module, new: nn.Module) -> None:

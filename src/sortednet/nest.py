@@ -28,7 +28,7 @@ from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
 from .modes import eval_mode
-from .plan import CheckpointContext, Plans, Use, in_plan, refuse_in_handover
+from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
@@ -109,40 +109,6 @@ def _refuse_inside_another(model: nn.Module) -> None:
         if where is not None:
             raise SortedNetError(f"{type(model).__name__} is {where!r} of a model another nest wraps ({other!r}); "
                                  "wrap the whole model once with every dimension, or call that nest's unwrap() first")
-
-
-_PLAIN_MARKS = ("save_pretrained", "__reduce_ex__", "__deepcopy__")
-
-
-def _mark_plain(model: nn.Module, cls: str, sub: str) -> None:
-    """Give ``model`` (a ``plain=True`` export whose config describes the full model) a ``save_pretrained`` that
-    refuses, as instance attributes that neither a pickle (``torch.save``: the file loads where sortednet is not
-    installed) nor a deep copy (which keeps the refusal) writes out."""
-    d = model.__dict__
-    d["save_pretrained"] = functools.partial(_refuse_save_pretrained, cls, sub)
-    d["__reduce_ex__"] = functools.partial(_reduce_unmarked, model)
-    d["__deepcopy__"] = functools.partial(_deepcopy_marked, model)
-
-
-def _reduce_unmarked(model: nn.Module, protocol: int) -> tuple:
-    """``model``'s pickle without the marks of :func:`_mark_plain`."""
-    rv = list(object.__reduce_ex__(model, protocol))
-    if len(rv) > 2 and isinstance(rv[2], dict):
-        rv[2] = {k: v for k, v in rv[2].items() if k not in _PLAIN_MARKS}
-    return tuple(rv)
-
-
-def _deepcopy_marked(model: nn.Module, memo: dict) -> nn.Module:
-    import copy
-
-    d = model.__dict__
-    held = {k: d.pop(k) for k in _PLAIN_MARKS if k in d}
-    try:
-        new = copy.deepcopy(model, memo)
-    finally:
-        d.update(held)
-    _mark_plain(new, *held["save_pretrained"].args)
-    return new
 
 
 def _refuse_save_pretrained(cls: str, sub: str, *args: Any, **kwargs: Any) -> None:
@@ -617,7 +583,6 @@ class Nest:
         ``use`` is not: docs/deployment.md)."""
         plan = self._plan(sub)
         self._check_alive()
-        refuse_in_handover(self._state, plan.sub, "nest.activate")
         self._state.default = plan
         self._pin.repin(plan)  # a forward of this thread in progress runs it from here on, as without the pin
         return plan.sub
@@ -1107,7 +1072,8 @@ class Nest:
             if stale is not None and self._shapes_differ(new):
                 # its config describes the full model: a checkpoint of it would load other shapes, or (fewer
                 # layers) load with the missing ones initialised at random
-                _mark_plain(new, type(new).__name__, str(sub))
+                new.__dict__["save_pretrained"] = functools.partial(_refuse_save_pretrained, type(new).__name__,
+                                                                   str(sub))
             return new
         if stale is not None and "transformers" not in EXPORT_HOOKS:
             for load in EXPORT_HOOK_LOADERS:  # a transformers model: its hook lives in sortednet.integrations

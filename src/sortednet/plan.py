@@ -206,8 +206,9 @@ def _unpickled_context() -> Any:
     return _no_contexts
 
 
-#: per thread: ``(nest state, plan)`` while ``nest.compile()``'s call runs with that plan's sliced parameters
-#: swapped into the model's modules (``sortednet.compiled``): another sub-model there would read them as its own
+#: per thread: ``(nest state, plan, dimension names)`` while ``nest.compile()``'s call runs with that plan's sliced
+#: parameters (those dimensions slice them) swapped into the model's modules (``sortednet.compiled``): a larger
+#: sub-model there would read them as its own
 HANDED = threading.local()
 
 
@@ -216,7 +217,7 @@ def refuse_in_handover(active: Active, sub: SubModel, what: str) -> None:
     thread when ``sub`` is larger in a dimension (the modules hold the call's slices: the larger one would run
     them as its own weights; a smaller one cuts its prefixes of them, as of the full weights)."""
     held = HANDED.__dict__.get("held")
-    if held is not None and held[0] is active and any(s > held[1].sub.get(n, s) for n, s in sub.items()):
+    if held is not None and held[0] is active and any(sub.get(n, 0) > held[1].sub.get(n, 0) for n in held[2]):
         raise SortedNetError(f"{what}({sub}) inside a call of nest.compile() that runs {held[1].sub}: while it runs, "
                              f"the model's sliced parameters are {held[1].sub}'s slices, handed to the graph, and "
                              f"{sub} would read them as its own weights. Run that part outside the compiled call, "
