@@ -14,6 +14,7 @@ refuses them. No tensor of the export aliases the live model.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -107,10 +108,12 @@ _EXTRA_HOOK_DICTS = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
                      "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
 def _same_hook(copied: Any, hook: Any) -> bool:
     """Whether ``copied`` (a deep copy's hook) is ``hook``: itself, a bound method of the same function on the
-    same object (a deep copy makes a new method object), or an object of the same class (one of wrap's
-    hook objects copied with the model)."""
-    if copied is hook or copied == hook:
+    same object (a deep copy makes a new method object), torch's wrapper of either, or an object of the same
+    sortednet class (one of wrap's hook objects copied with the model). Never calls a hook's ``__eq__``."""
+    if copied is hook:
         return True
+    if isinstance(copied, types.MethodType) and isinstance(hook, types.MethodType):  # (no user __eq__ is called)
+        return copied.__func__ is hook.__func__ and copied.__self__ is hook.__self__
     if type(copied) is type(hook) is getattr(nn.modules.module, "_WrappedHook", None):  # (torch's wrapper of a
         return _same_hook(copied.hook, hook.hook)                                    # module-taking hook)
     return type(copied) is type(hook) and type(hook).__module__.startswith("sortednet.")
