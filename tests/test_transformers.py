@@ -1771,6 +1771,40 @@ def test_a_slice_of_an_encoder_output_or_a_positional_one_keeps_its_submodel():
             t5.decoder(dec.expand(2, -1), None, h)
 
 
+def test_copies_assembled_from_encoder_outputs_and_a_rewritten_buffer_keep_their_submodels():
+    """Rows picked, reordered or concatenated from encoder outputs (a serving batch of requests encoded one at a
+    time), or a prefix of positions copied, ran under another sub-model's decoder in silence (0.67-1.06 off); a
+    buffer refilled in place kept the note of its first contents (a false refusal, then a mix let through)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1)).double().eval()
+    nest = sn.from_transformers(t5, ffn=[32])
+    x, dec = torch.tensor([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]]), torch.tensor([[0, 7, 8]])
+    enc = t5.get_encoder()
+    with torch.no_grad():
+        with nest.use("ffn=64"):
+            h = enc(input_ids=x).last_hidden_state
+            one, two = enc(input_ids=x[:1]).last_hidden_state, enc(input_ids=x[1:]).last_hidden_state
+        copies = (h[[1]], h[[1, 0]], h.index_select(0, torch.tensor([1])), h[:, :3].contiguous(),
+                  torch.cat([one, two]))
+        for given in copies:
+            with nest.use("ffn=32"), pytest.raises(sn.SortedNetError, match="encoder output"):
+                t5(encoder_outputs=(given,), decoder_input_ids=dec.expand(given.shape[0], -1))
+            with nest.use("ffn=64"):
+                t5(encoder_outputs=(given,), decoder_input_ids=dec.expand(given.shape[0], -1))
+        buf = torch.empty_like(h)
+        for sub in ("ffn=64", "ffn=32", "ffn=32"):  # each step: encode into the buffer, decode from it (the
+            with nest.use(sub):                       # output still alive, as the guard needs to know a copy)
+                last = enc(input_ids=x).last_hidden_state
+                buf.copy_(last)
+                t5(encoder_outputs=(buf,), decoder_input_ids=dec.expand(2, -1))
+        with nest.use("ffn=64"), pytest.raises(sn.SortedNetError, match="encoder output"):
+            t5(encoder_outputs=(buf,), decoder_input_ids=dec.expand(2, -1))
+
+
 def test_a_hybrid_with_linear_attention_layers_generates_at_every_depth():
     """MiniMax keeps its lightning-attention layers' state beside the key/value cache, whose entry for those
     layers stays empty: the cache guard read it as a layer a shallower sub-model skipped and refused generate()

@@ -201,6 +201,14 @@ def _allocated(cache: Any) -> str | None:
     return "cropped" if any(k.dim() >= 3 for k in keys) else None
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (moved by every in-place write), or None for an inference tensor (it has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class EncoderGuard:
     """An encoder-decoder's encoder output is noted with the sizes, under the sub-model that computed it, of
     the dimensions that reach the encoder; a decoder given it under other such sizes (``model(encoder_outputs=
@@ -212,7 +220,7 @@ class EncoderGuard:
 
     def __init__(self, active: Any, names: frozenset[str]) -> None:
         self.active, self.names = active, names
-        self.notes: dict[int, tuple[Any, tuple]] = {}
+        self.notes: dict[int, tuple[Any, tuple, int | None]] = {}  # id -> (tensor, sizes, its version then)
         self.outputs: dict[int, tuple[Any, tuple]] = {}  # the output objects, by identity
         self.unnoted = WeakIdKeyDictionary()  # tensors compared with every note and matching none
 
@@ -252,12 +260,12 @@ class EncoderGuard:
         base = t._base  # a view of a noted output (a slice of its rows or positions: h[i:i + 1])
         if base is not None:
             note = self.notes.get(id(base))
-            if note is not None and note[0]() is base:
+            if note is not None and note[0]() is base and note[2] == _version(base):
                 return self._keep(t, note[1])
-        if t in self.unnoted:  # (compared before: the next decoding steps get the same tensor)
-            return None
+        if t in self.unnoted and self.unnoted[t] == _version(t):  # (compared before: the next decoding steps
+            return None                                             # get the same tensor)
         found = None
-        for ref, sizes in list(self.notes.values()):
+        for ref, sizes, _ in list(self.notes.values()):
             o = ref()
             if (o is None or o is t or o.dim() != t.dim() or o.dim() == 0 or o.shape[1:] != t.shape[1:]
                     or o.shape[0] == 0 or t.shape[0] % o.shape[0] or o.dtype != t.dtype or o.device != t.device
@@ -271,13 +279,41 @@ class EncoderGuard:
                 if sizes == now:
                     break
         if found is None:
-            self.unnoted[t] = True
+            found = self._rows_of(t, now)
+        if found is None:
+            self.unnoted[t] = _version(t)
             return None
         return self._keep(t, found)
 
-    def _keep(self, t: torch.Tensor, sizes: tuple) -> tuple[Any, tuple]:
+    def _rows_of(self, t: torch.Tensor, now: tuple) -> tuple | None:
+        """The sizes of noted outputs that rows of ``t`` copy, each row the first ``t.shape[1]`` positions of a row of
+        one (rows picked, reordered or concatenated from outputs of several calls: a serving batch assembled from
+        requests encoded one at a time); of several, ones other than ``now`` first (a mix is refused). Rows are
+        matched by a fingerprint, then compared exactly."""
+        if t.dim() < 2 or t.shape[0] == 0 or not t.is_floating_point():
+            return None
+        n = t.shape[1]
+        with torch.no_grad():
+            w = torch.linspace(1.0, 2.0, t[0, :n].numel(), dtype=torch.float64, device=t.device)
+            mine = (t.reshape(t.shape[0], -1).double() * w).sum(1)
+            hits: set = set()
+            for ref, sizes, _ in list(self.notes.values()):
+                o = ref()
+                if (o is None or o is t or o.dim() != t.dim() or o.shape[2:] != t.shape[2:] or o.shape[1] < n
+                        or o.shape[0] == 0 or o.dtype != t.dtype or o.device != t.device or sizes in hits):
+                    continue
+                rows = o[:, :n]
+                theirs = (rows.reshape(o.shape[0], -1).double() * w).sum(1)
+                for i, j in (mine[:, None] == theirs[None, :]).nonzero().tolist():
+                    if torch.equal(t[i], rows[j]):
+                        hits.add(sizes)
+                        break
+        other = sorted(h for h in hits if h != now)
+        return other[0] if other else (now if hits else None)
+
+    def _keep(self, t: torch.Tensor, sizes: tuple) -> tuple[Any, tuple, int | None]:
         key, notes = id(t), self.notes
-        notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), sizes)
+        notes[key] = (weakref.ref(t, lambda _, key=key, notes=notes: notes.pop(key, None)), sizes, _version(t))
         return notes[key]
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -291,7 +327,9 @@ class EncoderGuard:
             return None
         now = self._sizes()
         note = self.notes.get(id(t))
-        if note is None or note[0]() is not t:
+        if note is None or note[0]() is not t or note[2] != _version(t):  # (a buffer written since: its values)
+            if note is not None and note[0]() is t:
+                del self.notes[id(t)]
             note = self._copied(t, now)
             if note is None:
                 return None
