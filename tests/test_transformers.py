@@ -1880,3 +1880,19 @@ def test_an_export_loads_where_sortednet_is_not_installed(plain, tmp_path):
                            str(tmp_path / "want.pt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "GPT2LMHeadModel" in proc.stdout
+
+
+@pytest.mark.parametrize("kw", [dict(heads=[2]), dict(depth=[1]), dict(ffn=[24], depth=[1])])
+def test_a_tower_without_a_config_is_refused_heads_and_depth_by_name(kw):
+    """FSMT holds its encoder and decoder as plain modules: heads= / depth= raised a raw AttributeError ('config')."""
+    cfg = transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=40, tgt_vocab_size=40, d_model=32,
+                                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48)
+    torch.manual_seed(0)
+    encoder = transformers.FSMTForConditionalGeneration(cfg).eval().model.encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="FSMTEncoder: it has no config"):
+        sn.from_transformers(encoder, **kw)
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    assert not any("_sn" in m.__dict__ for m in encoder.modules())
+    sn.from_transformers(encoder, ffn=[24])

@@ -136,6 +136,12 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
         raise SortedNetError(f"from_transformers(heads=...): {why}: the head count and head size would be the other "
                              "tower's. Declare this tower's heads by hand: sn.wrap(model, sn.Heads(...)) "
                              "(docs/heads.md)")
+    if getattr(model, "config", None) is None and (heads is not None or depth is not None):
+        given = [k for k, v in (("heads", heads), ("depth", depth)) if v is not None]
+        raise SortedNetError(f"from_transformers({'=..., '.join(given)}=...) on {type(model).__name__}: it has no "
+                             "config (a tower held as a plain module, as FSMT's encoder and decoder), from which "
+                             "the head counts and the layer count of an export are read; nest ffn= only, or "
+                             "declare the dimensions by hand: sn.wrap(model, sn.Heads(...), sn.Depth(...))")
     blk = found.block(model, 0, 0)
     dims = []
     if ffn is not None:
