@@ -1803,6 +1803,11 @@ def test_copies_assembled_from_encoder_outputs_and_a_rewritten_buffer_keep_their
                 t5(encoder_outputs=(buf,), decoder_input_ids=dec.expand(2, -1))
         with nest.use("ffn=64"), pytest.raises(sn.SortedNetError, match="encoder output"):
             t5(encoder_outputs=(buf,), decoder_input_ids=dec.expand(2, -1))
+        with nest.use("ffn=64"):  # an output written in place (padding zeroed) is still that sub-model's
+            h = enc(input_ids=x).last_hidden_state
+            h[:, 3:] = 0.0
+        with nest.use("ffn=32"), pytest.raises(sn.SortedNetError, match="encoder output"):
+            t5(encoder_outputs=(h,), decoder_input_ids=dec.expand(2, -1))
 
 
 def test_a_hybrid_with_linear_attention_layers_generates_at_every_depth():

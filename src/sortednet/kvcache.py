@@ -247,14 +247,15 @@ class EncoderGuard:
                     pass
         return None
 
-    def _copied(self, t: torch.Tensor, now: tuple) -> tuple[Any, tuple] | None:
+    def _copied(self, t: torch.Tensor, now: tuple, written: bool = False) -> tuple[Any, tuple] | None:
         """The note of a noted output that ``t`` is, or copies with its rows repeated ``k`` times each
         (``generate`` expands the encoder output for beams or several sequences with ``repeat_interleave``, in
         place in the output object it was given; ``k = 1``: a copy), then kept for ``t`` itself (the next decoding
         steps get it again); None if ``t`` copies none. Of several matching notes (sub-models whose encodings are
-        equal), one with the sizes ``now`` in force wins."""
-        for ref, sizes in list(self.outputs.values()):  # (the output object generate expanded in place)
-            out = ref()
+        equal), one with the sizes ``now`` in force wins. ``written``: ``t`` was written in place since it was noted
+        (its values decide, not the output object that holds it)."""
+        for ref, sizes in [] if written else list(self.outputs.values()):  # (the output object generate
+            out = ref()                                                      # expanded in place)
             if out is not None and getattr(out, "last_hidden_state", None) is t:
                 return self._keep(t, sizes)
         base = t._base  # a view of a noted output (a slice of its rows or positions: h[i:i + 1])
@@ -290,7 +291,7 @@ class EncoderGuard:
         one (rows picked, reordered or concatenated from outputs of several calls: a serving batch assembled from
         requests encoded one at a time); of several, ones other than ``now`` first (a mix is refused). Rows are
         matched by a fingerprint, then compared exactly."""
-        if t.dim() < 2 or t.shape[0] == 0 or not t.is_floating_point():
+        if t.dim() < 2 or t[0].numel() == 0 or not t.is_floating_point():  # (no position: every row would match)
             return None
         n = t.shape[1]
         with torch.no_grad():
@@ -327,9 +328,9 @@ class EncoderGuard:
             return None
         now = self._sizes()
         note = self.notes.get(id(t))
-        if note is None or note[0]() is not t or note[2] != _version(t):  # (a buffer written since: its values)
-            if note is not None and note[0]() is t:
-                del self.notes[id(t)]
+        if note is not None and note[0]() is t and note[2] != _version(t):  # written in place since: a buffer
+            note = self._copied(t, now, True) or self._keep(t, note[1])  # refilled with another output is judged by
+        elif note is None or note[0]() is not t:                      # it, else it stays what it was computed as
             note = self._copied(t, now)
             if note is None:
                 return None
