@@ -106,6 +106,8 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 _EXTRA_HOOK_DICTS = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
                      "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
+
+
 def _same_hook(copied: Any, hook: Any) -> bool:
     """Whether ``copied`` (a deep copy's hook) is ``hook``: itself, a bound method of the same function on the
     same object (a deep copy makes a new method object), torch's wrapper of either, or an object of the same

@@ -177,15 +177,17 @@ class CacheGuard:
 STATE_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
 
 
+def layer_types(cfg: Any) -> list:
+    """The per-layer kinds a (text) config lists in ``layer_types``, or ``[]``."""
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    kinds = getattr(text, "layer_types", None)
+    return list(kinds) if isinstance(kinds, (list, tuple)) else []
+
+
 def _state_layers(module: Any) -> frozenset[int]:
     """Indices of the layers that ``module``'s config marks as keeping a state, not keys and values (MiniMax's
     lightning attention: its cache holds that state aside, and the layer's key/value entry stays empty)."""
-    cfg = getattr(module, "config", None)
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    kinds = getattr(text, "layer_types", None)
-    if not isinstance(kinds, (list, tuple)):
-        return frozenset()
-    return frozenset(i for i, k in enumerate(kinds) if k in STATE_LAYER_TYPES)
+    return frozenset(i for i, k in enumerate(layer_types(getattr(module, "config", None))) if k in STATE_LAYER_TYPES)
 
 
 def _allocated(cache: Any) -> str | None:

@@ -20,6 +20,7 @@ factorised layer); forward computes the same thing in factorised form.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import sys
@@ -46,6 +47,11 @@ class _Counting(threading.local):
 COUNTING = _Counting()
 
 
+def _uncounted() -> AbstractContextManager:
+    """While ``count_flops`` counts: its pause (a weight the export holds merged is built uncounted)."""
+    return COUNTING.pause if COUNTING.pause is not None else contextlib.nullcontext()
+
+
 def _note_matrix_read(m: nn.Module) -> None:
     """Record that a forward of the nest's model read svd target ``m``'s ``weight`` as a matrix (a factored
     export, two Linears, could not serve that read: ``export`` refuses it). Reads outside a forward (the
@@ -62,6 +68,7 @@ def _note_matrix_read(m: nn.Module) -> None:
             return
         f = f.f_back
     st.extra["matrix_read"] = True
+
 
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
 
@@ -236,10 +243,8 @@ class SVDSlicer(LowRankSlicer):
         if name == "weight":  # (read by the parent's forward, as MultiheadAttention reads its out_proj's)
             if m.__dict__["_sn"].bind["rank"].dim.export != "merged":
                 _note_matrix_read(m)
-            if COUNTING.pause is not None and not self.factored(m):  # the export holds the product: uncounted
-                with COUNTING.pause:
-                    return m.U @ m.V
-            return m.U @ m.V
+            with _uncounted() if not self.factored(m) else contextlib.nullcontext():
+                return m.U @ m.V
         return self.base_value(m, name)
 
     def forward(self, m: nn.Module, x: Tensor) -> Tensor:
@@ -371,10 +376,8 @@ class LoRASlicer(LowRankSlicer):
         if name == "lora_B":
             return self.take(m, "lora_B", [(0, "out"), (1, "rank")])
         if name == "weight":
-            if COUNTING.pause is not None:  # the export holds the merged weight: built uncounted
-                with COUNTING.pause:
-                    return self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A)
-            return self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A)
+            with _uncounted():  # (the export holds the merged weight)
+                return self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A)
         return self.base_value(m, name)
 
     def base(self, m: nn.Module) -> Tensor:

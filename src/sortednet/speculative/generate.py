@@ -118,7 +118,7 @@ def _sampling(gen: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any
 
 
 def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draft_tokens: Any,
-              sampling: Sampling, vocab: int, eos: Any, model: Any, models: Sequence[Any] = ()
+              sampling: Sampling, vocab: int, eos: Any, model: Any, models: Sequence[Any]
               ) -> tuple[int, list[int]]:
     """Checks the run's inputs; returns (left padding to skip, eos ids)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..dims import Depth
 from ..errors import SortedNetError
-from ..kvcache import STATE_LAYER_TYPES
+from ..kvcache import STATE_LAYER_TYPES, layer_types
 from ..nest import Nest
 from ..submodel import SubModel
 from .stack import ForwardRunner, LayerRunner, Stack, layer_runner_problem
@@ -64,11 +64,7 @@ def _is_causal_lm(model: Any) -> bool:
 def _recurrent_layers(cfg: Any) -> bool:
     """Layers that keep a recurrent or convolution state (transformers >= 5.25 marks them in ``layer_types``,
     ``"linear_attention"``, ``"conv"``, ``"hybrid"``, where older versions set ``model._is_stateful``)."""
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    kinds = getattr(text, "layer_types", None)
-    if not isinstance(kinds, (list, tuple)):
-        return False
-    return any(isinstance(k, str) and (k in STATE_LAYER_TYPES or k.startswith("hybrid")) for k in kinds)
+    return any(isinstance(k, str) and (k in STATE_LAYER_TYPES or k.startswith("hybrid")) for k in layer_types(cfg))
 
 
 def _check_model(model: Any, what: str) -> None:
@@ -190,14 +186,13 @@ def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, threshold
                              f"got {type(draft).__name__}")
     dmodel = dnest.model if dnest else draft
     same = dnest is not None and dnest is tnest
-    if dnest is not None and not same and (any(m is tmodel for m in dmodel.modules())
-                                           or any(m is dmodel for m in tmodel.modules())):
+    overlap = any(m is tmodel for m in dmodel.modules()) or any(m is dmodel for m in tmodel.modules())
+    if dnest is not None and not same and overlap:
         raise SortedNetError(f"the draft nest wraps the target model itself ({type(tmodel).__name__}): its draft "
                              "sub-model would be in force for the target's forwards too; pass the nest as the "
                              "target: speculative_generate(nest, ids, draft='depth=...') (or exits=[...] with "
                              "draft=nest)")
-    if dnest is None and tnest is not None and (any(m is tmodel for m in dmodel.modules())
-                                                or any(m is dmodel for m in tmodel.modules())):
+    if dnest is None and tnest is not None and overlap:
         raise SortedNetError(f"the draft is the target model itself ({type(tmodel).__name__}), which runs the "
                              "target's sub-model; pass a sub-model of the target's nest: speculative_generate(nest, "
                              "ids, draft='depth=...') (or exits=[...] with draft=nest)")
