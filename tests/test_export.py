@@ -447,11 +447,15 @@ def test_transformer_encoder_with_padding_under_no_grad(heads, batch_first, seed
         torch.testing.assert_close(live, before, atol=1e-6, rtol=0)
 
 
-def test_an_exported_encoder_with_an_odd_head_count_takes_no_nested_tensors():
-    """Heads with the model width narrowed alongside: the sub-model's attention exports as a plain
-    nn.MultiheadAttention of 3 heads, but the export kept the full encoder's ``use_nested_tensor=True``, and a
-    padded batch under no_grad raised PyTorch's 'num_heads is not even' AssertionError (a TransformerEncoder
-    built at that size sets it False itself). The export now decides it as PyTorch's __init__ does."""
+def test_an_exported_encoder_with_an_odd_head_count_keeps_the_live_models_nested_path():
+    """Heads with the model width narrowed alongside: the sub-model's attention of 3 heads would export as a plain
+    nn.MultiheadAttention, which raises PyTorch's 'num_heads is not even' AssertionError on the nested tensor a
+    padded batch becomes under no_grad. The export once turned the encoder's ``use_nested_tensor`` off (as a
+    TransformerEncoder built at that size does), which fixed the crash but gave computed values at the padded
+    positions where the live model, still on the nested path, gives zeros. The odd-head attention now exports
+    as sortednet's PrunedMultiheadAttention (the attention the live sub-model runs): equal everywhere."""
+    from sortednet.slicers.mha import PrunedMultiheadAttention
+
     torch.manual_seed(0)
 
     class M(nn.Module):
@@ -470,18 +474,21 @@ def test_an_exported_encoder_with_an_odd_head_count_takes_no_nested_tensors():
                             norm=["enc.layers.*.norm1", "enc.layers.*.norm2"]))
     x, pad = torch.randn(3, 6, 5), torch.zeros(3, 6, dtype=torch.bool)
     pad[0, -2:] = True
-    odd = 0
-    for sub in nest.submodels:  # (heads x head size != width: sortednet's PrunedMultiheadAttention)
+    kinds = set()
+    for sub in nest.submodels:  # (heads x head size != width: sortednet's PrunedMultiheadAttention as well)
         small = nest.export(sub).eval()
         attn = small.enc.layers[0].self_attn
-        if type(attn) is nn.MultiheadAttention:
-            assert small.enc.use_nested_tensor == (attn.num_heads % 2 == 0)
-            odd += attn.num_heads % 2
+        assert small.enc.use_nested_tensor
+        assert type(attn) is (nn.MultiheadAttention if attn.num_heads % 2 == 0 and attn.num_heads * attn.head_dim
+                              == attn.embed_dim else PrunedMultiheadAttention)
+        kinds.add((type(attn).__name__, attn.num_heads, attn.embed_dim))
         with torch.no_grad():
             with nest.use(sub):
                 live = model(x, pad)
-            torch.testing.assert_close(small(x, pad)[~pad], live[~pad], atol=1e-5, rtol=0)
-    assert odd == 1  # heads=3,embed=12
+            out = small(x, pad)
+        torch.testing.assert_close(out, live, atol=1e-5, rtol=0)
+        assert out[0, -2:].abs().sum() == 0  # (the nested path's padding)
+    assert ("PrunedMultiheadAttention", 3, 12) in kinds and ("MultiheadAttention", 4, 16) in kinds
 
 
 def test_a_multihead_attention_subclass_with_its_own_forward_is_refused_at_wrap():

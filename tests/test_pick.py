@@ -174,6 +174,28 @@ def test_ties_with_scores_go_to_fewer_params():
     assert sel.pick({"params": 10}) == subs[1]
 
 
+def test_ties_follow_the_fixed_metric_order_whatever_order_the_limits_come_in():
+    """Of two sub-models tied in score, one fewer params (more flops), the other fewer flops: ties go to the lower
+    params, then flops. Given in another order, or params given as fraction= (added after flops), the ranking
+    once went by flops first."""
+    subs = [sn.SubModel(i=i) for i in range(2)]
+    sel = Selector(subs, {"params": [12815.0, 49589.0], "flops": [245888.0, 154112.0]}, scores=[1.0, 1.0])
+    for limits in ({"params": 5e4, "flops": 3e5}, {"flops": 3e5, "params": 5e4}):
+        assert sel.pick(limits) == subs[0], limits
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1), nn.Flatten(),
+                      nn.Linear(3 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 4))  # (convolutions: few params, many flops)
+    nest = sn.wrap(m, sn.Width("c", [2, 8], out="0", inp="2"), sn.Width("f", [16, 64], out="4", inp="6"),
+                   submodels=["c=8,f=16", "c=2,f=64"])
+    nest.profile(torch.randn(1, 3, 8, 8), score=lambda sub: 1.0, metrics=("params", "flops"), progress=False)
+    few_params, few_flops = sorted(nest.submodels, key=nest.cost)
+    assert nest.cost(few_flops, "flops") < nest.cost(few_params, "flops")
+    top = max(nest.cost(s, "flops") for s in nest.submodels)
+    for kw in ({"params": nest.cost(nest.largest), "flops": top}, {"flops": top, "params": nest.cost(nest.largest)},
+               {"fraction": 1.0, "flops": top}, {"flops": top, "fraction": 1.0}):
+        assert nest.pick(**kw) == few_params, kw
+
+
 @settings(max_examples=60, deadline=None)
 @given(table=tables())
 def test_the_printed_front_holds_what_pick_returns(table):

@@ -374,18 +374,18 @@ class _Analysis:
         return vs
 
     def link_raw(self) -> None:
-        """Join each directly read tensor axis to its role (see :meth:`_raw`). A module that never ran on
-        the example has no role bound: its tensor's axis stays fixed."""
+        """Join each directly read tensor axis to its role (see :meth:`_raw`). A module that never ran as one
+        (its tensors read by a functional call, or by a forward of the user's own that the trace recorded op by
+        op) has its role bound by these reads: they are its features, and what the ops do to them decides, as
+        for a module call's (a flip between two such layers is seen as one between two module calls)."""
         for v, path, role, name in self.raw:
-            why = f"parameter {name!r}"  # (check's diagnosis reads the module path from this)
             if v < 0:  # the rules of its slicer are not known: every role of the module
+                why = f"parameter {name!r}"  # (check's diagnosis reads the module path from this)
                 for (p, _), r in list(self.uf.roles.items()):
                     if p == path:
                         self.uf.fix(r, why)
-            elif (path, role) in self.uf.roles:
-                self.uf.union(v, self.uf.roles[(path, role)])
             else:
-                self.uf.fix(v, why)
+                self.uf.bind(v, path, role)
 
     def assign(self, t: Tensor, srcs: list[list[int]], why: str) -> list[int]:
         """Give ``t`` (an op's output) per-axis variables linked to ``srcs`` (per axis; empty = fresh, fixed)."""

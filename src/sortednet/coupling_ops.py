@@ -370,13 +370,21 @@ def handle(a, ev) -> bool:
         return True
     if name in _REORDER and len(outs) == 1 and outs[0].shape == x.shape:
         return _reorder(a, ev, x, outs[0], why)
+    if name in _SHUFFLE and len(outs) == 1 and outs[0].shape == x.shape and x.dim() >= 2:
+        xv = a.of(x)  # (ShuffleNet: channels (g, c/g) transposed to (c/g, g), axis 1 of a batched input; the unit
+        a.uf.fix(xv[1], f"reordered by {why}")  # at each position is another one at every width)
+        a.assign(outs[0], [[] if i == 1 else [v] for i, v in enumerate(xv)], why)
+        return True
     if name in _FUNCTIONAL_NORM:
         return _functional_norm(a, ev, x, outs, why)
+    if name in _FUNCTIONAL_LAYER:
+        return _functional_layer(a, ev, x, outs)
     return False
 
 
 #: ops that keep every axis's size but reorder the units of some: a prefix of such an axis is not a prefix after
 _REORDER = frozenset({"roll", "flip", "fliplr", "flipud"})
+_SHUFFLE = frozenset({"channel_shuffle", "native_channel_shuffle"})
 
 
 def _reorder(a, ev, x: Tensor, o: Tensor, why: str) -> bool:
@@ -460,6 +468,57 @@ def _functional_norm(a, ev, x: Tensor, outs: list[Tensor], why: str = "") -> boo
         r = a.uf.find(xv[axis])
         a.uf.mult[r] = math.lcm(a.uf.mult[r], group_size(m))
     return True
+
+
+#: functional forms of the layers :func:`module` links: op -> (module types, position of ``groups``)
+_FUNCTIONAL_LAYER: dict[str, tuple[tuple[type, ...], int | None]] = {
+    "linear": ((nn.Linear,), None), "conv1d": ((nn.Conv1d,), 6), "conv2d": ((nn.Conv2d,), 6),
+    "conv3d": ((nn.Conv3d,), 6),
+}
+
+
+def _functional_layer(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
+    """``F.linear`` / ``F.conv1d/2d/3d`` on exactly one stock layer's own ``weight`` (and its ``bias``, or
+    none), with the layer's ``groups``: linked as a call of that layer (its attributes are the active slice,
+    so the call computes on the sub-model's units as the module would). Anything else (a computed or sliced
+    weight, another module's bias, a group count of the call's own) is not understood: its axes stay fixed."""
+    kinds, at = _FUNCTIONAL_LAYER[ev.name]
+    if len(outs) != 1 or not ev.args or ev.args[0] is not x:
+        return False
+    w = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("weight")
+    b = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("bias")
+    name = a.params.get(id(w)) if isinstance(w, Tensor) else None
+    if name is None:
+        return False
+    path, _, attr = name.rpartition(".")
+    m = a.modules.get(path)
+    if attr != "weight" or m is None or not isinstance(m, kinds) or m._parameters.get("weight") is not w:
+        return False
+    if b is not None and (not isinstance(b, Tensor) or b is not m._parameters.get("bias")):
+        return False
+    sl, st = slicer_for(m), m.__dict__.get("_sn")
+    cls = type(m) if st is None else st.cls  # (a wrapped layer: the class it was wrapped from)
+    if sl is None or (own_forward(cls, sl) and not sl.verifies_forward(cls)):  # a subclass wrap would refuse
+        return False
+    if at is not None:
+        groups = ev.args[at] if len(ev.args) > at else ev.kwargs.get("groups", 1)
+        if groups != m.__dict__["groups"]:
+            return False
+    module(a, _Call(path, m, (x,), outs[0]))
+    return True
+
+
+@dataclass
+class _Call:
+    """A layer's functional call as :func:`module` reads one (``ev.name``: the layer's path)."""
+
+    name: str
+    func: nn.Module
+    args: tuple
+    out: Any
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    where: str = ""
+    kind: str = "mod"
 
 
 def _new_out(a, size: int, path: str, role: str = "out") -> int:

@@ -94,12 +94,26 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
             if torch_stack and isinstance(m.__dict__.get("num_layers"), int):
                 m.num_layers = len(m.layers)
-            if isinstance(m, nn.TransformerEncoder) and m.__dict__.get("use_nested_tensor") and any(
-                    type(a) is nn.MultiheadAttention and a.num_heads % 2
-                    for a in (getattr(layer, "self_attn", None) for layer in m.layers)):
-                m.use_nested_tensor = False  # (as PyTorch's own __init__ decides: no nested tensors for odd heads)
+            if isinstance(m, nn.TransformerEncoder) and m.__dict__.get("use_nested_tensor"):
+                _keep_nested_path(m)
         _share_once(model, new, skipped, sub)
     return new
+
+
+def _keep_nested_path(enc: nn.TransformerEncoder) -> None:
+    """An exported ``TransformerEncoder`` that turns a padded batch into a nested tensor (``use_nested_tensor``,
+    set at its construction for the full model's even head count) keeps doing so, as the live model does: a
+    layer whose attention now has an odd head count as a plain ``nn.MultiheadAttention`` (which refuses nested
+    tensors outside PyTorch's fast path, itself closed to odd counts) is exported as a
+    :class:`~sortednet.slicers.mha.PrunedMultiheadAttention`, sortednet's attention, which the live sub-model
+    runs. Turning the nested path off instead (as PyTorch's ``__init__`` would for a model built at that size)
+    changes the output at padded positions: computed there, where the live model gives zeros."""
+    from .slicers.mha import PrunedMultiheadAttention
+
+    for layer in enc.layers:
+        a = getattr(layer, "self_attn", None)
+        if type(a) is nn.MultiheadAttention and a.num_heads % 2:
+            layer.self_attn = PrunedMultiheadAttention(a)
 
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",

@@ -159,8 +159,9 @@ class Selector:
             (metric, limit), = limits.items()
             costs, best = self._table(metric)
             return self.subs[int(best[int(np.searchsorted(costs, limit, side="right")) - 1])]
-        metrics = tuple(limits)
-        ranking, _ = self._ranking(metrics)
+        order = ("params", "flops", "latency", "memory")  # (ties go to the lower cost in this order, whatever
+        metrics = tuple(sorted(limits, key=lambda m: (order.index(m) if m in order else len(order), m)))  # the
+        ranking, _ = self._ranking(metrics)  # order of the keywords, or of fraction= turned into params)
         costs = self._ranked.get(metrics)
         if costs is None:
             costs = self._ranked[metrics] = {m: self.costs[m][ranking] for m in metrics}   # in ranking order
