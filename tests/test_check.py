@@ -1702,6 +1702,45 @@ def test_layers_called_functionally_are_traced_as_those_layers():
         torch.testing.assert_close(fnest.export(sub)(x), live, atol=1e-5, rtol=0)
 
 
+class _OwnLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass with a forward of its own (wrap refuses it: its slicer cannot vouch for the forward)."""
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
+class _NotTracedAsLayers(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.ln, self.b, self.c = nn.Linear(8, 12), _OwnLayerNorm(12), nn.Linear(12, 12), nn.Linear(12, 4)
+        self.pw, self.dw = nn.Conv1d(8, 12, 1), nn.Conv1d(12, 12, 3, padding=1, groups=12)
+
+    def forward(self, x):
+        if self.how == "own_norm":  # its tensors read by its own forward: not a layer wrap would slice
+            return self.c(F.relu(self.b(self.ln(F.relu(self.a(x))))))
+        h = F.relu(self.pw(x.unsqueeze(-1).expand(-1, -1, 5)))  # depthwise, its group count a fixed number
+        return self.c(F.conv1d(h, self.dw.weight, self.dw.bias, 1, 1, 1, 12).mean(-1))
+
+
+@pytest.mark.parametrize("how,kept", [("own_norm", "parameter 'ln.weight'"), ("literal_groups", "'conv1d'")])
+def test_tensors_read_where_the_trace_cannot_vouch_for_a_layer_keep_their_features_whole(how, kept):
+    """Reads of a layer's tensors join its features only where wrap would slice that layer and the call follows
+    the sub-model: a norm subclass with its own forward was proposed as norm= (which wrap then refused), and a
+    depthwise F.conv1d with groups=12 written as a number (a crash at 6) as out= / inp=. Kept whole, named."""
+    torch.manual_seed(0)
+    model, x = _NotTracedAsLayers(how).eval(), torch.randn(3, 8)
+    for verify in (True, False):
+        with pytest.warns(UserWarning, match=kept):  # (KeptWholeWarning, or "found no group" where none is left)
+            dims = sn.discover(model, x, ratios=[0.5, 1.0], verify=verify)
+        assert all("ln" not in d.norm and "dw" not in d.out for d in dims if d.kind == "width"), dims
+    nest = sn.wrap(model, *dims, example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(nest.export(sub)(x), model(x), atol=1e-5, rtol=0)
+
+
 class _Gathered(nn.Module):
     """``fc1``'s units reversed by ``gather`` (an op the wiring trace does not understand), shapes that fit."""
 

@@ -56,7 +56,7 @@ def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
 #: a reshape that splits or merges the axis): a sub-model computes on other units than the full model, with shapes
 #: that fit
 _MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|regrouped by|"
-                    r"merges or splits this axis|repeats this axis")
+                    r"merges or splits this axis")
 
 
 def _bound_groups(nest: Nest, example: Any, model: Any) -> list[tuple[Any, list[tuple[tuple[str, str], Any]]]]:

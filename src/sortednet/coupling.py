@@ -32,7 +32,7 @@ from .coupling_ops import Attention, _tensors, attention_block, handle, leaf_typ
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads, separate_qkv
 from .modes import dry_run, eval_view, seeded
-from .slicers.base import slicer_for
+from .slicers.base import own_forward, slicer_for
 
 __all__ = ["Group", "Coupling", "analyse"]
 
@@ -318,6 +318,16 @@ def _axis_roles(m: nn.Module, attr: str, t: Tensor) -> tuple[tuple[int, str], ..
     return None
 
 
+def _sliceable(m: nn.Module | None) -> bool:
+    """Whether wrap would slice ``m`` under its slicer (a subclass whose own forward the slicer cannot vouch
+    for is refused)."""
+    sl = None if m is None else slicer_for(m)
+    if sl is None:
+        return False
+    cls = _base(m)
+    return not own_forward(cls, sl) or sl.verifies_forward(cls)
+
+
 class _Analysis:
     """Turns recorded events into variables linked in a union-find."""
 
@@ -377,15 +387,18 @@ class _Analysis:
         """Join each directly read tensor axis to its role (see :meth:`_raw`). A module that never ran as one
         (its tensors read by a functional call, or by a forward of the user's own that the trace recorded op by
         op) has its role bound by these reads: they are its features, and what the ops do to them decides, as
-        for a module call's (a flip between two such layers is seen as one between two module calls)."""
+        for a module call's (a flip between two such layers is seen as one between two module calls). A
+        subclass of a stock layer with a forward of its own, which wrap refuses, is not: its axes stay fixed."""
         for v, path, role, name in self.raw:
+            why = f"parameter {name!r}"  # (check's diagnosis reads the module path from this)
             if v < 0:  # the rules of its slicer are not known: every role of the module
-                why = f"parameter {name!r}"  # (check's diagnosis reads the module path from this)
                 for (p, _), r in list(self.uf.roles.items()):
                     if p == path:
                         self.uf.fix(r, why)
-            else:
+            elif (path, role) in self.uf.roles or _sliceable(self.modules.get(path)):
                 self.uf.bind(v, path, role)
+            else:
+                self.uf.fix(v, why)
 
     def assign(self, t: Tensor, srcs: list[list[int]], why: str) -> list[int]:
         """Give ``t`` (an op's output) per-axis variables linked to ``srcs`` (per axis; empty = fresh, fixed)."""

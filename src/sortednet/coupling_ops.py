@@ -481,7 +481,8 @@ def _functional_layer(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
     """``F.linear`` / ``F.conv1d/2d/3d`` on exactly one stock layer's own ``weight`` (and its ``bias``, or
     none), with the layer's ``groups``: linked as a call of that layer (its attributes are the active slice,
     so the call computes on the sub-model's units as the module would). Anything else (a computed or sliced
-    weight, another module's bias, a group count of the call's own) is not understood: its axes stay fixed."""
+    weight, another module's bias, a grouped or depthwise convolution, whose group count the call may give as a
+    number that does not follow the sub-model) is not understood: its axes stay fixed."""
     kinds, at = _FUNCTIONAL_LAYER[ev.name]
     if len(outs) != 1 or not ev.args or ev.args[0] is not x:
         return False
@@ -500,9 +501,9 @@ def _functional_layer(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
     cls = type(m) if st is None else st.cls  # (a wrapped layer: the class it was wrapped from)
     if sl is None or (own_forward(cls, sl) and not sl.verifies_forward(cls)):  # a subclass wrap would refuse
         return False
-    if at is not None:
-        groups = ev.args[at] if len(ev.args) > at else ev.kwargs.get("groups", 1)
-        if groups != m.__dict__["groups"]:
+    if at is not None:  # (a depthwise layer's count, written as a number or read from the layer, cannot be
+        groups = ev.args[at] if len(ev.args) > at else ev.kwargs.get("groups", 1)  # told apart: not understood)
+        if groups != 1 or m.__dict__["groups"] != 1:
             return False
     module(a, _Call(path, m, (x,), outs[0]))
     return True

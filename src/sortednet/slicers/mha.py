@@ -234,8 +234,11 @@ class PrunedMultiheadAttention(nn.Module):
 
     def __prepare_scriptable__(self) -> None:
         raise SortedNetError("torch.jit.script: PrunedMultiheadAttention (the export of an nn.MultiheadAttention "
-                             "whose heads x head_dim no longer equals its embedding width) is not scriptable; use "
-                             "torch.jit.trace or torch.export.export of the exported model")
+                             "whose heads x head_dim no longer equals its embedding width, or of an odd head count "
+                             "in a TransformerEncoder that takes the nested-tensor path) is not scriptable; use "
+                             "torch.jit.trace or torch.export.export of the exported model (for the second: set the "
+                             "encoder's use_nested_tensor = False before export, which the live model then follows "
+                             "too, for a stock nn.MultiheadAttention)")
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
