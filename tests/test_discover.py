@@ -829,3 +829,39 @@ def test_multi_query_attention_heads_are_discovered(kv_heads):
         reference.attn.o.weight[:, size * 4:] = 0  # the heads a sub-model drops, silenced in the full model
         with nest.use({**nest.largest, heads[0].name: size}):
             torch.testing.assert_close(model(x), reference(x), atol=1e-12, rtol=0)
+
+
+class _PaddedEncoder(nn.Module):
+    """A TransformerEncoder fed a padding mask: in eval under no_grad its padded batch is a nested tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, mask):
+        return self.out(self.enc(self.inp(x), src_key_padding_mask=mask))
+
+
+def test_check_and_discover_run_an_encoder_on_its_nested_tensor_path():
+    """The attention outputs check compares per unit were nested tensors there, and discover and
+    wrap(..., example=) stopped with PyTorch's "NestedTensorImpl doesn't support sizes"."""
+    torch.manual_seed(0)
+    model = _PaddedEncoder().eval()
+    x, mask = torch.randn(3, 7, 6), torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 5:], mask[1, 3:] = True, True
+    nest = sn.wrap(model, sn.Heads("heads", [2, 4], attn="enc.layers.*.self_attn"),
+                   sn.Width("ffn", [16, 32], out="enc.layers.*.linear1", inp="enc.layers.*.linear2"),
+                   example=(x, mask))
+    nest.unwrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (PyTorch's prototype warning for nested tensors; KeptWholeWarning)
+        dims = sn.discover(model, (x, mask), ratios=[0.5, 1.0])
+    assert any(isinstance(d, sn.Heads) for d in dims) and widths(dims), dims
+    nest = sn.wrap(model, *dims, example=(x, mask))
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = model(x, mask)
+        with torch.no_grad():
+            torch.testing.assert_close(nest.export(sub).eval()(x, mask), live, atol=1e-5, rtol=0)

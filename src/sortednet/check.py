@@ -348,7 +348,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     def capture(run: str, keep: int, axis: int) -> Any:
         def hook(mod: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor) and args[0].dim() > max(axis, 0):
-                inputs[run].setdefault(id(mod), []).append(args[0].narrow(axis, 0, keep).detach().double())
+                inputs[run].setdefault(id(mod), []).append(_dense(args[0]).narrow(axis, 0, keep).detach().double())
         return hook
 
     # the attention modules' own outputs too (Heads): a reader called as F.linear(y, o.weight) inside a
@@ -360,7 +360,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
             y = first_float(out)
             if y is not None:
-                outputs[run].setdefault(id(mod), []).append(y.detach().double())
+                outputs[run].setdefault(id(mod), []).append(_dense(y).detach().double())
         return hook
 
     def mask_input(keep: int, axis: int) -> Any:
@@ -418,6 +418,11 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
                 if x.shape == y.shape and y.numel():
                     err = max(err, _rel_diff(x, y, 1e-12))
     return err
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a nested tensor (a TransformerEncoder's padded batch on its fast path) padded with zeros."""
+    return t.to_padded_tensor(0.0) if t.is_nested else t
 
 
 def _attention_paths(nest: Nest, d: Any, modules: dict[str, nn.Module]) -> list[str]:
