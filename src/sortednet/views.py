@@ -386,7 +386,7 @@ def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
     goes through AccumulateGrad. Threads that run backward at the same moment
     with one using a parameter whole and another a slice of it must use
     ``inplace_grad=False`` (docs/mechanism.md); slices from several threads add up
-    exactly under the module's lock.
+    exactly under the nest's lock.
     """
     if not cuts:
         return t
