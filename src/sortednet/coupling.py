@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .cost import call_model
-from .coupling_ops import Attention, _tensors, attention_block, handle, leaf_types, module
+from .coupling_ops import Attention, _tensors, attention_block, handle, leaf_types, module, sliceable
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads, separate_qkv
 from .modes import dry_run, eval_view, seeded
-from .slicers.base import own_forward, slicer_for
+from .slicers.base import slicer_for
 
 __all__ = ["Group", "Coupling", "analyse"]
 
@@ -318,16 +318,6 @@ def _axis_roles(m: nn.Module, attr: str, t: Tensor) -> tuple[tuple[int, str], ..
     return None
 
 
-def _sliceable(m: nn.Module | None) -> bool:
-    """Whether wrap would slice ``m`` under its slicer (a subclass whose own forward the slicer cannot vouch
-    for is refused)."""
-    sl = None if m is None else slicer_for(m)
-    if sl is None:
-        return False
-    cls = _base(m)
-    return not own_forward(cls, sl) or sl.verifies_forward(cls)
-
-
 class _Analysis:
     """Turns recorded events into variables linked in a union-find."""
 
@@ -395,7 +385,7 @@ class _Analysis:
                 for (p, _), r in list(self.uf.roles.items()):
                     if p == path:
                         self.uf.fix(r, why)
-            elif (path, role) in self.uf.roles or _sliceable(self.modules.get(path)):
+            elif (path, role) in self.uf.roles or sliceable(self.modules.get(path)):
                 self.uf.bind(v, path, role)
             else:
                 self.uf.fix(v, why)

@@ -470,6 +470,17 @@ def _functional_norm(a, ev, x: Tensor, outs: list[Tensor], why: str = "") -> boo
     return True
 
 
+def sliceable(m: nn.Module | None) -> bool:
+    """Whether wrap would slice ``m`` under its slicer (a subclass whose own forward the slicer cannot vouch
+    for is refused)."""
+    sl = None if m is None else slicer_for(m)
+    if sl is None:
+        return False
+    st = m.__dict__.get("_sn")
+    cls = type(m) if st is None else st.cls  # (a wrapped layer: the class it was wrapped from)
+    return not own_forward(cls, sl) or sl.verifies_forward(cls)
+
+
 #: functional forms of the layers :func:`module` links: op -> (module types, position of ``groups``)
 _FUNCTIONAL_LAYER: dict[str, tuple[tuple[type, ...], int | None]] = {
     "linear": ((nn.Linear,), None), "conv1d": ((nn.Conv1d,), 6), "conv2d": ((nn.Conv2d,), 6),
@@ -497,9 +508,7 @@ def _functional_layer(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
         return False
     if b is not None and (not isinstance(b, Tensor) or b is not m._parameters.get("bias")):
         return False
-    sl, st = slicer_for(m), m.__dict__.get("_sn")
-    cls = type(m) if st is None else st.cls  # (a wrapped layer: the class it was wrapped from)
-    if sl is None or (own_forward(cls, sl) and not sl.verifies_forward(cls)):  # a subclass wrap would refuse
+    if not sliceable(m):
         return False
     if at is not None:  # (a depthwise layer's count, written as a number or read from the layer, cannot be
         groups = ev.args[at] if len(ev.args) > at else ev.kwargs.get("groups", 1)  # told apart: not understood)
