@@ -544,6 +544,7 @@ _TREE_CHANGES = {  # what a user may do to the module tree after wrap; each woul
     "delete the last block": lambda m: m.blocks.__delitem__(-1),
     "pop a block": lambda m: m.blocks.pop(0),
     "add_module into the blocks": lambda m: m.blocks.add_module("extra", nn.Identity()),
+    "delattr a block": lambda m: delattr(m.blocks, "1"),
 }
 
 

@@ -335,9 +335,12 @@ def _share_once(live: nn.Module, new: nn.Module, skipped: list[str], sub: SubMod
             if e is canon:
                 continue
             if e.shape != canon.shape or e.dtype != canon.dtype or not torch.equal(e.detach(), canon.detach()):
+                how = (f"{tuple(canon.shape)} vs {tuple(e.shape)}" if e.shape != canon.shape else
+                       f"{canon.dtype} vs {e.dtype}" if e.dtype != canon.dtype else
+                       f"both {tuple(e.shape)} but with other values: one of them changed by its slicer's export")
                 raise SortedNetError(
                     f"export({sub}): {first!r} and {_name(path, name)!r} are one tensor in the model, but this "
-                    f"sub-model uses different slices of it ({tuple(canon.shape)} vs {tuple(e.shape)}); a plain model "
+                    f"sub-model uses different slices of it ({how}); a plain model "
                     "cannot tie them. Slice both users with the same dimension (e.g. list the tied "
                     "embedding and output layer under one Width) or export a sub-model where they agree")
             store[name] = canon

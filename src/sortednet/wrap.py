@@ -260,21 +260,84 @@ def exportable(model: nn.Module, planned: dict) -> Any:
     return test
 
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
+
+
+def _span(t: torch.Tensor) -> tuple[str, int, int] | None:
+    """The device and byte range ``t`` reads ([first, last] element addresses): a view of a weight (``.T``,
+    ``.detach()``, a slice) overlaps it; the disjoint parts of one flat buffer (FSDP) do not. None for tensors
+    without plain memory (meta, some subclasses)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        ptr = t.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if not ptr:
+        return None
+    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    size = t.element_size()
+    return str(t.device), ptr + lo * size, ptr + hi * size + size - 1
+
+
+def _held_tensors(v: object, depth: int = 0) -> Iterable[torch.Tensor]:
+    """The tensors a plain attribute value holds (directly, in a list / tuple / set / dict, or a
+    ``functools.partial``'s arguments), as the export's check of plain attributes reads them."""
+    if isinstance(v, torch.Tensor):
+        yield v
+        return
+    if isinstance(v, functools.partial):
+        v = (v.args, v.keywords)
+    if depth < 6 and isinstance(v, (list, tuple, set, frozenset, dict)):
+        for x in (v.values() if isinstance(v, dict) else v):
+            yield from _held_tensors(x, depth + 1)
+
+
 def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
-    """A Rank target's weight is replaced by factors (or frozen under adapters and merged at unwrap):
-    a weight another module also holds (tied embedding / output layer) cannot follow."""
+    """A Rank target's weight is replaced by factors (svd: the old tensor is left behind, full rank) or frozen
+    under adapters (lora: reads of the weight itself never see them) and merged at unwrap: a weight another
+    module also holds (tied embedding / output layer), a buffer holds, a plain Python attribute holds, or that
+    a view of it shares, cannot follow; a forward reading it there would run the full-rank weight under every
+    rank, silently."""
     from .slicers.lowrank import LowRankSlicer
 
     ranked = {id(m._parameters.get("weight")): (path, m) for path, (m, sl, _) in planned.items()
               if isinstance(sl, LowRankSlicer) and m._parameters.get("weight") is not None}
     if not ranked:
         return
+    spans = [(key, ranked[i][0]) for i, (_, m) in ranked.items() if (key := _span(m._parameters["weight"]))]
+
+    def refuse(target: str, where: str, same: bool) -> None:
+        what = "its weight is also" if same else "a view of its weight (same memory) is"
+        raise PatternError(f"Rank target {target!r}: {what} {where}; factorising it (svd) would leave that one on "
+                           "the old full-rank weight, and adapters (lora) never reach it, so a forward reading it "
+                           "there runs the full rank under every sub-model. Read the weight through its module, "
+                           "untie them, or leave the layer out of the Rank targets")
+
+    def check(t: torch.Tensor, where: str, owner: nn.Module | None = None) -> None:
+        hit = ranked.get(id(t))
+        if hit is not None:
+            if owner is not hit[1]:  # (the same module twice is fine)
+                refuse(hit[0], where, True)
+            return
+        if (key := _span(t)) is not None:
+            target = next((p for (dev, lo, hi), p in spans if dev == key[0] and lo <= key[2] and key[1] <= hi), None)
+            if target is not None:
+                refuse(target, where, False)
+
     for path, m in model.named_modules(remove_duplicate=False):
+        at = f"{path}." if path else ""
         for name, p in m._parameters.items():
-            if p is not None and id(p) in ranked and m is not ranked[id(p)][1]:  # the same module twice is fine
-                raise PatternError(f"Rank target {ranked[id(p)][0]!r}: its weight is also {path}.{name} (tied); "
-                                   "factorising or merging adapters into it would change that module too. Untie "
-                                   "them, or leave the layer out of the Rank targets")
+            if p is not None:
+                check(p, f"{at + name!r} (tied)", m)
+        for name, b in m._buffers.items():
+            if b is not None:
+                check(b, f"the buffer {at + name!r}")
+        for attr, v in m.__dict__.items():
+            if attr not in _MODULE_INTERNALS:
+                for t in _held_tensors(v):
+                    check(t, f"held by {at + attr!r} (a plain Python attribute)")
 
 
 def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096,

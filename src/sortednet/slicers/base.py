@@ -475,17 +475,19 @@ def _read_error(st: State, name: str, err: AttributeError) -> SortedNetError:
                           f"{err}")
 
 
-def _guarded_delattr(base: type) -> Callable[[nn.Module, str], None]:
+def _guarded_delattr(base: type,
+                     own: Callable[[nn.Module, str], None] | None = None) -> Callable[[nn.Module, str], None]:
     """``__delattr__`` of a sliced subclass: a sliced tensor cannot be deleted while wrapped (parametrize and
     spectral_norm start by deleting it; the nest would then slice nothing, and parametrize would fail
     half-way with the weight gone). ``prune`` is caught by :func:`_guarded_register`, the deprecated
     ``torch.nn.utils.weight_norm`` (which deletes through ``_parameters`` directly) by
     :func:`_guard_weight_norm`; any other deletion behind this guard is named by the next forward, ``use``
-    or ``export`` (the sliced weight is gone)."""
+    or ``export`` (the sliced weight is gone). ``own``: the slicer namespace's ``__delattr__``, run after that
+    check (a Depth layer list refuses removing a block)."""
 
     def __delattr__(self: nn.Module, name: str) -> None:
         refuse_removal(self, name)
-        base.__delattr__(self, name)
+        (own or base.__delattr__)(self, name)
 
     return __delattr__
 
@@ -656,9 +658,10 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
         base = type(m)
         if not _HOOKS:
             _HOOKS.append(nn.modules.module.register_module_buffer_registration_hook(_buffer_guard))
-        cls = type(f"Sorted{base.__name__}", (base,), {**sl.namespace(m, names), "_sn_sliced": True,
+        ns = sl.namespace(m, names)
+        cls = type(f"Sorted{base.__name__}", (base,), {**ns, "_sn_sliced": True,
                                                        "_sn_names": frozenset(names),
-                                                       "__delattr__": _guarded_delattr(base),
+                                                       "__delattr__": _guarded_delattr(base, ns.get("__delattr__")),
                                                        "register_parameter": _guarded_register(base, frozenset(names)),
                                                        "register_buffer": _guarded_register_buffer(base,
                                                                                                    frozenset(names)),

@@ -89,8 +89,14 @@ class DepthSlicer(Slicer):
         def __delitem__(self_, idx):
             refuse_tree_change(self_._sn.path, f"deleting [{idx}] of {self_._sn.path or '<root>'!r}", True)
 
+        def __delattr__(self_, name):
+            if name in self_._modules:
+                refuse_tree_change(self_._sn.path, f"deleting block {name!r} of {self_._sn.path or '<root>'!r}",
+                                   True)
+            self_._sn.cls.__delattr__(self_, name)
+
         return {"__iter__": __iter__, "__len__": __len__, "__getitem__": __getitem__, "insert": insert,
-                "__delitem__": __delitem__}
+                "__delitem__": __delitem__, "__delattr__": __delattr__}
 
     def inactive(self, m: nn.Module) -> list[nn.Module]:
         """Blocks skipped by the active depth (their parameters are not in use)."""
