@@ -953,14 +953,15 @@ def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
 class _ZippedNorms(nn.Module):
     """Blocks paired with a second per-layer list (``zip(self.blocks, self.norms)``)."""
 
-    def __init__(self, n=4):
+    def __init__(self, n=4, reverse=False):
         super().__init__()
         self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
         self.norms = nn.ModuleList(nn.LayerNorm(8) for _ in range(n))
         self.head = nn.Linear(8, 2)
+        self.reverse = reverse
 
     def forward(self, x):
-        for block, norm in zip(self.blocks, self.norms):
+        for block, norm in zip(self.blocks, reversed(self.norms) if self.reverse else self.norms):
             x = norm(block(x))
         return self.head(x)
 
@@ -1000,7 +1001,7 @@ def test_layers_idle_at_a_shallow_depth_are_named_with_how_to_bind_them():
     torch.manual_seed(0)
     x = torch.randn(3, 8)
     m = _ZippedNorms()
-    with pytest.warns(sn.check.IdleLayersWarning, match=r"first d entries of \['norms'\].*all 4: 48 idle "
+    with pytest.warns(sn.check.IdleLayersWarning, match=r"runs only d entries of \['norms'\].*all 4: 48 idle "
                                                          r"parameters at depth 1.*layers=\[<the blocks>, 'norms'\]"):
         nest = sn.wrap(m, sn.Depth("depth", [1, 4], layers="blocks"), example=x)
     assert nest.cost("depth=1") == 154
@@ -1009,6 +1010,21 @@ def test_layers_idle_at_a_shallow_depth_are_named_with_how_to_bind_them():
         warnings.simplefilter("error", sn.check.IdleLayersWarning)
         nest = sn.wrap(m, sn.Depth("depth", [1, 4], layers=["blocks", "norms"]), example=x)
     assert nest.cost("depth=1") == 106 == sum(p.numel() for p in nest.export("depth=1").parameters())
+
+
+def test_layers_read_from_the_end_and_idle_at_a_shallow_depth_are_named():
+    """``zip(self.blocks, reversed(self.norms))``: depth 1 runs the last norm only, yet cost counted all four and
+    export kept them, with nothing said (the forward-order pairing was warned of). A Depth cannot cut a list's
+    last entries: the warning says to order the list like the blocks. The outputs are the sub-models' own."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    m = _ZippedNorms(reverse=True)
+    with pytest.warns(sn.check.IdleLayersWarning, match=r"runs only d entries of \['norms'\].*48 idle parameters at "
+                                                         r"depth 1.*order that list like the blocks"):
+        nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers="blocks"), example=x)
+    with torch.no_grad(), nest.use("depth=1"):
+        torch.testing.assert_close(m(x), m.head(m.norms[3](m.blocks[0](x))))
+        torch.testing.assert_close(m(x), nest.export("depth=1")(x))
 
 
 @pytest.mark.parametrize("how", ["value", "views"])

@@ -1111,7 +1111,8 @@ def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], e
     ``self.norms[i]``) but the Depth does not cut: at each depth d only its first d entries run, while ``cost``
     counts and ``export`` keeps all of them. Said with an :class:`IdleLayersWarning` naming it and how to bind
     it (a wrong count, not a wrong output). Only a list as long as the blocks, run whole at full depth and
-    exactly its first d entries at every depth d, counts: which experts a router picks, or which branch an
+    exactly its first d entries at every depth d (or its last d: ``reversed(self.norms)``, which a Depth
+    cannot cut; the warning says to order it like the blocks), counts: which experts a router picks, or which branch an
     input takes, also changes with the depth, and is no such list."""
     bound = {id(m) for m in nest._sliced.values() if "depth" in m._sn.bind}  # (every Depth's own layer lists)
     for dd in (d for d in nest.dims if d.kind == "depth"):
@@ -1124,6 +1125,10 @@ def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], e
         full = SubModel({d.name: d.full for d in nest.dims})
         whole = {k for k, r in _entries_run(nest, model, copies, example, holders, full).items()
                  if r == set(range(dd.full))}
+        prefix = set(whole)  # (the ones that run exactly their first d entries, a Depth can cut those; others run
+        #                      exactly their last d: read from the end)
+        smallest: dict[str, set[int]] = {}
+        low = dd.sizes[0]
         for size in dd.sizes[:-1]:
             sub = _at_depth(nest, dd, size)
             if not whole:
@@ -1131,16 +1136,23 @@ def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], e
             if sub is None:
                 continue
             at = _entries_run(nest, model, copies, example, holders, sub)
-            whole = {k for k in whole if at[k] == set(range(size))}
+            whole = {k for k in whole if at[k] in (set(range(size)), set(range(dd.full - size, dd.full)))}
+            prefix = {k for k in prefix & whole if at[k] == set(range(size))}
+            if not smallest:
+                smallest, low = {k: at[k] for k in whole}, size
         if whole:
             idle = sorted(whole)
-            count = sum(t.numel() for p in idle for i, e in enumerate(holders[p]) if i >= dd.sizes[0]
-                        for t in e.parameters())
+            count = sum(t.numel() for p in idle for i, e in enumerate(holders[p])
+                        if i not in smallest.get(p, range(low)) for t in e.parameters())
+            how = (f"Cut them with the blocks: sn.Depth({dd.name!r}, ..., layers=[<the blocks>, "
+                   f"{', '.join(map(repr, idle[:2]))}])" if set(idle) <= prefix else
+                   "A Depth keeps the first d entries of a list, and the forward runs others of "
+                   f"{sorted(set(idle) - prefix)[:2]} (e.g. from its end): order that list like the blocks "
+                   "(entry i with block i) to cut it with them")
             warnings.warn(
-                f"nest.check: depth {dd.name!r} runs only the first d entries of {idle[:3]} (per-layer lists the "
+                f"nest.check: depth {dd.name!r} runs only d entries of {idle[:3]} (per-layer lists the "
                 f"forward pairs with its blocks), yet cost counts and export keeps all {dd.full}: {count:,} idle "
-                f"parameters at depth {dd.sizes[0]}. Cut them with the blocks: sn.Depth({dd.name!r}, ..., "
-                f"layers=[<the blocks>, {', '.join(map(repr, idle[:2]))}])", IdleLayersWarning, stacklevel=4)
+                f"parameters at depth {low}. {how}", IdleLayersWarning, stacklevel=4)
 
 
 def _depth_order(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
