@@ -877,11 +877,23 @@ def test_trainer_checkpoints_of_a_rank_nest_load_as_what_they_trained(mode, tmp_
     with pytest.raises(sn.SortedNetError, match=NEST_FILE):
         trainer2._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
     # the model's own save_pretrained would write the factors / adapters, which from_pretrained re-initialises or
-    # drops: refused before any weight is written; after unwrap(merge=True) it writes the merged model
-    with pytest.raises(sn.SortedNetError, match=rf"save_pretrained of this LlamaForCausalLM: .*mode='{mode}'"):
-        model.save_pretrained(tmp_path / "direct")
-    assert not [f for f in (tmp_path / "direct").iterdir() if f.suffix in (".safetensors", ".bin")]
+    # drops: refused before anything is written (it wrote config.json first: a folder holding another checkpoint
+    # was left with a config that no longer described its weights), also on a deep copy; an export saves stock
+    # weights; after unwrap(merge=True) the model's own save writes the merged model
+    other = tmp_path / "direct"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2").save_pretrained(other)
+    files = {f.name: f.read_bytes() for f in other.iterdir()}
+    for who in (model, copy.deepcopy(model)):
+        with pytest.raises(sn.SortedNetError, match=rf"save_pretrained of this LlamaForCausalLM: .*mode='{mode}'.*"
+                                                    r"nothing was written"):
+            who.save_pretrained(other)
+        assert {f.name: f.read_bytes() for f in other.iterdir()} == files
+    from sortednet.integrations import export_pretrained
+    export_pretrained(nest, nest.largest).save_pretrained(tmp_path / "largest")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "largest").eval()(x).logits
+    torch.testing.assert_close(back, live, atol=1e-5, rtol=1e-4)
     nest.unwrap(merge=True)
+    assert "save_pretrained" not in model.__dict__
     model.save_pretrained(tmp_path / "merged")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(x).logits
     torch.testing.assert_close(back, live, atol=1e-5, rtol=1e-4)

@@ -90,6 +90,9 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                         if child is c:
                             parent._modules[name] = r
         _drop_wrap_hooks(nest._hooks, new)
+        for m in new.modules():  # (a Rank nest's save guard: the export holds stock weights)
+            if getattr(m.__dict__.get("save_pretrained"), "_sn_save_guard", False):
+                del m.__dict__["save_pretrained"]
         for m in new.modules():  # their layer count attribute follows a Depth-cut layer list
             torch_stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
             if torch_stack and isinstance(m.__dict__.get("num_layers"), int):

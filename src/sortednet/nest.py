@@ -35,8 +35,10 @@ from .slicers import base as _base
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_int
 from .views import is_fsdp, new_lock, storage_key
 from .wrap import (
+    AttrKey,
     FactorsNotPretrained,
     Pin,
+    SavePretrainedGuard,
     drop_hooks_since,
     entry_children,
     exportable,
@@ -204,6 +206,8 @@ class Nest:
             if ranks and callable(getattr(model, "save_pretrained", None)):
                 names = ", ".join(f"Rank {d.name!r} (mode={d.mode!r})" for d in ranks)
                 hooks.append(model.register_state_dict_pre_hook(FactorsNotPretrained(names)))
+                model.__dict__["save_pretrained"] = SavePretrainedGuard(model, names)  # refused before any file
+                hooks.append(AttrKey(model.__dict__, "save_pretrained"))
             self._attach(planned, hooks)
         except BaseException:
             self._stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 import threading
 import weakref
@@ -603,9 +604,55 @@ class FactorsNotPretrained:
             f = f.f_back
 
 
+class SavePretrainedGuard:
+    """``save_pretrained`` set on the instance of a Hugging Face model wrapped with ``Rank``: refuses a save that
+    would read ``model.state_dict()`` (factors / adapters, which ``from_pretrained`` re-initialises or drops)
+    before transformers writes anything (it writes the config files first, then reads the state dict: a refusal
+    there left a folder whose config.json describes another model than the weights already in it). A save given
+    its weights (``state_dict=``, e.g. the merged ones ``SortedTrainer`` passes) runs the class's own method.
+    :class:`FactorsNotPretrained` stays as the second line (``type(model).save_pretrained(model, ...)``)."""
+
+    _sn_save_guard = True  # (how an export finds it on its copy)
+
+    def __init__(self, model: nn.Module, dims: str) -> None:
+        self.model, self.dims = model, dims
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        method = type(self.model).save_pretrained
+        try:
+            given = inspect.signature(method).bind(self.model, *args, **kwargs).arguments.get("state_dict")
+        except TypeError:  # (wrong arguments: the method's own error)
+            return method(self.model, *args, **kwargs)
+        if given is None:
+            raise SortedNetError(
+                f"save_pretrained of this {type(self.model).__name__}: its parameters hold the factors / adapters of "
+                f"{self.dims}, which from_pretrained would re-initialise or drop (a different model, with only a "
+                "load report). Save sortednet.integrations.export_pretrained(nest, nest.largest).save_pretrained("
+                "path) (stock weights, the largest sub-model merged), sn.save(nest, path) to resume, or call "
+                "nest.unwrap(merge=True) first (nothing was written)")
+        return method(self.model, *args, **kwargs)
+
+
+class AttrKey:
+    """A removable handle for an attribute wrap set on a module's instance (its ``__dict__``): removed only
+    while it still holds what wrap set. ``hooks_dict_ref`` / ``id`` as a hook handle's (no hook dict)."""
+
+    id = None
+
+    def __init__(self, holder: dict, key: str) -> None:
+        self.holder, self.key, self.value = holder, key, holder.get(key)
+
+    def hooks_dict_ref(self) -> None:
+        return None
+
+    def remove(self) -> None:
+        if self.holder.get(self.key) is self.value:
+            del self.holder[self.key]
+
+
 def wrap_hooks(model: nn.Module) -> list[_HookKey]:
-    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the save guard of a
-    :class:`FactorsNotPretrained`), found in ``model``
+    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the save guards
+    :class:`FactorsNotPretrained` and :class:`SavePretrainedGuard`), found in ``model``
     (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
     out = []
     for m in model.modules():
@@ -614,6 +661,8 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
                    if isinstance(getattr(f, "hook", None), (StaleCalibration, StateKeys)))
         saves = m.__dict__.get("_state_dict_pre_hooks", {})
         out.extend(_HookKey(saves, k) for k, f in list(saves.items()) if isinstance(f, FactorsNotPretrained))
+        if isinstance(m.__dict__.get("save_pretrained"), SavePretrainedGuard):
+            out.append(AttrKey(m.__dict__, "save_pretrained"))  # type: ignore[arg-type]
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
