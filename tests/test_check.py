@@ -211,6 +211,79 @@ def test_heads_must_be_whole_heads(heads_fast, masked):
     assert_unchanged(model, before)
 
 
+class _CosineAttn(torch.nn.Module):
+    """Cosine-similarity attention: ``mixed`` normalises q and k over ALL heads before splitting them (a head's
+    scores depend on the others: not whole heads), else per head (whole heads). ``zero``: the query projection
+    (muP) or the output projection (ReZero / adaLN-Zero / guided diffusion) starts at zero."""
+
+    def __init__(self, mixed: bool, zero: str | None, E=32, H=4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.mixed = H, E // H, mixed
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(E, E) for _ in range(4))
+        if zero is not None:
+            torch.nn.init.zeros_(getattr(self, zero).weight)
+            torch.nn.init.zeros_(getattr(self, zero).bias)
+
+    def forward(self, x, mask=None):
+        B, T, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        split = [t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+        if self.mixed:
+            q, k = (torch.nn.functional.normalize(t, dim=-1) * 4 for t in (q, k))
+            split[:2] = [t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k)]
+        else:
+            split[:2] = [torch.nn.functional.normalize(t, dim=-1) * 4 for t in split[:2]]
+        a = torch.nn.functional.scaled_dot_product_attention(*split, attn_mask=mask, scale=1.0)
+        return self.o(a.transpose(1, 2).reshape(B, T, -1))
+
+
+class _MaskedCosine(_CosineAttn):
+    def forward(self, x, mask):  # (a second argument: wrap cannot run it alone; check(example) measures it)
+        return super().forward(x, mask)
+
+
+class _CosineNet(torch.nn.Module):
+    def __init__(self, att):
+        super().__init__()
+        self.att = att
+
+    def forward(self, x, mask=None):
+        return x + (self.att(x) if mask is None else self.att(x, mask))
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["runs_alone", "needs_a_mask"])
+@pytest.mark.parametrize("zero", [None, "q", "o"])
+def test_zero_initialised_projections_neither_hide_nor_fake_a_heads_layout(zero, alone):
+    """With the query projection at zero every head attends uniformly, so whole heads measured on the model's
+    own weights passed a layout that mixes heads in q / k (wrap and check(example) accepted it; once training
+    moved q, heads=1 was 0.57 off the full model's first head). With the output projection at zero the attention's
+    output was constant, and check(example) refused a right layout as 'attention over one key position'. Whole
+    heads are measured again with random stand-ins for all-zero weights (the model's own are not touched)."""
+    x, mask = torch.randn(2, 7, 32), torch.ones(7, 7, dtype=torch.bool).tril()
+    example = x if alone else (x, mask)
+    for mixed in (False, True):
+        torch.manual_seed(0)
+        model = _CosineNet((_CosineAttn if alone else _MaskedCosine)(mixed, zero))
+        before = snapshot(model)
+        if not mixed:
+            nest = sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="att"), example=example)
+            with torch.no_grad(), nest.use("h=2"):
+                torch.testing.assert_close(model(*example) if not alone else model(x),
+                                           nest.export("h=2")(*example) if not alone else nest.export("h=2")(x))
+            nest.unwrap()
+            assert_unchanged(model, before)
+            continue
+        stand_in = "" if zero != "q" else r".*random stand-ins for the all-zero \['att.q.weight'\]"
+        if alone:
+            with pytest.raises(sn.SortedNetError, match=f"(?s)1 heads are not the first 1 whole heads{stand_in}"):
+                sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="att"))
+        else:
+            with pytest.raises(sn.SortedNetError, match=f"(?s)heads 'h' at 1 is not the first 1 whole heads"
+                                                        f"{stand_in}"):
+                sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="att"), example=example)
+        assert_unchanged(model, before)
+
+
 class _NamedQkvInterleaved(torch.nn.Module):
     """A child named ``qkv`` (read as stacked [q; k; v]) whose rows are per-head [q_h, k_h, v_h]."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import math
 import random
 import re
 import warnings
@@ -33,7 +34,7 @@ from .cost import call_model
 from .coupling import analyse
 from .coupling_ops import _hf_conv1d, leaves
 from .errors import SortedNetError
-from .modes import dry_run, eval_mode, seeded, train_view
+from .modes import dry_run, eval_mode, eval_view, seeded, train_view
 from .plan import Use
 from .slicers import slicer_for
 from .submodel import SubModel
@@ -576,6 +577,29 @@ def _width_out(m: nn.Module) -> int | None:
     return m.__dict__.get("nf") if conv1d is not None and isinstance(m, conv1d) else None
 
 
+def zero_stand_ins(*modules: nn.Module) -> dict[int, torch.Tensor]:
+    """``id(weight) -> random stand-in`` for every all-zero weight matrix of ``modules`` (a zero-initialised query
+    or output projection: muP, ReZero, adaLN-Zero): with queries at zero every head attends uniformly whatever
+    the heads' layout, so whole heads measured on the model's own weights pass a layout that mixes them (it
+    shows once training moves the weights). The measures of whole heads run again on a view holding these
+    (seeded, scaled 1 / sqrt(fan-in)); the model's tensors are not touched. Plain tensors only (not meta, not
+    sharded)."""
+    out: dict[int, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(0)
+    for p in {id(p): p for m in modules for p in m.parameters()}.values():
+        if (type(p.data) is torch.Tensor and p.is_floating_point() and p.dim() >= 2 and p.numel()
+                and not p.is_meta and not bool(p.detach().any())):
+            fresh = torch.randn(p.shape, generator=g) / math.sqrt(max(1, p[0].numel()))
+            out[id(p)] = nn.Parameter(fresh.to(p), requires_grad=p.requires_grad)
+    return out
+
+
+def _zero_named(model: nn.Module, stand_ins: dict[int, torch.Tensor]) -> str:
+    names = [n for n, p in model.named_parameters() if id(p) in stand_ins]
+    return (f" (measured with random stand-ins for the all-zero {names[:3]}: zero-initialised weights hide it "
+            "until training moves them)") if names else ""
+
+
 def attention_self_check(nest: Nest) -> None:
     """``wrap`` without an example: every hand-written attention module a ``Heads`` dimension slices (not
     ``nn.MultiheadAttention``, which sortednet runs itself, nor a transformers class, which
@@ -768,8 +792,10 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
         return
     tol = _tolerance(nest)
     full = SubModel({k.name: k.full for k in nest.dims})
-    with dry_run(nest.model), eval_mode(nest) as (view, copies), torch.no_grad():  # one private view for all
-        for d, path, o, cls in todo:
+    modules = dict(nest.model.named_modules())  # (an all-zero projection cannot tell whole heads from mixed ones)
+    stand_ins = zero_stand_ins(*(modules[path] for _, path, _, _ in todo))
+    with dry_run(nest.model), eval_mode(nest, replace=stand_ins) as (view, copies), torch.no_grad():  # one
+        for d, path, o, cls in todo:                                                          # private view for all
             w = next(iter(o.parameters()))
             where = path or "the model's root"
             mod = view.get_submodule(path)
@@ -809,7 +835,7 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
                         "per-head values (ALiBi slopes) from the head count in its forward, it reorders heads, or "
                         "(grouped-query attention) it shares key/value heads in another order than query head i "
                         "reading key/value head i // group (repeat_interleave, not repeat); fix the layout, or "
-                        "give it a custom slicer")
+                        f"give it a custom slicer{_zero_named(nest.model, stand_ins)}")
 
 
 def slicer_grad_self_check(nest: Nest) -> None:
@@ -1353,7 +1379,10 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                      "Hugging Face outputs and the tensor attributes of other objects are opened), "
                                      "so it cannot tell a sliced output from a right one; return one of those, or "
                                      "check a wrapper whose forward does")
-        for d, path in _ignoring_queries_and_keys(nest, model, example, _own_attentions(nest, copies))[:1]:
+        stand_ins = zero_stand_ins(nest.model)  # a second view for the measures of whole heads (zero-initialised
+        alt = eval_view(nest.model, keep=nest.dims, replace=stand_ins) if stand_ins else None  # projections)
+        amodel, acopies = alt or (model, copies)
+        for d, path in _ignoring_queries_and_keys(nest, amodel, example, _own_attentions(nest, acopies))[:1]:
             raise SortedNetError(
                 f"nest.check: Heads {d.name!r} at {path!r}: on this example the attention's output does not "
                 "depend on its queries and keys (attention over one key position returns its values whatever "
@@ -1445,6 +1474,11 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                             raise _fail(nest, model, example, f"heads {d.name!r} alone at {size}", sub,
                                         f"fails: {type(e).__name__}: {e}") from e
                 err = whole_units_error(nest, d, size, example, model, copies)
+                zeros = ""
+                if alt is not None and err is not None and err <= tol:
+                    err2 = whole_units_error(nest, d, size, example, *alt)
+                    if err2 is not None and not err2 <= tol:
+                        err, zeros = err2, _zero_named(nest.model, stand_ins)
                 blind = [p or "<root>" for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
                          and m._sn.bind["inp"].dim is d and not _is_maskable(m) and "rank" not in m._sn.bind
                          and not _depthwise(m)] if err is None and size == d.sizes[0] else []
@@ -1467,7 +1501,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         "fails this too when the forward reads the heads elsewhere than through the attention's "
                         "output (the attention weights of need_weights=True, averaged over heads or summed): "
                         "fewer heads change that reading by more than masking their outputs does, so this check "
-                        "cannot vouch for the nest; declare it without example= if that reading is intended")
+                        f"cannot vouch for the nest; declare it without example= if that reading is intended{zeros}")
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
             if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not _mixes_units(nest, d):
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)

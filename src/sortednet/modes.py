@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +165,8 @@ class _SaveOnWrite(TorchDispatchMode):
 
 
 @contextmanager
-def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = ()) -> Iterator[tuple[nn.Module, dict[int, nn.Module]]]:
+def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = (),
+              replace: Mapping[int, object] | None = None) -> Iterator[tuple[nn.Module, dict[int, nn.Module]]]:
     """``(view, copies)``: a private eval-mode copy of ``nest.model`` sharing its tensors, and a map
     ``id(original module) -> its copy``.
 
@@ -181,16 +182,18 @@ def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = ()) -> Iterator[tu
     ...     view.training, view[0].weight is model[0].weight, model.training
     (False, True, True)
     """
-    view, copies = eval_view(nest.model, keep=nest.dims, own_state=own_state)
+    view, copies = eval_view(nest.model, keep=nest.dims, own_state=own_state, replace=replace)
     yield view, copies  # type: ignore[misc]
 
 
 def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Iterable[nn.Module] = (),
-              own_stats: bool = False) -> tuple[nn.Module, dict[int, nn.Module]]:
+              own_stats: bool = False,
+              replace: Mapping[int, object] | None = None) -> tuple[nn.Module, dict[int, nn.Module]]:
     """A private eval-mode copy of ``model``'s module tree sharing every parameter, buffer,
     sortednet state and object in ``keep`` (see :func:`eval_mode`), and ``id(module) -> copy``.
     ``own_stats``: every BatchNorm / InstanceNorm copy gets copies of its running statistics and batch
-    counter instead (a training-mode forward of the view then leaves the model's untouched).
+    counter instead (a training-mode forward of the view then leaves the model's untouched). ``replace``:
+    ``id(tensor) -> stand-in`` the view holds instead (every holder of a tied tensor gets the same one).
 
     >>> import torch.nn as nn
     >>> from sortednet.modes import eval_view
@@ -215,6 +218,7 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
                 t = m.__dict__["_buffers"].get(name)
                 if t is not None:
                     memo[id(t)] = t.clone()
+    memo.update(replace or {})
     view = copy_model(model, memo, f"a private eval-mode view of {type(model).__name__} (needed so that no other "
                                    "thread sees a mode change)")
     view.train(False)
