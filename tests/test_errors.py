@@ -127,6 +127,10 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
         m, x = fam("lm_width_heads_depth")
         return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 4], attn="blocks.*.attn")),
                    ("multiples of 2", "[1]", "sizes count query heads"))
+    if key == "fused_kv_named_twice":  # (it was refused as 'out_features=64 is not a whole number of 8-wide heads')
+        m, x = fam("attn_block")
+        return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2], attn="attn", qkv=("q", "k", "k"))),
+                   ("'heads'", "['q', 'k', 'k']", "fused key/value", "split it into two"))
     if key == "groupnorm_not_dividing":
         m, x = fam("cnn_bn_residual")
         return Bad(m, x, lambda: sn.wrap(m, Width("ch", [1, 4, 8], out=["stem", "conv", "dw"],
@@ -245,7 +249,7 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
 
 KEYS = ["unknown_pattern", "glob_matches_nothing", "bad_regex", "size_zero", "size_negative", "size_not_int",
         "sizes_not_ascending", "sizes_a_dict", "no_sizes", "largest_above_full", "largest_below_full",
-        "heads_not_dividing",
+        "heads_not_dividing", "fused_kv_named_twice",
         "mha_heads_mismatch", "gqa_group_not_dividing", "groupnorm_not_dividing", "grouped_conv",
         "depthwise_two_dims", "no_slicer", "subclass_own_forward", "role_claimed_twice", "duplicate_dim_names",
         "not_a_dimension", "not_a_module", "depth_on_non_container", "depth_above_layers",

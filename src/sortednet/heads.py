@@ -115,6 +115,12 @@ class Heads(Dimension):
             qkv = tuple(qkv)
             if len(qkv) != 3:
                 raise PatternError(f"Heads {name!r}: qkv= needs 3 names (q, k, v) or one fused name, got {list(qkv)}")
+            if len(set(qkv)) != 3:
+                raise PatternError(
+                    f"Heads {name!r}: qkv={list(qkv)} names one projection for two of q, k, v: a fused key/value "
+                    "(to_kv, kv_proj) or query/key projection is not a layout Heads can slice; split it into two "
+                    "Linears (copy its weight rows), or give the attention a slicer of yours "
+                    "(docs/custom_slicers.md)")
         self.qkv = qkv
         self.o = o
         self.count_attrs = tuple(count_attrs) if count_attrs is not None else None
