@@ -364,6 +364,32 @@ def test_rank_accepts_tensors_beside_its_weight_in_one_flat_storage():
     nest = sn.wrap(m, sn.Rank("r", [2, 4, 16], targets="fc", export="merged"), example=torch.randn(4, 16))
     with nest.use("r=2"):
         assert torch.linalg.matrix_rank(m.fc.weight.detach()) == 2
+    nest.unwrap()
+    halves = torch.randn(16, 32)  # the column halves of one matrix: overlapping address ranges, no common element
+    m.fc.weight, m.head.weight = nn.Parameter(halves[:, :16]), nn.Parameter(halves[:3, 16:])
+    for mode in ("svd", "lora"):
+        sn.wrap(m, sn.Rank("r", [2, 4, 16], targets="fc", mode=mode, export="merged")).unwrap()
+
+
+def test_a_save_pretrained_of_the_users_own_is_theirs_under_rank(tmp_path):
+    """Only transformers' save_pretrained (which writes its config files, then reads the state dict of
+    factors) is refused for a Rank nest; a method of the user's own name runs as before."""
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x)
+
+        def save_pretrained(self, path):
+            torch.save(self.state_dict(), path)
+
+    m = Own()
+    nest = sn.wrap(m, sn.Rank("r", [2, 8], targets="fc"))
+    m.save_pretrained(tmp_path / "own.pt")
+    assert set(torch.load(tmp_path / "own.pt")) == set(m.state_dict())
+    nest.unwrap()
 
 
 # -- wirings that run yet are not nested sub-models: check and discover measure, never assume ----------------

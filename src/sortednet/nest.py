@@ -206,8 +206,9 @@ class Nest:
             if ranks and callable(getattr(model, "save_pretrained", None)):
                 names = ", ".join(f"Rank {d.name!r} (mode={d.mode!r})" for d in ranks)
                 hooks.append(model.register_state_dict_pre_hook(FactorsNotPretrained(names)))
-                model.__dict__["save_pretrained"] = SavePretrainedGuard(model, names)  # refused before any file
-                hooks.append(AttrKey(model.__dict__, "save_pretrained"))
+                if SavePretrainedGuard.applies(model):  # (transformers' own: it writes its config files first)
+                    model.__dict__["save_pretrained"] = SavePretrainedGuard(model, names)  # refused before any file
+                    hooks.append(AttrKey(model.__dict__, "save_pretrained"))
             self._attach(planned, hooks)
         except BaseException:
             self._stop()

@@ -265,9 +265,9 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
 
 
 def _span(t: torch.Tensor) -> tuple[str, int, int] | None:
-    """The device and byte range ``t`` reads ([first, last] element addresses): a view of a weight (``.T``,
-    ``.detach()``, a slice) overlaps it; the disjoint parts of one flat buffer (FSDP) do not. None for tensors
-    without plain memory (meta, some subclasses)."""
+    """The device and byte range ``t`` reads ([first, last] byte addresses); None for tensors without plain
+    memory (meta, some subclasses). Ranges that overlap may still share no element (column halves of one
+    matrix): :func:`_share_elements` tells."""
     if t.device.type == "meta" or t.numel() == 0:
         return None
     try:
@@ -276,10 +276,25 @@ def _span(t: torch.Tensor) -> tuple[str, int, int] | None:
         return None
     if not ptr:
         return None
-    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
-    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # (torch strides are never negative)
     size = t.element_size()
-    return str(t.device), ptr + lo * size, ptr + hi * size + size - 1
+    return str(t.device), ptr, ptr + hi * size + size - 1
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (byte ranges overlapping) read a common byte: a view of a weight (``.T``, a slice,
+    ``.detach()``, another dtype) does; the column halves of one matrix, or the disjoint parts of one flat buffer,
+    do not. Marks ``a``'s bytes in a mask over the two ranges (no copy of either tensor)."""
+    (_, lo_a, hi_a), (_, lo_b, hi_b) = _span(a), _span(b)  # type: ignore[misc]
+    lo = min(lo_a, lo_b)
+    mask = torch.zeros(max(hi_a, hi_b) - lo + 1, dtype=torch.bool)
+
+    def cells(t: torch.Tensor) -> torch.Tensor:
+        es = t.element_size()
+        return mask.as_strided((*t.shape, es), (*(st * es for st in t.stride()), 1), t.data_ptr() - lo)
+
+    cells(a).fill_(True)
+    return bool(cells(b).any())
 
 
 def _held_tensors(v: object, depth: int = 0) -> Iterable[torch.Tensor]:
@@ -307,14 +322,17 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
               if isinstance(sl, LowRankSlicer) and m._parameters.get("weight") is not None}
     if not ranked:
         return
-    spans = [(key, ranked[i][0]) for i, (_, m) in ranked.items() if (key := _span(m._parameters["weight"]))]
+    spans = [(key, ranked[i][0], m._parameters["weight"]) for i, (_, m) in ranked.items()
+             if (key := _span(m._parameters["weight"]))]
 
     def refuse(target: str, where: str, same: bool) -> None:
         what = "its weight is also" if same else "a view of its weight (same memory) is"
         raise PatternError(f"Rank target {target!r}: {what} {where}; factorising it (svd) would leave that one on "
                            "the old full-rank weight, and adapters (lora) never reach it, so a forward reading it "
-                           "there runs the full rank under every sub-model. Read the weight through its module, "
-                           "untie them, or leave the layer out of the Rank targets")
+                           "there runs the full rank under every sub-model (and an optimizer given it trains "
+                           "nothing of the layer). Read the weight through its module, untie them, or leave the "
+                           "layer out of the Rank targets; a list of parameters kept for optimizer groups: build "
+                           "it after wrap, from model.named_parameters()")
 
     def check(t: torch.Tensor, where: str, owner: nn.Module | None = None) -> None:
         hit = ranked.get(id(t))
@@ -323,7 +341,8 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
                 refuse(hit[0], where, True)
             return
         if (key := _span(t)) is not None:
-            target = next((p for (dev, lo, hi), p in spans if dev == key[0] and lo <= key[2] and key[1] <= hi), None)
+            target = next((p for (dev, lo, hi), p, w in spans if dev == key[0] and lo <= key[2] and key[1] <= hi
+                           and _share_elements(w, t)), None)
             if target is not None:
                 refuse(target, where, False)
 
@@ -617,12 +636,23 @@ class SavePretrainedGuard:
     def __init__(self, model: nn.Module, dims: str) -> None:
         self.model, self.dims = model, dims
 
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """The model's class has transformers' own ``save_pretrained`` (a method of the user's, or another
+        library's, is theirs: :class:`FactorsNotPretrained` guards only transformers' too)."""
+        method = getattr(type(model), "save_pretrained", None)
+        return callable(method) and str(getattr(method, "__module__", "")).startswith("transformers.")
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         method = type(self.model).save_pretrained
         try:
-            given = inspect.signature(method).bind(self.model, *args, **kwargs).arguments.get("state_dict")
+            bound = inspect.signature(method).bind(self.model, *args, **kwargs)
         except TypeError:  # (wrong arguments: the method's own error)
             return method(self.model, *args, **kwargs)
+        given = bound.arguments.get("state_dict")
+        for name, p in inspect.signature(method).parameters.items():
+            if given is None and p.kind is p.VAR_KEYWORD:
+                given = bound.arguments.get(name, {}).get("state_dict")
         if given is None:
             raise SortedNetError(
                 f"save_pretrained of this {type(self.model).__name__}: its parameters hold the factors / adapters of "
