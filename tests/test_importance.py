@@ -725,3 +725,186 @@ def test_an_interleaved_fused_projection_sorts_its_query_heads_within_their_grou
         with torch.no_grad(), nest.use(sub):
             live = model(x)
         torch.testing.assert_close(nest.export(sub)(x), live, atol=1e-12, rtol=0)
+
+
+# -- what the verification can see: outputs, examples and randomness it could not compare before -------------
+class _Scores(nn.Module):
+    """An MLP whose width-16 hidden layer also feeds an output-gate (``gate``) that a Width may leave out
+    (an undeclared reader: any permutation changes the output). ``out``: what the forward returns."""
+
+    def __init__(self, out="logits", bias=True):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16, bias=bias), nn.Linear(16, 5, bias=bias)
+        self.gate = nn.Parameter(torch.rand(16) + 0.5)
+        self.out = out
+
+    def forward(self, x):
+        logits = self.fc2(torch.relu(self.fc1(x)) * self.gate)
+        if self.out == "argmax":
+            return logits.argmax(-1)
+        if self.out == "topk":
+            return logits.topk(2, -1).indices
+        if self.out == "mask":
+            return logits > 0
+        if self.out == "masked_logits":  # a correct sort leaves the -inf where they were
+            return logits.masked_fill(torch.arange(5) >= 3, float("-inf"))
+        return logits
+
+
+@pytest.mark.parametrize("out", ["argmax", "topk", "mask"])
+def test_an_output_without_floats_cannot_verify_a_sort_and_is_refused(out):
+    """Only floating outputs were compared: a model returning argmax / top-k indices / a bool mask was sorted
+    with an undeclared per-unit gate in the way (the logits changed by 0.85, 98% of the argmax changed)."""
+    torch.manual_seed(0)
+    m, x = _Scores(out), torch.randn(8, 6)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="holds no floating-point tensor.*Nothing was changed"):
+        sort_units(nest, "l1", example=x)
+    assert_unchanged(m, before)
+
+
+def test_masked_logits_at_minus_inf_sort_and_a_wrong_permutation_there_is_still_refused():
+    """-inf in the output made the measured change nan, so every sort was refused (a correct one too)."""
+    torch.manual_seed(0)
+    m, x = _Scores("masked_logits"), torch.randn(8, 6)
+    m.gate.data.fill_(1.0)  # (a per-unit gate of one value everywhere commutes with any permutation)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
+    want = m(x)
+    sort_units(nest, "l1", example=x)
+    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+    nest.unwrap()
+    torch.manual_seed(1)
+    m = _Scores("masked_logits")
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
+    with pytest.raises(sn.SortedNetError, match=r"changes the full model's output \(by [0-9.e-]+,"):
+        sort_units(nest, "l1", example=x)
+
+
+def test_an_all_zero_output_on_the_example_cannot_verify_a_sort():
+    """A model without biases given torch.zeros: the reference is all zeros, so any permutation "kept" it (the
+    model then changed by 0.90 on random inputs)."""
+    torch.manual_seed(0)
+    m = _Scores(bias=False)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="all zeros.*real inputs"):
+        sort_units(nest, "l1", example=torch.zeros(8, 6))
+    assert_unchanged(m, before)
+
+
+class _OnePositionAttention(nn.Module):
+    def __init__(self, E=16, H=4):
+        super().__init__()
+        self.num_heads, self.head_dim = H, E // H
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(H, 1, 1))  # per-head, not declared: heads cannot be reordered
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + self.bias[:self.num_heads] * torch.arange(T).float()
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+def test_an_example_of_one_position_cannot_verify_a_heads_sort():
+    """Attention over one key position returns its values whatever the heads' order: a sort that reorders
+    heads with a per-head bias left behind passed on a (2, 1) example and changed longer inputs."""
+    torch.manual_seed(0)
+    m = _OnePositionAttention()
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn=""))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="Heads 'h' at '<root>'.*two or more positions"):
+        sort_units(nest, "l1", example=torch.randn(2, 1, 16))
+    assert_unchanged(m, before)
+    with pytest.raises(sn.SortedNetError, match="changes the full model's output"):
+        sort_units(nest, "l1", example=torch.randn(2, 6, 16))
+    assert_unchanged(m, before)
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth per sample, under a name train_view does not know (``rate``)."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if not self.training or not self.rate:
+            return x
+        keep = (torch.rand(x.shape[0], 1) >= self.rate).to(x)
+        return x * keep / (1 - self.rate)
+
+
+class _AuxNet(nn.Module):
+    def __init__(self, rate, declared):
+        super().__init__()
+        self.fc1, self.fc2, self.aux = nn.Linear(6, 16), nn.Linear(16, 3), nn.Linear(16, 2)
+        self.gate = nn.Parameter(torch.rand(16) + 0.5)
+        self.drop, self.declared = _DropPath(rate), declared
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.fc1(x)))
+        out = self.fc2(h)
+        if self.training:  # an auxiliary head only training runs
+            return out, self.aux(h if self.declared else h * self.gate)
+        return out
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_training_mode_randomness_beyond_dropout_is_compared_under_one_seed(rate):
+    """With stochastic depth (random per sample) the training-mode check was skipped, silently: an auxiliary head
+    reading the units through an undeclared gate was sorted (its output changed by 1.7). The run is compared
+    before and after under one seed; a correct sort passes."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    m = _AuxNet(rate, declared=False)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp=["fc2", "aux"]))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="in training mode" + (".*random beyond dropout" if rate else "")):
+        sort_units(nest, "l1", example=x)
+    assert_unchanged(m, before)
+    nest.unwrap()
+    m = _AuxNet(rate, declared=True)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp=["fc2", "aux"]))
+    torch.manual_seed(1)
+    want = [t.detach() for t in m.train()(x)]
+    sort_units(nest, "l1", example=x)
+    torch.manual_seed(1)
+    for a, b in zip(m(x), want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+class _KronSGD(torch.optim.Optimizer):
+    """A Shampoo-like optimizer (not torch's): a left preconditioner ``L`` (out x out) per matrix."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if p.dim() == 2:
+                    st["L"] = st.get("L", torch.zeros(p.shape[0], p.shape[0])) + p.grad @ p.grad.T
+                    p -= g["lr"] * (st["L"] + torch.eye(p.shape[0])).inverse() @ p.grad
+                else:
+                    p -= g["lr"] * p.grad
+
+
+def test_a_square_matrix_state_of_an_optimizer_not_of_torch_is_refused():
+    """A Shampoo-style (out x out) preconditioner of a square weight has the weight's shape: it was taken for
+    per-element state and permuted along one axis (the sorted model drifted 16% from its unsorted twin)."""
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(8, 6)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="2", inp="4"))
+    opt = _KronSGD(m[2].parameters())  # (its square weight only: a non-square one is refused by shape)
+    m(x).square().mean().backward()
+    opt.step()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="state 'L' of _KronSGD for a \\(16, 16\\) parameter.*Shampoo"):
+        sort_units(nest, "l1", example=x, optimizer=opt)
+    assert_unchanged(m, before)

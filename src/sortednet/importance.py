@@ -358,6 +358,7 @@ def _companions(t: Tensor, opts: tuple[torch.optim.Optimizer, ...] = ()) -> list
     if t.grad is not None:
         out.append(t.grad)
     for optimizer in opts:
+        torch_own = type(optimizer).__module__.startswith("torch.optim")  # (their state is per element)
         for k, v in optimizer.state.get(t, {}).items():
             if not isinstance(v, Tensor) or v.numel() == 1:
                 continue  # step counts and other scalars
@@ -365,6 +366,11 @@ def _companions(t: Tensor, opts: tuple[torch.optim.Optimizer, ...] = ()) -> list
                 raise SortedNetError(f"sort_units: the optimizer's state {k!r} of a {tuple(t.shape)} parameter has "
                                      f"shape {tuple(v.shape)}, which cannot follow a permutation of its units; "
                                      "sort before building the optimizer")
+            if not torch_own and t.dim() == 2 and t.shape[0] == t.shape[1]:
+                raise SortedNetError(f"sort_units: the state {k!r} of {type(optimizer).__name__} for a "
+                                     f"{tuple(t.shape)} parameter may be per element or a matrix over one of its "
+                                     "equal axes (a Shampoo-style preconditioner), which would need the units "
+                                     "permuted on both of its axes; sort before building the optimizer")
             out.append(v)
     return out
 
@@ -513,14 +519,14 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     warn_stray_optimizers("sort_units", [p for m in nest._sliced.values()
                                          if any(b.dim.kind in ("width", "heads") for b in m._sn.bind.values())
                                          for p in m.parameters(recurse=False)], optimizer)
-    with eval_mode(nest) as (model, _):  # a private eval-mode view: no training flag of the user's model flips
-        orders, moves, token = _sort(nest, model, method, example, data, loss_fn, atol, optimizer)
+    with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
+        orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer)  # flips
     nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves), token=token)
     return orders
 
 
-def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, loss_fn: Callable | None,
-          atol: float, optimizer: tuple[torch.optim.Optimizer, ...]
+def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: str, example: Any, data: Any,
+          loss_fn: Callable | None, atol: float, optimizer: tuple[torch.optim.Optimizer, ...]
           ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]], Any]:
     err = float("inf")
     with dry_run(nest.model), torch.no_grad(), _at_full(nest):
@@ -529,16 +535,37 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
         except Exception as e:
             raise SortedNetError(f"sort_units: the full model does not run on the example: {type(e).__name__}: "
                                  f"{str(e)[:300]}; nothing was changed") from e
+    floats = [t for t in ref if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]
+    if not floats:
+        raise SortedNetError("sort_units verifies that the full model's output is unchanged by the permutation, but "
+                             "its output on the example holds no floating-point tensor (only indices, a top-k or a "
+                             "bool mask), which cannot show a small change; sort a model (or a wrapper of it) that "
+                             "returns the scores. Nothing was changed")
+    if all(not bool(t.nan_to_num(posinf=0.0, neginf=0.0).any()) for t in floats):
+        raise SortedNetError("sort_units: the full model's output on the example is all zeros, so no permutation "
+                             "could change it and none can be verified (an all-zero input to a model without "
+                             "biases?); give an example of real inputs. Nothing was changed")
+    from .check import _ignoring_queries_and_keys, _own_attentions
+
+    with dry_run(nest.model), torch.no_grad():
+        blind = _ignoring_queries_and_keys(nest, model, example, _own_attentions(nest, copies))
+    if blind:
+        d, path = blind[0]
+        raise SortedNetError(f"sort_units: Heads {d.name!r} at {path or '<root>'!r}: on this example the "
+                             "attention's output does not depend on its queries and keys (attention over one key "
+                             "position returns its "
+                             "values whatever the heads' order), so a permutation cannot be verified; give an "
+                             "example of two or more positions. Nothing was changed")
     tview, _ = train_view(nest, running_stats=True)  # batch statistics of a small example magnify rounding
 
     def train_out(seed: int) -> list[Tensor]:
         with dry_run(nest.model), seeded(seed), torch.no_grad(), _at_full(nest):
             return _leaves(call_model(tview, example))
 
-    try:  # training mode too (auxiliary heads, ...), when it is deterministic with dropout off
+    random = False  # training mode random beyond dropout: compared under one seed, before and after
+    try:  # training mode too (auxiliary heads, ...)
         ref_t = train_out(0)
-        if any(not torch.equal(a, b) for a, b in zip(ref_t, train_out(1))):
-            ref_t = None
+        random = any(not torch.equal(a, b) for a, b in zip(ref_t, train_out(1)))
     except Exception:  # e.g. BatchNorm on a batch of one: the example does not run in training mode
         ref_t = None
     where = ""
@@ -575,6 +602,10 @@ def _sort(nest: Nest, model: nn.Module, method: str, example: Any, data: Any, lo
                          f"atol={atol:g}): a module "
                          "coupled to a dimension is not declared in it"
                          + (" (one used only in training, e.g. an auxiliary head)" if where else "")
+                         + (". The training-mode run is random beyond dropout (nn.Dropout and float attributes "
+                            "named like *drop* are off there), compared under one seed: randomness drawn per unit "
+                            "(a feature noise of another name) moves with a permutation too, so turn it off "
+                            "(p = 0) around sort_units if that is the cause" if where and random else "")
                          + "; run nest.check(example) to find it. If check passes, the model reads the units in "
                          "their order (cumsum / cummax over the features, a convolution or pooling along them, a "
                          "per-position table indexed by unit, or one layer's table read by all layers as T5's "
@@ -598,12 +629,33 @@ def _put_back(saved: list[tuple[Tensor, Tensor]]) -> None:
 def rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
     """Largest change of an output relative to that output's own scale, so small-valued outputs count too;
     an output below 1e-4 of the largest one's scale (rounding noise around zero, e.g. the mean of normalised
-    features returned for logging) is measured against that floor instead. Outputs that differ in shape: inf."""
-    pairs = [(a.detach().double(), b.detach().double()) for a, b in zip(got, ref)
-             if isinstance(a, Tensor) and isinstance(b, Tensor) and b.is_floating_point() and b.numel()]
-    if len(got) != len(ref) or any(a.shape != b.shape for a, b in pairs):
+    features returned for logging) is measured against that floor instead. Non-finite values (logits masked
+    to -inf) must stay where and what they are (else 1.0); the finite ones are compared. Integer / bool outputs
+    (indices, masks) must be equal: the share of their elements that changed. Outputs that differ in shape:
+    inf."""
+    if len(got) != len(ref):
         return float("inf")
+    pairs, exact = [], 0.0
+    for a, b in zip(got, ref):
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor) or not b.numel():
+            continue
+        if a.shape != b.shape:
+            return float("inf")
+        if not b.is_floating_point():
+            exact = max(exact, (a.detach() != b.detach()).double().mean().item())
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        fin = torch.isfinite(b)
+        if not bool(fin.all()):
+            odd = {"nan": 0.0, "posinf": 1.0, "neginf": -1.0}
+            if not torch.equal(torch.isfinite(a), fin) or not torch.equal(a[~fin].nan_to_num(**odd),
+                                                                          b[~fin].nan_to_num(**odd)):
+                exact = max(exact, 1.0)
+                continue
+            a, b = a[fin], b[fin]
+        if b.numel():
+            pairs.append((a, b))
     if not pairs:
-        return 0.0
+        return exact
     floor = 1e-4 * max(b.abs().max().item() for _, b in pairs)
-    return max(((a - b).abs().max() / b.abs().max().clamp_min(max(floor, 1e-30))).item() for a, b in pairs)
+    return max(exact, *(((a - b).abs().max() / b.abs().max().clamp_min(max(floor, 1e-30))).item() for a, b in pairs))

@@ -256,7 +256,8 @@ def _uncopyable(model: nn.Module, memo: dict[int, object]) -> str:
 
 def train_view(nest: Nest, *, running_stats: bool = False) -> tuple[nn.Module, dict[int, nn.Module]]:
     """Like :func:`eval_view` but in TRAINING mode, with dropout off: ``nn.Dropout*`` modules and float
-    attributes named ``*dropout*`` (Hugging Face attention dropout) are 0 on the private copies, so
+    attributes named ``*drop*`` (Hugging Face attention dropout and layerdrop, timm's DropPath ``drop_prob``) are
+    0 on the private copies, so
     training-only branches (auxiliary heads, batch statistics) can be compared run against run.
     BatchNorm / InstanceNorm running statistics and batch counters are the view's own copies (a training forward
     updates those, not the model's, which another thread may be reading), except with ``running_stats``; other
@@ -274,7 +275,7 @@ def train_view(nest: Nest, *, running_stats: bool = False) -> tuple[nn.Module, d
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0
         for k, v in list(vars(m).items()):
-            if "dropout" in k and type(v) is float:
+            if "drop" in k and type(v) is float:  # dropout, drop_prob / drop_path_rate (stochastic depth), layerdrop
                 m.__dict__[k] = 0.0
     return view, copies
 
