@@ -5,11 +5,14 @@ renormalised embeddings, and branches that run only in training (an auxiliary he
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import sortednet as sn
@@ -769,3 +772,30 @@ def test_a_depth_over_a_container_it_cannot_cut_says_what_it_takes(container):
                                               r"list a Depth can cut: it takes an nn\.ModuleList or nn\.Sequential"):
         sn.wrap(model, sn.Depth("d", [1, 2], layers="blocks"))
     assert_unchanged(model, before)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_share_elements_agrees_with_the_element_sets(data):
+    """The held-aside check's memory test against brute force: two strided views of one buffer (slices with
+    steps, transposes, another dtype's view) share memory exactly when their byte sets intersect."""
+    from sortednet.wrap import _share_elements, _span
+
+    base = torch.zeros(6, 8)
+
+    def view():
+        rows = sorted(data.draw(st.lists(st.integers(0, 6), min_size=2, max_size=2, unique=True)))
+        cols = sorted(data.draw(st.lists(st.integers(0, 8), min_size=2, max_size=2, unique=True)))
+        v = base[rows[0]:rows[1]:data.draw(st.integers(1, 3)), cols[0]:cols[1]:data.draw(st.integers(1, 3))]
+        return v.T if data.draw(st.booleans()) else v
+
+    def byte_set(t):
+        es, start = t.element_size(), t.data_ptr()
+        offsets = {start + sum(i * s for i, s in zip(idx, t.stride())) * es
+                   for idx in itertools.product(*(range(n) for n in t.shape))}
+        return {o + k for o in offsets for k in range(es)}
+
+    a, b = view(), view()
+    (_, lo_a, hi_a), (_, lo_b, hi_b) = _span(a), _span(b)
+    if lo_a <= hi_b and lo_b <= hi_a:  # (its callers ask only where the byte ranges overlap)
+        assert _share_elements(a, b) == bool(byte_set(a) & byte_set(b))

@@ -284,17 +284,29 @@ def _span(t: torch.Tensor) -> tuple[str, int, int] | None:
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` (byte ranges overlapping) read a common byte: a view of a weight (``.T``, a slice,
     ``.detach()``, another dtype) does; the column halves of one matrix, or the disjoint parts of one flat buffer,
-    do not. Marks ``a``'s bytes in a mask over the two ranges (no copy of either tensor)."""
+    do not. A contiguous one covers its whole range; otherwise the bytes of the one not covering its range are
+    marked in a mask over that tensor's own range (no copy of either tensor, nothing as large as a flat buffer
+    both sit in)."""
+    for x, y in ((a, b), (b, a)):
+        if x.is_contiguous():  # (x covers [lo, hi]: does a byte of y fall in it?)
+            _, lo, hi = _span(x)  # type: ignore[misc]
+            if y.is_contiguous():  # (both cover their ranges)
+                _, y_lo, y_hi = _span(y)  # type: ignore[misc]
+                return y_lo <= hi and lo <= y_hi
+            _, y_lo, y_hi = _span(y)  # type: ignore[misc]
+            start, stop = max(lo, y_lo), min(hi, y_hi)
+            return stop >= start and bool(_bytes(y, y_lo, y_hi)[start - y_lo:stop - y_lo + 1].any())
     (_, lo_a, hi_a), (_, lo_b, hi_b) = _span(a), _span(b)  # type: ignore[misc]
-    lo = min(lo_a, lo_b)
-    mask = torch.zeros(max(hi_a, hi_b) - lo + 1, dtype=torch.bool)
+    lo, hi = min(lo_a, lo_b), max(hi_a, hi_b)
+    return bool((_bytes(a, lo, hi) & _bytes(b, lo, hi)).any())
 
-    def cells(t: torch.Tensor) -> torch.Tensor:
-        es = t.element_size()
-        return mask.as_strided((*t.shape, es), (*(st * es for st in t.stride()), 1), t.data_ptr() - lo)
 
-    cells(a).fill_(True)
-    return bool(cells(b).any())
+def _bytes(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """A bool mask over the byte addresses ``[lo, hi]`` (which hold ``t``'s range), True where ``t`` reads."""
+    mask = torch.zeros(hi - lo + 1, dtype=torch.bool)
+    es = t.element_size()
+    mask.as_strided((*t.shape, es), (*(st * es for st in t.stride()), 1), t.data_ptr() - lo).fill_(True)
+    return mask
 
 
 def _held_tensors(v: object, depth: int = 0) -> Iterable[torch.Tensor]:
