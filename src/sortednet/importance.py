@@ -543,8 +543,10 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                              "returns the scores. Nothing was changed")
     if all(not bool(t.nan_to_num(posinf=0.0, neginf=0.0).any()) for t in floats):
         raise SortedNetError("sort_units: the full model's output on the example is all zeros, so no permutation "
-                             "could change it and none can be verified (an all-zero input to a model without "
-                             "biases?); give an example of real inputs. Nothing was changed")
+                             "could change it and none can be verified: a zero-initialised output layer (sort "
+                             "before zeroing it, or sort a wrapper that returns the features it reads), or an "
+                             "all-zero input to a model without biases (give an example of real inputs). Nothing "
+                             "was changed")
     from .check import _ignoring_queries_and_keys, _own_attentions
 
     with dry_run(nest.model), torch.no_grad():
