@@ -389,6 +389,37 @@ def test_trainer_same_submodels_for_all_micro_batches(soft, tmp_path):
     assert not torch.equal(model.lm_head.weight, before)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("nonfinite", ["raise", "ignore"])
+def test_trainer_stops_before_a_non_finite_loss_spreads_into_the_shared_weights(nonfinite, soft, tmp_path):
+    """One sub-model's NaN loss was backpropagated into every shared weight, and transformers' default
+    logging_nan_inf_filter logged those steps as 0.0: the whole nest ended NaN with nothing said. Refused now
+    before that backward and before the optimizer step, naming the sub-model; nonfinite='ignore' as Trainer."""
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16], depth=[2])
+    poison = nest.smallest if not soft else nest.smallest.replace(depth=4)
+    model.model.layers[0].mlp.register_forward_hook(
+        lambda mod, a, out: out * float("nan") if nest.active == poison else out)
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(4)]
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no",
+                             seed=0, optim="sgd")
+    subs = [s for s in nest.submodels if s["depth"] == 4] if soft else nest.submodels
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, nonfinite=nonfinite,
+                            sampler=sn.Sampler(subs, k=len(subs), seed=0), soft_exits=[2, 4] if soft else None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if nonfinite == "raise":
+        with pytest.raises(sn.SortedNetError, match=f"loss of sub-model {poison} at step 0 is not finite"):
+            trainer.train()
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    else:
+        trainer.train()
+        assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    with pytest.raises(sn.SortedNetError, match="nonfinite=.*'raise' or 'ignore'"):
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, nonfinite="skip")
+
+
 @pytest.mark.parametrize("change", ["seed", "k", "soft_exits"])
 def test_trainer_resumed_with_another_sampler_is_refused_before_anything_loads(change, tmp_path):
     """A checkpoint recorded no sampler settings: resuming with another seed, k or SoFT exits trained other
@@ -1735,6 +1766,10 @@ def test_soft_trainer_draws_at_the_deepest_exit_and_refuses_other_depths(tmp_pat
         SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, soft_exits=[2, 2, 4])
     with pytest.raises(sn.SortedNetError, match="exits must be distinct"):
         soft_loss(nest, ids(), exits=[2, 2, 4])
+    bert_model, _, _, _ = build("bert")  # (no LM head: refused when built, not at the first step of train)
+    bert_nest = sn.from_transformers(bert_model, depth=[1])  # (depths 1, 3)
+    with pytest.raises(sn.SortedNetError, match="SoFT needs a causal LM"):
+        SortedTrainer(model=bert_model, args=args, train_dataset=data, nest=bert_nest, soft_exits=[1, 3])
 
 
 def test_training_only_rates_spaced_over_the_layers_do_not_refuse_an_export(tmp_path):

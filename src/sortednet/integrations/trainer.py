@@ -33,7 +33,7 @@ from ..nest import Nest
 from ..sampler import Sampler
 from ..submodel import SubModel
 from ..train import _ddp_reducer_check, drop_stale_calibration
-from .soft import _listed, soft_loss
+from .soft import _listed, exit_parts, soft_loss
 
 __all__ = ["SortedTrainer", "SubModelCallback", "make_sampler", "NEST_FILE"]
 
@@ -92,7 +92,12 @@ class SortedTrainer(Trainer):
     :func:`make_sampler`). ``soft_exits``: if given, each drawn sub-model's
     loss is the SoFT loss over these depth exits (its own depth is replaced by
     the deepest exit), so depth costs one pass. ``history`` records
-    ``(global_step, sub-models)`` for every micro-batch.
+    ``(global_step, sub-models)`` for every micro-batch. ``nonfinite``: a drawn sub-model's loss that is NaN or
+    infinite would spread through its backward into every shared weight (and transformers' default
+    ``logging_nan_inf_filter`` logs such steps as 0): ``"raise"`` (default) stops training with a
+    :class:`~sortednet.SortedNetError` naming the sub-model and step before that backward (on every rank at
+    once; the optimizer step has not run: resume from the last checkpoint with a lower learning rate or
+    ``max_grad_norm``), ``"ignore"`` backpropagates it anyway, as a plain ``Trainer`` would.
 
     >>> import tempfile, torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -108,9 +113,12 @@ class SortedTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, nest: Nest, sampler: Any = None, soft_exits: Sequence[int] | None = None,
-                 soft_weights: Sequence[float] | None = None, **kw: Any) -> None:
+                 soft_weights: Sequence[float] | None = None, nonfinite: str = "raise", **kw: Any) -> None:
         if not isinstance(nest, Nest):
             raise SortedNetError(f"SortedTrainer(nest=...) needs a Nest, got {type(nest).__name__}")
+        if nonfinite not in ("raise", "ignore"):
+            raise SortedNetError(f"SortedTrainer(nonfinite=...) is 'raise' or 'ignore', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         if soft_exits is None and soft_weights is not None:
             raise SortedNetError("SortedTrainer(soft_weights=...) weights the SoFT exits: it needs soft_exits=[...]")
         if soft_exits is not None:
@@ -150,6 +158,8 @@ class SortedTrainer(Trainer):
             if self._depth is not None and max(self.soft_exits) not in self._depth.sizes:
                 raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "
                                      f"dimension {self._depth.name!r} {list(self._depth.sizes)}")
+        if self.soft_exits is not None:  # (a model without exits is refused here, not at the first step)
+            exit_parts(nest.model)
         deepest = None if self._depth is None else max(self.soft_exits)
         if sampler is None:  # (with SoFT: the sub-models at the deepest exit, which every drawn one runs at)
             sampler = make_sampler(nest, None if deepest is None else
@@ -291,6 +301,7 @@ class SortedTrainer(Trainer):
                     if self.soft_exits is not None and self._depth is not None:
                         sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
                     self._k = 1.0 / w if w > 0 else float("inf")  # compute_loss divides by it
+                    self._sub = sub
                     with self.nest.use(sub):
                         loss = super().training_step(model, inputs, num_items_in_batch)
                     total = loss if total is None else total + loss
@@ -336,15 +347,34 @@ class SortedTrainer(Trainer):
         k = getattr(self, "_k", None)
         if k is None:  # evaluation (or a direct call): the active sub-model, as a plain Trainer would
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = None
         if self.soft_exits is not None:  # every model input goes to the exits' forward, as without SoFT
             rest = {key: v for key, v in inputs.items() if key != "labels"}
             loss = soft_loss(self.nest, exits=self.soft_exits, weights=self.soft_weights, labels=inputs.get("labels"),
                              **rest).loss / k
-            return (loss, None) if return_outputs else loss
-        if return_outputs:
+        elif return_outputs:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            return loss / k, outputs
-        return super().compute_loss(model, inputs, False, num_items_in_batch) / k
+            loss = loss / k
+        else:
+            loss = super().compute_loss(model, inputs, False, num_items_in_batch) / k
+        self._check_finite(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Refuse a NaN / inf loss before its backward (``nonfinite="raise"``), on every rank at once."""
+        if self.nonfinite != "raise":
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if _ranks() > 1:
+            bad, _ = snd._loss_agreement(bad, False, None)
+        if bad:
+            raise SortedNetError(
+                f"SortedTrainer: the loss of sub-model {getattr(self, '_sub', None)} at step "
+                f"{self.state.global_step} is not finite ({float(loss.detach().float())} on this rank); its "
+                "backward would spread it into every shared weight. Stopped before that backward and before the "
+                "optimizer step (sub-models drawn before it this step already added their gradients): resume from "
+                "the last checkpoint with a lower learning rate or max_grad_norm, or check the batch; "
+                "SortedTrainer(nonfinite='ignore') backpropagates it as a plain Trainer would")
 
 
 def _ranks() -> int:
