@@ -92,12 +92,14 @@ class SortedTrainer(Trainer):
     :func:`make_sampler`). ``soft_exits``: if given, each drawn sub-model's
     loss is the SoFT loss over these depth exits (its own depth is replaced by
     the deepest exit), so depth costs one pass. ``history`` records
-    ``(global_step, sub-models)`` for every micro-batch. ``nonfinite``: a drawn sub-model's loss that is NaN or
-    infinite would spread through its backward into every shared weight (and transformers' default
-    ``logging_nan_inf_filter`` logs such steps as 0): ``"raise"`` (default) stops training with a
-    :class:`~sortednet.SortedNetError` naming the sub-model and step before that backward (on every rank at
-    once; the optimizer step has not run: resume from the last checkpoint with a lower learning rate or
-    ``max_grad_norm``), ``"ignore"`` backpropagates it anyway, as a plain ``Trainer`` would.
+    ``(global_step, sub-models)`` for every micro-batch. ``nonfinite``: a drawn sub-model's NaN / inf loss puts
+    NaN into the shared gradients, which the optimizer step spreads into every weight (and transformers' default
+    ``logging_nan_inf_filter`` logs such steps as 0): ``"raise"`` (default) checks the gradients once per
+    optimizer step, after the last micro-batch (and the gradient all-reduce), and stops training with a
+    :class:`~sortednet.SortedNetError` naming the step, its sub-models and any whose loss was not finite, before
+    the optimizer step (on every rank at once: resume from the last checkpoint with a lower learning rate or
+    ``max_grad_norm``); a NaN loss whose gradients are finite (a batch without a labelled item: transformers'
+    classification loss is then 0 / 0, its gradient 0) trains on. ``"ignore"``: as a plain ``Trainer``.
 
     >>> import tempfile, torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -311,7 +313,34 @@ class SortedTrainer(Trainer):
             snd.sync_gradients(self.nest.model)  # (a no-op in one process)
             if ddp is not None:  # DDP's pre-forward buffer broadcast, which no_sync skipped
                 snd.sync_buffers(ddp)
+            self._check_gradients()
         return total
+
+    _bad_losses: list[str] = []
+
+    def _check_gradients(self) -> None:
+        """Refuse the optimizer step over non-finite gradients (``nonfinite="raise"``), on every rank at once."""
+        seen, self._bad_losses = self._bad_losses, []
+        if self.nonfinite != "raise":
+            return
+        flags = []
+        for p in self.nest.model.parameters():
+            g = p.grad
+            if g is not None:
+                g = g.to_local() if hasattr(g, "to_local") else g  # (an FSDP2 shard: this rank's part)
+                flags.append(torch.isfinite(g).all())
+        bad = bool(flags) and not bool(torch.stack(flags).all())
+        if _ranks() > 1:
+            bad, _ = snd._loss_agreement(bad, False, None)
+        if bad:
+            step = self.state.global_step
+            subs = sorted({str(s) for st, ss in self.history if st == step for s in ss})
+            raise SortedNetError(
+                f"SortedTrainer: step {step} (sub-models {subs}) left non-finite gradients"
+                + (f"; on this rank the loss of {', '.join(seen)}" if seen else "")
+                + ": the optimizer step would spread them into every shared weight. Stopped before it: resume "
+                "from the last checkpoint with a lower learning rate or max_grad_norm, or check the batch; "
+                "SortedTrainer(nonfinite='ignore') steps anyway, as a plain Trainer would")
 
     _loss_uses_items: bool | None = None
 
@@ -357,24 +386,10 @@ class SortedTrainer(Trainer):
             loss = loss / k
         else:
             loss = super().compute_loss(model, inputs, False, num_items_in_batch) / k
-        self._check_finite(loss)
+        if self.nonfinite == "raise" and not bool(torch.isfinite(loss.detach()).all()):  # (named if the step's
+            self._bad_losses = [*self._bad_losses,                                    # gradients are not finite)
+                                f"{getattr(self, '_sub', None)} was {float(loss.detach().float())}"]
         return (loss, outputs) if return_outputs else loss
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """Refuse a NaN / inf loss before its backward (``nonfinite="raise"``), on every rank at once."""
-        if self.nonfinite != "raise":
-            return
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if _ranks() > 1:
-            bad, _ = snd._loss_agreement(bad, False, None)
-        if bad:
-            raise SortedNetError(
-                f"SortedTrainer: the loss of sub-model {getattr(self, '_sub', None)} at step "
-                f"{self.state.global_step} is not finite ({float(loss.detach().float())} on this rank); its "
-                "backward would spread it into every shared weight. Stopped before that backward and before the "
-                "optimizer step (sub-models drawn before it this step already added their gradients): resume from "
-                "the last checkpoint with a lower learning rate or max_grad_norm, or check the batch; "
-                "SortedTrainer(nonfinite='ignore') backpropagates it as a plain Trainer would")
 
 
 def _ranks() -> int:
