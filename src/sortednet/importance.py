@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .cost import call_model
 from .coupling import analyse
@@ -561,7 +562,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
     tview, _ = train_view(nest, running_stats=True)  # batch statistics of a small example magnify rounding
 
     def train_out(seed: int) -> list[Tensor]:
-        with dry_run(nest.model), seeded(seed), torch.no_grad(), _at_full(nest):
+        with dry_run(nest.model), seeded(seed), torch.no_grad(), _at_full(nest), _NoDropout():
             return _leaves(call_model(tview, example))
 
     random = False  # training mode random beyond dropout: compared under one seed, before and after
@@ -601,13 +602,14 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
         raise SortedNetError("sort_units: these dimensions cannot be permuted consistently (a tensor would follow two "
                              "groups, or one of its modules cannot be permuted); run nest.check(example)")
     raise SortedNetError(f"sort_units: permuting changes the full model's output{where} (by {err:.3g}, more than "
-                         f"atol={atol:g}): a module "
-                         "coupled to a dimension is not declared in it"
+                         f"atol={atol:g}): "
+                         + ("the training-mode run is random beyond dropout (dropout modules, functions and float "
+                            "attributes named like *drop* are off there; a stochastic depth or feature noise is "
+                            "not), so it was compared under one seed, and randomness drawn per unit moves with a "
+                            "permutation: turn it off around sort_units if that is the cause. Otherwise a "
+                            if where and random else "a ")
+                         + "module coupled to a dimension is not declared in it"
                          + (" (one used only in training, e.g. an auxiliary head)" if where else "")
-                         + (". The training-mode run is random beyond dropout (nn.Dropout and float attributes "
-                            "named like *drop* are off there), compared under one seed: randomness drawn per unit "
-                            "(a feature noise of another name) moves with a permutation too, so turn it off "
-                            "(p = 0) around sort_units if that is the cause" if where and random else "")
                          + "; run nest.check(example) to find it. If check passes, the model reads the units in "
                          "their order (cumsum / cummax over the features, a convolution or pooling along them, a "
                          "per-position table indexed by unit, or one layer's table read by all layers as T5's "
@@ -626,6 +628,21 @@ def _put_back(saved: list[tuple[Tensor, Tensor]]) -> None:
     with torch.no_grad():
         for c, v in saved:
             c.copy_(v)
+
+
+class _NoDropout(TorchFunctionMode):
+    """Dropout functions called in a forward (``F.dropout(h, self.p, self.training)``, whatever the attribute's
+    name) return their input: a per-element mask would move with a permutation of the units."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        return func(*args, **kwargs)
+
+
+_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                       torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout})
 
 
 def rel_err(got: list[Tensor], ref: list[Tensor]) -> float:

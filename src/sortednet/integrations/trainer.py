@@ -99,7 +99,8 @@ class SortedTrainer(Trainer):
     :class:`~sortednet.SortedNetError` naming the step, its sub-models and any whose loss was not finite, before
     the optimizer step (on every rank at once: resume from the last checkpoint with a lower learning rate or
     ``max_grad_norm``); a NaN loss whose gradients are finite (a batch without a labelled item: transformers'
-    classification loss is then 0 / 0, its gradient 0) trains on. ``"ignore"``: as a plain ``Trainer``.
+    classification loss is then 0 / 0, its gradient 0) trains on. With ``fp16=True`` the gradient scaler skips
+    such steps itself (and lowers its scale), so nothing is checked. ``"ignore"``: as a plain ``Trainer``.
 
     >>> import tempfile, torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -321,8 +322,8 @@ class SortedTrainer(Trainer):
     def _check_gradients(self) -> None:
         """Refuse the optimizer step over non-finite gradients (``nonfinite="raise"``), on every rank at once."""
         seen, self._bad_losses = self._bad_losses, []
-        if self.nonfinite != "raise":
-            return
+        if self.nonfinite != "raise" or getattr(self.accelerator, "scaler", None) is not None:
+            return  # (fp16's gradient scaler skips a step whose scaled gradients overflowed: that is its job)
         flags = []
         for p in self.nest.model.parameters():
             g = p.grad
