@@ -317,11 +317,11 @@ class SortedTrainer(Trainer):
             self._check_gradients()
         return total
 
-    _bad_losses: list[str] = []
+    _losses: list[tuple[Any, torch.Tensor]] = []
 
     def _check_gradients(self) -> None:
         """Refuse the optimizer step over non-finite gradients (``nonfinite="raise"``), on every rank at once."""
-        seen, self._bad_losses = self._bad_losses, []
+        losses, self._losses = self._losses, []
         if self.nonfinite != "raise" or getattr(self.accelerator, "scaler", None) is not None:
             return  # (fp16's gradient scaler skips a step whose scaled gradients overflowed: that is its job)
         flags = []
@@ -334,6 +334,7 @@ class SortedTrainer(Trainer):
         if _ranks() > 1:
             bad, _ = snd._loss_agreement(bad, False, None)
         if bad:
+            seen = [f"{sub} was {float(v.float())}" for sub, v in losses if not bool(torch.isfinite(v).all())]
             step = self.state.global_step
             subs = sorted({str(s) for st, ss in self.history if st == step for s in ss})
             raise SortedNetError(
@@ -387,9 +388,8 @@ class SortedTrainer(Trainer):
             loss = loss / k
         else:
             loss = super().compute_loss(model, inputs, False, num_items_in_batch) / k
-        if self.nonfinite == "raise" and not bool(torch.isfinite(loss.detach()).all()):  # (named if the step's
-            self._bad_losses = [*self._bad_losses,                                    # gradients are not finite)
-                                f"{getattr(self, '_sub', None)} was {float(loss.detach().float())}"]
+        if self.nonfinite == "raise":  # (looked at only if the step's gradients are not finite: no sync here)
+            self._losses = [*self._losses, (getattr(self, "_sub", None), loss.detach())]
         return (loss, outputs) if return_outputs else loss
 
 
