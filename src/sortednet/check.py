@@ -1379,8 +1379,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                      "Hugging Face outputs and the tensor attributes of other objects are opened), "
                                      "so it cannot tell a sliced output from a right one; return one of those, or "
                                      "check a wrapper whose forward does")
-        stand_ins = zero_stand_ins(nest.model)  # a second view for the measures of whole heads (zero-initialised
-        alt = eval_view(nest.model, keep=nest.dims, replace=stand_ins) if stand_ins else None  # projections)
+        heads = any(d.kind == "heads" and d.sizes[0] < d.full for d in nest.dims)  # a second view for the measures
+        stand_ins = zero_stand_ins(nest.model) if heads else {}          # of whole heads (zero-initialised projections)
+        alt = eval_view(nest.model, keep=nest.dims, replace=stand_ins) if stand_ins else None
         amodel, acopies = alt or (model, copies)
         for d, path in _ignoring_queries_and_keys(nest, amodel, example, _own_attentions(nest, acopies))[:1]:
             raise SortedNetError(
