@@ -302,3 +302,5 @@ def test_unwrapped_nest_refuses_use():
     with pytest.raises(sn.SortedNetError, match="unwrapped"):
         with nest.use(nest.smallest):
             pass
+    with pytest.raises(sn.SortedNetError, match="unwrapped"):  # (was AttributeError: no attribute '_sn')
+        nest.trainable_parameters()

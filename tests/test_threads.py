@@ -701,6 +701,27 @@ def test_finish_all_runs_every_step_whatever_point_a_ctrl_c_lands_on():
     assert n > 4
 
 
+def test_finish_all_retries_a_step_a_keyboard_interrupt_subclass_stopped():
+    """Only an exact KeyboardInterrupt was retried: a subclass of it stopping an unwrap's restore step left a
+    module sliced while the nest counted itself unwrapped (neither unwrap nor wrap could then be called)."""
+    from sortednet.modes import finish_all
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    done, tries = [], []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) == 1:
+            raise Stop
+        done.append("flaky")
+
+    with pytest.raises(Stop):
+        finish_all([functools.partial(done.append, 0), flaky, functools.partial(done.append, 2)])
+    assert done == [0, "flaky", 2]
+
+
 def test_a_module_half_imported_by_another_thread_never_unslices_a_read(monkeypatch):
     """The first FLOP count / profile / check of a process makes PyTorch import ``torch.distributed.tensor``
     (seconds); a serving thread reading a sliced attribute meanwhile saw the module without ``DTensor``. The

@@ -35,8 +35,8 @@ def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
     half-way would leave the model half changed (some modules plain and others sliced at unwrap, some
     BatchNorm layers calibrated and others not, a dry run's statistics half restored). The steps are
     idempotent and cannot fail on their own (reference swaps, copies of values computed before): one that a
-    KeyboardInterrupt (a Ctrl-C) stopped runs again, once; any other error (a custom slicer's ``restore``
-    breaking its contract) is not retried. The first error is raised after the last step."""
+    KeyboardInterrupt (a Ctrl-C, or a subclass of it) stopped runs again, once; any other error (a custom
+    slicer's ``restore`` breaking its contract) is not retried. The first error is raised after the last step."""
     first: BaseException | None = None
     i, again = 0, False
     while True:  # (no call outside the try: a Ctrl-C is handled only after a call returns)
@@ -47,7 +47,7 @@ def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
             break
         except BaseException as e:  # noqa: PERF203 (every step must run)
             first = first if first is not None else e
-            if again or e.__class__ is not KeyboardInterrupt:  # (retried once already, or not an interrupt)
+            if again or not isinstance(e, KeyboardInterrupt):  # (retried once already, or not an interrupt)
                 i, again = i + 1, False
             else:
                 again = True

@@ -1189,6 +1189,7 @@ class Nest:
         """The parameters an optimizer should get (those requiring grad, each once): all of them, or,
         when the nest has LoRA adapters (``Rank(mode="lora")``), only what its Rank dimensions train:
         the adapters, and the ``U`` / ``V`` factors of ``Rank(mode="svd")`` targets next to them."""
+        self._check_alive()
         adapters = {id(t): t for m in self._sliced.values() for t in m._sn.slicer.adapters(m)}
         if not adapters:
             return [p for p in self.model.parameters() if p.requires_grad]
