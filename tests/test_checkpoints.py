@@ -501,3 +501,16 @@ def test_a_tied_checkpoint_fills_both_names_of_a_model_that_holds_them_apart(tmp
             with torch.no_grad(), nest.use(sub), source.use(sub):
                 got, want = m(ids), src(ids)
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=f"{target} {sub}")
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy_pickle"])
+def test_a_torch_save_file_is_named_as_such(zipped, tmp_path):
+    """sn.load of a torch.save state dict was refused as 'header length 80,... past the end of the file'."""
+    model, nest = target("nest")
+    path = tmp_path / "state.pt"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zipped)
+    before, nest_before = snapshot(model), snapshot_nest(nest)
+    with pytest.raises(sn.SortedNetError, match=r"torch\.save file.*load_state_dict\(torch\.load"):
+        sn.load(nest, path)
+    assert_unchanged(model, before)
+    assert_same_nest(nest, nest_before)

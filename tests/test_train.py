@@ -1244,3 +1244,17 @@ def test_non_finite_logits_at_masked_positions_stay_out_of_the_soft_term():
         s, t = student.clone(), teacher.clone()
         s[~keep], t[~keep] = bad, bad
         torch.testing.assert_close(d.soft_loss(s, t, keep), want)
+
+
+def test_fit_with_an_optimizer_of_another_model_is_refused():
+    """An optimizer built for another model (or before a reload replaced the parameters) made fit run every
+    batch and train nothing."""
+    x, y = toy_batch(0)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    other = torch.nn.Linear(3, 3)
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(sn.SortedNetError, match="optimizer holds none of the nest's model's parameters"):
+        sn.fit(nest, [(x, y)], torch.optim.SGD(other.parameters(), lr=0.1), sn.Sampler(nest, k=1), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before))

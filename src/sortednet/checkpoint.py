@@ -268,6 +268,11 @@ def read(path: str | os.PathLike) -> Container:
                                  "safetensors file")
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER or n > size - 8:
+            if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":  # a zip archive / a pickle: torch.save
+                raise SortedNetError(f"cannot read sortednet checkpoint {p!r}: it looks like a torch.save file (a zip "
+                                     "archive or a pickle), not the safetensors file sn.save writes; load it with "
+                                     "model.load_state_dict(torch.load(path)) (its state dict has the full model's "
+                                     "keys and shapes)")
             why = f"above the limit of {MAX_HEADER:,}" if n > MAX_HEADER else "past the end of the file"
             raise SortedNetError(f"cannot read sortednet checkpoint {p!r}: header length {n:,} is {why} "
                                  "(not a safetensors file, or a damaged one)")

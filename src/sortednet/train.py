@@ -671,6 +671,11 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                              "synchronises the gradients")
     if sampler.submodels != nest.submodels and any(s not in nest.submodels for s in sampler.submodels):
         raise SortedNetError("the sampler lists sub-models this nest does not have; build it from nest.submodels")
+    held = {id(p) for g in getattr(optimizer, "param_groups", ()) for p in g.get("params", ())}
+    if held and not held & {id(p) for p in nest.model.parameters()}:
+        raise SortedNetError("fit(): the optimizer holds none of the nest's model's parameters (built for another "
+                             "model, or before a reload replaced them), so its steps would train nothing; build it "
+                             "from nest.trainable_parameters() after wrap")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
     if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
