@@ -13,7 +13,6 @@ refuses them. No tensor of the export aliases the live model.
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
-from .modes import copy_model
+from .modes import copy_model, plain_leaves
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -227,15 +226,12 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
     if not dropped and not sliced:
         return
 
-    def held(v: object, depth: int = 0) -> str | None:
-        if isinstance(v, nn.Module):
-            return "blocks" if id(v) in dropped else None
-        if isinstance(v, Tensor):
-            return "tensor" if id(v) in sliced else None
-        if isinstance(v, functools.partial):
-            v = (v.func, v.args, v.keywords)
-        if depth < 6 and isinstance(v, (list, tuple, set, frozenset, dict)):
-            return next((h for x in (v.values() if isinstance(v, dict) else v) if (h := held(x, depth + 1))), None)
+    def held(v: object) -> str | None:
+        for x in plain_leaves(v):
+            if isinstance(x, nn.Module) and id(x) in dropped:
+                return "blocks"
+            if isinstance(x, Tensor) and id(x) in sliced:
+                return "tensor"
         return None
 
     for path, m in model.named_modules():

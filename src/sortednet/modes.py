@@ -225,6 +225,20 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
 
 
+def plain_leaves(v: object, depth: int = 0) -> Iterator[object]:
+    """What a plain attribute value holds: ``v`` itself, or the leaves of a list / tuple / set / dict (its
+    values) or a ``functools.partial`` (its function and arguments), six levels deep. How wrap finds a Rank
+    target's weight kept aside and export finds blocks or sliced tensors kept outside ``_modules``."""
+    if isinstance(v, functools.partial):
+        v = (v.func, v.args, v.keywords)
+    if isinstance(v, (list, tuple, set, frozenset, dict)):
+        if depth < 6:
+            for x in (v.values() if isinstance(v, dict) else v):
+                yield from plain_leaves(x, depth + 1)
+        return
+    yield v
+
+
 def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Module:
     """``copy.deepcopy(model, memo)``, where a tensor attribute computed from parameters (legacy
     ``nn.utils.weight_norm``'s ``weight``, which deepcopy refuses; its hook recomputes it at each forward)

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
-from .modes import finish_all
+from .modes import finish_all, plain_leaves
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
@@ -309,19 +309,6 @@ def _bytes(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return mask
 
 
-def _held_tensors(v: object, depth: int = 0) -> Iterable[torch.Tensor]:
-    """The tensors a plain attribute value holds (directly, in a list / tuple / set / dict, or a
-    ``functools.partial``'s arguments), as the export's check of plain attributes reads them."""
-    if isinstance(v, torch.Tensor):
-        yield v
-        return
-    if isinstance(v, functools.partial):
-        v = (v.args, v.keywords)
-    if depth < 6 and isinstance(v, (list, tuple, set, frozenset, dict)):
-        for x in (v.values() if isinstance(v, dict) else v):
-            yield from _held_tensors(x, depth + 1)
-
-
 def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
     """A Rank target's weight is replaced by factors (svd: the old tensor is left behind, full rank) or frozen
     under adapters (lora: reads of the weight itself never see them) and merged at unwrap: a weight another
@@ -368,8 +355,9 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
                 check(b, f"the buffer {at + name!r}")
         for attr, v in m.__dict__.items():
             if attr not in _MODULE_INTERNALS:
-                for t in _held_tensors(v):
-                    check(t, f"held by {at + attr!r} (a plain Python attribute)")
+                for t in plain_leaves(v):
+                    if isinstance(t, torch.Tensor):
+                        check(t, f"held by {at + attr!r} (a plain Python attribute)")
 
 
 def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096,

@@ -330,7 +330,8 @@ class SortedTrainer(Trainer):
             if g is not None:
                 g = g.to_local() if hasattr(g, "to_local") else g  # (an FSDP2 shard: this rank's part)
                 flags.append(torch.isfinite(g).all())
-        bad = bool(flags) and not bool(torch.stack(flags).all())
+        bad = bool(flags) and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())  # (one sync;
+        #                                                                   a model split over devices too)
         if _ranks() > 1:
             bad, _ = snd._loss_agreement(bad, False, None)
         if bad:
