@@ -648,3 +648,53 @@ def test_a_load_that_leaves_some_weights_drops_every_calibration(tmp_path, monke
     with pytest.raises(sn.SortedNetError, match="stopped after 2 of .* statistics were dropped"):
         sn.load(onest, path)
     assert all(getattr(m._sn, "norm", None) is None for m in other.modules() if "_sn" in m.__dict__)
+
+
+def test_sorting_is_refused_while_a_copy_holds_calibrated_statistics():
+    """A deep copy made after calibrate keeps its own per-sub-model statistics; a sort would permute its weights
+    and shared buffers but could not re-describe those (each holds the first channels of the old order): the
+    copy's full model would change. Refused, nothing changed; a copy without calibration follows the sort."""
+    from sortednet.importance import sort_units
+
+    model, nest, _ = _calibrated_pair("bnnet")
+    ema = __import__("copy").deepcopy(model).eval()
+    nest.drop_calibration()
+    x = data(1, seed=9)[0][0]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="deep copy of the model .* holds calibrated"):
+        sort_units(nest, "l1", example=x)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    del ema
+    __import__("gc").collect()
+    plain = __import__("copy").deepcopy(model).eval()
+    sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("into", ["fresh", "same"])
+def test_statistics_saved_stale_load_stale(name, into, tmp_path):
+    """Calibrate, train on (the statistics describe the weights of before), save: save warns, and the nest that
+    loads the file warns at its first eval read too, instead of reading them as fresh. Saved fresh, loaded fresh."""
+    import warnings
+
+    model, nest, _ = _calibrated_pair(name)
+    x = data(1, seed=9)[0][0]
+    fresh_path = tmp_path / "fresh.safetensors"
+    sn.save(nest, fresh_path)
+    _train_steps(model)
+    path = tmp_path / "stale.safetensors"
+    with pytest.warns(StaleCalibrationWarning):
+        sn.save(nest, path)
+
+    def read(target, file):
+        loaded = sn.load(target, file)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with torch.no_grad(), loaded.use(loaded.smallest):
+                loaded.model.eval()(x)
+        return len(_stale(record))
+
+    assert read(BUILDERS[name]()[0] if into == "fresh" else nest, path) == 1
+    assert read(BUILDERS[name]()[0] if into == "fresh" else nest, fresh_path) == 0

@@ -673,3 +673,77 @@ def test_a_profile_refuses_a_not_exportable_list_that_names_no_profiled_sub_mode
         sn.Profile(subs, {"params": (1.0, 2.0, 3.0)}, meta={"not_exportable": bad})
     good = sn.Profile(subs, {"params": (1.0, 2.0, 3.0)}, meta={"not_exportable": ["h=3"]})
     assert [str(s) for s in good.front()] == ["h=1", "h=2"] and sn.Profile.from_dict(good.to_dict()) == good
+
+
+@pytest.mark.parametrize("then", ["save_load_same", "save_load_fresh", "dtype", "module_swap"])
+def test_scores_stay_stale_through_save_load_a_dtype_move_and_a_module_swap(then, tmp_path):
+    """Scores measured, the model trained (stale): a checkpoint saved then keeps them stale for the nest that loads
+    it, and dropping the latency / memory a dtype move invalidates keeps them stale too. A module without parameters
+    replaced (ReLU -> Tanh: no weight moved) changes what every sub-model computes: stale as well."""
+    import warnings
+
+    from sortednet.nest import StaleScoresWarning
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    m = build()
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    x = torch.randn(16, 4)
+    nest.profile(x, score=lambda s: s["h"], metrics=("params", "latency"), repeat=1, progress=False)
+
+    def warned(n):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            n.pick(params=100)
+        return sum(issubclass(w.category, StaleScoresWarning) for w in got)
+
+    if then != "module_swap":
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(x).square().mean().backward()
+        opt.step()
+        if then != "dtype":  # (warned once per state of the weights: a dtype move is the next pick's news)
+            assert warned(nest) == 1
+    if then.startswith("save_load"):
+        path = tmp_path / "n.safetensors"
+        sn.save(nest, path)
+        target = nest if then == "save_load_same" else build()
+        loaded = sn.load(target, path)
+        assert warned(loaded) == 1
+        fresh = build()  # a profile measured on the weights it is saved with stays fresh
+        fnest = sn.wrap(fresh, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+        fnest.profile(x, score=lambda s: s["h"], metrics=("params",), progress=False)
+        sn.save(fnest, tmp_path / "fresh.safetensors")
+        assert warned(sn.load(build(), tmp_path / "fresh.safetensors")) == 0
+    elif then == "dtype":  # (pick also warns that the profile's latency was dropped)
+        m.double()
+        assert warned(nest) == 1
+    else:
+        assert warned(nest) == 0
+        m[1] = nn.Tanh()
+        assert warned(nest) == 1
+
+
+def test_a_checkpoint_with_malformed_stale_marks_is_refused_before_anything_changes(tmp_path):
+    import json
+    import struct
+
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    path = tmp_path / "n.safetensors"
+    sn.save(nest, path)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    meta = json.loads(header["__metadata__"]["sortednet"])
+    for extra in ({"scores_stale": True}, {"calibration_stale": {"0": ["h=2"]}}, {"scores_stale": 1}):
+        meta["extra"] = extra
+        header["__metadata__"]["sortednet"] = json.dumps(meta)
+        body = json.dumps(header).encode()
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(sn.SortedNetError, match="stale"):
+            sn.load(nest, bad, verify=False)
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

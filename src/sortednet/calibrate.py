@@ -213,8 +213,24 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
     return out
 
 
-def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor]) -> None:
-    """Replace the calibrated statistics of ``nest`` with those in ``tensors`` (from :func:`stats_to_tensors`)."""
+def stale_statistics(nest: Nest) -> dict[str, list[str]]:
+    """The calibrated statistics that predate training-mode forwards (path -> sub-models), saved beside them so that
+    a loaded nest warns about them as this one does."""
+    out = {}
+    for path, m in batchnorms(nest).items():
+        norm = m._sn.norm
+        if norm is None or not norm.stats:
+            continue
+        old = norm.since.get("stale", ())
+        keys = list(norm.stats) if trained_since(m, norm) else [k for k in norm.stats if k in old]
+        if keys:
+            out[path] = [str(SubModel(dict(zip([d.name for d in nest.dims], k)))) for k in keys]
+    return out
+
+
+def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor], stale: dict[str, list[str]] | None = None) -> None:
+    """Replace the calibrated statistics of ``nest`` with those in ``tensors`` (from :func:`stats_to_tensors`);
+    ``stale`` (from :func:`stale_statistics`): those out of date when saved, which stay so."""
     bns = batchnorms(nest)
     found: dict[nn.Module, dict[tuple[int, ...], dict[str, Tensor]]] = {}
     prefix = f"{EXTRA_PREFIX}bn/"
@@ -235,6 +251,7 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor]) -> None:
         with torch.inference_mode(False):
             found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
                 t.to(device=buf.device, dtype=buf.dtype if name != COUNT else torch.long, copy=True)
-    told = [False]
-    for m in bns.values():
-        m._sn.norm = NormStats(nest.dims, found[m]).watch(m, told) if m in found else None
+    told, stale = [False], stale or {}
+    keys = {path: {tuple(nest.resolve(t)[d.name] for d in nest.dims) for t in subs} for path, subs in stale.items()}
+    for path, m in bns.items():
+        m._sn.norm = NormStats(nest.dims, found[m]).watch(m, told, keys.get(path, ())) if m in found else None

@@ -500,6 +500,16 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if calibrated:
         raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
                              "that a permutation would invalidate; sort before nest.calibrate")
+    with nest._pin.lock:
+        copies = [c for c in nest._pin.copies.keys() if c is not nest.model]
+    held = [n for c in copies for n, m in c.named_modules()
+            if getattr(getattr(m.__dict__.get("_sn"), "norm", None), "stats", None)]
+    if held:  # (a deep copy made after calibrate keeps its own statistics, per sub-model: they cannot follow)
+        raise SortedNetError(f"sort_units: a deep copy of the model (an EMA or teacher copy) holds calibrated "
+                             f"per-sub-model BatchNorm statistics at {held[:3]}, which a permutation would "
+                             "invalidate (each describes the first channels of the old order); the copy's weights "
+                             "would follow the sort, its statistics could not. Sort before nest.calibrate and "
+                             "before copying the model, or drop the copy. Nothing was changed")
     if atol is None:
         half = any(p.is_floating_point() and p.dtype not in (torch.float32, torch.float64)
                    for p in nest.model.parameters())
@@ -616,7 +626,20 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                          "relative position bias): prefixes still nest, but the units cannot be sorted; train the "
                          "nest unsorted" + (". For a transformers model, sn.sort_by_importance sorts the layouts it "
                          "knows and names the parts it cannot" if type(nest.model).__module__.startswith(
-                             "transformers.") else "") + ". Nothing was changed")
+                             "transformers.") else "") + _cache_hint(nest) + ". Nothing was changed")
+
+
+def _cache_hint(nest: Nest) -> str:
+    """A model whose forward takes a key/value cache of plain tensors returns one too: sorted heads reorder its keys
+    and values, which the output comparison counts."""
+    from .kvcache import CacheGuard
+
+    if not any(d.kind == "heads" for d in nest.dims) or not any(
+            isinstance(h, CacheGuard) and h.plain for h in nest.model._forward_pre_hooks.values()):
+        return ""
+    return (". If the model returns its key/value cache as tensors (a list of (k, v)), that is compared too and "
+            "sorted heads reorder its keys and values: sort a wrapper module that returns only the logits, on the "
+            "same modules")
 
 
 def _undo_steps(nest: Nest, saved: list[tuple[Tensor, Tensor]], token: Any) -> list[Callable[[], None]]:

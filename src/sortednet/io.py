@@ -28,6 +28,7 @@ from .meta import (
     PATTERN_FIELDS,
     calibration_entries,
     check_profile,
+    check_stale_marks,
     exact_spec,
     read_meta,
     rows_of,
@@ -308,6 +309,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         extra_names = [k for k in f.entries if k.startswith(EXTRA_PREFIX)]
         calib = calibration_entries(f, extra_names, planned, meta, rows, where)
         check_profile(meta["extra"].get("profile"), meta, rows, where)
+        check_stale_marks(meta["extra"], calib, where)
         if verify and meta["crc32"] is not None:
             for k in f.entries:
                 if f.crc(k) != meta["crc32"][k]:
@@ -339,7 +341,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             if mixed:  # ... and so do its per-sub-model statistics (an integer counter left changes no weight)
                 _drop_mixed_calibration(nest, calib, mixed, where)
             else:
-                nest._load_extra_tensors({k: f.tensor(k) for k in calib})
+                nest._load_extra_tensors({k: f.tensor(k) for k in calib}, meta["extra"].get("calibration_stale"))
         except BaseException as e:  # (an interrupt, a read error of the disk): past every check, nothing to undo
             if dims is not None:  # a fresh model: back to its own classes, so that sn.load(model, path) can run again
                 _unwrap_fresh(model)  # (also when stopped as wrap returned, before its nest was handed over)

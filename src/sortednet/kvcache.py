@@ -23,10 +23,12 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
 import weakref
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import SortedNetError
@@ -42,8 +44,11 @@ class CacheGuard:
 
     ATTR = "_sortednet_kv"
 
-    def __init__(self, active: Any, dims: tuple, names: tuple[str, ...], index: int | None) -> None:
-        self.active, self.names, self.index = active, names, index
+    def __init__(self, active: Any, dims: tuple, names: tuple[str, ...], index: int | tuple[int, ...] | None,
+                 plain: bool = False, anykw: bool = False) -> None:
+        self.active, self.names = active, names
+        self.index = (index,) if isinstance(index, int) else tuple(index or ())
+        self.anykw = anykw  # (a forward with **kwargs: any keyword named as a cache is one)
         self.heads = {d.name for d in dims if d.kind == "heads"}  # (they change the keys' shapes)
         depth = [d for d in dims if d.kind == "depth"]
         # one list of layers: a shallower depth runs a prefix of the same layers; several (an encoder and a
@@ -51,6 +56,8 @@ class CacheGuard:
         prefix = len(depth) == 1 and len(getattr(depth[0], "layers", ())) == 1
         self.depth = depth[0].name if prefix else None
         self.full = depth[0].full if prefix else 0
+        self.plain = plain  # caches of plain tensors (a hand-written model's list of (k, v)) are followed
+        self.notes = WeakIdKeyDictionary()  # tensor -> (sizes but depth, depth that wrote it, epoch, version)
 
     def __deepcopy__(self, memo: dict) -> "CacheGuard":
         return self
@@ -69,23 +76,36 @@ class CacheGuard:
         n = getattr(getattr(module, "config", None), "num_hidden_layers", None)
         return n if type(n) is int and 0 < n < d else d
 
-    def _given(self, args: tuple, kwargs: dict) -> Any:
-        """The cache the call was given (by keyword or by position), or None."""
-        cache = next((c for c in map(kwargs.get, self.names) if c is not None), None)
-        if cache is None and self.index is not None and len(args) > self.index:
-            cache = args[self.index]
-        return cache
+    def _given(self, args: tuple, kwargs: dict) -> list:
+        """The caches the call was given (by keyword or by position)."""
+        out = [c for c in map(kwargs.get, self.names) if c is not None]
+        if self.anykw:
+            out += [c for k, c in kwargs.items() if c is not None and k not in self.names and is_cache_name(k)]
+        return out + [args[i] for i in self.index if i < len(args) and args[i] is not None]
 
     def made(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook: a cache the forward made itself (none was given, ``use_cache=True``) gets its record,
-        as one that came in empty would (the manual decode loop continues with it)."""
-        if _compiling() or self._given(args, kwargs) is not None:
+        as one that came in empty would (the manual decode loop continues with it); the tensors of a cache of
+        plain tensors, given or returned, are noted with the sub-model that wrote them."""
+        if _compiling():
+            return None
+        given = self._given(args, kwargs)
+        if given:
+            plain = [t for c in given if not _is_cache_object(c) for t in _tensors(c)]
+            if self.plain and plain:  # (what it wrote into the given containers, and what it returns: the
+                self._note(plain + _tensors(output))  # continued cache, often new tensors)
             return None
         # transformers 5 outputs hold `cache`; their `past_key_values` is a deprecated alias that warns
         names = ("cache",) if "cache" in getattr(output, "__dataclass_fields__", ()) else ("cache", "past_key_values")
-        cache = next((c for c in (getattr(output, n, None) for n in names)
-                      if c is not None and hasattr(c, "get_seq_length")), None)
+        found = [getattr(output, n, None) for n in names]
+        if isinstance(output, (tuple, list)):  # (a hand-written model returning `(logits, cache)`)
+            found += list(output)
+        elif type(output) is dict:
+            found += list(output.values())
+        cache = next((c for c in found if c is not None and _is_cache_object(c)), None)
         if cache is None:
+            if self.plain:
+                self._note(_tensors(output))
             return None
         try:
             records = cache.__dict__.setdefault(self.ATTR, {})
@@ -99,18 +119,73 @@ class CacheGuard:
         records[id(self.active)] = [key, {d: 0} if d is not None and d < self.full else {}, self.active.epoch]
         return None
 
+    def _now(self) -> tuple[tuple, int | None, int]:
+        """(the sizes of every dimension but the depth, the depth, the units' epoch) of the sub-model in force."""
+        sub = self.active.plan().sub
+        d = sub[self.depth] if self.depth is not None else None
+        return tuple((n, s) for n, s in sub.items() if n != self.depth), d, self.active.epoch
+
+    def _note(self, tensors: list[torch.Tensor]) -> None:
+        """Notes each tensor of a plain cache that this forward made or wrote in place (its version moved) with
+        the sub-model in force; a tensor it left alone keeps the note of the sub-model that wrote it."""
+        if not tensors:
+            return None
+        key, d, epoch = self._now()
+        notes = self.notes
+        for t in tensors:
+            v = _version(t)
+            old = notes.get(t)
+            if old is None or v is None or old[3] != v:
+                ran = d  # (an inference tensor has no version: whether this forward wrote it is unknown; the lower)
+                if old is not None and v is None and d is not None and old[1] is not None and old[0] == key:
+                    ran = min(d, old[1])
+                notes[t] = (key, ran, epoch, v)
+        return None
+
+    def _plain(self, cache: Any, sub: Any) -> None:
+        """A cache of plain tensors: refused where a tensor in it was written by another sub-model (other widths
+        or heads, units re-ordered since, or a shallower depth, whose skipped layers miss what it added)."""
+        key, d, epoch = self._now()
+        for t in _tensors(cache):
+            note = self.notes.get(t)
+            if note is None and t._base is not None:  # (a view of a noted tensor: a slice of its positions)
+                note = self.notes.get(t._base)
+            if note is None or note[3] != _version(t):  # (none, or written in place since outside a forward of
+                continue                                # this model: the tensor is yours again)
+            was = ",".join(f"{n}={s}" for n, s in note[0] + (((self.depth, note[1]),) if note[1] is not None else ()))
+            if note[2] != epoch:
+                why = (", in the old order (sort_units / sort_by_importance permuted heads or neurons in the weights "
+                       "since)")
+            elif note[0] != key:
+                why = " (other widths or head counts: every layer's keys and values differ)"
+            elif d is not None and note[1] is not None and note[1] < d:
+                why = (f": the layers from {note[1]} on miss what it added (a cache of plain tensors is not followed "
+                       "position by position, so a crop does not make it right here either)")
+            else:
+                continue
+            raise SortedNetError(
+                f"the key/value cache given to the model holds tensors computed by sub-model {was}{why}; "
+                f"continued by sub-model {sub} it would mix two models. Start a new cache for each sub-model")
+        return None
+
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         if _compiling():  # first: anything before it could break the graph and run the rest eagerly, checking a
             return None   # cache whose compiled prefill recorded nothing (made() does not record while compiling)
-        cache = self._given(args, kwargs)
+        given = self._given(args, kwargs)
+        if not given:
+            return None
+        sub = self.active.plan().sub
+        for c in given:  # tensors in lists, tuples, dicts or an object of the model's own
+            if self.plain and not _is_cache_object(c):
+                self._plain(c, sub)
+        cache = next((c for c in given if _is_cache_object(c)), None)
         if cache is None:
             return None
         try:
             filled = int(cache.get_seq_length())
             records = cache.__dict__.setdefault(self.ATTR, {})
-        except Exception:  # a legacy tuple cache (transformers refuses it itself), another cache type
-            return None
-        sub = self.active.plan().sub
+        except Exception:  # (a cache object that cannot count or hold a record: a type of its own)
+            return self._plain(cache, sub) if self.plain else None
         depth, key = self._key(cache, sub)
         rec = records.get(id(self.active))
         if filled == 0:
@@ -154,6 +229,13 @@ class CacheGuard:
                 f"past they never saw. Crop each layer back to {p} positions (by its own count: the layers hold "
                 f"different lengths), or start a new cache")
         layers = getattr(cache, "layers", None)
+        if not isinstance(layers, (list, tuple)) and filled and any(e < d for e in missing):
+            e = min(e for e in missing if e < d)
+            raise SortedNetError(
+                f"key/value cache ({type(cache).__name__}): a sub-model of {depth}={e} ran on it, so its layers from "
+                f"{e} on hold fewer positions, and since then it was cropped; it does not list its layers "
+                f"(`.layers`, as transformers' caches do), so whether every layer {sub} runs now holds the same "
+                "positions cannot be checked. Start a new cache")
         if isinstance(layers, (list, tuple)) and filled:  # what the layers this sub-model runs really hold
             short = [(i, int(layers[i].get_seq_length()) if i < len(layers) else 0) for i in range(d)
                      if i >= len(layers) or hasattr(layers[i], "get_seq_length")]  # (a layer that reuses
@@ -201,6 +283,23 @@ def _allocated(cache: Any) -> str | None:
     if any(k.numel() > 0 for k in keys):
         return "static"
     return "cropped" if any(k.dim() >= 3 for k in keys) else None
+
+
+def _is_cache_object(c: Any) -> bool:
+    """A cache object that counts its positions (transformers' caches, or one of the model's own alike)."""
+    return not isinstance(c, torch.Tensor) and callable(getattr(c, "get_seq_length", None))
+
+
+def _tensors(c: Any) -> list[torch.Tensor]:
+    """The tensors of a cache kept in plain containers: lists, tuples and dicts of tensors, and the attributes of an
+    object of the model's own that holds them (one level)."""
+    out = []
+    for leaf in tree_leaves(c):
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+        elif hasattr(leaf, "__dict__") and not isinstance(leaf, (torch.nn.Module, type)):
+            out += [t for v in vars(leaf).values() for t in tree_leaves(v) if isinstance(t, torch.Tensor)]
+    return out
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -353,12 +452,25 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
     if tf is not None and hasattr(tf, "PreTrainedModel"):
         mods += [m for m in model.modules() if m is not model and isinstance(m, tf.PreTrainedModel)]
     hooks = []
-    for m in mods:
-        names, index = kv_cache_params(m)
+    guards = [(m, CacheGuard(active, dims, *kv_cache_params(m))) for m in mods if kv_cache_params(m)[0]]
+    # hand-written forwards (transformers 5 keeps caches in objects and refuses a legacy tuple cache itself): the
+    # outermost modules that take a cache, the root or a model inside a wrapper of yours
+    hf = getattr(tf, "PreTrainedModel", ()) if tf is not None else ()
+    todo = [model]
+    while todo:
+        m = todo.pop()
+        if isinstance(m, hf) or isinstance(m, torch.jit.ScriptModule):
+            continue
+        names, index, anykw = plain_cache_params(m)
         if names:
-            guard = CacheGuard(active, dims, names, index)
-            hooks += [m.register_forward_pre_hook(guard, with_kwargs=True),
-                      m.register_forward_hook(guard.made, with_kwargs=True)]
+            guards = [(g, h) for g, h in guards if g is not m]
+            guards.append((m, CacheGuard(active, dims, names, index, plain=True, anykw=anykw)))
+        else:
+            todo += list(m.children())
+    for m, guard in guards:
+        hooks += [m.register_forward_pre_hook(guard, with_kwargs=True),
+                  m.register_forward_hook(guard.made, with_kwargs=True)]
+    _warn_module_caches(model, hf)
     top = next((m for m in mods if getattr(getattr(m, "config", None), "is_encoder_decoder", False)
                 and callable(getattr(m, "get_encoder", None))), None)
     encoder = top.get_encoder() if top is not None else None
@@ -371,6 +483,39 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
             if m is not encoder and not any(m is e for e in encoder.modules()) and _takes(m, "encoder_hidden_states"):
                 hooks.append(m.register_forward_pre_hook(enc, with_kwargs=True))
     return hooks
+
+
+class ModuleCacheWarning(UserWarning):
+    """A module of the wrapped model keeps what looks like a key/value cache between calls: not followed."""
+
+
+_KV_TOKENS = frozenset({"k", "v", "kv", "key", "keys", "value", "values"})
+
+
+def is_module_cache_name(name: str) -> bool:
+    """An attribute named as a key/value cache kept on a module: ``k_cache``, ``cache_v``, ``kv_cache``,
+    ``key_cache``, ``past_key_values`` (not a rotary table's ``cos_cached``)."""
+    tokens = set(name.lower().strip("_").split("_"))
+    return bool(tokens & {"cache", "cached", "past", "kvcache"}) and bool(tokens & (_KV_TOKENS | {"kvcache"}))
+
+
+def _warn_module_caches(model: torch.nn.Module, hf: Any) -> None:
+    """Warns once, at wrap, naming the modules that keep an attribute named as a key/value cache (a buffer or any
+    attribute): state kept between calls is not followed across sub-models (docs/transformers.md)."""
+    found, todo = [], [("", model)]
+    while todo and len(found) < 4:
+        path, m = todo.pop()
+        if isinstance(m, hf) or isinstance(m, torch.jit.ScriptModule):  # (a scripted part: refused elsewhere)
+            continue
+        found += [f"{path}.{n}" if path else n for n in [*m._buffers, *m.__dict__]
+                  if not n.startswith("_sortednet") and is_module_cache_name(n)]
+        todo += [(f"{path}.{n}" if path else n, c) for n, c in reversed(m._modules.items()) if c is not None]
+    if found:
+        warnings.warn(f"sn.wrap: {found[:3]}{' ...' if len(found) > 3 else ''} look like key/value caches kept on "
+                      "modules between calls; sortednet follows caches passed to the forward, not state a module "
+                      "keeps, so one filled under a sub-model and read under another is not refused: clear or "
+                      "refill it whenever you switch sub-model (docs/transformers.md, caches of decoders you "
+                      "wrote)", ModuleCacheWarning, stacklevel=5)
 
 
 @functools.cache
@@ -389,6 +534,41 @@ def _takes(m: Any, name: str) -> bool:
         return name in inspect.signature(type(m).forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+_NOT_CACHES = ("use_cache", "cache_position", "cache_positions", "return_past")
+
+
+def is_cache_name(name: str) -> bool:
+    """Whether an argument of a hand-written forward named so takes a key/value cache (``past_key_values``, ``past``,
+    ``layer_past``, ``kv_cache``, ``cache``, ``kv``; not ``use_cache``, ``cache_position`` or a time series'
+    ``past_values``)."""
+    n = name.lower()
+    if n in _NOT_CACHES or n.endswith(("_mask", "_len", "_length", "_size", "_position", "_positions")):
+        return False
+    return ("cache" in n or n in ("past", "layer_past", "kv", "kvs") or n.startswith("kv_")
+            or n.endswith(("_kv", "_kvs")) or "past" in n and ("key" in n or "kv" in n))
+
+
+def plain_cache_params(model: Any) -> tuple[tuple[str, ...], tuple[int, ...], bool]:
+    """The arguments of a hand-written ``model.forward`` named as key/value caches, their positions among the
+    positional arguments, and whether it takes ``**kwargs`` (where a keyword so named is one too)."""
+    cls = type(model)
+    found = _PLAIN.get(cls)
+    if found is None:
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        except (TypeError, ValueError, AttributeError):  # (a TorchScript module's forward is no Python function)
+            params = []
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = tuple(p.name for p in params
+                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and is_cache_name(p.name))
+        found = _PLAIN[cls] = (names, tuple(positional.index(n) for n in names if n in positional),
+                               any(p.kind is p.VAR_KEYWORD for p in params))
+    return found
+
+
+_PLAIN: "weakref.WeakKeyDictionary[type, tuple]" = weakref.WeakKeyDictionary()  # (classes wrap makes come and go)
 
 
 def kv_cache_params(model: Any) -> tuple[tuple[str, ...], int | None]:

@@ -31,7 +31,7 @@ from .patterns import match
 from .submodel import MAX_SUBMODELS, SubModel
 
 __all__ = ["FORMAT", "FORMATS", "CHECKSUM", "EXTRA_PREFIX", "read_meta", "exact_spec", "rows_of", "calibration_entries",
-           "check_profile", "PATTERN_FIELDS"]
+           "check_stale_marks", "check_profile", "PATTERN_FIELDS"]
 
 FORMAT = "sortednet/2"
 FORMATS = ("sortednet/1", FORMAT)
@@ -104,8 +104,9 @@ def read_meta(f: Container) -> dict[str, Any]:
     extra = meta.get("extra")
     if extra is None:
         extra = meta["extra"] = {}
-    if not isinstance(extra, dict) or set(extra) - {"profile"}:
-        raise _err(where, f"'extra' must be an object with at most a 'profile', got {str(extra)[:80]}")
+    if not isinstance(extra, dict) or set(extra) - {"profile", "scores_stale", "calibration_stale"}:
+        raise _err(where, f"'extra' must be an object with at most a 'profile', 'scores_stale' and "
+                          f"'calibration_stale', got {str(extra)[:80]}")
     ties = meta.setdefault("ties", [])
     if not isinstance(ties, list) or not all(
             isinstance(g, list) and len(g) > 1 and all(isinstance(k, str) for k in g)
@@ -287,6 +288,21 @@ def _numbers(v: Any, n: int, what: str, where: str, *, negative: bool = False) -
         if type(x) not in (int, float) or not math.isfinite(x) or (x < 0 and not negative):
             raise _err(where, f"profile {what} holds {x!r}; expected finite"
                               + ("" if negative else ", non-negative") + " numbers")
+
+
+def check_stale_marks(extra: dict[str, Any], calib: list[str], where: str) -> None:
+    """Check the marks of what was out of date when saved: ``scores_stale`` true (with a profile holding scores),
+    ``calibration_stale`` mapping a BatchNorm path to sub-models whose calibration tensors the file holds."""
+    if "scores_stale" in extra and (extra["scores_stale"] is not True or not isinstance(extra.get("profile"), dict)
+                                    or extra["profile"].get("scores") is None):
+        raise _err(where, f"'scores_stale' must be true, beside a profile with scores, got {extra['scores_stale']!r}")
+    marks = extra.get("calibration_stale", {})
+    have = set(calib)
+    if not isinstance(marks, dict) or not all(isinstance(p, str) and isinstance(v, list) and v and all(
+            isinstance(t, str) and f"{EXTRA_PREFIX}bn/{t}/{p}/running_mean" in have for t in v)
+            for p, v in marks.items()):
+        raise _err(where, f"'calibration_stale' must map BatchNorm paths to sub-models whose calibration the file "
+                          f"holds, got {str(marks)[:120]}")
 
 
 def check_profile(d: Any, meta: dict[str, Any], rows: list[tuple[int, ...]] | None, where: str) -> None:

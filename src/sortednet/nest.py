@@ -348,7 +348,9 @@ class Nest:
             import dataclasses
             import warnings
 
+            scored, told = self._scored_on, self._stale_warned  # (the scores describe what they described)
             self._set_profile(dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k not in stale}))
+            self._scored_on, self._stale_warned = scored, told
             warnings.warn(f"{why} after nest.profile: its measured {stale} no longer apply and were dropped; measure "
                           "them again with nest.profile(example)", stacklevel=stacklevel)
 
@@ -427,6 +429,7 @@ class Nest:
                 self._structure = new            # may differ from the one counted and timed (FLOPs count again)
                 self._drop_measured(("flops", "latency", "memory"), "modules of the model were added, removed or "
                                     "replaced", 4)
+                self._scores_of_other_weights()  # (a module without parameters swapped: not in the weights' key)
         if why is None and (bufs := self._buffer_shapes()) != self._sliced_buffers:
             was = dict(self._sliced_buffers)
             changed = [f"{n} {was.get(n)} -> {shape}" for n, shape in bufs if was.get(n) != shape]
@@ -1212,13 +1215,27 @@ class Nest:
                     "of that layer. Build the optimizer after sn.wrap, over nest.trainable_parameters()")
 
     def _extra_state(self) -> dict[str, Any]:
-        """JSON-able state saved with the checkpoint (extended by features such as profiles)."""
-        return {} if self._profile is None else {"profile": self._profile.to_dict()}
+        """JSON-able state saved with the checkpoint (extended by features such as profiles): the profile, whether
+        its scores were already stale (measured on other weights) and which calibrated statistics were (they
+        predate training): a loaded nest warns about them as this one would."""
+        from .calibrate import stale_statistics
+
+        out: dict[str, Any] = {}
+        if self._profile is not None:
+            out["profile"] = self._profile.to_dict()
+            if self._scored_on is not None and self._weights_key() != self._scored_on:
+                out["scores_stale"] = True
+        stale = stale_statistics(self)
+        if stale:
+            out["calibration_stale"] = stale
+        return out
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`_extra_state` returned."""
         prof = state.get("profile")
         self._set_profile(None if prof is None else Profile.from_dict(prof))
+        if state.get("scores_stale") is True:
+            self._scores_of_other_weights()
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors saved with the checkpoint besides the weights (calibrated BatchNorm statistics)."""
@@ -1226,11 +1243,12 @@ class Nest:
 
         return stats_to_tensors(self)
 
-    def _load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`_extra_tensors` returned (replacing any current ones)."""
+    def _load_extra_tensors(self, tensors: dict[str, torch.Tensor], stale: dict[str, list[str]] | None = None) -> None:
+        """Restore what :meth:`_extra_tensors` returned (replacing any current ones); ``stale``: the statistics that
+        were out of date when saved (path -> sub-models)."""
         from .calibrate import stats_from_tensors
 
-        stats_from_tensors(self, tensors)
+        stats_from_tensors(self, tensors, stale or {})
 
     def _check_alive(self) -> None:
         if not self._alive:
