@@ -32,6 +32,7 @@ from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
 from .errors import flag as _flag
 from .heads import Heads
+from .kvcache import UnfollowedCacheWarning
 from .modes import copy_model, seeded
 from .nest import wrap
 from .sampler import number_list
@@ -302,7 +303,9 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
                              "pass first so they get their shapes, then discover")
     coupling = analyse(model, example)
     dims = declarations(coupling, ratios, heads=heads, multiple_of=multiple_of)
-    found = _verified(model, example, dims) if verify and dims else dims
+    with warnings.catch_warnings():  # (its dry runs' wraps: the user's own wrap and forwards say it, once)
+        warnings.simplefilter("ignore", UnfollowedCacheWarning)
+        found = _verified(model, example, dims) if verify and dims else dims
     if not found:
         warnings.warn(_none_found(coupling, len(dims)), stacklevel=2)
     elif (kept := _kept_whole(coupling)) or len(found) < len(dims):

@@ -56,8 +56,8 @@ class CacheGuard:
         prefix = len(depth) == 1 and len(getattr(depth[0], "layers", ())) == 1
         self.depth = depth[0].name if prefix else None
         self.full = depth[0].full if prefix else 0
-        self.plain = plain  # caches of plain tensors (a hand-written model's list of (k, v)) are followed
-        self.notes = WeakIdKeyDictionary()  # tensor -> (sizes but depth, depth that wrote it, epoch, version)
+        self.plain = plain  # a hand-written forward: caches of plain tensors are named in a warning, once
+        self.told = False
 
     def __deepcopy__(self, memo: dict) -> "CacheGuard":
         return self
@@ -85,15 +85,9 @@ class CacheGuard:
 
     def made(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook: a cache the forward made itself (none was given, ``use_cache=True``) gets its record,
-        as one that came in empty would (the manual decode loop continues with it); the tensors of a cache of
-        plain tensors, given or returned, are noted with the sub-model that wrote them."""
-        if _compiling():
-            return None
-        given = self._given(args, kwargs)
-        if given:
-            plain = [t for c in given if not _is_cache_object(c) for t in _tensors(c)]
-            if self.plain and plain:  # (what it wrote into the given containers, and what it returns: the
-                self._note(plain + _tensors(output))  # continued cache, often new tensors)
+        as one that came in empty would (the manual decode loop continues with it); also one a hand-written
+        forward returns in a tuple or dict, ``(logits, cache)``."""
+        if _compiling() or self._given(args, kwargs):
             return None
         # transformers 5 outputs hold `cache`; their `past_key_values` is a deprecated alias that warns
         names = ("cache",) if "cache" in getattr(output, "__dataclass_fields__", ()) else ("cache", "past_key_values")
@@ -104,8 +98,6 @@ class CacheGuard:
             found += list(output.values())
         cache = next((c for c in found if c is not None and _is_cache_object(c)), None)
         if cache is None:
-            if self.plain:
-                self._note(_tensors(output))
             return None
         try:
             records = cache.__dict__.setdefault(self.ATTR, {})
@@ -119,53 +111,20 @@ class CacheGuard:
         records[id(self.active)] = [key, {d: 0} if d is not None and d < self.full else {}, self.active.epoch]
         return None
 
-    def _now(self) -> tuple[tuple, int | None, int]:
-        """(the sizes of every dimension but the depth, the depth, the units' epoch) of the sub-model in force."""
-        sub = self.active.plan().sub
-        d = sub[self.depth] if self.depth is not None else None
-        return tuple((n, s) for n, s in sub.items() if n != self.depth), d, self.active.epoch
-
-    def _note(self, tensors: list[torch.Tensor]) -> None:
-        """Notes each tensor of a plain cache that this forward made or wrote in place (its version moved) with
-        the sub-model in force; a tensor it left alone keeps the note of the sub-model that wrote it."""
-        if not tensors:
+    def _unfollowed(self, cache: Any) -> None:
+        """A cache of plain tensors (a list of ``(k, v)``, a dict, an object of the model's own without
+        ``get_seq_length``): which sub-model wrote which position cannot be told from it, and such an argument may
+        hold other things than keys and values (a rotary table, a previous prediction, prefix-tuning tensors), so it
+        is not refused, but said once: continuing it with another sub-model is not checked."""
+        if self.told or not _tensors(cache):
             return None
-        key, d, epoch = self._now()
-        notes = self.notes
-        for t in tensors:
-            v = _version(t)
-            old = notes.get(t)
-            if old is None or v is None or old[3] != v:
-                ran = d  # (an inference tensor has no version: whether this forward wrote it is unknown; the lower)
-                if old is not None and v is None and d is not None and old[1] is not None and old[0] == key:
-                    ran = min(d, old[1])
-                notes[t] = (key, ran, epoch, v)
-        return None
-
-    def _plain(self, cache: Any, sub: Any) -> None:
-        """A cache of plain tensors: refused where a tensor in it was written by another sub-model (other widths
-        or heads, units re-ordered since, or a shallower depth, whose skipped layers miss what it added)."""
-        key, d, epoch = self._now()
-        for t in _tensors(cache):
-            note = self.notes.get(t)
-            if note is None and t._base is not None:  # (a view of a noted tensor: a slice of its positions)
-                note = self.notes.get(t._base)
-            if note is None or note[3] != _version(t):  # (none, or written in place since outside a forward of
-                continue                                # this model: the tensor is yours again)
-            was = ",".join(f"{n}={s}" for n, s in note[0] + (((self.depth, note[1]),) if note[1] is not None else ()))
-            if note[2] != epoch:
-                why = (", in the old order (sort_units / sort_by_importance permuted heads or neurons in the weights "
-                       "since)")
-            elif note[0] != key:
-                why = " (other widths or head counts: every layer's keys and values differ)"
-            elif d is not None and note[1] is not None and note[1] < d:
-                why = (f": the layers from {note[1]} on miss what it added (a cache of plain tensors is not followed "
-                       "position by position, so a crop does not make it right here either)")
-            else:
-                continue
-            raise SortedNetError(
-                f"the key/value cache given to the model holds tensors computed by sub-model {was}{why}; "
-                f"continued by sub-model {sub} it would mix two models. Start a new cache for each sub-model")
+        self.told = True
+        warnings.warn(f"a cache-like argument ({type(cache).__name__} of tensors) was given to the wrapped model; "
+                      "sortednet follows caches that count their positions (get_seq_length(), as transformers' "
+                      "caches do), not tensors in lists, tuples or dicts: if they are keys and values, one filled "
+                      "under a sub-model and continued under another (other widths or heads, a deeper depth) is NOT "
+                      "refused and mixes two models. Start a new cache whenever you switch sub-model "
+                      "(docs/transformers.md, caches of decoders you wrote)", UnfollowedCacheWarning, stacklevel=4)
         return None
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -174,18 +133,19 @@ class CacheGuard:
         given = self._given(args, kwargs)
         if not given:
             return None
-        sub = self.active.plan().sub
-        for c in given:  # tensors in lists, tuples, dicts or an object of the model's own
-            if self.plain and not _is_cache_object(c):
-                self._plain(c, sub)
+        if self.plain:  # tensors in lists, tuples, dicts or an object of the model's own: said, not followed
+            for c in given:
+                if not _is_cache_object(c):
+                    self._unfollowed(c)
         cache = next((c for c in given if _is_cache_object(c)), None)
         if cache is None:
             return None
+        sub = self.active.plan().sub
         try:
             filled = int(cache.get_seq_length())
             records = cache.__dict__.setdefault(self.ATTR, {})
         except Exception:  # (a cache object that cannot count or hold a record: a type of its own)
-            return self._plain(cache, sub) if self.plain else None
+            return self._unfollowed(cache) if self.plain else None
         depth, key = self._key(cache, sub)
         rec = records.get(id(self.active))
         if filled == 0:
@@ -485,8 +445,9 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
     return hooks
 
 
-class ModuleCacheWarning(UserWarning):
-    """A module of the wrapped model keeps what looks like a key/value cache between calls: not followed."""
+class UnfollowedCacheWarning(UserWarning):
+    """A key/value cache that sortednet cannot follow across sub-models (tensors in plain containers given to the
+    forward, or kept on a module between calls): continuing it under another sub-model is not refused."""
 
 
 _KV_TOKENS = frozenset({"k", "v", "kv", "key", "keys", "value", "values"})
@@ -515,7 +476,7 @@ def _warn_module_caches(model: torch.nn.Module, hf: Any) -> None:
                       "modules between calls; sortednet follows caches passed to the forward, not state a module "
                       "keeps, so one filled under a sub-model and read under another is not refused: clear or "
                       "refill it whenever you switch sub-model (docs/transformers.md, caches of decoders you "
-                      "wrote)", ModuleCacheWarning, stacklevel=5)
+                      "wrote)", UnfollowedCacheWarning, stacklevel=5)
 
 
 @functools.cache

@@ -332,6 +332,7 @@ class Nest:
             self._param_counter, self._cost_cache["params"], self._tensors = counter, {}, ids
         if old_dtypes and old_dtypes != [d for _, d in ids]:  # latency and memory were measured at the old dtypes
             self._drop_measured(("memory", "latency"), "the model's parameter dtypes changed", 5)
+            self._scores_of_other_weights()  # (and the scores on other values: `.to()` moves no version counter)
 
     def _drop_measured(self, metrics: tuple[str, ...], why: str, stacklevel: int) -> None:
         """Forget ``metrics`` (cached and in the profile, with a warning when the profile had them): ``why``
