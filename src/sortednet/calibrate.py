@@ -194,8 +194,7 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
     """Calibrated statistics as flat tensors under the checkpoint's reserved prefix."""
     names = [d.name for d in nest.dims]
     out = {}
-    older = [p for p, m in batchnorms(nest).items() if m._sn.norm is not None and m._sn.norm.stats
-             and (trained_since(m, m._sn.norm) or m._sn.norm.since.get("stale"))]
+    older = list(stale_statistics(nest))
     if older:
         warnings.warn(f"saving the per-sub-model BatchNorm statistics of {older[:3]}{' ...' if len(older) > 3 else ''}"
                       ", which predate training-mode forwards of the model (calibrated or loaded before it trained "
