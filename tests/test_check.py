@@ -991,7 +991,7 @@ class _ScaledSlicerBase(sn.Slicer):
         return m._parameters["weight"].shape[0 if role == "out" else 1]
 
 
-def _refused_at_wrap(slicer: type, tag: str, match: str) -> nn.Module:
+def _refused_at_wrap(slicer: type, tag: str, match: str, sizes=(8, 16, 32)) -> nn.Module:
     """Register ``slicer`` for a fresh ``_ScaledLinear`` subclass; wrapping a model of it must be refused
     (``match``), the model left as it was. Returns the model."""
     cls = type(f"_ScaledLinear{tag}", (_ScaledLinear,), {})
@@ -999,7 +999,7 @@ def _refused_at_wrap(slicer: type, tag: str, match: str) -> nn.Module:
     m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(sn.SortedNetError, match=match):
-        sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+        sn.wrap(m, sn.Width("h", list(sizes), out="0", inp="2" if sizes[-1] == 32 else ()))
     assert type(m[0]) is cls and "_sn" not in m[0].__dict__
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     return m
@@ -1110,9 +1110,68 @@ def test_a_custom_slicer_that_raises_is_named_and_the_model_left_as_it_was(how):
         def value(self, m, name):
             return self.take(m, name, list(axes) if name == "weight" else [(0, "out")])
 
-    if how == "views":
+    if how == "views":  # (a views entry is checked against the tensor before anything changes)
         Swapped.views = {"weight": axes}
-    _refused_at_wrap(Swapped, how, rf"slicer Swapped{how} of '0' raised reading 'weight'")
+    _refused_at_wrap(Swapped, how, rf"slicer Swapped{how} of '0' raised reading 'weight'" if how == "value" else
+                     rf"slicer Swapped{how} of '0' .*cuts 'weight' \(32, 8\) on axis 1 for role 'out'")
+
+
+def _views(entries):
+    return {"views": entries, "value": lambda self, m, name: self.take(m, name, list(entries[name]))}
+
+
+@pytest.mark.parametrize("case, body, match", [
+    # full() under-reports a role: the full model itself would have been cut (it was: 12.0 off, wrong costs)
+    ("full_lies", {"full": lambda self, m, role: 16 if role == "out" else m._parameters["weight"].shape[1],
+                   **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})},
+     r"largest size 16 gives 16 features, not that axis' 32: the full model itself would be cut"),
+    ("axis_out_of_range", _views({"weight": ((0, "out"), (2, "inp")), "scale": ((0, "out"),)}),
+     r"views\['weight'\] cuts axis 2 for role 'inp', but 'weight' has 2 axes"),
+    ("not_pairs", {"views": {"weight": "out", "scale": ((0, "out"),)}},
+     r"views\['weight'\] must be a tuple of \(axis, role\) pairs"),
+    ("value_none", {"value": lambda self, m, name: None}, r"gives NoneType for 'weight' at h=32"),
+    ("value_lies", {"value": lambda self, m, name: self.take(m, name, [(0, "out")])[:16]},
+     r"gives 'weight' at the full sizes h=32 as \(16, 8\), but the module's 'weight' is \(32, 8\)"),
+    ("unserved_attr", {"attrs": ("weight", "scale", "nothere"),
+                       **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})},
+     r"raised reading 'nothere' at sizes"),
+    ("full_raises", {"full": lambda self, m, role: m.no_such_attribute},
+     r"slicer Unnamedfull_raises of '0' \(_ScaledLinearfull_raises\) raised in full\(\): AttributeError"),
+])
+def test_a_custom_slicer_that_does_not_fit_its_module_is_refused_before_anything_changes(case, body, match):
+    """Each was accepted (a wrong full model, wrong costs) or raised a raw IndexError / ValueError /
+    AttributeError / bare NotImplementedError, from wrap or later from export."""
+    unnamed = type("Unnamed", (_ScaledSlicerBase,), dict(body))
+    _refused_at_wrap(unnamed, case, match, sizes=(8, 16) if case == "full_lies" else (8, 16, 32))
+
+
+def test_a_slicer_declaring_attrs_as_a_string_is_refused_at_registration():
+    bad = type("AttrsStr", (_ScaledSlicerBase,), {"attrs": "weight"})
+    with pytest.raises(sn.SortedNetError, match=r"slicer AttrsStr: attrs must be a tuple of names.*got 'weight'"):
+        sn.slicer(type("_ScaledLinearAttrsStr", (_ScaledLinear,), {}))(bad)
+    with pytest.raises(sn.SortedNetError, match=r"views must be a dict"):
+        sn.slicer(type("_ScaledLinearViews", (_ScaledLinear,), {}))(
+            type("ViewsList", (_ScaledSlicerBase,), {"views": [("weight", ((0, "out"),))]}))
+
+
+def test_a_linear_subclass_computing_in_features_as_a_property_is_refused():
+    """sortednet serves in_features itself; the subclass's property was replaced (a raw KeyError from wrap)."""
+
+    class PropLinear(nn.Linear):
+        @property
+        def in_features(self):
+            return self.weight.shape[1]
+
+        @in_features.setter
+        def in_features(self, v):
+            pass
+
+    m = nn.Sequential(PropLinear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.PatternError, match=r"'0' \(PropLinear\) defines 'in_features' as a property"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert type(m[0]) is PropLinear and "_sn" not in m[0].__dict__
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
 class _Shifted(nn.Module):

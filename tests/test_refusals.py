@@ -799,3 +799,23 @@ def test_share_elements_agrees_with_the_element_sets(data):
     (_, lo_a, hi_a), (_, lo_b, hi_b) = _span(a), _span(b)
     if lo_a <= hi_b and lo_b <= hi_a:  # (its callers ask only where the byte ranges overlap)
         assert _share_elements(a, b) == bool(byte_set(a) & byte_set(b))
+
+
+@pytest.mark.parametrize("inplace_grad", [True, False])
+@pytest.mark.parametrize("min_numel", [0, 1 << 20])
+def test_a_model_built_under_inference_mode_serves_but_refuses_training(inplace_grad, min_numel):
+    """Parameters made under ``torch.inference_mode`` are inference tensors: a slice of one read with gradients
+    on gets no gradient at all (PyTorch's rule for views of inference tensors), so a sub-model's backward left
+    every sliced weight's ``.grad`` None and trained nothing of it, silently (the full model's backward raises,
+    as in plain PyTorch). Refused by name; serving under no_grad / inference_mode still runs."""
+    with torch.inference_mode():
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"), inplace_grad=inplace_grad,
+                   inplace_min_numel=min_numel)
+    x = torch.randn(3, 8)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), nest.use("h=4"):
+            torch.testing.assert_close(m(x), nest.export("h=4")(x))
+    with pytest.raises(sn.SortedNetError, match=r"'0': its parameters are inference tensors"):
+        sn.accumulate(nest, ["h=4"], lambda: m(x).sum())
+    assert all(p.grad is None for p in m.parameters())

@@ -838,6 +838,46 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
                         f"give it a custom slicer{_zero_named(nest.model, stand_ins)}")
 
 
+def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
+    """``wrap`` (before parameters are counted): every attribute a user's slicer serves is read at the full and
+    the smallest sizes. A failing read is refused naming the slicer, the module and the attribute; a tensor
+    attribute (the module's parameter or buffer of that name) must read as a tensor, no larger than the
+    tensor on any axis, and at the full sizes exactly its shape: the largest sub-model is the model as it
+    was (a ``full()`` or ``value()`` under-reporting a role would cut the full model itself, silently)."""
+    from .slicers import base as _base
+
+    user = [(path, m) for path, m in modules.items() if not type(m._sn.slicer).__module__.startswith("sortednet.")]
+    if not user:
+        return
+    full = SubModel({d.name: d.full for d in nest.dims})
+    _base.NAMING_SLICER_ERRORS[0] += 1
+    try:
+        for sub in (full, SubModel({d.name: d.sizes[0] for d in nest.dims})):
+            with Use(nest._state, nest._plans.build(sub)), torch.no_grad():
+                for path, m in user:
+                    sl = m._sn.slicer
+                    for name in sl.attr_names(m, m._sn.bind):
+                        v = getattr(m, name)
+                        t = sl.tensor(m, name)
+                        if not isinstance(t, torch.Tensor):
+                            continue
+                        where = f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__})"
+                        if not isinstance(v, torch.Tensor):
+                            raise SortedNetError(f"{where} gives {type(v).__name__} for {name!r} at {sub}, which "
+                                                 f"is a tensor {tuple(t.shape)} of the module: value() must return "
+                                                 "the tensor cut to the active sizes (docs/custom_slicers.md)")
+                        if sub is full and v.shape != t.shape:
+                            raise SortedNetError(f"{where} gives {name!r} at the full sizes {sub} as "
+                                                 f"{tuple(v.shape)}, but the module's {name!r} is {tuple(t.shape)}: "
+                                                 "the full model itself would be cut. Check its full() and "
+                                                 "value() (docs/custom_slicers.md)")
+                        if v.dim() != t.dim() or any(a > b for a, b in zip(v.shape, t.shape)):
+                            raise SortedNetError(f"{where} gives {name!r} at {sub} as {tuple(v.shape)}, not a cut of "
+                                                 f"the module's {tuple(t.shape)} (docs/custom_slicers.md)")
+    finally:
+        _base.NAMING_SLICER_ERRORS[0] -= 1
+
+
 def slicer_grad_self_check(nest: Nest) -> None:
     """``wrap``: a slicer of the user's own whose ``value()`` cuts a parameter that requires grad must give a
     tensor connected to it (a view, or any differentiable op), at the full and the smallest sizes: one cut from

@@ -209,6 +209,8 @@ class Nest:
                 if SavePretrainedGuard.applies(model):  # (transformers' own: it writes its config files first)
                     model.__dict__["save_pretrained"] = SavePretrainedGuard(model, names)  # refused before any file
                     hooks.append(AttrKey(model.__dict__, "save_pretrained"))
+            from .check import slicer_value_self_check
+            slicer_value_self_check(self, {path: m for path, (m, _, _) in planned.items()})
             self._attach(planned, hooks)
         except BaseException:
             self._stop()

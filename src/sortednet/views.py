@@ -368,7 +368,8 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
     w = m._parameters.get("weight")
     if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
-            or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0):
+            or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0
+            or w.is_inference()):  # (refused by narrow, by name)
         return None
     b = m._parameters.get("bias")
     if b is None:
@@ -390,12 +391,24 @@ def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
     """
     if not cuts:
         return t
-    if (t.requires_grad and st.inplace_grad and _grad_enabled() and t.is_leaf and t.numel() >= st.min_numel
-            and not _compiling() and not _functorch_active()):
-        return _slice_into(t, cuts, st.lock)
+    if t.requires_grad and _grad_enabled() and not _compiling():
+        if t.is_inference():
+            raise _inference_refused(st)
+        if st.inplace_grad and t.is_leaf and t.numel() >= st.min_numel and not _functorch_active():
+            return _slice_into(t, cuts, st.lock)
     for axis, start, length in cuts:
         t = t.narrow(axis, start, length)
     return t
+
+
+def _inference_refused(st: Any) -> SortedNetError:
+    """A slice of an inference tensor (made under ``torch.inference_mode``) read with gradients on: PyTorch
+    gives it no gradient at all (a view of an inference tensor outside inference mode does not require grad),
+    so a sub-model would train nothing of it, silently, where the full model's backward raises."""
+    return SortedNetError(f"{st.path or '<root>'!r}: its parameters are inference tensors (the model was built or "
+                          "loaded under torch.inference_mode), which cannot be trained: a sub-model's slices of them "
+                          "would get no gradient. Build the model outside inference_mode to train it; run "
+                          "sub-models for inference under torch.inference_mode() or torch.no_grad()")
 
 
 def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "", m: Any = None) -> Tensor:

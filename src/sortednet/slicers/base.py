@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import numbers
 import sys
@@ -114,6 +115,14 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
         if cls.full is Slicer.full:
             raise SortedNetError(f"slicer {cls.__name__}: full(m, role) is not defined (the number of features "
                                  "of each role before slicing); define it (docs/custom_slicers.md)")
+        for field_ in ("roles", "attrs", "static"):
+            v = getattr(cls, field_)
+            if not isinstance(v, tuple) or not all(isinstance(x, str) for x in v):
+                raise SortedNetError(f"slicer {cls.__name__}: {field_} must be a tuple of names, e.g. "
+                                     f"{field_} = ('weight',); got {v!r}")
+        if not isinstance(cls.views, dict) or not all(isinstance(k, str) for k in cls.views):
+            raise SortedNetError(f"slicer {cls.__name__}: views must be a dict of attribute name -> ((axis, role), "
+                                 f"...); got {cls.views!r}")
         had = cls.__dict__.get("types")
         cls.types = tuple(dict.fromkeys((*(had or ()), *types)))  # (stacked decorators: all of them, for own_forward)
         try:
@@ -288,9 +297,9 @@ class Slicer:
             if role not in self.roles:
                 raise PatternError(f"{b.dim.kind} {b.dim.name!r} cannot slice role {role!r} of {path!r} "
                                    f"({type(m).__name__}); it supports {list(self.roles)}")
-            full = self.full(m, role)
+            full = self._named(self.full, m, path, "full", role)
             if b.total(b.dim.full) != full:
-                self.check(m, bind, path)  # its own, more specific refusal first (a LayerNorm over (C, H, W))
+                self._named(self.check, m, path, "check", bind, path)  # its own, more specific refusal first
                 hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
                         "Width(..., chunks={pattern: n})"
                         if role == "out" and len(b.blocks) == 1 and full % b.full == 0 else
@@ -300,7 +309,59 @@ class Slicer:
                 raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
                                 f"{b.total(b.dim.full)} features but {path!r} ({type(m).__name__}) has {full} "
                                 f"for role {role!r}{hint}")
-        self.check(m, bind, path)
+        self._named(self.check, m, path, "check", bind, path)
+        self._check_declared(m, bind, path, added)  # (after the slicer's own, more specific refusals)
+
+    def _named(self, fn: Callable, m: nn.Module, path: str, what: str, *args: Any) -> Any:
+        """``fn(m, *args)``; a user's slicer failing there with an error of its own is refused naming the
+        slicer and the module (sortednet's own slicers' errors pass as they are)."""
+        try:
+            return fn(m, *args)
+        except SortedNetError:
+            raise
+        except Exception as e:
+            if type(self).__module__.startswith("sortednet."):
+                raise
+            raise PatternError(f"the slicer {type(self).__name__} of {path or '<root>'!r} ({type(m).__name__}) "
+                               f"raised in {what}(): {type(e).__name__}: {e}") from e
+
+    def _check_declared(self, m: nn.Module, bind: dict[str, Binding], path: str, added: dict) -> None:
+        """What the slicer declares must fit the module, before anything changes: every attribute it serves
+        becomes a property of the module's subclass, so one the module's class computes itself (a property)
+        would be replaced; every ``views`` entry cuts existing axes of the tensor, whose full length is the
+        bound role's at the largest sizes (else the full model itself would be cut: the largest sub-model
+        must be the model as it was)."""
+        where = f"{path or '<root>'!r} ({type(m).__name__})"
+        for name in self.attr_names(m, bind):
+            d = inspect.getattr_static(type(m), name, None)
+            if isinstance(d, functools.cached_property) or hasattr(type(d), "__set__"):
+                raise PatternError(f"{where} defines {name!r} as a property (or another descriptor) of its class; "
+                                   f"sortednet serves {name!r} itself, sized per sub-model, which would replace "
+                                   "that code. Keep it a plain attribute, or register a slicer for the class "
+                                   "that does not serve it (docs/custom_slicers.md)")
+        for name, axes in self.rules(m).items():
+            if axes is STATIC:
+                continue
+            if not (isinstance(axes, tuple) and all(
+                    isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], int) and not isinstance(a[0], bool)
+                    and isinstance(a[1], str) for a in axes)):
+                raise PatternError(f"the slicer {type(self).__name__} of {where}: views[{name!r}] must be a tuple "
+                                   f"of (axis, role) pairs, e.g. ((0, 'out'), (1, 'inp')); got {axes!r}")
+            t = None if name in added else self.tensor(m, name)
+            if not isinstance(t, Tensor):
+                continue
+            for axis, role in axes:
+                if not -t.dim() <= axis < t.dim():
+                    raise PatternError(f"the slicer {type(self).__name__} of {where}: views[{name!r}] cuts axis "
+                                       f"{axis} for role {role!r}, but {name!r} has {t.dim()} axes "
+                                       f"{tuple(t.shape)}")
+                b = bind.get(role)
+                if b is not None and t.shape[axis] != b.total(b.dim.full):
+                    raise SizeError(f"{b.dim.kind} {b.dim.name!r}: the slicer {type(self).__name__} of {where} cuts "
+                                    f"{name!r} {tuple(t.shape)} on axis {axis} for role {role!r}, whose largest "
+                                    f"size {b.dim.full} gives {b.total(b.dim.full)} features, not that axis' "
+                                    f"{t.shape[axis]}: the full model itself would be cut. Check its full() and "
+                                    "views (docs/custom_slicers.md)")
 
     @staticmethod
     def tensor(m: nn.Module, name: str) -> Tensor | None:
