@@ -9,6 +9,7 @@ import functools
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1911,6 +1912,34 @@ def test_features_reaching_an_op_the_trace_cannot_follow_are_named_in_a_warning(
     torch.manual_seed(0)
     model, x = _Gathered().eval(), torch.randn(3, 6)
     with pytest.warns(UnfollowedOpWarning, match=r"not verified.*\n.*'fc1' \(out=\) reach 'gather'"):
+        sn.wrap(model, sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=x)
+
+
+class _ScaledByWidth(nn.Module):
+    """``fc1``'s units scaled by a ramp built from the width outside the ops the trace follows."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.fc1, self.fc2, self.how = nn.Linear(6, 16), nn.Linear(16, 3), how
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        c = h.shape[1]
+        ramp = (h.new_tensor([(i + 1) / c for i in range(c)]) if self.how == "new_tensor" else
+                torch.from_numpy(np.linspace(0.1, 1.0, c, dtype=np.float32)))
+        return self.fc2(h * ramp)
+
+
+@pytest.mark.parametrize("how", ["new_tensor", "from_numpy"])
+def test_features_meeting_a_tensor_built_outside_the_trace_are_named_in_a_warning(how):
+    """``torch.tensor`` / ``torch.linspace`` of the width warned; the same ramp from ``x.new_tensor([...])`` or
+    ``torch.from_numpy`` passed in silence, while a sub-model's units meet other scales than the full model's
+    (1e-2 off the masked full model)."""
+    from sortednet.check import UnfollowedOpWarning
+
+    torch.manual_seed(0)
+    model, x = _ScaledByWidth(how).eval(), torch.randn(3, 6)
+    with pytest.warns(UnfollowedOpWarning, match=r"not verified.*\n.*'fc1' \(out=\) reach a tensor from outside"):
         sn.wrap(model, sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=x)
 
 

@@ -865,3 +865,43 @@ def test_check_and_discover_run_an_encoder_on_its_nested_tensor_path():
             live = model(x, mask)
         with torch.no_grad():
             torch.testing.assert_close(nest.export(sub).eval()(x, mask), live, atol=1e-5, rtol=0)
+
+
+class _OwnHeadCount(nn.Module):
+    """An attention that splits its heads by a count of its own (``self.h``), beside the ``num_heads`` attribute
+    that discover binds: its Heads declaration fails the dry run."""
+
+    def __init__(self, c=16, h=4):
+        super().__init__()
+        self.h = self.num_heads = h
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.h, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _OwnHeadsBlock(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.attn, self.fc1, self.fc2, self.head = _OwnHeadCount(c), nn.Linear(c, 32), nn.Linear(32, c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        h = x + self.attn(x)
+        return self.head((h + self.fc2(F.gelu(self.fc1(h)))).mean(1))
+
+
+def test_a_declaration_dropped_by_its_dry_run_is_named():
+    """The warning said only "1 declaration(s) failed their dry run": which one, and how to learn why, is said."""
+    torch.manual_seed(0)
+    model, x = _OwnHeadsBlock().eval(), torch.randn(2, 6, 16)
+    proposed = sn.discover(model, x, ratios=[0.5, 1.0], verify=False)
+    heads = [d for d in proposed if d.kind == "heads"]
+    assert heads, proposed  # (the trace binds num_heads: the declaration the dry run then drops)
+    with pytest.warns(KeptWholeWarning, match=rf"1 declaration\(s\) failed their dry run: heads {heads[0].name!r} "
+                                              r"\(discover\(\.\.\., verify=False\) returns them"):
+        found = sn.discover(model, x, ratios=[0.5, 1.0])
+    assert all(d.kind != "heads" for d in found) and found
+    with pytest.raises(sn.SortedNetError):
+        sn.wrap(model, heads[0], example=x)

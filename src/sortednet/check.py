@@ -79,6 +79,9 @@ def moved_features(nest: Nest, example: Any, model: Any = None) -> list[tuple[An
 
 
 _UNKNOWN = "an op discovery does not understand"  # (the reason the wiring trace gives: coupling.py)
+#: a tensor the trace did not see made (``torch.from_numpy``, ``x.new_tensor([...])`` of a list sized by the width):
+#: sized with the features where the dry runs pass, it was built from the width, outside what the trace follows
+_OUTSIDE = "a tensor from outside the traced ops"
 
 
 def _traced_findings(nest: Nest, example: Any, model: Any) -> tuple[list[tuple[Any, str, str]], list[str]]:
@@ -96,7 +99,7 @@ def _traced_findings(nest: Nest, example: Any, model: Any) -> tuple[list[tuple[A
                                        "full model's there (its shapes still fit, so the dry runs pass); remove that "
                                        "binding, or for a fused output (gate|up) declare chunks=, for whole heads "
                                        "split by a view declare sn.Heads"))
-        elif _UNKNOWN in g.fixed and not _inside_sliced(nest, g.fixed):  # (inside a module a slicer of the
+        elif (_UNKNOWN in g.fixed or _OUTSIDE in g.fixed) and not _inside_sliced(nest, g.fixed):  # (inside a module a slicer of the
             # user's slices, its forward recorded op by op, the slicer stands for it)
             unfollowed.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}")
     return moved, unfollowed

@@ -306,10 +306,12 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     with warnings.catch_warnings():  # (its dry runs' wraps: the user's own wrap and forwards say it, once)
         warnings.simplefilter("ignore", UnfollowedCacheWarning)
         found = _verified(model, example, dims) if verify and dims else dims
+    names = {d.name for d in found}
+    dropped = [d for d in dims if d.name not in names]
     if not found:
-        warnings.warn(_none_found(coupling, len(dims)), stacklevel=2)
-    elif (kept := _kept_whole(coupling)) or len(found) < len(dims):
-        warnings.warn(KeptWholeWarning(_partly_found(kept, len(dims) - len(found), len(found))), stacklevel=2)
+        warnings.warn(_none_found(coupling, dropped), stacklevel=2)
+    elif (kept := _kept_whole(coupling)) or dropped:
+        warnings.warn(KeptWholeWarning(_partly_found(kept, dropped, len(found))), stacklevel=2)
     return found
 
 
@@ -330,21 +332,31 @@ def _why(kept: list[Any]) -> str:
             + (f" (and {len(kept) - 4} more)" if len(kept) > 4 else ""))
 
 
-def _partly_found(kept: list[Any], dropped: int, found: int) -> str:
+def _dropped(dims: list[Any]) -> str:
+    """The declarations that failed their dry run, named (wrapping with one says why)."""
+    if not dims:
+        return ""
+    named = ", ".join(f"{d.kind} {d.name!r}" for d in dims[:4]) + (f" (and {len(dims) - 4} more)" if len(dims) > 4
+                                                                    else "")
+    return (f"; {len(dims)} declaration(s) failed their dry run: {named} (discover(..., verify=False) returns them; "
+            "sn.wrap(model, that_declaration, example=x) says why)")
+
+
+def _partly_found(kept: list[Any], dropped: list[Any], found: int) -> str:
     return (f"discover() returns {found} declaration(s) and leaves part of the model unsliced"
             + (f"; kept whole: {_why(kept)}" if kept else "")
-            + (f"; {dropped} declaration(s) failed their dry run" if dropped else "")
+            + _dropped(dropped)
             + ". To slice those features too, declare sn.Width(...) by hand (docs/width.md) or give a tensor the "
               "model reads raw a slicer (docs/custom_slicers.md); warnings.simplefilter('ignore', "
               "sortednet.discovery.KeptWholeWarning) silences this")
 
 
-def _none_found(c: Coupling, dropped: int) -> str:
+def _none_found(c: Coupling, dropped: list[Any]) -> str:
     """Why discover returns no declaration: the groups it had to keep whole, with their reasons."""
     kept = _kept_whole(c)
     why = _why(kept)
     return ("discover() found no group it can slice safely, so wrapping with its result gives a nest of the full "
-            "model alone" + (f"; {dropped} declaration(s) failed their dry run" if dropped else "")
+            "model alone" + _dropped(dropped)
             + (f"; kept whole: {why}" if kept else "")
             + ". Declare sn.Width(...) by hand for such parts (docs/width.md), or give a tensor the model reads "
               "raw a slicer (docs/custom_slicers.md)")
