@@ -658,6 +658,28 @@ def test_callback_activates_one_submodel_per_optimizer_step(tmp_path):
     assert {sub for training, sub in steps if not training} == {nest.largest}  # evaluation: never a drawn one
 
 
+@pytest.mark.parametrize("outer", ["smallest", "largest"])
+def test_callback_refuses_a_training_loop_inside_a_use_block(outer, tmp_path):
+    """The callback sets the nest-wide default, which a ``use`` block around ``trainer.train()`` overrode: every
+    step trained that block's sub-model while ``cb.history`` listed the draws (0.150 off the drawn sub-models'
+    training). Refused before any step trains; SortedTrainer (a use block per drawn sub-model) trains there."""
+    model, _, _, _ = build("gpt2")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 32, 64], depth=[1, 2])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    cb = SubModelCallback(nest, sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with nest.use(getattr(nest, outer)), pytest.raises(sn.SortedNetError, match=r"runs inside `with nest.use\("):
+        transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not cb.history
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest)
+    with nest.use(getattr(nest, outer)):
+        trainer.train()
+    assert len(trainer.history) == 2
+
+
 def test_callback_gives_back_the_submodel_when_train_raises_inside_a_step(tmp_path):
     """No callback runs when an exception leaves ``trainer.train()`` inside a step: the drawn sub-model stayed the
     nest-wide default, and every later evaluation or generation silently ran it. The next forward outside the

@@ -99,8 +99,8 @@ def _traced_findings(nest: Nest, example: Any, model: Any) -> tuple[list[tuple[A
                                        "full model's there (its shapes still fit, so the dry runs pass); remove that "
                                        "binding, or for a fused output (gate|up) declare chunks=, for whole heads "
                                        "split by a view declare sn.Heads"))
-        elif (_UNKNOWN in g.fixed or _OUTSIDE in g.fixed) and not _inside_sliced(nest, g.fixed):  # (inside a module a slicer of the
-            # user's slices, its forward recorded op by op, the slicer stands for it)
+        elif (_UNKNOWN in g.fixed or _OUTSIDE in g.fixed) and not _inside_sliced(nest, g.fixed):
+            # (inside a module a slicer of the user's slices, its forward recorded op by op, the slicer stands for it)
             unfollowed.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}")
     return moved, unfollowed
 

@@ -471,6 +471,7 @@ class SubModelCallback(TrainerCallback):
             raise SortedNetError(f"SubModelCallback: the Trainer trains a {type(model).__name__} that is not the "
                                  "nest's model: its steps would train the full model while the callback records draws; "
                                  "pass model=nest.model to the Trainer (with model_init, wrap the model it returns)")
+        self._refuse_outer_use("trainer.train()")
         if self._open is not None:  # a step of an earlier train() that raised, never healed by a forward
             self._open = None
             self.nest.activate(getattr(self, "_outside", self.nest.largest))
@@ -478,7 +479,20 @@ class SubModelCallback(TrainerCallback):
         if self._hook is None:
             self._hook = self.nest.model.register_forward_pre_hook(self._heal, prepend=True)
 
+    def _refuse_outer_use(self, where: str) -> None:
+        """The callback sets the nest-wide default (``activate``), which a ``use`` block open in the training
+        loop's context overrides: every step would train that block's sub-model while the history records the
+        draws. Refused before the step trains."""
+        st = self.nest._state
+        if st._scoped is not st:  # (Active.plan: a use block's plan is in force in this context)
+            raise SortedNetError(f"SubModelCallback: {where} runs inside `with nest.use({self.nest.active})`, which "
+                                 "overrides the sub-model the callback activates at each step: every step would "
+                                 f"train {self.nest.active} while the callback records its draws. Call "
+                                 "trainer.train() outside use blocks (or train with SortedTrainer, which enters a "
+                                 "use block per drawn sub-model)")
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._refuse_outer_use(f"step {state.global_step}")
         f = sys._getframe(1)
         while f is not None and f.f_globals.get("__name__") == CallbackHandler.__module__:
             f = f.f_back  # the training loop that called the callback handler
