@@ -1155,6 +1155,41 @@ def test_a_slicer_declaring_attrs_as_a_string_is_refused_at_registration():
             type("ViewsList", (_ScaledSlicerBase,), {"views": [("weight", ((0, "out"),))]}))
 
 
+def test_slicer_declarations_as_lists_mappings_and_numpy_axes_are_served():
+    """Declarations written as lists, a read-only mapping or NumPy axes served right before the checks of
+    registration and of views entries came in: they stay accepted, and the sub-models equal the masked model."""
+    import types
+
+    views = {"weight": [[np.int64(0), "out"], [1, "inp"]], "scale": [(0, "out")]}
+    decl = type("Lists", (_ScaledSlicerBase,), {"roles": ["out", "inp"], "attrs": ["weight", "scale"], "static": [],
+                                                "views": types.MappingProxyType(views)})
+    cls = type("_ScaledLinearLists", (_ScaledLinear,), {})
+    sn.slicer(cls)(decl)
+    torch.manual_seed(0)
+    m, x = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2)).eval(), torch.randn(4, 8)
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"), example=x)
+    with torch.no_grad(), nest.use("h=8"):
+        y = m(x)
+        masked = F.linear(torch.relu(F.linear(x, m[0]._parameters["weight"][:8]) * m[0]._parameters["scale"][:8]),
+                          m[2]._parameters["weight"][:, :8], m[2]._parameters["bias"])
+    torch.testing.assert_close(y, masked)
+
+
+def test_an_exception_of_the_slicers_own_check_reaches_the_caller_as_it_is():
+    class Mine(Exception):
+        pass
+
+    def check(self, m, bind, path):
+        raise Mine(f"{path} is not for me")
+
+    cls = type("_ScaledLinearMine", (_ScaledLinear,), {})
+    sn.slicer(cls)(type("MineSlicer", (_ScaledSlicerBase,), {"check": check}))
+    m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    with pytest.raises(Mine, match="0 is not for me"):
+        sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    assert type(m[0]) is cls and "_sn" not in m[0].__dict__
+
+
 def test_a_linear_subclass_computing_in_features_as_a_property_is_refused():
     """sortednet serves in_features itself; the subclass's property was replaced (a raw KeyError from wrap)."""
 
@@ -1941,6 +1976,31 @@ def test_features_meeting_a_tensor_built_outside_the_trace_are_named_in_a_warnin
     model, x = _ScaledByWidth(how).eval(), torch.randn(3, 6)
     with pytest.warns(UnfollowedOpWarning, match=r"not verified.*\n.*'fc1' \(out=\) reach a tensor from outside"):
         sn.wrap(model, sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=x)
+
+
+class _PlainTable(nn.Module):
+    """A table kept as a plain tensor attribute (not a buffer), read to the active width in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.table = torch.randn(16)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h + self.table[:h.shape[-1]])
+
+
+def test_a_plain_tensor_attribute_read_to_the_width_is_the_models_own_tensor():
+    """Such a table is the model's own, as a buffer is: no UnfollowedOpWarning (the sub-model is the masked model)."""
+    torch.manual_seed(0)
+    model, x = _PlainTable().eval(), torch.randn(3, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nest = sn.wrap(model, sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=x)
+    with torch.no_grad(), nest.use("h=8"):
+        h = torch.relu(F.linear(x, model.fc1.weight, model.fc1.bias))
+        torch.testing.assert_close(model(x), F.linear(h + model.table[:8], model.fc2.weight, model.fc2.bias))
 
 
 def test_narrow_and_index_select_that_keep_every_unit_in_place_pass():

@@ -326,6 +326,10 @@ class _Analysis:
         self.attn_info = attn_info
         self.vars: dict[int, list[int]] = {}
         self.params = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        for path, m in model.named_modules():  # tensors kept as plain attributes (a positional table not
+            for attr, t in vars(m).items():     # registered as a buffer): the model's own, as buffers are
+                if isinstance(t, Tensor) and id(t) not in self.params:
+                    self.params[id(t)] = f"{path}.{attr}" if path else attr
         self.modules = dict(model.named_modules())
         self.owners: dict[int, list[tuple[str, nn.Module, str]]] = {}  # a tensor -> (path, module, attribute)
         for path, m in model.named_modules(remove_duplicate=False):  # every holder of a tied tensor

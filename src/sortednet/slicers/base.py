@@ -11,7 +11,7 @@ import math
 import numbers
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -117,10 +117,12 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
                                  "of each role before slicing); define it (docs/custom_slicers.md)")
         for field_ in ("roles", "attrs", "static"):
             v = getattr(cls, field_)
-            if not isinstance(v, tuple) or not all(isinstance(x, str) for x in v):
+            if isinstance(v, str) or not isinstance(v, Sequence) or not all(isinstance(x, str) for x in v):
                 raise SortedNetError(f"slicer {cls.__name__}: {field_} must be a tuple of names, e.g. "
                                      f"{field_} = ('weight',); got {v!r}")
-        if not isinstance(cls.views, dict) or not all(isinstance(k, str) for k in cls.views):
+            if not isinstance(v, tuple):  # (a list: served as the tuple it names)
+                setattr(cls, field_, tuple(v))
+        if not isinstance(cls.views, Mapping) or not all(isinstance(k, str) for k in cls.views):
             raise SortedNetError(f"slicer {cls.__name__}: views must be a dict of attribute name -> ((axis, role), "
                                  f"...); got {cls.views!r}")
         had = cls.__dict__.get("types")
@@ -299,7 +301,7 @@ class Slicer:
                                    f"({type(m).__name__}); it supports {list(self.roles)}")
             full = self._named(self.full, m, path, "full", role)
             if b.total(b.dim.full) != full:
-                self._named(self.check, m, path, "check", bind, path)  # its own, more specific refusal first
+                self.check(m, bind, path)  # its own, more specific refusal first (a LayerNorm over (C, H, W))
                 hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
                         "Width(..., chunks={pattern: n})"
                         if role == "out" and len(b.blocks) == 1 and full % b.full == 0 else
@@ -309,12 +311,12 @@ class Slicer:
                 raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
                                 f"{b.total(b.dim.full)} features but {path!r} ({type(m).__name__}) has {full} "
                                 f"for role {role!r}{hint}")
-        self._named(self.check, m, path, "check", bind, path)
+        self.check(m, bind, path)  # (an exception of the user's own passes as it is: check() is theirs to raise)
         self._check_declared(m, bind, path, added)  # (after the slicer's own, more specific refusals)
 
     def _named(self, fn: Callable, m: nn.Module, path: str, what: str, *args: Any) -> Any:
-        """``fn(m, *args)``; a user's slicer failing there with an error of its own is refused naming the
-        slicer and the module (sortednet's own slicers' errors pass as they are)."""
+        """``fn(m, *args)`` (``full``); a user's slicer failing there is refused naming the slicer and the module
+        (sortednet's own slicers' errors pass as they are)."""
         try:
             return fn(m, *args)
         except SortedNetError:
@@ -342,15 +344,16 @@ class Slicer:
         for name, axes in self.rules(m).items():
             if axes is STATIC:
                 continue
-            if not (isinstance(axes, tuple) and all(
-                    isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], int) and not isinstance(a[0], bool)
-                    and isinstance(a[1], str) for a in axes)):
+            if isinstance(axes, str) or not isinstance(axes, Sequence) or not all(
+                    isinstance(a, Sequence) and len(a) == 2 and isinstance(a[0], numbers.Integral)
+                    and not isinstance(a[0], bool) and isinstance(a[1], str) for a in axes):
                 raise PatternError(f"the slicer {type(self).__name__} of {where}: views[{name!r}] must be a tuple "
                                    f"of (axis, role) pairs, e.g. ((0, 'out'), (1, 'inp')); got {axes!r}")
             t = None if name in added else self.tensor(m, name)
             if not isinstance(t, Tensor):
                 continue
             for axis, role in axes:
+                axis = int(axis)
                 if not -t.dim() <= axis < t.dim():
                     raise PatternError(f"the slicer {type(self).__name__} of {where}: views[{name!r}] cuts axis "
                                        f"{axis} for role {role!r}, but {name!r} has {t.dim()} axes "
