@@ -994,3 +994,43 @@ def test_fused_multi_query_projections_refuse_fewer_heads_saying_why(build):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     nest = sn.from_transformers(model, heads=[4], depth=[1, 2])
     assert [s["depth"] for s in nest.submodels] == [1, 2]
+
+
+def test_heads_over_layers_whose_attention_differs_say_why():
+    """Gemma3n's key/value-sharing layers have no k_proj / v_proj: heads= was refused with only "has no child
+    'k_proj'". The refusal says the matched attentions differ and what to do, changing nothing."""
+    cls = getattr(T, "Gemma3nForCausalLM", None)
+    assert cls is not None  # (every transformers >= 5.0, which the extra requires, has Gemma3n)
+    V = 61
+    model = cls(T.Gemma3nTextConfig(
+        vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_kv_shared_layers=2, sliding_window=4, laurel_rank=4, altup_num_inputs=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, activation_sparsity_pattern=[0.0] * 4,
+        pad_token_id=0)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"has no child 'k_proj'.*attentions that .* matches differ .*nest "
+                                                r"without heads"):
+        sn.from_transformers(model, heads=[2, 4])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any("_sn" in m.__dict__ for m in model.modules())
+
+
+def test_a_vision_language_model_whose_towers_differ_points_at_its_language_model():
+    """Gemma-3's vision tower holds a layer list of another kind: the refusal named register_layout and sn.wrap
+    only; it names the sub-module to nest alone, which then nests and exports."""
+    cfg = T.Gemma3Config(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = T.Gemma3ForConditionalGeneration(cfg).eval()
+    with pytest.raises(sn.SortedNetError, match=r"sn.from_transformers\(model.get_submodule\('([\w.]+)'\)") as e:
+        sn.from_transformers(model, ffn=[32, 64])
+    lm = model.get_submodule(re.search(r"get_submodule\('([\w.]+)'\)", str(e.value)).group(1))
+    nest = sn.from_transformers(lm, ffn=[32, 64])
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad(), nest.use("ffn=32"):
+        torch.testing.assert_close(lm(input_ids=ids).last_hidden_state,
+                                   nest.export("ffn=32")(input_ids=ids).last_hidden_state)

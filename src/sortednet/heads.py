@@ -169,7 +169,11 @@ class Heads(Dimension):
         projections = [qkv] if isinstance(qkv, str) else list(qkv)
         for n in (*projections, o):
             if _child(m, n) is None:
-                raise self._err(path, f"has no child {n!r} (children: {sorted(names)})")
+                raise self._err(path, f"has no child {n!r} (children: {sorted(names)}): the attentions that "
+                                      f"{pat!r} matches differ (a layer of another kind: keys and values shared "
+                                      "with an earlier layer, a linear attention), and a Heads dimension needs the "
+                                      "same q/k/v/o projections in each; match only those that have them, or nest "
+                                      "without heads")
         box = _child(m, o)
         if _in_features(box) is None and isinstance(box, nn.Sequential) and len(box) \
                 and _in_features(box[0]) is not None:  # (vit-pytorch: to_out = Sequential(Linear, Dropout))

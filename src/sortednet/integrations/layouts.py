@@ -227,10 +227,17 @@ def detect(model: nn.Module) -> Found:
         tails = {p.rpartition(".")[2] for p in hits}
         missed = [p for p, _ in lists if p not in hits and p.rpartition(".")[2] in tails]
         if missed:
+            holder = hits[0].rpartition(".")[0]
+            while holder.count(".") > 0 and any(p.startswith(holder + ".") for p in missed):
+                holder = holder.rpartition(".")[0]  # (the smallest module holding the hits and none of the misses)
+            one = "" if any(p.startswith(holder + ".") for p in missed) or not holder else (
+                f"; to nest the part they belong to alone (a vision-language model's language model): "
+                f"sn.from_transformers(model.get_submodule({holder!r}), ...)")
             raise SortedNetError(f"{type(model).__name__}: the layer list(s) {missed} do not match the {lay.family} "
-                                 f"layout that {list(hits)} match (their blocks differ, e.g. another attention); "
-                                 "from_transformers would nest only part of the model: not supported. Declare the "
-                                 "dimensions by hand with sn.wrap, or describe the layout with register_layout")
+                                 f"layout that {list(hits)} match (their blocks differ, e.g. another attention or "
+                                 "another tower); from_transformers would nest only part of the model: not supported"
+                                 f"{one}. Else declare the dimensions by hand with sn.wrap, or describe the layout "
+                                 "with register_layout")
         return Found(lay, hits)
     raise SortedNetError(
         f"from_transformers does not know the layout of {type(model).__name__}; known families: {SUPPORTED}. "
