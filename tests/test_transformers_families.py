@@ -944,21 +944,28 @@ def test_a_vision_config_without_image_size_is_still_self_checked():
     assert not any("_sn" in m.__dict__ for m in model.modules())
 
 
-def test_generate_with_layers_that_share_another_layers_cache():
-    """Gemma3n's last ``num_kv_shared_layers`` layers reuse earlier layers' keys and values: their cache entry
-    holds none (no ``get_seq_length``), and the cache check raised a raw AttributeError, so once nested with a
-    depth not even the full model could generate. Each depth now generates as its plain export does."""
-    cls = getattr(T, "Gemma3nForCausalLM", None)
-    if cls is None:
-        pytest.skip("this transformers has no Gemma3n")
-    torch.manual_seed(0)
-    V = 61
-    model = cls(T.Gemma3nTextConfig(
+_GEMMA3N_VOCAB = 61
+
+
+def _gemma3n():
+    """A tiny Gemma3n whose last 2 of 4 layers reuse earlier layers' keys and values (no k_proj / v_proj)."""
+    V = _GEMMA3N_VOCAB
+    return T.Gemma3nForCausalLM(T.Gemma3nTextConfig(
         vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
         intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         num_kv_shared_layers=2, sliding_window=4, laurel_rank=4, altup_num_inputs=2,
         layer_types=["sliding_attention", "full_attention"] * 2, activation_sparsity_pattern=[0.0] * 4,
         pad_token_id=0)).eval()
+
+
+def test_generate_with_layers_that_share_another_layers_cache():
+    """Gemma3n's last ``num_kv_shared_layers`` layers reuse earlier layers' keys and values: their cache entry
+    holds none (no ``get_seq_length``), and the cache check raised a raw AttributeError, so once nested with a
+    depth not even the full model could generate. Each depth now generates as its plain export does."""
+    if getattr(T, "Gemma3nForCausalLM", None) is None:
+        pytest.skip("this transformers has no Gemma3n")
+    torch.manual_seed(0)
+    V, model = _GEMMA3N_VOCAB, _gemma3n()
     ids = torch.randint(1, V, (1, 4), generator=torch.Generator().manual_seed(1))
     want = model.generate(ids, max_new_tokens=5, do_sample=False)
     nest = sn.from_transformers(model, depth=[2, 3])
@@ -999,15 +1006,7 @@ def test_fused_multi_query_projections_refuse_fewer_heads_saying_why(build):
 def test_heads_over_layers_whose_attention_differs_say_why():
     """Gemma3n's key/value-sharing layers have no k_proj / v_proj: heads= was refused with only "has no child
     'k_proj'". The refusal says the matched attentions differ and what to do, changing nothing."""
-    cls = getattr(T, "Gemma3nForCausalLM", None)
-    assert cls is not None  # (every transformers >= 5.0, which the extra requires, has Gemma3n)
-    V = 61
-    model = cls(T.Gemma3nTextConfig(
-        vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
-        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_kv_shared_layers=2, sliding_window=4, laurel_rank=4, altup_num_inputs=2,
-        layer_types=["sliding_attention", "full_attention"] * 2, activation_sparsity_pattern=[0.0] * 4,
-        pad_token_id=0)).eval()
+    model = _gemma3n()  # (every transformers >= 5.0, which the extra requires, has Gemma3n)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(sn.SortedNetError, match=r"has no child 'k_proj'.*attentions that .* matches differ .*nest "
                                                 r"without heads"):
