@@ -1953,27 +1953,31 @@ def test_features_reaching_an_op_the_trace_cannot_follow_are_named_in_a_warning(
 class _ScaledByWidth(nn.Module):
     """``fc1``'s units scaled by a ramp built from the width outside the ops the trace follows."""
 
-    def __init__(self, how):
+    def __init__(self, how, kept=False):
         super().__init__()
-        self.fc1, self.fc2, self.how = nn.Linear(6, 16), nn.Linear(16, 3), how
+        self.fc1, self.fc2, self.how, self.kept = nn.Linear(6, 16), nn.Linear(16, 3), how, kept
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
         c = h.shape[1]
         ramp = (h.new_tensor([(i + 1) / c for i in range(c)]) if self.how == "new_tensor" else
                 torch.from_numpy(np.linspace(0.1, 1.0, c, dtype=np.float32)))
+        if self.kept:  # (stored on the module by the forward: still the forward's own result)
+            self.ramp = ramp
+            ramp = self.ramp
         return self.fc2(h * ramp)
 
 
+@pytest.mark.parametrize("kept", [False, True])
 @pytest.mark.parametrize("how", ["new_tensor", "from_numpy"])
-def test_features_meeting_a_tensor_built_outside_the_trace_are_named_in_a_warning(how):
+def test_features_meeting_a_tensor_built_outside_the_trace_are_named_in_a_warning(how, kept):
     """``torch.tensor`` / ``torch.linspace`` of the width warned; the same ramp from ``x.new_tensor([...])`` or
     ``torch.from_numpy`` passed in silence, while a sub-model's units meet other scales than the full model's
-    (1e-2 off the masked full model)."""
+    (1e-2 off the masked full model); also when the forward keeps it on the module first."""
     from sortednet.check import UnfollowedOpWarning
 
     torch.manual_seed(0)
-    model, x = _ScaledByWidth(how).eval(), torch.randn(3, 6)
+    model, x = _ScaledByWidth(how, kept).eval(), torch.randn(3, 6)
     with pytest.warns(UnfollowedOpWarning, match=r"not verified.*\n.*'fc1' \(out=\) reach a tensor from outside"):
         sn.wrap(model, sn.Width("h", [8, 16], out="fc1", inp="fc2"), example=x)
 

@@ -1013,6 +1013,9 @@ def test_heads_over_layers_whose_attention_differs_say_why():
         sn.from_transformers(model, heads=[2, 4])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any("_sn" in m.__dict__ for m in model.modules())
+    with pytest.raises(sn.SortedNetError, match=r"has no child 'query' \(children: \[[^]]*\]\)$"):  # (a name no
+        sn.wrap(model, sn.Heads("h", [2, 4], attn="model.layers.*.self_attn", qkv=("query", "k_proj", "v_proj")))
+    #                                                             attention has: not said to differ between them)
 
 
 def test_a_vision_language_model_whose_towers_differ_points_at_its_language_model():

@@ -321,15 +321,13 @@ def _axis_roles(m: nn.Module, attr: str, t: Tensor) -> tuple[tuple[int, str], ..
 class _Analysis:
     """Turns recorded events into variables linked in a union-find."""
 
-    def __init__(self, model: nn.Module, example: Any, attn_info: dict[str, tuple]) -> None:
+    def __init__(self, model: nn.Module, example: Any, attn_info: dict[str, tuple], own: dict[int, str]) -> None:
         self.uf = _UF()
         self.attn_info = attn_info
         self.vars: dict[int, list[int]] = {}
         self.params = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
-        for path, m in model.named_modules():  # tensors kept as plain attributes (a positional table not
-            for attr, t in vars(m).items():     # registered as a buffer): the model's own, as buffers are
-                if isinstance(t, Tensor) and id(t) not in self.params:
-                    self.params[id(t)] = f"{path}.{attr}" if path else attr
+        for k, n in own.items():  # tensors the modules held as plain attributes before any traced forward
+            self.params.setdefault(k, n)  # (a positional table not registered as a buffer): the model's own
         self.modules = dict(model.named_modules())
         self.owners: dict[int, list[tuple[str, nn.Module, str]]] = {}  # a tensor -> (path, module, attribute)
         for path, m in model.named_modules(remove_duplicate=False):  # every holder of a tied tensor
@@ -447,14 +445,15 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     [(8, [('0', 'out'), ('2', 'inp')])]
     """
     view, _ = eval_view(model)  # a private eval-mode copy sharing the tensors: no training flag of `model` flips
-    found = _analyse(view, model, example)
+    own = _plain_tensors(view)  # (before the traced forwards: what they store on a module is their own result)
+    found = _analyse(view, model, example, own)
     view.train(True)  # training mode too: branches that run only there (auxiliary heads) read features as well
     for m in view.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0
     try:
         with seeded(0):
-            more = _analyse(view, model, example)
+            more = _analyse(view, model, example, own)
     except Exception:  # e.g. BatchNorm on a batch of one: the example does not run in training mode
         return found
     return _merge(found, more)
@@ -485,10 +484,16 @@ def _coupling(uf: _UF, attention: list[Attention]) -> Coupling:
     return Coupling(groups, attention, {k: roots[uf.find(r)] for k, r in uf.roles.items()})
 
 
-def _analyse(view: nn.Module, model: nn.Module, example: Any) -> Coupling:
+def _plain_tensors(model: nn.Module) -> dict[int, str]:
+    """Tensors the modules of ``model`` hold as plain attributes (not parameters or buffers), by id: their names."""
+    return {id(t): f"{path}.{attr}" if path else attr for path, m in model.named_modules()
+            for attr, t in vars(m).items() if isinstance(t, Tensor)}
+
+
+def _analyse(view: nn.Module, model: nn.Module, example: Any, own: dict[int, str]) -> Coupling:
     with dry_run(model):
         events, out, attn = record(view, example)
-    a = _Analysis(view, example, attn)
+    a = _Analysis(view, example, attn, own)
     a.run(events)
     a.link_raw()
     a.fix_all(_tensors(out), "the network output")

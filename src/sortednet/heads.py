@@ -135,14 +135,15 @@ class Heads(Dimension):
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         out: list[Target] = []
         for pat in self.attn:
-            for path in match(pat, modules, f"Heads {self.name!r} attn"):
-                out += self._plan_one(path, modules[path], pat)
+            paths = match(pat, modules, f"Heads {self.name!r} attn")
+            for path in paths:  # (the others matched: a refusal says whether they differ)
+                out += self._plan_one(path, modules[path], pat, [modules[p] for p in paths if p != path])
         return out
 
     def _err(self, path: str, msg: str) -> PatternError:
         return PatternError(f"Heads {self.name!r} (sizes {list(self.sizes)}) at {path!r}: {msg}")
 
-    def _plan_one(self, path: str, m: nn.Module, pat: str) -> list[Target]:
+    def _plan_one(self, path: str, m: nn.Module, pat: str, others: Sequence[nn.Module] = ()) -> list[Target]:
         H = self.full
         if isinstance(m, nn.MultiheadAttention):
             given = [k for k, v in (("qkv", self.qkv), ("o", self.o), ("count_attrs", self.count_attrs),
@@ -169,11 +170,12 @@ class Heads(Dimension):
         projections = [qkv] if isinstance(qkv, str) else list(qkv)
         for n in (*projections, o):
             if _child(m, n) is None:
-                raise self._err(path, f"has no child {n!r} (children: {sorted(names)}): the attentions that "
-                                      f"{pat!r} matches differ (a layer of another kind: keys and values shared "
-                                      "with an earlier layer, a linear attention), and a Heads dimension needs the "
-                                      "same q/k/v/o projections in each; match only those that have them, or nest "
-                                      "without heads")
+                differ = any(_child(other, n) is not None for other in others)
+                raise self._err(path, f"has no child {n!r} (children: {sorted(names)})" + (
+                    f": the attentions that {pat!r} matches differ (others have {n!r}: a layer of another kind, "
+                    "keys and values shared with an earlier layer, a linear attention), and a Heads dimension needs "
+                    "the same q/k/v/o projections in each; match only those that have them, or nest without heads"
+                    if differ else ""))
         box = _child(m, o)
         if _in_features(box) is None and isinstance(box, nn.Sequential) and len(box) \
                 and _in_features(box[0]) is not None:  # (vit-pytorch: to_out = Sequential(Linear, Dropout))

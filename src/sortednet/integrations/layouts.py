@@ -227,10 +227,10 @@ def detect(model: nn.Module) -> Found:
         tails = {p.rpartition(".")[2] for p in hits}
         missed = [p for p, _ in lists if p not in hits and p.rpartition(".")[2] in tails]
         if missed:
-            holder = hits[0].rpartition(".")[0]
-            while holder.count(".") > 0 and any(p.startswith(holder + ".") for p in missed):
-                holder = holder.rpartition(".")[0]  # (the smallest module holding the hits and none of the misses)
-            one = "" if any(p.startswith(holder + ".") for p in missed) or not holder else (
+            parts = [p.split(".")[:-1] for p in hits]  # the module holding every matched list (all stacks)
+            common = next((i for i, xs in enumerate(zip(*parts)) if len(set(xs)) > 1), min(map(len, parts)))
+            holder = ".".join(parts[0][:common])
+            one = "" if not holder or any(p.startswith(holder + ".") for p in missed) else (
                 f"; to nest the part they belong to alone (a vision-language model's language model): "
                 f"sn.from_transformers(model.get_submodule({holder!r}), ...)")
             raise SortedNetError(f"{type(model).__name__}: the layer list(s) {missed} do not match the {lay.family} "
