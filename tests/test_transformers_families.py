@@ -1036,3 +1036,26 @@ def test_a_vision_language_model_whose_towers_differ_points_at_its_language_mode
     with torch.no_grad(), nest.use("ffn=32"):
         torch.testing.assert_close(lm(input_ids=ids).last_hidden_state,
                                    nest.export("ffn=32")(input_ids=ids).last_hidden_state)
+
+
+def test_the_suggested_part_holds_every_stack_of_its_layout():
+    """A T5 (encoder and decoder stacks) beside a tower with a list of another kind: the suggestion named the
+    encoder alone ('lm.encoder'), dropping the decoder; it names the module holding both."""
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.ModuleList([nn.Linear(4, 4)])
+
+    class WithTower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = Tower()
+            self.lm = T.T5ForConditionalGeneration(T.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64,
+                                                              num_layers=2, num_heads=4))
+
+    model = WithTower()
+    with pytest.raises(sn.SortedNetError, match=r"from_transformers\(model.get_submodule\('lm'\)"):
+        sn.from_transformers(model, ffn=[32, 64])
+    nest = sn.from_transformers(model.lm, ffn=[32, 64])
+    assert any(p.startswith("decoder.") for p in nest._sliced) and any(p.startswith("encoder.") for p in nest._sliced)
