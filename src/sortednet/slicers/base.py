@@ -299,7 +299,7 @@ class Slicer:
             if role not in self.roles:
                 raise PatternError(f"{b.dim.kind} {b.dim.name!r} cannot slice role {role!r} of {path!r} "
                                    f"({type(m).__name__}); it supports {list(self.roles)}")
-            full = self._named(self.full, m, path, "full", role)
+            full = self._full_named(m, path, role)
             if b.total(b.dim.full) != full:
                 self.check(m, bind, path)  # its own, more specific refusal first (a LayerNorm over (C, H, W))
                 hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
@@ -314,18 +314,18 @@ class Slicer:
         self.check(m, bind, path)  # (an exception of the user's own passes as it is: check() is theirs to raise)
         self._check_declared(m, bind, path, added)  # (after the slicer's own, more specific refusals)
 
-    def _named(self, fn: Callable, m: nn.Module, path: str, what: str, *args: Any) -> Any:
-        """``fn(m, *args)`` (``full``); a user's slicer failing there is refused naming the slicer and the module
+    def _full_named(self, m: nn.Module, path: str, role: str) -> int:
+        """``full(m, role)``; a user's slicer failing there is refused naming the slicer and the module
         (sortednet's own slicers' errors pass as they are)."""
         try:
-            return fn(m, *args)
+            return self.full(m, role)
         except SortedNetError:
             raise
         except Exception as e:
             if type(self).__module__.startswith("sortednet."):
                 raise
             raise PatternError(f"the slicer {type(self).__name__} of {path or '<root>'!r} ({type(m).__name__}) "
-                               f"raised in {what}(): {type(e).__name__}: {e}") from e
+                               f"raised in full(): {type(e).__name__}: {e}") from e
 
     def _check_declared(self, m: nn.Module, bind: dict[str, Binding], path: str, added: dict) -> None:
         """What the slicer declares must fit the module, before anything changes: every attribute it serves
