@@ -10,9 +10,11 @@ the model class allows it, else it is ``nest.export(sub)``. Compiled rows compar
 ``torch.compile`` (inductor) of the live model under ``use(sub)`` with the compiled
 standalone model; they need a C++ compiler and are skipped, with a note, without one.
 
-    python benchmarks/overhead.py [--quick] [--compile-all] [--no-compile] [--repeat N]
+    python benchmarks/overhead.py [--quick] [--compile-all] [--no-compile] [--repeat N] [--device cuda]
 
-Writes benchmarks/results/overhead.md (``--quick``: overhead_quick.md).
+Writes benchmarks/results/overhead.md (``--quick``: overhead_quick.md; ``--device cuda``: overhead_cuda.md,
+overhead_quick_cuda.md). On a GPU every model, input and compiled graph lives there, and a time is the
+wall-clock time of a call up to ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ import sortednet as sn  # noqa: E402
 #: the calling thread's CPU time: with one intra-op thread it holds all of torch's CPU work, and
 #: time spent preempted by other processes on a shared machine does not count
 CLOCK = time.thread_time
+
+
+def _cuda_clock() -> float:
+    """Wall-clock seconds once the GPU has finished everything queued so far (a GPU's work is asynchronous:
+    the CPU time of the launching thread says nothing of it)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @dataclass
@@ -354,13 +363,18 @@ def _verdict(got: tuple[float, float] | None, median: float | None, worst: float
     return "**met**" if ok else "**not met**"
 
 
-def run(quick: bool, compile_mode: str, torch_profiler: bool = False, repeat: int = 0) -> str:
+def run(quick: bool, compile_mode: str, torch_profiler: bool = False, repeat: int = 0, device: str = "cpu") -> str:
+    global CLOCK
+    gpu = torch.device(device).type != "cpu"
+    if gpu:  # models, inputs and caches built on the device; times up to the device's end of work
+        torch.set_default_device(device)
+        CLOCK, torch_profiler = _cuda_clock, True
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64
     if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
         torch._dynamo.config.accumulated_recompile_limit = 1024
     cxx = compiler()
-    compiled = compile_mode != "none" and cxx is not None
+    compiled = compile_mode != "none" and (cxx is not None or gpu)
     repeat = repeat or (7 if quick else 15)
     setups = []
     t0 = time.perf_counter()
@@ -407,7 +421,7 @@ def run(quick: bool, compile_mode: str, torch_profiler: bool = False, repeat: in
         comp_note = ("Compiled rows skipped: " + ("--no-compile was given." if compile_mode == "none" else
                      "no C++ compiler (g++, c++ or clang++) on PATH, which inductor needs on CPU."))
     else:
-        comp_note = (f"Inductor ({cxx}). Compiled for: "
+        comp_note = (f"Inductor ({'Triton kernels on the GPU' if gpu else cxx}). Compiled for: "
                      + ", ".join(f"{st.name} ({'/'.join(st.rows['compiled'])})" for st in setups if st.rows["compiled"])
                      + ("" if compile_mode == "all" else "; every model and mode runs compiled with "
                         "`--compile-all` (minutes of compilation per graph on a loaded CPU)") + ".")
@@ -428,9 +442,12 @@ def run(quick: bool, compile_mode: str, torch_profiler: bool = False, repeat: in
     text = "\n\n".join([
         "# Overhead of sub-models in the wrapped model vs standalone models",
         f"Command: `python benchmarks/overhead.py{' --quick' if quick else ''}"
-        f"{f' --repeat {repeat}' if repeat != (7 if quick else 15) else ''}`; torch {torch.__version__}, "
-        f"{platform.machine()}, {torch.get_num_threads()} thread(s); times are the calling thread's CPU time "
-        f"(`time.thread_time`: preemption by other processes is left out); medians of {repeat} round-robin repeats "
+        f"{f' --repeat {repeat}' if repeat != (7 if quick else 15) else ''}"
+        f"{f' --device {device}' if gpu else ''}`; torch {torch.__version__}, {platform.machine()}, "
+        + (f"GPU {torch.cuda.get_device_name()}; times are wall-clock up to `torch.cuda.synchronize()`"
+           if gpu else f"{torch.get_num_threads()} thread(s); times are the calling thread's CPU time "
+           "(`time.thread_time`: preemption by other processes is left out)")
+        + f"; medians of {repeat} round-robin repeats "
         f"(inference and decoding: {2 * repeat}); total {time.perf_counter() - t0:.0f} s. Standalone: an "
         "independently built model of the sub-model's size (llama: `nest.export(sub)`).",
         "## Summary (targets)",
@@ -478,11 +495,13 @@ if __name__ == "__main__":
     g.add_argument("--no-compile", action="store_true", help="skip every compiled row")
     ap.add_argument("--torch-profiler", action="store_true", help="gap tables from torch.profiler (wall-clock)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier ratios on a shared machine)")
+    ap.add_argument("--device", default="cpu", help="where models and inputs live: cpu (default) or cuda")
     ap.add_argument("--repeat", type=int, default=0,
                     help="round-robin repeats (default 15, --quick 7; inference and decoding twice as many)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = run(args.quick, "none" if args.no_compile else "all" if args.compile_all else "default",
-               args.torch_profiler, args.repeat)
+               args.torch_profiler, args.repeat, args.device)
     print(text)
-    print("wrote", write("overhead_quick.md" if args.quick else "overhead.md", text))
+    suffix = "" if torch.device(args.device).type == "cpu" else f"_{torch.device(args.device).type}"
+    print("wrote", write(f"overhead{'_quick' if args.quick else ''}{suffix}.md", text))

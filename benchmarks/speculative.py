@@ -1,4 +1,5 @@
-"""Sorted speculative decoding vs plain greedy and transformers' assisted generation (CPU, batch 1, greedy).
+"""Sorted speculative decoding vs plain greedy and transformers' assisted generation (batch 1, greedy; CPU, or
+a GPU with ``--device cuda``).
 
 A character-level Llama-family model (grouped-query attention) is trained
 with SoFT on Python's bundled documentation text (``pydoc_data.topics``), so
@@ -60,11 +61,11 @@ def trained(name: str, model: LlamaForCausalLM, exits: list[int], data: torch.Te
             args: argparse.Namespace) -> tuple[sn.Nest, int]:
     """SoFT-train for ``minutes`` of wall time (cached in the temp folder); returns (nest, steps)."""
     key = hashlib.sha1(repr((name, model.config.to_json_string(), exits, minutes, args.batch, args.ctx,
-                             args.seed)).encode()).hexdigest()[:12]
+                             args.seed, args.device)).encode()).hexdigest()[:12]
     path = os.path.join(tempfile.gettempdir(), f"sortednet_speculative_{name}_{key}.pt")
     nest = sn.from_transformers(model, depth=exits[:-1])
     if os.path.exists(path):
-        saved = torch.load(path)
+        saved = torch.load(path, map_location=args.device)
         model.load_state_dict(saved["state"])
         return nest, saved["steps"]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -97,6 +98,12 @@ class PassCounter:
         self.n += 1
 
 
+def _sync(t: torch.Tensor) -> None:
+    """Wait for the GPU (its work is asynchronous) so that a time holds all of a call's work."""
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
 def timed(fns: dict, prompts: list[torch.Tensor], repeat: int, counter: PassCounter | None = None) -> dict:
     """Per method: (outputs, median seconds of a sweep over all prompts, per-prompt stats, target passes per
     sweep). Interleaved finely: for each prompt every method runs once before the next prompt, so that the
@@ -113,8 +120,10 @@ def timed(fns: dict, prompts: list[torch.Tensor], repeat: int, counter: PassCoun
         for i, p in enumerate(prompts):
             for name, fn in fns.items():
                 before = counter.n if counter is not None else 0
+                _sync(p)
                 t0 = time.perf_counter()
                 res[name][i] = fn(p)
+                _sync(p)
                 sweep[name] += time.perf_counter() - t0
                 if counter is not None:
                     passes[name] += counter.n - before
@@ -165,19 +174,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the models run: cpu (default) or cuda "
+                    "(writes speculative_cuda.md)")
     args = ap.parse_args()
     if args.quick:
         args.hidden, args.layers, args.minutes, args.draft_minutes = 64, 4, 0.2, 0.1
         args.prompts, args.new, args.repeat = 2, 16, 1
     torch.set_num_threads(args.threads)
     train, val, stoi = text_ids()
+    train, val = train.to(args.device), val.to(args.device)
     vocab = len(stoi)
     L, H = args.layers, args.hidden
     exits = sorted({max(1, L // 4), L // 2, 3 * L // 4, L})
-    nest, steps = trained("target", build(vocab, H, L, 8 * H // 3 // 64 * 64, args.seed), exits, train,
+    nest, steps = trained("target", build(vocab, H, L, 8 * H // 3 // 64 * 64, args.seed).to(args.device), exits, train,
                           args.minutes, args)
     dL = max(2, L // 2)
-    dnest, dsteps = trained("draft", build(vocab, H // 2, dL, 4 * H // 3 // 32 * 32, args.seed + 1),
+    dnest, dsteps = trained("draft", build(vocab, H // 2, dL, 4 * H // 3 // 32 * 32, args.seed + 1).to(args.device),
                             [dL // 2, dL], train, args.draft_minutes, args)
     with torch.inference_mode():
         losses = soft_loss(nest, val[: 32 * args.ctx].view(32, args.ctx), exits=exits).losses
@@ -252,7 +264,8 @@ def main() -> None:
                   torch.cat([r[0, p.shape[1]:] for r, p in zip(ref, prompts)]).bincount().max().item() / new_total)
     print(text)
     if not args.quick:
-        print("wrote", write("speculative.md", text))
+        gpu = torch.device(args.device).type != "cpu"
+        print("wrote", write(f"speculative{'_' + torch.device(args.device).type if gpu else ''}.md", text))
 
 
 def report(args, steps, dsteps, val_loss, d, k, dL, rows, s2d_rows, nest, dnest, prompt_text, sample,
@@ -265,11 +278,15 @@ def report(args, steps, dsteps, val_loss, d, k, dL, rows, s2d_rows, nest, dnest,
     shared = next(v for n, v in ratio.items() if "shared cache (k=" in n)
     best_name = max((n for n in ratio if n.startswith("sortednet")), key=ratio.get)
     all_equal = all(r[-1] == "100%" for r in rows + s2d_rows)
+    gpu = torch.device(args.device).type != "cpu"
+    where = "a GPU" if gpu else "a CPU shared with other jobs"
     lines = [
         "# Speculative decoding with nested drafts",
         "",
-        "Written by `benchmarks/speculative.py` (CPU, batch 1, greedy, "
-        f"{args.threads} thread(s), {args.prompts} held-out prompts of 32 characters, {args.new} new tokens each).",
+        "Written by `benchmarks/speculative.py"
+        + (f" --device {args.device}` ({torch.cuda.get_device_name(args.device)}" if gpu else "` (CPU")
+        + f", batch 1, greedy, {args.threads} thread(s), {args.prompts} held-out prompts of 32 characters, "
+        f"{args.new} new tokens each).",
         "",
         f"Target: Llama-family (GQA 8/4 heads), {args.layers} layers, hidden {args.hidden}, "
         f"{nest.cost(nest.largest) / 1e6:.2f}M parameters, character-level, SoFT-trained for {steps} steps "
@@ -300,14 +317,17 @@ def report(args, steps, dsteps, val_loss, d, k, dL, rows, s2d_rows, nest, dnest,
         "",
         "## Caveats, read before quoting",
         "",
-        f"- The target is small and briefly trained ({steps} steps within the time budget on a CPU shared with "
-        f"other jobs; held-out loss {val_loss[max(val_loss)]:.2f} nats per character). In its greedy "
+        f"- The target is small and briefly trained ({steps} steps within the time budget on {where}"
+        f"; held-out loss {val_loss[max(val_loss)]:.2f} nats per character). In its greedy "
         f"continuations the most frequent character makes up {top_share:.0%} of the text (the first one is "
         f"below); repetitive text is easy to draft (best acceptance {best_acc} in the first table). A "
         "better-trained model accepts less and gains less.",
         f"- The lowest S2D row accepts {worst[5]} of the drafts and runs at {worst[2]} plain greedy "
-        f"({worst[0]}): where acceptance is low, speculative decoding does not pay on a CPU, since a verify pass "
-        "of k + 1 tokens is not free as on a memory-bound GPU and every rejected draft token is work lost.",
+        f"({worst[0]}): "
+        + ("where acceptance is low, every rejected draft token's draft pass is work lost; a GPU verifies k + 1 "
+           "tokens in about the time of one at this size, so the loss is the drafts alone." if gpu else
+           "where acceptance is low, speculative decoding does not pay on a CPU, since a verify pass of k + 1 "
+           "tokens is not free as on a memory-bound GPU and every rejected draft token is work lost."),
         "- The model is small (hidden size " + str(args.hidden) + "), so Python overhead per block call is a "
         "large part of each forward; that favours methods that call fewer blocks (the shared cache skips the "
         "target's layers below the draft exit) more than a compute-bound model would.",

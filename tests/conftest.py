@@ -17,6 +17,11 @@ settings.register_profile("sortednet", max_examples=10, deadline=None, database=
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sortednet"))
 torch.set_num_threads(1)
+if os.environ.get("SORTEDNET_TEST_DEVICE", "cpu").startswith("cuda"):
+    # the families' models on a GPU (tests/models.py): fp32 comparisons need fp32 kernels (no TF32) and the
+    # same cuDNN algorithm for the same shapes
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dis
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,10 +204,27 @@ def sequential(seed=0, depth=4) -> Case:
     return Case(m, dims, torch.randn(2, 3, 10))
 
 
-FAMILIES: dict[str, Callable[..., Case]] = {
+#: where the families' models and examples live: ``SORTEDNET_TEST_DEVICE=cuda`` runs the tests that build them on
+#: a GPU (built on the CPU with the same seeds, then moved with ``Module.to`` before any test wraps them, as a
+#: user moves a model; the default device stays the CPU, so a tensor the library makes without a device shows)
+DEVICE = torch.device(os.environ.get("SORTEDNET_TEST_DEVICE", "cpu"))
+
+
+def _placed(build: Callable[..., Case]) -> Callable[..., Case]:
+    if DEVICE.type == "cpu":
+        return build
+
+    def placed(*args, **kw) -> Case:
+        case = build(*args, **kw)
+        return Case(case.model.to(DEVICE), case.dims, case.example.to(DEVICE))
+    placed.__name__ = build.__name__
+    return placed
+
+
+FAMILIES: dict[str, Callable[..., Case]] = {name: _placed(build) for name, build in {
     "mlp": mlp, "cnn_bn_residual": cnn, "attn_block": block, "torch_encoder": encoder,
     "lm_width_heads_depth": lm, "sequential": sequential, "tied_lm": tied_lm,
-}
+}.items()}
 
 
 # -- size choices for hypothesis (every combination builds a valid nest) -----

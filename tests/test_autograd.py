@@ -50,7 +50,7 @@ def tol(a, b, msg):
 
 def loss_of(y: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
-    return (y * torch.randn(y.shape, generator=g)).sum()
+    return (y * torch.randn(y.shape, generator=g).to(y.device)).sum()
 
 
 def pair(name: str):

@@ -26,7 +26,7 @@ def build(family: str, kw: dict, **wrap_kw):
 def loss_of(y: torch.Tensor) -> torch.Tensor:
     """A loss with no symmetry that could zero gradients by accident."""
     g = torch.Generator().manual_seed(1)
-    return (y * torch.randn(y.shape, generator=g)).sum()
+    return (y * torch.randn(y.shape, generator=g).to(y.device)).sum()
 
 
 def active_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
