@@ -592,7 +592,7 @@ def zero_stand_ins(*modules: nn.Module) -> dict[int, torch.Tensor]:
     for p in {id(p): p for m in modules for p in m.parameters()}.values():
         if (type(p.data) is torch.Tensor and p.is_floating_point() and p.dim() >= 2 and p.numel()
                 and not p.is_meta and not bool(p.detach().any())):
-            fresh = torch.randn(p.shape, generator=g) / math.sqrt(max(1, p[0].numel()))
+            fresh = torch.randn(p.shape, generator=g, device="cpu") / math.sqrt(max(1, p[0].numel()))
             out[id(p)] = nn.Parameter(fresh.to(p), requires_grad=p.requires_grad)
     return out
 
@@ -805,7 +805,8 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
             x = None
             width = _width_out(o)
             for n in dict.fromkeys((_positions(width), 5)):  # long enough for per-head windows, where the width
-                x = torch.randn(2, n, width, generator=torch.Generator().manual_seed(0)).to(w)  # makes it cheap
+                x = torch.randn(2, n, width, generator=torch.Generator().manual_seed(0),  # makes it cheap
+                                device="cpu").to(w)
                 try:
                     with Use(nest._state, nest._plans.build(full)), seeded(0):
                         call_model(mod, x)
@@ -935,14 +936,14 @@ def norm_self_check(nest: Nest) -> None:
                     f"{b.dim.kind} {b.dim.name!r} at {path!r} ({cls}, a BatchNorm with a forward of its own): "
                     "sortednet verifies such a module by running it, which its meta-device (or non-float) tensors "
                     "cannot; materialise the model (model.to_empty(device=...)), then wrap it")
-            like = tensors[0] if tensors else torch.empty(0)
+            like = tensors[0] if tensors else torch.empty(0, device="cpu")
             for n, lo in (("weight", 0.5), ("bias", -1.0), ("running_mean", -1.0), ("running_var", 0.5)):
                 t = mod._parameters.get(n) if n in mod._parameters else mod._buffers.get(n)
                 if t is not None:  # distinct per channel: a forward reading other channels shows
-                    t.copy_(lo + torch.rand(t.shape, generator=gen).to(t))
+                    t.copy_(lo + torch.rand(t.shape, generator=gen, device="cpu").to(t))
             ndim = next((k for cls_, k in ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))
                          if isinstance(live, cls_)), 4)
-            x = (torch.randn(4, c, *(3,) * (ndim - 2), generator=gen) * 2 + 0.5).to(like)
+            x = (torch.randn(4, c, *(3,) * (ndim - 2), generator=gen, device="cpu") * 2 + 0.5).to(like)
             for training in (False, True):
                 mod.train(training)
                 try:
@@ -955,7 +956,7 @@ def norm_self_check(nest: Nest) -> None:
                         f"which it does not take ({type(e).__name__}: {str(e)[:200]}); register a slicer for it "
                         "(docs/custom_slicers.md) or leave it out") from e
                 for size in b.dim.sizes[:-1]:
-                    keep = torch.cat([torch.arange(st, st + n) for st, n in b.segments(size)])
+                    keep = torch.cat([torch.arange(st, st + n, device="cpu") for st, n in b.segments(size)])
                     sub = full.replace(**{b.dim.name: size})
                     try:
                         with Use(nest._state, nest._plans.build(sub)), seeded(0):

@@ -209,7 +209,7 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
             picks = i.cpu()
             mask = picks.dtype in (torch.bool, torch.uint8)  # (a uint8 index is a mask, as in old PyTorch)
             whole = bool(picks.all()) and picks.numel() == n if mask else (
-                picks.numel() == n and bool((picks == torch.arange(n)).all()))  # (every unit in place)
+                picks.numel() == n and bool((picks == torch.arange(n, device="cpu")).all()))  # (every unit in place)
             if whole:
                 srcs.append([xv[ax]])
             else:
@@ -363,7 +363,7 @@ def handle(a, ev) -> bool:
         dim %= x.dim()
         index = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("index")
         whole = isinstance(index, Tensor) and index.dim() == 1 and index.numel() == x.shape[dim] and bool(
-            (index.cpu() == torch.arange(x.shape[dim])).all())  # (every unit in place: the identity)
+            (index.cpu() == torch.arange(x.shape[dim], device="cpu")).all())  # (every unit in place: the identity)
         if not whole:
             a.uf.fix(xv[dim], f"indexed by {why}")
         a.assign(o, [[v] if i != dim or whole else [] for i, v in enumerate(xv)], why)

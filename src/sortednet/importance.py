@@ -89,11 +89,11 @@ class _Bind:
             heads = idx.reshape(-1, g)
             base = heads[:, :1] // g * self.unit
             starts = torch.cat([base + heads % g * d, base + g * d, base + (g + 1) * d], 1)
-            return (starts[..., None] + torch.arange(d)).reshape(-1)
+            return (starts[..., None] + torch.arange(d, device=starts.device)).reshape(-1)
         if self.div > 1:
             idx = idx.reshape(-1, group)[:, 0] // group
         per = full_units // self.div * self.unit
-        f = (idx[:, None] * self.unit + torch.arange(self.unit)[None, :]).reshape(-1)
+        f = (idx[:, None] * self.unit + torch.arange(self.unit, device=idx.device)[None, :]).reshape(-1)
         return torch.cat([f + c * per for c in range(self.chunks)])
 
     def per_unit(self, v: Tensor, full_units: int) -> Tensor:
@@ -158,18 +158,22 @@ def _heads_parts(nest: Nest, d: Any, binds: list[_Bind]) -> list[tuple[str, list
 
 
 def _scores(part: list[_Bind], full: int, method: str, kind: str, taylor: dict[tuple[str, str], Tensor]) -> Tensor:
+    """Per-unit scores, on the CPU (whatever the model's device and the default device)."""
+    def zeros() -> Tensor:
+        return torch.zeros(full, device="cpu")
+
     if method == "taylor":
         src = [b for b in part if b.role == "inp"] or part
-        return sum((taylor.get((b.path, b.role), torch.zeros(full)) for b in src), torch.zeros(full))
+        return sum((taylor.get((b.path, b.role), zeros()).cpu() for b in src), zeros())
     if method == "bn":
         gammas = [(b, g) for b in part if type(b.m._sn.slicer).__name__ == "BatchNormSlicer"
                   and (g := b.m._parameters.get("weight")) is not None]  # affine only: else "l1"
         if gammas and kind == "width":
-            return sum((b.per_unit(g.detach().abs().float().cpu(), full) for b, g in gammas), torch.zeros(full))
+            return sum((b.per_unit(g.detach().abs().float().cpu(), full) for b, g in gammas), zeros())
     first = ("inp", "heads", "out") if kind == "heads" else ("out", "inp", "norm")
     src = next(([b for b in part if b.role == r and b.tensors] for r in first
                 if any(b.role == r and b.tensors for b in part)), [])
-    score = torch.zeros(full)
+    score = zeros()
     for b in src:
         t, ax = b.tensors[0]
         w = t.detach().float().movedim(ax, 0).reshape(t.shape[ax], -1).cpu()

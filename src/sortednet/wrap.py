@@ -303,7 +303,7 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _bytes(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """A bool mask over the byte addresses ``[lo, hi]`` (which hold ``t``'s range), True where ``t`` reads."""
-    mask = torch.zeros(hi - lo + 1, dtype=torch.bool)
+    mask = torch.zeros(hi - lo + 1, dtype=torch.bool, device="cpu")
     es = t.element_size()
     mask.as_strided((*t.shape, es), (*(st * es for st in t.stride()), 1), t.data_ptr() - lo).fill_(True)
     return mask

@@ -113,7 +113,7 @@ def _undo(entry: tuple) -> None:
 
 
 def _expand(order: Tensor, unit: int) -> Tensor:
-    return (order[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+    return (order[:, None] * unit + torch.arange(unit, device=order.device)[None, :]).reshape(-1)
 
 
 def _in_vocab(model: nn.Module, ids: Tensor) -> None:
@@ -440,7 +440,8 @@ def _sort_heads(attn: nn.Module, lay, score: Tensor, group: int, layout: str | N
         unit = (group + 2) * d                                  # moves whole, its query heads reordered in it
         starts = torch.cat([g_order[:, None] * unit + within * d, (g_order * unit + group * d)[:, None],
                             (g_order * unit + (group + 1) * d)[:, None]], 1)
-        _permute(attn.get_submodule(lay.qkv), "out", (starts[..., None] + torch.arange(d)).reshape(-1), log, opt)
+        idx = (starts[..., None] + torch.arange(d, device=starts.device)).reshape(-1)
+        _permute(attn.get_submodule(lay.qkv), "out", idx, log, opt)
     elif isinstance(lay.qkv, str):  # fused [q; k; v] along the output axis (k, v with H / group heads)
         E, kv_idx = H * d, _expand(g_order, d) if group > 1 else q_idx
         _permute(attn.get_submodule(lay.qkv), "out", torch.cat([q_idx, kv_idx + E, kv_idx + E + E // group]), log,

@@ -157,6 +157,8 @@ class SortedTrainer(Trainer):
         self._depth = None
         if self.soft_exits is not None:
             self.loss_is_scaled_for_ga = False  # SoFT losses are per-micro-batch means: Trainer divides by GA steps
+            if not hasattr(type(self), "loss_is_scaled_for_ga"):  # (a Trainer from before that attribute divides
+                self.model_accepts_loss_kwargs = False            # when the model takes no loss kwargs)
             self._depth = next((d for d in nest.dims if isinstance(d, Depth)), None)
             if self._depth is not None and max(self.soft_exits) not in self._depth.sizes:
                 raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "
@@ -356,7 +358,8 @@ class SortedTrainer(Trainer):
         ``2 n``; a loss that ignores it comes back the same, and the Trainer is then told the
         model does not take loss kwargs (it divides by the accumulation steps, as for any such model)."""
         if (not self.model_accepts_loss_kwargs or self.soft_exits is not None or self.compute_loss_func is not None
-                or self.label_smoother is not None or "labels" not in inputs or self.loss_is_scaled_for_ga is not None):
+                or self.label_smoother is not None or "labels" not in inputs
+                or getattr(self, "loss_is_scaled_for_ga", None) is not None):
             return True
         inputs = self._prepare_inputs(inputs)
         losses = []

@@ -225,14 +225,14 @@ def _dummy_input(model: nn.Module) -> dict | None:
     """A small deterministic input of ``model``'s main kind (token ids, pixels), or None."""
     cfg = getattr(model, "config", None)
     name = getattr(model, "main_input_name", "input_ids")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # (on the CPU: the values are moved to the model's device after)
     if name == "input_ids":
         try:
             vocab = int(model.get_input_embeddings().num_embeddings)
         except Exception:  # no plain embedding table: nothing to generate ids for, the check is skipped
             return None
         n = min(8, getattr(cfg, "max_position_embeddings", 8) or 8)
-        ids = torch.randint(vocab, (2, n), generator=g)
+        ids = torch.randint(vocab, (2, n), generator=g, device="cpu")
         out = {"input_ids": ids}
         if getattr(cfg, "is_encoder_decoder", False):
             out["decoder_input_ids"] = ids[:, : max(1, n // 2)]
@@ -243,7 +243,7 @@ def _dummy_input(model: nn.Module) -> dict | None:
             size = (size, size)
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and isinstance(ch, int)):
             return None
-        return {"pixel_values": torch.randn(2, ch, *size, generator=g)}
+        return {"pixel_values": torch.randn(2, ch, *size, generator=g, device="cpu")}
     return None
 
 

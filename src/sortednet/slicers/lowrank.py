@@ -323,7 +323,8 @@ class LoRASlicer(LowRankSlicer):
         R = st.bind["rank"].dim.full
         w = m._parameters["weight"]
         st.extra["requires_grad"] = {n: p.requires_grad for n, p in m._parameters.items() if p is not None}
-        A = torch.empty(R, w.shape[1], dtype=w.dtype)  # drawn on the CPU, then moved: one generator for any device
+        A = torch.empty(R, w.shape[1], dtype=w.dtype, device="cpu")  # drawn on the CPU, then moved: one
+        # generator for any device (whatever torch's default device is)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=self._generator(st.bind["rank"].dim))
         A = A.to(w.device)
         B = torch.zeros(w.shape[0], R, dtype=w.dtype, device=w.device)

@@ -34,7 +34,7 @@ class Sampling:
         return filtered(logits, self.temperature, self.top_k, self.top_p).softmax(-1)
 
     def draw(self, probs: Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(_on(probs, self.generator), 1, generator=self.generator))
 
 
 def filtered(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -80,14 +80,19 @@ def accept_sampled(p: Tensor, q: Tensor, drafted: list[int], generator: torch.Ge
     (0, 1)
     """
     for i, t in enumerate(drafted):
-        r = torch.rand((), generator=generator)
+        r = torch.rand((), generator=generator, device=_on(p, generator).device)
         if r * q[i, t] < p[i, t]:
             continue
         residual = (p[i] - q[i]).clamp_min(0)
         total = residual.sum()
         dist = residual / total if total > 0 else p[i]
-        return i, int(torch.multinomial(dist, 1, generator=generator))
-    return len(drafted), int(torch.multinomial(p[len(drafted)], 1, generator=generator))
+        return i, int(torch.multinomial(_on(dist, generator), 1, generator=generator))
+    return len(drafted), int(torch.multinomial(_on(p[len(drafted)], generator), 1, generator=generator))
+
+
+def _on(t: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``t`` where ``generator`` draws (a CPU generator serves a model on a GPU; without one, where ``t`` is)."""
+    return t if generator is None else t.to(generator.device)
 
 
 def auto_draft_length(accepted: int, rejections: int, cost: float, most: int = 12) -> int:

@@ -52,7 +52,36 @@ def layer_runner_problem(model: nn.Module) -> str | None:
         return f"{type(model).__name__} has non-full attention layers ({set(cfg.layer_types)})"
     if getattr(cfg, "add_cross_attention", False):
         return f"{type(model).__name__} has cross-attention"
-    return None
+    return _api(model)[0]
+
+
+def _api(model: nn.Module) -> tuple[str | None, dict[str, str]]:
+    """(why not, names): the argument names this transformers version's blocks and ``create_causal_mask`` take
+    for what :class:`LayerRunner` passes (they were renamed across 5.x: ``past_key_values`` -> ``cache``,
+    ``input_embeds`` -> ``inputs_embeds``). A version whose functions take other arguments is refused: a cache
+    passed under a name the block does not know would vanish into its ``**kwargs``, unfilled."""
+    import transformers
+    from transformers import masking_utils
+
+    base = getattr(model, model.base_model_prefix)
+    layers = getattr(base, LAYER_FAMILIES[model.config.model_type][0])
+    block = inspect.signature(type(layers[0]).forward).parameters
+    mask = inspect.signature(masking_utils.create_causal_mask).parameters
+    names = {"block_cache": next((n for n in ("cache", "past_key_values") if n in block), ""),
+             "mask_cache": next((n for n in ("cache", "past_key_values") if n in mask), ""),
+             "mask_embeds": next((n for n in ("inputs_embeds", "input_embeds") if n in mask), "")}
+    need = ["attention_mask", "use_cache"] + (["position_embeddings", "position_ids"]
+                                              if model.config.model_type != "gpt2" else [])
+    missing = [f"{type(layers[0]).__name__}.forward({n}=)" for n in need if n not in block]
+    missing += [f"create_causal_mask({n}=)" for n in ("config", "attention_mask", "position_ids", "layer_idx")
+                if n not in mask]
+    missing += [what for what, n in (("a block's cache argument", names["block_cache"]),
+                                     ("create_causal_mask's cache argument", names["mask_cache"]),
+                                     ("create_causal_mask's embeddings argument", names["mask_embeds"])) if not n]
+    if missing:
+        return (f"transformers {transformers.__version__} lacks what sortednet runs a block range with "
+                f"({', '.join(missing)})"), names
+    return None, names
 
 
 class LayerRunner:
@@ -69,6 +98,7 @@ class LayerRunner:
         self.base, self.layers = base, getattr(base, layers)
         self.norm, self.embed, self.head = getattr(base, norm), getattr(base, embed), model.get_output_embeddings()
         self.n_layers = len(self.layers._modules)
+        self.names = _api(model)[1]
 
     def new_cache(self):
         return _new_cache(self.model)
@@ -77,21 +107,21 @@ class LayerRunner:
         """Hidden states after block ``hi - 1``; ``x`` holds token ids when ``lo == 0``."""
         from transformers.masking_utils import create_causal_mask
 
-        cfg, layers = self.base.config, self.layers
+        cfg, layers, names = self.base.config, self.layers, self.names
         if lo == 0:
             x = self.embed(x)
             if self.kind == "gpt2":
                 x = self.base.drop(x + self.base.wpe(pos))
-        mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, cache=cache,
-                                  position_ids=pos, layer_idx=lo)
+        mask = create_causal_mask(config=cfg, attention_mask=None, position_ids=pos, layer_idx=lo,
+                                  **{names["mask_embeds"]: x, names["mask_cache"]: cache})
+        kw = {names["block_cache"]: cache, "attention_mask": mask, "use_cache": True}
         if self.kind == "gpt2":
             for i in range(lo, hi):
-                x = layers[i](x, cache, mask, None, use_cache=True, position_ids=pos)
+                x = layers[i](x, position_ids=pos, **kw)
         else:
             pe = self.base.rotary_emb(x, position_ids=pos)
             for i in range(lo, hi):
-                x = layers[i](x, attention_mask=mask, position_embeddings=pe, position_ids=pos, cache=cache,
-                              use_cache=True)
+                x = layers[i](x, position_embeddings=pe, position_ids=pos, **kw)
         return x
 
     def logits(self, h: Tensor) -> Tensor:
