@@ -178,6 +178,33 @@ def test_discover_and_sort_units_never_flip_the_users_training_flags():
     assert calls == [] and all(m.training for m in model.modules())
 
 
+def test_self_checks_seed_no_generator_of_another_device(monkeypatch):
+    """The seeded runs of wrap's self-checks, ``check``, ``discover`` and ``sort_units`` used
+    ``torch.manual_seed``, which also seeds every CUDA generator (or queues the seed for CUDA's first use) and
+    restored only the CPU's: on a GPU, wrapping a model reset the user's dropout stream to seed 0. Seen here
+    without a GPU: no CUDA / MPS / XPU seeding function is called, and the CPU stream is left as it was."""
+    from sortednet.importance import sort_units
+
+    case, plain = FAMILIES["lm_width_heads_depth"](), FAMILIES["mlp"]()  # (the builders seed: before the spies)
+    seeded: list = []
+    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()  # (SORTEDNET_TEST_DEVICE=cuda: seeded, kept)
+    gpu_state = torch.cuda.get_rng_state_all() if gpu else None
+    for mod, fn in ((torch.cuda, "manual_seed_all"), (torch.cuda, "manual_seed"), (torch.mps, "manual_seed"),
+                    (getattr(torch, "xpu", None), "manual_seed_all")):
+        if mod is not None and hasattr(mod, fn) and not (gpu and mod is torch.cuda):
+            monkeypatch.setattr(mod, fn, lambda *a, _n=f"{mod.__name__}.{fn}": seeded.append(_n))
+    torch.random.default_generator.manual_seed(123)
+    want = torch.random.get_rng_state()
+    nest = sn.wrap(case.model, *case.dims)
+    nest.check(case.example)
+    sort_units(nest, "l1", example=case.example)
+    sn.discover(plain.model, plain.example)
+    assert seeded == []
+    assert torch.equal(torch.random.get_rng_state(), want)
+    if gpu:
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), gpu_state))
+
+
 def _leak_model(kind: str):
     """A fresh model class per call when ``kind == "own_class"`` (a factory), else stock modules."""
     lin = type("FactoryLinear", (nn.Linear,), {}) if kind == "own_class" else nn.Linear

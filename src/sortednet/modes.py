@@ -296,9 +296,15 @@ def train_view(nest: Nest, *, running_stats: bool = False) -> tuple[nn.Module, d
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """A fixed CPU random stream inside, the caller's stream untouched outside."""
+    """A fixed random stream inside (the CPU's, and every CUDA device's once CUDA is in use), the caller's
+    streams untouched outside. Not ``torch.manual_seed``: it seeds every device's generator, and the CUDA ones
+    it would leave seeded (or queue the seed for CUDA's first use), changing the user's dropout masks on a
+    GPU."""
     import torch
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
         yield
