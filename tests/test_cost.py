@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sortednet as sn
 from models import FAMILIES
-from sortednet.cost import _NoFastPath
+from sortednet.modes import NoFastPath
 from sortednet.profile import pareto_front
 
 FAMS = sorted(FAMILIES)
@@ -38,7 +38,7 @@ def flops_of(model, x) -> int:
     cannot see inside fused kernels) and attention on the math kernel (its score matmuls are plain
     ``bmm`` calls; the CPU's fused kernel has no formula in PyTorch's table)."""
     c = FlopCounterMode(display=False)
-    with torch.no_grad(), _NoFastPath(), sdpa_kernel(SDPBackend.MATH), c:
+    with torch.no_grad(), NoFastPath(), sdpa_kernel(SDPBackend.MATH), c:
         model(x)
     return c.get_total_flops()
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -123,16 +122,6 @@ class ParamCounter:
                 n = owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
                 total += n * p.element_size() if in_bytes else n
         return total
-
-
-class _NoFastPath(TorchFunctionMode):
-    """A pass-through torch-function mode. PyTorch's fused attention / encoder
-    fast paths step aside while any such mode is active (``has_torch_function``),
-    and modes are per thread: unlike ``torch.backends.mha.set_fastpath_enabled``,
-    no other thread is affected."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        return func(*args, **(kwargs or {}))
 
 
 def _sdpa_flops(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> int:
@@ -294,14 +283,14 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     >>> count_flops(nest, sn.SubModel(h=2), torch.randn(1, 4))
     24
     """
-    from .modes import dry_run, eval_view
+    from .modes import NoFastPath, dry_run, eval_view
 
     if model is None:  # a private eval-mode view: no BatchNorm statistic, dropout draw or mode flag changes
         model, _ = eval_view(nest.model, keep=nest.dims)
     counter = _CountFlops()
     COUNTING.pause = counter.pause
     try:
-        with dry_run(nest.model), nest.use(sub), torch.no_grad(), _NoFastPath(), counter:
+        with dry_run(nest.model), nest.use(sub), torch.no_grad(), NoFastPath(), counter:
             call_model(model, example)
     finally:
         COUNTING.pause = None

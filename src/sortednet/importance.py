@@ -36,7 +36,7 @@ from .cost import call_model
 from .coupling import analyse
 from .coupling_ops import leaves
 from .errors import SortedNetError
-from .modes import dry_run, eval_mode, finish_all, seeded, train_view
+from .modes import casts_stale, dry_run, eval_mode, finish_all, seeded, train_view
 from .plan import Use
 from .slicers.norm import group_size
 from .submodel import SubModel
@@ -598,6 +598,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
             try:
                 token = nest._permuting()  # (copies in the old order: refused until followed, if this stops)
                 moves = _apply(groups, orders, optimizer)
+                casts_stale()  # (under autocast: the check forward, and the user's after it, see the new order)
                 with dry_run(nest.model), _at_full(nest):
                     got = _leaves(call_model(model, example))
                 err = rel_err(got, ref)
@@ -655,6 +656,7 @@ def _put_back(saved: list[tuple[Tensor, Tensor]]) -> None:
     with torch.no_grad():
         for c, v in saved:
             c.copy_(v)
+    casts_stale()
 
 
 class _NoDropout(TorchFunctionMode):

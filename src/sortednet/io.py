@@ -33,6 +33,7 @@ from .meta import (
     read_meta,
     rows_of,
 )
+from .modes import casts_stale
 from .nest import Nest, wrap
 from .views import is_fsdp, is_sharded
 from .wrap import plan
@@ -334,6 +335,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     started += 1  # (a copy interrupted as it returns: copied, not yet counted)
                     f.copy_into(name, [sd[k] for k in targets])
                     done += 1
+            casts_stale()  # (loaded inside torch.autocast: the next forwards compute with the loaded weights)
             nest._load_extra_state(meta["extra"])
             if left:  # strict=False left tensors as they were: the file's scores describe the file's model
                 nest._scores_of_other_weights()

@@ -10,6 +10,7 @@ calling thread). ``profile``, ``evaluate`` and ``calibrate`` measure on it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -28,6 +29,17 @@ if TYPE_CHECKING:
     from .nest import Nest
 
 __all__ = ["eval_mode", "eval_view", "dry_run", "train_view", "seeded", "finish_all"]
+
+
+def casts_stale() -> None:
+    """Weights were written in place (permuted, put back): inside a ``torch.autocast`` region, drop autocast's
+    cached lower-precision copies of the parameters, which it keys by tensor and does not refresh on an in-place
+    write, so the forwards that follow (a check's, the user's own) would still compute with the old values.
+    The cache is this thread's and refills at the next forward; outside autocast there is nothing to drop."""
+    import torch
+
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_cache_enabled():
+        torch.clear_autocast_cache()
 
 
 def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
@@ -101,11 +113,20 @@ def dry_run(model: nn.Module) -> Iterator[None]:
                 elif not t.is_meta and not torch.equal(t, v):  # (meta: no values to put back)
                     t.copy_(v)
 
-    try:
-        with guard:
+    try:  # (under autocast, PyTorch's fused encoder-layer fast path fails inside a dispatch mode: it steps aside)
+        with guard, (NoFastPath() if torch._C._is_any_autocast_enabled() else contextlib.nullcontext()):
             yield
     finally:
         finish_all([put_back])
+
+
+class NoFastPath(torch.overrides.TorchFunctionMode):
+    """A pass-through torch-function mode. PyTorch's fused attention / encoder fast paths step aside while any
+    such mode is active (``has_torch_function``), and modes are per thread: unlike
+    ``torch.backends.mha.set_fastpath_enabled``, no other thread is affected."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        return func(*args, **(kwargs or {}))
 
 
 def refuse_script(model: nn.Module, what: str) -> None:

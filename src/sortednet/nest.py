@@ -27,7 +27,7 @@ from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
 from .export import export_submodel
 from .kvcache import install_guards
-from .modes import eval_mode
+from .modes import casts_stale, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
@@ -1130,7 +1130,7 @@ class Nest:
             _LIVE.discard(self)
 
         unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks(merge),
-                       then=(functools.partial(unguard_tree, self._guards), forget, self._stop))
+                       then=(functools.partial(unguard_tree, self._guards), forget, self._stop, casts_stale))
         return self.model
 
     @staticmethod

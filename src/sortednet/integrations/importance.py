@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
 from ..importance import _at_full, _companions, one_process, optimizers, rel_err, warn_stray_optimizers
-from ..modes import eval_mode, finish_all
+from ..modes import casts_stale, eval_mode, finish_all
 from ..nest import Nest
 from ..slicers import Slicer
 from ..views import storage_key
@@ -274,6 +274,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                 if heads:
                     p["heads"] = _sort_heads(blk.get_submodule(lay.attn[0]), lay, head_s[i], group,
                                              lay.layout_of_qkv(model.config), log, optimizer)
+        casts_stale()  # (under autocast: the check forwards, and the user's after them, see the new order)
         half = any(q.is_floating_point() and q.dtype not in (torch.float32, torch.float64) for q in model.parameters())
         err = 0.0 if ref is None else rel_err(_outputs(nest, first, loss_fn), ref)
         if direct is not None:
@@ -287,7 +288,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     except BaseException as e:
         with torch.no_grad():  # every write that happened, inverted (each once, even after a Ctrl-C)
             finish_all([*(functools.partial(_undo, w) for w in reversed(log) if w[0] == "tensor"),
-                        *([functools.partial(nest._unpermuted, token)] if token else [])])
+                        *([functools.partial(nest._unpermuted, token)] if token else []), casts_stale])
         if isinstance(e, Exception) and not isinstance(e, SortedNetError):
             raise SortedNetError(f"sort_by_importance cannot permute this {lay.family}-layout model "
                                  f"({type(e).__name__}: {e}); nothing was changed. Use ffn=False or heads=False for "
