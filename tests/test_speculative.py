@@ -392,6 +392,39 @@ def test_other_families_fall_back_to_their_own_forward():
             sn.speculative_generate(nest, ids, max_new_tokens=4, **kw)
 
 
+def test_block_arguments_are_read_from_the_installed_blocks_and_a_pass_through_subclass():
+    """The block range runner passes each argument under the name the installed transformers gives it (renamed
+    within 5.x: past_key_values -> cache); a block subclass whose forward passes (*args, **kwargs) through reads
+    as its base, and a block whose forward names other arguments and takes the rest as **kwargs is refused for a
+    shared cache (whether it hands the cache on cannot be told: dropped, it would be left unfilled) and falls back
+    to separate caches by default."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class PassThrough(LlamaDecoderLayer):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class Opaque(LlamaDecoderLayer):
+        def forward(self, hidden_states, **kwargs):
+            return super().forward(hidden_states, **kwargs)
+
+    ids = torch.tensor([[4, 6, 8]])
+    for cls in (PassThrough, Opaque):
+        model = llama()
+        want = plain(model, ids, 8)
+        for layer in model.model.layers:
+            layer.__class__ = cls
+        nest = sn.from_transformers(model, depth=[1, 2, 3])
+        out = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=8)
+        assert torch.equal(out.sequences, want)
+        for kw in (dict(draft="depth=1", share_cache=True), dict(draft=nest, exits=["depth=1", "depth=2"])):
+            if cls is PassThrough:
+                assert torch.equal(sn.speculative_generate(nest, ids, max_new_tokens=8, **kw).sequences, want)
+            else:
+                with pytest.raises(sn.SortedNetError, match=r"Opaque \(transformers .*lacks.*cache argument"):
+                    sn.speculative_generate(nest, ids, max_new_tokens=8, **kw)
+
+
 def test_sliding_window_models_equal_generate():
     """Mistral-style sliding-window attention: the drafts' caches are rolled back, which a sliding-window
     cache layer cannot do; full-length caches with the model's own window mask give generate's tokens."""

@@ -18,7 +18,7 @@ layer-``d`` hidden states; :class:`ForwardRunner` calls the whole model's
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -65,7 +65,7 @@ def _api(model: nn.Module) -> tuple[str | None, dict[str, str]]:
 
     base = getattr(model, model.base_model_prefix)
     layers = getattr(base, LAYER_FAMILIES[model.config.model_type][0])
-    block = inspect.signature(type(layers[0]).forward).parameters
+    block = _named_params(type(layers[0]))
     mask = inspect.signature(masking_utils.create_causal_mask).parameters
     names = {"block_cache": next((n for n in ("cache", "past_key_values") if n in block), ""),
              "mask_cache": next((n for n in ("cache", "past_key_values") if n in mask), ""),
@@ -79,9 +79,24 @@ def _api(model: nn.Module) -> tuple[str | None, dict[str, str]]:
                                      ("create_causal_mask's cache argument", names["mask_cache"]),
                                      ("create_causal_mask's embeddings argument", names["mask_embeds"])) if not n]
     if missing:
-        return (f"transformers {transformers.__version__} lacks what sortednet runs a block range with "
-                f"({', '.join(missing)})"), names
+        return (f"{type(layers[0]).__name__} (transformers {transformers.__version__}) lacks what sortednet runs a "
+                f"block range with ({', '.join(missing)})"), names
     return None, names
+
+
+def _named_params(cls: type) -> Mapping[str, inspect.Parameter]:
+    """The parameters ``cls.forward`` takes by name: a subclass whose forward passes ``(*args, **kwargs)``
+    through reads as the first class up its MRO that names them."""
+    for k in cls.__mro__:
+        f = k.__dict__.get("forward")
+        if f is None:
+            continue
+        params = inspect.signature(f).parameters
+        kinds = {p.kind for n, p in params.items() if n != "self"}
+        if kinds - {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD} or \
+                inspect.Parameter.VAR_KEYWORD not in kinds:
+            return params
+    return {}
 
 
 class LayerRunner:
