@@ -397,6 +397,44 @@ def test_pick_keeps_the_full_model_when_a_tied_weight_is_also_held_whole():
         nest.pick(params=nest.cost(nest.largest) - 1)
 
 
+class _HeadTiedToTheLastBlock(nn.Module):
+    """The head holds the last block's first weight (tied): sliced by ``h`` in the block, whole in the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"a": nn.Linear(8, 16), "b": nn.Linear(16, 8)}) for _ in range(3))
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.blocks[2]["a"].weight
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk["b"](torch.relu(blk["a"](x)))
+        return self.head(x)
+
+
+def test_a_tie_to_a_block_a_depth_leaves_out_does_not_bar_the_sub_model():
+    """At depth 1 the last block does not run and is not exported, so its cut of the tied weight does not
+    count: that sub-model exports (its params as cost says), yet pick and the profile's front passed over it
+    (pick refused every budget below the next size, naming a smallest sub-model above nest.smallest). At depth
+    3 the block runs and cuts the weight the head holds whole: still passed over."""
+    torch.manual_seed(0)
+    nest = sn.wrap(_HeadTiedToTheLastBlock(), sn.Depth("depth", [1, 3], layers="blocks"),
+                   sn.Width("h", [4, 16], out="blocks.*.a", inp="blocks.*.b"))
+    x = torch.randn(3, 8)
+    small = nest.resolve("depth=1,h=4")
+    exported = nest.export(small)
+    assert sum(p.numel() for p in exported.parameters()) == nest.cost(small)
+    with nest.use(small):
+        torch.testing.assert_close(exported(x), nest.model(x), atol=1e-5, rtol=0)
+    with pytest.raises(sn.SortedNetError, match="tied"):
+        nest.export("depth=3,h=4")
+    for budget in (nest.cost(small), nest.cost("depth=1,h=16") - 1):
+        assert nest.pick(params=budget) == small
+    assert all(nest.pick(params=b) != nest.resolve("depth=3,h=4") for b in range(int(nest.cost(small)), 2000, 37))
+    prof = nest.profile(x, on="export", progress=False)
+    assert [str(s) for s in prof.meta["not_exportable"]] == ["depth=3,h=4"]
+
+
 def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path):
     """Scores measured, then the model calibrated, trained or changed in place: pick kept ranking by the old
     scores without a word (the probe's CNN picked a 92.7% sub-model where a 95.7% one fit after calibrating)."""

@@ -25,7 +25,7 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
-from .export import export_submodel
+from .export import _kept_paths, export_submodel
 from .kvcache import install_guards
 from .modes import casts_stale, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
@@ -1017,7 +1017,20 @@ class Nest:
     def _exportable(self) -> Callable[[dict], bool] | None:
         """A test ``sizes -> bool``: does the sub-model export (every tied tensor cut alike by its holders)? None
         when every sub-model does. ``pick`` passes over the others, and a profile's front leaves them out."""
-        return exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()})
+        depth = any(d.kind == "depth" for d in self.dims)
+        return exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()},
+                          self._running if depth else None)
+
+    def _running(self, sizes: dict[str, int]) -> Callable[[str], bool]:
+        """By a parameter's name (``path.param``): does its module run under the sub-model of ``sizes``, that is,
+        is it reachable from the model without passing a block a Depth leaves out (as the export finds them)?"""
+        with self.use(sizes):
+            cut = {(id(m), name) for m in self._sliced.values() for name in m._sn.slicer.skipped(m)}
+        kept = _kept_paths(self.model, cut)
+
+        def alive(holder: str) -> bool:
+            return id(self.model.get_submodule(holder.rpartition(".")[0])) in kept
+        return alive
 
     def calibrate(self, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
                   batches: int = 10) -> list[SubModel]:

@@ -248,15 +248,27 @@ def split_ties(model: nn.Module, planned: dict) -> str | None:
     return None
 
 
-def exportable(model: nn.Module, planned: dict) -> Any:
+def exportable(model: nn.Module, planned: dict,
+               running: Callable[[dict[str, int]], Callable[[str], bool]] | None = None) -> Any:
     """A test ``sizes -> bool``: can the sub-model of these sizes be exported (every tied tensor cut alike
-    by all its holders)? None when every sub-model can."""
+    by all its holders that run)? None when every sub-model can. ``running(sizes)`` tells by a holder's name
+    (``path.param``) whether its module runs at those sizes (a Depth sub-model leaves blocks out, and a block
+    left out holds nothing of the export); without it every holder counts."""
     groups = _split_groups(model, planned)
     if not groups:
         return None
 
     def test(sizes: dict[str, int]) -> bool:
-        return all(len({repr(cut(sizes)) for _, _, cut in g}) == 1 for g in groups)
+        alive = None
+        for g in groups:
+            if len({repr(cut(sizes)) for _, _, cut in g}) == 1:
+                continue
+            if running is None:
+                return False
+            alive = alive or running(sizes)
+            if len({repr(cut(sizes)) for name, _, cut in g if alive(name)}) > 1:
+                return False
+        return True
 
     return test
 
