@@ -427,7 +427,8 @@ def _write(path, raw: bytes):
 
 def test_a_flipped_bit_in_the_header_is_refused(valid, tmp_path):
     """The header has its own CRC-32: a bit flipped anywhere in the nest's description or the tensor table
-    (a LoRA alpha 8.0 -> 9.0, a size of the sub-model list) is refused, never loaded as another nest. Every
+    (a LoRA alpha 8.0 -> 9.0, a size of the sub-model list) is refused, never loaded as another nest (nor read
+    back by read_metadata, which found nothing wrong with the header before). Every
     byte of the header, one bit each (the bit rotates with the position)."""
     raw = valid[2]
     n = int.from_bytes(raw[:8], "little")
@@ -438,6 +439,8 @@ def test_a_flipped_bit_in_the_header_is_refused(valid, tmp_path):
         buf[i] ^= 1 << (i % 8)
         path = tmp_path / "flip.safetensors"
         path.write_bytes(bytes(buf))
+        with pytest.raises(sn.SortedNetError):  # nor handed back as the file's description
+            read_metadata(str(path))
         try:
             sn.load(model, str(path))
         except sn.SortedNetError:

@@ -330,3 +330,70 @@ def test_a_rank_module_held_under_two_names_loads_into_a_fresh_model(tmp_path, m
     for sub in nest.submodels:
         with nest.use(sub), loaded.use(sub):
             torch.testing.assert_close(fresh(x), model(x), atol=1e-6, rtol=0)
+
+
+def _mlp3():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 2))
+
+
+def test_a_subclass_of_a_dimension_neither_replaces_the_built_in_nor_changes_what_is_saved(tmp_path):
+    """Defining a subclass of Width (a helper presetting its patterns) registered it as kind "width" for the
+    whole process: plain Widths saved after it kept their patterns as written (a file no fresh model could
+    load), and loads rebuilt every "width" as the subclass. Now the built-in stays; a subclass that only
+    presets its arguments is saved with exact paths like the built-in; reusing a taken kind is refused."""
+    from sortednet.dims import _KINDS
+
+    x = torch.randn(3, 4)
+    plain = sn.wrap(_mlp3(), sn.Width("h", [4, 8, 16], out="re:^[02]$", inp="re:^[24]$"))
+
+    class FFN(sn.Width):  # defined after the nest: must change nothing of it
+        def __init__(self, sizes):
+            super().__init__("h", sizes, out="re:^[02]$", inp="re:^[24]$")
+
+    assert _KINDS["width"] is sn.Width
+    preset = sn.wrap(_mlp3(), FFN([4, 8, 16]))
+    for i, nest in enumerate((plain, preset)):
+        path = str(tmp_path / f"n{i}.safetensors")
+        sn.save(nest, path)
+        assert sn.io.read_metadata(path)["dims"][0]["out"] == ["0", "2"]
+        loaded = sn.load(_mlp3(), path)
+        assert type(loaded.dims[0]) is sn.Width
+        assert sn.load(nest, path) is nest
+        for s in nest.submodels:
+            with nest.use(s), loaded.use(s):
+                torch.testing.assert_close(loaded.model(x), nest.model(x), rtol=0, atol=0)
+    with pytest.raises(sn.SortedNetError, match="kind 'width' is taken"):
+        type("Other", (sn.Width,), {"kind": "width"})
+    assert _KINDS["width"] is sn.Width
+
+
+class _SparseMixer(torch.nn.Module):
+    """A model whose input passes through a sparse buffer (a fixed graph / mixing matrix) before its MLP."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("mix", (torch.eye(4) * 2).to_sparse())
+        self.fc1, self.fc2 = torch.nn.Linear(4, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.sparse.mm(self.mix, x.T).T)))
+
+
+def test_a_model_with_a_sparse_buffer_wraps_and_save_refuses_it_by_name(tmp_path):
+    """A sparse buffer made wrap (its self-check put buffers back with torch.equal, which sparse tensors do
+    not have) and sn.save raise a raw NotImplementedError. Now the nest works and save names the buffer."""
+    model, x = _SparseMixer(), torch.randn(5, 4)
+    want = model(x)
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"), example=x)
+    torch.testing.assert_close(model(x), want)
+    for s in nest.submodels:
+        with nest.use(s):
+            torch.testing.assert_close(nest.export(s)(x), model(x))
+    path = tmp_path / "n.safetensors"
+    with pytest.raises(sn.SortedNetError, match=r"\['mix \(torch.sparse_coo\)'\] are not dense"):
+        sn.save(nest, str(path))
+    assert not path.exists()
+    assert nest.unwrap() is model and type(model.fc1) is torch.nn.Linear

@@ -106,8 +106,16 @@ class Dimension:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        if cls.kind:
-            _KINDS[cls.kind] = cls
+        # only a class that names a kind of its own: a subclass of Width (a helper with preset patterns)
+        # inherits "width" and must not take the built-in's place, which checkpoints rebuild dimensions from
+        kind = cls.__dict__.get("kind")
+        if not kind:
+            return
+        had = _KINDS.get(kind)
+        if had is not None and (had.__module__, had.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise SortedNetError(f"dimension kind {kind!r} is taken by {had.__module__}.{had.__qualname__}; "
+                                 f"give {cls.__qualname__} a kind of its own (kind = \"...\")")
+        _KINDS[kind] = cls  # (the same class defined again, e.g. a re-run notebook cell, replaces itself)
 
     def __init__(self, name: str, sizes: Sequence[int]) -> None:
         if not isinstance(name, str) or not name.isidentifier():

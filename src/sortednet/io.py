@@ -163,6 +163,10 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
         raise SortedNetError(f"cannot save: state_dict entries {odd[:3]} are not tensors (a module's "
                              "get_extra_state); a safetensors checkpoint holds tensors only: save that state "
                              "separately, or save one exported sub-model with torch.save")
+    sparse = [f"{k} ({v.layout})" for k, v in sd.items() if v.layout != torch.strided]
+    if sparse:
+        raise SortedNetError(f"cannot save: {sparse[:3]} are not dense tensors, which a safetensors checkpoint cannot "
+                             "hold; keep them dense in the model (tensor.to_dense()) or save them separately")
     meta_keys = [k for k, v in sd.items() if v.is_meta]
     if meta_keys:
         raise SortedNetError(f"cannot save: {meta_keys[:3]} are on the meta device (no values); materialise the "
@@ -226,11 +230,29 @@ def _product(nest: Nest) -> int:
     return n
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The nest description stored in a file written by :func:`save` (checked, never executed)."""
+def read_metadata(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The nest description stored in a file written by :func:`save` (checked, never executed). ``verify``
+    (default) checks the header's CRC-32 first, as :func:`load` does: a description changed after it was
+    written is refused, not returned."""
+    flag("read_metadata", "verify", verify)
     with ck.read(path) as f:
         meta = read_meta(f)
+        if verify:
+            where = repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
+            _check_header(f, meta, where, "read_metadata(..., verify=False)")
     return {k: v for k, v in meta.items() if k not in ("dims_built", "rows")}
+
+
+def _check_header(f: ck.Container, meta: dict[str, Any], where: str, skip: str) -> None:
+    """Refuse a file whose header (the nest's description, the tensor table) changed after it was written; first
+    of all checks: a damaged description would mislead every other one."""
+    if meta["crc32"] is None:  # (format 1: no checksums at all)
+        return
+    ok = f.header_ok()
+    if ok is False or (ok is None and meta["checksum"] == CHECKSUM):
+        raise SortedNetError(f"checkpoint {where}: the header is damaged (its CRC-32 "
+                             f"{'is missing' if ok is None else 'does not match'}: the nest's description "
+                             f"or the tensor table changed after it was written); {skip} skips this check")
 
 
 def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = True,  # noqa: F821
@@ -269,13 +291,8 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         raise SortedNetError(f"load() needs a file path, got {type(path).__name__}")
     with ck.read(path) as f:
         meta = read_meta(f)
-        if verify and meta["crc32"] is not None:  # first: a damaged description would mislead every check
-            ok = f.header_ok()
-            if ok is False or (ok is None and meta["checksum"] == CHECKSUM):
-                raise SortedNetError(f"checkpoint {where}: the header is damaged (its CRC-32 "
-                                     f"{'is missing' if ok is None else 'does not match'}: the nest's description "
-                                     "or the tensor table changed after it was written); load(..., verify=False) "
-                                     "skips this check")
+        if verify:
+            _check_header(f, meta, where, "load(..., verify=False)")
         names = [d["name"] for d in meta["dims"]]
         if isinstance(model, Nest):
             nest, dims = model, None

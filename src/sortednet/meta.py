@@ -48,12 +48,22 @@ _KEYS = {FORMATS[0]: {"format", "dims", "submodels", "extra"},
 _OPTIONAL = {"extra", "ties"}  # ("ties": the names a stored tensor was tied to, written since 0.1)
 
 
+#: what a subclass of a built-in kind may define and still be that kind (its own __init__: preset patterns)
+_PLAIN = {"__init__", "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__annotate__"}
+
+
 def exact_spec(d: Dimension, modules: Mapping[str, Any]) -> dict[str, Any]:
     """``d.spec()`` with each pattern field replaced by the exact module paths it matches
     (the user's patterns kept under ``"patterns"`` for information)."""
     spec = d.spec()
     fields = PATTERN_FIELDS.get(d.kind)
-    if fields is None or type(d) is not _KINDS.get(d.kind):
+    base = _KINDS.get(d.kind)
+    # a subclass of a built-in kind (a helper presetting its patterns) binds and describes itself as the
+    # built-in does, so the built-in rebuilt from the file is the same dimension; one that plans or describes
+    # itself otherwise keeps its patterns as written (loaded into a nest it was wrapped with, not rebuilt)
+    if fields is None or base is None or not isinstance(d, base) or any(
+            k not in _PLAIN for c in type(d).__mro__[:type(d).__mro__.index(base)] for k in vars(c)):
         return spec
     spec["patterns"] = {f: spec[f] for f in fields}
     for f in fields:

@@ -108,8 +108,8 @@ def dry_run(model: nn.Module) -> Iterator[None]:
                         or now.storage_offset() != data.storage_offset()):
                     p.data = data
             for t, v in [*saved, *guard.saved.values()]:
-                if t.shape != v.shape:  # resized in place (resize_, set_): its old shape and values back
-                    t.data = v
+                if t.shape != v.shape or t.layout != torch.strided:  # resized in place (resize_, set_), or a
+                    t.data = v  # sparse / other layout (no torch.equal for it): its old shape and values back
                 elif not t.is_meta and not torch.equal(t, v):  # (meta: no values to put back)
                     t.copy_(v)
 
