@@ -322,9 +322,10 @@ def _errors(rank: int, out_dir: str) -> dict:
         out["module_left_out"] = str(e)
     # a closure that switches sub-models on one rank only: refused on every rank before the forward runs
     # (DDP: the gradients of different sub-models would be averaged; FSDP2: the all-gathers would hang)
-    for how in ("ddp", "fsdp2"):
-        case, nest = _build("lm_width_heads_depth", how)
-        module = DDP(case.model) if how == "ddp" else fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,)))
+    for how in ("ddp", "fsdp2", "ddp_compiled"):  # (compiled: the hooks of the modules Dynamo traced never ran)
+        case, nest = _build("lm_width_heads_depth", "fsdp2" if how == "fsdp2" else "ddp")
+        module = (DDP(case.model) if how == "ddp" else torch.compile(DDP(case.model), backend="eager")
+                  if how == "ddp_compiled" else fully_shard(case.model, mesh=init_device_mesh("cpu", (WORLD,))))
 
         def switching(module=module, nest=nest):
             with nest.use(nest.smallest) if rank == 1 else nullcontext():
@@ -335,6 +336,26 @@ def _errors(rank: int, out_dir: str) -> dict:
             out[f"closure_use_{how}"] = "accepted"
         except sn.SortedNetError as e:
             out[f"closure_use_{how}"] = str(e)
+    # sn.accumulate through a DDP wrapper with a Sampler seeded per rank: DDP averaged two sub-models' gradients
+    case, nest = _build("mlp", "ddp")
+    ddp = DDP(case.model)
+    try:  # (what two Samplers with other seeds draw)
+        sn.accumulate(nest, [nest.largest if rank == 0 else nest.smallest], lambda: _loss(ddp(case.example)))
+        out["sn_accumulate_other_subs"] = "accepted"
+    except sn.SortedNetError as e:
+        out["sn_accumulate_other_subs"] = (str(e), all(p.grad is None for p in case.model.parameters()))
+    # a task head outside the nest's model and outside module=: its gradient was each rank's own (drift)
+    case, nest = _build("mlp", "ddp")
+    head = torch.nn.Linear(case.model(case.example).shape[-1], 2)
+    outer = torch.nn.Sequential(case.model, head)
+    try:
+        snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(outer(case.example)))
+        out["head_outside"] = "accepted"
+    except sn.SortedNetError as e:
+        out["head_outside"] = (str(e), all(p.grad is None for p in outer.parameters()))
+    head.requires_grad_(False)  # a frozen head: nothing to average, accepted
+    snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(outer(case.example)))
+    out["frozen_head_outside"] = case.model.fc1.weight.grad is not None
     # parameters outside the nest inside the DDP wrapper (a task head) are averaged with the nest's
     case, nest = _build("mlp", "ddp")
     head = torch.nn.Linear(case.model(case.example).shape[-1], 2)
@@ -778,9 +799,26 @@ def test_sharded_save_and_ranks_switching_inside_the_closure_are_refused_on_ever
     _, results = run
     errs = results["errors"]
     assert errs["save_sharded"] and all("sortednet.distributed.save" in e for e in errs["save_sharded"])
-    for how in ("ddp", "fsdp2"):  # (rank 0's record; rank 1 raised too, or the run would have hung)
+    for how in ("ddp", "fsdp2", "ddp_compiled"):  # (rank 0's record; rank 1 raised too, or the run would hang)
         e = errs[f"closure_use_{how}"]
         assert "ranks disagree on the sub-model of a forward" in e and "rank 1 has" in e, e
+
+
+def test_ranks_running_other_submodels_through_ddp_in_sn_accumulate_are_refused_before_any_backward(run):
+    """sn.accumulate (not the distributed one) through a DDP wrapper, with each rank's Sampler seeded by its
+    rank: DDP averaged two sub-models' gradients as one, in silence."""
+    msg, untouched = run[1]["errors"]["sn_accumulate_other_subs"]
+    assert "ranks disagree on the sub-model of a DistributedDataParallel forward" in msg and untouched, msg
+
+
+def test_a_trained_parameter_outside_what_accumulate_averages_is_refused_on_every_rank(run):
+    """snd.accumulate without module=, the closure calling nn.Sequential(model, head): the head's gradients
+    were never averaged and the replicas drifted apart (0.05 after 3 steps), with no word. A frozen head is
+    fine."""
+    errs = run[1]["errors"]
+    msg, untouched = errs["head_outside"]
+    assert "trains 2 parameter(s) outside the nest's model (shapes [[2, " in msg and untouched, msg
+    assert errs["frozen_head_outside"]
 
 
 def test_parameters_outside_the_nest_in_the_ddp_wrapper_are_averaged(run):

@@ -3,12 +3,11 @@
 Every rank draws the same sub-models from ``Sampler(seed=...).draw(step)`` with
 no communication. What needs care is the gradient synchronisation:
 
-- Sliced weights hand their gradients to ``param.grad[slice]`` directly
-  in a custom autograd function (``wrap(..., inplace_grad=True)``, the default), so DDP's
-  reducer, which waits for each parameter's own ``AccumulateGrad``, never sees
-  them: it errors (``find_unused_parameters=False``) or silently averages stale
-  or partial gradients (``find_unused_parameters=True``).
-- Depth-skipped blocks get no gradient at all in some micro-steps.
+- Depth-skipped blocks get no gradient at all in some micro-steps: DDP's reducer,
+  which waits for every parameter it cannot prove unused, errors at the next step
+  (``find_unused_parameters=False``), or needs a graph traversal per synced backward.
+- Nothing in DDP checks that the ranks ran the same sub-models: it would average
+  the gradients of different ones as one.
 
 :func:`accumulate` therefore runs every sub-model's backward under DDP's
 ``no_sync`` and then :func:`sync_gradients` all-reduces every gradient once per
@@ -318,7 +317,9 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         # before FSDP's all-gathers and DDP's buffer broadcast (prepended, also on the wrapper the closure
         # calls): every rank runs the same sub-model in each forward
         agree = _forward_agreement(nest, group)
-        for m in {id(m): m for m in (ddp, nest.model) if m is not None}.values():
+        # (torch.compile(ddp_model): its wrapper's own hooks run eagerly, outside the graph, where the hooks
+        # of the modules it traces are skipped; every rank compiles alike, so one of them always runs)
+        for m in {id(m): m for m in (module, ddp, nest.model) if m is not None}.values():
             hooks.append(m.register_forward_pre_hook(agree, prepend=True))
     try:
         units = _fsdp_modules(module if module is not None else nest.model)
@@ -339,6 +340,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             guard(module, nest)
         elif _active():
             hooks.append(nest.model.register_forward_pre_hook(_unnamed_ddp))
+        if _active() and dist.get_world_size(group) > 1:
+            closure = _trains_inside(closure, nest.model if module is None else _inner(module), module is None)
         with no_sync(module):
             losses = _accumulate(nest, subs, closure, **kwargs)
     finally:
@@ -350,6 +353,49 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     if isinstance(ddp, _ddp_type()):  # what DDP's pre-forward broadcast would have done (every forward ran
         sync_buffers(ddp, group=group)  # under no_sync): the running statistics of the first rank's shards
     return losses
+
+
+def _trains_inside(closure: Callable[[], Any], synced: nn.Module, plain: bool) -> Callable[[], Any]:
+    """``closure``, whose first loss of the step is checked before its backward: every parameter it trains must
+    be in ``synced`` (what :func:`sync_gradients` averages). A task head called next to the nest's model but
+    outside it (and outside ``module=``) would keep each rank's own gradient: the replicas drift apart, in
+    silence. An error here is raised on every rank (the loss agreement after the closure tells the others)."""
+    done: list[bool] = []
+
+    def run() -> Any:
+        out = closure()
+        if not done:
+            done.append(True)
+            loss = out[0] if isinstance(out, (tuple, list)) and out else out
+            inside = {id(p) for p in synced.parameters()}
+            loose = [list(p.shape) for p in _trained(loss) if id(p) not in inside]
+            if loose:
+                where = "the nest's model" if plain else "module="
+                raise SortedNetError(
+                    f"sortednet.distributed.accumulate: the closure trains {len(loose)} parameter(s) outside {where} "
+                    f"(shapes {loose[:4]}), whose gradients no rank would average: the replicas would drift apart. "
+                    "Pass module= a module that holds every trained parameter (e.g. nn.Sequential(model, head), or "
+                    "the DDP wrapper of it), or freeze them")
+        return out
+    return run
+
+
+def _trained(loss: Any) -> list[nn.Parameter]:
+    """The parameters ``loss``'s backward would accumulate into (the ``AccumulateGrad`` nodes of its graph)."""
+    if not isinstance(loss, torch.Tensor):
+        return []
+    seen, todo, out = set(), [loss.grad_fn], {}
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        v = getattr(fn, "variable", None)
+        if isinstance(v, nn.Parameter):
+            out.setdefault(id(v), v)
+            continue
+        todo.extend(f for f, _ in getattr(fn, "next_functions", ()))
+    return list(out.values())
 
 
 def _fsdp_managed(units: list[nn.Module]) -> set[tuple[int, str]] | None:

@@ -30,7 +30,7 @@ from .errors import flag as _flag
 from .modes import eval_mode, restore_modes
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
-from .views import _distributed, world_size
+from .views import _compiling, _distributed, world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -216,7 +216,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     done: list[Any] = []
     hook = None
     if _prechecked is None and _distributed():  # (sortednet.distributed.accumulate has its own hooks)
-        hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_reducer_check(nest))
+        hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_forward_check(nest))
     try:
         _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
              done)
@@ -233,6 +233,25 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         if hook is not None:
             hook.remove()
     return Losses(losses, skipped=skipped)
+
+
+def _ddp_forward_check(nest: Nest) -> None:
+    """Forward pre-hook of :func:`accumulate` under torch.distributed: :func:`_ddp_reducer_check`, and in a
+    forward through a DDP wrapper the ranks must run the same sub-model (one ``all_reduce`` of a digest; DDP
+    runs every rank's forwards in step): a Sampler seeded per rank, or a ``nest.use`` opened on some ranks
+    only, would otherwise have DDP average two sub-models' gradients as one, in silence."""
+    _ddp_reducer_check(nest)
+    ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
+    ddp = getattr(ddp, "_active_ddp_module", None)
+    if ddp is None or not torch.is_grad_enabled() or _compiling() or world_size() < 2 or \
+            torch.distributed.get_world_size(ddp.process_group) < 2:
+        return
+    from .distributed import _FORWARD, _agree_on
+
+    _agree_on([str(nest.active)], ddp.process_group, "the sub-model of a DistributedDataParallel forward inside "
+              "sn.accumulate", "give every rank's Sampler the same seed and step, and open nest.use alike on every "
+              "rank (sortednet.distributed.accumulate(nest, subs, closure, module=ddp_model) checks each step's "
+              "sub-models before the first forward)", phase=_FORWARD)
 
 
 def _ddp_reducer_check(nest: Nest, who: str = "sn.accumulate", advice: str | None = None) -> None:
