@@ -568,7 +568,7 @@ def test_copies_made_before_sorting_are_permuted_with_the_model(monkeypatch):
     nest.check(x)
     nest.profile(x, repeat=1, progress=False)
 
-    def cannot(moves):  # a copy that cannot follow (its modules changed): left as it was, refused at its forward
+    def cannot(moves, optimizer=()):  # a copy that cannot follow (its modules changed): refused at its forward
         def follow(root):
             raise sn.SortedNetError("the copy's 0.weight does not match the model's")
         return follow
@@ -581,6 +581,52 @@ def test_copies_made_before_sorting_are_permuted_with_the_model(monkeypatch):
         old(x)
     nest.unwrap()
     old(x)  # (the nest gone, copies run their full model)
+
+
+def test_the_optimizer_of_a_copy_is_named_or_follows_the_sort_with_it():
+    """A teacher / EMA deep copy follows a sort (its weights are permuted), but its own optimizer's moments were
+    left where the units were, with no warning, and passing that optimizer as optimizer= changed nothing. Now
+    an optimizer holding state for a copy's permuted parameters is named in an OptimizerStateWarning, and once
+    passed its state moves with the copy's units (each moment the same permutation as its weight)."""
+    from sortednet.importance import OptimizerStateWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"), sn.Width("g", [8, 16], out="2", inp="4"))
+    teacher = copy.deepcopy(model)
+    opt = torch.optim.Adam(teacher.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    for _ in range(2):
+        teacher(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(2.0, 0.5, 16)[:, None])  # (an order the sort must change)
+        teacher[0].weight.mul_(torch.linspace(2.0, 0.5, 16)[:, None])
+    with pytest.warns(OptimizerStateWarning, match=r"Adam \(state for \d+ of them\)"):
+        sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(0.25, 4.0, 16)[:, None])  # (and back: another order)
+        teacher[0].weight.mul_(torch.linspace(0.25, 4.0, 16)[:, None])
+    before = {n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+              for n, p in teacher.named_parameters()}
+    with torch.no_grad():
+        full = teacher(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OptimizerStateWarning)
+        orders = sort_units(nest, "l1", example=x, optimizer=opt)
+    h, g = orders["h@0"], orders["g@2"]
+    assert not torch.equal(h, torch.arange(16))
+    moved = {"0.weight": ((0, h),), "0.bias": ((0, h),), "2.weight": ((0, g), (1, h)), "2.bias": ((0, g),),
+             "4.weight": ((1, g),), "4.bias": ()}  # (axis, unit order) of each tensor
+    for name, p in teacher.named_parameters():
+        w0, st0 = before[name]
+        for t, want in ((p.detach(), w0), *((opt.state[p][k], v) for k, v in st0.items() if v.dim())):
+            for ax, order in moved[name]:
+                want = want.index_select(ax, order)
+            assert torch.equal(t, want), name
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), full)  # (the copy's own function kept)
 
 
 class _TiedLM(nn.Module):

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import sortednet as sn
 from models import FAMILIES, assert_unchanged, case_params, run, snapshot
 from sortednet.meta import exact_spec
+from sortednet.nest import StaleScoresWarning
 
 FAMS = sorted(FAMILIES)
 
@@ -397,3 +398,39 @@ def test_a_model_with_a_sparse_buffer_wraps_and_save_refuses_it_by_name(tmp_path
         sn.save(nest, str(path))
     assert not path.exists()
     assert nest.unwrap() is model and type(model.fc1) is torch.nn.Linear
+
+
+def test_an_ema_copy_is_saved_with_its_own_weights(tmp_path):
+    """sn.save(sn.Nest.of(ema)) wrote the ORIGINAL model's weights (the nest a copy follows is the original's),
+    and nothing saved the copy. sn.save(copy) now writes the copy's weights with the nest's dimensions; every
+    sub-model of the loaded nest equals the copy's; profile scores come back marked stale, costs kept; a module
+    inside the model and a copy holding calibrated statistics are refused before anything is written."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 2)).eval()
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", norm="1", inp="3"))
+    x = torch.randn(6, 4)
+    nest.profile(x, score=lambda s: float(s["h"]), metrics=("params",), repeat=1, progress=False)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+    path = str(tmp_path / "ema.safetensors")
+    sn.save(ema, path)
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 2)).eval()
+    loaded = sn.load(fresh, path)
+    for s in nest.submodels:
+        with nest.use(s), loaded.use(s):
+            torch.testing.assert_close(loaded.model(x), ema(x), rtol=0, atol=0)
+    with pytest.warns(StaleScoresWarning, match="measured on other weights"):  # (the model's, not the copy's)
+        assert loaded.pick(params=nest.cost("h=8")) == nest.pick(params=nest.cost("h=8"))
+    sn.save(model, str(tmp_path / "model.safetensors"))  # the wrapped model itself: the nest
+    assert sn.load(nest, str(tmp_path / "model.safetensors")) is nest
+    with pytest.raises(sn.SortedNetError, match="a module inside the model"):
+        sn.save(model[0], str(tmp_path / "part.safetensors"))
+    nest.calibrate([x], batches=1)
+    calibrated = copy.deepcopy(model)
+    with pytest.raises(sn.SortedNetError, match="per-sub-model BatchNorm statistics"):
+        sn.save(calibrated, str(tmp_path / "cal.safetensors"))
+    assert not (tmp_path / "part.safetensors").exists() and not (tmp_path / "cal.safetensors").exists()

@@ -1649,6 +1649,41 @@ def test_a_copy_made_before_sort_by_importance_is_permuted_with_the_model():
             torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_the_optimizer_of_a_copy_is_named_or_moved_by_sort_by_importance():
+    """A copy's own optimizer: named in an OptimizerStateWarning when left out (was: silent), and when passed its
+    moments move with the copy's units (was: passing it changed nothing). Marked: each moment set equal to its
+    parameter, so a moment that follows its units still equals it after the sort."""
+    from sortednet.importance import OptimizerStateWarning
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    nest = sn.from_transformers(model, ffn=[16], heads=[2])
+    twin = copy.deepcopy(model)
+    opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    ids = torch.randint(0, V, (2, 6))
+    twin(input_ids=ids).logits.square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        for p in twin.parameters():
+            for v in opt.state[p].values():
+                if v.dim():
+                    v.copy_(p)
+    with pytest.warns(OptimizerStateWarning, match="sort_by_importance: Adam"):
+        sn.sort_by_importance(nest, [ids], heads=False)
+    with torch.no_grad():
+        for p in twin.parameters():
+            for v in opt.state[p].values():
+                if v.dim():
+                    v.copy_(p)
+    perms = sn.sort_by_importance(nest, [ids], optimizer=opt)
+    assert any(not torch.equal(o, torch.arange(o.shape[-1])) for p in perms.values() for o in p.values())
+    for name, p in twin.named_parameters():
+        for k, v in opt.state[p].items():
+            if v.dim():
+                assert torch.equal(v, p.detach()), (name, k)
+
+
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
 def test_sort_by_importance_stopped_between_two_writes_is_undone_exactly(exc):
     """A Ctrl-C (or an error) between two tensors of one module (its weight written, its bias, gradient or

@@ -405,9 +405,12 @@ def _apply(groups: list, orders: list[Tensor], optimizer: tuple[torch.optim.Opti
     return moves
 
 
-def follow_moves(moves: list[tuple[str, str, int, Tensor]]) -> Callable[[nn.Module, set], None]:
+def follow_moves(moves: list[tuple[str, str, int, Tensor]], optimizer: tuple[torch.optim.Optimizer, ...] = ()
+                 ) -> Callable[[nn.Module, set], None]:
     """What makes ``moves`` (see :func:`_apply`) in a deep copy of the model (an EMA / teacher copy): its
-    tensors and their ``.grad`` (not an optimizer of its own), all checked before the first is written."""
+    tensors, their ``.grad`` and ``optimizer``'s state for them (the copy's own optimizer, when it was passed),
+    all checked before the first is written. A tensor the copy shares with the model (or with a copy permuted
+    before) is left alone with all that follows it: it was permuted once already."""
     def follow(root: nn.Module, held: set) -> None:
         todo, seen = [], set()
         for path, name, ax, idx in moves:
@@ -417,10 +420,10 @@ def follow_moves(moves: list[tuple[str, str, int, Tensor]]) -> Callable[[nn.Modu
                 raise SortedNetError(f"the copy's {path}.{name} does not match the model's")
             if (id(t), ax) not in seen:  # (a tensor the copy holds under two names, as the model does)
                 seen.add((id(t), ax))
-                todo.append((t, ax, idx))
+                if (k := storage_key(t)) is None or k not in held:
+                    todo += [(c, ax, idx) for c in _companions(t, optimizer) if c.shape[ax] == t.shape[ax]]
         with torch.no_grad():
-            held.update(permute_unshared([(c, ax, idx) for t, ax, idx in todo for c in (t, t.grad)
-                                          if c is not None], held))
+            held.update(permute_unshared(todo, held))
     return follow
 
 
@@ -474,8 +477,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     per-element state follows the units; sort before building the optimizer, or pass it (any other live
     optimizer holding such state gets an :class:`OptimizerStateWarning`). Copies of the
     model (an EMA or teacher ``copy.deepcopy``, which follow the nest's sub-models) are permuted with
-    it (weights and ``.grad``; an optimizer of their own is not); one that cannot follow (its modules
-    changed) is refused at its next forward.
+    it (weights, ``.grad``, and the state of an optimizer of their own when it is passed in ``optimizer=``
+    too; left out, it gets the warning); one that cannot follow (its modules changed) is refused at its next
+    forward.
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> from sortednet.importance import sort_units
@@ -531,13 +535,30 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
     optimizer = optimizers("sort_units", optimizer)
-    warn_stray_optimizers("sort_units", [p for m in nest._sliced.values()
-                                         if any(b.dim.kind in ("width", "heads") for b in m._sn.bind.values())
-                                         for p in m.parameters(recurse=False)], optimizer)
+    warn_stray_optimizers("sort_units", in_copies(nest, [p for m in nest._sliced.values()
+                                                         if any(b.dim.kind in ("width", "heads")
+                                                                for b in m._sn.bind.values())
+                                                         for p in m.parameters(recurse=False)]), optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
         orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer)  # flips
-    nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves), token=token)
+    nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves, optimizer), token=token)
     return orders
+
+
+def in_copies(nest: Nest, params: list[Tensor]) -> list[Tensor]:
+    """``params`` (the model's, which a sort permutes) and the same-named parameters of every live deep copy of
+    the model (EMA / teacher copies follow the sort): an optimizer of a copy holds state for those."""
+    with nest._pin.lock:
+        copies = [c for c in nest._pin.copies.keys() if c is not nest.model]
+    if not copies:
+        return params
+    ids = {id(p) for p in params}
+    names = [n for n, p in nest.model.named_parameters(remove_duplicate=False) if id(p) in ids]
+    out = list(params)
+    for c in copies:
+        mine = dict(c.named_parameters(remove_duplicate=False))
+        out += [mine[n] for n in names if n in mine]
+    return out
 
 
 def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: str, example: Any, data: Any,

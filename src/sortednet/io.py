@@ -115,9 +115,15 @@ def _alias_groups(state: Mapping[str, tuple]) -> list[list[str]]:
     return list(groups.values())
 
 
-def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Tensor] | None = None) -> None:  # noqa: F821
+def save(nest: "Nest | nn.Module", path: str | os.PathLike, *,  # noqa: F821
+         state: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write ``nest`` (weights, dimensions with the exact module paths they bind, the
     sub-model list when it is not the full product, calibration and profile) to ``path``.
+
+    ``nest`` may also be the wrapped model, or a ``copy.deepcopy`` of it that follows the nest (an EMA
+    or teacher copy): then the copy's weights are written, with the nest's dimensions and sub-models and
+    its profile's costs (its scores marked as measured on other weights). (``sn.Nest.of(copy)`` is the
+    nest the copy follows, whose model is the original: saving that writes the original's weights.)
 
     Tensors shared by several names (tied weights) are stored once. The file is
     written beside ``path`` under a temporary name and renamed into place, with the
@@ -131,9 +137,14 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     >>> sn.load(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), path).submodels == nest.submodels
     True
     """
+    copy = None
+    if isinstance(nest, nn.Module):
+        nest, copy = _nest_of_copy(nest, state)
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}")
     nest._check_structure("sn.save")
+    if copy is not None:
+        state = copy.state_dict()
     if not isinstance(path, (str, os.PathLike)):
         raise SortedNetError(f"sn.save() needs a file path, got {type(path).__name__}")
     p = os.fspath(path)
@@ -156,8 +167,8 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
         raise SortedNetError(f"sn.save(): {shards[0]!r} (and {len(shards) - 1} more) is a shard (the model is "
                              "sharded with FSDP2): use sortednet.distributed.save(nest, path) on every rank, which "
                              "gathers the full state and writes it from rank 0")
-    if state is None:
-        _refuse_foreign(nest.model, nest.model.state_dict(keep_vars=True), "sn.save")
+    if state is None or copy is not None:
+        _refuse_foreign(copy or nest.model, (copy or nest.model).state_dict(keep_vars=True), "sn.save")
     odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if odd:
         raise SortedNetError(f"cannot save: state_dict entries {odd[:3]} are not tensors (a module's "
@@ -176,7 +187,7 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
     tensors = {g[0]: entries[g[0]][0] for g in groups}
     ties = [g for g in groups if len(g) > 1]  # the names each stored tensor stood for: a model that holds them
     # as separate tensors (built untied, e.g. materialised from the meta device) gets the value in each
-    extra = nest._extra_tensors()
+    extra = nest._extra_tensors() if copy is None else {}  # (a copy holds no calibration: _nest_of_copy)
     clash = sorted(set(extra) & set(tensors))
     if clash:
         raise SortedNetError(f"model state_dict keys {clash[:3]} use the reserved prefix {EXTRA_PREFIX!r}")
@@ -184,12 +195,47 @@ def save(nest: "Nest", path: str | os.PathLike, *, state: Mapping[str, torch.Ten
 
     def metadata(crcs: dict[str, str]) -> dict[str, str]:
         meta = {"format": FORMAT, "dims": dims, "submodels": subs, "count": len(nest.submodels),
-                "extra": nest._extra_state(), "checksum": CHECKSUM, "crc32": crcs}
+                "extra": nest._extra_state() if copy is None else _copy_extra_state(nest),
+                "checksum": CHECKSUM, "crc32": crcs}
         if ties:  # (only where there are: a file without ties stays readable by versions before them)
             meta["ties"] = ties
         return {"sortednet": _dumps(meta)}
 
     ck.write(p, tensors, metadata)
+
+
+def _nest_of_copy(model: nn.Module, state: Any) -> tuple[Nest, nn.Module | None]:
+    """``sn.save(model)``: the nest of a wrapped model (no copy), or of a deep copy that follows it (the copy)."""
+    try:
+        nest = Nest.of(model)
+    except SortedNetError as e:
+        raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), its model or a deep copy of it: {e}") from None
+    if model is nest.model:
+        return nest, None
+    with nest._pin.lock:
+        known = model in nest._pin.copies
+    if not known:
+        raise SortedNetError(f"sn.save() takes a nest, its model or a deep copy of that model; this "
+                             f"{type(model).__name__} is a module inside the model of {nest!r}: save the nest")
+    if state is not None:
+        raise SortedNetError("sn.save(copy, state=...): the copy's own state_dict is what is saved; pass one of them")
+    nest._pin.stale(model)  # (a copy left in the old unit order by a sort: refused, as at its forward)
+    held = [n for n, m in model.named_modules() if getattr(getattr(m.__dict__.get("_sn"), "norm", None), "stats",
+                                                           None)]
+    if held:
+        raise SortedNetError(f"sn.save(copy): the copy holds per-sub-model BatchNorm statistics at {held[:3]} (it was "
+                             "copied after nest.calibrate), which describe the model's weights as they were then, not "
+                             "the copy's; save the copy before calibrating, or calibrate a nest loaded from it")
+    return nest, model
+
+
+def _copy_extra_state(nest: Nest) -> dict[str, Any]:
+    """The nest's saved state for a copy's weights: the profile (its costs hold for any weights of these shapes;
+    its scores were measured on the model's weights: marked so), no calibration."""
+    out = {k: v for k, v in nest._extra_state().items() if k == "profile"}
+    if nest._profile is not None and nest._profile.scores is not None:
+        out["scores_stale"] = True
+    return out
 
 
 def _checked_state(nest: Nest, state: Any) -> Mapping[str, torch.Tensor]:

@@ -1149,7 +1149,9 @@ class Nest:
     @staticmethod
     def of(model: nn.Module) -> "Nest":
         """The nest (not unwrapped) that slices ``model`` or modules in it: the nest that wrapped it, or the one a
-        deep copy of its model (an EMA or teacher copy) follows. For a model whose nest was not kept.
+        deep copy of its model (an EMA or teacher copy) follows. For a model whose nest was not kept. (For a copy,
+        ``.model`` of the nest is the original: ``sn.save(copy, path)`` saves the copy's weights, ``sn.save(
+        Nest.of(copy), path)`` the original's.)
 
         >>> import torch.nn as nn, sortednet as sn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))

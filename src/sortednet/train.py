@@ -246,7 +246,7 @@ def _ddp_forward_check(nest: Nest) -> None:
     if ddp is None or not torch.is_grad_enabled() or _compiling() or world_size() < 2 or \
             torch.distributed.get_world_size(ddp.process_group) < 2:
         return
-    from .distributed import _FORWARD, _agree_on
+    from .agreement import _FORWARD, _agree_on
 
     _agree_on([str(nest.active)], ddp.process_group, "the sub-model of a DistributedDataParallel forward inside "
               "sn.accumulate", "give every rank's Sampler the same seed and step, and open nest.use alike on every "

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
-from ..importance import _at_full, _companions, one_process, optimizers, rel_err, warn_stray_optimizers
+from ..importance import _at_full, _companions, in_copies, one_process, optimizers, rel_err, warn_stray_optimizers
 from ..modes import casts_stale, eval_mode, finish_all
 from ..nest import Nest
 from ..slicers import Slicer
@@ -62,9 +62,15 @@ def _score(m: nn.Module, unit: int) -> Tensor:
 
 
 def _unheld(tensors: list[Tensor], held: set | None) -> list[Tensor]:
-    """``tensors`` but those whose memory ``held`` holds (a deep copy's tensor shared with the model, or with a
-    copy permuted before: see :func:`_follow_log`); all of them without ``held``."""
-    return tensors if held is None else [c for c in tensors if (k := storage_key(c)) is None or k not in held]
+    """``tensors`` (a tensor and what follows it: its ``.grad``, its optimizer state) but those whose memory
+    ``held`` holds (a deep copy's tensor shared with the model, or with a copy permuted before: see
+    :func:`_follow_log`); none when the tensor itself is held (its optimizer state moved with it); all of them
+    without ``held``."""
+    if held is None:
+        return tensors
+    if tensors and (k := storage_key(tensors[0])) is not None and k in held:
+        return []
+    return [c for c in tensors if (k := storage_key(c)) is None or k not in held]
 
 
 def _written(tensors: list[Tensor]) -> set:
@@ -197,10 +203,10 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     _check_layout(lay, found, model, ffn, heads)
     named = [(f"{P}.{k}", b) for P in found.stacks for k, b in model.get_submodule(P)._modules.items()]
     blocks = [b for _, b in named]
-    warn_stray_optimizers("sort_by_importance", [  # what the sort moves: the FFNs, the attentions
+    warn_stray_optimizers("sort_by_importance", in_copies(nest, [  # what the sort moves: the FFNs, the attentions
         p for blk in blocks for m in ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn
                                       else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
-        for p in m.parameters()], optimizer)
+        for p in m.parameters()]), optimizer)
     n_heads, group = _head_counts(model.config, lay)
     saved = {p: p.grad for p in model.parameters()}
     ffn_s = [0.0] * len(blocks)
@@ -295,7 +301,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                  "the part that fails, or sortednet.importance.sort_units") from e
         raise
     nest._drop_scores("sort_by_importance", [o for p in perms.values() for o in p.values()],
-                      follow=_follow_log(nest.model, log), token=token)
+                      follow=_follow_log(nest.model, log, optimizer), token=token)
     return perms
 
 
@@ -355,9 +361,10 @@ def _paths(blk: nn.Module, rels: tuple[str, ...]) -> list[str]:
     return [p for r in rels for p in glob_children(blk, r)]
 
 
-def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
+def _follow_log(model: nn.Module, log: list[tuple], opt: Any = ()) -> Any:
     """What makes the permutations in ``log`` again, in order, in a deep copy of ``model`` (an EMA / teacher
-    copy: its tensors and their ``.grad``), every module found and checked before the first is written."""
+    copy: its tensors, their ``.grad`` and ``opt``'s state for them: the copy's own optimizer, when passed),
+    every module found and checked before the first is written."""
     paths = {}
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), path)
@@ -372,12 +379,17 @@ def _follow_log(model: nn.Module, log: list[tuple]) -> Any:
                 mine, theirs = Slicer.tensor(m, name), Slicer.tensor(c, name)
                 if theirs is None or mine is None or theirs.shape != mine.shape:
                     raise SortedNetError(f"the copy's {paths[id(m)]}.{name} does not match the model's")
+                _companions(theirs, opt)  # (its optimizer state refused here, if it cannot follow: before any write)
+                if kind != "experts":
+                    b = Slicer.tensor(c, "bias")
+                    if b is not None:
+                        _companions(b, opt)
             steps.append((kind, c, rest))
         written: set = set()
         with torch.no_grad():
             for kind, c, rest in steps:  # memory the model (or a copy permuted before) holds is left alone
-                written |= (_permute_experts(c, rest[0], None, (), held) if kind == "experts"
-                            else _permute(c, rest[0], rest[1], None, (), held))
+                written |= (_permute_experts(c, rest[0], None, opt, held) if kind == "experts"
+                            else _permute(c, rest[0], rest[1], None, opt, held))
         held.update(written)  # (another copy sharing this one's memory leaves it alone)
     return follow
 
