@@ -930,3 +930,22 @@ def test_accumulate_rejects_a_module_without_the_nest():
     with pytest.raises(sn.SortedNetError, match="does not contain this nest's model"):
         snd.accumulate(nest, [nest.smallest], lambda: _loss(case.model(case.example)),
                        module=torch.nn.Linear(2, 2))
+
+
+def test_save_called_by_rank_zero_alone_says_it_is_collective(tmp_path, monkeypatch):
+    """`if rank == 0: snd.save(...)`: rank 0 wrote the file, then waited in the closing broadcast until the
+    process group's timeout (30 min by default) and died with gloo's raw "Timed out" error, naming nothing.
+    The failed collective is now a SortedNetError that says the call is collective (the timeout itself is
+    gloo's: simulated here in one process)."""
+    case, nest = _build("mlp", "ddp")
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("[gloo] Timed out waiting 1800000ms for recv operation to complete")
+
+    monkeypatch.setattr(snd, "_active", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "broadcast_object_list", timed_out)
+    path = tmp_path / "n.safetensors"
+    with pytest.raises(sn.SortedNetError, match=r"is collective: every rank must call it .* rank 0 wrote"):
+        snd.save(nest, str(path))
+    assert path.exists()

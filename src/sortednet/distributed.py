@@ -597,7 +597,14 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
             error = e
     if _active():  # rank 0's outcome, to every rank (also the barrier: the file exists when this returns)
         outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(outcome, src=0)
+        try:
+            dist.broadcast_object_list(outcome, src=0)
+        except Exception as e:  # (a rank that never called it, `if rank == 0: snd.save(...)`: a timeout)
+            raise SortedNetError(
+                f"sortednet.distributed.save is collective: every rank must call it (not rank 0 alone, inside `if "
+                f"rank == 0:`); its closing broadcast from rank 0 failed on rank {me} ({type(e).__name__}: "
+                f"{str(e)[:200]})" + (f"; rank 0 wrote {os.fspath(path)!r}" if me == 0 and error is None
+                                      else "")) from e
         if outcome[0] is not None and error is None:
             raise SortedNetError(f"sortednet.distributed.save: rank 0 could not write the checkpoint ({outcome[0]})")
     if error is not None:
