@@ -9,6 +9,7 @@ own, and only ``.grad`` holds what the slices added.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import fcntl
 import os
@@ -348,6 +349,11 @@ def _errors(rank: int, out_dir: str) -> dict:
     case, nest = _build("mlp", "ddp")
     head = torch.nn.Linear(case.model(case.example).shape[-1], 2)
     outer = torch.nn.Sequential(case.model, head)
+    teacher = copy.deepcopy(head)  # a gradient reaches it, but no optimizer steps it: harmless, accepted
+    snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(teacher(case.model(case.example))))
+    out["unstepped_teacher_outside"] = teacher.weight.grad is not None
+    outer_opt = torch.optim.SGD(outer.parameters(), lr=0.1)
+    case.model.zero_grad(set_to_none=True)
     try:
         snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(outer(case.example)))
         out["head_outside"] = "accepted"
@@ -356,6 +362,16 @@ def _errors(rank: int, out_dir: str) -> dict:
     head.requires_grad_(False)  # a frozen head: nothing to average, accepted
     snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(outer(case.example)))
     out["frozen_head_outside"] = case.model.fc1.weight.grad is not None
+    del outer_opt
+    # sn.accumulate through DDP with uneven inputs under Join: rank 1 runs one step fewer (the agreement check
+    # stands aside under Join, whose joined ranks shadow DDP's own collectives only: it hung)
+    from torch.distributed.algorithms.join import Join
+    case, nest = _build("mlp", "ddp")
+    ddp = DDP(case.model, find_unused_parameters=True)
+    with Join([ddp]):
+        for _ in range(3 - rank):
+            sn.accumulate(nest, [nest.largest], lambda: _loss(ddp(case.example)))
+    out["join_uneven"] = "finished"
     # parameters outside the nest inside the DDP wrapper (a task head) are averaged with the nest's
     case, nest = _build("mlp", "ddp")
     head = torch.nn.Linear(case.model(case.example).shape[-1], 2)
@@ -817,8 +833,12 @@ def test_a_trained_parameter_outside_what_accumulate_averages_is_refused_on_ever
     fine."""
     errs = run[1]["errors"]
     msg, untouched = errs["head_outside"]
-    assert "trains 2 parameter(s) outside the nest's model (shapes [[2, " in msg and untouched, msg
-    assert errs["frozen_head_outside"]
+    assert "trains 2 parameter(s) outside the nest's model (shapes [[2, " in msg and "SGD steps them" in msg, msg
+    assert untouched and errs["frozen_head_outside"] and errs["unstepped_teacher_outside"]
+
+
+def test_sn_accumulate_through_ddp_under_join_with_uneven_inputs_finishes(run):
+    assert run[1]["errors"]["join_uneven"] == "finished"
 
 
 def test_parameters_outside_the_nest_in_the_ddp_wrapper_are_averaged(run):

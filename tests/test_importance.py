@@ -627,6 +627,26 @@ def test_the_optimizer_of_a_copy_is_named_or_follows_the_sort_with_it():
             assert torch.equal(t, want), name
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), full)  # (the copy's own function kept)
+    # a copy whose parameter is its own Parameter on the model's memory: the memory is permuted once (with the
+    # model), the copy's own pending .grad and optimizer state still follow (a rule skipping everything that
+    # follows a shared memory left them in the old order)
+    shares = copy.deepcopy(model)
+    shares[2].weight = nn.Parameter(model[2].weight.data)
+    own_opt = torch.optim.SGD(shares.parameters(), lr=0.1, momentum=0.9)
+    shares(x).square().mean().backward()
+    own_opt.step()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(0.1, 10.0, 16)[:, None])  # (another order again)
+        shares[0].weight.mul_(torch.linspace(0.1, 10.0, 16)[:, None])
+    shares(x).square().mean().backward()
+    momentum = own_opt.state[shares[2].weight]["momentum_buffer"].clone()
+    grad = shares[2].weight.grad.clone()
+    orders = sort_units(nest, "l1", example=x, optimizer=[opt, own_opt])
+    h, g = orders["h@0"], orders["g@2"]
+    assert not torch.equal(h, torch.arange(16))
+    torch.testing.assert_close(shares[2].weight.grad, grad.index_select(0, g).index_select(1, h), rtol=0, atol=0)
+    torch.testing.assert_close(own_opt.state[shares[2].weight]["momentum_buffer"],
+                               momentum.index_select(0, g).index_select(1, h), rtol=0, atol=0)
 
 
 class _TiedLM(nn.Module):

@@ -365,8 +365,9 @@ def test_a_subclass_of_a_dimension_neither_replaces_the_built_in_nor_changes_wha
         for s in nest.submodels:
             with nest.use(s), loaded.use(s):
                 torch.testing.assert_close(loaded.model(x), nest.model(x), rtol=0, atol=0)
-    with pytest.raises(sn.SortedNetError, match="kind 'width' is taken"):
-        type("Other", (sn.Width,), {"kind": "width"})
+    type("Restated", (sn.Width,), {"kind": "width"})  # (restating the base's kind: a subclass like FFN)
+    with pytest.raises(sn.SortedNetError, match="kind 'width' is taken"):  # another dimension taking it
+        type("Other", (sn.Dimension,), {"kind": "width"})
     assert _KINDS["width"] is sn.Width
 
 

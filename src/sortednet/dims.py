@@ -112,6 +112,8 @@ class Dimension:
         if not kind:
             return
         had = _KINDS.get(kind)
+        if had is not None and issubclass(cls, had):  # (restating its base's kind: a subclass like any other)
+            return
         if had is not None and (had.__module__, had.__qualname__) != (cls.__module__, cls.__qualname__):
             raise SortedNetError(f"dimension kind {kind!r} is taken by {had.__module__}.{had.__qualname__}; "
                                  f"give {cls.__qualname__} a kind of its own (kind = \"...\")")

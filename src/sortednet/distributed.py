@@ -368,16 +368,46 @@ def _trains_inside(closure: Callable[[], Any], synced: nn.Module, plain: bool) -
             done.append(True)
             loss = out[0] if isinstance(out, (tuple, list)) and out else out
             inside = {id(p) for p in synced.parameters()}
-            loose = [list(p.shape) for p in _trained(loss) if id(p) not in inside]
-            if loose:
+            loose = [p for p in _trained(loss) if id(p) not in inside]
+            stepping = _stepped_by(loose) if loose else []
+            if stepping:
                 where = "the nest's model" if plain else "module="
                 raise SortedNetError(
                     f"sortednet.distributed.accumulate: the closure trains {len(loose)} parameter(s) outside {where} "
-                    f"(shapes {loose[:4]}), whose gradients no rank would average: the replicas would drift apart. "
-                    "Pass module= a module that holds every trained parameter (e.g. nn.Sequential(model, head), or "
-                    "the DDP wrapper of it), or freeze them")
+                    f"(shapes {[list(p.shape) for p in loose][:4]}; {stepping[0]} steps them), whose gradients no "
+                    "rank would average: the replicas would drift apart. Pass module= a module that holds every "
+                    "trained parameter (e.g. nn.Sequential(model, head), or the DDP wrapper of it), or freeze them")
         return out
     return run
+
+
+#: parameter sets outside what accumulate averages that no optimizer steps (a teacher / EMA copy called with
+#: gradients on): judged once each (a scan of the live objects), bounded
+_UNSTEPPED: dict[frozenset[int], bool] = {}
+
+
+def _stepped_by(params: list[nn.Parameter]) -> list[str]:
+    """The live optimizers whose parameter groups hold one of ``params`` (their gradient matters only then: a
+    gradient reaching a teacher that nothing steps is harmless)."""
+    key = frozenset(id(p) for p in params)
+    if key in _UNSTEPPED:
+        return []
+    import gc
+
+    ids, out = set(key), []
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.optim.Optimizer):  # (type(): no object's __class__ is read)
+            try:
+                groups = o.param_groups
+            except Exception:
+                continue
+            if any(id(p) in ids for g in groups for p in g.get("params", ())):
+                out.append(type(o).__name__)
+    if not out:
+        if len(_UNSTEPPED) > 64:
+            _UNSTEPPED.clear()
+        _UNSTEPPED[key] = True
+    return out
 
 
 def _trained(loss: Any) -> list[nn.Parameter]:

@@ -355,10 +355,14 @@ def _check_state(optimizer: torch.optim.Optimizer) -> None:
                                      "after sorting)")
 
 
-def _companions(t: Tensor, opts: tuple[torch.optim.Optimizer, ...] = ()) -> list[Tensor]:
+def _companions(t: Tensor, opts: tuple[torch.optim.Optimizer, ...] = (), own: frozenset[int] = frozenset()
+                ) -> list[Tensor]:
     """``t`` and the tensors whose units follow it: its ``.grad`` and the optimizers' state for it (momentum,
     Adam's moments; a factored optimizer's row / column statistics, of size 1 along reduced axes). Other
-    non-scalar state (a flattened layout) cannot follow the units: refused."""
+    non-scalar state (a flattened layout) cannot follow the units: refused. ``own``: ids of the model's tensors,
+    for a deep copy's: one that is the model's own tensor has the model's optimizer state, moved already."""
+    if id(t) in own:
+        opts = ()
     out = [t]
     if t.grad is not None:
         out.append(t.grad)
@@ -405,12 +409,13 @@ def _apply(groups: list, orders: list[Tensor], optimizer: tuple[torch.optim.Opti
     return moves
 
 
-def follow_moves(moves: list[tuple[str, str, int, Tensor]], optimizer: tuple[torch.optim.Optimizer, ...] = ()
-                 ) -> Callable[[nn.Module, set], None]:
+def follow_moves(moves: list[tuple[str, str, int, Tensor]], optimizer: tuple[torch.optim.Optimizer, ...] = (),
+                 own: frozenset[int] = frozenset()) -> Callable[[nn.Module, set], None]:
     """What makes ``moves`` (see :func:`_apply`) in a deep copy of the model (an EMA / teacher copy): its
     tensors, their ``.grad`` and ``optimizer``'s state for them (the copy's own optimizer, when it was passed),
-    all checked before the first is written. A tensor the copy shares with the model (or with a copy permuted
-    before) is left alone with all that follows it: it was permuted once already."""
+    all checked before the first is written. Memory the copy shares with the model (or with a copy permuted
+    before) is left alone, tensor by tensor; a parameter that IS one of the model's (``own``: their ids) has
+    the model's optimizer state, moved already."""
     def follow(root: nn.Module, held: set) -> None:
         todo, seen = [], set()
         for path, name, ax, idx in moves:
@@ -420,8 +425,8 @@ def follow_moves(moves: list[tuple[str, str, int, Tensor]], optimizer: tuple[tor
                 raise SortedNetError(f"the copy's {path}.{name} does not match the model's")
             if (id(t), ax) not in seen:  # (a tensor the copy holds under two names, as the model does)
                 seen.add((id(t), ax))
-                if (k := storage_key(t)) is None or k not in held:
-                    todo += [(c, ax, idx) for c in _companions(t, optimizer) if c.shape[ax] == t.shape[ax]]
+                todo += [(c, ax, idx) for c in _companions(t, optimizer, own)
+                         if c.shape[ax] == t.shape[ax]]  # (held memory: skipped by permute_unshared)
         with torch.no_grad():
             held.update(permute_unshared(todo, held))
     return follow
@@ -541,7 +546,8 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
                                                          for p in m.parameters(recurse=False)]), optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
         orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer)  # flips
-    nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves, optimizer), token=token)
+    nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves, optimizer, frozenset(
+        id(t) for t in [*nest.model.parameters(), *nest.model.buffers()])), token=token)
     return orders
 
 

@@ -246,6 +246,8 @@ def _ddp_forward_check(nest: Nest) -> None:
     if ddp is None or not torch.is_grad_enabled() or _compiling() or world_size() < 2 or \
             torch.distributed.get_world_size(ddp.process_group) < 2:
         return
+    if getattr(getattr(ddp, "_join_config", None), "enable", False):  # under Join (uneven inputs), the joined
+        return  # ranks shadow DDP's own collectives only: one of ours would be left waiting
     from .agreement import _FORWARD, _agree_on
 
     _agree_on([str(nest.active)], ddp.process_group, "the sub-model of a DistributedDataParallel forward inside "

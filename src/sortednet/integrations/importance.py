@@ -62,15 +62,9 @@ def _score(m: nn.Module, unit: int) -> Tensor:
 
 
 def _unheld(tensors: list[Tensor], held: set | None) -> list[Tensor]:
-    """``tensors`` (a tensor and what follows it: its ``.grad``, its optimizer state) but those whose memory
-    ``held`` holds (a deep copy's tensor shared with the model, or with a copy permuted before: see
-    :func:`_follow_log`); none when the tensor itself is held (its optimizer state moved with it); all of them
-    without ``held``."""
-    if held is None:
-        return tensors
-    if tensors and (k := storage_key(tensors[0])) is not None and k in held:
-        return []
-    return [c for c in tensors if (k := storage_key(c)) is None or k not in held]
+    """``tensors`` but those whose memory ``held`` holds (a deep copy's tensor shared with the model, or with a
+    copy permuted before: see :func:`_follow_log`); all of them without ``held``."""
+    return tensors if held is None else [c for c in tensors if (k := storage_key(c)) is None or k not in held]
 
 
 def _written(tensors: list[Tensor]) -> set:
@@ -78,7 +72,7 @@ def _written(tensors: list[Tensor]) -> set:
 
 
 def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = (),
-             held: set | None = None) -> set:
+             held: set | None = None, own: frozenset[int] = frozenset()) -> set:
     """Permute ``m``'s units of ``role`` by ``idx``: the weight (and bias), their ``.grad`` and ``opt``'s
     per-element state (Adam's moments, momentum) alike, except memory in ``held``; returns the memory written."""
     out_ax, in_ax = _axes(m)
@@ -86,7 +80,7 @@ def _permute(m: nn.Module, role: str, idx: Tensor, log: list | None, opt: Any = 
     ax = out_ax if role == "out" else in_ax
     b = Slicer.tensor(m, "bias") if role == "out" else None
     moves = [(c, a) for t, a in ((w, ax), (b, 0)) if t is not None
-             for c in _unheld(_companions(t, opt), held) if c.shape[a] == t.shape[a]]  # (reduced over a: stays)
+             for c in _unheld(_companions(t, opt, own), held) if c.shape[a] == t.shape[a]]  # (reduced: stays)
     new = [c.data.index_select(a, idx.to(c.device)) for c, a in moves]  # all computed before any is written
     for (c, a), v in zip(moves, new):
         _write(c.data, v, a, idx, log)
@@ -369,6 +363,8 @@ def _follow_log(model: nn.Module, log: list[tuple], opt: Any = ()) -> Any:
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), path)
 
+    own = frozenset(id(t) for t in [*model.parameters(), *model.buffers()])  # (their state moved with the model)
+
     def follow(root: nn.Module, held: set) -> None:
         steps = []
         for kind, m, *rest in log:
@@ -379,23 +375,23 @@ def _follow_log(model: nn.Module, log: list[tuple], opt: Any = ()) -> Any:
                 mine, theirs = Slicer.tensor(m, name), Slicer.tensor(c, name)
                 if theirs is None or mine is None or theirs.shape != mine.shape:
                     raise SortedNetError(f"the copy's {paths[id(m)]}.{name} does not match the model's")
-                _companions(theirs, opt)  # (its optimizer state refused here, if it cannot follow: before any write)
-                if kind != "experts":
+                _companions(theirs, opt, own)  # (its optimizer state refused here if it cannot follow: before
+                if kind != "experts":  # any write)
                     b = Slicer.tensor(c, "bias")
                     if b is not None:
-                        _companions(b, opt)
+                        _companions(b, opt, own)
             steps.append((kind, c, rest))
         written: set = set()
         with torch.no_grad():
             for kind, c, rest in steps:  # memory the model (or a copy permuted before) holds is left alone
-                written |= (_permute_experts(c, rest[0], None, opt, held) if kind == "experts"
-                            else _permute(c, rest[0], rest[1], None, opt, held))
+                written |= (_permute_experts(c, rest[0], None, opt, held, own) if kind == "experts"
+                            else _permute(c, rest[0], rest[1], None, opt, held, own))
         held.update(written)  # (another copy sharing this one's memory leaves it alone)
     return follow
 
 
 def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = (),
-                     held: set | None = None) -> set:
+                     held: set | None = None, own: frozenset[int] = frozenset()) -> set:
     """Each expert's neurons by its row of ``order`` (as :func:`_permute`); returns the memory written."""
     gu, down = Slicer.tensor(m, "gate_up_proj"), Slicer.tensor(m, "down_proj")
     if order.shape[0] != gu.shape[0] or 2 * order.shape[1] != gu.shape[1] or order.shape[1] != down.shape[2]:
@@ -405,8 +401,8 @@ def _permute_experts(m: nn.Module, order: Tensor, log: list | None, opt: Any = (
                              f"and (experts, hidden, ffn) (Mixtral, Qwen-MoE); an expert order {tuple(order.shape)} "
                              "does not fit them (e.g. a transposed or interleaved layout). Pass ffn=False to sort "
                              "the other dimensions; nothing was changed")
-    gus = [c for c in _unheld(_companions(gu, opt), held) if c.shape[1] == gu.shape[1]]  # (+ .grad, opt state)
-    downs = [c for c in _unheld(_companions(down, opt), held) if c.shape[2] == down.shape[2]]
+    gus = [c for c in _unheld(_companions(gu, opt, own), held) if c.shape[1] == gu.shape[1]]  # (+ .grad, state)
+    downs = [c for c in _unheld(_companions(down, opt, own), held) if c.shape[2] == down.shape[2]]
     for e, o in enumerate(order):
         rows = torch.cat([o, o + o.numel()]).to(gu.device)  # [gate; up]: the same order in both halves
         for c in gus:
