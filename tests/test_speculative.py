@@ -645,3 +645,25 @@ def test_the_nests_own_model_as_a_plain_draft_is_refused_by_name():
     nest = sn.from_transformers(model, depth=[1, 2], rank=[2, 4])
     with pytest.raises(sn.SortedNetError, match="the draft is the target model itself"):
         sn.speculative_generate(nest, torch.tensor([[1, 2, 3]]), draft=model, max_new_tokens=4)
+
+
+def test_a_forward_that_cannot_run_with_the_driven_cache_is_a_named_refusal(monkeypatch):
+    """A family whose forward builds its cache its own way (transformers' Dory appends per-loop layers only to a
+    cache made from its config) failed inside speculative decoding with a raw shape error; a model forward that
+    raises under the cache speculative decoding drives is now a SortedNetError saying so (its error the cause).
+    Simulated on Llama: its forward raising once a cache holds positions."""
+    model = llama()
+    nest = sn.from_transformers(model, depth=[2, 4])
+    ids = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(0))
+    forward = type(model).forward
+
+    def picky(self, *args, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and cache.get_seq_length() > 0:
+            raise RuntimeError("The size of tensor a (17) must match the size of tensor b (13)")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", picky)
+    with pytest.raises(sn.SortedNetError, match="forward raised RuntimeError .* model.generate instead") as e:
+        sn.speculative_generate(nest, ids, draft={"depth": 2}, max_new_tokens=4, share_cache=False)
+    assert isinstance(e.value.__cause__, RuntimeError)

@@ -159,7 +159,16 @@ class ForwardRunner:
         kw = {self.cache_kw: cache, "use_cache": True}
         if self.pos_kw:
             kw["position_ids"] = pos
-        return self.model(input_ids=x, **kw).logits
+        try:
+            return self.model(input_ids=x, **kw).logits
+        except SortedNetError:
+            raise
+        except Exception as e:  # (a family that builds its cache its own way: e.g. Dory's per-loop layers)
+            raise SortedNetError(
+                f"speculative_generate: {type(self.model).__name__}'s forward raised {type(e).__name__} "
+                f"({str(e)[:200]}) with the key/value cache speculative decoding drives (a transformers "
+                "DynamicCache grown layer by layer and cropped back after each rejected draft token); this "
+                "family's cache is not one it can drive: decode with model.generate instead") from e
 
     def logits(self, h: Tensor) -> Tensor:
         return h
