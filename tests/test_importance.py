@@ -568,7 +568,7 @@ def test_copies_made_before_sorting_are_permuted_with_the_model(monkeypatch):
     nest.check(x)
     nest.profile(x, repeat=1, progress=False)
 
-    def cannot(moves, optimizer=()):  # a copy that cannot follow (its modules changed): refused at its forward
+    def cannot(moves, *args):  # a copy that cannot follow (its modules changed): refused at its forward
         def follow(root):
             raise sn.SortedNetError("the copy's 0.weight does not match the model's")
         return follow
