@@ -295,6 +295,30 @@ def test_unwrap_merge_of_a_restricted_nest_bakes_its_largest_rank(mode):
     torch.testing.assert_close(nest.unwrap_copy(twin, merge=True)(x), live, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode,subs", [("svd", ["r=8,h=8", "r=4,h=32"]), ("lora", ["r=2,h=32", "r=4,h=8"]),
+                                       ("svd", ["r=8,h=8", "r=2,h=32", "r=4,h=32"])])
+def test_unwrap_merge_of_a_nest_restricted_across_dimensions_is_its_largest_full_width_submodel(mode, subs):
+    """The unwrapped model runs every other dimension at full size. With ranks and widths listed together, the
+    merge baked the highest rank any sub-model used (8, only ever used at width 8): the merged model was no listed
+    sub-model (0.31 off nest.largest in svd, 0.57 in lora: rank does not change a lora sub-model's cost, so the
+    largest is decided by width). It now bakes the rank of the largest listed sub-model at full width."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets="0", mode=mode), sn.Width("h", [8, 32], out="0", inp="2"),
+                   submodels=subs)
+    for _, m in rank_modules(model):
+        for n in m._sn.slicer.factors:
+            m._parameters[n].data.add_(torch.randn_like(m._parameters[n]) * 0.3)
+    x = torch.randn(3, 16)
+    assert nest.largest["h"] == 32
+    with torch.no_grad(), nest.use(nest.largest):
+        live = model(x)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(nest.unwrap_copy(twin, merge=True)(x), live, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(nest.unwrap(merge=True)(x), live, atol=1e-5, rtol=1e-5)
+
+
 def _stack(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Sequential(nn.Linear(12, 32), nn.ReLU()), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))

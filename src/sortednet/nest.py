@@ -1125,9 +1125,10 @@ class Nest:
         """Restore the original classes and return the model (weights untouched).
 
         ``Rank`` targets get their original weight back and lose their factors /
-        adapters; ``merge=True`` first bakes the largest rank its sub-models use into that
-        weight (svd: ``U[:, :r] @ V[:r]``; lora: ``W0 + alpha / r * B[:, :r] @ A[:r]``; ``r``
-        is the largest size unless ``submodels=`` restricted the nest). See docs/rank.md.
+        adapters; ``merge=True`` first bakes a rank into that weight (svd: ``U[:, :r] @ V[:r]``;
+        lora: ``W0 + alpha / r * B[:, :r] @ A[:r]``; ``r`` is the largest size unless ``submodels=``
+        restricted the nest, then the rank of its largest sub-model at full size in every other
+        dimension, which the merged model computes). See docs/rank.md.
         """
         _flag("unwrap", "merge", merge)
         self._check_alive()
@@ -1198,13 +1199,25 @@ class Nest:
         return copy
 
     def _merge_ranks(self, merge: bool) -> dict[str, int] | None:
-        """Per Rank dimension, the largest rank of the nest's sub-models (what ``merge=True`` bakes in: in a
-        restricted nest the components above it were never active, never trained); read off the listed rows'
-        size indices (sizes ascend), not the sub-models one by one (a product nest may list millions)."""
+        """Per Rank dimension, the rank ``merge=True`` bakes in. The unwrapped model runs every other dimension at
+        its full size, so: the ranks of the largest listed sub-model that does too (then the merged model computes
+        what that sub-model computed; in a product nest, the full ranks). A restricted nest that lists no such
+        sub-model gives the largest rank any of its sub-models uses (components above it were never active, never
+        trained). Read off the listed rows' size indices (sizes ascend), not sub-model by sub-model."""
         if not merge:
             return None
-        return {d.name: d.sizes[int(self._rows[:, i].max())] if self._rows is not None else d.full
-                for i, d in enumerate(self.dims) if d.kind == "rank"}
+        ranks = [i for i, d in enumerate(self.dims) if d.kind == "rank"]
+        if self._rows is None:
+            return {self.dims[i].name: self.dims[i].full for i in ranks}
+        full = np.ones(len(self._rows), dtype=bool)
+        for i, d in enumerate(self.dims):
+            if d.kind != "rank":
+                full &= self._rows[:, i] == len(d.sizes) - 1
+        if full.any():  # (the listed sub-models are in the nest's order: the last such row is the largest)
+            row = next(s for s in reversed(self.submodels) if all(s[d.name] == d.full for d in self.dims
+                                                                  if d.kind != "rank"))
+            return {self.dims[i].name: row[self.dims[i].name] for i in ranks}
+        return {self.dims[i].name: self.dims[i].sizes[int(self._rows[:, i].max())] for i in ranks}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters an optimizer should get (those requiring grad, each once): all of them, or,
