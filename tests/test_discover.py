@@ -905,3 +905,39 @@ def test_a_declaration_dropped_by_its_dry_run_is_named():
     assert all(d.kind != "heads" for d in found) and found
     with pytest.raises(sn.SortedNetError):
         sn.wrap(model, heads[0], example=x)
+
+
+class _SpatialSoftmax(nn.Module):
+    """A per-channel spatial softmax, its reshape given the channel count stored at full size (``stored``), or
+    read from the tensor: at 4 of 16 channels ``reshape(b, 16, -1)`` moves channels into the spatial axis."""
+
+    def __init__(self, stored: bool):
+        super().__init__()
+        self.stored, self.ch = stored, 16
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16)
+        self.c1, self.fc = nn.Conv2d(16, 16, 3, 1, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        y = self.c1(x)
+        a = y.reshape(y.shape[0], self.ch if self.stored else y.shape[1], -1).softmax(-1).reshape(y.shape)
+        return self.fc((x + y * a).mean((2, 3)))
+
+
+def test_a_reshape_to_a_count_stored_at_full_size_is_kept_whole_and_refused_by_check():
+    """reshape(b, self.ch, -1) with self.ch = 16: the trace at full size sees the channel axis carried through,
+    so discover sliced the group and check passed, while every smaller sub-model ran the softmax over quarter
+    maps (0.25 off the nested model). The shapes at the smallest size show the channels moving into another
+    axis: discover keeps the group whole (saying why) and check refuses a hand declaration of it. Written with
+    y.shape[1], the same model is discovered and passes."""
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="no group it can slice safely"):
+        assert sn.discover(_SpatialSoftmax(stored=True).eval(), x, ratios=[0.25, 1.0]) == []
+    dims = sn.discover(_SpatialSoftmax(stored=False).eval(), x, ratios=[0.25, 1.0])
+    assert [d.sizes for d in dims] == [(4, 16)]
+    sn.wrap(_SpatialSoftmax(stored=False).eval(), *dims, example=x)
+    model = _SpatialSoftmax(stored=True).eval()
+    with pytest.raises(sn.SortedNetError, match="re-cuts its units at a smaller size"):
+        sn.wrap(model, sn.Width("w", [4, 16], out=["stem", "c1"], inp=["c1", "fc"], norm="bn"), example=x)
+    assert not any("_sn" in m.__dict__ for m in model.modules())

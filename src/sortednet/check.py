@@ -173,8 +173,10 @@ def _recut(ref: list[tuple[tuple[int, ...], ...]], got: list[tuple[tuple[int, ..
     """Whether a view / reshape re-cuts units between the full model's calls ``ref`` and a sub-model's ``got``
     (:func:`_reshape_calls`): only the leading axis (of size > 1) of a group of axes may shrink, on both sides:
     ``view(B, T, -1, head_dim)`` keeps whole heads; ``view(B, T, 4, -1)`` shrinks every head, and a channels-last
-    flatten interleaves channels. Decided on shapes alone (values, the example's contents and the weights cannot
-    hide it). None when the calls cannot be aligned (size-dependent control flow)."""
+    flatten interleaves channels; and each group of axes must shrink alike on both sides (``reshape(B, 16, -1)``
+    of 4 channels, 16 a count stored at full size, moves channels into the last axis). Decided on shapes alone
+    (values, the example's contents and the weights cannot hide it). None when the calls cannot be aligned
+    (size-dependent control flow)."""
     if len(got) != len(ref):
         return None
     for (fa, fb), (sa, sb) in zip(ref, got):
@@ -184,6 +186,9 @@ def _recut(ref: list[tuple[tuple[int, ...], ...]], got: list[tuple[tuple[int, ..
         if groups is None or len(sa) != len(fa) or len(sb) != len(fb):
             return None
         for gi, gj in groups:
+            if math.prod(sa[x] for x in gi) * math.prod(fb[x] for x in gj) != \
+                    math.prod(fa[x] for x in gi) * math.prod(sb[x] for x in gj):
+                return True  # (units moved between groups: reshape(B, 16, -1) of 4 channels, 16 a stored count)
             lead_i = next((x for x in gi if fa[x] != 1), gi[0] if gi else None)  # (trailing size-1 axes
             lead_j = next((x for x in gj if fb[x] != 1), gj[0] if gj else None)  # may match nothing)
             if [x for x in gi if fa[x] != sa[x]] not in ([], [lead_i]) or \

@@ -168,12 +168,37 @@ def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dim
                     kept.append(d)
             dims = kept
         dims = _whole_heads(probe, example, dims)
+        dims = _uncut_widths(probe, example, dims)
         for _ in range(len(dims)):
             bad = _unlike_export(probe, example, dims)
             if not bad:
                 break
             dims = [d for i, d in enumerate(dims) if i not in bad]
     return dims
+
+
+def _uncut_widths(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[Dimension]:
+    """``dims`` less every Width whose smallest size makes a view / reshape re-cut its units (a count stored at
+    full size, ``reshape(B, 16, -1)``: at 4 channels it moves them into the last axis, the same values flowing
+    through a differently shaped op; the trace at full size cannot see it, the shapes at the smallest can)."""
+    from .check import _recut, _reshape_calls
+
+    widths = [i for i, d in enumerate(dims) if isinstance(d, Width) and not d.chunks and len(d.sizes) > 1]
+    if not widths:
+        return dims
+    fresh = _fresh(dims)
+    every = {fresh[i].name: fresh[i].sizes[0] for i in widths}
+    nest = _quiet_wrap(probe, *fresh, submodels=[{}, every, *({fresh[i].name: fresh[i].sizes[0]} for i in widths)])
+    try:
+        full = SubModel({d.name: d.full for d in fresh})
+        ref = _reshape_calls(nest, full, example, probe)
+        calm = _recut(ref, _reshape_calls(nest, full.replace(**every), example, probe)) is False  # (one forward
+        bad = set() if calm else {  # where no view re-cuts with every width at its smallest)
+            i for i in widths if _recut(ref, _reshape_calls(nest, full.replace(**{fresh[i].name: fresh[i].sizes[0]}),
+                                                            example, probe)) is True}
+    finally:
+        nest.unwrap()
+    return [d for i, d in enumerate(dims) if i not in bad]
 
 
 def _unlike_export(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[int]:
