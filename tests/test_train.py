@@ -1258,3 +1258,40 @@ def test_fit_with_an_optimizer_of_another_model_is_refused():
     with pytest.raises(sn.SortedNetError, match="optimizer holds none of the nest's model's parameters"):
         sn.fit(nest, [(x, y)], torch.optim.SGD(other.parameters(), lr=0.1), sn.Sampler(nest, k=1), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before))
+
+
+def test_fit_evaluations_leave_numpy_and_python_random_state_alone():
+    """An evaluation loader that draws from NumPy's or Python's generator (augmentation, a sampler) advanced
+    them inside fit's evaluations, which a resumed run repeats up front: the resumed run then drew other noise
+    than the uninterrupted one (1.2e-2 apart). Evaluations now leave every global generator as they found it."""
+    import random
+
+    def batches(lo, hi, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        xs, ys = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+        for i in range(lo, hi):  # (the training noise draws from NumPy's global generator)
+            yield xs[8 * i:8 * i + 8] + torch.from_numpy(np.random.randn(8, 8)).float() * 0.05, ys[8 * i:8 * i + 8]
+
+    class NoisyEval:  # re-iterable, each pass drawing from NumPy's and Python's generators
+        def __iter__(self):
+            for x, y in batches(0, 2, seed=1):
+                yield x + random.random() * 0.01, y
+
+    def build():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        n = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+        return n, torch.optim.SGD(n.trainable_parameters(), lr=0.1), sn.Sampler(n.submodels, k=2, seed=0)
+
+    kw = dict(eval_data=NoisyEval(), eval_every=4, progress=False)
+    np.random.seed(0)
+    random.seed(0)
+    nest, opt, sampler = build()
+    sn.fit(nest, batches(0, 8), opt, sampler, **kw)
+    whole = nest.model[0].weight.detach().clone()
+    np.random.seed(0)
+    random.seed(0)
+    nest, opt, sampler = build()
+    sn.fit(nest, batches(0, 4), opt, sampler, **kw)
+    sn.fit(nest, batches(4, 8), opt, sampler, start_step=4, **kw)  # (evaluates step 4's scores again up front)
+    assert torch.equal(nest.model[0].weight, whole)

@@ -11,8 +11,10 @@ A loop of your own needs only :class:`~sortednet.Sampler` and :func:`accumulate`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import random
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -877,12 +879,20 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
         _record(hist, nest, eval_data, step, None, metric)
 
 
+@contextlib.contextmanager
 def _rng_kept(device: Any) -> Any:
-    """Evaluation inside ``fit`` leaves torch's random state as it found it (CPU, and the model's CUDA device):
-    a resumed run, which evaluates once more up front, draws the same dropout masks as the uninterrupted one."""
+    """Evaluation inside ``fit`` leaves the random state as it found it: torch's (CPU, and the model's CUDA
+    device), NumPy's and Python's global generators (an evaluation loader that draws from them, as augmentation
+    or a sampler may): a resumed run, which evaluates once more up front, draws what the uninterrupted one did."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    return torch.random.fork_rng(devices=cuda)
+    kept = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        np.random.set_state(kept[0])
+        random.setstate(kept[1])
 
 
 def _record(hist: History, nest: Nest, data: Any, step: int, bar: Any, metric: Any = None) -> None:
