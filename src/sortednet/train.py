@@ -237,14 +237,20 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     return Losses(losses, skipped=skipped)
 
 
+def _active_ddp() -> Any:
+    """The DistributedDataParallel wrapper whose forward is running (None outside one, or if DDP was never
+    imported)."""
+    ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
+    return getattr(ddp, "_active_ddp_module", None)
+
+
 def _ddp_forward_check(nest: Nest) -> None:
     """Forward pre-hook of :func:`accumulate` under torch.distributed: :func:`_ddp_reducer_check`, and in a
     forward through a DDP wrapper the ranks must run the same sub-model (one ``all_reduce`` of a digest; DDP
     runs every rank's forwards in step): a Sampler seeded per rank, or a ``nest.use`` opened on some ranks
     only, would otherwise have DDP average two sub-models' gradients as one, in silence."""
     _ddp_reducer_check(nest)
-    ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
-    ddp = getattr(ddp, "_active_ddp_module", None)
+    ddp = _active_ddp()
     if ddp is None or not torch.is_grad_enabled() or _compiling() or world_size() < 2 or \
             torch.distributed.get_world_size(ddp.process_group) < 2:
         return
@@ -263,8 +269,7 @@ def _ddp_reducer_check(nest: Nest, who: str = "sn.accumulate", advice: str | Non
     reducer expects a gradient for every parameter (no unused-parameter search, sync on) under a depth below
     full leaves the skipped blocks' buckets un-averaged this step (the optimizer steps on local gradients) and
     raises DDP's own error only at the next forward."""
-    ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
-    ddp = getattr(ddp, "_active_ddp_module", None)
+    ddp = _active_ddp()
     if ddp is None or not ddp.require_backward_grad_sync or ddp.find_unused_parameters or not torch.is_grad_enabled():
         return
     sub = nest.active
