@@ -819,3 +819,19 @@ def test_a_model_built_under_inference_mode_serves_but_refuses_training(inplace_
     with pytest.raises(sn.SortedNetError, match=r"'0': its parameters are inference tensors"):
         sn.accumulate(nest, ["h=4"], lambda: m(x).sum())
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_a_quantized_module_is_refused_with_its_full_class_name_and_what_to_do():
+    """A dynamically quantized ``Linear`` is also named ``Linear``: the refusal said "'0' (Linear, ...) has no
+    slicer", which reads as if sortednet could not slice an nn.Linear. It now names the class in full and says
+    to nest the float model and quantize the exported sub-model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.ao.quantization.quantize_dynamic(_mlp(), {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(2, 4)
+    classes, before = [type(m) for m in model.modules()], model(x)
+    with pytest.raises(sn.PatternError, match=r"'0' \(torch\.ao\.nn\.quantized\.dynamic\..*Linear.*quantize the "
+                                              r"exported sub-model"):
+        sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert [type(m) for m in model.modules()] == classes
+    assert torch.equal(model(x), before)  # (packed weights: no state_dict of plain tensors to snapshot)

@@ -139,7 +139,12 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                     "layer list a Depth can cut: it takes an nn.ModuleList or nn.Sequential of blocks (run in order "
                     "by the forward); hold the blocks in an nn.ModuleList, or register a slicer for "
                     f"{type(m).__name__} (see docs/custom_slicers.md)")
-            raise PatternError(f"{path!r} ({type(m).__name__}, matched by {pats}) has no slicer; register one "
+            kind = type(m).__name__  # (a PyTorch class in full: torch.ao's quantized Linear is a "Linear" too)
+            kind = f"{type(m).__module__}.{type(m).__qualname__}" if type(m).__module__.startswith("torch.") else kind
+            hint = (" (a quantized module holds packed weights that cannot be cut: wrap and train the float model, "
+                    "then quantize the exported sub-model)" if kind.startswith(("torch.ao.", "torch.nn.quantized"))
+                    else "")
+            raise PatternError(f"{path!r} ({kind}, matched by {pats}) has no slicer{hint}; register one "
                                "with @sn.slicer(YourType) (see docs/custom_slicers.md)")
         if sl is not ATTRS_ONLY and own_forward(type(m), sl) and not sl.verifies_forward(type(m)):
             base = next(b for b in type(m).__mro__ if b in sl.types)
