@@ -489,6 +489,35 @@ def test_pick_warns_once_when_the_scores_were_measured_on_other_weights(tmp_path
     assert stale(lambda: nest.profile(x, metrics=("params",), progress=False)) == 0  # no scores: nothing to warn
 
 
+@pytest.mark.parametrize("opt", ["AdamW", "SGD", "Adagrad"])
+def test_a_fused_optimizer_step_makes_scores_stale_and_the_file_says_so(opt, tmp_path):
+    """A ``fused=True`` optimizer (transformers' default ``adamw_torch_fused``) writes the weights in one kernel
+    that leaves their version counters alone: the scores outlived such a step in silence (weights moved by 0.3,
+    no warning, and a checkpoint saved then marked them fresh)."""
+
+    from sortednet.nest import StaleScoresWarning
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    m, x = build(), torch.randn(16, 4)
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    nest.profile(x, score=lambda s: s["h"], metrics=("params",), progress=False)
+    kw = {"momentum": 0.9} if opt == "SGD" else {}
+    step = getattr(torch.optim, opt)(m.parameters(), lr=0.1, fused=True, **kw)
+    sn.accumulate(nest, [nest.largest], lambda: m(x).square().mean())
+    before = m[0].weight.detach().clone()
+    step.step()
+    assert not torch.equal(m[0].weight, before)
+    with pytest.warns(StaleScoresWarning):
+        nest.pick(params=100)
+    path = str(tmp_path / "n.safetensors")
+    sn.save(nest, path)
+    with pytest.warns(StaleScoresWarning):  # (the file marks the scores stale)
+        sn.load(build(), path).pick(params=100)
+
+
 def test_a_buffer_that_only_caches_derived_values_does_not_make_scores_stale():
     """Dynamic RoPE re-assigns its non-persistent inv_freq after a long input and back after a short one:
     outputs and weights unchanged, yet pick warned that the scores were stale."""
