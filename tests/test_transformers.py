@@ -598,10 +598,48 @@ def test_trainer_drops_calibration_of_the_weights_it_trains(tmp_path):
     with pytest.warns(UserWarning, match=r"SortedTrainer.train trains .* \('bn'\): dropped them"):
         trainer.train()
     assert model.bn._sn.norm is None
+    # a run refused before it loads or trains anything keeps them (they were dropped first, then refused)
+    nest.calibrate([x], batches=1)
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+
+    class Twice:
+        def draw(self, step):
+            return [nest.smallest, nest.smallest, nest.largest]
+
+    for sampler, resume, error in ((None, str(tmp_path / "missing"), ValueError),
+                                   (Twice(), None, sn.SortedNetError)):
+        trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sampler)
+        with pytest.raises(error):
+            trainer.train(resume_from_checkpoint=resume)
+        assert model.bn._sn.norm is not None
 
 
-def test_trainer_applies_the_samplers_loss_weights(tmp_path):
-    """SortedTrainer weighs each drawn sub-model's loss as sn.accumulate(weights=loss_weights_for(subs))."""
+class _OwnLoss(SortedTrainer):
+    """A subclass computing its loss itself, without ``super().compute_loss``."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(input_ids=inputs["input_ids"])
+        logits = out.logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 inputs["labels"][:, 1:].reshape(-1))
+        return (loss, out) if return_outputs else loss
+
+
+class _AddsToSuper(SortedTrainer):
+    """A subclass adding a term to ``super().compute_loss``'s loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss + 0.1 * model.lm_head.weight.square().sum()
+
+
+@pytest.mark.parametrize("trainer", [SortedTrainer, _OwnLoss, _AddsToSuper])
+def test_trainer_applies_the_samplers_loss_weights(trainer, tmp_path):
+    """SortedTrainer weighs each drawn sub-model's loss as sn.accumulate(weights=loss_weights_for(subs)), also
+    the loss of a subclass's own compute_loss (the Trainer's customisation point): one that did not call
+    super() trained on the sum of the sub-models' losses, unweighted (a step 2x too large at k=2), and a term
+    added to super()'s loss counted k times."""
     model, _, _, _ = build("llama")
     model.train()
     nest = sn.from_transformers(model, ffn=[16, 32], heads=[2], depth=[2])
@@ -613,14 +651,29 @@ def test_trainer_applies_the_samplers_loss_weights(tmp_path):
     assert len(set(weights)) > 1
     with torch.no_grad():
         w = model.lm_head.weight.detach().clone()
-    sn.accumulate(nest, subs, lambda: model(input_ids=x, labels=x).loss, weights=weights)
+    extra = (lambda: 0.1 * model.lm_head.weight.square().sum()) if trainer is _AddsToSuper else (lambda: 0.0)
+    sn.accumulate(nest, subs, lambda: model(input_ids=x, labels=x).loss + extra(), weights=weights)
     want = model.lm_head.weight.grad.clone()
     model.zero_grad(set_to_none=True)
     args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4, optim="sgd", learning_rate=1.0,
                              max_grad_norm=0.0, weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no",
                              disable_tqdm=True, logging_strategy="no")
-    SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sampler).train()
+    trainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sampler).train()
     torch.testing.assert_close(w - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_compute_loss_that_skips_the_soft_exits_is_refused_before_a_backward(tmp_path):
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, depth=[1, 2])
+    x = ids(seed=9, b=4)
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    t = _OwnLoss(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in x], nest=nest,
+                 soft_exits=[1, 2])
+    with pytest.raises(sn.SortedNetError, match=r"without calling super\(\)\.compute_loss, which computes the loss"):
+        t.train()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_callback_refuses_a_sampler_that_draws_several(tmp_path):

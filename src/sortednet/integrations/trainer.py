@@ -10,6 +10,7 @@ lighter-weight alternative: it activates one sub-model per step.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -188,9 +189,18 @@ class SortedTrainer(Trainer):
 
     def train(self, *args: Any, **kw: Any) -> Any:
         """``Trainer.train``; per-sub-model BatchNorm statistics of ``nest.calibrate`` describe the weights it is
-        about to change: they are dropped first, with a warning (calibrate again after training)."""
-        drop_stale_calibration(self.nest, "SortedTrainer.train", stacklevel=3)
+        about to change: they are dropped, with a warning (calibrate again after training), once a checkpoint
+        loads or the first step runs (a run refused before either, e.g. a resume from a checkpoint of another
+        training configuration, keeps them)."""
+        self._calibration_checked = False
         return super().train(*args, **kw)
+
+    _calibration_checked = True
+
+    def _drop_calibration(self) -> None:
+        if not self._calibration_checked:
+            self._calibration_checked = True
+            drop_stale_calibration(self.nest, "SortedTrainer.train", stacklevel=4)
 
     def _training_config(self) -> dict[str, Any] | None:
         """What decides which sub-models train at each step, as JSON: the configuration of an ``sn.Sampler``
@@ -253,6 +263,8 @@ class SortedTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self._check_resumed_training(resume_from_checkpoint)
+        if os.path.isdir(resume_from_checkpoint):  # (weights about to load; a missing folder is refused unloaded)
+            self._drop_calibration()
         if not self._rank:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_nest(resume_from_checkpoint)
@@ -273,9 +285,18 @@ class SortedTrainer(Trainer):
 
     def draw(self) -> list[SubModel]:
         """The sub-models of the current optimizer step (same for all its micro-batches)."""
-        subs = list(self.sampler.draw(self.state.global_step))
+        step = self.state.global_step
+        subs = list(self.sampler.draw(step))
         if not subs:
-            raise SortedNetError(f"sampler drew no sub-model at step {self.state.global_step}")
+            raise SortedNetError(f"sampler drew no sub-model at step {step}")
+        seen: set[SubModel] = set()
+        for sub in subs:
+            if sub in seen:  # (as sn.accumulate refuses: the same list trained twice at twice the weight)
+                drawn = [str(s) for s in subs]
+                raise SortedNetError(f"SortedTrainer: the sampler drew {sub} twice at step {step} ({drawn}): "
+                                     "it would train twice, at twice the weight of the others; draw each sub-model "
+                                     "once per step (weigh it with the sampler's loss_weights_for instead)")
+            seen.add(sub)
         return subs
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -291,6 +312,7 @@ class SortedTrainer(Trainer):
         if _ranks() > 1:  # ranks that drew other sub-models (a seed per rank) would average their gradients
             snd._agree_on([str(s) for s in subs], None, f"the sub-models of step {self.state.global_step}",
                           "give every rank's sampler the same seed (SortedTrainer draws by the global step)")
+        self._drop_calibration()
         self.history.append((self.state.global_step, tuple(subs)))
         weigh = getattr(self.sampler, "loss_weights_for", None)
         weights = weigh(subs) if weigh is not None else None
@@ -300,18 +322,24 @@ class SortedTrainer(Trainer):
         ddp = model if isinstance(model, _ddp_type()) else None
         if ddp is not None:
             snd.guard(ddp, self.nest)  # any forward that would reach DDP's reducer raises instead
+        own = self.__dict__.get("compute_loss")  # (one the user set on the instance: wrapped the same way)
+        self.compute_loss = functools.partial(self._scaled_loss, self.compute_loss)
         try:
             with snd.no_sync(ddp):  # one agreed all-reduce per step, not DDP's reducer (docs/scaling.md)
                 for sub, w in zip(subs, weights):
                     if self.soft_exits is not None and self._depth is not None:
                         sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
-                    self._k = 1.0 / w if w > 0 else float("inf")  # compute_loss divides by it
+                    self._k = 1.0 / w if w > 0 else float("inf")  # _scaled_loss divides by it
                     self._sub = sub
                     with self.nest.use(sub):
                         loss = super().training_step(model, inputs, num_items_in_batch)
                     total = loss if total is None else total + loss
         finally:
             self._k = None
+            if own is None:
+                del self.compute_loss
+            else:
+                self.compute_loss = own
         if self.accelerator.sync_gradients:  # last micro-batch of the optimizer step: one all-reduce
             snd.sync_gradients(self.nest.model)  # (a no-op in one process)
             if ddp is not None:  # DDP's pre-forward buffer broadcast, which no_sync skipped
@@ -379,22 +407,35 @@ class SortedTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        k = getattr(self, "_k", None)
-        if k is None:  # evaluation (or a direct call): the active sub-model, as a plain Trainer would
+        """The active sub-model's loss, as a plain Trainer's (with SoFT exits during training: the exits' loss).
+        A subclass may override it as for any Trainer: the step divides whatever it returns by ``k`` (or weighs
+        it), calling ``super().compute_loss`` or not."""
+        if getattr(self, "_k", None) is None or self.soft_exits is None:
+            self._ran_own = True
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs = None
-        if self.soft_exits is not None:  # every model input goes to the exits' forward, as without SoFT
-            rest = {key: v for key, v in inputs.items() if key != "labels"}
-            loss = soft_loss(self.nest, exits=self.soft_exits, weights=self.soft_weights, labels=inputs.get("labels"),
-                             **rest).loss / k
-        elif return_outputs:
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            loss = loss / k
-        else:
-            loss = super().compute_loss(model, inputs, False, num_items_in_batch) / k
+        self._ran_own = True  # every model input goes to the exits' forward, as without SoFT
+        rest = {key: v for key, v in inputs.items() if key != "labels"}
+        loss = soft_loss(self.nest, exits=self.soft_exits, weights=self.soft_weights, labels=inputs.get("labels"),
+                         **rest).loss
+        return (loss, None) if return_outputs else loss
+
+    _ran_own = False
+
+    def _scaled_loss(self, compute: Any, *args: Any, **kw: Any) -> Any:
+        """What ``Trainer.training_step`` calls as ``self.compute_loss`` during a sorted step: the trainer's
+        ``compute_loss`` (a subclass's override too, which need not call ``super()``), its loss divided by ``k``
+        (or weighed by the sampler's loss weights), before the Trainer's backward."""
+        self._ran_own = False
+        out = compute(*args, **kw)
+        if self.soft_exits is not None and not self._ran_own:
+            raise SortedNetError(f"SortedTrainer(soft_exits={self.soft_exits}): {type(self).__name__}.compute_loss "
+                                 "returned without calling super().compute_loss, which computes the loss over the "
+                                 "exits: the exits would not train. Call super().compute_loss (and add your terms "
+                                 "to its loss), or leave soft_exits out")
+        loss = (out[0] if isinstance(out, tuple) else out) / self._k
         if self.nonfinite == "raise":  # (looked at only if the step's gradients are not finite: no sync here)
             self._losses = [*self._losses, (getattr(self, "_sub", None), loss.detach())]
-        return (loss, outputs) if return_outputs else loss
+        return (loss, *out[1:]) if isinstance(out, tuple) else loss
 
 
 def _ranks() -> int:
