@@ -534,7 +534,8 @@ def test_fit_trains_in_train_mode_and_gives_every_module_its_mode_back():
     first = next(case.model.children())
     first.train()                                   # a mixed state, as a user may leave it
     seen = []
-    hook = case.model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    hook = case.model.register_forward_pre_hook(  # (the training forwards: not the default loss's first check of
+        lambda mod, args: seen.append(mod.training) if torch.is_grad_enabled() else None)  # the output, no_grad)
     sn.fit(nest, [toy_batch(i) for i in range(2)], opt, sampler, progress=False)
     hook.remove()
     assert seen and all(seen)
@@ -1295,3 +1296,75 @@ def test_fit_evaluations_leave_numpy_and_python_random_state_alone():
     sn.fit(nest, batches(0, 4), opt, sampler, **kw)
     sn.fit(nest, batches(4, 8), opt, sampler, start_step=4, **kw)  # (evaluates step 4's scores again up front)
     assert torch.equal(nest.model[0].weight, whole)
+
+
+class _Outputs(torch.nn.Module):
+    """An MLP with BatchNorm returning its logits as a tensor, a dict or a tuple (``kind``)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.bn, self.b = torch.nn.Linear(12, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        out = self.b(torch.relu(self.bn(self.a(x))))
+        return {"logits": out} if self.kind == "dict" else (out, x) if self.kind == "tuple" else out
+
+
+def _fit_case(kind="tensor"):
+    torch.manual_seed(0)
+    m = _Outputs(kind)
+    return m, sn.wrap(m, sn.Width("h", [8, 16, 32], out="a", norm="bn", inp="b"))
+
+
+@pytest.mark.parametrize("bad", ["dict output", "tuple output", "dict output, distill", "scheduler of another "
+                                 "optimizer", "LBFGS"])
+def test_fit_refuses_what_its_loop_cannot_train_right_before_anything_changes(bad):
+    """Each of these ran: a model returning a dict / tuple reached F.cross_entropy after a training forward (a raw
+    TypeError, BatchNorm statistics moved); a scheduler of another optimizer never set the rate fit's optimizer
+    steps with (silently); LBFGS failed at its first step (a raw TypeError, gradients left)."""
+    x, y = toy_batch(0)
+    m, nest = _fit_case(bad.split()[0] if "output" in bad else "tensor")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    kw = {"distill": sn.Distill()} if "distill" in bad else {}
+    if bad.startswith("scheduler"):
+        kw["scheduler"] = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(m.parameters(), lr=0.1), 1, gamma=0.0)
+    if bad == "LBFGS":
+        opt = torch.optim.LBFGS(m.parameters())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    match = {"dict output": r"returns a dict \(keys \['logits'\]\): pass loss_fn=", "tuple output": "returns a tuple",
+             "dict output, distill": r"fit\(distill=...\) distills the model's output, which must be a tensor",
+             "scheduler of another optimizer": "another optimizer than the one fit steps",
+             "LBFGS": r"LBFGS.step needs a closure"}[bad]
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.fit(nest, [(x, y)] * 2, opt, sn.Sampler(nest, k=2, seed=0), progress=False, **kw)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # (BatchNorm statistics too)
+    assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_fit_default_loss_takes_class_indices_of_any_integer_type(dtype):
+    """The default F.cross_entropy takes int64 (and uint8) targets: bool / int16 / int32 labels, which the default
+    accuracy scores, failed at the first step with a raw RuntimeError."""
+    x, _ = toy_batch(0)
+    y = x[:, 0] > 0
+    results = []
+    for labels in (y.long(), y.to(dtype)):
+        m, nest = _fit_case()
+        h = sn.fit(nest, [(x, labels)] * 2, torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2, seed=0),
+                   eval_data=(x, labels), progress=False)
+        results.append((h.train, h.last_scores, [p.detach().clone() for p in m.parameters()]))
+    (t0, s0, p0), (t1, s1, p1) = results
+    assert t0 == t1 and s0 == s1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+def test_a_closure_returning_a_second_loss_is_refused_not_dropped():
+    """``(loss, aux_loss)`` from a closure: the second item is read as logits (for distill=), so the auxiliary loss
+    trained nothing, in silence."""
+    x, y = toy_batch(0)
+    m, nest = _fit_case()
+    with pytest.raises(sn.SortedNetError, match="returned \\(loss, a scalar that requires grad\\)"):
+        sn.accumulate(nest, nest.submodels, lambda: (F.cross_entropy(m(x), y), m.b.weight.square().sum()))
+    assert all(p.grad is None for p in m.parameters())
+    # a detached number (a metric) passes, as logits that are not used
+    sn.accumulate(nest, nest.submodels, lambda: (F.cross_entropy(m(x), y), m.b.weight.detach().square().sum()))

@@ -139,8 +139,13 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         else:
             out, logits = out
     if want_logits and not isinstance(logits, Tensor):
-        raise SortedNetError(f"with distill=, the closure must return (loss, logits); for {sub} it returned "
-                             f"{type(out).__name__} without logits")
+        got = f"{type(out).__name__} without logits" if logits is None else \
+            f"(loss, {type(logits).__name__}) (the second item is not a tensor of logits)"
+        raise SortedNetError(f"with distill=, the closure must return (loss, logits); for {sub} it returned {got}")
+    if not want_logits and isinstance(logits, Tensor) and logits.dim() == 0 and logits.requires_grad:
+        raise SortedNetError(f"closure for {sub} returned (loss, a scalar that requires grad): the second item is "
+                             "read as logits (used only by distill=), so it would not train; add it to the loss "
+                             "(e.g. (task_loss + aux_loss)) or return it detached")
     if want_logits and (logits.dim() < 2 or not logits.is_floating_point()):  # (checked before its backward)
         raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
                              f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
@@ -643,7 +648,12 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     ``loss_fn(output, target)``: by default ``F.cross_entropy`` on class-index targets; float targets are
     refused with the default before any forward (``F.cross_entropy`` would read them as class probabilities,
     so a regression trained in silence on a meaningless loss): pass ``loss_fn=F.mse_loss`` (or your loss) for a
-    regression, ``loss_fn=F.cross_entropy`` itself for soft labels.
+    regression, ``loss_fn=F.cross_entropy`` itself for soft labels. The default takes class indices of any
+    integer type (bool as 0 / 1) and reads the model's output as a tensor of logits: checked on the first
+    batch before any training forward (one forward of the smallest sub-model, eval mode, no gradients; so is
+    the output ``distill=`` reads), a model returning a dict or a tuple is refused (pass ``loss_fn=``). So are a
+    ``scheduler`` built on another optimizer (its schedule would never apply) and an optimizer whose ``step``
+    needs a closure (``torch.optim.LBFGS``: write the loop with :func:`accumulate` inside that closure).
     A tqdm bar shows the running loss of small / medium / large sub-models.
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) whenever
     the step count (continued from ``start_step``) reaches a multiple of
@@ -692,6 +702,15 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise SortedNetError(f"fit(scheduler=...) takes an LR scheduler (with .step()), got {scheduler!r}")
+    if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        raise SortedNetError(f"fit(scheduler=...): the scheduler ({type(scheduler).__name__}) sets the learning rate "
+                             "of another optimizer than the one fit steps, so its schedule would never apply; build "
+                             "it on fit's optimizer")
+    closure = _required_closure(optimizer)
+    if closure:
+        raise SortedNetError(f"fit(): {type(optimizer).__name__}.step needs a closure ({closure!r}) that re-evaluates "
+                             "the loss (a line-search optimizer); fit steps once per batch after sn.accumulate: "
+                             "write the loop yourself, calling sn.accumulate inside that closure")
     if world_size() > 1:
         raise SortedNetError(f"fit() trains in one process, but a process group of {world_size()} ranks is "
                              "initialised: each rank would train its own copy. Write the loop with "
@@ -833,9 +852,17 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                         "loss is F.cross_entropy on class indices (it would read float targets as class "
                         "probabilities: a regression would train on a meaningless loss); pass loss_fn=, e.g. "
                         "F.mse_loss for a regression, or F.cross_entropy itself for soft labels")
+                if loss_fn is None and isinstance(y, Tensor) and y.dtype != torch.int64:
+                    y = y.long()  # (class indices of any integer type, bool as 0 / 1: F.cross_entropy takes int64)
+                if step == first and (loss_fn is None or distill is not None):
+                    _check_output(nest, x, distill is not None)
 
                 def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
                     out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
+                    if loss_fn is None and not isinstance(out, Tensor):  # (one in training mode only: an aux head)
+                        raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output "
+                                             f"as a tensor of logits; in training mode the model returns a "
+                                             f"{type(out).__name__}: pass loss_fn=")
                     loss = (F.cross_entropy if loss_fn is None else loss_fn)(out, y)
                     return (loss, out) if distill is None else (loss, out, *_ignored(out, y))
 
@@ -882,6 +909,37 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 break
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None, metric)
+
+
+def _required_closure(optimizer: Any) -> str:
+    """The name of a closure argument ``optimizer.step`` requires (``torch.optim.LBFGS``), else ``""``."""
+    import inspect
+
+    try:
+        params = inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):
+        return ""
+    return next((n for n, p in params.items() if n == "closure" and p.default is p.empty), "")
+
+
+def _check_output(nest: Nest, x: Any, distill: bool) -> None:
+    """``fit``'s default loss (and distillation) read the model's output as a tensor of logits: checked on the
+    first batch before any training forward, in eval mode without gradients on a private view (no BatchNorm
+    statistics move, no random number is drawn), so a model returning a dict or a tuple is refused before
+    anything changes."""
+    model = nest.model
+    with _rng_kept(next((p.device for p in model.parameters()), None)), eval_mode(nest) as (view, _), \
+            torch.no_grad(), nest.use(nest.smallest):
+        out = call_model(view, x)
+    if not isinstance(out, Tensor):
+        got = f"a {type(out).__name__}" + (f" (keys {list(out)[:4]})" if isinstance(out, dict) else "")
+        if distill:
+            raise SortedNetError(f"fit(distill=...) distills the model's output, which must be a tensor of logits, "
+                                 f"but the model returns {got}: write the loop with sn.accumulate, whose closure "
+                                 "returns (loss, logits) (docs/training.md)")
+        raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output as a tensor of "
+                             f"logits, but the model returns {got}: pass loss_fn=, e.g. lambda out, y: "
+                             "F.cross_entropy(out['logits'], y)")
 
 
 @contextlib.contextmanager
