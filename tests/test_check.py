@@ -1486,6 +1486,33 @@ def test_a_depth_that_hands_on_another_width_is_refused():
     assert bad and all(sub["dd"] == 1 and sub["stem"] != sub["last"] for sub in bad)
 
 
+class _ConvBlocks(nn.Module):
+    def __init__(self, n=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()) for _ in range(n)])
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("between", [0, 1, 2])
+def test_a_width_between_middle_blocks_is_checked_at_every_depth_that_ends_there(between):
+    """A Width bound only between blocks ``between`` and ``between + 1`` of a Depth: the depth that ends at the
+    narrowed block hands the head the small width. Only the shallowest and deepest depths below full ran with the
+    width at its smallest: the middle case (d=2, w=8) passed check and then raised a raw shape error."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    dims = (sn.Depth("d", [1, 2, 3, 4], layers="blocks"),
+            sn.Width("w", [8, 16], out=f"blocks.{between}.0", inp=f"blocks.{between + 1}.0"))
+    m = _ConvBlocks().eval()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=rf"\(d={between + 1},w=8\) fails"):
+        sn.wrap(m, *dims, example=x)
+    assert_unchanged(m, before)
+
+
 class _MultiQuery(nn.Module):
     """One key/value head read by every query head (PaLM, Falcon-7B, Gemma-2B): ``repeat`` says how its forward
     learns how many query heads there are."""

@@ -1059,8 +1059,8 @@ def _shapes(x: Any) -> list:
 def _plan(nest: Nest, mixed: int, seed: int, every_depth: bool = True) -> list[tuple[SubModel, str]]:
     """(sub-model, what it tests), among the nest's listed sub-models: each dimension at its smallest with
     as many others as possible at full size, the smallest, the largest, each depth below full (``every_depth``;
-    else the shallowest), the shallowest and deepest below full with each other dimension at its smallest, and a
-    few mixed ones."""
+    else the shallowest) with the others as full and as small as listed, the shallowest and deepest below full
+    with each other dimension at its smallest, and a few mixed ones."""
     subs = nest.submodels
     rng = random.Random(seed)
     pool = [subs[i] for i in (range(len(subs)) if len(subs) <= 4096 else sorted(rng.sample(range(len(subs)), 4096)))]
@@ -1080,6 +1080,10 @@ def _plan(nest: Nest, mixed: int, seed: int, every_depth: bool = True) -> list[t
             if cands and (every_depth or size == dd.sizes[0]):  # its smallest
                 best = max(cands, key=lambda s: sum(s[e.name] == e.full for e in nest.dims))
                 out.append((best, f"depth {dd.name!r} at {size}"))
+                others = [e for e in nest.dims if e is not dd and len(e.sizes) > 1]
+                if others:  # (and with the others at their smallest: a width bound only between middle blocks)
+                    low = max(cands, key=lambda s: sum(s[e.name] == e.sizes[0] for e in others))
+                    out.append((low, f"depth {dd.name!r} at {size} with the other dimensions as small as listed"))
             if size not in (dd.sizes[0], dd.sizes[-2]):
                 continue
             for w in (e for e in nest.dims if e is not dd and len(e.sizes) > 1):
