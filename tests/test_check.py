@@ -1513,6 +1513,40 @@ def test_a_width_between_middle_blocks_is_checked_at_every_depth_that_ends_there
     assert_unchanged(m, before)
 
 
+class _FunctionalQKV(nn.Module):
+    """Attention whose q / k / v Linears are read through ``F.linear(x, p.weight, p.bias)``: they run no forward of
+    their own."""
+
+    def __init__(self, e=32, h=4):
+        super().__init__()
+        self.num_heads, self.head_dim = h, e // h
+        self.q, self.k, self.v, self.o = (nn.Linear(e, e) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (F.linear(x, p.weight, p.bias).view(b, t, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_an_attention_reading_its_projections_weights_is_checked_not_taken_for_one_key_position():
+    """check (and wrap(example=)) refused this valid attention as 'attention over one key position' on an example
+    of six: the noise meant for the queries and keys went to hooks on projections that never run. Their weights
+    get the noise now (on the check's private view), so one position is still told apart from six."""
+    torch.manual_seed(0)
+    m = _FunctionalQKV().eval()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="one key position"):
+        sn.wrap(m, sn.Heads("h", [1, 2, 4], attn=""), example=torch.randn(2, 1, 32))
+    assert_unchanged(m, before)
+    x = torch.randn(2, 6, 32)
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn=""), example=x)
+    nest.check(x)
+    assert all(p is q for p, (_, q) in zip(m.parameters(), before["params"]))
+    with torch.no_grad(), nest.use("h=2"):
+        torch.testing.assert_close(nest.export("h=2")(x), m(x), rtol=0, atol=0)
+
+
 class _MultiQuery(nn.Module):
     """One key/value head read by every query head (PaLM, Falcon-7B, Gemma-2B): ``repeat`` says how its forward
     learns how many query heads there are."""

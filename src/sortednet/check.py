@@ -511,22 +511,28 @@ def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
     """(Heads, path) of the attentions whose output stays the same when the outputs of every listed q and k
     projection are replaced by noise (one run each way, whatever the number of layers): their softmax runs
     over one key, so the example cannot tell whole heads apart. A stacked fused ``[q; k; v]`` projection
-    gets noise in its query and key rows; an interleaved one cannot be told and is never listed; nor is
-    anything when the model does not run."""
+    gets noise in its query and key rows; an interleaved one cannot be told and is never listed. A q or k
+    ``nn.Linear`` that runs no forward of its own (``F.linear(x, q.weight, q.bias)``) gets noise in its weight and
+    bias instead, on the private view's own parameter dicts (a third run); an attention with another such
+    projection is never listed, nor is anything when the model does not run."""
     todo = [(d, path, att, qk) for d, path, att, qk in attentions if qk]
     if not todo:
         return []
-    outs: dict[int, list[list[torch.Tensor | None]]] = {id(att): [[], []] for _, _, att, _ in todo}
+    outs: dict[int, list[list[torch.Tensor | None]]] = {id(att): [[], [], []] for _, _, att, _ in todo}
 
     def keep(run: int) -> Any:
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
             outs[id(mod)][run].append(first_float(out))
         return hook
 
+    fired: set[int] = set()  # projections whose output got noise; one whose weight the forward only reads
+    #                          (F.linear(x, q.weight)) runs no hook: a third run gives its weight noise instead
+
     def noise(rows: int | None) -> Any:
         def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
+            fired.add(id(mod))
             g = torch.Generator(device=out.device).manual_seed(out.numel())
             fresh = torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * 3
             if rows is None:
@@ -534,12 +540,29 @@ def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
             return torch.cat([fresh[..., :rows], out[..., rows:]], -1)  # a stacked [q; k; v]: q and k only
         return hook
 
+    def noisy(t: torch.Tensor, rows: int | None) -> torch.Tensor:
+        g = torch.Generator(device=t.device).manual_seed(t.numel())
+        fresh = torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * 3
+        return fresh if rows is None else torch.cat([fresh[:rows], t[rows:]])  # (the out axis of a Linear)
+
     full = nest._plans.build(SubModel({d.name: d.full for d in nest.dims}))
-    for run in (0, 1):
+    quiet: list[tuple[nn.Module, int | None]] = []
+    for run in (0, 1, 2):
+        if run == 2:
+            quiet = list({id(p): (p, r) for _, _, _, qk in todo for p, r in qk if id(p) not in fired}.values())
+            if not quiet or not all(isinstance(p, nn.Linear) for p, _ in quiet):
+                break  # (every projection ran, or one whose weight layout is not a Linear's: cannot tell)
         hooks = [att.register_forward_hook(keep(run)) for att in {id(a): a for _, _, a, _ in todo}.values()]
         if run:
             hooks += [proj.register_forward_hook(noise(rows)) for _, _, _, qk in todo for proj, rows in qk]
+        swapped = []
         try:
+            for proj, rows in quiet:  # (the view's own parameter dicts: the user's model is not touched)
+                for name in ("weight", "bias"):
+                    t = proj._parameters.get(name)
+                    if t is not None:
+                        swapped.append((proj, name, t))
+                        proj._parameters[name] = nn.Parameter(noisy(t.detach(), rows), requires_grad=False)
             with Use(nest._state, full), seeded(0):
                 call_model(model, example)
         except Exception:
@@ -547,13 +570,24 @@ def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
         finally:
             for h in hooks:
                 h.remove()
+            for proj, name, t in swapped:
+                proj._parameters[name] = t
 
     def same(a: list, b: list) -> bool:
         return bool(a) and len(a) == len(b) and all(
             x is not None and y is not None and x.shape == y.shape and torch.allclose(x, y, rtol=1e-5, atol=1e-6)
             for x, y in zip(a, b))
 
-    return [(d, path) for d, path, att, _ in todo if same(*outs[id(att)])]
+    told = {id(p) for p, _ in quiet}
+    out = []
+    for d, path, att, qk in todo:
+        if all(id(p) in fired for p, _ in qk):
+            blind = same(outs[id(att)][0], outs[id(att)][1])
+        else:
+            blind = all(id(p) in fired or id(p) in told for p, _ in qk) and same(outs[id(att)][0], outs[id(att)][2])
+        if blind:
+            out.append((d, path))
+    return out
 
 
 def _attention_modules(nest: Nest, dim: Any, copies: dict[int, nn.Module],
