@@ -57,6 +57,43 @@ def _depthwise():
     return seq(nn.Conv2d(2, 8, 1), nn.Conv2d(8, 8, 3, groups=8), x=torch.randn(1, 2, 5, 5))
 
 
+class FusedAttention(nn.Module):
+    """A GPT-style attention: one fused [q; k; v] Linear and an output projection (``to_out``: a Linear, or
+    ``Sequential(Rearrange, Linear)`` as in vit-pytorch's variants)."""
+
+    def __init__(self, rearranged: bool = False, e: int = 16, h: int = 4):
+        super().__init__()
+        from einops.layers.torch import Rearrange
+
+        self.h = h
+        self.qkv = nn.Linear(e, 3 * e)
+        self.to_out = nn.Sequential(Rearrange("b h n d -> b n (h d)"), nn.Linear(e, e)) if rearranged \
+            else nn.Linear(e, e)
+
+    def forward(self, x):
+        from einops import rearrange
+
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.h) for t in self.qkv(x).chunk(3, -1))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(y if isinstance(self.to_out, nn.Sequential) else rearrange(y, "b h n d -> b n (h d)"))
+
+
+class NarrowValues(nn.Module):
+    """Value heads half as wide as the query / key heads (not grouped-query attention: k is full width)."""
+
+    def __init__(self, e: int = 16, h: int = 4):
+        super().__init__()
+        self.num_heads = h
+        self.q_proj, self.k_proj = nn.Linear(e, 2 * e), nn.Linear(e, 2 * e)
+        self.v_proj, self.o_proj = nn.Linear(e, e), nn.Linear(e, e)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj,
+                                                                                 self.v_proj))
+        return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
 class ChannelScale(nn.Module):
     """A user's layer with a per-channel weight and no registered slicer."""
 
@@ -174,6 +211,21 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
     if key == "heads_without_projections":
         m, x = fam("mlp")
         return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2], attn="fc1")), ("'fc1'", "no q/k/v"))
+    if key == "o_names_the_fused_qkv":  # (accepted with a warning; every smaller sub-model raised a raw error)
+        torch.manual_seed(0)
+        m, x = FusedAttention(), torch.randn(2, 5, 16)
+        return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2, 4], attn="", o="qkv")),
+                   ("o='qkv'", "fused q/k/v projection", "reads the heads"))
+    if key == "o_is_a_sequential_reshaping_first":  # (it said "input width None is not a whole number of heads")
+        torch.manual_seed(0)
+        m, x = FusedAttention(rearranged=True), torch.randn(2, 5, 16)
+        return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2, 4], attn="")),
+                   ("'to_out'", "Rearrange", "o='to_out.1'"))
+    if key == "value_heads_of_another_width":  # (it said "grouped-query attention ... multiples of 2")
+        torch.manual_seed(0)
+        m, x = NarrowValues(), torch.randn(2, 5, 16)
+        return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2, 4], attn="")),
+                   ("k_proj.out_features=32", "v_proj.out_features=16", "another width"))
     if key == "mha_kdim":
         torch.manual_seed(0)
         m, x = KdimAttention(), torch.randn(2, 3, 8)
@@ -253,7 +305,8 @@ KEYS = ["unknown_pattern", "glob_matches_nothing", "bad_regex", "size_zero", "si
         "mha_heads_mismatch", "gqa_group_not_dividing", "groupnorm_not_dividing", "grouped_conv",
         "depthwise_two_dims", "no_slicer", "subclass_own_forward", "role_claimed_twice", "duplicate_dim_names",
         "not_a_dimension", "not_a_module", "depth_on_non_container", "depth_above_layers",
-        "heads_without_projections", "mha_kdim", "layernorm_2d", "layernorm_chw", "bad_submodels_list",
+        "heads_without_projections", "o_names_the_fused_qkv", "o_is_a_sequential_reshaping_first",
+        "value_heads_of_another_width", "mha_kdim", "layernorm_2d", "layernorm_chw", "bad_submodels_list",
         "dimension_reused",
         "wrap_twice", "use_unparsable", "use_unknown_dimension", "use_size_not_listed", "use_size_not_int",
         "activate_bad", "budget_below_smallest", "no_budget", "unknown_cost_metric", "load_plain_safetensors",

@@ -176,6 +176,10 @@ class Heads(Dimension):
                     "keys and values shared with an earlier layer, a linear attention), and a Heads dimension needs "
                     "the same q/k/v/o projections in each; match only those that have them, or nest without heads"
                     if differ else ""))
+        if o in projections:
+            raise self._err(path, f"o={o!r} names the {'fused q/k/v' if isinstance(qkv, str) else 'q/k/v'} "
+                                  f"projection {o!r} (qkv={qkv!r}): o= is the projection that reads the heads' "
+                                  f"outputs (children: {sorted(names)})")
         box = _child(m, o)
         if _in_features(box) is None and isinstance(box, nn.Sequential) and len(box) \
                 and _in_features(box[0]) is not None:  # (vit-pytorch: to_out = Sequential(Linear, Dropout))
@@ -183,6 +187,13 @@ class Heads(Dimension):
                 raise self._err(path, f"the output projection {o!r} is an nn.Sequential; name the layer in it "
                                       f"that reads the heads, o={o + '.0'!r}")
             o = f"{o}.0"
+        elif _in_features(box) is None and isinstance(box, nn.Sequential):  # (Sequential(Rearrange(...), Linear))
+            inner = next((i for i, c in enumerate(box) if _in_features(c) is not None), None)
+            if inner is not None:
+                raise self._err(path, f"the output projection {o!r} is an nn.Sequential whose layer {inner} "
+                                      f"({type(box[inner]).__name__}) reads the heads after "
+                                      f"{[type(c).__name__ for c in box][:inner]}: name that layer, "
+                                      f"o={f'{o}.{inner}'!r}")
         q = _child(m, projections[0])
         q_out = _out_features(q)
         if not isinstance(q_out, int):
@@ -197,6 +208,14 @@ class Heads(Dimension):
             d, group = q_out // H, 1
             targets = [Target(_join(path, projections[0]), "out", Binding(self, unit=d), pat)]
         mqa = False
+        if len(projections) == 3:
+            k_out, v_out = (_out_features(_child(m, n)) for n in projections[1:])
+            if k_out != v_out:  # (grouped-query attention narrows k and v alike: this is another head width)
+                raise SizeError(f"Heads {self.name!r} at {path!r}: {projections[1]}.out_features={k_out} but "
+                                f"{projections[2]}.out_features={v_out}: the value heads are another width than "
+                                "the key heads, a layout Heads does not slice (its heads have one width); nest "
+                                "other dimensions of this attention, or give it a slicer of yours "
+                                "(docs/custom_slicers.md)")
         for n in projections[1:]:
             kv_out = _out_features(_child(m, n))
             if kv_out == q_out:
@@ -232,7 +251,11 @@ class Heads(Dimension):
             raise self._err(path, f"cannot infer the row layout of the fused projection {name!r}: state it, "
                                   f"e.g. sn.Heads(..., qkv={name!r}, layout='interleaved') for per-head [q_h, k_h, v_h]"
                                   " rows (GPT-NeoX / Falcon query_key_value) or layout='stacked' for [q; k; v] blocks")
-        if not isinstance(o_in, int) or o_in % H:
+        if not isinstance(o_in, int):
+            raise self._err(path, f"the output projection has no input width (in_features) to derive the head "
+                                  f"size of the fused projection {name!r} from: name the Linear that reads the heads "
+                                  "with o=")
+        if o_in % H:
             raise self._err(path, f"the output projection's input width {o_in} is not a whole number of {H} heads")
         d = o_in // H
         kv2 = rows // d - H if rows % d == 0 else -1
