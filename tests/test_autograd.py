@@ -142,6 +142,27 @@ def test_fused_linear_steps_aside_where_it_would_change_semantics():
             same_grads(grads[0], grads[1], f"patch={patch} autocast={autocast}")
 
 
+@pytest.mark.parametrize("min_numel", [1, 4096])
+def test_complex_linear_layers_get_plain_autograds_gradients(min_numel):
+    """The fused nn.Linear gradient path multiplied without the complex conjugates autograd takes: a complex
+    Linear's weight gradient and the gradient it passed upstream were wrong (relative error 1.3), silently."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128, dtype=torch.complex128),
+                                   torch.nn.Linear(128, 4, dtype=torch.complex128))
+
+    x = torch.randn(5, 64, dtype=torch.complex128)
+    ref = build()
+    w1, b1, w2, b2 = ref.parameters()
+    ((x @ w1[:64].T + b1[:64]) @ w2[:, :64].T + b2).abs().square().sum().backward()  # the sub-model h=64 by hand
+    m = build()
+    nest = sn.wrap(m, sn.Width("h", [64, 128], out="0", inp="1"), inplace_min_numel=min_numel)
+    with nest.use("h=64"):
+        m(x).abs().square().sum().backward()
+    for p, r in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_backward_accumulates_like_plain_autograd(name):
     res = []

@@ -202,6 +202,25 @@ def test_tied_embedding_stays_tied_and_counted_once(kw):
         check_plain(small, c.model, nest, sub)
 
 
+@pytest.mark.parametrize("how", ["meta", "nan"])
+def test_a_tied_weight_on_the_meta_device_or_holding_a_nan_exports_tied(how):
+    """The tie check compared values with torch.equal: on the meta device it raised a raw NotImplementedError, and
+    a NaN in the shared weight (a diverged run, memory not loaded yet) read as "different slices of one tensor"."""
+    c = FAMILIES["tied_lm"](seed=0)
+    model = c.model.to("meta") if how == "meta" else c.model
+    model.head.weight = model.emb.weight  # (Module.to onto the meta device unties them: new Parameters)
+    if how == "nan":
+        with torch.no_grad():
+            model.emb.weight[3, 2] = float("nan")
+    nest = sn.wrap(model, *c.dims)
+    for sub in (nest.smallest, nest.largest):
+        small = nest.export(sub)
+        assert small.head.weight is small.emb.weight, sub
+        assert small.emb.weight.is_meta == (how == "meta")
+        if how == "nan":
+            assert small.emb.weight.isnan().sum() == 1
+
+
 class SharedUnsliced(nn.Module):
     """``head`` (sliced by ``vocab``) shares its weight with ``emb``, which no dimension slices."""
 

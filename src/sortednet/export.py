@@ -291,6 +291,16 @@ def _fresh(t: Tensor) -> Tensor:
     return nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal values, NaN equal to NaN (a diverged or not yet loaded weight is still one tensor); tensors of the
+    meta device have none to compare."""
+    if a.is_meta or b.is_meta or torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def _share_once(live: nn.Module, new: nn.Module, skipped: list[str], sub: SubModel) -> None:
     """Give every user of one live tensor the same exported tensor; replace any live tensor left in ``new``."""
     users: dict[int, list[tuple[str, str, Tensor]]] = {}
@@ -333,7 +343,7 @@ def _share_once(live: nn.Module, new: nn.Module, skipped: list[str], sub: SubMod
             e = store[name]
             if e is canon:
                 continue
-            if e.shape != canon.shape or e.dtype != canon.dtype or not torch.equal(e.detach(), canon.detach()):
+            if e.shape != canon.shape or e.dtype != canon.dtype or not _same_values(e.detach(), canon.detach()):
                 how = (f"{tuple(canon.shape)} vs {tuple(e.shape)}" if e.shape != canon.shape else
                        f"{canon.dtype} vs {e.dtype}" if e.dtype != canon.dtype else
                        f"both {tuple(e.shape)} but with other values: one of them changed by its slicer's export")

@@ -363,14 +363,14 @@ FUSED_LINEAR = True
 
 
 def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None:
-    """``m``'s linear map of ``x`` by :class:`LinearInto` when it applies (training, a sliced leaf weight of at
-    least ``inplace_min_numel`` elements, no autocast, compile, functorch or forward-mode AD), else None."""
+    """``m``'s linear map of ``x`` by :class:`LinearInto` when it applies (training, a sliced real leaf weight of
+    at least ``inplace_min_numel`` elements, no autocast, compile, functorch or forward-mode AD), else None."""
     w = m._parameters.get("weight")
     if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
             or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0
-            or w.is_inference()):  # (refused by narrow, by name)
-        return None
+            or w.is_inference() or w.is_complex()):  # (inference: refused by narrow, by name; complex: autograd's
+        return None                               # conjugates, which LinearInto's GEMMs leave out)
     b = m._parameters.get("bias")
     if b is None:
         return None if "bias" in m._buffers else _linear_into(x, w, None, wv.cuts, (), st.lock)
