@@ -994,3 +994,43 @@ def test_a_dropout_function_in_the_forward_does_not_refuse_a_correct_sort():
     want = m.eval()(x)
     sort_units(nest, "l1", example=x)
     torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+
+
+class _SharedMemoryAE(nn.Module):
+    """An autoencoder whose decoder weight is a Parameter over the encoder's memory (``shared="transposed"``), or
+    whose two weights are disjoint views of one flat buffer (``shared="disjoint"``, as flat-parameter tools lay
+    them out)."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(10, 16), nn.Linear(16, 10)
+        if shared == "transposed":
+            self.dec.weight = nn.Parameter(self.enc.weight.detach().t())
+        else:
+            flat = torch.cat([self.enc.weight.detach().reshape(-1), self.dec.weight.detach().reshape(-1)])
+            self.enc.weight = nn.Parameter(flat[:160].view(16, 10))
+            self.dec.weight = nn.Parameter(flat[160:].view(10, 16))
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+@pytest.mark.parametrize("shared", ["transposed", "disjoint"])
+def test_parameters_over_one_memory_are_refused_by_name_and_disjoint_views_sort(shared):
+    """Two Parameters over the same memory were each permuted: the output check refused the result, blaming an
+    undeclared coupled module or ordered reads. Refused now naming both, before anything moves; parameters that
+    are disjoint views of one buffer sort as any others."""
+    torch.manual_seed(0)
+    m, x = _SharedMemoryAE(shared), torch.randn(8, 10)
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="enc", inp="dec"))
+    before, out = snapshot(m), run(m, x)
+    if shared == "transposed":
+        with pytest.raises(sn.SortedNetError, match=r"'dec.weight' and 'enc.weight' are two tensors over the same "
+                                                    r"memory"):
+            sort_units(nest, "l1", example=x)
+        assert_unchanged(m, before)
+    else:
+        sort_units(nest, "l1", example=x)
+        torch.testing.assert_close(run(m, x), out, rtol=1e-5, atol=1e-6)
+        old = before["state"]["enc.weight"]  # (its rows, permuted: each exactly once)
+        assert sorted(map(tuple, m.enc.weight.detach().tolist())) == sorted(map(tuple, old.tolist()))

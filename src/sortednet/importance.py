@@ -384,6 +384,36 @@ def _companions(t: Tensor, opts: tuple[torch.optim.Optimizer, ...] = (), own: fr
     return out
 
 
+def _refuse_shared_memory(groups: list) -> None:
+    """Two tensors a sort permutes that overlap in memory (``dec.weight = nn.Parameter(enc.weight.detach().t())``:
+    one buffer under two Parameters) would be permuted once through each: refused by name, before anything
+    moves (the output check would refuse the result, blaming the wiring)."""
+    spans: dict[tuple[str, int], list[tuple[int, int, int, str]]] = {}
+    for _, _, part, _ in groups:
+        for b in part:
+            for (t, _), name in zip(b.tensors, b.names):
+                if t.device.type == "meta" or not t.numel():
+                    continue
+                try:
+                    base = t.untyped_storage().data_ptr()
+                except (RuntimeError, NotImplementedError):  # (a tensor subclass without plain memory)
+                    continue
+                lo = t.storage_offset()
+                hi = lo + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+                spans.setdefault((str(t.device), base), []).append((lo, hi, id(t), f"{b.path}.{name}".lstrip(".")))
+    for held in spans.values():
+        held.sort()
+        top, i, a = -1, None, ""  # (the span reaching furthest so far)
+        for lo, hi, j, b2 in held:
+            if j != i and lo < top:
+                raise SortedNetError(f"sort_units: {a!r} and {b2!r} are two tensors over the same memory (one "
+                                     "Parameter made from the other's data, e.g. nn.Parameter(w.detach().t())): a "
+                                     "permutation would move that memory once through each. Tie them as one "
+                                     "Parameter, or give each its own memory (.clone()). Nothing was changed")
+            if hi > top:
+                top, i, a = hi, j, b2
+
+
 def _apply(groups: list, orders: list[Tensor], optimizer: tuple[torch.optim.Optimizer, ...] = ()
            ) -> list[tuple[str, str, int, Tensor]]:
     """Permute every bound tensor (each once), its ``.grad`` and ``optimizer``'s state for it; returns the moves
@@ -616,6 +646,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
     split = _groups(nest, example)
     taylor = _taylor(nest, model, split, data, loss_fn) if method == "taylor" else {}
     for groups in (split, _groups(nest, None)):
+        _refuse_shared_memory(groups)
         held = {id(c): c for _, _, part, _ in groups for b in part for t, _ in b.tensors
                 for c in _companions(t, optimizer)}
         saved = [(c, c.detach().clone()) for c in held.values()]
