@@ -406,7 +406,8 @@ def _refuse_shared_memory(groups: list) -> None:
         top, i, a = -1, None, ""  # (the span reaching furthest so far)
         for lo, hi, j, b2 in held:
             if j != i and lo < top:
-                raise SortedNetError(f"sort_units: {a!r} and {b2!r} are two tensors over the same memory (one "
+                first, second = sorted((a, b2))
+                raise SortedNetError(f"sort_units: {first!r} and {second!r} are two tensors over the same memory (one "
                                      "Parameter made from the other's data, e.g. nn.Parameter(w.detach().t())): a "
                                      "permutation would move that memory once through each. Tie them as one "
                                      "Parameter, or give each its own memory (.clone()). Nothing was changed")
