@@ -917,7 +917,9 @@ class Nest:
         one; otherwise the one with most parameters. ``fraction`` limits params
         relative to the largest sub-model (``fraction * largest``, float rounding of the
         product forgiven: ``fraction=cost / largest`` picks a sub-model of that cost).
-        Monotone; never over budget; a budget below every sub-model raises :class:`~sortednet.errors.BudgetError`.
+        Monotone; never over budget (costs and budgets compare as float64: above 2**53, two costs closer than
+        their float spacing compare equal); a budget below every sub-model raises
+        :class:`~sortednet.errors.BudgetError`.
 
         >>> import torch.nn as nn, sortednet as sn
         >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 4, 8], out="0", inp="1"))
