@@ -1156,7 +1156,8 @@ def test_a_kv_cache_reaching_the_model_by_other_routes_is_guarded_too():
         for run in (lambda c: model(nxt, None, None, c, use_cache=True),           # positional
                     lambda c: model.model(input_ids=nxt, **{KV: c}, use_cache=True),  # the inner model
                     lambda c: model(input_ids=nxt, **{KV: c}, use_cache=True)):
-            with pytest.raises(sn.SortedNetError, match="computed by sub-model ffn=24"):
+            with pytest.raises(sn.SortedNetError, match=r"computed by sub-model ffn=24 \(at any depth\); .*"
+                                                        r"\(ffn 24 -> 48; any dimension but depth"):  # (the change)
                 run(copy.deepcopy(prompt))
         exported = DynamicCache(config=model.config)
         small(input_ids=x, **{KV: exported}, use_cache=True)

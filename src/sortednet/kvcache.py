@@ -170,11 +170,15 @@ class CacheGuard:
                 "(sort_units / sort_by_importance permuted heads or neurons in the weights since): its keys and "
                 "values are in the old order. Start a new cache")
         elif rec[0] != key:
+            was, now = dict(rec[0]), dict(key)
+            changed = ", ".join(f"{n} {was.get(n)} -> {now.get(n)}" for n in now if was.get(n) != now.get(n))
             raise SortedNetError(
                 f"the key/value cache holds {filled} positions computed by sub-model "
-                f"{','.join(f'{n}={s}' for n, s in rec[0])}; sub-model {sub} computes other keys and values"
-                + (" (in an encoder-decoder cache, any change does)" if hasattr(cache, "cross_attention_cache") else
-                   " (another width or head count)" if depth is not None else "")
+                f"{','.join(f'{n}={s}' for n, s in rec[0])}" + (f" (at any {depth})" if depth is not None else "")
+                + f"; sub-model {sub} computes other keys and values ({changed}"
+                + ("; in an encoder-decoder cache, any change does" if hasattr(cache, "cross_attention_cache") else
+                   "; any dimension but depth changes the keys and values of every layer" if depth is not None
+                   else "") + ")"
                 + ": continuing that cache would mix two models. Start a new cache for each sub-model "
                 "(generate() makes its own when past_key_values is not given)")
         if depth is None:
