@@ -198,3 +198,17 @@ def test_switching_copies_no_tensor(family, grad, monkeypatch):
 def test_constructor_takes_pairs_as_dict_does():
     assert SubModel(zip(["ffn", "depth"], [8, 2])) == SubModel([("ffn", 8), ("depth", 2)]) == {"ffn": 8, "depth": 2}
     assert SubModel(SubModel(ffn=4).items(), depth=1) == {"ffn": 4, "depth": 1}
+
+
+def test_a_sub_model_list_concatenates_with_lists_into_a_plain_list():
+    """``[nest.smallest] + nest.submodels[1:]`` raised a raw TypeError (a SubModelList is not a list)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [2, 4, 8], out="0", inp="1"))
+    subs = list(nest.submodels)
+    assert [nest.smallest] + nest.submodels[1:] == subs
+    assert nest.submodels[:2] + [nest.largest] == subs
+    assert nest.submodels[:1] + nest.submodels[1:] == subs
+    assert (nest.smallest,) + nest.submodels[1:] == subs
+    assert isinstance(nest.submodels[:1] + nest.submodels[1:], list)
+    with pytest.raises(TypeError):
+        nest.submodels + 3

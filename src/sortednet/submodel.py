@@ -265,6 +265,17 @@ class SubModelList(Sequence[SubModel]):
     def count(self, sub: Any) -> int:
         return int(self.position(sub) is not None)
 
+    def __add__(self, other: Any) -> list[SubModel]:
+        """Concatenation gives a plain list, as list's own does: ``nest.submodels[:2] + [sub]``."""
+        if not isinstance(other, (list, tuple, SubModelList)):
+            return NotImplemented
+        return [*self, *other]
+
+    def __radd__(self, other: Any) -> list[SubModel]:
+        if not isinstance(other, (list, tuple)):
+            return NotImplemented
+        return [*other, *self]
+
     def values(self) -> np.ndarray:
         """The sizes themselves, one row per sub-model (int64; columns follow :attr:`names`)."""
         out = np.empty(self.rows.shape, dtype=np.int64)
