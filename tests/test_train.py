@@ -1368,3 +1368,82 @@ def test_a_closure_returning_a_second_loss_is_refused_not_dropped():
     assert all(p.grad is None for p in m.parameters())
     # a detached number (a metric) passes, as logits that are not used
     sn.accumulate(nest, nest.submodels, lambda: (F.cross_entropy(m(x), y), m.b.weight.detach().square().sum()))
+
+
+class _OwnLossModel(torch.nn.Module):
+    """Computes its loss itself (``loss_fn=lambda out, y: out``): a 0-d output that requires grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.net(x), y)
+
+
+class _EvalTupleWithLock(torch.nn.Sequential):
+    """Logits in training mode, ``(logits, probabilities)`` in eval mode, and a lock no deep copy can take."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        with self.lock:
+            out = super().forward(x)
+        return out if self.training else (out, out.softmax(-1))
+
+
+class _Squeezed(torch.nn.Sequential):
+    def forward(self, x):
+        return super().forward(x).squeeze()  # (a batch of one: a 0-d prediction)
+
+
+class _SharedGroups:
+    """A wrapper sharing an optimizer's parameter groups (as Accelerate's AcceleratedOptimizer does)."""
+
+    def __init__(self, opt):
+        self.optimizer, self.param_groups, self.state = opt, opt.param_groups, opt.state
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("case", ["own loss", "a batch of one squeezed", "scheduler of a wrapped optimizer",
+                                  "tuple only in eval, a lock"])
+def test_what_fits_refusals_must_not_catch_still_trains(case):
+    """The regression probe of this round's refusals: fit's own closure handed the model's output on as logits
+    (a 0-d output, the model's own loss or a batch of one squeezed, read as an auxiliary loss); a scheduler built
+    before its optimizer was wrapped read as another optimizer's; the output check in eval mode on a deep copy
+    refused a model returning a tuple only in eval mode and one holding a lock."""
+    x, y = toy_batch(0)
+    torch.manual_seed(0)
+    kw, batches = {}, [(x, y)] * 2
+    if case == "own loss":
+        m = _OwnLossModel()
+        nest = sn.wrap(m, sn.Width("h", [8, 32], out="net.0", inp="net.2"))
+        kw["loss_fn"], batches = (lambda out, target: out), [((x, y), y)] * 2
+    elif case.startswith("a batch of one"):
+        m = _Squeezed(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+        kw["loss_fn"], batches = F.mse_loss, [(x[:1], y[:1].float()), (x, y.float())]
+    elif case.startswith("tuple"):
+        m = _EvalTupleWithLock()
+        nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    else:
+        m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    if case.startswith("scheduler"):
+        kw["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+        opt = _SharedGroups(opt)
+    before = [p.detach().clone() for p in m.parameters()]
+    hist = sn.fit(nest, batches, opt, sn.Sampler(nest, k=2, seed=0), progress=False, **kw)
+    assert len(hist.train) == 2 and not all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    if case.startswith("scheduler"):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.025)

@@ -603,9 +603,9 @@ def test_trainer_drops_calibration_of_the_weights_it_trains(tmp_path):
     args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True,
                              save_strategy="no", disable_tqdm=True, logging_strategy="no")
 
-    class Twice:
+    class Twice:  # (the same sub-model, spelled two ways)
         def draw(self, step):
-            return [nest.smallest, nest.smallest, nest.largest]
+            return [nest.smallest, str(nest.smallest), nest.largest]
 
     for sampler, resume, error in ((None, str(tmp_path / "missing"), ValueError),
                                    (Twice(), None, sn.SortedNetError)):
@@ -613,6 +613,15 @@ def test_trainer_drops_calibration_of_the_weights_it_trains(tmp_path):
         with pytest.raises(error):
             trainer.train(resume_from_checkpoint=resume)
         assert model.bn._sn.norm is not None
+
+    class Spelled:  # (dicts and strings, as nest.use takes them)
+        def draw(self, step):
+            return [{"h": 4}, "h=8"]
+
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Spelled())
+    with pytest.warns(UserWarning, match="dropped them"):
+        trainer.train()
+    assert [subs for _, subs in trainer.history] == [({"h": 4}, "h=8")] * 2
 
 
 class _OwnLoss(SortedTrainer):

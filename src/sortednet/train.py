@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .cost import call_model
 from .errors import SortedNetError
 from .errors import flag as _flag
-from .modes import eval_mode, restore_modes
+from .modes import dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
 from .views import _compiling, _distributed, world_size
@@ -142,7 +142,8 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         got = f"{type(out).__name__} without logits" if logits is None else \
             f"(loss, {type(logits).__name__}) (the second item is not a tensor of logits)"
         raise SortedNetError(f"with distill=, the closure must return (loss, logits); for {sub} it returned {got}")
-    if not want_logits and isinstance(logits, Tensor) and logits.dim() == 0 and logits.requires_grad:
+    if not want_logits and isinstance(logits, Tensor) and logits.dim() == 0 and logits.requires_grad \
+            and logits is not out:
         raise SortedNetError(f"closure for {sub} returned (loss, a scalar that requires grad): the second item is "
                              "read as logits (used only by distill=), so it would not train; add it to the loss "
                              "(e.g. (task_loss + aux_loss)) or return it detached")
@@ -650,10 +651,12 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     so a regression trained in silence on a meaningless loss): pass ``loss_fn=F.mse_loss`` (or your loss) for a
     regression, ``loss_fn=F.cross_entropy`` itself for soft labels. The default takes class indices of any
     integer type (bool as 0 / 1) and reads the model's output as a tensor of logits: checked on the first
-    batch before any training forward (one forward of the smallest sub-model, eval mode, no gradients; so is
-    the output ``distill=`` reads), a model returning a dict or a tuple is refused (pass ``loss_fn=``). So are a
-    ``scheduler`` built on another optimizer (its schedule would never apply) and an optimizer whose ``step``
-    needs a closure (``torch.optim.LBFGS``: write the loop with :func:`accumulate` inside that closure).
+    batch before any training forward (one training-mode forward of the smallest sub-model on a private view,
+    dropout off, no gradients, nothing it writes kept; so is the output ``distill=`` reads), a model returning a
+    dict or a tuple is refused (pass ``loss_fn=``). So are a ``scheduler`` built on another optimizer (its
+    schedule would never apply; a wrapper sharing the optimizer's parameter groups, as Accelerate's, is the same
+    optimizer) and an optimizer whose ``step`` needs a closure (``torch.optim.LBFGS``: write the loop with
+    :func:`accumulate` inside that closure).
     A tqdm bar shows the running loss of small / medium / large sub-models.
     With ``eval_data``, every sub-model is scored (:func:`evaluate`) whenever
     the step count (continued from ``start_step``) reaches a multiple of
@@ -702,7 +705,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise SortedNetError(f"fit(scheduler=...) takes an LR scheduler (with .step()), got {scheduler!r}")
-    if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
+    if scheduler is not None and not _same_groups(getattr(scheduler, "optimizer", optimizer), optimizer):
         raise SortedNetError(f"fit(scheduler=...): the scheduler ({type(scheduler).__name__}) sets the learning rate "
                              "of another optimizer than the one fit steps, so its schedule would never apply; build "
                              "it on fit's optimizer")
@@ -859,12 +862,12 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
 
                 def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
                     out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
-                    if loss_fn is None and not isinstance(out, Tensor):  # (one in training mode only: an aux head)
+                    if loss_fn is None and not isinstance(out, Tensor):  # (the check above could not run)
                         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output "
                                              f"as a tensor of logits; in training mode the model returns a "
                                              f"{type(out).__name__}: pass loss_fn=")
                     loss = (F.cross_entropy if loss_fn is None else loss_fn)(out, y)
-                    return (loss, out) if distill is None else (loss, out, *_ignored(out, y))
+                    return loss if distill is None else (loss, out, *_ignored(out, y))
 
                 subs = sampler.draw(step)
                 try:
@@ -911,6 +914,17 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
         _record(hist, nest, eval_data, step, None, metric)
 
 
+def _same_groups(a: Any, b: Any) -> bool:
+    """Whether optimizers ``a`` and ``b`` set the same learning rates: one object, or a wrapper sharing the
+    other's parameter groups (Accelerate's ``AcceleratedOptimizer``, Lookahead-style wrappers)."""
+    if a is b:
+        return True
+    ga, gb = getattr(a, "param_groups", None), getattr(b, "param_groups", None)
+    if ga is None or gb is None:
+        return False
+    return ga is gb or (len(ga) == len(gb) > 0 and all(x is y for x, y in zip(ga, gb)))
+
+
 def _required_closure(optimizer: Any) -> str:
     """The name of a closure argument ``optimizer.step`` requires (``torch.optim.LBFGS``), else ``""``."""
     import inspect
@@ -924,13 +938,19 @@ def _required_closure(optimizer: Any) -> str:
 
 def _check_output(nest: Nest, x: Any, distill: bool) -> None:
     """``fit``'s default loss (and distillation) read the model's output as a tensor of logits: checked on the
-    first batch before any training forward, in eval mode without gradients on a private view (no BatchNorm
-    statistics move, no random number is drawn), so a model returning a dict or a tuple is refused before
-    anything changes."""
+    first batch before any training forward, by a training-mode forward of the smallest sub-model without
+    gradients on a private view (dropout off, its own BatchNorm statistics, every other buffer put back, no
+    random number drawn), so a model returning a dict or a tuple is refused before anything changes. A model
+    that cannot run so (a forward that takes gradients itself, a module that cannot be copied) is not checked
+    here: the training forward's output is checked before its backward."""
     model = nest.model
-    with _rng_kept(next((p.device for p in model.parameters()), None)), eval_mode(nest) as (view, _), \
-            torch.no_grad(), nest.use(nest.smallest):
-        out = call_model(view, x)
+    try:
+        view, _ = train_view(nest)
+        with _rng_kept(next((p.device for p in model.parameters()), None)), dry_run(model), torch.no_grad(), \
+                nest.use(nest.smallest):
+            out = call_model(view, x)
+    except Exception:
+        return
     if not isinstance(out, Tensor):
         got = f"a {type(out).__name__}" + (f" (keys {list(out)[:4]})" if isinstance(out, dict) else "")
         if distill:

@@ -291,12 +291,13 @@ class SortedTrainer(Trainer):
             raise SortedNetError(f"sampler drew no sub-model at step {step}")
         seen: set[SubModel] = set()
         for sub in subs:
-            if sub in seen:  # (as sn.accumulate refuses: the same list trained twice at twice the weight)
+            got = self.nest.resolve(sub)  # (a SubModel, a dict or a string: one sub-model however spelled)
+            if got in seen:  # (as sn.accumulate refuses: the same list trained twice at twice the weight)
                 drawn = [str(s) for s in subs]
-                raise SortedNetError(f"SortedTrainer: the sampler drew {sub} twice at step {step} ({drawn}): "
+                raise SortedNetError(f"SortedTrainer: the sampler drew {got} twice at step {step} ({drawn}): "
                                      "it would train twice, at twice the weight of the others; draw each sub-model "
                                      "once per step (weigh it with the sampler's loss_weights_for instead)")
-            seen.add(sub)
+            seen.add(got)
         return subs
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
