@@ -61,14 +61,14 @@ class FusedAttention(nn.Module):
     """A GPT-style attention: one fused [q; k; v] Linear and an output projection (``to_out``: a Linear, or
     ``Sequential(Rearrange, Linear)`` as in vit-pytorch's variants)."""
 
-    def __init__(self, rearranged: bool = False, e: int = 16, h: int = 4):
+    def __init__(self, rearranged: bool = False, e: int = 16, h: int = 4, norm: bool = False):
         super().__init__()
         from einops.layers.torch import Rearrange
 
         self.h = h
         self.qkv = nn.Linear(e, 3 * e)
-        self.to_out = nn.Sequential(Rearrange("b h n d -> b n (h d)"), nn.Linear(e, e)) if rearranged \
-            else nn.Linear(e, e)
+        self.to_out = nn.Sequential(Rearrange("b h n d -> b n (h d)"), *([nn.LayerNorm(e)] if norm else []),
+                                    nn.Linear(e, e)) if rearranged else nn.Linear(e, e)
 
     def forward(self, x):
         from einops import rearrange
@@ -221,6 +221,11 @@ def case(key: str, tmp: str) -> Bad:   # noqa: C901  (one table, one branch per 
         m, x = FusedAttention(rearranged=True), torch.randn(2, 5, 16)
         return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2, 4], attn="")),
                    ("'to_out'", "Rearrange", "o='to_out.1'"))
+    if key == "o_sequential_with_a_norm_first":  # (following the o='to_out.2' the message gave failed in check)
+        torch.manual_seed(0)
+        m, x = FusedAttention(rearranged=True, norm=True), torch.randn(2, 5, 16)
+        return Bad(m, x, lambda: sn.wrap(m, Heads("heads", [1, 2, 4], attn="")),
+                   ("'to_out'", "['LayerNorm']", "Heads cannot cut"))
     if key == "value_heads_of_another_width":  # (it said "grouped-query attention ... multiples of 2")
         torch.manual_seed(0)
         m, x = NarrowValues(), torch.randn(2, 5, 16)
@@ -306,7 +311,7 @@ KEYS = ["unknown_pattern", "glob_matches_nothing", "bad_regex", "size_zero", "si
         "depthwise_two_dims", "no_slicer", "subclass_own_forward", "role_claimed_twice", "duplicate_dim_names",
         "not_a_dimension", "not_a_module", "depth_on_non_container", "depth_above_layers",
         "heads_without_projections", "o_names_the_fused_qkv", "o_is_a_sequential_reshaping_first",
-        "value_heads_of_another_width", "mha_kdim", "layernorm_2d", "layernorm_chw", "bad_submodels_list",
+        "o_sequential_with_a_norm_first", "value_heads_of_another_width", "mha_kdim", "layernorm_2d", "layernorm_chw", "bad_submodels_list",
         "dimension_reused",
         "wrap_twice", "use_unparsable", "use_unknown_dimension", "use_size_not_listed", "use_size_not_int",
         "activate_bad", "budget_below_smallest", "no_budget", "unknown_cost_metric", "load_plain_safetensors",

@@ -189,6 +189,12 @@ class Heads(Dimension):
             o = f"{o}.0"
         elif _in_features(box) is None and isinstance(box, nn.Sequential):  # (Sequential(Rearrange(...), Linear))
             inner = next((i for i, c in enumerate(box) if _in_features(c) is not None), None)
+            held = [type(c).__name__ for c in list(box)[:inner or 0] if any(True for _ in c.parameters())]
+            if inner is not None and held:
+                raise self._err(path, f"the output projection {o!r} is an nn.Sequential whose layers before its "
+                                      f"{type(box[inner]).__name__} ({held}) hold parameters over the heads' "
+                                      "outputs, which Heads cannot cut: leave this attention out of the Heads "
+                                      "dimension, or give it a slicer of yours (docs/custom_slicers.md)")
             if inner is not None:
                 raise self._err(path, f"the output projection {o!r} is an nn.Sequential whose layer {inner} "
                                       f"({type(box[inner]).__name__}) reads the heads after "
