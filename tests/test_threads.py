@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 
 import pytest
 import torch
@@ -765,3 +766,33 @@ def test_an_attribute_error_inside_a_sliced_read_is_named_not_read_at_full_size(
         monkeypatch.setattr(st.slicer, "value", broken)           # ... which fails
         with pytest.raises(sn.SortedNetError, match="reading the sliced 0.weight raised AttributeError"):
             _ = m[0].weight
+
+
+def test_a_use_block_left_in_another_thread_than_it_entered_warns():
+    """A generator holding ``use`` across a yield, stepped from a thread pool (run_in_executor copies no context)
+    and closed in the caller's thread: the worker's context stays on the generator's sub-model and served every
+    later request on that worker with it, in silence (documented, not repairable). It warns now."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sortednet.plan import UseLeftElsewhereWarning
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+
+    def stream():
+        with nest.use("h=4"):
+            yield str(nest.active)
+            yield str(nest.active)
+
+    with ThreadPoolExecutor(1) as pool:
+        g = stream()
+        assert pool.submit(next, g).result() == "h=4"
+        assert pool.submit(lambda: str(nest.active)).result() == "h=4"  # (the worker's context: what it warns of)
+        with pytest.warns(UseLeftElsewhereWarning, match=r"nest.use\(h=4\) block was left in another thread"):
+            g.close()
+    with warnings.catch_warnings():  # entered and left in one thread, across a yield: no warning
+        warnings.simplefilter("error", UseLeftElsewhereWarning)
+        g = stream()
+        assert next(g) == "h=4"
+        g.close()

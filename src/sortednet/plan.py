@@ -275,6 +275,8 @@ class Use:
             if entry is not None:
                 close_block(self.active, entry, sys._getframe(1))
                 del self.tokens[key]
+            elif self.tokens:  # entered by another thread only: a generator holding it across a yield, stepped
+                _left_elsewhere(self.plan.sub)  # from another thread (a pool): the entering thread keeps it
         except BaseException:  # a Ctrl-C part-way: the block must not stay in force (closing twice is harmless)
             self._leave(threading.get_ident(), sys._getframe(1))
             raise
@@ -286,6 +288,20 @@ class Use:
         if entry is not None:
             close_block(self.active, entry, here)
             self.tokens.pop(key, None)
+
+
+class UseLeftElsewhereWarning(UserWarning):
+    """A ``nest.use`` block left in another thread than the one that entered it."""
+
+
+def _left_elsewhere(sub: Any) -> None:
+    import warnings
+
+    warnings.warn(f"a nest.use({sub}) block was left in another thread than the one that entered it (a generator "
+                  "holding `use` across a yield, stepped from a thread pool or closed elsewhere): the entering "
+                  f"thread's context stays on {sub} for its later work, which may serve other requests. Enter "
+                  "`use` around each step of a generator, never across a yield (docs/mechanism.md)",
+                  UseLeftElsewhereWarning, stacklevel=3)
 
 
 def _reset(var: contextvars.ContextVar, token: Any, value: Any) -> None:
