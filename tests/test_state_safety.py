@@ -200,6 +200,12 @@ def test_a_deep_copy_runs_the_full_model_after_unwrap_and_unwrap_copy_restores_i
         torch.testing.assert_close(ema(x), ref(x))  # not stuck on h=4
     with pytest.raises(sn.SortedNetError, match="nest.unwrap"):
         nest.unwrap_copy(m)
+    before = snapshot(ema)  # (wrapping the left-over copy said "call nest.unwrap() first", which Nest.of refused)
+    with pytest.raises(sn.SortedNetError, match=r"of a nest that was unwrapped.*unwrap_copy\(copy\)"):
+        sn.wrap(ema, sn.Width("g", [8, 16], out="0", inp="2"))
+    assert_unchanged(ema, before)
+    with pytest.raises(sn.SortedNetError, match=r"unwrap_copy\(copy\) gives it its original classes"):
+        sn.Nest.of(ema)
     assert nest.unwrap_copy(ema) is ema and [type(x) for x in ema] == [nn.Linear, nn.ReLU, nn.Linear]
     pickle.dumps(ema)
     with pytest.raises(sn.SortedNetError, match="not a copy of this nest's model"):

@@ -1178,8 +1178,9 @@ class Nest:
         if found:
             return found[0]
         raise SortedNetError(f"Nest.of(): no nest slices this {type(model).__name__}" + (
-            " (a deep copy of a model whose nest was unwrapped: it runs the full model; deep-copy the unwrapped "
-            "model instead)" if states else ""))
+            " (a deep copy of a model whose nest was unwrapped: it runs the full model; that nest's "
+            "unwrap_copy(copy) gives it its original classes, or deep-copy the unwrapped model instead)"
+            if states else ""))
 
     def unwrap_copy(self, copy: nn.Module, *, merge: bool = False) -> nn.Module:
         """Restore the original classes of a ``copy.deepcopy`` of the wrapped model (an EMA or

@@ -75,6 +75,12 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     wrapped = [n or "<root>" for n, m in modules.items() if "_sn" in m.__dict__]
     if wrapped:
         more = f" and {len(wrapped) - 5} more" if len(wrapped) > 5 else ""
+        if all(getattr(m.__dict__["_sn"].active, "owner", 1) is None for m in modules.values() if "_sn" in m.__dict__):
+            raise SortedNetError(f"model holds sliced modules ({wrapped[:5]}{more}) of a nest that was unwrapped: a "
+                                 "deep copy made while it was wrapped (an EMA / teacher copy), which runs the full "
+                                 "model. Give it its original classes with that nest's unwrap_copy(copy) (the "
+                                 "unwrapped Nest object still does it), then wrap; or deep-copy the model after "
+                                 "unwrap next time")
         raise SortedNetError(f"model is already wrapped (sliced modules: {wrapped[:5]}{more}); call nest.unwrap() "
                              "first (sn.Nest.of(model) gives the nest; a deep copy of a wrapped model follows that "
                              "model's nest: nest.unwrap_copy(copy))")
