@@ -698,3 +698,47 @@ def test_statistics_saved_stale_load_stale(name, into, tmp_path):
 
     assert read(BUILDERS[name]()[0] if into == "fresh" else nest, path) == 1
     assert read(BUILDERS[name]()[0] if into == "fresh" else nest, fresh_path) == 0
+
+
+class _SharedNorm(nn.Module):
+    """One BatchNorm called twice per forward (two branches normalised by it), momentum=None."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn, self.out = nn.Linear(4, 8), nn.Linear(4, 8), nn.BatchNorm1d(8, momentum=None), \
+            nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.a(x))) + torch.relu(self.bn(self.b(x))))
+
+
+def test_a_batchnorm_run_twice_per_forward_counts_its_calls_as_a_plain_recalibration_does():
+    """The export's num_batches_tracked was the number of batches (3), a plain recalibration counts the BatchNorm's
+    calls (6): a momentum=None export training on weighed its next batch twice as much (running mean 0.228 off)."""
+    torch.manual_seed(0)
+    m = _SharedNorm().eval()
+    nest = sn.wrap(m, sn.Width("h", [3, 8], out=["a", "b"], norm="bn", inp="out"))
+    data = [torch.randn(5, 4) for _ in range(3)]
+    ref = nest.export("h=3")
+    ref.bn.reset_running_stats()
+    ref.bn.train()
+    with torch.no_grad():
+        for x in data:
+            ref(x)
+    nest.calibrate(data, batches=3)
+    ex = nest.export("h=3")
+    assert int(ex.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == 6
+    ref.train()
+    ex.train()
+    with torch.no_grad():
+        x = torch.randn(5, 4) * 3 + 2
+        ref(x)
+        ex(x)
+    torch.testing.assert_close(ex.bn.running_mean, ref.bn.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrate_refuses_a_loader_it_cannot_iterate_by_name():
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).eval()
+    nest = sn.wrap(m, sn.Width("h", [2, 8], out="0", norm="1", inp="2"))
+    with pytest.raises(sn.SortedNetError, match="needs a loader of batches .* got int 5"):
+        nest.calibrate(5, batches=1)

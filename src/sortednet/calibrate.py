@@ -101,7 +101,12 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     todo = list(nest.submodels) if subs is None else list(dict.fromkeys(nest.resolve(s) for s in subs))
     if not todo:
         raise SortedNetError("calibrate(): subs= is empty")
-    data = [_inputs(b) for b in itertools.islice(iter(loader), batches)]
+    try:
+        batch_iter = iter(loader)
+    except TypeError:
+        raise SortedNetError(f"calibrate() needs a loader of batches (a DataLoader, a list), got "
+                             f"{type(loader).__name__} {loader!r}") from None
+    data = [_inputs(b) for b in itertools.islice(batch_iter, batches)]
     if not data:
         raise SortedNetError("calibrate(): the loader yielded no batch")
     shared = [p for p, m in nest._sliced.items() if not isinstance(m, _BatchNorm)
@@ -144,8 +149,11 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                 for m, c in pairs:  # fresh, normal tensors (also under inference_mode): an in-place write
                     with torch.inference_mode(False):  # after this is detected (their version counters)
                         own = {n: t.clone() for n, t in c._sn.norm.override.items()}
-                        # the batches averaged: an export's num_batches_tracked (momentum=None weighs by it)
-                        own[COUNT] = torch.tensor(len(data), dtype=torch.long, device=own["running_mean"].device)
+                        # the batches averaged: an export's num_batches_tracked (momentum=None weighs by it);
+                        # the copy's own count, as a plain recalibration's (a BatchNorm run twice per forward)
+                        count = c.num_batches_tracked
+                        own[COUNT] = (count.detach().clone().to(torch.long) if count is not None else
+                                      torch.tensor(len(data), dtype=torch.long, device=own["running_mean"].device))
                         results[m][_key(nest)] = own
                     c._sn.norm = None
     norms, told = {}, [False]
