@@ -2640,3 +2640,25 @@ def test_an_attention_with_conv1d_projections_is_verified_at_wrap():
         sn.wrap(good, sn.Heads("h", [1, 2, 4], attn=""))
     with pytest.raises(sn.SortedNetError, match="not the first 1 whole heads of the full module"):
         sn.wrap(bad, sn.Heads("h", [1, 2, 4], attn=""))
+
+
+class _ScaleOnLinear(nn.Module):
+    """A per-channel scale registered on a sliced Linear beside its weight and bias (``a.scale``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.a.scale = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) * self.a.scale)
+
+
+def test_a_parameter_registered_on_a_sliced_module_is_named_as_unsliced():
+    """check said 'a.scale' is a parameter "which this dimension slices itself" with a forward the trace does not
+    know (nn.Linear's): it is the user's tensor beside the weights, which no slicer cuts."""
+    torch.manual_seed(0)
+    nest = sn.wrap(_ScaleOnLinear(), sn.Width("h", [4, 16], out="a", inp="b"))
+    with pytest.raises(sn.SortedNetError, match=r"reach parameter 'a.scale', so they cannot shrink; remove that "
+                                                r"binding, or, to slice them, hold 'a.scale' in a module"):
+        nest.check(torch.randn(3, 6))

@@ -222,7 +222,7 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
                                 f"sequence axis), remove {r0}={p0!r}" if alone else ""))
         elif g.fixed is not None:
             own = next((p for p, m in nest._sliced.items() if p and f"'{p}." in g.fixed and any(
-                b.dim is d0 for b in m._sn.bind.values())), None)
+                b.dim is d0 for b in m._sn.bind.values()) and _sliced_attr(m, p, g.fixed)), None)
             if own is not None:  # a module this dimension slices, recorded op by op (a slicer of the user's)
                 problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, which "
                                 f"this dimension slices itself: {nest._sliced[own]._sn.cls.__name__} {own!r} has a "
@@ -504,6 +504,16 @@ def _stacked_qk_rows(m: nn.Module, fused: str, d: Any, nest: Nest) -> int:
     if not isinstance(total, int) or not isinstance(width, int) or (total - width) % 2:
         return 0
     return width + (total - width) // 2
+
+
+def _sliced_attr(m: nn.Module, path: str, fixed: str) -> bool:
+    """Whether ``fixed`` (``"parameter 'a.weight'"``, ...) names a tensor of ``m`` (at ``path``) that its slicer
+    cuts, not one the user registered on it beside them (``a.scale = nn.Parameter(...)``), or no tensor."""
+    got = re.fullmatch(r"\w+ '(.+)'", fixed)
+    if got is None or not got.group(1).startswith(f"{path}."):
+        return True
+    name = got.group(1)[len(path) + 1:]
+    return "." in name or name in getattr(m._sn.slicer, "attrs", (name,))
 
 
 def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
