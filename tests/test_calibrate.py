@@ -384,11 +384,14 @@ def test_calibrate_names_an_unsliced_batchnorm_whose_inputs_differ_between_sub_m
     nest = sn.wrap(m, sn.Width("w", [8, 16], out="blocks.*.0", norm="blocks.*.1", inp="blocks.*.3"))
     with pytest.warns(UserWarning, match=r"\['bn_out'\]"):  # widths inside the blocks: bn_out's inputs change too
         nest.calibrate(batches, batches=2)
+    with pytest.warns(UserWarning, match=r"\['bn_out'\]"):  # one sub-model alone: compared with the largest (it
+        nest.calibrate(batches, subs=["w=8"], batches=2)   # said nothing: nothing to compare with)
     stem = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
     nest = sn.wrap(stem, sn.Width("h", [8, 16], out="1", norm="2", inp="4"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the stem BatchNorm's inputs are the same for every sub-model: no warning
         nest.calibrate(batches, batches=2)
+        nest.calibrate(batches, subs=["h=8"], batches=2)
 
 
 @pytest.mark.parametrize("value", ["other", "same", "read"])

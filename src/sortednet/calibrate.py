@@ -130,7 +130,10 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
             c.momentum = None  # cumulative average over the batches
         for p, m in others.items():  # (hooks on the private view's copies: the user's modules are untouched)
             copies[id(m)].register_forward_pre_hook(functools.partial(_record, seen[p]))
-        for sub in todo:
+        # a sub-model calibrated alone has no other to compare the inputs of unsliced BatchNorms with: the
+        # largest runs too (its statistics are not kept), the one whose statistics those layers hold
+        reference = nest.largest if others and nest.largest not in todo else None
+        for sub in [*todo, *([reference] if reference is not None else [])]:
             for v in seen.values():
                 v.append(None)
             with nest.use(sub), torch.no_grad():
@@ -154,7 +157,8 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         count = c.num_batches_tracked
                         own[COUNT] = (count.detach().clone().to(torch.long) if count is not None else
                                       torch.tensor(len(data), dtype=torch.long, device=own["running_mean"].device))
-                        results[m][_key(nest)] = own
+                        if sub is not reference:
+                            results[m][_key(nest)] = own
                     c._sn.norm = None
     norms, told = {}, [False]
     for m, stats in results.items():  # every module's new statistics first (nothing changed yet) ...
@@ -171,7 +175,8 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     moved = [p for p, v in seen.items() if _differ([t for t in v if t is not None])]
     if moved:
         warnings.warn(f"calibrate(): the BatchNorm layers {moved[:3]}{' ...' if len(moved) > 3 else ''} are in no "
-                      "dimension's norm=, but their inputs differ between the sub-models calibrated (a Depth, or a "
+                      "dimension's norm=, but their inputs differ between the sub-models calibrated and the "
+                      "largest (a Depth, or a "
                       "width upstream that reaches them through a layer of fixed size, changes them): they keep one "
                       "set of running statistics, the full model's, for every sub-model, so a sub-model's eval "
                       "output and export are not calibrated there", stacklevel=3)
