@@ -561,7 +561,8 @@ def _ignoring_queries_and_keys(nest: Nest, model: nn.Module, example: Any,
         if run == 2:
             quiet = list({id(p): (p, r) for _, _, _, qk in todo for p, r in qk if id(p) not in fired}.values())
             if not quiet or not all(isinstance(p, nn.Linear) for p, _ in quiet):
-                break  # (every projection ran, or one whose weight layout is not a Linear's: cannot tell)
+                quiet = []  # (every projection ran, or one whose weight layout is not a Linear's: cannot tell)
+                break
         hooks = [att.register_forward_hook(keep(run)) for att in {id(a): a for _, _, a, _ in todo}.values()]
         if run:
             hooks += [proj.register_forward_hook(noise(rows)) for _, _, _, qk in todo for proj, rows in qk]
