@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile("sortednet", max_examples=10, deadline=None, database=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# benchmarks/device_check.sh: the same draws, fewer of them (a GPU run launches many tiny kernels per example)
+settings.register_profile("device", parent=settings.get_profile("sortednet"), max_examples=4)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sortednet"))
 torch.set_num_threads(1)
 if os.environ.get("SORTEDNET_TEST_DEVICE", "cpu").startswith("cuda"):
