@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sortednet as sn
-from models import FAMILIES, run
+from models import DEVICE, FAMILIES, run, same_kernels
 from sortednet.importance import sort_units
 
 
@@ -31,7 +31,7 @@ def mse(model, batch):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_wrap_train_export_cost_save_load_check_under_another_default_device(family, tmp_path):
     case, fresh = FAMILIES[family](seed=1), FAMILIES[family](seed=2)
-    ref = copy.deepcopy(case.model)
+    ref = same_kernels(copy.deepcopy(case.model))
     path = os.path.join(tmp_path, "ck.safetensors")
     with elsewhere():
         nest = sn.wrap(case.model, *case.dims)
@@ -86,6 +86,36 @@ def test_rank_adapters_under_another_default_device():
             case.model(case.example).square().mean().backward()
         torch.testing.assert_close(run(nest.export(nest.smallest), case.example), _live(nest, case), atol=1e-5,
                                    rtol=0)
+
+
+class _Scaled(torch.nn.Module):
+    """A buffer registered as a broadcast view (one element shared by eight), built where the models live (a model
+    moved with ``.to`` gets a dense copy; one built on its device keeps the view)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8, device=DEVICE)
+        self.register_buffer("scale", torch.full((1,), value, device=DEVICE).expand(8))
+
+    def forward(self, x):
+        return self.a(x) * self.scale
+
+
+@pytest.mark.parametrize("value", [1.0, 2.0])
+def test_a_broadcast_buffer_is_compared_with_the_file_where_it_lives(tmp_path, value):
+    """``sn.load`` reads the file on the CPU; the value of a buffer that cannot be written (a broadcast view) is
+    compared with the file's on the buffer's device: equal is skipped, different refused, on any device."""
+    path = os.path.join(tmp_path, "ck.safetensors")
+    torch.manual_seed(0)
+    sn.save(sn.wrap(_Scaled(1.0), sn.Rank("r", [2, 8], targets="a")), path)
+    fresh = _Scaled(value)
+    with elsewhere():
+        if value == 1.0:
+            sn.load(fresh, path)
+        else:
+            with pytest.raises(sn.SortedNetError, match="'scale'.*broadcast view"):
+                sn.load(fresh, path)
+    assert torch.equal(fresh.scale, torch.full((8,), value, device=DEVICE))
 
 
 def _live(nest, case):

@@ -126,9 +126,10 @@ def test_sliced_attention_with_masks_matches_export(layers, seed, causal):
     """Live sliced MultiheadAttention (sortednet's own attention) vs the exported
     stock / pruned module, with an attention mask and key padding."""
     c, nest = wrapped("torch_encoder", {"layers": layers, "seed": seed})
-    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
-    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    dev = c.example.device  # (the CPU, or SORTEDNET_TEST_DEVICE)
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed)).to(dev)
+    mask = torch.ones(5, 5, dtype=torch.bool, device=dev).triu(1)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]], device=dev)
     kw = {"is_causal": True} if causal else {"src_key_padding_mask": pad}
     for sub in nest.submodels:
         x = h[..., : sub["hidden"]]

@@ -524,8 +524,8 @@ def _unwritable(f: ck.Container, state: Mapping[str, tuple], copies: dict[str, l
                   if state[k][0] is not None and torch._debug_has_internal_overlap(state[k][0]) == 1]
         if not shared:
             continue
-        src = f.tensor(name)
-        if all(torch.equal(src, state[k][0]) for k in shared):
+        src = f.tensor(name)  # (on the CPU: compared where each target lives)
+        if all(torch.equal(src.to(state[k][0].device), state[k][0]) for k in shared):
             copies[name] = [k for k in targets if k not in shared]
             equal.update(shared)
             continue

@@ -379,15 +379,21 @@ class SortedTrainer(Trainer):
     _loss_uses_items: bool | None = None
 
     def _check_loss_kwargs(self, model: torch.nn.Module, inputs: dict[str, Any], n: Any) -> bool | None:
-        """Whether the model's own loss divides by ``num_items_in_batch``. The Trainer passes it to every model
-        whose forward takes ``**kwargs`` and then skips dividing by the accumulation steps; a loss that ignores
-        it (transformers' sequence classification, question answering, any loss computed inline) would make
-        each micro-batch's mean count in full: with ``gradient_accumulation_steps=g``, g times the step.
-        Measured once, on the first micro-batch: two forwards in eval mode without gradients, giving ``n`` and
-        ``2 n``; a loss that ignores it comes back the same, and the Trainer is then told the
-        model does not take loss kwargs (it divides by the accumulation steps, as for any such model)."""
+        """Whether the loss the step trains on divides by ``num_items_in_batch`` (is a sum over the batch's items
+        divided by it). The Trainer passes it to every model whose forward takes ``**kwargs`` and then skips
+        dividing by the accumulation steps; a loss that ignores it (transformers' sequence classification,
+        question answering, any loss computed inline: in the model, or in a subclass's ``compute_loss``), or
+        divides only part of itself by it (a term added to the token mean: a regulariser, a router loss),
+        would make each micro-batch's mean (or that part) count in full: with ``gradient_accumulation_steps=g``,
+        g times the step.
+        Measured once, on the first micro-batch: the loss computed twice in eval mode without gradients, given
+        ``n`` and ``2 n`` items (the model's forward, or this trainer's ``compute_loss`` where a subclass or the
+        instance replaced it). Only a loss that halves divides by it; otherwise the Trainer is told the model
+        takes no loss kwargs, so every micro-batch's loss is its own mean and the Trainer divides by the
+        accumulation steps, as for any such model."""
+        own = "compute_loss" in self.__dict__ or type(self).compute_loss is not SortedTrainer.compute_loss
         if (not self.model_accepts_loss_kwargs or self.soft_exits is not None or self.compute_loss_func is not None
-                or self.label_smoother is not None or "labels" not in inputs
+                or self.label_smoother is not None or ("labels" not in inputs and not own)
                 or getattr(self, "loss_is_scaled_for_ga", None) is not None):
             return True
         inputs = self._prepare_inputs(inputs)
@@ -397,14 +403,18 @@ class SortedTrainer(Trainer):
             model.eval()
             for items in (n, n * 2):
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    out = model(**inputs, num_items_in_batch=items)
-                loss = out["loss"] if isinstance(out, dict) else out[0]
+                    if own:
+                        out = self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+                        loss = out[0] if isinstance(out, tuple) else out
+                    else:
+                        out = model(**inputs, num_items_in_batch=items)
+                        loss = out["loss"] if isinstance(out, dict) else out[0]
                 losses.append(float(loss.detach().float()))
         finally:
             restore_modes(modes)
         if not all(math.isfinite(v) and v != 0 for v in losses):  # (no labelled token here: undecided, the next
             return None                                           # micro-batch measures again)
-        return not math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0)
+        return math.isclose(losses[1], losses[0] / 2, rel_tol=1e-5, abs_tol=0.0)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
