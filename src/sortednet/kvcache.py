@@ -355,13 +355,14 @@ class EncoderGuard:
         """The sizes of noted outputs that rows of ``t`` copy, each row the first ``t.shape[1]`` positions of a row of
         one (rows picked, reordered or concatenated from outputs of several calls: a serving batch assembled from
         requests encoded one at a time); of several, ones other than ``now`` first (a mix is refused). Rows are
-        matched by a fingerprint, then compared exactly."""
+        matched by a fingerprint of their bits (an integer sum, the same whatever order a kernel adds in: a float
+        sum over batches of other sizes could round otherwise on a GPU and miss a copy), then compared exactly."""
         if t.dim() < 2 or t[0].numel() == 0 or not t.is_floating_point():  # (no position: every row would match)
             return None
         n = t.shape[1]
         with torch.no_grad():
-            w = torch.linspace(1.0, 2.0, t[0, :n].numel(), dtype=torch.float64, device=t.device)
-            mine = (t.reshape(t.shape[0], -1).double() * w).sum(1)
+            w = torch.arange(1, t[0, :n].numel() + 1, dtype=torch.int64, device=t.device)
+            mine = (_bits(t) * w).sum(1)  # (an int64 product and sum: matmul has no integer kernel on GPUs)
             hits: set = set()
             for ref, sizes, _ in list(self.notes.values()):
                 o = ref()
@@ -369,7 +370,7 @@ class EncoderGuard:
                         or o.shape[0] == 0 or o.dtype != t.dtype or o.device != t.device or sizes in hits):
                     continue
                 rows = o[:, :n]
-                theirs = (rows.reshape(o.shape[0], -1).double() * w).sum(1)
+                theirs = (_bits(rows) * w).sum(1)
                 for i, j in (mine[:, None] == theirs[None, :]).nonzero().tolist():
                     if torch.equal(t[i], rows[j]):
                         hits.add(sizes)
@@ -406,6 +407,15 @@ class EncoderGuard:
                                  f"{show(now)}, and its decoder's cross-attention expects that encoder's output. "
                                  "Run the encoder under the same sub-model (or leave encoder_outputs out)")
         return None
+
+
+_INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s rows (its first dimension) as int64 bit patterns of its elements, one row each (for an exact,
+    order-free fingerprint: integer sums wrap around the same way in any order)."""
+    return t.reshape(t.shape[0], -1).contiguous().view(_INTS[t.element_size()]).long()
 
 
 def install_guards(model: Any, active: Any, dims: tuple) -> list:
