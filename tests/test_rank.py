@@ -716,3 +716,37 @@ def test_a_factored_export_keeps_the_models_mode(training):
     small = nest.export("r=2")
     assert isinstance(small[0], nn.Sequential)
     assert {m.training for m in small.modules()} == {training}
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+@pytest.mark.parametrize("region", ["autocast", "inference_mode"])
+def test_merges_inside_autocast_or_inference_mode_are_exact_trainable_weights(mode, region):
+    """A merged weight (export, unwrap(merge=True)) was computed by autocast in bf16 (svd: a bf16 weight beside
+    an fp32 bias, which then failed to run; lora: rounded, 2.5e-2 off, baked into the model), or made an
+    inference tensor under inference_mode (autograd never gave it a gradient: the layer stopped training in
+    silence). Merges run in the weights' own dtype, as normal tensors, wherever they are called."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    kw = {"export": "merged"} if mode == "svd" else {}
+    nest = sn.wrap(m, sn.Rank("r", [2, 8], targets="0", mode=mode, **kw))
+    if mode == "lora":
+        with torch.no_grad():
+            m[0].lora_B.normal_()
+    x = torch.randn(3, 8)
+    with nest.use("r=8"), torch.no_grad():
+        want = m(x)
+
+    def region_():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if region == "autocast" else torch.inference_mode()
+
+    with region_():
+        small = nest.export("r=8")
+    with region_():
+        back = nest.unwrap(merge=True)
+    for got in (small, back):
+        w = got[0].weight
+        assert w.dtype == torch.float32 and not w.is_inference()
+        torch.testing.assert_close(got(x).detach(), want, atol=1e-5, rtol=1e-5)
+        w.requires_grad_(True)
+        got(x).sum().backward()
+        assert w.grad is not None

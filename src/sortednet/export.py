@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
-from .modes import copy_model, plain_leaves
+from .modes import copy_model, exact_math, plain_leaves
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     (True, torch.Size([10, 4]), 40)
     """
     model = nest.model
-    with nest.use(sub), torch.no_grad():
+    with nest.use(sub), torch.no_grad(), exact_math():  # (a Rank's merged weight: fp32 under autocast, trainable)
         memo: dict[int, object] = {}
         skipped: list[str] = []
         drop: list[tuple[nn.Module, str]] = []

@@ -42,6 +42,30 @@ def casts_stale() -> None:
         torch.clear_autocast_cache()
 
 
+#: the device types whose autocast :func:`exact_math` turns off where it is on
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")
+
+
+@contextlib.contextmanager
+def exact_math() -> Iterator[None]:
+    """Arithmetic that builds a model's weights (a Rank's merge in ``export`` / ``unwrap``) in the weights' own
+    dtype, as trainable tensors: autocast off (inside ``torch.autocast`` ``U @ V`` is computed in bf16: a weight
+    of another dtype than its bias, or a rounded one) and out of ``inference_mode`` (a weight made there is an
+    inference tensor: autograd never gives it a gradient, in silence)."""
+    with contextlib.ExitStack() as stack:
+        if torch._C._is_any_autocast_enabled():
+            for dev in _AUTOCAST_DEVICES:
+                try:
+                    on = torch.is_autocast_enabled(dev)
+                except (RuntimeError, TypeError, ValueError):  # (a device type this build does not know)
+                    continue
+                if on:
+                    stack.enter_context(torch.autocast(dev, enabled=False))
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        yield
+
+
 def finish_all(steps: Sequence[Callable[[], Any]]) -> None:
     """Run every step of a commit (or of putting state back) to the end, even when one raises: stopping
     half-way would leave the model half changed (some modules plain and others sliced at unwrap, some

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
-from .modes import finish_all, plain_leaves
+from .modes import exact_math, finish_all, plain_leaves
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
@@ -1163,7 +1163,8 @@ def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool
         b = m.__dict__["_sn"].bind.get("rank")
         return ranks.get(b.dim.name, merge) if merge and ranks and b is not None else merge
 
-    pending = [m.__dict__["_sn"].slicer.pre_restore(m, merge_of(m)) for m in modules]
+    with exact_math():  # (a merged weight in its own dtype under autocast; a trainable one under inference_mode)
+        pending = [m.__dict__["_sn"].slicer.pre_restore(m, merge_of(m)) for m in modules]
 
     def restore(m: nn.Module, pre: Any) -> None:  # (idempotent: finish_all may run it again)
         st = m.__dict__.get("_sn")
