@@ -422,6 +422,27 @@ def test_lora_target_loads_base_weights_without_adapters():
         torch.testing.assert_close(v, adapters[k] if "lora" in k else plain[k], rtol=0, atol=0)
 
 
+def test_lora_target_refuses_a_strict_load_without_adapters_before_any_copy():
+    """With strict=True PyTorch refused the missing adapters only after copying every other tensor (a
+    half-loaded model, a RuntimeError): refused first with a SortedNetError, from the root, a parent, the
+    target, a wrapper and a deep copy, nothing changed; strict=False still loads the base weights."""
+    plain = _stack(1).state_dict()
+    model = _stack(0)
+    sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode="lora"))
+    outer = nn.ModuleDict({"net": model})
+    for target, sd in ((model, plain), (model[0], {k[2:]: v for k, v in plain.items() if k.startswith("0.")}),
+                       (model[0][0], {"weight": plain["0.0.weight"], "bias": plain["0.0.bias"]}),
+                       (outer, {f"net.{k}": v for k, v in plain.items()}), (copy.deepcopy(model), plain)):
+        snap = snapshot(target)
+        with pytest.raises(sn.SortedNetError, match=r"is a Rank 'r' \(mode='lora'\) target; this state_dict lacks"
+                                                     r" \[.*lora_A.*lora_B.*strict=False"):
+            target.load_state_dict(sd)
+        assert_unchanged(target, snap)
+    model.load_state_dict(model.state_dict())  # its own keys: fine
+    model.load_state_dict(plain, strict=False)
+    torch.testing.assert_close(model[3].weight, plain["3.weight"], rtol=0, atol=0)
+
+
 # -- svd: Eckart-Young at wrap time ------------------------------------------------
 @settings(max_examples=8)
 @given(out=st.integers(1, 24), inp=st.integers(1, 24), seed=st.integers(0, 2**16), dtype=st.sampled_from(["64", "32"]))

@@ -507,9 +507,11 @@ class StateKeys:
     (svd's ``weight``: a checkpoint of the model before wrap) but not the keys that replaced it would have that
     tensor ignored (``strict=False``: training on silently from other weights) or refused by PyTorch after the
     other tensors were copied (``strict=True``: a half-loaded model); refused here first, naming the module.
-    (PyTorch tells a pre-hook ``strict=True`` whatever the caller passed, so a load lacking only added keys,
-    the adapters, is left to it: fine with ``strict=False``, refused by it otherwise.) Holds paths only: a deep
-    copy of the model keeps a working one."""
+    A load lacking only added keys (lora's adapters: a checkpoint of the base model) is fine with
+    ``strict=False``; with ``strict=True`` PyTorch would refuse it after copying every other tensor, so it is
+    refused here first too (PyTorch tells a pre-hook ``strict=True`` whatever the caller passed: the caller's
+    own ``strict`` is read off the running ``Module.load_state_dict``). Holds paths only: a deep copy of the
+    model keeps a working one."""
 
     __slots__ = ("targets",)
 
@@ -527,6 +529,25 @@ class StateKeys:
                     "wrap) would be ignored (strict=False) or refused after the other tensors loaded. Load those "
                     "weights before sn.wrap (or nest.unwrap(), load, wrap again); the wrapped model's own "
                     "state_dict and sn.save / sn.load hold the new keys")
+            lacking = [at + n for n in added if at + n not in state_dict]
+            if lacking and any(at + n in state_dict for n in (*removed, "weight")) and _strict_load():
+                raise SortedNetError(
+                    f"load_state_dict: {path or type(module).__name__!r} is a {what} target; this state_dict lacks "
+                    f"{lacking} (the keys wrap added: a state_dict of the model before wrap), which "
+                    "load_state_dict(strict=True) would refuse only after copying every other tensor. Pass "
+                    "strict=False to load the other weights and keep the nest's own (the adapters), or load "
+                    "before sn.wrap")
+
+
+def _strict_load() -> bool:
+    """The ``strict`` of the ``Module.load_state_dict`` call running in this thread (False if none is found: a
+    loader of its own that calls ``_load_from_state_dict`` decides for itself)."""
+    f, code = sys._getframe(2), nn.Module.load_state_dict.__code__
+    while f is not None:
+        if f.f_code is code:
+            return bool(f.f_locals.get("strict", True))
+        f = f.f_back
+    return False
 
 
 class StaleCalibration:
