@@ -1447,3 +1447,33 @@ def test_what_fits_refusals_must_not_catch_still_trains(case):
     assert len(hist.train) == 2 and not all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     if case.startswith("scheduler"):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "mask"])
+@pytest.mark.parametrize("seed", range(4))
+def test_distillation_over_a_masked_vocabulary_is_the_kl_over_the_classes_the_teacher_allows(seed, masked):
+    """Logits with -inf in classes neither model may predict (a padded or masked vocabulary): the task loss is
+    finite, and so is the KL (those classes have no probability: 0 log 0 = 0), but F.kl_div gave 0 * inf = NaN,
+    so every student was skipped (nonfinite="skip") or refused. Equal to the KL over the allowed classes alone,
+    gradients included; with finite logits equal to F.kl_div."""
+    g = torch.Generator().manual_seed(seed)
+    d = sn.Distill(temperature=1.0 + seed, alpha=0.5)
+    s, t = torch.randn(3, 4, 7, generator=g, requires_grad=True), torch.randn(3, 4, 7, generator=g)
+    mask = torch.rand(3, 4, generator=g) > 0.3 if masked else None
+    want = F.kl_div(F.log_softmax(s / d.temperature, -1), F.log_softmax(t / d.temperature, -1), reduction="none",
+                    log_target=True).sum(-1) * d.temperature ** 2
+    want = want[mask].sum() / mask.sum() if masked else want.mean()
+    torch.testing.assert_close(d.soft_loss(s, t, mask), want)
+    cols = [2, 5]  # no probability in the teacher nor the student
+    neg = torch.zeros(7).index_fill(0, torch.tensor(cols), float("-inf"))
+    got = d.soft_loss(s + neg, t + neg, mask)
+    keep = [c for c in range(7) if c not in cols]
+    ref = d.soft_loss(s[..., keep], t[..., keep], mask)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, ref)
+    g1, = torch.autograd.grad(got, s)
+    g2, = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(g1, g2)
+    assert torch.all(g1[..., cols] == 0)
+    # a class the teacher gives probability and the student none: the KL is infinite (the NaN guard's case)
+    assert d.soft_loss(s + neg, t, mask) == float("inf")

@@ -120,10 +120,13 @@ class Distill:
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)  # bf16 /
         s = F.log_softmax(student.to(dtype).flatten(0, -2) / t, dim=-1)  # fp16 logits in float32, float64 kept
         p = F.log_softmax(teacher.to(dtype).flatten(0, -2) / t, dim=-1)
+        # exp(p) (p - s) per class, as F.kl_div(log_target=True), but a class the teacher gives no probability
+        # (p = -inf: a masked or padded vocabulary column) adds 0 (0 log 0 = 0), where kl_div gives 0 * inf = NaN
+        none = p == float("-inf")
+        per = torch.where(none, 0.0, p.exp() * (p.masked_fill(none, 0.0) - s.masked_fill(none, 0.0))).sum(-1)
         if mask is None:
-            return F.kl_div(s, p, reduction="batchmean", log_target=True) * (t * t)
+            return per.sum() / max(per.shape[0], 1) * (t * t)  # (batchmean: over the positions)
         keep = mask.reshape(-1).to(device=s.device)
-        per = F.kl_div(s, p, reduction="none", log_target=True).sum(-1)  # (positions,)
         per = torch.where(keep, per, per.new_zeros(()))  # (a padded row's -inf / NaN logits: left out, not 0 * nan)
         return per.sum() / keep.sum().clamp_min(1) * (t * t)
 
