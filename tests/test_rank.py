@@ -771,3 +771,29 @@ def test_merges_inside_autocast_or_inference_mode_are_exact_trainable_weights(mo
         w.requires_grad_(True)
         got(x).sum().backward()
         assert w.grad is not None
+
+
+@pytest.mark.parametrize("export", ["merged", "factored"])
+def test_an_svd_export_follows_the_factors_requires_grad_as_a_width_export_does(export):
+    """A Width export takes each tensor's requires_grad as it is now; an svd export took the flag the weight had
+    at wrap time (a layer frozen after wrap came out trainable, one unfrozen after a frozen wrap came out
+    frozen). Now the factors' flags decide: the merged weight trains if either factor does."""
+    for frozen in ("U", "V", "UV", ""):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+        nest = sn.wrap(model, sn.Rank("r", [2, 16], targets="0", mode="svd", export=export))
+        for name in frozen:
+            model[0]._parameters[name].requires_grad_(False)
+        small = nest.export(nest.smallest)
+        flags = [p.requires_grad for n, p in small.named_parameters() if n.startswith("0.") and "bias" not in n]
+        want = {"merged": [frozen != "UV"], "factored": ["V" not in frozen, "U" not in frozen]}[export]
+        assert flags == want, (frozen, flags)
+
+
+def test_a_checkpoint_of_another_rank_mode_names_the_field_that_differs(tmp_path):
+    torch.manual_seed(0)
+    path = str(tmp_path / "lora.safetensors")
+    sn.save(sn.wrap(_stack(0), sn.Rank("r", [2, 4, 8], targets=["1"], mode="lora", alpha=3)), path)
+    svd = sn.wrap(_stack(0), sn.Rank("r", [2, 4, 8], targets=["1"], mode="svd"))
+    with pytest.raises(sn.SortedNetError, match=r"\('r': mode 'lora' saved, 'svd' in the nest, alpha 3\.0 saved"):
+        sn.load(svd, path)

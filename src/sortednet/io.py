@@ -463,9 +463,14 @@ def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
                              "with the dimensions in the checkpoint's order, then load")
     if len(mine) != len(theirs) or any(a != b for a, b in zip(mine, theirs)):
         diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), (theirs, mine))
+        fields = ""
+        if isinstance(diff[0], dict) and isinstance(diff[1], dict):  # (name the fields: sizes, mode, targets...)
+            keys = [k for k in {**diff[0], **diff[1]} if diff[0].get(k) != diff[1].get(k)]
+            fields = f" ({diff[0].get('name')!r}: " + ", ".join(
+                f"{k} {diff[0].get(k)!r} saved, {diff[1].get(k)!r} in the nest" for k in keys)[:300] + ")"
         raise SortedNetError(f"checkpoint {where} dimensions {[d.get('name') for d in theirs]} "
                              f"{[d.get('sizes') for d in theirs]} differ from the nest's "
-                             f"{[d.name for d in nest.dims]} {[list(d.sizes) for d in nest.dims]}: "
+                             f"{[d.name for d in nest.dims]} {[list(d.sizes) for d in nest.dims]}{fields}: "
                              f"saved {str(diff[0])[:300]} vs {str(diff[1])[:300]}")
     rows = rows_of(meta, where)
     n = len(nest.submodels)

@@ -277,8 +277,8 @@ class SVDSlicer(LowRankSlicer):
 
     def export(self, live: nn.Module, copy_: nn.Module) -> nn.Module:
         U, V, bias = live.U, live.V, live.bias
-        grad = live.__dict__["_sn"].extra["weight"].requires_grad
-        b = live._parameters.get("bias")
+        fu, fv = live._parameters["U"].requires_grad, live._parameters["V"].requires_grad  # (now, as Width's
+        b = live._parameters.get("bias")                                                    # exports follow)
         bgrad = b is not None and b.requires_grad
         if self.factored(live):
             st = live.__dict__["_sn"]
@@ -291,9 +291,9 @@ class SVDSlicer(LowRankSlicer):
                                 "to read, so the exported model would fail when run. Declare "
                                 "sn.Rank(..., export='merged') for it (one Linear holding U_r V_r, counted so by "
                                 "cost), or call the layer in the forward")
-            return nn.Sequential(self._linear(live, V, None, grad),
-                                 self._linear(live, U, bias, grad, bgrad)).train(live.training)
-        return self._fill(copy_, U @ V, bias, grad, bgrad)
+            return nn.Sequential(self._linear(live, V, None, fv),
+                                 self._linear(live, U, bias, fu, bgrad)).train(live.training)
+        return self._fill(copy_, U @ V, bias, fu or fv, bgrad)
 
 
 class LoRASlicer(LowRankSlicer):
