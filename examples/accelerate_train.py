@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         for sub in (single.smallest, single.largest):
             print(f"{str(sub):<22} {single.cost(sub):>6,} params  test accuracy {100 * scores[sub]:.1f}%")
         print(f"{world} process{'es' if world > 1 else ''}; checkpoint: {args.out}")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()                   # every process leaves together: one tearing the process
+    accelerator.end_training()                        # group down while another still evaluates can hang it
 
 
 if __name__ == "__main__":

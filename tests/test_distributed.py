@@ -321,6 +321,13 @@ def _errors(rank: int, out_dir: str) -> dict:
         out["module_left_out"] = "accepted"
     except sn.SortedNetError as e:
         out["module_left_out"] = str(e)
+    case, nest = _build("mlp", "ddp")
+    ddp = DDP(case.model)
+    try:  # module= naming the model inside the wrapper the closure calls: DDP's raw reducer error at step 0
+        snd.accumulate(nest, [nest.smallest, nest.largest], lambda: _loss(ddp(case.example)), module=case.model)
+        out["module_inner"] = "accepted"
+    except sn.SortedNetError as e:
+        out["module_inner"] = str(e)
     # a closure that switches sub-models on one rank only: refused on every rank before the forward runs
     # (DDP: the gradients of different sub-models would be averaged; FSDP2: the all-gathers would hang)
     for how in ("ddp", "fsdp2", "ddp_compiled"):  # (compiled: the hooks of the modules Dynamo traced never ran)
@@ -595,6 +602,10 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
 
     every_rank("closure_raises_one_rank", lambda: step(early))
     every_rank("ranks_still_in_step", lambda: step())  # the ranks are matched again afterwards
+    # ranks that ran different numbers of steps (uneven data): rank 1 saves while rank 0 starts another step
+    every_rank("save_while_a_rank_steps", lambda: snd.save(nest, os.path.join(out_dir, "uneven.safetensors"))
+               if rank == 1 else step())
+    every_rank("ranks_still_in_step_after_save", lambda: step())
     every_rank("save_missing_folder", lambda: snd.save(nest, os.path.join(out_dir, f"missing-{rank}",
                                                                            "nest.safetensors")))
     every_rank("calibrate_multi_rank", lambda: _bn_nest()[1].calibrate([torch.randn(4, 1, 6, 6)], batches=1))
@@ -775,6 +786,7 @@ def test_misuse_raises_clear_errors(run):
     assert "sortednet.distributed.save" in errs.get("export_sharded", "")
     assert "check before fully_shard" in errs.get("check_sharded", "")
     assert "module=ddp_model" in errs["module_left_out"]
+    assert "module=ddp_model" in errs["module_inner"] and "naming the model inside" in errs["module_inner"]
     for fam, (before, after) in errs["costs_sharded"].items():
         assert after == before, fam
     for key in ("other_order", "other_k"):  # (rank 0's record; every rank raised, or the run would hang)
@@ -798,6 +810,11 @@ def test_a_fault_on_one_rank_raises_on_every_rank(run):
         at = 0 if key == "save_missing_folder" else 1
         assert faulty in got[at] and other in got[1 - at], (key, got)
     assert errs["ranks_still_in_step"] == ["accepted"] * WORLD
+    # a rank in save met one still stepping (it waited for the process group's timeout, then blamed a rank-0-only
+    # call): both raise at once, naming the cause
+    for e in errs["save_while_a_rank_steps"]:
+        assert "reached different points" in e and "sortednet.distributed.save" in e and "numbers of steps" in e, e
+    assert errs["ranks_still_in_step_after_save"] == ["accepted"] * WORLD
     assert all("calibrate() runs in one process" in e for e in errs["calibrate_multi_rank"])
     assert all("scores units from data" in e for e in errs["sort_taylor_multi_rank"])
     assert errs["sort_l1_multi_rank"] == ["accepted"] * WORLD and errs["sorted_replicas_equal"]

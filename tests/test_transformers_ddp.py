@@ -105,6 +105,18 @@ def faults(out_dir: str) -> dict:
         out["seed_per_rank"] = "accepted"
     except sn.SortedNetError as e:
         out["seed_per_rank"] = str(e)
+
+    class BadOnOne:  # a draw refused on rank 1 only (a sub-model the nest does not have): rank 0 waited in its
+        def draw(self, step):  # next collective until rank 1's process died, then failed with gloo's raw error
+            return ["ffn=99,depth=1"] if rank == 1 else [nest.smallest]
+
+    trainer = SortedTrainer(model=model, args=TrainingArguments(os.path.join(out_dir, "bad"), **args),
+                            train_dataset=[{"input_ids": r, "labels": r} for r in x], nest=nest, sampler=BadOnOne())
+    try:
+        trainer.train()
+        out["refused_on_one_rank"] = "accepted"
+    except sn.SortedNetError as e:
+        out["refused_on_one_rank"] = str(e)
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=48, num_labels=3))
@@ -164,8 +176,9 @@ def test_sorted_trainer_under_ddp_equals_one_process(tmp_path):
         for k, v in ref.items():
             torch.testing.assert_close(ddp[mode]["state"][k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert ddp["sorted"]["calls"] == STEPS  # one gradient all-reduce per optimizer step (the model is one bucket)
-    for rank in ddp["faults"]:  # every rank raised (or the run would have hung), and agreed
+    for i, rank in enumerate(ddp["faults"]):  # every rank raised (or the run would have hung), and agreed
         assert "ranks disagree on the sub-models of step 0" in rank["seed_per_rank"], rank
+        assert "99" in rank["refused_on_one_rank"] and ("rank 1 refused" in rank["refused_on_one_rank"]) == (i == 0)
         assert rank["no_label_on_one_rank"] == ("ok", False), rank
         msg = rank["callback_find_unused_false"]
         assert "SubModelCallback" in msg and "ddp_find_unused_parameters=True" in msg, msg

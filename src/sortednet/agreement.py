@@ -18,8 +18,9 @@ __all__: list[str] = []
 
 
 #: where a rank is inside :func:`accumulate` when it meets the others (:func:`_sync`)
-_START, _FORWARD, _LOSS = 1, 2, 3
-_PHASES = {_START: "the start of a step", _FORWARD: "a forward", _LOSS: "the loss check after a closure"}
+_START, _FORWARD, _LOSS, _SAVE = 1, 2, 3, 4
+_PHASES = {_START: "the start of a step", _FORWARD: "a forward", _LOSS: "the loss check after a closure",
+           _SAVE: "sortednet.distributed.save"}
 _FLAGS = 2
 
 
@@ -37,8 +38,10 @@ def _sync(phase: int, digest: int, flags: Sequence[bool], group: Any) -> tuple[b
         other = _PHASES.get(-v[1] if v[0] == phase else v[0])
         raise _told(f"sortednet.distributed.accumulate: the ranks reached different points of the step (this "
                     f"rank: {_PHASES[phase]}; another: {other}): a closure raised on some rank (its error is raised "
-                    "there) or ran the model a different number of times; stopping on every rank so that no "
-                    "collective is left waiting")
+                    "there) or ran the model a different number of times"
+                    + (", or the ranks ran different numbers of steps (uneven data: give every rank the same number "
+                       "of batches, e.g. DistributedSampler(..., drop_last=True))" if _SAVE in (phase, -v[1], v[0])
+                       else "") + "; stopping on every rank so that no collective is left waiting")
     return v[2] == -v[3], [bool(x) for x in v[4:4 + len(flags)]]
 
 

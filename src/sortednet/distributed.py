@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .agreement import _FORWARD, _agree_on, _collective_device, _loss_agreement
+from .agreement import _FORWARD, _SAVE, _agree_on, _collective_device, _loss_agreement, _sync
 from .errors import SortedNetError
 from .slicers import is_sharded
 from .submodel import SubModel, SubModelLike
@@ -338,8 +338,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             return fsdp_losses
         if module is not None:
             guard(module, nest)
-        elif _active():
-            hooks.append(nest.model.register_forward_pre_hook(_unnamed_ddp))
+        if _active() and not isinstance(ddp, _ddp_type()):  # (module= left out, or naming the model inside the
+            hooks.append(nest.model.register_forward_pre_hook(_unnamed_ddp))  # wrapper the closure calls)
         if _active() and dist.get_world_size(group) > 1:
             closure = _trains_inside(closure, nest.model if module is None else _inner(module), module is None)
         with no_sync(module):
@@ -495,7 +495,8 @@ def _unnamed_ddp(mod: nn.Module, args: tuple) -> None:
     ddp = _ddp_type()._active_ddp_module
     if ddp is not None and ddp.require_backward_grad_sync and not ddp.find_unused_parameters:
         raise SortedNetError("the closure calls a DistributedDataParallel wrapper that "
-                             "sortednet.distributed.accumulate was not given: pass it, accumulate(nest, subs, "
+                             "sortednet.distributed.accumulate was not given (module= left out, or naming the "
+                             "model inside the wrapper): pass the wrapper, accumulate(nest, subs, "
                              "closure, module=ddp_model), so every backward runs under its no_sync and the "
                              "gradients are averaged once")
 
@@ -601,8 +602,29 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
     nest._check_alive()
     me = dist.get_rank() if _active() else 0
     error: Exception | None = None
-    if is_fsdp(nest.model):
+
+    def collective(e: Exception, step: str) -> SortedNetError:
+        return SortedNetError(
+            f"sortednet.distributed.save is collective: every rank must call it (not rank 0 alone, inside `if "
+            f"rank == 0:`); its {step} failed on rank {me} ({type(e).__name__}: {str(e)[:200]})"
+            + (f"; rank 0 wrote {os.fspath(path)!r}" if me == 0 and error is None and not fsdp else ""))
+
+    def agree() -> None:
+        """One phase-tagged collective (as every collective of snd.accumulate): a rank still inside a step (the
+        ranks ran different numbers of steps) meets it there, and every rank raises, none waits."""
+        if _active():
+            try:
+                _sync(_SAVE, 0, (), None)
+            except SortedNetError:
+                raise
+            except Exception as e:  # (a rank that never called it: a timeout)
+                raise collective(e, "agreement") from e
+
+    fsdp = is_fsdp(nest.model)
+    if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        agree()  # (before the gather: its collectives would pair with another rank's step and abort)
 
         state = get_model_state_dict(nest.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if me == 0:  # gathered tensors may be views into padded buffers: store compact copies
@@ -626,15 +648,13 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
         except Exception as e:
             error = e
     if _active():  # rank 0's outcome, to every rank (also the barrier: the file exists when this returns)
+        if not fsdp:
+            agree()
         outcome = [None if error is None else f"{type(error).__name__}: {error}"]
         try:
             dist.broadcast_object_list(outcome, src=0)
         except Exception as e:  # (a rank that never called it, `if rank == 0: snd.save(...)`: a timeout)
-            raise SortedNetError(
-                f"sortednet.distributed.save is collective: every rank must call it (not rank 0 alone, inside `if "
-                f"rank == 0:`); its closing broadcast from rank 0 failed on rank {me} ({type(e).__name__}: "
-                f"{str(e)[:200]})" + (f"; rank 0 wrote {os.fspath(path)!r}" if me == 0 and error is None
-                                      else "")) from e
+            raise collective(e, "closing broadcast from rank 0") from e
         if outcome[0] is not None and error is None:
             raise SortedNetError(f"sortednet.distributed.save: rank 0 could not write the checkpoint ({outcome[0]})")
     if error is not None:

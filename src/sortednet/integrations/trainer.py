@@ -309,10 +309,23 @@ class SortedTrainer(Trainer):
             self._loss_uses_items = _agreed(self._check_loss_kwargs(model, inputs, num_items_in_batch))
             if self._loss_uses_items is False:  # the Trainer then divides by the accumulation steps itself
                 self.model_accepts_loss_kwargs = False
-        subs = self.draw()
+        try:
+            subs, error = self.draw(), None
+        except SortedNetError as e:  # (refused on this rank: on several, passed through the agreement below, so
+            if _ranks() == 1:         # that every rank raises and none waits in its next collective)
+                raise
+            subs, error = [], e
         if _ranks() > 1:  # ranks that drew other sub-models (a seed per rank) would average their gradients
-            snd._agree_on([str(s) for s in subs], None, f"the sub-models of step {self.state.global_step}",
-                          "give every rank's sampler the same seed (SortedTrainer draws by the global step)")
+            names = [str(s) for s in subs] if error is None else [f"refused: {error}"]
+            try:
+                snd._agree_on(names, None, f"the sub-models of step {self.state.global_step}",
+                              "give every rank's sampler the same seed (SortedTrainer draws by the global step)")
+            except SortedNetError:
+                if error is not None:
+                    raise error from None
+                raise
+            if error is not None:  # (the same refusal on every rank: each raises its own)
+                raise error
         self._drop_calibration()
         self.history.append((self.state.global_step, tuple(subs)))
         weigh = getattr(self.sampler, "loss_weights_for", None)
