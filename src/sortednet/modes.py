@@ -62,7 +62,9 @@ def exact_math() -> Iterator[None]:
                 if on:
                     stack.enter_context(torch.autocast(dev, enabled=False))
         if torch.is_inference_mode_enabled():
-            stack.enter_context(torch.inference_mode(False))
+            grad = torch.is_grad_enabled()
+            stack.enter_context(torch.inference_mode(False))  # (which turns grad mode on: set back as it was)
+            stack.enter_context(torch.set_grad_enabled(grad))
         yield
 
 
