@@ -266,6 +266,22 @@ def test_loss_weights_take_strings_and_dicts_like_every_other_api():
         s = sn.Sampler(source, k=2, seed=0, loss_weights="small")
         want = s.loss_weights_for([nest.resolve("h=2"), nest.resolve("h=8")])
         assert s.loss_weights_for(["h=2", {"h": 8}]) == want
+        with pytest.raises(sn.SortedNetError, match="names one sub-model twice"):  # (accumulate refuses it too)
+            s.loss_weights_for(["h=2", nest.resolve("h=2")])
+
+
+def test_loss_weights_read_a_partial_name_as_the_nest_does():
+    """"a=4" (b left out: its largest size) is a sub-model for nest.resolve and sn.accumulate, but
+    loss_weights_for refused it; a sampler built from the nest now reads it the same way, and one built from a
+    list says what to do."""
+    import torch.nn as nn
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+                   sn.Width("a", [4, 8], out="0", inp="2"), sn.Width("b", [2, 8], out="2", inp="4"))
+    s = sn.Sampler(nest, k=2, seed=0, loss_weights="small")
+    assert s.loss_weights_for(["a=4", {"a": 8, "b": 2}]) == s.loss_weights_for(["a=4,b=8", "a=8,b=2"])
+    with pytest.raises(sn.SortedNetError, match="build the sampler from the nest"):
+        sn.Sampler(list(nest.submodels), k=2, seed=0, loss_weights="small").loss_weights_for(["a=4", "a=8,b=2"])
 
 
 def test_a_sampler_refuses_a_list_out_of_cost_order():

@@ -1477,3 +1477,46 @@ def test_distillation_over_a_masked_vocabulary_is_the_kl_over_the_classes_the_te
     assert torch.all(g1[..., cols] == 0)
     # a class the teacher gives probability and the student none: the KL is infinite (the NaN guard's case)
     assert d.soft_loss(s + neg, t, mask) == float("inf")
+
+
+@pytest.mark.parametrize("fault", ["float_targets", "empty_loader", "eval_every_alone"])
+def test_a_refused_fit_keeps_the_callers_gradients(fault):
+    """fit cleared .grad (optimizer.zero_grad) before its first batch's checks: a refused run still wiped the
+    gradients the caller had accumulated. Refused before any change now; eval_every= without eval_data= (which
+    returned no evaluation, in silence) is refused too."""
+    x, y = toy_batch(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    m(x).square().mean().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    data = {"float_targets": [(x, y.float())], "empty_loader": []}.get(fault, [(x, y)])
+    kw = {"eval_every": 2} if fault == "eval_every_alone" else {}
+    with pytest.raises(sn.SortedNetError, match="float32|yielded no batch|eval_every=2.*no eval_data"):
+        sn.fit(nest, data, torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), progress=False, **kw)
+    assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads))
+
+
+def test_a_diverged_model_scores_nan_and_its_mean_loss_says_so():
+    """Logits that are NaN scored the share of class 0 (argmax of a NaN row is 0) in evaluate and fit's
+    evaluations, and History.mean_loss left out every non-finite loss, also those trained on
+    (nonfinite="ignore"): a diverged run read as a healthy one. NaN now, where the model gave NaN; a loss a
+    step skipped (nonfinite="skip") is still left out."""
+    x, y = toy_batch(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    with torch.no_grad():
+        m[2].bias[1] = float("nan")
+    scores = evaluate(nest, [(x, y)])
+    assert all(math.isnan(v) for v in scores.values()), scores
+    hist = sn.fit(nest, [(x, y)] * 2, torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2),
+                  nonfinite="ignore", progress=False, eval_data=(x, y))
+    assert all(math.isnan(v) for v in hist.mean_loss().values()) and len(hist.mean_loss()) == 2
+    assert all(math.isnan(v) for v in hist.last_scores.values())
+    h = sn.train.History(train=[{"step": 0, "losses": {"h=8": float("nan"), "h=32": 1.0}, "skipped": ["h=8"]},
+                                {"step": 1, "losses": {"h=8": 2.0, "h=32": 3.0}}])
+    assert h.mean_loss() == {"h=8": 2.0, "h=32": 2.0}
+    # a non-finite logit where the target is ignored (-100: padding) does not count, as the target does not
+    out, t = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    out[0, 0], t[0, 0] = float("nan"), -100
+    want = float(((out.argmax(-1) == t) & (t != -100)).sum())
+    assert sn.train._accuracy(out, t) == want

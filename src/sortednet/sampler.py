@@ -357,8 +357,12 @@ class Sampler:
             if self._pos is None:
                 self._pos = {s: i for i, s in enumerate(self.submodels)}
             position = self._pos.get
+        resolve = getattr(self._source, "resolve", None)  # (built from the nest: names read as nest.resolve does)
+
         def key(s: Any) -> Any:  # a string or dict names the same sub-model as its SubModel
             try:
+                if resolve is not None and isinstance(s, (str, Mapping)):
+                    return resolve(s)  # (a dimension left out: its largest size)
                 return SubModel.parse(s) if isinstance(s, str) else SubModel(s) if isinstance(s, Mapping) else s
             except SortedNetError:
                 return s
@@ -367,7 +371,12 @@ class Sampler:
                                  f"{subs!r}")
         idx = [position(key(s)) for s in subs]
         if not idx or any(i is None for i in idx):
-            raise SortedNetError(f"loss_weights_for: {list(subs)!r} are not (all) sub-models of this sampler")
+            raise SortedNetError(f"loss_weights_for: {list(subs)!r} are not (all) sub-models of this sampler"
+                                 + ("" if resolve is not None else " (name every dimension, or build the sampler "
+                                    "from the nest, Sampler(nest, ...), to read names as nest.resolve does)"))
+        if len(set(idx)) != len(idx):
+            raise SortedNetError(f"loss_weights_for: {list(subs)!r} names one sub-model twice (sn.accumulate refuses "
+                                 "it: it would train twice, at twice the weight)")
         w = self._loss_w[idx]
         return [float(x) for x in w / w.sum()]
 

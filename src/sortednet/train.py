@@ -474,7 +474,8 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
 
     Refuses what argmax accuracy cannot score right, instead of a number that means nothing: float targets (a
     regression), one logit per example (argmax is always 0), and targets whose shape is not the prediction's (a
-    ``(B, 1)`` column against ``(B,)`` predictions would broadcast to ``(B, B)``)."""
+    ``(B, 1)`` column against ``(B,)`` predictions would broadcast to ``(B, B)``). A non-finite logit at a
+    counted position scores NaN (its argmax would be 0: a diverged model would get the share of class 0)."""
     if not isinstance(out, Tensor):
         raise SortedNetError(f"the default accuracy needs the model's output to be a tensor of logits, got "
                              f"{type(out).__name__}; pass metric=")
@@ -490,7 +491,10 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
         raise SortedNetError(f"the default accuracy compares output.argmax(-1) of shape {tuple(out.shape[:-1])} "
                              f"with targets of shape {tuple(y.shape)}: they must be equal (give class indices "
                              "shaped like the predictions, e.g. y.squeeze(-1) for a column), or pass metric=")
-    return float(((out.argmax(-1) == y) & _counted(y)).sum())
+    counted = _counted(y)
+    if not bool((torch.isfinite(out).all(-1) | ~torch.as_tensor(counted, device=out.device)).all()):
+        return math.nan  # (argmax over a NaN row is 0: a diverged model scored as the share of class 0)
+    return float(((out.argmax(-1) == y) & counted).sum())
 
 
 def _counted(y: Tensor) -> Tensor | bool:
@@ -618,8 +622,9 @@ class History:
         return dict(self.evals[-1]["scores"]) if self.evals else {}
 
     def mean_loss(self, last: int | None = 50) -> dict[str, float]:
-        """Mean training loss per sub-model over the last ``last`` steps (``None``: all of them; skipped
-        non-finite losses left out)."""
+        """Mean training loss per sub-model over the last ``last`` steps (``None``: all of them). Losses a step
+        skipped (``nonfinite="skip"``: listed under ``"skipped"``) are left out; any other non-finite loss was
+        trained on (``nonfinite="ignore"``) and makes its sub-model's mean non-finite, as the run it reports."""
         if last is not None and (isinstance(last, bool) or not isinstance(last, numbers.Integral) or last < 1):
             raise SortedNetError(f"History.mean_loss(last=...) takes a number of steps >= 1 or None (all), "
                                  f"got {last!r}")
@@ -627,7 +632,7 @@ class History:
         for rec in self.train if last is None else self.train[-int(last):]:
             skipped = set(rec.get("skipped", ()))  # (a finite task loss whose distillation term was not finite)
             for s, v in rec["losses"].items():
-                if math.isfinite(v) and s not in skipped:
+                if s not in skipped:
                     sums.setdefault(s, []).append(v)
         return {s: sum(v) / len(v) for s, v in sums.items()}
 
@@ -742,6 +747,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                              f"batch, got {metric!r}")
     if metric is not None and eval_data is None:
         raise SortedNetError("fit(metric=...) scores eval_data, but no eval_data was given")
+    if eval_every is not None and eval_data is None:
+        raise SortedNetError(f"fit(eval_every={eval_every}) evaluates eval_data, but no eval_data was given")
     if eval_data is not None and _one_shot(eval_data):
         raise SortedNetError(f"fit(eval_data=...) is evaluated more than once: give data it can iterate again (a "
                              f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}")
@@ -792,7 +799,6 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     reached: list[Any] = [start_step, None]
     try:
         model.train()
-        optimizer.zero_grad(set_to_none=True)  # every step starts from no gradient, the first one too (resumed)
         _fit_loop(nest, loader, sampler, optimizer, scheduler, loss_fn, distill, nonfinite, epochs, total,
                   progress, device, group, ema, hist, step, eval_data, eval_every, metric, reached)
     except BaseException as e:  # where the run stopped: what a resumed run needs to know
@@ -873,6 +879,8 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     return loss if distill is None else (loss, out, *_ignored(out, y))
 
                 subs = sampler.draw(step)
+                if step == first:  # every step starts from no gradient, the first one too (resumed), once its
+                    optimizer.zero_grad(set_to_none=True)  # batch passed the checks (a refusal keeps the caller's)
                 try:
                     losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite,
                                         weights=sampler.loss_weights_for(subs))
