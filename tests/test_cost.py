@@ -660,3 +660,39 @@ def test_a_tensor_tied_to_an_unbound_layer_counts_whole_when_its_bound_holder_is
                    sn.Depth("depth", [1, 2], layers="blocks"))
     for sub in ("f1=16,depth=1", "f1=32,depth=1"):
         assert nest.cost(sub) == sum({id(p): p.numel() for p in nest.export(sub).parameters()}.values()), sub
+
+
+class _Masked(torch.nn.Module):
+    """A block holding a large buffer its forward reads (a mask, a rotary table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.register_buffer("mask", torch.ones(128, 128))
+
+    def forward(self, x):
+        return self.fc(x) + self.mask[:1, :16]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_memory_counts_the_buffers_the_export_holds(family):
+    """The memory cost counted parameters and the forward's new tensors, not buffers (BatchNorm statistics,
+    masks, rotary tables): pick(memory=) chose a sub-model whose export held 1 MiB of buffers under a 10 KB
+    budget. Each sub-model now counts the buffers its export holds, cut and depth-skipped as there."""
+    from sortednet.cost import _buffer_bytes
+
+    case = FAMILIES[family]()
+    nest = sn.wrap(case.model, *case.dims)
+    for sub in {nest.smallest, nest.largest, *nest.submodels[:: max(1, len(nest.submodels) // 4)]}:
+        small = nest.export(sub)
+        want = sum(b.numel() * b.element_size() for b in small.buffers())
+        with nest.use(sub):
+            assert _buffer_bytes(nest, nest.model) == want, sub
+        assert _buffer_bytes(nest, small) == want
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), _Masked(), _Masked(), torch.nn.Linear(16, 2))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="1.fc"))
+    x = torch.randn(2, 8)
+    prof = nest.profile(x, metrics=("params", "memory"), repeat=1, progress=False)
+    assert all(v >= 2 * 128 * 128 * 4 for v in prof.costs["memory"])
+    with pytest.raises(sn.BudgetError, match="memory"):
+        nest.pick(memory=10_000)

@@ -814,3 +814,17 @@ def test_a_checkpoint_with_malformed_stale_marks_is_refused_before_anything_chan
         with pytest.raises(sn.SortedNetError, match="stale"):
             sn.load(nest, bad, verify=False)
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_profile_without_flops_or_a_misspelt_metric_is_said_so():
+    """pick(flops=, latency=) on a profile that counted no FLOPs blamed "another input" (of None), and
+    to_markdown("latncy") printed a table with no front marked (read: nothing is on it), where front() and
+    plot() refuse the same name."""
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)),
+                   sn.Width("a", [8, 16, 32], out="0", inp="2"))
+    prof = nest.profile(torch.randn(2, 8), metrics=("params", "latency"), repeat=1, warmup=0, progress=False)
+    with pytest.raises(sn.SortedNetError, match="no 'flops' cost known"):
+        nest.pick(flops=1e9, latency=1)
+    with pytest.raises(sn.SortedNetError, match="this profile has no 'latncy'; it has"):
+        prof.to_markdown("latncy")
+    assert prof.to_markdown("latency").count("| * |") >= 1

@@ -356,11 +356,11 @@ class _PeakBytes(TorchDispatchMode):
 
 
 def measure_memory(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
-    """Bytes ``sub`` needs for one forward on ``example``: its active weights
-    plus the peak of tensors the forward creates (inputs excluded), on ``model`` (default ``nest.model``)."""
+    """Bytes ``sub`` needs for one forward on ``example``: its active weights and buffers (as its export holds
+    them) plus the peak of tensors the forward creates (inputs excluded), on ``model`` (default ``nest.model``)."""
     model = nest.model if model is None else model
     with nest.use(sub), torch.no_grad():
-        weights = nest._param_counter.bytes(sub)  # each parameter at its own element size
+        weights = nest._param_counter.bytes(sub) + _buffer_bytes(nest, model)  # (each at its own element size)
         existing = {t.untyped_storage().data_ptr() for t in itertools.chain(
             model.parameters(), model.buffers(), tree_leaves(example)) if isinstance(t, Tensor)}
         mode = _PeakBytes(existing)
@@ -368,6 +368,37 @@ def measure_memory(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module 
             out = call_model(model, example)
         del out
     return int(weights + mode.peak)
+
+
+def _buffer_bytes(nest: Nest, model: nn.Module) -> int:
+    """Bytes of the buffers the active sub-model holds, as its export does: cut where a slicer cuts them
+    (BatchNorm statistics of a Width), none of a block a Depth skips (unless a running module also holds it),
+    each storage once (masks, rotary tables, statistics: the model's memory beside its parameters)."""
+    if model is not nest.model:  # (an export: its own buffers)
+        tensors = [b for b in model.buffers()]
+    else:
+        gone = {id(x) for m in nest._depth for blk in m._sn.slicer.inactive(m) for x in blk.modules()}
+        if gone:
+            held = reachable_modules(model, {(id(m), name) for m in nest._depth for name in m._sn.slicer.skipped(m)})
+            gone -= set(held)
+        tensors = []
+        for m in model.modules():
+            if id(m) in gone:
+                continue
+            st = m.__dict__.get("_sn")
+            cut = set(st.slicer.attr_names(m, st.bind)) if st is not None else set()
+            for name, b in m._buffers.items():
+                if b is not None:
+                    tensors.append(getattr(m, name) if name in cut else b)  # (the active cut of a sliced one)
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        if isinstance(t, Tensor) and t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
 
 
 def example_signature(example: Any) -> tuple:

@@ -949,7 +949,8 @@ class Nest:
                     "describe this device. Profile again there (nest.profile(example on that device)), or move the "
                     "model back")
         if "flops" in limits:
-            if measured and prof is not None and self._flops_example != _profile_sig(prof):
+            if (measured and prof is not None and self._flops_example is not None
+                    and self._flops_example != _profile_sig(prof)):  # (none counted: "no 'flops' cost" below)
                 raise SortedNetError(
                     f"pick(flops=..., {measured[0]}=...): the FLOPs table was counted on another input than the "
                     f"profile's {measured[0]} (cost(..., 'flops', example=...) on {self._flops_example!r}, the "

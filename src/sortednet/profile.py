@@ -204,7 +204,9 @@ class Profile:
 
     def to_markdown(self, metric: str = "params") -> str:
         """A markdown table, one row per sub-model; ``*`` marks the Pareto front of (``metric``, score)."""
-        on_front = set(self.front(metric)) if metric in self.costs else set()
+        if metric not in self.costs:  # (a table with no front marked would read as "nothing is on it")
+            raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
+        on_front = set(self.front(metric))
         metrics = [m for m in METRICS if m in self.costs]
         head = ["sub-model", *(f"{m}" + (f" ({_UNITS[m]})" if _UNITS[m] and m != "latency" else "")
                                for m in metrics)]
