@@ -694,5 +694,13 @@ def test_memory_counts_the_buffers_the_export_holds(family):
     x = torch.randn(2, 8)
     prof = nest.profile(x, metrics=("params", "memory"), repeat=1, progress=False)
     assert all(v >= 2 * 128 * 128 * 4 for v in prof.costs["memory"])
+    # the live profile (a private view of the model) counts the buffers as cut, as the export holds them
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                             torch.nn.Linear(64, 2)).eval()
+    bnest = sn.wrap(bn, sn.Width("w", [16, 64], out="0", norm="1", inp="3"))
+    live, exported = (bnest.profile(x, metrics=("memory",), repeat=1, progress=False, on=on).costs["memory"]
+                      for on in ("live", "export"))
+    assert list(live) == list(exported) and live[0] < live[-1]
     with pytest.raises(sn.BudgetError, match="memory"):
         nest.pick(memory=10_000)

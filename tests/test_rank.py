@@ -442,6 +442,12 @@ def test_lora_target_refuses_a_strict_load_without_adapters_before_any_copy():
     model.load_state_dict(plain, strict=False)
     torch.testing.assert_close(model[3].weight, plain["3.weight"], rtol=0, atol=0)
 
+    def adapters_optional(module, result):  # a PEFT-style post-hook: the adapters may be missing
+        result.missing_keys[:] = [k for k in result.missing_keys if "lora_" not in k]
+
+    model.register_load_state_dict_post_hook(adapters_optional)
+    model.load_state_dict(_stack(2).state_dict())  # strict=True, made to pass by the hook: not refused
+
 
 # -- svd: Eckart-Young at wrap time ------------------------------------------------
 @settings(max_examples=8)
@@ -797,3 +803,37 @@ def test_a_checkpoint_of_another_rank_mode_names_the_field_that_differs(tmp_path
     svd = sn.wrap(_stack(0), sn.Rank("r", [2, 4, 8], targets=["1"], mode="svd"))
     with pytest.raises(sn.SortedNetError, match=r"\('r': mode 'lora' saved, 'svd' in the nest, alpha 3\.0 saved"):
         sn.load(svd, path)
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_a_pruned_rank_target_is_refused_at_wrap_naming_the_pruning(mode, name):
+    """A pruned bias passed wrap, then every forward raised "2.bias is sliced ... cannot be set" (the user had
+    changed nothing) and the export failed when run; a pruned weight was blamed on a weight_norm hook. Refused
+    at wrap, naming torch.nn.utils.prune, with the model unchanged."""
+    from torch.nn.utils import prune
+
+    model = _stack(0)
+    prune.l1_unstructured(model[1], name, amount=0.5)
+    snap = snapshot(model)
+    with pytest.raises(sn.PatternError, match=rf"'1': the layer is pruned .*\['{name}'\].*prune\.remove"):
+        sn.wrap(model, sn.Rank("r", [2, 4, 8], targets="1", mode=mode))
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_a_model_built_under_inference_mode_merges_into_tensors_of_its_kind(mode):
+    """Built, wrapped and unwrapped with merge=True inside inference_mode (serving code): the merged weight must
+    be an inference tensor like the model's others (a normal one beside them made every forward raise
+    "Inference tensors do not track version counter")."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        nest = sn.wrap(m, sn.Rank("r", [2, 8], targets="0", mode=mode))
+        x = torch.randn(3, 8)
+        with nest.use("r=8"):
+            want = m(x)
+        back = nest.unwrap(merge=True)
+        torch.testing.assert_close(back(x), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), want, atol=1e-5, rtol=1e-5)

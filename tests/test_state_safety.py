@@ -1721,3 +1721,41 @@ def test_a_module_tree_with_a_cycle_is_refused_by_name():
     m[1].back = nn.Identity()  # shared, not cyclic: fine
     m.alias = m[1]
     sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+
+
+def test_unwrap_of_a_module_parametrized_after_wrap_is_refused_before_any_change():
+    """register_parametrization of an unsliced tensor of a sliced module (an extra gain) is PyTorch's to do: it
+    swaps the class for one built on the sliced class. unwrap restored the original class over it: the
+    parametrization and its tensor were gone (the forward and remove_parametrizations raised AttributeError),
+    with no way back. Refused by name now, nothing changed; removing the parametrization first unwraps."""
+    from torch.nn.utils import parametrize
+
+    class Exp(nn.Module):
+        def forward(self, x):
+            return x.exp()
+
+        def right_inverse(self, x):
+            return x.log()
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    m[2].register_parameter("gain", nn.Parameter(torch.tensor(0.7)))
+    m[2].register_forward_hook(lambda mod, i, o: o * mod.gain)
+    x = torch.randn(5, 8)
+    nest = sn.wrap(m, sn.Width("a", [4, 16], out="0", inp="2"))
+    parametrize.register_parametrization(m[2], "gain", Exp())
+    with torch.no_grad():
+        before = m(x)
+    classes = [type(c) for c in m.modules()]
+    with pytest.raises(sn.SortedNetError, match=r"'2' was parametrized after wrap .*\['gain'\].*Nothing was changed"):
+        nest.unwrap()
+    assert [type(c) for c in m.modules()] == classes
+    with torch.no_grad(), nest.use("a=4"):
+        m(x)  # the nest still works
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before)
+    parametrize.remove_parametrizations(m[2], "gain")
+    nest.unwrap()
+    assert type(m[2]) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before)

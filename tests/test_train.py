@@ -1522,3 +1522,10 @@ def test_a_diverged_model_scores_nan_and_its_mean_loss_says_so():
     out[0, 0], t[0, 0] = float("nan"), -100
     want = float(((out.argmax(-1) == t) & (t != -100)).sum())
     assert sn.train._accuracy(out, t) == want
+    # -inf in some classes (masked ones) leaves argmax well defined: scored as usual; a row of -inf only is NaN
+    out = torch.randn(4, 6)
+    out[:, 4:] = float("-inf")
+    t = torch.randint(0, 4, (4,))
+    assert sn.train._accuracy(out, t) == float((out.argmax(-1) == t).sum())
+    out[1] = float("-inf")
+    assert math.isnan(sn.train._accuracy(out, t))

@@ -671,21 +671,39 @@ def test_trainer_applies_the_samplers_loss_weights(trainer, tmp_path):
     torch.testing.assert_close(w - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("trainer", [_OwnLoss, _AddsToSuper])
-def test_gradient_accumulation_of_a_subclass_loss_is_the_mean_over_the_batch(trainer, tmp_path):
+class _GradPenalty(SortedTrainer):
+    """A subclass whose loss differentiates (a gradient penalty through torch.autograd.grad), computing its own
+    mean: measured with gradients on, as in a step."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        emb = model.get_input_embeddings()(inputs["input_ids"])
+        logits = model(inputs_embeds=emb).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 inputs["labels"][:, 1:].reshape(-1))
+        g, = torch.autograd.grad(loss, emb, retain_graph=True)  # (under no_grad: "does not require grad")
+        return loss + 0.0 * g.square().sum()
+
+
+@pytest.mark.parametrize("trainer", [_OwnLoss, _GradPenalty, _AddsToSuper])
+def test_gradient_accumulation_of_a_subclass_loss_is_measured_on_what_it_returns(trainer, tmp_path):
     """The Trainer passes num_items_in_batch to a Llama (its own loss divides by it) and then skips dividing by
-    the accumulation steps; a subclass's compute_loss that computes its mean itself, or adds a term to super()'s
-    loss, was measured through the model's forward (which halves) and took a step 2x too large (the inline
-    mean, or the added term, counted once per micro-batch). Now the loss compute_loss returns is measured:
-    one SGD step over 2 micro-batches == -lr x the gradient of the mean of their losses."""
+    the accumulation steps; a subclass's compute_loss computing its own mean was measured through the model's
+    forward (which halves) and took a step 2x too large. Now the loss compute_loss returns is measured (with
+    gradients, as in a step: an override may call autograd.grad): an inline mean gives one SGD step over 2
+    micro-batches == -lr x the gradient of the mean of their losses. A term added to super()'s token-weighted
+    loss keeps the token weighting and counts once per micro-batch, as in the stock Trainer, with a warning."""
+    from sortednet.integrations.trainer import PartlyScaledLossWarning
+
     model, _, _, _ = build("llama")
     model.train()
     nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
     sub = nest.resolve("ffn=16,depth=2")
     x = ids(seed=9, b=4)
-    extra = (lambda: 0.1 * model.lm_head.weight.square().sum()) if trainer is _AddsToSuper else (lambda: 0.0)
+    mixed = trainer is _AddsToSuper
+    extra = (lambda: 0.1 * model.lm_head.weight.square().sum()) if mixed else (lambda: 0.0)
     with nest.use(sub):
-        loss = sum(model(input_ids=x[i:i + 2], labels=x[i:i + 2]).loss + extra() for i in (0, 2)) / 2
+        loss = sum(model(input_ids=x[i:i + 2], labels=x[i:i + 2]).loss + (2 if mixed else 1) * extra()
+                   for i in (0, 2)) / 2
     want = torch.autograd.grad(loss, model.lm_head.weight)[0]
     before = model.lm_head.weight.detach().clone()
     args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
@@ -693,9 +711,12 @@ def test_gradient_accumulation_of_a_subclass_loss_is_the_mean_over_the_batch(tra
                              use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no")
     t = trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in x], nest=nest,
                 sampler=sn.Sampler([sub], k=1, seed=0))
-    t.train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        t.train()
+    assert any(issubclass(w.category, PartlyScaledLossWarning) for w in seen) == mixed
     torch.testing.assert_close(before - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
-    assert t._loss_uses_items is False
+    assert t._loss_uses_items is mixed
 
 
 def test_a_compute_loss_that_skips_the_soft_exits_is_refused_before_a_backward(tmp_path):

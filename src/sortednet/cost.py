@@ -374,9 +374,10 @@ def _buffer_bytes(nest: Nest, model: nn.Module) -> int:
     """Bytes of the buffers the active sub-model holds, as its export does: cut where a slicer cuts them
     (BatchNorm statistics of a Width), none of a block a Depth skips (unless a running module also holds it),
     each storage once (masks, rotary tables, statistics: the model's memory beside its parameters)."""
-    if model is not nest.model:  # (an export: its own buffers)
+    if model is not nest.model and not any("_sn" in m.__dict__ for m in model.modules()):  # (an export: its own)
         tensors = [b for b in model.buffers()]
-    else:
+    else:  # (the model, or a private view of it sharing its tensors: profile's eval view, counted on the model)
+        model = nest.model
         gone = {id(x) for m in nest._depth for blk in m._sn.slicer.inactive(m) for x in blk.modules()}
         if gone:
             held = reachable_modules(model, {(id(m), name) for m in nest._depth for name in m._sn.slicer.skipped(m)})

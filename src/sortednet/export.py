@@ -13,7 +13,9 @@ refuses them. No tensor of the export aliases the live model.
 
 from __future__ import annotations
 
+import functools
 import types
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +101,61 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             if isinstance(m, nn.TransformerEncoder) and m.__dict__.get("use_nested_tensor"):
                 _keep_nested_path(m)
         _share_once(model, new, skipped, sub)
+        _warn_live_hooks(model, new, sub)
     return new
+
+
+class LiveHookWarning(UserWarning):
+    """A hook copied into an export refers to the live model (through its closure or a ``functools.partial``):
+    the export then reads the live weights, not its own."""
+
+
+def _captured(fn: Any, depth: int = 0) -> list[Any]:
+    """What hook ``fn`` reads besides its arguments: its closure's cells, the globals its code names, a
+    partial's arguments (one level into lists, tuples and dicts)."""
+    out: list[Any] = []
+    if isinstance(fn, functools.partial):
+        out += [*fn.args, *fn.keywords.values()]
+        if depth < 3:
+            out += _captured(fn.func, depth + 1)
+    wrapped = getattr(fn, "hook", None)  # (torch's wrapper of a module-taking hook)
+    if wrapped is not None and wrapped is not fn and depth < 3:
+        out += _captured(wrapped, depth + 1)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # (an empty cell)
+            continue
+    code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if code is not None and isinstance(names, dict):  # (a script's module-level model or layer it reads)
+        out += [names[n] for n in code.co_names if n in names]
+    more = [v for x in out if isinstance(x, (list, tuple)) for v in x]
+    more += [v for x in out if isinstance(x, dict) for v in x.values()]
+    return out + more
+
+
+def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
+    """Warn (LiveHookWarning) when a hook the export carries holds a module or tensor of the live model: a deep
+    copy keeps a function's closure as it is, so ``lambda mod, i, o: o * lin.weight.mean()`` in the export still
+    reads the live ``lin`` (another sub-model's values now, and whatever training does to them later)."""
+    live = {id(x) for x in (*model.modules(), *model.parameters(), *model.buffers())}
+    for path, m in new.named_modules():
+        for attr in _HOOK_DICTS:
+            for fn in list(getattr(m, attr, {}).values()):
+                if isinstance(fn, (bool, int)):
+                    continue
+                hit = next((x for x in _captured(fn) if id(x) in live), None)
+                if hit is not None:
+                    st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
+                    what = (st.cls if st is not None else type(hit)).__name__
+                    warnings.warn(
+                        f"export({sub}): a hook on {path or type(new).__name__!r} ({attr}) holds a {what} of the "
+                        "live model (in its closure, a global it reads or a functools.partial's arguments), which "
+                        "a copy keeps as it is: the export computes with the live model's values there, not its "
+                        "own. Read the "
+                        "module the hook is given (its first argument) instead, as hooks of the module itself "
+                        "are copied with it", LiveHookWarning, stacklevel=4)
+                    return
 
 
 def _keep_nested_path(enc: nn.TransformerEncoder) -> None:

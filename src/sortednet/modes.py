@@ -47,11 +47,13 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")
 
 
 @contextlib.contextmanager
-def exact_math() -> Iterator[None]:
+def exact_math(leave_inference: bool = True) -> Iterator[None]:
     """Arithmetic that builds a model's weights (a Rank's merge in ``export`` / ``unwrap``) in the weights' own
     dtype, as trainable tensors: autocast off (inside ``torch.autocast`` ``U @ V`` is computed in bf16: a weight
     of another dtype than its bias, or a rounded one) and out of ``inference_mode`` (a weight made there is an
-    inference tensor: autograd never gives it a gradient, in silence)."""
+    inference tensor: autograd never gives it a gradient, in silence). ``leave_inference=False``: stays in
+    inference_mode (weights merged into a model whose other tensors are inference tensors: one of each kind
+    could not run together)."""
     with contextlib.ExitStack() as stack:
         if torch._C._is_any_autocast_enabled():
             for dev in _AUTOCAST_DEVICES:
@@ -61,7 +63,7 @@ def exact_math() -> Iterator[None]:
                     continue
                 if on:
                     stack.enter_context(torch.autocast(dev, enabled=False))
-        if torch.is_inference_mode_enabled():
+        if leave_inference and torch.is_inference_mode_enabled():
             grad = torch.is_grad_enabled()
             stack.enter_context(torch.inference_mode(False))  # (which turns grad mode on: set back as it was)
             stack.enter_context(torch.set_grad_enabled(grad))

@@ -474,8 +474,9 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
 
     Refuses what argmax accuracy cannot score right, instead of a number that means nothing: float targets (a
     regression), one logit per example (argmax is always 0), and targets whose shape is not the prediction's (a
-    ``(B, 1)`` column against ``(B,)`` predictions would broadcast to ``(B, B)``). A non-finite logit at a
-    counted position scores NaN (its argmax would be 0: a diverged model would get the share of class 0)."""
+    ``(B, 1)`` column against ``(B,)`` predictions would broadcast to ``(B, B)``). A NaN logit (or a row of -inf
+    only) at a counted position scores NaN (its argmax would be 0: a diverged model would get the share of class
+    0); -inf in some classes (masked ones) is scored as usual."""
     if not isinstance(out, Tensor):
         raise SortedNetError(f"the default accuracy needs the model's output to be a tensor of logits, got "
                              f"{type(out).__name__}; pass metric=")
@@ -492,7 +493,8 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
                              f"with targets of shape {tuple(y.shape)}: they must be equal (give class indices "
                              "shaped like the predictions, e.g. y.squeeze(-1) for a column), or pass metric=")
     counted = _counted(y)
-    if not bool((torch.isfinite(out).all(-1) | ~torch.as_tensor(counted, device=out.device)).all()):
+    bad = out.isnan().any(-1) | (out == -math.inf).all(-1)  # (-inf in some classes: masked ones, argmax is fine)
+    if bool((bad & torch.as_tensor(counted, device=out.device)).any()):
         return math.nan  # (argmax over a NaN row is 0: a diverged model scored as the share of class 0)
     return float(((out.argmax(-1) == y) & counted).sum())
 

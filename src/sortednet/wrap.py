@@ -540,12 +540,16 @@ class StateKeys:
 
 
 def _strict_load() -> bool:
-    """The ``strict`` of the ``Module.load_state_dict`` call running in this thread (False if none is found: a
-    loader of its own that calls ``_load_from_state_dict`` decides for itself)."""
+    """Whether the ``Module.load_state_dict`` call running in this thread will refuse missing keys: its
+    ``strict``, unless a load_state_dict post-hook in the loaded model may drop them from the result (PEFT-style
+    loaders of base weights do). False if no such call is found (a loader of its own that calls
+    ``_load_from_state_dict`` decides for itself)."""
     f, code = sys._getframe(2), nn.Module.load_state_dict.__code__
     while f is not None:
         if f.f_code is code:
-            return bool(f.f_locals.get("strict", True))
+            root = f.f_locals.get("self")
+            hooked = isinstance(root, nn.Module) and any(m._load_state_dict_post_hooks for m in root.modules())
+            return bool(f.f_locals.get("strict", True)) and not hooked
         f = f.f_back
     return False
 
@@ -1179,12 +1183,24 @@ def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool
     ``merge`` (the largest its nest's sub-models use: a restricted nest never trained the rest).
     """
     modules = list(modules)
+    parametrized = [m for m in modules if "_sn" in m.__dict__
+                    and isinstance(m._modules.get("parametrizations"), nn.ModuleDict)]
+    if parametrized:  # (register_parametrization after wrap swapped the class for one built on the sliced class:
+        st = parametrized[0].__dict__["_sn"]  # restoring the original class would drop it and its tensors)
+        names = list(parametrized[0]._modules["parametrizations"].keys())
+        raise SortedNetError(
+            f"unwrap: {st.path or type(parametrized[0]).__name__!r} was parametrized after wrap "
+            f"(register_parametrization of {names}), which gave it a class of PyTorch's built on the sliced one; "
+            "restoring its original class would drop the parametrization and the tensors it computes. Remove it "
+            f"first (torch.nn.utils.parametrize.remove_parametrizations(module, {names[0]!r})), unwrap, then "
+            "parametrize the unwrapped model. Nothing was changed")
 
     def merge_of(m: nn.Module) -> bool | int:
         b = m.__dict__["_sn"].bind.get("rank")
         return ranks.get(b.dim.name, merge) if merge and ranks and b is not None else merge
 
-    with exact_math():  # (a merged weight in its own dtype under autocast; a trainable one under inference_mode)
+    frozen = any(t.is_inference() for m in modules for t in m.parameters(recurse=False))  # (built under
+    with exact_math(leave_inference=not frozen):  # inference_mode: merged alike) (its own dtype under autocast)
         pending = [m.__dict__["_sn"].slicer.pre_restore(m, merge_of(m)) for m in modules]
 
     def restore(m: nn.Module, pre: Any) -> None:  # (idempotent: finish_all may run it again)

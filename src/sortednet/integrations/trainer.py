@@ -17,6 +17,7 @@ import numbers
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -392,42 +393,62 @@ class SortedTrainer(Trainer):
     _loss_uses_items: bool | None = None
 
     def _check_loss_kwargs(self, model: torch.nn.Module, inputs: dict[str, Any], n: Any) -> bool | None:
-        """Whether the loss the step trains on divides by ``num_items_in_batch`` (is a sum over the batch's items
-        divided by it). The Trainer passes it to every model whose forward takes ``**kwargs`` and then skips
-        dividing by the accumulation steps; a loss that ignores it (transformers' sequence classification,
-        question answering, any loss computed inline: in the model, or in a subclass's ``compute_loss``), or
-        divides only part of itself by it (a term added to the token mean: a regulariser, a router loss),
-        would make each micro-batch's mean (or that part) count in full: with ``gradient_accumulation_steps=g``,
-        g times the step.
-        Measured once, on the first micro-batch: the loss computed twice in eval mode without gradients, given
-        ``n`` and ``2 n`` items (the model's forward, or this trainer's ``compute_loss`` where a subclass or the
-        instance replaced it). Only a loss that halves divides by it; otherwise the Trainer is told the model
-        takes no loss kwargs, so every micro-batch's loss is its own mean and the Trainer divides by the
-        accumulation steps, as for any such model."""
+        """Whether the loss the step trains on divides by ``num_items_in_batch``. The Trainer passes it to every
+        model whose forward takes ``**kwargs`` and then skips dividing by the accumulation steps; a loss that
+        ignores it (transformers' sequence classification, question answering, any loss computed inline: in the
+        model, or in a subclass's ``compute_loss``) would make each micro-batch's mean count in full: with
+        ``gradient_accumulation_steps=g``, g times the step.
+        Measured once, on the first micro-batch: the loss computed twice in eval mode, given ``n`` and ``2 n``
+        items (the model's forward without gradients, or this trainer's ``compute_loss`` where a subclass or the
+        instance replaced it, with gradients as in a step: it may take ``autograd.grad``). A loss that comes
+        back the same ignores it: the Trainer is then told the model takes no loss kwargs (it divides by the
+        accumulation steps, as for any such model). One that halves divides by it. One that changes otherwise
+        divides part of itself (a term added to the token mean: a router loss, a regulariser): the token
+        weighting is kept and :class:`PartlyScaledLossWarning` says that the other part counts once per
+        micro-batch."""
         own = "compute_loss" in self.__dict__ or type(self).compute_loss is not SortedTrainer.compute_loss
         if (not self.model_accepts_loss_kwargs or self.soft_exits is not None or self.compute_loss_func is not None
                 or self.label_smoother is not None or ("labels" not in inputs and not own)
                 or getattr(self, "loss_is_scaled_for_ga", None) is not None):
             return True
         inputs = self._prepare_inputs(inputs)
-        losses = []
+
+        def measure(items: Any, through_override: bool) -> float:
+            with torch.random.fork_rng(devices=[]):
+                if through_override:
+                    with torch.enable_grad():  # (as in a step: the override may differentiate)
+                        out = self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+                    loss = out[0] if isinstance(out, tuple) else out
+                else:
+                    with torch.no_grad():
+                        out = model(**inputs, num_items_in_batch=items)
+                    loss = out["loss"] if isinstance(out, dict) else out[0]
+            return float(loss.detach().float())
+
         modes = [(m, m.training) for m in model.modules()]
         try:  # eval mode: no dropout, no BatchNorm statistics updated by these two extra forwards
             model.eval()
-            for items in (n, n * 2):
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    if own:
-                        out = self.compute_loss(model, dict(inputs), num_items_in_batch=items)
-                        loss = out[0] if isinstance(out, tuple) else out
-                    else:
-                        out = model(**inputs, num_items_in_batch=items)
-                        loss = out["loss"] if isinstance(out, dict) else out[0]
-                losses.append(float(loss.detach().float()))
+            try:
+                losses = [measure(items, own) for items in (n, n * 2)]
+            except Exception:  # (an override that cannot run outside a step: the model's own loss decides)
+                if not own or "labels" not in inputs:
+                    raise
+                losses = [measure(items, False) for items in (n, n * 2)]
         finally:
             restore_modes(modes)
         if not all(math.isfinite(v) and v != 0 for v in losses):  # (no labelled token here: undecided, the next
             return None                                           # micro-batch measures again)
-        return math.isclose(losses[1], losses[0] / 2, rel_tol=1e-5, abs_tol=0.0)
+        if math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0):
+            return False
+        if not math.isclose(losses[1], losses[0] / 2, rel_tol=1e-5, abs_tol=0.0):
+            warnings.warn(
+                f"SortedTrainer: the loss divides only part of itself by num_items_in_batch (measured: "
+                f"{losses[0]:.6g} with {int(n)} items, {losses[1]:.6g} with twice as many; a term added to the "
+                "token mean, such as a router or regularisation loss): the token weighting is kept, and that term "
+                "counts once per micro-batch, gradient_accumulation_steps times per step, as in the stock Trainer. "
+                "Divide it by self.args.gradient_accumulation_steps in compute_loss for the mean",
+                PartlyScaledLossWarning, stacklevel=3)
+        return True
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -460,6 +481,11 @@ class SortedTrainer(Trainer):
         if self.nonfinite == "raise":  # (looked at only if the step's gradients are not finite: no sync here)
             self._losses = [*self._losses, (getattr(self, "_sub", None), loss.detach())]
         return (loss, *out[1:]) if isinstance(out, tuple) else loss
+
+
+class PartlyScaledLossWarning(UserWarning):
+    """The loss SortedTrainer measured divides only part of itself by ``num_items_in_batch`` (see
+    ``SortedTrainer._check_loss_kwargs``)."""
 
 
 def _ranks() -> int:

@@ -104,6 +104,12 @@ class LowRankSlicer(Slicer):
                  or n in m.__dict__]
         if taken:
             raise PatternError(f"{where}: the module already has attribute(s) {taken}")
+        pruned = [n for n in ("weight", "bias") if f"{n}_orig" in m._parameters and f"{n}_mask" in m._buffers]
+        if pruned:  # (its forward computes them from <name>_orig and <name>_mask: the factors would not see it)
+            raise PatternError(f"{where}: the layer is pruned (torch.nn.utils.prune: {pruned} computed in every "
+                               f"forward from {[n + '_orig' for n in pruned]} and {[n + '_mask' for n in pruned]}): "
+                               f"make the pruning permanent first (torch.nn.utils.prune.remove(module, "
+                               f"{pruned[0]!r})) or leave the layer out of the Rank targets")
         w = m._parameters.get("weight")
         if w is None and any(n.startswith("weight_") for n in m._parameters):  # legacy weight_norm / spectral_norm
             raise PatternError(f"{where}: its weight is computed in every forward from "
