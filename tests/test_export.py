@@ -927,7 +927,7 @@ def test_an_exported_hook_that_reads_the_live_model_is_warned_about():
         return out * lin.weight.abs().mean()
 
     x = torch.randn(5, 8)
-    for how in ("closure", "global", "partial", "own"):
+    for how in ("closure", "global", "partial", "own", "attribute"):
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
         lin = m[0]
@@ -935,7 +935,10 @@ def test_an_exported_hook_that_reads_the_live_model_is_warned_about():
         hook = {"closure": lambda mod, i, o: o * lin.weight.abs().mean(),  # noqa: B023 (the point of the test)
                 "global": lambda mod, i, o: o * _LIVE_LAYER[0].weight.abs().mean(),
                 "partial": functools.partial(scaled, lin),
-                "own": lambda mod, i, o: o * mod.weight.abs().mean()}[how]
+                "own": lambda mod, i, o: o * mod.weight.abs().mean(),
+                # (an attribute of the same name as a global holding a live layer: not a read of that global)
+                "attribute": lambda mod, i, o: o * mod._LIVE_LAYER}[how]
+        m[2]._LIVE_LAYER = 2.0
         m[2].register_forward_hook(hook)
         nest = sn.wrap(m, sn.Width("a", [4, 8, 16], out="0", inp="2"))
         with warnings.catch_warnings(record=True) as seen:

@@ -13,6 +13,7 @@ refuses them. No tensor of the export aliases the live model.
 
 from __future__ import annotations
 
+import dis
 import functools
 import types
 import warnings
@@ -128,10 +129,23 @@ def _captured(fn: Any, depth: int = 0) -> list[Any]:
             continue
     code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
     if code is not None and isinstance(names, dict):  # (a script's module-level model or layer it reads)
-        out += [names[n] for n in code.co_names if n in names]
+        out += [names[n] for n in _global_loads(code) if n in names]
     more = [v for x in out if isinstance(x, (list, tuple)) for v in x]
     more += [v for x in out if isinstance(x, dict) for v in x.values()]
     return out + more
+
+
+def _global_loads(code: types.CodeType) -> set[str]:
+    """The global names ``code`` (and code nested in it) loads: not the attribute names ``co_names`` also holds
+    (``self.model`` names ``model`` too)."""
+    found: set[str] = set()
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str):
+            found.add(ins.argval)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            found |= _global_loads(c)
+    return found
 
 
 def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:

@@ -440,7 +440,8 @@ class SortedTrainer(Trainer):
             return None                                           # micro-batch measures again)
         if math.isclose(losses[0], losses[1], rel_tol=1e-6, abs_tol=0.0):
             return False
-        if not math.isclose(losses[1], losses[0] / 2, rel_tol=1e-5, abs_tol=0.0):
+        if (not math.isclose(losses[1], losses[0] / 2, rel_tol=1e-5, abs_tol=0.0)
+                and self.args.gradient_accumulation_steps > 1):  # (one micro-batch per step: counted once)
             warnings.warn(
                 f"SortedTrainer: the loss divides only part of itself by num_items_in_batch (measured: "
                 f"{losses[0]:.6g} with {int(n)} items, {losses[1]:.6g} with twice as many; a term added to the "
