@@ -692,7 +692,7 @@ def test_a_profile_on_the_export_measures_each_exported_sub_model(monkeypatch):
         assert prof.cost(s, "memory") == measure_memory(nest, s, x, model=nest.export(s).eval())
     budget = sorted(prof.costs["latency"])[3]
     assert prof.cost(nest.pick(latency=budget), "latency") <= budget  # pick reads the export's timings
-    assert "on" not in nest.profile(x, metrics=("memory",), progress=False).meta
+    assert nest.profile(x, metrics=("memory",), progress=False).meta["on"] == "live"  # (always said)
     with pytest.raises(sn.SortedNetError, match=r"on=.*'live'.*'export'.*'deployed'"):
         nest.profile(x, metrics=("latency",), progress=False, on="deployed")
 

@@ -313,7 +313,7 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
                    tuple(scores) if score is not None else None, device,
                    {"repeat": repeat, "warmup": warmup, "input": [list(map(str, s)) if isinstance(s, tuple) else s
                                                                   for s in example_signature(example)],
-                    **({"on": on} if on != "live" else {}),
+                    "on": on,
                     **({"not_exportable": [str(s) for s in nest.submodels if str(s) in unexportable]}
                        if unexportable else {}),
                     **({"measured_live": live_only} if live_only else {})})
