@@ -1034,3 +1034,50 @@ def test_parameters_over_one_memory_are_refused_by_name_and_disjoint_views_sort(
         torch.testing.assert_close(run(m, x), out, rtol=1e-5, atol=1e-6)
         old = before["state"]["enc.weight"]  # (its rows, permuted: each exactly once)
         assert sorted(map(tuple, m.enc.weight.detach().tolist())) == sorted(map(tuple, old.tolist()))
+
+
+def test_taylor_scores_a_frozen_layer_as_it_scores_a_trainable_one():
+    """A frozen layer reading the sorted units (requires_grad=False) got no gradient: every taylor score was 0
+    and the order left unchanged, in silence. Its tensors require grad during scoring only: the order is the
+    one of the same model trainable, and flags and .grad are as they were."""
+    orders = []
+    for freeze in (False, True):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        if freeze:
+            m[2].requires_grad_(False)
+        nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+        x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+        orders.append({k: [int(i) for i in v] for k, v in sort_units(nest, "taylor", example=x, data=[(x, y)]).items()})
+        assert [p.requires_grad for p in m[2].parameters()] == [not freeze] * 2
+        assert all(p.grad is None for p in m.parameters())
+    assert orders[0] == orders[1]
+    assert list(orders[0].values())[0] != list(range(16))
+
+
+def test_a_refused_sort_of_a_batchnorm_model_keeps_the_profiles_scores_current(monkeypatch):
+    """The dry-run check forwards in training mode write BatchNorm running statistics and put them back, which
+    moves their version counters: a refused or interrupted sort then left the scores judged stale (pick warned
+    "measured on other weights" about unchanged weights). Freshness is judged when the sort begins."""
+    import sortednet.importance as imp
+    from sortednet.nest import StaleScoresWarning
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", norm="1", inp="3"))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def score(sub):
+        with nest.use(sub), torch.no_grad():
+            return -F.cross_entropy(m(x), y).item()
+
+    nest.profile(x, score=score, progress=False, repeat=1, warmup=0)
+    before = snapshot(m)
+    with monkeypatch.context() as mp:
+        mp.setattr(imp, "rel_err", lambda *a, **k: 1.0)  # (every permutation judged to change the output)
+        with pytest.raises(sn.SortedNetError, match="changes the full model's output"):
+            sort_units(nest, "l1", example=x)
+    assert_unchanged(m, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleScoresWarning)
+        nest.pick(params=1e9)

@@ -2131,3 +2131,15 @@ def test_a_tower_without_a_config_is_refused_heads_and_depth_by_name(kw):
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
     assert not any("_sn" in m.__dict__ for m in encoder.modules())
     sn.from_transformers(encoder, ffn=[24])
+
+
+def test_sort_by_importance_of_a_frozen_layer_says_it_is_frozen():
+    """A frozen layer got "SortedLinear got no gradient: does the loss depend on every layer?": the class, not
+    the module, and a cause that was not the one. Now the path and the frozen weight."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16, 32])
+    model.model.layers[0].mlp.requires_grad_(False)
+    x = ids(seed=9, b=2)
+    with pytest.raises(sn.SortedNetError,
+                       match=r"'model\.layers\.0\.mlp\.\w+_proj' \(\w+\) got no gradient: its weight is frozen"):
+        sn.sort_by_importance(nest, [{"input_ids": x, "labels": x}])

@@ -211,9 +211,16 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
         raise SortedNetError("sort_units(method='taylor') needs data= (a few batches)")
     params = list(model.parameters())
     saved = [p.grad for p in params]
+    # frozen tensors that score units (a frozen layer reading them): their gradient is needed, so they require
+    # grad during scoring only (left frozen, they got none: every score 0, the order unchanged, in silence)
+    frozen = list({id(t): t for _, _, part, _ in groups for b in part for t, _ in b.tensors[:1]
+                   if isinstance(t, Tensor) and t.is_leaf and not t.requires_grad
+                   and (t.is_floating_point() or t.is_complex())}.values())
     acc: dict[tuple[str, str], Tensor] = {}
     n = 0
     try:
+        for t in frozen:
+            t.requires_grad_(True)
         with dry_run(nest.model), _at_full(nest), torch.enable_grad():
             for batch in data:
                 for p in params:
@@ -243,8 +250,9 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
                         key = (b.path, b.role)
                         acc[key] = acc.get(key, 0) + b.per_unit(wg, d.full).abs()
                 n += 1
-    finally:  # (every gradient back, even after a Ctrl-C: finish_all)
-        finish_all([lambda: [setattr(p, "grad", g) for p, g in zip(params, saved)]])
+    finally:  # (every gradient and flag back, even after a Ctrl-C: finish_all)
+        finish_all([lambda: [t.requires_grad_(False) for t in frozen],
+                    lambda: [setattr(p, "grad", g) for p, g in zip(params, saved)]])
     if n == 0:
         raise SortedNetError("sort_units(method='taylor'): data is empty")
     bad = [f"{path} ({role})" for (path, role), v in acc.items() if not bool(torch.isfinite(v).all())]
@@ -631,6 +639,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                              "position returns its "
                              "values whatever the heads' order), so a permutation cannot be verified; give an "
                              "example of two or more positions. Nothing was changed")
+    fresh = nest._scores_fresh()  # (before the check forwards below, which move running statistics' counters)
     tview, _ = train_view(nest, running_stats=True)  # batch statistics of a small example magnify rounding
 
     def train_out(seed: int) -> list[Tensor]:
@@ -655,7 +664,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
         err, where, token = None, "", None
         with torch.no_grad():
             try:
-                token = nest._permuting()  # (copies in the old order: refused until followed, if this stops)
+                token = nest._permuting(fresh)  # (copies in the old order: refused until followed, if this stops)
                 moves = _apply(groups, orders, optimizer)
                 casts_stale()  # (under autocast: the check forward, and the user's after it, see the new order)
                 with dry_run(nest.model), _at_full(nest):

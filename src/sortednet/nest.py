@@ -791,19 +791,27 @@ class Nest:
         _warn_if_loss_like(prof)
         return prof
 
-    def _permuting(self) -> tuple[int, dict[str, Any], bool]:
+    def _scores_fresh(self) -> bool:
+        """Whether the profile's scores describe the weights as they are now."""
+        prof = self.__dict__.get("_profile")
+        on = self.__dict__.get("_scored_on")
+        return prof is not None and prof.scores is not None and on is not None and on == self._weights_key()
+
+    def _permuting(self, fresh: bool | None = None) -> tuple[int, dict[str, Any], bool]:
         """A sort is about to write permuted units: from now on deep copies of the model in the current order
         (EMA / teacher) and key/value caches filled in it are stale (refused at their next use) and the profile's
         scores are set aside (``pick`` does not rank by them), until :meth:`_drop_scores` permutes the copies
         alike, or :meth:`_unpermuted` says every unit is back. So a sort stopped anywhere (an error, a Ctrl-C)
-        never leaves a copy silently in another order. Returns what :meth:`_unpermuted` needs."""
+        never leaves a copy silently in another order. Returns what :meth:`_unpermuted` needs. ``fresh``: whether
+        the scores described the weights when the sort began (its dry-run check forwards, whose writes are put
+        back, move the version counters of running statistics), else judged now."""
+        if fresh is None:
+            fresh = self._scores_fresh()
         with self._pin.lock:
             old = self._state.epoch
             self._state.epoch = old + 1
         kept = {k: self.__dict__.get(k) for k in ("_profile", "_selector", "_scored_on", "_stale_warned")}
         prof = kept["_profile"]
-        fresh = prof is not None and prof.scores is not None and kept["_scored_on"] is not None \
-            and kept["_scored_on"] == self._weights_key()
         if prof is not None and prof.scores is not None:
             import dataclasses
 

@@ -55,7 +55,13 @@ def _score(m: nn.Module, unit: int) -> Tensor:
         return (w * w.grad).detach().sum(1).abs()
     w = Slicer.tensor(m, "weight")
     if w.grad is None:
-        raise SortedNetError(f"{type(m).__name__} got no gradient: does the loss depend on every layer?")
+        path = getattr(m.__dict__.get("_sn"), "path", None)
+        where = f"{path!r} ({type(m).__name__})" if path else type(m).__name__
+        if not w.requires_grad:
+            raise SortedNetError(f"{where} got no gradient: its weight is frozen (requires_grad=False), and units are "
+                                 "scored by weight x gradient; unfreeze it for the sort (model.requires_grad_(True)), "
+                                 "then freeze it again")
+        raise SortedNetError(f"{where} got no gradient: does the loss depend on every layer?")
     _, ax = _axes(m)
     per = (w * w.grad).detach().sum(dim=1 - ax)
     return per.reshape(-1, unit).sum(1).abs()
