@@ -214,7 +214,7 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
     # frozen tensors that score units (a frozen layer reading them): their gradient is needed, so they require
     # grad during scoring only (left frozen, they got none: every score 0, the order unchanged, in silence)
     frozen = list({id(t): t for _, _, part, _ in groups for b in part for t, _ in b.tensors[:1]
-                   if isinstance(t, Tensor) and t.is_leaf and not t.requires_grad
+                   if isinstance(t, Tensor) and t.is_leaf and not t.requires_grad and not t.is_inference()
                    and (t.is_floating_point() or t.is_complex())}.values())
     acc: dict[tuple[str, str], Tensor] = {}
     n = 0
