@@ -377,15 +377,12 @@ def _buffer_bytes(nest: Nest, model: nn.Module) -> int:
     if model is not nest.model and not any("_sn" in m.__dict__ for m in model.modules()):  # (an export: its own)
         tensors = [b for b in model.buffers()]
     else:  # (the model, or a private view of it sharing its tensors: profile's eval view, counted on the model)
-        model = nest.model
-        gone = {id(x) for m in nest._depth for blk in m._sn.slicer.inactive(m) for x in blk.modules()}
-        if gone:
-            held = reachable_modules(model, {(id(m), name) for m in nest._depth for name in m._sn.slicer.skipped(m)})
-            gone -= set(held)
+        # the modules that run: reachable without passing a position a Depth skips (a block also held at a kept
+        # position, ALBERT-style, runs)
+        skipped = {(id(m), name) for m in nest._depth for name in m._sn.slicer.skipped(m)}
+        running = reachable_modules(nest.model, skipped)
         tensors = []
-        for m in model.modules():
-            if id(m) in gone:
-                continue
+        for m in running.values():
             st = m.__dict__.get("_sn")
             cut = set(st.slicer.attr_names(m, st.bind)) if st is not None else set()
             for name, b in m._buffers.items():

@@ -107,18 +107,16 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
 
 
 class LiveHookWarning(UserWarning):
-    """A hook copied into an export refers to the live model (through its closure or a ``functools.partial``):
+    """A hook copied into an export refers to the live model (through its closure or a global its code reads):
     the export then reads the live weights, not its own."""
 
 
 def _captured(fn: Any, depth: int = 0) -> list[Any]:
-    """What hook ``fn`` reads besides its arguments: its closure's cells, the globals its code names, a
-    partial's arguments (one level into lists, tuples and dicts)."""
+    """What hook ``fn`` reads besides its arguments and keeps in a deep copy: its closure's cells and the globals
+    its code loads (one level into lists, tuples and dicts), a partial's function's too."""
     out: list[Any] = []
-    if isinstance(fn, functools.partial):
-        out += [*fn.args, *fn.keywords.values()]
-        if depth < 3:
-            out += _captured(fn.func, depth + 1)
+    if isinstance(fn, functools.partial) and depth < 3:  # (its arguments are deep-copied with the model: its
+        out += _captured(fn.func, depth + 1)              # function's own closure and globals are not)
     wrapped = getattr(fn, "hook", None)  # (torch's wrapper of a module-taking hook)
     if wrapped is not None and wrapped is not fn and depth < 3:
         out += _captured(wrapped, depth + 1)
