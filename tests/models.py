@@ -405,3 +405,32 @@ def interrupted_between_bytecodes(n: int, call: Callable[[], object], *functions
     finally:
         sys.settrace(old)
     return False
+
+
+class WorkBudgetExceeded(BaseException):
+    """Raised inside ``call_budget`` (a BaseException: no ``except Exception`` in the code under test turns it into
+    a refusal that a test would accept)."""
+
+
+class call_budget:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Count the Python and C function calls made in the block (``sys.setprofile``) and fail once there are more
+    than ``limit``: a bound on work that holds on any machine under any load, where a wall-clock bound would not
+    (and a runaway loop fails at the bound instead of running on). ``calls`` holds the count afterwards."""
+
+    def __init__(self, limit: int):
+        self.limit, self.calls, self._old = limit, 0, None
+
+    def _count(self, frame, event, arg) -> None:
+        if event in ("call", "c_call"):
+            self.calls += 1
+            if self.calls > self.limit:
+                sys.setprofile(self._old)
+                raise WorkBudgetExceeded(f"more than {self.limit:,} function calls")
+
+    def __enter__(self) -> call_budget:
+        self._old = sys.getprofile()
+        sys.setprofile(self._count)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self._old)

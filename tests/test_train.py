@@ -772,7 +772,7 @@ def test_fit_skips_nonfinite_losses_by_default():
 
 # -- exact resume after SIGKILL: dropout + Adam + LR schedule, RNG state in the checkpoint --------------
 RESUME_SCRIPT = r'''
-import os, sys, time
+import os, sys
 import torch
 torch.set_num_threads(1)                      # one intra-op thread: bit-exact across processes
 import torch.nn as nn
@@ -803,8 +803,15 @@ def training(nest):
     return opt, sched, sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=3)
 
 
-def slow_loss(out, y):
-    time.sleep(0.004)                         # so that SIGKILL lands mid-run
+calls = 0
+
+
+def stalling_loss(out, y):                    # stops in the middle of step 11 (2 sub-models a step) until killed
+    global calls
+    calls += 1
+    if calls == 2 * 10 + 1:
+        print("mid-run", flush=True)
+        sys.stdin.readline()                  # the test kills the process here: no timing involved
     return torch.nn.functional.cross_entropy(out, y)
 
 
@@ -834,7 +841,7 @@ if mode == "killed":                          # checkpoints every EVERY steps un
     torch.manual_seed(1234)
     for start in range(0, TOTAL, EVERY):
         sn.fit(nest, batches[start:start + EVERY], opt, sampler, scheduler=sched, start_step=start,
-               loss_fn=slow_loss, progress=False)
+               loss_fn=stalling_loss, progress=False)
         tmp = os.path.join(ckpt, f".tmp-{start + EVERY}")
         os.makedirs(tmp)
         sn.save(nest, os.path.join(tmp, "nest.safetensors"))
@@ -864,20 +871,23 @@ def test_fit_resumed_after_sigkill_is_bit_exact(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     proc = subprocess.Popen([sys.executable, str(script), "killed", str(ckpt), str(tmp_path / "killed.pt")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed = []
     try:
         for line in proc.stdout:
-            if line.split() == ["ckpt", "8"]:
-                proc.send_signal(signal.SIGKILL)   # mid-run: 16 of 24 steps still to go
+            printed.append(line.strip())
+            if line.strip() == "mid-run":         # stopped inside step 11's fit, after the checkpoint of step 8
+                proc.send_signal(signal.SIGKILL)
                 break
     finally:
         proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    assert printed == ["ckpt 4", "ckpt 8", "mid-run"]
     assert not (tmp_path / "killed.pt").exists()
     r = subprocess.run([sys.executable, str(script), "after", str(ckpt), str(tmp_path / "after.pt")], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert 8 <= int(r.stdout.split()[-1]) < 24
+    assert int(r.stdout.split()[-1]) == 8
     got = torch.load(tmp_path / "after.pt")
     want = got["full"]
     assert all(torch.equal(want[k], got["resume"][k]) for k in want)
