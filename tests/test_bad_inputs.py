@@ -435,7 +435,29 @@ class _NeedsArgs(sn.Slicer):
         return 1
 
 
+class _RoleTypo(sn.Slicer):  # a views role spelled wrong: the tensor was never cut (a raw shape error later)
+    roles = ("norm",)
+    attrs = ("gamma",)
+    views = {"gamma": ((0, "nrom"),)}
+
+    def full(self, m, role):
+        return 1
+
+
+class _NoValue(sn.Slicer):  # 'scale' served by neither a views entry nor value(): a bare NotImplementedError
+    roles = ("out",)
+    attrs = ("weight", "scale")
+    views = {"weight": ((0, "out"),)}
+
+    def full(self, m, role):
+        return 1
+
+
 @pytest.mark.parametrize("register, match", [
+    (lambda: sn.slicer(_Layer)(_RoleTypo), r"slicer _RoleTypo: views\['gamma'\] cuts by role 'nrom', which is not "
+                                           r"one of its roles \('norm',\)"),
+    (lambda: sn.slicer(_Layer)(_NoValue), r"slicer _NoValue: attrs \['scale'\] have no views entry and the slicer "
+                                          r"defines no value"),
     (lambda: sn.slicer(), r"takes the nn.Module classes .* got none"),
     (lambda: sn.slicer(int), r"<class 'int'> is not an nn.Module class"),
     (lambda: sn.slicer(torch.nn.Linear(2, 2)), r"Linear\(in_features=2.* is not an nn.Module class"),

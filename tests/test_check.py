@@ -18,6 +18,7 @@ from torch import nn
 import arch
 import sortednet as sn
 from models import FAMILIES, InterruptAt, assert_unchanged, interrupted, snapshot
+from sortednet.check import UnfollowedOpWarning
 
 
 @functools.cache
@@ -1136,7 +1137,8 @@ def _views(entries):
     ("unserved_attr", {"attrs": ("weight", "scale", "nothere"),
                        **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})},
      r"raised reading 'nothere' at sizes"),
-    ("full_raises", {"full": lambda self, m, role: m.no_such_attribute},
+    ("full_raises", {"full": lambda self, m, role: m.no_such_attribute,
+                     **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})},
      r"slicer Unnamedfull_raises of '0' \(_ScaledLinearfull_raises\) raised in full\(\): AttributeError"),
 ])
 def test_a_custom_slicer_that_does_not_fit_its_module_is_refused_before_anything_changes(case, body, match):
@@ -1183,7 +1185,8 @@ def test_an_exception_of_the_slicers_own_check_reaches_the_caller_as_it_is():
         raise Mine(f"{path} is not for me")
 
     cls = type("_ScaledLinearMine", (_ScaledLinear,), {})
-    sn.slicer(cls)(type("MineSlicer", (_ScaledSlicerBase,), {"check": check}))
+    sn.slicer(cls)(type("MineSlicer", (_ScaledSlicerBase,), {
+        "check": check, **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})}))
     m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
     with pytest.raises(Mine, match="0 is not for me"):
         sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
@@ -2003,7 +2006,6 @@ def test_features_reaching_an_op_the_trace_cannot_follow_are_named_in_a_warning(
     """A sub-model of this nest runs and passes the dry runs, yet computes on reversed units; check cannot tell
     (the op may as well act on each unit alone, as torch.cond of elementwise branches does), so it says so,
     naming the op, instead of passing in silence."""
-    from sortednet.check import UnfollowedOpWarning
 
     torch.manual_seed(0)
     model, x = _Gathered().eval(), torch.randn(3, 6)
@@ -2035,7 +2037,6 @@ def test_features_meeting_a_tensor_built_outside_the_trace_are_named_in_a_warnin
     """``torch.tensor`` / ``torch.linspace`` of the width warned; the same ramp from ``x.new_tensor([...])`` or
     ``torch.from_numpy`` passed in silence, while a sub-model's units meet other scales than the full model's
     (1e-2 off the masked full model); also when the forward keeps it on the module first."""
-    from sortednet.check import UnfollowedOpWarning
 
     torch.manual_seed(0)
     model, x = _ScaledByWidth(how, kept).eval(), torch.randn(3, 6)
@@ -2662,3 +2663,96 @@ def test_a_parameter_registered_on_a_sliced_module_is_named_as_unsliced():
     with pytest.raises(sn.SortedNetError, match=r"reach parameter 'a.scale', so they cannot shrink; remove that "
                                                 r"binding, or, to slice them, hold 'a.scale' in a module"):
         nest.check(torch.randn(3, 6))
+
+
+class _WritesItsWeight(nn.Module):
+    """A forward that writes into a weight a dimension slices: under a sub-model only the slice is written."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(10, 16)
+        self.f = nn.Linear(16, 16)
+        self.proto = nn.Linear(16, 3, bias=False)
+
+    def forward(self, i):
+        h = self.f(F.embedding(i, self.emb.weight, max_norm=1.0 if self.how == "max_norm" else None)).mean(1)
+        with torch.no_grad():
+            w = self.proto.weight
+            if self.how == "row_norm":                 # a cosine classifier normalising its prototypes in place
+                w.div_(w.norm(dim=1, keepdim=True))
+            elif self.how == "clamp":
+                w.clamp_(-0.2, 0.2)
+        if self.how == "out_of_place":                 # the same computed on a copy: fine
+            return F.linear(F.normalize(h, dim=-1), F.normalize(self.proto.weight, dim=1))
+        return self.proto(F.normalize(h, dim=-1))
+
+
+@pytest.mark.parametrize("how", ["row_norm", "max_norm", "clamp", "out_of_place"])
+def test_a_forward_writing_into_a_sliced_weight_is_refused_where_a_sub_model_writes_other_values(how):
+    """Accepted with example= before: one inference forward of h=4 renormalised only the kept columns of each
+    row (or the looked-up rows' first 4 features), and the full model's output then moved by 0.08 (0.03 with
+    max_norm), in silence; the dry runs put the weights back, so nothing showed. An element-wise write (clipping)
+    gives each element the value the full model gives it: accepted, and the nest stays the plain model."""
+    torch.manual_seed(0)
+    m = _WritesItsWeight(how).eval()
+    x = torch.randint(0, 10, (2, 5))
+    dims = [sn.Width("h", [4, 16], out=["emb", "f"], inp=["f", "proto"])]
+    before, plain = snapshot(m), copy.deepcopy(m)
+    if how in ("row_norm", "max_norm"):
+        with pytest.raises(sn.SortedNetError, match=r"writes in place into the sliced parameter\(s\) \['(emb|proto)"
+                                                    r"\.weight'\].*a sub-model writes other values there"):
+            sn.wrap(m, *dims, example=x)
+        assert_unchanged(m, before)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnfollowedOpWarning)   # (functional calls: check cannot follow each unit)
+        nest = sn.wrap(m, *dims, example=x)
+    state = m.state_dict()                                     # (the dry runs put the clipped weight back)
+    assert all(torch.equal(state[k], v) for k, v in before["state"].items())
+    with torch.no_grad():
+        with nest.use("h=4"):
+            m(x)
+        torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(m.proto.weight, plain.proto.weight, rtol=0, atol=0)
+
+
+class _Masked(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.mask = torch.ones(dim)                    # a plain tensor attribute (no buffer)
+
+    def forward(self, x):
+        return x * self.gamma * self.mask
+
+
+class _MaskedSlicer(sn.Slicer):
+    roles = ("norm",)
+    attrs = ("gamma", "mask")
+
+    def full(self, m, role):
+        return m._parameters["gamma"].shape[0]
+
+    def value(self, m, name):
+        if name == "gamma":
+            return self.take(m, "gamma", [(0, "norm")])
+        return m.__dict__["mask"][: self.features(m, "norm", m.__dict__["mask"].shape[0])]
+
+
+@pytest.mark.parametrize("sub", ["h=4", "h=16"])
+def test_an_export_owns_a_plain_tensor_attribute_a_custom_slicer_serves(sub):
+    """The base export shallow-copied a tensor that is neither parameter nor buffer: the export's mask was the
+    live model's memory, and zeroing the live mask afterwards changed the export's output by 0.25."""
+    sn.slicer(_Masked)(_MaskedSlicer)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _Masked(16), nn.Linear(16, 2))
+    x = torch.randn(2, 8)
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", norm="1", inp="2"), example=x)
+    small = nest.export(sub)
+    want = small(x).detach().clone()
+    with nest.use(sub):
+        torch.testing.assert_close(want, model(x))
+    model[1].__dict__["mask"].zero_()                  # the live model changes after the export
+    assert small[1].mask.untyped_storage().data_ptr() != model[1].__dict__["mask"].untyped_storage().data_ptr()
+    torch.testing.assert_close(small(x), want, rtol=0, atol=0)

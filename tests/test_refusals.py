@@ -835,3 +835,31 @@ def test_a_quantized_module_is_refused_with_its_full_class_name_and_what_to_do()
         sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
     assert [type(m) for m in model.modules()] == classes
     assert torch.equal(model(x), before)  # (packed weights: no state_dict of plain tensors to snapshot)
+
+
+def test_a_class_that_cannot_be_subclassed_without_arguments_is_refused_by_path():
+    """wrap slices a module through a subclass of its class: an ``__init_subclass__`` that needs a keyword raised a
+    bare TypeError naming no module."""
+
+    class NeedsKind(nn.Linear):
+        def __init_subclass__(cls, *, kind, **kw):
+            super().__init_subclass__(**kw)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(NeedsKind(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"'0' \(NeedsKind\): sn.wrap slices a module by giving it a subclass "
+                                                r".*TypeError: .*__init_subclass__\(\) missing 1 required"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert type(m[0]) is NeedsKind and type(m[2]) is nn.Linear and "_sn" not in m[0].__dict__
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_a_shallow_copy_of_a_sliced_module_names_copy_not_only_pickle():
+    import copy
+
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    with pytest.raises(sn.SortedNetError, match=r"cannot be pickled or shallow-copied \(copy.copy\).*copy.deepcopy"):
+        copy.copy(m[0])
+    assert copy.deepcopy(m)[0].weight.shape == (16, 4)

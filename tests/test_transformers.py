@@ -245,6 +245,47 @@ def test_soft_loss_stopped_by_a_ctrl_c_anywhere_leaves_no_exit_hook():
     assert n > 10
 
 
+class _ScaledLogits(transformers.LlamaForCausalLM):
+    """Does more after its head than final norm -> LM head (Inkling divides by a width multiplier and cuts its
+    padded vocabulary; no list of config names foresees every such model)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if self.config.how == "scale":
+            out.logits = out.logits / 24.0
+        elif self.config.how == "cut":
+            out.logits = out.logits[..., :-4]
+        return out
+
+
+@pytest.mark.parametrize("how", ["scale", "cut", "none"])
+def test_soft_loss_refuses_a_model_whose_logits_are_not_norm_then_head(how):
+    """soft_loss accepted Inkling (logits / 24, vocabulary cut to its unpadded size): every exit's loss was
+    another objective than the model's own (4.706 against 4.646), at full depth too, in silence."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg.how = how
+    model = _ScaledLogits(cfg)
+    nest = sn.from_transformers(model, depth=[2, 4])
+    x = ids(seed=3) % 60
+    modes = [m.training for m in model.modules()]
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    if how == "none":
+        got = soft_loss(nest, x)
+        for d in (2, 4):
+            with nest.use({"depth": d}):
+                torch.testing.assert_close(got.losses[d], model(input_ids=x, labels=x).loss)
+    else:
+        with pytest.raises(sn.SortedNetError, match="cuts or pads its vocabulary" if how == "cut" else
+                           r"does more between its last block and its logits"):
+            soft_loss(nest, x)
+        cfg.how = "none"                               # a config value changed: verified again, then accepted
+        soft_loss(nest, x)
+    assert [m.training for m in model.modules()] == modes
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+
+
 def test_soft_loss_rejects_bad_exits():
     model, _, _, _ = build("gpt2")
     for exits in ([0], [5], [], [2.5], 2, "12"):  # (a lone number: a raw TypeError)

@@ -1448,6 +1448,46 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
             raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")
 
 
+def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any, subs: list[SubModel]) -> None:
+    """A forward that writes into a sliced parameter in place writes, under a sub-model, only the slice that
+    sub-model reads. Where the write depends on more than each element (a row renormalisation
+    ``w.div_(w.norm(...))``, ``F.embedding(..., max_norm=)``), a sub-model writes other values there than the
+    full model would: running a small sub-model, even for inference, moves the weights all of them share. Such
+    a write is measured (only where a write was seen): from the same weights, every element a sub-model's
+    forward changes must take the value the full model's forward gives it (clipping, a decay: element-wise,
+    accepted). The dry runs put the weights back, so this is seen only here."""
+    sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
+    hit = [(t, orig) for t, orig in list(watch.saved.values()) if id(t) in sliced and not t.is_meta]
+    if not hit:
+        return
+
+    def after(sub: SubModel) -> list[torch.Tensor]:
+        for t, orig in hit:
+            t.copy_(orig)
+        with nest.use(sub):
+            call_model(model, example)
+        return [t.detach().clone() for t, _ in hit]
+
+    full = after(nest.largest)
+    bad: set[int] = set()
+    for sub in dict.fromkeys(subs):
+        for i, ((_, orig), got, want) in enumerate(zip(hit, after(sub), full)):
+            changed = got != orig
+            if not torch.allclose(got[changed], want[changed], rtol=1e-5, atol=1e-7, equal_nan=True):
+                bad.add(i)
+    if not bad:
+        return
+    ids = {id(hit[i][0]) for i in bad}
+    names = [n for n, p in nest.model.named_parameters(remove_duplicate=False) if id(p) in ids]
+    raise SortedNetError(
+        f"nest.check: the forward writes in place into the sliced parameter(s) {names[:4]} (an op such as "
+        "div_ / copy_ on the weight with values computed from it, or F.embedding(..., max_norm=)), and a "
+        "sub-model writes other values there than the full model does: it renormalises only the slice it reads, "
+        "so running a small sub-model, even for inference, changes the weights every sub-model shares. Compute "
+        "on a copy in forward instead (F.normalize(w, dim=1) rather than w.div_(...)), or leave the module out "
+        "of the dimension")
+
+
 def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     """Dry-run ``nest`` on ``example``; raise a :class:`SortedNetError` naming the wiring mistake.
 
@@ -1462,8 +1502,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     ...     print(str(e).splitlines()[1].strip())
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
-    with dry_run(nest.model), eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode view
-        with nest.use(nest.largest):
+    with dry_run(nest.model) as watch, eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode
+        with nest.use(nest.largest):                                                        # view
             try:
                 out = call_model(model, example)
             except Exception as e:
@@ -1498,6 +1538,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
+        _refuse_weight_writes(nest, model, example, watch, [sub for sub, _ in ran])
         try:
             moved, unfollowed = _traced_findings(nest, example, model)
         except SortedNetError:  # a part the wiring trace cannot follow (a TorchScript module): the dry runs stand

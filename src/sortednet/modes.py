@@ -102,10 +102,11 @@ def restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
 
 
 @contextmanager
-def dry_run(model: nn.Module) -> Iterator[None]:
+def dry_run(model: nn.Module) -> Iterator[_SaveOnWrite]:
     """Run ``model``'s own forward without leaving a trace: on exit every parameter and buffer holds again
     what it held on entry. For checks that run the user's forward (``nest.check``, ``discover``,
-    ``from_transformers``' self-check), which promise to change nothing.
+    ``from_transformers``' self-check), which promise to change nothing. Yields the watch on the parameters
+    (``saved``: ``{id: (parameter, its value before the first write)}`` of those written into so far).
 
     Buffers (a call counter, a running statistic) are copied on entry. A parameter is copied just before
     the first op that writes into its storage (weight clipping in a forward, running statistics kept as
@@ -143,7 +144,7 @@ def dry_run(model: nn.Module) -> Iterator[None]:
 
     try:  # (under autocast, PyTorch's fused encoder-layer fast path fails inside a dispatch mode: it steps aside)
         with guard, (NoFastPath() if torch._C._is_any_autocast_enabled() else contextlib.nullcontext()):
-            yield
+            yield guard
     finally:
         finish_all([put_back])
 

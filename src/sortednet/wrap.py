@@ -399,7 +399,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
     try:
         for path, (m, sl, bind) in planned.items():
             names = sl.attr_names(m, bind)
-            cls = sliced_subclass(m, sl, names)
+            cls = sliced_subclass(m, sl, names, path)
             saved.append((m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers),
                           {n: p.requires_grad for n, p in m._parameters.items() if p is not None}))
             m.__dict__["_sn"] = State(sl, bind, type(m), path, inplace_grad, min_numel=min_numel)

@@ -13,16 +13,18 @@ import functools
 import inspect
 import math
 import numbers
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dims import Depth
 from ..errors import SortedNetError
-from ..modes import finish_all
+from ..modes import dry_run, finish_all, restore_modes
 from ..nest import Nest
 from .layouts import Found, detect
 from .transformers import _layout_of
@@ -156,6 +158,8 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     if labels is None and input_ids is None:
         raise SortedNetError("soft_loss without input_ids (inputs_embeds=...) needs labels=")
     labels = input_ids if labels is None else labels
+    _verify_reading(model, layers, norm, head, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                                    **model_inputs))
     captured: dict[int, Tensor] = {}
 
     def hook_for(e: int):
@@ -180,6 +184,65 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     losses = {e: causal_lm_loss(head(norm(captured[e])), labels) for e in exits}
     total = sum(w * losses[e] for w, e in zip(weights, exits)) / sum(weights)
     return SoftOutput(total, losses)
+
+
+#: model -> the config values under which its logits were found to be final norm -> LM head of the last block
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _config_key(model: nn.Module) -> tuple:
+    cfg = getattr(model, "config", None)
+    items = vars(cfg).items() if cfg is not None and hasattr(cfg, "__dict__") else ()
+    return tuple(sorted((k, v) for k, v in items if isinstance(v, (bool, int, float, str, type(None)))))
+
+
+def _verify_reading(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, head: nn.Module,
+                    inputs: dict[str, Any]) -> None:
+    """Once per model (and again when a config value changes): the model's own logits must be its final norm
+    and LM head applied to the last block's output, which is how every exit is read. A model that does more
+    there (a scale, a cut of the vocabulary, a projection that no list of config names foresees) is refused,
+    where soft_loss would silently train on another objective than the model's loss. One forward of the
+    model in eval mode, without gradients, that changes nothing (``dry_run``)."""
+    key = _config_key(model)
+    if _VERIFIED.get(model) == key:
+        return
+    last: dict[str, Tensor] = {}
+
+    def grab(module: nn.Module, args: tuple, out: Any) -> None:
+        last["h"] = out[0] if isinstance(out, (tuple, list)) else out
+
+    grab._sn_call = last  # (found by it and removed, also after a Ctrl-C before a handle was kept)
+    blocks, modes = list(layers), [(m, m.training) for m in model.modules()]
+    try:
+        for b in blocks:
+            b.register_forward_hook(grab)
+        with dry_run(model), torch.no_grad():
+            model.eval()
+            out = model(**inputs)
+            logits = getattr(out, "logits", None)
+            if logits is None and isinstance(out, (tuple, list)) and out:
+                logits = out[0]
+            mine = head(norm(last["h"])) if "h" in last else None
+    finally:
+        finish_all([functools.partial(_unhook, blocks, last), functools.partial(restore_modes, modes)])
+    if not isinstance(logits, Tensor) or mine is None:
+        raise SortedNetError(f"SoFT: {type(model).__name__}'s forward returned no logits that soft_loss can "
+                             "compare its exits' reading with (final norm -> LM head of the last block)")
+    if logits.shape != mine.shape:
+        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__}'s own logits have "
+                             f"shape {tuple(logits.shape)}, that reading {tuple(mine.shape)} (the model cuts or "
+                             "pads its vocabulary after the head), which soft_loss does not reproduce")
+    a, b = mine.float(), logits.float()
+    finite = torch.isfinite(b)
+    rel = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
+    off = (a - b)[finite].abs().max().item() if finite.any() else 0.0
+    scale = b[finite].abs().max().item() if finite.any() else 0.0
+    if not torch.equal(finite, torch.isfinite(a)) or off > rel * scale + 1e-5:
+        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__}'s forward does "
+                             f"more between its last block and its logits (measured: {off:.3g} off, logits up to "
+                             f"{scale:.3g}; e.g. a logit scale or multiplier), which soft_loss does not reproduce: "
+                             "its losses would not be the model's loss")
+    _VERIFIED[model] = key
 
 
 def _listed(values: Any, what: str, want: str, who: str = "soft_loss") -> list:

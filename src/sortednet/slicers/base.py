@@ -125,6 +125,18 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
         if not isinstance(cls.views, Mapping) or not all(isinstance(k, str) for k in cls.views):
             raise SortedNetError(f"slicer {cls.__name__}: views must be a dict of attribute name -> ((axis, role), "
                                  f"...); got {cls.views!r}")
+        for name, axes in cls.views.items():  # (the shape of each entry is checked per module, at wrap)
+            if isinstance(axes, Sequence) and not isinstance(axes, str):
+                for a in axes:
+                    if isinstance(a, Sequence) and len(a) == 2 and isinstance(a[1], str) and a[1] not in cls.roles:
+                        raise SortedNetError(f"slicer {cls.__name__}: views[{name!r}] cuts by role {a[1]!r}, which "
+                                             f"is not one of its roles {cls.roles}")
+        if cls.value is Slicer.value and cls.rules is Slicer.rules:
+            unserved = [a for a in cls.attrs if a not in cls.views and a not in cls.static]
+            if unserved:
+                raise SortedNetError(f"slicer {cls.__name__}: attrs {unserved} have no views entry and the slicer "
+                                     "defines no value(m, name) to compute them; add one of the two "
+                                     "(docs/custom_slicers.md)")
         had = cls.__dict__.get("types")
         cls.types = tuple(dict.fromkeys((*(had or ()), *types)))  # (stacked decorators: all of them, for own_forward)
         try:
@@ -466,6 +478,9 @@ class Slicer:
                     requires_grad=full.requires_grad)  # (packed q/k/v) would lose it
             elif name in live._buffers:
                 copy_._buffers[name] = None if v is None else v.detach().clone()
+            elif isinstance(v, Tensor):  # a plain tensor attribute: the export's own memory, like the others
+                own = v.detach().clone()
+                copy_.__dict__[name] = own.requires_grad_() if v.requires_grad and own.is_floating_point() else own
             else:
                 copy_.__dict__[name] = copy.copy(v)
         return copy_
@@ -701,7 +716,8 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
 
 def _no_pickle(self: nn.Module, protocol: int) -> None:
     raise SortedNetError(f"a wrapped {self.__dict__['_sn'].cls.__name__} ({self.__dict__['_sn'].path!r}) cannot be "
-                         "pickled (its class is made by sn.wrap): use sn.save(nest, path) for all sub-models, "
+                         "pickled or shallow-copied (copy.copy) (its class is made by sn.wrap): copy.deepcopy gives "
+                         "a copy sliced by the same dimensions; use sn.save(nest, path) for all sub-models, "
                          "nest.export(sub) for one plain model, or nest.unwrap() first")
 
 
@@ -714,7 +730,7 @@ def _no_script(self: nn.Module) -> None:
                          "model under nest.use(sub) capture that sub-model")
 
 
-def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
+def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...], path: str = "") -> type:
     """The per-instance subclass of ``type(m)`` (cached per class, slicer and names)."""
     key = (type(m), type(sl), names)
     cls = _SUBCLASSES.get(key)
@@ -723,17 +739,25 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...]) -> type:
         if not _HOOKS:
             _HOOKS.append(nn.modules.module.register_module_buffer_registration_hook(_buffer_guard))
         ns = sl.namespace(m, names)
-        cls = type(f"Sorted{base.__name__}", (base,), {**ns, "_sn_sliced": True,
-                                                       "_sn_names": frozenset(names),
-                                                       "__delattr__": _guarded_delattr(base, ns.get("__delattr__")),
-                                                       "register_parameter": _guarded_register(base, frozenset(names)),
-                                                       "register_buffer": _guarded_register_buffer(base,
-                                                                                                   frozenset(names)),
-                                                       "__module__": base.__module__,
-                                                       "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle,
-                                                       "__prepare_scriptable__": _no_script})
+        try:
+            cls = _subclass(base, ns, names)
+        except Exception as e:  # (the base's __init_subclass__ / metaclass runs: one that needs keywords fails)
+            raise SortedNetError(f"{path or '<root>'!r} ({base.__name__}): sn.wrap slices a module by giving it a "
+                                 f"subclass of its class, and making one failed: {type(e).__name__}: {e} (a class "
+                                 "whose __init_subclass__ or metaclass takes arguments cannot be subclassed "
+                                 "without them)") from e
         _SUBCLASSES[key] = cls
     return cls
+
+
+def _subclass(base: type, ns: dict, names: tuple[str, ...]) -> type:
+    return type(f"Sorted{base.__name__}", (base,), {
+        **ns, "_sn_sliced": True, "_sn_names": frozenset(names),
+        "__delattr__": _guarded_delattr(base, ns.get("__delattr__")),
+        "register_parameter": _guarded_register(base, frozenset(names)),
+        "register_buffer": _guarded_register_buffer(base, frozenset(names)),
+        "__module__": base.__module__, "__deepcopy__": _deepcopy, "__reduce_ex__": _no_pickle,
+        "__prepare_scriptable__": _no_script})
 
 
 _guard_parametrize()
