@@ -1021,8 +1021,31 @@ def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
             return (scale.data if cut == "data" else scale.detach())[:k]
 
     m = _refused_at_wrap(Detached, f"_{cut}", rf"Detached_{cut} \(slicer of '0'.*'scale' at .* detached")
-    m[0].scale.requires_grad_(False)  # a frozen parameter has no gradient to lose: accepted
-    sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2")).unwrap()
+    # frozen at wrap (was accepted: unfrozen later to fine-tune, it got no gradient at any size, in silence)
+    m[0].scale.requires_grad_(False)
+    with pytest.raises(sn.SortedNetError, match=r"'scale' at .* detached.*a frozen one is read as trainable"):
+        sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    assert not m[0].scale.requires_grad and m[0].weight.requires_grad and "_sn" not in m[0].__dict__
+
+
+def test_a_frozen_parameter_of_a_custom_slicer_stays_frozen_and_trains_once_unfrozen():
+    cls = type("_ScaledLinearFrozen", (_ScaledLinear,), {})
+    sn.slicer(cls)(type("FrozenOk", (_ScaledSlicerBase,), _views({"weight": ((0, "out"), (1, "inp")),
+                                                                   "scale": ((0, "out"),)})))
+    torch.manual_seed(0)
+    m = nn.Sequential(cls(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    m[0].scale.requires_grad_(False)
+    nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    assert not m[0].scale.requires_grad
+    x = torch.randn(3, 8)
+    with nest.use("h=16"):
+        m(x).sum().backward()
+        assert not m[0].scale.requires_grad
+    assert m[0].scale.grad is None and m[0].weight.grad is not None
+    m[0].scale.requires_grad_(True)                    # unfrozen: trains at every size
+    with nest.use("h=16"):
+        m(x).sum().backward()
+    assert m[0].scale.grad is not None and m[0].scale.grad[:16].abs().sum() > 0 and not m[0].scale.grad[16:].any()
 
 
 class _ZippedNorms(nn.Module):

@@ -16,6 +16,7 @@ and the error names the dimension, the module path and the role (``out=``,
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import math
 import random
@@ -34,7 +35,7 @@ from .cost import call_model
 from .coupling import analyse
 from .coupling_ops import _hf_conv1d, leaves
 from .errors import SortedNetError
-from .modes import dry_run, eval_mode, eval_view, seeded, train_view
+from .modes import dry_run, eval_mode, eval_view, finish_all, seeded, train_view
 from .plan import Use
 from .slicers import slicer_for
 from .submodel import SubModel
@@ -940,6 +941,21 @@ def slicer_grad_self_check(nest: Nest) -> None:
     user = [(path, m) for path, m in nest._sliced.items() if not type(m._sn.slicer).__module__.startswith("sortednet.")]
     if not user or torch.is_inference_mode_enabled():  # (inference mode: no value has a gradient to lose)
         return
+    # a frozen parameter is read as trainable too (restored after): one frozen at wrap and unfrozen to fine-tune
+    # later would otherwise get no gradient in silence
+    frozen = [p for _, m in user for name in m._sn.slicer.attr_names(m, m._sn.bind)
+              if (p := m._parameters.get(name)) is not None and not p.requires_grad and not p.is_inference()
+              and (p.is_floating_point() or p.is_complex())]
+    frozen = list({id(p): p for p in frozen}.values())
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        _read_connected(nest, user)
+    finally:
+        finish_all([functools.partial(torch.Tensor.requires_grad_, p, False) for p in frozen])
+
+
+def _read_connected(nest: Nest, user: list[tuple[str, nn.Module]]) -> None:
     for sub in (SubModel({d.name: d.full for d in nest.dims}), SubModel({d.name: d.sizes[0] for d in nest.dims})):
         with Use(nest._state, nest._plans.build(sub)), torch.enable_grad():
             for path, m in user:
@@ -953,8 +969,9 @@ def slicer_grad_self_check(nest: Nest) -> None:
                         raise SortedNetError(
                             f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__}) gives "
                             f"{name!r} at {sub} detached from the parameter (cut from .data or .detach()?): its "
-                            "gradient would never reach the parameter, which would not train at any size. Cut the "
-                            "parameter itself (a view such as p[:k] or p.narrow(...)) in value() "
+                            "gradient would never reach the parameter, which would not train at any size (a frozen "
+                            "one is read as trainable: unfrozen later, it would not train either). Cut the parameter "
+                            "itself (a view such as p[:k] or p.narrow(...)) in value() "
                             "(docs/custom_slicers.md)")
 
 
