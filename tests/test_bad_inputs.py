@@ -532,3 +532,25 @@ def test_load_stopped_by_a_ctrl_c_at_any_point_of_its_own_code_is_all_or_nothing
         assert sorted(os.listdir(tmp_path)) == ["n.safetensors"], f"point {n}: {os.listdir(tmp_path)}"
         assert open(path, "rb").read() == before, f"point {n}"
     assert n > 10, f"only {n - 1} points reached"
+
+
+def test_a_subclass_of_a_built_in_slicer_may_narrow_its_roles():
+    """The registration check of views roles (regression): an inherited entry cutting by a role the subclass
+    leaves out is never bound, and was accepted before the check."""
+    from sortednet.slicers.linear import LinearSlicer
+
+    class OutLinear(torch.nn.Linear):
+        pass
+
+    @sn.slicer(OutLinear)
+    class OutOnly(LinearSlicer):
+        roles = ("out",)
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(OutLinear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x = torch.randn(3, 8)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"), example=x)
+    small = nest.export("h=4")
+    with nest.use("h=4"):
+        torch.testing.assert_close(small(x), m(x))
+    assert small[0].weight.shape == (4, 8)

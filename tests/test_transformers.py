@@ -278,12 +278,41 @@ def test_soft_loss_refuses_a_model_whose_logits_are_not_norm_then_head(how):
                 torch.testing.assert_close(got.losses[d], model(input_ids=x, labels=x).loss)
     else:
         with pytest.raises(sn.SortedNetError, match="cuts or pads its vocabulary" if how == "cut" else
-                           r"does more between its last block and its logits"):
+                           r"does more between its LM head and its logits"):
             soft_loss(nest, x)
         cfg.how = "none"                               # a config value changed: verified again, then accepted
         soft_loss(nest, x)
     assert [m.training for m in model.modules()] == modes
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+
+
+class _DictLogits(transformers.LlamaForCausalLM):
+    def forward(self, *args, **kwargs):
+        return {"logits": super().forward(*args, **kwargs).logits}
+
+
+def test_soft_loss_check_of_the_logits_holds_under_mixed_precision_training_mode_and_dict_outputs():
+    """The check of the models' logits (regression): accelerate's mixed precision wraps ``forward`` in autocast,
+    so the model's logits were bf16 and a reading recomputed outside it fp32 (0.002 off, refused at the first
+    step of SortedTrainer(bf16=True)); a forward returning a dict was refused. The tensors compared now come
+    from the model's own forward; its training mode, random streams and hooks stay as they were."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3)
+    for make in (transformers.LlamaForCausalLM, _DictLogits):
+        model = make(cfg).train()
+        if make is transformers.LlamaForCausalLM:
+            model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+        nest = sn.from_transformers(model, depth=[2, 4])
+        x = ids(seed=3) % 60
+        rng = torch.get_rng_state()
+        first = soft_loss(nest, x)                       # checks the model's logits first
+        torch.set_rng_state(rng)
+        again = soft_loss(nest, x)                       # (checked already) the same dropout masks: the check's
+        torch.testing.assert_close(first.loss, again.loss, rtol=0, atol=0)   # forward drew from its own stream
+        assert first.loss.item() != soft_loss(nest, x).loss.item()            # (the dropout is drawn)
+        first.loss.backward()
+        assert all(m.training for m in model.modules())
 
 
 def test_soft_loss_rejects_bad_exits():

@@ -1497,12 +1497,12 @@ def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any
     ids = {id(hit[i][0]) for i in bad}
     names = [n for n, p in nest.model.named_parameters(remove_duplicate=False) if id(p) in ids]
     raise SortedNetError(
-        f"nest.check: the forward writes in place into the sliced parameter(s) {names[:4]} (an op such as "
-        "div_ / copy_ on the weight with values computed from it, or F.embedding(..., max_norm=)), and a "
-        "sub-model writes other values there than the full model does: it renormalises only the slice it reads, "
-        "so running a small sub-model, even for inference, changes the weights every sub-model shares. Compute "
-        "on a copy in forward instead (F.normalize(w, dim=1) rather than w.div_(...)), or leave the module out "
-        "of the dimension")
+        f"nest.check: the forward writes in place into the sliced parameter(s) {names[:4]}, and a sub-model "
+        "writes other values there than the full model's forward gives the same elements (a renormalisation of "
+        "the slice it reads, as div_ by a norm or F.embedding(..., max_norm=) do; a statistic of its own "
+        "activations; random values), so running a small sub-model, even for inference, changes the weights "
+        "every sub-model shares. Compute on a copy in forward instead (F.normalize(w, dim=1) rather than "
+        "w.div_(...)), keep a running statistic in a buffer, or leave the module out of the dimension")
 
 
 def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:

@@ -14,7 +14,7 @@ import inspect
 import math
 import numbers
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..dims import Depth
 from ..errors import SortedNetError
-from ..modes import dry_run, finish_all, restore_modes
+from ..modes import dry_run, finish_all
 from ..nest import Nest
 from .layouts import Found, detect
 from .transformers import _layout_of
@@ -196,52 +196,91 @@ def _config_key(model: nn.Module) -> tuple:
     return tuple(sorted((k, v) for k, v in items if isinstance(v, (bool, int, float, str, type(None)))))
 
 
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    return next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+
+
+def _logits_of(out: Any) -> Any:
+    if isinstance(out, Mapping):
+        return out.get("logits")
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    return logits
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same values (NaN equal to NaN): tensors of one forward, compared without a tolerance."""
+    if a is b:
+        return True
+    if a.shape != b.shape:
+        return False
+    a = a.to(b.dtype)
+    eq = a == b
+    return bool(eq.all()) or bool(eq.logical_or_(a.isnan() & b.isnan()).all())
+
+
 def _verify_reading(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, head: nn.Module,
                     inputs: dict[str, Any]) -> None:
-    """Once per model (and again when a config value changes): the model's own logits must be its final norm
-    and LM head applied to the last block's output, which is how every exit is read. A model that does more
-    there (a scale, a cut of the vocabulary, a projection that no list of config names foresees) is refused,
-    where soft_loss would silently train on another objective than the model's loss. One forward of the
-    model in eval mode, without gradients, that changes nothing (``dry_run``)."""
+    """Once per model (and again when a config value changes): the model's own logits must be its LM head's
+    output, the head's input its final norm's output, and the norm's input the last block's output, which is
+    how every exit is read. A model that does more there (a scale, a cut of the vocabulary, a projection that
+    no list of config names foresees) is refused, where soft_loss would silently train on another objective
+    than the model's loss. One forward of the model without gradients that changes nothing (``dry_run``, the
+    random streams forked): the tensors compared come from that one forward, so its precision (autocast,
+    mixed precision wrappers) is the same on both sides and they are compared exactly."""
     key = _config_key(model)
     if _VERIFIED.get(model) == key:
         return
-    last: dict[str, Tensor] = {}
+    seen: dict[str, Any] = {}
 
-    def grab(module: nn.Module, args: tuple, out: Any) -> None:
-        last["h"] = out[0] if isinstance(out, (tuple, list)) else out
+    def at_block(module: nn.Module, args: tuple, out: Any) -> None:
+        seen["h"] = out[0] if isinstance(out, (tuple, list)) else out
 
-    grab._sn_call = last  # (found by it and removed, also after a Ctrl-C before a handle was kept)
-    blocks, modes = list(layers), [(m, m.training) for m in model.modules()]
+    def at(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            seen[name] = (_first_tensor(args, kwargs), out)
+
+        hook._sn_call = seen
+        return hook
+
+    at_block._sn_call = seen  # (found by it and removed, also after a Ctrl-C before a handle was kept)
+    blocks = list(layers)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     try:
         for b in blocks:
-            b.register_forward_hook(grab)
-        with dry_run(model), torch.no_grad():
-            model.eval()
-            out = model(**inputs)
-            logits = getattr(out, "logits", None)
-            if logits is None and isinstance(out, (tuple, list)) and out:
-                logits = out[0]
-            mine = head(norm(last["h"])) if "h" in last else None
+            b.register_forward_hook(at_block)
+        norm.register_forward_hook(at("norm"), with_kwargs=True)
+        head.register_forward_hook(at("head"), with_kwargs=True)
+        with dry_run(model), torch.no_grad(), \
+                torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+            try:
+                out = model(**inputs)
+            except Exception as e:
+                raise SortedNetError(f"soft_loss checks once that {type(model).__name__}'s logits are its final norm "
+                                     "-> LM head of the last block, by one forward of the model without gradients; "
+                                     f"that forward raised {type(e).__name__}: {e}") from e
+        logits = _logits_of(out)
     finally:
-        finish_all([functools.partial(_unhook, blocks, last), functools.partial(restore_modes, modes)])
-    if not isinstance(logits, Tensor) or mine is None:
-        raise SortedNetError(f"SoFT: {type(model).__name__}'s forward returned no logits that soft_loss can "
-                             "compare its exits' reading with (final norm -> LM head of the last block)")
-    if logits.shape != mine.shape:
-        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__}'s own logits have "
-                             f"shape {tuple(logits.shape)}, that reading {tuple(mine.shape)} (the model cuts or "
-                             "pads its vocabulary after the head), which soft_loss does not reproduce")
-    a, b = mine.float(), logits.float()
-    finite = torch.isfinite(b)
-    rel = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
-    off = (a - b)[finite].abs().max().item() if finite.any() else 0.0
-    scale = b[finite].abs().max().item() if finite.any() else 0.0
-    if not torch.equal(finite, torch.isfinite(a)) or off > rel * scale + 1e-5:
-        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {type(model).__name__}'s forward does "
-                             f"more between its last block and its logits (measured: {off:.3g} off, logits up to "
-                             f"{scale:.3g}; e.g. a logit scale or multiplier), which soft_loss does not reproduce: "
-                             "its losses would not be the model's loss")
+        finish_all([functools.partial(_unhook, [*blocks, norm, head], seen)])
+    who = type(model).__name__
+    if not isinstance(logits, Tensor) or "h" not in seen or "norm" not in seen or "head" not in seen:
+        raise SortedNetError(f"SoFT: {who}'s forward did not return logits or did not run its final norm and LM "
+                             "head as soft_loss reads them (final norm -> LM head of the last block), so the "
+                             "exits' losses cannot be checked against the model's loss")
+    (norm_in, norm_out), (head_in, head_out) = seen["norm"], seen["head"]
+    if not isinstance(head_out, Tensor) or logits.shape != head_out.shape:
+        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {who}'s own logits have shape "
+                             f"{tuple(logits.shape)}, its LM head's output "
+                             f"{tuple(getattr(head_out, 'shape', ()))} (the model cuts or pads its vocabulary "
+                             "after the head), which soft_loss does not reproduce")
+    for a, b, where in ((seen["h"], norm_in, "its last block and its final norm"),
+                        (norm_out, head_in, "its final norm and its LM head"),
+                        (head_out, logits, "its LM head and its logits")):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and _same(a, b)):
+            raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {who}'s forward does more between "
+                                 f"{where} (e.g. a scale or multiplier), which soft_loss does not reproduce: its "
+                                 "losses would not be the model's loss")
     _VERIFIED[model] = key
 
 

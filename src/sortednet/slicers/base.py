@@ -125,7 +125,8 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
         if not isinstance(cls.views, Mapping) or not all(isinstance(k, str) for k in cls.views):
             raise SortedNetError(f"slicer {cls.__name__}: views must be a dict of attribute name -> ((axis, role), "
                                  f"...); got {cls.views!r}")
-        for name, axes in cls.views.items():  # (the shape of each entry is checked per module, at wrap)
+        own_views = cls.__dict__.get("views", {})  # (inherited entries may name a role a subclass leaves out,
+        for name, axes in own_views.items() if isinstance(own_views, Mapping) else ():  # harmlessly: never bound)
             if isinstance(axes, Sequence) and not isinstance(axes, str):
                 for a in axes:
                     if isinstance(a, Sequence) and len(a) == 2 and isinstance(a[1], str) and a[1] not in cls.roles:
