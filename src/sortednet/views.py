@@ -301,8 +301,8 @@ class LinearInto(torch.autograd.Function):
     row-major slice of ``.grad`` is a transposing add (docs/mechanism.md). Here one GEMM writes the gradient
     where it belongs, with no temporary and no separate add. The same rules as :class:`SliceInto` decide
     between that and plain autograd's result (:func:`accumulates_plainly`, per parameter); under
-    ``create_graph`` the backward is computed from the live parameter, so second-order gradients are those
-    of ``F.linear``.
+    ``create_graph`` the backward computes with the weight's values saved at forward, connected to the
+    parameter, so second-order gradients are those of ``F.linear``.
     """
 
     @staticmethod
@@ -318,8 +318,9 @@ class LinearInto(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, wv = ctx.saved_tensors
         w, b, wcuts, bcuts = ctx.w, ctx.b, ctx.wcuts, ctx.bcuts
-        if torch.is_grad_enabled():  # create_graph: differentiable in the live parameters, as F.linear
-            wv = cut(w, wcuts)
+        if torch.is_grad_enabled():  # create_graph: the values saved at forward (as F.linear's backward uses:
+            live = cut(w, wcuts)     # a `p.data = ...` swap or a mutation allowed on saved tensors since then
+            wv = wv + (live - live.detach())  # does not reach them), differentiable in the parameter
         gx = g.matmul(wv) if ctx.needs_input_grad[0] else None
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
@@ -356,6 +357,7 @@ def _full(p: Tensor, g: Tensor, cuts: Cuts) -> Tensor:
 _linear_into = super(torch.autograd.Function, LinearInto).apply  # type: ignore[misc]
 _forward_ad = torch.autograd.forward_ad   # (its _current_level >= 0 inside dual_level: F.linear has the jvp)
 _autocast = torch._C._is_any_autocast_enabled
+_anomaly = torch.is_anomaly_enabled
 
 
 #: switch for the fused ``nn.Linear`` gradient path (benchmarks/layout.py compares both sides in one run)
@@ -369,8 +371,9 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
     if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
             or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0
-            or w.is_inference() or w.is_complex()):  # (inference: refused by narrow, by name; complex: autograd's
-        return None                               # conjugates, which LinearInto's GEMMs leave out)
+            or w.is_inference() or w.is_complex() or _anomaly()):  # (inference: refused by narrow, by name;
+        return None  # complex: autograd's conjugates, which LinearInto's GEMMs leave out; anomaly mode: it checks
+        #              every gradient a backward returns, and one written into .grad here is not returned)
     b = m._parameters.get("bias")
     if b is None:
         return None if "bias" in m._buffers else _linear_into(x, w, None, wv.cuts, (), st.lock)
@@ -394,8 +397,9 @@ def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:
     if t.requires_grad and _grad_enabled() and not _compiling():
         if t.is_inference():
             raise _inference_refused(st)
-        if st.inplace_grad and t.is_leaf and t.numel() >= st.min_numel and not _functorch_active():
-            return _slice_into(t, cuts, st.lock)
+        if (st.inplace_grad and t.is_leaf and t.numel() >= st.min_numel and not _functorch_active()
+                and _forward_ad._current_level < 0 and not _anomaly()):  # (forward-mode AD: SliceInto has no
+            return _slice_into(t, cuts, st.lock)                           # jvp; anomaly mode: see linear)
     for axis, start, length in cuts:
         t = t.narrow(axis, start, length)
     return t
