@@ -20,7 +20,11 @@ import os
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+
+try:
+    from accelerate import Accelerator
+except ImportError as e:  # (an optional extra)
+    raise SystemExit(f"this example needs accelerate: pip install 'sortednet[accelerate]' ({e})") from e
 from train_digits import DigitsMLP, build, load_data  # the same model and data as the single-process example
 
 import sortednet as sn
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world}")
     torch.manual_seed(args.seed)
     nest = build()                                    # wrap BEFORE prepare
     model, opt = accelerator.prepare(nest.model, torch.optim.Adam(nest.model.parameters(), lr=3e-3))

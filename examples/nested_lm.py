@@ -21,7 +21,11 @@ import time
 from pydoc_data.topics import topics
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+try:
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ImportError as e:  # (an optional extra)
+    raise SystemExit(f"this example needs transformers: pip install 'sortednet[transformers]' ({e})") from e
 
 import sortednet as sn
 

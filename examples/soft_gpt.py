@@ -16,7 +16,11 @@ import tempfile
 from pydoc_data.topics import topics
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+
+try:
+    from transformers import GPT2Config, GPT2LMHeadModel
+except ImportError as e:  # (an optional extra)
+    raise SystemExit(f"this example needs transformers: pip install 'sortednet[transformers]' ({e})") from e
 
 import sortednet as sn
 from sortednet.integrations import export_pretrained, soft_loss

@@ -56,7 +56,10 @@ def build(h1: tuple[int, ...] = H1, h2: tuple[int, ...] = H2, depth: tuple[int, 
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sklearn digits, a fixed stratified 80/20 split, pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # (an optional extra)
+        raise SystemExit(f"this example needs scikit-learn: pip install 'sortednet[data]' ({e})") from e
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
