@@ -87,8 +87,10 @@ def main() -> None:
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s")
 
     # 3. budget table: cost and held-out loss of every sub-model (kept on the nest for pick)
+    # (latency: the median of 20 timed forwards each, on this machine as it is: on a busy machine, sub-models a few
+    # per cent apart in size can swap places; pick by params or flops where that matters)
     prof = nest.profile(val[0][:1], score=lambda sub: -held_out(model, val), metrics=("params", "flops", "latency"),
-                        repeat=5, progress=False)
+                        progress=False)
     print("score = minus held-out loss (nats/char)")
     print(prof.to_markdown())
 
