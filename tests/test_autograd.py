@@ -843,3 +843,90 @@ def test_forward_mode_ad_with_dual_parameters_matches_plain_autograd():
                 out = functional_call(m, duals, (x,))
             tangents.append(fwad.unpack_dual(out).tangent)
     tol(tangents[0], tangents[1], "jvp")
+
+
+def test_a_create_graph_backward_keeps_an_infinite_weight_infinite():
+    """Regression: reading the saved weight as ``saved + (live - live.detach())`` made inf - inf = NaN."""
+    grads = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+        with torch.no_grad():
+            m[2].weight[0, 5] = float("inf")
+        nest = sn.wrap(m, sn.Width("h", [32, 64, 128], out="0", inp="2"), inplace_grad=inplace)
+        h = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with nest.use("h=64"):
+            out = m[2](h)
+        grads.append(torch.autograd.grad(out.sum(), h, create_graph=True)[0])
+    assert torch.isinf(grads[0][:, 5]).all() and not grads[0].isnan().any()
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_backward_alone_under_anomaly_mode_sees_a_nan_weight_gradient():
+    """The forward ran without anomaly mode (the in-place paths taken), only the backward under it: the NaN
+    gradient was written into .grad and never returned for the anomaly check."""
+    x = torch.randn(5, 64)
+    x[0, 3] = float("nan")
+    for fused in (True, False):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+        nest = sn.wrap(m, sn.Width("h", [32, 64, 128], out="0", inp="2"))
+        with mock.patch.object(views, "FUSED_LINEAR", fused):
+            with nest.use("h=64"):
+                loss = m(x).sum()
+            with pytest.raises(RuntimeError, match="returned nan values"), torch.autograd.detect_anomaly():
+                loss.backward()
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _entered_below_the_root(form: str):
+    """(model, dims, sub, run(x) as the checkpointed forward, run(x) plain) for each way of entering a reentrant
+    checkpoint without the root's ``__call__``."""
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+    torch.manual_seed(0)
+    if form == "root_forward":
+        m = _TwoLayer()
+        return m, [sn.Width("h", [32, 64, 128], out="fc1", inp="fc2")], "h=32", \
+            lambda x: checkpoint(m.forward, x, use_reentrant=True), m.forward
+    if form == "lambda_over_layers":
+        m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+        f = lambda z: m[2](m[1](m[0](z)))  # noqa: E731
+        return m, [sn.Width("h", [32, 64, 128], out="0", inp="2")], "h=32", \
+            lambda x: checkpoint(f, x, use_reentrant=True), f
+    if form == "checkpoint_sequential":
+        m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+        return m, [sn.Width("h", [32, 64, 128], out="0", inp="2")], "h=32", \
+            lambda x: checkpoint_sequential(m, 1, x, use_reentrant=True), m
+    stack = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4)))
+    m = nn.ModuleDict({"stack": stack})
+    return m, [sn.Depth("d", [2, 4], layers="stack")], "d=2", \
+        lambda x: checkpoint(stack, x, use_reentrant=True), stack
+
+
+@pytest.mark.parametrize("where", ["outside_use", "other_thread"])
+@pytest.mark.parametrize("form", ["root_forward", "lambda_over_layers", "checkpoint_sequential", "depth_in_a_dict"])
+def test_a_reentrant_checkpoint_entered_below_the_root_recomputes_its_forward_submodel(form, where):
+    """No root forward counted itself, so no read looked for the checkpoint: backward outside the use block
+    recomputed the full model (87 rows of fc1's gradient beyond h=32, all four blocks at d=2), in silence.
+    Reentrant checkpoints' forwards are counted now, and their recomputation pinned as inside the root."""
+    grads = []
+    for ckpt in (False, True):
+        m, dims, sub, checkpointed, plain = _entered_below_the_root(form)
+        nest = sn.wrap(m, *dims)
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with nest.use(sub):
+            loss = (checkpointed if ckpt else plain)(x).square().sum()
+        backward_at(where, loss, nest)
+        grads.append([p.grad for p in m.parameters()] + [x.grad])
+        assert nest._state.training == 0 and nest.active == nest.largest
+    same_grads(grads[1], grads[0], f"{form}, backward {where}")
+    assert sn.dims.REENTRANT == [0]

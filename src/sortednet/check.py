@@ -950,29 +950,39 @@ def slicer_grad_self_check(nest: Nest) -> None:
     try:
         for p in frozen:
             p.requires_grad_(True)
-        _read_connected(nest, user)
+        found = _read_connected(nest, user)
     finally:
         finish_all([functools.partial(torch.Tensor.requires_grad_, p, False) for p in frozen])
+    frozen_ids = {id(p) for p in frozen}
+    for where, name, sub, p in found:
+        what = (f"{where} gives {name!r} at {sub} without a gradient path to the parameter (cut from .data or "
+                ".detach(), or computed by an op without one: a comparison, an integer cast)")
+        if id(p) not in frozen_ids:
+            raise SortedNetError(f"{what}: its gradient would never reach the parameter, which would not train at "
+                                 "any size. Cut the parameter itself (a view such as p[:k] or p.narrow(...)) in "
+                                 "value() (docs/custom_slicers.md)")
+        warnings.warn(f"{what}. It is frozen now; unfrozen later, it would not train at any size. A tensor that "
+                      "never trains (a fixed mask) is a buffer: register_buffer silences this", UserWarning,
+                      stacklevel=4)
 
 
-def _read_connected(nest: Nest, user: list[tuple[str, nn.Module]]) -> None:
+def _read_connected(nest: Nest, user: list[tuple[str, nn.Module]]) -> list[tuple[str, str, SubModel, Any]]:
+    """(slicer and module, attribute, sub-model, parameter) of each parameter read without a gradient path."""
+    found, seen = [], set()
     for sub in (SubModel({d.name: d.full for d in nest.dims}), SubModel({d.name: d.sizes[0] for d in nest.dims})):
         with Use(nest._state, nest._plans.build(sub)), torch.enable_grad():
             for path, m in user:
                 sl = m._sn.slicer
                 for name in sl.attr_names(m, m._sn.bind):
                     p = m._parameters.get(name)
-                    if p is None or not p.requires_grad or p.is_inference():
+                    if p is None or not p.requires_grad or p.is_inference() or id(p) in seen:
                         continue
                     v = getattr(m, name)
                     if isinstance(v, torch.Tensor) and not v.requires_grad:
-                        raise SortedNetError(
-                            f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__}) gives "
-                            f"{name!r} at {sub} detached from the parameter (cut from .data or .detach()?): its "
-                            "gradient would never reach the parameter, which would not train at any size (a frozen "
-                            "one is read as trainable: unfrozen later, it would not train either). Cut the parameter "
-                            "itself (a view such as p[:k] or p.narrow(...)) in value() "
-                            "(docs/custom_slicers.md)")
+                        seen.add(id(p))
+                        found.append((f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__})",
+                                      name, sub, p))
+    return found
 
 
 def norm_self_check(nest: Nest) -> None:

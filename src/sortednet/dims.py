@@ -22,6 +22,11 @@ from .errors import PatternError, SizeError, SortedNetError
 from .patterns import match
 from .submodel import as_int
 
+#: reentrant activation checkpoints whose forward runs now, in any thread (``sortednet.plan`` counts them): a sliced
+#: read without gradients then looks for one on its stack to pin its recomputation, also where no root forward
+#: with gradients counted itself (``checkpoint(model.forward, x)``, a lambda over the layers)
+REENTRANT = [0]
+
 __all__ = ["Dimension", "Width", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
 
 _KINDS: dict[str, type["Dimension"]] = {}
@@ -242,7 +247,7 @@ class Active:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
         p = self.default if p is self else p
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.training:
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and (self.training or REENTRANT[0]):
             self.on_no_grad_read(p)
         return p
 

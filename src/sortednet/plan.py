@@ -24,10 +24,11 @@ import sys
 import threading
 from typing import Any
 
+import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
-from .dims import Active
+from .dims import REENTRANT, Active
 from .errors import SortedNetError
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
@@ -369,7 +370,41 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
 # (what ``nest.checkpoint`` does by hand), found when the forward reads a sliced attribute without gradients
 # (sortednet.wrap.Pin.no_grad_read) or starts the root forward without gradients (Pin.pre): :func:`pin_checkpoints`.
 _CKPT_FORWARD = getattr(getattr(_checkpoint, "CheckpointFunction", None), "forward", None)
+_CKPT_FORWARD = inspect.unwrap(_CKPT_FORWARD) if _CKPT_FORWARD is not None else None  # (counted below)
 _CKPT_CODE = getattr(_CKPT_FORWARD, "__code__", None)
+_REENTRANT_LOCK = threading.Lock()
+
+
+def _count_reentrant_forwards() -> None:
+    """Count reentrant checkpoints' forwards while they run (``sortednet.dims.REENTRANT``), once per process, at
+    import: the function is wrapped, what it does is not changed. Without the count, a sliced read without
+    gradients looks for a checkpoint on its stack only while a root forward with gradients runs (a frame walk
+    per read would slow inference), and a reentrant checkpoint entered below the root's ``__call__``
+    (``checkpoint(model.forward, x)``, a lambda over the layers, a Depth stack of a ``ModuleDict`` root)
+    recomputed under whatever sub-model was in force during backward, in silence."""
+    cls = getattr(_checkpoint, "CheckpointFunction", None)
+    raw = getattr(cls, "__dict__", {}).get("forward")
+    original = getattr(raw, "__func__", None)
+    if original is None or getattr(original, "_sn_counted", False) or original.__code__ is not _CKPT_CODE:
+        return
+
+    @functools.wraps(original)
+    def forward(*args: Any) -> Any:
+        if torch.compiler.is_compiling():  # (traced: nothing reads the count there)
+            return original(*args)
+        with _REENTRANT_LOCK:
+            REENTRANT[0] += 1
+        try:
+            return original(*args)
+        finally:
+            with _REENTRANT_LOCK:
+                REENTRANT[0] -= 1
+
+    forward._sn_counted = True  # type: ignore[attr-defined]
+    cls.forward = staticmethod(forward)
+
+
+_count_reentrant_forwards()
 # Non-reentrant checkpointing recomputes through ``_CheckpointFrame.recompute_fn``, made by a generator that
 # ``torch.utils.checkpoint.checkpoint`` holds as ``gen`` while the checkpointed function runs. A recomputation
 # under another Width / Heads sub-model fails PyTorch's own check (the saved slices change shape); under another

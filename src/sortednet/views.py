@@ -246,7 +246,7 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
     """Inside :class:`SliceInto`'s backward: would autograd just add the gradient into ``p.grad``?
 
     False under ``create_graph`` (grad mode is on in backward), under compiled autograd, when ``p`` has
-    tensor hooks or post-accumulate-grad hooks, when ``.grad`` is not a plain
+    tensor hooks or post-accumulate-grad hooks, under anomaly detection, when ``.grad`` is not a plain
     dense tensor of the gradient's dtype or ``p.grad_dtype`` asks for another
     (fp32 gradients of bf16 weights), and when the engine will not run
     ``p``'s AccumulateGrad node (``torch.autograd.grad``, ``backward(inputs=...)``
@@ -255,6 +255,8 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
     is initialised: DDP's reducer hooks it there.
     """
     if torch.is_grad_enabled() or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+        return False
+    if _anomaly():  # (a backward run under detect_anomaly checks each gradient returned: return it)
         return False
     if _compiling() or _compiled_autograd():  # a traced backward: a write into p.grad would not be in the graph
         return False
@@ -319,8 +321,8 @@ class LinearInto(torch.autograd.Function):
         x, wv = ctx.saved_tensors
         w, b, wcuts, bcuts = ctx.w, ctx.b, ctx.wcuts, ctx.bcuts
         if torch.is_grad_enabled():  # create_graph: the values saved at forward (as F.linear's backward uses:
-            live = cut(w, wcuts)     # a `p.data = ...` swap or a mutation allowed on saved tensors since then
-            wv = wv + (live - live.detach())  # does not reach them), differentiable in the parameter
+            wv = _saved_as(cut(w, wcuts), wv)  # a `p.data = ...` swap or a mutation allowed on saved tensors
+            #                                    since then does not reach them), differentiable in the parameter
         gx = g.matmul(wv) if ctx.needs_input_grad[0] else None
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
@@ -343,6 +345,22 @@ class LinearInto(torch.autograd.Function):
             else:
                 gb = _full(b, s, bcuts)
         return gx, gw, gb, None, None, None
+
+
+class _SavedAs(torch.autograd.Function):
+    """``saved``'s values with ``live``'s gradient (identity): a weight saved at forward, differentiable in the
+    parameter it was cut from (``saved + (live - live.detach())`` would turn an infinite weight into NaN)."""
+
+    @staticmethod
+    def forward(ctx: Any, live: Tensor, saved: Tensor) -> Tensor:  # type: ignore[override]
+        return saved.view_as(saved)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return g, None
+
+
+_saved_as = _SavedAs.apply
 
 
 def _full(p: Tensor, g: Tensor, cuts: Cuts) -> Tensor:

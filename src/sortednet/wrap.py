@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .dims import Binding, Dimension, Target
+from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .modes import exact_math, finish_all, plain_leaves
 from .patterns import match_pattern
@@ -967,6 +967,8 @@ class Pin:
                 if e[3]:  # the innermost forward with gradients of this thread
                     pin_checkpoints(self.active, plan, sys._getframe(2), stop=e[1])
                     return
+        if REENTRANT[0]:  # a reentrant checkpoint's forward entered without a root forward (checkpoint(model.forward,
+            pin_checkpoints(self.active, plan, sys._getframe(2))  # x), a lambda over the layers): pinned as well
 
     def enter_root(self, frame: Any, block: Any = None) -> list:
         """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan`` inside its use

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..dims import Active, Binding
+from ..dims import REENTRANT, Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
 from ..views import (
     DYNAMIC,
@@ -426,8 +426,8 @@ class Slicer:
                         return st.slicer.value(self_, name) if b is None else b.features()
                     p = a._scoped  # Active.plan(), inlined: the nest's context variable, else the default
                     p = a.default if p is a else p
-                    if not _grad_enabled() and not _compiling() and a.training:  # (maybe a reentrant checkpoint's
-                        a.on_no_grad_read(p)                                      # forward: Pin.no_grad_read)
+                    if not _grad_enabled() and not _compiling() and (a.training or REENTRANT[0]):  # (maybe a
+                        a.on_no_grad_read(p)         # reentrant checkpoint's forward: Pin.no_grad_read)
                     e = p.entries[st.slot][name]
                     if e.__class__ is View:
                         return e.take(self_, st)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dims import REENTRANT
 from ..errors import SortedNetError
 from ..views import _compiling, _fx, _grad_enabled, fx_refused, fx_tracing
 from .base import Slicer, slicer
@@ -24,14 +25,17 @@ _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def _pin_checkpoints(m: nn.Module) -> None:
-    """A layer list read inside a non-reentrant activation checkpoint's forward (its saved-tensor hooks are on):
+    """A layer list read inside a non-reentrant activation checkpoint's forward (its saved-tensor hooks are on),
+    or a reentrant one's (``REENTRANT``):
     the recomputation during backward runs the depth of now, wherever backward runs (outside the forward's
     ``use`` block it would recompute another depth: ``blocks[-1]`` another block of the same shape, which
     PyTorch's recomputation check cannot see)."""
     if _fx._is_fx_tracing_flag and fx_tracing():  # (torch.export's make_fx runs real tensors: fine)
         raise fx_refused(f"the Depth layer list {m._sn.path or '<root>'!r}, unrolled at the trace's depth,")
-    if _grad_enabled() and not _compiling() and _saved_tensors_hooks(False) is not None:
-        a = m.__dict__["_sn"].active
+    if _compiling():
+        return
+    if (_saved_tensors_hooks(False) is not None if _grad_enabled() else REENTRANT[0]):  # (reentrant: its forward
+        a = m.__dict__["_sn"].active                                                 # runs without gradients)
         if a is not None:
             from ..plan import pin_checkpoints
 
