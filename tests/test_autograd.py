@@ -808,19 +808,22 @@ def test_a_create_graph_backward_uses_the_weight_saved_at_forward(change):
     same_grads(got[0][1], got[1][1], "penalty gradients")
 
 
-def test_anomaly_mode_sees_a_nan_weight_gradient_as_in_plain_autograd():
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scope", ["forward_and_backward", "backward_alone"])
+def test_anomaly_mode_sees_a_nan_weight_gradient_as_in_plain_autograd(scope, fused):
     """With ``detect_anomaly`` on, the in-place paths wrote a NaN gradient into ``.grad`` and returned nothing
-    for autograd to check: no error, where plain PyTorch names the node that returned NaN."""
+    for autograd to check: no error, where plain PyTorch names the node that returned NaN. Also where only the
+    backward runs under it (the forward took the in-place paths)."""
     x = torch.randn(5, 64)
     x[0, 3] = float("nan")
-    for fused in (True, False):
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
-        nest = sn.wrap(m, sn.Width("h", [32, 64, 128], out="0", inp="2"))
-        with mock.patch.object(views, "FUSED_LINEAR", fused), \
-                pytest.raises(RuntimeError, match="returned nan values"), torch.autograd.detect_anomaly():
-            with nest.use("h=64"):
-                loss = m(x).sum()
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+    nest = sn.wrap(m, sn.Width("h", [32, 64, 128], out="0", inp="2"))
+    whole = torch.autograd.detect_anomaly() if scope == "forward_and_backward" else contextlib.nullcontext()
+    with mock.patch.object(views, "FUSED_LINEAR", fused), whole:
+        with nest.use("h=64"):
+            loss = m(x).sum()
+        with pytest.raises(RuntimeError, match="returned nan values"), torch.autograd.detect_anomaly():
             loss.backward()
 
 
@@ -860,22 +863,6 @@ def test_a_create_graph_backward_keeps_an_infinite_weight_infinite():
         grads.append(torch.autograd.grad(out.sum(), h, create_graph=True)[0])
     assert torch.isinf(grads[0][:, 5]).all() and not grads[0].isnan().any()
     torch.testing.assert_close(grads[0], grads[1])
-
-
-def test_a_backward_alone_under_anomaly_mode_sees_a_nan_weight_gradient():
-    """The forward ran without anomaly mode (the in-place paths taken), only the backward under it: the NaN
-    gradient was written into .grad and never returned for the anomaly check."""
-    x = torch.randn(5, 64)
-    x[0, 3] = float("nan")
-    for fused in (True, False):
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
-        nest = sn.wrap(m, sn.Width("h", [32, 64, 128], out="0", inp="2"))
-        with mock.patch.object(views, "FUSED_LINEAR", fused):
-            with nest.use("h=64"):
-                loss = m(x).sum()
-            with pytest.raises(RuntimeError, match="returned nan values"), torch.autograd.detect_anomaly():
-                loss.backward()
 
 
 class _TwoLayer(nn.Module):
