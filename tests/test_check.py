@@ -2739,7 +2739,7 @@ def test_a_forward_writing_into_a_sliced_weight_is_refused_where_a_sub_model_wri
     with torch.no_grad():
         with nest.use("h=4"):
             m(x)
-        torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(m(x), plain(x), rtol=0, atol=1e-6)   # (the bug: 0.08 off)
         torch.testing.assert_close(m.proto.weight, plain.proto.weight, rtol=0, atol=0)
 
 
