@@ -917,3 +917,39 @@ def test_a_reentrant_checkpoint_entered_below_the_root_recomputes_its_forward_su
         assert nest._state.training == 0 and nest.active == nest.largest
     same_grads(grads[1], grads[0], f"{form}, backward {where}")
     assert sn.dims.REENTRANT == [0]
+
+
+def test_a_reentrant_checkpoint_in_another_thread_costs_this_threads_inference_no_stack_walk():
+    """Regression (the count of reentrant forwards is process-wide): while one thread sat inside a reentrant
+    checkpoint's forward, every sliced read of another thread's inference walked its whole stack (1.5-3.5x
+    slower forwards); only reads in a thread running such a forward look for it now."""
+    import importlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    wrap_module = importlib.import_module("sortednet.wrap")   # (sn.wrap is the function)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    nest = sn.wrap(m, sn.Width("h", [32, 64, 128], out="0", inp="2"))
+    inside, release = threading.Event(), threading.Event()
+
+    def parked(z):
+        inside.set()
+        release.wait(60)
+        return z * 2
+
+    t = threading.Thread(target=lambda: checkpoint(parked, torch.randn(3, requires_grad=True), use_reentrant=True))
+    t.start()
+    try:
+        assert inside.wait(60) and sn.dims.REENTRANT[0] == 1
+        walks = []
+        real = wrap_module.pin_checkpoints
+        with mock.patch.object(wrap_module, "pin_checkpoints", lambda *a, **k: walks.append(a) or real(*a, **k)):
+            with torch.no_grad(), nest.use("h=32"):
+                y = m(torch.randn(2, 64))
+        assert len(walks) == 1 and y.shape == (2, 32)   # the root forward's one look (as ever), none per read
+    finally:
+        release.set()
+        t.join(60)
+    assert sn.dims.REENTRANT[0] == 0 and not sn.dims.REENTRANT_THREADS

@@ -864,12 +864,15 @@ class _OnePositionAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = H, E // H
         self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
-        self.bias = nn.Parameter(torch.randn(H, 1, 1))  # per-head, not declared: heads cannot be reordered
+        # per-head, not declared: heads cannot be reordered (1-D and as long as the head size: wrap leaves it to
+        # the measurements, as it does rotary inv_freq)
+        self.bias = nn.Parameter(torch.randn(H))
 
     def forward(self, x):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + self.bias[:self.num_heads] * torch.arange(T).float()
+        ramp = self.bias[:self.num_heads, None, None] * torch.arange(T).float()
+        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + ramp
         return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
 
 

@@ -632,19 +632,26 @@ def test_correct_heads_pass_with_masked_logits_a_sampling_forward_and_drop_path(
     assert nest.smallest["h"] == 1
 
 
-@pytest.mark.parametrize("kind", ["temperature", "alibi", "gate"])
+@pytest.mark.parametrize("kind", ["temperature", "temperature_half_head_dim", "alibi", "gate", "swin_bias_table"])
 def test_per_head_tensors_of_an_attention_are_refused_at_wrap_and_named(kind):
-    E, H, D = 48, 4, 12     # (a head count equal to the head size or half of it is left to check: rotary tables)
+    """Swin's relative position bias table (positions, heads) passed wrap (heads on its last axis), and a
+    temperature (H, 1, 1) did where H is half the head size (the 1-D rotary exemption): a raw shape error at the
+    first smaller forward, and check named neither."""
+    E, H = 48, 4     # (a 1-D tensor as long as the head size or half of it is left to check: rotary tables)
+    D = 8 if kind == "temperature_half_head_dim" else 12
+    E = H * D
 
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
             self.n_heads, self.head_dim = H, D
             self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
-            if kind == "temperature":
+            if kind.startswith("temperature"):
                 self.temp = nn.Parameter(torch.ones(H, 1, 1))          # Swin-v2 style logit scale
             elif kind == "alibi":
                 self.register_buffer("slopes", 2.0 ** -torch.arange(1.0, H + 1))
+            elif kind == "swin_bias_table":
+                self.table = nn.Parameter(torch.zeros(9, H))           # indexed by relative position
             else:
                 self.gate = nn.Parameter(torch.ones(1, H, 1, 1))       # head-wise gate
 
@@ -653,8 +660,11 @@ def test_per_head_tensors_of_an_attention_are_refused_at_wrap_and_named(kind):
             q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x),
                                                                                             self.v(x)))
             att = q @ k.transpose(-1, -2) * D ** -0.5
-            if kind == "temperature":
+            if kind.startswith("temperature"):
                 att = att * self.temp
+            elif kind == "swin_bias_table":
+                pos = torch.arange(T)
+                att = att + self.table[(pos[None] - pos[:, None]).clamp(-4, 4) + 4].permute(2, 0, 1)
             elif kind == "alibi":
                 pos = torch.arange(T)
                 att = att - self.slopes.view(-1, 1, 1) * (pos[None] - pos[:, None]).abs()
@@ -665,7 +675,9 @@ def test_per_head_tensors_of_an_attention_are_refused_at_wrap_and_named(kind):
 
     m = Attn()
     before = snapshot(m)
-    name = {"temperature": "temp", "alibi": "slopes", "gate": "gate"}[kind]
+    name = {"temperature": "temp", "temperature_half_head_dim": "temp", "alibi": "slopes", "gate": "gate",
+            "swin_bias_table": "table"}[kind]
+    m(torch.randn(2, 5, E))                                  # (the model runs)
     with pytest.raises(sn.PatternError, match=f"'{name}' of shape .* looks per-head"):
         sn.wrap(m, sn.Heads("heads", [2, 4], attn=""))
     assert_unchanged(m, before)

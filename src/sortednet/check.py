@@ -19,8 +19,10 @@ import contextvars
 import functools
 import inspect
 import math
+import os
 import random
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -963,7 +965,17 @@ def slicer_grad_self_check(nest: Nest) -> None:
                                  "value() (docs/custom_slicers.md)")
         warnings.warn(f"{what}. It is frozen now; unfrozen later, it would not train at any size. A tensor that "
                       "never trains (a fixed mask) is a buffer: register_buffer silences this", UserWarning,
-                      stacklevel=4)
+                      stacklevel=_caller_outside())
+
+
+def _caller_outside() -> int:
+    """``warnings.warn``'s stacklevel, from the function calling this, of the first frame outside sortednet (the
+    user's ``sn.wrap`` / ``sn.Nest`` / ``sn.load`` / ``from_transformers`` call)."""
+    pkg = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    f, level = sys._getframe(1), 1
+    while f is not None and f.f_code.co_filename.startswith(pkg):
+        f, level = f.f_back, level + 1
+    return level
 
 
 def _read_connected(nest: Nest, user: list[tuple[str, nn.Module]]) -> list[tuple[str, str, SubModel, Any]]:

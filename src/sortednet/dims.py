@@ -26,6 +26,8 @@ from .submodel import as_int
 #: read without gradients then looks for one on its stack to pin its recomputation, also where no root forward
 #: with gradients counted itself (``checkpoint(model.forward, x)``, a lambda over the layers)
 REENTRANT = [0]
+#: thread id -> how many reentrant checkpoint forwards run in that thread (a read in another thread skips the walk)
+REENTRANT_THREADS: dict[int, int] = {}
 
 __all__ = ["Dimension", "Width", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
 

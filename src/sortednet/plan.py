@@ -28,7 +28,7 @@ import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
-from .dims import REENTRANT, Active
+from .dims import REENTRANT, REENTRANT_THREADS, Active
 from .errors import SortedNetError
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
@@ -392,13 +392,19 @@ def _count_reentrant_forwards() -> None:
     def forward(*args: Any) -> Any:
         if torch.compiler.is_compiling():  # (traced: nothing reads the count there)
             return original(*args)
+        me = threading.get_ident()
         with _REENTRANT_LOCK:
             REENTRANT[0] += 1
+            REENTRANT_THREADS[me] = REENTRANT_THREADS.get(me, 0) + 1
         try:
             return original(*args)
         finally:
             with _REENTRANT_LOCK:
                 REENTRANT[0] -= 1
+                if REENTRANT_THREADS[me] == 1:
+                    del REENTRANT_THREADS[me]
+                else:
+                    REENTRANT_THREADS[me] -= 1
 
     forward._sn_counted = True  # type: ignore[attr-defined]
     cls.forward = staticmethod(forward)
@@ -421,6 +427,11 @@ def _pinned(ctx: Any, active: Active, attr: str = "run_function") -> bool:
             return True
         g = getattr(g, "_sn_inner", None)
     return False
+
+
+def in_reentrant_forward() -> bool:
+    """Whether a reentrant checkpoint's forward runs in this thread (cheap: read first where ``REENTRANT[0]``)."""
+    return threading.get_ident() in REENTRANT_THREADS
 
 
 def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) -> None:

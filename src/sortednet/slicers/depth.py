@@ -34,11 +34,16 @@ def _pin_checkpoints(m: nn.Module) -> None:
         raise fx_refused(f"the Depth layer list {m._sn.path or '<root>'!r}, unrolled at the trace's depth,")
     if _compiling():
         return
-    if (_saved_tensors_hooks(False) is not None if _grad_enabled() else REENTRANT[0]):  # (reentrant: its forward
-        a = m.__dict__["_sn"].active                                                 # runs without gradients)
-        if a is not None:
-            from ..plan import pin_checkpoints
+    if _grad_enabled():
+        if _saved_tensors_hooks(False) is None:
+            return
+    elif not REENTRANT[0]:  # (a reentrant checkpoint's forward runs without gradients)
+        return
+    a = m.__dict__["_sn"].active
+    if a is not None:
+        from ..plan import in_reentrant_forward, pin_checkpoints
 
+        if _grad_enabled() or in_reentrant_forward():
             pin_checkpoints(a, a.plan(), sys._getframe(2))
 
 
