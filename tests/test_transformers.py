@@ -2187,6 +2187,28 @@ def test_an_export_loads_where_sortednet_is_not_installed(plain, tmp_path):
     assert "GPT2LMHeadModel" in proc.stdout
 
 
+def test_a_plain_export_with_a_factored_rank_layer_refuses_save_pretrained(tmp_path):
+    """A hand-declared svd Rank exports a small rank as two Linear layers (q_proj.0 / q_proj.1, no bias to go
+    missing): save_pretrained wrote them beside the full model's config, and from_pretrained gave every q_proj
+    fresh random weights (only a load report said so). The export's keys are compared with the model's own."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    nest = sn.wrap(model, sn.Rank("r", [4, 32], targets="model.layers.*.self_attn.q_proj"))
+    small = nest.export("r=4", plain=True)
+    assert "model.layers.0.self_attn.q_proj.0.weight" in small.state_dict()
+    with pytest.raises(sn.SortedNetError, match="plain=True"):
+        small.save_pretrained(str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    merged = nest.export("r=32", plain=True)           # full rank: merged into the stock q_proj.weight
+    merged.save_pretrained(str(tmp_path / "full"))
+    again = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "full")).eval()
+    x = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, merged(x).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kw", [dict(heads=[2]), dict(depth=[1]), dict(ffn=[24], depth=[1])])
 def test_a_tower_without_a_config_is_refused_heads_and_depth_by_name(kw):
     """FSMT holds its encoder and decoder as plain modules: heads= / depth= raised a raw AttributeError ('config')."""

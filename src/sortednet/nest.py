@@ -1130,10 +1130,14 @@ class Nest:
         a Rank's factors / adapters aside (an export merges them into the weight they stand for)."""
         full = self.model.state_dict()
         mine = new.state_dict()
-        rank = {f"{p}.{n}" for p, m in self._sliced.items() if "rank" in m._sn.bind
-                for n in ("U", "V", "lora_A", "lora_B")}
+        paths = [p for p, m in self._sliced.items() if "rank" in m._sn.bind]
+        key = lambda p, n: f"{p}.{n}" if p else n  # noqa: E731
+        rank = {key(p, n) for p in paths for n in ("U", "V", "lora_A", "lora_B")}
+        # the model's own keys: a Rank target's weight (held as factors by svd) is merged back into it; an export
+        # holding other keys (a factored layer as two Linear layers) is not what the model's config describes
+        stock = {k for k in full if k not in rank} | {key(p, "weight") for p in paths}
         return (any(k in full and tuple(v.shape) != tuple(full[k].shape) for k, v in mine.items())
-                or any(k not in mine for k in full if k not in rank))
+                or set(mine) != stock)
 
     def unwrap(self, *, merge: bool = False) -> nn.Module:
         """Restore the original classes and return the model (weights untouched).
