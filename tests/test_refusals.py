@@ -875,3 +875,43 @@ def test_a_shallow_copy_of_a_sliced_module_names_copy_not_only_pickle():
     with pytest.raises(sn.SortedNetError, match=r"cannot be pickled or shallow-copied \(copy.copy\).*copy.deepcopy"):
         copy.copy(m[0])
     assert copy.deepcopy(m)[0].weight.shape == (16, 4)
+
+
+class _ComplexRope(nn.Module):
+    """Meta-style rotary attention: a (max_pos, head_dim // 2) complex buffer, whose last axis is as long as the
+    head count in the usual tiny configs (hidden 32, 4 heads)."""
+
+    def __init__(self, dim, heads, max_pos=64):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        d = self.head_dim
+        inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+        angles = torch.outer(torch.arange(max_pos).float(), inv)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        fc = self.freqs_cis[:T]
+
+        def rot(t):
+            return torch.view_as_real(torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2)) * fc).flatten(-2)
+
+        y = F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("dim, heads", [(32, 4), (128, 8)])
+def test_a_rotary_cache_whose_last_axis_is_the_head_count_is_not_a_per_head_tensor(dim, heads):
+    """Regression (the last-axis rule for Swin's bias table): a rotary buffer (max_pos, head_dim // 2) with
+    head_dim // 2 == heads was refused; that rule is for trained parameters, and buffers of those lengths are left
+    to check, which measures the module."""
+    torch.manual_seed(0)
+    m = _ComplexRope(dim, heads)
+    x = torch.randn(2, 10, dim)
+    nest = sn.wrap(m, sn.Heads("heads", [heads // 2, heads], attn=""), example=x)
+    small = nest.export(nest.smallest)
+    with nest.use(nest.smallest):
+        torch.testing.assert_close(small(x), m(x))

@@ -19,7 +19,6 @@ import contextvars
 import functools
 import inspect
 import math
-import os
 import random
 import re
 import sys
@@ -971,9 +970,9 @@ def slicer_grad_self_check(nest: Nest) -> None:
 def _caller_outside() -> int:
     """``warnings.warn``'s stacklevel, from the function calling this, of the first frame outside sortednet (the
     user's ``sn.wrap`` / ``sn.Nest`` / ``sn.load`` / ``from_transformers`` call)."""
-    pkg = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    pkg = __name__.rpartition(".")[0]  # (by module name: a vendored copy, or .pyc files compiled elsewhere)
     f, level = sys._getframe(1), 1
-    while f is not None and f.f_code.co_filename.startswith(pkg):
+    while f is not None and (f.f_globals.get("__name__", "") + ".").startswith(pkg + "."):
         f, level = f.f_back, level + 1
     return level
 

@@ -25,9 +25,22 @@ from .submodel import as_int
 #: reentrant activation checkpoints whose forward runs now, in any thread (``sortednet.plan`` counts them): a sliced
 #: read without gradients then looks for one on its stack to pin its recomputation, also where no root forward
 #: with gradients counted itself (``checkpoint(model.forward, x)``, a lambda over the layers)
-REENTRANT = [0]
-#: thread id -> how many reentrant checkpoint forwards run in that thread (a read in another thread skips the walk)
-REENTRANT_THREADS: dict[int, int] = {}
+#: ``REENTRANT_THREADS``: thread id -> the ``ctx`` of each reentrant checkpoint forward running in that thread (a read
+#: in another thread skips the walk; one whose checkpoints are pinned already too). Kept on the counting wrapper
+#: (``sortednet.plan``), so every copy of sortednet in the process (a vendored one, a reload) shares them.
+
+
+def _shared_counts() -> tuple[list[int], dict[int, list[Any]], Any]:
+    import threading
+
+    import torch.utils.checkpoint as checkpoint
+
+    forward = getattr(getattr(checkpoint, "CheckpointFunction", None), "forward", None)
+    got = getattr(forward, "_sn_counts", None)
+    return got if got is not None else ([0], {}, threading.Lock())
+
+
+REENTRANT, REENTRANT_THREADS, REENTRANT_LOCK = _shared_counts()
 
 __all__ = ["Dimension", "Width", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
 

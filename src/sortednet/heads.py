@@ -282,20 +282,22 @@ class Heads(Dimension):
         return d, group, Binding(self, unit=d, parts=(1, group, group))
 
     def _refuse_per_head_tensors(self, path: str, m: nn.Module, d: int) -> None:
-        """A parameter or buffer of the attention module itself whose first non-singleton axis, or last axis, is
-        as long as the head count (a per-head temperature / logit scale, ALiBi slopes, a head-wise gate, Swin's
-        relative position bias table of shape (positions, heads)) would have to be sliced with the heads, which
-        Heads does not know how to do: refused, named, rather than left full-size (the first smaller forward would
-        fail, and export / cost would keep it whole). A 1-D tensor is not decided when the head count equals the
-        head size or half of it (rotary ``inv_freq``, per-dimension scales have those lengths): ``check``
-        measures such a module."""
+        """A parameter or buffer of the attention module itself whose first non-singleton axis is as long as the
+        head count (a per-head temperature / logit scale, ALiBi slopes, a head-wise gate), or a parameter whose
+        last axis is (Swin's relative position bias table of shape (positions, heads)), would have to be sliced
+        with the heads, which Heads does not know how to do: refused, named, rather than left full-size (the first
+        smaller forward would fail, and export / cost would keep it whole). Buffers and 1-D parameters are not
+        decided when the head count equals the head size or half of it (rotary ``inv_freq`` and cos / sin caches,
+        per-dimension scales have those lengths): ``check`` measures such a module."""
         H = self.full
+        exempt = H in (d, d // 2)
         for kind, store in (("parameter", m._parameters), ("buffer", m._buffers)):
             for n, t in store.items():
-                if t is None or t.dim() == 0 or (t.dim() == 1 and H in (d, d // 2)):
-                    continue
+                if t is None or t.dim() == 0 or (exempt and (kind == "buffer" or t.dim() == 1)):
+                    continue  # (rotary caches, masks: buffers of those lengths)
                 lead = next((s for s in t.shape if s != 1), None)
-                if lead == H or (t.dim() >= 2 and t.shape[-1] == H):  # (Swin's bias table: (positions, heads))
+                last = kind == "parameter" and t.dim() >= 2 and t.shape[-1] == H and not exempt
+                if lead == H or last:  # (a trained table with the heads last: Swin's (positions, heads))
                     raise self._err(path, f"its {kind} {n!r} of shape {tuple(t.shape)} looks per-head (an axis of "
                                           f"{H}, the head count); Heads cannot slice it with the heads. Keep it in a "
                                           "child module and give that child a slicer (docs/custom_slicers.md), or "

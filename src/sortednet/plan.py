@@ -28,7 +28,7 @@ import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
-from .dims import REENTRANT, REENTRANT_THREADS, Active
+from .dims import REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
 from .errors import SortedNetError
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
@@ -372,7 +372,6 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
 _CKPT_FORWARD = getattr(getattr(_checkpoint, "CheckpointFunction", None), "forward", None)
 _CKPT_FORWARD = inspect.unwrap(_CKPT_FORWARD) if _CKPT_FORWARD is not None else None  # (counted below)
 _CKPT_CODE = getattr(_CKPT_FORWARD, "__code__", None)
-_REENTRANT_LOCK = threading.Lock()
 
 
 def _count_reentrant_forwards() -> None:
@@ -385,28 +384,28 @@ def _count_reentrant_forwards() -> None:
     cls = getattr(_checkpoint, "CheckpointFunction", None)
     raw = getattr(cls, "__dict__", {}).get("forward")
     original = getattr(raw, "__func__", None)
-    if original is None or getattr(original, "_sn_counted", False) or original.__code__ is not _CKPT_CODE:
-        return
+    if original is None or getattr(cls.forward, "_sn_counts", None) is not None or original.__code__ is not _CKPT_CODE:
+        return  # (counted already: by another copy of sortednet, whose counts this copy's dims shares)
 
     @functools.wraps(original)
-    def forward(*args: Any) -> Any:
+    def forward(ctx: Any, *args: Any) -> Any:
         if torch.compiler.is_compiling():  # (traced: nothing reads the count there)
-            return original(*args)
+            return original(ctx, *args)
         me = threading.get_ident()
-        with _REENTRANT_LOCK:
+        with REENTRANT_LOCK:
             REENTRANT[0] += 1
-            REENTRANT_THREADS[me] = REENTRANT_THREADS.get(me, 0) + 1
+            REENTRANT_THREADS.setdefault(me, []).append(ctx)
         try:
-            return original(*args)
+            return original(ctx, *args)
         finally:
-            with _REENTRANT_LOCK:
+            with REENTRANT_LOCK:
                 REENTRANT[0] -= 1
-                if REENTRANT_THREADS[me] == 1:
+                mine = REENTRANT_THREADS[me]
+                mine.pop()
+                if not mine:
                     del REENTRANT_THREADS[me]
-                else:
-                    REENTRANT_THREADS[me] -= 1
 
-    forward._sn_counted = True  # type: ignore[attr-defined]
+    forward._sn_counts = (REENTRANT, REENTRANT_THREADS, REENTRANT_LOCK)  # type: ignore[attr-defined]
     cls.forward = staticmethod(forward)
 
 
@@ -429,9 +428,11 @@ def _pinned(ctx: Any, active: Active, attr: str = "run_function") -> bool:
     return False
 
 
-def in_reentrant_forward() -> bool:
-    """Whether a reentrant checkpoint's forward runs in this thread (cheap: read first where ``REENTRANT[0]``)."""
-    return threading.get_ident() in REENTRANT_THREADS
+def unpinned_reentrant(active: Active) -> bool:
+    """Whether a reentrant checkpoint's forward runs in this thread that ``active`` has not pinned yet (cheap:
+    read where ``REENTRANT[0]``; a walk of the stack pins them, once per checkpoint, not once per read)."""
+    ctxs = REENTRANT_THREADS.get(threading.get_ident())
+    return bool(ctxs) and not all(_pinned(c, active) for c in list(ctxs))
 
 
 def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) -> None:

@@ -22,7 +22,7 @@ from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
 from .modes import exact_math, finish_all, plain_leaves
 from .patterns import match_pattern
-from .plan import _Open, close_block, heal_pins, in_reentrant_forward, pin_checkpoints
+from .plan import _Open, close_block, heal_pins, pin_checkpoints, unpinned_reentrant
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
@@ -967,9 +967,9 @@ class Pin:
                 if e[3]:  # the innermost forward with gradients of this thread
                     pin_checkpoints(self.active, plan, sys._getframe(2), stop=e[1])
                     return
-        if REENTRANT[0] and in_reentrant_forward():  # a reentrant checkpoint's forward in this thread entered
-            pin_checkpoints(self.active, plan, sys._getframe(2))  # without a root forward (checkpoint(model.forward,
-            #                                                       x), a lambda over the layers): pinned as well
+        if REENTRANT[0] and unpinned_reentrant(self.active):  # a reentrant checkpoint's forward in this thread
+            pin_checkpoints(self.active, plan, sys._getframe(2))  # entered without a root forward
+            #                                   (checkpoint(model.forward, x), a lambda over the layers): pinned as well
 
     def enter_root(self, frame: Any, block: Any = None) -> list:
         """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan`` inside its use

@@ -41,9 +41,9 @@ def _pin_checkpoints(m: nn.Module) -> None:
         return
     a = m.__dict__["_sn"].active
     if a is not None:
-        from ..plan import in_reentrant_forward, pin_checkpoints
+        from ..plan import pin_checkpoints, unpinned_reentrant
 
-        if _grad_enabled() or in_reentrant_forward():
+        if _grad_enabled() or unpinned_reentrant(a):
             pin_checkpoints(a, a.plan(), sys._getframe(2))
 
 
