@@ -2209,6 +2209,27 @@ def test_a_plain_export_with_a_factored_rank_layer_refuses_save_pretrained(tmp_p
         torch.testing.assert_close(again(x).logits, merged(x).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tower", ["encoder", "decoder"])
+def test_an_encoder_decoder_tower_nested_alone_exports_a_smaller_ffn_under_its_own_key(tower, tmp_path):
+    """A BART tower nested alone (the OPT-style layout, whose key is ffn_dim) accepted ffn= and then refused every
+    export with a smaller FFN: BartConfig has encoder_ffn_dim / decoder_ffn_dim. The tower's own key is written."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64)
+    part = getattr(transformers.BartForConditionalGeneration(cfg).eval().model, tower)
+    nest = sn.from_transformers(part, ffn=[32])
+    small = nest.export("ffn=32")
+    assert getattr(small.config, f"{tower}_ffn_dim") == 32
+    assert getattr(small.config, f"{'decoder' if tower == 'encoder' else 'encoder'}_ffn_dim") == 64
+    ids = torch.randint(0, 64, (1, 6))
+    kw = {} if tower == "encoder" else {"encoder_hidden_states": torch.randn(1, 5, 32)}
+    with torch.no_grad(), nest.use("ffn=32"):
+        live = part(input_ids=ids, **kw).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids, **kw).last_hidden_state, live, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kw", [dict(heads=[2]), dict(depth=[1]), dict(ffn=[24], depth=[1])])
 def test_a_tower_without_a_config_is_refused_heads_and_depth_by_name(kw):
     """FSMT holds its encoder and decoder as plain modules: heads= / depth= raised a raw AttributeError ('config')."""

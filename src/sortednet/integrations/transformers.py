@@ -496,6 +496,16 @@ def _other_towers_key(model: nn.Module, keys: Sequence[str]) -> str | None:
     return None
 
 
+def _tower_key(model: nn.Module, cfg, key: str) -> str:
+    """``key`` as the config of an encoder-decoder model names it for the tower nested alone, where it has no
+    shared one (BartConfig: ``encoder_ffn_dim`` / ``decoder_ffn_dim`` for the OPT-style layout's ``ffn_dim``)."""
+    if cfg is None or _has_key(cfg, key) or not getattr(cfg, "is_encoder_decoder", False):
+        return key
+    decoder = getattr(model, "is_decoder", False) is True or "Decoder" in type(model).__name__
+    own = f"{'decoder' if decoder else 'encoder'}_{key}"
+    return own if hasattr(cfg, own) else key
+
+
 def _holder(cfg, key: str):
     """The config object holding ``key``: ``cfg`` itself, or its text config (a vision-language model)."""
     if hasattr(cfg, key):
@@ -522,14 +532,15 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     b0 = found.block(small, 0, 0) if len(small.get_submodule(found.stacks[0])) else None
     full0 = found.block(nest.model, 0, 0) if b0 is not None and lay.ffn_out else None
     keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
-    if b0 is not None and lay.ffn_out and not (keep_ffn and not _has_key(cfg, lay.ffn_key)):
-        h = _holder(cfg, lay.ffn_key)  # (a config without the key is fine while the FFN width is unchanged)
-        if isinstance(getattr(h, lay.ffn_key), (list, tuple)):  # one value per layer (Gemma3n)
+    ffn_key = _tower_key(nest.model, cfg, lay.ffn_key)
+    if b0 is not None and lay.ffn_out and not (keep_ffn and not _has_key(cfg, ffn_key)):
+        h = _holder(cfg, ffn_key)  # (a config without the key is fine while the FFN width is unchanged)
+        if isinstance(getattr(h, ffn_key), (list, tuple)):  # one value per layer (Gemma3n)
             sizes = [_ffn_size(b, lay, cls) for b in small.get_submodule(found.stacks[0])]
             if None not in sizes:
-                setattr(h, lay.ffn_key, type(getattr(h, lay.ffn_key))(sizes))
+                setattr(h, ffn_key, type(getattr(h, ffn_key))(sizes))
         elif (n := _ffn_size(b0, lay, cls)) is not None:
-            setattr(h, lay.ffn_key, n)
+            setattr(h, ffn_key, n)
     for P, key in zip(found.stacks, lay.depth_keys):
         h = _holder(cfg, key)
         L0, L = getattr(h, key), len(small.get_submodule(P))
@@ -545,7 +556,7 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
                                  "the key counts something else), so no config value describes the sub-model; "
                                  "export it as a plain module, nest.export(sub, plain=True)")
         setattr(h, key, L)
-        for k in (*_PER_LAYER, *((lay.ffn_key,) if lay.ffn_out else ())):
+        for k in (*_PER_LAYER, *((ffn_key,) if lay.ffn_out else ())):
             v = getattr(h, k, None)
             if isinstance(v, (list, tuple)) and len(v) == L0:
                 setattr(h, k, type(v)(v[:L]))
