@@ -967,9 +967,10 @@ class Pin:
                 if e[3]:  # the innermost forward with gradients of this thread
                     pin_checkpoints(self.active, plan, sys._getframe(2), stop=e[1])
                     return
-        if REENTRANT[0] and unpinned_reentrant(self.active):  # a reentrant checkpoint's forward in this thread
-            pin_checkpoints(self.active, plan, sys._getframe(2))  # entered without a root forward
-            #                                   (checkpoint(model.forward, x), a lambda over the layers): pinned as well
+        # a reentrant checkpoint's forward in this thread entered without a root forward (checkpoint(model.forward,
+        # x), a lambda over the layers), not pinned yet: pinned as well
+        if REENTRANT[0] and unpinned_reentrant(self.active):
+            pin_checkpoints(self.active, plan, sys._getframe(2))
 
     def enter_root(self, frame: Any, block: Any = None) -> list:
         """A forward that is not the root's (a checkpoint's recomputation, run by ``in_plan`` inside its use
