@@ -844,6 +844,72 @@ def test_a_config_holding_the_head_count_is_the_users_object_at_the_full_count(m
     assert cfg.n_heads == 4
 
 
+class _QKVCore(nn.Module):
+    """An attention core without weights that keeps its own head count (guided diffusion's QKVAttention)."""
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        b, width, t = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = (z.reshape(b * self.n_heads, ch, t) for z in qkv.chunk(3, dim=1))
+        w = torch.einsum("bct,bcs->bts", q, k).mul(ch ** -0.5).softmax(-1)
+        return torch.einsum("bts,bcs->bct", w, v).reshape(b, -1, t)
+
+
+class _CoreAttention(nn.Module):
+    def __init__(self, width=32, heads=4, core_heads=None):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Conv1d(width, 3 * width, 1)
+        self.attention = _QKVCore(core_heads or heads)
+        self.proj_out = nn.Conv1d(width, width, 1)
+
+    def forward(self, x):
+        return x + self.proj_out(self.attention(self.qkv(x)))
+
+
+@pytest.mark.parametrize("count_attrs", [None, ["num_heads", "attention.n_heads"]], ids=["found", "named"])
+def test_an_attention_core_child_follows_the_head_count(count_attrs):
+    """The head count kept by a child module without weights (guided diffusion's AttentionBlock holds
+    QKVAttention(n_heads)) stayed at the full count: every smaller sub-model was refused by the check, and
+    count_attrs= could not name it. It now follows the heads, found or named as "attention.n_heads"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_CoreAttention(), _CoreAttention())
+    x = torch.randn(2, 32, 5)
+    nest = sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="*", qkv="qkv", o="proj_out", count_attrs=count_attrs),
+                   example=x)
+    for h in (1, 2, 4):
+        with torch.no_grad(), nest.use({"h": h}):
+            live = model(x)
+            assert model[0].attention.n_heads == h
+        small = nest.export({"h": h})
+        assert small[1].attention.n_heads == h and small[1].qkv.out_channels == 3 * 8 * h
+        torch.testing.assert_close(small(x), live)
+    assert model[0].attention.n_heads == 4
+
+
+def test_an_attention_core_child_left_out_is_named_and_one_of_another_count_refused():
+    """count_attrs= without the child's count: the check's refusal names the attribute to add; a core counting
+    other heads than the largest size is refused before anything changes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 5)
+    model = nn.Sequential(_CoreAttention())
+    with pytest.raises(sn.SortedNetError, match=r"'0: attention.n_heads'.*count_attrs=, as 'attention.n_heads'"):
+        sn.wrap(model, sn.Heads("h", [2, 4], attn="*", qkv="qkv", o="proj_out", count_attrs=["num_heads"]),
+                example=x)
+    model = nn.Sequential(_CoreAttention(core_heads=2))
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"child 'attention' \(_QKVCore\) counts n_heads=2 heads"):
+        sn.wrap(model, sn.Heads("h", [2, 4], attn="*", qkv="qkv", o="proj_out"))
+    assert_unchanged(model, before)
+    with pytest.raises(sn.SortedNetError, match=r"count_attrs \['qkv.out_channels'\] name attributes of the proj"):
+        sn.wrap(model, sn.Heads("h", [2, 4], attn="*", qkv="qkv", o="proj_out", count_attrs=["qkv.out_channels"]))
+    assert_unchanged(model, before)
+
+
 def test_a_symbolic_trace_in_another_thread_does_not_refuse_this_threads_forward():
     """torch.fx's tracing flag is process-wide: while another thread traced (torch.compile and make_fx set it too),
     every forward of the wrapped model in a serving thread was refused as a symbolic trace of its own."""

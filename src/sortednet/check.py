@@ -649,6 +649,21 @@ def zero_stand_ins(*modules: nn.Module) -> dict[int, torch.Tensor]:
     return out
 
 
+def _unfollowed_counts(nest: Any, d: Any, outs: list[str]) -> list[str]:
+    """``"<attention>: <attr>"`` for the integer attributes equal to ``d``'s head count in the attention modules
+    (the parents of its output projections ``outs``) and their children that no binding makes follow it."""
+    found = []
+    for o in dict.fromkeys(p.rpartition(".")[0] for p in outs):
+        att = nest.model.get_submodule(o)
+        for sub, c in att.named_modules():
+            st = c.__dict__.get("_sn")
+            bound = {r[5:] for r in (st.bind if st is not None else ())
+                     if r.startswith("attr:") and st.bind[r].dim is d}
+            found += [f"{o or '<root>'}: {sub + '.' if sub else ''}{a}" for a, v in vars(c).items()
+                      if type(v) is int and v == d.full and "head" in a.lower() and a not in bound]
+    return found[:3]
+
+
 def _zero_named(model: nn.Module, stand_ins: dict[int, torch.Tensor]) -> str:
     names = [n for n, p in model.named_parameters() if id(p) in stand_ins]
     return (f" (measured with random stand-ins for the all-zero {names[:3]}: zero-initialised weights hide it "
@@ -1669,6 +1684,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 if err is not None and not err <= tol:
                     o = [p for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
                          and m._sn.bind["inp"].dim is d]
+                    held = _unfollowed_counts(nest, d, o)
                     raise SortedNetError(
                         f"nest.check: heads {d.name!r} at {size} is not the first {size} whole heads of "
                         f"the full model (relative difference {err:.3g} from the full model with the other heads' "
@@ -1679,7 +1695,10 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         "fails this too when the forward reads the heads elsewhere than through the attention's "
                         "output (the attention weights of need_weights=True, averaged over heads or summed): "
                         "fewer heads change that reading by more than masking their outputs does, so this check "
-                        f"cannot vouch for the nest; declare it without example= if that reading is intended{zeros}")
+                        f"cannot vouch for the nest; declare it without example= if that reading is intended{zeros}"
+                        + (f". Integer attributes equal to the head count {d.full} that do not follow it: {held} "
+                           "(if the forward reads one as the head count, name it in count_attrs=, as "
+                           f"{held[0].split(': ')[1]!r})" if held else ""))
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
             if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not _mixes_units(nest, d):
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)

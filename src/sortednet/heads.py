@@ -39,7 +39,7 @@ def _out_features(m: nn.Module) -> int | None:
 
 
 def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+    return f"{path}.{name}" if path and name else path or name
 
 
 def _in_features(m: nn.Module) -> int | None:
@@ -54,6 +54,17 @@ def _dotted(attrs: dict[str, Any], name: str) -> Any:
     first, _, rest = name.partition(".")
     v = attrs.get(first)
     return getattr(v, rest, None) if rest else v
+
+
+def _in_child(m: nn.Module, name: str) -> tuple[str, str, Any]:
+    """``(child path, attribute, value)`` of ``name``: an attribute of ``m``, of a child module of it
+    (``"attention.n_heads"``, any depth) or a field of an attribute object (``"config.n_head"``, one level)."""
+    parts, sub = name.split("."), m
+    i = 0
+    while i < len(parts) - 1 and isinstance(sub._modules.get(parts[i]), nn.Module):
+        sub, i = sub._modules[parts[i]], i + 1
+    rest = ".".join(parts[i:])
+    return ".".join(parts[:i]), rest, _dotted(vars(sub), rest)
 
 
 def _child(m: nn.Module, name: str) -> nn.Module | None:
@@ -84,8 +95,10 @@ class Heads(Dimension):
     ``n_head``, ``all_head_size``, ... or ``count_attrs``, which may name a
     field of an attribute object, e.g. ``"config.num_attention_heads"``: reads of ``m.config`` under a
     smaller sub-model are then copies holding the active count, so a write through them is lost: write the
-    object itself) report the active count. Key/value projections with fewer heads (grouped-query attention)
-    keep their ratio: every size must be a multiple of the group.
+    object itself; or an attribute of a child module, ``"attention.n_heads"``) report the active count, as do
+    those of children without weights (an attention core that keeps its own head count). Key/value
+    projections with fewer heads (grouped-query attention) keep their ratio: every size must be a multiple of
+    the group.
 
     A fused ``qkv`` projection needs its row layout: ``layout="stacked"``
     (``[q; k; v]`` blocks, k and v with fewer heads under grouped-query
@@ -240,7 +253,7 @@ class Heads(Dimension):
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
         self._refuse_per_head_tensors(path, m, d)
         targets += self._bias_targets(path, m, pat)
-        targets += self._attr_targets(path, m, d, group, pat, mqa)
+        targets += self._attr_targets(path, m, d, group, pat, mqa, (*projections, o.split(".")[0]))
         return targets
 
     def _check_group(self, path: str, group: int, why: str = "") -> None:
@@ -314,20 +327,25 @@ class Heads(Dimension):
                 out.append(Target(_join(path, n), "out", Binding(self), pat))
         return out
 
-    def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str,
-                      mqa: bool = False) -> list[Target]:
+    def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str, mqa: bool = False,
+                      projections: Sequence[str] = ()) -> list[Target]:
         """Integer attributes that follow the head count (``num_heads``, ``all_head_size``, key/value heads);
         multi-query (``mqa``): the key/value head count stays 1 and the query heads per key/value head
         (``num_key_value_groups``) follow the head count."""
         H = self.full
         attrs = vars(m)
         if self.count_attrs is not None:
-            got = {a: _dotted(attrs, a) for a in self.count_attrs}
-            missing = [a for a, v in got.items() if type(v) is not int]
+            got = {a: _in_child(m, a) for a in self.count_attrs}
+            missing = [a for a, (_, _, v) in got.items() if type(v) is not int]
             if missing:
-                raise self._err(path, f"count_attrs {missing} are not int attributes of the module (or int fields "
-                                      "of one, as 'config.num_attention_heads')")
-            chosen = got
+                raise self._err(path, f"count_attrs {missing} are not int attributes of the module, of a child "
+                                      "module of it (as 'attention.n_heads') or int fields of an attribute "
+                                      "object (as 'config.num_attention_heads')")
+            sliced = [a for a, (sub, _, _) in got.items() if sub and sub.split(".")[0] in projections]
+            if sliced:
+                raise self._err(path, f"count_attrs {sliced} name attributes of the projections {projections}, "
+                                      "whose sizes follow the heads already; name the attention's own counts")
+            return [self._attr_target(_join(path, sub), a, v, H, d, group, pat) for sub, a, v in got.values()]
         else:
             wrong = {a: v for a, v in attrs.items() if a in COUNT_ATTRS and type(v) is int and v != H}
             if wrong:  # the module's own head count disagrees: slicing would cut across its heads
@@ -346,18 +364,31 @@ class Heads(Dimension):
                                 f"runs. The largest size must be the module's own head count (its query projection "
                                 f"holding queries alone); if {a} is not a per-head size, name the module's "
                                 "head-count attributes with count_attrs=[...] (() for none)")
-            chosen = {a: v for a, v in attrs.items() if type(v) is int and (
+        def counts(attrs: dict[str, Any]) -> dict[str, int]:
+            return {a: v for a, v in attrs.items() if type(v) is int and (
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
                 or (a in KV_ATTRS and v == H // group and not mqa) or (mqa and a in GROUP_ATTRS and v == H))}
-        out = []
-        for a, v in chosen.items():
-            if v == H:
-                b = Binding(self)
-            elif v == H * d:
-                b = Binding(self, unit=d)
-            elif v == H // group:
-                b = Binding(self, div=group)
-            else:
-                raise self._err(path, f"attribute {a}={v} is neither the head count {H} nor {H}x{d}")
-            out.append(Target(path, f"attr:{a}", b, pat))
+        out = [self._attr_target(path, a, v, H, d, group, pat) for a, v in counts(attrs).items()]
+        for sub, c in m.named_modules(prefix=""):  # an attention core without weights of its own (guided
+            if not sub or sub.split(".")[0] in projections or any(True for _ in c.parameters()):  # diffusion's
+                continue  # QKVAttention(n_heads)) reads the head count the attention gives it: it follows it too
+            wrong = {a: v for a, v in vars(c).items() if a in COUNT_ATTRS and type(v) is int and v != H}
+            if wrong:
+                a, v = next(iter(wrong.items()))
+                raise SizeError(f"Heads {self.name!r} at {path!r} ({type(m).__name__}): its child {sub!r} "
+                                f"({type(c).__name__}) counts {a}={v} heads, not the largest size {H}; slices "
+                                "would cut across its heads. Use sizes up to its count, or name the attributes "
+                                "that follow the heads with count_attrs=")
+            out += [self._attr_target(_join(path, sub), a, v, H, d, group, pat) for a, v in counts(vars(c)).items()]
         return out
+
+    def _attr_target(self, path: str, a: str, v: int, H: int, d: int, group: int, pat: str) -> Target:
+        if v == H:
+            b = Binding(self)
+        elif v == H * d:
+            b = Binding(self, unit=d)
+        elif v == H // group:
+            b = Binding(self, div=group)
+        else:
+            raise self._err(path, f"attribute {a}={v} is neither the head count {H} nor {H}x{d}")
+        return Target(path, f"attr:{a}", b, pat)
