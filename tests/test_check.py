@@ -2705,8 +2705,8 @@ class _WritesItsWeight(nn.Module):
         h = self.f(F.embedding(i, self.emb.weight, max_norm=1.0 if self.how == "max_norm" else None)).mean(1)
         with torch.no_grad():
             w = self.proto.weight
-            if self.how == "row_norm":                 # a cosine classifier normalising its prototypes in place
-                w.div_(w.norm(dim=1, keepdim=True))
+            if self.how == "row_norm" or (self.how == "train_row_norm" and self.training):  # a cosine classifier
+                w.div_(w.norm(dim=1, keepdim=True))                                          # (in place)
             elif self.how == "clamp":
                 w.clamp_(-0.2, 0.2)
         if self.how == "out_of_place":                 # the same computed on a copy: fine
@@ -2714,20 +2714,22 @@ class _WritesItsWeight(nn.Module):
         return self.proto(F.normalize(h, dim=-1))
 
 
-@pytest.mark.parametrize("how", ["row_norm", "max_norm", "clamp", "out_of_place"])
+@pytest.mark.parametrize("how", ["row_norm", "max_norm", "train_row_norm", "clamp", "out_of_place"])
 def test_a_forward_writing_into_a_sliced_weight_is_refused_where_a_sub_model_writes_other_values(how):
     """Accepted with example= before: one inference forward of h=4 renormalised only the kept columns of each
     row (or the looked-up rows' first 4 features), and the full model's output then moved by 0.08 (0.03 with
-    max_norm), in silence; the dry runs put the weights back, so nothing showed. An element-wise write (clipping)
-    gives each element the value the full model gives it: accepted, and the nest stays the plain model."""
+    max_norm), in silence; the dry runs put the weights back, so nothing showed. A write only a training forward
+    makes was not measured at all (check measured its eval-mode runs). An element-wise write (clipping) gives
+    each element the value the full model gives it: accepted, and the nest stays the plain model."""
     torch.manual_seed(0)
     m = _WritesItsWeight(how).eval()
     x = torch.randint(0, 10, (2, 5))
     dims = [sn.Width("h", [4, 16], out=["emb", "f"], inp=["f", "proto"])]
     before, plain = snapshot(m), copy.deepcopy(m)
-    if how in ("row_norm", "max_norm"):
-        with pytest.raises(sn.SortedNetError, match=r"writes in place into the sliced parameter\(s\) \['(emb|proto)"
-                                                    r"\.weight'\].*a sub-model writes other values there"):
+    if how in ("row_norm", "max_norm", "train_row_norm"):
+        with pytest.raises(sn.SortedNetError, match=("the training forward" if how == "train_row_norm" else "")
+                           + r".*writes in place into the sliced parameter\(s\) \['(emb|proto)"
+                             r"\.weight'\].*a sub-model writes other values there"):
             sn.wrap(m, *dims, example=x)
         assert_unchanged(m, before)
         return
@@ -2741,6 +2743,45 @@ def test_a_forward_writing_into_a_sliced_weight_is_refused_where_a_sub_model_wri
             m(x)
         torch.testing.assert_close(m(x), plain(x), rtol=0, atol=1e-6)   # (the bug: 0.08 off)
         torch.testing.assert_close(m.proto.weight, plain.proto.weight, rtol=0, atol=0)
+
+
+class _RunningScale(nn.Module):
+    """A scale with a running statistic of its input in a buffer, updated by a training forward."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.register_buffer("running", torch.ones(dim))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.running.mul_(0.9).add_(0.1 * x.abs().mean(0))
+        return x * self.gamma / self.running
+
+
+class _RunningScaleSlicer(sn.Slicer):
+    roles = ("norm",)
+    attrs = ("gamma", "running")
+
+    def full(self, m, role):
+        return m._parameters["gamma"].shape[0]
+
+    def value(self, m, name):
+        return self.take(m, name, [(0, "norm")])
+
+
+def test_a_running_statistic_a_training_forward_writes_into_a_sliced_buffer_is_accepted():
+    """A buffer is the place for a running statistic (as BatchNorm's, recalibrated per sub-model): the
+    training-mode measure of in-place writes covers parameters only, and the dry runs leave the buffer as it
+    was."""
+    sn.slicer(_RunningScale)(_RunningScaleSlicer)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), _RunningScale(16), nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    before = snapshot(model)
+    sn.wrap(model, sn.Width("h", [4, 16], out=["0", "1"], inp=["1", "3"], norm="2"), example=x)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before["state"].items())
 
 
 class _Masked(nn.Module):

@@ -1417,10 +1417,11 @@ def _check_size_two(nest: Nest, model: Any, example: Any, want: list) -> None:
                         f"changes the output shapes from {want} to {got}: a dimension slices the network's output")
 
 
-def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> None:
+def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> tuple[nn.Module, list] | None:
     """The same sub-models in TRAINING mode (dropout off, batch statistics undone by the caller's
     dry_run): branches that run only in training (auxiliary heads, ...) must be wired too. Skipped when
-    the example does not run the full model in training mode (e.g. BatchNorm on a batch of one)."""
+    the example does not run the full model in training mode (e.g. BatchNorm on a batch of one): None;
+    else the training view and the sub-models it ran."""
     view, _ = train_view(nest)
 
     def run(sub: SubModel) -> list:
@@ -1434,14 +1435,15 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> Non
                       f"{str(e)[:200]}), so the sub-models were dry-run in eval mode only: a branch that runs only "
                       "in training (an auxiliary head) is not verified. Give an example the model can train on "
                       "(e.g. a batch of 2 or more for BatchNorm)", UncheckedTrainingWarning, stacklevel=4)
-        return
+        return None
 
     def shapes() -> list:
         with seeded(seed):
             return _shapes(call_model(view, example))
 
     at_depth = _reference_shapes(nest, shapes, want)
-    for sub, what in _plan(nest, mixed, seed, every_depth=False):  # (every depth ran in eval mode already)
+    ran = _plan(nest, mixed, seed, every_depth=False)  # (every depth ran in eval mode already)
+    for sub, what in ran:
         try:
             got = run(sub)
         except Exception as e:
@@ -1451,6 +1453,7 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> Non
         if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
             raise _fail(nest, view, example, f"{what} in training mode", sub,
                         f"changes the output shapes from {want} to {got}")
+    return view, [sub for sub, _ in ran]
 
 
 def _to_export(nest: Nest, ran: list[tuple[SubModel, str]]) -> list[SubModel]:
@@ -1501,23 +1504,29 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
             raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")
 
 
-def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any, subs: list[SubModel]) -> None:
+def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any, subs: list[SubModel],
+                          measured: set[int], seed: int | None = None) -> None:
     """A forward that writes into a sliced parameter in place writes, under a sub-model, only the slice that
     sub-model reads. Where the write depends on more than each element (a row renormalisation
     ``w.div_(w.norm(...))``, ``F.embedding(..., max_norm=)``), a sub-model writes other values there than the
     full model would: running a small sub-model, even for inference, moves the weights all of them share. Such
     a write is measured (only where a write was seen): from the same weights, every element a sub-model's
     forward changes must take the value the full model's forward gives it (clipping, a decay: element-wise,
-    accepted). The dry runs put the weights back, so this is seen only here."""
-    sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
-    hit = [(t, orig) for t, orig in list(watch.saved.values()) if id(t) in sliced and not t.is_meta]
+    accepted). The dry runs put the weights back, so this is seen only here. ``measured``: the ids of the
+    tensors measured already (added to); ``seed``: a training-mode ``model``, run with this random stream (a
+    write only a training forward makes, measured after the training-mode dry runs)."""
+    params = {id(p) for p in nest.model.parameters()}  # (a buffer is the place for a running statistic)
+    sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m) if id(t) in params}
+    hit = [(t, orig) for t, orig in list(watch.saved.values())
+           if id(t) in sliced and id(t) not in measured and not t.is_meta]
+    measured.update(id(t) for t, _ in hit)
     if not hit:
         return
 
     def after(sub: SubModel) -> list[torch.Tensor]:
         for t, orig in hit:
             t.copy_(orig)
-        with nest.use(sub):
+        with nest.use(sub), seeded(0 if seed is None else seed):
             call_model(model, example)
         return [t.detach().clone() for t, _ in hit]
 
@@ -1533,7 +1542,8 @@ def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any
     ids = {id(hit[i][0]) for i in bad}
     names = [n for n, p in nest.model.named_parameters(remove_duplicate=False) if id(p) in ids]
     raise SortedNetError(
-        f"nest.check: the forward writes in place into the sliced parameter(s) {names[:4]}, and a sub-model "
+        f"nest.check: the {'training ' if seed is not None else ''}forward writes in place into the sliced "
+        f"parameter(s) {names[:4]}, and a sub-model "
         "writes other values there than the full model's forward gives the same elements (a renormalisation of "
         "the slice it reads, as div_ by a norm or F.embedding(..., max_norm=) do; a statistic of its own "
         "activations; random values), so running a small sub-model, even for inference, changes the weights "
@@ -1591,7 +1601,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
-        _refuse_weight_writes(nest, model, example, watch, [sub for sub, _ in ran])
+        measured: set[int] = set()
+        _refuse_weight_writes(nest, model, example, watch, [sub for sub, _ in ran], measured)
         try:
             moved, unfollowed = _traced_findings(nest, example, model)
         except SortedNetError:  # a part the wiring trace cannot follow (a TorchScript module): the dry runs stand
@@ -1655,7 +1666,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             raise SortedNetError(f"nest.check: {why}: the sub-models where those cuts differ run live but no plain "
                                  "model can hold them (export refuses them, pick passes them over); bind both holders "
                                  "to one dimension on the same axis, or untie the weights")
-        _check_training_mode(nest, example, mixed, seed)
+        trained = _check_training_mode(nest, example, mixed, seed)
+        if trained is not None:  # (a write only a training forward makes: measured in training mode)
+            _refuse_weight_writes(nest, trained[0], example, watch, trained[1], measured, seed)
         for d in nest.dims:  # every size: a reordering of heads may keep the smallest whole, not the others
             for size in (d.sizes[:-1] if d.kind == "heads" else ()):
                 sub = full.replace(**{d.name: size})
