@@ -5,6 +5,7 @@ renormalised embeddings, and branches that run only in training (an auxiliary he
 from __future__ import annotations
 
 import functools
+import types
 import itertools
 import warnings
 
@@ -298,6 +299,13 @@ def test_rank_on_a_tied_weight_is_refused(mode):
     assert_unchanged(m, before)
 
 
+class _Slotted:
+    __slots__ = ("w",)
+
+    def __init__(self, w):
+        self.w = w
+
+
 class _HeldAside(nn.Module):
     """A Rank target's weight also reachable outside its module; the forward reads it there."""
 
@@ -317,6 +325,18 @@ class _HeldAside(nn.Module):
             self.fn = functools.partial(F.linear, weight=w)
         elif how == "parameter on its memory":
             self.p2 = nn.Parameter(w.data)
+        elif how == "object":
+            self.cfg = types.SimpleNamespace(w=w)
+        elif how == "closure":
+            self.fn = lambda: w
+        elif how == "object with slots":
+            self.cfg = _Slotted(w)
+        elif how == "module outside _modules":
+            twin = nn.Linear(16, 16)
+            twin.weight = w
+            self.aux = [twin]
+        elif how == "deep list":
+            self.ws = [[[[[[[[w]]]]]]]]
 
     def read(self) -> torch.Tensor:
         how = self.how
@@ -324,6 +344,14 @@ class _HeldAside(nn.Module):
             return self.fc.weight
         if how == "functools.partial":
             return self.fn.keywords["weight"]
+        if how in ("object", "object with slots"):
+            return self.cfg.w
+        if how == "closure":
+            return self.fn()
+        if how == "module outside _modules":
+            return self.aux[0].weight
+        if how == "deep list":
+            return self.ws[0][0][0][0][0][0][0][0]
         w = {"list": lambda: self.ws[0], "dict of a detached view": lambda: self.ws["a"][0],
              "parameter on its memory": lambda: self.p2}.get(how, lambda: self.wb)()
         return w.T if how == "buffer of its transpose" else w
@@ -334,17 +362,20 @@ class _HeldAside(nn.Module):
 
 @pytest.mark.parametrize("mode", ["svd", "lora"])
 @pytest.mark.parametrize("how", ["buffer", "buffer of its transpose", "list", "dict of a detached view",
-                                 "functools.partial", "parameter on its memory"])
+                                 "functools.partial", "parameter on its memory", "object", "closure",
+                                 "object with slots", "module outside _modules", "deep list"])
 def test_rank_on_a_weight_held_outside_its_module_is_refused(how, mode):
     """svd leaves such a reference on the old full-rank weight and lora's adapters never reach it: a forward
     reading it there ran the full rank under every sub-model (r=2 was 0.2-0.6 off a true rank-2 model; with
     svd the export agreed with it, so even ``example=`` passed). Refused at wrap, with or without an example,
-    naming the holder; nothing changed."""
+    naming the holder; nothing changed. (A plain object, a closure, a module kept outside ``_modules`` and a
+    list nested seven deep got through before.)"""
     torch.manual_seed(0)
     m, x = _HeldAside(how), torch.randn(4, 16)
     before = snapshot(m)
-    holder = {"list": "ws", "dict of a detached view": "ws", "functools.partial": "fn",
-              "parameter on its memory": "p2"}.get(how, "wb")
+    holder = {"list": "ws", "dict of a detached view": "ws", "functools.partial": "fn", "closure": "fn",
+              "parameter on its memory": "p2", "object": "cfg", "object with slots": "cfg",
+              "module outside _modules": "aux", "deep list": "ws"}.get(how, "wb")
     for example in (None, x):
         with pytest.raises(sn.SortedNetError, match=f"Rank target 'fc'.*'{holder}'.*Read the weight through its "
                                                     "module"):
@@ -354,11 +385,16 @@ def test_rank_on_a_weight_held_outside_its_module_is_refused(how, mode):
 
 def test_rank_accepts_tensors_beside_its_weight_in_one_flat_storage():
     """Weights laid out side by side in one flat buffer (as FSDP1 and packed loaders do), an unrelated buffer
-    and another layer's weight held in a list are not the target's weight: wrap accepts them."""
+    and another layer's weight held in a list are not the target's weight: wrap accepts them, and so are
+    objects, closures and methods reaching other tensors, the model itself or a cycle."""
     torch.manual_seed(0)
     m = _HeldAside("none")
     m.register_buffer("other", torch.randn(16, 16))
     m.ws = [m.head.weight]
+    cycle: list = [torch.randn(2)]
+    cycle.append(cycle)
+    m.cfg = types.SimpleNamespace(t=torch.randn(16, 16), model=m, read=m.read, cycle=cycle,
+                                  fn=lambda: m.head.weight, many=[types.SimpleNamespace(i=i) for i in range(30_000)])
     flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
     at = 0
     for p in m.parameters():

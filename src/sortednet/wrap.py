@@ -8,9 +8,10 @@ import functools
 import inspect
 import sys
 import threading
+import types
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError
-from .modes import exact_math, finish_all, plain_leaves
+from .modes import exact_math, finish_all
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, unpinned_reentrant
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
@@ -332,6 +333,57 @@ def _bytes(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return mask
 
 
+_HELD_LIMIT = 20_000  # objects a Rank holder walk opens at most (a model's own attributes are a few hundred)
+_OPAQUE = (str, bytes, bytearray, int, float, complex, bool, type, type(None), types.ModuleType)
+
+
+def held_tensors(v: object, seen: set[int], registered: set[int]) -> Iterator[torch.Tensor]:
+    """The tensors a plain attribute value reaches: inside containers (any depth), ``functools.partial``,
+    the ``__dict__`` / ``__slots__`` of plain objects, the closure cells and defaults of functions and lambdas,
+    bound methods' objects, and the parameters, buffers and attributes of modules held outside ``_modules``
+    (``registered``: the ids of the model's own modules, walked by the caller). Each object once (``seen``),
+    and at most ``_HELD_LIMIT`` of them, so a tokenizer or a dataset held on a module costs little."""
+    stack = [v]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or len(seen) > _HELD_LIMIT:
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, _OPAQUE) or id(v) in registered:
+            continue
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+        elif isinstance(v, functools.partial):
+            stack.extend((v.func, v.args, v.keywords))
+        elif isinstance(v, types.MethodType):
+            stack.extend((v.__self__, v.__func__))
+        elif isinstance(v, types.FunctionType):
+            stack.extend(_contents(c) for c in v.__closure__ or ())
+            stack.extend((v.__defaults__ or (), v.__kwdefaults__ or {}))
+        elif isinstance(v, nn.Module):  # (a module kept outside _modules: its own tensors and attributes)
+            stack.extend(v._parameters.values())
+            stack.extend(v._buffers.values())
+            stack.extend(x for k, x in v.__dict__.items() if k not in _MODULE_INTERNALS)
+            stack.extend(v._modules.values())
+        else:
+            stack.extend(getattr(v, "__dict__", {}).values() if isinstance(getattr(v, "__dict__", None), dict)
+                         else ())
+            for slot in (x for c in type(v).__mro__ for x in c.__dict__.get("__slots__", ())):
+                if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
+                    stack.append(getattr(v, slot, None))
+
+
+def _contents(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # (an empty cell: a name the function assigns later)
+        return None
+
+
 def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
     """A Rank target's weight is replaced by factors (svd: the old tensor is left behind, full rank) or frozen
     under adapters (lora: reads of the weight itself never see them) and merged at unwrap: a weight another
@@ -368,6 +420,8 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
             if target is not None:
                 refuse(target, where, False)
 
+    registered = {id(m) for m in model.modules()}
+    seen: set[int] = set()
     for path, m in model.named_modules(remove_duplicate=False):
         at = f"{path}." if path else ""
         for name, p in m._parameters.items():
@@ -378,9 +432,9 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
                 check(b, f"the buffer {at + name!r}")
         for attr, v in m.__dict__.items():
             if attr not in _MODULE_INTERNALS:
-                for t in plain_leaves(v):
-                    if isinstance(t, torch.Tensor):
-                        check(t, f"held by {at + attr!r} (a plain Python attribute)")
+                for t in held_tensors(v, seen, registered):
+                    check(t, f"held by {at + attr!r} (a plain Python attribute, or an object, function or "
+                             "module outside the model that it holds)")
 
 
 def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096,
