@@ -368,6 +368,30 @@ def test_an_optimizer_built_before_an_svd_wrap_is_refused_at_its_step():
     early.step()
 
 
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_an_optimizer_over_the_factors_is_refused_at_its_step_after_unwrap(mode, merge):
+    """unwrap drops the factors (svd) or adapters (lora): an optimizer built after wrap over
+    nest.trainable_parameters() kept stepping after unwrap(merge=True) and trained nothing of those layers
+    (their weight had a gradient, the optimizer did not hold it), in silence. Refused before any change,
+    naming what it holds; a new optimizer over the unwrapped model steps."""
+    torch.manual_seed(0)
+    model = _stack(0)
+    nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode=mode))
+    opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1)
+    nest.unwrap(merge=merge)
+    model(torch.randn(4, 12)).sum().backward()
+    snap = snapshot(model)
+    factor = "U" if mode == "svd" else "lora_A"
+    with pytest.raises(sn.SortedNetError, match=rf"optimizer holds '{factor}' of '0\.0' \(Rank 'r'\), which "
+                                                r"nest.unwrap\(\) dropped"):
+        opt.step()
+    assert_unchanged(model, snap)
+    before = model[1].weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(model[1].weight, before)
+
+
 def test_lora_adapters_and_the_rest_in_two_optimizers_step():
     """lora keeps the frozen base weight in the model: an optimizer for the rest of the model (holding it, and
     no adapter) beside one for the adapters is a normal setup, never refused."""

@@ -89,6 +89,16 @@ def _watch_optimizers() -> None:
         _OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(_stale_optimizer))
 
 
+#: id -> (weak reference, "'path' (factors of Rank 'r')") of the factors / adapters an unwrap dropped: an optimizer
+#: still holding one steps nothing of that layer (the weight it came back to is another tensor)
+_DROPPED: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def _drop(t: torch.Tensor, where: str) -> None:
+    key = id(t)
+    _DROPPED[key] = (weakref.ref(t, lambda _, key=key: _DROPPED.pop(key, None)), where)
+
+
 def _stale_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Before any eager ``optimizer.step()`` while a nest with svd Rank targets is live: an optimizer built
     before ``sn.wrap`` holds a target's weight that svd replaced by factors (no longer in the model): its steps
@@ -96,11 +106,19 @@ def _stale_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
     keeps its weight, frozen: an optimizer holding it and no adapter may be an old one or one built for the
     rest of the model beside the adapters' own; that cannot be told apart, so it is not refused.)"""
     nests = [n for n in list(_LIVE) if n._alive and n._factored]
-    if not nests or torch.compiler.is_compiling():
+    if not (nests or _DROPPED) or torch.compiler.is_compiling():
         return
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    held = {id(p) for p in params}
     for n in nests:
         n._refuse_stale_optimizer(held)
+    for p in params if _DROPPED else ():
+        hit = _DROPPED.get(id(p))
+        if hit is not None and hit[0]() is p:
+            raise SortedNetError(
+                f"optimizer.step(): this optimizer holds {hit[1]}, which nest.unwrap() dropped (the layer's "
+                "weight is a plain parameter again, merged or not): its steps would train nothing of that "
+                "layer. Build a new optimizer over model.parameters() after unwrap")
 
 
 def _refuse_inside_another(model: nn.Module) -> None:
@@ -1161,8 +1179,17 @@ class Nest:
             self._alive = False
             _LIVE.discard(self)
 
+        dropped = [(t, f"{name!r} of {path or 'the root'!r} (Rank {m._sn.bind['rank'].dim.name!r})")
+                   for path, m in self._sliced.items() if "rank" in m._sn.bind
+                   for name, t in m._parameters.items() if t is not None and name not in ("weight", "bias")]
         unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks(merge),
                        then=(functools.partial(unguard_tree, self._guards), forget, self._stop, casts_stale))
+        kept = {id(p) for p in self.model.parameters()}
+        for t, where in dropped:  # (what the modules no longer hold: an optimizer over them trains nothing)
+            if id(t) not in kept:
+                _drop(t, where)
+        if dropped:
+            _watch_optimizers()
         return self.model
 
     @staticmethod
