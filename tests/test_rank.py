@@ -392,6 +392,29 @@ def test_an_optimizer_over_the_factors_is_refused_at_its_step_after_unwrap(mode,
     assert not torch.equal(model[1].weight, before)
 
 
+def test_a_trainable_parameter_assigned_as_a_lora_base_is_refused():
+    """lora freezes the base weight and bias; a trainable nn.Parameter assigned in its place after wrap (a base
+    loaded late) was accepted and trained beside the adapters by any optimizer over model.parameters(),
+    against the documented contract. Refused before any change; a frozen one, an in-place copy,
+    load_state_dict(assign=True) and .to() (which keep the flag) are accepted."""
+    torch.manual_seed(0)
+    model = _stack(0)
+    sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode="lora"))
+    snap = snapshot(model)
+    for name, shape in (("weight", model[1]._parameters["weight"].shape), ("bias", model[1].bias.shape)):
+        with pytest.raises(sn.SortedNetError, match=rf"1\.{name} is the frozen base of LoRA adapters.*requires "
+                                                    r"grad"):
+            setattr(model[1], name, nn.Parameter(torch.randn(shape)))
+    assert_unchanged(model, snap)
+    new = torch.randn(model[1]._parameters["weight"].shape)
+    model[1].weight = nn.Parameter(new, requires_grad=False)
+    assert model[1]._parameters["weight"] is not None and torch.equal(model[1]._parameters["weight"], new)
+    model[1]._parameters["weight"].data.copy_(new * 2)
+    model.load_state_dict(model.state_dict(), assign=True)
+    model.double()
+    assert not any(model[1]._parameters[n].requires_grad for n in ("weight", "bias"))
+
+
 def test_lora_adapters_and_the_rest_in_two_optimizers_step():
     """lora keeps the frozen base weight in the model: an optimizer for the rest of the model (holding it, and
     no adapter) beside one for the adapters is a normal setup, never refused."""
@@ -861,3 +884,13 @@ def test_a_model_built_under_inference_mode_merges_into_tensors_of_its_kind(mode
         torch.testing.assert_close(back(x), want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(back(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [3, 0, -2, 16, True, 4.5])
+def test_lora_scale_of_a_rank_not_among_the_sizes_is_refused(bad):
+    """Rank.scale(r) is public (the adapters' alpha / r): scale(3) with sizes [2, 4, 8] returned 2.667 for a rank
+    no sub-model has, scale(-2) a negative scale and scale(0) a bare ZeroDivisionError."""
+    dim = sn.Rank("r", [2, 4, 8], targets="fc", mode="lora", alpha=8)
+    assert [dim.scale(r) for r in (2, 4, 8)] == [4.0, 2.0, 1.0]
+    with pytest.raises(sn.SortedNetError, match=r"Rank .r.: scale\(.*\): the rank must be one of its sizes"):
+        dim.scale(bad)

@@ -5,8 +5,8 @@ renormalised embeddings, and branches that run only in training (an auxiliary he
 from __future__ import annotations
 
 import functools
-import types
 import itertools
+import types
 import warnings
 
 import pytest

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from .dims import Binding, Dimension, Target, _as_patterns, match
-from .errors import PatternError, SortedNetError
+from .errors import PatternError, SizeError, SortedNetError
 from .slicers.lowrank import LORA, SVD
 
 __all__ = ["Rank", "MODES", "EXPORTS"]
@@ -86,7 +86,11 @@ class Rank(Dimension):
         """
         if self.mode != "lora":
             raise SortedNetError(f"Rank {self.name!r}: scale() is defined for mode='lora' only")
-        return self.alpha / (self.active if rank is None else rank)
+        if rank is None:
+            return self.alpha / self.active
+        if type(rank) is bool or rank not in self.sizes:
+            raise SizeError(f"Rank {self.name!r}: scale({rank!r}): the rank must be one of its sizes {self.sizes}")
+        return self.alpha / rank
 
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         b = Binding(self, slicer=SVD if self.mode == "svd" else LORA)

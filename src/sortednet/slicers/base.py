@@ -202,6 +202,8 @@ class Slicer:
     #: and attributes that depend on the active sizes only (``STATIC``); see :meth:`rules`
     views: ClassVar[dict[str, tuple[tuple[int, str], ...]]] = {}
     static: ClassVar[tuple[str, ...]] = ()
+    #: parameters wrap froze (LoRA's base weight and bias): one assigned in their place must be frozen too
+    frozen: ClassVar[tuple[str, ...]] = ()
 
     # -- to implement --------------------------------------------------
     def full(self, m: nn.Module, role: str) -> int:
@@ -680,6 +682,13 @@ def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
                                  f"replaced by a parameter of another shape ({tuple(param.shape)} for "
                                  f"{tuple(old.shape)}) while wrapped; nest.unwrap() first, change the module, "
                                  "then wrap again")
+        if (old is not None and param is not None and name in st.slicer.frozen and param.requires_grad
+                and not old.requires_grad):
+            raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is the frozen base of LoRA adapters "
+                                 f"(Rank mode='lora'), but the parameter assigned in its place requires grad: it "
+                                 "would train beside the adapters. Assign a frozen one "
+                                 f"(nn.Parameter(w, requires_grad=False)), or copy into it with "
+                                 f"module.{name}.data.copy_(w)")
         if st is not None and name in names and name not in self._parameters:  # a buffer, or computed (svd Rank)
             raise _write_error(st, name, param)
         if st is not None and name.endswith("_orig") and name[:-5] in names and name[:-5] in self._parameters:

@@ -319,6 +319,7 @@ class LoRASlicer(LowRankSlicer):
     views = {"lora_A": ((0, "rank"), (1, "inp")), "lora_B": ((0, "out"), (1, "rank")), "bias": ((0, "out"),)}
     static = ("in_features", "out_features")
     factors = ("lora_A", "lora_B")
+    frozen = ("weight", "bias")
 
     def planned_state(self, m: nn.Module, bind: dict) -> dict[str, tuple | None]:
         R, w = bind["rank"].dim.full, m._parameters["weight"]
