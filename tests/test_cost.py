@@ -660,6 +660,17 @@ def test_a_tensor_tied_to_an_unbound_layer_counts_whole_when_its_bound_holder_is
                    sn.Depth("depth", [1, 2], layers="blocks"))
     for sub in ("f1=16,depth=1", "f1=32,depth=1"):
         assert nest.cost(sub) == sum({id(p): p.numel() for p in nest.export(sub).parameters()}.values()), sub
+    # both run at depth 2: 'post' reads the tensor whole, so it counts whole (it was counted at the block's cut, 480
+    # elements short, so the depth-2 sub-model cost less than the depth-1 one it contains: nest.submodels came out
+    # in another order than containment and sn.Sampler(nest.submodels) refused them)
+    full_tied = m.post[0].weight.numel()
+    with nest.use("f1=16,depth=2"):
+        assert tuple(m.post[0].weight.shape) == (32, 16) and tuple(m.blocks[1][0].weight.shape) == (16, 16)
+    assert nest.cost("f1=16,depth=2") == nest.cost("f1=16,depth=1") + sum(
+        p.numel() for p in m.blocks[1].parameters()) - full_tied - 16 * 16 - 16
+    costs = [nest.cost(s) for s in nest.submodels]
+    assert costs == sorted(costs) and nest.cost("f1=16,depth=2") > nest.cost("f1=16,depth=1")
+    sn.Sampler(nest, k=2, strategy="sandwich").draw(0)
 
 
 class _Masked(torch.nn.Module):

@@ -116,10 +116,11 @@ class ParamCounter:
             for p in params:
                 if id(p) in skipped:
                     continue
-                holders = self.owners.get(id(p))  # a tied tensor: at its first holder's cut that runs (none:
-                owner = next((h for h in holders or () if id(h[0]) not in gone), None)  # held whole by a module
-                # that runs and no dimension binds)
-                n = owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
+                # a tied tensor: the largest cut of its holders that run (a holder no dimension slices reads it
+                # whole; none running: held whole by a module that runs and no dimension binds)
+                running = [h for h in self.owners.get(id(p)) or () if id(h[0]) not in gone]
+                n = max((h[0]._sn.slicer.numel(*h) if "_sn" in h[0].__dict__ else p.numel() for h in running),
+                        default=p.numel())
                 total += n * p.element_size() if in_bytes else n
         return total
 

@@ -346,6 +346,11 @@ class Nest:
                 t = m._sn.slicer.tensor(m, name)
                 if isinstance(t, torch.Tensor):
                     owners.setdefault(id(t), []).append((m, name))
+        for m in self.model.modules():  # (a module no dimension slices that holds one too reads it whole)
+            if "_sn" not in m.__dict__:
+                for name, t in m._parameters.items():
+                    if t is not None and id(t) in owners:
+                        owners[id(t)].append((m, name))
         ids = self._tensor_ids()
         old_dtypes = [d for _, d in getattr(self, "_tensors", ())]
         self._tensor_owner = owners
