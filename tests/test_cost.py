@@ -715,3 +715,32 @@ def test_memory_counts_the_buffers_the_export_holds(family):
     assert list(live) == list(exported) and live[0] < live[-1]
     with pytest.raises(sn.BudgetError, match="memory"):
         nest.pick(memory=10_000)
+
+
+@pytest.mark.parametrize("bad", [dict(warmup="3"), dict(warmup=1.5), dict(warmup=None), dict(warmup=True),
+                                 dict(metrics=None), dict(metrics=[1]), dict(repeat=True)])
+def test_bad_profile_arguments_are_named_not_blamed_on_the_example(bad):
+    """warmup="3" / None / 1.5 and metrics=None failed inside the timing loop and were reported as a failure of
+    the model "on the example"; warmup=True was stored as the profile's warmup."""
+    from torch import nn
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2)), sn.Width("h", [4, 16], out="0", inp="1"))
+    key = next(iter(bad))
+    with pytest.raises(sn.SortedNetError, match=rf"{key}.*{bad[key]!r}"):
+        nest.profile(torch.randn(2, 8), progress=False, **{"repeat": 1, "warmup": 0, **bad})
+    assert nest._profile is None
+
+
+@pytest.mark.parametrize("metric", ["latency", "memory"])
+def test_cost_refuses_an_example_for_a_measured_metric(metric):
+    """cost(sub, "memory", example=big) returned the profile's figure on its own small input, as if measured on
+    the big one; example= counts FLOPs only (params ignore it)."""
+    from torch import nn
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2)), sn.Width("h", [4, 16], out="0", inp="1"))
+    nest.profile(torch.randn(1, 8), metrics=[metric], repeat=1, warmup=0, progress=False)
+    assert nest.cost("h=4", metric) > 0
+    with pytest.raises(sn.SortedNetError, match=rf"cost\(\.\.\., '{metric}', example=\.\.\.\): {metric} is measured "
+                                                r"by nest.profile"):
+        nest.cost("h=4", metric, example=torch.randn(4096, 8))
+    assert nest.cost("h=4", "params", example=torch.randn(4096, 8)) == nest.cost("h=4")

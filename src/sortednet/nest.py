@@ -690,7 +690,8 @@ class Nest:
         counts one forward on ``example``
         (cached per sub-model; a new example shape recounts; without ``example``: the table ``pick`` reads,
         the profile's input while a profile measured FLOPs, else the input counted last); ``"latency"``
-        (median seconds) and ``"memory"`` (bytes) are known after :meth:`profile`.
+        (median seconds) and ``"memory"`` (bytes) are known after :meth:`profile`, measured on its input (they
+        refuse ``example=``; ``"params"`` ignores it).
 
         >>> import torch, torch.nn as nn, sortednet as sn
         >>> nest = sn.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), sn.Width("h", [2, 8], out="0", inp="1"))
@@ -706,6 +707,10 @@ class Nest:
             raise SortedNetError(f"unknown cost metric {metric!r}; available: {list(METRICS)}")
         if metric == "flops" and example is not None:
             return self._flops(sub, example)
+        if example is not None and metric != "params":  # (params do not depend on the input)
+            raise SortedNetError(f"cost(..., {metric!r}, example=...): {metric} is measured by nest.profile(example) "
+                                 "on the profile's input, not on this one; example= counts FLOPs only. Profile on "
+                                 f"this input (nest.profile(x, metrics=[{metric!r}])) and call cost without example=")
         if sub not in cache:
             if metric != "params":
                 hint = "pass example=..." if metric == "flops" else "measure it with nest.profile(example)"

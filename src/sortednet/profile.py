@@ -268,11 +268,15 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
                              f"(time each nest.export(sub)), got {on!r}")
     if isinstance(metrics, str):  # one metric by name
         metrics = (metrics,)
+    if not isinstance(metrics, (list, tuple)) or not all(isinstance(m, str) for m in metrics):
+        raise SortedNetError(f"profile(metrics=...) takes metric names (a str, or a list / tuple of them) out of "
+                             f"{list(METRICS)}, got {metrics!r}")
     metrics = tuple(dict.fromkeys(("params", *metrics)))
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise SortedNetError(f"unknown metric(s) {bad}; known: {list(METRICS)}")
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1 or warmup < 0:
+    if (isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1 or isinstance(warmup, bool)
+            or not isinstance(warmup, int) or warmup < 0):
         raise SortedNetError(f"repeat must be an int >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
     from tqdm.auto import tqdm
 
