@@ -986,3 +986,25 @@ def test_save_called_by_rank_zero_alone_says_it_is_collective(tmp_path, monkeypa
     with pytest.raises(sn.SortedNetError, match=r"is collective: every rank must call it .* rank 0 wrote"):
         snd.save(nest, str(path))
     assert path.exists()
+
+
+def test_fsdp1_is_refused_before_it_flattens_a_layer_no_dimension_slices():
+    """FSDP1 was refused only when it came to remove the first sliced parameter: the unsliced layers before it
+    had already lost theirs (plain tensors, no longer in named_parameters: an optimizer built afterwards, even
+    after unwrap, never trained them). Refused at FullyShardedDataParallel(...) now, before any change (no
+    process group is needed to see it)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from models import assert_unchanged, snapshot
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 4))
+    sn.wrap(model, sn.Width("h", [8, 32], out="1", inp="3"))
+    before, names = snapshot(model), [n for n, _ in model.named_parameters()]
+    with pytest.raises(sn.SortedNetError, match=r"FullyShardedDataParallel \(FSDP1\): '1' is sliced by sortednet.*"
+                                                r"refused before FSDP1 changed anything.*fully_shard"):
+        FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+    assert_unchanged(model, before)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert type(model[0]._parameters["weight"]) is torch.nn.Parameter

@@ -624,6 +624,39 @@ def _guard_parametrize() -> None:
     parametrize.register_parametrization = register_parametrization
 
 
+def _guard_fsdp1() -> None:
+    """Check FSDP1's ``FullyShardedDataParallel(module)`` before it runs: it flattens (removes) the parameters of
+    its units in module order, so the refusal at the first sliced one (:func:`refuse_removal`) would come after
+    the unsliced layers before it lost theirs. The wrapper sits on the class (once per process, at import); a
+    pass-through for a model with no sliced module."""
+    try:
+        import torch.distributed
+
+        if not torch.distributed.is_available():
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except (ImportError, AttributeError):
+        return
+    original = FullyShardedDataParallel.__dict__["__init__"]
+    if getattr(original, "_sn_guard", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, module: Any = None, *args: Any, **kw: Any) -> None:
+        if isinstance(module, nn.Module):
+            sliced = next((path for path, m in module.named_modules() if "_sn" in m.__dict__), None)
+            if sliced is not None:
+                raise SortedNetError(f"FullyShardedDataParallel (FSDP1): {sliced or 'the root'!r} is sliced by "
+                                     "sortednet, and FSDP1 flattens the parameters of its units into one "
+                                     "FlatParameter, which no slicer can cut: not supported (refused before FSDP1 "
+                                     "changed anything). Shard the wrapped model with "
+                                     "torch.distributed.fsdp.fully_shard (FSDP2) instead")
+        original(self, module, *args, **kw)
+
+    __init__._sn_guard = True  # type: ignore[attr-defined]
+    FullyShardedDataParallel.__init__ = __init__  # type: ignore[method-assign]
+
+
 def _guard_weight_norm() -> None:
     """Check the deprecated ``torch.nn.utils.weight_norm`` before it runs: ``WeightNorm.apply`` deletes
     ``_parameters[name]`` directly (no hook sees it), registers ``<name>_g`` / ``<name>_v`` and only then sets
@@ -771,6 +804,7 @@ def _subclass(base: type, ns: dict, names: tuple[str, ...]) -> type:
 
 
 _guard_parametrize()
+_guard_fsdp1()
 _guard_weight_norm()
 
 
