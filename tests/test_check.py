@@ -2700,6 +2700,7 @@ class _WritesItsWeight(nn.Module):
         self.emb = nn.Embedding(10, 16)
         self.f = nn.Linear(16, 16)
         self.proto = nn.Linear(16, 3, bias=False)
+        self.step = 0
 
     def forward(self, i):
         h = self.f(F.embedding(i, self.emb.weight, max_norm=1.0 if self.how == "max_norm" else None)).mean(1)
@@ -2709,18 +2710,22 @@ class _WritesItsWeight(nn.Module):
                 w.div_(w.norm(dim=1, keepdim=True))                                          # (in place)
             elif self.how == "clamp":
                 w.clamp_(-0.2, 0.2)
+            elif self.how == "momentum" and self.training:  # a momentum encoder's schedule, by a step counter
+                w.mul_(0.9 + 0.0001 * self.step)
+                self.step += 1
         if self.how == "out_of_place":                 # the same computed on a copy: fine
             return F.linear(F.normalize(h, dim=-1), F.normalize(self.proto.weight, dim=1))
         return self.proto(F.normalize(h, dim=-1))
 
 
-@pytest.mark.parametrize("how", ["row_norm", "max_norm", "train_row_norm", "clamp", "out_of_place"])
+@pytest.mark.parametrize("how", ["row_norm", "max_norm", "train_row_norm", "clamp", "momentum", "out_of_place"])
 def test_a_forward_writing_into_a_sliced_weight_is_refused_where_a_sub_model_writes_other_values(how):
     """Accepted with example= before: one inference forward of h=4 renormalised only the kept columns of each
     row (or the looked-up rows' first 4 features), and the full model's output then moved by 0.08 (0.03 with
     max_norm), in silence; the dry runs put the weights back, so nothing showed. A write only a training forward
     makes was not measured at all (check measured its eval-mode runs). An element-wise write (clipping) gives
-    each element the value the full model gives it: accepted, and the nest stays the plain model."""
+    each element the value the full model gives it: accepted, and the nest stays the plain model; so is a
+    momentum that follows a step counter the forward advances (two full runs write other values too)."""
     torch.manual_seed(0)
     m = _WritesItsWeight(how).eval()
     x = torch.randint(0, 10, (2, 5))

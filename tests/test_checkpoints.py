@@ -459,6 +459,12 @@ def test_a_flipped_bit_in_the_header_is_refused(valid, tmp_path):
         accepted.append((i, chr(raw[i])))
         model, _ = target("fresh")
     assert not accepted, f"{len(accepted)} of {n} header bytes flipped and loaded: {accepted[:10]}"
+    at = raw.index(b"__metadata__") + 8  # (its key damaged: named as header damage, not as a malformed tensor)
+    buf = bytearray(raw)
+    buf[at] ^= 1
+    path.write_bytes(bytes(buf))
+    with pytest.raises(sn.SortedNetError, match=r"the header looks damaged"):
+        sn.load(target("fresh")[0], str(path))
     check_load(str(tmp_path / "flip.safetensors"), "nest", "err")
     path.write_bytes(raw)
     check_load(str(path), "fresh", "ok")

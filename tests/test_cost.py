@@ -744,3 +744,15 @@ def test_cost_refuses_an_example_for_a_measured_metric(metric):
                                                 r"by nest.profile"):
         nest.cost("h=4", metric, example=torch.randn(4096, 8))
     assert nest.cost("h=4", "params", example=torch.randn(4096, 8)) == nest.cost("h=4")
+
+
+def test_profile_takes_any_iterable_of_metric_names_and_numpy_integers():
+    """The argument checks must not refuse what worked: a set / dict keys / generator of names, numpy ints."""
+    import numpy as np
+    from torch import nn
+
+    nest = sn.wrap(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2)), sn.Width("h", [4, 16], out="0", inp="1"))
+    for metrics in ({"flops"}, {"flops": 1}.keys(), (m for m in ["flops"]), np.array(["flops"])):
+        prof = nest.profile(torch.randn(2, 8), metrics=metrics, repeat=np.int64(1), warmup=np.int64(0),
+                            progress=False)
+        assert set(prof.costs) == {"params", "flops"} and all(type(m) is str for m in prof.costs)

@@ -893,7 +893,8 @@ def test_an_attention_core_child_follows_the_head_count(count_attrs):
 
 def test_an_attention_core_child_left_out_is_named_and_one_of_another_count_refused():
     """count_attrs= without the child's count: the check's refusal names the attribute to add; a core counting
-    other heads than the largest size is refused before anything changes."""
+    other heads than the largest size is not made to follow (that count may be the child's own business), and the
+    check refuses the heads it then computes, before anything changes."""
     torch.manual_seed(0)
     x = torch.randn(2, 32, 5)
     model = nn.Sequential(_CoreAttention())
@@ -902,9 +903,10 @@ def test_an_attention_core_child_left_out_is_named_and_one_of_another_count_refu
                 example=x)
     model = nn.Sequential(_CoreAttention(core_heads=2))
     before = snapshot(model)
-    with pytest.raises(sn.SortedNetError, match=r"child 'attention' \(_QKVCore\) counts n_heads=2 heads"):
-        sn.wrap(model, sn.Heads("h", [2, 4], attn="*", qkv="qkv", o="proj_out"))
+    with pytest.raises(sn.SortedNetError, match=r"is not the first 2 whole heads"):
+        sn.wrap(model, sn.Heads("h", [2, 4], attn="*", qkv="qkv", o="proj_out"), example=x)
     assert_unchanged(model, before)
+    assert model[0].attention.n_heads == 2
     with pytest.raises(sn.SortedNetError, match=r"count_attrs \['qkv.out_channels'\] name attributes of the proj"):
         sn.wrap(model, sn.Heads("h", [2, 4], attn="*", qkv="qkv", o="proj_out", count_attrs=["qkv.out_channels"]))
     assert_unchanged(model, before)

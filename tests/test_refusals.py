@@ -383,6 +383,61 @@ def test_rank_on_a_weight_held_outside_its_module_is_refused(how, mode):
         assert_unchanged(m, before)
 
 
+class _RaisingGetattr:
+    """An object whose ``__getattr__`` raises KeyError for anything it lacks (``__dict__`` included)."""
+
+    __slots__ = ("w",)
+
+    def __init__(self, w):
+        self.w = w
+
+    def __getattr__(self, name):
+        raise KeyError(name)
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_rank_holder_walk_sees_past_big_attributes_and_hooks_and_passes_optimizers(mode, monkeypatch):
+    """The walk for other holders of a Rank target's weight: a 30,000-entry vocabulary on the root (or a long list
+    walked first) used up a shared budget, and a weight kept in a plain list further on was accepted (full rank
+    under every sub-model, silently); a forward hook's closure was never opened. An optimizer or scheduler kept on
+    the model holds the weight to step it, never to read it in a forward: not refused at wrap (svd's stale
+    optimizer is refused at its step). An object whose __getattr__ raises KeyError does not crash the walk. When
+    the walk reaches its limit it warns, naming where it stopped."""
+    import importlib
+
+    from sortednet.wrap import HeldWalkWarning
+
+    sw = importlib.import_module("sortednet.wrap")
+
+    def model():
+        torch.manual_seed(0)
+        m = _HeldAside("none")
+        m.vocab = {f"tok{i}": i for i in range(30_000)}
+        m.long = [types.SimpleNamespace(i=i) for i in range(25_000)]
+        return m
+
+    m = model()
+    m.head.keep = [m.fc.weight]
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"held by 'head.keep'"):
+        sn.wrap(m, sn.Rank("r", [2, 16], targets="fc", mode=mode))
+    assert_unchanged(m, before)
+    m = model()
+    w = m.fc.weight
+    m.head.register_forward_hook(lambda mod, args, out: out + F.linear(args[0], w).sum())
+    with pytest.raises(sn.SortedNetError, match=r"held by 'head._forward_hooks' \(a hook of the module\)"):
+        sn.wrap(m, sn.Rank("r", [2, 16], targets="fc", mode=mode))
+    m = model()
+    m.optimizer = torch.optim.AdamW(m.parameters())
+    m.scheduler = torch.optim.lr_scheduler.StepLR(m.optimizer, 1)
+    m.odd = _RaisingGetattr(torch.randn(2))
+    nest = sn.wrap(m, sn.Rank("r", [2, 16], targets="fc", mode=mode))
+    nest.unwrap()
+    monkeypatch.setattr(sw, "_HELD_LIMIT", 1000)
+    with pytest.warns(HeldWalkWarning, match=r"stopped after 1,000 objects, at '(long|vocab)'"):
+        sn.wrap(m, sn.Rank("r", [2, 16], targets="fc", mode=mode))
+
+
 def test_rank_accepts_tensors_beside_its_weight_in_one_flat_storage():
     """Weights laid out side by side in one flat buffer (as FSDP1 and packed loaders do), an unrelated buffer
     and another layer's weight held in a list are not the target's weight: wrap accepts them, and so are

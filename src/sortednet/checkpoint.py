@@ -280,10 +280,11 @@ def read(path: str | os.PathLike) -> Container:
         header = parse_json(raw, f"header of {p!r}")
         if not isinstance(header, dict):
             raise SortedNetError(f"header of {p!r} is a JSON {type(header).__name__}, not an object")
+        has_meta = "__metadata__" in header
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise SortedNetError(f"header of {p!r}: __metadata__ must map strings to strings")
-        entries = _entries(header, p)
+        entries = _entries(header, p, has_meta)
         data = size - 8 - n
         end = max((e.end for e in entries.values()), default=0)
         if end != data:
@@ -293,12 +294,14 @@ def read(path: str | os.PathLike) -> Container:
     return Container(p, entries, meta, 8 + n, mm)
 
 
-def _entries(header: dict[str, Any], p: str) -> dict[str, Entry]:
+def _entries(header: dict[str, Any], p: str, has_meta: bool = True) -> dict[str, Entry]:
     out = {}
     for name, v in header.items():
         where = f"{p!r}: tensor {name[:200]!r}"
         if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
-            raise SortedNetError(f"{where} must have exactly dtype, shape and data_offsets")
+            damaged = (" (the header looks damaged: the entry is neither a tensor nor __metadata__, and the file "
+                       "has no __metadata__)" if name.startswith("__") and not has_meta else "")
+            raise SortedNetError(f"{where} must have exactly dtype, shape and data_offsets{damaged}")
         dtype = DTYPES.get(v["dtype"]) if isinstance(v["dtype"], str) else None
         if dtype is None:
             raise SortedNetError(f"{where} has unknown dtype {str(v['dtype'])[:40]!r}; known: {sorted(DTYPES)}")

@@ -9,6 +9,7 @@ model exactly as it was.
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
 
 import numpy
@@ -58,3 +59,13 @@ def flag(what: str, name: str, value: object) -> None:
     """
     if not isinstance(value, (bool, numpy.bool_)):
         raise SortedNetError(f"{what}({name}=...) takes True or False, got {type(value).__name__} {value!r}")
+
+
+def caller_outside() -> int:
+    """``warnings.warn``'s stacklevel, from the function calling this, of the first frame outside sortednet (the
+    user's ``sn.wrap`` / ``sn.Nest`` / ``sn.load`` / ``from_transformers`` call)."""
+    pkg = __name__.rpartition(".")[0]  # (by module name: a vendored copy, or .pyc files compiled elsewhere)
+    f, level = sys._getframe(1), 1
+    while f is not None and (f.f_globals.get("__name__", "") + ".").startswith(pkg + "."):
+        f, level = f.f_back, level + 1
+    return level

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -268,16 +268,18 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
                              f"(time each nest.export(sub)), got {on!r}")
     if isinstance(metrics, str):  # one metric by name
         metrics = (metrics,)
-    if not isinstance(metrics, (list, tuple)) or not all(isinstance(m, str) for m in metrics):
-        raise SortedNetError(f"profile(metrics=...) takes metric names (a str, or a list / tuple of them) out of "
-                             f"{list(METRICS)}, got {metrics!r}")
-    metrics = tuple(dict.fromkeys(("params", *metrics)))
+    names = tuple(metrics) if isinstance(metrics, Iterable) and not isinstance(metrics, (bytes, Mapping)) else None
+    if names is None or not all(isinstance(m, str) for m in names):
+        raise SortedNetError(f"profile(metrics=...) takes metric names (a str, or a list / tuple / set of them) out "
+                             f"of {list(METRICS)}, got {metrics!r}")
+    metrics = tuple(dict.fromkeys(("params", *map(str, names))))
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise SortedNetError(f"unknown metric(s) {bad}; known: {list(METRICS)}")
-    if (isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1 or isinstance(warmup, bool)
-            or not isinstance(warmup, int) or warmup < 0):
+    if (isinstance(repeat, bool) or not isinstance(repeat, numbers.Integral) or repeat < 1
+            or isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0):
         raise SortedNetError(f"repeat must be an int >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
+    repeat, warmup = int(repeat), int(warmup)
     from tqdm.auto import tqdm
 
     cols: dict[str, list[float]] = {m: [] for m in metrics}

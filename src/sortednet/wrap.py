@@ -9,6 +9,7 @@ import inspect
 import sys
 import threading
 import types
+import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import REENTRANT, Binding, Dimension, Target
-from .errors import PatternError, SortedNetError
+from .errors import PatternError, SortedNetError, caller_outside
 from .modes import exact_math, finish_all
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, unpinned_reentrant
@@ -333,25 +334,34 @@ def _bytes(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return mask
 
 
-_HELD_LIMIT = 20_000  # objects a Rank holder walk opens at most (a model's own attributes are a few hundred)
+_HELD_LIMIT = 1_000_000  # objects a Rank holder walk opens at most (a model's own attributes are a few hundred)
 _OPAQUE = (str, bytes, bytearray, int, float, complex, bool, type, type(None), types.ModuleType)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+class HeldWalkWarning(UserWarning):
+    """The walk for other holders of a Rank target's weight stopped at its limit: what lies beyond is unchecked."""
 
 
 def held_tensors(v: object, seen: set[int], registered: set[int]) -> Iterator[torch.Tensor]:
     """The tensors a plain attribute value reaches: inside containers (any depth), ``functools.partial``,
     the ``__dict__`` / ``__slots__`` of plain objects, the closure cells and defaults of functions and lambdas,
-    bound methods' objects, and the parameters, buffers and attributes of modules held outside ``_modules``
-    (``registered``: the ids of the model's own modules, walked by the caller). Each object once (``seen``),
-    and at most ``_HELD_LIMIT`` of them, so a tokenizer or a dataset held on a module costs little."""
+    bound methods' objects, and the parameters, buffers, hooks and attributes of modules held outside
+    ``_modules`` (``registered``: the ids of the model's own modules, walked by the caller). Not an optimizer
+    or a learning-rate scheduler (it holds parameters to step them, never reads them in a forward), nor the
+    globals a function reads. Each object once (``seen``, shared by the caller's walks), at most
+    ``_HELD_LIMIT`` of them in all (then a :class:`HeldWalkWarning`); strings and numbers are not counted."""
     stack = [v]
     while stack:
         v = stack.pop()
-        if id(v) in seen or len(seen) > _HELD_LIMIT:
+        if isinstance(v, _OPAQUE) or id(v) in seen:
             continue
+        if len(seen) >= _HELD_LIMIT:
+            raise _WalkLimit
         seen.add(id(v))
         if isinstance(v, torch.Tensor):
             yield v
-        elif isinstance(v, _OPAQUE) or id(v) in registered:
+        elif id(v) in registered or type(v).__module__.startswith("torch.optim"):
             continue
         elif isinstance(v, dict):
             stack.extend(v.values())
@@ -367,14 +377,33 @@ def held_tensors(v: object, seen: set[int], registered: set[int]) -> Iterator[to
         elif isinstance(v, nn.Module):  # (a module kept outside _modules: its own tensors and attributes)
             stack.extend(v._parameters.values())
             stack.extend(v._buffers.values())
-            stack.extend(x for k, x in v.__dict__.items() if k not in _MODULE_INTERNALS)
+            stack.extend(x for k, x in v.__dict__.items() if k not in _MODULE_INTERNALS or k in _HOOK_DICTS)
             stack.extend(v._modules.values())
         else:
-            stack.extend(getattr(v, "__dict__", {}).values() if isinstance(getattr(v, "__dict__", None), dict)
-                         else ())
-            for slot in (x for c in type(v).__mro__ for x in c.__dict__.get("__slots__", ())):
-                if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
-                    stack.append(getattr(v, slot, None))
+            stack.extend(_fields(v))
+
+
+class _WalkLimit(Exception):
+    pass
+
+
+def _fields(v: object) -> list[object]:
+    """The values of a plain object's ``__dict__`` and ``__slots__`` (read as the object allows: an object whose
+    ``__getattr__`` raises for them has none)."""
+    out: list[object] = []
+    try:
+        d = object.__getattribute__(v, "__dict__")
+    except Exception:
+        d = None
+    if isinstance(d, dict):
+        out.extend(d.values())
+    for slot in (x for c in type(v).__mro__ for x in c.__dict__.get("__slots__", ())):
+        if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
+            try:
+                out.append(object.__getattribute__(v, slot))
+            except Exception:
+                pass
+    return out
 
 
 def _contents(cell: types.CellType) -> object:
@@ -431,10 +460,18 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
             if b is not None:
                 check(b, f"the buffer {at + name!r}")
         for attr, v in m.__dict__.items():
-            if attr not in _MODULE_INTERNALS:
-                for t in held_tensors(v, seen, registered):
-                    check(t, f"held by {at + attr!r} (a plain Python attribute, or an object, function or "
-                             "module outside the model that it holds)")
+            if attr not in _MODULE_INTERNALS or attr in _HOOK_DICTS:
+                what = "a hook of the module" if attr in _HOOK_DICTS else "a plain Python attribute, or an object, " \
+                    "function or module outside the model that it holds"
+                try:
+                    for t in held_tensors(v, seen, registered):
+                        check(t, f"held by {at + attr!r} ({what})")
+                except _WalkLimit:
+                    warnings.warn(f"sn.wrap: the search for other holders of the Rank targets' weights stopped after "
+                                  f"{_HELD_LIMIT:,} objects, at {at + attr!r}: objects beyond it are not checked (a "
+                                  "weight a forward reads from there would run at full rank under every sub-model)",
+                                  HeldWalkWarning, stacklevel=caller_outside())
+                    return
 
 
 def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: int = 4096,
