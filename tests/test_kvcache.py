@@ -310,3 +310,26 @@ def test_which_arguments_take_a_cache(name, cache):
     ("_kvcache", True), ("cos_cached", False), ("sin_cached", False), ("cache", False), ("kernel", False)])
 def test_which_module_attributes_look_like_caches(name, cache):
     assert is_module_cache_name(name) is cache
+
+
+def test_a_cache_from_a_nest_since_unwrapped_is_refused_by_every_later_nest():
+    """Caches were stamped with id() of the nest's state: once a nest was unwrapped and freed, a later nest's state
+    could get the same address, and a cache filled under the old nest (keys in another unit order after a sort)
+    was continued as its own, in silence (the probe's logits 1.55 off). Stamped now with a number never reused."""
+    import gc
+
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    counted = CountedLM().eval()
+    caches = []
+    for _ in range(8):
+        nest = sn.wrap(counted, sn.Heads("heads", [2, 4], attn="blocks.*.attn"),
+                       sn.Width("ffn", [8, 32], out="blocks.*.fc1", inp="blocks.*.fc2"))
+        with torch.no_grad():
+            for cache in caches:
+                with pytest.raises(sn.SortedNetError, match="did not see computed"):
+                    counted(ids[:, 5:6], past_key_values=cache)
+            caches.append(counted(ids[:, :5])[1])
+        nest.unwrap()
+        del nest
+        gc.collect()

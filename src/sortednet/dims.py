@@ -10,6 +10,7 @@ context (thread or asyncio task), else the nest-wide default (``activate``).
 from __future__ import annotations
 
 import contextvars
+import itertools
 import numbers
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
@@ -210,6 +211,9 @@ class Dimension:
 
 
 
+_UIDS = itertools.count()
+
+
 class Active:
     """Which sub-model each caller of one nest runs (``nest.use`` / ``nest.activate``).
 
@@ -238,7 +242,7 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner")
+    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner", "uid")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -256,6 +260,9 @@ class Active:
         # weakly, the nest while it is wrapped (set by the nest, cleared by unwrap): deep copies of the model,
         # which share this object, find out whether the nest they follow is live (sortednet.wrap._copy_link)
         self.owner: Any = None
+        # never reused in the process (an id() is, once the object is freed): what key/value caches are stamped
+        # with, so a cache from a nest since unwrapped never matches a later nest's state
+        self.uid = next(_UIDS)
         return self
 
     def plan(self) -> Any:

@@ -103,12 +103,12 @@ class CacheGuard:
             records = cache.__dict__.setdefault(self.ATTR, {})
         except AttributeError:
             return None
-        if id(self.active) in records:  # (an inner model's hook stamped it already)
+        if self.active.uid in records:  # (an inner model's hook stamped it already)
             return None
         sub = self.active.plan().sub
         depth, key = self._key(cache, sub)
         d = None if depth is None else self._ran(module, sub, depth)
-        records[id(self.active)] = [key, {d: 0} if d is not None and d < self.full else {}, self.active.epoch]
+        records[self.active.uid] = [key, {d: 0} if d is not None and d < self.full else {}, self.active.epoch]
         return None
 
     def _unfollowed(self, cache: Any) -> None:
@@ -147,7 +147,7 @@ class CacheGuard:
         except Exception:  # (a cache object that cannot count or hold a record: a type of its own)
             return self._unfollowed(cache) if self.plain else None
         depth, key = self._key(cache, sub)
-        rec = records.get(id(self.active))
+        rec = records.get(self.active.uid)
         if filled == 0:
             held = _allocated(cache)  # (a StaticCache after reset(), a DynamicCache cropped to nothing)
             if rec is not None and (held == "static" or held == "cropped" and len(self.heads) == 1) and any(
@@ -157,7 +157,7 @@ class CacheGuard:
                     f"(emptied by reset() or cropped to no position, its tensors keep those shapes); sub-model "
                     f"{sub} computes keys and "
                     "values of other shapes. Start a new cache for each sub-model")
-            rec = records[id(self.active)] = [key, {}, self.active.epoch]
+            rec = records[self.active.uid] = [key, {}, self.active.epoch]
         elif rec is None:
             raise SortedNetError(
                 f"the key/value cache holds {filled} positions that this nest did not see computed (filled "
