@@ -667,3 +667,48 @@ def test_a_forward_that_cannot_run_with_the_driven_cache_is_a_named_refusal(monk
     with pytest.raises(sn.SortedNetError, match="forward raised RuntimeError .* model.generate instead") as e:
         sn.speculative_generate(nest, ids, draft={"depth": 2}, max_new_tokens=4, share_cache=False)
     assert isinstance(e.value.__cause__, RuntimeError)
+
+
+def test_two_calls_at_once_keep_a_training_model_in_eval_mode_until_the_last_ends(monkeypatch):
+    """Each call put the models in eval mode and restored their training flags when IT ended: the first call to
+    end on a training-mode model restored training mode while another call still decoded, which then ran with
+    dropout, in silence (8 of 8 longer calls gave other tokens). The flags come back when the last call running
+    on the model ends. (No timing: each call is held inside its decoding by an event.)"""
+    import threading
+
+    nest = sn.from_transformers(llama(), depth=[1, 2])
+    model = nest.model
+    ids = torch.tensor([[3, 4, 5]])
+    want = plain(model.eval(), ids, 6, eos=[])
+    model.train()
+    decode, out = spec._decode, {}
+    inside = {n: threading.Event() for n in ("a", "b")}
+    release = {n: threading.Event() for n in ("a", "b")}
+
+    def held(*args, **kw):
+        name = threading.current_thread().name
+        inside[name].set()
+        assert release[name].wait(60)
+        return decode(*args, **kw)
+
+    def call(name):
+        out[name] = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=6, eos_token_id=[])
+
+    monkeypatch.setattr(spec, "_decode", held)
+    threads = {n: threading.Thread(name=n, target=call, args=(n,)) for n in ("a", "b")}
+    try:
+        threads["a"].start()
+        assert inside["a"].wait(60)
+        threads["b"].start()
+        assert inside["b"].wait(60)
+        release["a"].set()
+        threads["a"].join(60)
+        assert "a" in out and not any(m.training for m in model.modules())  # (b still decodes: eval mode held)
+    finally:
+        for event in release.values():
+            event.set()
+        for thread in threads.values():
+            thread.join(60)
+    assert torch.equal(out["a"].sequences, want) and torch.equal(out["b"].sequences, want)
+    assert all(m.training for m in model.modules())
+    model.eval()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from contextlib import ExitStack
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,18 +254,46 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     sampling = _sampling(getattr(tmodel, "generation_config", None), do_sample, temperature, top_k, top_p, generator)
     pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
                          eos_token_id, tmodel, plan.models)
-    modes = [m for model in plan.models for m in model.modules() if m.training]
-    try:
-        for model in plan.models:
-            model.eval()
-        with ExitStack() as stack, torch.inference_mode():
-            for ctx in plan.outer:
-                stack.enter_context(ctx)
-            new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
-    finally:
-        restore_modes([(m, True) for m in modes])
+    with _eval_held(plan.models), ExitStack() as stack, torch.inference_mode():
+        for ctx in plan.outer:
+            stack.enter_context(ctx)
+        new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
     seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
     return SpeculativeOutput(seq, stats)
+
+
+#: per module (by id) that calls running now put in eval mode: [calls holding it, its training flag before]
+_HELD: dict[int, list] = {}
+_HELD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _eval_held(models: Sequence[nn.Module]) -> Iterator[None]:
+    """The models in eval mode while the call runs, their training flags back after the LAST of the calls that
+    run at once on them (threads decoding with one model: the first to finish restored training mode under the
+    others, which then decoded with dropout, in silence)."""
+    mods = list({id(m): m for model in models for m in model.modules()}.values())
+    with _HELD_LOCK:
+        for m in mods:
+            held = _HELD.get(id(m))
+            if held is None:
+                _HELD[id(m)] = [1, m.training]
+            else:
+                held[0] += 1
+        for model in models:
+            model.eval()
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            back = []
+            for m in mods:
+                held = _HELD[id(m)]
+                held[0] -= 1
+                if held[0] == 0:
+                    del _HELD[id(m)]
+                    back.append((m, held[1]))
+            restore_modes([(m, flag) for m, flag in back if flag])
 
 
 def _draft_step(plan: Plan, buf: Tensor, pos: int) -> tuple[Tensor, int]:
