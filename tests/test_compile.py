@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -558,3 +559,69 @@ def test_nest_compile_refuses_a_larger_submodel_inside_its_call(inner):
         return
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_two_compiled_callables_of_one_nest_do_not_swap_views_under_each_other():
+    """Each nest.compile() had a lock of its own: a call with gradients of a second one, while the first was
+    paused at a graph break holding its sub-model's views in the modules, ran on those views (the full model's
+    call returned the h=4 sub-model's output) and then put them back as the model's "own" parameters, for good.
+    One lock per nest now; calls without gradients wait for a call with gradients too. (The one-second wait
+    only gives the old behaviour its chance to show; nothing asserted depends on it.)"""
+    import threading
+
+    hold, at_break = threading.Event(), threading.Event()
+    role = threading.local()
+
+    @torch._dynamo.disable
+    def pause():
+        if getattr(role, "first", False):
+            at_break.set()
+            assert hold.wait(60)
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(12, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = F.relu(self.fc1(x))
+            pause()
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    m = MLP()
+    nest = sn.wrap(m, sn.Width("h", [4, 32], out="fc1", inp="fc2"))
+    x = torch.randn(6, 12)
+    own = dict(m.named_parameters())
+    with torch.no_grad():
+        full = m(x).clone()
+    first, second = nest.compile(backend="eager"), nest.compile(backend="eager")
+    for sub, step in (("h=4", first), ("h=32", second)):
+        with nest.use(sub):
+            step(x)
+    out: dict = {}
+
+    def run_first():
+        role.first = True
+        with nest.use("h=4"):
+            first(x)
+
+    def run_second(grad):
+        with nest.use("h=32"), torch.set_grad_enabled(grad):
+            out[grad] = second(x).detach()
+
+    for grad in (True, False):
+        hold.clear(), at_break.clear()
+        a = threading.Thread(target=run_first)
+        b = threading.Thread(target=run_second, args=(grad,))
+        try:
+            a.start()
+            assert at_break.wait(60)
+            b.start()
+            b.join(1.0)
+        finally:
+            hold.set()
+            a.join(60)
+            b.join(60)
+        torch.testing.assert_close(out[grad], full)
+        assert all(p is own[n] for n, p in m.named_parameters())

@@ -24,10 +24,12 @@ as with ``torch.compile(model)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,8 +58,10 @@ class Compiled:
     Under ``torch.no_grad()`` nothing is handed over (there is no gradient to
     place, and slicing inside the graph is as fast): the call is the model
     compiled as ``torch.compile(model)`` would. With gradients, calls from
-    several threads at once are serialised by a lock: while a call runs,
-    ``functional_call`` swaps the sliced views into the model's modules.
+    several threads at once are serialised by one lock per nest (shared by
+    every ``nest.compile()`` of it): while a call runs, ``functional_call``
+    swaps the sliced views into the model's modules, so calls without
+    gradients wait for it too (they run side by side otherwise).
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
@@ -85,7 +89,7 @@ class Compiled:
         self.nest = nest
         self._targets = handed_over(nest)
         self._dims = frozenset(b.dim.name for _, m, _ in self._targets for b in m._sn.bind.values())
-        self._lock = threading.RLock()
+        self._lock = _swap_lock(nest)
         model = nest.model
 
         def call(params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
@@ -115,11 +119,17 @@ class Compiled:
         guards = [h for h in model._forward_pre_hooks.values() if isinstance(h, CacheGuard)]
         for g in guards:
             g(model, args, kwargs)
-        if not torch.is_grad_enabled():  # no gradient to place: slicing inside the graph is as fast
-            out = self._compiled({}, args, kwargs)  # (measured), and needs no lock
+        if not torch.is_grad_enabled():  # no gradient to place: slicing inside the graph is as fast (measured);
+            with self._lock.shared():    # it waits only for a call with gradients of this nest (its swapped views)
+                out = self._compiled({}, args, kwargs)
         else:
-            with self._lock:
+            with self._lock.exclusive():  # (one lock per nest: every nest.compile() of it)
                 own = [m._parameters[name] for _, m, name in self._targets]
+                plain = [key for (key, _, _), p in zip(self._targets, own) if not isinstance(p, torch.nn.Parameter)]
+                if plain:
+                    raise SortedNetError(f"nest.compile(): {plain[:3]} are not the model's parameters but plain "
+                                         "tensors (a sliced view left in their place): another call swapped them "
+                                         "in and did not put them back; nothing ran")
                 params = {key: getattr(m, name) for key, m, name in self._targets}
                 state = self.nest._state
                 outer = HANDED.__dict__.get("held")
@@ -135,6 +145,75 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"Compiled({len(self._targets)} sliced parameters as graph inputs)"
+
+
+class _SwapLock:
+    """Calls with gradients of a nest's compiled callables swap sliced views into the model's modules: one at a
+    time (``exclusive``, reentrant on its thread), and calls without gradients, which read the modules' own
+    parameters inside their graph, not while one runs (``shared``: any number of them at once; a call on the
+    thread that holds it exclusively goes on)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._readers = 0
+        self._waiting = 0  # (calls with gradients waiting: new calls without wait behind them, never starve them)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner != me:
+                self._waiting += 1
+                try:
+                    while self._owner is not None or self._readers:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
+                self._owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                mine = False
+            else:
+                while self._owner is not None or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+                mine = True
+        try:
+            yield
+        finally:
+            if mine:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+
+_SWAP_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SWAP_LOCKS_LOCK = threading.Lock()
+
+
+def _swap_lock(nest: Nest) -> _SwapLock:
+    """The nest's one :class:`_SwapLock`, shared by all its ``nest.compile()`` callables."""
+    with _SWAP_LOCKS_LOCK:
+        lock = _SWAP_LOCKS.get(nest)
+        if lock is None:
+            lock = _SWAP_LOCKS[nest] = _SwapLock()
+        return lock
 
 
 def put_back(targets: list[tuple[str, torch.nn.Module, str]], own: list[torch.Tensor],
