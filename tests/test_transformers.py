@@ -1448,6 +1448,26 @@ def test_a_static_cache_reset_and_reused_under_another_head_count_is_refused():
             model.generate(x, max_new_tokens=2, do_sample=False, **{KV: cache})
 
 
+def test_a_static_cache_preallocated_for_the_full_model_is_refused_under_fewer_heads():
+    """generate(cache_implementation="static", prefill_chunk_size=...) allocates the StaticCache from the config
+    (the full model's key/value heads) before the first write: a sub-model with fewer heads failed with a bare
+    RuntimeError inside index_copy_. Refused by name before the forward; the full model and a cache that sizes
+    itself on its first write run."""
+    model = llama().eval()
+    nest = sn.from_transformers(model, heads=[2])
+    assert model.config.num_key_value_heads > 1
+    x = ids()[:1]
+    kw = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", prefill_chunk_size=2)
+    with torch.no_grad():
+        with nest.use("heads=2"), pytest.raises(sn.SortedNetError, match=r"allocated for the full model's \d+ "
+                                                                          r"key/value heads"):
+            model.generate(x, **kw)
+        with nest.use("heads=2"):
+            want = model.generate(x, max_new_tokens=3, do_sample=False)
+        torch.testing.assert_close(nest.export("heads=2").generate(x, **kw), want)
+        model.generate(x, **kw)
+
+
 def test_a_dynamic_cache_cropped_to_nothing_keeps_its_head_count():
     """A DynamicCache cropped to no position keeps (batch, kv heads, 0, head_dim) tensors, which the next update
     concatenates to: another head count failed inside torch.cat; now refused by name. The same heads, or another

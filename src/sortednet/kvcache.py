@@ -50,6 +50,7 @@ class CacheGuard:
         self.index = (index,) if isinstance(index, int) else tuple(index or ())
         self.anykw = anykw  # (a forward with **kwargs: any keyword named as a cache is one)
         self.heads = {d.name for d in dims if d.kind == "heads"}  # (they change the keys' shapes)
+        self.heads_full = {d.name: d.full for d in dims if d.kind == "heads"}
         depth = [d for d in dims if d.kind == "depth"]
         # one list of layers: a shallower depth runs a prefix of the same layers; several (an encoder and a
         # decoder under one Depth) or several Depth dimensions: every change of sub-model is refused
@@ -127,6 +128,27 @@ class CacheGuard:
                       "(docs/transformers.md, caches of decoders you wrote)", UnfollowedCacheWarning, stacklevel=4)
         return None
 
+    def _refuse_full_allocation(self, module: Any, cache: Any, sub: Any) -> None:
+        """A fresh preallocated cache (a StaticCache transformers sized from the config) holding the full model's
+        key/value heads, given to a sub-model with fewer heads: its writes would fail deep inside transformers
+        (``index_copy_``) or, with other shapes, mix layouts; refused, named, before the forward."""
+        fewer = {n: sub[n] for n, full in self.heads_full.items() if sub[n] < full}
+        cfg = getattr(module, "config", None)
+        kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+        if not fewer or type(kv) is not int or kv == 1:  # (multi-query: one key/value head at any head count)
+            return None
+        got = next((x.keys.shape[1] for x in cache.layers if isinstance(getattr(x, "keys", None), torch.Tensor)
+                    and x.keys.numel() > 0 and x.keys.dim() == 4), None)
+        if got == kv:
+            raise SortedNetError(
+                f"the key/value cache ({type(cache).__name__}) was allocated for the full model's {kv} key/value "
+                f"heads (from the model's config), and sub-model {sub} computes fewer "
+                f"({', '.join(f'{n}={s}' for n, s in fewer.items())}): its writes do not fit. Let the cache size "
+                "itself on its first write (a DynamicCache, or generate() without cache_implementation='static' / "
+                "prefill_chunk_size), or generate with the exported sub-model (nest.export), whose config holds "
+                "its own head count")
+        return None
+
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         if _compiling():  # first: anything before it could break the graph and run the rest eagerly, checking a
             return None   # cache whose compiled prefill recorded nothing (made() does not record while compiling)
@@ -157,6 +179,8 @@ class CacheGuard:
                     f"(emptied by reset() or cropped to no position, its tensors keep those shapes); sub-model "
                     f"{sub} computes keys and "
                     "values of other shapes. Start a new cache for each sub-model")
+            if rec is None and held == "static":
+                self._refuse_full_allocation(module, cache, sub)
             rec = records[self.active.uid] = [key, {}, self.active.epoch]
         elif rec is None:
             raise SortedNetError(
