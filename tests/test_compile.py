@@ -625,3 +625,63 @@ def test_two_compiled_callables_of_one_nest_do_not_swap_views_under_each_other()
             b.join(60)
         torch.testing.assert_close(out[grad], full)
         assert all(p is own[n] for n, p in m.named_parameters())
+
+
+def test_the_swap_lock_is_reentrant_in_every_order_and_refuses_a_two_thread_upgrade_rather_than_hang():
+    """The nest's lock of compiled calls: a call inside a call on one thread never waits for itself (shared in
+    exclusive, exclusive in shared, shared in shared while another thread waits to take it exclusively); two
+    threads each holding it shared and each taking it exclusively would wait for each other forever: the second
+    is refused, and the first goes on once the second's shared hold ends. (Waits are polled states, not time.)"""
+    from sortednet.compiled import _SwapLock
+
+    lock = _SwapLock()
+    with lock.exclusive(), lock.shared(), lock.exclusive():
+        pass
+    with lock.shared(), lock.exclusive(), lock.shared():
+        pass
+    held, go, done = threading.Event(), threading.Event(), []
+
+    def writer():
+        with lock.exclusive():
+            done.append("writer")
+
+    with lock.shared():
+        t = threading.Thread(target=writer)
+        t.start()
+        _until(lambda: lock._waiting == 1)
+        with lock.shared():  # (a nested shared call of this thread does not queue behind the waiting writer)
+            done.append("nested")
+    t.join(60)
+    assert done == ["nested", "writer"]
+
+    def first():
+        with lock.shared():
+            held.set()
+            assert go.wait(60)
+            with lock.exclusive():
+                done.append("first")
+
+    errors = []
+    t = threading.Thread(target=first)
+    t.start()
+    assert held.wait(60)
+    with lock.shared():
+        go.set()
+        _until(lambda: lock._upgrading == 1)
+        try:
+            with lock.exclusive():
+                pass
+        except sn.SortedNetError as e:
+            errors.append(str(e))
+    t.join(60)
+    assert not t.is_alive() and done[-1] == "first" and "wait for each other forever" in errors[0]
+
+
+def _until(condition):
+    import time
+
+    for _ in range(60_000):
+        if condition():
+            return
+        time.sleep(0.001)
+    raise AssertionError("never reached")

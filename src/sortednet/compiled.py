@@ -149,28 +149,43 @@ class Compiled:
 
 class _SwapLock:
     """Calls with gradients of a nest's compiled callables swap sliced views into the model's modules: one at a
-    time (``exclusive``, reentrant on its thread), and calls without gradients, which read the modules' own
-    parameters inside their graph, not while one runs (``shared``: any number of them at once; a call on the
-    thread that holds it exclusively goes on)."""
+    time (``exclusive``), and calls without gradients, which read the modules' own parameters inside their
+    graph, not while one runs (``shared``: any number of them at once). Reentrant on a thread in every order (a
+    call inside a call of the same thread never waits for itself: one holding it exclusively goes on, a shared
+    holder taking it exclusively waits for the other threads' shared calls only); a thread waiting to take it
+    exclusively holds back new shared calls of other threads, so a stream of them never starves it."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._depth = 0
-        self._readers = 0
-        self._waiting = 0  # (calls with gradients waiting: new calls without wait behind them, never starve them)
+        self._readers = 0  # shared holds, all threads
+        self._waiting = 0  # threads waiting to take it exclusively
+        self._upgrading = 0  # of those, threads holding it shared
+        self._mine = threading.local()  # this thread's shared holds
+
+    def _held(self) -> int:
+        return getattr(self._mine, "n", 0)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         me = threading.get_ident()
         with self._cond:
             if self._owner != me:
+                held = self._held()
+                if held and self._upgrading:  # (two threads each waiting for the other's shared call to end)
+                    raise SortedNetError(
+                        "nest.compile(): a call with gradients inside a call without gradients, on two threads at "
+                        "once, would wait for each other forever; refused in this thread (nothing ran). Make the "
+                        "outer call with gradients, or the inner one without")
                 self._waiting += 1
+                self._upgrading += bool(held)
                 try:
-                    while self._owner is not None or self._readers:
+                    while self._owner is not None or self._readers > held:
                         self._cond.wait()
                 finally:
                     self._waiting -= 1
+                    self._upgrading -= bool(held)
                 self._owner = me
             self._depth += 1
         try:
@@ -186,21 +201,18 @@ class _SwapLock:
     def shared(self) -> Iterator[None]:
         me = threading.get_ident()
         with self._cond:
-            if self._owner == me:
-                mine = False
-            else:
+            if self._owner != me and not self._held():
                 while self._owner is not None or self._waiting:
                     self._cond.wait()
-                self._readers += 1
-                mine = True
+            self._readers += 1
+            self._mine.n = self._held() + 1
         try:
             yield
         finally:
-            if mine:
-                with self._cond:
-                    self._readers -= 1
-                    if not self._readers:
-                        self._cond.notify_all()
+            with self._cond:
+                self._readers -= 1
+                self._mine.n = self._held() - 1
+                self._cond.notify_all()
 
 
 _SWAP_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
