@@ -2828,3 +2828,41 @@ def test_an_export_owns_a_plain_tensor_attribute_a_custom_slicer_serves(sub):
     model[1].__dict__["mask"].zero_()                  # the live model changes after the export
     assert small[1].mask.untyped_storage().data_ptr() != model[1].__dict__["mask"].untyped_storage().data_ptr()
     torch.testing.assert_close(small(x), want, rtol=0, atol=0)
+
+
+class _GuardedSkip(nn.Module):
+    """A skip added only where the shapes match: the "if x.shape == h.shape" idiom."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16, affine=False)
+        self.o = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        h = F.relu(self.b(x))
+        h = x + h if x.shape[1] == h.shape[1] else h
+        return self.o(self.gn(h))
+
+
+@pytest.mark.parametrize("dims, needle", [
+    ([sn.Width("q", [8, 16], out="b", inp="o", norm="gn")], "add out='a', inp='b'"),
+    ([sn.Width("p", [8, 16], out="a", inp="b"), sn.Width("q", [8, 16], out="b", inp="o", norm="gn")],
+     r"dimensions \['p', 'q'\] slice features that must shrink together"),
+    ([sn.Width("q", [8, 16], out=["a", "b"], inp=["b", "o"])], "add norm='gn'"),
+], ids=["one-side", "two-widths", "norm-without-weight"])
+def test_features_shared_with_a_module_no_dimension_slices_are_refused_when_the_dry_runs_pass(dims, needle):
+    """The dry runs passed (the skip was dropped where the shapes differed; a GroupNorm without weights fed 8
+    channels makes 4 groups of 2, not the full model's first 2 groups of 4), and check accepted sub-models that
+    are not the full model's first units, in silence. The wiring trace's coupling is now checked whether or not a
+    dry run fails, naming what to add."""
+    torch.manual_seed(0)
+    model = _GuardedSkip().eval()
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"the dry runs pass, but\n.*" + needle):
+        sn.wrap(model, *dims, example=torch.randn(2, 3, 6, 6))
+    assert_unchanged(model, before)
+    nest = sn.wrap(model, sn.Width("q", [8, 16], out=["a", "b"], inp=["b", "o"], norm="gn"),
+                   example=torch.randn(2, 3, 6, 6))
+    assert nest.export("q=8").gn.num_groups == 2

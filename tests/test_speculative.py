@@ -712,3 +712,28 @@ def test_two_calls_at_once_keep_a_training_model_in_eval_mode_until_the_last_end
     assert torch.equal(out["a"].sequences, want) and torch.equal(out["b"].sequences, want)
     assert all(m.training for m in model.modules())
     model.eval()
+
+
+def test_a_call_stopped_while_setting_eval_mode_gives_every_flag_back():
+    """A train() override raising inside the call's model.eval() (a Ctrl-C there does the same) left the counts
+    of modules held in eval mode raised: from then on no call gave the training flags back."""
+    class Once(torch.nn.Module):
+        armed = True
+
+        def train(self, mode=True):
+            if Once.armed and not mode:
+                Once.armed = False
+                raise RuntimeError("refused once")
+            return super().train(mode)
+
+    nest = sn.from_transformers(llama(), depth=[1, 2])
+    model = nest.model
+    model.model.layers[0].guard = Once()
+    model.train()
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(RuntimeError, match="refused once"):
+        sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=3, eos_token_id=[])
+    assert all(m.training for m in model.modules()) and not spec._HELD
+    sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=3, eos_token_id=[])
+    assert all(m.training for m in model.modules()) and not spec._HELD
+    model.eval()

@@ -1468,6 +1468,46 @@ def test_a_static_cache_preallocated_for_the_full_model_is_refused_under_fewer_h
         model.generate(x, **kw)
 
 
+def test_a_preallocated_cache_is_judged_by_the_heads_that_reach_its_model():
+    """A Heads dimension of another part of the model (an attention pooler over the LM's hidden states) does not
+    shrink the LM's keys: its full-size static cache was refused under the pooler's smaller head count. An
+    encoder-decoder cache allocated for the full decoder under fewer heads failed inside index_copy_ (its
+    self-attention cache was not looked into); refused by name now."""
+    from transformers import EncoderDecoderCache, StaticCache, T5Config, T5ForConditionalGeneration
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = llama().eval()
+            self.pool = torch.nn.MultiheadAttention(self.lm.config.hidden_size, 4, batch_first=True)
+
+        def forward(self, x):
+            h = self.lm(x, output_hidden_states=True).hidden_states[-1]
+            return self.pool(h, h, h, need_weights=False)[0]
+
+    w = Pooled().eval()
+    nest = sn.wrap(w, sn.Heads("ph", [2, 4], attn="pool"))
+    x = ids()[:1]
+    kw = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", prefill_chunk_size=2)
+    with torch.no_grad():
+        with nest.use("ph=4"):
+            want = w.lm.generate(x, **kw)
+        with nest.use("ph=2"):
+            torch.testing.assert_close(w.lm.generate(x, **kw), want)
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=30, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    nest = sn.from_transformers(t5, heads=[2])
+    cfg = t5.config.get_text_config(decoder=True)
+    caches = [StaticCache(config=cfg, max_cache_len=n) for n in (8, 5)]
+    for c in caches:
+        c.early_initialization(batch_size=1, num_heads=4, head_dim=8, dtype=torch.float32, device="cpu")
+    with torch.no_grad(), nest.use("heads=2"), pytest.raises(sn.SortedNetError, match=r"allocated for the full "
+                                                                                       r"model's 4 key/value heads"):
+        t5.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=3, do_sample=False, eos_token_id=None,
+                    **{KV: EncoderDecoderCache(*caches)})
+
+
 def test_a_dynamic_cache_cropped_to_nothing_keeps_its_head_count():
     """A DynamicCache cropped to no position keeps (batch, kv heads, 0, head_dim) tensors, which the next update
     concatenates to: another head count failed inside torch.cat; now refused by name. The same heads, or another

@@ -198,17 +198,25 @@ def _recut(ref: list[tuple[tuple[int, ...], ...]], got: list[tuple[tuple[int, ..
     return False
 
 
-def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
+def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool = False,
+             groups: list | None = None) -> list[str]:
     """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
 
-    ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view)."""
+    ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view).
+    ``coupling_only``: only features shared with modules no dimension slices, and features two dimensions
+    slice where a listed sub-model gives them other sizes (what no dry run may show: a forward that adds a skip
+    only where the shapes match drops it in silence); ``groups``: :func:`_bound_groups` traced already."""
     problems = []
     bound = _bound(nest)
     first = {id(m): n for n, m in nest.model.named_modules()}  # (a module held under two names: patterns match
     canon = {n: first[id(m)] for n, m in nest.model.named_modules(remove_duplicate=False)}  # its first name)
-    for g, mine in _bound_groups(nest, example, model):
+    for g, mine in _bound_groups(nest, example, model) if groups is None else groups:
         dims = list(dict.fromkeys(d.name for _, d in mine))
         (p0, r0), d0 = mine[0]
+        if coupling_only and len(dims) > 1:
+            binds = [nest._sliced[canon.get(p, p)]._sn.bind[r] for (p, r), _ in mine]
+            if not any(len({b.features(sub[b.dim.name]) for b in binds}) > 1 for sub in nest.submodels):
+                dims = dims[:1]  # (every listed sub-model gives them one size: a restricted nest coupling them)
         if len(dims) > 1:
             problems.append(f"dimensions {dims} slice features that must shrink together "
                             f"({[f'{p}:{r}=' for (p, r), _ in mine][:6]}); declare them as one dimension")
@@ -221,7 +229,7 @@ def diagnose(nest: Nest, example: Any, model: Any = None) -> list[str]:
                                 f"; or, if {p0!r} uses another axis of the same size (none of the dimension's "
                                 "other modules reads or writes these features; e.g. a token-mixing layer's "
                                 f"sequence axis), remove {r0}={p0!r}" if alone else ""))
-        elif g.fixed is not None:
+        elif g.fixed is not None and not coupling_only:
             own = next((p for p, m in nest._sliced.items() if p and f"'{p}." in g.fixed and any(
                 b.dim is d0 for b in m._sn.bind.values()) and _sliced_attr(m, p, g.fixed)), None)
             if own is not None:  # a module this dimension slices, recorded op by op (a slicer of the user's)
@@ -1633,8 +1641,13 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     whole_units_error(nest, d, size, example, model, copies) for size in d.sizes[:-1]]
                 if all(err is None or err <= tol for err in errs):
                     moved = [m for m in moved if m[0] is not d]
-        if moved:
-            raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(m for _, _, m in moved))
+        try:  # features shared with a module no dimension slices, or cut two ways: the dry runs may pass (a skip
+            coupled = diagnose(nest, example, model, coupling_only=True)  # added only where the shapes match)
+        except SortedNetError:
+            coupled = []
+        if moved or coupled:
+            raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(
+                [m for _, _, m in moved] + coupled))
         if unfollowed:
             warnings.warn("nest.check: the dry runs pass, but whether these ops keep each unit in place (a sub-model's "
                           "first units the full model's) was not verified; act on each unit alone there, or "

@@ -132,13 +132,16 @@ class CacheGuard:
         """A fresh preallocated cache (a StaticCache transformers sized from the config) holding the full model's
         key/value heads, given to a sub-model with fewer heads: its writes would fail deep inside transformers
         (``index_copy_``) or, with other shapes, mix layouts; refused, named, before the forward."""
-        fewer = {n: sub[n] for n, full in self.heads_full.items() if sub[n] < full}
+        inside = {b.dim.name for m in module.modules() if "_sn" in m.__dict__ for b in m.__dict__["_sn"].bind.values()
+                  if b.dim.kind == "heads"}  # (a Heads dimension of another part of the model leaves this one be)
+        fewer = {n: sub[n] for n, full in self.heads_full.items() if sub[n] < full and n in inside}
         cfg = getattr(module, "config", None)
         kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
         if not fewer or type(kv) is not int or kv == 1:  # (multi-query: one key/value head at any head count)
             return None
-        got = next((x.keys.shape[1] for x in cache.layers if isinstance(getattr(x, "keys", None), torch.Tensor)
-                    and x.keys.numel() > 0 and x.keys.dim() == 4), None)
+        own = getattr(cache, "self_attention_cache", cache)  # (an encoder-decoder cache: its decoder's own)
+        got = next((x.keys.shape[1] for x in getattr(own, "layers", ()) if isinstance(getattr(x, "keys", None),
+                    torch.Tensor) and x.keys.numel() > 0 and x.keys.dim() == 4), None)
         if got == kv:
             raise SortedNetError(
                 f"the key/value cache ({type(cache).__name__}) was allocated for the full model's {kv} key/value "
@@ -179,7 +182,8 @@ class CacheGuard:
                     f"(emptied by reset() or cropped to no position, its tensors keep those shapes); sub-model "
                     f"{sub} computes keys and "
                     "values of other shapes. Start a new cache for each sub-model")
-            if rec is None and held == "static":
+            decoder = getattr(cache, "self_attention_cache", None)  # (an encoder-decoder cache)
+            if rec is None and "static" in (held, _allocated(decoder)):
                 self._refuse_full_allocation(module, cache, sub)
             rec = records[self.active.uid] = [key, {}, self.active.epoch]
         elif rec is None:

@@ -336,7 +336,11 @@ def _bytes(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 _HELD_LIMIT = 1_000_000  # objects a Rank holder walk opens at most (a model's own attributes are a few hundred)
 _OPAQUE = (str, bytes, bytearray, int, float, complex, bool, type, type(None), types.ModuleType)
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")  # (what a forward runs: a backward hook reads no weight)
+
+
+#: objects that hold parameters to step them, never to read them in a forward
+_STEPPERS = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
 
 
 class HeldWalkWarning(UserWarning):
@@ -346,7 +350,7 @@ class HeldWalkWarning(UserWarning):
 def held_tensors(v: object, seen: set[int], registered: set[int]) -> Iterator[torch.Tensor]:
     """The tensors a plain attribute value reaches: inside containers (any depth), ``functools.partial``,
     the ``__dict__`` / ``__slots__`` of plain objects, the closure cells and defaults of functions and lambdas,
-    bound methods' objects, and the parameters, buffers, hooks and attributes of modules held outside
+    bound methods' objects, and the parameters, buffers, forward hooks and attributes of modules held outside
     ``_modules`` (``registered``: the ids of the model's own modules, walked by the caller). Not an optimizer
     or a learning-rate scheduler (it holds parameters to step them, never reads them in a forward), nor the
     globals a function reads. Each object once (``seen``, shared by the caller's walks), at most
@@ -361,7 +365,7 @@ def held_tensors(v: object, seen: set[int], registered: set[int]) -> Iterator[to
         seen.add(id(v))
         if isinstance(v, torch.Tensor):
             yield v
-        elif id(v) in registered or type(v).__module__.startswith("torch.optim"):
+        elif id(v) in registered or isinstance(v, _STEPPERS):
             continue
         elif isinstance(v, dict):
             stack.extend(v.values())
@@ -377,7 +381,7 @@ def held_tensors(v: object, seen: set[int], registered: set[int]) -> Iterator[to
         elif isinstance(v, nn.Module):  # (a module kept outside _modules: its own tensors and attributes)
             stack.extend(v._parameters.values())
             stack.extend(v._buffers.values())
-            stack.extend(x for k, x in v.__dict__.items() if k not in _MODULE_INTERNALS or k in _HOOK_DICTS)
+            stack.extend(x for k, x in v.__dict__.items() if k not in _MODULE_INTERNALS or k in _FORWARD_HOOKS)
             stack.extend(v._modules.values())
         else:
             stack.extend(_fields(v))
@@ -460,9 +464,9 @@ def _refuse_tied_factors(model: nn.Module, planned: dict) -> None:
             if b is not None:
                 check(b, f"the buffer {at + name!r}")
         for attr, v in m.__dict__.items():
-            if attr not in _MODULE_INTERNALS or attr in _HOOK_DICTS:
-                what = "a hook of the module" if attr in _HOOK_DICTS else "a plain Python attribute, or an object, " \
-                    "function or module outside the model that it holds"
+            if attr not in _MODULE_INTERNALS or attr in _FORWARD_HOOKS:
+                what = ("a forward hook of the module" if attr in _FORWARD_HOOKS else
+                        "a plain Python attribute, or an object, function or module outside the model that it holds")
                 try:
                     for t in held_tensors(v, seen, registered):
                         check(t, f"held by {at + attr!r} ({what})")

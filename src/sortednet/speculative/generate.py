@@ -271,23 +271,26 @@ _HELD_LOCK = threading.Lock()
 def _eval_held(models: Sequence[nn.Module]) -> Iterator[None]:
     """The models in eval mode while the call runs, their training flags back after the LAST of the calls that
     run at once on them (threads decoding with one model: the first to finish restored training mode under the
-    others, which then decoded with dropout, in silence)."""
+    others, which then decoded with dropout, in silence). Whatever stops it part-way (a ``train()`` override
+    raising, a Ctrl-C), the counts it raised come down and the flags it changed come back."""
     mods = list({id(m): m for model in models for m in model.modules()}.values())
-    with _HELD_LOCK:
-        for m in mods:
-            held = _HELD.get(id(m))
-            if held is None:
-                _HELD[id(m)] = [1, m.training]
-            else:
-                held[0] += 1
-        for model in models:
-            model.eval()
+    taken: list[nn.Module] = []
     try:
+        with _HELD_LOCK:
+            for m in mods:
+                held = _HELD.get(id(m))
+                if held is None:
+                    _HELD[id(m)] = [1, m.training]
+                else:
+                    held[0] += 1
+                taken.append(m)
+            for model in models:
+                model.eval()
         yield
     finally:
         with _HELD_LOCK:
             back = []
-            for m in mods:
+            for m in taken:
                 held = _HELD[id(m)]
                 held[0] -= 1
                 if held[0] == 0:
