@@ -2866,3 +2866,37 @@ def test_features_shared_with_a_module_no_dimension_slices_are_refused_when_the_
     nest = sn.wrap(model, sn.Width("q", [8, 16], out=["a", "b"], inp=["b", "o"], norm="gn"),
                    example=torch.randn(2, 3, 6, 6))
     assert nest.export("q=8").gn.num_groups == 2
+
+
+class _FlatHead(nn.Module):
+    """A C x 2 x 2 map flattened into a Linear: its input width is 4 C, another Width coupled by the list."""
+
+    def __init__(self, last: bool):
+        super().__init__()
+        self.last = last
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(32, 2)
+
+    def forward(self, x):
+        h = F.adaptive_avg_pool2d(F.relu(self.c(x)), 2)
+        return self.fc((h.permute(0, 2, 3, 1) if self.last else h).flatten(1))
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["channels-first", "channels-last"])
+def test_a_restricted_nest_is_checked_on_the_sub_models_it_lists(last):
+    """Two Widths coupled only by the list (c=4 with f=16, c=8 with f=32): check ran sizes the nest never lists
+    (c=4 with f=32), whose shapes do not fit, and a bare RuntimeError came out; with that fixed, c's outputs
+    were said to be read by no layer (f reads them, through the flatten). The channels-first flatten keeps
+    whole channels and is accepted; the channels-last one interleaves them and is refused by name."""
+    torch.manual_seed(0)
+    model, x = _FlatHead(last), torch.randn(2, 3, 8, 8)
+    dims = [sn.Width("c", [4, 8], out="c"), sn.Width("f", [16, 32], inp="fc")]
+    if last:
+        with pytest.raises(sn.SortedNetError, match=r"'flatten'.*merges or splits this axis"):
+            sn.wrap(model, *dims, submodels=["c=4,f=16", "c=8,f=32"], example=x)
+        return
+    nest = sn.wrap(model, *dims, submodels=["c=4,f=16", "c=8,f=32"], example=x)
+    with torch.no_grad(), nest.use("c=4,f=16"):
+        h = F.adaptive_avg_pool2d(F.relu(F.conv2d(x, model.c._parameters["weight"][:4],
+                                                  model.c._parameters["bias"][:4], padding=1)), 2).flatten(1)
+        torch.testing.assert_close(model(x), F.linear(h, model.fc._parameters["weight"][:, :16],
+                                                       model.fc._parameters["bias"]))
