@@ -1020,3 +1020,33 @@ def test_an_exported_hook_that_reads_the_live_model_is_warned_about():
             with torch.no_grad(), nest.use("a=4"):
                 torch.testing.assert_close(small(x), m(x))
     _LIVE_LAYER.clear()
+
+
+def test_an_attention_child_shared_by_several_attentions_is_left_to_them():
+    """A weightless child held by every attention module (a tag carrying num_heads), each attention its own Heads
+    dimension (as discover proposes): the child's count was bound by each, and wrap refused the model ("claimed by
+    two dimensions"). A child with more than one parent is not made to follow any of them."""
+    class Tag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+
+    class Attn(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.num_heads, self.tag = 4, tag
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (f(x).view(b, t, self.num_heads, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+    torch.manual_seed(0)
+    tag = Tag()
+    model = nn.Sequential(Attn(tag), Attn(tag))
+    x = torch.randn(2, 5, 16)
+    nest = sn.wrap(model, sn.Heads("h0", [2, 4], attn="0"), sn.Heads("h1", [2, 4], attn="1"), example=x)
+    with torch.no_grad(), nest.use("h0=2,h1=4"):
+        torch.testing.assert_close(nest.export("h0=2,h1=4")(x), model(x))
+        assert tag.num_heads == 4

@@ -199,13 +199,14 @@ def _recut(ref: list[tuple[tuple[int, ...], ...]], got: list[tuple[tuple[int, ..
 
 
 def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool = False,
-             groups: list | None = None) -> list[str]:
+             groups: list | None = None, dims_of: list | None = None) -> list[str]:
     """Wiring problems of ``nest``'s Width dimensions: coupled roles left out or split between dimensions.
 
     ``model``: the module tree to trace (default ``nest.model``; ``check`` passes its eval-mode view).
     ``coupling_only``: only features shared with modules no dimension slices, and features two dimensions
     slice where a listed sub-model gives them other sizes (what no dry run may show: a forward that adds a skip
-    only where the shapes match drops it in silence); ``groups``: :func:`_bound_groups` traced already."""
+    only where the shapes match drops it in silence); ``groups``: :func:`_bound_groups` traced already;
+    ``dims_of``: filled with the dimensions each problem concerns, in order."""
     problems = []
     bound = _bound(nest)
     first = {id(m): n for n, m in nest.model.named_modules()}  # (a module held under two names: patterns match
@@ -217,9 +218,12 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool
             binds = [nest._sliced[canon.get(p, p)]._sn.bind[r] for (p, r), _ in mine]
             if not any(len({b.features(sub[b.dim.name]) for b in binds}) > 1 for sub in nest.submodels):
                 dims = dims[:1]  # (every listed sub-model gives them one size: a restricted nest coupling them)
+        involved = list(dict.fromkeys(d for _, d in mine))
         if len(dims) > 1:
             problems.append(f"dimensions {dims} slice features that must shrink together "
                             f"({[f'{p}:{r}=' for (p, r), _ in mine][:6]}); declare them as one dimension")
+            if dims_of is not None:
+                dims_of.append(involved)
         missing = [k for k in dict.fromkeys((canon.get(p, p), r) for p, r in g.bindings) if k not in bound]
         if missing:
             lst = ", ".join(f"{r}={p!r}" for p, r in missing[:8]) + (" ..." if len(missing) > 8 else "")
@@ -229,6 +233,8 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool
                                 f"; or, if {p0!r} uses another axis of the same size (none of the dimension's "
                                 "other modules reads or writes these features; e.g. a token-mixing layer's "
                                 f"sequence axis), remove {r0}={p0!r}" if alone else ""))
+            if dims_of is not None:
+                dims_of.append(involved)
         elif g.fixed is not None and not coupling_only:
             own = next((p for p, m in nest._sliced.items() if p and f"'{p}." in g.fixed and any(
                 b.dim is d0 for b in m._sn.bind.values()) and _sliced_attr(m, p, g.fixed)), None)
@@ -1582,14 +1588,26 @@ def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any
         return
     ids = {id(hit[i][0]) for i in bad}
     names = [n for n, p in nest.model.named_parameters(remove_duplicate=False) if id(p) in ids]
+    if seed is not None:  # (a training forward's own update, as a VQ codebook's EMA: training, said, not refused)
+        warnings.warn(
+            f"nest.check: the training forward writes in place into the sliced parameter(s) {names[:4]}, and a "
+            "sub-model writes other values there than the full model's forward gives the same elements (a "
+            "statistic of its own activations, as an EMA codebook update; a renormalisation of the slice it "
+            "reads): training a sub-model updates those weights by its own statistics. Intended for an update "
+            "of training (as an optimizer step is)? Then ignore this; a renormalisation belongs in a copy "
+            "(F.normalize(w, dim=1) rather than w.div_(...))", InPlaceTrainingWriteWarning, stacklevel=4)
+        return
     raise SortedNetError(
-        f"nest.check: the {'training ' if seed is not None else ''}forward writes in place into the sliced "
-        f"parameter(s) {names[:4]}, and a sub-model "
+        f"nest.check: the forward writes in place into the sliced parameter(s) {names[:4]}, and a sub-model "
         "writes other values there than the full model's forward gives the same elements (a renormalisation of "
         "the slice it reads, as div_ by a norm or F.embedding(..., max_norm=) do; a statistic of its own "
         "activations; random values), so running a small sub-model, even for inference, changes the weights "
         "every sub-model shares. Compute on a copy in forward instead (F.normalize(w, dim=1) rather than "
         "w.div_(...)), keep a running statistic in a buffer, or leave the module out of the dimension")
+
+
+class InPlaceTrainingWriteWarning(UserWarning):
+    """A training forward writes into a sliced parameter other values under a sub-model than the full model's."""
 
 
 def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
@@ -1684,10 +1702,18 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                     _measured(nest, d, size, example, model, copies) for size in d.sizes[:-1]]
                 if all(err is None or err <= tol for err in errs):
                     moved = [m for m in moved if m[0] is not d]
-        try:  # features shared with a module no dimension slices, or cut two ways: the dry runs may pass (a skip
-            coupled = diagnose(nest, example, model, coupling_only=True)  # added only where the shapes match)
+        coupled = []  # features shared with a module no dimension slices, or cut two ways: the dry runs may pass (a
+        try:          # skip added only where the shapes match), so each is measured
+            found = diagnose(nest, example, model, coupling_only=True, dims_of=(involved := []))
         except SortedNetError:
-            coupled = []
+            found = []
+        for msg, ds in zip(found, involved):
+            errs = [_measured(nest, d, size, example, model, copies) for d in ds for size in d.sizes[:-1]]
+            if any(e is not None and not e <= tol for e in errs):
+                coupled.append(msg + " (a sub-model differs from the full model with the other units masked)")
+            elif any(e is None for e in errs):  # (not measurable here: said, as an op the trace cannot follow)
+                unfollowed.append(msg + " (not measured: whether a sub-model is the full model's first units "
+                                        "there was not verified)")
         if moved or coupled:
             raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(
                 [m for _, _, m in moved] + coupled))

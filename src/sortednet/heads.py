@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -147,16 +148,19 @@ class Heads(Dimension):
 
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         out: list[Target] = []
+        held = Counter(id(c) for mod in modules.values() for c in mod._modules.values() if c is not None)
+        shared = frozenset(i for i, n in held.items() if n > 1)  # (children with more than one parent)
         for pat in self.attn:
             paths = match(pat, modules, f"Heads {self.name!r} attn")
             for path in paths:  # (the others matched: a refusal says whether they differ)
-                out += self._plan_one(path, modules[path], pat, [modules[p] for p in paths if p != path])
+                out += self._plan_one(path, modules[path], pat, [modules[p] for p in paths if p != path], shared)
         return out
 
     def _err(self, path: str, msg: str) -> PatternError:
         return PatternError(f"Heads {self.name!r} (sizes {list(self.sizes)}) at {path!r}: {msg}")
 
-    def _plan_one(self, path: str, m: nn.Module, pat: str, others: Sequence[nn.Module] = ()) -> list[Target]:
+    def _plan_one(self, path: str, m: nn.Module, pat: str, others: Sequence[nn.Module] = (),
+                  shared: frozenset[int] = frozenset()) -> list[Target]:
         H = self.full
         if isinstance(m, nn.MultiheadAttention):
             given = [k for k, v in (("qkv", self.qkv), ("o", self.o), ("count_attrs", self.count_attrs),
@@ -253,7 +257,7 @@ class Heads(Dimension):
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
         self._refuse_per_head_tensors(path, m, d)
         targets += self._bias_targets(path, m, pat)
-        targets += self._attr_targets(path, m, d, group, pat, mqa, (*projections, o.split(".")[0]))
+        targets += self._attr_targets(path, m, d, group, pat, mqa, (*projections, o.split(".")[0]), shared)
         return targets
 
     def _check_group(self, path: str, group: int, why: str = "") -> None:
@@ -328,7 +332,7 @@ class Heads(Dimension):
         return out
 
     def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str, mqa: bool = False,
-                      projections: Sequence[str] = ()) -> list[Target]:
+                      projections: Sequence[str] = (), shared: frozenset[int] = frozenset()) -> list[Target]:
         """Integer attributes that follow the head count (``num_heads``, ``all_head_size``, key/value heads);
         multi-query (``mqa``): the key/value head count stays 1 and the query heads per key/value head
         (``num_key_value_groups``) follow the head count."""
@@ -369,9 +373,10 @@ class Heads(Dimension):
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
                 or (a in KV_ATTRS and v == H // group and not mqa) or (mqa and a in GROUP_ATTRS and v == H))}
         out = [self._attr_target(path, a, v, H, d, group, pat) for a, v in counts(attrs).items()]
-        for sub, c in m.named_modules(prefix=""):  # an attention core without weights of its own (guided
-            if not sub or sub.split(".")[0] in projections or any(True for _ in c.parameters()):  # diffusion's
-                continue  # QKVAttention(n_heads)) reads the head count the attention gives it: it follows it too
+        for sub, c in m.named_modules(prefix=""):  # an attention core without weights of its own
+            if not sub or sub.split(".")[0] in projections or any(True for _ in c.parameters()) or id(c) in shared:
+                continue  # (guided diffusion's QKVAttention(n_heads)) reads the head count the attention gives it:
+            # it follows it too; not one shared with other modules (their head counts may be another dimension's)
             # (another count there may be the child's own business: check names it if the heads come out wrong)
             out += [self._attr_target(_join(path, sub), a, v, H, d, group, pat) for a, v in counts(vars(c)).items()]
         return out
