@@ -1670,15 +1670,25 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         flagged = {d for d, _, _ in moved}
         widths = [d for d in nest.dims if d.kind == "width" and not getattr(d, "chunks", None)]
         full = SubModel({k.name: k.full for k in nest.dims})
-        ref = _reshape_calls(nest, _listed(nest, full) or nest.largest, example, model)
+        try:
+            ref = _reshape_calls(nest, full, example, model)
+        except Exception:  # (a restricted nest whose full sizes do not fit together: its largest listed one)
+            if nest._rows is None:
+                raise
+            ref = _reshape_calls(nest, nest.largest, example, model)
 
         def recut(subs: list[SubModel]) -> bool | None:
             verdicts = []
-            for sub in dict.fromkeys(x for s in subs if (x := _listed(nest, s)) is not None):
-                try:  # (the dry runs ran the listed sub-models: one failing here is judged by them)
-                    verdicts.append(_recut(ref, _reshape_calls(nest, sub, example, model)))
-                except Exception:
-                    continue
+            for sub in subs:  # (sizes a restricted nest never runs together may not fit: the listed sub-model
+                for run in dict.fromkeys((sub, _listed(nest, sub))):  # with those sizes then, else the dry runs
+                    if run is None:                                     # of the listed ones stand)
+                        continue
+                    try:
+                        verdicts.append(_recut(ref, _reshape_calls(nest, run, example, model)))
+                        break
+                    except Exception:
+                        if nest._rows is None:
+                            raise
             return True if True in verdicts else None if None in verdicts else False
 
         # every width at its smallest at once first: where no view re-cuts there, none is judged one by one
