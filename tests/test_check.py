@@ -2937,3 +2937,8 @@ def test_a_norm_without_weights_shared_or_left_out_is_measured_not_refused():
         for sub in ("a=8,b=32", "a=32,b=8", "a=8,b=8"):
             with torch.no_grad(), nest.use(sub):
                 torch.testing.assert_close(nest.export(sub)(x), model(x))
+    # a GroupNorm of one group without weights normalises over all channels: a binding would not change it
+    seq = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(1, 16, affine=False), nn.Conv2d(16, 2, 1)).eval()
+    nest = sn.wrap(seq, sn.Width("w", [8, 16], out="0", inp="2"), example=x)
+    with torch.no_grad(), nest.use("w=8"):
+        torch.testing.assert_close(nest.export("w=8")(x), seq(x))

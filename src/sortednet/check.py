@@ -225,6 +225,8 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool
             if dims_of is not None:
                 dims_of.append(involved)
         missing = [k for k in dict.fromkeys((canon.get(p, p), r) for p, r in g.bindings) if k not in bound]
+        if coupling_only:  # (a norm without tensors that a binding would not change: computes the same unbound)
+            missing = [k for k in missing if not (k[1] == "norm" and _inert_norm(nest.model, k[0]))]
         if missing:
             lst = ", ".join(f"{r}={p!r}" for p, r in missing[:8]) + (" ..." if len(missing) > 8 else "")
             alone = len(mine) == 1 and sum(d is d0 for d in bound.values()) > 1
@@ -676,6 +678,21 @@ def _paired_reader(nest: Nest, d: Any, bound: dict[Any, list[tuple[str, str]]]) 
                 [b for _, b in sorted(pairs)] == sorted(b for _, b in pairs):
             return True
     return False
+
+
+def _inert_norm(model: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` is a norm holding no tensor whose computation a binding would not change
+    (per channel, or over all channels at once): InstanceNorm / BatchNorm without affine weights or running
+    statistics, a GroupNorm of one group without weights. (A GroupNorm of more groups regroups the channels.)"""
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        return False
+    if any(t is not None for t in (*m._parameters.values(), *m._buffers.values())):
+        return False
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups == 1
+    return isinstance(m, (nn.modules.instancenorm._InstanceNorm, _BatchNorm))
 
 
 def _listed(nest: Nest, sub: SubModel) -> SubModel | None:
