@@ -85,12 +85,14 @@ _UNKNOWN = "an op discovery does not understand"  # (the reason the wiring trace
 _OUTSIDE = "a tensor from outside the traced ops"
 
 
-def _traced_findings(nest: Nest, example: Any, model: Any) -> tuple[list[tuple[Any, str, str]], list[str]]:
+def _traced_findings(nest: Nest, example: Any, model: Any,
+                     groups: list | None = None) -> tuple[list[tuple[Any, str, str]], list[str]]:
     """:func:`moved_features`, and the groups that reach an op the wiring trace does not understand (``gather``,
     ``torch.cond``, an op of the user's) outside the modules the nest slices (whether a sub-model's first units
-    are the full model's there cannot be told; the shapes may still fit), from one trace of the wiring."""
+    are the full model's there cannot be told; the shapes may still fit), from one trace of the wiring
+    (``groups``: :func:`_bound_groups` traced already)."""
     moved, unfollowed = [], []
-    for g, mine in _bound_groups(nest, example, model):
+    for g, mine in _bound_groups(nest, example, model) if groups is None else groups:
         if g.fixed is None or any(getattr(d, "chunks", None) for _, d in mine):
             continue
         (p0, r0), d0 = mine[0]
@@ -1612,7 +1614,8 @@ def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any
             "statistic of its own activations, as an EMA codebook update; a renormalisation of the slice it "
             "reads): training a sub-model updates those weights by its own statistics. Intended for an update "
             "of training (as an optimizer step is)? Then ignore this; a renormalisation belongs in a copy "
-            "(F.normalize(w, dim=1) rather than w.div_(...))", InPlaceTrainingWriteWarning, stacklevel=4)
+            "(F.normalize(w, dim=1) rather than w.div_(...))", InPlaceTrainingWriteWarning,
+            stacklevel=caller_outside())
         return
     raise SortedNetError(
         f"nest.check: the forward writes in place into the sliced parameter(s) {names[:4]}, and a sub-model "
@@ -1679,10 +1682,11 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                             "a dimension slices the network's output")
         measured: set[int] = set()
         _refuse_weight_writes(nest, model, example, watch, [sub for sub, _ in ran], measured)
-        try:
-            moved, unfollowed = _traced_findings(nest, example, model)
+        try:  # (one trace of the wiring, for what moves features and for what they are shared with)
+            groups: list | None = _bound_groups(nest, example, model)
+            moved, unfollowed = _traced_findings(nest, example, model, groups)
         except SortedNetError:  # a part the wiring trace cannot follow (a TorchScript module): the dry runs stand
-            moved, unfollowed = [], []
+            groups, moved, unfollowed = None, [], []
         tol = _tolerance(nest)
         flagged = {d for d, _, _ in moved}
         widths = [d for d in nest.dims if d.kind == "width" and not getattr(d, "chunks", None)]
@@ -1730,10 +1734,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 if all(err is None or err <= tol for err in errs):
                     moved = [m for m in moved if m[0] is not d]
         coupled = []  # features shared with a module no dimension slices, or cut two ways: the dry runs may pass (a
-        try:          # skip added only where the shapes match), so each is measured
-            found = diagnose(nest, example, model, coupling_only=True, dims_of=(involved := []))
-        except SortedNetError:
-            found = []
+        involved: list = []  # skip added only where the shapes match), so each is measured
+        found = [] if groups is None else diagnose(nest, example, model, coupling_only=True, groups=groups,
+                                                   dims_of=involved)
         for msg, ds in zip(found, involved):
             errs = [_measured(nest, d, size, example, model, copies) for d in ds for size in d.sizes[:-1]]
             if any(e is not None and not e <= tol for e in errs):
