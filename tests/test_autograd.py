@@ -112,10 +112,22 @@ def test_the_fast_path_runs(name):
     assert not uses_fast_path(ref_case, ref, ref.smallest)
     linears = any(type(m).forward is not torch.nn.Linear.forward and isinstance(m, torch.nn.Linear)
                   for m in case.model.modules() if "_sn" in m.__dict__)
-    for c, nest, want in ((case, fast, linears), (ref_case, ref, False)):
+    convs = any(type(m).__mro__[1] in _PLAIN_CONV and type(m).forward is not type(m).__mro__[1].forward
+                and not m.weight.is_contiguous() for m in _sliced_under(case, fast))
+    for c, nest, want, want_conv in ((case, fast, linears, convs), (ref_case, ref, False, False)):
         with nest.use(nest.smallest):
             y = c.model(c.example)
         assert ("LinearIntoBackward" in graph_nodes(y)) == want, "the fused nn.Linear path"
+        assert ("SliceCopyBackward" in graph_nodes(y)) == want_conv, "the contiguous convolution weight"
+
+
+_PLAIN_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _sliced_under(case, nest):
+    """The sliced modules, read under the smallest sub-model (their weights as the sub-model has them)."""
+    with nest.use(nest.smallest):
+        yield from (m for m in case.model.modules() if "_sn" in m.__dict__)
 
 
 def test_fused_linear_steps_aside_where_it_would_change_semantics():
@@ -748,6 +760,77 @@ def test_a_sliced_weight_is_a_view_of_the_parameter_in_training(inplace):
             m[2]._parameters["weight"].mul_(2)
         with pytest.raises(RuntimeError, match="modified"):  # never the old weights silently
             loss.backward()
+
+
+def _conv_pair(inplace: bool):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 32, 3, padding=1))
+    return m, sn.wrap(m, sn.Width("h", [16, 32, 64], out="0", inp="2"), inplace_grad=inplace)
+
+
+@pytest.mark.parametrize("change", ["none", "data_swap", "mutation_allowed", "mutation"])
+def test_a_convolution_reads_one_contiguous_copy_with_plain_autograds_semantics(change):
+    """Training an input-sliced ``nn.Conv2d``, its weight goes to the convolution as one contiguous copy
+    (``SliceCopy``: the forward and the backward share it, where a strided view is copied by each). Gradients,
+    second-order gradients and the version check stay plain autograd's: a ``p.data = ...`` swap or a change
+    under ``allow_mutation_on_saved_tensors`` between forward and backward is fine, a plain in-place change
+    raises, in both."""
+    from torch.autograd.graph import allow_mutation_on_saved_tensors
+
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = []
+    for inplace in (True, False):
+        m, nest = _conv_pair(inplace)
+        x = x0.clone().requires_grad_()
+        ctx = allow_mutation_on_saved_tensors() if change == "mutation_allowed" else contextlib.nullcontext()
+        with ctx:
+            with nest.use("h=32"):
+                out = m(x)
+                assert ("SliceCopyBackward" in graph_nodes(out)) == inplace
+                w = m[2].weight
+                assert w.untyped_storage().data_ptr() == m[2]._parameters["weight"].untyped_storage().data_ptr()
+            for p in m.parameters():
+                if change == "data_swap":
+                    p.data = p.data * 0.5
+                elif change != "none":
+                    with torch.no_grad():
+                        p.mul_(0.5)
+            if change == "mutation":
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    torch.autograd.grad(out.sum(), x)
+                got.append(None)
+                continue
+            gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+            penalty = gx.square().sum()
+            grads = torch.autograd.grad(penalty, list(m.parameters()), allow_unused=True)
+        got.append((gx.detach(), grads))
+    if change != "mutation":
+        tol(got[0][0], got[1][0], "input gradient")
+        same_grads(got[0][1], got[1][1], "penalty gradients")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_convolution_copy_accumulates_into_the_slice_of_grad(channels_last):
+    """``.backward()`` twice through the copy adds both gradients into the sliced part of ``.grad`` and leaves
+    the rest zero, as plain slicing does; a channels-last model's copy stays channels-last (the convolution's
+    output and gradients have plain slicing's memory format)."""
+    x = torch.randn(2, 3, 8, 8)
+    grads, strides = [], []
+    for inplace in (True, False):
+        m, nest = _conv_pair(inplace)
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+        for sub in ("h=16", "h=32"):
+            with nest.use(sub):
+                y = m(x)
+                assert ("SliceCopyBackward" in graph_nodes(y)) == inplace
+            y.square().sum().backward()
+            strides.append(y.stride())
+        grads.append([p.grad for p in m.parameters()])
+        strides.append(m[2].weight.grad.stride())
+    same_grads(grads[0], grads[1], "accumulated")
+    assert not grads[0][2][:, 32:].any()
+    assert strides[:3] == strides[3:]
 
 
 @pytest.mark.parametrize("inplace", [True, False])

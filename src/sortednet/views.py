@@ -207,9 +207,34 @@ class SliceInto(torch.autograd.Function):
         return full, None, None
 
 
+class SliceCopy(SliceInto):
+    """:class:`SliceInto` for a weight the reader would copy anyway: a contiguous copy of the slice, whose
+    gradient goes into its slice of ``param.grad`` as :class:`SliceInto`'s does.
+
+    A convolution hands its weight to its kernels contiguous: an input-sliced weight ``W[:o, :i]`` (a strided
+    view) is copied in the forward and copied again in the backward. Read once as a copy, the forward and the
+    backward share it (see :func:`dense_cut`). The view is saved too (no memory of its own): unpacking it in
+    the backward makes autograd's version check, so a parameter changed in place between forward and backward
+    raises as in plain PyTorch (and ``allow_mutation_on_saved_tensors`` works as there).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, param: Tensor, cuts: Cuts, lock: Any) -> Tensor:  # type: ignore[override]
+        ctx.param, ctx.cuts, ctx.lock = param, cuts, lock
+        v = cut(param.detach(), cuts)
+        ctx.save_for_backward(v)
+        return v.clone()  # (dense in the parameter's memory format: channels-last stays channels-last)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        ctx.saved_tensors  # noqa: B018  (autograd's version check of the parameter)
+        return SliceInto.backward(ctx, grad)
+
+
 #: ``SliceInto.apply`` without ``autograd.Function.apply``'s Python wrapper (which only adds
 #: functorch and ``setup_context`` handling: :func:`narrow` never calls it under functorch)
 _slice_into = super(torch.autograd.Function, SliceInto).apply  # type: ignore[misc]
+_slice_copy = super(torch.autograd.Function, SliceCopy).apply  # type: ignore[misc]
 _fx = _symbolic_trace  # (``_fx._is_fx_tracing_flag``: read inline on hot paths, then :func:`fx_tracing`)
 
 
@@ -398,6 +423,28 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
     if b.__class__ is not _Parameter or bv.__class__ is not View or bv.segs is not None:
         return None
     return _linear_into(x, w, b, wv.cuts, bv.cuts, st.lock)
+
+
+_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+#: switch for the contiguous convolution weight read (benchmarks/overhead.py --ab-dense-conv compares both)
+DENSE_CONV = True
+
+
+def dense_cut(m: nn.Module, wv: View, st: Any) -> Tensor | None:
+    """``m.weight`` cut by ``wv`` as a :class:`SliceCopy` when training reads a strided slice of a real leaf weight
+    that the module's own (library) forward hands to a kernel needing it contiguous, else None (then the weight
+    is read as usual). The same conditions as :class:`SliceInto`'s path in :func:`narrow`, and those of
+    :func:`linear`."""
+    w = m._parameters.get("weight")
+    if (not DENSE_CONV or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
+            or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or _fx._is_fx_tracing_flag
+            or _functorch_active() or _autocast() or _forward_ad._current_level >= 0 or w.is_inference()
+            or _anomaly()):
+        return None
+    v = cut(w, wv.cuts)
+    if v.is_contiguous() or v.is_contiguous(memory_format=_LAST.get(v.dim(), torch.contiguous_format)):
+        return None  # (output channels only: a dense block already)
+    return _slice_copy(w, wv.cuts, st.lock)
 
 
 def narrow(t: Tensor, cuts: Cuts, st: Any) -> Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import PatternError
+from ..views import View, _compiling, _grad_enabled, dense_cut
 from .base import Slicer, slicer
 
 
@@ -50,6 +51,32 @@ class ConvSlicer(Slicer):
             return self.features(m, "out", m.__dict__["out_channels"]) if depthwise else 1
         role = "out" if name == "out_channels" else "inp"
         return self.features(m, role, m.__dict__[name])
+
+    def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+        ns = super().namespace(m, names)
+        if type(m).forward in _PLAIN_FORWARDS:  # a subclass's own forward is left as it is
+            ns["forward"] = _forward
+        return ns
+
+
+_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def _forward(self: nn.Conv2d, input: Tensor) -> Tensor:
+    """``nn.Conv1d/2d/3d.forward``; when training an input-sliced weight, read as one contiguous copy
+    (views.SliceCopy) that the convolution's forward and backward share, instead of a strided view that each
+    of them copies (benchmarks/results/overhead.md). Inference and compiled graphs read the weight as usual."""
+    if _grad_enabled() and not _compiling():
+        st = self.__dict__["_sn"]
+        a = st.active
+        if a is not None:
+            p = a._scoped
+            wv = (a.default if p is a else p).entries[st.slot]["weight"]
+            if wv.__class__ is View:
+                w = dense_cut(self, wv, st)
+                if w is not None:
+                    return self._conv_forward(input, w, self.bias)
+    return self._conv_forward(input, self.weight, self.bias)
 
 
 @slicer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
