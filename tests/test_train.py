@@ -1252,11 +1252,41 @@ def test_non_finite_logits_at_masked_positions_stay_out_of_the_soft_term():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
     keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    want = d.soft_loss(student[keep], teacher[keep])
-    for bad in (float("nan"), float("-inf")):
-        s, t = student.clone(), teacher.clone()
-        s[~keep], t[~keep] = bad, bad
-        torch.testing.assert_close(d.soft_loss(s, t, keep), want)
+    s0 = student.clone().requires_grad_()
+    want = d.soft_loss(s0[keep], teacher[keep])
+    want.backward()
+    for bad in (float("nan"), float("-inf"), float("inf")):
+        for where in ("both", "teacher", "student"):  # (NaN in the teacher only made every gradient NaN)
+            s, t = student.clone(), teacher.clone()
+            if where != "student":
+                t[~keep] = bad
+            if where != "teacher":
+                s[~keep] = bad
+            s.requires_grad_()
+            got = d.soft_loss(s, t, keep)
+            got.backward()
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(s.grad, s0.grad, msg=lambda m, b=bad, w=where: f"{b} in {w}: {m}")
+    with pytest.raises(sn.SortedNetError, match="bool tensor"):
+        d.soft_loss(student, teacher, keep.long())
+
+
+def test_a_closure_returning_logits_and_mask_serves_without_distill_too():
+    """An ablation without ``distill=`` keeps the closure that returns (loss, logits, mask): the loss trains, the
+    rest goes unused (it was refused for returning 3 values, where (loss, logits) was accepted)."""
+    grads = []
+    for extra in (False, True):
+        model, nest = _token_model()
+        x, y = _padded_batches(1, steps=1)[0]
+
+        def closure():
+            loss = F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten())
+            return (loss, o, "not a mask") if extra else loss
+
+        sn.accumulate(nest, [nest.smallest, nest.largest], closure)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_fit_with_an_optimizer_of_another_model_is_refused():

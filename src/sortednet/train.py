@@ -118,27 +118,36 @@ class Distill:
                                  f"{tuple(student.shape)} and {tuple(teacher.shape)}")
         t = self.temperature
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)  # bf16 /
-        s = F.log_softmax(student.to(dtype).flatten(0, -2) / t, dim=-1)  # fp16 logits in float32, float64 kept
-        p = F.log_softmax(teacher.to(dtype).flatten(0, -2) / t, dim=-1)
+        s, p = student.to(dtype).flatten(0, -2), teacher.to(dtype).flatten(0, -2)  # fp16 in float32, float64 kept
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.numel() != s.shape[0]:
+                raise SortedNetError(f"the distillation mask must be a bool tensor with one entry per position of "
+                                     f"the logits {tuple(student.shape[:-1])}; got {type(mask).__name__}"
+                                     + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else ""))
+            keep = mask.reshape(-1).to(device=s.device)
+            # a left-out row's values (-inf / NaN logits at padding) never enter the arithmetic: the gradient
+            # of a product with them would be NaN even where the forward selects them away
+            s, p = s.masked_fill(~keep[:, None], 0.0), p.masked_fill(~keep[:, None], 0.0)
+        s = F.log_softmax(s / t, dim=-1)
+        p = F.log_softmax(p / t, dim=-1)
         # exp(p) (p - s) per class, as F.kl_div(log_target=True), but a class the teacher gives no probability
         # (p = -inf: a masked or padded vocabulary column) adds 0 (0 log 0 = 0), where kl_div gives 0 * inf = NaN
         none = p == float("-inf")
         per = torch.where(none, 0.0, p.exp() * (p.masked_fill(none, 0.0) - s.masked_fill(none, 0.0))).sum(-1)
         if mask is None:
             return per.sum() / max(per.shape[0], 1) * (t * t)  # (batchmean: over the positions)
-        keep = mask.reshape(-1).to(device=s.device)
-        per = torch.where(keep, per, per.new_zeros(()))  # (a padded row's -inf / NaN logits: left out, not 0 * nan)
+        per = torch.where(keep, per, per.new_zeros(()))
         return per.sum() / keep.sum().clamp_min(1) * (t * t)
 
 
 def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None, Tensor | None]:
     logits = mask = None
     if isinstance(out, (tuple, list)):
-        if len(out) == 3 and want_logits:
+        if len(out) == 3:  # (without distill= the logits and the mask go unused: a closure serves both)
             out, logits, mask = out
         elif len(out) != 2:
-            raise SortedNetError(f"closure for {sub} returned {len(out)} values; return loss or (loss, logits)"
-                                 + (", or (loss, logits, mask)" if want_logits else ""))
+            raise SortedNetError(f"closure for {sub} returned {len(out)} values; return loss, (loss, logits) or "
+                                 "(loss, logits, mask)")
         else:
             out, logits = out
     if want_logits and not isinstance(logits, Tensor):
@@ -154,7 +163,9 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
                              f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
                              f"{tuple(logits.shape)}")
-    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
+    if not want_logits:
+        mask = None
+    elif mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
                              or tuple(mask.shape) != tuple(logits.shape[:-1])):
         raise SortedNetError(f"the distillation mask of {sub} must be a bool tensor of the logits' shape without "
                              f"the last axis, {tuple(logits.shape[:-1])} (True: the position counts); got "
