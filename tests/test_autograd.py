@@ -809,6 +809,30 @@ def test_a_convolution_reads_one_contiguous_copy_with_plain_autograds_semantics(
         same_grads(got[0][1], got[1][1], "penalty gradients")
 
 
+def test_a_convolution_whose_class_overrides_conv_forward_reads_the_view():
+    """A subclass's own ``_conv_forward`` gets the view of the parameter, as its forward would (it may write
+    its weight argument in place: into a copy, that write would never reach the parameter)."""
+    seen = []
+
+    class Scaled(nn.Conv2d):
+        def _conv_forward(self, x, w, b):
+            seen.append(w.untyped_storage().data_ptr() == self._parameters["weight"].untyped_storage().data_ptr())
+            return super()._conv_forward(x, w * 2, b)
+
+    grads = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), Scaled(64, 32, 3, padding=1))
+        nest = sn.wrap(m, sn.Width("h", [16, 32, 64], out="0", inp="2"), inplace_grad=inplace)
+        with nest.use("h=16"):
+            y = m(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+        assert "SliceCopyBackward" not in graph_nodes(y)
+        y.square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert seen == [True, True]
+    same_grads(grads[0], grads[1], "a subclass's _conv_forward")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_convolution_copy_accumulates_into_the_slice_of_grad(channels_last):
     """``.backward()`` twice through the copy adds both gradients into the sliced part of ``.grad`` and leaves

@@ -1279,7 +1279,7 @@ def test_a_closure_returning_logits_and_mask_serves_without_distill_too():
         model, nest = _token_model()
         x, y = _padded_batches(1, steps=1)[0]
 
-        def closure():
+        def closure(model=model, x=x, y=y, extra=extra):
             loss = F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten())
             return (loss, o, "not a mask") if extra else loss
 

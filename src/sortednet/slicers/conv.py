@@ -54,12 +54,13 @@ class ConvSlicer(Slicer):
 
     def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
         ns = super().namespace(m, names)
-        if type(m).forward in _PLAIN_FORWARDS:  # a subclass's own forward is left as it is
-            ns["forward"] = _forward
+        cls = type(m)
+        if (cls.forward, cls._conv_forward) in _STOCK:  # a subclass's own forward (or _conv_forward, which may
+            ns["forward"] = _forward                     # write its weight argument in place) is left as it is
         return ns
 
 
-_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+_STOCK = {(c.forward, c._conv_forward) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 
 
 def _forward(self: nn.Conv2d, input: Tensor) -> Tensor:
