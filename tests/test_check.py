@@ -1007,10 +1007,11 @@ def _refused_at_wrap(slicer: type, tag: str, match: str, sizes=(8, 16, 32)) -> n
     return m
 
 
-@pytest.mark.parametrize("cut", ["data", "detach"])
+@pytest.mark.parametrize("cut", ["data", "detach", "leaf", "parameter"])
 def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
     """A value() that cut from ``.data`` (or ``.detach()``) passed wrap and check: the parameter's gradient was
-    None at every size, so it never trained, with nothing said."""
+    None at every size, so it never trained, with nothing said. So did a value that requires grad through a leaf
+    of its own (``w.detach().requires_grad_()``, ``nn.Parameter(w.clone())``): that leaf got the gradient."""
 
     class Detached(_ScaledSlicerBase):
         def value(self, m, name):
@@ -1018,6 +1019,10 @@ def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
                 return self.take(m, "weight", [(0, "out"), (1, "inp")])
             k = self.features(m, "out", m._parameters["scale"].shape[0])
             scale = m._parameters["scale"]
+            if cut == "leaf":
+                return scale.detach().requires_grad_()[:k]
+            if cut == "parameter":
+                return nn.Parameter(scale[:k].clone())
             return (scale.data if cut == "data" else scale.detach())[:k]
 
     m = _refused_at_wrap(Detached, f"_{cut}", rf"Detached_{cut} \(slicer of '0'.*'scale' at .* without a "
@@ -1027,8 +1032,85 @@ def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
     m[0].scale.requires_grad_(False)
     with pytest.warns(UserWarning, match=r"'scale' at .* without a gradient path.*frozen now; unfrozen later"):
         nest = sn.wrap(m, sn.Width("h", [8, 16, 32], out="0", inp="2"))
-    assert not m[0].scale.requires_grad and m[0].weight.requires_grad
+    assert not m[0]._parameters["scale"].requires_grad and m[0].weight.requires_grad
     nest.unwrap()
+
+
+class _RunningNorm(nn.Module):
+    """Keeps ``[mean; mean of squares]`` of its input in one ``(2, C)`` buffer, updated in place in training."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.register_buffer("stats", torch.zeros(2, c))
+
+    def forward(self, x):
+        if self.training:
+            mu = x.mean(0).detach()
+            self.stats[0].mul_(0.9).add_(0.1 * mu)
+            self.stats[1].mul_(0.9).add_(0.1 * mu * mu)
+            return (x - mu) * self.weight
+        return (x - self.stats[0]) * self.weight
+
+
+class _ClippedLinear(nn.Module):
+    """A weight stored ``(in, out)`` and clipped in place by the forward."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.w_t = nn.Parameter(torch.randn(i, o))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.w_t.clamp_(-0.5, 0.5)
+        return x @ self.w_t
+
+
+@pytest.mark.parametrize("layer", ["buffer", "parameter"])
+@pytest.mark.parametrize("example", [False, True])
+def test_a_forward_writing_a_copy_a_custom_slicer_computed_is_refused(layer, example):
+    """A value() that is a new tensor (``.contiguous()`` of a strided slice, a clone) of a buffer kept by the
+    forward (running statistics) or a parameter it clips: the forward wrote into the copy, and the module's
+    tensor stayed as it was at every smaller size, with nothing said. The write is refused, naming it (by
+    ``wrap(..., example=)``'s check, or where the forward runs); reading the copy stays fine."""
+    cls = type(f"_L_{layer}_{example}", (_RunningNorm if layer == "buffer" else _ClippedLinear,), {})
+    name, axis = ("stats", 1) if layer == "buffer" else ("w_t", 1)
+
+    class Copying(sn.Slicer):
+        roles = ("norm",) if layer == "buffer" else ("out",)
+        attrs = ("weight", "stats") if layer == "buffer" else ("w_t",)
+        views = {"weight": ((0, "norm"),)} if layer == "buffer" else {}
+
+        def full(self, m, role):
+            return m._parameters["weight" if layer == "buffer" else "w_t"].shape[0 if layer == "buffer" else 1]
+
+        def value(self, m, attr):
+            return self.take(m, name, [(axis, self.roles[0])]).contiguous()
+
+    sn.slicer(cls)(Copying)
+    torch.manual_seed(0)
+    first = cls(8) if layer == "buffer" else cls(4, 8)
+    m = nn.Sequential(nn.Linear(4, 8), first, nn.Linear(8, 2)) if layer == "buffer" else \
+        nn.Sequential(first, nn.ReLU(), nn.Linear(8, 2))
+    dim = sn.Width("h", [4, 8], out="0", norm="1", inp="2") if layer == "buffer" else \
+        sn.Width("h", [4, 8], out="0", inp="2")
+    x = torch.randn(6, 4)
+    where = (rf"{'1' if layer == 'buffer' else '0'}\.{name}: written in place .* "
+             r"the value its slicer's value\(\) computed")
+    if example:
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(sn.SortedNetError, match=where):
+            sn.wrap(m, dim, example=x)
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+        return
+    nest = sn.wrap(m, dim)
+    with nest.use("h=4"), pytest.raises(sn.SortedNetError, match=where):
+        m(x)
+    m.eval()
+    with torch.no_grad(), nest.use("h=4"):
+        got = m(x) if layer == "buffer" else None
+    if layer == "buffer":  # (eval reads the copy: no write)
+        torch.testing.assert_close(got, nest.export("h=4")(x))
 
 
 def test_a_frozen_parameter_of_a_custom_slicer_stays_frozen_and_trains_once_unfrozen():
@@ -2224,6 +2306,76 @@ def test_a_width_whose_features_no_layer_reads_is_refused(reduce):
         sn.wrap(model, sn.Width("cls", [5, 10], out="head"), example=x)
     assert type(model.head) is nn.Linear
     sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="head"), example=x)  # the hidden width is fine
+
+
+class _GatedMLP(nn.Module):
+    """A gated MLP written as one module: its hidden width is internal, its output stays the model's width."""
+
+    def __init__(self, d, h):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w_gate = nn.Parameter(torch.randn(h, d, generator=g) / d ** 0.5)
+        self.w_up = nn.Parameter(torch.randn(h, d, generator=g) / d ** 0.5)
+        self.w_down = nn.Parameter(torch.randn(d, h, generator=g) / h ** 0.5)
+
+    def forward(self, x):
+        return F.linear(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up), self.w_down)
+
+
+class _SummedHead(nn.Module):
+    """A head whose output features a custom slicer cuts, reduced away by the model."""
+
+    def __init__(self, d, c):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c, d, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+
+@sn.slicer(_GatedMLP)
+class _GatedMLPSlicer(sn.Slicer):
+    roles = ("out",)
+    attrs = ("w_gate", "w_up", "w_down")
+    views = {"w_gate": ((0, "out"),), "w_up": ((0, "out"),), "w_down": ((1, "out"),)}
+
+    def full(self, m, role):
+        return m._parameters["w_gate"].shape[0]
+
+
+@sn.slicer(_SummedHead)
+class _SummedHeadSlicer(sn.Slicer):
+    roles = ("out",)
+    attrs = ("w",)
+    views = {"w": ((0, "out"),)}
+
+    def full(self, m, role):
+        return m._parameters["w"].shape[0]
+
+
+def test_a_custom_slicers_internal_width_bound_as_out_needs_no_reader():
+    """A custom slicer's ``out`` role may be internal to its module (a gated MLP as one module): its outputs keep
+    their shapes, and check refused the valid nest for a missing ``inp=`` that no layer could take (with the
+    role named ``inp`` it passed). Measured: a module whose outputs do change size still needs its reader."""
+    model = nn.Sequential(nn.Linear(6, 8), _GatedMLP(8, 32), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 6)
+    nest = sn.wrap(model, sn.Width("f", [8, 16, 32], out="1"), example=x)
+    for sub in nest.submodels:
+        with nest.use(sub), torch.no_grad():
+            torch.testing.assert_close(nest.export(sub)(x), model(x))
+    nest.unwrap()
+    summed = nn.Sequential(nn.Linear(6, 8), _SummedHead(8, 10)).eval()
+
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = summed
+
+        def forward(self, x):
+            return self.body(x).sum(-1)
+
+    with pytest.raises(sn.SortedNetError, match=r"width 'cls' slices the outputs of \['body.1'\] but no layer reads"):
+        sn.wrap(Sum(), sn.Width("cls", [5, 10], out="body.1"), example=x)
 
 
 class _VitPytorchAttention(nn.Module):

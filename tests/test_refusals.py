@@ -1014,3 +1014,23 @@ def test_a_rotary_cache_whose_last_axis_is_the_head_count_is_not_a_per_head_tens
     small = nest.export(nest.smallest)
     with nest.use(nest.smallest):
         torch.testing.assert_close(small(x), m(x))
+
+
+def test_depth_over_a_module_dict_is_refused_with_a_way_that_works():
+    """The refusal suggested registering a slicer for nn.ModuleDict (docs/custom_slicers.md), which says nothing
+    of Depth; a DepthSlicer registered so broke even the full model. It now names the way that works."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({f"b{i}": nn.Linear(8, 8) for i in range(4)})
+
+        def forward(self, x):
+            for b in self.blocks.values():
+                x = torch.tanh(b(x))
+            return x
+
+    m = Net()
+    with pytest.raises(sn.SortedNetError, match=r"'blocks' \(ModuleDict.*nn\.ModuleList\(blocks\.values\(\)\)") as e:
+        sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
+    assert "custom_slicers" not in str(e.value) and type(m.blocks) is nn.ModuleDict

@@ -682,6 +682,36 @@ def _paired_reader(nest: Nest, d: Any, bound: dict[Any, list[tuple[str, str]]]) 
     return False
 
 
+def _internal_outs(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]], example: Any) -> bool:
+    """Whether every module ``d`` binds as ``out`` has a slicer of a user's whose ``out`` width is internal to the
+    module (a gated MLP or an attention written as one module: its outputs keep their shapes at every size of
+    ``d``), measured on one forward at the full size and one at ``d``'s smallest: then nothing outside reads
+    what ``d`` cuts, and no ``inp=`` is missing."""
+    paths = [p for p, _ in keys]
+    if any(nest._sliced[p]._sn.own_slicer for p in paths):
+        return False
+    shapes: dict[str, list] = {p: [] for p in paths}
+
+    def hook(path: str) -> Any:
+        def record(_m: nn.Module, _args: Any, out: Any) -> None:
+            shapes[path].append(tuple(tuple(t.shape) for t in output_leaves(out) if isinstance(t, torch.Tensor)))
+        return record
+
+    full = SubModel({e.name: e.full for e in nest.dims})
+    handles = [model.get_submodule(p).register_forward_hook(hook(p)) for p in paths]
+    try:
+        with torch.no_grad():
+            for sub in (full, full.replace(**{d.name: d.sizes[0]})):
+                with nest.use(sub):
+                    call_model(model, example)
+    except Exception:  # (the dry runs report what fails)
+        return False
+    finally:
+        for h in handles:
+            h.remove()
+    return all(len(v) % 2 == 0 and v and v[:len(v) // 2] == v[len(v) // 2:] for v in shapes.values())
+
+
 def _inert_norm(model: nn.Module, path: str) -> bool:
     """Whether the module at ``path`` is a norm holding no tensor whose computation a binding would not change
     (per channel, or over all channels at once): InstanceNorm / BatchNorm without affine weights or running
@@ -1042,7 +1072,8 @@ def slicer_grad_self_check(nest: Nest) -> None:
     frozen_ids = {id(p) for p in frozen}
     for where, name, sub, p in found:
         what = (f"{where} gives {name!r} at {sub} without a gradient path to the parameter (cut from .data or "
-                ".detach(), or computed by an op without one: a comparison, an integer cast)")
+                ".detach(), computed by an op without one: a comparison, an integer cast; or a new leaf of its "
+                "own: nn.Parameter(w.clone()), w.detach().requires_grad_())")
         if id(p) not in frozen_ids:
             raise SortedNetError(f"{what}: its gradient would never reach the parameter, which would not train at "
                                  "any size. Cut the parameter itself (a view such as p[:k] or p.narrow(...)) in "
@@ -1050,6 +1081,25 @@ def slicer_grad_self_check(nest: Nest) -> None:
         warnings.warn(f"{what}. It is frozen now; unfrozen later, it would not train at any size. A tensor that "
                       "never trains (a fixed mask) is a buffer: register_buffer silences this", UserWarning,
                       stacklevel=caller_outside())
+
+
+def _reaches(v: torch.Tensor, p: torch.Tensor, limit: int = 100_000) -> bool:
+    """Whether ``v``'s autograd graph leads to the leaf ``p`` (a value that requires grad through a leaf of its
+    own, ``nn.Parameter(w.clone())`` or ``w.detach().requires_grad_()``, would train that leaf, never ``p``)."""
+    if not v.requires_grad:
+        return False
+    if v is p:
+        return True
+    todo, seen = [v.grad_fn], set()
+    while todo and len(seen) < limit:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if getattr(f, "variable", None) is p:
+            return True
+        todo.extend(g for g, _ in f.next_functions)
+    return len(seen) >= limit  # (a graph too large to walk: not refused)
 
 
 def _read_connected(nest: Nest, user: list[tuple[str, nn.Module]]) -> list[tuple[str, str, SubModel, Any]]:
@@ -1064,7 +1114,7 @@ def _read_connected(nest: Nest, user: list[tuple[str, nn.Module]]) -> list[tuple
                     if p is None or not p.requires_grad or p.is_inference() or id(p) in seen:
                         continue
                     v = getattr(m, name)
-                    if isinstance(v, torch.Tensor) and not v.requires_grad:
+                    if isinstance(v, torch.Tensor) and not _reaches(v, p):
                         seen.add(id(p))
                         found.append((f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__})",
                                       name, sub, p))
@@ -1756,7 +1806,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         for key, d in _bound(nest).items():
             bound.setdefault(d, []).append(key)
         for d, keys in bound.items():
-            if {role for _, role in keys} == {"out"} and not _paired_reader(nest, d, bound):
+            if ({role for _, role in keys} == {"out"} and not _paired_reader(nest, d, bound)
+                    and not _internal_outs(nest, model, d, keys, example)):
                 raise SortedNetError(
                     f"nest.check: width {d.name!r} slices the outputs of {[p for p, _ in keys][:4]} but no layer "
                     "reads them (no inp=, no norm=): the dry runs pass because those features are reduced away (a "

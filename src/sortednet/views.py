@@ -532,6 +532,12 @@ class FusedCopy(torch.Tensor):
                             if isinstance(o, FusedCopy)), None)
         if written is not None and _holds_copy(written):
             where = written._sn_where
+            if written.__dict__.get("_sn_computed"):
+                raise SortedNetError(
+                    f"{where}: written in place ({name}) under a sub-model, where it is the value its slicer's "
+                    "value() computed (a new tensor, not a view of the module's parameter or buffer): the write "
+                    "would not reach the module's tensor and be lost. Return a view from value() (self.take(...), "
+                    "or t[:k] / t.narrow(...) of the tensor itself; docs/custom_slicers.md)")
             raise SortedNetError(
                 f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
                 "fused blocks (a copy, not a view of the parameter): the write would not reach the parameter. "
@@ -584,7 +590,28 @@ def _alias_of(result: Any, me: FusedCopy) -> Any:
     with _NoSubclass():
         alias = result.as_subclass(FusedCopy)
     alias._sn_where, alias._sn_of = me._sn_where, me._sn_of
+    if me.__dict__.get("_sn_computed"):
+        alias._sn_computed = True
     return alias
+
+
+def computed(v: Any, m: nn.Module, name: str, st: Any) -> Any:
+    """``v``, a user's slicer's ``value()`` of ``m``'s parameter or buffer ``name``, as a :class:`FusedCopy`
+    (which refuses writes in place, naming the attribute) where it is a new tensor, not the module's tensor's
+    memory (``.contiguous()`` of a strided slice, ``.clone()``, a product): a forward that writes it in place
+    (running statistics, a clamp) would write into the copy, and the module's tensor would not change."""
+    if v.__class__ is not Tensor and v.__class__ is not _Parameter:
+        return v
+    src = m._parameters.get(name)
+    if src is None:
+        src = m._buffers.get(name)
+    if src is None or _aliases(v, src) or _compiling() or _functorch_active() or _inspected(m):
+        return v
+    with _NoSubclass():
+        out = v.as_subclass(FusedCopy)
+    out._sn_where = f"{st.path}.{name}" if st.path else name
+    out._sn_of, out._sn_computed = v, True
+    return out
 
 
 _BASE = Tensor._base.__get__

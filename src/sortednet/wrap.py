@@ -145,8 +145,8 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                 raise PatternError(
                     f"Depth {bind['depth'].dim.name!r}: {path!r} ({type(m).__name__}, matched by {pats}) is not a "
                     "layer list a Depth can cut: it takes an nn.ModuleList or nn.Sequential of blocks (run in order "
-                    "by the forward); hold the blocks in an nn.ModuleList, or register a slicer for "
-                    f"{type(m).__name__} (see docs/custom_slicers.md)")
+                    "by the forward); hold the blocks in an nn.ModuleList (an nn.ModuleDict's blocks: "
+                    "nn.ModuleList(blocks.values()), with the forward running that list in order)")
             kind = type(m).__name__  # (a PyTorch class in full: torch.ao's quantized Linear is a "Linear" too)
             kind = f"{type(m).__module__}.{type(m).__qualname__}" if type(m).__module__.startswith("torch.") else kind
             hint = (" (a quantized module holds packed weights that cannot be cut: wrap and train the float model, "

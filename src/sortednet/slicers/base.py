@@ -27,6 +27,7 @@ from ..views import (
     _compiling,
     _fx,
     _grad_enabled,
+    computed,
     cut,
     cuts_for,
     distributed_bookkeeping,
@@ -77,6 +78,11 @@ class State:
     slot: int = -1                 # index of this module in every plan (set by wrap)
     active: Active | None = None   # the nest's run-time state (set by wrap)
     lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad (one per nest)
+
+    @property
+    def own_slicer(self) -> bool:
+        """Whether the slicer is sortednet's (its values are views, or copies it guards itself)."""
+        return type(self.slicer).__module__.startswith("sortednet.")
 
     def __deepcopy__(self, memo: dict) -> "State":
         """A copy (EMA / teacher model) follows the same nest state, with its own lock."""
@@ -437,8 +443,9 @@ class Slicer:
                         t = self_._parameters.get(name)
                         if t is not None and is_sharded(t) and distributed_bookkeeping():  # FSDP2 must get its
                             return t  # parameter back, never a value computed from it (a LoRA weight W0 + B·A:
-                        return st.slicer.value(self_, name)  # it took that for the parameter and wrote it into
-                    return e                                  # the base)
+                        v = st.slicer.value(self_, name)  # it took that for the parameter and wrote it into
+                        return v if st.own_slicer else computed(v, self_, name, st)  # the base)
+                    return e
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
                 except SortedNetError:
