@@ -390,6 +390,36 @@ def test_importance_sorting_puts_important_heads_first():
     assert perms["transformer.h.0"]["heads"][0].item() == 3
 
 
+def test_sort_by_importance_sorts_only_the_units_the_nest_nests():
+    """A nest without ffn= had its FFN neurons permuted too (the user's checkpoint reordered for nothing), and a
+    mixed MoE family whose layout has no FFN projections was refused unless ffn=False was passed."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, heads=[2])
+    with torch.no_grad():  # break the symmetry of a fresh init so importance differs by unit
+        for p in model.parameters():
+            p.mul_(1 + torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ffn_before = {k: v.clone() for k, v in model.state_dict().items() if ".mlp." in k}
+    perms = sn.sort_by_importance(nest, [ids(seed=7, b=4)])
+    assert {k for layer in perms.values() for k in layer} == {"heads"}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ffn_before.items())
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(vocab_size=V, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                         shared_expert_intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])
+    cfg._experts_implementation = "eager"
+    moe = Qwen2MoeForCausalLM(cfg).eval()
+    nest = sn.from_transformers(moe, heads=[3], depth=[2])
+    x = ids(seed=3, b=2)
+    with torch.no_grad():
+        ref = moe(x).logits
+    perms = sn.sort_by_importance(nest, [x])
+    assert {k for layer in perms.values() for k in layer} == {"heads"}
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x).logits, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_sort_by_importance_checks_the_model_itself_when_the_loss_cannot_be_compared(monkeypatch):
     """A ``loss_fn`` that calls the user's model in training mode and samples gives another loss at every call:
     the before / after comparison was skipped, and a permutation that missed the output projection's columns

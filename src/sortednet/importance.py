@@ -73,8 +73,11 @@ class _Bind:
         self.head = 0  # head size of a fused interleaved projection (a block [q x div, k, v] per key/value head)
         name = type(m._sn.slicer).__name__
         if name not in _AXES:
+            hf = m._sn.cls.__module__.startswith("transformers.")
             raise SortedNetError(f"sort_units: {path!r} ({m._sn.cls.__name__}) is sliced by {name}, whose layout "
-                                 "importance sorting does not know; it cannot be permuted")
+                                 "importance sorting does not know; it cannot be permuted"
+                                 + ("; sort this family with sn.sort_by_importance (sortednet.integrations), which "
+                                    "knows the layouts sn.from_transformers nests" if hf else ""))
         axes = _AXES[name].get(role, [])
         if name == "ConvSlicer" and role == "inp" and m.__dict__["groups"] > 1:
             axes = []  # depthwise: its out binding moves the filters

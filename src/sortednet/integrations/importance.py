@@ -199,7 +199,8 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     optimizer = optimizers("sort_by_importance", optimizer)
     found: Found = _layout_of(nest)
     lay, model = found.layout, nest.model
-    heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads
+    heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads,
+    ffn = ffn and any(d.name == "ffn" for d in nest.dims)        # or without ffn= (its FFNs stay as they are)
     _check_layout(lay, found, model, ffn, heads)
     named = [(f"{P}.{k}", b) for P in found.stacks for k, b in model.get_submodule(P)._modules.items()]
     blocks = [b for _, b in named]
