@@ -628,7 +628,7 @@ def _small():
     (lambda n, c: sn.accumulate(n, n.submodels[:2], c, distill=0.5), "Distill"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[1]), "scalar"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0], distill=sn.Distill()), "logits"),
-    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: (c()[0], c()[1], 1)), "3 values"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: (c()[0], c()[1], None, 1)), "4 values"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0].detach()), "require grad"),
 ])
 def test_accumulate_bad_arguments_raise_before_any_gradient(call, match):
