@@ -12,6 +12,7 @@ from .dims import Depth, Dimension, Width
 from .discovery import by_ratio, discover
 from .errors import BudgetError, PatternError, SizeError, SortedNetError
 from .heads import Heads
+from .importance import sort_units
 from .io import load, save
 from .nest import Nest, wrap
 from .profile import Profile
@@ -50,5 +51,5 @@ __all__ = [
     "wrap", "Nest", "SubModel", "Dimension", "Width", "Heads", "Depth", "Rank",
     "save", "load", "SortedNetError", "PatternError", "SizeError", "BudgetError", "Slicer", "slicer", "slicer_for",
     "Sampler", "accumulate", "fit", "Distill", "Profile",
-    "from_transformers", "sort_by_importance", "discover", "by_ratio", "speculative_generate",
+    "from_transformers", "sort_by_importance", "sort_units", "discover", "by_ratio", "speculative_generate",
 ]
