@@ -1113,6 +1113,69 @@ def test_a_forward_writing_a_copy_a_custom_slicer_computed_is_refused(layer, exa
         torch.testing.assert_close(got, nest.export("h=4")(x))
 
 
+class _CastLinear(nn.Module):
+    """A bfloat16 weight computed with in float32: the forward scales its float32 copy in place."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, i, generator=torch.Generator().manual_seed(2)).bfloat16())
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype)  # (a copy of the bfloat16 parameter: writing it is the forward's own business)
+        w.mul_(0.5)
+        return F.linear(x, w)
+
+
+@sn.slicer(_CastLinear)
+class _CastSlicer(sn.Slicer):
+    roles = ("out", "inp")
+    attrs = ("weight",)
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        return self.take(m, "weight", [(0, "out"), (1, "inp")]).float()
+
+
+def test_a_copy_a_custom_slicer_computes_at_every_size_may_be_written():
+    """A value that is a copy at the full size too (a cast) never let a write reach the parameter, in the plain
+    model either: writing it is not refused (it was, by the write guard of copies), and equals the export."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), _CastLinear(8, 3))
+    x = torch.randn(5, 4)
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"), example=x)
+    with nest.use("h=4"), torch.no_grad():
+        torch.testing.assert_close(model(x), nest.export("h=4")(x))
+
+
+def test_a_guarded_custom_value_compiles_in_one_graph():
+    """The write guard of a custom slicer's copies is never traced: a compiled forward keeps one graph
+    (``fullgraph=True`` raised on its memory check)."""
+    cls = type("_RunningNormCompiled", (_RunningNorm,), {})
+
+    class Copying(sn.Slicer):
+        roles = ("norm",)
+        attrs = ("weight", "stats")
+        views = {"weight": ((0, "norm"),)}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0]
+
+        def value(self, m, attr):
+            return self.take(m, "stats", [(1, "norm")]).contiguous()
+
+    sn.slicer(cls)(Copying)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), cls(8), nn.Linear(8, 2)).eval()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+    assert "stats" in nest._sliced["1"]._sn.guard
+    x = torch.randn(6, 4)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with nest.use("h=4"), torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
 def test_a_frozen_parameter_of_a_custom_slicer_stays_frozen_and_trains_once_unfrozen():
     cls = type("_ScaledLinearFrozen", (_ScaledLinear,), {})
     sn.slicer(cls)(type("FrozenOk", (_ScaledSlicerBase,), _views({"weight": ((0, "out"), (1, "inp")),
@@ -2353,29 +2416,40 @@ class _SummedHeadSlicer(sn.Slicer):
         return m._parameters["w"].shape[0]
 
 
-def test_a_custom_slicers_internal_width_bound_as_out_needs_no_reader():
-    """A custom slicer's ``out`` role may be internal to its module (a gated MLP as one module): its outputs keep
-    their shapes, and check refused the valid nest for a missing ``inp=`` that no layer could take (with the
-    role named ``inp`` it passed). Measured: a module whose outputs do change size still needs its reader."""
+def test_a_custom_slicers_internal_width_is_named_otherwise_than_out():
+    """A custom slicer's role named ``out`` says the module's outputs are cut: a width inside the module (a
+    gated MLP written as one module) bound as ``out`` only was refused for a missing reader no layer could be;
+    the message now says to name the role ``inp`` (measured: the outputs keep their shapes), and so named it is
+    accepted and exact. A module whose outputs do change size gets no such hint."""
     model = nn.Sequential(nn.Linear(6, 8), _GatedMLP(8, 32), nn.Linear(8, 3)).eval()
     x = torch.randn(4, 6)
-    nest = sn.wrap(model, sn.Width("f", [8, 16, 32], out="1"), example=x)
+    with pytest.raises(sn.SortedNetError, match=r"no layer reads them.*name that role 'inp' in the slicer"):
+        sn.wrap(model, sn.Width("f", [8, 16, 32], out="1"), example=x)
+    cls = type("_GatedMLPHidden", (_GatedMLP,), {})
+    sn.slicer(cls)(type("_Hidden", (sn.Slicer,), {
+        "roles": ("inp",), "attrs": ("w_gate", "w_up", "w_down"),
+        "views": {"w_gate": ((0, "inp"),), "w_up": ((0, "inp"),), "w_down": ((1, "inp"),)},
+        "full": lambda self, m, role: m._parameters["w_gate"].shape[0]}))
+    hidden = cls(8, 32)
+    hidden.load_state_dict(model[1].state_dict())
+    model[1] = hidden
+    nest = sn.wrap(model, sn.Width("f", [8, 16, 32], inp="1"), example=x)
     for sub in nest.submodels:
         with nest.use(sub), torch.no_grad():
             torch.testing.assert_close(nest.export(sub)(x), model(x))
     nest.unwrap()
-    summed = nn.Sequential(nn.Linear(6, 8), _SummedHead(8, 10)).eval()
 
     class Sum(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = summed
+            self.body = nn.Sequential(nn.Linear(6, 8), _SummedHead(8, 10))
 
         def forward(self, x):
             return self.body(x).sum(-1)
 
-    with pytest.raises(sn.SortedNetError, match=r"width 'cls' slices the outputs of \['body.1'\] but no layer reads"):
+    with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['body.1'\] but no layer reads") as e:
         sn.wrap(Sum(), sn.Width("cls", [5, 10], out="body.1"), example=x)
+    assert "name that role otherwise" not in str(e.value)
 
 
 class _VitPytorchAttention(nn.Module):

@@ -254,12 +254,18 @@ def test_sizes_for_is_ascending_unique_and_ends_full(full, ratios, mult):
         assert all(v % mult == 0 for v in s)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "bert_attention_maps"])
 def test_hf_models_from_config(family):
+    """Also with the attention maps among the outputs (``output_attentions=True``): fewer heads shorten their
+    heads axis, and discovery dropped every Heads as failing its dry run, though wrap and export take it."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     kw = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
-    if family == "bert":
+    if family == "bert_attention_maps":
+        model = transformers.BertModel(transformers.BertConfig(**kw, output_attentions=True,
+                                                               attn_implementation="eager")).eval()
+        family = "bert"
+    elif family == "bert":
         model = transformers.BertModel(transformers.BertConfig(**kw)).eval()
     else:  # gate * up -> down; its output also carries a cache object (not a tensor)
         model = transformers.LlamaModel(transformers.LlamaConfig(**kw, num_key_value_heads=2)).eval()

@@ -912,6 +912,51 @@ def test_an_attention_core_child_left_out_is_named_and_one_of_another_count_refu
     assert_unchanged(model, before)
 
 
+class _SelfAttention(nn.Module):
+    """BERT / MobileViT's self-attention: it holds the q/k/v projections and its own head counts, and runs them
+    by those counts (not by a reshape to -1)."""
+
+    def __init__(self, width=32, heads=4):
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, width // heads
+        self.all_head_size = width
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+                   for f in (self.query, self.key, self.value))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return o.reshape(b, t, self.all_head_size)
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = _SelfAttention()
+        self.output = nn.Sequential(nn.Linear(32, 32))
+
+    def forward(self, x):
+        return x + self.output(self.attention(x))
+
+
+def test_the_counts_of_the_child_holding_the_projections_follow_the_heads():
+    """Heads over a block whose child runs the projections by its own counts (MobileViT's attention, with
+    ``attention.query`` ... and ``output.0``): those counts stayed full, and every smaller sub-model failed its
+    dry run (discover dropped all such heads). They now follow the head count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_AttentionBlock(), _AttentionBlock())
+    x = torch.randn(2, 5, 32)
+    nest = sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="*", qkv=("attention.query", "attention.key",
+                                                                   "attention.value"), o="output.0"), example=x)
+    for h in (1, 2, 4):
+        with torch.no_grad(), nest.use({"h": h}):
+            live = model(x)
+            assert model[0].attention.num_attention_heads == h and model[0].attention.all_head_size == 8 * h
+        torch.testing.assert_close(nest.export({"h": h})(x), live)
+    assert model[1].attention.num_attention_heads == 4
+
+
 def test_a_symbolic_trace_in_another_thread_does_not_refuse_this_threads_forward():
     """torch.fx's tracing flag is process-wide: while another thread traced (torch.compile and make_fx set it too),
     every forward of the wrapped model in a serving thread was refused as a symbolic trace of its own."""

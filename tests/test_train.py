@@ -1267,8 +1267,9 @@ def test_non_finite_logits_at_masked_positions_stay_out_of_the_soft_term():
             got.backward()
             torch.testing.assert_close(got, want)
             torch.testing.assert_close(s.grad, s0.grad, msg=lambda m, b=bad, w=where: f"{b} in {w}: {m}")
-    with pytest.raises(sn.SortedNetError, match="bool tensor"):
-        d.soft_loss(student, teacher, keep.long())
+    for bad in (keep.long(), keep.t(), keep.reshape(-1)):  # (a transposed mask has the size, not the rows)
+        with pytest.raises(sn.SortedNetError, match="bool tensor of the logits' shape"):
+            d.soft_loss(student, teacher, bad)
 
 
 def test_a_closure_returning_logits_and_mask_serves_without_distill_too():

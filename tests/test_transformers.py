@@ -418,6 +418,16 @@ def test_sort_by_importance_sorts_only_the_units_the_nest_nests():
     assert {k for layer in perms.values() for k in layer} == {"heads"}
     with torch.no_grad():
         torch.testing.assert_close(moe(x).logits, ref, atol=1e-5, rtol=1e-5)
+    # a hand-built width over the FFN neurons, by any name, is the FFN's nesting
+    model, _, _, _ = build("gpt2")
+    nest = sn.wrap(model, sn.Width("mlp", [64, 128], out="transformer.h.*.mlp.c_fc", inp="transformer.h.*.mlp.c_proj"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    before = model.transformer.h[0].mlp.c_fc._parameters["weight"].clone()
+    perms = sn.sort_by_importance(nest, [ids(seed=7, b=4)])
+    assert {k for layer in perms.values() for k in layer} == {"ffn"}
+    assert not torch.equal(before, model.transformer.h[0].mlp.c_fc._parameters["weight"])
 
 
 def test_sort_by_importance_checks_the_model_itself_when_the_loss_cannot_be_compared(monkeypatch):

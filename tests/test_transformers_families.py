@@ -860,7 +860,7 @@ def test_a_config_export_cannot_rewrite_raises_a_sortedneterror_and_plain_export
 
 def test_importance_sorting_refuses_cleanly_what_it_cannot_permute_and_accepts_per_head_outputs():
     """A permutation that fails midway (GPT-BigCode multi-query heads) is undone and refused; expert blocks
-    next to dense ones are refused before anything runs (ffn=False sorts the rest); attention maps returned
+    next to dense ones sort their heads (a nest without ffn= keeps the FFNs as they are); attention maps returned
     with output_attentions=True follow the new head order and do not refuse a correct sort."""
     torch.manual_seed(0)
     x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -870,13 +870,14 @@ def test_importance_sorting_refuses_cleanly_what_it_cannot_permute_and_accepts_p
         hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2,
         mlp_only_layers=[0], vocab_size=V)).eval()
-    for model, kw in ((mqa, dict(ffn=[64], heads=[4])), (moe, dict(heads=[2], depth=[1]))):
-        nest = sn.from_transformers(model, **kw)
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(sn.SortedNetError, match="cannot permute|does not support"):
-            sn.sort_by_importance(nest, [x])
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    sn.sort_by_importance(nest, [x], ffn=False)  # the Qwen2-MoE nest: heads only
+    nest = sn.from_transformers(mqa, ffn=[64], heads=[4])
+    before = {k: v.clone() for k, v in mqa.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="cannot permute|does not support"):
+        sn.sort_by_importance(nest, [x])
+    assert all(torch.equal(v, before[k]) for k, v in mqa.state_dict().items())
+    nest = sn.from_transformers(moe, heads=[2], depth=[1])  # no ffn=: its FFNs (experts beside dense) stay
+    perms = sn.sort_by_importance(nest, [x])
+    assert {k for layer in perms.values() for k in layer} == {"heads"}
     llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=4, output_attentions=True,
                                              attn_implementation="eager")).eval()

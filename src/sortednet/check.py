@@ -683,12 +683,11 @@ def _paired_reader(nest: Nest, d: Any, bound: dict[Any, list[tuple[str, str]]]) 
 
 
 def _internal_outs(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]], example: Any) -> bool:
-    """Whether every module ``d`` binds as ``out`` has a slicer of a user's whose ``out`` width is internal to the
-    module (a gated MLP or an attention written as one module: its outputs keep their shapes at every size of
-    ``d``), measured on one forward at the full size and one at ``d``'s smallest: then nothing outside reads
-    what ``d`` cuts, and no ``inp=`` is missing."""
+    """Whether every module ``d`` binds as ``out`` has a slicer of a user's and keeps its outputs' shapes at
+    ``d``'s smallest size (measured on one forward at the full size and one there): the role may then be a width
+    inside the module (a gated MLP written as one module), which the refusal's message says."""
     paths = [p for p, _ in keys]
-    if any(nest._sliced[p]._sn.own_slicer for p in paths):
+    if any(type(nest._sliced[p]._sn.slicer).__module__.startswith("sortednet.") for p in paths):
         return False
     shapes: dict[str, list] = {p: [] for p in paths}
 
@@ -1047,6 +1046,34 @@ def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
                                                  f"the module's {tuple(t.shape)} (docs/custom_slicers.md)")
     finally:
         _base.NAMING_SLICER_ERRORS[0] -= 1
+
+
+def guard_written_copies(nest: Nest) -> None:
+    """``wrap``: the attributes a user's slicer serves, at the full size, as the module's parameter or buffer
+    itself (or a view of it), where a forward's write in place reaches the tensor (running statistics, a clamp).
+    At a smaller size where the value is then a copy (``.contiguous()`` of a strided slice), that write would be
+    lost: those copies refuse writes (``State.guard``, :func:`sortednet.views.computed`). A value that is a copy
+    already at full size (a cast, ``W0 + B @ A``) is left as it is: a write into it never reached the tensor."""
+    from .views import _aliases
+
+    user = [m for m in nest._sliced.values() if not type(m._sn.slicer).__module__.startswith("sortednet.")]
+    if not user:
+        return
+    full = SubModel({d.name: d.full for d in nest.dims})
+    with Use(nest._state, nest._plans.build(full)), torch.no_grad():
+        for m in user:
+            st, names = m._sn, []
+            for name in st.slicer.attr_names(m, st.bind):
+                src = m._parameters.get(name) if name in m._parameters else m._buffers.get(name)
+                if not isinstance(src, torch.Tensor):
+                    continue
+                try:
+                    v = getattr(m, name)
+                except Exception:  # (named by the checks that follow)
+                    continue
+                if isinstance(v, torch.Tensor) and _aliases(v, src):
+                    names.append(name)
+            st.guard = frozenset(names)
 
 
 def slicer_grad_self_check(nest: Nest) -> None:
@@ -1806,14 +1833,17 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         for key, d in _bound(nest).items():
             bound.setdefault(d, []).append(key)
         for d, keys in bound.items():
-            if ({role for _, role in keys} == {"out"} and not _paired_reader(nest, d, bound)
-                    and not _internal_outs(nest, model, d, keys, example)):
+            if {role for _, role in keys} == {"out"} and not _paired_reader(nest, d, bound):
+                hint = ("; if 'out' is a width inside your slicer's module (its outputs keep their size, as here), "
+                        "name that role 'inp' in the slicer and bind it with inp=: 'out' says the module's outputs "
+                        "are cut"
+                        if _internal_outs(nest, model, d, keys, example) else "")
                 raise SortedNetError(
                     f"nest.check: width {d.name!r} slices the outputs of {[p for p, _ in keys][:4]} but no layer "
                     "reads them (no inp=, no norm=): the dry runs pass because those features are reduced away (a "
                     "sum, a max or logsumexp over classes) or leave the network unseen (stored on a module), so a "
                     "sub-model silently computes over fewer of them. Bind the layers that read them with inp=, or "
-                    "remove the dimension")
+                    f"remove the dimension{hint}")
         _skipped_layers_run(nest, model, copies, example)
         _idle_at_depth(nest, model, copies, example)
         _depth_order(nest, model, copies, example)

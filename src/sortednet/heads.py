@@ -373,7 +373,13 @@ class Heads(Dimension):
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
                 or (a in KV_ATTRS and v == H // group and not mqa) or (mqa and a in GROUP_ATTRS and v == H))}
         out = [self._attr_target(path, a, v, H, d, group, pat) for a, v in counts(attrs).items()]
-        for sub, c in m.named_modules(prefix=""):  # an attention core without weights of its own
+        holders = {p.rsplit(".", i)[0] for p in projections for i in range(1, p.count(".") + 1)}
+        for sub, c in m.named_modules(prefix=""):  # a child holding the projections (MobileViT's / BERT's
+            if sub in holders and id(c) not in shared:  # self-attention under their attention block) runs them
+                out += [self._attr_target(_join(path, sub), a, v, H, d, group, pat)  # by its own counts too
+                        for a, v in counts(vars(c)).items()]
+                continue
+            # an attention core without weights of its own
             if not sub or sub.split(".")[0] in projections or any(True for _ in c.parameters()) or id(c) in shared:
                 continue  # (guided diffusion's QKVAttention(n_heads)) reads the head count the attention gives it:
             # it follows it too; not one shared with other modules (their head counts may be another dimension's)

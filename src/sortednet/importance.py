@@ -265,6 +265,21 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
     return acc
 
 
+def _maps_unordered(outs: list[Tensor], heads: set[int]) -> list[Tensor]:
+    """``outs`` with each attention map (a 4-d floating-point output ``(batch, heads, queries, keys)`` of a Heads
+    dimension's full count whose rows are probabilities, ``output_attentions=True``) sorted along its heads axis:
+    a permutation of the heads reorders those maps, and the comparison must not take that for a change (the
+    hidden states beside them are compared as they are; a returned key/value cache is not a map, and its heads
+    moving is a change)."""
+    def is_map(t: Tensor) -> bool:
+        if not (t.dim() == 4 and t.shape[1] in heads and t.is_floating_point() and t.numel()):
+            return False
+        f = t.detach().float()
+        return bool((f >= 0).all()) and bool(torch.allclose(f.sum(-1), torch.ones((), device=f.device), atol=1e-3))
+
+    return [t.sort(dim=1).values if is_map(t) else t for t in outs]
+
+
 def _leaves(out: Any) -> list[Tensor]:
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
@@ -613,9 +628,10 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
           loss_fn: Callable | None, atol: float, optimizer: tuple[torch.optim.Optimizer, ...]
           ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]], Any]:
     err = float("inf")
+    heads = {d.full for d in nest.dims if d.kind == "heads"}
     with dry_run(nest.model), torch.no_grad(), _at_full(nest):
         try:
-            ref = _leaves(call_model(model, example))
+            ref = _maps_unordered(_leaves(call_model(model, example)), heads)
         except Exception as e:
             raise SortedNetError(f"sort_units: the full model does not run on the example: {type(e).__name__}: "
                                  f"{str(e)[:300]}; nothing was changed") from e
@@ -647,7 +663,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
 
     def train_out(seed: int) -> list[Tensor]:
         with dry_run(nest.model), seeded(seed), torch.no_grad(), _at_full(nest), _NoDropout():
-            return _leaves(call_model(tview, example))
+            return _maps_unordered(_leaves(call_model(tview, example)), heads)
 
     random = False  # training mode random beyond dropout: compared under one seed, before and after
     try:  # training mode too (auxiliary heads, ...)
@@ -671,7 +687,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                 moves = _apply(groups, orders, optimizer)
                 casts_stale()  # (under autocast: the check forward, and the user's after it, see the new order)
                 with dry_run(nest.model), _at_full(nest):
-                    got = _leaves(call_model(model, example))
+                    got = _maps_unordered(_leaves(call_model(model, example)), heads)
                 err = rel_err(got, ref)
                 if err <= atol and ref_t is not None:
                     err = rel_err(train_out(0), ref_t)

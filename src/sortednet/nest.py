@@ -241,7 +241,8 @@ class Nest:
         if self._factored:
             _watch_optimizers()
         try:
-            from .check import attention_self_check, norm_self_check, slicer_grad_self_check
+            from .check import attention_self_check, guard_written_copies, norm_self_check, slicer_grad_self_check
+            guard_written_copies(self)  # a user's slicer's copies of tensors a write would reach refuse writes
             slicer_grad_self_check(self)  # a user's slicer must not cut a trained parameter off its gradient
             norm_self_check(self)  # a BatchNorm subclass with its own forward must read the sliced tensors
             if example is not None:

@@ -120,9 +120,10 @@ class Distill:
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)  # bf16 /
         s, p = student.to(dtype).flatten(0, -2), teacher.to(dtype).flatten(0, -2)  # fp16 in float32, float64 kept
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.numel() != s.shape[0]:
-                raise SortedNetError(f"the distillation mask must be a bool tensor with one entry per position of "
-                                     f"the logits {tuple(student.shape[:-1])}; got {type(mask).__name__}"
+            if (not isinstance(mask, Tensor) or mask.dtype != torch.bool
+                    or tuple(mask.shape) != tuple(student.shape[:-1])):  # (a transposed (L, B) mask: other rows)
+                raise SortedNetError(f"the distillation mask must be a bool tensor of the logits' shape without the "
+                                     f"last axis, {tuple(student.shape[:-1])}; got {type(mask).__name__}"
                                      + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else ""))
             keep = mask.reshape(-1).to(device=s.device)
             # a left-out row's values (-inf / NaN logits at padding) never enter the arithmetic: the gradient

@@ -596,16 +596,17 @@ def _alias_of(result: Any, me: FusedCopy) -> Any:
 
 
 def computed(v: Any, m: nn.Module, name: str, st: Any) -> Any:
-    """``v``, a user's slicer's ``value()`` of ``m``'s parameter or buffer ``name``, as a :class:`FusedCopy`
-    (which refuses writes in place, naming the attribute) where it is a new tensor, not the module's tensor's
-    memory (``.contiguous()`` of a strided slice, ``.clone()``, a product): a forward that writes it in place
-    (running statistics, a clamp) would write into the copy, and the module's tensor would not change."""
-    if v.__class__ is not Tensor and v.__class__ is not _Parameter:
+    """``v``, a user's slicer's ``value()`` of ``m``'s parameter or buffer ``name`` (one it serves as the tensor
+    itself at full size, where a write reaches the tensor: ``State.guard``), as a :class:`FusedCopy` (which
+    refuses writes in place, naming the attribute) where at this size it is a new tensor, not the tensor's
+    memory (``.contiguous()`` of a strided slice): a forward that writes it in place (running statistics, a
+    clamp) would write into the copy, and the module's tensor would not change."""
+    if _compiling() or _functorch_active() or (v.__class__ is not Tensor and v.__class__ is not _Parameter):
         return v
     src = m._parameters.get(name)
     if src is None:
         src = m._buffers.get(name)
-    if src is None or _aliases(v, src) or _compiling() or _functorch_active() or _inspected(m):
+    if src is None or _aliases(v, src) or _inspected(m):
         return v
     with _NoSubclass():
         out = v.as_subclass(FusedCopy)

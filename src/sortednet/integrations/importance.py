@@ -200,9 +200,12 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     found: Found = _layout_of(nest)
     lay, model = found.layout, nest.model
     heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads,
-    ffn = ffn and any(d.name == "ffn" for d in nest.dims)        # or without ffn= (its FFNs stay as they are)
-    _check_layout(lay, found, model, ffn, heads)
     named = [(f"{P}.{k}", b) for P in found.stacks for k, b in model.get_submodule(P)._modules.items()]
+    if ffn and lay.ffn_out:  # or without a width over the FFN neurons (its FFNs stay as they are)
+        ffn = any(b.dim.kind == "width" for name, blk in named for q in _paths(blk, lay.ffn_out + lay.ffn_inp)
+                  if (m := nest._sliced.get(f"{name}.{q}")) is not None
+                  for r, b in m._sn.bind.items() if not r.startswith("attr:"))
+    _check_layout(lay, found, model, ffn, heads)
     blocks = [b for _, b in named]
     warn_stray_optimizers("sort_by_importance", in_copies(nest, [  # what the sort moves: the FFNs, the attentions
         p for blk in blocks for m in ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn

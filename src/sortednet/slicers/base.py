@@ -78,11 +78,8 @@ class State:
     slot: int = -1                 # index of this module in every plan (set by wrap)
     active: Active | None = None   # the nest's run-time state (set by wrap)
     lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad (one per nest)
-
-    @property
-    def own_slicer(self) -> bool:
-        """Whether the slicer is sortednet's (its values are views, or copies it guards itself)."""
-        return type(self.slicer).__module__.startswith("sortednet.")
+    guard: frozenset = frozenset()  # attributes a user's slicer serves as the module's own tensor at full size
+    #                                 (a write reaches it there): a computed copy of them refuses writes (wrap sets)
 
     def __deepcopy__(self, memo: dict) -> "State":
         """A copy (EMA / teacher model) follows the same nest state, with its own lock."""
@@ -444,7 +441,7 @@ class Slicer:
                         if t is not None and is_sharded(t) and distributed_bookkeeping():  # FSDP2 must get its
                             return t  # parameter back, never a value computed from it (a LoRA weight W0 + B·A:
                         v = st.slicer.value(self_, name)  # it took that for the parameter and wrote it into
-                        return v if st.own_slicer else computed(v, self_, name, st)  # the base)
+                        return computed(v, self_, name, st) if name in st.guard else v  # the base)
                     return e
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
