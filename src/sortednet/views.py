@@ -426,7 +426,7 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
 
 
 _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-#: switch for the contiguous convolution weight read (benchmarks/overhead.py --ab-dense-conv compares both)
+#: switch for the contiguous convolution weight read (benchmarks/conv_weight.py compares both sides)
 DENSE_CONV = True
 
 
