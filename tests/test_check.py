@@ -1116,12 +1116,15 @@ def test_a_forward_writing_a_copy_a_custom_slicer_computed_is_refused(layer, exa
 class _CastLinear(nn.Module):
     """A bfloat16 weight computed with in float32: the forward scales its float32 copy in place."""
 
+    clone = False
+
     def __init__(self, i, o):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(o, i, generator=torch.Generator().manual_seed(2)).bfloat16())
 
     def forward(self, x):
         w = self.weight.to(x.dtype)  # (a copy of the bfloat16 parameter: writing it is the forward's own business)
+        w = w.clone() if self.clone else w
         w.mul_(0.5)
         return F.linear(x, w)
 
@@ -1138,15 +1141,24 @@ class _CastSlicer(sn.Slicer):
         return self.take(m, "weight", [(0, "out"), (1, "inp")]).float()
 
 
-def test_a_copy_a_custom_slicer_computes_at_every_size_may_be_written():
-    """A value that is a copy at the full size too (a cast) never let a write reach the parameter, in the plain
-    model either: writing it is not refused (it was, by the write guard of copies), and equals the export."""
+def test_a_write_into_a_cast_copy_a_custom_slicer_made_is_refused_and_a_clone_is_not():
+    """A value() that casts (bfloat16 to float32) makes a copy at every size: a forward's ``.to(x.dtype)`` then
+    copies nothing, and a write meant for the forward's own copy lands in the slicer's, where the plain model's
+    ``.to`` copied. Such writes are refused (a running statistic written into a cast would be lost), naming
+    ``.clone()``, which copies always and is accepted, equal to the export."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), _CastLinear(8, 3))
     x = torch.randn(5, 4)
-    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"), example=x)
-    with nest.use("h=4"), torch.no_grad():
-        torch.testing.assert_close(model(x), nest.export("h=4")(x))
+    for clone in (False, True):
+        cls = type(f"_CastLinear{clone}", (_CastLinear,), {"clone": clone})
+        sn.slicer(cls)(type(f"_CastSlicer{clone}", (_CastSlicer,), {}))
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), cls(8, 3))
+        if not clone:
+            with pytest.raises(sn.SortedNetError, match=r"2\.weight: written in place .*\.clone\(\)"):
+                sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"), example=x)
+            continue
+        nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"), example=x)
+        with nest.use("h=4"), torch.no_grad():
+            torch.testing.assert_close(model(x), nest.export("h=4")(x))
 
 
 def test_a_guarded_custom_value_compiles_in_one_graph():
@@ -2423,7 +2435,8 @@ def test_a_custom_slicers_internal_width_is_named_otherwise_than_out():
     accepted and exact. A module whose outputs do change size gets no such hint."""
     model = nn.Sequential(nn.Linear(6, 8), _GatedMLP(8, 32), nn.Linear(8, 3)).eval()
     x = torch.randn(4, 6)
-    with pytest.raises(sn.SortedNetError, match=r"no layer reads them.*name that role 'inp' in the slicer"):
+    with pytest.raises(sn.SortedNetError, match=r"binds only out= of \['1'\], whose outputs keep their size.*name "
+                                               r"that role 'inp' in the slicer"):
         sn.wrap(model, sn.Width("f", [8, 16, 32], out="1"), example=x)
     cls = type("_GatedMLPHidden", (_GatedMLP,), {})
     sn.slicer(cls)(type("_Hidden", (sn.Slicer,), {
@@ -2449,7 +2462,7 @@ def test_a_custom_slicers_internal_width_is_named_otherwise_than_out():
 
     with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['body.1'\] but no layer reads") as e:
         sn.wrap(Sum(), sn.Width("cls", [5, 10], out="body.1"), example=x)
-    assert "name that role otherwise" not in str(e.value)
+    assert "name that role" not in str(e.value)
 
 
 class _VitPytorchAttention(nn.Module):

@@ -418,6 +418,21 @@ def test_sort_by_importance_sorts_only_the_units_the_nest_nests():
     assert {k for layer in perms.values() for k in layer} == {"heads"}
     with torch.no_grad():
         torch.testing.assert_close(moe(x).logits, ref, atol=1e-5, rtol=1e-5)
+    # a width over the residual stream reads / writes the FFN projections on their other sides: not the FFN's
+    bert = BertModel(BertConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4), add_pooling_layer=False).eval()
+    L = "encoder.layer.*."
+    nest = sn.wrap(bert, sn.Heads("h", [2, 4], attn=L + "attention", qkv=("self.query", "self.key", "self.value"),
+                                  o="output.dense"),
+                   sn.Width("d", [16, 32], out=["embeddings.*_embeddings", L + "attention.output.dense",
+                                                L + "output.dense"],
+                            inp=[L + "attention.self.query", L + "attention.self.key", L + "attention.self.value",
+                                 L + "intermediate.dense"],
+                            norm=["embeddings.LayerNorm", L + "attention.output.LayerNorm", L + "output.LayerNorm"]))
+    before = bert.encoder.layer[0].intermediate.dense._parameters["weight"].clone()
+    perms = sn.sort_by_importance(nest, [x], loss_fn=lambda m, b: m(input_ids=b).last_hidden_state.pow(2).mean())
+    assert {k for layer in perms.values() for k in layer} == {"heads"}
+    assert torch.equal(before, bert.encoder.layer[0].intermediate.dense._parameters["weight"])
     # a hand-built width over the FFN neurons, by any name, is the FFN's nesting
     model, _, _, _ = build("gpt2")
     nest = sn.wrap(model, sn.Width("mlp", [64, 128], out="transformer.h.*.mlp.c_fc", inp="transformer.h.*.mlp.c_proj"))

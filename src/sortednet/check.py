@@ -1049,31 +1049,16 @@ def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
 
 
 def guard_written_copies(nest: Nest) -> None:
-    """``wrap``: the attributes a user's slicer serves, at the full size, as the module's parameter or buffer
-    itself (or a view of it), where a forward's write in place reaches the tensor (running statistics, a clamp).
-    At a smaller size where the value is then a copy (``.contiguous()`` of a strided slice), that write would be
-    lost: those copies refuse writes (``State.guard``, :func:`sortednet.views.computed`). A value that is a copy
-    already at full size (a cast, ``W0 + B @ A``) is left as it is: a write into it never reached the tensor."""
-    from .views import _aliases
-
-    user = [m for m in nest._sliced.values() if not type(m._sn.slicer).__module__.startswith("sortednet.")]
-    if not user:
-        return
-    full = SubModel({d.name: d.full for d in nest.dims})
-    with Use(nest._state, nest._plans.build(full)), torch.no_grad():
-        for m in user:
-            st, names = m._sn, []
-            for name in st.slicer.attr_names(m, st.bind):
-                src = m._parameters.get(name) if name in m._parameters else m._buffers.get(name)
-                if not isinstance(src, torch.Tensor):
-                    continue
-                try:
-                    v = getattr(m, name)
-                except Exception:  # (named by the checks that follow)
-                    continue
-                if isinstance(v, torch.Tensor) and _aliases(v, src):
-                    names.append(name)
-            st.guard = frozenset(names)
+    """``wrap``: the parameters and buffers a user's slicer serves (``State.guard``). Where its ``value()`` is a
+    new tensor, not the tensor's memory (``.contiguous()`` of a strided slice, ``.clone()``, a cast), a forward's
+    write in place into it (running statistics, a clamp) would be lost where the plain model writes its tensor:
+    those copies refuse writes (:func:`sortednet.views.computed`)."""
+    for m in nest._sliced.values():
+        st = m._sn
+        if not type(st.slicer).__module__.startswith("sortednet."):
+            st.guard = frozenset(n for n in st.slicer.attr_names(m, st.bind)
+                                 if isinstance(m._parameters.get(n), torch.Tensor)
+                                 or isinstance(m._buffers.get(n), torch.Tensor))
 
 
 def slicer_grad_self_check(nest: Nest) -> None:
@@ -1834,16 +1819,19 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
             bound.setdefault(d, []).append(key)
         for d, keys in bound.items():
             if {role for _, role in keys} == {"out"} and not _paired_reader(nest, d, bound):
-                hint = ("; if 'out' is a width inside your slicer's module (its outputs keep their size, as here), "
-                        "name that role 'inp' in the slicer and bind it with inp=: 'out' says the module's outputs "
-                        "are cut"
-                        if _internal_outs(nest, model, d, keys, example) else "")
+                if _internal_outs(nest, model, d, keys, example):
+                    raise SortedNetError(
+                        f"nest.check: width {d.name!r} binds only out= of {[p for p, _ in keys][:4]}, whose "
+                        "outputs keep their size at every width (measured): if it is a width inside your slicer's "
+                        "module (a gated MLP's hidden units), name that role 'inp' in the slicer and bind it with "
+                        "inp= ('out' says the module's outputs are cut, and then a layer must read them: none "
+                        "does, so a sub-model would compute over fewer of them unseen)")
                 raise SortedNetError(
                     f"nest.check: width {d.name!r} slices the outputs of {[p for p, _ in keys][:4]} but no layer "
                     "reads them (no inp=, no norm=): the dry runs pass because those features are reduced away (a "
                     "sum, a max or logsumexp over classes) or leave the network unseen (stored on a module), so a "
                     "sub-model silently computes over fewer of them. Bind the layers that read them with inp=, or "
-                    f"remove the dimension{hint}")
+                    "remove the dimension")
         _skipped_layers_run(nest, model, copies, example)
         _idle_at_depth(nest, model, copies, example)
         _depth_order(nest, model, copies, example)

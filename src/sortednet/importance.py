@@ -268,9 +268,7 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
 def _maps_unordered(outs: list[Tensor], heads: set[int]) -> list[Tensor]:
     """``outs`` with each attention map (a 4-d floating-point output ``(batch, heads, queries, keys)`` of a Heads
     dimension's full count whose rows are probabilities, ``output_attentions=True``) sorted along its heads axis:
-    a permutation of the heads reorders those maps, and the comparison must not take that for a change (the
-    hidden states beside them are compared as they are; a returned key/value cache is not a map, and its heads
-    moving is a change)."""
+    what a permutation of the heads changes there, to say so when a sort is refused for it."""
     def is_map(t: Tensor) -> bool:
         if not (t.dim() == 4 and t.shape[1] in heads and t.is_floating_point() and t.numel()):
             return False
@@ -627,11 +625,11 @@ def in_copies(nest: Nest, params: list[Tensor]) -> list[Tensor]:
 def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: str, example: Any, data: Any,
           loss_fn: Callable | None, atol: float, optimizer: tuple[torch.optim.Optimizer, ...]
           ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]], Any]:
-    err = float("inf")
+    err, maps = float("inf"), False
     heads = {d.full for d in nest.dims if d.kind == "heads"}
     with dry_run(nest.model), torch.no_grad(), _at_full(nest):
         try:
-            ref = _maps_unordered(_leaves(call_model(model, example)), heads)
+            ref = _leaves(call_model(model, example))
         except Exception as e:
             raise SortedNetError(f"sort_units: the full model does not run on the example: {type(e).__name__}: "
                                  f"{str(e)[:300]}; nothing was changed") from e
@@ -663,7 +661,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
 
     def train_out(seed: int) -> list[Tensor]:
         with dry_run(nest.model), seeded(seed), torch.no_grad(), _at_full(nest), _NoDropout():
-            return _maps_unordered(_leaves(call_model(tview, example)), heads)
+            return _leaves(call_model(tview, example))
 
     random = False  # training mode random beyond dropout: compared under one seed, before and after
     try:  # training mode too (auxiliary heads, ...)
@@ -687,8 +685,10 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                 moves = _apply(groups, orders, optimizer)
                 casts_stale()  # (under autocast: the check forward, and the user's after it, see the new order)
                 with dry_run(nest.model), _at_full(nest):
-                    got = _maps_unordered(_leaves(call_model(model, example)), heads)
+                    got = _leaves(call_model(model, example))
                 err = rel_err(got, ref)
+                if err > atol and rel_err(_maps_unordered(got, heads), _maps_unordered(ref, heads)) <= atol:
+                    maps = True  # (only the attention maps among the outputs changed, by the heads' new order)
                 if err <= atol and ref_t is not None:
                     err = rel_err(train_out(0), ref_t)
                     where = " in training mode" if err > atol else ""
@@ -700,6 +700,12 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
             if err <= atol:
                 return {label: o for (label, *_), o in zip(groups, orders)}, moves, token
             finish_all(_undo_steps(nest, saved, token))  # (every tensor, even after a Ctrl-C)
+    if maps:
+        raise SortedNetError("sort_units: the full model's output holds attention maps (batch, heads, queries, keys), "
+                             "which a permutation of the heads reorders (its other outputs are unchanged): a model "
+                             "whose result is per-head maps would change. Sort with the maps off "
+                             "(output_attentions=False, or an example / wrapper whose output leaves them out). "
+                             "Nothing was changed")
     if err == float("inf"):
         raise SortedNetError("sort_units: these dimensions cannot be permuted consistently (a tensor would follow two "
                              "groups, or one of its modules cannot be permuted); run nest.check(example)")

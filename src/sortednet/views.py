@@ -537,7 +537,9 @@ class FusedCopy(torch.Tensor):
                     f"{where}: written in place ({name}) under a sub-model, where it is the value its slicer's "
                     "value() computed (a new tensor, not a view of the module's parameter or buffer): the write "
                     "would not reach the module's tensor and be lost. Return a view from value() (self.take(...), "
-                    "or t[:k] / t.narrow(...) of the tensor itself; docs/custom_slicers.md)")
+                    "or t[:k] / t.narrow(...) of the tensor itself; docs/custom_slicers.md). If the forward meant "
+                    "to write a copy of its own (w = self.weight.to(dtype) where value() already cast it, so .to "
+                    "made no copy), take one that always copies: .clone()")
             raise SortedNetError(
                 f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
                 "fused blocks (a copy, not a view of the parameter): the write would not reach the parameter. "
@@ -596,11 +598,10 @@ def _alias_of(result: Any, me: FusedCopy) -> Any:
 
 
 def computed(v: Any, m: nn.Module, name: str, st: Any) -> Any:
-    """``v``, a user's slicer's ``value()`` of ``m``'s parameter or buffer ``name`` (one it serves as the tensor
-    itself at full size, where a write reaches the tensor: ``State.guard``), as a :class:`FusedCopy` (which
-    refuses writes in place, naming the attribute) where at this size it is a new tensor, not the tensor's
-    memory (``.contiguous()`` of a strided slice): a forward that writes it in place (running statistics, a
-    clamp) would write into the copy, and the module's tensor would not change."""
+    """``v``, a user's slicer's ``value()`` of ``m``'s parameter or buffer ``name`` (``State.guard``), as a
+    :class:`FusedCopy` (which refuses writes in place, naming the attribute) where it is a new tensor, not the
+    tensor's memory (``.contiguous()`` of a strided slice, ``.clone()``, a cast): a forward that writes it in
+    place (running statistics, a clamp) would write into the copy, where the plain model writes its tensor."""
     if _compiling() or _functorch_active() or (v.__class__ is not Tensor and v.__class__ is not _Parameter):
         return v
     src = m._parameters.get(name)

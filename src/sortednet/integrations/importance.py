@@ -201,10 +201,11 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     lay, model = found.layout, nest.model
     heads = heads and any(d.kind == "heads" for d in nest.dims)  # nothing to order for a nest without heads,
     named = [(f"{P}.{k}", b) for P in found.stacks for k, b in model.get_submodule(P)._modules.items()]
-    if ffn and lay.ffn_out:  # or without a width over the FFN neurons (its FFNs stay as they are)
-        ffn = any(b.dim.kind == "width" for name, blk in named for q in _paths(blk, lay.ffn_out + lay.ffn_inp)
-                  if (m := nest._sliced.get(f"{name}.{q}")) is not None
-                  for r, b in m._sn.bind.items() if not r.startswith("attr:"))
+    if ffn and lay.ffn_out:  # or without a width over the FFN neurons (its FFNs stay as they are): the outputs
+        ffn = any(b is not None and b.dim.kind == "width"  # of the up projections, the inputs of the down ones
+                  for name, blk in named for rels, role in ((lay.ffn_out, "out"), (lay.ffn_inp, "inp"))
+                  for q in _paths(blk, rels) if (m := nest._sliced.get(f"{name}.{q}")) is not None
+                  for b in (m._sn.bind.get(role),))
     _check_layout(lay, found, model, ffn, heads)
     blocks = [b for _, b in named]
     warn_stray_optimizers("sort_by_importance", in_copies(nest, [  # what the sort moves: the FFNs, the attentions

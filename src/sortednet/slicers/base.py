@@ -78,8 +78,8 @@ class State:
     slot: int = -1                 # index of this module in every plan (set by wrap)
     active: Active | None = None   # the nest's run-time state (set by wrap)
     lock: Any = field(default_factory=new_lock, repr=False)  # held while adding into .grad (one per nest)
-    guard: frozenset = frozenset()  # attributes a user's slicer serves as the module's own tensor at full size
-    #                                 (a write reaches it there): a computed copy of them refuses writes (wrap sets)
+    guard: frozenset = frozenset()  # parameters / buffers a user's slicer serves: a copy of one it computes
+    #                                 refuses writes in place (check.guard_written_copies; views.computed)
 
     def __deepcopy__(self, memo: dict) -> "State":
         """A copy (EMA / teacher model) follows the same nest state, with its own lock."""
