@@ -952,3 +952,34 @@ def test_a_reshape_to_a_count_stored_at_full_size_is_kept_whole_and_refused_by_c
     with pytest.raises(sn.SortedNetError, match="re-cuts its units at a smaller size"):
         sn.wrap(model, sn.Width("w", [4, 16], out=["stem", "c1"], inp=["c1", "fc"], norm="bn"), example=x)
     assert not any("_sn" in m.__dict__ for m in model.modules())
+
+
+class _SequenceReduction(nn.Module):
+    """SegFormer's efficient attention in small: a conv's output reshaped by the stream's channel count, so the
+    conv's outputs and the stream must shrink together (the trace sees two groups)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.inp, self.sr = nn.Linear(8, c), nn.Conv2d(c, c, 2, stride=2)
+        self.norm, self.kv, self.out = nn.LayerNorm(c), nn.Linear(c, c), nn.Linear(c, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, _, c = h.shape
+        r = self.sr(h.permute(0, 2, 1).reshape(b, c, 4, 4)).reshape(b, c, -1).permute(0, 2, 1)
+        return self.out(h.mean(1) + self.kv(self.norm(r)).mean(1))
+
+
+def test_groups_that_fail_alone_but_run_together_are_merged():
+    """Two groups the trace could not couple, each failing its dry run alone, were both dropped (part of the
+    model unsliced, SegFormer's stages among them); merged into one Width they run, check and export."""
+    torch.manual_seed(0)
+    model, x = _SequenceReduction().eval(), torch.randn(2, 16, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nothing dropped, nothing to warn about)
+        dims = sn.discover(model, x, ratios=[0.5, 1.0])
+    assert len(dims) == 1 and set(dims[0].out) == {"inp", "kv", "sr"} and set(dims[0].norm) == {"norm"}
+    nest = sn.wrap(model, *dims, example=x)
+    for sub in nest.submodels:
+        with nest.use(sub), torch.no_grad():
+            torch.testing.assert_close(nest.export(sub)(x), model(x))

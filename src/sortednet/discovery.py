@@ -167,10 +167,13 @@ def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dim
             bad = _failures(probe, example, dims, want)
         if bad is None or bad:  # slow path: add one dimension at a time
             kept: list[Dimension] = []
+            failed: list[Dimension] = []
             for d in dims:
                 if _failures(probe, example, [*kept, d], want) == []:
                     kept.append(d)
-            dims = kept
+                else:
+                    failed.append(d)
+            dims = kept + _merged(probe, example, kept, failed, want)
         dims = _whole_heads(probe, example, dims)
         dims = _uncut_widths(probe, example, dims)
         for _ in range(len(dims)):
@@ -179,6 +182,33 @@ def _verified(model: nn.Module, example: Any, dims: list[Dimension]) -> list[Dim
                 break
             dims = [d for i, d in enumerate(dims) if i not in bad]
     return dims
+
+
+def _merged(probe: nn.Module, example: Any, kept: list[Dimension], failed: list[Dimension], want: list,
+            tries: int = 32) -> list[Dimension]:
+    """Widths that fail alone but run as one: two groups the trace could not couple (a view that reshapes one
+    layer's output by another's channel count, as SegFormer's sequence reduction does: the conv's output must
+    shrink with the stream it is reshaped by) merged into one Width of the same sizes, where the merge passes the
+    dry run beside ``kept``. Each merge records the names it holds (``merged_from``)."""
+    out: list[Dimension] = []
+    todo = [d for d in failed if isinstance(d, Width) and not d.chunks]
+    while todo and tries > 0:
+        a, found = todo.pop(0), None
+        for b in todo:
+            if list(b.sizes) != list(a.sizes) or tries <= 0:
+                continue
+            tries -= 1
+            both = Width(a.name, list(a.sizes), out=list(dict.fromkeys([*a.out, *b.out])) or None,
+                         inp=list(dict.fromkeys([*a.inp, *b.inp])) or None,
+                         norm=list(dict.fromkeys([*a.norm, *b.norm])) or None)
+            if _failures(probe, example, [*kept, *out, both], want) == []:
+                found = b
+                both.merged_from = (a.name, b.name)
+                out.append(both)
+                break
+        if found is not None:
+            todo.remove(found)
+    return out
 
 
 def _uncut_widths(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[Dimension]:
@@ -335,7 +365,7 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     with warnings.catch_warnings():  # (its dry runs' wraps: the user's own wrap and forwards say it, once)
         warnings.simplefilter("ignore", UnfollowedCacheWarning)
         found = _verified(model, example, dims) if verify and dims else dims
-    names = {d.name for d in found}
+    names = {n for d in found for n in getattr(d, "merged_from", (d.name,))}
     dropped = [d for d in dims if d.name not in names]
     if not found:
         warnings.warn(_none_found(coupling, dropped), stacklevel=2)
