@@ -66,7 +66,7 @@ _STOCK = {(c.forward, c._conv_forward) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d
 def _forward(self: nn.Conv2d, input: Tensor) -> Tensor:
     """``nn.Conv1d/2d/3d.forward``; when training an input-sliced weight, read as one contiguous copy
     (views.SliceCopy) that the convolution's forward and backward share, instead of a strided view that each
-    of them copies (benchmarks/results/overhead.md). Inference and compiled graphs read the weight as usual."""
+    of them copies (benchmarks/results/conv_weight.md). Inference and compiled graphs read the weight as usual."""
     if _grad_enabled() and not _compiling():
         st = self.__dict__["_sn"]
         a = st.active
