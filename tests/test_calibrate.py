@@ -235,6 +235,34 @@ def test_calibrate_warns_that_tracked_instance_norm_statistics_stay_shared():
     assert m[1]._sn.norm is not None and m[4]._sn.norm is None
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_loader_shorter_than_the_batches_asked_for_warns_and_calibrates_on_what_it_had(n):
+    """An explicit batches= that the loader does not reach warns with both counts; the statistics are those of
+    the batches it had (as batches=n would give). The default (up to 10) takes a short loader silently."""
+    model, dims = bnnet()
+    nest = sn.wrap(model, *dims)
+    with pytest.warns(UserWarning, match=rf"batches=5 asked, but the loader yielded only {n}"):
+        nest.calibrate(data(n), batches=5)
+    got = _all_stats(nest)
+    import warnings as w
+
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        nest.calibrate(data(n))  # the default (up to 10): no warning of the loader's length
+        nest.calibrate(data(n), batches=n)
+    assert not [x for x in seen if "the loader yielded only" in str(x.message)]
+    want = _all_stats(nest)
+    assert got.keys() == want.keys() and got
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def _all_stats(nest):
+    """Every calibrated statistic of ``nest``: {(module path, sub-model key, statistic): tensor}."""
+    return {(p, key, k): t.clone() for p, m in nest._sliced.items() if m._sn.norm is not None
+            for key, d in m._sn.norm.stats.items() for k, t in d.items()}
+
+
 # -- what reaches the statistics after calibrating -------------------------------------------------------
 
 def _calibrated_pair(name):

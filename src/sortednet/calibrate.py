@@ -42,6 +42,7 @@ __all__ = ["calibrate", "batchnorms", "active_stats", "stats_to_tensors", "stats
            "StaleCalibrationWarning"]
 
 _NAMES = ("running_mean", "running_var")
+DEFAULT_BATCHES = 10  # batches=None: up to this many (a shorter loader is used whole, without a warning)
 COUNT = "num_batches_tracked"  # stored beside a sub-model's statistics: the number of batches they average
 
 
@@ -61,9 +62,11 @@ def _inputs(batch: Any) -> Any:
 
 
 def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
-              batches: int = 10) -> list[SubModel]:
+              batches: int | None = None) -> list[SubModel]:
     """Recalibrate BatchNorm statistics of each sub-model in ``subs`` (default: all)
-    on the first ``batches`` items of ``loader``; returns the sub-models calibrated.
+    on the first ``batches`` items of ``loader`` (default: up to 10); returns the sub-models calibrated.
+    A loader that ends before the ``batches`` asked for warns: the statistics average the fewer batches
+    it had.
 
     Items are ``(inputs, targets, ...)`` (first element used), a dict of kwargs or
     the inputs themselves. The same batches are used for every sub-model.
@@ -91,6 +94,8 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                              "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
                              "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
                              "every sub-model)")
+    asked = batches is not None
+    batches = DEFAULT_BATCHES if batches is None else batches
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise SortedNetError(f"calibrate(): batches must be an int >= 1, got {batches!r}")
     if isinstance(subs, (str, bytes)) or isinstance(subs, dict):
@@ -109,6 +114,10 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     data = [_inputs(b) for b in itertools.islice(batch_iter, batches)]
     if not data:
         raise SortedNetError("calibrate(): the loader yielded no batch")
+    if asked and len(data) < batches:
+        warnings.warn(f"calibrate(): batches={batches} asked, but the loader yielded only {len(data)}: the "
+                      f"statistics average those {len(data)} (pass a longer loader, or batches={len(data)} to "
+                      "say so)", stacklevel=3)
     shared = [p for p, m in nest._sliced.items() if not isinstance(m, _BatchNorm)
               and getattr(m, "track_running_stats", False) and "norm" in m._sn.bind]
     if shared:

@@ -1076,9 +1076,10 @@ class Nest:
         return alive
 
     def calibrate(self, loader: Iterable[Any], *, subs: Iterable[SubModelLike] | None = None,
-                  batches: int = 10) -> list[SubModel]:
+                  batches: int | None = None) -> list[SubModel]:
         """Recompute BatchNorm running statistics for each of ``subs`` (default: all)
-        from ``batches`` batches of ``loader`` and keep them per sub-model: in eval
+        from ``batches`` batches of ``loader`` (default: up to 10; a loader shorter than an explicit
+        ``batches`` warns) and keep them per sub-model: in eval
         mode ``use(sub)`` and ``export(sub)`` then use that sub-model's own
         statistics. Saved and loaded with the checkpoint. See :mod:`sortednet.calibrate`.
         """
