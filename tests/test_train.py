@@ -1245,6 +1245,34 @@ def test_distillation_mask_from_the_closure_equals_a_hand_written_masked_kl():
                 F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, b), distill=d)
 
 
+def test_a_third_closure_item_that_is_no_mask_is_refused_with_or_without_distill():
+    """Without distill= a third item was dropped unread: an auxiliary loss returned there never trained. It must
+    be a bool mask of the logits' shape (or None) either way, and the refusal names an auxiliary loss."""
+    model, nest = _token_model()
+    x, y = _padded_batches(1, steps=1)[0]
+    keep = y != -100
+    aux_w = torch.zeros((), requires_grad=True)
+    for distill in (None, sn.Distill(temperature=2.0)):
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(sn.SortedNetError, match=r"distillation mask must be a bool tensor.*\(4, 6\).*"
+                                                    r"add an auxiliary loss to the loss itself"):
+            sn.accumulate(nest, [nest.smallest, nest.largest], lambda: (
+                F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, aux_w * 2), distill=distill)
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+        with pytest.raises(sn.SortedNetError, match="distillation mask"):
+            sn.accumulate(nest, [nest.smallest], lambda: (
+                F.cross_entropy(model(x).flatten(0, 1), y.flatten()), None, keep), distill=None)
+        sn.accumulate(nest, [nest.smallest], lambda: (  # a closure serving both: None or a right mask passes
+            F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, keep), distill=distill)
+        sn.accumulate(nest, [nest.smallest], lambda: (
+            F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, None), distill=distill)
+        model.zero_grad(set_to_none=True)
+    for s, t in [(torch.randn(5), torch.randn(5)), (torch.randint(0, 3, (2, 3)), torch.randint(0, 3, (2, 3)))]:
+        with pytest.raises(sn.SortedNetError, match=r"floating-point logits of shape \(\.\.\., classes\)"):
+            sn.Distill().soft_loss(s, t)
+
+
 def test_non_finite_logits_at_masked_positions_stay_out_of_the_soft_term():
     """A padded row's logits may be -inf or NaN (a fully masked attention row): 0 * nan made every student's loss
     NaN, skipped each step; masked positions now contribute nothing."""

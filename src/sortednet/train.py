@@ -116,6 +116,10 @@ class Distill:
         if student.shape != teacher.shape:
             raise SortedNetError(f"distillation needs student and teacher logits of one shape, got "
                                  f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        if student.dim() < 2 or not student.is_floating_point() or not teacher.is_floating_point():
+            raise SortedNetError(f"distillation needs floating-point logits of shape (..., classes), e.g. (batch, "
+                                 f"classes) or (batch, length, vocab); got {student.dtype} {tuple(student.shape)} "
+                                 f"and {teacher.dtype} {tuple(teacher.shape)}")
         t = self.temperature
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)  # bf16 /
         s, p = student.to(dtype).flatten(0, -2), teacher.to(dtype).flatten(0, -2)  # fp16 in float32, float64 kept
@@ -164,14 +168,18 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
                              f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
                              f"{tuple(logits.shape)}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
+                             or not isinstance(logits, Tensor) or tuple(mask.shape) != tuple(logits.shape[:-1])):
+        # (checked without distill= too: a third item that is no such mask, an auxiliary loss, would be dropped)
+        where = f", {tuple(logits.shape[:-1])}" if isinstance(logits, Tensor) else ""
+        aux = (" (a third item that requires grad is not trained: add an auxiliary loss to the loss itself)"
+               if isinstance(mask, Tensor) and mask.requires_grad else "")
+        raise SortedNetError(f"closure for {sub} returned (loss, logits, mask): the distillation mask must be a "
+                             f"bool tensor of the logits' shape without the last axis{where} (True: the position counts), used "
+                             f"by distill=; got {type(mask).__name__}"
+                             + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else "") + aux)
     if not want_logits:
         mask = None
-    elif mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
-                             or tuple(mask.shape) != tuple(logits.shape[:-1])):
-        raise SortedNetError(f"the distillation mask of {sub} must be a bool tensor of the logits' shape without "
-                             f"the last axis, {tuple(logits.shape[:-1])} (True: the position counts); got "
-                             f"{type(mask).__name__}" + (f" {mask.dtype} {tuple(mask.shape)}"
-                                                         if isinstance(mask, Tensor) else ""))
     if not isinstance(out, Tensor) or out.numel() != 1:
         raise SortedNetError(f"closure for {sub} must return a scalar loss tensor (or (loss, logits)), got "
                              f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
