@@ -175,8 +175,8 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         aux = (" (a third item that requires grad is not trained: add an auxiliary loss to the loss itself)"
                if isinstance(mask, Tensor) and mask.requires_grad else "")
         raise SortedNetError(f"closure for {sub} returned (loss, logits, mask): the distillation mask must be a "
-                             f"bool tensor of the logits' shape without the last axis{where} (True: the position counts), used "
-                             f"by distill=; got {type(mask).__name__}"
+                             f"bool tensor of the logits' shape without the last axis{where} (True: the position "
+                             f"counts), used by distill=; got {type(mask).__name__}"
                              + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else "") + aux)
     if not want_logits:
         mask = None
