@@ -3181,3 +3181,120 @@ def test_a_norm_without_weights_shared_or_left_out_is_measured_not_refused():
     nest = sn.wrap(seq, sn.Width("w", [8, 16], out="0", inp="2"), example=x)
     with torch.no_grad(), nest.use("w=8"):
         torch.testing.assert_close(nest.export("w=8")(x), seq(x))
+
+
+class _FnNorm(nn.Module):
+    """A norm of the user's whose running statistics are written inside a kernel (F.batch_norm / F.instance_norm /
+    torch.batch_norm), not by a method ending in ``_``."""
+
+    how = "F.batch_norm"
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        rm, rv, w, b, t = self.running_mean, self.running_var, self.weight, self.bias, self.training
+        if self.how == "F.batch_norm":
+            return F.batch_norm(x, rm, rv, w, b, t, 0.1, 1e-5)
+        if self.how == "F.batch_norm kw":
+            return F.batch_norm(x, running_mean=rm, running_var=rv, weight=w, bias=b, training=t)
+        if self.how == "torch.batch_norm":
+            return torch.batch_norm(x, w, b, rm, rv, t, 0.1, 1e-5, False)
+        if self.how == "native_batch_norm":
+            return torch.native_batch_norm(x, w, b, rm, rv, t, 0.1, 1e-5)[0]
+        return F.instance_norm(x[..., None], rm, rv, w, b, use_input_stats=t)[..., 0]
+
+
+def _copying_norm_slicer(cls):
+    class CopyStats(sn.Slicer):
+        roles, attrs = ("norm",), ("weight", "bias", "running_mean", "running_var")
+        views = {"weight": ((0, "norm"),), "bias": ((0, "norm"),)}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0]
+
+        def value(self, m, name):
+            return self.take(m, name, [(0, "norm")]).clone()  # a copy of the statistics: their writes are lost
+
+    sn.slicer(cls)(CopyStats)
+
+
+@pytest.mark.parametrize("how", ["F.batch_norm", "F.batch_norm kw", "torch.batch_norm", "native_batch_norm",
+                                 "F.instance_norm"])
+def test_running_statistics_written_inside_a_kernel_into_a_copy_are_refused(how):
+    """The write guard looked at method names only: F.batch_norm(training=True) wrote a custom slicer's copy of
+    the running statistics inside its kernel, and the update was lost under every smaller sub-model (check and
+    wrap(example=) passed). Refused now, naming the statistic; eval (no write) runs and equals the export."""
+    cls = type(f"_FnNorm_{how.replace(' ', '_').replace('.', '_')}", (_FnNorm,), {"how": how})
+    _copying_norm_slicer(cls)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), cls(8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(6, 4)
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", norm="1", inp="3"))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with nest.use("h=4"), pytest.raises(sn.SortedNetError, match=r"1\.running_(mean|var): written in place"):
+        m(x)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    m.eval()
+    with torch.no_grad(), nest.use("h=4"):
+        torch.testing.assert_close(m(x), nest.export("h=4")(x))
+
+
+def test_copies_a_users_slicer_makes_for_library_layers_that_write_them_are_refused():
+    """Reads inside PyTorch's own forwards skipped the guard (they write nothing, it was assumed), but
+    nn.BatchNorm1d writes its running statistics and an nn.Embedding with max_norm renormalises its weight's
+    rows: a user's slicer for them that returns copies lost those writes. Both are refused now; an Embedding
+    without max_norm reads its copy unguarded."""
+    class BN(nn.BatchNorm1d):
+        pass
+
+    class Emb(nn.Embedding):
+        pass
+
+    class BNCopy(sn.Slicer):
+        roles, attrs = ("norm",), ("weight", "bias", "running_mean", "running_var", "num_features")
+        views = {"weight": ((0, "norm"),), "bias": ((0, "norm"),)}
+
+        def full(self, m, role):
+            return m.__dict__["num_features"]
+
+        def value(self, m, name):
+            if name == "num_features":
+                return self.features(m, "norm", m.__dict__[name])
+            return self.take(m, name, [(0, "norm")]).clone()
+
+    class EmbCopy(sn.Slicer):
+        roles, attrs = ("out",), ("weight", "embedding_dim")
+
+        def full(self, m, role):
+            return m.__dict__["embedding_dim"]
+
+        def value(self, m, name):
+            if name == "embedding_dim":
+                return self.features(m, "out", m.__dict__[name])
+            return self.take(m, "weight", [(1, "out")]).clone()
+
+    sn.slicer(BN)(BNCopy)
+    sn.slicer(Emb)(EmbCopy)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), BN(8), nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+    with nest.use("h=4"), pytest.raises(sn.SortedNetError, match=r"1\.running_mean: written in place"):
+        m(torch.randn(6, 4))
+    nest.unwrap()
+    for max_norm in (1.0, None):
+        e = nn.Sequential(Emb(10, 8, max_norm=max_norm), nn.Linear(8, 2))
+        with torch.no_grad():
+            e[0].weight.mul_(5)  # (rows longer than max_norm: renormalised by every forward that reads them)
+        nest = sn.wrap(e, sn.Width("h", [4, 8], out="0", inp="1"))
+        ids = torch.tensor([[1, 2, 3]])
+        if max_norm is not None:
+            with nest.use("h=4"), pytest.raises(sn.SortedNetError, match=r"0\.weight: written in place \(embedding"):
+                e(ids)
+        else:
+            with nest.use("h=4"), torch.no_grad():
+                torch.testing.assert_close(e(ids), nest.export("h=4")(ids))
+        nest.unwrap()

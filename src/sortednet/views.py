@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.fx import _symbolic_trace
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
@@ -503,6 +504,45 @@ except TypeError:  # (torch < 2.8: no reason)
     _eager_only = torch.compiler.disable
 
 
+# functions that write some of their tensor arguments inside the kernel (or in their own Python, which runs below
+# the subclass): name -> (parameter names in order, the flag that makes them write and its default, the written)
+_NORM_OP = (("input", "weight", "bias", "running_mean", "running_var", "training"), "training", False,
+            ("running_mean", "running_var"))
+_KERNEL_WRITES: dict[str, tuple[tuple[str, ...], str, Any, tuple[str, ...]]] = {
+    "batch_norm": _NORM_OP, "native_batch_norm": _NORM_OP, "_native_batch_norm_legit": _NORM_OP,
+    "instance_norm": (("input", "weight", "bias", "running_mean", "running_var", "use_input_stats"),
+                      "use_input_stats", True, ("running_mean", "running_var")),
+}
+_F_WRITES: dict[Any, tuple[tuple[str, ...], str, Any, tuple[str, ...]]] = {  # torch.nn.functional's own orders
+    F.batch_norm: (("input", "running_mean", "running_var", "weight", "bias", "training"), "training", False,
+                   ("running_mean", "running_var")),
+    F.instance_norm: (("input", "running_mean", "running_var", "weight", "bias", "use_input_stats"),
+                      "use_input_stats", True, ("running_mean", "running_var")),
+    F.embedding: (("input", "weight", "padding_idx", "max_norm"), "max_norm", None, ("weight",)),
+}
+_KERNEL_WRITES = {**_KERNEL_WRITES, "embedding": _F_WRITES[F.embedding]}
+
+
+def _kernel_written(func: Any, op: str, args: tuple, kwargs: dict) -> Tensor | None:
+    """The :class:`FusedCopy` among the arguments that ``func`` writes inside its kernel (BatchNorm's running
+    statistics in training, an embedding's rows renormalised by ``max_norm``), or None."""
+    spec = _F_WRITES.get(func)
+    if spec is None:
+        if func is torch.embedding or func is F.embedding:  # (torch.embedding: no max_norm, writes nothing)
+            return None
+        spec = _KERNEL_WRITES[op]
+    names, flag, default, written = spec
+
+    def arg(n: str, default: Any = None) -> Any:
+        i = names.index(n)
+        return kwargs[n] if n in kwargs else args[i] if len(args) > i else default
+
+    on = arg(flag, default)
+    if on is None or on is False or (isinstance(on, Tensor) and not bool(on)):
+        return None
+    return next((t for t in (arg(n) for n in written) if isinstance(t, FusedCopy)), None)
+
+
 class FusedCopy(torch.Tensor):
     """A fused-block attribute under a sub-model (``chunks=`` / ``parts=``: the first rows of each block of
     ``[q; k; v]`` or ``[gate; up]``, MultiheadAttention's ``in_proj_weight`` under Heads): a ``cat`` of the
@@ -530,6 +570,8 @@ class FusedCopy(torch.Tensor):
         if written is None:
             written = next((o for o in (out if isinstance(out, (tuple, list)) else [out])
                             if isinstance(o, FusedCopy)), None)
+        if written is None and op in _KERNEL_WRITES:
+            written = _kernel_written(func, op, args, kwargs)
         if written is not None and _holds_copy(written):
             where = written._sn_where
             if written.__dict__.get("_sn_computed"):
@@ -607,13 +649,18 @@ def computed(v: Any, m: nn.Module, name: str, st: Any) -> Any:
     src = m._parameters.get(name)
     if src is None:
         src = m._buffers.get(name)
-    if src is None or _aliases(v, src) or _inspected(m):
-        return v
+    if src is None or _aliases(v, src) or (name in m._parameters and not _renorms(m) and _inspected(m)):
+        return v  # (library forwards write their buffers, running statistics, and a max_norm embedding its weight)
     with _NoSubclass():
         out = v.as_subclass(FusedCopy)
     out._sn_where = f"{st.path}.{name}" if st.path else name
     out._sn_of, out._sn_computed = v, True
     return out
+
+
+def _renorms(m: nn.Module) -> bool:
+    """An ``nn.Embedding`` (or EmbeddingBag) with ``max_norm``: its forward renormalises rows of its weight."""
+    return m.__dict__.get("max_norm") is not None
 
 
 _BASE = Tensor._base.__get__
