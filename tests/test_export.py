@@ -957,6 +957,22 @@ def test_the_counts_of_the_child_holding_the_projections_follow_the_heads():
     assert model[1].attention.num_attention_heads == 4
 
 
+def test_a_child_holding_the_projections_with_another_head_count_is_refused_by_size():
+    """The child that runs the projections counts 8 heads of 4 where Heads declares 4 of 8: check caught it only
+    as heads split "as the fast axis"; wrap now names the child and its count, as for the attention itself."""
+    torch.manual_seed(0)
+    block = _AttentionBlock()
+    block.attention = _SelfAttention(heads=8)
+    model = nn.Sequential(block)
+    before = snapshot(model)
+    with pytest.raises(sn.SizeError, match=r"at '0': its child 'attention' \(_SelfAttention\), which holds the "
+                                           r"projections, has its own head count num_attention_heads=8, not the "
+                                           r"largest size 4"):
+        sn.wrap(model, sn.Heads("h", [2, 4], attn="*", qkv=("attention.query", "attention.key", "attention.value"),
+                                o="output.0"))
+    assert_unchanged(model, before)
+
+
 def test_a_symbolic_trace_in_another_thread_does_not_refuse_this_threads_forward():
     """torch.fx's tracing flag is process-wide: while another thread traced (torch.compile and make_fx set it too),
     every forward of the wrapped model in a serving thread was refused as a symbolic trace of its own."""

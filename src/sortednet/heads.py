@@ -351,13 +351,18 @@ class Heads(Dimension):
                                       "whose sizes follow the heads already; name the attention's own counts")
             return [self._attr_target(_join(path, sub), a, v, H, d, group, pat) for sub, a, v in got.values()]
         else:
-            wrong = {a: v for a, v in attrs.items() if a in COUNT_ATTRS and type(v) is int and v != H}
-            if wrong:  # the module's own head count disagrees: slicing would cut across its heads
-                a, v = next(iter(wrong.items()))
-                raise SizeError(f"Heads {self.name!r} at {path!r} ({type(m).__name__}): the module's own head "
-                                f"count {a}={v} differs from the largest size {H} (head size {d} from the "
-                                f"projections); slices would cut across its heads. Use sizes up to {v}, or "
-                                "name the attributes with count_attrs=")
+            holding = {p.rsplit(".", i)[0] for p in projections for i in range(1, p.count(".") + 1)}
+            for sub, c in [("", m), *((h, _child(m, h)) for h in sorted(holding))]:
+                if c is None or (sub and id(c) in shared):
+                    continue
+                wrong = {a: v for a, v in vars(c).items() if a in COUNT_ATTRS and type(v) is int and v != H}
+                if wrong:  # the module's own head count (or that of the child holding its projections, which
+                    a, v = next(iter(wrong.items()))  # runs them) disagrees: slicing would cut across its heads
+                    at = f"{path!r} ({type(m).__name__})" if not sub else \
+                        f"{path!r}: its child {sub!r} ({type(c).__name__}), which holds the projections,"
+                    raise SizeError(f"Heads {self.name!r} at {at} has its own head count {a}={v}, not the largest "
+                                    f"size {H} (head size {d} from the projections); slices would cut across its "
+                                    f"heads. Use sizes up to {v}, or name the attributes with count_attrs=")
             own = {a: v for a, v in attrs.items() if a in HEAD_SIZE_ATTRS and type(v) is int and v != d
                    and 0 < v < H * d and H * d % v == 0}  # (one of the whole width: a total, as Lxmert's)
             if own:  # a module that keeps only its head size, as Llama's: other declared heads would split its own
