@@ -1084,3 +1084,80 @@ def test_a_refused_sort_of_a_batchnorm_model_keeps_the_profiles_scores_current(m
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleScoresWarning)
         nest.pick(params=1e9)
+
+
+class _Scale(nn.Module):
+    """A per-feature scale of the user's (CaiT's layer scale), its slicer a view of ``gamma`` or a computed value."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _ComputedScale(_Scale):
+    pass
+
+
+@sn.slicer(_Scale)
+class _ScaleViews(sn.Slicer):
+    roles, attrs = ("norm",), ("gamma",)
+    views = {"gamma": ((0, "norm"),)}
+
+    def full(self, m, role):
+        return m._parameters["gamma"].shape[0]
+
+
+@sn.slicer(_ComputedScale)
+class _ScaleComputed(sn.Slicer):
+    roles, attrs = ("norm",), ("gamma",)
+
+    def full(self, m, role):
+        return m._parameters["gamma"].shape[0]
+
+    def value(self, m, name):
+        return self.take(m, "gamma", [(0, "norm")]) * 1.0
+
+
+@pytest.mark.parametrize("method", ["l1", "l2"])
+def test_slicers_of_the_users_made_of_views_are_permuted_with_their_units(method):
+    """A slicer of the user's whose attributes are all views (``views``) was refused by every sort ('whose layout
+    importance sorting does not know'): its tensors are now permuted along the axes its views cut, and the full
+    model's output is kept; one that computes an attribute in value() is still refused, unchanged."""
+    torch.manual_seed(0)
+    for kind in (_Scale, _ComputedScale):
+        model = nn.Sequential(nn.Linear(6, 8), kind(8), nn.ReLU(), nn.Linear(8, 3))
+        x = torch.randn(5, 6)
+        ref, before = model(x), snapshot(model)
+        g = model[1].gamma.detach().clone()
+        nest = sn.wrap(model, sn.Width("h", [2, 4, 8], out="0", norm="1", inp="3"))
+        if kind is _ComputedScale:
+            with pytest.raises(sn.SortedNetError, match=r"'1' \(_ComputedScale\) is sliced by _ScaleComputed.*"
+                                                        r"computes attributes in value\(\)"):
+                sort_units(nest, method, example=x)
+            nest.unwrap()
+            assert_unchanged(model, before)
+            continue
+        order = sort_units(nest, method, example=x)["h@0"]
+        assert sorted(order.tolist()) == list(range(8)) and order.tolist() != list(range(8))
+        torch.testing.assert_close(model[1].gamma.detach(), g[order])
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+        nest.unwrap()
+
+
+def test_a_per_head_child_table_is_permuted_with_its_heads():
+    """per_head= bindings sort with the heads: the table's columns follow the query rows."""
+    from test_refusals import _BiasAttn
+
+    torch.manual_seed(0)
+    m = _BiasAttn(4).eval()
+    x = torch.randn(2, 5, 24)
+    ref, table, q = m(x), m.rel.table.detach().clone(), m.q.weight.detach().clone()
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="", per_head="rel"))
+    order = sort_units(nest, "l1", example=x)["h@"]
+    assert order.tolist() != [0, 1, 2, 3]
+    torch.testing.assert_close(m.rel.table.detach(), table[:, order])
+    torch.testing.assert_close(m.q.weight.detach(), q.view(4, 6, 24)[order].reshape(24, 24))
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-6)

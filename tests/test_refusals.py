@@ -782,6 +782,119 @@ def test_per_head_tensors_of_an_attention_are_refused_at_wrap_and_named(kind):
     assert_unchanged(m, before)
 
 
+class _RelBias(nn.Module):
+    """A per-head relative position bias held by a child of the attention (HF Swin's layout): a table of
+    (positions, heads), returned as (1, heads, T, T)."""
+
+    def __init__(self, heads: int, reach: int = 4):
+        super().__init__()
+        self.reach = reach
+        self.table = nn.Parameter(torch.randn(2 * reach + 1, heads))
+
+    def forward(self, T: int) -> torch.Tensor:
+        pos = torch.arange(T)
+        return self.table[(pos[None] - pos[:, None]).clamp(-self.reach, self.reach) + self.reach].permute(2, 0, 1)[None]
+
+
+@sn.slicer(_RelBias)
+class _RelBiasSlicer(sn.Slicer):
+    roles = ("out",)
+    attrs = ("table",)
+    views = {"table": ((1, "out"),)}
+
+    def full(self, m, role):
+        return m._parameters["table"].shape[1]
+
+
+class _BiasAttn(nn.Module):
+    def __init__(self, heads: int = 4, D: int = 6, gate: bool = False):
+        super().__init__()
+        E = heads * D
+        self.num_heads, self.head_dim = heads, D
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+        self.rel = _RelBias(heads)
+        self.gate = nn.Linear(E, heads) if gate else None  # a head-wise gate, one output per head
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x),
+                                                                                          self.v(x)))
+        y = ((q @ k.transpose(-1, -2)) * self.head_dim ** -0.5 + self.rel(T)).softmax(-1) @ v
+        if self.gate is not None:
+            y = y * self.gate(x).sigmoid().transpose(1, 2)[..., None]
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _first_heads(m: _BiasAttn, h: int) -> _BiasAttn:
+    """A standalone attention of ``h`` heads holding the first ``h`` heads of ``m`` (the reference)."""
+    D, E = m.head_dim, m.num_heads * m.head_dim
+    small = _BiasAttn(h, D)
+    small.q, small.k, small.v = (nn.Linear(E, h * D) for _ in range(3))
+    small.o = nn.Linear(h * D, E)
+    with torch.no_grad():
+        for n in "qkv":
+            getattr(small, n).weight.copy_(getattr(m, n).weight[: h * D])
+            getattr(small, n).bias.copy_(getattr(m, n).bias[: h * D])
+        small.o.weight.copy_(m.o.weight[:, : h * D])
+        small.o.bias.copy_(m.o.bias)
+        small.rel.table.copy_(m.rel.table[:, :h])
+    return small
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_per_head_table_in_a_child_is_refused_naming_it_and_per_head(gate):
+    """A child's per-head table (positions, heads) or a Linear(hidden, heads) gate passed wrap and was left
+    whole: a raw shape error in the first smaller forward (HF Swin). Refused at wrap, naming the child, the tensor
+    and per_head=, with nothing changed."""
+    torch.manual_seed(0)
+    m = _BiasAttn(gate=gate).eval()
+    before = snapshot(m)
+    name, tensor = ("gate", "weight") if gate else ("rel", "table")
+    dims = [sn.Heads("h", [2, 4], attn="", per_head="rel")] if gate else [sn.Heads("h", [2, 4], attn="")]
+    with pytest.raises(sn.PatternError, match=rf"child '{name}' .* parameter '{tensor}' of shape .* looks per-head"
+                                              rf".*per_head='{name}'"):
+        sn.wrap(m, *dims)
+    assert_unchanged(m, before)
+
+
+@settings(max_examples=8, deadline=None)
+@given(heads=st.sampled_from([2, 3, 4]), T=st.integers(1, 7), seed=st.integers(0, 2 ** 16))
+def test_per_head_slices_a_childs_table_with_the_heads(heads, T, seed):
+    """per_head= cuts the child's out role one unit per head: every sub-model equals a standalone attention of
+    its first heads (table columns included) and its export."""
+    torch.manual_seed(seed)
+    m = _BiasAttn(heads).eval()
+    sizes = list(range(1, heads + 1))
+    nest = sn.wrap(m, sn.Heads("h", sizes, attn="", per_head=["rel"]))
+    x = torch.randn(2, T, m.num_heads * m.head_dim)
+    for h in sizes:
+        want = _first_heads(m, h).eval()(x)
+        with torch.no_grad(), nest.use(f"h={h}"):
+            got = m(x)
+            assert m.rel.table.shape == (9, h)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(nest.export(f"h={h}")(x), want, rtol=1e-5, atol=1e-6)
+    nest.unwrap()
+
+
+def test_per_head_names_a_child_that_is_not_a_projection():
+    torch.manual_seed(0)
+    for per_head, msg in [("q", "projection 'q'"), ("nope", "names no child module"),
+                          ("rel.table", "names no child module")]:
+        m = _BiasAttn().eval()
+        before = snapshot(m)
+        with pytest.raises(sn.PatternError, match=msg):
+            sn.wrap(m, sn.Heads("h", [2, 4], attn="", per_head=per_head))
+        assert_unchanged(m, before)
+    for bad in ([], ["rel", "rel"], [""], [".rel"]):
+        with pytest.raises(sn.PatternError, match="per_head= takes"):
+            sn.Heads("h", [2, 4], attn="", per_head=bad)
+    with pytest.raises(sn.PatternError, match=r"takes no \['per_head'\]"):
+        sn.wrap(nn.MultiheadAttention(8, 4), sn.Heads("h", [2, 4], attn="", per_head="rel"))
+    spec = sn.Heads("h", [2, 4], attn="", per_head="rel").spec()
+    assert spec["per_head"] == ["rel"] and sn.dims.dimension_from_spec(spec).per_head == ("rel",)
+
+
 def test_a_rotary_buffer_as_long_as_the_head_count_is_not_taken_for_a_per_head_tensor():
     E, H, D = 128, 8, 16                    # inv_freq has D / 2 = 8 = H entries, shared by every head
 

@@ -626,6 +626,40 @@ def test_swin_stage_head_lists_are_refused_cleanly():
         assert torch.equal(model(**x).last_hidden_state, ref)
 
 
+def test_swin_heads_by_hand_slice_the_childs_position_bias_table_with_per_head(monkeypatch):
+    """HF Swin keeps its per-head relative position bias table (positions, heads) in a child of the attention:
+    Heads left it whole (a raw shape error in the first smaller forward). It is refused naming the child; with a
+    slicer for that child and per_head=, every sub-model runs and equals its plain export."""
+    swin = pytest.importorskip("transformers.models.swin.modeling_swin")
+    table_cls = getattr(swin, "SwinRelativePositionBias", None)
+    if table_cls is None or "relative_position_bias_table" not in dict(table_cls(2, (2, 2)).named_parameters()):
+        pytest.skip("this transformers version keeps Swin's table on the attention itself")
+    torch.manual_seed(0)
+    model = T.SwinModel(T.SwinConfig(image_size=16, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                     window_size=2)).eval()
+    for mod in model.modules():
+        if isinstance(mod, table_cls):
+            nn.init.normal_(mod.relative_position_bias_table)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(sn.PatternError, match="child 'relative_position_bias'.*per_head='relative_position_bias'"):
+        sn.wrap(model, sn.Heads("h0", [1, 2], attn="encoder.layers.0.blocks.*.attention"))
+    import sortednet.slicers.base as base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # (the slicer registered for this test only)
+    sn.slicer(table_cls)(type("SwinTableSlicer", (sn.Slicer,), {
+        "roles": ("out",), "attrs": ("relative_position_bias_table",),
+        "views": {"relative_position_bias_table": ((1, "out"),)},
+        "full": lambda self, m, role: m._parameters["relative_position_bias_table"].shape[1]}))
+    nest = sn.wrap(model, *[sn.Heads(f"h{i}", [n // 2, n], attn=f"encoder.layers.{i}.blocks.*.attention",
+                                     per_head="relative_position_bias") for i, n in enumerate([2, 4])], example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = model(pixel_values=x).last_hidden_state
+        with torch.no_grad():
+            torch.testing.assert_close(nest.export(sub, plain=True)(pixel_values=x).last_hidden_state, live)
+    assert model.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table.shape[1] == 4
+
+
 def test_depth_export_of_a_backbone_config_reloads(tmp_path):
     """Backbone configs name one stage per layer (stage_names / out_features): a depth export keeps them
     consistent, so save_pretrained -> from_pretrained works and equals the live sub-model."""

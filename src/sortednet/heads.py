@@ -107,7 +107,10 @@ class Heads(Dimension):
     GPT-NeoX ``query_key_value``). Names whose convention is stacked (``qkv``,
     ``c_attn``, ``to_qkv``, ``Wqkv``) need none; any other fused name without
     ``layout`` is refused. The head size is read from ``o``'s input width.
-    A child ``relative_attention_bias`` embedding (T5) is sliced per head.
+    A child ``relative_attention_bias`` embedding (T5) is sliced per head. ``per_head`` names other
+    descendants of each attention module (relative paths, e.g. ``"relative_position_bias"``) that hold one
+    unit per head: their slicer's ``out`` role is cut with the heads, one unit per head (a per-head
+    relative position bias table, a head-wise gate; docs/heads.md shows a slicer for one).
 
     >>> import sortednet as sn
     >>> sn.Heads("heads", [2, 4], attn="blocks.*.attn")
@@ -118,7 +121,8 @@ class Heads(Dimension):
 
     def __init__(self, name: str, sizes: Sequence[int], *, attn: str | Iterable[str],
                  qkv: str | Sequence[str] | None = None, o: str | None = None,
-                 count_attrs: Sequence[str] | None = None, layout: str | None = None) -> None:
+                 count_attrs: Sequence[str] | None = None, layout: str | None = None,
+                 per_head: str | Sequence[str] | None = None) -> None:
         super().__init__(name, sizes)
         if layout is not None and layout not in LAYOUTS:
             raise PatternError(f"Heads {name!r}: layout={layout!r} is not one of {list(LAYOUTS)}")
@@ -139,12 +143,19 @@ class Heads(Dimension):
         self.o = o
         self.count_attrs = tuple(count_attrs) if count_attrs is not None else None
         self.layout = layout
+        if per_head is not None:
+            per_head = (per_head,) if isinstance(per_head, str) else tuple(per_head)
+            bad = [n for n in per_head if not isinstance(n, str) or not n or n.startswith(".") or n.endswith(".")]
+            if bad or not per_head or len(set(per_head)) != len(per_head):
+                raise PatternError(f"Heads {name!r}: per_head= takes the relative paths of child modules of each "
+                                   f"attention (e.g. 'relative_position_bias'), each once, got {list(per_head)}")
+        self.per_head = per_head
 
     def spec(self) -> dict[str, Any]:
         qkv = list(self.qkv) if isinstance(self.qkv, tuple) else self.qkv
         return {**super().spec(), "attn": list(self.attn), "qkv": qkv, "o": self.o,
                 "count_attrs": list(self.count_attrs) if self.count_attrs is not None else None,
-                "layout": self.layout}
+                "layout": self.layout, "per_head": list(self.per_head) if self.per_head is not None else None}
 
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         out: list[Target] = []
@@ -164,7 +175,7 @@ class Heads(Dimension):
         H = self.full
         if isinstance(m, nn.MultiheadAttention):
             given = [k for k, v in (("qkv", self.qkv), ("o", self.o), ("count_attrs", self.count_attrs),
-                                    ("layout", self.layout)) if v is not None]
+                                    ("layout", self.layout), ("per_head", self.per_head)) if v is not None]
             if given:  # (its packed in_proj_weight, out_proj and num_heads are known: the options would be ignored)
                 raise self._err(path, f"an nn.MultiheadAttention takes no {given}: its packed projection, "
                                       "out_proj and num_heads are sliced as they are; leave them out")
@@ -257,6 +268,8 @@ class Heads(Dimension):
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
         self._refuse_per_head_tensors(path, m, d)
         targets += self._bias_targets(path, m, pat)
+        targets += self._per_head_targets(path, m, pat, (*projections, o))
+        self._refuse_per_head_children(path, m, d, targets)
         targets += self._attr_targets(path, m, d, group, pat, mqa, (*projections, o.split(".")[0]), shared)
         return targets
 
@@ -317,8 +330,9 @@ class Heads(Dimension):
                 if lead == H or last:  # (a trained table with the heads last: Swin's (positions, heads))
                     raise self._err(path, f"its {kind} {n!r} of shape {tuple(t.shape)} looks per-head (an axis of "
                                           f"{H}, the head count); Heads cannot slice it with the heads. Keep it in a "
-                                          "child module and give that child a slicer (docs/custom_slicers.md), or "
-                                          "slice this attention as a Width of its head size")
+                                          "child module with a slicer of its own and name that child in "
+                                          "per_head= (docs/heads.md), or slice this attention as a Width of its "
+                                          "head size")
 
     def _bias_targets(self, path: str, m: nn.Module, pat: str) -> list[Target]:
         """Per-head relative position bias tables (T5) are sliced with the heads; other per-head tables refused."""
@@ -330,6 +344,46 @@ class Heads(Dimension):
                                           f"that Heads does not know how to slice; known: {list(BIAS_NAMES)}")
                 out.append(Target(_join(path, n), "out", Binding(self), pat))
         return out
+
+    def _per_head_targets(self, path: str, m: nn.Module, pat: str, projections: Sequence[str]) -> list[Target]:
+        """The ``per_head`` descendants: their ``out`` role, one unit per head."""
+        out = []
+        for n in self.per_head or ():
+            c = _child(m, n)
+            if c is None or c is m:
+                raise self._err(path, f"per_head={n!r} names no child module of it (children: "
+                                      f"{sorted(k for k, _ in m.named_children())})")
+            hit = [p for p in projections if n == p or n.startswith(p + ".") or p.startswith(n + ".")]
+            if hit:
+                raise self._err(path, f"per_head={n!r} is (or holds, or lies in) the projection {hit[0]!r}, which "
+                                      "Heads slices by itself: per_head= names the other modules with one unit per "
+                                      "head")
+            out.append(Target(_join(path, n), "out", Binding(self), pat))
+        return out
+
+    def _refuse_per_head_children(self, path: str, m: nn.Module, d: int, targets: Sequence[Target]) -> None:
+        """A weight matrix or table (2-D or more) of a descendant that Heads leaves whole but that has an axis as
+        long as the head count, first (a ``Linear(hidden, heads)`` gate, Swin-v2's position-bias MLP) or last
+        (HF Swin's ``relative_position_bias_table`` of shape (positions, heads), held by a child), would stay
+        full-size under fewer heads: refused, naming the module and the tensor, and ``per_head=``."""
+        H = self.full
+        if H == d or H < 2:
+            return  # (a head count equal to the head size decides nothing: a (d, d) matrix: check measures it)
+        bound = {t.path for t in targets if not t.role.startswith("attr:")}
+        for n, c in m.named_modules(remove_duplicate=False):
+            full = _join(path, n)
+            if not n or any(full == b or full.startswith(b + ".") for b in bound):
+                continue
+            for pn, t in c._parameters.items():
+                if t is None or t.dim() < 2:
+                    continue
+                lead = next((s for s in t.shape if s != 1), None)
+                if lead == H or t.shape[-1] == H:
+                    raise self._err(path, f"its child {n!r} ({type(c).__name__}) holds the parameter {pn!r} of "
+                                          f"shape {tuple(t.shape)}, which looks per-head (an axis of {H}, the head "
+                                          "count) and Heads would leave whole. If it is, give "
+                                          f"{type(c).__name__} a slicer whose 'out' role cuts that axis and pass "
+                                          f"per_head={n!r} (docs/heads.md); otherwise nest without heads here")
 
     def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str, mqa: bool = False,
                       projections: Sequence[str] = (), shared: frozenset[int] = frozenset()) -> list[Target]:

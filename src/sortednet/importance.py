@@ -72,13 +72,16 @@ class _Bind:
         self.path, self.m, self.role, self.unit, self.div, self.chunks = path, m, role, unit, div, chunks
         self.head = 0  # head size of a fused interleaved projection (a block [q x div, k, v] per key/value head)
         name = type(m._sn.slicer).__name__
-        if name not in _AXES:
+        known = _AXES.get(name) if type(m._sn.slicer).__module__.startswith("sortednet.") else None
+        known = known if known is not None else _views_axes(m)
+        if known is None:
             hf = m._sn.cls.__module__.startswith("transformers.")
             raise SortedNetError(f"sort_units: {path!r} ({m._sn.cls.__name__}) is sliced by {name}, whose layout "
-                                 "importance sorting does not know; it cannot be permuted"
+                                 "importance sorting does not know (it computes attributes in value(), not only "
+                                 "views of its tensors); it cannot be permuted"
                                  + ("; sort this family with sn.sort_by_importance (sortednet.integrations), which "
                                     "knows the layouts sn.from_transformers nests" if hf else ""))
-        axes = _AXES[name].get(role, [])
+        axes = known.get(role, [])
         if name == "ConvSlicer" and role == "inp" and m.__dict__["groups"] > 1:
             axes = []  # depthwise: its out binding moves the filters
         found = [(n, t, ax) for n, ax in axes if (t := m._parameters.get(n, m._buffers.get(n))) is not None]
@@ -103,6 +106,22 @@ class _Bind:
         """Per-feature values ``v`` summed into per-unit scores (chunks and head features added up)."""
         u = v.reshape(self.chunks, full_units // self.div, self.unit).sum((0, 2))
         return u.repeat_interleave(self.div) if self.div > 1 else u
+
+
+def _views_axes(m: nn.Module) -> dict[str, list[tuple[str, int]]] | None:
+    """role -> [(tensor attribute, axis)] of a slicer of the user's whose every attribute is a view of a tensor
+    (``views``) or depends on the sizes alone (``static``): permuting those tensors along those axes permutes
+    the units. None for one that computes an attribute in ``value()`` (its layout is unknown)."""
+    sl = m._sn.slicer
+    rules = sl.rules(m)
+    if any(a not in rules for a in sl.attrs):
+        return None
+    out: dict[str, list[tuple[str, int]]] = {}
+    for attr, cuts in rules.items():
+        if isinstance(cuts, tuple):
+            for axis, role in cuts:
+                out.setdefault(role, []).append((attr, axis))
+    return out
 
 
 def _groups(nest: Nest, example: Any) -> list[tuple[str, Any, list[_Bind], int]]:
