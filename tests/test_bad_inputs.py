@@ -159,6 +159,11 @@ TABLE = {
         sn.Sampler(n.submodels[:2], k=1).state_dict())), "sampler state"),
     "wrap_submodels_string": B(_fresh(lambda c, t: sn.wrap(c.model, *c.dims, submodels="h1=4")), "list", "str"),
     "wrap_submodels_empty": B(_fresh(lambda c, t: sn.wrap(c.model, *c.dims, submodels=[])), "empty"),
+    "depth_largest_not_the_layer_count": B(_fresh(lambda c, t: sn.wrap(
+        torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)]), sn.Depth("d", [2, 4], layers=""))),
+        "largest size 4 gives 4 layers but", "has 6"),
+    "distill_one_dimensional_logits": B(_fresh(lambda c, t: sn.Distill().soft_loss(torch.randn(5), torch.randn(5))),
+                                        "floating-point logits of shape (..., classes)", "(5,)"),
     "calibrate_batches_zero": B(_on(cnn, lambda c, n, t: n.calibrate([c.example], batches=0)), "batches"),
     "calibrate_without_batchnorm": B(_on(mlp, lambda c, n, t: n.calibrate([c.example])), "no BatchNorm"),
     "export_size_not_listed": B(_on(mlp, lambda c, n, t: n.export("h1=5")), "'h1'", "no size 5"),

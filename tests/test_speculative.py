@@ -367,6 +367,10 @@ def test_bad_input_is_refused_before_any_forward():
         dict(draft="depth=1", share_cache=torch.tensor([1, 0])),
         dict(draft="depth=1", do_sample=True, top_p=True),
         dict(draft="depth=1", do_sample=True, temperature=float("inf")),
+        # meta tensors hold no values: a raw "item() cannot be called on meta tensors" / "Cannot copy out of meta"
+        dict(draft="depth=1", input_ids=torch.tensor([[1, 2, 3]], device="meta")),
+        dict(draft="depth=1", attention_mask=torch.ones(1, 3, dtype=torch.long, device="meta")),
+        dict(draft="depth=1", eos_token_id=torch.tensor([3], device="meta")),
     ]
     for kw in bad:
         kw = {"target": target, "input_ids": ids, "max_new_tokens": 4, **kw}

@@ -326,8 +326,9 @@ class Slicer:
                         f"; {path!r} reads more features than the dimension has (the sliced ones concatenated with "
                         "others, or flattened with spatial positions): a prefix of its input is not the dimension's "
                         "units, so it cannot be bound here" if role == "inp" and full > b.total(b.dim.full) else "")
+                what = "layers" if role == "depth" else "features"
                 raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
-                                f"{b.total(b.dim.full)} features but {path!r} ({type(m).__name__}) has {full} "
+                                f"{b.total(b.dim.full)} {what} but {path!r} ({type(m).__name__}) has {full} "
                                 f"for role {role!r}{hint}")
         self.check(m, bind, path)  # (an exception of the user's own passes as it is: check() is theirs to raise)
         self._check_declared(m, bind, path, added)  # (after the slicer's own, more specific refusals)

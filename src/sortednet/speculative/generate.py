@@ -124,6 +124,11 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
     """Checks the run's inputs; returns (left padding to skip, eos ids)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise SortedNetError("input_ids must be an integer tensor of shape (batch, length), like generate's")
+    meta = [n for n, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("eos_token_id", eos))
+            if isinstance(t, Tensor) and t.device.type == "meta"]
+    if meta:
+        raise SortedNetError(f"speculative_generate decodes real tokens: {meta} on the meta device hold no values; "
+                             "pass them on the model's device")
     if input_ids.shape[0] != 1:
         raise SortedNetError(f"speculative_generate decodes one sequence at a time (batch size 1); got batch size "
                              f"{input_ids.shape[0]}: loop over the rows")
