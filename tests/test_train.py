@@ -1302,7 +1302,8 @@ def test_non_finite_logits_at_masked_positions_stay_out_of_the_soft_term():
 
 def test_a_closure_returning_logits_and_mask_serves_without_distill_too():
     """An ablation without ``distill=`` keeps the closure that returns (loss, logits, mask): the loss trains, the
-    rest goes unused (it was refused for returning 3 values, where (loss, logits) was accepted)."""
+    rest goes unused (it was refused for returning 3 values, where (loss, logits) was accepted). The third item must
+    still be such a mask (another value there, an auxiliary loss, would be dropped: refused, see below)."""
     grads = []
     for extra in (False, True):
         model, nest = _token_model()
@@ -1310,7 +1311,7 @@ def test_a_closure_returning_logits_and_mask_serves_without_distill_too():
 
         def closure(model=model, x=x, y=y, extra=extra):
             loss = F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten())
-            return (loss, o, "not a mask") if extra else loss
+            return (loss, o, y != -100) if extra else loss
 
         sn.accumulate(nest, [nest.smallest, nest.largest], closure)
         grads.append([p.grad.clone() for p in model.parameters()])
