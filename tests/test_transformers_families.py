@@ -626,10 +626,11 @@ def test_swin_stage_head_lists_are_refused_cleanly():
         assert torch.equal(model(**x).last_hidden_state, ref)
 
 
-def test_swin_heads_by_hand_slice_the_childs_position_bias_table_with_per_head(monkeypatch):
+def test_swin_heads_by_hand_slice_the_childs_position_bias_table_with_per_head():
     """HF Swin keeps its per-head relative position bias table (positions, heads) in a child of the attention:
-    Heads left it whole (a raw shape error in the first smaller forward). It is refused naming the child; with a
-    slicer for that child and per_head=, every sub-model runs and equals its plain export."""
+    Heads left it whole (a raw shape error in the first smaller forward). It is refused naming the child; with
+    per_head= (sortednet serves SwinRelativePositionBias itself), every sub-model runs and equals its plain
+    export, and importance sorting moves the table's columns with the heads."""
     swin = pytest.importorskip("transformers.models.swin.modeling_swin")
     table_cls = getattr(swin, "SwinRelativePositionBias", None)
     if table_cls is None or "relative_position_bias_table" not in dict(table_cls(2, (2, 2)).named_parameters()):
@@ -641,15 +642,10 @@ def test_swin_heads_by_hand_slice_the_childs_position_bias_table_with_per_head(m
         if isinstance(mod, table_cls):
             nn.init.normal_(mod.relative_position_bias_table)
     x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
     with pytest.raises(sn.PatternError, match="child 'relative_position_bias'.*per_head='relative_position_bias'"):
         sn.wrap(model, sn.Heads("h0", [1, 2], attn="encoder.layers.0.blocks.*.attention"))
-    import sortednet.slicers.base as base
-
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # (the slicer registered for this test only)
-    sn.slicer(table_cls)(type("SwinTableSlicer", (sn.Slicer,), {
-        "roles": ("out",), "attrs": ("relative_position_bias_table",),
-        "views": {"relative_position_bias_table": ((1, "out"),)},
-        "full": lambda self, m, role: m._parameters["relative_position_bias_table"].shape[1]}))
     nest = sn.wrap(model, *[sn.Heads(f"h{i}", [n // 2, n], attn=f"encoder.layers.{i}.blocks.*.attention",
                                      per_head="relative_position_bias") for i, n in enumerate([2, 4])], example=x)
     for sub in nest.submodels:
@@ -657,7 +653,13 @@ def test_swin_heads_by_hand_slice_the_childs_position_bias_table_with_per_head(m
             live = model(pixel_values=x).last_hidden_state
         with torch.no_grad():
             torch.testing.assert_close(nest.export(sub, plain=True)(pixel_values=x).last_hidden_state, live)
-    assert model.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table.shape[1] == 4
+    table = model.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table
+    assert table.shape[1] == 4
+    before = table.detach().clone()
+    order = sn.sort_units(nest, "l1", example=x)["h1@encoder.layers.1.blocks.0.attention"]
+    torch.testing.assert_close(table.detach(), before[:, order])
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_depth_export_of_a_backbone_config_reloads(tmp_path):

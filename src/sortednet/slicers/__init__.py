@@ -47,7 +47,8 @@ __all__ = ["Slicer", "slicer", "slicer_for", "State", "sliced_subclass", "STATIC
 
 def register_transformers_types() -> None:
     """Slicers for transformers' own layer types whose modules are loaded (idempotent; never imports
-    transformers itself): GPT-2's ``Conv1D``, Falcon's ``FalconLinear``, Mixtral / Qwen2-MoE experts."""
+    transformers itself): GPT-2's ``Conv1D``, Falcon's ``FalconLinear``, Mixtral / Qwen2-MoE experts, Swin's
+    per-head ``SwinRelativePositionBias`` (nested by ``Heads(..., per_head="relative_position_bias")``)."""
     import sys
 
     if "transformers.pytorch_utils" in sys.modules:
@@ -56,6 +57,12 @@ def register_transformers_types() -> None:
     if falcon is not None:
         linear.LinearSlicer.types = (*{*linear.LinearSlicer.types, falcon.FalconLinear},)
         _REGISTRY.setdefault(falcon.FalconLinear, _REGISTRY[nn.Linear])
+    swin = sys.modules.get("transformers.models.swin.modeling_swin")
+    table = getattr(swin, "SwinRelativePositionBias", None)
+    if isinstance(table, type) and table not in _REGISTRY:  # (the table per head, in a child of the attention)
+        from .hf_tables import register_tables
+
+        register_tables(table)
     for mod, name in (("mixtral.modeling_mixtral", "MixtralExperts"),
                       ("qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts")):
         m = sys.modules.get(f"transformers.models.{mod}")
