@@ -435,3 +435,29 @@ def test_an_ema_copy_is_saved_with_its_own_weights(tmp_path):
     with pytest.raises(sn.SortedNetError, match="per-sub-model BatchNorm statistics"):
         sn.save(calibrated, str(tmp_path / "cal.safetensors"))
     assert not (tmp_path / "part.safetensors").exists() and not (tmp_path / "cal.safetensors").exists()
+
+
+def test_a_file_written_before_an_option_existed_loads_into_a_nest_that_leaves_it_empty(tmp_path, monkeypatch):
+    """Heads gained per_head=: its spec held "per_head": None, and every Heads checkpoint written before that
+    (without the key) was refused by load, naming no differing field. An option left empty now reads as one the
+    file does not have; one the file sets, or the nest sets, still differs."""
+    from models import FAMILIES
+
+    c = FAMILIES["attn_block"]()
+    heads = next(d for d in c.dims if isinstance(d, sn.Heads))
+    real = sn.Heads.spec
+    monkeypatch.setattr(sn.Heads, "spec", lambda self: {k: v for k, v in real(self).items()
+                                                         if k not in ("layout", "count_attrs", "per_head")})
+    nest = sn.wrap(c.model, *c.dims)
+    sn.save(nest, tmp_path / "old.sn")  # (as a version without those options wrote it)
+    monkeypatch.setattr(sn.Heads, "spec", real)
+    fresh = FAMILIES["attn_block"](seed=1)
+    twin = sn.wrap(fresh.model, *fresh.dims)
+    sn.load(twin, tmp_path / "old.sn")
+    assert all(torch.equal(a, b) for a, b in zip(c.model.state_dict().values(), fresh.model.state_dict().values()))
+    other = FAMILIES["attn_block"](seed=1)
+    dims = [sn.Heads(heads.name, heads.sizes, attn=heads.attn, count_attrs=["num_heads"])
+            if isinstance(d, sn.Heads) else d for d in other.dims]
+    nest3 = sn.wrap(other.model, *dims)
+    with pytest.raises(sn.SortedNetError, match=r"count_attrs None saved, \['num_heads'\] in the nest"):
+        sn.load(nest3, tmp_path / "old.sn")

@@ -155,7 +155,7 @@ class Heads(Dimension):
         qkv = list(self.qkv) if isinstance(self.qkv, tuple) else self.qkv
         return {**super().spec(), "attn": list(self.attn), "qkv": qkv, "o": self.o,
                 "count_attrs": list(self.count_attrs) if self.count_attrs is not None else None,
-                "layout": self.layout, "per_head": list(self.per_head) if self.per_head is not None else None}
+                "layout": self.layout, **({"per_head": list(self.per_head)} if self.per_head is not None else {})}
 
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         out: list[Target] = []

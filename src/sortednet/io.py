@@ -455,6 +455,9 @@ def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
         mine = [{k: v for k, v in d.spec().items() if k in t or v} for d, t in zip(nest.dims, theirs)]
     else:  # the bound modules decide (in any order within a field), not how the patterns were written
         mine, theirs = [_bound(d) for d in mine], [_bound(d) for d in theirs]
+        # an option a later version added, left empty (None, [], ...), is what a file without it says
+        mine = [{k: v for k, v in d.items() if k in t or not _empty(v)} if isinstance(d, dict) and isinstance(t, dict)
+                else d for d, t in zip(mine, theirs)] + mine[len(theirs):]
     if len(mine) == len(theirs) and mine != theirs and sorted(map(repr, mine)) == sorted(map(repr, theirs)):
         # the same dimensions in another order: the file's sub-model rows, calibration and profile are in its
         # order, so it is refused rather than remapped
@@ -485,6 +488,11 @@ def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
         raise SortedNetError(f"checkpoint {where} lists {len(rows)} sub-models, the nest {n}"
                              + (f"; e.g. {dict(zip(names, missing))} is not in the nest" if missing else "")
                              + "; wrap with the same submodels=")
+
+
+def _empty(v: Any) -> bool:
+    """An option left at its empty default (None, False, an empty list / dict)."""
+    return v is None or v is False or (isinstance(v, (list, tuple, dict)) and not v)
 
 
 def _bound(spec: Any) -> Any:
