@@ -3298,3 +3298,38 @@ def test_copies_a_users_slicer_makes_for_library_layers_that_write_them_are_refu
             with nest.use("h=4"), torch.no_grad():
                 torch.testing.assert_close(e(ids), nest.export("h=4")(ids))
         nest.unwrap()
+
+
+def test_rows_an_embedding_bag_renormalises_into_a_copy_are_refused():
+    """F.embedding_bag(max_norm=) renormalises the rows it reads, in place: into a custom slicer's copy that
+    write was lost (the guard knew F.embedding only)."""
+    class Bag(nn.EmbeddingBag):
+        pass
+
+    class BagCopy(sn.Slicer):
+        roles, attrs = ("out",), ("weight", "embedding_dim")
+
+        def full(self, m, role):
+            return m.__dict__["embedding_dim"]
+
+        def value(self, m, name):
+            if name == "embedding_dim":
+                return self.features(m, "out", m.__dict__[name])
+            return self.take(m, "weight", [(1, "out")]).clone()
+
+    sn.slicer(Bag)(BagCopy)
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 2, 3]])
+    for max_norm in (1.0, None):
+        e = nn.Sequential(Bag(10, 8, max_norm=max_norm, mode="mean"), nn.Linear(8, 2))
+        with torch.no_grad():
+            e[0].weight.mul_(5)
+        nest = sn.wrap(e, sn.Width("h", [4, 8], out="0", inp="1"))
+        if max_norm is not None:
+            with nest.use("h=4"), pytest.raises(sn.SortedNetError,
+                                                 match=r"0\.weight: written in place \(embedding_bag"):
+                e(ids)
+        else:
+            with nest.use("h=4"), torch.no_grad():
+                torch.testing.assert_close(e(ids), nest.export("h=4")(ids))
+        nest.unwrap()

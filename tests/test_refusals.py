@@ -877,6 +877,90 @@ def test_per_head_slices_a_childs_table_with_the_heads(heads, T, seed):
     nest.unwrap()
 
 
+class _ConvKVAttn(nn.Module):
+    """PvT / CvT style: a convolution over the tokens before the key/value projections, its kernel (or its
+    stride) as long as the head count; and optionally learned rotary frequencies (1, head_dim / 2)."""
+
+    def __init__(self, heads: int, D: int, kernel: int, freqs: bool = False):
+        super().__init__()
+        E = heads * D
+        self.num_heads, self.head_dim = heads, D
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+        self.reduce = nn.Conv1d(E, E, kernel, padding=kernel // 2, groups=E)
+        self.rope = nn.Module() if freqs else None  # (a child holding the learned frequencies)
+        if freqs:
+            self.rope.freqs = nn.Parameter(torch.randn(1, D // 2))
+
+    def forward(self, x):
+        B, T, E = x.shape
+        kv = self.reduce(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k, v = (p(kv).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.k, self.v))
+        if self.rope is not None:
+            ang = torch.arange(T)[:, None] * self.rope.freqs
+            q = q * ang.cos().repeat(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("heads,D,kernel,freqs", [(3, 4, 3, False), (2, 6, 2, False), (4, 8, 4, True),
+                                                   (2, 4, 3, True)])
+def test_per_head_looking_tensors_that_are_not_are_left_to_check(heads, D, kernel, freqs):
+    """The child check took a convolution's kernel axis (= the head count: CvT's 3 heads and kernel 3) and
+    learned rotary frequencies (1, head_dim / 2) for per-head tensors and refused attentions the earlier code
+    nested exactly. It reads matrices only, and not where the head count is the head size or half of it."""
+    torch.manual_seed(0)
+    m = _ConvKVAttn(heads, D, kernel, freqs).eval()
+    x = torch.randn(2, 6, heads * D)
+    sizes = list(range(1, heads + 1))
+    nest = sn.wrap(m, sn.Heads("h", sizes, attn="", qkv=("q", "k", "v"), o="o"), example=x)
+    for h in sizes:
+        with torch.no_grad(), nest.use(f"h={h}"):
+            torch.testing.assert_close(m(x), nest.export(f"h={h}")(x))
+    nest.unwrap()
+
+
+class _EmbAttn(_BiasAttn):
+    """A per-head bias kept in an nn.Embedding of width heads (an index per relative position)."""
+
+    def __init__(self, heads=4, D=6):
+        super().__init__(heads, D)
+        self.rel = None
+        self.pos = nn.Embedding(9, heads)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x),
+                                                                                          self.v(x)))
+        pos = torch.arange(T)
+        bias = self.pos((pos[None] - pos[:, None]).clamp(-4, 4) + 4).permute(2, 0, 1)
+        y = ((q @ k.transpose(-1, -2)) * self.head_dim ** -0.5 + bias).softmax(-1) @ v
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_per_head_takes_an_embedding_child_and_one_that_only_some_attentions_hold():
+    """per_head= naming an nn.Embedding of width heads was refused before it was read ('known:
+    relative_attention_bias'); and a child that only the first layer holds (T5's layout) was refused in the
+    others. Both nest now, every sub-model equal to its export; the refusal without per_head= names it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_EmbAttn(), _EmbAttn()).eval()
+    del model[1].pos
+    model[1].pos = None
+    x = torch.randn(2, 5, 24)
+    with pytest.raises(sn.PatternError, match=r"child 'pos' is an embedding of width 4.*per_head='pos'"):
+        sn.wrap(nn.Sequential(_EmbAttn()), sn.Heads("h", [2, 4], attn="0"))
+    single = nn.Sequential(_EmbAttn()).eval()
+    nest = sn.wrap(single, sn.Heads("h", [1, 2, 4], attn="0", per_head="pos"), example=x)
+    for h in (1, 2, 4):
+        with torch.no_grad(), nest.use(f"h={h}"):
+            assert single[0].pos.weight.shape == (9, h)
+            torch.testing.assert_close(single(x), nest.export(f"h={h}")(x))
+    targets = sn.Heads("h", [2, 4], attn="*", per_head="pos").plan(dict(model.named_modules()))
+    assert [t.path for t in targets if t.path.endswith("pos")] == ["0.pos"]
+    with pytest.raises(sn.PatternError, match="per_head='nope' names no child module of it, nor of the other"):
+        sn.Heads("h", [2, 4], attn="*", per_head=["pos", "nope"]).plan(dict(model.named_modules()))
+
+
 def test_per_head_names_a_child_that_is_not_a_projection():
     torch.manual_seed(0)
     for per_head, msg in [("q", "projection 'q'"), ("nope", "names no child module"),

@@ -268,7 +268,7 @@ class Heads(Dimension):
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
         self._refuse_per_head_tensors(path, m, d)
         targets += self._bias_targets(path, m, pat)
-        targets += self._per_head_targets(path, m, pat, (*projections, o))
+        targets += self._per_head_targets(path, m, pat, (*projections, o), others)
         self._refuse_per_head_children(path, m, d, targets)
         targets += self._attr_targets(path, m, d, group, pat, mqa, (*projections, o.split(".")[0]), shared)
         return targets
@@ -338,21 +338,28 @@ class Heads(Dimension):
         """Per-head relative position bias tables (T5) are sliced with the heads; other per-head tables refused."""
         out = []
         for n, c in m.named_children():
-            if isinstance(c, nn.Embedding) and c.embedding_dim == self.full:
+            if isinstance(c, nn.Embedding) and c.embedding_dim == self.full and n not in (self.per_head or ()):
                 if n not in BIAS_NAMES:
                     raise self._err(path, f"child {n!r} is an embedding of width {self.full} (one column per head?) "
-                                          f"that Heads does not know how to slice; known: {list(BIAS_NAMES)}")
+                                          f"that Heads slices only under the names {list(BIAS_NAMES)} or when named "
+                                          f"in per_head= (per_head={n!r}: its columns are cut with the heads)")
                 out.append(Target(_join(path, n), "out", Binding(self), pat))
         return out
 
-    def _per_head_targets(self, path: str, m: nn.Module, pat: str, projections: Sequence[str]) -> list[Target]:
-        """The ``per_head`` descendants: their ``out`` role, one unit per head."""
+    def _per_head_targets(self, path: str, m: nn.Module, pat: str, projections: Sequence[str],
+                          others: Sequence[nn.Module] = ()) -> list[Target]:
+        """The ``per_head`` descendants: their ``out`` role, one unit per head. One that other matched attentions
+        hold and this one does not (T5's bias, held by the first layer only) is skipped here."""
         out = []
         for n in self.per_head or ():
             c = _child(m, n)
-            if c is None or c is m:
-                raise self._err(path, f"per_head={n!r} names no child module of it (children: "
-                                      f"{sorted(k for k, _ in m.named_children())})")
+            if c is m:
+                c = None
+            if c is None and any(_child(o, n) not in (None, o) for o in others):
+                continue
+            if c is None:
+                raise self._err(path, f"per_head={n!r} names no child module of it, nor of the other attentions "
+                                      f"matched (children: {sorted(k for k, _ in m.named_children())})")
             hit = [p for p in projections if n == p or n.startswith(p + ".") or p.startswith(n + ".")]
             if hit:
                 raise self._err(path, f"per_head={n!r} is (or holds, or lies in) the projection {hit[0]!r}, which "
@@ -362,28 +369,30 @@ class Heads(Dimension):
         return out
 
     def _refuse_per_head_children(self, path: str, m: nn.Module, d: int, targets: Sequence[Target]) -> None:
-        """A weight matrix or table (2-D or more) of a descendant that Heads leaves whole but that has an axis as
+        """A weight matrix or table (2-D) of a descendant that Heads leaves whole but that has an axis as
         long as the head count, first (a ``Linear(hidden, heads)`` gate, Swin-v2's position-bias MLP) or last
         (HF Swin's ``relative_position_bias_table`` of shape (positions, heads), held by a child), would stay
         full-size under fewer heads: refused, naming the module and the tensor, and ``per_head=``."""
         H = self.full
-        if H == d or H < 2:
-            return  # (a head count equal to the head size decides nothing: a (d, d) matrix: check measures it)
+        if H in (d, d // 2) or H < 2:
+            return  # (a head count equal to the head size or half of it decides nothing: a (d, d) matrix, learned
+        # rotary frequencies (1, d / 2): check measures such a module)
         bound = {t.path for t in targets if not t.role.startswith("attr:")}
         for n, c in m.named_modules(remove_duplicate=False):
             full = _join(path, n)
             if not n or any(full == b or full.startswith(b + ".") for b in bound):
                 continue
             for pn, t in c._parameters.items():
-                if t is None or t.dim() < 2:
-                    continue
+                if t is None or t.dim() != 2:
+                    continue  # (matrices and tables: a convolution's kernel axes may be as long as the head count)
                 lead = next((s for s in t.shape if s != 1), None)
                 if lead == H or t.shape[-1] == H:
                     raise self._err(path, f"its child {n!r} ({type(c).__name__}) holds the parameter {pn!r} of "
                                           f"shape {tuple(t.shape)}, which looks per-head (an axis of {H}, the head "
                                           "count) and Heads would leave whole. If it is, give "
                                           f"{type(c).__name__} a slicer whose 'out' role cuts that axis and pass "
-                                          f"per_head={n!r} (docs/heads.md); otherwise nest without heads here")
+                                          f"per_head={n!r} to an sn.Heads of yours (sn.wrap; from_transformers "
+                                          "takes no per_head=, docs/heads.md); otherwise nest without heads here")
 
     def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str, mqa: bool = False,
                       projections: Sequence[str] = (), shared: frozenset[int] = frozenset()) -> list[Target]:

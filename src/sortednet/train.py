@@ -171,7 +171,8 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
     if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
                              or not isinstance(logits, Tensor) or tuple(mask.shape) != tuple(logits.shape[:-1])):
         # (checked without distill= too: a third item that is no such mask, an auxiliary loss, would be dropped)
-        where = f", {tuple(logits.shape[:-1])}" if isinstance(logits, Tensor) else ""
+        where = f", {tuple(logits.shape[:-1])}" if isinstance(logits, Tensor) else \
+            f" (the second item, the logits, is {type(logits).__name__}: a mask needs them)"
         aux = (" (a third item that requires grad is not trained: add an auxiliary loss to the loss itself)"
                if isinstance(mask, Tensor) and mask.requires_grad else "")
         raise SortedNetError(f"closure for {sub} returned (loss, logits, mask): the distillation mask must be a "

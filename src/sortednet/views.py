@@ -519,8 +519,9 @@ _F_WRITES: dict[Any, tuple[tuple[str, ...], str, Any, tuple[str, ...]]] = {  # t
     F.instance_norm: (("input", "running_mean", "running_var", "weight", "bias", "use_input_stats"),
                       "use_input_stats", True, ("running_mean", "running_var")),
     F.embedding: (("input", "weight", "padding_idx", "max_norm"), "max_norm", None, ("weight",)),
+    F.embedding_bag: (("input", "weight", "offsets", "max_norm"), "max_norm", None, ("weight",)),
 }
-_KERNEL_WRITES = {**_KERNEL_WRITES, "embedding": _F_WRITES[F.embedding]}
+_KERNEL_WRITES = {**_KERNEL_WRITES, "embedding": _F_WRITES[F.embedding], "embedding_bag": _F_WRITES[F.embedding_bag]}
 
 
 def _kernel_written(func: Any, op: str, args: tuple, kwargs: dict) -> Tensor | None:
@@ -528,7 +529,7 @@ def _kernel_written(func: Any, op: str, args: tuple, kwargs: dict) -> Tensor | N
     statistics in training, an embedding's rows renormalised by ``max_norm``), or None."""
     spec = _F_WRITES.get(func)
     if spec is None:
-        if func is torch.embedding or func is F.embedding:  # (torch.embedding: no max_norm, writes nothing)
+        if op in ("embedding", "embedding_bag"):  # (torch.embedding / embedding_bag: no max_norm, write nothing)
             return None
         spec = _KERNEL_WRITES[op]
     names, flag, default, written = spec
