@@ -14,6 +14,8 @@ import sortednet as sn
 from models import FAMILIES, assert_unchanged, run, snapshot
 from sortednet import Width
 from sortednet import checkpoint as ck
+from sortednet import distributed as snd
+from sortednet.train import evaluate as sn_evaluate
 
 
 def mlp():
@@ -164,6 +166,20 @@ TABLE = {
         "largest size 4 gives 4 layers but", "has 6"),
     "distill_one_dimensional_logits": B(_fresh(lambda c, t: sn.Distill().soft_loss(torch.randn(5), torch.randn(5))),
                                         "floating-point logits of shape (..., classes)", "(5,)"),
+    # the model (or None) where the Nest goes: raw AttributeErrors before
+    "accumulate_of_the_model": B(_on(mlp, lambda c, n, t: sn.accumulate(c.model, [n.smallest], lambda: 0)),
+                                 "accumulate() needs the Nest", "MLP", "the model itself"),
+    "accumulate_of_none": B(_on(mlp, lambda c, n, t: sn.accumulate(None, [n.smallest], lambda: 0)),
+                            "accumulate() needs the Nest", "NoneType"),
+    "distributed_accumulate_of_the_model": B(_on(mlp, lambda c, n, t: snd.accumulate(c.model, [n.smallest],
+                                                                                   lambda: 0)),
+                                             "sortednet.distributed.accumulate() needs the Nest"),
+    "evaluate_of_the_model": B(_on(mlp, lambda c, n, t: sn_evaluate(c.model, (c.example, None))),
+                               "evaluate() needs the Nest"),
+    "sync_gradients_of_the_nest": B(_on(mlp, lambda c, n, t: snd.sync_gradients(n)), "sync_gradients()",
+                                    "nest.model"),
+    "check_submodels_of_none": B(_on(mlp, lambda c, n, t: snd.check_submodels(None)), "check_submodels()",
+                                 "NoneType"),
     "calibrate_batches_zero": B(_on(cnn, lambda c, n, t: n.calibrate([c.example], batches=0)), "batches"),
     "calibrate_without_batchnorm": B(_on(mlp, lambda c, n, t: n.calibrate([c.example])), "no BatchNorm"),
     "export_size_not_listed": B(_on(mlp, lambda c, n, t: n.export("h1=5")), "'h1'", "no size 5"),

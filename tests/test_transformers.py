@@ -2373,3 +2373,37 @@ def test_sort_by_importance_of_a_frozen_layer_says_it_is_frozen():
     with pytest.raises(sn.SortedNetError,
                        match=r"'model\.layers\.0\.mlp\.\w+_proj' \(\w+\) got no gradient: its weight is frozen"):
         sn.sort_by_importance(nest, [{"input_ids": x, "labels": x}])
+
+
+def test_soft_loss_labels_must_align_with_the_inputs():
+    """Labels of another (batch, length) than the inputs reached the flattened cross-entropy: a raw ValueError
+    where the counts differed (pre-shifted labels), a loss on misaligned targets where they agreed."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, depth=[1])
+    x = ids(seed=3, b=2, t=9)
+    for labels, match in [(x[:, 1:], r"labels of shape \(2, 8\) for inputs of \(batch, length\) \(2, 9\)"),
+                          (ids(seed=4, b=3, t=6), r"labels of shape \(3, 6\)"),
+                          (x.float(), "token ids of shape"), (x[0], "token ids of shape")]:
+        with pytest.raises(sn.SortedNetError, match=match):
+            soft_loss(nest, x, labels=labels)
+    torch.testing.assert_close(soft_loss(nest, x, labels=x).loss, soft_loss(nest, x).loss)
+
+
+@pytest.mark.parametrize("drawn", [None, "ffn=16", {"ffn": 16}])
+def test_a_sampler_of_the_users_that_draws_no_list_is_named(drawn, tmp_path):
+    """SortedTrainer with a sampler whose draw() returned None (a raw TypeError) or one sub-model instead of a
+    list (a string was read character by character: "cannot parse sub-model 'f'")."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(2)]
+
+    class Drawer:
+        def draw(self, step):
+            return drawn
+
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"sampler.draw\(0\) must return a list of sub-models"):
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Drawer()).train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import weakref
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +135,12 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     >>> snd.sync_gradients(m)   # single process: nothing to do
     0
     """
+    if not isinstance(module, nn.Module):
+        from .nest import Nest
+
+        hint = " (a Nest: pass its model, nest.model, or the DDP wrapper of it)" if isinstance(module, Nest) else ""
+        raise SortedNetError(f"sync_gradients() averages the gradients of a module, got "
+                             f"{type(module).__name__}{hint}")
     ignored = _ignored(module)
     module = _inner(module)
     params = [p for n, p in module.named_parameters() if p.requires_grad and n not in ignored]
@@ -293,9 +299,10 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     >>> [round(v, 6) >= 0 for v in snd.accumulate(nest, nest.submodels, lambda: model(x).square().mean())]
     [True, True]
     """
+    from .train import _need_nest, refuse_unscaled
     from .train import accumulate as _accumulate
-    from .train import refuse_unscaled
 
+    _need_nest(nest, "sortednet.distributed.accumulate")
     if module is not None and not isinstance(module, nn.Module):
         raise SortedNetError(f"module= takes the DDP / FSDP2 model the closure calls, got {type(module).__name__}")
     if module is not None and not any(m is nest.model for m in module.modules()):
@@ -565,6 +572,9 @@ def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
     >>> import sortednet.distributed as snd
     >>> snd.check_submodels(["h=4", "h=8"])
     """
+    if isinstance(subs, (str, bytes)) or not isinstance(subs, Iterable):
+        raise SortedNetError(f"check_submodels() takes the list of this step's sub-models, got "
+                             f"{type(subs).__name__} {subs!r}")
     mine = [str(s) for s in subs]
     if not _active() or dist.get_world_size(group) == 1:
         return

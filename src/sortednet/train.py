@@ -145,6 +145,16 @@ class Distill:
         return per.sum() / keep.sum().clamp_min(1) * (t * t)
 
 
+def _need_nest(nest: Any, what: str) -> None:
+    """Refuse anything but a Nest (the model itself, None), naming what was passed."""
+    from .nest import Nest
+
+    if not isinstance(nest, Nest):
+        hint = " (the model itself: pass the Nest that sn.wrap(model, ...) returned, or sn.Nest.of(model))" \
+            if isinstance(nest, nn.Module) else ""
+        raise SortedNetError(f"{what}() needs the Nest (sn.wrap(model, ...)), got {type(nest).__name__}{hint}")
+
+
 def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None, Tensor | None]:
     logits = mask = None
     if isinstance(out, (tuple, list)):
@@ -234,6 +244,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     >>> len(losses), model[0].weight.grad.shape
     (3, torch.Size([8, 4]))
     """
+    _need_nest(nest, "accumulate")
     resolved, weights = _prechecked or _checked(nest, subs, closure, distill, weights, backward, nonfinite)
     order = list(range(len(resolved)))
     teacher = None
@@ -579,6 +590,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     >>> sorted(str(s) for s in scores), all(0 <= v <= 1 for v in scores.values())
     (['h=4', 'h=8'], True)
     """
+    _need_nest(nest, "evaluate")
     default = metric is None
     metric = metric or _accuracy
     subs = list(nest.submodels) if subs is None else [nest.resolve(s) for s in subs]

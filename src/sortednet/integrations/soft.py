@@ -158,6 +158,15 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     if labels is None and input_ids is None:
         raise SortedNetError("soft_loss without input_ids (inputs_embeds=...) needs labels=")
     labels = input_ids if labels is None else labels
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 2:
+        raise SortedNetError(f"soft_loss: labels must be token ids of shape (batch, length), as input_ids, got "
+                             f"{type(labels).__name__}" + (f" {labels.dtype} {tuple(labels.shape)}"
+                                                           if isinstance(labels, Tensor) else ""))
+    seq = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
+    if isinstance(seq, Tensor) and tuple(labels.shape) != tuple(seq.shape[:2]):
+        raise SortedNetError(f"soft_loss: labels of shape {tuple(labels.shape)} for inputs of (batch, length) "
+                             f"{tuple(seq.shape[:2])}: they must align position by position (unshifted: the loss "
+                             "shifts them by one, as transformers' causal LMs do)")
     _verify_reading(model, layers, norm, head, dict(input_ids=input_ids, attention_mask=attention_mask,
                                                     **model_inputs))
     captured: dict[int, Tensor] = {}

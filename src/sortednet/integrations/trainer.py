@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -287,7 +287,11 @@ class SortedTrainer(Trainer):
     def draw(self) -> list[SubModel]:
         """The sub-models of the current optimizer step (same for all its micro-batches)."""
         step = self.state.global_step
-        subs = list(self.sampler.draw(step))
+        drawn = self.sampler.draw(step)
+        if isinstance(drawn, (str, bytes, dict, SubModel)) or not isinstance(drawn, Iterable):
+            raise SortedNetError(f"sampler.draw({step}) must return a list of sub-models, got "
+                                 f"{type(drawn).__name__} {drawn!r}")
+        subs = list(drawn)
         if not subs:
             raise SortedNetError(f"sampler drew no sub-model at step {step}")
         seen: set[SubModel] = set()
