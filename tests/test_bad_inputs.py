@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,6 +181,17 @@ TABLE = {
                                     "nest.model"),
     "check_submodels_of_none": B(_on(mlp, lambda c, n, t: snd.check_submodels(None)), "check_submodels()",
                                  "NoneType"),
+    # fit's default loss on data evaluate refused by name: raw TypeError / RuntimeError / IndexError before
+    "fit_numpy_targets": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, np.zeros(6, dtype=np.int64))], lr=0.1)),
+                           "targets of step 0 are numpy arrays", "torch.as_tensor"),
+    "fit_numpy_inputs": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example.numpy(), torch.zeros(6, dtype=torch.long))],
+                                                        lr=0.1)), "inputs of step 0 are numpy arrays"),
+    "fit_list_targets": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, [0] * 6)], lr=0.1)),
+                          "tensor of class indices", "list"),
+    "fit_target_column": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, torch.zeros(6, 1, dtype=torch.long))],
+                                                         lr=0.1)), "class indices (batch, ...), here (6,)", "(6, 1)"),
+    "fit_target_out_of_range": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, torch.full((6,), 7))], lr=0.1)),
+                                 "not a class index in 0..4"),
     "calibrate_batches_zero": B(_on(cnn, lambda c, n, t: n.calibrate([c.example], batches=0)), "batches"),
     "calibrate_without_batchnorm": B(_on(mlp, lambda c, n, t: n.calibrate([c.example])), "no BatchNorm"),
     "export_size_not_listed": B(_on(mlp, lambda c, n, t: n.export("h1=5")), "'h1'", "no size 5"),

@@ -145,6 +145,23 @@ class Distill:
         return per.sum() / keep.sum().clamp_min(1) * (t * t)
 
 
+def _default_loss(out: Tensor, y: Tensor, step: int) -> Tensor:
+    """``F.cross_entropy(out, y)``, fit's default loss, with its shape and class-range errors named."""
+    want = (*out.shape[:1], *out.shape[2:])
+    if out.dim() < 2 or tuple(y.shape) != tuple(want):
+        raise SortedNetError(f"fit(): the default loss, F.cross_entropy, takes an output (batch, classes, ...) and "
+                             f"class indices (batch, ...), here {tuple(want)}; step {step} gave output "
+                             f"{tuple(out.shape)} and targets {tuple(y.shape)} (a (batch, 1) column: y.squeeze(1); "
+                             "language-model logits (batch, length, vocab): pass loss_fn=)")
+    try:
+        return F.cross_entropy(out, y)
+    except (IndexError, RuntimeError) as e:
+        if "out of bounds" not in str(e) and "Target" not in str(e):
+            raise
+        raise SortedNetError(f"fit(): a target of step {step} is not a class index in 0..{out.shape[1] - 1} (nor "
+                             f"the ignored {IGNORE_INDEX}): {e}") from e
+
+
 def _need_nest(nest: Any, what: str) -> None:
     """Refuse anything but a Nest (the model itself, None), naming what was passed."""
     from .nest import Nest
@@ -893,6 +910,15 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                                          f"{type(batch).__name__}" + (f" of {len(batch)} items" if
                                                                       isinstance(batch, (tuple, list)) else ""))
                 x, y = _to(batch[0], device), _to(batch[1], device)
+                arrays = [n for n, v in (("inputs", x), ("targets", y)) if isinstance(v, np.ndarray)]
+                if arrays:
+                    raise SortedNetError(f"fit(): the {' and '.join(arrays)} of step {step} are numpy arrays; the "
+                                         "loader must yield tensors (torch.as_tensor(a), or a "
+                                         "torch.utils.data.TensorDataset of them)")
+                if loss_fn is None and not isinstance(y, Tensor):
+                    raise SortedNetError(f"fit(): the default loss, F.cross_entropy, takes the targets as a tensor "
+                                         f"of class indices; the targets of step {step} are a {type(y).__name__} "
+                                         "(torch.as_tensor(...) them, or pass loss_fn=)")
                 if loss_fn is None and isinstance(y, Tensor) and (y.is_floating_point() or y.is_complex()):
                     raise SortedNetError(
                         f"fit(): the targets of step {step} are {y.dtype}, shape {tuple(y.shape)}, and the default "
@@ -904,13 +930,17 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 if step == first and (loss_fn is None or distill is not None):
                     _check_output(nest, x, distill is not None)
 
-                def closure(x: Any = x, y: Any = y) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+                def closure(x: Any = x, y: Any = y, step: int = step
+                            ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
                     out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
                     if loss_fn is None and not isinstance(out, Tensor):  # (the check above could not run)
                         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output "
                                              f"as a tensor of logits; in training mode the model returns a "
                                              f"{type(out).__name__}: pass loss_fn=")
-                    loss = (F.cross_entropy if loss_fn is None else loss_fn)(out, y)
+                    if loss_fn is None:
+                        loss = _default_loss(out, y, step)
+                    else:
+                        loss = loss_fn(out, y)
                     return loss if distill is None else (loss, out, *_ignored(out, y))
 
                 subs = sampler.draw(step)
