@@ -364,6 +364,9 @@ def test_an_optimizer_whose_state_is_not_per_element_is_refused_unchanged():
     (lambda m, b: m(b[0]).sum() * 1e38 * 1e38, "loss of batch 0 is inf"),
     (lambda m, b: m(b[0]), "must be a scalar"),
     (lambda m, b: 1 / 0, "loss of batch 0 raised ZeroDivisionError"),
+    # no gradient signal: the sort "succeeded" with the identity order everywhere, in silence
+    (lambda m, b: m(b[0]).sum() * 0, "every gradient score is zero"),
+    (lambda m, b: torch.tensor(1.0, requires_grad=True), "every gradient score is zero"),
 ])
 def test_taylor_refuses_a_loss_it_cannot_score_by_before_anything_changes(bad, match):
     """A NaN loss gave NaN scores for every unit; the sort then "succeeded" with the identity order, dropped the

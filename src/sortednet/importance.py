@@ -281,6 +281,10 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
     if bad:
         raise SortedNetError(f"sort_units(method='taylor'): the gradient scores of {bad[:3]} are not finite "
                              "(gradients overflowed: inputs or loss far out of scale); nothing was changed")
+    if not any(bool(v.any()) for v in acc.values() if isinstance(v, Tensor)):
+        raise SortedNetError(f"sort_units(method='taylor'): every gradient score is zero over the {n} batch(es): "
+                             "the loss does not depend on the sliced weights (a loss_fn that ignores the model's "
+                             "output, a loss scaled by 0), so it cannot order any unit; nothing was changed")
     return acc
 
 
