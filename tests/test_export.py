@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import pickle
 import types
@@ -1111,3 +1112,38 @@ def test_an_attention_child_shared_by_several_attentions_is_left_to_them():
     with torch.no_grad(), nest.use("h0=2,h1=4"):
         torch.testing.assert_close(nest.export("h0=2,h1=4")(x), model(x))
         assert tag.num_heads == 4
+
+
+def test_a_forward_set_on_the_instance_never_lets_an_export_run_the_live_model():
+    """model.forward = torch.compile(model.forward) (transformers' documented pattern) stores a function on the
+    instance, which a deep copy keeps: the export ran the LIVE model (its full size, or whatever use() was in
+    force) with the export's parameter count. The compiled wrapper of a module's own forward is dropped from the
+    export (its class's forward runs), with a warning; another instance forward that calls the live model is
+    refused; one that reaches nothing live is kept."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    nest = sn.wrap(net, sn.Width("h", [16, 64], out="0", inp="2"))
+    x = torch.randn(3, 8)
+    ref = nest.export("h=16")(x)
+    for where in (net, net[0]):
+        where.forward = torch.compile(where.forward, backend="eager")
+        with pytest.warns(UserWarning, match=r"forward = torch.compile\(forward\) set on the live model"):
+            small = nest.export("h=16")
+        assert "forward" not in small.__dict__ and "forward" not in small[0].__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), ref)
+            with nest.use("h=64"):
+                torch.testing.assert_close(small(x), ref)
+        del where.forward
+
+    def fwd(x):
+        return net[2](torch.relu(net[0](x)))
+
+    net.forward = fwd
+    with pytest.raises(sn.SortedNetError, match=r"forward set on the instance .* calls the live model"):
+        nest.export("h=16")
+    net.forward = functools.partial(fwd)
+    with pytest.raises(sn.SortedNetError, match=r"forward set on the instance"):
+        nest.export("h=16")
+    net.forward = lambda x: x * 2.0  # (reaches nothing live: kept)
+    assert torch.equal(nest.export("h=16")(x), x * 2.0)

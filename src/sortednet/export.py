@@ -103,7 +103,57 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                 _keep_nested_path(m)
         _share_once(model, new, skipped, sub)
         _warn_live_hooks(model, new, sub)
+        _instance_forwards(model, new, sub)
     return new
+
+
+def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[Any]:
+    """``fn`` and what it holds, through closures of closures (a compiled wrapper keeps the bound method it
+    compiled two levels down), bound methods' ``__self__`` and partials (a few levels, each object once)."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen or depth > 4:
+        return []
+    seen.add(id(fn))
+    out = [fn]
+    inner = [*_captured(fn), getattr(fn, "__self__", None), getattr(fn, "__func__", None)]
+    for x in inner:
+        if x is None or isinstance(x, (nn.Module, Tensor)):
+            out += [x] if x is not None else []
+        elif callable(x):
+            out += _deep_captured(x, depth + 1, seen)
+    return out
+
+
+def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
+    """A ``forward`` set on an instance (``model.forward = torch.compile(model.forward)``, a function of the user's)
+    is a plain function a deep copy keeps as it is, still calling the live model: the export would run the live
+    model under whatever sub-model is in force. A compiled wrapper of the live module's own forward is dropped from
+    the copy (its class's forward runs, uncompiled: compile the export itself), with a warning; another one that
+    reaches the live model is refused."""
+    live_at = dict(model.named_modules())
+    live = {id(m) for m in live_at.values()}
+    for path, c in new.named_modules():
+        fn = c.__dict__.get("forward")
+        if fn is None or (isinstance(fn, types.MethodType) and fn.__self__ is c):
+            continue
+        hits = [x for x in _deep_captured(fn) if id(x) in live or id(getattr(x, "__self__", None)) in live]
+        if not hits:
+            continue
+        mine = live_at.get(path)
+        own = [x for x in hits if isinstance(x, types.MethodType) and x.__self__ is mine
+               and x.__func__.__name__ in ("forward", "_forward")]  # (_forward: a sliced layer's, sortednet's)
+        where = f"{path!r}" if path else f"the model ({type(new).__name__})"
+        if own and getattr(fn, "_torchdynamo_orig_callable", None) is not None:
+            del c.__dict__["forward"]
+            warnings.warn(f"export({sub}): {where} had forward = torch.compile(forward) set on the live model; the "
+                          "export runs its own forward, uncompiled (the compiled wrapper calls the live model): "
+                          "compile the export itself, e.g. small.forward = torch.compile(small.forward)",
+                          stacklevel=4)
+            continue
+        raise SortedNetError(f"export({sub}): {where} has a forward set on the instance ({fn!r}) that calls the "
+                             "live model (a copy keeps a function as it is): the export would run the live model, "
+                             "under whatever sub-model is in force. Delete it before exporting (del "
+                             "module.forward) and set it on the export if it is needed there")
 
 
 class LiveHookWarning(UserWarning):
