@@ -181,6 +181,8 @@ TABLE = {
                                     "nest.model"),
     "check_submodels_of_none": B(_on(mlp, lambda c, n, t: snd.check_submodels(None)), "check_submodels()",
                                  "NoneType"),
+    "check_submodels_of_one_submodel": B(_on(mlp, lambda c, n, t: snd.check_submodels(n.smallest)),
+                                         "check_submodels()", "SubModel"),  # (its keys were compared: always agree)
     # fit's default loss on data evaluate refused by name: raw TypeError / RuntimeError / IndexError before
     "fit_numpy_targets": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, np.zeros(6, dtype=np.int64))], lr=0.1)),
                            "targets of step 0 are numpy arrays", "torch.as_tensor"),

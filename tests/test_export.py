@@ -10,6 +10,7 @@ import functools
 import io
 import pickle
 import types
+import warnings
 
 import pytest
 import torch
@@ -1147,3 +1148,59 @@ def test_a_forward_set_on_the_instance_never_lets_an_export_run_the_live_model()
         nest.export("h=16")
     net.forward = lambda x: x * 2.0  # (reaches nothing live: kept)
     assert torch.equal(nest.export("h=16")(x), x * 2.0)
+    del net.forward
+    orig = net.forward
+
+    @functools.wraps(orig)  # (named as the forward it wraps, but it changes the output: refused, never dropped)
+    def scaled(x):
+        return orig(x) * 100.0
+
+    for bad in (torch.compile(scaled, backend="eager"), torch.compile(functools.partial(type(net).forward, net),
+                                                                      backend="eager"),
+                lambda x: functools.partial(type(net).forward, net)(x)):
+        net.forward = bad
+        with pytest.raises(sn.SortedNetError, match=r"forward set on the instance"):
+            nest.export("h=16")
+        del net.forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (check's own exports say nothing of a compiled forward)
+        net.forward = torch.compile(net.forward, backend="eager")
+        nest.check(x)
+        del net.forward
+
+
+def test_a_compiled_forward_set_before_wrap_or_on_a_shared_block_is_left_out_of_the_export():
+    """torch.compile(layer.forward) set before wrap on a layer wrap slices, and on a block held under two names
+    (self.final = self.blocks[-1], its first path in the export another than in the live model): dropped with
+    the warning, the export equal to the sub-model (a shared block was refused, a sliced layer's compile too)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+                                        for _ in range(3))
+            self.final = self.blocks[2]
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return x
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    for where in ("blocks.0.0", "final"):
+        net = Net().eval()
+        dims = [sn.Width("h", [4, 16], out="blocks.*.0", inp="blocks.*.2")]
+        if where == "blocks.0.0":
+            net.blocks[0][0].forward = torch.compile(net.blocks[0][0].forward, backend="eager")
+        nest = sn.wrap(net, *dims)
+        ref = nest.export("h=4")(x) if where == "final" else None
+        if where == "final":
+            net.final.forward = torch.compile(net.final.forward, backend="eager")
+        with pytest.warns(UserWarning, match="forward = torch.compile"):
+            small = nest.export("h=4")
+        with torch.no_grad():
+            with nest.use("h=4"):
+                live = net(x)
+            torch.testing.assert_close(small(x), live)
+            if ref is not None:
+                torch.testing.assert_close(small(x), ref)

@@ -1164,3 +1164,26 @@ def test_a_per_head_child_table_is_permuted_with_its_heads():
     torch.testing.assert_close(m.rel.table.detach(), table[:, order])
     torch.testing.assert_close(m.q.weight.detach(), q.view(4, 6, 24)[order].reshape(24, 24))
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_taylor_scores_of_a_float16_model_are_taken_in_float32():
+    """A float16 weight (~0.005) times its gradient (~1e-7) underflowed to 0 in float16: every score 0, and the
+    sort refused as if the loss ignored the weights (before that refusal, an identity sort in silence)."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 16, generator=g).half(), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    for lin in (m[0], m[2]):
+        nn.init.normal_(lin.weight, std=0.005)
+    m = m.half()
+    nest = sn.wrap(m, sn.Width("h", [16, 64], out="0", inp="2"))
+
+    def loss_fn(mod, b):
+        return F.cross_entropy(mod(b[0]).float(), b[1]) * 3e-5
+
+    loss_fn(m, data[0]).backward()
+    w, gr = m[2].weight.detach(), m[2].weight.grad
+    assert bool((gr != 0).any()) and not bool((w * gr != 0).any())  # (the float16 product underflows)
+    m.zero_grad(set_to_none=True)
+    orders = sort_units(nest, "taylor", data=data, loss_fn=loss_fn)
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in orders.values())

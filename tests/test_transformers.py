@@ -2385,6 +2385,9 @@ def test_soft_loss_labels_must_align_with_the_inputs():
         with pytest.raises(sn.SortedNetError, match=match):
             soft_loss(nest, x, labels=labels)
     torch.testing.assert_close(soft_loss(nest, x, labels=x).loss, soft_loss(nest, x).loss)
+    torch.testing.assert_close(soft_loss(nest, x, labels=x.int()).loss, soft_loss(nest, x).loss)  # (int32: a raw
+    with pytest.raises(sn.SortedNetError, match="needs at least 2"):                         # dtype error before)
+        soft_loss(nest, x[:, :1])
 
 
 @pytest.mark.parametrize("drawn", [None, "ffn=16", {"ffn": 16}])

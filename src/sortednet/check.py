@@ -35,6 +35,7 @@ from .cost import call_model
 from .coupling import analyse
 from .coupling_ops import _hf_conv1d, leaves
 from .errors import SortedNetError, caller_outside
+from .export import CompiledForwardWarning
 from .modes import dry_run, eval_mode, eval_view, finish_all, seeded, train_view
 from .plan import Use
 from .slicers import slicer_for
@@ -1596,7 +1597,9 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
     if not any(d.kind == "depth" and sub[d.name] < d.full for d in nest.dims):
         hint = ""
     try:  # copied before the live run: a forward that counts its calls in a buffer starts both at one count
-        exported = nest.export(sub, plain=True).eval()
+        with warnings.catch_warnings():  # (an export of check's own: its compiled forward left out is no news)
+            warnings.simplefilter("ignore", CompiledForwardWarning)
+            exported = nest.export(sub, plain=True).eval()
     except SortedNetError:
         raise
     except Exception as e:

@@ -572,7 +572,7 @@ def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
     >>> import sortednet.distributed as snd
     >>> snd.check_submodels(["h=4", "h=8"])
     """
-    if isinstance(subs, (str, bytes)) or not isinstance(subs, Iterable):
+    if isinstance(subs, (str, bytes, SubModel, dict)) or not isinstance(subs, Iterable):
         raise SortedNetError(f"check_submodels() takes the list of this step's sub-models, got "
                              f"{type(subs).__name__} {subs!r}")
     mine = [str(s) for s in subs]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import os
 import types
 import warnings
 from collections.abc import Mapping
@@ -103,7 +104,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                 _keep_nested_path(m)
         _share_once(model, new, skipped, sub)
         _warn_live_hooks(model, new, sub)
-        _instance_forwards(model, new, sub)
+        _instance_forwards(model, new, sub, kept)
     return new
 
 
@@ -115,7 +116,12 @@ def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> lis
         return []
     seen.add(id(fn))
     out = [fn]
-    inner = [*_captured(fn), getattr(fn, "__self__", None), getattr(fn, "__func__", None)]
+    inner = [*_captured(fn), getattr(fn, "__self__", None), getattr(fn, "__func__", None),
+             getattr(fn, "__wrapped__", None)]
+    if isinstance(fn, functools.partial):  # (its arguments: a module it was bound to by hand)
+        inner += [*fn.args, *fn.keywords.values()]
+    elif not isinstance(fn, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)):
+        inner += [v for v in getattr(fn, "__dict__", {}).values()]  # (a callable object's attributes)
     for x in inner:
         if x is None or isinstance(x, (nn.Module, Tensor)):
             out += [x] if x is not None else []
@@ -124,14 +130,41 @@ def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> lis
     return out
 
 
-def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _compiles(compiled: Any, method: types.MethodType) -> bool:
+    """Whether ``compiled`` (what torch.compile was given) is ``method``'s function itself, or a wrapper torch
+    made of it (for a torch.nn layer's method Dynamo compiles a wrapper of its own, named as the method); not a
+    wrapper of the user's (``functools.wraps`` names it so too, but its code is the user's)."""
+    if compiled is None:
+        return False
+    code = getattr(compiled, "__code__", None)
+    if compiled is method.__func__ or (code is not None and code is getattr(method.__func__, "__code__", None)):
+        return True  # (the function, or Dynamo's copy of it)
+    return (code is not None and os.path.abspath(code.co_filename).startswith(_TORCH_DIR + os.sep)
+            and (getattr(compiled, "__module__", None), getattr(compiled, "__qualname__", None))
+            == (method.__func__.__module__, method.__func__.__qualname__))
+
+
+class CompiledForwardWarning(UserWarning):
+    """An export left out the ``torch.compile`` wrapper set on a live module's ``forward``: it runs uncompiled."""
+
+
+def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel, kept: Mapping[int, str]) -> None:
     """A ``forward`` set on an instance (``model.forward = torch.compile(model.forward)``, a function of the user's)
     is a plain function a deep copy keeps as it is, still calling the live model: the export would run the live
     model under whatever sub-model is in force. A compiled wrapper of the live module's own forward is dropped from
     the copy (its class's forward runs, uncompiled: compile the export itself), with a warning; another one that
     reaches the live model is refused."""
-    live_at = dict(model.named_modules())
-    live = {id(m) for m in live_at.values()}
+    by_id = {id(m): m for m in model.modules()}
+    live_of: dict[int, nn.Module] = {}  # a module of the copy -> the live module it copies (a shared one: once)
+    for i, p in kept.items():
+        try:
+            live_of[id(new.get_submodule(p))] = by_id[i]
+        except (AttributeError, KeyError):
+            continue
+    live = set(by_id)
     for path, c in new.named_modules():
         fn = c.__dict__.get("forward")
         if fn is None or (isinstance(fn, types.MethodType) and fn.__self__ is c):
@@ -139,16 +172,16 @@ def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
         hits = [x for x in _deep_captured(fn) if id(x) in live or id(getattr(x, "__self__", None)) in live]
         if not hits:
             continue
-        mine = live_at.get(path)
-        own = [x for x in hits if isinstance(x, types.MethodType) and x.__self__ is mine
-               and x.__func__.__name__ in ("forward", "_forward")]  # (_forward: a sliced layer's, sortednet's)
+        mine = live_of.get(id(c))
+        compiled = getattr(fn, "_torchdynamo_orig_callable", None)  # (torch.compile(m.forward): m's forward function)
+        own = [x for x in hits if isinstance(x, types.MethodType) and x.__self__ is mine and _compiles(compiled, x)]
         where = f"{path!r}" if path else f"the model ({type(new).__name__})"
-        if own and getattr(fn, "_torchdynamo_orig_callable", None) is not None:
+        if own:
             del c.__dict__["forward"]
             warnings.warn(f"export({sub}): {where} had forward = torch.compile(forward) set on the live model; the "
                           "export runs its own forward, uncompiled (the compiled wrapper calls the live model): "
                           "compile the export itself, e.g. small.forward = torch.compile(small.forward)",
-                          stacklevel=4)
+                          CompiledForwardWarning, stacklevel=4)
             continue
         raise SortedNetError(f"export({sub}): {where} has a forward set on the instance ({fn!r}) that calls the "
                              "live model (a copy keeps a function as it is): the export would run the live model, "

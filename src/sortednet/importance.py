@@ -268,7 +268,8 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
                         t, ax = b.tensors[0] if b.tensors else (None, 0)
                         if t is None or t.grad is None:
                             continue
-                        wg = (t.detach() * t.grad).float().movedim(ax, 0).reshape(t.shape[ax], -1).sum(1).cpu()
+                        wg = (t.detach().float() * t.grad.float()).movedim(ax, 0).reshape(t.shape[ax], -1).sum(1).cpu()
+                        # (in float32: a float16 product of a weight ~0.02 and a gradient ~1e-6 underflows to 0)
                         key = (b.path, b.role)
                         acc[key] = acc.get(key, 0) + b.per_unit(wg, d.full).abs()
                 n += 1

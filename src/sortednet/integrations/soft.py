@@ -52,7 +52,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     True
     """
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+                           labels[:, 1:].reshape(-1).to(logits.device, torch.long), ignore_index=-100)
 
 
 def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]:
@@ -162,6 +162,9 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
         raise SortedNetError(f"soft_loss: labels must be token ids of shape (batch, length), as input_ids, got "
                              f"{type(labels).__name__}" + (f" {labels.dtype} {tuple(labels.shape)}"
                                                            if isinstance(labels, Tensor) else ""))
+    if labels.shape[1] < 2:
+        raise SortedNetError(f"soft_loss: the labels hold {labels.shape[1]} position(s); the next-token loss needs "
+                             "at least 2 (its mean over no pair would be NaN)")
     seq = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
     if isinstance(seq, Tensor) and tuple(labels.shape) != tuple(seq.shape[:2]):
         raise SortedNetError(f"soft_loss: labels of shape {tuple(labels.shape)} for inputs of (batch, length) "
