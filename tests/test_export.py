@@ -1189,17 +1189,18 @@ def test_a_compiled_forward_set_before_wrap_or_on_a_shared_block_is_left_out_of_
     x = torch.randn(2, 8)
     for where in ("blocks.0.0", "final"):
         net = Net().eval()
-        dims = [sn.Width("h", [4, 16], out="blocks.*.0", inp="blocks.*.2")]
+        dims = [sn.Width("h", [4, 16], out="blocks.*.0", inp="blocks.*.2"), sn.Depth("d", [2, 3], layers="blocks")]
         if where == "blocks.0.0":
             net.blocks[0][0].forward = torch.compile(net.blocks[0][0].forward, backend="eager")
         nest = sn.wrap(net, *dims)
-        ref = nest.export("h=4")(x) if where == "final" else None
+        sub = "h=4,d=2"  # (blocks.2 is cut: the export reaches it as final only)
+        ref = nest.export(sub)(x) if where == "final" else None
         if where == "final":
             net.final.forward = torch.compile(net.final.forward, backend="eager")
         with pytest.warns(UserWarning, match="forward = torch.compile"):
-            small = nest.export("h=4")
+            small = nest.export(sub)
         with torch.no_grad():
-            with nest.use("h=4"):
+            with nest.use(sub):
                 live = net(x)
             torch.testing.assert_close(small(x), live)
             if ref is not None:
