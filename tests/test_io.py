@@ -461,3 +461,35 @@ def test_a_file_written_before_an_option_existed_loads_into_a_nest_that_leaves_i
     nest3 = sn.wrap(other.model, *dims)
     with pytest.raises(sn.SortedNetError, match=r"count_attrs None saved, \['num_heads'\] in the nest"):
         sn.load(nest3, tmp_path / "old.sn")
+
+
+def test_every_nest_save_writes_loads_and_save_refuses_what_load_would(tmp_path, monkeypatch):
+    """sn.save wrote nests that sn.load refused: 66 dimensions (discover's one per group, on a deep model), a
+    nest wrapped without any dimension. load now takes every nest save writes (up to 4,096 dimensions of 65,536
+    sizes), and save refuses beyond the bounds load checks, writing nothing."""
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(132)])
+        dims = [sn.Width(f"w{i}", [2, 4], out=str(i), inp=str(i + 1)) for i in range(0, 132, 2)]
+        subs = [{d.name: 4 for d in dims}, {d.name: 2 for d in dims}]
+        return model, sn.wrap(model, *dims, submodels=subs)
+
+    model, nest = build(0)
+    assert len(nest.dims) == 66
+    sn.save(nest, tmp_path / "many.sn")
+    twin, twin_nest = build(1)
+    sn.load(twin_nest, tmp_path / "many.sn")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    sn.save(sn.wrap(plain), tmp_path / "none.sn")
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    sn.load(sn.wrap(other), tmp_path / "none.sn")
+    assert torch.equal(other[0].weight, plain[0].weight)
+    import sortednet.io as sio
+    import sortednet.meta as smeta
+
+    for mod in (sio, smeta):
+        monkeypatch.setattr(mod, "MAX_DIMS", 65)
+    with pytest.raises(sn.SortedNetError, match="at most 65 dimensions .* this nest has 66"):
+        sn.save(nest, tmp_path / "refused.sn")
+    assert not (tmp_path / "refused.sn").exists()

@@ -25,6 +25,8 @@ from .meta import (
     EXTRA_PREFIX,
     FORMAT,
     FORMATS,
+    MAX_DIMS,
+    MAX_SIZES,
     PATTERN_FIELDS,
     calibration_entries,
     check_profile,
@@ -143,6 +145,11 @@ def save(nest: "Nest | nn.Module", path: str | os.PathLike, *,  # noqa: F821
     if not isinstance(nest, Nest):
         raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}")
     nest._check_structure("sn.save")
+    big = [d.name for d in nest.dims if len(d.sizes) > MAX_SIZES]
+    if len(nest.dims) > MAX_DIMS or big:  # (a file load would refuse: never written)
+        raise SortedNetError(f"sn.save(): a checkpoint holds at most {MAX_DIMS} dimensions of at most {MAX_SIZES} "
+                             f"sizes each; this nest has {len(nest.dims)}" + (f", and {big[:3]} more sizes" if big
+                                                                              else ""))
     if copy is not None:
         state = copy.state_dict()
     if not isinstance(path, (str, os.PathLike)):

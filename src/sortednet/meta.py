@@ -41,7 +41,7 @@ CHECKSUM = "crc32+header"
 EXTRA_PREFIX = "_sortednet/"
 #: spec keys of each built-in dimension kind that hold module patterns
 PATTERN_FIELDS = {"width": ("out", "inp", "norm"), "depth": ("layers",), "heads": ("attn",), "rank": ("targets",)}
-MAX_DIMS, MAX_SIZES, MAX_SIZE = 64, 4096, 2 ** 31
+MAX_DIMS, MAX_SIZES, MAX_SIZE = 4096, 65536, 2 ** 31  # (bounds a file may not exceed: save refuses more)
 METRICS = ("params", "flops", "latency", "memory")
 _KEYS = {FORMATS[0]: {"format", "dims", "submodels", "extra"},
          FORMAT: {"format", "dims", "submodels", "count", "extra", "checksum", "crc32", "ties"}}
@@ -103,8 +103,8 @@ def read_meta(f: Container) -> dict[str, Any]:
     if unknown or missing:
         raise _err(where, f"metadata has unknown keys {unknown[:5]} / lacks {missing} (format {fmt})")
     dims = meta["dims"]
-    if not isinstance(dims, list) or not 1 <= len(dims) <= MAX_DIMS:
-        raise _err(where, f"'dims' must be a list of 1..{MAX_DIMS} dimension specs, got {str(dims)[:80]}")
+    if not isinstance(dims, list) or not 0 <= len(dims) <= MAX_DIMS:  # (none: a nest wrapped without one)
+        raise _err(where, f"'dims' must be a list of 0..{MAX_DIMS} dimension specs, got {str(dims)[:80]}")
     seen: set[str] = set()
     for i, spec in enumerate(dims):
         _check_spec(spec, i, fmt, where)
