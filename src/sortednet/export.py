@@ -183,7 +183,8 @@ def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel, kept: Ma
                           "compile the export itself, e.g. small.forward = torch.compile(small.forward)",
                           CompiledForwardWarning, stacklevel=4)
             continue
-        raise SortedNetError(f"export({sub}): {where} has a forward set on the instance ({fn!r}) that calls the "
+        what = getattr(fn, "__qualname__", None) or type(fn).__name__  # (a partial's repr holds its arguments)
+        raise SortedNetError(f"export({sub}): {where} has a forward set on the instance ({what}) that calls the "
                              "live model (a copy keeps a function as it is): the export would run the live model, "
                              "under whatever sub-model is in force. Delete it before exporting (del "
                              "module.forward) and set it on the export if it is needed there")
