@@ -1162,6 +1162,13 @@ def test_a_forward_set_on_the_instance_never_lets_an_export_run_the_live_model()
         with pytest.raises(sn.SortedNetError, match=r"forward set on the instance"):
             nest.export("h=16")
         del net.forward
+    net.forward_scaled = types.MethodType(lambda self, x: type(self).forward(self, x) * 10.0, net)
+    for other in (net.forward_scaled, net.__call__):  # (another method of the module, compiled: not its forward)
+        net.forward = torch.compile(other, backend="eager")
+        with pytest.raises(sn.SortedNetError, match=r"forward set on the instance"):
+            nest.export("h=16")
+        del net.forward
+    del net.forward_scaled
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (check's own exports say nothing of a compiled forward)
         net.forward = torch.compile(net.forward, backend="eager")

@@ -147,6 +147,13 @@ def _compiles(compiled: Any, method: types.MethodType) -> bool:
             == (method.__func__.__module__, method.__func__.__qualname__))
 
 
+def _is_forward(method: types.MethodType) -> bool:
+    """``method`` is its module's forward (or the forward sortednet installs on a sliced layer), not another method
+    of it (``forward_features``, ``__call__``), which the export's own forward would not replace."""
+    f = method.__func__
+    return f.__name__ == "forward" or (f.__name__ == "_forward" and f.__module__.startswith("sortednet."))
+
+
 class CompiledForwardWarning(UserWarning):
     """An export left out the ``torch.compile`` wrapper set on a live module's ``forward``: it runs uncompiled."""
 
@@ -174,7 +181,8 @@ def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel, kept: Ma
             continue
         mine = live_of.get(id(c))
         compiled = getattr(fn, "_torchdynamo_orig_callable", None)  # (torch.compile(m.forward): m's forward function)
-        own = [x for x in hits if isinstance(x, types.MethodType) and x.__self__ is mine and _compiles(compiled, x)]
+        own = [x for x in hits if isinstance(x, types.MethodType) and x.__self__ is mine and _is_forward(x)
+               and _compiles(compiled, x)]
         where = f"{path!r}" if path else f"the model ({type(new).__name__})"
         if own:
             del c.__dict__["forward"]
