@@ -600,7 +600,9 @@ def _per_head_hint(nest: Nest, what: object) -> str:
             for k, t in [*m._parameters.items(), *m._buffers.items()]:
                 if isinstance(t, torch.Tensor) and n in t.shape and len(found) < 3:
                     found.append(f"{path + '.' if path else ''}{k} {tuple(t.shape)}")
-    return (f" (the attention holds per-head tensors that no slicer cuts: {', '.join(found)})" if found else "")
+    return (f" (the attention holds per-head tensors that no slicer cuts: {', '.join(found)}; a child module holding "
+            "one per query head nests by hand: sn.wrap(model, sn.Heads(..., per_head=[child])) with a slicer for "
+            "it, docs/heads.md)" if found else "")
 
 
 def _is_backbone(model: nn.Module) -> bool:
