@@ -750,10 +750,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     >>> min(hist.last_scores.values()) > 0.8
     True
     """
-    from .nest import Nest
-
-    if not isinstance(nest, Nest):
-        raise SortedNetError(f"fit() needs the Nest (sn.wrap(model, ...)), got {type(nest).__name__}")
+    _need_nest(nest, "fit")
     if not all(callable(getattr(optimizer, f, None)) for f in ("step", "zero_grad")):
         raise SortedNetError(f"fit() needs an optimizer (torch.optim.Optimizer: step, zero_grad), got "
                              f"{type(optimizer).__name__}")
