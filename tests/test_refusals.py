@@ -877,6 +877,122 @@ def test_per_head_slices_a_childs_table_with_the_heads(heads, T, seed):
     nest.unwrap()
 
 
+class _SideAttn(nn.Module):
+    """Attention of ``heads`` heads with a side module whose width equals the head count but is not per-head:
+    ``"adapter"`` (``x + B(A(x))`` of rank ``heads``, shared by all heads), ``"memory"`` (``heads`` learned memory
+    tokens that every head attends to: an own parameter of shape (heads, E)) or ``"router"`` (a
+    ``Linear(E, heads)`` whose outputs are summed into a scalar gate). ``mqa``: one key/value head."""
+
+    def __init__(self, side: str, heads: int = 4, D: int = 3, mqa: bool = False):
+        super().__init__()
+        E = heads * D
+        self.num_heads, self.head_dim, self.side = heads, D, side
+        self.q, self.o = nn.Linear(E, E), nn.Linear(E, E)
+        self.k, self.v = (nn.Linear(E, D if mqa else E) for _ in range(2))
+        if side == "adapter":
+            self.adapter = nn.Sequential(nn.Linear(E, heads, bias=False), nn.Linear(heads, E, bias=False))
+        elif side == "memory":
+            self.memory = nn.Parameter(torch.randn(heads, E))
+        else:
+            self.router = nn.Linear(E, heads)
+
+    def forward(self, x):
+        B, T, E = x.shape
+        if self.side == "adapter":
+            x = x + self.adapter(x)
+        kv = torch.cat([self.memory.expand(B, -1, -1), x], 1) if self.side == "memory" else x
+        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k, v = (p(kv).view(B, kv.shape[1], -1, self.head_dim).transpose(1, 2) for p in (self.k, self.v))
+        if k.shape[1] != q.shape[1]:
+            k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
+        y = self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+        return y * self.router(x).sum(-1, keepdim=True).sigmoid() if self.side == "router" else y
+
+
+def _heads_reference(m: _SideAttn, x: torch.Tensor, h: int) -> torch.Tensor:
+    """``m`` on ``x`` with its first ``h`` query heads (and key/value heads), by hand."""
+    B, T, _ = x.shape
+    D = m.head_dim
+    if m.side == "adapter":
+        x = x + m.adapter(x)
+    kv = torch.cat([m.memory.expand(B, -1, -1), x], 1) if m.side == "memory" else x
+    q = F.linear(x, m.q.weight[: h * D], m.q.bias[: h * D]).view(B, T, h, D).transpose(1, 2)
+    mqa = m.k.out_features == D
+    rows = D if mqa else h * D
+    k, v = (F.linear(kv, p.weight[:rows], p.bias[:rows]).view(B, kv.shape[1], -1, D).transpose(1, 2)
+            for p in (m.k, m.v))
+    if mqa:
+        k, v = k.expand(-1, h, -1, -1), v.expand(-1, h, -1, -1)
+    y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, h * D)
+    y = F.linear(y, m.o.weight[:, : h * D], m.o.bias)
+    return y * m.router(x).sum(-1, keepdim=True).sigmoid() if m.side == "router" else y
+
+
+@settings(max_examples=10, deadline=None)
+@given(heads=st.sampled_from([4, 8]), mqa=st.booleans(), T=st.integers(1, 5), seed=st.integers(0, 2 ** 16))
+def test_a_width_equal_to_the_head_count_that_is_not_per_head(heads, mqa, T, seed):
+    """A low-rank adapter of rank == heads (a pair of sibling Linears meeting in that width) and a multi-query
+    attention's single key/value head (a projection Heads leaves whole) were refused as per-head tables since the
+    per-head check: both wrap. A memory-token table and a router of that length are undecidable, refused unless
+    named in whole=. Every sub-model equals the attention of its first heads by hand, and its export."""
+    torch.manual_seed(seed)
+    x = torch.randn(2, T, heads * 3)
+    sizes = [heads // 4, heads // 2, heads]
+    for side in ("adapter", "memory", "router"):
+        m = _SideAttn(side, heads, mqa=mqa).eval()
+        whole = {} if side == "adapter" else {"whole": side}
+        if whole:
+            before = snapshot(m)
+            with pytest.raises(sn.PatternError, match=rf"'{side}' .*looks per-head.*whole='{side}'"):
+                sn.wrap(m, sn.Heads("h", sizes, attn=""))
+            assert_unchanged(m, before)
+        nest = sn.wrap(m, sn.Heads("h", sizes, attn="", **whole))
+        for h in sizes:
+            with torch.no_grad(), nest.use(f"h={h}"):
+                got = m(x)
+                want = _heads_reference(m, x, h)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(nest.export(f"h={h}")(x), want, rtol=1e-5, atol=1e-6)
+        nest.unwrap()
+
+
+@pytest.mark.parametrize("whole, why", [
+    ("q", "projection 'q'"), ("nothing", "names no child module or own parameter"),
+    (["router", "router"], "each once"), ("", "relative paths"), (".router", "relative paths")])
+def test_whole_names_are_checked(whole, why):
+    m = _SideAttn("router").eval()
+    before = snapshot(m)
+    with pytest.raises(sn.PatternError, match=why):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn="", whole=whole))
+    assert_unchanged(m, before)
+    with pytest.raises(sn.PatternError, match=r"\['router'\] named in both per_head= .* and whole="):
+        sn.Heads("h", [2, 4], attn="", per_head="router", whole="router")
+
+
+def test_whole_is_in_the_spec_and_files_with_or_without_it_load(tmp_path, monkeypatch):
+    """whole= describes (nothing it names is sliced): it is in the spec and repr, and load ignores it, so a
+    checkpoint written without it (before the per-head check existed) loads into a nest that names it, and back."""
+    torch.manual_seed(0)
+    m = _SideAttn("memory").eval()
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn="", whole="memory"))
+    assert nest.dims[0].spec()["whole"] == ["memory"] and "whole=['memory']" in repr(nest.dims[0])
+    assert "whole" not in sn.Heads("h", [2, 4], attn="").spec()
+    sn.save(nest, tmp_path / "new.sn")
+    real = sn.Heads.spec
+    monkeypatch.setattr(sn.Heads, "spec", lambda self: {k: v for k, v in real(self).items() if k != "whole"})
+    sn.save(nest, tmp_path / "old.sn")  # (as a version without whole= wrote it)
+    monkeypatch.setattr(sn.Heads, "spec", real)
+    x = torch.randn(2, 3, 12)
+    for name in ("old.sn", "new.sn"):
+        torch.manual_seed(1)
+        other = _SideAttn("memory").eval()
+        twin = sn.wrap(other, sn.Heads("h", [2, 4], attn="", whole="memory"))
+        sn.load(twin, tmp_path / name)
+        with torch.no_grad(), nest.use("h=2"), twin.use("h=2"):
+            torch.testing.assert_close(other(x), m(x))
+        twin.unwrap()
+
+
 class _ConvKVAttn(nn.Module):
     """PvT / CvT style: a convolution over the tokens before the key/value projections, its kernel (or its
     stride) as long as the head count; and optionally learned rotary frequencies (1, head_dim / 2)."""

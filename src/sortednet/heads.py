@@ -76,6 +76,26 @@ def _child(m: nn.Module, name: str) -> nn.Module | None:
 
 
 
+def _holds(m: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a descendant module of ``m`` or an own parameter / buffer of it."""
+    return _child(m, name) not in (None, m) or name in m._parameters or name in m._buffers
+
+
+def _bottleneck_pairs(m: nn.Module, width: int) -> set[str]:
+    """Relative paths of the ``nn.Linear`` descendants of ``m`` that meet a sibling in a hidden width of ``width``:
+    one with ``out_features == width`` and, under the same parent, one with ``in_features == width``."""
+    makes: dict[str, list[str]] = {}
+    takes: dict[str, list[str]] = {}
+    for n, c in m.named_modules(remove_duplicate=False):
+        if n and isinstance(c, nn.Linear):
+            parent = n.rpartition(".")[0]
+            if c.out_features == width != c.in_features:  # (a Linear(heads, heads) mixes heads: talking-heads)
+                makes.setdefault(parent, []).append(n)
+            if c.in_features == width != c.out_features:
+                takes.setdefault(parent, []).append(n)
+    return {n for parent in makes.keys() & takes.keys() for n in (*makes[parent], *takes[parent])}
+
+
 def separate_qkv(children: set[str]) -> tuple[str, ...] | None:
     """The names of separate q, k and v projections among a module's ``children`` (by convention), or None."""
     return next((t for t in QKV_NAMES if set(t) <= children), None)
@@ -110,7 +130,11 @@ class Heads(Dimension):
     A child ``relative_attention_bias`` embedding (T5) is sliced per head. ``per_head`` names other
     descendants of each attention module (relative paths, e.g. ``"relative_position_bias"``) that hold one
     unit per head: their slicer's ``out`` role is cut with the heads, one unit per head (a per-head
-    relative position bias table, a head-wise gate; docs/heads.md shows a slicer for one).
+    relative position bias table, a head-wise gate; docs/heads.md shows a slicer for one). Any other tensor of
+    the attention or its descendants with an axis as long as the head count is refused at wrap, as it would stay
+    full-size under fewer heads, unless ``whole`` names it (relative paths of descendants or own tensors that are
+    not per-head: a memory-token table or an adapter whose length happens to equal the head count). Not read:
+    the projections and pairs of sibling Linears that meet in such a width (a low-rank adapter).
 
     >>> import sortednet as sn
     >>> sn.Heads("heads", [2, 4], attn="blocks.*.attn")
@@ -122,7 +146,7 @@ class Heads(Dimension):
     def __init__(self, name: str, sizes: Sequence[int], *, attn: str | Iterable[str],
                  qkv: str | Sequence[str] | None = None, o: str | None = None,
                  count_attrs: Sequence[str] | None = None, layout: str | None = None,
-                 per_head: str | Sequence[str] | None = None) -> None:
+                 per_head: str | Sequence[str] | None = None, whole: str | Sequence[str] | None = None) -> None:
         super().__init__(name, sizes)
         if layout is not None and layout not in LAYOUTS:
             raise PatternError(f"Heads {name!r}: layout={layout!r} is not one of {list(LAYOUTS)}")
@@ -150,12 +174,24 @@ class Heads(Dimension):
                 raise PatternError(f"Heads {name!r}: per_head= takes the relative paths of child modules of each "
                                    f"attention (e.g. 'relative_position_bias'), each once, got {list(per_head)}")
         self.per_head = per_head
+        if whole is not None:
+            whole = (whole,) if isinstance(whole, str) else tuple(whole)
+            bad = [n for n in whole if not isinstance(n, str) or not n or n.startswith(".") or n.endswith(".")]
+            if bad or not whole or len(set(whole)) != len(whole):
+                raise PatternError(f"Heads {name!r}: whole= takes the relative paths of child modules or tensors "
+                                   f"of each attention (e.g. 'adapter'), each once, got {list(whole)}")
+            both = sorted(set(whole) & set(per_head or ()))
+            if both:
+                raise PatternError(f"Heads {name!r}: {both} named in both per_head= (cut with the heads) and whole= "
+                                   "(left whole)")
+        self.whole = whole
 
     def spec(self) -> dict[str, Any]:
         qkv = list(self.qkv) if isinstance(self.qkv, tuple) else self.qkv
         return {**super().spec(), "attn": list(self.attn), "qkv": qkv, "o": self.o,
                 "count_attrs": list(self.count_attrs) if self.count_attrs is not None else None,
-                "layout": self.layout, **({"per_head": list(self.per_head)} if self.per_head is not None else {})}
+                "layout": self.layout, **({"per_head": list(self.per_head)} if self.per_head is not None else {}),
+                **({"whole": list(self.whole)} if self.whole is not None else {})}
 
     def plan(self, modules: dict[str, nn.Module]) -> list[Target]:
         out: list[Target] = []
@@ -266,10 +302,11 @@ class Heads(Dimension):
                                            f"{projections[0]}.out_features={q_out} / {H}; sizes count query heads)")
             targets.append(Target(_join(path, n), "out", Binding(self, unit=d, div=group), pat))
         targets.append(Target(_join(path, o), "inp", Binding(self, unit=d), pat))
+        self._check_whole(path, m, (*projections, o), others)
         self._refuse_per_head_tensors(path, m, d)
         targets += self._bias_targets(path, m, pat)
         targets += self._per_head_targets(path, m, pat, (*projections, o), others)
-        self._refuse_per_head_children(path, m, d, targets)
+        self._refuse_per_head_children(path, m, d, targets, (*projections, o))
         targets += self._attr_targets(path, m, d, group, pat, mqa, (*projections, o.split(".")[0]), shared)
         return targets
 
@@ -323,7 +360,8 @@ class Heads(Dimension):
         exempt = H in (d, d // 2)
         for kind, store in (("parameter", m._parameters), ("buffer", m._buffers)):
             for n, t in store.items():
-                if t is None or t.dim() == 0 or (exempt and (kind == "buffer" or t.dim() == 1)):
+                if t is None or t.dim() == 0 or (exempt and (kind == "buffer" or t.dim() == 1)) or n in (
+                        self.whole or ()):
                     continue  # (rotary caches, masks: buffers of those lengths)
                 lead = next((s for s in t.shape if s != 1), None)
                 last = kind == "parameter" and t.dim() >= 2 and t.shape[-1] == H and not exempt
@@ -332,7 +370,7 @@ class Heads(Dimension):
                                           f"{H}, the head count); Heads cannot slice it with the heads. Keep it in a "
                                           "child module with a slicer of its own and name that child in "
                                           "per_head= (docs/heads.md), or slice this attention as a Width of its "
-                                          "head size")
+                                          f"head size; if it is not per-head, name it in whole={n!r}")
 
     def _bias_targets(self, path: str, m: nn.Module, pat: str) -> list[Target]:
         """Per-head relative position bias tables (T5) are sliced with the heads; other per-head tables refused."""
@@ -368,19 +406,40 @@ class Heads(Dimension):
             out.append(Target(_join(path, n), "out", Binding(self), pat))
         return out
 
-    def _refuse_per_head_children(self, path: str, m: nn.Module, d: int, targets: Sequence[Target]) -> None:
+    def _check_whole(self, path: str, m: nn.Module, projections: Sequence[str], others: Sequence[nn.Module]) -> None:
+        """Each ``whole`` name is a descendant module or an own parameter / buffer of this attention (or of another
+        matched one), and not a projection, which Heads slices."""
+        for n in self.whole or ():
+            hit = [p for p in projections if n == p or n.startswith(p + ".") or p.startswith(n + ".")]
+            if hit:
+                raise self._err(path, f"whole={n!r} is (or holds, or lies in) the projection {hit[0]!r}, which Heads "
+                                      "slices: whole= names the other modules and tensors of the attention that "
+                                      "are not per-head")
+            if not any(_holds(a, n) for a in (m, *others)):
+                raise self._err(path, f"whole={n!r} names no child module or own parameter / buffer of it, nor of "
+                                      f"the other attentions matched (children: "
+                                      f"{sorted(k for k, _ in m.named_children())})")
+
+    def _refuse_per_head_children(self, path: str, m: nn.Module, d: int, targets: Sequence[Target],
+                                  projections: Sequence[str] = ()) -> None:
         """A weight matrix or table (2-D) of a descendant that Heads leaves whole but that has an axis as
         long as the head count, first (a ``Linear(hidden, heads)`` gate, Swin-v2's position-bias MLP) or last
         (HF Swin's ``relative_position_bias_table`` of shape (positions, heads), held by a child), would stay
-        full-size under fewer heads: refused, naming the module and the tensor, and ``per_head=``."""
+        full-size under fewer heads: refused, naming the module and the tensor, ``per_head=`` and ``whole=``.
+        Not read: the projections and what they hold (a multi-query k / v left whole, a LoRA inside one), the
+        modules named in ``whole``, and a pair of sibling Linears meeting in a width of the head count (a
+        low-rank adapter ``Linear(E, r)`` then ``Linear(r, E)`` with ``r`` equal to it: a width inside the pair,
+        not one unit per head)."""
         H = self.full
         if H in (d, d // 2) or H < 2:
             return  # (a head count equal to the head size or half of it decides nothing: a (d, d) matrix, learned
         # rotary frequencies (1, d / 2): check measures such a module)
         bound = {t.path for t in targets if not t.role.startswith("attr:")}
+        skip = [_join(path, p) for p in (*projections, *(self.whole or ()))]
+        pair = _bottleneck_pairs(m, H)
         for n, c in m.named_modules(remove_duplicate=False):
             full = _join(path, n)
-            if not n or any(full == b or full.startswith(b + ".") for b in bound):
+            if not n or n in pair or any(full == b or full.startswith(b + ".") for b in (*bound, *skip)):
                 continue
             for pn, t in c._parameters.items():
                 if t is None or t.dim() != 2:
@@ -392,7 +451,8 @@ class Heads(Dimension):
                                           "count) and Heads would leave whole. If it is, give "
                                           f"{type(c).__name__} a slicer whose 'out' role cuts that axis and pass "
                                           f"per_head={n!r} to an sn.Heads of yours (sn.wrap; from_transformers "
-                                          "takes no per_head=, docs/heads.md); otherwise nest without heads here")
+                                          "takes no per_head=, docs/heads.md); if it is not per-head, pass "
+                                          f"whole={n!r} to leave it whole")
 
     def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str, mqa: bool = False,
                       projections: Sequence[str] = (), shared: frozenset[int] = frozenset()) -> list[Target]:

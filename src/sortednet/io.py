@@ -25,6 +25,7 @@ from .meta import (
     EXTRA_PREFIX,
     FORMAT,
     FORMATS,
+    INFO_FIELDS,
     MAX_DIMS,
     MAX_SIZES,
     PATTERN_FIELDS,
@@ -509,7 +510,7 @@ def _bound(spec: Any) -> Any:
         return spec
     fields = PATTERN_FIELDS.get(spec.get("kind"), ())
     return {k: sorted(v) if k in fields and isinstance(v, list) and all(isinstance(x, str) for x in v) else v
-            for k, v in spec.items() if k != "patterns"}
+            for k, v in spec.items() if k != "patterns" and k not in INFO_FIELDS.get(spec.get("kind"), ())}
 
 
 def _calibrated(nest: Nest) -> bool:

@@ -31,7 +31,7 @@ from .patterns import match
 from .submodel import MAX_SUBMODELS, SubModel
 
 __all__ = ["FORMAT", "FORMATS", "CHECKSUM", "EXTRA_PREFIX", "read_meta", "exact_spec", "rows_of", "calibration_entries",
-           "check_stale_marks", "check_profile", "PATTERN_FIELDS"]
+           "check_stale_marks", "check_profile", "PATTERN_FIELDS", "INFO_FIELDS"]
 
 FORMAT = "sortednet/2"
 FORMATS = ("sortednet/1", FORMAT)
@@ -41,6 +41,8 @@ CHECKSUM = "crc32+header"
 EXTRA_PREFIX = "_sortednet/"
 #: spec keys of each built-in dimension kind that hold module patterns
 PATTERN_FIELDS = {"width": ("out", "inp", "norm"), "depth": ("layers",), "heads": ("attn",), "rank": ("targets",)}
+#: spec keys that describe, not bind: ``load`` leaves them out when comparing a file's dimensions with the nest's
+INFO_FIELDS = {"heads": ("whole",)}
 MAX_DIMS, MAX_SIZES, MAX_SIZE = 4096, 65536, 2 ** 31  # (bounds a file may not exceed: save refuses more)
 METRICS = ("params", "flops", "latency", "memory")
 _KEYS = {FORMATS[0]: {"format", "dims", "submodels", "extra"},
