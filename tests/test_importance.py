@@ -365,13 +365,19 @@ def test_an_optimizer_whose_state_is_not_per_element_is_refused_unchanged():
     (lambda m, b: m(b[0]), "must be a scalar"),
     (lambda m, b: 1 / 0, "loss of batch 0 raised ZeroDivisionError"),
     # no gradient signal: the sort "succeeded" with the identity order everywhere, in silence
-    (lambda m, b: m(b[0]).sum() * 0, "every gradient score is zero"),
-    (lambda m, b: torch.tensor(1.0, requires_grad=True), "every gradient score is zero"),
+    (lambda m, b: m(b[0]).sum() * 0, r"every score \|weight x gradient\| is zero.*method='l1'"),
+    (lambda m, b: torch.tensor(1.0, requires_grad=True), r"every score \|weight x gradient\| is zero"),
+    # a zero-initialised layer after the sliced ones: every gradient reaching them is zero
+    ("zero_head", r"zero-initialised layer"),
 ])
 def test_taylor_refuses_a_loss_it_cannot_score_by_before_anything_changes(bad, match):
     """A NaN loss gave NaN scores for every unit; the sort then "succeeded" with the identity order, dropped the
     profile's scores and invalidated every KV cache. A loss that raises escaped as a raw error."""
     model, dims, x = _case("mlp")
+    if bad == "zero_head":
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        nn.init.zeros_(last.weight)
+        bad = lambda m, b: m(b[0]).square().mean()  # noqa: E731
     nest = sn.wrap(model, *dims)
     before = snapshot(model)
     with pytest.raises(sn.SortedNetError, match=match):

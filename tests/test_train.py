@@ -1240,7 +1240,7 @@ def test_distillation_mask_from_the_closure_equals_a_hand_written_masked_kl():
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
     for bad in (keep.float(), keep[:, :3], "mask"):
-        with pytest.raises(sn.SortedNetError, match="distillation mask"):
+        with pytest.raises(sn.SortedNetError, match="mask of the positions distill= counts"):
             sn.accumulate(nest, [nest.smallest, nest.largest], lambda b=bad: (
                 F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, b), distill=d)
 
@@ -1254,13 +1254,13 @@ def test_a_third_closure_item_that_is_no_mask_is_refused_with_or_without_distill
     aux_w = torch.zeros((), requires_grad=True)
     for distill in (None, sn.Distill(temperature=2.0)):
         before = [p.detach().clone() for p in model.parameters()]
-        with pytest.raises(sn.SortedNetError, match=r"distillation mask must be a bool tensor.*\(4, 6\).*"
+        with pytest.raises(sn.SortedNetError, match=r"mask of the positions distill= counts, a bool tensor.*\(4, 6\).*"
                                                     r"add an auxiliary loss to the loss itself"):
             sn.accumulate(nest, [nest.smallest, nest.largest], lambda: (
                 F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, aux_w * 2), distill=distill)
         assert all(p.grad is None for p in model.parameters())
         assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
-        with pytest.raises(sn.SortedNetError, match=r"distillation mask .* \(the second item, the logits, is "
+        with pytest.raises(sn.SortedNetError, match=r"mask of the positions .* \(the second item, the logits, is "
                                                     r"NoneType: a mask needs them\)"):
             sn.accumulate(nest, [nest.smallest], lambda: (
                 F.cross_entropy(model(x).flatten(0, 1), y.flatten()), None, keep), distill=None)
@@ -1272,6 +1272,30 @@ def test_a_third_closure_item_that_is_no_mask_is_refused_with_or_without_distill
     for s, t in [(torch.randn(5), torch.randn(5)), (torch.randint(0, 3, (2, 3)), torch.randint(0, 3, (2, 3)))]:
         with pytest.raises(sn.SortedNetError, match=r"floating-point logits of shape \(\.\.\., classes\)"):
             sn.Distill().soft_loss(s, t)
+
+
+def test_an_attention_mask_of_ints_is_a_mask_and_other_ints_are_refused():
+    """A closure returning (loss, logits, attention_mask), the 0 / 1 int64 mask tokenizers return, was refused as
+    no bool mask: it is read as the bool mask (the same gradients, with distill= and without). Other ints of that
+    shape (the labels, -100 and class indices) are refused, not read as a mask."""
+    model, nest = _token_model()
+    twin, ref = _token_model()
+    x, y = _padded_batches(1, steps=1)[0]
+    keep = y != -100
+    assert not keep.all() and keep.any()
+    for distill in (None, sn.Distill(temperature=2.0, alpha=0.5)):
+        for mine, mask in ((nest, keep.long()), (ref, keep)):
+            m = model if mine is nest else twin
+            sn.accumulate(mine, [mine.smallest, mine.largest], lambda m=m, k=mask: (
+                F.cross_entropy((o := m(x)).flatten(0, 1), y.flatten()), o, k), distill=distill)
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=n)
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        with pytest.raises(sn.SortedNetError, match=r"0 / 1 ints, an attention_mask.*got Tensor torch.int64"):
+            sn.accumulate(nest, [nest.smallest], lambda: (
+                F.cross_entropy((o := model(x)).flatten(0, 1), y.flatten()), o, y), distill=distill)
+        assert all(p.grad is None for p in model.parameters())
 
 
 def test_non_finite_logits_at_masked_positions_stay_out_of_the_soft_term():
@@ -1429,6 +1453,67 @@ def test_fit_default_loss_takes_class_indices_of_any_integer_type(dtype):
         results.append((h.train, h.last_scores, [p.detach().clone() for p in m.parameters()]))
     (t0, s0, p0), (t1, s1, p1) = results
     assert t0 == t1 and s0 == s1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+class _NumpyIn(torch.nn.Module):
+    """Converts its inputs itself: takes numpy arrays as well as tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(12, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(torch.as_tensor(x, dtype=torch.float32))))
+
+
+def test_fit_takes_numpy_where_the_model_and_loss_take_it_and_names_it_where_the_model_does_not():
+    """fit refused numpy inputs and targets outright, also where the model converts its inputs and a loss_fn its
+    targets (which trained before). Now such a run equals the run on tensors; numpy reaches the default loss or a
+    model that cannot take it as a named refusal, not a raw TypeError."""
+    x, y = toy_batch(0)
+    params = []
+    for data in ((x, y), (x.numpy(), y.numpy())):
+        torch.manual_seed(0)
+        m = _NumpyIn()
+        nest = sn.wrap(m, sn.Width("h", [8, 16], out="a", inp="b"))
+        sn.fit(nest, [data] * 2, torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2, seed=0),
+               loss_fn=lambda out, t: F.cross_entropy(out, torch.as_tensor(t)), progress=False)
+        params.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b)
+    m, nest = _fit_case()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(sn.SortedNetError, match=r"does not take the inputs of step 0, a numpy array"):
+        sn.fit(nest, [(x.numpy(), y)], torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2, seed=0),
+               loss_fn=F.cross_entropy, progress=False)
+    with pytest.raises(sn.SortedNetError, match=r"targets of step 0 are a numpy array.*F.cross_entropy"):
+        sn.fit(nest, [(x, y.numpy())], torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2, seed=0),
+               progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_fit_default_loss_takes_an_unbatched_sample():
+    """F.cross_entropy takes one sample, logits (classes,) and a 0-d class index; the default loss's shape check
+    refused it. It trains as loss_fn=F.cross_entropy does; a (classes,) output with a (1,) target is named."""
+    x, y = toy_batch(0)
+    data = [(x[i], y[i]) for i in range(4)]
+    params = []
+    for loss_fn in (None, F.cross_entropy):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+        nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+        sn.fit(nest, data, torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2, seed=0), loss_fn=loss_fn,
+               progress=False)
+        params.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(sn.SortedNetError, match=r"here \(\); step 0 gave output \(5,\) and targets \(1,\)"):
+        sn.fit(nest, [(x[0], y[:1])], torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=2, seed=0),
+               progress=False)
+    with pytest.raises(sn.SortedNetError, match=r"not a class index in 0..4"):
+        sn.fit(nest, [(x[0], torch.tensor(9))], torch.optim.SGD(m.parameters(), lr=0.1),
+               sn.Sampler(nest, k=2, seed=0), progress=False)
 
 
 def test_a_closure_returning_a_second_loss_is_refused_not_dropped():

@@ -283,9 +283,11 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
         raise SortedNetError(f"sort_units(method='taylor'): the gradient scores of {bad[:3]} are not finite "
                              "(gradients overflowed: inputs or loss far out of scale); nothing was changed")
     if not any(bool(v.any()) for v in acc.values() if isinstance(v, Tensor)):
-        raise SortedNetError(f"sort_units(method='taylor'): every gradient score is zero over the {n} batch(es): "
-                             "the loss does not depend on the sliced weights (a loss_fn that ignores the model's "
-                             "output, a loss scaled by 0), so it cannot order any unit; nothing was changed")
+        raise SortedNetError(f"sort_units(method='taylor'): every score |weight x gradient| is zero over the {n} "
+                             "batch(es), so it cannot order any unit: the sliced weights or their gradients are all "
+                             "zero (a zero-initialised layer after them or among them, an untrained model, a "
+                             "loss_fn that ignores the model's output or is scaled by 0); sort a trained model, or "
+                             "by weight norm (method='l1' / 'l2'); nothing was changed")
     return acc
 
 

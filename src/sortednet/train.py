@@ -147,8 +147,8 @@ class Distill:
 
 def _default_loss(out: Tensor, y: Tensor, step: int) -> Tensor:
     """``F.cross_entropy(out, y)``, fit's default loss, with its shape and class-range errors named."""
-    want = (*out.shape[:1], *out.shape[2:])
-    if out.dim() < 2 or tuple(y.shape) != tuple(want):
+    want = (*out.shape[:1], *out.shape[2:]) if out.dim() != 1 else ()  # (an unbatched sample: (classes,), ())
+    if out.dim() < 1 or tuple(y.shape) != tuple(want):
         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, takes an output (batch, classes, ...) and "
                              f"class indices (batch, ...), here {tuple(want)}; step {step} gave output "
                              f"{tuple(out.shape)} and targets {tuple(y.shape)} (a (batch, 1) column: y.squeeze(1); "
@@ -158,7 +158,7 @@ def _default_loss(out: Tensor, y: Tensor, step: int) -> Tensor:
     except (IndexError, RuntimeError) as e:
         if "out of bounds" not in str(e) and "Target" not in str(e):
             raise
-        raise SortedNetError(f"fit(): a target of step {step} is not a class index in 0..{out.shape[1] - 1} (nor "
+        raise SortedNetError(f"fit(): a target of step {step} is not a class index in 0..{out.shape[min(1, out.dim() - 1)] - 1} (nor "
                              f"the ignored {IGNORE_INDEX}): {e}") from e
 
 
@@ -170,6 +170,13 @@ def _need_nest(nest: Any, what: str) -> None:
         hint = " (the model itself: pass the Nest that sn.wrap(model, ...) returned, or sn.Nest.of(model))" \
             if isinstance(nest, nn.Module) else ""
         raise SortedNetError(f"{what}() needs the Nest (sn.wrap(model, ...)), got {type(nest).__name__}{hint}")
+
+
+def _binary_ints(t: Tensor) -> bool:
+    """An integer tensor holding only 0 and 1 (reads its values: one synchronisation on an accelerator)."""
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        return False
+    return t.numel() == 0 or bool(((t == 0) | (t == 1)).all())
 
 
 def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -195,6 +202,9 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
                              f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
                              f"{tuple(logits.shape)}")
+    if isinstance(mask, Tensor) and _binary_ints(mask) and isinstance(logits, Tensor) \
+            and tuple(mask.shape) == tuple(logits.shape[:-1]):
+        mask = mask != 0  # (an attention_mask of 0 / 1 ints, as tokenizers return it)
     if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
                              or not isinstance(logits, Tensor) or tuple(mask.shape) != tuple(logits.shape[:-1])):
         # (checked without distill= too: a third item that is no such mask, an auxiliary loss, would be dropped)
@@ -202,9 +212,10 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
             f" (the second item, the logits, is {type(logits).__name__}: a mask needs them)"
         aux = (" (a third item that requires grad is not trained: add an auxiliary loss to the loss itself)"
                if isinstance(mask, Tensor) and mask.requires_grad else "")
-        raise SortedNetError(f"closure for {sub} returned (loss, logits, mask): the distillation mask must be a "
-                             f"bool tensor of the logits' shape without the last axis{where} (True: the position "
-                             f"counts), used by distill=; got {type(mask).__name__}"
+        raise SortedNetError(f"closure for {sub} returned (loss, logits, mask): a third item is the mask of the "
+                             f"positions distill= counts, a bool tensor (or 0 / 1 ints, an attention_mask) of the "
+                             f"logits' shape without the last axis{where} (True: the position counts), read with "
+                             f"or without distill=; got {type(mask).__name__}"
                              + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else "") + aux)
     if not want_logits:
         mask = None
@@ -907,11 +918,10 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                                          f"{type(batch).__name__}" + (f" of {len(batch)} items" if
                                                                       isinstance(batch, (tuple, list)) else ""))
                 x, y = _to(batch[0], device), _to(batch[1], device)
-                arrays = [n for n, v in (("inputs", x), ("targets", y)) if isinstance(v, np.ndarray)]
-                if arrays:
-                    raise SortedNetError(f"fit(): the {' and '.join(arrays)} of step {step} are numpy arrays; the "
-                                         "loader must yield tensors (torch.as_tensor(a), or a "
-                                         "torch.utils.data.TensorDataset of them)")
+                if loss_fn is None and isinstance(y, np.ndarray):  # (a loss_fn, or the model, may take numpy)
+                    raise SortedNetError(f"fit(): the targets of step {step} are a numpy array; the default loss, "
+                                         "F.cross_entropy, takes a tensor of class indices: the loader must yield "
+                                         "tensors (torch.as_tensor(a), or a torch.utils.data.TensorDataset of them)")
                 if loss_fn is None and not isinstance(y, Tensor):
                     raise SortedNetError(f"fit(): the default loss, F.cross_entropy, takes the targets as a tensor "
                                          f"of class indices; the targets of step {step} are a {type(y).__name__} "
@@ -929,7 +939,14 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
 
                 def closure(x: Any = x, y: Any = y, step: int = step
                             ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
-                    out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
+                    try:
+                        out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
+                    except TypeError as e:
+                        if not isinstance(x, np.ndarray):
+                            raise
+                        raise SortedNetError(f"fit(): the model does not take the inputs of step {step}, a numpy "
+                                             f"array ({e}); the loader must yield tensors (torch.as_tensor(a), or "
+                                             "a torch.utils.data.TensorDataset of them)") from e
                     if loss_fn is None and not isinstance(out, Tensor):  # (the check above could not run)
                         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output "
                                              f"as a tensor of logits; in training mode the model returns a "
