@@ -158,7 +158,8 @@ def _default_loss(out: Tensor, y: Tensor, step: int) -> Tensor:
     except (IndexError, RuntimeError) as e:
         if "out of bounds" not in str(e) and "Target" not in str(e):
             raise
-        raise SortedNetError(f"fit(): a target of step {step} is not a class index in 0..{out.shape[min(1, out.dim() - 1)] - 1} (nor "
+        classes = out.shape[min(1, out.dim() - 1)]
+        raise SortedNetError(f"fit(): a target of step {step} is not a class index in 0..{classes - 1} (nor "
                              f"the ignored {IGNORE_INDEX}): {e}") from e
 
 
