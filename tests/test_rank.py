@@ -782,6 +782,48 @@ def test_a_factored_export_of_a_target_read_as_a_matrix_is_refused():
     torch.testing.assert_close(nest.export("r=2")(x), live, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("export", ["auto", "factored"])
+def test_pick_passes_over_ranks_whose_factored_export_a_matrix_read_refuses(export):
+    """Once a forward had read an svd target's weight as a matrix, export refused its factored ranks, but
+    pick (and a profile's front) still returned them by their factored size, and cost(flops) counted the product
+    U_r V_r for them (more than the full rank's). pick now passes over them, the front leaves them out, and the
+    product is not counted."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    m = _ReadsWeight()
+    nest = sn.wrap(m, sn.Rank("r", [1, 2, 4, 16], targets="fc", export=export))
+    costs = {str(s): nest.cost(s) for s in nest.submodels}
+    assert nest.pick(params=costs["r=1"]) == nest.smallest  # (no read seen yet: every rank exports)
+    with torch.no_grad(), nest.use("r=2"):
+        m(x)
+    ok = []
+    for sub in nest.submodels:
+        try:
+            nest.export(sub)
+            ok.append(sub)
+        except sn.SortedNetError:
+            pass
+    if export == "factored":  # (every rank is two Linears)
+        assert not ok
+        with pytest.raises(sn.SortedNetError, match=r"no sub-model of this nest can be exported.*\['fc'\].*"
+                                                    r"export='merged'"):
+            nest.pick(params=1e9)
+        return
+    assert ok and ok != list(nest.submodels)
+    for budget in sorted(costs.values()):
+        try:
+            got = nest.pick(params=budget)
+        except sn.errors.BudgetError:
+            assert budget < min(nest.cost(s) for s in ok)
+            continue
+        assert got in ok and nest.cost(got) <= budget
+        nest.export(got)
+    prof = nest.profile(x, repeat=1, progress=False)
+    assert set(prof.front("params")) <= set(ok)
+    flops = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    assert flops == sorted(flops), flops  # (the read's product uncounted: a rank never costs more than a higher)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_a_factored_export_keeps_the_models_mode(training):
     """The Sequential that holds the two factors was made in training mode inside an eval-mode export."""

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 from torch.nn.utils import weight_norm as _WEIGHT_NORM  # (bound at import, as user code does)
@@ -1414,12 +1416,60 @@ def test_a_sliced_tensor_held_in_a_plain_attribute_is_refused_by_export_and_chec
             torch.testing.assert_close(small(x), m(x), rtol=0, atol=1e-6)
         return
     before = snapshot(m)
-    with pytest.raises(sn.SortedNetError, match=r"aside holds a tensor that sortednet slices"):
+    why = (r"aside holds a tensor that sortednet slices" if how == "partial" else
+           r"differs from its live output .*\['aside'\] hold tensors that sortednet slices in plain Python")
+    with pytest.raises(sn.SortedNetError, match=why):
         sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"), example=x)
     assert_unchanged(m, before)
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"))
-    with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): aside holds a tensor"):
-        nest.export("h=8")
+    if how == "partial":
+        with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): aside holds a tensor"):
+            nest.export("h=8")
+        return
+    small = nest.export("h=8")  # (a list / tuple / dict: the export's own tensor in its place, see the next test)
+    held = small.aside["w"] if how == "dict" else small.aside[0]
+    assert held is small.fc1.weight and held.shape == (8, 8)
+
+
+class _GroupsAside(nn.Module):
+    """Blocks whose weights are also kept in plain containers for optimizer groups (never read in forward)."""
+
+    def __init__(self, n: int = 4):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(n))
+        self.head = nn.Linear(8, 3)
+        self.decay = [p for b in self.blocks for p in b.parameters() if p.dim() == 2]
+        self.groups = ({"decay": self.decay, "other": [self.head.bias]}, "tag")
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), with_example=st.booleans())
+def test_parameters_kept_for_optimizer_groups_export_with_the_exports_own(seed, with_example):
+    """A list of the blocks' weights kept on the model for optimizer groups, with a Width on those blocks: every
+    export was refused (the full model's too), after wrap without example= had accepted it and training ran.
+    The export now holds its own tensors there (those of blocks the depth skips left out), equals the live
+    sub-model, and shares no memory with the live model."""
+    torch.manual_seed(seed)
+    m = _GroupsAside()
+    x = torch.randn(3, 8)
+    nest = sn.wrap(m, sn.Depth("d", [1, 2, 4], layers="blocks"),
+                   sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"), example=x if with_example else None)
+    live_ptrs = {p.data_ptr() for p in m.parameters()}
+    for sub in nest.submodels:
+        small = nest.export(sub)
+        own = [p for b in small.blocks for p in b.parameters() if p.dim() == 2]
+        assert len(small.decay) == len(own) == 2 * sub["d"]
+        assert all(a is b for a, b in zip(small.decay, own))
+        assert small.groups[0]["decay"] == small.decay and small.groups[1] == "tag"
+        assert small.groups[0]["other"][0] is small.head.bias
+        assert not {p.data_ptr() for p in small.decay} & live_ptrs
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-6)
 
 
 def _hooks(model: nn.Module) -> int:

@@ -1044,13 +1044,12 @@ class Nest:
             if prof is not None and prof.scores is not None and len(prof._pos) >= n and \
                     all(s in prof._pos for s in subs):
                 scores = [prof.scores[prof._pos[s]] for s in subs]
-            planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()}
             ok = self._exportable()
             if ok is not None:  # a tied tensor sliced differently by its holders: pick only what exports
                 keep = [i for i, s in enumerate(subs) if ok(dict(s))]
                 if not keep:
                     raise SortedNetError(f"pick: no sub-model of this nest can be exported: "
-                                         f"{split_ties(self.model, planned)}")
+                                         f"{self._unexportable_why()}")
                 subs = [subs[i] for i in keep]
                 costs = {m: [c[i] for i in keep] for m, c in costs.items()}
                 scores = None if scores is None else [scores[i] for i in keep]
@@ -1058,11 +1057,35 @@ class Nest:
         return self._selector
 
     def _exportable(self) -> Callable[[dict], bool] | None:
-        """A test ``sizes -> bool``: does the sub-model export (every tied tensor cut alike by its holders)? None
-        when every sub-model does. ``pick`` passes over the others, and a profile's front leaves them out."""
+        """A test ``sizes -> bool``: does the sub-model export (every tied tensor cut alike by its holders, and no
+        svd Rank target whose weight a forward reads as a matrix exported as two Linears)? None when every
+        sub-model does. ``pick`` passes over the others, and a profile's front leaves them out."""
         depth = any(d.kind == "depth" for d in self.dims)
-        return exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()},
+        ties = exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()},
                           self._running if depth else None)
+        read = [m for m in self._sliced.values() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind
+                and hasattr(m._sn.slicer, "factored")]
+        if not read:
+            return ties
+
+        def test(sizes: dict) -> bool:
+            if ties is not None and not ties(sizes):
+                return False
+            with self.use(sizes):  # (export refuses a factored export of such a target: two Linears, no weight)
+                return not any(m._sn.slicer.factored(m) for m in read)
+
+        return test
+
+    def _unexportable_why(self) -> str:
+        """Why ``pick`` has no sub-model left (every one is refused by ``export``)."""
+        planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()}
+        why = split_ties(self.model, planned)
+        read = [p for p, m in self._sliced.items() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind]
+        if read:
+            why = (f"{why}; " if why else "") + (
+                f"a forward reads the weight matrix of the svd Rank targets {read[:3]}, which a factored export "
+                "(two Linears) cannot hold: declare sn.Rank(..., export='merged') for them")
+        return why
 
     def _running(self, sizes: dict[str, int]) -> Callable[[str], bool]:
         """By a parameter's name (``path.param``): does its module run under the sub-model of ``sizes``, that is,

@@ -68,6 +68,10 @@ def _note_matrix_read(m: nn.Module) -> None:
             return
         f = f.f_back
     st.extra["matrix_read"] = True
+    nest = getattr(st.bind["rank"].dim, "_nest", None)
+    if nest is not None:  # pick's table passes over the sub-models whose export this read now refuses
+        with nest._cost_lock:
+            nest._selector = None
 
 
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
@@ -249,7 +253,7 @@ class SVDSlicer(LowRankSlicer):
         if name == "weight":  # (read by the parent's forward, as MultiheadAttention reads its out_proj's)
             if m.__dict__["_sn"].bind["rank"].dim.export != "merged":
                 _note_matrix_read(m)
-            with _uncounted() if not self.factored(m) else contextlib.nullcontext():
+            with _uncounted():  # (the product is built once in an export that can serve this read: merged)
                 return m.U @ m.V
         return self.base_value(m, name)
 
