@@ -157,6 +157,34 @@ def test_cascade_greedy_equality_and_threshold_semantics(family, thresholds, sep
                 == out.stats.drafted
 
 
+def test_numpy_numbers_are_numbers_and_a_string_is_no_list_of_thresholds():
+    """numpy thresholds, token counts and temperature were refused with a false reason ('must lie in [0, 1]', got
+    [0.3, 0]); a string of thresholds was split into its characters. numpy values now decode as Python numbers do
+    (the same sequences, greedy and sampled), and a string is refused as no list."""
+    target = nested("llama", False)
+    ids = torch.tensor([[4, 6, 8]])
+    exits = ["depth=1", "depth=2", "depth=3"]
+    greedy = dict(draft=target, exits=exits)
+    py = sn.speculative_generate(target, ids, thresholds=[0.3, 0.5, 0], max_new_tokens=6, num_draft_tokens=3,
+                                 **greedy)
+    for th in ([np.float32(0.3), np.float64(0.5), np.int64(0)], np.array([0.3, 0.5, 0.0])):
+        got = sn.speculative_generate(target, ids, thresholds=th, max_new_tokens=np.int64(6),
+                                      num_draft_tokens=np.int32(3), **greedy)
+        assert torch.equal(got.sequences, py.sequences)
+    sampled = [sn.speculative_generate(target, ids, draft="depth=1", do_sample=True, temperature=t,
+                                       top_p=p, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+               for t, p in ((0.75, 0.5), (np.float32(0.75), np.float64(0.5)))]
+    assert torch.equal(sampled[0].sequences, sampled[1].sequences)
+    with pytest.raises(sn.SortedNetError, match="thresholds must be a list with one value per exit"):
+        sn.speculative_generate(target, ids, thresholds="0.3", max_new_tokens=2, **greedy)
+    rank = sn.Rank("r", [2, 4], targets="x", mode="lora", alpha=np.float32(2))
+    assert rank.alpha == 2.0 and type(rank.alpha) is float
+    x = torch.randint(0, V, (2, 8))
+    a, b = soft_loss(target, x, exits=np.array([1, 2])), soft_loss(target, x, exits=[1, 2])
+    assert list(a.losses) == [1, 2] and all(type(k) is int for k in a.losses)
+    torch.testing.assert_close(a.loss, b.loss)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_useless_draft_accepts_nothing(family):
     target = FAMILIES[family]()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -71,7 +72,7 @@ class Rank(Dimension):
                 raise SortedNetError(f"Rank {name!r}: mode='lora' exports merged weights; export='factored' "
                                      "needs mode='svd'")
             alpha = float(self.full) if alpha is None else alpha
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) \
                     or alpha <= 0:
                 raise SortedNetError(f"Rank {name!r}: alpha must be a positive number, got {alpha!r}")
             alpha = float(alpha)

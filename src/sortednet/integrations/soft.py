@@ -128,9 +128,10 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
         depth = [d for d in (nest.dims if nest else ()) if isinstance(d, Depth)]
         exits = [s for s in depth[0].sizes if s <= n] if depth else list(range(1, n + 1))
     given = _listed(exits, "exits", "exit depths, e.g. [2, 4]")
-    bad = [e for e in given if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= n]
+    bad = [e for e in given if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 1 <= e <= n]
     if not given or bad:
         raise SortedNetError(f"soft_loss: exits must be block counts in 1..{n} (active depth), got {given}")
+    given = [int(e) for e in given]  # (numpy ints)
     if len(set(given)) != len(given):
         raise SortedNetError(f"soft_loss: exits must be distinct, got {given}")
     if weights is None:

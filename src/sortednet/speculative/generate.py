@@ -115,7 +115,17 @@ def _sampling(gen: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any
     p = v["top_p"]
     if isinstance(p, (int, float, np.floating)) and not isinstance(p, bool) and p == 1:
         p = None  # (generate adds no top-p filter at 1)
-    return Sampling(bool(do_sample), v["temperature"], int(k) or None, p, generator)
+    return Sampling(bool(do_sample), _py_float(v["temperature"]), int(k) or None, _py_float(p), generator)
+
+
+def _py_int(v: Any) -> Any:
+    """A numpy integer as a Python int (validated as one); anything else as given."""
+    return int(v) if isinstance(v, np.integer) else v
+
+
+def _py_float(v: Any) -> Any:
+    """A numpy number as a Python float (validated as one); anything else as given."""
+    return float(v) if isinstance(v, (np.floating, np.integer)) else v
 
 
 def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draft_tokens: Any,
@@ -257,6 +267,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
                      share_cache=share_cache)
     tmodel = plan.models[0]
     sampling = _sampling(getattr(tmodel, "generation_config", None), do_sample, temperature, top_k, top_p, generator)
+    max_new_tokens, num_draft_tokens = (_py_int(v) for v in (max_new_tokens, num_draft_tokens))  # (numpy ints)
     pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
                          eos_token_id, tmodel, plan.models)
     with _eval_held(plan.models), ExitStack() as stack, torch.inference_mode():

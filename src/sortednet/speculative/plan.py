@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from ..dims import Depth
@@ -141,9 +142,11 @@ def _use(nest: Nest | None, sub: SubModel | None):
 def _thresholds(thresholds: Sequence[float] | None, m: int, labels: list[str]) -> list[float]:
     if thresholds is None:
         return [0.5] * (m - 1) + [0.0]
-    if isinstance(thresholds, (int, float)) or not isinstance(thresholds, Sequence):
+    if isinstance(thresholds, np.ndarray) and thresholds.ndim == 1:
+        thresholds = thresholds.tolist()
+    if isinstance(thresholds, (int, float, str, bytes)) or not isinstance(thresholds, Sequence):
         raise SortedNetError(f"thresholds must be a list with one value per exit {labels}, got {thresholds!r}")
-    out = list(thresholds)
+    out = [float(t) if isinstance(t, (np.floating, np.integer)) else t for t in thresholds]
     if len(out) != m:
         raise SortedNetError(f"thresholds: {len(out)} value(s) {out} for {m} exit(s) {labels}; give one per exit")
     for t in out:
