@@ -1099,8 +1099,17 @@ def test_a_block_the_sub_model_skips_never_runs_silently(how):
     m(x)                                                        # full depth: every block runs
     with nest.use("depth=2"), pytest.raises(sn.SortedNetError, match="'blocks.2' ran under depth=2"):
         m(x)
-    if how != "children":
-        with pytest.raises(sn.SortedNetError, match="holds blocks the sub-model skips"):
+    if how != "children":  # (a list / tuple / dict of the blocks: the export's holds its own kept blocks)
+        small = nest.export("depth=2")
+        held = small.run if how == "list" else [b for stage in small.stages["all"] for b in stage]
+        assert len(held) == 2 and all(a is b for a, b in zip(held, small.blocks))
+        want = x
+        for b in m.blocks[:2]:
+            want = torch.tanh(b(want))
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), want)
+        m.run_set = {m.blocks[3]}  # (held otherwise, a set: refused)
+        with pytest.raises(sn.SortedNetError, match="run_set holds blocks the sub-model skips"):
             nest.export("depth=2")
 
 
@@ -1111,9 +1120,12 @@ def test_what_a_skipped_block_holds_is_checked_where_kept_code_reaches_it():
     m = _AsideList("attr")
     m.tail = m.blocks[3]
     nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"))
-    m.blocks[3].owner = [m.blocks[2]]
+    m.blocks[3].owner = functools.partial(print, m.blocks[2])
     with pytest.raises(sn.SortedNetError, match="blocks.3.owner holds blocks the sub-model skips"):
         nest.export("depth=2")
+    m.blocks[3].owner = [m.blocks[2], m.blocks[1]]  # (a list: the export's holds the kept block only)
+    small = nest.export("depth=2")
+    assert small.tail.owner == [small.blocks[1]] and len(small.blocks) == 2
     del m.blocks[3].owner
     m.blocks[2].owner = [m.blocks[2]]  # (a skipped block no kept code reaches: leaves with its attribute)
     x = torch.randn(2, 8)

@@ -72,8 +72,9 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                 memo[id(m._modules[name])] = None
         holders = {id(t): (m, n) for m in nest._sliced.values() for n in m._sn.slicer.attr_names(m, m._sn.bind)
                    if isinstance(t := m._sn.slicer.tensor(m, n), Tensor) and memo.get(id(t)) is t}
-        aside = _refuse_held_aside(model, {k for k, v in memo.items() if v is None and isinstance(k, int)},
-                                   {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept, holders)
+        dropped = {k for k, v in memo.items() if v is None and isinstance(k, int)}
+        aside = _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub,
+                                   kept, holders)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
@@ -94,7 +95,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                     for name, child in list(parent._modules.items()):
                         if child is c:
                             parent._modules[name] = r
-        _remap_held_aside(new, aside, holders, kept)
+        _remap_held_aside(new, aside, dropped, holders, kept)
         _drop_wrap_hooks(nest._hooks, new)
         for m in new.modules():  # (a Rank nest's save guard: the export holds stock weights)
             if getattr(m.__dict__.get("save_pretrained"), "_sn_save_guard", False):
@@ -382,11 +383,11 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
 
 def _remappable(v: object, depth: int = 0) -> bool:
     """Whether ``v`` is a plain list / tuple / dict (exactly those types, nested six levels at most) holding no
-    tensor in any other container (a set, a partial, a named tuple): the export can rebuild it."""
+    tensor or module in any other container (a set, a partial, a named tuple): the export can rebuild it."""
     if type(v) in (list, tuple, dict):
         return depth < 6 and all(_remappable(x, depth + 1) for x in (v.values() if type(v) is dict else v))
     if isinstance(v, (list, tuple, dict, set, frozenset, functools.partial)):  # (rebuilt otherwise: not here)
-        return not any(isinstance(x, Tensor) for x in plain_leaves(v))
+        return not any(isinstance(x, (Tensor, nn.Module)) for x in plain_leaves(v))
     return True  # (a tensor sortednet slices must be one in holders: the caller checks)
 
 
@@ -399,76 +400,72 @@ def held_aside(nest: Any) -> list[str]:
             if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced for x in plain_leaves(v))]
 
 
-def _remap_held_aside(new: nn.Module, aside: list[tuple[int, str]], holders: Mapping[int, tuple[nn.Module, str]],
-                      kept: Mapping[int, str]) -> None:
-    """In the export, a plain list / tuple / dict attribute (a module's parameters kept for optimizer groups)
-    that held the live model's sliced tensors holds the export's own tensors in their place; a tensor of a
-    block the sub-model skips is left out of it (the export has no such block)."""
+def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], dropped: set[int],
+                      holders: Mapping[int, tuple[nn.Module, str]], kept: Mapping[int, str]) -> None:
+    """In the export, a plain list / tuple / dict attribute (a module's parameters kept for optimizer groups, a
+    list of the blocks) that held the live model's sliced tensors or blocks the sub-model skips holds the
+    export's own tensors in their place and leaves those blocks (and the tensors of skipped blocks) out. Walked
+    beside the live attribute, whose deep copy the export's is: the rest of it stays as copied."""
     gone = object()
 
-    def swap(v: object) -> object:
-        if type(v) in (list, tuple):
-            return type(v)(y for y in (swap(x) for x in v) if y is not gone)
-        if type(v) is dict:
-            return {k: y for k, x in v.items() if (y := swap(x)) is not gone}
-        if isinstance(v, Tensor) and id(v) in holders:
-            m, name = holders[id(v)]
+    def swap(live: object, copied: object) -> object:
+        if type(live) in (list, tuple):
+            return type(live)(y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not gone)
+        if type(live) is dict:
+            return {k: y for k, a in live.items() if (y := swap(a, copied[k])) is not gone}
+        if isinstance(live, nn.Module) and id(live) in dropped:
+            return gone
+        if isinstance(live, Tensor) and id(live) in holders:
+            m, name = holders[id(live)]
             path = kept.get(id(m))
             if path is None:
                 return gone
             c = new.get_submodule(path) if path else new
             t = c._parameters.get(name) if name in c._parameters else c._buffers.get(name)
             return t if isinstance(t, Tensor) else gone
-        return v
+        return copied
 
-    for mid, attr in aside:
-        path = kept[mid]
+    for m, attr in aside:
+        path = kept[id(m)]
         c = new.get_submodule(path) if path else new
-        c.__dict__[attr] = swap(c.__dict__[attr])
+        c.__dict__[attr] = swap(m.__dict__[attr], c.__dict__[attr])
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
-                       kept: Mapping[int, str], holders: Mapping[int, Any] = {}) -> list[tuple[int, str]]:
-    """Refuse an export that would leave ``None`` where a plain attribute (a Python list, tuple, dict or
-    attribute outside ``_modules``) holds a block the sub-model skips, or would share a live full-size tensor
-    that a plain attribute (a ``functools.partial`` or set of it, an attribute holding it alone) holds besides
-    its module: the copy's reference would still be the live tensor (aliased, at full size, and what a forward
-    reading it uses). A plain list / tuple / dict of a module's own parameters or buffers (kept for optimizer
-    groups) is returned as ``(module id, attribute)`` instead: :func:`_remap_held_aside` puts the export's own
-    tensors in it."""
-    aside: list[tuple[int, str]] = []
+                       kept: Mapping[int, str], holders: Mapping[int, Any] = {}) -> list[tuple[nn.Module, str]]:
+    """Refuse an export that would leave ``None`` where a plain attribute (a ``functools.partial``, a set, an
+    attribute holding it alone) holds a block the sub-model skips, or would share a live full-size tensor that
+    such an attribute holds besides its module: the copy's reference would still be the live tensor (aliased, at
+    full size, and what a forward reading it uses). A plain list / tuple / dict of them (a module's parameters
+    kept for optimizer groups, a list of the blocks) is returned as ``(module, attribute)`` instead:
+    :func:`_remap_held_aside` puts the export's own in it."""
+    aside: list[tuple[nn.Module, str]] = []
     if not dropped and not sliced:
         return aside
-
-    def held(v: object) -> str | None:
-        for x in plain_leaves(v):
-            if isinstance(x, nn.Module) and id(x) in dropped:
-                return "blocks"
-            if isinstance(x, Tensor) and id(x) in sliced:
-                return "tensor"
-        return None
-
     for path, m in model.named_modules():
         if id(m) not in kept:  # in a block the sub-model skips and not held by kept code (another name): what it
             continue           # holds leaves with it (an accelerate hook's forward wrapper holding its own block)
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            what = held(v)
-            if what == "blocks":
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
-                                     "outside the layer list (a plain Python attribute); the export cannot hold "
-                                     "them. Keep blocks only in the nn.ModuleList / nn.Sequential and iterate it")
-            if what == "tensor" and type(v) in (list, tuple, dict) and _remappable(v) and all(
-                    id(x) in holders for x in plain_leaves(v) if isinstance(x, Tensor) and id(x) in sliced):
-                aside.append((id(m), attr))
+            leaves = list(plain_leaves(v))
+            blocks = any(isinstance(x, nn.Module) and id(x) in dropped for x in leaves)
+            tensors = [x for x in leaves if isinstance(x, Tensor) and id(x) in sliced]
+            if not blocks and not tensors:
                 continue
-            if what == "tensor":
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
-                                     "module's weight or buffer) in a plain Python attribute: a forward that reads it "
-                                     "there runs the full-size tensor under every sub-model, and the export would "
-                                     "share it with the live model. Read it through its module (module.weight), "
-                                     "or keep the module itself in the attribute")
+            if type(v) in (list, tuple, dict) and _remappable(v) and all(id(x) in holders for x in tensors):
+                aside.append((m, attr))
+                continue
+            if blocks:
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
+                                     "outside the layer list (a plain Python attribute other than a list, tuple or "
+                                     "dict); the export cannot hold them. Keep blocks only in the nn.ModuleList / "
+                                     "nn.Sequential and iterate it")
+            raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
+                                 "module's weight or buffer) in a plain Python attribute: a forward that reads it "
+                                 "there runs the full-size tensor under every sub-model, and the export would "
+                                 "share it with the live model. Read it through its module (module.weight), "
+                                 "or keep the module itself in the attribute")
     return aside
 
 
