@@ -428,11 +428,12 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
     for m, attr in aside:
         path = kept[id(m)]
         c = new.get_submodule(path) if path else new
-        c.__dict__[attr] = swap(m.__dict__[attr], c.__dict__[attr])
+        if attr in c.__dict__:  # (not where a slicer's export replaced the module: its attributes went with it)
+            c.__dict__[attr] = swap(m.__dict__[attr], c.__dict__[attr])
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
-                       kept: Mapping[int, str], holders: Mapping[int, Any] = {}) -> list[tuple[nn.Module, str]]:
+                       kept: Mapping[int, str], holders: Mapping[int, Any]) -> list[tuple[nn.Module, str]]:
     """Refuse an export that would leave ``None`` where a plain attribute (a ``functools.partial``, a set, an
     attribute holding it alone) holds a block the sub-model skips, or would share a live full-size tensor that
     such an attribute holds besides its module: the copy's reference would still be the live tensor (aliased, at
