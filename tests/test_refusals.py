@@ -965,8 +965,52 @@ def test_whole_names_are_checked(whole, why):
     with pytest.raises(sn.PatternError, match=why):
         sn.wrap(m, sn.Heads("h", [2, 4], attn="", whole=whole))
     assert_unchanged(m, before)
-    with pytest.raises(sn.PatternError, match=r"\['router'\] named in both per_head= .* and whole="):
-        sn.Heads("h", [2, 4], attn="", per_head="router", whole="router")
+    for per_head, both in (("router", "router"), ("router.w", "router"), ("router", "router.w")):
+        with pytest.raises(sn.PatternError, match=rf"\['{both}'\] named \(or held\) in both per_head= .* whole="):
+            sn.Heads("h", [2, 4], attn="", per_head=per_head, whole=both)
+
+
+def test_a_format_1_checkpoint_loads_into_a_nest_naming_whole(tmp_path):
+    """load ignored whole= for sortednet/2 files only: a sortednet/1 file (patterns as written) was refused by a
+    nest naming whole= ('whole None saved')."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = _SideAttn("memory").eval()
+    sn.save(sn.wrap(m, sn.Heads("h", [2, 4], attn="", whole="memory")), tmp_path / "v2.sn")
+    with safe_open(str(tmp_path / "v2.sn"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["sortednet"])
+    dim = {k: v for k, v in meta["dims"][0].items() if k not in ("patterns", "whole")}
+    dim["attn"] = [""]
+    old = {"format": "sortednet/1", "dims": [dim], "submodels": [f"h={s}" for s in dim["sizes"]],
+           "extra": meta.get("extra", {})}
+    save_file(tensors, str(tmp_path / "v1.sn"), metadata={"sortednet": json.dumps(old)})
+    torch.manual_seed(1)
+    other = _SideAttn("memory").eval()
+    sn.load(sn.wrap(other, sn.Heads("h", [2, 4], attn="", whole="memory")), tmp_path / "v1.sn")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), other.state_dict().values()))
+
+
+def test_whole_on_tables_heads_slices_or_cannot_hold():
+    """whole= named T5's relative_attention_bias and was ignored (the table was still cut), was accepted unread
+    on an nn.MultiheadAttention, and an embedding of head-count width named in it was still refused."""
+    m = _SideAttn("router").eval()
+    m.relative_attention_bias = nn.Embedding(9, 4)
+    m.slots = nn.Embedding(5, 4)  # (five slots of a width that happens to equal the head count)
+    with pytest.raises(sn.PatternError, match=r"child 'slots' is an embedding of width 4"):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn="", whole="router"))
+    with pytest.raises(sn.PatternError, match=r"whole='relative_attention_bias' names the per-head relative"):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn="", whole=["router", "relative_attention_bias"]))
+    nest = sn.wrap(m, sn.Heads("h", [2, 4], attn="", whole=["router", "slots"]))
+    with nest.use("h=2"):
+        assert m.slots.weight.shape == (5, 4) and m.relative_attention_bias.weight.shape == (9, 2)
+    nest.unwrap()
+    mha = nn.Sequential(nn.MultiheadAttention(8, 4))
+    with pytest.raises(sn.PatternError, match=r"MultiheadAttention takes no \['whole'\]"):
+        sn.wrap(mha, sn.Heads("h", [2, 4], attn="0", whole="x"))
 
 
 def test_whole_is_in_the_spec_and_files_with_or_without_it_load(tmp_path, monkeypatch):

@@ -70,11 +70,10 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         for m, name in drop:
             if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
                 memo[id(m._modules[name])] = None
-        holders = {id(t): (m, n) for m in nest._sliced.values() for n in m._sn.slicer.attr_names(m, m._sn.bind)
-                   if isinstance(t := m._sn.slicer.tensor(m, n), Tensor) and memo.get(id(t)) is t}
         dropped = {k for k, v in memo.items() if v is None and isinstance(k, int)}
-        aside = _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub,
-                                   kept, holders)
+        gone = _skipped_tensors(model, [m._modules[name] for m, name in drop], kept)
+        aside = _refuse_held_aside(model, dropped, gone, {k: t for k, t in memo.items() if isinstance(t, Tensor)},
+                                   sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
@@ -95,7 +94,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                     for name, child in list(parent._modules.items()):
                         if child is c:
                             parent._modules[name] = r
-        _remap_held_aside(new, aside, dropped, holders, kept)
+        _remap_held_aside(new, aside, dropped, gone, kept)
         _drop_wrap_hooks(nest._hooks, new)
         for m in new.modules():  # (a Rank nest's save guard: the export holds stock weights)
             if getattr(m.__dict__.get("save_pretrained"), "_sn_save_guard", False):
@@ -382,48 +381,58 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
 
 
 def _remappable(v: object, depth: int = 0) -> bool:
-    """Whether ``v`` is a plain list / tuple / dict (exactly those types, nested six levels at most) holding no
-    tensor or module in any other container (a set, a partial, a named tuple): the export can rebuild it."""
+    """Whether ``v`` is a plain list / tuple / dict (exactly those types, nested six levels at most, a dict's keys
+    plain values) holding no tensor or module in any other container (a set, a partial, a named tuple): the
+    export can rebuild it."""
     if type(v) in (list, tuple, dict):
+        if type(v) is dict and any(isinstance(k, (Tensor, nn.Module)) for k in v):
+            return False
         return depth < 6 and all(_remappable(x, depth + 1) for x in (v.values() if type(v) is dict else v))
     if isinstance(v, (list, tuple, dict, set, frozenset, functools.partial)):  # (rebuilt otherwise: not here)
         return not any(isinstance(x, (Tensor, nn.Module)) for x in plain_leaves(v))
-    return True  # (a tensor sortednet slices must be one in holders: the caller checks)
+    return True
 
 
 def held_aside(nest: Any) -> list[str]:
     """``path.attr`` of each plain attribute (a list, tuple, dict, partial, a tensor alone) that holds a tensor
     sortednet slices besides its module."""
-    sliced = {id(t) for m in nest._sliced.values() for n in m._sn.slicer.attr_names(m, m._sn.bind)
-              if isinstance(t := m._sn.slicer.tensor(m, n), Tensor)}
+    sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
     return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
             if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced for x in plain_leaves(v))]
 
 
-def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], dropped: set[int],
-                      holders: Mapping[int, tuple[nn.Module, str]], kept: Mapping[int, str]) -> None:
-    """In the export, a plain list / tuple / dict attribute (a module's parameters kept for optimizer groups, a
-    list of the blocks) that held the live model's sliced tensors or blocks the sub-model skips holds the
-    export's own tensors in their place and leaves those blocks (and the tensors of skipped blocks) out. Walked
-    beside the live attribute, whose deep copy the export's is: the rest of it stays as copied."""
-    gone = object()
+def _skipped_tensors(model: nn.Module, blocks: list[nn.Module], kept: Mapping[int, str]) -> set[int]:
+    """Ids of the parameters and buffers of the skipped ``blocks`` that no module the export keeps holds."""
+    mine = {id(t) for b in blocks if id(b) not in kept for t in (*b.parameters(), *b.buffers())}
+    if not mine:
+        return mine
+    held = {id(t) for m in model.modules() if id(m) in kept
+            for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
+    return mine - held
+
+
+def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], dropped: set[int], gone: set[int],
+                      kept: Mapping[int, str]) -> None:
+    """In the export, a plain list / tuple / dict attribute (a list of the blocks, the blocks' parameters kept
+    for optimizer groups) leaves out the blocks the sub-model skips and their tensors (a dict, the entries
+    holding them). Walked beside the live attribute, whose deep copy the export's is: the rest of it stays as
+    copied, and a container the attribute holds twice is one container in the export too."""
+    skip = object()
+    seen: dict[int, object] = {}
 
     def swap(live: object, copied: object) -> object:
+        if id(live) in seen:
+            return seen[id(live)]
         if type(live) in (list, tuple):
-            return type(live)(y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not gone)
-        if type(live) is dict:
-            return {k: y for k, a in live.items() if (y := swap(a, copied[k])) is not gone}
-        if isinstance(live, nn.Module) and id(live) in dropped:
-            return gone
-        if isinstance(live, Tensor) and id(live) in holders:
-            m, name = holders[id(live)]
-            path = kept.get(id(m))
-            if path is None:
-                return gone
-            c = new.get_submodule(path) if path else new
-            t = c._parameters.get(name) if name in c._parameters else c._buffers.get(name)
-            return t if isinstance(t, Tensor) else gone
-        return copied
+            out: object = type(live)(y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not skip)
+        elif type(live) is dict:
+            out = {ck: y for (_, a), (ck, b) in zip(live.items(), copied.items()) if (y := swap(a, b)) is not skip}
+        elif (isinstance(live, nn.Module) and id(live) in dropped) or (isinstance(live, Tensor) and id(live) in gone):
+            return skip
+        else:
+            return copied
+        seen[id(live)] = out
+        return out
 
     for m, attr in aside:
         path = kept[id(m)]
@@ -432,14 +441,14 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
             c.__dict__[attr] = swap(m.__dict__[attr], c.__dict__[attr])
 
 
-def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
-                       kept: Mapping[int, str], holders: Mapping[int, Any]) -> list[tuple[nn.Module, str]]:
-    """Refuse an export that would leave ``None`` where a plain attribute (a ``functools.partial``, a set, an
-    attribute holding it alone) holds a block the sub-model skips, or would share a live full-size tensor that
-    such an attribute holds besides its module: the copy's reference would still be the live tensor (aliased, at
-    full size, and what a forward reading it uses). A plain list / tuple / dict of them (a module's parameters
-    kept for optimizer groups, a list of the blocks) is returned as ``(module, attribute)`` instead:
-    :func:`_remap_held_aside` puts the export's own in it."""
+def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], sliced: dict[int, Tensor],
+                       sub: SubModel, kept: Mapping[int, str]) -> list[tuple[nn.Module, str]]:
+    """Refuse an export that would share a live full-size tensor that a plain attribute (a list, dict,
+    ``functools.partial`` of it, the tensor alone) holds besides its module (the copy's reference would still be
+    the live tensor: aliased, at full size, and what a forward reading it uses), or leave ``None`` where a plain
+    attribute other than a list, tuple or dict holds a block the sub-model skips. A plain list / tuple / dict
+    holding blocks the sub-model skips, or their tensors (``gone``), is returned as ``(module, attribute)``:
+    :func:`_remap_held_aside` leaves them out of the export's."""
     aside: list[tuple[nn.Module, str]] = []
     if not dropped and not sliced:
         return aside
@@ -451,22 +460,24 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                 continue
             leaves = list(plain_leaves(v))
             blocks = any(isinstance(x, nn.Module) and id(x) in dropped for x in leaves)
-            tensors = [x for x in leaves if isinstance(x, Tensor) and id(x) in sliced]
-            if not blocks and not tensors:
-                continue
-            if type(v) in (list, tuple, dict) and _remappable(v) and all(id(x) in holders for x in tensors):
+            cut = [x for x in leaves if isinstance(x, Tensor) and id(x) in sliced]
+            orphans = any(isinstance(x, Tensor) and id(x) in gone for x in leaves)
+            remap = type(v) in (list, tuple, dict) and _remappable(v)
+            if [x for x in cut if not remap or id(x) not in gone]:
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
+                                     "module's weight or buffer) in a plain Python attribute: a forward that reads "
+                                     "it there runs the full-size tensor under every sub-model, and the export "
+                                     "would share it with the live model. Read it through its module "
+                                     "(module.weight), or keep the module itself in the attribute; build lists of "
+                                     "parameters (optimizer groups) when you need them, from "
+                                     "model.named_parameters(), rather than keeping them on the model")
+            if (blocks or orphans) and remap:
                 aside.append((m, attr))
-                continue
-            if blocks:
+            elif blocks:
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
                                      "outside the layer list (a plain Python attribute other than a list, tuple or "
                                      "dict); the export cannot hold them. Keep blocks only in the nn.ModuleList / "
                                      "nn.Sequential and iterate it")
-            raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
-                                 "module's weight or buffer) in a plain Python attribute: a forward that reads it "
-                                 "there runs the full-size tensor under every sub-model, and the export would "
-                                 "share it with the live model. Read it through its module (module.weight), "
-                                 "or keep the module itself in the attribute")
     return aside
 
 

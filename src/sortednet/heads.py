@@ -180,10 +180,11 @@ class Heads(Dimension):
             if bad or not whole or len(set(whole)) != len(whole):
                 raise PatternError(f"Heads {name!r}: whole= takes the relative paths of child modules or tensors "
                                    f"of each attention (e.g. 'adapter'), each once, got {list(whole)}")
-            both = sorted(set(whole) & set(per_head or ()))
+            both = sorted({w for w in whole for p in per_head or () if w == p or w.startswith(p + ".")
+                           or p.startswith(w + ".")})
             if both:
-                raise PatternError(f"Heads {name!r}: {both} named in both per_head= (cut with the heads) and whole= "
-                                   "(left whole)")
+                raise PatternError(f"Heads {name!r}: {both} named (or held) in both per_head= (cut with the heads) "
+                                   "and whole= (left whole)")
         self.whole = whole
 
     def spec(self) -> dict[str, Any]:
@@ -211,7 +212,8 @@ class Heads(Dimension):
         H = self.full
         if isinstance(m, nn.MultiheadAttention):
             given = [k for k, v in (("qkv", self.qkv), ("o", self.o), ("count_attrs", self.count_attrs),
-                                    ("layout", self.layout), ("per_head", self.per_head)) if v is not None]
+                                    ("layout", self.layout), ("per_head", self.per_head), ("whole", self.whole))
+                     if v is not None]
             if given:  # (its packed in_proj_weight, out_proj and num_heads are known: the options would be ignored)
                 raise self._err(path, f"an nn.MultiheadAttention takes no {given}: its packed projection, "
                                       "out_proj and num_heads are sliced as they are; leave them out")
@@ -376,7 +378,8 @@ class Heads(Dimension):
         """Per-head relative position bias tables (T5) are sliced with the heads; other per-head tables refused."""
         out = []
         for n, c in m.named_children():
-            if isinstance(c, nn.Embedding) and c.embedding_dim == self.full and n not in (self.per_head or ()):
+            if isinstance(c, nn.Embedding) and c.embedding_dim == self.full and n not in (self.per_head or ()) \
+                    and n not in (self.whole or ()):
                 if n not in BIAS_NAMES:
                     raise self._err(path, f"child {n!r} is an embedding of width {self.full} (one column per head?) "
                                           f"that Heads slices only under the names {list(BIAS_NAMES)} or when named "
@@ -415,6 +418,10 @@ class Heads(Dimension):
                 raise self._err(path, f"whole={n!r} is (or holds, or lies in) the projection {hit[0]!r}, which Heads "
                                       "slices: whole= names the other modules and tensors of the attention that "
                                       "are not per-head")
+            c = _child(m, n)
+            if n in BIAS_NAMES and isinstance(c, nn.Embedding) and c.embedding_dim == self.full:
+                raise self._err(path, f"whole={n!r} names the per-head relative position bias table, which Heads "
+                                      "slices with the heads (one column per head): it cannot stay whole")
             if not any(_holds(a, n) for a in (m, *others)):
                 raise self._err(path, f"whole={n!r} names no child module or own parameter / buffer of it, nor of "
                                       f"the other attentions matched (children: "

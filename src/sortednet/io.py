@@ -460,7 +460,8 @@ def _check_same_nest(nest: Nest, meta: dict[str, Any], where: str) -> None:
     mine = [exact_spec(d, modules) for d in nest.dims]
     theirs = meta["dims"]
     if meta["format"] == FORMATS[0]:  # sortednet/1 stored the patterns as written: compare as text
-        mine = [{k: v for k, v in d.spec().items() if k in t or v} for d, t in zip(nest.dims, theirs)]
+        mine = [{k: v for k, v in d.spec().items() if (k in t or v) and k not in INFO_FIELDS.get(d.kind, ())}
+                for d, t in zip(nest.dims, theirs)]
     else:  # the bound modules decide (in any order within a field), not how the patterns were written
         mine, theirs = [_bound(d) for d in mine], [_bound(d) for d in theirs]
         # an option a later version added, left empty (None, [], ...), is what a file without it says

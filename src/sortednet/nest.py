@@ -27,7 +27,7 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
-from .export import _kept_paths, export_submodel
+from .export import _kept_paths, export_submodel, held_aside
 from .kvcache import install_guards
 from .modes import casts_stale, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
@@ -308,6 +308,7 @@ class Nest:
         self._slots_at = -1                    # _REGISTRATIONS when they were listed
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
+        self._read_marks = 0             # svd Rank weights seen read as a matrix (each drops pick's table)
         self._told_other_flops: set = set()  # input signatures OtherInputFlopsWarning was given for
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
         rows = SubModelList.product(names, sizes).rows if self._rows is None else self._rows
@@ -1034,6 +1035,7 @@ class Nest:
 
     def _select(self) -> Selector:
         if self._selector is None:
+            marks = self._read_marks
             subs, n = self.submodels, len(self.submodels)
             costs: dict[str, Any] = {"params": self._params}
             for m, c in self._cost_cache.items():
@@ -1053,16 +1055,23 @@ class Nest:
                 subs = [subs[i] for i in keep]
                 costs = {m: [c[i] for i in keep] for m, c in costs.items()}
                 scores = None if scores is None else [scores[i] for i in keep]
-            self._selector = Selector(subs, costs, scores)
+            selector = Selector(subs, costs, scores)
+            with self._cost_lock:  # (a weight read marked meanwhile by another thread: built again next time)
+                if self._read_marks == marks:
+                    self._selector = selector
+            return selector
         return self._selector
 
     def _exportable(self) -> Callable[[dict], bool] | None:
-        """A test ``sizes -> bool``: does the sub-model export (every tied tensor cut alike by its holders, and no
-        svd Rank target whose weight a forward reads as a matrix exported as two Linears)? None when every
-        sub-model does. ``pick`` passes over the others, and a profile's front leaves them out."""
+        """A test ``sizes -> bool``: does the sub-model export (every tied tensor cut alike by its holders, no
+        svd Rank target whose weight a forward reads as a matrix exported as two Linears, no sliced tensor held
+        in a plain attribute)? None when every sub-model does. ``pick`` passes over the others, and a profile's
+        front leaves them out."""
         depth = any(d.kind == "depth" for d in self.dims)
         ties = exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()},
                           self._running if depth else None)
+        if held_aside(self):  # (a plain attribute holding a sliced tensor: export refuses every sub-model)
+            return lambda sizes: False
         read = [m for m in self._sliced.values() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind
                 and hasattr(m._sn.slicer, "factored")]
         if not read:
@@ -1080,6 +1089,11 @@ class Nest:
         """Why ``pick`` has no sub-model left (every one is refused by ``export``)."""
         planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()}
         why = split_ties(self.model, planned)
+        aside = held_aside(self)
+        if aside:
+            why = (f"{why}; " if why else "") + (
+                f"{aside[:3]} hold tensors that sortednet slices in plain Python attributes, which export refuses "
+                "(build lists of parameters when you need them, from model.named_parameters())")
         read = [p for p, m in self._sliced.items() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind]
         if read:
             why = (f"{why}; " if why else "") + (

@@ -173,13 +173,6 @@ def _need_nest(nest: Any, what: str) -> None:
         raise SortedNetError(f"{what}() needs the Nest (sn.wrap(model, ...)), got {type(nest).__name__}{hint}")
 
 
-def _binary_ints(t: Tensor) -> bool:
-    """An integer tensor holding only 0 and 1 (reads its values: one synchronisation on an accelerator)."""
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        return False
-    return t.numel() == 0 or bool(((t == 0) | (t == 1)).all())
-
-
 def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None, Tensor | None]:
     logits = mask = None
     if isinstance(out, (tuple, list)):
@@ -203,9 +196,6 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
                              f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
                              f"{tuple(logits.shape)}")
-    if isinstance(mask, Tensor) and _binary_ints(mask) and isinstance(logits, Tensor) \
-            and tuple(mask.shape) == tuple(logits.shape[:-1]):
-        mask = mask != 0  # (an attention_mask of 0 / 1 ints, as tokenizers return it)
     if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
                              or not isinstance(logits, Tensor) or tuple(mask.shape) != tuple(logits.shape[:-1])):
         # (checked without distill= too: a third item that is no such mask, an auxiliary loss, would be dropped)
@@ -213,11 +203,14 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
             f" (the second item, the logits, is {type(logits).__name__}: a mask needs them)"
         aux = (" (a third item that requires grad is not trained: add an auxiliary loss to the loss itself)"
                if isinstance(mask, Tensor) and mask.requires_grad else "")
+        ints = (" (an attention_mask of 0 / 1 ints: return mask.bool(); ints are not read as a mask, as they may "
+                "be labels)" if isinstance(mask, Tensor) and not mask.is_floating_point() and not mask.is_complex()
+                and mask.dtype != torch.bool else "")
         raise SortedNetError(f"closure for {sub} returned (loss, logits, mask): a third item is the mask of the "
-                             f"positions distill= counts, a bool tensor (or 0 / 1 ints, an attention_mask) of the "
-                             f"logits' shape without the last axis{where} (True: the position counts), read with "
-                             f"or without distill=; got {type(mask).__name__}"
-                             + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else "") + aux)
+                             f"positions distill= counts, a bool tensor of the logits' shape without the last "
+                             f"axis{where} (True: the position counts), read with or without distill=; got "
+                             f"{type(mask).__name__}"
+                             + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else "") + aux + ints)
     if not want_logits:
         mask = None
     if not isinstance(out, Tensor) or out.numel() != 1:
@@ -942,7 +935,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                             ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
                     try:
                         out = call_model(model, x)  # a tensor, a tuple of arguments or a dict of keyword arguments
-                    except TypeError as e:
+                    except (TypeError, AttributeError) as e:  # (x.dim(), F.linear(x, ...) on an array)
                         if not isinstance(x, np.ndarray):
                             raise
                         raise SortedNetError(f"fit(): the model does not take the inputs of step {step}, a numpy "

@@ -71,7 +71,7 @@ def _note_matrix_read(m: nn.Module) -> None:
     nest = getattr(st.bind["rank"].dim, "_nest", None)
     if nest is not None:  # pick's table passes over the sub-models whose export this read now refuses
         with nest._cost_lock:
-            nest._selector = None
+            nest._selector, nest._read_marks = None, nest._read_marks + 1
 
 
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
