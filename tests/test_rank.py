@@ -5,6 +5,7 @@ properties (Eckart-Young at wrap time, exact alpha / r scaling, frozen base)."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import tempfile
@@ -822,6 +823,27 @@ def test_pick_passes_over_ranks_whose_factored_export_a_matrix_read_refuses(expo
     assert set(prof.front("params")) <= set(ok)
     flops = [nest.cost(s, "flops", example=x) for s in nest.submodels]
     assert flops == sorted(flops), flops  # (the read's product uncounted: a rank never costs more than a higher)
+
+
+def test_a_plain_attribute_holding_a_factored_target_holds_the_exports_module():
+    """A list holding an svd target module exported as two Linears kept the old module in the export: a stale
+    Linear sharing the live model's full-size U, failing when called. The list (tuple, dict) holds the export's
+    module; a partial, which cannot be rebuilt, is refused, naming it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Rank("r", [2, 16], targets="0", export="factored"))
+    m.groups = {"first": [m[0]], "pair": (m[0], m[2])}
+    small = nest.export("r=2")
+    assert isinstance(small[0], nn.Sequential)
+    assert small.groups["first"][0] is small[0] and small.groups["pair"] == (small[0], small[2])
+    live = {id(p) for p in m.parameters()}
+    assert not any(id(p) in live for p in small.groups["first"][0].parameters())
+    x = torch.randn(3, 16)
+    with torch.no_grad(), nest.use("r=2"):
+        torch.testing.assert_close(small.groups["first"][0](x), m[0](x), rtol=1e-5, atol=1e-6)
+    m.groups = functools.partial(print, m[0])
+    with pytest.raises(sn.SortedNetError, match=r"groups holds a module that the export replaces"):
+        nest.export("r=2")
 
 
 @pytest.mark.parametrize("training", [True, False])

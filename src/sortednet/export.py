@@ -94,6 +94,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                     for name, child in list(parent._modules.items()):
                         if child is c:
                             parent._modules[name] = r
+                _replace_held(new, c, r, sub)
         _remap_held_aside(new, aside, dropped, gone, kept)
         _drop_wrap_hooks(nest._hooks, new)
         for m in new.modules():  # (a Rank nest's save guard: the export holds stock weights)
@@ -479,6 +480,32 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], slic
                                      "dict); the export cannot hold them. Keep blocks only in the nn.ModuleList / "
                                      "nn.Sequential and iterate it")
     return aside
+
+
+def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> None:
+    """A slicer's export replaced module ``c`` of the copy by ``r`` (a factored Rank's two Linears): a plain
+    attribute that held ``c`` (alone, in a list, tuple or dict) holds ``r``; one that holds it otherwise (a set,
+    a partial) would keep a stale module sharing the live model's tensors: refused, naming it."""
+    def swap(v: object, depth: int = 0) -> object:
+        if v is c:
+            return r
+        if depth < 6 and type(v) in (list, tuple):
+            return type(v)(swap(x, depth + 1) for x in v)
+        if depth < 6 and type(v) is dict:
+            return {k: swap(x, depth + 1) for k, x in v.items()}
+        return v
+
+    for path, m in new.named_modules():
+        for attr, v in list(m.__dict__.items()):
+            if attr in _INTERNALS or not any(x is c for x in plain_leaves(v)):
+                continue
+            out = swap(v)
+            if any(x is c for x in plain_leaves(out)):
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
+                                     f"({type(c).__name__} by {type(r).__name__}) in a plain Python attribute other "
+                                     "than a list, tuple or dict, which would keep the old one; hold it in one of "
+                                     "those, or as a child module")
+            m.__dict__[attr] = out
 
 
 def _kept_paths(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, str]:
