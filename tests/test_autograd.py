@@ -1060,3 +1060,75 @@ def test_a_reentrant_checkpoint_in_another_thread_costs_this_threads_inference_n
         release.set()
         t.join(60)
     assert sn.dims.REENTRANT[0] == 0 and not sn.dims.REENTRANT_THREADS
+
+
+class _FusedQKV(nn.Module):
+    def __init__(self, E: int = 16, H: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = H, E // H
+        self.qkv, self.o = nn.Linear(E, 3 * E), nn.Linear(E, E)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        return self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+
+
+class _MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.a(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("kind", ["fused_qkv", "mha"])
+def test_functional_call_with_tensors_of_another_size_is_refused_not_misread(kind):
+    """functional_call with a sub-model's own (exported) tensors: fused q/k/v blocks were cut at the full tensor's
+    offsets, so a larger sub-model's tensors under a smaller one ran and returned another model's output (a
+    difference of 0.4), and its own failed with a raw IndexError. Refused, naming the tensor; full-size tensors
+    still give the live sub-model's output."""
+    torch.manual_seed(0)
+    m = _FusedQKV() if kind == "fused_qkv" else _MHA()
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="" if kind == "fused_qkv" else "a"))
+    x = torch.randn(2, 3, 16)
+    name = "qkv.weight" if kind == "fused_qkv" else "a.in_proj_weight"
+    for sub, given_by in (("h=1", "h=2"), ("h=2", "h=2")):
+        params = dict(nest.export(given_by).named_parameters())
+        with torch.no_grad(), nest.use(sub), pytest.raises(sn.SortedNetError, match=rf"{name}: a tensor of shape "
+                                                                                      r".* fused blocks spanning 48"):
+            functional_call(m, params, (x,))
+    full = {k: v.detach().clone() for k, v in m.named_parameters()}
+    with torch.no_grad(), nest.use("h=2"):
+        torch.testing.assert_close(functional_call(m, full, (x,)), m(x))
+
+
+def test_functional_call_with_a_tensor_shorter_than_the_cut_names_it():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    small = dict(nest.export("h=4").named_parameters())
+    with torch.no_grad(), nest.use("h=8"), pytest.raises(sn.SortedNetError, match=r"0.weight: a tensor of shape "
+                                                                                  r"\(4, 8\), 4 along axis 0, where"):
+        functional_call(m, small, (torch.randn(2, 8),))
+
+
+def test_a_jagged_nested_batch_trains_with_the_in_place_gradient_path():
+    """A ragged batch as a jagged nested tensor through a sliced nn.Linear failed in backward with the default
+    inplace_grad=True (the fused GEMM path reshaped its gradient to 2-d: a raw RuntimeError); plain autograd
+    trains it. Its gradients now equal the sum of per-sequence gradients."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))  # (>= 4096 elements: the fused path)
+    nest = sn.wrap(m, sn.Width("h", [32, 128], out="0", inp="2"))
+    seqs = [torch.randn(3, 64), torch.randn(5, 64)]
+    nt = torch.nested.nested_tensor(seqs, layout=torch.jagged)
+    with nest.use("h=32"):
+        sum(t.square().sum() for t in m(nt).unbind()).backward()
+    got = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    with nest.use("h=32"):
+        for s in seqs:
+            m(s).square().sum().backward()
+    for a, b in zip(got, m.parameters()):
+        torch.testing.assert_close(a, b.grad, rtol=1e-5, atol=1e-5)

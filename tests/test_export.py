@@ -1058,7 +1058,10 @@ def test_an_exported_hook_that_reads_the_live_model_is_warned_about():
         return out * lin.weight.abs().mean()
 
     x = torch.randn(5, 8)
-    for how in ("closure", "global", "partial", "own", "attribute"):
+    class Holder:
+        pass
+
+    for how in ("closure", "global", "partial", "own", "attribute", "default", "kwdefault", "holder"):
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
         lin = m[0]
@@ -1068,7 +1071,15 @@ def test_an_exported_hook_that_reads_the_live_model_is_warned_about():
                 "partial": functools.partial(scaled, lin),
                 "own": lambda mod, i, o: o * mod.weight.abs().mean(),
                 # (an attribute of the same name as a global holding a live layer: not a read of that global)
-                "attribute": lambda mod, i, o: o * mod._LIVE_LAYER}[how]
+                "attribute": lambda mod, i, o: o * mod._LIVE_LAYER,
+                # (a default argument, and an attribute of an object the closure holds: unseen before)
+                "default": lambda mod, i, o, lin=lin: o * lin.weight.abs().mean(),
+                "kwdefault": lambda mod, i, o, *, lin=lin: o * lin.weight.abs().mean(),
+                "holder": None}[how]
+        if how == "holder":
+            holder = Holder()
+            holder.lin = lin
+            hook = lambda mod, i, o: o * holder.lin.weight.abs().mean()  # noqa: B023, E731
         m[2]._LIVE_LAYER = 2.0
         m[2].register_forward_hook(hook)
         nest = sn.wrap(m, sn.Width("a", [4, 8, 16], out="0", inp="2"))
@@ -1076,7 +1087,7 @@ def test_an_exported_hook_that_reads_the_live_model_is_warned_about():
             warnings.simplefilter("always")
             small = nest.export("a=4")
         warned = [w for w in seen if issubclass(w.category, LiveHookWarning)]
-        assert bool(warned) == (how in ("closure", "global")), how
+        assert bool(warned) == (how in ("closure", "global", "default", "kwdefault", "holder")), how
         if warned:
             assert "'2' (_forward_hooks) holds a" in str(warned[0].message) and "live model" in str(warned[0].message)
         else:

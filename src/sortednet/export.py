@@ -221,11 +221,15 @@ def _captured(fn: Any, depth: int = 0) -> list[Any]:
             out.append(cell.cell_contents)
         except ValueError:  # (an empty cell)
             continue
+    out += list(getattr(fn, "__defaults__", None) or ())  # (def hook(mod, i, o, lin=model.fc): a default)
+    out += list((getattr(fn, "__kwdefaults__", None) or {}).values())
     code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
     if code is not None and isinstance(names, dict):  # (a script's module-level model or layer it reads)
         out += [names[n] for n in _global_loads(code) if n in names]
     more = [v for x in out if isinstance(x, (list, tuple)) for v in x]
     more += [v for x in out if isinstance(x, dict) for v in x.values()]
+    more += [v for x in out if not isinstance(x, (nn.Module, Tensor, type, types.ModuleType, list, tuple, dict))
+             and isinstance(getattr(x, "__dict__", None), dict) for v in vars(x).values()]  # (holder.lin)
     return out + more
 
 
@@ -258,7 +262,8 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
                     what = (st.cls if st is not None else type(hit)).__name__
                     warnings.warn(
                         f"export({sub}): a hook on {path or type(new).__name__!r} ({attr}) holds a {what} of the "
-                        "live model (in its closure, a global it reads or a functools.partial's arguments), which "
+                        "live model (in its closure, a default argument, a global it reads, an attribute of an "
+                        "object it holds or a functools.partial's arguments), which "
                         "a copy keeps as it is: the export computes with the live model's values there, not its "
                         "own. Read the "
                         "module the hook is given (its first argument) instead, as hooks of the module itself "

@@ -39,7 +39,8 @@ __all__ = ["SliceInto", "View", "DYNAMIC", "STATIC", "cut", "cuts_for", "view", 
            "accumulates_plainly"]
 
 Cuts = tuple[tuple[int, int, int], ...]
-Segments = tuple[int, tuple[tuple[int, int], ...]] | None   # (axis, ((start, length), ...)) of fused blocks
+Segments = tuple[int, tuple[tuple[int, int], ...], int] | None  # (axis, ((start, length), ...), full length along
+#                                                                  the axis) of fused blocks
 
 _Parameter, _Tensor = nn.Parameter, Tensor
 
@@ -141,7 +142,7 @@ def cuts_for(shape: torch.Size | tuple[int, ...], bind: dict[str, Binding], axes
         s = sizes[b.dim.name]
         if b.chunks > 1 or b.parts:
             if s != b.dim.full:
-                segs = (axis, b.segments(s))
+                segs = (axis, b.segments(s), sum(b.dim.full * b.unit // d for d in b.blocks))
             continue
         n = s * b.unit // b.div
         if n != shape[axis]:
@@ -415,9 +416,10 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
     if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
             or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0
-            or w.is_inference() or w.is_complex() or _anomaly()):  # (inference: refused by narrow, by name;
-        return None  # complex: autograd's conjugates, which LinearInto's GEMMs leave out; anomaly mode: it checks
-        #              every gradient a backward returns, and one written into .grad here is not returned)
+            or w.is_inference() or w.is_complex() or _anomaly() or x.is_nested):  # (inference: refused by narrow,
+        return None  # by name; complex: autograd's conjugates, which LinearInto's GEMMs leave out; anomaly mode: it
+        #              checks every gradient a backward returns, and one written into .grad here is not returned;
+        #              a nested (jagged) input: its gradient has no 2-d view for the GEMMs)
     b = m._parameters.get("bias")
     if b is None:
         return None if "bias" in m._buffers else _linear_into(x, w, None, wv.cuts, (), st.lock)
@@ -485,7 +487,14 @@ def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "", m: Any 
     """``t`` sliced by :func:`cuts_for`'s result (a view, or a ``cat`` of fused blocks: a :class:`FusedCopy`)."""
     if segs is None:
         return narrow(t, cuts, st)
-    axis, parts = segs
+    axis, parts, span = segs
+    if t.shape[axis] != span:  # (each block is cut at the full tensor's offsets: another length reads other rows)
+        where = f"{st.path + '.' if st.path else ''}{name}"
+        raise SortedNetError(f"{where}: a tensor of shape {tuple(t.shape)} where sortednet cuts fused blocks "
+                             f"spanning {span} along axis {axis} (the full model's): each block is cut at the full "
+                             "tensor's offsets, so another length would read other rows. Give it the full-size "
+                             "tensor (torch.func.functional_call, load_state_dict(assign=True), a reassigned "
+                             "parameter)")
     out = torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
     if _compiling() or _functorch_active() or _inspected(m):
         return out
@@ -762,7 +771,18 @@ class View:
         if tp is not _Parameter and tp is not _Tensor and is_sharded(t):
             return sharded_read(t, bool(self.cuts) or self.segs is not None, st, self.name)
         if self.segs is None:
-            return narrow(t, self.cuts, st)
+            try:
+                return narrow(t, self.cuts, st)
+            except RuntimeError as e:  # (a tensor shorter than the cut: functional_call with a smaller one)
+                short = [(a, t.shape[a], s + n) for a, s, n in self.cuts if s + n > t.shape[a]]
+                if not short:
+                    raise
+                where = f"{st.path + '.' if st.path else ''}{self.name}"
+                a, have, need = short[0]
+                raise SortedNetError(f"{where}: a tensor of shape {tuple(t.shape)}, {have} along axis {a}, where the "
+                                     f"active sub-model reads {need}: give it a tensor of at least the active size "
+                                     "(the full-size one; torch.func.functional_call, load_state_dict(assign=True), "
+                                     "a reassigned parameter)") from e
         return view(t, self.cuts, self.segs, st, self.name, m)
 
     def __repr__(self) -> str:
