@@ -76,6 +76,18 @@ def _child(m: nn.Module, name: str) -> nn.Module | None:
 
 
 
+def _relative_paths(name: str, option: str, value: Any, what: str, example: str) -> tuple[str, ...] | None:
+    """``per_head=`` / ``whole=`` as a tuple of relative paths (a string is one), each once; None as given."""
+    if value is None:
+        return None
+    value = (value,) if isinstance(value, str) else tuple(value)
+    bad = [n for n in value if not isinstance(n, str) or not n or n.startswith(".") or n.endswith(".")]
+    if bad or not value or len(set(value)) != len(value):
+        raise PatternError(f"Heads {name!r}: {option}= takes the relative paths of {what} of each attention (e.g. "
+                           f"{example!r}), each once, got {list(value)}")
+    return value
+
+
 def _holds(m: nn.Module, name: str) -> bool:
     """Whether ``name`` is a descendant module of ``m`` or an own parameter / buffer of it."""
     return _child(m, name) not in (None, m) or name in m._parameters or name in m._buffers
@@ -167,25 +179,14 @@ class Heads(Dimension):
         self.o = o
         self.count_attrs = tuple(count_attrs) if count_attrs is not None else None
         self.layout = layout
-        if per_head is not None:
-            per_head = (per_head,) if isinstance(per_head, str) else tuple(per_head)
-            bad = [n for n in per_head if not isinstance(n, str) or not n or n.startswith(".") or n.endswith(".")]
-            if bad or not per_head or len(set(per_head)) != len(per_head):
-                raise PatternError(f"Heads {name!r}: per_head= takes the relative paths of child modules of each "
-                                   f"attention (e.g. 'relative_position_bias'), each once, got {list(per_head)}")
-        self.per_head = per_head
-        if whole is not None:
-            whole = (whole,) if isinstance(whole, str) else tuple(whole)
-            bad = [n for n in whole if not isinstance(n, str) or not n or n.startswith(".") or n.endswith(".")]
-            if bad or not whole or len(set(whole)) != len(whole):
-                raise PatternError(f"Heads {name!r}: whole= takes the relative paths of child modules or tensors "
-                                   f"of each attention (e.g. 'adapter'), each once, got {list(whole)}")
-            both = sorted({w for w in whole for p in per_head or () if w == p or w.startswith(p + ".")
-                           or p.startswith(w + ".")})
-            if both:
-                raise PatternError(f"Heads {name!r}: {both} named (or held) in both per_head= (cut with the heads) "
-                                   "and whole= (left whole)")
-        self.whole = whole
+        per_head = _relative_paths(name, "per_head", per_head, "child modules", "relative_position_bias")
+        whole = _relative_paths(name, "whole", whole, "child modules or tensors", "adapter")
+        both = sorted({w for w in whole or () for p in per_head or () if w == p or w.startswith(p + ".")
+                       or p.startswith(w + ".")})
+        if both:
+            raise PatternError(f"Heads {name!r}: {both} named (or held) in both per_head= (cut with the heads) "
+                               "and whole= (left whole)")
+        self.per_head, self.whole = per_head, whole
 
     def spec(self) -> dict[str, Any]:
         qkv = list(self.qkv) if isinstance(self.qkv, tuple) else self.qkv
