@@ -187,7 +187,7 @@ TABLE = {
     "fit_numpy_targets": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, np.zeros(6, dtype=np.int64))], lr=0.1)),
                            "targets of step 0 are a numpy array", "torch.as_tensor"),
     "fit_numpy_inputs": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example.numpy(), torch.zeros(6, dtype=torch.long))],
-                                                        lr=0.1)), "does not take the inputs of step 0, a numpy array"),
+                                                        lr=0.1)), "on the inputs of step 0, a numpy array"),
     "fit_list_targets": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, [0] * 6)], lr=0.1)),
                           "tensor of class indices", "list"),
     "fit_target_column": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, torch.zeros(6, 1, dtype=torch.long))],

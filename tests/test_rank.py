@@ -833,9 +833,11 @@ def test_a_plain_attribute_holding_a_factored_target_holds_the_exports_module():
     m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     nest = sn.wrap(m, sn.Rank("r", [2, 16], targets="0", export="factored"))
     m.groups = {"first": [m[0]], "pair": (m[0], m[2])}
+    m.again, m.by_layer = m.groups, {m[0]: 0.1}  # (the same dict twice; a module as a key)
     small = nest.export("r=2")
     assert isinstance(small[0], nn.Sequential)
     assert small.groups["first"][0] is small[0] and small.groups["pair"] == (small[0], small[2])
+    assert small.again is small.groups and list(small.by_layer) == [small[0]]
     live = {id(p) for p in m.parameters()}
     assert not any(id(p) in live for p in small.groups["first"][0].parameters())
     x = torch.randn(3, 16)

@@ -1822,3 +1822,78 @@ def test_unwrap_of_a_module_parametrized_after_wrap_is_refused_before_any_change
     assert type(m[2]) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(m(x), before)
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(4))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_pick_asks_export_of_each_sub_model_what_plain_attributes_hold():
+    """A sliced weight kept in a plain attribute of the last block only: the depths that skip that block export,
+    the full depth does not. pick refused every sub-model (or, before, returned the full depth, whose export is
+    refused); it now returns exactly the sub-models whose export runs."""
+    m = _Stack()
+    m.blocks[3].cache = [m.blocks[3][0].weight]
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"),
+                   sn.Width("w", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+    ok = set()
+    for sub in nest.submodels:
+        try:
+            nest.export(sub)
+            ok.add(str(sub))
+        except sn.SortedNetError:
+            pass
+    assert ok == {"d=2,w=4", "d=2,w=16"}
+    for s in nest.submodels:
+        picked = nest.pick(params=nest.cost(s))
+        assert str(picked) in ok and nest.cost(picked) <= nest.cost(s)
+
+
+def test_modules_of_skipped_blocks_held_in_lists_or_as_dict_keys_leave_the_export():
+    """A list of every Linear of the model (or a dict keyed by the blocks: per-block learning rates): under a depth
+    the export's list kept copies of the skipped blocks' layers (still sortednet's classes, sharing the live
+    weights: an init through the export's list wrote the live model) and the dict collapsed them into one None
+    key. Both now hold only what the export has."""
+    m = _Stack()
+    m.linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
+    m.lr = {b: 0.1 * (i + 1) for i, b in enumerate(m.blocks)}
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"),
+                   sn.Width("w", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+    small = nest.export("d=2,w=4")
+    own = [x for x in small.modules() if isinstance(x, nn.Linear)]
+    assert len(small.linears) == len(own) == 4 and all(a is b for a, b in zip(small.linears, own))
+    assert all(type(x) is nn.Linear for x in small.linears)
+    assert list(small.lr) == list(small.blocks) and list(small.lr.values()) == [0.1, 0.2]
+    before = m.blocks[3][0].weight.detach().clone()
+    for x in small.linears:
+        nn.init.zeros_(x.weight)
+    assert torch.equal(m.blocks[3][0].weight, before)
+
+
+def test_export_reads_past_objects_a_hook_holds_that_refuse_their_dict():
+    """A hook holding a slotted object whose __getattr__ raises KeyError (an attribute-dict config): export failed
+    with a raw KeyError while looking for live modules the hook holds."""
+    class Cfg:
+        __slots__ = ("_d",)
+
+        def __init__(self):
+            self._d = {"scale": 2.0}
+
+        def __getattr__(self, k):
+            return self._d[k]
+
+    cfg = Cfg()
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    m[0].register_forward_hook(lambda mod, i, o: o * cfg.scale)
+    x = torch.randn(2, 8)
+    with torch.no_grad(), nest.use("h=8"):
+        torch.testing.assert_close(nest.export("h=8")(x), m(x))

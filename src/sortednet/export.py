@@ -56,22 +56,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     """
     model = nest.model
     with nest.use(sub), torch.no_grad(), exact_math():  # (a Rank's merged weight: fp32 under autocast, trainable)
-        memo: dict[int, object] = {}
-        skipped: list[str] = []
-        drop: list[tuple[nn.Module, str]] = []
-        for path, m in nest._sliced.items():
-            memo[id(m._sn)] = None  # exported copies carry no sortednet state
-            for t in m._sn.slicer.exported_tensors(m):
-                memo[id(t)] = t  # replaced below; never copied at full size
-            for name in m._sn.slicer.skipped(m):  # e.g. blocks past the active depth
-                drop.append((m, name))
-                skipped.append(_name(path, name))
-        kept = _kept_paths(model, {(id(m), name) for m, name in drop})  # module id -> a path that reaches it
-        for m, name in drop:
-            if id(m._modules[name]) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
-                memo[id(m._modules[name])] = None
-        dropped = {k for k, v in memo.items() if v is None and isinstance(k, int)}
-        gone = _skipped_tensors(model, [m._modules[name] for m, name in drop], kept)
+        memo, skipped, drop, kept, dropped, gone = _copy_plan(nest)
         aside = _refuse_held_aside(model, dropped, gone, {k: t for k, t in memo.items() if isinstance(t, Tensor)},
                                    sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
@@ -112,6 +97,45 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     return new
 
 
+def _copy_plan(nest: Nest) -> tuple[dict[int, object], list[str], list[tuple[nn.Module, str]], dict[int, str],
+                                    set[int], set[int]]:
+    """What the export of the active sub-model copies: the deep copy's memo (sortednet state and skipped blocks
+    to None, sliced tensors to themselves: replaced after the copy), the skipped blocks' names and links, the
+    modules kept (id -> a path reaching them), the ids of the modules the export leaves out (skipped blocks and
+    what only they hold) and of their tensors."""
+    model = nest.model
+    memo: dict[int, object] = {}
+    skipped: list[str] = []
+    drop: list[tuple[nn.Module, str]] = []
+    for path, m in nest._sliced.items():
+        memo[id(m._sn)] = None  # exported copies carry no sortednet state
+        for t in m._sn.slicer.exported_tensors(m):
+            memo[id(t)] = t  # replaced below; never copied at full size
+        for name in m._sn.slicer.skipped(m):  # e.g. blocks past the active depth
+            drop.append((m, name))
+            skipped.append(_name(path, name))
+    kept = _kept_paths(model, {(id(m), name) for m, name in drop})  # module id -> a path that reaches it
+    blocks = [m._modules[name] for m, name in drop]
+    for b in blocks:
+        if id(b) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
+            memo[id(b)] = None
+    dropped = {id(x) for b in blocks for x in b.modules() if id(x) not in kept}
+    return memo, skipped, drop, kept, dropped, _skipped_tensors(model, blocks, kept)
+
+
+def refused_aside(nest: Nest, sub: SubModel) -> bool:
+    """Whether ``export(sub)`` refuses the model for what its plain attributes hold (a sliced tensor besides its
+    module, a skipped block in a holder it cannot rebuild)."""
+    with nest.use(sub):
+        memo, _, _, kept, dropped, gone = _copy_plan(nest)
+        try:
+            _refuse_held_aside(nest.model, dropped, gone, {k: t for k, t in memo.items() if isinstance(t, Tensor)},
+                               sub, kept)
+        except SortedNetError:
+            return True
+    return False
+
+
 def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[Any]:
     """``fn`` and what it holds, through closures of closures (a compiled wrapper keeps the bound method it
     compiled two levels down), bound methods' ``__self__`` and partials (a few levels, each object once)."""
@@ -125,7 +149,7 @@ def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> lis
     if isinstance(fn, functools.partial):  # (its arguments: a module it was bound to by hand)
         inner += [*fn.args, *fn.keywords.values()]
     elif not isinstance(fn, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)):
-        inner += [v for v in getattr(fn, "__dict__", {}).values()]  # (a callable object's attributes)
+        inner += _attrs(fn)  # (a callable object's attributes)
     for x in inner:
         if x is None or isinstance(x, (nn.Module, Tensor)):
             out += [x] if x is not None else []
@@ -229,8 +253,18 @@ def _captured(fn: Any, depth: int = 0) -> list[Any]:
     more = [v for x in out if isinstance(x, (list, tuple)) for v in x]
     more += [v for x in out if isinstance(x, dict) for v in x.values()]
     more += [v for x in out if not isinstance(x, (nn.Module, Tensor, type, types.ModuleType, list, tuple, dict))
-             and isinstance(getattr(x, "__dict__", None), dict) for v in vars(x).values()]  # (holder.lin)
+             and type(x).__module__.split(".")[0] != "sortednet" for v in _attrs(x)]  # (holder.lin)
     return out + more
+
+
+def _attrs(x: object) -> list[Any]:
+    """The values of ``x``'s instance dict ([] when it has none, or reading it raises: a slotted object whose
+    ``__getattr__`` raises KeyError)."""
+    try:
+        d = object.__getattribute__(x, "__dict__")
+    except Exception:
+        return []
+    return list(d.values()) if isinstance(d, dict) else []
 
 
 def _global_loads(code: types.CodeType) -> set[str]:
@@ -391,12 +425,32 @@ def _remappable(v: object, depth: int = 0) -> bool:
     plain values) holding no tensor or module in any other container (a set, a partial, a named tuple): the
     export can rebuild it."""
     if type(v) in (list, tuple, dict):
-        if type(v) is dict and any(isinstance(k, (Tensor, nn.Module)) for k in v):
+        if type(v) is dict and any(isinstance(k, Tensor) for k in v):
             return False
         return depth < 6 and all(_remappable(x, depth + 1) for x in (v.values() if type(v) is dict else v))
     if isinstance(v, (list, tuple, dict, set, frozenset, functools.partial)):  # (rebuilt otherwise: not here)
         return not any(isinstance(x, (Tensor, nn.Module)) for x in plain_leaves(v))
     return True
+
+
+def aside_suspects(nest: Nest) -> bool:
+    """Whether a plain attribute holds what ``export`` may refuse (a sliced tensor; a block of a Depth layer list,
+    or a module in one, in a holder other than a plain list, tuple or dict): ``pick`` then asks
+    :func:`refused_aside` of each sub-model."""
+    sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
+    blocks = {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
+              for c in m._modules.values() if c is not None for x in c.modules()}
+    for m in nest.model.modules():
+        for attr, v in m.__dict__.items():
+            if attr in _INTERNALS:
+                continue
+            leaves = [*plain_leaves(v), *_dict_keys(v)]
+            if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
+                return True
+            if blocks and not (type(v) in (list, tuple, dict) and _remappable(v)) and any(
+                    isinstance(x, nn.Module) and id(x) in blocks for x in leaves):
+                return True
+    return False
 
 
 def held_aside(nest: Any) -> list[str]:
@@ -432,7 +486,8 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
         if type(live) in (list, tuple):
             out: object = type(live)(y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not skip)
         elif type(live) is dict:
-            out = {ck: y for (_, a), (ck, b) in zip(live.items(), copied.items()) if (y := swap(a, b)) is not skip}
+            out = {ck: y for (k, a), (ck, b) in zip(live.items(), copied.items())
+                   if not (isinstance(k, nn.Module) and id(k) in dropped) and (y := swap(a, b)) is not skip}
         elif (isinstance(live, nn.Module) and id(live) in dropped) or (isinstance(live, Tensor) and id(live) in gone):
             return skip
         else:
@@ -445,6 +500,16 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
         c = new.get_submodule(path) if path else new
         if attr in c.__dict__:  # (not where a slicer's export replaced the module: its attributes went with it)
             c.__dict__[attr] = swap(m.__dict__[attr], c.__dict__[attr])
+
+
+def _dict_keys(v: object, depth: int = 0) -> list[object]:
+    """The keys of the dicts in plain list / tuple / dict ``v`` (``{block: lr}``), six levels deep."""
+    if depth >= 6 or type(v) not in (list, tuple, dict):
+        return []
+    out = list(v) if type(v) is dict else []
+    for x in (v.values() if type(v) is dict else v):
+        out += _dict_keys(x, depth + 1)
+    return out
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], sliced: dict[int, Tensor],
@@ -464,7 +529,7 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], slic
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            leaves = list(plain_leaves(v))
+            leaves = [*plain_leaves(v), *_dict_keys(v)]
             blocks = any(isinstance(x, nn.Module) and id(x) in dropped for x in leaves)
             cut = [x for x in leaves if isinstance(x, Tensor) and id(x) in sliced]
             orphans = any(isinstance(x, Tensor) and id(x) in gone for x in leaves)
@@ -491,21 +556,28 @@ def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> 
     """A slicer's export replaced module ``c`` of the copy by ``r`` (a factored Rank's two Linears): a plain
     attribute that held ``c`` (alone, in a list, tuple or dict) holds ``r``; one that holds it otherwise (a set,
     a partial) would keep a stale module sharing the live model's tensors: refused, naming it."""
+    seen: dict[int, object] = {}
+
     def swap(v: object, depth: int = 0) -> object:
         if v is c:
             return r
+        if id(v) in seen:  # (one list held by two attributes stays one list)
+            return seen[id(v)]
         if depth < 6 and type(v) in (list, tuple):
-            return type(v)(swap(x, depth + 1) for x in v)
-        if depth < 6 and type(v) is dict:
-            return {k: swap(x, depth + 1) for k, x in v.items()}
-        return v
+            out: object = type(v)(swap(x, depth + 1) for x in v)
+        elif depth < 6 and type(v) is dict:
+            out = {(r if k is c else k): swap(x, depth + 1) for k, x in v.items()}
+        else:
+            return v
+        seen[id(v)] = out
+        return out
 
     for path, m in new.named_modules():
         for attr, v in list(m.__dict__.items()):
-            if attr in _INTERNALS or not any(x is c for x in plain_leaves(v)):
+            if attr in _INTERNALS or not any(x is c for x in (*plain_leaves(v), *_dict_keys(v))):
                 continue
             out = swap(v)
-            if any(x is c for x in plain_leaves(out)):
+            if any(x is c for x in (*plain_leaves(out), *_dict_keys(out))):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
                                      f"({type(c).__name__} by {type(r).__name__}) in a plain Python attribute other "
                                      "than a list, tuple or dict, which would keep the old one; hold it in one of "

@@ -27,7 +27,7 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
-from .export import _kept_paths, export_submodel, held_aside
+from .export import _kept_paths, aside_suspects, export_submodel, held_aside, refused_aside
 from .kvcache import install_guards
 from .modes import casts_stale, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
@@ -1070,15 +1070,14 @@ class Nest:
         depth = any(d.kind == "depth" for d in self.dims)
         ties = exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()},
                           self._running if depth else None)
-        if held_aside(self):  # (a plain attribute holding a sliced tensor: export refuses every sub-model)
-            return lambda sizes: False
+        aside = aside_suspects(self)  # (a plain attribute holding a sliced tensor or a block: export may refuse)
         read = [m for m in self._sliced.values() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind
                 and hasattr(m._sn.slicer, "factored")]
-        if not read:
+        if not aside and not read:
             return ties
 
         def test(sizes: dict) -> bool:
-            if ties is not None and not ties(sizes):
+            if (ties is not None and not ties(sizes)) or (aside and refused_aside(self, sizes)):
                 return False
             with self.use(sizes):  # (export refuses a factored export of such a target: two Linears, no weight)
                 return not any(m._sn.slicer.factored(m) for m in read)

@@ -938,9 +938,10 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     except (TypeError, AttributeError) as e:  # (x.dim(), F.linear(x, ...) on an array)
                         if not isinstance(x, np.ndarray):
                             raise
-                        raise SortedNetError(f"fit(): the model does not take the inputs of step {step}, a numpy "
-                                             f"array ({e}); the loader must yield tensors (torch.as_tensor(a), or "
-                                             "a torch.utils.data.TensorDataset of them)") from e
+                        raise SortedNetError(f"fit(): the model raised {type(e).__name__} on the inputs of step "
+                                             f"{step}, a numpy array ({e}): if it does not take the inputs as "
+                                             "arrays, the loader must yield tensors (torch.as_tensor(a), or a "
+                                             "torch.utils.data.TensorDataset of them)") from e
                     if loss_fn is None and not isinstance(out, Tensor):  # (the check above could not run)
                         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output "
                                              f"as a tensor of logits; in training mode the model returns a "
