@@ -493,3 +493,43 @@ def test_every_nest_save_writes_loads_and_save_refuses_what_load_would(tmp_path,
     with pytest.raises(sn.SortedNetError, match="at most 65 dimensions .* this nest has 66"):
         sn.save(nest, tmp_path / "refused.sn")
     assert not (tmp_path / "refused.sn").exists()
+
+
+class _Body(torch.nn.Module):
+    def __init__(self, head: str, classes: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+        setattr(self, head, torch.nn.Linear(16, classes))
+        self._head = head
+
+    def forward(self, x):
+        return getattr(self, self._head)(self.body(x))
+
+
+def test_a_partial_load_of_another_models_file_drops_its_measured_costs(tmp_path):
+    """sn.load(strict=False) of a file written from another model (the same body, another head) kept that model's
+    FLOPs (and memory, latency) as this nest's: cost returned them even with an example, and pick(flops=) returned
+    sub-models over the budget. They are dropped with a warning (counted again from an example); a partial load
+    of the same model's file keeps them."""
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    a = _Body("head", 3)
+    na = sn.wrap(a, sn.Width("h", [8, 16, 32], out="body.0", inp="body.2"))
+    na.profile(x, metrics=("params", "flops"), progress=False)
+    sn.save(na, tmp_path / "a.sn")
+    b = _Body("classifier", 40)
+    nb = sn.wrap(b, sn.Width("h", [8, 16, 32], out="body.0", inp="body.2"))
+    with pytest.warns(UserWarning, match=r"another model \(2 of this model's tensors are not in the file, 2 of the "
+                                         r"file's are not in this model\).*\['flops'\] no longer apply"):
+        sn.load(nb, tmp_path / "a.sn", strict=False)
+    with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
+        nb.cost("h=32", "flops")
+    from torch.utils.flop_counter import FlopCounterMode
+    for s in nb.submodels:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            nb.export(s)(x)
+        assert nb.cost(s, "flops", example=x) == fc.get_total_flops()
+    twin = _Body("head", 3)
+    nt = sn.wrap(twin, sn.Width("h", [8, 16, 32], out="body.0", inp="body.2"))
+    sn.load(nt, tmp_path / "a.sn", strict=False)  # (the same model's file: its measured costs hold)
+    assert nt.cost("h=32", "flops") == na.cost("h=32", "flops")

@@ -415,6 +415,13 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             nest._load_extra_state(meta["extra"])
             if left:  # strict=False left tensors as they were: the file's scores describe the file's model
                 nest._scores_of_other_weights()
+            unexpected = [k for k in f.entries if k not in state and not k.startswith(EXTRA_PREFIX)]
+            if left or unexpected:  # (sn.save writes every tensor of its model: the file's is another model, whose
+                nest._drop_measured(  # FLOPs, memory and latency its profile holds; parameters are counted here)
+                    ("flops", "memory", "latency"),
+                    f"sn.load(strict=False) of {where} read the profile of another model ({len(left)} of this model's "
+                    f"tensors are not in the file, {len(unexpected)} of the file's are not in this model), measured "
+                    "on that model", 3)
             mixed = [k for k in left if state[k][0] is not None and state[k][0].is_floating_point()]
             if mixed:  # ... and so do its per-sub-model statistics (an integer counter left changes no weight)
                 _drop_mixed_calibration(nest, calib, mixed, where)
