@@ -2420,3 +2420,23 @@ def test_a_sampler_of_the_users_that_draws_no_list_is_named(drawn, tmp_path):
     with pytest.raises(sn.SortedNetError, match=r"sampler.draw\(0\) must return a list of sub-models"):
         SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Drawer()).train()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_tokenizers_batch_encoding_is_an_example_like_its_dict():
+    """A tokenizer's output (a BatchEncoding: a mapping, not a dict) as the example of cost / profile / check was
+    called as one positional argument (a raw TypeError from the embedding, wrapped); it is called as keyword
+    arguments like its dict, with the same FLOPs and input signature."""
+    from transformers import BatchEncoding
+
+    from sortednet.cost import example_signature
+
+    model = llama().eval()
+    nest = sn.from_transformers(model, ffn=[0.5], depth=[1])
+    x = torch.randint(1, V, (1, 6))
+    be = BatchEncoding({"input_ids": x, "attention_mask": torch.ones_like(x)})
+    assert example_signature(be) == example_signature(dict(be))
+    assert [nest.cost(s, "flops", example=be) for s in nest.submodels] == \
+        [nest.cost(s, "flops", example=dict(be)) for s in nest.submodels]
+    nest.check(be)
+    prof = nest.profile(be, metrics=("params", "flops"), progress=False)
+    assert list(prof.costs["flops"]) == [float(nest.cost(s, "flops", example=dict(be))) for s in nest.submodels]

@@ -17,7 +17,7 @@ import re
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,10 +41,11 @@ METRICS = ("params", "flops", "latency", "memory")
 
 
 def call_model(model: nn.Module | Callable, example: Any) -> Any:
-    """``model(*example)`` for a tuple/list, ``model(**example)`` for a dict, else ``model(example)``."""
+    """``model(*example)`` for a tuple/list, ``model(**example)`` for a dict or other mapping (a tokenizer's
+    ``BatchEncoding``), else ``model(example)``."""
     if isinstance(example, (tuple, list)):
         return model(*example)
-    if isinstance(example, dict):
+    if isinstance(example, Mapping):
         return model(**example)
     return model(example)
 
@@ -408,6 +409,8 @@ def example_signature(example: Any) -> tuple:
     >>> example_signature({"x": torch.zeros(2, 3)}) == example_signature({"y": torch.zeros(2, 3)})
     False
     """
+    if isinstance(example, Mapping) and not isinstance(example, dict):  # (a BatchEncoding: a mapping, no pytree)
+        example = dict(example)
     leaves, spec = tree_flatten(example)
     return (str(spec), *(_tensor_signature(t) if isinstance(t, Tensor) else repr(t) for t in leaves))
 
