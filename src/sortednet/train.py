@@ -707,7 +707,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     """Train with ``sampler`` + :func:`accumulate` over ``epochs`` passes of ``loader``.
 
     ``loader`` yields ``(inputs, target)``: ``inputs`` a tensor, a tuple of positional
-    arguments or a dict of keyword arguments of the model (as everywhere in sortednet:
+    arguments or a dict (any mapping: a BatchEncoding) of keyword arguments of the model (as everywhere:
     ``profile``, ``calibrate``, ``check``); each batch is one optimizer step
     numbered from ``start_step`` (to resume, pass the step reached and the
     remaining batches; the sampler then draws what the uninterrupted run would).
