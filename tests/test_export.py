@@ -1223,3 +1223,20 @@ def test_a_compiled_forward_set_before_wrap_or_on_a_shared_block_is_left_out_of_
             torch.testing.assert_close(small(x), live)
             if ref is not None:
                 torch.testing.assert_close(small(x), ref)
+
+
+def test_a_hook_holding_the_nest_is_warned_about():
+    """A hook reaching the live model through the nest it holds (nest.model...) computed with the live weights in
+    the export, unwarned."""
+    import warnings
+
+    from sortednet.export import LiveHookWarning
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("a", [4, 8, 16], out="0", inp="2"))
+    m[2].register_forward_hook(lambda mod, i, o: o * nest.model[0].weight.abs().mean())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        nest.export("a=4")
+    assert any(issubclass(w.category, LiveHookWarning) for w in seen)

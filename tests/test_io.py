@@ -533,3 +533,10 @@ def test_a_partial_load_of_another_models_file_drops_its_measured_costs(tmp_path
     nt = sn.wrap(twin, sn.Width("h", [8, 16, 32], out="body.0", inp="body.2"))
     sn.load(nt, tmp_path / "a.sn", strict=False)  # (the same model's file: its measured costs hold)
     assert nt.cost("h=32", "flops") == na.cost("h=32", "flops")
+    c = _Body("classifier", 40)  # (a file without a profile: the nest's own counts, on its own model, stay)
+    nc = sn.wrap(c, sn.Width("h", [8, 16, 32], out="body.0", inp="body.2"))
+    own = nc.cost("h=32", "flops", example=x)
+    bare = _Body("head", 3)
+    sn.save(sn.wrap(bare, sn.Width("h", [8, 16, 32], out="body.0", inp="body.2")), tmp_path / "bare.sn")
+    sn.load(nc, tmp_path / "bare.sn", strict=False)
+    assert nc.cost("h=32", "flops") == own

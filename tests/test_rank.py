@@ -846,6 +846,8 @@ def test_a_plain_attribute_holding_a_factored_target_holds_the_exports_module():
     m.groups = functools.partial(print, m[0])
     with pytest.raises(sn.SortedNetError, match=r"groups holds a module that the export replaces"):
         nest.export("r=2")
+    with pytest.raises(sn.SortedNetError, match=r"no sub-model .* \['groups'\] hold, in a set or a functools.partial"):
+        nest.pick(params=1e9)  # (it returned r=16, whose export is refused)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -10,6 +10,7 @@ import functools
 import os
 import pickle
 import random
+import types
 import warnings
 from unittest import mock
 
@@ -1897,3 +1898,61 @@ def test_export_reads_past_objects_a_hook_holds_that_refuse_their_dict():
     x = torch.randn(2, 8)
     with torch.no_grad(), nest.use("h=8"):
         torch.testing.assert_close(nest.export("h=8")(x), m(x))
+
+
+def test_a_tuple_the_depth_would_cut_is_refused_and_pick_passes_over_it():
+    """A list of (layer, gain) pairs read by the forward: under a depth that skips some blocks the export cut the
+    tuples ((layer, gain) -> (gain,)), and its forward failed. Such a record is refused by name, pick passes
+    over those sub-models, and a tuple wholly of skipped entries leaves the list whole."""
+    class Paired(_Stack):
+        def __init__(self):
+            super().__init__()
+            self.pairs = [(b[0], 1.0 + i) for i, b in enumerate(self.blocks)]
+            self.stages = [tuple(self.blocks[:2]), tuple(self.blocks[2:])]
+
+        def forward(self, x):
+            for (fc, g), b in zip(self.pairs, self.blocks):
+                x = x + b[2](torch.relu(fc(x))) * g
+            return x
+
+    m = Paired()
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
+    with pytest.raises(sn.SortedNetError, match=r"pairs holds a tuple of which the sub-model skips some entries"):
+        nest.export("d=2")
+    assert nest.pick(params=1e9) == nest.largest
+    with pytest.raises(sn.errors.BudgetError):
+        nest.pick(params=nest.cost("d=2"))
+    del m.pairs
+    m.forward = types.MethodType(_Stack.forward, m)
+    small = nest.export("d=2")
+    assert small.stages == [tuple(small.blocks)]
+
+
+def test_a_mapping_that_is_not_a_dict_is_one_input():
+    """Only a dict (and a tokenizer's BatchEncoding) is keyword arguments: a custom Mapping the model takes as its
+    one input was, for a while, splatted into keyword arguments."""
+    import collections
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, batch):
+            return self.b(torch.relu(self.a(batch["x"])))
+
+    m = Model()
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="a", inp="b"))
+    for ex in (collections.UserDict({"x": torch.randn(3, 4)}), types.MappingProxyType({"x": torch.randn(3, 4)})):
+        nest.check(ex)
+        assert nest.cost("h=4", "flops", example=ex) == 2 * 3 * (4 * 4 + 4 * 2)
+
+
+def test_sliced_parameters_as_dict_keys_are_named_by_pick():
+    m = _Stack()
+    m.names = {p: n for n, p in m.named_parameters()}  # (parameter -> name: the keys are the live tensors)
+    nest = sn.wrap(m, sn.Width("w", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+    with pytest.raises(sn.SortedNetError, match=r"names holds a tensor that sortednet slices"):
+        nest.export("w=4")
+    with pytest.raises(sn.SortedNetError, match=r"no sub-model .*\['names'\] hold tensors that sortednet slices"):
+        nest.pick(params=1e9)

@@ -41,11 +41,11 @@ METRICS = ("params", "flops", "latency", "memory")
 
 
 def call_model(model: nn.Module | Callable, example: Any) -> Any:
-    """``model(*example)`` for a tuple/list, ``model(**example)`` for a dict or other mapping (a tokenizer's
-    ``BatchEncoding``), else ``model(example)``."""
+    """``model(*example)`` for a tuple/list, ``model(**example)`` for a dict or a tokenizer's ``BatchEncoding``
+    (keyword inputs), else ``model(example)`` (another mapping too: a model's one input)."""
     if isinstance(example, (tuple, list)):
         return model(*example)
-    if isinstance(example, Mapping):
+    if keyword_inputs(example):
         return model(**example)
     return model(example)
 
@@ -401,6 +401,15 @@ def _buffer_bytes(nest: Nest, model: nn.Module) -> int:
     return total
 
 
+def keyword_inputs(example: Any) -> bool:
+    """Whether ``example`` is keyword arguments of the model: a dict, or transformers' ``BatchEncoding`` (a
+    tokenizer's output, a mapping that is no dict). Any other mapping is one input, as PyTorch would pass it."""
+    if isinstance(example, dict):
+        return True
+    return isinstance(example, Mapping) and any(
+        c.__name__ == "BatchEncoding" and c.__module__.startswith("transformers") for c in type(example).__mro__)
+
+
 def example_signature(example: Any) -> tuple:
     """Structure (tuple / dict keys), shapes, dtypes and devices of the tensors and the other values
     in ``example`` (FLOPs are cached per signature).
@@ -409,7 +418,7 @@ def example_signature(example: Any) -> tuple:
     >>> example_signature({"x": torch.zeros(2, 3)}) == example_signature({"y": torch.zeros(2, 3)})
     False
     """
-    if isinstance(example, Mapping) and not isinstance(example, dict):  # (a BatchEncoding: a mapping, no pytree)
+    if keyword_inputs(example) and not isinstance(example, dict):  # (a BatchEncoding: a mapping, not a pytree)
         example = dict(example)
     leaves, spec = tree_flatten(example)
     return (str(spec), *(_tensor_signature(t) if isinstance(t, Tensor) else repr(t) for t in leaves))

@@ -133,7 +133,8 @@ def refused_aside(nest: Nest, sub: SubModel) -> bool:
                                sub, kept)
         except SortedNetError:
             return True
-    return False
+        return any(id(x) in kept and x.__dict__["_sn"].slicer.factored(x) for m in nest.model.modules()
+                   for attr, v in m.__dict__.items() if attr not in _INTERNALS for x in _replaced_held(nest, v))
 
 
 def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[Any]:
@@ -253,7 +254,7 @@ def _captured(fn: Any, depth: int = 0) -> list[Any]:
     more = [v for x in out if isinstance(x, (list, tuple)) for v in x]
     more += [v for x in out if isinstance(x, dict) for v in x.values()]
     more += [v for x in out if not isinstance(x, (nn.Module, Tensor, type, types.ModuleType, list, tuple, dict))
-             and type(x).__module__.split(".")[0] != "sortednet" for v in _attrs(x)]  # (holder.lin)
+             for v in _attrs(x)]  # (holder.lin; a Nest's model too: a hook holding the nest may read the model)
     return out + more
 
 
@@ -438,8 +439,9 @@ def aside_suspects(nest: Nest) -> bool:
     or a module in one, in a holder other than a plain list, tuple or dict): ``pick`` then asks
     :func:`refused_aside` of each sub-model."""
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
-    blocks = {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
-              for c in m._modules.values() if c is not None for x in c.modules()}
+    mods = [x for m in nest._sliced.values() if "depth" in m._sn.bind
+            for c in m._modules.values() if c is not None for x in c.modules()]
+    blocks = {id(x) for x in mods} | {id(t) for x in mods for t in (*x._parameters.values(), *x._buffers.values())}
     for m in nest.model.modules():
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
@@ -447,10 +449,35 @@ def aside_suspects(nest: Nest) -> bool:
             leaves = [*plain_leaves(v), *_dict_keys(v)]
             if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
                 return True
-            if blocks and not (type(v) in (list, tuple, dict) and _remappable(v)) and any(
-                    isinstance(x, nn.Module) and id(x) in blocks for x in leaves):
+            if blocks and (not (type(v) in (list, tuple, dict) and _remappable(v)) or _has_tuple(v)) and any(
+                    isinstance(x, (nn.Module, Tensor)) and id(x) in blocks for x in leaves):
+                return True  # (held otherwise than in a list or dict: a tuple may be cut)
+            if _replaced_held(nest, v):
                 return True
     return False
+
+
+def _replaced_held(nest: Nest, v: object) -> list[nn.Module]:
+    """The modules a slicer's export may replace (a factored Rank target: two Linears) that plain ``v`` holds
+    otherwise than alone or in a list, tuple or dict (a set, a partial): the export refuses it where it does."""
+    if type(v) in (list, tuple, dict) and _remappable(v) or isinstance(v, nn.Module):
+        return []
+    return [x for x in plain_leaves(v) if isinstance(x, nn.Module) and "_sn" in x.__dict__
+            and hasattr(x.__dict__["_sn"].slicer, "factored")]
+
+
+def _has_tuple(v: object, depth: int = 0) -> bool:
+    if type(v) is tuple:
+        return True
+    if depth >= 6 or type(v) not in (list, dict):
+        return False
+    return any(_has_tuple(x, depth + 1) for x in (v.values() if type(v) is dict else v))
+
+
+def replaced_aside(nest: Nest) -> list[str]:
+    """``path.attr`` of each plain attribute holding a module a slicer's export may replace, in a set or a partial."""
+    return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
+            if attr not in _INTERNALS and _replaced_held(nest, v)]
 
 
 def held_aside(nest: Any) -> list[str]:
@@ -458,7 +485,8 @@ def held_aside(nest: Any) -> list[str]:
     sortednet slices besides its module."""
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
     return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced for x in plain_leaves(v))]
+            if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced
+                                              for x in (*plain_leaves(v), *_dict_keys(v)))]
 
 
 def _skipped_tensors(model: nn.Module, blocks: list[nn.Module], kept: Mapping[int, str]) -> set[int]:
@@ -483,8 +511,13 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
     def swap(live: object, copied: object) -> object:
         if id(live) in seen:
             return seen[id(live)]
-        if type(live) in (list, tuple):
-            out: object = type(live)(y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not skip)
+        if type(live) is tuple:  # (a record: whole or gone, never cut; _refuse_held_aside refused a mixed one)
+            items = [swap(a, b) for a, b in zip(live, copied)]
+            if live and all(y is skip for y in items):
+                return skip
+            out: object = tuple(items)
+        elif type(live) is list:
+            out = [y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not skip]
         elif type(live) is dict:
             out = {ck: y for (k, a), (ck, b) in zip(live.items(), copied.items())
                    if not (isinstance(k, nn.Module) and id(k) in dropped) and (y := swap(a, b)) is not skip}
@@ -500,6 +533,20 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
         c = new.get_submodule(path) if path else new
         if attr in c.__dict__:  # (not where a slicer's export replaced the module: its attributes went with it)
             c.__dict__[attr] = swap(m.__dict__[attr], c.__dict__[attr])
+
+
+def _cuts_a_tuple(v: object, dropped: set[int], gone: set[int], depth: int = 0) -> bool:
+    """Whether plain ``v`` holds a tuple (at any of six levels) some but not all of whose entries the sub-model
+    leaves out (skipped blocks, their modules and tensors)."""
+    if depth >= 6 or type(v) not in (list, tuple, dict):
+        return False
+    items = list(v.values()) if type(v) is dict else list(v)
+    if type(v) is tuple:
+        out = [isinstance(x, nn.Module) and id(x) in dropped or isinstance(x, Tensor) and id(x) in gone
+               for x in items]
+        if any(out) and not all(out):
+            return True
+    return any(_cuts_a_tuple(x, dropped, gone, depth + 1) for x in items)
 
 
 def _dict_keys(v: object, depth: int = 0) -> list[object]:
@@ -542,6 +589,11 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], slic
                                      "(module.weight), or keep the module itself in the attribute; build lists of "
                                      "parameters (optimizer groups) when you need them, from "
                                      "model.named_parameters(), rather than keeping them on the model")
+            if (blocks or orphans) and remap and _cuts_a_tuple(v, dropped, gone):
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tuple of which the sub-model skips "
+                                     "some entries (a block it leaves out beside one it keeps, or beside a value): "
+                                     "the export cannot cut such a record; hold the blocks in a list, or pair them "
+                                     "in a dict keyed by the block")
             if (blocks or orphans) and remap:
                 aside.append((m, attr))
             elif blocks:

@@ -416,9 +416,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             if left:  # strict=False left tensors as they were: the file's scores describe the file's model
                 nest._scores_of_other_weights()
             unexpected = [k for k in f.entries if k not in state and not k.startswith(EXTRA_PREFIX)]
-            if left or unexpected:  # (sn.save writes every tensor of its model: the file's is another model, whose
-                nest._drop_measured(  # FLOPs, memory and latency its profile holds; parameters are counted here)
-                    ("flops", "memory", "latency"),
+            if (left or unexpected) and meta["extra"].get("profile"):  # (sn.save writes every tensor of its
+                nest._drop_measured(  # model: the file's is another model, whose FLOPs, memory and latency its
+                    ("flops", "memory", "latency"),  # profile holds; parameters are counted on this one)
                     f"sn.load(strict=False) of {where} read the profile of another model ({len(left)} of this model's "
                     f"tensors are not in the file, {len(unexpected)} of the file's are not in this model), measured "
                     "on that model", 3)

@@ -27,7 +27,7 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
-from .export import _kept_paths, aside_suspects, export_submodel, held_aside, refused_aside
+from .export import _kept_paths, aside_suspects, export_submodel, held_aside, refused_aside, replaced_aside
 from .kvcache import install_guards
 from .modes import casts_stale, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
@@ -1088,11 +1088,15 @@ class Nest:
         """Why ``pick`` has no sub-model left (every one is refused by ``export``)."""
         planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()}
         why = split_ties(self.model, planned)
-        aside = held_aside(self)
+        aside, replaced = held_aside(self), replaced_aside(self)
         if aside:
             why = (f"{why}; " if why else "") + (
                 f"{aside[:3]} hold tensors that sortednet slices in plain Python attributes, which export refuses "
                 "(build lists of parameters when you need them, from model.named_parameters())")
+        if replaced:
+            why = (f"{why}; " if why else "") + (
+                f"{replaced[:3]} hold, in a set or a functools.partial, a module that the export replaces (a "
+                "factored Rank target), which export refuses (hold it in a list, tuple or dict)")
         read = [p for p, m in self._sliced.items() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind]
         if read:
             why = (f"{why}; " if why else "") + (

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cost import call_model
+from .cost import call_model, keyword_inputs
 from .errors import SortedNetError
 from .errors import flag as _flag
 from .modes import dry_run, eval_mode, restore_modes, train_view
@@ -586,6 +586,8 @@ def _to(x: Any, device: torch.device | None) -> Any:
         return x
     from torch.utils._pytree import tree_map
 
+    if keyword_inputs(x) and not isinstance(x, dict):  # (a BatchEncoding: no pytree; its tensors moved too)
+        x = dict(x)
     return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)
 
 
@@ -707,7 +709,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     """Train with ``sampler`` + :func:`accumulate` over ``epochs`` passes of ``loader``.
 
     ``loader`` yields ``(inputs, target)``: ``inputs`` a tensor, a tuple of positional
-    arguments or a dict (any mapping: a BatchEncoding) of keyword arguments of the model (as everywhere:
+    arguments or a dict (or a tokenizer's BatchEncoding) of keyword arguments of the model (as everywhere:
     ``profile``, ``calibrate``, ``check``); each batch is one optimizer step
     numbered from ``start_step`` (to resume, pass the step reached and the
     remaining batches; the sampler then draws what the uninterrupted run would).

@@ -67,16 +67,16 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
         if isinstance(s, float):
             if not 0 < s <= 1:
                 raise SizeError(f"{what}: fraction {s} must be in (0, 1] (full size {full})")
-            f, s = s, max(multiple, round(s * full / multiple) * multiple)
-            if f < 1 and s == full:  # (a smaller size asked for that rounds to the full one: nothing would nest)
-                raise SizeError(f"{what}: fraction {f} of the full size {full} rounds to {full} itself (sizes are "
-                                f"multiples of {multiple}" + (": whole key/value groups" if multiple > 1 else "")
-                                + "), so it adds no smaller sub-model; give a smaller fraction or integer sizes")
+            s = max(multiple, round(s * full / multiple) * multiple)
         if not 0 < s <= full:
             raise SizeError(f"{what}: size {s} must be in 1..{full} (the full size)")
         out.append(s)
     if not out:
         raise SizeError(f"{what}: give at least one size (full size {full})")
+    if all(s == full for s in out) and any(isinstance(f, float) and f < 1 for f in sizes):
+        raise SizeError(f"{what}: fractions {sizes} of the full size {full} round to {full} itself (sizes are "
+                        f"multiples of {multiple}" + (": whole key/value groups" if multiple > 1 else "")
+                        + "), so they add no smaller sub-model; give a smaller fraction or integer sizes")
     if full not in out:
         out.append(full)  # the full model is always a sub-model (invariant 1)
     out = sorted(out)
@@ -98,8 +98,8 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
 
     Sizes are integers or fractions of the full size (the full size is always
     added). ``heads`` counts query heads; with grouped-query attention every
-    size must keep whole key/value groups (fractions are rounded to them; a fraction below 1 that rounds to
-    the full size is refused).
+    size must keep whole key/value groups (fractions are rounded to them; fractions below 1 that all round to
+    the full size are refused).
     ``depth`` nests every layer list (T5: encoder and decoder alike).
     ``rank`` (integers) nests the rank of projections with
     ``sn.Rank(mode=rank_mode)``: DyLoRA adapters (``"lora"``) or ordered SVD
