@@ -532,7 +532,8 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
         path = kept[id(m)]
         c = new.get_submodule(path) if path else new
         if attr in c.__dict__:  # (not where a slicer's export replaced the module: its attributes went with it)
-            c.__dict__[attr] = swap(m.__dict__[attr], c.__dict__[attr])
+            out = swap(m.__dict__[attr], c.__dict__[attr])
+            c.__dict__[attr] = type(m.__dict__[attr])() if out is skip else out  # (a tuple of skipped blocks: ())
 
 
 def _cuts_a_tuple(v: object, dropped: set[int], gone: set[int], depth: int = 0) -> bool:
