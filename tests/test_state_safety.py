@@ -1900,15 +1900,19 @@ def test_export_reads_past_objects_a_hook_holds_that_refuse_their_dict():
         torch.testing.assert_close(nest.export("h=8")(x), m(x))
 
 
-def test_a_tuple_the_depth_would_cut_is_refused_and_pick_passes_over_it():
-    """A list of (layer, gain) pairs read by the forward: under a depth that skips some blocks the export cut the
-    tuples ((layer, gain) -> (gain,)), and its forward failed. Such a record is refused by name, pick passes
-    over those sub-models, and a tuple wholly of skipped entries leaves the list whole."""
+def test_tuples_of_skipped_blocks_leave_the_export_whole_and_others_are_cut_as_lists():
+    """A list of (layer, gain) pairs read by the forward: under a depth the export cut the tuples ((layer, gain) ->
+    (gain,)) and its forward failed; a tuple wholly of skipped blocks as an attribute became the remap's internal
+    marker. A record whose modules and tensors are all skipped now leaves its list whole, a tuple of
+    parameters (or of kept and skipped blocks) is cut as a list is, and an attribute left with nothing is ()."""
     class Paired(_Stack):
         def __init__(self):
             super().__init__()
             self.pairs = [(b[0], 1.0 + i) for i, b in enumerate(self.blocks)]
-            self.stages = [tuple(self.blocks[:2]), tuple(self.blocks[2:])]
+            self.named = [(n, p) for n, p in self.blocks.named_parameters()]
+            self.params = tuple(self.blocks.parameters())
+            self.stages = [tuple(self.blocks[:3]), (tuple(self.blocks[3:]), "tag")]
+            self.tail = tuple(self.blocks[2:])
 
         def forward(self, x):
             for (fc, g), b in zip(self.pairs, self.blocks):
@@ -1916,17 +1920,16 @@ def test_a_tuple_the_depth_would_cut_is_refused_and_pick_passes_over_it():
             return x
 
     m = Paired()
-    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
-    with pytest.raises(sn.SortedNetError, match=r"pairs holds a tuple of which the sub-model skips some entries"):
-        nest.export("d=2")
-    assert nest.pick(params=1e9) == nest.largest
-    with pytest.raises(sn.errors.BudgetError):
-        nest.pick(params=nest.cost("d=2"))
-    del m.pairs
-    m.forward = types.MethodType(_Stack.forward, m)
-    m.tail = tuple(m.blocks[2:])  # (an attribute wholly of skipped blocks: empty in the export)
+    x = torch.randn(3, 8)
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"), example=x)
     small = nest.export("d=2")
+    with torch.no_grad(), nest.use("d=2"):
+        torch.testing.assert_close(small(x), m(x))
+    assert [fc for fc, _ in small.pairs] == [b[0] for b in small.blocks] and [g for _, g in small.pairs] == [1.0, 2.0]
+    own = list(small.blocks.parameters())
+    assert [p for _, p in small.named] == own and list(small.params) == own
     assert small.stages == [tuple(small.blocks)] and small.tail == ()
+    assert nest.pick(params=nest.cost("d=2")) == nest.resolve("d=2")
 
 
 def test_a_mapping_that_is_not_a_dict_is_one_input():

@@ -2441,5 +2441,21 @@ def test_a_tokenizers_batch_encoding_is_an_example_like_its_dict():
     assert [nest.cost(s, "flops", example=be) for s in nest.submodels] == \
         [nest.cost(s, "flops", example=dict(be)) for s in nest.submodels]
     nest.check(be)
-    prof = nest.profile(be, metrics=("params", "flops"), progress=False)
+    prof = nest.profile(be, metrics=("params", "flops", "memory"), progress=False)
     assert list(prof.costs["flops"]) == [float(nest.cost(s, "flops", example=dict(be))) for s in nest.submodels]
+    mine = nest.profile(dict(be), metrics=("params", "memory"), progress=False)
+    assert list(prof.costs["memory"]) == list(mine.costs["memory"]) and prof.device == mine.device
+    from sortednet.cost import measure_memory
+
+    class Viewer(torch.nn.Module):  # (a view of its input: counted when the input is unseen)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x.view(-1, 16))))
+
+    vn = sn.wrap(Viewer().eval(), sn.Width("h", [4, 8], out="a", inp="b"))
+    x = torch.randn(64, 4, 16)
+    assert [measure_memory(vn, s, BatchEncoding({"x": x})) for s in vn.submodels] == \
+        [measure_memory(vn, s, {"x": x}) for s in vn.submodels]

@@ -285,6 +285,7 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     >>> count_flops(nest, sn.SubModel(h=2), torch.randn(1, 4))
     24
     """
+    example = as_inputs(example)
     from .modes import NoFastPath, dry_run, eval_view
 
     if model is None:  # a private eval-mode view: no BatchNorm statistic, dropout draw or mode flag changes
@@ -310,6 +311,7 @@ def measure_latency(nest: Nest, sub: SubModel, example: Any, *, repeat: int = 20
                     model: nn.Module | None = None) -> float:
     """Median wall-clock seconds of one forward of ``sub`` on ``example`` (after ``warmup`` runs)
     on ``model`` (default ``nest.model``)."""
+    example = as_inputs(example)
     model = nest.model if model is None else model
     times = []
     with nest.use(sub), torch.no_grad():
@@ -360,6 +362,7 @@ class _PeakBytes(TorchDispatchMode):
 def measure_memory(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
     """Bytes ``sub`` needs for one forward on ``example``: its active weights and buffers (as its export holds
     them) plus the peak of tensors the forward creates (inputs excluded), on ``model`` (default ``nest.model``)."""
+    example = as_inputs(example)
     model = nest.model if model is None else model
     with nest.use(sub), torch.no_grad():
         weights = nest._param_counter.bytes(sub) + _buffer_bytes(nest, model)  # (each at its own element size)
@@ -401,6 +404,12 @@ def _buffer_bytes(nest: Nest, model: nn.Module) -> int:
     return total
 
 
+def as_inputs(example: Any) -> Any:
+    """``example`` with a ``BatchEncoding`` (keyword inputs that are no pytree) as its dict, so that its tensors
+    are seen (signature, device, memory); anything else as given."""
+    return dict(example) if keyword_inputs(example) and not isinstance(example, dict) else example
+
+
 def keyword_inputs(example: Any) -> bool:
     """Whether ``example`` is keyword arguments of the model: a dict, or transformers' ``BatchEncoding`` (a
     tokenizer's output, a mapping that is no dict). Any other mapping is one input, as PyTorch would pass it."""
@@ -418,9 +427,7 @@ def example_signature(example: Any) -> tuple:
     >>> example_signature({"x": torch.zeros(2, 3)}) == example_signature({"y": torch.zeros(2, 3)})
     False
     """
-    if keyword_inputs(example) and not isinstance(example, dict):  # (a BatchEncoding: a mapping, not a pytree)
-        example = dict(example)
-    leaves, spec = tree_flatten(example)
+    leaves, spec = tree_flatten(as_inputs(example))
     return (str(spec), *(_tensor_signature(t) if isinstance(t, Tensor) else repr(t) for t in leaves))
 
 

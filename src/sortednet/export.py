@@ -439,9 +439,8 @@ def aside_suspects(nest: Nest) -> bool:
     or a module in one, in a holder other than a plain list, tuple or dict): ``pick`` then asks
     :func:`refused_aside` of each sub-model."""
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
-    mods = [x for m in nest._sliced.values() if "depth" in m._sn.bind
-            for c in m._modules.values() if c is not None for x in c.modules()]
-    blocks = {id(x) for x in mods} | {id(t) for x in mods for t in (*x._parameters.values(), *x._buffers.values())}
+    blocks = {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
+              for c in m._modules.values() if c is not None for x in c.modules()}
     for m in nest.model.modules():
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
@@ -449,9 +448,9 @@ def aside_suspects(nest: Nest) -> bool:
             leaves = [*plain_leaves(v), *_dict_keys(v)]
             if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
                 return True
-            if blocks and (not (type(v) in (list, tuple, dict) and _remappable(v)) or _has_tuple(v)) and any(
-                    isinstance(x, (nn.Module, Tensor)) and id(x) in blocks for x in leaves):
-                return True  # (held otherwise than in a list or dict: a tuple may be cut)
+            if blocks and not (type(v) in (list, tuple, dict) and _remappable(v)) and any(
+                    isinstance(x, nn.Module) and id(x) in blocks for x in leaves):
+                return True  # (held otherwise than in a list, tuple or dict: a set, a partial)
             if _replaced_held(nest, v):
                 return True
     return False
@@ -464,14 +463,6 @@ def _replaced_held(nest: Nest, v: object) -> list[nn.Module]:
         return []
     return [x for x in plain_leaves(v) if isinstance(x, nn.Module) and "_sn" in x.__dict__
             and hasattr(x.__dict__["_sn"].slicer, "factored")]
-
-
-def _has_tuple(v: object, depth: int = 0) -> bool:
-    if type(v) is tuple:
-        return True
-    if depth >= 6 or type(v) not in (list, dict):
-        return False
-    return any(_has_tuple(x, depth + 1) for x in (v.values() if type(v) is dict else v))
 
 
 def replaced_aside(nest: Nest) -> list[str]:
@@ -511,11 +502,12 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
     def swap(live: object, copied: object) -> object:
         if id(live) in seen:
             return seen[id(live)]
-        if type(live) is tuple:  # (a record: whole or gone, never cut; _refuse_held_aside refused a mixed one)
-            items = [swap(a, b) for a, b in zip(live, copied)]
-            if live and all(y is skip for y in items):
+        if type(live) is tuple:  # a record of skipped things ((name, block), (block, lr)) leaves whole; else the
+            items = [swap(a, b) for a, b in zip(live, copied)]  # tuple is cut as a list is
+            held = [y for a, y in zip(live, items) if _holds_any(a)]
+            if held and all(y is skip for y in held):
                 return skip
-            out: object = tuple(items)
+            out: object = tuple(y for y in items if y is not skip)
         elif type(live) is list:
             out = [y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not skip]
         elif type(live) is dict:
@@ -536,18 +528,9 @@ def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], droppe
             c.__dict__[attr] = type(m.__dict__[attr])() if out is skip else out  # (a tuple of skipped blocks: ())
 
 
-def _cuts_a_tuple(v: object, dropped: set[int], gone: set[int], depth: int = 0) -> bool:
-    """Whether plain ``v`` holds a tuple (at any of six levels) some but not all of whose entries the sub-model
-    leaves out (skipped blocks, their modules and tensors)."""
-    if depth >= 6 or type(v) not in (list, tuple, dict):
-        return False
-    items = list(v.values()) if type(v) is dict else list(v)
-    if type(v) is tuple:
-        out = [isinstance(x, nn.Module) and id(x) in dropped or isinstance(x, Tensor) and id(x) in gone
-               for x in items]
-        if any(out) and not all(out):
-            return True
-    return any(_cuts_a_tuple(x, dropped, gone, depth + 1) for x in items)
+def _holds_any(v: object) -> bool:
+    """Whether ``v`` is, or a plain container of it holds, a module or a tensor."""
+    return any(isinstance(x, (nn.Module, Tensor)) for x in (*plain_leaves(v), *_dict_keys(v)))
 
 
 def _dict_keys(v: object, depth: int = 0) -> list[object]:
@@ -590,11 +573,6 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], slic
                                      "(module.weight), or keep the module itself in the attribute; build lists of "
                                      "parameters (optimizer groups) when you need them, from "
                                      "model.named_parameters(), rather than keeping them on the model")
-            if (blocks or orphans) and remap and _cuts_a_tuple(v, dropped, gone):
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tuple of which the sub-model skips "
-                                     "some entries (a block it leaves out beside one it keeps, or beside a value): "
-                                     "the export cannot cut such a record; hold the blocks in a list, or pair them "
-                                     "in a dict keyed by the block")
             if (blocks or orphans) and remap:
                 aside.append((m, attr))
             elif blocks:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from .cost import METRICS, example_signature, measure_latency, measure_memory
+from .cost import METRICS, as_inputs, example_signature, measure_latency, measure_memory
 from .errors import SortedNetError
 from .modes import eval_mode
 from .submodel import SubModel
@@ -314,7 +314,7 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
                 if not math.isfinite(value):
                     raise SortedNetError(f"score({sub}) returned {value}; scores must be finite numbers")
                 scores.append(value)
-    device = next((str(t.device) for t in tree_leaves(example) if isinstance(t, Tensor)), "cpu")
+    device = next((str(t.device) for t in tree_leaves(as_inputs(example)) if isinstance(t, Tensor)), "cpu")
     return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},
                    tuple(scores) if score is not None else None, device,
                    {"repeat": repeat, "warmup": warmup, "input": [list(map(str, s)) if isinstance(s, tuple) else s

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cost import call_model, keyword_inputs
+from .cost import as_inputs, call_model
 from .errors import SortedNetError
 from .errors import flag as _flag
 from .modes import dry_run, eval_mode, restore_modes, train_view
@@ -586,9 +586,7 @@ def _to(x: Any, device: torch.device | None) -> Any:
         return x
     from torch.utils._pytree import tree_map
 
-    if keyword_inputs(x) and not isinstance(x, dict):  # (a BatchEncoding: no pytree; its tensors moved too)
-        x = dict(x)
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, as_inputs(x))  # (a BatchEncoding too)
 
 
 def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
