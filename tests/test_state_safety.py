@@ -1856,6 +1856,9 @@ def test_pick_asks_export_of_each_sub_model_what_plain_attributes_hold():
     for s in nest.submodels:
         picked = nest.pick(params=nest.cost(s))
         assert str(picked) in ok and nest.cost(picked) <= nest.cost(s)
+    with pytest.raises(sn.errors.BudgetError, match=r"2 sub-model\(s\) passed over, as export refuses them: "
+                                                    r"\['blocks.3.cache'\] hold tensors"):
+        nest.pick(params=nest.cost("d=2,w=4") - 1)
 
 
 def test_modules_of_skipped_blocks_held_in_lists_or_as_dict_keys_leave_the_export():

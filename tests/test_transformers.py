@@ -2455,6 +2455,17 @@ def test_a_tokenizers_batch_encoding_is_an_example_like_its_dict():
         def forward(self, x):
             return self.b(torch.relu(self.a(x.view(-1, 16))))
 
+    from transformers import BatchFeature  # (an image / audio processor's output: keyword inputs too)
+
+    bf = BatchFeature({"input_ids": x, "attention_mask": torch.ones_like(x)})
+    assert nest.cost(nest.largest, "flops", example=bf) == nest.cost(nest.largest, "flops", example=dict(be))
+    y = torch.randint(0, V, (1, 6))
+    from sortednet.train import evaluate
+
+    def hits(out, t):
+        return float((out.logits.argmax(-1) == t).sum())
+
+    assert evaluate(nest, (be, y), metric=hits) == evaluate(nest, (dict(be), y), metric=hits)
     vn = sn.wrap(Viewer().eval(), sn.Width("h", [4, 8], out="a", inp="b"))
     x = torch.randn(64, 4, 16)
     assert [measure_memory(vn, s, BatchEncoding({"x": x})) for s in vn.submodels] == \

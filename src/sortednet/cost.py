@@ -411,12 +411,14 @@ def as_inputs(example: Any) -> Any:
 
 
 def keyword_inputs(example: Any) -> bool:
-    """Whether ``example`` is keyword arguments of the model: a dict, or transformers' ``BatchEncoding`` (a
-    tokenizer's output, a mapping that is no dict). Any other mapping is one input, as PyTorch would pass it."""
+    """Whether ``example`` is keyword arguments of the model: a dict, or transformers' ``BatchEncoding`` /
+    ``BatchFeature`` (a tokenizer's or processor's output, a mapping that is no dict). Any other mapping is one
+    input, as PyTorch would pass it."""
     if isinstance(example, dict):
         return True
     return isinstance(example, Mapping) and any(
-        c.__name__ == "BatchEncoding" and c.__module__.startswith("transformers") for c in type(example).__mro__)
+        c.__name__ in ("BatchEncoding", "BatchFeature") and c.__module__.startswith("transformers")
+        for c in type(example).__mro__)
 
 
 def example_signature(example: Any) -> tuple:

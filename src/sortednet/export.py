@@ -133,8 +133,7 @@ def refused_aside(nest: Nest, sub: SubModel) -> bool:
                                sub, kept)
         except SortedNetError:
             return True
-        return any(id(x) in kept and x.__dict__["_sn"].slicer.factored(x) for m in nest.model.modules()
-                   for attr, v in m.__dict__.items() if attr not in _INTERNALS for x in _replaced_held(nest, v))
+    return False
 
 
 def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[Any]:
@@ -451,24 +450,7 @@ def aside_suspects(nest: Nest) -> bool:
             if blocks and not (type(v) in (list, tuple, dict) and _remappable(v)) and any(
                     isinstance(x, nn.Module) and id(x) in blocks for x in leaves):
                 return True  # (held otherwise than in a list, tuple or dict: a set, a partial)
-            if _replaced_held(nest, v):
-                return True
     return False
-
-
-def _replaced_held(nest: Nest, v: object) -> list[nn.Module]:
-    """The modules a slicer's export may replace (a factored Rank target: two Linears) that plain ``v`` holds
-    otherwise than alone or in a list, tuple or dict (a set, a partial): the export refuses it where it does."""
-    if type(v) in (list, tuple, dict) and _remappable(v) or isinstance(v, nn.Module):
-        return []
-    return [x for x in plain_leaves(v) if isinstance(x, nn.Module) and "_sn" in x.__dict__
-            and hasattr(x.__dict__["_sn"].slicer, "factored")]
-
-
-def replaced_aside(nest: Nest) -> list[str]:
-    """``path.attr`` of each plain attribute holding a module a slicer's export may replace, in a set or a partial."""
-    return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and _replaced_held(nest, v)]
 
 
 def held_aside(nest: Any) -> list[str]:
@@ -585,8 +567,8 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], slic
 
 def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> None:
     """A slicer's export replaced module ``c`` of the copy by ``r`` (a factored Rank's two Linears): a plain
-    attribute that held ``c`` (alone, in a list, tuple or dict) holds ``r``; one that holds it otherwise (a set,
-    a partial) would keep a stale module sharing the live model's tensors: refused, naming it."""
+    attribute that held ``c`` (alone, in a list, tuple, dict, set or ``functools.partial``, six levels deep)
+    holds ``r``; one deeper would keep a stale module sharing the live model's tensors: refused, naming it."""
     seen: dict[int, object] = {}
 
     def swap(v: object, depth: int = 0) -> object:
@@ -594,10 +576,13 @@ def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> 
             return r
         if id(v) in seen:  # (one list held by two attributes stays one list)
             return seen[id(v)]
-        if depth < 6 and type(v) in (list, tuple):
+        if depth < 6 and type(v) in (list, tuple, set, frozenset):
             out: object = type(v)(swap(x, depth + 1) for x in v)
         elif depth < 6 and type(v) is dict:
             out = {(r if k is c else k): swap(x, depth + 1) for k, x in v.items()}
+        elif depth < 6 and type(v) is functools.partial:
+            out = functools.partial(swap(v.func, depth + 1), *(swap(x, depth + 1) for x in v.args),
+                                    **{k: swap(x, depth + 1) for k, x in v.keywords.items()})
         else:
             return v
         seen[id(v)] = out
@@ -610,9 +595,9 @@ def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> 
             out = swap(v)
             if any(x is c for x in (*plain_leaves(out), *_dict_keys(out))):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
-                                     f"({type(c).__name__} by {type(r).__name__}) in a plain Python attribute other "
-                                     "than a list, tuple or dict, which would keep the old one; hold it in one of "
-                                     "those, or as a child module")
+                                     f"({type(c).__name__} by {type(r).__name__}) deeper than six levels of plain "
+                                     "containers, which would keep the old one; hold it nearer, or as a child "
+                                     "module")
             m.__dict__[attr] = out
 
 

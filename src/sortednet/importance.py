@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .cost import call_model
+from .cost import call_model, keyword_inputs
 from .coupling import analyse
 from .coupling_ops import leaves
 from .errors import SortedNetError
@@ -219,7 +219,7 @@ def _at_full(nest: Nest) -> Use:
 def _loss(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return F.cross_entropy(model(batch[0]), batch[1])
-    if isinstance(batch, dict):
+    if keyword_inputs(batch):  # (a dict, a tokenizer's BatchEncoding)
         out = model(**batch)
         if getattr(out, "loss", None) is not None:
             return out.loss

@@ -27,7 +27,7 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
-from .export import _kept_paths, aside_suspects, export_submodel, held_aside, refused_aside, replaced_aside
+from .export import _kept_paths, aside_suspects, export_submodel, held_aside, refused_aside
 from .kvcache import install_guards
 from .modes import casts_stale, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
@@ -1011,7 +1011,15 @@ class Nest:
             raise BudgetError(f"no sub-model fits fraction={fraction} of the largest sub-model's "
                               f"{self.cost(self.largest)} parameters (params <= {limits['params']}; the smallest "
                               f"available is {int(self._params.min())})")
-        return self._select().pick(limits)
+        selector = self._select()
+        try:
+            return selector.pick(limits)
+        except BudgetError as e:
+            left = len(self.submodels) - len(selector.subs)
+            if not left:
+                raise
+            raise BudgetError(f"{e}; {left} sub-model(s) passed over, as export refuses them: "
+                              f"{self._unexportable_why()}") from e
 
     def _scores_of_other_weights(self) -> None:
         """The profile's scores were measured on weights the model does not hold as a whole (a checkpoint
@@ -1088,21 +1096,18 @@ class Nest:
         """Why ``pick`` has no sub-model left (every one is refused by ``export``)."""
         planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()}
         why = split_ties(self.model, planned)
-        aside, replaced = held_aside(self), replaced_aside(self)
+        aside = held_aside(self)
         if aside:
             why = (f"{why}; " if why else "") + (
                 f"{aside[:3]} hold tensors that sortednet slices in plain Python attributes, which export refuses "
                 "(build lists of parameters when you need them, from model.named_parameters())")
-        if replaced:
-            why = (f"{why}; " if why else "") + (
-                f"{replaced[:3]} hold, in a set or a functools.partial, a module that the export replaces (a "
-                "factored Rank target), which export refuses (hold it in a list, tuple or dict)")
         read = [p for p, m in self._sliced.items() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind]
         if read:
             why = (f"{why}; " if why else "") + (
                 f"a forward reads the weight matrix of the svd Rank targets {read[:3]}, which a factored export "
                 "(two Linears) cannot hold: declare sn.Rank(..., export='merged') for them")
-        return why
+        return why or ("a plain attribute holds blocks a depth skips other than in a list, tuple or dict "
+                       "(nest.export(sub) names it)")
 
     def _running(self, sizes: dict[str, int]) -> Callable[[str], bool]:
         """By a parameter's name (``path.param``): does its module run under the sub-model of ``sizes``, that is,

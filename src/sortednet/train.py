@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cost import as_inputs, call_model
+from .cost import as_inputs, call_model, keyword_inputs
 from .errors import SortedNetError
 from .errors import flag as _flag
 from .modes import dry_run, eval_mode, restore_modes, train_view
@@ -568,7 +568,7 @@ def _count(y: Tensor) -> int:
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
     """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor), or batches of them."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor) \
-            and isinstance(data[0], (Tensor, tuple, list, dict)):
+            and (isinstance(data[0], (Tensor, tuple, list)) or keyword_inputs(data[0])):
         return [tuple(data)]
     return data
 
