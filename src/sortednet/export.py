@@ -56,9 +56,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     """
     model = nest.model
     with nest.use(sub), torch.no_grad(), exact_math():  # (a Rank's merged weight: fp32 under autocast, trainable)
-        memo, skipped, drop, kept, dropped, gone = _copy_plan(nest)
-        aside = _refuse_held_aside(model, dropped, gone, {k: t for k, t in memo.items() if isinstance(t, Tensor)},
-                                   sub, kept)
+        memo, skipped, drop, kept, dropped = _copy_plan(nest)
+        _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
@@ -80,7 +79,6 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                         if child is c:
                             parent._modules[name] = r
                 _replace_held(new, c, r, sub)
-        _remap_held_aside(new, aside, dropped, gone, kept)
         _drop_wrap_hooks(nest._hooks, new)
         for m in new.modules():  # (a Rank nest's save guard: the export holds stock weights)
             if getattr(m.__dict__.get("save_pretrained"), "_sn_save_guard", False):
@@ -98,11 +96,11 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
 
 
 def _copy_plan(nest: Nest) -> tuple[dict[int, object], list[str], list[tuple[nn.Module, str]], dict[int, str],
-                                    set[int], set[int]]:
+                                    set[int]]:
     """What the export of the active sub-model copies: the deep copy's memo (sortednet state and skipped blocks
     to None, sliced tensors to themselves: replaced after the copy), the skipped blocks' names and links, the
-    modules kept (id -> a path reaching them), the ids of the modules the export leaves out (skipped blocks and
-    what only they hold) and of their tensors."""
+    modules kept (id -> a path reaching them) and the ids of the modules the export leaves out (skipped blocks
+    and the modules only they hold)."""
     model = nest.model
     memo: dict[int, object] = {}
     skipped: list[str] = []
@@ -120,17 +118,17 @@ def _copy_plan(nest: Nest) -> tuple[dict[int, object], list[str], list[tuple[nn.
         if id(b) not in kept:  # not also held by a kept position (a block shared ALBERT-style)
             memo[id(b)] = None
     dropped = {id(x) for b in blocks for x in b.modules() if id(x) not in kept}
-    return memo, skipped, drop, kept, dropped, _skipped_tensors(model, blocks, kept)
+    return memo, skipped, drop, kept, dropped
 
 
 def refused_aside(nest: Nest, sub: SubModel) -> bool:
     """Whether ``export(sub)`` refuses the model for what its plain attributes hold (a sliced tensor besides its
     module, a skipped block in a holder it cannot rebuild)."""
     with nest.use(sub):
-        memo, _, _, kept, dropped, gone = _copy_plan(nest)
+        memo, _, _, kept, dropped = _copy_plan(nest)
         try:
-            _refuse_held_aside(nest.model, dropped, gone, {k: t for k, t in memo.items() if isinstance(t, Tensor)},
-                               sub, kept)
+            _refuse_held_aside(nest.model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub,
+                               kept)
         except SortedNetError:
             return True
     return False
@@ -420,23 +418,9 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
                                  "export must put a new tensor of what its value() gives (Slicer.export does)")
 
 
-def _remappable(v: object, depth: int = 0) -> bool:
-    """Whether ``v`` is a plain list / tuple / dict (exactly those types, nested six levels at most, a dict's keys
-    plain values) holding no tensor or module in any other container (a set, a partial, a named tuple): the
-    export can rebuild it."""
-    if type(v) in (list, tuple, dict):
-        if type(v) is dict and any(isinstance(k, Tensor) for k in v):
-            return False
-        return depth < 6 and all(_remappable(x, depth + 1) for x in (v.values() if type(v) is dict else v))
-    if isinstance(v, (list, tuple, dict, set, frozenset, functools.partial)):  # (rebuilt otherwise: not here)
-        return not any(isinstance(x, (Tensor, nn.Module)) for x in plain_leaves(v))
-    return True
-
-
 def aside_suspects(nest: Nest) -> bool:
     """Whether a plain attribute holds what ``export`` may refuse (a sliced tensor; a block of a Depth layer list,
-    or a module in one, in a holder other than a plain list, tuple or dict): ``pick`` then asks
-    :func:`refused_aside` of each sub-model."""
+    or a module in one): ``pick`` then asks :func:`refused_aside` of each sub-model."""
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
     blocks = {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
               for c in m._modules.values() if c is not None for x in c.modules()}
@@ -447,9 +431,8 @@ def aside_suspects(nest: Nest) -> bool:
             leaves = [*plain_leaves(v), *_dict_keys(v)]
             if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
                 return True
-            if blocks and not (type(v) in (list, tuple, dict) and _remappable(v)) and any(
-                    isinstance(x, nn.Module) and id(x) in blocks for x in leaves):
-                return True  # (held otherwise than in a list, tuple or dict: a set, a partial)
+            if any(isinstance(x, nn.Module) and id(x) in blocks for x in leaves):
+                return True  # (a block of a layer list, or a module in one: refused where a depth skips it)
     return False
 
 
@@ -462,59 +445,6 @@ def held_aside(nest: Any) -> list[str]:
                                               for x in (*plain_leaves(v), *_dict_keys(v)))]
 
 
-def _skipped_tensors(model: nn.Module, blocks: list[nn.Module], kept: Mapping[int, str]) -> set[int]:
-    """Ids of the parameters and buffers of the skipped ``blocks`` that no module the export keeps holds."""
-    mine = {id(t) for b in blocks if id(b) not in kept for t in (*b.parameters(), *b.buffers())}
-    if not mine:
-        return mine
-    held = {id(t) for m in model.modules() if id(m) in kept
-            for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
-    return mine - held
-
-
-def _remap_held_aside(new: nn.Module, aside: list[tuple[nn.Module, str]], dropped: set[int], gone: set[int],
-                      kept: Mapping[int, str]) -> None:
-    """In the export, a plain list / tuple / dict attribute (a list of the blocks, the blocks' parameters kept
-    for optimizer groups) leaves out the blocks the sub-model skips and their tensors (a dict, the entries
-    holding them). Walked beside the live attribute, whose deep copy the export's is: the rest of it stays as
-    copied, and a container the attribute holds twice is one container in the export too."""
-    skip = object()
-    seen: dict[int, object] = {}
-
-    def swap(live: object, copied: object) -> object:
-        if id(live) in seen:
-            return seen[id(live)]
-        if type(live) is tuple:  # a record of skipped things ((name, block), (block, lr)) leaves whole; else the
-            items = [swap(a, b) for a, b in zip(live, copied)]  # tuple is cut as a list is
-            held = [y for a, y in zip(live, items) if _holds_any(a)]
-            if held and all(y is skip for y in held):
-                return skip
-            out: object = tuple(y for y in items if y is not skip)
-        elif type(live) is list:
-            out = [y for y in (swap(a, b) for a, b in zip(live, copied)) if y is not skip]
-        elif type(live) is dict:
-            out = {ck: y for (k, a), (ck, b) in zip(live.items(), copied.items())
-                   if not (isinstance(k, nn.Module) and id(k) in dropped) and (y := swap(a, b)) is not skip}
-        elif (isinstance(live, nn.Module) and id(live) in dropped) or (isinstance(live, Tensor) and id(live) in gone):
-            return skip
-        else:
-            return copied
-        seen[id(live)] = out
-        return out
-
-    for m, attr in aside:
-        path = kept[id(m)]
-        c = new.get_submodule(path) if path else new
-        if attr in c.__dict__:  # (not where a slicer's export replaced the module: its attributes went with it)
-            out = swap(m.__dict__[attr], c.__dict__[attr])
-            c.__dict__[attr] = type(m.__dict__[attr])() if out is skip else out  # (a tuple of skipped blocks: ())
-
-
-def _holds_any(v: object) -> bool:
-    """Whether ``v`` is, or a plain container of it holds, a module or a tensor."""
-    return any(isinstance(x, (nn.Module, Tensor)) for x in (*plain_leaves(v), *_dict_keys(v)))
-
-
 def _dict_keys(v: object, depth: int = 0) -> list[object]:
     """The keys of the dicts in plain list / tuple / dict ``v`` (``{block: lr}``), six levels deep."""
     if depth >= 6 or type(v) not in (list, tuple, dict):
@@ -525,17 +455,16 @@ def _dict_keys(v: object, depth: int = 0) -> list[object]:
     return out
 
 
-def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], sliced: dict[int, Tensor],
-                       sub: SubModel, kept: Mapping[int, str]) -> list[tuple[nn.Module, str]]:
-    """Refuse an export that would share a live full-size tensor that a plain attribute (a list, dict,
-    ``functools.partial`` of it, the tensor alone) holds besides its module (the copy's reference would still be
-    the live tensor: aliased, at full size, and what a forward reading it uses), or leave ``None`` where a plain
-    attribute other than a list, tuple or dict holds a block the sub-model skips. A plain list / tuple / dict
-    holding blocks the sub-model skips, or their tensors (``gone``), is returned as ``(module, attribute)``:
-    :func:`_remap_held_aside` leaves them out of the export's."""
-    aside: list[tuple[nn.Module, str]] = []
+def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
+                       kept: Mapping[int, str]) -> None:
+    """Refuse an export that would leave ``None`` (or a stale copy) where a plain attribute (a Python list, tuple,
+    dict, set or ``functools.partial``, a dict's keys too) holds a block the sub-model skips or a module in one,
+    or would share a live full-size tensor that such an attribute holds besides its module: the copy's reference
+    would still be the live tensor (aliased, at full size, and what a forward reading it uses). Neither can be cut
+    out of the attribute safely: a forward that reads it (``zip(self.blocks, self.pairs)``, ``self.ends[1]``)
+    would compute something else than the live model."""
     if not dropped and not sliced:
-        return aside
+        return
     for path, m in model.named_modules():
         if id(m) not in kept:  # in a block the sub-model skips and not held by kept code (another name): what it
             continue           # holds leaves with it (an accelerate hook's forward wrapper holding its own block)
@@ -543,11 +472,12 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], slic
             if attr in _INTERNALS:
                 continue
             leaves = [*plain_leaves(v), *_dict_keys(v)]
-            blocks = any(isinstance(x, nn.Module) and id(x) in dropped for x in leaves)
-            cut = [x for x in leaves if isinstance(x, Tensor) and id(x) in sliced]
-            orphans = any(isinstance(x, Tensor) and id(x) in gone for x in leaves)
-            remap = type(v) in (list, tuple, dict) and _remappable(v)
-            if [x for x in cut if not remap or id(x) not in gone]:
+            if any(isinstance(x, nn.Module) and id(x) in dropped for x in leaves):
+                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips (or "
+                                     "modules of them), outside the layer list (a plain Python attribute); the "
+                                     "export cannot hold them. Keep blocks only in the nn.ModuleList / "
+                                     "nn.Sequential and iterate it (pick passes over the depths this refuses)")
+            if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
                                      "module's weight or buffer) in a plain Python attribute: a forward that reads "
                                      "it there runs the full-size tensor under every sub-model, and the export "
@@ -555,14 +485,6 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], gone: set[int], slic
                                      "(module.weight), or keep the module itself in the attribute; build lists of "
                                      "parameters (optimizer groups) when you need them, from "
                                      "model.named_parameters(), rather than keeping them on the model")
-            if (blocks or orphans) and remap:
-                aside.append((m, attr))
-            elif blocks:
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips, "
-                                     "outside the layer list (a plain Python attribute other than a list, tuple or "
-                                     "dict); the export cannot hold them. Keep blocks only in the nn.ModuleList / "
-                                     "nn.Sequential and iterate it")
-    return aside
 
 
 def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> None:
@@ -595,8 +517,9 @@ def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> 
             out = swap(v)
             if any(x is c for x in (*plain_leaves(out), *_dict_keys(out))):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
-                                     f"({type(c).__name__} by {type(r).__name__}) deeper than six levels of plain "
-                                     "containers, which would keep the old one; hold it nearer, or as a child "
+                                     f"({type(c).__name__} by {type(r).__name__}) in a container it does not rebuild "
+                                     "(a subclass of a list, set or functools.partial, or one more than six levels "
+                                     "deep), which would keep the old one; hold it in a plain one, or as a child "
                                      "module")
             m.__dict__[attr] = out
 
