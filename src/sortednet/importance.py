@@ -314,7 +314,7 @@ def _example_of(data: Any) -> Any:
     for batch in data:
         if isinstance(batch, (tuple, list)):
             return batch[0]
-        if isinstance(batch, dict):
+        if keyword_inputs(batch):  # (a dict, a tokenizer's BatchEncoding)
             return {k: v for k, v in batch.items() if k != "labels"}
         return batch
     return None
