@@ -35,7 +35,7 @@ from .cost import call_model
 from .coupling import analyse
 from .coupling_ops import _hf_conv1d, leaves
 from .errors import SortedNetError, caller_outside
-from .export import CompiledForwardWarning, held_aside
+from .export import CompiledForwardWarning
 from .modes import dry_run, eval_mode, eval_view, finish_all, seeded, train_view
 from .plan import Use
 from .slicers import slicer_for
@@ -1626,11 +1626,6 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
         rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None
         if rel is None or rel > tol:  # relative to the output's scale (large outputs round more)
             diff = f"by {rel:.3g} relative to its scale" if rel is not None else f"in shape {tuple(a.shape)}"
-            aside = held_aside(nest)
-            if aside:
-                hint += (f" ({aside[:3]} hold tensors that sortednet slices in plain Python attributes: a forward "
-                         "that reads them there runs them at full size under every sub-model, where the export "
-                         "reads its own; read them through their modules, module.weight)")
             raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")
 
 

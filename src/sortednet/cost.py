@@ -41,8 +41,8 @@ METRICS = ("params", "flops", "latency", "memory")
 
 
 def call_model(model: nn.Module | Callable, example: Any) -> Any:
-    """``model(*example)`` for a tuple/list, ``model(**example)`` for a dict or a tokenizer's ``BatchEncoding``
-    (keyword inputs), else ``model(example)`` (another mapping too: a model's one input)."""
+    """``model(*example)`` for a tuple/list, ``model(**example)`` for keyword inputs (:func:`keyword_inputs`: a
+    dict, a BatchEncoding), else ``model(example)`` (another mapping too: a model's one input)."""
     if isinstance(example, (tuple, list)):
         return model(*example)
     if keyword_inputs(example):

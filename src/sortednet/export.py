@@ -123,7 +123,7 @@ def _copy_plan(nest: Nest) -> tuple[dict[int, object], list[str], list[tuple[nn.
 
 def refused_aside(nest: Nest, sub: SubModel) -> bool:
     """Whether ``export(sub)`` refuses the model for what its plain attributes hold (a sliced tensor besides its
-    module, a skipped block in a holder it cannot rebuild)."""
+    module, a block the sub-model skips or a module of one)."""
     with nest.use(sub):
         memo, _, _, kept, dropped = _copy_plan(nest)
         try:
@@ -421,19 +421,13 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
 def aside_suspects(nest: Nest) -> bool:
     """Whether a plain attribute holds what ``export`` may refuse (a sliced tensor; a block of a Depth layer list,
     or a module in one): ``pick`` then asks :func:`refused_aside` of each sub-model."""
-    sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
+    if held_aside(nest):
+        return True
     blocks = {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
               for c in m._modules.values() if c is not None for x in c.modules()}
-    for m in nest.model.modules():
-        for attr, v in m.__dict__.items():
-            if attr in _INTERNALS:
-                continue
-            leaves = [*plain_leaves(v), *_dict_keys(v)]
-            if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
-                return True
-            if any(isinstance(x, nn.Module) and id(x) in blocks for x in leaves):
-                return True  # (a block of a layer list, or a module in one: refused where a depth skips it)
-    return False
+    return bool(blocks) and any(  # (a block of a layer list, or a module in one: refused where a depth skips it)
+        isinstance(x, nn.Module) and id(x) in blocks for m in nest.model.modules() for attr, v in m.__dict__.items()
+        if attr not in _INTERNALS for x in (*plain_leaves(v), *_dict_keys(v)))
 
 
 def held_aside(nest: Any) -> list[str]:

@@ -1106,8 +1106,7 @@ class Nest:
             why = (f"{why}; " if why else "") + (
                 f"a forward reads the weight matrix of the svd Rank targets {read[:3]}, which a factored export "
                 "(two Linears) cannot hold: declare sn.Rank(..., export='merged') for them")
-        return why or ("a plain attribute holds blocks a depth skips other than in a list, tuple or dict "
-                       "(nest.export(sub) names it)")
+        return why or "a plain attribute holds blocks a depth skips, or modules of them (nest.export(sub) names it)"
 
     def _running(self, sizes: dict[str, int]) -> Callable[[str], bool]:
         """By a parameter's name (``path.param``): does its module run under the sub-model of ``sizes``, that is,
