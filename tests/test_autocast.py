@@ -103,3 +103,40 @@ def test_check_and_wrap_with_an_example_inside_autocast_pass_a_valid_encoder():
         nest.check(case.example)
         sn.wrap(again.model, *again.dims, example=again.example)
     assert not torch.overrides._get_current_function_mode_stack()  # (the pass-through mode is gone after)
+
+
+def test_fit_inside_one_autocast_region_trains_on_the_updated_weights():
+    """``sn.fit`` wrapped in one ``torch.autocast`` region (the obvious way to train in bfloat16): autocast's cast
+    of each full-size weight, cached at the first step, was what the largest sub-model computed with at every
+    later step (its loss stayed put, its gradients were those of the first weights). Each step in a region of
+    its own is the reference; the region is left computing with the trained weights."""
+    def run(one_region: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                                    torch.nn.ReLU(), torch.nn.Linear(64, 3))
+        nest = sn.wrap(model, sn.Width("h1", [16, 32, 64], out="0", inp="2"),
+                       sn.Width("h2", [16, 32, 64], out="2", inp="4"))
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sampler = sn.Sampler(nest.submodels, k=3, strategy="sandwich", seed=0)
+        records = []
+        if one_region:
+            with bf16():
+                records = sn.fit(nest, [(x, y)] * 4, opt, sampler, progress=False).train
+                after = model(x)
+        else:  # (fit resumed at each step draws what the whole run draws)
+            for step in range(4):
+                with bf16():
+                    records += sn.fit(nest, [(x, y)], opt, sampler, start_step=step, progress=False).train
+            after = fresh_region(model, x)
+        return records, model, after, str(nest.largest)
+
+    got, model, after, largest = run(True)
+    want, ref, ref_after, _ = run(False)
+    assert len({r["losses"][largest] for r in got}) == len(got)  # (a stale cast kept the largest's loss fixed)
+    for a, b in zip(got, want, strict=True):
+        assert a["losses"].keys() == b["losses"].keys()
+        assert all(abs(a["losses"][k] - b["losses"][k]) <= 1e-6 for k in a["losses"])
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after.float(), ref_after.float(), rtol=0, atol=1e-6)

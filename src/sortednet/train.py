@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .cost import as_inputs, call_model, keyword_inputs
 from .errors import SortedNetError
 from .errors import flag as _flag
-from .modes import dry_run, eval_mode, restore_modes, train_view
+from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
 from .views import _compiling, _distributed, world_size
@@ -967,6 +967,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     drop_stale_calibration(nest, "fit", stacklevel=4)
                 reached[1] = "optimizer"
                 optimizer.step()
+                casts_stale()  # (inside a torch.autocast region: its casts of the old weights are dropped)
                 reached[0], reached[1] = step + 1, "scheduler"  # (no signal is handled within this line)
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
