@@ -850,6 +850,36 @@ def test_a_plain_attribute_holding_a_factored_target_holds_the_exports_module():
     assert nest.pick(params=1e9) == nest.largest
 
 
+class _Held(list):
+    """A list subclass: export does not rebuild it (its constructor may be anything)."""
+
+
+@pytest.mark.parametrize("holder", ["namedtuple", "ordered_dict", "list_subclass", "seven_deep"])
+def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passed_over_by_pick(holder):
+    """A factored svd target held in a container export does not rebuild (a namedtuple, an OrderedDict, a list
+    subclass) was refused by export but returned by pick; one held seven levels deep was neither rebuilt nor
+    refused: the export kept the old Linear, sharing the live model's full-size tensors and failing when called.
+    Both are refused, naming the attribute, and pick passes over the ranks refused."""
+    import collections
+
+    pair = collections.namedtuple("pair", "layer lr")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    m.held = {"namedtuple": lambda: pair(m[0], 0.1), "ordered_dict": lambda: collections.OrderedDict(a=m[0]),
+              "list_subclass": lambda: _Held([m[0]]), "seven_deep": lambda: [[[[[[[m[0]]]]]]]]}[holder]()
+    nest = sn.wrap(m, sn.Rank("r", [4, 8, 32], targets="0"))  # (export="auto": two Linears at 4 and 8)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for r in (4, 8):
+        with pytest.raises(sn.SortedNetError, match="held"):
+            nest.export(f"r={r}")
+    with pytest.raises(sn.BudgetError, match="2 sub-model"):
+        nest.pick(params=nest.cost("r=8"))
+    assert nest.pick(params=1e9) == nest.largest
+    full = nest.export(nest.largest)  # (merged: one Linear, the module itself)
+    assert isinstance(full[0], nn.Linear)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_a_factored_export_keeps_the_models_mode(training):
     """The Sequential that holds the two factors was made in training mode inside an eval-mode export."""

@@ -1921,6 +1921,63 @@ def test_records_holding_skipped_blocks_are_refused_not_cut():
         nest.export("d=2")
 
 
+def test_picks_table_follows_the_plain_attributes_it_passed_sub_models_over_for():
+    """pick's table, built while a plain attribute held skipped blocks, kept passing over those depths after the
+    attribute was removed or emptied (the fix export's error asks for): a budget fitting d=2 got a smaller
+    sub-model. An attribute added after the table was built is read again once export names it: pick passes over
+    those depths from then on. A block held deeper than six levels of lists is refused as any other."""
+    m = _Stack()
+    m.firsts = [b[0] for b in m.blocks]
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"), sn.Width("w", [4, 16], out="blocks.*.0",
+                                                                       inp="blocks.*.2"))
+    budget = nest.cost("d=2,w=16")
+    assert nest.pick(params=budget) == nest.resolve("d=4,w=4")  # (d=2 passed over)
+    del m.firsts
+    assert nest.pick(params=budget) == nest.resolve("d=2,w=16")
+    m.firsts = [b[0] for b in m.blocks]  # (back, after the table was built: seen once export names it)
+    with pytest.raises(sn.SortedNetError, match="firsts holds blocks the sub-model skips"):
+        nest.export(nest.pick(params=budget))
+    assert nest.pick(params=budget) == nest.resolve("d=4,w=4")
+    m.firsts.pop()  # (emptied in place of the skipped block's layer: d=2 exports again)
+    m.firsts.pop()
+    assert nest.pick(params=budget) == nest.resolve("d=2,w=16")
+    del m.firsts
+    assert nest.pick(params=budget) == nest.resolve("d=2,w=16")
+    m.ends = [[[[[[[[m.blocks[3]]]]]]]]]  # (added after the table was built; eight levels deep)
+    got = nest.pick(params=budget)
+    assert got == nest.resolve("d=2,w=16")
+    with pytest.raises(sn.SortedNetError, match="ends holds blocks the sub-model skips"):
+        nest.export(got)
+    assert nest.pick(params=budget) == nest.resolve("d=4,w=4")
+
+
+def test_a_list_of_block_layers_built_when_read_follows_the_depth():
+    """What export's refusal of a kept list of block layers advises: a property building the list from the layer
+    list when read. Live and exported, it holds the blocks that run, and export equals the live model."""
+    class Norms(_Stack):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.ModuleList(nn.LayerNorm(8) for _ in self.blocks)
+
+        @property
+        def pairs(self):
+            return list(zip(self.blocks, self.norm))
+
+        def forward(self, x):
+            for b, n in self.pairs:
+                x = n(x + b(x))
+            return x
+
+    m = Norms()
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers=["blocks", "norm"]))
+    x = torch.randn(3, 8)
+    small = nest.export("d=2")
+    with torch.no_grad(), nest.use("d=2"):
+        assert len(m.pairs) == len(small.pairs) == 2
+        torch.testing.assert_close(small(x), m(x))
+    assert nest.pick(params=nest.cost("d=2")) == nest.resolve("d=2")
+
+
 def test_a_mapping_that_is_not_a_dict_is_one_input():
     """Only a dict (and a tokenizer's BatchEncoding) is keyword arguments: a custom Mapping the model takes as its
     one input was, for a while, splatted into keyword arguments."""

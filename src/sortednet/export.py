@@ -18,7 +18,7 @@ import functools
 import os
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -421,13 +421,29 @@ def _check_exported(live: nn.Module, c: nn.Module, path: str, sub: SubModel) -> 
 def aside_suspects(nest: Nest) -> bool:
     """Whether a plain attribute holds what ``export`` may refuse (a sliced tensor; a block of a Depth layer list,
     or a module in one): ``pick`` then asks :func:`refused_aside` of each sub-model."""
-    if held_aside(nest):
-        return True
-    blocks = {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
+    return bool(aside_holders(nest))
+
+
+def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module, str]]:
+    """``(module, attribute)`` of each plain attribute holding a tensor sortednet slices, a block of a Depth layer
+    list or a module in one, or an object of ``extra`` (ids: factored Rank targets): what ``pick``'s table read
+    to pass over the sub-models ``export`` refuses."""
+    watch = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
+    watch |= {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
               for c in m._modules.values() if c is not None for x in c.modules()}
-    return bool(blocks) and any(  # (a block of a layer list, or a module in one: refused where a depth skips it)
-        isinstance(x, nn.Module) and id(x) in blocks for m in nest.model.modules() for attr, v in m.__dict__.items()
-        if attr not in _INTERNALS for x in (*plain_leaves(v), *_dict_keys(v)))
+    watch |= set(extra)
+    return [(m, attr) for m in nest.model.modules() for attr, v in m.__dict__.items()
+            if attr not in _INTERNALS and any(id(x) in watch for x in plain_leaves(v))]
+
+
+def holders_state(holders: Sequence[tuple[nn.Module, str]]) -> tuple:
+    """What the attributes of :func:`aside_holders` hold now (each value and its leaves, by identity): a table
+    built on them is rebuilt once this changes (an attribute deleted or emptied after export named it)."""
+    out = []
+    for m, attr in holders:
+        v = m.__dict__.get(attr, _ABSENT)
+        out.append((id(v), tuple(id(x) for x in plain_leaves(v))))
+    return tuple(out)
 
 
 def held_aside(nest: Any) -> list[str]:
@@ -436,17 +452,7 @@ def held_aside(nest: Any) -> list[str]:
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
     return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
             if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced
-                                              for x in (*plain_leaves(v), *_dict_keys(v)))]
-
-
-def _dict_keys(v: object, depth: int = 0) -> list[object]:
-    """The keys of the dicts in plain list / tuple / dict ``v`` (``{block: lr}``), six levels deep."""
-    if depth >= 6 or type(v) not in (list, tuple, dict):
-        return []
-    out = list(v) if type(v) is dict else []
-    for x in (v.values() if type(v) is dict else v):
-        out += _dict_keys(x, depth + 1)
-    return out
+                                              for x in plain_leaves(v))]
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
@@ -465,12 +471,14 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            leaves = [*plain_leaves(v), *_dict_keys(v)]
+            leaves = plain_leaves(v)
             if any(isinstance(x, nn.Module) and id(x) in dropped for x in leaves):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips (or "
                                      "modules of them), outside the layer list (a plain Python attribute); the "
                                      "export cannot hold them. Keep blocks only in the nn.ModuleList / "
-                                     "nn.Sequential and iterate it (pick passes over the depths this refuses)")
+                                     "nn.Sequential and iterate it, or build such a list when it is read (a "
+                                     "property: return [b.norm for b in self.blocks] follows the depth); pick "
+                                     "passes over the depths this refuses")
             if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
                                      "module's weight or buffer) in a plain Python attribute: a forward that reads "
@@ -481,41 +489,65 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                                      "model.named_parameters(), rather than keeping them on the model")
 
 
+def _swap_held(v: object, c: object, r: object, seen: dict[int, object], depth: int = 0) -> object:
+    """``v`` with ``c`` replaced by ``r`` where ``_replace_held`` rebuilds: a plain list, tuple, set, dict (keys
+    too) or ``functools.partial``, six levels deep; anything else as it is."""
+    if v is c:
+        return r
+    if id(v) in seen:  # (one list held by two attributes stays one list)
+        return seen[id(v)]
+    if depth < 6 and type(v) in (list, tuple, set, frozenset):
+        out: object = type(v)(_swap_held(x, c, r, seen, depth + 1) for x in v)
+    elif depth < 6 and type(v) is dict:
+        out = {(r if k is c else k): _swap_held(x, c, r, seen, depth + 1) for k, x in v.items()}
+    elif depth < 6 and type(v) is functools.partial:
+        out = functools.partial(_swap_held(v.func, c, r, seen, depth + 1),
+                                *(_swap_held(x, c, r, seen, depth + 1) for x in v.args),
+                                **{k: _swap_held(x, c, r, seen, depth + 1) for k, x in v.keywords.items()})
+    else:
+        return v
+    seen[id(v)] = out
+    return out
+
+
+def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module]) -> dict[int, str]:
+    """Of ``targets`` (modules an export may replace: factored Rank targets), those a plain attribute holds in a
+    container the export does not rebuild (a subclass of a list, tuple, dict or set, one more than six levels
+    deep): ``id -> path.attr``. ``export`` refuses to replace them, ``pick`` passes over those sub-models."""
+    out: dict[int, str] = {}
+    if not targets:
+        return out
+    for path, m in model.named_modules():
+        for attr, v in m.__dict__.items():
+            if attr in _INTERNALS:
+                continue
+            for x in plain_leaves(v):
+                if id(x) in targets and id(x) not in out and any(
+                        y is x for y in plain_leaves(_swap_held(v, x, _GONE, {}))):
+                    out[id(x)] = _name(path, attr)
+    return out
+
+
+_GONE = object()  # (what _swap_held puts in place of a module, to see whether it is still held)
+
+
 def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> None:
     """A slicer's export replaced module ``c`` of the copy by ``r`` (a factored Rank's two Linears): a plain
     attribute that held ``c`` (alone, in a list, tuple, dict, set or ``functools.partial``, six levels deep)
-    holds ``r``; one deeper would keep a stale module sharing the live model's tensors: refused, naming it."""
+    holds ``r``; one that holds it where that is not rebuilt (a deeper one, a namedtuple, an OrderedDict, a list
+    subclass) would keep a stale module sharing the live model's tensors: refused, naming it."""
+    where = held_unrebuilt(new, {id(c): c})
+    if where:
+        raise SortedNetError(f"export({sub}): {where[id(c)]} holds a module that the export replaces "
+                             f"({type(c).__name__} by {type(r).__name__}) in a container it does not rebuild (a "
+                             "subclass of a list, tuple, dict or set, such as a namedtuple or an OrderedDict, or "
+                             "one more than six levels deep), which would keep the old one; hold it in a plain "
+                             "one, or as a child module (pick passes over the sub-models this refuses)")
     seen: dict[int, object] = {}
-
-    def swap(v: object, depth: int = 0) -> object:
-        if v is c:
-            return r
-        if id(v) in seen:  # (one list held by two attributes stays one list)
-            return seen[id(v)]
-        if depth < 6 and type(v) in (list, tuple, set, frozenset):
-            out: object = type(v)(swap(x, depth + 1) for x in v)
-        elif depth < 6 and type(v) is dict:
-            out = {(r if k is c else k): swap(x, depth + 1) for k, x in v.items()}
-        elif depth < 6 and type(v) is functools.partial:
-            out = functools.partial(swap(v.func, depth + 1), *(swap(x, depth + 1) for x in v.args),
-                                    **{k: swap(x, depth + 1) for k, x in v.keywords.items()})
-        else:
-            return v
-        seen[id(v)] = out
-        return out
-
-    for path, m in new.named_modules():
+    for m in new.modules():
         for attr, v in list(m.__dict__.items()):
-            if attr in _INTERNALS or not any(x is c for x in (*plain_leaves(v), *_dict_keys(v))):
-                continue
-            out = swap(v)
-            if any(x is c for x in (*plain_leaves(out), *_dict_keys(out))):
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
-                                     f"({type(c).__name__} by {type(r).__name__}) in a container it does not rebuild "
-                                     "(a subclass of a list, set or functools.partial, or one more than six levels "
-                                     "deep), which would keep the old one; hold it in a plain one, or as a child "
-                                     "module")
-            m.__dict__[attr] = out
+            if attr not in _INTERNALS and any(x is c for x in plain_leaves(v)):
+                m.__dict__[attr] = _swap_held(v, c, r, seen)
 
 
 def _kept_paths(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, str]:

@@ -275,18 +275,23 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
 
 
-def plain_leaves(v: object, depth: int = 0) -> Iterator[object]:
-    """What a plain attribute value holds: ``v`` itself, or the leaves of a list / tuple / set / dict (its
-    values) or a ``functools.partial`` (its function and arguments), six levels deep. How wrap finds a Rank
-    target's weight kept aside and export finds blocks or sliced tensors kept outside ``_modules``."""
+def plain_leaves(v: object, seen: set[int] | None = None) -> list[object]:
+    """What a plain attribute value holds, at any depth (a container met twice followed once): ``v`` itself, or
+    the leaves of a list, tuple, set, dict (keys and values) or ``functools.partial`` (its function and
+    arguments), subclasses included (a namedtuple, an OrderedDict). How export finds blocks, sliced tensors and
+    modules it replaces kept outside ``_modules``."""
     if isinstance(v, functools.partial):
         v = (v.func, v.args, v.keywords)
-    if isinstance(v, (list, tuple, set, frozenset, dict)):
-        if depth < 6:
-            for x in (v.values() if isinstance(v, dict) else v):
-                yield from plain_leaves(x, depth + 1)
-        return
-    yield v
+    elif not isinstance(v, (list, tuple, set, frozenset, dict)):
+        return [v]
+    seen = set() if seen is None else seen
+    if id(v) in seen:
+        return []
+    seen.add(id(v))
+    out: list[object] = []
+    for x in ([*v, *v.values()] if isinstance(v, dict) else v):
+        out += plain_leaves(x, seen)
+    return out
 
 
 def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Module:

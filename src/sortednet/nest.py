@@ -27,7 +27,16 @@ from .cost import METRICS, ParamCounter, call_model, count_flops, example_signat
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
-from .export import _kept_paths, aside_suspects, export_submodel, held_aside, refused_aside
+from .export import (
+    _kept_paths,
+    aside_holders,
+    aside_suspects,
+    export_submodel,
+    held_aside,
+    held_unrebuilt,
+    holders_state,
+    refused_aside,
+)
 from .kvcache import install_guards
 from .modes import casts_stale, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
@@ -308,6 +317,7 @@ class Nest:
         self._slots_at = -1                    # _REGISTRATIONS when they were listed
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
+        self._selector_reads: tuple | None = None  # (plain attributes the table passed sub-models over for, state)
         self._read_marks = 0             # svd Rank weights seen read as a matrix (each drops pick's table)
         self._told_other_flops: set = set()  # input signatures OtherInputFlopsWarning was given for
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
@@ -840,7 +850,8 @@ class Nest:
         with self._pin.lock:
             old = self._state.epoch
             self._state.epoch = old + 1
-        kept = {k: self.__dict__.get(k) for k in ("_profile", "_selector", "_scored_on", "_stale_warned")}
+        kept = {k: self.__dict__.get(k) for k in ("_profile", "_selector", "_selector_reads", "_scored_on",
+                                                  "_stale_warned")}
         prof = kept["_profile"]
         if prof is not None and prof.scores is not None:
             import dataclasses
@@ -1042,6 +1053,9 @@ class Nest:
                       StaleScoresWarning, stacklevel=3)
 
     def _select(self) -> Selector:
+        seen = self._selector_reads
+        if self._selector is not None and seen is not None and holders_state(seen[0]) != seen[1]:
+            self._selector = None  # (an attribute it passed sub-models over for changed: read it again)
         if self._selector is None:
             marks = self._read_marks
             subs, n = self.submodels, len(self.submodels)
@@ -1064,9 +1078,11 @@ class Nest:
                 costs = {m: [c[i] for i in keep] for m, c in costs.items()}
                 scores = None if scores is None else [scores[i] for i in keep]
             selector = Selector(subs, costs, scores)
+            holders = None if ok is None else aside_holders(self, self._factorable())
             with self._cost_lock:  # (a weight read marked meanwhile by another thread: built again next time)
                 if self._read_marks == marks:
                     self._selector = selector
+                    self._selector_reads = None if not holders else (holders, holders_state(holders))
             return selector
         return self._selector
 
@@ -1079,8 +1095,9 @@ class Nest:
         ties = exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()},
                           self._running if depth else None)
         aside = aside_suspects(self)  # (a plain attribute holding a sliced tensor or a block: export may refuse)
-        read = [m for m in self._sliced.values() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind
-                and hasattr(m._sn.slicer, "factored")]
+        factored = self._factorable()
+        kept_aside = held_unrebuilt(self.model, factored)  # (held where export cannot put the two Linears)
+        read = [m for m in factored.values() if m._sn.extra.get("matrix_read") or id(m) in kept_aside]
         if not aside and not read:
             return ties
 
@@ -1091,6 +1108,10 @@ class Nest:
                 return not any(m._sn.slicer.factored(m) for m in read)
 
         return test
+
+    def _factorable(self) -> dict[int, nn.Module]:
+        """The svd Rank targets (by id) whose export may be two Linears in place of the module."""
+        return {id(m): m for m in self._sliced.values() if "rank" in m._sn.bind and hasattr(m._sn.slicer, "factored")}
 
     def _unexportable_why(self) -> str:
         """Why ``pick`` has no sub-model left (every one is refused by ``export``)."""
@@ -1106,6 +1127,11 @@ class Nest:
             why = (f"{why}; " if why else "") + (
                 f"a forward reads the weight matrix of the svd Rank targets {read[:3]}, which a factored export "
                 "(two Linears) cannot hold: declare sn.Rank(..., export='merged') for them")
+        held = held_unrebuilt(self.model, self._factorable())
+        if held:
+            why = (f"{why}; " if why else "") + (
+                f"{sorted(set(held.values()))[:3]} hold svd Rank targets in containers a factored export (two "
+                "Linears) cannot rebuild: hold them in a plain list, tuple, dict or set")
         return why or "a plain attribute holds blocks a depth skips, or modules of them (nest.export(sub) names it)"
 
     def _running(self, sizes: dict[str, int]) -> Callable[[str], bool]:
@@ -1178,7 +1204,11 @@ class Nest:
                                  "weight in pieces over the ranks and cannot be copied; save a checkpoint with "
                                  "sortednet.distributed.save(nest, path) on every rank, then in one process "
                                  "sn.load it into a fresh model and export there")
-        new = export_submodel(self, sub)
+        try:
+            new = export_submodel(self, sub)
+        except SortedNetError:  # (what it refuses may be new since pick's table was built: built again)
+            self._selector = None
+            raise
         stale = getattr(new, "config", None) if hasattr(new, "save_pretrained") else None
         if plain:
             if stale is not None and self._shapes_differ(new):
