@@ -1998,6 +1998,47 @@ def test_a_mapping_that_is_not_a_dict_is_one_input():
         assert nest.cost("h=4", "flops", example=ex) == 2 * 3 * (4 * 4 + 4 * 2)
 
 
+class _OneBatch(nn.Module):
+    """A training-framework style model: one argument, the batch dict."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, batch):
+        return self.b(torch.relu(self.a(batch["x"])))
+
+
+def test_a_dict_is_the_one_input_of_a_forward_that_takes_none_of_its_keys():
+    """A dict example (or batch) was always passed as keyword arguments: a model whose forward takes one batch dict
+    (``forward(self, batch)``) got a TypeError (wrapped) from check, cost, profile and fit. Where the forward takes
+    none of the keys as a keyword and no ``**kwargs``, the dict is its one input; a forward taking any of the keys
+    still gets them as keywords (an unexpected key is then the model's own TypeError, named)."""
+    m = _OneBatch()
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="a", inp="b"))
+    ex = {"x": torch.randn(5, 4)}
+    nest.check(ex)
+    assert nest.cost("h=4", "flops", example=ex) == 2 * 5 * (4 * 4 + 4 * 3)
+    prof = nest.profile(ex, metrics=("params", "flops", "memory"), progress=False)
+    assert list(prof.costs["flops"]) == [float(nest.cost(s, "flops", example=ex)) for s in nest.submodels]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    hist = sn.fit(nest, [(ex, torch.tensor([0, 1, 2, 0, 1]))] * 2, opt, sn.Sampler(nest.submodels, k=2, seed=0),
+                  progress=False)
+    assert len(hist.train) == 2
+    with torch.no_grad(), nest.use("h=4"):
+        torch.testing.assert_close(nest.export("h=4")(ex), m(ex))
+
+    class Named(_OneBatch):
+        def forward(self, x, mask=None):
+            return self.b(torch.relu(self.a(x)))
+
+    named = sn.wrap(Named(), sn.Width("h", [4, 8], out="a", inp="b"))
+    assert named.cost("h=4", "flops", example={"x": torch.randn(5, 4)}) == 2 * 5 * (4 * 4 + 4 * 3)
+    with pytest.raises(sn.SortedNetError, match="extra"):
+        named.cost("h=4", "flops", example={"x": torch.randn(5, 4), "extra": 1})
+
+
 def test_sliced_parameters_as_dict_keys_are_named_by_pick():
     m = _Stack()
     m.names = {p: n for n, p in m.named_parameters()}  # (parameter -> name: the keys are the live tensors)

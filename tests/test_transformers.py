@@ -2425,6 +2425,35 @@ def test_a_sampler_of_the_users_that_draws_no_list_is_named(drawn, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_batch_encoding_is_the_one_input_of_a_model_that_takes_the_batch():
+    """A model taking the tokenizer's output whole (``forward(self, batch)``, reading ``batch.input_ids``) was
+    called with its keywords (a TypeError) since BatchEncodings became keyword inputs, and with a plain dict in
+    its place where one was passed: it gets the BatchEncoding itself, moved to fit's device as one."""
+    from transformers import BatchEncoding
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.a, self.b = torch.nn.Embedding(V, 8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, batch):
+            return self.b(torch.relu(self.a(self.emb(batch.input_ids).mean(1))))
+
+    m = Classifier()
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="a", inp="b"))
+    x = torch.randint(1, V, (2, 6))
+    be = BatchEncoding({"input_ids": x, "attention_mask": torch.ones_like(x)})
+    nest.check(be)
+    flops = [nest.cost(s, "flops", example=be) for s in nest.submodels]
+    assert flops[0] < flops[1]
+    nest.profile(be, metrics=("params", "flops", "memory", "latency"), repeat=1, progress=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    hist = sn.fit(nest, [(be, torch.tensor([0, 2]))], opt, sn.Sampler(nest.submodels, k=2, seed=0),
+                  progress=False, device="cpu")
+    assert len(hist.train) == 1 and isinstance(be, BatchEncoding) and be.input_ids is x
+
+
 def test_a_tokenizers_batch_encoding_is_an_example_like_its_dict():
     """A tokenizer's output (a BatchEncoding: a mapping, not a dict) as the example of cost / profile / check was
     called as one positional argument (a raw TypeError from the embedding, wrapped); it is called as keyword

@@ -10,12 +10,15 @@ them for every sub-model (:class:`~sortednet.profile.Profile`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import itertools
 import math
 import re
 import statistics
 import time
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -42,12 +45,42 @@ METRICS = ("params", "flops", "latency", "memory")
 
 def call_model(model: nn.Module | Callable, example: Any) -> Any:
     """``model(*example)`` for a tuple/list, ``model(**example)`` for keyword inputs (:func:`keyword_inputs`: a
-    dict, a BatchEncoding), else ``model(example)`` (another mapping too: a model's one input)."""
+    dict, a BatchEncoding) where the forward takes them, else ``model(example)``: another mapping, and a dict or
+    BatchEncoding none of whose keys the forward takes as a keyword (``forward(self, batch)``) are its one
+    input."""
     if isinstance(example, (tuple, list)):
         return model(*example)
-    if keyword_inputs(example):
+    if keyword_inputs(example) and takes_keywords(model, example):
         return model(**example)
     return model(example)
+
+
+def takes_keywords(model: nn.Module | Callable, example: Mapping) -> bool:
+    """Whether ``model``'s forward takes the keys of ``example`` as keyword arguments: it has ``**kwargs``, or a
+    parameter named as one of the keys (an unexpected other key is then the model's own error), or it takes no
+    positional argument, or its signature cannot be read. Otherwise (``forward(self, batch)`` and a batch dict)
+    the mapping is one positional input."""
+    fn = model.forward if isinstance(model, nn.Module) else model
+    keys = tuple(example)
+    if not all(isinstance(k, str) for k in keys):
+        return False
+    bound = isinstance(fn, types.MethodType)
+    try:
+        return _takes_keywords(fn.__func__ if bound else fn, bound, keys)
+    except TypeError:  # (an unhashable callable)
+        return _takes_keywords.__wrapped__(fn.__func__ if bound else fn, bound, keys)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_keywords(fn: Callable, bound: bool, keys: tuple[str, ...]) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_KEYWORD for p in params) or any(
+            p.name in keys for p in params[bound:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)):
+        return True
+    return not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params[bound:])
 
 
 class ParamCounter:
@@ -285,7 +318,6 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     >>> count_flops(nest, sn.SubModel(h=2), torch.randn(1, 4))
     24
     """
-    example = as_inputs(example)
     from .modes import NoFastPath, dry_run, eval_view
 
     if model is None:  # a private eval-mode view: no BatchNorm statistic, dropout draw or mode flag changes
@@ -311,15 +343,15 @@ def measure_latency(nest: Nest, sub: SubModel, example: Any, *, repeat: int = 20
                     model: nn.Module | None = None) -> float:
     """Median wall-clock seconds of one forward of ``sub`` on ``example`` (after ``warmup`` runs)
     on ``model`` (default ``nest.model``)."""
-    example = as_inputs(example)
     model = nest.model if model is None else model
     times = []
+    leaves = as_inputs(example)  # (a BatchEncoding's tensors)
     with nest.use(sub), torch.no_grad():
         for i in range(warmup + repeat):
-            _sync(example)
+            _sync(leaves)
             t0 = time.perf_counter()
             call_model(model, example)
-            _sync(example)
+            _sync(leaves)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -362,12 +394,11 @@ class _PeakBytes(TorchDispatchMode):
 def measure_memory(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
     """Bytes ``sub`` needs for one forward on ``example``: its active weights and buffers (as its export holds
     them) plus the peak of tensors the forward creates (inputs excluded), on ``model`` (default ``nest.model``)."""
-    example = as_inputs(example)
     model = nest.model if model is None else model
     with nest.use(sub), torch.no_grad():
         weights = nest._param_counter.bytes(sub) + _buffer_bytes(nest, model)  # (each at its own element size)
         existing = {t.untyped_storage().data_ptr() for t in itertools.chain(
-            model.parameters(), model.buffers(), tree_leaves(example)) if isinstance(t, Tensor)}
+            model.parameters(), model.buffers(), tree_leaves(as_inputs(example))) if isinstance(t, Tensor)}
         mode = _PeakBytes(existing)
         with mode:
             out = call_model(model, example)

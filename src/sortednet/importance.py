@@ -220,7 +220,7 @@ def _loss(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return F.cross_entropy(model(batch[0]), batch[1])
     if keyword_inputs(batch):  # (a dict, a tokenizer's BatchEncoding)
-        out = model(**batch)
+        out = call_model(model, batch)
         if getattr(out, "loss", None) is not None:
             return out.loss
     raise SortedNetError("sort_units(method='taylor'): give batches of (inputs, labels), dicts with labels, "

@@ -581,12 +581,20 @@ def _one_shot(data: Any) -> bool:
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
-    """``x`` (a tensor, or tuples / lists / dicts of them) on ``device``."""
+    """``x`` (a tensor, or tuples / lists / dicts of them; a BatchEncoding as one, a new one) on ``device``."""
     if device is None:
         return x
+    import collections
+    import copy
+
     from torch.utils._pytree import tree_map
 
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, as_inputs(x))  # (a BatchEncoding too)
+    moved = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, as_inputs(x))
+    if isinstance(x, collections.UserDict) and keyword_inputs(x):  # (a model may read batch.input_ids)
+        out = copy.copy(x)
+        out.data = moved
+        return out
+    return moved
 
 
 def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
@@ -707,8 +715,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     """Train with ``sampler`` + :func:`accumulate` over ``epochs`` passes of ``loader``.
 
     ``loader`` yields ``(inputs, target)``: ``inputs`` a tensor, a tuple of positional
-    arguments or a dict (or a tokenizer's BatchEncoding) of keyword arguments of the model (as everywhere:
-    ``profile``, ``calibrate``, ``check``); each batch is one optimizer step
+    arguments or a dict (or a tokenizer's BatchEncoding) of keyword arguments of the model, or its one input where
+    its forward takes none of the keys (``forward(self, batch)``) (as everywhere: ``profile``, ``calibrate``,
+    ``check``); each batch is one optimizer step
     numbered from ``start_step`` (to resume, pass the step reached and the
     remaining batches; the sampler then draws what the uninterrupted run would).
     ``loss_fn(output, target)``: by default ``F.cross_entropy`` on class-index targets; float targets are
