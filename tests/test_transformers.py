@@ -1042,7 +1042,9 @@ def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
 def test_fractions_resolve_to_ascending_multiples(fracs, group):
     full = 16
     try:
-        sizes = _resolve("heads", fracs, full, group)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (a fraction that rounds to the full size, beside others)
+            sizes = _resolve("heads", fracs, full, group)
     except sn.SortedNetError as e:
         assert "duplicates" in str(e) or "add no smaller sub-model" in str(e)
         assert "duplicates" in str(e) or all(round(f * full / group) * group >= full for f in fracs)
@@ -1059,9 +1061,11 @@ def test_a_fraction_that_rounds_to_the_full_size_is_refused(fracs, full, group):
                                                 rf"{full} itself .*add no smaller sub-model"):
         _resolve("heads", fracs, full, group)
     assert _resolve("heads", [1.0], full, group) == [full]
-    smaller = 0.5 if group < full else 1  # (beside a fraction that does nest, one that rounds up merges, as before)
-    if smaller < 1:
-        assert _resolve("heads", [smaller, fracs[0]], full, group)[-1] == full
+    smaller = 0.5 if group < full else 1  # (beside a fraction that does nest, one that rounds up merges, as before,
+    if smaller < 1:                        # and says so)
+        with pytest.warns(UserWarning, match=rf"fraction\(s\) \[{fracs[0]}\] of the full size {full} round to "
+                                             rf"{full} itself .*add no sub-model"):
+            assert _resolve("heads", [smaller, fracs[0]], full, group)[-1] == full
 
 
 @pytest.mark.parametrize("sizes", [[0.25, 0.5, 1], [1, 0.5]])

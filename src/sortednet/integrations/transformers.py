@@ -77,6 +77,13 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
         raise SizeError(f"{what}: fractions {sizes} of the full size {full} round to {full} itself (sizes are "
                         f"multiples of {multiple}" + (": whole key/value groups" if multiple > 1 else "")
                         + "), so they add no smaller sub-model; give a smaller fraction or integer sizes")
+    merged = [f for f, s in zip(sizes, out) if isinstance(f, float) and f < 1 and s == full]
+    if merged:  # (beside fractions that do nest: kept, as the full size, but said)
+        import warnings
+
+        warnings.warn(f"{what}: fraction(s) {merged} of the full size {full} round to {full} itself (sizes are "
+                      f"multiples of {multiple}" + (": whole key/value groups" if multiple > 1 else "") + "): they "
+                      f"add no sub-model; the sizes are {sorted(set(out) | {full})}", UserWarning, stacklevel=3)
     if full not in out:
         out.append(full)  # the full model is always a sub-model (invariant 1)
     out = sorted(out)
