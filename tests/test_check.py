@@ -3318,3 +3318,33 @@ def test_rows_an_embedding_bag_renormalises_into_a_copy_are_refused():
 
     sn.slicer(Bag)(type("BagCopy", (_EmbeddingCopy,), {}))
     _renormalised_rows_refused(functools.partial(Bag, mode="mean"), "embedding_bag")
+
+
+def test_a_view_to_a_stored_width_is_named_with_where_it_was_raised():
+    """A squeeze-excitation forward viewing to a channel count it stored at init (``.view(b, self.c)``) failed under
+    a smaller width with a bare 'shape [2, 16] is invalid' and 'no missing binding found': the message now names
+    the module whose code raised it and the full size the shape still holds."""
+    class SE(nn.Module):
+        def __init__(self, c=16):
+            super().__init__()
+            self.c = c
+            self.conv, self.fc1, self.fc2 = nn.Conv2d(3, c, 3, padding=1), nn.Linear(c, 4), nn.Linear(4, c)
+            self.out = nn.Conv2d(c, 8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            s = nn.functional.adaptive_avg_pool2d(h, 1).view(h.size(0), self.c)
+            return self.out(h * torch.sigmoid(self.fc2(torch.relu(self.fc1(s)))).view(h.size(0), self.c, 1, 1))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.se = SE()
+
+        def forward(self, x):
+            return self.se(x).mean((2, 3))
+
+    with pytest.raises(sn.SortedNetError, match=r"raised in 'se' \(SE\), line \d+\); the shape \[2, 16\] holds 16, "
+                                                r"the full size of width 'c' \(here 4\)"):
+        sn.wrap(Outer(), sn.Width("c", [4, 16], out=["se.conv", "se.fc2"], inp=["se.fc1", "se.out"]),
+                example=torch.randn(2, 3, 8, 8))

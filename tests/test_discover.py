@@ -126,6 +126,11 @@ def test_finding_nothing_says_why():
     model, x = _Gated(), torch.randn(2, 8)
     with pytest.warns(UserWarning, match=r"found no group.*\['a'\] \(16 features\): parameter 'g'"):
         assert sn.discover(model, x) == []
+    masked = _Gated()
+    del masked.g
+    masked.register_buffer("g", torch.ones(16))  # (a buffer is named as one, not as a parameter)
+    with pytest.warns(UserWarning, match=r"found no group.*\['a'\] \(16 features\): buffer 'g'"):
+        assert sn.discover(masked, x) == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sn.discover(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x)

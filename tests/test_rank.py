@@ -9,6 +9,7 @@ import functools
 import math
 import os
 import tempfile
+import types
 
 import pytest
 import torch
@@ -854,7 +855,8 @@ class _Held(list):
     """A list subclass: export does not rebuild it (its constructor may be anything)."""
 
 
-@pytest.mark.parametrize("holder", ["namedtuple", "ordered_dict", "list_subclass", "seven_deep"])
+@pytest.mark.parametrize("holder", ["namedtuple", "ordered_dict", "list_subclass", "seven_deep", "deque",
+                                    "namespace"])
 def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passed_over_by_pick(holder):
     """A factored svd target held in a container export does not rebuild (a namedtuple, an OrderedDict, a list
     subclass) was refused by export but returned by pick; one held seven levels deep was neither rebuilt nor
@@ -866,7 +868,9 @@ def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passe
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     m.held = {"namedtuple": lambda: pair(m[0], 0.1), "ordered_dict": lambda: collections.OrderedDict(a=m[0]),
-              "list_subclass": lambda: _Held([m[0]]), "seven_deep": lambda: [[[[[[[m[0]]]]]]]]}[holder]()
+              "list_subclass": lambda: _Held([m[0]]), "seven_deep": lambda: [[[[[[[m[0]]]]]]]],
+              "deque": lambda: collections.deque([m[0]]),
+              "namespace": lambda: types.SimpleNamespace(layer=m[0])}[holder]()
     nest = sn.wrap(m, sn.Rank("r", [4, 8, 32], targets="0"))  # (export="auto": two Linears at 4 and 8)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for r in (4, 8):
@@ -878,6 +882,43 @@ def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passe
     full = nest.export(nest.largest)  # (merged: one Linear, the module itself)
     assert isinstance(full[0], nn.Linear)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_a_factored_target_held_in_a_skipped_block_or_a_dict_holding_itself_exports():
+    """Passed over by pick although export accepts them: a target held (in an OrderedDict) by the block a depth
+    skips, where neither the target nor its holder is exported; and a target in a plain dict that holds itself
+    (``registry["self"] = registry``), which export refused as 'more than six levels deep'."""
+    import collections
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4))
+            self.blocks[3].refs = collections.OrderedDict(fc=self.blocks[3][0])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return x
+
+    m = Stack()
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"), sn.Rank("r", [2, 16], targets="blocks.*.0"))
+    x = torch.randn(3, 16)
+    with torch.no_grad(), nest.use("d=2,r=2"):
+        torch.testing.assert_close(nest.export("d=2,r=2")(x), m(x))
+    with pytest.raises(sn.SortedNetError, match="blocks.3.refs holds a module that the export replaces"):
+        nest.export("d=4,r=2")
+    assert nest.pick(params=nest.cost("d=2,r=2")) == nest.resolve("d=2,r=2")
+    assert nest.pick(params=nest.cost("d=4,r=2")) == nest.resolve("d=2,r=2")  # (d=4,r=2 refused)
+
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    m.registry = {"fc": m[0]}
+    m.registry["self"] = m.registry
+    nest = sn.wrap(m, sn.Rank("r", [2, 16], targets="0"))
+    small = nest.export("r=2")
+    assert small.registry["fc"] is small[0] and small.registry["self"] is small.registry
+    assert nest.pick(params=nest.cost("r=2")) == nest.resolve("r=2")
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -2039,6 +2039,65 @@ def test_a_dict_is_the_one_input_of_a_forward_that_takes_none_of_its_keys():
         named.cost("h=4", "flops", example={"x": torch.randn(5, 4), "extra": 1})
 
 
+def test_which_forwards_take_a_dict_as_keywords():
+    """The rule of call_model, on the forwards users write: a decorator's own ``**kwargs`` wins over the signature
+    it copies (functools.wraps) of the function it wraps; a per-instance forward is read as it is, and the cache
+    of signatures read does not keep its model alive."""
+    import gc
+    import weakref
+
+    from sortednet.cost import takes_keywords
+
+    def packing(f):  # (gathers the keywords into one dict for the wrapped forward)
+        @functools.wraps(f)
+        def wrapper(self, **kw):
+            return f(self, kw)
+        return wrapper
+
+    class Packed(_OneBatch):
+        @packing
+        def forward(self, batch):
+            return super().forward(batch)
+
+    ex = {"x": torch.randn(5, 4)}
+    nest = sn.wrap(Packed(), sn.Width("h", [4, 8], out="a", inp="b"))
+    assert takes_keywords(nest.model, ex)
+    assert nest.cost("h=4", "flops", example=ex) == 2 * 5 * (4 * 4 + 4 * 3)
+    cases = {"batch": (lambda batch: 0, False), "x": (lambda x: 0, True), "kw": (lambda **kw: 0, True),
+             "mixed": (lambda batch, **kw: 0, True), "none": (lambda: 0, True), "scale": (lambda b, s=1.0: 0, False)}
+    for name, (fn, want) in cases.items():
+        assert takes_keywords(fn, ex) is want, name
+    m = _OneBatch()
+    m.forward = lambda batch, m=m: _OneBatch.forward(m, batch)  # (a per-instance forward holding its model)
+    alive = weakref.ref(m)
+    assert not takes_keywords(m, ex)
+    del m
+    gc.collect()
+    assert alive() is None
+
+
+def test_plain_attributes_nested_thousands_deep_or_large_do_not_break_pick():
+    """pick reads the model's plain attributes: one nested 3000 lists deep raised a RecursionError; one holding a
+    block beside a 50 000-entry vocabulary was walked whole at every pick (what pick keeps to see it change is
+    bounded)."""
+    from sortednet.export import aside_holders, holders_state
+
+    m = _Stack()
+    deep: list = []
+    for _ in range(3000):
+        deep = [deep]
+    m.deep = deep
+    m.meta = {"vocab": {f"w{i}": i for i in range(50_000)}, "last": m.blocks[3]}
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
+    assert nest.pick(params=1e9) == nest.largest
+    with pytest.raises(sn.errors.BudgetError, match="passed over"):
+        nest.pick(params=nest.cost("d=2"))
+    holders = aside_holders(nest)
+    assert [a for _, a in holders] == ["meta"] and len(holders_state(holders)) < 10_000
+    del m.meta["last"]
+    assert nest.pick(params=nest.cost("d=2")) == nest.resolve("d=2")
+
+
 def test_sliced_parameters_as_dict_keys_are_named_by_pick():
     m = _Stack()
     m.names = {p: n for n, p in m.named_parameters()}  # (parameter -> name: the keys are the live tensors)

@@ -253,7 +253,7 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool
                 problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, of a "
                                 f"module it does not slice; add {hint}")
             else:
-                raw = re.fullmatch(r"parameter '(.+)'", g.fixed)
+                raw = re.fullmatch(r"(?:parameter|buffer) '(.+)'", g.fixed)
                 problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, so they "
                                 "cannot shrink; remove that binding" + (
                                     f", or, to slice them, hold {raw.group(1)!r} in a module a slicer serves "
@@ -266,7 +266,7 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool
 def _unbound_owner(nest: Nest, fixed: str) -> str | None:
     """``role='path'`` when ``fixed`` names a parameter of a module that a slicer with one role could slice
     but that no dimension binds (a norm of the user's, traced op by op, left out of ``norm=``)."""
-    found = re.fullmatch(r"parameter '(.+)\.[^.']+'", fixed)
+    found = re.fullmatch(r"(?:parameter|buffer) '(.+)\.[^.']+'", fixed)
     if found is None:
         return None
     path = found.group(1)
@@ -1316,12 +1316,44 @@ def _plan(nest: Nest, mixed: int, seed: int, every_depth: bool = True) -> list[t
     return list(dict.fromkeys(out))
 
 
-def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: str) -> SortedNetError:
+def _raised_in(model: Any, exc: BaseException | None) -> str:
+    """`` (raised in <module path> (<class>), line N)``: the innermost module of ``model`` whose own code was
+    running when ``exc`` was raised, from its traceback; empty when none was."""
+    if exc is None or not isinstance(model, nn.Module):
+        return ""
+    names = {id(m): p for p, m in model.named_modules()}
+    where, tb = "", exc.__traceback__
+    while tb is not None:
+        me = tb.tb_frame.f_locals.get("self")
+        if isinstance(me, nn.Module) and id(me) in names:
+            where = f" (raised in {names[id(me)] or '<root>'!r} ({type(me).__name__}), line {tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
+
+
+def _stored_width(nest: Nest, sub: SubModel, err: str) -> str:
+    """A hint where a view / reshape failed on a shape that holds the full size of a dimension the sub-model cuts:
+    the forward asks for a width it stored (``self.c = 16`` at init) instead of taking it from the tensor."""
+    m = re.search(r"shape '\[([-\d, ]+)\]' is invalid for input of size", err)
+    if m is None:
+        return ""
+    shape = {int(v) for v in m.group(1).split(",") if v.strip()}
+    hit = [d for d in nest.dims if d.kind in ("width", "heads") and sub[d.name] != d.full and d.full in shape]
+    if not hit:
+        return ""
+    d = hit[0]
+    return (f"; the shape [{m.group(1)}] holds {d.full}, the full size of {d.kind} {d.name!r} (here "
+            f"{sub[d.name]}): a view or reshape to a width the forward stores or derives itself (self.c set at "
+            "init) still asks for the full size; take it from the tensor (x.shape[1], or -1)")
+
+
+def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: str,
+          exc: BaseException | None = None) -> SortedNetError:
     try:
         problems = diagnose(nest, example, model)
     except SortedNetError as e:
         problems = [f"(could not analyse the wiring: {e})"]
-    head = f"nest.check: {what} ({sub}) {err}"
+    head = f"nest.check: {what} ({sub}) {err}{_raised_in(model, exc)}{_stored_width(nest, sub, err)}"
     if problems:
         return SortedNetError(head + "\n  " + "\n  ".join(problems))
     heads = [d.name for d in nest.dims if d.kind == "heads" and sub[d.name] != d.full]
@@ -1534,7 +1566,7 @@ def _check_size_two(nest: Nest, model: Any, example: Any, want: list) -> None:
                 got = _shapes(call_model(model, example))
             except Exception as e:
                 raise _fail(nest, model, example, f"width {d.name!r} at 2 (its smallest size, 1, broadcasts)", sub,
-                            f"fails: {type(e).__name__}: {e}") from e
+                            f"fails: {type(e).__name__}: {e}", e) from e
         if got != want:
             raise _fail(nest, model, example, f"width {d.name!r} at 2 (its smallest size, 1, broadcasts)", sub,
                         f"changes the output shapes from {want} to {got}: a dimension slices the network's output")
@@ -1572,7 +1604,7 @@ def _check_training_mode(nest: Nest, example: Any, mixed: int, seed: int) -> tup
         except Exception as e:
             raise _fail(nest, view, example, f"{what} in training mode", sub, f"fails: {type(e).__name__}: {e} "
                         "(a module that runs only in training, e.g. an auxiliary head, reads sliced features "
-                        "without being in the dimension)") from e
+                        "without being in the dimension)", e) from e
         if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
             raise _fail(nest, view, example, f"{what} in training mode", sub,
                         f"changes the output shapes from {want} to {got}")
@@ -1741,7 +1773,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 try:
                     got = _shapes(call_model(model, example))
                 except Exception as e:
-                    raise _fail(nest, model, example, what, sub, f"fails: {type(e).__name__}: {e}") from e
+                    raise _fail(nest, model, example, what, sub, f"fails: {type(e).__name__}: {e}", e) from e
             if got != at_depth(sub, got) and not _same_but_heads(nest, sub, got, at_depth(sub)):
                 raise _fail(nest, model, example, what, sub, f"changes the output shapes from {want} to {got}: "
                             "a dimension slices the network's output")
@@ -1857,7 +1889,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                             call_model(model, example)
                         except Exception as e:
                             raise _fail(nest, model, example, f"heads {d.name!r} alone at {size}", sub,
-                                        f"fails: {type(e).__name__}: {e}") from e
+                                        f"fails: {type(e).__name__}: {e}", e) from e
                 err = whole_units_error(nest, d, size, example, model, copies)
                 zeros = ""
                 if alt is not None and err is not None and err <= tol:

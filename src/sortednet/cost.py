@@ -10,7 +10,6 @@ them for every sub-model (:class:`~sortednet.profile.Profile`).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import itertools
@@ -59,22 +58,29 @@ def takes_keywords(model: nn.Module | Callable, example: Mapping) -> bool:
     """Whether ``model``'s forward takes the keys of ``example`` as keyword arguments: it has ``**kwargs``, or a
     parameter named as one of the keys (an unexpected other key is then the model's own error), or it takes no
     positional argument, or its signature cannot be read. Otherwise (``forward(self, batch)`` and a batch dict)
-    the mapping is one positional input."""
+    the mapping is one positional input. The signature read is the function's own (a decorator's ``**kwargs``
+    wins over the signature it copies from the function it wraps)."""
     fn = model.forward if isinstance(model, nn.Module) else model
     keys = tuple(example)
     if not all(isinstance(k, str) for k in keys):
         return False
     bound = isinstance(fn, types.MethodType)
+    fn = fn.__func__ if bound else fn
     try:
-        return _takes_keywords(fn.__func__ if bound else fn, bound, keys)
-    except TypeError:  # (an unhashable callable)
-        return _takes_keywords.__wrapped__(fn.__func__ if bound else fn, bound, keys)
+        known = _KEYWORDS.setdefault(fn, {})  # (weakly keyed: a per-instance forward holding its model frees it)
+    except TypeError:  # (not weakly referenceable, or unhashable)
+        known = {}
+    if (bound, keys) not in known:
+        known[bound, keys] = _takes_keywords(fn, bound, keys)
+    return known[bound, keys]
 
 
-@functools.lru_cache(maxsize=256)
+_KEYWORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _takes_keywords(fn: Callable, bound: bool, keys: tuple[str, ...]) -> bool:
     try:
-        params = list(inspect.signature(fn).parameters.values())
+        params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
     except (TypeError, ValueError):
         return True
     if any(p.kind is p.VAR_KEYWORD for p in params) or any(

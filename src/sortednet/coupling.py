@@ -326,6 +326,7 @@ class _Analysis:
         self.attn_info = attn_info
         self.vars: dict[int, list[int]] = {}
         self.params = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.kinds = {id(t): "buffer" for _, t in model.named_buffers()}  # (named so in the reasons: not parameter)
         for k, n in own.items():  # tensors the modules held as plain attributes before any traced forward
             self.params.setdefault(k, n)  # (a positional table not registered as a buffer): the model's own
         self.modules = dict(model.named_modules())
@@ -334,7 +335,7 @@ class _Analysis:
             for attr, t in (*m._parameters.items(), *m._buffers.items()):
                 if t is not None:
                     self.owners.setdefault(id(t), []).append((path, m, attr))
-        self.raw: list[tuple[int, str, str, str]] = []  # (variable, module path, role, tensor name) to link
+        self.raw: list[tuple[int, str, str, str, str]] = []  # (variable, module path, role, tensor name, why)
         self.attention: list[Attention] = []
         for t in _tensors(example):
             self.vars[id(t)] = [self.uf.new(s, "the network input") for s in t.shape]
@@ -344,7 +345,7 @@ class _Analysis:
         v = self.vars.get(id(t))
         if v is None:
             name = self.params.get(id(t))
-            why = f"parameter {name!r}" if name else "a tensor from outside the traced ops"
+            why = f"{self.kinds.get(id(t), 'parameter')} {name!r}" if name else "a tensor from outside the traced ops"
             v = self.vars[id(t)] = self._raw(t, name) if name else [self.uf.new(s, why) for s in t.shape]
         return v
 
@@ -356,14 +357,14 @@ class _Analysis:
         of no role (a kernel's) and a tensor read whole live (a class token, a buffer of the user's on a
         Linear, a tensor tied to one) are fixed; a tensor whose axes are not known fixes every role of its
         module."""
-        why = f"parameter {name!r}"
+        why = f"{self.kinds.get(id(t), 'parameter')} {name!r}"
         links: list[list[tuple[str, str]]] = [[] for _ in t.shape]
         whole = False
         for path, m, attr in self.owners.get(id(t), ()):
             axes = _axis_roles(m, attr, t)
             if axes is None:
                 if t.dim():  # (a 0-d count holds no unit)
-                    self.raw.append((-1, path, "", name))
+                    self.raw.append((-1, path, "", name, why))
                 continue
             whole = whole or not axes
             for axis, role in axes:
@@ -372,7 +373,7 @@ class _Analysis:
         if whole:  # one holder serves it whole: which holder this read went through is not known
             links = [[] for _ in t.shape]
         vs = [self.uf.new(s, None if links[i] else why) for i, s in enumerate(t.shape)]
-        self.raw += [(vs[i], path, role, name) for i, ls in enumerate(links) for path, role in ls]
+        self.raw += [(vs[i], path, role, name, why) for i, ls in enumerate(links) for path, role in ls]
         return vs
 
     def link_raw(self) -> None:
@@ -381,8 +382,7 @@ class _Analysis:
         op) has its role bound by these reads: they are its features, and what the ops do to them decides, as
         for a module call's (a flip between two such layers is seen as one between two module calls). A
         subclass of a stock layer with a forward of its own, which wrap refuses, is not: its axes stay fixed."""
-        for v, path, role, name in self.raw:
-            why = f"parameter {name!r}"  # (check's diagnosis reads the module path from this)
+        for v, path, role, _, why in self.raw:  # (check's diagnosis reads the module path from why)
             if v < 0:  # the rules of its slicer are not known: every role of the module
                 for (p, _), r in list(self.uf.roles.items()):
                     if p == path:

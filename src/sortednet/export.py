@@ -436,13 +436,28 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
             if attr not in _INTERNALS and any(id(x) in watch for x in plain_leaves(v))]
 
 
-def holders_state(holders: Sequence[tuple[nn.Module, str]]) -> tuple:
-    """What the attributes of :func:`aside_holders` hold now (each value and its leaves, by identity): a table
-    built on them is rebuilt once this changes (an attribute deleted or emptied after export named it)."""
-    out = []
+def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 4096) -> tuple:
+    """What the attributes of :func:`aside_holders` hold now, by identity: each value, and its containers' items
+    as far as ``budget`` items in all allow (a vocabulary beside a block is not walked at every pick; beyond
+    it, a container by its length). A table built on them is rebuilt once this changes (an attribute deleted,
+    emptied or refilled after export named it)."""
+    out: list[object] = []
+    seen: set[int] = set()
     for m, attr in holders:
-        v = m.__dict__.get(attr, _ABSENT)
-        out.append((id(v), tuple(id(x) for x in plain_leaves(v))))
+        stack = [m.__dict__.get(attr, _ABSENT)]
+        while stack:
+            v = stack.pop()
+            out.append(id(v))
+            if isinstance(v, functools.partial):
+                stack.extend((v.func, *v.args, *v.keywords.values()))
+                continue
+            if not isinstance(v, (list, tuple, set, frozenset, dict)) or id(v) in seen:
+                continue
+            seen.add(id(v))
+            out.append(len(v))
+            if len(v) <= budget:
+                budget -= len(v)
+                stack.extend([*v, *v.values()] if isinstance(v, dict) else v)
     return tuple(out)
 
 
@@ -491,16 +506,28 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
 
 def _swap_held(v: object, c: object, r: object, seen: dict[int, object], depth: int = 0) -> object:
     """``v`` with ``c`` replaced by ``r`` where ``_replace_held`` rebuilds: a plain list, tuple, set, dict (keys
-    too) or ``functools.partial``, six levels deep; anything else as it is."""
+    too) or ``functools.partial``, six levels deep; anything else as it is. A list or dict that holds itself
+    (``d["self"] = d``) is rebuilt holding its new self."""
     if v is c:
         return r
     if id(v) in seen:  # (one list held by two attributes stays one list)
         return seen[id(v)]
-    if depth < 6 and type(v) in (list, tuple, set, frozenset):
-        out: object = type(v)(_swap_held(x, c, r, seen, depth + 1) for x in v)
-    elif depth < 6 and type(v) is dict:
-        out = {(r if k is c else k): _swap_held(x, c, r, seen, depth + 1) for k, x in v.items()}
-    elif depth < 6 and type(v) is functools.partial:
+    if depth >= 6:
+        return v
+    if type(v) is list:
+        out: Any = []
+        seen[id(v)] = out
+        out.extend(_swap_held(x, c, r, seen, depth + 1) for x in v)
+        return out
+    if type(v) is dict:
+        out = {}
+        seen[id(v)] = out
+        for k, x in v.items():
+            out[r if k is c else k] = _swap_held(x, c, r, seen, depth + 1)
+        return out
+    if type(v) in (tuple, set, frozenset):
+        out = type(v)(_swap_held(x, c, r, seen, depth + 1) for x in v)
+    elif type(v) is functools.partial:
         out = functools.partial(_swap_held(v.func, c, r, seen, depth + 1),
                                 *(_swap_held(x, c, r, seen, depth + 1) for x in v.args),
                                 **{k: _swap_held(x, c, r, seen, depth + 1) for k, x in v.keywords.items()})
@@ -510,14 +537,21 @@ def _swap_held(v: object, c: object, r: object, seen: dict[int, object], depth: 
     return out
 
 
-def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module]) -> dict[int, str]:
+def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module],
+                   kept: Mapping[int, str] | None = None) -> dict[int, str]:
     """Of ``targets`` (modules an export may replace: factored Rank targets), those a plain attribute holds in a
-    container the export does not rebuild (a subclass of a list, tuple, dict or set, one more than six levels
-    deep): ``id -> path.attr``. ``export`` refuses to replace them, ``pick`` passes over those sub-models."""
+    container the export does not rebuild (a subclass of a list, tuple, dict or set, a deque, a
+    ``SimpleNamespace``, one more than six levels deep): ``id -> path.attr``. ``export`` refuses to replace them,
+    ``pick`` passes over those sub-models. With ``kept`` (the modules a sub-model's export holds, by id), only
+    those are read: a holder or a target in a block the sub-model skips is not exported."""
     out: dict[int, str] = {}
+    if kept is not None:
+        targets = {i: t for i, t in targets.items() if i in kept}
     if not targets:
         return out
     for path, m in model.named_modules():
+        if kept is not None and id(m) not in kept:
+            continue
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue

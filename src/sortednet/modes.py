@@ -10,10 +10,12 @@ calling thread). ``profile``, ``evaluate`` and ``calibrate`` measure on it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import functools
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -275,22 +277,30 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
 
 
-def plain_leaves(v: object, seen: set[int] | None = None) -> list[object]:
+def plain_leaves(v: object) -> list[object]:
     """What a plain attribute value holds, at any depth (a container met twice followed once): ``v`` itself, or
-    the leaves of a list, tuple, set, dict (keys and values) or ``functools.partial`` (its function and
-    arguments), subclasses included (a namedtuple, an OrderedDict). How export finds blocks, sliced tensors and
-    modules it replaces kept outside ``_modules``."""
-    if isinstance(v, functools.partial):
-        v = (v.func, v.args, v.keywords)
-    elif not isinstance(v, (list, tuple, set, frozenset, dict)):
-        return [v]
-    seen = set() if seen is None else seen
-    if id(v) in seen:
-        return []
-    seen.add(id(v))
+    the leaves of a list, tuple, set, dict (keys and values), deque, ``types.SimpleNamespace`` (its attributes) or
+    ``functools.partial`` (its function and arguments), subclasses included (a namedtuple, an OrderedDict). How
+    export finds blocks, sliced tensors and modules it replaces kept outside ``_modules``."""
     out: list[object] = []
-    for x in ([*v, *v.values()] if isinstance(v, dict) else v):
-        out += plain_leaves(x, seen)
+    seen: set[int] = set()
+    stack = [v]
+    while stack:  # (no recursion: an attribute nested thousands of levels deep is walked too)
+        x = stack.pop()
+        if isinstance(x, functools.partial):
+            items: Any = (x.func, *x.args, *x.keywords.values())
+        elif isinstance(x, dict):
+            items = [*x, *x.values()]
+        elif isinstance(x, (list, tuple, set, frozenset, collections.deque)):
+            items = x
+        elif isinstance(x, types.SimpleNamespace):
+            items = list(vars(x).values())
+        else:
+            out.append(x)
+            continue
+        if id(x) not in seen:
+            seen.add(id(x))
+            stack.extend(reversed(list(items)))
     return out
 
 

@@ -1105,7 +1105,18 @@ class Nest:
             if (ties is not None and not ties(sizes)) or (aside and refused_aside(self, sizes)):
                 return False
             with self.use(sizes):  # (export refuses a factored export of such a target: two Linears, no weight)
-                return not any(m._sn.slicer.factored(m) for m in read)
+                live = {id(m): m for m in read if m._sn.slicer.factored(m)}
+                if not live:
+                    return True
+                kept = None  # (a target, or a holder, in a block the depth skips is not exported)
+                if depth:
+                    kept = _kept_paths(self.model, {(id(m), name) for m in self._sliced.values()
+                                                    for name in m._sn.slicer.skipped(m)})
+                    live = {i: m for i, m in live.items() if i in kept}
+                if any(m._sn.extra.get("matrix_read") for m in live.values()):
+                    return False
+                held = {i: m for i, m in live.items() if i in kept_aside}
+                return not (held and held_unrebuilt(self.model, held, kept))
 
         return test
 
