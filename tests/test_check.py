@@ -3344,7 +3344,7 @@ def test_a_view_to_a_stored_width_is_named_with_where_it_was_raised():
         def forward(self, x):
             return self.se(x).mean((2, 3))
 
-    with pytest.raises(sn.SortedNetError, match=r"raised in 'se' \(SE\), line \d+\); the shape \[2, 16\] holds 16, "
-                                                r"the full size of width 'c' \(here 4\)"):
+    with pytest.raises(sn.SortedNetError, match=r"raised in 'se' \(SE\), test_check.py:\d+\); the shape \[2, 16\] "
+                                                r"holds 16, the full size of width 'c' \(here 4\)"):
         sn.wrap(Outer(), sn.Width("c", [4, 16], out=["se.conv", "se.fc2"], inp=["se.fc1", "se.out"]),
                 example=torch.randn(2, 3, 8, 8))

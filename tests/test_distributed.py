@@ -233,6 +233,21 @@ def _errors(rank: int, out_dir: str) -> dict:
             out["tp_small"] = "accepted"
         except sn.SortedNetError as e:
             out["tp_small"] = str(e)
+    # sn.wrap after DDP: adapters DDP never broadcast, each rank's own random init (the replicas drifted apart in
+    # silence); and sn.wrap of the wrapper itself ('module.' patterns and checkpoint keys, an export of DDP)
+    case = FAMILIES["mlp"](seed=rank)
+    ddp = DDP(case.model)
+    nest = sn.wrap(case.model, sn.Rank("r", [2, 4], targets="fc1", mode="lora"))
+    try:
+        snd.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example)), module=ddp)
+        out["wrap_after_ddp"] = "accepted"
+    except sn.SortedNetError as e:
+        out["wrap_after_ddp"] = str(e)
+    try:
+        sn.wrap(DDP(FAMILIES["mlp"](seed=0).model), *FAMILIES["mlp"](seed=0).dims)
+        out["wrap_of_ddp"] = "accepted"
+    except sn.SortedNetError as e:
+        out["wrap_of_ddp"] = str(e)
     case, nest = _build("mlp", "ddp")
     ddp = snd.guard(DDP(case.model, find_unused_parameters=True), nest)
     try:  # plain sn.accumulate through DDP's reducer: unchecked agreement of the ranks, skipped blocks awaited
@@ -776,6 +791,8 @@ def test_misuse_raises_clear_errors(run):
     assert errs["read_at_rest_full"] and "fc1.weight is a DTensor" in errs["read_at_rest_small"]
     assert errs["dcp_inside_use"]
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
+    assert "built before sn.wrap added ['fc1.lora_A', 'fc1.lora_B']" in errs["wrap_after_ddp"], errs["wrap_after_ddp"]
+    assert "'<root>' is a DistributedDataParallel wrapper: call sn.wrap on the model inside" in errs["wrap_of_ddp"]
     assert "static_graph" in errs.get("static_graph", "")
     msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran
     assert "['0']" in msg and "sparse gradients" in msg and untouched
@@ -960,6 +977,20 @@ def test_single_process_helpers_are_no_ops():
     for n, p in case.model.named_parameters():
         assert (p.grad is None) == (before[n] is None) and (p.grad is None or torch.equal(p.grad, before[n]))
     assert any(g is None for g in before.values())  # depth-skipped blocks got no gradient
+
+
+def test_wrapping_a_data_parallel_wrapper_is_refused_naming_the_model_inside():
+    """sn.wrap(nn.DataParallel(model)) took 'module.' patterns, wrote 'module.' checkpoint keys and exported the
+    wrapper with a confusing error: refused, pointing at the model inside, before anything changed."""
+    case = FAMILIES["mlp"](seed=0)
+    holder = torch.nn.DataParallel(case.model)
+    before = {k: v.clone() for k, v in holder.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="'<root>' is a DataParallel wrapper: call sn.wrap on the model "
+                                                "inside it"):
+        sn.wrap(holder, sn.Width("h1", [4, 20], out="module.fc1", inp="module.fc2"))
+    assert not any("_sn" in m.__dict__ for m in holder.modules())
+    assert all(torch.equal(v, before[k]) for k, v in holder.state_dict().items())
+    sn.wrap(case.model, *case.dims)  # (the model inside, as asked)
 
 
 def test_accumulate_rejects_a_module_without_the_nest():

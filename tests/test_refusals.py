@@ -4,6 +4,7 @@ renormalised embeddings, and branches that run only in training (an auxiliary he
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import types
@@ -337,6 +338,8 @@ class _HeldAside(nn.Module):
             self.aux = [twin]
         elif how == "deep list":
             self.ws = [[[[[[[[w]]]]]]]]
+        elif how == "deque":
+            self.ws = collections.deque([w])
 
     def read(self) -> torch.Tensor:
         how = self.how
@@ -352,8 +355,8 @@ class _HeldAside(nn.Module):
             return self.aux[0].weight
         if how == "deep list":
             return self.ws[0][0][0][0][0][0][0][0]
-        w = {"list": lambda: self.ws[0], "dict of a detached view": lambda: self.ws["a"][0],
-             "parameter on its memory": lambda: self.p2}.get(how, lambda: self.wb)()
+        w = {"list": lambda: self.ws[0], "deque": lambda: self.ws[0],
+             "dict of a detached view": lambda: self.ws["a"][0], "parameter on its memory": lambda: self.p2}.get(how, lambda: self.wb)()
         return w.T if how == "buffer of its transpose" else w
 
     def forward(self, x):
@@ -363,7 +366,7 @@ class _HeldAside(nn.Module):
 @pytest.mark.parametrize("mode", ["svd", "lora"])
 @pytest.mark.parametrize("how", ["buffer", "buffer of its transpose", "list", "dict of a detached view",
                                  "functools.partial", "parameter on its memory", "object", "closure",
-                                 "object with slots", "module outside _modules", "deep list"])
+                                 "object with slots", "module outside _modules", "deep list", "deque"])
 def test_rank_on_a_weight_held_outside_its_module_is_refused(how, mode):
     """svd leaves such a reference on the old full-rank weight and lora's adapters never reach it: a forward
     reading it there ran the full rank under every sub-model (r=2 was 0.2-0.6 off a true rank-2 model; with
@@ -375,7 +378,7 @@ def test_rank_on_a_weight_held_outside_its_module_is_refused(how, mode):
     before = snapshot(m)
     holder = {"list": "ws", "dict of a detached view": "ws", "functools.partial": "fn", "closure": "fn",
               "parameter on its memory": "p2", "object": "cfg", "object with slots": "cfg",
-              "module outside _modules": "aux", "deep list": "ws"}.get(how, "wb")
+              "module outside _modules": "aux", "deep list": "ws", "deque": "ws"}.get(how, "wb")
     for example in (None, x):
         with pytest.raises(sn.SortedNetError, match=f"Rank target 'fc'.*'{holder}'.*Read the weight through its "
                                                     "module"):

@@ -1951,6 +1951,32 @@ def test_picks_table_follows_the_plain_attributes_it_passed_sub_models_over_for(
     assert nest.pick(params=budget) == nest.resolve("d=4,w=4")
 
 
+@pytest.mark.parametrize("box", ["namespace", "deque"])
+def test_picks_table_sees_a_namespace_or_deque_it_passed_sub_models_over_for_change(box):
+    """The holders export finds in a SimpleNamespace or a deque (blocks the depth skips) are watched by pick's
+    table like those in lists: filled after the table was built, or emptied, pick follows."""
+    import collections
+
+    m = _Stack()
+    make = {"namespace": lambda *xs: types.SimpleNamespace(**{f"b{i}": x for i, x in enumerate(xs)}),
+            "deque": lambda *xs: collections.deque(xs)}[box]
+    m.box = make(m.blocks[0])
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
+    budget = nest.cost("d=2")
+    assert nest.pick(params=budget) == nest.resolve("d=2")  # (block 0 runs at d=2: nothing passed over)
+    m.box = make(m.blocks[0], m.blocks[3])
+    with pytest.raises(sn.SortedNetError, match="box holds blocks the sub-model skips"):
+        nest.export("d=2")
+    with pytest.raises(sn.errors.BudgetError, match="passed over"):
+        nest.pick(params=budget)
+    if box == "deque":
+        m.box.pop()
+    else:
+        del m.box.b1
+    assert nest.pick(params=budget) == nest.resolve("d=2")
+    nest.export("d=2")
+
+
 def test_a_list_of_block_layers_built_when_read_follows_the_depth():
     """What export's refusal of a kept list of block layers advises: a property building the list from the layer
     list when read. Live and exported, it holds the blocks that run, and export equals the live model."""
@@ -2059,9 +2085,16 @@ def test_which_forwards_take_a_dict_as_keywords():
         def forward(self, batch):
             return super().forward(batch)
 
+    class NoGrad(_OneBatch):  # (a pass-through decorator: the forward it passes on to decides)
+        @torch.no_grad()
+        def forward(self, batch):
+            return super().forward(batch)
+
     ex = {"x": torch.randn(5, 4)}
     nest = sn.wrap(Packed(), sn.Width("h", [4, 8], out="a", inp="b"))
-    assert takes_keywords(nest.model, ex)
+    assert takes_keywords(nest.model, ex) and not takes_keywords(NoGrad(), ex)
+    assert sn.wrap(NoGrad(), sn.Width("h", [4, 8], out="a", inp="b"), example=ex).cost("h=4", "flops", example=ex) \
+        == 2 * 5 * (4 * 4 + 4 * 3)
     assert nest.cost("h=4", "flops", example=ex) == 2 * 5 * (4 * 4 + 4 * 3)
     cases = {"batch": (lambda batch: 0, False), "x": (lambda x: 0, True), "kw": (lambda **kw: 0, True),
              "mixed": (lambda batch, **kw: 0, True), "none": (lambda: 0, True), "scale": (lambda b, s=1.0: 0, False)}

@@ -19,6 +19,7 @@ import contextvars
 import functools
 import inspect
 import math
+import os
 import random
 import re
 import warnings
@@ -1317,34 +1318,43 @@ def _plan(nest: Nest, mixed: int, seed: int, every_depth: bool = True) -> list[t
 
 
 def _raised_in(model: Any, exc: BaseException | None) -> str:
-    """`` (raised in <module path> (<class>), line N)``: the innermost module of ``model`` whose own code was
-    running when ``exc`` was raised, from its traceback; empty when none was."""
+    """`` (raised in <module path> (<class>), <file>:<line>)``: the innermost module of ``model`` whose own code
+    (a method taking it as its first argument, not torch's call machinery around a hook) was running when ``exc``
+    was raised, from its traceback; empty when none was."""
     if exc is None or not isinstance(model, nn.Module):
         return ""
     names = {id(m): p for p, m in model.named_modules()}
     where, tb = "", exc.__traceback__
+    machinery = os.path.dirname(nn.Module.__call__.__code__.co_filename)  # (torch/nn/modules: _call_impl, hooks)
     while tb is not None:
-        me = tb.tb_frame.f_locals.get("self")
-        if isinstance(me, nn.Module) and id(me) in names:
-            where = f" (raised in {names[id(me)] or '<root>'!r} ({type(me).__name__}), line {tb.tb_lineno})"
+        code = tb.tb_frame.f_code
+        first = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        if isinstance(first, nn.Module) and id(first) in names and (
+                os.path.dirname(code.co_filename) != machinery or code.co_name == "forward"):
+            where = (f" (raised in {names[id(first)] or '<root>'!r} ({type(first).__name__}), "
+                     f"{os.path.basename(code.co_filename)}:{tb.tb_lineno})")
         tb = tb.tb_next
     return where
 
 
 def _stored_width(nest: Nest, sub: SubModel, err: str) -> str:
-    """A hint where a view / reshape failed on a shape that holds the full size of a dimension the sub-model cuts:
-    the forward asks for a width it stored (``self.c = 16`` at init) instead of taking it from the tensor."""
-    m = re.search(r"shape '\[([-\d, ]+)\]' is invalid for input of size", err)
+    """A hint where a view / reshape failed on a shape that holds the full size of a width the sub-model cuts, and
+    that shape with the active size in its place fits the input: the forward asks for a width it stored
+    (``self.c = 16`` at init) instead of taking it from the tensor."""
+    m = re.search(r"shape '\[([-\d, ]+)\]' is invalid for input of size (\d+)", err)
     if m is None:
         return ""
-    shape = {int(v) for v in m.group(1).split(",") if v.strip()}
-    hit = [d for d in nest.dims if d.kind in ("width", "heads") and sub[d.name] != d.full and d.full in shape]
-    if not hit:
-        return ""
-    d = hit[0]
-    return (f"; the shape [{m.group(1)}] holds {d.full}, the full size of {d.kind} {d.name!r} (here "
-            f"{sub[d.name]}): a view or reshape to a width the forward stores or derives itself (self.c set at "
-            "init) still asks for the full size; take it from the tensor (x.shape[1], or -1)")
+    shape, numel = [int(v) for v in m.group(1).split(",") if v.strip()], int(m.group(2))
+    for d in nest.dims:
+        if d.kind != "width" or sub[d.name] == d.full or d.full not in shape:
+            continue
+        fixed = [sub[d.name] if i == shape.index(d.full) else v for i, v in enumerate(shape)]
+        known = math.prod(v for v in fixed if v != -1)
+        if known and (numel == known if -1 not in fixed else numel % known == 0):
+            return (f"; the shape [{m.group(1)}] holds {d.full}, the full size of width {d.name!r} (here "
+                    f"{sub[d.name]}): a view or reshape to a width the forward stores or derives itself (self.c "
+                    "set at init) still asks for the full size; take it from the tensor (x.shape[1], or -1)")
+    return ""
 
 
 def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: str,

@@ -58,8 +58,9 @@ def takes_keywords(model: nn.Module | Callable, example: Mapping) -> bool:
     """Whether ``model``'s forward takes the keys of ``example`` as keyword arguments: it has ``**kwargs``, or a
     parameter named as one of the keys (an unexpected other key is then the model's own error), or it takes no
     positional argument, or its signature cannot be read. Otherwise (``forward(self, batch)`` and a batch dict)
-    the mapping is one positional input. The signature read is the function's own (a decorator's ``**kwargs``
-    wins over the signature it copies from the function it wraps)."""
+    the mapping is one positional input. Through a decorator (``functools.wraps``: ``torch.no_grad()``, a
+    logger), the signature read is the forward it passes the arguments on to, unless the decorator itself takes
+    keywords only (it then gets them, and packs them as it likes)."""
     fn = model.forward if isinstance(model, nn.Module) else model
     keys = tuple(example)
     if not all(isinstance(k, str) for k in keys):
@@ -79,14 +80,23 @@ _KEYWORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _takes_keywords(fn: Callable, bound: bool, keys: tuple[str, ...]) -> bool:
+    def own(sig: inspect.Signature) -> list[inspect.Parameter]:  # (without the instance of a bound method)
+        ps = list(sig.parameters.values())
+        return ps[1:] if bound and ps and ps[0].kind in (ps[0].POSITIONAL_ONLY, ps[0].POSITIONAL_OR_KEYWORD) else ps
+
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
     try:
-        params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
+        outer = own(inspect.signature(fn, follow_wrapped=False))
+        params = own(inspect.signature(fn))  # (through functools.wraps: the forward a decorator passes on to)
     except (TypeError, ValueError):
         return True
-    if any(p.kind is p.VAR_KEYWORD for p in params) or any(
-            p.name in keys for p in params[bound:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)):
+    if not any(p.kind in positional for p in outer):  # (a decorator taking keywords only: it packs them itself)
         return True
-    return not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params[bound:])
+    if any(p.kind is p.VAR_KEYWORD for p in params) or any(
+            p.name in keys for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)):
+        return True
+    return not any(p.kind in positional for p in params)
 
 
 class ParamCounter:

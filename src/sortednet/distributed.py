@@ -259,7 +259,20 @@ def guard(module: nn.Module, nest: Nest) -> nn.Module:
     True
     """
     ddp = _uncompiled(module)
-    if not isinstance(ddp, _ddp_type()) or getattr(ddp, "_sn_guarded", False):
+    if not isinstance(ddp, _ddp_type()):
+        return module
+    known = getattr(ddp, "_module_parameters", None)  # (what DDP broadcast from the first rank when it was built)
+    if known is not None:
+        ids, ignored = {id(p) for p in known}, _ignored(module)
+        late = [n for n, p in _inner(module).named_parameters() if p.requires_grad and id(p) not in ids
+                and n not in ignored]
+        if late:
+            raise SortedNetError(
+                f"the DistributedDataParallel wrapper was built before sn.wrap added {late[:3]}"
+                f"{' ...' if len(late) > 3 else ''} (Rank adapters or factors): DDP broadcast the first rank's "
+                "weights when it was built, without these, so each rank starts them from its own values and the "
+                "replicas drift apart in silence. Call sn.wrap before DDP(...) (docs/scaling.md)")
+    if getattr(ddp, "_sn_guarded", False):
         return module
     inplace = any(m._sn.inplace_grad for m in nest._sliced.values())
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
-from .modes import copy_model, exact_math, plain_leaves
+from .modes import copy_model, exact_math, plain_items, plain_leaves
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -438,9 +438,9 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
 
 def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 4096) -> tuple:
     """What the attributes of :func:`aside_holders` hold now, by identity: each value, and its containers' items
-    as far as ``budget`` items in all allow (a vocabulary beside a block is not walked at every pick; beyond
-    it, a container by its length). A table built on them is rebuilt once this changes (an attribute deleted,
-    emptied or refilled after export named it)."""
+    (as :func:`plain_leaves` opens them) as far as ``budget`` items in all allow (a vocabulary beside a block is
+    not walked at every pick; beyond it, a container by its length). A table built on them is rebuilt once this
+    changes (an attribute deleted, emptied or refilled after export named it)."""
     out: list[object] = []
     seen: set[int] = set()
     for m, attr in holders:
@@ -448,16 +448,14 @@ def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 4096) 
         while stack:
             v = stack.pop()
             out.append(id(v))
-            if isinstance(v, functools.partial):
-                stack.extend((v.func, *v.args, *v.keywords.values()))
-                continue
-            if not isinstance(v, (list, tuple, set, frozenset, dict)) or id(v) in seen:
+            items = plain_items(v)
+            if items is None or id(v) in seen:
                 continue
             seen.add(id(v))
-            out.append(len(v))
-            if len(v) <= budget:
-                budget -= len(v)
-                stack.extend([*v, *v.values()] if isinstance(v, dict) else v)
+            out.append(len(items))
+            if len(items) <= budget:
+                budget -= len(items)
+                stack.extend(items)
     return tuple(out)
 
 

@@ -277,30 +277,35 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
 
 
+def plain_items(x: object) -> list[object] | None:
+    """What a plain container holds (a list, tuple, set, dict's keys and values, deque, ``SimpleNamespace``'s
+    attributes, ``functools.partial``'s function and arguments; subclasses too), or None for anything else."""
+    if isinstance(x, functools.partial):
+        return [x.func, *x.args, *x.keywords.values()]
+    if isinstance(x, dict):
+        return [*x, *x.values()]
+    if isinstance(x, (list, tuple, set, frozenset, collections.deque)):
+        return list(x)
+    if isinstance(x, types.SimpleNamespace):
+        return list(vars(x).values())
+    return None
+
+
 def plain_leaves(v: object) -> list[object]:
     """What a plain attribute value holds, at any depth (a container met twice followed once): ``v`` itself, or
-    the leaves of a list, tuple, set, dict (keys and values), deque, ``types.SimpleNamespace`` (its attributes) or
-    ``functools.partial`` (its function and arguments), subclasses included (a namedtuple, an OrderedDict). How
-    export finds blocks, sliced tensors and modules it replaces kept outside ``_modules``."""
+    the leaves of the containers :func:`plain_items` opens. How export finds blocks, sliced tensors and modules it
+    replaces kept outside ``_modules``."""
     out: list[object] = []
     seen: set[int] = set()
     stack = [v]
     while stack:  # (no recursion: an attribute nested thousands of levels deep is walked too)
         x = stack.pop()
-        if isinstance(x, functools.partial):
-            items: Any = (x.func, *x.args, *x.keywords.values())
-        elif isinstance(x, dict):
-            items = [*x, *x.values()]
-        elif isinstance(x, (list, tuple, set, frozenset, collections.deque)):
-            items = x
-        elif isinstance(x, types.SimpleNamespace):
-            items = list(vars(x).values())
-        else:
+        items = plain_items(x)
+        if items is None:
             out.append(x)
-            continue
-        if id(x) not in seen:
+        elif id(x) not in seen:
             seen.add(id(x))
-            stack.extend(reversed(list(items)))
+            stack.extend(reversed(items))
     return out
 
 
