@@ -356,7 +356,8 @@ class _HeldAside(nn.Module):
         if how == "deep list":
             return self.ws[0][0][0][0][0][0][0][0]
         w = {"list": lambda: self.ws[0], "deque": lambda: self.ws[0],
-             "dict of a detached view": lambda: self.ws["a"][0], "parameter on its memory": lambda: self.p2}.get(how, lambda: self.wb)()
+             "dict of a detached view": lambda: self.ws["a"][0],
+             "parameter on its memory": lambda: self.p2}.get(how, lambda: self.wb)()
         return w.T if how == "buffer of its transpose" else w
 
     def forward(self, x):
