@@ -3348,3 +3348,26 @@ def test_a_view_to_a_stored_width_is_named_with_where_it_was_raised():
                                                 r"holds 16, the full size of width 'c' \(here 4\)"):
         sn.wrap(Outer(), sn.Width("c", [4, 16], out=["se.conv", "se.fc2"], inp=["se.fc1", "se.out"]),
                 example=torch.randn(2, 3, 8, 8))
+
+
+def test_a_failure_raised_below_a_proxy_argument_is_still_a_named_refusal():
+    """Naming where a failure was raised reads each frame's first argument: one whose ``__class__`` raises (a proxy
+    object) made check end in that raw error instead of its refusal."""
+    class Proxy:
+        @property
+        def __class__(self):
+            raise RuntimeError("no class for you")
+
+    def widen(proxy, h):
+        return h.view(h.shape[0], 16)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.b(widen(Proxy(), self.a(x)))
+
+    with pytest.raises(sn.SortedNetError, match="shape '\\[2, 16\\]' is invalid"):
+        sn.wrap(Net(), sn.Width("h", [4, 16], out="a", inp="b"), example=torch.randn(2, 4))

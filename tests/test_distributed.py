@@ -235,14 +235,22 @@ def _errors(rank: int, out_dir: str) -> dict:
             out["tp_small"] = str(e)
     # sn.wrap after DDP: adapters DDP never broadcast, each rank's own random init (the replicas drifted apart in
     # silence); and sn.wrap of the wrapper itself ('module.' patterns and checkpoint keys, an export of DDP)
-    case = FAMILIES["mlp"](seed=rank)
-    ddp = DDP(case.model)
-    nest = sn.wrap(case.model, sn.Rank("r", [2, 4], targets="fc1", mode="lora"))
-    try:
-        snd.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example)), module=ddp)
-        out["wrap_after_ddp"] = "accepted"
-    except sn.SortedNetError as e:
-        out["wrap_after_ddp"] = str(e)
+    for same, seed in ((False, rank), (True, 0)):  # (each rank its own adapters: refused; the same: trained alike)
+        case = FAMILIES["mlp"](seed=0)
+        ddp = DDP(case.model)
+        torch.manual_seed(seed)
+        nest = sn.wrap(case.model, sn.Rank("r", [2, 4], targets="fc1", mode="lora"))
+        opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1)
+        try:
+            for _ in range(2):
+                snd.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example[rank::2])), module=ddp)  # noqa: B023
+                opt.step()
+                opt.zero_grad()
+            every: list = [None] * WORLD
+            dist.all_gather_object(every, case.model.fc1.lora_A.detach().clone())
+            out[f"wrap_after_ddp_{same}"] = every
+        except sn.SortedNetError as e:
+            out[f"wrap_after_ddp_{same}"] = str(e)
     try:
         sn.wrap(DDP(FAMILIES["mlp"](seed=0).model), *FAMILIES["mlp"](seed=0).dims)
         out["wrap_of_ddp"] = "accepted"
@@ -791,7 +799,11 @@ def test_misuse_raises_clear_errors(run):
     assert errs["read_at_rest_full"] and "fc1.weight is a DTensor" in errs["read_at_rest_small"]
     assert errs["dcp_inside_use"]
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
-    assert "built before sn.wrap added ['fc1.lora_A', 'fc1.lora_B']" in errs["wrap_after_ddp"], errs["wrap_after_ddp"]
+    msg = errs["wrap_after_ddp_False"]  # (rank 0's record: each rank its own adapters)
+    assert "the trained parameters ['fc1.lora_A', 'fc1.lora_B'] differ between the ranks: the " \
+        "DistributedDataParallel wrapper was built before they existed (added by sn.wrap" in msg, msg
+    a, b = errs["wrap_after_ddp_True"]  # (the same adapters on every rank: accepted, trained alike)
+    assert torch.equal(a, b)
     assert "'<root>' is a DistributedDataParallel wrapper: call sn.wrap on the model inside" in errs["wrap_of_ddp"]
     assert "static_graph" in errs.get("static_graph", "")
     msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran
@@ -991,6 +1003,21 @@ def test_wrapping_a_data_parallel_wrapper_is_refused_naming_the_model_inside():
     assert not any("_sn" in m.__dict__ for m in holder.modules())
     assert all(torch.equal(v, before[k]) for k, v in holder.state_dict().items())
     sn.wrap(case.model, *case.dims)  # (the model inside, as asked)
+
+    class Holder(torch.nn.Module):  # (a DataParallel child on one device, or none: it just calls its module)
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                                                  torch.nn.Linear(8, 2)))
+
+        def forward(self, x):
+            return self.body(x)
+
+    x = torch.randn(3, 4)
+    nest = sn.wrap(Holder(), sn.Width("h", [4, 8], out="body.module.0", inp="body.module.2"), example=x)
+    with torch.no_grad(), nest.use("h=4"):
+        torch.testing.assert_close(nest.export("h=4")(x), nest.model(x))
 
 
 def test_accumulate_rejects_a_module_without_the_nest():

@@ -1329,7 +1329,11 @@ def _raised_in(model: Any, exc: BaseException | None) -> str:
     while tb is not None:
         code = tb.tb_frame.f_code
         first = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
-        if isinstance(first, nn.Module) and id(first) in names and (
+        try:
+            module = isinstance(first, nn.Module)
+        except Exception:  # (a proxy object whose __class__ raises)
+            module = False
+        if module and id(first) in names and (
                 os.path.dirname(code.co_filename) != machinery or code.co_name == "forward"):
             where = (f" (raised in {names[id(first)] or '<root>'!r} ({type(first).__name__}), "
                      f"{os.path.basename(code.co_filename)}:{tb.tb_lineno})")

@@ -241,6 +241,40 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     return calls
 
 
+def _refuse_unbroadcast(ddp: nn.Module, module: nn.Module) -> None:
+    """Refuse trained parameters that the DDP wrapper did not have when it was built (added by ``sn.wrap``: Rank
+    adapters or factors; or by a change of the model since) and that differ between the ranks: DDP broadcast the
+    first rank's weights at construction, without them, so each rank would train its own start (the gradients
+    are averaged, the replicas drift apart in silence). Equal on every rank (factors of broadcast weights, one
+    seed), they are fine: one all-reduce of a digest of their values, once per set of them."""
+    known = getattr(ddp, "_module_parameters", None)  # (what DDP broadcast from the first rank when it was built)
+    if known is None:
+        return
+    ids, ignored = {id(p) for p in known}, _ignored(module)
+    late = [(n, p) for n, p in _inner(module).named_parameters() if p.requires_grad and id(p) not in ids
+            and n not in ignored]
+    key = tuple(id(p) for _, p in late)
+    if not late or getattr(ddp, "_sn_unbroadcast_ok", None) == key:
+        return
+    group = ddp.process_group
+    if _active() and dist.get_world_size(group) > 1:
+        digest = 0
+        for n, p in late:
+            raw = p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
+            digest = zlib.crc32(raw, zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode(), digest))
+        flag = torch.tensor([digest, -digest], dtype=torch.int64, device=_collective_device(group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if not int(flag[0]) == digest == -int(flag[1]):
+            names = [n for n, _ in late]
+            raise SortedNetError(
+                f"the trained parameters {names[:3]}{' ...' if len(names) > 3 else ''} differ between the ranks: "
+                "the DistributedDataParallel wrapper was built before they existed (added by sn.wrap: Rank adapters "
+                "or factors; or by a change of the model since, such as a resized embedding), so it never broadcast "
+                "them, and each rank would train its own start (the replicas drift apart in silence). Call sn.wrap "
+                "(and such changes) before DDP(...) (docs/scaling.md)")
+    ddp._sn_unbroadcast_ok = key
+
+
 def guard(module: nn.Module, nest: Nest) -> nn.Module:
     """Make a DDP ``module`` refuse forwards whose backward its reducer would get wrong.
 
@@ -261,17 +295,7 @@ def guard(module: nn.Module, nest: Nest) -> nn.Module:
     ddp = _uncompiled(module)
     if not isinstance(ddp, _ddp_type()):
         return module
-    known = getattr(ddp, "_module_parameters", None)  # (what DDP broadcast from the first rank when it was built)
-    if known is not None:
-        ids, ignored = {id(p) for p in known}, _ignored(module)
-        late = [n for n, p in _inner(module).named_parameters() if p.requires_grad and id(p) not in ids
-                and n not in ignored]
-        if late:
-            raise SortedNetError(
-                f"the DistributedDataParallel wrapper was built before sn.wrap added {late[:3]}"
-                f"{' ...' if len(late) > 3 else ''} (Rank adapters or factors): DDP broadcast the first rank's "
-                "weights when it was built, without these, so each rank starts them from its own values and the "
-                "replicas drift apart in silence. Call sn.wrap before DDP(...) (docs/scaling.md)")
+    _refuse_unbroadcast(ddp, module)
     if getattr(ddp, "_sn_guarded", False):
         return module
     inplace = any(m._sn.inplace_grad for m in nest._sliced.values())
