@@ -800,7 +800,7 @@ def test_misuse_raises_clear_errors(run):
     assert errs["dcp_inside_use"]
     assert "sortednet.distributed.accumulate" in errs.get("ddp_reducer_guard", "")
     msg = errs["wrap_after_ddp_False"]  # (rank 0's record: each rank its own adapters)
-    assert "the trained parameters ['fc1.lora_A', 'fc1.lora_B'] differ between the ranks: the " \
+    assert "the parameters ['fc1.lora_A', 'fc1.lora_B'] differ between the ranks: the " \
         "DistributedDataParallel wrapper was built before they existed (added by sn.wrap" in msg, msg
     a, b = errs["wrap_after_ddp_True"]  # (the same adapters on every rank: accepted, trained alike)
     assert torch.equal(a, b)
@@ -1002,6 +1002,9 @@ def test_wrapping_a_data_parallel_wrapper_is_refused_naming_the_model_inside():
         sn.wrap(holder, sn.Width("h1", [4, 20], out="module.fc1", inp="module.fc2"))
     assert not any("_sn" in m.__dict__ for m in holder.modules())
     assert all(torch.equal(v, before[k]) for k, v in holder.state_dict().items())
+    with pytest.raises(sn.SortedNetError, match=r"'<root>' is a DataParallel wrapper \(compiled\)"):
+        sn.wrap(torch.compile(holder), sn.Width("h1", [4, 20], out="_orig_mod.module.fc1",
+                                                inp="_orig_mod.module.fc2"))
     sn.wrap(case.model, *case.dims)  # (the model inside, as asked)
 
     class Holder(torch.nn.Module):  # (a DataParallel child on one device, or none: it just calls its module)

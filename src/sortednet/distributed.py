@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .agreement import _FORWARD, _SAVE, _agree_on, _collective_device, _loss_agreement, _sync
+from .agreement import _FORWARD, _SAVE, _START, _agree_on, _collective_device, _loss_agreement, _sync, _told
 from .errors import SortedNetError
 from .slicers import is_sharded
 from .submodel import SubModel, SubModelLike
@@ -242,37 +242,48 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
 
 
 def _refuse_unbroadcast(ddp: nn.Module, module: nn.Module) -> None:
-    """Refuse trained parameters that the DDP wrapper did not have when it was built (added by ``sn.wrap``: Rank
-    adapters or factors; or by a change of the model since) and that differ between the ranks: DDP broadcast the
-    first rank's weights at construction, without them, so each rank would train its own start (the gradients
+    """Refuse parameters that the DDP wrapper did not have when it was built (added by ``sn.wrap``: Rank adapters
+    or factors; or by a change of the model since) where they differ between the ranks: DDP broadcast the first
+    rank's weights at construction, without them, so each rank would run and train its own copy (the gradients
     are averaged, the replicas drift apart in silence). Equal on every rank (factors of broadcast weights, one
-    seed), they are fine: one all-reduce of a digest of their values, once per set of them."""
+    seed), they are fine. A rank holding such parameters meets the others in one agreement collective per call
+    (a digest of their values, computed once per set of parameter objects); a nest wrapped before DDP has none
+    and costs nothing."""
     known = getattr(ddp, "_module_parameters", None)  # (what DDP broadcast from the first rank when it was built)
     if known is None:
         return
     ids, ignored = {id(p) for p in known}, _ignored(module)
-    late = [(n, p) for n, p in _inner(module).named_parameters() if p.requires_grad and id(p) not in ids
-            and n not in ignored]
-    key = tuple(id(p) for _, p in late)
-    if not late or getattr(ddp, "_sn_unbroadcast_ok", None) == key:
-        return
+    late = [(n, p) for n, p in _inner(module).named_parameters() if id(p) not in ids and n not in ignored]
     group = ddp.process_group
-    if _active() and dist.get_world_size(group) > 1:
+    if not late or not _active() or dist.get_world_size(group) == 1:
+        return
+    seen = getattr(ddp, "_sn_unbroadcast", None)  # (weak references: a new parameter reusing an id is new)
+    if seen is not None and len(seen[0]) == len(late) and all(r() is p for r, (_, p) in zip(seen[0], late)):
+        digest = seen[1]
+    else:
         digest = 0
         for n, p in late:
-            raw = p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
-            digest = zlib.crc32(raw, zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode(), digest))
-        flag = torch.tensor([digest, -digest], dtype=torch.int64, device=_collective_device(group))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if not int(flag[0]) == digest == -int(flag[1]):
-            names = [n for n, _ in late]
-            raise SortedNetError(
-                f"the trained parameters {names[:3]}{' ...' if len(names) > 3 else ''} differ between the ranks: "
-                "the DistributedDataParallel wrapper was built before they existed (added by sn.wrap: Rank adapters "
-                "or factors; or by a change of the model since, such as a resized embedding), so it never broadcast "
-                "them, and each rank would train its own start (the replicas drift apart in silence). Call sn.wrap "
-                "(and such changes) before DDP(...) (docs/scaling.md)")
-    ddp._sn_unbroadcast_ok = key
+            digest = zlib.crc32(_value_bytes(p), zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode(), digest))
+        ddp._sn_unbroadcast = ([weakref.ref(p) for _, p in late], digest)
+    same, _ = _sync(_START, digest, (), group)
+    if not same:  # (every rank sees it: the collectives stay matched)
+        names = [n for n, _ in late]
+        raise _told(
+            f"the parameters {names[:3]}{' ...' if len(names) > 3 else ''} differ between the ranks: the "
+            "DistributedDataParallel wrapper was built before they existed (added by sn.wrap: Rank adapters or "
+            "factors; or by a change of the model since, such as a resized embedding), so it never broadcast them, "
+            "and each rank would run and train its own copy (the replicas drift apart in silence). Call sn.wrap "
+            "(and such changes) before DDP(...) (docs/scaling.md)")
+
+
+def _value_bytes(p: torch.Tensor) -> bytes:
+    """The bytes of ``p``'s values, whatever its dtype (a sparse tensor's dense values; none for a meta one)."""
+    t = p.detach()
+    if t.is_meta:
+        return b""
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    return t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
 
 
 def guard(module: nn.Module, nest: Nest) -> nn.Module:

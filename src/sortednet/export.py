@@ -13,6 +13,7 @@ refuses them. No tensor of the export aliases the live model.
 
 from __future__ import annotations
 
+import collections
 import dis
 import functools
 import os
@@ -448,6 +449,9 @@ def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 4096) 
         while stack:
             v = stack.pop()
             out.append(id(v))
+            if isinstance(v, (dict, list, tuple, set, frozenset, collections.deque)) and len(v) > budget:
+                out.append(len(v))  # (not opened: a container past the budget, by its length)
+                continue
             items = plain_items(v)
             if items is None or id(v) in seen:
                 continue

@@ -100,10 +100,15 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     if units:  # (unsharded between a forward and its backward, or kept so: reshard_after_forward=False)
         raise SortedNetError(f"{units[0]!r} was sharded with FSDP2 (fully_shard): call sn.wrap before fully_shard "
                              "(see docs/scaling.md)")
+    inner = model
+    while isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # (torch.compile of the wrapper)
+        inner = inner._orig_mod
     if any(c.__name__ in ("DistributedDataParallel", "DataParallel") and c.__module__.startswith(
-            "torch.nn.parallel") for c in type(model).__mro__):  # ('module.' patterns and checkpoint keys)
-        raise SortedNetError(f"'<root>' is a {type(model).__name__} wrapper: call sn.wrap on the model inside it "
-                             "before wrapping it (sn.wrap(model, ...), then DDP(model); see docs/scaling.md)")
+            "torch.nn.parallel") for c in type(inner).__mro__):  # ('module.' patterns and checkpoint keys)
+        compiled = " (compiled)" if inner is not model else ""
+        raise SortedNetError(f"'<root>' is a {type(inner).__name__} wrapper{compiled}: call sn.wrap on the model "
+                             "inside it before wrapping it (sn.wrap(model, ...), then DDP(model); see "
+                             "docs/scaling.md)")
     fsdp1 = [n or "<root>" for n, m in modules.items() if _is_fsdp1(m)]
     if fsdp1:
         raise SortedNetError(f"{fsdp1[0]!r} is managed by FSDP1 (FullyShardedDataParallel), which flattens the "
