@@ -1088,9 +1088,10 @@ class Nest:
 
     def _exportable(self) -> Callable[[dict], bool] | None:
         """A test ``sizes -> bool``: does the sub-model export (every tied tensor cut alike by its holders, no
-        svd Rank target whose weight a forward reads as a matrix exported as two Linears, no sliced tensor held
-        in a plain attribute)? None when every sub-model does. ``pick`` passes over the others, and a profile's
-        front leaves them out."""
+        svd Rank target it keeps exported as two Linears where a forward reads its weight as a matrix or a plain
+        attribute holds it in a container export cannot rebuild, no sliced tensor or skipped block held in a
+        plain attribute)? None when every sub-model does. ``pick`` passes over the others, and a profile's front
+        leaves them out."""
         depth = any(d.kind == "depth" for d in self.dims)
         ties = exportable(self.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in self._sliced.items()},
                           self._running if depth else None)
