@@ -988,3 +988,31 @@ def test_groups_that_fail_alone_but_run_together_are_merged():
     for sub in nest.submodels:
         with nest.use(sub), torch.no_grad():
             torch.testing.assert_close(nest.export(sub)(x), model(x))
+
+
+@settings(max_examples=200, deadline=None)
+@given(full=st.integers(1, 600), multiple=st.sampled_from([1, 2, 4, 8, 16]),
+       ratios=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=5))
+def test_by_ratio_picks_the_size_discover_made_for_each_ratio(full, multiple, ratios):
+    """by_ratio took the smallest size at least ratio * full, where discover rounds ratio * full to the nearest
+    multiple: wherever discover rounded down, the ratio's sub-model skipped its size for the next one (a group
+    at full width in the '0.5' sub-model; a discovered size never used). Each ratio now gets, in every
+    dimension, the size sizes_for made for it, whatever the multiple."""
+    from sortednet.discovery import sizes_for
+
+    m = multiple if full % multiple == 0 else 1
+    dim = sn.Width("w", sizes_for(full, ratios, multiple), out="0", inp="2")
+    got = sn.by_ratio([dim], ratios)
+    want = {min(full, max(m, round(r * full / m) * m)) for r in ratios}
+    assert {s["w"] for s in got} == want
+
+
+def test_by_ratio_on_discovered_groups_keeps_every_group_at_the_ratio():
+    model = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 2))
+    dims = sn.discover(model, torch.randn(3, 5), ratios=[0.25, 0.5, 1.0], multiple_of=8)
+    assert [list(d.sizes) for d in dims] == [[8, 16, 40], [8, 16, 24]]
+    assert sn.by_ratio(dims, [0.25, 0.5, 1.0]) == [{"w0": 8, "w2": 8}, {"w0": 16, "w2": 16}, {"w0": 40, "w2": 24}]
+    import numpy as np
+
+    three = [sn.Width("a", [3, 6, 10], out="0", inp="2")]
+    assert sn.by_ratio(three, [np.float32(0.3)]) == sn.by_ratio(three, [0.3]) == [{"a": 3}]

@@ -505,6 +505,10 @@ def test_an_optimizer_left_out_of_a_sort_is_named_and_several_can_be_passed():
             return m(x)
 
     m, nest, opts = build("one")
+    with warnings.catch_warnings():  # (a refused sort moves nothing: no warning about state left behind)
+        warnings.simplefilter("error", OptimizerStateWarning)
+        with pytest.raises(sn.SortedNetError, match="needs data="):
+            sort_units(nest, "taylor", example=x)
     with pytest.warns(OptimizerStateWarning, match=r"sort_units: Adam \(state for 4 of them\)"):
         orders = sort_units(nest, "l1", example=x)
     assert not torch.equal(orders["h@fc1"], torch.arange(16))

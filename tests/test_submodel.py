@@ -53,6 +53,9 @@ def test_nested_in_is_a_partial_order(triples):
         assert a.nested_in(c)
     assert a.nested_in(b) == all(a[k] <= b[k] for k in a)
     assert not a.nested_in({"x": 4, "y": 4})                 # different dimensions: not comparable
+    assert a.nested_in(str(b)) == a.nested_in(b)             # (its text too: was an AttributeError)
+    with pytest.raises(sn.SortedNetError, match="nested_in"):
+        a.nested_in(4)
 
 
 def test_submodel_is_immutable():

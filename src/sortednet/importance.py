@@ -621,12 +621,12 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
     optimizer = optimizers("sort_units", optimizer)
-    warn_stray_optimizers("sort_units", in_copies(nest, [p for m in nest._sliced.values()
-                                                         if any(b.dim.kind in ("width", "heads")
-                                                                for b in m._sn.bind.values())
-                                                         for p in m.parameters(recurse=False)]), optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
         orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer)  # flips
+    warn_stray_optimizers("sort_units", in_copies(nest, [p for m in nest._sliced.values()  # (once it moved them:
+                                                         if any(b.dim.kind in ("width", "heads")  # a refused sort
+                                                                for b in m._sn.bind.values())  # leaves state in
+                                                         for p in m.parameters(recurse=False)]), optimizer)  # place)
     nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves, optimizer, frozenset(
         id(t) for t in [*nest.model.parameters(), *nest.model.buffers()])), token=token)
     return orders

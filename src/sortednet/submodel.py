@@ -124,8 +124,14 @@ class SubModel(Mapping[str, int]):
     def __str__(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self._items)
 
-    def nested_in(self, other: Mapping[str, int]) -> bool:
-        """True when every size of ``self`` is ≤ the same dimension's size in ``other``."""
+    def nested_in(self, other: Mapping[str, int] | str) -> bool:
+        """True when every size of ``self`` is ≤ the same dimension's size in ``other`` (a sub-model, a mapping
+        or its text); False for other dimensions (not comparable: resolve both through the nest first)."""
+        if isinstance(other, str):
+            other = SubModel.parse(other)
+        if not isinstance(other, Mapping):
+            raise SortedNetError(f"nested_in() takes a sub-model, a mapping {{dimension: size}} or its text, got "
+                                 f"{type(other).__name__} {str(other)[:60]!r}")
         return self.keys() == other.keys() and all(v <= other[k] for k, v in self._items)
 
     def replace(self, **sizes: int) -> "SubModel":
