@@ -1197,3 +1197,28 @@ def test_taylor_scores_of_a_float16_model_are_taken_in_float32():
     m.zero_grad(set_to_none=True)
     orders = sort_units(nest, "taylor", data=data, loss_fn=loss_fn)
     assert any(not torch.equal(o, torch.arange(len(o))) for o in orders.values())
+
+
+def test_taylor_scores_a_model_of_two_inputs_from_input_label_batches():
+    """Batches of ((a, b), labels) for ``forward(a, b)``: the default loss called ``model((a, b))`` while the
+    example taken from the same batch was called ``model(a, b)``: one of the two always failed. Both call the
+    model as every other entry point does (a tuple is its positional inputs)."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 3)
+
+        def forward(self, x, y):
+            return self.b(torch.relu(self.a(x + y)))
+
+    model = Two()
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="a", inp="b"))
+    batches = [((torch.randn(6, 4), torch.randn(6, 4)), torch.randint(0, 3, (6,))) for _ in range(2)]
+    x = batches[0][0]
+    with torch.no_grad():
+        want = model(*x)
+    orders = sort_units(nest, "taylor", data=batches)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), want, rtol=1e-5, atol=1e-6)
+    assert sorted(orders["h@a"].tolist()) == list(range(16))

@@ -217,8 +217,8 @@ def _at_full(nest: Nest) -> Use:
 
 
 def _loss(model: nn.Module, batch: Any) -> Tensor:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return F.cross_entropy(model(batch[0]), batch[1])
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:  # ((inputs, labels): inputs called as everywhere)
+        return F.cross_entropy(call_model(model, batch[0]), batch[1])
     if keyword_inputs(batch):  # (a dict, a tokenizer's BatchEncoding)
         out = call_model(model, batch)
         if getattr(out, "loss", None) is not None:
