@@ -1016,3 +1016,7 @@ def test_by_ratio_on_discovered_groups_keeps_every_group_at_the_ratio():
 
     three = [sn.Width("a", [3, 6, 10], out="0", inp="2")]
     assert sn.by_ratio(three, [np.float32(0.3)]) == sn.by_ratio(three, [0.3]) == [{"a": 3}]
+    # sizes of the user's own, where no size is discover's for the ratio: the smallest at least ratio * full
+    for sizes, ratio, want in (([8, 64], 0.5, 64), ([16, 48, 64], 0.5, 48), ([2, 4, 6, 8], 0.375, 4),
+                               ([4, 10, 16], 0.5, 10)):
+        assert sn.by_ratio([sn.Width("a", sizes, out="0", inp="2")], [ratio]) == [{"a": want}], sizes

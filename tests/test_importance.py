@@ -616,9 +616,14 @@ def test_the_optimizer_of_a_copy_is_named_or_follows_the_sort_with_it():
     with torch.no_grad():
         model[0].weight.mul_(torch.linspace(2.0, 0.5, 16)[:, None])  # (an order the sort must change)
         teacher[0].weight.mul_(torch.linspace(2.0, 0.5, 16)[:, None])
-    with pytest.warns(OptimizerStateWarning, match=r"Adam \(state for \d+ of them\)"):
-        sort_units(nest, "l1", example=x)
     with torch.no_grad():
+        taught = teacher(x)
+    with warnings.catch_warnings():  # (warnings as errors: raised once the sort, copies included, is done)
+        warnings.simplefilter("error", OptimizerStateWarning)
+        with pytest.raises(OptimizerStateWarning, match=r"Adam \(state for \d+ of them\)"):
+            sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), taught)  # (the copy followed the sort: it runs, as before)
         model[0].weight.mul_(torch.linspace(0.25, 4.0, 16)[:, None])  # (and back: another order)
         teacher[0].weight.mul_(torch.linspace(0.25, 4.0, 16)[:, None])
     before = {n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})

@@ -309,8 +309,10 @@ def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[
 def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[str, int]]:
     """Sub-models with every dimension at the same fraction of its full size, one per ratio: a ``submodels=``
     list for nests of many dimensions, whose full product is too large (a CNN's discovered groups). ``ratios``
-    as for :func:`discover`, and each dimension at the size :func:`discover` made for the ratio: its size nearest
-    ``ratio * full`` (between two sizes one multiple apart, the even multiple, as discover rounds).
+    as for :func:`discover`, and each dimension at the size :func:`discover` made for the ratio (``ratio * full``
+    rounded to the nearest multiple of the sizes' greatest common divisor: discover's own multiple or one of it,
+    so it lands on discover's size); where that is no size of the dimension (sizes of your own), its smallest
+    size at least ``ratio * full``.
 
     >>> import sortednet as sn
     >>> dims = [sn.Width("a", [4, 8, 16], out="0", inp="2"), sn.Width("b", [2, 4], out="2", inp="4")]
@@ -323,21 +325,16 @@ def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[st
         raise SortedNetError(f"by_ratio needs a list of dimensions (sn.Width / sn.Heads / ..., e.g. from sn.discover), "
                              f"got {dims!r}")
     return list({tuple(sorted(s.items())): s for s in (
-        {d.name: _nearest(d.sizes, r * d.full) for d in dims} for r in ratios)}.values())
+        {d.name: _at_ratio(d.sizes, d.full, r) for d in dims} for r in ratios)}.values())
 
 
-def _nearest(sizes: Sequence[int], target: float) -> int:
-    """The size :func:`sizes_for` gives ``target`` (``ratio * full``): the nearest; where two sizes ``a < b`` are
-    as near (float error forgiven), they are one multiple ``m = b - a`` apart and discover's ``round`` took the
-    even multiple of ``m``."""
-    tol = 1e-9 * max(1.0, abs(target))
-    best = min(abs(x - target) for x in sizes)
-    near = sorted(x for x in sizes if abs(x - target) - best <= tol)
-    if len(near) == 1:
-        return near[0]
-    a, b = near[0], near[-1]
-    m = b - a
-    return a if (a // m) % 2 == 0 else b
+def _at_ratio(sizes: Sequence[int], full: int, ratio: float) -> int:
+    """The size of ``sizes`` (ascending, ``full`` last) :func:`by_ratio` gives ``ratio``: see there."""
+    g = math.gcd(*sizes)
+    target = min(full, max(g, round(ratio * full / g) * g))
+    if target in sizes:
+        return target
+    return next(x for x in sizes if x >= ratio * full * (1 - 1e-9))
 
 
 def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,

@@ -350,11 +350,12 @@ def optimizers(fn: str, optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
     return tuple(out.values())
 
 
-def warn_stray_optimizers(fn: str, params: Iterable[Tensor], passed: tuple[torch.optim.Optimizer, ...]) -> None:
-    """Warn (:class:`OptimizerStateWarning`) about every live optimizer of this process, other than
-    ``passed``, that holds per-element state for one of ``params`` (those the sort permutes): its moments
-    would no longer line up with their units. (Found by a scan of the live objects: a sort is rare, the
-    scan cheap next to its forwards; an optimizer that is garbage but not collected yet is collected first.)"""
+def stray_optimizers(params: Iterable[Tensor], passed: tuple[torch.optim.Optimizer, ...]) -> list[str]:
+    """Every live optimizer of this process, other than ``passed``, that holds per-element state for one of
+    ``params`` (those a sort permutes), by name: its moments would no longer line up with their units once the
+    sort moved them. (Found by a scan of the live objects: a sort is rare, the scan cheap next to its forwards;
+    an optimizer that is garbage but not collected yet is collected first.) Found before the sort, said after
+    it, with :func:`warn_stray_optimizers`: a refused sort moves nothing."""
     ids = {id(p) for p in params}
     mine = {id(o.state) for o in passed}
 
@@ -375,15 +376,21 @@ def warn_stray_optimizers(fn: str, params: Iterable[Tensor], passed: tuple[torch
                 found[id(state)] = f"{type(o).__name__} (state for {n} of them)"
         return list(found.values())
 
-    if stray():
-        gc.collect()
-        names = stray()
-        if names:
-            warnings.warn(f"{fn}: {', '.join(names)} holds momentum / moments for parameters this sort permutes "
-                          "and was not passed as optimizer=: its state stays where the units were, so its next "
-                          "steps would apply one unit's moments to another. Pass it (optimizer=opt, or a list of "
-                          "every optimizer of the model), or build a new optimizer after sorting",
-                          OptimizerStateWarning, stacklevel=3)
+    if not stray():
+        return []
+    gc.collect()
+    return stray()
+
+
+def warn_stray_optimizers(fn: str, names: list[str]) -> None:
+    """Warn (:class:`OptimizerStateWarning`) about the optimizers :func:`stray_optimizers` found, once the sort
+    is done (with warnings as errors, the raise then leaves a finished sort)."""
+    if names:
+        warnings.warn(f"{fn}: {', '.join(names)} holds momentum / moments for parameters this sort permutes and "
+                      "was not passed as optimizer=: its state stays where the units were, so its next steps "
+                      "would apply one unit's moments to another. Pass it (optimizer=opt, or a list of every "
+                      "optimizer of the model), or build a new optimizer after sorting", OptimizerStateWarning,
+                      stacklevel=3)
 
 
 def _check_state(optimizer: torch.optim.Optimizer) -> None:
@@ -621,14 +628,14 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
     optimizer = optimizers("sort_units", optimizer)
+    stray = stray_optimizers(in_copies(nest, [p for m in nest._sliced.values() if any(
+        b.dim.kind in ("width", "heads") for b in m._sn.bind.values()) for p in m.parameters(recurse=False)]),
+        optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
         orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer)  # flips
-    warn_stray_optimizers("sort_units", in_copies(nest, [p for m in nest._sliced.values()  # (once it moved them:
-                                                         if any(b.dim.kind in ("width", "heads")  # a refused sort
-                                                                for b in m._sn.bind.values())  # leaves state in
-                                                         for p in m.parameters(recurse=False)]), optimizer)  # place)
     nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves, optimizer, frozenset(
         id(t) for t in [*nest.model.parameters(), *nest.model.buffers()])), token=token)
+    warn_stray_optimizers("sort_units", stray)  # (once the sort is done: a refused one moved nothing)
     return orders
 
 

@@ -24,7 +24,16 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SortedNetError, flag
-from ..importance import _at_full, _companions, in_copies, one_process, optimizers, rel_err, warn_stray_optimizers
+from ..importance import (
+    _at_full,
+    _companions,
+    in_copies,
+    one_process,
+    optimizers,
+    rel_err,
+    stray_optimizers,
+    warn_stray_optimizers,
+)
 from ..modes import casts_stale, eval_mode, finish_all
 from ..nest import Nest
 from ..slicers import Slicer
@@ -208,7 +217,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                   for b in (m._sn.bind.get(role),))
     _check_layout(lay, found, model, ffn, heads)
     blocks = [b for _, b in named]
-    warn_stray_optimizers("sort_by_importance", in_copies(nest, [  # what the sort moves: the FFNs, the attentions
+    stray = stray_optimizers(in_copies(nest, [  # what the sort moves: the FFNs, the attentions
         p for blk in blocks for m in ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn
                                       else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
         for p in m.parameters()]), optimizer)
@@ -307,6 +316,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
         raise
     nest._drop_scores("sort_by_importance", [o for p in perms.values() for o in p.values()],
                       follow=_follow_log(nest.model, log, optimizer), token=token)
+    warn_stray_optimizers("sort_by_importance", stray)  # (once the sort is done: a refused one moved nothing)
     return perms
 
 
