@@ -1320,6 +1320,16 @@ def _views(entries):
     ("unserved_attr", {"attrs": ("weight", "scale", "nothere"),
                        **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})},
      r"raised reading 'nothere' at sizes"),
+    # a stray factor: the right shape, other values (the full model itself changed; export the same, unseen)
+    ("value_scaled", {"value": lambda self, m, name: self.take(m, name, [(0, "out"), (1, "inp")] if name == "weight"
+                                                              else [(0, "out")]) * 2},
+     r"gives 'weight' at the full sizes h=32 with other values than the module's 'weight' \(largest difference"),
+    ("take_typo", {"value": lambda self, m, name: self.take(m, name, [(0, "ouput")] if name == "scale" else
+                                                         [(0, "out"), (1, "inp")])},
+     r"take\('scale', \.\.\.\) cuts by role 'ouput', which is not one of its roles \('out', 'inp'\)"),
+    ("full_none", {"full": lambda self, m, role: None, **_views({"weight": ((0, "out"), (1, "inp")),
+                                                                "scale": ((0, "out"),)})},
+     r"slicer Unnamedfull_none of '0' \(_ScaledLinearfull_none\) returned NoneType None from full\(m, 'out'\)"),
     ("full_raises", {"full": lambda self, m, role: m.no_such_attribute,
                      **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})},
      r"slicer Unnamedfull_raises of '0' \(_ScaledLinearfull_raises\) raised in full\(\): AttributeError"),
@@ -1329,6 +1339,58 @@ def test_a_custom_slicer_that_does_not_fit_its_module_is_refused_before_anything
     AttributeError / bare NotImplementedError, from wrap or later from export."""
     unnamed = type("Unnamed", (_ScaledSlicerBase,), dict(body))
     _refused_at_wrap(unnamed, case, match, sizes=(8, 16) if case == "full_lies" else (8, 16, 32))
+
+
+class _FanIn(nn.Module):
+    """Scales by its input count, an int kept beside the weight (served by a slicer of the user's own)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight, self.fan_in = nn.Parameter(torch.randn(n_out, n_in)), n_in
+
+    def forward(self, x):
+        return F.linear(x, self.weight) * self.fan_in ** -0.5
+
+
+@pytest.mark.parametrize("served, match", [
+    ("other_axis", r"gives 'fan_in' at the full sizes a=32,b=16 as int 16, but the module holds int 32"),
+    ("none", r"gives 'fan_in' at the full sizes a=32,b=16 as NoneType None, but the module holds int 32"),
+    ("float", None),  # 32.0 for 32: the same number, accepted
+    ("right", None),
+])
+def test_a_custom_slicer_serving_another_int_at_the_full_sizes_is_refused(served, match):
+    """``fan_in`` read from the wrong axis (16 where the module has 32), or served as None, passed wrap and check:
+    the largest sub-model was no longer the model as it was, and export copied the same value (unseen)."""
+    cls = type(f"_FanIn{served}", (_FanIn,), {})
+
+    @sn.slicer(cls)
+    class FanIn(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("weight", "fan_in")
+        views = {"weight": ((0, "out"), (1, "inp"))}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+        def value(self, m, name):
+            w = self.take(m, "weight", [(0, "out"), (1, "inp")])
+            return {"other_axis": w.shape[0], "none": None, "float": float(w.shape[1]), "right": w.shape[1]}[served]
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), cls(32, 16), nn.ReLU(), nn.Linear(16, 2))
+    ref = m(x).detach()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    dims = sn.Width("a", [8, 32], out="0", inp="2"), sn.Width("b", [4, 16], out="2", inp="4")
+    if match is None:
+        nest = sn.wrap(m, *dims, example=x)
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
+        with nest.use("a=8,b=4"):
+            assert m[2].fan_in == 8
+        return
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.wrap(m, *dims)
+    assert type(m[2]) is cls and m[2].fan_in == 32 and "_sn" not in m[2].__dict__
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
 def test_a_slicer_declaring_attrs_as_a_string_is_refused_at_registration():

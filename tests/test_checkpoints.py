@@ -159,6 +159,8 @@ CASES = {
     "dim_not_object": E(_set(["dims"], [1])),
     "dim_kind_unknown": E(_set(["dims", 0, "kind"], "evil")),
     "dim_kind_missing": E(_del(["dims", 0, "kind"])),
+    "dim_kind_list": E(_set(["dims", 0, "kind"], ["width"])),
+    "dim_kind_object": E(_set(["dims", 0, "kind"], {"width": 1})),
     "dim_name_not_identifier": E(_set(["dims", 0, "name"], "a-b")),
     "dim_name_int": E(_set(["dims", 0, "name"], 7)),
     "dim_sizes_missing": E(_del(["dims", 0, "sizes"])),

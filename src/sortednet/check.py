@@ -19,6 +19,7 @@ import contextvars
 import functools
 import inspect
 import math
+import numbers
 import os
 import random
 import re
@@ -1031,9 +1032,11 @@ def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
                     for name in sl.attr_names(m, m._sn.bind):
                         v = getattr(m, name)
                         t = sl.tensor(m, name)
+                        where = f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__})"
+                        if sub is full:
+                            _full_value_kept(where, name, v, m.__dict__.get(name, _UNSET) if t is None else t, sub)
                         if not isinstance(t, torch.Tensor):
                             continue
-                        where = f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__})"
                         if not isinstance(v, torch.Tensor):
                             raise SortedNetError(f"{where} gives {type(v).__name__} for {name!r} at {sub}, which "
                                                  f"is a tensor {tuple(t.shape)} of the module: value() must return "
@@ -1048,6 +1051,48 @@ def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
                                                  f"the module's {tuple(t.shape)} (docs/custom_slicers.md)")
     finally:
         _base.NAMING_SLICER_ERRORS[0] -= 1
+
+
+_UNSET = object()
+
+
+def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> None:
+    """A user's slicer must serve, at the full sizes, what the module held before wrap (a parameter's or buffer's
+    values, an int such as ``fan_in`` kept in the instance ``__dict__``): the largest sub-model is the model as it
+    was. A value it computes otherwise (the wrong axis' length, ``None``, a tensor scaled by mistake) would change
+    the full model itself, and export copies the same value, so no comparison of the two would see it.
+    Values of other kinds (objects, configs) are not compared."""
+    if old is _UNSET:
+        return
+    if isinstance(old, torch.Tensor):
+        if not isinstance(v, torch.Tensor) or v.shape != old.shape or old.is_meta or v.is_meta:
+            return  # (a shape the checks below refuse by name; meta tensors hold no values)
+        a, b = v.detach(), old.detach()
+        if a.dtype != b.dtype:
+            a = a.to(b.dtype)
+        same = bool(torch.equal(a, b))
+        if not same and (a.is_floating_point() or a.is_complex()):  # (NaN where the module holds NaN)
+            same = bool(((a == b) | (a.isnan() & b.isnan())).all())
+        if not same:
+            try:
+                diff = f" (largest difference {(a - b).abs().max().item():.3g})"
+            except (RuntimeError, TypeError):  # (bool tensors do not subtract)
+                diff = ""
+            raise SortedNetError(f"{where} gives {name!r} at the full sizes {sub} with other values than the "
+                                 f"module's {name!r}{diff}: the largest sub-model must be the model as it was. "
+                                 "value() must return the tensor itself (cut to the active sizes) there "
+                                 "(docs/custom_slicers.md)")
+        return
+    if not (isinstance(old, numbers.Number) or old is None or (
+            isinstance(old, (tuple, list)) and all(isinstance(x, numbers.Number) for x in old))):
+        return
+    from .slicers.base import _same
+    if not _same(old, v):
+        raise SortedNetError(f"{where} gives {name!r} at the full sizes {sub} as {type(v).__name__} {str(v)[:40]}, "
+                             f"but the module holds {type(old).__name__} {str(old)[:40]}: the largest sub-model "
+                             "must be the model as it was. value() must return the module's own value at the "
+                             "full sizes (read it from m.__dict__, or compute it from the unsliced sizes) "
+                             "(docs/custom_slicers.md)")
 
 
 def guard_written_copies(nest: Nest) -> None:

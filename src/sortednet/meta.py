@@ -134,7 +134,7 @@ def _check_spec(spec: Any, i: int, fmt: str, where: str) -> None:
     if not isinstance(spec, dict):
         raise _err(where, f"dimension #{i} is a JSON {type(spec).__name__}, expected an object")
     kind, name, sizes = spec.get("kind"), spec.get("name"), spec.get("sizes")
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise _err(where, f"dimension #{i} has unknown kind {str(kind)[:40]!r}; known: {sorted(_KINDS)}")
     if not isinstance(name, str) or not name.isidentifier() or len(name) > 200:
         raise _err(where, f"dimension #{i} name {str(name)[:40]!r} is not an identifier")

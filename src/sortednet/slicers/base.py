@@ -337,7 +337,7 @@ class Slicer:
         """``full(m, role)``; a user's slicer failing there is refused naming the slicer and the module
         (sortednet's own slicers' errors pass as they are)."""
         try:
-            return self.full(m, role)
+            n = self.full(m, role)
         except SortedNetError:
             raise
         except Exception as e:
@@ -345,6 +345,11 @@ class Slicer:
                 raise
             raise PatternError(f"the slicer {type(self).__name__} of {path or '<root>'!r} ({type(m).__name__}) "
                                f"raised in full(): {type(e).__name__}: {e}") from e
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+            raise PatternError(f"the slicer {type(self).__name__} of {path or '<root>'!r} ({type(m).__name__}) "
+                               f"returned {type(n).__name__} {str(n)[:40]} from full(m, {role!r}): it must be the "
+                               "role's unsliced number of features, an int >= 0 (docs/custom_slicers.md)")
+        return int(n)
 
     def _check_declared(self, m: nn.Module, bind: dict[str, Binding], path: str, added: dict) -> None:
         """What the slicer declares must fit the module, before anything changes: every attribute it serves
@@ -401,6 +406,11 @@ class Slicer:
             if t is None:
                 return None
         st: State = m.__dict__["_sn"]
+        for a in axes:
+            if a[1] not in self.roles:  # (a typo would leave the tensor whole at every size)
+                raise SortedNetError(f"the slicer {type(self).__name__} of {st.path or '<root>'!r} "
+                                     f"({st.cls.__name__}): take({name!r}, ...) cuts by role {a[1]!r}, which is not "
+                                     f"one of its roles {self.roles} (docs/custom_slicers.md)")
         cuts, segs = cuts_for(t.shape, st.bind, axes, st.sizes())
         if is_sharded(t):  # FSDP2 at rest: its bookkeeping reads getattr(m, name) and must get its sharded
             return sharded_read(t, bool(cuts) or segs is not None, st, name)  # parameter back, never a slice
