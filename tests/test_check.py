@@ -3412,6 +3412,23 @@ def test_a_view_to_a_stored_width_is_named_with_where_it_was_raised():
                 example=torch.randn(2, 3, 8, 8))
 
 
+def test_a_failure_inside_a_sliced_layer_names_its_class_and_the_users_line():
+    """A root forward feeding a full-width tensor to a sliced Linear was reported as raised in 'b' (SortedLinear),
+    linear.py:53: sortednet's internal class and file, not the user's line that called the layer."""
+    class Pad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(torch.cat([h, h.new_zeros(len(h), 16 - h.shape[1])], 1))  # (16 wide at any size)
+
+    line = Pad.forward.__code__.co_firstlineno + 2
+    with pytest.raises(sn.SortedNetError, match=rf"\(raised in 'b' \(Linear\), test_check.py:{line}\)"):
+        sn.wrap(Pad(), sn.Width("w", [4, 16], out="a", inp="b"), example=torch.randn(3, 8))
+
+
 def test_a_failure_raised_below_a_proxy_argument_is_still_a_named_refusal():
     """Naming where a failure was raised reads each frame's first argument: one whose ``__class__`` raises (a proxy
     object) made check end in that raw error instead of its refusal."""

@@ -990,21 +990,29 @@ def test_groups_that_fail_alone_but_run_together_are_merged():
             torch.testing.assert_close(nest.export(sub)(x), model(x))
 
 
-@settings(max_examples=200, deadline=None)
-@given(full=st.integers(1, 600), multiple=st.sampled_from([1, 2, 4, 8, 16]),
+@settings(max_examples=40, deadline=None)
+@given(full=st.integers(2, 600), multiple=st.sampled_from([1, 2, 4, 8, 16]),
        ratios=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=5))
 def test_by_ratio_picks_the_size_discover_made_for_each_ratio(full, multiple, ratios):
     """by_ratio took the smallest size at least ratio * full, where discover rounds ratio * full to the nearest
     multiple: wherever discover rounded down, the ratio's sub-model skipped its size for the next one (a group
     at full width in the '0.5' sub-model; a discovered size never used). Each ratio now gets, in every
-    dimension, the size sizes_for made for it, whatever the multiple."""
-    from sortednet.discovery import sizes_for
-
+    dimension discover returned, the size it made for the ratio, whatever the multiple; the same sizes declared
+    by hand keep the smallest size at least ratio * full."""
+    model = nn.Sequential(nn.Linear(3, full), nn.ReLU(), nn.Linear(full, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dims = sn.discover(model, torch.randn(2, 3), ratios=ratios, multiple_of=multiple, verify=False)
     m = multiple if full % multiple == 0 else 1
-    dim = sn.Width("w", sizes_for(full, ratios, multiple), out="0", inp="2")
-    got = sn.by_ratio([dim], ratios)
-    want = {min(full, max(m, round(r * full / m) * m)) for r in ratios}
-    assert {s["w"] for s in got} == want
+    made = {min(full, max(m, round(r * full / m) * m)) for r in ratios}
+    if len(made | {full}) < 2:
+        assert dims == []
+        return
+    (dim,) = dims
+    assert {s[dim.name] for s in sn.by_ratio(dims, ratios)} == made
+    own = sn.Width(dim.name, dim.sizes, out="0", inp="2")
+    assert [s[dim.name] for s in sn.by_ratio([own], ratios)] == list(dict.fromkeys(
+        next(x for x in dim.sizes if x >= r * full * (1 - 1e-6)) for r in ratios))
 
 
 def test_by_ratio_on_discovered_groups_keeps_every_group_at_the_ratio():
@@ -1017,6 +1025,14 @@ def test_by_ratio_on_discovered_groups_keeps_every_group_at_the_ratio():
     three = [sn.Width("a", [3, 6, 10], out="0", inp="2")]
     assert sn.by_ratio(three, [np.float32(0.3)]) == sn.by_ratio(three, [0.3]) == [{"a": 3}]
     # sizes of the user's own, where no size is discover's for the ratio: the smallest at least ratio * full
+    # (every even grid too: [64, 128, 192, 256] at 0.3 took 64, a sub-model at 25% for a ratio of 0.3)
     for sizes, ratio, want in (([8, 64], 0.5, 64), ([16, 48, 64], 0.5, 48), ([2, 4, 6, 8], 0.375, 4),
-                               ([4, 10, 16], 0.5, 10)):
+                               ([4, 10, 16], 0.5, 10), ([64, 128, 192, 256], 0.3, 128),
+                               ([64, 128, 192, 256], 0.6, 192), ([32, 64, 96, 128], 0.6, 96), ([2, 4, 6, 8], 0.3, 4),
+                               ([2, 4, 6, 8], 0.55, 6)):
         assert sn.by_ratio([sn.Width("a", sizes, out="0", inp="2")], [ratio]) == [{"a": want}], sizes
+    assert sn.by_ratio([sn.Depth("d", [3, 6, 9, 12], layers="blocks")], [0.6]) == [{"d": 9}]
+    # a discovered declaration whose sizes the user changed is one of theirs
+    edited = sn.discover(model, torch.randn(3, 5), ratios=[0.25, 0.5, 1.0], multiple_of=8)[0]
+    edited = sn.Width(edited.name, [8, 16, 24, 40], out=edited.out, inp=edited.inp)
+    assert sn.by_ratio([edited], [0.25]) == [{"w0": 16}]

@@ -251,6 +251,19 @@ def _errors(rank: int, out_dir: str) -> dict:
             out[f"wrap_after_ddp_{same}"] = every
         except sn.SortedNetError as e:
             out[f"wrap_after_ddp_{same}"] = str(e)
+    # the same through DDP's own reducer (a plain loop): it averages only the parameters it was built with, so
+    # the adapters trained apart on each rank even from one seed (0.075 apart after 3 steps); refused at the forward
+    case = FAMILIES["mlp"](seed=0)
+    ddp = DDP(case.model)
+    torch.manual_seed(0)
+    nest = sn.wrap(case.model, sn.Rank("r", [2, 4], targets="fc1", mode="lora"))
+    try:
+        sn.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example[rank::2])))
+        out["reducer_after_ddp"] = "accepted"
+    except sn.SortedNetError as e:
+        out["reducer_after_ddp"] = str(e)
+    with ddp.no_sync():  # (gradients kept local: nothing to leave out of an average)
+        sn.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example[rank::2])))
     try:
         sn.wrap(DDP(FAMILIES["mlp"](seed=0).model), *FAMILIES["mlp"](seed=0).dims)
         out["wrap_of_ddp"] = "accepted"
@@ -805,6 +818,8 @@ def test_misuse_raises_clear_errors(run):
     a, b = errs["wrap_after_ddp_True"]  # (the same adapters on every rank: accepted, trained alike)
     assert torch.equal(a, b)
     assert "'<root>' is a DistributedDataParallel wrapper: call sn.wrap on the model inside" in errs["wrap_of_ddp"]
+    assert "the trainable parameters ['fc1.lora_A', 'fc1.lora_B'] are not in this DistributedDataParallel " \
+        "wrapper's gradient averaging" in errs["reducer_after_ddp"], errs["reducer_after_ddp"]
     assert "static_graph" in errs.get("static_graph", "")
     msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran
     assert "['0']" in msg and "sparse gradients" in msg and untouched
@@ -997,8 +1012,8 @@ def test_wrapping_a_data_parallel_wrapper_is_refused_naming_the_model_inside():
     case = FAMILIES["mlp"](seed=0)
     holder = torch.nn.DataParallel(case.model)
     before = {k: v.clone() for k, v in holder.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match="'<root>' is a DataParallel wrapper: call sn.wrap on the model "
-                                                "inside it"):
+    with pytest.raises(sn.SortedNetError, match=r"'<root>' is a DataParallel wrapper: call sn.wrap on the model "
+                                                r"inside it \(sn.wrap\(dp.module, ...\)"):
         sn.wrap(holder, sn.Width("h1", [4, 20], out="module.fc1", inp="module.fc2"))
     assert not any("_sn" in m.__dict__ for m in holder.modules())
     assert all(torch.equal(v, before[k]) for k, v in holder.state_dict().items())

@@ -1066,6 +1066,9 @@ def test_a_fraction_that_rounds_to_the_full_size_is_refused(fracs, full, group):
         with pytest.warns(UserWarning, match=rf"fraction\(s\) \[{fracs[0]}\] of the full size {full} round to "
                                              rf"{full} itself .*add no sub-model"):
             assert _resolve("heads", [smaller, fracs[0]], full, group)[-1] == full
+        with pytest.warns(UserWarning, match=r"add no sub-model"):  # (with the full size given too: merged, as the
+            got = _resolve("heads", [smaller, fracs[0], 1.0], full, group)  # warning says; was a duplicates error)
+        assert got == _resolve("heads", [smaller], full, group) == [round(smaller * full / group) * group, full]
 
 
 @pytest.mark.parametrize("sizes", [[0.25, 0.5, 1], [1, 0.5]])

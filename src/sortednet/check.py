@@ -1369,8 +1369,9 @@ def _raised_in(model: Any, exc: BaseException | None) -> str:
     if exc is None or not isinstance(model, nn.Module):
         return ""
     names = {id(m): p for p, m in model.named_modules()}
-    where, tb = "", exc.__traceback__
+    where, at, tb = "", "", exc.__traceback__
     machinery = os.path.dirname(nn.Module.__call__.__code__.co_filename)  # (torch/nn/modules: _call_impl, hooks)
+    libraries = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
     while tb is not None:
         code = tb.tb_frame.f_code
         first = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
@@ -1378,12 +1379,19 @@ def _raised_in(model: Any, exc: BaseException | None) -> str:
             module = isinstance(first, nn.Module)
         except Exception:  # (a proxy object whose __class__ raises)
             module = False
+        own = not code.co_filename.startswith(libraries)  # (the user's code: neither torch's nor sortednet's)
+        if own:
+            at = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}"
         if module and id(first) in names and (
                 os.path.dirname(code.co_filename) != machinery or code.co_name == "forward"):
-            where = (f" (raised in {names[id(first)] or '<root>'!r} ({type(first).__name__}), "
-                     f"{os.path.basename(code.co_filename)}:{tb.tb_lineno})")
+            st = first.__dict__.get("_sn")  # (a sliced module: its own class, not sortednet's subclass)
+            cls = st.cls.__name__ if st is not None and hasattr(st, "cls") else type(first).__name__
+            where = f"raised in {names[id(first)] or '<root>'!r} ({cls})"
+            where_at = at
         tb = tb.tb_next
-    return where
+    if not where:
+        return ""
+    return f" ({where}, {where_at})" if where_at else f" ({where})"
 
 
 def _stored_width(nest: Nest, sub: SubModel, err: str) -> str:

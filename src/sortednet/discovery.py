@@ -309,10 +309,10 @@ def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[
 def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[str, int]]:
     """Sub-models with every dimension at the same fraction of its full size, one per ratio: a ``submodels=``
     list for nests of many dimensions, whose full product is too large (a CNN's discovered groups). ``ratios``
-    as for :func:`discover`, and each dimension at the size :func:`discover` made for the ratio (``ratio * full``
-    rounded to the nearest multiple of the sizes' greatest common divisor: discover's own multiple or one of it,
-    so it lands on discover's size); where that is no size of the dimension (sizes of your own), its smallest
-    size at least ``ratio * full``.
+    as for :func:`discover`. A dimension :func:`discover` returned (its sizes as discover made them) is at the
+    size discover made for the ratio (``ratio * full`` rounded to the nearest multiple of the sizes' greatest
+    common divisor: discover's own multiple or one of it, so it lands on discover's size); any other dimension
+    (sizes of your own), or a ratio discover made no size for, at its smallest size at least ``ratio * full``.
 
     >>> import sortednet as sn
     >>> dims = [sn.Width("a", [4, 8, 16], out="0", inp="2"), sn.Width("b", [2, 4], out="2", inp="4")]
@@ -325,16 +325,22 @@ def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[st
         raise SortedNetError(f"by_ratio needs a list of dimensions (sn.Width / sn.Heads / ..., e.g. from sn.discover), "
                              f"got {dims!r}")
     return list({tuple(sorted(s.items())): s for s in (
-        {d.name: _at_ratio(d.sizes, d.full, r) for d in dims} for r in ratios)}.values())
+        {d.name: _at_ratio(d.sizes, d.full, r, discovered=d.__dict__.get(_DISCOVERED) == tuple(d.sizes))
+         for d in dims} for r in ratios)}.values())
 
 
-def _at_ratio(sizes: Sequence[int], full: int, ratio: float) -> int:
+#: the attribute discover marks its declarations with (their sizes as it made them)
+_DISCOVERED = "_sn_discovered_sizes"
+
+
+def _at_ratio(sizes: Sequence[int], full: int, ratio: float, discovered: bool = False) -> int:
     """The size of ``sizes`` (ascending, ``full`` last) :func:`by_ratio` gives ``ratio``: see there."""
-    g = math.gcd(*sizes)
-    target = min(full, max(g, round(ratio * full / g) * g))
-    if target in sizes:
-        return target
-    return next(x for x in sizes if x >= ratio * full * (1 - 1e-9))
+    if discovered:
+        g = math.gcd(*sizes)
+        target = min(full, max(g, round(ratio * full / g) * g))
+        if target in sizes:
+            return target
+    return next(x for x in sizes if x >= ratio * full * (1 - 1e-6))  # (a float32 ratio: 0.3 is 0.30000001)
 
 
 def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,
@@ -383,6 +389,8 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
         warnings.warn(_none_found(coupling, dropped), stacklevel=2)
     elif (kept := _kept_whole(coupling)) or dropped:
         warnings.warn(KeptWholeWarning(_partly_found(kept, dropped, len(found))), stacklevel=2)
+    for d in found:  # (by_ratio gives these, and only these, the sizes made for each ratio)
+        d.__dict__[_DISCOVERED] = tuple(d.sizes)
     return found
 
 

@@ -60,6 +60,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         memo, skipped, drop, kept, dropped = _copy_plan(nest)
         _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
+        held: dict[int, list[tuple[str, nn.Module, str]]] | None = None  # (built at the first replaced module)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
             cpath = kept.get(id(live))  # (None: in a skipped block that nothing kept holds; one also held
@@ -79,7 +80,9 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
                     for name, child in list(parent._modules.items()):
                         if child is c:
                             parent._modules[name] = r
-                _replace_held(new, c, r, sub)
+                if held is None:
+                    held = _held_index(new)
+                _replace_held(held, c, r, sub)
         _drop_wrap_hooks(nest._hooks, new)
         for m in new.modules():  # (a Rank nest's save guard: the export holds stock weights)
             if getattr(m.__dict__.get("save_pretrained"), "_sn_save_guard", False):
@@ -437,7 +440,7 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
             if attr not in _INTERNALS and any(id(x) in watch for x in plain_leaves(v))]
 
 
-def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 4096) -> tuple:
+def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 256) -> tuple:
     """What the attributes of :func:`aside_holders` hold now, by identity: each value, and its containers' items
     (as :func:`plain_leaves` opens them) as far as ``budget`` items in all allow (a vocabulary beside a block is
     not walked at every pick; beyond it, a container by its length). A table built on them is rebuilt once this
@@ -567,23 +570,39 @@ def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module],
 _GONE = object()  # (what _swap_held puts in place of a module, to see whether it is still held)
 
 
-def _replace_held(new: nn.Module, c: nn.Module, r: nn.Module, sub: SubModel) -> None:
+def _held_index(new: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Every module a plain attribute of a module of ``new`` holds (at any depth), by id: the ``(path, module,
+    attribute)`` holding it. Built once per export: each replaced module then reads only its own holders (an
+    attribute of 50k items is walked once, not twice per replaced module)."""
+    out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, m in new.named_modules():
+        for attr, v in m.__dict__.items():
+            if attr in _INTERNALS:
+                continue
+            for x in {id(x): x for x in plain_leaves(v) if isinstance(x, nn.Module)}.values():
+                out.setdefault(id(x), []).append((path, m, attr))
+    return out
+
+
+def _replace_held(held: Mapping[int, list[tuple[str, nn.Module, str]]], c: nn.Module, r: nn.Module,
+                  sub: SubModel) -> None:
     """A slicer's export replaced module ``c`` of the copy by ``r`` (a factored Rank's two Linears): a plain
     attribute that held ``c`` (alone, in a list, tuple, dict, set or ``functools.partial``, six levels deep)
     holds ``r``; one that holds it where that is not rebuilt (a deeper one, a namedtuple, an OrderedDict, a list
-    subclass) would keep a stale module sharing the live model's tensors: refused, naming it."""
-    where = held_unrebuilt(new, {id(c): c})
-    if where:
-        raise SortedNetError(f"export({sub}): {where[id(c)]} holds a module that the export replaces "
-                             f"({type(c).__name__} by {type(r).__name__}) in a container it does not rebuild (a "
-                             "subclass of a list, tuple, dict or set, such as a namedtuple or an OrderedDict, or "
-                             "one more than six levels deep), which would keep the old one; hold it in a plain "
-                             "one, or as a child module (pick passes over the sub-models this refuses)")
+    subclass) would keep a stale module sharing the live model's tensors: refused, naming it, before any of
+    them changes. ``held``: :func:`_held_index` of the copy."""
+    holders = held.get(id(c), [])
+    for path, m, attr in holders:
+        v = m.__dict__[attr]
+        if any(y is c for y in plain_leaves(_swap_held(v, c, _GONE, {}))):
+            raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
+                                 f"({type(c).__name__} by {type(r).__name__}) in a container it does not rebuild (a "
+                                 "subclass of a list, tuple, dict or set, such as a namedtuple or an OrderedDict, "
+                                 "or one more than six levels deep), which would keep the old one; hold it in a "
+                                 "plain one, or as a child module (pick passes over the sub-models this refuses)")
     seen: dict[int, object] = {}
-    for m in new.modules():
-        for attr, v in list(m.__dict__.items()):
-            if attr not in _INTERNALS and any(x is c for x in plain_leaves(v)):
-                m.__dict__[attr] = _swap_held(v, c, r, seen)
+    for _, m, attr in holders:
+        m.__dict__[attr] = _swap_held(m.__dict__[attr], c, r, seen)
 
 
 def _kept_paths(model: nn.Module, cut: set[tuple[int, str]]) -> dict[int, str]:

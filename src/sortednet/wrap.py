@@ -106,9 +106,11 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     if any(c.__name__ in ("DistributedDataParallel", "DataParallel") and c.__module__.startswith(
             "torch.nn.parallel") for c in type(inner).__mro__):  # ('module.' patterns and checkpoint keys)
         compiled = " (compiled)" if inner is not model else ""
+        how = ("sn.wrap(model, ...), then DDP(model): a DDP wrapper built first broadcast the weights without "
+               "what wrap adds" if "Distributed" in type(inner).__name__ else
+               "sn.wrap(dp.module, ...); the wrapper then runs the wrapped model")
         raise SortedNetError(f"'<root>' is a {type(inner).__name__} wrapper{compiled}: call sn.wrap on the model "
-                             "inside it before wrapping it (sn.wrap(model, ...), then DDP(model); see "
-                             "docs/scaling.md)")
+                             f"inside it ({how}; see docs/scaling.md)")
     fsdp1 = [n or "<root>" for n, m in modules.items() if _is_fsdp1(m)]
     if fsdp1:
         raise SortedNetError(f"{fsdp1[0]!r} is managed by FSDP1 (FullyShardedDataParallel), which flattens the "
@@ -881,6 +883,30 @@ def entry_children(model: nn.Module, planned: dict) -> list[nn.Module]:
 _INNER: list = [None, None, None, 0, None]
 
 
+def _refuse_late_in_reducer(ddp: nn.Module, pin: Pin) -> None:
+    """A forward through a DDP wrapper whose backward its reducer syncs: trainable parameters it was built
+    without (added by ``sn.wrap`` after ``DDP(...)``: Rank adapters or factors) are left out of its gradient
+    averaging, so each rank would train its own copy and the replicas drift apart in silence, even from equal
+    starts. Refused, naming them; looked up once per wrapper and nest (``ddp._sn_late``: the nest's pin and
+    the names found). ``snd.accumulate`` runs its backwards under ``no_sync`` and averages every gradient
+    itself: not here."""
+    known = getattr(ddp, "_module_parameters", None)
+    inner = getattr(ddp, "module", None)
+    late: tuple[str, ...] = ()
+    if known is not None and isinstance(inner, nn.Module):
+        ids = {id(p) for p in known}
+        ignored = set(getattr(inner, "_ddp_params_and_buffers_to_ignore", ()) or ())
+        late = tuple(n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in ids
+                     and n not in ignored)
+    ddp.__dict__["_sn_late"] = (pin, late)
+    if late:
+        raise SortedNetError(
+            f"the trainable parameters {list(late[:3])}{' ...' if len(late) > 3 else ''} are not in this "
+            "DistributedDataParallel wrapper's gradient averaging: it was built before they existed (added by "
+            "sn.wrap: Rank adapters or factors), so its reducer would leave them out and each rank would train "
+            "its own copy (the replicas drift apart in silence). Call sn.wrap before DDP(...) (docs/scaling.md)")
+
+
 class Pin:
     """Forward hooks on the wrapped model's root: a forward that starts outside any ``use`` runs the
     nest-wide default in force when it starts, to its end. ``activate`` from another thread then takes
@@ -968,6 +994,12 @@ class Pin:
         if _compiling():
             return
         self._enter(module, sys._getframe(1))
+        ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)
+        ddp = ddp.DistributedDataParallel._active_ddp_module if ddp is not None else None
+        if ddp is not None and _grad_enabled() and ddp.require_backward_grad_sync:
+            seen = ddp.__dict__.get("_sn_late")  # (this pin, and what was found for it)
+            if seen is None or seen[0] is not self or seen[1]:
+                _refuse_late_in_reducer(ddp, self)  # (after _enter: the post hook, always called, takes it back)
 
     def inner_pre(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook of a direct child of the root that holds sliced modules: a forward entered there,

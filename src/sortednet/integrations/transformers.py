@@ -84,6 +84,8 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
         warnings.warn(f"{what}: fraction(s) {merged} of the full size {full} round to {full} itself (sizes are "
                       f"multiples of {multiple}" + (": whole key/value groups" if multiple > 1 else "") + "): they "
                       f"add no sub-model; the sizes are {sorted(set(out) | {full})}", UserWarning, stacklevel=3)
+        out = [s for f, s in zip(sizes, out) if not (isinstance(f, float) and f < 1 and s == full)]  # (merged: the
+        #                                                                     full size is added below, once)
     if full not in out:
         out.append(full)  # the full model is always a sub-model (invariant 1)
     out = sorted(out)
