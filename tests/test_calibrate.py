@@ -773,3 +773,42 @@ def test_calibrate_refuses_a_loader_it_cannot_iterate_by_name():
     nest = sn.wrap(m, sn.Width("h", [2, 8], out="0", norm="1", inp="2"))
     with pytest.raises(sn.SortedNetError, match="needs a loader of batches .* got int 5"):
         nest.calibrate(5, batches=1)
+
+
+def test_a_non_reentrant_checkpoint_over_a_calibrated_batchnorm_recomputes_its_sub_models_statistics():
+    """The model's own ``checkpoint(f, h, use_reentrant=False)`` over an eval-mode BatchNorm after calibrate, with
+    backward after the ``use`` block: the recomputation read the full model's calibrated statistics (the same
+    shape, so PyTorch's recomputation check passed) and c2's gradient was up to 5.6 off, in silence."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+            self.bn, self.fc = nn.BatchNorm2d(8), nn.Linear(8, 2)
+
+        def forward(self, x, ckpt=False):
+            h = self.c2(torch.relu(self.c1(x)))
+            f = lambda t: torch.relu(self.bn(t))  # noqa: E731
+            h = checkpoint(f, h, use_reentrant=False) if ckpt else f(h)
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net()
+    nest = sn.wrap(net, sn.Width("a", [2, 8], out="c1", inp="c2"), sn.Width("b", [4, 8], out="c2", norm="bn", inp="fc"))
+    batches = [(torch.randn(16, 1, 8, 8) * 2 + 1,) for _ in range(3)]
+    nest.calibrate(batches, batches=3)
+    net.eval()  # (frozen BatchNorm, fine-tuned with gradients)
+    x = torch.randn(4, 1, 8, 8)
+
+    def grad(sub, ckpt):
+        net.zero_grad()
+        with nest.use(sub):
+            y = net(x, ckpt)
+        y.sum().backward()  # (after the block: the recomputation runs under the default, the full model)
+        return net.c2._parameters["weight"].grad.clone()
+
+    for sub in ("a=2,b=8", "a=8,b=4", "a=2,b=4"):
+        want = grad(sub, False)
+        assert not torch.allclose(want, grad(nest.largest, False))  # (calibrated statistics differ per sub-model)
+        torch.testing.assert_close(grad(sub, True), want, rtol=1e-5, atol=1e-6)

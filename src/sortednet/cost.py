@@ -320,10 +320,13 @@ class _CountFlops(TorchDispatchMode):
         return out
 
 
-def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None) -> int:
+def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | None = None,
+                own_buffers: bool = False) -> int:
     """Floating-point operations of one forward of ``sub`` on ``example`` (no grad, eval mode),
     on ``model`` (default: a private eval-mode view of ``nest.model`` sharing its tensors, so no
-    BatchNorm statistic, random draw or training flag of the model changes).
+    BatchNorm statistic, random draw or training flag of the model changes; ``own_buffers``: ``model`` holds
+    copies of the model's buffers, as that view does). The model's buffers are then left alone: a buffer
+    another thread writes meanwhile (a serving thread's cache) keeps what it wrote.
 
     PyTorch's fused attention / encoder fast paths step aside while counting
     (the counter cannot see inside them, and they would make a full-size layer
@@ -336,12 +339,13 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     """
     from .modes import NoFastPath, dry_run, eval_view
 
-    if model is None:  # a private eval-mode view: no BatchNorm statistic, dropout draw or mode flag changes
-        model, _ = eval_view(nest.model, keep=nest.dims)
-    counter = _CountFlops()
-    COUNTING.pause = counter.pause
+    own = model is None or own_buffers
+    if model is None:  # a private eval-mode view with buffers of its own: no BatchNorm statistic, dropout draw,
+        model, _ = eval_view(nest.model, keep=nest.dims, own_buffers=True)  # mode flag or buffer of the model
+    counter = _CountFlops()                                                 # changes, and none is put back over
+    COUNTING.pause = counter.pause                                          # what another thread wrote meanwhile
     try:
-        with dry_run(nest.model), nest.use(sub), torch.no_grad(), NoFastPath(), counter:
+        with dry_run(nest.model, buffers=not own), nest.use(sub), torch.no_grad(), NoFastPath(), counter:
             call_model(model, example)
     finally:
         COUNTING.pause = None

@@ -104,7 +104,7 @@ def restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
 
 
 @contextmanager
-def dry_run(model: nn.Module) -> Iterator[_SaveOnWrite]:
+def dry_run(model: nn.Module, buffers: bool = True) -> Iterator[_SaveOnWrite]:
     """Run ``model``'s own forward without leaving a trace: on exit every parameter and buffer holds again
     what it held on entry. For checks that run the user's forward (``nest.check``, ``discover``,
     ``from_transformers``' self-check), which promise to change nothing. Yields the watch on the parameters
@@ -115,11 +115,16 @@ def dry_run(model: nn.Module) -> Iterator[_SaveOnWrite]:
     parameters, an ``nn.Embedding(max_norm=...)`` renormalising its rows), seen by a dispatch mode, so an
     untouched model costs no copy of its weights. A parameter or buffer that the forward replaced
     (``self.count = self.count + 1``, ``p.data = ...``) is put back.
+
+    ``buffers=False``: the buffers are left alone (the forward runs on a view holding copies of them, see
+    :func:`eval_view`'s ``own_buffers``): what other threads write into them meanwhile (a serving thread's KV
+    buffer, a training thread's running statistics) stays.
     """
     import torch
 
     refuse_script(model, "a dry run of the model's forward")
-    slots = [(m, d, name, t) for m in model.modules() for d in (m._parameters, m._buffers)
+    slots = [(m, d, name, t) for m in model.modules() for d in ((m._parameters, m._buffers) if buffers
+                                                                else (m._parameters,))
              for name, t in d.items() if isinstance(t, torch.Tensor)]
     params = {id(t): t for m, d, _, t in slots if d is m._parameters}
     datas = [(p, p.data) for p in params.values()]  # the storage each parameter holds now (no copy)
@@ -217,14 +222,15 @@ class _SaveOnWrite(TorchDispatchMode):
 
 
 @contextmanager
-def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = (),
+def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = (), own_buffers: bool = False,
               replace: Mapping[int, object] | None = None) -> Iterator[tuple[nn.Module, dict[int, nn.Module]]]:
     """``(view, copies)``: a private eval-mode copy of ``nest.model`` sharing its tensors, and a map
     ``id(original module) -> its copy``.
 
     Modules in ``own_state`` get a private sortednet state (``_sn.extra``) and a
     private ``num_batches_tracked``, so a caller may put them in training mode
-    and change those on the copy alone (BatchNorm calibration).
+    and change those on the copy alone (BatchNorm calibration). ``own_buffers``: every buffer is a copy, so
+    the view's forwards write none of the model's (a call counter, a cache kept in a buffer).
 
     >>> import torch, torch.nn as nn, sortednet as sn
     >>> from sortednet.modes import eval_mode
@@ -234,17 +240,19 @@ def eval_mode(nest: Nest, *, own_state: Iterable[nn.Module] = (),
     ...     view.training, view[0].weight is model[0].weight, model.training
     (False, True, True)
     """
-    view, copies = eval_view(nest.model, keep=nest.dims, own_state=own_state, replace=replace)
+    view, copies = eval_view(nest.model, keep=nest.dims, own_state=own_state, own_buffers=own_buffers,
+                             replace=replace)
     yield view, copies  # type: ignore[misc]
 
 
 def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Iterable[nn.Module] = (),
-              own_stats: bool = False,
+              own_stats: bool = False, own_buffers: bool = False,
               replace: Mapping[int, object] | None = None) -> tuple[nn.Module, dict[int, nn.Module]]:
     """A private eval-mode copy of ``model``'s module tree sharing every parameter, buffer,
     sortednet state and object in ``keep`` (see :func:`eval_mode`), and ``id(module) -> copy``.
     ``own_stats``: every BatchNorm / InstanceNorm copy gets copies of its running statistics and batch
-    counter instead (a training-mode forward of the view then leaves the model's untouched). ``replace``:
+    counter instead (a training-mode forward of the view then leaves the model's untouched). ``own_buffers``:
+    every buffer is a copy (ties kept), so a forward of the view writes none of the model's. ``replace``:
     ``id(tensor) -> stand-in`` the view holds instead (every holder of a tied tensor gets the same one).
 
     >>> import torch.nn as nn
@@ -257,8 +265,10 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
     refuse_script(model, "a private eval-mode view of the model")
     own = {id(m) for m in own_state}
     memo: dict[int, object] = {id(d): d for d in keep}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.parameters():
         memo[id(t)] = t
+    for t in model.buffers():
+        memo[id(t)] = t.detach().clone() if own_buffers else t
     for m in model.modules():
         st = m.__dict__.get("_sn")
         if st is not None:

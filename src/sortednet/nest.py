@@ -735,7 +735,8 @@ class Nest:
             return n
         return cache[sub]
 
-    def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None, store: bool = True) -> int:
+    def _flops(self, sub: SubModel, example: Any, *, model: nn.Module | None = None, store: bool = True,
+               own_buffers: bool = False) -> int:
         """FLOPs of ``sub`` on ``example``, cached under the example's signature. Thread-safe: the
         table ``pick`` reads only ever holds counts of one signature (the latest asked for, or the
         profile's while a profile holds FLOPs)."""
@@ -744,7 +745,8 @@ class Nest:
             hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example else None
         if hit is None:
             try:
-                hit = count_flops(self, sub, example, model=model)  # outside the lock: other threads go on
+                hit = count_flops(self, sub, example, model=model, own_buffers=own_buffers)  # (outside the lock:
+                #                                                                    other threads go on)
             except SortedNetError:
                 raise
             except Exception as e:

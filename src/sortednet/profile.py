@@ -287,11 +287,12 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
     ok = nest._exportable()  # (a tied tensor cut two ways: pick passes over those, the front leaves them out)
     unexportable = set() if ok is None else {str(s) for s in nest.submodels if not ok(dict(s))}
     live_only: list[str] = []
-    with eval_mode(nest) as (view, _):  # measured in eval mode on a private view: no thread sees a mode change
-        for sub in tqdm(nest.submodels, desc="profiling", disable=not progress, leave=False):
+    with eval_mode(nest, own_buffers=True) as (view, _):  # measured in eval mode on a private view, with buffers
+        for sub in tqdm(nest.submodels, desc="profiling",  # of its own: no thread sees a mode change, and a
+                        disable=not progress, leave=False):  # forward writing a buffer (a counter) writes its own
             cols["params"].append(float(nest.cost(sub, "params")))
             if "flops" in metrics:
-                cols["flops"].append(float(nest._flops(sub, example, model=view, store=False)))
+                cols["flops"].append(float(nest._flops(sub, example, model=view, store=False, own_buffers=True)))
             timed = view
             if on == "export" and ("latency" in metrics or "memory" in metrics) and str(sub) not in unexportable:
                 timed = _deployed(nest, sub)

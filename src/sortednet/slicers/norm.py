@@ -23,8 +23,9 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PatternError, SizeError, SortedNetError
-from ..views import _compiling
+from ..views import _compiling, _fx
 from .base import Slicer, slicer
+from .depth import _pin_checkpoints
 
 if TYPE_CHECKING:
     from ..dims import Dimension
@@ -308,8 +309,10 @@ class BatchNormSlicer(Slicer):
             return self.features(m, "norm", m.__dict__["num_features"])
         if name in ("running_mean", "running_var") and m.__dict__["_sn"].norm is not None:
             own = active_stats(m, name)  # per-sub-model statistics from nest.calibrate (eval mode)
-            if own is not None:
-                return own
+            if own is not None:  # (read inside an activation checkpoint: its recomputation reads this sub-model's
+                if not _fx._is_fx_tracing_flag:  # too, wherever backward runs; the full model's have the same
+                    _pin_checkpoints(m)          # shape, so PyTorch's recomputation check could not tell them
+                return own                       # apart)
         return self.take(m, name, [(0, "norm")])
 
     def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
