@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 import weakref
 
 import numpy as np
@@ -1689,3 +1690,20 @@ def test_a_diverged_model_scores_nan_and_its_mean_loss_says_so():
     assert sn.train._accuracy(out, t) == float((out.argmax(-1) == t).sum())
     out[1] = float("-inf")
     assert math.isnan(sn.train._accuracy(out, t))
+
+
+def test_fit_warns_when_the_optimizer_lacks_parameters_the_nest_trains():
+    """An optimizer built before sn.wrap (or before sn.load, which wraps) never saw the LoRA adapters wrap adds: fit
+    stepped the rest of the model and trained nothing of the targets, in silence."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    nest = sn.wrap(model, sn.Rank("r", [2, 4], targets="0", mode="lora"))
+    data = [(torch.randn(4, 8), torch.randint(0, 2, (4,)))] * 2
+    sampler = sn.Sampler(nest.submodels, k=1, seed=0)
+    with pytest.warns(UserWarning, match=r"the optimizer does not hold 2 of the parameters the nest trains "
+                                         r"\(\['0.lora_A', '0.lora_B'\]\)"):
+        sn.fit(nest, data, early, sampler, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sn.fit(nest, data, torch.optim.SGD(nest.trainable_parameters(), lr=0.1), sampler, progress=False)

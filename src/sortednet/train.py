@@ -797,6 +797,15 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError("fit(): the optimizer holds none of the nest's model's parameters (built for another "
                              "model, or before a reload replaced them), so its steps would train nothing; build it "
                              "from nest.trainable_parameters() after wrap")
+    if held:
+        names = {id(p): n for n, p in nest.model.named_parameters()}
+        missing = [names.get(id(p), "?") for p in nest.trainable_parameters() if id(p) not in held]
+        if missing:  # (Rank adapters an optimizer built before sn.wrap / sn.load never saw: trained nothing)
+            warnings.warn(f"fit(): the optimizer does not hold {len(missing)} of the parameters the nest trains "
+                          f"({missing[:3]}{' ...' if len(missing) > 3 else ''}): they get gradients, but fit never "
+                          "steps them. Build the optimizer from nest.trainable_parameters() after sn.wrap / sn.load "
+                          "(which add Rank adapters and factors), or freeze what you mean to keep "
+                          "(requires_grad_(False))", UserWarning, stacklevel=2)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
     if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
