@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import sys
 import warnings
 
@@ -1356,6 +1357,7 @@ class _FanIn(nn.Module):
     ("other_axis", r"gives 'fan_in' at the full sizes a=32,b=16 as int 16, but the module holds int 32"),
     ("none", r"gives 'fan_in' at the full sizes a=32,b=16 as NoneType None, but the module holds int 32"),
     ("float", None),  # 32.0 for 32: the same number, accepted
+    ("numpy", None),  # np.int64(32)
     ("right", None),
 ])
 def test_a_custom_slicer_serving_another_int_at_the_full_sizes_is_refused(served, match):
@@ -1373,7 +1375,8 @@ def test_a_custom_slicer_serving_another_int_at_the_full_sizes_is_refused(served
 
         def value(self, m, name):
             w = self.take(m, "weight", [(0, "out"), (1, "inp")])
-            return {"other_axis": w.shape[0], "none": None, "float": float(w.shape[1]), "right": w.shape[1]}[served]
+            return {"other_axis": w.shape[0], "none": None, "float": float(w.shape[1]), "numpy": np.int64(w.shape[1]),
+                    "right": w.shape[1]}[served]
 
     torch.manual_seed(0)
     x = torch.randn(3, 8)
@@ -1391,6 +1394,60 @@ def test_a_custom_slicer_serving_another_int_at_the_full_sizes_is_refused(served
         sn.wrap(m, *dims)
     assert type(m[2]) is cls and m[2].fan_in == 32 and "_sn" not in m[2].__dict__
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+class _ScaledValues(nn.Module):
+    """Holds the values a slicer of the user's serves computed otherwise: a float scale, a shape tuple, a flag and
+    an integer step buffer."""
+
+    def __init__(self, n_in=8, n_out=32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in))
+        self.register_buffer("steps", torch.tensor([3, 5]))
+        self.scale, self.shape, self.flag = 1 / math.sqrt(n_out), (-1, n_out), True
+
+    def forward(self, x):
+        y = (F.linear(x, self.weight) * self.scale).reshape(self.shape) if self.flag else x
+        return y + self.steps.sum()
+
+
+@pytest.mark.parametrize("served, ok", [
+    ("computed_alike", True),   # k ** -0.5 (1 ulp from 1 / sqrt(k)), [-1, k] / torch.Size for (-1, k), np.bool_
+    ("steps_fraction", False),  # the integer buffer served as floats + 0.5: the full model changed
+    ("weight_bf16", False),     # a rounding cast of the weight at the full sizes: the full model changed
+])
+def test_the_full_size_check_compares_values_computed_another_way_as_equal(served, ok):
+    """The check of a custom slicer's full-size values refused a float computed another way (one ulp apart), a
+    list (or torch.Size) for a tuple and np.bool_(True) for True; it passed an integer buffer served as
+    fractions (compared after a cast to the buffer's integer dtype)."""
+    cls = type(f"_ScaledValues{served}", (_ScaledValues,), {})
+
+    @sn.slicer(cls)
+    class Scaled(sn.Slicer):
+        roles, attrs = ("out",), ("weight", "scale", "shape", "flag", "steps")
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0]
+
+        def value(self, m, name):
+            w = self.take(m, "weight", [(0, "out")])
+            k = w.shape[0]
+            return {"weight": w.bfloat16() if served == "weight_bf16" else w, "scale": k ** -0.5,
+                    "shape": torch.Size([-1, k]) if served == "computed_alike" else [-1, k],
+                    "flag": np.bool_(True),
+                    "steps": m._buffers["steps"] + 0.5 if served == "steps_fraction" else m._buffers["steps"]}[name]
+
+    torch.manual_seed(0)
+    m = nn.Sequential(cls(), nn.ReLU(), nn.Linear(32, 2))
+    assert 1 / math.sqrt(32) != 32 ** -0.5  # (the two spellings differ in the last bit)
+    dims = sn.Width("h", [8, 32], out="0", inp="2")
+    if ok:
+        sn.wrap(m, dims, example=torch.randn(3, 8)).unwrap()
+        return
+    with pytest.raises(sn.SortedNetError, match=rf"gives '{served.split('_')[0]}' at the full sizes h=32 with "
+                                                r"other values than the module's"):
+        sn.wrap(m, dims)
+    assert type(m[0]) is cls
 
 
 def test_a_slicer_declaring_attrs_as_a_string_is_refused_at_registration():

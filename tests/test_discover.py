@@ -1032,6 +1032,11 @@ def test_by_ratio_on_discovered_groups_keeps_every_group_at_the_ratio():
                                ([2, 4, 6, 8], 0.55, 6)):
         assert sn.by_ratio([sn.Width("a", sizes, out="0", inp="2")], [ratio]) == [{"a": want}], sizes
     assert sn.by_ratio([sn.Depth("d", [3, 6, 9, 12], layers="blocks")], [0.6]) == [{"d": 9}]
+    # a ratio discover made no size for: the smallest size at least ratio * full (0.6 of [25, 50, 75, 100] took 50)
+    hundred = sn.discover(nn.Sequential(nn.Linear(5, 100), nn.ReLU(), nn.Linear(100, 2)), torch.randn(3, 5),
+                          ratios=[0.25, 0.5, 0.75, 1.0])
+    assert list(hundred[0].sizes) == [25, 50, 75, 100]
+    assert sn.by_ratio(hundred, [0.6, 0.3, 0.5]) == [{"w0": 75}, {"w0": 50}]
     # a discovered declaration whose sizes the user changed is one of theirs
     edited = sn.discover(model, torch.randn(3, 5), ratios=[0.25, 0.5, 1.0], multiple_of=8)[0]
     edited = sn.Width(edited.name, [8, 16, 24, 40], out=edited.out, inp=edited.inp)

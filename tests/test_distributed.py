@@ -264,6 +264,11 @@ def _errors(rank: int, out_dir: str) -> dict:
         out["reducer_after_ddp"] = str(e)
     with ddp.no_sync():  # (gradients kept local: nothing to leave out of an average)
         sn.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example[rank::2])))
+    case = FAMILIES["mlp"](seed=0)  # (parameters DDP averages apart, built after wrap: not late)
+    nest = sn.wrap(case.model, *case.dims)
+    ddp = DDP(case.model, delay_all_reduce_named_params=[("fc2.weight", case.model.fc2.weight)],
+              param_to_hook_all_reduce=case.model.fc1.weight)
+    sn.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example[rank::2])))
     try:
         sn.wrap(DDP(FAMILIES["mlp"](seed=0).model), *FAMILIES["mlp"](seed=0).dims)
         out["wrap_of_ddp"] = "accepted"

@@ -746,7 +746,7 @@ def test_trainer_drops_calibration_of_the_weights_it_trains(tmp_path):
     trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Spelled())
     with pytest.warns(UserWarning, match="dropped them"):
         trainer.train()
-    assert [subs for _, subs in trainer.history] == [({"h": 4}, "h=8")] * 2
+    assert [tuple(map(str, subs)) for _, subs in trainer.history] == [("h=4", "h=8")] * 2  # (resolved)
 
 
 class _OwnLoss(SortedTrainer):
@@ -2432,6 +2432,46 @@ def test_a_sampler_of_the_users_that_draws_no_list_is_named(drawn, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("case", ["soft_shallow", "soft_text", "weights_short", "weights_nan", "weights_negative",
+                                  "weights_zero"])
+def test_a_sampler_of_the_users_is_checked_as_sn_samplers_are(case, tmp_path):
+    """A sampler of the user's own (draw(step), no .submodels for the constructor to read): under soft_exits= a
+    draw at a shallower depth became a copy of the deepest (trained twice, history listing a depth that never ran)
+    and a draw spelled as a string raised a raw TypeError; loss weights too few, NaN, negative or all zero
+    dropped or untrained a sub-model in silence, where sn.accumulate(weights=) refuses them."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16], depth=[1])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(2)]
+    deep = [s for s in nest.submodels if s["depth"] == nest.largest["depth"]]
+    small, large = nest.submodels[0], nest.largest
+    draws, weights = {"soft_shallow": ([small, large], None), "soft_text": ([str(deep[0]), str(large)], None),
+                      "weights_short": ([small, large], [1.0]), "weights_nan": ([small, large], [0.5, float("nan")]),
+                      "weights_negative": ([small, large], [1.5, -0.5]),
+                      "weights_zero": ([small, large], [0.0, 0.0])}[case]
+
+    class Drawer:
+        def draw(self, step):
+            return list(draws)
+
+        def loss_weights_for(self, subs):
+            return weights
+
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    soft = {"soft_exits": [1, nest.largest["depth"]]} if case.startswith("soft") else {}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Drawer(), **soft)
+    if case == "soft_text":  # (spelled as text: trained, at the deepest exit)
+        trainer.train()
+        assert [list(map(str, subs)) for _, subs in trainer.history] == [[str(deep[0]), str(large)]]
+        return
+    match = (r"drew .*depth=1 at step 0, but every drawn sub-model runs at the deepest exit" if case == "soft_shallow"
+             else r"sampler.loss_weights_for\(.*\) must return 2 finite non-negative numbers, not all 0")
+    with pytest.raises(sn.SortedNetError, match=match):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_a_batch_encoding_is_the_one_input_of_a_model_that_takes_the_batch():
     """A model taking the tokenizer's output whole (``forward(self, batch)``, reading ``batch.input_ids``) was
     called with its keywords (a TypeError) since BatchEncodings became keyword inputs, and with a plain dict in
@@ -2506,3 +2546,21 @@ def test_a_tokenizers_batch_encoding_is_an_example_like_its_dict():
     x = torch.randn(64, 4, 16)
     assert [measure_memory(vn, s, BatchEncoding({"x": x})) for s in vn.submodels] == \
         [measure_memory(vn, s, {"x": x}) for s in vn.submodels]
+
+
+def test_from_transformers_passes_inplace_grad_to_wrap():
+    """The docs ask for wrap(..., inplace_grad=False) (threads running backward at once, DDP's own reducer), which
+    a from_transformers user could only reach through private state (a TypeError for the keyword)."""
+    grads = []
+    for inplace in (True, False):
+        model, _, _, _ = build("llama")
+        nest = sn.from_transformers(model, ffn=[16], heads=[2], inplace_grad=inplace)
+        assert {m._sn.inplace_grad for m in nest._sliced.values()} == {inplace}
+        x = ids(seed=1, b=2)
+        sn.accumulate(nest, [nest.smallest, nest.largest], lambda: model(input_ids=x, labels=x).loss)  # noqa: B023
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(sn.SortedNetError, match="inplace_grad"):
+        sn.from_transformers(build("llama")[0], ffn=[16], inplace_grad="no")

@@ -15,6 +15,7 @@ and the error names the dimension, the module path and the role (``out=``,
 
 from __future__ import annotations
 
+import cmath
 import contextvars
 import functools
 import inspect
@@ -27,6 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -1056,6 +1058,35 @@ def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
 _UNSET = object()
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, (str, bytes))
+
+
+def _comparable(x: Any) -> bool:
+    """A number, None, or a list / tuple of them: what the full-size check compares."""
+    return x is None or _number(x) or (isinstance(x, (tuple, list)) and all(_number(y) for y in x))
+
+
+def _same_value(old: Any, new: Any) -> bool:
+    """``new`` serves what ``old`` is: None for None; a number of the same value (floats up to rounding: ``k **
+    -0.5`` for ``1 / math.sqrt(k)``; ``np.bool_(True)`` for ``True``); a list or tuple (``torch.Size`` too) of
+    such, item by item."""
+    if old is None or new is None:
+        return old is new
+    if isinstance(old, (tuple, list)):
+        return isinstance(new, (tuple, list)) and len(new) == len(old) and all(
+            _same_value(a, b) for a, b in zip(old, new))
+    if not _number(new) or isinstance(new, (tuple, list)):
+        return False
+    try:
+        a, b = complex(old), complex(new)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    if cmath.isnan(a) and cmath.isnan(b):
+        return True
+    return a == b or (math.isfinite(abs(a)) and abs(a - b) <= 1e-9 * max(abs(a), abs(b)))
+
+
 def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> None:
     """A user's slicer must serve, at the full sizes, what the module held before wrap (a parameter's or buffer's
     values, an int such as ``fan_in`` kept in the instance ``__dict__``): the largest sub-model is the model as it
@@ -1068,8 +1099,9 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
         if not isinstance(v, torch.Tensor) or v.shape != old.shape or old.is_meta or v.is_meta:
             return  # (a shape the checks below refuse by name; meta tensors hold no values)
         a, b = v.detach(), old.detach()
-        if a.dtype != b.dtype:
-            a = a.to(b.dtype)
+        if a.dtype != b.dtype:  # (compared in a dtype holding both: a lossless cast passes, a rounding one or a
+            kind = torch.promote_types(a.dtype, b.dtype)  # fraction served for an integer buffer does not)
+            a, b = a.to(kind), b.to(kind)
         same = bool(torch.equal(a, b))
         if not same and (a.is_floating_point() or a.is_complex()):  # (NaN where the module holds NaN)
             same = bool(((a == b) | (a.isnan() & b.isnan())).all())
@@ -1083,11 +1115,9 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
                                  "value() must return the tensor itself (cut to the active sizes) there "
                                  "(docs/custom_slicers.md)")
         return
-    if not (isinstance(old, numbers.Number) or old is None or (
-            isinstance(old, (tuple, list)) and all(isinstance(x, numbers.Number) for x in old))):
+    if not _comparable(old):
         return
-    from .slicers.base import _same
-    if not _same(old, v):
+    if not _same_value(old, v):
         raise SortedNetError(f"{where} gives {name!r} at the full sizes {sub} as {type(v).__name__} {str(v)[:40]}, "
                              f"but the module holds {type(old).__name__} {str(old)[:40]}: the largest sub-model "
                              "must be the model as it was. value() must return the module's own value at the "
@@ -1371,7 +1401,8 @@ def _raised_in(model: Any, exc: BaseException | None) -> str:
     names = {id(m): p for p, m in model.named_modules()}
     where, at, tb = "", "", exc.__traceback__
     machinery = os.path.dirname(nn.Module.__call__.__code__.co_filename)  # (torch/nn/modules: _call_impl, hooks)
-    libraries = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+    libraries = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)  # (the torch and
+    #                                                       sortednet packages alone: transformers' code is a model's)
     while tb is not None:
         code = tb.tb_frame.f_code
         first = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None

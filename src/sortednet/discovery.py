@@ -309,10 +309,11 @@ def _whole_heads(probe: nn.Module, example: Any, dims: list[Dimension]) -> list[
 def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[str, int]]:
     """Sub-models with every dimension at the same fraction of its full size, one per ratio: a ``submodels=``
     list for nests of many dimensions, whose full product is too large (a CNN's discovered groups). ``ratios``
-    as for :func:`discover`. A dimension :func:`discover` returned (its sizes as discover made them) is at the
-    size discover made for the ratio (``ratio * full`` rounded to the nearest multiple of the sizes' greatest
-    common divisor: discover's own multiple or one of it, so it lands on discover's size); any other dimension
-    (sizes of your own), or a ratio discover made no size for, at its smallest size at least ``ratio * full``.
+    as for :func:`discover`. A dimension :func:`discover` returned (its sizes as discover made them) is, for a
+    ratio discover made a size for, at that size (``ratio * full`` rounded to the nearest multiple of the sizes'
+    greatest common divisor: discover's own multiple or one of it, so it lands on discover's size); any other
+    dimension (sizes of your own, or read back from a checkpoint), or another ratio, at its smallest size at
+    least ``ratio * full``.
 
     >>> import sortednet as sn
     >>> dims = [sn.Width("a", [4, 8, 16], out="0", inp="2"), sn.Width("b", [2, 4], out="2", inp="4")]
@@ -325,12 +326,18 @@ def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[st
         raise SortedNetError(f"by_ratio needs a list of dimensions (sn.Width / sn.Heads / ..., e.g. from sn.discover), "
                              f"got {dims!r}")
     return list({tuple(sorted(s.items())): s for s in (
-        {d.name: _at_ratio(d.sizes, d.full, r, discovered=d.__dict__.get(_DISCOVERED) == tuple(d.sizes))
-         for d in dims} for r in ratios)}.values())
+        {d.name: _at_ratio(d.sizes, d.full, r, discovered=_made_for(d, r)) for d in dims} for r in ratios)}.values())
 
 
-#: the attribute discover marks its declarations with (their sizes as it made them)
+#: the attribute discover marks its declarations with: (their sizes as it made them, the ratios it made them for).
+#: Not kept by checkpoints (``by_ratio`` is for the ``submodels=`` list at wrap, which ``sn.save`` stores itself)
 _DISCOVERED = "_sn_discovered_sizes"
+
+
+def _made_for(d: Dimension, ratio: float) -> bool:
+    """Whether ``d`` is a declaration :func:`discover` returned, sizes unchanged, and made a size for ``ratio``."""
+    made = d.__dict__.get(_DISCOVERED)
+    return made is not None and made[0] == tuple(d.sizes) and any(abs(ratio - r) <= 1e-6 * r for r in made[1])
 
 
 def _at_ratio(sizes: Sequence[int], full: int, ratio: float, discovered: bool = False) -> int:
@@ -390,7 +397,7 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     elif (kept := _kept_whole(coupling)) or dropped:
         warnings.warn(KeptWholeWarning(_partly_found(kept, dropped, len(found))), stacklevel=2)
     for d in found:  # (by_ratio gives these, and only these, the sizes made for each ratio)
-        d.__dict__[_DISCOVERED] = tuple(d.sizes)
+        d.__dict__[_DISCOVERED] = (tuple(d.sizes), ratios)
     return found
 
 

@@ -440,7 +440,7 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
             if attr not in _INTERNALS and any(id(x) in watch for x in plain_leaves(v))]
 
 
-def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 256) -> tuple:
+def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 1024) -> tuple:
     """What the attributes of :func:`aside_holders` hold now, by identity: each value, and its containers' items
     (as :func:`plain_leaves` opens them) as far as ``budget`` items in all allow (a vocabulary beside a block is
     not walked at every pick; beyond it, a container by its length). A table built on them is rebuilt once this

@@ -887,18 +887,21 @@ def _refuse_late_in_reducer(ddp: nn.Module, pin: Pin) -> None:
     """A forward through a DDP wrapper whose backward its reducer syncs: trainable parameters it was built
     without (added by ``sn.wrap`` after ``DDP(...)``: Rank adapters or factors) are left out of its gradient
     averaging, so each rank would train its own copy and the replicas drift apart in silence, even from equal
-    starts. Refused, naming them; looked up once per wrapper and nest (``ddp._sn_late``: the nest's pin and
-    the names found). ``snd.accumulate`` runs its backwards under ``no_sync`` and averages every gradient
-    itself: not here."""
+    starts. Refused, naming them; looked up once per wrapper and nest (``ddp._sn_late``: by the nest's pin, the
+    pin and the names found; several nests may run in one wrapper). Parameters the wrapper leaves out of its
+    buckets on purpose (``parameters_to_ignore``, which also holds ``delay_all_reduce_named_params``, averaged
+    by DDP itself) are not late. ``snd.accumulate`` runs its backwards under ``no_sync`` and averages every
+    gradient itself: not here."""
     known = getattr(ddp, "_module_parameters", None)
     inner = getattr(ddp, "module", None)
     late: tuple[str, ...] = ()
     if known is not None and isinstance(inner, nn.Module):
         ids = {id(p) for p in known}
-        ignored = set(getattr(inner, "_ddp_params_and_buffers_to_ignore", ()) or ())
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ()) | set(
+            getattr(inner, "_ddp_params_and_buffers_to_ignore", ()) or ())
         late = tuple(n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in ids
                      and n not in ignored)
-    ddp.__dict__["_sn_late"] = (pin, late)
+    ddp.__dict__.setdefault("_sn_late", {})[id(pin)] = (pin, late)
     if late:
         raise SortedNetError(
             f"the trainable parameters {list(late[:3])}{' ...' if len(late) > 3 else ''} are not in this "
@@ -997,7 +1000,7 @@ class Pin:
         ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)
         ddp = ddp.DistributedDataParallel._active_ddp_module if ddp is not None else None
         if ddp is not None and _grad_enabled() and ddp.require_backward_grad_sync:
-            seen = ddp.__dict__.get("_sn_late")  # (this pin, and what was found for it)
+            seen = ddp.__dict__.get("_sn_late", {}).get(id(self))  # (this pin, and what was found for it)
             if seen is None or seen[0] is not self or seen[1]:
                 _refuse_late_in_reducer(ddp, self)  # (after _enter: the post hook, always called, takes it back)
 

@@ -32,7 +32,7 @@ from ..errors import SortedNetError
 from ..io import load, save
 from ..modes import restore_modes
 from ..nest import Nest
-from ..sampler import Sampler
+from ..sampler import Sampler, number_list
 from ..submodel import SubModel
 from ..train import _ddp_reducer_check, drop_stale_calibration
 from .soft import _listed, exit_parts, soft_loss
@@ -295,6 +295,8 @@ class SortedTrainer(Trainer):
         if not subs:
             raise SortedNetError(f"sampler drew no sub-model at step {step}")
         seen: set[SubModel] = set()
+        deepest = max(self.soft_exits) if self.soft_exits is not None and self._depth is not None else None
+        out = []
         for sub in subs:
             got = self.nest.resolve(sub)  # (a SubModel, a dict or a string: one sub-model however spelled)
             if got in seen:  # (as sn.accumulate refuses: the same list trained twice at twice the weight)
@@ -302,8 +304,16 @@ class SortedTrainer(Trainer):
                 raise SortedNetError(f"SortedTrainer: the sampler drew {got} twice at step {step} ({drawn}): "
                                      "it would train twice, at twice the weight of the others; draw each sub-model "
                                      "once per step (weigh it with the sampler's loss_weights_for instead)")
+            if deepest is not None and got[self._depth.name] != deepest:  # (a sampler of the user's own, with no
+                raise SortedNetError(                                      # .submodels the constructor could read)
+                    f"SortedTrainer(soft_exits={self.soft_exits}): the sampler drew {got} at step {step}, but every "
+                    f"drawn sub-model runs at the deepest exit ({self._depth.name}={deepest}) and trains the "
+                    "shallower exits in the same pass: this draw would become a copy of another (trained twice, "
+                    f"and listed in history at a depth that never ran). Draw sub-models at {self._depth.name}="
+                    f"{deepest} only")
             seen.add(got)
-        return subs
+            out.append(got)
+        return out
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
@@ -337,6 +347,17 @@ class SortedTrainer(Trainer):
         weights = weigh(subs) if weigh is not None else None
         if weights is None:
             weights = [1.0 / len(subs)] * len(subs)
+        else:  # (as sn.accumulate(weights=) checks them: one too few dropped a sub-model, a NaN or a negative one
+            raw = weights  #  trained it nothing, in silence)
+            try:
+                weights = number_list(raw, "weights")
+            except SortedNetError:
+                weights = []
+            if len(weights) != len(subs) or not all(math.isfinite(w) and w >= 0 for w in weights) \
+                    or not any(weights):
+                raise SortedNetError(f"SortedTrainer: sampler.loss_weights_for({[str(s) for s in subs]}) must "
+                                     f"return {len(subs)} finite non-negative numbers, not all 0, in the order of "
+                                     f"the sub-models; got {raw!r}")
         total = None
         ddp = model if isinstance(model, _ddp_type()) else None
         if ddp is not None:

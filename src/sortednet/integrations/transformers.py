@@ -102,7 +102,8 @@ def _rel(model: nn.Module, found: Found, rels: Sequence[str]) -> list[str]:
 
 def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = None, depth: Sizes = None,
                       rank: Sequence[int] | None = None, rank_mode: str = "lora",
-                      rank_targets: Sequence[str] | None = None, verify: bool = True) -> Nest:
+                      rank_targets: Sequence[str] | None = None, verify: bool = True,
+                      inplace_grad: bool = True) -> Nest:
     """Nest a Hugging Face transformers model along FFN width, attention heads and depth.
 
     Sizes are integers or fractions of the full size (the full size is always
@@ -127,6 +128,8 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     :class:`SortedNetError` instead of giving wrong sub-models. It costs a few
     forwards of a 2 x 8 input; ``verify=False`` skips it (models on the meta
     device or sharded are never run: a warning says the check did not run).
+    ``inplace_grad`` is passed to :func:`sortednet.wrap` (``False``: plain autograd slicing, for threads running
+    backward at once and DDP's own reducer, docs/mechanism.md and docs/scaling.md).
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -222,7 +225,7 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
         raise SortedNetError("from_transformers needs at least one of ffn=, heads=, depth=, rank=")
     token = FROM_TRANSFORMERS.set(True)
     try:
-        nest = wrap(model, *dims)
+        nest = wrap(model, *dims, inplace_grad=inplace_grad)
     finally:
         FROM_TRANSFORMERS.reset(token)
     nest._hf = found
