@@ -1403,18 +1403,20 @@ class _ScaledValues(nn.Module):
     def __init__(self, n_in=8, n_out=32):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_out, n_in))
-        self.register_buffer("steps", torch.tensor([3, 5]))
+        self.register_buffer("steps", torch.tensor([3, 123456789]))
         self.scale, self.shape, self.flag = 1 / math.sqrt(n_out), (-1, n_out), True
 
     def forward(self, x):
         y = (F.linear(x, self.weight) * self.scale).reshape(self.shape) if self.flag else x
-        return y + self.steps.sum()
+        return y + (self.steps.sum() % 7)
 
 
 @pytest.mark.parametrize("served, ok", [
-    ("computed_alike", True),   # k ** -0.5 (1 ulp from 1 / sqrt(k)), [-1, k] / torch.Size for (-1, k), np.bool_
+    ("computed_alike", True),   # k ** -0.5 (1 ulp from 1 / sqrt(k)), torch.Size for (-1, k), np.bool_
     ("steps_fraction", False),  # the integer buffer served as floats + 0.5: the full model changed
+    ("steps_float32", False),   # ... as float32, which rounds 123456789 (compared in float32: equal)
     ("weight_bf16", False),     # a rounding cast of the weight at the full sizes: the full model changed
+    ("shape_list", False),      # a list for the tuple (x.shape == self.shape would differ)
 ])
 def test_the_full_size_check_compares_values_computed_another_way_as_equal(served, ok):
     """The check of a custom slicer's full-size values refused a float computed another way (one ulp apart), a
@@ -1432,10 +1434,11 @@ def test_the_full_size_check_compares_values_computed_another_way_as_equal(serve
         def value(self, m, name):
             w = self.take(m, "weight", [(0, "out")])
             k = w.shape[0]
+            steps = m._buffers["steps"]
             return {"weight": w.bfloat16() if served == "weight_bf16" else w, "scale": k ** -0.5,
-                    "shape": torch.Size([-1, k]) if served == "computed_alike" else [-1, k],
+                    "shape": [-1, k] if served == "shape_list" else torch.Size([-1, k]),
                     "flag": np.bool_(True),
-                    "steps": m._buffers["steps"] + 0.5 if served == "steps_fraction" else m._buffers["steps"]}[name]
+                    "steps": {"steps_fraction": steps + 0.5, "steps_float32": steps.float()}.get(served, steps)}[name]
 
     torch.manual_seed(0)
     m = nn.Sequential(cls(), nn.ReLU(), nn.Linear(32, 2))
@@ -1444,8 +1447,9 @@ def test_the_full_size_check_compares_values_computed_another_way_as_equal(serve
     if ok:
         sn.wrap(m, dims, example=torch.randn(3, 8)).unwrap()
         return
-    with pytest.raises(sn.SortedNetError, match=rf"gives '{served.split('_')[0]}' at the full sizes h=32 with "
-                                                r"other values than the module's"):
+    what = r"as list \[-1, 32\], but the module holds tuple" if served == "shape_list" else \
+        r"with other values than the module's"
+    with pytest.raises(sn.SortedNetError, match=rf"gives '{served.split('_')[0]}' at the full sizes h=32 {what}"):
         sn.wrap(m, dims)
     assert type(m[0]) is cls
 
@@ -3507,3 +3511,71 @@ def test_a_failure_raised_below_a_proxy_argument_is_still_a_named_refusal():
 
     with pytest.raises(sn.SortedNetError, match="shape '\\[2, 16\\]' is invalid"):
         sn.wrap(Net(), sn.Width("h", [4, 16], out="a", inp="b"), example=torch.randn(2, 4))
+
+
+class _MapsFirst(nn.Module):
+    """Grouped-query attention sharing key/value heads with ``repeat`` (not ``repeat_interleave``: query head i
+    reads another head than i // group, so fewer heads are not the first whole heads), returning its per-head
+    attention map first, as the model does."""
+
+    def __init__(self, share="repeat"):
+        super().__init__()
+        self.ln, self.head, self.share = nn.LayerNorm(32), nn.Linear(32, 5), share
+        self.num_heads, self.head_dim, self.num_key_value_heads = 4, 8, 2
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+        self.o_proj = nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.ln(x)
+        q, k, v = (p(h).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj,
+                                                                                 self.v_proj))
+        n = self.num_heads // self.num_key_value_heads
+        k, v = (k.repeat(1, n, 1, 1), v.repeat(1, n, 1, 1)) if self.share == "repeat" else (
+            k.repeat_interleave(n, 1), v.repeat_interleave(n, 1))
+        p = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).softmax(-1)
+        return {"attn": p, "logits": self.head(x + self.o_proj((p @ v).transpose(1, 2).reshape(b, t, -1)))}
+
+
+@pytest.mark.parametrize("share", ["repeat", "repeat_interleave"])
+def test_whole_heads_are_measured_when_the_first_output_is_a_per_head_map(share):
+    """The whole-heads measure read the model's first output only: a per-head attention map returned first shrinks
+    with the heads, so nothing was compared and a wrong key/value sharing order was accepted (0.095 off at 2 heads),
+    where the same model returning its logits first was refused."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32)
+    dim = sn.Heads("h", [2, 4], attn="", qkv=["q_proj", "k_proj", "v_proj"], o="o_proj")
+    if share == "repeat_interleave":
+        sn.wrap(_MapsFirst(share).eval(), dim, example=x).unwrap()
+        return
+    with pytest.raises(sn.SortedNetError, match=r"heads 'h' at 2 is not the first 2 whole heads"):
+        sn.wrap(_MapsFirst(share).eval(), dim, example=x)
+
+
+class _ScaleFromWidth(nn.Module):
+    """Attention whose softmax scale divides its full width by the active head count: wrong below the full
+    count by a few percent."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = 64, 8, 8
+        self.q, self.k, self.v, self.o = (nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scale = (self.embed_dim // self.num_heads) ** -0.5
+        return self.o(((q @ k.transpose(-1, -2)) * scale).softmax(-1).matmul(v).transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_whole_heads_of_a_half_precision_model_are_measured_in_float32(example):
+    """In bfloat16 the whole-heads tolerance (1e-1, for half precision's rounding) passed a head count read into a
+    scale (0.07 off at 6 of 8 heads) that float32 refuses; each attention is now also run alone in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(64), _ScaleFromWidth(), nn.Linear(64, 5)).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 16, 64).to(torch.bfloat16)
+    with pytest.raises(sn.SortedNetError, match=r"6 heads are not the first 6 whole heads"):
+        sn.wrap(model, sn.Heads("h", [6, 8], attn="1"), example=x if example else None)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

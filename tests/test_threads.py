@@ -840,3 +840,19 @@ def test_counting_flops_keeps_what_other_threads_write_into_the_buffers(how):
         _PAUSE.clear()
     assert not worker.is_alive()
     assert torch.equal(net.mem, torch.full((3,), 7.0))
+
+
+def test_counting_flops_puts_back_what_its_own_forward_wrote_through_a_hook():
+    """The count runs on a view with copies of the buffers, but a hook (or closure) holding the model's own buffer
+    writes that one: what this thread wrote there is put back, as the dry run did before (a call counter grew
+    by one per counted sub-model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    model.register_buffer("seen", torch.zeros(()))
+    seen = model.seen
+    model[0].register_forward_hook(lambda m, args, out: seen.add_(1) and None)
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    x = torch.randn(2, 4)
+    assert [nest.cost(s, "flops", example=x) for s in nest.submodels] == [2 * 2 * (4 * h + h * 2) for h in (4, 8, 16)]
+    nest.profile(x, metrics=["params", "flops"], progress=False)
+    assert float(model.seen) == 0.0

@@ -746,7 +746,7 @@ def test_trainer_drops_calibration_of_the_weights_it_trains(tmp_path):
     trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Spelled())
     with pytest.warns(UserWarning, match="dropped them"):
         trainer.train()
-    assert [tuple(map(str, subs)) for _, subs in trainer.history] == [("h=4", "h=8")] * 2  # (resolved)
+    assert [subs for _, subs in trainer.history] == [({"h": 4}, "h=8")] * 2  # (as the sampler spelled them)
 
 
 class _OwnLoss(SortedTrainer):
@@ -2463,7 +2463,7 @@ def test_a_sampler_of_the_users_is_checked_as_sn_samplers_are(case, tmp_path):
     trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Drawer(), **soft)
     if case == "soft_text":  # (spelled as text: trained, at the deepest exit)
         trainer.train()
-        assert [list(map(str, subs)) for _, subs in trainer.history] == [[str(deep[0]), str(large)]]
+        assert [subs for _, subs in trainer.history] == [(str(deep[0]), str(large))]
         return
     match = (r"drew .*depth=1 at step 0, but every drawn sub-model runs at the deepest exit" if case == "soft_shallow"
              else r"sampler.loss_weights_for\(.*\) must return 2 finite non-negative numbers, not all 0")

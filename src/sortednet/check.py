@@ -297,9 +297,14 @@ def output_leaves(out: Any) -> list[Any]:
 
 def first_float(out: Any) -> torch.Tensor | None:
     """The first floating-point tensor of a model output (logits / last hidden state / the tensor itself)."""
+    return next(iter(float_outputs(out)), None)
+
+
+def float_outputs(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output, in order."""
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
-    return next((t for t in output_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    return [t for t in output_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -409,7 +414,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     hooks += [a.register_forward_hook(keep_output("live")) for a in attns]
     try:
         with Use(nest._state, sub_plan), seeded(0):  # a forward that samples (a VAE) draws alike in both runs
-            live = first_float(call_model(model, example))
+            live = float_outputs(call_model(model, example))
     except Exception:  # sizes a restricted nest does not list (never dry-run) may not run: nothing to measure
         return None
     finally:
@@ -429,28 +434,29 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             masked.narrow(_input_axis(m), b.total(size), w.shape[_input_axis(m)] - b.total(size)).zero_()
             m._parameters["weight"] = masked
         with Use(nest._state, full_plan), seeded(0):
-            ref = first_float(call_model(model, example))
+            ref = float_outputs(call_model(model, example))
     finally:
         for h in hooks:
             h.remove()
         for m, w in held:
             m._parameters["weight"] = w
-    if live is None or ref is None or live.shape != ref.shape:
-        return None
     if by_input and not all(id(m) in inputs["ref"] for m, _ in reads if id(m) in by_input):
         return None  # a factorised reader read without its forward: its input could not be masked
-    err = _rel_diff(live.detach().double(), ref.detach().double(), 1.0)
+    # every output of the model that keeps its shape (one that shrinks with the units, a per-head attention map or
+    # cache returned first, says nothing: the others are still compared), and the measures inside it
+    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in zip(live, ref)
+            if x.shape == y.shape and y.numel()] if len(live) == len(ref) else []
     for k, ys in outputs["live"].items():
         for x, y in zip(ys, outputs["ref"].get(k, ())):
             if x.shape == y.shape and y.numel():
-                err = max(err, _rel_diff(x, y, 1e-12))
+                errs.append(_rel_diff(x, y, 1e-12))
     a, b = inputs["live"], inputs["ref"]
     if set(a) == set(b) == {id(m) for m, _ in reads} and all(len(a[k]) == len(b[k]) for k in a):
         for k in a:
             for x, y in zip(a[k], b[k]):
                 if x.shape == y.shape and y.numel():
-                    err = max(err, _rel_diff(x, y, 1e-12))
-    return err
+                    errs.append(_rel_diff(x, y, 1e-12))
+    return max(errs) if errs else None
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -774,7 +780,7 @@ def _zero_named(model: nn.Module, stand_ins: dict[int, torch.Tensor]) -> str:
             "until training moves them)") if names else ""
 
 
-def attention_self_check(nest: Nest) -> None:
+def attention_self_check(nest: Nest, warn: bool = True) -> None:
     """``wrap`` without an example: every hand-written attention module a ``Heads`` dimension slices (not
     ``nn.MultiheadAttention``, which sortednet runs itself, nor a transformers class, which
     ``from_transformers`` verifies) whose forward takes one tensor is run alone on a random
@@ -808,7 +814,7 @@ def attention_self_check(nest: Nest) -> None:
         cls = (type(att).__bases__[0] if getattr(type(att), "_sn_sliced", False) else type(att)).__name__
         todo.append((d, path, o, cls))
     _self_check_runs(nest, todo, unverified)
-    if unverified:
+    if unverified and warn:
         warnings.warn(f"sn.wrap: Heads could not run the attention module(s) {unverified[:5]} alone (their "
                       "forward takes more than one tensor, e.g. cross-attention, or refused a random (batch, "
                       "positions, features) input, or their output projection is not a plain nn.Linear whose "
@@ -964,13 +970,22 @@ class IdleLayersWarning(UserWarning):
 def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
     if not todo:
         return
-    tol = _tolerance(nest)
     full = SubModel({k.name: k.full for k in nest.dims})
     modules = dict(nest.model.named_modules())  # (an all-zero projection cannot tell whole heads from mixed ones)
     stand_ins = zero_stand_ins(*(modules[path] for _, path, _, _ in todo))
+    # run in float32: half precision's rounding (tolerance 1e-1) would hide a head layout off by a few percent
+    # (a scale computed from the full width over the active head count); the model's tensors are not touched
+    for t in {id(t): t for _, path, _, _ in todo for t in (*modules[path].parameters(), *modules[path].buffers())
+              }.values():
+        if t.dtype in (torch.float16, torch.bfloat16) and not t.is_meta and type(t.data) is torch.Tensor:
+            now = stand_ins.get(id(t), t).detach().float()
+            stand_ins[id(t)] = nn.Parameter(now, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                else now
+    tol = 1e-3
     with dry_run(nest.model), eval_mode(nest, replace=stand_ins) as (view, copies), torch.no_grad():  # one
         for d, path, o, cls in todo:                                                          # private view for all
             w = next(iter(o.parameters()))
+            w = stand_ins.get(id(w), w)  # (float32 where the model is in half precision)
             where = path or "the model's root"
             mod = view.get_submodule(path)
             x = None
@@ -1068,23 +1083,31 @@ def _comparable(x: Any) -> bool:
 
 
 def _same_value(old: Any, new: Any) -> bool:
-    """``new`` serves what ``old`` is: None for None; a number of the same value (floats up to rounding: ``k **
-    -0.5`` for ``1 / math.sqrt(k)``; ``np.bool_(True)`` for ``True``); a list or tuple (``torch.Size`` too) of
-    such, item by item."""
+    """``new`` serves what ``old`` is: None for None; a bool for a bool; an integer of the same value for an
+    integer (a float only if it is that whole number); a float for a float up to float32 rounding (``k ** -0.5``
+    for ``1 / math.sqrt(k)``, ``np.float32(0.1)`` for ``0.1``); a tuple (``torch.Size`` too) for a tuple and a
+    list for a list, item by item (a forward may compare them with ``==``, where they differ)."""
     if old is None or new is None:
         return old is new
     if isinstance(old, (tuple, list)):
-        return isinstance(new, (tuple, list)) and len(new) == len(old) and all(
-            _same_value(a, b) for a, b in zip(old, new))
+        return (isinstance(new, tuple) if isinstance(old, tuple) else isinstance(new, list)) and len(new) == len(
+            old) and all(_same_value(a, b) for a, b in zip(old, new))
     if not _number(new) or isinstance(new, (tuple, list)):
         return False
+    flag = (bool, np.bool_)
+    if isinstance(old, flag) or isinstance(new, flag):
+        return isinstance(old, flag) and isinstance(new, flag) and bool(old) == bool(new)
     try:
+        if isinstance(old, (numbers.Integral, np.integer)):
+            if isinstance(new, (numbers.Integral, np.integer)):
+                return int(old) == int(new)
+            return isinstance(new, (numbers.Real, np.floating)) and float(new).is_integer() and int(new) == int(old)
         a, b = complex(old), complex(new)
     except (TypeError, ValueError, OverflowError):
         return False
     if cmath.isnan(a) and cmath.isnan(b):
         return True
-    return a == b or (math.isfinite(abs(a)) and abs(a - b) <= 1e-9 * max(abs(a), abs(b)))
+    return a == b or (math.isfinite(abs(a)) and abs(a - b) <= 1e-6 * max(abs(a), abs(b)))
 
 
 def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> None:
@@ -1099,9 +1122,13 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
         if not isinstance(v, torch.Tensor) or v.shape != old.shape or old.is_meta or v.is_meta:
             return  # (a shape the checks below refuse by name; meta tensors hold no values)
         a, b = v.detach(), old.detach()
-        if a.dtype != b.dtype:  # (compared in a dtype holding both: a lossless cast passes, a rounding one or a
-            kind = torch.promote_types(a.dtype, b.dtype)  # fraction served for an integer buffer does not)
-            a, b = a.to(kind), b.to(kind)
+        if a.dtype != b.dtype:  # (a float value in the module's float dtype, as the module would hold it: a float64
+            if b.is_floating_point() and (a.is_floating_point() or not a.is_complex()):  # recomputation passes, a
+                a = a.to(b.dtype)                                 # bfloat16 cast does not; any other in a dtype
+            else:                                                 # holding both exactly: a fraction or a float32
+                kind = torch.complex128 if a.is_complex() or b.is_complex() else (  # rounding served for an
+                    torch.int64 if not a.is_floating_point() else torch.float64)   # integer buffer does not pass)
+                a, b = a.to(kind), b.to(kind)
         same = bool(torch.equal(a, b))
         if not same and (a.is_floating_point() or a.is_complex()):  # (NaN where the module holds NaN)
             same = bool(((a == b) | (a.isnan() & b.isnan())).all())
@@ -2021,6 +2048,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         + (f". Integer attributes equal to the head count {d.full} that do not follow it: {held} "
                            "(if the forward reads one as the head count, name it in count_attrs=, as "
                            f"{held[0].split(': ')[1]!r})" if held else ""))
+        if tol > 1e-3 and any(d.kind == "heads" for d in nest.dims):  # half precision: each hand-written
+            attention_self_check(nest, warn=False)  # attention alone, in float32 too (rounding hides a few percent)
         for d in nest.dims:  # fused projections (gate|up): each chunk's first units must pair up
             if d.kind == "width" and getattr(d, "chunks", None) and d.sizes[0] < d.full and not _mixes_units(nest, d):
                 err = whole_units_error(nest, d, d.sizes[0], example, model, copies)

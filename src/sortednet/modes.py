@@ -116,9 +116,10 @@ def dry_run(model: nn.Module, buffers: bool = True) -> Iterator[_SaveOnWrite]:
     untouched model costs no copy of its weights. A parameter or buffer that the forward replaced
     (``self.count = self.count + 1``, ``p.data = ...``) is put back.
 
-    ``buffers=False``: the buffers are left alone (the forward runs on a view holding copies of them, see
-    :func:`eval_view`'s ``own_buffers``): what other threads write into them meanwhile (a serving thread's KV
-    buffer, a training thread's running statistics) stays.
+    ``buffers=False``: a buffer is copied as a parameter is, just before this thread first writes into it (the
+    forward runs on a view holding copies of them, see :func:`eval_view`'s ``own_buffers``; a hook or closure
+    may still hold the model's own), and only those are put back: what other threads write meanwhile (a serving
+    thread's cache, a training thread's running statistics) stays.
     """
     import torch
 
@@ -132,7 +133,10 @@ def dry_run(model: nn.Module, buffers: bool = True) -> Iterator[_SaveOnWrite]:
     # parameters whose storage the dispatch mode cannot watch (tensor subclasses): copied now
     saved += [(p, p.detach().clone()) for p in params.values() if p.device.type != "meta" and not _storage(p)
               and p.numel()]
-    guard = _SaveOnWrite(params.values())
+    watched = list(params.values())
+    if not buffers:  # (this thread's writes only: copied before the first, as parameters are)
+        watched += list({id(b): b for b in model.buffers()}.values())
+    guard = _SaveOnWrite(watched)
     def put_back() -> None:  # (idempotent: run to the end even after a Ctrl-C, see finish_all)
         with torch.no_grad():
             for _, d, name, t in slots:

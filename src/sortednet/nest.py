@@ -38,7 +38,7 @@ from .export import (
     refused_aside,
 )
 from .kvcache import install_guards
-from .modes import casts_stale, eval_mode
+from .modes import casts_stale, dry_run, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
@@ -813,8 +813,9 @@ class Nest:
                                  "nothing real; profile once the weights are materialised (FLOPs: "
                                  "nest.cost(sub, 'flops', example=x) counts them on meta)")
         # a dry forward of the extremes names the sub-model when the example does not fit; in eval mode
-        # on a private view sharing the weights (model.eval() would change the mode for every thread)
-        with eval_mode(self) as (view, _):
+        # on a private view sharing the weights (model.eval() would change the mode for every thread), with copies
+        # of the buffers (what this thread writes into the model's own through a hook is put back)
+        with eval_mode(self, own_buffers=True) as (view, _), dry_run(self.model, buffers=False):
             for sub in dict.fromkeys((self.smallest, self.largest)):
                 with self.use(sub), torch.no_grad():
                     try:

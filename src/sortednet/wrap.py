@@ -887,8 +887,8 @@ def _refuse_late_in_reducer(ddp: nn.Module, pin: Pin) -> None:
     """A forward through a DDP wrapper whose backward its reducer syncs: trainable parameters it was built
     without (added by ``sn.wrap`` after ``DDP(...)``: Rank adapters or factors) are left out of its gradient
     averaging, so each rank would train its own copy and the replicas drift apart in silence, even from equal
-    starts. Refused, naming them; looked up once per wrapper and nest (``ddp._sn_late``: by the nest's pin, the
-    pin and the names found; several nests may run in one wrapper). Parameters the wrapper leaves out of its
+    starts. Refused, naming them; looked up once per wrapper and nest (``ddp._sn_late``: the names found, by the
+    nest's pin, held weakly; several nests may run in one wrapper). Parameters the wrapper leaves out of its
     buckets on purpose (``parameters_to_ignore``, which also holds ``delay_all_reduce_named_params``, averaged
     by DDP itself) are not late. ``snd.accumulate`` runs its backwards under ``no_sync`` and averages every
     gradient itself: not here."""
@@ -901,7 +901,7 @@ def _refuse_late_in_reducer(ddp: nn.Module, pin: Pin) -> None:
             getattr(inner, "_ddp_params_and_buffers_to_ignore", ()) or ())
         late = tuple(n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in ids
                      and n not in ignored)
-    ddp.__dict__.setdefault("_sn_late", {})[id(pin)] = (pin, late)
+    ddp.__dict__.setdefault("_sn_late", weakref.WeakKeyDictionary())[pin] = late
     if late:
         raise SortedNetError(
             f"the trainable parameters {list(late[:3])}{' ...' if len(late) > 3 else ''} are not in this "
@@ -923,7 +923,7 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies")
+    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "__weakref__")
 
     def __init__(self, active: Any, root: nn.Module | None = None) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
@@ -1000,8 +1000,9 @@ class Pin:
         ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)
         ddp = ddp.DistributedDataParallel._active_ddp_module if ddp is not None else None
         if ddp is not None and _grad_enabled() and ddp.require_backward_grad_sync:
-            seen = ddp.__dict__.get("_sn_late", {}).get(id(self))  # (this pin, and what was found for it)
-            if seen is None or seen[0] is not self or seen[1]:
+            seen = ddp.__dict__.get("_sn_late")  # (by pin, weakly: what was found for it)
+            seen = None if seen is None else seen.get(self)
+            if seen is None or seen:
                 _refuse_late_in_reducer(ddp, self)  # (after _enter: the post hook, always called, takes it back)
 
     def inner_pre(self, module: nn.Module, args: tuple) -> None:

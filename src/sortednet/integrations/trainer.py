@@ -296,7 +296,6 @@ class SortedTrainer(Trainer):
             raise SortedNetError(f"sampler drew no sub-model at step {step}")
         seen: set[SubModel] = set()
         deepest = max(self.soft_exits) if self.soft_exits is not None and self._depth is not None else None
-        out = []
         for sub in subs:
             got = self.nest.resolve(sub)  # (a SubModel, a dict or a string: one sub-model however spelled)
             if got in seen:  # (as sn.accumulate refuses: the same list trained twice at twice the weight)
@@ -312,8 +311,7 @@ class SortedTrainer(Trainer):
                     f"and listed in history at a depth that never ran). Draw sub-models at {self._depth.name}="
                     f"{deepest} only")
             seen.add(got)
-            out.append(got)
-        return out
+        return subs  # (as drawn: history and loss_weights_for get the sampler's own spellings; resolved to train)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
@@ -367,6 +365,7 @@ class SortedTrainer(Trainer):
         try:
             with snd.no_sync(ddp):  # one agreed all-reduce per step, not DDP's reducer (docs/scaling.md)
                 for sub, w in zip(subs, weights):
+                    sub = self.nest.resolve(sub)  # (a dict or text the sampler drew: checked by draw())
                     if self.soft_exits is not None and self._depth is not None:
                         sub = sub.replace(**{self._depth.name: max(self.soft_exits)})
                     self._k = 1.0 / w if w > 0 else float("inf")  # _scaled_loss divides by it
