@@ -1041,3 +1041,15 @@ def test_by_ratio_on_discovered_groups_keeps_every_group_at_the_ratio():
     edited = sn.discover(model, torch.randn(3, 5), ratios=[0.25, 0.5, 1.0], multiple_of=8)[0]
     edited = sn.Width(edited.name, [8, 16, 24, 40], out=edited.out, inp=edited.inp)
     assert sn.by_ratio([edited], [0.25]) == [{"w0": 16}]
+
+
+def test_heads_are_not_proposed_on_an_example_of_one_position():
+    """On one position an attention's output does not depend on its queries and keys, so whole heads cannot be
+    verified there (wrap(..., example=) refuses that example): discover still proposed Heads, wrong for a model
+    that builds per-head biases from the head count, and wrap() without an example took them in silence."""
+    lm, x = build("lm_width_heads_depth")
+    assert x.dim() == 2 and x.shape[1] > 1
+    assert [d for d in sn.discover(lm, x, ratios=[0.5]) if isinstance(d, sn.Heads)]
+    with pytest.warns(UserWarning, match="failed their dry run"):
+        one = sn.discover(lm, x[:, :1], ratios=[0.5])
+    assert one and not [d for d in one if isinstance(d, sn.Heads)]
