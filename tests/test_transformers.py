@@ -748,6 +748,17 @@ def test_trainer_drops_calibration_of_the_weights_it_trains(tmp_path):
         trainer.train()
     assert [subs for _, subs in trainer.history] == [({"h": 4}, "h=8")] * 2  # (as the sampler spelled them)
 
+    class Reused:  # (one dict changed in place at each step: history keeps what each step drew)
+        box: dict = {}
+
+        def draw(self, step):
+            self.box["h"] = (4, 8)[step % 2]
+            return [self.box]
+
+    trainer = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=Reused())
+    trainer.train()
+    assert [subs for _, subs in trainer.history] == [({"h": 4},), ({"h": 8},)]
+
 
 class _OwnLoss(SortedTrainer):
     """A subclass computing its loss itself, without ``super().compute_loss``."""

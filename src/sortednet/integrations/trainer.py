@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -329,7 +329,7 @@ class SortedTrainer(Trainer):
                 raise
             subs, error = [], e
         if _ranks() > 1:  # ranks that drew other sub-models (a seed per rank) would average their gradients
-            names = [str(s) for s in subs] if error is None else [f"refused: {error}"]
+            names = [str(self.nest.resolve(s)) for s in subs] if error is None else [f"refused: {error}"]
             try:
                 snd._agree_on(names, None, f"the sub-models of step {self.state.global_step}",
                               "give every rank's sampler the same seed (SortedTrainer draws by the global step)")
@@ -340,7 +340,8 @@ class SortedTrainer(Trainer):
             if error is not None:  # (the same refusal on every rank: each raises its own)
                 raise error
         self._drop_calibration()
-        self.history.append((self.state.global_step, tuple(subs)))
+        self.history.append((self.state.global_step, tuple(  # (a copy of a dict the sampler may reuse and change)
+            dict(s) if isinstance(s, Mapping) and not isinstance(s, SubModel) else s for s in subs)))
         weigh = getattr(self.sampler, "loss_weights_for", None)
         weights = weigh(subs) if weigh is not None else None
         if weights is None:
