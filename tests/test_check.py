@@ -3515,7 +3515,7 @@ def test_a_failure_raised_below_a_proxy_argument_is_still_a_named_refusal():
 class _MapsFirst(nn.Module):
     """Grouped-query attention sharing key/value heads with ``repeat`` (not ``repeat_interleave``: query head i
     reads another head than i // group, so fewer heads are not the first whole heads), returning its per-head
-    attention map first, as the model does."""
+    attention map first, then the map averaged over the heads, as the model does."""
 
     def __init__(self, share="repeat"):
         super().__init__()
@@ -3533,7 +3533,8 @@ class _MapsFirst(nn.Module):
         k, v = (k.repeat(1, n, 1, 1), v.repeat(1, n, 1, 1)) if self.share == "repeat" else (
             k.repeat_interleave(n, 1), v.repeat_interleave(n, 1))
         p = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).softmax(-1)
-        return {"attn": p, "logits": self.head(x + self.o_proj((p @ v).transpose(1, 2).reshape(b, t, -1)))}
+        return {"attn": p, "avg": p.mean(1),  # (averaged over the heads in force: not the sub-model's to match)
+                "logits": self.head(x + self.o_proj((p @ v).transpose(1, 2).reshape(b, t, -1)))}
 
 
 @pytest.mark.parametrize("share", ["repeat", "repeat_interleave"])

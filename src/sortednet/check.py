@@ -442,11 +442,12 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             m._parameters["weight"] = w
     if by_input and not all(id(m) in inputs["ref"] for m, _ in reads if id(m) in by_input):
         return None  # a factorised reader read without its forward: its input could not be masked
-    # the model's first output that keeps its shape (one that shrinks with the units, a per-head attention map or
-    # cache returned first, says nothing: the next is the model's output then; later ones, an auxiliary loss or
-    # attention weights averaged over the heads, are not the sub-model's to match), and the measures inside it
+    # the model's outputs that keep their shape (one that shrinks with the units, a per-head attention map or cache,
+    # says nothing), the closest of them: the model's output is among them, and those beside it (an auxiliary loss,
+    # attention weights averaged over the heads, in any order) are not the sub-model's to match; then the measures
+    # inside the model, each of which must match
     same = [(x, y) for x, y in zip(live, ref) if x.shape == y.shape and y.numel()] if len(live) == len(ref) else []
-    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in same[:1]]
+    errs = [min(_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in same)] if same else []
     for k, ys in outputs["live"].items():
         for x, y in zip(ys, outputs["ref"].get(k, ())):
             if x.shape == y.shape and y.numel():
@@ -973,7 +974,8 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
         return
     full = SubModel({k.name: k.full for k in nest.dims})
     modules = dict(nest.model.named_modules())  # (an all-zero projection cannot tell whole heads from mixed ones)
-    stand_ins = zero_stand_ins(*(modules[path] for _, path, _, _ in todo))
+    zeros = zero_stand_ins(*(modules[path] for _, path, _, _ in todo))
+    stand_ins = dict(zeros)
     # run in float32: half precision's rounding (tolerance 1e-1) would hide a head layout off by a few percent
     # (a scale computed from the full width over the active head count); the model's tensors are not touched
     for t in {id(t): t for _, path, _, _ in todo for t in (*modules[path].parameters(), *modules[path].buffers())
@@ -1026,7 +1028,7 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
                         "per-head values (ALiBi slopes) from the head count in its forward, it reorders heads, or "
                         "(grouped-query attention) it shares key/value heads in another order than query head i "
                         "reading key/value head i // group (repeat_interleave, not repeat); fix the layout, or "
-                        f"give it a custom slicer{_zero_named(nest.model, stand_ins)}")
+                        f"give it a custom slicer{_zero_named(nest.model, zeros)}")
 
 
 def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
