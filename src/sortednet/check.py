@@ -442,12 +442,19 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             m._parameters["weight"] = w
     if by_input and not all(id(m) in inputs["ref"] for m, _ in reads if id(m) in by_input):
         return None  # a factorised reader read without its forward: its input could not be masked
-    # the model's outputs that keep their shape (one that shrinks with the units, a per-head attention map or cache,
-    # says nothing), the closest of them: the model's output is among them, and those beside it (an auxiliary loss,
-    # attention weights averaged over the heads, in any order) are not the sub-model's to match; then the measures
+    try:
+        with Use(nest._state, full_plan), seeded(0):  # (the full model unmasked: which outputs the masking reaches)
+            plain = float_outputs(call_model(model, example))
+    except Exception:
+        return None
+    # every output of the model the masked units reach (the full model's differs with them masked) and that keeps
+    # its shape; not one that shrinks with the units (a per-head attention map or cache), nor one the masking does
+    # not reach (the input or embeddings returned beside the output, attention weights averaged over the heads or
+    # a loss on them: not the sub-model's to match, and an equal one would vouch for nothing); then the measures
     # inside the model, each of which must match
-    same = [(x, y) for x, y in zip(live, ref) if x.shape == y.shape and y.numel()] if len(live) == len(ref) else []
-    errs = [min(_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in same)] if same else []
+    reached = [(x, y) for x, y, z in zip(live, ref, plain) if x.shape == y.shape == z.shape and y.numel()
+               and not torch.equal(y, z)] if len(live) == len(ref) == len(plain) else []
+    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in reached]
     for k, ys in outputs["live"].items():
         for x, y in zip(ys, outputs["ref"].get(k, ())):
             if x.shape == y.shape and y.numel():
