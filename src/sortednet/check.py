@@ -353,8 +353,9 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     units (``inp=`` bindings: attention output / FFN down projections) zeroed beyond the first
     ``size``: exactly "the model with only those units" when units are independent (whole heads),
     however the projection's weight is read (its forward, ``F.linear(x, proj.weight)``,
-    ``nn.MultiheadAttention``). Two measures, the larger is returned: the first floating-point output's
-    largest difference relative to its scale (at least 1), and, where the reading projections are
+    ``nn.MultiheadAttention``). Two measures, the larger is returned: each floating-point output's largest
+    difference relative to its scale (at least 1), of the outputs the masking reaches (the full model's differs
+    with the units masked; one that shrinks with the units is skipped), and, where the reading projections are
     called through their forward, the largest difference of each one's input (the kept units' values,
     layer by layer) relative to that input's own scale, which a large residual stream cannot hide.
     None when it cannot be measured (a reading module that is not a plain Linear / Conv1D or whose
