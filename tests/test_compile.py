@@ -685,3 +685,12 @@ def _until(condition):
             return
         time.sleep(0.001)
     raise AssertionError("never reached")
+
+
+def test_wrapping_a_compiled_model_by_its_own_names_says_to_wrap_before_compiling():
+    """sn.wrap(torch.compile(model), ...) with the model's own module names listed only '_orig_mod.*' names."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(sn.SortedNetError, match=r"the model is a torch.compile wrapper .*sn.wrap the model itself, "
+                                                r"before compiling it"):
+        sn.wrap(torch.compile(model), sn.Width("h", [4, 8], out="0", inp="2"))
+    assert not any("_sn" in m.__dict__ for m in model.modules())

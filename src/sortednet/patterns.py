@@ -44,8 +44,12 @@ def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> lis
         rx = re.compile(body)
     hits = [n for n in modules if n and rx.fullmatch(n)]
     if not hits:
+        compiled = "_orig_mod" in modules and not pattern.startswith(("_orig_mod", "re:_orig_mod"))
         raise PatternError(f"{what}: pattern {pattern!r} matched no module; nearby names: "
-                           f"{nearby(pattern, [n for n in modules if n])}")
+                           f"{nearby(pattern, [n for n in modules if n])}"
+                           + ("; the model is a torch.compile wrapper (its modules are under '_orig_mod.'): sn.wrap "
+                              "the model itself, before compiling it, then torch.compile(model) or nest.compile()"
+                              if compiled else ""))
     return hits
 
 
