@@ -386,6 +386,21 @@ def _accelerate_micro_step() -> int:
     return steps if steps > 1 and sync is False else 0
 
 
+def checked_weights(raw: Any, n: int, who: str = "weights") -> list[float]:
+    """Loss weights of ``n`` sub-models: ``n`` finite non-negative numbers, not all 0 (one too few would drop a
+    sub-model, a NaN or a negative one train it nothing, in silence); a :class:`SortedNetError` naming ``who``."""
+    try:
+        weights = number_list(raw, "weights")
+    except SortedNetError:
+        weights = []
+    if len(weights) != n or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise SortedNetError(f"{who} must be {n} finite non-negative numbers in the order of the sub-models, "
+                             f"got {raw!r}")
+    if not any(weights):
+        raise SortedNetError(f"{who} {raw!r} are all 0: no sub-model would be trained")
+    return weights
+
+
 def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: Any, weights: Any, backward: Any,
              nonfinite: Any) -> tuple[list[SubModel], list[float]]:
     """:func:`accumulate`'s arguments checked (a :class:`SortedNetError` for the first fault, before anything
@@ -407,19 +422,7 @@ def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: An
                              "1 / len(subs)); to weight a sub-model more, pass weights=[...]")
     if distill is not None and not isinstance(distill, Distill):
         raise SortedNetError(f"distill= takes sn.Distill(temperature=..., alpha=...), got {distill!r}")
-    if weights is None:
-        weights = [1.0 / len(resolved)] * len(resolved)
-    else:
-        raw = weights
-        try:
-            weights = number_list(raw, "weights")
-        except SortedNetError:
-            weights = []
-        if len(weights) != len(resolved) or not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise SortedNetError(f"weights must be {len(resolved)} finite non-negative numbers in the order of the "
-                                 f"sub-models, got {raw!r}")
-        if not any(weights):
-            raise SortedNetError(f"weights {raw!r} are all 0: no sub-model would be trained")
+    weights = [1.0 / len(resolved)] * len(resolved) if weights is None else checked_weights(weights, len(resolved))
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
     return resolved, weights

@@ -32,9 +32,9 @@ from ..errors import SortedNetError
 from ..io import load, save
 from ..modes import restore_modes
 from ..nest import Nest
-from ..sampler import Sampler, number_list
+from ..sampler import Sampler
 from ..submodel import SubModel
-from ..train import _ddp_reducer_check, drop_stale_calibration
+from ..train import _ddp_reducer_check, checked_weights, drop_stale_calibration
 from .soft import _listed, exit_parts, soft_loss
 
 __all__ = ["SortedTrainer", "SubModelCallback", "make_sampler", "NEST_FILE"]
@@ -344,19 +344,8 @@ class SortedTrainer(Trainer):
             dict(s) if isinstance(s, Mapping) and not isinstance(s, SubModel) else s for s in subs)))
         weigh = getattr(self.sampler, "loss_weights_for", None)
         weights = weigh(subs) if weigh is not None else None
-        if weights is None:
-            weights = [1.0 / len(subs)] * len(subs)
-        else:  # (as sn.accumulate(weights=) checks them: one too few dropped a sub-model, a NaN or a negative one
-            raw = weights  #  trained it nothing, in silence)
-            try:
-                weights = number_list(raw, "weights")
-            except SortedNetError:
-                weights = []
-            if len(weights) != len(subs) or not all(math.isfinite(w) and w >= 0 for w in weights) \
-                    or not any(weights):
-                raise SortedNetError(f"SortedTrainer: sampler.loss_weights_for({[str(s) for s in subs]}) must "
-                                     f"return {len(subs)} finite non-negative numbers, not all 0, in the order of "
-                                     f"the sub-models; got {raw!r}")
+        weights = [1.0 / len(subs)] * len(subs) if weights is None else checked_weights(  # (as accumulate's)
+            weights, len(subs), f"SortedTrainer: sampler.loss_weights_for({[str(s) for s in subs]})")
         total = None
         ddp = model if isinstance(model, _ddp_type()) else None
         if ddp is not None:
