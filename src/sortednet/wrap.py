@@ -897,9 +897,8 @@ def _refuse_late_in_reducer(ddp: nn.Module, pin: Pin) -> None:
     late: tuple[str, ...] = ()
     if known is not None and isinstance(inner, nn.Module):
         ids = {id(p) for p in known}
-        from .distributed import _ignored  # (loaded: a DDP forward runs)
-
-        ignored = _ignored(ddp)
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ()) | set(  # (as distributed._ignored reads
+            getattr(inner, "_ddp_params_and_buffers_to_ignore", ()) or ())       # them; wrap sits below it)
         late = tuple(n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in ids
                      and n not in ignored)
     ddp.__dict__.setdefault("_sn_late", weakref.WeakKeyDictionary())[pin] = late
