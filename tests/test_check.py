@@ -3472,6 +3472,27 @@ def test_a_view_to_a_stored_width_is_named_with_where_it_was_raised():
                 example=torch.randn(2, 3, 8, 8))
 
 
+def test_a_refusal_of_an_input_names_the_fix_without_wiring_guesses():
+    """``nn.MultiheadAttention(is_causal=True)`` without a mask runs whole on PyTorch's inference fast path (which
+    ignores the hint) and is refused in every smaller sub-model: the message said only PyTorch's words and then
+    guessed at wiring ('no missing binding found ... derive head widths from the tensors'); it names the mask to
+    pass and why the full model ran, and guesses nothing."""
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, is_causal=True, need_weights=False)[0])
+
+    m = Causal().eval()
+    before = snapshot(m)
+    want = r"heads 'h' at 2 .*generate_square_subsequent_mask\(6\).*fast path[^\n]*\(raised in 'attn' "
+    with pytest.raises(sn.SortedNetError, match=want + r"\(MultiheadAttention\), test_check.py:\d+\)$"):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn="attn"), example=torch.randn(2, 6, 32))
+    assert_unchanged(m, before)
+
+
 def test_a_failure_inside_a_sliced_layer_names_its_class_and_the_users_line():
     """A root forward feeding a full-width tensor to a sliced Linear was reported as raised in 'b' (SortedLinear),
     linear.py:53: sortednet's internal class and file, not the user's line that called the layer."""

@@ -1491,6 +1491,8 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
     head = f"nest.check: {what} ({sub}) {err}{_raised_in(model, exc)}{_stored_width(nest, sub, err)}"
     if problems:
         return SortedNetError(head + "\n  " + "\n  ".join(problems))
+    if isinstance(exc, SortedNetError):  # (a refusal of its own, which says what is at fault: no wiring guesses)
+        return SortedNetError(head)
     heads = [d.name for d in nest.dims if d.kind == "heads" and sub[d.name] != d.full]
     hint = (f"; Heads {heads}: an attention that splits or reshapes with widths it stores or derives itself "
             "(q, k, v = qkv.split(self.n_embd), head_dim = C // self.n_head, a view to its own embedding width) "

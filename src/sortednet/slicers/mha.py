@@ -58,9 +58,13 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
     if key_padding_mask is not None:
         kpm = _additive(key_padding_mask.view(B, 1, 1, S), "key_padding_mask", q.dtype)
         mask = kpm if mask is None else mask + kpm
-    if is_causal and attn_mask is None:  # as F.multi_head_attention_forward: the full model raises the same
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
-                           "method `generate_square_subsequent_mask` to create this mask.")
+    if is_causal and attn_mask is None:
+        raise CausalHintError(
+            f"Need attn_mask if specifying the is_causal hint (a {heads}-head sub-model of nn.MultiheadAttention): "
+            f"pass attn_mask=nn.Transformer.generate_square_subsequent_mask({L}) beside "
+            "is_causal=True. PyTorch refuses the hint alone as well, except on its inference fast path (eval, no "
+            "grad, an even head count), which ignores it and lets every query attend to every key: the full model "
+            "can run there while a sub-model cannot, and would not be causal")
     p = mha.dropout if mha.training else 0.0
     if need_weights:
         scores = (q * d ** -0.5) @ k.transpose(-2, -1)
@@ -98,6 +102,11 @@ def _check_masks(mha: nn.Module, attn_mask: Tensor | None, kpm: Tensor | None, B
                                  f"and {S} keys: it must be {want}")
     if kpm is not None and kpm.shape != (B, S):
         raise SortedNetError(f"key_padding_mask of shape {tuple(kpm.shape)}: it must be (batch, keys) = ({B}, {S})")
+
+
+class CausalHintError(SortedNetError, RuntimeError):
+    """``is_causal=True`` without an ``attn_mask``: ``F.multi_head_attention_forward`` refuses it with a
+    RuntimeError, and so does every sub-model (``nn.MultiheadAttention``'s inference fast path ignores the hint)."""
 
 
 class MaskTypeError(SortedNetError, AssertionError):
