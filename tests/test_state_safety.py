@@ -1385,6 +1385,20 @@ def test_load_refuses_a_model_of_inference_tensors_before_wrapping_it(tmp_path):
 
 
 
+class _Holder:
+    """A user's object holding a weight (a class instance: a deep copy copies it by its attributes)."""
+
+    def __init__(self, w):
+        self.w = w
+
+
+class _SlotHolder:
+    __slots__ = ("w",)
+
+    def __init__(self, w):
+        self.w = w
+
+
 class _HeldAside(nn.Module):
     """A sliced weight also held in a plain Python attribute, read from there in forward."""
 
@@ -1394,21 +1408,23 @@ class _HeldAside(nn.Module):
         self.how = how
         w = self.fc1.weight
         self.aside = {"list": [w], "dict": {"w": w}, "tuple": (w, 1), "partial": functools.partial(F.linear, weight=w),
-                      "modules": [self.fc1]}[how]
+                      "modules": [self.fc1], "object": {"k": _Holder(w)}, "slots": [_SlotHolder(w)]}[how]
 
     def forward(self, x):
         h = F.relu(self.fc1(x))
         w = self.aside[0].weight if self.how == "modules" else (
             self.aside.keywords["weight"] if self.how == "partial" else
-            self.aside["w"] if self.how == "dict" else self.aside[0])
+            self.aside["w"] if self.how == "dict" else self.aside["k"].w if self.how == "object" else
+            self.aside[0].w if self.how == "slots" else self.aside[0])
         return self.fc2(h) * w.norm()
 
 
-@pytest.mark.parametrize("how", ["list", "dict", "tuple", "partial", "modules"])
+@pytest.mark.parametrize("how", ["list", "dict", "tuple", "partial", "modules", "object", "slots"])
 def test_a_sliced_tensor_held_in_a_plain_attribute_is_refused_by_export_and_check(how):
     """Read from a plain attribute, the weight is the full-size tensor under every sub-model (the live output
     is not the sub-model's), and an export would share it with the live model (training the copy wrote into the
-    live gradient). Holding the module instead follows the sub-model."""
+    live gradient). Holding the module instead follows the sub-model. In an object of the user's (a class
+    instance, ``__slots__`` too) the export shared it silently."""
     torch.manual_seed(0)
     m = _HeldAside(how)
     x = torch.randn(5, 8)
@@ -1429,6 +1445,22 @@ def test_a_sliced_tensor_held_in_a_plain_attribute_is_refused_by_export_and_chec
     # pick returns only what export ships: it returned h=8, whose export is refused
     with pytest.raises(sn.SortedNetError, match=r"no sub-model of this nest can be exported: \['aside'\] hold"):
         nest.pick(params=1e9)
+
+
+def test_a_sliced_tensor_the_attribute_walk_misses_is_refused_by_the_copy_count():
+    """Past what the walk of plain attributes opens (10,000 objects: here the weight's holder comes after 20,000
+    others), the deep copy's own reads of the live tensors are counted against the parameter and buffer slots
+    holding them: one more read is a reference the export would keep to the live, full-size tensor, refused with
+    the attribute holding it."""
+    m = _HeldAside("object")
+    m.aside = [_Holder(None) for _ in range(20_000)] + [_Holder(m.fc1.weight)]
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    for sub in nest.submodels:
+        with pytest.raises(sn.SortedNetError, match=rf"export\({sub}\): aside holds a tensor .* inside an object"):
+            nest.export(sub)
+    m.aside = [m.fc1]  # (the module itself: exported, and the export's own)
+    small = nest.export("h=8")
+    assert small.aside[0] is small.fc1 and small.fc1.weight.shape == (8, 8)
 
 
 class _GroupsAside(nn.Module):

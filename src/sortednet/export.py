@@ -14,9 +14,11 @@ refuses them. No tensor of the export aliases the live model.
 from __future__ import annotations
 
 import collections
+import copy
 import dis
 import functools
 import os
+import sys
 import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
-from .modes import copy_model, exact_math, plain_items, plain_leaves
+from .modes import copy_model, exact_math, held_leaves, plain_items, plain_leaves
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -59,7 +61,9 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     with nest.use(sub), torch.no_grad(), exact_math():  # (a Rank's merged weight: fp32 under autocast, trainable)
         memo, skipped, drop, kept, dropped = _copy_plan(nest)
         _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
+        memo = _CountingMemo(memo, {k for k, t in memo.items() if isinstance(t, Tensor)})
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
+        _refuse_held_in_objects(model, new, memo, sub)
         held: dict[int, list[tuple[str, nn.Module, str]]] | None = None  # (built at the first replaced module)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
@@ -437,7 +441,7 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
               for c in m._modules.values() if c is not None for x in c.modules()}
     watch |= set(extra)
     return [(m, attr) for m in nest.model.modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(id(x) in watch for x in plain_leaves(v))]
+            if attr not in _INTERNALS and any(id(x) in watch for x in held_leaves(v))]
 
 
 def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 1024) -> tuple:
@@ -472,7 +476,7 @@ def held_aside(nest: Any) -> list[str]:
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
     return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
             if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced
-                                              for x in plain_leaves(v))]
+                                              for x in held_leaves(v))]
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
@@ -499,14 +503,61 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                                      "nn.Sequential and iterate it, or build such a list when it is read (a "
                                      "property: return [b.norm for b in self.blocks] follows the depth); pick "
                                      "passes over the depths this refuses")
-            if any(isinstance(x, Tensor) and id(x) in sliced for x in leaves):
+            if any(isinstance(x, Tensor) and id(x) in sliced for x in held_leaves(v)):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
-                                     "module's weight or buffer) in a plain Python attribute: a forward that reads "
+                                     "module's weight or buffer) in a plain Python attribute (or an object it "
+                                     "holds: a dataclass, a class instance): a forward that reads "
                                      "it there runs the full-size tensor under every sub-model, and the export "
                                      "would share it with the live model. Read it through its module "
                                      "(module.weight), or keep the module itself in the attribute; build lists of "
                                      "parameters (optimizer groups) when you need them, from "
                                      "model.named_parameters(), rather than keeping them on the model")
+
+
+class _CountingMemo(dict):
+    """The deep copy's memo, counting how often the copy reads each of ``watched`` (the live tensors export
+    replaces, which the memo maps to themselves): every reference the copy holds to one is a read of
+    ``copy.deepcopy`` (other readers of the memo, a ``__deepcopy__`` looking objects up, are not counted)."""
+
+    def __init__(self, memo: Mapping[int, object], watched: set[int]) -> None:
+        super().__init__(memo)
+        self.watched, self.reads = watched, collections.Counter()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self.watched and sys._getframe(1).f_code is _DEEPCOPY:
+            self.reads[key] += 1
+        return super().get(key, default)
+
+
+_DEEPCOPY = copy.deepcopy.__code__
+
+
+def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMemo, sub: SubModel) -> None:
+    """Refuse an export whose deep copy took a live tensor that export replaces anywhere but in a module's
+    parameters or buffers, the slots export replaces: an object of the user's (a dataclass, any class instance)
+    holding ``module.weight`` (the plain containers :func:`_refuse_held_aside` refuses before the copy) would
+    keep the live, full-size tensor in the export, which then changes with the live model. Exact: the copy's reads
+    of each such tensor are counted and set against the slots holding it."""
+    if not memo.reads:
+        return
+    slots = collections.Counter(id(t) for m in new.modules() for d in (m._parameters, m._buffers)
+                                for t in d.values() if t is not None and id(t) in memo.watched)
+    extra = {k for k, n in memo.reads.items() if n > slots[k]}
+    if not extra:
+        return
+    where = _object_holders(model, extra)
+    raise SortedNetError(f"export({sub}): {', '.join(where[:3]) if where else 'an object on the model'} holds a "
+                         "tensor that sortednet slices (a module's weight or buffer) inside an object (a dataclass, a "
+                         "class instance): the export's copy of that object would hold the live, full-size tensor, "
+                         "shared with the live model, and a forward reading it there runs the full-size tensor under "
+                         "every sub-model. Read the tensor through its module (module.weight), or keep the module "
+                         "itself in the object")
+
+
+def _object_holders(model: nn.Module, ids: set[int]) -> list[str]:
+    """``path.attr`` of the plain attributes of ``model``'s modules holding one of ``ids`` (:func:`held_leaves`)."""
+    return [_name(path, attr) for path, m in model.named_modules() for attr, v in m.__dict__.items()
+            if attr not in _INTERNALS and any(id(x) in ids for x in held_leaves(v, 100_000))]
 
 
 def _swap_held(v: object, c: object, r: object, seen: dict[int, object], depth: int = 0) -> object:

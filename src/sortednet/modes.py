@@ -323,6 +323,41 @@ def plain_leaves(v: object) -> list[object]:
     return out
 
 
+def held_leaves(v: object, budget: int = 10_000) -> list[object]:
+    """:func:`plain_leaves` that also opens the objects a deep copy copies by their attributes (a dataclass, a
+    class instance: ``__dict__`` and ``__slots__``), as far as ``budget`` objects: where a tensor can hide from
+    the plain walk and still reach an exported copy. Modules and tensors are leaves (not opened)."""
+    out: list[object] = []
+    seen: set[int] = set()
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex)) \
+                or x is None or id(x) in seen or budget <= 0:
+            out.append(x)
+            continue
+        seen.add(id(x))
+        budget -= 1
+        items = plain_items(x)
+        if items is None:
+            items = _attributes(x)
+            out.append(x)
+        stack.extend(reversed(items))
+    return out
+
+
+def _attributes(x: object) -> list[object]:
+    """The values of an object's ``__dict__`` and ``__slots__`` (none for a proxy that refuses them)."""
+    try:
+        d = getattr(x, "__dict__", None)
+        items = list(d.values()) if isinstance(d, dict) else []
+        slots = getattr(type(x), "__slots__", ())
+        return items + [getattr(x, n) for n in ([slots] if isinstance(slots, str) else slots)
+                        if isinstance(n, str) and hasattr(x, n)]
+    except Exception:
+        return []
+
+
 def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Module:
     """``copy.deepcopy(model, memo)``, where a tensor attribute computed from parameters (legacy
     ``nn.utils.weight_norm``'s ``weight``, which deepcopy refuses; its hook recomputes it at each forward)

@@ -1135,8 +1135,9 @@ class Nest:
         aside = held_aside(self)
         if aside:
             why = (f"{why}; " if why else "") + (
-                f"{aside[:3]} hold tensors that sortednet slices in plain Python attributes, which export refuses "
-                "(build lists of parameters when you need them, from model.named_parameters())")
+                f"{aside[:3]} hold tensors that sortednet slices in plain Python attributes (or objects they "
+                "hold), which export refuses (build lists of parameters when you need them, from "
+                "model.named_parameters())")
         read = [p for p, m in self._sliced.items() if m._sn.extra.get("matrix_read") and "rank" in m._sn.bind]
         if read:
             why = (f"{why}; " if why else "") + (
