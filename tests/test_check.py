@@ -3651,3 +3651,37 @@ def test_an_output_the_heads_do_not_reach_vouches_for_nothing(first):
     with pytest.raises(sn.SortedNetError, match=r"heads 'h' at 2 is not the first 2 whole heads"):
         sn.wrap(_FastAxisBesideEmbeddings(first).eval(), sn.Heads("h", [2, 4], attn="att", qkv=["q", "k", "v"],
                                                                   o="o"), example=torch.randn(2, 6, 5))
+
+
+class _TwoLayersWithMaps(nn.Module):
+    """Two ``nn.MultiheadAttention`` layers under one Heads, returning the second one's attention weights
+    (averaged over its heads, for a plot) or a loss on them beside the logits, in either order."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.a1, self.a2 = (nn.MultiheadAttention(32, 4, batch_first=True) for _ in range(2))
+        self.head, self.what = nn.Linear(32, 5), what
+
+    def forward(self, x):
+        h = x + self.a1(x, x, x)[0]
+        y, w2 = self.a2(h, h, h)
+        out = self.head(h + y)
+        return {"maps": (out, w2), "maps_first": (w2, out), "loss": (out, w2.square().mean())}[self.what]
+
+
+@pytest.mark.parametrize("what", ["maps", "maps_first", "loss"])
+def test_a_later_layers_attention_weights_returned_beside_the_output_are_not_held_to_whole_heads(what):
+    """Measuring every output the masked heads reach refused this correct model: the second layer's weights are
+    reached (through the first layer's masked heads), but in the reference they average all its heads, the
+    sub-model's only the kept ones. The closest of the reached outputs is measured (the logits match) and the
+    weights an attention module returns are not; the sub-models equal their exports."""
+    torch.manual_seed(0)
+    m = _TwoLayersWithMaps(what)
+    x = torch.randn(2, 6, 32)
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn=["a1", "a2"]), example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = m(x)
+            small = nest.export(sub)(x)
+        for a, b in zip(live, small):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

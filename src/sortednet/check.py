@@ -394,12 +394,16 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     # residual block has no input to capture, and a large residual stream would hide its error at the output
     attns = _attention_modules(nest, dim, copies, within)
     outputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
+    secondary: list[torch.Tensor] = []  # the reference's attention weights / caches the attention modules return
 
     def keep_output(run: str) -> Any:
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            ys = float_outputs(out) if isinstance(out, (tuple, list, dict)) or hasattr(out, "to_tuple") else [out]
             y = first_float(out)
             if y is not None:
                 outputs[run].setdefault(id(mod), []).append(_dense(y).detach().double())
+            if run == "ref":
+                secondary.extend(t for t in ys if isinstance(t, torch.Tensor) and t is not y)
         return hook
 
     def mask_input(keep: int, axis: int) -> Any:
@@ -448,14 +452,17 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
             plain = float_outputs(call_model(model, example))
     except Exception:
         return None
-    # every output of the model the masked units reach (the full model's differs with them masked) and that keeps
-    # its shape; not one that shrinks with the units (a per-head attention map or cache), nor one the masking does
-    # not reach (the input or embeddings returned beside the output, attention weights averaged over the heads or
-    # a loss on them: not the sub-model's to match, and an equal one would vouch for nothing); then the measures
-    # inside the model, each of which must match
+    # the closest of the outputs of the model the masked units reach (the full model's differs with them masked)
+    # that keep their shape: the model's output is among them, and one beside it that a later layer's dropped
+    # heads feed (its attention weights, averaged over all its heads in the reference, or a loss on them) is not
+    # the sub-model's to match, while a wrong layout moves every output the heads reach; not one that shrinks with
+    # the units (a per-head attention map or cache), nor one the masking does not reach (the input or embeddings
+    # returned beside the output: equal in every run, it would vouch for anything), nor the weights an attention
+    # module returns; then the measures inside the model, each of which must match
+    aside = {id(t) for t in secondary}
     reached = [(x, y) for x, y, z in zip(live, ref, plain) if x.shape == y.shape == z.shape and y.numel()
-               and not torch.equal(y, z)] if len(live) == len(ref) == len(plain) else []
-    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in reached]
+               and id(y) not in aside and not torch.equal(y, z)] if len(live) == len(ref) == len(plain) else []
+    errs = [min(_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in reached)] if reached else []
     for k, ys in outputs["live"].items():
         for x, y in zip(ys, outputs["ref"].get(k, ())):
             if x.shape == y.shape and y.numel():
