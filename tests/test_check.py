@@ -1331,6 +1331,9 @@ def _views(entries):
     ("full_none", {"full": lambda self, m, role: None, **_views({"weight": ((0, "out"), (1, "inp")),
                                                                 "scale": ((0, "out"),)})},
      r"slicer Unnamedfull_none of '0' \(_ScaledLinearfull_none\) returned NoneType None from full\(m, 'out'\)"),
+    ("full_float", {"full": lambda self, m, role: torch.tensor(32.0), **_views({"weight": ((0, "out"), (1, "inp")),
+                                                                             "scale": ((0, "out"),)})},
+     r"returned Tensor tensor\(32\.\) from full\(m, 'out'\)"),
     ("full_raises", {"full": lambda self, m, role: m.no_such_attribute,
                      **_views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)})},
      r"slicer Unnamedfull_raises of '0' \(_ScaledLinearfull_raises\) raised in full\(\): AttributeError"),
@@ -1358,6 +1361,7 @@ class _FanIn(nn.Module):
     ("none", r"gives 'fan_in' at the full sizes a=32,b=16 as NoneType None, but the module holds int 32"),
     ("float", None),  # 32.0 for 32: the same number, accepted
     ("numpy", None),  # np.int64(32)
+    ("tensor", None),  # torch.tensor(32): a 0-dim tensor of the number
     ("right", None),
 ])
 def test_a_custom_slicer_serving_another_int_at_the_full_sizes_is_refused(served, match):
@@ -1376,7 +1380,7 @@ def test_a_custom_slicer_serving_another_int_at_the_full_sizes_is_refused(served
         def value(self, m, name):
             w = self.take(m, "weight", [(0, "out"), (1, "inp")])
             return {"other_axis": w.shape[0], "none": None, "float": float(w.shape[1]), "numpy": np.int64(w.shape[1]),
-                    "right": w.shape[1]}[served]
+                    "tensor": torch.tensor(w.shape[1]), "right": w.shape[1]}[served]
 
     torch.manual_seed(0)
     x = torch.randn(3, 8)
@@ -1449,6 +1453,57 @@ def test_the_full_size_check_compares_values_computed_another_way_as_equal(serve
         return
     with pytest.raises(sn.SortedNetError, match=rf"gives '{served.split('_')[0]}' at the full sizes h=32 with "
                                                 r"other values than the module's"):
+        sn.wrap(m, dims)
+    assert type(m[0]) is cls
+
+
+class _Float8Linear(nn.Module):
+    """Weight-only float8 quantisation: a float8 weight buffer dequantised in forward, and a sparse mask buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("qweight", (torch.randn(16, 8) / 3).to(torch.float8_e4m3fn))
+        self.register_buffer("mask", torch.ones(16, 8).to_sparse())
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return F.linear(x, self.qweight.float()) * self.scale
+
+
+@pytest.mark.parametrize("served", ["views", "scaled"])
+def test_the_full_size_check_compares_float8_and_sparse_tensors(served):
+    """The full-size value check crashed wrap with a raw NotImplementedError on a float8 weight (``torch.equal``
+    has no float8 kernel) and on a sparse buffer, the model rolled back: float8 values are compared bit for bit,
+    sparse ones by their dense values; a float8 weight served doubled is refused."""
+    cls = type(f"_Float8Linear{served}", (_Float8Linear,), {})
+
+    @sn.slicer(cls)
+    class Q(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("qweight", "scale", "mask")
+        views = {"scale": ((0, "out"),)}
+
+        def full(self, m, role):  # (a 0-dim integer tensor: read as the int it holds)
+            return torch.tensor(m._buffers["qweight"].shape)[0 if role == "out" else 1]
+
+        def value(self, m, name):
+            if name == "mask":
+                return m._buffers["mask"]
+            q = self.take(m, "qweight", [(0, "out"), (1, "inp")])
+            return (q.float() * 2).to(torch.float8_e4m3fn) if served == "scaled" else q
+
+    torch.manual_seed(0)
+    m = nn.Sequential(cls(), nn.ReLU(), nn.Linear(16, 2))
+    dims = sn.Width("h", [4, 16], out="0", inp="2")
+    if served == "views":
+        x = torch.randn(3, 8)
+        ref = m(x)
+        nest = sn.wrap(m, dims)  # (no example: check exports, and a sparse buffer does not export)
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
+        with nest.use("h=4"):
+            assert m[0].qweight.shape == (4, 8) and m[0].qweight.dtype == torch.float8_e4m3fn
+            torch.testing.assert_close(m(x), m[2](F.relu(F.linear(x, m[0].qweight.float()) * m[0].scale)))
+        return
+    with pytest.raises(sn.SortedNetError, match=r"gives 'qweight' at the full sizes h=16 with other values"):
         sn.wrap(m, dims)
     assert type(m[0]) is cls
 

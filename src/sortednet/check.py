@@ -1107,6 +1107,8 @@ def _same_value(old: Any, new: Any) -> bool:
     item by item."""
     if old is None or new is None:
         return old is new
+    if isinstance(new, torch.Tensor) and new.dim() == 0 and not new.is_meta and _number(old):
+        new = new.item()  # (a 0-dim tensor for a number: the value it holds, in its dtype's precision)
     if isinstance(old, (tuple, list)):
         return isinstance(new, (tuple, list)) and len(new) == len(old) and all(
             _same_value(a, b) for a, b in zip(old, new))
@@ -1138,6 +1140,16 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
         if not isinstance(v, torch.Tensor) or v.shape != old.shape or old.is_meta or v.is_meta:
             return  # (a shape the checks below refuse by name; meta tensors hold no values)
         a, b = v.detach(), old.detach()
+        if a.layout != torch.strided or b.layout != torch.strided:  # (sparse: its dense values; a layout without
+            try:                                                    # one is not compared)
+                a, b = a.to_dense(), b.to_dense()
+            except (RuntimeError, NotImplementedError, TypeError):
+                return
+        if a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr() and \
+                a.stride() == b.stride() and a.storage_offset() == b.storage_offset():
+            return  # (the module's own memory, as a slicer's views serve it: equal, in any dtype)
+        if a.dtype == b.dtype and a.element_size() == 1 and a.dtype not in (torch.uint8, torch.int8, torch.bool):
+            a, b = a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)  # (float8: bit for bit)
         if a.dtype != b.dtype:  # (a float value in the module's float dtype, as the module would hold it: a float64
             if b.is_floating_point() and (a.is_floating_point() or not a.is_complex()):  # recomputation passes, a
                 a = a.to(b.dtype)                                 # bfloat16 cast does not; any other in a dtype
@@ -1145,14 +1157,17 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
                 kind = torch.complex128 if a.is_complex() or b.is_complex() else (  # rounding served for an
                     torch.int64 if not a.is_floating_point() else torch.float64)   # integer buffer does not pass)
                 a, b = a.to(kind), b.to(kind)
-        same = bool(torch.equal(a, b))
-        if not same and (a.is_floating_point() or a.is_complex()):  # (NaN where the module holds NaN; a few ulps:
-            eps = torch.finfo(b.dtype).eps if b.is_floating_point() else 2.0 ** -52  # a recomputation in another
-            same = bool(torch.allclose(a, b, rtol=4 * eps, atol=0.0, equal_nan=True))  # precision, rounded back)
+        try:
+            same = bool(torch.equal(a, b))
+            if not same and (a.is_floating_point() or a.is_complex()):  # (NaN where the module holds NaN; a few
+                eps = torch.finfo(b.dtype).eps if b.is_floating_point() else 2.0 ** -52  # ulps: a recomputation in
+                same = bool(torch.allclose(a, b, rtol=4 * eps, atol=0.0, equal_nan=True))  # another precision)
+        except (RuntimeError, NotImplementedError, TypeError):  # (a dtype without these kernels: not compared)
+            return
         if not same:
             try:
                 diff = f" (largest difference {(a - b).abs().max().item():.3g})"
-            except (RuntimeError, TypeError):  # (bool tensors do not subtract)
+            except (RuntimeError, NotImplementedError, TypeError):  # (bool tensors do not subtract)
                 diff = ""
             raise SortedNetError(f"{where} gives {name!r} at the full sizes {sub} with other values than the "
                                  f"module's {name!r}{diff}: the largest sub-model must be the model as it was. "

@@ -345,6 +345,9 @@ class Slicer:
                 raise
             raise PatternError(f"the slicer {type(self).__name__} of {path or '<root>'!r} ({type(m).__name__}) "
                                f"raised in full(): {type(e).__name__}: {e}") from e
+        if isinstance(n, torch.Tensor) and n.dim() == 0 and not n.is_meta and not n.is_floating_point() \
+                and not n.is_complex() and n.dtype != torch.bool:
+            n = int(n)  # (a 0-dim integer tensor: w.shape[0] read as torch.tensor(w.shape)[0])
         if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
             raise PatternError(f"the slicer {type(self).__name__} of {path or '<root>'!r} ({type(m).__name__}) "
                                f"returned {type(n).__name__} {str(n)[:40]} from full(m, {role!r}): it must be the "
