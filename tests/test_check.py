@@ -3657,6 +3657,45 @@ def test_whole_heads_of_a_half_precision_model_are_measured_in_float32(example):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class _CastsItsInput(nn.Module):
+    """A bfloat16 attention casting its input to bfloat16 (``x.to(self.q.weight.dtype)`` read as a fixed dtype),
+    heads split along the fast axis (``view(b, t, head_dim, -1)``: wrong for Heads) when ``wrong``."""
+
+    def __init__(self, wrong):
+        super().__init__()
+        self.num_heads, self.head_dim, self.wrong = 4, 8, wrong
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        x = x.to(torch.bfloat16)
+        b, t, _ = x.shape
+        split = (lambda y: y.view(b, t, self.head_dim, -1).transpose(1, 3)) if self.wrong else (
+            lambda y: y.view(b, t, -1, self.head_dim).transpose(1, 2))
+        q, k, v = (split(p(x)) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = y.transpose(1, 3) if self.wrong else y.transpose(1, 2)
+        return self.o(y.reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_half_precision_attention_that_casts_its_input_is_still_measured(wrong):
+    """Run alone in float32, an attention casting its input to bfloat16 fails (float32 weights, a bfloat16
+    input): it went unmeasured (UnverifiedHeadsWarning) where it had been measured in bfloat16. Where float32
+    does not run, it is measured in its own precision (tolerance 1e-1): a correct one passes unwarned, heads
+    split along the wrong axis are refused."""
+    from sortednet.check import UnverifiedHeadsWarning
+    torch.manual_seed(0)
+    model = nn.Sequential(_CastsItsInput(wrong), nn.Linear(32, 5)).to(torch.bfloat16)
+    dim = sn.Heads("h", [2, 4], attn="0")
+    if wrong:
+        with pytest.raises(sn.SortedNetError, match=r"2 heads are not the first 2 whole heads"):
+            sn.wrap(model, dim)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedHeadsWarning)
+        sn.wrap(model, dim).unwrap()
+
+
 class _WeightsToo(nn.Module):
     """Returns the attention weights (averaged over the heads in force) beside its output: returned, not read."""
 

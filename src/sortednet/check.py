@@ -16,6 +16,7 @@ and the error names the dimension, the module path and the role (``out=``,
 from __future__ import annotations
 
 import cmath
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -990,60 +991,88 @@ def _self_check_runs(nest: Nest, todo: list, unverified: list[str]) -> None:
     full = SubModel({k.name: k.full for k in nest.dims})
     modules = dict(nest.model.named_modules())  # (an all-zero projection cannot tell whole heads from mixed ones)
     zeros = zero_stand_ins(*(modules[path] for _, path, _, _ in todo))
-    stand_ins = dict(zeros)
-    # run in float32: half precision's rounding (tolerance 1e-1) would hide a head layout off by a few percent
-    # (a scale computed from the full width over the active head count); the model's tensors are not touched
-    for t in {id(t): t for _, path, _, _ in todo for t in (*modules[path].parameters(), *modules[path].buffers())
-              }.values():
-        if t.dtype in (torch.float16, torch.bfloat16) and not t.is_meta and type(t.data) is torch.Tensor:
-            now = stand_ins.get(id(t), t).detach().float()
-            stand_ins[id(t)] = nn.Parameter(now, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
-                else now
-    tol = 1e-3
-    with dry_run(nest.model), eval_mode(nest, replace=stand_ins) as (view, copies), torch.no_grad():  # one
-        for d, path, o, cls in todo:                                                          # private view for all
-            w = next(iter(o.parameters()))
-            w = stand_ins.get(id(w), w)  # (float32 where the model is in half precision)
-            where = path or "the model's root"
-            mod = view.get_submodule(path)
-            x = None
-            width = _width_out(o)
-            for n in dict.fromkeys((_positions(width), 5)):  # long enough for per-head windows, where the width
-                x = torch.randn(2, n, width, generator=torch.Generator().manual_seed(0),  # makes it cheap
-                                device="cpu").to(w)
-                try:
-                    with Use(nest._state, nest._plans.build(full)), seeded(0):
-                        call_model(mod, x)
-                    break
-                except Exception:  # not a self-attention of (batch, positions, features), or not that long
-                    x = None
-            if x is None:
+    with dry_run(nest.model), eval_mode(nest, replace=zeros) as (view, copies), torch.no_grad():  # one private
+        for d, path, o, cls in todo:                                                          # view for all
+            mod, o = view.get_submodule(path), copies.get(id(o), o)  # (o: its output projection, as run)
+            # in float32 where the module is in half precision: half precision's rounding (tolerance 1e-1) would
+            # hide a head layout off by a few percent (a scale computed from the full width over the active head
+            # count). One module at a time, in the view (the model's tensors are not touched); natively where
+            # it does not run in float32 (a forward casting its input to its own half dtype)
+            with _wide(mod) as wide:
+                done = _self_check_module(nest, d, path, mod, o, cls, full, copies, zeros, 1e-3)
+            if not done and wide:
+                done = _self_check_module(nest, d, path, mod, o, cls, full, copies, zeros, 1e-1)
+            if not done:
                 unverified.append(path or "<root>")
-                continue
-            for size in d.sizes[:-1]:  # every size: a reordering of heads may keep the smallest whole only
-                try:
-                    with Use(nest._state, nest._plans.build(full.replace(**{d.name: size}))), seeded(0):
-                        call_model(mod, x)
-                except Exception as e:
-                    raise SortedNetError(
-                        f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
-                        f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
-                        "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
-                        "(docs/custom_slicers.md)") from e
-                err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
-                if err is None:
-                    unverified.append(path or "<root>")
-                    break
-                if not err <= tol:
-                    raise SortedNetError(
-                        f"Heads {d.name!r} at {where!r} ({cls}): {size} heads are not the first "
-                        f"{size} whole heads of the full module (relative difference {err:.3g}, run alone on a "
-                        "random input): its fused projection is not laid out as Heads read it (state layout=), it "
-                        "keeps the head count under a name Heads does not slice (count_attrs=), it computes "
-                        "per-head values (ALiBi slopes) from the head count in its forward, it reorders heads, or "
-                        "(grouped-query attention) it shares key/value heads in another order than query head i "
-                        "reading key/value head i // group (repeat_interleave, not repeat); fix the layout, or "
-                        f"give it a custom slicer{_zero_named(nest.model, zeros)}")
+
+
+@contextlib.contextmanager
+def _wide(mod: nn.Module) -> Iterator[bool]:
+    """The half-precision parameters and buffers of ``mod``'s modules (a private view's) swapped for float32
+    copies for the duration (ties kept, restored after); whether any was."""
+    wide: dict[int, torch.Tensor] = {}
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    for m in mod.modules():
+        for slots in (m._parameters, m._buffers):
+            for name, t in slots.items():
+                if t is None or t.dtype not in (torch.float16, torch.bfloat16) or t.is_meta or \
+                        type(t.data) is not torch.Tensor:
+                    continue
+                if id(t) not in wide:
+                    f = t.detach().float()
+                    wide[id(t)] = nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else f
+                swapped.append((slots, name, t))
+                slots[name] = wide[id(t)]
+    try:
+        yield bool(swapped)
+    finally:
+        for slots, name, t in reversed(swapped):
+            slots[name] = t
+
+
+def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Module, cls: str, full: SubModel,
+                       copies: dict[int, nn.Module], zeros: dict[int, torch.Tensor], tol: float) -> bool:
+    """:func:`attention_self_check` of one attention module ``mod`` (in the view; ``o`` its output projection)
+    for Heads ``d``: whether it ran and was measured (every size whole heads within ``tol``); refused otherwise."""
+    w = next(iter(o.parameters()))
+    where = path or "the model's root"
+    x = None
+    width = _width_out(o)
+    for n in dict.fromkeys((_positions(width), 5)):  # long enough for per-head windows, where the width makes
+        x = torch.randn(2, n, width, generator=torch.Generator().manual_seed(0),  # it cheap
+                        device="cpu").to(w)
+        try:
+            with Use(nest._state, nest._plans.build(full)), seeded(0):
+                call_model(mod, x)
+            break
+        except Exception:  # not a self-attention of (batch, positions, features), or not that long
+            x = None
+    if x is None:
+        return False
+    for size in d.sizes[:-1]:  # every size: a reordering of heads may keep the smallest whole only
+        try:
+            with Use(nest._state, nest._plans.build(full.replace(**{d.name: size}))), seeded(0):
+                call_model(mod, x)
+        except Exception as e:
+            raise SortedNetError(
+                f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
+                f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
+                "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
+                "(docs/custom_slicers.md)") from e
+        err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
+        if err is None:
+            return False
+        if not err <= tol:
+            raise SortedNetError(
+                f"Heads {d.name!r} at {where!r} ({cls}): {size} heads are not the first "
+                f"{size} whole heads of the full module (relative difference {err:.3g}, run alone on a "
+                "random input): its fused projection is not laid out as Heads read it (state layout=), it "
+                "keeps the head count under a name Heads does not slice (count_attrs=), it computes "
+                "per-head values (ALiBi slopes) from the head count in its forward, it reorders heads, or "
+                "(grouped-query attention) it shares key/value heads in another order than query head i "
+                "reading key/value head i // group (repeat_interleave, not repeat); fix the layout, or "
+                f"give it a custom slicer{_zero_named(nest.model, zeros)}")
+    return True
 
 
 def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
