@@ -264,6 +264,15 @@ def _errors(rank: int, out_dir: str) -> dict:
         out["reducer_after_ddp"] = str(e)
     with ddp.no_sync():  # (gradients kept local: nothing to leave out of an average)
         sn.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example[rank::2])))
+    case = FAMILIES["mlp"](seed=0)  # (a parameter of the user's own added after DDP(...): DDP's business, not
+    ddp = DDP(case.model)           # sortednet's: a Width adds none; refused as "added by sn.wrap" before)
+    case.model.extra = torch.nn.Parameter(torch.zeros(()))
+    nest = sn.wrap(case.model, *case.dims)
+    try:
+        sn.accumulate(nest, nest.submodels, lambda: _loss(ddp(case.example[rank::2])))
+        out["user_param_after_ddp"] = "accepted"
+    except sn.SortedNetError as e:
+        out["user_param_after_ddp"] = str(e)
     case = FAMILIES["mlp"](seed=0)  # (parameters DDP averages apart, built after wrap: not late)
     nest = sn.wrap(case.model, *case.dims)
     ddp = DDP(case.model, delay_all_reduce_named_params=[("fc2.weight", case.model.fc2.weight)],
@@ -825,6 +834,7 @@ def test_misuse_raises_clear_errors(run):
     assert "'<root>' is a DistributedDataParallel wrapper: call sn.wrap on the model inside" in errs["wrap_of_ddp"]
     assert "the trainable parameters ['fc1.lora_A', 'fc1.lora_B'] are not in this DistributedDataParallel " \
         "wrapper's gradient averaging" in errs["reducer_after_ddp"], errs["reducer_after_ddp"]
+    assert errs["user_param_after_ddp"] == "accepted", errs["user_param_after_ddp"]
     assert "static_graph" in errs.get("static_graph", "")
     msg, untouched = errs["sparse_accumulate"]  # refused before any backward ran
     assert "['0']" in msg and "sparse gradients" in msg and untouched

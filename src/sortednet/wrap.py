@@ -884,9 +884,9 @@ _INNER: list = [None, None, None, 0, None]
 
 
 def _refuse_late_in_reducer(ddp: nn.Module, pin: Pin) -> None:
-    """A forward through a DDP wrapper whose backward its reducer syncs: trainable parameters it was built
-    without (added by ``sn.wrap`` after ``DDP(...)``: Rank adapters or factors) are left out of its gradient
-    averaging, so each rank would train its own copy and the replicas drift apart in silence, even from equal
+    """A forward through a DDP wrapper whose backward its reducer syncs: trainable parameters of sliced modules
+    it was built without (added by ``sn.wrap`` after ``DDP(...)``: Rank adapters or factors) are left out of its
+    gradient averaging, so each rank would train its own copy and the replicas drift apart in silence, even from equal
     starts. Refused, naming them; looked up once per wrapper and nest (``ddp._sn_late``: the names found, by the
     nest's pin, held weakly; several nests may run in one wrapper). Parameters the wrapper leaves out of its
     buckets on purpose (``parameters_to_ignore``, which also holds ``delay_all_reduce_named_params``, averaged
@@ -899,8 +899,10 @@ def _refuse_late_in_reducer(ddp: nn.Module, pin: Pin) -> None:
         ids = {id(p) for p in known}
         ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ()) | set(  # (as distributed._ignored reads
             getattr(inner, "_ddp_params_and_buffers_to_ignore", ()) or ())       # them; wrap sits below it)
-        late = tuple(n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in ids
-                     and n not in ignored)
+        late = tuple(f"{path}.{n}" if path else n for path, m in inner.named_modules() if "_sn" in m.__dict__
+                     for n, p in m._parameters.items() if p is not None and p.requires_grad and id(p) not in ids
+                     and (f"{path}.{n}" if path else n) not in ignored)  # (a sliced module's: the user's own
+        #                                                             parameters added after DDP(...) are DDP's)
     ddp.__dict__.setdefault("_sn_late", weakref.WeakKeyDictionary())[pin] = late
     if late:
         raise SortedNetError(
