@@ -432,13 +432,15 @@ def _why(kept: list[Any]) -> str:
 
 
 def _dropped(dims: list[Any]) -> str:
-    """The declarations that failed their dry run, named (wrapping with one says why)."""
+    """The declarations that failed their dry run or could not be verified on the example, named (wrapping
+    with one says why)."""
     if not dims:
         return ""
     named = ", ".join(f"{d.kind} {d.name!r}" for d in dims[:4]) + (f" (and {len(dims) - 4} more)" if len(dims) > 4
                                                                     else "")
-    return (f"; {len(dims)} declaration(s) failed their dry run: {named} (discover(..., verify=False) returns them; "
-            "sn.wrap(model, that_declaration, example=x) says why)")
+    return (f"; {len(dims)} declaration(s) failed their dry run or could not be verified on the example (Heads "
+            f"over a single position, where attention does not depend on queries and keys): {named} "
+            "(discover(..., verify=False) returns them; sn.wrap(model, that_declaration, example=x) says why)")
 
 
 def _partly_found(kept: list[Any], dropped: list[Any], found: int) -> str:
