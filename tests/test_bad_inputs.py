@@ -244,6 +244,11 @@ TABLE = {
     "distill_temperature_huge_int": B(_on(mlp, lambda c, n, t: sn.Distill(temperature=10 ** 400)), "temperature"),
     "accumulate_weights_strings": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
         c, lambda y: y.sum()), weights=["0.5", "0.5"])), "weights", "in the order of the sub-models"),
+    "accumulate_weights_learned": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
+        c, lambda y: y.sum()), weights=list(torch.ones(2, requires_grad=True).unbind()))), "weights",
+        "not learned", "require grad"),
+    "accumulate_weights_generator": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
+        c, lambda y: y.sum()), weights=(w for w in [0.5, -1.0]))), "weights", "finite non-negative"),
     "accumulate_weights_a_set": B(_on(mlp, lambda c, n, t: sn.accumulate(n, [n.smallest, n.largest], closure(
         c, lambda y: y.sum()), weights={0.25, 0.75})), "weights", "{"),
     "fit_device_meta": B(_on(mlp, lambda c, n, t: _fit(c, n, [(c.example, c.example)], device="meta")),

@@ -17,7 +17,7 @@ import numbers
 import random
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -388,7 +388,15 @@ def _accelerate_micro_step() -> int:
 
 def checked_weights(raw: Any, n: int, who: str = "weights") -> list[float]:
     """Loss weights of ``n`` sub-models: ``n`` finite non-negative numbers, not all 0 (one too few would drop a
-    sub-model, a NaN or a negative one train it nothing, in silence); a :class:`SortedNetError` naming ``who``."""
+    sub-model, a NaN or a negative one train it nothing, in silence); a :class:`SortedNetError` naming ``who``.
+    Numbers, not learned: a tensor that requires grad is refused (read as a number, it would get no gradient)."""
+    if isinstance(raw, Iterator):
+        raw = list(raw)  # (read once, here)
+    items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    if any(isinstance(w, torch.Tensor) and w.requires_grad for w in items):
+        raise SortedNetError(f"{who}: loss weights are numbers, not learned: got tensors that require grad, which "
+                             "would get no gradient here; pass w.item() values, or add a learned weighting to the "
+                             "loss inside the closure / compute_loss")
     try:
         weights = number_list(raw, "weights")
     except SortedNetError:
