@@ -395,17 +395,25 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     # residual block has no input to capture, and a large residual stream would hide its error at the output
     attns = _attention_modules(nest, dim, copies, within)
     outputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
-    secondary: list[torch.Tensor] = []  # the reference's attention weights / caches the attention modules return
+    secondary = [False]  # whether an attention module inside the model returned more than its output
 
     def keep_output(run: str) -> Any:
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            ys = float_outputs(out) if isinstance(out, (tuple, list, dict)) or hasattr(out, "to_tuple") else [out]
             y = first_float(out)
             if y is not None:
                 outputs[run].setdefault(id(mod), []).append(_dense(y).detach().double())
-            if run == "ref":
-                secondary.extend(t for t in ys if isinstance(t, torch.Tensor) and t is not y)
+            if run == "ref" and mod is not model and isinstance(out, (tuple, list)) and any(
+                    isinstance(t, torch.Tensor) and t.is_floating_point() and t is not y for t in out):
+                secondary[0] = True
         return hook
+
+    def perturb_secondary(mod: nn.Module, args: tuple, out: Any) -> Any:
+        """The weights / caches an attention module returns beside its output, moved (+1)."""
+        y = first_float(out)
+        if mod is model or type(out) not in (tuple, list):
+            return None
+        return type(out)(t + 1 if isinstance(t, torch.Tensor) and t.is_floating_point() and t is not y else t
+                         for t in out)
 
     def mask_input(keep: int, axis: int) -> Any:
         def hook(mod: nn.Module, args: tuple) -> tuple | None:
@@ -427,43 +435,51 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
         for h in hooks:
             h.remove()
     held = [(m, m._parameters["weight"]) for m, _ in reads if id(m) not in by_input]
-    hooks = [m.register_forward_pre_hook(capture("ref", b.total(size), _feature_axis(m))) for m, b in reads]
-    hooks += [m.register_forward_pre_hook(mask_input(b.total(size), _feature_axis(m)), prepend=True)
-              for m, b in reads if id(m) in by_input]
-    hooks += [a.register_forward_hook(keep_output("ref")) for a in attns]
-    try:
-        for (m, b) in reads:  # swapped in this module's own parameter dict, not written
-            if id(m) in by_input:
-                continue
-            w = m._parameters["weight"]
-            masked = w.detach().clone()
-            masked.narrow(_input_axis(m), b.total(size), w.shape[_input_axis(m)] - b.total(size)).zero_()
-            m._parameters["weight"] = masked
-        with Use(nest._state, full_plan), seeded(0):
-            ref = float_outputs(call_model(model, example))
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, w in held:
-            m._parameters["weight"] = w
+
+    def masked_run(hooks: list[Any]) -> list[torch.Tensor]:
+        """The full model with the readers' columns past ``size`` masked (and ``hooks``, removed after)."""
+        hooks = hooks + [m.register_forward_pre_hook(mask_input(b.total(size), _feature_axis(m)), prepend=True)
+                         for m, b in reads if id(m) in by_input]
+        try:
+            for (m, b) in reads:  # swapped in this module's own parameter dict, not written
+                if id(m) in by_input:
+                    continue
+                w = m._parameters["weight"]
+                masked = w.detach().clone()
+                masked.narrow(_input_axis(m), b.total(size), w.shape[_input_axis(m)] - b.total(size)).zero_()
+                m._parameters["weight"] = masked
+            with Use(nest._state, full_plan), seeded(0):
+                return float_outputs(call_model(model, example))
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, w in held:
+                m._parameters["weight"] = w
+
+    ref = masked_run([m.register_forward_pre_hook(capture("ref", b.total(size), _feature_axis(m))) for m, b in reads]
+                     + [a.register_forward_hook(keep_output("ref")) for a in attns])
     if by_input and not all(id(m) in inputs["ref"] for m, _ in reads if id(m) in by_input):
         return None  # a factorised reader read without its forward: its input could not be masked
     try:
         with Use(nest._state, full_plan), seeded(0):  # (the full model unmasked: which outputs the masking reaches)
             plain = float_outputs(call_model(model, example))
+        # (the weights an attention module inside returns, moved: which outputs they feed)
+        moved = masked_run([a.register_forward_hook(perturb_secondary) for a in attns]) if secondary[0] else ref
     except Exception:
         return None
-    # the closest of the outputs of the model the masked units reach (the full model's differs with them masked)
-    # that keep their shape: the model's output is among them, and one beside it that a later layer's dropped
-    # heads feed (its attention weights, averaged over all its heads in the reference, or a loss on them) is not
-    # the sub-model's to match, while a wrong layout moves every output the heads reach; not one that shrinks with
-    # the units (a per-head attention map or cache), nor one the masking does not reach (the input or embeddings
-    # returned beside the output: equal in every run, it would vouch for anything), nor the weights an attention
-    # module returns; then the measures inside the model, each of which must match
-    aside = {id(t) for t in secondary}
-    reached = [(x, y) for x, y, z in zip(live, ref, plain) if x.shape == y.shape == z.shape and y.numel()
-               and id(y) not in aside and not torch.equal(y, z)] if len(live) == len(ref) == len(plain) else []
-    errs = [min(_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in reached)] if reached else []
+    # every output of the model the masked units reach (the full model's differs with them masked) and that keeps
+    # its shape, each of which must match: not one that shrinks with the units (a per-head attention map or cache),
+    # nor one the masking does not reach (the input or embeddings returned beside the output: equal in every run,
+    # it vouches for nothing), nor one fed by the weights an attention module inside returns beside its output
+    # (its attention map, averaged over ALL its heads in the reference where a later layer's heads are reached,
+    # or a loss on it: not the sub-model's to match) beside one it does not feed; then the measures inside the
+    # model, each of which must match
+    reached = [(x, y, v.shape == y.shape and torch.equal(v, y)) for x, y, z, v in zip(live, ref, plain, moved)
+               if x.shape == y.shape == z.shape and y.numel() and not torch.equal(y, z)] \
+        if len(live) == len(ref) == len(plain) == len(moved) else []
+    if any(clean for _, _, clean in reached):  # (where every one is fed by them, the output reads averaged
+        reached = [r for r in reached if r[2]]  # weights: measured, and refused naming that reading)
+    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y, _ in reached]
     for k, ys in outputs["live"].items():
         for x, y in zip(ys, outputs["ref"].get(k, ())):
             if x.shape == y.shape and y.numel():
