@@ -1470,11 +1470,12 @@ class _Float8Linear(nn.Module):
         return F.linear(x, self.qweight.float()) * self.scale
 
 
-@pytest.mark.parametrize("served", ["views", "scaled"])
+@pytest.mark.parametrize("served", ["views", "float32", "scaled", "float32_scaled"])
 def test_the_full_size_check_compares_float8_and_sparse_tensors(served):
     """The full-size value check crashed wrap with a raw NotImplementedError on a float8 weight (``torch.equal``
-    has no float8 kernel) and on a sparse buffer, the model rolled back: float8 values are compared bit for bit,
-    sparse ones by their dense values; a float8 weight served doubled is refused."""
+    has no float8 kernel) and on a sparse buffer, the model rolled back: float8 values are compared as the float32
+    values they are (a value served in another dtype cast to float8 first), sparse ones by their dense values; a
+    float8 weight served doubled, in float8 or float32, is refused (skipped once the first fix compared bytes)."""
     cls = type(f"_Float8Linear{served}", (_Float8Linear,), {})
 
     @sn.slicer(cls)
@@ -1489,18 +1490,19 @@ def test_the_full_size_check_compares_float8_and_sparse_tensors(served):
             if name == "mask":
                 return m._buffers["mask"]
             q = self.take(m, "qweight", [(0, "out"), (1, "inp")])
-            return (q.float() * 2).to(torch.float8_e4m3fn) if served == "scaled" else q
+            return {"scaled": (q.float() * 2).to(torch.float8_e4m3fn), "float32": q.float(),
+                    "float32_scaled": q.float() * 2}.get(served, q)
 
     torch.manual_seed(0)
     m = nn.Sequential(cls(), nn.ReLU(), nn.Linear(16, 2))
     dims = sn.Width("h", [4, 16], out="0", inp="2")
-    if served == "views":
+    if served in ("views", "float32"):
         x = torch.randn(3, 8)
         ref = m(x)
         nest = sn.wrap(m, dims)  # (no example: check exports, and a sparse buffer does not export)
         torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
         with nest.use("h=4"):
-            assert m[0].qweight.shape == (4, 8) and m[0].qweight.dtype == torch.float8_e4m3fn
+            assert m[0].qweight.shape == (4, 8)
             torch.testing.assert_close(m(x), m[2](F.relu(F.linear(x, m[0].qweight.float()) * m[0].scale)))
         return
     with pytest.raises(sn.SortedNetError, match=r"gives 'qweight' at the full sizes h=16 with other values"):

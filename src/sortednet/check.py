@@ -1193,8 +1193,6 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
         if a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr() and \
                 a.stride() == b.stride() and a.storage_offset() == b.storage_offset():
             return  # (the module's own memory, as a slicer's views serve it: equal, in any dtype)
-        if a.dtype == b.dtype and a.element_size() == 1 and a.dtype not in (torch.uint8, torch.int8, torch.bool):
-            a, b = a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)  # (float8: bit for bit)
         if a.dtype != b.dtype:  # (a float value in the module's float dtype, as the module would hold it: a float64
             if b.is_floating_point() and (a.is_floating_point() or not a.is_complex()):  # recomputation passes, a
                 a = a.to(b.dtype)                                 # bfloat16 cast does not; any other in a dtype
@@ -1203,10 +1201,14 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
                     torch.int64 if not a.is_floating_point() else torch.float64)   # integer buffer does not pass)
                 a, b = a.to(kind), b.to(kind)
         try:
-            same = bool(torch.equal(a, b))
-            if not same and (a.is_floating_point() or a.is_complex()):  # (NaN where the module holds NaN; a few
-                eps = torch.finfo(b.dtype).eps if b.is_floating_point() else 2.0 ** -52  # ulps: a recomputation in
-                same = bool(torch.allclose(a, b, rtol=4 * eps, atol=0.0, equal_nan=True))  # another precision)
+            if b.is_floating_point() and b.element_size() == 1:  # (float8, cast to the module's dtype: equal as
+                a, b = a.float(), b.float()                      # float32 values, which hold each exactly; torch
+                same = bool(torch.equal(a, b) or torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))  # has
+            else:                                                                             # no float8 equal)
+                same = bool(torch.equal(a, b))
+                if not same and (a.is_floating_point() or a.is_complex()):  # (NaN where the module holds NaN; a few
+                    eps = torch.finfo(b.dtype).eps if b.is_floating_point() else 2.0 ** -52  # ulps: recomputed in
+                    same = bool(torch.allclose(a, b, rtol=4 * eps, atol=0.0, equal_nan=True))  # another precision)
         except (RuntimeError, NotImplementedError, TypeError):  # (a dtype without these kernels: not compared)
             return
         if not same:
