@@ -1463,6 +1463,45 @@ def test_a_sliced_tensor_the_attribute_walk_misses_is_refused_by_the_copy_count(
     assert small.aside[0] is small.fc1 and small.fc1.weight.shape == (8, 8)
 
 
+class _Trainer:
+    """A training loop's object the model keeps (as some frameworks attach theirs): an optimizer and a schedule."""
+
+    def __init__(self, model):
+        self.optimizers = [torch.optim.AdamW(model.parameters())]
+        self.schedule = torch.optim.lr_scheduler.StepLR(self.optimizers[0], 1)
+
+
+class _HookHolding:
+    """A forward hook object holding a weight (read nowhere)."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, mod, inp, out):
+        return out
+
+
+def test_an_optimizer_on_the_model_is_not_refused_and_a_hook_object_holding_a_weight_is_named():
+    """The walk of objects refused a model holding its optimizer, a schedule or a trainer holding them (export,
+    pick and check: parameters to update, not to compute with); a hook object holding a sliced weight passed pick
+    and was then refused by export's count. Both export (the hook holding the live weight named by
+    LiveHookWarning, as a hook's closure is) and pick agrees with it."""
+    from sortednet.export import LiveHookWarning
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    m.optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    m._trainer = _Trainer(m)
+    small = nest.export("h=8")
+    assert small[0].weight.shape == (8, 8)
+    assert nest.pick(params=10 ** 9) == nest.largest
+    nest.check(torch.randn(2, 8))
+    m[0].register_forward_hook(_HookHolding(m[0].weight))
+    assert nest.pick(params=10 ** 9) == nest.largest
+    with pytest.warns(LiveHookWarning, match=r"a hook on '0' \(_forward_hooks\) holds a Parameter of the live"):
+        nest.export(nest.largest)
+
+
 class _GroupsAside(nn.Module):
     """Blocks whose weights are also kept in plain containers for optimizer groups (never read in forward)."""
 

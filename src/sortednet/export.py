@@ -62,7 +62,8 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         memo, skipped, drop, kept, dropped = _copy_plan(nest)
         _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         memo = _CountingMemo(memo, {k for k, t in memo.items() if isinstance(t, Tensor)})
-        new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
+        new = copy_model(model, memo, f"an exported copy of {type(model).__name__}", _uncounted(model, kept),
+                         memo.start)
         _refuse_held_in_objects(model, new, memo, sub)
         held: dict[int, list[tuple[str, nn.Module, str]]] | None = None  # (built at the first replaced module)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
@@ -296,7 +297,9 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
             for fn in list(getattr(m, attr, {}).values()):
                 if isinstance(fn, (bool, int)):
                     continue
-                hit = next((x for x in _captured(fn) if id(x) in live), None)
+                held = [] if isinstance(fn, (types.FunctionType, functools.partial)) else held_leaves(
+                    fn.__self__ if isinstance(fn, types.MethodType) else fn)  # (a hook object's attributes:
+                hit = next((x for x in (*_captured(fn), *held) if id(x) in live), None)  # copied, a live tensor not)
                 if hit is not None:
                     st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
                     what = (st.cls if st is not None else type(hit)).__name__
@@ -440,8 +443,9 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
     watch |= {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
               for c in m._modules.values() if c is not None for x in c.modules()}
     watch |= set(extra)
+    seen: set[int] = set()  # (an object every layer holds is walked once)
     return [(m, attr) for m in nest.model.modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(id(x) in watch for x in held_leaves(v))]
+            if attr not in _INTERNALS and any(id(x) in watch for x in held_leaves(v, seen=seen))]
 
 
 def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 1024) -> tuple:
@@ -474,9 +478,10 @@ def held_aside(nest: Any) -> list[str]:
     """``path.attr`` of each plain attribute (a list, tuple, dict, partial, a tensor alone) that holds a tensor
     sortednet slices besides its module."""
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
+    seen: set[int] = set()
     return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
             if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced
-                                              for x in held_leaves(v))]
+                                              for x in held_leaves(v, seen=seen))]
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
@@ -489,6 +494,7 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
     would compute something else than the live model."""
     if not dropped and not sliced:
         return
+    seen: set[int] = set()
     for path, m in model.named_modules():
         if id(m) not in kept:  # in a block the sub-model skips and not held by kept code (another name): what it
             continue           # holds leaves with it (an accelerate hook's forward wrapper holding its own block)
@@ -503,7 +509,7 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                                      "nn.Sequential and iterate it, or build such a list when it is read (a "
                                      "property: return [b.norm for b in self.blocks] follows the depth); pick "
                                      "passes over the depths this refuses")
-            if any(isinstance(x, Tensor) and id(x) in sliced for x in held_leaves(v)):
+            if any(isinstance(x, Tensor) and id(x) in sliced for x in held_leaves(v, seen=seen)):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
                                      "module's weight or buffer) in a plain Python attribute (or an object it "
                                      "holds: a dataclass, a class instance): a forward that reads "
@@ -521,12 +527,30 @@ class _CountingMemo(dict):
 
     def __init__(self, memo: Mapping[int, object], watched: set[int]) -> None:
         super().__init__(memo)
-        self.watched, self.reads = watched, collections.Counter()
+        self.watched, self.reads, self.counting = watched, collections.Counter(), False
+
+    def start(self) -> None:
+        self.counting = True
 
     def get(self, key: Any, default: Any = None) -> Any:
-        if key in self.watched and sys._getframe(1).f_code is _DEEPCOPY:
+        if self.counting and key in self.watched and sys._getframe(1).f_code is _DEEPCOPY:
             self.reads[key] += 1
         return super().get(key, default)
+
+
+def _uncounted(model: nn.Module, kept: Mapping[int, str]) -> list[object]:
+    """What the export copies before the counted copy of the model: the kept modules' hooks (a hook holding a
+    live tensor is :func:`_warn_live_hooks`' to name) and the optimizers and schedulers its attributes hold
+    (parameters to update, not to compute with: their copies hold what the originals do, as before)."""
+    out: list[object] = []
+    seen: set[int] = set()
+    for m in model.modules():
+        if id(m) not in kept:
+            continue
+        out += [d for attr in _HOOK_DICTS if (d := m.__dict__.get(attr))]
+        out += [x for attr, v in m.__dict__.items() if attr not in _INTERNALS for x in held_leaves(v, seen=seen)
+                if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))]
+    return out
 
 
 _DEEPCOPY = copy.deepcopy.__code__
@@ -556,8 +580,9 @@ def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMem
 
 def _object_holders(model: nn.Module, ids: set[int]) -> list[str]:
     """``path.attr`` of the plain attributes of ``model``'s modules holding one of ``ids`` (:func:`held_leaves`)."""
+    seen: set[int] = set()
     return [_name(path, attr) for path, m in model.named_modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(id(x) in ids for x in held_leaves(v, 100_000))]
+            if attr not in _INTERNALS and any(id(x) in ids for x in held_leaves(v, 100_000, seen))]
 
 
 def _swap_held(v: object, c: object, r: object, seen: dict[int, object], depth: int = 0) -> object:

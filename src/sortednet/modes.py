@@ -323,27 +323,36 @@ def plain_leaves(v: object) -> list[object]:
     return out
 
 
-def held_leaves(v: object, budget: int = 10_000) -> list[object]:
+def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None) -> list[object]:
     """:func:`plain_leaves` that also opens the objects a deep copy copies by their attributes (a dataclass, a
     class instance: ``__dict__`` and ``__slots__``), as far as ``budget`` objects: where a tensor can hide from
-    the plain walk and still reach an exported copy. Modules and tensors are leaves (not opened)."""
+    the plain walk and still reach an exported copy. Modules and tensors are leaves (not opened), and so are
+    optimizers and learning-rate schedulers (they hold parameters to update, not to compute with). ``seen``: the
+    objects (not plain containers) opened by earlier calls, not opened again: a vocabulary of objects every layer
+    holds is walked once."""
     out: list[object] = []
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
+    local: set[int] = set()  # (plain containers: opened again for each attribute, as plain_leaves does)
     stack = [v]
     while stack:
         x = stack.pop()
-        if isinstance(x, (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex)) \
-                or x is None or id(x) in seen or budget <= 0:
+        if isinstance(x, _LEAVES) or x is None or id(x) in seen or id(x) in local or budget <= 0:
             out.append(x)
             continue
-        seen.add(id(x))
         budget -= 1
         items = plain_items(x)
         if items is None:
+            seen.add(id(x))
             items = _attributes(x)
             out.append(x)
+        else:
+            local.add(id(x))
         stack.extend(reversed(items))
     return out
+
+
+_LEAVES = (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex,
+           torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
 
 
 def _attributes(x: object) -> list[object]:
@@ -358,16 +367,22 @@ def _attributes(x: object) -> list[object]:
         return []
 
 
-def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Module:
+def copy_model(model: nn.Module, memo: dict[int, object], what: str, first: Iterable[object] = (),
+               then: Callable[[], None] | None = None) -> nn.Module:
     """``copy.deepcopy(model, memo)``, where a tensor attribute computed from parameters (legacy
     ``nn.utils.weight_norm``'s ``weight``, which deepcopy refuses; its hook recomputes it at each forward)
     is copied as its value without history, and any other attribute deepcopy refuses is named in a
-    :class:`SortedNetError` saying that ``what`` could not be made."""
+    :class:`SortedNetError` saying that ``what`` could not be made. ``first``: objects of the model copied before
+    it (into the same memo, so the model's copy holds these copies), then ``then()`` is called."""
     for m in model.modules():
         for v in m.__dict__.values():
             if isinstance(v, torch.Tensor) and not v.is_leaf and id(v) not in memo:
                 memo[id(v)] = v.detach().clone()
     try:
+        for x in first:
+            copy.deepcopy(x, memo)
+        if then is not None:
+            then()
         return copy.deepcopy(model, memo)
     except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
         raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(e).__name__}: {e}"
