@@ -856,12 +856,14 @@ class _Held(list):
 
 
 @pytest.mark.parametrize("holder", ["namedtuple", "ordered_dict", "list_subclass", "seven_deep", "deque",
-                                    "namespace"])
+                                    "namespace", "bound_method", "bound_method_in_a_list"])
 def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passed_over_by_pick(holder):
     """A factored svd target held in a container export does not rebuild (a namedtuple, an OrderedDict, a list
     subclass) was refused by export but returned by pick; one held seven levels deep was neither rebuilt nor
     refused: the export kept the old Linear, sharing the live model's full-size tensors and failing when called.
-    Both are refused, naming the attribute, and pick passes over the ranks refused."""
+    Both are refused, naming the attribute, and pick passes over the ranks refused. So is a method bound to the
+    target (``self.run = self.fc.forward``): the export returned a model whose method was bound to the old,
+    emptied Linear (a raw AttributeError when called)."""
     import collections
 
     pair = collections.namedtuple("pair", "layer lr")
@@ -870,7 +872,8 @@ def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passe
     m.held = {"namedtuple": lambda: pair(m[0], 0.1), "ordered_dict": lambda: collections.OrderedDict(a=m[0]),
               "list_subclass": lambda: _Held([m[0]]), "seven_deep": lambda: [[[[[[[m[0]]]]]]]],
               "deque": lambda: collections.deque([m[0]]),
-              "namespace": lambda: types.SimpleNamespace(layer=m[0])}[holder]()
+              "namespace": lambda: types.SimpleNamespace(layer=m[0]), "bound_method": lambda: m[0].forward,
+              "bound_method_in_a_list": lambda: [m[0].forward]}[holder]()
     nest = sn.wrap(m, sn.Rank("r", [4, 8, 32], targets="0"))  # (export="auto": two Linears at 4 and 8)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for r in (4, 8):

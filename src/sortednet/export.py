@@ -445,7 +445,7 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
     watch |= set(extra)
     seen: set[int] = set()  # (an object every layer holds is walked once)
     return [(m, attr) for m in nest.model.modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(id(x) in watch for x in held_leaves(v, seen=seen))]
+            if attr not in _INTERNALS and any(id(_bound_to(x)) in watch for x in held_leaves(v, seen=seen))]
 
 
 def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 1024) -> tuple:
@@ -637,13 +637,24 @@ def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module],
             if attr in _INTERNALS:
                 continue
             for x in plain_leaves(v):
-                if id(x) in targets and id(x) not in out and any(
-                        y is x for y in plain_leaves(_swap_held(v, x, _GONE, {}))):
+                x = _bound_to(x)
+                if id(x) in targets and id(x) not in out and _holds(plain_leaves(_swap_held(v, x, _GONE, {})), x):
                     out[id(x)] = _name(path, attr)
     return out
 
 
 _GONE = object()  # (what _swap_held puts in place of a module, to see whether it is still held)
+
+
+def _bound_to(x: object) -> object:
+    """The module a bound method of it stands for (``self.run = self.fc.forward``), else ``x``."""
+    return x.__self__ if isinstance(x, types.MethodType) and isinstance(x.__self__, nn.Module) else x
+
+
+def _holds(leaves: Iterable[object], c: object) -> bool:
+    """Whether ``leaves`` hold ``c``, itself or a method bound to it (which no rebuild can rebind: the
+    module replacing ``c`` has other methods)."""
+    return any(y is c or _bound_to(y) is c for y in leaves)
 
 
 def _held_index(new: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -655,7 +666,7 @@ def _held_index(new: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            for x in {id(x): x for x in plain_leaves(v) if isinstance(x, nn.Module)}.values():
+            for x in {id(x): x for x in map(_bound_to, plain_leaves(v)) if isinstance(x, nn.Module)}.values():
                 out.setdefault(id(x), []).append((path, m, attr))
     return out
 
@@ -670,12 +681,14 @@ def _replace_held(held: Mapping[int, list[tuple[str, nn.Module, str]]], c: nn.Mo
     holders = held.get(id(c), [])
     for path, m, attr in holders:
         v = m.__dict__[attr]
-        if any(y is c for y in plain_leaves(_swap_held(v, c, _GONE, {}))):
+        if _holds(plain_leaves(_swap_held(v, c, _GONE, {})), c):
             raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
-                                 f"({type(c).__name__} by {type(r).__name__}) in a container it does not rebuild (a "
-                                 "subclass of a list, tuple, dict or set, such as a namedtuple or an OrderedDict, "
-                                 "or one more than six levels deep), which would keep the old one; hold it in a "
-                                 "plain one, or as a child module (pick passes over the sub-models this refuses)")
+                                 f"({type(c).__name__} by {type(r).__name__}), or a method bound to it, in a way it "
+                                 "does not rebuild (a subclass of a list, tuple, dict or set, such as a namedtuple or "
+                                 "an OrderedDict, one more than six levels deep, or a bound method such as "
+                                 "self.run = self.fc.forward), which would keep the old one; hold the module itself "
+                                 "in a plain container, or as a child module, and call it (pick passes over the "
+                                 "sub-models this refuses)")
     seen: dict[int, object] = {}
     for _, m, attr in holders:
         m.__dict__[attr] = _swap_held(m.__dict__[attr], c, r, seen)

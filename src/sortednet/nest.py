@@ -1147,9 +1147,9 @@ class Nest:
         if held:
             why = (f"{why}; " if why else "") + (
                 f"{sorted(set(held.values()))[:3]} hold svd Rank targets in containers a factored export (two "
-                "Linears) cannot rebuild (a namedtuple, an OrderedDict, a list subclass, a deque, a namespace, or "
-                "more than six levels deep): hold them in a plain list, tuple, dict or set at most six levels "
-                "deep, or as child modules")
+                "Linears) cannot rebuild (a namedtuple, an OrderedDict, a list subclass, a deque, a namespace, "
+                "more than six levels deep, or a method bound to one: self.run = self.fc.forward): hold them in a "
+                "plain list, tuple, dict or set at most six levels deep, or as child modules, and call them")
         return why or "a plain attribute holds blocks a depth skips, or modules of them (nest.export(sub) names it)"
 
     def _running(self, sizes: dict[str, int]) -> Callable[[str], bool]:
