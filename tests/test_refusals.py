@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import re
 import types
 import warnings
 
@@ -1395,3 +1396,20 @@ def test_depth_over_a_module_dict_is_refused_with_a_way_that_works():
     with pytest.raises(sn.SortedNetError, match=r"'blocks' \(ModuleDict.*nn\.ModuleList\(blocks\.values\(\)\)") as e:
         sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
     assert "custom_slicers" not in str(e.value) and type(m.blocks) is nn.ModuleDict
+
+
+@pytest.mark.parametrize("attn", ["layers.*", "layers.0"])
+def test_heads_naming_a_layer_instead_of_its_attention_names_the_attention(attn):
+    """``attn=`` naming a TransformerEncoderLayer (or a decoder block) instead of the attention it holds said 'no
+    q/k/v projections found ... pass qkv=(...)', a fix that cannot apply: the attention inside is named, with the
+    pattern to give."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    want = attn.replace("*", "0")
+    with pytest.raises(sn.SortedNetError, match=rf"at '{want}': TransformerEncoderLayer is not an attention itself: "
+                                                rf"it holds one at \['{want}.self_attn'\]; name that module, "
+                                                rf"attn='{re.escape(attn)}.self_attn'"):
+        sn.wrap(enc, sn.Heads("h", [2, 4], attn=attn))
+    assert type(enc.layers[0].self_attn) is nn.MultiheadAttention
+    sn.wrap(enc, sn.Heads("h", [2, 4], attn=attn + ".self_attn")).unwrap()

@@ -39,6 +39,12 @@ def _out_features(m: nn.Module) -> int | None:
     return getattr(m, "out_features", None)
 
 
+def _own_qkv(m: nn.Module) -> bool:
+    """Whether ``m``'s own children are q/k/v projections (separate or fused) beside an output projection."""
+    names = {n for n, _ in m.named_children()}
+    return (separate_qkv(names) or fused_qkv(names)) is not None and any(n in names for n in O_NAMES)
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
@@ -228,6 +234,12 @@ class Heads(Dimension):
         if qkv is None:
             qkv = separate_qkv(names) or fused_qkv(names)
             if qkv is None:
+                inner = [n for n, c in m.named_modules() if n and (isinstance(c, nn.MultiheadAttention) or
+                                                                     _own_qkv(c))]
+                if inner:  # (a layer or block named instead of the attention in it)
+                    raise self._err(path, f"{type(m).__name__} is not an attention itself: it holds one at "
+                                          f"{[_join(path, n) for n in inner[:3]]}; name that module, "
+                                          f"attn={_join(pat, inner[0])!r}")
                 raise self._err(path, f"no q/k/v projections found among children {sorted(names)}; "
                                       "pass qkv=('q', 'k', 'v') or qkv='fused_name', layout='stacked' (or "
                                       "'interleaved')")
