@@ -1046,6 +1046,22 @@ def _wide(mod: nn.Module) -> Iterator[bool]:
             slots[name] = t
 
 
+def _own_head_tensors(mod: nn.Module, o: nn.Module) -> str:
+    """Where the attention ``mod`` holds parameters or buffers of its own with an axis as wide as all its heads
+    (``o``'s input: heads x head size, or three times it): per-head values beside the projections (BEiT's
+    ``q_bias`` / ``v_bias``) that Heads leaves whole; named, with what to do. Empty where there are none."""
+    w = o._parameters.get("weight") if isinstance(o._parameters.get("weight"), torch.Tensor) else None
+    width = None if w is None or w.dim() != 2 else w.shape[1]
+    own = [f"{n} {tuple(t.shape)}" for n, t in (*mod._parameters.items(), *mod._buffers.items())
+           if t is not None and width and any(a in (width, 3 * width) for a in t.shape)]
+    if not own:
+        return ""
+    return (f"It holds {own[:4]} itself, as wide as all its heads ({width} features), which Heads leaves whole "
+            "(per-head values beside the projections, such as q/v biases added in the forward): make them the "
+            "projections' own bias (a q/k/v bias with zeros for k), or give the attention a custom slicer that "
+            "cuts them with the heads (docs/custom_slicers.md)")
+
+
 def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Module, cls: str, full: SubModel,
                        copies: dict[int, nn.Module], zeros: dict[int, torch.Tensor], tol: float) -> bool:
     """:func:`attention_self_check` of one attention module ``mod`` (in the view; ``o`` its output projection)
@@ -1072,9 +1088,9 @@ def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Modu
         except Exception as e:
             raise SortedNetError(
                 f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
-                f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. It sizes something by an "
-                "attribute Heads does not slice (name it with count_attrs=), or needs a custom slicer "
-                "(docs/custom_slicers.md)") from e
+                f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. " + (_own_head_tensors(mod, o) or (
+                    "It sizes something by an attribute Heads does not slice (name it with count_attrs=), or needs "
+                    "a custom slicer (docs/custom_slicers.md)"))) from e
         err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
         if err is None:
             return False
