@@ -4,6 +4,7 @@ failed wrap(example=) leaves the model exactly as it was."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import math
@@ -753,23 +754,35 @@ def test_heads_are_checked_at_every_size_not_only_the_smallest():
 
 
 class _ReadsAttentionWeights(nn.Module):
-    def __init__(self):
+    def __init__(self, per_head):
         super().__init__()
         self.att, self.out = nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 3)
+        self.per_head = per_head
 
     def forward(self, x):
-        y, w = self.att(x, x, x, need_weights=True)  # averaged over the heads in force
-        return self.out(x + y) + w[..., :1]
+        y, w = self.att(x, x, x, need_weights=True, average_attn_weights=not self.per_head)
+        return self.out(x + y) + (w.mean(1) if self.per_head else w)[..., :1]  # (averaged over the heads in force)
 
 
-def test_a_heads_refusal_names_a_forward_that_reads_the_attention_weights():
-    """A forward that reads the attention weights (need_weights=True, averaged over heads) fails the whole-heads
-    check with a correct layout: the refusal blamed the layout alone; it now names that reading too."""
+@pytest.mark.parametrize("per_head", [False, True])
+def test_a_forward_reading_the_attention_weights(per_head):
+    """A forward that reads the attention weights the attention returns (averaged over the heads in force) failed
+    the whole-heads check with a correct layout, the reference averaging all heads: the reference now reads the
+    sub-model's own weights there, and the model passes (each sub-model equal to its export). Per-head weights
+    the forward averages itself cannot be read alike (the reference holds all heads): refused, naming that
+    reading."""
     torch.manual_seed(0)
-    nest = sn.wrap(_ReadsAttentionWeights().eval(), sn.Heads("h", [1, 2, 4], attn="att"))
-    with pytest.raises(sn.SortedNetError, match=r"(?s)is not the first 1 whole heads.*the attention weights of "
-                                                r"need_weights=True"):
-        nest.check(torch.randn(2, 6, 16))
+    m = _ReadsAttentionWeights(per_head).eval()
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="att"))
+    x = torch.randn(2, 6, 16)
+    if per_head:
+        with pytest.raises(sn.SortedNetError, match=r"(?s)is not the first 1 whole heads.*per-head attention weights"):
+            nest.check(x)
+        return
+    nest.check(x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(nest.export(sub)(x), m(x), rtol=1e-5, atol=1e-6)
 
 
 class _WindowedHeads(nn.Module):
@@ -3880,3 +3893,60 @@ def test_an_output_computed_from_the_masked_weights_vouches_for_nothing(ret):
     with pytest.raises(sn.SortedNetError, match=r"width 'f' at 16 is not the first 16 whole units"):
         sn.wrap(_GateUpStack(ret).eval(), sn.Width("f", [16, 32], out=["m.*.gu"], inp=["m.*.down"], chunks=2),
                 example=torch.randn(4, 16))
+
+
+class _GatedByTheMap(nn.Module):
+    """Two attention layers returning ``(out, map averaged over the heads in force)``, the map read by the forward
+    (a rollout added to the logits); with ``scale`` the logits also read a head count from the full model outside
+    the attention (``4 / num_heads``: wrong below 4 heads). ``ret`` picks the attention's return container."""
+
+    def __init__(self, scale, ret):
+        super().__init__()
+        self.emb, self.head, self.scale, self.ret = nn.Linear(8, 32), nn.Linear(32, 5), scale, ret
+        self.attn = nn.ModuleList(_MapAttention(ret) for _ in range(2))
+
+    def forward(self, x):
+        h, roll = self.emb(x), None
+        for a in self.attn:
+            out = a(h)
+            y, w = (out["out"], out["map"]) if self.ret == "dict" else (out[0], out[1][0]) if self.ret == "nested" \
+                else (out[0], out[1])
+            h = h + y
+            roll = w if roll is None else w @ roll
+        logits = self.head(h) * (4 / self.attn[0].num_heads if self.scale else 1.0)
+        return logits + roll[..., :1], h
+
+
+class _MapAttention(nn.Module):
+    def __init__(self, ret):
+        super().__init__()
+        self.num_heads, self.head_dim, self.ret = 4, 8, ret
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        w = (q @ k.transpose(-1, -2) / self.head_dim ** 0.5).softmax(-1)
+        out = self.o((w @ v).transpose(1, 2).reshape(b, t, -1))
+        w = w.mean(1)
+        return {"tuple": lambda: (out, w), "namedtuple": lambda: _Pair(out, w), "dict": lambda: {"out": out, "map": w},
+                "nested": lambda: (out, (w, None))}[self.ret]()
+
+
+_Pair = collections.namedtuple("_Pair", "out map")
+
+
+@pytest.mark.parametrize("ret", ["tuple", "namedtuple", "dict", "nested"])
+@pytest.mark.parametrize("scale", [False, True])
+def test_outputs_reading_the_returned_maps_are_measured_with_the_sub_models_maps(ret, scale):
+    """Leaving out the outputs fed by the maps the attentions return let a head count read outside the attention
+    pass beside a clean hidden state; a map returned in a namedtuple, a dict or a nested tuple was not recognised
+    and a correct model refused. The reference reads the sub-model's own maps: a correct model passes whatever the
+    container, and a wrong scale on the map-fed output is refused."""
+    torch.manual_seed(0)
+    dim, x = sn.Heads("h", [2, 4], attn="attn.*"), torch.randn(2, 6, 8)
+    if scale:
+        with pytest.raises(sn.SortedNetError, match=r"heads 'h' at 2 is not the first 2 whole heads"):
+            sn.wrap(_GatedByTheMap(scale, ret).eval(), dim, example=x)
+        return
+    sn.wrap(_GatedByTheMap(scale, ret).eval(), dim, example=x).unwrap()

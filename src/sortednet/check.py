@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .cost import call_model
 from .coupling import analyse
@@ -395,25 +395,42 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     # residual block has no input to capture, and a large residual stream would hide its error at the output
     attns = _attention_modules(nest, dim, copies, within)
     outputs: dict[str, dict[int, list[torch.Tensor]]] = {"live": {}, "ref": {}}
-    secondary = [False]  # whether an attention module inside the model returned more than its output
+    # what the attention modules inside the model return beside their output (attention weights, averaged over
+    # the heads in force; caches), per call, from the sub-model's run: the reference gets the sub-model's, so that
+    # a forward reading them (a map returned for a plot, a loss on it, a rollout, a top-k of it) reads alike in
+    # both, and every output the masking reaches is measured
+    aside: dict[int, list[list[torch.Tensor | None]]] = {}
 
     def keep_output(run: str) -> Any:
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
             y = first_float(out)
             if y is not None:
                 outputs[run].setdefault(id(mod), []).append(_dense(y).detach().double())
-            if run == "ref" and mod is not model and isinstance(out, (tuple, list)) and any(
-                    isinstance(t, torch.Tensor) and t.is_floating_point() and t is not y for t in out):
-                secondary[0] = True
+            if run == "live" and mod is not model:
+                aside.setdefault(id(mod), []).append(
+                    [t.detach() if _is_float(t) and t is not y else None for t in tree_flatten(out)[0]])
         return hook
 
-    def perturb_secondary(mod: nn.Module, args: tuple, out: Any) -> Any:
-        """The weights / caches an attention module returns beside its output, moved (+1)."""
-        y = first_float(out)
-        if mod is model or type(out) not in (tuple, list):
+    calls: dict[int, int] = {}
+
+    def sub_models_aside(mod: nn.Module, args: tuple, out: Any) -> Any:
+        """The sub-model's tensors of this call in place of the reference's, where shapes agree."""
+        i = calls[id(mod)] = calls.get(id(mod), -1) + 1
+        live_ = aside.get(id(mod), [])
+        if mod is model or i >= len(live_):
             return None
-        return type(out)(t + 1 if isinstance(t, torch.Tensor) and t.is_floating_point() and t is not y else t
-                         for t in out)
+        flat, spec = tree_flatten(out)
+        y = first_float(out)
+        if len(flat) != len(live_[i]):
+            return None
+        new = [t2 if t2 is not None and _is_float(t) and t is not y and t2.shape == t.shape else t
+               for t, t2 in zip(flat, live_[i])]
+        if all(a is b for a, b in zip(new, flat)):
+            return None
+        try:
+            return tree_unflatten(new, spec)
+        except Exception:  # (a container pytree cannot rebuild: left as it is)
+            return None
 
     def mask_input(keep: int, axis: int) -> Any:
         def hook(mod: nn.Module, args: tuple) -> tuple | None:
@@ -457,29 +474,22 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
                 m._parameters["weight"] = w
 
     ref = masked_run([m.register_forward_pre_hook(capture("ref", b.total(size), _feature_axis(m))) for m, b in reads]
-                     + [a.register_forward_hook(keep_output("ref")) for a in attns])
+                     + [a.register_forward_hook(keep_output("ref")) for a in attns]
+                     + [a.register_forward_hook(sub_models_aside) for a in attns])
     if by_input and not all(id(m) in inputs["ref"] for m, _ in reads if id(m) in by_input):
         return None  # a factorised reader read without its forward: its input could not be masked
     try:
         with Use(nest._state, full_plan), seeded(0):  # (the full model unmasked: which outputs the masking reaches)
             plain = float_outputs(call_model(model, example))
-        # (the weights an attention module inside returns, moved: which outputs they feed)
-        moved = masked_run([a.register_forward_hook(perturb_secondary) for a in attns]) if secondary[0] else ref
     except Exception:
         return None
     # every output of the model the masked units reach (the full model's differs with them masked) and that keeps
     # its shape, each of which must match: not one that shrinks with the units (a per-head attention map or cache),
     # nor one the masking does not reach (the input or embeddings returned beside the output: equal in every run,
-    # it vouches for nothing), nor one fed by the weights an attention module inside returns beside its output
-    # (its attention map, averaged over ALL its heads in the reference where a later layer's heads are reached,
-    # or a loss on it: not the sub-model's to match) beside one it does not feed; then the measures inside the
-    # model, each of which must match
-    reached = [(x, y, v.shape == y.shape and torch.equal(v, y)) for x, y, z, v in zip(live, ref, plain, moved)
-               if x.shape == y.shape == z.shape and y.numel() and not torch.equal(y, z)] \
-        if len(live) == len(ref) == len(plain) == len(moved) else []
-    if any(clean for _, _, clean in reached):  # (where every one is fed by them, the output reads averaged
-        reached = [r for r in reached if r[2]]  # weights: measured, and refused naming that reading)
-    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y, _ in reached]
+    # it vouches for nothing); then the measures inside the model, each of which must match
+    reached = [(x, y) for x, y, z in zip(live, ref, plain) if x.shape == y.shape == z.shape and y.numel()
+               and not torch.equal(y, z)] if len(live) == len(ref) == len(plain) else []
+    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in reached]
     for k, ys in outputs["live"].items():
         for x, y in zip(ys, outputs["ref"].get(k, ())):
             if x.shape == y.shape and y.numel():
@@ -491,6 +501,10 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
                 if x.shape == y.shape and y.numel():
                     errs.append(_rel_diff(x, y, 1e-12))
     return max(errs) if errs else None
+
+
+def _is_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -2139,8 +2153,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         "mixes heads (a norm over all heads); with the heads as the fast axis a Width over the "
                         "projections shrinks every head's size instead; otherwise fix the layout. A correct layout "
                         "fails this too when the forward reads the heads elsewhere than through the attention's "
-                        "output (the attention weights of need_weights=True, averaged over heads or summed): "
-                        "fewer heads change that reading by more than masking their outputs does, so this check "
+                        "output (per-head attention weights it averages or sums itself, as need_weights=True with "
+                        "average_attn_weights=False): fewer heads change that reading by more than masking their "
+                        "outputs does, so this check "
                         f"cannot vouch for the nest; declare it without example= if that reading is intended{zeros}"
                         + (f". Integer attributes equal to the head count {d.full} that do not follow it: {held} "
                            "(if the forward reads one as the head count, name it in count_attrs=, as "
