@@ -1483,12 +1483,14 @@ class _Float8Linear(nn.Module):
         return F.linear(x, self.qweight.float()) * self.scale
 
 
-@pytest.mark.parametrize("served", ["views", "float32", "scaled", "float32_scaled"])
+@pytest.mark.parametrize("served", ["views", "float32", "scaled", "float32_scaled", "float32_nudged"])
 def test_the_full_size_check_compares_float8_and_sparse_tensors(served):
     """The full-size value check crashed wrap with a raw NotImplementedError on a float8 weight (``torch.equal``
     has no float8 kernel) and on a sparse buffer, the model rolled back: float8 values are compared as the float32
     values they are (a value served in another dtype cast to float8 first), sparse ones by their dense values; a
-    float8 weight served doubled, in float8 or float32, is refused (skipped once the first fix compared bytes)."""
+    float8 weight served doubled, in float8 or float32, is refused (skipped once the first fix compared bytes), and
+    so is one served in float32 1% off, which a cast back to float8 rounded away (float8 values are exact in
+    float32: compared there)."""
     cls = type(f"_Float8Linear{served}", (_Float8Linear,), {})
 
     @sn.slicer(cls)
@@ -1504,7 +1506,7 @@ def test_the_full_size_check_compares_float8_and_sparse_tensors(served):
                 return m._buffers["mask"]
             q = self.take(m, "qweight", [(0, "out"), (1, "inp")])
             return {"scaled": (q.float() * 2).to(torch.float8_e4m3fn), "float32": q.float(),
-                    "float32_scaled": q.float() * 2}.get(served, q)
+                    "float32_scaled": q.float() * 2, "float32_nudged": q.float() * 1.01}.get(served, q)
 
     torch.manual_seed(0)
     m = nn.Sequential(cls(), nn.ReLU(), nn.Linear(16, 2))

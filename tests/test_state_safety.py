@@ -1493,13 +1493,75 @@ def test_an_optimizer_on_the_model_is_not_refused_and_a_hook_object_holding_a_we
     m.optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
     m._trainer = _Trainer(m)
     small = nest.export("h=8")
-    assert small[0].weight.shape == (8, 8)
+    assert small[0].weight.shape == (8, 8) and small.optimizer is m.optimizer  # (the same objects: not copied)
+    assert small._trainer.optimizers[0] is m._trainer.optimizers[0]
     assert nest.pick(params=10 ** 9) == nest.largest
     nest.check(torch.randn(2, 8))
     m[0].register_forward_hook(_HookHolding(m[0].weight))
     assert nest.pick(params=10 ** 9) == nest.largest
     with pytest.warns(LiveHookWarning, match=r"a hook on '0' \(_forward_hooks\) holds a Parameter of the live"):
         nest.export(nest.largest)
+
+
+class _TaggedCapture(nn.Module):
+    """A weight kept as a Python attribute of a plain tensor (``self.tag.src``: a deep copy copies a tensor's
+    attributes) or in a lambda's closure, with a feature-capture hook bound to the model itself."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+        if how == "tensor_attr":
+            self.tag = torch.zeros(1)
+            self.tag.src = self.a.weight
+        else:
+            w = self.a.weight
+            self.fn = lambda x: x @ w.t()
+        self.b.register_forward_hook(self._save)
+
+    def _save(self, mod, inp, out):
+        self.seen = out.shape
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("how", ["tensor_attr", "lambda"])
+def test_a_weight_held_in_a_tensors_attribute_or_a_closure_is_refused_by_pick_and_export(how):
+    """A hook bound to the model (``register_forward_hook(self._save)``) had its copy made before the count: the
+    whole model was copied uncounted and a weight kept as a tensor's attribute reached the export live, full-size;
+    pick returned sub-models export refused (the walk opened neither tensors' attributes nor closures)."""
+    torch.manual_seed(0)
+    m = _TaggedCapture(how)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="a", inp="b"))
+    name = "tag" if how == "tensor_attr" else "fn"
+    with pytest.raises(sn.SortedNetError, match=rf"export\(h=4\): {name} holds a tensor that sortednet slices"):
+        nest.export("h=4")
+    with pytest.raises(sn.SortedNetError, match=rf"no sub-model of this nest can be exported: \['{name}'\]"):
+        nest.pick(params=10 ** 9)
+
+
+class _BnBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.conv2 = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.bn1(self.conv1(x))))
+
+
+def test_a_depth_skipping_a_block_with_a_sliced_batchnorm_exports():
+    """sortednet's own load hook holds every sliced BatchNorm, a skipped block's too: the export's count of the
+    live tensors' references read them there and refused every sub-model at that depth (and wrap(example=) the
+    model); pick returned them. sortednet's hooks are not copied (the export drops them)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_BnBlock(), _BnBlock()).eval()
+    x = torch.randn(2, 4, 5, 5)
+    nest = sn.wrap(m, sn.Width("w", [4, 8], out="*.conv1", inp="*.conv2", norm="*.bn1"),
+                   sn.Depth("d", [1, 2], layers=""), example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(nest.export(sub)(x), m(x))
+    assert nest.pick(params=nest.cost("w=8,d=1")) == nest.resolve("w=8,d=1")
 
 
 class _GroupsAside(nn.Module):

@@ -1223,6 +1223,9 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
         if a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr() and \
                 a.stride() == b.stride() and a.storage_offset() == b.storage_offset():
             return  # (the module's own memory, as a slicer's views serve it: equal, in any dtype)
+        if b.is_floating_point() and b.element_size() == 1 and a.is_floating_point() and a.element_size() > 1:
+            a, b = a.double(), b.double()  # (float8 held, a wider float served: the float8 values exactly, which a
+            #                                 wider type holds; a cast back to float8 would pass an error under a step)
         if a.dtype != b.dtype:  # (a float value in the module's float dtype, as the module would hold it: a float64
             if b.is_floating_point() and (a.is_floating_point() or not a.is_complex()):  # recomputation passes, a
                 a = a.to(b.dtype)                                 # bfloat16 cast does not; any other in a dtype

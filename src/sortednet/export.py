@@ -62,9 +62,9 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         memo, skipped, drop, kept, dropped = _copy_plan(nest)
         _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
         memo = _CountingMemo(memo, {k for k, t in memo.items() if isinstance(t, Tensor)})
-        new = copy_model(model, memo, f"an exported copy of {type(model).__name__}", _uncounted(model, kept),
-                         memo.start)
-        _refuse_held_in_objects(model, new, memo, sub)
+        expected = _not_copied(model, memo, kept)
+        new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
+        _refuse_held_in_objects(model, new, memo, sub, expected)
         held: dict[int, list[tuple[str, nn.Module, str]]] | None = None  # (built at the first replaced module)
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
@@ -527,36 +527,43 @@ class _CountingMemo(dict):
 
     def __init__(self, memo: Mapping[int, object], watched: set[int]) -> None:
         super().__init__(memo)
-        self.watched, self.reads, self.counting = watched, collections.Counter(), False
-
-    def start(self) -> None:
-        self.counting = True
+        self.watched, self.reads = watched, collections.Counter()
 
     def get(self, key: Any, default: Any = None) -> Any:
-        if self.counting and key in self.watched and sys._getframe(1).f_code is _DEEPCOPY:
+        if key in self.watched and sys._getframe(1).f_code is _DEEPCOPY:
             self.reads[key] += 1
         return super().get(key, default)
-
-
-def _uncounted(model: nn.Module, kept: Mapping[int, str]) -> list[object]:
-    """What the export copies before the counted copy of the model: the kept modules' hooks (a hook holding a
-    live tensor is :func:`_warn_live_hooks`' to name) and the optimizers and schedulers its attributes hold
-    (parameters to update, not to compute with: their copies hold what the originals do, as before)."""
-    out: list[object] = []
-    seen: set[int] = set()
-    for m in model.modules():
-        if id(m) not in kept:
-            continue
-        out += [d for attr in _HOOK_DICTS if (d := m.__dict__.get(attr))]
-        out += [x for attr, v in m.__dict__.items() if attr not in _INTERNALS for x in held_leaves(v, seen=seen)
-                if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))]
-    return out
 
 
 _DEEPCOPY = copy.deepcopy.__code__
 
 
-def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMemo, sub: SubModel) -> None:
+def _not_copied(model: nn.Module, memo: _CountingMemo, kept: Mapping[int, str]) -> collections.Counter:
+    """Set ``memo`` so that the export does not copy sortednet's own hooks (dropped from the copy after; one holds
+    every sliced BatchNorm, a skipped block's too) nor the optimizers and schedulers the model's attributes hold
+    (parameters to update, not to compute with: the export holds the same objects); and count the references to
+    the live sliced tensors the users' hooks hold (:func:`held_leaves`), which the copy keeps and
+    :func:`_warn_live_hooks` names, as expected."""
+    expected: collections.Counter = collections.Counter()
+    seen: set[int] = set()
+    for m in model.modules():
+        for attr, v in m.__dict__.items():
+            if attr.endswith("hooks") and isinstance(v, dict):
+                for fn in v.values():
+                    if type(getattr(fn, "hook", fn)).__module__.startswith("sortednet."):  # (torch's wrapper too)
+                        memo[id(fn)] = fn
+                    elif id(m) in kept:
+                        held = fn.__self__ if isinstance(fn, types.MethodType) else fn
+                        expected.update(id(x) for x in held_leaves(held) if id(x) in memo.watched)
+            elif attr not in _INTERNALS:
+                for x in held_leaves(v, seen=seen):
+                    if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+                        memo[id(x)] = x
+    return expected
+
+
+def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMemo, sub: SubModel,
+                            expected: Mapping[int, int]) -> None:
     """Refuse an export whose deep copy took a live tensor that export replaces anywhere but in a module's
     parameters or buffers, the slots export replaces: an object of the user's (a dataclass, any class instance)
     holding ``module.weight`` (the plain containers :func:`_refuse_held_aside` refuses before the copy) would
@@ -566,7 +573,7 @@ def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMem
         return
     slots = collections.Counter(id(t) for m in new.modules() for d in (m._parameters, m._buffers)
                                 for t in d.values() if t is not None and id(t) in memo.watched)
-    extra = {k for k, n in memo.reads.items() if n > slots[k]}
+    extra = {k for k, n in memo.reads.items() if n > slots[k] + expected.get(k, 0)}
     if not extra:
         return
     where = _object_holders(model, extra)

@@ -338,17 +338,34 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None) -
         x = stack.pop()
         if isinstance(x, _LEAVES) or x is None or id(x) in seen or id(x) in local or budget <= 0:
             out.append(x)
+            if isinstance(x, torch.Tensor) and id(x) not in seen and budget > 0:
+                seen.add(id(x))  # (a tensor's own Python attributes, t.src = weight: a deep copy copies them)
+                d = x.__dict__ if type(x) is torch.Tensor or isinstance(x, torch.nn.Parameter) else {}
+                stack.extend(reversed(list(d.values())))
             continue
         budget -= 1
         items = plain_items(x)
         if items is None:
             seen.add(id(x))
             items = _attributes(x)
+            if isinstance(x, types.FunctionType):  # (what a function closes over or defaults to: a lambda
+                items = [*items, *(c.cell_contents for c in x.__closure__ or () if _filled(c)),  # reading a
+                         *(x.__defaults__ or ())]                                   # weight it closed over)
             out.append(x)
         else:
             local.add(id(x))
         stack.extend(reversed(items))
     return out
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        return cell.cell_contents is not _EMPTY
+    except ValueError:  # (an empty cell)
+        return False
+
+
+_EMPTY = object()
 
 
 _LEAVES = (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex,
@@ -367,22 +384,16 @@ def _attributes(x: object) -> list[object]:
         return []
 
 
-def copy_model(model: nn.Module, memo: dict[int, object], what: str, first: Iterable[object] = (),
-               then: Callable[[], None] | None = None) -> nn.Module:
+def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Module:
     """``copy.deepcopy(model, memo)``, where a tensor attribute computed from parameters (legacy
     ``nn.utils.weight_norm``'s ``weight``, which deepcopy refuses; its hook recomputes it at each forward)
     is copied as its value without history, and any other attribute deepcopy refuses is named in a
-    :class:`SortedNetError` saying that ``what`` could not be made. ``first``: objects of the model copied before
-    it (into the same memo, so the model's copy holds these copies), then ``then()`` is called."""
+    :class:`SortedNetError` saying that ``what`` could not be made."""
     for m in model.modules():
         for v in m.__dict__.values():
             if isinstance(v, torch.Tensor) and not v.is_leaf and id(v) not in memo:
                 memo[id(v)] = v.detach().clone()
     try:
-        for x in first:
-            copy.deepcopy(x, memo)
-        if then is not None:
-            then()
         return copy.deepcopy(model, memo)
     except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
         raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(e).__name__}: {e}"
