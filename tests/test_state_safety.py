@@ -1447,17 +1447,30 @@ def test_a_sliced_tensor_held_in_a_plain_attribute_is_refused_by_export_and_chec
         nest.pick(params=1e9)
 
 
-def test_a_sliced_tensor_the_attribute_walk_misses_is_refused_by_the_copy_count():
+@pytest.mark.parametrize("hooks", ["none", "closure", "one_object_twice"])
+def test_a_sliced_tensor_the_attribute_walk_misses_is_refused_by_the_copy_count(hooks):
     """Past what the walk of plain attributes opens (10,000 objects: here the weight's holder comes after 20,000
     others), the deep copy's own reads of the live tensors are counted against the parameter and buffer slots
     holding them: one more read is a reference the export would keep to the live, full-size tensor, refused with
-    the attribute holding it."""
+    the attribute holding it. The references hooks hold count as expected only as the copy reads them: a
+    function's closure (never copied) and a hook object on two modules (copied once) had let one through."""
     m = _HeldAside("object")
     m.aside = [_Holder(None) for _ in range(20_000)] + [_Holder(m.fc1.weight)]
+    w = m.fc1.weight
+    if hooks == "closure":
+        m.fc2.register_forward_hook(lambda mod, i, o: o if w is not None else o)
+    elif hooks == "one_object_twice":
+        h = _HookHolding(w)
+        m.fc1.register_forward_hook(h)
+        m.fc2.register_forward_hook(h)
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="fc1", inp="fc2"))
     for sub in nest.submodels:
-        with pytest.raises(sn.SortedNetError, match=rf"export\({sub}\): aside holds a tensor .* inside an object"):
+        with pytest.raises(sn.SortedNetError, match=rf"export\({sub}\): aside holds a tensor .* inside an object"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", sn.export.LiveHookWarning)
             nest.export(sub)
+    if hooks != "none":
+        return
     m.aside = [m.fc1]  # (the module itself: exported, and the export's own)
     small = nest.export("h=8")
     assert small.aside[0] is small.fc1 and small.fc1.weight.shape == (8, 8)
@@ -1513,6 +1526,11 @@ class _TaggedCapture(nn.Module):
         if how == "tensor_attr":
             self.tag = torch.zeros(1)
             self.tag.src = self.a.weight
+        elif how == "buffer_attr":
+            self.register_buffer("tag", torch.zeros(1))
+            self.tag.src = self.a.weight
+        elif how == "getstate":
+            self.tag = _Registered(self.a.weight)
         else:
             w = self.a.weight
             self.fn = lambda x: x @ w.t()
@@ -1525,15 +1543,33 @@ class _TaggedCapture(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("how", ["tensor_attr", "lambda"])
+_REGISTRY: dict = {}
+
+
+class _Registered:
+    """Keeps its weight outside its ``__dict__``; a deep copy gets it from ``__getstate__``."""
+
+    def __init__(self, w):
+        self.key = id(self)
+        _REGISTRY[self.key] = w
+
+    def __getstate__(self):
+        return {"w": _REGISTRY[self.key]}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+@pytest.mark.parametrize("how", ["tensor_attr", "buffer_attr", "getstate", "lambda"])
 def test_a_weight_held_in_a_tensors_attribute_or_a_closure_is_refused_by_pick_and_export(how):
     """A hook bound to the model (``register_forward_hook(self._save)``) had its copy made before the count: the
     whole model was copied uncounted and a weight kept as a tensor's attribute reached the export live, full-size;
-    pick returned sub-models export refused (the walk opened neither tensors' attributes nor closures)."""
+    pick returned sub-models export refused (the walk opened neither tensors' attributes, a buffer's included, nor
+    closures, nor the state an object's own __getstate__ gives a copy)."""
     torch.manual_seed(0)
     m = _TaggedCapture(how)
     nest = sn.wrap(m, sn.Width("h", [4, 16], out="a", inp="b"))
-    name = "tag" if how == "tensor_attr" else "fn"
+    name = {"tensor_attr": "tag", "buffer_attr": r"tag\.src", "getstate": "tag"}.get(how, "fn")
     with pytest.raises(sn.SortedNetError, match=rf"export\(h=4\): {name} holds a tensor that sortednet slices"):
         nest.export("h=4")
     with pytest.raises(sn.SortedNetError, match=rf"no sub-model of this nest can be exported: \['{name}'\]"):

@@ -60,9 +60,10 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     model = nest.model
     with nest.use(sub), torch.no_grad(), exact_math():  # (a Rank's merged weight: fp32 under autocast, trainable)
         memo, skipped, drop, kept, dropped = _copy_plan(nest)
-        _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub, kept)
+        shared = _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub,
+                                    kept)
         memo = _CountingMemo(memo, {k for k, t in memo.items() if isinstance(t, Tensor)})
-        expected = _not_copied(model, memo, kept)
+        expected = _not_copied(model, memo, kept, shared)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         _refuse_held_in_objects(model, new, memo, sub, expected)
         held: dict[int, list[tuple[str, nn.Module, str]]] | None = None  # (built at the first replaced module)
@@ -445,7 +446,10 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
     watch |= set(extra)
     seen: set[int] = set()  # (an object every layer holds is walked once)
     return [(m, attr) for m in nest.model.modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(id(_bound_to(x)) in watch for x in held_leaves(v, seen=seen))]
+            if attr not in _INTERNALS and any(id(_bound_to(x)) in watch for x in held_leaves(v, seen=seen))] + [
+        (m, slots) for m in nest.model.modules() for slots in ("_parameters", "_buffers")  # (a tensor's attributes)
+        if any(id(x) in watch for t in m.__dict__[slots].values() if t is not None
+               for v in getattr(t, "__dict__", {}).values() for x in held_leaves(v, seen=seen))]
 
 
 def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 1024) -> tuple:
@@ -479,26 +483,29 @@ def held_aside(nest: Any) -> list[str]:
     sortednet slices besides its module."""
     sliced = {id(t) for m in nest._sliced.values() for t in m._sn.slicer.exported_tensors(m)}
     seen: set[int] = set()
-    return [_name(path, attr) for path, m in nest.model.named_modules() for attr, v in m.__dict__.items()
+    return [_name(path, attr) for path, m in nest.model.named_modules()
+            for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]
             if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced
                                               for x in held_leaves(v, seen=seen))]
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
-                       kept: Mapping[int, str]) -> None:
+                       kept: Mapping[int, str]) -> list[object]:
     """Refuse an export that would leave ``None`` (or a stale copy) where a plain attribute (a Python list, tuple,
     dict, set or ``functools.partial``, a dict's keys too) holds a block the sub-model skips or a module in one,
     or would share a live full-size tensor that such an attribute holds besides its module: the copy's reference
     would still be the live tensor (aliased, at full size, and what a forward reading it uses). Neither can be cut
     out of the attribute safely: a forward that reads it (``zip(self.blocks, self.pairs)``, ``self.ends[1]``)
-    would compute something else than the live model."""
+    would compute something else than the live model. Returns the optimizers and schedulers the attributes hold
+    (which the export shares)."""
+    shared: list[object] = []
     if not dropped and not sliced:
-        return
+        return shared
     seen: set[int] = set()
     for path, m in model.named_modules():
         if id(m) not in kept:  # in a block the sub-model skips and not held by kept code (another name): what it
             continue           # holds leaves with it (an accelerate hook's forward wrapper holding its own block)
-        for attr, v in m.__dict__.items():
+        for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]:
             if attr in _INTERNALS:
                 continue
             leaves = plain_leaves(v)
@@ -509,7 +516,9 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                                      "nn.Sequential and iterate it, or build such a list when it is read (a "
                                      "property: return [b.norm for b in self.blocks] follows the depth); pick "
                                      "passes over the depths this refuses")
-            if any(isinstance(x, Tensor) and id(x) in sliced for x in held_leaves(v, seen=seen)):
+            held = held_leaves(v, seen=seen)
+            shared += [x for x in held if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))]
+            if any(isinstance(x, Tensor) and id(x) in sliced for x in held):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
                                      "module's weight or buffer) in a plain Python attribute (or an object it "
                                      "holds: a dataclass, a class instance): a forward that reads "
@@ -518,6 +527,14 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
                                      "(module.weight), or keep the module itself in the attribute; build lists of "
                                      "parameters (optimizer groups) when you need them, from "
                                      "model.named_parameters(), rather than keeping them on the model")
+    return shared
+
+
+def _tensor_attributes(m: nn.Module) -> list[tuple[str, object]]:
+    """``(name.attr, value)`` of the Python attributes of ``m``'s parameters and buffers (``self.tag.src =
+    layer.weight``: a deep copy copies them)."""
+    return [(f"{n}.{k}", x) for d in (m._parameters, m._buffers) for n, t in d.items() if t is not None
+            for k, x in getattr(t, "__dict__", {}).items()]
 
 
 class _CountingMemo(dict):
@@ -538,27 +555,30 @@ class _CountingMemo(dict):
 _DEEPCOPY = copy.deepcopy.__code__
 
 
-def _not_copied(model: nn.Module, memo: _CountingMemo, kept: Mapping[int, str]) -> collections.Counter:
+def _not_copied(model: nn.Module, memo: _CountingMemo, kept: Mapping[int, str],
+                shared: Iterable[object]) -> collections.Counter:
     """Set ``memo`` so that the export does not copy sortednet's own hooks (dropped from the copy after; one holds
-    every sliced BatchNorm, a skipped block's too) nor the optimizers and schedulers the model's attributes hold
-    (parameters to update, not to compute with: the export holds the same objects); and count the references to
-    the live sliced tensors the users' hooks hold (:func:`held_leaves`), which the copy keeps and
-    :func:`_warn_live_hooks` names, as expected."""
+    every sliced BatchNorm, a skipped block's too) nor ``shared`` (the optimizers and schedulers the model's
+    attributes hold: parameters to update, not to compute with; the export holds the same objects); and count the
+    references to the live sliced tensors the users' hooks hold, which the copy keeps and :func:`_warn_live_hooks`
+    names, as expected: each hook object once, as the copy copies it once, and not what functions close over,
+    which a copy keeps as they are."""
+    for x in shared:
+        memo[id(x)] = x
     expected: collections.Counter = collections.Counter()
-    seen: set[int] = set()
+    hooks: dict[int, object] = {}
     for m in model.modules():
         for attr, v in m.__dict__.items():
             if attr.endswith("hooks") and isinstance(v, dict):
                 for fn in v.values():
                     if type(getattr(fn, "hook", fn)).__module__.startswith("sortednet."):  # (torch's wrapper too)
                         memo[id(fn)] = fn
-                    elif id(m) in kept:
+                    elif id(m) in kept and not isinstance(fn, types.FunctionType):
                         held = fn.__self__ if isinstance(fn, types.MethodType) else fn
-                        expected.update(id(x) for x in held_leaves(held) if id(x) in memo.watched)
-            elif attr not in _INTERNALS:
-                for x in held_leaves(v, seen=seen):
-                    if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
-                        memo[id(x)] = x
+                        hooks[id(held)] = held
+    seen: set[int] = set()
+    for held in hooks.values():
+        expected.update(id(x) for x in held_leaves(held, seen=seen, code=False) if id(x) in memo.watched)
     return expected
 
 
@@ -588,7 +608,8 @@ def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMem
 def _object_holders(model: nn.Module, ids: set[int]) -> list[str]:
     """``path.attr`` of the plain attributes of ``model``'s modules holding one of ``ids`` (:func:`held_leaves`)."""
     seen: set[int] = set()
-    return [_name(path, attr) for path, m in model.named_modules() for attr, v in m.__dict__.items()
+    return [_name(path, attr) for path, m in model.named_modules()
+            for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]
             if attr not in _INTERNALS and any(id(x) in ids for x in held_leaves(v, 100_000, seen))]
 
 

@@ -323,13 +323,13 @@ def plain_leaves(v: object) -> list[object]:
     return out
 
 
-def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None) -> list[object]:
+def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, code: bool = True) -> list[object]:
     """:func:`plain_leaves` that also opens the objects a deep copy copies by their attributes (a dataclass, a
     class instance: ``__dict__`` and ``__slots__``), as far as ``budget`` objects: where a tensor can hide from
     the plain walk and still reach an exported copy. Modules and tensors are leaves (not opened), and so are
     optimizers and learning-rate schedulers (they hold parameters to update, not to compute with). ``seen``: the
     objects (not plain containers) opened by earlier calls, not opened again: a vocabulary of objects every layer
-    holds is walked once."""
+    holds is walked once. ``code``: open what functions close over (a deep copy keeps functions as they are)."""
     out: list[object] = []
     seen = set() if seen is None else seen
     local: set[int] = set()  # (plain containers: opened again for each attribute, as plain_leaves does)
@@ -348,7 +348,7 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None) -
         if items is None:
             seen.add(id(x))
             items = _attributes(x)
-            if isinstance(x, types.FunctionType):  # (what a function closes over or defaults to: a lambda
+            if isinstance(x, types.FunctionType) and code:  # (what a function closes over or defaults to: a lambda
                 items = [*items, *(c.cell_contents for c in x.__closure__ or () if _filled(c)),  # reading a
                          *(x.__defaults__ or ())]                                   # weight it closed over)
             out.append(x)
@@ -373,8 +373,13 @@ _LEAVES = (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, in
 
 
 def _attributes(x: object) -> list[object]:
-    """The values of an object's ``__dict__`` and ``__slots__`` (none for a proxy that refuses them)."""
+    """The values of an object's ``__dict__`` and ``__slots__``, or of the state its class's own ``__getstate__``
+    gives (what a deep copy copies); none for a proxy that refuses them."""
     try:
+        if getattr(type(x), "__getstate__", object.__getstate__) is not object.__getstate__ and not isinstance(
+                x, types.FunctionType):
+            state = x.__getstate__()
+            return list(state.values()) if isinstance(state, dict) else list(plain_leaves(state))
         d = getattr(x, "__dict__", None)
         items = list(d.values()) if isinstance(d, dict) else []
         slots = getattr(type(x), "__slots__", ())
