@@ -1560,20 +1560,26 @@ class _Registered:
         self.__dict__.update(state)
 
 
-@pytest.mark.parametrize("how", ["tensor_attr", "buffer_attr", "getstate", "lambda"])
+@pytest.mark.parametrize("how", ["tensor_attr", "buffer_attr", "lambda"])
 def test_a_weight_held_in_a_tensors_attribute_or_a_closure_is_refused_by_pick_and_export(how):
     """A hook bound to the model (``register_forward_hook(self._save)``) had its copy made before the count: the
     whole model was copied uncounted and a weight kept as a tensor's attribute reached the export live, full-size;
     pick returned sub-models export refused (the walk opened neither tensors' attributes, a buffer's included, nor
-    closures, nor the state an object's own __getstate__ gives a copy)."""
+    closures). An object handing the weight to a copy only through its own ``__getstate__`` is refused by export's
+    count of the copy's references (the walk does not call user code)."""
     torch.manual_seed(0)
     m = _TaggedCapture(how)
     nest = sn.wrap(m, sn.Width("h", [4, 16], out="a", inp="b"))
-    name = {"tensor_attr": "tag", "buffer_attr": r"tag\.src", "getstate": "tag"}.get(how, "fn")
+    name = {"tensor_attr": "tag", "buffer_attr": r"tag\.src"}.get(how, "fn")
     with pytest.raises(sn.SortedNetError, match=rf"export\(h=4\): {name} holds a tensor that sortednet slices"):
         nest.export("h=4")
     with pytest.raises(sn.SortedNetError, match=rf"no sub-model of this nest can be exported: \['{name}'\]"):
         nest.pick(params=10 ** 9)
+    if how == "tensor_attr":
+        m.tag = _Registered(m.a.weight)
+        with pytest.raises(sn.SortedNetError, match=r"export\(h=4\): an object on the model holds a tensor .* "
+                                                    r"inside an object"):
+            nest.export("h=4")
 
 
 class _BnBlock(nn.Module):
@@ -2308,3 +2314,34 @@ def test_sliced_parameters_as_dict_keys_are_named_by_pick():
         nest.export("w=4")
     with pytest.raises(sn.SortedNetError, match=r"no sub-model .*\['names'\] hold tensors that sortednet slices"):
         nest.pick(params=1e9)
+
+
+class _TwiceInATuple:
+    """A hook object holding a weight in one tuple it references twice (a deep copy reads an unchanged tuple anew
+    at each reference: it does not memoise it)."""
+
+    def __init__(self, w):
+        self.a = (w,)
+        self.b = self.a
+
+    def __call__(self, mod, inp, out):
+        return out
+
+
+def test_a_hook_object_referencing_one_tuple_twice_and_a_closure_over_a_module_are_named_not_refused():
+    """The count of the copy's references expected one read of a tuple referenced twice (a deep copy reads it at
+    each reference): the export was refused, naming nothing. A function kept in an attribute that closes over a
+    live module runs the live module (its sizes) from the export: named by LiveHookWarning."""
+    from sortednet.export import LiveHookWarning
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    m[2].register_forward_hook(_TwiceInATuple(m[0].weight))
+    with pytest.warns(LiveHookWarning, match=r"a hook on '2' \(_forward_hooks\) holds a Parameter of the live"):
+        small = nest.export("h=8")
+    assert small[0].weight.shape == (8, 8)
+    first = m[0]
+    m.extra = lambda h: first(h)
+    with pytest.warns(LiveHookWarning, match=r"extra holds a function whose closure, defaults or globals hold a "
+                                             r"Linear of the live model"):
+        nest.export("h=8")

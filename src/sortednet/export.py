@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
-from .modes import copy_model, exact_math, held_leaves, plain_items, plain_leaves
+from .modes import copy_model, exact_math, held_leaves, object_values, plain_items, plain_leaves
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -291,8 +291,33 @@ def _global_loads(code: types.CodeType) -> set[str]:
 def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
     """Warn (LiveHookWarning) when a hook the export carries holds a module or tensor of the live model: a deep
     copy keeps a function's closure as it is, so ``lambda mod, i, o: o * lin.weight.mean()`` in the export still
-    reads the live ``lin`` (another sub-model's values now, and whatever training does to them later)."""
+    reads the live ``lin`` (another sub-model's values now, and whatever training does to them later); and when a
+    function kept in an attribute does (``self.extra = lambda h: layer(h)``)."""
     live = {id(x) for x in (*model.modules(), *model.parameters(), *model.buffers())}
+    _warn_live_hook(new, sub, live)
+    for path, m in new.named_modules():  # (functions kept in attributes: an instance forward is checked apart)
+        for attr, v in m.__dict__.items():
+            if attr in _INTERNALS or attr == "forward":
+                continue
+            for fn in plain_leaves(v):
+                fn = getattr(fn, "__wrapped__", fn)  # (an lru_cache wrapper: a copy keeps it, and what it wraps)
+                if not isinstance(fn, types.FunctionType):
+                    continue
+                hit = next((x for x in (*_captured(fn), *(fn.__kwdefaults__ or {}).values()) if id(x) in live),
+                           None)
+                if hit is not None:
+                    st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
+                    warnings.warn(
+                        f"export({sub}): {_name(path, attr)} holds a function whose closure, defaults or globals "
+                        f"hold a {(st.cls if st is not None else type(hit)).__name__} of the live model, which a "
+                        "copy keeps as it is: called from the export it runs the live model's module (at the "
+                        "live model's sizes), not the export's own. Reach modules through self in a method instead",
+                        LiveHookWarning, stacklevel=4)
+                    return
+
+
+def _warn_live_hook(new: nn.Module, sub: SubModel, live: set[int]) -> None:
+    """:func:`_warn_live_hooks` of the hooks: the first hook holding a live module or tensor."""
     for path, m in new.named_modules():
         for attr in _HOOK_DICTS:
             for fn in list(getattr(m, attr, {}).values()):
@@ -311,7 +336,7 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
                         "a copy keeps as it is: the export computes with the live model's values there, not its "
                         "own. Read the "
                         "module the hook is given (its first argument) instead, as hooks of the module itself "
-                        "are copied with it", LiveHookWarning, stacklevel=4)
+                        "are copied with it", LiveHookWarning, stacklevel=5)
                     return
 
 
@@ -578,8 +603,26 @@ def _not_copied(model: nn.Module, memo: _CountingMemo, kept: Mapping[int, str],
                         hooks[id(held)] = held
     seen: set[int] = set()
     for held in hooks.values():
-        expected.update(id(x) for x in held_leaves(held, seen=seen, code=False) if id(x) in memo.watched)
+        _copy_reads(held, memo.watched, expected, seen)
     return expected
+
+
+def _copy_reads(v: object, watched: set[int], out: collections.Counter, seen: set[int], depth: int = 0) -> None:
+    """Add to ``out`` the reads of ``watched`` tensors a deep copy of ``v`` makes: a list, dict, set or object is
+    copied once (memoised); a tuple is not memoised where its items copy to themselves (a live tensor's do), so
+    each reference to it reads them again. Functions are kept, not copied; modules are copied with the model."""
+    if id(v) in watched:
+        out[id(v)] += 1
+        return
+    if depth > 50 or isinstance(v, (nn.Module, Tensor, types.FunctionType, type, str, bytes, int, float)) or v is None:
+        return
+    if not isinstance(v, tuple):
+        if id(v) in seen:
+            return
+        seen.add(id(v))
+    items = plain_items(v)
+    for x in items if items is not None else object_values(v):
+        _copy_reads(x, watched, out, seen, depth + 1)
 
 
 def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMemo, sub: SubModel,
@@ -608,9 +651,11 @@ def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMem
 def _object_holders(model: nn.Module, ids: set[int]) -> list[str]:
     """``path.attr`` of the plain attributes of ``model``'s modules holding one of ``ids`` (:func:`held_leaves`)."""
     seen: set[int] = set()
-    return [_name(path, attr) for path, m in model.named_modules()
-            for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]
-            if attr not in _INTERNALS and any(id(x) in ids for x in held_leaves(v, 100_000, seen))]
+    found = [(attr.endswith("hooks"), _name(path, attr)) for path, m in model.named_modules()
+             for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]
+             if (attr not in _INTERNALS or attr.endswith("hooks")) and any(
+                 id(x) in ids for x in held_leaves(v, 100_000, seen))]
+    return [n for hook, n in found if not hook] or [n for _, n in found]  # (hooks, which may hold it: the last)
 
 
 def _swap_held(v: object, c: object, r: object, seen: dict[int, object], depth: int = 0) -> object:

@@ -347,7 +347,7 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
         items = plain_items(x)
         if items is None:
             seen.add(id(x))
-            items = _attributes(x)
+            items = object_values(x)
             if isinstance(x, types.FunctionType) and code:  # (what a function closes over or defaults to: a lambda
                 items = [*items, *(c.cell_contents for c in x.__closure__ or () if _filled(c)),  # reading a
                          *(x.__defaults__ or ())]                                   # weight it closed over)
@@ -372,14 +372,11 @@ _LEAVES = (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, in
            torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
 
 
-def _attributes(x: object) -> list[object]:
-    """The values of an object's ``__dict__`` and ``__slots__``, or of the state its class's own ``__getstate__``
-    gives (what a deep copy copies); none for a proxy that refuses them."""
+def object_values(x: object) -> list[object]:
+    """The values of an object's ``__dict__`` and ``__slots__`` (none for a proxy that refuses them). Not the state
+    a class's own ``__getstate__`` gives: calling it is the user's code, with its costs and side effects (a deep
+    copy calls it; export's count of the copy's references sees what it hands over)."""
     try:
-        if getattr(type(x), "__getstate__", object.__getstate__) is not object.__getstate__ and not isinstance(
-                x, types.FunctionType):
-            state = x.__getstate__()
-            return list(state.values()) if isinstance(state, dict) else list(plain_leaves(state))
         d = getattr(x, "__dict__", None)
         items = list(d.values()) if isinstance(d, dict) else []
         slots = getattr(type(x), "__slots__", ())
