@@ -1531,6 +1531,10 @@ class _TaggedCapture(nn.Module):
             self.tag.src = self.a.weight
         elif how == "getstate":
             self.tag = _Registered(self.a.weight)
+        elif how == "kwdefault":
+            def fn(x, *, w=self.a.weight):
+                return x @ w.t()
+            self.fn = fn
         else:
             w = self.a.weight
             self.fn = lambda x: x @ w.t()
@@ -1560,7 +1564,7 @@ class _Registered:
         self.__dict__.update(state)
 
 
-@pytest.mark.parametrize("how", ["tensor_attr", "buffer_attr", "lambda"])
+@pytest.mark.parametrize("how", ["tensor_attr", "buffer_attr", "lambda", "kwdefault"])
 def test_a_weight_held_in_a_tensors_attribute_or_a_closure_is_refused_by_pick_and_export(how):
     """A hook bound to the model (``register_forward_hook(self._save)``) had its copy made before the count: the
     whole model was copied uncounted and a weight kept as a tensor's attribute reached the export live, full-size;

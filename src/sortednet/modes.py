@@ -350,7 +350,7 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
             items = object_values(x)
             if isinstance(x, types.FunctionType) and code:  # (what a function closes over or defaults to: a lambda
                 items = [*items, *(c.cell_contents for c in x.__closure__ or () if _filled(c)),  # reading a
-                         *(x.__defaults__ or ())]                                   # weight it closed over)
+                         *(x.__defaults__ or ()), *(x.__kwdefaults__ or {}).values()]  # weight it closed over)
             out.append(x)
         else:
             local.add(id(x))
