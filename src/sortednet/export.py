@@ -299,7 +299,8 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS or attr == "forward":
                 continue
-            for fn in plain_leaves(v):
+            small = not isinstance(v, (list, tuple, dict, set, frozenset)) or len(v) <= 1024  # (not a vocabulary)
+            for fn in plain_leaves(v) if small else ():
                 fn = getattr(fn, "__wrapped__", fn)  # (an lru_cache wrapper: a copy keeps it, and what it wraps)
                 if not isinstance(fn, types.FunctionType):
                     continue
@@ -469,9 +470,11 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
     watch |= {id(x) for m in nest._sliced.values() if "depth" in m._sn.bind
               for c in m._modules.values() if c is not None for x in c.modules()}
     watch |= set(extra)
-    seen: set[int] = set()  # (an object every layer holds is walked once)
+    seen: set[int] = set()  # (an object or container every layer holds is walked once: its first holder named,
+    opened: set[int] = set()  # whose change rebuilds the table, which then finds the others)
     return [(m, attr) for m in nest.model.modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(id(_bound_to(x)) in watch for x in held_leaves(v, seen=seen))] + [
+            if attr not in _INTERNALS and any(id(_bound_to(x)) in watch
+                                              for x in held_leaves(v, seen=seen, containers=opened))] + [
         (m, slots) for m in nest.model.modules() for slots in ("_parameters", "_buffers")  # (a tensor's attributes)
         if any(id(x) in watch for t in m.__dict__[slots].values() if t is not None
                for v in getattr(t, "__dict__", {}).values() for x in held_leaves(v, seen=seen))]
@@ -527,21 +530,21 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
     if not dropped and not sliced:
         return shared
     seen: set[int] = set()
+    opened: set[int] = set()  # (a container every layer holds: walked once; found there, it is refused at once)
     for path, m in model.named_modules():
         if id(m) not in kept:  # in a block the sub-model skips and not held by kept code (another name): what it
             continue           # holds leaves with it (an accelerate hook's forward wrapper holding its own block)
         for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]:
             if attr in _INTERNALS:
                 continue
-            leaves = plain_leaves(v)
-            if any(isinstance(x, nn.Module) and id(x) in dropped for x in leaves):
+            if dropped and any(isinstance(x, nn.Module) and id(x) in dropped for x in plain_leaves(v)):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips (or "
                                      "modules of them), outside the layer list (a plain Python attribute); the "
                                      "export cannot hold them. Keep blocks only in the nn.ModuleList / "
                                      "nn.Sequential and iterate it, or build such a list when it is read (a "
                                      "property: return [b.norm for b in self.blocks] follows the depth); pick "
                                      "passes over the depths this refuses")
-            held = held_leaves(v, seen=seen)
+            held = held_leaves(v, seen=seen, containers=opened)
             shared += [x for x in held if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))]
             if any(isinstance(x, Tensor) and id(x) in sliced for x in held):
                 raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "

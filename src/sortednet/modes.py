@@ -323,16 +323,19 @@ def plain_leaves(v: object) -> list[object]:
     return out
 
 
-def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, code: bool = True) -> list[object]:
+def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, code: bool = True,
+                containers: set[int] | None = None) -> list[object]:
     """:func:`plain_leaves` that also opens the objects a deep copy copies by their attributes (a dataclass, a
     class instance: ``__dict__`` and ``__slots__``), as far as ``budget`` objects: where a tensor can hide from
     the plain walk and still reach an exported copy. Modules and tensors are leaves (not opened), and so are
     optimizers and learning-rate schedulers (they hold parameters to update, not to compute with). ``seen``: the
     objects (not plain containers) opened by earlier calls, not opened again: a vocabulary of objects every layer
-    holds is walked once. ``code``: open what functions close over (a deep copy keeps functions as they are)."""
+    holds is walked once. ``code``: open what functions close over (a deep copy keeps functions as they are).
+    ``containers``: the plain containers opened by earlier calls, for a caller that needs each found once only
+    (by default they are opened again at each call, as :func:`plain_leaves` does)."""
     out: list[object] = []
     seen = set() if seen is None else seen
-    local: set[int] = set()  # (plain containers: opened again for each attribute, as plain_leaves does)
+    local: set[int] = set() if containers is None else containers
     stack = [v]
     while stack:
         x = stack.pop()
