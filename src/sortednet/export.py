@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
-from .modes import copy_model, exact_math, held_leaves, object_values, plain_items, plain_leaves
+from .modes import copy_model, exact_math, function_values, held_leaves, object_values, plain_items, plain_leaves
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -248,13 +248,7 @@ def _captured(fn: Any, depth: int = 0) -> list[Any]:
     wrapped = getattr(fn, "hook", None)  # (torch's wrapper of a module-taking hook)
     if wrapped is not None and wrapped is not fn and depth < 3:
         out += _captured(wrapped, depth + 1)
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            out.append(cell.cell_contents)
-        except ValueError:  # (an empty cell)
-            continue
-    out += list(getattr(fn, "__defaults__", None) or ())  # (def hook(mod, i, o, lin=model.fc): a default)
-    out += list((getattr(fn, "__kwdefaults__", None) or {}).values())
+    out += function_values(fn)  # (its closure; def hook(mod, i, o, lin=model.fc): a default)
     code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
     if code is not None and isinstance(names, dict):  # (a script's module-level model or layer it reads)
         out += [names[n] for n in _global_loads(code) if n in names]
@@ -304,8 +298,7 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
                 fn = getattr(fn, "__wrapped__", fn)  # (an lru_cache wrapper: a copy keeps it, and what it wraps)
                 if not isinstance(fn, types.FunctionType):
                     continue
-                hit = next((x for x in (*_captured(fn), *(fn.__kwdefaults__ or {}).values()) if id(x) in live),
-                           None)
+                hit = next((x for x in _captured(fn) if id(x) in live), None)
                 if hit is not None:
                     st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
                     warnings.warn(

@@ -351,9 +351,8 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
         if items is None:
             seen.add(id(x))
             items = object_values(x)
-            if isinstance(x, types.FunctionType) and code:  # (what a function closes over or defaults to: a lambda
-                items = [*items, *(c.cell_contents for c in x.__closure__ or () if _filled(c)),  # reading a
-                         *(x.__defaults__ or ()), *(x.__kwdefaults__ or {}).values()]  # weight it closed over)
+            if isinstance(x, types.FunctionType) and code:  # (a lambda reading a weight it closed over)
+                items = [*items, *function_values(x)]
             out.append(x)
         else:
             local.add(id(x))
@@ -361,14 +360,16 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
     return out
 
 
-def _filled(cell: Any) -> bool:
-    try:
-        return cell.cell_contents is not _EMPTY
-    except ValueError:  # (an empty cell)
-        return False
-
-
-_EMPTY = object()
+def function_values(fn: Any) -> list[object]:
+    """What a function closes over (its filled cells) and its defaults, keyword-only ones too: what it keeps,
+    as it is, in a deep copy."""
+    out: list[object] = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # (an empty cell)
+            continue
+    return [*out, *(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
 
 
 _LEAVES = (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex,
