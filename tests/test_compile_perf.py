@@ -62,9 +62,12 @@ def test_one_graph_per_submodel_no_recompile_no_graph_break(family, train):
 
 
 def test_threads_compiled_each_see_their_own_submodel():
-    """Two threads serving different sub-models through one compiled model get their own graphs."""
+    """Two threads serving different sub-models through one compiled model get their own graphs. After a
+    ``torch.fx.symbolic_trace`` in this thread (torch 2.14 keeps its tracing flag per thread), a graph that read
+    the flag guarded on this thread's value and recompiled in every new serving thread."""
     import threading
 
+    torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     case = FAMILIES["mlp"]()
     nest = sn.wrap(case.model, *case.dims)
     counter = CompileCounterWithBackend("eager")

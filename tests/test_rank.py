@@ -510,8 +510,11 @@ def test_svd_prefixes_are_optimal_low_rank(out, inp, seed, dtype):
     nest = sn.wrap(layer, sn.Rank("r", list(range(1, min(out, inp) + 1)), targets=""))
     U, V = layer._parameters["U"].detach().double(), layer._parameters["V"].detach().double()
     eps = (1e-10 if dt == torch.float64 else 1e-5) * s.norm().item()
-    torch.testing.assert_close(U.T @ U, torch.diag(s), atol=eps, rtol=0)   # singular values split sqrt / sqrt
-    torch.testing.assert_close(V @ V.T, torch.diag(s), atol=eps, rtol=0)
+    # singular values split sqrt / sqrt; a component below 1e-3 of the largest keeps a U column of norm
+    # sqrt(floor) (trainable), its V row carrying the rest
+    left = s.clamp_min(1e-3 * s.max().item()) if s.max() > 0 else torch.ones_like(s)
+    torch.testing.assert_close(U.T @ U, torch.diag(left), atol=eps, rtol=0)
+    torch.testing.assert_close(V @ V.T, torch.diag(s.square() / left), atol=eps, rtol=0)
     errs = []
     for r in nest.dims[0].sizes:
         with nest.use(f"r={r}"):
@@ -521,6 +524,40 @@ def test_svd_prefixes_are_optimal_low_rank(out, inp, seed, dtype):
         assert abs(err - opt) <= tol, (r, err, opt)
         errs.append(err)
     assert all(b <= a + 1e-6 * s.norm().item() for a, b in zip(errs, errs[1:]))
+
+
+@pytest.mark.parametrize("weight", ["zero", "zero_padded", "rank_one"])
+def test_svd_components_of_zero_singular_value_train(weight):
+    """Split evenly, a zero singular value gives both factors zero: each one's gradient is the other's times
+    the output's, so the component never trained (a zero-initialised layer stayed zero; the ranks past a
+    zero-padded weight's own rank stayed dead, the larger sub-models equal to the smaller)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        if weight == "zero":
+            layer.weight.zero_()
+        elif weight == "zero_padded":
+            layer.weight[4:].zero_()
+            layer.weight[:, 4:].zero_()
+        else:
+            layer.weight.copy_(torch.randn(8, 1) @ torch.randn(1, 8))
+    W = layer.weight.detach().clone()
+    nest = sn.wrap(layer, sn.Rank("r", [4, 8], targets=""))
+    for r in (4, 8):
+        with nest.use(f"r={r}"):
+            torch.testing.assert_close(layer.weight, W, atol=1e-6, rtol=0)  # rank <= 4: both exact
+    x = torch.randn(64, 8)
+    target = x @ torch.randn(8, 8)   # reachable by a full-rank layer only
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(60):
+        opt.zero_grad()
+        with nest.use("r=8"):
+            F.mse_loss(layer(x), target).backward()
+        opt.step()
+    with torch.no_grad(), nest.use("r=8"):
+        full = layer.weight.clone()
+        assert torch.linalg.matrix_rank(full).item() == 8
+        assert F.mse_loss(layer(x), target) < 0.1 * F.mse_loss(x @ W.T, target)
 
 
 # -- lora: exact scaling, frozen base, adapters only -------------------------------
@@ -855,16 +892,26 @@ class _Held(list):
     """A list subclass: export does not rebuild it (its constructor may be anything)."""
 
 
+class _HeldByClass(nn.Sequential):
+    """Its class holds its first layer (every instance, an export's too, reads that one)."""
+
+    def __init__(self, m):
+        super().__init__(*m)
+        type(self).first = self[0]
+
+
 @pytest.mark.parametrize("holder", ["namedtuple", "ordered_dict", "list_subclass", "seven_deep", "deque",
-                                    "namespace", "bound_method", "bound_method_in_a_list"])
+                                    "namespace", "bound_method", "bound_method_in_a_list", "dataclass",
+                                    "class_attribute"])
 def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passed_over_by_pick(holder):
     """A factored svd target held in a container export does not rebuild (a namedtuple, an OrderedDict, a list
     subclass) was refused by export but returned by pick; one held seven levels deep was neither rebuilt nor
     refused: the export kept the old Linear, sharing the live model's full-size tensors and failing when called.
     Both are refused, naming the attribute, and pick passes over the ranks refused. So is a method bound to the
     target (``self.run = self.fc.forward``): the export returned a model whose method was bound to the old,
-    emptied Linear (a raw AttributeError when called)."""
+    emptied Linear (a raw AttributeError when called). So was one held in a dataclass or a class attribute."""
     import collections
+    import dataclasses
 
     pair = collections.namedtuple("pair", "layer lr")
     torch.manual_seed(0)
@@ -873,12 +920,21 @@ def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passe
               "list_subclass": lambda: _Held([m[0]]), "seven_deep": lambda: [[[[[[[m[0]]]]]]]],
               "deque": lambda: collections.deque([m[0]]),
               "namespace": lambda: types.SimpleNamespace(layer=m[0]), "bound_method": lambda: m[0].forward,
-              "bound_method_in_a_list": lambda: [m[0].forward]}[holder]()
+              "bound_method_in_a_list": lambda: [m[0].forward],
+              "dataclass": lambda: dataclasses.make_dataclass("Refs", ["proj"])(m[0]),
+              "class_attribute": lambda: None}[holder]()
+    if holder == "class_attribute":
+        m = _HeldByClass(m)
     nest = sn.wrap(m, sn.Rank("r", [4, 8, 32], targets="0"))  # (export="auto": two Linears at 4 and 8)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for r in (4, 8):
-        with pytest.raises(sn.SortedNetError, match="held"):
+        with pytest.raises(sn.SortedNetError, match="held|class attribute"):
             nest.export(f"r={r}")
+    if holder == "class_attribute":  # (the live module, whatever the rank: every sub-model refused)
+        with pytest.raises(sn.SortedNetError, match=r"no sub-model .*_HeldByClass.first"):
+            nest.pick(params=1e9)
+        del _HeldByClass.first
+        return
     with pytest.raises(sn.BudgetError, match="2 sub-model"):
         nest.pick(params=nest.cost("r=8"))
     assert nest.pick(params=1e9) == nest.largest

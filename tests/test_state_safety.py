@@ -5,6 +5,7 @@ state along, checkpoints and generator states that are checked before anything c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import functools
 import os
@@ -12,6 +13,7 @@ import pickle
 import random
 import types
 import warnings
+import weakref
 from unittest import mock
 
 import numpy as np
@@ -1399,6 +1401,31 @@ class _SlotHolder:
         self.w = w
 
 
+class _SlotBase:
+    __slots__ = ("w",)
+
+
+class _SlotChild(_SlotBase):
+    """Its slot ``w`` declared by its parent class."""
+
+    __slots__ = ("extra",)
+
+    def __init__(self, w):
+        self.w, self.extra = w, 1
+
+
+class _DictWithAttrs(dict):
+    """A dict subclass: a deep copy copies its instance attributes too."""
+
+
+class _Getter:
+    def __init__(self, w):
+        self.w = w
+
+    def get(self):
+        return self.w
+
+
 class _HeldAside(nn.Module):
     """A sliced weight also held in a plain Python attribute, read from there in forward."""
 
@@ -1407,24 +1434,36 @@ class _HeldAside(nn.Module):
         self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
         self.how = how
         w = self.fc1.weight
-        self.aside = {"list": [w], "dict": {"w": w}, "tuple": (w, 1), "partial": functools.partial(F.linear, weight=w),
-                      "modules": [self.fc1], "object": {"k": _Holder(w)}, "slots": [_SlotHolder(w)]}[how]
+        if how == "dict_subclass":
+            self.aside = _DictWithAttrs(k=1)
+            self.aside.w = w
+        elif how == "weak_values":
+            self.aside = weakref.WeakValueDictionary({"w": w})
+        else:
+            self.aside = {"list": [w], "dict": {"w": w}, "tuple": (w, 1),
+                          "partial": functools.partial(F.linear, weight=w), "modules": [self.fc1],
+                          "object": {"k": _Holder(w)}, "slots": [_SlotHolder(w)], "inherited_slots": _SlotChild(w),
+                          "bound_method": _Getter(w).get, "weakref": weakref.ref(w)}.get(how)
 
     def forward(self, x):
         h = F.relu(self.fc1(x))
-        w = self.aside[0].weight if self.how == "modules" else (
-            self.aside.keywords["weight"] if self.how == "partial" else
-            self.aside["w"] if self.how == "dict" else self.aside["k"].w if self.how == "object" else
-            self.aside[0].w if self.how == "slots" else self.aside[0])
+        a = self.aside
+        w = {"modules": lambda: a[0].weight, "partial": lambda: a.keywords["weight"], "dict": lambda: a["w"],
+             "object": lambda: a["k"].w, "slots": lambda: a[0].w, "inherited_slots": lambda: a.w,
+             "dict_subclass": lambda: a.w, "bound_method": lambda: a(), "weakref": lambda: a(),
+             "weak_values": lambda: a["w"]}.get(self.how, lambda: a[0])()
         return self.fc2(h) * w.norm()
 
 
-@pytest.mark.parametrize("how", ["list", "dict", "tuple", "partial", "modules", "object", "slots"])
+@pytest.mark.parametrize("how", ["list", "dict", "tuple", "partial", "modules", "object", "slots", "inherited_slots",
+                                 "dict_subclass", "bound_method", "weakref", "weak_values"])
 def test_a_sliced_tensor_held_in_a_plain_attribute_is_refused_by_export_and_check(how):
     """Read from a plain attribute, the weight is the full-size tensor under every sub-model (the live output
     is not the sub-model's), and an export would share it with the live model (training the copy wrote into the
     live gradient). Holding the module instead follows the sub-model. In an object of the user's (a class
-    instance, ``__slots__`` too) the export shared it silently."""
+    instance, ``__slots__`` too) the export shared it silently; behind a weak reference (a copy keeps it as it is)
+    too. Pick returned sub-models export refused behind a slot a parent class declares, a dict subclass's own
+    attribute or a bound method's object."""
     torch.manual_seed(0)
     m = _HeldAside(how)
     x = torch.randn(5, 8)
@@ -2349,3 +2388,126 @@ def test_a_hook_object_referencing_one_tuple_twice_and_a_closure_over_a_module_a
     with pytest.warns(LiveHookWarning, match=r"extra holds a function whose closure, defaults or globals hold a "
                                              r"Linear of the live model"):
         nest.export("h=8")
+
+
+class _ClassHeld(nn.Module):
+    """Reads a weight its class holds (``type(self).W = w``): every instance, a copy's too, reads the live one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        type(self).W = self.fc1.weight
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))) * type(self).W.norm()
+
+
+def test_a_sliced_tensor_a_class_attribute_holds_is_refused_by_export_and_passed_over_by_pick():
+    m = _ClassHeld()
+    try:
+        nest = sn.wrap(m, sn.Width("h", [8, 16], out="fc1", inp="fc2"))
+        with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): _ClassHeld.W \(a class attribute\) holds a "
+                                                    r"tensor that sortednet slices"):
+            nest.export("h=8")
+        with pytest.raises(sn.SortedNetError, match=r"no sub-model .*\['_ClassHeld.W'\] hold tensors"):
+            nest.pick(params=1e9)
+    finally:
+        del _ClassHeld.W
+
+
+@dataclasses.dataclass
+class _Refs:
+    last: object
+
+
+class _StackRefs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.refs = _Refs(self.blocks[-1])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.relu(b(x))
+        return x + self.refs.last.bias if self.refs.last is not None else x
+
+
+def test_a_skipped_block_an_object_holds_is_refused_and_passed_over_by_pick():
+    """A dataclass holding the last block: the export of a depth skipping it got None there (the deep copy's memo
+    maps a skipped block to None), and its output differed from the live sub-model's; pick returned it."""
+    torch.manual_seed(0)
+    m = _StackRefs()
+    nest = sn.wrap(m, sn.Depth("d", [2, 3], layers="blocks"))
+    with pytest.raises(sn.SortedNetError, match=r"export\(d=2\): refs holds blocks the sub-model skips"):
+        nest.export("d=2")
+    assert nest.pick(params=1e9) == nest.resolve("d=3")
+    with pytest.raises(sn.errors.BudgetError, match="passed over"):
+        nest.pick(params=nest.cost("d=2"))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(nest.export("d=3")(x), m(x))
+
+
+class _UsersHooks(nn.Module):
+    """A user's own dict named like torch's hook tables, holding a bound method of an object holding a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.extra_hooks = {"scale": _Getter(self.fc1.weight).get}
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))) * self.extra_hooks["scale"]().norm()
+
+
+def test_a_users_dict_named_like_hooks_is_walked_as_any_attribute():
+    """An attribute named ``*_hooks`` counted its references as a hook's (expected): the export kept the live
+    weight and passed silently; pick returned it."""
+    nest = sn.wrap(_UsersHooks(), sn.Width("h", [8, 16], out="fc1", inp="fc2"))
+    with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): extra_hooks holds a tensor that sortednet slices"):
+        nest.export("h=8")
+    with pytest.raises(sn.SortedNetError, match=r"no sub-model .*\['extra_hooks'\] hold tensors"):
+        nest.pick(params=1e9)
+
+
+def _scale_hook(mod, inp, out, w):
+    return out * w.norm()
+
+
+def test_a_partial_hook_holding_a_weight_is_named_by_live_hook_warning():
+    from sortednet.export import LiveHookWarning
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    m[2].register_forward_hook(functools.partial(_scale_hook, w=m[0].weight))
+    with pytest.warns(LiveHookWarning, match=r"a hook on '2' \(_forward_hooks\) holds a Parameter of the live"):
+        nest.export("h=8")
+
+
+class _KeyErrorConfig:
+    """A config whose ``__getattr__`` raises KeyError for what it lacks (and copies itself)."""
+
+    def __init__(self, **kw):
+        self._d = dict(kw)
+
+    def __getattr__(self, k):
+        return self.__dict__["_d"][k]
+
+    def __deepcopy__(self, memo):
+        return _KeyErrorConfig(**self._d)
+
+    def __call__(self, mod, inp, out):
+        return out
+
+
+def test_objects_whose_getattr_raises_key_error_export():
+    """Reading ``__wrapped__`` (or a hook's ``hook``) of such an object raised a raw KeyError from export; check
+    turned it into a refusal of a correct model."""
+    x = torch.randn(2, 8)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    m.config = _KeyErrorConfig(width=16)
+    m[2].register_forward_hook(_KeyErrorConfig())
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"), example=x)
+    small = nest.export("h=8")
+    with torch.no_grad(), nest.use("h=8"):
+        torch.testing.assert_close(small(x), m(x))
+    assert small.config.width == 16

@@ -28,7 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SortedNetError
-from .modes import copy_model, exact_math, function_values, held_leaves, object_values, plain_items, plain_leaves
+from .modes import (
+    attr_of,
+    copy_model,
+    exact_math,
+    function_values,
+    held_leaves,
+    object_values,
+    plain_items,
+    plain_leaves,
+)
 from .submodel import SubModel
 
 if TYPE_CHECKING:
@@ -152,8 +161,7 @@ def _deep_captured(fn: Any, depth: int = 0, seen: set[int] | None = None) -> lis
         return []
     seen.add(id(fn))
     out = [fn]
-    inner = [*_captured(fn), getattr(fn, "__self__", None), getattr(fn, "__func__", None),
-             getattr(fn, "__wrapped__", None)]
+    inner = [*_captured(fn), attr_of(fn, "__self__"), attr_of(fn, "__func__"), attr_of(fn, "__wrapped__")]
     if isinstance(fn, functools.partial):  # (its arguments: a module it was bound to by hand)
         inner += [*fn.args, *fn.keywords.values()]
     elif not isinstance(fn, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)):
@@ -212,7 +220,7 @@ def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel, kept: Ma
         fn = c.__dict__.get("forward")
         if fn is None or (isinstance(fn, types.MethodType) and fn.__self__ is c):
             continue
-        hits = [x for x in _deep_captured(fn) if id(x) in live or id(getattr(x, "__self__", None)) in live]
+        hits = [x for x in _deep_captured(fn) if id(x) in live or id(attr_of(x, "__self__")) in live]
         if not hits:
             continue
         mine = live_of.get(id(c))
@@ -245,15 +253,16 @@ def _captured(fn: Any, depth: int = 0) -> list[Any]:
     out: list[Any] = []
     if isinstance(fn, functools.partial) and depth < 3:  # (its arguments are deep-copied with the model: its
         out += _captured(fn.func, depth + 1)              # function's own closure and globals are not)
-    wrapped = getattr(fn, "hook", None)  # (torch's wrapper of a module-taking hook)
+    wrapped = attr_of(fn, "hook")  # (torch's wrapper of a module-taking hook)
     if wrapped is not None and wrapped is not fn and depth < 3:
         out += _captured(wrapped, depth + 1)
     out += function_values(fn)  # (its closure; def hook(mod, i, o, lin=model.fc): a default)
-    code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
-    if code is not None and isinstance(names, dict):  # (a script's module-level model or layer it reads)
+    code, names = attr_of(fn, "__code__"), attr_of(fn, "__globals__")
+    if isinstance(code, types.CodeType) and isinstance(names, dict):  # (a script's module-level model or layer)
         out += [names[n] for n in _global_loads(code) if n in names]
-    more = [v for x in out if isinstance(x, (list, tuple)) for v in x]
-    more += [v for x in out if isinstance(x, dict) for v in x.values()]
+    small = [x for x in out if isinstance(x, (list, tuple, dict)) and len(x) <= 1024]  # (not a vocabulary)
+    more = [v for x in small if isinstance(x, (list, tuple)) for v in x]
+    more += [v for x in small if isinstance(x, dict) for v in x.values()]
     more += [v for x in out if not isinstance(x, (nn.Module, Tensor, type, types.ModuleType, list, tuple, dict))
              for v in _attrs(x)]  # (holder.lin; a Nest's model too: a hook holding the nest may read the model)
     return out + more
@@ -269,7 +278,8 @@ def _attrs(x: object) -> list[Any]:
     return list(d.values()) if isinstance(d, dict) else []
 
 
-def _global_loads(code: types.CodeType) -> set[str]:
+@functools.lru_cache(maxsize=4096)
+def _global_loads(code: types.CodeType) -> frozenset[str]:
     """The global names ``code`` (and code nested in it) loads: not the attribute names ``co_names`` also holds
     (``self.model`` names ``model`` too)."""
     found: set[str] = set()
@@ -279,7 +289,7 @@ def _global_loads(code: types.CodeType) -> set[str]:
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
             found |= _global_loads(c)
-    return found
+    return frozenset(found)
 
 
 def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
@@ -295,7 +305,7 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
                 continue
             small = not isinstance(v, (list, tuple, dict, set, frozenset)) or len(v) <= 1024  # (not a vocabulary)
             for fn in plain_leaves(v) if small else ():
-                fn = getattr(fn, "__wrapped__", fn)  # (an lru_cache wrapper: a copy keeps it, and what it wraps)
+                fn = attr_of(fn, "__wrapped__") or fn  # (an lru_cache wrapper: a copy keeps it, and what it wraps)
                 if not isinstance(fn, types.FunctionType):
                     continue
                 hit = next((x for x in _captured(fn) if id(x) in live), None)
@@ -304,8 +314,9 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
                     warnings.warn(
                         f"export({sub}): {_name(path, attr)} holds a function whose closure, defaults or globals "
                         f"hold a {(st.cls if st is not None else type(hit)).__name__} of the live model, which a "
-                        "copy keeps as it is: called from the export it runs the live model's module (at the "
-                        "live model's sizes), not the export's own. Reach modules through self in a method instead",
+                        "copy keeps as it is: called from the export it reads the live model's module (its weights at "
+                        "the live model's sizes, its attributes as the live model changes them), not the export's "
+                        "own. Reach modules through self in a method instead",
                         LiveHookWarning, stacklevel=4)
                     return
 
@@ -317,8 +328,8 @@ def _warn_live_hook(new: nn.Module, sub: SubModel, live: set[int]) -> None:
             for fn in list(getattr(m, attr, {}).values()):
                 if isinstance(fn, (bool, int)):
                     continue
-                held = [] if isinstance(fn, (types.FunctionType, functools.partial)) else held_leaves(
-                    fn.__self__ if isinstance(fn, types.MethodType) else fn)  # (a hook object's attributes:
+                held = [] if isinstance(fn, types.FunctionType) else held_leaves(  # (a partial's arguments,
+                    fn.__self__ if isinstance(fn, types.MethodType) else fn)  # a hook object's attributes:
                 hit = next((x for x in (*_captured(fn), *held) if id(x) in live), None)  # copied, a live tensor not)
                 if hit is not None:
                     st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
@@ -408,6 +419,7 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
 
 
 _INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
+_TORCH_HOOK_DICTS = frozenset(k for k in nn.Module().__dict__ if k.endswith("hooks"))  # (not a user's own)
 
 
 _ABSENT = object()
@@ -470,7 +482,10 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
                                               for x in held_leaves(v, seen=seen, containers=opened))] + [
         (m, slots) for m in nest.model.modules() for slots in ("_parameters", "_buffers")  # (a tensor's attributes)
         if any(id(x) in watch for t in m.__dict__[slots].values() if t is not None
-               for v in getattr(t, "__dict__", {}).values() for x in held_leaves(v, seen=seen))]
+               for v in getattr(t, "__dict__", {}).values() for x in held_leaves(v, seen=seen))] + [
+        (cls, attr) for cls, attr, v in class_attributes(nest.model)  # (cls.__dict__.get(attr): holders_state)
+        if any(id(x) in watch or (isinstance(x, nn.Module) and any("_sn" in y.__dict__ for y in x.modules()))
+               for x in map(_bound_to, held_leaves(v)))]
 
 
 def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 1024) -> tuple:
@@ -507,7 +522,9 @@ def held_aside(nest: Any) -> list[str]:
     return [_name(path, attr) for path, m in nest.model.named_modules()
             for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]
             if attr not in _INTERNALS and any(isinstance(x, Tensor) and id(x) in sliced
-                                              for x in held_leaves(v, seen=seen))]
+                                              for x in held_leaves(v, seen=seen))] + [
+        f"{cls.__qualname__}.{attr}" for cls, attr, v in class_attributes(nest.model)
+        if any(isinstance(x, Tensor) and id(x) in sliced for x in held_leaves(v, seen=seen))]
 
 
 def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
@@ -528,27 +545,62 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
         if id(m) not in kept:  # in a block the sub-model skips and not held by kept code (another name): what it
             continue           # holds leaves with it (an accelerate hook's forward wrapper holding its own block)
         for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]:
-            if attr in _INTERNALS:
-                continue
-            if dropped and any(isinstance(x, nn.Module) and id(x) in dropped for x in plain_leaves(v)):
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds blocks the sub-model skips (or "
-                                     "modules of them), outside the layer list (a plain Python attribute); the "
-                                     "export cannot hold them. Keep blocks only in the nn.ModuleList / "
-                                     "nn.Sequential and iterate it, or build such a list when it is read (a "
-                                     "property: return [b.norm for b in self.blocks] follows the depth); pick "
-                                     "passes over the depths this refuses")
-            held = held_leaves(v, seen=seen, containers=opened)
-            shared += [x for x in held if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))]
-            if any(isinstance(x, Tensor) and id(x) in sliced for x in held):
-                raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a tensor that sortednet slices (a "
-                                     "module's weight or buffer) in a plain Python attribute (or an object it "
-                                     "holds: a dataclass, a class instance): a forward that reads "
-                                     "it there runs the full-size tensor under every sub-model, and the export "
-                                     "would share it with the live model. Read it through its module "
-                                     "(module.weight), or keep the module itself in the attribute; build lists of "
-                                     "parameters (optimizer groups) when you need them, from "
-                                     "model.named_parameters(), rather than keeping them on the model")
+            if attr not in _INTERNALS:
+                shared += _refuse_held(_name(path, attr), v, dropped, sliced, sub, seen, opened)
+    for cls, attr, v in class_attributes(model):
+        name = f"{cls.__qualname__}.{attr} (a class attribute)"
+        shared += _refuse_held(name, v, dropped, sliced, sub, seen, opened)
+        if any(isinstance(x, nn.Module) and any("_sn" in y.__dict__ for y in x.modules())
+               for x in map(_bound_to, held_leaves(v))):
+            raise SortedNetError(f"export({sub}): {name} holds a module that sortednet slices (or one holding "
+                                 "such a module): a deep copy does not copy classes, so the export would run the "
+                                 "live module, at the live model's sizes. Keep the module on the instance (a "
+                                 "child module, or a plain attribute of one); pick passes over the sub-models "
+                                 "this refuses")
     return shared
+
+
+def class_attributes(model: nn.Module) -> list[tuple[type, str, object]]:
+    """``(class, name, value)`` of the attributes the classes of ``model``'s modules (and their bases) define,
+    outside torch and sortednet: what every instance reads, which a deep copy does not copy (``type(self).W =
+    w``)."""
+    out: list[tuple[type, str, object]] = []
+    seen: set[int] = set()
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            if id(cls) in seen:
+                continue
+            seen.add(id(cls))
+            mod = getattr(cls, "__module__", "") or ""
+            if mod == "builtins" or mod.split(".")[0] in ("torch", "sortednet"):
+                continue
+            out += [(cls, k, v) for k, v in list(cls.__dict__.items())
+                    if not (k.startswith("__") and k.endswith("__"))]
+    return out
+
+
+def _refuse_held(name: str, v: object, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
+                 seen: set[int], opened: set[int]) -> list[object]:
+    """:func:`_refuse_held_aside` of one attribute ``name`` holding ``v``: the optimizers and schedulers it
+    holds."""
+    held = held_leaves(v, seen=seen, containers=opened)
+    if dropped and any(isinstance(x, nn.Module) and id(x) in dropped for x in held):
+        raise SortedNetError(f"export({sub}): {name} holds blocks the sub-model skips (or "
+                             "modules of them), outside the layer list (a plain Python attribute, or an object it "
+                             "holds); the export cannot hold them. Keep blocks only in the nn.ModuleList / "
+                             "nn.Sequential and iterate it, or build such a list when it is read (a "
+                             "property: return [b.norm for b in self.blocks] follows the depth); pick "
+                             "passes over the depths this refuses")
+    if any(isinstance(x, Tensor) and id(x) in sliced for x in held):
+        raise SortedNetError(f"export({sub}): {name} holds a tensor that sortednet slices (a "
+                             "module's weight or buffer) in a plain Python attribute (or an object it "
+                             "holds: a dataclass, a class instance, a bound method, a weak reference): a forward "
+                             "that reads it there runs the full-size tensor under every sub-model, and the export "
+                             "would share it with the live model. Read it through its module "
+                             "(module.weight), or keep the module itself in the attribute; build lists of "
+                             "parameters (optimizer groups) when you need them, from "
+                             "model.named_parameters(), rather than keeping them on the model")
+    return [x for x in held if isinstance(x, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))]
 
 
 def _tensor_attributes(m: nn.Module) -> list[tuple[str, object]]:
@@ -590,9 +642,9 @@ def _not_copied(model: nn.Module, memo: _CountingMemo, kept: Mapping[int, str],
     hooks: dict[int, object] = {}
     for m in model.modules():
         for attr, v in m.__dict__.items():
-            if attr.endswith("hooks") and isinstance(v, dict):
+            if attr in _TORCH_HOOK_DICTS and isinstance(v, dict):
                 for fn in v.values():
-                    if type(getattr(fn, "hook", fn)).__module__.startswith("sortednet."):  # (torch's wrapper too)
+                    if type(attr_of(fn, "hook", fn)).__module__.startswith("sortednet."):  # (torch's wrapper too)
                         memo[id(fn)] = fn
                     elif id(m) in kept and not isinstance(fn, types.FunctionType):
                         held = fn.__self__ if isinstance(fn, types.MethodType) else fn
@@ -647,9 +699,9 @@ def _refuse_held_in_objects(model: nn.Module, new: nn.Module, memo: _CountingMem
 def _object_holders(model: nn.Module, ids: set[int]) -> list[str]:
     """``path.attr`` of the plain attributes of ``model``'s modules holding one of ``ids`` (:func:`held_leaves`)."""
     seen: set[int] = set()
-    found = [(attr.endswith("hooks"), _name(path, attr)) for path, m in model.named_modules()
+    found = [(attr in _TORCH_HOOK_DICTS, _name(path, attr)) for path, m in model.named_modules()
              for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]
-             if (attr not in _INTERNALS or attr.endswith("hooks")) and any(
+             if (attr not in _INTERNALS or attr in _TORCH_HOOK_DICTS) and any(
                  id(x) in ids for x in held_leaves(v, 100_000, seen))]
     return [n for hook, n in found if not hook] or [n for _, n in found]  # (hooks, which may hold it: the last)
 
@@ -705,10 +757,14 @@ def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module],
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            for x in plain_leaves(v):
+            for x in held_leaves(v):  # (an object holding one: a dataclass, which the export does not rebuild)
                 x = _bound_to(x)
-                if id(x) in targets and id(x) not in out and _holds(plain_leaves(_swap_held(v, x, _GONE, {})), x):
+                if id(x) in targets and id(x) not in out and _holds(held_leaves(_swap_held(v, x, _GONE, {})), x):
                     out[id(x)] = _name(path, attr)
+    for cls, attr, v in class_attributes(model):  # (never rebuilt: every instance, the export's too, reads it)
+        for x in map(_bound_to, held_leaves(v)):
+            if id(x) in targets and id(x) not in out:
+                out[id(x)] = f"{cls.__qualname__}.{attr}"
     return out
 
 
@@ -731,11 +787,13 @@ def _held_index(new: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     attribute)`` holding it. Built once per export: each replaced module then reads only its own holders (an
     attribute of 50k items is walked once, not twice per replaced module)."""
     out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    seen: set[int] = set()  # (an object every layer holds: walked once, its first holder named: not rebuilt)
     for path, m in new.named_modules():
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            for x in {id(x): x for x in map(_bound_to, plain_leaves(v)) if isinstance(x, nn.Module)}.values():
+            leaves = held_leaves(v, seen=seen)
+            for x in {id(x): x for x in map(_bound_to, leaves) if isinstance(x, nn.Module)}.values():
                 out.setdefault(id(x), []).append((path, m, attr))
     return out
 
@@ -750,11 +808,12 @@ def _replace_held(held: Mapping[int, list[tuple[str, nn.Module, str]]], c: nn.Mo
     holders = held.get(id(c), [])
     for path, m, attr in holders:
         v = m.__dict__[attr]
-        if _holds(plain_leaves(_swap_held(v, c, _GONE, {})), c):
+        if _holds(held_leaves(_swap_held(v, c, _GONE, {})), c):
             raise SortedNetError(f"export({sub}): {_name(path, attr)} holds a module that the export replaces "
                                  f"({type(c).__name__} by {type(r).__name__}), or a method bound to it, in a way it "
                                  "does not rebuild (a subclass of a list, tuple, dict or set, such as a namedtuple or "
-                                 "an OrderedDict, one more than six levels deep, or a bound method such as "
+                                 "an OrderedDict, an object such as a dataclass, one more than six levels deep, or "
+                                 "a bound method such as "
                                  "self.run = self.fc.forward), which would keep the old one; hold the module itself "
                                  "in a plain container, or as a child module, and call it (pick passes over the "
                                  "sub-models this refuses)")

@@ -74,7 +74,7 @@ class CacheGuard:
         (transformers' ``assistant_early_exit`` lowers ``config.num_hidden_layers`` while its draft runs, and
         Llama-family models run ``layers[:config.num_hidden_layers]``)."""
         d = sub[depth]
-        n = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        n = _get(_get(module, "config"), "num_hidden_layers")
         return n if type(n) is int and 0 < n < d else d
 
     def _given(self, args: tuple, kwargs: dict) -> list:
@@ -135,8 +135,8 @@ class CacheGuard:
         inside = {b.dim.name for m in module.modules() if "_sn" in m.__dict__ for b in m.__dict__["_sn"].bind.values()
                   if b.dim.kind == "heads"}  # (a Heads dimension of another part of the model leaves this one be)
         fewer = {n: sub[n] for n, full in self.heads_full.items() if sub[n] < full and n in inside}
-        cfg = getattr(module, "config", None)
-        kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+        cfg = _get(module, "config")
+        kv = _get(cfg, "num_key_value_heads") or _get(cfg, "num_attention_heads")
         if not fewer or type(kv) is not int or kv == 1:  # (multi-query: one key/value head at any head count)
             return None
         own = getattr(cache, "self_attention_cache", cache)  # (an encoder-decoder cache: its decoder's own)
@@ -253,15 +253,24 @@ STATE_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
 
 def layer_types(cfg: Any) -> list:
     """The per-layer kinds a (text) config lists in ``layer_types``, or ``[]``."""
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    kinds = getattr(text, "layer_types", None)
+    text = cfg.get_text_config(decoder=True) if callable(_get(cfg, "get_text_config")) else cfg
+    kinds = _get(text, "layer_types")
     return list(kinds) if isinstance(kinds, (list, tuple)) else []
 
 
 def _state_layers(module: Any) -> frozenset[int]:
     """Indices of the layers that ``module``'s config marks as keeping a state, not keys and values (MiniMax's
     lightning attention: its cache holds that state aside, and the layer's key/value entry stays empty)."""
-    return frozenset(i for i, k in enumerate(layer_types(getattr(module, "config", None))) if k in STATE_LAYER_TYPES)
+    return frozenset(i for i, k in enumerate(layer_types(_get(module, "config"))) if k in STATE_LAYER_TYPES)
+
+
+def _get(x: Any, name: str) -> Any:
+    """``getattr(x, name, None)``, None also where the read raises something else (a user's config whose
+    ``__getattr__`` raises KeyError for what it lacks)."""
+    try:
+        return getattr(x, name, None)
+    except Exception:
+        return None
 
 
 def _allocated(cache: Any) -> str | None:
@@ -473,8 +482,8 @@ def install_guards(model: Any, active: Any, dims: tuple) -> list:
         hooks += [m.register_forward_pre_hook(guard, with_kwargs=True),
                   m.register_forward_hook(guard.made, with_kwargs=True)]
     _warn_module_caches(model, hf)
-    top = next((m for m in mods if getattr(getattr(m, "config", None), "is_encoder_decoder", False)
-                and callable(getattr(m, "get_encoder", None))), None)
+    top = next((m for m in mods if _get(_get(m, "config"), "is_encoder_decoder")
+                and callable(_get(m, "get_encoder"))), None)
     encoder = top.get_encoder() if top is not None else None
     if isinstance(encoder, torch.nn.Module):
         names = frozenset(b.dim.name for m in encoder.modules() if "_sn" in m.__dict__  # (dims reaching it)

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -353,23 +354,43 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
             items = object_values(x)
             if isinstance(x, types.FunctionType) and code:  # (a lambda reading a weight it closed over)
                 items = [*items, *function_values(x)]
+            elif isinstance(x, (types.MethodType, types.BuiltinMethodType)):  # (Holder(w).scale; w.t: what
+                items = [*items, x.__self__]                                  # it is bound to, a copy keeps)
+                if isinstance(x, types.MethodType) and code:
+                    items.append(x.__func__)
+            elif isinstance(x, weakref.ref):  # (a weak reference, a WeakValueDictionary's: a copy keeps it)
+                items = [*items, x()]
             out.append(x)
         else:
             local.add(id(x))
+            if type(x) not in _PLAIN:  # (a dict or list subclass: its own attributes are copied too)
+                items = [*items, *object_values(x)]
         stack.extend(reversed(items))
     return out
+
+
+_PLAIN = (dict, list, tuple, set, frozenset, collections.deque, types.SimpleNamespace, functools.partial)
+
+
+def attr_of(x: object, name: str, default: Any = None) -> Any:
+    """``getattr(x, name, default)``, ``default`` also where the read raises something else than AttributeError
+    (a user's object whose ``__getattr__`` raises KeyError for what it lacks)."""
+    try:
+        return getattr(x, name, default)
+    except Exception:
+        return default
 
 
 def function_values(fn: Any) -> list[object]:
     """What a function closes over (its filled cells) and its defaults, keyword-only ones too: what it keeps,
     as it is, in a deep copy."""
     out: list[object] = []
-    for cell in getattr(fn, "__closure__", None) or ():
+    for cell in attr_of(fn, "__closure__") or ():
         try:
             out.append(cell.cell_contents)
         except ValueError:  # (an empty cell)
             continue
-    return [*out, *(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
+    return [*out, *(attr_of(fn, "__defaults__") or ()), *(attr_of(fn, "__kwdefaults__") or {}).values()]
 
 
 _LEAVES = (torch.nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex,
@@ -383,9 +404,11 @@ def object_values(x: object) -> list[object]:
     try:
         d = getattr(x, "__dict__", None)
         items = list(d.values()) if isinstance(d, dict) else []
-        slots = getattr(type(x), "__slots__", ())
-        return items + [getattr(x, n) for n in ([slots] if isinstance(slots, str) else slots)
-                        if isinstance(n, str) and hasattr(x, n)]
+        for cls in type(x).__mro__:  # (slots a parent class declares too)
+            slots = cls.__dict__.get("__slots__", ())
+            items += [getattr(x, n) for n in ([slots] if isinstance(slots, str) else slots)
+                      if isinstance(n, str) and n not in ("__dict__", "__weakref__") and hasattr(x, n)]
+        return items
     except Exception:
         return []
 

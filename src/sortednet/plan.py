@@ -22,6 +22,7 @@ import functools
 import inspect
 import sys
 import threading
+import types
 from typing import Any
 
 import torch
@@ -415,7 +416,20 @@ _count_reentrant_forwards()
 # under another Width / Heads sub-model fails PyTorch's own check (the saved slices change shape); under another
 # depth nothing changes shape (``blocks[-1]`` is another block of the same shape): a Depth layer list read inside
 # the checkpointed function pins it as the reentrant ones are (:meth:`sortednet.slicers.depth.DepthSlicer`).
-_NR_CODE = getattr(inspect.unwrap(getattr(_checkpoint, "checkpoint", None)), "__code__", None)
+# torch 2.14 moved that body (and ``gen``) into ``_checkpoint_impl``, which ``checkpoint`` calls: the function
+# holding ``gen`` is the one looked for (``tests/test_autograd.py`` asserts it is found on the installed torch).
+
+
+def _generator_holder() -> types.CodeType | None:
+    for name in ("_checkpoint_impl", "checkpoint"):
+        fn = getattr(_checkpoint, name, None)
+        code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+        if isinstance(code, types.CodeType) and "gen" in code.co_varnames:
+            return code
+    return None
+
+
+_NR_CODE = _generator_holder()
 _CODES = frozenset(c for c in (_CKPT_CODE, _NR_CODE) if c is not None)
 
 

@@ -237,7 +237,19 @@ class SliceCopy(SliceInto):
 #: functorch and ``setup_context`` handling: :func:`narrow` never calls it under functorch)
 _slice_into = super(torch.autograd.Function, SliceInto).apply  # type: ignore[misc]
 _slice_copy = super(torch.autograd.Function, SliceCopy).apply  # type: ignore[misc]
-_fx = _symbolic_trace  # (``_fx._is_fx_tracing_flag``: read inline on hot paths, then :func:`fx_tracing`)
+if hasattr(_symbolic_trace, "_is_fx_tracing_flag"):  # torch <= 2.13: one process-wide flag
+    def fx_flag() -> bool:
+        """``torch.fx.symbolic_trace`` may be running (cheap, read first on hot paths; then :func:`fx_tracing`)."""
+        return _symbolic_trace._is_fx_tracing_flag
+else:  # torch 2.14+: the flag is per thread
+    _FX_TLS = _symbolic_trace._is_fx_tracing_tls
+    _COMPILING = torch.compiler.is_compiling
+
+    def fx_flag() -> bool:
+        """``torch.fx.symbolic_trace`` may be running (cheap, read first on hot paths; then :func:`fx_tracing`).
+        Not read while torch.compile traces: a graph guarding on a thread's own flag recompiled in every new
+        serving thread."""
+        return not _COMPILING() and getattr(_FX_TLS, "flag", False)
 
 
 _TRACE_CODE = _symbolic_trace.Tracer.trace.__code__
@@ -248,7 +260,7 @@ def fx_tracing() -> bool:
     would be baked into the graph as one sub-model's constant); ``torch.export``'s make_fx runs real tensors: not
     this. torch.fx's flag is process-wide (another thread compiling sets it): this thread's frames are walked for
     ``Tracer.trace`` (subclasses such as Hugging Face's tracer call it), only while the flag is set."""
-    if not _symbolic_trace._is_fx_tracing_flag or get_proxy_mode() is not None:
+    if not fx_flag() or get_proxy_mode() is not None:
         return False
     f = sys._getframe(1)
     while f is not None:
@@ -440,7 +452,7 @@ def dense_cut(m: nn.Module, wv: View, st: Any) -> Tensor | None:
     :func:`linear`."""
     w = m._parameters.get("weight")
     if (not DENSE_CONV or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
-            or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or _fx._is_fx_tracing_flag
+            or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or fx_flag()
             or _functorch_active() or _autocast() or _forward_ad._current_level >= 0 or w.is_inference()
             or _anomaly()):
         return None

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, caller_outside
-from .modes import exact_math, finish_all
+from .modes import attr_of, exact_math, finish_all
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, unpinned_reentrant
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
@@ -582,8 +582,8 @@ def _ours(hook: Any) -> bool:
     """Whether a hook table's entry is sortednet's (a function, method, partial or object of this package; torch
     wraps ``with_module`` hooks in an object holding the hook)."""
     for attr in ("hook", "__func__", "func"):
-        hook = getattr(hook, attr, hook)
-    module = getattr(hook, "__module__", None)
+        hook = attr_of(hook, attr, hook)
+    module = attr_of(hook, "__module__")
     if not isinstance(module, str):
         module = type(hook).__module__
     return module == "sortednet" or module.startswith("sortednet.")
@@ -843,7 +843,7 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
     for m in model.modules():
         loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
         out.extend(_HookKey(loads, k) for k, f in list(loads.items())
-                   if isinstance(getattr(f, "hook", None), (StaleCalibration, StateKeys)))
+                   if isinstance(attr_of(f, "hook"), (StaleCalibration, StateKeys)))
         saves = m.__dict__.get("_state_dict_pre_hooks", {})
         out.extend(_HookKey(saves, k) for k, f in list(saves.items()) if isinstance(f, FactorsNotPretrained))
         if isinstance(m.__dict__.get("save_pretrained"), SavePretrainedGuard):
@@ -851,7 +851,7 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
-                if f is _no_fast_path or isinstance(f, DepthGuard) or isinstance(getattr(f, "__self__", None), Pin):
+                if f is _no_fast_path or isinstance(f, DepthGuard) or isinstance(attr_of(f, "__self__"), Pin):
                     out.append(_HookKey(hooks, k))
                     if attr == "_forward_hooks":  # its always-call flag goes with it
                         out.append(_HookKey(m.__dict__.get("_forward_hooks_always_called", {}), k))

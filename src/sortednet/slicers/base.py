@@ -25,12 +25,12 @@ from ..views import (
     STATIC,
     View,
     _compiling,
-    _fx,
     _grad_enabled,
     computed,
     cut,
     cuts_for,
     distributed_bookkeeping,
+    fx_flag,
     fx_refused,
     fx_tracing,
     is_sharded,
@@ -435,7 +435,7 @@ class Slicer:
             role = f"attr:{name}"
 
             def get(self_: nn.Module) -> Any:  # the hot path: one plan lookup
-                if _fx._is_fx_tracing_flag and fx_tracing():
+                if fx_flag() and fx_tracing():
                     raise fx_refused(f"{self_.__dict__['_sn'].path or '<root>'!r}.{name}")
                 st = self_.__dict__["_sn"]
                 a = st.active

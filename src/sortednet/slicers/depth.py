@@ -18,7 +18,7 @@ from torch import nn
 
 from ..dims import REENTRANT
 from ..errors import SortedNetError
-from ..views import _compiling, _fx, _grad_enabled, fx_refused, fx_tracing
+from ..views import _compiling, _grad_enabled, fx_flag, fx_refused, fx_tracing
 from .base import Slicer, slicer
 
 _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
@@ -30,7 +30,7 @@ def _pin_checkpoints(m: nn.Module) -> None:
     the recomputation during backward runs the depth of now, wherever backward runs (outside the forward's
     ``use`` block it would recompute another depth: ``blocks[-1]`` another block of the same shape, which
     PyTorch's recomputation check cannot see)."""
-    if _fx._is_fx_tracing_flag and fx_tracing():  # (torch.export's make_fx runs real tensors: fine)
+    if fx_flag() and fx_tracing():  # (torch.export's make_fx runs real tensors: fine)
         raise fx_refused(f"the Depth layer list {m._sn.path or '<root>'!r}, unrolled at the trace's depth,")
     if _compiling():
         return

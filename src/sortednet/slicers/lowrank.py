@@ -178,6 +178,26 @@ class LowRankSlicer(Slicer):
         return copy_
 
 
+def _split_svd(w: Tensor, R: int) -> tuple[Tensor, Tensor]:
+    """``U`` (out x R) and ``V`` (R x in) with ``U @ V`` the rank-``R`` truncation of ``w``, in ``w``'s dtype.
+
+    Each component ``u_j s_j vh_j`` is split ``sqrt(s_j)`` / ``sqrt(s_j)``, except a (near-)zero one: its
+    ``U`` column is the unit vector ``u_j`` scaled to ``sqrt(floor)`` and its ``V`` row carries the rest
+    (``s_j / sqrt(floor)``, zero for a zero component). Split evenly, a zero component has both factors zero:
+    each factor's gradient is the other one times the output's, so it would never train (a zero-initialised
+    layer stayed zero; the ranks past a zero-padded weight's own rank stayed dead). ``floor`` is 1e-3 of the
+    largest singular value (1 for an all-zero weight); the product is the same either way.
+    """
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    s, u, vh = s[:R], u[:, :R], vh[:R]
+    top = float(s.max()) if s.numel() else 0.0
+    floor = top * 1e-3 if top > 0 else 1.0
+    small = s < floor
+    left = torch.where(small, torch.full_like(s, floor).sqrt(), s.sqrt())
+    right = torch.where(small, s / left, s.sqrt())
+    return (u * left).to(w.dtype).contiguous(), (right[:, None] * vh).to(w.dtype).contiguous()
+
+
 class SVDSlicer(LowRankSlicer):
     """Nested factorisation ``W ~ U[:, :r] V[:r]`` (Maestro-style ordered low rank).
 
@@ -205,10 +225,7 @@ class SVDSlicer(LowRankSlicer):
         R = st.bind["rank"].dim.full
         w = m._parameters["weight"]
         with torch.no_grad():
-            u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
-            root = s[:R].sqrt()
-            U = (u[:, :R] * root).to(w.dtype).contiguous()
-            V = (root[:, None] * vh[:R]).to(w.dtype).contiguous()
+            U, V = _split_svd(w.detach(), R)
         st.extra.update(weight=w, order=list(m._parameters))
         params = {}
         for name, p in m._parameters.items():

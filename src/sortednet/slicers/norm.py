@@ -23,7 +23,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PatternError, SizeError, SortedNetError
-from ..views import _compiling, _fx
+from ..views import _compiling, fx_flag
 from .base import Slicer, slicer
 from .depth import _pin_checkpoints
 
@@ -310,7 +310,7 @@ class BatchNormSlicer(Slicer):
         if name in ("running_mean", "running_var") and m.__dict__["_sn"].norm is not None:
             own = active_stats(m, name)  # per-sub-model statistics from nest.calibrate (eval mode)
             if own is not None:  # (read inside an activation checkpoint: its recomputation reads this sub-model's
-                if not _fx._is_fx_tracing_flag:  # too, wherever backward runs; the full model's have the same
+                if not fx_flag():  # too, wherever backward runs; the full model's have the same
                     _pin_checkpoints(m)          # shape, so PyTorch's recomputation check could not tell them
                 return own                       # apart)
         return self.take(m, name, [(0, "norm")])
