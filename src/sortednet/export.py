@@ -35,6 +35,7 @@ from .modes import (
     function_values,
     held_leaves,
     object_values,
+    ours,
     plain_items,
     plain_leaves,
 )
@@ -644,7 +645,7 @@ def _not_copied(model: nn.Module, memo: _CountingMemo, kept: Mapping[int, str],
         for attr, v in m.__dict__.items():
             if attr in _TORCH_HOOK_DICTS and isinstance(v, dict):
                 for fn in v.values():
-                    if type(attr_of(fn, "hook", fn)).__module__.startswith("sortednet."):  # (torch's wrapper too)
+                    if ours(fn) or type(attr_of(fn, "hook", fn)).__module__.startswith("sortednet."):
                         memo[id(fn)] = fn
                     elif id(m) in kept and not isinstance(fn, types.FunctionType):
                         held = fn.__self__ if isinstance(fn, types.MethodType) else fn
@@ -702,7 +703,8 @@ def _object_holders(model: nn.Module, ids: set[int]) -> list[str]:
     found = [(attr in _TORCH_HOOK_DICTS, _name(path, attr)) for path, m in model.named_modules()
              for attr, v in [*m.__dict__.items(), *_tensor_attributes(m)]
              if (attr not in _INTERNALS or attr in _TORCH_HOOK_DICTS) and any(
-                 id(x) in ids for x in held_leaves(v, 100_000, seen))]
+                 id(x) in ids for x in held_leaves(
+                     [f for f in v.values() if not ours(f)] if attr in _TORCH_HOOK_DICTS else v, 100_000, seen))]
     return [n for hook, n in found if not hook] or [n for _, n in found]  # (hooks, which may hold it: the last)
 
 

@@ -340,7 +340,8 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
     stack = [v]
     while stack:
         x = stack.pop()
-        if isinstance(x, _LEAVES) or x is None or id(x) in seen or id(x) in local or budget <= 0:
+        if (isinstance(x, _LEAVES) or x is None or id(x) in seen or id(x) in local or budget <= 0
+                or type(x).__module__.startswith("sortednet.")):  # (its own state: copied as it decides)
             out.append(x)
             if isinstance(x, torch.Tensor) and id(x) not in seen and budget > 0:
                 seen.add(id(x))  # (a tensor's own Python attributes, t.src = weight: a deep copy copies them)
@@ -370,6 +371,17 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
 
 
 _PLAIN = (dict, list, tuple, set, frozenset, collections.deque, types.SimpleNamespace, functools.partial)
+
+
+def ours(hook: Any) -> bool:
+    """Whether a hook table's entry is sortednet's (a function, method, partial or object of this package; torch
+    wraps ``with_module`` hooks in an object holding the hook)."""
+    for attr in ("hook", "__func__", "func"):
+        hook = attr_of(hook, attr, hook)
+    module = attr_of(hook, "__module__")
+    if not isinstance(module, str):
+        module = type(hook).__module__
+    return module == "sortednet" or module.startswith("sortednet.")
 
 
 def attr_of(x: object, name: str, default: Any = None) -> Any:

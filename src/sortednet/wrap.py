@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, caller_outside
 from .modes import attr_of, exact_math, finish_all
+from .modes import ours as _ours
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, unpinned_reentrant
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
@@ -576,17 +577,6 @@ def drop_hooks_since(model: nn.Module, before: dict[int, frozenset]) -> None:
                         extra = m.__dict__.get(other)
                         if extra and k in extra and not callable(extra[k]):
                             extra.pop(k, None)
-
-
-def _ours(hook: Any) -> bool:
-    """Whether a hook table's entry is sortednet's (a function, method, partial or object of this package; torch
-    wraps ``with_module`` hooks in an object holding the hook)."""
-    for attr in ("hook", "__func__", "func"):
-        hook = attr_of(hook, attr, hook)
-    module = attr_of(hook, "__module__")
-    if not isinstance(module, str):
-        module = type(hook).__module__
-    return module == "sortednet" or module.startswith("sortednet.")
 
 
 def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict], hooks: list) -> None:
