@@ -434,6 +434,18 @@ class _LastBlock(torch.nn.Module):
         return self.head(torch.utils.checkpoint.checkpoint(self.part, x, use_reentrant=False))
 
 
+def test_the_installed_torch_has_the_checkpoint_internals_the_pins_read():
+    """The pins find PyTorch's checkpoints by their code on the call stack: the reentrant function's forward and
+    the function holding the non-reentrant generator as ``gen`` (``checkpoint`` up to torch 2.13,
+    ``_checkpoint_impl`` since 2.14, where the pin found nothing and a backward outside ``use`` recomputed another
+    depth: silently wrong gradients). A torch that moves them again fails here, by name."""
+    from sortednet import plan
+
+    assert plan._CKPT_CODE is not None, "torch.utils.checkpoint.CheckpointFunction.forward not found"
+    assert plan._NR_CODE is not None and "gen" in plan._NR_CODE.co_varnames, (
+        "no function of torch.utils.checkpoint holds the non-reentrant generator as 'gen'")
+
+
 @pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel", "inside_use"])
 def test_a_plain_non_reentrant_checkpoint_recomputes_the_forward_depth(where):
     """Another depth changes no saved shape, so PyTorch's recomputation check cannot see a backward that
