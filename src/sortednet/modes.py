@@ -341,8 +341,8 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
     while stack:
         x = stack.pop()
         if (isinstance(x, _LEAVES) or x is None or id(x) in seen or id(x) in local or budget <= 0
-                or type(x).__module__.startswith("sortednet.")):  # (its own state: copied as it decides)
-            out.append(x)
+                or str(getattr(type(x), "__module__", "")).startswith("sortednet.")):  # (sortednet's own
+            out.append(x)                                                 # objects: copied as they decide)
             if isinstance(x, torch.Tensor) and id(x) not in seen and budget > 0:
                 seen.add(id(x))  # (a tensor's own Python attributes, t.src = weight: a deep copy copies them)
                 d = x.__dict__ if type(x) is torch.Tensor or isinstance(x, torch.nn.Parameter) else {}
