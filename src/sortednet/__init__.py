@@ -7,6 +7,7 @@
 (3, SubModel(hidden=16))
 """
 
+from . import _requires  # noqa: F401  (first: refuses a torch older than the one tested, by name)
 from . import nest as _nest
 from .dims import Depth, Dimension, Width
 from .discovery import by_ratio, discover
