@@ -259,12 +259,13 @@ def _captured(fn: Any, depth: int = 0) -> list[Any]:
         out += _captured(wrapped, depth + 1)
     out += function_values(fn)  # (its closure; def hook(mod, i, o, lin=model.fc): a default)
     code, names = attr_of(fn, "__code__"), attr_of(fn, "__globals__")
-    if isinstance(code, types.CodeType) and isinstance(names, dict):  # (a script's module-level model or layer)
-        out += [names[n] for n in _global_loads(code) if n in names]
-    small = [x for x in out if isinstance(x, (list, tuple, dict)) and len(x) <= 1024]  # (not a vocabulary)
-    more = [v for x in small if isinstance(x, (list, tuple)) for v in x]
-    more += [v for x in small if isinstance(x, dict) for v in x.values()]
-    more += [v for x in out if not isinstance(x, (nn.Module, Tensor, type, types.ModuleType, list, tuple, dict))
+    glob = [names[n] for n in _global_loads(code) if n in names] if (  # (a script's module-level model or layer)
+        isinstance(code, types.CodeType) and isinstance(names, dict)) else []
+    opened = [*out, *(x for x in glob if not isinstance(x, (list, tuple, dict)) or len(x) <= 100_000)]  # (a
+    out += glob                                                         # global vocabulary of 200k: not opened)
+    more = [v for x in opened if isinstance(x, (list, tuple)) for v in x]
+    more += [v for x in opened if isinstance(x, dict) for v in x.values()]
+    more += [v for x in opened if not isinstance(x, (nn.Module, Tensor, type, types.ModuleType, list, tuple, dict))
              for v in _attrs(x)]  # (holder.lin; a Nest's model too: a hook holding the nest may read the model)
     return out + more
 
@@ -479,14 +480,13 @@ def aside_holders(nest: Nest, extra: Iterable[int] = ()) -> list[tuple[nn.Module
     seen: set[int] = set()  # (an object or container every layer holds is walked once: its first holder named,
     opened: set[int] = set()  # whose change rebuilds the table, which then finds the others)
     return [(m, attr) for m in nest.model.modules() for attr, v in m.__dict__.items()
-            if attr not in _INTERNALS and any(id(_bound_to(x)) in watch
+            if attr not in _INTERNALS and any(id(_bound_to(x)) in watch or _is_nest(x)
                                               for x in held_leaves(v, seen=seen, containers=opened))] + [
         (m, slots) for m in nest.model.modules() for slots in ("_parameters", "_buffers")  # (a tensor's attributes)
         if any(id(x) in watch for t in m.__dict__[slots].values() if t is not None
                for v in getattr(t, "__dict__", {}).values() for x in held_leaves(v, seen=seen))] + [
         (cls, attr) for cls, attr, v in class_attributes(nest.model)  # (cls.__dict__.get(attr): holders_state)
-        if any(id(x) in watch or (isinstance(x, nn.Module) and any("_sn" in y.__dict__ for y in x.modules()))
-               for x in map(_bound_to, held_leaves(v)))]
+        if any(isinstance(x, Tensor) and id(x) in watch for x in held_leaves(v))]
 
 
 def holders_state(holders: Sequence[tuple[nn.Module, str]], budget: int = 1024) -> tuple:
@@ -549,22 +549,19 @@ def _refuse_held_aside(model: nn.Module, dropped: set[int], sliced: dict[int, Te
             if attr not in _INTERNALS:
                 shared += _refuse_held(_name(path, attr), v, dropped, sliced, sub, seen, opened)
     for cls, attr, v in class_attributes(model):
-        name = f"{cls.__qualname__}.{attr} (a class attribute)"
-        shared += _refuse_held(name, v, dropped, sliced, sub, seen, opened)
-        if any(isinstance(x, nn.Module) and any("_sn" in y.__dict__ for y in x.modules())
-               for x in map(_bound_to, held_leaves(v))):
-            raise SortedNetError(f"export({sub}): {name} holds a module that sortednet slices (or one holding "
-                                 "such a module): a deep copy does not copy classes, so the export would run the "
-                                 "live module, at the live model's sizes. Keep the module on the instance (a "
-                                 "child module, or a plain attribute of one); pick passes over the sub-models "
-                                 "this refuses")
+        shared += _refuse_held(f"{cls.__qualname__}.{attr} (a class attribute)", v, set(), sliced, sub, seen, opened)
     return shared
 
 
+def _is_nest(x: object) -> bool:
+    return type(x).__name__ == "Nest" and type(x).__module__ == "sortednet.nest"
+
+
 def class_attributes(model: nn.Module) -> list[tuple[type, str, object]]:
-    """``(class, name, value)`` of the attributes the classes of ``model``'s modules (and their bases) define,
-    outside torch and sortednet: what every instance reads, which a deep copy does not copy (``type(self).W =
-    w``)."""
+    """``(class, name, value)`` of the data attributes the classes of ``model``'s modules (and their bases)
+    define, outside torch and sortednet: what every instance reads, which a deep copy does not copy
+    (``type(self).W = w``). Not functions, descriptors or classes, nor containers past 1,024 items (a class-level
+    table); read for sliced tensors only (a registry of instances, a singleton, is not an export's business)."""
     out: list[tuple[type, str, object]] = []
     seen: set[int] = set()
     for m in model.modules():
@@ -576,8 +573,13 @@ def class_attributes(model: nn.Module) -> list[tuple[type, str, object]]:
             if mod == "builtins" or mod.split(".")[0] in ("torch", "sortednet"):
                 continue
             out += [(cls, k, v) for k, v in list(cls.__dict__.items())
-                    if not (k.startswith("__") and k.endswith("__"))]
+                    if not (k.startswith("__") and k.endswith("__")) and not isinstance(v, _NOT_DATA)
+                    and not (isinstance(v, (list, tuple, dict, set, frozenset)) and len(v) > 1024)]
     return out
+
+
+_NOT_DATA = (types.FunctionType, types.BuiltinFunctionType, staticmethod, classmethod, property, type,
+             types.ModuleType, functools.partialmethod, str, bytes, int, float, bool, type(None))
 
 
 def _refuse_held(name: str, v: object, dropped: set[int], sliced: dict[int, Tensor], sub: SubModel,
@@ -585,6 +587,10 @@ def _refuse_held(name: str, v: object, dropped: set[int], sliced: dict[int, Tens
     """:func:`_refuse_held_aside` of one attribute ``name`` holding ``v``: the optimizers and schedulers it
     holds."""
     held = held_leaves(v, seen=seen, containers=opened)
+    if any(_is_nest(x) for x in held):
+        raise SortedNetError(f"export({sub}): {name} holds the nest (what sn.wrap returned), which a copy cannot "
+                             "hold (a Nest is not copied: it is the live model's). Keep the nest outside the model "
+                             "(a variable of your script or trainer); pick passes over the sub-models this refuses")
     if dropped and any(isinstance(x, nn.Module) and id(x) in dropped for x in held):
         raise SortedNetError(f"export({sub}): {name} holds blocks the sub-model skips (or "
                              "modules of them), outside the layer list (a plain Python attribute, or an object it "
@@ -763,10 +769,6 @@ def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module],
                 x = _bound_to(x)
                 if id(x) in targets and id(x) not in out and _holds(held_leaves(_swap_held(v, x, _GONE, {})), x):
                     out[id(x)] = _name(path, attr)
-    for cls, attr, v in class_attributes(model):  # (never rebuilt: every instance, the export's too, reads it)
-        for x in map(_bound_to, held_leaves(v)):
-            if id(x) in targets and id(x) not in out:
-                out[id(x)] = f"{cls.__qualname__}.{attr}"
     return out
 
 

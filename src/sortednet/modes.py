@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import functools
 import types
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -359,8 +358,6 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
                 items = [*items, x.__self__]                                  # it is bound to, a copy keeps)
                 if isinstance(x, types.MethodType) and code:
                     items.append(x.__func__)
-            elif isinstance(x, weakref.ref):  # (a weak reference, a WeakValueDictionary's: a copy keeps it)
-                items = [*items, x()]
             out.append(x)
         else:
             local.add(id(x))

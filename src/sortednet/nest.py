@@ -1150,8 +1150,8 @@ class Nest:
                 "Linears) cannot rebuild (a namedtuple, an OrderedDict, a list subclass, a deque, a namespace, "
                 "more than six levels deep, or a method bound to one: self.run = self.fc.forward): hold them in a "
                 "plain list, tuple, dict or set at most six levels deep, or as child modules, and call them")
-        return why or ("a plain attribute holds blocks a depth skips, or modules of them, or a class attribute holds "
-                       "a sliced module (nest.export(sub) names it)")
+        return why or ("a plain attribute holds blocks a depth skips, or modules of them, or holds the nest itself "
+                       "(nest.export(sub) names it)")
 
     def _running(self, sizes: dict[str, int]) -> Callable[[str], bool]:
         """By a parameter's name (``path.param``): does its module run under the sub-model of ``sizes``, that is,
