@@ -601,7 +601,7 @@ def _refuse_held(name: str, v: object, dropped: set[int], sliced: dict[int, Tens
     if any(isinstance(x, Tensor) and id(x) in sliced for x in held):
         raise SortedNetError(f"export({sub}): {name} holds a tensor that sortednet slices (a "
                              "module's weight or buffer) in a plain Python attribute (or an object it "
-                             "holds: a dataclass, a class instance, a bound method, a weak reference): a forward "
+                             "holds: a dataclass, a class instance, a bound method's object): a forward "
                              "that reads it there runs the full-size tensor under every sub-model, and the export "
                              "would share it with the live model. Read it through its module "
                              "(module.weight), or keep the module itself in the attribute; build lists of "
