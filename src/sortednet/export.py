@@ -651,7 +651,7 @@ def _not_copied(model: nn.Module, memo: _CountingMemo, kept: Mapping[int, str],
         for attr, v in m.__dict__.items():
             if attr in _TORCH_HOOK_DICTS and isinstance(v, dict):
                 for fn in v.values():
-                    if ours(fn) or type(attr_of(fn, "hook", fn)).__module__.startswith("sortednet."):
+                    if ours(fn):  # (torch's wrapper of one too)
                         memo[id(fn)] = fn
                     elif id(m) in kept and not isinstance(fn, types.FunctionType):
                         held = fn.__self__ if isinstance(fn, types.MethodType) else fn
