@@ -13,6 +13,7 @@ import pickle
 import random
 import types
 import warnings
+import weakref
 from unittest import mock
 
 import numpy as np
@@ -2519,3 +2520,32 @@ def test_the_nest_kept_on_the_model_is_refused_by_export_and_pick_naming_it():
         nest.pick(params=1e9)
     del m.nest
     assert nest.export("h=8")[0].weight.shape == (8, 8)
+
+
+class _WeakHead(nn.Module):
+    """Reads its head through a weak reference (a copy keeps it pointing at the live head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self._head = weakref.ref(self.fc2)
+        self.ema_refs = [weakref.ref(p) for p in self.parameters()]  # (bookkeeping, never read)
+
+    def forward(self, x):
+        return self._head()(F.relu(self.fc1(x)))
+
+
+def test_a_weak_reference_to_the_live_model_is_named_by_live_hook_warning_not_refused():
+    """Weak references are not followed by the refusal walk (an EMA helper's references to the parameters would
+    refuse correct models), and a copy keeps them pointing at the live model: the export read the live head (a
+    raw shape error at h=8) without a word. Named by LiveHookWarning, the first attribute holding one."""
+    from sortednet.export import LiveHookWarning
+    m = _WeakHead()
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="fc1", inp="fc2"))
+    with pytest.warns(LiveHookWarning, match=r"_head holds a weak reference to a Linear of the live model"):
+        small = nest.export("h=8")
+    assert small._head() is m.fc2
+    m._head = None  # (the EMA-style references alone: still named, still exported)
+    with pytest.warns(LiveHookWarning, match=r"ema_refs holds a weak reference to a Parameter of the live model"):
+        nest.export("h=8")
+    assert nest.pick(params=1e9) == nest.largest

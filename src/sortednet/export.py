@@ -21,6 +21,7 @@ import os
 import sys
 import types
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -301,6 +302,7 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
     function kept in an attribute does (``self.extra = lambda h: layer(h)``)."""
     live = {id(x) for x in (*model.modules(), *model.parameters(), *model.buffers())}
     _warn_live_hook(new, sub, live)
+    _warn_weak_refs(new, sub, live)
     for path, m in new.named_modules():  # (functions kept in attributes: an instance forward is checked apart)
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS or attr == "forward":
@@ -320,6 +322,29 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
                         "the live model's sizes, its attributes as the live model changes them), not the export's "
                         "own. Reach modules through self in a method instead",
                         LiveHookWarning, stacklevel=4)
+                    return
+
+
+def _warn_weak_refs(new: nn.Module, sub: SubModel, live: set[int]) -> None:
+    """Warn (LiveHookWarning) of a weak reference the export holds (in an attribute, or an object or container
+    one holds) to a module, parameter or buffer of the live model: a copy keeps a weak reference as it is, so
+    ``self._parent = weakref.ref(root)`` read in the export's forward reads the live model. Not refused: most
+    weak references are bookkeeping never read in a forward (an EMA helper's references to the parameters)."""
+    seen: set[int] = set()
+    for path, m in new.named_modules():
+        for attr, v in m.__dict__.items():
+            if attr in _INTERNALS:
+                continue
+            for x in held_leaves(v, seen=seen):
+                if isinstance(x, weakref.ref) and id(x()) in live:
+                    hit = x()
+                    st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
+                    warnings.warn(
+                        f"export({sub}): {_name(path, attr)} holds a weak reference to a "
+                        f"{(st.cls if st is not None else type(hit)).__name__} of the live model, which a copy "
+                        "keeps as it is: read from the export, it reads the live model (its full-size weights, "
+                        "and whatever training does to them later), not the export's own. Hold the module "
+                        "itself, or reach it through self in a method", LiveHookWarning, stacklevel=4)
                     return
 
 
