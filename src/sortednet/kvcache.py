@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import SortedNetError
+from .modes import attr_of as _get  # (a user's config whose __getattr__ raises KeyError)
 from .views import _compiling
 
 
@@ -262,15 +263,6 @@ def _state_layers(module: Any) -> frozenset[int]:
     """Indices of the layers that ``module``'s config marks as keeping a state, not keys and values (MiniMax's
     lightning attention: its cache holds that state aside, and the layer's key/value entry stays empty)."""
     return frozenset(i for i, k in enumerate(layer_types(_get(module, "config"))) if k in STATE_LAYER_TYPES)
-
-
-def _get(x: Any, name: str) -> Any:
-    """``getattr(x, name, None)``, None also where the read raises something else (a user's config whose
-    ``__getattr__`` raises KeyError for what it lacks)."""
-    try:
-        return getattr(x, name, None)
-    except Exception:
-        return None
 
 
 def _allocated(cache: Any) -> str | None:
