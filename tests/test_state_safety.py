@@ -2520,32 +2520,67 @@ def test_the_nest_kept_on_the_model_is_refused_by_export_and_pick_naming_it():
         nest.pick(params=1e9)
     del m.nest
     assert nest.export("h=8")[0].weight.shape == (8, 8)
+    m.step = nest.compile(backend="eager")  # (sortednet's own object holding it: named too, not a deepcopy error)
+    with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): step holds the nest"):
+        nest.export("h=8")
+    del m.step
+
+
+class _Tokenizer:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_the_walk_of_held_objects_returns_what_can_hold_a_tensor_not_a_vocabulary():
+    """Strings, numbers and None hold nothing: a tokenizer's 300k-word vocabulary held on the model was walked
+    (and its words returned) by every check of an export, for seconds per export."""
+    from sortednet.modes import held_leaves
+    w = torch.zeros(2)
+    vocab = {f"t{i}": i for i in range(50_000)}
+    tok = _Tokenizer(vocab=vocab, words=list(vocab), special=[None, 1.5, b"x", True], w=w)
+    assert held_leaves(tok) == [tok, w]
+    assert held_leaves([vocab, "a", 3]) == []
 
 
 class _WeakHead(nn.Module):
-    """Reads its head through a weak reference (a copy keeps it pointing at the live head)."""
+    """Reads its head through weak references, in every place a model keeps one."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
         self._head = weakref.ref(self.fc2)
+        self.by_name = {"head": weakref.ref(self.fc2)}
+        self.table = weakref.WeakValueDictionary({"head": self.fc2})
+        self.helper = types.SimpleNamespace(refs=[weakref.ref(self.fc2)])
         self.ema_refs = [weakref.ref(p) for p in self.parameters()]  # (bookkeeping, never read)
+        self.cache = weakref.WeakKeyDictionary({self.fc2: "live"})  # (keyed by the live module: not the export's)
 
     def forward(self, x):
-        return self._head()(F.relu(self.fc1(x)))
+        h = F.relu(self.fc1(x))
+        return self._head()(h) + self.by_name["head"]()(h) + self.table["head"](h) + self.helper.refs[0]()(h)
 
 
-def test_a_weak_reference_to_the_live_model_is_named_by_live_hook_warning_not_refused():
-    """Weak references are not followed by the refusal walk (an EMA helper's references to the parameters would
-    refuse correct models), and a copy keeps them pointing at the live model: the export read the live head (a
-    raw shape error at h=8) without a word. Named by LiveHookWarning, the first attribute holding one."""
+def test_the_export_points_weak_references_at_its_own_modules_and_names_those_it_cannot():
+    """A copy keeps a weak reference pointing at the live object: the export's ``self._head()`` ran the live,
+    full-size head (a raw shape error at h=8, or a wrong output where the shapes happen to fit), with only a
+    warning. The export points them at its own modules and parameters, in an attribute, a dict, a list, an
+    object's attributes or a WeakValueDictionary; one it cannot rebind (in a tuple) is still named by
+    LiveHookWarning. The live model's references are left as they are."""
     from sortednet.export import LiveHookWarning
     m = _WeakHead()
     nest = sn.wrap(m, sn.Width("h", [8, 16], out="fc1", inp="fc2"))
-    with pytest.warns(LiveHookWarning, match=r"_head holds a weak reference to a Linear of the live model"):
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         small = nest.export("h=8")
-    assert small._head() is m.fc2
-    m._head = None  # (the EMA-style references alone: still named, still exported)
-    with pytest.warns(LiveHookWarning, match=r"ema_refs holds a weak reference to a Parameter of the live model"):
-        nest.export("h=8")
+    with nest.use("h=8"):
+        torch.testing.assert_close(small(x), m(x))
+    assert small._head() is small.by_name["head"]() is small.table["head"] is small.helper.refs[0]() is small.fc2
+    assert [r() for r in small.ema_refs] == list(small.parameters()) and small.fc2.weight.shape == (4, 8)
+    assert list(small.cache.keys()) == [m.fc2]
+    assert m._head() is m.table["head"] is m.helper.refs[0]() is m.fc2 and m.ema_refs[0]() is m.fc1.weight
+    m.held = (weakref.ref(m.fc2),)
+    with pytest.warns(LiveHookWarning, match=r"held holds a weak reference to a Linear of the live model"):
+        small = nest.export("h=8")
+    assert small.held[0]() is m.fc2
     assert nest.pick(params=1e9) == nest.largest

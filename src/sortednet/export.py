@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .errors import SortedNetError
 from .modes import (
+    _ATOMIC,
     attr_of,
     copy_model,
     exact_math,
@@ -78,6 +79,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
         _refuse_held_in_objects(model, new, memo, sub, expected)
         held: dict[int, list[tuple[str, nn.Module, str]]] | None = None  # (built at the first replaced module)
+        replaced: dict[int, nn.Module] = {}  # id(copied module) -> the module replacing it in the export
         for path in sorted(nest._sliced, key=lambda p: -p.count(".") - bool(p)):
             live = nest._sliced[path]
             cpath = kept.get(id(live))  # (None: in a skipped block that nothing kept holds; one also held
@@ -90,6 +92,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             if r is c:
                 _check_exported(live, c, path, sub)
             if r is not c:
+                replaced[id(c)] = r
                 _carry_hooks(c, r)
                 if not path:
                     new = r
@@ -111,6 +114,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             if isinstance(m, nn.TransformerEncoder) and m.__dict__.get("use_nested_tensor"):
                 _keep_nested_path(m)
         _share_once(model, new, skipped, sub)
+        _rebind_weak_refs(new, _counterparts(model, memo, replaced))
         _warn_live_hooks(model, new, sub)
         _instance_forwards(model, new, sub, kept)
     return new
@@ -325,26 +329,95 @@ def _warn_live_hooks(model: nn.Module, new: nn.Module, sub: SubModel) -> None:
                     return
 
 
+def _counterparts(model: nn.Module, memo: Mapping[int, object], replaced: Mapping[int, nn.Module]) -> dict[int, object]:
+    """The export's own module, parameter and buffer for each of ``model``'s (by id) that the export holds:
+    ``memo``'s copy of a module (or the module replacing it, ``replaced``), the copy's parameter or buffer of the
+    same name (a sliced one is made by its slicer, not by the copy)."""
+    out: dict[int, object] = {}
+    for m in model.modules():
+        c = memo.get(id(m))
+        c = replaced.get(id(c), c)
+        if not isinstance(c, nn.Module):  # (a skipped block: not in the export)
+            continue
+        out[id(m)] = c
+        for d, cd in ((m._parameters, c._parameters), (m._buffers, c._buffers)):
+            for k, t in d.items():
+                if t is not None and cd.get(k) is not None:
+                    out[id(t)] = cd[k]
+    return out
+
+
+def _rebound(r: weakref.ref, to: Mapping[int, object]) -> weakref.ref | None:
+    """``r`` pointing at the export's counterpart (``to``) of the live object it points at, with its callback;
+    None where it points at no object of the live model (or ``r`` is of a subclass of ``weakref.ref``, which
+    may hold more than its object)."""
+    x = r()
+    own = to.get(id(x)) if type(r) is weakref.ref and x is not None else None
+    return None if own is None else weakref.ref(own, r.__callback__)
+
+
+_CODE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)
+
+
+def _rebind_weak_refs(new: nn.Module, to: Mapping[int, object]) -> None:
+    """Point the weak references the export holds at its own modules, parameters and buffers (``to``): a deep
+    copy keeps ``self._head = weakref.ref(self.fc2)`` pointing at the live ``fc2``, whose forward then ran the live
+    model's full-size weights inside the export. Rebound where they sit in an attribute (of a module, or of an
+    object one holds), a list, a dict's values or a ``WeakValueDictionary``; weak references elsewhere (a tuple,
+    a closure, ``__slots__``) are named by :func:`_warn_weak_refs`. A ``WeakKeyDictionary`` keyed by a live module
+    is left as it is: the export's modules are other keys (a cache of values the live module computed)."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, dict[Any, object]]] = [
+        (m.__dict__, {k: v for k, v in m.__dict__.items() if k not in _INTERNALS}) for m in new.modules()]
+    budget = 10_000
+    while stack and budget > 0:
+        budget -= 1
+        holder, items = stack.pop()
+        for k, v in items.items():
+            if isinstance(v, weakref.ref):
+                r = _rebound(v, to)
+                if r is not None:
+                    holder[k] = r
+            elif type(v) in _ATOMIC or id(v) in seen or isinstance(v, (nn.Module, Tensor, type, types.ModuleType)):
+                continue
+            elif isinstance(v, weakref.WeakValueDictionary):
+                seen.add(id(v))
+                for key, x in list(v.items()):
+                    if id(x) in to:
+                        v[key] = to[id(x)]
+            elif isinstance(v, (dict, list)):
+                seen.add(id(v))
+                stack.append((v, dict(v.items()) if isinstance(v, dict) else dict(enumerate(v))))
+            elif isinstance(attr_of(v, "__dict__"), dict) and not isinstance(v, _CODE) and not _sortednets(v):
+                seen.add(id(v))
+                stack.append((v.__dict__, dict(v.__dict__)))
+
+
 def _warn_weak_refs(new: nn.Module, sub: SubModel, live: set[int]) -> None:
-    """Warn (LiveHookWarning) of a weak reference the export holds (in an attribute, or an object or container
-    one holds) to a module, parameter or buffer of the live model: a copy keeps a weak reference as it is, so
-    ``self._parent = weakref.ref(root)`` read in the export's forward reads the live model. Not refused: most
-    weak references are bookkeeping never read in a forward (an EMA helper's references to the parameters)."""
+    """Warn (LiveHookWarning) of a weak reference the export holds (in an object or container one of its modules
+    holds) to a module, parameter or buffer of the live model, which :func:`_rebind_weak_refs` could not point at
+    the export's own (one in a tuple, ``__slots__``, a closure): a copy keeps a weak reference as it is, so one read
+    in the export's forward reads the live model. Not refused: most weak references are bookkeeping never read in
+    a forward. A ``WeakKeyDictionary``'s keys are not named (the export's modules are other keys)."""
     seen: set[int] = set()
     for path, m in new.named_modules():
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            for x in held_leaves(v, seen=seen):
-                if isinstance(x, weakref.ref) and id(x()) in live:
+            leaves = held_leaves(v, seen=seen)
+            keys = {id(r) for x in leaves if isinstance(x, weakref.WeakKeyDictionary) for r in list(x.data)}
+            for x in leaves:
+                if isinstance(x, weakref.ref) and id(x) not in keys and id(x()) in live:
                     hit = x()
                     st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
                     warnings.warn(
                         f"export({sub}): {_name(path, attr)} holds a weak reference to a "
                         f"{(st.cls if st is not None else type(hit)).__name__} of the live model, which a copy "
                         "keeps as it is: read from the export, it reads the live model (its full-size weights, "
-                        "and whatever training does to them later), not the export's own. Hold the module "
-                        "itself, or reach it through self in a method", LiveHookWarning, stacklevel=4)
+                        "and whatever training does to them later), not the export's own (weak references in an "
+                        "attribute, a list, a dict or a WeakValueDictionary are pointed at the export's own; not "
+                        "this one). Hold the module itself, or reach it through self in a method",
+                        LiveHookWarning, stacklevel=4)
                     return
 
 
@@ -582,6 +655,11 @@ def _is_nest(x: object) -> bool:
     return type(x).__name__ == "Nest" and type(x).__module__ == "sortednet.nest"
 
 
+def _sortednets(x: object) -> bool:
+    """Whether ``x`` is an object of a sortednet class (a leaf of :func:`held_leaves`)."""
+    return str(attr_of(type(x), "__module__", "")).startswith("sortednet.")
+
+
 def class_attributes(model: nn.Module) -> list[tuple[type, str, object]]:
     """``(class, name, value)`` of the data attributes the classes of ``model``'s modules (and their bases)
     define, outside torch and sortednet: what every instance reads, which a deep copy does not copy
@@ -612,7 +690,7 @@ def _refuse_held(name: str, v: object, dropped: set[int], sliced: dict[int, Tens
     """:func:`_refuse_held_aside` of one attribute ``name`` holding ``v``: the optimizers and schedulers it
     holds."""
     held = held_leaves(v, seen=seen, containers=opened)
-    if any(_is_nest(x) for x in held):
+    if any(_is_nest(x) or (_sortednets(x) and any(map(_is_nest, object_values(x)))) for x in held):  # (nest.compile())
         raise SortedNetError(f"export({sub}): {name} holds the nest (what sn.wrap returned), which a copy cannot "
                              "hold (a Nest is not copied: it is the live model's). Keep the nest outside the model "
                              "(a variable of your script or trainer); pick passes over the sub-models this refuses")

@@ -332,7 +332,8 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
     objects (not plain containers) opened by earlier calls, not opened again: a vocabulary of objects every layer
     holds is walked once. ``code``: open what functions close over (a deep copy keeps functions as they are).
     ``containers``: the plain containers opened by earlier calls, for a caller that needs each found once only
-    (by default they are opened again at each call, as :func:`plain_leaves` does)."""
+    (by default they are opened again at each call, as :func:`plain_leaves` does). Strings, numbers and None are
+    not returned: they hold nothing (a vocabulary of 300k words is not 600k leaves)."""
     out: list[object] = []
     seen = set() if seen is None else seen
     local: set[int] = set() if containers is None else containers
@@ -363,8 +364,12 @@ def held_leaves(v: object, budget: int = 10_000, seen: set[int] | None = None, c
             local.add(id(x))
             if type(x) not in _PLAIN:  # (a dict or list subclass: its own attributes are copied too)
                 items = [*items, *object_values(x)]
-        stack.extend(reversed(items))
+        stack.extend([i for i in reversed(items) if type(i) not in _ATOMIC])
     return out
+
+
+#: the types of values that hold nothing: not walked, not returned (exact types: a subclass may have attributes)
+_ATOMIC = frozenset({str, bytes, int, float, complex, bool, type(None)})
 
 
 _PLAIN = (dict, list, tuple, set, frozenset, collections.deque, types.SimpleNamespace, functools.partial)
