@@ -93,11 +93,11 @@ def test_a_legacy_weight_norm_outside_the_groups_is_discovered_around_checked_an
     assert small[4].weight_g is not m[4].weight_g and small[4].weight_v is not m[4].weight_v
 
 
-class _Locked(nn.Module):
+class _Uncopyable(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
-        self.fc.lock = __import__("threading").Lock()
+        self.fc.feed = (i for i in range(3))  # (a generator: no deep copy can take it)
 
     def forward(self, x):
         return self.fc(x)
@@ -117,8 +117,8 @@ def test_a_weight_a_hook_sets_at_every_forward_is_refused_before_the_first_forwa
 
 
 def test_an_attribute_that_cannot_be_copied_is_named():
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), _Locked())
-    with pytest.raises(sn.SortedNetError, match=r"module '2\.fc', attribute 'lock'"):
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), _Uncopyable())
+    with pytest.raises(sn.SortedNetError, match=r"module '2\.fc', attribute 'feed'"):
         sn.discover(m, torch.randn(2, 4), ratios=[0.5, 1.0])
 
 

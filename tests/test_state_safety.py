@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import os
 import pickle
+import queue
 import random
+import threading
 import types
 import warnings
 import weakref
@@ -2524,6 +2526,36 @@ def test_the_nest_kept_on_the_model_is_refused_by_export_and_pick_naming_it():
     with pytest.raises(sn.SortedNetError, match=r"export\(h=8\): step holds the nest"):
         nest.export("h=8")
     del m.step
+
+
+class _Serving(nn.Module):
+    """Serialises its forward with a lock, and keeps a queue (a mutex and conditions) of requests."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.lock, self.rlock, self.requests = threading.Lock(), threading.RLock(), queue.Queue()
+
+    def forward(self, x):
+        with self.lock, self.rlock:
+            return self.net(x)
+
+
+def test_a_model_holding_locks_is_checked_exported_and_picked_with_fresh_locks():
+    """No deep copy takes a lock: ``wrap(example=)``'s check, ``export`` and every eval view refused a model
+    holding one (a serving model's lock), while ``pick`` returned its sub-models. The copy gets new, released
+    locks of the same kinds (a held one too: the copy's is held by no one), the queue its own mutex."""
+    m, x = _Serving(), torch.randn(2, 8)
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="net.0", inp="net.2"), example=x)
+    assert nest.pick(params=nest.cost("h=8")) == nest.smallest
+    with m.lock:
+        small = nest.export("h=8")
+    assert type(small.lock) is type(m.lock) and small.lock is not m.lock and not small.lock.locked()
+    assert type(small.rlock) is type(m.rlock) and small.rlock is not m.rlock
+    assert small.requests.mutex is not m.requests.mutex and small.requests.not_empty._lock is small.requests.mutex
+    with torch.no_grad(), nest.use("h=8"):
+        torch.testing.assert_close(small(x), m(x))
+    assert small.net[0].weight.shape == (8, 8)
 
 
 class _Tokenizer:

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -430,17 +431,43 @@ def object_values(x: object) -> list[object]:
 def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Module:
     """``copy.deepcopy(model, memo)``, where a tensor attribute computed from parameters (legacy
     ``nn.utils.weight_norm``'s ``weight``, which deepcopy refuses; its hook recomputes it at each forward)
-    is copied as its value without history, and any other attribute deepcopy refuses is named in a
-    :class:`SortedNetError` saying that ``what`` could not be made."""
+    is copied as its value without history, a lock (``threading.Lock`` / ``RLock``, alone or inside a
+    ``Condition``, a ``queue.Queue``: deepcopy refuses them) as a new, released lock of the same kind, and any
+    other attribute deepcopy refuses is named in a :class:`SortedNetError` saying that ``what`` could not be
+    made."""
     for m in model.modules():
         for v in m.__dict__.values():
             if isinstance(v, torch.Tensor) and not v.is_leaf and id(v) not in memo:
                 memo[id(v)] = v.detach().clone()
+    start = dict(memo)
     try:
         return copy.deepcopy(model, memo)
-    except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
+    except Exception:  # an attribute that cannot be copied (a lock, a process group, ...)
+        locks = _locks(model, memo)
+        if locks:  # (the copy again from the start: the failed one left half-made objects in the memo)
+            memo.clear()
+            memo.update(start)
+            memo.update({i: threading.RLock() if isinstance(x, _RLOCK) else threading.Lock() for i, x in locks.items()})
+            if isinstance(getattr(memo, "reads", None), collections.Counter):  # (export's count of the copy)
+                memo.reads.clear()  # type: ignore[attr-defined]
+            try:
+                return copy.deepcopy(model, memo)
+            except Exception as again:
+                e = again
         raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(e).__name__}: {e}"
                              f"{_uncopyable(model, memo)}. Keep such objects off the model's modules") from e
+
+
+_LOCK, _RLOCK = type(threading.Lock()), type(threading.RLock())
+
+
+def _locks(model: nn.Module, memo: Mapping[int, object]) -> dict[int, object]:
+    """The locks the attributes of ``model``'s modules hold (at any depth: :func:`held_leaves`), by id, that
+    ``memo`` does not map."""
+    seen: set[int] = set()
+    return {id(x): x for m in model.modules() for k, v in m.__dict__.items()
+            if k not in ("_modules", "_parameters", "_buffers")
+            for x in held_leaves(v, seen=seen) if isinstance(x, (_LOCK, _RLOCK)) and id(x) not in memo}
 
 
 def _uncopyable(model: nn.Module, memo: dict[int, object]) -> str:
