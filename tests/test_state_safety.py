@@ -2553,9 +2553,15 @@ def test_a_model_holding_locks_is_checked_exported_and_picked_with_fresh_locks()
     assert type(small.lock) is type(m.lock) and small.lock is not m.lock and not small.lock.locked()
     assert type(small.rlock) is type(m.rlock) and small.rlock is not m.rlock
     assert small.requests.mutex is not m.requests.mutex and small.requests.not_empty._lock is small.requests.mutex
+    assert small.requests.not_empty.acquire.__self__ is small.requests.mutex  # (a Condition keeps its lock's methods)
+    small.requests.put(1)
+    assert small.requests.get(timeout=5) == 1 and m.requests.empty() and not m.requests.mutex.locked()
     with torch.no_grad(), nest.use("h=8"):
         torch.testing.assert_close(small(x), m(x))
     assert small.net[0].weight.shape == (8, 8)
+    m.feed = (i for i in range(3))  # (next to the locks, what no copy can take is still named)
+    with pytest.raises(sn.SortedNetError, match=r"'generator' object \(module '_Serving', attribute 'feed'"):
+        nest.export("h=8")
 
 
 class _Tokenizer:
@@ -2574,6 +2580,16 @@ def test_the_walk_of_held_objects_returns_what_can_hold_a_tensor_not_a_vocabular
     assert held_leaves([vocab, "a", 3]) == []
 
 
+class _Registry:
+    """A process-wide registry: a deep copy is the registry itself."""
+
+    def __init__(self, **refs):
+        self.refs = refs
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class _WeakHead(nn.Module):
     """Reads its head through weak references, in every place a model keeps one."""
 
@@ -2585,7 +2601,6 @@ class _WeakHead(nn.Module):
         self.table = weakref.WeakValueDictionary({"head": self.fc2})
         self.helper = types.SimpleNamespace(refs=[weakref.ref(self.fc2)])
         self.ema_refs = [weakref.ref(p) for p in self.parameters()]  # (bookkeeping, never read)
-        self.cache = weakref.WeakKeyDictionary({self.fc2: "live"})  # (keyed by the live module: not the export's)
 
     def forward(self, x):
         h = F.relu(self.fc1(x))
@@ -2609,10 +2624,21 @@ def test_the_export_points_weak_references_at_its_own_modules_and_names_those_it
         torch.testing.assert_close(small(x), m(x))
     assert small._head() is small.by_name["head"]() is small.table["head"] is small.helper.refs[0]() is small.fc2
     assert [r() for r in small.ema_refs] == list(small.parameters()) and small.fc2.weight.shape == (4, 8)
-    assert list(small.cache.keys()) == [m.fc2]
     assert m._head() is m.table["head"] is m.helper.refs[0]() is m.fc2 and m.ema_refs[0]() is m.fc1.weight
-    m.held = (weakref.ref(m.fc2),)
-    with pytest.warns(LiveHookWarning, match=r"held holds a weak reference to a Linear of the live model"):
-        small = nest.export("h=8")
-    assert small.held[0]() is m.fc2
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt.refs = [weakref.ref(p) for p in m.parameters()]
+    m.opt = opt  # (an optimizer on the model: the export shares it, the live one's references stay)
+    gone = []
+    cases = {"held": (weakref.ref(m.fc2),),  # (a tuple: cannot be written)
+             "on_gone": weakref.ref(m.fc2, lambda r: gone.append(r)),  # (its callback: the live model's code)
+             "scales": weakref.WeakKeyDictionary({m.fc2: 2.0}),  # (keyed by the live module: not the export's)
+             "registry": _Registry(head=weakref.ref(m.fc2))}  # (shared by the export: the live model's own)
+    for name, value in cases.items():
+        setattr(m, name, value)
+        with pytest.warns(LiveHookWarning, match=rf"{name} holds a weak reference to a Linear of the live model"):
+            small = nest.export("h=8")
+        assert small.opt is opt and [r() for r in opt.refs] == list(m.parameters())
+        delattr(m, name)
+    assert small.registry is cases["registry"] and cases["registry"].refs["head"]() is m.fc2
+    assert getattr(small, "on_gone", None) is None and not gone
     assert nest.pick(params=1e9) == nest.largest

@@ -114,7 +114,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             if isinstance(m, nn.TransformerEncoder) and m.__dict__.get("use_nested_tensor"):
                 _keep_nested_path(m)
         _share_once(model, new, skipped, sub)
-        _rebind_weak_refs(new, _counterparts(model, memo, replaced))
+        _rebind_weak_refs(model, new, _counterparts(model, memo, replaced))
         _warn_live_hooks(model, new, sub)
         _instance_forwards(model, new, sub, kept)
     return new
@@ -348,66 +348,83 @@ def _counterparts(model: nn.Module, memo: Mapping[int, object], replaced: Mappin
 
 
 def _rebound(r: weakref.ref, to: Mapping[int, object]) -> weakref.ref | None:
-    """``r`` pointing at the export's counterpart (``to``) of the live object it points at, with its callback;
-    None where it points at no object of the live model (or ``r`` is of a subclass of ``weakref.ref``, which
-    may hold more than its object)."""
+    """``r`` pointing at the export's counterpart (``to``) of the live object it points at; None where it points
+    at no object of the live model, or has a callback (a function of the live model's, which the export's going
+    away would call), or is of a subclass of ``weakref.ref`` (which may hold more than its object)."""
     x = r()
-    own = to.get(id(x)) if type(r) is weakref.ref and x is not None else None
-    return None if own is None else weakref.ref(own, r.__callback__)
+    own = to.get(id(x)) if type(r) is weakref.ref and r.__callback__ is None and x is not None else None
+    return None if own is None else weakref.ref(own)
 
 
+#: the containers whose entries the rebinding writes (a subclass's own ``__setitem__`` may refuse or count it)
+_WRITABLE = (dict, list, collections.OrderedDict, collections.defaultdict)
 _CODE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)
+_SHARED = (nn.Module, Tensor, type, types.ModuleType, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+           *_CODE)
 
 
-def _rebind_weak_refs(new: nn.Module, to: Mapping[int, object]) -> None:
+def _weak_holders(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()
+                  ) -> list[tuple[object, Any, dict[Any, object]]]:
+    """``(holder, where, entries)`` of what can hold a weak reference among the attributes of ``model``'s modules,
+    at any depth (10,000 holders at most): a module's or an object's ``__dict__`` (``where``) and its entries, a
+    dict or list and its entries, a ``WeakValueDictionary``; not those in ``skip`` (by id), nor what they hold.
+    Not opened: modules and tensors (the walk starts from every module), optimizers and schedulers, functions,
+    sortednet's own objects."""
+    out: list[tuple[object, Any, dict[Any, object]]] = []
+    seen: set[int] = set(skip)
+    stack: list[tuple[object, Any, dict[Any, object]]] = [
+        (m, m.__dict__, {k: v for k, v in m.__dict__.items() if k not in _INTERNALS})
+        for m in model.modules() if id(m) not in skip]
+    while stack and len(out) < 10_000:
+        holder, where, entries = stack.pop()
+        out.append((holder, where, entries))
+        for v in entries.values():
+            if type(v) in _ATOMIC or id(v) in seen or isinstance(v, (weakref.ref, *_SHARED)) or _sortednets(v):
+                continue
+            seen.add(id(v))
+            if isinstance(v, weakref.WeakValueDictionary):
+                stack.append((v, v, dict(v.items())))
+            elif isinstance(v, (dict, list)):
+                stack.append((v, v, dict(v.items()) if isinstance(v, dict) else dict(enumerate(v))))
+            elif isinstance(attr_of(v, "__dict__"), dict):
+                stack.append((v, v.__dict__, dict(v.__dict__)))
+    return out
+
+
+def _rebind_weak_refs(model: nn.Module, new: nn.Module, to: Mapping[int, object]) -> None:
     """Point the weak references the export holds at its own modules, parameters and buffers (``to``): a deep
     copy keeps ``self._head = weakref.ref(self.fc2)`` pointing at the live ``fc2``, whose forward then ran the live
-    model's full-size weights inside the export. Rebound where they sit in an attribute (of a module, or of an
-    object one holds), a list, a dict's values or a ``WeakValueDictionary``; weak references elsewhere (a tuple,
-    a closure, ``__slots__``) are named by :func:`_warn_weak_refs`. A ``WeakKeyDictionary`` keyed by a live module
-    is left as it is: the export's modules are other keys (a cache of values the live module computed)."""
-    seen: set[int] = set()
-    stack: list[tuple[Any, dict[Any, object]]] = [
-        (m.__dict__, {k: v for k, v in m.__dict__.items() if k not in _INTERNALS}) for m in new.modules()]
-    budget = 10_000
-    while stack and budget > 0:
-        budget -= 1
-        holder, items = stack.pop()
-        for k, v in items.items():
-            if isinstance(v, weakref.ref):
+    model's full-size weights inside the export. Rebound where they sit in an attribute of a module or of an
+    object the copy made, a plain dict's values or list, a ``WeakValueDictionary``; never in an object the export
+    shares with the live model (one whose deep copy is itself, an optimizer: the live model's). Those elsewhere
+    (a tuple, a closure, ``__slots__``, a ``WeakKeyDictionary``'s keys, a container with its own ``__setitem__``,
+    one with a callback) are named by :func:`_warn_weak_refs`."""
+    live = {id(h) for h, _, _ in _weak_holders(model)}
+    for holder, where, entries in _weak_holders(new, live):
+        plain = where is not holder or type(holder) in _WRITABLE  # (an attribute, or a plain container's entry)
+        for k, v in entries.items():
+            if isinstance(holder, weakref.WeakValueDictionary):
+                if id(v) in to:
+                    holder[k] = to[id(v)]
+            elif plain and isinstance(v, weakref.ref):
                 r = _rebound(v, to)
                 if r is not None:
-                    holder[k] = r
-            elif type(v) in _ATOMIC or id(v) in seen or isinstance(v, (nn.Module, Tensor, type, types.ModuleType)):
-                continue
-            elif isinstance(v, weakref.WeakValueDictionary):
-                seen.add(id(v))
-                for key, x in list(v.items()):
-                    if id(x) in to:
-                        v[key] = to[id(x)]
-            elif isinstance(v, (dict, list)):
-                seen.add(id(v))
-                stack.append((v, dict(v.items()) if isinstance(v, dict) else dict(enumerate(v))))
-            elif isinstance(attr_of(v, "__dict__"), dict) and not isinstance(v, _CODE) and not _sortednets(v):
-                seen.add(id(v))
-                stack.append((v.__dict__, dict(v.__dict__)))
+                    where[k] = r
 
 
 def _warn_weak_refs(new: nn.Module, sub: SubModel, live: set[int]) -> None:
     """Warn (LiveHookWarning) of a weak reference the export holds (in an object or container one of its modules
     holds) to a module, parameter or buffer of the live model, which :func:`_rebind_weak_refs` could not point at
-    the export's own (one in a tuple, ``__slots__``, a closure): a copy keeps a weak reference as it is, so one read
-    in the export's forward reads the live model. Not refused: most weak references are bookkeeping never read in
-    a forward. A ``WeakKeyDictionary``'s keys are not named (the export's modules are other keys)."""
+    the export's own (one in a tuple, ``__slots__``, a closure, a ``WeakKeyDictionary``'s keys): a copy keeps a weak
+    reference as it is, so one read in the export's forward reads the live model. Not refused: most weak references
+    are bookkeeping never read in a forward."""
     seen: set[int] = set()
     for path, m in new.named_modules():
         for attr, v in m.__dict__.items():
             if attr in _INTERNALS:
                 continue
-            leaves = held_leaves(v, seen=seen)
-            keys = {id(r) for x in leaves if isinstance(x, weakref.WeakKeyDictionary) for r in list(x.data)}
-            for x in leaves:
-                if isinstance(x, weakref.ref) and id(x) not in keys and id(x()) in live:
+            for x in held_leaves(v, seen=seen):
+                if isinstance(x, weakref.ref) and id(x()) in live:
                     hit = x()
                     st = hit.__dict__.get("_sn") if isinstance(hit, nn.Module) else None
                     warnings.warn(
@@ -416,7 +433,8 @@ def _warn_weak_refs(new: nn.Module, sub: SubModel, live: set[int]) -> None:
                         "keeps as it is: read from the export, it reads the live model (its full-size weights, "
                         "and whatever training does to them later), not the export's own (weak references in an "
                         "attribute, a list, a dict or a WeakValueDictionary are pointed at the export's own; not "
-                        "this one). Hold the module itself, or reach it through self in a method",
+                        "this one: a WeakKeyDictionary's keys, a tuple's, one with a callback). Hold the module "
+                        "itself, or reach it through self in a method",
                         LiveHookWarning, stacklevel=4)
                     return
 

@@ -442,32 +442,40 @@ def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Modul
     start = dict(memo)
     try:
         return copy.deepcopy(model, memo)
-    except Exception:  # an attribute that cannot be copied (a lock, a process group, ...)
-        locks = _locks(model, memo)
-        if locks:  # (the copy again from the start: the failed one left half-made objects in the memo)
-            memo.clear()
-            memo.update(start)
-            memo.update({i: threading.RLock() if isinstance(x, _RLOCK) else threading.Lock() for i, x in locks.items()})
-            if isinstance(getattr(memo, "reads", None), collections.Counter):  # (export's count of the copy)
-                memo.reads.clear()  # type: ignore[attr-defined]
-            try:
-                return copy.deepcopy(model, memo)
-            except Exception as again:
-                e = again
-        raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(e).__name__}: {e}"
-                             f"{_uncopyable(model, memo)}. Keep such objects off the model's modules") from e
-
+    except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
+        error = e
+    fresh = _fresh_locks(model, memo)
+    if fresh:  # (the copy again from the start: the failed one left half-made objects in the memo)
+        memo.clear()
+        memo.update(start)
+        memo.update(fresh)
+        if isinstance(getattr(memo, "reads", None), collections.Counter):  # (export's count of the copy)
+            memo.reads.clear()  # type: ignore[attr-defined]
+        try:
+            return copy.deepcopy(model, memo)
+        except Exception as e:
+            error = e
+    raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(error).__name__}: {error}"
+                         f"{_uncopyable(model, memo)}. Keep such objects off the model's modules") from error
 
 _LOCK, _RLOCK = type(threading.Lock()), type(threading.RLock())
 
 
-def _locks(model: nn.Module, memo: Mapping[int, object]) -> dict[int, object]:
-    """The locks the attributes of ``model``'s modules hold (at any depth: :func:`held_leaves`), by id, that
-    ``memo`` does not map."""
+def _fresh_locks(model: nn.Module, memo: Mapping[int, object]) -> dict[int, object]:
+    """A deep copy's memo entries (by id) giving the copy new locks for the locks the attributes of ``model``'s
+    modules hold (at any depth: :func:`held_leaves`) that ``memo`` does not map, and the new locks' methods for
+    their methods (a ``Condition`` keeps its lock's ``acquire`` / ``release``, which a deep copy keeps as they
+    are: bound to the live lock)."""
     seen: set[int] = set()
-    return {id(x): x for m in model.modules() for k, v in m.__dict__.items()
-            if k not in ("_modules", "_parameters", "_buffers")
-            for x in held_leaves(v, seen=seen) if isinstance(x, (_LOCK, _RLOCK)) and id(x) not in memo}
+    leaves = [x for m in model.modules() for k, v in m.__dict__.items() if k not in ("_modules", "_parameters",
+              "_buffers") for x in held_leaves(v, seen=seen)]
+    out: dict[int, object] = {id(x): threading.RLock() if isinstance(x, _RLOCK) else threading.Lock()
+                              for x in leaves if isinstance(x, (_LOCK, _RLOCK)) and id(x) not in memo}
+    for x in leaves:
+        owner = getattr(x, "__self__", None) if isinstance(x, types.BuiltinMethodType) else None
+        if owner is not None and id(owner) in out and id(x) not in memo:
+            out[id(x)] = getattr(out[id(owner)], x.__name__)
+    return out
 
 
 def _uncopyable(model: nn.Module, memo: dict[int, object]) -> str:
