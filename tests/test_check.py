@@ -1839,6 +1839,40 @@ def test_a_lower_depth_may_return_a_larger_feature_map():
         assert nest.model(torch.randn(2, 3, 16, 16)).shape == (2, 8, 8, 8)
 
 
+class _Downsampling(nn.Module):
+    """A stage list whose third block doubles the channels (and halves the map): the head reads its width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
+                                    nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("sizes", [[1, 2, 3, 4], [2, 4]])
+def test_a_depth_dropping_a_block_that_resizes_the_stream_is_refused_naming_the_block(sizes):
+    """A depth that drops the downsampling block hands the head 16 channels for 32: check named only the layer
+    that failed (the head) and guessed at two causes; it names the dropped block, with the shapes it maps
+    between in the largest sub-model. Depths that keep it are accepted and export as they run."""
+    torch.manual_seed(0)
+    m = _Downsampling().eval()
+    before = snapshot(m)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(sn.SortedNetError, match=r"(?s)raised in 'head' \(Linear\).*'blocks\.2' \(Conv2d\) maps "
+                                                r"\[2, 16, 8, 8\] to \[2, 32, 4, 4\]") as e:
+        sn.wrap(m, sn.Depth("d", sizes, layers="blocks"), example=x)
+    assert "'blocks.3'" not in str(e.value) and "'blocks.1'" not in str(e.value)  # (keep the stream's shape)
+    assert_unchanged(m, before)
+    nest = sn.wrap(m, sn.Depth("d", [3, 4], layers="blocks"), example=x)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(nest.export(sub)(x), m(x))
+
+
 def test_a_depth_that_hands_on_another_width_is_refused():
     """A wiring a fuzzer found accepted by ``wrap(example=)``: a Depth that drops a block re-sizing the stream
     (18 of 54 listed sub-models raised a raw shape error at forward; the smallest, the largest, each dimension

@@ -1601,7 +1601,14 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
             "still sees the full widths: derive them from the tensors or from attributes Heads slices "
             "(num_heads, head_dim, ...; count_attrs=), see docs/heads.md" if heads else "")
     depths = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
-    if depths and not hint:
+    resizers = _dropped_resizers(nest, model, example, sub) if depths and not hint else []
+    if resizers:
+        hint = (f"; depth {depths}: blocks it drops re-size the stream the layers after them read "
+                f"({'; '.join(resizers[:4])}{' ...' if len(resizers) > 4 else ''}, in the largest sub-model), which "
+                "then get the stream of the last block kept: list only depths that keep them, keep such blocks "
+                "out of the Depth, or bind those layers to the dimensions of every block that can end the stream "
+                "(one Width for the stream)")
+    elif depths and not hint:
         hint = (f"; depth {depths}: a forward that counts its blocks itself (range(self.num_layers), zip(..., "
                 "strict=True) with a list of another length) must take len() of the layer list instead; or the "
                 "blocks it drops re-size the stream the layers after them read, which then get the width of the "
@@ -1609,6 +1616,45 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
                 "Width for the stream), or keep such blocks out of the Depth")
     return SortedNetError(head + "\n  (no missing binding found by tracing: check custom modules and ops of "
                           f"the sliced features{hint})")
+
+
+def _dropped_resizers(nest: Nest, model: Any, example: Any, sub: SubModel) -> list[str]:
+    """``'blocks.2' (Bottleneck) maps [2, 32, 8, 8] to [2, 64, 4, 4]`` for each block ``sub`` drops whose output
+    has another shape than its input in the largest sub-model (a forward of ``model``, the check's view, with a
+    hook on each; its first tensor in and out). Empty where none does, or the forward or a hook fails."""
+    dropped: list[tuple[str, nn.Module]] = []
+    with nest.use(sub):
+        for path, live in nest._sliced.items():
+            for name in live._sn.slicer.skipped(live):
+                full = f"{path}.{name}" if path else name
+                try:
+                    dropped.append((full, model.get_submodule(full)))
+                except AttributeError:
+                    continue
+    shapes: dict[str, tuple[list[int], list[int]]] = {}
+
+    def record(path: str, module: nn.Module, args: Any, out: Any) -> None:
+        into = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
+        got = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+        if into is not None and got is not None:
+            shapes.setdefault(path, (list(into.shape), list(got.shape)))
+
+    handles = [m.register_forward_hook(functools.partial(record, p)) for p, m in dropped]
+    try:
+        with nest.use(nest.largest), torch.no_grad():
+            call_model(model, example)
+    except Exception:
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for p, m in dropped:
+        if p in shapes and shapes[p][0] != shapes[p][1]:
+            st = m.__dict__.get("_sn")
+            cls = st.cls.__name__ if st is not None and hasattr(st, "cls") else type(m).__name__
+            out.append(f"{p!r} ({cls}) maps {shapes[p][0]} to {shapes[p][1]}")
+    return out
 
 
 class _Reads(TorchFunctionMode):
