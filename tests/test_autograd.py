@@ -465,6 +465,102 @@ def test_a_plain_non_reentrant_checkpoint_recomputes_the_forward_depth(where):
     assert all(live[f"blocks.{i}.{n}"].grad is None for i in (2, 3) for n in ("weight", "bias"))
 
 
+class _NonReentrantParts(torch.nn.Module):
+    """Checkpoints (``use_reentrant=False``: PyTorch's and Hugging Face's default) a pair of Linears and a pair of
+    bias-free convolutions, each cut by a width: the weights read by the fused Linear path, the dense conv read
+    and the plain attribute read."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.conv1 = torch.nn.Conv2d(4, 16, 3, padding=1, bias=False)
+        self.conv2 = torch.nn.Conv2d(16, 4, 1, bias=False)
+        self.ckpt = True
+
+    def fc(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def conv(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+    def forward(self, x, img):
+        run = (lambda f, t: torch.utils.checkpoint.checkpoint(f, t, use_reentrant=False)) if self.ckpt else (
+            lambda f, t: f(t))
+        return run(self.fc, x).square().mean() + run(self.conv, img).square().mean()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel", "inside_use"])
+def test_a_non_reentrant_checkpoint_recomputes_the_forward_widths(where, fused):
+    """``loss.backward()`` outside the ``use`` block of a forward with non-reentrant checkpoints (the natural
+    loop: ``with nest.use(sub): loss = model(x)`` then ``loss.backward()``, with Hugging Face gradient
+    checkpointing on) recomputed under the full widths: PyTorch's raw CheckpointError ("different metadata"),
+    or, with the fused Linear path, no weight read to pin at all. Each checkpoint now recomputes the sub-model
+    of its forward, wherever backward runs."""
+    m = _NonReentrantParts()
+    nest = sn.wrap(m, sn.Width("f", [8, 32], out="fc1", inp="fc2"), sn.Width("c", [4, 16], out="conv1", inp="conv2"),
+                   inplace_min_numel=0 if fused else 1 << 30)
+    x, img = torch.randn(6, 16), torch.randn(2, 4, 6, 6)
+    m.ckpt = False
+    with nest.use("f=8,c=4"):
+        m(x, img).backward()
+    want = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    m.ckpt = True
+    with nest.use("f=8,c=4"):
+        loss = m(x, img)
+    backward_at(where, loss, nest, "f=8,c=4")
+    same_grads([p.grad for p in m.parameters()], want, f"non-reentrant checkpoints ({where})")
+    assert not nest._state.uses.get()
+
+
+class _ScaledByWeight(torch.nn.Module):
+    """A part scaling its input by a statistic of a sliced weight read without gradients (``no_grad``) or
+    detached: a saved value of the same shape under every width."""
+
+    def __init__(self, detach: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.fc, self.out = torch.nn.Linear(16, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.detach = detach
+
+    def scaled(self, h):
+        if self.detach:
+            return h * self.fc.weight.detach().square().sum()
+        with torch.no_grad():
+            k = self.fc.weight.square().sum()
+        return h * k
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["no_grad", "detached"])
+def test_a_non_reentrant_checkpoint_of_a_part_reading_a_weight_without_gradients_recomputes_its_width(detach):
+    """A non-reentrant checkpoint on a part of the model (no root forward around it) whose sliced read runs
+    without gradients or is detached: the recomputation outside the ``use`` block read the full width, and the
+    saved scale has one shape under every width, so PyTorch's check could not tell: the gradients were off by
+    0.14, in silence. The read pins the checkpoint to its forward's sub-model, with or without gradients."""
+    m = _ScaledByWeight(detach)
+    nest = sn.wrap(m, sn.Width("w", [8, 32], out="fc", inp="out"))
+    x = torch.randn(6, 16)
+
+    def step(ckpt):
+        h = m.pre(x)
+        h = torch.utils.checkpoint.checkpoint(m.scaled, h, use_reentrant=False) if ckpt else m.scaled(h)
+        return m(h).square().mean()
+
+    with nest.use("w=8"):
+        step(False).backward()
+    want = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    with nest.use("w=8"):
+        loss = step(True)
+    loss.backward()
+    same_grads([p.grad for p in m.parameters()], want, "a part read without gradients")
+
+
 class _CheckpointedBlocks(torch.nn.Module):
     """A model whose own forward checkpoints its blocks with ``use_reentrant=True`` (older Hugging Face,
     timm and torchvision code): the nest cannot wrap those calls."""

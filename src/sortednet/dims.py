@@ -242,7 +242,7 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner", "uid")
+    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner", "uid", "recomputes")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -254,6 +254,9 @@ class Active:
         # root forwards with gradients in progress (any thread), and what a read without gradients during one
         # calls: it may be a reentrant checkpoint's forward (sortednet.wrap.Pin.no_grad_read)
         self.training, self.on_no_grad_read = 0, None
+        # (weakly, the pack hook of the non-reentrant checkpoint whose recomputation a read pinned last, and the
+        # plan pinned): reads inside that checkpoint under that plan skip the stack walk (sortednet.slicers.base)
+        self.recomputes: tuple[Any, Any] | None = None
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0

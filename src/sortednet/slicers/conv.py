@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import PatternError
 from ..views import View, _compiling, _grad_enabled, dense_cut
-from .base import Slicer, slicer
+from .base import Slicer, _pin_recomputation, _saved_tensors_hooks, slicer
 
 
 @slicer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -72,7 +72,10 @@ def _forward(self: nn.Conv2d, input: Tensor) -> Tensor:
         a = st.active
         if a is not None:
             p = a._scoped
-            wv = (a.default if p is a else p).entries[st.slot]["weight"]
+            p = a.default if p is a else p
+            if (h := _saved_tensors_hooks(False)) is not None:  # (a non-reentrant checkpoint's forward)
+                _pin_recomputation(a, p, h)
+            wv = p.entries[st.slot]["weight"]
             if wv.__class__ is View:
                 w = dense_cut(self, wv, st)
                 if w is not None:

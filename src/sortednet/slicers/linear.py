@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..views import View, _compiling, _grad_enabled, linear, plain
-from .base import Slicer, slicer
+from .base import Slicer, _pin_recomputation, _saved_tensors_hooks, slicer
 
 
 @slicer(nn.Linear)
@@ -44,7 +44,10 @@ def _forward(self: nn.Linear, input: Tensor) -> Tensor:
         a = st.active
         if a is not None:
             p = a._scoped
-            e = (a.default if p is a else p).entries[st.slot]
+            p = a.default if p is a else p
+            if (h := _saved_tensors_hooks(False)) is not None:  # (a non-reentrant checkpoint's forward)
+                _pin_recomputation(a, p, h)
+            e = p.entries[st.slot]
             wv = e["weight"]
             if wv.__class__ is View:
                 y = linear(self, input, wv, e["bias"], st)
