@@ -444,6 +444,18 @@ def test_the_installed_torch_has_the_checkpoint_internals_the_pins_read():
     assert plan._CKPT_CODE is not None, "torch.utils.checkpoint.CheckpointFunction.forward not found"
     assert plan._NR_CODE is not None and "gen" in plan._NR_CODE.co_varnames, (
         "no function of torch.utils.checkpoint holds the non-reentrant generator as 'gen'")
+    # a read inside a non-reentrant checkpoint skips the stack walk while the innermost saved-tensor pack hook
+    # is the one it pinned under: each checkpoint call must make its own (one shared by all would pin only the first)
+    packs = []
+
+    def part(x):
+        packs.append(torch._C._autograd._top_saved_tensors_default_hooks(False)[0])
+        return x.sin()
+
+    x = torch.randn(3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(part, x, use_reentrant=False)
+    torch.utils.checkpoint.checkpoint(part, x, use_reentrant=False)
+    assert len(packs) == 2 and packs[0] is not packs[1], "one saved-tensor pack hook shared by two checkpoints"
 
 
 @pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel", "inside_use"])
