@@ -114,7 +114,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
             if isinstance(m, nn.TransformerEncoder) and m.__dict__.get("use_nested_tensor"):
                 _keep_nested_path(m)
         _share_once(model, new, skipped, sub)
-        _rebind_weak_refs(model, new, _counterparts(model, memo, replaced))
+        _rebind_weak_refs(new, memo, _counterparts(model, memo, replaced))
         _warn_live_hooks(model, new, sub)
         _instance_forwards(model, new, sub, kept)
     return new
@@ -363,23 +363,24 @@ _SHARED = (nn.Module, Tensor, type, types.ModuleType, torch.optim.Optimizer, tor
            *_CODE)
 
 
-def _weak_holders(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()
-                  ) -> list[tuple[object, Any, dict[Any, object]]]:
-    """``(holder, where, entries)`` of what can hold a weak reference among the attributes of ``model``'s modules,
-    at any depth (10,000 holders at most): a module's or an object's ``__dict__`` (``where``) and its entries, a
-    dict or list and its entries, a ``WeakValueDictionary``; not those in ``skip`` (by id), nor what they hold.
-    Not opened: modules and tensors (the walk starts from every module), optimizers and schedulers, functions,
-    sortednet's own objects."""
+def _weak_holders(new: nn.Module, made: set[int]) -> list[tuple[object, Any, dict[Any, object]]]:
+    """``(holder, where, entries)`` of what can hold a weak reference among the attributes of ``new``'s modules,
+    at any depth (10,000 holders at most), of the objects in ``made`` (by id: what the deep copy made) alone: a
+    module's or an object's ``__dict__`` (``where``) and its entries, a dict or list and its entries, a
+    ``WeakValueDictionary``. Not opened: what the copy shares with the live model (an object whose deep copy is
+    itself, an optimizer), modules and tensors (the walk starts from every module), functions, sortednet's own
+    objects."""
     out: list[tuple[object, Any, dict[Any, object]]] = []
-    seen: set[int] = set(skip)
+    seen: set[int] = set()
     stack: list[tuple[object, Any, dict[Any, object]]] = [
         (m, m.__dict__, {k: v for k, v in m.__dict__.items() if k not in _INTERNALS})
-        for m in model.modules() if id(m) not in skip]
+        for m in new.modules() if id(m) in made]
     while stack and len(out) < 10_000:
         holder, where, entries = stack.pop()
         out.append((holder, where, entries))
         for v in entries.values():
-            if type(v) in _ATOMIC or id(v) in seen or isinstance(v, (weakref.ref, *_SHARED)) or _sortednets(v):
+            if (type(v) in _ATOMIC or id(v) in seen or id(v) not in made or isinstance(v, (weakref.ref, *_SHARED))
+                    or _sortednets(v)):
                 continue
             seen.add(id(v))
             if isinstance(v, weakref.WeakValueDictionary):
@@ -391,16 +392,16 @@ def _weak_holders(model: nn.Module, skip: set[int] | frozenset[int] = frozenset(
     return out
 
 
-def _rebind_weak_refs(model: nn.Module, new: nn.Module, to: Mapping[int, object]) -> None:
+def _rebind_weak_refs(new: nn.Module, memo: Mapping[int, object], to: Mapping[int, object]) -> None:
     """Point the weak references the export holds at its own modules, parameters and buffers (``to``): a deep
     copy keeps ``self._head = weakref.ref(self.fc2)`` pointing at the live ``fc2``, whose forward then ran the live
     model's full-size weights inside the export. Rebound where they sit in an attribute of a module or of an
-    object the copy made, a plain dict's values or list, a ``WeakValueDictionary``; never in an object the export
-    shares with the live model (one whose deep copy is itself, an optimizer: the live model's). Those elsewhere
-    (a tuple, a closure, ``__slots__``, a ``WeakKeyDictionary``'s keys, a container with its own ``__setitem__``,
-    one with a callback) are named by :func:`_warn_weak_refs`."""
-    live = {id(h) for h, _, _ in _weak_holders(model)}
-    for holder, where, entries in _weak_holders(new, live):
+    object the copy made (``memo``'s copies), a plain dict's values or list, a ``WeakValueDictionary``; never in
+    an object the export shares with the live model (one whose deep copy is itself, an optimizer: the live
+    model's). Those elsewhere (a tuple, a closure, ``__slots__``, a ``WeakKeyDictionary``'s keys, a container with
+    its own ``__setitem__``, one with a callback) are named by :func:`_warn_weak_refs`."""
+    made = {id(v) for k, v in memo.items() if id(v) != k}  # (a value that is its key's object: shared, not made)
+    for holder, where, entries in _weak_holders(new, made):
         plain = where is not holder or type(holder) in _WRITABLE  # (an attribute, or a plain container's entry)
         for k, v in entries.items():
             if isinstance(holder, weakref.WeakValueDictionary):

@@ -458,6 +458,7 @@ def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Modul
     raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(error).__name__}: {error}"
                          f"{_uncopyable(model, memo)}. Keep such objects off the model's modules") from error
 
+
 _LOCK, _RLOCK = type(threading.Lock()), type(threading.RLock())
 
 
