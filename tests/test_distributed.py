@@ -55,6 +55,9 @@ SCENARIOS = {
     # (torch 2.13 FSDP2 crashed on blocks never gathered before: accumulate gathers each unit once)
     "lm-fsdp2-mp-micro": ("lm_width_heads_depth", "fsdp2_blocks_mp_micro"),
     "encoder-fsdp2": ("torch_encoder", "fsdp2"),   # nn.MultiheadAttention heads (its forward is replaced)
+    # a BatchNorm cut by the width: FSDP2 puts its parameters back with setattr (the sliced BatchNorm's class has its
+    # own __setattr__), whose register_parameter read the sharded weight through the slicer: refused at h < full
+    "cnn-fsdp2": ("cnn_bn_residual", "fsdp2"),
     "rank-svd-ddp": ("mlp_rank_svd", "ddp"),         # weight replaced by factors U, V
     "rank-lora-fsdp2": ("mlp_rank_lora", "fsdp2"),   # frozen base weights next to trained adapters in one unit
     "lm-ddp-compiled": ("lm_width_heads_depth", "ddp_compiled"),  # torch.compile(DDP(model)) as module=

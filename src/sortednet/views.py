@@ -79,10 +79,17 @@ def distributed_bookkeeping() -> bool:
     f = sys._getframe(1)
     while f is not None:
         name = f.f_globals.get("__name__", "")
-        if not (name == "sortednet" or name.startswith("sortednet.")):
+        if not (name == "sortednet" or name.startswith("sortednet.") or name == _MODULE_MACHINERY):
             return name.startswith("torch.distributed.")
         f = f.f_back
     return False
+
+
+#: nn.Module's own machinery (``__setattr__`` -> ``register_parameter``, which reads ``hasattr(module, name)``):
+#: passed over like sortednet's frames, to the code that called it (FSDP2 puts its parameters back with
+#: ``setattr`` on a module whose class has its own ``__setattr__``, a sliced BatchNorm's); a forward's read comes
+#: from the module's own file (``torch.nn.modules.linear``, the user's)
+_MODULE_MACHINERY = nn.Module.__module__
 
 
 def sharded_read(t: Tensor, cutting: bool, st: Any, name: str) -> Tensor:
