@@ -1075,3 +1075,31 @@ def test_lora_scale_of_a_rank_not_among_the_sizes_is_refused(bad):
     assert [dim.scale(r) for r in (2, 4, 8)] == [4.0, 2.0, 1.0]
     with pytest.raises(sn.SortedNetError, match=r"Rank .r.: scale\(.*\): the rank must be one of its sizes"):
         dim.scale(bad)
+
+
+_WEIGHT_WRITES = {"init": lambda m: nn.init.zeros_(m[0].weight), "reset_parameters": lambda m: m[0].reset_parameters(),
+                  "data": lambda m: m[0].weight.data.zero_(), "mul_": lambda m: m[0].weight.mul_(0),
+                  "copy_": lambda m: m[0].weight.copy_(torch.ones(16, 8)), "index": lambda m: m[0].weight[0].fill_(1.0),
+                  "apply": lambda m: m.apply(lambda mod: nn.init.zeros_(mod.weight) if mod is m[0] else None)}
+
+
+@pytest.mark.parametrize("write", list(_WEIGHT_WRITES))
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_a_write_into_a_rank_targets_computed_weight_is_refused_not_lost(mode, write):
+    """A Rank target's ``weight`` is computed at every read (``U @ V``, or the base weight plus the adapters'
+    product): ``nn.init.zeros_(layer.weight)``, ``reset_parameters()`` (which went on to re-initialise the bias
+    alone), ``.data`` writes changed a temporary and nothing else, in silence. Refused, naming the layer, before
+    anything changes; reads of it compute as before and give plain tensors."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Rank("r", [2, 4, 8], targets="0", mode=mode))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad(), pytest.raises(sn.SortedNetError, match=r"0\.weight: written in place .* a Rank target's"):
+        _WEIGHT_WRITES[write](m)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    with nest.use("r=4"):
+        w = m[0].weight
+        want = (m[0].U @ m[0].V) if mode == "svd" else m[0]._parameters["weight"] + nest.dims[0].scale(4) * (
+            m[0].lora_B @ m[0].lora_A)
+        assert type(w * 1) is torch.Tensor
+        torch.testing.assert_close(torch.as_tensor(w * 1), want)

@@ -611,6 +611,12 @@ class FusedCopy(torch.Tensor):
                     "or t[:k] / t.narrow(...) of the tensor itself; docs/custom_slicers.md). If the forward meant "
                     "to write a copy of its own (w = self.weight.to(dtype) where value() already cast it, so .to "
                     "made no copy), take one that always copies: .clone()")
+            if written.__dict__.get("_sn_rank"):
+                raise SortedNetError(
+                    f"{where}: written in place ({name}), where it is a Rank target's weight, computed at every read "
+                    "(U @ V in svd mode, the frozen base weight + alpha / r * lora_B @ lora_A in lora mode): the "
+                    "write would not reach any parameter and be lost. Write into U / V (svd) or the adapters and "
+                    "the base weight (lora: module._parameters['weight']), or initialise the weight before sn.wrap")
             raise SortedNetError(
                 f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
                 "fused blocks (a copy, not a view of the parameter): the write would not reach the parameter. "
@@ -663,8 +669,9 @@ def _alias_of(result: Any, me: FusedCopy) -> Any:
     with _NoSubclass():
         alias = result.as_subclass(FusedCopy)
     alias._sn_where, alias._sn_of = me._sn_where, me._sn_of
-    if me.__dict__.get("_sn_computed"):
-        alias._sn_computed = True
+    for flag in ("_sn_computed", "_sn_rank"):
+        if me.__dict__.get(flag):
+            setattr(alias, flag, True)
     return alias
 
 
@@ -684,6 +691,21 @@ def computed(v: Any, m: nn.Module, name: str, st: Any) -> Any:
         out = v.as_subclass(FusedCopy)
     out._sn_where = f"{st.path}.{name}" if st.path else name
     out._sn_of, out._sn_computed = v, True
+    return out
+
+
+def rank_weight(v: Tensor, m: nn.Module, st: Any) -> Tensor:
+    """A Rank target's ``weight`` (``v``: ``U @ V``, or the base weight plus the adapters' product, computed at
+    every read) as a :class:`FusedCopy` that refuses writes in place, naming the attribute: ``nn.init.*_``,
+    ``reset_parameters``, ``.data`` writes changed a temporary and nothing else, in silence. Plain where a library
+    forward reads it only to compute (MultiheadAttention reading its ``out_proj.weight``), in compiled graphs and
+    under functorch."""
+    if _compiling() or _functorch_active() or v.__class__ is not Tensor or _inspected(m, 3):
+        return v
+    with _NoSubclass():
+        out = v.as_subclass(FusedCopy)
+    out._sn_where = f"{st.path}.weight" if st.path else "weight"
+    out._sn_of, out._sn_rank = v, True
     return out
 
 
@@ -717,13 +739,13 @@ _INSPECTORS = frozenset(f.__code__ for f in (torch.nn.TransformerEncoder.forward
                                               torch.nn.TransformerEncoderLayer.forward))
 
 
-def _inspected(m: Any) -> bool:
+def _inspected(m: Any, up: int = 2) -> bool:
     """Whether the read comes from the forward of ``m``'s class when that class is library code that reads its
     weight only to compute (PyTorch's and Hugging Face's layers: the per-operation check of a
     :class:`FusedCopy` would only cost time), or from PyTorch code that reads fused attributes to choose a fast
     path (:data:`_INSPECTORS`). A user's own forward keeps the check: it may write its weight in place."""
     own = _trusted_forward(type(m))
-    f = sys._getframe(2)
+    f = sys._getframe(up)
     for _ in range(5):
         if f is None:
             return False

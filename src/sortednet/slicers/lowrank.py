@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from ..errors import PatternError, SizeError
+from ..views import rank_weight
 from .base import Slicer
 
 
@@ -271,7 +272,7 @@ class SVDSlicer(LowRankSlicer):
             if m.__dict__["_sn"].bind["rank"].dim.export != "merged":
                 _note_matrix_read(m)
             with _uncounted():  # (the product is built once in an export that can serve this read: merged)
-                return m.U @ m.V
+                return rank_weight(m.U @ m.V, m, m.__dict__["_sn"])
         return self.base_value(m, name)
 
     def forward(self, m: nn.Module, x: Tensor) -> Tensor:
@@ -406,7 +407,7 @@ class LoRASlicer(LowRankSlicer):
             return self.take(m, "lora_B", [(0, "out"), (1, "rank")])
         if name == "weight":
             with _uncounted():  # (the export holds the merged weight)
-                return self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A)
+                return rank_weight(self.base(m) + self.scale(m) * (m.lora_B @ m.lora_A), m, m.__dict__["_sn"])
         return self.base_value(m, name)
 
     def base(self, m: nn.Module) -> Tensor:
