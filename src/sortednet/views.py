@@ -687,25 +687,27 @@ def computed(v: Any, m: nn.Module, name: str, st: Any) -> Any:
         src = m._buffers.get(name)
     if src is None or _aliases(v, src) or (name in m._parameters and not _renorms(m) and _inspected(m)):
         return v  # (library forwards write their buffers, running statistics, and a max_norm embedding its weight)
-    with _NoSubclass():
-        out = v.as_subclass(FusedCopy)
-    out._sn_where = f"{st.path}.{name}" if st.path else name
-    out._sn_of, out._sn_computed = v, True
-    return out
+    return _guarded_copy(v, f"{st.path}.{name}" if st.path else name, "_sn_computed")
 
 
 def rank_weight(v: Tensor, m: nn.Module, st: Any) -> Tensor:
     """A Rank target's ``weight`` (``v``: ``U @ V``, or the base weight plus the adapters' product, computed at
     every read) as a :class:`FusedCopy` that refuses writes in place, naming the attribute: ``nn.init.*_``,
-    ``reset_parameters``, ``.data`` writes changed a temporary and nothing else, in silence. Plain where a library
-    forward reads it only to compute (MultiheadAttention reading its ``out_proj.weight``), in compiled graphs and
-    under functorch."""
+    ``reset_parameters``, ``.data`` writes changed a temporary and nothing else, in silence. Other operations run
+    as on a plain tensor (a parent's forward reading it, MultiheadAttention's ``out_proj.weight``, pays the
+    per-operation check). Plain where :func:`_inspected` trusts the reader, in compiled graphs and under
+    functorch."""
     if _compiling() or _functorch_active() or v.__class__ is not Tensor or _inspected(m, 3):
         return v
+    return _guarded_copy(v, f"{st.path}.weight" if st.path else "weight", "_sn_rank")
+
+
+def _guarded_copy(v: Tensor, where: str, flag: str) -> FusedCopy:
+    """``v`` as a :class:`FusedCopy` of the attribute ``where``, marked with ``flag`` (which refusal names it)."""
     with _NoSubclass():
         out = v.as_subclass(FusedCopy)
-    out._sn_where = f"{st.path}.weight" if st.path else "weight"
-    out._sn_of, out._sn_rank = v, True
+    out._sn_where, out._sn_of = where, v
+    setattr(out, flag, True)
     return out
 
 

@@ -13,15 +13,12 @@ import sys
 from collections import OrderedDict
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..dims import REENTRANT
 from ..errors import SortedNetError
 from ..views import _compiling, _grad_enabled, fx_flag, fx_refused, fx_tracing
-from .base import Slicer, slicer
-
-_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+from .base import Slicer, _saved_tensors_hooks, slicer
 
 
 def _pin_checkpoints(m: nn.Module) -> None:
