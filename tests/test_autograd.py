@@ -548,12 +548,52 @@ class _ScaledByWeight(torch.nn.Module):
         return self.out(torch.relu(self.fc(x)))
 
 
+@contextlib.contextmanager
+def _paused_elsewhere(what: str, m: nn.Module):
+    """Another thread held inside ``what``: a training forward of ``m`` (the nest counts it), or a reentrant
+    checkpoint's forward of an unwrapped model (counted process-wide); nothing when ``what`` is ``"alone"``."""
+    if what == "alone":
+        yield
+        return
+    inside, release = threading.Event(), threading.Event()
+
+    def wait(*_):
+        if threading.current_thread().name == "elsewhere":
+            inside.set()
+            release.wait(60)
+
+    def other_model():
+        lin = nn.Linear(4, 4)
+        lin.register_forward_hook(wait)
+        torch.utils.checkpoint.checkpoint(lin, torch.randn(2, 4, requires_grad=True), use_reentrant=True)
+
+    if what == "training_thread":
+        hook = m.fc.register_forward_hook(wait)
+        target = lambda: m(torch.randn(2, 16)).sum()  # noqa: E731
+    else:
+        hook, target = None, other_model
+    t = threading.Thread(target=target, name="elsewhere")
+    t.start()
+    try:
+        assert inside.wait(60), "the other thread never got there"
+        yield
+    finally:
+        release.set()
+        t.join()
+        if hook is not None:
+            hook.remove()
+
+
+@pytest.mark.parametrize("elsewhere", ["alone", "training_thread", "reentrant_thread"])
 @pytest.mark.parametrize("detach", [False, True], ids=["no_grad", "detached"])
-def test_a_non_reentrant_checkpoint_of_a_part_reading_a_weight_without_gradients_recomputes_its_width(detach):
+def test_a_non_reentrant_checkpoint_of_a_part_reading_a_weight_without_gradients_recomputes_its_width(detach,
+                                                                                                        elsewhere):
     """A non-reentrant checkpoint on a part of the model (no root forward around it) whose sliced read runs
     without gradients or is detached: the recomputation outside the ``use`` block read the full width, and the
     saved scale has one shape under every width, so PyTorch's check could not tell: the gradients were off by
-    0.14, in silence. The read pins the checkpoint to its forward's sub-model, with or without gradients."""
+    0.14, in silence. The read pins the checkpoint to its forward's sub-model, with or without gradients, also
+    while another thread runs a training forward of the nest or a reentrant checkpoint of any model (the read
+    took the reentrant checkpoints' path then, which found none to pin here, and skipped this one's)."""
     m = _ScaledByWeight(detach)
     nest = sn.wrap(m, sn.Width("w", [8, 32], out="fc", inp="out"))
     x = torch.randn(6, 16)
@@ -567,10 +607,93 @@ def test_a_non_reentrant_checkpoint_of_a_part_reading_a_weight_without_gradients
         step(False).backward()
     want = [p.grad.clone() for p in m.parameters()]
     m.zero_grad(set_to_none=True)
-    with nest.use("w=8"):
+    with _paused_elsewhere(elsewhere, m):
+        with nest.use("w=8"):
+            loss = step(True)
+    loss.backward()
+    same_grads([p.grad for p in m.parameters()], want, f"a part read without gradients ({elsewhere})")
+
+
+class _TargetFromLastBlock(torch.nn.Module):
+    """Blocks of one shape, and a part (checkpointed on its own) that reads the last block kept without gradients
+    only, as a fixed target (a stop-gradient self-distillation term)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4))
+        self.proj = torch.nn.Linear(16, 16)
+
+    def part(self, h):
+        with torch.no_grad():
+            target = torch.tanh(self.blocks[-1](h))
+        return (self.proj(h) - target).square().mean()
+
+    def forward(self, h):
+        for b in self.blocks:
+            h = h + torch.tanh(b(h))
+        return h
+
+
+def test_a_non_reentrant_checkpoint_reading_the_layer_list_without_gradients_recomputes_its_depth():
+    """The part's only read of the Depth layer list runs without gradients: its recomputation after the ``use``
+    block took the full depth's last block (same shape, so PyTorch's check could not tell): gradients 0.21 off,
+    in silence. Such a read pins the checkpoint, with or without gradients."""
+    m = _TargetFromLastBlock()
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
+    x = torch.randn(5, 16)
+
+    def step(ckpt):
+        h = m(x)
+        aux = torch.utils.checkpoint.checkpoint(m.part, h, use_reentrant=False) if ckpt else m.part(h)
+        return h.square().mean() + aux
+
+    with nest.use("d=2"):
+        step(False).backward()
+    want = [p.grad for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    with nest.use("d=2"):
         loss = step(True)
     loss.backward()
-    same_grads([p.grad for p in m.parameters()], want, "a part read without gradients")
+    same_grads([p.grad for p in m.parameters()], want, "a layer list read without gradients")
+
+
+_SAVER = torch.autograd.graph.save_on_cpu()
+
+
+def _keep(t):
+    return t
+
+
+@pytest.mark.parametrize("hooks", ["functions", "save_on_cpu"])
+def test_checkpoints_under_one_pair_of_the_users_saved_tensor_hooks_each_recompute_their_width(hooks):
+    """Checkpointed parts that each read a sliced weight under the user's own saved-tensor hooks, one pair reused
+    by every part (module-level functions, one ``save_on_cpu``): the pin's cache took those hooks for the first
+    checkpoint's and skipped the others' walk, which then recomputed the full width (gradients up to 7.6 off, in
+    silence). Only a checkpoint's own hooks (made per call) are cached."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+    nest = sn.wrap(layers, sn.Width("h", [8, 16], out=["0", "1", "2"]))
+
+    def part(lin, x):
+        with _SAVER if hooks == "save_on_cpu" else torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            h = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        return torch.sin(h.sum(-1, keepdim=True)) * x  # (sin saves a [4, 1] sum: one shape under every width)
+
+    def run(x, ckpt):
+        for lin in layers:
+            x = x + (torch.utils.checkpoint.checkpoint(part, lin, x, use_reentrant=False) if ckpt else part(lin, x))
+        return x.square().mean()
+
+    x = torch.randn(4, 16)
+    with nest.use("h=8"):
+        run(x, False).backward()
+    want = [p.grad.clone() for p in layers.parameters()]
+    layers.zero_grad(set_to_none=True)
+    with nest.use("h=8"):
+        loss = run(x, True)
+    loss.backward()
+    same_grads([p.grad for p in layers.parameters()], want, f"checkpoints under the user's hooks ({hooks})")
 
 
 class _CheckpointedBlocks(torch.nn.Module):

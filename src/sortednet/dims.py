@@ -42,6 +42,10 @@ def _shared_counts() -> tuple[list[int], dict[int, list[Any]], Any]:
 
 
 REENTRANT, REENTRANT_THREADS, REENTRANT_LOCK = _shared_counts()
+#: ``sortednet.plan.pin_recomputation``, set when that module loads: what :meth:`Active.plan` calls on a read
+#: with saved-tensor hooks on (a non-reentrant checkpoint's forward)
+RECOMPUTE_PIN: list[Any] = [None]
+_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 __all__ = ["Dimension", "Width", "Depth", "Binding", "Target", "Active", "dimension_from_spec"]
 
@@ -272,8 +276,11 @@ class Active:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
         p = self.default if p is self else p
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and (self.training or REENTRANT[0]):
-            self.on_no_grad_read(p)
+        if not torch.compiler.is_compiling():  # (a checkpoint's forward reading it: its recomputation runs p)
+            if (h := _saved_hooks(False)) is not None and RECOMPUTE_PIN[0] is not None:
+                RECOMPUTE_PIN[0](self, p, h)
+            if not torch.is_grad_enabled() and (self.training or REENTRANT[0]):
+                self.on_no_grad_read(p)
         return p
 
     def __deepcopy__(self, memo: dict) -> "Active":

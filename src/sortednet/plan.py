@@ -23,13 +23,14 @@ import inspect
 import sys
 import threading
 import types
+import weakref
 from typing import Any
 
 import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
-from .dims import REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
+from .dims import RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
 from .errors import SortedNetError
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
@@ -478,6 +479,30 @@ def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) ->
         f = f.f_back
 
 
+_CKPT_MODULE = _checkpoint.__name__
+
+
+def pin_recomputation(a: Active, plan: Plan, hooks: tuple[Any, Any]) -> None:
+    """A sliced attribute read with saved-tensor ``hooks`` on (maybe a non-reentrant activation checkpoint's
+    forward, whose recomputation during backward reads the weights again; with or without gradients): each
+    checkpoint on the call stack recomputes under ``plan``, wherever backward runs (outside the forward's ``use``
+    block it read the full widths: PyTorch's recomputation check failed on the shapes, or, where no saved shape
+    changes, the gradients were another sub-model's, in silence). The stack walk runs once per checkpoint and
+    plan: the next reads under the same innermost hooks and plan skip it where those hooks are a checkpoint's own
+    (made per call, so they name one checkpoint). A user's hooks on top (``save_on_cpu``, functions reused in
+    every checkpoint) name none: each read under them walks."""
+    last = a.recomputes
+    if last is not None and last[1] is plan and last[0]() is hooks[0]:
+        return
+    pin_checkpoints(a, plan, sys._getframe(2))
+    a.recomputes = None
+    if getattr(hooks[0], "__module__", None) == _CKPT_MODULE:
+        try:
+            a.recomputes = (weakref.ref(hooks[0]), plan)
+        except TypeError:  # (a pack hook that takes no weak reference: walked at every read)
+            pass
+
+
 def _plan_at(active: Active, plan: Plan, inside: set[int]) -> Plan:
     """The plan in force before the outermost open block entered in one of the frames ``inside``."""
     for e in active.uses.get():  # oldest first
@@ -492,3 +517,6 @@ def heal_pins(a: Active, here: Any) -> None:
     for e in a.uses.get():
         if e.pin and not e.left and not e.running(here):
             close_block(a, e, here, keep_above=True)
+
+
+RECOMPUTE_PIN[0] = pin_recomputation  # (what Active.plan() calls: dims sits below this module)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..dims import REENTRANT, Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
+from ..plan import pin_recomputation as _pin_recomputation
 from ..views import (
     DYNAMIC,
     STATIC,
@@ -64,25 +65,6 @@ def memory_format(t: Tensor | None) -> torch.memory_format:
 
 
 _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
-
-
-def _pin_recomputation(a: Active, plan: Any, hooks: tuple[Any, Any]) -> None:
-    """A sliced attribute read with saved-tensor ``hooks`` on (a non-reentrant activation checkpoint's forward,
-    whose recomputation during backward reads the weights again; with or without gradients): each checkpoint on
-    the call stack recomputes under ``plan``, wherever backward runs (outside the forward's ``use`` block it read
-    the full widths: PyTorch's recomputation check failed on the shapes, or, where no saved shape changes, the
-    gradients were another sub-model's, in silence). The stack walk once per checkpoint and plan: the next reads
-    under the same innermost hooks (a checkpoint's own, made per call) and plan skip it."""
-    last = a.recomputes
-    if last is not None and last[1] is plan and last[0]() is hooks[0]:
-        return
-    from ..plan import pin_checkpoints
-
-    pin_checkpoints(a, plan, sys._getframe(2))
-    try:
-        a.recomputes = (weakref.ref(hooks[0]), plan)
-    except TypeError:  # (a pack hook that takes no weak reference: walked at every read)
-        a.recomputes = None
 
 
 @dataclass
@@ -468,10 +450,10 @@ class Slicer:
                     p = a._scoped  # Active.plan(), inlined: the nest's context variable, else the default
                     p = a.default if p is a else p
                     if not _compiling():
+                        if (h := _saved_tensors_hooks(False)) is not None:  # (maybe a non-reentrant checkpoint's
+                            _pin_recomputation(a, p, h)                     # forward: both may be true)
                         if not _grad_enabled() and (a.training or REENTRANT[0]):  # (maybe a reentrant
                             a.on_no_grad_read(p)              # checkpoint's forward: Pin.no_grad_read)
-                        elif (h := _saved_tensors_hooks(False)) is not None:  # (maybe a non-reentrant one's)
-                            _pin_recomputation(a, p, h)
                     e = p.entries[st.slot][name]
                     if e.__class__ is View:
                         return e.take(self_, st)

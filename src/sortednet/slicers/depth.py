@@ -18,30 +18,32 @@ from torch import nn
 from ..dims import REENTRANT
 from ..errors import SortedNetError
 from ..views import _compiling, _grad_enabled, fx_flag, fx_refused, fx_tracing
-from .base import Slicer, _saved_tensors_hooks, slicer
+from .base import Slicer, _pin_recomputation, _saved_tensors_hooks, slicer
 
 
 def _pin_checkpoints(m: nn.Module) -> None:
-    """A layer list read inside a non-reentrant activation checkpoint's forward (its saved-tensor hooks are on),
-    or a reentrant one's (``REENTRANT``):
-    the recomputation during backward runs the depth of now, wherever backward runs (outside the forward's
-    ``use`` block it would recompute another depth: ``blocks[-1]`` another block of the same shape, which
-    PyTorch's recomputation check cannot see)."""
+    """A layer list read inside a non-reentrant activation checkpoint's forward (its saved-tensor hooks are on; with
+    or without gradients), or a reentrant one's (``REENTRANT``): the recomputation during backward runs the depth
+    of now, wherever backward runs (outside the forward's ``use`` block it would recompute another depth:
+    ``blocks[-1]`` another block of the same shape, which PyTorch's recomputation check cannot see)."""
     if fx_flag() and fx_tracing():  # (torch.export's make_fx runs real tensors: fine)
         raise fx_refused(f"the Depth layer list {m._sn.path or '<root>'!r}, unrolled at the trace's depth,")
     if _compiling():
         return
-    if _grad_enabled():
-        if _saved_tensors_hooks(False) is None:
-            return
-    elif not REENTRANT[0]:  # (a reentrant checkpoint's forward runs without gradients)
+    hooks = _saved_tensors_hooks(False)
+    reentrant = REENTRANT[0] and not _grad_enabled()  # (a reentrant checkpoint's forward runs without gradients)
+    if hooks is None and not reentrant:
         return
     a = m.__dict__["_sn"].active
     if a is not None:
         from ..plan import pin_checkpoints, unpinned_reentrant
 
-        if _grad_enabled() or unpinned_reentrant(a):
-            pin_checkpoints(a, a.plan(), sys._getframe(2))
+        p = a._scoped  # (Active.plan() without its own pinning, done here)
+        p = a.default if p is a else p
+        if hooks is not None:
+            _pin_recomputation(a, p, hooks)
+        if reentrant and unpinned_reentrant(a):
+            pin_checkpoints(a, p, sys._getframe(2))
 
 
 def refuse_tree_change(path: str, action: str, depth: bool) -> None:
