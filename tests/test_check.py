@@ -1873,6 +1873,33 @@ def test_a_depth_dropping_a_block_that_resizes_the_stream_is_refused_naming_the_
             torch.testing.assert_close(nest.export(sub)(x), m(x))
 
 
+class _CountsItsBlocks(nn.Module):
+    """Blocks of 8 channels, one of them halving the feature map (harmless: the head pools), and a forward that
+    counts the blocks itself (``range(self.n)``): the fault under a lower depth."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                     nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)])
+        self.n, self.head = 4, nn.Linear(8, 3)
+
+    def forward(self, x):
+        for i in range(self.n):
+            x = self.blocks[i](x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_forward_counting_its_blocks_is_named_not_a_dropped_block_that_resizes_the_map():
+    """The forward indexes past the kept blocks (an IndexError): check blamed the dropped block that halves the
+    feature map (a shape change that never failed) and advised a Width. A block re-sizing the stream is named
+    only where a shape check failed; here the hint names the count."""
+    torch.manual_seed(0)
+    m = _CountsItsBlocks().eval()
+    with pytest.raises(sn.SortedNetError, match=r"(?s)IndexError.*range\(self\.num_layers\).*len\(\)") as e:
+        sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"), example=torch.randn(2, 8, 8, 8))
+    assert "'blocks.2'" not in str(e.value)
+
+
 def test_a_depth_that_hands_on_another_width_is_refused():
     """A wiring a fuzzer found accepted by ``wrap(example=)``: a Depth that drops a block re-sizing the stream
     (18 of 54 listed sub-models raised a raw shape error at forward; the smallest, the largest, each dimension

@@ -1080,7 +1080,9 @@ def test_lora_scale_of_a_rank_not_among_the_sizes_is_refused(bad):
 _WEIGHT_WRITES = {"init": lambda m: nn.init.zeros_(m[0].weight), "reset_parameters": lambda m: m[0].reset_parameters(),
                   "data": lambda m: m[0].weight.data.zero_(), "mul_": lambda m: m[0].weight.mul_(0),
                   "copy_": lambda m: m[0].weight.copy_(torch.ones(16, 8)), "index": lambda m: m[0].weight[0].fill_(1.0),
-                  "apply": lambda m: m.apply(lambda mod: nn.init.zeros_(mod.weight) if mod is m[0] else None)}
+                  "apply": lambda m: m.apply(lambda mod: nn.init.zeros_(mod.weight) if mod is m[0] else None),
+                  "data_assign": lambda m: setattr(m[0].weight, "data", torch.zeros(16, 8)),
+                  "set_": lambda m: m[0].weight.set_(torch.zeros(16, 8))}
 
 
 @pytest.mark.parametrize("write", list(_WEIGHT_WRITES))
@@ -1088,7 +1090,8 @@ _WEIGHT_WRITES = {"init": lambda m: nn.init.zeros_(m[0].weight), "reset_paramete
 def test_a_write_into_a_rank_targets_computed_weight_is_refused_not_lost(mode, write):
     """A Rank target's ``weight`` is computed at every read (``U @ V``, or the base weight plus the adapters'
     product): ``nn.init.zeros_(layer.weight)``, ``reset_parameters()`` (which went on to re-initialise the bias
-    alone), ``.data`` writes changed a temporary and nothing else, in silence. Refused, naming the layer, before
+    alone), ``.data`` writes, ``.data = w`` and ``set_(w)`` (loading a weight by hand) changed a temporary and
+    nothing else, in silence. Refused, naming the layer, before
     anything changes; reads of it compute as before and give plain tensors."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -1103,3 +1106,28 @@ def test_a_write_into_a_rank_targets_computed_weight_is_refused_not_lost(mode, w
             m[0].lora_B @ m[0].lora_A)
         assert type(w * 1) is torch.Tensor
         torch.testing.assert_close(torch.as_tensor(w * 1), want)
+
+
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_a_stock_encoder_with_a_rank_on_its_attention_output_runs_padded_batches_in_eval(mode):
+    """``nn.TransformerEncoder`` at its defaults (nested tensors on) in eval, with a padding mask, hands
+    MultiheadAttention a nested tensor, which its slow path refuses when a weight it reads is a tensor subclass:
+    the guarded copy of the Rank target ``out_proj.weight`` raised a raw AssertionError there. MultiheadAttention
+    only computes with that read: it gets the plain weight, and every sub-model matches its export."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+    kw = {"export": "merged"} if mode == "svd" else {"mode": "lora"}
+    nest = sn.wrap(enc, sn.Rank("r", [4, 16], targets="layers.*.self_attn.out_proj", **kw))
+    enc.eval()
+    x = torch.randn(3, 6, 16)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[1, 4:] = mask[2, 2:] = True
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            live = enc(x, src_key_padding_mask=mask)
+        with torch.no_grad():
+            exported = nest.export(sub).eval()(x, src_key_padding_mask=mask)
+        keep = ~mask
+        torch.testing.assert_close(live[keep], exported[keep], atol=1e-5, rtol=1e-5, msg=str(sub))
+    with pytest.raises(sn.SortedNetError, match=r"self_attn\.out_proj\.weight: written in place"):
+        nn.init.zeros_(enc.layers[0].self_attn.out_proj.weight)  # (a user's own read stays guarded)

@@ -1769,7 +1769,8 @@ _FUSED_WRITES = {"init": lambda w: nn.init.zeros_(w), "clamp": lambda w: w.clamp
                  "iadd": lambda w: w.__iadd__(1), "split": lambda w: w.split(2)[0].mul_(2),
                  "unbind": lambda w: w.unbind(0)[1].zero_(), "chunk": lambda w: w.detach().chunk(2)[0].fill_(3.0),
                  "foreach": lambda w: torch._foreach_add_([w], 1.0), "aten": lambda w: torch.ops.aten.zero_.default(w),
-                 "copy.copy": lambda w: copy.copy(w).zero_()}
+                 "copy.copy": lambda w: copy.copy(w).zero_(), "data_assign": lambda w: setattr(w, "data", w * 0),
+                 "set_": lambda w: w.set_(torch.zeros_like(w))}
 
 
 @pytest.mark.parametrize("write", list(_FUSED_WRITES))

@@ -589,7 +589,9 @@ class FusedCopy(torch.Tensor):
         me = args[0] if args and isinstance(args[0], FusedCopy) else None
         out = kwargs.get("out")
         written = None
-        if ((op.endswith("_") and not op.startswith("__") and op not in _NOT_WRITES) or op in _WRITES
+        if func == _DATA_SET:  # (`.data = t`: rebinds this temporary; what it was read from keeps its value)
+            written, name = me, ".data ="
+        elif ((op.endswith("_") and not op.startswith("__") and op not in _NOT_WRITES) or op in _WRITES
                 or kwargs.get("inplace") is True):
             # (the tensor written: a method's self, the first tensor of a function such as nn.init.normal_ or
             # F.relu(inplace=True), which hand their tensor over by keyword, or any of a list: _foreach_add_)
@@ -602,26 +604,7 @@ class FusedCopy(torch.Tensor):
         if written is None and op in _KERNEL_WRITES:
             written = _kernel_written(func, op, args, kwargs)
         if written is not None and _holds_copy(written):
-            where = written._sn_where
-            if written.__dict__.get("_sn_computed"):
-                raise SortedNetError(
-                    f"{where}: written in place ({name}) under a sub-model, where it is the value its slicer's "
-                    "value() computed (a new tensor, not a view of the module's parameter or buffer): the write "
-                    "would not reach the module's tensor and be lost. Return a view from value() (self.take(...), "
-                    "or t[:k] / t.narrow(...) of the tensor itself; docs/custom_slicers.md). If the forward meant "
-                    "to write a copy of its own (w = self.weight.to(dtype) where value() already cast it, so .to "
-                    "made no copy), take one that always copies: .clone()")
-            if written.__dict__.get("_sn_rank"):
-                raise SortedNetError(
-                    f"{where}: written in place ({name}), where it is a Rank target's weight, computed at every read "
-                    "(U @ V in svd mode, the frozen base weight + alpha / r * lora_B @ lora_A in lora mode): the "
-                    "write would not reach any parameter and be lost. Write into U / V (svd) or the adapters and "
-                    "the base weight (lora: module._parameters['weight']), or initialise the weight before sn.wrap")
-            raise SortedNetError(
-                f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
-                "fused blocks (a copy, not a view of the parameter): the write would not reach the parameter. "
-                "Write to the full parameter outside nest.use(...) (module._parameters[...] is the whole tensor), "
-                "or to the exported sub-model")
+            _refuse_write(written, name)
         with _NoSubclass():
             result = func(*args, **kwargs)
             if me is None or func == _BASE:  # (`_base`: the plain cat under the subclass view, as for PyTorch's own)
@@ -629,6 +612,14 @@ class FusedCopy(torch.Tensor):
             if isinstance(result, (tuple, list)):  # (split, chunk, unbind: views of it, a write there is lost too)
                 return type(result)(_alias_of(r, me) for r in result)
             return _alias_of(result, me)  # (.data, .detach(), w[0], w.view(...))
+
+    def set_(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Refused as ``.data =`` is (``set_`` reaches no ``__torch_function__``): it rebinds this temporary
+        only, and what the caller meant to load into the module's tensor would be lost."""
+        if _holds_copy(self):
+            _refuse_write(self, "set_")
+        with _NoSubclass():
+            return Tensor.set_(self, *args, **kwargs)
 
     def __copy__(self) -> Tensor:
         """``copy.copy``: as for a plain tensor, a tensor sharing its memory (so checked as it is)."""
@@ -660,6 +651,30 @@ class FusedCopy(torch.Tensor):
             self.__dict__.pop("_sn_of", None)
             return
         super().__setattr__(name, value)
+
+
+def _refuse_write(written: "FusedCopy", name: str) -> None:
+    """Raise the refusal of the write ``name`` (an op, ``.data =``) into ``written``, naming its attribute."""
+    where = written._sn_where
+    if written.__dict__.get("_sn_computed"):
+        raise SortedNetError(
+            f"{where}: written in place ({name}) under a sub-model, where it is the value its slicer's "
+            "value() computed (a new tensor, not a view of the module's parameter or buffer): the write "
+            "would not reach the module's tensor and be lost. Return a view from value() (self.take(...), "
+            "or t[:k] / t.narrow(...) of the tensor itself; docs/custom_slicers.md). If the forward meant "
+            "to write a copy of its own (w = self.weight.to(dtype) where value() already cast it, so .to "
+            "made no copy), take one that always copies: .clone()")
+    if written.__dict__.get("_sn_rank"):
+        raise SortedNetError(
+            f"{where}: written in place ({name}), where it is a Rank target's weight, computed at every read "
+            "(U @ V in svd mode, the frozen base weight + alpha / r * lora_B @ lora_A in lora mode): the "
+            "write would not reach any parameter and be lost. Write into U / V (svd) or the adapters and "
+            "the base weight (lora: module._parameters['weight']), or initialise the weight before sn.wrap")
+    raise SortedNetError(
+        f"{where}: written in place ({name}) under a sub-model, where it is a concatenation of slices of "
+        "fused blocks (a copy, not a view of the parameter): the write would not reach the parameter. "
+        "Write to the full parameter outside nest.use(...) (module._parameters[...] is the whole tensor), "
+        "or to the exported sub-model")
 
 
 def _alias_of(result: Any, me: FusedCopy) -> Any:
@@ -717,6 +732,7 @@ def _renorms(m: nn.Module) -> bool:
 
 
 _BASE = Tensor._base.__get__
+_DATA_SET = Tensor.data.__set__
 
 
 def _holds_copy(t: FusedCopy) -> bool:
@@ -736,9 +752,12 @@ def plain(t: Tensor | None) -> Tensor | None:
 
 
 # PyTorch code that reads fused attributes only to decide on its fast paths (a tensor subclass among them turns
-# TransformerEncoder's nested-tensor path off, and padded positions would then differ from the export's)
+# TransformerEncoder's nested-tensor path off, and padded positions would then differ from the export's), or
+# reads a child's weight only to compute (MultiheadAttention's out_proj.weight, a Rank target's computed weight: a
+# subclass there refuses the nested tensor the encoder's fast path hands it)
 _INSPECTORS = frozenset(f.__code__ for f in (torch.nn.TransformerEncoder.forward,
-                                              torch.nn.TransformerEncoderLayer.forward))
+                                              torch.nn.TransformerEncoderLayer.forward,
+                                              torch.nn.MultiheadAttention.forward))
 
 
 def _inspected(m: Any, up: int = 2) -> bool:
@@ -775,9 +794,9 @@ def _trusted_forward(cls: type) -> Any:
         return out
 
 
-# flags, a rebinding (as `.data =`), or a change of the tensor's shape / strides only (its values stay; a later
-# write into it is still checked)
-_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "set_", "t_", "transpose_", "swapdims_", "swapaxes_",
+# flags, or a change of the tensor's shape / strides only (its values stay; a later write into it is still checked)
+# (`.data =` and `set_` rebind the temporary: refused, FusedCopy.set_)
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "t_", "transpose_", "swapdims_", "swapaxes_",
                          "unsqueeze_", "squeeze_", "as_strided_", "resize_", "resize_as_", "detach_"})
 _WRITES = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                      "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
