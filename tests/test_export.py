@@ -1243,3 +1243,55 @@ def test_a_hook_holding_the_nest_is_warned_about():
         warnings.simplefilter("always")
         nest.export("a=4")
     assert any(issubclass(w.category, LiveHookWarning) for w in seen)
+
+
+class _CachedTranspose(nn.Module):
+    """Keeps a tensor computed from its weight at init (``wT``: a transposed view, or a scaled copy), read by its
+    forward."""
+
+    def __init__(self, n_in: int, n_out: int, how: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in ** 0.5)
+        self.wT = self.weight.t() if how == "view" else self.weight.t() * 1.0
+        self.how = how
+
+    def forward(self, x):
+        return x @ self.wT
+
+
+@sn.slicer(_CachedTranspose)
+class _CachedTransposeSlicer(sn.Slicer):
+    roles = ("out", "inp")
+    attrs = ("weight", "wT")
+    views = {"weight": ((0, "out"), (1, "inp"))}
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        w = self.take(m, "weight", [(0, "out"), (1, "inp")]).t()
+        return w if m.how == "view" else w * 1.0
+
+
+@pytest.mark.parametrize("how", ["view", "copy"])
+def test_a_plain_attribute_a_slicer_computes_from_a_parameter_is_refused_by_export_not_detached(how):
+    """A tensor kept at init from the weight (``self.wT = self.weight.t()``) and served by a slicer's value():
+    the export held a detached copy of it, so the exported weight drove nothing and got no gradient (the live
+    sub-model trains it). Refused, naming the attribute; by ``wrap(example=)`` too, before anything changes. (A
+    plain attribute no parameter computes exports as before: test_check's
+    ``test_an_export_owns_a_plain_tensor_attribute_a_custom_slicer_serves``.)"""
+    torch.manual_seed(0)
+    m = nn.Sequential(_CachedTranspose(8, 32, how), nn.ReLU(), nn.Linear(32, 3))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"0\.wT \(_CachedTranspose\) is a plain tensor attribute .*'weight'"):
+        sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"), example=torch.randn(2, 8))
+    assert_unchanged(m, before)
+    nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    x = torch.randn(4, 8)
+    with nest.use("h=8"):
+        m(x).sum().backward()
+    assert m[0]._parameters["weight"].grad[8:].abs().sum() == 0 and m[0]._parameters["weight"].grad.abs().sum() > 0
+    with pytest.raises(sn.SortedNetError, match=r"0\.wT .*x @ self\.weight\.t\(\)"):
+        nest.export("h=8")
+    with torch.no_grad(), nest.use("h=8"):  # (the live sub-models run as before)
+        assert m(x).shape == (4, 3)

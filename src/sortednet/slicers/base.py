@@ -25,6 +25,7 @@ from ..views import (
     DYNAMIC,
     STATIC,
     View,
+    _aliases,
     _compiling,
     _grad_enabled,
     computed,
@@ -507,6 +508,7 @@ class Slicer:
             elif name in live._buffers:
                 copy_._buffers[name] = None if v is None else v.detach().clone()
             elif isinstance(v, Tensor):  # a plain tensor attribute: the export's own memory, like the others
+                _refuse_derived(live, name)
                 own = v.detach().clone()
                 copy_.__dict__[name] = own.requires_grad_() if v.requires_grad and own.is_floating_point() else own
             else:
@@ -526,6 +528,26 @@ class Slicer:
         """Where ``export`` puts ``m``'s tensors that it moves into new children, ``{name: "child.name"}``
         (a factored low-rank layer's bias), so a tensor ``m`` shares with other modules stays shared."""
         return {}
+
+
+def _refuse_derived(live: nn.Module, name: str) -> None:
+    """Refuse to export the plain tensor attribute ``name`` where the slicer computes it from the module's
+    parameters (``self.wT = self.weight.t()`` kept at init, served as a cut of the weight): the export would hold a
+    detached copy of it, which no longer follows those parameters (training the export would not change it, the
+    parameters it came from would drive nothing). (Read with gradients: export itself runs without them.)"""
+    with torch.enable_grad():
+        v = getattr(live, name)
+    params = [n for n, p in live._parameters.items() if p is not None and p.requires_grad]
+    if isinstance(v, Tensor) and (v.grad_fn is not None or any(
+            _aliases(v, p) for p in live._parameters.values() if p is not None)):
+        path = live._sn.path
+        raise SortedNetError(
+            f"export: {f'{path}.{name}' if path else name} ({live._sn.cls.__name__}) is a plain tensor attribute "
+            f"its slicer ({type(live._sn.slicer).__name__}) computes from the module's parameters "
+            f"({', '.join(map(repr, params)) or 'frozen ones'}): the export would hold a detached copy of it that no "
+            "longer follows them (training the export would not change it). Compute it in forward from the "
+            "parameter (x @ self.weight.t()), or in a property of the class left out of the slicer's attrs (it then "
+            "reads the sliced parameter)")
 
 
 _MISSING = object()
