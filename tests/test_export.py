@@ -1295,3 +1295,51 @@ def test_a_plain_attribute_a_slicer_computes_from_a_parameter_is_refused_by_expo
         nest.export("h=8")
     with torch.no_grad(), nest.use("h=8"):  # (the live sub-models run as before)
         assert m(x).shape == (4, 3)
+
+
+class _DropConnect(nn.Module):
+    def __init__(self, n_in: int, n_out: int, p: float = 0.5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in ** 0.5)
+        self.p = p
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+@sn.slicer(_DropConnect)
+class _DropConnectSlicer(sn.Slicer):
+    """DropConnect in ``value()``: a training-mode draw on the weight, the identity in eval."""
+
+    roles = ("out", "inp")
+    attrs = ("weight",)
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        return F.dropout(self.take(m, "weight", [(0, "out"), (1, "inp")]), m.p, m.training)
+
+
+def test_an_export_in_training_mode_of_a_value_that_draws_is_refused_and_draws_nothing():
+    """A slicer's value() that draws in training mode (DropConnect): an export taken mid-training kept one draw
+    as its weight (60 of 128 entries zero; 0.21 off the live sub-model in eval), and consumed the random state.
+    Refused, naming the attribute, with the random state as it was; in eval mode it exports, and an export of a
+    model without such a value in training mode draws nothing either."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_DropConnect(8, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    nest = sn.wrap(m, sn.Width("h", [16, 64], out="0", inp="2"), example=torch.randn(2, 8))
+    m.train()
+    state = torch.get_rng_state()
+    with pytest.raises(sn.SortedNetError, match=r"0\.weight \(_DropConnect\) reads other values .* eval mode"):
+        nest.export("h=16")
+    assert torch.equal(torch.get_rng_state(), state)
+    m.eval()
+    small, x = nest.export("h=16"), torch.randn(4, 8)
+    with torch.no_grad(), nest.use("h=16"):
+        torch.testing.assert_close(small(x), m(x))
+    plain = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3)).train()
+    other = sn.wrap(plain, sn.Width("h", [16, 64], out="0", inp="2"))
+    state = torch.get_rng_state()
+    other.export("h=16")
+    assert torch.equal(torch.get_rng_state(), state)

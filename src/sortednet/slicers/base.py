@@ -498,8 +498,10 @@ class Slicer:
 
         Called under ``use(sub)``; ``copy_`` already has the original class.
         """
-        for name in self.attr_names(live, live._sn.bind):
-            v = getattr(live, name)
+        names = self.attr_names(live, live._sn.bind)
+        values = _read_for_export(live, names)
+        for name in names:
+            v = values[name]
             if name in live._parameters:
                 full = live._parameters[name]
                 copy_._parameters[name] = None if v is None else nn.Parameter(  # requires_grad of the full
@@ -508,7 +510,6 @@ class Slicer:
             elif name in live._buffers:
                 copy_._buffers[name] = None if v is None else v.detach().clone()
             elif isinstance(v, Tensor):  # a plain tensor attribute: the export's own memory, like the others
-                _refuse_derived(live, name)
                 own = v.detach().clone()
                 copy_.__dict__[name] = own.requires_grad_() if v.requires_grad and own.is_floating_point() else own
             else:
@@ -528,6 +529,30 @@ class Slicer:
         """Where ``export`` puts ``m``'s tensors that it moves into new children, ``{name: "child.name"}``
         (a factored low-rank layer's bias), so a tensor ``m`` shares with other modules stays shared."""
         return {}
+
+
+def _read_for_export(live: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+    """The values of ``names`` that ``export`` copies. In training mode each is read twice, the random state
+    restored after (export draws nothing): a ``value()`` that draws (dropout on a weight, noise) reads other values
+    each time, and the export would keep one draw as its weight: refused, naming it."""
+    tensors = [t for t in (*live._parameters.values(), *live._buffers.values()) if t is not None]
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices, enabled=live.training):
+        out = {name: getattr(live, name) for name in names}
+        for name in names:
+            if name not in live._parameters and name not in live._buffers and isinstance(out[name], Tensor):
+                _refuse_derived(live, name)
+        for name in names if live.training else ():
+            a, b = out[name], getattr(live, name)
+            if isinstance(a, Tensor) and isinstance(b, Tensor) and not (a.shape == b.shape and (
+                    torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))):
+                path = live._sn.path
+                raise SortedNetError(
+                    f"export: {f'{path}.{name}' if path else name} ({live._sn.cls.__name__}) reads other values at "
+                    f"each read in training mode (its slicer's value() draws: dropout, noise), so the export would "
+                    "keep one draw as its tensor. Export with the model in eval mode (model.eval(), then "
+                    "nest.export(sub)), or draw in the module's forward")
+    return out
 
 
 def _refuse_derived(live: nn.Module, name: str) -> None:
