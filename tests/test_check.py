@@ -4013,3 +4013,38 @@ def test_outputs_reading_the_returned_maps_are_measured_with_the_sub_models_maps
             sn.wrap(_GatedByTheMap(scale, ret).eval(), dim, example=x)
         return
     sn.wrap(_GatedByTheMap(scale, ret).eval(), dim, example=x).unwrap()
+
+
+class _ScaledOut(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight, self.scale = nn.Parameter(torch.randn(o, i) / i ** 0.5), nn.Parameter(torch.ones(o))
+        self.register_buffer("shift", torch.zeros(o))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) * self.scale + self.shift
+
+
+@pytest.mark.parametrize("static", ["scale", "shift"])
+def test_a_slicer_declaring_a_tensor_static_is_refused_before_anything_changes(static):
+    """``static`` values are computed once per sub-model and kept: a parameter (or buffer) declared there kept
+    the tensor of then, so after ``load_state_dict(assign=True)`` the sub-model read the old values (1.0 for 3.0)
+    and the new parameter got no gradient, in silence. Refused at wrap, naming the slicer and tensor."""
+    class Slicer(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("weight", "scale", "shift")
+        views = {"weight": ((0, "out"), (1, "inp")), **{n: ((0, "out"),) for n in ("scale", "shift") if n != static}}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+        def value(self, m, name):
+            return self.take(m, name, [(0, "out")])
+
+    Slicer.static = (static,)
+    sn.slicer(_ScaledOut)(Slicer)
+    torch.manual_seed(0)
+    m = nn.Sequential(_ScaledOut(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=rf"'0' \(_ScaledOut\): Slicer declares the tensor '{static}' static"):
+        sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
+    assert_unchanged(m, before)

@@ -300,6 +300,14 @@ class Slicer:
         except KeyError:  # a slicer validating part of its binding (Rank): it checks its own tensors
             added = dict.fromkeys(self.rules(m))
         for name, axes in self.rules(m).items():
+            if axes is STATIC and (name in m._parameters or name in m._buffers
+                                   or isinstance(m.__dict__.get(name), Tensor)):
+                raise PatternError(
+                    f"{path!r} ({type(m).__name__}): {type(self).__name__} declares the tensor {name!r} static "
+                    "(computed once per sub-model and kept): it would keep reading the tensor of then after the "
+                    "module's is replaced or moved (load_state_dict(assign=True), .to(), .double()). Declare it in "
+                    "views (a cut along roles' axes) or leave it to value(); static is for sizes (docs/"
+                    "custom_slicers.md)")
             if (isinstance(axes, tuple) and isinstance(m.__dict__.get(name), Tensor) and name not in added
                     and name not in m._parameters and name not in m._buffers):
                 if f"{name}_orig" in m._parameters and f"{name}_mask" in m._buffers:
