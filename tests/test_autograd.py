@@ -658,6 +658,33 @@ def test_a_non_reentrant_checkpoint_reading_the_layer_list_without_gradients_rec
     same_grads([p.grad for p in m.parameters()], want, "a layer list read without gradients")
 
 
+def test_a_non_reentrant_checkpoint_reading_a_dimensions_active_size_recomputes_it():
+    """A checkpointed part whose only read of the nest's state is ``dim.active`` (a size-dependent scale): its
+    recomputation after the ``use`` block read the full size, and the gradients were 1.06 off, in silence.
+    ``Active.plan()`` pins the checkpoint as a sliced attribute read does."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    dim, x, scale = nest.dims[0], torch.randn(5, 8), torch.randn(4, requires_grad=True)
+
+    def part(y):
+        return y * torch.sin(scale * dim.active)
+
+    def step(ckpt):
+        y = m(x)
+        return (torch.utils.checkpoint.checkpoint(part, y, use_reentrant=False) if ckpt else part(y)).square().sum()
+
+    with nest.use("h=8"):
+        step(False).backward()
+    want = [scale.grad, *(p.grad for p in m.parameters())]
+    scale.grad = None
+    m.zero_grad(set_to_none=True)
+    with nest.use("h=8"):
+        loss = step(True)
+    loss.backward()
+    same_grads([scale.grad, *(p.grad for p in m.parameters())], want, "a checkpoint reading dim.active")
+
+
 _SAVER = torch.autograd.graph.save_on_cpu()
 
 
