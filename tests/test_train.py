@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -1707,3 +1708,80 @@ def test_fit_warns_when_the_optimizer_lacks_parameters_the_nest_trains():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         sn.fit(nest, data, torch.optim.SGD(nest.trainable_parameters(), lr=0.1), sampler, progress=False)
+
+
+def test_fit_distills_a_dense_prediction_over_the_default_losss_class_axis():
+    """A (batch, classes, length) output: the default loss reads the classes on axis 1, the distillation term
+    read them on the last axis (the length), so a tagger trained on a meaningless soft target (0.0104 off the
+    oracle), in silence. fit hands Distill the logits with the classes last."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(16, 5, 1))
+    nest = sn.wrap(model, sn.Width("ch", [4, 8, 16], out="0", inp="2"))
+    x, y = torch.randn(8, 3, 7), torch.randint(0, 5, (8, 7))
+    y[0, :3] = -100  # (ignored positions: left out of the soft term too)
+    sampler = sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0)
+    subs = sampler.draw(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    got = {}
+    step = opt.step
+    opt.step = lambda *a, **k: (got.update({n: p.grad.clone() for n, p in model.named_parameters()}), step())[1]
+    sn.fit(nest, [(x, y)], opt, sampler, distill=sn.Distill(temperature=2.0, alpha=0.5), progress=False)
+    model.zero_grad(set_to_none=True)
+    keep = y != -100
+    with nest.use(subs[-1]):
+        t = model(x)
+        (F.cross_entropy(t, y) * 0.5).backward()
+    with nest.use(subs[0]):
+        o = model(x)
+        s, p = F.log_softmax(o / 2, 1), F.log_softmax(t.detach() / 2, 1)
+        kl = (p.exp() * (p - s)).sum(1)[keep].mean() * 4
+        ((0.5 * F.cross_entropy(o, y) + 0.5 * kl) * 0.5).backward()
+    for n, q in model.named_parameters():
+        torch.testing.assert_close(got[n], q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_distillation_refuses_detached_logits_before_any_gradient():
+    """A closure returning ``(loss, logits.detach())`` ("they are only targets"): the students' soft term trained
+    nothing, in silence (alpha=1: PyTorch's raw error after the teacher's backward had written gradients)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+
+    def closure():
+        out = model(x)
+        return F.cross_entropy(out, y), out.detach()
+
+    for alpha in (0.5, 1.0):
+        with pytest.raises(sn.SortedNetError, match=r"logits of h=16 do not require grad"):
+            sn.accumulate(nest, nest.submodels, closure, distill=sn.Distill(alpha=alpha))
+        assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_fit_takes_no_optimizer_step_over_non_finite_gradients_of_finite_losses(nonfinite):
+    """A finite loss whose gradient is NaN (sqrt at 0): fit stepped, the weights became NaN, and "raise" blamed
+    the next step (its note saying the weights were those after the poisoned one); "skip" returned NaN weights.
+    The gradients are checked before each optimizer step: refused, or the step skipped, weights as before."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_fn(o, t):
+        return F.cross_entropy(o, t) + 1e-3 * (o - o.detach()).pow(2).sum().sqrt()
+
+    run = functools.partial(sn.fit, nest, [(x, y)] * 3, opt, sn.Sampler(nest.submodels, k=2, seed=0),
+                            loss_fn=loss_fn, progress=False, nonfinite=nonfinite)
+    if nonfinite == "raise":
+        with pytest.raises(sn.SortedNetError, match=r"step 0 .* left non-finite gradients in \['0\.weight'"):
+            run()
+    else:
+        with pytest.warns(sn.train.NonFiniteLossWarning, match=r"skipped its optimizer step"):
+            hist = run()
+        assert [sorted(r["skipped"]) == sorted(r["losses"]) for r in hist.train] == [True] * 3
+        assert all(math.isfinite(v) for r in hist.train for v in r["losses"].values())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]) and p.grad is None, n

@@ -220,6 +220,11 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"loss of {sub} is complex ({out.dtype}); return a real scalar (e.g. its .abs())")
     if not out.requires_grad:
         raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad()?")
+    if want_logits and not logits.requires_grad:  # (checked at the teacher, the first closure: before any backward)
+        raise SortedNetError(f"with distill=, the logits of {sub} do not require grad (returned .detach()ed, or "
+                             "computed without gradients): the students' soft term would not train them, in "
+                             "silence. Return the logits as the model gave them; accumulate detaches the teacher's "
+                             "itself")
     return out.reshape(()), logits, mask
 
 
@@ -749,13 +754,18 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     targets accuracy cannot score, such as a regression's float targets); before the first step, every batch
     of a list (the first of a loader) is checked to be an ``(inputs, target)`` pair and the first is
     evaluated, so a malformed eval set is refused before training. Returns a :class:`History`.
-    A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them.
+    A sampler built with ``loss_weights=`` weights each drawn sub-model's loss by them. With ``distill=`` and the
+    default loss, the soft targets are read over the loss's class axis (axis 1 of a ``(batch, classes, ...)``
+    output); with ``loss_fn=``, over the last axis (:class:`Distill`).
     ``nonfinite`` goes to :func:`accumulate`: by default a sub-model whose loss is
     NaN / inf is skipped for that step (a warning; the step's record lists it
     under ``"skipped"``; a step whose every sub-model was skipped moves no weight, no gradient being left, yet
     counts as a step: the scheduler steps too, so the schedule stays aligned with the step numbers a resumed
     run uses); ``"raise"`` stops the run instead, with no gradient left behind (the optimizer did
-    not step; ``fit`` also clears gradients before its first step). Evaluations leave torch's random state
+    not step; ``fit`` also clears gradients before its first step). Unless ``"ignore"``, the gradients are
+    checked too before each optimizer step (finite losses may backpropagate NaN: ``sqrt`` at 0, a float16
+    overflow): a step that left a non-finite one skips its optimizer step (a warning; every drawn sub-model
+    listed under ``"skipped"``), or stops the run with ``"raise"``. Evaluations leave torch's random state
     alone, so a resumed run draws what the uninterrupted one did. The model trains in train mode;
     every module's train / eval mode is back as it was when ``fit`` returns (or raises); an error or a
     Ctrl-C that stops the run carries a note saying how many optimizer steps it made. Per-sub-model
@@ -979,7 +989,11 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                         loss = _default_loss(out, y, step)
                     else:
                         loss = loss_fn(out, y)
-                    return loss if distill is None else (loss, out, *_ignored(out, y))
+                    if distill is None:
+                        return loss
+                    if loss_fn is None and out.dim() > 2:  # (the default loss's classes are on axis 1: (B, C, L),
+                        out = out.movedim(1, -1)            # (B, C, H, W); distillation reads the last axis)
+                    return loss, out, *_ignored(out, y)
 
                 subs = sampler.draw(step)
                 if step == first:  # every step starts from no gradient, the first one too (resumed), once its
@@ -992,10 +1006,24 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     if getattr(e, "__notes__", None):  # (accumulate's advice to zero the gradients: done here)
                         e.__notes__[:] = [n for n in e.__notes__ if not n.startswith("sortednet.accumulate:")]
                     raise
-                if step == first:  # the weights change now: calibrated statistics would describe old ones
-                    drop_stale_calibration(nest, "fit", stacklevel=4)
+                poisoned = [] if nonfinite == "ignore" else _nonfinite_grads(optimizer, model)
+                if poisoned:
+                    optimizer.zero_grad(set_to_none=True)
+                    what = (f"fit(): step {step} (sub-models {[str(nest.resolve(s)) for s in subs]}) left non-finite "
+                            f"gradients in {poisoned[:3]}{' ...' if len(poisoned) > 3 else ''} while its losses were "
+                            "finite (a NaN in a loss term's backward: sqrt or log at 0, an overflow under float16 "
+                            "autocast)")
+                    if nonfinite == "raise":
+                        raise SortedNetError(what + ": the optimizer step would spread them into every shared "
+                                             "weight. Stopped before it (no gradient left)")
+                    warnings.warn(what + ": skipped its optimizer step (the weights are as before it; the step "
+                                  "counts, as a step whose every sub-model was skipped)", NonFiniteLossWarning,
+                                  stacklevel=4)
+                if step == first and not poisoned:  # the weights change now: calibrated statistics would
+                    drop_stale_calibration(nest, "fit", stacklevel=4)  # describe old ones
                 reached[1] = "optimizer"
-                optimizer.step()
+                if not poisoned:
+                    optimizer.step()
                 casts_stale()  # (inside a torch.autocast region: its casts of the old weights are dropped)
                 reached[0], reached[1] = step + 1, "scheduler"  # (no signal is handled within this line)
                 optimizer.zero_grad(set_to_none=True)
@@ -1003,8 +1031,8 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     scheduler.step()
                 reached[1] = None
                 rec: dict[str, Any] = {"step": step, "losses": {str(nest.resolve(s)): v for s, v in zip(subs, losses)}}
-                if losses.skipped:
-                    rec["skipped"] = [str(nest.resolve(s)) for s in losses.skipped]
+                if losses.skipped or poisoned:
+                    rec["skipped"] = [str(nest.resolve(s)) for s in (subs if poisoned else losses.skipped)]
                 hist.train.append(rec)
                 for s, v in zip(subs, losses):
                     if s in losses.skipped:
@@ -1027,6 +1055,18 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 break
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None, metric)
+
+
+def _nonfinite_grads(optimizer: Any, model: nn.Module) -> list[str]:
+    """Names (in ``model``) of the parameters ``optimizer`` steps whose gradient holds a NaN / inf (one sync)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, "grad", None) is not None]
+    if not params:
+        return []
+    flags = torch.stack([torch.isfinite(p.grad).all().to(params[0].grad.device) for p in params])
+    if bool(flags.all()):
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names.get(id(p), f"<parameter {tuple(p.shape)}>") for p, ok in zip(params, flags.tolist()) if not ok]
 
 
 def _same_groups(a: Any, b: Any) -> bool:
