@@ -1889,6 +1889,29 @@ class _CountsItsBlocks(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class _AssertsItsWidth(nn.Module):
+    """A dropped block widens the stream, and the forward checks the width with an ``assert``."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16)])
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        assert x.shape[-1] == 16, f"expected 16 features, got {x.shape[-1]}"
+        return self.out(x)
+
+
+def test_a_dropped_block_resizing_the_stream_is_named_whatever_error_the_forward_raises():
+    """The shape check that fails may be the user's own (an assert, a ValueError), not a PyTorch kernel's."""
+    torch.manual_seed(0)
+    with pytest.raises(sn.SortedNetError, match=r"(?s)AssertionError.*'blocks\.2' \(Linear\) maps \[2, 4, 8\] to "
+                                                r"\[2, 4, 16\]"):
+        sn.wrap(_AssertsItsWidth().eval(), sn.Depth("d", [2, 3], layers="blocks"), example=torch.randn(2, 4, 8))
+
+
 def test_a_forward_counting_its_blocks_is_named_not_a_dropped_block_that_resizes_the_map():
     """The forward indexes past the kept blocks (an IndexError): check blamed the dropped block that halves the
     feature map (a shape change that never failed) and advised a Width. A block re-sizing the stream is named
@@ -3292,10 +3315,10 @@ def test_a_running_statistic_a_training_forward_writes_into_a_sliced_buffer_is_a
 
 
 class _Masked(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, learnable=False):
         super().__init__()
         self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
-        self.mask = torch.ones(dim)                    # a plain tensor attribute (no buffer)
+        self.mask = torch.ones(dim, requires_grad=learnable)  # a plain tensor attribute (no buffer)
 
     def forward(self, x):
         return x * self.gamma * self.mask
@@ -3315,19 +3338,23 @@ class _MaskedSlicer(sn.Slicer):
 
 
 @pytest.mark.parametrize("sub", ["h=4", "h=16"])
-def test_an_export_owns_a_plain_tensor_attribute_a_custom_slicer_serves(sub):
+@pytest.mark.parametrize("learnable", [False, True], ids=["constant", "learnable"])
+def test_an_export_owns_a_plain_tensor_attribute_a_custom_slicer_serves(sub, learnable):
     """The base export shallow-copied a tensor that is neither parameter nor buffer: the export's mask was the
-    live model's memory, and zeroing the live mask afterwards changed the export's output by 0.25."""
+    live model's memory, and zeroing the live mask afterwards changed the export's output by 0.25. A learnable
+    one (a leaf that requires grad, cut by value(): its own, not computed from a parameter) exports learnable."""
     sn.slicer(_Masked)(_MaskedSlicer)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), _Masked(16), nn.Linear(16, 2))
+    model = nn.Sequential(nn.Linear(8, 16), _Masked(16, learnable), nn.Linear(16, 2))
     x = torch.randn(2, 8)
     nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", norm="1", inp="2"), example=x)
     small = nest.export(sub)
     want = small(x).detach().clone()
     with nest.use(sub):
         torch.testing.assert_close(want, model(x))
-    model[1].__dict__["mask"].zero_()                  # the live model changes after the export
+    assert small[1].mask.requires_grad is learnable and small[1].mask.is_leaf
+    with torch.no_grad():
+        model[1].__dict__["mask"].zero_()              # the live model changes after the export
     assert small[1].mask.untyped_storage().data_ptr() != model[1].__dict__["mask"].untyped_storage().data_ptr()
     torch.testing.assert_close(small(x), want, rtol=0, atol=0)
 

@@ -1601,9 +1601,10 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
             "still sees the full widths: derive them from the tensors or from attributes Heads slices "
             "(num_heads, head_dim, ...; count_attrs=), see docs/heads.md" if heads else "")
     depths = [d.name for d in nest.dims if d.kind == "depth" and sub[d.name] != d.full]
-    # (a stream of another size fails a shape check, a RuntimeError; a forward counting its blocks itself fails
-    # with an IndexError, or a ValueError from zip(strict=True): there a block re-sizing the stream is no cause)
-    shaped = exc is None or (isinstance(exc, RuntimeError) and not isinstance(exc, SortedNetError))
+    # (a forward counting its blocks itself fails with an IndexError, or a ValueError from zip(strict=True): there a
+    # block re-sizing the stream is no cause; a stream of another size fails a shape check of any kind)
+    counted = isinstance(exc, IndexError) or (isinstance(exc, ValueError) and "zip()" in str(exc))
+    shaped = not counted and not isinstance(exc, SortedNetError)
     resizers = _dropped_resizers(nest, model, example, sub) if depths and not hint and shaped else []
     if resizers:
         hint = (f"; depth {depths}: blocks it drops re-size the stream the layers after them read "

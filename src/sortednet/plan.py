@@ -30,7 +30,7 @@ import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
-from .dims import RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
+from .dims import NONREENTRANT, RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
 from .errors import SortedNetError
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
@@ -412,6 +412,47 @@ def _count_reentrant_forwards() -> None:
 
 
 _count_reentrant_forwards()
+
+
+def _count_nonreentrant_forwards() -> None:
+    """Count non-reentrant checkpoints' forwards while they run (``sortednet.dims.NONREENTRANT``), once per
+    process, at import: the saved-tensor hook class torch enters around the checkpointed function is wrapped,
+    what it does is not changed. A read under saved-tensor hooks then walks its stack for a checkpoint to pin only
+    while one runs (hooks of the user's own, ``save_on_cpu`` with no checkpoint, cost no walk per read)."""
+    cls = getattr(_checkpoint, "_checkpoint_hook", None)
+    if not isinstance(cls, type) or NONREENTRANT[0] is not None:
+        return  # (no such class: every read under hooks walks; or counted already, by another copy of sortednet)
+    enter, leave = cls.__enter__, cls.__exit__
+    NONREENTRANT[0] = 0
+
+    @functools.wraps(enter)
+    def __enter__(self: Any) -> Any:
+        if torch.compiler.is_compiling():  # (traced: nothing reads the count there)
+            return enter(self)
+        with REENTRANT_LOCK:
+            NONREENTRANT[0] += 1
+        try:
+            return enter(self)
+        except BaseException:
+            with REENTRANT_LOCK:
+                NONREENTRANT[0] -= 1
+            raise
+
+    @functools.wraps(leave)
+    def __exit__(self: Any, *args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return leave(self, *args)
+        try:
+            return leave(self, *args)
+        finally:
+            with REENTRANT_LOCK:
+                NONREENTRANT[0] -= 1
+
+    __enter__._sn_counts = NONREENTRANT  # type: ignore[attr-defined]
+    cls.__enter__, cls.__exit__ = __enter__, __exit__
+
+
+_count_nonreentrant_forwards()
 # Non-reentrant checkpointing recomputes through ``_CheckpointFrame.recompute_fn``, made by a generator that
 # ``torch.utils.checkpoint.checkpoint`` holds as ``gen`` while the checkpointed function runs. A recomputation
 # under another Width / Heads sub-model fails PyTorch's own check (the saved slices change shape); under another
@@ -493,6 +534,8 @@ def pin_recomputation(a: Active, plan: Plan, hooks: tuple[Any, Any]) -> None:
     every checkpoint) name none: each read under them walks."""
     last = a.recomputes
     if last is not None and last[1] is plan and last[0]() is hooks[0]:
+        return
+    if NONREENTRANT[0] == 0:  # (no non-reentrant checkpoint's forward runs: hooks of the user's own, a recomputation)
         return
     pin_checkpoints(a, plan, sys._getframe(2))
     a.recomputes = None

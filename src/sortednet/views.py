@@ -520,6 +520,7 @@ def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "", m: Any 
     cat, out = out, out.as_subclass(FusedCopy)
     out._sn_where = f"{st.path}.{name}" if st.path and name else name or st.path or "a fused attribute"
     out._sn_of = cat  # (the copy's memory)
+    out._sn_read = True  # (the attribute's value itself: `.data =` / set_ on it meant the module's tensor)
     return out
 
 
@@ -589,8 +590,10 @@ class FusedCopy(torch.Tensor):
         me = args[0] if args and isinstance(args[0], FusedCopy) else None
         out = kwargs.get("out")
         written = None
-        if func == _DATA_SET:  # (`.data = t`: rebinds this temporary; what it was read from keeps its value)
-            written, name = me, ".data ="
+        if func == _DATA_SET:
+            # (`.data = t` on the attribute's value itself: a parameter's would change the module, this temporary's
+            # is lost. On an alias, w.detach(), it rebinds that alias only, as for a plain tensor: allowed)
+            written, name = (me if me is not None and me.__dict__.get("_sn_read") else None), ".data ="
         elif ((op.endswith("_") and not op.startswith("__") and op not in _NOT_WRITES) or op in _WRITES
                 or kwargs.get("inplace") is True):
             # (the tensor written: a method's self, the first tensor of a function such as nn.init.normal_ or
@@ -614,9 +617,10 @@ class FusedCopy(torch.Tensor):
             return _alias_of(result, me)  # (.data, .detach(), w[0], w.view(...))
 
     def set_(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Refused as ``.data =`` is (``set_`` reaches no ``__torch_function__``): it rebinds this temporary
-        only, and what the caller meant to load into the module's tensor would be lost."""
-        if _holds_copy(self):
+        """On the attribute's value itself, refused as ``.data =`` is (``set_`` reaches no
+        ``__torch_function__``): it rebinds this temporary only, and what the caller meant to load into the
+        module's tensor would be lost. On an alias (``w.detach()``) it rebinds the alias, as for a plain tensor."""
+        if self.__dict__.get("_sn_read") and _holds_copy(self):
             _refuse_write(self, "set_")
         with _NoSubclass():
             return Tensor.set_(self, *args, **kwargs)
@@ -721,7 +725,7 @@ def _guarded_copy(v: Tensor, where: str, flag: str) -> FusedCopy:
     """``v`` as a :class:`FusedCopy` of the attribute ``where``, marked with ``flag`` (which refusal names it)."""
     with _NoSubclass():
         out = v.as_subclass(FusedCopy)
-    out._sn_where, out._sn_of = where, v
+    out._sn_where, out._sn_of, out._sn_read = where, v, True
     setattr(out, flag, True)
     return out
 
@@ -736,8 +740,8 @@ _DATA_SET = Tensor.data.__set__
 
 
 def _holds_copy(t: FusedCopy) -> bool:
-    """Whether ``t`` still holds the copy's memory (after ``t.set_(other)`` it holds ``other``: a write there is
-    real; ``set_`` itself never reaches ``__torch_function__``)."""
+    """Whether ``t`` still holds the copy's memory (after ``alias.set_(other)`` it holds ``other``: a write there
+    is real; ``set_`` on the attribute's value itself is refused, FusedCopy.set_)."""
     with _NoSubclass():
         return _aliases(t, t._sn_of)
 

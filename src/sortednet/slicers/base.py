@@ -552,8 +552,10 @@ def _read_for_export(live: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
                 _refuse_derived(live, name)
         for name in names if live.training else ():
             a, b = out[name], getattr(live, name)
-            if isinstance(a, Tensor) and isinstance(b, Tensor) and not (a.shape == b.shape and (
-                    torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))):
+            if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.device.type == "meta":  # (no values)
+                continue
+            if not (a.shape == b.shape and (torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0,
+                                                                                   equal_nan=True))):
                 path = live._sn.path
                 raise SortedNetError(
                     f"export: {f'{path}.{name}' if path else name} ({live._sn.cls.__name__}) reads other values at "
@@ -564,23 +566,44 @@ def _read_for_export(live: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _refuse_derived(live: nn.Module, name: str) -> None:
-    """Refuse to export the plain tensor attribute ``name`` where the slicer computes it from the module's
-    parameters (``self.wT = self.weight.t()`` kept at init, served as a cut of the weight): the export would hold a
-    detached copy of it, which no longer follows those parameters (training the export would not change it, the
-    parameters it came from would drive nothing). (Read with gradients: export itself runs without them.)"""
+    """Refuse to export the plain tensor attribute ``name`` where the slicer computes it from parameters
+    (``self.wT = self.weight.t()`` kept at init, served as a cut of the weight): the export would hold a detached
+    copy of it, which no longer follows them (training the export would not change it, the parameters it came from
+    would drive nothing). Read with gradients (export itself runs without them); a plain leaf tensor that
+    requires grad, cut by ``value()``, is its own (exported as such)."""
     with torch.enable_grad():
         v = getattr(live, name)
-    params = [n for n, p in live._parameters.items() if p is not None and p.requires_grad]
-    if isinstance(v, Tensor) and (v.grad_fn is not None or any(
-            _aliases(v, p) for p in live._parameters.values() if p is not None)):
+    if not isinstance(v, Tensor):
+        return
+    sources = [n for n, p in live._parameters.items() if p is not None and _aliases(v, p)]
+    if not sources and v.grad_fn is not None:
+        own = {id(p): n for n, p in live._parameters.items() if p is not None}
+        sources = [own.get(id(t), f"a parameter {tuple(t.shape)} of another module") for t in _leaves(v.grad_fn)
+                   if isinstance(t, nn.Parameter)]
+    if sources:
         path = live._sn.path
         raise SortedNetError(
             f"export: {f'{path}.{name}' if path else name} ({live._sn.cls.__name__}) is a plain tensor attribute "
-            f"its slicer ({type(live._sn.slicer).__name__}) computes from the module's parameters "
-            f"({', '.join(map(repr, params)) or 'frozen ones'}): the export would hold a detached copy of it that no "
-            "longer follows them (training the export would not change it). Compute it in forward from the "
-            "parameter (x @ self.weight.t()), or in a property of the class left out of the slicer's attrs (it then "
-            "reads the sliced parameter)")
+            f"its slicer ({type(live._sn.slicer).__name__}) computes from {', '.join(map(repr, sorted(set(sources))))}"
+            ": the export would hold a detached copy of it that no longer follows them (training the export would "
+            "not change it). Compute it in forward from the parameter (x @ self.weight.t()), or in a property of "
+            "the class left out of the slicer's attrs (it then reads the sliced parameter)")
+
+
+def _leaves(fn: Any, limit: int = 10_000) -> list[Tensor]:
+    """The leaf tensors (AccumulateGrad nodes' variables) the autograd graph of ``fn`` reaches."""
+    seen: set[int] = set()
+    stack, out = [fn], []
+    while stack and len(seen) < limit:
+        f = stack.pop()
+        if f is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        v = getattr(f, "variable", None)
+        if isinstance(v, Tensor):
+            out.append(v)
+        stack.extend(g for g, _ in f.next_functions)
+    return out
 
 
 _MISSING = object()
