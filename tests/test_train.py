@@ -1785,3 +1785,35 @@ def test_fit_takes_no_optimizer_step_over_non_finite_gradients_of_finite_losses(
         assert all(math.isfinite(v) for r in hist.train for v in r["losses"].values())
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]) and p.grad is None, n
+
+
+def test_fit_checks_sparse_and_float16_gradients_without_refusing_finite_ones():
+    """The gradient check before each optimizer step read a sparse embedding's gradient with torch.isfinite,
+    which sparse tensors lack (NotImplementedError at the first step); a float16 gradient whose norm overflows
+    while its values are finite is no NaN either."""
+    from sortednet.train import _nonfinite_grads
+
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8, sparse=True)
+            self.fc, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, i):
+            return self.out(torch.relu(self.fc(self.emb(i).mean(1))))
+
+    torch.manual_seed(0)
+    model = Bag()
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="fc", inp="out"))
+    i, y = torch.randint(0, 20, (8, 5)), torch.randint(0, 3, (8,))
+    before = model.emb.weight.detach().clone()
+    hist = sn.fit(nest, [(i, y)] * 2, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest.submodels, k=2,
+                                                                                            seed=0), progress=False)
+    assert all("skipped" not in r for r in hist.train) and not torch.equal(model.emb.weight, before)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.emb.weight.grad = torch.sparse_coo_tensor([[1, 2]], torch.tensor([[0.0] * 8, [float("nan")] * 8]), (20, 8))
+    assert _nonfinite_grads(opt, model) == ["emb.weight"]
+    half = torch.nn.Linear(4, 4).half()
+    half.weight.grad = torch.full((4, 4), 60000.0, dtype=torch.half)  # (a 2-norm of 240000: over float16's range)
+    half.bias.grad = torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=torch.half)
+    assert _nonfinite_grads(torch.optim.SGD(half.parameters(), lr=0.1), half) == ["bias"]

@@ -1058,15 +1058,29 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
 
 
 def _nonfinite_grads(optimizer: Any, model: nn.Module) -> list[str]:
-    """Names (in ``model``) of the parameters ``optimizer`` steps whose gradient holds a NaN / inf (one sync)."""
+    """Names (in ``model``) of the parameters ``optimizer`` steps whose gradient holds a NaN / inf (a sparse
+    gradient's stored values): the 2-norm of each (``_foreach_norm``, one sync per device; a tenth of the time of
+    ``isfinite`` per tensor on CPU), and where one is not finite, which may be an overflow of the norm alone
+    (float16), an exact check of that gradient."""
     params = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, "grad", None) is not None]
-    if not params:
-        return []
-    flags = torch.stack([torch.isfinite(p.grad).all().to(params[0].grad.device) for p in params])
-    if bool(flags.all()):
+    by_device: dict[Any, list[int]] = {}
+    values = []
+    for i, p in enumerate(params):
+        g = p.grad
+        v = g._values() if g.layout == torch.sparse_coo else g.values() if g.layout != torch.strided else g
+        values.append(v)
+        if v.numel():  # (an empty one holds no NaN; order inf has no value for it)
+            by_device.setdefault(v.device, []).append(i)
+    bad: list[int] = []
+    for idx in by_device.values():
+        norms = torch.stack([n.float() for n in torch._foreach_norm([values[i] for i in idx])])
+        if not bool(torch.isfinite(norms).all()):
+            bad += [i for i, ok in zip(idx, torch.isfinite(norms).tolist())
+                    if not ok and not bool(torch.isfinite(values[i]).all())]
+    if not bad:
         return []
     names = {id(p): n for n, p in model.named_parameters()}
-    return [names.get(id(p), f"<parameter {tuple(p.shape)}>") for p, ok in zip(params, flags.tolist()) if not ok]
+    return [names.get(id(params[i]), f"<parameter {tuple(params[i].shape)}>") for i in sorted(bad)]
 
 
 def _same_groups(a: Any, b: Any) -> bool:
