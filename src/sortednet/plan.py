@@ -531,7 +531,8 @@ def pin_recomputation(a: Active, plan: Plan, hooks: tuple[Any, Any]) -> None:
     changes, the gradients were another sub-model's, in silence). The stack walk runs once per checkpoint and
     plan: the next reads under the same innermost hooks and plan skip it where those hooks are a checkpoint's own
     (made per call, so they name one checkpoint). A user's hooks on top (``save_on_cpu``, functions reused in
-    every checkpoint) name none: each read under them walks."""
+    every checkpoint) name none: each read under them walks, while a non-reentrant checkpoint's forward runs
+    (``NONREENTRANT``; none: nothing to pin, no walk)."""
     last = a.recomputes
     if last is not None and last[1] is plan and last[0]() is hooks[0]:
         return
