@@ -1817,3 +1817,45 @@ def test_fit_checks_sparse_and_float16_gradients_without_refusing_finite_ones():
     half.weight.grad = torch.full((4, 4), 60000.0, dtype=torch.half)  # (a 2-norm of 240000: over float16's range)
     half.bias.grad = torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=torch.half)
     assert _nonfinite_grads(torch.optim.SGD(half.parameters(), lr=0.1), half) == ["bias"]
+
+
+class _PoisonedStem(torch.nn.Module):
+    """Residual blocks with BatchNorm; a batch whose first feature is 999 backpropagates NaN from a finite loss
+    (a sqrt branch ``torch.where`` never selects)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Linear(8, 32)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64),
+                                                              torch.nn.ReLU(), torch.nn.Linear(64, 32))
+                                          for _ in range(2))
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if (x[:, 0] == 999).any():
+            h = torch.where(h > -1e9, h, (h - 1e12).sqrt())
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("poisoned", [0, 2])
+def test_fit_drops_calibrated_statistics_at_its_first_optimizer_step_even_after_a_skipped_one(poisoned):
+    """A first step skipped for non-finite gradients left the per-sub-model statistics of ``calibrate`` in place
+    (they were dropped at step ``first`` only), describing weights the later steps changed."""
+    torch.manual_seed(0)
+    m = _PoisonedStem()
+    nest = sn.wrap(m, sn.Width("ffn", [16, 64], out="blocks.*.0", inp="blocks.*.3", norm="blocks.*.1"))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)]
+    data[poisoned][0][3, 0] = 999.0
+    nest.calibrate([x for x, _ in data[1:3]])
+    assert nest._calibrated()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hist = sn.fit(nest, data, torch.optim.SGD(m.parameters(), lr=0.5), sn.Sampler(nest, k=2, seed=5),
+                      progress=False)
+    assert [("skipped" in r) for r in hist.train] == [i == poisoned for i in range(4)]
+    assert not nest._calibrated()
+    assert any("BatchNorm statistics of nest.calibrate" in str(w.message) for w in seen)

@@ -942,6 +942,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
 
     model = nest.model
     first = step
+    stepped = False  # (an optimizer step taken: calibrated statistics dropped at the first, which a skip may delay)
     with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             before = step
@@ -1016,11 +1017,12 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     if nonfinite == "raise":
                         raise SortedNetError(what + ": the optimizer step would spread them into every shared "
                                              "weight. Stopped before it (no gradient left)")
-                    warnings.warn(what + ": skipped its optimizer step (the weights are as before it; the step "
-                                  "counts, as a step whose every sub-model was skipped)", NonFiniteLossWarning,
-                                  stacklevel=4)
-                if step == first and not poisoned:  # the weights change now: calibrated statistics would
+                    warnings.warn(what + ": skipped its optimizer step (the weights are as before it, the "
+                                  "BatchNorm running statistics its forwards updated are not; the step counts, as a "
+                                  "step whose every sub-model was skipped)", NonFiniteLossWarning, stacklevel=4)
+                if not stepped and not poisoned:  # the weights change now: calibrated statistics would
                     drop_stale_calibration(nest, "fit", stacklevel=4)  # describe old ones
+                    stepped = True
                 reached[1] = "optimizer"
                 if not poisoned:
                     optimizer.step()
