@@ -601,12 +601,14 @@ def _refuse_derived(live: nn.Module, name: str) -> None:
 def _leaves(fn: Any, limit: int = 10_000) -> list[Tensor]:
     """The leaf tensors (AccumulateGrad nodes' variables) the autograd graph of ``fn`` reaches."""
     seen: set[int] = set()
+    held: list[Any] = []  # (the nodes walked, alive: a freed node's id, reused by the next one, read as seen)
     stack, out = [fn], []
     while stack and len(seen) < limit:
         f = stack.pop()
         if f is None or id(f) in seen:
             continue
         seen.add(id(f))
+        held.append(f)
         v = getattr(f, "variable", None)
         if isinstance(v, Tensor):
             out.append(v)
