@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# inductor's on-disk caches live, by default, in one directory per user that every torch install and CPU setting
+# of the machine shares: on a machine whose cache held a graph stored under another setting, a cache hit ran a plain
+# (unwrapped) MLP's compiled forward to wrong outputs (off by 0.9; with ATEN_CPU_CAPABILITY=avx2 on an AVX-512
+# machine, torch 2.13). The suite keeps its own directory per torch version and CPU capability (a user's own
+# TORCHINDUCTOR_CACHE_DIR wins).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"sortednet-tests-inductor-{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"))
 
 settings.register_profile("sortednet", max_examples=10, deadline=None, database=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1428,3 +1428,62 @@ def test_a_jagged_nested_batch_trains_with_the_in_place_gradient_path():
             m(s).square().sum().backward()
     for a, b in zip(got, m.parameters()):
         torch.testing.assert_close(a, b.grad, rtol=1e-5, atol=1e-5)
+
+
+class _ComposableTrunk(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(4))
+
+    def forward(self, x):
+        x = torch.tanh(self.blocks[-1](x))
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+class _ComposableBlocks(torch.nn.Module):
+    """Residual blocks (a width inside each) under a depth, with a head reading the layer list by position
+    (``blocks[-1]``: another block of the same shape under another depth); the composable activation checkpoint
+    (``torch.distributed._composable.checkpoint``, the one FSDP2 pairs with) is applied to each block, to the
+    trunk or to the root: its forward pre-hook holds the non-reentrant generator in the module's state, not in a
+    frame of ``torch.utils.checkpoint.checkpoint``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = _ComposableTrunk()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+@pytest.mark.parametrize("on", ["blocks", "trunk", "root"])
+@pytest.mark.parametrize("where", ["outside_use", "other_thread", "other_submodel"])
+def test_a_composable_checkpoint_recomputes_the_forward_submodel(on, where):
+    """``torch.distributed._composable.checkpoint(module)`` recomputed under the sub-model in force during
+    backward: another depth silently (0.14 off the oracle's first block), another width with PyTorch's raw
+    CheckpointError. Its checkpoints are now pinned to their forward's sub-model as ``checkpoint``'s are."""
+    from torch.distributed._composable import checkpoint as composable
+
+    sub = "depth=2,h=4"
+    def dims():
+        return (sn.Depth("depth", [2, 4], layers="trunk.blocks"),
+                sn.Width("h", [4, 16], out="trunk.blocks.*.0", inp="trunk.blocks.*.2"))
+
+    plain = _ComposableBlocks()
+    nest = sn.wrap(plain, *dims())
+    x = torch.randn(5, 8)
+    with nest.use(sub):
+        loss_of(plain(x)).backward()
+    want = [p.grad for p in plain.parameters()]
+    m = _ComposableBlocks()
+    for part in {"blocks": list(m.trunk.blocks), "trunk": [m.trunk], "root": [m]}[on]:
+        composable(part)
+    nest = sn.wrap(m, *dims())
+    with nest.use(sub):
+        loss = loss_of(m(x))
+    backward_at(where, loss, nest, sub)
+    same_grads([p.grad for p in m.parameters()], want, f"composable checkpoint on {on} ({where})")
+    assert sn.dims.NONREENTRANT[0] == 0 and not nest._state.uses.get()

@@ -44,18 +44,22 @@ def _shared_counts() -> tuple[list[int], dict[int, list[Any]], Any]:
 REENTRANT, REENTRANT_THREADS, REENTRANT_LOCK = _shared_counts()
 
 
-def _nonreentrant_count() -> list[int | None]:
+def _nonreentrant_count() -> tuple[list[int | None], dict[int, list[Any]]]:
     import torch.utils.checkpoint as checkpoint
 
     enter = getattr(getattr(checkpoint, "_checkpoint_hook", None), "__enter__", None)
     got = getattr(enter, "_sn_counts", None)
-    return got if got is not None else [None]
+    return ([None], {}) if got is None else (got, getattr(enter, "_sn_open", {}))
 
 
 #: non-reentrant checkpoints' forwards running now, in any thread (``sortednet.plan`` counts them; None where this
 #: torch has no hook class to count with): a read under saved-tensor hooks of the user's own (``save_on_cpu``)
 #: walks its stack for a checkpoint to pin only while one runs
-NONREENTRANT = _nonreentrant_count()
+#: ``COMPOSABLE``: thread id -> ``(frame, checkpoint frame)`` of each non-reentrant checkpoint whose forward runs now
+#: in that thread, entered by a forward pre-hook (``torch.distributed._composable.checkpoint``, FSDP2's), so no frame
+#: of ``torch.utils.checkpoint.checkpoint`` holds it: ``frame`` is the checkpointed module's call, on the stack while
+#: its forward runs
+NONREENTRANT, COMPOSABLE = _nonreentrant_count()
 #: ``sortednet.plan.pin_recomputation``, set when that module loads: what :meth:`Active.plan` calls on a read
 #: with saved-tensor hooks on (a non-reentrant checkpoint's forward)
 RECOMPUTE_PIN: list[Any] = [None]

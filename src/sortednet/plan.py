@@ -30,7 +30,7 @@ import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
-from .dims import NONREENTRANT, RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
+from .dims import COMPOSABLE, NONREENTRANT, RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
 from .errors import SortedNetError
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
@@ -432,11 +432,13 @@ def _count_nonreentrant_forwards() -> None:
         with REENTRANT_LOCK:
             NONREENTRANT[0] += 1
         try:
-            return enter(self)
+            got = enter(self)
         except BaseException:
             with REENTRANT_LOCK:
                 NONREENTRANT[0] -= 1
             raise
+        _note_composable(self, sys._getframe(1))
+        return got
 
     @functools.wraps(leave)
     def __exit__(self: Any, *args: Any) -> Any:
@@ -447,9 +449,40 @@ def _count_nonreentrant_forwards() -> None:
         finally:
             with REENTRANT_LOCK:
                 NONREENTRANT[0] -= 1
+                note = self.__dict__.pop("_sn_composable", None)
+                if note is not None:
+                    mine = COMPOSABLE.get(note[0], [])
+                    for i in range(len(mine) - 1, -1, -1):
+                        if mine[i] is note[1]:
+                            del mine[i]
+                            break
+                    if not mine:
+                        COMPOSABLE.pop(note[0], None)
 
     __enter__._sn_counts = NONREENTRANT  # type: ignore[attr-defined]
+    __enter__._sn_open = COMPOSABLE  # type: ignore[attr-defined]
     cls.__enter__, cls.__exit__ = __enter__, __exit__
+
+
+def _note_composable(hook: Any, gen: Any) -> None:
+    """Record a non-reentrant checkpoint entered by the composable API's forward pre-hook
+    (``torch.distributed._composable.checkpoint(module)``): its generator lives in the module's state, so no frame
+    of ``checkpoint`` holds it for :func:`pin_checkpoints` to find; the module's call frame (the pre-hook's caller)
+    stands for it while the forward runs (unpinned, a backward under another sub-model recomputed that one: another
+    depth silently, another width with PyTorch's raw CheckpointError). ``gen``: the generator's frame, entering."""
+    caller = getattr(gen, "f_back", None)
+    if caller is None or caller.f_code is _NR_CODE:  # (``checkpoint``: found by its code)
+        return
+    code = caller.f_code
+    if code.co_name != "forward_pre_hook" or "_composable" not in code.co_filename:
+        return
+    new_frame, anchor = gen.f_locals.get("new_frame"), caller.f_back
+    if new_frame is None or anchor is None:
+        return
+    me, entry = threading.get_ident(), (anchor, new_frame)
+    with REENTRANT_LOCK:
+        COMPOSABLE.setdefault(me, []).append(entry)
+    hook.__dict__["_sn_composable"] = (me, entry)
 
 
 _count_nonreentrant_forwards()
@@ -497,9 +530,11 @@ def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) ->
     block (or a root forward's pin) was opened inside the checkpointed function since; then the value before
     the outermost such block. Checkpoints this nest pinned already stay as they are (one checkpointed
     function may run modules of several nests, each pins its own)."""
+    opened = COMPOSABLE.get(threading.get_ident()) if COMPOSABLE else None
+    calls = {id(e[0]): e[1] for e in list(opened)} if opened else None
     f = frame
-    while f is not None and f is not stop and f.f_code not in _CODES:  # the common case: none (cheap)
-        f = f.f_back
+    while f is not None and f is not stop and f.f_code not in _CODES and (calls is None or id(f) not in calls):
+        f = f.f_back  # the common case: none (cheap)
     if f is None or f is stop:
         return
     inside: set[int] = set()
@@ -513,11 +548,17 @@ def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) ->
         elif f.f_code is _NR_CODE:
             gen = f.f_locals.get("gen")
             frame_ = getattr(getattr(gen, "gi_frame", None), "f_locals", {}).get("new_frame")
-            fn = getattr(frame_, "recompute_fn", None)
-            if fn is not None and not _pinned(frame_, active, "recompute_fn"):
-                frame_.recompute_fn = in_plan(active, _plan_at(active, plan, inside), fn)
+            _pin_frame(active, frame_, _plan_at(active, plan, inside))
+        elif calls is not None and id(f) in calls:  # a composable checkpoint's module call
+            _pin_frame(active, calls[id(f)], _plan_at(active, plan, inside))
         inside.add(id(f))
         f = f.f_back
+
+
+def _pin_frame(active: Active, frame: Any, plan: Plan) -> None:
+    fn = getattr(frame, "recompute_fn", None)  # (a non-reentrant checkpoint's frame)
+    if fn is not None and not _pinned(frame, active, "recompute_fn"):
+        frame.recompute_fn = in_plan(active, plan, fn)
 
 
 _CKPT_MODULE = _checkpoint.__name__
