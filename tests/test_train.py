@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -583,7 +584,8 @@ def test_soft_loss_keeps_double_precision_and_lifts_half_precision(dtype, want):
 
 @pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"temperature": float("nan")}, {"alpha": 1.5},
                                     {"alpha": -0.1}, {"temperature": "2"}, {"alpha": True},
-                                    {"temperature": torch.tensor([1.0, 2.0])}])
+                                    {"temperature": torch.tensor([1.0, 2.0])}, {"axis": 1.0}, {"axis": True},
+                                    {"axis": "1"}])
 def test_bad_distill_raises(kwargs):
     with pytest.raises(sn.SortedNetError):
         sn.Distill(**kwargs)
@@ -1710,10 +1712,13 @@ def test_fit_warns_when_the_optimizer_lacks_parameters_the_nest_trains():
         sn.fit(nest, data, torch.optim.SGD(nest.trainable_parameters(), lr=0.1), sampler, progress=False)
 
 
-def test_fit_distills_a_dense_prediction_over_the_default_losss_class_axis():
+@pytest.mark.parametrize("how", ["default_loss", "loss_fn", "loss_fn_axis"])
+def test_fit_distills_a_dense_prediction_over_the_default_losss_class_axis(how):
     """A (batch, classes, length) output: the default loss reads the classes on axis 1, the distillation term
     read them on the last axis (the length), so a tagger trained on a meaningless soft target (0.0104 off the
-    oracle), in silence. fit hands Distill the logits with the classes last."""
+    oracle), in silence. fit hands Distill the logits with the classes last; with a loss of the user's own
+    (``F.cross_entropy`` with options) too, read from the targets' shape (it was not), or named by
+    ``Distill(axis=1)``."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv1d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(16, 5, 1))
     nest = sn.wrap(model, sn.Width("ch", [4, 8, 16], out="0", inp="2"))
@@ -1725,7 +1730,9 @@ def test_fit_distills_a_dense_prediction_over_the_default_losss_class_axis():
     got = {}
     step = opt.step
     opt.step = lambda *a, **k: (got.update({n: p.grad.clone() for n, p in model.named_parameters()}), step())[1]
-    sn.fit(nest, [(x, y)], opt, sampler, distill=sn.Distill(temperature=2.0, alpha=0.5), progress=False)
+    loss_fn = None if how == "default_loss" else functools.partial(F.cross_entropy, ignore_index=-100)
+    d = sn.Distill(temperature=2.0, alpha=0.5, axis=1 if how == "loss_fn_axis" else None)
+    sn.fit(nest, [(x, y)], opt, sampler, loss_fn=loss_fn, distill=d, progress=False)
     model.zero_grad(set_to_none=True)
     keep = y != -100
     with nest.use(subs[-1]):
@@ -1738,6 +1745,39 @@ def test_fit_distills_a_dense_prediction_over_the_default_losss_class_axis():
         ((0.5 * F.cross_entropy(o, y) + 0.5 * kl) * 0.5).backward()
     for n, q in model.named_parameters():
         torch.testing.assert_close(got[n], q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("target", ["square_indices", "soft_labels"])
+def test_fit_refuses_distilling_a_dense_prediction_whose_class_axis_it_cannot_tell(target):
+    """A loss of the user's own on a (batch, n, n) output: integer targets (batch, n) fit classes on axis 1 and
+    on the last axis alike, and soft labels of the output's shape say nothing either: refused before any step,
+    naming ``Distill(axis=)``; with it, fit trains."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(5, 8, 1), torch.nn.ReLU(), torch.nn.Conv1d(8, 5, 1))
+    nest = sn.wrap(model, sn.Width("ch", [4, 8], out="0", inp="2"))
+    x = torch.randn(4, 5, 5)
+    y = torch.randint(0, 5, (4, 5)) if target == "square_indices" else torch.randn(4, 5, 5).softmax(1)
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = sn.Sampler(nest.submodels, k=2, seed=0)
+    with pytest.raises(sn.SortedNetError, match=r"Distill\(axis="):
+        sn.fit(nest, [(x, y)], opt, sampler, loss_fn=F.cross_entropy, distill=sn.Distill(), progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    sn.fit(nest, [(x, y)], opt, sampler, loss_fn=F.cross_entropy, distill=sn.Distill(axis=1), progress=False)
+    assert not all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("axis", [1, -2])
+def test_distill_axis_takes_the_kl_over_that_axis(axis):
+    """``Distill(axis=)`` names the class axis of the logits (and the mask is their shape without it)."""
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    mask = torch.rand(3, 6) > 0.3
+    got = sn.Distill(temperature=2.0, axis=axis).soft_loss(s, t, mask)
+    want = sn.Distill(temperature=2.0).soft_loss(s.movedim(1, -1), t.movedim(1, -1), mask)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(sn.SortedNetError, match="axis 3"):
+        sn.Distill(axis=3).soft_loss(s, t)
 
 
 def test_distillation_refuses_detached_logits_before_any_gradient():
@@ -1859,3 +1899,33 @@ def test_fit_drops_calibrated_statistics_at_its_first_optimizer_step_even_after_
     assert [("skipped" in r) for r in hist.train] == [i == poisoned for i in range(4)]
     assert not nest._calibrated()
     assert any("BatchNorm statistics of nest.calibrate" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("skipped", ["loss", "gradients", "teacher"])
+def test_fit_keeps_calibrated_statistics_while_no_step_changes_a_weight(skipped):
+    """Every sub-model of the only step skipped for a non-finite loss (or its distillation teacher, with soft
+    targets only): no weight changed, yet fit dropped the statistics of ``calibrate`` (warning that it trains the
+    weights); as a step skipped for its gradients does."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", norm="1", inp="3"))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    nest.calibrate([x] * 2)
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    distill = None
+    if skipped == "loss":
+        loss_fn = lambda o, t: F.cross_entropy(o, t) * float("nan")  # noqa: E731
+    elif skipped == "teacher":
+        loss_fn = lambda o, t: F.cross_entropy(o, t) * (float("nan") if m[0].weight.shape[0] == 16 else 1)  # noqa
+        distill = sn.Distill(alpha=1.0)
+    else:
+        loss_fn = lambda o, t: F.cross_entropy(o, t) + (m[0].weight.sum() * 0).sqrt() * 0  # noqa: E731
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hist = sn.fit(nest, [(x, y)], torch.optim.SGD(m.parameters(), lr=0.1),
+                      sn.Sampler(nest.submodels, k=2, strategy="all"), loss_fn=loss_fn, distill=distill,
+                      progress=False)
+    assert hist.train[0]["skipped"] == (["h=16"] if distill else ["h=8", "h=16"])
+    assert all(torch.equal(before[k], p) for k, p in m.named_parameters())
+    assert nest._calibrated() == ["1"]
+    assert not any("BatchNorm statistics of nest.calibrate" in str(w.message) for w in seen)

@@ -79,11 +79,13 @@ class Distill:
     logits are a soft target for the others.
 
     A student's loss becomes ``(1 - alpha) * task_loss + alpha * T² · KL(teacher_T ‖ student_T)``
-    where ``_T`` is a softmax at temperature ``T`` over the last axis (class
-    logits ``(B, C)`` or LM logits ``(B, L, V)``; the KL is averaged over every
-    other position, or over those a ``mask`` keeps: a closure returning
-    ``(loss, logits, mask)``, as ``fit`` does where targets equal -100, leaves
-    padding out). ``alpha=1`` is US-Nets' rule (soft targets only).
+    where ``_T`` is a softmax at temperature ``T`` over the class axis: ``axis``, by
+    default the last (class logits ``(B, C)`` or LM logits ``(B, L, V)``; ``axis=1``
+    for a dense prediction ``(B, C, H, W)``, where ``sn.fit`` reads it from its targets
+    when it can); the KL is averaged over every other position, or over those a
+    ``mask`` keeps: a closure returning ``(loss, logits, mask)``, as ``fit`` does where
+    targets equal -100, leaves padding out. ``alpha=1`` is US-Nets' rule (soft
+    targets only).
 
     >>> import torch, sortednet as sn
     >>> d = sn.Distill(temperature=2.0, alpha=0.5)
@@ -94,6 +96,7 @@ class Distill:
 
     temperature: float = 1.0
     alpha: float = 0.5
+    axis: int | None = None
 
     def __post_init__(self) -> None:
         t, a = _real(self.temperature), _real(self.alpha)
@@ -101,12 +104,27 @@ class Distill:
             raise SortedNetError(f"Distill temperature must be a positive finite number, got {self.temperature!r}")
         if a is None or not 0 <= a <= 1:
             raise SortedNetError(f"Distill alpha must be in [0, 1], got {self.alpha!r}")
+        ax = self.axis
+        if ax is not None and (isinstance(ax, (bool, np.bool_)) or not isinstance(ax, numbers.Integral)):
+            raise SortedNetError(f"Distill axis (the logits' class axis) must be an int or None (the last), "
+                                 f"got {ax!r}")
         object.__setattr__(self, "temperature", t)  # (frozen) one float from any real number
         object.__setattr__(self, "alpha", a)
+        object.__setattr__(self, "axis", None if ax is None else int(ax))
+
+    def class_axis(self, logits: Tensor) -> int:
+        """The class axis of ``logits`` (``axis``, counted from 0), checked against their dimensions."""
+        n = logits.dim()
+        if self.axis is None:
+            return n - 1
+        if not -n <= self.axis < n:
+            raise SortedNetError(f"Distill(axis={self.axis}): logits of shape {tuple(logits.shape)} have no axis "
+                                 f"{self.axis}")
+        return self.axis % n
 
     def soft_loss(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over all but the last axis, or over the
-        positions where boolean ``mask`` (the logits' shape without the last axis) is True (none: 0).
+        """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the class axis, mean over the other axes, or
+        over the positions where boolean ``mask`` (the logits' shape without the class axis) is True (none: 0).
 
         >>> d = Distill(temperature=1.0)
         >>> s, t = torch.zeros(2, 3), torch.tensor([[0.0, 0.0, 0.0], [9.0, 0.0, 0.0]])
@@ -120,6 +138,9 @@ class Distill:
             raise SortedNetError(f"distillation needs floating-point logits of shape (..., classes), e.g. (batch, "
                                  f"classes) or (batch, length, vocab); got {student.dtype} {tuple(student.shape)} "
                                  f"and {teacher.dtype} {tuple(teacher.shape)}")
+        ax = self.class_axis(student)
+        if ax != student.dim() - 1:
+            student, teacher = student.movedim(ax, -1), teacher.movedim(ax, -1)
         t = self.temperature
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)  # bf16 /
         s, p = student.to(dtype).flatten(0, -2), teacher.to(dtype).flatten(0, -2)  # fp16 in float32, float64 kept
@@ -127,7 +148,7 @@ class Distill:
             if (not isinstance(mask, Tensor) or mask.dtype != torch.bool
                     or tuple(mask.shape) != tuple(student.shape[:-1])):  # (a transposed (L, B) mask: other rows)
                 raise SortedNetError(f"the distillation mask must be a bool tensor of the logits' shape without the "
-                                     f"last axis, {tuple(student.shape[:-1])}; got {type(mask).__name__}"
+                                     f"class axis, {tuple(student.shape[:-1])}; got {type(mask).__name__}"
                                      + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else ""))
             keep = mask.reshape(-1).to(device=s.device)
             # a left-out row's values (-inf / NaN logits at padding) never enter the arithmetic: the gradient
@@ -173,7 +194,8 @@ def _need_nest(nest: Any, what: str) -> None:
         raise SortedNetError(f"{what}() needs the Nest (sn.wrap(model, ...)), got {type(nest).__name__}{hint}")
 
 
-def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _split(out: Any, want_logits: bool, sub: SubModel, distill: Distill | None = None
+           ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     logits = mask = None
     if isinstance(out, (tuple, list)):
         if len(out) == 3:  # (without distill= the logits and the mask go unused: a closure serves both)
@@ -196,10 +218,14 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
         raise SortedNetError(f"with distill=, the logits of {sub} must be floating point of shape (..., classes), "
                              f"e.g. (batch, classes) or (batch, length, vocab); got {logits.dtype} "
                              f"{tuple(logits.shape)}")
+    if mask is not None and isinstance(logits, Tensor) and distill is not None:
+        positions = tuple(logits.movedim(distill.class_axis(logits), -1).shape[:-1])
+    else:
+        positions = tuple(logits.shape[:-1]) if isinstance(logits, Tensor) else ()
     if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
-                             or not isinstance(logits, Tensor) or tuple(mask.shape) != tuple(logits.shape[:-1])):
+                             or not isinstance(logits, Tensor) or tuple(mask.shape) != positions):
         # (checked without distill= too: a third item that is no such mask, an auxiliary loss, would be dropped)
-        where = f", {tuple(logits.shape[:-1])}" if isinstance(logits, Tensor) else \
+        where = f", {positions}" if isinstance(logits, Tensor) else \
             f" (the second item, the logits, is {type(logits).__name__}: a mask needs them)"
         aux = (" (a third item that requires grad is not trained: add an auxiliary loss to the loss itself)"
                if isinstance(mask, Tensor) and mask.requires_grad else "")
@@ -207,7 +233,7 @@ def _split(out: Any, want_logits: bool, sub: SubModel) -> tuple[Tensor, Tensor |
                 "be labels)" if isinstance(mask, Tensor) and not mask.is_floating_point() and not mask.is_complex()
                 and mask.dtype != torch.bool else "")
         raise SortedNetError(f"closure for {sub} returned (loss, logits, mask): a third item is the mask of the "
-                             f"positions distill= counts, a bool tensor of the logits' shape without the last "
+                             f"positions distill= counts, a bool tensor of the logits' shape without the class "
                              f"axis{where} (True: the position counts), read with or without distill=; got "
                              f"{type(mask).__name__}"
                              + (f" {mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else "") + aux + ints)
@@ -462,7 +488,7 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
         with nest.use(resolved[i]):
             failed: Exception | None = None
             try:
-                loss, logits, mask = _split(closure(), distill is not None, resolved[i])
+                loss, logits, mask = _split(closure(), distill is not None, resolved[i], distill)
                 total = loss
                 if i == teacher:
                     target = logits.detach()
@@ -528,6 +554,31 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
 
 
 IGNORE_INDEX = -100  # targets equal to it are not counted by the default accuracy (F.cross_entropy's default)
+
+
+def _class_axis(out: Any, y: Any, default_loss: bool, step: int) -> int:
+    """The class axis of a ``fit`` output to distill over (``Distill(axis=None)``): the last of ``(B, C)`` and of
+    the default loss's own (axis 1 of ``(B, C, ...)``, moved last); with a loss of the user's own, read from
+    integer targets' shape (``(B, ...)``: axis 1, as ``F.cross_entropy`` reads it; ``(B, L)`` of ``(B, L, V)``:
+    the last); refused where neither can tell (targets that fit both, soft labels of the output's shape)."""
+    if not isinstance(out, Tensor) or out.dim() <= 2:
+        return 0
+    if default_loss:
+        return 1
+    if not isinstance(y, Tensor):
+        return 0
+    first = tuple(y.shape) == (out.shape[0], *out.shape[2:])
+    last = tuple(y.shape) == tuple(out.shape[:-1])
+    integer = not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    if integer and first and not last:
+        return 1
+    if (integer and first and last) or (not integer and tuple(y.shape) == tuple(out.shape)):
+        raise SortedNetError(
+            f"fit(distill=...): the output of step {step}, {tuple(out.shape)}, with targets {y.dtype} "
+            f"{tuple(y.shape)}, could hold its classes on axis 1 (a (batch, classes, ...) output, as "
+            f"F.cross_entropy reads it) or on the last axis (a (batch, length, vocab) output): name it, "
+            f"sn.Distill(axis=1) or sn.Distill(axis=-1), for the soft term's softmax")
+    return 0
 
 
 def _ignored(out: Any, y: Any) -> tuple[Tensor, ...]:
@@ -992,8 +1043,11 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                         loss = loss_fn(out, y)
                     if distill is None:
                         return loss
-                    if loss_fn is None and out.dim() > 2:  # (the default loss's classes are on axis 1: (B, C, L),
-                        out = out.movedim(1, -1)            # (B, C, H, W); distillation reads the last axis)
+                    if distill.axis is not None:  # (named: Distill moves it last itself)
+                        return loss, out, *_ignored(out.movedim(distill.class_axis(out), -1), y)
+                    ax = _class_axis(out, y, loss_fn is None, step)
+                    if ax:  # (the default loss's classes are on axis 1: (B, C, L), (B, C, H, W); distillation reads
+                        out = out.movedim(ax, -1)  # the last axis)
                     return loss, out, *_ignored(out, y)
 
                 subs = sampler.draw(step)
@@ -1020,9 +1074,10 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     warnings.warn(what + ": skipped its optimizer step (the weights are as before it, the "
                                   "BatchNorm running statistics its forwards updated are not; the step counts, as a "
                                   "step whose every sub-model was skipped)", NonFiniteLossWarning, stacklevel=4)
-                if not stepped and not poisoned:  # the weights change now: calibrated statistics would
-                    drop_stale_calibration(nest, "fit", stacklevel=4)  # describe old ones
-                    stepped = True
+                if not stepped and not poisoned and any(p.grad is not None for g in optimizer.param_groups
+                                                        for p in g["params"]):
+                    drop_stale_calibration(nest, "fit", stacklevel=4)  # the weights change now: calibrated
+                    stepped = True  # statistics would describe old ones (no gradient, every loss skipped: none do)
                 reached[1] = "optimizer"
                 if not poisoned:
                     optimizer.step()
