@@ -1297,6 +1297,60 @@ def test_a_plain_attribute_a_slicer_computes_from_a_parameter_is_refused_by_expo
         assert m(x).shape == (4, 3)
 
 
+class _HeldTensors(nn.Module):
+    """A module holding, as plain attributes its slicer serves unchanged, another module's parameter (``w``) and
+    a view of its own buffer (``maskv``)."""
+
+    def __init__(self, shared: torch.Tensor):
+        super().__init__()
+        self.__dict__["w"] = shared
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("mask", torch.ones(8))
+        self.__dict__["maskv"] = self.mask.view(8)
+
+    def forward(self, x):
+        return F.linear(self.fc(x) * self.maskv, self.w)
+
+
+@sn.slicer(_HeldTensors)
+class _HeldTensorsSlicer(sn.Slicer):
+    roles = ("norm",)
+    attrs = ("w", "maskv")
+
+    def full(self, m, role):
+        return 8
+
+    def value(self, m, name):
+        return m.__dict__[name]
+
+
+class _HoldsShared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.p = _HeldTensors(self.emb.weight)
+
+    def forward(self, x):
+        return self.p(self.fc2(torch.relu(self.fc1(self.emb(x)))))
+
+
+@pytest.mark.parametrize("held", ["w", "maskv"])
+def test_a_plain_attribute_holding_another_modules_parameter_or_a_buffer_view_is_refused_by_export(held):
+    """A slicer serving, as a plain attribute, another module's parameter or a view of a buffer: the export held
+    a detached copy (``ex.p.w`` no longer ``ex.emb.weight``, in no ``parameters()``), so training or loading the
+    export would leave it behind, in silence. Refused, naming it."""
+    torch.manual_seed(0)
+    m = _HoldsShared()
+    if held == "w":
+        m.p.__dict__["maskv"] = torch.ones(8)
+    else:
+        m.p.__dict__["w"] = torch.randn(8, 8)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"), sn.Width("o", [8], norm=["p"]))
+    what = "emb.weight" if held == "w" else "p.mask"
+    with pytest.raises(sn.SortedNetError, match=rf"p\.{held} \(_HeldTensors\) is a plain tensor attribute .*{what}"):
+        nest.export(nest.smallest)
+
+
 class _DropConnect(nn.Module):
     def __init__(self, n_in: int, n_out: int, p: float = 0.5):
         super().__init__()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .errors import SortedNetError
 from .modes import (
     _ATOMIC,
+    EXPORTING,
     attr_of,
     copy_model,
     exact_math,
@@ -70,6 +71,14 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     (True, torch.Size([10, 4]), 40)
     """
     model = nest.model
+    token = EXPORTING.set(model)
+    try:
+        return _export(nest, model, sub)
+    finally:
+        EXPORTING.reset(token)
+
+
+def _export(nest: Nest, model: nn.Module, sub: SubModel) -> nn.Module:
     with nest.use(sub), torch.no_grad(), exact_math():  # (a Rank's merged weight: fp32 under autocast, trainable)
         memo, skipped, drop, kept, dropped = _copy_plan(nest)
         shared = _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -44,6 +45,10 @@ def casts_stale() -> None:
     if torch._C._is_any_autocast_enabled() and torch.is_autocast_cache_enabled():
         torch.clear_autocast_cache()
 
+
+#: the model ``export`` copies, while it runs (a slicer's export checks its plain tensor attributes against every
+#: parameter and buffer of it: one held there would be exported as a detached copy)
+EXPORTING: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar("sortednet_exporting", default=None)
 
 #: the device types whose autocast :func:`exact_math` turns off where it is on
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..dims import REENTRANT, Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
+from ..modes import EXPORTING
 from ..plan import pin_recomputation as _pin_recomputation
 from ..views import (
     DYNAMIC,
@@ -584,6 +585,11 @@ def _refuse_derived(live: nn.Module, name: str) -> None:
     if not isinstance(v, Tensor):
         return
     sources = [n for n, p in live._parameters.items() if p is not None and _aliases(v, p)]
+    if not sources:  # (another module's parameter, a view of a buffer: the copy would be cut loose from them)
+        root = EXPORTING.get()
+        named = [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)] \
+            if root is not None else [*live._parameters.items(), *live._buffers.items()]
+        sources = [n for n, t in named if t is not None and _aliases(v, t)]
     if not sources and v.grad_fn is not None:
         own = {id(p): n for n, p in live._parameters.items() if p is not None}
         sources = [own.get(id(t), f"a parameter {tuple(t.shape)} of another module") for t in _leaves(v.grad_fn)
@@ -592,7 +598,8 @@ def _refuse_derived(live: nn.Module, name: str) -> None:
         path = live._sn.path
         raise SortedNetError(
             f"export: {f'{path}.{name}' if path else name} ({live._sn.cls.__name__}) is a plain tensor attribute "
-            f"its slicer ({type(live._sn.slicer).__name__}) computes from {', '.join(map(repr, sorted(set(sources))))}"
+            f"its slicer ({type(live._sn.slicer).__name__}) computes from (or holds) "
+            f"{', '.join(map(repr, sorted(set(sources))))}"
             ": the export would hold a detached copy of it that no longer follows them (training the export would "
             "not change it). Compute it in forward from the parameter (x @ self.weight.t()), or in a property of "
             "the class left out of the slicer's attrs (it then reads the sliced parameter)")
