@@ -437,7 +437,10 @@ def _count_nonreentrant_forwards() -> None:
             with REENTRANT_LOCK:
                 NONREENTRANT[0] -= 1
             raise
-        _note_composable(self, sys._getframe(1))
+        try:
+            _note_composable(self, sys._getframe(1))
+        except Exception:  # (never fail the checkpoint itself: its exit would not run, the count would stay up)
+            pass
         return got
 
     @functools.wraps(leave)
