@@ -4075,3 +4075,59 @@ def test_a_slicer_declaring_a_tensor_static_is_refused_before_anything_changes(s
     with pytest.raises(sn.SortedNetError, match=rf"'0' \(_ScaledOut\): Slicer declares the tensor '{static}' static"):
         sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
     assert_unchanged(m, before)
+
+
+class _Doubled(nn.Module):
+    """A shortcut that doubles the channels by ``repeat``, or a feature map padded with more channels (of zeros,
+    ones, or the features' own edge values) before the layer that reads them."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        if self.how == "repeat":
+            y = self.conv(x) + x.repeat(1, 2, 1, 1)
+        elif self.how == "replicate":  # (the channels moved last, of (B, H * W, C): replicate pads the last axis)
+            b, c, h, w = x.shape
+            y = F.pad(x.flatten(2).transpose(1, 2), (0, 8), mode="replicate").transpose(1, 2).reshape(b, -1, h, w)
+        else:
+            y = F.pad(x, (0, 0, 0, 0, 0, 8), value=1.0 if self.how == "ones" else 0.0)
+        return self.head(F.relu(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("how", ["repeat", "ones", "replicate", "zeros"])
+def test_a_repeat_or_a_padding_of_other_values_along_the_sliced_axis_is_refused(how):
+    """``x.repeat(1, 2, 1, 1)`` along the channels (a channel-doubling shortcut) and a channel padding of other
+    values than zeros put other values next to a sub-model's first units than the full model has there (0.12
+    and 0.30 off the masked full model), with shapes that fit: ``check`` passed them in silence (the trace named
+    them, check read neither reason). Refused, naming the op; a zero padding is the masked full model, accepted."""
+    m = _Doubled(how).eval()
+    x = torch.randn(2, 3, 8, 8)
+    if how == "repeat":
+        dims = (sn.Width("c", [4, 8], out="stem", inp="conv"), sn.Width("c2", [8, 16], out="conv", inp="head"))
+        subs = [{"c": 4, "c2": 8}, {"c": 8, "c2": 16}]
+    else:
+        dims = (sn.Width("c", [4, 8], out="stem"), sn.Width("c2", [12, 16], inp="head"))
+        subs = [{"c": 4, "c2": 12}, {"c": 8, "c2": 16}]
+    before = snapshot(m)
+    if how == "zeros":
+        nest = sn.wrap(m, *dims, example=x, submodels=subs)
+        with torch.no_grad():
+            with nest.use(nest.smallest):
+                live = m(x)
+            nest.unwrap()
+            masked = copy.deepcopy(m)
+            masked.stem.weight[4:] = 0
+            masked.stem.bias[4:] = 0
+            masked.head.weight[:, 12:] = 0
+            torch.testing.assert_close(live, masked(x))
+        return
+    with pytest.raises(sn.SortedNetError, match="repeat" if how == "repeat" else r"pad.* other values than zeros"):
+        sn.wrap(m, *dims, example=x, submodels=subs)
+    assert_unchanged(m, before)

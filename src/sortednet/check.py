@@ -61,10 +61,10 @@ def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
 
 #: why the wiring trace fixes an axis, when the op moves features between positions: a prefix of the axis is not
 #: a prefix of what the op makes of it (a slice or an index, chunk / split / unbind, concatenation, roll / flip,
-#: a reshape that splits or merges the axis): a sub-model computes on other units than the full model, with shapes
-#: that fit
+#: a reshape that splits or merges the axis, a repeat, padding with other values than zeros): a sub-model computes
+#: on other units than the full model, with shapes that fit
 _MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|regrouped by|"
-                    r"merges or splits this axis")
+                    r"merges or splits this axis|repeats this axis|pads this axis with other values")
 
 
 def _bound_groups(nest: Nest, example: Any, model: Any) -> list[tuple[Any, list[tuple[tuple[str, str], Any]]]]:

@@ -292,11 +292,18 @@ def handle(a, ev) -> bool:
         return True
     if name == "pad":
         pad = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("pad")
+        mode = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("mode", "constant")
+        value = ev.args[3] if len(ev.args) > 3 else ev.kwargs.get("value")
+        # zeros around a sub-model's first units are the full model's with the rest masked; other values (a
+        # constant of ones, reflected / replicated / wrapped units) put other values next to its units
+        moves = mode not in (None, "constant") or bool(value)
         xv, o = a.of(x), outs[0]
         srcs = [[v] for v in xv]
         for j in range(len(pad) // 2):
             if pad[2 * j] or pad[2 * j + 1]:
-                a.uf.fix(xv[-1 - j], f"{why} pads this axis")
+                a.uf.fix(xv[-1 - j], f"{why} pads this axis" + (
+                    f" with other values than zeros ({mode!r}" + (f", value={value!r})" if value else ")")
+                    if moves else ""))
                 srcs[-1 - j] = []
         a.assign(o, srcs, why)
         return True
