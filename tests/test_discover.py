@@ -1054,3 +1054,32 @@ def test_heads_are_not_proposed_on_an_example_of_one_position():
     with pytest.warns(UserWarning, match="could not be verified on the example .*single position"):
         one = sn.discover(lm, x[:, :1], ratios=[0.5])
     assert one and not [d for d in one if isinstance(d, sn.Heads)]
+
+
+class _FixedViewGate(nn.Module):
+    """A squeeze-excite gate reshaped with the channel count stored at init (``view(B, self.c, 1, 1)``)."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.c = c
+        self.conv1, self.conv2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 5, 1)
+        self.bn, self.act = nn.BatchNorm2d(c), nn.PReLU(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4), nn.Linear(4, c)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.conv1(x)))
+        z = torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3))))))
+        return self.conv2(h * z.view(h.shape[0], self.c, 1, 1)).mean((2, 3))
+
+
+def test_a_dropped_width_is_not_said_to_be_heads_over_a_single_position():
+    """A Width dropped by its dry run (a hard-coded view) was explained as "Heads over a single position, where
+    attention does not depend on queries and keys", in a model without attention."""
+    torch.manual_seed(0)
+    model, x = _FixedViewGate().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sn.discover(model, x, ratios=[0.5, 1.0])
+    said = [str(w.message) for w in seen if issubclass(w.category, KeptWholeWarning)]
+    assert any("failed their dry run" in m for m in said), said
+    assert not any("Heads over a single position" in m for m in said), said

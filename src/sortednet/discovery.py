@@ -438,9 +438,12 @@ def _dropped(dims: list[Any]) -> str:
         return ""
     named = ", ".join(f"{d.kind} {d.name!r}" for d in dims[:4]) + (f" (and {len(dims) - 4} more)" if len(dims) > 4
                                                                     else "")
-    return (f"; {len(dims)} declaration(s) failed their dry run or could not be verified on the example (Heads "
-            f"over a single position, where attention does not depend on queries and keys): {named} "
-            "(discover(..., verify=False) returns them; sn.wrap(model, that_declaration, example=x) says why)")
+    heads = any(d.kind == "heads" for d in dims)
+    return (f"; {len(dims)} declaration(s) failed their dry run or could not be verified on the example"
+            + (" (e.g. Heads over a single position, where attention does not depend on queries and keys)"
+               if heads else "")
+            + f": {named} (discover(..., verify=False) returns them; sn.wrap(model, that_declaration, example=x) "
+            "says why)")
 
 
 def _partly_found(kept: list[Any], dropped: list[Any], found: int) -> str:
