@@ -882,9 +882,10 @@ def test_a_plain_attribute_holding_a_factored_target_holds_the_exports_module():
     with torch.no_grad(), nest.use("r=2"):
         torch.testing.assert_close(small.groups["first"][0](x), m[0](x), rtol=1e-5, atol=1e-6)
     m.groups, m.frozen = functools.partial(print, m[0], sep=m[2]), {m[0]}  # (a partial, a set: rebuilt too)
+    m.call = functools.partial(m[0])  # (the target as the partial's function: a raw TypeError in export and pick)
     small = nest.export("r=2")
     assert small.groups.args == (small[0],) and small.groups.keywords == {"sep": small[2]}
-    assert small.frozen == {small[0]}
+    assert small.frozen == {small[0]} and small.call.func is small[0]
     assert nest.pick(params=1e9) == nest.largest
 
 
@@ -893,14 +894,16 @@ class _Held(list):
 
 
 @pytest.mark.parametrize("holder", ["namedtuple", "ordered_dict", "list_subclass", "seven_deep", "deque",
-                                    "namespace", "bound_method", "bound_method_in_a_list", "dataclass"])
+                                    "namespace", "bound_method", "bound_method_in_a_list", "dataclass", "closure"])
 def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passed_over_by_pick(holder):
     """A factored svd target held in a container export does not rebuild (a namedtuple, an OrderedDict, a list
     subclass) was refused by export but returned by pick; one held seven levels deep was neither rebuilt nor
     refused: the export kept the old Linear, sharing the live model's full-size tensors and failing when called.
     Both are refused, naming the attribute, and pick passes over the ranks refused. So is a method bound to the
     target (``self.run = self.fc.forward``): the export returned a model whose method was bound to the old,
-    emptied Linear (a raw AttributeError when called). So was one held in a dataclass."""
+    emptied Linear (a raw AttributeError when called). So was one held in a dataclass. One a function's closure
+    holds (``fc = self.fc; self.aside = lambda z: fc(z)``) was passed over by pick, but exported with a warning:
+    the export's function ran the live layer (0.91 off the rank-2 sub-model)."""
     import collections
     import dataclasses
 
@@ -912,7 +915,8 @@ def test_a_factored_target_held_where_export_cannot_rebuild_is_refused_and_passe
               "deque": lambda: collections.deque([m[0]]),
               "namespace": lambda: types.SimpleNamespace(layer=m[0]), "bound_method": lambda: m[0].forward,
               "bound_method_in_a_list": lambda: [m[0].forward],
-              "dataclass": lambda: dataclasses.make_dataclass("Refs", ["proj"])(m[0])}[holder]()
+              "dataclass": lambda: dataclasses.make_dataclass("Refs", ["proj"])(m[0]),
+              "closure": lambda: (lambda fc: lambda z: fc(z))(m[0])}[holder]()
     nest = sn.wrap(m, sn.Rank("r", [4, 8, 32], targets="0"))  # (export="auto": two Linears at 4 and 8)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for r in (4, 8):

@@ -83,6 +83,7 @@ def _export(nest: Nest, model: nn.Module, sub: SubModel) -> nn.Module:
         memo, skipped, drop, kept, dropped = _copy_plan(nest)
         shared = _refuse_held_aside(model, dropped, {k: t for k, t in memo.items() if isinstance(t, Tensor)}, sub,
                                     kept)
+        _refuse_unrebuilt(nest, sub, kept)
         memo = _CountingMemo(memo, {k for k, t in memo.items() if isinstance(t, Tensor)})
         expected = _not_copied(model, memo, kept, shared)
         new = copy_model(model, memo, f"an exported copy of {type(model).__name__}")
@@ -878,6 +879,25 @@ def _swap_held(v: object, c: object, r: object, seen: dict[int, object], depth: 
     return out
 
 
+def _refuse_unrebuilt(nest: Nest, sub: SubModel, kept: Mapping[int, str]) -> None:
+    """Refuse (as ``pick`` passes over it) a sub-model whose export replaces a module (an svd Rank target by two
+    Linears) that the LIVE model holds where no rebuild reaches: in a function's closure or defaults (a deep copy
+    keeps the function as it is, so the export's would call the live layer, at the live model's rank), an object,
+    a container that is not rebuilt. Read under ``use(sub)``."""
+    factored = {i: m for i, m in nest._factorable().items() if i in kept and m._sn.slicer.factored(m)}
+    held = held_unrebuilt(nest.model, factored, kept) if factored else {}
+    if held:
+        i, where = next(iter(held.items()))
+        raise SortedNetError(f"export({sub}): {where} holds a module that the export replaces "
+                             f"({kept.get(i) or '<root>'!r}, an svd Rank target, by two Linears) in a way it does "
+                             "not rebuild (a function's closure or defaults, a subclass "
+                             "of a list, tuple, dict or set such as a namedtuple or an OrderedDict, an object such "
+                             "as a dataclass, one more than six levels deep, or a bound method such as "
+                             "self.run = self.fc.forward): it would keep calling the live layer. Hold the module in "
+                             "a plain container, or as a child module, and call it; or declare sn.Rank(..., "
+                             "export='merged') (pick passes over the sub-models this refuses)")
+
+
 def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module],
                    kept: Mapping[int, str] | None = None) -> dict[int, str]:
     """Of ``targets`` (modules an export may replace: factored Rank targets), those a plain attribute holds in a
@@ -903,7 +923,15 @@ def held_unrebuilt(model: nn.Module, targets: Mapping[int, nn.Module],
     return out
 
 
-_GONE = object()  # (what _swap_held puts in place of a module, to see whether it is still held)
+class _Gone:
+    """What :func:`_swap_held` puts in place of a module, to see whether it is still held (callable: a
+    ``functools.partial`` of the module itself is rebuilt around it)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise SortedNetError("sortednet internal: a placeholder for a replaced module was called")
+
+
+_GONE = _Gone()
 
 
 def _bound_to(x: object) -> object:
