@@ -1033,12 +1033,8 @@ def test_a_refused_load_state_dict_keeps_the_calibration(strict):
     small = nest.export("h=4").state_dict()
     with nest.use("h=4"), pytest.raises(RuntimeError, match="size mismatch"):
         m.load_state_dict(small, strict=strict)
-    now = m.state_dict()
-    # PyTorch copies what fits before it raises: the counter alone (a scalar, the export's count of
-    # calibration batches), which eval mode does not read
-    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state
-                                              if k != "1.num_batches_tracked")
-    assert torch.equal(now["1.num_batches_tracked"], small["1.num_batches_tracked"])
+    now = m.state_dict()  # (refused before any tensor is copied: PyTorch copied the counter first)
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
     assert m[1]._sn.norm is not None
     for sub, want in before.items():
         with nest.use(sub), torch.no_grad():
@@ -1046,8 +1042,9 @@ def test_a_refused_load_state_dict_keeps_the_calibration(strict):
 
 
 def test_a_load_refused_for_another_key_keeps_the_calibration_and_a_changed_one_drops_it():
-    """PyTorch copies what matches and then raises for the rest: the model's own statistics loaded again
-    change no buffer, so the calibration stays (it was dropped); statistics that do change are dropped."""
+    """A load refused for another module's key (refused before any tensor is copied; PyTorch copied what matched,
+    then raised) keeps the calibration, also where the state_dict holds other statistics; a load that changes
+    them drops it."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
     nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", norm="1", inp="3"))
@@ -1064,8 +1061,10 @@ def test_a_load_refused_for_another_key_keeps_the_calibration_and_a_changed_one_
         torch.testing.assert_close(m(x), before, rtol=0, atol=1e-6)
     changed = {**bad, "1.running_mean": state["1.running_mean"] + 1}
     with pytest.raises(RuntimeError, match="size mismatch"):
-        m.load_state_dict(changed)                           # PyTorch copied the new statistics anyway
-    assert m[1]._sn.norm is None and torch.equal(m[1].running_mean, changed["1.running_mean"])
+        m.load_state_dict(changed)                           # (nothing copied: the calibration stays)
+    assert m[1]._sn.norm is not None and torch.equal(m.state_dict()["1.running_mean"], state["1.running_mean"])
+    m.load_state_dict({**state, "1.running_mean": state["1.running_mean"] + 1})
+    assert m[1]._sn.norm is None and torch.equal(m[1].running_mean, state["1.running_mean"] + 1)
 
 
 # -- depth: skipped blocks never run -------------------------------------------------------------------
@@ -2651,3 +2650,32 @@ def test_the_export_points_weak_references_at_its_own_modules_and_names_those_it
     assert small.registry is cases["registry"] and cases["registry"].refs["head"]() is m.fc2
     assert getattr(small, "on_gone", None) is None and not gone
     assert nest.pick(params=1e9) == nest.largest
+
+
+@pytest.mark.parametrize("case", ["lora", "svd", "width"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_state_dict_of_other_shapes_is_refused_before_any_tensor_is_copied(case, strict):
+    """A state_dict of a nest with another largest rank (or width): PyTorch's raw RuntimeError ("size mismatch")
+    came after every other tensor was copied, leaving a half-loaded model. Refused first (a SortedNetError that
+    is a RuntimeError too), nothing copied; the nest's own state_dict still loads."""
+    torch.manual_seed(0)
+
+    def build(big: int):
+        m = nn.Sequential(nn.Linear(8, 8 if case != "width" else big), nn.ReLU(),
+                          nn.Linear(8 if case != "width" else big, 6))
+        dims = (sn.Rank("r", [2, big], targets=["0"], mode=case),) if case != "width" else (
+            sn.Width("h", [2, big], out="0", inp="2"),)
+        return m, sn.wrap(m, *dims)
+
+    src, _ = build(4)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    dst, _ = build(8)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"size mismatch .*another shape .*nothing was copied") as err:
+        dst.load_state_dict(src.state_dict(), strict=strict)
+    assert isinstance(err.value, RuntimeError)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    dst.load_state_dict({k: v + 1 for k, v in before.items()}, strict=strict)
+    assert all(torch.equal(v, before[k] + 1) for k, v in dst.state_dict().items())

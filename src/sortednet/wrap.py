@@ -520,6 +520,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
         # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
         _guard_state_keys(model, planned, keyed, hooks)
+        hooks.append(model._register_load_state_dict_pre_hook(StateShapes(), with_module=True))
         bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
         if bns:  # calibration possible: a load that changes any tensor makes it stale
             stale = StaleCalibration(bns)
@@ -634,6 +635,44 @@ class StateKeys:
                     "load_state_dict(strict=True) would refuse only after copying every other tensor. Pass "
                     "strict=False to load the other weights and keep the nest's own (the adapters), or load "
                     "before sn.wrap")
+
+
+class _ShapeMismatch(SortedNetError, RuntimeError):
+    """A ``load_state_dict`` refused for tensors of other shapes (a ``RuntimeError`` too, as PyTorch's own)."""
+
+
+_LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict,
+            nn.modules.instancenorm._InstanceNorm._load_from_state_dict)
+
+
+class StateShapes:
+    """``load_state_dict`` pre-hook of the wrapped model: a tensor of another shape than the model's own (a
+    checkpoint of a nest of another largest size or rank: ``lora_A`` (4, in) for (8, in)) is refused here, before
+    any tensor is copied; PyTorch refuses it only after copying every other tensor (a half-loaded model). Modules
+    with a loader of their own (quantized layers) are left to it."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, *args: Any) -> None:
+        bad = []
+        for path, m in module.named_modules(remove_duplicate=False):  # (as load_state_dict walks: a shared
+            st = m.__dict__.get("_sn")                                   # module under each of its paths)
+            if getattr(st.cls if st is not None else type(m), "_load_from_state_dict", None) not in _LOADERS:
+                continue
+            at = prefix + (f"{path}." if path else "")
+            for name, t in (*m._parameters.items(), *m._buffers.items()):
+                v = state_dict.get(at + name) if t is not None else None
+                if (not isinstance(v, torch.Tensor) or name in m._non_persistent_buffers_set
+                        or isinstance(t, nn.parameter.UninitializedTensorMixin)):
+                    continue
+                if v.shape != t.shape and not (t.dim() == 0 and tuple(v.shape) == (1,)):
+                    bad.append(f"{at + name}: {tuple(v.shape)} for {tuple(t.shape)}")
+        if bad:
+            raise _ShapeMismatch(
+                f"load_state_dict: size mismatch for {len(bad)} tensor(s), of another shape than the model's "
+                f"({'; '.join(bad[:4])}"
+                f"{' ...' if len(bad) > 4 else ''}): nothing was copied (PyTorch would refuse them only after copying "
+                "every other tensor). A checkpoint of a nest of other sizes or ranks? sn.load names the difference")
 
 
 def _strict_load() -> bool:
