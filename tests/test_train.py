@@ -1747,24 +1747,80 @@ def test_fit_distills_a_dense_prediction_over_the_default_losss_class_axis(how):
         torch.testing.assert_close(got[n], q.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("target", ["square_indices", "soft_labels"])
+class _Seg(torch.nn.Module):
+    """(B, 3, H, W) images -> (B, C, H / k, W / k) class logits, with a BatchNorm (a training forward moves it)."""
+
+    def __init__(self, classes: int, k: int = 1):
+        super().__init__()
+        self.a, self.bn, self.b = torch.nn.Conv2d(3, 16, 1), torch.nn.BatchNorm2d(16), torch.nn.Conv2d(16, classes, 1)
+        self.k = k
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(F.avg_pool2d(x, self.k) if self.k > 1 else x))))
+
+
+@pytest.mark.parametrize("target", ["square_indices", "soft_labels", "column_of_indices", "full_resolution"])
 def test_fit_refuses_distilling_a_dense_prediction_whose_class_axis_it_cannot_tell(target):
-    """A loss of the user's own on a (batch, n, n) output: integer targets (batch, n) fit classes on axis 1 and
-    on the last axis alike, and soft labels of the output's shape say nothing either: refused before any step,
-    naming ``Distill(axis=)``; with it, fit trains."""
+    """A loss of the user's own on outputs whose class axis the targets do not tell: integer targets (batch, n)
+    of a (batch, n, n) output fit classes on axis 1 and on the last axis alike, soft labels of the output's shape
+    say nothing, nor do a (B, 1, H, W) column of indices or targets at another resolution than the logits (a
+    loss that upsamples): the soft term's softmax ran over the image width, in silence. Refused before any
+    training forward (the BatchNorm statistics as they were), naming ``Distill(axis=)``; with it, fit trains."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv1d(5, 8, 1), torch.nn.ReLU(), torch.nn.Conv1d(8, 5, 1))
-    nest = sn.wrap(model, sn.Width("ch", [4, 8], out="0", inp="2"))
-    x = torch.randn(4, 5, 5)
-    y = torch.randint(0, 5, (4, 5)) if target == "square_indices" else torch.randn(4, 5, 5).softmax(1)
+    if target in ("square_indices", "soft_labels"):
+        model = torch.nn.Sequential(torch.nn.Conv1d(5, 8, 1), torch.nn.BatchNorm1d(8), torch.nn.Conv1d(8, 5, 1))
+        nest = sn.wrap(model, sn.Width("ch", [4, 8], out="0", norm="1", inp="2"))
+        x = torch.randn(4, 5, 5)
+        y = torch.randint(0, 5, (4, 5)) if target == "square_indices" else torch.randn(4, 5, 5).softmax(1)
+        loss_fn = F.cross_entropy
+    else:
+        model = _Seg(5, 4 if target == "full_resolution" else 1)
+        nest = sn.wrap(model, sn.Width("ch", [8, 16], out="a", norm="bn", inp="b"))
+        x = torch.randn(2, 3, 8, 12)
+        y, loss_fn = {
+            "column_of_indices": (torch.randint(0, 5, (2, 1, 8, 12)), lambda o, t: F.cross_entropy(o, t[:, 0])),
+            "full_resolution": (torch.randint(0, 5, (2, 8, 12)), lambda o, t: F.cross_entropy(
+                F.interpolate(o, size=t.shape[-2:], mode="bilinear"), t)),
+        }[target]
     before = copy.deepcopy(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = sn.Sampler(nest.submodels, k=2, seed=0)
     with pytest.raises(sn.SortedNetError, match=r"Distill\(axis="):
-        sn.fit(nest, [(x, y)], opt, sampler, loss_fn=F.cross_entropy, distill=sn.Distill(), progress=False)
+        sn.fit(nest, [(x, y)], opt, sampler, loss_fn=loss_fn, distill=sn.Distill(), progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    sn.fit(nest, [(x, y)], opt, sampler, loss_fn=F.cross_entropy, distill=sn.Distill(axis=1), progress=False)
+    sn.fit(nest, [(x, y)], opt, sampler, loss_fn=loss_fn, distill=sn.Distill(axis=1), progress=False)
     assert not all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("case", ["shifted_labels", "bool_mask"])
+def test_fit_distills_over_the_classes_the_targets_tell(case):
+    """(B, L, V) logits with labels (B, L + 1) that the loss shifts: neither rule's shape, a language model's
+    layout, distilled over the last axis as before (not refused); a bool mask (B, H, W) of a two-class (B, 2, H, W)
+    prediction: over axis 1 (it was read as no class indices: the image width)."""
+    torch.manual_seed(0)
+    seen = []
+    if case == "bool_mask":
+        model, classes = _Seg(2), 2
+        nest = sn.wrap(model, sn.Width("ch", [8, 16], out="a", norm="bn", inp="b"))
+        data = [(torch.randn(2, 3, 8, 12), torch.rand(2, 8, 12) > 0.5)]
+        loss_fn = lambda o, t: F.cross_entropy(o, t.long())  # noqa: E731
+    else:
+        model, classes = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                             torch.nn.Linear(16, 11)), 11
+        nest = sn.wrap(model, sn.Width("h", [8, 16], out="1", inp="3"))
+        ids = torch.randint(0, 11, (2, 7))
+        data = [(ids[:, :-1], ids)]
+        loss_fn = lambda o, t: F.cross_entropy(o.transpose(1, 2), t[:, 1:])  # noqa: E731
+    soft = sn.Distill.soft_loss
+
+    class Spy(sn.Distill):
+        def soft_loss(self, s, t, mask=None):
+            seen.append(self.class_axis(s) == s.dim() - 1 and s.shape[-1] == classes)
+            return soft(self, s, t, mask)
+
+    sn.fit(nest, data, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest.submodels, k=2, seed=0),
+           loss_fn=loss_fn, distill=Spy(), progress=False)
+    assert seen and all(seen)
 
 
 @pytest.mark.parametrize("axis", [1, -2])

@@ -565,19 +565,22 @@ def _class_axis(out: Any, y: Any, default_loss: bool, step: int) -> int:
         return 0
     if default_loss:
         return 1
-    if not isinstance(y, Tensor):
-        return 0
-    first = tuple(y.shape) == (out.shape[0], *out.shape[2:])
-    last = tuple(y.shape) == tuple(out.shape[:-1])
-    integer = not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
-    if integer and first and not last:
-        return 1
-    if (integer and first and last) or (not integer and tuple(y.shape) == tuple(out.shape)):
+    what = f"targets {y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else f"targets of type {type(y).__name__}"
+    first = last = False
+    if isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex()):  # (class indices, a bool mask)
+        first = tuple(y.shape) == (out.shape[0], *out.shape[2:])
+        last = tuple(y.shape) == tuple(out.shape[:-1])
+    if first != last:
+        return 1 if first else 0
+    # (neither or both: a (batch, length, vocab) output with labels of another length, shifted by the loss, reads
+    # its vocabulary last; a dense prediction (batch, classes, H, W) with targets (batch, 1, H, W), at another
+    # resolution or as soft labels, holds its classes on axis 1; square shapes fit both)
+    if first or out.dim() >= 4 or (isinstance(y, Tensor) and tuple(y.shape) == tuple(out.shape)):
         raise SortedNetError(
-            f"fit(distill=...): the output of step {step}, {tuple(out.shape)}, with targets {y.dtype} "
-            f"{tuple(y.shape)}, could hold its classes on axis 1 (a (batch, classes, ...) output, as "
-            f"F.cross_entropy reads it) or on the last axis (a (batch, length, vocab) output): name it, "
-            f"sn.Distill(axis=1) or sn.Distill(axis=-1), for the soft term's softmax")
+            f"fit(distill=...): the output of step {step}, {tuple(out.shape)}, with {what}, could hold its "
+            f"classes on axis 1 (a (batch, classes, ...) output, as F.cross_entropy reads it) or on the last axis "
+            f"(a (batch, length, vocab) output), and the targets do not tell: name it, sn.Distill(axis=1) or "
+            f"sn.Distill(axis=-1), for the soft term's softmax")
     return 0
 
 
@@ -1020,7 +1023,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 if loss_fn is None and isinstance(y, Tensor) and y.dtype != torch.int64:
                     y = y.long()  # (class indices of any integer type, bool as 0 / 1: F.cross_entropy takes int64)
                 if step == first and (loss_fn is None or distill is not None):
-                    _check_output(nest, x, distill is not None)
+                    _check_output(nest, x, distill, y, loss_fn is None, step)
 
                 def closure(x: Any = x, y: Any = y, step: int = step
                             ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
@@ -1162,11 +1165,13 @@ def _required_closure(optimizer: Any) -> str:
     return next((n for n, p in params.items() if n == "closure" and p.default is p.empty), "")
 
 
-def _check_output(nest: Nest, x: Any, distill: bool) -> None:
+def _check_output(nest: Nest, x: Any, distill: Distill | None, y: Any = None, default_loss: bool = True,
+                  step: int = 0) -> None:
     """``fit``'s default loss (and distillation) read the model's output as a tensor of logits: checked on the
     first batch before any training forward, by a training-mode forward of the smallest sub-model without
     gradients on a private view (dropout off, its own BatchNorm statistics, every other buffer put back, no
-    random number drawn), so a model returning a dict or a tuple is refused before anything changes. A model
+    random number drawn), so a model returning a dict or a tuple is refused before anything changes, and so is
+    a distillation whose class axis the targets ``y`` do not tell (:func:`_class_axis`). A model
     that cannot run so (a forward that takes gradients itself, a module that cannot be copied) is not checked
     here: the training forward's output is checked before its backward."""
     model = nest.model
@@ -1186,6 +1191,10 @@ def _check_output(nest: Nest, x: Any, distill: bool) -> None:
         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output as a tensor of "
                              f"logits, but the model returns {got}: pass loss_fn=, e.g. lambda out, y: "
                              "F.cross_entropy(out['logits'], y)")
+    if distill is not None and distill.axis is not None:
+        distill.class_axis(out)  # (an axis the logits do not have: refused before any training forward)
+    elif distill is not None:
+        _class_axis(out, y, default_loss, step)
 
 
 @contextlib.contextmanager
