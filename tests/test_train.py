@@ -1985,3 +1985,31 @@ def test_fit_keeps_calibrated_statistics_while_no_step_changes_a_weight(skipped)
     assert all(torch.equal(before[k], p) for k, p in m.named_parameters())
     assert nest._calibrated() == ["1"]
     assert not any("BatchNorm statistics of nest.calibrate" in str(w.message) for w in seen)
+
+
+def test_fit_takes_an_optimizer_of_ones_own_without_param_groups():
+    """fit needs ``step`` and ``zero_grad`` only: an optimizer of one's own without ``param_groups`` raised a raw
+    AttributeError after its first backward (its gradient check and its calibration check read them)."""
+
+    class Plain:
+        def __init__(self, params):
+            self.params = list(params)
+
+        def step(self):
+            with torch.no_grad():
+                for p in self.params:
+                    if p.grad is not None:
+                        p -= 0.1 * p.grad
+
+        def zero_grad(self, set_to_none=True):
+            for p in self.params:
+                p.grad = None
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    for nonfinite in ("ignore", "skip"):
+        before = [p.detach().clone() for p in m.parameters()]
+        sn.fit(nest, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], Plain(m.parameters()),
+               sn.Sampler(nest.submodels, k=2, seed=0), nonfinite=nonfinite, progress=False)
+        assert all(not torch.equal(b, p) for b, p in zip(before, m.parameters()))

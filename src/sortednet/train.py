@@ -1077,8 +1077,9 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     warnings.warn(what + ": skipped its optimizer step (the weights are as before it, the "
                                   "BatchNorm running statistics its forwards updated are not; the step counts, as a "
                                   "step whose every sub-model was skipped)", NonFiniteLossWarning, stacklevel=4)
-                if not stepped and not poisoned and any(p.grad is not None for g in optimizer.param_groups
-                                                        for p in g["params"]):
+                groups = getattr(optimizer, "param_groups", None)  # (an optimizer of one's own may have none)
+                held = (p for g in groups for p in g["params"]) if groups is not None else model.parameters()
+                if not stepped and not poisoned and any(p.grad is not None for p in held):
                     drop_stale_calibration(nest, "fit", stacklevel=4)  # the weights change now: calibrated
                     stepped = True  # statistics would describe old ones (no gradient, every loss skipped: none do)
                 reached[1] = "optimizer"
@@ -1122,7 +1123,9 @@ def _nonfinite_grads(optimizer: Any, model: nn.Module) -> list[str]:
     gradient's stored values): the 2-norm of each (``_foreach_norm``, one sync per device; a tenth of the time of
     ``isfinite`` per tensor on CPU), and where one is not finite, which may be an overflow of the norm alone
     (float16), an exact check of that gradient."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, "grad", None) is not None]
+    groups = getattr(optimizer, "param_groups", None)  # (an optimizer of one's own may have none: the model's)
+    held = (p for g in groups for p in g["params"]) if groups is not None else model.parameters()
+    params = [p for p in held if getattr(p, "grad", None) is not None]
     by_device: dict[Any, list[int]] = {}
     values = []
     for i, p in enumerate(params):
