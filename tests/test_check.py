@@ -4093,6 +4093,15 @@ class _Doubled(nn.Module):
         x = F.relu(self.stem(x))
         if self.how == "repeat":
             y = self.conv(x) + x.repeat(1, 2, 1, 1)
+        elif self.how == "repeat_keyword":
+            y = self.conv(x) + x.repeat(repeats=(1, 2, 1, 1))
+        elif self.how == "tile":
+            y = self.conv(x) + torch.tile(x, (2, 1, 1))
+        elif self.how in ("front_ones", "front_circular"):  # (the channels last, of (B, H * W, C))
+            b, c, h, w = x.shape
+            t = x.flatten(2).transpose(1, 2)
+            t = F.pad(t, (8, 0), value=1.0) if self.how == "front_ones" else F.pad(t, (8, 0), mode="circular")
+            y = t.transpose(1, 2).reshape(b, -1, h, w)
         elif self.how == "replicate":  # (the channels moved last, of (B, H * W, C): replicate pads the last axis)
             b, c, h, w = x.shape
             y = F.pad(x.flatten(2).transpose(1, 2), (0, 8), mode="replicate").transpose(1, 2).reshape(b, -1, h, w)
@@ -4101,22 +4110,25 @@ class _Doubled(nn.Module):
         return self.head(F.relu(y)).mean((2, 3))
 
 
-@pytest.mark.parametrize("how", ["repeat", "ones", "replicate", "zeros"])
+@pytest.mark.parametrize("how", ["repeat", "repeat_keyword", "tile", "ones", "replicate", "front_circular", "zeros",
+                                 "front_ones"])
 def test_a_repeat_or_a_padding_of_other_values_along_the_sliced_axis_is_refused(how):
-    """``x.repeat(1, 2, 1, 1)`` along the channels (a channel-doubling shortcut) and a channel padding of other
-    values than zeros put other values next to a sub-model's first units than the full model has there (0.12
-    and 0.30 off the masked full model), with shapes that fit: ``check`` passed them in silence (the trace named
-    them, check read neither reason). Refused, naming the op; a zero padding is the masked full model, accepted."""
+    """``x.repeat(1, 2, 1, 1)`` along the channels (a channel-doubling shortcut, also as ``torch.tile`` or
+    ``repeat(repeats=)``) and a channel padding of other values than zeros after the units (or wrapped units
+    before them) put other values next to a sub-model's first units than the full model has there (0.12 and 0.30
+    off the masked full model), with shapes that fit: ``check`` passed them in silence (the trace named them,
+    check read neither reason; tile only warned). Refused, naming the op; a zero padding, or a constant before
+    the units, is the masked full model: accepted."""
     m = _Doubled(how).eval()
     x = torch.randn(2, 3, 8, 8)
-    if how == "repeat":
+    if how in ("repeat", "repeat_keyword", "tile"):
         dims = (sn.Width("c", [4, 8], out="stem", inp="conv"), sn.Width("c2", [8, 16], out="conv", inp="head"))
         subs = [{"c": 4, "c2": 8}, {"c": 8, "c2": 16}]
     else:
         dims = (sn.Width("c", [4, 8], out="stem"), sn.Width("c2", [12, 16], inp="head"))
         subs = [{"c": 4, "c2": 12}, {"c": 8, "c2": 16}]
     before = snapshot(m)
-    if how == "zeros":
+    if how in ("zeros", "front_ones"):
         nest = sn.wrap(m, *dims, example=x, submodels=subs)
         with torch.no_grad():
             with nest.use(nest.smallest):
@@ -4128,6 +4140,7 @@ def test_a_repeat_or_a_padding_of_other_values_along_the_sliced_axis_is_refused(
             masked.head.weight[:, 12:] = 0
             torch.testing.assert_close(live, masked(x))
         return
-    with pytest.raises(sn.SortedNetError, match="repeat" if how == "repeat" else r"pad.* other values than zeros"):
+    with pytest.raises(sn.SortedNetError, match=r"repeat|tile" if how in ("repeat", "repeat_keyword", "tile")
+                       else r"pad.* other values than zeros"):
         sn.wrap(m, *dims, example=x, submodels=subs)
     assert_unchanged(m, before)

@@ -294,21 +294,25 @@ def handle(a, ev) -> bool:
         pad = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("pad")
         mode = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("mode", "constant")
         value = ev.args[3] if len(ev.args) > 3 else ev.kwargs.get("value")
-        # zeros around a sub-model's first units are the full model's with the rest masked; other values (a
-        # constant of ones, reflected / replicated / wrapped units) put other values next to its units
-        moves = mode not in (None, "constant") or bool(value)
+        # after a sub-model's last unit, zeros are the full model's next units masked, other values (a constant
+        # of ones, reflected / replicated units) are not; before its first, any constant or its own first units
+        # (replicate, reflect) are the full model's, but wrapped ones (circular) are its last units
+        plain = mode in (None, "constant")
         xv, o = a.of(x), outs[0]
         srcs = [[v] for v in xv]
         for j in range(len(pad) // 2):
             if pad[2 * j] or pad[2 * j + 1]:
+                moves = (pad[2 * j + 1] > 0 and not (plain and not value)) or (pad[2 * j] > 0 and mode == "circular")
                 a.uf.fix(xv[-1 - j], f"{why} pads this axis" + (
                     f" with other values than zeros ({mode!r}" + (f", value={value!r})" if value else ")")
                     if moves else ""))
                 srcs[-1 - j] = []
         a.assign(o, srcs, why)
         return True
-    if name == "repeat":
-        reps = ev.args[1:] if len(ev.args) > 2 or not isinstance(ev.args[1], (tuple, list)) else ev.args[1]
+    if name in ("repeat", "tile"):  # (x.repeat(1, 2), x.repeat((1, 2)), x.repeat(repeats=...), torch.tile(x, dims))
+        reps = ev.kwargs.get("repeats", ev.kwargs.get("dims")) if len(ev.args) < 2 else (
+            ev.args[1:] if len(ev.args) > 2 or not isinstance(ev.args[1], (tuple, list)) else ev.args[1])
+        reps = (1,) * (x.dim() - len(reps)) + tuple(reps)  # (tile: fewer dims than the tensor's repeat the last)
         xv, o = a.of(x), outs[0]
         srcs: list[list[int]] = [[] for _ in o.shape]
         for i in range(1, x.dim() + 1):
