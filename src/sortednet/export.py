@@ -71,7 +71,7 @@ def export_submodel(nest: Nest, sub: SubModel) -> nn.Module:
     (True, torch.Size([10, 4]), 40)
     """
     model = nest.model
-    token = EXPORTING.set(model)
+    token = EXPORTING.set([model, None])
     try:
         return _export(nest, model, sub)
     finally:

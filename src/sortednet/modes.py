@@ -46,9 +46,10 @@ def casts_stale() -> None:
         torch.clear_autocast_cache()
 
 
-#: the model ``export`` copies, while it runs (a slicer's export checks its plain tensor attributes against every
-#: parameter and buffer of it: one held there would be exported as a detached copy)
-EXPORTING: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar("sortednet_exporting", default=None)
+#: ``[model, None]`` while ``export`` copies the model (a slicer's export checks its plain tensor attributes against
+#: every parameter and buffer of it, mapped by storage into the second item at the first such check: one held there
+#: would be exported as a detached copy)
+EXPORTING: contextvars.ContextVar[list | None] = contextvars.ContextVar("sortednet_exporting", default=None)
 
 #: the device types whose autocast :func:`exact_math` turns off where it is on
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")

@@ -586,10 +586,14 @@ def _refuse_derived(live: nn.Module, name: str) -> None:
         return
     sources = [n for n, p in live._parameters.items() if p is not None and _aliases(v, p)]
     if not sources:  # (another module's parameter, a view of a buffer: the copy would be cut loose from them)
-        root = EXPORTING.get()
-        named = [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)] \
-            if root is not None else [*live._parameters.items(), *live._buffers.items()]
-        sources = [n for n, t in named if t is not None and _aliases(v, t)]
+        held = EXPORTING.get()
+        if held is None:
+            sources = [n for n, t in (*live._parameters.items(), *live._buffers.items())
+                       if t is not None and _aliases(v, t)]
+        else:  # (the model's storages, mapped once per export: a walk per attribute was quadratic)
+            if held[1] is None:
+                held[1] = _storages(held[0])
+            sources = held[1].get(_storage(v), [])
     if not sources and v.grad_fn is not None:
         own = {id(p): n for n, p in live._parameters.items() if p is not None}
         sources = [own.get(id(t), f"a parameter {tuple(t.shape)} of another module") for t in _leaves(v.grad_fn)
@@ -603,6 +607,23 @@ def _refuse_derived(live: nn.Module, name: str) -> None:
             ": the export would hold a detached copy of it that no longer follows them (training the export would "
             "not change it). Compute it in forward from the parameter (x @ self.weight.t()), or in a property of "
             "the class left out of the slicer's attrs (it then reads the sliced parameter)")
+
+
+def _storage(t: Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # (a tensor without storage: nothing to write through)
+        return None
+
+
+def _storages(root: nn.Module) -> dict[int | None, list[str]]:
+    """The names of ``root``'s parameters and buffers (not empty) by the address of their storage."""
+    out: dict[int | None, list[str]] = {}
+    for n, t in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+        if t is not None and t.numel() > 0 and (ptr := _storage(t)) is not None:
+            out.setdefault(ptr, []).append(n)
+    out.pop(0, None)  # (storages of no memory: meta tensors)
+    return out
 
 
 def _leaves(fn: Any, limit: int = 10_000) -> list[Tensor]:
