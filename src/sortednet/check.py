@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .cost import call_model
-from .coupling import analyse
+from .coupling import MOVED, analyse
 from .coupling_ops import _hf_conv1d, leaves
 from .errors import SortedNetError, caller_outside
 from .export import CompiledForwardWarning
@@ -59,12 +59,7 @@ def _bound(nest: Nest) -> dict[tuple[str, str], Any]:
             if role in ("out", "inp", "norm") and b.dim.kind == "width"}
 
 
-#: why the wiring trace fixes an axis, when the op moves features between positions: a prefix of the axis is not
-#: a prefix of what the op makes of it (a slice or an index, chunk / split / unbind, concatenation, roll / flip,
-#: a reshape that splits or merges the axis, a repeat, padding with other values than zeros): a sub-model computes
-#: on other units than the full model, with shapes that fit
-_MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|regrouped by|"
-                    r"merges or splits this axis|repeats this axis|pads this axis with other values")
+_MOVED = MOVED  # (why the wiring trace fixes an axis when an op moves units between positions: coupling.py)
 
 
 def _bound_groups(nest: Nest, example: Any, model: Any) -> list[tuple[Any, list[tuple[tuple[str, str], Any]]]]:

@@ -20,6 +20,7 @@ example's path (a data-dependent branch may couple differently on other inputs).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +62,23 @@ class Coupling:
         return [g for g in self.groups if g.fixed is None and g.size >= 2 and g.roles("out")]
 
 
+#: why the wiring trace fixes an axis, when the op moves features between positions: a prefix of the axis is not
+#: a prefix of what the op makes of it (a slice or an index, chunk / split / unbind, concatenation, roll / flip,
+#: a reshape that splits or merges the axis, a repeat, padding with other values than zeros): a sub-model computes
+#: on other units than the full model, with shapes that fit (``check`` refuses such a group)
+MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|regrouped by|"
+                   r"merges or splits this axis|repeats this axis|pads this axis with other values")
+
+
+def _moves(reason: str | None) -> bool:
+    return reason is not None and MOVED.search(reason) is not None
+
+
 class _UF:
-    """Union-find over axis variables with size, bindings, a fixed reason and a size multiple."""
+    """Union-find over axis variables with size, bindings, a fixed reason and a size multiple. A reason that moves
+    units (:data:`MOVED`) replaces one that does not (a zero padding of the axis first, a repeat of it later: the
+    repeat is what ``check`` must see), and reaches the axis a padding was made from (``origin``: a padded axis is
+    a new variable of another size, and an op moving its units moves the source's)."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
@@ -71,6 +87,7 @@ class _UF:
         self.binds: list[list[tuple[str, str]]] = []
         self.mult: list[int] = []
         self.roles: dict[tuple[str, str], int] = {}
+        self.origin: dict[int, int] = {}  # padded axis -> the axis it was padded from
 
     def new(self, size: int, fixed: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -95,15 +112,31 @@ class _UF:
         self.parent[b] = a
         if self.size[a] != self.size[b]:
             self.fixed[a] = self.fixed[a] or f"sizes {self.size[a]} and {self.size[b]} meet"
-        self.fixed[a] = self.fixed[a] or self.fixed[b]
+        moved = self.fixed[b] if _moves(self.fixed[b]) and not _moves(self.fixed[a]) else None
+        self.fixed[a] = moved or self.fixed[a] or self.fixed[b]
         self.binds[a] += [x for x in self.binds[b] if x not in self.binds[a]]
         self.mult[a] = math.lcm(self.mult[a], self.mult[b])
+        if moved or (_moves(self.fixed[a]) and self.origin):
+            self._to_origins(a, self.fixed[a])
         return a
 
     def fix(self, v: int, reason: str) -> None:
         r = self.find(v)
-        if self.size[r] > 1 and self.fixed[r] is None:
+        if self.size[r] > 1 and (self.fixed[r] is None or (_moves(reason) and not _moves(self.fixed[r]))):
             self.fixed[r] = reason
+        if _moves(reason) and self.origin:
+            self._to_origins(r, reason)
+
+    def _to_origins(self, r: int, reason: str, seen: set[int] | None = None) -> None:
+        """A reason that moves units, given to group ``r``, reaches the axes its padded axes were made from."""
+        seen = set() if seen is None else seen
+        for u, src in list(self.origin.items()):
+            if src not in seen and self.find(u) == r:
+                seen.add(src)
+                s = self.find(src)
+                if self.size[s] > 1 and not _moves(self.fixed[s]):
+                    self.fixed[s] = reason
+                self._to_origins(s, reason, seen)
 
     def bind(self, v: int, path: str, role: str) -> None:
         r = self.find(v)

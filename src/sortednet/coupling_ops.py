@@ -290,10 +290,13 @@ def handle(a, ev) -> bool:
         for o in outs:
             a.assign(o, [[xv[i]] if i < x.dim() - k else [] for i in range(o.dim())], f"spatial axis ({why})")
         return True
-    if name == "pad":
+    if name in ("pad", "constant_pad_nd"):  # (F.pad(x, pad, mode, value); torch.constant_pad_nd(x, pad, value))
         pad = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("pad")
-        mode = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("mode", "constant")
-        value = ev.args[3] if len(ev.args) > 3 else ev.kwargs.get("value")
+        if name == "pad":
+            mode = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("mode", "constant")
+            value = ev.args[3] if len(ev.args) > 3 else ev.kwargs.get("value")
+        else:
+            mode, value = "constant", ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("value")
         # after a sub-model's last unit, zeros are the full model's next units masked, other values (a constant
         # of ones, reflected / replicated units) are not; before its first, any constant or its own first units
         # (replicate, reflect) are the full model's, but wrapped ones (circular) are its last units
@@ -307,7 +310,10 @@ def handle(a, ev) -> bool:
                     f" with other values than zeros ({mode!r}" + (f", value={value!r})" if value else ")")
                     if moves else ""))
                 srcs[-1 - j] = []
-        a.assign(o, srcs, why)
+        ov = a.assign(o, srcs, why)
+        for j in range(len(pad) // 2):  # (an op that moves the padded axis' units moves the source's: coupling)
+            if (pad[2 * j] or pad[2 * j + 1]) and len(ov) > j and len(xv) > j:
+                a.uf.origin[ov[-1 - j]] = xv[-1 - j]
         return True
     if name in ("repeat", "tile"):  # (x.repeat(1, 2), x.repeat((1, 2)), x.repeat(repeats=...), torch.tile(x, dims))
         reps = ev.kwargs.get("repeats", ev.kwargs.get("dims")) if len(ev.args) < 2 else (
