@@ -1759,7 +1759,8 @@ class _Seg(torch.nn.Module):
         return self.b(torch.relu(self.bn(self.a(F.avg_pool2d(x, self.k) if self.k > 1 else x))))
 
 
-@pytest.mark.parametrize("target", ["square_indices", "soft_labels", "column_of_indices", "full_resolution"])
+@pytest.mark.parametrize("target", ["square_indices", "soft_labels", "column_of_indices", "full_resolution",
+                                    "column_of_a_sequence"])
 def test_fit_refuses_distilling_a_dense_prediction_whose_class_axis_it_cannot_tell(target):
     """A loss of the user's own on outputs whose class axis the targets do not tell: integer targets (batch, n)
     of a (batch, n, n) output fit classes on axis 1 and on the last axis alike, soft labels of the output's shape
@@ -1767,12 +1768,14 @@ def test_fit_refuses_distilling_a_dense_prediction_whose_class_axis_it_cannot_te
     loss that upsamples): the soft term's softmax ran over the image width, in silence. Refused before any
     training forward (the BatchNorm statistics as they were), naming ``Distill(axis=)``; with it, fit trains."""
     torch.manual_seed(0)
-    if target in ("square_indices", "soft_labels"):
+    if target in ("square_indices", "soft_labels", "column_of_a_sequence"):
         model = torch.nn.Sequential(torch.nn.Conv1d(5, 8, 1), torch.nn.BatchNorm1d(8), torch.nn.Conv1d(8, 5, 1))
         nest = sn.wrap(model, sn.Width("ch", [4, 8], out="0", norm="1", inp="2"))
-        x = torch.randn(4, 5, 5)
-        y = torch.randint(0, 5, (4, 5)) if target == "square_indices" else torch.randn(4, 5, 5).softmax(1)
-        loss_fn = F.cross_entropy
+        x = torch.randn(4, 5, 5 if target != "column_of_a_sequence" else 6)
+        y = {"square_indices": lambda: torch.randint(0, 5, (4, 5)),
+             "soft_labels": lambda: torch.randn(4, 5, 5).softmax(1),
+             "column_of_a_sequence": lambda: torch.randint(0, 5, (4, 1, 6))}[target]()
+        loss_fn = F.cross_entropy if target != "column_of_a_sequence" else lambda o, t: F.cross_entropy(o, t[:, 0])
     else:
         model = _Seg(5, 4 if target == "full_resolution" else 1)
         nest = sn.wrap(model, sn.Width("ch", [8, 16], out="a", norm="bn", inp="b"))

@@ -575,7 +575,8 @@ def _class_axis(out: Any, y: Any, default_loss: bool, step: int) -> int:
     # (neither or both: a (batch, length, vocab) output with labels of another length, shifted by the loss, reads
     # its vocabulary last; a dense prediction (batch, classes, H, W) with targets (batch, 1, H, W), at another
     # resolution or as soft labels, holds its classes on axis 1; square shapes fit both)
-    if first or out.dim() >= 4 or (isinstance(y, Tensor) and tuple(y.shape) == tuple(out.shape)):
+    if first or out.dim() >= 4 or (isinstance(y, Tensor) and y.dim() == out.dim()):  # (labels of as many axes
+        # as the logits are no language model's (B, L): a (B, 1, L) column, soft labels of the output's shape)
         raise SortedNetError(
             f"fit(distill=...): the output of step {step}, {tuple(out.shape)}, with {what}, could hold its "
             f"classes on axis 1 (a (batch, classes, ...) output, as F.cross_entropy reads it) or on the last axis "
