@@ -2679,3 +2679,37 @@ def test_a_state_dict_of_other_shapes_is_refused_before_any_tensor_is_copied(cas
     assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
     dst.load_state_dict({k: v + 1 for k, v in before.items()}, strict=strict)
     assert all(torch.equal(v, before[k] + 1) for k, v in dst.state_dict().items())
+
+
+def test_a_part_of_the_model_loaded_alone_refuses_other_shapes_before_any_copy_and_a_converting_hook_loads():
+    """``model.block.load_state_dict(sd)`` of a block of a nest of another rank: only the whole model's load was
+    checked, so the block's other tensors were copied before PyTorch's size mismatch. A load pre-hook of the
+    user's own that converts an old layout (a flat weight viewed back) was refused by the whole model's check,
+    which ran before it: such a module (and what is below it) is left to its hook."""
+    def build(ranks):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8)), nn.Linear(8, 3))
+        sn.wrap(m, sn.Rank("r", ranks, targets=["0.0", "0.1"], mode="lora"))
+        return m
+
+    m, other = build([2, 4]), build([2, 3])
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    part = {k[2:]: v for k, v in other.state_dict().items() if k.startswith("0.")}
+    with pytest.raises(sn.SortedNetError, match=r"size mismatch .*0\.lora_A: \(3, 4\) for \(4, 4\)"):
+        m[0].load_state_dict(part)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+    def upgrade(sd, prefix, *args):
+        if sd.get(prefix + "weight") is not None and sd[prefix + "weight"].dim() == 1:
+            sd[prefix + "weight"] = sd[prefix + "weight"].view(3, 8)
+
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    m[2]._register_load_state_dict_pre_hook(upgrade)
+    old = {k: v + 1 for k, v in m.state_dict().items()}
+    old["2.weight"] = old["2.weight"].flatten()
+    sn.wrap(m, sn.Width("w", [4, 8], out="0", inp="2"))
+    m.load_state_dict(old)
+    assert torch.equal(m.state_dict()["2.weight"], old["2.weight"].view(3, 8))

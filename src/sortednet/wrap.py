@@ -520,7 +520,9 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
         # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
         _guard_state_keys(model, planned, keyed, hooks)
-        hooks.append(model._register_load_state_dict_pre_hook(StateShapes(), with_module=True))
+        shapes = StateShapes()  # (on every module: a load into a sub-module checks its own part)
+        for m in model.modules():
+            hooks.append(m._register_load_state_dict_pre_hook(shapes, with_module=True))
         bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
         if bns:  # calibration possible: a load that changes any tensor makes it stale
             stale = StaleCalibration(bns)
@@ -646,17 +648,26 @@ _LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._loa
 
 
 class StateShapes:
-    """``load_state_dict`` pre-hook of the wrapped model: a tensor of another shape than the model's own (a
-    checkpoint of a nest of another largest size or rank: ``lora_A`` (4, in) for (8, in)) is refused here, before
-    any tensor is copied; PyTorch refuses it only after copying every other tensor (a half-loaded model). Modules
-    with a loader of their own (quantized layers) are left to it."""
+    """``load_state_dict`` pre-hook of every module of the wrapped model; the module ``load_state_dict`` was called
+    on (the whole model or a part) checks its part: a tensor of another shape than the model's own (a checkpoint
+    of a nest of another largest size or rank: ``lora_A`` (4, in) for (8, in)) is refused here, before any tensor
+    is copied; PyTorch refuses it only after copying every other tensor (a half-loaded model). Modules with a
+    loader of their own (quantized layers), or under a load pre-hook of someone else's (which may convert an old
+    layout), are left to it."""
 
     __slots__ = ()
 
     def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, *args: Any) -> None:
+        if _loading() is not module:  # (a part of the load: the module it was called on checked it)
+            return
         bad = []
-        for path, m in module.named_modules(remove_duplicate=False):  # (as load_state_dict walks: a shared
-            st = m.__dict__.get("_sn")                                   # module under each of its paths)
+        stack: list[tuple[str, nn.Module]] = [("", module)]
+        while stack:  # (as load_state_dict walks: a shared module under each of its paths)
+            path, m = stack.pop()
+            if any(not _ours(h) for h in m._load_state_dict_pre_hooks.values()):
+                continue  # (a hook of someone else's may convert the state_dict of this module and below)
+            stack.extend((f"{path}.{n}" if path else n, c) for n, c in m._modules.items() if c is not None)
+            st = m.__dict__.get("_sn")
             if getattr(st.cls if st is not None else type(m), "_load_from_state_dict", None) not in _LOADERS:
                 continue
             at = prefix + (f"{path}." if path else "")
@@ -673,6 +684,16 @@ class StateShapes:
                 f"({'; '.join(bad[:4])}"
                 f"{' ...' if len(bad) > 4 else ''}): nothing was copied (PyTorch would refuse them only after copying "
                 "every other tensor). A checkpoint of a nest of other sizes or ranks? sn.load names the difference")
+
+
+def _loading() -> nn.Module | None:
+    """The module whose ``load_state_dict`` runs in this thread (the innermost call), if any."""
+    f, code = sys._getframe(2), nn.Module.load_state_dict.__code__
+    while f is not None:
+        if f.f_code is code:
+            return f.f_locals.get("self")
+        f = f.f_back
+    return None
 
 
 def _strict_load() -> bool:
