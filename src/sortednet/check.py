@@ -1428,6 +1428,21 @@ def _rel_diff(x: torch.Tensor, y: torch.Tensor, floor: float) -> float:
     return ((x - y).abs().max() / y.abs().max().clamp_min(floor)).item()
 
 
+def _in_float32(view: nn.Module, example: Any, measure: Callable[[Any], float | None]) -> float | None:
+    """``measure(example)`` with the half-precision tensors of ``view`` (a private view) and of the example in
+    float32; None where there are none, or it does not run so (a forward casting to its own half dtype)."""
+    with _wide(view) as wide:
+        if not wide:
+            return None
+        flat, spec = tree_flatten(example)
+        wide_example = tree_unflatten([t.float() if isinstance(t, torch.Tensor) and t.dtype in (
+            torch.float16, torch.bfloat16) else t for t in flat], spec)
+        try:
+            return measure(wide_example)
+        except Exception:
+            return None
+
+
 def _tolerance(nest: Nest) -> float:
     """Relative error that whole units may show: float32 / float64 rounding, or half precision's."""
     half = any(p.is_floating_point() and p.dtype not in (torch.float32, torch.float64) for p in nest.model.parameters())
@@ -2175,10 +2190,17 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                             raise _fail(nest, model, example, f"heads {d.name!r} alone at {size}", sub,
                                         f"fails: {type(e).__name__}: {e}", e) from e
                 err = whole_units_error(nest, d, size, example, model, copies)
+                limit = tol
+                if tol > 1e-3 and err is not None and err <= tol:  # half precision: its rounding (tolerance 1e-1)
+                    err32 = _in_float32(model, example, lambda ex, d=d, size=size: whole_units_error(  # hides a
+                        nest, d, size, ex, model, copies))  # layout off by a few percent (a scale of the full width
+                    #                                           over the active head count)
+                    if err32 is not None and err32 > 1e-3:
+                        err, limit = err32, 1e-3  # (measured in float32)
                 zeros = ""
-                if alt is not None and err is not None and err <= tol:
+                if alt is not None and err is not None and err <= limit:
                     err2 = whole_units_error(nest, d, size, example, *alt)
-                    if err2 is not None and not err2 <= tol:
+                    if err2 is not None and not err2 <= limit:
                         err, zeros = err2, _zero_named(nest.model, stand_ins)
                 blind = [p or "<root>" for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
                          and m._sn.bind["inp"].dim is d and not _is_maskable(m) and "rank" not in m._sn.bind
@@ -2189,7 +2211,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                   "layers whose weight columns check can mask to build the reference (a module of "
                                   "your own: test a sub-model against the full model with the other heads' "
                                   "outputs zeroed by hand)", UnverifiedHeadsWarning, stacklevel=3)
-                if err is not None and not err <= tol:
+                if err is not None and not err <= limit:
                     o = [p for p, m in nest._sliced.items() if m._sn.bind.get("inp") is not None
                          and m._sn.bind["inp"].dim is d]
                     held = _unfollowed_counts(nest, d, o)

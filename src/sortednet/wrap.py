@@ -522,12 +522,13 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         _guard_state_keys(model, planned, keyed, hooks)
         shapes = StateShapes()  # (on every module: a load into a sub-module checks its own part)
         for m in model.modules():
-            hooks.append(m._register_load_state_dict_pre_hook(shapes, with_module=True))
+            if not isinstance(m, torch.jit.ScriptModule):  # (which takes no such hook: left to PyTorch)
+                hooks.append(m._register_load_state_dict_pre_hook(shapes, with_module=True))
         bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
         if bns:  # calibration possible: a load that changes any tensor makes it stale
             stale = StaleCalibration(bns)
             for m in model.modules():
-                if m._parameters or m._buffers:
+                if (m._parameters or m._buffers) and not isinstance(m, torch.jit.ScriptModule):
                     hooks.append(m._register_load_state_dict_pre_hook(stale, with_module=True))
         for path, (m, _, bind) in planned.items():
             if "depth" in bind:
