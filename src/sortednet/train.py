@@ -1078,9 +1078,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     warnings.warn(what + ": skipped its optimizer step (the weights are as before it, the "
                                   "BatchNorm running statistics its forwards updated are not; the step counts, as a "
                                   "step whose every sub-model was skipped)", NonFiniteLossWarning, stacklevel=4)
-                groups = getattr(optimizer, "param_groups", None)  # (an optimizer of one's own may have none)
-                held = (p for g in groups for p in g["params"]) if groups is not None else model.parameters()
-                if not stepped and not poisoned and any(p.grad is not None for p in held):
+                if not stepped and not poisoned and any(p.grad is not None for p in _stepped(optimizer, model)):
                     drop_stale_calibration(nest, "fit", stacklevel=4)  # the weights change now: calibrated
                     stepped = True  # statistics would describe old ones (no gradient, every loss skipped: none do)
                 reached[1] = "optimizer"
@@ -1119,14 +1117,19 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
         _record(hist, nest, eval_data, step, None, metric)
 
 
+def _stepped(optimizer: Any, model: nn.Module) -> Iterator[Tensor]:
+    """The parameters ``optimizer`` steps (its ``param_groups``; an optimizer of one's own without them: the
+    model's)."""
+    groups = getattr(optimizer, "param_groups", None)
+    return (p for g in groups for p in g["params"]) if groups is not None else iter(model.parameters())
+
+
 def _nonfinite_grads(optimizer: Any, model: nn.Module) -> list[str]:
     """Names (in ``model``) of the parameters ``optimizer`` steps whose gradient holds a NaN / inf (a sparse
     gradient's stored values): the 2-norm of each (``_foreach_norm``, one sync per device; a tenth of the time of
     ``isfinite`` per tensor on CPU), and where one is not finite, which may be an overflow of the norm alone
     (float16), an exact check of that gradient."""
-    groups = getattr(optimizer, "param_groups", None)  # (an optimizer of one's own may have none: the model's)
-    held = (p for g in groups for p in g["params"]) if groups is not None else model.parameters()
-    params = [p for p in held if getattr(p, "grad", None) is not None]
+    params = [p for p in _stepped(optimizer, model) if getattr(p, "grad", None) is not None]
     by_device: dict[Any, list[int]] = {}
     values = []
     for i, p in enumerate(params):

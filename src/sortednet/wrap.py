@@ -687,14 +687,20 @@ class StateShapes:
                 "every other tensor). A checkpoint of a nest of other sizes or ranks? sn.load names the difference")
 
 
-def _loading() -> nn.Module | None:
-    """The module whose ``load_state_dict`` runs in this thread (the innermost call), if any."""
+def _load_call() -> dict[str, Any]:
+    """The locals of the innermost ``Module.load_state_dict`` call running in this thread (``self``, ``strict``),
+    empty where none runs (a loader of its own calling ``_load_from_state_dict``)."""
     f, code = sys._getframe(2), nn.Module.load_state_dict.__code__
     while f is not None:
         if f.f_code is code:
-            return f.f_locals.get("self")
+            return f.f_locals
         f = f.f_back
-    return None
+    return {}
+
+
+def _loading() -> nn.Module | None:
+    """The module whose ``load_state_dict`` runs in this thread (the innermost call), if any."""
+    return _load_call().get("self")
 
 
 def _strict_load() -> bool:
@@ -702,14 +708,12 @@ def _strict_load() -> bool:
     ``strict``, unless a load_state_dict post-hook in the loaded model may drop them from the result (PEFT-style
     loaders of base weights do). False if no such call is found (a loader of its own that calls
     ``_load_from_state_dict`` decides for itself)."""
-    f, code = sys._getframe(2), nn.Module.load_state_dict.__code__
-    while f is not None:
-        if f.f_code is code:
-            root = f.f_locals.get("self")
-            hooked = isinstance(root, nn.Module) and any(m._load_state_dict_post_hooks for m in root.modules())
-            return bool(f.f_locals.get("strict", True)) and not hooked
-        f = f.f_back
-    return False
+    call = _load_call()
+    if not call:
+        return False
+    root = call.get("self")
+    hooked = isinstance(root, nn.Module) and any(m._load_state_dict_post_hooks for m in root.modules())
+    return bool(call.get("strict", True)) and not hooked
 
 
 class StaleCalibration:
