@@ -2016,3 +2016,44 @@ def test_fit_takes_an_optimizer_of_ones_own_without_param_groups():
         sn.fit(nest, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], Plain(m.parameters()),
                sn.Sampler(nest.submodels, k=2, seed=0), nonfinite=nonfinite, progress=False)
         assert all(not torch.equal(b, p) for b, p in zip(before, m.parameters()))
+
+
+def test_fit_takes_an_optimizer_whose_zero_grad_takes_no_argument():
+    """An optimizer of one's own written as ``def zero_grad(self)`` (zeroing in place, as older code does) met fit's
+    ``zero_grad(set_to_none=True)`` with a raw TypeError; fit now calls it bare and then drops the gradients of the
+    parameters it steps, so the run is the one an optimizer taking ``set_to_none`` gives."""
+
+    class Plain:
+        def __init__(self, params):
+            self.params = list(params)
+
+        def step(self):
+            with torch.no_grad():
+                for p in self.params:
+                    if p.grad is not None:
+                        p -= 0.1 * p.grad
+
+    class Bare(Plain):
+        def zero_grad(self):
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.zero_()
+
+    class Kw(Plain):
+        def zero_grad(self, set_to_none=True):
+            for p in self.params:
+                p.grad = None
+
+    data = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+            for i in range(3)]
+    runs = []
+    for cls in (Bare, Kw):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+        before = [p.detach().clone() for p in m.parameters()]
+        sn.fit(nest, data, cls(m.parameters()), sn.Sampler(nest.submodels, k=2, seed=0), progress=False)
+        assert all(p.grad is None for p in m.parameters())
+        assert all(not torch.equal(b, p) for b, p in zip(before, m.parameters()))
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))

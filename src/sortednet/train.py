@@ -12,6 +12,7 @@ A loop of your own needs only :class:`~sortednet.Sampler` and :func:`accumulate`
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import random
@@ -996,6 +997,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
     from tqdm.auto import tqdm
 
     model = nest.model
+    zero_grad = _zeroer(optimizer, model)
     first = step
     stepped = False  # (an optimizer step taken: calibrated statistics dropped at the first, which a skip may delay)
     with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
@@ -1056,18 +1058,18 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
 
                 subs = sampler.draw(step)
                 if step == first:  # every step starts from no gradient, the first one too (resumed), once its
-                    optimizer.zero_grad(set_to_none=True)  # batch passed the checks (a refusal keeps the caller's)
+                    zero_grad()  # batch passed the checks (a refusal keeps the caller's)
                 try:
                     losses = accumulate(nest, subs, closure, distill=distill, nonfinite=nonfinite,
                                         weights=sampler.loss_weights_for(subs))
                 except BaseException as e:  # (nonfinite="raise", an error in the loss): the step leaves no gradient
-                    optimizer.zero_grad(set_to_none=True)
+                    zero_grad()
                     if getattr(e, "__notes__", None):  # (accumulate's advice to zero the gradients: done here)
                         e.__notes__[:] = [n for n in e.__notes__ if not n.startswith("sortednet.accumulate:")]
                     raise
                 poisoned = [] if nonfinite == "ignore" else _nonfinite_grads(optimizer, model)
                 if poisoned:
-                    optimizer.zero_grad(set_to_none=True)
+                    zero_grad()
                     what = (f"fit(): step {step} (sub-models {[str(nest.resolve(s)) for s in subs]}) left non-finite "
                             f"gradients in {poisoned[:3]}{' ...' if len(poisoned) > 3 else ''} while its losses were "
                             "finite (a NaN in a loss term's backward: sqrt or log at 0, an overflow under float16 "
@@ -1086,7 +1088,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                     optimizer.step()
                 casts_stale()  # (inside a torch.autocast region: its casts of the old weights are dropped)
                 reached[0], reached[1] = step + 1, "scheduler"  # (no signal is handled within this line)
-                optimizer.zero_grad(set_to_none=True)
+                zero_grad()
                 if scheduler is not None:
                     scheduler.step()
                 reached[1] = None
@@ -1115,6 +1117,24 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 break
     if eval_data is not None and (not hist.evals or hist.evals[-1]["step"] != step):
         _record(hist, nest, eval_data, step, None, metric)
+
+
+def _zeroer(optimizer: Any, model: nn.Module) -> Callable[[], None]:
+    """``optimizer.zero_grad(set_to_none=True)``; for an optimizer of one's own whose ``zero_grad`` takes no such
+    argument (``def zero_grad(self)``, zeroing in place), a bare call and then no gradient on the parameters it
+    steps: fit's checks read a step's gradients as the ones its backward left."""
+    try:
+        params = inspect.signature(optimizer.zero_grad).parameters.values()
+    except (TypeError, ValueError):  # (a builtin without a signature: called as torch's)
+        params = None
+    if params is None or any(p.name == "set_to_none" or p.kind is p.VAR_KEYWORD for p in params):
+        return lambda: optimizer.zero_grad(set_to_none=True)
+
+    def bare() -> None:
+        optimizer.zero_grad()
+        for p in _stepped(optimizer, model):
+            p.grad = None
+    return bare
 
 
 def _stepped(optimizer: Any, model: nn.Module) -> Iterator[Tensor]:
