@@ -1760,22 +1760,27 @@ class _Seg(torch.nn.Module):
 
 
 @pytest.mark.parametrize("target", ["square_indices", "soft_labels", "column_of_indices", "full_resolution",
-                                    "column_of_a_sequence"])
+                                    "column_of_a_sequence", "dict_of_indices", "tuple_of_indices"])
 def test_fit_refuses_distilling_a_dense_prediction_whose_class_axis_it_cannot_tell(target):
     """A loss of the user's own on outputs whose class axis the targets do not tell: integer targets (batch, n)
     of a (batch, n, n) output fit classes on axis 1 and on the last axis alike, soft labels of the output's shape
     say nothing, nor do a (B, 1, H, W) column of indices or targets at another resolution than the logits (a
-    loss that upsamples): the soft term's softmax ran over the image width, in silence. Refused before any
-    training forward (the BatchNorm statistics as they were), naming ``Distill(axis=)``; with it, fit trains."""
+    loss that upsamples): the soft term's softmax ran over the image width, in silence. Nor do targets in a dict
+    or a tuple (a (B, C, L) tagger's softmax ran over the positions). Refused before any training forward (the
+    BatchNorm statistics as they were), naming ``Distill(axis=)``; with it, fit trains."""
     torch.manual_seed(0)
-    if target in ("square_indices", "soft_labels", "column_of_a_sequence"):
+    if target in ("square_indices", "soft_labels", "column_of_a_sequence", "dict_of_indices", "tuple_of_indices"):
         model = torch.nn.Sequential(torch.nn.Conv1d(5, 8, 1), torch.nn.BatchNorm1d(8), torch.nn.Conv1d(8, 5, 1))
         nest = sn.wrap(model, sn.Width("ch", [4, 8], out="0", norm="1", inp="2"))
-        x = torch.randn(4, 5, 5 if target != "column_of_a_sequence" else 6)
+        x = torch.randn(4, 5, 5 if target in ("square_indices", "soft_labels") else 6)
         y = {"square_indices": lambda: torch.randint(0, 5, (4, 5)),
              "soft_labels": lambda: torch.randn(4, 5, 5).softmax(1),
-             "column_of_a_sequence": lambda: torch.randint(0, 5, (4, 1, 6))}[target]()
-        loss_fn = F.cross_entropy if target != "column_of_a_sequence" else lambda o, t: F.cross_entropy(o, t[:, 0])
+             "column_of_a_sequence": lambda: torch.randint(0, 5, (4, 1, 6)),
+             "dict_of_indices": lambda: {"labels": torch.randint(0, 5, (4, 6))},
+             "tuple_of_indices": lambda: (torch.randint(0, 5, (4, 6)),)}[target]()
+        loss_fn = {"column_of_a_sequence": lambda o, t: F.cross_entropy(o, t[:, 0]),
+                   "dict_of_indices": lambda o, t: F.cross_entropy(o, t["labels"]),
+                   "tuple_of_indices": lambda o, t: F.cross_entropy(o, t[0])}.get(target, F.cross_entropy)
     else:
         model = _Seg(5, 4 if target == "full_resolution" else 1)
         nest = sn.wrap(model, sn.Width("ch", [8, 16], out="a", norm="bn", inp="b"))
@@ -1824,6 +1829,55 @@ def test_fit_distills_over_the_classes_the_targets_tell(case):
     sn.fit(nest, data, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest.submodels, k=2, seed=0),
            loss_fn=loss_fn, distill=Spy(), progress=False)
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_fit_keeps_the_class_axis_its_first_batch_told(shifted):
+    """The class axis was read from every batch's targets: a language model's batches of varying length, one of
+    which has as many positions as the vocabulary, either stopped the run there (after steps were taken) or,
+    with labels the loss shifts, took that step's soft term over the positions, in silence. fit reads the axis
+    once, from the first batch, and keeps it."""
+    torch.manual_seed(0)
+    V, seen = 8, []
+    model = torch.nn.Sequential(torch.nn.Embedding(V, 8), torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, V))
+    nest = sn.wrap(model, sn.Width("h", [8, 16], out="1", inp="3"))
+    if shifted:  # (labels (B, L - 1): the loss drops the last position's logits)
+        data = [(ids, ids[:, 1:]) for ids in (torch.randint(0, V, (4, n)) for n in (6, 9, 5))]
+        loss_fn = lambda o, t: F.cross_entropy(o[:, :-1].flatten(0, 1), t.flatten())  # noqa: E731
+    else:
+        data = [(ids, ids) for ids in (torch.randint(0, V, (4, n)) for n in (5, 6, V, 7))]
+        loss_fn = lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten())  # noqa: E731
+    soft = sn.Distill.soft_loss
+
+    class Spy(sn.Distill):
+        def soft_loss(self, s, t, mask=None):
+            seen.append(s.shape[-1] == V)
+            return soft(self, s, t, mask)
+
+    hist = sn.fit(nest, data, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest.submodels, k=2, seed=0),
+                  loss_fn=loss_fn, distill=Spy(), progress=False)
+    assert len(hist.train) == len(data) and len(seen) == len(data) and all(seen)
+
+
+@pytest.mark.parametrize("out", [1, 0])
+def test_fit_refuses_distilling_an_output_without_classes(out):
+    """A regression's (B, 1) output (or (B,)) with ``F.mse_loss``: the soft term's softmax over a single value is
+    1, its KL always 0, so ``Distill`` only scaled the task loss by ``1 - alpha`` (or took a softmax over the
+    batch), in silence. Refused before any training forward, and with ``Distill(axis=)`` naming that axis too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    if not out:
+        model.append(torch.nn.Flatten(0))
+    nest = sn.wrap(model, sn.Width("h", [8, 16], out="0", inp="2"))
+    x = torch.randn(8, 4)
+    y = x.sum(1, keepdim=bool(out))
+    before = copy.deepcopy(model.state_dict())
+    for d in (sn.Distill(), sn.Distill(axis=-1)):
+        with pytest.raises(sn.SortedNetError, match=r"holds one value on its class axis|\(\.\.\., classes\)"):
+            sn.fit(nest, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1),
+                   sn.Sampler(nest.submodels, k=2, seed=0), loss_fn=F.mse_loss, distill=d, progress=False)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("axis", [1, -2])

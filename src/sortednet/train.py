@@ -567,6 +567,12 @@ def _class_axis(out: Any, y: Any, default_loss: bool, step: int) -> int:
     if default_loss:
         return 1
     what = f"targets {y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else f"targets of type {type(y).__name__}"
+    if not isinstance(y, Tensor):  # (a dict, a tuple: no shape to read the axis from)
+        raise SortedNetError(
+            f"fit(distill=...): the output of step {step}, {tuple(out.shape)}, could hold its classes on axis 1 "
+            f"(a (batch, classes, ...) output, as F.cross_entropy reads it) or on the last axis (a (batch, "
+            f"length, vocab) output), and the {what} do not tell: name it, sn.Distill(axis=1) or "
+            f"sn.Distill(axis=-1), for the soft term's softmax")
     first = last = False
     if isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex()):  # (class indices, a bool mask)
         first = tuple(y.shape) == (out.shape[0], *out.shape[2:])
@@ -998,6 +1004,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
 
     model = nest.model
     zero_grad = _zeroer(optimizer, model)
+    axes: dict[int, int] = {}  # (the class axis distillation reads, by the output's dimensions)
     first = step
     stepped = False  # (an optimizer step taken: calibrated statistics dropped at the first, which a skip may delay)
     with tqdm(total=total, disable=not progress, desc="sortednet", leave=True, dynamic_ncols=True) as bar:
@@ -1049,12 +1056,15 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                         loss = loss_fn(out, y)
                     if distill is None:
                         return loss
+                    if not isinstance(out, Tensor) or out.dim() < 2:  # (accumulate refuses these: logits of
+                        return loss, out  # shape (..., classes))
                     if distill.axis is not None:  # (named: Distill moves it last itself)
-                        return loss, out, *_ignored(out.movedim(distill.class_axis(out), -1), y)
-                    ax = _class_axis(out, y, loss_fn is None, step)
-                    if ax:  # (the default loss's classes are on axis 1: (B, C, L), (B, C, H, W); distillation reads
-                        out = out.movedim(ax, -1)  # the last axis)
-                    return loss, out, *_ignored(out, y)
+                        return loss, out, *_ignored(out.movedim(_distill_axis(distill, out, y, False, step), -1), y)
+                    if out.dim() not in axes:  # (read from the first batch's targets and kept: a later batch of
+                        axes[out.dim()] = _distill_axis(distill, out, y, loss_fn is None, step)  # as many positions
+                    if axes[out.dim()] % out.dim() != out.dim() - 1:  # as classes must not turn it; the default
+                        out = out.movedim(axes[out.dim()], -1)  # loss's classes are on axis 1 of (B, C, L), (B, C,
+                    return loss, out, *_ignored(out, y)  # H, W): distillation reads the last)
 
                 subs = sampler.draw(step)
                 if step == first:  # every step starts from no gradient, the first one too (resumed), once its
@@ -1218,10 +1228,24 @@ def _check_output(nest: Nest, x: Any, distill: Distill | None, y: Any = None, de
         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output as a tensor of "
                              f"logits, but the model returns {got}: pass loss_fn=, e.g. lambda out, y: "
                              "F.cross_entropy(out['logits'], y)")
-    if distill is not None and distill.axis is not None:
-        distill.class_axis(out)  # (an axis the logits do not have: refused before any training forward)
-    elif distill is not None:
-        _class_axis(out, y, default_loss, step)
+    if distill is not None:  # (an axis the logits do not have, or cannot tell: refused before any training forward)
+        _distill_axis(distill, out, y, default_loss, step)
+
+
+def _distill_axis(distill: Distill, out: Any, y: Any, default_loss: bool, step: int) -> int:
+    """The axis of ``fit``'s output ``out`` that ``distill`` takes its softmax over: ``Distill(axis=)``'s, else
+    :func:`_class_axis`'s; refused where it holds a single value (a regression's (B, 1): a softmax of one value
+    is 1, the KL always 0, and distillation would only scale the task loss by ``1 - alpha``)."""
+    if not isinstance(out, Tensor) or out.dim() < 2:
+        return -1  # (accumulate refuses these: logits of shape (..., classes))
+    ax = distill.class_axis(out) if distill.axis is not None else (_class_axis(out, y, default_loss, step)
+                                                                   or out.dim() - 1)
+    if out.shape[ax] == 1:
+        raise SortedNetError(f"fit(distill=...): the output of step {step}, {tuple(out.shape)}, holds one value on "
+                             f"its class axis ({ax}): a softmax over one value is 1 and the soft term's KL always 0, "
+                             f"so Distill would only scale the task loss by 1 - alpha. Distillation reads logits of "
+                             f"classes: leave distill= out for a regression")
+    return ax
 
 
 @contextlib.contextmanager
