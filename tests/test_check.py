@@ -4152,6 +4152,13 @@ _PADDED = {
     "zeros_then_flip": (lambda h: F.pad(h, (0, 2)).flip(1), lambda c: c + 2),
     "front_ones_then_flip": (lambda h: F.pad(h, (2, 0), value=1.0).flip(1), lambda c: c + 2),
     "zeros_then_repeat": (lambda h: F.pad(h, (0, 2)).repeat(1, 2), lambda c: 2 * (c + 2)),
+    # (a negative padding crops: before the units it shifts them, after them a later zero padding stands where
+    # the full model keeps units)
+    "crop_front": (lambda h: F.pad(h, (-1, 1)), lambda c: c),
+    "crop_then_zeros": (lambda h: F.pad(F.pad(h, (0, -2)), (0, 2)), lambda c: c),
+    "constant_pad_nd_crop_then_zeros": (lambda h: torch.constant_pad_nd(torch.constant_pad_nd(h, (0, -2)), (0, 2)),
+                                        lambda c: c),
+    "zero_pad_module_crop_front": (nn.ZeroPad1d((-1, 1)), lambda c: c),
 }
 
 
@@ -4181,7 +4188,9 @@ def test_an_op_moving_units_after_a_padding_of_the_sliced_axis_is_refused(how):
     """A padded axis is a new one in the wiring trace: a flip or a repeat after a padding (and ``constant_pad_nd``,
     a padding of ones after a crop) moved a sub-model's units with no word from ``check`` (0.05 to 0.63 off the
     masked full model); and a zero padding fixing the axis first hid a repeat of it beside (the first reason
-    won). Refused, naming the op that moves them."""
+    won). A negative padding (a crop: ``F.pad(h, (-1, 1))`` shifts the units, a crop of the end then a zero
+    padding puts zeros where the full model keeps units, 0.11 to 0.29 off) was read as a zero padding. Refused,
+    naming the op that moves them."""
     x = torch.randn(2, 4)
     if how == "pad_beside_a_repeat":
         m = _PaddedAndRepeated().eval()

@@ -67,7 +67,8 @@ class Coupling:
 #: a reshape that splits or merges the axis, a repeat, padding with other values than zeros): a sub-model computes
 #: on other units than the full model, with shapes that fit (``check`` refuses such a group)
 MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|regrouped by|"
-                   r"merges or splits this axis|repeats this axis|pads this axis with other values")
+                   r"merges or splits this axis|repeats this axis|pads this axis with other values|"
+                   r"crops this axis")
 
 
 def _moves(reason: str | None) -> bool:

@@ -304,7 +304,11 @@ def handle(a, ev) -> bool:
         xv, o = a.of(x), outs[0]
         srcs = [[v] for v in xv]
         for j in range(len(pad) // 2):
-            if pad[2 * j] or pad[2 * j + 1]:
+            if pad[2 * j] < 0 or pad[2 * j + 1] < 0:  # (a negative padding crops: before the first unit it shifts
+                # them, after the last a later zero padding stands where the full model keeps units)
+                a.uf.fix(xv[-1 - j], f"{why} crops this axis (a negative padding, {tuple(pad[2 * j:2 * j + 2])})")
+                srcs[-1 - j] = []
+            elif pad[2 * j] or pad[2 * j + 1]:
                 moves = (pad[2 * j + 1] > 0 and not (plain and not value)) or (pad[2 * j] > 0 and mode == "circular")
                 a.uf.fix(xv[-1 - j], f"{why} pads this axis" + (
                     f" with other values than zeros ({mode!r}" + (f", value={value!r})" if value else ")")
