@@ -2681,6 +2681,60 @@ def test_a_state_dict_of_other_shapes_is_refused_before_any_tensor_is_copied(cas
     assert all(torch.equal(v, before[k] + 1) for k, v in dst.state_dict().items())
 
 
+@pytest.mark.parametrize("holder", ["compiled", "container", "none"])
+def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tensors_before_any_copy(holder):
+    """A load called on what holds the wrapped model (``torch.compile``'s module, a container) was checked by no
+    module of the nest (each checks only a load called on itself): PyTorch copied every other tensor before its
+    raw size mismatch. And a value that is no tensor (a list) was not checked: the same half-loaded model. The
+    wrapped model's root checks a load from above it, under its prefix; a non-tensor is refused with the shapes."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    m = build()
+    sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    outer, prefix = {"compiled": lambda: (torch.compile(m), "_orig_mod."), "container": lambda: (nn.Sequential(m), "0."),
+                     "none": lambda: (m, "")}[holder]()
+    good = {k: v + 1 for k, v in build().state_dict().items()}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for key, value, what in [("0.weight", torch.zeros(4, 8), r"\(4, 8\) for \(16, 8\)"),
+                             ("2.bias", [0.0] * 4, r"a list, not a tensor")]:
+        with pytest.raises(sn.SortedNetError, match=rf"size mismatch .*{prefix}{key}: {what}.*nothing "
+                                                    rf"(under '{prefix[:-1]}' )?was copied"):
+            outer.load_state_dict({prefix + k: value if k == key else v for k, v in good.items()})
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    outer.load_state_dict({prefix + k: v for k, v in good.items()})
+    assert all(torch.equal(v, good[k]) for k, v in m.state_dict().items())
+
+
+def test_the_callers_strict_is_read_through_a_wrapped_load_state_dict(monkeypatch):
+    """A library that wraps ``Module.load_state_dict`` (instrumentation: ``def patched(self, sd, *a, **kw)``) made
+    the running call's ``strict`` unreadable (the wrapper's frame was taken for torch's, ``strict`` in its
+    kwargs): a base model's checkpoint loaded into a lora nest with ``strict=False`` was refused as a strict
+    load. The call is torch's own frame, found by name and file."""
+    orig = nn.Module.load_state_dict
+
+    @functools.wraps(orig)
+    def patched(self, state_dict, *args, **kwargs):
+        return orig(self, state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "load_state_dict", patched)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    base = {k: v + 1 for k, v in m.state_dict().items()}
+    sn.wrap(m, sn.Rank("r", [2, 4], targets=["2"], mode="lora"))
+    adapters = {k: v.clone() for k, v in m.state_dict().items() if "lora" in k}
+    res = m.load_state_dict(base, strict=False)
+    assert sorted(res.missing_keys) == ["2.lora_A", "2.lora_B"] and not res.unexpected_keys
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in base.items())
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in adapters.items())
+    with pytest.raises(sn.SortedNetError, match=r"lacks \['2.lora_A', '2.lora_B'\]"):
+        m.load_state_dict(base)
+    bad = {**m.state_dict(), "0.weight": torch.zeros(4, 8)}
+    with pytest.raises(sn.SortedNetError, match=r"size mismatch .*0\.weight: \(4, 8\)"):
+        m.load_state_dict(bad, strict=False)
+
+
 def test_a_part_of_the_model_loaded_alone_refuses_other_shapes_before_any_copy_and_a_converting_hook_loads():
     """``model.block.load_state_dict(sd)`` of a block of a nest of another rank: only the whole model's load was
     checked, so the block's other tensors were copied before PyTorch's size mismatch. A load pre-hook of the

@@ -523,7 +523,8 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         shapes = StateShapes()  # (on every module: a load into a sub-module checks its own part)
         for m in model.modules():
             if not isinstance(m, torch.jit.ScriptModule):  # (which takes no such hook: left to PyTorch)
-                hooks.append(m._register_load_state_dict_pre_hook(shapes, with_module=True))
+                hooks.append(m._register_load_state_dict_pre_hook(StateShapes(root=True) if m is model else shapes,
+                                                                  with_module=True))
         bns = tuple(m for m, _, bind in planned.values() if isinstance(m, _BatchNorm) and "norm" in bind)
         if bns:  # calibration possible: a load that changes any tensor makes it stale
             stale = StaleCalibration(bns)
@@ -627,7 +628,7 @@ class StateKeys:
                 raise SortedNetError(
                     f"load_state_dict: {path or type(module).__name__!r} is a {what} target; wrap replaced its "
                     f"{list(removed)} by {list(added)}, so this state_dict's {stale} (from the model before "
-                    "wrap) would be ignored (strict=False) or refused after the other tensors loaded. Load those "
+                    "wrap, or from an exported sub-model) would be ignored (strict=False) or refused after the other tensors loaded. Load those "
                     "weights before sn.wrap (or nest.unwrap(), load, wrap again); the wrapped model's own "
                     "state_dict and sn.save / sn.load hold the new keys")
             lacking = [at + n for n in added if at + n not in state_dict]
@@ -654,12 +655,18 @@ class StateShapes:
     of a nest of another largest size or rank: ``lora_A`` (4, in) for (8, in)) is refused here, before any tensor
     is copied; PyTorch refuses it only after copying every other tensor (a half-loaded model). Modules with a
     loader of their own (quantized layers), or under a load pre-hook of someone else's (which may convert an old
-    layout), are left to it."""
+    layout), are left to it. A load called on something that holds the wrapped model (``torch.compile``'s
+    module, DDP, a container of one's own) is checked by the wrapped model's root, under its prefix."""
 
-    __slots__ = ()
+    __slots__ = ("root",)
+
+    def __init__(self, root: bool = False) -> None:
+        self.root = root
 
     def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, *args: Any) -> None:
-        if _loading() is not module:  # (a part of the load: the module it was called on checked it)
+        loading = _loading()
+        if loading is not module and not (  # (a part of the load: the module it was called on checked it)
+                self.root and isinstance(loading, nn.Module) and any(m is module for m in loading.modules())):
             return
         bad = []
         stack: list[tuple[str, nn.Module]] = [("", module)]
@@ -673,29 +680,35 @@ class StateShapes:
                 continue
             at = prefix + (f"{path}." if path else "")
             for name, t in (*m._parameters.items(), *m._buffers.items()):
-                v = state_dict.get(at + name) if t is not None else None
-                if (not isinstance(v, torch.Tensor) or name in m._non_persistent_buffers_set
+                if (t is None or at + name not in state_dict or name in m._non_persistent_buffers_set
                         or isinstance(t, nn.parameter.UninitializedTensorMixin)):
                     continue
-                if v.shape != t.shape and not (t.dim() == 0 and tuple(v.shape) == (1,)):
+                v = state_dict[at + name]
+                if not torch.overrides.is_tensor_like(v):  # (PyTorch refuses it too, after the others' copy)
+                    bad.append(f"{at + name}: a {type(v).__name__}, not a tensor")
+                elif v.shape != t.shape and not (t.dim() == 0 and tuple(v.shape) == (1,)):
                     bad.append(f"{at + name}: {tuple(v.shape)} for {tuple(t.shape)}")
         if bad:
             raise _ShapeMismatch(
                 f"load_state_dict: size mismatch for {len(bad)} tensor(s), of another shape than the model's "
-                f"({'; '.join(bad[:4])}"
-                f"{' ...' if len(bad) > 4 else ''}): nothing was copied (PyTorch would refuse them only after copying "
-                "every other tensor). A checkpoint of a nest of other sizes or ranks? sn.load names the difference")
+                f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): nothing "
+                f"{'was' if loading is module else f'under {prefix[:-1]!r} was'} copied (PyTorch would refuse them "
+                "only after copying every other tensor). A checkpoint of a nest of other sizes or ranks? sn.load "
+                "names the difference")
 
 
 def _load_call() -> dict[str, Any]:
     """The locals of the innermost ``Module.load_state_dict`` call running in this thread (``self``, ``strict``),
     empty where none runs (a loader of its own calling ``_load_from_state_dict``)."""
-    f, code = sys._getframe(2), nn.Module.load_state_dict.__code__
-    while f is not None:
-        if f.f_code is code:
-            return f.f_locals
+    f = sys._getframe(2)
+    while f is not None:  # (by name and file, not by code: a library may wrap Module.load_state_dict, whose
+        if f.f_code.co_name == "load_state_dict" and f.f_code.co_filename == _MODULE_FILE:  # frame holds
+            return f.f_locals  # ``strict`` in its kwargs)
         f = f.f_back
     return {}
+
+
+_MODULE_FILE = nn.modules.module.register_module_forward_hook.__code__.co_filename  # (torch's module.py)
 
 
 def _loading() -> nn.Module | None:
