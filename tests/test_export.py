@@ -433,6 +433,24 @@ def test_sliced_mha_takes_per_head_masks_of_the_full_model_or_of_the_submodel():
         torch.testing.assert_close(live, small(x, None, full[:, :2].reshape(4, 5, 5))[0], atol=1e-5, rtol=0)
 
 
+def test_check_of_a_per_head_mask_of_the_full_model_says_the_export_takes_its_own_heads_masks():
+    """``check`` on an example whose per-head mask is the full model's (which the live sub-models take) fails
+    at the export, a module of the active heads: it said only that the mask must be the export's shape, as if
+    the example were wrong for the live model. It names the check's export run and what to give it instead;
+    an (L, S) mask checks."""
+    torch.manual_seed(0)
+    m = _MHANet(True).eval()
+    x = torch.randn(2, 5, 16)
+    full = torch.rand(8, 5, 5) > 0.6
+    full[..., 0] = False
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"check: export\(h=2\) does not run on the example: attn_mask .*"
+                                                r"its export, a module of the active heads, takes only theirs"):
+        sn.wrap(m, sn.Heads("h", [2, 4], attn="att"), example=(x, None, full))
+    assert_unchanged(m, before)
+    sn.wrap(m, sn.Heads("h", [2, 4], attn="att"), example=(x, None, full[0]))
+
+
 @pytest.mark.parametrize("opt", [dict(qkv=("a", "b", "c")), dict(o="nope"), dict(count_attrs=["bogus"]),
                                  dict(layout="interleaved")])
 def test_heads_options_of_hand_written_attention_are_refused_on_stock_mha(opt):

@@ -1946,11 +1946,14 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
     try:
         with seeded(seed):
             got = call_model(exported, example)
-    except SortedNetError:
-        raise
     except Exception as e:
-        raise SortedNetError(f"nest.check: export({sub}) does not run on the example: {type(e).__name__}: "
-                             f"{e}{hint}") from e
+        mask = "" if not str(e).startswith("attn_mask of shape") else (
+            " (an nn.MultiheadAttention whose heads are sliced takes the full model's per-head masks, (batch x "
+            "heads, L, S), under use; its export, a module of the active heads, takes only theirs: give check an "
+            "example with an (L, S) mask, and serve the export with its own heads' masks)")
+        raise SortedNetError(f"nest.check: export({sub}) does not run on the example: "
+                             f"{'' if isinstance(e, SortedNetError) else type(e).__name__ + ': '}{e}{mask}{hint}"
+                             ) from e
     for a, b in zip(output_leaves(got), output_leaves(live)):
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():
             continue
