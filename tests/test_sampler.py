@@ -115,11 +115,30 @@ def test_weights_are_scale_free_even_near_the_float_limits(scale, rel):
     w = [scale * r for r in rel]
     if max(w) == 0:  # (rel * 1e-300 can underflow to 0)
         return
+    want = [x / max(w) for x in w]
+    if any(a > 0 and x / sum(want) == 0 for a, x in zip(w, want)):  # (a positive share that float64 cannot hold)
+        with pytest.raises(sn.SortedNetError, match="positive but too small"):
+            sn.Sampler(SUBS, k=1, strategy="weighted", weights=w)
+        return
     probs = sn.Sampler(SUBS, k=1, strategy="weighted", weights=w).probs
     lw = sn.Sampler(SUBS, k=1, loss_weights=[scale] * N).loss_weights_for(SUBS[:2])
     assert abs(probs.sum() - 1) < 1e-9 and lw == pytest.approx([0.5, 0.5])
-    want = [x / max(w) for x in w]
     assert list(probs) == pytest.approx([x / sum(want) for x in want], rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("how", ["weights", "all_positive", "loss_weights"])
+def test_a_positive_weight_whose_share_underflows_is_refused(how):
+    """5e-324 beside 1.0: its ratio to the largest is representable, its share of the sum is not, so the
+    sub-model was never drawn though weighted positive, in silence (or refused as if weighted 0: "only 3
+    sub-models have a positive weight", "got 0")."""
+    w = [5e-324] + [1.0] * (N - 1)
+    with pytest.raises(sn.SortedNetError, match=r"5e-324 for .* positive but too small"):
+        if how == "weights":
+            sn.Sampler(SUBS, k=1, strategy="weighted", weights=w)
+        elif how == "all_positive":
+            sn.Sampler(SUBS, k=N, strategy="weighted", weights=w)
+        else:
+            sn.Sampler(SUBS, k=2, loss_weights=w)
 
 
 @given(k=st.integers(2, N), seed=st.integers(0, 10**6), step=st.integers(0, 10**6),

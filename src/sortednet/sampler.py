@@ -313,12 +313,13 @@ class Sampler:
         if w.max() <= 0:
             raise SortedNetError("weights sum to zero; at least one sub-model needs a positive weight")
         scaled = w / w.max()  # first: a sum of huge finite weights (1e308 each) would overflow to inf
-        lost = np.flatnonzero((w > 0) & (scaled == 0))
+        probs = scaled / scaled.sum()
+        lost = np.flatnonzero((w > 0) & (probs == 0))  # (a subnormal share, 5e-324 beside 1.0, rounds to 0)
         if len(lost):
             raise SortedNetError(f"weights: {float(w[lost[0]])!r} for {subs[int(lost[0])]} is positive but too small "
-                                 f"next to the largest, {float(w.max())!r}, to be represented (their ratio "
-                                 "underflows float64)")
-        return scaled / scaled.sum()
+                                 f"next to the largest, {float(w.max())!r}, to be represented (its share of their "
+                                 "sum underflows float64)")
+        return probs
 
     def draw(self, step: int) -> list[SubModel]:
         """The sub-models to train at ``step`` (ascending cost; same answer for the same seed and step)."""
