@@ -131,6 +131,36 @@ def test_a_profile_refuses_what_would_mislead_its_front(costs, scores, subs, mat
         sn.Profile(tuple(subs), costs, scores=scores)
 
 
+def test_a_profile_reads_sub_models_as_dicts_or_text_like_the_nest():
+    """``Profile.cost("h=4")`` said the sub-model was not in the profile (it is), a dict raised a raw TypeError,
+    and a profile built from text rows held strings no SubModel found. Each takes a SubModel, a dict or its
+    text, as every other API; costs that are no mapping and rows of another type are refused by name."""
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)),
+                   sn.Width("h", [4, 16], out="0", inp="2"))
+    prof = nest.profile(torch.randn(2, 8), metrics=("params",), progress=False)
+    for sub in ("h=4", {"h": 4}, sn.SubModel(h=4)):
+        assert prof.index(sub) == 0 and prof.cost(sub) == nest.cost("h=4")
+    built = sn.Profile(("h=4", {"h": 16}), {"params": (1.0, 2.0)})
+    assert built.submodels == (sn.SubModel(h=4), sn.SubModel(h=16)) and built.cost(sn.SubModel(h=16)) == 2.0
+    with pytest.raises(sn.SortedNetError, match="h=8 is not in this profile"):
+        prof.cost("h=8")
+    with pytest.raises(sn.SortedNetError, match="a sub-model is a SubModel, a .* got int"):
+        prof.cost(4)
+    with pytest.raises(sn.SortedNetError, match="costs must be a mapping"):
+        sn.Profile((sn.SubModel(h=4),), [("params", (1.0,))])
+
+
+def test_latency_counts_are_checked_where_they_are_measured():
+    """``measure_latency(..., repeat=0)`` raised statistics' raw "no median for empty data"."""
+    from sortednet.cost import measure_latency
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)),
+                   sn.Width("h", [4, 16], out="0", inp="2"))
+    for repeat, warmup in ((0, 0), (1, -1), (2.0, 0), (True, 0)):
+        with pytest.raises(sn.SortedNetError, match="repeat must be an int >= 1 and warmup >= 0"):
+            measure_latency(nest, nest.smallest, torch.randn(2, 8), repeat=repeat, warmup=warmup)
+    assert measure_latency(nest, nest.smallest, torch.randn(2, 8), repeat=1, warmup=0) >= 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0]), min_size=1, max_size=1),
                           st.sampled_from([float("-inf"), -1.0, 0.0, 0.5, 0.5, 1.0, float("inf")])),

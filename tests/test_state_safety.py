@@ -2693,8 +2693,8 @@ def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tenso
 
     m = build()
     sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
-    outer, prefix = {"compiled": lambda: (torch.compile(m), "_orig_mod."), "container": lambda: (nn.Sequential(m), "0."),
-                     "none": lambda: (m, "")}[holder]()
+    outer, prefix = {"compiled": lambda: (torch.compile(m), "_orig_mod."),
+                     "container": lambda: (nn.Sequential(m), "0."), "none": lambda: (m, "")}[holder]()
     good = {k: v + 1 for k, v in build().state_dict().items()}
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for key, value, what in [("0.weight", torch.zeros(4, 8), r"\(4, 8\) for \(16, 8\)"),

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import itertools
 import math
+import numbers
 import re
 import statistics
 import time
@@ -359,10 +360,19 @@ def _sync(example: Any) -> None:
             return
 
 
+def timing_counts(repeat: Any, warmup: Any) -> tuple[int, int]:
+    """``repeat`` (>= 1) timed runs after ``warmup`` (>= 0) untimed ones, as ints; refused otherwise."""
+    if (isinstance(repeat, bool) or not isinstance(repeat, numbers.Integral) or repeat < 1
+            or isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0):
+        raise SortedNetError(f"repeat must be an int >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
+    return int(repeat), int(warmup)
+
+
 def measure_latency(nest: Nest, sub: SubModel, example: Any, *, repeat: int = 20, warmup: int = 3,
                     model: nn.Module | None = None) -> float:
     """Median wall-clock seconds of one forward of ``sub`` on ``example`` (after ``warmup`` runs)
     on ``model`` (default ``nest.model``)."""
+    repeat, warmup = timing_counts(repeat, warmup)
     model = nest.model if model is None else model
     times = []
     leaves = as_inputs(example)  # (a BatchEncoding's tensors)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from .cost import METRICS, as_inputs, example_signature, measure_latency, measure_memory
+from .cost import METRICS, as_inputs, example_signature, measure_latency, measure_memory, timing_counts
 from .errors import SortedNetError
 from .modes import eval_mode
 from .submodel import SubModel
@@ -94,6 +94,18 @@ def _fmt(x: float, unit: str = "") -> str:
     return f"{x * 1e6:.3g}{sep}µ{unit}"
 
 
+def _as_sub(sub: Any, who: str) -> SubModel:
+    """``sub`` as a :class:`SubModel`: itself, a ``{dimension: size}`` mapping or its text (``"h=4,d=2"``)."""
+    if isinstance(sub, SubModel):
+        return sub
+    if isinstance(sub, str):
+        return SubModel.parse(sub)
+    if isinstance(sub, Mapping):
+        return SubModel(sub)
+    raise SortedNetError(f"{who}: a sub-model is a SubModel, a {{dimension: size}} dict or its text ('h=4'), got "
+                         f"{type(sub).__name__} {str(sub)[:60]!r}")
+
+
 @dataclass(frozen=True)
 class Profile:
     """Measured cost (and optional score) of every sub-model. Made by :meth:`Nest.profile`;
@@ -115,6 +127,13 @@ class Profile:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.submodels, (str, bytes, Mapping)) or not isinstance(self.submodels, Iterable):
+            raise SortedNetError(f"Profile: submodels must be a sequence of sub-models, got "
+                                 f"{type(self.submodels).__name__}")
+        object.__setattr__(self, "submodels", tuple(_as_sub(s, "Profile") for s in self.submodels))
+        if not isinstance(self.costs, Mapping):
+            raise SortedNetError(f"Profile: costs must be a mapping {{metric: one value per sub-model}}, got "
+                                 f"{type(self.costs).__name__}")
         n = len(self.submodels)
         for metric, values in self.costs.items():
             if metric not in METRICS:
@@ -145,15 +164,16 @@ class Profile:
                                      f"str(sub) writes them); got {str(out)[:200]}")
         object.__setattr__(self, "_pos", pos)
 
-    def index(self, sub: SubModel) -> int:
-        """Position of ``sub`` in :attr:`submodels`."""
+    def index(self, sub: SubModel | Mapping[str, int] | str) -> int:
+        """Position of ``sub`` (a :class:`SubModel`, a dict or its text) in :attr:`submodels`."""
+        sub = _as_sub(sub, "Profile.index")
         i = self._pos.get(sub)
         if i is None:
             raise SortedNetError(f"sub-model {sub} is not in this profile")
         return i
 
-    def cost(self, sub: SubModel, metric: str = "params") -> float:
-        """The recorded ``metric`` of ``sub``."""
+    def cost(self, sub: SubModel | Mapping[str, int] | str, metric: str = "params") -> float:
+        """The recorded ``metric`` of ``sub`` (a :class:`SubModel`, a dict or its text)."""
         if metric not in self.costs:
             raise SortedNetError(f"this profile has no {metric!r}; it has {sorted(self.costs)}")
         return self.costs[metric][self.index(sub)]
@@ -276,10 +296,7 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise SortedNetError(f"unknown metric(s) {bad}; known: {list(METRICS)}")
-    if (isinstance(repeat, bool) or not isinstance(repeat, numbers.Integral) or repeat < 1
-            or isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0):
-        raise SortedNetError(f"repeat must be an int >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
-    repeat, warmup = int(repeat), int(warmup)
+    repeat, warmup = timing_counts(repeat, warmup)
     from tqdm.auto import tqdm
 
     cols: dict[str, list[float]] = {m: [] for m in metrics}

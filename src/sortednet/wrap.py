@@ -628,9 +628,9 @@ class StateKeys:
                 raise SortedNetError(
                     f"load_state_dict: {path or type(module).__name__!r} is a {what} target; wrap replaced its "
                     f"{list(removed)} by {list(added)}, so this state_dict's {stale} (from the model before "
-                    "wrap, or from an exported sub-model) would be ignored (strict=False) or refused after the other tensors loaded. Load those "
-                    "weights before sn.wrap (or nest.unwrap(), load, wrap again); the wrapped model's own "
-                    "state_dict and sn.save / sn.load hold the new keys")
+                    "wrap, or from an exported sub-model) would be ignored (strict=False) or refused after the "
+                    "other tensors loaded. Load those weights before sn.wrap (or nest.unwrap(), load, wrap again); "
+                    "the wrapped model's own state_dict and sn.save / sn.load hold the new keys")
             lacking = [at + n for n in added if at + n not in state_dict]
             if lacking and any(at + n in state_dict for n in (*removed, "weight")) and _strict_load():
                 raise SortedNetError(
