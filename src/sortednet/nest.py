@@ -1013,9 +1013,10 @@ class Nest:
             if 0 < len(have) and have is not self._flops_complete and not all(sub in have for sub in self.submodels):
                 raise SortedNetError(
                     f"pick(flops=...): FLOPs are known for {sum(sub in have for sub in self.submodels)} of "
-                    f"{len(self.submodels)} sub-models on the input signature counted last; the table holds one "
-                    "input signature, so a count on another shape (cost(..., 'flops', example=...)) starts a new "
-                    "table. Run nest.profile(example) again, or count every sub-model on one example")
+                    f"{len(self.submodels)} sub-models on the input signature counted last (the table holds one "
+                    "input signature and starts anew when a count is made on another shape, or when modules of "
+                    "the model were added, removed or replaced). Run nest.profile(example) again, or count every "
+                    "sub-model on one example (cost(sub, 'flops', example=...))")
             if 0 < len(have):
                 self._flops_complete = have
         if self._scored_on is not None:
