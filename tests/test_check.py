@@ -2840,6 +2840,38 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
         sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers"), example=torch.randn(2, 3, 8)).unwrap()
 
 
+class _CountsByName(nn.Module):
+    def __init__(self, n: int, name: str):
+        super().__init__()
+        self.blocks, self.norm, self.name = nn.ModuleList(nn.Linear(8, 8) for _ in range(n)), nn.LayerNorm(8), name
+        setattr(self, name, n)
+
+    def forward(self, x):
+        for i, block in enumerate(self.blocks):
+            x = torch.relu(block(x))
+            if i == getattr(self, self.name) - 1:
+                x = self.norm(x)
+        return x
+
+
+@pytest.mark.parametrize("name", ["num_encoder_layers", "encoder_layers", "num_res_blocks", "layer_count", "n_stages",
+                                  "nb_layers", "decoder_depth"])
+def test_a_layer_count_under_another_common_name_is_said_not_to_follow_the_depth(name):
+    """Only ``n_layers``-like names were watched: a count kept as ``num_encoder_layers`` (BART, T5),
+    ``num_res_blocks`` (diffusion U-Nets), ``layer_count``, ... never reached the final norm at depth 2 in
+    silence (0.51 off the 2-block network). Names that are no count (``block_size``) stay unwatched."""
+    from sortednet.check import LayerCountWarning
+
+    torch.manual_seed(0)
+    model, x = _CountsByName(4, name), torch.randn(3, 8)
+    with pytest.warns(LayerCountWarning, match=name):
+        sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=x).unwrap()
+    model = _CountsByName(4, "block_size")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayerCountWarning)
+        sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=x)
+
+
 class _ScaledLinear(nn.Module):
     def __init__(self, i, o):
         super().__init__()

@@ -885,7 +885,9 @@ class LayerCountWarning(UserWarning):
     depth."""
 
 
-_COUNT_NAME = re.compile(r"(n|num|number_of)_?(hidden_|transformer_)?(layers?|blocks?)|depth|n_layer", re.IGNORECASE)
+_COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, encoder_layers, num_res_blocks, n_stages, layer_count, depth)
+    r"(?:(?:n|nb|num|number_of|count_of)_?)?(?:[a-z0-9]+_)*?(?:layers?|blocks?|stages?|depth)(?:_?(?:count|num|number))?"
+    r"|(?:[a-z0-9]+_)*(?:layers?|blocks?|stages?)_?(?:count|num|number|n)", re.IGNORECASE)
 _CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
