@@ -27,13 +27,20 @@ def test_restricted_nest_refuses_unlisted_submodels(family, data):
     nest = sn.wrap(case.model, *case.dims, submodels=listed)
     assert set(nest.submodels) == set(listed)
     outside = [s for s in every if s not in set(listed)]
+    full = every[-1]  # (the model as it was, which runs outside use: use and activate take it, listed or not)
+    assert all(full[d.name] == d.full for d in nest.dims)
     for sub in data.draw(st.lists(st.sampled_from(outside), min_size=1, max_size=3, unique=True)):
         for form in _forms(sub):
+            with pytest.raises(sn.SortedNetError, match="restricted"):
+                nest.export(form)
+            if sub == full:
+                with nest.use(form) as got:
+                    assert got == full and nest.active == full
+                assert nest.activate(form) == full
+                continue
             with pytest.raises(sn.SortedNetError, match="not one of the .* sub-models this nest was restricted to"):
                 with nest.use(form):
                     pass
-            with pytest.raises(sn.SortedNetError, match="restricted"):
-                nest.export(form)
             with pytest.raises(sn.SortedNetError, match="restricted"):
                 nest.activate(form)
     for sub in listed:
@@ -41,6 +48,29 @@ def test_restricted_nest_refuses_unlisted_submodels(family, data):
             with nest.use(form) as got:
                 assert got == sub and nest.active == sub
         assert sum(p.numel() for p in nest.export(sub).parameters()) == nest.cost(sub)
+
+
+def test_a_restricted_nest_that_leaves_the_full_model_out_can_activate_its_default_again():
+    """Outside ``use`` a restricted nest runs the full model, listed or not; after ``activate(listed)`` nothing
+    got back there (``activate(previous)`` and ``use(nest.active)`` refused it as unlisted). ``use`` and
+    ``activate`` take the full model; export, cost and pick keep to the list."""
+    case = FAMILIES["mlp"]()
+    x = case.example
+    with torch.no_grad():
+        want = case.model(x)
+    nest = sn.wrap(case.model, *case.dims, submodels=["h1=4,h2=4", "h1=8,h2=12"])
+    before = nest.active
+    assert all(before[d.name] == d.full for d in nest.dims)
+    with nest.use(nest.active):
+        pass
+    nest.activate("h1=4,h2=4")
+    with torch.no_grad():
+        assert not torch.allclose(case.model(x), want)
+    assert nest.activate(before) == before and nest.active == before
+    with torch.no_grad():
+        torch.testing.assert_close(case.model(x), want)
+    with pytest.raises(sn.SortedNetError, match="restricted"):
+        nest.export(before)
 
 
 def test_restricted_message_lists_allowed_submodels():

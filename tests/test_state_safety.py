@@ -1249,6 +1249,47 @@ class _LayerAlias(_FinalAlias):
         return self.head(torch.relu(self.extra(h)))
 
 
+class _LastAsFinal(nn.Module):
+    """``self.final = self.blocks[-1]`` read after a loop over ``blocks[:-1]``: at depth 1 the list holds block 0,
+    the loop runs nothing and ``final`` runs block 3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.final, self.head = self.blocks[-1], nn.Linear(8, 2)
+
+    def forward(self, x):
+        for b in self.blocks[:-1]:
+            x = torch.relu(b(x))
+        return self.head(self.final(x))
+
+
+@pytest.mark.parametrize("arch", ["last_as_final", "final_alias", "layer_alias", "shared_blocks", "nested"])
+def test_a_block_also_held_outside_its_layer_list_is_said_at_wrap(arch):
+    """A block (or a layer of one) the model also holds outside the Depth list runs at every depth: with
+    ``self.final = self.blocks[-1]``, depth 1 ran block 3 instead of block 0, while cost and export kept block 0,
+    with no word (documented only). ``wrap`` names it; a block listed at several positions (ALBERT-style) and a
+    nested list are not outside."""
+    from sortednet.check import BlockHeldOutsideWarning
+
+    if arch == "nested":
+        m = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(2)]))
+        dims = (sn.Depth("outer", [1, 2], layers="0"), sn.Depth("inner", [1, 2], layers="0.*"))
+    else:
+        m = {"last_as_final": _LastAsFinal, "final_alias": _FinalAlias, "layer_alias": _LayerAlias,
+             "shared_blocks": _SharedBlocks}[arch]()
+        dims = (sn.Depth("depth", [1, len(m.blocks)], layers="blocks"),)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sn.wrap(m, *dims)
+    said = [str(w.message) for w in seen if issubclass(w.category, BlockHeldOutsideWarning)]
+    want = {"last_as_final": "blocks.3 as 'final'", "final_alias": "blocks.1 as 'final'",
+            "layer_alias": "blocks.1.0 as 'extra'"}.get(arch)
+    assert (len(said) == 1 and want in said[0]) if want else not said
+    assert all(w.filename == __file__ for w in seen if issubclass(w.category, BlockHeldOutsideWarning))
+
+
 @pytest.mark.parametrize("arch", ["final_alias", "shared_blocks", "layer_alias"])
 def test_blocks_held_twice_under_a_width_and_a_depth_export_and_count_as_they_run(arch):
     """A Width inside blocks that a Depth skips while the model still runs them (held outside the list, or at a

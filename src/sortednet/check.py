@@ -1006,6 +1006,47 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
                       LayerCountWarning, stacklevel=4)
 
 
+class BlockHeldOutsideWarning(UserWarning):
+    """``wrap``: a block of a Depth layer list that the model also holds outside the list (``self.final =
+    self.blocks[-1]``): a forward calling it there runs it at every depth (at depth 1, maybe instead of the list's
+    first block), and ``cost`` and every export keep it."""
+
+
+def warn_blocks_held_outside(nest: Nest) -> None:
+    """:class:`BlockHeldOutsideWarning` for each Depth layer list with blocks (or layers of them that hold tensors)
+    the model reaches without passing the list (a block the list holds at several positions, ALBERT-style, is not
+    one)."""
+    model = nest.model
+    for path, m in nest._sliced.items():
+        if "depth" not in m._sn.bind:
+            continue
+        cut = {(id(m), name) for name in m._modules}
+        held: dict[int, str] = {}
+        stack: list[tuple[str, nn.Module]] = [("", model)]
+        while stack:  # (the first path reaching each module without entering the list's positions)
+            at, mod = stack.pop()
+            if id(mod) in held:
+                continue
+            held[id(mod)] = at
+            stack.extend((f"{at}.{n}" if at else n, c) for n, c in reversed(mod._modules.items())
+                         if c is not None and (id(mod), n) not in cut)
+        outside = []
+        for n, b in m._modules.items():  # (a block, or a layer of it holding tensors: self.extra = blocks[1].fc)
+            for sub, c in ([] if b is None else b.named_modules()):
+                if id(c) in held and (c is b or any(True for _ in c.parameters()) or any(True for _ in c.buffers())):
+                    outside.append((".".join(x for x in (path, n, sub) if x), held[id(c)]))
+                    break
+        if outside:
+            shown = "; ".join(f"{b} as {o!r}" for b, o in outside[:3])
+            name = m._sn.bind["depth"].dim.name
+            warnings.warn(f"Depth {name!r}: the model also holds {len(outside)} block(s) (or their layers) of the "
+                          f"layer list {path or type(model).__name__!r} outside it ({shown}): a forward calling one "
+                          "there runs it at every depth (at a shallow depth maybe instead of the list's first "
+                          "blocks), and cost and every export keep it. Read the last block as "
+                          "self.<list>[-1], which follows the depth; a block meant to run always belongs "
+                          "outside the list", BlockHeldOutsideWarning, stacklevel=caller_outside())
+
+
 class IdleLayersWarning(UserWarning):
     """``check``: a second per-layer list the forward pairs with a Depth's blocks (``zip(self.blocks,
     self.norms)``) but the Depth does not cut: at a shallower depth its later entries do not run, while ``cost``

@@ -250,7 +250,9 @@ class Nest:
         if self._factored:
             _watch_optimizers()
         try:
-            from .check import attention_self_check, guard_written_copies, norm_self_check, slicer_grad_self_check
+            from .check import (attention_self_check, guard_written_copies, norm_self_check,
+                                slicer_grad_self_check, warn_blocks_held_outside)
+            warn_blocks_held_outside(self)
             guard_written_copies(self)  # a user's slicer's copies of tensors a write would reach refuse writes
             slicer_grad_self_check(self)  # a user's slicer must not cut a trained parameter off its gradient
             norm_self_check(self)  # a BatchNorm subclass with its own forward must read the sliced tensors
@@ -522,10 +524,11 @@ class Nest:
     def smallest(self) -> SubModel:
         return self.submodels[0]
 
-    def resolve(self, sub: SubModelLike | None) -> SubModel:
+    def resolve(self, sub: SubModelLike | None, *, full_ok: bool = False) -> SubModel:
         """A full :class:`SubModel` from a SubModel, dict or ``"ffn=512,depth=4"``.
 
-        Dimensions left out take their largest size.
+        Dimensions left out take their largest size. ``full_ok``: a restricted nest takes the full model too
+        (the model as it was: what it runs outside ``use``), also where its list leaves it out.
         """
         if sub is None:
             return self.active
@@ -548,7 +551,8 @@ class Nest:
                 raise SortedNetError(f"{d.kind} {name!r} has no size {s!r}; sizes are {list(d.sizes)}")
             sizes[name] = n
         out = SubModel(sizes)
-        if self._rows is not None and self.submodels is not None and self.submodels.position(out) is None:
+        if (self._rows is not None and self.submodels is not None and self.submodels.position(out) is None
+                and not (full_ok and all(out[d.name] == d.full for d in self.dims))):
             listed = self.submodels
             some = ", ".join(str(s) for s in (*listed[:3], *([listed[-1]] if len(listed) > 3 else [])))
             raise SortedNetError(f"{out} is not one of the {len(listed)} sub-models this nest was restricted to "
@@ -582,7 +586,7 @@ class Nest:
         plan = self._plans.hit(sub)
         if plan is None:
             self._check_alive()
-            plan = self._plans.get(self.resolve(sub))
+            plan = self._plans.get(self.resolve(sub, full_ok=True))  # (the default of a restricted nest too)
             if isinstance(sub, str):
                 self._plans.alias(sub, plan)
         return plan
