@@ -2943,14 +2943,17 @@ class _ValueSlicer(_ProjSlicer):
 def test_check_compares_counts_and_mixed_sub_models_with_their_exports(proj, message):
     """A custom slicer's ``numel()`` was trusted: ``cost`` said 315 parameters where the export held 99, and pick
     chose by that. A custom ``export()`` right at the smallest sub-model alone exported 6 of 9 sub-models other
-    than they run (check exported the smallest only). Check now compares each export's parameter count with cost
-    and exports the two most mixed sub-models it dry-runs too."""
+    than they run (check exported the smallest only). Each export now compares its parameter count with cost
+    (check's, and one without an example), and check exports the two most mixed sub-models it dry-runs too."""
     torch.manual_seed(0)
     x = torch.randn(5, 8)
     m = nn.Sequential(_ScaledLinear(8, 32), nn.ReLU(), nn.Linear(32, 3))
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
-    with pytest.raises(sn.SortedNetError, match=r"cost\(h=8\) counts 315 parameters but export\(h=8\) holds 99"):
+    with pytest.raises(sn.SortedNetError, match=r"export\(h=8\) holds 99 parameters but cost\(h=8\) counts 315"):
         nest.check(x)
+    with pytest.raises(sn.SortedNetError, match=r"export\(h=8\) holds 99 parameters but cost\(h=8\) counts 315.*"
+                                                r"_ScaledSlicer"):
+        nest.export("h=8")  # (without an example too: the export itself compares)
 
     class Net(nn.Module):
         def __init__(self):

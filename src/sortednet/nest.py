@@ -1233,6 +1233,12 @@ class Nest:
         except SortedNetError:  # (what it refuses may be new since pick's table was built: built again)
             self._selector = None
             raise
+        held, counted = sum(p.numel() for p in new.parameters()), self.cost(sub)
+        if held != counted:  # (a slicer of one's own whose numel() or export() is wrong: pick would choose by
+            raise SortedNetError(  # wrong sizes and the export would not be the sub-model it counts)
+                f"export({sub}) holds {held:,} parameters but cost({sub}) counts {counted:,}: a slicer's numel() "
+                "disagrees with the tensors it serves, or its export() keeps others (nest.check(example) names "
+                f"more); slicers: {sorted({type(m._sn.slicer).__name__ for m in self._sliced.values()})}")
         stale = getattr(new, "config", None) if hasattr(new, "save_pretrained") else None
         if plain:
             if stale is not None and self._shapes_differ(new):
