@@ -2808,3 +2808,19 @@ def test_a_part_of_the_model_loaded_alone_refuses_other_shapes_before_any_copy_a
     sn.wrap(m, sn.Width("w", [4, 8], out="0", inp="2"))
     m.load_state_dict(old)
     assert torch.equal(m.state_dict()["2.weight"], old["2.weight"].view(3, 8))
+
+
+def test_get_parameter_under_a_smaller_sub_model_returns_the_parameter():
+    """``model.get_parameter("0.weight")`` inside ``use`` read the attribute, the active slice, and PyTorch raised
+    a raw "`weight` is not an nn.Parameter"; it returns the parameter itself, as ``named_parameters()`` does
+    there. A name that is no parameter still raises PyTorch's AttributeError."""
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    nest = sn.wrap(m, sn.Width("h", [4, 32], out="0", inp="2"))
+    with nest.use("h=4"):
+        assert m[0].weight.shape == (4, 8)
+        assert m.get_parameter("0.weight") is m[0]._parameters["weight"] is dict(m.named_parameters())["0.weight"]
+        assert m[2].get_parameter("weight") is m[2]._parameters["weight"]
+        for bad in ("0.nope", "5.weight", "0.in_features"):
+            with pytest.raises(AttributeError):
+                m.get_parameter(bad)
+    assert m.get_parameter("0.weight") is m[0].weight

@@ -821,6 +821,33 @@ def _guard_weight_norm() -> None:
     WeightNorm.apply = staticmethod(apply)  # type: ignore[method-assign]
 
 
+def _guard_get_parameter() -> None:
+    """``Module.get_parameter(name)`` of a sliced parameter under a smaller sub-model reads the attribute, the
+    active slice, which is no ``nn.Parameter``: PyTorch raised "`weight` is not an nn.Parameter". It returns the
+    parameter itself, as ``named_parameters()`` does there. Wraps the method on ``nn.Module``, once per process."""
+    original = nn.Module.get_parameter
+    if getattr(original, "_sn_guard", False):
+        return
+
+    @functools.wraps(original)
+    def get_parameter(self: nn.Module, target: str) -> nn.Parameter:
+        try:
+            return original(self, target)
+        except AttributeError:
+            path, _, name = target.rpartition(".")
+            try:
+                mod = self.get_submodule(path)
+            except AttributeError:
+                mod = None
+            p = mod._parameters.get(name) if getattr(type(mod), "_sn_sliced", False) else None
+            if isinstance(p, nn.Parameter):
+                return p
+            raise
+
+    get_parameter._sn_guard = True  # type: ignore[attr-defined]
+    nn.Module.get_parameter = get_parameter  # type: ignore[method-assign]
+
+
 def _buffer_guard(m: nn.Module, name: str, tensor: Any) -> None:
     """Global buffer registration hook (``register_buffer`` and ``module.buf = tensor``): a sliced buffer may be
     replaced by one of its own shape, never another (as :func:`_guarded_register` for parameters)."""
@@ -947,6 +974,7 @@ def _subclass(base: type, ns: dict, names: tuple[str, ...]) -> type:
 _guard_parametrize()
 _guard_fsdp1()
 _guard_weight_norm()
+_guard_get_parameter()
 
 
 def _guard_global_prune() -> None:
