@@ -2854,22 +2854,24 @@ class _CountsByName(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("name", ["num_encoder_layers", "encoder_layers", "num_res_blocks", "layer_count", "n_stages",
-                                  "nb_layers", "decoder_depth"])
+@pytest.mark.parametrize("name", ["num_encoder_layers", "encoder_layers", "num_res_blocks", "layer_count", "nb_layers",
+                                  "decoder_depth"])
 def test_a_layer_count_under_another_common_name_is_said_not_to_follow_the_depth(name):
     """Only ``n_layers``-like names were watched: a count kept as ``num_encoder_layers`` (BART, T5),
     ``num_res_blocks`` (diffusion U-Nets), ``layer_count``, ... never reached the final norm at depth 2 in
-    silence (0.51 off the 2-block network). Names that are no count (``block_size``) stay unwatched."""
+    silence (0.51 off the 2-block network). Names that are no count of the list (``block_size``, a sliding
+    window's ``max_window_layers``, ``num_stages`` above a Depth of one stage's blocks, ``bit_depth``) stay
+    unwatched."""
     from sortednet.check import LayerCountWarning
 
     torch.manual_seed(0)
     model, x = _CountsByName(4, name), torch.randn(3, 8)
     with pytest.warns(LayerCountWarning, match=name):
         sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=x).unwrap()
-    model = _CountsByName(4, "block_size")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LayerCountWarning)
-        sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=x)
+    for other in ("block_size", "max_window_layers", "num_stages", "bit_depth", "max_depth", "freeze_layers"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LayerCountWarning)
+            sn.wrap(_CountsByName(4, other), sn.Depth("depth", [2, 4], layers="blocks"), example=x).unwrap()
 
 
 class _ScaledLinear(nn.Module):

@@ -541,8 +541,10 @@ def test_a_restricted_nest_without_the_full_model_is_sorted_against_the_full_mod
     assert set(orders) == {"a@0", "b@2"} and not torch.equal(m[0].weight, w)  # units moved
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(sn.SortedNetError):  # the list still holds
-        nest.use("a=32,b=32").__enter__()
+    with pytest.raises(sn.SortedNetError, match="restricted"):  # the list still holds (use takes the full
+        nest.use("a=16,b=8").__enter__()  # model, what runs outside use, listed or not)
+    with pytest.raises(sn.SortedNetError, match="restricted"):
+        nest.export("a=32,b=32")
 
 
 def test_copies_made_before_sorting_are_permuted_with_the_model(monkeypatch):

@@ -1265,17 +1265,38 @@ class _LastAsFinal(nn.Module):
         return self.head(self.final(x))
 
 
-@pytest.mark.parametrize("arch", ["last_as_final", "final_alias", "layer_alias", "shared_blocks", "nested"])
+class _SharedLayer(nn.Module):
+    """Every block holds the model's one embedding (a rotary table, a shared projection): no block's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(8, 8), "emb": self.emb}) for _ in range(4))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.relu(b["fc"](b["emb"](x)))
+        return x
+
+
+@pytest.mark.parametrize("arch", ["last_as_final", "final_alias", "layer_alias", "shared_blocks", "nested",
+                                  "shared_layer", "first_alias"])
 def test_a_block_also_held_outside_its_layer_list_is_said_at_wrap(arch):
     """A block (or a layer of one) the model also holds outside the Depth list runs at every depth: with
     ``self.final = self.blocks[-1]``, depth 1 ran block 3 instead of block 0, while cost and export kept block 0,
-    with no word (documented only). ``wrap`` names it; a block listed at several positions (ALBERT-style) and a
-    nested list are not outside."""
+    with no word (documented only). ``wrap`` names it; a block listed at several positions (ALBERT-style), a
+    nested list, a layer every block shares with the model, and a block every depth keeps (``blocks[0]``) are
+    not."""
     from sortednet.check import BlockHeldOutsideWarning
 
     if arch == "nested":
         m = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(2)]))
         dims = (sn.Depth("outer", [1, 2], layers="0"), sn.Depth("inner", [1, 2], layers="0.*"))
+    elif arch in ("shared_layer", "first_alias"):
+        m = _SharedLayer()
+        if arch == "first_alias":
+            m.first = m.blocks[0]
+        dims = (sn.Depth("depth", [1, 4], layers="blocks"),)
     else:
         m = {"last_as_final": _LastAsFinal, "final_alias": _FinalAlias, "layer_alias": _LayerAlias,
              "shared_blocks": _SharedBlocks}[arch]()
@@ -2740,7 +2761,7 @@ def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tenso
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for key, value, what in [("0.weight", torch.zeros(4, 8), r"\(4, 8\) for \(16, 8\)"),
                              ("2.bias", [0.0] * 4, r"a list, not a tensor")]:
-        with pytest.raises(sn.SortedNetError, match=rf"size mismatch .*{prefix}{key}: {what}.*nothing "
+        with pytest.raises(sn.SortedNetError, match=rf"(size mismatch|no tensor).*{prefix}{key}: {what}.*nothing "
                                                     rf"(under '{prefix[:-1]}' )?was copied"):
             outer.load_state_dict({prefix + k: value if k == key else v for k, v in good.items()})
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

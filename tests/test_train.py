@@ -2075,7 +2075,8 @@ def test_fit_takes_an_optimizer_of_ones_own_without_param_groups():
 def test_fit_takes_an_optimizer_whose_zero_grad_takes_no_argument():
     """An optimizer of one's own written as ``def zero_grad(self)`` (zeroing in place, as older code does) met fit's
     ``zero_grad(set_to_none=True)`` with a raw TypeError; fit now calls it bare and then drops the gradients of the
-    parameters it steps, so the run is the one an optimizer taking ``set_to_none`` gives."""
+    parameters it steps, so the run is the one an optimizer taking ``set_to_none`` gives (and one taking it
+    positionally only gets it so)."""
 
     class Plain:
         def __init__(self, params):
@@ -2098,10 +2099,15 @@ def test_fit_takes_an_optimizer_whose_zero_grad_takes_no_argument():
             for p in self.params:
                 p.grad = None
 
+    class PosOnly(Plain):
+        def zero_grad(self, set_to_none=True, /):
+            for p in self.params:
+                p.grad = None if set_to_none else p.grad
+
     data = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
             for i in range(3)]
     runs = []
-    for cls in (Bare, Kw):
+    for cls in (Bare, Kw, PosOnly):
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
         nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
@@ -2110,4 +2116,4 @@ def test_fit_takes_an_optimizer_whose_zero_grad_takes_no_argument():
         assert all(p.grad is None for p in m.parameters())
         assert all(not torch.equal(b, p) for b, p in zip(before, m.parameters()))
         runs.append([p.detach().clone() for p in m.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
+    assert all(torch.allclose(a, b, atol=1e-6) for run in runs[1:] for a, b in zip(runs[0], run))

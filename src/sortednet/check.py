@@ -885,9 +885,11 @@ class LayerCountWarning(UserWarning):
     depth."""
 
 
-_COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, encoder_layers, num_res_blocks, n_stages, layer_count, depth)
-    r"(?:(?:n|nb|num|number_of|count_of)_?)?(?:[a-z0-9]+_)*?(?:layers?|blocks?|stages?|depth)(?:_?(?:count|num|number))?"
-    r"|(?:[a-z0-9]+_)*(?:layers?|blocks?|stages?)_?(?:count|num|number|n)", re.IGNORECASE)
+_COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_encoder_layers, encoder_layers, num_res_blocks,
+    # layer_count, depth, decoder_depth; not max_window_layers, freeze_layers, bit_depth, max_depth, num_stages)
+    r"(?:n|nb|num|number_of|count_of)_?(?:(?:hidden|transformer|encoder|decoder|res|residual|model)_)?(?:layers?|blocks?)"
+    r"|(?:hidden|transformer|encoder|decoder)_(?:layers|blocks)|(?:layers?|blocks?)_?(?:count|num|number)"
+    r"|(?:(?:encoder|decoder)_)?depth", re.IGNORECASE)
 _CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
@@ -1030,16 +1032,23 @@ def warn_blocks_held_outside(nest: Nest) -> None:
             held[id(mod)] = at
             stack.extend((f"{at}.{n}" if at else n, c) for n, c in reversed(mod._modules.items())
                          if c is not None and (id(mod), n) not in cut)
+        dim = m._sn.bind["depth"].dim
+        owners: dict[int, set[int]] = {}  # (module -> the positions whose blocks hold it)
+        for i, b in enumerate(m._modules.values()):
+            for c in ([] if b is None else b.modules()):
+                owners.setdefault(id(c), set()).add(i)
         outside = []
-        for n, b in m._modules.items():  # (a block, or a layer of it holding tensors: self.extra = blocks[1].fc)
-            for sub, c in ([] if b is None else b.named_modules()):
-                if id(c) in held and (c is b or any(True for _ in c.parameters()) or any(True for _ in c.buffers())):
-                    outside.append((".".join(x for x in (path, n, sub) if x), held[id(c)]))
+        for i, (n, b) in enumerate(m._modules.items()):  # (a block, or a layer of it holding tensors: self.extra =
+            if b is None or i < dim.sizes[0]:  # blocks[1].fc; one every depth keeps runs and is kept anyway)
+                continue
+            for sub, c in b.named_modules():
+                if (id(c) in held and len(owners[id(c)]) == 1  # (a layer every block shares, a rotary table: no
+                        and (c is b or any(True for _ in c.parameters()) or any(True for _ in c.buffers()))):
+                    outside.append((".".join(x for x in (path, n, sub) if x), held[id(c)]))  # block's own)
                     break
         if outside:
             shown = "; ".join(f"{b} as {o!r}" for b, o in outside[:3])
-            name = m._sn.bind["depth"].dim.name
-            warnings.warn(f"Depth {name!r}: the model also holds {len(outside)} block(s) (or their layers) of the "
+            warnings.warn(f"Depth {dim.name!r}: the model also holds {len(outside)} block(s) (or their layers) of the "
                           f"layer list {path or type(model).__name__!r} outside it ({shown}): a forward calling one "
                           "there runs it at every depth (at a shallow depth maybe instead of the list's first "
                           "blocks), and cost and every export keep it. Read the last block as "

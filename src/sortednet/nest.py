@@ -250,8 +250,13 @@ class Nest:
         if self._factored:
             _watch_optimizers()
         try:
-            from .check import (attention_self_check, guard_written_copies, norm_self_check,
-                                slicer_grad_self_check, warn_blocks_held_outside)
+            from .check import (
+                attention_self_check,
+                guard_written_copies,
+                norm_self_check,
+                slicer_grad_self_check,
+                warn_blocks_held_outside,
+            )
             warn_blocks_held_outside(self)
             guard_written_copies(self)  # a user's slicer's copies of tensors a write would reach refuse writes
             slicer_grad_self_check(self)  # a user's slicer must not cut a trained parameter off its gradient
@@ -530,8 +535,10 @@ class Nest:
         Dimensions left out take their largest size. ``full_ok``: a restricted nest takes the full model too
         (the model as it was: what it runs outside ``use``), also where its list leaves it out.
         """
-        if sub is None:
-            return self.active
+        if sub is None:  # (the active one; a restricted nest's default, the full model, is not listed)
+            sub = self.active
+            if self._rows is None or full_ok:
+                return sub
         if isinstance(sub, SubModel) and self.submodels is not None:
             i = self.submodels.position(sub)
             if i is not None:  # a listed sub-model: returned with the nest's dimension order

@@ -169,6 +169,10 @@ class Profile:
         sub = _as_sub(sub, "Profile.index")
         i = self._pos.get(sub)
         if i is None:
+            names = list(self.submodels[0]) if self.submodels else []
+            if set(sub) < set(names):  # (a profile knows no dimension's full size: nest.resolve fills them in)
+                raise SortedNetError(f"sub-model {sub} names {len(sub)} of the profile's dimensions {names}: a "
+                                     "profile looks up whole sub-models (nest.resolve(...) fills in the rest)")
             raise SortedNetError(f"sub-model {sub} is not in this profile")
         return i
 

@@ -1134,11 +1134,15 @@ def _zeroer(optimizer: Any, model: nn.Module) -> Callable[[], None]:
     argument (``def zero_grad(self)``, zeroing in place), a bare call and then no gradient on the parameters it
     steps: fit's checks read a step's gradients as the ones its backward left."""
     try:
-        params = inspect.signature(optimizer.zero_grad).parameters.values()
+        params = list(inspect.signature(optimizer.zero_grad).parameters.values())
     except (TypeError, ValueError):  # (a builtin without a signature: called as torch's)
         params = None
-    if params is None or any(p.name == "set_to_none" or p.kind is p.VAR_KEYWORD for p in params):
+    P = inspect.Parameter
+    if params is None or any(p.kind is P.VAR_KEYWORD or p.name == "set_to_none" and p.kind is not P.POSITIONAL_ONLY
+                             for p in params):
         return lambda: optimizer.zero_grad(set_to_none=True)
+    if params and params[0].name == "set_to_none":  # (def zero_grad(self, set_to_none=True, /))
+        return lambda: optimizer.zero_grad(True)
 
     def bare() -> None:
         optimizer.zero_grad()

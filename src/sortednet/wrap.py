@@ -689,12 +689,14 @@ class StateShapes:
                 elif v.shape != t.shape and not (t.dim() == 0 and tuple(v.shape) == (1,)):
                     bad.append(f"{at + name}: {tuple(v.shape)} for {tuple(t.shape)}")
         if bad:
-            raise _ShapeMismatch(
-                f"load_state_dict: size mismatch for {len(bad)} tensor(s), of another shape than the model's "
-                f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): nothing "
-                f"{'was' if loading is module else f'under {prefix[:-1]!r} was'} copied (PyTorch would refuse them "
-                "only after copying every other tensor). A checkpoint of a nest of other sizes or ranks? sn.load "
-                "names the difference")
+            shapes = not all(b.endswith(", not a tensor") for b in bad)
+            what = (f"size mismatch for {len(bad)} tensor(s), of another shape than the model's" if shapes
+                    else f"{len(bad)} value(s) that are no tensor, for the model's")
+            where = "was" if loading is module else f"under {prefix[:-1]!r} was"
+            hint = ". A checkpoint of a nest of other sizes or ranks? sn.load names the difference" if shapes else ""
+            raise _ShapeMismatch(f"load_state_dict: {what} ({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): "
+                                 f"nothing {where} copied (PyTorch would refuse them only after copying every other "
+                                 f"tensor){hint}")
 
 
 def _load_call() -> dict[str, Any]:
