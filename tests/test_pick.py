@@ -146,6 +146,9 @@ def test_a_profile_reads_sub_models_as_dicts_or_text_like_the_nest():
         prof.cost("h=8")
     with pytest.raises(sn.SortedNetError, match="a sub-model is a SubModel, a .* got int"):
         prof.cost(4)
+    two = sn.Profile(({"a": 1, "b": 2},), {"params": (1.0,)})
+    with pytest.raises(sn.SortedNetError, match=r"a=1 names 1 of the profile's dimensions \['a', 'b'\].*nest.resolve"):
+        two.cost("a=1")
     with pytest.raises(sn.SortedNetError, match="costs must be a mapping"):
         sn.Profile((sn.SubModel(h=4),), [("params", (1.0,))])
 
