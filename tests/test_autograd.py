@@ -177,6 +177,49 @@ def test_complex_linear_layers_get_plain_autograds_gradients(min_numel):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12)
 
 
+class _Doubling(torch.Tensor):
+    """A ``__torch_function__`` subclass whose ``F.linear`` doubles its output (what an override may change)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out * 2 if func is torch.nn.functional.linear else out
+
+
+@pytest.mark.parametrize("subclass, layer", [("torch_function", "linear"), ("torch_dispatch", "linear"),
+                                             ("torch_dispatch", "conv")])  # (an F.linear override: no conv's)
+def test_tensor_subclass_inputs_get_plain_autograds_gradients(subclass, layer):
+    """The fused Linear path computed its weight gradient with GEMMs of its own, leaving out what an input's
+    ``__torch_function__`` did to ``F.linear`` (gradient 0.25 of plain autograd's, the forward right); and the
+    in-place write into ``.grad`` turned a ``__torch_dispatch__`` subclass's gradient (torch's ``TwoTensor``,
+    a pair) into the sum of its parts, on every sliced Linear and Conv2d. Both step aside for subclasses: the
+    gradients are those of the exported sub-model run by plain autograd."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    if layer == "linear":
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        a, b = torch.randn(5, 8), torch.randn(5, 8)
+    else:
+        m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1))
+        a, b = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    x = (lambda: a.as_subclass(_Doubling)) if subclass == "torch_function" else (lambda: TwoTensor(a, b))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"), inplace_min_numel=0)
+    small = nest.export("h=4")
+    with nest.use("h=4"):
+        m(x()).sum().backward()
+    small(x()).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), small.parameters()):
+        want = q.grad
+        assert type(p.grad) is type(want), name
+        got = p.grad[tuple(slice(0, n) for n in want.shape)]
+        if isinstance(want, TwoTensor):
+            torch.testing.assert_close(got.a, want.a, msg=name)
+            torch.testing.assert_close(got.b, want.b, msg=name)
+        else:
+            torch.testing.assert_close(got, want, msg=name)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_backward_accumulates_like_plain_autograd(name):
     res = []

@@ -306,13 +306,13 @@ def accumulates_plainly(node: Any, p: Tensor, grad: Tensor, whole: bool = False,
         return False
     if _compiling() or _compiled_autograd():  # a traced backward: a write into p.grad would not be in the graph
         return False
-    if grad.layout is not torch.strided or (whole and _distributed()):
-        return False
+    if grad.__class__ is not Tensor or grad.layout is not torch.strided or (whole and _distributed()):
+        return False  # (a tensor subclass's gradient, TwoTensor's pair: autograd accumulates it as the subclass)
     if getattr(p, "grad_dtype", None) not in (None, grad.dtype):  # AccumulateGrad converts to p.grad_dtype
         return False
     g = p.grad
-    if g is not None and (g.requires_grad or g.layout is not torch.strided or g.dtype != grad.dtype
-                          or g.device != grad.device):
+    if g is not None and (g.__class__ is not Tensor or g.requires_grad or g.layout is not torch.strided
+                          or g.dtype != grad.dtype or g.device != grad.device):
         return False
     try:
         return bool(torch._C._will_engine_execute_node(node.next_functions[index][0]))
@@ -435,10 +435,12 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
     if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
             or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0
-            or w.is_inference() or w.is_complex() or _anomaly() or x.is_nested):  # (inference: refused by narrow,
-        return None  # by name; complex: autograd's conjugates, which LinearInto's GEMMs leave out; anomaly mode: it
-        #              checks every gradient a backward returns, and one written into .grad here is not returned;
-        #              a nested (jagged) input: its gradient has no 2-d view for the GEMMs)
+            or w.is_inference() or w.is_complex() or _anomaly() or x.__class__ is not Tensor or x.is_nested):
+        return None  # (inference: refused by narrow, by name; complex: autograd's conjugates, which LinearInto's
+        #              GEMMs leave out; anomaly mode: it checks every gradient a backward returns, and one written
+        #              into .grad here is not returned; a tensor subclass's input: its __torch_function__ may change
+        #              F.linear, which the backward's own GEMMs would leave out; a nested (jagged) input: its
+        #              gradient has no 2-d view for the GEMMs)
     b = m._parameters.get("bias")
     if b is None:
         return None if "bias" in m._buffers else _linear_into(x, w, None, wv.cuts, (), st.lock)
