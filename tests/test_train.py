@@ -2117,3 +2117,34 @@ def test_fit_takes_an_optimizer_whose_zero_grad_takes_no_argument():
         assert all(not torch.equal(b, p) for b, p in zip(before, m.parameters()))
         runs.append([p.detach().clone() for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
+def test_a_stop_after_a_skipped_update_says_how_many_steps_updated_the_weights():
+    """A step whose gradients were not finite is skipped (no optimizer update) but counts as a step; a later
+    stop said "stopped after 5 optimizer step(s)" where 4 updates were in the weights. The note says how many
+    of the steps skipped their update; start_step= is still the step count."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    x = torch.randn(48, 6)
+    data = [(x[i * 8:(i + 1) * 8], x[i * 8:(i + 1) * 8, :3].argmax(1)) for i in range(6)]
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    updates = [0]
+    opt.register_step_post_hook(lambda *a: updates.__setitem__(0, updates[0] + 1))
+    calls = [0]
+
+    def loss_fn(out, y):
+        calls[0] += 1
+        step = (calls[0] - 1) // 2  # (k=2 sub-models a step)
+        if step == 2:
+            return F.cross_entropy(out, y) + torch.sqrt(out.sum() * 0)  # a finite loss, a NaN gradient
+        if step == 5:
+            raise RuntimeError("a fault in the loss")
+        return F.cross_entropy(out, y)
+
+    with _nonfinite_warns(), pytest.raises(RuntimeError, match="a fault") as err:
+        sn.fit(nest, data, opt, sn.Sampler(nest.submodels, k=2, seed=0), loss_fn=loss_fn, progress=False)
+    note = next(n for n in err.value.__notes__ if n.startswith("sortednet.fit:"))
+    assert updates[0] == 4
+    assert "stopped after 5 step(s) of this call (1 of them skipped its optimizer update" in note
+    assert "the weights are those after step 4" in note

@@ -951,7 +951,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     modes = [(m, m.training) for m in model.modules()]
     # steps whose update is in the weights, and where a step stands ("optimizer": its optimizer.step() was
     # called and may or may not have returned; "scheduler": done, its scheduler.step() maybe not): _fit_loop
-    reached: list[Any] = [start_step, None]
+    reached: list[Any] = [start_step, None, 0]
     try:
         model.train()
         _fit_loop(nest, loader, sampler, optimizer, scheduler, loss_fn, distill, nonfinite, epochs, total,
@@ -966,8 +966,11 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                         f"{reached[0]} or " + (f"after step {reached[0] - 1}" if stepped else "as they were")
                         + " (an optimizer stopped part-way may have updated some parameters only)"
                         if reached[1] == "optimizer" else
-                        f"sortednet.fit: stopped after {stepped} optimizer step(s) of this call: the weights are "
-                        f"those after step {reached[0] - 1}" if stepped else "sortednet.fit: stopped before its "
+                        (f"sortednet.fit: stopped after {stepped} optimizer step(s) of this call" if not reached[2]
+                         else f"sortednet.fit: stopped after {stepped} step(s) of this call ({reached[2]} of them "
+                         "skipped its optimizer update: non-finite gradients)")
+                        + f": the weights are those after step {reached[0] - 1}" if stepped else "sortednet.fit: "
+                        "stopped before its "
                         "first optimizer step: the weights are as they were") + (
                        f"; the scheduler may not have stepped for step {reached[0] - 1} (one behind the optimizer)"
                        if reached[1] == "scheduler" and scheduler is not None else "") + (
@@ -1097,7 +1100,8 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 if not poisoned:
                     optimizer.step()
                 casts_stale()  # (inside a torch.autocast region: its casts of the old weights are dropped)
-                reached[0], reached[1] = step + 1, "scheduler"  # (no signal is handled within this line)
+                reached[0], reached[1], reached[2] = step + 1, "scheduler", reached[2] + bool(poisoned)  # (no
+                # signal is handled within this line; [2]: steps whose optimizer update was skipped)
                 zero_grad()
                 if scheduler is not None:
                     scheduler.step()
