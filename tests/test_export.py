@@ -1415,3 +1415,25 @@ def test_an_export_in_training_mode_of_a_value_that_draws_is_refused_and_draws_n
     state = torch.get_rng_state()
     other.export("h=16")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_layer_compiled_in_place_is_exported_and_copied_as_its_own():
+    """``model[0].compile()`` (``nn.Module.compile``, in place) keeps a compiled call bound to that module; the
+    deep copy of a sliced layer took it along (a plain module's copy drops it), so the export, and an EMA made
+    with ``copy.deepcopy``, ran the LIVE layer: edits of the live model changed the export's output in silence,
+    and outside ``use`` it failed on shapes. The copy runs its own weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    model[0].compile(backend="eager")
+    x = torch.randn(5, 8)
+    small, ema = nest.export("h=4"), copy.deepcopy(model)
+    with torch.no_grad():
+        before, ema_before = small(x), ema(x)
+        with nest.use("h=4"):
+            torch.testing.assert_close(model(x), before)
+        model[0].weight.mul_(2)
+        torch.testing.assert_close(small(x), before)
+        torch.testing.assert_close(ema(x), ema_before)
+        with nest.use("h=4"):
+            torch.testing.assert_close(small(x), before)

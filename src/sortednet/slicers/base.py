@@ -918,10 +918,13 @@ def _guarded_register_buffer(base: type, names: frozenset) -> Callable[..., None
 
 
 def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
-    """A copy that is sliced by the same dimensions (it follows the same active sub-model)."""
+    """A copy that is sliced by the same dimensions (it follows the same active sub-model). As a plain module's
+    copy (``nn.Module.__getstate__``), it leaves out ``Module.compile()``'s compiled call, which is bound to this
+    module: the copy (an export, an EMA) would run the live module's weights."""
     new = type(self).__new__(type(self))
     memo[id(self)] = new
-    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    state = {k: v for k, v in self.__dict__.items() if k != "_compiled_call_impl"}
+    new.__dict__.update(copy.deepcopy(state, memo))
     return new
 
 
