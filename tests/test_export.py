@@ -1437,3 +1437,37 @@ def test_a_layer_compiled_in_place_is_exported_and_copied_as_its_own():
         torch.testing.assert_close(ema(x), ema_before)
         with nest.use("h=4"):
             torch.testing.assert_close(small(x), before)
+
+
+class _RebuiltOnCopy(nn.Module):
+    """A model whose ``__deepcopy__`` builds a new one from its config and state_dict."""
+
+    def __init__(self, h=16):
+        super().__init__()
+        self.h, self.fc1, self.fc2 = h, nn.Linear(8, h), nn.Linear(h, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def __deepcopy__(self, memo):
+        new = _RebuiltOnCopy(self.h)
+        new.load_state_dict(self.state_dict())
+        return new
+
+
+def test_a_model_whose_deepcopy_builds_a_new_one_is_refused_by_name():
+    """A ``__deepcopy__`` of the user's own that rebuilds the model (plain modules, none of the nest's) ended
+    export, profile, check and FLOP counting in a raw ``KeyError: '_sn'`` (or an id); refused naming the class
+    and what a wrapped model's copy needs. The live model is as it was."""
+    torch.manual_seed(0)
+    m = _RebuiltOnCopy()
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
+    before = snapshot(m)
+    x = torch.randn(2, 8)
+    for run in (lambda: nest.export("h=4"), lambda: nest.cost("h=4", "flops", example=x),
+                lambda: nest.check(x)):
+        with pytest.raises(sn.SortedNetError, match=r"did not copy its sliced module\(s\) \['fc1', 'fc2'\] \(a "
+                                                    r"__deepcopy__ of \['_RebuiltOnCopy'\]"):
+            run()
+        assert_unchanged(m, before)
+    assert nest.active == nest.largest

@@ -447,7 +447,9 @@ def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Modul
                 memo[id(v)] = v.detach().clone()
     start = dict(memo)
     try:
-        return copy.deepcopy(model, memo)
+        return _copied_whole(model, copy.deepcopy(model, memo), memo, what)
+    except SortedNetError:
+        raise
     except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
         error = e
     fresh = _fresh_locks(model, memo)
@@ -458,11 +460,36 @@ def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Modul
         if isinstance(getattr(memo, "reads", None), collections.Counter):  # (export's count of the copy)
             memo.reads.clear()  # type: ignore[attr-defined]
         try:
-            return copy.deepcopy(model, memo)
+            return _copied_whole(model, copy.deepcopy(model, memo), memo, what)
+        except SortedNetError:
+            raise
         except Exception as e:
             error = e
+    own = _own_deepcopies(model)
     raise SortedNetError(f"cannot make {what}: deepcopy failed with {type(error).__name__}: {error}"
-                         f"{_uncopyable(model, memo)}. Keep such objects off the model's modules") from error
+                         f"{_uncopyable(model, memo)}. Keep such objects off the model's modules" + (
+                             f" (or: {own} define __deepcopy__, which must pass the memo on, copy.deepcopy(value, "
+                             "memo) for each attribute)" if own else "")) from error
+
+
+def _own_deepcopies(model: nn.Module) -> list[str]:
+    """The classes of ``model``'s modules that define a ``__deepcopy__`` of their own (not sortednet's)."""
+    return sorted({type(m).__name__ for m in model.modules() if getattr(type(m), "_sn_sliced", False) is False
+                   and callable(getattr(type(m), "__deepcopy__", None))})
+
+
+def _copied_whole(model: nn.Module, new: nn.Module, memo: Mapping[int, object], what: str) -> nn.Module:
+    """``new``, a deep copy of ``model``, if it went through every sliced module (each copy is made by the sliced
+    class's ``__deepcopy__``, which enters it in ``memo``); a ``__deepcopy__`` of the user's own that builds a
+    new model (``A(self.h)`` loaded from ``state_dict()``) or leaves ``memo`` out gives a copy without them."""
+    missed = [st.path or "<root>" for m in model.modules() if (st := m.__dict__.get("_sn")) is not None
+              and id(m) not in memo]
+    if missed:
+        raise SortedNetError(f"cannot make {what}: the deep copy of the model did not copy its sliced module(s) "
+                             f"{missed[:3]} (a __deepcopy__ of {_own_deepcopies(model) or 'a class'} builds its "
+                             "copy anew or leaves the memo out); a wrapped model's copy must deep-copy its modules: "
+                             "copy.deepcopy(value, memo) for each attribute, or no __deepcopy__ of its own")
+    return new
 
 
 _LOCK, _RLOCK = type(threading.Lock()), type(threading.RLock())
