@@ -1464,10 +1464,10 @@ def test_a_model_whose_deepcopy_builds_a_new_one_is_refused_by_name():
     nest = sn.wrap(m, sn.Width("h", [4, 16], out="fc1", inp="fc2"))
     before = snapshot(m)
     x = torch.randn(2, 8)
-    for run in (lambda: nest.export("h=4"), lambda: nest.cost("h=4", "flops", example=x),
-                lambda: nest.check(x)):
+    for attempt in (lambda: nest.export("h=4"), lambda: nest.cost("h=4", "flops", example=x),
+                    lambda: nest.check(x)):
         with pytest.raises(sn.SortedNetError, match=r"did not copy its sliced module\(s\) \['fc1', 'fc2'\] \(a "
                                                     r"__deepcopy__ of \['_RebuiltOnCopy'\]"):
-            run()
+            attempt()
         assert_unchanged(m, before)
     assert nest.active == nest.largest
