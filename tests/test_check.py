@@ -2855,7 +2855,8 @@ class _CountsByName(nn.Module):
 
 
 @pytest.mark.parametrize("name", ["num_encoder_layers", "encoder_layers", "num_res_blocks", "layer_count", "nb_layers",
-                                  "decoder_depth"])
+                                  "decoder_depth", "num_enc_layers", "text_layers", "decoder_num_hidden_layers",
+                                  "total_layers"])
 def test_a_layer_count_under_another_common_name_is_said_not_to_follow_the_depth(name):
     """Only ``n_layers``-like names were watched: a count kept as ``num_encoder_layers`` (BART, T5),
     ``num_res_blocks`` (diffusion U-Nets), ``layer_count``, ... never reached the final norm at depth 2 in

@@ -1280,7 +1280,7 @@ class _SharedLayer(nn.Module):
 
 
 @pytest.mark.parametrize("arch", ["last_as_final", "final_alias", "layer_alias", "shared_blocks", "nested",
-                                  "shared_layer", "first_alias"])
+                                  "shared_layer", "first_alias", "adapter_of_late_blocks"])
 def test_a_block_also_held_outside_its_layer_list_is_said_at_wrap(arch):
     """A block (or a layer of one) the model also holds outside the Depth list runs at every depth: with
     ``self.final = self.blocks[-1]``, depth 1 ran block 3 instead of block 0, while cost and export kept block 0,
@@ -1292,10 +1292,13 @@ def test_a_block_also_held_outside_its_layer_list_is_said_at_wrap(arch):
     if arch == "nested":
         m = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(2)]))
         dims = (sn.Depth("outer", [1, 2], layers="0"), sn.Depth("inner", [1, 2], layers="0.*"))
-    elif arch in ("shared_layer", "first_alias"):
+    elif arch in ("shared_layer", "first_alias", "adapter_of_late_blocks"):
         m = _SharedLayer()
         if arch == "first_alias":
             m.first = m.blocks[0]
+        if arch == "adapter_of_late_blocks":  # (shared by blocks 2 and 3 only, which depth 1 skips)
+            m.adapter = nn.Linear(8, 8)
+            m.blocks[2]["ad"] = m.blocks[3]["ad"] = m.adapter
         dims = (sn.Depth("depth", [1, 4], layers="blocks"),)
     else:
         m = {"last_as_final": _LastAsFinal, "final_alias": _FinalAlias, "layer_alias": _LayerAlias,
@@ -1306,7 +1309,7 @@ def test_a_block_also_held_outside_its_layer_list_is_said_at_wrap(arch):
         sn.wrap(m, *dims)
     said = [str(w.message) for w in seen if issubclass(w.category, BlockHeldOutsideWarning)]
     want = {"last_as_final": "blocks.3 as 'final'", "final_alias": "blocks.1 as 'final'",
-            "layer_alias": "blocks.1.0 as 'extra'"}.get(arch)
+            "layer_alias": "blocks.1.0 as 'extra'", "adapter_of_late_blocks": "blocks.2.ad as 'adapter'"}.get(arch)
     assert (len(said) == 1 and want in said[0]) if want else not said
     assert all(w.filename == __file__ for w in seen if issubclass(w.category, BlockHeldOutsideWarning))
 

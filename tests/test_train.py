@@ -2146,5 +2146,5 @@ def test_a_stop_after_a_skipped_update_says_how_many_steps_updated_the_weights()
         sn.fit(nest, data, opt, sn.Sampler(nest.submodels, k=2, seed=0), loss_fn=loss_fn, progress=False)
     note = next(n for n in err.value.__notes__ if n.startswith("sortednet.fit:"))
     assert updates[0] == 4
-    assert "stopped after 5 step(s) of this call (1 of them skipped its optimizer update" in note
+    assert "stopped after 5 step(s) of this call (1 of them skipped: non-finite losses or gradients" in note
     assert "the weights are those after step 4" in note

@@ -885,11 +885,15 @@ class LayerCountWarning(UserWarning):
     depth."""
 
 
-_COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_encoder_layers, encoder_layers, num_res_blocks,
-    # layer_count, depth, decoder_depth; not max_window_layers, freeze_layers, bit_depth, max_depth, num_stages)
-    r"(?:n|nb|num|number_of|count_of)_?(?:(?:hidden|transformer|encoder|decoder|res|residual|model)_)?(?:layers?|blocks?)"
-    r"|(?:hidden|transformer|encoder|decoder)_(?:layers|blocks)|(?:layers?|blocks?)_?(?:count|num|number)"
-    r"|(?:(?:encoder|decoder)_)?depth", re.IGNORECASE)
+_COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_enc_layers, encoder_layers, text_layers, num_res_blocks,
+    # layer_count, depth, decoder_depth, decoder_num_hidden_layers; not max_window_layers, freeze_layers, bit_depth,
+    # max_depth, num_stages)
+    r"(?:n|nb|num|number_of|count_of|total)_?(?:(?:hidden|transformer|trans|encoder|decoder|enc|dec|text|vision|res"
+    r"|residual|model)_)*(?:layers?|blocks?)"
+    r"|(?:(?:hidden|transformer|trans|encoder|decoder|enc|dec|text|vision)_)+(?:layers|blocks)"
+    r"|(?:layers?|blocks?)_?(?:count|num|number)"
+    r"|(?:(?:encoder|decoder|enc|dec|transformer|model|vit|text|vision)_)?depth"
+    r"|(?:encoder|decoder|text|vision)_(?:num|n)_?(?:hidden_)?layers", re.IGNORECASE)
 _CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
@@ -1042,10 +1046,10 @@ def warn_blocks_held_outside(nest: Nest) -> None:
             if b is None or i < dim.sizes[0]:  # blocks[1].fc; one every depth keeps runs and is kept anyway)
                 continue
             for sub, c in b.named_modules():
-                if (id(c) in held and len(owners[id(c)]) == 1  # (a layer every block shares, a rotary table: no
+                if (id(c) in held and min(owners[id(c)]) >= dim.sizes[0]  # (one a block every depth keeps holds
                         and (c is b or any(True for _ in c.parameters()) or any(True for _ in c.buffers()))):
-                    outside.append((".".join(x for x in (path, n, sub) if x), held[id(c)]))  # block's own)
-                    break
+                    outside.append((".".join(x for x in (path, n, sub) if x), held[id(c)]))  # too, as a rotary
+                    break  # table every block shares, runs at every depth anyway)
         if outside:
             shown = "; ".join(f"{b} as {o!r}" for b, o in outside[:3])
             warnings.warn(f"Depth {dim.name!r}: the model also holds {len(outside)} block(s) (or their layers) of the "

@@ -447,7 +447,7 @@ def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Modul
                 memo[id(v)] = v.detach().clone()
     start = dict(memo)
     try:
-        return _copied_whole(model, copy.deepcopy(model, memo), memo, what)
+        return _copied_whole(model, copy.deepcopy(model, memo), memo, start, what)
     except SortedNetError:
         raise
     except Exception as e:  # an attribute that cannot be copied (a lock, a process group, ...)
@@ -460,7 +460,7 @@ def copy_model(model: nn.Module, memo: dict[int, object], what: str) -> nn.Modul
         if isinstance(getattr(memo, "reads", None), collections.Counter):  # (export's count of the copy)
             memo.reads.clear()  # type: ignore[attr-defined]
         try:
-            return _copied_whole(model, copy.deepcopy(model, memo), memo, what)
+            return _copied_whole(model, copy.deepcopy(model, memo), memo, start, what)
         except SortedNetError:
             raise
         except Exception as e:
@@ -478,12 +478,21 @@ def _own_deepcopies(model: nn.Module) -> list[str]:
                    and callable(getattr(type(m), "__deepcopy__", None))})
 
 
-def _copied_whole(model: nn.Module, new: nn.Module, memo: Mapping[int, object], what: str) -> nn.Module:
+def _copied_whole(model: nn.Module, new: nn.Module, memo: Mapping[int, object], start: Mapping[int, object],
+                  what: str) -> nn.Module:
     """``new``, a deep copy of ``model``, if it went through every sliced module (each copy is made by the sliced
     class's ``__deepcopy__``, which enters it in ``memo``); a ``__deepcopy__`` of the user's own that builds a
     new model (``A(self.h)`` loaded from ``state_dict()``) or leaves ``memo`` out gives a copy without them."""
-    missed = [st.path or "<root>" for m in model.modules() if (st := m.__dict__.get("_sn")) is not None
-              and id(m) not in memo]
+    missed, seen, stack = [], set(), [model]
+    while stack:  # (from the root, not into what the memo held before the copy: a Depth's skipped blocks)
+        m = stack.pop()
+        if id(m) in seen or (m is not model and id(m) in start):
+            continue
+        seen.add(id(m))
+        st = m.__dict__.get("_sn")
+        if st is not None and id(m) not in memo:
+            missed.append(st.path or "<root>")
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     if missed:
         raise SortedNetError(f"cannot make {what}: the deep copy of the model did not copy its sliced module(s) "
                              f"{missed[:3]} (a __deepcopy__ of {_own_deepcopies(model) or 'a class'} builds its "

@@ -535,6 +535,7 @@ class Nest:
         Dimensions left out take their largest size. ``full_ok``: a restricted nest takes the full model too
         (the model as it was: what it runs outside ``use``), also where its list leaves it out.
         """
+        given = sub
         if sub is None:  # (the active one; a restricted nest's default, the full model, is not listed)
             sub = self.active
             if self._rows is None or full_ok:
@@ -563,7 +564,10 @@ class Nest:
             listed = self.submodels
             some = ", ".join(str(s) for s in (*listed[:3], *([listed[-1]] if len(listed) > 3 else [])))
             raise SortedNetError(f"{out} is not one of the {len(listed)} sub-models this nest was restricted to "
-                                 f"(wrap(..., submodels=[...])), e.g. {some}; see nest.submodels")
+                                 f"(wrap(..., submodels=[...])), e.g. {some}; see nest.submodels" + (
+                                     " (no sub-model was given: the one in force is the full model, which runs "
+                                     "outside use; name a listed one, or use / activate it)" if given is None
+                                     else ""))
         return out
 
     # -- the active sub-model (run-time state: sortednet.dims.Active, sortednet.plan) --------------

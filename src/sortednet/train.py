@@ -968,7 +968,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                         if reached[1] == "optimizer" else
                         (f"sortednet.fit: stopped after {stepped} optimizer step(s) of this call" if not reached[2]
                          else f"sortednet.fit: stopped after {stepped} step(s) of this call ({reached[2]} of them "
-                         "skipped its optimizer update: non-finite gradients)")
+                         "skipped: non-finite losses or gradients, no update)")
                         + f": the weights are those after step {reached[0] - 1}" if stepped else "sortednet.fit: "
                         "stopped before its "
                         "first optimizer step: the weights are as they were") + (
@@ -1100,8 +1100,8 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                 if not poisoned:
                     optimizer.step()
                 casts_stale()  # (inside a torch.autocast region: its casts of the old weights are dropped)
-                reached[0], reached[1], reached[2] = step + 1, "scheduler", reached[2] + bool(poisoned)  # (no
-                # signal is handled within this line; [2]: steps whose optimizer update was skipped)
+                reached[0], reached[1], reached[2] = step + 1, "scheduler", reached[2] + bool(poisoned or len(
+                    losses.skipped) == len(subs))  # (no signal is handled here; [2]: steps that updated nothing)
                 zero_grad()
                 if scheduler is not None:
                     scheduler.step()
