@@ -426,6 +426,7 @@ _anomaly = torch.is_anomaly_enabled
 
 #: switch for the fused ``nn.Linear`` gradient path (benchmarks/layout.py compares both sides in one run)
 FUSED_LINEAR = True
+_PLAIN = (Tensor, _Parameter)  # (inputs without a __torch_function__ of their own: a learned query is a Parameter)
 
 
 def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None:
@@ -435,7 +436,7 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
     if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
             or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0
-            or w.is_inference() or w.is_complex() or _anomaly() or x.__class__ is not Tensor or x.is_nested):
+            or w.is_inference() or w.is_complex() or _anomaly() or x.__class__ not in _PLAIN or x.is_nested):
         return None  # (inference: refused by narrow, by name; complex: autograd's conjugates, which LinearInto's
         #              GEMMs leave out; anomaly mode: it checks every gradient a backward returns, and one written
         #              into .grad here is not returned; a tensor subclass's input: its __torch_function__ may change
