@@ -4200,6 +4200,41 @@ _PADDED = {
 }
 
 
+class _PerUnitOperand(nn.Module):
+    """Features scaled by a per-unit parameter (or offset by an embedding) the forward reorders itself."""
+
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.fc1, self.fc2 = how, nn.Linear(6, 8), nn.Linear(8, 3)
+        self.gamma, self.emb = nn.Parameter(torch.randn(8)), nn.Embedding(8, 1)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        n = h.shape[-1]
+        if self.how == "flip":
+            return self.fc2(h * self.gamma[:n].flip(0))
+        if self.how == "roll":
+            return self.fc2(h * torch.roll(self.gamma[:n], 1, 0))
+        if self.how == "permuted":
+            return self.fc2(h * self.gamma[:n][torch.tensor(list(range(n))[::-1])])
+        return self.fc2(h + self.emb(torch.arange(n).flip(0))[:, 0])
+
+
+@pytest.mark.parametrize("how", ["flip", "roll", "permuted", "embedding_of_flipped_positions"])
+def test_a_per_unit_operand_reordered_before_it_meets_the_features_is_refused(how):
+    """A per-unit scale kept as a raw parameter (or an embedding of unit positions) reordered by the forward
+    before it multiplies the features: the reordered output was a fresh axis in the wiring trace, so the
+    features met it with no word, and sub-model h=4 scaled its units by other units' factors (0.5 to 0.7 off
+    the masked full model, the export the same). The reordered output carries the reason; refused, nothing
+    changed."""
+    m, x = _PerUnitOperand(how), torch.randn(5, 6)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"moves them between positions"):
+        sn.wrap(m, sn.Width("h", [4, 8], out="fc1", inp="fc2"), example=x)
+    assert_unchanged(m, before)
+
+
 class _Padded(nn.Module):
     def __init__(self, op, width):
         super().__init__()

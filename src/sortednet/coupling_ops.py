@@ -197,6 +197,7 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
     idx = idx + (slice(None),) * (x.dim() - sum(1 for i in idx if i is not None))
     xv = a.of(x)
     srcs: list[list[int]] = []
+    picked: list[int] = []
     ax = 0
     for i in idx:
         if i is None:
@@ -215,6 +216,7 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
             else:
                 a.uf.fix(xv[ax], f"{why} (a tensor index)")
                 srcs.append([])
+                picked.append(len(srcs) - 1)
         if isinstance(i, slice):
             full = i.step in (None, 1) and (i.start in (None, 0)) and (i.stop is None or i.stop >= x.shape[ax])
             if full:
@@ -225,7 +227,9 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
         ax += 1
     if len(srcs) != o.dim():
         return False
-    a.assign(o, srcs, why)
+    ov = a.assign(o, srcs, why)
+    for i in picked:  # (units picked by a tensor: in another order at the output too)
+        a.uf.fix(ov[i], f"{why} (a tensor index)")
     return True
 
 
@@ -387,14 +391,17 @@ def handle(a, ev) -> bool:
             (index.cpu() == torch.arange(x.shape[dim], device="cpu")).all())  # (every unit in place: the identity)
         if not whole:
             a.uf.fix(xv[dim], f"indexed by {why}")
-        a.assign(o, [[v] if i != dim or whole else [] for i, v in enumerate(xv)], why)
+        ov = a.assign(o, [[v] if i != dim or whole else [] for i, v in enumerate(xv)], why)
+        if not whole:  # (picked units: a per-unit parameter picked in another order meets the features so)
+            a.uf.fix(ov[dim], f"indexed by {why}")
         return True
     if name in _REORDER and len(outs) == 1 and outs[0].shape == x.shape:
         return _reorder(a, ev, x, outs[0], why)
     if name in _SHUFFLE and len(outs) == 1 and outs[0].shape == x.shape and x.dim() >= 2:
         xv = a.of(x)  # (ShuffleNet: channels (g, c/g) transposed to (c/g, g), axis 1 of a batched input; the unit
         a.uf.fix(xv[1], f"reordered by {why}")  # at each position is another one at every width)
-        a.assign(outs[0], [[] if i == 1 else [v] for i, v in enumerate(xv)], why)
+        ov = a.assign(outs[0], [[] if i == 1 else [v] for i, v in enumerate(xv)], why)
+        a.uf.fix(ov[1], f"reordered by {why}")
         return True
     if name in _FUNCTIONAL_NORM:
         return _functional_norm(a, ev, x, outs, why)
@@ -428,7 +435,9 @@ def _reorder(a, ev, x: Tensor, o: Tensor, why: str) -> bool:
     xv = a.of(x)
     for i in moved:
         a.uf.fix(xv[i], f"reordered by {why}")
-    a.assign(o, [[] if i in moved else [v] for i, v in enumerate(xv)], why)
+    ov = a.assign(o, [[] if i in moved else [v] for i, v in enumerate(xv)], why)
+    for i in moved:  # (the output's units are reordered too: a flipped per-unit parameter meeting the features)
+        a.uf.fix(ov[i], f"reordered by {why}")
     return True
 
 
