@@ -4214,8 +4214,8 @@ class _PerUnitOperand(nn.Module):
         n = h.shape[-1]
         if self.how == "flip":
             return self.fc2(h * self.gamma[:n].flip(0))
-        if self.how == "roll":
-            return self.fc2(h * torch.roll(self.gamma[:n], 1, 0))
+        if self.how in ("roll", "roll_by_its_size"):  # (a roll by the axis's size keeps every unit in place)
+            return self.fc2(h * torch.roll(self.gamma[:n], 1 if self.how == "roll" else n, 0))
         if self.how == "permuted":
             return self.fc2(h * self.gamma[:n][torch.tensor(list(range(n))[::-1])])
         return self.fc2(h + self.emb(torch.arange(n).flip(0))[:, 0])
@@ -4233,6 +4233,42 @@ def test_a_per_unit_operand_reordered_before_it_meets_the_features_is_refused(ho
     with pytest.raises(sn.SortedNetError, match=r"moves them between positions"):
         sn.wrap(m, sn.Width("h", [4, 8], out="fc1", inp="fc2"), example=x)
     assert_unchanged(m, before)
+
+
+class _PadMeetsReorder(nn.Module):
+    """Width features zero-padded to a fixed 16 and added to a fixed-size stream the forward reordered."""
+
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.fc1, self.fc2, self.fc3, self.head = how, nn.Linear(6, 12), nn.Linear(12, 3), \
+            nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        g = self.fc3(x)
+        r = {"flip": lambda: g.flip(-1), "roll": lambda: torch.roll(g, 3, -1),
+             "index_select": lambda: g.index_select(-1, torch.arange(16).flip(0)),
+             "tensor_index": lambda: g[:, torch.arange(16).flip(0)]}[self.how]()
+        return self.fc2(h) + self.head(F.pad(h, (0, 16 - h.shape[-1])) + r)
+
+
+@pytest.mark.parametrize("how", ["flip", "roll", "index_select", "tensor_index"])
+def test_padded_features_meeting_a_reordered_stream_of_fixed_size_are_accepted(how):
+    """A zero padding of the features to a fixed size added to a stream the forward reordered: the features'
+    units stay in place (the sub-model equals the masked full model), but the reorder's reason reached the
+    padding's source and the Width was refused. A reorder's output moves what meets it, not the source of a
+    padding it meets; a roll by 0 is the identity."""
+    x = torch.randn(5, 6)
+    m = _PadMeetsReorder(how).eval()
+    masked = copy.deepcopy(m)
+    with torch.no_grad():
+        masked.fc1.weight[4:] = 0
+        masked.fc1.bias[4:] = 0
+    nest = sn.wrap(m, sn.Width("w", [4, 8, 12], out="fc1", inp="fc2"), example=x)
+    with torch.no_grad(), nest.use("w=4"):
+        torch.testing.assert_close(m(x), masked(x))
+    sn.wrap(_PerUnitOperand("roll_by_its_size"), sn.Width("h", [4, 8], out="fc1", inp="fc2"), example=x)
 
 
 class _Padded(nn.Module):

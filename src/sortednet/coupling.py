@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .cost import call_model
-from .coupling_ops import Attention, _tensors, attention_block, handle, leaf_types, module, sliceable
+from .coupling_ops import OUTPUT, Attention, _tensors, attention_block, handle, leaf_types, module, sliceable
 from .errors import SortedNetError
 from .heads import COUNT_ATTRS, Heads, separate_qkv
 from .modes import dry_run, eval_view, seeded
@@ -75,6 +75,10 @@ def _moves(reason: str | None) -> bool:
     return reason is not None and MOVED.search(reason) is not None
 
 
+def _reaches_origins(reason: str | None) -> bool:
+    return _moves(reason) and not reason.endswith(OUTPUT)  # type: ignore[union-attr]
+
+
 class _UF:
     """Union-find over axis variables with size, bindings, a fixed reason and a size multiple. A reason that moves
     units (:data:`MOVED`) replaces one that does not (a zero padding of the axis first, a repeat of it later: the
@@ -117,7 +121,7 @@ class _UF:
         self.fixed[a] = moved or self.fixed[a] or self.fixed[b]
         self.binds[a] += [x for x in self.binds[b] if x not in self.binds[a]]
         self.mult[a] = math.lcm(self.mult[a], self.mult[b])
-        if moved or (_moves(self.fixed[a]) and self.origin):
+        if (moved or self.origin) and _reaches_origins(self.fixed[a]):
             self._to_origins(a, self.fixed[a])
         return a
 
@@ -125,7 +129,7 @@ class _UF:
         r = self.find(v)
         if self.size[r] > 1 and (self.fixed[r] is None or (_moves(reason) and not _moves(self.fixed[r]))):
             self.fixed[r] = reason
-        if _moves(reason) and self.origin:
+        if _reaches_origins(reason) and self.origin:
             self._to_origins(r, reason)
 
     def _to_origins(self, r: int, reason: str, seen: set[int] | None = None) -> None:

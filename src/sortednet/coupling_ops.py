@@ -227,9 +227,9 @@ def _index(a, x: Tensor, o: Tensor, idx: Any, why: str) -> bool:
         ax += 1
     if len(srcs) != o.dim():
         return False
-    ov = a.assign(o, srcs, why)
+    ov = a.assign(o, srcs, f"{why}{OUTPUT}")  # (a fresh axis: a moving reason, that reaches no padding's source)
     for i in picked:  # (units picked by a tensor: in another order at the output too)
-        a.uf.fix(ov[i], f"{why} (a tensor index)")
+        a.uf.fix(ov[i], f"{why} (a tensor index){OUTPUT}")
     return True
 
 
@@ -393,7 +393,7 @@ def handle(a, ev) -> bool:
             a.uf.fix(xv[dim], f"indexed by {why}")
         ov = a.assign(o, [[v] if i != dim or whole else [] for i, v in enumerate(xv)], why)
         if not whole:  # (picked units: a per-unit parameter picked in another order meets the features so)
-            a.uf.fix(ov[dim], f"indexed by {why}")
+            a.uf.fix(ov[dim], f"indexed by {why}{OUTPUT}")
         return True
     if name in _REORDER and len(outs) == 1 and outs[0].shape == x.shape:
         return _reorder(a, ev, x, outs[0], why)
@@ -401,7 +401,7 @@ def handle(a, ev) -> bool:
         xv = a.of(x)  # (ShuffleNet: channels (g, c/g) transposed to (c/g, g), axis 1 of a batched input; the unit
         a.uf.fix(xv[1], f"reordered by {why}")  # at each position is another one at every width)
         ov = a.assign(outs[0], [[] if i == 1 else [v] for i, v in enumerate(xv)], why)
-        a.uf.fix(ov[1], f"reordered by {why}")
+        a.uf.fix(ov[1], f"reordered by {why}{OUTPUT}")
         return True
     if name in _FUNCTIONAL_NORM:
         return _functional_norm(a, ev, x, outs, why)
@@ -409,6 +409,11 @@ def handle(a, ev) -> bool:
         return _functional_layer(a, ev, x, outs)
     return False
 
+
+#: ends the reason given to a reorder's OUTPUT axis (``gamma[:n].flip(0)``): features meeting it are refused, but it
+#: does not reach the source of a zero padding it meets (a padded axis is of a fixed size: its source's units stay
+#: in place when a fixed-size reordered tensor is added to it)
+OUTPUT = " (its output)"
 
 #: ops that keep every axis's size but reorder the units of some: a prefix of such an axis is not a prefix after
 _REORDER = frozenset({"roll", "flip", "fliplr", "flipud"})
@@ -432,12 +437,18 @@ def _reorder(a, ev, x: Tensor, o: Tensor, why: str) -> bool:
     if not all(isinstance(d, int) and not isinstance(d, bool) and -n <= d < n for d in dims):
         return False
     moved = {d % n for d in dims}
+    if ev.name == "roll":  # (a shift of 0, or of a multiple of the axis's size, keeps every unit in place)
+        shifts = ev.kwargs.get("shifts", ev.args[1] if len(ev.args) > 1 else None)
+        shifts = [shifts] if isinstance(shifts, int) else list(shifts) if isinstance(shifts, (tuple, list)) else None
+        if shifts is not None and len(shifts) == len(dims) and all(
+                isinstance(k, int) and k % x.shape[d] == 0 for k, d in zip(shifts, dims) if x.shape[d]):
+            moved = set()
     xv = a.of(x)
     for i in moved:
         a.uf.fix(xv[i], f"reordered by {why}")
     ov = a.assign(o, [[] if i in moved else [v] for i, v in enumerate(xv)], why)
     for i in moved:  # (the output's units are reordered too: a flipped per-unit parameter meeting the features)
-        a.uf.fix(ov[i], f"reordered by {why}")
+        a.uf.fix(ov[i], f"reordered by {why}{OUTPUT}")
     return True
 
 
