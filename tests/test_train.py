@@ -2044,20 +2044,24 @@ def test_fit_keeps_calibrated_statistics_while_no_step_changes_a_weight(skipped)
     assert not any("BatchNorm statistics of nest.calibrate" in str(w.message) for w in seen)
 
 
+class _OwnSGD:
+    """An optimizer of one's own: ``step`` only, no ``param_groups`` (the tests add a ``zero_grad``)."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def step(self):
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+
+
 def test_fit_takes_an_optimizer_of_ones_own_without_param_groups():
     """fit needs ``step`` and ``zero_grad`` only: an optimizer of one's own without ``param_groups`` raised a raw
     AttributeError after its first backward (its gradient check and its calibration check read them)."""
 
-    class Plain:
-        def __init__(self, params):
-            self.params = list(params)
-
-        def step(self):
-            with torch.no_grad():
-                for p in self.params:
-                    if p.grad is not None:
-                        p -= 0.1 * p.grad
-
+    class Plain(_OwnSGD):
         def zero_grad(self, set_to_none=True):
             for p in self.params:
                 p.grad = None
@@ -2077,16 +2081,7 @@ def test_fit_takes_an_optimizer_whose_zero_grad_takes_no_argument():
     ``zero_grad(set_to_none=True)`` with a raw TypeError; fit now calls it bare and then drops the gradients of the
     parameters it steps, so the run is the one an optimizer taking ``set_to_none`` gives (and one taking it
     positionally only gets it so)."""
-
-    class Plain:
-        def __init__(self, params):
-            self.params = list(params)
-
-        def step(self):
-            with torch.no_grad():
-                for p in self.params:
-                    if p.grad is not None:
-                        p -= 0.1 * p.grad
+    Plain = _OwnSGD
 
     class Bare(Plain):
         def zero_grad(self):
