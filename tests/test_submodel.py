@@ -215,3 +215,11 @@ def test_a_sub_model_list_concatenates_with_lists_into_a_plain_list():
     assert isinstance(nest.submodels[:1] + nest.submodels[1:], list)
     with pytest.raises(TypeError):
         nest.submodels + 3
+
+
+@pytest.mark.parametrize("form", ["h=4,d=2", {"d": 2, "h": 4}, sn.SubModel(h=4, d=2)])
+def test_of_reads_a_submodel_a_mapping_or_its_text_and_refuses_the_rest(form):
+    assert sn.SubModel.of(form) == sn.SubModel(h=4, d=2)
+    for bad in (4, ["h=4"], None):
+        with pytest.raises(sn.SortedNetError, match=r"where: a sub-model is a SubModel, a \{dimension: size\} dict"):
+            sn.SubModel.of(bad, "where")

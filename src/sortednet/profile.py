@@ -94,18 +94,6 @@ def _fmt(x: float, unit: str = "") -> str:
     return f"{x * 1e6:.3g}{sep}µ{unit}"
 
 
-def _as_sub(sub: Any, who: str) -> SubModel:
-    """``sub`` as a :class:`SubModel`: itself, a ``{dimension: size}`` mapping or its text (``"h=4,d=2"``)."""
-    if isinstance(sub, SubModel):
-        return sub
-    if isinstance(sub, str):
-        return SubModel.parse(sub)
-    if isinstance(sub, Mapping):
-        return SubModel(sub)
-    raise SortedNetError(f"{who}: a sub-model is a SubModel, a {{dimension: size}} dict or its text ('h=4'), got "
-                         f"{type(sub).__name__} {str(sub)[:60]!r}")
-
-
 @dataclass(frozen=True)
 class Profile:
     """Measured cost (and optional score) of every sub-model. Made by :meth:`Nest.profile`;
@@ -130,7 +118,7 @@ class Profile:
         if isinstance(self.submodels, (str, bytes, Mapping)) or not isinstance(self.submodels, Iterable):
             raise SortedNetError(f"Profile: submodels must be a sequence of sub-models, got "
                                  f"{type(self.submodels).__name__}")
-        object.__setattr__(self, "submodels", tuple(_as_sub(s, "Profile") for s in self.submodels))
+        object.__setattr__(self, "submodels", tuple(SubModel.of(s, "Profile") for s in self.submodels))
         if not isinstance(self.costs, Mapping):
             raise SortedNetError(f"Profile: costs must be a mapping {{metric: one value per sub-model}}, got "
                                  f"{type(self.costs).__name__}")
@@ -166,7 +154,7 @@ class Profile:
 
     def index(self, sub: SubModel | Mapping[str, int] | str) -> int:
         """Position of ``sub`` (a :class:`SubModel`, a dict or its text) in :attr:`submodels`."""
-        sub = _as_sub(sub, "Profile.index")
+        sub = SubModel.of(sub, "Profile.index")
         i = self._pos.get(sub)
         if i is None:
             names = list(self.submodels[0]) if self.submodels else []

@@ -364,7 +364,7 @@ class Sampler:
             try:
                 if resolve is not None and isinstance(s, (str, Mapping)):
                     return resolve(s)  # (a dimension left out: its largest size)
-                return SubModel.parse(s) if isinstance(s, str) else SubModel(s) if isinstance(s, Mapping) else s
+                return SubModel.of(s) if isinstance(s, (str, Mapping)) else s
             except SortedNetError:
                 return s
         if isinstance(subs, (str, bytes, Mapping)) or not isinstance(subs, Sequence):

@@ -85,6 +85,19 @@ class SubModel(Mapping[str, int]):
         return cls(sizes)
 
     @classmethod
+    def of(cls, sub: Any, who: str = "SubModel.of") -> "SubModel":
+        """``sub`` as a SubModel: itself, a ``{dimension: size}`` mapping or its text (``"h=4,d=2"``); anything
+        else is refused naming ``who``. (Dimensions are taken as given: ``nest.resolve`` fills in left-out ones.)"""
+        if isinstance(sub, SubModel):
+            return sub
+        if isinstance(sub, str):
+            return cls.parse(sub)
+        if isinstance(sub, Mapping):
+            return cls(sub)
+        raise SortedNetError(f"{who}: a sub-model is a SubModel, a {{dimension: size}} dict or its text ('h=4'), "
+                             f"got {type(sub).__name__} {str(sub)[:60]!r}")
+
+    @classmethod
     def _trusted(cls, items: dict[str, int]) -> "SubModel":
         """Build from already validated ``{name: int}`` (no checks: internal fast path)."""
         new = object.__new__(cls)
