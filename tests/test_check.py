@@ -8,6 +8,7 @@ import collections
 import copy
 import functools
 import math
+import re
 import sys
 import warnings
 
@@ -4269,6 +4270,59 @@ def test_padded_features_meeting_a_reordered_stream_of_fixed_size_are_accepted(h
     with torch.no_grad(), nest.use("w=4"):
         torch.testing.assert_close(m(x), masked(x))
     sn.wrap(_PerUnitOperand("roll_by_its_size"), sn.Width("h", [4, 8], out="fc1", inp="fc2"), example=x)
+
+
+class _RolledBy(nn.Module):
+    """``roll(shifts, dims)`` of the hidden features of shape (batch, tokens, hidden)."""
+
+    def __init__(self, shifts, dims):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shifts, self.dims = shifts, dims
+        self.a, self.b = nn.Linear(4, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.b(torch.roll(torch.relu(self.a(x)), self.shifts, self.dims))
+
+
+def _masked_equal(m: nn.Module, nest, size: int, x: torch.Tensor) -> bool:
+    masked = copy.deepcopy(m).eval()
+    with torch.no_grad():
+        masked.a.weight[size:] = 0
+        masked.a.bias[size:] = 0
+        want = masked(x)  # (outside use: a copy of a wrapped model follows the nest's sub-models)
+    with torch.no_grad(), nest.use({"h": size}):
+        return torch.allclose(m.eval()(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift,sizes", [(24, [12, 16, 24]), (48, [18, 24]), (-24, [10, 24])])
+def test_a_roll_by_a_multiple_of_the_full_size_is_refused_at_sizes_that_do_not_divide_it(shift, sizes):
+    """A roll by a multiple of the traced (full) size is the identity there, and was taken for one at every
+    size; at a size that does not divide the shift it moves the units (roll(24) of 16 features shifts them by
+    8): check passed a sub-model that is not the full model's first units."""
+    x = torch.randn(2, 5, 4)
+    m = _RolledBy(shift, -1)
+    nest = sn.wrap(m, sn.Width("h", sizes, out="a", inp="b"))
+    assert not _masked_equal(m, nest, next(n for n in sizes if shift % n), x)  # (the sub-model really differs)
+    bad = [n for n in sizes if shift % n]
+    with pytest.raises(sn.SortedNetError, match=rf"rolled by {abs(shift)} .*size\(s\) {re.escape(str(bad))}"):
+        nest.check(x)
+    with warnings.catch_warnings():  # (no size but the full one kept: discover says it found nothing to slice)
+        warnings.simplefilter("ignore", UserWarning)
+        found = sn.discover(_RolledBy(shift, -1), x, ratios=[n / 24 for n in sizes], heads=False)
+    assert all(shift % n == 0 for d in found for n in d.sizes)  # (discovery proposes only the sizes it keeps)
+
+
+@pytest.mark.parametrize("shifts,dims,sizes", [(24, -1, [6, 8, 12, 24]), ((1, 0), (1, 2), [8, 16, 24]),
+                                               ((0, 2), (2, 1), [12, 24]), ((48, 3), (-1, 1), [12, 24])])
+def test_a_roll_keeping_the_features_in_place_at_every_size_is_accepted(shifts, dims, sizes):
+    """A roll of the features by a multiple of every size, or by 0 beside a shift of the tokens, keeps every
+    feature in place at every size; a shift of 0 was judged moved when another axis was shifted."""
+    x = torch.randn(2, 5, 4)
+    m = _RolledBy(shifts, dims)
+    nest = sn.wrap(m, sn.Width("h", sizes, out="a", inp="b"), example=x)
+    for n in sizes:
+        assert _masked_equal(m, nest, n, x)
 
 
 class _Padded(nn.Module):

@@ -94,9 +94,18 @@ def _traced_findings(nest: Nest, example: Any, model: Any,
     (``groups``: :func:`_bound_groups` traced already)."""
     moved, unfollowed = [], []
     for g, mine in _bound_groups(nest, example, model) if groups is None else groups:
-        if g.fixed is None or any(getattr(d, "chunks", None) for _, d in mine):
+        if any(getattr(d, "chunks", None) for _, d in mine):
             continue
         (p0, r0), d0 = mine[0]
+        off = sorted({n for _, d in mine for n in d.sizes if g.divides % n}) if g.divides else []
+        if off and (g.fixed is None or not _MOVED.search(g.fixed)):  # (a roll by a multiple of the traced size)
+            moved.append((d0, f"rolled by {g.divides}", f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) "
+                          f"are rolled by {g.divides} positions (the identity at the full size, a multiple of it), "
+                          f"which moves them at size(s) {off} that do not divide it: a sub-model's first units are "
+                          "not the full model's there (its shapes still fit, so the dry runs pass); remove the roll "
+                          "or that binding"))
+        if g.fixed is None or off:
+            continue
         if _MOVED.search(g.fixed):
             moved.append((d0, g.fixed, f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, "
                                        "which moves them between positions: a sub-model's first units are not the "

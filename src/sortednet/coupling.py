@@ -45,6 +45,7 @@ class Group:
     bindings: list[tuple[str, str]]           # (module path, role) in first-seen order
     fixed: str | None = None                  # why it must not shrink (None: free)
     multiple: int = 1                         # sizes must be multiples (GroupNorm channels per group)
+    divides: int = 0                          # sizes must divide it (a roll by it keeps units in place); 0: none
 
     def roles(self, role: str) -> list[str]:
         return [p for p, r in self.bindings if r == role]
@@ -91,6 +92,7 @@ class _UF:
         self.fixed: list[str | None] = []
         self.binds: list[list[tuple[str, str]]] = []
         self.mult: list[int] = []
+        self.div: list[int] = []  # a roll's shift the sizes must divide (gcd of every such shift; 0: none)
         self.roles: dict[tuple[str, str], int] = {}
         self.origin: dict[int, int] = {}  # padded axis -> the axis it was padded from
 
@@ -100,6 +102,7 @@ class _UF:
         self.fixed.append(fixed if size > 1 else None)
         self.binds.append([])
         self.mult.append(1)
+        self.div.append(0)
         return len(self.parent) - 1
 
     def find(self, v: int) -> int:
@@ -121,9 +124,15 @@ class _UF:
         self.fixed[a] = moved or self.fixed[a] or self.fixed[b]
         self.binds[a] += [x for x in self.binds[b] if x not in self.binds[a]]
         self.mult[a] = math.lcm(self.mult[a], self.mult[b])
+        self.div[a] = math.gcd(self.div[a], self.div[b])
         if (moved or self.origin) and _reaches_origins(self.fixed[a]):
             self._to_origins(a, self.fixed[a])
         return a
+
+    def rolled(self, v: int, shift: int) -> None:
+        """Axis ``v`` was rolled by ``shift``, a multiple of its size here: the identity only at sizes dividing it."""
+        r = self.find(v)
+        self.div[r] = math.gcd(self.div[r], shift)
 
     def fix(self, v: int, reason: str) -> None:
         r = self.find(v)
@@ -503,7 +512,7 @@ def _merge(a: Coupling, b: Coupling) -> Coupling:
     uf = _UF()
     for g in (*a.groups, *b.groups):
         v = uf.new(g.size, g.fixed)
-        uf.mult[v] = g.multiple
+        uf.mult[v], uf.div[v] = g.multiple, g.divides
         for path, role in g.bindings:
             uf.bind(v, path, role)
     return _coupling(uf, list({x.path: x for x in (*a.attention, *b.attention)}.values()))
@@ -518,7 +527,7 @@ def _coupling(uf: _UF, attention: list[Attention]) -> Coupling:
         if r in roots or not uf.binds[r]:
             continue
         roots[r] = len(groups)
-        groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r]))
+        groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r], uf.div[r]))
     return Coupling(groups, attention, {k: roots[uf.find(r)] for k, r in uf.roles.items()})
 
 

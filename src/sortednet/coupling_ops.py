@@ -437,13 +437,20 @@ def _reorder(a, ev, x: Tensor, o: Tensor, why: str) -> bool:
     if not all(isinstance(d, int) and not isinstance(d, bool) and -n <= d < n for d in dims):
         return False
     moved = {d % n for d in dims}
-    if ev.name == "roll":  # (a shift of 0, or of a multiple of the axis's size, keeps every unit in place)
-        shifts = ev.kwargs.get("shifts", ev.args[1] if len(ev.args) > 1 else None)
-        shifts = [shifts] if isinstance(shifts, int) else list(shifts) if isinstance(shifts, (tuple, list)) else None
-        if shifts is not None and len(shifts) == len(dims) and all(
-                isinstance(k, int) and k % x.shape[d] == 0 for k, d in zip(shifts, dims) if x.shape[d]):
-            moved = set()
     xv = a.of(x)
+    if ev.name == "roll":  # (a shift of 0 keeps every unit of its axis in place; one of a multiple of the axis's
+        shifts = ev.kwargs.get("shifts", ev.args[1] if len(ev.args) > 1 else None)  # size too, at the sizes
+        shifts = [shifts] if isinstance(shifts, int) else list(shifts) if isinstance(shifts, (tuple, list)) else None
+        if shifts is not None and len(shifts) == len(dims) and all(  # that divide it: check compares the sizes)
+                isinstance(k, int) and not isinstance(k, bool) for k in shifts):
+            moved = set()
+            for k, d in zip(shifts, dims):
+                d %= n
+                if x.shape[d] and k % x.shape[d] == 0:
+                    if k:
+                        a.uf.rolled(xv[d], abs(k))
+                else:
+                    moved.add(d)
     for i in moved:
         a.uf.fix(xv[i], f"reordered by {why}")
     ov = a.assign(o, [[] if i in moved else [v] for i, v in enumerate(xv)], why)

@@ -92,6 +92,8 @@ def _width(g: Group, ratios: Sequence[float], multiple_of: int, taken: set[str])
     if g.size % mult:
         return None
     sizes = sizes_for(g.size, ratios, mult)
+    if g.divides:  # (features rolled by a multiple of their size: kept in place only at sizes dividing the shift)
+        sizes = [n for n in sizes if g.divides % n == 0]
     if len(sizes) < 2:
         return None
     roles = {r: list(dict.fromkeys(g.roles(r))) for r in ("out", "inp", "norm")}
