@@ -812,3 +812,80 @@ def test_a_non_reentrant_checkpoint_over_a_calibrated_batchnorm_recomputes_its_s
         want = grad(sub, False)
         assert not torch.allclose(want, grad(nest.largest, False))  # (calibrated statistics differ per sub-model)
         torch.testing.assert_close(grad(sub, True), want, rtol=1e-5, atol=1e-6)
+
+
+def _two_bn_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8), nn.BatchNorm1d(8),
+                         nn.ReLU(), nn.Linear(8, 2)).eval()
+
+
+def test_a_restricted_nest_calibrates_and_reloads_its_full_model(tmp_path):
+    """``submodels=`` leaving the full model out: ``use`` / ``activate`` take it (it is what runs outside ``use``),
+    but ``calibrate(subs=[full])`` was refused. Its statistics are calibrated now (those a plain recalibration of
+    the model gives), and survive ``sn.save`` / ``sn.load`` (whose reading of their names took the list only)."""
+    data = [torch.randn(6, 4) * 3 + 1 for _ in range(3)]
+    plain = _two_bn_mlp().train()
+    for bn in (plain[1], plain[4]):
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        for x in data:
+            plain(x)
+    plain.eval()
+    model = _two_bn_mlp()
+    dims = (sn.Width("a", [4, 8, 16], out="0", norm="1", inp="3"), sn.Width("b", [2, 4, 8], out="3", norm="4", inp="6"))
+    nest = sn.wrap(model, *dims, submodels=["a=4,b=2", "a=8,b=4"])
+    x = torch.randn(5, 4)
+    assert [str(s) for s in nest.calibrate(data, subs=["a=16,b=8", "a=4,b=2"])] == ["a=16,b=8", "a=4,b=2"]
+    with torch.no_grad():
+        want = plain(x)
+        torch.testing.assert_close(model(x), want)
+        with nest.use("a=16,b=8"):
+            torch.testing.assert_close(model(x), want)
+    sn.save(nest, tmp_path / "n.safetensors")
+    again = sn.load(_two_bn_mlp(), tmp_path / "n.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(x), want)
+        with nest.use("a=4,b=2"), again.use("a=4,b=2"):
+            torch.testing.assert_close(again.model(x), model(x))
+
+
+def test_a_batchnorm_after_a_depth_stack_is_named_with_the_width_that_calibrates_it():
+    """A nest of a Depth alone: calibrate refused it (no sliced BatchNorm), and the BatchNorm after the stack kept
+    the full model's statistics at every depth; the refusal names it and the one-size Width that gives it
+    statistics of each depth's own, which then are those of a plain recalibration of the shallower model."""
+    class Net(nn.Module):
+        def __init__(self, n=3):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(4, 8)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(n))
+            self.bn_after, self.head = nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.fc(x)
+            for b in self.blocks:
+                x = x + 3 * b(x)
+            return self.head(self.bn_after(x))
+
+    data = [torch.randn(6, 4) for _ in range(2)]
+    model = Net().eval()
+    nest = sn.wrap(model, sn.Depth("d", [1, 2, 3], layers="blocks"))
+    with pytest.raises(sn.SortedNetError, match=r"'bn_after'.*sn.Width\('bn', \[8\], norm=\['bn_after'\]\)"):
+        nest.calibrate(data)
+    nest.unwrap()
+    nest = sn.wrap(model, sn.Width("bn", [8], norm=["bn_after"]), sn.Depth("d", [1, 2, 3], layers="blocks"))
+    nest.calibrate(data)
+    shallow = Net()
+    shallow.load_state_dict(model.state_dict())
+    shallow.blocks = shallow.blocks[:1]
+    shallow.bn_after.reset_running_stats()
+    shallow.bn_after.momentum = None
+    with torch.no_grad():
+        for x in data:
+            shallow.train()(x)
+    x = torch.randn(5, 4)
+    with torch.no_grad(), nest.use("d=1"):
+        torch.testing.assert_close(model(x), shallow.eval()(x))
+        torch.testing.assert_close(nest.export("d=1")(x), shallow(x))

@@ -90,10 +90,15 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                              "there with sn.load, calibrate on the full data, then save")
     bns = batchnorms(nest)
     if not bns:
+        unlisted = [(p, m.num_features) for p, m in nest.model.named_modules()
+                    if isinstance(m, _BatchNorm) and m.track_running_stats]
         raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "
                              "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
                              "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
-                             "every sub-model)")
+                             "every sub-model" + (f"; to give {unlisted[0][0]!r} statistics of each sub-model's "
+                                                  f"own, list it under norm= of a Width of one size, its channel "
+                                                  f"count: sn.Width('bn', [{unlisted[0][1]}], norm=["
+                                                  f"{unlisted[0][0]!r}])" if unlisted else "") + ")")
     asked = batches is not None
     batches = DEFAULT_BATCHES if batches is None else batches
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
@@ -103,7 +108,7 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                              "wrap it in a list")
     if loader is None:
         raise SortedNetError("calibrate() needs a loader of batches (a DataLoader, a list), got None")
-    todo = list(nest.submodels) if subs is None else list(dict.fromkeys(nest.resolve(s) for s in subs))
+    todo = list(nest.submodels) if subs is None else list(dict.fromkeys(nest.resolve(s, full_ok=True) for s in subs))
     if not todo:
         raise SortedNetError("calibrate(): subs= is empty")
     try:
@@ -188,7 +193,9 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                       "largest (a Depth, or a "
                       "width upstream that reaches them through a layer of fixed size, changes them): they keep one "
                       "set of running statistics, the full model's, for every sub-model, so a sub-model's eval "
-                      "output and export are not calibrated there", stacklevel=3)
+                      "output and export are not calibrated there (to calibrate one per sub-model, list it under "
+                      "norm= of a Width of one size, its channel count: sn.Width('bn', [channels], norm=[path]))",
+                      stacklevel=3)
     return todo
 
 
@@ -266,13 +273,13 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor], stale: dict[str, 
         if path not in bns or name not in (*_NAMES, COUNT):
             raise SortedNetError(f"checkpoint has calibration for {path!r}.{name}, which is not a sliced "
                                  f"BatchNorm statistic of this nest (sliced BatchNorm: {sorted(bns)[:8]})")
-        sub = nest.resolve(sub_text)
+        sub = nest.resolve(sub_text, full_ok=True)  # (a restricted nest's full model: calibrated by name)
         m = bns[path]
         buf = m.__dict__["_buffers"][name if name != COUNT else "running_mean"]
         with torch.inference_mode(False):
             found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
                 t.to(device=buf.device, dtype=buf.dtype if name != COUNT else torch.long, copy=True)
     told, stale = [False], stale or {}
-    keys = {path: {tuple(nest.resolve(t)[d.name] for d in nest.dims) for t in subs} for path, subs in stale.items()}
+    keys = {path: {tuple(nest.resolve(t, full_ok=True)[d.name] for d in nest.dims) for t in subs} for path, subs in stale.items()}
     for path, m in bns.items():
         m._sn.norm = NormStats(nest.dims, found[m]).watch(m, told, keys.get(path, ())) if m in found else None

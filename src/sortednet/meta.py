@@ -245,8 +245,9 @@ def calibration_entries(f: Container, keys: list[str], planned: Mapping[str, tup
     bns = {p: (m, bind) for p, (m, _, bind) in planned.items()
            if isinstance(m, _BatchNorm) and "norm" in bind and m.__dict__.get("track_running_stats")}
     names = [d["name"] for d in meta["dims"]]
-    listed = None if rows is None else set(rows)
     sizes = [set(d["sizes"]) for d in meta["dims"]]
+    full = tuple(max(ok) for ok in sizes)  # (a restricted nest's full model, which runs outside use, is calibrated too)
+    listed = None if rows is None else {*rows, full}
     prefix = f"{EXTRA_PREFIX}bn/"
     pairs: dict[tuple, set[str]] = {}
     counts: set[tuple] = set()
