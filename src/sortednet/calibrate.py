@@ -280,6 +280,7 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor], stale: dict[str, 
             found.setdefault(m, {}).setdefault(tuple(sub[d.name] for d in nest.dims), {})[name] = \
                 t.to(device=buf.device, dtype=buf.dtype if name != COUNT else torch.long, copy=True)
     told, stale = [False], stale or {}
-    keys = {path: {tuple(nest.resolve(t, full_ok=True)[d.name] for d in nest.dims) for t in subs} for path, subs in stale.items()}
+    keys = {path: {tuple(nest.resolve(t, full_ok=True)[d.name] for d in nest.dims) for t in subs}
+            for path, subs in stale.items()}
     for path, m in bns.items():
         m._sn.norm = NormStats(nest.dims, found[m]).watch(m, told, keys.get(path, ())) if m in found else None
