@@ -1260,6 +1260,63 @@ class _RoutedHead(nn.Module):
         return out
 
 
+class _PerLayerValues(nn.Module):
+    """Blocks scaled by a per-layer value the Depth does not cut: a ``(layers, features)`` parameter, an
+    ``nn.ParameterList``, a buffer or an embedding row, entry ``j`` with block ``i``: ``"end"`` reads from the
+    end with the depth's count (``len(self.blocks) - 1 - i``), ``"top"`` from the end with the full count,
+    ``"own"`` entry i, ``"ahead"`` every entry of the depth at once before the loop, ``"last"`` entry
+    ``len(self.blocks) - 1`` once after it (a final layer following the depth)."""
+
+    def __init__(self, kind, read, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.read, self.n = kind, read, n
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.gammas = nn.Parameter(torch.rand(n, 8) + 0.5)
+        self.register_buffer("betas", torch.rand(n, 8))
+        self.scales = nn.ParameterList(nn.Parameter(torch.rand(8) + 0.5) for _ in range(n))
+        self.emb = nn.Embedding(n, 8)
+
+    def value(self, j):
+        if self.kind == "param":
+            return self.gammas[j]
+        if self.kind == "buffer":
+            return self.betas.select(0, j)
+        if self.kind == "plist":
+            return self.scales[j]
+        return self.emb(torch.tensor(j))
+
+    def forward(self, x):
+        d = len(self.blocks)
+        ahead = [self.value(j) for j in range(d)] if self.read == "ahead" else None
+        for i, b in enumerate(self.blocks):
+            j = {"end": d - 1 - i, "top": self.n - 1 - i}.get(self.read, i)
+            v = ahead[i] if ahead is not None else None if self.read == "last" else self.value(j)
+            x = x + torch.tanh(b(x)) * (1 if v is None else v)
+        return x * self.value(d - 1) if self.read == "last" else x
+
+
+@pytest.mark.parametrize("kind", ["param", "buffer", "plist", "embedding"])
+def test_a_per_layer_value_paired_with_other_blocks_at_a_shallow_depth_is_warned(kind):
+    """``self.gammas[len(self.blocks) - 1 - i]``: at depth 2 block 0 meets entry 1, at full depth entry 3, so a
+    sub-model is not the full model's first blocks (0.7-2.2 off), and check passed it in silence (a list of
+    modules read so is refused or warned of; a per-layer tensor was not looked at)."""
+    x = torch.randn(3, 8)
+    m = _PerLayerValues(kind, "end")
+    full = copy.deepcopy(m)
+    with pytest.warns(sn.check.LayerPairingWarning, match=r"depth 'depth' at 2 reads entries \[1\] of '(gammas|betas|"
+                                                          r"scales|emb.weight)'.*full model reads \[3\]"):
+        nest = sn.wrap(m, sn.Depth("depth", [2, 4], layers="blocks"), example=x)
+    full.blocks, full.read = full.blocks[:2], "top"  # (the full model's first two blocks, with their entries)
+    with torch.no_grad(), nest.use("depth=2"):
+        assert not torch.allclose(m(x), full(x))  # (the sub-model really is another network)
+    for read in ("top", "own", "ahead", "last"):  # (entries the full model pairs with the blocks, or one final read)
+        m = _PerLayerValues(kind, read)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", sn.check.LayerPairingWarning)
+            nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers="blocks"), example=x)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_routing_that_changes_with_the_depth_is_not_taken_for_an_idle_list(seed):
     torch.manual_seed(seed)

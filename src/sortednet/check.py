@@ -1884,6 +1884,147 @@ def _depth_order(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], exa
                     "every list of the Depth from its start, in the blocks' order")
 
 
+class LayerPairingWarning(UserWarning):
+    """``check``: a per-layer tensor outside a Depth's layer lists (a ``(layers, ...)`` parameter, an
+    ``nn.ParameterList`` or an embedding of one row per layer) whose entries the forward pairs with the blocks
+    otherwise at a shallower depth than at full depth (read from the end: ``self.gammas[len(self.blocks) - 1 - i]``):
+    a sub-model is not the full model's first blocks there."""
+
+
+class _EntryReads(TorchFunctionMode):
+    """Records, in call order, which entries of per-layer tensors each op reads: ``stacked`` (id -> name) are
+    tensors of one row per layer (an integer index, ``select`` / ``narrow`` / ``index_select`` on axis 0 or an
+    embedding lookup reads those rows, any other op all of them), ``entries`` (id -> (name, i)) the parameters of
+    an ``nn.ParameterList`` of one entry per layer."""
+
+    def __init__(self, stacked: dict[int, str], entries: dict[int, tuple[str, int]], rows: int,
+                 events: list) -> None:
+        super().__init__()
+        self.stacked, self.entries, self.rows, self.events = stacked, entries, rows, events
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if id(t) in self.entries:
+                name, i = self.entries[id(t)]
+                self.events.append((name, {i}))
+            elif id(t) in self.stacked:
+                self.events.append((self.stacked[id(t)], self._rows(func, args, kwargs, t)))
+        return func(*args, **kwargs)
+
+    def _rows(self, func: Any, args: tuple, kwargs: dict, t: torch.Tensor) -> set[int]:
+        every = set(range(self.rows))
+        name = getattr(func, "__name__", "")
+        with torch._C.DisableTorchFunction():
+            try:
+                if name == "embedding" and len(args) > 1 and args[1] is t and isinstance(args[0], torch.Tensor):
+                    return {int(v) % self.rows for v in args[0].reshape(-1).tolist()}
+                if not args or args[0] is not t:
+                    return every
+                if name == "__getitem__" and len(args) > 1:
+                    idx = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
+                    if isinstance(idx, slice):
+                        return set(range(self.rows)[idx])
+                    if isinstance(idx, torch.Tensor) and not idx.is_floating_point() and idx.dtype != torch.bool:
+                        return {int(v) % self.rows for v in idx.reshape(-1).tolist()}
+                    if isinstance(idx, int) and not isinstance(idx, bool):
+                        return {idx % self.rows}
+                    return every
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                if isinstance(dim, int) and dim % max(t.dim(), 1) == 0:
+                    if name == "select" and len(args) > 2:
+                        return {int(args[2]) % self.rows}
+                    if name == "narrow" and len(args) > 3:
+                        start = int(args[2]) % self.rows
+                        return set(range(start, start + int(args[3])))
+                    if name == "index_select" and len(args) > 2 and isinstance(args[2], torch.Tensor):
+                        return {int(v) % self.rows for v in args[2].reshape(-1).tolist()}
+            except Exception:  # (an index this reading does not know: every row)
+                return every
+        return every
+
+
+def _segment_reads(nest: Nest, model: nn.Module, example: Any, sub: SubModel, blocks: dict[int, nn.Module],
+                   reads: _EntryReads) -> dict[int, dict[str, set[int]]]:
+    """A forward of ``sub``: per place (k: after k calls of ``blocks``), the entries ``reads`` saw read there."""
+    events = reads.events = []
+    hooks = [b.register_forward_pre_hook(lambda *_: events.append(None)) for b in blocks.values()]
+    try:
+        with Use(nest._state, nest._plans.build(sub)), seeded(0), reads:
+            call_model(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    seg, out = 0, {}
+    for e in events:
+        if e is None:
+            seg += 1
+        else:
+            out.setdefault(seg, {}).setdefault(e[0], set()).update(e[1])
+    return out
+
+
+def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
+    """Per-layer tensors a Depth does not cut, read in the loop over its blocks: at depth d, the entries read
+    between the calls of the first d blocks must be ones the full model reads at those places (``gammas[i]``
+    with block i; every entry read once before the loop also passes). Read from the end with a count that follows
+    the depth (``gammas[len(self.blocks) - 1 - i]``), block 0 meets entry d-1 at depth d and entry L-1 at full
+    depth: shapes fit, and the sub-model is another network than the full model's first blocks. Said with a
+    :class:`LayerPairingWarning` (the reads after the last block are not compared: a final layer reading the
+    last entry of what runs, like ``self.blocks[-1]``, follows the depth on purpose)."""
+    for dd in (d for d in nest.dims if d.kind == "depth"):
+        lists = [m for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim is dd]
+        if not lists or dd.full < 2:
+            continue
+        inside = {id(t) for lst in nest._sliced.values() if "depth" in lst._sn.bind
+                  for t in (*lst.parameters(), *lst.buffers())}
+        stacked: dict[int, str] = {}
+        entries: dict[int, tuple[str, int]] = {}
+        for path, m in model.named_modules():
+            if isinstance(m, nn.ParameterList) and len(m) == dd.full:
+                for i, t in enumerate(m):
+                    if isinstance(t, torch.Tensor) and id(t) not in inside:
+                        entries.setdefault(id(t), (path, i))
+            for n, t in (*m._parameters.items(), *m._buffers.items()):
+                if (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == dd.full and id(t) not in inside
+                        and id(t) not in entries and not isinstance(m, nn.ParameterList)):
+                    stacked.setdefault(id(t), f"{path}.{n}" if path else n)
+        if not stacked and not entries:
+            continue
+        blocks = {id(copies.get(id(e), e)): copies.get(id(e), e) for e in lists[0]._modules.values()
+                  if e is not None}
+        reads = _EntryReads(stacked, entries, dd.full, [])
+        try:
+            ref = _segment_reads(nest, model, example, SubModel({d.name: d.full for d in nest.dims}), blocks, reads)
+        except Exception:
+            continue
+        for size in dd.sizes[:-1]:
+            sub = _at_depth(nest, dd, size)
+            if sub is None:
+                continue
+            try:
+                got = _segment_reads(nest, model, example, sub, blocks, reads)
+            except Exception:
+                continue
+            off = [(k, name, sorted(rows - ref.get(k, {}).get(name, set())), sorted(ref.get(k, {}).get(name, set())))
+                   for k in range(size) for name, rows in got.get(k, {}).items()
+                   if not rows <= ref.get(k, {}).get(name, set())]
+            if off:
+                k, name, extra, want = off[0]
+                place = "before the first block" if k == 0 else f"after block {k - 1}"
+                warnings.warn(
+                    f"nest.check: depth {dd.name!r} at {size} reads entries {extra[:4]} of {name!r} (one entry per "
+                    f"layer, which the Depth does not cut) {place}, where the full model reads "
+                    f"{want[:4] if want else 'none of its entries'}: the forward pairs the blocks with other "
+                    "entries at a shallower depth (read from the end, with a count that follows the depth?), so a "
+                    "sub-model is not the full model's first blocks there. Read entry i with block i (index it by the "
+                    "block's position, or keep it in the block)", LayerPairingWarning,
+                    stacklevel=4)
+                break
+
+
 def _first_runs(calls: list[tuple[str, int]], size: int) -> list[tuple[str, int]]:
     """The entries at positions below ``size`` in ``calls``, each once, in the order they first ran."""
     return [c for c in dict.fromkeys(calls) if c[1] < size]
@@ -2237,6 +2378,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         _skipped_layers_run(nest, model, copies, example)
         _idle_at_depth(nest, model, copies, example)
         _depth_order(nest, model, copies, example)
+        _per_layer_pairing(nest, model, copies, example)
         _counts_read(nest, model, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})
