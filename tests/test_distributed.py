@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sortednet as sn
@@ -717,6 +718,57 @@ def _bn_buffers(rank: int) -> dict:
     return {"ranks": every, "rank0_alone": {k: v.clone() for k, v in alone_case.model.named_buffers()}}
 
 
+def _body_and_head():
+    """A nested body and a task head no dimension slices (given to FSDP1 on the ranks), in float64."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).double()
+    head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    return body, head, sn.wrap(body, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+
+
+def _head_batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+
+def _fsdp1_head_and_fsdp2_draws(rank: int) -> dict:
+    """A head given to FSDP1 beside the nest, trained by snd.accumulate (its gradients were averaged a second
+    time, one rank's shard added to another's; with use_orig_params the ranks' buffers differed in length and
+    gloo aborted the process); sn.accumulate through an FSDP2 model with a sub-model drawn per rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict = {}
+    for orig in (False, True):
+        body, head, nest = _body_and_head()
+        head = FSDP(head, device_id=torch.device("cpu"), use_orig_params=orig)
+        both = torch.nn.Sequential(body, head)
+        opt = torch.optim.SGD([*nest.trainable_parameters(), *head.parameters()], lr=0.1)
+        sampler = sn.Sampler(nest.submodels, k=2, seed=0)
+        for step in range(3):
+            x, y = (t.chunk(WORLD)[rank] for t in _head_batch(step))
+            snd.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(both(x), y), module=both)  # noqa: B023
+            opt.step()
+            opt.zero_grad()
+        with FSDP.summon_full_params(head):
+            out[f"fsdp1_head_{orig}"] = ({k: v.clone() for k, v in body.state_dict().items()},
+                                         {k: v.detach().clone() for k, v in head.module.state_dict().items()})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    x = torch.randn(4, 6)
+    try:
+        sn.accumulate(nest, [nest.submodels[rank + 1]], lambda: model(x).square().mean())
+        out["fsdp2_other_draws"] = "ok"
+    except sn.SortedNetError as e:
+        out["fsdp2_other_draws"] = str(e)
+    every: list = [None] * WORLD
+    dist.all_gather_object(every, out)
+    return every
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -727,6 +779,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                    for name, (fam, mode) in SCENARIOS.items()}
         results["errors"] = _errors(rank, out_dir)
         results["bn_buffers"] = _bn_buffers(rank)
+        results["fsdp1_head"] = _fsdp1_head_and_fsdp2_draws(rank)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -1009,6 +1062,35 @@ def test_fsdp2_misuse_is_named(run):
     assert all("['extra.weight', 'extra.bias'] are in no fully_shard unit" in e for e in errs["routed_unsharded"])
     msg, untouched = errs["root_unsharded"]
     assert "in no fully_shard unit" in msg and "'emb.weight'" in msg and untouched, msg
+
+
+def test_a_part_given_to_fsdp1_beside_the_nest_trains_as_in_one_process(run):
+    """docs/scaling.md: a part no dimension slices may be given to FSDP1. snd.accumulate averaged its gradients
+    again after FSDP1 had reduced them into each rank's shard (head 1.4e-2 off one process, the nest 2e-4 after
+    3 steps); with use_orig_params=True the ranks' shards differ in length and gloo aborted both processes."""
+    _, results = run
+    body, head, nest = _body_and_head()
+    opt = torch.optim.SGD([*nest.trainable_parameters(), *head.parameters()], lr=0.1)
+    sampler = sn.Sampler(nest.submodels, k=2, seed=0)
+    for step in range(3):
+        x, y = _head_batch(step)
+        sn.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(head(body(x)), y))  # noqa: B023
+        opt.step()
+        opt.zero_grad()
+    for orig in (False, True):
+        for rank_out in results["fsdp1_head"]:
+            got_body, got_head = rank_out[f"fsdp1_head_{orig}"]
+            for want, got in ((body.state_dict(), got_body), (head.state_dict(), got_head)):
+                for k, v in want.items():
+                    torch.testing.assert_close(got[k], v, rtol=1e-12, atol=1e-12, msg=f"{k} (use_orig_params={orig})")
+
+
+def test_ranks_running_other_submodels_through_fsdp2_in_sn_accumulate_are_refused(run):
+    """Through DDP, sn.accumulate checks that every rank runs the same sub-model; through FSDP2 it did not: two
+    widths' gradients were averaged as one (and ranks at other depths waited on each other until the timeout)."""
+    _, results = run
+    for rank_out in results["fsdp1_head"]:
+        assert "ranks disagree on the sub-model of an FSDP2 forward" in rank_out["fsdp2_other_draws"], rank_out
 
 
 def test_single_process_helpers_are_no_ops():

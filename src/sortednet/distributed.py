@@ -46,6 +46,7 @@ from .slicers import is_sharded
 from .submodel import SubModel, SubModelLike
 from .views import _compiling, is_fsdp
 from .views import fsdp_units as _fsdp_modules
+from .wrap import _is_fsdp1
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -122,7 +123,8 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     """Average ``.grad`` of every trainable parameter of ``module`` over the ranks of ``group``.
 
     Parameters DDP was told to leave alone (``DDP._set_params_and_buffers_to_ignore_for_model``: rank-local
-    weights) keep each rank's own gradient, as under DDP itself.
+    weights) keep each rank's own gradient, as under DDP itself; those of a part given to FSDP1
+    (``FullyShardedDataParallel``, which reduces its own gradients in each backward) are left to it.
 
     One ``all_reduce`` per bucket of ``bucket_bytes`` (per dtype and device).
     A parameter with no gradient on a rank counts as zero there; one with no
@@ -143,7 +145,10 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
                              f"{type(module).__name__}{hint}")
     ignored = _ignored(module)
     module = _inner(module)
-    params = [p for n, p in module.named_parameters() if p.requires_grad and n not in ignored]
+    # (a part no dimension slices given to FSDP1: it reduce-scatters its gradients itself in every backward and
+    # keeps this rank's shard; averaged again here, one rank's shard would be added to another's)
+    fsdp1 = {id(p) for m in module.modules() if _is_fsdp1(m) for p in m.parameters()}
+    params = [p for n, p in module.named_parameters() if p.requires_grad and n not in ignored and id(p) not in fsdp1]
     sharded = [n for n, p in module.named_parameters() if is_sharded(p)]
     if sharded:
         raise SortedNetError(f"sync_gradients got FSDP2-sharded parameters ({sharded[:3]}); FSDP2 reduces its "

@@ -33,7 +33,7 @@ from .errors import flag as _flag
 from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike
-from .views import _compiling, _distributed, world_size
+from .views import _compiling, _distributed, is_fsdp, world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -346,6 +346,16 @@ def _ddp_forward_check(nest: Nest) -> None:
     only, would otherwise have DDP average two sub-models' gradients as one, in silence."""
     _ddp_reducer_check(nest)
     ddp = _active_ddp()
+    if ddp is None and torch.is_grad_enabled() and not _compiling() and world_size() >= 2 and is_fsdp(nest.model):
+        from .agreement import _FORWARD, _agree_on
+
+        # (FSDP2 reduce-scatters each backward's gradients over the ranks as one: two sub-models' would be
+        # averaged as one, or a depth one rank skips leaves the others' collectives waiting until the timeout)
+        _agree_on([str(nest.active)], None, "the sub-model of an FSDP2 forward inside sn.accumulate",
+                  "give every rank's Sampler the same seed and step, and open nest.use alike on every rank "
+                  "(sortednet.distributed.accumulate(nest, subs, closure, module=fsdp_model) checks each step's "
+                  "sub-models before the first forward)", phase=_FORWARD)
+        return
     if ddp is None or not torch.is_grad_enabled() or _compiling() or world_size() < 2 or \
             torch.distributed.get_world_size(ddp.process_group) < 2:
         return
