@@ -514,8 +514,10 @@ class Heads(Dimension):
                                 f"{a}={v} differs from the head size {d} that the largest size {H} gives its "
                                 f"{H * d} query features, so a sub-model would count other heads than the module "
                                 f"runs. The largest size must be the module's own head count (its query projection "
-                                f"holding queries alone); if {a} is not a per-head size, name the module's "
-                                "head-count attributes with count_attrs=[...] (() for none)")
+                                f"holding queries alone); if {a} is not the size of one head as Heads cuts them (a "
+                                "part of a head: differential attention's half heads), name the module's "
+                                "head-count attributes with count_attrs=[...] (() for none): the head-size names "
+                                "are then not read")
         def counts(attrs: dict[str, Any]) -> dict[str, int]:
             return {a: v for a, v in attrs.items() if type(v) is int and (
                 (a in COUNT_ATTRS and v == H) or (a in SIZE_ATTRS and v == H * d)
