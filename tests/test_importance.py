@@ -1229,3 +1229,36 @@ def test_taylor_scores_a_model_of_two_inputs_from_input_label_batches():
     with torch.no_grad():
         torch.testing.assert_close(model(*x), want, rtol=1e-5, atol=1e-6)
     assert sorted(orders["h@a"].tolist()) == list(range(16))
+
+
+class _TrainingOnlyCoupling(nn.Module):
+    """A training-only auxiliary head normalising over the batch, weighting the hidden units by a buffer no
+    dimension declares: sorting the units changes the training-mode output only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.aux = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 1)
+        self.register_buffer("w_aux", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        if self.training:
+            return self.fc2(h), self.aux(F.batch_norm(h, None, None, training=True) * self.w_aux[: h.shape[-1]])
+        return self.fc2(h)
+
+
+def test_sorting_on_an_example_the_model_cannot_train_on_warns_that_training_mode_is_unverified():
+    """sort_units checks the full model in eval and in training mode; on a batch of one, where the training
+    forward fails (batch statistics of one sample), the training-mode check was skipped in silence and a sort
+    that changes the training-mode output by 58% went through. It warns now (as check does); an example of two
+    samples is refused, nothing changed."""
+    m = _TrainingOnlyCoupling().eval()
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="fc1", inp=["fc2", "aux"]))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="in training mode"):
+        sn.sort_units(nest, "l1", example=torch.randn(2, 8))
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    with pytest.warns(sn.check.UncheckedTrainingWarning, match=r"sort_units: the full model fails in training mode.*"
+                                                               r"verified in eval mode only"):
+        sn.sort_units(nest, "l1", example=torch.randn(1, 8))

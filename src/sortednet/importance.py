@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from .cost import call_model, keyword_inputs
 from .coupling import analyse
 from .coupling_ops import leaves
-from .errors import SortedNetError
+from .errors import SortedNetError, caller_outside
 from .modes import casts_stale, dry_run, eval_mode, finish_all, seeded, train_view
 from .plan import Use
 from .slicers.norm import group_size
@@ -700,8 +700,15 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
     try:  # training mode too (auxiliary heads, ...)
         ref_t = train_out(0)
         random = any(not torch.equal(a, b) for a, b in zip(ref_t, train_out(1)))
-    except Exception:  # e.g. BatchNorm on a batch of one: the example does not run in training mode
+    except Exception as e:  # e.g. BatchNorm on a batch of one: the example does not run in training mode
         ref_t = None
+        from .check import UncheckedTrainingWarning
+
+        warnings.warn(f"sort_units: the full model fails in training mode on this example ({type(e).__name__}: "
+                      f"{str(e)[:200]}), so the permutation is verified in eval mode only: a unit coupling that "
+                      "only a training-mode branch reads (an auxiliary head) is not checked. Give an example the "
+                      "model can train on (e.g. a batch of 2 or more for BatchNorm)", UncheckedTrainingWarning,
+                      stacklevel=caller_outside())
     where = ""
     split = _groups(nest, example)
     taylor = _taylor(nest, model, split, data, loss_fn) if method == "taylor" else {}
