@@ -1262,3 +1262,51 @@ def test_sorting_on_an_example_the_model_cannot_train_on_warns_that_training_mod
     with pytest.warns(sn.check.UncheckedTrainingWarning, match=r"sort_units: the full model fails in training mode.*"
                                                                r"verified in eval mode only"):
         sn.sort_units(nest, "l1", example=torch.randn(1, 8))
+
+
+class _FlattenCoupled(nn.Module):
+    """Channels before a flatten and features after it: two Widths listed size for size (submodels=)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.pool(F.relu(self.conv(x))).flatten(1))))
+
+
+def _flatten_coupled_nest(x):
+    m = _FlattenCoupled()
+    return m, sn.wrap(m, sn.Width("c", [4, 8], out="conv"), sn.Width("f", [16, 32], inp="fc1"),
+                      sn.Width("h", [8, 16], out="fc1", inp="fc2"),
+                      submodels=["c=4,f=16,h=8", "c=8,f=32,h=8", "c=4,f=16,h=16", "c=8,f=32,h=16"], example=x)
+
+
+def test_a_nest_with_dimensions_coupled_by_its_list_sorts_the_others_with_dims():
+    """Two Widths coupled by submodels= (one writes the channels, the other reads them after a flatten) cannot be
+    ordered apart: the whole sort was refused, blaming an undeclared module (check passes), with no way to sort the
+    third, independent Width. The refusal names the coupled halves and the dims= that sorts the rest."""
+    x = torch.randn(4, 3, 8, 8)
+    m, nest = _flatten_coupled_nest(x)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"Width \['c', 'f'\] binds only inp= or only out=.*"
+                                                r"sort the others alone with dims=\['h'\]"):
+        sn.sort_units(nest, "l1", example=x)
+    assert_unchanged(m, before)
+    with torch.no_grad():
+        ref = m(x)
+    assert list(sn.sort_units(nest, "l1", example=x, dims=["h"])) == ["h@fc1"]
+    norms = m.fc1.weight.abs().sum(1)
+    assert bool((norms[:-1] >= norms[1:]).all())
+    assert torch.equal(m.conv.weight, before["state"]["conv.weight"])  # (c and f left in their order)
+    torch.testing.assert_close(m.fc1.weight.detach().abs().sum(0), before["state"]["fc1.weight"].abs().sum(0))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-6)
+        for sub in nest.submodels:
+            with nest.use(sub):
+                torch.testing.assert_close(nest.export(sub)(x), m(x))
+    for bad, why in (("h", "a list of dimension names"), (["x"], r"\['x'\] names no Width"), ([], "sorts nothing")):
+        with pytest.raises(sn.SortedNetError, match=why):
+            sn.sort_units(nest, "l1", example=x, dims=bad)

@@ -124,12 +124,14 @@ def _views_axes(m: nn.Module) -> dict[str, list[tuple[str, int]]] | None:
     return out
 
 
-def _groups(nest: Nest, example: Any) -> list[tuple[str, Any, list[_Bind], int]]:
-    """(label, dimension, bindings, block) per independently permutable group of units."""
+def _groups(nest: Nest, example: Any, only: frozenset[str] | None = None) -> list[tuple[str, Any, list[_Bind], int]]:
+    """(label, dimension, bindings, block) per independently permutable group of units (of the dimensions named
+    in ``only``; None: all)."""
     by_dim: dict[str, list[_Bind]] = {}
     for path, m in nest._sliced.items():
         for role, b in m._sn.bind.items():
-            if role.startswith("attr:") or b.dim.kind not in ("width", "heads"):
+            if role.startswith("attr:") or b.dim.kind not in ("width", "heads") or (
+                    only is not None and b.dim.name not in only):
                 continue
             if len(set(b.blocks)) > 1:
                 raise SortedNetError(f"importance sorting cannot permute {path!r} ({role}): its fused layout stacks "
@@ -143,6 +145,8 @@ def _groups(nest: Nest, example: Any) -> list[tuple[str, Any, list[_Bind], int]]
     out = []
     for d in nest.dims:
         binds = by_dim.get(d.name, [])
+        if not binds:
+            continue
         if d.kind == "heads":
             parts = _heads_parts(nest, d, binds)
         elif binds and all((b.path, b.role) in traced for b in binds):
@@ -553,9 +557,10 @@ def one_process(nest: Nest, who: str, data_based: bool) -> None:
 
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
                loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float | None = None,
-               optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None
-               ) -> dict[str, Tensor]:
-    """Permute the units of every Width / Heads dimension of ``nest``, most important first.
+               optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+               dims: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Permute the units of every Width / Heads dimension of ``nest`` (or of those named in ``dims``), most
+    important first.
 
     ``method``: ``"l1"`` | ``"l2"`` | ``"bn"`` | ``"taylor"`` (needs ``data``, batches of
     ``(inputs, labels)`` or dicts with labels, or any batch with ``loss_fn(model, batch)``).
@@ -597,6 +602,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     if not any(d.kind in ("width", "heads") for d in nest.dims):
         raise SortedNetError(f"sort_units: the nest has no Width or Heads dimension "
                              f"({[d.name for d in nest.dims]}), so there are no units to sort; nothing was changed")
+    only = _only_dims(nest, dims)
     calibrated = nest._calibrated()
     if calibrated:
         raise SortedNetError(f"sort_units: {calibrated[:3]} hold calibrated per-sub-model BatchNorm statistics "
@@ -632,11 +638,29 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         b.dim.kind in ("width", "heads") for b in m._sn.bind.values()) for p in m.parameters(recurse=False)]),
         optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
-        orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer)  # flips
+        orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer,  # flips
+                                     only)
     nest._drop_scores("sort_units", orders.values(), follow=follow_moves(moves, optimizer, frozenset(
         id(t) for t in [*nest.model.parameters(), *nest.model.buffers()])), token=token)
     warn_stray_optimizers("sort_units", stray)  # (once the sort is done: a refused one moved nothing)
     return orders
+
+
+def _only_dims(nest: Nest, dims: Iterable[str] | None) -> frozenset[str] | None:
+    """The names of the dimensions ``sort_units(dims=...)`` sorts (None: every Width and Heads)."""
+    if dims is None:
+        return None
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Iterable):
+        raise SortedNetError(f"sort_units(dims=...) takes a list of dimension names, got {type(dims).__name__} "
+                             f"{dims!r}; wrap one name in a list")
+    names = list(dims)
+    sortable = [d.name for d in nest.dims if d.kind in ("width", "heads")]
+    bad = [n for n in names if n not in sortable]
+    if bad or not names:
+        raise SortedNetError(f"sort_units(dims=...): {bad if bad else 'an empty list'} "
+                             f"{'names no Width or Heads dimension' if bad else 'sorts nothing'} of this nest "
+                             f"(its Width and Heads dimensions: {sortable}); nothing was changed")
+    return frozenset(names)
 
 
 def in_copies(nest: Nest, params: list[Tensor]) -> list[Tensor]:
@@ -656,8 +680,8 @@ def in_copies(nest: Nest, params: list[Tensor]) -> list[Tensor]:
 
 
 def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: str, example: Any, data: Any,
-          loss_fn: Callable | None, atol: float, optimizer: tuple[torch.optim.Optimizer, ...]
-          ) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]], Any]:
+          loss_fn: Callable | None, atol: float, optimizer: tuple[torch.optim.Optimizer, ...],
+          only: frozenset[str] | None = None) -> tuple[dict[str, Tensor], list[tuple[str, str, int, Tensor]], Any]:
     err, maps = float("inf"), False
     heads = {d.full for d in nest.dims if d.kind == "heads"}
     with dry_run(nest.model), torch.no_grad(), _at_full(nest):
@@ -710,9 +734,9 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                       "model can train on (e.g. a batch of 2 or more for BatchNorm)", UncheckedTrainingWarning,
                       stacklevel=caller_outside())
     where = ""
-    split = _groups(nest, example)
+    split = _groups(nest, example, only)
     taylor = _taylor(nest, model, split, data, loss_fn) if method == "taylor" else {}
-    for groups in (split, _groups(nest, None)):
+    for groups in (split, _groups(nest, None, only)):
         _refuse_shared_memory(groups)
         held = {id(c): c for _, _, part, _ in groups for b in part for t, _ in b.tensors
                 for c in _companions(t, optimizer)}
@@ -758,6 +782,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                             if where and random else "a ")
                          + "module coupled to a dimension is not declared in it"
                          + (" (one used only in training, e.g. an auxiliary head)" if where else "")
+                         + _reader_only_hint(nest, only)
                          + "; run nest.check(example) to find it. If check passes, the model reads the units in "
                          "their order (cumsum / cummax over the features, a convolution or pooling along them, a "
                          "per-position table indexed by unit, or one layer's table read by all layers as T5's "
@@ -765,6 +790,25 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                          "nest unsorted" + (". For a transformers model, sn.sort_by_importance sorts the layouts it "
                          "knows and names the parts it cannot" if type(nest.model).__module__.startswith(
                              "transformers.") else "") + _cache_hint(nest) + ". Nothing was changed")
+
+
+def _reader_only_hint(nest: Nest, only: frozenset[str] | None) -> str:
+    """Widths sorted that bind only ``inp=`` (features other layers write) or only ``out=`` (features other layers
+    read): one half of a pair coupled by ``submodels=`` (channels before a flatten, features after it), whose
+    units a sort orders apart from the other half's; named, with the ``dims=`` that sorts the rest."""
+    roles: dict[str, set[str]] = {}
+    for m in nest._sliced.values():
+        for role, b in m._sn.bind.items():
+            if b.dim.kind == "width" and (only is None or b.dim.name in only):
+                roles.setdefault(b.dim.name, set()).add(role)
+    halves = [n for n, r in roles.items() if r in ({"inp"}, {"out"})]
+    if not halves or nest._rows is None:
+        return ""
+    rest = [d.name for d in nest.dims if d.kind in ("width", "heads") and d.name not in halves
+            and (only is None or d.name in only)]
+    return (f" (Width {halves[:3]} binds only inp= or only out=: one half of features coupled through "
+            "submodels= (listed size for size with another dimension), whose units a sort cannot order with the "
+            "other half's" + (f"; sort the others alone with dims={rest})" if rest else ")"))
 
 
 def _cache_hint(nest: Nest) -> str:
