@@ -740,9 +740,10 @@ def _fsdp1_head_and_fsdp2_draws(rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     out: dict = {}
-    for orig in (False, True):
+    for orig in (False, True, "ignored"):  # ("ignored": its last layer in ignored_modules=, left to the caller)
         body, head, nest = _body_and_head()
-        head = FSDP(head, device_id=torch.device("cpu"), use_orig_params=orig)
+        head = FSDP(head, device_id=torch.device("cpu"), use_orig_params=bool(orig),
+                    ignored_modules=[head[2]] if orig == "ignored" else None)
         both = torch.nn.Sequential(body, head)
         opt = torch.optim.SGD([*nest.trainable_parameters(), *head.parameters()], lr=0.1)
         sampler = sn.Sampler(nest.submodels, k=2, seed=0)
@@ -1067,7 +1068,8 @@ def test_fsdp2_misuse_is_named(run):
 def test_a_part_given_to_fsdp1_beside_the_nest_trains_as_in_one_process(run):
     """docs/scaling.md: a part no dimension slices may be given to FSDP1. snd.accumulate averaged its gradients
     again after FSDP1 had reduced them into each rank's shard (head 1.4e-2 off one process, the nest 2e-4 after
-    3 steps); with use_orig_params=True the ranks' shards differ in length and gloo aborted both processes."""
+    3 steps); with use_orig_params=True the ranks' shards differ in length and gloo aborted both processes. The
+    parameters of its ignored_modules= are not FSDP1's to reduce: they are averaged as any other."""
     _, results = run
     body, head, nest = _body_and_head()
     opt = torch.optim.SGD([*nest.trainable_parameters(), *head.parameters()], lr=0.1)
@@ -1077,7 +1079,7 @@ def test_a_part_given_to_fsdp1_beside_the_nest_trains_as_in_one_process(run):
         sn.accumulate(nest, sampler.draw(step), lambda: F.cross_entropy(head(body(x)), y))  # noqa: B023
         opt.step()
         opt.zero_grad()
-    for orig in (False, True):
+    for orig in (False, True, "ignored"):
         for rank_out in results["fsdp1_head"]:
             got_body, got_head = rank_out[f"fsdp1_head_{orig}"]
             for want, got in ((body.state_dict(), got_body), (head.state_dict(), got_head)):

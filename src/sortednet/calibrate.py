@@ -90,15 +90,18 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                              "there with sn.load, calibrate on the full data, then save")
     bns = batchnorms(nest)
     if not bns:
-        unlisted = [(p, m.num_features) for p, m in nest.model.named_modules()
-                    if isinstance(m, _BatchNorm) and m.track_running_stats]
+        cut = [m for m in nest._sliced.values() if "depth" in m._sn.bind]  # (a BatchNorm inside a Depth's blocks
+        inside = {id(b) for lst in cut for b in lst.modules()}           # sees the same inputs at every depth)
+        unlisted = [p for p, m in nest.model.named_modules()
+                    if isinstance(m, _BatchNorm) and m.track_running_stats and id(m) not in inside]
         raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "
                              "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
                              "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
-                             "every sub-model" + (f"; to give {unlisted[0][0]!r} statistics of each sub-model's "
-                                                  f"own, list it under norm= of a Width of one size, its channel "
-                                                  f"count: sn.Width('bn', [{unlisted[0][1]}], norm=["
-                                                  f"{unlisted[0][0]!r}])" if unlisted else "") + ")")
+                             "every sub-model" + (
+                                 f"; to give one whose inputs change with the depth (one after the stack, of "
+                                 f"{unlisted[:4]}) statistics of each sub-model's own, list it under norm= of a "
+                                 "Width of one size, its channel count: sn.Width('bn', [channels], norm=[path])"
+                                 if unlisted and cut else "") + ")")
     asked = batches is not None
     batches = DEFAULT_BATCHES if batches is None else batches
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:

@@ -148,6 +148,8 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     # (a part no dimension slices given to FSDP1: it reduce-scatters its gradients itself in every backward and
     # keeps this rank's shard; averaged again here, one rank's shard would be added to another's)
     fsdp1 = {id(p) for m in module.modules() if _is_fsdp1(m) for p in m.parameters()}
+    fsdp1 -= {id(p) for m in module.modules() for p in getattr(m, "_ignored_params", ())}  # (ignored_modules=:
+    #                                                                  FSDP1 leaves those to the caller)
     params = [p for n, p in module.named_parameters() if p.requires_grad and n not in ignored and id(p) not in fsdp1]
     sharded = [n for n, p in module.named_parameters() if is_sharded(p)]
     if sharded:
