@@ -1265,7 +1265,8 @@ class _PerLayerValues(nn.Module):
     ``nn.ParameterList``, a buffer or an embedding row, entry ``j`` with block ``i``: ``"end"`` reads from the
     end with the depth's count (``len(self.blocks) - 1 - i``), ``"top"`` from the end with the full count,
     ``"own"`` entry i, ``"ahead"`` every entry of the depth at once before the loop, ``"last"`` entry
-    ``len(self.blocks) - 1`` once after it (a final layer following the depth)."""
+    ``len(self.blocks) - 1`` once after it (a final layer following the depth), ``"reversed"`` the blocks from
+    the last, each with its own entry."""
 
     def __init__(self, kind, read, n=4):
         super().__init__()
@@ -1289,6 +1290,10 @@ class _PerLayerValues(nn.Module):
     def forward(self, x):
         d = len(self.blocks)
         ahead = [self.value(j) for j in range(d)] if self.read == "ahead" else None
+        if self.read == "reversed":  # (the blocks walked from the last, each with its own entry)
+            for i in reversed(range(d)):
+                x = x + torch.tanh(self.blocks[i](x)) * self.value(i)
+            return x
         for i, b in enumerate(self.blocks):
             j = {"end": d - 1 - i, "top": self.n - 1 - i}.get(self.read, i)
             v = ahead[i] if ahead is not None else None if self.read == "last" else self.value(j)
@@ -1310,7 +1315,8 @@ def test_a_per_layer_value_paired_with_other_blocks_at_a_shallow_depth_is_warned
     full.blocks, full.read = full.blocks[:2], "top"  # (the full model's first two blocks, with their entries)
     with torch.no_grad(), nest.use("depth=2"):
         assert not torch.allclose(m(x), full(x))  # (the sub-model really is another network)
-    for read in ("top", "own", "ahead", "last"):  # (entries the full model pairs with the blocks, or one final read)
+    for read in ("top", "own", "ahead", "last", "reversed"):  # (entries the full model pairs with the blocks, or one
+        #                                                            final read)
         m = _PerLayerValues(kind, read)
         with warnings.catch_warnings():
             warnings.simplefilter("error", sn.check.LayerPairingWarning)

@@ -1946,23 +1946,30 @@ class _EntryReads(TorchFunctionMode):
         return every
 
 
-def _segment_reads(nest: Nest, model: nn.Module, example: Any, sub: SubModel, blocks: dict[int, nn.Module],
-                   reads: _EntryReads) -> dict[int, dict[str, set[int]]]:
-    """A forward of ``sub``: per place (k: after k calls of ``blocks``), the entries ``reads`` saw read there."""
+def _segment_reads(nest: Nest, model: nn.Module, example: Any, sub: SubModel, blocks: dict[int, int | None],
+                   modules: dict[int, nn.Module], reads: _EntryReads, trailing: bool
+                   ) -> dict[int, dict[str, set[int]]]:
+    """A forward of ``sub``: per place, the entries ``reads`` saw read there. A place is the position of the block
+    called last (-1 before any: ``blocks`` maps each block to its position in the list), or, where one module
+    stands at several positions (shared ALBERT-style), the number of block calls so far. ``trailing``: the reads
+    after the last block call are kept too."""
     events = reads.events = []
-    hooks = [b.register_forward_pre_hook(lambda *_: events.append(None)) for b in blocks.values()]
+    hooks = [modules[k].register_forward_pre_hook(lambda *_, k=k: events.append(("@", k))) for k in modules]
     try:
         with Use(nest._state, nest._plans.build(sub)), seeded(0), reads:
             call_model(model, example)
     finally:
         for h in hooks:
             h.remove()
-    seg, out = 0, {}
-    for e in events:
-        if e is None:
-            seg += 1
-        else:
-            out.setdefault(seg, {}).setdefault(e[0], set()).update(e[1])
+    last = max((i for i, e in enumerate(events) if e[0] == "@"), default=-1)
+    keyed = all(i is not None for i in blocks.values())
+    place, calls, out = -1, 0, {}
+    for i, e in enumerate(events):
+        if e[0] == "@":
+            calls += 1
+            place = blocks[e[1]] if keyed else calls  # type: ignore[assignment]
+        elif trailing or i < last:
+            out.setdefault(place, {}).setdefault(e[0], set()).update(e[1])
     return out
 
 
@@ -1993,11 +2000,17 @@ def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module
                     stacked.setdefault(id(t), f"{path}.{n}" if path else n)
         if not stacked and not entries:
             continue
-        blocks = {id(copies.get(id(e), e)): copies.get(id(e), e) for e in lists[0]._modules.values()
-                  if e is not None}
+        modules: dict[int, nn.Module] = {}
+        blocks: dict[int, int | None] = {}
+        for i, e in enumerate(lists[0]._modules.values()):
+            if e is not None:
+                c = copies.get(id(e), e)
+                modules[id(c)] = c
+                blocks[id(c)] = None if id(c) in blocks else i  # (one module at several positions: counted)
         reads = _EntryReads(stacked, entries, dd.full, [])
         try:
-            ref = _segment_reads(nest, model, example, SubModel({d.name: d.full for d in nest.dims}), blocks, reads)
+            ref = _segment_reads(nest, model, example, SubModel({d.name: d.full for d in nest.dims}), blocks,
+                                 modules, reads, True)
         except Exception:
             continue
         for size in dd.sizes[:-1]:
@@ -2005,15 +2018,17 @@ def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module
             if sub is None:
                 continue
             try:
-                got = _segment_reads(nest, model, example, sub, blocks, reads)
+                got = _segment_reads(nest, model, example, sub, blocks, modules, reads, False)
             except Exception:
                 continue
             off = [(k, name, sorted(rows - ref.get(k, {}).get(name, set())), sorted(ref.get(k, {}).get(name, set())))
-                   for k in range(size) for name, rows in got.get(k, {}).items()
+                   for k, at in got.items() for name, rows in at.items()
                    if not rows <= ref.get(k, {}).get(name, set())]
             if off:
                 k, name, extra, want = off[0]
-                place = "before the first block" if k == 0 else f"after block {k - 1}"
+                keyed = all(i is not None for i in blocks.values())
+                place = ("before the first block" if k == -1 else f"after block {k}" if keyed else
+                         f"after {k} block call(s)")
                 warnings.warn(
                     f"nest.check: depth {dd.name!r} at {size} reads entries {extra[:4]} of {name!r} (one entry per "
                     f"layer, which the Depth does not cut) {place}, where the full model reads "
