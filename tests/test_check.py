@@ -1281,6 +1281,8 @@ class _PerLayerValues(nn.Module):
     def value(self, j):
         if self.kind == "param":
             return self.gammas[j]
+        if self.kind == "numpy_index":
+            return self.gammas[np.int64(j)]
         if self.kind == "buffer":
             return self.betas.select(0, j)
         if self.kind == "plist":
@@ -1301,7 +1303,7 @@ class _PerLayerValues(nn.Module):
         return x * self.value(d - 1) if self.read == "last" else x
 
 
-@pytest.mark.parametrize("kind", ["param", "buffer", "plist", "embedding"])
+@pytest.mark.parametrize("kind", ["param", "numpy_index", "buffer", "plist", "embedding"])
 def test_a_per_layer_value_paired_with_other_blocks_at_a_shallow_depth_is_warned(kind):
     """``self.gammas[len(self.blocks) - 1 - i]``: at depth 2 block 0 meets entry 1, at full depth entry 3, so a
     sub-model is not the full model's first blocks (0.7-2.2 off), and check passed it in silence (a list of

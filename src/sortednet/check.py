@@ -1929,8 +1929,8 @@ class _EntryReads(TorchFunctionMode):
                         return set(range(self.rows)[idx])
                     if isinstance(idx, torch.Tensor) and not idx.is_floating_point() and idx.dtype != torch.bool:
                         return {int(v) % self.rows for v in idx.reshape(-1).tolist()}
-                    if isinstance(idx, int) and not isinstance(idx, bool):
-                        return {idx % self.rows}
+                    if isinstance(idx, (int, np.integer)) and not isinstance(idx, (bool, np.bool_)):
+                        return {int(idx) % self.rows}
                     return every
                 dim = args[1] if len(args) > 1 else kwargs.get("dim")
                 if isinstance(dim, int) and dim % max(t.dim(), 1) == 0:
