@@ -4372,10 +4372,12 @@ def test_a_roll_by_a_multiple_of_the_full_size_is_refused_at_sizes_that_do_not_d
     bad = [n for n in sizes if shift % n]
     with pytest.raises(sn.SortedNetError, match=rf"rolled by {abs(shift)} .*size\(s\) {re.escape(str(bad))}"):
         nest.check(x)
-    with warnings.catch_warnings():  # (no size but the full one kept: discover says it found nothing to slice)
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(record=True) as said:  # (no size but the full one kept: discover names the group)
+        warnings.simplefilter("always")
         found = sn.discover(_RolledBy(shift, -1), x, ratios=[n / 24 for n in sizes], heads=False)
     assert all(shift % n == 0 for d in found for n in d.sizes)  # (discovery proposes only the sizes it keeps)
+    if not found:
+        assert any(f"['a'] (24 features): rolled by {abs(shift)}" in str(w.message) for w in said), said
 
 
 @pytest.mark.parametrize("shifts,dims,sizes", [(24, -1, [6, 8, 12, 24]), ((1, 0), (1, 2), [8, 16, 24]),

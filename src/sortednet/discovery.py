@@ -408,8 +408,8 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     names = {n for d in found for n in getattr(d, "merged_from", (d.name,))}
     dropped = [d for d in dims if d.name not in names]
     if not found:
-        warnings.warn(_none_found(coupling, dropped), stacklevel=2)
-    elif (kept := _kept_whole(coupling)) or dropped:
+        warnings.warn(_none_found(coupling, dropped, dims), stacklevel=2)
+    elif (kept := _kept_whole(coupling, dims)) or dropped:
         warnings.warn(KeptWholeWarning(_partly_found(kept, dropped, len(found))), stacklevel=2)
     for d in found:  # (by_ratio gives these, and only these, the sizes made for each ratio)
         d.__dict__[_DISCOVERED] = (tuple(d.sizes), ratios)
@@ -422,14 +422,18 @@ class KeptWholeWarning(UserWarning):
     understand), or dropped declarations that failed their dry run: the result slices part of the model."""
 
 
-def _kept_whole(c: Coupling) -> list[Any]:
-    """Groups the trace keeps whole for a reason inside the model (not the network's input or output)."""
-    return [g for g in c.groups if g.fixed is not None and g.size >= 2 and g.roles("out")
-            and g.fixed not in ("the network input", "the network output")]
+def _kept_whole(c: Coupling, dims: list[Any] = ()) -> list[Any]:  # type: ignore[assignment]
+    """Groups the trace keeps whole for a reason inside the model (not the network's input or output), and free
+    groups rolled by a multiple of their size that no declaration in ``dims`` took (no two sizes divide it)."""
+    declared = {p for d in dims for p in getattr(d, "out", ())}
+    return [g for g in c.groups if g.size >= 2 and g.roles("out") and (
+        (g.fixed is not None and g.fixed not in ("the network input", "the network output"))
+        or (g.fixed is None and g.divides and not set(g.roles("out")) & declared))]
 
 
 def _why(kept: list[Any]) -> str:
-    return ("; ".join(f"{g.roles('out')[:2]} ({g.size} features): {g.fixed}" for g in kept[:4])
+    return ("; ".join(f"{g.roles('out')[:2]} ({g.size} features): " + (
+        g.fixed or f"rolled by {g.divides} (in place only at the sizes that divide it)") for g in kept[:4])
             + (f" (and {len(kept) - 4} more)" if len(kept) > 4 else ""))
 
 
@@ -457,9 +461,9 @@ def _partly_found(kept: list[Any], dropped: list[Any], found: int) -> str:
               "sortednet.discovery.KeptWholeWarning) silences this")
 
 
-def _none_found(c: Coupling, dropped: list[Any]) -> str:
+def _none_found(c: Coupling, dropped: list[Any], dims: list[Any] = ()) -> str:  # type: ignore[assignment]
     """Why discover returns no declaration: the groups it had to keep whole, with their reasons."""
-    kept = _kept_whole(c)
+    kept = _kept_whole(c, dims)
     why = _why(kept)
     return ("discover() found no group it can slice safely, so wrapping with its result gives a nest of the full "
             "model alone" + _dropped(dropped)
