@@ -1530,3 +1530,81 @@ def test_a_composable_checkpoint_recomputes_the_forward_submodel(on, where):
     backward_at(where, loss, nest, sub)
     same_grads([p.grad for p in m.parameters()], want, f"composable checkpoint on {on} ({where})")
     assert sn.dims.NONREENTRANT[0] == 0 and not nest._state.uses.get()
+
+
+class _CheckpointedStack(nn.Module):
+    def __init__(self, reentrant=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)) for _ in range(4))
+        self.reentrant = reentrant
+
+    def run(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.run(x)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.run, x, use_reentrant=self.reentrant)
+
+
+_DEPTH_OR_WIDTH = {"depth=2": lambda: sn.Depth("depth", [1, 2, 4], layers="blocks"),
+                   "f=8": lambda: sn.Width("f", [8, 32], out="blocks.*.0", inp="blocks.*.2")}
+
+
+@pytest.mark.parametrize("sub", list(_DEPTH_OR_WIDTH))
+@pytest.mark.parametrize("how", [True, False, "nest.checkpoint"])
+def test_unwrap_before_the_backward_of_a_checkpointed_sub_model_is_refused(how, sub):
+    """A checkpointed forward under a sub-model, then unwrap, then backward: the recomputation ran the unwrapped
+    full model (reentrant: gradients 8-11 off, in silence; non-reentrant, Width: PyTorch's CheckpointError).
+    unwrap refuses while such a recomputation is to come; after the backward (the loss still held) it unwraps.
+    A checkpoint of the full model recomputes it alike either way and does not hold unwrap back."""
+    x0 = torch.randn(3, 8)
+
+    def grads(model, nest, run):
+        x = x0.clone().requires_grad_()
+        with nest.use(sub):
+            loss = run(model, x).pow(2).sum()
+        return loss, x
+
+    ref_model = _CheckpointedStack()
+    ref_nest = sn.wrap(ref_model, _DEPTH_OR_WIDTH[sub]())
+    loss, x = grads(ref_model, ref_nest, lambda m, x: m(x))
+    loss.backward()
+    want = [x.grad, *[p.grad for p in ref_model.parameters()]]
+    model = _CheckpointedStack(None if how == "nest.checkpoint" else how)
+    nest = sn.wrap(model, _DEPTH_OR_WIDTH[sub]())
+    run = (lambda m, x: nest.checkpoint(m, x, use_reentrant=True)) if how == "nest.checkpoint" else (
+        lambda m, x: m(x))
+    loss, x = grads(model, nest, run)
+    with pytest.raises(sn.SortedNetError, match=r"unwrap\(\): 1 activation checkpoint\(s\) ran their forward under "
+                                                r"a sub-model and have not run their backward yet"):
+        nest.unwrap()
+    sliced, plain = (model.blocks, nn.ModuleList) if sub == "depth=2" else (model.blocks[0][0], nn.Linear)
+    assert type(sliced) is not plain  # (still wrapped)
+    loss.backward()
+    for a, b in zip([x.grad, *[p.grad for p in model.parameters()]], want):
+        torch.testing.assert_close(a, b)
+    nest.unwrap()
+    assert type(sliced) is plain
+    nest = sn.wrap(model, _DEPTH_OR_WIDTH[sub]())
+    loss = run(model, x0.clone().requires_grad_()).sum()  # (the full model, outside use)
+    nest.unwrap()
+    loss.backward()
+
+
+def test_unwrap_inside_a_forward_of_the_model_is_refused():
+    """unwrap from a hook during a forward under a sub-model: the first block ran the sub-model and the others
+    the full model, an output of neither model, in silence."""
+    model = _CheckpointedStack()
+    nest = sn.wrap(model, _DEPTH_OR_WIDTH["f=8"]())
+    h = model.blocks[0].register_forward_hook(lambda m, i, o: nest.unwrap())
+    with nest.use("f=8"), pytest.raises(sn.SortedNetError, match=r"unwrap\(\) inside a forward of the model"):
+        model(torch.randn(2, 8))
+    h.remove()
+    assert type(model.blocks[0][0]) is not nn.Linear
+    nest.unwrap()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import numbers
+import weakref
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -264,7 +265,8 @@ class Active:
     'plan-0'
     """
 
-    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner", "uid", "recomputes")
+    __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner", "uid", "recomputes",
+                 "pending")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -279,6 +281,10 @@ class Active:
         # (weakly, the pack hook of the non-reentrant checkpoint whose recomputation a read pinned last, and the
         # plan pinned): reads inside that checkpoint under that plan skip the stack walk (sortednet.slicers.base)
         self.recomputes: tuple[Any, Any] | None = None
+        # weakly, the pinned checkpoint functions whose recomputation has not run yet -> [the calls still to come,
+        # the plan pinned] (freed with their graph): unwrap refuses while one of a sub-model is alive (it would
+        # recompute the unwrapped model)
+        self.pending: weakref.WeakKeyDictionary[Any, list] = weakref.WeakKeyDictionary()
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0

@@ -8,6 +8,7 @@ physically smaller plain model, and unwraps.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import threading
 import warnings
@@ -667,7 +668,7 @@ class Nest:
         if not callable(fn):
             raise SortedNetError(f"nest.checkpoint(fn, ...) needs a callable (a module or function), got {fn!r}")
 
-        run = in_plan(self._state, self._state.plan(), fn)
+        run = in_plan(self._state, self._state.plan(), fn, 2)
         return checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
 
     def compile(self, **compile_kwargs: Any) -> Any:
@@ -1295,6 +1296,21 @@ class Nest:
         """
         _flag("unwrap", "merge", merge)
         self._check_alive()
+        if self._pin.in_forward():
+            raise SortedNetError("unwrap() inside a forward of the model (a hook of its own, or the forward itself): "
+                                 "the rest of that forward would run the full model after its first part ran the "
+                                 "sub-model, an output of neither; unwrap once the forward has returned. Nothing "
+                                 "was changed")
+        whole = SubModel({d.name: d.full for d in self.dims})
+        if any(p[1].sub != whole for p in list(self._state.pending.values())):
+            gc.collect()  # (a graph dropped but held in a reference cycle: freed, its checkpoints no longer pend)
+        pending = [p for p in list(self._state.pending.values()) if p[1].sub != whole]
+        if pending:
+            raise SortedNetError(f"unwrap(): {len(pending)} activation checkpoint(s) ran their forward "
+                                 "under a sub-model and have not run their backward yet: their recomputation "
+                                 "during backward would run the unwrapped (full) model, and the gradients would "
+                                 "be another network's. Run backward first, or drop what holds the graph (del "
+                                 "loss), then unwrap. Nothing was changed")
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
 
         def forget() -> None:  # (run by the commit even if a step before it raised: never a half-unwrapped nest)

@@ -345,10 +345,18 @@ def close_block(a: Active, entry: _Open, here: Any, *, keep_above: bool = False)
     a.uses.set(stack[:i])
 
 
-def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
-    """``fn`` wrapped to run under ``plan`` wherever it is called (checkpoint recomputation)."""
+def in_plan(active: Active, plan: Plan, fn: Any, calls: int = 0) -> Any:
+    """``fn`` wrapped to run under ``plan`` wherever it is called (checkpoint recomputation). ``calls``: the calls
+    to come until its recomputation has run (1 for a checkpoint whose forward runs now, 2 for one not started),
+    kept in ``active.pending`` with ``plan`` until then."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        left = active.pending.get(run)
+        if left is not None:
+            if left[0] <= 1:
+                active.pending.pop(run, None)
+            else:
+                left[0] -= 1
         with Use(active, plan):
             pin = getattr(active.on_no_grad_read, "__self__", None)
             if pin is None:
@@ -361,6 +369,8 @@ def in_plan(active: Active, plan: Plan, fn: Any) -> Any:
                 pin.exit_root(root)
 
     run._sn_active, run._sn_inner = active, fn  # type: ignore[attr-defined]
+    if calls:
+        active.pending[run] = [calls, plan]
     return run
 
 
@@ -547,7 +557,7 @@ def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) ->
             ctx = f.f_locals.get("ctx")
             fn = getattr(ctx, "run_function", None)
             if fn is not None and not _pinned(ctx, active):
-                ctx.run_function = in_plan(active, _plan_at(active, plan, inside), fn)
+                ctx.run_function = in_plan(active, _plan_at(active, plan, inside), fn, 1)
         elif f.f_code is _NR_CODE:
             gen = f.f_locals.get("gen")
             frame_ = getattr(getattr(gen, "gi_frame", None), "f_locals", {}).get("new_frame")
@@ -561,7 +571,7 @@ def pin_checkpoints(active: Active, plan: Plan, frame: Any, stop: Any = None) ->
 def _pin_frame(active: Active, frame: Any, plan: Plan) -> None:
     fn = getattr(frame, "recompute_fn", None)  # (a non-reentrant checkpoint's frame)
     if fn is not None and not _pinned(frame, active, "recompute_fn"):
-        frame.recompute_fn = in_plan(active, plan, fn)
+        frame.recompute_fn = in_plan(active, plan, fn, 1)
 
 
 _CKPT_MODULE = _checkpoint.__name__
