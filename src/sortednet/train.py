@@ -313,7 +313,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     done: list[Any] = []
     hook = None
     if _prechecked is None and _distributed():  # (sortednet.distributed.accumulate has its own hooks)
-        hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_forward_check(nest))
+        fsdp = world_size() >= 2 and is_fsdp(nest.model)  # (once per call: a walk of the parameters)
+        hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_forward_check(nest, fsdp))
     try:
         _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
              done)
@@ -339,14 +340,15 @@ def _active_ddp() -> Any:
     return getattr(ddp, "_active_ddp_module", None)
 
 
-def _ddp_forward_check(nest: Nest) -> None:
+def _ddp_forward_check(nest: Nest, fsdp: bool = False) -> None:
     """Forward pre-hook of :func:`accumulate` under torch.distributed: :func:`_ddp_reducer_check`, and in a
     forward through a DDP wrapper the ranks must run the same sub-model (one ``all_reduce`` of a digest; DDP
     runs every rank's forwards in step): a Sampler seeded per rank, or a ``nest.use`` opened on some ranks
-    only, would otherwise have DDP average two sub-models' gradients as one, in silence."""
+    only, would otherwise have DDP average two sub-models' gradients as one, in silence. So must every forward of
+    a model sharded with FSDP2 (``fsdp``), whose reduce-scatter averages as DDP does."""
     _ddp_reducer_check(nest)
     ddp = _active_ddp()
-    if ddp is None and torch.is_grad_enabled() and not _compiling() and world_size() >= 2 and is_fsdp(nest.model):
+    if ddp is None and fsdp and torch.is_grad_enabled() and not _compiling():
         from .agreement import _FORWARD, _agree_on
 
         # (FSDP2 reduce-scatters each backward's gradients over the ranks as one: two sub-models' would be
