@@ -1311,7 +1311,7 @@ class Nest:
                                  "during backward would run the unwrapped (full) model, and the gradients would "
                                  "be another network's. Run backward first, or drop what holds the graph (del "
                                  "loss), then unwrap. Nothing was changed")
-        full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
+        full = self._plans.get(whole)
 
         def forget() -> None:  # (run by the commit even if a step before it raised: never a half-unwrapped nest)
             self._pin.guards = self._pin.note = None  # (deep copies keep the pin: they no longer check the model)
