@@ -1582,7 +1582,7 @@ def test_unwrap_before_the_backward_of_a_checkpointed_sub_model_is_refused(how, 
         lambda m, x: m(x))
     loss, x = grads(model, nest, run)
     with pytest.raises(sn.SortedNetError, match=r"unwrap\(\): 1 activation checkpoint\(s\) ran their forward under "
-                                                r"a sub-model and have not run their backward yet"):
+                                                r"a sub-model .*and have not run their backward yet"):
         nest.unwrap()
     sliced, plain = (model.blocks, nn.ModuleList) if sub == "depth=2" else (model.blocks[0][0], nn.Linear)
     assert type(sliced) is not plain  # (still wrapped)
@@ -1607,4 +1607,44 @@ def test_unwrap_inside_a_forward_of_the_model_is_refused():
         model(torch.randn(2, 8))
     h.remove()
     assert type(model.blocks[0][0]) is not nn.Linear
+    nest.unwrap()
+
+
+def test_unwrap_copy_before_the_backward_of_its_checkpointed_sub_model_is_refused():
+    """A deep copy (a teacher) ran a checkpointed forward under a sub-model; unwrap_copy(teacher) before its
+    backward made the recomputation run the plain full model: the teacher's gradients were another network's."""
+    model = _CheckpointedStack(True)
+    nest = sn.wrap(model, _DEPTH_OR_WIDTH["f=8"]())
+    teacher, ref = copy.deepcopy(model), copy.deepcopy(model)
+    ref.reentrant = None
+    x = torch.randn(3, 8, requires_grad=True)  # (a reentrant checkpoint needs an input that requires grad)
+    with nest.use("f=8"):
+        loss = teacher(x).pow(2).sum()
+        ref(x).pow(2).sum().backward()
+    with pytest.raises(sn.SortedNetError, match=r"unwrap_copy\(\): 1 activation checkpoint"):
+        nest.unwrap_copy(teacher)
+    loss.backward()
+    nest.unwrap_copy(teacher)
+    assert type(teacher.blocks[0][0]) is nn.Linear
+    for a, b in zip(teacher.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_unwrap_with_a_rank_before_the_backward_of_a_checkpointed_full_model_is_refused():
+    """With a Rank dimension the unwrapped model is not the full sub-model (LoRA adapters dropped): a checkpoint
+    of the full model, unwrapped before its backward, recomputed without the adapters (no gradient reached them,
+    the input's was another network's), in silence."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    nest = sn.wrap(model, sn.Rank("r", [2, 8], targets=["0", "1"], mode="lora"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p)
+    from torch.utils.checkpoint import checkpoint
+
+    loss = checkpoint(model, torch.randn(3, 8, requires_grad=True), use_reentrant=True).pow(2).sum()
+    with pytest.raises(sn.SortedNetError, match=r"unwrap\(\): 1 activation checkpoint"):
+        nest.unwrap()
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora" in n)
     nest.unwrap()

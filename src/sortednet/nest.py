@@ -1301,17 +1301,8 @@ class Nest:
                                  "the rest of that forward would run the full model after its first part ran the "
                                  "sub-model, an output of neither; unwrap once the forward has returned. Nothing "
                                  "was changed")
-        whole = SubModel({d.name: d.full for d in self.dims})
-        if any(p[1].sub != whole for p in list(self._state.pending.values())):
-            gc.collect()  # (a graph dropped but held in a reference cycle: freed, its checkpoints no longer pend)
-        pending = [p for p in list(self._state.pending.values()) if p[1].sub != whole]
-        if pending:
-            raise SortedNetError(f"unwrap(): {len(pending)} activation checkpoint(s) ran their forward "
-                                 "under a sub-model and have not run their backward yet: their recomputation "
-                                 "during backward would run the unwrapped (full) model, and the gradients would "
-                                 "be another network's. Run backward first, or drop what holds the graph (del "
-                                 "loss), then unwrap. Nothing was changed")
-        full = self._plans.get(whole)
+        self._refuse_pending("unwrap()")
+        full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
 
         def forget() -> None:  # (run by the commit even if a step before it raised: never a half-unwrapped nest)
             self._pin.guards = self._pin.note = None  # (deep copies keep the pin: they no longer check the model)
@@ -1384,8 +1375,30 @@ class Nest:
             raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} is not a copy of this nest's model"
                                  + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
                                     " (it holds no sliced module)"))
+        self._refuse_pending("unwrap_copy()")
         unwrap_modules(mods, wrap_hooks(copy), merge=merge, ranks=self._merge_ranks(merge))
         return copy
+
+    def _refuse_pending(self, who: str) -> None:
+        """Refuse while an activation checkpoint pinned by this nest (the model's or a deep copy's: they share the
+        run-time state) has its recomputation to come under a sub-model: after unwrap it would run the plain,
+        full model (reentrant checkpoints: another network's gradients, in silence). One of the full model
+        recomputes alike, unless a Rank dimension makes the unwrapped model another (adapters dropped, a merge)."""
+        whole = None if any(d.kind == "rank" for d in self.dims) else SubModel({d.name: d.full for d in self.dims})
+
+        def pending() -> int:
+            return sum(p[1].sub != whole for p in list(self._state.pending.values()))
+
+        if pending():
+            gc.collect()  # (a graph dropped but held in a reference cycle: freed, its checkpoints no longer pend)
+        n = pending()
+        if n:
+            raise SortedNetError(f"{who}: {n} activation checkpoint(s) ran their forward under a sub-model (of this "
+                                 "model or a deep copy of it) and have not run their backward yet: their "
+                                 "recomputation during backward would run the unwrapped model, and the gradients "
+                                 "would be another network's. Run backward first, or drop what holds the graph "
+                                 "(del loss; a traceback kept of an error raised inside the checkpoint, such as "
+                                 "sys.last_traceback, holds it too), then unwrap. Nothing was changed")
 
     def _merge_ranks(self, merge: bool) -> dict[str, int] | None:
         """Per Rank dimension, the rank ``merge=True`` bakes in. The unwrapped model runs every other dimension at
