@@ -5,6 +5,8 @@ save/load bit-exactly."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -412,7 +414,7 @@ def test_calibrate_names_an_unsliced_batchnorm_whose_inputs_differ_between_sub_m
     nest = sn.wrap(m, sn.Width("w", [8, 16], out="blocks.*.0", norm="blocks.*.1", inp="blocks.*.3"))
     with pytest.warns(UserWarning, match=r"\['bn_out'\]"):  # widths inside the blocks: bn_out's inputs change too
         nest.calibrate(batches, batches=2)
-    with pytest.warns(UserWarning, match=r"\['bn_out'\]"):  # one sub-model alone: compared with the largest (it
+    with pytest.warns(UserWarning, match=r"\['bn_out'\]"):  # one sub-model alone: compared with the full model (it
         nest.calibrate(batches, subs=["w=8"], batches=2)   # said nothing: nothing to compare with)
     stem = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
     nest = sn.wrap(stem, sn.Width("h", [8, 16], out="1", norm="2", inp="4"))
@@ -854,17 +856,18 @@ def test_a_restricted_nest_calibrates_and_reloads_its_full_model(tmp_path):
 def test_a_batchnorm_after_a_depth_stack_is_named_with_the_width_that_calibrates_it():
     """A nest of a Depth alone: calibrate refused it (no sliced BatchNorm), and the BatchNorm after the stack kept
     the full model's statistics at every depth; the refusal names it and the one-size Width that gives it
-    statistics of each depth's own, which then are those of a plain recalibration of the shallower model."""
+    statistics of each depth's own, which then are those of a plain recalibration of the shallower model. (A stem
+    BatchNorm before the stack, whose inputs keep at every depth, was named too.)"""
     class Net(nn.Module):
         def __init__(self, n=3):
             super().__init__()
             torch.manual_seed(0)
-            self.fc = nn.Linear(4, 8)
+            self.fc, self.bn_stem = nn.Linear(4, 8), nn.BatchNorm1d(8)  # (before the stack: named by no one)
             self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(n))
             self.bn_after, self.head = nn.BatchNorm1d(8), nn.Linear(8, 2)
 
         def forward(self, x):
-            x = self.fc(x)
+            x = self.bn_stem(self.fc(x))
             for b in self.blocks:
                 x = x + 3 * b(x)
             return self.head(self.bn_after(x))
@@ -883,10 +886,45 @@ def test_a_batchnorm_after_a_depth_stack_is_named_with_the_width_that_calibrates
     shallow.blocks = shallow.blocks[:1]
     shallow.bn_after.reset_running_stats()
     shallow.bn_after.momentum = None
+    shallow.eval().bn_after.train()  # (the stem's statistics are the nest's: not recalibrated)
     with torch.no_grad():
         for x in data:
-            shallow.train()(x)
+            shallow(x)
     x = torch.randn(5, 4)
     with torch.no_grad(), nest.use("d=1"):
         torch.testing.assert_close(model(x), shallow.eval()(x))
         torch.testing.assert_close(nest.export("d=1")(x), shallow(x))
+
+
+class _StemWidthDepthThenBN(nn.Module):
+    """A Width on the stem's channels, a Depth, then a BatchNorm after the stack in no norm=."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.bn, self.proj = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3))
+        self.post, self.head = nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.proj(torch.relu(self.bn(self.fc(x))))
+        for b in self.blocks:
+            x = x + 3 * b(x)
+        return self.head(self.post(x))
+
+
+def test_a_restricted_nest_compares_unlisted_batchnorms_with_the_full_model():
+    """``post`` holds one set of statistics, the full model's. In a nest restricted with ``submodels=`` the
+    calibration compared the sub-models with the largest LISTED one: calibrating that one alone (depth 2) said
+    nothing though its ``post`` inputs differ from the full model's, and calibrating the full model alone warned
+    of a ``post`` whose statistics are exactly its own."""
+    data = [torch.randn(8, 4) * 2 + 1 for _ in range(2)]
+    dims = lambda: (sn.Width("c", [4, 8], out="fc", norm="bn", inp="proj"),  # noqa: E731
+                    sn.Depth("d", [1, 2, 3], layers="blocks"))
+    nest = sn.wrap(_StemWidthDepthThenBN().eval(), *dims(), submodels=["c=4,d=1", "c=8,d=2"])
+    with pytest.warns(UserWarning, match=r"BatchNorm layers \['post'\] are in no dimension's norm=.*differ between "
+                                         r"the sub-models calibrated and the full model"):
+        nest.calibrate(data, subs=["c=8,d=2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nest.calibrate(data, subs=["c=8,d=3"])

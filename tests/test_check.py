@@ -1325,6 +1325,51 @@ def test_a_per_layer_value_paired_with_other_blocks_at_a_shallow_depth_is_warned
             nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers="blocks"), example=x)
 
 
+class _GatheredAhead(nn.Module):
+    """Per-layer values gathered for the blocks before the loop, in the order that pairs entry ``d - 1 - i`` with
+    block ``i`` at depth d: every read happens before the first block, where any entry passes the reads' test."""
+
+    def __init__(self, how, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.gammas = nn.Parameter(torch.rand(n, 8) + 0.5)
+        self.table = nn.Parameter(torch.rand(8, n) + 0.5)  # (a (features, layers) layout)
+        self.emb = nn.Embedding(n, 8)
+
+    def values(self, d):
+        return {"listcomp": lambda: [self.gammas[d - 1 - i] for i in range(d)],
+                "flip": lambda: self.gammas[:d].flip(0),
+                "from_end": lambda: self.gammas[-d:],
+                "unbind": lambda: self.gammas.unbind(0)[:d][::-1],
+                "columns": lambda: self.table[:, :d].flip(1).T,
+                "embedding": lambda: self.emb(torch.arange(d).flip(0))}[self.how]()
+
+    def forward(self, x, values=None):
+        for b, g in zip(self.blocks, self.values(len(self.blocks)) if values is None else values):
+            x = x + torch.tanh(b(x)) * g
+        return x
+
+
+@pytest.mark.parametrize("how", ["listcomp", "flip", "from_end", "unbind", "columns", "embedding"])
+def test_per_layer_values_gathered_before_the_loop_and_paired_from_the_end_are_warned(how):
+    """The reads alone cannot tell these from a forward reading every entry once up front (each entry is read
+    before the first block in both): at depth 2 block 1 got entry 0 where the full model gives it entry 2, a sub-model
+    0.8 off the full model's first blocks, and check passed it in silence. The blocks' inputs are compared with
+    the full model's now, up to the first block the sub-model skips."""
+    x = torch.randn(3, 8)
+    with pytest.warns(sn.check.LayerPairingWarning, match=r"depth 'depth' at 2: block 1 of 'blocks' reads or gives "
+                                                          r"other values than in the full model"):
+        nest = sn.wrap(_GatheredAhead(how), sn.Depth("depth", [2, 4], layers="blocks"), example=x)
+    full = _GatheredAhead(how)
+    with torch.no_grad():
+        with nest.use("depth=2"):
+            got = nest.model(x)
+        full.blocks = full.blocks[:2]  # (the full model's first two blocks, with the values it gives them)
+        assert (got - full(x, values=full.values(4))).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_routing_that_changes_with_the_depth_is_not_taken_for_an_idle_list(seed):
     torch.manual_seed(seed)

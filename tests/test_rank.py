@@ -498,6 +498,24 @@ def test_lora_target_refuses_a_strict_load_without_adapters_before_any_copy():
     model.load_state_dict(_stack(2).state_dict())  # strict=True, made to pass by the hook: not refused
 
 
+@pytest.mark.parametrize("source", ["svd", "other_targets"])
+def test_a_strict_load_of_another_rank_nest_is_refused_before_any_copy_naming_it(source):
+    """An svd nest's state_dict (``U`` / ``V``, no ``weight``) into a lora nest: PyTorch refused it only after
+    copying the other layers (a half-loaded model, a raw RuntimeError). A lora nest's of other targets was refused
+    first, but as a state_dict of the model before wrap, with strict=False suggested (which drops its adapters)."""
+    model = _stack(0)
+    sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["1"], mode="lora"))
+    other = sn.wrap(_stack(1), sn.Rank("r", [2, 4, 8], targets=["1"] if source == "svd" else ["0.0"],
+                                       mode="svd" if source == "svd" else "lora")).model.state_dict()
+    snap = snapshot(model)
+    want = (r"lacks \['1.lora_A', '1.lora_B'\] and holds \['1.U', '1.V'\] instead: a checkpoint of a Rank of another "
+            r"mode" if source == "svd" else r"holds the adapters of \['0.0'\]: a checkpoint of a nest with other "
+                                             r"Rank targets")
+    with pytest.raises(sn.SortedNetError, match=want + r".*nothing was copied"):
+        model.load_state_dict(other)
+    assert_unchanged(model, snap)
+
+
 # -- svd: Eckart-Young at wrap time ------------------------------------------------
 @settings(max_examples=8)
 @given(out=st.integers(1, 24), inp=st.integers(1, 24), seed=st.integers(0, 2**16), dtype=st.sampled_from(["64", "32"]))

@@ -92,8 +92,12 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     if not bns:
         cut = [m for m in nest._sliced.values() if "depth" in m._sn.bind]  # (a BatchNorm inside a Depth's blocks
         inside = {id(b) for lst in cut for b in lst.modules()}           # sees the same inputs at every depth)
-        unlisted = [p for p, m in nest.model.named_modules()
-                    if isinstance(m, _BatchNorm) and m.track_running_stats and id(m) not in inside]
+        order = [(p, m) for p, m in nest.model.named_modules()]
+        first = min((i for i, (_, m) in enumerate(order) if any(m is c for c in cut)), default=0)
+        unlisted = [p for p, m in order if isinstance(m, _BatchNorm) and m.track_running_stats and id(m) not in inside]
+        after = [p for p, m in order[first:] if isinstance(m, _BatchNorm) and m.track_running_stats
+                 and id(m) not in inside]  # (the ones declared after the stack: a stem's inputs keep at every depth)
+        unlisted = after or unlisted
         raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "
                              "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
                              "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
@@ -147,9 +151,10 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
             c.momentum = None  # cumulative average over the batches
         for p, m in others.items():  # (hooks on the private view's copies: the user's modules are untouched)
             copies[id(m)].register_forward_pre_hook(functools.partial(_record, seen[p]))
-        # a sub-model calibrated alone has no other to compare the inputs of unsliced BatchNorms with: the
-        # largest runs too (its statistics are not kept), the one whose statistics those layers hold
-        reference = nest.largest if others and nest.largest not in todo else None
+        # a sub-model calibrated alone has no other to compare the inputs of unsliced BatchNorms with: the full
+        # model runs too (its statistics are not kept), the one whose statistics those layers hold
+        full = SubModel({d.name: d.full for d in nest.dims})  # (also of a restricted nest)
+        reference = full if others and full not in todo else None
         for sub in [*todo, *([reference] if reference is not None else [])]:
             for v in seen.values():
                 v.append(None)
@@ -193,7 +198,7 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     if moved:
         warnings.warn(f"calibrate(): the BatchNorm layers {moved[:3]}{' ...' if len(moved) > 3 else ''} are in no "
                       "dimension's norm=, but their inputs differ between the sub-models calibrated and the "
-                      "largest (a Depth, or a "
+                      "full model (a Depth, or a "
                       "width upstream that reaches them through a layer of fixed size, changes them): they keep one "
                       "set of running statistics, the full model's, for every sub-model, so a sub-model's eval "
                       "output and export are not calibrated there (to calibrate one per sub-model, list it under "

@@ -1973,14 +1973,16 @@ def _segment_reads(nest: Nest, model: nn.Module, example: Any, sub: SubModel, bl
     return out
 
 
-def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> None:
+def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any) -> set[str]:
     """Per-layer tensors a Depth does not cut, read in the loop over its blocks: at depth d, the entries read
     between the calls of the first d blocks must be ones the full model reads at those places (``gammas[i]``
     with block i; every entry read once before the loop also passes). Read from the end with a count that follows
     the depth (``gammas[len(self.blocks) - 1 - i]``), block 0 meets entry d-1 at depth d and entry L-1 at full
     depth: shapes fit, and the sub-model is another network than the full model's first blocks. Said with a
     :class:`LayerPairingWarning` (the reads after the last block are not compared: a final layer reading the
-    last entry of what runs, like ``self.blocks[-1]``, follows the depth on purpose)."""
+    last entry of what runs, like ``self.blocks[-1]``, follows the depth on purpose). Returns the names of the
+    Depths warned of."""
+    warned: set[str] = set()
     for dd in (d for d in nest.dims if d.kind == "depth"):
         lists = [m for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim is dd]
         if not lists or dd.full < 2:
@@ -2037,7 +2039,100 @@ def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module
                     "sub-model is not the full model's first blocks there. Read entry i with block i (index it by the "
                     "block's position, or keep it in the block)", LayerPairingWarning,
                     stacklevel=4)
+                warned.add(dd.name)
                 break
+    return warned
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A block's hidden-state input: its first floating-point positional argument, else ``hidden_states=`` or its
+    first floating-point keyword argument."""
+    for t in (*args, kwargs.get("hidden_states"), *kwargs.values()):
+        if _is_float(t):
+            return t
+    return None
+
+
+def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept: list[nn.Module],
+                skipped: list[nn.Module]) -> dict[int, list[torch.Tensor]] | None:
+    """A forward of ``sub``: per module of ``kept``, the hidden states it read and gave, call by call, until a module
+    of ``skipped`` runs (what follows depends on blocks a sub-model does not run). None where the forward fails."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    stop = [False]
+
+    def grab(t: Any, mod: nn.Module) -> None:
+        if _is_float(t) and not stop[0]:
+            seen.setdefault(id(mod), []).append(_dense(t).detach().double().clone())
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        grab(_hidden_in(args, kwargs), mod)
+
+    def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        grab(first_float(out), mod)
+
+    def halt(mod: nn.Module, args: tuple) -> None:
+        stop[0] = True
+
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in kept]
+    hooks += [m.register_forward_hook(post, with_kwargs=True) for m in kept]
+    hooks += [m.register_forward_pre_hook(halt) for m in skipped]
+    try:
+        with torch.no_grad(), Use(nest._state, nest._plans.build(sub)), seeded(0):
+            call_model(model, example)
+    except Exception:
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any,
+                      warned: set[str]) -> None:
+    """Each Depth at each smaller size: the blocks a sub-model runs must read and give what they do in the full
+    model, up to where the full model runs a block the sub-model skips (a shallower model made of the full model's
+    first blocks). Values the forward feeds the blocks that follow the depth otherwise
+    (per-layer values read from the end or reversed with the depth's count, gathered before the loop, sliced as
+    ``g[-n:]``, flipped, unbound, looked up by ``arange(n).flip(0)``) make a sub-model another network: said with a
+    :class:`LayerPairingWarning` (not for a Depth already warned of by the reads). What comes after the last block
+    is not compared (a final layer may follow the depth on purpose: ``self.blocks[-1]``)."""
+    tol = _tolerance(nest)
+    for dd in (d for d in nest.dims if d.kind == "depth"):
+        lists = [m for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim is dd]
+        if not lists or dd.full < 2 or dd.name in warned:
+            continue
+        blocks = [copies.get(id(e), e) for e in lists[0]._modules.values() if e is not None]
+        if len({id(b) for b in blocks}) != len(blocks):  # (one module at several positions, ALBERT-like)
+            continue
+        for size in dd.sizes[:-1]:
+            sub = _at_depth(nest, dd, size)
+            if sub is None:
+                continue
+            with Use(nest._state, nest._plans.build(sub)):
+                skip = {id(c): c for m in lists for name in m._sn.slicer.skipped(m)
+                        for c in (copies.get(id(m._modules[name]), m._modules[name]),) if c is not None}
+            kept = [b for b in blocks if id(b) not in skip]
+            if not kept:
+                continue
+            got = _blocks_fed(nest, model, example, sub, kept, [])
+            want = _blocks_fed(nest, model, example, sub.replace(**{dd.name: dd.full}), kept, list(skip.values()))
+            if got is None or want is None:
+                continue
+            for k, b in enumerate(kept):  # (the calls the full model made before a skipped block ran)
+                a, r = got.get(id(b), []), want.get(id(b), [])
+                if len(a) < len(r) or any(x.shape != y.shape for x, y in zip(a, r)):
+                    break
+                err = max((_rel_diff(x, y, 1e-12) for x, y in zip(a, r)), default=0.0)
+                if err > tol:
+                    warnings.warn(
+                        f"nest.check: depth {dd.name!r} at {size}: block {k} of {lists[0]._sn.path or '<root>'!r} "
+                        f"reads or gives other values than in the full model (relative difference {err:.2g}) before "
+                        "any block the depth skips runs there: the forward feeds the blocks something that "
+                        "follows the depth (per-layer values read from the end or reversed with the depth's count, "
+                        "gathered before the loop, g[-len(self.blocks):], a flip), so a sub-model is not the full "
+                        "model's first blocks there. Read entry i with block i (index it by the block's position, or "
+                        "keep it in the block)", LayerPairingWarning, stacklevel=4)
+                    return
 
 
 def _first_runs(calls: list[tuple[str, int]], size: int) -> list[tuple[str, int]]:
@@ -2393,7 +2488,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         _skipped_layers_run(nest, model, copies, example)
         _idle_at_depth(nest, model, copies, example)
         _depth_order(nest, model, copies, example)
-        _per_layer_pairing(nest, model, copies, example)
+        _blocks_fed_alike(nest, model, copies, example, _per_layer_pairing(nest, model, copies, example))
         _counts_read(nest, model, example)
         _check_size_two(nest, model, example, want)
         why = split_ties(nest.model, {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()})

@@ -1391,10 +1391,9 @@ class Nest:
 
         if pending():
             gc.collect()  # (a graph dropped but held in a reference cycle: freed, its checkpoints no longer pend)
-        n = pending()
-        if n:
-            raise SortedNetError(f"{who}: {n} activation checkpoint(s) ran their forward under a sub-model (of this "
-                                 "model or a deep copy of it) and have not run their backward yet: their "
+        if pending():
+            raise SortedNetError(f"{who}: an activation checkpoint ran its forward under a sub-model (of this "
+                                 "model or a deep copy of it) and has not run its backward yet: its "
                                  "recomputation during backward would run the unwrapped model, and the gradients "
                                  "would be another network's. Run backward first, or drop what holds the graph "
                                  "(del loss; a traceback kept of an error raised inside the checkpoint, such as "

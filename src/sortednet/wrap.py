@@ -604,6 +604,9 @@ def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict], h
                                                                                  with_module=True))
 
 
+_FACTORS = ("U", "V", "lora_A", "lora_B")  # (the tensors a Rank target holds beside its weight, either mode)
+
+
 class StateKeys:
     """``load_state_dict`` pre-hook (see :func:`_guard_state_keys`). A state_dict holding a key wrap removed
     (svd's ``weight``: a checkpoint of the model before wrap) but not the keys that replaced it would have that
@@ -632,13 +635,21 @@ class StateKeys:
                     "other tensors loaded. Load those weights before sn.wrap (or nest.unwrap(), load, wrap again); "
                     "the wrapped model's own state_dict and sn.save / sn.load hold the new keys")
             lacking = [at + n for n in added if at + n not in state_dict]
-            if lacking and any(at + n in state_dict for n in (*removed, "weight")) and _strict_load():
+            # (another Rank mode's keys for this module: svd's U / V where lora's weight and adapters belong)
+            other = [at + n for n in _FACTORS if n not in added and at + n in state_dict]
+            if lacking and (other or any(at + n in state_dict for n in (*removed, "weight"))) and _strict_load():
+                elsewhere = [k for k in state_dict if k.rpartition(".")[2] in _FACTORS and not k.startswith(at)]
+                why = (f"and holds {other} instead: a checkpoint of a Rank of another mode (wrap with the same "
+                       "mode, or load the source's weights merged: nest.unwrap(merge=True) there)" if other else
+                       f"and holds the adapters of {sorted({k.rpartition('.')[0] for k in elsewhere})[:4]}: a "
+                       "checkpoint of a nest with other Rank targets (wrap with the same targets; strict=False "
+                       "would load the other weights and drop those adapters)" if elsewhere else
+                       "(the keys wrap added: a state_dict of the model before wrap); pass strict=False to load the "
+                       "other weights and keep the nest's own (the adapters), or load before sn.wrap")
                 raise SortedNetError(
                     f"load_state_dict: {path or type(module).__name__!r} is a {what} target; this state_dict lacks "
-                    f"{lacking} (the keys wrap added: a state_dict of the model before wrap), which "
-                    "load_state_dict(strict=True) would refuse only after copying every other tensor. Pass "
-                    "strict=False to load the other weights and keep the nest's own (the adapters), or load "
-                    "before sn.wrap")
+                    f"{lacking} {why}. load_state_dict(strict=True) would refuse it only after copying every other "
+                    "tensor: nothing was copied")
 
 
 class _ShapeMismatch(SortedNetError, RuntimeError):
