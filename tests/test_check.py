@@ -1370,6 +1370,65 @@ def test_per_layer_values_gathered_before_the_loop_and_paired_from_the_end_are_w
         assert (got - full(x, values=full.values(4))).abs().max() > 0.1
 
 
+class _FedByTheLoop(nn.Module):
+    """Blocks whose sub-models ARE the full model's first blocks, though the runs differ: ``"sampling"`` draws a
+    latent per block before the loop and samples inside each block (MC dropout): the full model draws more, so a
+    block's draws differ between the runs; ``"final"`` tells the last block that runs it is the last (it applies
+    the final norm), as ``self.blocks[-1]`` follows the depth. ``"count"`` scales each block by
+    ``1 / len(self.blocks)``: a sub-model is not the full model's first blocks."""
+
+    def __init__(self, how, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.blocks = nn.ModuleList(_FinalNormBlock() for _ in range(n))
+
+    def forward(self, x):
+        d = len(self.blocks)
+        if self.how == "final":
+            for i, b in enumerate(self.blocks):
+                x = b(x, final=True) if i == d - 1 else x + b(x)
+            return x
+        zs = [0.1 * torch.randn_like(x) for _ in range(d)] if self.how == "sampling" else [0.0] * d
+        for b, z in zip(self.blocks, zs):
+            h = b(x + z)
+            if self.how == "sampling":
+                h = F.dropout(h, 0.2, training=True)
+            x = x + h / d if self.how == "count" else x + h
+        return x
+
+
+class _FinalNormBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x, final=False):  # (the last block: its residual and the final norm)
+        h = torch.tanh(self.fc(x))
+        return self.norm(x + h) if final else h
+
+
+@pytest.mark.parametrize("how", ["sampling", "final", "count"])
+def test_blocks_fed_alike_warns_of_a_count_not_of_sampling_or_a_last_block(how):
+    """The comparison of what the blocks read and give with the full model's took the random draws of a forward
+    that samples, and the last block told it is the last, for another pairing; a scale by the count is one."""
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        nest = sn.wrap(_FedByTheLoop(how), sn.Depth("depth", [1, 2, 4], layers="blocks"), example=x)
+    pairing = [str(w.message) for w in got if issubclass(w.category, sn.check.LayerPairingWarning)]
+    if how == "count":
+        assert pairing and "depth 'depth' at 2: block 1 of 'blocks'" in pairing[0]
+        return
+    assert not pairing
+    with torch.no_grad():
+        torch.manual_seed(3)
+        with nest.use("depth=2"):
+            live = nest.model(x)
+        torch.manual_seed(3)
+        torch.testing.assert_close(nest.export("depth=2")(x), live)  # (the sub-model is what its export computes)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_routing_that_changes_with_the_depth_is_not_taken_for_an_idle_list(seed):
     torch.manual_seed(seed)

@@ -1441,3 +1441,26 @@ def test_an_attentions_own_biases_as_wide_as_its_heads_are_named():
                                                 r"itself, as wide as all its heads \(32 features\)"):
         sn.wrap(m, sn.Heads("h", [2, 4], attn="0"))
     assert_unchanged(m, before)
+
+
+class _ScriptedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.Tanh())) for _ in range(4))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_a_depth_over_torchscript_blocks_is_refused_naming_them():
+    """Scripted blocks take no forward hooks: wrap failed with PyTorch's raw RuntimeError from registering the depth
+    guard (the model was left as it was)."""
+    m = _ScriptedBlocks()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"Depth 'd': the blocks \['0', '1', '2'\] of 'blocks' are "
+                                                r"TorchScript modules"):
+        sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
+    assert_unchanged(m, before)

@@ -2044,31 +2044,36 @@ def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module
     return warned
 
 
-def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """A block's hidden-state input: its first floating-point positional argument, else ``hidden_states=`` or its
-    first floating-point keyword argument."""
-    for t in (*args, kwargs.get("hidden_states"), *kwargs.values()):
-        if _is_float(t):
-            return t
-    return None
-
-
 def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept: list[nn.Module],
-                skipped: list[nn.Module]) -> dict[int, list[torch.Tensor]] | None:
-    """A forward of ``sub``: per module of ``kept``, the hidden states it read and gave, call by call, until a module
-    of ``skipped`` runs (what follows depends on blocks a sub-model does not run). None where the forward fails."""
+                skipped: list[nn.Module], limit: dict[int, int] | None = None, seed: int = 0
+                ) -> tuple[dict[int, list[torch.Tensor]], dict[int, int]] | None:
+    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its floating-point arguments) and,
+    but for the last of ``kept``, what it gave, until a module of ``skipped`` runs (what follows depends on blocks a
+    sub-model does not run), or, with ``limit`` (module id -> calls), for that many calls; and the calls recorded
+    per module. None where the forward fails."""
     seen: dict[int, list[torch.Tensor]] = {}
+    calls: dict[int, int] = {}
+    kept_calls: dict[int, int] = {}
     stop = [False]
+    last = id(kept[-1])
 
-    def grab(t: Any, mod: nn.Module) -> None:
-        if _is_float(t) and not stop[0]:
-            seen.setdefault(id(mod), []).append(_dense(t).detach().double().clone())
+    def keep(mod: nn.Module, ts: list[Any]) -> None:
+        seen.setdefault(id(mod), []).extend(_dense(t).detach().double().clone() for t in ts if _is_float(t))
+
+    def recording(mod: nn.Module) -> bool:
+        return not stop[0] and (limit is None or calls[id(mod)] <= limit.get(id(mod), 0))
 
     def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        grab(_hidden_in(args, kwargs), mod)
+        calls[id(mod)] = calls.get(id(mod), 0) + 1
+        if recording(mod):
+            kept_calls[id(mod)] = calls[id(mod)]
+            keep(mod, [*tree_leaves(args), *tree_leaves(kwargs)])
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        grab(first_float(out), mod)
+        # (not the last block's output: a block told it is the last, final=(i == len(self.blocks) - 1), follows
+        # the depth as self.blocks[-1] does)
+        if id(mod) != last and recording(mod):
+            keep(mod, [first_float(out)])
 
     def halt(mod: nn.Module, args: tuple) -> None:
         stop[0] = True
@@ -2077,25 +2082,43 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
     hooks += [m.register_forward_hook(post, with_kwargs=True) for m in kept]
     hooks += [m.register_forward_pre_hook(halt) for m in skipped]
     try:
-        with torch.no_grad(), Use(nest._state, nest._plans.build(sub)), seeded(0):
+        with torch.no_grad(), Use(nest._state, nest._plans.build(sub)), seeded(seed):
             call_model(model, example)
     except Exception:
         return None
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return seen, kept_calls
+
+
+def _fed_error(got: dict[int, list[torch.Tensor]], want: dict[int, list[torch.Tensor]], kept: list[nn.Module]
+               ) -> tuple[float, int]:
+    """The largest relative difference of the values ``got`` and ``want`` recorded alike, block by block until
+    one recorded otherwise, and the first block (index in ``kept``) over zero: (0.0, -1) where none differs."""
+    worst, first = 0.0, -1
+    for k, b in enumerate(kept):
+        a, r = got.get(id(b), []), want.get(id(b), [])
+        if len(a) != len(r) or any(x.shape != y.shape for x, y in zip(a, r)):
+            break
+        err = max((_rel_diff(x, y, 1e-12) for x, y in zip(a, r)), default=0.0)
+        if err > worst:
+            worst, first = err, (k if first < 0 else first)
+    return worst, first
 
 
 def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any,
                       warned: set[str]) -> None:
-    """Each Depth at each smaller size: the blocks a sub-model runs must read and give what they do in the full
-    model, up to where the full model runs a block the sub-model skips (a shallower model made of the full model's
-    first blocks). Values the forward feeds the blocks that follow the depth otherwise
-    (per-layer values read from the end or reversed with the depth's count, gathered before the loop, sliced as
-    ``g[-n:]``, flipped, unbound, looked up by ``arange(n).flip(0)``) make a sub-model another network: said with a
-    :class:`LayerPairingWarning` (not for a Depth already warned of by the reads). What comes after the last block
-    is not compared (a final layer may follow the depth on purpose: ``self.blocks[-1]``)."""
+    """Each Depth at each smaller size: the blocks a sub-model runs must read (their floating-point arguments) and
+    give (but the last, which a forward may tell it is the last) what they do in the full model, up to where the
+    full model runs a block the sub-model skips: a shallower model is the full model's first blocks. Values the
+    forward feeds the blocks that follow the depth otherwise (per-layer values read from the end or reversed with the
+    depth's count, gathered before the loop, sliced as ``g[-n:]``, flipped, unbound, looked up by
+    ``arange(n).flip(0)``; a scale computed from the count, ``1 / len(self.blocks)``) make a sub-model another
+    network: said with a :class:`LayerPairingWarning` (not for a Depth already warned of by the reads, nor where the
+    forward samples: its random draws differ between the runs). What comes after the last block is not compared (a
+    final layer may follow the depth on purpose: ``self.blocks[-1]``); nor are shared blocks (one module at several
+    positions of the list, ALBERT-like)."""
     tol = _tolerance(nest)
     for dd in (d for d in nest.dims if d.kind == "depth"):
         lists = [m for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim is dd]
@@ -2114,25 +2137,28 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
             kept = [b for b in blocks if id(b) not in skip]
             if not kept:
                 continue
-            got = _blocks_fed(nest, model, example, sub, kept, [])
             want = _blocks_fed(nest, model, example, sub.replace(**{dd.name: dd.full}), kept, list(skip.values()))
-            if got is None or want is None:
+            # (the sub-model's calls recorded as many as the full model's before its first skipped block: a loop
+            # calling the blocks many times, RNN-like, is not recorded to its end)
+            got = None if want is None else _blocks_fed(nest, model, example, sub, kept, [], want[1])
+            if want is None or got is None:
                 continue
-            for k, b in enumerate(kept):  # (the calls the full model made before a skipped block ran)
-                a, r = got.get(id(b), []), want.get(id(b), [])
-                if len(a) < len(r) or any(x.shape != y.shape for x, y in zip(a, r)):
-                    break
-                err = max((_rel_diff(x, y, 1e-12) for x, y in zip(a, r)), default=0.0)
-                if err > tol:
-                    warnings.warn(
-                        f"nest.check: depth {dd.name!r} at {size}: block {k} of {lists[0]._sn.path or '<root>'!r} "
-                        f"reads or gives other values than in the full model (relative difference {err:.2g}) before "
-                        "any block the depth skips runs there: the forward feeds the blocks something that "
-                        "follows the depth (per-layer values read from the end or reversed with the depth's count, "
-                        "gathered before the loop, g[-len(self.blocks):], a flip), so a sub-model is not the full "
-                        "model's first blocks there. Read entry i with block i (index it by the block's position, or "
-                        "keep it in the block)", LayerPairingWarning, stacklevel=4)
-                    return
+            err, k = _fed_error(got[0], want[0], kept)
+            if err <= tol:
+                continue
+            again = _blocks_fed(nest, model, example, sub, kept, [], want[1], seed=1)  # (a forward that samples:
+            if again is None or _fed_error(again[0], got[0], kept)[0] > tol:         # its draws differ: not compared)
+                continue
+            warnings.warn(
+                f"nest.check: depth {dd.name!r} at {size}: block {k} of {lists[0]._sn.path or '<root>'!r} reads "
+                f"or gives other values than in the full model (relative difference {err:.2g}) before any block the "
+                "depth skips runs there: the forward feeds the blocks something that follows the depth (per-layer "
+                "values read from the end or reversed with the depth's count, gathered before the loop, "
+                "g[-len(self.blocks):], a flip; a scale computed from len(self.blocks)), so a sub-model is not the "
+                "full model's first blocks there. Read entry i with block i (index it by the block's position, or "
+                "keep it in the block); of a value computed from the count, the full model's", LayerPairingWarning,
+                stacklevel=4)
+            return
 
 
 def _first_runs(calls: list[tuple[str, int]], size: int) -> list[tuple[str, int]]:

@@ -809,6 +809,12 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
     """:class:`DepthGuard` hooks on the blocks of a Depth-sliced ``container`` that only it holds."""
     from .export import reachable_modules
 
+    scripted = [name for name, b in container._modules.items() if isinstance(b, torch.jit.ScriptModule)]
+    if scripted:
+        raise SortedNetError(f"Depth {binding.dim.name!r}: the blocks {scripted[:3]} of {path or '<root>'!r} are "
+                             "TorchScript modules (torch.jit.script / trace), which take no hooks: sortednet cannot "
+                             "follow their calls. Wrap the Python modules (to compile the wrapped model: "
+                             "nest.compile())")
     elsewhere = reachable_modules(model, {(id(container), name) for name in container._modules})
     first: dict[int, tuple[int, str, nn.Module]] = {}
     for i, (name, b) in enumerate(container._modules.items()):
