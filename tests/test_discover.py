@@ -1083,3 +1083,25 @@ def test_a_dropped_width_is_not_said_to_be_heads_over_a_single_position():
     said = [str(w.message) for w in seen if issubclass(w.category, KeptWholeWarning)]
     assert any("failed their dry run" in m for m in said), said
     assert not any("Heads over a single position" in m for m in said), said
+
+
+class _OwnLayerNorm(nn.Module):
+    """ConvNeXt's own LayerNorm class: a plain module calling F.layer_norm on its tensors."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-6)
+
+
+def test_a_norm_class_of_the_models_own_is_named_as_such():
+    """Kept whole (no slicer for it), but the reason given was "'layer_norm', an op discovery does not understand",
+    an op it understands on a stock norm's tensors: the module's class is the cause, named with the way out."""
+    model = nn.Sequential(nn.Linear(4, 16), _OwnLayerNorm(16), nn.Linear(16, 2))
+    with pytest.warns(UserWarning, match=r"'layer_norm' on the tensors of '1', a _OwnLayerNorm that is no "
+                                         r"nn.LayerNorm and has no slicer \(use nn.LayerNorm"):
+        assert sn.discover(model, torch.randn(3, 4), ratios=[0.5, 1.0]) == []
+    model[1] = nn.LayerNorm(16)
+    assert [d.kind for d in sn.discover(model, torch.randn(3, 4), ratios=[0.5, 1.0])] == ["width"]

@@ -487,6 +487,12 @@ def _functional_norm(a, ev, x: Tensor, outs: list[Tensor], why: str = "") -> boo
     path = owners.pop() if len(owners) == 1 else None
     m = a.modules.get(path) if path is not None else None
     sl = slicer_for(m) if m is not None and isinstance(m, kinds) else None
+    if sl is None and m is not None and slicer_for(m) is None:  # (a norm class of the model's own: ConvNeXt's
+        stock = {"batch_norm": "BatchNorm", "layer_norm": "LayerNorm", "rms_norm": "RMSNorm",  # LayerNorm)
+                 "group_norm": "GroupNorm"}[ev.name]
+        a.unknown(ev, f"{ev.name!r} on the tensors of {path!r}, a {type(m).__name__} that is no nn.{stock} and has "
+                      "no slicer (use nn." + stock + ", or register a slicer for it: docs/custom_slicers.md)")
+        return True
     if sl is None or (own_forward(type(m), sl) and not sl.verifies_forward(type(m))):  # a subclass wrap would refuse
         return False
     for n, t in tensors.items():  # each the module's own tensor of that name
