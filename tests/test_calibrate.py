@@ -856,8 +856,8 @@ def test_a_restricted_nest_calibrates_and_reloads_its_full_model(tmp_path):
 def test_a_batchnorm_after_a_depth_stack_is_named_with_the_width_that_calibrates_it():
     """A nest of a Depth alone: calibrate refused it (no sliced BatchNorm), and the BatchNorm after the stack kept
     the full model's statistics at every depth; the refusal names it and the one-size Width that gives it
-    statistics of each depth's own, which then are those of a plain recalibration of the shallower model. (A stem
-    BatchNorm before the stack, whose inputs keep at every depth, was named too.)"""
+    statistics of each depth's own, which then are those of a plain recalibration of the shallower model. (One
+    declared after the stack is named first: a stem BatchNorm's inputs keep at every depth.)"""
     class Net(nn.Module):
         def __init__(self, n=3):
             super().__init__()
@@ -875,8 +875,8 @@ def test_a_batchnorm_after_a_depth_stack_is_named_with_the_width_that_calibrates
     data = [torch.randn(6, 4) for _ in range(2)]
     model = Net().eval()
     nest = sn.wrap(model, sn.Depth("d", [1, 2, 3], layers="blocks"))
-    with pytest.raises(sn.SortedNetError, match=r"one after the stack, of \['bn_after'\].*sn.Width\('bn', "
-                                                r"\[channels\], norm=\[path\]\)"):
+    with pytest.raises(sn.SortedNetError, match=r"one after the stack; outside the blocks: \['bn_after', 'bn_stem'\]"
+                                                r".*sn.Width\('bn', \[channels\], norm=\[path\]\)"):
         nest.calibrate(data)
     nest.unwrap()
     nest = sn.wrap(model, sn.Width("bn", [8], norm=["bn_after"]), sn.Depth("d", [1, 2, 3], layers="blocks"))
@@ -897,14 +897,16 @@ def test_a_batchnorm_after_a_depth_stack_is_named_with_the_width_that_calibrates
 
 
 class _StemWidthDepthThenBN(nn.Module):
-    """A Width on the stem's channels, a Depth, then a BatchNorm after the stack in no norm=."""
+    """A Width on the stem's channels, a Depth, a BatchNorm after the stack in no norm=, then a head whose hidden
+    units a Width cuts (with their own BatchNorm, listed)."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.fc, self.bn, self.proj = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3))
-        self.post, self.head = nn.BatchNorm1d(8), nn.Linear(8, 2)
+        self.post = nn.BatchNorm1d(8)
+        self.head = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
 
     def forward(self, x):
         x = self.proj(torch.relu(self.bn(self.fc(x))))
@@ -913,18 +915,22 @@ class _StemWidthDepthThenBN(nn.Module):
         return self.head(self.post(x))
 
 
-def test_a_restricted_nest_compares_unlisted_batchnorms_with_the_full_model():
-    """``post`` holds one set of statistics, the full model's. In a nest restricted with ``submodels=`` the
-    calibration compared the sub-models with the largest LISTED one: calibrating that one alone (depth 2) said
-    nothing though its ``post`` inputs differ from the full model's, and calibrating the full model alone warned
-    of a ``post`` whose statistics are exactly its own."""
+def test_a_restricted_nest_compares_unlisted_batchnorms_between_its_own_sub_models():
+    """``post`` keeps one set of statistics for every sub-model. A restricted nest's calibration compared the
+    sub-models calibrated with the largest listed one only: calibrating that one alone said nothing, though the
+    other listed one (depth 1) feeds ``post`` other inputs. Its smallest and largest listed ones are compared now:
+    where every listed sub-model feeds ``post`` alike (they differ after it), nothing is said, whatever the full
+    model (which the nest never trains) would feed it."""
     data = [torch.randn(8, 4) * 2 + 1 for _ in range(2)]
     dims = lambda: (sn.Width("c", [4, 8], out="fc", norm="bn", inp="proj"),  # noqa: E731
+                    sn.Width("h", [8, 16], out="head.0", norm="head.1", inp="head.3"),
                     sn.Depth("d", [1, 2, 3], layers="blocks"))
-    nest = sn.wrap(_StemWidthDepthThenBN().eval(), *dims(), submodels=["c=4,d=1", "c=8,d=2"])
+    nest = sn.wrap(_StemWidthDepthThenBN().eval(), *dims(), submodels=["c=4,h=8,d=1", "c=8,h=16,d=2"])
     with pytest.warns(UserWarning, match=r"BatchNorm layers \['post'\] are in no dimension's norm=.*differ between "
-                                         r"the sub-models calibrated and the full model"):
-        nest.calibrate(data, subs=["c=8,d=2"])
+                                         r"the sub-models calibrated and the nest's smallest / largest"):
+        nest.calibrate(data, subs=["c=8,h=16,d=2"])
+    nest = sn.wrap(_StemWidthDepthThenBN().eval(), *dims(), submodels=["c=8,h=8,d=2", "c=8,h=16,d=2"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        nest.calibrate(data, subs=["c=8,d=3"])
+        nest.calibrate(data)
+        nest.calibrate(data, subs=["c=8,h=16,d=2"])

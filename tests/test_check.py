@@ -1429,6 +1429,53 @@ def test_blocks_fed_alike_warns_of_a_count_not_of_sampling_or_a_last_block(how):
         torch.testing.assert_close(nest.export("depth=2")(x), live)  # (the sub-model is what its export computes)
 
 
+class _SparseGraphBlocks(nn.Module):
+    """Graph convolutions: every block reads a sparse adjacency matrix beside the node features."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+
+    def forward(self, x, adj):
+        for b in self.blocks:
+            x = x + torch.tanh(torch.sparse.mm(adj, b(x)))
+        return x
+
+
+class _TwoStacks(nn.Module):
+    """Two stacks, each with its own Depth, each pairing its per-layer values from the end (gathered first)."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec = nn.ModuleList(nn.Linear(8, 8) for _ in range(n)), nn.ModuleList(nn.Linear(8, 8)
+                                                                                             for _ in range(n))
+        self.g, self.h = nn.Parameter(torch.rand(n, 8) + 0.5), nn.Parameter(torch.rand(n, 8) + 0.5)
+
+    def forward(self, x):
+        for blocks, g in ((self.enc, self.g), (self.dec, self.h)):
+            for b, s in zip(blocks, g[:len(blocks)].flip(0)):
+                x = x + torch.tanh(b(x)) * s
+        return x
+
+
+def test_the_blocks_comparison_takes_sparse_arguments_and_warns_of_each_depth():
+    """A sparse argument of every block made check fail (``torch.equal`` has no sparse kernel), and the first Depth
+    warned of hid the others."""
+    adj = (torch.rand(5, 5) > 0.5).float().to_sparse()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.LayerPairingWarning)
+        sn.wrap(_SparseGraphBlocks(), sn.Depth("d", [1, 2, 4], layers="blocks"), example=(torch.randn(5, 8), adj))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        sn.wrap(_TwoStacks(), sn.Depth("de", [2, 4], layers="enc"), sn.Depth("dd", [2, 4], layers="dec"),
+                example=torch.randn(3, 8))
+    said = {m.group(1) for w in got if issubclass(w.category, sn.check.LayerPairingWarning)
+            for m in [re.search(r"depth '(\w+)' at 2", str(w.message))] if m}
+    assert said == {"de", "dd"}
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_routing_that_changes_with_the_depth_is_not_taken_for_an_idle_list(seed):
     torch.manual_seed(seed)

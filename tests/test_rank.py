@@ -498,22 +498,55 @@ def test_lora_target_refuses_a_strict_load_without_adapters_before_any_copy():
     model.load_state_dict(_stack(2).state_dict())  # strict=True, made to pass by the hook: not refused
 
 
-@pytest.mark.parametrize("source", ["svd", "other_targets"])
+@pytest.mark.parametrize("source", ["svd", "other_targets", "more_targets"])
 def test_a_strict_load_of_another_rank_nest_is_refused_before_any_copy_naming_it(source):
-    """An svd nest's state_dict (``U`` / ``V``, no ``weight``) into a lora nest: PyTorch refused it only after
-    copying the other layers (a half-loaded model, a raw RuntimeError). A lora nest's of other targets was refused
-    first, but as a state_dict of the model before wrap, with strict=False suggested (which drops its adapters)."""
+    """An svd nest's state_dict (``U`` / ``V``, no ``weight``) into a lora nest, or a lora nest's with adapters on
+    more layers: PyTorch refused it only after copying every tensor it could (a half-loaded model, a raw
+    RuntimeError). A lora nest's of other targets was refused first, but as a state_dict of the model before wrap,
+    with strict=False suggested (which drops its adapters)."""
     model = _stack(0)
     sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["1"], mode="lora"))
-    other = sn.wrap(_stack(1), sn.Rank("r", [2, 4, 8], targets=["1"] if source == "svd" else ["0.0"],
+    targets = {"svd": ["1"], "other_targets": ["0.0"], "more_targets": ["0.0", "1"]}[source]
+    other = sn.wrap(_stack(1), sn.Rank("r", [2, 4, 8], targets=targets,
                                        mode="svd" if source == "svd" else "lora")).model.state_dict()
     snap = snapshot(model)
-    want = (r"lacks \['1.lora_A', '1.lora_B'\] and holds \['1.U', '1.V'\] instead: a checkpoint of a Rank of another "
-            r"mode" if source == "svd" else r"holds the adapters of \['0.0'\]: a checkpoint of a nest with other "
-                                             r"Rank targets")
+    want = {"svd": r"lacks \['1.lora_A', '1.lora_B'\]; it holds \['1.U', '1.V'\] instead: a checkpoint of a Rank of "
+                   r"another mode",
+            "other_targets": r"holds the adapters of \['0.0'\]: a checkpoint of a nest with other Rank targets",
+            "more_targets": r"holds \['0.0.lora_A', '0.0.lora_B'\], the factors / adapters of modules this nest's Rank "
+                            r"dimensions do not slice"}[source]
     with pytest.raises(sn.SortedNetError, match=want + r".*nothing was copied"):
         model.load_state_dict(other)
     assert_unchanged(model, snap)
+    result = model.load_state_dict(other, strict=False)  # (PyTorch's: what it could, the rest reported)
+    assert result.missing_keys or result.unexpected_keys
+
+
+class _WithOwnU(nn.Module):
+    """A model holding a tensor of its own named like svd's factor (an RNN's ``U``) beside a lora target."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.Module()
+        self.rnn.U = nn.Parameter(torch.randn(8, 8))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x @ self.rnn.U)
+
+
+def test_a_models_own_tensor_named_like_a_factor_is_no_other_nests_adapter():
+    """``rnn.U`` was taken for another nest's factor: the refusal of a state_dict from before wrap said "a
+    checkpoint of a nest with other Rank targets" (and refuses nothing of the nest's own state_dict)."""
+    plain = _WithOwnU().state_dict()
+    model = _WithOwnU()
+    sn.wrap(model, sn.Rank("r", [2, 8], targets=["fc"], mode="lora"))
+    with pytest.raises(sn.SortedNetError, match=r"lacks \['fc.lora_A', 'fc.lora_B'\] \(the keys wrap added: a "
+                                                r"state_dict of the model before wrap\)"):
+        model.load_state_dict(plain)
+    model.load_state_dict(model.state_dict())
+    model.load_state_dict(plain, strict=False)
 
 
 # -- svd: Eckart-Young at wrap time ------------------------------------------------

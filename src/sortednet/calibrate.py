@@ -96,15 +96,16 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
         first = min((i for i, (_, m) in enumerate(order) if any(m is c for c in cut)), default=0)
         unlisted = [p for p, m in order if isinstance(m, _BatchNorm) and m.track_running_stats and id(m) not in inside]
         after = [p for p, m in order[first:] if isinstance(m, _BatchNorm) and m.track_running_stats
-                 and id(m) not in inside]  # (the ones declared after the stack: a stem's inputs keep at every depth)
-        unlisted = after or unlisted
+                 and id(m) not in inside]  # (those declared after the stack first: a stem's inputs keep at every
+        unlisted = after + [p for p in unlisted if p not in after]  # depth; the declaration order may not be the run's)
         raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "
                              "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
                              "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
                              "every sub-model" + (
-                                 f"; to give one whose inputs change with the depth (one after the stack, of "
-                                 f"{unlisted[:4]}) statistics of each sub-model's own, list it under norm= of a "
-                                 "Width of one size, its channel count: sn.Width('bn', [channels], norm=[path])"
+                                 f"; to give one whose inputs change with the depth (one after the stack; "
+                                 f"outside the blocks: {unlisted[:4]}) statistics of each sub-model's own, list it "
+                                 "under norm= of a Width of one size, its channel count: "
+                                 "sn.Width('bn', [channels], norm=[path])"
                                  if unlisted and cut else "") + ")")
     asked = batches is not None
     batches = DEFAULT_BATCHES if batches is None else batches
@@ -151,11 +152,11 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
             c.momentum = None  # cumulative average over the batches
         for p, m in others.items():  # (hooks on the private view's copies: the user's modules are untouched)
             copies[id(m)].register_forward_pre_hook(functools.partial(_record, seen[p]))
-        # a sub-model calibrated alone has no other to compare the inputs of unsliced BatchNorms with: the full
-        # model runs too (its statistics are not kept), the one whose statistics those layers hold
-        full = SubModel({d.name: d.full for d in nest.dims})  # (also of a restricted nest)
-        reference = full if others and full not in todo else None
-        for sub in [*todo, *([reference] if reference is not None else [])]:
+        # a sub-model calibrated alone has no other to compare the inputs of unsliced BatchNorms with: the nest's
+        # smallest and largest run too (their statistics are not kept): one set of statistics serves every
+        # sub-model there, right only where their inputs agree (a restricted nest: its listed ones')
+        refs = [s for s in dict.fromkeys((nest.smallest, nest.largest)) if s not in todo] if others else []
+        for sub in [*todo, *refs]:
             for v in seen.values():
                 v.append(None)
             with nest.use(sub), torch.no_grad():
@@ -179,7 +180,7 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         count = c.num_batches_tracked
                         own[COUNT] = (count.detach().clone().to(torch.long) if count is not None else
                                       torch.tensor(len(data), dtype=torch.long, device=own["running_mean"].device))
-                        if sub is not reference:
+                        if sub not in refs:
                             results[m][_key(nest)] = own
                     c._sn.norm = None
     norms, told = {}, [False]
@@ -198,11 +199,11 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     if moved:
         warnings.warn(f"calibrate(): the BatchNorm layers {moved[:3]}{' ...' if len(moved) > 3 else ''} are in no "
                       "dimension's norm=, but their inputs differ between the sub-models calibrated and the "
-                      "full model (a Depth, or a "
+                      "nest's smallest / largest (a Depth, or a "
                       "width upstream that reaches them through a layer of fixed size, changes them): they keep one "
-                      "set of running statistics, the full model's, for every sub-model, so a sub-model's eval "
-                      "output and export are not calibrated there (to calibrate one per sub-model, list it under "
-                      "norm= of a Width of one size, its channel count: sn.Width('bn', [channels], norm=[path]))",
+                      "set of running statistics (what training accumulated) for every sub-model, so sub-models' "
+                      "eval outputs and exports are not calibrated there (to calibrate one per sub-model, list it "
+                      "under norm= of a Width of one size, its channel count: sn.Width('bn', [channels], norm=[path]))",
                       stacklevel=3)
     return todo
 

@@ -624,32 +624,55 @@ class StateKeys:
         self.targets = targets
 
     def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, *args: Any) -> None:
+        # (factor / adapter keys of modules of this model that hold no such tensor: another nest's Rank targets;
+        # a tensor of the model's own under such a name, an RNN's U, is no adapter)
+        foreign = [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in _FACTORS
+                   and _not_held(module, k[len(prefix):])]
         for path, rel, what, removed, added in self.targets:
             at = prefix + (f"{rel}." if rel else "")
+            other = [at + n for n in _FACTORS if n not in added and at + n in state_dict]  # (another Rank mode's)
+            elsewhere = [k for k in foreign if not k.startswith(at) or k in other]
+            why = (f"; it holds {other} instead: a checkpoint of a Rank of another mode (wrap with the same mode, or "
+                   "load the source's weights merged: nest.unwrap(merge=True) there)" if other else
+                   f"; it holds the adapters of {sorted({k.rpartition('.')[0] for k in elsewhere})[:4]}: a "
+                   "checkpoint of a nest with other Rank targets (wrap with the same targets; strict=False would "
+                   "load the other weights and drop those adapters)" if elsewhere else "")
             stale = [at + n for n in removed if at + n in state_dict]
             if stale and not any(at + n in state_dict for n in added):
                 raise SortedNetError(
                     f"load_state_dict: {path or type(module).__name__!r} is a {what} target; wrap replaced its "
-                    f"{list(removed)} by {list(added)}, so this state_dict's {stale} (from the model before "
-                    "wrap, or from an exported sub-model) would be ignored (strict=False) or refused after the "
-                    "other tensors loaded. Load those weights before sn.wrap (or nest.unwrap(), load, wrap again); "
-                    "the wrapped model's own state_dict and sn.save / sn.load hold the new keys")
+                    f"{list(removed)} by {list(added)}, so this state_dict's {stale} " + (
+                        why[2:].replace("it holds", "(it holds", 1) + ")" if why else
+                        "(from the model before wrap, or from an exported sub-model)") +
+                    " would be ignored (strict=False) or refused after the other tensors loaded. Load those weights "
+                    "before sn.wrap (or nest.unwrap(), load, wrap again); the wrapped model's own state_dict and "
+                    "sn.save / sn.load hold the new keys. Nothing was copied")
             lacking = [at + n for n in added if at + n not in state_dict]
-            # (another Rank mode's keys for this module: svd's U / V where lora's weight and adapters belong)
-            other = [at + n for n in _FACTORS if n not in added and at + n in state_dict]
             if lacking and (other or any(at + n in state_dict for n in (*removed, "weight"))) and _strict_load():
-                elsewhere = [k for k in state_dict if k.rpartition(".")[2] in _FACTORS and not k.startswith(at)]
-                why = (f"and holds {other} instead: a checkpoint of a Rank of another mode (wrap with the same "
-                       "mode, or load the source's weights merged: nest.unwrap(merge=True) there)" if other else
-                       f"and holds the adapters of {sorted({k.rpartition('.')[0] for k in elsewhere})[:4]}: a "
-                       "checkpoint of a nest with other Rank targets (wrap with the same targets; strict=False "
-                       "would load the other weights and drop those adapters)" if elsewhere else
-                       "(the keys wrap added: a state_dict of the model before wrap); pass strict=False to load the "
-                       "other weights and keep the nest's own (the adapters), or load before sn.wrap")
                 raise SortedNetError(
                     f"load_state_dict: {path or type(module).__name__!r} is a {what} target; this state_dict lacks "
-                    f"{lacking} {why}. load_state_dict(strict=True) would refuse it only after copying every other "
-                    "tensor: nothing was copied")
+                    f"{lacking}" + (why or " (the keys wrap added: a state_dict of the model before wrap); pass "
+                                           "strict=False to load the other weights and keep the nest's own (the "
+                                           "adapters), or load before sn.wrap") +
+                    ". load_state_dict(strict=True) would refuse it only after copying every other tensor: nothing "
+                    "was copied")
+        if foreign and _strict_load():
+            raise SortedNetError(
+                f"load_state_dict: this state_dict holds {foreign[:4]}, the factors / adapters of modules this nest's "
+                f"Rank dimensions do not slice ({sorted({k.rpartition('.')[0] for k in foreign})[:4]}): a checkpoint "
+                "of a nest with other Rank targets (wrap with the same targets). load_state_dict(strict=True) would "
+                "refuse it only after copying every other tensor: nothing was copied")
+
+
+def _not_held(module: nn.Module, key: str) -> bool:
+    """Whether ``key`` (relative to ``module``) names a tensor the module it points to does not hold: that module
+    exists (a key of another model is PyTorch's to report) and has no parameter or buffer of that name."""
+    path, _, name = key.rpartition(".")
+    try:
+        m = module.get_submodule(path)
+    except AttributeError:
+        return False
+    return name not in m._parameters and name not in m._buffers
 
 
 class _ShapeMismatch(SortedNetError, RuntimeError):
