@@ -1375,7 +1375,8 @@ class _FedByTheLoop(nn.Module):
     latent per block before the loop and samples inside each block (MC dropout): the full model draws more, so a
     block's draws differ between the runs; ``"final"`` tells the last block that runs it is the last (it applies
     the final norm), as ``self.blocks[-1]`` follows the depth. ``"count"`` scales each block by
-    ``1 / len(self.blocks)``: a sub-model is not the full model's first blocks."""
+    ``1 / len(self.blocks)``, ``"number"`` passes each block its index from the end: a sub-model is not the full
+    model's first blocks."""
 
     def __init__(self, how, n=4):
         super().__init__()
@@ -1388,6 +1389,10 @@ class _FedByTheLoop(nn.Module):
         if self.how == "final":
             for i, b in enumerate(self.blocks):
                 x = b(x, final=True) if i == d - 1 else x + b(x)
+            return x
+        if self.how == "number":  # (a layer index counted from the end, passed as a plain int)
+            for i, b in enumerate(self.blocks):
+                x = x + b(x, rank=d - 1 - i)
             return x
         zs = [0.1 * torch.randn_like(x) for _ in range(d)] if self.how == "sampling" else [0.0] * d
         for b, z in zip(self.blocks, zs):
@@ -1403,22 +1408,24 @@ class _FinalNormBlock(nn.Module):
         super().__init__()
         self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
 
-    def forward(self, x, final=False):  # (the last block: its residual and the final norm)
-        h = torch.tanh(self.fc(x))
+    def forward(self, x, final=False, rank=0):  # (the last block: its residual and the final norm)
+        h = torch.tanh(self.fc(x)) * (1 + rank / 2)
         return self.norm(x + h) if final else h
 
 
-@pytest.mark.parametrize("how", ["sampling", "final", "count"])
+@pytest.mark.parametrize("how", ["sampling", "final", "count", "number"])
 def test_blocks_fed_alike_warns_of_a_count_not_of_sampling_or_a_last_block(how):
     """The comparison of what the blocks read and give with the full model's took the random draws of a forward
-    that samples, and the last block told it is the last, for another pairing; a scale by the count is one."""
+    that samples, and the last block told it is the last, for another pairing; a scale by the count is one, and so
+    is a layer index from the end passed as an int (read at depth 1 too, where no other block runs)."""
     x = torch.randn(3, 8)
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         nest = sn.wrap(_FedByTheLoop(how), sn.Depth("depth", [1, 2, 4], layers="blocks"), example=x)
     pairing = [str(w.message) for w in got if issubclass(w.category, sn.check.LayerPairingWarning)]
-    if how == "count":
-        assert pairing and "depth 'depth' at 2: block 1 of 'blocks'" in pairing[0]
+    if how in ("count", "number"):
+        assert pairing and ("depth 'depth' at 2: block 1 of 'blocks'" if how == "count" else
+                            "depth 'depth' at 1: block 0 of 'blocks'") in pairing[0]
         return
     assert not pairing
     with torch.no_grad():

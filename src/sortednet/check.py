@@ -2047,7 +2047,7 @@ def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module
 def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept: list[nn.Module],
                 skipped: list[nn.Module], limit: dict[int, int] | None = None, seed: int = 0
                 ) -> tuple[dict[int, list[torch.Tensor]], dict[int, int]] | None:
-    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its floating-point arguments) and,
+    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its tensor and number arguments) and,
     but for the last of ``kept``, what it gave, until a module of ``skipped`` runs (what follows depends on blocks a
     sub-model does not run), or, with ``limit`` (module id -> calls), for that many calls; and the calls recorded
     per module. None where the forward fails."""
@@ -2058,8 +2058,8 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
     last = id(kept[-1])
 
     def keep(mod: nn.Module, ts: list[Any]) -> None:  # (dense ones: a sparse adjacency passed along is skipped)
-        seen.setdefault(id(mod), []).extend(_dense(t).detach().clone() for t in ts
-                                            if _is_float(t) and (t.is_nested or t.layout == torch.strided))
+        seen.setdefault(id(mod), []).extend(_dense(t).detach().clone() for t in ts if isinstance(t, torch.Tensor)
+                                            and (t.is_nested or t.layout == torch.strided))
 
     def recording(mod: nn.Module) -> bool:
         return not stop[0] and (limit is None or calls[id(mod)] <= limit.get(id(mod), 0))
@@ -2068,13 +2068,17 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
         calls[id(mod)] = calls.get(id(mod), 0) + 1
         if recording(mod):
             kept_calls[id(mod)] = calls[id(mod)]
-            keep(mod, [*tree_leaves(args), *tree_leaves(kwargs)])
+            # (numbers too: a layer index or a scale passed as an argument; not flags, final=(i == d - 1))
+            keep(mod, [torch.tensor(float(t), dtype=torch.float64) if type(t) in (int, float) else t
+                       for t in (*tree_leaves(args), *tree_leaves(kwargs))
+                       if type(t) in (int, float) or (isinstance(t, torch.Tensor) and t.dtype != torch.bool
+                                                      and not t.is_complex())])
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         # (not the last block's output: a block told it is the last, final=(i == len(self.blocks) - 1), follows
         # the depth as self.blocks[-1] does)
         if id(mod) != last and recording(mod):
-            keep(mod, [first_float(out)])
+            keep(mod, [t for t in [first_float(out)] if t is not None])
 
     def halt(mod: nn.Module, args: tuple) -> None:
         stop[0] = True
