@@ -2097,24 +2097,25 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
     return seen, kept_calls
 
 
-def _fed_error(got: dict[int, list[torch.Tensor]], want: dict[int, list[torch.Tensor]], kept: list[nn.Module]
-               ) -> tuple[float, int]:
+def _fed_error(got: dict[int, list[torch.Tensor]], want: dict[int, list[torch.Tensor]], kept: list[nn.Module],
+               tol: float) -> tuple[float, int]:
     """The largest relative difference of the values ``got`` and ``want`` recorded alike, block by block until
-    one recorded otherwise, and the first block (index in ``kept``) over zero: (0.0, -1) where none differs."""
+    one recorded otherwise, and the first block (index in ``kept``) over ``tol``: -1 where none is."""
     worst, first = 0.0, -1
     for k, b in enumerate(kept):
         a, r = got.get(id(b), []), want.get(id(b), [])
         if len(a) != len(r) or any(x.shape != y.shape for x, y in zip(a, r)):
             break
         err = max((_rel_diff(x.double(), y.double(), 1e-12) for x, y in zip(a, r)), default=0.0)
-        if err > worst:
-            worst, first = err, (k if first < 0 else first)
+        worst = max(worst, err)
+        if err > tol and first < 0:
+            first = k
     return worst, first
 
 
 def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any,
                       warned: set[str]) -> None:
-    """Each Depth at each smaller size: the blocks a sub-model runs must read (their floating-point arguments) and
+    """Each Depth at each smaller size: the blocks a sub-model runs must read (their tensor and number arguments) and
     give (but the last, which a forward may tell it is the last) what they do in the full model, up to where the
     full model runs a block the sub-model skips: a shallower model is the full model's first blocks. Values the
     forward feeds the blocks that follow the depth otherwise (per-layer values read from the end or reversed with the
@@ -2149,11 +2150,11 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
             if want is None or got is None:
                 continue
             try:  # (values this comparison cannot take: not compared)
-                err, k = _fed_error(got[0], want[0], kept)
-                if err <= tol:
+                err, k = _fed_error(got[0], want[0], kept, tol)
+                if k < 0:
                     continue
                 again = _blocks_fed(nest, model, example, sub, kept, [], want[1], seed=1)  # (a forward that
-                if again is None or _fed_error(again[0], got[0], kept)[0] > tol:  # samples: its draws differ)
+                if again is None or _fed_error(again[0], got[0], kept, tol)[1] >= 0:  # samples: its draws differ)
                     continue
             except Exception:
                 continue
