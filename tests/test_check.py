@@ -1386,9 +1386,10 @@ class _FedByTheLoop(nn.Module):
 
     def forward(self, x):
         d = len(self.blocks)
-        if self.how == "final":
+        if self.how in ("final", "final_int"):  # (the flag as a bool, or as an int)
+            last = True if self.how == "final" else 1
             for i, b in enumerate(self.blocks):
-                x = b(x, final=True) if i == d - 1 else x + b(x)
+                x = b(x, final=last) if i == d - 1 else x + b(x, final=0 * last)
             return x
         if self.how == "number":  # (a layer index counted from the end, passed as a plain int)
             for i, b in enumerate(self.blocks):
@@ -1413,11 +1414,11 @@ class _FinalNormBlock(nn.Module):
         return self.norm(x + h) if final else h
 
 
-@pytest.mark.parametrize("how", ["sampling", "final", "count", "number"])
+@pytest.mark.parametrize("how", ["sampling", "final", "final_int", "count", "number"])
 def test_blocks_fed_alike_warns_of_a_count_not_of_sampling_or_a_last_block(how):
     """The comparison of what the blocks read and give with the full model's took the random draws of a forward
-    that samples, and the last block told it is the last, for another pairing; a scale by the count is one, and so
-    is a layer index from the end passed as an int (read at depth 1 too, where no other block runs)."""
+    that samples, and the last block told it is the last (a flag, or an int), for another pairing; a scale by the
+    count is one, and so is a layer index from the end passed as an int."""
     x = torch.randn(3, 8)
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
@@ -1425,7 +1426,7 @@ def test_blocks_fed_alike_warns_of_a_count_not_of_sampling_or_a_last_block(how):
     pairing = [str(w.message) for w in got if issubclass(w.category, sn.check.LayerPairingWarning)]
     if how in ("count", "number"):
         assert pairing and ("depth 'depth' at 2: block 1 of 'blocks'" if how == "count" else
-                            "depth 'depth' at 1: block 0 of 'blocks'") in pairing[0]
+                            "depth 'depth' at 2: block 0 of 'blocks'") in pairing[0]
         return
     assert not pairing
     with torch.no_grad():

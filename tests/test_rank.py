@@ -549,6 +549,33 @@ def test_a_models_own_tensor_named_like_a_factor_is_no_other_nests_adapter():
     model.load_state_dict(plain, strict=False)
 
 
+class _HandLoRA(nn.Module):
+    """A LoRA layer of the model's own: ``lora_A`` / ``lora_B`` parameters of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.lora_A, self.lora_B = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.zeros(8, 4))
+
+    def forward(self, x):
+        return x @ (self.weight + self.lora_B @ self.lora_A).T
+
+
+def test_a_model_whose_wrapper_renames_keys_loads_its_own_state_dict():
+    """An activation-checkpoint wrapper drops its inner module's name from the keys (``1.lora_A`` for the wrapper
+    at ``1``, which holds no ``lora_A``): the refusal of another nest's adapters took the model's own for them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), checkpoint_wrapper(_HandLoRA()), nn.Linear(8, 2))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sn.wrap(model, sn.Rank("r", [2, 8], targets="0", mode="lora"))
+    with torch.no_grad():
+        model[1]._checkpoint_wrapped_module.lora_A.zero_()
+    model.load_state_dict({**model.state_dict(), "1.lora_A": sd["1.lora_A"]})
+    torch.testing.assert_close(model[1]._checkpoint_wrapped_module.lora_A, sd["1.lora_A"], rtol=0, atol=0)
+
+
 # -- svd: Eckart-Young at wrap time ------------------------------------------------
 @settings(max_examples=8)
 @given(out=st.integers(1, 24), inp=st.integers(1, 24), seed=st.integers(0, 2**16), dtype=st.sampled_from(["64", "32"]))

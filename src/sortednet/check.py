@@ -2068,11 +2068,12 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
         calls[id(mod)] = calls.get(id(mod), 0) + 1
         if recording(mod):
             kept_calls[id(mod)] = calls[id(mod)]
-            # (numbers too: a layer index or a scale passed as an argument; not flags, final=(i == d - 1))
-            keep(mod, [torch.tensor(float(t), dtype=torch.float64) if type(t) in (int, float) else t
+            # (numbers too: a layer index or a scale passed as an argument; not flags, final=(i == d - 1), nor
+            # numbers given the last block, final=int(i == d - 1): it may be told it is the last)
+            keep(mod, [torch.tensor(float(t), dtype=torch.float64) if _number(t) else t
                        for t in (*tree_leaves(args), *tree_leaves(kwargs))
-                       if type(t) in (int, float) or (isinstance(t, torch.Tensor) and t.dtype != torch.bool
-                                                      and not t.is_complex())])
+                       if (_number(t) and id(mod) != last)
+                       or (isinstance(t, torch.Tensor) and t.dtype != torch.bool and not t.is_complex())])
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         # (not the last block's output: a block told it is the last, final=(i == len(self.blocks) - 1), follows
@@ -2095,6 +2096,11 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
         for h in hooks:
             h.remove()
     return seen, kept_calls
+
+
+def _number(t: Any) -> bool:
+    """A real number that is not a flag: Python's or numpy's int / float, not bool."""
+    return isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, (bool, np.bool_))
 
 
 def _fed_error(got: dict[int, list[torch.Tensor]], want: dict[int, list[torch.Tensor]], kept: list[nn.Module],

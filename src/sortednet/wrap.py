@@ -666,13 +666,29 @@ class StateKeys:
 
 def _not_held(module: nn.Module, key: str) -> bool:
     """Whether ``key`` (relative to ``module``) names a tensor the module it points to does not hold: that module
-    exists (a key of another model is PyTorch's to report) and has no parameter or buffer of that name."""
+    exists (a key of another model is PyTorch's to report) and has no parameter or buffer of that name. False
+    where a module on the way renames its keys (a state-dict hook of someone else's: an activation-checkpoint
+    wrapper drops its inner module's name from the keys, so the path does not lead to the holder)."""
     path, _, name = key.rpartition(".")
-    try:
-        m = module.get_submodule(path)
-    except AttributeError:
-        return False
-    return name not in m._parameters and name not in m._buffers
+    m = module
+    for part in ([*path.split(".")] if path else []):
+        if _renames(m):
+            return False
+        m = m._modules.get(part)  # type: ignore[assignment]
+        if m is None:
+            return False
+    return not _renames(m) and name not in m._parameters and name not in m._buffers
+
+
+def _renames(m: nn.Module) -> bool:
+    """Whether ``m`` has a state-dict or load pre-hook that is not sortednet's (one that may rename its keys)."""
+    for hooks in (m._state_dict_hooks, m._state_dict_pre_hooks, m._load_state_dict_pre_hooks):
+        for h in hooks.values():
+            f = getattr(h, "hook", h)  # (a load pre-hook is held wrapped)
+            f = getattr(f, "func", f)
+            if not str(getattr(f, "__module__", None) or type(f).__module__).startswith("sortednet"):
+                return True
+    return False
 
 
 class _ShapeMismatch(SortedNetError, RuntimeError):
