@@ -600,7 +600,7 @@ def _guard_state_keys(model: nn.Module, planned: dict, keyed: dict[str, dict], h
         for i in range(len(parts) + 1):
             below.setdefault(".".join(parts[:i]), []).append((path, ".".join(parts[i:]), what, removed, added))
     for anc, t in below.items():  # (each handle kept as soon as it is made: see install)
-        hooks.append(model.get_submodule(anc)._register_load_state_dict_pre_hook(StateKeys(tuple(t)),
+        hooks.append(model.get_submodule(anc)._register_load_state_dict_pre_hook(StateKeys(tuple(t), anc == ""),
                                                                                  with_module=True))
 
 
@@ -618,31 +618,42 @@ class StateKeys:
     own ``strict`` is read off the running ``Module.load_state_dict``). Holds paths only: a deep copy of the
     model keeps a working one."""
 
-    __slots__ = ("targets",)
+    __slots__ = ("targets", "root")
 
-    def __init__(self, targets: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...]) -> None:
-        self.targets = targets
+    def __init__(self, targets: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...],
+                 root: bool = False) -> None:
+        self.targets, self.root = targets, root  # (root: the hook of the wrapped model's root)
 
     def __call__(self, module: nn.Module, state_dict: Mapping, prefix: str, *args: Any) -> None:
         # (factor / adapter keys of modules of this model that hold no such tensor: another nest's Rank targets;
-        # a tensor of the model's own under such a name, an RNN's U, is no adapter)
-        foreign = [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in _FACTORS
-                   and _not_held(module, k[len(prefix):])]
+        # a tensor of the model's own under such a name, an RNN's U, is no adapter). Looked for once per load: by
+        # the root's hook, or by the hook of the module the load was called on; and where a message needs them
+        found: list[list[str]] = []
+
+        def foreign() -> list[str]:
+            if not found:
+                found.append([k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in _FACTORS
+                              and _not_held(module, k[len(prefix):])])
+            return found[0]
+
+        def why(at: str, other: list[str]) -> str:
+            elsewhere = [k for k in foreign() if not k.startswith(at) or k in other]
+            return (f"; it holds {other} instead: a checkpoint of a Rank of another mode (wrap with the same mode, "
+                    "or load the source's weights merged: nest.unwrap(merge=True) there)" if other else
+                    f"; it holds the adapters of {sorted({k.rpartition('.')[0] for k in elsewhere})[:4]}: a "
+                    "checkpoint of a nest with other Rank targets (wrap with the same targets; strict=False would "
+                    "load the other weights and drop those adapters)" if elsewhere else "")
+
         for path, rel, what, removed, added in self.targets:
             at = prefix + (f"{rel}." if rel else "")
             other = [at + n for n in _FACTORS if n not in added and at + n in state_dict]  # (another Rank mode's)
-            elsewhere = [k for k in foreign if not k.startswith(at) or k in other]
-            why = (f"; it holds {other} instead: a checkpoint of a Rank of another mode (wrap with the same mode, or "
-                   "load the source's weights merged: nest.unwrap(merge=True) there)" if other else
-                   f"; it holds the adapters of {sorted({k.rpartition('.')[0] for k in elsewhere})[:4]}: a "
-                   "checkpoint of a nest with other Rank targets (wrap with the same targets; strict=False would "
-                   "load the other weights and drop those adapters)" if elsewhere else "")
             stale = [at + n for n in removed if at + n in state_dict]
             if stale and not any(at + n in state_dict for n in added):
+                said = why(at, other)
                 raise SortedNetError(
                     f"load_state_dict: {path or type(module).__name__!r} is a {what} target; wrap replaced its "
                     f"{list(removed)} by {list(added)}, so this state_dict's {stale} " + (
-                        why[2:].replace("it holds", "(it holds", 1) + ")" if why else
+                        said[2:].replace("it holds", "(it holds", 1) + ")" if said else
                         "(from the model before wrap, or from an exported sub-model)") +
                     " would be ignored (strict=False) or refused after the other tensors loaded. Load those weights "
                     "before sn.wrap (or nest.unwrap(), load, wrap again); the wrapped model's own state_dict and "
@@ -651,17 +662,17 @@ class StateKeys:
             if lacking and (other or any(at + n in state_dict for n in (*removed, "weight"))) and _strict_load():
                 raise SortedNetError(
                     f"load_state_dict: {path or type(module).__name__!r} is a {what} target; this state_dict lacks "
-                    f"{lacking}" + (why or " (the keys wrap added: a state_dict of the model before wrap); pass "
-                                           "strict=False to load the other weights and keep the nest's own (the "
-                                           "adapters), or load before sn.wrap") +
+                    f"{lacking}" + (why(at, other) or " (the keys wrap added: a state_dict of the model before "
+                                                      "wrap); pass strict=False to load the other weights and keep "
+                                                      "the nest's own (the adapters), or load before sn.wrap") +
                     ". load_state_dict(strict=True) would refuse it only after copying every other tensor: nothing "
                     "was copied")
-        if foreign and _strict_load():
+        if (self.root or _load_call().get("self") is module) and foreign() and _strict_load():
             raise SortedNetError(
-                f"load_state_dict: this state_dict holds {foreign[:4]}, the factors / adapters of modules this nest's "
-                f"Rank dimensions do not slice ({sorted({k.rpartition('.')[0] for k in foreign})[:4]}): a checkpoint "
-                "of a nest with other Rank targets (wrap with the same targets). load_state_dict(strict=True) would "
-                "refuse it only after copying every other tensor: nothing was copied")
+                f"load_state_dict: this state_dict holds {foreign()[:4]}, the factors / adapters of modules this "
+                f"nest's Rank dimensions do not slice ({sorted({k.rpartition('.')[0] for k in foreign()})[:4]}): a "
+                "checkpoint of a nest with other Rank targets (wrap with the same targets). load_state_dict("
+                "strict=True) would refuse it only after copying every other tensor: nothing was copied")
 
 
 def _not_held(module: nn.Module, key: str) -> bool:
