@@ -92,12 +92,13 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     if not bns:
         cut = [m for m in nest._sliced.values() if "depth" in m._sn.bind]  # (a BatchNorm inside a Depth's blocks
         inside = {id(b) for lst in cut for b in lst.modules()}           # sees the same inputs at every depth)
-        order = [(p, m) for p, m in nest.model.named_modules()]
+        order = list(nest.model.named_modules())
         first = min((i for i, (_, m) in enumerate(order) if any(m is c for c in cut)), default=0)
-        unlisted = [p for p, m in order if isinstance(m, _BatchNorm) and m.track_running_stats and id(m) not in inside]
-        after = [p for p, m in order[first:] if isinstance(m, _BatchNorm) and m.track_running_stats
-                 and id(m) not in inside]  # (those declared after the stack first: a stem's inputs keep at every
-        unlisted = after + [p for p in unlisted if p not in after]  # depth; the declaration order may not be the run's)
+        outside = [(i, p) for i, (p, m) in enumerate(order)
+                   if isinstance(m, _BatchNorm) and m.track_running_stats and id(m) not in inside]
+        # (those declared after the stack first: a stem's inputs keep at every depth; the declaration order may
+        # not be the run's, so the others follow)
+        unlisted = [p for i, p in outside if i >= first] + [p for i, p in outside if i < first]
         raise SortedNetError("calibrate(): no BatchNorm module with running statistics is sliced; "
                              "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
                              "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
