@@ -1078,6 +1078,32 @@ def test_taylor_scores_a_frozen_layer_as_it_scores_a_trainable_one():
     assert list(orders[0].values())[0] != list(range(16))
 
 
+@pytest.mark.parametrize("norm", [lambda: nn.BatchNorm1d(16, affine=False),
+                                  lambda: nn.InstanceNorm1d(16, track_running_stats=True)],
+                         ids=["bn_no_affine", "instancenorm_running_stats"])
+def test_taylor_sorts_a_model_whose_norm_has_running_statistics_and_no_weight(norm):
+    """A norm with running statistics and no affine weight: its running mean (a buffer, the first tensor of its
+    binding) was made to require grad like a frozen weight, and the norm refused it: every taylor sort of the
+    model failed, blamed on the user's loss. Only frozen parameters are scored; the order is the one of the
+    same model without that norm's buffers counted, the buffers untouched."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(8, 16, 1), norm(), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                      nn.Linear(16, 4)).eval()
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", norm="1", inp="5"))
+    x = torch.randn(32, 8, 5)
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-0.5, 0.5)
+        m[1].running_var.uniform_(0.5, 1.5)
+    y = torch.randint(0, 4, (32,))
+    out, stats = run(m, x), [m[1].running_mean.clone(), m[1].running_var.clone()]
+    order = list(sort_units(nest, "taylor", example=x, data=[(x, y)]).values())[0]
+    assert sorted(order.tolist()) == list(range(16)) and order.tolist() != list(range(16))
+    torch.testing.assert_close(run(m, x), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m[1].running_mean, stats[0][order])
+    torch.testing.assert_close(m[1].running_var, stats[1][order])
+    assert not m[1].running_mean.requires_grad and not m[1].running_var.requires_grad
+
+
 def test_a_refused_sort_of_a_batchnorm_model_keeps_the_profiles_scores_current(monkeypatch):
     """The dry-run check forwards in training mode write BatchNorm running statistics and put them back, which
     moves their version counters: a refused or interrupted sort then left the scores judged stale (pick warned

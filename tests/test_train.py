@@ -314,9 +314,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path, family, vocab, distill):
 
 
 def test_fit_resume_with_start_step_is_exact(tmp_path):
+    """Also with the step a numpy integer (read back from an array or a loaded record): it was refused."""
     batches = [toy_batch(i) for i in range(10)]
     runs = []
-    for split in (None, 4):
+    for split in (None, 4, np.int64(4)):
         case = FAMILIES["mlp"](seed=0)
         nest = sn.wrap(case.model, *case.dims)
         opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1, momentum=0.9)
@@ -333,7 +334,7 @@ def test_fit_resume_with_start_step_is_exact(tmp_path):
             opt.load_state_dict(state)
             sn.fit(nest, batches[split:], opt, sampler, start_step=split, progress=False)
         runs.append(nest.model.state_dict())
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(torch.equal(runs[0][k], r[k]) for r in runs[1:] for k in runs[0])
 
 
 @pytest.mark.parametrize("eval_kind", ["pair", "loader"])

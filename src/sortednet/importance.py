@@ -237,10 +237,12 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
         raise SortedNetError("sort_units(method='taylor') needs data= (a few batches)")
     params = list(model.parameters())
     saved = [p.grad for p in params]
-    # frozen tensors that score units (a frozen layer reading them): their gradient is needed, so they require
-    # grad during scoring only (left frozen, they got none: every score 0, the order unchanged, in silence)
+    # frozen parameters that score units (a frozen layer reading them): their gradient is needed, so they require
+    # grad during scoring only (left frozen, they got none: every score 0, the order unchanged, in silence).
+    # Parameters only: a buffer first in its binding (a norm's running mean where it has no affine weight) is no
+    # weight, and a norm refuses a running statistic that requires grad
     frozen = list({id(t): t for _, _, part, _ in groups for b in part for t, _ in b.tensors[:1]
-                   if isinstance(t, Tensor) and t.is_leaf and not t.requires_grad and not t.is_inference()
+                   if isinstance(t, nn.Parameter) and t.is_leaf and not t.requires_grad and not t.is_inference()
                    and (t.is_floating_point() or t.is_complex())}.values())
     acc: dict[tuple[str, str], Tensor] = {}
     n = 0

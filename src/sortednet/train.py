@@ -901,12 +901,17 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                           "steps them. Build the optimizer from nest.trainable_parameters() after sn.wrap / sn.load "
                           "(which add Rank adapters and factors), or freeze what you mean to keep "
                           "(requires_grad_(False))", UserWarning, stacklevel=2)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    def whole(v: Any) -> bool:  # (an int, also numpy's: a step read back from an array or a loaded record)
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+    if not whole(epochs) or epochs < 1:
         raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
-    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+    if eval_every is not None and (not whole(eval_every) or eval_every < 1):
         raise SortedNetError(f"eval_every must be a positive int or None, got {eval_every!r}")
-    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+    if not whole(start_step) or start_step < 0:
         raise SortedNetError(f"start_step must be an int >= 0, got {start_step!r}")
+    epochs, start_step = int(epochs), int(start_step)
+    eval_every = None if eval_every is None else int(eval_every)
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
     if metric is not None and not callable(metric):
