@@ -961,6 +961,28 @@ def test_a_width_equal_to_the_head_count_that_is_not_per_head(heads, mqa, T, see
         nest.unwrap()
 
 
+@pytest.mark.parametrize("heads", [2, 3])
+def test_swinv2_position_bias_mlp_and_logit_scale_are_refused_at_wrap(heads):
+    """Swin-v2's attention holds per-head tensors in a child: a logit scale of shape (heads, 1, 1) and a
+    position-bias MLP ``Linear(2, 512)``, ReLU, ``Linear(512, heads)``. With 2 heads that MLP was taken for a
+    low-rank adapter meeting in a width of the head count (exempt) and the (heads, 1, 1) scale, not 2-D, was not
+    read: wrap accepted, the first smaller forward raised a raw shape error. Both are refused at wrap, named,
+    nothing changed; whole= may name the one tensor of a child ('self.logit_scale')."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Swinv2Config(image_size=32, patch_size=4, embed_dim=16 * heads, depths=[1, 1],
+                                    num_heads=[heads, 2 * heads], window_size=4)
+    m = transformers.Swinv2Model(cfg).eval()
+    before = snapshot(m)
+    dim = functools.partial(sn.Heads, "h0", [1, heads], attn="encoder.layers.0.blocks.*.attention",
+                            qkv=("self.query", "self.key", "self.value"), o="output.dense")
+    with pytest.raises(sn.PatternError, match=r"child 'self' .*'logit_scale' of shape \({}, 1, 1\).*"
+                       r"whole='self.logit_scale'".format(heads)):
+        sn.wrap(m, dim())
+    with pytest.raises(sn.PatternError, match=r"child 'self.continuous_position_bias_mlp.[02]' \(Linear\)"):
+        sn.wrap(m, dim(whole="self.logit_scale"))
+    assert_unchanged(m, before)
+
+
 @pytest.mark.parametrize("whole, why", [
     ("q", "projection 'q'"), ("nothing", "names no child module or own parameter"),
     (["router", "router"], "each once"), ("", "relative paths"), (".router", "relative paths")])

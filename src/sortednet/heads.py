@@ -95,23 +95,33 @@ def _relative_paths(name: str, option: str, value: Any, what: str, example: str)
 
 
 def _holds(m: nn.Module, name: str) -> bool:
-    """Whether ``name`` is a descendant module of ``m`` or an own parameter / buffer of it."""
-    return _child(m, name) not in (None, m) or name in m._parameters or name in m._buffers
+    """Whether ``name`` is a descendant module of ``m`` or a parameter / buffer of it or of a descendant
+    (``"self.logit_scale"``)."""
+    owner, _, leaf = name.rpartition(".")
+    c = _child(m, owner) if owner else m
+    return _child(m, name) not in (None, m) or (c is not None and (leaf in c._parameters or leaf in c._buffers))
 
 
 def _bottleneck_pairs(m: nn.Module, width: int) -> set[str]:
     """Relative paths of the ``nn.Linear`` descendants of ``m`` that meet a sibling in a hidden width of ``width``:
-    one with ``out_features == width`` and, under the same parent, one with ``in_features == width``."""
-    makes: dict[str, list[str]] = {}
-    takes: dict[str, list[str]] = {}
-    for n, c in m.named_modules(remove_duplicate=False):
+    one with ``out_features == width`` and, under the same parent and declared after it (an adapter's
+    ``A`` then ``B``, a Sequential in its order), one with ``in_features == width``. The other order is no
+    bottleneck: Swin-v2's position-bias MLP ``Linear(2, 512)``, ReLU, ``Linear(512, heads)`` with 2 heads takes the
+    2 coordinates first and gives one value per head last."""
+    makes: dict[str, list[tuple[int, str]]] = {}
+    takes: dict[str, list[tuple[int, str]]] = {}
+    for i, (n, c) in enumerate(m.named_modules(remove_duplicate=False)):
         if n and isinstance(c, nn.Linear):
             parent = n.rpartition(".")[0]
             if c.out_features == width != c.in_features:  # (a Linear(heads, heads) mixes heads: talking-heads)
-                makes.setdefault(parent, []).append(n)
+                makes.setdefault(parent, []).append((i, n))
             if c.in_features == width != c.out_features:
-                takes.setdefault(parent, []).append(n)
-    return {n for parent in makes.keys() & takes.keys() for n in (*makes[parent], *takes[parent])}
+                takes.setdefault(parent, []).append((i, n))
+    pairs = set()
+    for parent in makes.keys() & takes.keys():
+        pairs |= {n for i, n in makes[parent] if any(j > i for j, _ in takes[parent])}
+        pairs |= {n for j, n in takes[parent] if any(i < j for i, _ in makes[parent])}
+    return pairs
 
 
 def separate_qkv(children: set[str]) -> tuple[str, ...] | None:
@@ -151,7 +161,8 @@ class Heads(Dimension):
     relative position bias table, a head-wise gate; docs/heads.md shows a slicer for one). Any other tensor of
     the attention or its descendants with an axis as long as the head count is refused at wrap, as it would stay
     full-size under fewer heads, unless ``whole`` names it (relative paths of descendants or own tensors that are
-    not per-head: a memory-token table or an adapter whose length happens to equal the head count). Not read:
+    not per-head: a memory-token table or an adapter whose length happens to equal the head count; or one tensor of
+    a descendant, ``"child.param"``). Not read:
     the projections and pairs of sibling Linears that meet in such a width (a low-rank adapter).
 
     >>> import sortednet as sn
@@ -462,9 +473,13 @@ class Heads(Dimension):
             if not n or n in pair or any(full == b or full.startswith(b + ".") for b in (*bound, *skip)):
                 continue
             for pn, t in c._parameters.items():
-                if t is None or t.dim() != 2:
-                    continue  # (matrices and tables: a convolution's kernel axes may be as long as the head count)
+                if t is None or t.dim() == 0 or _join(n, pn) in (self.whole or ()):
+                    continue
                 lead = next((s for s in t.shape if s != 1), None)
+                if t.dim() != 2 and not (t.dim() > 1 and t.numel() == H):
+                    continue  # (matrices and tables, and a vector of one value per head in any layout, (heads, 1,
+                    # 1) a logit scale: a convolution's kernel axes may be as long as the head count, and a 1-D
+                    # weight (a norm's) of that length is a width)
                 if lead == H or t.shape[-1] == H:
                     raise self._err(path, f"its child {n!r} ({type(c).__name__}) holds the parameter {pn!r} of "
                                           f"shape {tuple(t.shape)}, which looks per-head (an axis of {H}, the head "
@@ -472,7 +487,7 @@ class Heads(Dimension):
                                           f"{type(c).__name__} a slicer whose 'out' role cuts that axis and pass "
                                           f"per_head={n!r} to an sn.Heads of yours (sn.wrap; from_transformers "
                                           "takes no per_head=, docs/heads.md); if it is not per-head, pass "
-                                          f"whole={n!r} to leave it whole")
+                                          f"whole={n if not c._modules else _join(n, pn)!r} to leave it whole")
 
     def _attr_targets(self, path: str, m: nn.Module, d: int, group: int, pat: str, mqa: bool = False,
                       projections: Sequence[str] = (), shared: frozenset[int] = frozenset()) -> list[Target]:
