@@ -1484,6 +1484,101 @@ def test_the_blocks_comparison_takes_sparse_arguments_and_warns_of_each_depth():
     assert said == {"de", "dd"}
 
 
+class _SlotBlock(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, x, slots=None, i=0, n_layers=0, mask=None):
+        if slots is not None:
+            slots[i] = x.mean(0)  # (its own per-layer slot of a table as long as the depth)
+        h = x + torch.tanh(self.fc(x))
+        if mask is not None:
+            h = h + torch.softmax(h @ h.transpose(-1, -2) + mask, -1) @ h
+        return self.norm(h) if i == n_layers - 1 else h  # (the last block applies the final norm)
+
+
+class _Slots(nn.Module):
+    """Blocks fed, beside the hidden state, a table as long as the depth (``"slots"``), a count for the last block to
+    know it is the last (``"count"``), or a causal -inf mask expanded over the batch (``"mask"``); ``scales``: per
+    layer residual scales, Python floats, read from the end with the depth's count (``"end"``, the sub-models are
+    other networks) or with each block's own (``"own"``). ``rows`` x ``width`` hidden states: past a few thousand
+    elements the comparison keeps sketches of the values."""
+
+    def __init__(self, feed, scales, rows=3, width=16, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.feed, self.read, self.rows = feed, scales, rows
+        self.blocks = nn.ModuleList(_SlotBlock(width) for _ in range(n))
+        self.scales = [0.25, 0.5, 1.0, 2.0]
+
+    def forward(self, x):
+        n = len(self.blocks)
+        kw = {}
+        if self.feed == "slots":
+            kw["slots"] = torch.zeros(n, x.shape[-1])
+        mask = torch.full((x.shape[-2], x.shape[-2]), float("-inf")).triu(1)
+        for i, b in enumerate(self.blocks):
+            if self.feed == "count":
+                kw.update(i=i, n_layers=n)
+            if self.feed == "mask":
+                kw["mask"] = mask.expand(*x.shape[:-2], -1, -1)
+            if self.feed == "slots":
+                kw["i"] = i
+            scale = self.scales[n - 1 - i if self.read == "end" else i]
+            x = x + scale * (b(x, **kw) - x)
+        return x
+
+
+@pytest.mark.parametrize("rows", [3, 600], ids=["whole", "sketched"])
+@pytest.mark.parametrize("feed", ["slots", "count", "mask"])
+def test_the_blocks_comparison_takes_each_value_alone(feed, rows):
+    """One argument of a shape that follows the depth (a table as long as it, each block writing its slot) turned the
+    whole comparison off: a per-layer value read from the end was passed in silence. A count given every block for
+    the last to know it is the last (``i == n_layers - 1``, as ``final=`` is) was taken for another pairing. Each
+    value is compared alone now (those of other shapes passed over), numbers only through what the blocks give;
+    the same past a few thousand elements, where a sketch of each value is kept, and with an expanded -inf mask."""
+    x = torch.randn(2, rows, 16) if feed == "mask" else torch.randn(rows, 16)
+    dim = sn.Depth("depth", [1, 2, 4], layers="blocks")
+    with pytest.warns(sn.check.LayerPairingWarning, match=r"depth 'depth' at 2: block 1 of 'blocks' reads or gives "):
+        sn.wrap(_Slots(feed, "end", rows), dim, example=x).unwrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.LayerPairingWarning)
+        nest = sn.wrap(_Slots(feed, "own", rows), dim, example=x)
+    with torch.no_grad(), nest.use("depth=2"):
+        torch.testing.assert_close(nest.model(x), nest.export("depth=2")(x))
+
+
+@pytest.mark.parametrize("numel", [5000, 70_000, 200_003])
+def test_a_sketch_estimates_the_relative_difference_and_keeps_no_tensor(numel):
+    """The comparison keeps of a large value its sketch: a few Python floats (no tensor: kept between a long loop's
+    temporaries, they grew the CPU heap by gigabytes). Equal values sketch alike; the difference of two sketches
+    estimates the relative L2 difference of the values (within a factor 3 here); non-finite entries must agree."""
+    from sortednet.check import _Sketch, _sketch_diff
+
+    sketch = _Sketch()
+    g = torch.Generator().manual_seed(numel)
+    a = torch.randn(numel, generator=g)
+    sa = sketch(a)
+    assert all(not isinstance(v, torch.Tensor) for v in (sa[1], *sa[2]))
+    assert _sketch_diff(sketch(a.clone()), sa) == 0.0
+    for r in (1e-2, 0.3):
+        d = torch.randn(numel, generator=g)
+        b = a + d * (r * a.norm() / d.norm())
+        assert r / 3 < _sketch_diff(sketch(b), sa) < 3 * r
+    one = a.clone()
+    one[numel // 2] += 10.0  # (one entry off: its share of the norm)
+    assert _sketch_diff(sketch(one), sa) > 10.0 / a.norm() / 3
+    m = a.clone()
+    m[::7] = float("-inf")
+    assert _sketch_diff(sketch(m.clone()), sketch(m)) == 0.0
+    assert _sketch_diff(sketch(m), sa) == float("inf")
+    flip = m.clone()
+    flip[0] = float("inf")
+    assert _sketch_diff(sketch(flip), sketch(m)) == float("inf")
+    assert _sketch_diff(sketch(a[:-1]), sa) is None  # (other shapes: not compared)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_routing_that_changes_with_the_depth_is_not_taken_for_an_idle_list(seed):
     torch.manual_seed(seed)

@@ -2044,22 +2044,102 @@ def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module
     return warned
 
 
+_EXACT = 4096       # elements: a value up to this size is kept whole (on the CPU), a larger one as a sketch
+_CHUNK = 1 << 16    # a sketch projects a value chunk by chunk
+_PROJ = 4           # random projections per sketch
+
+
+class _Sketch:
+    """Fixed-size digests of the values blocks read and give, what ``check`` keeps of one forward to compare it with
+    another (whole copies of every call's tensors took gigabytes for a block called thousands of times, or for a
+    mask expanded over the batch and the heads). An expanded view is taken as the tensor it expands (its shape
+    kept too). A value of up to ``_EXACT`` elements is kept whole, on the CPU; a larger one as the L2 norm of its
+    finite entries, ``_PROJ`` projections of them on random signs, the same for both runs (``E[(s . (a - b))^2] =
+    |a - b|^2``: the projections' spread estimates the difference's norm; chunk by chunk, weighted by random
+    normals, which keeps that, with no copy of the whole value), and projections of its non-finite pattern (a
+    mask's -inf, which must agree exactly). Python floats: small tensors kept between a forward's large temporaries
+    fragment the CPU heap, which then never shrinks."""
+
+    def __init__(self) -> None:
+        self._signs: dict[torch.device, torch.Tensor] = {}
+        self._weights: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, t: torch.Tensor) -> tuple:
+        t = _dense(t).detach()
+        lean = t[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for n, st in zip(t.shape, t.stride()))]
+        shape = (tuple(t.shape), tuple(lean.shape))
+        if lean.numel() <= _EXACT:
+            return shape, lean.to("cpu", copy=True), None
+        f = lean.reshape(-1)
+        signs = self._signs.get(f.device)
+        if signs is None:
+            g = torch.Generator().manual_seed(0)
+            signs = torch.randint(0, 2, (_CHUNK, _PROJ), generator=g, dtype=torch.float64).mul_(2).sub_(1)
+            signs = self._signs[f.device] = signs.to(f.device)
+        rows = -(-f.numel() // _CHUNK)
+        weights = self._weights.get((rows, f.device))
+        if weights is None:
+            g = torch.Generator().manual_seed(rows)
+            weights = torch.randn(rows, _PROJ, generator=g, dtype=torch.float64) if rows > 1 else torch.ones(1, _PROJ,
+                                                                                                   dtype=torch.float64)
+            weights = self._weights[rows, f.device] = weights.to(f.device)
+        proj = torch.zeros(_PROJ, dtype=torch.float64, device=f.device)
+        odd, sq, bad = torch.zeros_like(proj), torch.zeros((), dtype=torch.float64, device=f.device), False
+        for i in range(rows):
+            c = f[i * _CHUNK:(i + 1) * _CHUNK].double()
+            s = signs[:c.numel()]
+            fin = torch.isfinite(c)
+            if not bool(fin.all()):
+                code = torch.where(torch.isnan(c), 1.0, torch.where(c > 0, 2.0, 3.0)).double().masked_fill_(fin, 0.0)
+                odd += (code @ s) * weights[i]
+                c, bad = c.masked_fill(~fin, 0.0), True
+            proj += (c @ s) * weights[i]
+            sq += torch.dot(c, c)
+        return shape, None, (tuple(proj.tolist()), math.sqrt(sq.item()), tuple(odd.tolist()) if bad else None)
+
+
+def _sketch_diff(a: tuple, b: tuple) -> float | None:
+    """The difference of the values sketched in ``a`` and ``b`` relative to ``b``'s scale (inf where their non-finite
+    entries differ); None where their shapes differ (a table as long as the depth: not comparable)."""
+    (shape_a, whole_a, sk_a), (shape_b, whole_b, sk_b) = a, b
+    if shape_a != shape_b:
+        return None
+    if whole_b is not None:
+        return _rel_diff(whole_a.double(), whole_b.double(), 1e-12)
+    (pa, _, odd_a), (pb, norm_b, odd_b) = sk_a, sk_b
+    if (odd_a is None) != (odd_b is None) or (odd_a is not None and not all(
+            math.isclose(x, y, rel_tol=1e-9) for x, y in zip(odd_a, odd_b))):
+        return float("inf")
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(pa, pb)) / len(pa)) / max(norm_b, 1e-12)
+
+
 def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept: list[nn.Module],
-                skipped: list[nn.Module], limit: dict[int, int] | None = None, seed: int = 0
-                ) -> tuple[dict[int, list[torch.Tensor]], dict[int, int]] | None:
-    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its tensor and number arguments) and,
-    but for the last of ``kept``, what it gave, until a module of ``skipped`` runs (what follows depends on blocks a
-    sub-model does not run), or, with ``limit`` (module id -> calls), for that many calls; and the calls recorded
-    per module. None where the forward fails."""
-    seen: dict[int, list[torch.Tensor]] = {}
+                skipped: list[nn.Module], sketch: _Sketch, limit: dict[int, int] | None = None, seed: int = 0,
+                want: dict[int, list[tuple]] | None = None) -> tuple[dict[int, Any], dict[int, int]] | None:
+    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its tensor arguments, but flags
+    and complex ones) and, but for the last of ``kept``, what it gave, until a module of ``skipped`` runs (what
+    follows depends on blocks a sub-model does not run), or, with ``limit`` (module id -> calls), for that many
+    calls; and the calls recorded per module. Without ``want``, each value's sketch is kept (a list per module);
+    with ``want`` (what such a run kept), each value is compared with the one at its place there as it comes and
+    only ``(values compared, largest difference)`` is kept per module: pairs of other shapes are passed over.
+    None where the forward fails."""
+    seen: dict[int, Any] = {}
     calls: dict[int, int] = {}
     kept_calls: dict[int, int] = {}
     stop = [False]
     last = id(kept[-1])
 
-    def keep(mod: nn.Module, ts: list[Any]) -> None:  # (dense ones: a sparse adjacency passed along is skipped)
-        seen.setdefault(id(mod), []).extend(_dense(t).detach().clone() for t in ts if isinstance(t, torch.Tensor)
-                                            and (t.is_nested or t.layout == torch.strided))
+    def keep(mod: nn.Module, ts: list[torch.Tensor]) -> None:  # (dense ones: a sparse adjacency passed along is
+        for t in ts:                                             # skipped)
+            if not (t.is_nested or t.layout == torch.strided):
+                continue
+            if want is None:
+                seen.setdefault(id(mod), []).append(sketch(t))
+                continue
+            n, worst = seen.get(id(mod), (0, 0.0))
+            ref = want.get(id(mod), [])
+            d = _sketch_diff(sketch(t), ref[n]) if n < len(ref) else None
+            seen[id(mod)] = (n + 1, worst if d is None else max(worst, d))
 
     def recording(mod: nn.Module) -> bool:
         return not stop[0] and (limit is None or calls[id(mod)] <= limit.get(id(mod), 0))
@@ -2068,12 +2148,10 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
         calls[id(mod)] = calls.get(id(mod), 0) + 1
         if recording(mod):
             kept_calls[id(mod)] = calls[id(mod)]
-            # (numbers too: a layer index or a scale passed as an argument; not flags, final=(i == d - 1), nor
-            # numbers given the last block, final=int(i == d - 1): it may be told it is the last)
-            keep(mod, [torch.tensor(float(t), dtype=torch.float64) if _number(t) else t
-                       for t in (*tree_leaves(args), *tree_leaves(kwargs))
-                       if (_number(t) and id(mod) != last)
-                       or (isinstance(t, torch.Tensor) and t.dtype != torch.bool and not t.is_complex())])
+            # (not numbers: a count given every block for the last to know it is the last, layer_idx == n_layers -
+            # 1, is one; a number that changes a block's result shows in what the block gives)
+            keep(mod, [t for t in (*tree_leaves(args), *tree_leaves(kwargs))
+                       if isinstance(t, torch.Tensor) and t.dtype != torch.bool and not t.is_complex()])
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         # (not the last block's output: a block told it is the last, final=(i == len(self.blocks) - 1), follows
@@ -2098,21 +2176,15 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
     return seen, kept_calls
 
 
-def _number(t: Any) -> bool:
-    """A real number that is not a flag: Python's or numpy's int / float, not bool."""
-    return isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, (bool, np.bool_))
-
-
-def _fed_error(got: dict[int, list[torch.Tensor]], want: dict[int, list[torch.Tensor]], kept: list[nn.Module],
+def _fed_error(got: dict[int, tuple[int, float]], want: dict[int, list[tuple]], kept: list[nn.Module],
                tol: float) -> tuple[float, int]:
-    """The largest relative difference of the values ``got`` and ``want`` recorded alike, block by block until
-    one recorded otherwise, and the first block (index in ``kept``) over ``tol``: -1 where none is."""
+    """The largest relative difference ``got`` (a compared run) found, block by block until one recorded as many
+    values as ``want`` does not, and the first block (index in ``kept``) over ``tol``: -1 where none is."""
     worst, first = 0.0, -1
     for k, b in enumerate(kept):
-        a, r = got.get(id(b), []), want.get(id(b), [])
-        if len(a) != len(r) or any(x.shape != y.shape for x, y in zip(a, r)):
+        n, err = got.get(id(b), (0, 0.0))
+        if n != len(want.get(id(b), [])):
             break
-        err = max((_rel_diff(x.double(), y.double(), 1e-12) for x, y in zip(a, r)), default=0.0)
         worst = max(worst, err)
         if err > tol and first < 0:
             first = k
@@ -2121,7 +2193,7 @@ def _fed_error(got: dict[int, list[torch.Tensor]], want: dict[int, list[torch.Te
 
 def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], example: Any,
                       warned: set[str]) -> None:
-    """Each Depth at each smaller size: the blocks a sub-model runs must read (their tensor and number arguments) and
+    """Each Depth at each smaller size: the blocks a sub-model runs must read (their tensor arguments) and
     give (but the last, which a forward may tell it is the last) what they do in the full model, up to where the
     full model runs a block the sub-model skips: a shallower model is the full model's first blocks. Values the
     forward feeds the blocks that follow the depth otherwise (per-layer values read from the end or reversed with the
@@ -2130,8 +2202,11 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
     network: said with a :class:`LayerPairingWarning` (not for a Depth already warned of by the reads, nor where the
     forward samples: its random draws differ between the runs). What comes after the last block is not compared (a
     final layer may follow the depth on purpose: ``self.blocks[-1]``); nor are shared blocks (one module at several
-    positions of the list, ALBERT-like)."""
+    positions of the list, ALBERT-like). Each value is compared alone (one of another shape, a table as long as the
+    depth, is passed over); numbers count through what the blocks give (a count for the last block to know it is
+    the last is no pairing); a value is kept as a :class:`_Sketch`."""
     tol = _tolerance(nest)
+    sketch = _Sketch()
     for dd in (d for d in nest.dims if d.kind == "depth"):
         lists = [m for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim is dd]
         if not lists or dd.full < 2 or dd.name in warned:
@@ -2149,18 +2224,21 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
             kept = [b for b in blocks if id(b) not in skip]
             if not kept:
                 continue
-            want = _blocks_fed(nest, model, example, sub.replace(**{dd.name: dd.full}), kept, list(skip.values()))
-            # (the sub-model's calls recorded as many as the full model's before its first skipped block: a loop
-            # calling the blocks many times, RNN-like, is not recorded to its end)
-            got = None if want is None else _blocks_fed(nest, model, example, sub, kept, [], want[1])
-            if want is None or got is None:
-                continue
             try:  # (values this comparison cannot take: not compared)
+                full = sub.replace(**{dd.name: dd.full})
+                want = _blocks_fed(nest, model, example, full, kept, list(skip.values()), sketch)
+                # (the sub-model's calls compared as many as the full model's before its first skipped block: a
+                # loop calling the blocks many times, RNN-like, is not followed to its end)
+                got = None if want is None else _blocks_fed(nest, model, example, sub, kept, [], sketch, want[1],
+                                                            want=want[0])
+                if got is None:
+                    continue
                 err, k = _fed_error(got[0], want[0], kept, tol)
                 if k < 0:
                     continue
-                again = _blocks_fed(nest, model, example, sub, kept, [], want[1], seed=1)  # (a forward that
-                if again is None or _fed_error(again[0], got[0], kept, tol)[1] >= 0:  # samples: its draws differ)
+                again = _blocks_fed(nest, model, example, full, kept, list(skip.values()), sketch, seed=1,
+                                    want=want[0])  # (a forward that samples: the full model's own draws differ)
+                if again is None or _fed_error(again[0], want[0], kept, tol)[1] >= 0:
                     continue
             except Exception:
                 continue
