@@ -975,8 +975,8 @@ def test_swinv2_position_bias_mlp_and_logit_scale_are_refused_at_wrap(heads):
     before = snapshot(m)
     dim = functools.partial(sn.Heads, "h0", [1, heads], attn="encoder.layers.0.blocks.*.attention",
                             qkv=("self.query", "self.key", "self.value"), o="output.dense")
-    with pytest.raises(sn.PatternError, match=r"child 'self' .*'logit_scale' of shape \({}, 1, 1\).*"
-                       r"whole='self.logit_scale'".format(heads)):
+    with pytest.raises(sn.PatternError, match=rf"child 'self' .*'logit_scale' of shape \({heads}, 1, 1\).*"
+                       r"whole='self.logit_scale'"):
         sn.wrap(m, dim())
     with pytest.raises(sn.PatternError, match=r"child 'self.continuous_position_bias_mlp.[02]' \(Linear\)"):
         sn.wrap(m, dim(whole="self.logit_scale"))
