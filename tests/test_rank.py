@@ -8,6 +8,7 @@ import copy
 import functools
 import math
 import os
+import re
 import tempfile
 import types
 
@@ -512,7 +513,8 @@ def test_a_strict_load_of_another_rank_nest_is_refused_before_any_copy_naming_it
     snap = snapshot(model)
     want = {"svd": r"lacks \['1.lora_A', '1.lora_B'\]; it holds \['1.U', '1.V'\] instead: a checkpoint of a Rank of "
                    r"another mode",
-            "other_targets": r"holds the adapters of \['0.0'\]: a checkpoint of a nest with other Rank targets",
+            "other_targets": r"holds the factors / adapters of \['0.0'\]: a checkpoint of a nest with other Rank "
+                             r"targets",
             "more_targets": r"holds \['0.0.lora_A', '0.0.lora_B'\], the factors / adapters of modules this nest's Rank "
                             r"dimensions do not slice"}[source]
     with pytest.raises(sn.SortedNetError, match=want + r".*nothing was copied"):
@@ -574,6 +576,117 @@ def test_a_model_whose_wrapper_renames_keys_loads_its_own_state_dict():
         model[1]._checkpoint_wrapped_module.lora_A.zero_()
     model.load_state_dict({**model.state_dict(), "1.lora_A": sd["1.lora_A"]})
     torch.testing.assert_close(model[1]._checkpoint_wrapped_module.lora_A, sd["1.lora_A"], rtol=0, atol=0)
+
+
+class _FcBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+def _wrapped_in_checkpoint(seed):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), checkpoint_wrapper(_FcBlock()), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("source", ["before_wrap", "other_mode"])
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_a_refused_load_of_a_target_under_a_checkpoint_wrapper_copies_nothing(mode, source):
+    """A Rank target under an activation-checkpoint wrapper: the state_dict names it without the wrapper's inner
+    name (``1.fc.weight``), which the wrapper's hook adds only when the load reaches it. The root's check looked
+    for ``1._checkpoint_wrapped_module.fc.*``, found nothing, and the target's own hook refused after layer 0 had
+    loaded, saying "Nothing was copied" and naming keys the state_dict does not hold. Read as they come now:
+    refused first, nothing changed, the user's keys named; the nest's own state_dict loads."""
+    model = _wrapped_in_checkpoint(0)
+    target = "1._checkpoint_wrapped_module.fc"
+    sn.wrap(model, sn.Rank("r", [2, 8], targets=target, mode=mode))
+    if source == "before_wrap":
+        sd = _wrapped_in_checkpoint(1).state_dict()
+    else:
+        sd = sn.wrap(_wrapped_in_checkpoint(1), sn.Rank("r", [2, 8], targets=target,
+                                                       mode="lora" if mode == "svd" else "svd")).model.state_dict()
+    assert "1.fc.weight" in sd or "1.fc.U" in sd
+    snap = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=rf"'{re.escape(target)}' is a Rank 'r' \(mode='{mode}'\) target.*"
+                                                r"'1\.fc\.(weight|U|lora_A)'.*[Nn]othing was copied"):
+        model.load_state_dict(sd)
+    assert_unchanged(model, snap)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(own)
+
+
+def test_a_refusal_under_a_container_of_ones_own_says_what_was_not_copied():
+    """A load called on a container holding the wrapped model has copied the container's modules before it when
+    the wrapped model's hooks run: the refusal said "nothing was copied"; it says what lies under its prefix."""
+    def build(seed, targets):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+        sn.wrap(m, sn.Rank("r", [2, 8], targets=targets))
+        return m
+
+    outer = nn.Sequential(nn.Linear(3, 3), build(0, ["2"]))
+    other = nn.Sequential(nn.Linear(3, 3), build(1, ["2", "4"]))
+    snap = snapshot(outer[1])
+    with pytest.raises(sn.SortedNetError, match=r"nothing under '1' was copied"):
+        outer.load_state_dict(other.state_dict())
+    assert_unchanged(outer[1], snap)
+
+
+class _Packed(nn.Module):
+    """A layer whose own state_dict code writes its packed buffer under the keys ``U`` and ``V``."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("packed", torch.randn(2, 4, 4))
+
+    def _save_to_state_dict(self, dest, prefix, keep_vars):
+        dest[prefix + "U"], dest[prefix + "V"] = self.packed[0].clone(), self.packed[1].clone()
+
+    def _load_from_state_dict(self, sd, prefix, *args):
+        with torch.no_grad():
+            self.packed[0].copy_(sd[prefix + "U"])
+            self.packed[1].copy_(sd[prefix + "V"])
+
+    def forward(self, x):
+        return x @ self.packed[0] @ self.packed[1]
+
+
+def test_keys_a_modules_own_loader_reads_are_no_other_nests_factors():
+    """``1.U`` / ``1.V``, written and read by a layer's own state_dict code, were taken for another nest's svd
+    factors: the model's own state_dict was refused after wrap, which PyTorch loads."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), _Packed(), nn.Linear(4, 4))
+    sn.wrap(m, sn.Rank("r", [2, 4], targets="0", mode="lora"))
+    sd = {k: v + 1 if k == "1.U" else v for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    torch.testing.assert_close(m[1].packed[0], sd["1.U"], rtol=0, atol=0)
+
+
+def test_an_svd_refusal_of_other_targets_offers_no_strict_false_and_names_a_root_target():
+    """The svd refusal of another nest's factors suggested strict=False, which it refuses too; a target at the
+    model's root was named by the sliced class ('SortedLinear')."""
+    def build(seed, targets):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        sn.wrap(m, sn.Rank("r", [2, 8], targets=targets))
+        return m
+
+    a, b = build(0, ["0"]), build(1, ["2"])
+    for strict in (True, False):
+        with pytest.raises(sn.SortedNetError, match=r"factors / adapters of \['2'\].*same targets\)\) would be") as e:
+            a.load_state_dict(b.state_dict(), strict=strict)
+        assert "strict=False would" not in str(e.value)
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    plain = nn.Linear(8, 8).state_dict()
+    sn.wrap(layer, sn.Rank("r", [2, 8], targets=""))
+    with pytest.raises(sn.SortedNetError, match=r"^load_state_dict: the model's root is a Rank 'r'"):
+        layer.load_state_dict(plain)
 
 
 # -- svd: Eckart-Young at wrap time ------------------------------------------------

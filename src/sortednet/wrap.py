@@ -629,6 +629,11 @@ class StateKeys:
         # a tensor of the model's own under such a name, an RNN's U, is no adapter). Looked for once per load: by
         # the root's hook, or by the hook of the module the load was called on; and where a message needs them
         found: list[list[str]] = []
+        loading = _loading()
+        # (a load called on something above this module, a container of one's own holding the wrapped model, has
+        # copied the modules before it: what was not copied is what lies under this prefix)
+        nothing = ("nothing was copied" if loading is module or not prefix else
+                   f"nothing under {prefix[:-1]!r} was copied")
 
         def foreign() -> list[str]:
             if not found:
@@ -636,43 +641,65 @@ class StateKeys:
                               and _not_held(module, k[len(prefix):])])
             return found[0]
 
-        def why(at: str, other: list[str]) -> str:
+        def why(at: str, other: list[str], lenient: bool) -> str:
             elsewhere = [k for k in foreign() if not k.startswith(at) or k in other]
             return (f"; it holds {other} instead: a checkpoint of a Rank of another mode (wrap with the same mode, "
                     "or load the source's weights merged: nest.unwrap(merge=True) there)" if other else
-                    f"; it holds the adapters of {sorted({k.rpartition('.')[0] for k in elsewhere})[:4]}: a "
-                    "checkpoint of a nest with other Rank targets (wrap with the same targets; strict=False would "
-                    "load the other weights and drop those adapters)" if elsewhere else "")
+                    f"; it holds the factors / adapters of {sorted({k.rpartition('.')[0] for k in elsewhere})[:4]}:"
+                    " a checkpoint of a nest with other Rank targets (wrap with the same targets" + (
+                        "; strict=False would load the other weights and drop those adapters)" if lenient else ")")
+                    if elsewhere else "")
 
         for path, rel, what, removed, added in self.targets:
-            at = prefix + (f"{rel}." if rel else "")
+            at = prefix + _keyed_as(module, rel, state_dict, (*removed, *added, *_FACTORS, "weight"))
+            name = repr(path) if path else "the model's root"
             other = [at + n for n in _FACTORS if n not in added and at + n in state_dict]  # (another Rank mode's)
             stale = [at + n for n in removed if at + n in state_dict]
             if stale and not any(at + n in state_dict for n in added):
-                said = why(at, other)
+                said = why(at, other, False)
                 raise SortedNetError(
-                    f"load_state_dict: {path or type(module).__name__!r} is a {what} target; wrap replaced its "
+                    f"load_state_dict: {name} is a {what} target; wrap replaced its "
                     f"{list(removed)} by {list(added)}, so this state_dict's {stale} " + (
                         said[2:].replace("it holds", "(it holds", 1) + ")" if said else
                         "(from the model before wrap, or from an exported sub-model)") +
                     " would be ignored (strict=False) or refused after the other tensors loaded. Load those weights "
                     "before sn.wrap (or nest.unwrap(), load, wrap again); the wrapped model's own state_dict and "
-                    "sn.save / sn.load hold the new keys. Nothing was copied")
+                    f"sn.save / sn.load hold the new keys. {nothing[0].upper() + nothing[1:]}")
             lacking = [at + n for n in added if at + n not in state_dict]
             if lacking and (other or any(at + n in state_dict for n in (*removed, "weight"))) and _strict_load():
                 raise SortedNetError(
-                    f"load_state_dict: {path or type(module).__name__!r} is a {what} target; this state_dict lacks "
-                    f"{lacking}" + (why(at, other) or " (the keys wrap added: a state_dict of the model before "
-                                                      "wrap); pass strict=False to load the other weights and keep "
-                                                      "the nest's own (the adapters), or load before sn.wrap") +
-                    ". load_state_dict(strict=True) would refuse it only after copying every other tensor: nothing "
-                    "was copied")
-        if (self.root or _load_call().get("self") is module) and foreign() and _strict_load():
+                    f"load_state_dict: {name} is a {what} target; this state_dict lacks "
+                    f"{lacking}" + (why(at, other, True) or " (the keys wrap added: a state_dict of the model before "
+                                                            "wrap); pass strict=False to load the other weights and "
+                                                            "keep the nest's own (the adapters), or load before "
+                                                            "sn.wrap") +
+                    f". load_state_dict(strict=True) would refuse it only after copying every other tensor: {nothing}")
+        if (self.root or loading is module) and foreign() and _strict_load():
             raise SortedNetError(
                 f"load_state_dict: this state_dict holds {foreign()[:4]}, the factors / adapters of modules this "
                 f"nest's Rank dimensions do not slice ({sorted({k.rpartition('.')[0] for k in foreign()})[:4]}): a "
                 "checkpoint of a nest with other Rank targets (wrap with the same targets). load_state_dict("
-                "strict=True) would refuse it only after copying every other tensor: nothing was copied")
+                f"strict=True) would refuse it only after copying every other tensor: {nothing}")
+
+
+def _keyed_as(module: nn.Module, rel: str, state_dict: Mapping, names: tuple[str, ...]) -> str:
+    """The key prefix, relative to ``module``, under which ``state_dict`` holds the tensors of its descendant
+    ``rel``: ``rel.`` itself, or, below a module with a load pre-hook of someone else's and a private child (an
+    activation-checkpoint wrapper's ``_checkpoint_wrapped_module``, whose hook adds that name to the keys only
+    when the load reaches it), ``rel.`` without that child's name, where the state_dict holds one of ``names``
+    there: the keys of the model before the wrapper, which the checks above the wrapper must read as they come."""
+    parts = rel.split(".") if rel else []
+    forms = [[]]
+    m: nn.Module | None = module
+    for part in parts:
+        wrapper = m is not None and _renames(m) and part.startswith("_")
+        forms = [f + [part] for f in forms] + ([list(f) for f in forms] if wrapper else [])
+        m = m._modules.get(part) if m is not None else None
+    for f in forms:
+        at = ".".join(f) + "." if f else ""
+        if any(at + n in state_dict for n in names):
+            return at
+    return rel + "." if rel else ""
 
 
 def _not_held(module: nn.Module, key: str) -> bool:
@@ -683,12 +710,19 @@ def _not_held(module: nn.Module, key: str) -> bool:
     path, _, name = key.rpartition(".")
     m = module
     for part in ([*path.split(".")] if path else []):
-        if _renames(m):
+        if _renames(m) or _own_loader(m):
             return False
         m = m._modules.get(part)  # type: ignore[assignment]
         if m is None:
             return False
-    return not _renames(m) and name not in m._parameters and name not in m._buffers
+    return not _renames(m) and not _own_loader(m) and name not in m._parameters and name not in m._buffers
+
+
+def _own_loader(m: nn.Module) -> bool:
+    """Whether ``m``'s class reads its state_dict with code of its own (a packed or quantized layer's
+    ``_load_from_state_dict``, which may take keys that name no tensor of it)."""
+    st = m.__dict__.get("_sn")
+    return getattr(st.cls if st is not None else type(m), "_load_from_state_dict", None) not in _LOADERS
 
 
 def _renames(m: nn.Module) -> bool:
