@@ -875,8 +875,10 @@ def test_a_batchnorm_after_a_depth_stack_is_named_with_the_width_that_calibrates
     data = [torch.randn(6, 4) for _ in range(2)]
     model = Net().eval()
     nest = sn.wrap(model, sn.Depth("d", [1, 2, 3], layers="blocks"))
-    with pytest.raises(sn.SortedNetError, match=r"one after the stack; outside the blocks: \['bn_after', 'bn_stem'\]"
-                                                r".*sn.Width\('bn', \[channels\], norm=\[path\]\)"):
+    with pytest.raises(sn.SortedNetError, match=r"one that runs after the stack.*sn.Width\('bn', \[channels\], "
+                                                r"norm=\[path\]\) \(BatchNorms outside the blocks, those declared "
+                                                r"after the stack first: \['bn_after', 'bn_stem'\]; one before the "
+                                                r"stack sees the same inputs"):
         nest.calibrate(data)
     nest.unwrap()
     nest = sn.wrap(model, sn.Width("bn", [8], norm=["bn_after"]), sn.Depth("d", [1, 2, 3], layers="blocks"))

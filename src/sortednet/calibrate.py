@@ -103,10 +103,11 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                              "list BatchNorm layers under norm= of a Width (a BatchNorm whose channel count no "
                              "dimension changes, e.g. one after a Depth stack, keeps one set of statistics for "
                              "every sub-model" + (
-                                 f"; to give one whose inputs change with the depth (one after the stack; "
-                                 f"outside the blocks: {unlisted[:4]}) statistics of each sub-model's own, list it "
-                                 "under norm= of a Width of one size, its channel count: "
-                                 "sn.Width('bn', [channels], norm=[path])"
+                                 "; to give one that runs after the stack, whose inputs change with the depth, "
+                                 "statistics of each sub-model's own, list it under norm= of a Width of one size, "
+                                 "its channel count: sn.Width('bn', [channels], norm=[path]) (BatchNorms outside "
+                                 f"the blocks, those declared after the stack first: {unlisted[:4]}; one before "
+                                 "the stack sees the same inputs at every depth)"
                                  if unlisted and cut else "") + ")")
     asked = batches is not None
     batches = DEFAULT_BATCHES if batches is None else batches
