@@ -275,8 +275,9 @@ def test_a_model_with_two_towers_is_nested_one_tower_at_a_time():
                          num_attention_heads=4, max_position_embeddings=16),
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, **IMG),
         projection_dim=16))
-    with pytest.raises(sn.SortedNetError, match="one tower"):
-        sn.from_transformers(clip, ffn=[24])
+    with pytest.raises(sn.SortedNetError, match=r"one tower.*get_submodule\('text_model'\).*towers: "
+                                                r"\['text_model', 'vision_model'\]"):
+        sn.from_transformers(clip, ffn=[24])  # (the outermost module holding one tower: its own embeddings and norm)
     nest = sn.from_transformers(clip.vision_model, ffn=[24], heads=[2])
     assert nest.smallest["heads"] == 2
 

@@ -220,7 +220,11 @@ def detect(model: nn.Module) -> Found:
                 raise SortedNetError(f"{head}: stages of one network (each with its own width and head count), "
                                      "which from_transformers cannot nest as one; declare the dimensions by hand "
                                      "with sn.wrap (one Width / Heads per stage, sn.discover proposes them)")
-            towers = [p.rpartition(".")[0] for p in hits]
+            # (each tower as the outermost module holding its list and no other: CLIP's text_model, the part with
+            # its own embeddings and final norm, not text_model.encoder, which holds the layers alone)
+            towers = [next((".".join(p.split(".")[:i]) for i in range(1, p.count(".") + 1)
+                            if not any(q != p and q.startswith(".".join(p.split(".")[:i]) + ".") for q in hits)),
+                           p.rpartition(".")[0]) for p in hits]
             raise SortedNetError(f"{head}; nest one tower at a time: pass the sub-module that holds one of them, "
                                  f"e.g. sn.from_transformers(model.get_submodule({towers[0]!r}), ...) (towers: "
                                  f"{towers})")
