@@ -15,6 +15,7 @@ from torch import nn
 
 import sortednet as sn
 from models import FAMILIES, interrupted_between_bytecodes, run
+from sortednet.plan import UseAcrossYieldWarning
 from sortednet import slicers
 
 FAMS = sorted(FAMILIES)
@@ -456,7 +457,7 @@ def test_a_generator_block_still_open_when_the_callers_block_ends_does_not_outli
             yield nest.active
 
     g = stream()
-    with nest.use("h=4"):
+    with pytest.warns(UseAcrossYieldWarning, match="suspended generator entered after it"), nest.use("h=4"):
         assert next(g) == nest.resolve("h=2")  # documented: in force for the caller while suspended
     assert nest.active == nest.largest
     g.close()
@@ -464,7 +465,7 @@ def test_a_generator_block_still_open_when_the_callers_block_ends_does_not_outli
 
     async def main():
         g = stream()
-        with nest.use("h=4"):
+        with pytest.warns(UseAcrossYieldWarning), nest.use("h=4"):
             next(g)
         seen = nest.active
         await asyncio.create_task(asyncio.to_thread(g.close))  # closed in another context
@@ -486,6 +487,61 @@ def test_a_generator_block_still_open_when_the_callers_block_ends_does_not_outli
         assert nest.active == nest.resolve("h=4")
         got = ctx.run(child)
     assert got == (nest.resolve("h=4"), nest.resolve("h=6"), nest.resolve("h=4"))
+    assert nest.active == nest.largest
+
+
+def test_interleaved_streams_each_holding_use_across_yields_are_warned_of():
+    """Two generators, each holding ``use`` across its yields, stepped in turn (streamed responses): a forward of
+    one ran the other's sub-model (the innermost block), and when one ended it ended the other's block, whose later
+    forwards ran the default, all in silence (documented, and the easiest way to serve wrong outputs). Both are
+    warned of now. A generator that holds ``use`` around its caller's code on purpose (a contextmanager, a fixture
+    stepped by next) is not."""
+    import contextlib
+
+    m, nest, x, ref = _small_nest()
+
+    def stream(sub, n):
+        with nest.use(sub):
+            for _ in range(n):
+                with torch.no_grad():  # (not across the yield: grad mode would leak as use does)
+                    same = torch.equal(m(x), ref[sub])
+                yield same
+
+    a, b = stream("h=2", 2), stream("h=4", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UseAcrossYieldWarning)
+        assert next(a) and next(b)  # (each forward in its own block, the innermost)
+    with pytest.warns(UseAcrossYieldWarning, match=r"a forward runs h=4, the sub-model of a nest.use block a "
+                                                   r"suspended generator holds across a yield"):
+        assert not next(a)  # (a's forward, under b's block)
+    with pytest.warns(UseAcrossYieldWarning, match="ended while a block a suspended generator entered after it"):
+        next(a, None)  # (a ends: b's block ends with it)
+    assert not next(b)  # (documented: b now runs the default; said above)
+    b.close()
+    assert nest.active == nest.largest
+
+    @contextlib.contextmanager
+    def serving(sub):
+        with nest.use(sub):
+            yield
+
+    def fixture(sub):
+        with nest.use(sub):
+            yield
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UseAcrossYieldWarning)
+        with serving("h=2"), torch.no_grad():
+            assert torch.equal(m(x), ref["h=2"])
+            with nest.use("h=4"):
+                assert torch.equal(m(x), ref["h=4"])
+        with nest.use("h=4"), serving("h=2"), torch.no_grad():  # (inside a block of the caller's own)
+            assert torch.equal(m(x), ref["h=2"])
+        f = fixture("h=4")
+        next(f)
+        with torch.no_grad():
+            assert torch.equal(m(x), ref["h=4"])
+        next(f, None)
     assert nest.active == nest.largest
 
 

@@ -154,16 +154,19 @@ class _Open:
     the id of the next forward's frame (the same code, so it would look still running, and keep the old default
     in force). Closed, it lets the frame go (a context copied during the forward keeps the entry)."""
 
-    __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok", "held")
+    __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok", "held", "gen")
 
     def __init__(self, prev: Any, frame: Any, left: bool = False, pin: bool = False) -> None:
         self.prev, self.left, self.pin = prev, left, pin
         self.vtok = self.utok = None  # the context variables' tokens of entering (see close_block)
         self.held = frame if pin else None
         if frame is None:
-            self.frame, self.code = 0, None
+            self.frame, self.code, self.gen = 0, None, False
         else:
             self.frame, self.code = id(frame), frame.f_code
+            # (entered by a generator, which may hold the block across a yield: what shadowed() looks at; not one
+            # a contextmanager steps, whose block is meant to hold the caller's with body)
+            self.gen = bool(frame.f_code.co_flags & _GENERATORS) and not pin and not _stepped_by_contextlib(frame)
 
     def running(self, start: Any) -> bool:
         """Whether the frame that entered the block is on the call stack from ``start`` up (a block of a
@@ -174,6 +177,46 @@ class _Open:
                 return True
             f = f.f_back
         return False
+
+
+_GENERATORS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+_CONTEXTLIB = contextlib.__file__
+
+
+def _stepped_by_contextlib(frame: Any) -> bool:
+    """Whether the generator running ``frame`` was resumed by ``contextlib`` (a ``contextmanager``'s enter)."""
+    back = frame.f_back
+    return back is not None and back.f_code.co_filename == _CONTEXTLIB
+
+
+class UseAcrossYieldWarning(UserWarning):
+    """A ``nest.use`` block held across a ``yield`` by a suspended generator decides what another frame's forward
+    runs (interleaved streams), or was ended by another frame's block."""
+
+
+def shadowed(a: Active, uses: tuple, here: Any) -> None:
+    """Warn where the innermost open block belongs to a suspended generator while a block below it belongs to a
+    running frame, the one this forward runs in: two generators each holding ``use`` across a ``yield``, stepped
+    in turn: this forward runs the other generator's sub-model, not its own block's. (A suspended generator's
+    block over a frame with no block of its own, a ``contextmanager`` or a fixture holding ``use`` around the
+    caller's code, is what its author meant.) Called only when the innermost block was entered by a generator."""
+    top = uses[-1]
+    if top.left or top.running(here):
+        return
+    if any(not e.left and not e.pin and e.running(here) for e in uses[:-1]):
+        _across_yield(f"a forward runs {a.var.get(a).sub}, the sub-model of a nest.use block a suspended generator "
+                      "holds across a yield, not that of the block it runs in (two generators, each holding `use` "
+                      "across its yields, stepped in turn: interleaved streams)")
+
+
+def _across_yield(what: str) -> None:
+    import warnings
+
+    f, level = sys._getframe(1), 2  # (said at the user's line: the first frame outside sortednet and torch)
+    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("sortednet", "torch"):
+        f, level = f.f_back, level + 1
+    warnings.warn(f"{what}. Enter `use` around each step of a generator, never across a yield (docs/mechanism.md)",
+                  UseAcrossYieldWarning, stacklevel=level)
 
 
 class CheckpointContext:
@@ -339,6 +382,10 @@ def close_block(a: Active, entry: _Open, here: Any, *, keep_above: bool = False)
     if above and (keep_above or all(e.running(here) for e in above)):  # later blocks of running frames stay
         a.uses.set((*stack[:i], _Open(entry.prev, None, left=True), *stack[i + 1:]))
         return
+    if any(e.gen and not e.running(here) for e in above):
+        _across_yield("a nest.use block ended while a block a suspended generator entered after it (holding `use` "
+                      "across a yield) was still open: that block ends with it, and the generator's later forwards "
+                      "run what was in force before both")
     while i > 0 and stack[i - 1].left:  # blocks below left out of order during this one: gone too
         i -= 1
     a.var.set(stack[i].prev)

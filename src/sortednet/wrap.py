@@ -26,7 +26,7 @@ from .errors import PatternError, SortedNetError, caller_outside
 from .modes import attr_of, exact_math, finish_all
 from .modes import ours as _ours
 from .patterns import match_pattern
-from .plan import _Open, close_block, heal_pins, pin_checkpoints, unpinned_reentrant
+from .plan import _Open, close_block, heal_pins, pin_checkpoints, shadowed, unpinned_reentrant
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
 from .slicers.base import own_forward
@@ -1216,6 +1216,9 @@ class Pin:
         a = self.active
         if a.uses.get():  # pins left by interrupted forwards of this context: gone, the blocks opened since stay
             heal_pins(a, here)
+            uses = a.uses.get()
+            if uses and uses[-1].gen:  # (a generator's block on top: another frame's forward may run under it)
+                shadowed(a, uses, here)
         grad = _grad_enabled()
         if not grad or _saved_tensors_hooks(False) is not None:  # (inside a reentrant checkpoint's forward, or
             p = a._scoped                                          # a non-reentrant one's: it recomputes the
