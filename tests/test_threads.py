@@ -15,8 +15,8 @@ from torch import nn
 
 import sortednet as sn
 from models import FAMILIES, interrupted_between_bytecodes, run
-from sortednet.plan import UseAcrossYieldWarning
 from sortednet import slicers
+from sortednet.plan import UseAcrossYieldWarning
 
 FAMS = sorted(FAMILIES)
 THREADS, REPEATS = 8, 4
