@@ -1549,11 +1549,85 @@ def test_the_blocks_comparison_takes_each_value_alone(feed, rows):
         torch.testing.assert_close(nest.model(x), nest.export("depth=2")(x))
 
 
+class _WindowAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, ok):
+        return x + self.fc(torch.softmax((x @ x.transpose(-1, -2)).masked_fill(~ok, float("-inf")), -1) @ x)
+
+
+class _WindowBlocks(nn.Module):
+    """Attention blocks each given a boolean window mask of its own width, the widths read from the end with the
+    depth's count (``"end"``: at depth 1 block 0 gets the last layer's window) or by each block's index."""
+
+    def __init__(self, read, n=4, T=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.read, self.T = read, T
+        self.blocks = nn.ModuleList(_WindowAttention() for _ in range(n))
+        self.widths = [1, 2, 3, T]
+
+    def forward(self, x):
+        n, i_ = len(self.blocks), torch.arange(self.T)
+        for i, b in enumerate(self.blocks):
+            w = self.widths[n - 1 - i if self.read == "end" else i]
+            x = b(x, (i_[None, :] <= i_[:, None]) & (i_[:, None] - i_[None, :] < w))
+        return x
+
+
+def test_a_boolean_mask_read_from_the_end_is_compared():
+    """Boolean tensors were never compared (taken for flags): a per-layer boolean window read from the end went
+    unwarned where a float one was. Only a 0-dim boolean is a flag now."""
+    x = torch.randn(2, 6, 8)
+    with pytest.warns(sn.check.LayerPairingWarning, match=r"depth 'depth' at 1: block 0"):
+        sn.wrap(_WindowBlocks("end"), sn.Depth("depth", [1, 4], layers="blocks"), example=x).unwrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.LayerPairingWarning)
+        sn.wrap(_WindowBlocks("own"), sn.Depth("depth", [1, 4], layers="blocks"), example=x)
+
+
+class _EncDec(nn.Module):
+    """An encoder and a decoder under one Depth, the decoder declared first; the encoder pairs its per-layer gains
+    from the end (``wrong``) or with each block."""
+
+    def __init__(self, wrong, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wrong = wrong
+        self.dec, self.enc = nn.ModuleList(nn.Linear(8, 8) for _ in range(n)), nn.ModuleList(nn.Linear(8, 8)
+                                                                                             for _ in range(n))
+        self.gains = nn.Parameter(torch.rand(n, 8) + 0.5)
+
+    def forward(self, x):
+        n = len(self.enc)
+        for i, b in enumerate(self.enc):
+            x = x + torch.tanh(b(x * self.gains[n - 1 - i if self.wrong else i]))
+        for b in self.dec:
+            x = x + torch.tanh(b(x))
+        return x
+
+
+def test_a_depth_over_two_lists_compares_the_blocks_of_the_one_that_runs_first():
+    """Only the first list of a Depth (in the order of layers=) was compared: with the decoder named first, which
+    runs after the encoder's first skipped block, nothing was, and the encoder's gains read from the end passed."""
+    x = torch.randn(3, 8)
+    dim = sn.Depth("depth", [2, 4], layers=["dec", "enc"])
+    with pytest.warns(sn.check.LayerPairingWarning, match=r"depth 'depth' at 2: block 0 of 'enc' reads or gives"):
+        sn.wrap(_EncDec(True), dim, example=x).unwrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.LayerPairingWarning)
+        sn.wrap(_EncDec(False), dim, example=x)
+
+
 @pytest.mark.parametrize("numel", [5000, 70_000, 200_003])
 def test_a_sketch_estimates_the_relative_difference_and_keeps_no_tensor(numel):
     """The comparison keeps of a large value its sketch: a few Python floats (no tensor: kept between a long loop's
     temporaries, they grew the CPU heap by gigabytes). Equal values sketch alike; the difference of two sketches
-    estimates the relative L2 difference of the values (within a factor 3 here); non-finite entries must agree."""
+    estimates the L2 norm of the values' difference over their largest entry (within a factor 3 here), at least
+    the largest entry's difference over it, also for a change in one or two entries; non-finite entries must
+    agree, also when one only moves."""
     from sortednet.check import _Sketch, _sketch_diff
 
     sketch = _Sketch()
@@ -1562,20 +1636,25 @@ def test_a_sketch_estimates_the_relative_difference_and_keeps_no_tensor(numel):
     sa = sketch(a)
     assert all(not isinstance(v, torch.Tensor) for v in (sa[1], *sa[2]))
     assert _sketch_diff(sketch(a.clone()), sa) == 0.0
+    top = a.abs().max()
     for r in (1e-2, 0.3):
         d = torch.randn(numel, generator=g)
-        b = a + d * (r * a.norm() / d.norm())
+        b = a + d * (r * top / d.norm())
         assert r / 3 < _sketch_diff(sketch(b), sa) < 3 * r
-    one = a.clone()
-    one[numel // 2] += 10.0  # (one entry off: its share of the norm)
-    assert _sketch_diff(sketch(one), sa) > 10.0 / a.norm() / 3
+    for off in ([numel // 2], [1, numel - 2]):  # (one or two entries off, by as much, opposite signs)
+        few = a.clone()
+        few[off] += torch.tensor([0.01, -0.01][:len(off)]) * top
+        assert _sketch_diff(sketch(few), sa) > 0.01 / 3
     m = a.clone()
     m[::7] = float("-inf")
     assert _sketch_diff(sketch(m.clone()), sketch(m)) == 0.0
     assert _sketch_diff(sketch(m), sa) == float("inf")
-    flip = m.clone()
-    flip[0] = float("inf")
-    assert _sketch_diff(sketch(flip), sketch(m)) == float("inf")
+    for i, v in ((0, float("inf")), (1, float("-inf"))):  # (a sign flipped; an -inf moved one place)
+        other = m.clone()
+        other[i] = v
+        if i == 1:
+            other[0] = a[0]
+        assert _sketch_diff(sketch(other), sketch(m)) == float("inf")
     assert _sketch_diff(sketch(a[:-1]), sa) is None  # (other shapes: not compared)
 
 

@@ -616,6 +616,14 @@ def test_a_refused_load_of_a_target_under_a_checkpoint_wrapper_copies_nothing(mo
                                                 r"'1\.fc\.(weight|U|lora_A)'.*[Nn]othing was copied"):
         model.load_state_dict(sd)
     assert_unchanged(model, snap)
+    outer = nn.ModuleDict({"module": model})  # (a key prefix: DDP's module., torch.compile's _orig_mod.)
+    with pytest.raises(sn.SortedNetError, match=r"'module\.1\.fc\.(weight|U|lora_A)'"):
+        outer.load_state_dict({f"module.{k}": v for k, v in sd.items()})
+    assert_unchanged(model, snap)
+    wider = sn.wrap(_wrapped_in_checkpoint(1), sn.Rank("r", [2, 4], targets=target, mode=mode)).model.state_dict()
+    with pytest.raises(sn.SortedNetError, match=r"size mismatch .*1\.fc\.(U|V|lora_A|lora_B): \(\d+, \d+\) for"):
+        model.load_state_dict({k.replace("_checkpoint_wrapped_module.", ""): v for k, v in wider.items()})
+    assert_unchanged(model, snap)  # (another largest rank, under the wrapper: refused before any copy)
     own = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(own)
 
@@ -656,15 +664,38 @@ class _Packed(nn.Module):
         return x @ self.packed[0] @ self.packed[1]
 
 
+class _LegacyLinear(nn.Linear):
+    """A Linear whose own loader takes a legacy key (``w`` for ``weight``)."""
+
+    def _load_from_state_dict(self, sd, prefix, *args):
+        if prefix + "w" in sd:
+            sd[prefix + "weight"] = sd.pop(prefix + "w")
+        super()._load_from_state_dict(sd, prefix, *args)
+
+
 def test_keys_a_modules_own_loader_reads_are_no_other_nests_factors():
     """``1.U`` / ``1.V``, written and read by a layer's own state_dict code, were taken for another nest's svd
-    factors: the model's own state_dict was refused after wrap, which PyTorch loads."""
+    factors: the model's own state_dict was refused after wrap, which PyTorch loads. A loader of its own that
+    writes no such key (one converting legacy keys) still has another nest's adapters refused before any copy."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 4), _Packed(), nn.Linear(4, 4))
     sn.wrap(m, sn.Rank("r", [2, 4], targets="0", mode="lora"))
     sd = {k: v + 1 if k == "1.U" else v for k, v in m.state_dict().items()}
     m.load_state_dict(sd)
     torch.testing.assert_close(m[1].packed[0], sd["1.U"], rtol=0, atol=0)
+
+    def build(seed, targets):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), _LegacyLinear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+        sn.wrap(net, sn.Rank("r", [2, 8], targets=targets, mode="lora"))
+        return net
+
+    a = build(0, ["0"])
+    snap = snapshot(a)
+    with pytest.raises(sn.SortedNetError, match=r"holds \['2.lora_A', '2.lora_B'\], the factors / adapters of "
+                                                r"modules this nest's Rank dimensions do not slice"):
+        a.load_state_dict(build(1, ["0", "2"]).state_dict())
+    assert_unchanged(a, snap)
 
 
 def test_an_svd_refusal_of_other_targets_offers_no_strict_false_and_names_a_root_target():

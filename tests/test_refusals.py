@@ -961,6 +961,34 @@ def test_a_width_equal_to_the_head_count_that_is_not_per_head(heads, mqa, T, see
         nest.unwrap()
 
 
+class _UpFirstLoRA(nn.Module):
+    """Attention beside a low-rank adapter of rank == heads whose up projection is declared before its down one."""
+
+    def __init__(self, E=12, H=4):
+        super().__init__()
+        self.num_heads, self.head_dim = H, E // H
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+        self.lora_up, self.lora_down = nn.Linear(H, E, bias=False), nn.Linear(E, H, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        return self.o(y) + self.lora_up(self.lora_down(x))
+
+
+def test_an_adapter_declared_up_before_down_is_no_per_head_table():
+    """The pair order that tells Swin-v2's position-bias MLP (a Sequential taking the coordinates first) from an
+    adapter refused an adapter whose modules are declared up first (a module runs its children in any order): only
+    an nn.Sequential's order is read."""
+    torch.manual_seed(0)
+    m, x = _UpFirstLoRA().eval(), torch.randn(2, 5, 12)
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn=""))
+    for h in (1, 2, 4):
+        with torch.no_grad(), nest.use(f"h={h}"):
+            torch.testing.assert_close(m(x), nest.export(f"h={h}")(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("heads", [2, 3])
 def test_swinv2_position_bias_mlp_and_logit_scale_are_refused_at_wrap(heads):
     """Swin-v2's attention holds per-head tensors in a child: a logit scale of shape (heads, 1, 1) and a

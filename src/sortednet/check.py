@@ -2046,19 +2046,19 @@ def _per_layer_pairing(nest: Nest, model: nn.Module, copies: dict[int, nn.Module
 
 _EXACT = 4096       # elements: a value up to this size is kept whole (on the CPU), a larger one as a sketch
 _CHUNK = 1 << 16    # a sketch projects a value chunk by chunk
-_PROJ = 4           # random projections per sketch
+_PROJ = 8           # random projections per sketch
 
 
 class _Sketch:
     """Fixed-size digests of the values blocks read and give, what ``check`` keeps of one forward to compare it with
     another (whole copies of every call's tensors took gigabytes for a block called thousands of times, or for a
     mask expanded over the batch and the heads). An expanded view is taken as the tensor it expands (its shape
-    kept too). A value of up to ``_EXACT`` elements is kept whole, on the CPU; a larger one as the L2 norm of its
-    finite entries, ``_PROJ`` projections of them on random signs, the same for both runs (``E[(s . (a - b))^2] =
-    |a - b|^2``: the projections' spread estimates the difference's norm; chunk by chunk, weighted by random
-    normals, which keeps that, with no copy of the whole value), and projections of its non-finite pattern (a
-    mask's -inf, which must agree exactly). Python floats: small tensors kept between a forward's large temporaries
-    fragment the CPU heap, which then never shrinks."""
+    kept too). A value of up to ``_EXACT`` elements is kept whole, on the CPU; a larger one as the largest of its
+    finite entries, ``_PROJ`` projections of them on random normals, the same for both runs (``E[(g . (a - b))^2]
+    = |a - b|^2``: the projections' spread estimates the difference's L2 norm, which is at least its largest entry;
+    chunk by chunk, weighted by random normals, which keeps that, with no copy of the whole value), and projections
+    of its non-finite pattern (a mask's -inf, which must agree exactly). Python floats: small tensors kept between
+    a forward's large temporaries fragment the CPU heap, which then never shrinks."""
 
     def __init__(self) -> None:
         self._signs: dict[torch.device, torch.Tensor] = {}
@@ -2073,8 +2073,8 @@ class _Sketch:
         f = lean.reshape(-1)
         signs = self._signs.get(f.device)
         if signs is None:
-            g = torch.Generator().manual_seed(0)
-            signs = torch.randint(0, 2, (_CHUNK, _PROJ), generator=g, dtype=torch.float64).mul_(2).sub_(1)
+            g = torch.Generator().manual_seed(0)  # (normals, not signs: two entries' changes cancel on signs)
+            signs = torch.randn(_CHUNK, _PROJ, generator=g, dtype=torch.float64)
             signs = self._signs[f.device] = signs.to(f.device)
         rows = -(-f.numel() // _CHUNK)
         weights = self._weights.get((rows, f.device))
@@ -2084,7 +2084,7 @@ class _Sketch:
                                                                                                    dtype=torch.float64)
             weights = self._weights[rows, f.device] = weights.to(f.device)
         proj = torch.zeros(_PROJ, dtype=torch.float64, device=f.device)
-        odd, sq, bad = torch.zeros_like(proj), torch.zeros((), dtype=torch.float64, device=f.device), False
+        odd, top, bad = torch.zeros_like(proj), torch.zeros((), dtype=torch.float64, device=f.device), False
         for i in range(rows):
             c = f[i * _CHUNK:(i + 1) * _CHUNK].double()
             s = signs[:c.numel()]
@@ -2094,8 +2094,8 @@ class _Sketch:
                 odd += (code @ s) * weights[i]
                 c, bad = c.masked_fill(~fin, 0.0), True
             proj += (c @ s) * weights[i]
-            sq += torch.dot(c, c)
-        return shape, None, (tuple(proj.tolist()), math.sqrt(sq.item()), tuple(odd.tolist()) if bad else None)
+            top = torch.maximum(top, c.abs().max())
+        return shape, None, (tuple(proj.tolist()), top.item(), tuple(odd.tolist()) if bad else None)
 
 
 def _sketch_diff(a: tuple, b: tuple) -> float | None:
@@ -2106,18 +2106,21 @@ def _sketch_diff(a: tuple, b: tuple) -> float | None:
         return None
     if whole_b is not None:
         return _rel_diff(whole_a.double(), whole_b.double(), 1e-12)
-    (pa, _, odd_a), (pb, norm_b, odd_b) = sk_a, sk_b
+    (pa, _, odd_a), (pb, top_b, odd_b) = sk_a, sk_b
     if (odd_a is None) != (odd_b is None) or (odd_a is not None and not all(
             math.isclose(x, y, rel_tol=1e-9) for x, y in zip(odd_a, odd_b))):
         return float("inf")
-    return math.sqrt(sum((x - y) ** 2 for x, y in zip(pa, pb)) / len(pa)) / max(norm_b, 1e-12)
+    # (the difference's L2 norm over the largest entry: never below the largest entry's difference over it, the
+    # measure of the values kept whole, so a change in a few entries of a large value is not diluted)
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(pa, pb)) / len(pa)) / max(top_b, 1e-12)
 
 
-def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept: list[nn.Module],
+def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept: list[nn.Module], lasts: set[int],
                 skipped: list[nn.Module], sketch: _Sketch, limit: dict[int, int] | None = None, seed: int = 0,
                 want: dict[int, list[tuple]] | None = None) -> tuple[dict[int, Any], dict[int, int]] | None:
-    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its tensor arguments, but flags
-    and complex ones) and, but for the last of ``kept``, what it gave, until a module of ``skipped`` runs (what
+    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its tensor arguments, but 0-dim
+    booleans, flags, and complex ones) and, but for the last kept block of each list (ids in ``lasts``), what it
+    gave, until a module of ``skipped`` runs (what
     follows depends on blocks a sub-model does not run), or, with ``limit`` (module id -> calls), for that many
     calls; and the calls recorded per module. Without ``want``, each value's sketch is kept (a list per module);
     with ``want`` (what such a run kept), each value is compared with the one at its place there as it comes and
@@ -2127,7 +2130,6 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
     calls: dict[int, int] = {}
     kept_calls: dict[int, int] = {}
     stop = [False]
-    last = id(kept[-1])
 
     def keep(mod: nn.Module, ts: list[torch.Tensor]) -> None:  # (dense ones: a sparse adjacency passed along is
         for t in ts:                                             # skipped)
@@ -2150,13 +2152,14 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
             kept_calls[id(mod)] = calls[id(mod)]
             # (not numbers: a count given every block for the last to know it is the last, layer_idx == n_layers -
             # 1, is one; a number that changes a block's result shows in what the block gives)
-            keep(mod, [t for t in (*tree_leaves(args), *tree_leaves(kwargs))
-                       if isinstance(t, torch.Tensor) and t.dtype != torch.bool and not t.is_complex()])
+            keep(mod, [t for t in (*tree_leaves(args), *tree_leaves(kwargs))  # (a boolean mask too, not a flag)
+                       if isinstance(t, torch.Tensor) and not (t.dtype == torch.bool and t.dim() == 0)
+                       and not t.is_complex()])
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         # (not the last block's output: a block told it is the last, final=(i == len(self.blocks) - 1), follows
         # the depth as self.blocks[-1] does)
-        if id(mod) != last and recording(mod):
+        if id(mod) not in lasts and recording(mod):
             keep(mod, [t for t in [first_float(out)] if t is not None])
 
     def halt(mod: nn.Module, args: tuple) -> None:
@@ -2211,7 +2214,10 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
         lists = [m for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim is dd]
         if not lists or dd.full < 2 or dd.name in warned:
             continue
-        blocks = [copies.get(id(e), e) for e in lists[0]._modules.values() if e is not None]
+        # (the blocks of every list the Depth cuts, an encoder's and a decoder's: those that run before the full
+        # model's first skipped block are compared, in whichever list)
+        per_list = [(m, [copies.get(id(e), e) for e in m._modules.values() if e is not None]) for m in lists]
+        blocks = [b for _, bs in per_list for b in bs]
         if len({id(b) for b in blocks}) != len(blocks):  # (one module at several positions, ALBERT-like)
             continue
         for size in dd.sizes[:-1]:
@@ -2224,26 +2230,28 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
             kept = [b for b in blocks if id(b) not in skip]
             if not kept:
                 continue
+            lasts = {id(k[-1]) for _, bs in per_list for k in [[b for b in bs if id(b) not in skip]] if k}
             try:  # (values this comparison cannot take: not compared)
                 full = sub.replace(**{dd.name: dd.full})
-                want = _blocks_fed(nest, model, example, full, kept, list(skip.values()), sketch)
+                want = _blocks_fed(nest, model, example, full, kept, lasts, list(skip.values()), sketch)
                 # (the sub-model's calls compared as many as the full model's before its first skipped block: a
                 # loop calling the blocks many times, RNN-like, is not followed to its end)
-                got = None if want is None else _blocks_fed(nest, model, example, sub, kept, [], sketch, want[1],
-                                                            want=want[0])
+                got = None if want is None else _blocks_fed(nest, model, example, sub, kept, lasts, [], sketch,
+                                                            want[1], want=want[0])
                 if got is None:
                     continue
                 err, k = _fed_error(got[0], want[0], kept, tol)
                 if k < 0:
                     continue
-                again = _blocks_fed(nest, model, example, full, kept, list(skip.values()), sketch, seed=1,
+                again = _blocks_fed(nest, model, example, full, kept, lasts, list(skip.values()), sketch, seed=1,
                                     want=want[0])  # (a forward that samples: the full model's own draws differ)
                 if again is None or _fed_error(again[0], want[0], kept, tol)[1] >= 0:
                     continue
             except Exception:
                 continue
+            holder, index = next((m, bs.index(kept[k])) for m, bs in per_list if kept[k] in bs)
             warnings.warn(
-                f"nest.check: depth {dd.name!r} at {size}: block {k} of {lists[0]._sn.path or '<root>'!r} reads "
+                f"nest.check: depth {dd.name!r} at {size}: block {index} of {holder._sn.path or '<root>'!r} reads "
                 f"or gives other values than in the full model (relative difference {err:.2g}) before any block the "
                 "depth skips runs there: the forward feeds the blocks something that follows the depth (per-layer "
                 "values read from the end or reversed with the depth's count, gathered before the loop, "

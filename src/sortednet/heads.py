@@ -104,10 +104,11 @@ def _holds(m: nn.Module, name: str) -> bool:
 
 def _bottleneck_pairs(m: nn.Module, width: int) -> set[str]:
     """Relative paths of the ``nn.Linear`` descendants of ``m`` that meet a sibling in a hidden width of ``width``:
-    one with ``out_features == width`` and, under the same parent and declared after it (an adapter's
-    ``A`` then ``B``, a Sequential in its order), one with ``in_features == width``. The other order is no
-    bottleneck: Swin-v2's position-bias MLP ``Linear(2, 512)``, ReLU, ``Linear(512, heads)`` with 2 heads takes the
-    2 coordinates first and gives one value per head last."""
+    one with ``out_features == width`` and, under the same parent, one with ``in_features == width`` (an adapter's
+    down and up projections, declared in either order). Under an ``nn.Sequential``, which runs its children in
+    order, only the one giving that width before the one taking it: Swin-v2's position-bias MLP ``Linear(2,
+    512)``, ReLU, ``Linear(512, heads)`` with 2 heads takes the 2 coordinates first and gives one value per head
+    last, no bottleneck."""
     makes: dict[str, list[tuple[int, str]]] = {}
     takes: dict[str, list[tuple[int, str]]] = {}
     for i, (n, c) in enumerate(m.named_modules(remove_duplicate=False)):
@@ -119,6 +120,9 @@ def _bottleneck_pairs(m: nn.Module, width: int) -> set[str]:
                 takes.setdefault(parent, []).append((i, n))
     pairs = set()
     for parent in makes.keys() & takes.keys():
+        if not isinstance(m.get_submodule(parent), nn.Sequential):
+            pairs |= {n for _, n in (*makes[parent], *takes[parent])}
+            continue
         pairs |= {n for i, n in makes[parent] if any(j > i for j, _ in takes[parent])}
         pairs |= {n for j, n in takes[parent] if any(i < j for i, _ in makes[parent])}
     return pairs

@@ -651,7 +651,7 @@ class StateKeys:
                     if elsewhere else "")
 
         for path, rel, what, removed, added in self.targets:
-            at = prefix + _keyed_as(module, rel, state_dict, (*removed, *added, *_FACTORS, "weight"))
+            at = prefix + _keyed_as(module, rel, state_dict, prefix, (*removed, *added, *_FACTORS, "weight"))
             name = repr(path) if path else "the model's root"
             other = [at + n for n in _FACTORS if n not in added and at + n in state_dict]  # (another Rank mode's)
             stale = [at + n for n in removed if at + n in state_dict]
@@ -682,12 +682,13 @@ class StateKeys:
                 f"strict=True) would refuse it only after copying every other tensor: {nothing}")
 
 
-def _keyed_as(module: nn.Module, rel: str, state_dict: Mapping, names: tuple[str, ...]) -> str:
+def _keyed_as(module: nn.Module, rel: str, state_dict: Mapping, prefix: str, names: tuple[str, ...]) -> str:
     """The key prefix, relative to ``module``, under which ``state_dict`` holds the tensors of its descendant
     ``rel``: ``rel.`` itself, or, below a module with a load pre-hook of someone else's and a private child (an
     activation-checkpoint wrapper's ``_checkpoint_wrapped_module``, whose hook adds that name to the keys only
     when the load reaches it), ``rel.`` without that child's name, where the state_dict holds one of ``names``
-    there: the keys of the model before the wrapper, which the checks above the wrapper must read as they come."""
+    there (under ``prefix``, the load's key prefix of ``module``): the keys of the model before the wrapper, which
+    the checks above the wrapper must read as they come."""
     parts = rel.split(".") if rel else []
     forms = [[]]
     m: nn.Module | None = module
@@ -697,7 +698,7 @@ def _keyed_as(module: nn.Module, rel: str, state_dict: Mapping, names: tuple[str
         m = m._modules.get(part) if m is not None else None
     for f in forms:
         at = ".".join(f) + "." if f else ""
-        if any(at + n in state_dict for n in names):
+        if any(prefix + at + n in state_dict for n in names):
             return at
     return rel + "." if rel else ""
 
@@ -710,19 +711,29 @@ def _not_held(module: nn.Module, key: str) -> bool:
     path, _, name = key.rpartition(".")
     m = module
     for part in ([*path.split(".")] if path else []):
-        if _renames(m) or _own_loader(m):
+        if _renames(m):
             return False
         m = m._modules.get(part)  # type: ignore[assignment]
         if m is None:
             return False
-    return not _renames(m) and not _own_loader(m) and name not in m._parameters and name not in m._buffers
+    return not _renames(m) and name not in m._parameters and name not in m._buffers and not _own_key(m, name)
 
 
-def _own_loader(m: nn.Module) -> bool:
-    """Whether ``m``'s class reads its state_dict with code of its own (a packed or quantized layer's
-    ``_load_from_state_dict``, which may take keys that name no tensor of it)."""
+def _own_key(m: nn.Module, name: str) -> bool:
+    """Whether ``m``'s own state-dict code (a packed or quantized layer's) writes a key ``name``, which then names
+    a tensor of its own, not another nest's adapter (a loader of its own that only converts legacy keys writes
+    none such)."""
     st = m.__dict__.get("_sn")
-    return getattr(st.cls if st is not None else type(m), "_load_from_state_dict", None) not in _LOADERS
+    cls = st.cls if st is not None else type(m)
+    if cls._save_to_state_dict is nn.Module._save_to_state_dict and \
+            getattr(cls, "_load_from_state_dict", None) in _LOADERS:
+        return False
+    dest: dict[str, Any] = {}
+    try:
+        m._save_to_state_dict(dest, "", True)
+    except Exception:  # (code of its own that cannot run here: its keys are its own to judge)
+        return True
+    return name in dest
 
 
 def _renames(m: nn.Module) -> bool:
@@ -764,18 +775,22 @@ class StateShapes:
                 self.root and isinstance(loading, nn.Module) and any(m is module for m in loading.modules())):
             return
         bad = []
-        stack: list[tuple[str, nn.Module]] = [("", module)]
+        stack: list[tuple[tuple[str, ...], nn.Module]] = [(("",), module)]
         while stack:  # (as load_state_dict walks: a shared module under each of its paths)
-            path, m = stack.pop()
+            paths, m = stack.pop()
             if any(not _ours(h) for h in m._load_state_dict_pre_hooks.values()):
-                continue  # (a hook of someone else's may convert the state_dict of this module and below)
-            stack.extend((f"{path}.{n}" if path else n, c) for n, c in m._modules.items() if c is not None)
+                inner = _wrapped_child(m)  # (a hook of someone else's may convert the state_dict of this module and
+                if inner is not None:      # below; an activation-checkpoint wrapper's only adds its inner name)
+                    stack.append(((*(_join(p, inner) for p in paths), *paths), m._modules[inner]))
+                continue
+            stack.extend((tuple(_join(p, n) for p in paths), c) for n, c in m._modules.items() if c is not None)
             st = m.__dict__.get("_sn")
             if getattr(st.cls if st is not None else type(m), "_load_from_state_dict", None) not in _LOADERS:
                 continue
-            at = prefix + (f"{path}." if path else "")
             for name, t in (*m._parameters.items(), *m._buffers.items()):
-                if (t is None or at + name not in state_dict or name in m._non_persistent_buffers_set
+                at = next((a for a in (prefix + (f"{p}." if p else "") for p in paths) if a + name in state_dict),
+                          None)  # (the keys as the state_dict holds them, above a wrapper or below it)
+                if (t is None or at is None or name in m._non_persistent_buffers_set
                         or isinstance(t, nn.parameter.UninitializedTensorMixin)):
                     continue
                 v = state_dict[at + name]
@@ -792,6 +807,20 @@ class StateShapes:
             raise _ShapeMismatch(f"load_state_dict: {what} ({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): "
                                  f"nothing {where} copied (PyTorch would refuse them only after copying every other "
                                  f"tensor){hint}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _wrapped_child(m: nn.Module) -> str | None:
+    """The name of the one child of ``m``, a wrapper holding no tensor of its own, when that name is private
+    (``_checkpoint_wrapped_module``): a wrapper whose load pre-hook only adds that name to the keys of the model
+    before it. None for any other module."""
+    kids = [n for n, c in m._modules.items() if c is not None]
+    if len(kids) == 1 and kids[0].startswith("_") and not m._parameters and not m._buffers:
+        return kids[0]
+    return None
 
 
 def _load_call() -> dict[str, Any]:
