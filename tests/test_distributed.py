@@ -770,6 +770,53 @@ def _fsdp1_head_and_fsdp2_draws(rank: int) -> dict:
     return every
 
 
+def _fsdp2_loads(rank: int) -> dict:
+    """Loads into an FSDP2-sharded Rank nest that sortednet refuses in one process, before any copy: FSDP2's own
+    load hooks (resharding, on every module holding its parameters, a pre-hook from the first forward on) were
+    taken for hooks that rename keys or drop missing ones, which switched the checks off; and
+    set_model_state_dict fills the keys a state_dict lacks with the model's own tensors, which passed a pre-wrap
+    svd weight. What each load raised, and the keys it changed, per case."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def nest_of(seed, ranks, mode):
+        m = mlp(seed)
+        sn.wrap(m, sn.Rank("r", ranks, targets="0", mode=mode))
+        return m
+
+    out: dict = {}
+    cases = {"other_ranks_dcp": ("lora", lambda: nest_of(1, [2, 4], "lora").state_dict(), "dcp", True),
+             "other_ranks_plain": ("svd", lambda: nest_of(1, [2, 4], "svd").state_dict(), "plain", True),
+             "base_into_lora_strict": ("lora", lambda: mlp(1).state_dict(), "plain", True),
+             "prewrap_svd_dcp_strict": ("svd", lambda: mlp(1).state_dict(), "dcp", True),
+             "prewrap_svd_dcp_lenient": ("svd", lambda: mlp(1).state_dict(), "dcp", False)}
+    for name, (mode, source, how, strict) in cases.items():
+        model = nest_of(0, [2, 4, 8], mode)
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        model(torch.randn(4, 8)).sum().backward()  # (a forward: FSDP2 registers its load pre-hooks there)
+        model.zero_grad(set_to_none=True)
+        before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        sd = source()
+        try:
+            if how == "dcp":
+                set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+            else:
+                model.load_state_dict(sd, strict=strict)
+            said = "accepted"
+        except sn.SortedNetError as e:
+            said = f"SortedNetError: {e}"
+        except Exception as e:  # noqa: BLE001 - what the test reports
+            said = f"{type(e).__name__}: {e}"
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v.full_tensor(), before[k])]
+        out[name] = (said, changed)
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -781,6 +828,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["errors"] = _errors(rank, out_dir)
         results["bn_buffers"] = _bn_buffers(rank)
         results["fsdp1_head"] = _fsdp1_head_and_fsdp2_draws(rank)
+        results["fsdp2_loads"] = _fsdp2_loads(rank)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -1186,3 +1234,14 @@ def test_fsdp1_is_refused_before_it_flattens_a_layer_no_dimension_slices():
     assert_unchanged(model, before)
     assert [n for n, _ in model.named_parameters()] == names
     assert type(model[0]._parameters["weight"]) is torch.nn.Parameter
+
+
+def test_loads_into_an_fsdp2_rank_nest_are_refused_before_any_copy(run):
+    """FSDP2's own load hooks switched the load checks off (a nest of other ranks half-loaded, then a raw size
+    mismatch; a base checkpoint into a lora nest with strict=True half-loaded, then missing keys), and
+    set_model_state_dict's filling of missing keys with the model's own U / V let a pre-wrap svd weight through
+    (with strict=False: a silently mixed model). Each is refused with a SortedNetError, nothing changed."""
+    _, results = run
+    for name, (said, changed) in results["fsdp2_loads"].items():
+        assert said.startswith("SortedNetError"), (name, said)
+        assert changed == [], (name, changed)

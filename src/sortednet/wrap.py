@@ -635,6 +635,13 @@ class StateKeys:
         nothing = ("nothing was copied" if loading is module or not prefix else
                    f"nothing under {prefix[:-1]!r} was copied")
 
+        held: list[set[int]] = []
+
+        def own(v: Any) -> bool:  # (the model's own tensor: torch.distributed.checkpoint's set_model_state_dict
+            if not held:          # fills the keys a state_dict lacks with them, so U / V given are not the file's)
+                held.append({id(t) for t in (*module.parameters(), *module.buffers())})
+            return id(v) in held[0]
+
         def foreign() -> list[str]:
             if not found:
                 found.append([k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in _FACTORS
@@ -655,7 +662,7 @@ class StateKeys:
             name = repr(path) if path else "the model's root"
             other = [at + n for n in _FACTORS if n not in added and at + n in state_dict]  # (another Rank mode's)
             stale = [at + n for n in removed if at + n in state_dict]
-            if stale and not any(at + n in state_dict for n in added):
+            if stale and not any(at + n in state_dict and not own(state_dict[at + n]) for n in added):
                 said = why(at, other, False)
                 raise SortedNetError(
                     f"load_state_dict: {name} is a {what} target; wrap replaced its "
@@ -737,14 +744,25 @@ def _own_key(m: nn.Module, name: str) -> bool:
 
 
 def _renames(m: nn.Module) -> bool:
-    """Whether ``m`` has a state-dict or load pre-hook that is not sortednet's (one that may rename its keys)."""
-    for hooks in (m._state_dict_hooks, m._state_dict_pre_hooks, m._load_state_dict_pre_hooks):
-        for h in hooks.values():
-            f = getattr(h, "hook", h)  # (a load pre-hook is held wrapped)
-            f = getattr(f, "func", f)
-            if not str(getattr(f, "__module__", None) or type(f).__module__).startswith("sortednet"):
-                return True
-    return False
+    """Whether ``m`` has a state-dict or load pre-hook that is not sortednet's nor FSDP2's (one that may rename its
+    keys)."""
+    return any(not _keeps_keys(h) for hooks in (m._state_dict_hooks, m._state_dict_pre_hooks,
+                                                 m._load_state_dict_pre_hooks) for h in hooks.values())
+
+
+_FSDP2 = "torch.distributed.fsdp._fully_shard."
+
+
+def _keeps_keys(hook: Any) -> bool:
+    """Whether a state-dict hook table's entry keeps the keys and values as they are for sortednet's checks:
+    sortednet's own, or FSDP2's (``fully_shard`` registers, on every module holding its parameters, load hooks that
+    reshard them before a load and after it: they rename no key, and drop no missing key)."""
+    if _ours(hook):
+        return True
+    for attr in ("hook", "__func__", "func"):
+        hook = getattr(hook, attr, hook)
+    module = getattr(hook, "__module__", None)
+    return isinstance(module, str) and module.startswith(_FSDP2)
 
 
 class _ShapeMismatch(SortedNetError, RuntimeError):
@@ -778,7 +796,7 @@ class StateShapes:
         stack: list[tuple[tuple[str, ...], nn.Module]] = [(("",), module)]
         while stack:  # (as load_state_dict walks: a shared module under each of its paths)
             paths, m = stack.pop()
-            if any(not _ours(h) for h in m._load_state_dict_pre_hooks.values()):
+            if any(not _keeps_keys(h) for h in m._load_state_dict_pre_hooks.values()):
                 inner = _wrapped_child(m)  # (a hook of someone else's may convert the state_dict of this module and
                 if inner is not None:      # below; an activation-checkpoint wrapper's only adds its inner name)
                     stack.append(((*(_join(p, inner) for p in paths), *paths), m._modules[inner]))
@@ -851,7 +869,8 @@ def _strict_load() -> bool:
     if not call:
         return False
     root = call.get("self")
-    hooked = isinstance(root, nn.Module) and any(m._load_state_dict_post_hooks for m in root.modules())
+    hooked = isinstance(root, nn.Module) and any(not _keeps_keys(h) for m in root.modules()
+                                                 for h in m._load_state_dict_post_hooks.values())
     return bool(call.get("strict", True)) and not hooked
 
 
