@@ -1577,6 +1577,41 @@ class _WindowBlocks(nn.Module):
         return x
 
 
+class _FlagBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x, last):
+        h = x + torch.tanh(self.fc(x))
+        return torch.where(last, self.norm(h), h)  # (the last block applies the final norm)
+
+
+class _Flagged(nn.Module):
+    """Blocks told they are the last by a one-element boolean tensor."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(_FlagBlock() for _ in range(n))
+
+    def forward(self, x):
+        for i, b in enumerate(self.blocks):
+            x = b(x, torch.tensor([i == len(self.blocks) - 1]))
+        return x
+
+
+def test_a_one_element_boolean_is_a_flag():
+    """Boolean tensors are compared; a one-element one telling the last block it is the last, as ``final=True``
+    does, is a flag, not a per-layer value."""
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.LayerPairingWarning)
+        nest = sn.wrap(_Flagged(), sn.Depth("depth", [1, 2, 4], layers="blocks"), example=x)
+    with torch.no_grad(), nest.use("depth=2"):
+        torch.testing.assert_close(nest.model(x), nest.export("depth=2")(x))
+
+
 def test_a_boolean_mask_read_from_the_end_is_compared():
     """Boolean tensors were never compared (taken for flags): a per-layer boolean window read from the end went
     unwarned where a float one was. Only a 0-dim boolean is a flag now."""

@@ -628,6 +628,66 @@ def test_a_refused_load_of_a_target_under_a_checkpoint_wrapper_copies_nothing(mo
     model.load_state_dict(own)
 
 
+class _LegacyT(nn.Module):
+    """A wrapper of one private child, no tensors of its own, whose load pre-hook takes an old layout (the weight
+    stored transposed, under the wrapper's own name)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self._x = inner
+        self._register_load_state_dict_pre_hook(_LegacyT._convert)
+
+    @staticmethod
+    def _convert(sd, prefix, *args):
+        if prefix + "weight" in sd:
+            sd[prefix + "_x.weight"] = sd.pop(prefix + "weight").t()
+        if prefix + "bias" in sd:
+            sd[prefix + "_x.bias"] = sd.pop(prefix + "bias")
+
+    def forward(self, x):
+        return self._x(x)
+
+
+def test_the_checks_read_through_a_checkpoint_wrapper_only():
+    """The shape check read the keys under any wrapper of one private child in both forms: a wrapper of one's own
+    whose hook converts an old layout (a transposed weight) had its legacy checkpoint refused for the shape it
+    converts. And another nest's adapters on one more target under an activation-checkpoint wrapper were not
+    looked for (the wrapper's key form): a raw error after every tensor was copied."""
+    def legacy_model(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 16), _LegacyT(nn.Linear(16, 32)), nn.ReLU(), nn.Linear(32, 4))
+
+    legacy = {k.replace("1._x.", "1."): (v.t() if k == "1._x.weight" else v)
+              for k, v in legacy_model(1).state_dict().items()}
+    m = legacy_model(0)
+    sn.wrap(m, sn.Rank("r", [2, 8], targets=["0"], mode="lora"))
+    m.load_state_dict(legacy, strict=False)
+    torch.testing.assert_close(m[1]._x.weight, legacy["1.weight"].t(), rtol=0, atol=0)
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc(x)))
+
+    def build(seed, targets):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(8, 16), checkpoint_wrapper(Blk()), nn.Linear(16, 4))
+        sn.wrap(net, sn.Rank("r", [2, 8], targets=[f"1._checkpoint_wrapped_module.{t}" for t in targets],
+                             mode="lora"))
+        return net
+
+    a = build(0, ["fc"])
+    snap = snapshot(a)
+    with pytest.raises(sn.SortedNetError, match=r"holds \['1.fc2.lora_A', '1.fc2.lora_B'\], the factors / adapters"):
+        a.load_state_dict(build(1, ["fc", "fc2"]).state_dict())
+    assert_unchanged(a, snap)
+
+
 def test_a_refusal_under_a_container_of_ones_own_says_what_was_not_copied():
     """A load called on a container holding the wrapped model has copied the container's modules before it when
     the wrapped model's hooks run: the refusal said "nothing was copied"; it says what lies under its prefix."""

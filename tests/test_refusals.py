@@ -977,13 +977,20 @@ class _UpFirstLoRA(nn.Module):
         return self.o(y) + self.lora_up(self.lora_down(x))
 
 
-def test_an_adapter_declared_up_before_down_is_no_per_head_table():
-    """The pair order that tells Swin-v2's position-bias MLP (a Sequential taking the coordinates first) from an
-    adapter refused an adapter whose modules are declared up first (a module runs its children in any order): only
-    an nn.Sequential's order is read."""
+def test_an_adapter_declared_up_before_down_is_refused_naming_both():
+    """The pair order that tells Swin-v2's position-bias MLP (taking the coordinates first, one value per head
+    last) from a low-rank adapter cannot tell an adapter declared up before down (a module of one's own runs its
+    children in any order): refused, and the message suggested whole= of one of them, refused again for the other.
+    It names both now; with both in whole= every sub-model equals its export."""
     torch.manual_seed(0)
     m, x = _UpFirstLoRA().eval(), torch.randn(2, 5, 12)
-    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn=""))
+    before = snapshot(m)
+    for whole in (None, "lora_up"):
+        with pytest.raises(sn.PatternError, match=r"its children \['lora_up', 'lora_down'\] \(Linears\) meet in a "
+                                                  r"width of 4, the head count.*whole=\['lora_up', 'lora_down'\]"):
+            sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="", whole=whole))
+    assert_unchanged(m, before)
+    nest = sn.wrap(m, sn.Heads("h", [1, 2, 4], attn="", whole=["lora_up", "lora_down"]))
     for h in (1, 2, 4):
         with torch.no_grad(), nest.use(f"h={h}"):
             torch.testing.assert_close(m(x), nest.export(f"h={h}")(x), rtol=1e-5, atol=1e-6)
@@ -1006,7 +1013,7 @@ def test_swinv2_position_bias_mlp_and_logit_scale_are_refused_at_wrap(heads):
     with pytest.raises(sn.PatternError, match=rf"child 'self' .*'logit_scale' of shape \({heads}, 1, 1\).*"
                        r"whole='self.logit_scale'"):
         sn.wrap(m, dim())
-    with pytest.raises(sn.PatternError, match=r"child 'self.continuous_position_bias_mlp.[02]' \(Linear\)"):
+    with pytest.raises(sn.PatternError, match=r"child(ren)? \[?'self.continuous_position_bias_mlp.[02]'"):
         sn.wrap(m, dim(whole="self.logit_scale"))
     assert_unchanged(m, before)
 

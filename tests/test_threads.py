@@ -529,14 +529,29 @@ def test_interleaved_streams_each_holding_use_across_yields_are_warned_of():
         with nest.use(sub):
             yield
 
+    @contextlib.contextmanager
+    def delegating(sub):  # (a helper delegating to a shared body: that body is stepped by this generator)
+        yield from fixture(sub)
+
+    class Serving:  # (a class of one's own stepping the generator by hand)
+        def __init__(self, sub):
+            self.g = fixture(sub)
+
+        def __enter__(self):
+            next(self.g)
+
+        def __exit__(self, *exc):
+            next(self.g, None)
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", UseAcrossYieldWarning)
         with serving("h=2"), torch.no_grad():
             assert torch.equal(m(x), ref["h=2"])
             with nest.use("h=4"):
                 assert torch.equal(m(x), ref["h=4"])
-        with nest.use("h=4"), serving("h=2"), torch.no_grad():  # (inside a block of the caller's own)
-            assert torch.equal(m(x), ref["h=2"])
+        for helper in (serving, delegating, Serving):
+            with nest.use("h=4"), helper("h=2"), torch.no_grad():  # (inside a block of the caller's own)
+                assert torch.equal(m(x), ref["h=2"])
         f = fixture("h=4")
         next(f)
         with torch.no_grad():

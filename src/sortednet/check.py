@@ -2118,7 +2118,7 @@ def _sketch_diff(a: tuple, b: tuple) -> float | None:
 def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept: list[nn.Module], lasts: set[int],
                 skipped: list[nn.Module], sketch: _Sketch, limit: dict[int, int] | None = None, seed: int = 0,
                 want: dict[int, list[tuple]] | None = None) -> tuple[dict[int, Any], dict[int, int]] | None:
-    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its tensor arguments, but 0-dim
+    """A forward of ``sub``: per module of ``kept``, call by call, what it read (its tensor arguments, but one-element
     booleans, flags, and complex ones) and, but for the last kept block of each list (ids in ``lasts``), what it
     gave, until a module of ``skipped`` runs (what
     follows depends on blocks a sub-model does not run), or, with ``limit`` (module id -> calls), for that many
@@ -2153,7 +2153,7 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
             # (not numbers: a count given every block for the last to know it is the last, layer_idx == n_layers -
             # 1, is one; a number that changes a block's result shows in what the block gives)
             keep(mod, [t for t in (*tree_leaves(args), *tree_leaves(kwargs))  # (a boolean mask too, not a flag)
-                       if isinstance(t, torch.Tensor) and not (t.dtype == torch.bool and t.dim() == 0)
+                       if isinstance(t, torch.Tensor) and not (t.dtype == torch.bool and t.numel() == 1)
                        and not t.is_complex()])
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:

@@ -104,11 +104,11 @@ def _holds(m: nn.Module, name: str) -> bool:
 
 def _bottleneck_pairs(m: nn.Module, width: int) -> set[str]:
     """Relative paths of the ``nn.Linear`` descendants of ``m`` that meet a sibling in a hidden width of ``width``:
-    one with ``out_features == width`` and, under the same parent, one with ``in_features == width`` (an adapter's
-    down and up projections, declared in either order). Under an ``nn.Sequential``, which runs its children in
-    order, only the one giving that width before the one taking it: Swin-v2's position-bias MLP ``Linear(2,
-    512)``, ReLU, ``Linear(512, heads)`` with 2 heads takes the 2 coordinates first and gives one value per head
-    last, no bottleneck."""
+    one with ``out_features == width`` and, under the same parent and declared after it (an adapter's down
+    projection, then its up one; a Sequential in its order), one with ``in_features == width``. The other order is
+    no bottleneck where it runs so: Swin-v2's position-bias MLP ``Linear(2, 512)``, ReLU, ``Linear(512, heads)``
+    with 2 heads takes the 2 coordinates first and gives one value per head last. Which order a module of one's own
+    runs them in is not known from its declaration: such a pair is refused, naming both (``whole=``)."""
     makes: dict[str, list[tuple[int, str]]] = {}
     takes: dict[str, list[tuple[int, str]]] = {}
     for i, (n, c) in enumerate(m.named_modules(remove_duplicate=False)):
@@ -120,12 +120,26 @@ def _bottleneck_pairs(m: nn.Module, width: int) -> set[str]:
                 takes.setdefault(parent, []).append((i, n))
     pairs = set()
     for parent in makes.keys() & takes.keys():
-        if not isinstance(m.get_submodule(parent), nn.Sequential):
-            pairs |= {n for _, n in (*makes[parent], *takes[parent])}
-            continue
         pairs |= {n for i, n in makes[parent] if any(j > i for j, _ in takes[parent])}
         pairs |= {n for j, n in takes[parent] if any(i < j for i, _ in makes[parent])}
     return pairs
+
+
+def _reversed_pairs(m: nn.Module, width: int) -> dict[str, list[str]]:
+    """The sibling Linears of ``m`` that meet in a width of ``width`` in the other order (the one taking it declared
+    before the one giving it), by each one's relative path: the pair's paths, to name both in a message."""
+    out: dict[str, list[str]] = {}
+    kids: dict[str, list[str]] = {}
+    for n, c in m.named_modules(remove_duplicate=False):
+        if n and isinstance(c, nn.Linear) and width in (c.in_features, c.out_features) and \
+                c.in_features != c.out_features:
+            kids.setdefault(n.rpartition(".")[0], []).append(n)
+    done = _bottleneck_pairs(m, width)
+    for names in kids.values():
+        left = [n for n in names if n not in done]
+        if len(left) > 1:
+            out.update({n: left for n in left})
+    return out
 
 
 def separate_qkv(children: set[str]) -> tuple[str, ...] | None:
@@ -485,6 +499,14 @@ class Heads(Dimension):
                     # 1) a logit scale: a convolution's kernel axes may be as long as the head count, and a 1-D
                     # weight (a norm's) of that length is a width)
                 if lead == H or t.shape[-1] == H:
+                    both = _reversed_pairs(m, H).get(n)
+                    if both:
+                        raise self._err(path, f"its children {both} (Linears) meet in a width of {H}, the head "
+                                              "count, the one taking it declared first: Swin-v2's position-bias MLP "
+                                              "(one value per head, last), or a low-rank adapter declared up before "
+                                              "down. If they are an adapter, not per-head, pass "
+                                              f"whole={both} to leave them whole; else give the per-head one a "
+                                              "slicer and name it in per_head= (docs/heads.md)")
                     raise self._err(path, f"its child {n!r} ({type(c).__name__}) holds the parameter {pn!r} of "
                                           f"shape {tuple(t.shape)}, which looks per-head (an axis of {H}, the head "
                                           "count) and Heads would leave whole. If it is, give "

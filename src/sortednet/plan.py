@@ -184,9 +184,13 @@ _CONTEXTLIB = contextlib.__file__
 
 
 def _stepped_by_contextlib(frame: Any) -> bool:
-    """Whether the generator running ``frame`` was resumed by ``contextlib`` (a ``contextmanager``'s enter)."""
+    """Whether the generator running ``frame`` (or one delegating to it by ``yield from``) was resumed by a context
+    manager's enter: ``contextlib``'s (a ``contextmanager``) or a class's own ``__enter__`` / ``__aenter__``."""
     back = frame.f_back
-    return back is not None and back.f_code.co_filename == _CONTEXTLIB
+    while back is not None and back.f_code.co_flags & _GENERATORS and back.f_code.co_filename != _CONTEXTLIB:
+        back = back.f_back  # (a generator delegating to this one)
+    return back is not None and (back.f_code.co_filename == _CONTEXTLIB
+                                 or back.f_code.co_name in ("__enter__", "__aenter__"))
 
 
 class UseAcrossYieldWarning(UserWarning):

@@ -712,18 +712,26 @@ def _keyed_as(module: nn.Module, rel: str, state_dict: Mapping, prefix: str, nam
 
 def _not_held(module: nn.Module, key: str) -> bool:
     """Whether ``key`` (relative to ``module``) names a tensor the module it points to does not hold: that module
-    exists (a key of another model is PyTorch's to report) and has no parameter or buffer of that name. False
-    where a module on the way renames its keys (a state-dict hook of someone else's: an activation-checkpoint
-    wrapper drops its inner module's name from the keys, so the path does not lead to the holder)."""
+    exists (a key of another model is PyTorch's to report) and has no parameter or buffer of that name. Through an
+    activation-checkpoint wrapper, whose state-dict hooks drop its inner module's name from the keys, either form;
+    False where another module on the way renames its keys (a state-dict hook of someone else's: the path may not
+    lead to the holder)."""
     path, _, name = key.rpartition(".")
-    m = module
-    for part in ([*path.split(".")] if path else []):
-        if _renames(m):
-            return False
-        m = m._modules.get(part)  # type: ignore[assignment]
+    m: nn.Module | None = module
+    for part in [*(path.split(".") if path else []), None]:
+        while _renames(m):  # (an activation-checkpoint wrapper: the key may leave its inner name out; another
+            inner = _wrapped_child(m)  # module renaming its keys: the path does not lead to the holder)
+            if inner is None:
+                return False
+            if part == inner:
+                break
+            m = m._modules[inner]
+        if part is None:
+            break
+        m = m._modules.get(part)
         if m is None:
             return False
-    return not _renames(m) and name not in m._parameters and name not in m._buffers and not _own_key(m, name)
+    return name not in m._parameters and name not in m._buffers and not _own_key(m, name)
 
 
 def _own_key(m: nn.Module, name: str) -> bool:
@@ -757,12 +765,7 @@ def _keeps_keys(hook: Any) -> bool:
     """Whether a state-dict hook table's entry keeps the keys and values as they are for sortednet's checks:
     sortednet's own, or FSDP2's (``fully_shard`` registers, on every module holding its parameters, load hooks that
     reshard them before a load and after it: they rename no key, and drop no missing key)."""
-    if _ours(hook):
-        return True
-    for attr in ("hook", "__func__", "func"):
-        hook = getattr(hook, attr, hook)
-    module = getattr(hook, "__module__", None)
-    return isinstance(module, str) and module.startswith(_FSDP2)
+    return _ours(hook) or _hook_module(hook).startswith(_FSDP2)
 
 
 class _ShapeMismatch(SortedNetError, RuntimeError):
@@ -831,14 +834,26 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+_RENAMERS = ("torch.distributed.algorithms._checkpoint.",)  # (checkpoint_wrapper's state-dict hooks)
+
+
 def _wrapped_child(m: nn.Module) -> str | None:
-    """The name of the one child of ``m``, a wrapper holding no tensor of its own, when that name is private
-    (``_checkpoint_wrapped_module``): a wrapper whose load pre-hook only adds that name to the keys of the model
-    before it. None for any other module."""
+    """The name of the one child of ``m``, an activation-checkpoint wrapper (``_checkpoint_wrapped_module``) whose
+    state-dict hooks only take that name out of the keys and put it back on load: the keys under it are the
+    child's, in either form. None for any other module (a hook of someone else's may convert the tensors too)."""
     kids = [n for n, c in m._modules.items() if c is not None]
-    if len(kids) == 1 and kids[0].startswith("_") and not m._parameters and not m._buffers:
-        return kids[0]
-    return None
+    if len(kids) != 1 or not kids[0].startswith("_") or m._parameters or m._buffers:
+        return None
+    hooks = [h for table in (m._state_dict_hooks, m._state_dict_pre_hooks, m._load_state_dict_pre_hooks)
+             for h in table.values() if not _keeps_keys(h)]
+    return kids[0] if hooks and all(_hook_module(h).startswith(_RENAMERS) for h in hooks) else None
+
+
+def _hook_module(hook: Any) -> str:
+    for attr in ("hook", "__func__", "func"):
+        hook = getattr(hook, attr, hook)
+    module = getattr(hook, "__module__", None)
+    return module if isinstance(module, str) else type(hook).__module__
 
 
 def _load_call() -> dict[str, Any]:
