@@ -7,10 +7,10 @@ draft (sharing the KV cache), with a cascade of two exits, and with an
 adaptive draft length. Every output equals plain greedy decoding; the table
 shows the speed-up (against greedy ``generate`` of the full model exported as a
 stock ``LlamaForCausalLM``) and the acceptance. A model trained this briefly
-repeats itself, and repetitive text is easy to draft: acceptance is near 1 here,
-and a better-trained model accepts less and gains less
-(benchmarks/results/speculative.md measures that). No downloads; a few minutes
-on a CPU.
+repeats itself, and repetitive text is easy to draft: the shorter the training
+(``--steps``), the higher the acceptance, and a better-trained model accepts
+less and gains less (benchmarks/results/speculative.md measures that). No
+downloads; a few minutes on a CPU.
 
     PYTHONPATH=src python examples/speculative.py [--steps 300]
 """

@@ -520,6 +520,30 @@ def test_interleaved_streams_each_holding_use_across_yields_are_warned_of():
     b.close()
     assert nest.active == nest.largest
 
+    class Session:  # (a session object whose __enter__ primes a generator holding use across its sends)
+        def __init__(self, sub):
+            self.g, self.out = self.run(sub), None
+
+        def run(self, sub):
+            with nest.use(sub):
+                while True:
+                    xx = yield
+                    with torch.no_grad():
+                        self.out = m(xx)
+
+        def __enter__(self):
+            next(self.g)
+            return self
+
+        def __exit__(self, *exc):
+            self.g.close()
+
+    with pytest.warns(UseAcrossYieldWarning, match="a forward runs h=4"), Session("h=2") as s2, \
+            Session("h=4") as s4:
+        s2.g.send(x)  # (s2's forward, under s4's block)
+        assert not torch.equal(s2.out, ref["h=2"])
+    assert nest.active == nest.largest
+
     @contextlib.contextmanager
     def serving(sub):
         with nest.use(sub):

@@ -24,6 +24,7 @@ import sys
 import threading
 import types
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -154,19 +155,23 @@ class _Open:
     the id of the next forward's frame (the same code, so it would look still running, and keep the old default
     in force). Closed, it lets the frame go (a context copied during the forward keeps the entry)."""
 
-    __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok", "held", "gen")
+    __slots__ = ("prev", "frame", "code", "left", "pin", "vtok", "utok", "held", "gen", "under")
 
     def __init__(self, prev: Any, frame: Any, left: bool = False, pin: bool = False) -> None:
         self.prev, self.left, self.pin = prev, left, pin
         self.vtok = self.utok = None  # the context variables' tokens of entering (see close_block)
         self.held = frame if pin else None
+        self.under: frozenset[int] = frozenset()
         if frame is None:
             self.frame, self.code, self.gen = 0, None, False
         else:
             self.frame, self.code = id(frame), frame.f_code
-            # (entered by a generator, which may hold the block across a yield: what shadowed() looks at; not one
-            # a contextmanager steps, whose block is meant to hold the caller's with body)
-            self.gen = bool(frame.f_code.co_flags & _GENERATORS) and not pin and not _stepped_by_contextlib(frame)
+            # (entered by a generator, which may hold the block across a yield: what shadowed() looks at, with the
+            # frames that were running when it was entered: a caller's block among them is one the generator's
+            # block was opened inside, a contextmanager's or a fixture's on purpose)
+            self.gen = bool(frame.f_code.co_flags & _GENERATORS) and not pin
+            if self.gen:
+                self.under = frozenset(_ids(frame.f_back))
 
     def running(self, start: Any) -> bool:
         """Whether the frame that entered the block is on the call stack from ``start`` up (a block of a
@@ -180,17 +185,13 @@ class _Open:
 
 
 _GENERATORS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
-_CONTEXTLIB = contextlib.__file__
 
 
-def _stepped_by_contextlib(frame: Any) -> bool:
-    """Whether the generator running ``frame`` (or one delegating to it by ``yield from``) was resumed by a context
-    manager's enter: ``contextlib``'s (a ``contextmanager``) or a class's own ``__enter__`` / ``__aenter__``."""
-    back = frame.f_back
-    while back is not None and back.f_code.co_flags & _GENERATORS and back.f_code.co_filename != _CONTEXTLIB:
-        back = back.f_back  # (a generator delegating to this one)
-    return back is not None and (back.f_code.co_filename == _CONTEXTLIB
-                                 or back.f_code.co_name in ("__enter__", "__aenter__"))
+def _ids(frame: Any) -> Iterator[int]:
+    """The ids of ``frame`` and the frames below it on the call stack."""
+    while frame is not None:
+        yield id(frame)
+        frame = frame.f_back
 
 
 class UseAcrossYieldWarning(UserWarning):
@@ -200,14 +201,18 @@ class UseAcrossYieldWarning(UserWarning):
 
 def shadowed(a: Active, uses: tuple, here: Any) -> None:
     """Warn where the innermost open block belongs to a suspended generator while a block below it belongs to a
-    running frame, the one this forward runs in: two generators each holding ``use`` across a ``yield``, stepped
-    in turn: this forward runs the other generator's sub-model, not its own block's. (A suspended generator's
-    block over a frame with no block of its own, a ``contextmanager`` or a fixture holding ``use`` around the
-    caller's code, is what its author meant.) Called only when the innermost block was entered by a generator."""
+    running frame that was not running when that block was entered: two generators each holding ``use`` across a
+    ``yield``, stepped in turn: this forward runs the other generator's sub-model, not its own block's. (A
+    suspended generator's block entered inside the caller's running block, a ``contextmanager``, a class's
+    ``__enter__`` or a fixture holding ``use`` around the caller's code, is what its author meant; so is one over a
+    frame with no block of its own.) Called only when the innermost block was entered by a generator.
+
+    The ids compared are exact: a running block's frame was alive, suspended or running, when the generator's
+    block was entered, so no frame alive then shared its id."""
     top = uses[-1]
     if top.left or top.running(here):
         return
-    if any(not e.left and not e.pin and e.running(here) for e in uses[:-1]):
+    if any(not e.left and not e.pin and e.frame not in top.under and e.running(here) for e in uses[:-1]):
         _across_yield(f"a forward runs {a.var.get(a).sub}, the sub-model of a nest.use block a suspended generator "
                       "holds across a yield, not that of the block it runs in (two generators, each holding `use` "
                       "across its yields, stepped in turn: interleaved streams)")
