@@ -539,7 +539,7 @@ def test_interleaved_streams_each_holding_use_across_yields_are_warned_of():
             self.g.close()
 
     with pytest.warns(UseAcrossYieldWarning, match="a forward runs h=4"), Session("h=2") as s2, \
-            Session("h=4") as s4:
+            Session("h=4"):
         s2.g.send(x)  # (s2's forward, under s4's block)
         assert not torch.equal(s2.out, ref["h=2"])
     assert nest.active == nest.largest
