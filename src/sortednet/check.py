@@ -2061,7 +2061,7 @@ class _Sketch:
     a forward's large temporaries fragment the CPU heap, which then never shrinks."""
 
     def __init__(self) -> None:
-        self._signs: dict[torch.device, torch.Tensor] = {}
+        self._basis: dict[torch.device, torch.Tensor] = {}
         self._weights: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def __call__(self, t: torch.Tensor) -> tuple:
@@ -2071,11 +2071,11 @@ class _Sketch:
         if lean.numel() <= _EXACT:
             return shape, lean.to("cpu", copy=True), None
         f = lean.reshape(-1)
-        signs = self._signs.get(f.device)
-        if signs is None:
-            g = torch.Generator().manual_seed(0)  # (normals, not signs: two entries' changes cancel on signs)
-            signs = torch.randn(_CHUNK, _PROJ, generator=g, dtype=torch.float64)
-            signs = self._signs[f.device] = signs.to(f.device)
+        basis = self._basis.get(f.device)
+        if basis is None:
+            g = torch.Generator().manual_seed(0)  # (normals: two entries' changes cancel on signs)
+            basis = torch.randn(_CHUNK, _PROJ, generator=g, dtype=torch.float64)
+            basis = self._basis[f.device] = basis.to(f.device)
         rows = -(-f.numel() // _CHUNK)
         weights = self._weights.get((rows, f.device))
         if weights is None:
@@ -2087,7 +2087,7 @@ class _Sketch:
         odd, top, bad = torch.zeros_like(proj), torch.zeros((), dtype=torch.float64, device=f.device), False
         for i in range(rows):
             c = f[i * _CHUNK:(i + 1) * _CHUNK].double()
-            s = signs[:c.numel()]
+            s = basis[:c.numel()]
             fin = torch.isfinite(c)
             if not bool(fin.all()):
                 code = torch.where(torch.isnan(c), 1.0, torch.where(c > 0, 2.0, 3.0)).double().masked_fill_(fin, 0.0)

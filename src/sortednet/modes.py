@@ -385,12 +385,17 @@ _PLAIN = (dict, list, tuple, set, frozenset, collections.deque, types.SimpleName
 def ours(hook: Any) -> bool:
     """Whether a hook table's entry is sortednet's (a function, method, partial or object of this package; torch
     wraps ``with_module`` hooks in an object holding the hook)."""
+    module = hook_module(hook)
+    return module == "sortednet" or module.startswith("sortednet.")
+
+
+def hook_module(hook: Any) -> str:
+    """The name of the module that defines a hook table's entry (what it holds, for torch's wrapper of a
+    ``with_module`` hook, a bound method or a partial)."""
     for attr in ("hook", "__func__", "func"):
         hook = attr_of(hook, attr, hook)
     module = attr_of(hook, "__module__")
-    if not isinstance(module, str):
-        module = type(hook).__module__
-    return module == "sortednet" or module.startswith("sortednet.")
+    return module if isinstance(module, str) else type(hook).__module__
 
 
 def attr_of(x: object, name: str, default: Any = None) -> Any:

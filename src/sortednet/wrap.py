@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, caller_outside
-from .modes import attr_of, exact_math, finish_all
+from .modes import attr_of, exact_math, finish_all, hook_module
 from .modes import ours as _ours
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, shadowed, unpinned_reentrant
@@ -765,7 +765,7 @@ def _keeps_keys(hook: Any) -> bool:
     """Whether a state-dict hook table's entry keeps the keys and values as they are for sortednet's checks:
     sortednet's own, or FSDP2's (``fully_shard`` registers, on every module holding its parameters, load hooks that
     reshard them before a load and after it: they rename no key, and drop no missing key)."""
-    return _ours(hook) or _hook_module(hook).startswith(_FSDP2)
+    return _ours(hook) or hook_module(hook).startswith(_FSDP2)
 
 
 class _ShapeMismatch(SortedNetError, RuntimeError):
@@ -846,14 +846,8 @@ def _wrapped_child(m: nn.Module) -> str | None:
         return None
     hooks = [h for table in (m._state_dict_hooks, m._state_dict_pre_hooks, m._load_state_dict_pre_hooks)
              for h in table.values() if not _keeps_keys(h)]
-    return kids[0] if hooks and all(_hook_module(h).startswith(_RENAMERS) for h in hooks) else None
+    return kids[0] if hooks and all(hook_module(h).startswith(_RENAMERS) for h in hooks) else None
 
-
-def _hook_module(hook: Any) -> str:
-    for attr in ("hook", "__func__", "func"):
-        hook = getattr(hook, attr, hook)
-    module = getattr(hook, "__module__", None)
-    return module if isinstance(module, str) else type(hook).__module__
 
 
 def _load_call() -> dict[str, Any]:
