@@ -544,6 +544,23 @@ def test_interleaved_streams_each_holding_use_across_yields_are_warned_of():
         assert not torch.equal(s2.out, ref["h=2"])
     assert nest.active == nest.largest
 
+    def held(sub):
+        with nest.use(sub):
+            while True:
+                yield
+
+    with warnings.catch_warnings():  # (the warning raised by a filter: said once the state was restored, so no
+        warnings.simplefilter("error", UseAcrossYieldWarning)  # block stays open and no sub-model in force)
+        a, b = held("h=2"), held("h=4")
+        next(a), next(b)
+        with pytest.raises(UseAcrossYieldWarning):
+            a.close()
+        b.close()
+    assert nest.active == nest.largest
+    with nest.use("h=4"):
+        assert nest.active == nest.resolve("h=4")
+    assert nest.active == nest.largest
+
     @contextlib.contextmanager
     def serving(sub):
         with nest.use(sub):

@@ -24,7 +24,6 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -170,8 +169,6 @@ class _Open:
             # frames that were running when it was entered: a caller's block among them is one the generator's
             # block was opened inside, a contextmanager's or a fixture's on purpose)
             self.gen = bool(frame.f_code.co_flags & _GENERATORS) and not pin
-            if self.gen:
-                self.under = frozenset(_ids(frame.f_back))
 
     def running(self, start: Any) -> bool:
         """Whether the frame that entered the block is on the call stack from ``start`` up (a block of a
@@ -187,11 +184,14 @@ class _Open:
 _GENERATORS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
 
 
-def _ids(frame: Any) -> Iterator[int]:
-    """The ids of ``frame`` and the frames below it on the call stack."""
-    while frame is not None:
-        yield id(frame)
+def _running_among(frame: Any, ids: set[int]) -> frozenset[int]:
+    """Those of ``ids`` that are frames on the call stack from ``frame`` down (the walk stops once all are found)."""
+    found = set()
+    while frame is not None and len(found) < len(ids):
+        if id(frame) in ids:
+            found.add(id(frame))
         frame = frame.f_back
+    return frozenset(found)
 
 
 class UseAcrossYieldWarning(UserWarning):
@@ -307,6 +307,10 @@ class Use:
             refuse_in_handover(a, self.plan.sub, "nest.use")
         try:
             self.tokens[key] = entry = _Open(a.var.get(a), sys._getframe(1))  # (the block on this context's stack)
+            if entry.gen:  # (the blocks open below it whose frames are running: the ones it is entered inside)
+                below = {e.frame for e in a.uses.get() if not e.left and not e.pin}
+                if below:
+                    entry.under = _running_among(sys._getframe(2), below)
             entry.utok = a.uses.set((*a.uses.get(), entry))
             entry.vtok = a.var.set(self.plan)
             return self.plan.sub
@@ -391,14 +395,15 @@ def close_block(a: Active, entry: _Open, here: Any, *, keep_above: bool = False)
     if above and (keep_above or all(e.running(here) for e in above)):  # later blocks of running frames stay
         a.uses.set((*stack[:i], _Open(entry.prev, None, left=True), *stack[i + 1:]))
         return
-    if any(e.gen and not e.running(here) for e in above):
-        _across_yield("a nest.use block ended while a block a suspended generator entered after it (holding `use` "
-                      "across a yield) was still open: that block ends with it, and the generator's later forwards "
-                      "run what was in force before both")
+    ended = any(e.gen and not e.running(here) for e in above)
     while i > 0 and stack[i - 1].left:  # blocks below left out of order during this one: gone too
         i -= 1
     a.var.set(stack[i].prev)
     a.uses.set(stack[:i])
+    if ended:  # (said once the state is restored: a warnings filter that raises must not leave a block open)
+        _across_yield("a nest.use block ended while a block a suspended generator entered after it (holding `use` "
+                      "across a yield) was still open: that block ends with it, and the generator's later forwards "
+                      "run what was in force before both")
 
 
 def in_plan(active: Active, plan: Plan, fn: Any, calls: int = 0) -> Any:
