@@ -968,3 +968,36 @@ def test_counting_flops_puts_back_what_its_own_forward_wrote_through_a_hook():
     assert [nest.cost(s, "flops", example=x) for s in nest.submodels] == [2 * 2 * (4 * h + h * 2) for h in (4, 8, 16)]
     nest.profile(x, metrics=["params", "flops"], progress=False)
     assert float(model.seen) == 0.0
+
+
+def test_a_use_block_in_a_generator_stepped_from_c_code_enters():
+    """A generator stepped straight from C code (``ctx.run(next, gen)`` as a raw thread's function: its frame has no
+    Python frame below it) entering ``use`` while the context holds a block: the look for the frames below it asked
+    for a frame that does not exist, and the block raised ValueError."""
+    import _thread
+    import contextvars
+
+    m, nest, x, ref = _small_nest()
+    seen: list = []
+    ran = threading.Event()
+
+    def stream():
+        try:
+            with nest.use("h=2"):
+                seen.append(nest.active)
+                ran.set()
+                yield
+        except BaseException as e:
+            seen.append(e)
+            ran.set()
+            raise
+
+    with nest.use("h=4"):
+        ctx = contextvars.copy_context()  # (a context with a block open)
+    g = stream()
+    _thread.start_new_thread(ctx.run, (next, g))
+    assert ran.wait(120)
+    assert seen == [nest.resolve("h=2")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g.close()

@@ -23,6 +23,7 @@ import inspect
 import sys
 import threading
 import types
+import warnings
 import weakref
 from typing import Any
 
@@ -219,8 +220,6 @@ def shadowed(a: Active, uses: tuple, here: Any) -> None:
 
 
 def _across_yield(what: str) -> None:
-    import warnings
-
     f, level = sys._getframe(1), 2  # (said at the user's line: the first frame outside sortednet and torch)
     while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("sortednet", "torch"):
         f, level = f.f_back, level + 1
@@ -310,7 +309,8 @@ class Use:
             if entry.gen:  # (the blocks open below it whose frames are running: the ones it is entered inside)
                 below = {e.frame for e in a.uses.get() if not e.left and not e.pin}
                 if below:
-                    entry.under = _running_among(sys._getframe(2), below)
+                    entry.under = _running_among(sys._getframe(1).f_back, below)  # (none below: a generator
+                    # stepped from C code)
             entry.utok = a.uses.set((*a.uses.get(), entry))
             entry.vtok = a.var.set(self.plan)
             return self.plan.sub
@@ -354,8 +354,6 @@ class UseLeftElsewhereWarning(UserWarning):
 
 
 def _left_elsewhere(sub: Any) -> None:
-    import warnings
-
     warnings.warn(f"a nest.use({sub}) block was left in another thread than the one that entered it (a generator "
                   "holding `use` across a yield, stepped from a thread pool or closed elsewhere): the entering "
                   f"thread's context stays on {sub} for its later work, which may serve other requests. Enter "
