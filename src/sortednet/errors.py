@@ -61,11 +61,12 @@ def flag(what: str, name: str, value: object) -> None:
         raise SortedNetError(f"{what}({name}=...) takes True or False, got {type(value).__name__} {value!r}")
 
 
-def caller_outside() -> int:
+def caller_outside(*also: str) -> int:
     """``warnings.warn``'s stacklevel, from the function calling this, of the first frame outside sortednet (the
-    user's ``sn.wrap`` / ``sn.Nest`` / ``sn.load`` / ``from_transformers`` call)."""
-    pkg = __name__.rpartition(".")[0]  # (by module name: a vendored copy, or .pyc files compiled elsewhere)
-    f, level = sys._getframe(1), 1
-    while f is not None and (f.f_globals.get("__name__", "") + ".").startswith(pkg + "."):
+    user's ``sn.wrap`` / ``sn.Nest`` / ``sn.load`` / ``from_transformers`` call) and the packages named in
+    ``also`` (``"torch"``: a warning of a forward hook, said at the user's call of the model)."""
+    pkgs = tuple(p + "." for p in (__name__.rpartition(".")[0], *also))  # (by module name: a vendored copy, or
+    f, level = sys._getframe(1), 1                                        # .pyc files compiled elsewhere)
+    while f is not None and (f.f_globals.get("__name__", "") + ".").startswith(pkgs):
         f, level = f.f_back, level + 1
     return level

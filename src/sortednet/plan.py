@@ -32,7 +32,7 @@ import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
 from .dims import COMPOSABLE, NONREENTRANT, RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
-from .errors import SortedNetError
+from .errors import SortedNetError, caller_outside
 from .submodel import SubModel
 from .views import DYNAMIC, STATIC, View, cuts_for
 
@@ -220,11 +220,8 @@ def shadowed(a: Active, uses: tuple, here: Any) -> None:
 
 
 def _across_yield(what: str) -> None:
-    f, level = sys._getframe(1), 2  # (said at the user's line: the first frame outside sortednet and torch)
-    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("sortednet", "torch"):
-        f, level = f.f_back, level + 1
     warnings.warn(f"{what}. Enter `use` around each step of a generator, never across a yield (docs/mechanism.md)",
-                  UseAcrossYieldWarning, stacklevel=level)
+                  UseAcrossYieldWarning, stacklevel=caller_outside("torch"))  # (at the user's line)
 
 
 class CheckpointContext:
