@@ -136,6 +136,49 @@ def test_finding_nothing_says_why():
         assert sn.discover(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x)
 
 
+class _StdConv(nn.Conv2d):
+    """A convolution of one's own (BiT's weight standardisation): its conv2d reads a computed weight, an op
+    discovery does not understand."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _StdConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = _StdConv(3, 16, 3, padding=1), _StdConv(16, 32, 3, padding=1)
+        self.fc, self.out = nn.Linear(32, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(self.c2(F.relu(self.c1(x))).mean((2, 3)))))
+
+
+class _ReturnsFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.b(h), h
+
+
+def test_groups_written_by_an_op_not_understood_and_returned_features_are_named():
+    """A group written by an op discovery does not understand (a convolution subclass computing its weight)
+    has no writer to name, and was left out of the KeptWholeWarning (the list looked like the whole model);
+    when nothing is found, features the model returns beside its output were not named either."""
+    from sortednet.discovery import KeptWholeWarning
+
+    with pytest.warns(KeptWholeWarning, match=r"kept whole: \['fc \(inp\)'\] \(32 features\): 'conv2d' \(in 'c2'\)"):
+        dims = sn.discover(_StdConvNet(), torch.randn(2, 3, 8, 8), ratios=[0.5, 1.0])
+    assert [d.spec()["out"] for d in dims] == [["fc"]]
+    with pytest.warns(UserWarning, match=r"found no group.*\['a'\] \(32 features\): the network output"):
+        assert sn.discover(_ReturnsFeatures(), torch.randn(4, 8), ratios=[0.5, 1.0]) == []
+
+
 class _GatedAfterMLP(nn.Module):
     """A free MLP width, then a width scaled by a raw parameter (a layer scale): one group found, one kept."""
 

@@ -628,6 +628,28 @@ def test_a_refused_load_of_a_target_under_a_checkpoint_wrapper_copies_nothing(mo
     model.load_state_dict(own)
 
 
+@pytest.mark.parametrize("mode", ["svd", "lora"])
+def test_sn_load_into_a_fresh_model_restores_a_target_under_a_checkpoint_wrapper(mode, tmp_path):
+    """sn.load planned the fresh model's keys from its module paths (``1._checkpoint_wrapped_module.fc.U``) while
+    the file holds them as the state_dict writes them (``1.fc.U``): its own checkpoint was refused with
+    ``strict=True``, and the message's ``strict=False`` loaded the file's other tensors and left the factors at
+    their wrap-time values. Planned in the keys' form now: the file loads exactly."""
+    target = "1._checkpoint_wrapped_module.fc"
+    nest = sn.wrap(_wrapped_in_checkpoint(0), sn.Rank("r", [2, 8], targets=target, mode=mode))
+    with torch.no_grad():
+        for p in nest.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = os.path.join(tmp_path, "nest.safetensors")
+    sn.save(nest, path)
+    x = torch.randn(3, 8)
+    for strict in (True, False):
+        loaded = sn.load(_wrapped_in_checkpoint(1), path, strict=strict)
+        assert loaded.model.state_dict().keys() == nest.model.state_dict().keys()
+        for sub in nest.submodels:
+            with torch.no_grad(), nest.use(sub), loaded.use(sub):
+                assert torch.equal(loaded(x), nest(x)), (strict, sub)
+
+
 class _LegacyT(nn.Module):
     """A wrapper of one private child, no tensors of its own, whose load pre-hook takes an old layout (the weight
     stored transposed, under the wrapper's own name)."""

@@ -426,13 +426,21 @@ def _kept_whole(c: Coupling, dims: list[Any] = ()) -> list[Any]:  # type: ignore
     """Groups the trace keeps whole for a reason inside the model (not the network's input or output), and free
     groups rolled by a multiple of their size that no declaration in ``dims`` took (no two sizes divide it)."""
     declared = {p for d in dims for p in getattr(d, "out", ())}
-    return [g for g in c.groups if g.size >= 2 and g.roles("out") and (
+    return [g for g in c.groups if g.size >= 2 and g.bindings and (
         (g.fixed is not None and g.fixed not in ("the network input", "the network output"))
-        or (g.fixed is None and g.divides and not set(g.roles("out")) & declared))]
+        or (g.fixed is None and g.divides and g.roles("out") and not set(g.roles("out")) & declared))]
+
+
+def _label(g: Any) -> str:
+    """A group named by the modules writing it, or (written by an op discovery does not understand, e.g. a
+    convolution of its own) by the modules reading it."""
+    if g.roles("out"):
+        return str(g.roles("out")[:2])
+    return str([f"{p} ({r})" for p, r in g.bindings[:2]])
 
 
 def _why(kept: list[Any]) -> str:
-    return ("; ".join(f"{g.roles('out')[:2]} ({g.size} features): " + (
+    return ("; ".join(f"{_label(g)} ({g.size} features): " + (
         g.fixed or f"rolled by {g.divides} (in place only at the sizes that divide it)") for g in kept[:4])
             + (f" (and {len(kept) - 4} more)" if len(kept) > 4 else ""))
 
@@ -463,7 +471,9 @@ def _partly_found(kept: list[Any], dropped: list[Any], found: int) -> str:
 
 def _none_found(c: Coupling, dropped: list[Any], dims: list[Any] = ()) -> str:  # type: ignore[assignment]
     """Why discover returns no declaration: the groups it had to keep whole, with their reasons."""
-    kept = _kept_whole(c, dims)
+    kept = _kept_whole(c, dims)  # (and, nothing else being there, the features the model returns)
+    kept += [g for g in c.groups if g.size >= 2 and g.roles("out") and g.fixed == "the network output"
+             and g not in kept and any(r != "out" for _, r in g.bindings)]
     why = _why(kept)
     return ("discover() found no group it can slice safely, so wrapping with its result gives a nest of the full "
             "model alone" + _dropped(dropped)

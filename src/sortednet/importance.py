@@ -207,10 +207,16 @@ def _scores(part: list[_Bind], full: int, method: str, kind: str, taylor: dict[t
     return score
 
 
-def _order(score: Tensor, block: int) -> Tensor:
+def _order(score: Tensor, block: int, part: list[_Bind] = ()) -> Tensor:
+    """Unit order: whole blocks by their summed score, then the units inside each stretch of a block that no
+    GroupNorm group boundary crosses (GroupNorms of unequal group sizes: a unit moved across a boundary of the
+    smaller groups would be normalised with other units)."""
     by = score.reshape(-1, block)
     g = torch.argsort(by.sum(1), descending=True, stable=True)
-    within = torch.argsort(by[g], dim=1, descending=True, stable=True)
+    sizes = {group_size(b.m) for b in part if type(b.m._sn.slicer).__name__ == "GroupNormSlicer"}
+    cuts = sorted({0, block} | {k for s in sizes if s < block for k in range(s, block, s)})
+    within = torch.cat([torch.argsort(by[g][:, a:z], dim=1, descending=True, stable=True) + a
+                        for a, z in zip(cuts, cuts[1:])], 1)
     return (g[:, None] * block + within).reshape(-1)
 
 
@@ -743,7 +749,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
         held = {id(c): c for _, _, part, _ in groups for b in part for t, _ in b.tensors
                 for c in _companions(t, optimizer)}
         saved = [(c, c.detach().clone()) for c in held.values()]
-        orders = [_order(_scores(part, d.full, method, d.kind, taylor), block) for _, d, part, block in groups]
+        orders = [_order(_scores(part, d.full, method, d.kind, taylor), block, part) for _, d, part, block in groups]
         err, where, token = None, "", None
         with torch.no_grad():
             try:

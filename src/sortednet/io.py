@@ -39,7 +39,7 @@ from .meta import (
 from .modes import casts_stale
 from .nest import Nest, wrap
 from .views import is_fsdp, is_sharded
-from .wrap import plan
+from .wrap import _keyed_as, plan
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
 
@@ -78,8 +78,10 @@ def _target_state(model: nn.Module, planned: Mapping[str, tuple]) -> dict[str, t
         if "_sn" in m.__dict__:
             continue  # already wrapped: its state_dict is final
         made = sl.planned_state(m, bind)
+        own = (*m._parameters, *m._buffers, *made)
         for path in names.get(id(m), ()):
-            prefix = f"{path}." if path else ""
+            # (the keys' form: under an activation-checkpoint wrapper, without its inner module's name)
+            prefix = _keyed_as(model, path, sd, "", own)
             for name, new in made.items():
                 if new is None:
                     out.pop(prefix + name, None)
