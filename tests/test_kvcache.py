@@ -11,6 +11,7 @@ Outputs are compared with a tolerance (an incremental forward sums in another or
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -333,3 +334,32 @@ def test_a_cache_from_a_nest_since_unwrapped_is_refused_by_every_later_nest():
         nest.unwrap()
         del nest
         gc.collect()
+
+
+def _lengths(cache):
+    return [layer.get_seq_length() for layer in cache.store]
+
+
+def test_dry_runs_on_a_decode_step_leave_the_cache_alone():
+    """nest.check on a decode step (a prompt's cache object in the example) ran every sub-model on the user's
+    cache: each appended its positions (layer lengths 10 -> 13/11), check then refused the correct model on its
+    own earlier runs, and the user's next step was refused. The calls that run the model several times refuse
+    such an example before any run; a FLOPs count runs once, on a copy."""
+    model, nest = _built(CountedLM)
+    with torch.no_grad():
+        _, cache = model(torch.randint(0, V, (2, 5)))
+    step = {"ids": torch.randint(0, V, (2, 1)), "past_key_values": cache}
+    before = _lengths(cache)
+    for name, call in [("nest.check", lambda: nest.check(step)), ("nest.profile", lambda: nest.profile(step)),
+                       ("discover()", lambda: sn.discover(CountedLM().eval(), step)),
+                       ("sort_units", lambda: sort_units(nest, "l1", example=step))]:
+        with pytest.raises(sn.SortedNetError, match=rf"{re.escape(name)}: the example holds a key/value cache "
+                                                    r"\(at \['past_key_values'\]: Counted\)"):
+            call()
+        assert _lengths(cache) == before, name
+    flops = nest.cost(nest.largest, "flops", example=step)  # (the sub-model that filled the cache)
+    assert _lengths(cache) == before and flops > 0
+    assert nest.cost(nest.largest, "flops", example=step) == flops  # (each count on a fresh copy: the same)
+    with torch.no_grad(), nest.use(nest.largest):
+        logits, _ = model(**step)  # the user's next step runs
+    assert logits.shape == (2, 1, V)

@@ -2486,6 +2486,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
     ...     print(str(e).splitlines()[1].strip())
     width 'ch': '0' (out=) shares its 8 features with modules it does not slice; add norm='1'
     """
+    from .kvcache import refuse_cache_example
+
+    refuse_cache_example(example, "nest.check")
     with dry_run(nest.model) as watch, eval_mode(nest) as (model, copies), torch.no_grad():  # a private eval-mode
         with nest.use(nest.largest):                                                        # view
             try:

@@ -41,7 +41,7 @@ from .dims import Dimension, Width, dimension_from_spec
 from .errors import SortedNetError
 from .errors import flag as _flag
 from .heads import Heads
-from .kvcache import UnfollowedCacheWarning
+from .kvcache import UnfollowedCacheWarning, refuse_cache_example
 from .modes import copy_model, seeded
 from .nest import wrap
 from .sampler import number_list
@@ -400,6 +400,7 @@ def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.
     if lazy:  # tracing would materialise them in place (and draw their values from the global RNG)
         raise SortedNetError(f"discover() got a model with uninitialised (lazy) tensors {lazy[:4]}: run one forward "
                              "pass first so they get their shapes, then discover")
+    refuse_cache_example(example, "discover()")
     coupling = analyse(model, example)
     dims = declarations(coupling, ratios, heads=heads, multiple_of=multiple_of)
     with warnings.catch_warnings():  # (its dry runs' wraps: the user's own wrap and forwards say it, once)

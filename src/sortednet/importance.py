@@ -641,6 +641,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         example = _example_of(data)
     if example is None:
         raise SortedNetError("sort_units needs example= (or data=) to split and verify the permutation")
+    from .kvcache import refuse_cache_example
+
+    refuse_cache_example(example, "sort_units")
     optimizer = optimizers("sort_units", optimizer)
     stray = stray_optimizers(in_copies(nest, [p for m in nest._sliced.values() if any(
         b.dim.kind in ("width", "heads") for b in m._sn.bind.values()) for p in m.parameters(recurse=False)]),

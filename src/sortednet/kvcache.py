@@ -25,6 +25,7 @@ import inspect
 import sys
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -281,6 +282,60 @@ def _allocated(cache: Any) -> str | None:
 def _is_cache_object(c: Any) -> bool:
     """A cache object that counts its positions (transformers' caches, or one of the model's own alike)."""
     return not isinstance(c, torch.Tensor) and callable(getattr(c, "get_seq_length", None))
+
+
+def _cache_at(example: Any, at: str = "") -> tuple[str, Any] | None:
+    """Where ``example`` (its dicts, lists and tuples) holds a cache object that counts its positions, and it."""
+    if _is_cache_object(example):
+        return at or "the example", example
+    if isinstance(example, Mapping):
+        items: Any = example.items()
+    elif isinstance(example, (list, tuple)):
+        items = enumerate(example)
+    else:
+        return None
+    for k, v in items:
+        found = _cache_at(v, f"{at}[{k!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def refuse_cache_example(example: Any, who: str) -> None:
+    """Refuse an example holding a key/value cache object for a call that runs the model on it several times: each
+    run would append its positions to the user's cache (and a sub-model's run leave it unfit for the others)."""
+    found = _cache_at(example)
+    if found is not None:
+        raise SortedNetError(f"{who}: the example holds a key/value cache (at {found[0]}: {type(found[1]).__name__}) "
+                             "that each of its runs would append to, leaving your cache changed and the later runs "
+                             "reading the earlier ones' positions; give the inputs without the cache (the prompt: "
+                             "the wiring and the sub-models are the same)")
+
+
+def fresh_caches(example: Any) -> Any:
+    """``example`` with every cache object in it (its dicts, lists and tuples) deep-copied: one run on it leaves the
+    user's cache as it was."""
+    if _is_cache_object(example):
+        import copy
+
+        return copy.deepcopy(example)
+    if isinstance(example, Mapping) and _cache_at(example) is not None:
+        out = copy_mapping(example)
+        for k in list(out):
+            out[k] = fresh_caches(out[k])
+        return out
+    if isinstance(example, (list, tuple)) and _cache_at(example) is not None:
+        items = [fresh_caches(v) for v in example]
+        return type(example)(*items) if hasattr(example, "_fields") else type(example)(items)
+    return example
+
+
+def copy_mapping(m: Mapping) -> Any:
+    """A shallow copy of ``m`` of its own type where that copies (a dict, a BatchEncoding), else a dict."""
+    try:
+        return m.copy()  # type: ignore[attr-defined]
+    except Exception:
+        return dict(m)
 
 
 def _tensors(c: Any) -> list[torch.Tensor]:

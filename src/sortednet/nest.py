@@ -38,7 +38,7 @@ from .export import (
     holders_state,
     refused_aside,
 )
-from .kvcache import install_guards
+from .kvcache import fresh_caches, install_guards, refuse_cache_example
 from .modes import casts_stale, dry_run, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
@@ -733,8 +733,8 @@ class Nest:
         cache = self._cost_cache.get(metric)
         if cache is None:
             raise SortedNetError(f"unknown cost metric {metric!r}; available: {list(METRICS)}")
-        if metric == "flops" and example is not None:
-            return self._flops(sub, example)
+        if metric == "flops" and example is not None:  # (one run, on a copy of a cache the example holds)
+            return self._flops(sub, fresh_caches(example))
         if example is not None and metric != "params":  # (params do not depend on the input)
             raise SortedNetError(f"cost(..., {metric!r}, example=...): {metric} is measured by nest.profile(example) "
                                  "on the profile's input, not on this one; example= counts FLOPs only. Profile on "
@@ -818,6 +818,7 @@ class Nest:
         (24.0, 96.0)
         """
         self._check_structure("profile")
+        refuse_cache_example(example_inputs, "nest.profile")
         if is_fsdp(self.model):
             raise SortedNetError("nest.profile: the model is sharded with FSDP2 (fully_shard); profile runs private "
                                  "eval-mode copies of it, which sharded weights cannot give: profile before "
