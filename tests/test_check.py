@@ -1549,6 +1549,44 @@ def test_the_blocks_comparison_takes_each_value_alone(feed, rows):
         torch.testing.assert_close(nest.model(x), nest.export("depth=2")(x))
 
 
+class _LayerScaled(nn.Module):
+    """A LayerScale table (nearby values, 0.05 to 0.15): read with each block's own index, reversed before the loop
+    (``gammas[:n].flip(0)``), or with a scale computed from the count."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem = nn.Linear(16, 64)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+                                    for _ in range(6))
+        self.gammas = nn.Parameter(0.05 + 0.1 * torch.rand(6, 64))
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        x, n = self.stem(x), len(self.blocks)
+        gs = self.gammas[:n].flip(0) if self.how == "flip" else self.gammas
+        for i, b in enumerate(self.blocks):
+            x = x + gs[i] * b(x) * (math.sqrt(6 / n) if self.how == "count" else 1.0)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_blocks_comparison_holds_in_half_precision(dtype):
+    """The values comparison took half precision's output tolerance (1e-1): a reversed LayerScale table (values 3%
+    apart) or a scale from the count passed in bfloat16 on a small example (whole values), and was warned on a
+    large one (sketches). Both runs compute the same ops on the same shapes before the first skipped block, so the
+    tolerance is float32's in every dtype; a correct model is not warned."""
+    x = torch.randn(2, 8, 16).to(dtype)
+    for how in ("flip", "count"):
+        torch.manual_seed(0)
+        with pytest.warns(sn.check.LayerPairingWarning, match=r"depth 'depth' at 2: block [01] of 'blocks'"):
+            sn.wrap(_LayerScaled(how).to(dtype), sn.Depth("depth", [2, 4, 6], layers="blocks"), example=x)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.LayerPairingWarning)
+        sn.wrap(_LayerScaled("own").to(dtype), sn.Depth("depth", [2, 4, 6], layers="blocks"), example=x)
+
+
 class _WindowAttention(nn.Module):
     def __init__(self):
         super().__init__()
