@@ -282,6 +282,24 @@ def test_a_model_with_two_towers_is_nested_one_tower_at_a_time():
     assert nest.smallest["heads"] == 2
 
 
+def test_a_per_head_refusal_in_from_transformers_offers_what_it_takes():
+    """GPT-OSS's attention sinks (one per head): the Heads refusal told a from_transformers user to pass
+    per_head= or whole=, which from_transformers does not take (a TypeError). It says how to nest by hand now,
+    and changes nothing."""
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                         max_position_embeddings=32, layer_types=["sliding_attention", "full_attention"],
+                         sliding_window=8)
+    model = T.GptOssForCausalLM(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"'sinks'.*from_transformers takes neither per_head= nor whole=: "
+                                                r"nest this family's heads by hand"):
+        sn.from_transformers(model, heads=[2])
+    assert not any("_sn" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_sort_by_importance_batch_errors():
     model = T.BertModel(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=48))

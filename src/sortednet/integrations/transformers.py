@@ -23,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..check import FROM_TRANSFORMERS
 from ..dims import Depth, Width
-from ..errors import SizeError, SortedNetError
+from ..errors import PatternError, SizeError, SortedNetError
 from ..errors import flag as _flag
 from ..heads import Heads
 from ..nest import EXPORT_HOOKS, Nest, wrap
@@ -226,6 +226,13 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     token = FROM_TRANSFORMERS.set(True)
     try:
         nest = wrap(model, *dims, inplace_grad=inplace_grad)
+    except PatternError as e:  # (a Heads refusal offers per_head= / whole=, which Heads takes and this does not)
+        said = str(e)
+        if "per_head=" not in said and "whole=" not in said:
+            raise
+        raise type(e)(f"from_transformers(heads=...): {said}. from_transformers takes neither per_head= nor "
+                      "whole=: nest this family's heads by hand, sn.wrap(model, sn.Heads('heads', sizes, "
+                      "attn=..., per_head=[...] or whole=[...]), ...) (docs/heads.md), or leave heads= out") from None
     finally:
         FROM_TRANSFORMERS.reset(token)
     nest._hf = found
