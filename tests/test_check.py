@@ -1549,7 +1549,7 @@ def test_the_blocks_comparison_takes_each_value_alone(feed, rows):
         torch.testing.assert_close(nest.model(x), nest.export("depth=2")(x))
 
 
-class _LayerScaled(nn.Module):
+class _ScaledStack(nn.Module):
     """A LayerScale table (nearby values, 0.05 to 0.15): read with each block's own index, reversed before the loop
     (``gammas[:n].flip(0)``), or with a scale computed from the count."""
 
@@ -1580,11 +1580,11 @@ def test_the_blocks_comparison_holds_in_half_precision(dtype):
     for how in ("flip", "count"):
         torch.manual_seed(0)
         with pytest.warns(sn.check.LayerPairingWarning, match=r"depth 'depth' at 2: block [01] of 'blocks'"):
-            sn.wrap(_LayerScaled(how).to(dtype), sn.Depth("depth", [2, 4, 6], layers="blocks"), example=x)
+            sn.wrap(_ScaledStack(how).to(dtype), sn.Depth("depth", [2, 4, 6], layers="blocks"), example=x)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", sn.check.LayerPairingWarning)
-        sn.wrap(_LayerScaled("own").to(dtype), sn.Depth("depth", [2, 4, 6], layers="blocks"), example=x)
+        sn.wrap(_ScaledStack("own").to(dtype), sn.Depth("depth", [2, 4, 6], layers="blocks"), example=x)
 
 
 class _WindowAttention(nn.Module):
