@@ -1424,7 +1424,14 @@ def norm_self_check(nest: Nest) -> None:
         return
     full = SubModel({k.name: k.full for k in nest.dims})
     gen = torch.Generator().manual_seed(0)
-    with dry_run(nest.model), eval_mode(nest) as (view, _), torch.no_grad():
+    own: dict[int, torch.Tensor] = {}  # (the view's own copies of these norms' tensors, which the runs below fill
+    for _, live in todo:               # with test values: never the ones another thread serving the model reads)
+        for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            t = live._parameters.get(n) if n in live._parameters else live._buffers.get(n)
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                own[id(t)] = nn.Parameter(t.detach().clone(), t.requires_grad) if isinstance(
+                    t, nn.Parameter) else t.detach().clone()
+    with dry_run(nest.model), eval_mode(nest, replace=own) as (view, _), torch.no_grad():
         for path, live in todo:
             b = live._sn.bind["norm"]
             mod = view.get_submodule(path)

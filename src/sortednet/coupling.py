@@ -491,7 +491,8 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     >>> [(g.size, g.bindings) for g in analyse(m, torch.randn(3, 4)).free()]
     [(8, [('0', 'out'), ('2', 'inp')])]
     """
-    view, _ = eval_view(model)  # a private eval-mode copy sharing the tensors: no training flag of `model` flips
+    view, _ = eval_view(model, own_stats=True)  # a private eval-mode copy sharing the tensors (but its norms' running
+    # statistics: the training-mode trace updates copies, not what another thread serving the model reads)
     own = _plain_tensors(view)  # (before the traced forwards: what they store on a module is their own result)
     found = _analyse(view, model, example, own)
     view.train(True)  # training mode too: branches that run only there (auxiliary heads) read features as well
