@@ -76,10 +76,21 @@ def test_parse_rejects(bad):
 
 @pytest.mark.parametrize("bad", [{"ffn": "4"}, {"ffn": True}, {"": 4}, {3: 4}, {"ffn": 4.0}, {"ffn": np.float64(4)},
                                  {"ffn": torch.tensor(4.0)}, {"ffn": np.bool_(True)}, {"ffn": torch.tensor(True)},
-                                 {"ffn": np.array(True)}, "ffn=4", 5, [("ffn",)]])
+                                 {"ffn": np.array(True)}, "ffn=4", 5, [("ffn",)], {"ffn": np.array([4])},
+                                 {"ffn": torch.tensor([4])}, {"ffn": torch.tensor([[4]])}])
 def test_constructor_rejects(bad):
     with pytest.raises(sn.SortedNetError):
         SubModel(bad)
+
+
+def test_a_dimension_given_twice_is_refused():
+    """``SubModel({"h": 2}, h=4)`` built h=4 in silence (dict(mapping, **keywords): the keyword wins), while
+    ``parse("h=2,h=4")`` refused; both refuse now, naming the dimension and both sizes."""
+    with pytest.raises(sn.SortedNetError, match=r"dimension 'h' given twice, 2 in the mapping and 4 as a keyword"):
+        SubModel({"h": 2}, h=4)
+    with pytest.raises(sn.SortedNetError, match="given twice"):
+        SubModel.parse("h=2,h=4")
+    assert SubModel({"h": 2}, g=4) == SubModel(h=2, g=4)
 
 
 @given(n=st.integers(1, 2**40), kind=st.sampled_from([np.int64, np.int32, np.uint16, torch.tensor]))

@@ -24,8 +24,9 @@ def as_int(v: Any) -> int | None:
     if type(v) is int:
         return v
     if isinstance(v, (bool, np.bool_)) or not hasattr(v, "__index__") or str(getattr(v, "dtype", "")) in (
-            "torch.bool", "bool"):
-        return None  # (a bool tensor has __index__: True would become size 1)
+            "torch.bool", "bool") or getattr(v, "ndim", 0) != 0:
+        return None  # (a bool tensor has __index__: True would become size 1; a one-element tensor of any rank
+    #                 has it too, while numpy's arrays have it only without dimensions: scalars only, for both)
     try:
         return operator.index(v)
     except (TypeError, RuntimeError, ValueError):  # a float tensor has __index__ and refuses it; a meta or
@@ -51,10 +52,15 @@ class SubModel(Mapping[str, int]):
             raise SortedNetError(f"SubModel() takes a mapping {{dimension: size}} (or its pairs) or keywords, got "
                                  f"the text {str(sizes)[:60]!r}; parse text with SubModel.parse(...)")
         try:
-            items = dict(sizes or {}, **kw)
+            items = dict(sizes or {})
         except (TypeError, ValueError) as e:
             raise SortedNetError(f"SubModel() takes a mapping {{dimension: size}} (or its pairs) or keywords, got "
                                  f"{type(sizes).__name__} {str(sizes)[:60]!r}: {e}") from None
+        twice = [k for k in kw if k in items]
+        if twice:  # (dict(sizes, **kw) let the keyword win in silence; parse refuses "h=2,h=4" too)
+            raise SortedNetError(f"SubModel(): dimension {twice[0]!r} given twice, {items[twice[0]]!r} in the "
+                                 f"mapping and {kw[twice[0]]!r} as a keyword")
+        items.update(kw)
         for name, size in items.items():
             if not isinstance(name, str) or not name:
                 raise SortedNetError(f"sub-model keys must be dimension names, got {name!r}")
