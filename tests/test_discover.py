@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import random
 import warnings
 
@@ -166,13 +167,62 @@ class _ReturnsFeatures(nn.Module):
         return self.b(h), h
 
 
+class _OneHot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.fc = nn.Linear(7, 16), nn.Linear(16, 10)
+
+    def forward(self, ids):
+        return self.fc(self.l(F.one_hot(ids, 7).float()).relu())
+
+
+class _TimeEmbedding(nn.Module):
+    """A diffusion model's sinusoidal time embedding: features made from the input by ops, concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.t1, self.t2, self.inp, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x, t):
+        f = torch.exp(-math.log(1e4) * torch.arange(8) / 8) * t[:, None]
+        emb = self.t2(F.silu(self.t1(torch.cat([f.sin(), f.cos()], -1))))
+        return self.out(F.silu(self.inp(x) + emb))
+
+
+@pytest.mark.parametrize("case", ["flatten", "one_hot", "time_embedding", "bert"])
+def test_features_made_from_the_input_are_not_said_kept_whole(case):
+    """Only groups a module writes are named: features an op makes from the network input (a flatten, a one-hot,
+    a concatenated time embedding) can never be sliced, and a warning about them would be noise; nor is BERT's
+    attention output, which the Heads found slices."""
+    from sortednet.discovery import KeptWholeWarning
+
+    if case == "bert":
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        bert = transformers.BertModel(transformers.BertConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=16)).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KeptWholeWarning)
+            dims = sn.discover(bert, {"input_ids": torch.randint(0, 50, (2, 6))}, ratios=[0.5, 1.0])
+        assert any(isinstance(d, sn.Heads) for d in dims)
+        return
+    model, x = {"flatten": (nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10)),
+                            torch.randn(2, 3, 4, 4)),
+                "one_hot": (_OneHot(), torch.randint(0, 7, (4,))),
+                "time_embedding": (_TimeEmbedding(), (torch.randn(2, 8), torch.rand(2)))}[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeptWholeWarning)
+        assert sn.discover(model.eval(), x, ratios=[0.5, 1.0])
+
+
 def test_groups_written_by_an_op_not_understood_and_returned_features_are_named():
     """A group written by an op discovery does not understand (a convolution subclass computing its weight)
     has no writer to name, and was left out of the KeptWholeWarning (the list looked like the whole model);
     when nothing is found, features the model returns beside its output were not named either."""
     from sortednet.discovery import KeptWholeWarning
 
-    with pytest.warns(KeptWholeWarning, match=r"kept whole: \['fc \(inp\)'\] \(32 features\): 'conv2d' \(in 'c2'\)"):
+    with pytest.warns(KeptWholeWarning, match=r"kept whole: \['c2'\] \(32 features\): 'conv2d' \(in 'c2'\)"):
         dims = sn.discover(_StdConvNet(), torch.randn(2, 3, 8, 8), ratios=[0.5, 1.0])
     assert [d.spec()["out"] for d in dims] == [["fc"]]
     with pytest.warns(UserWarning, match=r"found no group.*\['a'\] \(32 features\): the network output"):

@@ -363,3 +363,6 @@ def test_dry_runs_on_a_decode_step_leave_the_cache_alone():
     with torch.no_grad(), nest.use(nest.largest):
         logits, _ = model(**step)  # the user's next step runs
     assert logits.shape == (2, 1, V)
+    _, graphed = model(step["ids"].repeat(1, 5))  # (filled with gradients on: non-leaf tensors, which deepcopy
+    copied = {"ids": step["ids"], "past_key_values": graphed}  # refuses; counted on detached copies)
+    assert nest.cost(nest.largest, "flops", example=copied) == flops and _lengths(graphed) == before

@@ -46,6 +46,7 @@ class Group:
     fixed: str | None = None                  # why it must not shrink (None: free)
     multiple: int = 1                         # sizes must be multiples (GroupNorm channels per group)
     divides: int = 0                          # sizes must divide it (a roll by it keeps units in place); 0: none
+    writer: str | None = None                 # a module holding parameters whose forward, not understood, writes it
 
     def roles(self, role: str) -> list[str]:
         return [p for p, r in self.bindings if r == role]
@@ -95,6 +96,7 @@ class _UF:
         self.div: list[int] = []  # a roll's shift the sizes must divide (gcd of every such shift; 0: none)
         self.roles: dict[tuple[str, str], int] = {}
         self.origin: dict[int, int] = {}  # padded axis -> the axis it was padded from
+        self.writer: dict[int, str] = {}  # root -> a module holding parameters whose op not understood wrote it
 
     def new(self, size: int, fixed: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -123,6 +125,8 @@ class _UF:
         moved = self.fixed[b] if _moves(self.fixed[b]) and not _moves(self.fixed[a]) else None
         self.fixed[a] = moved or self.fixed[a] or self.fixed[b]
         self.binds[a] += [x for x in self.binds[b] if x not in self.binds[a]]
+        if b in self.writer:
+            self.writer.setdefault(a, self.writer.pop(b))
         self.mult[a] = math.lcm(self.mult[a], self.mult[b])
         self.div[a] = math.gcd(self.div[a], self.div[b])
         if (moved or self.origin) and _reaches_origins(self.fixed[a]):
@@ -461,8 +465,11 @@ class _Analysis:
         why = why or f"{ev.name!r} (in {ev.where or '<root>'!r}), an op discovery does not understand"
         ins, outs = _tensors((ev.args, ev.kwargs)), _tensors(ev.out)
         self.fix_all(ins, why)
+        holder = self.modules.get(ev.where) if ev.where is not None else None
         for t in outs:
-            self.assign(t, [], why)
+            for v in self.assign(t, [], why):  # (written inside a layer of one's own holding its weights: a
+                if holder is not None and holder._parameters:  # convolution computing its weight, named as such)
+                    self.uf.writer.setdefault(self.uf.find(v), ev.where or "<root>")
         self.fix_all(outs, why)
 
     # -- events ----------------------------------------------------------------
@@ -514,6 +521,8 @@ def _merge(a: Coupling, b: Coupling) -> Coupling:
     for g in (*a.groups, *b.groups):
         v = uf.new(g.size, g.fixed)
         uf.mult[v], uf.div[v] = g.multiple, g.divides
+        if g.writer is not None:
+            uf.writer[v] = g.writer
         for path, role in g.bindings:
             uf.bind(v, path, role)
     return _coupling(uf, list({x.path: x for x in (*a.attention, *b.attention)}.values()))
@@ -528,7 +537,7 @@ def _coupling(uf: _UF, attention: list[Attention]) -> Coupling:
         if r in roots or not uf.binds[r]:
             continue
         roots[r] = len(groups)
-        groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r], uf.div[r]))
+        groups.append(Group(uf.size[r], list(uf.binds[r]), uf.fixed[r], uf.mult[r], uf.div[r], uf.writer.get(r)))
     return Coupling(groups, attention, {k: roots[uf.find(r)] for k, r in uf.roles.items()})
 
 

@@ -427,17 +427,15 @@ def _kept_whole(c: Coupling, dims: list[Any] = ()) -> list[Any]:  # type: ignore
     """Groups the trace keeps whole for a reason inside the model (not the network's input or output), and free
     groups rolled by a multiple of their size that no declaration in ``dims`` took (no two sizes divide it)."""
     declared = {p for d in dims for p in getattr(d, "out", ())}
-    return [g for g in c.groups if g.size >= 2 and g.bindings and (
+    return [g for g in c.groups if g.size >= 2 and (g.roles("out") or g.writer is not None) and (
         (g.fixed is not None and g.fixed not in ("the network input", "the network output"))
         or (g.fixed is None and g.divides and g.roles("out") and not set(g.roles("out")) & declared))]
 
 
 def _label(g: Any) -> str:
-    """A group named by the modules writing it, or (written by an op discovery does not understand, e.g. a
-    convolution of its own) by the modules reading it."""
-    if g.roles("out"):
-        return str(g.roles("out")[:2])
-    return str([f"{p} ({r})" for p, r in g.bindings[:2]])
+    """A group named by the modules writing it: sliceable ones, or a layer of one's own holding its weights whose
+    forward discovery does not understand (a convolution computing its weight)."""
+    return str(g.roles("out")[:2] or [g.writer])
 
 
 def _why(kept: list[Any]) -> str:

@@ -285,8 +285,9 @@ def _is_cache_object(c: Any) -> bool:
 
 
 def _cache_at(example: Any, at: str = "") -> tuple[str, Any] | None:
-    """Where ``example`` (its dicts, lists and tuples) holds a cache object that counts its positions, and it."""
-    if _is_cache_object(example):
+    """Where ``example`` (its dicts, lists and tuples) holds a cache object that counts its positions, and it (a
+    mapping is a batch, opened, whatever methods it has)."""
+    if _is_cache_object(example) and not isinstance(example, (Mapping, list, tuple)):
         return at or "the example", example
     if isinstance(example, Mapping):
         items: Any = example.items()
@@ -315,10 +316,16 @@ def refuse_cache_example(example: Any, who: str) -> None:
 def fresh_caches(example: Any) -> Any:
     """``example`` with every cache object in it (its dicts, lists and tuples) deep-copied: one run on it leaves the
     user's cache as it was."""
-    if _is_cache_object(example):
+    if _is_cache_object(example) and not isinstance(example, (Mapping, list, tuple)):
         import copy
 
-        return copy.deepcopy(example)
+        memo: dict[int, Any] = {id(t): t.detach().clone() for t in _reachable_tensors(example)}  # (a cache filled
+        try:                                                  # with gradients on holds non-leaf tensors, which
+            return copy.deepcopy(example, memo)               # deepcopy refuses: their values are what counts)
+        except Exception as e:
+            raise SortedNetError(f"the example's key/value cache ({type(example).__name__}) cannot be copied to "
+                                 f"count on ({type(e).__name__}: {str(e)[:160]}), and a run on it would append to "
+                                 "your cache; count on the prompt, or on a copy of the cache you make") from None
     if isinstance(example, Mapping) and _cache_at(example) is not None:
         out = copy_mapping(example)
         for k in list(out):
@@ -328,6 +335,28 @@ def fresh_caches(example: Any) -> Any:
         items = [fresh_caches(v) for v in example]
         return type(example)(*items) if hasattr(example, "_fields") else type(example)(items)
     return example
+
+
+def _reachable_tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors an object holds through its attributes, lists, tuples and dicts, at any depth (each object
+    followed once)."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif hasattr(x, "__dict__") and not isinstance(x, (torch.nn.Module, type)) and not callable(x):
+            stack.extend(vars(x).values())
+    return out
 
 
 def copy_mapping(m: Mapping) -> Any:
