@@ -150,7 +150,8 @@ def test_dry_runs_never_write_the_models_tensors(case):
         model, dims = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4)).eval(), [
             sn.Width("h", [8, 64], out="0", norm="1", inp="3")]
     elif case == "bn_own_forward":
-        model, x = nn.Sequential(nn.Conv2d(3, 8, 1), arch.BatchNormAct2d(8), nn.Conv2d(8, 2, 1)), torch.randn(2, 3, 4, 4)
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), arch.BatchNormAct2d(8), nn.Conv2d(8, 2, 1))
+        x = torch.randn(2, 3, 4, 4)
         dims = [sn.Width("c", [4, 8], out="0", norm="1", inp="2")]
     else:
         family = FAMILIES[case]()
