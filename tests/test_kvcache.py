@@ -365,4 +365,10 @@ def test_dry_runs_on_a_decode_step_leave_the_cache_alone():
     assert logits.shape == (2, 1, V)
     _, graphed = model(step["ids"].repeat(1, 5))  # (filled with gradients on: non-leaf tensors, which deepcopy
     copied = {"ids": step["ids"], "past_key_values": graphed}  # refuses; counted on detached copies)
+    graphed.owner = _NoCopy()  # (a module the cache refers to is shared, never copied)
     assert nest.cost(nest.largest, "flops", example=copied) == flops and _lengths(graphed) == before
+
+
+class _NoCopy(nn.Module):
+    def __deepcopy__(self, memo):
+        raise AssertionError("a module the cache refers to was copied")

@@ -319,9 +319,11 @@ def fresh_caches(example: Any) -> Any:
     if _is_cache_object(example) and not isinstance(example, (Mapping, list, tuple)):
         import copy
 
-        memo: dict[int, Any] = {id(t): t.detach().clone() for t in _reachable_tensors(example)}  # (a cache filled
-        try:                                                  # with gradients on holds non-leaf tensors, which
-            return copy.deepcopy(example, memo)               # deepcopy refuses: their values are what counts)
+        tensors, modules = _reachable(example)  # (a cache filled with gradients on holds non-leaf tensors, which
+        memo: dict[int, Any] = {id(t): t.detach().clone() for t in tensors}  # deepcopy refuses: their values are
+        memo.update((id(m), m) for m in modules)  # what counts; a module it refers to is shared, never copied)
+        try:
+            return copy.deepcopy(example, memo)
         except Exception as e:
             raise SortedNetError(f"the example's key/value cache ({type(example).__name__}) cannot be copied to "
                                  f"count on ({type(e).__name__}: {str(e)[:160]}), and a run on it would append to "
@@ -337,10 +339,11 @@ def fresh_caches(example: Any) -> Any:
     return example
 
 
-def _reachable_tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors an object holds through its attributes, lists, tuples and dicts, at any depth (each object
-    followed once)."""
+def _reachable(obj: Any) -> tuple[list[torch.Tensor], list[torch.nn.Module]]:
+    """The tensors and the modules an object holds through its attributes, lists, tuples and dicts, at any depth
+    (each object followed once; a module's own contents are not followed)."""
     out: list[torch.Tensor] = []
+    modules: list[torch.nn.Module] = []
     seen: set[int] = set()
     stack = [obj]
     while stack:
@@ -350,13 +353,15 @@ def _reachable_tensors(obj: Any) -> list[torch.Tensor]:
         seen.add(id(x))
         if isinstance(x, torch.Tensor):
             out.append(x)
+        elif isinstance(x, torch.nn.Module):
+            modules.append(x)
         elif isinstance(x, Mapping):
             stack.extend(x.values())
         elif isinstance(x, (list, tuple)):
             stack.extend(x)
-        elif hasattr(x, "__dict__") and not isinstance(x, (torch.nn.Module, type)) and not callable(x):
+        elif hasattr(x, "__dict__") and not isinstance(x, type) and not callable(x):
             stack.extend(vars(x).values())
-    return out
+    return out, modules
 
 
 def copy_mapping(m: Mapping) -> Any:
