@@ -216,6 +216,67 @@ def test_features_made_from_the_input_are_not_said_kept_whole(case):
         assert sn.discover(model.eval(), x, ratios=[0.5, 1.0])
 
 
+class _OwnLinear(nn.Module):
+    """A linear layer of one's own whose forward discovery does not understand, its weight held as a parameter, as
+    int8 buffers with a scale (a quantized layer) or in a ParameterDict."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        w = torch.randn(24, 32) * 0.1
+        if how == "buffers":
+            scale = w.abs().amax(1, keepdim=True) / 127
+            self.register_buffer("qweight", (w / scale).round().to(torch.int8))
+            self.register_buffer("scale", scale)
+        elif how == "dict":
+            self.p = nn.ParameterDict({"w": nn.Parameter(w)})
+        else:
+            self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        w = {"buffers": lambda: self.qweight.float() * self.scale, "dict": lambda: self.p["w"] * 1.0,
+             "parameter": lambda: self.w * 1.0}[self.how]()
+        return F.linear(x, w)
+
+
+@pytest.mark.parametrize("how", ["parameter", "buffers", "dict"])
+def test_a_layer_of_ones_own_writing_a_group_is_named_wherever_it_holds_its_weight(how):
+    from sortednet.discovery import KeptWholeWarning
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _OwnLinear(how), nn.ReLU(), nn.Linear(24, 8), nn.ReLU(),
+                          nn.Linear(8, 4))
+    with pytest.warns(KeptWholeWarning, match=r"\['2'\] \(24 features\): 'linear' \(in '2'\)"):
+        sn.discover(model, torch.randn(4, 16))
+
+
+class _Ema(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(16))
+
+    def forward(self, h):
+        if self.training:
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(0.1 * h.mean((0, 2, 3)))
+        return h
+
+
+def test_discover_writes_no_buffer_of_the_model():
+    """The training-mode trace wrote the model's own buffers (BatchNorm statistics, spectral norm's power
+    iteration vectors, an EMA kept in a buffer) and put them back: a serving thread read the changed values. It
+    runs on copies of every buffer now; the version counters (moved by any write) stay."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Conv2d(3, 16, 3, padding=1)), nn.BatchNorm2d(16), _Ema(), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    before = {k: v._version for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sn.discover(model, torch.randn(4, 3, 8, 8))
+    assert {k: v._version for k, v in [*model.named_parameters(), *model.named_buffers()]} == before
+
+
 def test_groups_written_by_an_op_not_understood_and_returned_features_are_named():
     """A group written by an op discovery does not understand (a convolution subclass computing its weight)
     has no writer to name, and was left out of the KeptWholeWarning (the list looked like the whole model);

@@ -365,8 +365,12 @@ def test_dry_runs_on_a_decode_step_leave_the_cache_alone():
     assert logits.shape == (2, 1, V)
     _, graphed = model(step["ids"].repeat(1, 5))  # (filled with gradients on: non-leaf tensors, which deepcopy
     copied = {"ids": step["ids"], "past_key_values": graphed}  # refuses; counted on detached copies)
-    graphed.owner = _NoCopy()  # (a module the cache refers to is shared, never copied)
+    graphed.owner, graphed.nest = _NoCopy(), nest  # (a module or the nest the cache refers to: shared, not copied)
     assert nest.cost(nest.largest, "flops", example=copied) == flops and _lengths(graphed) == before
+    with torch.no_grad(), nest.use(nest.largest):
+        _, longer = model(step["ids"].repeat(1, 9))
+    more = nest.cost(nest.largest, "flops", example={"ids": step["ids"], "past_key_values": longer})
+    assert more > flops  # (a cache's positions are part of the count's signature: a stale count was returned)
 
 
 class _NoCopy(nn.Module):

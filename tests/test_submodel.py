@@ -91,6 +91,11 @@ def test_a_dimension_given_twice_is_refused():
     with pytest.raises(sn.SortedNetError, match="given twice"):
         SubModel.parse("h=2,h=4")
     assert SubModel({"h": 2}, g=4) == SubModel(h=2, g=4)
+    with pytest.raises(sn.SortedNetError, match=r"dimension 'h' given twice, \[2, 4\]"):
+        SubModel([("h", 2), ("h", 4)])  # (pairs: dict(pairs) kept the last in silence)
+    assert SubModel([("h", 2), ("g", 4)]) == SubModel(h=2, g=4)
+    with pytest.raises(sn.SortedNetError, match="takes a mapping"):
+        SubModel(torch.tensor([1, 2]))  # (a raw RuntimeError from the tensor's truth value)
 
 
 @given(n=st.integers(1, 2**40), kind=st.sampled_from([np.int64, np.int32, np.uint16, torch.tensor]))

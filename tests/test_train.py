@@ -314,10 +314,11 @@ def test_resume_from_checkpoint_is_exact(tmp_path, family, vocab, distill):
 
 
 def test_fit_resume_with_start_step_is_exact(tmp_path):
-    """Also with the step a numpy integer (read back from an array or a loaded record): it was refused."""
+    """Also with the step a numpy integer or a 0-d tensor (read back from an array, a loaded record or a tensor):
+    both were refused."""
     batches = [toy_batch(i) for i in range(10)]
     runs = []
-    for split in (None, 4, np.int64(4)):
+    for split in (None, 4, np.int64(4), torch.tensor(4)):
         case = FAMILIES["mlp"](seed=0)
         nest = sn.wrap(case.model, *case.dims)
         opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1, momentum=0.9)

@@ -300,6 +300,20 @@ def test_a_per_head_refusal_in_from_transformers_offers_what_it_takes():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_sizes_given_as_arrays_or_tensors_are_taken_as_lists():
+    """sn.Width takes its sizes as a numpy array or a tensor; from_transformers refused them (a SizeError)."""
+    import numpy as np
+
+    dims = []
+    for ffn, depth in (([24], [1, 2]), (np.array([24]), torch.tensor([1, 2])), (torch.tensor([24]), np.array([1, 2])),
+                       ([np.int64(24)], list(torch.tensor([1, 2])))):
+        torch.manual_seed(0)
+        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        dims.append([d.spec() for d in sn.from_transformers(model, ffn=ffn, depth=depth).dims])
+    assert all(d == dims[0] for d in dims)
+
+
 def test_sort_by_importance_batch_errors():
     model = T.BertModel(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=48))

@@ -491,7 +491,21 @@ def example_signature(example: Any) -> tuple:
     False
     """
     leaves, spec = tree_flatten(as_inputs(example))
-    return (str(spec), *(_tensor_signature(t) if isinstance(t, Tensor) else repr(t) for t in leaves))
+    return (str(spec), *(_leaf_signature(t) for t in leaves))
+
+
+def _leaf_signature(v: Any) -> Any:
+    """A tensor's :func:`_tensor_signature`; an object holding tensors (a key/value cache, whose repr does not
+    show how many positions it holds) by its type and its tensors' signatures; anything else by its repr."""
+    if isinstance(v, Tensor):
+        return _tensor_signature(v)
+    if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)) and not callable(v):
+        from .kvcache import reachable
+
+        tensors, _ = reachable(v)
+        if tensors:
+            return (type(v).__qualname__, *(_tensor_signature(t) for t in tensors))
+    return repr(v)
 
 
 def _tensor_signature(t: Tensor) -> tuple:

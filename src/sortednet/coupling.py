@@ -466,9 +466,11 @@ class _Analysis:
         ins, outs = _tensors((ev.args, ev.kwargs)), _tensors(ev.out)
         self.fix_all(ins, why)
         holder = self.modules.get(ev.where) if ev.where is not None else None
+        weights = holder is not None and bool(holder._parameters or holder._buffers or any(
+            isinstance(c, (nn.ParameterDict, nn.ParameterList)) for c in holder.children()))
         for t in outs:
             for v in self.assign(t, [], why):  # (written inside a layer of one's own holding its weights: a
-                if holder is not None and holder._parameters:  # convolution computing its weight, named as such)
+                if weights:                    # convolution computing its weight, an int8 one; named as such)
                     self.uf.writer.setdefault(self.uf.find(v), ev.where or "<root>")
         self.fix_all(outs, why)
 
@@ -498,8 +500,9 @@ def analyse(model: nn.Module, example: Any) -> Coupling:
     >>> [(g.size, g.bindings) for g in analyse(m, torch.randn(3, 4)).free()]
     [(8, [('0', 'out'), ('2', 'inp')])]
     """
-    view, _ = eval_view(model, own_stats=True)  # a private eval-mode copy sharing the tensors (but its norms' running
-    # statistics: the training-mode trace updates copies, not what another thread serving the model reads)
+    view, _ = eval_view(model, own_buffers=True)  # a private eval-mode copy sharing the parameters, with copies of
+    # the buffers (the training-mode trace updates running statistics, power iterations, counters on the copies, not
+    # what another thread serving the model reads)
     own = _plain_tensors(view)  # (before the traced forwards: what they store on a module is their own result)
     found = _analyse(view, model, example, own)
     view.train(True)  # training mode too: branches that run only there (auxiliary heads) read features as well

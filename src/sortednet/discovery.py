@@ -427,9 +427,11 @@ def _kept_whole(c: Coupling, dims: list[Any] = ()) -> list[Any]:  # type: ignore
     """Groups the trace keeps whole for a reason inside the model (not the network's input or output), and free
     groups rolled by a multiple of their size that no declaration in ``dims`` took (no two sizes divide it)."""
     declared = {p for d in dims for p in getattr(d, "out", ())}
-    return [g for g in c.groups if g.size >= 2 and (g.roles("out") or g.writer is not None) and (
+    kept = [g for g in c.groups if g.size >= 2 and (g.roles("out") or g.writer is not None) and (
         (g.fixed is not None and g.fixed not in ("the network input", "the network output"))
         or (g.fixed is None and g.divides and g.roles("out") and not set(g.roles("out")) & declared))]
+    return sorted(kept, key=lambda g: not g.roles("out"))  # (groups sliceable modules write named first: those
+    #                                                    only a layer of one's own writes do not crowd them out)
 
 
 def _label(g: Any) -> str:

@@ -319,7 +319,7 @@ def fresh_caches(example: Any) -> Any:
     if _is_cache_object(example) and not isinstance(example, (Mapping, list, tuple)):
         import copy
 
-        tensors, modules = _reachable(example)  # (a cache filled with gradients on holds non-leaf tensors, which
+        tensors, modules = reachable(example)  # (a cache filled with gradients on holds non-leaf tensors, which
         memo: dict[int, Any] = {id(t): t.detach().clone() for t in tensors}  # deepcopy refuses: their values are
         memo.update((id(m), m) for m in modules)  # what counts; a module it refers to is shared, never copied)
         try:
@@ -339,11 +339,11 @@ def fresh_caches(example: Any) -> Any:
     return example
 
 
-def _reachable(obj: Any) -> tuple[list[torch.Tensor], list[torch.nn.Module]]:
-    """The tensors and the modules an object holds through its attributes, lists, tuples and dicts, at any depth
-    (each object followed once; a module's own contents are not followed)."""
+def reachable(obj: Any) -> tuple[list[torch.Tensor], list[Any]]:
+    """The tensors and the modules (and nests) an object holds through its attributes, lists, tuples, dicts and
+    bound methods, at any depth (each object followed once; a module's own contents are not followed)."""
     out: list[torch.Tensor] = []
-    modules: list[torch.nn.Module] = []
+    modules: list[Any] = []
     seen: set[int] = set()
     stack = [obj]
     while stack:
@@ -353,8 +353,10 @@ def _reachable(obj: Any) -> tuple[list[torch.Tensor], list[torch.nn.Module]]:
         seen.add(id(x))
         if isinstance(x, torch.Tensor):
             out.append(x)
-        elif isinstance(x, torch.nn.Module):
-            modules.append(x)
+        elif isinstance(x, torch.nn.Module) or type(x).__module__ == "sortednet.nest":
+            modules.append(x)  # (a module, or the nest: shared by a copy, never copied)
+        elif inspect.ismethod(x):
+            stack.append(x.__self__)  # (a bound method: deepcopy copies the object it is bound to)
         elif isinstance(x, Mapping):
             stack.extend(x.values())
         elif isinstance(x, (list, tuple)):

@@ -52,10 +52,16 @@ class SubModel(Mapping[str, int]):
             raise SortedNetError(f"SubModel() takes a mapping {{dimension: size}} (or its pairs) or keywords, got "
                                  f"the text {str(sizes)[:60]!r}; parse text with SubModel.parse(...)")
         try:
-            items = dict(sizes or {})
-        except (TypeError, ValueError) as e:
+            pairs = list((sizes or {}).items() if isinstance(sizes, Mapping) else () if sizes is None else sizes)
+            items = dict(pairs)
+        except (TypeError, ValueError, RuntimeError) as e:  # (RuntimeError: a tensor, iterated)
             raise SortedNetError(f"SubModel() takes a mapping {{dimension: size}} (or its pairs) or keywords, got "
                                  f"{type(sizes).__name__} {str(sizes)[:60]!r}: {e}") from None
+        if len(items) != len(pairs):  # (dict(pairs) keeps the last of a name given twice, in silence)
+            seen: set = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise SortedNetError(f"SubModel(): dimension {twice!r} given twice, "
+                                 f"{[v for k, v in pairs if k == twice]}")
         twice = [k for k in kw if k in items]
         if twice:  # (dict(sizes, **kw) let the keyword win in silence; parse refuses "h=2,h=4" too)
             raise SortedNetError(f"SubModel(): dimension {twice[0]!r} given twice, {items[twice[0]]!r} in the "

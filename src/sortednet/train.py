@@ -32,7 +32,7 @@ from .errors import SortedNetError
 from .errors import flag as _flag
 from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
-from .submodel import SubModel, SubModelLike
+from .submodel import SubModel, SubModelLike, as_int
 from .views import _compiling, _distributed, is_fsdp, world_size
 
 if TYPE_CHECKING:
@@ -901,8 +901,11 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                           "steps them. Build the optimizer from nest.trainable_parameters() after sn.wrap / sn.load "
                           "(which add Rank adapters and factors), or freeze what you mean to keep "
                           "(requires_grad_(False))", UserWarning, stacklevel=2)
-    def whole(v: Any) -> bool:  # (an int, also numpy's: a step read back from an array or a loaded record)
-        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+    def whole(v: Any) -> bool:  # (an int, also numpy's or a 0-d torch one: a step read back from an array, a
+        return as_int(v) is not None  # loaded record or a tensor)
+
+    epochs, start_step = (as_int(v) if as_int(v) is not None else v for v in (epochs, start_step))
+    eval_every = as_int(eval_every) if eval_every is not None and as_int(eval_every) is not None else eval_every
 
     if not whole(epochs) or epochs < 1:
         raise SortedNetError(f"epochs must be a positive int, got {epochs!r}")
