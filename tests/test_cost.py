@@ -756,3 +756,71 @@ def test_profile_takes_any_iterable_of_metric_names_and_numpy_integers():
         prof = nest.profile(torch.randn(2, 8), metrics=metrics, repeat=np.int64(1), warmup=np.int64(0),
                             progress=False)
         assert set(prof.costs) == {"params", "flops"} and all(type(m) is str for m in prof.costs)
+
+
+class _Repeats:
+    """A batch object of one's own: its number of passes changes the FLOPs, its tensor's shape does not."""
+
+    def __init__(self, x, repeats):
+        self.x, self.repeats = x, repeats
+
+
+class _Slot:
+    __slots__ = ("x",)
+
+    def __init__(self, x):
+        self.x = x
+
+
+class _ObjectInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, batch):
+        x = batch.x
+        for _ in range(getattr(batch, "repeats", 1)):
+            x = self.b(torch.relu(self.a(x)))
+        return x
+
+
+def test_flops_of_object_inputs_are_never_taken_from_another_input():
+    """FLOPs are kept per input signature. An object input was signed by its repr: a cache's repr does not show its
+    positions, and an object's default repr only its address, which a later object reuses (three inputs of 1, 64
+    and 1,000 rows all got the first count); signed by its type and its tensors alone, a field that sets the work
+    (passes over the data) was lost. Signed field by field now."""
+    nest = sn.wrap(_ObjectInput(), sn.Width("h", [16, 32], out="a", inp="b"))
+    x = torch.randn(2, 8)
+    counts = [nest.cost(nest.largest, "flops", example=_Repeats(x, r)) for r in (1, 4)]
+    assert counts[1] == 4 * counts[0]
+    rows = [nest.cost(nest.largest, "flops", example=_Slot(torch.randn(n, 8))) for n in (1, 64, 1000)]
+    assert rows[1] == 64 * rows[0] and rows[2] == 1000 * rows[0]
+
+
+class _Options:
+    """Options read as attributes over a dict: a missing one raises KeyError, not AttributeError."""
+
+    def __init__(self, **d):
+        self.__dict__["_d"] = d
+
+    def __getattr__(self, k):
+        return self._d[k]
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x, opts):
+        return self.b(torch.relu(self.a(x))) * opts.scale
+
+
+def test_inputs_of_ones_own_are_read_without_raising():
+    """Looking for a key/value cache in the example read ``get_seq_length`` from every object: an object whose
+    __getattr__ raises KeyError made cost, check, profile and discover fail with a raw KeyError."""
+    nest = sn.wrap(_Scaled(), sn.Width("h", [16, 32], out="a", inp="b"))
+    ex = (torch.randn(2, 8), _Options(scale=2.0))
+    assert nest.cost(nest.largest, "flops", example=ex) > 0
+    nest.check(ex)
+    assert sn.discover(_Scaled(), ex, ratios=[0.5, 1.0])

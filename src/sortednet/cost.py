@@ -494,18 +494,23 @@ def example_signature(example: Any) -> tuple:
     return (str(spec), *(_leaf_signature(t) for t in leaves))
 
 
-def _leaf_signature(v: Any) -> Any:
-    """A tensor's :func:`_tensor_signature`; an object holding tensors (a key/value cache, whose repr does not
-    show how many positions it holds) by its type and its tensors' signatures; anything else by its repr."""
+def _leaf_signature(v: Any, seen: set[int] | None = None, depth: int = 0) -> Any:
+    """A tensor's :func:`_tensor_signature`; an object of one's own (a key/value cache, a batch dataclass) by its
+    type and what it holds, field by field (tensors by their signatures: a cache's repr does not show how many
+    positions it holds, nor an object's default repr anything but its address, which a later one may reuse);
+    anything else (a number, a string, a module) by its repr."""
+    from .kvcache import _fields
+
     if isinstance(v, Tensor):
         return _tensor_signature(v)
-    if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)) and not callable(v):
-        from .kvcache import reachable
-
-        tensors, _ = reachable(v)
-        if tensors:
-            return (type(v).__qualname__, *(_tensor_signature(t) for t in tensors))
-    return repr(v)
+    fields = _fields(v) if not isinstance(v, (nn.Module, type)) else None
+    if fields is None or depth > 32:
+        return type(v).__qualname__ if type(v).__repr__ is object.__repr__ else repr(v)
+    seen = set() if seen is None else seen
+    if id(v) in seen:
+        return "<cycle>"
+    seen.add(id(v))
+    return (type(v).__qualname__, *((repr(k), _leaf_signature(x, seen, depth + 1)) for k, x in fields))
 
 
 def _tensor_signature(t: Tensor) -> tuple:

@@ -281,67 +281,116 @@ def _allocated(cache: Any) -> str | None:
 
 def _is_cache_object(c: Any) -> bool:
     """A cache object that counts its positions (transformers' caches, or one of the model's own alike)."""
-    return not isinstance(c, torch.Tensor) and callable(getattr(c, "get_seq_length", None))
+    if isinstance(c, torch.Tensor):
+        return False
+    try:
+        return callable(getattr(c, "get_seq_length", None))
+    except Exception:  # (a __getattr__ of the user's that raises KeyError)
+        return False
 
 
-def _cache_at(example: Any, at: str = "") -> tuple[str, Any] | None:
-    """Where ``example`` (its dicts, lists and tuples) holds a cache object that counts its positions, and it (a
-    mapping is a batch, opened, whatever methods it has)."""
-    if _is_cache_object(example) and not isinstance(example, (Mapping, list, tuple)):
-        return at or "the example", example
-    if isinstance(example, Mapping):
-        items: Any = example.items()
-    elif isinstance(example, (list, tuple)):
-        items = enumerate(example)
-    else:
+def _example_cache(c: Any, key: Any) -> bool:
+    """Whether ``c``, found in an example under ``key``, is a key/value cache: an object that counts its positions
+    and is one of transformers' caches, is named as a cache (its class) or is given as one (its key or attribute
+    name). A batch of one's own with a ``get_seq_length`` helper is not."""
+    if isinstance(c, (Mapping, list, tuple)) or not _is_cache_object(c):
+        return False
+    if any(k.__name__ == "Cache" and k.__module__.startswith("transformers.") for k in type(c).__mro__):
+        return True
+    return "cache" in type(c).__name__.lower() or (isinstance(key, str) and is_cache_name(key))
+
+
+def _fields(x: Any) -> list[tuple[Any, Any]] | None:
+    """``(key, value)`` of what a plain container or an object of one's own holds (its attributes, ``__slots__``
+    too); None for an atom (a tensor, a module, the nest, a number, a function, a Python module, a class)."""
+    import functools
+    import types
+
+    if isinstance(x, (torch.Tensor, torch.nn.Module, type, types.ModuleType, types.FunctionType,
+                      types.BuiltinFunctionType, str, bytes, int, float, complex, bool)) or x is None:
         return None
-    for k, v in items:
-        found = _cache_at(v, f"{at}[{k!r}]")
-        if found is not None:
-            return found
-    return None
+    if type(x).__module__ == "sortednet.nest":
+        return None
+    if isinstance(x, functools.partial):
+        return [("func", x.func), *enumerate(x.args), *x.keywords.items()]
+    if inspect.ismethod(x):
+        return [("__self__", x.__self__)]
+    try:
+        if isinstance(x, Mapping):
+            return list(x.items())
+        if isinstance(x, (list, tuple)):
+            return list(enumerate(x))
+        out = list(vars(x).items()) if hasattr(x, "__dict__") else []
+        for k in type(x).__mro__:
+            for name in getattr(k, "__slots__", ()):
+                if name not in ("__dict__", "__weakref__") and hasattr(x, name):
+                    out.append((name, getattr(x, name)))
+        return out
+    except Exception:  # (a mapping or attribute that raises when read: taken as an atom)
+        return None
+
+
+def _caches_in(example: Any, at: str = "") -> list[tuple[str, Any]]:
+    """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects)."""
+    out: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, Any, Any]] = [(at, None, example)]
+    while stack:
+        where, key, x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if _example_cache(x, key):
+            out.append((where or "the example", x))
+            continue
+        fields = _fields(x)
+        if fields is None or inspect.ismethod(x):
+            continue
+        attr = not isinstance(x, (Mapping, list, tuple))
+        stack.extend((f"{where or 'the example'}.{k}" if attr else f"{where}[{k!r}]", k, v)
+                     for k, v in reversed(fields))
+    return out
 
 
 def refuse_cache_example(example: Any, who: str) -> None:
     """Refuse an example holding a key/value cache object for a call that runs the model on it several times: each
     run would append its positions to the user's cache (and a sub-model's run leave it unfit for the others)."""
-    found = _cache_at(example)
-    if found is not None:
-        raise SortedNetError(f"{who}: the example holds a key/value cache (at {found[0]}: {type(found[1]).__name__}) "
+    found = _caches_in(example)
+    if found:
+        where, c = found[0]
+        raise SortedNetError(f"{who}: the example holds a key/value cache (at {where}: {type(c).__name__}) "
                              "that each of its runs would append to, leaving your cache changed and the later runs "
                              "reading the earlier ones' positions; give the inputs without the cache (the prompt: "
                              "the wiring and the sub-models are the same)")
 
 
 def fresh_caches(example: Any) -> Any:
-    """``example`` with every cache object in it (its dicts, lists and tuples) deep-copied: one run on it leaves the
-    user's cache as it was."""
-    if _is_cache_object(example) and not isinstance(example, (Mapping, list, tuple)):
-        import copy
+    """``example`` with every key/value cache in it deep-copied (one run on it leaves the user's caches as they
+    were); the example itself where it holds none. The copy shares every tensor outside the caches, every module
+    and the nest; a cache's tensors are copied detached (a cache filled with gradients on holds non-leaf tensors,
+    which deepcopy refuses: their values are what counts)."""
+    caches = _caches_in(example)
+    if not caches:
+        return example
+    import copy
 
-        tensors, modules = reachable(example)  # (a cache filled with gradients on holds non-leaf tensors, which
-        memo: dict[int, Any] = {id(t): t.detach().clone() for t in tensors}  # deepcopy refuses: their values are
-        memo.update((id(m), m) for m in modules)  # what counts; a module it refers to is shared, never copied)
-        try:
-            return copy.deepcopy(example, memo)
-        except Exception as e:
-            raise SortedNetError(f"the example's key/value cache ({type(example).__name__}) cannot be copied to "
-                                 f"count on ({type(e).__name__}: {str(e)[:160]}), and a run on it would append to "
-                                 "your cache; count on the prompt, or on a copy of the cache you make") from None
-    if isinstance(example, Mapping) and _cache_at(example) is not None:
-        out = copy_mapping(example)
-        for k in list(out):
-            out[k] = fresh_caches(out[k])
-        return out
-    if isinstance(example, (list, tuple)) and _cache_at(example) is not None:
-        items = [fresh_caches(v) for v in example]
-        return type(example)(*items) if hasattr(example, "_fields") else type(example)(items)
-    return example
+    tensors, shared = reachable(example)
+    memo: dict[int, Any] = {id(t): t for t in tensors}
+    memo.update((id(m), m) for m in shared)
+    for _, c in caches:
+        memo.update((id(t), t.detach().clone()) for t in reachable(c)[0])
+    try:
+        return copy.deepcopy(example, memo)
+    except Exception as e:
+        raise SortedNetError(f"the example's key/value cache ({type(caches[0][1]).__name__}) cannot be copied to "
+                             f"count on ({type(e).__name__}: {str(e)[:160]}), and a run on it would append to "
+                             "your cache; count on the prompt, or on a copy of the cache you make") from None
 
 
 def reachable(obj: Any) -> tuple[list[torch.Tensor], list[Any]]:
-    """The tensors and the modules (and nests) an object holds through its attributes, lists, tuples, dicts and
-    bound methods, at any depth (each object followed once; a module's own contents are not followed)."""
+    """The tensors, and the modules and nests (which a copy shares, never copies), an object holds through its
+    dicts, lists, tuples, attributes, partials and bound methods, at any depth (each object followed once; a
+    module's own contents are not followed)."""
     out: list[torch.Tensor] = []
     modules: list[Any] = []
     seen: set[int] = set()
@@ -354,15 +403,9 @@ def reachable(obj: Any) -> tuple[list[torch.Tensor], list[Any]]:
         if isinstance(x, torch.Tensor):
             out.append(x)
         elif isinstance(x, torch.nn.Module) or type(x).__module__ == "sortednet.nest":
-            modules.append(x)  # (a module, or the nest: shared by a copy, never copied)
-        elif inspect.ismethod(x):
-            stack.append(x.__self__)  # (a bound method: deepcopy copies the object it is bound to)
-        elif isinstance(x, Mapping):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-        elif hasattr(x, "__dict__") and not isinstance(x, type) and not callable(x):
-            stack.extend(vars(x).values())
+            modules.append(x)
+        else:
+            stack.extend(v for _, v in reversed(_fields(x) or []))
     return out, modules
 
 

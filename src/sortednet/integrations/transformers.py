@@ -44,6 +44,8 @@ def register_known_slicers() -> None:
 
 def _number(what: str, s: object) -> int | float:
     """A size as a Python int (any integral type: numpy, torch scalars) or float (a fraction), never a bool."""
+    if isinstance(s, torch.Tensor) and s.is_meta:
+        raise SizeError(f"{what}: a size on the meta device holds no value; give an int or a fraction")
     if isinstance(s, (numpy.ndarray, torch.Tensor)) and s.ndim == 0 and s.dtype not in (torch.bool, numpy.bool_):
         s = s.item()  # (a 0-d tensor or array: its number)
     if isinstance(s, (bool, numpy.bool_)) or not isinstance(s, numbers.Real):
@@ -55,6 +57,8 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
     """Integers stay; fractions in (0, 1] become ``round(f * full)`` rounded to ``multiple``."""
     if sizes is None:
         return None
+    if isinstance(sizes, torch.Tensor) and sizes.is_meta:
+        raise SizeError(f"{what}: sizes on the meta device hold no values; give a list of ints or fractions")
     if isinstance(sizes, (numpy.ndarray, torch.Tensor)) and sizes.ndim <= 1:  # (as sn.Width takes them)
         sizes = [sizes.item()] if sizes.ndim == 0 else list(sizes.tolist())
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (numbers.Real, Sequence, set, frozenset, range)):
