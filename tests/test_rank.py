@@ -1439,3 +1439,61 @@ def test_a_stock_encoder_with_a_rank_on_its_attention_output_runs_padded_batches
         torch.testing.assert_close(live[keep], exported[keep], atol=1e-5, rtol=1e-5, msg=str(sub))
     with pytest.raises(sn.SortedNetError, match=r"self_attn\.out_proj\.weight: written in place"):
         nn.init.zeros_(enc.layers[0].self_attn.out_proj.weight)  # (a user's own read stays guarded)
+
+
+class _GainLinear(nn.Linear):
+    """A Linear subclass keeping Linear's forward, with a parameter and a buffer of its own its parent reads."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.gain = nn.Parameter(torch.full((1,), 3.0))
+        self.register_buffer("shift", torch.ones(1))
+
+
+class _ReadsTarget(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = _GainLinear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = x.reshape(-1, self.fc.in_features)  # (the parent reads the target's size, gain and shift)
+        return self.out(torch.relu(self.fc(x) * self.fc.gain + self.fc.shift))
+
+
+@pytest.mark.parametrize("mode,how", [("lora", "auto"), ("svd", "merged"), ("svd", "factored")])
+def test_exports_keep_what_a_forward_reads_of_a_linear_subclass(mode, how):
+    """Every export of a Rank target wrote back its weight and bias only: a Linear subclass's own parameter was
+    dropped (each export refused with a parameter count that "disagrees", blaming a slicer), and a factored
+    export, two Linears in a Sequential, had no in_features, buffer or gain for the parent's forward to read (a
+    raw AttributeError when the deployed model ran, on a sub-model pick had chosen). Kept now: the export runs
+    and equals the live sub-model, shares no tensor, and holds the parameters cost counts."""
+    torch.manual_seed(0)
+    model, x = _ReadsTarget(), torch.randn(3, 16)
+    nest = sn.wrap(model, sn.Rank("r", [2, 16], targets="fc", mode=mode, export=how), example=x)
+    live = {id(t) for t in (*model.parameters(), *model.buffers())}
+    for sub in nest.submodels:
+        exported = nest.export(sub)
+        assert not any(id(t) in live for t in (*exported.parameters(), *exported.buffers()))
+        assert {"fc.gain", "fc.shift"} <= set(exported.state_dict())
+        assert nest.cost(sub) == sum(p.numel() for p in exported.parameters())
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fit_warns_when_a_thawed_lora_base_would_train():
+    """Assigning a trainable base is refused; ``model.requires_grad_(True)`` thawed it in place in silence, and fit
+    then trained the base beside the adapters (every sub-model changed). Warned when the optimizer holds it."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Rank("r", [2, 4], targets="0", mode="lora"))
+    model.requires_grad_(True)
+    batch = [(torch.randn(16, 8), torch.randint(0, 2, (16,)))]
+    with pytest.warns(UserWarning, match=r"frozen base of a lora Rank target requires grad again \(\['0\.weight', "
+                                         r"'0\.bias'\]"):
+        sn.fit(nest, batch, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (an optimizer of the adapters alone: the base gets no step, nothing said)
+        sn.fit(nest, batch, torch.optim.SGD(nest.trainable_parameters(), lr=0.1), sn.Sampler(nest, k=1),
+               progress=False)

@@ -901,6 +901,15 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                           "steps them. Build the optimizer from nest.trainable_parameters() after sn.wrap / sn.load "
                           "(which add Rank adapters and factors), or freeze what you mean to keep "
                           "(requires_grad_(False))", UserWarning, stacklevel=2)
+    thawed = [(f"{path}.{n}" if path else n) for path, m in nest._sliced.items()
+              if type(m._sn.slicer).__name__ == "LoRASlicer" for n in ("weight", "bias")
+              if (p := m._parameters.get(n)) is not None and p.requires_grad and (not held or id(p) in held)]
+    if thawed:
+        warnings.warn(f"fit(): the frozen base of a lora Rank target requires grad again ({thawed[:3]}"
+                      f"{' ...' if len(thawed) > 3 else ''}; model.requires_grad_(True) thaws it), and the optimizer "
+                      "holds it: the base trains beside the adapters and changes every sub-model, the largest "
+                      "included. Freeze it again (requires_grad_(False) on those tensors), or build the optimizer "
+                      "from nest.trainable_parameters()", UserWarning, stacklevel=2)
     def whole(v: Any) -> bool:  # (an int, also numpy's or a 0-d torch one: a step read back from an array, a
         return as_int(v) is not None  # loaded record or a tensor)
 

@@ -77,6 +77,8 @@ def _note_matrix_read(m: nn.Module) -> None:
 
 __all__ = ["LowRankSlicer", "SVDSlicer", "LoRASlicer", "SVD", "LORA"]
 
+_MADE = ("U", "V", "lora_A", "lora_B")  # (the tensors a Rank target holds in place of, or beside, its weight)
+
 
 def _merge_rank(full: int, merge: bool | int) -> int:
     """The rank ``unwrap(merge=...)`` bakes in: ``True`` the whole factor, an int the nest's largest rank."""
@@ -170,9 +172,11 @@ class LowRankSlicer(Slicer):
 
     def _fill(self, copy_: nn.Module, weight: Tensor, bias: Tensor | None, requires_grad: bool,
               bias_grad: bool) -> nn.Module:
-        """``copy_`` (a Linear, its hooks kept) holding clones of ``weight`` / ``bias`` only, each with the
-        ``requires_grad`` of the tensor it stands for (a frozen bias stays frozen)."""
-        copy_._parameters.clear()
+        """``copy_`` (a Linear, its hooks kept) holding clones of ``weight`` / ``bias`` in place of the factors or
+        adapters, each with the ``requires_grad`` of the tensor it stands for (a frozen bias stays frozen); a
+        parameter of a Linear subclass's own (a gain) stays."""
+        for name in ("weight", "bias", *_MADE):
+            copy_._parameters.pop(name, None)
         copy_._parameters["weight"] = self._param(weight, requires_grad)
         copy_._parameters["bias"] = None if bias is None else self._param(bias, bias_grad)
         copy_.out_features, copy_.in_features = weight.shape
@@ -319,8 +323,14 @@ class SVDSlicer(LowRankSlicer):
                                 "to read, so the exported model would fail when run. Declare "
                                 "sn.Rank(..., export='merged') for it (one Linear holding U_r V_r, counted so by "
                                 "cost), or call the layer in the forward")
-            return nn.Sequential(self._linear(live, V, None, fv),
-                                 self._linear(live, U, bias, fu, bgrad)).train(live.training)
+            seq = nn.Sequential(self._linear(live, V, None, fv), self._linear(live, U, bias, fu, bgrad))
+            seq.out_features, seq.in_features = U.shape[0], V.shape[1]  # (a forward reading them still can)
+            for name, p in copy_._parameters.items():  # (a Linear subclass's own tensors, a gain: kept, as the
+                if name not in ("weight", "bias", *_MADE):  # merged export keeps them)
+                    seq.register_parameter(name, p)
+            for name, b in copy_._buffers.items():
+                seq.register_buffer(name, b, persistent=name not in copy_._non_persistent_buffers_set)
+            return seq.train(live.training)
         return self._fill(copy_, U @ V, bias, fu or fv, bgrad)
 
 
