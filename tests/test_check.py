@@ -3449,8 +3449,8 @@ def test_check_compares_counts_and_mixed_sub_models_with_their_exports(proj, mes
 
 @pytest.mark.parametrize("only", ["equal", "copy_"])
 def test_an_interrupted_check_puts_every_statistic_back(only):
-    """check's dry runs in training mode move BatchNorm running statistics, then put them back: a Ctrl-C
-    while they are put back still puts back every one (the model is exactly as before), not some."""
+    """check's dry runs put back what they move (BatchNorm statistics run on copies since; other writes are put
+    back): a Ctrl-C at any write or comparison still leaves the model exactly as before, not half restored."""
     def build():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
@@ -3469,7 +3469,7 @@ def test_an_interrupted_check_puts_every_statistic_back(only):
         if interrupted(n, lambda: nest.check(x), only):  # noqa: B023
             hit += 1
             assert_unchanged(m, before)
-    assert hit == count.calls >= 10
+    assert hit == count.calls >= 1
 
 
 class _PairedFromTheEnd(nn.Module):
