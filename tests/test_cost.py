@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -824,3 +825,50 @@ def test_inputs_of_ones_own_are_read_without_raising():
     assert nest.cost(nest.largest, "flops", example=ex) > 0
     nest.check(ex)
     assert sn.discover(_Scaled(), ex, ratios=[0.5, 1.0])
+
+
+class _Passes(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x, n):
+        k = n.stop if isinstance(n, slice) else len(n) if isinstance(n, (set, range, np.ndarray)) else int(n)
+        for _ in range(k):
+            x = self.b(self.a(x))
+        return x
+
+
+class _Seq:
+    def __init__(self, t):
+        self.t = t
+
+
+class _Pick:
+    def __init__(self, a, b, use):
+        self.a, self.b, self.use = a, b, use
+
+
+class _UsesPick(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, batch):
+        return self.b(self.a(batch.use.t))
+
+
+@pytest.mark.parametrize("one,five", [(np.int64(1), np.int64(5)), ({1}, {1, 2, 3, 4, 5}), (np.arange(1), np.arange(5)),
+                                      (slice(0, 1), slice(0, 5)), (range(1), range(5))])
+def test_values_without_fields_and_objects_met_twice_are_signed_by_what_they_are(one, five):
+    """Signing objects field by field took a value with no attributes (a numpy integer, a set, an array, a
+    range) for an empty object, and an object met a second time for "a cycle": counts of other inputs were
+    returned (128 for 640). Such values are signed by their repr, and an object met again by where it was first
+    met."""
+    nest = sn.wrap(_Passes(), sn.Width("h", [2, 8], out="a", inp="b"))
+    x = torch.randn(1, 4)
+    assert nest.cost("h=8", "flops", example=(x, five)) == 5 * nest.cost("h=8", "flops", example=(x, one))
+    nest = sn.wrap(_UsesPick(), sn.Width("h", [2, 8], out="a", inp="b"))
+    short, long_ = _Seq(torch.randn(1, 4)), _Seq(torch.randn(9, 4))
+    assert nest.cost("h=8", "flops", example=_Pick(short, long_, long_)) == 9 * nest.cost(
+        "h=8", "flops", example=_Pick(short, long_, short))

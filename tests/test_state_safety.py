@@ -558,6 +558,8 @@ _TREE_CHANGES = {  # what a user may do to the module tree after wrap; each woul
     "pop a block": lambda m: m.blocks.pop(0),
     "add_module into the blocks": lambda m: m.blocks.add_module("extra", nn.Identity()),
     "delattr a block": lambda m: delattr(m.blocks, "1"),
+    "delete a sliced module": lambda m: delattr(m.blocks[1], "2"),  # (del fires no registration hook: it landed,
+    "delete the layer list": lambda m: delattr(m, "blocks"),         # and only cost / export refused later)
 }
 
 
@@ -602,10 +604,18 @@ _SHIFTS = {  # torch's insert / pop / del write the container's _modules directl
 @pytest.mark.parametrize("change", _SHIFTS)
 def test_modules_inserted_or_removed_on_the_path_are_refused_at_the_next_forward(change):
     """Without Depth, ``blocks`` is a plain ModuleList on the path to the sliced layers: an inserted block would
-    sit at a wrapped path and run unsliced (silently, under every sub-model). The next forward refuses."""
+    sit at a wrapped path and run unsliced (silently, under every sub-model). The next forward refuses; a removal
+    (``del``, ``pop``: torch's containers delete the attribute first) is refused before it lands."""
     m = _Blocks()
     nest = sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
     x = torch.randn(5, 8)
+    if change in ("delete a block", "pop a block", "pop the last layer of a block"):
+        before, tree = snapshot(m), list(m.named_modules())
+        with pytest.raises(sn.SortedNetError, match="(?s)deleting 'blocks.*' is refused while the model is wrapped"):
+            _SHIFTS[change](m)
+        assert list(m.named_modules()) == tree
+        assert_unchanged(m, before)
+        return
     _SHIFTS[change](m)
     for ctx in (nest.use("ffn=4"), contextlib.nullcontext()):
         with ctx, pytest.raises(sn.SortedNetError, match="when wrapped: a module was inserted or removed"):

@@ -494,23 +494,40 @@ def example_signature(example: Any) -> tuple:
     return (str(spec), *(_leaf_signature(t) for t in leaves))
 
 
-def _leaf_signature(v: Any, seen: set[int] | None = None, depth: int = 0) -> Any:
-    """A tensor's :func:`_tensor_signature`; an object of one's own (a key/value cache, a batch dataclass) by its
-    type and what it holds, field by field (tensors by their signatures: a cache's repr does not show how many
-    positions it holds, nor an object's default repr anything but its address, which a later one may reuse);
-    anything else (a number, a string, a module) by its repr."""
-    from .kvcache import _fields
-
+def _leaf_signature(v: Any) -> Any:
+    """A tensor's :func:`_tensor_signature`; an object of one's own holding fields (a key/value cache, a batch
+    dataclass) by its type and what it holds, field by field (tensors by their signatures: a cache's repr does not
+    show how many positions it holds, nor an object's default repr anything but its address, which a later one
+    may reuse), up to 16,384 entries (an object met again named by where it was first met); anything else (a
+    number, a string, an array, a set, a module) by its repr."""
     if isinstance(v, Tensor):
         return _tensor_signature(v)
-    fields = _fields(v) if not isinstance(v, (nn.Module, type)) else None
-    if fields is None or depth > 32:
-        return type(v).__qualname__ if type(v).__repr__ is object.__repr__ else repr(v)
-    seen = set() if seen is None else seen
-    if id(v) in seen:
-        return "<cycle>"
-    seen.add(id(v))
-    return (type(v).__qualname__, *((repr(k), _leaf_signature(x, seen, depth + 1)) for k, x in fields))
+    if type(v) in _ATOMS:
+        return repr(v)
+    from .kvcache import _fields
+
+    budget = [16384]
+    first: dict[int, int] = {}
+
+    def sign(x: Any, depth: int) -> Any:
+        budget[0] -= 1
+        if isinstance(x, Tensor):
+            return _tensor_signature(x)
+        if type(x) in _ATOMS:
+            return repr(x)
+        if id(x) in first:
+            return ("<again>", first[id(x)])
+        fields = _fields(x, max(budget[0], 0)) if not isinstance(x, (nn.Module, type)) else None
+        if not fields or depth > 32 or budget[0] < 0:
+            return type(x).__qualname__ if type(x).__repr__ is object.__repr__ else repr(x)
+        first[id(x)] = len(first)
+        size = len(x) if isinstance(x, (Mapping, list, tuple)) else None  # (a container cut short: its length too)
+        return (type(x).__qualname__, size, *((repr(k), sign(f, depth + 1)) for k, f in fields if budget[0] >= 0))
+
+    return sign(v, 0)
+
+
+_ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 def _tensor_signature(t: Tensor) -> tuple:

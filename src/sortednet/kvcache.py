@@ -300,10 +300,12 @@ def _example_cache(c: Any, key: Any) -> bool:
     return "cache" in type(c).__name__.lower() or (isinstance(key, str) and is_cache_name(key))
 
 
-def _fields(x: Any) -> list[tuple[Any, Any]] | None:
+def _fields(x: Any, limit: int | None = None) -> list[tuple[Any, Any]] | None:
     """``(key, value)`` of what a plain container or an object of one's own holds (its attributes, ``__slots__``
-    too); None for an atom (a tensor, a module, the nest, a number, a function, a Python module, a class)."""
+    too; the first ``limit`` of a container's); None for an atom (a tensor, a module, the nest, a number, a
+    function, a Python module, a class)."""
     import functools
+    import itertools
     import types
 
     if isinstance(x, (torch.Tensor, torch.nn.Module, type, types.ModuleType, types.FunctionType,
@@ -317,9 +319,9 @@ def _fields(x: Any) -> list[tuple[Any, Any]] | None:
         return [("__self__", x.__self__)]
     try:
         if isinstance(x, Mapping):
-            return list(x.items())
+            return list(itertools.islice(x.items(), limit))
         if isinstance(x, (list, tuple)):
-            return list(enumerate(x))
+            return list(itertools.islice(enumerate(x), limit))
         out = list(vars(x).items()) if hasattr(x, "__dict__") else []
         for k in type(x).__mro__:
             for name in getattr(k, "__slots__", ()):
@@ -330,25 +332,34 @@ def _fields(x: Any) -> list[tuple[Any, Any]] | None:
         return None
 
 
-def _caches_in(example: Any, at: str = "") -> list[tuple[str, Any]]:
-    """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects)."""
+_ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
+
+
+def _caches_in(example: Any, holders: set[int] | None = None) -> list[tuple[str, Any]]:
+    """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects);
+    ``holders``: filled with the ids of every container and object
+    on the way to one. The first 2,000 things it holds are searched (a cache sits near the top of an example)."""
     out: list[tuple[str, Any]] = []
     seen: set[int] = set()
-    stack: list[tuple[str, Any, Any]] = [(at, None, example)]
-    while stack:
-        where, key, x = stack.pop()
-        if id(x) in seen:
+    stack: list[tuple[str, Any, Any, tuple[int, ...]]] = [("", None, example, ())]
+    budget = 2_000
+    while stack and budget > 0:
+        where, key, x, above = stack.pop()
+        budget -= 1
+        if type(x) in _ATOMS or isinstance(x, torch.Tensor) or id(x) in seen:
             continue
         seen.add(id(x))
         if _example_cache(x, key):
             out.append((where or "the example", x))
+            if holders is not None:
+                holders.update(above)
             continue
-        fields = _fields(x)
-        if fields is None or inspect.ismethod(x):
+        fields = _fields(x, budget)
+        if not fields or inspect.ismethod(x):
             continue
         attr = not isinstance(x, (Mapping, list, tuple))
-        stack.extend((f"{where or 'the example'}.{k}" if attr else f"{where}[{k!r}]", k, v)
-                     for k, v in reversed(fields))
+        stack.extend((f"{where or 'the example'}.{k}" if attr else f"{where}[{k!r}]", k, v, (*above, id(x)))
+                     for k, v in reversed(fields) if type(v) not in _ATOMS)
     return out
 
 
@@ -366,25 +377,48 @@ def refuse_cache_example(example: Any, who: str) -> None:
 
 def fresh_caches(example: Any) -> Any:
     """``example`` with every key/value cache in it deep-copied (one run on it leaves the user's caches as they
-    were); the example itself where it holds none. The copy shares every tensor outside the caches, every module
-    and the nest; a cache's tensors are copied detached (a cache filled with gradients on holds non-leaf tensors,
-    which deepcopy refuses: their values are what counts)."""
-    caches = _caches_in(example)
-    if not caches:
-        return example
+    were), the containers and objects on the way to one copied shallowly, all else the example's own (tensors,
+    modules, a sentinel compared by identity, a lock); the example itself where it holds none. A cache's tensors
+    are copied detached (a cache filled with gradients on holds non-leaf tensors, which deepcopy refuses: their
+    values are what counts); a module or the nest it refers to is shared."""
     import copy
 
-    tensors, shared = reachable(example)
-    memo: dict[int, Any] = {id(t): t for t in tensors}
-    memo.update((id(m), m) for m in shared)
-    for _, c in caches:
-        memo.update((id(t), t.detach().clone()) for t in reachable(c)[0])
-    try:
-        return copy.deepcopy(example, memo)
-    except Exception as e:
-        raise SortedNetError(f"the example's key/value cache ({type(caches[0][1]).__name__}) cannot be copied to "
-                             f"count on ({type(e).__name__}: {str(e)[:160]}), and a run on it would append to "
-                             "your cache; count on the prompt, or on a copy of the cache you make") from None
+    holders: set[int] = set()
+    caches = {id(c): c for _, c in _caches_in(example, holders)}
+    if not caches:
+        return example
+
+    def fresh(c: Any) -> Any:
+        tensors, shared = reachable(c)
+        memo: dict[int, Any] = {id(t): t.detach().clone() for t in tensors}
+        memo.update((id(m), m) for m in shared)
+        try:
+            return copy.deepcopy(c, memo)
+        except Exception as e:
+            raise SortedNetError(f"the example's key/value cache ({type(c).__name__}) cannot be copied to count on "
+                                 f"({type(e).__name__}: {str(e)[:160]}), and a run on it would append to your "
+                                 "cache; count on the prompt, or on a copy of the cache you make") from None
+
+    def rebuild(x: Any) -> Any:
+        if id(x) in caches:
+            return fresh(x)
+        if id(x) not in holders:
+            return x
+        if isinstance(x, Mapping):
+            out = copy_mapping(x)
+            for k in list(out):
+                out[k] = rebuild(out[k])
+            return out
+        if isinstance(x, (list, tuple)):
+            items = [rebuild(v) for v in x]
+            return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+        out = copy.copy(x)  # (an object holding one: its fields rebound on the copy)
+        for k, v in _fields(x) or ():
+            if id(v) in caches or id(v) in holders:
+                object.__setattr__(out, k, rebuild(v))
+        return out
+
+    return rebuild(example)
 
 
 def reachable(obj: Any) -> tuple[list[torch.Tensor], list[Any]]:

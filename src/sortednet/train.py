@@ -902,7 +902,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                           "(which add Rank adapters and factors), or freeze what you mean to keep "
                           "(requires_grad_(False))", UserWarning, stacklevel=2)
     thawed = [(f"{path}.{n}" if path else n) for path, m in nest._sliced.items()
-              if type(m._sn.slicer).__name__ == "LoRASlicer" for n in ("weight", "bias")
+              if type(m._sn.slicer).__name__ == "LoRASlicer" for n in ("weight",)  # (a bias trained beside the
+              #                                                       adapters, as PEFT's bias="lora_only", is a choice)
               if (p := m._parameters.get(n)) is not None and p.requires_grad and (not held or id(p) in held)]
     if thawed:
         warnings.warn(f"fit(): the frozen base of a lora Rank target requires grad again ({thawed[:3]}"

@@ -1445,7 +1445,7 @@ def _at(m: nn.Module, rel: str) -> Any:
     return m
 
 
-def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
+def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool = False) -> None:
     """Global module registration hook (``setattr`` / ``add_module`` of a child): refuses changing a guarded
     link or a block of a Depth layer list (also of a deep copy of a wrapped model, which follows the nest);
     a container re-made around the same sliced modules (at the same paths) is accepted and guarded. Costs
@@ -1469,7 +1469,7 @@ def _registration_guard(parent: nn.Module, name: str, value: Any) -> None:
         return None
     lists = st.path if depth else ""
     where = g.path if g is not None else f"{lists}.{name}" if lists else name
-    refuse_tree_change(lists if depth else where,
+    refuse_tree_change(lists if depth else where, f"deleting {where!r}" if deleting else
                        f"setting {where!r} to {'None' if value is None else 'a new ' + type(value).__name__}", depth)
 
 
@@ -1524,11 +1524,30 @@ def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Modul
             guards.counts.append((parent, len(parent._modules), full.rpartition(".")[0]))
 
 
+def _guard_delattr() -> None:
+    """``del model.mlp`` (a child on the path to a sliced module, or a Depth list itself) fires no module
+    registration hook: ``nn.Module.__delattr__`` is wrapped, once per process, to ask the same guard first (one
+    dict lookup per deleted attribute)."""
+    original = nn.Module.__delattr__
+    if getattr(original, "_sn_guard", False):
+        return
+
+    @functools.wraps(original)
+    def __delattr__(self: nn.Module, name: str) -> None:
+        if name in self.__dict__.get("_modules", ()) and not _compiling():
+            _registration_guard(self, name, None, deleting=True)
+        original(self, name)
+
+    __delattr__._sn_guard = True  # type: ignore[attr-defined]
+    nn.Module.__delattr__ = __delattr__  # type: ignore[method-assign]
+
+
 def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> Guards:
     """Guard the links from ``root`` to its ``sliced`` modules (path -> module) and the Depth layer lists
     ``containers`` (path -> list) against assignments; returns them for :func:`unguard_tree`."""
     if not _HOOK:
         _HOOK.append(nn.modules.module.register_module_module_registration_hook(_registration_guard))
+        _guard_delattr()
     guards = Guards()
     _guard(root, "", sliced.items(), guards)
     for path, c in containers.items():
