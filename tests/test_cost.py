@@ -872,3 +872,17 @@ def test_values_without_fields_and_objects_met_twice_are_signed_by_what_they_are
     short, long_ = _Seq(torch.randn(1, 4)), _Seq(torch.randn(9, 4))
     assert nest.cost("h=8", "flops", example=_Pick(short, long_, long_)) == 9 * nest.cost(
         "h=8", "flops", example=_Pick(short, long_, short))
+
+
+class _Tokens:
+    def __init__(self, tokens, x):
+        self.tokens, self.x = tokens, x
+
+
+def test_an_input_too_large_to_sign_is_counted_afresh():
+    """Past the signing budget the remaining fields were left out of the signature: a batch holding 6,000 token
+    lists got the count of another batch of 100x the rows. Such an input is never taken for another now."""
+    nest = sn.wrap(_ObjectInput(), sn.Width("h", [16, 32], out="a", inp="b"))
+    tokens = [["a", "b"] for _ in range(6000)]
+    small = nest.cost(nest.largest, "flops", example=_Tokens(tokens, torch.randn(1, 8)))
+    assert nest.cost(nest.largest, "flops", example=_Tokens(tokens, torch.randn(100, 8))) == 100 * small

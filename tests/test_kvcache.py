@@ -476,3 +476,50 @@ def test_a_count_on_a_copied_cache_keeps_the_rest_of_the_example_as_it_is():
     x = torch.randn(1, 4)
     plain = nest.cost("h=8", "flops", example={"x": x, "mode": _FAST})
     assert nest.cost("h=8", "flops", example={"x": x, "kv_cache": _KVCache(), "mode": _FAST, "log": _Logger()}) == plain
+
+
+class _Appending:
+    def __init__(self):
+        self.k = []
+
+    def get_seq_length(self):
+        return sum(t.shape[1] for t in self.k)
+
+    def update(self, t):
+        self.k.append(t)
+        return torch.cat(self.k, 1)
+
+
+class _TwoWays(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x, past_key_values, state):
+        past_key_values.update(x)
+        return self.b(torch.relu(self.a(state["cache"].update(x))))
+
+
+class _NoCopyHolder:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __copy__(self):
+        raise TypeError("not copyable")
+
+
+def test_a_cache_reached_two_ways_is_one_copy_and_an_uncopyable_way_is_refused():
+    """A cache reached through two ways into the example was copied along the first alone: the second led to the
+    user's cache (appended to), or each way got its own copy (half the count). One copy per cache now, however many
+    ways lead to it; a holder that cannot be copied is refused with a SortedNetError (it was a raw TypeError)."""
+    nest = sn.wrap(_TwoWays(), sn.Width("h", [8, 32], out="a", inp="b"))
+    x = torch.randn(1, 4, 8)
+    for order in ("cache first", "state first"):
+        c = _Appending()
+        ex = {"x": x, "past_key_values": c, "state": {"cache": c}}
+        if order == "state first":
+            ex = {"state": {"cache": c}, "x": x, "past_key_values": c}
+        assert nest.cost("h=32", "flops", example=ex) == 8192 and c.get_seq_length() == 0
+    with pytest.raises(sn.SortedNetError, match="inside a _NoCopyHolder, which cannot be copied"):
+        nest.cost("h=32", "flops", example={"x": x, "past_key_values": _Appending(),
+                                             "state": _NoCopyHolder(_Appending())})

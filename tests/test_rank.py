@@ -1448,7 +1448,7 @@ class _GainLinear(nn.Linear):
         super().__init__(*a)
         self.gain = nn.Parameter(torch.full((1,), 3.0))
         self.register_buffer("shift", torch.ones(1))
-        self.clip = 30.0
+        self.clip, self.scale_t = 30.0, torch.tensor(0.5)  # (a plain tensor attribute too)
 
 
 class _ReadsTarget(nn.Module):
@@ -1458,7 +1458,7 @@ class _ReadsTarget(nn.Module):
 
     def forward(self, x):
         x = x.reshape(-1, self.fc.in_features)  # (the parent reads the target's size, gain and shift)
-        return self.out(torch.relu(self.fc(x) * self.fc.gain + self.fc.shift).clamp(max=self.fc.clip))
+        return self.out(torch.relu(self.fc(x) * self.fc.gain + self.fc.shift).clamp(max=self.fc.clip) * self.fc.scale_t)
 
 
 @pytest.mark.parametrize("mode,how", [("lora", "auto"), ("svd", "merged"), ("svd", "factored")])

@@ -2858,3 +2858,28 @@ def test_get_parameter_under_a_smaller_sub_model_returns_the_parameter():
             with pytest.raises(AttributeError):
                 m.get_parameter(bad)
     assert m.get_parameter("0.weight") is m[0].weight
+
+
+class _InDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.d = nn.ModuleDict({"up": nn.Linear(8, 32), "act": nn.ReLU(), "down": nn.Linear(32, 8)})
+
+    def forward(self, x):
+        for layer in self.d.values():
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("how", ["del", "pop", "clear"])
+def test_removing_a_sliced_module_from_a_module_dict_is_refused_before_it_lands(how):
+    """ModuleDict's __delitem__ / pop / clear write _modules directly: a sliced module removed there landed, and
+    a module added under a new key made the count whole again (a raw shape error at the next forward)."""
+    m = _InDict()
+    sn.wrap(m, sn.Width("h", [8, 32], out="d.up", inp="d.down"))
+    before, tree = snapshot(m), list(m.named_modules())
+    with pytest.raises(sn.SortedNetError, match="deleting 'd.(up|down)' is refused while the model is wrapped"):
+        {"del": lambda: m.d.__delitem__("down"), "pop": lambda: m.d.pop("down"), "clear": m.d.clear}[how]()
+    assert list(m.named_modules()) == tree
+    assert_unchanged(m, before)
+    del m.d["act"]  # (a module off the guarded paths: the user's to change)

@@ -498,7 +498,8 @@ def _leaf_signature(v: Any) -> Any:
     """A tensor's :func:`_tensor_signature`; an object of one's own holding fields (a key/value cache, a batch
     dataclass) by its type and what it holds, field by field (tensors by their signatures: a cache's repr does not
     show how many positions it holds, nor an object's default repr anything but its address, which a later one
-    may reuse), up to 16,384 entries (an object met again named by where it was first met); anything else (a
+    may reuse), up to 16,384 entries and 32 levels (past them a token equal to nothing: such an input is counted
+    afresh each time; an object met again named by where it was first met); anything else (a
     number, a string, an array, a set, a module) by its repr."""
     if isinstance(v, Tensor):
         return _tensor_signature(v)
@@ -518,16 +519,19 @@ def _leaf_signature(v: Any) -> Any:
         if id(x) in first:
             return ("<again>", first[id(x)])
         fields = _fields(x, max(budget[0], 0)) if not isinstance(x, (nn.Module, type)) else None
-        if not fields or depth > 32 or budget[0] < 0:
+        size = len(x) if isinstance(x, (Mapping, list, tuple)) else None
+        if fields is None or not fields and not size:  # (an atom, an empty container, an object without fields)
             return type(x).__qualname__ if type(x).__repr__ is object.__repr__ else repr(x)
+        if depth > 32 or budget[0] < 0 or size is not None and size > len(fields):
+            return ("<not signed>", next(_UNSIGNED))  # (more than can be signed: counted afresh every time)
         first[id(x)] = len(first)
-        size = len(x) if isinstance(x, (Mapping, list, tuple)) else None  # (a container cut short: its length too)
-        return (type(x).__qualname__, size, *((repr(k), sign(f, depth + 1)) for k, f in fields if budget[0] >= 0))
+        return (type(x).__qualname__, size, *((repr(k), sign(f, depth + 1)) for k, f in fields))
 
     return sign(v, 0)
 
 
 _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
+_UNSIGNED = itertools.count()  # (a part of an input too large to sign: never equal, so never a stale count)
 
 
 def _tensor_signature(t: Tensor) -> tuple:

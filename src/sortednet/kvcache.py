@@ -341,16 +341,22 @@ def _caches_in(example: Any, holders: set[int] | None = None) -> list[tuple[str,
     on the way to one. The first 2,000 things it holds are searched (a cache sits near the top of an example)."""
     out: list[tuple[str, Any]] = []
     seen: set[int] = set()
+    found: set[int] = set()
     stack: list[tuple[str, Any, Any, tuple[int, ...]]] = [("", None, example, ())]
     budget = 2_000
     while stack and budget > 0:
         where, key, x, above = stack.pop()
         budget -= 1
-        if type(x) in _ATOMS or isinstance(x, torch.Tensor) or id(x) in seen:
+        if type(x) in _ATOMS or isinstance(x, torch.Tensor):
+            continue
+        if id(x) in seen:  # (a cache, or a container holding one, met again: the way here leads to it too)
+            if holders is not None and (id(x) in found or id(x) in holders):
+                holders.update(above)
             continue
         seen.add(id(x))
         if _example_cache(x, key):
             out.append((where or "the example", x))
+            found.add(id(x))
             if holders is not None:
                 holders.update(above)
             continue
@@ -399,24 +405,47 @@ def fresh_caches(example: Any) -> Any:
                                  f"({type(e).__name__}: {str(e)[:160]}), and a run on it would append to your "
                                  "cache; count on the prompt, or on a copy of the cache you make") from None
 
+    made: dict[int, Any] = {}  # (one copy of each cache and holder, however many ways lead to it)
+
     def rebuild(x: Any) -> Any:
+        if id(x) in made:
+            return made[id(x)]
         if id(x) in caches:
-            return fresh(x)
+            made[id(x)] = out = fresh(x)
+            return out
         if id(x) not in holders:
             return x
-        if isinstance(x, Mapping):
-            out = copy_mapping(x)
-            for k in list(out):
-                out[k] = rebuild(out[k])
+        try:
+            if isinstance(x, Mapping):
+                out = copy_mapping(x)
+                made[id(x)] = out
+                for k in list(out):
+                    out[k] = rebuild(out[k])
+                return out
+            if isinstance(x, (list, tuple)):
+                items = [rebuild(v) for v in x]
+                if type(x) in (list, tuple):
+                    out = type(x)(items)
+                elif hasattr(x, "_fields"):
+                    out = type(x)(*items)
+                else:  # (a subclass of one's own: copied, its items replaced)
+                    out = copy.copy(x)
+                    out[:] = items
+                made[id(x)] = out
+                return out
+            out = copy.copy(x)  # (an object holding one: its fields rebound on the copy)
+            made[id(x)] = out
+            for k, v in _fields(x) or ():
+                if id(v) in caches or id(v) in holders:
+                    object.__setattr__(out, k, rebuild(v))
             return out
-        if isinstance(x, (list, tuple)):
-            items = [rebuild(v) for v in x]
-            return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-        out = copy.copy(x)  # (an object holding one: its fields rebound on the copy)
-        for k, v in _fields(x) or ():
-            if id(v) in caches or id(v) in holders:
-                object.__setattr__(out, k, rebuild(v))
-        return out
+        except SortedNetError:
+            raise
+        except Exception as e:
+            raise SortedNetError(f"the example holds a key/value cache inside a {type(x).__name__}, which cannot be "
+                                 f"copied to count on ({type(e).__name__}: {str(e)[:160]}), and a run on it would "
+                                 "append to your cache; give the cache in a dict or a tuple, or count on the "
+                                 "prompt") from None
 
     return rebuild(example)
 

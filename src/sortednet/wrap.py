@@ -1457,7 +1457,7 @@ def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool
     st = parent.__dict__.get("_sn")
     depth = st is not None and "depth" in st.bind
     if names is None and not depth:
-        return _copy_link(parent, name, value)
+        return _copy_link(parent, name, value, deleting)
     g = None if names is None else names.get(name)
     if g is None and not depth or parent._modules.get(name, ()) is value:  # not guarded, or the same module
         return None
@@ -1473,7 +1473,7 @@ def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool
                        f"setting {where!r} to {'None' if value is None else 'a new ' + type(value).__name__}", depth)
 
 
-def _copy_link(parent: nn.Module, name: str, value: Any) -> None:
+def _copy_link(parent: nn.Module, name: str, value: Any, deleting: bool = False) -> None:
     """A link no nest guards. Inside a deep copy of a wrapped model (an EMA or teacher copy, which follows the
     live nest), replacing a child on the path to a copied sliced module is refused as on the wrapped model: the
     new module would run unsliced under every sub-model. Such a link is recognised by the sliced module's path
@@ -1507,8 +1507,9 @@ def _copy_link(parent: nn.Module, name: str, value: Any) -> None:
         if st is None or st.path != path or st.active is not nest._state:
             return None
     held = hits[0][1].__dict__["_sn"].path
-    refuse_tree_change(name, f"setting {name!r} of a copy of a wrapped model (it holds the sliced {held!r}) to "
-                             f"{'None' if value is None else 'a new ' + type(value).__name__}", False)
+    refuse_tree_change(name, f"deleting {name!r} of a copy of a wrapped model (it holds the sliced {held!r})"
+                       if deleting else f"setting {name!r} of a copy of a wrapped model (it holds the sliced "
+                       f"{held!r}) to {'None' if value is None else 'a new ' + type(value).__name__}", False)
 
 
 def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Module]], guards: Guards) -> None:
@@ -1526,8 +1527,9 @@ def _guard(root: nn.Module, root_path: str, sliced: Iterable[tuple[str, nn.Modul
 
 def _guard_delattr() -> None:
     """``del model.mlp`` (a child on the path to a sliced module, or a Depth list itself) fires no module
-    registration hook: ``nn.Module.__delattr__`` is wrapped, once per process, to ask the same guard first (one
-    dict lookup per deleted attribute)."""
+    registration hook: ``nn.Module.__delattr__`` (and ``nn.ModuleDict``'s ``__delitem__`` / ``pop`` / ``clear``,
+    which write ``_modules`` directly) are wrapped, once per process, to ask the same guard first (one dict lookup
+    per deleted child)."""
     original = nn.Module.__delattr__
     if getattr(original, "_sn_guard", False):
         return
@@ -1540,6 +1542,22 @@ def _guard_delattr() -> None:
 
     __delattr__._sn_guard = True  # type: ignore[attr-defined]
     nn.Module.__delattr__ = __delattr__  # type: ignore[method-assign]
+    delitem, clear = nn.ModuleDict.__delitem__, nn.ModuleDict.clear  # (they write _modules directly)
+
+    @functools.wraps(delitem)
+    def __delitem__(self: nn.ModuleDict, key: str) -> None:
+        if key in self._modules and not _compiling():
+            _registration_guard(self, key, None, deleting=True)
+        delitem(self, key)
+
+    @functools.wraps(clear)
+    def clear_(self: nn.ModuleDict) -> None:
+        if not _compiling():
+            for key in self._modules:
+                _registration_guard(self, key, None, deleting=True)
+        clear(self)
+
+    nn.ModuleDict.__delitem__, nn.ModuleDict.clear = __delitem__, clear_  # type: ignore[method-assign]
 
 
 def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> Guards:

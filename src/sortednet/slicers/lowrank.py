@@ -331,8 +331,8 @@ class SVDSlicer(LowRankSlicer):
             for name, b in copy_._buffers.items():
                 seq.register_buffer(name, b, persistent=name not in copy_._non_persistent_buffers_set)
             for name, v in vars(copy_).items():  # (and its plain attributes: a clip value its parent reads)
-                if not name.startswith("_") and name not in vars(seq) and not isinstance(v, (torch.Tensor, nn.Module)):
-                    seq.__dict__[name] = v
+                if not name.startswith("_") and name not in vars(seq) and not isinstance(v, nn.Module):
+                    seq.__dict__[name] = v.detach().clone() if isinstance(v, torch.Tensor) else v
             return seq.train(live.training)
         return self._fill(copy_, U @ V, bias, fu or fv, bgrad)
 
