@@ -324,7 +324,8 @@ def _fields(x: Any, limit: int | None = None) -> list[tuple[Any, Any]] | None:
             return list(itertools.islice(enumerate(x), limit))
         out = list(vars(x).items()) if hasattr(x, "__dict__") else []
         for k in type(x).__mro__:
-            for name in getattr(k, "__slots__", ()):
+            slots = getattr(k, "__slots__", ())
+            for name in (slots,) if isinstance(slots, str) else slots:
                 if name not in ("__dict__", "__weakref__") and hasattr(x, name):
                     out.append((name, getattr(x, name)))
         return out
@@ -336,9 +337,9 @@ _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 def _caches_in(example: Any, holders: set[int] | None = None) -> list[tuple[str, Any]]:
-    """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects);
-    ``holders``: filled with the ids of every container and object
-    on the way to one. The first 2,000 things it holds are searched (a cache sits near the top of an example)."""
+    """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects; the
+    first 2,000 things it holds are searched: a cache sits near the top of an example); ``holders``: filled with
+    the ids of every container and object on the way to one."""
     out: list[tuple[str, Any]] = []
     seen: set[int] = set()
     found: set[int] = set()
