@@ -220,6 +220,13 @@ CASES = {
     "profile_cost_string": E(_profile(lambda p: p["costs"]["flops"].__setitem__(0, "1"))),
     "profile_cost_bool": E(_profile(lambda p: p["costs"]["flops"].__setitem__(0, True))),
     "profile_unknown_key": E(_profile(lambda p: p.__setitem__("evil", 1))),
+    # (checked as a whole before any weight is copied: the Profile's own checks refused it after the copy)
+    "profile_not_exportable_unknown": E(_profile(lambda p: p["meta"].__setitem__("not_exportable", ["ch=99"]))),
+    "profile_not_exportable_string": E(_profile(lambda p: p["meta"].__setitem__("not_exportable", "ch=2"))),
+    "profile_structure_bad": E(_set(["extra", "profile_structure"], "abc")),
+    "profile_structure_other": E(_set(["extra", "profile_structure"], "0" * 64), "ok", "ok"),
+    "profile_structure_without_profile": E(lambda t, m: json.dumps(rewrite(t, {**m, "extra": {
+        "profile_structure": m["extra"]["profile_structure"]}}))),
     "checksum_table_missing": E(_del(["crc32"])),
     "checksum_algo_unknown": E(_set(["checksum"], "md5")),
     "checksum_bad_hex": E(lambda t, m: json.dumps({**rewrite(t, m), "crc32": {k: "zz" for k in t}})),

@@ -798,6 +798,45 @@ def test_flops_of_object_inputs_are_never_taken_from_another_input():
     assert rows[1] == 64 * rows[0] and rows[2] == 1000 * rows[0]
 
 
+class _Steps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x, steps):
+        for _ in range(steps()):
+            x = self.b(torch.relu(self.a(x)))
+        return x
+
+
+class _Counts:
+    def one(self):
+        return 1
+
+    def three(self):
+        return 3
+
+
+def test_flops_of_inputs_holding_functions_are_counted_for_each_function():
+    """A function in the example was signed by its repr, whose address a freed closure's successor reuses (four
+    closures returning 1..4 passes all got the first count), and a bound method by its object alone (s.one and
+    s.three alike). Functions are never signed alike: counted afresh on each call."""
+    nest = sn.wrap(_Steps(), sn.Width("h", [2, 8], out="a", inp="b"))
+    x = torch.randn(1, 4)
+
+    def passes(n):
+        return lambda: n
+
+    one = nest.cost("h=8", "flops", example=(x, passes(1)))
+    assert [nest.cost("h=8", "flops", example=(x, passes(n))) for n in (1, 2, 3, 4)] == [one, 2 * one, 3 * one, 4 * one]
+    s = _Counts()
+    assert nest.cost("h=8", "flops", example=(x, s.one)) == one
+    assert nest.cost("h=8", "flops", example=(x, s.three)) == 3 * one
+    import functools
+    assert nest.cost("h=8", "flops", example=(x, functools.partial(int, 2))) == 2 * one
+    assert nest.cost("h=8", "flops", example=(x, functools.partial(int, 4))) == 4 * one
+
+
 class _Options:
     """Options read as attributes over a dict: a missing one raises KeyError, not AttributeError."""
 

@@ -671,6 +671,49 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
     got: list = [None] * WORLD
     dist.all_gather_object(got, state)
     out["sorted_replicas_equal"] = all(torch.equal(a, b) for a, b in zip(got[0], got[1]))
+    # replicas built apart (a seed per rank; no DDP broadcast in plain processes), or trained on different nests
+    # under the same sub-model names, or with a parameter frozen on one rank only: refused on every rank
+    seeded = FAMILIES["mlp"](seed=rank)
+    seeded_nest = sn.wrap(seeded.model, *seeded.dims)
+    every_rank("seed_per_rank_plain", lambda: snd.accumulate(
+        seeded_nest, [seeded_nest.largest], lambda: _loss(seeded.model(seeded.example))))
+    out["seed_per_rank_grads"] = all(p.grad is None for p in seeded.model.parameters())
+    layers = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(4)])
+    torch.manual_seed(0)
+    for p in layers.parameters():
+        torch.nn.init.normal_(p)
+    pair = ("0", "1") if rank == 0 else ("2", "3")  # the same dimension name and sizes, other layers
+    other = sn.wrap(layers, sn.Width("w", [3, 6], out=pair[0], inp=pair[1]))
+    every_rank("other_nest_same_names", lambda: snd.accumulate(other, [other.largest],
+                                                               lambda: _loss(layers(torch.ones(2, 6)))))
+    frozen = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    frozen[rank].bias.requires_grad_(False)  # (the same count of values, other parameters: buckets shifted)
+    for p in frozen.parameters():
+        p.grad = torch.ones_like(p)
+    every_rank("frozen_other_parameter", lambda: snd.sync_gradients(frozen))
+    fewer = torch.nn.Linear(3, 2)
+    if rank == 1:
+        fewer.bias.requires_grad_(False)  # (fewer values on one rank: gloo aborted the process)
+    fewer.weight.grad = torch.ones(2, 3)
+    every_rank("frozen_on_one_rank", lambda: snd.sync_gradients(fewer))
+    half = torch.nn.Linear(2, 2).half()  # summed before dividing, two fp16 gradients of 40,000 overflowed
+    half.weight.grad = torch.full((2, 2), 40000.0, dtype=torch.float16)
+    snd.sync_gradients(half)
+    out["fp16_sync"] = half.weight.grad.float()
+    # FSDP2 with a task head the closure trains outside module=: no unit reduces its gradients
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = FAMILIES["mlp"](seed=0)
+    sharded_nest = sn.wrap(sharded.model, *sharded.dims)
+    head = torch.nn.Linear(sharded.model.fc3.out_features, 2)
+    fully_shard(sharded.model, mesh=init_device_mesh("cpu", (WORLD,)))
+    stepper = torch.optim.SGD([*sharded_nest.trainable_parameters(), *head.parameters()], lr=0.1)
+    every_rank("fsdp2_head_outside", lambda: snd.accumulate(
+        sharded_nest, [sharded_nest.largest], lambda: _loss(head(sharded.model(sharded.example))),
+        module=sharded.model))
+    out["fsdp2_head_grads"] = head.weight.grad is None
+    del stepper
     # DDP(process_group=one rank each): each rank is its own replica, nothing is averaged across ranks
     groups = [dist.new_group([r]) for r in range(WORLD)]
     case, nest = _build("mlp", "ddp")
@@ -984,6 +1027,28 @@ def test_a_fault_on_one_rank_raises_on_every_rank(run):
     assert errs["sort_l1_multi_rank"] == ["accepted"] * WORLD and errs["sorted_replicas_equal"]
     assert len(errs["sort_sharded"]) == 2 and all("sort in one process, before fully_shard" in e
                                                   for e in errs["sort_sharded"])
+
+
+def test_replicas_that_differ_are_refused_on_every_rank_before_they_train(run):
+    """Accepted in silence before: models built with a seed per rank in plain processes (no DDP broadcast), two
+    ranks slicing different layers under the same sub-model names, a parameter frozen on one rank only (the
+    flat buckets shifted: other parameters' gradients averaged together; or gloo aborted the process on a size
+    mismatch), and, under FSDP2, a task head the closure trains outside module= (each rank kept its own). Every
+    rank raises; fp16 gradients are divided before the sum, as DDP does, and do not overflow."""
+    _, results = run
+    errs = results["errors"]
+    for e in errs["seed_per_rank_plain"]:
+        assert "the ranks' models differ at the first step, in their weights" in e, e
+    assert errs["seed_per_rank_grads"]
+    for e in errs["other_nest_same_names"]:
+        assert "ranks disagree on the sub-models (and weights, distill=, nonfinite=, the nest)" in e and "nest=" in e, e
+    for key in ("frozen_other_parameter", "frozen_on_one_rank"):
+        for e in errs[key]:
+            assert "sync_gradients: the ranks would average different parameters" in e, (key, e)
+    torch.testing.assert_close(errs["fp16_sync"], torch.full((2, 2), 40000.0))
+    for e in errs["fsdp2_head_outside"]:
+        assert "the closure trains 2 parameter(s) outside module=" in e, e
+    assert errs["fsdp2_head_grads"]
 
 
 def test_a_ddp_wrapper_with_its_own_process_group_is_averaged_over_that_group_only(run):

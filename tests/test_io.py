@@ -540,3 +540,63 @@ def test_a_partial_load_of_another_models_file_drops_its_measured_costs(tmp_path
     sn.save(sn.wrap(bare, sn.Width("h", [8, 16, 32], out="body.0", inp="body.2")), tmp_path / "bare.sn")
     sn.load(nc, tmp_path / "bare.sn", strict=False)
     assert nc.cost("h=32", "flops") == own
+
+
+class _Pairwise(torch.nn.Module):
+    def forward(self, x):
+        return x @ x.transpose(-1, -2) @ x
+
+
+def _act_mlp(act):
+    return torch.nn.Sequential(torch.nn.Linear(8, 64), act, torch.nn.Linear(64, 3)).eval()
+
+
+def test_a_profile_loaded_into_a_model_with_other_parameter_free_modules_loses_its_measured_costs(tmp_path):
+    """The weights do not show an activation changed in the model's code between save and load: a profile's
+    FLOPs (and latency, memory) measured on ReLU were kept for a model computing x x^T x there, and pick(flops=)
+    went past the budget. The checkpoint records the module tree its profile was measured on; another tree drops
+    the measured columns with a warning (params stay), the same tree keeps them."""
+    x = torch.randn(16, 8)
+    width = lambda: sn.Width("h", [16, 32, 64], out="0", inp="2")  # noqa: E731
+    nest = sn.wrap(_act_mlp(torch.nn.ReLU()), width())
+    nest.profile(x, repeat=2, progress=False)
+    sn.save(nest, tmp_path / "a.sn")
+    with pytest.warns(UserWarning, match=r"modules \(paths or classes\) differ.*\['flops', 'latency', 'memory'\] "
+                                         "no longer apply"):
+        other = sn.load(_act_mlp(_Pairwise()), tmp_path / "a.sn")
+    assert sorted(other._profile.costs) == ["params"]
+    with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
+        other.pick(flops=20000)
+    for s in other.submodels:  # counted afresh on an example: the model's own FLOPs
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            other.export(s)(x)
+        assert other.cost(s, "flops", example=x) == fc.get_total_flops()
+    same = sn.load(_act_mlp(torch.nn.ReLU()), tmp_path / "a.sn")
+    assert same._profile == nest._profile
+    assert same.pick(flops=20000) == nest.pick(flops=20000)
+
+
+def test_a_profile_is_read_only_and_what_save_writes_is_what_pick_reads(tmp_path):
+    """nest.profile() returned the nest's own profile with plain dicts inside: a user converting its latencies
+    to milliseconds for a report changed what sn.save wrote but not what pick read (the reloaded nest picked
+    another sub-model), and a tensor put in its meta crashed save with a raw TypeError."""
+    nest = sn.wrap(_act_mlp(torch.nn.ReLU()), sn.Width("h", [16, 32, 64], out="0", inp="2"))
+    prof = nest.profile(torch.randn(2, 8), metrics=["latency"], repeat=2, progress=False)
+    for change in (lambda: prof.costs.__setitem__("latency", (1.0, 2.0, 3.0)), lambda: prof.costs.pop("latency"),
+                   lambda: prof.meta.__setitem__("x", 1), lambda: prof.meta.update(x=1), prof.meta.clear):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert copy.deepcopy(prof) == prof and sn.Profile.from_dict(prof.to_dict()) == prof
+    import dataclasses
+    import pickle
+    assert pickle.loads(pickle.dumps(prof)) == prof
+    ms = dataclasses.replace(prof, costs={"latency": tuple(v * 1000 for v in prof.costs["latency"])})
+    assert ms.costs["latency"][0] == 1000 * prof.costs["latency"][0] and nest._profile is prof
+    sn.save(nest, tmp_path / "p.sn")
+    back = sn.load(_act_mlp(torch.nn.ReLU()), tmp_path / "p.sn")
+    assert back._profile == prof
+    with pytest.raises(sn.SortedNetError, match=r"meta\['x'\] is a Tensor; profile meta holds JSON values"):
+        sn.Profile(prof.submodels, prof.costs, meta={"x": torch.tensor(4)})
+    with pytest.raises(sn.SortedNetError, match="finite"):
+        sn.Profile(prof.submodels, prof.costs, meta={"x": [float("nan")]})

@@ -523,3 +523,53 @@ def test_a_cache_reached_two_ways_is_one_copy_and_an_uncopyable_way_is_refused()
     with pytest.raises(sn.SortedNetError, match="inside a _NoCopyHolder, which cannot be copied"):
         nest.cost("h=32", "flops", example={"x": x, "past_key_values": _Appending(),
                                              "state": _NoCopyHolder(_Appending())})
+
+
+class _GrowingCache:
+    """A cache of one's own (its class name says so), appended to by every run."""
+
+    def __init__(self):
+        self.k = None
+
+    def get_seq_length(self):
+        return 0 if self.k is None else self.k.shape[1]
+
+    def update(self, k):
+        self.k = k if self.k is None else torch.cat([self.k, k], 1)
+        return self.k
+
+
+class _Feats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x, feats, cache):
+        h = self.b(torch.relu(self.a(x + feats[0])))
+        k = cache.update(h)
+        return h + (h @ k.transpose(1, 2)) @ k
+
+
+@pytest.mark.parametrize("many", ["tensors", "objects"])
+def test_a_cache_after_thousands_of_other_entries_is_found_or_the_example_refused(many):
+    """The search for a cache stopped after 2,000 entries, tensors included: a cache behind a list of 2,500
+    tensors went unseen, cost ran on the user's own cache and check appended to it several times before
+    refusing. Tensors are not searched now (a list of them is read whole), and an example with more than 100,000
+    other objects is refused as too large to search, before any run."""
+    m = _Feats()
+    nest = sn.wrap(m, sn.Width("h", [2, 8], out="a", inp="b"))
+    cache = _GrowingCache()
+    with torch.no_grad():
+        m(torch.randn(1, 3, 4), [torch.zeros(1)], cache)
+    filler = [torch.zeros(1)] * 2500 if many == "tensors" else [torch.zeros(1)] + [[i] for i in range(100_001)]
+    ex = {"x": torch.randn(1, 1, 4), "feats": filler, "cache": cache}
+    if many == "tensors":
+        assert nest.cost("h=8", "flops", example=ex) > 0
+        with pytest.raises(sn.SortedNetError, match=r"nest.check: the example holds a key.value cache \(at \['cache"):
+            nest.check(ex)
+    else:
+        with pytest.raises(sn.SortedNetError, match="more than 100,000 containers and objects.*too many to search"):
+            nest.cost("h=8", "flops", example=ex)
+        with pytest.raises(sn.SortedNetError, match="nest.check: the example holds more than 100,000"):
+            nest.check(ex)
+    assert cache.get_seq_length() == 3

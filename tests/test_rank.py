@@ -1481,6 +1481,46 @@ def test_exports_keep_what_a_forward_reads_of_a_linear_subclass(mode, how):
             torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+class _WithAct(nn.Linear):
+    """A Linear subclass holding a module its parent calls (``layer.act``)."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.act = nn.Tanh()
+
+
+class _CallsChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = _WithAct(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.proj.act(self.proj(x)))
+
+
+@pytest.mark.parametrize("how", ["auto", "merged", "factored"])
+def test_a_linear_subclass_holding_modules_is_merged_or_refused_never_exported_without_them(how):
+    """A factored export (two Linears in an nn.Sequential) dropped a Linear subclass's child modules: the deployed
+    model failed with a raw AttributeError (``layer.act``), and the child could not come along (a Sequential runs
+    every child it holds). ``auto`` merges such a layer now; ``factored`` is refused at wrap, model unchanged."""
+    torch.manual_seed(0)
+    model, x = _CallsChild(), torch.randn(5, 16)
+    if how == "factored":
+        before = snapshot(model)
+        with pytest.raises(sn.SortedNetError, match=r"'proj'.*holds the modules \['act'\].*export='merged'"):
+            sn.wrap(model, sn.Rank("r", [2, 16], targets="proj", export=how))
+        assert_unchanged(model, before)
+        assert not any("_sn" in m.__dict__ for m in model.modules())
+        return
+    nest = sn.wrap(model, sn.Rank("r", [2, 16], targets="proj", export=how), example=x)
+    for sub in nest.submodels:
+        exported = nest.export(sub)
+        assert type(exported.proj) is _WithAct
+        assert nest.cost(sub) == sum(p.numel() for p in exported.parameters())
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_fit_warns_when_a_thawed_lora_base_would_train():
     """Assigning a trainable base is refused; ``model.requires_grad_(True)`` thawed it in place in silence, and fit
     then trained the base beside the adapters (every sub-model changed). Warned when the optimizer holds it."""

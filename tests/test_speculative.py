@@ -769,3 +769,70 @@ def test_a_call_stopped_while_setting_eval_mode_gives_every_flag_back():
     sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=3, eos_token_id=[])
     assert all(m.training for m in model.modules()) and not spec._HELD
     model.eval()
+
+
+def _bert_lm(is_decoder: bool):
+    from transformers import BertLMHeadModel
+
+    torch.manual_seed(0)
+    m = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, is_decoder=is_decoder)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.mul_(3)
+    return m
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_a_target_that_attends_both_ways_is_refused_and_a_causal_one_equals_generate(is_decoder):
+    """BertLMHeadModel with is_decoder=False (its from_pretrained default) attends both ways: verifying several
+    drafts in one pass let earlier positions see later ones, and 7 of 10 prompts gave other tokens than generate,
+    in silence. Refused (found by running it), nest or plain target; the causal configuration is exact."""
+    m = _bert_lm(is_decoder)
+    nest = sn.from_transformers(m, depth=[1])
+    for s in range(4):
+        ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(s))
+        if not is_decoder:
+            with pytest.raises(sn.SortedNetError, match=r"\(BertLMHeadModel\) attends both ways.*is_decoder"):
+                sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=12, num_draft_tokens=3)
+            continue
+        out = sn.speculative_generate(nest, ids, draft="depth=1", max_new_tokens=12, num_draft_tokens=3)
+        assert torch.equal(out.sequences, m.generate(ids, max_new_tokens=12, do_sample=False))
+
+
+def test_left_padding_for_a_target_that_takes_no_position_ids_is_refused():
+    """BartForCausalLM counts positions from the padded start in generate (it takes no position_ids); the padding
+    was dropped and positions counted from 0: other tokens than generate's. Refused; unpadded it is exact."""
+    from transformers import BartConfig, BartForCausalLM
+
+    torch.manual_seed(0)
+    target = BartForCausalLM(BartConfig(
+        vocab_size=64, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+        max_position_embeddings=64, pad_token_id=1, eos_token_id=None, bos_token_id=None,
+        forced_eos_token_id=None)).eval()
+    draft = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.tensor([[1, 1, 1, 1, 17, 42, 9, 33, 5, 28]])
+    for mask in ((ids != 1).long(), None):  # (given, or inferred from the pad token as generate infers it)
+        with pytest.raises(sn.SortedNetError, match="left padding, and the target's forward .BartForCausalLM. takes "
+                                                    "no position_ids"):
+            sn.speculative_generate(target, ids, attention_mask=mask, draft=draft, max_new_tokens=12)
+    real = ids[:, 4:]
+    out = sn.speculative_generate(target, real, draft=draft, max_new_tokens=12)
+    assert torch.equal(out.sequences, target.generate(real, max_new_tokens=12, do_sample=False))
+
+
+def test_soft_loss_refuses_exits_without_an_order_beside_weights():
+    """exits={4, 2} with weights=[1.0, 0.0] paired the weights in the set's iteration order: the loss of the
+    other exit, in silence."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    nest = sn.from_transformers(model, depth=[2])
+    ids = torch.randint(0, 40, (2, 6))
+    with pytest.raises(sn.SortedNetError, match="exits given as a set have no order"):
+        soft_loss(nest, ids, exits={4, 2}, weights=[1.0, 0.0])
+    out = soft_loss(nest, ids, exits=[4, 2], weights=[1.0, 0.0])
+    torch.testing.assert_close(out.loss, out.losses[4])
+    assert float(soft_loss(nest, ids, exits={4, 2}).loss.detach()) > 0  # (no weights: the order does not matter)

@@ -2883,3 +2883,43 @@ def test_removing_a_sliced_module_from_a_module_dict_is_refused_before_it_lands(
     assert list(m.named_modules()) == tree
     assert_unchanged(m, before)
     del m.d["act"]  # (a module off the guarded paths: the user's to change)
+
+
+@pytest.mark.parametrize("container", ["sequential", "module_list"])
+def test_a_slice_deleted_from_a_container_is_refused_before_any_child_goes(container):
+    """``del seq[1:]`` deletes child by child: the children before the guarded one were gone when the guard
+    refused it (the model left with blocks 0 and 3, refused at every call from then on). Every index of the
+    slice is checked first now."""
+    blocks = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)) for _ in range(4)]
+    m = nn.Sequential(*blocks) if container == "sequential" else _Blocks()
+    if container == "module_list":
+        m.blocks = nn.ModuleList(blocks)
+        m.forward = lambda x: [x := b(x) for b in m.blocks][-1]
+    holder = m if container == "sequential" else m.blocks
+    prefix = "" if container == "sequential" else "blocks."
+    sn.wrap(m, sn.Width("h", [2, 8], out=f"{prefix}3.0", inp=f"{prefix}3.2"))
+    before, tree = snapshot(m), list(m.named_modules())
+    with pytest.raises(sn.SortedNetError, match=f"deleting '{prefix}3' is refused while the model is wrapped"):
+        del holder[1:]
+    assert list(m.named_modules()) == tree
+    assert_unchanged(m, before)
+    m(torch.randn(2, 4))
+    del holder[0:0]  # (an empty slice: nothing to refuse)
+    assert list(m.named_modules()) == tree
+
+
+def test_a_module_dict_update_is_refused_before_any_key_is_set():
+    """``ModuleDict.update({"b": ..., "a": ...})`` replaced ``b`` and then refused ``a`` (sliced): half applied.
+    Every key is checked first; an update of unguarded keys (a mapping, pairs, an iterator) still lands."""
+    m = _InDict()
+    sn.wrap(m, sn.Width("h", [8, 32], out="d.up", inp="d.down"))
+    act = m.d["act"]
+    before, tree = snapshot(m), list(m.named_modules())
+    with pytest.raises(sn.SortedNetError, match="setting 'd.up' to a new Linear is refused"):
+        m.d.update({"act": nn.GELU(), "up": nn.Linear(8, 32)})
+    assert m.d["act"] is act and list(m.named_modules()) == tree
+    assert_unchanged(m, before)
+    m.d.update([("act", nn.GELU())])
+    assert isinstance(m.d["act"], nn.GELU)
+    m.d.update(iter([("act", nn.Tanh())]))
+    assert isinstance(m.d["act"], nn.Tanh) and list(m.d) == ["up", "act", "down"]

@@ -174,6 +174,39 @@ def test_accumulate_without_accelerate_backward_inside_its_accumulation_is_refus
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+class _Holder(torch.nn.Module):
+    """What Accelerate returns on several processes: a wrapper (DDP) holding the model, marked as prepared."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_accumulate_without_backward_through_a_prepared_wrapper_on_several_processes_is_refused(
+        accelerate_state, monkeypatch):
+    """On several processes Accelerate marks the DDP wrapper it returns as prepared, not the model inside: the
+    refusal read the model's mark only, so a closure calling the wrapper without backward= trained with a
+    gradient ``steps`` times too large on 2 processes (and was refused on 1). Refused on several processes now."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    case = FAMILIES["mlp"](seed=3)
+    nest = sn.wrap(case.model, *case.dims)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    wrapper = acc.prepare(_Holder(case.model))
+    assert getattr(wrapper, "_is_accelerate_prepared", False) and \
+        not getattr(case.model, "_is_accelerate_prepared", False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with acc.accumulate(wrapper):
+        with pytest.raises(sn.SortedNetError, match="backward=accelerator.backward"):
+            sn.accumulate(nest, nest.submodels, lambda: task_loss(wrapper(case.example)))
+    assert all(p.grad is None for p in case.model.parameters())
+
+
 def test_a_sub_model_listed_twice_is_refused_before_any_backward():
     case = FAMILIES["mlp"](seed=2)
     nest = sn.wrap(case.model, *case.dims)

@@ -18,9 +18,9 @@ __all__: list[str] = []
 
 
 #: where a rank is inside :func:`accumulate` when it meets the others (:func:`_sync`)
-_START, _FORWARD, _LOSS, _SAVE = 1, 2, 3, 4
+_START, _FORWARD, _LOSS, _SAVE, _GRADS = 1, 2, 3, 4, 5
 _PHASES = {_START: "the start of a step", _FORWARD: "a forward", _LOSS: "the loss check after a closure",
-           _SAVE: "sortednet.distributed.save"}
+           _SAVE: "sortednet.distributed.save", _GRADS: "the gradient averaging"}
 _FLAGS = 2
 
 

@@ -338,7 +338,7 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     >>> count_flops(nest, sn.SubModel(h=2), torch.randn(1, 4))
     24
     """
-    from .modes import NoFastPath, dry_run, eval_view
+    from .modes import NoFastPath, dry_run, eval_view, rng_kept
 
     own = model is None or own_buffers
     if model is None:  # a private eval-mode view with buffers of its own: no BatchNorm statistic, dropout draw,
@@ -346,7 +346,8 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     counter = _CountFlops()                                                 # changes, and none is put back over
     COUNTING.pause = counter.pause                                          # what another thread wrote meanwhile
     try:
-        with dry_run(nest.model, buffers=not own), nest.use(sub), torch.no_grad(), NoFastPath(), counter:
+        with dry_run(nest.model, buffers=not own), nest.use(sub), torch.no_grad(), NoFastPath(), rng_kept(), \
+                counter:
             call_model(model, example)
     finally:
         COUNTING.pause = None
@@ -500,7 +501,8 @@ def _leaf_signature(v: Any) -> Any:
     show how many positions it holds, nor an object's default repr anything but its address, which a later one
     may reuse), up to 16,384 entries and 32 levels (past them a token equal to nothing: such an input is counted
     afresh each time; an object met again named by where it was first met); anything else (a
-    number, a string, an array, a set, a module) by its repr."""
+    number, a string, an array, a set, a module) by its repr; a function or method never signed alike (what it
+    computes is not in its repr)."""
     if isinstance(v, Tensor):
         return _tensor_signature(v)
     if type(v) in _ATOMS:
@@ -518,6 +520,8 @@ def _leaf_signature(v: Any) -> Any:
             return repr(x)
         if id(x) in first:
             return ("<again>", first[id(x)])
+        if isinstance(x, _CODE):  # (what a function computes is its code, closure and globals: a freed one's
+            return ("<not signed>", next(_UNSIGNED))  # address is reused, a bound method's self is not all of it)
         fields = _fields(x, max(budget[0], 0)) if not isinstance(x, (nn.Module, type)) else None
         size = len(x) if isinstance(x, (Mapping, list, tuple)) else None
         if fields is None or not fields and not size:  # (an atom, an empty container, an object without fields)
@@ -531,6 +535,8 @@ def _leaf_signature(v: Any) -> Any:
 
 
 _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
+_CODE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.MethodWrapperType,
+         types.WrapperDescriptorType, types.MethodDescriptorType, types.CodeType)
 _UNSIGNED = itertools.count()  # (a part of an input too large to sign: never equal, so never a stale count)
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .agreement import _FORWARD, _SAVE, _START, _agree_on, _collective_device, _loss_agreement, _sync, _told
+from .agreement import _FORWARD, _GRADS, _SAVE, _START, _agree_on, _collective_device, _loss_agreement, _sync, _told
 from .errors import SortedNetError
 from .slicers import is_sharded
 from .submodel import SubModel, SubModelLike
@@ -126,11 +126,14 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     weights) keep each rank's own gradient, as under DDP itself; those of a part given to FSDP1
     (``FullyShardedDataParallel``, which reduces its own gradients in each backward) are left to it.
 
-    One ``all_reduce`` per bucket of ``bucket_bytes`` (per dtype and device).
+    One ``all_reduce`` per bucket of ``bucket_bytes`` (per dtype and device), each gradient divided by the
+    number of ranks before the sum (as DDP does: a half-precision gradient does not overflow in the sum).
     A parameter with no gradient on a rank counts as zero there; one with no
     gradient on ANY rank keeps ``grad=None`` (the optimizer skips it, as it
-    would in one process). A no-op without an initialised process group or
-    with one rank. Returns the number of collectives issued.
+    would in one process). First, one small ``all_reduce`` checks that every rank averages the same parameters
+    (names, shapes, dtypes): a parameter frozen on some ranks only would shift the buckets, and the gradients
+    of different parameters would be averaged together. A no-op without an initialised process group or
+    with one rank. Returns the number of gradient collectives issued.
 
     >>> import torch, torch.nn as nn, sortednet.distributed as snd
     >>> m = nn.Linear(2, 2); m(torch.ones(1, 2)).sum().backward()
@@ -143,14 +146,9 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
         hint = " (a Nest: pass its model, nest.model, or the DDP wrapper of it)" if isinstance(module, Nest) else ""
         raise SortedNetError(f"sync_gradients() averages the gradients of a module, got "
                              f"{type(module).__name__}{hint}")
-    ignored = _ignored(module)
+    named = _averaged(module)
     module = _inner(module)
-    # (a part no dimension slices given to FSDP1: it reduce-scatters its gradients itself in every backward and
-    # keeps this rank's shard; averaged again here, one rank's shard would be added to another's)
-    fsdp1 = {id(p) for m in module.modules() if _is_fsdp1(m) for p in m.parameters()}
-    fsdp1 -= {id(p) for m in module.modules() for p in getattr(m, "_ignored_params", ())}  # (ignored_modules=:
-    #                                                                  FSDP1 leaves those to the caller)
-    params = [p for n, p in module.named_parameters() if p.requires_grad and n not in ignored and id(p) not in fsdp1]
+    params = [p for _, p in named]
     sharded = [n for n, p in module.named_parameters() if is_sharded(p)]
     if sharded:
         raise SortedNetError(f"sync_gradients got FSDP2-sharded parameters ({sharded[:3]}); FSDP2 reduces its "
@@ -158,6 +156,7 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     if not _active() or dist.get_world_size(group) == 1:
         return 0
     _refuse_sparse(module, "sync_gradients")
+    _same_parameters(named, bucket_bytes, group)
     world = dist.get_world_size(group)
     buckets: dict[tuple, list[list[nn.Parameter]]] = {}
     for p in params:
@@ -170,12 +169,13 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
         for chunk in chunks:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chunk]
                              + [torch.tensor([float(p.grad is not None) for p in chunk], dtype=dtype, device=device)])
+            flat[:-len(chunk)].div_(world)  # (before the sum, as DDP: fp16 gradients summed first overflow)
             dist.all_reduce(flat, group=group)
             calls += 1
             seen = flat[-len(chunk):].tolist()
             offset = 0
             for i, p in enumerate(chunk):
-                g = flat[offset:offset + p.numel()].view_as(p).div_(world)
+                g = flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
                 if seen[i] == 0:
                     continue  # no rank produced a gradient: keep None
@@ -184,6 +184,37 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
                 else:
                     p.grad.copy_(g)
     return calls
+
+
+def _averaged(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters :func:`sync_gradients` averages over the ranks: all but those DDP leaves alone
+    and those of a part given to FSDP1 (it reduce-scatters its gradients itself in every backward and keeps this
+    rank's shard; averaged again here, one rank's shard would be added to another's)."""
+    ignored = _ignored(module)
+    module = _inner(module)
+    fsdp1 = {id(p) for m in module.modules() if _is_fsdp1(m) for p in m.parameters()}
+    fsdp1 -= {id(p) for m in module.modules() for p in getattr(m, "_ignored_params", ())}  # (ignored_modules=:
+    #                                                                  FSDP1 leaves those to the caller)
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad and n not in ignored
+            and id(p) not in fsdp1]
+
+
+def _same_parameters(named: list[tuple[str, nn.Parameter]], bucket_bytes: int, group: Any) -> None:
+    """Raise on every rank unless every rank averages the same parameters (names, shapes, dtypes, in order)
+    in the same buckets: otherwise the flat buckets would not line up (the gradients of different parameters
+    averaged together, in silence) or differ in size (gloo aborts the process). One small ``all_reduce``."""
+    import hashlib
+
+    h = hashlib.sha1(str(bucket_bytes).encode())
+    for n, p in named:
+        h.update(f"{n}|{tuple(p.shape)}|{p.dtype}|{p.device.type}\n".encode())
+    same, _ = _sync(_GRADS, int.from_bytes(h.digest()[:7], "big"), (), group)
+    if not same:  # (every rank sees it: the collectives stay matched)
+        raise _told(f"sync_gradients: the ranks would average different parameters (this rank: {len(named)} "
+                    f"trainable, {sum(p.numel() for _, p in named)} values): a parameter frozen, added or re-shaped "
+                    "on some ranks only, or another model or nest on some ranks; the gradients of different "
+                    "parameters would be averaged together. Build the same model, nest and requires_grad flags on "
+                    "every rank")
 
 
 def _ignored(module: nn.Module) -> set[str]:
@@ -281,6 +312,35 @@ def _refuse_unbroadcast(ddp: nn.Module, module: nn.Module) -> None:
             "factors; or by a change of the model since, such as a resized embedding), so it never broadcast them, "
             "and each rank would run and train its own copy (the replicas drift apart in silence). Call sn.wrap "
             "(and such changes) before DDP(...) (docs/scaling.md)")
+
+
+_REPLICAS_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _refuse_diverged(module: nn.Module, group: Any) -> None:
+    """At the first :func:`accumulate` of ``module`` (DDP or plain processes), refuse on every rank replicas
+    that differ: models built with a seed per rank (plain processes have no broadcast), or weights loaded on one
+    rank only after the DDP wrapper broadcast them. Their gradients would be averaged as one model's while each
+    rank keeps its own weights, in silence. One small collective: a digest of up to 1,024 values of each
+    trainable parameter (what DDP leaves alone excepted)."""
+    if module in _REPLICAS_CHECKED:
+        return
+    digest = 0
+    for n, p in _averaged(module):
+        if not p.is_meta and not is_sharded(p):
+            t = p.detach().reshape(-1)
+            t = t[::max(1, t.numel() // 1024)]
+            digest = zlib.crc32(_value_bytes(t), zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode(), digest))
+    same, _ = _sync(_START, digest, (), group)
+    if same:  # (refused: every rank checks again at its next call)
+        _REPLICAS_CHECKED.add(module)
+    else:
+        raise _told("sortednet.distributed.accumulate: the ranks' models differ at the first step, in their weights "
+                    "(built with a seed per rank, or a checkpoint loaded on some ranks only) or in which parameters "
+                    "train (requires_grad set on some ranks only): their gradients would be averaged as one "
+                    "model's while each rank kept its own weights, drifting apart in silence. "
+                    "Build the model with the same seed and frozen parameters on every rank (a DDP wrapper "
+                    "broadcasts rank 0's weights when it is built: load checkpoints before it, or on every rank)")
 
 
 def _value_bytes(p: torch.Tensor) -> bytes:
@@ -390,6 +450,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             _gather_once(units)
             for u in units:  # a forward since the last step (an evaluation before optimizer.step()) left its unit
                 u.reshard()  # unsharded with the values before that step: the next forward would reuse them
+            if _active() and dist.get_world_size(group) > 1:  # (a head outside module=: no unit reduces its grads)
+                closure = _trains_inside(closure, nest.model if module is None else _inner(module), module is None)
             try:
                 fsdp_losses = _accumulate(nest, subs, closure, **kwargs)
             finally:  # a forward without its backward (a sub-model skipped for a non-finite loss, as the last
@@ -400,6 +462,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
             return fsdp_losses
         if module is not None:
             guard(module, nest)
+        if _active() and dist.get_world_size(group) > 1:
+            _refuse_diverged(module if module is not None else nest.model, group)
         if _active() and not isinstance(ddp, _ddp_type()):  # (module= left out, or naming the model inside the
             hooks.append(nest.model.register_forward_pre_hook(_unnamed_ddp))  # wrapper the closure calls)
         if _active() and dist.get_world_size(group) > 1:
@@ -602,13 +666,15 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, cl
     if error is None:
         weights = kw.get("weights")
         names += [f"weights={None if weights is None else [float(w) for w in weights]}",
-                  f"distill={kw.get('distill')!r}", f"nonfinite={kw.get('nonfinite', 'raise')!r}"]
+                  f"distill={kw.get('distill')!r}", f"nonfinite={kw.get('nonfinite', 'raise')!r}",
+                  f"nest={_nest_digest(nest)}"]
     else:
         names += [f"refused: {error}"]
     try:
-        _agree_on(names, group, "the sub-models (and weights, distill=, nonfinite=) of this step",
+        _agree_on(names, group, "the sub-models (and weights, distill=, nonfinite=, the nest) of this step",
                   "give every rank's Sampler the same seed, k and step (the gradients of different sub-models "
-                  "would be averaged), and the same accumulate arguments")
+                  "would be averaged), the same accumulate arguments, and the same nest (nest=: a digest of its "
+                  "dimensions and of the modules they slice)")
     except SortedNetError:
         if error is not None:
             raise error from None
@@ -616,6 +682,16 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, cl
     if error is not None or checked is None:  # (the same refusal on every rank: each raises its own, no
         raise error or SortedNetError("accumulate: arguments not checked")  # collective pending)
     return checked
+
+
+def _nest_digest(nest: Nest) -> str:
+    """The nest as every rank must have it: each dimension's spec and the paths and roles of what it slices (two
+    ranks slicing different blocks under the same sub-model names would average two networks' gradients)."""
+    import hashlib
+
+    text = repr([d.spec() for d in nest.dims]) + repr(
+        sorted((p, sorted((r, b.dim.name) for r, b in m._sn.bind.items())) for p, m in nest._sliced.items()))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:

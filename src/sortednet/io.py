@@ -247,7 +247,7 @@ def _nest_of_copy(model: nn.Module, state: Any) -> tuple[Nest, nn.Module | None]
 def _copy_extra_state(nest: Nest) -> dict[str, Any]:
     """The nest's saved state for a copy's weights: the profile (its costs hold for any weights of these shapes;
     its scores were measured on the model's weights: marked so), no calibration."""
-    out = {k: v for k, v in nest._extra_state().items() if k == "profile"}
+    out = {k: v for k, v in nest._extra_state().items() if k in ("profile", "profile_structure")}
     if nest._profile is not None and nest._profile.scores is not None:
         out["scores_stale"] = True
     return out
@@ -424,6 +424,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     f"sn.load(strict=False) of {where} read the profile of another model ({len(left)} of this model's "
                     f"tensors are not in the file, {len(unexpected)} of the file's are not in this model), measured "
                     "on that model", 3)
+            nest._profile_measured_elsewhere(meta["extra"], 3)
             mixed = [k for k in left if state[k][0] is not None and state[k][0].is_floating_point()]
             if mixed:  # ... and so do its per-sub-model statistics (an integer counter left changes no weight)
                 _drop_mixed_calibration(nest, calib, mixed, where)

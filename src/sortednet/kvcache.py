@@ -336,19 +336,19 @@ def _fields(x: Any, limit: int | None = None) -> list[tuple[Any, Any]] | None:
 _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
-def _caches_in(example: Any, holders: set[int] | None = None) -> list[tuple[str, Any]]:
-    """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects; the
-    first 2,000 things it holds are searched: a cache sits near the top of an example); ``holders``: filled with
-    the ids of every container and object on the way to one."""
+def _caches_in(example: Any, holders: set[int] | None = None, who: str = "sortednet") -> list[tuple[str, Any]]:
+    """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects);
+    ``holders``: filled with the ids of every container and object on the way to one. Tensors and numbers are
+    not searched; an example holding more than 100,000 other containers and objects, or 1,000,000 entries in
+    all, is refused (a cache past them would go unseen: the runs would append to it)."""
     out: list[tuple[str, Any]] = []
     seen: set[int] = set()
     found: set[int] = set()
     stack: list[tuple[str, Any, Any, tuple[int, ...]]] = [("", None, example, ())]
-    budget = 2_000
-    while stack and budget > 0:
+    objects, entries = 100_000, 1_000_000
+    while stack:
         where, key, x, above = stack.pop()
-        budget -= 1
-        if type(x) in _ATOMS or isinstance(x, torch.Tensor):
+        if type(x) in _ATOMS or isinstance(x, torch.Tensor):  # (the example itself)
             continue
         if id(x) in seen:  # (a cache, or a container holding one, met again: the way here leads to it too)
             if holders is not None and (id(x) in found or id(x) in holders):
@@ -361,19 +361,25 @@ def _caches_in(example: Any, holders: set[int] | None = None) -> list[tuple[str,
             if holders is not None:
                 holders.update(above)
             continue
-        fields = _fields(x, budget)
+        objects -= 1
+        fields = _fields(x, entries + 1)
+        if fields and len(fields) > entries or objects < 0:
+            raise SortedNetError(f"{who}: the example holds more than 100,000 containers and objects, or 1,000,000 "
+                                 "entries, besides its tensors: too many to search for a key/value cache, which the "
+                                 "runs would append to; give the model's inputs as tensors (a cache apart)")
         if not fields or inspect.ismethod(x):
             continue
+        entries -= len(fields)
         attr = not isinstance(x, (Mapping, list, tuple))
         stack.extend((f"{where or 'the example'}.{k}" if attr else f"{where}[{k!r}]", k, v, (*above, id(x)))
-                     for k, v in reversed(fields) if type(v) not in _ATOMS)
+                     for k, v in reversed(fields) if type(v) not in _ATOMS and not isinstance(v, torch.Tensor))
     return out
 
 
 def refuse_cache_example(example: Any, who: str) -> None:
     """Refuse an example holding a key/value cache object for a call that runs the model on it several times: each
     run would append its positions to the user's cache (and a sub-model's run leave it unfit for the others)."""
-    found = _caches_in(example)
+    found = _caches_in(example, who=who)
     if found:
         where, c = found[0]
         raise SortedNetError(f"{who}: the example holds a key/value cache (at {where}: {type(c).__name__}) "
@@ -382,7 +388,7 @@ def refuse_cache_example(example: Any, who: str) -> None:
                              "the wiring and the sub-models are the same)")
 
 
-def fresh_caches(example: Any) -> Any:
+def fresh_caches(example: Any, who: str = "sortednet") -> Any:
     """``example`` with every key/value cache in it deep-copied (one run on it leaves the user's caches as they
     were), the containers and objects on the way to one copied shallowly, all else the example's own (tensors,
     modules, a sentinel compared by identity, a lock); the example itself where it holds none. A cache's tensors
@@ -391,7 +397,7 @@ def fresh_caches(example: Any) -> Any:
     import copy
 
     holders: set[int] = set()
-    caches = {id(c): c for _, c in _caches_in(example, holders)}
+    caches = {id(c): c for _, c in _caches_in(example, holders, who)}
     if not caches:
         return example
 

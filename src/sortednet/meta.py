@@ -116,9 +116,14 @@ def read_meta(f: Container) -> dict[str, Any]:
     extra = meta.get("extra")
     if extra is None:
         extra = meta["extra"] = {}
-    if not isinstance(extra, dict) or set(extra) - {"profile", "scores_stale", "calibration_stale"}:
-        raise _err(where, f"'extra' must be an object with at most a 'profile', 'scores_stale' and "
-                          f"'calibration_stale', got {str(extra)[:80]}")
+    if not isinstance(extra, dict) or set(extra) - {"profile", "profile_structure", "scores_stale",
+                                                    "calibration_stale"}:
+        raise _err(where, f"'extra' must be an object with at most a 'profile', 'profile_structure', 'scores_stale' "
+                          f"and 'calibration_stale', got {str(extra)[:80]}")
+    mark = extra.get("profile_structure")
+    if mark is not None and (not isinstance(extra.get("profile"), dict) or not isinstance(mark, str)
+                             or len(mark) != 64 or set(mark) - set("0123456789abcdef")):
+        raise _err(where, f"'profile_structure' must be a SHA-256 hex digest beside a profile, got {str(mark)[:80]}")
     ties = meta.setdefault("ties", [])
     if not isinstance(ties, list) or not all(
             isinstance(g, list) and len(g) > 1 and all(isinstance(k, str) for k in g)
@@ -348,4 +353,10 @@ def check_profile(d: Any, meta: dict[str, Any], rows: list[tuple[int, ...]] | No
         _numbers(d["scores"], len(subs), "scores", where, negative=True)
     if not isinstance(d.get("device", "cpu"), str) or not isinstance(d.get("meta") or {}, dict):
         raise _err(where, "profile device must be a string and meta an object")
+    from .profile import Profile  # (what sn.load builds after copying the weights: refused here, before)
+
+    try:
+        Profile.from_dict(d)
+    except SortedNetError as e:
+        raise _err(where, str(e)) from None
 

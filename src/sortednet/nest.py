@@ -39,7 +39,7 @@ from .export import (
     refused_aside,
 )
 from .kvcache import fresh_caches, install_guards, refuse_cache_example
-from .modes import casts_stale, dry_run, eval_mode
+from .modes import casts_stale, dry_run, eval_mode, rng_kept
 from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
@@ -381,7 +381,8 @@ class Nest:
             self._drop_measured(("memory", "latency"), "the model's parameter dtypes changed", 5)
             self._scores_of_other_weights()  # (and the scores on other values: `.to()` moves no version counter)
 
-    def _drop_measured(self, metrics: tuple[str, ...], why: str, stacklevel: int) -> None:
+    def _drop_measured(self, metrics: tuple[str, ...], why: str, stacklevel: int,
+                       when: str = " after nest.profile") -> None:
         """Forget ``metrics`` (cached and in the profile, with a warning when the profile had them): ``why``
         (after nest.profile) made them describe another model."""
         prof = getattr(self, "_profile", None)
@@ -399,7 +400,7 @@ class Nest:
             scored, told = self._scored_on, self._stale_warned  # (the scores describe what they described)
             self._set_profile(dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k not in stale}))
             self._scored_on, self._stale_warned = scored, told
-            warnings.warn(f"{why} after nest.profile: its measured {stale} no longer apply and were dropped; measure "
+            warnings.warn(f"{why}{when}: its measured {stale} no longer apply and were dropped; measure "
                           "them again with nest.profile(example)", stacklevel=stacklevel)
 
     def _tensor_ids(self) -> tuple:
@@ -734,7 +735,7 @@ class Nest:
         if cache is None:
             raise SortedNetError(f"unknown cost metric {metric!r}; available: {list(METRICS)}")
         if metric == "flops" and example is not None:  # (one run, on a copy of a cache the example holds)
-            return self._flops(sub, fresh_caches(example))
+            return self._flops(sub, fresh_caches(example, "nest.cost(..., 'flops', example=)"))
         if example is not None and metric != "params":  # (params do not depend on the input)
             raise SortedNetError(f"cost(..., {metric!r}, example=...): {metric} is measured by nest.profile(example) "
                                  "on the profile's input, not on this one; example= counts FLOPs only. Profile on "
@@ -832,6 +833,11 @@ class Nest:
         # a dry forward of the extremes names the sub-model when the example does not fit; in eval mode
         # on a private view sharing the weights (model.eval() would change the mode for every thread), with copies
         # of the buffers (what this thread writes into the model's own through a hook is put back)
+        with rng_kept():  # (a model that draws in eval mode: the caller's random streams do not move)
+            return self._profile_on(example_inputs, score, metrics, repeat, warmup, progress, on)
+
+    def _profile_on(self, example_inputs: Any, score: Any, metrics: Sequence[str], repeat: int, warmup: int,
+                    progress: bool, on: str) -> Profile:
         with eval_mode(self, own_buffers=True) as (view, _), dry_run(self.model, buffers=False):
             for sub in dict.fromkeys((self.smallest, self.largest)):
                 with self.use(sub), torch.no_grad():
@@ -1193,7 +1199,8 @@ class Nest:
         from .calibrate import calibrate
 
         self._check_structure("calibrate")
-        done = calibrate(self, loader, subs=subs, batches=batches)
+        with rng_kept():  # (the forwards' draws: a noise layer; the loader's own draws are the caller's too)
+            done = calibrate(self, loader, subs=subs, batches=batches)
         self._calibrations += 1  # (what eval computes changed: profile scores measured before are stale)
         return done
 
@@ -1456,6 +1463,7 @@ class Nest:
         out: dict[str, Any] = {}
         if self._profile is not None:
             out["profile"] = self._profile.to_dict()
+            out["profile_structure"] = self._modules_digest()
             if self._scored_on is not None and self._weights_key() != self._scored_on:
                 out["scores_stale"] = True
         stale = stale_statistics(self)
@@ -1469,6 +1477,32 @@ class Nest:
         self._set_profile(None if prof is None else Profile.from_dict(prof))
         if state.get("scores_stale") is True:
             self._scores_of_other_weights()
+
+    def _profile_measured_elsewhere(self, state: dict[str, Any], stacklevel: int) -> None:
+        """After :meth:`_load_extra_state`: drop the loaded profile's FLOPs, latency and memory (with a warning)
+        where the checkpoint says they were measured on another module tree than this model's."""
+        measured_on = state.get("profile_structure")
+        prof = self._profile
+        if prof is not None and measured_on is not None and set(prof.costs) - {"params"} and \
+                measured_on != self._modules_digest():
+            self._drop_measured(("flops", "latency", "memory"), "sn.load: the checkpoint's profile was measured on "
+                                "a model whose modules (paths or classes) differ from this one's", stacklevel + 1,
+                                when="")
+            self._scores_of_other_weights()
+
+    def _modules_digest(self) -> str:
+        """The module tree as a checkpoint records it for its profile: every module's path and class (a sliced
+        module's own class), hashed. A module without parameters added, removed or replaced between the model
+        that was profiled and the one a checkpoint is loaded into (an activation changed in the model's code)
+        changes the forward that FLOPs, latency and memory describe; the weights alone do not show it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for path, m in self.model.named_modules(remove_duplicate=False):
+            st = m.__dict__.get("_sn")
+            cls = getattr(st, "cls", None) or type(m)
+            h.update(f"{path}\0{cls.__module__}.{cls.__qualname__}\n".encode())
+        return h.hexdigest()
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors saved with the checkpoint besides the weights (calibrated BatchNorm statistics)."""
@@ -1565,7 +1599,8 @@ class Nest:
         fresh = self._scored_on is not None and self._weights_key() == self._scored_on
         checking, self._checking = self._checking, True
         try:
-            check(self, example, mixed=mixed)
+            with rng_kept():  # (its mixed sub-models' draw, a forward's noise: the caller's streams stay)
+                check(self, example, mixed=mixed)
             self._checked = True
         except SortedNetError as e:
             full_fails = str(e).startswith("nest.check: the full model")  # (then it is not about slicing)

@@ -94,10 +94,54 @@ def _fmt(x: float, unit: str = "") -> str:
     return f"{x * 1e6:.3g}{sep}µ{unit}"
 
 
+class _ReadOnly(dict):
+    """A dict that refuses changes: a :class:`Profile`'s ``costs`` and ``meta`` (the profile a nest keeps is
+    the one ``nest.profile()`` returned; changing it would change what ``sn.save`` writes but not what ``pick``
+    reads). Pickles and copies as itself."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a Profile is read-only (the nest keeps this one): build a changed copy with "
+                        "dataclasses.replace(profile, costs={...}) or Profile.from_dict(...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore
+
+    def __reduce__(self) -> tuple:
+        return type(self), (dict(self),)
+
+
+def _frozen(v: Any, where: str) -> Any:
+    """``v`` (a JSON value: str, number, bool, None, list, dict with str keys) with lists as tuples and dicts
+    read-only; anything else is refused (``sn.save`` writes the profile as JSON)."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise SortedNetError(f"Profile: {where} is {v!r}; profile meta holds finite numbers (saved as JSON)")
+        return v
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x, f"{where}[{i}]") for i, x in enumerate(v))
+    if isinstance(v, Mapping):
+        bad = next((k for k in v if not isinstance(k, str)), None)
+        if bad is not None:
+            raise SortedNetError(f"Profile: {where} has the key {bad!r}; profile meta keys are strings (JSON)")
+        return _ReadOnly({k: _frozen(x, f"{where}[{k!r}]") for k, x in v.items()})
+    raise SortedNetError(f"Profile: {where} is a {type(v).__name__}; profile meta holds JSON values only (str, "
+                         "int, float, bool, None, lists, dicts), as sn.save writes it")
+
+
+def _thawed(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_thawed(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _thawed(x) for k, x in v.items()}
+    return v
+
+
 @dataclass(frozen=True)
 class Profile:
     """Measured cost (and optional score) of every sub-model. Made by :meth:`Nest.profile`;
-    saved by ``sn.save`` and restored by ``sn.load``.
+    saved by ``sn.save`` and restored by ``sn.load``. Read-only, ``costs`` and ``meta`` included (the nest
+    keeps the profile it returned): ``dataclasses.replace`` makes a changed copy.
 
     >>> import sortednet as sn
     >>> subs = tuple(sn.SubModel(h=h) for h in (2, 4, 8))
@@ -122,16 +166,25 @@ class Profile:
         if not isinstance(self.costs, Mapping):
             raise SortedNetError(f"Profile: costs must be a mapping {{metric: one value per sub-model}}, got "
                                  f"{type(self.costs).__name__}")
-        n = len(self.submodels)
+        n, costs = len(self.submodels), {}
         for metric, values in self.costs.items():
             if metric not in METRICS:
                 raise SortedNetError(f"Profile: unknown metric {metric!r}; known: {list(METRICS)}")
+            if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+                raise SortedNetError(f"Profile: {metric!r} must be a sequence, one value per sub-model, got "
+                                     f"{type(values).__name__}")
+            values = costs[metric] = tuple(values)
             if len(values) != n:
                 raise SortedNetError(f"Profile: {metric!r} has {len(values)} values for {n} sub-models")
             for sub, v in zip(self.submodels, values):
                 if not _real(v) or not 0 <= v < math.inf:
                     raise SortedNetError(f"Profile: {metric!r} of {sub} is {v!r}; costs are finite numbers >= 0")
+        object.__setattr__(self, "costs", _ReadOnly(costs))
         if self.scores is not None:
+            if isinstance(self.scores, (str, bytes, Mapping)) or not isinstance(self.scores, Iterable):
+                raise SortedNetError(f"Profile: scores must be a sequence, one per sub-model, got "
+                                     f"{type(self.scores).__name__}")
+            object.__setattr__(self, "scores", tuple(self.scores))
             if len(self.scores) != n:
                 raise SortedNetError(f"Profile: {len(self.scores)} scores for {n} sub-models")
             for sub, v in zip(self.submodels, self.scores):
@@ -144,10 +197,13 @@ class Profile:
         if len({tuple(s) for s in self.submodels}) > 1:
             raise SortedNetError(f"Profile: the sub-models name different dimensions "
                                  f"{sorted({tuple(s) for s in self.submodels})[:3]}")
-        out = self.meta.get("not_exportable") if isinstance(self.meta, dict) else None
+        if not isinstance(self.meta, Mapping):
+            raise SortedNetError(f"Profile: meta must be a mapping, got {type(self.meta).__name__}")
+        object.__setattr__(self, "meta", _frozen(self.meta, "meta"))
+        out = self.meta.get("not_exportable")
         if out is not None:  # (the front leaves them out: names of profiled sub-models)
             names = {str(s) for s in self.submodels}
-            if not isinstance(out, list) or not all(isinstance(x, str) and x in names for x in out):
+            if not isinstance(out, tuple) or not all(isinstance(x, str) and x in names for x in out):
                 raise SortedNetError(f"Profile: meta['not_exportable'] must list profiled sub-models by name (as "
                                      f"str(sub) writes them); got {str(out)[:200]}")
         object.__setattr__(self, "_pos", pos)
@@ -192,7 +248,7 @@ class Profile:
         return {"submodels": [s.to_dict() for s in self.submodels],
                 "costs": {k: list(v) for k, v in self.costs.items()},
                 "scores": None if self.scores is None else list(self.scores),
-                "device": self.device, "meta": dict(self.meta)}
+                "device": self.device, "meta": _thawed(self.meta)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Profile":

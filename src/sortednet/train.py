@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .cost import as_inputs, call_model, keyword_inputs
 from .errors import SortedNetError
 from .errors import flag as _flag
-from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
+from .modes import casts_stale, dry_run, eval_mode, keeps_rng, restore_modes, train_view
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike, as_int
 from .views import _compiling, _distributed, is_fsdp, world_size
@@ -406,6 +406,10 @@ def refuse_unscaled(nest: Nest, backward: Any, module: nn.Module | None = None) 
     if backward is not None:
         return
     prepared = any(getattr(m, "_is_accelerate_prepared", False) for m in (nest.model, module) if m is not None)
+    if not prepared and "accelerate" in sys.modules:  # (on several processes Accelerate marks the DDP wrapper it
+        import torch.distributed as dist  # returns, not the model inside: the closure may call that wrapper)
+
+        prepared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     steps = _accelerate_micro_step() if prepared else 0
     if steps:
         raise SortedNetError(f"accumulate without backward= on a model Accelerate prepared, on a micro-step of its "
@@ -687,6 +691,7 @@ def _to(x: Any, device: torch.device | None) -> Any:
     return moved
 
 
+@keeps_rng  # (the forwards' draws: the caller's random streams stay where they were)
 def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
              metric: Callable[[Tensor, Tensor], float] | None = None) -> dict[SubModel, float]:
     """Score every sub-model (default: all of ``nest.submodels``) on ``data``:

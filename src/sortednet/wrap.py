@@ -1445,7 +1445,8 @@ def _at(m: nn.Module, rel: str) -> Any:
     return m
 
 
-def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool = False) -> None:
+def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool = False,
+                        dry: bool = False) -> None:
     """Global module registration hook (``setattr`` / ``add_module`` of a child): refuses changing a guarded
     link or a block of a Depth layer list (also of a deep copy of a wrapped model, which follows the nest);
     a container re-made around the same sliced modules (at the same paths) is accepted and guarded. Costs
@@ -1464,7 +1465,7 @@ def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool
     below = None if g is None else tuple((rel, m()) for rel, m in g.below)
     if g is not None and value is not None and all(_at(value, rel) is m for rel, m in below):
         guards = g.guards_ref()
-        if guards is not None:
+        if guards is not None and not dry:  # (dry: a check before a change of several children, nothing guarded)
             _guard(value, g.path, below, guards)
         return None
     lists = st.path if depth else ""
@@ -1558,6 +1559,33 @@ def _guard_delattr() -> None:
         clear(self)
 
     nn.ModuleDict.__delitem__, nn.ModuleDict.clear = __delitem__, clear_  # type: ignore[method-assign]
+    update = nn.ModuleDict.update
+
+    @functools.wraps(update)
+    def update_(self: nn.ModuleDict, modules: Any) -> None:
+        if not _compiling():  # every key checked before the first is set: a refusal changes nothing
+            if not isinstance(modules, (Mapping, nn.ModuleDict)) and isinstance(modules, Iterable):
+                modules = list(modules)  # (an iterator: read once, here)
+            pairs = modules.items() if isinstance(modules, (Mapping, nn.ModuleDict)) else \
+                [p for p in modules if isinstance(p, (tuple, list)) and len(p) == 2] if isinstance(modules, list) \
+                else ()
+            for key, value in pairs:
+                if key in self._modules:
+                    _registration_guard(self, key, value, dry=True)
+        update(self, modules)
+
+    nn.ModuleDict.update = update_  # type: ignore[method-assign]
+    for cls in (nn.Sequential, nn.ModuleList):  # del seq[1:] deletes child by child: checked all first
+        def make(delete: Any) -> Any:
+            @functools.wraps(delete)
+            def __delitem__(self: nn.Module, idx: Any) -> None:
+                if isinstance(idx, slice) and not _compiling():
+                    for key in list(self._modules)[idx]:
+                        _registration_guard(self, key, None, deleting=True, dry=True)
+                delete(self, idx)
+            return __delitem__
+
+        cls.__delitem__ = make(cls.__delitem__)  # type: ignore[method-assign]
 
 
 def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> Guards:

@@ -14,7 +14,7 @@ import inspect
 import math
 import numbers
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,9 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     if exits is None:
         depth = [d for d in (nest.dims if nest else ()) if isinstance(d, Depth)]
         exits = [s for s in depth[0].sizes if s <= n] if depth else list(range(1, n + 1))
+    if weights is not None and isinstance(exits, (Set, Mapping)):  # (no order: weights paired with what?)
+        raise SortedNetError(f"soft_loss: exits given as a {type(exits).__name__} have no order to pair the weights "
+                             f"with; give them as a list, in the weights' order (got exits={exits!r})")
     given = _listed(exits, "exits", "exit depths, e.g. [2, 4]")
     bad = [e for e in given if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 1 <= e <= n]
     if not given or bad:

@@ -107,6 +107,11 @@ class LowRankSlicer(Slicer):
         if dim.full > min(o, i):
             raise SizeError(f"{where}: largest rank {dim.full} exceeds min(out, in) = {min(o, i)} "
                             f"of Linear({i} -> {o})")
+        if isinstance(self, SVDSlicer) and dim.export == "factored" and m._modules:
+            raise PatternError(f"{where}: {type(m).__name__} holds the modules {list(m._modules)[:4]}, which a "
+                               "factored export (two Linears in an nn.Sequential, which runs every child it holds) "
+                               "cannot carry; declare sn.Rank(..., export='merged') or 'auto' for it (the layer's "
+                               "own class, holding U_r V_r)")
         taken = [n for n in self.factors if n in m._parameters or n in m._buffers or n in m._modules
                  or n in m.__dict__]
         if taken:
@@ -292,6 +297,8 @@ class SVDSlicer(LowRankSlicer):
         how = m.__dict__["_sn"].bind["rank"].dim.export
         if how != "auto":
             return how == "factored"
+        if m._modules:  # (a Linear subclass holding modules: an nn.Sequential of two Linears cannot carry them)
+            return False
         o, i, r = self.sizes(m)
         return r * (o + i) < o * i
 
@@ -323,6 +330,12 @@ class SVDSlicer(LowRankSlicer):
                                 "to read, so the exported model would fail when run. Declare "
                                 "sn.Rank(..., export='merged') for it (one Linear holding U_r V_r, counted so by "
                                 "cost), or call the layer in the forward")
+            if copy_._modules:  # (an nn.Sequential runs every child it holds: they cannot come along)
+                where = st.path or "the model"
+                raise SizeError(f"{where}: this Rank target ({st.cls.__name__}, a Linear subclass) "
+                                f"holds the modules {list(copy_._modules)[:4]}, which its factored export (two "
+                                "Linears in an nn.Sequential, which runs every child it holds) cannot carry; "
+                                "declare sn.Rank(..., export='merged') for it (the layer's own class, holding U_r V_r)")
             seq = nn.Sequential(self._linear(live, V, None, fv), self._linear(live, U, bias, fu, bgrad))
             seq.out_features, seq.in_features = U.shape[0], V.shape[1]  # (a forward reading them still can)
             for name, p in copy_._parameters.items():  # (a Linear subclass's own tensors, a gain: kept, as the

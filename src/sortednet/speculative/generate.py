@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -198,6 +199,11 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
             raise SortedNetError("attention_mask: only left padding (zeros before the first token) is supported"
                                  + (f" (the mask generate() infers: the prompt holds the pad token {pad_id})"
                                     if isinstance(pad_id, int) and bool((input_ids == pad_id).any()) else ""))
+    if pad and "position_ids" not in inspect.signature(model.forward).parameters:
+        raise SortedNetError(f"attention_mask: left padding, and the target's forward ({type(model).__name__}) "
+                             "takes no position_ids: it counts positions from the padded start (as generate() "
+                             "does), while speculative_generate drops the padding and counts from the first real "
+                             "token; its tokens would differ from generate()'s. Pass the prompt without padding")
     for who, m in zip(("target", "draft"), models):
         limit = _positions(m)
         # the last new token is returned, never fed back: a sequence may end one past the model's positions
@@ -273,9 +279,35 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     with _eval_held(plan.models), ExitStack() as stack, torch.inference_mode():
         for ctx in plan.outer:
             stack.enter_context(ctx)
+        _refuse_bidirectional(tmodel, plan.vocab)
         new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
     seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
     return SpeculativeOutput(seq, stats)
+
+
+def _refuse_bidirectional(model: nn.Module, vocab: int) -> None:
+    """Refuse a target whose earlier positions see later tokens (a BERT-style ``*LMHeadModel`` with
+    ``config.is_decoder=False``, ``use_bidirectional_attention=True``): verification runs several drafted tokens
+    in one pass, so earlier positions would see later drafts and the tokens would differ from ``generate``'s.
+    Found by running it: two 4-token prompts differing in their last token must give the same logits before it."""
+    if vocab < 2:
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.arange(1, 5, device=device).remainder(vocab).unsqueeze(0)
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % vocab
+    try:
+        a, b = (model(input_ids=x, use_cache=False).logits[0, :-1].float() for x in (ids, other))
+    except Exception as e:
+        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on a 4-token "
+                             f"prompt ({type(e).__name__}: {str(e)[:200]})") from e
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * (1 + float(a.abs().max()))):
+        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) attends both ways: the "
+                             "logits of earlier positions change with a later token (config.is_decoder=False on a "
+                             "BERT-style model, use_bidirectional_attention=True, ...). Verifying several drafted "
+                             "tokens in one pass would let earlier positions see later drafts: its tokens would "
+                             "differ from generate()'s. Use a causal decoder (config.is_decoder=True) or "
+                             "model.generate")
 
 
 #: per module (by id) that calls running now put in eval mode: [calls holding it, its training flag before]
