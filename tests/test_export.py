@@ -1471,3 +1471,26 @@ def test_a_model_whose_deepcopy_builds_a_new_one_is_refused_by_name():
             attempt()
         assert_unchanged(m, before)
     assert nest.active == nest.largest
+
+
+class _NoDecay(torch.nn.Parameter):
+    """A parameter subclass a user tags parameters with (left out of weight decay by isinstance)."""
+
+
+def test_an_export_keeps_the_class_of_a_parameter_subclass():
+    """Every tensor a slicer lists became a plain nn.Parameter in the export, cut or not, even at the largest
+    sub-model (a deep copy keeps the subclass): an isinstance grouping of the exported model's parameters (no
+    weight decay) changed in silence."""
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    m[1].weight = _NoDecay(m[1].weight.detach().clone())
+    m[2].bias = _NoDecay(m[2].bias.detach().clone())
+    nest = sn.wrap(m, sn.Width("w", [4, 8], out="0", norm="1", inp="2"))
+    x = torch.randn(3, 4)
+    for sub in nest.submodels:
+        exported = nest.export(sub)
+        kinds = {n: type(p) for n, p in exported.named_parameters()}
+        assert kinds == {n: type(p) for n, p in copy.deepcopy(m).named_parameters()}
+        assert kinds["1.weight"] is _NoDecay and kinds["2.bias"] is _NoDecay and kinds["0.weight"] is torch.nn.Parameter
+        assert exported[1].weight.requires_grad
+        with torch.no_grad(), nest.use(sub):
+            assert torch.equal(exported(x), m(x))

@@ -1019,8 +1019,10 @@ def _name(path: str, attr: str) -> str:
 
 def _fresh(t: Tensor) -> Tensor:
     """A full-size copy of a live tensor, Parameter-ness and requires_grad kept."""
+    from .slicers.base import parameter_like
+
     c = t.detach().clone()
-    return nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return parameter_like(t, c) if isinstance(t, nn.Parameter) else c
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:

@@ -513,9 +513,9 @@ class Slicer:
             v = values[name]
             if name in live._parameters:
                 full = live._parameters[name]
-                copy_._parameters[name] = None if v is None else nn.Parameter(  # requires_grad of the full
-                    v.detach().clone(memory_format=memory_format(full)),  # parameter: a cat under no_grad
-                    requires_grad=full.requires_grad)  # (packed q/k/v) would lose it
+                copy_._parameters[name] = None if v is None else parameter_like(  # requires_grad of the full
+                    full, v.detach().clone(memory_format=memory_format(full)))  # parameter: a cat under no_grad
+                #                                                                  (packed q/k/v) would lose it
             elif name in live._buffers:
                 copy_._buffers[name] = None if v is None else v.detach().clone()
             elif isinstance(v, Tensor):  # a plain tensor attribute: the export's own memory, like the others
@@ -1006,3 +1006,18 @@ def _guard_global_prune() -> None:
 
 
 _guard_global_prune()
+
+
+def parameter_like(full: Tensor, data: Tensor) -> nn.Parameter:
+    """``data`` as a parameter of ``full``'s class (a subclass that tags parameters, e.g. to leave them out of
+    weight decay, as ``copy.deepcopy`` keeps it) and ``requires_grad``; a plain ``nn.Parameter`` where that class
+    cannot be built from ``(data, requires_grad)``."""
+    cls = type(full)
+    if cls is not nn.Parameter and issubclass(cls, nn.Parameter):
+        try:
+            p = cls(data, requires_grad=full.requires_grad)
+        except Exception:
+            p = None
+        if type(p) is cls and p.shape == data.shape:
+            return p
+    return nn.Parameter(data, requires_grad=full.requires_grad)
