@@ -820,7 +820,8 @@ class _Counts:
 def test_flops_of_inputs_holding_functions_are_counted_for_each_function():
     """A function in the example was signed by its repr, whose address a freed closure's successor reuses (four
     closures returning 1..4 passes all got the first count), and a bound method by its object alone (s.one and
-    s.three alike). Functions are never signed alike: counted afresh on each call."""
+    s.three alike). Signed by identity now, the signature holding the function (no successor takes its address):
+    one function passed again is the same input (a FLOPs table for pick), another is counted afresh."""
     nest = sn.wrap(_Steps(), sn.Width("h", [2, 8], out="a", inp="b"))
     x = torch.randn(1, 4)
 
@@ -835,6 +836,10 @@ def test_flops_of_inputs_holding_functions_are_counted_for_each_function():
     import functools
     assert nest.cost("h=8", "flops", example=(x, functools.partial(int, 2))) == 2 * one
     assert nest.cost("h=8", "flops", example=(x, functools.partial(int, 4))) == 4 * one
+    three = passes(3)
+    for sub in nest.submodels:  # (one function for every sub-model: one table, which pick reads)
+        nest.cost(sub, "flops", example=(x, three))
+    assert nest.pick(flops=3 * one) == nest.largest
 
 
 class _Options:

@@ -561,8 +561,18 @@ def test_a_profile_loaded_into_a_model_with_other_parameter_free_modules_loses_i
     nest = sn.wrap(_act_mlp(torch.nn.ReLU()), width())
     nest.profile(x, repeat=2, progress=False)
     sn.save(nest, tmp_path / "a.sn")
-    with pytest.warns(UserWarning, match=r"modules \(paths or classes\) differ.*\['flops', 'latency', 'memory'\] "
-                                         "no longer apply"):
+    import warnings
+
+    with warnings.catch_warnings():  # (warned before anything changes: an error filter refuses the load)
+        warnings.simplefilter("error")
+        target = _act_mlp(_Pairwise())
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(UserWarning):
+            sn.load(target, tmp_path / "a.sn")
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+        assert not any("_sn" in m.__dict__ for m in target.modules())
+    with pytest.warns(UserWarning, match=r"modules \(paths, classes or settings\) differ.*\['flops', 'latency', "
+                                         r"'memory'\] no longer apply"):
         other = sn.load(_act_mlp(_Pairwise()), tmp_path / "a.sn")
     assert sorted(other._profile.costs) == ["params"]
     with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
@@ -600,3 +610,44 @@ def test_a_profile_is_read_only_and_what_save_writes_is_what_pick_reads(tmp_path
         sn.Profile(prof.submodels, prof.costs, meta={"x": torch.tensor(4)})
     with pytest.raises(sn.SortedNetError, match="finite"):
         sn.Profile(prof.submodels, prof.costs, meta={"x": [float("nan")]})
+
+
+class _Strided(torch.nn.Module):
+    def __init__(self, stride=1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, stride=stride, padding=1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_the_profiles_module_record_sees_settings_and_ignores_where_a_class_lives(tmp_path):
+    """The record of the profiled module tree held paths and classes only: a convolution's stride changed between
+    save and load kept FLOPs four times too high, while the same class imported from another module (the training
+    script's __main__.Net served as mymodel.Net) or an activation-checkpoint wrapper dropped correct ones."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    x = torch.randn(2, 3, 16, 16)
+    width = lambda: sn.Width("c", [8, 16], out="conv", inp="head")  # noqa: E731
+    nest = sn.wrap(_Strided(1), width())
+    nest.profile(x, metrics=("params", "flops"), progress=False)
+    sn.save(nest, tmp_path / "s.sn")
+    with pytest.warns(UserWarning, match=r"settings\) differ"):
+        strided = sn.load(_Strided(2), tmp_path / "s.sn")
+    with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
+        strided.cost("c=16", "flops")
+    moved = type("_Strided", (_Strided,), {"__module__": "elsewhere", "__qualname__": "_Strided"})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = sn.load(moved(1), tmp_path / "s.sn")
+        assert same.cost("c=16", "flops") == nest.cost("c=16", "flops")
+        into_nest = sn.load(sn.wrap(_Strided(1), width()), tmp_path / "s.sn")
+        assert into_nest.cost("c=8", "flops") == nest.cost("c=8", "flops")
+    from sortednet.nest import modules_digest  # (a wrapper that leaves the forward as it is does not count)
+    blocks = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    assert modules_digest(torch.nn.Sequential(checkpoint_wrapper(copy.deepcopy(blocks)))) == \
+        modules_digest(torch.nn.Sequential(copy.deepcopy(blocks)))
+    assert modules_digest(_Strided(1)) == modules_digest(sn.wrap(_Strided(1), width()).model)
+    assert modules_digest(_Strided(1)) != modules_digest(_Strided(2))

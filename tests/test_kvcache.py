@@ -573,3 +573,6 @@ def test_a_cache_after_thousands_of_other_entries_is_found_or_the_example_refuse
         with pytest.raises(sn.SortedNetError, match="nest.check: the example holds more than 100,000"):
             nest.check(ex)
     assert cache.get_seq_length() == 3
+    table = {"x": torch.randn(1, 1, 4), "feats": [torch.zeros(1), list(range(1_000_001))], "cache": _GrowingCache()}
+    assert nest.cost("h=8", "flops", example=table) > 0  # (numbers hold no cache: never counted, never refused)
+    assert table["cache"].get_seq_length() == 0  # (a copy of the cache counted on)

@@ -803,7 +803,8 @@ def test_a_target_that_attends_both_ways_is_refused_and_a_causal_one_equals_gene
 
 def test_left_padding_for_a_target_that_takes_no_position_ids_is_refused():
     """BartForCausalLM counts positions from the padded start in generate (it takes no position_ids); the padding
-    was dropped and positions counted from 0: other tokens than generate's. Refused; unpadded it is exact."""
+    was dropped and positions counted from 0: other tokens than generate's. Refused (found by running it on a
+    padded and an unpadded prompt); unpadded it is exact, and an ALiBi model (Bloom) padded is accepted."""
     from transformers import BartConfig, BartForCausalLM
 
     torch.manual_seed(0)
@@ -815,12 +816,22 @@ def test_left_padding_for_a_target_that_takes_no_position_ids_is_refused():
                                          num_attention_heads=2, num_key_value_heads=1)).eval()
     ids = torch.tensor([[1, 1, 1, 1, 17, 42, 9, 33, 5, 28]])
     for mask in ((ids != 1).long(), None):  # (given, or inferred from the pad token as generate infers it)
-        with pytest.raises(sn.SortedNetError, match="left padding, and the target's forward .BartForCausalLM. takes "
-                                                    "no position_ids"):
+        with pytest.raises(sn.SortedNetError, match=r"left padding, and the target \(BartForCausalLM\) takes no "
+                                                    "position_ids and counts its positions from the padded start"):
             sn.speculative_generate(target, ids, attention_mask=mask, draft=draft, max_new_tokens=12)
     real = ids[:, 4:]
     out = sn.speculative_generate(target, real, draft=draft, max_new_tokens=12)
     assert torch.equal(out.sequences, target.generate(real, max_new_tokens=12, do_sample=False))
+    # ALiBi (Bloom) takes no position_ids either, but its attention depends on distances only: padding changes
+    # nothing in generate(), and speculative decoding of the padded prompt is accepted and equal to it
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=1,
+                                         eos_token_id=None, bos_token_id=None)).eval()
+    nest = sn.from_transformers(bloom, depth=[1])
+    mask = (ids != 1).long()
+    out = sn.speculative_generate(nest, ids, attention_mask=mask, draft="depth=1", max_new_tokens=10)
+    assert torch.equal(out.sequences, bloom.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False))
 
 
 def test_soft_loss_refuses_exits_without_an_order_beside_weights():
@@ -836,3 +847,8 @@ def test_soft_loss_refuses_exits_without_an_order_beside_weights():
     out = soft_loss(nest, ids, exits=[4, 2], weights=[1.0, 0.0])
     torch.testing.assert_close(out.loss, out.losses[4])
     assert float(soft_loss(nest, ids, exits={4, 2}).loss.detach()) > 0  # (no weights: the order does not matter)
+    with pytest.raises(sn.SortedNetError, match="exits is a mapping"):  # (its values were dropped in silence)
+        soft_loss(nest, ids, exits={2: 0.1, 4: 0.9})
+    ordered = {4: 1.0, 2: 0.0}
+    torch.testing.assert_close(soft_loss(nest, ids, exits=ordered.keys(), weights=list(ordered.values())).loss,
+                               out.loss)

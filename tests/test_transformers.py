@@ -876,6 +876,30 @@ def test_callback_refuses_a_sampler_that_draws_several(tmp_path):
         SubModelCallback(nest, sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0))
 
 
+@pytest.mark.parametrize("save", ["steps", "no"])
+def test_callback_refuses_a_rank_nest_before_training_when_the_trainer_saves_checkpoints(save, tmp_path):
+    """A stock Trainer saving checkpoints with a Rank nest trained up to its first checkpoint, then its
+    save_pretrained was refused (factors / adapters) and left an empty checkpoint folder. Refused at the start of
+    training now, nothing trained or written; without checkpoints it trains."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[0.5], rank=[2, 4])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(8)]
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy=save, save_steps=3, disable_tqdm=True, logging_strategy="no")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[
+        SubModelCallback(nest, sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=1))])
+    if save == "no":
+        trainer.train()
+        assert trainer.state.global_step == 4
+        return
+    with pytest.raises(sn.SortedNetError, match=r"Rank dimension.s. \['rank'\].*save_strategy='steps'.*SortedTrainer"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(p.name.startswith("checkpoint") for p in (tmp_path / "out").glob("*"))
+
+
 def test_callback_activates_one_submodel_per_optimizer_step(tmp_path):
     model, _, _, _ = build("gpt2")
     model.train()
@@ -2577,3 +2601,46 @@ def test_from_transformers_passes_inplace_grad_to_wrap():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
     with pytest.raises(sn.SortedNetError, match="inplace_grad"):
         sn.from_transformers(build("llama")[0], ffn=[16], inplace_grad="no")
+
+
+@pytest.mark.parametrize("per_layer", ["default", "none"])
+def test_an_export_whose_config_would_not_load_back_as_written_is_refused(per_layer, tmp_path):
+    """Gemma 4's config class rewrites what a depth export writes: its default per-layer overrides name a layer
+    the export no longer has (from_pretrained raised), and without them it forces the last kept layer to full
+    attention (the reloaded model's logits 0.24 off the live sub-model, one log line as the only sign). The
+    export reads its config back as from_pretrained will and refuses it; the full model still exports exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {} if per_layer == "default" else {"per_layer_config": {}}
+    cfg = AutoConfig.for_model("gemma4_unified_text", vocab_size=64, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                               sliding_window=4, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    nest = sn.from_transformers(model, depth=[2])
+    match = "does not load back" if per_layer == "default" else r"rewrites \['layer_types'\] when the export is loaded"
+    with pytest.raises(sn.SortedNetError, match=f"sub-model depth=2: .*{match}.*plain=True"):
+        nest.export("depth=2")
+    x = torch.randint(3, 64, (1, 14))
+    nest.export(nest.largest).save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, model(x).logits)
+    plain = nest.export("depth=2", plain=True)
+    with torch.no_grad(), nest.use("depth=2"):
+        torch.testing.assert_close(plain(x).logits, model(x).logits)
+
+
+def test_a_layout_whose_head_count_attribute_the_model_lacks_is_named_as_the_layouts():
+    """OpenAI-GPT is read as the gpt2 layout, whose head count attribute its attention lacks: the refusal spoke
+    of count_attrs, an option the user never passed. It names the layout the model was read as now."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="OpenAIGPTLMHeadModel was read as the gpt2 layout.*ffn= / depth= "
+                                                "only.*register_layout"):
+        sn.from_transformers(model, heads=[2])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any("_sn" in m.__dict__ for m in model.modules())
+    assert sn.from_transformers(model, ffn=[0.5], depth=[1]).submodels

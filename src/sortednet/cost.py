@@ -338,7 +338,7 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     >>> count_flops(nest, sn.SubModel(h=2), torch.randn(1, 4))
     24
     """
-    from .modes import NoFastPath, dry_run, eval_view, rng_kept
+    from .modes import NoFastPath, dry_run, eval_view
 
     own = model is None or own_buffers
     if model is None:  # a private eval-mode view with buffers of its own: no BatchNorm statistic, dropout draw,
@@ -346,8 +346,7 @@ def count_flops(nest: Nest, sub: SubModel, example: Any, *, model: nn.Module | N
     counter = _CountFlops()                                                 # changes, and none is put back over
     COUNTING.pause = counter.pause                                          # what another thread wrote meanwhile
     try:
-        with dry_run(nest.model, buffers=not own), nest.use(sub), torch.no_grad(), NoFastPath(), rng_kept(), \
-                counter:
+        with dry_run(nest.model, buffers=not own), nest.use(sub), torch.no_grad(), NoFastPath(), counter:
             call_model(model, example)
     finally:
         COUNTING.pause = None
@@ -495,14 +494,21 @@ def example_signature(example: Any) -> tuple:
     return (str(spec), *(_leaf_signature(t) for t in leaves))
 
 
+def example_text(example: Any, limit: int = 300) -> str:
+    """:func:`example_signature` as text for a message, cut to ``limit`` characters (an example holding a
+    million entries would make the message a million entries long)."""
+    text = str(example_signature(example))
+    return text if len(text) <= limit else f"{text[:limit]} ... ({len(text)} characters)"
+
+
 def _leaf_signature(v: Any) -> Any:
     """A tensor's :func:`_tensor_signature`; an object of one's own holding fields (a key/value cache, a batch
     dataclass) by its type and what it holds, field by field (tensors by their signatures: a cache's repr does not
     show how many positions it holds, nor an object's default repr anything but its address, which a later one
     may reuse), up to 16,384 entries and 32 levels (past them a token equal to nothing: such an input is counted
     afresh each time; an object met again named by where it was first met); anything else (a
-    number, a string, an array, a set, a module) by its repr; a function or method never signed alike (what it
-    computes is not in its repr)."""
+    number, a string, an array, a set, a module) by its repr; a function or method by identity (the signature
+    holds it: what it computes is not in its repr, and a freed one's address is reused)."""
     if isinstance(v, Tensor):
         return _tensor_signature(v)
     if type(v) in _ATOMS:
@@ -520,8 +526,8 @@ def _leaf_signature(v: Any) -> Any:
             return repr(x)
         if id(x) in first:
             return ("<again>", first[id(x)])
-        if isinstance(x, _CODE):  # (what a function computes is its code, closure and globals: a freed one's
-            return ("<not signed>", next(_UNSIGNED))  # address is reused, a bound method's self is not all of it)
+        if isinstance(x, _CODE):  # (by identity, holding it: a freed function's address is reused by the next,
+            return ("<function>", x)  # and a bound method's self is not all it computes; equal while the same one)
         fields = _fields(x, max(budget[0], 0)) if not isinstance(x, (nn.Module, type)) else None
         size = len(x) if isinstance(x, (Mapping, list, tuple)) else None
         if fields is None or not fields and not size:  # (an atom, an empty container, an object without fields)

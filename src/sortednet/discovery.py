@@ -42,7 +42,7 @@ from .errors import SortedNetError
 from .errors import flag as _flag
 from .heads import Heads
 from .kvcache import UnfollowedCacheWarning, refuse_cache_example
-from .modes import copy_model, keeps_rng, seeded
+from .modes import copy_model, seeded
 from .nest import wrap
 from .sampler import number_list
 from .submodel import SubModel
@@ -365,7 +365,6 @@ def _at_ratio(sizes: Sequence[int], full: int, ratio: float, discovered: bool = 
     return next(x for x in sizes if x >= ratio * full * (1 - 1e-6))  # (a float32 ratio: 0.3 is 0.30000001)
 
 
-@keeps_rng  # (the forwards' draws: the caller's random streams stay where they were)
 def discover(model: nn.Module, example: Any, ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,
              heads: bool = True, multiple_of: int = 1, verify: bool = True) -> list[Dimension]:
     """Coupled channel / feature groups of ``model`` as ready ``sn.Width`` / ``sn.Heads`` declarations.

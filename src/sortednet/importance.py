@@ -36,7 +36,7 @@ from .cost import call_model, keyword_inputs
 from .coupling import analyse
 from .coupling_ops import leaves
 from .errors import SortedNetError, caller_outside
-from .modes import casts_stale, dry_run, eval_mode, finish_all, keeps_rng, seeded, train_view
+from .modes import casts_stale, dry_run, eval_mode, finish_all, seeded, train_view
 from .plan import Use
 from .slicers.norm import group_size
 from .submodel import SubModel
@@ -563,7 +563,6 @@ def one_process(nest: Nest, who: str, data_based: bool) -> None:
                              "computes alike)")
 
 
-@keeps_rng  # (the forwards' draws: the caller's random streams stay where they were)
 def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Iterable[Any] | None = None,
                loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, atol: float | None = None,
                optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,

@@ -37,7 +37,7 @@ from .meta import (
     rows_of,
 )
 from .modes import casts_stale
-from .nest import Nest, wrap
+from .nest import Nest, modules_digest, wrap
 from .views import is_fsdp, is_sharded
 from .wrap import _keyed_as, plan
 
@@ -394,6 +394,25 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                 if f.crc(k) != meta["crc32"][k]:
                     raise SortedNetError(f"checkpoint {where}: tensor {k!r} is damaged (CRC-32 {f.crc(k)} != "
                                          f"stored {meta['crc32'][k]}); load(..., verify=False) skips this check")
+        # the file's profile measured on another model: said before anything changes (a warnings filter set to
+        # "error" refuses the load here); its FLOPs, memory and latency are dropped after the copy
+        unexpected = [k for k in f.entries if k not in state and not k.startswith(EXTRA_PREFIX)]
+        measured = set((meta["extra"].get("profile") or {}).get("costs") or ()) - {"params"}
+        other = []
+        if measured and (left or unexpected):  # (sn.save writes every tensor of its model: the file's is another)
+            other.append(f"sn.load(strict=False) of {where} read the profile of another model ({len(left)} of "
+                         f"this model's tensors are not in the file, {len(unexpected)} of the file's are not in this "
+                         "model), measured on that model")
+        stored = meta["extra"].get("profile_structure")
+        if measured and not other and stored is not None and stored != modules_digest(
+                model if dims is not None else nest.model):
+            other.append(f"sn.load of {where}: the checkpoint's profile was measured on a model whose modules "
+                         "(paths, classes or settings) differ from this one's")
+        if other:
+            import warnings
+
+            warnings.warn(f"{other[0]}: its measured {sorted(measured)} no longer apply and are dropped; measure "
+                          "them again with nest.profile(example)", stacklevel=2)
         # -- every check passed: change the target ------------------------------------
         done, started, copying = 0, 0, False
         try:
@@ -417,14 +436,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             nest._load_extra_state(meta["extra"])
             if left:  # strict=False left tensors as they were: the file's scores describe the file's model
                 nest._scores_of_other_weights()
-            unexpected = [k for k in f.entries if k not in state and not k.startswith(EXTRA_PREFIX)]
-            if (left or unexpected) and meta["extra"].get("profile"):  # (sn.save writes every tensor of its
-                nest._drop_measured(  # model: the file's is another model, whose FLOPs, memory and latency its
-                    ("flops", "memory", "latency"),  # profile holds; parameters are counted on this one)
-                    f"sn.load(strict=False) of {where} read the profile of another model ({len(left)} of this model's "
-                    f"tensors are not in the file, {len(unexpected)} of the file's are not in this model), measured "
-                    "on that model", 3)
-            nest._profile_measured_elsewhere(meta["extra"], 3)
+            if other:  # (warned above, before the copy)
+                nest._drop_measured(("flops", "memory", "latency"), other[0], 3, warn=False)
+                nest._scores_of_other_weights()
             mixed = [k for k in left if state[k][0] is not None and state[k][0].is_floating_point()]
             if mixed:  # ... and so do its per-sub-model statistics (an integer counter left changes no weight)
                 _drop_mixed_calibration(nest, calib, mixed, where)

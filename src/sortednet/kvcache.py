@@ -339,13 +339,13 @@ _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 def _caches_in(example: Any, holders: set[int] | None = None, who: str = "sortednet") -> list[tuple[str, Any]]:
     """``(where, cache)`` for every key/value cache ``example`` holds (in its dicts, lists, tuples and objects);
     ``holders``: filled with the ids of every container and object on the way to one. Tensors and numbers are
-    not searched; an example holding more than 100,000 other containers and objects, or 1,000,000 entries in
-    all, is refused (a cache past them would go unseen: the runs would append to it)."""
+    not searched; an example holding more than 100,000 other containers and objects is refused (a cache past
+    them would go unseen: the runs would append to it)."""
     out: list[tuple[str, Any]] = []
     seen: set[int] = set()
     found: set[int] = set()
     stack: list[tuple[str, Any, Any, tuple[int, ...]]] = [("", None, example, ())]
-    objects, entries = 100_000, 1_000_000
+    objects = 100_000
     while stack:
         where, key, x, above = stack.pop()
         if type(x) in _ATOMS or isinstance(x, torch.Tensor):  # (the example itself)
@@ -362,14 +362,13 @@ def _caches_in(example: Any, holders: set[int] | None = None, who: str = "sorted
                 holders.update(above)
             continue
         objects -= 1
-        fields = _fields(x, entries + 1)
-        if fields and len(fields) > entries or objects < 0:
-            raise SortedNetError(f"{who}: the example holds more than 100,000 containers and objects, or 1,000,000 "
-                                 "entries, besides its tensors: too many to search for a key/value cache, which the "
-                                 "runs would append to; give the model's inputs as tensors (a cache apart)")
+        if objects < 0:
+            raise SortedNetError(f"{who}: the example holds more than 100,000 containers and objects besides its "
+                                 "tensors and numbers: too many to search for a key/value cache, which the runs "
+                                 "would append to; give the model's inputs as tensors (a cache apart)")
+        fields = _fields(x)
         if not fields or inspect.ismethod(x):
             continue
-        entries -= len(fields)
         attr = not isinstance(x, (Mapping, list, tuple))
         stack.extend((f"{where or 'the example'}.{k}" if attr else f"{where}[{k!r}]", k, v, (*above, id(x)))
                      for k, v in reversed(fields) if type(v) not in _ATOMS and not isinstance(v, torch.Tensor))

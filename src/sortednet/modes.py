@@ -32,7 +32,7 @@ from .errors import SortedNetError
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["eval_mode", "eval_view", "dry_run", "train_view", "seeded", "rng_kept", "keeps_rng", "finish_all"]
+__all__ = ["eval_mode", "eval_view", "dry_run", "train_view", "seeded", "finish_all"]
 
 
 def casts_stale() -> None:
@@ -563,30 +563,6 @@ def train_view(nest: Nest, *, running_stats: bool = False) -> tuple[nn.Module, d
             if "drop" in k and type(v) is float:  # dropout, drop_prob / drop_path_rate (stochastic depth), layerdrop
                 m.__dict__[k] = 0.0
     return view, copies
-
-
-def keeps_rng(fn: Any) -> Any:
-    """``fn`` run under :func:`rng_kept` (a nest operation that runs forwards of the user's model)."""
-    import functools
-
-    @functools.wraps(fn)
-    def kept(*args: Any, **kwargs: Any) -> Any:
-        with rng_kept():
-            return fn(*args, **kwargs)
-    return kept
-
-
-@contextmanager
-def rng_kept() -> Iterator[None]:
-    """The caller's random streams (the CPU's, and every CUDA device's once CUDA is in use) as they were on
-    exit: what a model draws inside (noise in its eval-mode forward, a dropout a calibration runs) does not
-    advance them. Nest operations that run forwards of their own (costs, profiles, calibration) change no
-    process-wide state."""
-    import torch
-
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
-        yield
 
 
 @contextmanager

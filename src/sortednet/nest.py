@@ -24,7 +24,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import slicers as _slicers
-from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature
+from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature, example_text
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
@@ -39,7 +39,7 @@ from .export import (
     refused_aside,
 )
 from .kvcache import fresh_caches, install_guards, refuse_cache_example
-from .modes import casts_stale, dry_run, eval_mode, rng_kept
+from .modes import casts_stale, dry_run, eval_mode
 from .plan import CheckpointContext, Plans, Use, in_plan
 from .profile import Profile, build_profile
 from .select import Selector, budget
@@ -78,6 +78,35 @@ EXPORT_HOOK_LOADERS: list[Callable[[], None]] = []
 def _sig_key(sig: Any) -> tuple:
     """An example signature (:func:`sortednet.cost.example_signature`) in the text form a profile stores."""
     return tuple(tuple(map(str, s)) if isinstance(s, (tuple, list)) else s for s in sig)
+
+
+_WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  # (a wrapper's child)
+
+
+def modules_digest(model: nn.Module) -> str:
+    """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name
+    and settings (``extra_repr``: a convolution's stride), hashed. What leaves the forward as it is does not
+    count: the module a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it
+    is served), activation-checkpoint and FSDP wrappers, a sliced module's sizes (read as the model's own). The
+    same on the model before ``sn.wrap`` and after."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, m in model.named_modules(remove_duplicate=False):
+        if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
+            continue  # (the wrapper itself: its child is the module)
+        st = m.__dict__.get("_sn")
+        cls = getattr(st, "cls", None) or type(m)
+        cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)  # (FSDP2's
+        try:                                                                                  # FSDPNet: Net)
+            proxy = object.__new__(cls)  # (the module's own attributes, read without the sliced class's views)
+            proxy.__dict__.update(m.__dict__)
+            settings = cls.extra_repr(proxy)
+        except Exception:
+            settings = ""
+        path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
+        h.update(f"{path}\0{cls.__qualname__}\0{settings}\n".encode())
+    return h.hexdigest()
 
 
 def _profile_sig(prof: Profile) -> tuple:
@@ -381,8 +410,7 @@ class Nest:
             self._drop_measured(("memory", "latency"), "the model's parameter dtypes changed", 5)
             self._scores_of_other_weights()  # (and the scores on other values: `.to()` moves no version counter)
 
-    def _drop_measured(self, metrics: tuple[str, ...], why: str, stacklevel: int,
-                       when: str = " after nest.profile") -> None:
+    def _drop_measured(self, metrics: tuple[str, ...], why: str, stacklevel: int, warn: bool = True) -> None:
         """Forget ``metrics`` (cached and in the profile, with a warning when the profile had them): ``why``
         (after nest.profile) made them describe another model."""
         prof = getattr(self, "_profile", None)
@@ -400,8 +428,9 @@ class Nest:
             scored, told = self._scored_on, self._stale_warned  # (the scores describe what they described)
             self._set_profile(dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k not in stale}))
             self._scored_on, self._stale_warned = scored, told
-            warnings.warn(f"{why}{when}: its measured {stale} no longer apply and were dropped; measure "
-                          "them again with nest.profile(example)", stacklevel=stacklevel)
+            if warn:  # (sn.load warns before it changes anything: a warning filter set to error refuses the load)
+                warnings.warn(f"{why} after nest.profile: its measured {stale} no longer apply and were dropped; "
+                              "measure them again with nest.profile(example)", stacklevel=stacklevel)
 
     def _tensor_ids(self) -> tuple:
         return tuple((id(p), p.dtype) for p in self.model.parameters())
@@ -708,7 +737,7 @@ class Nest:
 
     def _forward_error(self, what: str, sub: SubModel, example: Any, e: BaseException) -> SortedNetError:
         hint = self._wiring_hint()
-        return SortedNetError(f"{what}: sub-model {sub} failed on the example {example_signature(example)}: "
+        return SortedNetError(f"{what}: sub-model {sub} failed on the example {example_text(example)}: "
                               f"{type(e).__name__}: {str(e)[:500]}" + (f". {hint}" if hint else ""))
 
     # -- costs and selection -------------------------------------------------
@@ -781,7 +810,7 @@ class Nest:
 
                         prof = self._profile
                         warnings.warn(
-                            f"cost(..., 'flops', example=...): this count, on {example_signature(example)}, answers "
+                            f"cost(..., 'flops', example=...): this count, on {example_text(example)}, answers "
                             f"this call only; pick(flops=...) reads the profile's FLOPs table, counted on "
                             f"{None if prof is None else prof.meta.get('input')!r}. To pick by FLOPs of this input, "
                             "profile it: nest.profile(example)", OtherInputFlopsWarning, stacklevel=3)
@@ -833,11 +862,6 @@ class Nest:
         # a dry forward of the extremes names the sub-model when the example does not fit; in eval mode
         # on a private view sharing the weights (model.eval() would change the mode for every thread), with copies
         # of the buffers (what this thread writes into the model's own through a hook is put back)
-        with rng_kept():  # (a model that draws in eval mode: the caller's random streams do not move)
-            return self._profile_on(example_inputs, score, metrics, repeat, warmup, progress, on)
-
-    def _profile_on(self, example_inputs: Any, score: Any, metrics: Sequence[str], repeat: int, warmup: int,
-                    progress: bool, on: str) -> Profile:
         with eval_mode(self, own_buffers=True) as (view, _), dry_run(self.model, buffers=False):
             for sub in dict.fromkeys((self.smallest, self.largest)):
                 with self.use(sub), torch.no_grad():
@@ -851,7 +875,7 @@ class Nest:
         except SortedNetError:
             raise
         except Exception as e:
-            raise SortedNetError(f"profile on the example {example_signature(example_inputs)} failed: "
+            raise SortedNetError(f"profile on the example {example_text(example_inputs)} failed: "
                                  f"{type(e).__name__}: {str(e)[:500]}") from e
         self._set_profile(prof)
         _warn_if_loss_like(prof)
@@ -1199,8 +1223,7 @@ class Nest:
         from .calibrate import calibrate
 
         self._check_structure("calibrate")
-        with rng_kept():  # (the forwards' draws: a noise layer; the loader's own draws are the caller's too)
-            done = calibrate(self, loader, subs=subs, batches=batches)
+        done = calibrate(self, loader, subs=subs, batches=batches)
         self._calibrations += 1  # (what eval computes changed: profile scores measured before are stale)
         return done
 
@@ -1463,7 +1486,7 @@ class Nest:
         out: dict[str, Any] = {}
         if self._profile is not None:
             out["profile"] = self._profile.to_dict()
-            out["profile_structure"] = self._modules_digest()
+            out["profile_structure"] = modules_digest(self.model)
             if self._scored_on is not None and self._weights_key() != self._scored_on:
                 out["scores_stale"] = True
         stale = stale_statistics(self)
@@ -1477,32 +1500,6 @@ class Nest:
         self._set_profile(None if prof is None else Profile.from_dict(prof))
         if state.get("scores_stale") is True:
             self._scores_of_other_weights()
-
-    def _profile_measured_elsewhere(self, state: dict[str, Any], stacklevel: int) -> None:
-        """After :meth:`_load_extra_state`: drop the loaded profile's FLOPs, latency and memory (with a warning)
-        where the checkpoint says they were measured on another module tree than this model's."""
-        measured_on = state.get("profile_structure")
-        prof = self._profile
-        if prof is not None and measured_on is not None and set(prof.costs) - {"params"} and \
-                measured_on != self._modules_digest():
-            self._drop_measured(("flops", "latency", "memory"), "sn.load: the checkpoint's profile was measured on "
-                                "a model whose modules (paths or classes) differ from this one's", stacklevel + 1,
-                                when="")
-            self._scores_of_other_weights()
-
-    def _modules_digest(self) -> str:
-        """The module tree as a checkpoint records it for its profile: every module's path and class (a sliced
-        module's own class), hashed. A module without parameters added, removed or replaced between the model
-        that was profiled and the one a checkpoint is loaded into (an activation changed in the model's code)
-        changes the forward that FLOPs, latency and memory describe; the weights alone do not show it."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for path, m in self.model.named_modules(remove_duplicate=False):
-            st = m.__dict__.get("_sn")
-            cls = getattr(st, "cls", None) or type(m)
-            h.update(f"{path}\0{cls.__module__}.{cls.__qualname__}\n".encode())
-        return h.hexdigest()
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors saved with the checkpoint besides the weights (calibrated BatchNorm statistics)."""
@@ -1599,8 +1596,7 @@ class Nest:
         fresh = self._scored_on is not None and self._weights_key() == self._scored_on
         checking, self._checking = self._checking, True
         try:
-            with rng_kept():  # (its mixed sub-models' draw, a forward's noise: the caller's streams stay)
-                check(self, example, mixed=mixed)
+            check(self, example, mixed=mixed)
             self._checked = True
         except SortedNetError as e:
             full_fails = str(e).startswith("nest.check: the full model")  # (then it is not about slicing)

@@ -109,9 +109,21 @@ class _ReadOnly(dict):
         return type(self), (dict(self),)
 
 
+class _ReadOnlyList(list):
+    """A list that refuses changes (a :class:`Profile`'s meta values): equal to the list it holds."""
+
+    _refuse = _ReadOnly._refuse
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return type(self), (list(self),)
+
+
 def _frozen(v: Any, where: str) -> Any:
-    """``v`` (a JSON value: str, number, bool, None, list, dict with str keys) with lists as tuples and dicts
-    read-only; anything else is refused (``sn.save`` writes the profile as JSON)."""
+    """``v`` (a JSON value: str, number, bool, None, list, dict with str keys) with lists and dicts read-only
+    (a tuple becomes such a list, as JSON reads it back); anything else is refused (``sn.save`` writes the
+    profile as JSON)."""
     if v is None or isinstance(v, (str, bool, int)):
         return v
     if isinstance(v, float):
@@ -119,7 +131,7 @@ def _frozen(v: Any, where: str) -> Any:
             raise SortedNetError(f"Profile: {where} is {v!r}; profile meta holds finite numbers (saved as JSON)")
         return v
     if isinstance(v, (list, tuple)):
-        return tuple(_frozen(x, f"{where}[{i}]") for i, x in enumerate(v))
+        return _ReadOnlyList(_frozen(x, f"{where}[{i}]") for i, x in enumerate(v))
     if isinstance(v, Mapping):
         bad = next((k for k in v if not isinstance(k, str)), None)
         if bad is not None:
@@ -130,7 +142,7 @@ def _frozen(v: Any, where: str) -> Any:
 
 
 def _thawed(v: Any) -> Any:
-    if isinstance(v, tuple):
+    if isinstance(v, (list, tuple)):
         return [_thawed(x) for x in v]
     if isinstance(v, Mapping):
         return {k: _thawed(x) for k, x in v.items()}
@@ -203,7 +215,7 @@ class Profile:
         out = self.meta.get("not_exportable")
         if out is not None:  # (the front leaves them out: names of profiled sub-models)
             names = {str(s) for s in self.submodels}
-            if not isinstance(out, tuple) or not all(isinstance(x, str) and x in names for x in out):
+            if not isinstance(out, list) or not all(isinstance(x, str) and x in names for x in out):
                 raise SortedNetError(f"Profile: meta['not_exportable'] must list profiled sub-models by name (as "
                                      f"str(sub) writes them); got {str(out)[:200]}")
         object.__setattr__(self, "_pos", pos)

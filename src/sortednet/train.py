@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .cost import as_inputs, call_model, keyword_inputs
 from .errors import SortedNetError
 from .errors import flag as _flag
-from .modes import casts_stale, dry_run, eval_mode, keeps_rng, restore_modes, train_view
+from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike, as_int
 from .views import _compiling, _distributed, is_fsdp, world_size
@@ -691,7 +691,6 @@ def _to(x: Any, device: torch.device | None) -> Any:
     return moved
 
 
-@keeps_rng  # (the forwards' draws: the caller's random streams stay where they were)
 def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
              metric: Callable[[Tensor, Tensor], float] | None = None) -> dict[SubModel, float]:
     """Score every sub-model (default: all of ``nest.submodels``) on ``data``:

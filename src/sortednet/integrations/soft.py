@@ -14,7 +14,7 @@ import inspect
 import math
 import numbers
 import weakref
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +127,10 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     if exits is None:
         depth = [d for d in (nest.dims if nest else ()) if isinstance(d, Depth)]
         exits = [s for s in depth[0].sizes if s <= n] if depth else list(range(1, n + 1))
-    if weights is not None and isinstance(exits, (Set, Mapping)):  # (no order: weights paired with what?)
+    if isinstance(exits, Mapping):  # (its values are not weights: they were dropped in silence)
+        raise SortedNetError(f"soft_loss: exits is a mapping ({exits!r}); give the depths as a list and their weights "
+                             "apart: soft_loss(..., exits=list(d), weights=list(d.values()))")
+    if weights is not None and isinstance(exits, (set, frozenset)):  # (no order: weights paired with what?)
         raise SortedNetError(f"soft_loss: exits given as a {type(exits).__name__} have no order to pair the weights "
                              f"with; give them as a list, in the weights' order (got exits={exits!r})")
     given = _listed(exits, "exits", "exit depths, e.g. [2, 4]")

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .. import distributed as snd
@@ -32,6 +32,7 @@ from ..errors import SortedNetError
 from ..io import load, save
 from ..modes import restore_modes
 from ..nest import Nest
+from ..rank import Rank
 from ..sampler import Sampler
 from ..submodel import SubModel
 from ..train import _ddp_reducer_check, checked_weights, drop_stale_calibration
@@ -581,6 +582,14 @@ class SubModelCallback(TrainerCallback):
                                  "nest's model: its steps would train the full model while the callback records draws; "
                                  "pass model=nest.model to the Trainer (with model_init, wrap the model it returns)")
         self._refuse_outer_use("trainer.train()")
+        save = getattr(args, "save_strategy", "no")
+        ranks = [d.name for d in self.nest.dims if isinstance(d, Rank)]
+        if ranks and str(getattr(save, "value", save)) != "no" and isinstance(self.nest.model, PreTrainedModel):
+            raise SortedNetError(f"SubModelCallback: the nest has the Rank dimension(s) {ranks}, and this Trainer "
+                                 f"saves checkpoints (save_strategy={str(getattr(save, 'value', save))!r}), whose "
+                                 "save_pretrained would write factors / adapters that from_pretrained re-initialises "
+                                 "(refused at the first checkpoint, after training up to it): train with "
+                                 "SortedTrainer, which saves such a nest, or set save_strategy='no'")
         if self._open is not None:  # a step of an earlier train() that raised, never healed by a forward
             self._open = None
             self.nest.activate(getattr(self, "_outside", self.nest.largest))

@@ -15,6 +15,7 @@ import copy
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy
 import torch
@@ -236,6 +237,11 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
         nest = wrap(model, *dims, inplace_grad=inplace_grad)
     except PatternError as e:  # (a Heads refusal offers per_head= / whole=, which Heads takes and this does not)
         said = str(e)
+        if "count_attrs" in said and "are not int attributes" in said:  # (the layout's, not the user's)
+            raise type(e)(f"from_transformers(heads=...): {type(model).__name__} was read as the "
+                          f"{found.layout.family} layout, whose attention keeps its head count elsewhere than this "
+                          f"model's ({said}); nest it with ffn= / depth= only, or describe it with "
+                          "sortednet.integrations.register_layout") from None
         if "per_head=" not in said and "whole=" not in said:
             raise
         raise type(e)(f"from_transformers(heads=...): {said}. from_transformers takes neither per_head= nor "
@@ -453,7 +459,7 @@ def _export_hook(nest: Nest, sub: SubModel, small: nn.Module) -> nn.Module:
     try:
         if found is not None:
             _update_config(nest, found, sub, small, cfg)
-        _check_loadable(small, cfg, sub, found)
+        _check_loadable(small, cfg, sub, found, nest.model.config)
     except SortedNetError:
         raise
     except Exception as e:  # a config this code cannot rewrite (per-layer attributes, ...)
@@ -684,8 +690,18 @@ def _set_config(model: nn.Module, cfg, sliced: Sequence[tuple[str, str]] = ()) -
     model.config = cfg
 
 
-def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
-    """The class built from ``cfg`` must have exactly the exported shapes (uniform sub-models only)."""
+def _round_trip(cfg) -> tuple[Any, list[str]]:
+    """``cfg`` as ``from_pretrained`` reads it back (``to_dict`` then ``from_dict``, whose ``__post_init__`` may
+    rewrite values), and the keys whose values differ from ``cfg``'s."""
+    back = type(cfg).from_dict(cfg.to_dict())
+    a, b = cfg.to_dict(), back.to_dict()
+    return back, sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: Any = None) -> None:
+    """The class built from ``cfg`` must have exactly the exported shapes (uniform sub-models only), and ``cfg``
+    must read back as written (a config class that rewrites a value on load, Gemma 4 making the last layer full
+    attention, or refuses it, would load another model, or none)."""
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         try:
@@ -693,6 +709,25 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None) -> None:
         except Exception as e:  # e.g. hidden size not a multiple of the head count: save_pretrained would refuse
             raise SortedNetError(f"sub-model {sub} cannot be described by a valid {type(cfg).__name__}: {e}; export "
                                  "it as a plain module with nest.export(sub, plain=True)") from None
+    if hasattr(cfg, "to_dict") and hasattr(type(cfg), "from_dict"):
+        try:
+            _, changed = _round_trip(cfg)
+        except Exception as e:
+            raise SortedNetError(f"sub-model {sub}: the {type(cfg).__name__} written for it does not load back "
+                                 f"({type(e).__name__}: {str(e)[:200]}), so from_pretrained of the export would fail; "
+                                 "export it as a plain module with nest.export(sub, plain=True)") from None
+        if full_cfg is not None and changed:  # (what the full model's own config does on a round trip is no news)
+            try:
+                changed = [k for k in changed if k not in _round_trip(full_cfg)[1]]
+            except Exception:
+                pass
+        if changed:
+            a, b = cfg.to_dict(), type(cfg).from_dict(cfg.to_dict()).to_dict()
+            k = changed[0]
+            raise SortedNetError(f"sub-model {sub}: {type(cfg).__name__} rewrites {changed[:3]} when the export is "
+                                 f"loaded ({k}: {str(a.get(k))[:120]} -> {str(b.get(k))[:120]}), so from_pretrained "
+                                 "would build a model computing something else; export it as a plain module with "
+                                 "nest.export(sub, plain=True)")
     with torch.device("meta"):
         fresh = type(small)(cfg)
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}

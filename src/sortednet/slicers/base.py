@@ -1018,6 +1018,6 @@ def parameter_like(full: Tensor, data: Tensor) -> nn.Parameter:
             p = cls(data, requires_grad=full.requires_grad)
         except Exception:
             p = None
-        if type(p) is cls and p.shape == data.shape:
+        if type(p) is cls and p.shape == data.shape and p.requires_grad == full.requires_grad:
             return p
     return nn.Parameter(data, requires_grad=full.requires_grad)

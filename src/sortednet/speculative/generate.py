@@ -199,11 +199,6 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
             raise SortedNetError("attention_mask: only left padding (zeros before the first token) is supported"
                                  + (f" (the mask generate() infers: the prompt holds the pad token {pad_id})"
                                     if isinstance(pad_id, int) and bool((input_ids == pad_id).any()) else ""))
-    if pad and "position_ids" not in inspect.signature(model.forward).parameters:
-        raise SortedNetError(f"attention_mask: left padding, and the target's forward ({type(model).__name__}) "
-                             "takes no position_ids: it counts positions from the padded start (as generate() "
-                             "does), while speculative_generate drops the padding and counts from the first real "
-                             "token; its tokens would differ from generate()'s. Pass the prompt without padding")
     for who, m in zip(("target", "draft"), models):
         limit = _positions(m)
         # the last new token is returned, never fed back: a sequence may end one past the model's positions
@@ -280,6 +275,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
         for ctx in plan.outer:
             stack.enter_context(ctx)
         _refuse_bidirectional(tmodel, plan.vocab)
+        _refuse_padding_shift(tmodel, input_ids, pad)
         new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
     seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
     return SpeculativeOutput(seq, stats)
@@ -308,6 +304,34 @@ def _refuse_bidirectional(model: nn.Module, vocab: int) -> None:
                              "tokens in one pass would let earlier positions see later drafts: its tokens would "
                              "differ from generate()'s. Use a causal decoder (config.is_decoder=True) or "
                              "model.generate")
+
+
+def _refuse_padding_shift(model: nn.Module, input_ids: Tensor, pad: int) -> None:
+    """Decoding drops the left padding and counts positions from the first real token, as ``generate`` counts them
+    for a model taking ``position_ids``. One that takes none counts them itself: from the padded start where its
+    positions are learned or absolute (BART-style decoders: ``generate``'s tokens then depend on the padding),
+    alike where attention is relative to the distance (ALiBi: Bloom, MPT). Found by running it: the last real
+    token's logits with a few padded positions before must equal those without."""
+    if not pad or "position_ids" in inspect.signature(model.forward).parameters:
+        return
+    real = input_ids[:, pad:][:, :8]
+    n = min(pad, 4)
+    padded = torch.cat([input_ids[:, :n], real], dim=1)
+    mask = torch.cat([torch.zeros(1, n, dtype=torch.long), torch.ones(1, real.shape[1], dtype=torch.long)],
+                     dim=1).to(input_ids.device)
+    try:
+        a = model(input_ids=real, use_cache=False).logits[0, -1].float()
+        b = model(input_ids=padded, attention_mask=mask, use_cache=False).logits[0, -1].float()
+    except Exception as e:
+        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on a left-padded "
+                             f"prompt ({type(e).__name__}: {str(e)[:200]})") from e
+    low = next((p.dtype for p in model.parameters()), torch.float32) in (torch.float16, torch.bfloat16)
+    tol = (2e-2 if low else 1e-4) * (1 + float(a.abs().max()))
+    if not torch.allclose(a, b, rtol=0, atol=tol):
+        raise SortedNetError(f"attention_mask: left padding, and the target ({type(model).__name__}) takes no "
+                             "position_ids and counts its positions from the padded start (its output changes with "
+                             "the padding, as generate()'s does), while speculative_generate drops the padding: its "
+                             "tokens would differ from generate()'s. Pass the prompt without padding")
 
 
 #: per module (by id) that calls running now put in eval mode: [calls holding it, its training flag before]
