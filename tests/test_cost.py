@@ -930,3 +930,30 @@ def test_an_input_too_large_to_sign_is_counted_afresh():
     tokens = [["a", "b"] for _ in range(6000)]
     small = nest.cost(nest.largest, "flops", example=_Tokens(tokens, torch.randn(1, 8)))
     assert nest.cost(nest.largest, "flops", example=_Tokens(tokens, torch.randn(100, 8))) == 100 * small
+
+
+class _Tabled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x, table):
+        return self.b(torch.relu(self.a(x))) * (1.0 if table else 0.0)
+
+
+def test_an_example_holding_a_large_table_is_stored_and_said_in_short():
+    """An example holding 100,000 entries made a profile store a 2.4 MB signature (written into the checkpoint
+    header) and messages millions of characters long. Past 20,000 characters the signature is stored as its
+    SHA-256 (still matching the same example), and messages cut it to a few hundred characters."""
+    nest = sn.wrap(_Tabled(), sn.Width("h", [16, 32], out="a", inp="b"))
+    example = (torch.randn(2, 8), {f"k{i}": i for i in range(100_000)})
+    prof = nest.profile(example, metrics=("params", "flops"), progress=False)
+    assert len(repr(prof.meta["input"])) < 200 and prof.meta["input"][0] == "sha256"
+    assert nest.cost("h=16", "flops", example=example) == prof.cost("h=16", "flops")  # (the profile's table)
+    other = (torch.randn(5, 8), example[1])
+    with pytest.warns(sn.nest.OtherInputFlopsWarning) as seen:
+        nest.cost("h=16", "flops", example=other)
+    assert len(str(seen[0].message)) < 2_000
+    with pytest.raises(sn.SortedNetError) as e:
+        nest.cost("h=16", "flops", example=(torch.randn(2, 9), example[1]))
+    assert len(str(e.value)) < 3_000

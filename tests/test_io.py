@@ -651,3 +651,10 @@ def test_the_profiles_module_record_sees_settings_and_ignores_where_a_class_live
         modules_digest(torch.nn.Sequential(copy.deepcopy(blocks)))
     assert modules_digest(_Strided(1)) == modules_digest(sn.wrap(_Strided(1), width()).model)
     assert modules_digest(_Strided(1)) != modules_digest(_Strided(2))
+    a, b = _Strided(1), _Strided(1)  # (what a module holds besides plain settings: not part of the record)
+    a.act, b.act = torch.nn.functional.gelu, lambda t: torch.nn.functional.gelu(t)
+    with torch.no_grad():
+        b.conv.weight.mul_(3)
+    assert modules_digest(a) == modules_digest(b)
+    a.conv.top_k, b.conv.top_k = 1, 2  # (a plain setting: part of it)
+    assert modules_digest(a) != modules_digest(b)

@@ -10,6 +10,7 @@ them for every sub-model (:class:`~sortednet.profile.Profile`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import itertools
@@ -17,6 +18,7 @@ import math
 import numbers
 import re
 import statistics
+import threading
 import time
 import types
 import weakref
@@ -507,8 +509,8 @@ def _leaf_signature(v: Any) -> Any:
     show how many positions it holds, nor an object's default repr anything but its address, which a later one
     may reuse), up to 16,384 entries and 32 levels (past them a token equal to nothing: such an input is counted
     afresh each time; an object met again named by where it was first met); anything else (a
-    number, a string, an array, a set, a module) by its repr; a function or method by identity (the signature
-    holds it: what it computes is not in its repr, and a freed one's address is reused)."""
+    number, a string, an array, a set, a module) by its repr; a function or method by identity (what it computes
+    is not in its repr, and a freed one's address is reused: :func:`_callable_token`)."""
     if isinstance(v, Tensor):
         return _tensor_signature(v)
     if type(v) in _ATOMS:
@@ -526,8 +528,8 @@ def _leaf_signature(v: Any) -> Any:
             return repr(x)
         if id(x) in first:
             return ("<again>", first[id(x)])
-        if isinstance(x, _CODE):  # (by identity, holding it: a freed function's address is reused by the next,
-            return ("<function>", x)  # and a bound method's self is not all it computes; equal while the same one)
+        if isinstance(x, _CODE):  # (by identity: a freed function's address is reused by the next, and a
+            return _callable_token(x)  # bound method's self is not all it computes)
         fields = _fields(x, max(budget[0], 0)) if not isinstance(x, (nn.Module, type)) else None
         size = len(x) if isinstance(x, (Mapping, list, tuple)) else None
         if fields is None or not fields and not size:  # (an atom, an empty container, an object without fields)
@@ -540,6 +542,25 @@ def _leaf_signature(v: Any) -> Any:
     return sign(v, 0)
 
 
+def _callable_token(x: Any) -> str:
+    """A function (or a bound method: its object and function) as a token equal only for the same one, held in a
+    small registry while it is among the last 64 signed: no later object takes the address of one held, and one
+    signed again after leaving it gets a new token (counted afresh)."""
+    parts = (x.__self__, x.__func__) if isinstance(x, types.MethodType) else (x,)
+    key = tuple(id(p) for p in parts)
+    with _CALLABLES_LOCK:
+        hit = _CALLABLES.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], parts)):
+            hit = (parts, next(_UNSIGNED))
+        _CALLABLES[key] = hit
+        _CALLABLES.move_to_end(key)
+        while len(_CALLABLES) > 64:
+            _CALLABLES.popitem(last=False)
+    return f"<function {getattr(x, '__qualname__', type(x).__name__)} #{hit[1]}>"
+
+
+_CALLABLES: collections.OrderedDict[tuple, tuple[tuple, int]] = collections.OrderedDict()
+_CALLABLES_LOCK = threading.Lock()
 _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 _CODE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.MethodWrapperType,
          types.WrapperDescriptorType, types.MethodDescriptorType, types.CodeType)

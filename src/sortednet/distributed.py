@@ -689,7 +689,15 @@ def _nest_digest(nest: Nest) -> str:
     ranks slicing different blocks under the same sub-model names would average two networks' gradients)."""
     import hashlib
 
-    text = repr([d.spec() for d in nest.dims]) + repr(
+    def canonical(v: Any) -> Any:  # (patterns given as a set come in another order on each rank)
+        if isinstance(v, dict):
+            return sorted((str(k), canonical(x)) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            items = [canonical(x) for x in v]
+            return sorted(items, key=repr) if all(isinstance(x, str) for x in v) else items
+        return v
+
+    text = repr([canonical(d.spec()) for d in nest.dims]) + repr(
         sorted((p, sorted((r, b.dim.name) for r, b in m._sn.bind.items())) for p, m in nest._sliced.items()))
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

@@ -25,7 +25,7 @@ import inspect
 import sys
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -344,22 +344,37 @@ def _caches_in(example: Any, holders: set[int] | None = None, who: str = "sorted
     out: list[tuple[str, Any]] = []
     seen: set[int] = set()
     found: set[int] = set()
-    stack: list[tuple[str, Any, Any, tuple[int, ...]]] = [("", None, example, ())]
+    # (the way to each thing as a chain of (above, label, id) nodes: a deep example costs no copied paths)
+    stack: list[tuple[Any, Any, str, tuple | None]] = [(example, None, "", None)]
     objects = 100_000
+
+    def ids(node: tuple | None) -> Iterator[int]:
+        while node is not None:
+            yield node[2]
+            node = node[0]
+
+    def where(node: tuple | None, label: str) -> str:
+        parts = [label]
+        while node is not None:
+            parts.append(node[1])
+            node = node[0]
+        text = "".join(reversed(parts))
+        return "the example" + text if not text or text.startswith(".") else text
+
     while stack:
-        where, key, x, above = stack.pop()
+        x, key, label, above = stack.pop()
         if type(x) in _ATOMS or isinstance(x, torch.Tensor):  # (the example itself)
             continue
         if id(x) in seen:  # (a cache, or a container holding one, met again: the way here leads to it too)
             if holders is not None and (id(x) in found or id(x) in holders):
-                holders.update(above)
+                holders.update(ids(above))
             continue
         seen.add(id(x))
         if _example_cache(x, key):
-            out.append((where or "the example", x))
+            out.append((where(above, label), x))
             found.add(id(x))
             if holders is not None:
-                holders.update(above)
+                holders.update(ids(above))
             continue
         objects -= 1
         if objects < 0:
@@ -370,7 +385,8 @@ def _caches_in(example: Any, holders: set[int] | None = None, who: str = "sorted
         if not fields or inspect.ismethod(x):
             continue
         attr = not isinstance(x, (Mapping, list, tuple))
-        stack.extend((f"{where or 'the example'}.{k}" if attr else f"{where}[{k!r}]", k, v, (*above, id(x)))
+        node = (above, label, id(x))
+        stack.extend((v, k, f".{k}" if attr else f"[{k!r}]", node)
                      for k, v in reversed(fields) if type(v) not in _ATOMS and not isinstance(v, torch.Tensor))
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import math
 import threading
 import warnings
@@ -76,8 +77,17 @@ EXPORT_HOOK_LOADERS: list[Callable[[], None]] = []
 
 
 def _sig_key(sig: Any) -> tuple:
-    """An example signature (:func:`sortednet.cost.example_signature`) in the text form a profile stores."""
-    return tuple(tuple(map(str, s)) if isinstance(s, (tuple, list)) else s for s in sig)
+    """An example signature (:func:`sortednet.cost.example_signature`) in the text form a profile stores (past
+    20,000 characters, its SHA-256: a profile of an example holding a million entries stores 80 bytes)."""
+    key = tuple(tuple(map(str, s)) if isinstance(s, (tuple, list)) else s for s in sig)
+    text = repr(key)
+    return key if len(text) <= 20_000 else ("sha256", hashlib.sha256(text.encode()).hexdigest())
+
+
+def _said(v: Any, limit: int = 300) -> str:
+    """``repr(v)`` for a message, cut to ``limit`` characters."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit]} ... ({len(text)} characters)"
 
 
 _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  # (a wrapper's child)
@@ -85,10 +95,11 @@ _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  
 
 def modules_digest(model: nn.Module) -> str:
     """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name
-    and settings (``extra_repr``: a convolution's stride), hashed. What leaves the forward as it is does not
-    count: the module a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it
-    is served), activation-checkpoint and FSDP wrappers, a sliced module's sizes (read as the model's own). The
-    same on the model before ``sn.wrap`` and after."""
+    and settings (its plain attributes: numbers, strings, flags and tuples of them, such as a convolution's
+    stride or a mixture's experts per token), hashed. What leaves the forward as it is does not count: the module
+    a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served),
+    activation-checkpoint and FSDP wrappers, tensors and other objects a module holds. The same on the model
+    before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -98,15 +109,17 @@ def modules_digest(model: nn.Module) -> str:
         st = m.__dict__.get("_sn")
         cls = getattr(st, "cls", None) or type(m)
         cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)  # (FSDP2's
-        try:                                                                                  # FSDPNet: Net)
-            proxy = object.__new__(cls)  # (the module's own attributes, read without the sliced class's views)
-            proxy.__dict__.update(m.__dict__)
-            settings = cls.extra_repr(proxy)
-        except Exception:
-            settings = ""
+        settings = sorted((k, repr(v)) for k, v in m.__dict__.items()                           # FSDPNet: Net)
+                          if not k.startswith("_") and k != "training" and _plain(v))
         path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
         h.update(f"{path}\0{cls.__qualname__}\0{settings}\n".encode())
     return h.hexdigest()
+
+
+def _plain(v: Any, depth: int = 0) -> bool:
+    if v is None or type(v) in (bool, int, float, str):
+        return True
+    return type(v) in (tuple, list) and depth < 2 and len(v) <= 64 and all(_plain(x, depth + 1) for x in v)
 
 
 def _profile_sig(prof: Profile) -> tuple:
@@ -812,8 +825,8 @@ class Nest:
                         warnings.warn(
                             f"cost(..., 'flops', example=...): this count, on {example_text(example)}, answers "
                             f"this call only; pick(flops=...) reads the profile's FLOPs table, counted on "
-                            f"{None if prof is None else prof.meta.get('input')!r}. To pick by FLOPs of this input, "
-                            "profile it: nest.profile(example)", OtherInputFlopsWarning, stacklevel=3)
+                            f"{None if prof is None else _said(prof.meta.get('input'))}. To pick by FLOPs of this "
+                            "input, profile it: nest.profile(example)", OtherInputFlopsWarning, stacklevel=3)
                     return hit
                 if sig != self._flops_example:
                     self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
@@ -1053,7 +1066,7 @@ class Nest:
                 raise SortedNetError(
                     f"pick(flops=..., {measured[0]}=...): the FLOPs table was counted on another input than the "
                     f"profile's {measured[0]} (cost(..., 'flops', example=...) on {self._flops_example!r}, the "
-                    f"profile on {prof.meta.get('input')!r}): the limits would describe two different inputs. "
+                    f"profile on {_said(prof.meta.get('input'))}): the limits would describe two different inputs. "
                     "Profile that input (nest.profile(example)), or count FLOPs on the profile's example")
             have = self._cost_cache["flops"]
             # (a table only grows, and a new one is a new dict: one complete pass per table, not per pick)

@@ -97,7 +97,7 @@ def _fmt(x: float, unit: str = "") -> str:
 class _ReadOnly(dict):
     """A dict that refuses changes: a :class:`Profile`'s ``costs`` and ``meta`` (the profile a nest keeps is
     the one ``nest.profile()`` returned; changing it would change what ``sn.save`` writes but not what ``pick``
-    reads). Pickles and copies as itself."""
+    reads). A copy or a pickle of it is a plain dict: the user's own."""
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a Profile is read-only (the nest keeps this one): build a changed copy with "
@@ -105,8 +105,8 @@ class _ReadOnly(dict):
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore
 
-    def __reduce__(self) -> tuple:
-        return type(self), (dict(self),)
+    def __reduce__(self) -> tuple:  # (a copy or a pickle is the user's own: a plain dict)
+        return dict, (dict(self),)
 
 
 class _ReadOnlyList(list):
@@ -117,7 +117,7 @@ class _ReadOnlyList(list):
     __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple:
-        return type(self), (list(self),)
+        return list, (list(self),)
 
 
 def _frozen(v: Any, where: str) -> Any:
@@ -329,6 +329,12 @@ class Profile:
         fig.savefig(path)
 
 
+def _sig_key(sig: Any) -> tuple:
+    from .nest import _sig_key as key  # (nest imports this module)
+
+    return key(sig)
+
+
 def _deployed(nest: Nest, sub: SubModel) -> Any:
     """``sub`` exported as it would be deployed, in eval mode (plain where the model's own class cannot hold
     it); None where it cannot be exported at all (a tied tensor cut two ways: ``pick`` never returns it)."""
@@ -395,8 +401,8 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
     device = next((str(t.device) for t in tree_leaves(as_inputs(example)) if isinstance(t, Tensor)), "cpu")
     return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},
                    tuple(scores) if score is not None else None, device,
-                   {"repeat": repeat, "warmup": warmup, "input": [list(map(str, s)) if isinstance(s, tuple) else s
-                                                                  for s in example_signature(example)],
+                   {"repeat": repeat, "warmup": warmup, "input": [list(s) if isinstance(s, tuple) else s
+                                                                  for s in _sig_key(example_signature(example))],
                     "on": on,
                     **({"not_exportable": [str(s) for s in nest.submodels if str(s) in unexportable]}
                        if unexportable else {}),
