@@ -422,6 +422,17 @@ _linear_into = super(torch.autograd.Function, LinearInto).apply  # type: ignore[
 _forward_ad = torch.autograd.forward_ad   # (its _current_level >= 0 inside dual_level: F.linear has the jvp)
 _autocast = torch._C._is_any_autocast_enabled
 _anomaly = torch.is_anomaly_enabled
+_top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def _saved_hooks() -> bool:
+    """Saved-tensor hooks in force: a non-reentrant activation checkpoint (its forward and its recomputation in
+    the backward), activation offloading. A checkpoint matches what the recomputation saves to what the forward
+    saved by position, checking shapes only: both must take the same path, and a condition of the fused ones
+    that differs between them (anomaly mode around the backward alone, a compiled forward on plain views and an
+    eager recomputation on the parameters) would pair other tensors, in silence where the shapes agree. Under
+    the hooks both take the plain path."""
+    return _top_hooks(False) is not None
 
 
 #: switch for the fused ``nn.Linear`` gradient path (benchmarks/layout.py compares both sides in one run)
@@ -436,10 +447,12 @@ def linear(m: nn.Module, x: Tensor, wv: View, bv: Any, st: Any) -> Tensor | None
     if (not FUSED_LINEAR or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or not _grad_enabled()
             or _compiling() or _functorch_active() or _autocast() or _forward_ad._current_level >= 0
-            or w.is_inference() or w.is_complex() or _anomaly() or x.__class__ not in _PLAIN or x.is_nested):
-        return None  # (inference: refused by narrow, by name; complex: autograd's conjugates, which LinearInto's
-        #              GEMMs leave out; anomaly mode: it checks every gradient a backward returns, and one written
-        #              into .grad here is not returned; a tensor subclass's input: its __torch_function__ may change
+            or w.is_inference() or w.is_complex() or _anomaly() or x.__class__ not in _PLAIN or x.is_nested
+            or _saved_hooks()):
+        return None  # (saved-tensor hooks: _saved_hooks; inference: refused by narrow, by name; complex:
+        #              autograd's conjugates, which LinearInto's GEMMs leave out; anomaly mode: it checks every
+        #              gradient a backward returns, and one written into .grad here is not returned; a tensor
+        #              subclass's input: its __torch_function__ may change
         #              F.linear, which the backward's own GEMMs would leave out; a nested (jagged) input: its
         #              gradient has no 2-d view for the GEMMs)
     b = m._parameters.get("bias")
@@ -464,7 +477,7 @@ def dense_cut(m: nn.Module, wv: View, st: Any) -> Tensor | None:
     if (not DENSE_CONV or w is None or w.__class__ is not _Parameter or not w.requires_grad or not st.inplace_grad
             or wv.segs is not None or not wv.cuts or w.numel() < st.min_numel or fx_flag()
             or _functorch_active() or _autocast() or _forward_ad._current_level >= 0 or w.is_inference()
-            or _anomaly()):
+            or _anomaly() or _saved_hooks()):
         return None
     v = cut(w, wv.cuts)
     if v.is_contiguous() or v.is_contiguous(memory_format=_LAST.get(v.dim(), torch.contiguous_format)):
