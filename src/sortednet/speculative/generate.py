@@ -281,10 +281,16 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     return SpeculativeOutput(seq, stats)
 
 
-def _relative_tol(model: nn.Module, full: float, half: float) -> float:
-    """A tolerance relative to the logits' scale: ``full`` for float32 / float64 weights, ``half`` for 16-bit."""
+def _differ(model: nn.Module, what: str, calls: tuple[dict, dict], at: Any, full: float, half: float) -> bool:
+    """Whether the logits at positions ``at`` of two forwards of ``model`` (keyword arguments ``calls``) differ by
+    more than ``full`` (float32 / float64 weights) or ``half`` (16-bit) times their own scale, however small it is."""
+    try:
+        a, b = (model(**kw, use_cache=False).logits[0, at].float() for kw in calls)
+    except Exception as e:
+        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on {what} "
+                             f"({type(e).__name__}: {str(e)[:200]})") from e
     low = next((p.dtype for p in model.parameters()), torch.float32) in (torch.float16, torch.bfloat16)
-    return half if low else full
+    return float((a - b).abs().max()) > (half if low else full) * float(a.abs().max())
 
 
 def _refuse_bidirectional(model: nn.Module, vocab: int) -> None:
@@ -298,14 +304,8 @@ def _refuse_bidirectional(model: nn.Module, vocab: int) -> None:
     ids = torch.arange(1, 5, device=device).remainder(vocab).unsqueeze(0)
     other = ids.clone()
     other[0, -1] = (ids[0, -1] + 1) % vocab
-    try:
-        a, b = (model(input_ids=x, use_cache=False).logits[0, :-1].float() for x in (ids, other))
-    except Exception as e:
-        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on a 4-token "
-                             f"prompt ({type(e).__name__}: {str(e)[:200]})") from e
-    # (causal: the earlier positions compute the same ops on the same values, bitwise alike in practice; measured
-    # against the logits' own scale, however small they are)
-    if float((a - b).abs().max()) > _relative_tol(model, 1e-5, 1e-3) * float(a.abs().max()):
+    # (causal: the earlier positions compute the same ops on the same values, bitwise alike in practice)
+    if _differ(model, "a 4-token prompt", ({"input_ids": ids}, {"input_ids": other}), slice(0, -1), 1e-5, 1e-3):
         raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) attends both ways: the "
                              "logits of earlier positions change with a later token (config.is_decoder=False on a "
                              "BERT-style model, use_bidirectional_attention=True, ...). Verifying several drafted "
@@ -327,13 +327,8 @@ def _refuse_padding_shift(model: nn.Module, input_ids: Tensor, pad: int) -> None
     padded = torch.cat([input_ids[:, :n], real], dim=1)
     mask = torch.cat([torch.zeros(1, n, dtype=torch.long), torch.ones(1, real.shape[1], dtype=torch.long)],
                      dim=1).to(input_ids.device)
-    try:
-        a = model(input_ids=real, use_cache=False).logits[0, -1].float()
-        b = model(input_ids=padded, attention_mask=mask, use_cache=False).logits[0, -1].float()
-    except Exception as e:
-        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on a left-padded "
-                             f"prompt ({type(e).__name__}: {str(e)[:200]})") from e
-    if float((a - b).abs().max()) > _relative_tol(model, 1e-4, 2e-2) * float(a.abs().max()):
+    if _differ(model, "a left-padded prompt", ({"input_ids": real}, {"input_ids": padded, "attention_mask": mask}),
+               -1, 1e-4, 2e-2):
         raise SortedNetError(f"attention_mask: left padding, and the target ({type(model).__name__}) takes no "
                              "position_ids and counts its positions from the padded start (its output changes with "
                              "the padding, as generate()'s does), while speculative_generate drops the padding: its "
