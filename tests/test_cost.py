@@ -957,3 +957,49 @@ def test_an_example_holding_a_large_table_is_stored_and_said_in_short():
     with pytest.raises(sn.SortedNetError) as e:
         nest.cost("h=16", "flops", example=(torch.randn(2, 9), example[1]))
     assert len(str(e.value)) < 3_000
+
+
+class _Calls(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x, fn):
+        for _ in range(int(fn(torch.ones(1)).sum()) if fn is not None else 1):
+            x = self.b(torch.relu(self.a(x)))
+        return x
+
+
+def test_a_saved_profile_never_matches_a_function_of_another_process(tmp_path, monkeypatch):
+    """A function was signed by a counter that starts at 0 in every process: a profile saved on (x, lambda: 1)
+    matched (x, lambda: 50) in the next process, and cost returned the profile's count, 50x too low, without a
+    word. The token names its process now. Builtin methods (t.add: a new object at every read) are signed by
+    their object and name, and the registry keeps no object alive."""
+    import gc
+    import itertools
+    import weakref
+
+    import sortednet.cost as cost
+
+    nest = sn.wrap(_Calls(), sn.Width("h", [16, 32], out="a", inp="b"))
+    x = torch.randn(2, 8)
+    one = nest.profile((x, lambda t: t), metrics=("params", "flops"), progress=False).cost(nest.largest, "flops")
+    sn.save(nest, tmp_path / "f.sn")
+    monkeypatch.setattr(cost, "_UNSIGNED", itertools.count())  # (a new process: its counter starts again)
+    monkeypatch.setattr(cost, "_PROCESS", "another")
+    monkeypatch.setattr(cost, "_CALLABLES", type(cost._CALLABLES)())
+    back = sn.load(_Calls(), tmp_path / "f.sn")
+    with pytest.warns(sn.nest.OtherInputFlopsWarning):
+        assert back.cost(back.largest, "flops", example=(x, lambda t: 50 * t)) == 50 * one
+    t = torch.ones(1)
+    prof = nest.profile((x, t.add), metrics=("params", "flops"), progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the profile's own input: its table, no other-input warning)
+        assert nest.cost(nest.largest, "flops", example=(x, t.add)) == prof.cost(nest.largest, "flops") == 2 * one
+    big = torch.zeros(1_000)
+    ref = weakref.ref(big)
+    nest.cost(nest.largest, "flops", example=(x, big.add))
+    del big
+    gc.collect()
+    assert ref() is None  # (signed: nothing kept alive)

@@ -2644,3 +2644,22 @@ def test_a_layout_whose_head_count_attribute_the_model_lacks_is_named_as_the_lay
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any("_sn" in m.__dict__ for m in model.modules())
     assert sn.from_transformers(model, ffn=[0.5], depth=[1]).submodels
+
+
+def test_a_profile_survives_gradient_checkpointing_and_another_load_path(tmp_path):
+    """The profile's module record counted transformers' gradient_checkpointing flag and the model's name_or_path:
+    a model trained with checkpointing (or loaded from another folder) dropped its FLOPs and latency at every
+    sn.load into a fresh model, with a false warning. Neither changes the forward's work."""
+    import warnings
+
+    model, _, _, _ = build("llama")
+    model.gradient_checkpointing_enable()
+    model.name_or_path = "base_a"
+    nest = sn.from_transformers(model, ffn=[0.5])
+    nest.profile({"input_ids": ids()}, metrics=("params", "flops"), progress=False)
+    sn.save(nest, tmp_path / "n.sn")
+    fresh, _, _, _ = build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = sn.load(fresh, tmp_path / "n.sn")
+    assert back.cost(back.smallest, "flops") == nest.cost(nest.smallest, "flops")

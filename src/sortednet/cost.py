@@ -16,6 +16,7 @@ import inspect
 import itertools
 import math
 import numbers
+import os
 import re
 import statistics
 import threading
@@ -496,6 +497,14 @@ def example_signature(example: Any) -> tuple:
     return (str(spec), *(_leaf_signature(t) for t in leaves))
 
 
+def sig_key(sig: Any) -> tuple:
+    """An example signature (:func:`sortednet.cost.example_signature`) in the text form a profile stores (past
+    20,000 characters, its SHA-256: a profile of an example holding a million entries stores 80 bytes)."""
+    key = tuple(tuple(map(str, s)) if isinstance(s, (tuple, list)) else s for s in sig)
+    text = repr(key)
+    return key if len(text) <= 20_000 else ("sha256", hashlib.sha256(text.encode()).hexdigest())
+
+
 def example_text(example: Any, limit: int = 300) -> str:
     """:func:`example_signature` as text for a message, cut to ``limit`` characters (an example holding a
     million entries would make the message a million entries long)."""
@@ -535,7 +544,7 @@ def _leaf_signature(v: Any) -> Any:
         if fields is None or not fields and not size:  # (an atom, an empty container, an object without fields)
             return type(x).__qualname__ if type(x).__repr__ is object.__repr__ else repr(x)
         if depth > 32 or budget[0] < 0 or size is not None and size > len(fields):
-            return ("<not signed>", next(_UNSIGNED))  # (more than can be signed: counted afresh every time)
+            return ("<not signed>", f"{next(_UNSIGNED)}@{_PROCESS}")  # (more than can be signed: counted afresh)
         first[id(x)] = len(first)
         return (type(x).__qualname__, size, *((repr(k), sign(f, depth + 1)) for k, f in fields))
 
@@ -543,28 +552,48 @@ def _leaf_signature(v: Any) -> Any:
 
 
 def _callable_token(x: Any) -> str:
-    """A function (or a bound method: its object and function) as a token equal only for the same one, held in a
-    small registry while it is among the last 64 signed: no later object takes the address of one held, and one
-    signed again after leaving it gets a new token (counted afresh)."""
-    parts = (x.__self__, x.__func__) if isinstance(x, types.MethodType) else (x,)
-    key = tuple(id(p) for p in parts)
+    """A function as a token equal only for the same one (a bound method: its object and function, however often
+    the attribute read makes a new method object; a builtin method: its object and name), kept in a registry of
+    the last 1,024 signed by weak reference where the object takes one (so it keeps nothing alive: a freed one's
+    successor at its address is another object, another token) and strongly otherwise; one signed again after
+    leaving it gets a new token (counted afresh). The token names this process: a profile saved with it never
+    matches a function of another process."""
+    if isinstance(x, types.MethodType):
+        parts: tuple = (x.__self__, x.__func__)
+    elif isinstance(x, (types.BuiltinMethodType, types.MethodWrapperType)) and \
+            not isinstance(getattr(x, "__self__", None), (types.ModuleType, type(None))):
+        parts = (x.__self__, x.__name__)  # (t.add, lst.append: a new object at every read)
+    else:
+        parts = (x,)
+    key = tuple(p if isinstance(p, str) else id(p) for p in parts)
     with _CALLABLES_LOCK:
         hit = _CALLABLES.get(key)
-        if hit is None or any(a is not b for a, b in zip(hit[0], parts)):
-            hit = (parts, next(_UNSIGNED))
+        if hit is None or any(not isinstance(p, str) and (r() if isinstance(r, weakref.ref) else r) is not p
+                              for r, p in zip(hit[0], parts)):
+            hit = (tuple(_weak(p) for p in parts), next(_UNSIGNED))
         _CALLABLES[key] = hit
         _CALLABLES.move_to_end(key)
-        while len(_CALLABLES) > 64:
+        while len(_CALLABLES) > 1024:
             _CALLABLES.popitem(last=False)
-    return f"<function {getattr(x, '__qualname__', type(x).__name__)} #{hit[1]}>"
+    return f"<function {getattr(x, '__qualname__', type(x).__name__)} #{hit[1]}@{_PROCESS}>"
 
 
-_CALLABLES: collections.OrderedDict[tuple, tuple[tuple, int]] = collections.OrderedDict()
+def _weak(p: Any) -> Any:
+    if isinstance(p, str):
+        return p
+    try:
+        return weakref.ref(p)
+    except TypeError:
+        return p
+
+
+_CALLABLES: collections.OrderedDict[tuple, tuple[tuple, int]] = collections.OrderedDict()  # (id keys: a lock)
 _CALLABLES_LOCK = threading.Lock()
 _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 _CODE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.MethodWrapperType,
          types.WrapperDescriptorType, types.MethodDescriptorType, types.CodeType)
 _UNSIGNED = itertools.count()  # (a part of an input too large to sign: never equal, so never a stale count)
+_PROCESS = os.urandom(6).hex()  # (tokens of this process: a saved profile's never match another process's)
 
 
 def _tensor_signature(t: Tensor) -> tuple:

@@ -26,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import slicers as _slicers
 from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature, example_text
+from .cost import sig_key as _sig_key
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
 from .errors import flag as _flag
@@ -76,14 +77,6 @@ EXPORT_HOOKS: dict[str, Callable[..., nn.Module]] = {}
 EXPORT_HOOK_LOADERS: list[Callable[[], None]] = []
 
 
-def _sig_key(sig: Any) -> tuple:
-    """An example signature (:func:`sortednet.cost.example_signature`) in the text form a profile stores (past
-    20,000 characters, its SHA-256: a profile of an example holding a million entries stores 80 bytes)."""
-    key = tuple(tuple(map(str, s)) if isinstance(s, (tuple, list)) else s for s in sig)
-    text = repr(key)
-    return key if len(text) <= 20_000 else ("sha256", hashlib.sha256(text.encode()).hexdigest())
-
-
 def _said(v: Any, limit: int = 300) -> str:
     """``repr(v)`` for a message, cut to ``limit`` characters."""
     text = repr(v)
@@ -91,6 +84,9 @@ def _said(v: Any, limit: int = 300) -> str:
 
 
 _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  # (a wrapper's child)
+#: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
+#: its blocks recompute activations in the backward (transformers' gradient checkpointing)
+_NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing"})
 
 
 def modules_digest(model: nn.Module) -> str:
@@ -98,9 +94,9 @@ def modules_digest(model: nn.Module) -> str:
     and settings (its plain attributes: numbers, strings, flags and tuples of them, such as a convolution's
     stride or a mixture's experts per token), hashed. What leaves the forward as it is does not count: the module
     a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served),
-    activation-checkpoint and FSDP wrappers, tensors and other objects a module holds. The same on the model
+    activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model
+    was loaded from (``name_or_path``), tensors and other objects a module holds. The same on the model
     before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
-    import hashlib
 
     h = hashlib.sha256()
     for path, m in model.named_modules(remove_duplicate=False):
@@ -110,7 +106,7 @@ def modules_digest(model: nn.Module) -> str:
         cls = getattr(st, "cls", None) or type(m)
         cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)  # (FSDP2's
         settings = sorted((k, repr(v)) for k, v in m.__dict__.items()                           # FSDPNet: Net)
-                          if not k.startswith("_") and k != "training" and _plain(v))
+                          if not k.startswith("_") and k not in _NOT_SETTINGS and _plain(v))
         path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
         h.update(f"{path}\0{cls.__qualname__}\0{settings}\n".encode())
     return h.hexdigest()

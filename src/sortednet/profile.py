@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from .cost import METRICS, as_inputs, example_signature, measure_latency, measure_memory, timing_counts
+from .cost import METRICS, as_inputs, example_signature, measure_latency, measure_memory, sig_key, timing_counts
 from .errors import SortedNetError
 from .modes import eval_mode
 from .submodel import SubModel
@@ -329,12 +329,6 @@ class Profile:
         fig.savefig(path)
 
 
-def _sig_key(sig: Any) -> tuple:
-    from .nest import _sig_key as key  # (nest imports this module)
-
-    return key(sig)
-
-
 def _deployed(nest: Nest, sub: SubModel) -> Any:
     """``sub`` exported as it would be deployed, in eval mode (plain where the model's own class cannot hold
     it); None where it cannot be exported at all (a tied tensor cut two ways: ``pick`` never returns it)."""
@@ -402,7 +396,7 @@ def build_profile(nest: Nest, example: Any, *, score: Callable[[SubModel], float
     return Profile(tuple(nest.submodels), {m: tuple(v) for m, v in cols.items()},
                    tuple(scores) if score is not None else None, device,
                    {"repeat": repeat, "warmup": warmup, "input": [list(s) if isinstance(s, tuple) else s
-                                                                  for s in _sig_key(example_signature(example))],
+                                                                  for s in sig_key(example_signature(example))],
                     "on": on,
                     **({"not_exportable": [str(s) for s in nest.submodels if str(s) in unexportable]}
                        if unexportable else {}),
