@@ -658,3 +658,6 @@ def test_the_profiles_module_record_sees_settings_and_ignores_where_a_class_live
     assert modules_digest(a) == modules_digest(b)
     a.conv.top_k, b.conv.top_k = 1, 2  # (a plain setting: part of it)
     assert modules_digest(a) != modules_digest(b)
+    tuned = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8, momentum=0.01), torch.nn.Dropout(0.3))
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.1))
+    assert modules_digest(tuned) == modules_digest(plain)  # (training alone: costs are measured in eval mode)

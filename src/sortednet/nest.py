@@ -95,7 +95,8 @@ def modules_digest(model: nn.Module) -> str:
     stride or a mixture's experts per token), hashed. What leaves the forward as it is does not count: the module
     a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served),
     activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model
-    was loaded from (``name_or_path``), tensors and other objects a module holds. The same on the model
+    was loaded from (``name_or_path``), settings of training alone (dropout rates, a BatchNorm's momentum: costs
+    are measured in eval mode), tensors and other objects a module holds. The same on the model
     before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
 
     h = hashlib.sha256()
@@ -105,8 +106,11 @@ def modules_digest(model: nn.Module) -> str:
         st = m.__dict__.get("_sn")
         cls = getattr(st, "cls", None) or type(m)
         cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)  # (FSDP2's
-        settings = sorted((k, repr(v)) for k, v in m.__dict__.items()                           # FSDPNet: Net)
-                          if not k.startswith("_") and k not in _NOT_SETTINGS and _plain(v))
+        train_only = isinstance(m, nn.modules.dropout._DropoutNd)  # (costs are measured in eval mode: a dropout
+        settings = sorted((k, repr(v)) for k, v in m.__dict__.items()  # rate or a BatchNorm momentum changes none)
+                          if not k.startswith("_") and k not in _NOT_SETTINGS and "dropout" not in k
+                          and not train_only and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
+                          and _plain(v))
         path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
         h.update(f"{path}\0{cls.__qualname__}\0{settings}\n".encode())
     return h.hexdigest()
