@@ -1105,7 +1105,8 @@ def test_a_convolution_reads_one_contiguous_copy_with_plain_autograds_semantics(
         with ctx:
             with nest.use("h=32"):
                 out = m(x)
-                assert ("SliceCopyBackward" in graph_nodes(out)) == inplace
+                # (under allow_mutation_on_saved_tensors, saved-tensor hooks: the plain path, as in a checkpoint)
+                assert ("SliceCopyBackward" in graph_nodes(out)) == (inplace and change != "mutation_allowed")
                 w = m[2].weight
                 assert w.untyped_storage().data_ptr() == m[2]._parameters["weight"].untyped_storage().data_ptr()
             for p in m.parameters():
@@ -1219,7 +1220,8 @@ def test_a_create_graph_backward_uses_the_weight_saved_at_forward(change):
         with ctx:
             with nest.use("h=64"):
                 out = m(x)
-                assert ("LinearIntoBackward" in graph_nodes(out)) == inplace
+                # (under allow_mutation_on_saved_tensors, saved-tensor hooks: the plain path, as in a checkpoint)
+                assert ("LinearIntoBackward" in graph_nodes(out)) == (inplace and change != "mutation_allowed")
             for p in m.parameters():
                 if change == "data_swap":
                     p.data = p.data * 0.5
