@@ -1493,4 +1493,4 @@ def test_an_export_keeps_the_class_of_a_parameter_subclass():
         assert kinds["1.weight"] is _NoDecay and kinds["2.bias"] is _NoDecay and kinds["0.weight"] is torch.nn.Parameter
         assert exported[1].weight.requires_grad
         with torch.no_grad(), nest.use(sub):
-            assert torch.equal(exported(x), m(x))
+            torch.testing.assert_close(exported(x), m(x))
