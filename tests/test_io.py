@@ -661,3 +661,16 @@ def test_the_profiles_module_record_sees_settings_and_ignores_where_a_class_live
     tuned = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8, momentum=0.01), torch.nn.Dropout(0.3))
     plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.1))
     assert modules_digest(tuned) == modules_digest(plain)  # (training alone: costs are measured in eval mode)
+
+
+def test_a_converted_copy_is_refused_in_its_own_words(tmp_path):
+    """sn.save of a deep copy converted to half precision was refused as "sn.save(state=)", an argument the user
+    never passed. It names the copy now, and says what to do; nothing is written."""
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="1"))
+    with pytest.raises(sn.SortedNetError, match=r"sn.save\(copy\): '0.weight' is \[8, 4\] torch.float16, the model's "
+                                                r"\[8, 4\] torch.float32 \(a copy is saved in the wrapped model's"):
+        sn.save(copy.deepcopy(m).half(), tmp_path / "half.sn")
+    assert not (tmp_path / "half.sn").exists()
+    sn.save(copy.deepcopy(m), tmp_path / "copy.sn")  # (unconverted: saved)
+    assert (tmp_path / "copy.sn").exists()

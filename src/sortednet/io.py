@@ -171,7 +171,8 @@ def save(nest: "Nest | nn.Module", path: str | os.PathLike, *,  # noqa: F821
     dims = [exact_spec(d, modules) for d in nest.dims]
     full = len(nest.submodels) == _product(nest)
     subs = None if full else [[s[d.name] for d in nest.dims] for s in nest.submodels]
-    sd = nest.model.state_dict() if state is None else _checked_state(nest, state)
+    sd = nest.model.state_dict() if state is None else _checked_state(
+        nest, state, "sn.save(state=)" if copy is None else "sn.save(copy)")
     shards = [k for k, t in sd.items() if is_sharded(t)]
     if shards:
         raise SortedNetError(f"sn.save(): {shards[0]!r} (and {len(shards) - 1} more) is a shard (the model is "
@@ -253,25 +254,28 @@ def _copy_extra_state(nest: Nest) -> dict[str, Any]:
     return out
 
 
-def _checked_state(nest: Nest, state: Any) -> Mapping[str, torch.Tensor]:
-    """``save(..., state=)`` must be the model's state_dict in full (gathered FSDP shards): the same keys,
-    shapes and dtypes, or the checkpoint could never be loaded."""
+def _checked_state(nest: Nest, state: Any, who: str = "sn.save(state=)") -> Mapping[str, torch.Tensor]:
+    """``save(..., state=)`` (or the state of a deep copy saved, ``who`` says which) must be the model's state_dict
+    in full (gathered FSDP shards): the same keys, shapes and dtypes, or the checkpoint could never be loaded."""
     if not isinstance(state, Mapping):
         raise SortedNetError(f"sn.save(state=) takes a state_dict (a mapping of tensors), got {type(state).__name__}")
     own = nest.model.state_dict(keep_vars=True)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise SortedNetError(f"sn.save(state=): {bad[:3]} are not tensors")
+        raise SortedNetError(f"{who}: {bad[:3]} are not tensors")
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise SortedNetError(f"sn.save(state=) does not match the model's state_dict: missing keys {missing[:5]}, "
+        raise SortedNetError(f"{who} does not match the model's state_dict: missing keys {missing[:5]}, "
                              f"unexpected keys {unexpected[:5]}")
     for k, v in own.items():
         if not isinstance(v, torch.Tensor):
             continue  # a module's get_extra_state: refused by save itself
         if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
-            raise SortedNetError(f"sn.save(state=): {k!r} is {list(state[k].shape)} {state[k].dtype}, the model's "
-                                 f"{list(v.shape)} {v.dtype} (the full, gathered state is needed)")
+            hint = ("the full, gathered state is needed" if who == "sn.save(state=)" else "a copy is saved in the "
+                    "wrapped model's shapes and dtypes, which a checkpoint of the nest describes: save it before "
+                    "converting it, or convert a model loaded from the checkpoint")
+            raise SortedNetError(f"{who}: {k!r} is {list(state[k].shape)} {state[k].dtype}, the model's "
+                                 f"{list(v.shape)} {v.dtype} ({hint})")
     return state
 
 

@@ -1530,7 +1530,9 @@ def _guard_delattr() -> None:
     """``del model.mlp`` (a child on the path to a sliced module, or a Depth list itself) fires no module
     registration hook: ``nn.Module.__delattr__`` (and ``nn.ModuleDict``'s ``__delitem__`` / ``pop`` / ``clear``,
     which write ``_modules`` directly) are wrapped, once per process, to ask the same guard first (one dict lookup
-    per deleted child)."""
+    per deleted child). Changes of several children ask it for every one before the first lands:
+    ``ModuleDict.update`` and a slice deleted from an ``nn.Sequential`` / ``nn.ModuleList`` (torch deletes child
+    by child)."""
     original = nn.Module.__delattr__
     if getattr(original, "_sn_guard", False):
         return
