@@ -936,3 +936,25 @@ def test_a_restricted_nest_compares_unlisted_batchnorms_between_its_own_sub_mode
         warnings.simplefilter("error")
         nest.calibrate(data)
         nest.calibrate(data, subs=["c=8,h=16,d=2"])
+
+
+def test_batches_takes_integer_scalars_of_numpy_and_torch():
+    """``calibrate(batches=np.int64(2))`` was refused ("must be an int"), while profile(repeat=), sizes and budgets
+    take numpy and torch integers: accepted now, with the same statistics as ``batches=2``; floats and bools
+    stay refused."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    data = [torch.randn(16, 3) for _ in range(3)]
+    stats = []
+    for batches in (2, np.int64(2), torch.tensor(2)):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+        nest.calibrate(data, batches=batches)
+        with nest.use("h=4"):
+            stats.append(m[1].running_mean.clone())
+    assert all(torch.equal(s, stats[0]) for s in stats)
+    for bad in (2.0, True, torch.tensor(2.0)):
+        with pytest.raises(sn.SortedNetError, match="batches must be an int >= 1"):
+            nest.calibrate(data, batches=bad)

@@ -1259,3 +1259,34 @@ def test_a_norm_class_of_the_models_own_is_named_as_such():
         assert sn.discover(model, torch.randn(3, 4), ratios=[0.5, 1.0]) == []
     model[1] = nn.LayerNorm(16)
     assert [d.kind for d in sn.discover(model, torch.randn(3, 4), ratios=[0.5, 1.0])] == ["width"]
+
+
+class _PenaltyMasked(torch.nn.Module):
+    """Reads ``a``'s weights whole (a penalty added to the output: its sub-models differ from their export) and
+    masks one logit with ``fill``."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.a, self.b, self.fill = torch.nn.Linear(8, 16), torch.nn.Linear(16, 5), fill
+        self.register_buffer("mask", torch.tensor([False, False, False, False, True]))
+
+    def forward(self, x):
+        pen = 0.1 * sum(p.square().sum() for p in self.a.parameters())
+        return (self.b(torch.relu(self.a(x))) + pen).masked_fill(self.mask, self.fill)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9, torch.finfo(torch.float32).min])
+def test_a_large_finite_mask_value_does_not_hide_a_sub_model_that_differs_from_its_export(fill):
+    """The live-against-export comparison measured the change against the output's largest entry: a -1e9 mask
+    hid a difference of 0.49 (on a scale of 1.06), and discover kept a declaration whose sub-models are not their
+    exports (with -inf it was dropped). Fill values are left out of the scale now."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dims = sn.discover(_PenaltyMasked(fill).eval(), x, ratios=[0.25, 1.0])
+    assert not dims, [str(d) for d in dims]  # (the only width there is, a's, is read whole: dropped)
+    with pytest.raises(sn.SortedNetError):
+        sn.wrap(_PenaltyMasked(fill).eval(), sn.Width("h", [4, 16], out="a", inp="b"), example=x)

@@ -1371,3 +1371,109 @@ def test_a_nest_with_dimensions_coupled_by_its_list_sorts_the_others_with_dims()
     for bad, why in (("h", "a list of dimension names"), (["x"], r"\['x'\] names no Width"), ([], "sorts nothing")):
         with pytest.raises(sn.SortedNetError, match=why):
             sn.sort_units(nest, "l1", example=x, dims=bad)
+
+
+class _MaskedGate(nn.Module):
+    """Logits with one action masked by a large finite value (as many RL / constrained-decoding heads do), and a
+    per-unit gate the Width leaves out: permuting the units changes the live logits."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 5)
+        self.gate = nn.Parameter(torch.rand(16) * 2)
+        self.register_buffer("mask", torch.tensor([False, False, False, False, True]))
+        self.fill = fill
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h * self.gate[: h.shape[-1]]).masked_fill(self.mask, self.fill)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9, torch.finfo(torch.float32).min, 1e12])
+def test_a_sort_that_changes_the_full_model_is_refused_beside_large_finite_fill_values(fill):
+    """The change of an output was measured against its largest entry: one -1e9 mask entry set that scale, and a
+    permutation changing the live logits by 0.49 (on a scale of 1.4) passed as rounding. Entries unchanged and far
+    above every changed one (fill values) are left out of the scale, as -inf ones are."""
+    torch.manual_seed(0)
+    m = _MaskedGate(fill).eval()
+    x = torch.randn(64, 8)
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="permuting changes the full model's output"):
+        sort_units(nest, "l1", example=x)
+    assert_unchanged(m, before)
+
+
+def test_rounding_beside_a_large_fill_value_still_passes():
+    """The other side: a model whose units are all declared sorts beside a -1e9 mask (only rounding changes)."""
+    torch.manual_seed(0)
+    m = _MaskedGate(-1e9).eval()
+    m.gate.requires_grad_(False).fill_(1.0)  # (a gate of ones: reading it whole changes nothing)
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        ref = m(x)
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"))
+    sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref)
+
+
+class _SharedKV(nn.Module):
+    """Two causal attentions; the second reuses the first's key and value projections (cross-layer K/V sharing)."""
+
+    class Attn(nn.Module):
+        def __init__(self, d=32, h=8):
+            super().__init__()
+            self.num_heads, self.head_dim = h, d // h
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.a0, self.a1, self.head = nn.Embedding(50, 32), self.Attn(), self.Attn(), nn.Linear(32, 50)
+        self.a1.k_proj, self.a1.v_proj = self.a0.k_proj, self.a0.v_proj
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.a0(h)
+        return self.head(h + self.a1(h))
+
+
+@pytest.mark.parametrize("method", ["l1", "taylor"])
+def test_attentions_sharing_projections_sort_their_heads_with_one_order(method):
+    """Heads were ordered per attention module; a key/value projection shared by two is bound under one path, so
+    one order permuted it and the other the second attention's queries: refused as "a module coupled to a
+    dimension is not declared", though check passes. They are sorted together now, the function kept."""
+    torch.manual_seed(0)
+    m = _SharedKV().eval()
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        ref = m(ids)
+    nest = sn.wrap(m, sn.Heads("h", [4, 8], attn=["a0", "a1"]), example=ids)
+    data = [(ids, ids)] if method == "taylor" else None
+    loss = (lambda model, b: F.cross_entropy(model(b[0]).flatten(0, 1), b[1].flatten())) if data else None
+    orders = sort_units(nest, method, example=ids, data=data, loss_fn=loss)
+    assert orders and not all(torch.equal(o, torch.arange(len(o))) for o in orders.values())
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-5)
+        with nest.use("h=4"):
+            m(ids)
+
+
+def test_taylor_inside_inference_mode_and_an_all_nan_output_are_refused_by_name():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1])
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    before = snapshot(m)
+    with torch.inference_mode(), pytest.raises(sn.SortedNetError, match=r"inside torch.inference_mode\(\)"):
+        sort_units(nest, "taylor", data=[(x, y)])
+    with pytest.raises(sn.SortedNetError, match="NaN throughout"):
+        sort_units(nest, "l1", example=torch.full((5, 8), float("nan")))
+    assert_unchanged(m, before)

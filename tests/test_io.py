@@ -571,8 +571,8 @@ def test_a_profile_loaded_into_a_model_with_other_parameter_free_modules_loses_i
             sn.load(target, tmp_path / "a.sn")
         assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
         assert not any("_sn" in m.__dict__ for m in target.modules())
-    with pytest.warns(UserWarning, match=r"modules \(paths, classes or settings\) differ.*\['flops', 'latency', "
-                                         r"'memory'\] no longer apply"):
+    with pytest.warns(UserWarning, match=r"modules \(paths, classes, settings or buffer shapes\) differ.*"
+                                         r"\['flops', 'latency', 'memory'\] no longer apply"):
         other = sn.load(_act_mlp(_Pairwise()), tmp_path / "a.sn")
     assert sorted(other._profile.costs) == ["params"]
     with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
@@ -598,6 +598,8 @@ def test_a_profile_is_read_only_and_what_save_writes_is_what_pick_reads(tmp_path
         with pytest.raises(TypeError, match="read-only"):
             change()
     assert copy.deepcopy(prof) == prof and sn.Profile.from_dict(prof.to_dict()) == prof
+    with pytest.raises(TypeError, match="unhashable type: 'Profile'"):  # (was: unhashable type '_ReadOnly')
+        hash(prof)
     import dataclasses
     import pickle
     assert pickle.loads(pickle.dumps(prof)) == prof
@@ -633,7 +635,7 @@ def test_the_profiles_module_record_sees_settings_and_ignores_where_a_class_live
     nest = sn.wrap(_Strided(1), width())
     nest.profile(x, metrics=("params", "flops"), progress=False)
     sn.save(nest, tmp_path / "s.sn")
-    with pytest.warns(UserWarning, match=r"settings\) differ"):
+    with pytest.warns(UserWarning, match=r"settings or buffer shapes\) differ"):
         strided = sn.load(_Strided(2), tmp_path / "s.sn")
     with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
         strided.cost("c=16", "flops")
@@ -674,3 +676,77 @@ def test_a_converted_copy_is_refused_in_its_own_words(tmp_path):
     assert not (tmp_path / "half.sn").exists()
     sn.save(copy.deepcopy(m), tmp_path / "copy.sn")  # (unconverted: saved)
     assert (tmp_path / "copy.sn").exists()
+
+
+def test_the_module_record_is_taken_when_profiling_not_when_saving(tmp_path):
+    """The record was taken at save time: a stride changed after profiling, then saved, presented the stride-1
+    FLOPs as valid for a stride-2 model (four times too high) in another process. It describes the tree the
+    profile was measured on now."""
+    x = torch.randn(2, 3, 16, 16)
+    nest = sn.wrap(_Strided(1), sn.Width("c", [8, 16], out="conv", inp="head"))
+    nest.profile(x, metrics=("params", "flops"), progress=False)
+    flops = nest.cost("c=16", "flops")
+    nest.model.conv.stride = (2, 2)
+    sn.save(nest, tmp_path / "s.sn")
+    with pytest.warns(UserWarning, match=r"settings or buffer shapes\) differ"):
+        sn.load(_Strided(2), tmp_path / "s.sn")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = sn.load(_Strided(1), tmp_path / "s.sn")   # (the tree it was measured on)
+    assert same.cost("c=16", "flops") == flops
+    sn.save(same, tmp_path / "again.sn")   # (a loaded profile keeps the file's record)
+    with pytest.warns(UserWarning, match=r"settings or buffer shapes\) differ"):
+        sn.load(_Strided(2), tmp_path / "again.sn")
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, drop, jitter=0.0, cached=16, n_pos=16):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+        self.drop_path = _DropPath(drop) if drop else torch.nn.Identity()
+        self.dropout = torch.nn.Dropout(drop) if drop else torch.nn.Identity()
+        self.router_jitter_noise, self.router_aux_loss_coef, self.layerdrop = jitter, jitter, jitter
+        self.max_seq_len_cached = cached
+        self.register_buffer("pos", torch.zeros(n_pos, 8), persistent=False)
+
+    def forward(self, x):
+        return x + self.drop_path(self.dropout(self.fc2(torch.relu(self.fc1(x + self.pos[: x.shape[0]])))))
+
+
+class _DropPath(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.drop_prob = p
+
+    def forward(self, x):
+        if not self.training or not self.drop_prob:
+            return x
+        keep = torch.rand(x.shape[0], 1) >= self.drop_prob
+        return x * keep / (1 - self.drop_prob)
+
+
+@pytest.mark.parametrize("served, same", [
+    (dict(drop=0.0), True),                 # drop-path and dropout of rate 0: an Identity in their place
+    (dict(drop=0.3), True),                 # another rate
+    (dict(drop=0.1, jitter=0.5), True),     # router jitter, an auxiliary loss's coefficient, layer drop
+    (dict(drop=0.1, cached=40), True),      # a length a forward caches
+    (dict(drop=0.1, n_pos=4096), False),    # a buffer of another shape: memory counts it
+])
+def test_the_module_record_ignores_training_only_settings_and_sees_buffer_shapes(tmp_path, served, same):
+    """Training with drop-path and serving without it (an nn.Identity in its place: timm's and transformers'
+    recipe) dropped a valid profile on load, as did a router's jitter, a loss coefficient, layer drop, or a
+    rotary table's cached length grown by a long prompt. A non-persistent buffer of another size (memory counts
+    it) kept the profile's memory: it warns now."""
+    import warnings
+
+    x = torch.randn(4, 8)
+    nest = sn.wrap(_Block(0.1), sn.Width("h", [8, 32], out="fc1", inp="fc2"))
+    nest.profile(x, metrics=("params", "flops", "memory"), repeat=1, warmup=0, progress=False)
+    sn.save(nest, tmp_path / "b.sn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = sn.load(_Block(**served), tmp_path / "b.sn")
+    said = [w for w in caught if "differ from this one's" in str(w.message)]
+    assert (not said) == same
+    assert ("memory" in back._profile.costs) == same

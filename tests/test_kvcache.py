@@ -10,6 +10,7 @@ Outputs are compared with a tolerance (an incremental forward sums in another or
 
 from __future__ import annotations
 
+import collections
 import itertools
 import re
 import threading
@@ -576,3 +577,27 @@ def test_a_cache_after_thousands_of_other_entries_is_found_or_the_example_refuse
     table = {"x": torch.randn(1, 1, 4), "feats": [torch.zeros(1), list(range(1_000_001))], "cache": _GrowingCache()}
     assert nest.cost("h=8", "flops", example=table) > 0  # (numbers hold no cache: never counted, never refused)
     assert table["cache"].get_seq_length() == 0  # (a copy of the cache counted on)
+
+
+class _FromQueue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x, caches):
+        return self.b(torch.relu(self.a(caches[0].update(x))))
+
+
+@pytest.mark.parametrize("holder", [list, tuple, collections.deque, lambda c: collections.deque(c, maxlen=4)])
+def test_a_cache_in_a_deque_is_copied_like_one_in_a_list(holder):
+    """A cache inside a ``collections.deque`` (a queue of per-request caches) was not searched: cost ran on the
+    user's own cache and appended three positions to it. Deques are searched and copied item by item (their
+    maxlen kept), as lists are."""
+    nest = sn.wrap(_FromQueue(), sn.Width("h", [8, 32], out="a", inp="b"))
+    x = torch.randn(1, 3, 8)
+    c = _GrowingCache()
+    counts = {nest.cost(s, "flops", example=(x, holder([c]))) for s in (nest.largest, nest.largest)}
+    assert c.get_seq_length() == 0 and len(counts) == 1
+    with pytest.raises(sn.SortedNetError, match=r"nest.profile: the example holds a key/value cache \(at \[1\]\[0\]"):
+        nest.profile((x, holder([c])), metrics=("params", "flops"), repeat=1, warmup=0, progress=False)
+    assert c.get_seq_length() == 0

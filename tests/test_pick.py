@@ -861,3 +861,33 @@ def test_a_profile_without_flops_or_a_misspelt_metric_is_said_so():
     with pytest.raises(sn.SortedNetError, match="this profile has no 'latncy'; it has"):
         prof.to_markdown("latncy")
     assert prof.to_markdown("latency").count("| * |") >= 1
+
+
+def test_the_stale_scores_warning_comes_again_for_each_change_the_weights_do_not_show():
+    """After one StaleScoresWarning (a cast), a module swapped later (ReLU for Tanh) warned no more: it does not
+    change the weights' key the warning was tracked by. Every change is said once now."""
+    import torch.nn as nn
+
+    import sortednet as sn
+    from sortednet.nest import StaleScoresWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    nest = sn.wrap(model, sn.Width("h1", [16, 32, 64], out="0", inp="2"),
+                   sn.Width("h2", [16, 32, 64], out="2", inp="4"))
+    nest.profile(torch.randn(4, 8), score=lambda s: float(nest.cost(s) % 5), progress=False, metrics=("params",))
+
+    def said():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            nest.pick(params=1e9)
+        return [x.category for x in w if x.category is StaleScoresWarning]
+
+    assert said() == []
+    model.half()
+    assert len(said()) == 1 and said() == []
+    model[1] = nn.Tanh()
+    assert len(said()) == 1 and said() == []
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert len(said()) == 1

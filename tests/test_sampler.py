@@ -417,3 +417,17 @@ def test_weights_take_every_real_number_float_reads_and_refuse_what_is_not_one()
     same = sn.accumulate(nest, [nest.smallest, nest.largest], lambda: nest.model(x).square().mean(),
                          weights=[np.array(0.3), decimal.Decimal("0.7")])
     assert list(ref) == list(same)
+
+
+@pytest.mark.parametrize("as_", [np.int64, torch.tensor])
+def test_integer_scalars_of_numpy_and_torch_are_steps_and_counts(as_):
+    """``fit(start_step=torch.tensor(3))`` was accepted but ``Sampler.draw(torch.tensor(3))`` and
+    ``Sampler(k=torch.tensor(2))`` refused (a step read back from a saved record): one rule for all now; floats
+    and bools stay refused."""
+    nest = sn.wrap(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+                   sn.Width("h", [4, 8, 16], out="0", inp="2"))
+    s, plain = sn.Sampler(nest, k=as_(2), seed=as_(0)), sn.Sampler(nest, k=2, seed=0)
+    assert s.draw(as_(3)) == plain.draw(3)
+    for bad in (3.0, True, torch.tensor(3.0), torch.tensor([3])):
+        with pytest.raises(sn.SortedNetError, match="step must be a non-negative int"):
+            s.draw(bad)

@@ -4,6 +4,7 @@ state along, checkpoints and generator states that are checked before anything c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -487,8 +488,8 @@ def _append(m):
     m.append(nn.Linear(3, 50))
 
 
-def _insert(m):
-    m.insert(0, nn.Identity())
+def _rekeyed(m):  # children re-keyed directly (insert is refused before it lands): sliced modules at other paths
+    m._modules = collections.OrderedDict((str(i), c) for i, c in enumerate([nn.Identity(), *m._modules.values()]))
 
 
 def _new_head(m):
@@ -503,7 +504,7 @@ def _shadowing(m):  # an instance attribute of a child's name: the forward would
     object.__setattr__(m, "4", nn.Linear(16, 3))
 
 
-@pytest.mark.parametrize("change", [_append, _insert, _bypassing_hooks, _shadowing])
+@pytest.mark.parametrize("change", [_append, _rekeyed, _bypassing_hooks, _shadowing])
 def test_cost_pick_export_save_and_load_refuse_a_model_changed_after_wrap(change, tmp_path):
     m = _mlp()
     nest = _mlp_nest(m)
@@ -598,25 +599,36 @@ _SHIFTS = {  # torch's insert / pop / del write the container's _modules directl
     "delete a block": lambda m: m.blocks.__delitem__(1),
     "pop the last layer of a block": lambda m: m.blocks[1].pop(2),
     "insert into a block": lambda m: m.blocks[0].insert(0, nn.Identity()),
+    "delete the activation of a block": lambda m: m.blocks[0].__delitem__(1),   # renumbers the sliced '2'
+    "insert before the last layer": lambda m: m.blocks[0].insert(-1, nn.Identity()),
 }
 
 
 @pytest.mark.parametrize("change", _SHIFTS)
-def test_modules_inserted_or_removed_on_the_path_are_refused_at_the_next_forward(change):
+def test_modules_inserted_or_removed_on_the_path_are_refused_before_they_land(change):
     """Without Depth, ``blocks`` is a plain ModuleList on the path to the sliced layers: an inserted block would
-    sit at a wrapped path and run unsliced (silently, under every sub-model). The next forward refuses; a removal
-    (``del``, ``pop``: torch's containers delete the attribute first) is refused before it lands."""
+    sit at a wrapped path and run unsliced (silently, under every sub-model), a module removed before a sliced
+    one renumbers it. torch's insert / pop / del re-key the container's children directly (no registration hook):
+    sortednet's guard of them refuses before anything changes."""
+    m = _Blocks()
+    sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+    before, tree = snapshot(m), list(m.named_modules())
+    with pytest.raises(sn.SortedNetError, match="(?s)(deleting|inserting a module at) 'blocks.*is refused while the "
+                                                "model is wrapped"):
+        _SHIFTS[change](m)
+    assert list(m.named_modules()) == tree
+    assert_unchanged(m, before)
+    m(torch.randn(5, 8))
+
+
+def test_children_rekeyed_behind_the_guards_are_refused_at_the_next_forward():
+    """A container's ``_modules`` rewritten directly (no hook, no guarded method): the sliced modules moved to other
+    paths and an inserted block would run unsliced. The next forward refuses."""
     m = _Blocks()
     nest = sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
     x = torch.randn(5, 8)
-    if change in ("delete a block", "pop a block", "pop the last layer of a block"):
-        before, tree = snapshot(m), list(m.named_modules())
-        with pytest.raises(sn.SortedNetError, match="(?s)deleting 'blocks.*' is refused while the model is wrapped"):
-            _SHIFTS[change](m)
-        assert list(m.named_modules()) == tree
-        assert_unchanged(m, before)
-        return
-    _SHIFTS[change](m)
+    blocks = list(m.blocks._modules.values())
+    m.blocks._modules = collections.OrderedDict((str(i), b) for i, b in enumerate([nn.Identity(), *blocks]))
     for ctx in (nest.use("ffn=4"), contextlib.nullcontext()):
         with ctx, pytest.raises(sn.SortedNetError, match="when wrapped: a module was inserted or removed"):
             m(x)
@@ -624,6 +636,56 @@ def test_modules_inserted_or_removed_on_the_path_are_refused_at_the_next_forward
         nest.export("ffn=4")
     nest.unwrap()
     assert not any("_sn" in mod.__dict__ for mod in m.modules())   # the user's (changed) model again
+
+
+class _Head(nn.Module):
+    """A body and a ModuleDict of heads applied in order, both on the paths to sliced modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.post = nn.ModuleDict({"cls": nn.Linear(4, 3)})
+
+    def forward(self, x):
+        y = self.body(x)
+        for mod in self.post.values():
+            y = mod(y)
+        return y
+
+
+@pytest.mark.parametrize("change", ["append to a block", "append a block", "new key", "delete a new key"])
+def test_modules_added_at_the_end_or_under_new_keys_move_nothing_and_are_accepted(change):
+    """A module appended to a list on the path to sliced modules, or put in a ModuleDict under a new key (or such
+    a key deleted again), moves no sliced module: accepted, and the forwards run it (as anywhere else in the
+    model); the cost tables count the new forward (FLOPs of the export, which holds it too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(5, 8)
+    if change.startswith("append"):
+        m = _Blocks()
+        nest = sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+        if change == "append to a block":
+            m.blocks[0].append(nn.Tanh())
+        else:
+            m.blocks.append(nn.Sequential(nn.Tanh()))
+    else:
+        m = _Head()
+        nest = sn.wrap(m, sn.Width("h", [4, 16], out="body.0", inp="body.2"),
+                       sn.Width("o", [2, 4], out="body.2", inp="post.cls"))
+        m.post["act"] = nn.Tanh()
+        if change == "delete a new key":
+            del m.post["act"]
+    for sub in (nest.smallest, nest.largest):
+        with nest.use(sub), torch.no_grad():
+            live = m(x)
+        exported = nest.export(sub)
+        with FlopCounterMode(display=False) as counter:
+            want = exported(x)
+        torch.testing.assert_close(live, want)
+        assert nest.cost(sub, "flops", example=x) == counter.get_total_flops()
+    names = [n for n, _ in exported.named_modules()]
+    assert ("blocks.3" in names or "blocks.0.3" in names) if change.startswith("append") else \
+        ("post.act" in names) == (change == "new key")
 
 
 def test_a_deep_copy_follows_the_nest_and_refuses_block_changes_alike():

@@ -239,3 +239,19 @@ def test_of_reads_a_submodel_a_mapping_or_its_text_and_refuses_the_rest(form):
     for bad in (4, ["h=4"], None):
         with pytest.raises(sn.SortedNetError, match=r"where: a sub-model is a SubModel, a \{dimension: size\} dict"):
             sn.SubModel.of(bad, "where")
+
+
+@pytest.mark.parametrize("size", [4.0, np.float32(4), torch.tensor(4.0), True, "4"])
+def test_a_size_that_is_no_integer_is_in_no_list_as_resolve_says(size):
+    """``{"h": 4.0} in nest.submodels`` and ``.index`` found a float size that ``resolve`` refuses ("has no size
+    4.0"): the list and resolve agree now. Integer scalars of numpy and torch stay sizes."""
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2)),
+                   sn.Width("h", [4, 8], out="0", inp="1"))
+    assert {"h": size} not in nest.submodels and nest.submodels.count({"h": size}) == 0
+    with pytest.raises(sn.SortedNetError):
+        nest.submodels.index({"h": size})
+    with pytest.raises(sn.SortedNetError):
+        nest.resolve({"h": size})
+    for ok in (4, np.int64(4), torch.tensor(4)):
+        assert {"h": ok} in nest.submodels and nest.submodels.index({"h": ok}) == 0 == \
+            nest.submodels.index(nest.resolve({"h": ok}))

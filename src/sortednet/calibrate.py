@@ -32,7 +32,7 @@ from .errors import SortedNetError
 from .meta import EXTRA_PREFIX
 from .modes import eval_mode, finish_all
 from .slicers.norm import NormStats, StaleCalibrationWarning, active_stats, trained_since, unwritten
-from .submodel import SubModel, SubModelLike
+from .submodel import SubModel, SubModelLike, as_int
 from .views import world_size
 
 if TYPE_CHECKING:
@@ -111,8 +111,10 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                                  if unlisted and cut else "") + ")")
     asked = batches is not None
     batches = DEFAULT_BATCHES if batches is None else batches
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+    n = as_int(batches)  # (numpy and 0-d torch integers too; never a bool or a float)
+    if n is None or n < 1:
         raise SortedNetError(f"calibrate(): batches must be an int >= 1, got {batches!r}")
+    batches = n
     if isinstance(subs, (str, bytes)) or isinstance(subs, dict):
         raise SortedNetError(f"calibrate(subs=...) takes a list of sub-models, got {type(subs).__name__} {subs!r}; "
                              "wrap it in a list")

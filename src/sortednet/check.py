@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .cost import call_model
 from .coupling import MOVED, analyse
-from .coupling_ops import _hf_conv1d, leaves
+from .coupling_ops import _hf_conv1d, leaves, without_fills
 from .errors import SortedNetError, caller_outside
 from .export import CompiledForwardWarning
 from .modes import dry_run, eval_mode, eval_view, finish_all, seeded, train_view
@@ -1487,8 +1487,9 @@ def norm_self_check(nest: Nest) -> None:
 
 
 def _rel_diff(x: torch.Tensor, y: torch.Tensor, floor: float) -> float:
-    """Largest difference of the finite entries relative to ``y``'s scale (at least ``floor``); non-finite
-    entries (an output masked with -inf) must agree exactly, else inf."""
+    """Largest difference of the finite entries relative to ``y``'s scale (at least ``floor``; fill values such
+    as -1e9 left out of it: :func:`~sortednet.coupling_ops.without_fills`); non-finite entries (an output masked
+    with -inf) must agree exactly, else inf."""
     nan_x, nan_y = torch.isnan(x), torch.isnan(y)
     inf_x, inf_y = torch.isinf(x), torch.isinf(y)
     if not torch.equal(nan_x, nan_y) or not torch.equal(inf_x, inf_y) or not torch.equal(x[inf_x], y[inf_y]):
@@ -1496,7 +1497,7 @@ def _rel_diff(x: torch.Tensor, y: torch.Tensor, floor: float) -> float:
     fin = ~(nan_y | inf_y)
     if not bool(fin.any()):
         return 0.0
-    x, y = x[fin], y[fin]
+    x, y = without_fills(x[fin], y[fin])
     return ((x - y).abs().max() / y.abs().max().clamp_min(floor)).item()
 
 

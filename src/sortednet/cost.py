@@ -518,8 +518,9 @@ def _leaf_signature(v: Any) -> Any:
     show how many positions it holds, nor an object's default repr anything but its address, which a later one
     may reuse), up to 16,384 entries and 32 levels (past them a token equal to nothing: such an input is counted
     afresh each time; an object met again named by where it was first met); anything else (a
-    number, a string, an array, a set, a module) by its repr; a function or method by identity (what it computes
-    is not in its repr, and a freed one's address is reused: :func:`_callable_token`)."""
+    number, a string, an array, a set, a class) by its repr; a function or method by identity (what it computes
+    is not in its repr, and a freed one's address is reused: :func:`_callable_token`); a module by identity and
+    its tree's settings (:func:`modules_digest`)."""
     if isinstance(v, Tensor):
         return _tensor_signature(v)
     if type(v) in _ATOMS:
@@ -539,8 +540,10 @@ def _leaf_signature(v: Any) -> Any:
             return ("<again>", first[id(x)])
         if isinstance(x, _CODE):  # (by identity: a freed function's address is reused by the next, and a
             return _callable_token(x)  # bound method's self is not all it computes)
+        if isinstance(x, nn.Module):  # (its repr names no setting of a module of one's own: by identity and
+            return ("<module>", _callable_token(x), modules_digest(x))  # settings, a setting changed in place too)
         fields = _fields(x, max(budget[0], 0)) if not isinstance(x, (nn.Module, type)) else None
-        size = len(x) if isinstance(x, (Mapping, list, tuple)) else None
+        size = len(x) if isinstance(x, (Mapping, list, tuple, collections.deque)) else None
         if fields is None or not fields and not size:  # (an atom, an empty container, an object without fields)
             return type(x).__qualname__ if type(x).__repr__ is object.__repr__ else repr(x)
         if depth > 32 or budget[0] < 0 or size is not None and size > len(fields):
@@ -549,6 +552,60 @@ def _leaf_signature(v: Any) -> Any:
         return (type(x).__qualname__, size, *((repr(k), sign(f, depth + 1)) for k, f in fields))
 
     return sign(v, 0)
+
+
+_WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  # (a wrapper's child)
+#: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
+#: its blocks recompute activations in the backward (transformers' gradient checkpointing)
+_NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing"})
+#: parts of attribute names of training alone (dropout and drop-path rates, layer drop, router jitter, an auxiliary
+#: loss's coefficient) or of state a forward updates (a rotary table's cached length)
+_NOT_SETTING_PARTS = ("drop", "jitter", "aux_loss", "cache")
+#: modules that are the identity in eval mode (dropout, stochastic depth): one of them or an nn.Identity in its place
+#: (a drop-path rate of 0) is the same forward
+_EVAL_IDENTITY = re.compile(r"(?i)(dropout(\dd)?|drop_?path|stochastic_?depth)$|^identity$")
+
+
+def module_settings(m: nn.Module) -> tuple[str, list[tuple[str, str]]]:
+    """``m``'s class name and settings as :func:`modules_digest` records them."""
+    st = m.__dict__.get("_sn")
+    cls = getattr(st, "cls", None) or type(m)
+    cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)  # (FSDP2's
+    if isinstance(m, nn.modules.dropout._DropoutNd) or _EVAL_IDENTITY.search(cls.__name__):     # own classes)
+        return "Identity", []  # (costs are measured in eval mode)
+    return cls.__qualname__, sorted((k, repr(v)) for k, v in m.__dict__.items()
+                                    if not k.startswith("_") and k not in _NOT_SETTINGS
+                                    and not any(part in k.lower() for part in _NOT_SETTING_PARTS)
+                                    and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
+                                    and _plain(v))
+
+
+def modules_digest(model: nn.Module) -> str:
+    """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name
+    and settings (its plain attributes: numbers, strings, flags and tuples of them, such as a convolution's
+    stride or a mixture's experts per token), hashed. What leaves the forward as it is does not count: the module
+    a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served),
+    activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model
+    was loaded from (``name_or_path``), settings of training alone (dropout and drop-path rates, layer drop,
+    router jitter, a BatchNorm's momentum: costs are measured in eval mode; a dropout or drop-path module counts
+    as an ``nn.Identity``), state a forward updates (a ``..._cached`` length), tensors and other objects a module
+    holds (its buffers' names and shapes count: memory counts them; values and dtypes do not). The same on the
+    model before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
+    h = hashlib.sha256()
+    for path, m in model.named_modules(remove_duplicate=False):
+        if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
+            continue  # (the wrapper itself: its child is the module)
+        cls, settings = module_settings(m)
+        buffers = [(n, tuple(b.shape)) for n, b in m._buffers.items() if b is not None]  # (memory counts them)
+        path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
+        h.update(f"{path}\0{cls}\0{settings}\0{buffers}\n".encode())
+    return h.hexdigest()
+
+
+def _plain(v: Any, depth: int = 0) -> bool:
+    if v is None or type(v) in (bool, int, float, str):
+        return True
+    return type(v) in (tuple, list) and depth < 2 and len(v) <= 64 and all(_plain(x, depth + 1) for x in v)
 
 
 def _callable_token(x: Any) -> str:

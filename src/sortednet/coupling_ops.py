@@ -84,6 +84,18 @@ class Attention:
     o: str | None = None
 
 
+def without_fills(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` (finite entries of two outputs to compare, ``b`` the reference) without the entries that
+    are fill values: unchanged and over 1,000 times as large as every entry that changed (logits masked with
+    -1e9 or ``finfo.min`` rather than -inf). Kept, they set the scale a change is measured against and hide any
+    change of the other entries."""
+    same = a == b
+    if bool(same.all()) or not bool(same.any()):
+        return a, b
+    fill = same & (b.abs() > 1e3 * b[~same].abs().max())
+    return (a[~fill], b[~fill]) if bool(fill.any()) else (a, b)
+
+
 def leaves(x: Any) -> list[Any]:
     """``tree_leaves`` that also opens dataclass instances (a model output such as ``Out(logits=...)``,
     which pytree keeps whole): their fields' leaves, in field order."""

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .cost import call_model, keyword_inputs
 from .coupling import analyse
-from .coupling_ops import leaves
+from .coupling_ops import leaves, without_fills
 from .errors import SortedNetError, caller_outside
 from .modes import casts_stale, dry_run, eval_mode, finish_all, seeded, train_view
 from .plan import Use
@@ -179,8 +179,22 @@ def _heads_parts(nest: Nest, d: Any, binds: list[_Bind]) -> list[tuple[str, list
             for b in part:  # a fused interleaved q/k/v: one block of (group + 2) heads per key/value head
                 if len(heads) == 1 and b.div > 1 and b.chunks == 1 and b.unit == (b.div + 2) * min(heads):
                     b.head = min(heads)
-            parts.append((path, part))
-    return [(w, p) for w, p in parts if p]
+            held = set()  # the modules this attention's projections are (a projection shared with another
+            for t in keys:  # attention's, cross-layer key / value sharing, is bound under one path only)
+                try:
+                    held.add(id(nest.model.get_submodule(t[0])))
+                except AttributeError:
+                    pass
+            parts.append((path, part, held))
+    merged: list[tuple[str, list[_Bind], set[int]]] = []  # attentions sharing a projection: one order for them all
+    for path, part, held in parts:
+        into = [m for m in merged if m[2] & held]
+        for m in into:
+            merged.remove(m)
+        keep = {(b.path, b.role): b for m in into for b in m[1]}
+        keep.update({(b.path, b.role): b for b in part})
+        merged.append((into[0][0] if into else path, list(keep.values()), held.union(*(m[2] for m in into))))
+    return [(w, p) for w, p, _ in merged if p]
 
 
 def _scores(part: list[_Bind], full: int, method: str, kind: str, taylor: dict[tuple[str, str], Tensor]) -> Tensor:
@@ -241,6 +255,10 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
             loss_fn: Callable | None) -> dict[tuple[str, str], Tensor]:
     if data is None:
         raise SortedNetError("sort_units(method='taylor') needs data= (a few batches)")
+    if torch.is_inference_mode_enabled():  # (no gradient can be taken there: a raw RuntimeError at backward)
+        raise SortedNetError("sort_units(method='taylor') scores units by |weight x gradient|, and it is called "
+                             "inside torch.inference_mode(), where no gradient can be taken: call it outside "
+                             "inference mode (or sort by 'l1' / 'l2' / 'bn'). Nothing was changed")
     params = list(model.parameters())
     saved = [p.grad for p in params]
     # frozen parameters that score units (a frozen layer reading them): their gradient is needed, so they require
@@ -707,6 +725,11 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                              "its output on the example holds no floating-point tensor (only indices, a top-k or a "
                              "bool mask), which cannot show a small change; sort a model (or a wrapper of it) that "
                              "returns the scores. Nothing was changed")
+    if all(bool(t.isnan().all()) for t in floats):
+        raise SortedNetError("sort_units verifies that the full model's output is unchanged by the permutation, but "
+                             "its output on the example is NaN throughout, which shows no change: give an example "
+                             "the model computes numbers on (its weights or the example hold NaN?). Nothing was "
+                             "changed")
     if all(not bool(t.nan_to_num(posinf=0.0, neginf=0.0).any()) for t in floats):
         raise SortedNetError("sort_units: the full model's output on the example is all zeros, so no permutation "
                              "could change it and none can be verified: a zero-initialised output layer (sort "
@@ -888,6 +911,7 @@ def rel_err(got: list[Tensor], ref: list[Tensor]) -> float:
                 exact = max(exact, 1.0)
                 continue
             a, b = a[fin], b[fin]
+        a, b = without_fills(a, b)  # (a -1e9 mask would set the scale: measured like -inf, where it stays)
         if b.numel():
             pairs.append((a, b))
     if not pairs:

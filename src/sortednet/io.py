@@ -411,7 +411,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         if measured and not other and stored is not None and stored != modules_digest(
                 model if dims is not None else nest.model):
             other.append(f"sn.load of {where}: the checkpoint's profile was measured on a model whose modules "
-                         "(paths, classes or settings) differ from this one's")
+                         "(paths, classes, settings or buffer shapes) differ from this one's")
         if other:
             import warnings
 
@@ -442,6 +442,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                 nest._scores_of_other_weights()
             if other:  # (warned above, before the copy)
                 nest._drop_measured(("flops", "memory", "latency"), other[0], 3, warn=False)
+                nest._profile_digest = None  # (what is left, parameters, describes this model)
                 nest._scores_of_other_weights()
             mixed = [k for k in left if state[k][0] is not None and state[k][0].is_floating_point()]
             if mixed:  # ... and so do its per-sub-model statistics (an integer counter left changes no weight)

@@ -20,6 +20,7 @@ several layer lists under its depth, allows no change at all: the encoder's outp
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import sys
@@ -320,7 +321,7 @@ def _fields(x: Any, limit: int | None = None) -> list[tuple[Any, Any]] | None:
     try:
         if isinstance(x, Mapping):
             return list(itertools.islice(x.items(), limit))
-        if isinstance(x, (list, tuple)):
+        if isinstance(x, (list, tuple, collections.deque)):
             return list(itertools.islice(enumerate(x), limit))
         out = list(vars(x).items()) if hasattr(x, "__dict__") else []
         for k in type(x).__mro__:
@@ -384,7 +385,7 @@ def _caches_in(example: Any, holders: set[int] | None = None, who: str = "sorted
         fields = _fields(x)
         if not fields or inspect.ismethod(x):
             continue
-        attr = not isinstance(x, (Mapping, list, tuple))
+        attr = not isinstance(x, (Mapping, list, tuple, collections.deque))
         node = (above, label, id(x))
         stack.extend((v, k, f".{k}" if attr else f"[{k!r}]", node)
                      for k, v in reversed(fields) if type(v) not in _ATOMS and not isinstance(v, torch.Tensor))
@@ -443,6 +444,12 @@ def fresh_caches(example: Any, who: str = "sortednet") -> Any:
                 made[id(x)] = out
                 for k in list(out):
                     out[k] = rebuild(out[k])
+                return out
+            if isinstance(x, collections.deque):
+                out = copy.copy(x)  # (its maxlen kept)
+                made[id(x)] = out
+                out.clear()
+                out.extend(rebuild(v) for v in x)
                 return out
             if isinstance(x, (list, tuple)):
                 items = [rebuild(v) for v in x]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import math
 import threading
 import warnings
@@ -25,7 +24,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import slicers as _slicers
-from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature, example_text
+from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature, example_text, modules_digest
 from .cost import sig_key as _sig_key
 from .dims import Active, Dimension
 from .errors import BudgetError, SortedNetError
@@ -81,45 +80,6 @@ def _said(v: Any, limit: int = 300) -> str:
     """``repr(v)`` for a message, cut to ``limit`` characters."""
     text = repr(v)
     return text if len(text) <= limit else f"{text[:limit]} ... ({len(text)} characters)"
-
-
-_WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  # (a wrapper's child)
-#: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
-#: its blocks recompute activations in the backward (transformers' gradient checkpointing)
-_NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing"})
-
-
-def modules_digest(model: nn.Module) -> str:
-    """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name
-    and settings (its plain attributes: numbers, strings, flags and tuples of them, such as a convolution's
-    stride or a mixture's experts per token), hashed. What leaves the forward as it is does not count: the module
-    a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served),
-    activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model
-    was loaded from (``name_or_path``), settings of training alone (dropout rates, a BatchNorm's momentum: costs
-    are measured in eval mode), tensors and other objects a module holds. The same on the model
-    before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
-
-    h = hashlib.sha256()
-    for path, m in model.named_modules(remove_duplicate=False):
-        if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
-            continue  # (the wrapper itself: its child is the module)
-        st = m.__dict__.get("_sn")
-        cls = getattr(st, "cls", None) or type(m)
-        cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)  # (FSDP2's
-        train_only = isinstance(m, nn.modules.dropout._DropoutNd)  # (costs are measured in eval mode: a dropout
-        settings = sorted((k, repr(v)) for k, v in m.__dict__.items()  # rate or a BatchNorm momentum changes none)
-                          if not k.startswith("_") and k not in _NOT_SETTINGS and "dropout" not in k
-                          and not train_only and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
-                          and _plain(v))
-        path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
-        h.update(f"{path}\0{cls.__qualname__}\0{settings}\n".encode())
-    return h.hexdigest()
-
-
-def _plain(v: Any, depth: int = 0) -> bool:
-    if v is None or type(v) in (bool, int, float, str):
-        return True
-    return type(v) in (tuple, list) and depth < 2 and len(v) <= 64 and all(_plain(x, depth + 1) for x in v)
 
 
 def _profile_sig(prof: Profile) -> tuple:
@@ -359,6 +319,7 @@ class Nest:
         self._profile_flops: Any = None   # the profile's example signature when it holds FLOPs (pick's table)
         self._flops_complete: Any = None  # the FLOPs table last found to hold every listed sub-model
         self._profile: Profile | None = None
+        self._profile_digest: str | None = None  # modules_digest of the tree the profile was measured on
         self._scored_on: Any = None      # the weights the profile's scores were measured on (_weights_key)
         self._checked = False            # nest.check passed (wrap(example=) runs it): see _failure_note
         self._checking = False           # nest.check is running: its own refusals say what is missing
@@ -457,6 +418,7 @@ class Nest:
         params: list[tuple] = []
         paths: list[tuple[str, int]] = []
         tensors: list[tuple[int, torch.dtype]] = []  # _tensor_ids() of the same walk (a second walk doubled a pick)
+        buffers: list[tuple] = []  # every buffer's name, shape and dtype (memory counts them: a rotary table grown)
         for path, m in self.model.named_modules(remove_duplicate=False):
             paths.append((path, id(m)))
             for n, p in m._parameters.items():
@@ -464,7 +426,10 @@ class Nest:
                     if id(p) not in first:
                         tensors.append((id(p), p.dtype))
                     params.append((f"{path}.{n}" if path else n, tuple(p.shape), first.setdefault(id(p), len(params))))
-        return tuple(params), tuple(paths), tuple(tensors)
+            for n, b in m._buffers.items():
+                if b is not None:
+                    buffers.append((f"{path}.{n}" if path else n, tuple(b.shape), b.dtype))
+        return tuple(params), tuple(paths), tuple(tensors), tuple(buffers)
 
     def _buffer_shapes(self) -> tuple:
         """Shapes of the sliced buffers (BatchNorm running statistics, ...): as the slicers read them."""
@@ -516,11 +481,6 @@ class Nest:
                                      ("parameters re-shaped:", changed)) if v)
                 else:
                     why = "parameters were tied or untied (a tensor now held under other names)"
-            elif new[1] != self._structure[1]:  # modules without parameters added, removed or replaced: the forward
-                self._structure = new            # may differ from the one counted and timed (FLOPs count again)
-                self._drop_measured(("flops", "latency", "memory"), "modules of the model were added, removed or "
-                                    "replaced", 4)
-                self._scores_of_other_weights()  # (a module without parameters swapped: not in the weights' key)
         if why is None and (bufs := self._buffer_shapes()) != self._sliced_buffers:
             was = dict(self._sliced_buffers)
             changed = [f"{n} {was.get(n)} -> {shape}" for n, shape in bufs if was.get(n) != shape]
@@ -529,6 +489,17 @@ class Nest:
             raise SortedNetError(f"{what}: the model changed after wrap: {why}. The nest's cost tables, paths and "
                                  "export describe the model as wrapped; nest.unwrap(), change the model, then "
                                  "wrap it again")
+        if new[1] != self._structure[1]:  # modules without parameters added, removed or replaced: the forward
+            self._structure = new          # may differ from the one counted and timed (FLOPs count again)
+            self._drop_measured(("flops", "latency", "memory"), "modules of the model were added, removed or "
+                                "replaced", 4)
+            self._scores_of_other_weights()  # (a module without parameters swapped: not in the weights' key)
+        elif new[3] != self._structure[3]:  # buffers the slicers do not cut added, removed, re-shaped or cast
+            was, self._structure = self._structure, new  # (memory counts them; a forward may read one whole)
+            shapes = [(n, s) for n, s, _ in new[3]] != [(n, s) for n, s, _ in was[3]]
+            self._drop_measured(("flops", "latency", "memory") if shapes else ("latency", "memory"),
+                                "buffers of the model were " + ("added, removed or re-shaped" if shapes else
+                                                                 "cast to other dtypes"), 4)
         if new[2] != self._tensors:  # the same names and shapes in new objects or dtypes
             self._count_tensors()  # (load_state_dict(assign=True), fully_shard, .to() that replaces them)
 
@@ -891,7 +862,8 @@ class Nest:
             raise SortedNetError(f"profile on the example {example_text(example_inputs)} failed: "
                                  f"{type(e).__name__}: {str(e)[:500]}") from e
         self._set_profile(prof)
-        _warn_if_loss_like(prof)
+        self._profile_digest = modules_digest(self.model)  # (what sn.save records: the tree measured on, not
+        _warn_if_loss_like(prof)                             # one changed since)
         return prof
 
     def _scores_fresh(self) -> bool:
@@ -1009,6 +981,7 @@ class Nest:
                         if metric == "flops":
                             self._flops_example = None
         if prof is None:
+            self._profile_digest = None
             return
         if prof.scores is not None:
             self._scored_on = self._weights_key()
@@ -1101,6 +1074,7 @@ class Nest:
         loaded with ``strict=False`` that left some weights as they were): the next pick warns."""
         if self._scored_on is not None:
             self._scored_on = ()  # (equals no state of the weights)
+            self._stale_warned = None  # (a change the weights' key does not show: warned about as a change too)
 
     def _warn_if_scores_stale(self) -> None:
         """Warn (once per state of the weights) when the model changed since its profile's scores were measured:
@@ -1499,7 +1473,7 @@ class Nest:
         out: dict[str, Any] = {}
         if self._profile is not None:
             out["profile"] = self._profile.to_dict()
-            out["profile_structure"] = modules_digest(self.model)
+            out["profile_structure"] = self.__dict__.get("_profile_digest") or modules_digest(self.model)
             if self._scored_on is not None and self._weights_key() != self._scored_on:
                 out["scores_stale"] = True
         stale = stale_statistics(self)
@@ -1511,6 +1485,8 @@ class Nest:
         """Restore what :meth:`_extra_state` returned."""
         prof = state.get("profile")
         self._set_profile(None if prof is None else Profile.from_dict(prof))
+        if prof is not None:  # (the tree the file's profile was measured on; sn.load warned where this one differs)
+            self._profile_digest = state.get("profile_structure")
         if state.get("scores_stale") is True:
             self._scores_of_other_weights()
 

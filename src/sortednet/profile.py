@@ -170,6 +170,8 @@ class Profile:
     device: str = "cpu"
     meta: dict[str, Any] = field(default_factory=dict)
 
+    __hash__ = None  # type: ignore[assignment]  # (it holds dicts: compared with ==, never hashed, like a dict)
+
     def __post_init__(self) -> None:
         if isinstance(self.submodels, (str, bytes, Mapping)) or not isinstance(self.submodels, Iterable):
             raise SortedNetError(f"Profile: submodels must be a sequence of sub-models, got "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import SortedNetError
-from .submodel import SubModel, SubModelList, sequence_digest
+from .submodel import SubModel, SubModelList, as_int, sequence_digest
 
 __all__ = ["Sampler", "STRATEGIES", "WEIGHT_RULES"]
 
@@ -31,9 +31,10 @@ STATE_LIST_MAX = 10_000
 
 
 def _check_index(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    n = as_int(value)  # (numpy and 0-d torch integers too, as fit's start_step; never a bool or a float)
+    if n is None or n < 0:
         raise SortedNetError(f"{what} must be a non-negative int, got {value!r}")
-    return int(value)
+    return n
 
 
 def number_list(values: Any, what: str) -> list[float]:

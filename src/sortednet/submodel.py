@@ -251,8 +251,8 @@ class SubModelList(Sequence[SubModel]):
             return None
         row = []
         for n, s in zip(self.names, self.sizes):
-            v = sub.get(n)
-            if v not in s or isinstance(v, bool):
+            v = as_int(sub.get(n))  # (a float 4.0 is no size, as resolve says: not listed)
+            if v is None or v not in s:
                 return None
             row.append(s.index(v))
         return tuple(row)

@@ -1412,13 +1412,24 @@ class Guards:
     counts: list[tuple[nn.Module, int, str]] = field(default_factory=list)
 
     def check_counts(self) -> None:
-        for c, n, path in self.counts:
+        for i, (c, n, path) in enumerate(self.counts):
             if len(c._modules) != n:
-                raise SortedNetError(
-                    f"{path or '<root>'!r} holds {len(c._modules)} modules, {n} when wrapped: a module was inserted "
-                    "or removed after wrap (insert / pop / del), so sliced modules moved to other paths and a "
-                    "module that was never wrapped may run unsliced. nest.unwrap(), change the model, then wrap "
-                    "it again")
+                if not _links_hold(c):
+                    raise SortedNetError(
+                        f"{path or '<root>'!r} holds {len(c._modules)} modules, {n} when wrapped: a module was "
+                        "inserted or removed after wrap (insert / pop / del), so sliced modules moved to other paths "
+                        "and a module that was never wrapped may run unsliced. nest.unwrap(), change the model, "
+                        "then wrap it again")
+                self.counts[i] = (c, len(c._modules), path)  # (one appended or removed elsewhere: nothing moved)
+
+
+def _links_hold(c: nn.Module) -> bool:
+    """Whether every guarded child of the container ``c`` is still where it was wrapped, holding the sliced
+    modules below it (a Depth layer list's blocks count: never)."""
+    names = _GUARDED.get(c) or {}
+    if None in names:
+        return False
+    return all(_at(c._modules.get(name), rel) is m() for name, g in names.items() for rel, m in g.below)
 
 
 @dataclass(frozen=True)
@@ -1581,13 +1592,44 @@ def _guard_delattr() -> None:
         def make(delete: Any) -> Any:
             @functools.wraps(delete)
             def __delitem__(self: nn.Module, idx: Any) -> None:
-                if isinstance(idx, slice) and not _compiling():
-                    for key in list(self._modules)[idx]:
+                if not _compiling() and self in _GUARDED:
+                    keys = list(self._modules)
+                    gone = keys[idx] if isinstance(idx, slice) else [keys[idx]] if isinstance(
+                        idx, int) and -len(keys) <= idx < len(keys) else []
+                    for key in gone:
                         _registration_guard(self, key, None, deleting=True, dry=True)
+                    if gone:  # the children after the first one deleted are renumbered (torch re-keys them)
+                        _refuse_renumbering(self, keys, keys.index(gone[0]), "deleting")
                 delete(self, idx)
             return __delitem__
 
+        def make_insert(insert: Any) -> Any:
+            @functools.wraps(insert)
+            def insert_(self: nn.Module, index: int, module: nn.Module) -> None:
+                if not _compiling() and self in _GUARDED and isinstance(index, int):
+                    keys = list(self._modules)
+                    at = max(0, index + len(keys)) if index < 0 else index
+                    _refuse_renumbering(self, keys, at, "inserting a module at")
+                insert(self, index, module)
+            return insert_
+
         cls.__delitem__ = make(cls.__delitem__)  # type: ignore[method-assign]
+        cls.insert = make_insert(cls.insert)  # type: ignore[method-assign]
+
+
+def _refuse_renumbering(c: nn.Module, keys: list[str], first: int, action: str) -> None:
+    """Refuse ``action`` on the list ``c`` where it re-keys the children from position ``first`` on and one of
+    them is a guarded link (it holds a sliced module: renumbered, it would be another path)."""
+    names = _GUARDED.get(c) or {}
+    if None in names:
+        return  # (a Depth layer list: its own guard refuses any change)
+    moved = [k for k in keys[first:] if k in names]
+    if moved:
+        g = names[moved[0]]
+        where = g.path.rpartition(".")[0]
+        at = f"{where}.{keys[first]}" if where else keys[first]
+        refuse_tree_change(g.path, f"{action} {at!r} (it renumbers {g.path!r}: the children from there on move to "
+                           "other indices)", False)
 
 
 def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> Guards:

@@ -395,7 +395,12 @@ class SortedTrainer(Trainer):
         if _ranks() > 1:
             bad, _ = snd._loss_agreement(bad, False, None)
         if bad:
-            seen = [f"{sub} was {float(v.float())}" for sub, v in losses if not bool(torch.isfinite(v).all())]
+            by_sub: dict[str, list[float]] = {}  # (a sub-model drawn in several micro-batches: named once)
+            for sub, v in losses:
+                if not bool(torch.isfinite(v).all()):
+                    by_sub.setdefault(str(sub), []).append(float(v.float()))
+            seen = [f"{sub} was {vs[0]}" if len(vs) == 1 else f"{sub} was {', '.join(map(str, vs))} (in {len(vs)} "
+                    "micro-batches)" for sub, vs in by_sub.items()]
             step = self.state.global_step
             subs = sorted({str(s) for st, ss in self.history if st == step for s in ss})
             raise SortedNetError(
