@@ -1605,12 +1605,12 @@ def _guard_delattr() -> None:
 
         def make_insert(insert: Any) -> Any:
             @functools.wraps(insert)
-            def insert_(self: nn.Module, index: int, module: nn.Module) -> None:
+            def insert_(self: nn.Module, index: int, module: nn.Module) -> Any:
                 if not _compiling() and self in _GUARDED and isinstance(index, int):
                     keys = list(self._modules)
                     at = max(0, index + len(keys)) if index < 0 else index
                     _refuse_renumbering(self, keys, at, "inserting a module at")
-                insert(self, index, module)
+                return insert(self, index, module)  # (Sequential.insert returns the Sequential)
             return insert_
 
         cls.__delitem__ = make(cls.__delitem__)  # type: ignore[method-assign]
