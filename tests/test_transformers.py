@@ -2618,7 +2618,7 @@ def test_an_export_whose_config_would_not_load_back_as_written_is_refused(per_la
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     nest = sn.from_transformers(model, depth=[2])
-    match = "does not load back" if per_layer == "default" else r"rewrites \['layer_types'\] when the export is loaded"
+    match = r"rewrites \['layer_types'\] when the export is loaded"  # (the overrides are cut with the layers)
     with pytest.raises(sn.SortedNetError, match=f"sub-model depth=2: .*{match}.*plain=True"):
         nest.export("depth=2")
     x = torch.randint(3, 64, (1, 14))
@@ -2629,6 +2629,32 @@ def test_an_export_whose_config_would_not_load_back_as_written_is_refused(per_la
     plain = nest.export("depth=2", plain=True)
     with torch.no_grad(), nest.use("depth=2"):
         torch.testing.assert_close(plain(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_per_layer_overrides_are_cut_with_the_layers(depth, tmp_path):
+    """Gemma 4's config holds overrides by layer index (the full-attention layers' head size): a depth export kept
+    them all, and its config did not load back (index 5 of 4 layers): refused. They are cut with the layers
+    now, and the export reloads with stock classes to the live sub-model's logits; a depth whose last layer
+    is no full-attention layer stays refused (the config class would rewrite it)."""
+    from transformers import AutoModelForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+                           sliding_window=4, hidden_size_per_layer_input=0,
+                           layer_types=["sliding_attention", "full_attention"] * 3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    nest = sn.from_transformers(model, depth=[2, 3, 4])
+    x = torch.randint(1, 60, (2, 12))
+    small = nest.export(f"depth={depth}")
+    small.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.num_hidden_layers == depth and len(back.config.layer_types) == depth
+    with torch.no_grad(), nest.use(f"depth={depth}"):
+        torch.testing.assert_close(back(x).logits, model(x).logits)
+    with pytest.raises(sn.SortedNetError, match=r"rewrites \['layer_types'\]"):
+        nest.export("depth=3")
 
 
 def test_a_layout_whose_head_count_attribute_the_model_lacks_is_named_as_the_layouts():

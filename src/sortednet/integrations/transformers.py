@@ -598,6 +598,15 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
             v = getattr(h, k, None)
             if isinstance(v, (list, tuple)) and len(v) == L0:
                 setattr(h, k, type(v)(v[:L]))
+        if L < L0 and "_heterogeneity_spec" in h.__dict__:  # overrides by layer index (transformers' heterogeneous
+            per = h.to_dict().get("per_layer_config")        # configs: Gemma 4's full-attention layers)
+            index = {k: int(k) if isinstance(k, int) or (isinstance(k, str) and k.isdigit()) else None
+                     for k in per} if isinstance(per, dict) else None
+            if index is None or any(i is None or i >= L0 for i in index.values()):
+                raise SortedNetError(f"{cls}: its config's per-layer overrides ({str(per)[:120]}) are not by index of "
+                                     f"its {L0} layers, so no config describes the first {L}; export it as a plain "
+                                     "module, nest.export(sub, plain=True)")
+            h.per_layer_config = {k: v for k, v in per.items() if index[k] < L}  # (validated against the new count)
         _fit_backbone_stages(h, L0, L, sub, _is_backbone(nest.model))
     kept = {n for n, _ in small.named_modules()}  # a Heads of layers the sub-model's depth drops describes nothing
     heads = [d for d in nest.dims if isinstance(d, Heads)
