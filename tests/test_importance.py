@@ -1377,31 +1377,48 @@ class _MaskedGate(nn.Module):
     """Logits with one action masked by a large finite value (as many RL / constrained-decoding heads do), and a
     per-unit gate the Width leaves out: permuting the units changes the live logits."""
 
-    def __init__(self, fill):
+    def __init__(self, fill, added=False):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 5)
         self.gate = nn.Parameter(torch.rand(16) * 2)
         self.register_buffer("mask", torch.tensor([False, False, False, False, True]))
-        self.fill = fill
+        self.fill, self.added = fill, added
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
-        return self.fc2(h * self.gate[: h.shape[-1]]).masked_fill(self.mask, self.fill)
+        y = self.fc2(h * self.gate[: h.shape[-1]])
+        return y + self.mask * self.fill if self.added else y.masked_fill(self.mask, self.fill)
 
 
-@pytest.mark.parametrize("fill", [float("-inf"), -1e9, torch.finfo(torch.float32).min, 1e12])
-def test_a_sort_that_changes_the_full_model_is_refused_beside_large_finite_fill_values(fill):
+@pytest.mark.parametrize("fill, added, dtype", [
+    (float("-inf"), False, torch.float32), (-1e9, False, torch.float32), (torch.finfo(torch.float32).min, False,
+                                                                            torch.float32),
+    (1e12, False, torch.float32), (-1e4, True, torch.float32), (-1e9, True, torch.float64)])
+def test_a_sort_that_changes_the_full_model_is_refused_beside_large_finite_fill_values(fill, added, dtype):
     """The change of an output was measured against its largest entry: one -1e9 mask entry set that scale, and a
-    permutation changing the live logits by 0.49 (on a scale of 1.4) passed as rounding. Entries unchanged and far
-    above every changed one (fill values) are left out of the scale, as -inf ones are."""
+    permutation changing the live logits by 0.49 (on a scale of 1.4) passed as rounding. Fill values (1e3 or
+    more, 1,000 times every other entry, changed by under a thousandth of themselves: a mask added to the logits
+    carries their change) are left out of the scale, as -inf ones are."""
     torch.manual_seed(0)
-    m = _MaskedGate(fill).eval()
-    x = torch.randn(64, 8)
+    m = _MaskedGate(fill, added).to(dtype).eval()
+    x = torch.randn(64, 8, dtype=dtype)
     nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="fc1", inp="fc2"))
     before = snapshot(m)
     with pytest.raises(sn.SortedNetError, match="permuting changes the full model's output"):
         sort_units(nest, "l1", example=x)
     assert_unchanged(m, before)
+
+
+def test_large_real_outputs_beside_tiny_changed_ones_are_no_fill_values():
+    """Outputs [-1e-8, 4.0] where the permutation rounds the tiny entry to 0: the 4.0 is no fill value (it is
+    under 1e3), so the change is measured on the output's scale and the sort passes."""
+    m = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.diag(torch.tensor([1., 2., 3., 4.])))
+        m[2].weight.copy_(torch.tensor([[1., 1., -1., -1.], [2., 0., 2., 0.]]))
+    x = torch.tensor([[1., 1e-8 / 2, 1. / 3, 1e-8 / 4]])
+    nest = sn.wrap(m, sn.Width("h", [2, 4], out="0", inp="2"))
+    assert torch.equal(sort_units(nest, "l1", example=x)["h@0"], torch.tensor([3, 2, 1, 0]))
 
 
 def test_rounding_beside_a_large_fill_value_still_passes():

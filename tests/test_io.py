@@ -571,7 +571,7 @@ def test_a_profile_loaded_into_a_model_with_other_parameter_free_modules_loses_i
             sn.load(target, tmp_path / "a.sn")
         assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
         assert not any("_sn" in m.__dict__ for m in target.modules())
-    with pytest.warns(UserWarning, match=r"modules \(paths, classes, settings or buffer shapes\) differ.*"
+    with pytest.warns(UserWarning, match=r"modules \(paths, classes or settings\) differ.*"
                                          r"\['flops', 'latency', 'memory'\] no longer apply"):
         other = sn.load(_act_mlp(_Pairwise()), tmp_path / "a.sn")
     assert sorted(other._profile.costs) == ["params"]
@@ -635,7 +635,7 @@ def test_the_profiles_module_record_sees_settings_and_ignores_where_a_class_live
     nest = sn.wrap(_Strided(1), width())
     nest.profile(x, metrics=("params", "flops"), progress=False)
     sn.save(nest, tmp_path / "s.sn")
-    with pytest.warns(UserWarning, match=r"settings or buffer shapes\) differ"):
+    with pytest.warns(UserWarning, match=r"settings\) differ"):
         strided = sn.load(_Strided(2), tmp_path / "s.sn")
     with pytest.raises(sn.SortedNetError, match="no 'flops' cost"):
         strided.cost("c=16", "flops")
@@ -688,7 +688,7 @@ def test_the_module_record_is_taken_when_profiling_not_when_saving(tmp_path):
     flops = nest.cost("c=16", "flops")
     nest.model.conv.stride = (2, 2)
     sn.save(nest, tmp_path / "s.sn")
-    with pytest.warns(UserWarning, match=r"settings or buffer shapes\) differ"):
+    with pytest.warns(UserWarning, match=r"settings\) differ"):
         sn.load(_Strided(2), tmp_path / "s.sn")
     import warnings
     with warnings.catch_warnings():
@@ -696,13 +696,14 @@ def test_the_module_record_is_taken_when_profiling_not_when_saving(tmp_path):
         same = sn.load(_Strided(1), tmp_path / "s.sn")   # (the tree it was measured on)
     assert same.cost("c=16", "flops") == flops
     sn.save(same, tmp_path / "again.sn")   # (a loaded profile keeps the file's record)
-    with pytest.warns(UserWarning, match=r"settings or buffer shapes\) differ"):
+    with pytest.warns(UserWarning, match=r"settings\) differ"):
         sn.load(_Strided(2), tmp_path / "again.sn")
 
 
 class _Block(torch.nn.Module):
-    def __init__(self, drop, jitter=0.0, cached=16, n_pos=16):
+    def __init__(self, drop, jitter=0.0, cached=16, n_pos=16, apply_dropout=True):
         super().__init__()
+        self.apply_dropout = apply_dropout  # (a flag, not a rate: EfficientNet's decides a residual add)
         self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
         self.drop_path = _DropPath(drop) if drop else torch.nn.Identity()
         self.dropout = torch.nn.Dropout(drop) if drop else torch.nn.Identity()
@@ -731,13 +732,13 @@ class _DropPath(torch.nn.Module):
     (dict(drop=0.3), True),                 # another rate
     (dict(drop=0.1, jitter=0.5), True),     # router jitter, an auxiliary loss's coefficient, layer drop
     (dict(drop=0.1, cached=40), True),      # a length a forward caches
-    (dict(drop=0.1, n_pos=4096), False),    # a buffer of another shape: memory counts it
+    (dict(drop=0.1, n_pos=4096), True),     # a non-persistent table of another length (one a forward grows)
+    (dict(drop=0.1, apply_dropout=False), False),  # a flag with "drop" in its name: a setting
 ])
-def test_the_module_record_ignores_training_only_settings_and_sees_buffer_shapes(tmp_path, served, same):
+def test_the_module_record_ignores_training_only_settings(tmp_path, served, same):
     """Training with drop-path and serving without it (an nn.Identity in its place: timm's and transformers'
     recipe) dropped a valid profile on load, as did a router's jitter, a loss coefficient, layer drop, or a
-    rotary table's cached length grown by a long prompt. A non-persistent buffer of another size (memory counts
-    it) kept the profile's memory: it warns now."""
+    rotary table's cached length grown by a long prompt. Rates are left out, flags are not."""
     import warnings
 
     x = torch.randn(4, 8)

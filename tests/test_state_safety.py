@@ -613,12 +613,56 @@ def test_modules_inserted_or_removed_on_the_path_are_refused_before_they_land(ch
     m = _Blocks()
     sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
     before, tree = snapshot(m), list(m.named_modules())
-    with pytest.raises(sn.SortedNetError, match="(?s)(deleting|inserting a module at) 'blocks.*is refused while the "
-                                                "model is wrapped"):
+    with pytest.raises(sn.SortedNetError, match="(?s)(deleting 'blocks[.0-9]*'|(deleting '[0-9]+'|inserting a module "
+                                                "at position [0-9]+) of 'blocks.*re-keys 'blocks.*) is refused while "
+                                                "the model is wrapped"):
         _SHIFTS[change](m)
     assert list(m.named_modules()) == tree
     assert_unchanged(m, before)
     m(torch.randn(5, 8))
+
+
+def _flat(named=False, cls=nn.Sequential):
+    mods = [nn.Tanh(), nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8), nn.Tanh()]
+    keys = ["pre", "fc1", "act", "fc2", "post"] if named else [str(i) for i in range(5)]
+    m = nn.Sequential(collections.OrderedDict(zip(keys, mods))) if cls is nn.Sequential else cls(mods)
+    sn.wrap(m, sn.Width("h", [8, 32], out=keys[1], inp=keys[3]))
+    return m
+
+
+_REKEYING = {  # (model, change): deletes and inserts that re-key a sliced child through other spellings
+    "delete at a numpy index": (lambda: _flat(), lambda m: m.__delitem__(np.int64(0))),
+    "delete at a tensor index": (lambda: _flat(), lambda m: m.__delitem__(torch.tensor(0))),
+    "insert at a numpy index": (lambda: _flat(), lambda m: m.insert(np.int64(0), nn.ReLU())),
+    "delete a slice of negative step": (lambda: _flat(), lambda m: m.__delitem__(slice(None, None, -4))),
+    "delete after the sliced children of a named Sequential": (lambda: _flat(named=True),
+                                                               lambda m: m.__delitem__(-1)),
+    "insert at -1 into a ModuleList": (lambda: _flat(cls=nn.ModuleList), lambda m: m.insert(-1, nn.ReLU())),
+}
+
+
+@pytest.mark.parametrize("change", _REKEYING)
+def test_every_spelling_of_a_rekeying_delete_or_insert_is_refused_before_it_lands(change):
+    """numpy / tensor indices, slices of negative step (checked from the first key deleted, not the lowest), a
+    delete from a Sequential of named children (torch re-keys every child 0..n-1, so the sliced 'fc1' becomes
+    '1'), and ModuleList.insert(-1) (torch shifts every child, then fails on key '-1') all re-keyed sliced
+    children before the refusal at the next forward; refused before anything changes now."""
+    make, act = _REKEYING[change]
+    m = make()
+    before, keys = snapshot(m), list(m._modules)
+    with pytest.raises(sn.SortedNetError, match="re-keys .* another path.*refused while the model is wrapped"):
+        act(m)
+    assert list(m._modules) == keys
+    assert_unchanged(m, before)
+
+
+def test_deletes_and_inserts_after_the_sliced_children_of_a_numbered_list_are_accepted():
+    m = _flat()
+    del m[np.int64(4)]
+    m.insert(4, nn.Identity())
+    m.insert(-1, nn.Identity())   # (Sequential counts from the end: position 4, after 'fc2' at 3)
+    assert list(m._modules) == ["0", "1", "2", "3", "4", "5"]
+    m(torch.randn(2, 8))
 
 
 def test_children_rekeyed_behind_the_guards_are_refused_at_the_next_forward():

@@ -380,6 +380,44 @@ def test_importance_sorting_preserves_function_and_reorders(name):
     assert all(p.grad is None for p in model.parameters())  # grads restored as they were
 
 
+@pytest.mark.parametrize("shared", ["a layer reused", "key/value projections shared", "gpt2 attention shared"])
+def test_sort_by_importance_refuses_modules_two_layers_hold(shared):
+    """A layer held at two places of the layer list (MobileLLM / ALBERT-style reuse), or projections shared across
+    layers: each layer was sorted on its own, so a shared module got one order applied on top of another (the
+    returned order was not the one applied: a heads=2 sub-model kept the least important head) in silence, or the
+    sort was refused as "per-head weights this layout does not move". Refused by name before anything changes;
+    sort_units sorts such a model with one order for the shared modules."""
+    from sortednet.importance import sort_units
+
+    model, _, _, _ = build("gpt2" if shared.startswith("gpt2") else "llama")
+    if shared == "a layer reused":
+        model.model.layers[1] = model.model.layers[0]
+    elif shared == "key/value projections shared":
+        a0, a1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+        a1.k_proj, a1.v_proj = a0.k_proj, a0.v_proj
+    else:
+        model.transformer.h[1].attn = model.transformer.h[0].attn
+    nest = sn.from_transformers(model, heads=[2], **({} if shared.startswith("key") else {"ffn": [16]}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"orders each layer on its own, but '.*\.1' and '.*\.0' hold the "
+                                                r"same .*Nothing was changed"):
+        sn.sort_by_importance(nest, [ids(seed=7, b=4)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = ids(seed=3)
+    with torch.no_grad():
+        ref = out(model, x)
+    sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sort_by_importance_inside_inference_mode_is_refused_by_name():
+    model, kw, _, _ = build("gpt2")
+    nest = sn.from_transformers(model, **kw)
+    with torch.inference_mode(), pytest.raises(sn.SortedNetError, match=r"inside torch.inference_mode\(\)"):
+        sn.sort_by_importance(nest, [ids(seed=7, b=4)])
+
+
 def test_importance_sorting_puts_important_heads_first():
     """A head whose output projection is scaled up is the most important one after sorting."""
     model, kw, _, _ = build("gpt2")

@@ -558,9 +558,9 @@ _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  
 #: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
 #: its blocks recompute activations in the backward (transformers' gradient checkpointing)
 _NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing"})
-#: parts of attribute names of training alone (dropout and drop-path rates, layer drop, router jitter, an auxiliary
-#: loss's coefficient) or of state a forward updates (a rotary table's cached length)
-_NOT_SETTING_PARTS = ("drop", "jitter", "aux_loss", "cache")
+#: parts of the names of numbers of training alone (dropout and drop-path rates, layer drop, router jitter, an
+#: auxiliary loss's coefficient: a flag such as EfficientNet's apply_dropout, which decides a residual add, counts)
+_TRAINING_RATES = ("drop", "jitter", "aux_loss")
 #: modules that are the identity in eval mode (dropout, stochastic depth): one of them or an nn.Identity in its place
 #: (a drop-path rate of 0) is the same forward
 _EVAL_IDENTITY = re.compile(r"(?i)(dropout(\dd)?|drop_?path|stochastic_?depth)$|^identity$")
@@ -574,8 +574,8 @@ def module_settings(m: nn.Module) -> tuple[str, list[tuple[str, str]]]:
     if isinstance(m, nn.modules.dropout._DropoutNd) or _EVAL_IDENTITY.search(cls.__name__):     # own classes)
         return "Identity", []  # (costs are measured in eval mode)
     return cls.__qualname__, sorted((k, repr(v)) for k, v in m.__dict__.items()
-                                    if not k.startswith("_") and k not in _NOT_SETTINGS
-                                    and not any(part in k.lower() for part in _NOT_SETTING_PARTS)
+                                    if not k.startswith("_") and k not in _NOT_SETTINGS and "cache" not in k.lower()
+                                    and not (type(v) in (int, float) and any(p in k.lower() for p in _TRAINING_RATES))
                                     and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
                                     and _plain(v))
 
@@ -586,19 +586,19 @@ def modules_digest(model: nn.Module) -> str:
     stride or a mixture's experts per token), hashed. What leaves the forward as it is does not count: the module
     a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served),
     activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model
-    was loaded from (``name_or_path``), settings of training alone (dropout and drop-path rates, layer drop,
-    router jitter, a BatchNorm's momentum: costs are measured in eval mode; a dropout or drop-path module counts
-    as an ``nn.Identity``), state a forward updates (a ``..._cached`` length), tensors and other objects a module
-    holds (its buffers' names and shapes count: memory counts them; values and dtypes do not). The same on the
-    model before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
+    was loaded from (``name_or_path``), numbers of training alone (dropout and drop-path rates, layer drop,
+    router jitter, an auxiliary loss's coefficient, a BatchNorm's momentum: costs are measured in eval mode; a
+    dropout or drop-path module counts as an ``nn.Identity``), state a forward updates (names with ``cache``: a
+    rotary table's cached length), tensors and other objects a module holds (a persistent buffer's shape is
+    checked by the load itself; a non-persistent one, often a table a forward builds or grows, is not followed).
+    The same on the model before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
     h = hashlib.sha256()
     for path, m in model.named_modules(remove_duplicate=False):
         if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
             continue  # (the wrapper itself: its child is the module)
         cls, settings = module_settings(m)
-        buffers = [(n, tuple(b.shape)) for n, b in m._buffers.items() if b is not None]  # (memory counts them)
         path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
-        h.update(f"{path}\0{cls}\0{settings}\0{buffers}\n".encode())
+        h.update(f"{path}\0{cls}\0{settings}\n".encode())
     return h.hexdigest()
 
 

@@ -86,13 +86,15 @@ class Attention:
 
 def without_fills(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` and ``b`` (finite entries of two outputs to compare, ``b`` the reference) without the entries that
-    are fill values: unchanged and over 1,000 times as large as every entry that changed (logits masked with
-    -1e9 or ``finfo.min`` rather than -inf). Kept, they set the scale a change is measured against and hide any
-    change of the other entries."""
-    same = a == b
-    if bool(same.all()) or not bool(same.any()):
+    are fill values: of magnitude 1e3 or more (logits masked with -1e4, -1e9 or ``finfo.min`` rather than -inf,
+    by ``masked_fill`` or added to them), over 1,000 times as large as every other entry, and changed by less
+    than a thousandth of their own size (a mask added to logits carries their change). Kept, they set the scale
+    a change is measured against and hide any change of the other entries; left out, the others are measured on
+    their own scale (outputs whose columns differ by that much in size are measured so too)."""
+    big = b.abs() >= 1e3
+    if bool(big.all()) or not bool(big.any()):
         return a, b
-    fill = same & (b.abs() > 1e3 * b[~same].abs().max())
+    fill = big & (b.abs() > 1e3 * b[~big].abs().max()) & ((a - b).abs() <= 1e-3 * b.abs())
     return (a[~fill], b[~fill]) if bool(fill.any()) else (a, b)
 
 

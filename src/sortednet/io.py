@@ -411,7 +411,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         if measured and not other and stored is not None and stored != modules_digest(
                 model if dims is not None else nest.model):
             other.append(f"sn.load of {where}: the checkpoint's profile was measured on a model whose modules "
-                         "(paths, classes, settings or buffer shapes) differ from this one's")
+                         "(paths, classes or settings) differ from this one's")
         if other:
             import warnings
 

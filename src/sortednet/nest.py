@@ -418,7 +418,8 @@ class Nest:
         params: list[tuple] = []
         paths: list[tuple[str, int]] = []
         tensors: list[tuple[int, torch.dtype]] = []  # _tensor_ids() of the same walk (a second walk doubled a pick)
-        buffers: list[tuple] = []  # every buffer's name, shape and dtype (memory counts them: a rotary table grown)
+        buffers: list[tuple] = []  # every persistent buffer's name, shape and dtype (memory counts them; not the
+        #                            non-persistent ones: tables and caches a forward builds or grows, in normal use)
         for path, m in self.model.named_modules(remove_duplicate=False):
             paths.append((path, id(m)))
             for n, p in m._parameters.items():
@@ -427,7 +428,7 @@ class Nest:
                         tensors.append((id(p), p.dtype))
                     params.append((f"{path}.{n}" if path else n, tuple(p.shape), first.setdefault(id(p), len(params))))
             for n, b in m._buffers.items():
-                if b is not None:
+                if b is not None and n not in m._non_persistent_buffers_set:
                     buffers.append((f"{path}.{n}" if path else n, tuple(b.shape), b.dtype))
         return tuple(params), tuple(paths), tuple(tensors), tuple(buffers)
 
@@ -494,7 +495,7 @@ class Nest:
             self._drop_measured(("flops", "latency", "memory"), "modules of the model were added, removed or "
                                 "replaced", 4)
             self._scores_of_other_weights()  # (a module without parameters swapped: not in the weights' key)
-        elif new[3] != self._structure[3]:  # buffers the slicers do not cut added, removed, re-shaped or cast
+        elif new[3] != self._structure[3]:  # persistent buffers added, removed, re-shaped or cast
             was, self._structure = self._structure, new  # (memory counts them; a forward may read one whole)
             shapes = [(n, s) for n, s, _ in new[3]] != [(n, s) for n, s, _ in was[3]]
             self._drop_measured(("flops", "latency", "memory") if shapes else ("latency", "memory"),

@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import functools
 import inspect
+import operator
 import sys
 import threading
 import types
@@ -1594,42 +1595,57 @@ def _guard_delattr() -> None:
             def __delitem__(self: nn.Module, idx: Any) -> None:
                 if not _compiling() and self in _GUARDED:
                     keys = list(self._modules)
-                    gone = keys[idx] if isinstance(idx, slice) else [keys[idx]] if isinstance(
-                        idx, int) and -len(keys) <= idx < len(keys) else []
+                    if isinstance(idx, slice):
+                        gone = keys[idx]
+                    else:
+                        try:
+                            i = operator.index(idx)  # (numpy and torch integers too, as torch takes them)
+                        except TypeError:
+                            i = None
+                        gone = [keys[i]] if i is not None and -len(keys) <= i < len(keys) else []
                     for key in gone:
                         _registration_guard(self, key, None, deleting=True, dry=True)
-                    if gone:  # the children after the first one deleted are renumbered (torch re-keys them)
-                        _refuse_renumbering(self, keys, keys.index(gone[0]), "deleting")
+                    if gone:  # torch re-keys the children left as 0..n-1 (named ones of a Sequential too)
+                        left = [k for k in keys if k not in set(gone)]
+                        _refuse_renumbering(self, [(k, str(i)) for i, k in enumerate(left)],
+                                            f"deleting {gone[0]!r}" + (f" (and {len(gone) - 1} more)" if len(gone) > 1
+                                                                       else ""))
                 delete(self, idx)
             return __delitem__
 
-        def make_insert(insert: Any) -> Any:
+        def make_insert(insert: Any, shifts_all: bool) -> Any:
             @functools.wraps(insert)
             def insert_(self: nn.Module, index: int, module: nn.Module) -> Any:
-                if not _compiling() and self in _GUARDED and isinstance(index, int):
+                if not _compiling() and self in _GUARDED:
                     keys = list(self._modules)
-                    at = max(0, index + len(keys)) if index < 0 else index
-                    _refuse_renumbering(self, keys, at, "inserting a module at")
+                    try:
+                        at = operator.index(index)
+                    except TypeError:
+                        at = None
+                    if at is not None and at < 0:  # (Sequential counts from the end; ModuleList's insert shifts
+                        at = 0 if shifts_all else max(0, at + len(keys))  # every child before failing on it)
+                    if at is not None:
+                        _refuse_renumbering(self, [(k, str(i + 1) if i >= at else k) for i, k in enumerate(keys)],
+                                            f"inserting a module at position {at}")
                 return insert(self, index, module)  # (Sequential.insert returns the Sequential)
             return insert_
 
         cls.__delitem__ = make(cls.__delitem__)  # type: ignore[method-assign]
-        cls.insert = make_insert(cls.insert)  # type: ignore[method-assign]
+        cls.insert = make_insert(cls.insert, cls is nn.ModuleList)  # type: ignore[method-assign]
 
 
-def _refuse_renumbering(c: nn.Module, keys: list[str], first: int, action: str) -> None:
-    """Refuse ``action`` on the list ``c`` where it re-keys the children from position ``first`` on and one of
-    them is a guarded link (it holds a sliced module: renumbered, it would be another path)."""
+def _refuse_renumbering(c: nn.Module, rekeyed: list[tuple[str, str]], action: str) -> None:
+    """Refuse ``action`` on the list ``c`` where it re-keys a guarded child (one holding a sliced module: under
+    another key it is another path); ``rekeyed``: ``(key, key after the action)`` of the children it keeps."""
     names = _GUARDED.get(c) or {}
     if None in names:
         return  # (a Depth layer list: its own guard refuses any change)
-    moved = [k for k in keys[first:] if k in names]
+    moved = [(k, new) for k, new in rekeyed if k in names and k != new]
     if moved:
-        g = names[moved[0]]
+        g = names[moved[0][0]]
         where = g.path.rpartition(".")[0]
-        at = f"{where}.{keys[first]}" if where else keys[first]
-        refuse_tree_change(g.path, f"{action} {at!r} (it renumbers {g.path!r}: the children from there on move to "
-                           "other indices)", False)
+        refuse_tree_change(g.path, f"{action} of {where or '<root>'!r} (it re-keys {g.path!r} as {moved[0][1]!r}: "
+                           "another path)", False)
 
 
 def guard_tree(root: nn.Module, sliced: dict[str, nn.Module], containers: dict[str, nn.Module]) -> Guards:

@@ -217,6 +217,23 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                   for b in (m._sn.bind.get(role),))
     _check_layout(lay, found, model, ffn, heads)
     blocks = [b for _, b in named]
+    if torch.is_inference_mode_enabled():  # (its scores are gradients: a raw RuntimeError at backward)
+        raise SortedNetError("sort_by_importance scores units by their gradients, and it is called inside "
+                             "torch.inference_mode(), where no gradient can be taken: call it outside inference "
+                             "mode. Nothing was changed")
+    owner: dict[int, str] = {}  # a module two layers hold (a layer reused, key / value projections shared across
+    for (name, blk) in named:   # layers): each layer's order would be applied to it again, in silence
+        moved = ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn else []) + (
+            list(blk.get_submodule(lay.attn[0]).modules()) if heads else [])
+        for m in dict.fromkeys(moved):
+            if "_sn" not in m.__dict__ and not any(True for _ in m.parameters(recurse=False)):
+                continue
+            other = owner.setdefault(id(m), name)
+            if other != name:
+                raise SortedNetError(f"sort_by_importance orders each layer on its own, but {name!r} and {other!r} "
+                                     f"hold the same {type(m).__name__} (a layer or projection shared between "
+                                     "layers): one layer's order would be applied to it again. Nothing was changed; "
+                                     "sortednet.importance.sort_units sorts shared modules with one order")
     stray = stray_optimizers(in_copies(nest, [  # what the sort moves: the FFNs, the attentions
         p for blk in blocks for m in ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn
                                       else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
