@@ -1712,3 +1712,49 @@ def test_a_checkpointed_block_recomputed_on_another_path_gives_the_same_gradient
         got = grads(net, lambda f, h: checkpoint(f, h, use_reentrant=False))
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _ScaledLinear(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in))
+        self.scale = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) * self.scale
+
+
+class _IndexingSlicer(sn.Slicer):
+    """A slicer of one's own cutting with ``p[:k]``, as docs/custom_slicers.md allows."""
+
+    roles = ("out", "inp")
+    attrs = ("weight", "scale")
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    def value(self, m, name):
+        o, i = self.features(m, "out", m._parameters["weight"].shape[0]), self.features(m, "inp", 8)
+        return m._parameters["weight"][:o, :i] if name == "weight" else m._parameters["scale"][:o]
+
+
+def test_a_custom_slicers_whole_view_is_served_as_the_parameter():
+    """``value()`` cutting with ``p[:k]`` served a non-leaf view at the full size too (outside ``use``): clipping over
+    ``layer.weight`` skipped the layer in silence (its gradient norm stayed 363 while the others were clipped to
+    1), ``.grad`` through the attribute was None and ``requires_grad_`` raised. The whole view is the parameter
+    now; a smaller sub-model still gets a view."""
+    sn.slicer(_ScaledLinear)(_IndexingSlicer)  # (a class of this module's own: registering it touches no other)
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledLinear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    nest = sn.wrap(model, sn.Width("h", [8, 32], out="0", inp="2"))
+    layer = model[0]
+    assert layer.weight is layer._parameters["weight"] and layer.scale is layer._parameters["scale"]
+    (model(torch.randn(4, 8)) * 100).sum().backward()
+    assert layer.weight.grad is not None
+    torch.nn.utils.clip_grad_norm_([layer.weight, layer.scale, model[2].weight, model[2].bias], 1.0)
+    total = torch.stack([p.grad.norm() for p in (layer.weight, layer.scale, model[2].weight, model[2].bias)])
+    assert total.norm() <= 1.0 + 1e-4
+    layer.weight.requires_grad_(False)
+    layer.weight.requires_grad_(True)
+    with nest.use("h=8"):
+        assert layer.weight.shape == (8, 8) and layer.weight._base is layer._parameters["weight"]

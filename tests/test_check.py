@@ -4879,3 +4879,46 @@ def test_whole_heads_of_a_half_precision_attention_that_needs_a_mask_are_measure
             assert_unchanged(m, before)
         else:
             sn.wrap(m, sn.Heads("heads", [2, 4], attn=""), example=(x, mask))
+
+
+class _SkipBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, skip=None):
+        h = x + torch.tanh(self.fc(x))
+        return h if skip is None else h + skip
+
+
+class _LongSkips(nn.Module):
+    """U-Net long skips in one block list, its halves split by the list's length (modded-nanogpt / U-ViT style):
+    at half the depth, block 2 is a decoder block (it takes a skip), in the full model an encoder block."""
+
+    def __init__(self, as_argument):
+        super().__init__()
+        self.as_argument = as_argument
+        self.blocks = nn.ModuleList(_SkipBlock() for _ in range(8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        n, skips = len(self.blocks), []
+        for i, b in enumerate(self.blocks):
+            if i < n // 2:
+                x = b(x)
+                skips.append(x)
+            else:
+                x = b(x, skips.pop()) if self.as_argument else b(x + skips.pop())
+        return self.head(x)
+
+
+@pytest.mark.parametrize("as_argument", [True, False])
+def test_a_block_fed_another_number_of_tensors_at_a_smaller_depth_is_a_pairing_warning(as_argument):
+    """The pairing check stopped at the first block that recorded another number of values than in the full
+    model: a skip passed as a second argument at the smaller depth only (block 2 turns from an encoder into a
+    decoder block, its output 4 off) was not said, while the same skip added before the call was."""
+    from sortednet.check import LayerPairingWarning
+
+    torch.manual_seed(0)
+    with pytest.warns(LayerPairingWarning, match="depth 'L' at 4: block 2 of 'blocks' reads or gives other values"):
+        sn.wrap(_LongSkips(as_argument), sn.Depth("L", [4, 8], layers="blocks"), example=torch.randn(3, 8))

@@ -2188,13 +2188,20 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
 
 
 def _fed_error(got: dict[int, tuple[int, float]], want: dict[int, list[tuple]], kept: list[nn.Module],
-               tol: float) -> tuple[float, int]:
+               tol: float, got_calls: dict[int, int] | None = None,
+               want_calls: dict[int, int] | None = None) -> tuple[float, int]:
     """The largest relative difference ``got`` (a compared run) found, block by block until one recorded as many
-    values as ``want`` does not, and the first block (index in ``kept``) over ``tol``: -1 where none is."""
+    values as ``want`` does not, and the first block (index in ``kept``) over ``tol``: -1 where none is. A block
+    called as often in both runs (``got_calls`` / ``want_calls``) that read or gave another number of tensors (a
+    skip connection passed to it in one run only) differs: infinitely."""
     worst, first = 0.0, -1
     for k, b in enumerate(kept):
         n, err = got.get(id(b), (0, 0.0))
         if n != len(want.get(id(b), [])):
+            if got_calls is not None and want_calls is not None and got_calls.get(id(b), 0) == want_calls.get(
+                    id(b), 0) > 0:
+                worst = math.inf
+                first = k if first < 0 else first
             break
         worst = max(worst, err)
         if err > tol and first < 0:
@@ -2250,19 +2257,21 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
                                                             want[1], want=want[0])
                 if got is None:
                     continue
-                err, k = _fed_error(got[0], want[0], kept, tol)
+                err, k = _fed_error(got[0], want[0], kept, tol, got[1], want[1])
                 if k < 0:
                     continue
                 again = _blocks_fed(nest, model, example, full, kept, lasts, list(skip.values()), sketch, seed=1,
                                     want=want[0])  # (a forward that samples: the full model's own draws differ)
-                if again is None or _fed_error(again[0], want[0], kept, tol)[1] >= 0:
+                if again is None or _fed_error(again[0], want[0], kept, tol, again[1], want[1])[1] >= 0:
                     continue
             except Exception:
                 continue
             holder, index = next((m, bs.index(kept[k])) for m, bs in per_list if kept[k] in bs)
             warnings.warn(
                 f"nest.check: depth {dd.name!r} at {size}: block {index} of {holder._sn.path or '<root>'!r} reads "
-                f"or gives other values than in the full model (relative difference {err:.2g}) before any block the "
+                f"or gives other values than in the full model ("
+                f"{'another number of tensors' if err == math.inf else f'relative difference {err:.2g}'}) before "
+                "any block the "
                 "depth skips runs there: the forward feeds the blocks something that follows the depth (per-layer "
                 "values read from the end or reversed with the depth's count, gathered before the loop, "
                 "g[-len(self.blocks):], a flip; a scale computed from len(self.blocks)), so a sub-model is not the "

@@ -529,7 +529,9 @@ def view(t: Tensor, cuts: Cuts, segs: Segments, st: Any, name: str = "", m: Any 
                              f"spanning {span} along axis {axis} (the full model's): each block is cut at the full "
                              "tensor's offsets, so another length would read other rows. Give it the full-size "
                              "tensor (torch.func.functional_call, load_state_dict(assign=True), a reassigned "
-                             "parameter)")
+                             f"parameter); a slicer of yours reading a tensor of one entry per unit beside the fused "
+                             f"one (a per-unit scale) with take(): cut that one by hand, p[:features // {len(parts)}] "
+                             "(docs/custom_slicers.md)")
     out = torch.cat([narrow(t, (*cuts, (axis, start, n)), st) for start, n in parts], axis)
     if _compiling() or _functorch_active() or _inspected(m):
         return out

@@ -471,8 +471,8 @@ class Slicer:
                         t = self_._parameters.get(name)
                         if t is not None and is_sharded(t) and distributed_bookkeeping():  # FSDP2 must get its
                             return t  # parameter back, never a value computed from it (a LoRA weight W0 + B·A:
-                        v = st.slicer.value(self_, name)  # it took that for the parameter and wrote it into
-                        return computed(v, self_, name, st) if name in st.guard else v  # the base)
+                        v = _whole(st.slicer.value(self_, name), self_, name)  # it took that for the parameter
+                        return computed(v, self_, name, st) if name in st.guard else v  # and wrote it into the base)
                     return e
                 except AttributeError as err:  # from a property, Python would fall back to nn.Module.__getattr__,
                     raise _read_error(st, name, err) from err  # which returns the FULL-size tensor: never that
@@ -1006,6 +1006,22 @@ def _guard_global_prune() -> None:
 
 
 _guard_global_prune()
+
+
+def _whole(v: Any, m: nn.Module, name: str) -> Any:
+    """A custom slicer's ``value`` that cut its tensor to the whole of it (``p[:k]`` at the full size, a view):
+    the tensor itself, as ``take`` gives (outside ``use``, ``m.weight`` is the parameter: ``clip_grad_norm_`` over
+    the attribute, ``.grad``, ``requires_grad_`` work on it)."""
+    base = v._base if isinstance(v, Tensor) else None
+    if base is None:
+        return v
+    t = m._parameters.get(name)
+    if t is None:
+        t = m._buffers.get(name)
+    if base is t and v.shape == t.shape and v.stride() == t.stride() and v.storage_offset() == t.storage_offset() \
+            and v.dtype == t.dtype:
+        return t
+    return v
 
 
 def parameter_like(full: Tensor, data: Tensor) -> nn.Parameter:
