@@ -1758,3 +1758,9 @@ def test_a_custom_slicers_whole_view_is_served_as_the_parameter():
     layer.weight.requires_grad_(True)
     with nest.use("h=8"):
         assert layer.weight.shape == (8, 8) and layer.weight._base is layer._parameters["weight"]
+    x = torch.randn(4, 8)
+    for compiled in (torch.compile(model, backend="eager", fullgraph=True),   # (storage_offset is not traced:
+                     nest.compile(backend="eager", fullgraph=True)):           # compiled reads keep the view)
+        for sub in ("h=8", "h=32"):
+            with nest.use(sub), torch.no_grad():
+                torch.testing.assert_close(compiled(x), model(x))

@@ -4922,3 +4922,35 @@ def test_a_block_fed_another_number_of_tensors_at_a_smaller_depth_is_a_pairing_w
     torch.manual_seed(0)
     with pytest.warns(LayerPairingWarning, match="depth 'L' at 4: block 2 of 'blocks' reads or gives other values"):
         sn.wrap(_LongSkips(as_argument), sn.Depth("L", [4, 8], layers="blocks"), example=torch.randn(3, 8))
+
+
+class _KeepBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, keep=None):  # the last block computes only the positions kept
+        h = x + torch.tanh(self.fc(x))
+        return h if keep is None else h[:, keep]
+
+
+class _ToldLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_KeepBlock() for _ in range(4))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        keep = torch.tensor([x.shape[1] - 1])
+        for i, b in enumerate(self.blocks):
+            x = b(x, keep=keep if i == len(self.blocks) - 1 else None)
+        return self.head(x)
+
+
+def test_a_last_block_handed_a_tensor_of_its_own_is_no_pairing_warning():
+    """A block told it is the last through a tensor argument follows the depth, as ``self.blocks[-1]`` does: the
+    count of tensors it reads is not compared (it was, for a moment, a false LayerPairingWarning)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sn.wrap(_ToldLast(), sn.Depth("d", [1, 2, 4], layers="blocks"), example=torch.randn(2, 5, 16))

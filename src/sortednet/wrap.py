@@ -1449,8 +1449,10 @@ _GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HOOK: list = []
 
 
-def _at(m: nn.Module, rel: str) -> Any:
+def _at(m: nn.Module | None, rel: str) -> Any:
     for name in rel.split(".") if rel else ():
+        if m is None:
+            return None
         m = m._modules.get(name)
         if m is None:
             return None
@@ -1593,8 +1595,8 @@ def _guard_delattr() -> None:
         def make(delete: Any) -> Any:
             @functools.wraps(delete)
             def __delitem__(self: nn.Module, idx: Any) -> None:
-                if not _compiling() and self in _GUARDED:
-                    keys = list(self._modules)
+                if not _compiling() and (self in _GUARDED or isinstance(idx, slice)):
+                    keys = list(self._modules)  # (a slice: every key asked first, also in a deep copy's list)
                     if isinstance(idx, slice):
                         gone = keys[idx]
                     else:
@@ -1605,7 +1607,7 @@ def _guard_delattr() -> None:
                         gone = [keys[i]] if i is not None and -len(keys) <= i < len(keys) else []
                     for key in gone:
                         _registration_guard(self, key, None, deleting=True, dry=True)
-                    if gone:  # torch re-keys the children left as 0..n-1 (named ones of a Sequential too)
+                    if gone and self in _GUARDED:  # torch re-keys the children left as 0..n-1 (named ones too)
                         left = [k for k in keys if k not in set(gone)]
                         _refuse_renumbering(self, [(k, str(i)) for i, k in enumerate(left)],
                                             f"deleting {gone[0]!r}" + (f" (and {len(gone) - 1} more)" if len(gone) > 1

@@ -1012,7 +1012,7 @@ def _whole(v: Any, m: nn.Module, name: str) -> Any:
     """A custom slicer's ``value`` that cut its tensor to the whole of it (``p[:k]`` at the full size, a view):
     the tensor itself, as ``take`` gives (outside ``use``, ``m.weight`` is the parameter: ``clip_grad_norm_`` over
     the attribute, ``.grad``, ``requires_grad_`` work on it)."""
-    base = v._base if isinstance(v, Tensor) else None
+    base = v._base if isinstance(v, Tensor) and not _compiling() else None  # (compiled: a view is as good)
     if base is None:
         return v
     t = m._parameters.get(name)
