@@ -1714,7 +1714,7 @@ def test_a_checkpointed_block_recomputed_on_another_path_gives_the_same_gradient
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-class _ScaledLinear(nn.Module):
+class _ScaledLinear(nn.Module):  # (a class of its own: the slicer registry is keyed by class)
     def __init__(self, n_in, n_out):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_out, n_in))
