@@ -4954,3 +4954,47 @@ def test_a_last_block_handed_a_tensor_of_its_own_is_no_pairing_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sn.wrap(_ToldLast(), sn.Depth("d", [1, 2, 4], layers="blocks"), example=torch.randn(2, 5, 16))
+
+
+class _KindBlock(nn.Module):
+    def __init__(self, d, local):
+        super().__init__()
+        self.local = local
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, global_mask, local_mask):  # a local layer reads the local mask, a global one the global
+        q, k, v = self.qkv(x).chunk(3, -1)
+        mask = local_mask if self.local else global_mask
+        return x + self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class _MasksByKind(nn.Module):
+    """Each mask is built only when some layer of its kind runs: at depth 2 (two local layers) the global mask is
+    None, so the blocks get one tensor fewer than in the full model, and compute the same."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(_KindBlock(d, local) for local in (True, True, False, False))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        global_mask = causal if any(not b.local for b in self.blocks) else None
+        local_mask = causal & torch.ones(t, t, dtype=torch.bool).triu(-2) if any(b.local for b in self.blocks) \
+            else None
+        h = self.emb(x)
+        for b in self.blocks:
+            h = b(h, global_mask, local_mask)
+        return self.head(h)
+
+
+def test_a_block_handed_none_for_a_tensor_it_does_not_read_is_judged_by_its_output():
+    """What a block reads and gives are compared apart: a block that reads another number of tensors (a mask it
+    never reads is None at the smaller depth) but gives the same output is no pairing problem (it was, for a
+    moment, a false LayerPairingWarning); one that gives another output is (the U-Net case above)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sn.wrap(_MasksByKind(), sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(2, 6, 4))

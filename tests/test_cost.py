@@ -1004,60 +1004,42 @@ def test_a_saved_profile_never_matches_a_function_of_another_process(tmp_path, m
 
 
 class _Positions(torch.nn.Module):
-    """A table of positions (a persistent buffer no dimension slices) that memory counts, and a table of its own
-    that the forward builds and grows (a non-persistent cache, as many hand-written language models keep)."""
+    """A mask (a persistent buffer) and a table (a non-persistent one) the forward grows for longer inputs, and
+    one registered None and filled by the first forward: caches, as many hand-written models keep."""
 
-    def __init__(self, n_pos=16):
+    def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = torch.nn.Linear(8, 64), torch.nn.Linear(64, 3)
-        self.register_buffer("pos", torch.zeros(n_pos, 8))
+        self.register_buffer("mask", torch.ones(4, 4).tril())
+        self.register_buffer("lazy", None)
 
     def forward(self, x):
-        if getattr(self, "grown", None) is None or self.grown.shape[0] < x.shape[0]:
-            self.register_buffer("grown", torch.zeros(x.shape[0], 8), persistent=False)
-        return self.fc2(torch.relu(self.fc1(x + self.pos[: x.shape[0]] + self.grown[: x.shape[0]])))
+        n = x.shape[0]
+        if self.mask.shape[0] < n:
+            self.mask = torch.ones(n, n).tril()
+        if getattr(self, "grown", None) is None or self.grown.shape[0] < n:
+            self.register_buffer("grown", torch.zeros(n, 8), persistent=False)
+        if self.lazy is None:
+            self.lazy = torch.ones(3)
+        return self.mask[:n, :n] @ self.fc2(torch.relu(self.fc1(x + self.grown[:n]))) * self.lazy
 
 
-@pytest.mark.parametrize("change", ["grown", "cast", "a cache the forward grows", "filled by the first forward"])
-def test_a_buffer_grown_added_or_cast_after_profiling_drops_the_measured_memory(change):
-    """Memory counts the buffers: a table re-assigned 15,000 times larger kept the profile's memory (pick(memory=)
-    chose a sub-model of 8 MB for a 4 kB budget) without a word. Persistent buffers re-shaped or cast now drop the
-    measured columns with a warning (FLOPs too where shapes changed: a forward may read a buffer whole); a
-    non-persistent table the forward builds or grows (a cache), or a buffer registered None and filled by the
-    first forward, does not: serving dropped every measured cost of a valid profile."""
+def test_buffers_a_forward_builds_or_grows_drop_no_measured_cost():
+    """For a moment, buffers re-shaped after profiling dropped the measured costs: serving one longer input (a
+    mask grown 4x4 -> 12x12) or a first forward filling a buffer registered None wiped a valid profile (pick
+    refused, "no 'latency' cost known"). Caches look the same as a buffer re-assigned by hand, so buffers are not
+    followed: memory counts them as profiled (docs/deployment.md)."""
+    import warnings
+
     torch.manual_seed(0)
     net = _Positions().eval()
     nest = sn.wrap(net, sn.Width("h", [16, 32, 64], out="fc1", inp="fc2"))
-    x = torch.randn(4, 8)
-    nest.profile(x, repeat=1, warmup=0, progress=False)
-    if change in ("a cache the forward grows", "filled by the first forward"):
-        with torch.no_grad():
-            if change == "filled by the first forward":  # (a buffer registered None: none, then one, same model)
-                net.register_buffer("lazy", None)
-                nest.cost(nest.smallest, "memory")
-                net.lazy = torch.ones(3)
-            net(torch.randn(12, 8))
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert nest.pick(memory=1e12, latency=1e12, flops=1e12) == nest.largest
-        return
-    if change == "grown":
-        net.pos = torch.zeros(250_000, 8)
-    else:
-        net.pos = net.pos.half()
-    dropped = ["flops", "latency", "memory"] if change != "cast" else ["latency", "memory"]
-    with pytest.warns(UserWarning, match=rf"buffers of the model were .* {dropped}"):
-        with pytest.raises(sn.SortedNetError, match="no 'memory' cost known"):
-            nest.pick(memory=4000)
-    prof = nest.profile(x, repeat=1, warmup=0, progress=False)
-    held = net.pos.numel() * net.pos.element_size()
-    assert prof.costs["memory"][0] >= held
-    nest.profile(x, repeat=1, warmup=0, progress=False)  # (nothing changed since: no warning)
-    import warnings
+    nest.profile(torch.randn(4, 8), repeat=1, warmup=0, progress=False)
+    with torch.no_grad():
+        net(torch.randn(12, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        nest.pick(memory=prof.costs["memory"][-1])
+        assert nest.pick(memory=1e12, latency=1e12, flops=1e12) == nest.largest
 
 
 class _Repeat(torch.nn.Module):

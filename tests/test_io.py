@@ -701,8 +701,9 @@ def test_the_module_record_is_taken_when_profiling_not_when_saving(tmp_path):
 
 
 class _Block(torch.nn.Module):
-    def __init__(self, drop, jitter=0.0, cached=16, n_pos=16, apply_dropout=True):
+    def __init__(self, drop, jitter=0.0, cached=16, n_pos=16, apply_dropout=True, drop_tokens=0):
         super().__init__()
+        self.drop_tokens = drop_tokens
         self.apply_dropout = apply_dropout  # (a flag, not a rate: EfficientNet's decides a residual add)
         self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
         self.drop_path = _DropPath(drop) if drop else torch.nn.Identity()
@@ -734,6 +735,7 @@ class _DropPath(torch.nn.Module):
     (dict(drop=0.1, cached=40), True),      # a length a forward caches
     (dict(drop=0.1, n_pos=4096), True),     # a non-persistent table of another length (one a forward grows)
     (dict(drop=0.1, apply_dropout=False), False),  # a flag with "drop" in its name: a setting
+    (dict(drop=0.1, drop_tokens=4), False),          # a count an eval forward follows (token pruning): a setting
 ])
 def test_the_module_record_ignores_training_only_settings(tmp_path, served, same):
     """Training with drop-path and serving without it (an nn.Identity in its place: timm's and transformers'
@@ -751,3 +753,32 @@ def test_the_module_record_ignores_training_only_settings(tmp_path, served, same
     said = [w for w in caught if "differ from this one's" in str(w.message)]
     assert (not said) == same
     assert ("memory" in back._profile.costs) == same
+
+
+def test_a_checkpoint_with_the_earlier_module_record_loads_its_profile(tmp_path):
+    """Files written before the record left training rates out (a dropout module was its own class there, an
+    Identity now) would lose their measured costs on load with a false warning: the earlier record is accepted
+    too."""
+    import warnings
+    from unittest import mock
+
+    from sortednet.cost import legacy_digest, modules_digest
+
+    def mk():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                   torch.nn.Linear(64, 5))
+
+    assert legacy_digest(mk()) != modules_digest(mk())
+    nest = sn.wrap(mk(), sn.Width("w", [16, 32, 64], out="0", inp="3"))
+    with mock.patch("sortednet.nest.modules_digest", legacy_digest):   # (as the earlier code recorded it)
+        nest.profile(torch.randn(4, 16), repeat=1, warmup=0, progress=False)
+    sn.save(nest, tmp_path / "old.sn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = sn.load(mk(), tmp_path / "old.sn")
+    assert set(back._profile.costs) == {"params", "flops", "latency", "memory"}
+    other = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(64, 5))
+    with pytest.warns(UserWarning, match=r"settings\) differ"):
+        sn.load(other, tmp_path / "old.sn")

@@ -2134,22 +2134,23 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
     with ``want`` (what such a run kept), each value is compared with the one at its place there as it comes and
     only ``(values compared, largest difference)`` is kept per module: pairs of other shapes are passed over.
     None where the forward fails."""
-    seen: dict[int, Any] = {}
+    seen: dict[Any, Any] = {}  # ((module id, 'in' / 'out') -> sketches, or (values compared, largest diff))
     calls: dict[int, int] = {}
     kept_calls: dict[int, int] = {}
     stop = [False]
 
-    def keep(mod: nn.Module, ts: list[torch.Tensor]) -> None:  # (dense ones: a sparse adjacency passed along is
-        for t in ts:                                             # skipped)
+    def keep(mod: nn.Module, ts: list[torch.Tensor], part: str) -> None:  # (dense ones: a sparse adjacency passed
+        key = (id(mod), part)                                                # along is skipped)
+        for t in ts:
             if not (t.is_nested or t.layout == torch.strided):
                 continue
             if want is None:
-                seen.setdefault(id(mod), []).append(sketch(t))
+                seen.setdefault(key, []).append(sketch(t))
                 continue
-            n, worst = seen.get(id(mod), (0, 0.0))
-            ref = want.get(id(mod), [])
+            n, worst = seen.get(key, (0, 0.0))
+            ref = want.get(key, [])
             d = _sketch_diff(sketch(t), ref[n]) if n < len(ref) else None
-            seen[id(mod)] = (n + 1, worst if d is None else max(worst, d))
+            seen[key] = (n + 1, worst if d is None else max(worst, d))
 
     def recording(mod: nn.Module) -> bool:
         return not stop[0] and (limit is None or calls[id(mod)] <= limit.get(id(mod), 0))
@@ -2162,13 +2163,13 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
             # 1, is one; a number that changes a block's result shows in what the block gives)
             keep(mod, [t for t in (*tree_leaves(args), *tree_leaves(kwargs))  # (a boolean mask too, not a flag)
                        if isinstance(t, torch.Tensor) and not (t.dtype == torch.bool and t.numel() == 1)
-                       and not t.is_complex()])
+                       and not t.is_complex()], "in")
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         # (not the last block's output: a block told it is the last, final=(i == len(self.blocks) - 1), follows
         # the depth as self.blocks[-1] does)
         if id(mod) not in lasts and recording(mod):
-            keep(mod, [t for t in [first_float(out)] if t is not None])
+            keep(mod, [t for t in [first_float(out)] if t is not None], "out")
 
     def halt(mod: nn.Module, args: tuple) -> None:
         stop[0] = True
@@ -2187,26 +2188,26 @@ def _blocks_fed(nest: Nest, model: nn.Module, example: Any, sub: SubModel, kept:
     return seen, kept_calls
 
 
-def _fed_error(got: dict[int, tuple[int, float]], want: dict[int, list[tuple]], kept: list[nn.Module],
+def _fed_error(got: dict[tuple, tuple[int, float]], want: dict[tuple, list[tuple]], kept: list[nn.Module],
                tol: float, got_calls: dict[int, int] | None = None,
-               want_calls: dict[int, int] | None = None, lasts: set[int] = frozenset()) -> tuple[float, int]:
+               want_calls: dict[int, int] | None = None) -> tuple[float, int]:
     """The largest relative difference ``got`` (a compared run) found, block by block until one recorded as many
-    values as ``want`` does not, and the first block (index in ``kept``) over ``tol``: -1 where none is. A block
-    called as often in both runs (``got_calls`` / ``want_calls``) that read or gave another number of tensors (a
-    skip connection passed to it in one run only) differs: infinitely; not a last block (ids in ``lasts``), which
-    a forward may hand what it hands the last only."""
+    values as ``want`` does not, and the first block (index in ``kept``) over ``tol``: -1 where none is. What a
+    block reads and what it gives are kept apart: a block called as often in both runs (``got_calls`` /
+    ``want_calls``) that read another number of tensors (a skip connection passed in one run only, or a mask it
+    may not read, None in the other) is judged by what it gives."""
     worst, first = 0.0, -1
     for k, b in enumerate(kept):
-        n, err = got.get(id(b), (0, 0.0))
-        if n != len(want.get(id(b), [])):
-            if got_calls is not None and want_calls is not None and id(b) not in lasts and got_calls.get(
-                    id(b), 0) == want_calls.get(id(b), 0) > 0:
-                worst = math.inf
-                first = k if first < 0 else first
-            break
-        worst = max(worst, err)
-        if err > tol and first < 0:
-            first = k
+        for part in ("in", "out"):
+            n, err = got.get((id(b), part), (0, 0.0))
+            if n != len(want.get((id(b), part), [])):
+                if part == "in" and got_calls is not None and want_calls is not None and got_calls.get(
+                        id(b), 0) == want_calls.get(id(b), 0) > 0:
+                    continue  # (its output says whether it computed the same)
+                return worst, first
+            worst = max(worst, err)
+            if err > tol and first < 0:
+                first = k
     return worst, first
 
 
@@ -2258,12 +2259,12 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
                                                             want[1], want=want[0])
                 if got is None:
                     continue
-                err, k = _fed_error(got[0], want[0], kept, tol, got[1], want[1], lasts)
+                err, k = _fed_error(got[0], want[0], kept, tol, got[1], want[1])
                 if k < 0:
                     continue
                 again = _blocks_fed(nest, model, example, full, kept, lasts, list(skip.values()), sketch, seed=1,
                                     want=want[0])  # (a forward that samples: the full model's own draws differ)
-                if again is None or _fed_error(again[0], want[0], kept, tol, again[1], want[1], lasts)[1] >= 0:
+                if again is None or _fed_error(again[0], want[0], kept, tol, again[1], want[1])[1] >= 0:
                     continue
             except Exception:
                 continue
@@ -2271,8 +2272,7 @@ def _blocks_fed_alike(nest: Nest, model: nn.Module, copies: dict[int, nn.Module]
             warnings.warn(
                 f"nest.check: depth {dd.name!r} at {size}: block {index} of {holder._sn.path or '<root>'!r} reads "
                 f"or gives other values than in the full model ("
-                f"{'another number of tensors' if err == math.inf else f'relative difference {err:.2g}'}) before "
-                "any block the "
+                f"relative difference {err:.2g}) before any block the "
                 "depth skips runs there: the forward feeds the blocks something that follows the depth (per-layer "
                 "values read from the end or reversed with the depth's count, gathered before the loop, "
                 "g[-len(self.blocks):], a flip; a scale computed from len(self.blocks)), so a sub-model is not the "

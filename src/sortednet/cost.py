@@ -558,9 +558,10 @@ _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  
 #: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
 #: its blocks recompute activations in the backward (transformers' gradient checkpointing)
 _NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing"})
-#: parts of the names of numbers of training alone (dropout and drop-path rates, layer drop, router jitter, an
-#: auxiliary loss's coefficient: a flag such as EfficientNet's apply_dropout, which decides a residual add, counts)
-_TRAINING_RATES = ("drop", "jitter", "aux_loss")
+#: names of numbers of training alone: dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's
+#: coefficient (a flag such as EfficientNet's apply_dropout, which decides a residual add, counts; so does a count
+#: such as drop_tokens, which an eval forward follows)
+_TRAINING_RATES = re.compile(r"(?i)dropout|drop_?path|drop_?prob|drop_?rate|layer_?drop|jitter|aux_loss")
 #: modules that are the identity in eval mode (dropout, stochastic depth): one of them or an nn.Identity in its place
 #: (a drop-path rate of 0) is the same forward
 _EVAL_IDENTITY = re.compile(r"(?i)(dropout(\dd)?|drop_?path|stochastic_?depth)$|^identity$")
@@ -575,7 +576,7 @@ def module_settings(m: nn.Module) -> tuple[str, list[tuple[str, str]]]:
         return "Identity", []  # (costs are measured in eval mode)
     return cls.__qualname__, sorted((k, repr(v)) for k, v in m.__dict__.items()
                                     if not k.startswith("_") and k not in _NOT_SETTINGS and "cache" not in k.lower()
-                                    and not (type(v) in (int, float) and any(p in k.lower() for p in _TRAINING_RATES))
+                                    and not (type(v) in (int, float) and _TRAINING_RATES.search(k))
                                     and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
                                     and _plain(v))
 
@@ -599,6 +600,26 @@ def modules_digest(model: nn.Module) -> str:
         cls, settings = module_settings(m)
         path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
         h.update(f"{path}\0{cls}\0{settings}\n".encode())
+    return h.hexdigest()
+
+
+def legacy_digest(model: nn.Module) -> str:
+    """:func:`modules_digest` as checkpoints written before 2026-12-06 record it (class names as they are,
+    dropout rates by name only): such a file loads without a false warning."""
+    h = hashlib.sha256()
+    for path, m in model.named_modules(remove_duplicate=False):
+        if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
+            continue
+        st = m.__dict__.get("_sn")
+        cls = getattr(st, "cls", None) or type(m)
+        cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)
+        train_only = isinstance(m, nn.modules.dropout._DropoutNd)
+        settings = sorted((k, repr(v)) for k, v in m.__dict__.items()
+                          if not k.startswith("_") and k not in _NOT_SETTINGS and "dropout" not in k
+                          and not train_only and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
+                          and _plain(v))
+        path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
+        h.update(f"{path}\0{cls.__qualname__}\0{settings}\n".encode())
     return h.hexdigest()
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
+from .cost import legacy_digest
 from .errors import SortedNetError, flag
 from .meta import (
     CHECKSUM,
@@ -408,8 +409,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                          f"this model's tensors are not in the file, {len(unexpected)} of the file's are not in this "
                          "model), measured on that model")
         stored = meta["extra"].get("profile_structure")
-        if measured and not other and stored is not None and stored != modules_digest(
-                model if dims is not None else nest.model):
+        target = model if dims is not None else nest.model
+        if measured and not other and stored is not None and stored != modules_digest(target) and \
+                stored != legacy_digest(target):  # (a file written before the record left training rates out)
             other.append(f"sn.load of {where}: the checkpoint's profile was measured on a model whose modules "
                          "(paths, classes or settings) differ from this one's")
         if other:

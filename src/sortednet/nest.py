@@ -418,9 +418,6 @@ class Nest:
         params: list[tuple] = []
         paths: list[tuple[str, int]] = []
         tensors: list[tuple[int, torch.dtype]] = []  # _tensor_ids() of the same walk (a second walk doubled a pick)
-        buffers: list[tuple] = []  # every persistent buffer's name, shape and dtype (memory counts them; not the
-        #                            non-persistent ones: tables and caches a forward builds or grows, in normal use)
-        #                            (a tensor of another shape or dtype in one is another model; one added is not)
         for path, m in self.model.named_modules(remove_duplicate=False):
             paths.append((path, id(m)))
             for n, p in m._parameters.items():
@@ -428,10 +425,7 @@ class Nest:
                     if id(p) not in first:
                         tensors.append((id(p), p.dtype))
                     params.append((f"{path}.{n}" if path else n, tuple(p.shape), first.setdefault(id(p), len(params))))
-            for n, b in m._buffers.items():
-                if b is not None and n not in m._non_persistent_buffers_set:
-                    buffers.append((f"{path}.{n}" if path else n, tuple(b.shape), b.dtype))
-        return tuple(params), tuple(paths), tuple(tensors), tuple(buffers)
+        return tuple(params), tuple(paths), tuple(tensors)
 
     def _buffer_shapes(self) -> tuple:
         """Shapes of the sliced buffers (BatchNorm running statistics, ...): as the slicers read them."""
@@ -496,15 +490,6 @@ class Nest:
             self._drop_measured(("flops", "latency", "memory"), "modules of the model were added, removed or "
                                 "replaced", 4)
             self._scores_of_other_weights()  # (a module without parameters swapped: not in the weights' key)
-        elif new[3] != self._structure[3]:  # persistent buffers re-shaped or cast (memory counts them; a forward
-            was, self._structure = dict((n, (sh, dt)) for n, sh, dt in self._structure[3]), new  # may read one whole)
-            now = {n: (sh, dt) for n, sh, dt in new[3]}
-            both = [n for n in now if n in was]  # (one added or removed: a buffer registered None, filled by the
-            shapes = any(now[n][0] != was[n][0] for n in both)  # first forward, is no other model)
-            if shapes or any(now[n][1] != was[n][1] for n in both):
-                self._drop_measured(("flops", "latency", "memory") if shapes else ("latency", "memory"),
-                                    "buffers of the model were " + ("re-shaped" if shapes else "cast to other dtypes"),
-                                    4)
         if new[2] != self._tensors:  # the same names and shapes in new objects or dtypes
             self._count_tensors()  # (load_state_dict(assign=True), fully_shard, .to() that replaces them)
 
