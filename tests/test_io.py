@@ -709,6 +709,7 @@ class _Block(torch.nn.Module):
         self.drop_path = _DropPath(drop) if drop else torch.nn.Identity()
         self.dropout = torch.nn.Dropout(drop) if drop else torch.nn.Identity()
         self.router_jitter_noise, self.router_aux_loss_coef, self.layerdrop = jitter, jitter, jitter
+        self.attn_pdrop = jitter  # (GPT-2 style rate names)
         self.max_seq_len_cached = cached
         self.register_buffer("pos", torch.zeros(n_pos, 8), persistent=False)
 

@@ -561,7 +561,7 @@ _NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing"}
 #: names of numbers of training alone: dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's
 #: coefficient (a flag such as EfficientNet's apply_dropout, which decides a residual add, counts; so does a count
 #: such as drop_tokens, which an eval forward follows)
-_TRAINING_RATES = re.compile(r"(?i)dropout|drop_?path|drop_?prob|drop_?rate|layer_?drop|jitter|aux_loss")
+_TRAINING_RATES = re.compile(r"(?i)dropout|drop_?path|drop_?prob|drop_?rate|pdrop|layer_?drop|jitter|aux_loss")
 #: modules that are the identity in eval mode (dropout, stochastic depth): one of them or an nn.Identity in its place
 #: (a drop-path rate of 0) is the same forward
 _EVAL_IDENTITY = re.compile(r"(?i)(dropout(\dd)?|drop_?path|stochastic_?depth)$|^identity$")
