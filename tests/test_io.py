@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -763,7 +764,11 @@ def test_a_checkpoint_with_the_earlier_module_record_loads_its_profile(tmp_path)
     import warnings
     from unittest import mock
 
-    from sortednet.cost import legacy_digest, modules_digest
+    import functools
+
+    from sortednet.cost import modules_digest
+
+    legacy_digest = functools.partial(modules_digest, record=0)
 
     def mk():
         torch.manual_seed(0)
@@ -783,3 +788,109 @@ def test_a_checkpoint_with_the_earlier_module_record_loads_its_profile(tmp_path)
                                 torch.nn.Linear(64, 5))
     with pytest.warns(UserWarning, match=r"settings\) differ"):
         sn.load(other, tmp_path / "old.sn")
+
+
+def test_a_checkpoint_with_the_second_module_record_loads_its_profile(tmp_path):
+    """The record before numpy numbers and ``torch.Size`` counted (a setting of ``None`` was one then): a file
+    written with it loads its measured costs into the same model, and still warns on a changed activation."""
+    import functools
+    import warnings
+    from unittest import mock
+
+    from sortednet.cost import modules_digest
+
+    def mk(act=torch.nn.ReLU):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 64), act(), torch.nn.Dropout(0.1),
+                                   torch.nn.Embedding(4, 4), torch.nn.Linear(64, 5))
+
+    class Net(torch.nn.Module):
+        def __init__(self, act=torch.nn.ReLU):
+            super().__init__()
+            self.body = mk(act)
+
+        def forward(self, x):
+            for i in (0, 1, 2, 4):
+                x = self.body[i](x)
+            return x
+
+    assert modules_digest(Net(), record=1) != modules_digest(Net())  # (the embedding's padding_idx=None)
+    nest = sn.wrap(Net(), sn.Width("w", [16, 32, 64], out="body.0", inp="body.4"))
+    with mock.patch("sortednet.nest.modules_digest", functools.partial(modules_digest, record=1)):
+        nest.profile(torch.randn(4, 16), repeat=1, warmup=0, progress=False)
+    sn.save(nest, tmp_path / "old.sn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = sn.load(Net(), tmp_path / "old.sn")
+    assert set(back._profile.costs) == {"params", "flops", "latency", "memory"}
+    with pytest.warns(UserWarning, match=r"settings\) differ"):
+        sn.load(Net(torch.nn.GELU), tmp_path / "old.sn")
+
+
+class _Upsampled(torch.nn.Module):
+    """A setting held as a ``torch.Size`` or a numpy number, and a dropout that is ``None`` at rate 0."""
+
+    def __init__(self, size, reps=1, p=0.0):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 3, padding=1)
+        self.up, self.reps = torch.nn.Upsample(size=size), reps
+        self.drop = torch.nn.Dropout(p) if p > 0 else None
+
+    def forward(self, x):
+        h = self.up(torch.relu(self.conv1(x)))
+        h = h if self.drop is None else self.drop(h)
+        for _ in range(int(self.reps)):
+            h = self.conv2.weight.new_ones(()) * h
+        return self.conv2(h)
+
+
+@pytest.mark.parametrize("saved,loaded,same", [
+    ((torch.Size([8, 8]), 1), (torch.Size([32, 32]), 1), False),  # torch.Size settings were not recorded
+    (((8, 8), np.int64(1)), ((8, 8), np.int64(3)), False),  # ... nor numpy numbers
+    ((torch.Size([8, 8]), 1), ((8, 8), np.int64(1)), True),  # the same values, other types: the same forward
+    (((8, 8), 1, 0.1), ((8, 8), 1, 0.0), True),  # a dropout, or None in its place at rate 0
+])
+def test_the_module_record_counts_sizes_and_numpy_numbers_as_their_values(tmp_path, saved, loaded, same):
+    """A setting held as a ``torch.Size`` (``nn.Upsample(size=x.shape[-2:])``) or as a numpy number was left out
+    of the module record, so a checkpoint's profile loaded into a model upsampling to 32x32 instead of 8x8 kept
+    the file's FLOPs (129,024 against 1,234,944) without a word. Both count now, by value (a tuple and a
+    ``torch.Size`` of the same sizes are the same setting); a dropout left out at rate 0 (``None`` in its place)
+    is the identity it is in eval mode."""
+    import warnings
+
+    x = torch.randn(1, 3, 8, 8)
+    torch.manual_seed(0)
+    nest = sn.wrap(_Upsampled(*saved), sn.Width("h", [8, 16], out="conv1", inp="conv2"))
+    nest.profile(x, progress=False, repeat=1, warmup=0)
+    sn.save(nest, tmp_path / "a.sn")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        back = sn.load(_Upsampled(*loaded).eval(), tmp_path / "a.sn")
+    said = any("differ" in str(w.message) for w in seen)
+    assert said != same
+    truth = sn.wrap(_Upsampled(*loaded), sn.Width("h", [8, 16], out="conv1", inp="conv2"))
+    if same:
+        assert back.cost("h=16", "flops") == truth.cost("h=16", "flops", example=x)
+    else:
+        assert "flops" not in back._profile.costs
+
+
+def test_hub_tags_are_not_a_setting(tmp_path):
+    """``PreTrainedModel.add_model_tags`` (TRL's trainers call it) sets ``model_tags`` on the model: it counted as a
+    setting, so a checkpoint of a tagged model lost its measured FLOPs and latency on load into the same model
+    untagged."""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    tagged = transformers.LlamaForCausalLM(cfg).eval()
+    tagged.add_model_tags(["trl", "sft"])
+    nest = sn.from_transformers(tagged, ffn=[32])
+    nest.profile(torch.randint(0, 64, (1, 8)), progress=False, repeat=1, warmup=0)
+    sn.save(nest, tmp_path / "n.sn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = sn.load(transformers.LlamaForCausalLM(cfg).eval(), tmp_path / "n.sn")
+    assert back.cost(back.largest, "flops") == nest.cost(nest.largest, "flops")

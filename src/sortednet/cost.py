@@ -11,6 +11,7 @@ them for every sub-model (:class:`~sortednet.profile.Profile`).
 from __future__ import annotations
 
 import collections
+import enum
 import hashlib
 import inspect
 import itertools
@@ -557,7 +558,7 @@ def _leaf_signature(v: Any) -> Any:
 _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  # (a wrapper's child)
 #: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
 #: its blocks recompute activations in the backward (transformers' gradient checkpointing)
-_NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing"})
+_NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing", "model_tags"})
 #: names of numbers of training alone: dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's
 #: coefficient (a flag such as EfficientNet's apply_dropout, which decides a residual add, counts; so does a count
 #: such as drop_tokens, which an eval forward follows)
@@ -567,59 +568,67 @@ _TRAINING_RATES = re.compile(r"(?i)dropout|drop_?path|drop_?prob|drop_?rate|pdro
 _EVAL_IDENTITY = re.compile(r"(?i)(dropout(\dd)?|drop_?path|stochastic_?depth)$|^identity$")
 
 
-def module_settings(m: nn.Module) -> tuple[str, list[tuple[str, str]]]:
-    """``m``'s class name and settings as :func:`modules_digest` records them."""
+def module_settings(m: nn.Module, record: int = 2) -> tuple[str, list[tuple[str, str]]]:
+    """``m``'s class name and settings as :func:`modules_digest` records them (``record``: the record's version,
+    :data:`RECORDS`)."""
     st = m.__dict__.get("_sn")
     cls = getattr(st, "cls", None) or type(m)
     cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)  # (FSDP2's
-    if isinstance(m, nn.modules.dropout._DropoutNd) or _EVAL_IDENTITY.search(cls.__name__):     # own classes)
+    if record == 0:  # (own classes)
+        return cls.__qualname__, sorted(
+            (k, repr(v)) for k, v in m.__dict__.items()
+            if not k.startswith("_") and k not in ("training", "name_or_path", "gradient_checkpointing")
+            and "dropout" not in k and not isinstance(m, nn.modules.dropout._DropoutNd)
+            and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase)) and _plain(v))
+    if isinstance(m, nn.modules.dropout._DropoutNd) or _EVAL_IDENTITY.search(cls.__name__):
         return "Identity", []  # (costs are measured in eval mode)
-    return cls.__qualname__, sorted((k, repr(v)) for k, v in m.__dict__.items()
-                                    if not k.startswith("_") and k not in _NOT_SETTINGS and "cache" not in k.lower()
-                                    and not (type(v) in (int, float) and _TRAINING_RATES.search(k))
-                                    and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
-                                    and _plain(v))
+    out = []
+    for k, v in m.__dict__.items():
+        if k.startswith("_") or k in ("training", "name_or_path", "gradient_checkpointing") or "cache" in k.lower() \
+                or (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase)):
+            continue
+        if record == 1:  # (as it was: exact types, ``None`` a setting, hub tags counted)
+            if _plain(v) and not (type(v) in (int, float) and _TRAINING_RATES.search(k)):
+                out.append((k, repr(v)))
+            continue
+        v = _setting(v)
+        if k not in _NOT_SETTINGS and v is not _NOT_PLAIN and v is not None and \
+                not (type(v) in (int, float) and _TRAINING_RATES.search(k)):
+            out.append((k, repr(v)))
+    return cls.__qualname__, sorted(out)
 
 
-def modules_digest(model: nn.Module) -> str:
+#: versions of the module record: 0 before training rates were left out (files written before 2026-12-06), 1
+#: before numpy numbers and tuple types (``torch.Size``) counted as the numbers and tuples they are and a setting
+#: of ``None`` as no setting, 2 today. A file's record is compared with each: a file of an earlier version was
+#: written by code that computed that one (a file of today's matches only today's, short of a SHA-256 collision).
+RECORDS = (2, 1, 0)
+
+
+def modules_digest(model: nn.Module, record: int = 2) -> str:
     """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name
-    and settings (its plain attributes: numbers, strings, flags and tuples of them, such as a convolution's
-    stride or a mixture's experts per token), hashed. What leaves the forward as it is does not count: the module
-    a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served),
-    activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model
-    was loaded from (``name_or_path``), numbers of training alone (dropout and drop-path rates, layer drop,
-    router jitter, an auxiliary loss's coefficient, a BatchNorm's momentum: costs are measured in eval mode; a
-    dropout or drop-path module counts as an ``nn.Identity``), state a forward updates (names with ``cache``: a
-    rotary table's cached length), tensors and other objects a module holds (a persistent buffer's shape is
-    checked by the load itself; a non-persistent one, often a table a forward builds or grows, is not followed).
-    The same on the model before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes)."""
+    and settings (its plain attributes: numbers, numpy numbers, strings, flags and tuples or lists of them, such
+    as a convolution's stride, an upsampling's ``torch.Size`` or a mixture's experts per token; a setting of
+    ``None`` counts as none), hashed. What leaves the forward as it is does not count: the module a class is
+    defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served), activation-checkpoint
+    and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model was loaded from
+    (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone (dropout and drop-path rates,
+    layer drop, router jitter, an auxiliary loss's coefficient, a BatchNorm's momentum: costs are measured in eval
+    mode; a dropout or drop-path module counts as an ``nn.Identity``, and an identity as no module: a dropout of
+    rate 0 left out, ``None`` in its place), state a forward updates (names with ``cache``: a rotary table's
+    cached length), tensors and other objects a module holds (a persistent buffer's shape is checked by the load
+    itself; a non-persistent one, often a table a forward builds or grows, is not followed). The same on the model
+    before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes). ``record``: the version
+    (:data:`RECORDS`) an earlier file was written with."""
     h = hashlib.sha256()
     for path, m in model.named_modules(remove_duplicate=False):
         if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
             continue  # (the wrapper itself: its child is the module)
-        cls, settings = module_settings(m)
+        cls, settings = module_settings(m, record)
+        if cls == "Identity" and record >= 2:
+            continue
         path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
         h.update(f"{path}\0{cls}\0{settings}\n".encode())
-    return h.hexdigest()
-
-
-def legacy_digest(model: nn.Module) -> str:
-    """:func:`modules_digest` as checkpoints written before 2026-12-06 record it (class names as they are,
-    dropout rates by name only): such a file loads without a false warning."""
-    h = hashlib.sha256()
-    for path, m in model.named_modules(remove_duplicate=False):
-        if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
-            continue
-        st = m.__dict__.get("_sn")
-        cls = getattr(st, "cls", None) or type(m)
-        cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)
-        train_only = isinstance(m, nn.modules.dropout._DropoutNd)
-        settings = sorted((k, repr(v)) for k, v in m.__dict__.items()
-                          if not k.startswith("_") and k not in _NOT_SETTINGS and "dropout" not in k
-                          and not train_only and not (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase))
-                          and _plain(v))
-        path = ".".join(p for p in path.split(".") if p not in _WRAPPED)
-        h.update(f"{path}\0{cls.__qualname__}\0{settings}\n".encode())
     return h.hexdigest()
 
 
@@ -627,6 +636,27 @@ def _plain(v: Any, depth: int = 0) -> bool:
     if v is None or type(v) in (bool, int, float, str):
         return True
     return type(v) in (tuple, list) and depth < 2 and len(v) <= 64 and all(_plain(x, depth + 1) for x in v)
+
+
+_NOT_PLAIN = object()
+
+
+def _setting(v: Any, depth: int = 0) -> Any:
+    """``v`` as a plain value (numbers, flags, strings, ``None``, tuples of them: a ``torch.Size``, a named
+    tuple or a list as the tuple it holds, a numpy number as the number), or ``_NOT_PLAIN``."""
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if isinstance(v, enum.Enum):
+        return f"{type(v).__qualname__}.{v.name}"
+    for t in (bool, int, float, str):  # (a subclass of one, numpy's float64: its value)
+        if isinstance(v, t):
+            return t(v)
+    if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+        return _setting(v.item(), depth)
+    if isinstance(v, (tuple, list)) and depth < 2 and len(v) <= 64:
+        items = tuple(_setting(x, depth + 1) for x in v)
+        return _NOT_PLAIN if any(x is _NOT_PLAIN for x in items) else items
+    return _NOT_PLAIN
 
 
 def _callable_token(x: Any) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
-from .cost import legacy_digest
+from .cost import RECORDS
 from .errors import SortedNetError, flag
 from .meta import (
     CHECKSUM,
@@ -410,8 +410,8 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                          "model), measured on that model")
         stored = meta["extra"].get("profile_structure")
         target = model if dims is not None else nest.model
-        if measured and not other and stored is not None and stored != modules_digest(target) and \
-                stored != legacy_digest(target):  # (a file written before the record left training rates out)
+        if measured and not other and stored is not None and \
+                all(stored != modules_digest(target, r) for r in RECORDS):  # (a file of an earlier record: as then)
             other.append(f"sn.load of {where}: the checkpoint's profile was measured on a model whose modules "
                          "(paths, classes or settings) differ from this one's")
         if other:
