@@ -761,10 +761,9 @@ def test_a_checkpoint_with_the_earlier_module_record_loads_its_profile(tmp_path)
     """Files written before the record left training rates out (a dropout module was its own class there, an
     Identity now) would lose their measured costs on load with a false warning: the earlier record is accepted
     too."""
+    import functools
     import warnings
     from unittest import mock
-
-    import functools
 
     from sortednet.cost import modules_digest
 
