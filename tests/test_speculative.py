@@ -477,7 +477,7 @@ def test_sliding_window_models_equal_generate():
 @pytest.mark.parametrize("setting, value, sampling", [
     ("repetition_penalty", 1.3, False), ("stop_strings", ["ab"], False),
     ("min_p", 0.3, True), ("typical_p", 0.2, True), ("epsilon_cutoff", 0.01, True), ("eta_cutoff", 0.01, True),
-    ("top_h", 0.5, True)])
+    ("top_h", 0.5, True), ("dola_layers", "high", False), ("force_words_ids", [[3]], False)])
 def test_generation_config_logit_processors_are_refused_before_any_forward(setting, value, sampling):
     """Settings with which generate() would give other tokens (or, sampling, another distribution: the probe's
     min_p=0.3 drew 39 of 40 first tokens outside generate's support) are refused; a sampling filter only when
@@ -852,3 +852,63 @@ def test_soft_loss_refuses_exits_without_an_order_beside_weights():
     ordered = {4: 1.0, 2: 0.0}
     torch.testing.assert_close(soft_loss(nest, ids, exits=ordered.keys(), weights=list(ordered.values())).loss,
                                out.loss)
+
+
+def test_a_plain_draft_beside_a_plain_target_is_checked_before_any_forward():
+    """With a plain target the draft went unchecked: a draft that is no causal LM failed with a raw
+    AttributeError, a recurrent one (Mamba) only after the target had run. Refused by name now, as beside a
+    Nest target, before any forward."""
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(V, 8), torch.nn.Linear(8, V)
+
+        def forward(self, input_ids, **kw):
+            return self.head(self.emb(input_ids))
+
+    model = llama()
+    nest = sn.from_transformers(model, depth=[2])
+    calls = []
+    h = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for target in (model, nest):
+            with pytest.raises(sn.SortedNetError, match="the draft must be a Hugging Face causal LM"):
+                sn.speculative_generate(target, torch.tensor([[1, 2, 3]]), draft=TinyLM(), max_new_tokens=4)
+        assert not calls
+    finally:
+        h.remove()
+
+
+def test_a_subclass_of_a_causal_lm_class_is_a_causal_lm():
+    """``class MyLlama(LlamaForCausalLM)`` was refused as target and as draft (its class name is not in
+    transformers' table), though generate and sn.from_transformers take it."""
+    MyLlama = type("MyLlama", (LlamaForCausalLM,), {})
+    torch.manual_seed(0)
+    model = MyLlama(llama().config).eval()
+    torch.manual_seed(1)
+    small = MyLlama(LlamaConfig(**{**llama().config.to_dict(), "num_hidden_layers": 2})).eval()
+    ids = torch.tensor([[3, 5, 7]])
+    want = plain(model, ids, 8)
+    for target, draft in ((sn.from_transformers(model, depth=[2]), "depth=2"), (model, small)):
+        assert torch.equal(sn.speculative_generate(target, ids, draft=draft, max_new_tokens=8).sequences, want)
+
+
+def test_max_new_tokens_far_past_the_end_costs_nothing_up_front():
+    """The token buffer was sized by max_new_tokens before the first round: 10**11 (generate stops at the eos
+    after 3 tokens) failed to allocate 800 GB, 10**8 took 760 MB more. It grows as tokens come (120 tokens: past
+    its first size; float64: no near-tie decides a token differently between one-token and several-token
+    passes)."""
+    model = llama().double()
+    nest = sn.from_transformers(model, depth=[2])
+    ids = torch.tensor([[3, 5, 7]])
+    free = plain(model, ids, 120, eos=[])
+    for k in (3, "auto"):
+        got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=120, num_draft_tokens=k,
+                                      eos_token_id=[])
+        assert torch.equal(got.sequences, free), k
+    eos = int(free[0, ids.shape[1] + 2])  # (the third new token: generate stops there)
+    want = plain(model, ids, 10**11, eos=eos)
+    assert want.shape[1] <= ids.shape[1] + 3
+    got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=10**11, eos_token_id=eos)
+    assert torch.equal(got.sequences, want)

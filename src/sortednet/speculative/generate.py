@@ -86,7 +86,7 @@ _UNSUPPORTED: dict[str, tuple] = {
     "exponential_decay_length_penalty": (None,), "forced_decoder_ids": (None,),
     "guidance_scale": (None, 1.0), "watermarking_config": (None,), "num_beams": (None, 1),
     "num_return_sequences": (None, 1), "penalty_alpha": (None,), "diversity_penalty": (None, 0.0),
-    "stop_strings": (None,),
+    "stop_strings": (None,), "dola_layers": (None,), "force_words_ids": (None,), "constraints": (None,),
 }
 #: sampling filters that generate() applies with do_sample=True only (greedy decoding ignores them)
 _UNSUPPORTED_SAMPLING: dict[str, tuple] = {
@@ -390,14 +390,17 @@ def _decode(plan: Plan, prompt: Tensor, max_new: int, k_spec: int | str, samplin
     k = 1 if auto else int(k_spec)
     most = 12 if auto else k
     n = prompt.shape[1]                      # sequence length; the last token is in no cache yet
-    # a round drafts at most what is left to emit: the buffer never needs more than max_new past the emitted
-    buf = torch.zeros(1, n + max_new + min(most, max_new) + 1, dtype=torch.long, device=prompt.device)
+    # a round writes at most most + 1 tokens past the sequence: the buffer grows as tokens come (generate stops at
+    # an eos long before max_new_tokens = 10**9: no buffer of that size up front)
+    buf = torch.zeros(1, n + min(max_new, 64) + most + 2, dtype=torch.long, device=prompt.device)
     buf[:, :n] = prompt
     stacks = list(dict.fromkeys([plan.target] + [s for s, _ in plan.exits]))
     out: list[int] = []
     rejections, cost_sum = 0, 0.0
     while len(out) < max_new:
         kr = min(k, max_new - len(out) - 1)
+        if n + kr + 1 > buf.shape[1]:
+            buf = torch.cat([buf, buf.new_zeros(1, max(buf.shape[1], kr + 2))], dim=1)
         plan.target.out.clear()
         drafted, qs, where = [], [], []
         for i in range(kr):

@@ -56,10 +56,26 @@ def _causal_lm_classes() -> frozenset[str]:
     return frozenset(names)
 
 
+def _registered_causal_lms() -> tuple[type, ...]:
+    """Classes registered with ``AutoModelForCausalLM.register`` (a model of one's own, remote code)."""
+    try:
+        from transformers import AutoModelForCausalLM
+        extra = AutoModelForCausalLM._model_mapping._extra_content
+    except (ImportError, AttributeError):  # pragma: no cover
+        return ()
+    return tuple(v for v in extra.values() if isinstance(v, type))
+
+
 def _is_causal_lm(model: Any) -> bool:
+    """A transformers causal LM: one of its classes (or a subclass of one: ``class MyLlama(LlamaForCausalLM)``)
+    or a class registered with ``AutoModelForCausalLM``."""
     cfg = getattr(model, "config", None)
-    return (isinstance(model, nn.Module) and type(model).__name__ in _causal_lm_classes() and cfg is not None
-            and not getattr(cfg, "is_encoder_decoder", False) and model.get_output_embeddings() is not None)
+    if not isinstance(model, nn.Module) or cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    known = any(c.__name__ in _causal_lm_classes() and c.__module__.startswith("transformers.")
+                for c in type(model).__mro__) or isinstance(model, _registered_causal_lms())
+    return known and callable(getattr(model, "get_output_embeddings", None)) and \
+        model.get_output_embeddings() is not None
 
 
 def _recurrent_layers(cfg: Any) -> bool:
@@ -199,7 +215,7 @@ def make_plan(target: Any, draft: Any, *, exits: Sequence[Any] | None, threshold
         raise SortedNetError(f"the draft is the target model itself ({type(tmodel).__name__}), which runs the "
                              "target's sub-model; pass a sub-model of the target's nest: speculative_generate(nest, "
                              "ids, draft='depth=...') (or exits=[...] with draft=nest)")
-    if dnest is not tnest:
+    if not same:  # (a plain draft beside a plain target too)
         _check_model(dmodel, "draft")
     if dnest is not None:
         if isinstance(exits, (str, Mapping, SubModel)) or not isinstance(exits, Sequence) or not exits:
