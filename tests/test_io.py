@@ -893,3 +893,29 @@ def test_hub_tags_are_not_a_setting(tmp_path):
         warnings.simplefilter("error")
         back = sn.load(transformers.LlamaForCausalLM(cfg).eval(), tmp_path / "n.sn")
     assert back.cost(back.largest, "flops") == nest.cost(nest.largest, "flops")
+
+
+def test_load_into_a_compiled_model_names_the_model_it_compiles(tmp_path):
+    """sn.load of a torch.compile wrapper failed on the file's patterns ("'0' is not a module path ... nearby
+    '_orig_mod.0'"); it says where to load now, before anything changes, and loading there runs the nest through
+    the compiled object."""
+    def mk():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    nest = sn.wrap(mk(), sn.Width("w", [4, 8], out="0", inp="2"))
+    with torch.no_grad():
+        nest.model[0].weight.mul_(2)
+    sn.save(nest, tmp_path / "a.sn")
+    compiled = torch.compile(mk(), backend="eager")
+    before = {k: v.clone() for k, v in compiled.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"sn.load\(obj._orig_mod, path\)"):
+        sn.load(compiled, tmp_path / "a.sn")
+    assert all(torch.equal(before[k], v) for k, v in compiled.state_dict().items())
+    back = sn.load(compiled._orig_mod, tmp_path / "a.sn")
+    x = torch.randn(3, 4)
+    for sub in ("w=4", "w=8"):
+        with back.use(sub):
+            got = compiled(x)
+        with nest.use(sub):
+            assert torch.allclose(got, nest.model(x), atol=1e-6)

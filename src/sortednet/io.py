@@ -347,6 +347,11 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     if isinstance(model, Nest):
         model._check_structure("sn.load")
     target = model.model if isinstance(model, Nest) else model
+    if type(target).__name__ == "OptimizedModule" and isinstance(target.__dict__["_modules"].get("_orig_mod"),
+                                                                    nn.Module):  # (torch.compile(model))
+        raise SortedNetError(f"sn.load into a torch.compile wrapper ({type(target).__name__}): its modules are under "
+                             "'_orig_mod.'; load into the model it compiles, sn.load(obj._orig_mod, path) (the "
+                             "compiled object then runs the loaded nest)")
     if is_fsdp(target):  # (its parameters are shards: read back from the file's full tensors they would not be)
         raise SortedNetError(
             "sn.load into a model sharded with FSDP2 (fully_shard): its parameters are DTensor shards. Load into the "
