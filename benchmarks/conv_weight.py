@@ -92,10 +92,14 @@ def resnet(quick: bool) -> list[list]:
 
 
 def _verdict(rows: list[list]) -> str:
-    """Where the copy is ahead of the view, from the rows (ratios in columns 1 and 2)."""
+    """Where the copy is ahead of the view, from the rows (ratios in columns 1 and 2): a gain named only where
+    there is one."""
     ahead = [r for r in rows if r[2] < r[1]]
-    best = min(rows, key=lambda r: r[2] - r[1])
     worst = max(rows, key=lambda r: r[2] - r[1])
+    if not ahead:
+        return (f"The copy is ahead in 0 of {len(rows)} rows; the largest loss: {worst[0]} "
+                f"({worst[1]:.3f} -> {worst[2]:.3f}).")
+    best = min(rows, key=lambda r: r[2] - r[1])
     last = "the largest loss" if worst[2] > worst[1] else "the smallest gain"
     return (f"The copy is ahead in {len(ahead)} of {len(rows)} rows; the largest gain: {best[0]} "
             f"({best[1]:.3f} -> {best[2]:.3f}), {last}: {worst[0]} ({worst[1]:.3f} -> {worst[2]:.3f}).")

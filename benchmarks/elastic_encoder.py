@@ -370,7 +370,12 @@ def recount(out: str) -> None:
     end = next(i for i, ln in enumerate(lines) if ln.startswith("The same target against")) + 2
     note = (f"(Target paragraphs recounted from {out}.json by `python benchmarks/elastic_encoder.py --recount "
             f"{out}` on {time.strftime('%Y-%m-%d')}: the nest's own full model is no longer counted against itself.)")
-    lines[start:end] = [*verdicts(res, list(frac), frac), note, ""]
+    fresh = verdicts(res, list(frac), frac)
+    if end < len(lines) and lines[end].startswith("(Target paragraphs recounted"):  # (recounted before)
+        if lines[start:end] == fresh:
+            return  # (nothing to change: the earlier note stands)
+        end += 2
+    lines[start:end] = [*fresh, note, ""]
     with open(os.path.join(RESULTS, out + ".md"), "w") as f:
         f.write("\n".join(lines))
 

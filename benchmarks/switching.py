@@ -73,7 +73,7 @@ def walk_count(nest: sn.Nest, sub: sn.SubModel) -> int:
         total = 0
         for p in nest.model.parameters():
             owner = nest._tensor_owner.get(id(p))
-            total += owner[0]._sn.slicer.numel(*owner) if owner else p.numel()
+            total += owner[0][0]._sn.slicer.numel(*owner[0]) if owner else p.numel()
     return total
 
 
@@ -265,7 +265,19 @@ def million_section(now: dict, before: dict | None, rev: str | None) -> str:
             + ". CPU time is the thread's own (`time.thread_time`, torch on 1 thread), so waiting for a shared CPU "
             "is not counted; each operation then runs again under tracemalloc for its peak of traced memory "
             "(Python objects and NumPy arrays; tracing itself inflates the max RSS of the 'before' run).\n\n"
-            + million_table(now, before) + "\n")
+            + million_table(now, before) + "\n" + million_verdict(now))
+
+
+def million_verdict(now: dict) -> str:
+    """The 10^6 target (every operation within ~1 s and ~100 MB), met or not, from the table's own numbers."""
+    ops = {k: v for k, v in now.items() if isinstance(v, list)}
+    slow = max(ops, key=lambda k: ops[k][0])
+    big = max(ops, key=lambda k: ops[k][1])
+    met = ops[slow][0] <= 1.0 and ops[big][1] <= 100e6
+    verdict = "met" if met else "not met"
+    return (f"\nTarget: every operation within ~1 s of CPU time and ~100 MB of traced memory: **{verdict}** "
+            f"(slowest: {slow}, {ops[slow][0]:.3g} s; largest: {big}, {ops[big][1] / 1e6:.3g} MB). The max RSS is "
+            "the whole process, torch's own libraries and the model included, not what the sub-models add.\n")
 
 
 def million_runs(rev: str | None) -> tuple[dict, dict | None]:
