@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -441,9 +442,8 @@ def run(quick: bool, compile_mode: str, torch_profiler: bool = False, repeat: in
         prof += [f"### Worst {label}: {name} {sub} (ratio {ratio:.3f}){how}", tab]
     text = "\n\n".join([
         "# Overhead of sub-models in the wrapped model vs standalone models",
-        f"Command: `python benchmarks/overhead.py{' --quick' if quick else ''}"
-        f"{f' --repeat {repeat}' if repeat != (7 if quick else 15) else ''}"
-        f"{f' --device {device}' if gpu else ''}`; torch {torch.__version__}, {platform.machine()}, "
+        f"Command: `{shlex.join(['python', 'benchmarks/overhead.py', *sys.argv[1:]])}`; "
+        f"torch {torch.__version__}, {platform.machine()}, "
         + (f"GPU {torch.cuda.get_device_name()}; times are wall-clock up to `torch.cuda.synchronize()`"
            if gpu else f"{torch.get_num_threads()} thread(s); times are the calling thread's CPU time "
            "(`time.thread_time`: preemption by other processes is left out)")
