@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sortednet as sn
@@ -734,14 +735,16 @@ def _bn_nest():
     return case, sn.wrap(case.model, *case.dims)
 
 
-def _bn_buffers(rank: int) -> dict:
+def _bn_buffers(rank: int, plain: bool = False) -> dict:
     """BatchNorm in training mode under DDP + sortednet's accumulation: every forward runs under no_sync, where
     DDP broadcasts no buffers; ``accumulate`` then copies the first rank's at the step's end, as DDP's
     pre-forward broadcast would (the ranks' statistics drifted apart, each from its own shards, in silence).
-    Each rank's buffers after 3 steps, and rank 0's running statistics computed alone on its own shards."""
+    ``plain``: plain processes (no DDP wrapper), the same rule (each rank kept its own statistics: eval outputs
+    differed by rank, sn.save wrote rank 0's). Each rank's buffers after 3 steps, and rank 0's running
+    statistics computed alone on its own shards."""
     case, nest = _bn_nest()
     model = case.model.train()
-    ddp, opt, sampler = DDP(model), _optimizer(nest.trainable_parameters()), _sampler(nest)
+    ddp, opt, sampler = (model if plain else DDP(model)), _optimizer(nest.trainable_parameters()), _sampler(nest)
     alone_case, alone = _bn_nest()
     alone_case.model.train()
     for step in range(3):
@@ -752,7 +755,7 @@ def _bn_buffers(rank: int) -> dict:
                 with alone.use(sub):
                     alone_case.model(_batch("cnn_bn_residual", step).chunk(WORLD)[0])
         x = _batch("cnn_bn_residual", step).chunk(WORLD)[rank]
-        snd.accumulate(nest, sampler.draw(step), lambda: _loss(ddp(x)), module=ddp)  # noqa: B023
+        snd.accumulate(nest, sampler.draw(step), lambda: _loss(ddp(x)), module=None if plain else ddp)  # noqa: B023
         opt.step()
         opt.zero_grad(set_to_none=True)
     mine = {k: v.clone() for k, v in model.named_buffers()}
@@ -870,6 +873,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                    for name, (fam, mode) in SCENARIOS.items()}
         results["errors"] = _errors(rank, out_dir)
         results["bn_buffers"] = _bn_buffers(rank)
+        results["bn_buffers_plain"] = _bn_buffers(rank, plain=True)
         results["fsdp1_head"] = _fsdp1_head_and_fsdp2_draws(rank)
         results["fsdp2_loads"] = _fsdp2_loads(rank)
         if rank == 0:
@@ -1135,9 +1139,10 @@ def test_sync_gradients_averages_and_keeps_none_where_no_rank_has_a_gradient(run
         torch.testing.assert_close(got["both"][1], torch.full((2,), 5.0))
 
 
-def test_batchnorm_statistics_under_ddp_are_the_first_ranks_on_every_rank(run):
+@pytest.mark.parametrize("how", ["bn_buffers", "bn_buffers_plain"], ids=["ddp", "plain_processes"])
+def test_batchnorm_statistics_under_ddp_are_the_first_ranks_on_every_rank(run, how):
     _, results = run
-    got = results["bn_buffers"]
+    got = results[how]
     ranks, alone = got["ranks"], got["rank0_alone"]
     stats = [k for k in alone if k.endswith("running_mean")]
     assert stats and any(not torch.equal(ranks[0][k], torch.zeros_like(ranks[0][k])) for k in stats)
@@ -1310,3 +1315,31 @@ def test_loads_into_an_fsdp2_rank_nest_are_refused_before_any_copy(run):
     for name, (said, changed) in results["fsdp2_loads"].items():
         assert said.startswith("SortedNetError"), (name, said)
         assert changed == [], (name, changed)
+
+
+def test_a_rank_whose_closure_failed_raises_its_own_error_when_the_check_itself_fails():
+    """Under FSDP2 an error part-way through a forward leaves the other ranks in the next unit's all-gather: the
+    check after the closure then fails with the process group's timeout, which replaced this rank's own error
+    (the ValueError was lost: no __cause__, no __context__). This rank raises its own error now, the timeout as
+    its cause; an agreement that says the others were told still raises it without a cause."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="1"))
+
+    def closure():
+        raise ValueError("rank 1: bad batch")
+
+    def timed_out(bad, failed):
+        assert failed
+        raise RuntimeError("[gloo] Timed out waiting 20000ms for recv")
+
+    with pytest.raises(ValueError, match="bad batch") as info:
+        sn.accumulate(nest, nest.submodels, closure, _agree=timed_out)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    def told(bad, failed):
+        raise sn.SortedNetError("the others were told")
+
+    with pytest.raises(ValueError, match="bad batch") as info:
+        sn.accumulate(nest, nest.submodels, closure, _agree=told)
+    assert info.value.__cause__ is None
+    assert all(p.grad is None for p in model.parameters())

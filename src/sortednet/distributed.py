@@ -478,6 +478,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     sync_gradients(nest.model if module is None else module, group=group)  # (the wrapper: what DDP ignores)
     if isinstance(ddp, _ddp_type()):  # what DDP's pre-forward broadcast would have done (every forward ran
         sync_buffers(ddp, group=group)  # under no_sync): the running statistics of the first rank's shards
+    else:  # plain processes: the same rule (each rank's own statistics drifted apart, in silence, and sn.save
+        sync_buffers(nest.model if module is None else module, group=group)  # wrote rank 0's alone)
     return losses
 
 

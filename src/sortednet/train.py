@@ -526,9 +526,11 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
             if _agree is not None:  # all ranks decide alike (one all_reduce): a non-finite loss or a failure
                 try:
                     bad, elsewhere = _agree(mine, failed is not None)
-                except SortedNetError:
-                    if failed is not None:
-                        raise failed from None  # this rank's own error (the others were told: they raise too)
+                except Exception as e:
+                    if failed is not None:  # this rank's own error (the others were told: they raise too; or the
+                        # check failed: another rank waits in another collective, FSDP2's next all-gather after an
+                        # error part-way through its forward, until the timeout: this rank's error all the same)
+                        raise failed from (None if isinstance(e, SortedNetError) else e)
                     raise
                 if failed is not None:
                     raise failed
