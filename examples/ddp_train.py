@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         for sub in (single.smallest, single.submodels[len(single.submodels) // 2], single.largest):
             print(f"{str(sub):<22} {single.cost(sub):>6,} params  test accuracy {100 * scores[sub]:.1f}%")
         print(f"checkpoint: {args.out} ({len(single.submodels)} sub-models)")
+    module = opt = None  # (the DDP wrapper holds the process group: freed now, while every rank is still here;
+    # freed as main() returned, after destroy_process_group and the other rank's exit, gloo's teardown hung at times)
     dist.barrier()                                # every rank leaves together (no rank tears down mid-evaluation)
     dist.destroy_process_group()
 

@@ -919,3 +919,25 @@ def test_load_into_a_compiled_model_names_the_model_it_compiles(tmp_path):
             got = compiled(x)
         with nest.use(sub):
             assert torch.allclose(got, nest.model(x), atol=1e-6)
+
+
+def test_a_nest_of_a_compiled_model_saves_and_loads_as_before(tmp_path):
+    """The refusal above must not catch a nest built around the compile wrapper (its file's paths hold
+    '_orig_mod.'): it loads into an identical nest and into a fresh compile wrapper, as it did."""
+    def mk():
+        torch.manual_seed(0)
+        return torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
+                             backend="eager")
+
+    def dim():
+        return sn.Width("h", [4, 8], out="_orig_mod.0", inp="_orig_mod.2")
+
+    nest = sn.wrap(mk(), dim())
+    with torch.no_grad():
+        nest.model._orig_mod[0].weight.mul_(2)
+    sn.save(nest, tmp_path / "a.sn")
+    x = torch.randn(2, 4)
+    for back in (sn.load(sn.wrap(mk(), dim()), tmp_path / "a.sn"), sn.load(mk(), tmp_path / "a.sn")):
+        for sub in ("h=4", "h=8"):
+            with back.use(sub), nest.use(sub):
+                assert torch.equal(back.model(x), nest.model(x))

@@ -912,3 +912,33 @@ def test_max_new_tokens_far_past_the_end_costs_nothing_up_front():
     assert want.shape[1] <= ids.shape[1] + 3
     got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=10**11, eos_token_id=eos)
     assert torch.equal(got.sequences, want)
+
+
+def test_compiled_models_and_a_same_named_class_of_another_module_are_causal_lms():
+    """The draft check beside a plain target (new today) refused what decoded right before it: a
+    ``torch.compile``d draft, and a remote-code class imported as is (its own module, a transformers class name);
+    ``torch.compile`` of the target or of a draft beside a Nest target was refused too. Accepted, each equal to
+    generate's tokens."""
+    from transformers import GenerationMixin
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    def mk(layers, seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                            eos_token_id=None)).double().eval()
+
+    remote = type("LlamaForCausalLM", (LlamaPreTrainedModel, GenerationMixin),
+                  {k: v for k, v in LlamaForCausalLM.__dict__.items() if k not in ("__dict__", "__weakref__")})
+    remote.__module__ = "transformers_modules.acme.modeling_acme"
+    target, draft = mk(4, 0), mk(1, 1)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    want = target.generate(ids, max_new_tokens=12, do_sample=False)
+    other = mk(1, 1)
+    other.__class__ = remote
+    nest = sn.from_transformers(mk(4, 0), depth=[2])
+    runs = [(torch.compile(target, backend="eager"), draft), (target, torch.compile(draft, backend="eager")),
+            (nest, torch.compile(draft, backend="eager")), (target, other), (nest, other)]
+    for t, d in runs:
+        got = sn.speculative_generate(t, ids, draft=d, max_new_tokens=12, num_draft_tokens=3)
+        assert torch.equal(got.sequences, want), (type(t).__name__, type(d).__module__)

@@ -347,11 +347,6 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     if isinstance(model, Nest):
         model._check_structure("sn.load")
     target = model.model if isinstance(model, Nest) else model
-    if type(target).__name__ == "OptimizedModule" and isinstance(target.__dict__["_modules"].get("_orig_mod"),
-                                                                    nn.Module):  # (torch.compile(model))
-        raise SortedNetError(f"sn.load into a torch.compile wrapper ({type(target).__name__}): its modules are under "
-                             "'_orig_mod.'; load into the model it compiles, sn.load(obj._orig_mod, path) (the "
-                             "compiled object then runs the loaded nest)")
     if is_fsdp(target):  # (its parameters are shards: read back from the file's full tensors they would not be)
         raise SortedNetError(
             "sn.load into a model sharded with FSDP2 (fully_shard): its parameters are DTensor shards. Load into the "
@@ -371,6 +366,12 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
             planned = {p: (m, m._sn.slicer, m._sn.bind) for p, m in nest._sliced.items()}
             target_model = nest.model
         else:
+            if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module) \
+                    and not any(k.startswith("_orig_mod.") for k in f.entries):  # (torch.compile(model); a file
+                raise SortedNetError(  # of the model it compiles: its paths lack the wrapper's '_orig_mod.')
+                    f"sn.load into a torch.compile wrapper ({type(model).__name__}) of a checkpoint of the model "
+                    "it compiles: the wrapper's modules are under '_orig_mod.'; load into that model, "
+                    "sn.load(obj._orig_mod, path) (the compiled object then runs the loaded nest)")
             dims = meta["dims_built"](dict(model.named_modules()))
             try:
                 planned = plan(model, dims)               # validates the wrap; changes nothing

@@ -67,13 +67,15 @@ def _registered_causal_lms() -> tuple[type, ...]:
 
 
 def _is_causal_lm(model: Any) -> bool:
-    """A transformers causal LM: one of its classes (or a subclass of one: ``class MyLlama(LlamaForCausalLM)``)
-    or a class registered with ``AutoModelForCausalLM``."""
+    """A transformers causal LM: a class of one of its names (or a subclass of one: ``class
+    MyLlama(LlamaForCausalLM)``), a class registered with ``AutoModelForCausalLM``, or ``torch.compile`` of one."""
     cfg = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or cfg is None or getattr(cfg, "is_encoder_decoder", False):
         return False
-    known = any(c.__name__ in _causal_lm_classes() and c.__module__.startswith("transformers.")
-                for c in type(model).__mro__) or isinstance(model, _registered_causal_lms())
+    inner = model._orig_mod if type(model).__name__ == "OptimizedModule" and \
+        isinstance(getattr(model, "_orig_mod", None), nn.Module) else model  # (torch.compile(model))
+    known = any(c.__name__ in _causal_lm_classes() for c in type(inner).__mro__) or \
+        isinstance(inner, _registered_causal_lms())  # (remote code imported as is: its own module, the same name)
     return known and callable(getattr(model, "get_output_embeddings", None)) and \
         model.get_output_embeddings() is not None
 
