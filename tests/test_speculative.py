@@ -907,11 +907,16 @@ def test_max_new_tokens_far_past_the_end_costs_nothing_up_front():
         got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=120, num_draft_tokens=k,
                                       eos_token_id=[])
         assert torch.equal(got.sequences, free), k
+    long = plain(model, ids, 200, eos=[])  # (a round of 190 drafts: past the first size within the round)
+    got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=200, num_draft_tokens=190, eos_token_id=[])
+    assert torch.equal(got.sequences, long)
     eos = int(free[0, ids.shape[1] + 2])  # (the third new token: generate stops there)
     want = plain(model, ids, 10**11, eos=eos)
     assert want.shape[1] <= ids.shape[1] + 3
-    got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=10**11, eos_token_id=eos)
-    assert torch.equal(got.sequences, want)
+    for k in (4, 500):
+        got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=10**11, eos_token_id=eos,
+                                      num_draft_tokens=k)
+        assert torch.equal(got.sequences, want), k
 
 
 def test_compiled_models_and_a_same_named_class_of_another_module_are_causal_lms():

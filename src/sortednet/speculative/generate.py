@@ -390,17 +390,22 @@ def _decode(plan: Plan, prompt: Tensor, max_new: int, k_spec: int | str, samplin
     k = 1 if auto else int(k_spec)
     most = 12 if auto else k
     n = prompt.shape[1]                      # sequence length; the last token is in no cache yet
-    # a round writes at most most + 1 tokens past the sequence: the buffer grows as tokens come (generate stops at
-    # an eos long before max_new_tokens = 10**9: no buffer of that size up front)
-    buf = torch.zeros(1, n + min(max_new, 64) + most + 2, dtype=torch.long, device=prompt.device)
+    # the buffer grows as tokens come (generate stops at an eos long before max_new_tokens = 10**9, and a round
+    # drafting k = 10**12 tokens stops at one too: no buffer of either size up front)
+    buf = torch.zeros(1, n + min(max_new, 64) + min(most, max_new, 64) + 2, dtype=torch.long, device=prompt.device)
+
+    def room(buf: Tensor, index: int) -> Tensor:
+        """``buf`` with room for ``index`` (doubled past it)."""
+        if index < buf.shape[1]:
+            return buf
+        return torch.cat([buf, buf.new_zeros(1, max(buf.shape[1], index + 1 - buf.shape[1]))], dim=1)
+
     buf[:, :n] = prompt
     stacks = list(dict.fromkeys([plan.target] + [s for s, _ in plan.exits]))
     out: list[int] = []
     rejections, cost_sum = 0, 0.0
     while len(out) < max_new:
         kr = min(k, max_new - len(out) - 1)
-        if n + kr + 1 > buf.shape[1]:
-            buf = torch.cat([buf, buf.new_zeros(1, max(buf.shape[1], kr + 2))], dim=1)
         plan.target.out.clear()
         drafted, qs, where = [], [], []
         for i in range(kr):
@@ -411,12 +416,14 @@ def _decode(plan: Plan, prompt: Tensor, max_new: int, k_spec: int | str, samplin
                 qs.append(q)
             else:
                 t = int(logits.float().argmax())
+            buf = room(buf, n + i)
             buf[0, n + i] = t
             drafted.append(t)
             where.append(e)
             if t in eos:
                 break
         m = len(drafted)
+        buf = room(buf, n + m)  # (the target's next token goes at n + j, j <= m)
         plan.target.hidden(len(plan.target.bounds) - 1, buf, n + m)
         h = torch.cat(plan.target.out, dim=1)[:, -(m + 1):]
         tl = plan.target.logits(h)[0]
