@@ -913,6 +913,10 @@ def test_load_into_a_compiled_model_names_the_model_it_compiles(tmp_path):
         sn.load(compiled, tmp_path / "a.sn")
     assert all(torch.equal(before[k], v) for k, v in compiled.state_dict().items())
     back = sn.load(compiled._orig_mod, tmp_path / "a.sn")
+    wrapped = torch.compile(back.model, backend="eager")  # (wrapped, then compiled: the advice names its nest)
+    with pytest.raises(sn.SortedNetError, match=r"sn.load\(sn.Nest.of\(obj._orig_mod\), path\)"):
+        sn.load(wrapped, tmp_path / "a.sn")
+    assert sn.load(sn.Nest.of(wrapped._orig_mod), tmp_path / "a.sn") is back
     x = torch.randn(3, 4)
     for sub in ("w=4", "w=8"):
         with back.use(sub):

@@ -947,3 +947,33 @@ def test_compiled_models_and_a_same_named_class_of_another_module_are_causal_lms
     for t, d in runs:
         got = sn.speculative_generate(t, ids, draft=d, max_new_tokens=12, num_draft_tokens=3)
         assert torch.equal(got.sequences, want), (type(t).__name__, type(d).__module__)
+
+
+def test_a_module_of_ones_own_under_a_transformers_name_is_no_causal_lm():
+    """A class of one's own named ``GPT2LMHeadModel`` (not a PreTrainedModel) that ignores the cache it is handed
+    was decoded (its logits from the new tokens alone: 7 of 8 prompts gave other tokens than its own greedy);
+    refused by name before any forward, as target and as draft."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class GPT2LMHeadModel(torch.nn.Module):  # noqa: N801 (the name is the point)
+        def __init__(self, hf):
+            super().__init__()
+            self.hf, self.config, self.generation_config = hf, hf.config, hf.generation_config
+
+        def get_output_embeddings(self):
+            return self.hf.lm_head
+
+        def forward(self, input_ids=None, past_key_values=None, **kw):
+            return CausalLMOutputWithPast(logits=self.hf(input_ids, use_cache=False).logits,
+                                          past_key_values=past_key_values)
+
+    own = GPT2LMHeadModel(gpt2()).eval()
+    calls = []
+    h = own.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for target, draft in ((own, gpt2(seed=1, layers=1)), (gpt2(), own)):
+            with pytest.raises(sn.SortedNetError, match="must be a Hugging Face causal LM"):
+                sn.speculative_generate(target, torch.tensor([[1, 2, 3]]), draft=draft, max_new_tokens=4)
+        assert not calls
+    finally:
+        h.remove()

@@ -368,10 +368,12 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
         else:
             if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module) \
                     and not any(k.startswith("_orig_mod.") for k in f.entries):  # (torch.compile(model); a file
+                wrapped = any("_sn" in m.__dict__ for m in model._modules["_orig_mod"].modules())
                 raise SortedNetError(  # of the model it compiles: its paths lack the wrapper's '_orig_mod.')
                     f"sn.load into a torch.compile wrapper ({type(model).__name__}) of a checkpoint of the model "
-                    "it compiles: the wrapper's modules are under '_orig_mod.'; load into that model, "
-                    "sn.load(obj._orig_mod, path) (the compiled object then runs the loaded nest)")
+                    "it compiles: the wrapper's modules are under '_orig_mod.'; load into "
+                    + ("the nest that wraps that model, sn.load(sn.Nest.of(obj._orig_mod), path)" if wrapped else
+                       "that model, sn.load(obj._orig_mod, path)") + " (the compiled object then runs the loaded nest)")
             dims = meta["dims_built"](dict(model.named_modules()))
             try:
                 planned = plan(model, dims)               # validates the wrap; changes nothing

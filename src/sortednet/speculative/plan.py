@@ -67,15 +67,21 @@ def _registered_causal_lms() -> tuple[type, ...]:
 
 
 def _is_causal_lm(model: Any) -> bool:
-    """A transformers causal LM: a class of one of its names (or a subclass of one: ``class
+    """A transformers causal LM: a ``PreTrainedModel`` of a causal-LM class name (or a subclass of one: ``class
     MyLlama(LlamaForCausalLM)``), a class registered with ``AutoModelForCausalLM``, or ``torch.compile`` of one."""
     cfg = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or cfg is None or getattr(cfg, "is_encoder_decoder", False):
         return False
     inner = model._orig_mod if type(model).__name__ == "OptimizedModule" and \
         isinstance(getattr(model, "_orig_mod", None), nn.Module) else model  # (torch.compile(model))
-    known = any(c.__name__ in _causal_lm_classes() for c in type(inner).__mro__) or \
-        isinstance(inner, _registered_causal_lms())  # (remote code imported as is: its own module, the same name)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    # (remote code imported as is: its own module, a transformers name; a module of one's own that takes the name
+    # is no transformers model, nor follows its cache)
+    named = any(c.__name__ in _causal_lm_classes() for c in type(inner).__mro__)
+    known = isinstance(inner, PreTrainedModel) and named or isinstance(inner, _registered_causal_lms())
     return known and callable(getattr(model, "get_output_embeddings", None)) and \
         model.get_output_embeddings() is not None
 
