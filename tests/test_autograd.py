@@ -1681,7 +1681,7 @@ class _CkNet(nn.Module):
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 @pytest.mark.parametrize("how", ["compiled_nest_checkpoint", "anomaly_around_backward"])
 @pytest.mark.parametrize("size", [64, 128])
-def test_a_checkpointed_block_recomputed_on_another_path_gives_the_same_gradients(layer, how, size):
+def test_a_checkpointed_block_recomputed_on_another_path_gives_the_same_gradients(layer, how, size, fresh_dynamo):
     """A non-reentrant checkpoint pairs what its recomputation saves with what the forward saved by position,
     checking shapes only. The fused linear / convolution weight paths step aside under conditions that can differ
     between the two (a nest.compile() forward on plain views, recomputed eagerly on the parameters; anomaly mode
@@ -1738,7 +1738,7 @@ class _IndexingSlicer(sn.Slicer):
         return m._parameters["weight"][:o, :i] if name == "weight" else m._parameters["scale"][:o]
 
 
-def test_a_custom_slicers_whole_view_is_served_as_the_parameter():
+def test_a_custom_slicers_whole_view_is_served_as_the_parameter(fresh_dynamo):
     """``value()`` cutting with ``p[:k]`` served a non-leaf view at the full size too (outside ``use``): clipping over
     ``layer.weight`` skipped the layer in silence (its gradient norm stayed 363 while the others were clipped to
     1), ``.grad`` through the attribute was None and ``requires_grad_`` raised. The whole view is the parameter

@@ -1176,7 +1176,7 @@ def test_a_write_into_a_cast_copy_a_custom_slicer_made_is_refused_and_a_clone_is
             torch.testing.assert_close(model(x), nest.export("h=4")(x))
 
 
-def test_a_guarded_custom_value_compiles_in_one_graph():
+def test_a_guarded_custom_value_compiles_in_one_graph(fresh_dynamo):
     """The write guard of a custom slicer's copies is never traced: a compiled forward keeps one graph
     (``fullgraph=True`` raised on its memory check)."""
     cls = type("_RunningNormCompiled", (_RunningNorm,), {})

@@ -1169,7 +1169,7 @@ def test_a_tied_weight_saved_from_fsdp2_loads_in_one_process_still_tied(run):
         torch.testing.assert_close(fresh.state_dict()[k], v, atol=0, rtol=0)
 
 
-def test_fsdp2_misuse_is_named(run):
+def test_fsdp2_misuse_is_named(run, fresh_dynamo):
     _, results = run
     errs = results["errors"]
     assert "sn.load into a model sharded with FSDP2" in errs["load_into_sharded"]
@@ -1226,7 +1226,7 @@ def test_single_process_helpers_are_no_ops():
     assert any(g is None for g in before.values())  # depth-skipped blocks got no gradient
 
 
-def test_wrapping_a_data_parallel_wrapper_is_refused_naming_the_model_inside():
+def test_wrapping_a_data_parallel_wrapper_is_refused_naming_the_model_inside(fresh_dynamo):
     """sn.wrap(nn.DataParallel(model)) took 'module.' patterns, wrote 'module.' checkpoint keys and exported the
     wrapper with a confusing error: refused, pointing at the model inside, before anything changed."""
     case = FAMILIES["mlp"](seed=0)

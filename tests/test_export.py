@@ -1147,7 +1147,7 @@ def test_an_attention_child_shared_by_several_attentions_is_left_to_them():
         assert tag.num_heads == 4
 
 
-def test_a_forward_set_on_the_instance_never_lets_an_export_run_the_live_model():
+def test_a_forward_set_on_the_instance_never_lets_an_export_run_the_live_model(fresh_dynamo):
     """model.forward = torch.compile(model.forward) (transformers' documented pattern) stores a function on the
     instance, which a deep copy keeps: the export ran the LIVE model (its full size, or whatever use() was in
     force) with the export's parameter count. The compiled wrapper of a module's own forward is dropped from the
@@ -1208,7 +1208,7 @@ def test_a_forward_set_on_the_instance_never_lets_an_export_run_the_live_model()
         del net.forward
 
 
-def test_a_compiled_forward_set_before_wrap_or_on_a_shared_block_is_left_out_of_the_export():
+def test_a_compiled_forward_set_before_wrap_or_on_a_shared_block_is_left_out_of_the_export(fresh_dynamo):
     """torch.compile(layer.forward) set before wrap on a layer wrap slices, and on a block held under two names
     (self.final = self.blocks[-1], its first path in the export another than in the live model): dropped with
     the warning, the export equal to the sub-model (a shared block was refused, a sliced layer's compile too)."""
@@ -1417,7 +1417,7 @@ def test_an_export_in_training_mode_of_a_value_that_draws_is_refused_and_draws_n
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_a_layer_compiled_in_place_is_exported_and_copied_as_its_own():
+def test_a_layer_compiled_in_place_is_exported_and_copied_as_its_own(fresh_dynamo):
     """``model[0].compile()`` (``nn.Module.compile``, in place) keeps a compiled call bound to that module; the
     deep copy of a sliced layer took it along (a plain module's copy drops it), so the export, and an EMA made
     with ``copy.deepcopy``, ran the LIVE layer: edits of the live model changed the export's output in silence,

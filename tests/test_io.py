@@ -895,7 +895,7 @@ def test_hub_tags_are_not_a_setting(tmp_path):
     assert back.cost(back.largest, "flops") == nest.cost(nest.largest, "flops")
 
 
-def test_load_into_a_compiled_model_names_the_model_it_compiles(tmp_path):
+def test_load_into_a_compiled_model_names_the_model_it_compiles(tmp_path, fresh_dynamo):
     """sn.load of a torch.compile wrapper failed on the file's patterns ("'0' is not a module path ... nearby
     '_orig_mod.0'"); it says where to load now, before anything changes, and loading there runs the nest through
     the compiled object."""
@@ -925,7 +925,7 @@ def test_load_into_a_compiled_model_names_the_model_it_compiles(tmp_path):
             assert torch.allclose(got, nest.model(x), atol=1e-6)
 
 
-def test_a_nest_of_a_compiled_model_saves_and_loads_as_before(tmp_path):
+def test_a_nest_of_a_compiled_model_saves_and_loads_as_before(tmp_path, fresh_dynamo):
     """The refusal above must not catch a nest built around the compile wrapper (its file's paths hold
     '_orig_mod.'): it loads into an identical nest and into a fresh compile wrapper, as it did."""
     def mk():

@@ -919,7 +919,7 @@ def test_max_new_tokens_far_past_the_end_costs_nothing_up_front():
         assert torch.equal(got.sequences, want), k
 
 
-def test_compiled_models_and_a_same_named_class_of_another_module_are_causal_lms():
+def test_compiled_models_and_a_same_named_class_of_another_module_are_causal_lms(fresh_dynamo):
     """The draft check beside a plain target (new today) refused what decoded right before it: a
     ``torch.compile``d draft, and a remote-code class imported as is (its own module, a transformers class name);
     ``torch.compile`` of the target or of a draft beside a Nest target was refused too. Accepted, each equal to

@@ -2725,7 +2725,7 @@ def test_objects_whose_getattr_raises_key_error_export():
     assert small.config.width == 16
 
 
-def test_the_nest_kept_on_the_model_is_refused_by_export_and_pick_naming_it():
+def test_the_nest_kept_on_the_model_is_refused_by_export_and_pick_naming_it(fresh_dynamo):
     """A Nest cannot be copied: pick returned sub-models whose export then failed in the deep copy."""
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
@@ -2888,7 +2888,8 @@ def test_a_state_dict_of_other_shapes_is_refused_before_any_tensor_is_copied(cas
 
 
 @pytest.mark.parametrize("holder", ["compiled", "container", "none"])
-def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tensors_before_any_copy(holder):
+def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tensors_before_any_copy(
+        holder, fresh_dynamo):
     """A load called on what holds the wrapped model (``torch.compile``'s module, a container) was checked by no
     module of the nest (each checks only a load called on itself): PyTorch copied every other tensor before its
     raw size mismatch. And a value that is no tensor (a list) was not checked: the same half-loaded model. The

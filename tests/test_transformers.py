@@ -1866,7 +1866,7 @@ def test_verify_on_a_model_without_weights_says_it_did_not_run():
         sn.from_transformers(model, ffn=[24], verify=False)
 
 
-def test_a_whole_model_compiled_decode_loop_continues_its_cache():
+def test_a_whole_model_compiled_decode_loop_continues_its_cache(fresh_dynamo):
     """torch.compile(model) traces the cache check's hooks: the check's first steps broke the graph and ran
     it eagerly, refusing every compiled decode step (a cache its compiled prefill could not record)."""
     torch.manual_seed(0)
@@ -1885,7 +1885,7 @@ def test_a_whole_model_compiled_decode_loop_continues_its_cache():
                 model(input_ids=nxt, **{KV: out.cache if hasattr(out, "cache") else out.past_key_values})
 
 
-def test_nest_compile_checks_the_cache_as_eager_does():
+def test_nest_compile_checks_the_cache_as_eager_does(fresh_dynamo):
     """``nest.compile()`` continued a cache another sub-model filled (the root's cache check returns at once
     inside the graph): a silent mix of two models. Its wrapper now runs the check eagerly around the compiled
     call: refused as in eager, and its own decode loop (prefill, then one token) continues and is exact."""
@@ -2727,3 +2727,68 @@ def test_a_profile_survives_gradient_checkpointing_and_another_load_path(tmp_pat
         warnings.simplefilter("error")
         back = sn.load(fresh, tmp_path / "n.sn")
     assert back.cost(back.smallest, "flops") == nest.cost(nest.smallest, "flops")
+
+
+def _towers(kind: str):
+    T = transformers
+    bert = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    gpt2 = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_inner=64, add_cross_attention=True,
+                        is_decoder=True, bos_token_id=0, eos_token_id=0)
+    if kind == "bert_to_gpt2":
+        return T.EncoderDecoderModel(config=T.EncoderDecoderConfig.from_encoder_decoder_configs(
+            T.BertConfig(**bert), gpt2))
+    if kind == "vit_to_gpt2":
+        vit = T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64)
+        return T.VisionEncoderDecoderModel(config=T.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2))
+    return T.ChineseCLIPModel(T.ChineseCLIPConfig(text_config=bert, vision_config=dict(
+        image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)))
+
+
+@pytest.mark.parametrize("kind", ["bert_to_gpt2", "vit_to_gpt2", "chinese_clip"])
+def test_a_second_tower_of_another_layout_is_refused(kind):
+    """Only lists of the same name counted as a second tower: a BERT encoder beside a GPT-2 decoder, a ViT beside
+    GPT-2, ChineseCLIP's vision tower beside its BERT text tower were accepted with one tower nested and the other
+    left whole, without a word (the smallest export kept the encoder's 3 layers at full width). Refused, naming
+    the other list, before anything changes; the tower alone nests."""
+    model = _towers(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="would nest only part of the model"):
+        sn.from_transformers(model, ffn=[0.5], depth=[1])
+    assert not any(hasattr(m, "_sn") for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    tower = model.decoder if kind != "chinese_clip" else model.text_model
+    nest = sn.from_transformers(tower, ffn=[0.5])
+    assert nest.cost(nest.smallest) < nest.cost(nest.largest)
+
+
+def test_heads_or_depth_alone_export_a_t5_layout_whose_ffn_has_no_slicer():
+    """Switch Transformers (T5 layout, mixture-of-experts FFNs): a heads= nest exported no sub-model, not even
+    the full one ("a t5 block has none of the FFN projections"), for an FFN it never nested. Every sub-model
+    exports now, equal to the live model."""
+    torch.manual_seed(0)
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, expert_capacity=8, num_layers=2, num_sparse_encoder_layers=1,
+        num_decoder_layers=2, num_sparse_decoder_layers=1, num_heads=4, num_experts=2, decoder_start_token_id=0)
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    x, y = torch.randint(5, 90, (2, 10)), torch.randint(5, 90, (2, 7))
+    nest = sn.from_transformers(model, heads=[2], depth=[1])
+    for sub in nest.submodels:
+        small = nest.export(sub).eval()
+        with torch.no_grad(), nest.use(sub):
+            want = model(input_ids=x, decoder_input_ids=y).logits
+        with torch.no_grad():
+            got = small(input_ids=x, decoder_input_ids=y).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=str(sub))
+
+
+def test_depth_of_a_head_that_weighs_every_layer_is_refused_at_wrap():
+    """use_weighted_layer_sum (Whisper / Wav2Vec2 audio classification) weighs every layer's output: a depth= nest
+    was accepted and each shallower forward raised a raw RuntimeError (2 outputs for 3 weights)."""
+    model = transformers.WhisperForAudioClassification(transformers.WhisperConfig(
+        d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=8,
+        max_source_positions=16, use_weighted_layer_sum=True, num_labels=3)).eval()
+    with pytest.raises(sn.SortedNetError, match="use_weighted_layer_sum"):
+        sn.from_transformers(model, depth=[1])
+    assert not any(hasattr(m, "_sn") for m in model.modules())
+    sn.from_transformers(model, ffn=[32], verify=False)

@@ -229,7 +229,12 @@ def detect(model: nn.Module) -> Found:
                                  f"e.g. sn.from_transformers(model.get_submodule({towers[0]!r}), ...) (towers: "
                                  f"{towers})")
         tails = {p.rpartition(".")[2] for p in hits}
-        missed = [p for p, _ in lists if p not in hits and p.rpartition(".")[2] in tails]
+        apart = [(p, m) for p, m in lists if p not in hits and not any(p.startswith(h + ".") or h.startswith(p + ".")
+                                                                       for h in hits)]
+        # another list of the same name, or one whose blocks another layout knows (a BERT encoder beside a GPT-2
+        # decoder, a ViT or CLIP vision tower beside a language model): the model holds another tower
+        missed = [p for p, m in apart if p.rpartition(".")[2] in tails
+                  or any(all(glob_children(m[0], q) for q in other.probe) for other in LAYOUTS if other is not lay)]
         if missed:
             parts = [p.split(".")[:-1] for p in hits]  # the module holding every matched list (all stacks)
             common = next((i for i, xs in enumerate(zip(*parts)) if len(set(xs)) > 1), min(map(len, parts)))

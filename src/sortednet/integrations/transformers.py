@@ -218,6 +218,12 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
             raise SortedNetError(f"from_transformers(depth=...): the layer lists {list(found.stacks)} have different "
                                  f"lengths {lengths}; declare one sn.Depth per list by hand")
         sizes = _resolve("depth", depth, lengths[0])
+        weighted = [n for n, p in model.named_parameters() if n.rpartition(".")[2] == "layer_weights"]
+        if getattr(model.config, "use_weighted_layer_sum", False) and weighted and sizes[0] < lengths[0]:
+            raise SortedNetError(f"from_transformers(depth={sizes}) on {type(model).__name__}: its head takes a "
+                                 f"weighted sum of every layer's output (use_weighted_layer_sum, {weighted[0]!r} "
+                                 f"holds one weight per layer), which a shallower sub-model does not give; build it "
+                                 "with use_weighted_layer_sum=False, or nest ffn= / heads= only")
         names, idx = getattr(model.config, "stage_names", None), getattr(model.config, "out_indices", None)
         if _is_backbone(model) and isinstance(names, (list, tuple)) and idx:
             deepest = max(i % len(names) for i in idx)
@@ -567,7 +573,8 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     lay = found.layout
     cls = type(nest.model).__name__
     other = _other_towers_key(nest.model, lay.depth_keys)
-    b0 = found.block(small, 0, 0) if len(small.get_submodule(found.stacks[0])) else None
+    nested_ffn = any(d.name == "ffn" for d in nest.dims)  # (heads= / depth= alone: the FFN is as it was, whatever
+    b0 = found.block(small, 0, 0) if nested_ffn and len(small.get_submodule(found.stacks[0])) else None  # it is)
     full0 = found.block(nest.model, 0, 0) if b0 is not None and lay.ffn_out else None
     keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
     ffn_key = _tower_key(nest.model, cfg, lay.ffn_key)
