@@ -762,8 +762,6 @@ def test_a_checkpoint_with_the_earlier_module_record_loads_its_profile(tmp_path)
     Identity now) would lose their measured costs on load with a false warning: the earlier record is accepted
     too."""
     import functools
-    import warnings
-    from unittest import mock
 
     from sortednet.cost import modules_digest
 
@@ -775,16 +773,25 @@ def test_a_checkpoint_with_the_earlier_module_record_loads_its_profile(tmp_path)
                                    torch.nn.Linear(64, 5))
 
     assert legacy_digest(mk()) != modules_digest(mk())
-    nest = sn.wrap(mk(), sn.Width("w", [16, 32, 64], out="0", inp="3"))
-    with mock.patch("sortednet.nest.modules_digest", legacy_digest):   # (as the earlier code recorded it)
+    other = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(64, 5))
+    _an_earlier_record_loads(tmp_path, legacy_digest, mk, other, sn.Width("w", [16, 32, 64], out="0", inp="3"))
+
+
+def _an_earlier_record_loads(tmp_path, digest, mk, other, dim):
+    """A profile recorded with ``digest`` (as the earlier code recorded it) loads into ``mk()`` without a
+    warning and with its measured costs, and warns for ``other``."""
+    import warnings
+    from unittest import mock
+
+    nest = sn.wrap(mk(), dim)
+    with mock.patch("sortednet.nest.modules_digest", digest):
         nest.profile(torch.randn(4, 16), repeat=1, warmup=0, progress=False)
     sn.save(nest, tmp_path / "old.sn")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         back = sn.load(mk(), tmp_path / "old.sn")
     assert set(back._profile.costs) == {"params", "flops", "latency", "memory"}
-    other = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Dropout(0.1),
-                                torch.nn.Linear(64, 5))
     with pytest.warns(UserWarning, match=r"settings\) differ"):
         sn.load(other, tmp_path / "old.sn")
 
@@ -793,8 +800,6 @@ def test_a_checkpoint_with_the_second_module_record_loads_its_profile(tmp_path):
     """The record before numpy numbers and ``torch.Size`` counted (a setting of ``None`` was one then): a file
     written with it loads its measured costs into the same model, and still warns on a changed activation."""
     import functools
-    import warnings
-    from unittest import mock
 
     from sortednet.cost import modules_digest
 
@@ -814,16 +819,8 @@ def test_a_checkpoint_with_the_second_module_record_loads_its_profile(tmp_path):
             return x
 
     assert modules_digest(Net(), record=1) != modules_digest(Net())  # (the embedding's padding_idx=None)
-    nest = sn.wrap(Net(), sn.Width("w", [16, 32, 64], out="body.0", inp="body.4"))
-    with mock.patch("sortednet.nest.modules_digest", functools.partial(modules_digest, record=1)):
-        nest.profile(torch.randn(4, 16), repeat=1, warmup=0, progress=False)
-    sn.save(nest, tmp_path / "old.sn")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        back = sn.load(Net(), tmp_path / "old.sn")
-    assert set(back._profile.costs) == {"params", "flops", "latency", "memory"}
-    with pytest.warns(UserWarning, match=r"settings\) differ"):
-        sn.load(Net(torch.nn.GELU), tmp_path / "old.sn")
+    _an_earlier_record_loads(tmp_path, functools.partial(modules_digest, record=1), Net, Net(torch.nn.GELU),
+                             sn.Width("w", [16, 32, 64], out="body.0", inp="body.4"))
 
 
 class _Upsampled(torch.nn.Module):
