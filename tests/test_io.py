@@ -871,6 +871,103 @@ def test_the_module_record_counts_sizes_and_numpy_numbers_as_their_values(tmp_pa
         assert "flops" not in back._profile.costs
 
 
+class _Private(torch.nn.Module):
+    """Settings a forward follows held under a private name (``self._stride``) and in a long list, and an
+    activation that writes its input's memory or not."""
+
+    def __init__(self, stride=1, sched=(1,) * 70, inplace=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(4, 16), torch.nn.Conv1d(16, 16, 3, padding=1), torch.nn.Linear(16, 2)
+        self.act = torch.nn.ReLU(inplace=inplace)
+        self._stride, self.sched = stride, list(sched)
+
+    def forward(self, x):
+        h = self.act(self.a(x)).transpose(1, 2)
+        h = h[:, :, ::self._stride][:, :, ::self.sched[-1]]
+        return self.c(self.b(h).mean(2))
+
+
+@pytest.mark.parametrize("loaded, same", [
+    (dict(stride=4), False),          # a private setting (underscore names were not recorded)
+    (dict(sched=(4,) * 70), False),   # a list of more than 64 settings (not recorded at all)
+    (dict(sched=(4,) * 60), False),   # ... a shorter one was
+    (dict(inplace=True), True),       # the same values and work: the profile stays
+    (dict(), True),
+])
+def test_the_module_record_counts_private_settings_and_long_lists(tmp_path, loaded, same):
+    """A file profiled on a model striding by ``self._stride = 1`` loaded into one with ``_stride = 4`` (or whose
+    70-entry schedule list changed) kept the file's FLOPs, 3.2x the true count, without a word, and
+    ``cost(..., example=x)`` returned them too. Private plain settings and lists of any length count now (torch's,
+    transformers' and our own bookkeeping does not); ``ReLU(inplace=True)`` against ``ReLU()`` no longer drops a
+    valid profile."""
+    import warnings
+
+    x = torch.randn(1, 64, 4)
+    dim = lambda: sn.Width("w", [8, 16], out="a", inp="b")  # noqa: E731
+    nest = sn.wrap(_Private(), dim())
+    nest.profile(x, metrics=("params", "flops"), progress=False)
+    sn.save(nest, tmp_path / "p.sn")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        back = sn.load(_Private(**loaded), tmp_path / "p.sn")
+    assert any("differ" in str(w.message) for w in seen) != same
+    truth = sn.wrap(_Private(**loaded), dim()).cost("w=16", "flops", example=x)
+    if same:
+        assert back.cost("w=16", "flops") == truth
+    else:
+        assert "flops" not in back._profile.costs
+        assert back.cost("w=16", "flops", example=x) == truth
+
+
+def test_the_module_record_skips_bookkeeping(tmp_path):
+    """What torch, transformers and sortednet keep under private names describes no forward: the record is the
+    same on a model built from its config and on the one ``from_pretrained`` loads (which sets kernel and
+    weight-conversion flags), before and after ``sn.wrap``, and on a DDP-style replica flag."""
+    transformers = pytest.importorskip("transformers")
+    from sortednet.cost import modules_digest
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    built = transformers.LlamaForCausalLM(cfg).eval()
+    built.save_pretrained(tmp_path / "m")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    before = modules_digest(built)
+    assert modules_digest(loaded) == before
+    sn.from_transformers(loaded, ffn=[32], heads=[2])
+    assert modules_digest(loaded) == before
+    plain = _Private()
+    digest = modules_digest(plain)
+    plain.a._is_replica = True
+    plain.b._is_fsdp_managed_module = True
+    assert modules_digest(plain) == digest
+    plain.b._stride = 2  # (a setting of one's own under a private name)
+    assert modules_digest(plain) != digest
+
+
+def test_a_checkpoint_with_the_third_module_record_loads_its_profile(tmp_path):
+    """The record before private settings and long lists counted: a file written with it loads its measured costs
+    into the same model, and still warns on a changed activation."""
+    import functools
+
+    from sortednet.cost import modules_digest
+
+    class Net(torch.nn.Module):
+        def __init__(self, act=torch.nn.ReLU):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = torch.nn.Sequential(torch.nn.Linear(16, 64), act(), torch.nn.Linear(64, 5))
+            self._scale = 2  # (not in record 2)
+
+        def forward(self, x):
+            return self.body(x) * self._scale
+
+    assert modules_digest(Net(), record=2) != modules_digest(Net())
+    _an_earlier_record_loads(tmp_path, functools.partial(modules_digest, record=2), Net, Net(torch.nn.GELU),
+                             sn.Width("w", [16, 32, 64], out="body.0", inp="body.2"))
+
+
 def test_hub_tags_are_not_a_setting(tmp_path):
     """``PreTrainedModel.add_model_tags`` (TRL's trainers call it) sets ``model_tags`` on the model: it counted as a
     setting, so a checkpoint of a tagged model lost its measured FLOPs and latency on load into the same model

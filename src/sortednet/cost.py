@@ -559,6 +559,14 @@ _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  
 #: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
 #: its blocks recompute activations in the backward (transformers' gradient checkpointing)
 _NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing", "model_tags"})
+#: whether an activation writes its input's memory (``ReLU(inplace=True)``): the same values and work (record 3 on)
+_SAME_WORK = frozenset({"inplace"})
+#: private attributes of a module's own that describe no forward: torch's bookkeeping (every ``nn.Module``'s own
+#: fields, hooks and flags that DDP, FSDP and replicas set), ours (``_sn``), transformers' (whether a module's
+#: weights were initialised, a loaded model's kernel and weight-conversion flags, its attention implementation)
+_BOOKKEEPING = frozenset(nn.Module().__dict__) | {
+    "_is_replica", "_is_fsdp_managed_module", "_fsdp_use_orig_params", "_ddp_params_and_buffers_to_ignore",
+    "_is_hf_initialized", "_kernels_mode", "_use_kernels", "_weight_conversions", "_attn_implementation"}
 #: names of numbers of training alone: dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's
 #: coefficient (a flag such as EfficientNet's apply_dropout, which decides a residual add, counts; so does a count
 #: such as drop_tokens, which an eval forward follows)
@@ -568,7 +576,7 @@ _TRAINING_RATES = re.compile(r"(?i)dropout|drop_?path|drop_?prob|drop_?rate|pdro
 _EVAL_IDENTITY = re.compile(r"(?i)(dropout(\dd)?|drop_?path|stochastic_?depth)$|^identity$")
 
 
-def module_settings(m: nn.Module, record: int = 2) -> tuple[str, list[tuple[str, str]]]:
+def module_settings(m: nn.Module, record: int = 3) -> tuple[str, list[tuple[str, str]]]:
     """``m``'s class name and settings as :func:`modules_digest` records them (``record``: the record's version,
     :data:`RECORDS`)."""
     st = m.__dict__.get("_sn")
@@ -583,15 +591,19 @@ def module_settings(m: nn.Module, record: int = 2) -> tuple[str, list[tuple[str,
     if isinstance(m, nn.modules.dropout._DropoutNd) or _EVAL_IDENTITY.search(cls.__name__):
         return "Identity", []  # (costs are measured in eval mode)
     out = []
+    transformers_own = record >= 3 and any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+                                           for c in type(m).__mro__)
     for k, v in m.__dict__.items():
-        if k.startswith("_") or k in ("training", "name_or_path", "gradient_checkpointing") or "cache" in k.lower() \
-                or (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase)):
+        if k.startswith("_") and (record < 3 or k in _BOOKKEEPING or k.startswith("_sn") or transformers_own) \
+                or k in ("training", "name_or_path", "gradient_checkpointing") or "cache" in k.lower() \
+                or (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase)) \
+                or record >= 3 and k in _SAME_WORK:
             continue
         if record == 1:  # (as it was: exact types, ``None`` a setting, hub tags counted)
             if _plain(v) and not (type(v) in (int, float) and _TRAINING_RATES.search(k)):
                 out.append((k, repr(v)))
             continue
-        v = _setting(v)
+        v = _setting(v, long=record >= 3)
         if k not in _NOT_SETTINGS and v is not _NOT_PLAIN and v is not None and \
                 not (type(v) in (int, float) and _TRAINING_RATES.search(k)):
             out.append((k, repr(v)))
@@ -600,18 +612,20 @@ def module_settings(m: nn.Module, record: int = 2) -> tuple[str, list[tuple[str,
 
 #: versions of the module record: 0 before training rates were left out (files written before 2026-12-06), 1
 #: before numpy numbers and tuple types (``torch.Size``) counted as the numbers and tuples they are and a setting
-#: of ``None`` as no setting, 2 today. A file's record is compared with each: a file of an earlier version was
+#: of ``None`` as no setting, 2 before private settings (``self._stride``) and lists longer than 64 counted and an
+#: activation's ``inplace`` flag stopped counting (2026-12-07), 3 today. A file's record is compared with each: a file of an earlier version was
 #: written by code that computed that one (a file of today's matches only today's, short of a SHA-256 collision).
-RECORDS = (2, 1, 0)
+RECORDS = (3, 2, 1, 0)
 
 
-def modules_digest(model: nn.Module, record: int = 2) -> str:
+def modules_digest(model: nn.Module, record: int = 3) -> str:
     """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name
-    and settings (its plain attributes: numbers, numpy numbers, strings, flags and tuples or lists of them, such
-    as a convolution's stride, an upsampling's ``torch.Size`` or a mixture's experts per token; a setting of
-    ``None`` counts as none), hashed. What leaves the forward as it is does not count: the module a class is
-    defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served), activation-checkpoint
-    and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model was loaded from
+    and settings (its plain attributes, private ones too: numbers, numpy numbers, strings, flags and tuples or lists
+    of them of any length, such as a convolution's stride, an upsampling's ``torch.Size``, a mixture's experts per
+    token or a ``self._stride`` of one's own; a setting of ``None`` counts as none), hashed. What leaves the forward as it is does not count: the module a class is
+    defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served), the bookkeeping torch,
+    transformers and sortednet keep under private names (:data:`_BOOKKEEPING`, a transformers model's own private
+    fields), whether an activation writes in place, activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model was loaded from
     (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone (dropout and drop-path rates,
     layer drop, router jitter, an auxiliary loss's coefficient, a BatchNorm's momentum: costs are measured in eval
     mode; a dropout or drop-path module counts as an ``nn.Identity``, and an identity as no module: a dropout of
@@ -641,9 +655,10 @@ def _plain(v: Any, depth: int = 0) -> bool:
 _NOT_PLAIN = object()
 
 
-def _setting(v: Any, depth: int = 0) -> Any:
+def _setting(v: Any, depth: int = 0, long: bool = True) -> Any:
     """``v`` as a plain value (numbers, flags, strings, ``None``, tuples of them: a ``torch.Size``, a named
-    tuple or a list as the tuple it holds, a numpy number as the number), or ``_NOT_PLAIN``."""
+    tuple or a list as the tuple it holds, a numpy number as the number), or ``_NOT_PLAIN`` (``long``: tuples of
+    any length, nested up to 4 deep; record 2 took up to 64 items, 2 deep)."""
     if v is None or type(v) in (bool, int, float, str):
         return v
     if isinstance(v, enum.Enum):
@@ -652,9 +667,9 @@ def _setting(v: Any, depth: int = 0) -> Any:
         if isinstance(v, t):
             return t(v)
     if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", None) == 0:
-        return _setting(v.item(), depth)
-    if isinstance(v, (tuple, list)) and depth < 2 and len(v) <= 64:
-        items = tuple(_setting(x, depth + 1) for x in v)
+        return _setting(v.item(), depth, long)
+    if isinstance(v, (tuple, list)) and (depth < 4 if long else depth < 2 and len(v) <= 64):
+        items = tuple(_setting(x, depth + 1, long) for x in v)
         return _NOT_PLAIN if any(x is _NOT_PLAIN for x in items) else items
     return _NOT_PLAIN
 
