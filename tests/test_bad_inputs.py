@@ -235,9 +235,9 @@ TABLE = {
         __import__("numpy").True_] * len(n.submodels))), "weights", "real numbers"),
     "sampler_weights_huge_int": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, strategy="weighted", weights=[
         10 ** 400] + [1] * (len(n.submodels) - 1))), "weights", "finite"),
-    "sampler_loss_weights_huge_int": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, loss_weights=[
+    "sampler_loss_weights_huge_int": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=2, loss_weights=[
         10 ** 400] + [1] * (len(n.submodels) - 1))), "loss_weights", "finite"),
-    "sampler_loss_weights_for_none": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=1, loss_weights="large")
+    "sampler_loss_weights_for_none": B(_on(mlp, lambda c, n, t: sn.Sampler(n, k=2, loss_weights="large")
                                            .loss_weights_for(None)), "loss_weights_for", "None"),
     "sampler_state_submodels_none": B(_on(mlp, lambda c, n, t: (lambda s: s.load_state_dict(
         {**s.state_dict(), "submodels": None}))(sn.Sampler(n, k=1))), "sampler state", "NoneType"),

@@ -144,6 +144,7 @@ def test_a_positive_weight_whose_share_underflows_is_refused(how):
 @given(k=st.integers(2, N), seed=st.integers(0, 10**6), step=st.integers(0, 10**6),
        weights=st.sampled_from([None, "small", "large"]))
 def test_sandwich_has_smallest_and_largest(k, seed, step, weights):
+    weights = weights if 2 < k < N else None  # (k=2 and k=N leave weights nothing to choose: refused)
     picked = sn.Sampler(SUBS, k=k, strategy="sandwich", seed=seed, weights=weights).draw(step)
     assert picked[0] == NEST.smallest and picked[-1] == NEST.largest and len(set(picked)) == k
 
@@ -431,3 +432,35 @@ def test_integer_scalars_of_numpy_and_torch_are_steps_and_counts(as_):
     for bad in (3.0, True, torch.tensor(3.0), torch.tensor([3])):
         with pytest.raises(sn.SortedNetError, match="step must be a non-negative int"):
             s.draw(bad)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(k=2, strategy="sandwich", weights="small"),
+    dict(k=2, strategy="sandwich", weights=[1.0] + [0.0] * (N - 2) + [1.0]),
+    dict(k=2, strategy="sandwich", small_first=1000),
+    dict(k=N, strategy="sandwich", weights="large"),
+    dict(k=N, strategy="uniform", small_first=1000),
+    dict(k=N, strategy="weighted", weights="small"),
+    dict(k=N, strategy="weighted", weights="small", small_first=10),
+])
+def test_an_option_that_changes_no_draw_is_refused(cfg):
+    """``Sampler(k=2, strategy="sandwich", weights="small")`` (or ``small_first=``) was accepted and drew exactly
+    what the plain sandwich draws (the smallest and the largest, nothing in between), as did either option where
+    every step draws every sub-model: the user believed a schedule ran. Refused, naming the option and k."""
+    what = "weights=" if "weights" in cfg else "small_first="
+    with pytest.raises(sn.SortedNetError, match=rf"{what} .*k={cfg['k']}"):
+        sn.Sampler(SUBS, seed=0, **cfg)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(k=3, strategy="sandwich", weights="small"),
+    dict(k=3, strategy="sandwich", small_first=1000),
+    dict(k=N - 1, strategy="uniform", small_first=1000),
+    dict(k=N - 1, strategy="weighted", weights="small"),
+])
+def test_the_same_options_with_a_choice_left_move_the_draws(cfg):
+    """The cases next to the refused ones are accepted and do change what is drawn."""
+    plain = sn.Sampler(SUBS, seed=0, k=cfg["k"], strategy=cfg["strategy"],
+                       **({"weights": "large"} if cfg["strategy"] == "weighted" else {}))
+    s = sn.Sampler(SUBS, seed=0, **cfg)
+    assert any(s.draw(t) != plain.draw(t) for t in range(50))

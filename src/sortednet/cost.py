@@ -610,30 +610,32 @@ def module_settings(m: nn.Module, record: int = 3) -> tuple[str, list[tuple[str,
     return cls.__qualname__, sorted(out)
 
 
-#: versions of the module record: 0 before training rates were left out (files written before 2026-12-06), 1
-#: before numpy numbers and tuple types (``torch.Size``) counted as the numbers and tuples they are and a setting
-#: of ``None`` as no setting, 2 before private settings (``self._stride``) and lists longer than 64 counted and an
-#: activation's ``inplace`` flag stopped counting (2026-12-07), 3 today. A file's record is compared with each: a file of an earlier version was
-#: written by code that computed that one (a file of today's matches only today's, short of a SHA-256 collision).
+#: versions of the module record: 0 before training rates were left out (files written before 2026-12-06), 1 before
+#: numpy numbers and tuple types (``torch.Size``) counted as the numbers and tuples they are and a setting of
+#: ``None`` as no setting, 2 before private settings (``self._stride``) and lists longer than 64 counted and an
+#: activation's ``inplace`` flag stopped counting (2026-12-07), 3 today. A file's record is compared with each: a
+#: file of an earlier version was written by code that computed that one (a file of today's matches only today's,
+#: short of a SHA-256 collision).
 RECORDS = (3, 2, 1, 0)
 
 
 def modules_digest(model: nn.Module, record: int = 3) -> str:
-    """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name
-    and settings (its plain attributes, private ones too: numbers, numpy numbers, strings, flags and tuples or lists
-    of them of any length, such as a convolution's stride, an upsampling's ``torch.Size``, a mixture's experts per
-    token or a ``self._stride`` of one's own; a setting of ``None`` counts as none), hashed. What leaves the forward as it is does not count: the module a class is
-    defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is served), the bookkeeping torch,
-    transformers and sortednet keep under private names (:data:`_BOOKKEEPING`, a transformers model's own private
-    fields), whether an activation writes in place, activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model was loaded from
-    (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone (dropout and drop-path rates,
-    layer drop, router jitter, an auxiliary loss's coefficient, a BatchNorm's momentum: costs are measured in eval
-    mode; a dropout or drop-path module counts as an ``nn.Identity``, and an identity as no module: a dropout of
-    rate 0 left out, ``None`` in its place), state a forward updates (names with ``cache``: a rotary table's
-    cached length), tensors and other objects a module holds (a persistent buffer's shape is checked by the load
-    itself; a non-persistent one, often a table a forward builds or grows, is not followed). The same on the model
-    before ``sn.wrap`` and after (a sliced module's attributes hold its full sizes). ``record``: the version
-    (:data:`RECORDS`) an earlier file was written with."""
+    """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name and
+    settings (its plain attributes, private ones too: numbers, numpy numbers, strings, flags and tuples or lists
+    of them of any length, such as a convolution's stride, an upsampling's ``torch.Size``, a mixture's experts
+    per token or a ``self._stride`` of one's own; a setting of ``None`` counts as none), hashed. What leaves the
+    forward as it is does not count: the module a class is defined in (``__main__.Net`` in the training script,
+    ``mymodel.Net`` where it is served), the bookkeeping torch, transformers and sortednet keep under private
+    names (:data:`_BOOKKEEPING`, a transformers model's own private fields), whether an activation writes in
+    place, activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a
+    model was loaded from (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone
+    (dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's coefficient, a BatchNorm's
+    momentum: costs are measured in eval mode; a dropout or drop-path module counts as an ``nn.Identity``, and
+    an identity as no module: a dropout of rate 0 left out, ``None`` in its place), state a forward updates
+    (names with ``cache``: a rotary table's cached length), tensors and other objects a module holds (a
+    persistent buffer's shape is checked by the load itself; a non-persistent one, often a table a forward
+    builds or grows, is not followed). The same on the model before ``sn.wrap`` and after (a sliced module's
+    attributes hold its full sizes). ``record``: the version (:data:`RECORDS`) an earlier file was written with."""
     h = hashlib.sha256()
     for path, m in model.named_modules(remove_duplicate=False):
         if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):

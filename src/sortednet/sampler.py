@@ -187,6 +187,12 @@ class Sampler:
     that one). Sandwich always draws the smallest and the largest; the schedule
     moves its other draws.
 
+    An option that could change nothing is refused: ``weights`` or ``small_first``
+    where every step draws every sub-model (``k`` equal to their count) or a
+    sandwich of ``k=2`` (the smallest and the largest, nothing in between).
+    ``loss_weights`` with ``k=1`` weighs each draw's one loss 1 (they are
+    normalised per draw); :meth:`loss_weights_for` still weighs a list of your own.
+
     ``draw`` returns sub-models in ascending cost order. A list of your own must be in ascending cost
     (``sorted(subs, key=nest.cost)``): positions decide the smallest / largest and rank-based weights, and
     a list of sub-models carries no costs, so only a sub-model containing a later one is refused.
@@ -264,6 +270,15 @@ class Sampler:
         if small_first and strategy == "all":
             raise SortedNetError("small_first= has nothing to schedule with strategy 'all' (every sub-model every "
                                  "step); use 'uniform', 'sandwich' or 'weighted'")
+        if strategy != "all" and k == n and (weights is not None or small_first):  # (every draw is every one)
+            what = "weights=" if weights is not None else "small_first="
+            raise SortedNetError(f"{what} has nothing to choose with k={k} of {n} sub-models: every step draws all "
+                                 f"of them; leave it out (or strategy='all'), or draw fewer (k < {n})")
+        if strategy == "sandwich" and k == 2 and (weights is not None or small_first):
+            what = "weights=" if weights is not None else "small_first="
+            raise SortedNetError(f"{what} chooses the middle sub-models of a sandwich draw, and k=2 draws none: "
+                                 f"every step is the smallest and the largest; leave it out, or use k >= 3 (or "
+                                 f"strategy='weighted' / 'uniform' with k=2)")
         loss_w = None
         if loss_weights is not None:
             try:
