@@ -1966,33 +1966,72 @@ def test_several_layer_lists_are_refused_with_advice_that_fits_them():
         sn.from_transformers(swin, ffn=[0.5])
 
 
-def test_a_decoder_tower_is_not_described_by_the_encoders_config_keys():
-    """BART's decoder tower nested alone: the layout's num_attention_heads / num_hidden_layers are the encoder's keys
-    there (BartConfig maps them to encoder_*). Heads are refused naming that (a size error told the user to use sizes
-    that could not help); a shallower config export is refused pointing to plain=True (it set encoder_layers), while
-    the live sub-models, the plain export and the full-depth export are right."""
-    from transformers import BartConfig, BartForConditionalGeneration
+def test_a_decoder_tower_is_described_by_its_own_config_keys():
+    """BART's decoder tower nested alone, or BartForCausalLM: the layout's num_attention_heads / num_hidden_layers
+    are the encoder's keys there (BartConfig maps them to encoder_*). Heads were refused and a shallower export
+    refused pointing to plain=True (and BartForCausalLM's ffn= export failed: "BartConfig has no 'ffn_dim'"); the
+    decoder's own keys (decoder_attention_heads, decoder_layers, decoder_ffn_dim) describe them now: the head count
+    is the decoder's (8 encoder heads, 4 decoder heads), shallower and narrower exports load with the stock class and
+    equal the live sub-model, the encoder's keys stay as they were."""
+    from transformers import BartConfig, BartForCausalLM, BartForConditionalGeneration
 
-    bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=32, encoder_layers=3, decoder_layers=2,
-                                                   encoder_attention_heads=8, decoder_attention_heads=4,
-                                                   encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                                   max_position_embeddings=32)).eval()
+    cfg = BartConfig(vocab_size=V, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=8,
+                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(cfg).eval()
     decoder = bart.get_submodule("model.decoder")
-    with pytest.raises(sn.SortedNetError, match=r"decoder tower.*num_attention_heads is the encoder's there"):
-        sn.from_transformers(decoder, heads=[2])
-    assert not any("_sn" in m.__dict__ for m in bart.modules())
-    nest = sn.from_transformers(decoder, depth=[1])
+    nest = sn.from_transformers(decoder, heads=[2], depth=[1], ffn=[32])
+    assert nest.dims[1].full == 4  # the decoder's head count
     ids, enc = torch.randint(0, V, (1, 5)), torch.randn(1, 4, 32)
-    with pytest.raises(sn.SortedNetError, match=r"encoder_layers; this tower's is decoder_layers.*plain=True"):
-        nest.export("depth=1")
-    assert bart.config.encoder_layers == 3 and bart.config.decoder_layers == 2
-    for sub, kw in (("depth=1", dict(plain=True)), ("depth=2", {})):
-        small = nest.export(sub, **kw).eval()
+    for sub in nest.submodels:
         with nest.use(sub), torch.no_grad():
             want = decoder(input_ids=ids, encoder_hidden_states=enc).last_hidden_state
+        small = nest.export(sub, plain=sub["heads"] < 4).eval()
+        if sub["heads"] == 4:
+            assert (small.config.decoder_layers, small.config.decoder_ffn_dim) == (sub["depth"], sub["ffn"])
+            assert (small.config.encoder_layers, small.config.encoder_ffn_dim) == (3, 48)
         with torch.no_grad():
             torch.testing.assert_close(small(input_ids=ids, encoder_hidden_states=enc).last_hidden_state, want)
-    assert nest.export("depth=2").config.encoder_layers == 3
+    assert bart.config.encoder_layers == 3 and bart.config.decoder_layers == 2
+    causal = BartForCausalLM(cfg).eval()
+    nest = sn.from_transformers(causal, depth=[1], ffn=[32])
+    for sub in nest.submodels:
+        with nest.use(sub), torch.no_grad():
+            want = causal(input_ids=ids, use_cache=False).logits
+        small = nest.export(sub).eval()
+        assert (small.config.decoder_layers, small.config.decoder_ffn_dim) == (sub["depth"], sub["ffn"])
+        with torch.no_grad():
+            torch.testing.assert_close(small(input_ids=ids, use_cache=False).logits, want)
+
+
+def test_a_vision_classifier_of_a_two_tower_config_reads_its_towers_keys():
+    """SigLIP's and CLIP's image classifiers keep only the vision tower of a config that also describes a text tower:
+    the keys were read from (and written to) the text config, so heads= took the text tower's head count (refused
+    at wrap: 2 heads against the attention's 4) and a shallower export was refused (the vision config kept its
+    layers). The vision config is read and written now."""
+    from transformers import CLIPConfig, CLIPForImageClassification, SiglipConfig, SiglipForImageClassification
+
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
+              patch_size=4)
+    tc = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+    px = torch.randn(2, 3, 16, 16)
+    for cls, cfg_cls, kw in ((SiglipForImageClassification, SiglipConfig, dict(depth=[1, 2])),
+                             (CLIPForImageClassification, CLIPConfig, dict(depth=[1, 2], ffn=[32]))):
+        torch.manual_seed(0)
+        m = cls(cfg_cls(text_config=tc, vision_config=vc)).eval()
+        nest = sn.from_transformers(m, heads=[2], **kw)
+        assert next(d for d in nest.dims if d.name == "heads").full == 4
+        for sub in nest.submodels:
+            with nest.use(sub), torch.no_grad():
+                want = m(pixel_values=px).logits
+            small = nest.export(sub, plain=sub["heads"] < 4).eval()
+            if sub["heads"] == 4:
+                assert small.config.vision_config.num_hidden_layers == sub["depth"]
+                assert small.config.text_config.num_hidden_layers == 2
+                if "ffn" in sub:
+                    assert small.config.vision_config.intermediate_size == sub["ffn"]
+            with torch.no_grad():
+                torch.testing.assert_close(small(pixel_values=px).logits, want)
 
 
 def test_a_t5_decoder_tower_has_a_config_of_its_own_and_exports_shallower():

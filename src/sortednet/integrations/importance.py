@@ -39,7 +39,7 @@ from ..nest import Nest
 from ..slicers import Slicer
 from ..views import storage_key
 from .layouts import Found, glob_children
-from .transformers import _head_counts, _layout_of
+from .transformers import _head_counts, _layout_of, _tower_name
 
 __all__ = ["sort_by_importance"]
 
@@ -238,7 +238,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
         p for blk in blocks for m in ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn
                                       else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
         for p in m.parameters()]), optimizer)
-    n_heads, group = _head_counts(model.config, lay)
+    n_heads, group = _head_counts(model.config, lay, _tower_name(model, found.stacks[0]))
     saved = {p: p.grad for p in model.parameters()}
     ffn_s = [0.0] * len(blocks)
     head_s = [0.0] * len(blocks)

@@ -158,7 +158,8 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     register_known_slicers()
     found = detect(model)
     lay = found.layout
-    if heads is not None and (why := _other_towers_key(model, (lay.heads_key,))) is not None:
+    if heads is not None and (why := _other_towers_key(model, (lay.heads_key,))) is not None and \
+            _tower_key(model, model.config, lay.heads_key) == lay.heads_key:  # (no key of the tower's own either)
         raise SortedNetError(f"from_transformers(heads=...): {why}: the head count and head size would be the other "
                              "tower's. Declare this tower's heads by hand: sn.wrap(model, sn.Heads(...)) "
                              "(docs/heads.md)")
@@ -205,12 +206,13 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
             raise SortedNetError(f"from_transformers(heads=...) on {type(model).__name__}: its ALiBi position "
                                  "biases are built for every head from the config's head count at each forward, "
                                  "not sliced with the heads; nest ffn= / depth= only")
-        n_heads, group = _head_counts(model.config, lay)
+        tower = _tower_name(model, found.stacks[0])
+        n_heads, group = _head_counts(model.config, lay, tower, model)
         if group == n_heads and not isinstance(lay.qkv, str):
             group = 1  # multi-query with separate k / v projections: any count of query heads (docs/heads.md)
         dims.append(Heads("heads", _resolve("heads", heads, n_heads, group), attn=_rel(model, found, lay.attn),
                           qkv=lay.qkv, o=lay.o, count_attrs=lay.count_attrs,
-                          layout=lay.layout_of_qkv(_holder(model.config, lay.heads_key))
+                          layout=lay.layout_of_qkv(_holder(model.config, lay.heads_key, tower))
                           if isinstance(lay.qkv, str) else None))
     if depth is not None:
         lengths = [len(model.get_submodule(P)) for P in found.stacks]
@@ -396,10 +398,12 @@ def _ffn_out_path(block: nn.Module, lay: Layout, cls: str) -> str:
                          "depth= only, or describe it with register_layout")
 
 
-def _head_counts(cfg, lay: Layout) -> tuple[int, int]:
-    """(query heads, query heads per key/value head) from the config (or its text config)."""
-    cfg = _holder(cfg, lay.heads_key)
-    n = getattr(cfg, lay.heads_key)
+def _head_counts(cfg, lay: Layout, tower: str | None = None, model: nn.Module | None = None) -> tuple[int, int]:
+    """(query heads, query heads per key/value head) from the config (its ``tower``'s, or its text config; the
+    decoder's count for a decoder ``model`` of an encoder-decoder config)."""
+    key = lay.heads_key if model is None else _tower_key(model, cfg, lay.heads_key, tower)
+    cfg = _holder(cfg, key, tower)
+    n = getattr(cfg, key)
     kv = (getattr(cfg, lay.kv_key, None) if lay.kv_key else None) or n
     if not (isinstance(n, int) and isinstance(kv, int)):
         raise SortedNetError(f"from_transformers(heads=...): {type(cfg).__name__}.{lay.heads_key} is {n!r}, not one "
@@ -513,9 +517,10 @@ def _merge_factors(nest: Nest, small: nn.Module) -> None:
 _PER_LAYER = ("layer_types", "mlp_layer_types", "attention_window", "no_rope_layers", "activation_sparsity_pattern")
 
 
-def _has_key(cfg, key: str) -> bool:
+def _has_key(cfg, key: str, tower: str | None = None) -> bool:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
-    return hasattr(cfg, key) or (text is not None and hasattr(text, key))
+    return hasattr(cfg, key) or (text is not None and hasattr(text, key)) or \
+        (tower is not None and hasattr(getattr(cfg, tower, None), key))
 
 
 def _other_towers_key(model: nn.Module, keys: Sequence[str]) -> str | None:
@@ -540,18 +545,52 @@ def _other_towers_key(model: nn.Module, keys: Sequence[str]) -> str | None:
     return None
 
 
-def _tower_key(model: nn.Module, cfg, key: str) -> str:
+def _tower_key(model: nn.Module, cfg, key: str, tower: str | None = None) -> str:
     """``key`` as the config of an encoder-decoder model names it for the tower nested alone, where it has no
-    shared one (BartConfig: ``encoder_ffn_dim`` / ``decoder_ffn_dim`` for the OPT-style layout's ``ffn_dim``)."""
-    if cfg is None or _has_key(cfg, key) or not getattr(cfg, "is_encoder_decoder", False):
+    shared one (BartConfig: ``encoder_ffn_dim`` / ``decoder_ffn_dim`` for the OPT-style layout's ``ffn_dim``; a
+    decoder built alone from such a config, BartForCausalLM, reads the decoder's)."""
+    if cfg is None:
         return key
-    decoder = getattr(model, "is_decoder", False) is True or "Decoder" in type(model).__name__
+    decoder = getattr(model, "is_decoder", False) is True or "Decoder" in type(model).__name__ or \
+        getattr(cfg, "is_decoder", False) is True and not getattr(cfg, "is_encoder_decoder", False)
+    real = (getattr(type(cfg), "attribute_map", None) or {}).get(key, key)
+    if decoder and real.startswith("encoder_") and hasattr(cfg, f"decoder_{real[8:]}"):
+        return f"decoder_{real[8:]}"  # (BartConfig maps num_hidden_layers to the encoder's encoder_layers)
+    if _has_key(cfg, key, tower) or not (decoder or getattr(cfg, "is_encoder_decoder", False)):
+        return key
     own = f"{'decoder' if decoder else 'encoder'}_{key}"
     return own if hasattr(cfg, own) else key
 
 
-def _holder(cfg, key: str):
-    """The config object holding ``key``: ``cfg`` itself, or its text config (a vision-language model)."""
+def _tower_name(model: nn.Module, stack: str) -> str | None:
+    """The name of the sub-config (``vision_config``) that describes the tower holding the layer list ``stack``,
+    where the model's config is a composite one (SigLIP's and CLIP's image classifiers keep the vision tower of a
+    config that also has a text tower): the config of the nearest module above the list that has one of its own
+    class, matched by class to exactly one of the composite config's sub-configs; None elsewhere."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    subs = {n: v for n, v in vars(cfg).items() if n.endswith("_config") and type(v) is not type(cfg)
+            and hasattr(v, "to_dict") and hasattr(v, "model_type")}
+    parts = stack.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            c = getattr(model.get_submodule(".".join(parts[:i])), "config", None)
+        except AttributeError:
+            continue
+        if c is None or c is cfg or type(c) is type(cfg) or not hasattr(c, "to_dict"):
+            continue
+        names = [n for n, v in subs.items() if type(v) is type(c)]
+        return names[0] if len(names) == 1 else None
+    return None
+
+
+def _holder(cfg, key: str, tower: str | None = None):
+    """The config object holding ``key``: the sub-config ``tower`` names (:func:`_tower_name`), ``cfg`` itself, or
+    its text config (a vision-language model)."""
+    own = getattr(cfg, tower, None) if tower else None
+    if own is not None and hasattr(own, key):
+        return own
     if hasattr(cfg, key):
         return cfg
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
@@ -577,9 +616,10 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     b0 = found.block(small, 0, 0) if nested_ffn and len(small.get_submodule(found.stacks[0])) else None  # it is)
     full0 = found.block(nest.model, 0, 0) if b0 is not None and lay.ffn_out else None
     keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
-    ffn_key = _tower_key(nest.model, cfg, lay.ffn_key)
-    if b0 is not None and lay.ffn_out and not (keep_ffn and not _has_key(cfg, ffn_key)):
-        h = _holder(cfg, ffn_key)  # (a config without the key is fine while the FFN width is unchanged)
+    tower = _tower_name(nest.model, found.stacks[0])
+    ffn_key = _tower_key(nest.model, cfg, lay.ffn_key, tower)
+    if b0 is not None and lay.ffn_out and not (keep_ffn and not _has_key(cfg, ffn_key, tower)):
+        h = _holder(cfg, ffn_key, tower)  # (a config without the key is fine while the FFN width is unchanged)
         if isinstance(getattr(h, ffn_key), (list, tuple)):  # one value per layer (Gemma3n)
             sizes = [_ffn_size(b, lay, cls) for b in small.get_submodule(found.stacks[0])]
             if None not in sizes:
@@ -587,20 +627,21 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
         elif (n := _ffn_size(b0, lay, cls)) is not None:
             setattr(h, ffn_key, n)
     for P, key in zip(found.stacks, lay.depth_keys):
-        h = _holder(cfg, key)
-        L0, L = getattr(h, key), len(small.get_submodule(P))
+        own = _tower_key(nest.model, cfg, key, tower)
+        h = _holder(cfg, own, tower)
+        L0, L = getattr(h, own), len(small.get_submodule(P))
         n_all = len(nest.model.get_submodule(P)._modules)  # (its len() is the active depth under use)
-        if other is not None:  # the key counts the encoder's layers: left as it is, at full depth only
+        if other is not None and own == key:  # the key counts the encoder's layers: left as it is, at full depth only
             if L == n_all:
                 continue
             raise SortedNetError(f"{other}: no config value describes the shallower sub-model; export it as a "
                                  "plain module, nest.export(sub, plain=True)")
         if L0 != n_all:  # the list is run more than once (ALBERT's shared group)
-            raise SortedNetError(f"{cls}: its config's {key!r} is {L0} but {P!r} holds "
+            raise SortedNetError(f"{cls}: its config's {own!r} is {L0} but {P!r} holds "
                                  f"{n_all} layers (the model runs them several times, or "
                                  "the key counts something else), so no config value describes the sub-model; "
                                  "export it as a plain module, nest.export(sub, plain=True)")
-        setattr(h, key, L)
+        setattr(h, own, L)
         for k in (*_PER_LAYER, *((ffn_key,) if lay.ffn_out else ())):
             v = getattr(h, k, None)
             if isinstance(v, (list, tuple)) and len(v) == L0:
@@ -619,7 +660,7 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     heads = [d for d in nest.dims if isinstance(d, Heads)
              and any(path in kept and any(b.dim.name == d.name for b in m._sn.bind.values())
                      for path, m in nest._sliced.items())]
-    n_heads, group = _head_counts(nest.model.config, lay)
+    n_heads, group = _head_counts(nest.model.config, lay, tower, nest.model)
     if not heads or all(sub[d.name] == d.full for d in heads):
         return
     if lay.head_dim_key is None:
@@ -628,10 +669,11 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
             f"stock class, whose config derives the head size from hidden size / {lay.heads_key}; export it as a "
             "plain module with nest.export(sub, plain=True) (save it with torch.save), or keep all heads")
     n = sub[heads[0].name]
-    h = _holder(cfg, lay.heads_key)
+    hkey = _tower_key(nest.model, cfg, lay.heads_key, tower)
+    h = _holder(cfg, hkey, tower)
     d = getattr(h, lay.head_dim_key, None) or h.hidden_size // n_heads
     setattr(h, lay.head_dim_key, d)
-    setattr(h, lay.heads_key, n)
+    setattr(h, hkey, n)
     if lay.kv_key and getattr(h, lay.kv_key, None):
         setattr(h, lay.kv_key, 1 if group == n_heads else n // group)  # (multi-query: one key/value head)
 
