@@ -2831,3 +2831,52 @@ def test_depth_of_a_head_that_weighs_every_layer_is_refused_at_wrap():
         sn.from_transformers(model, depth=[1])
     assert not any(hasattr(m, "_sn") for m in model.modules())
     sn.from_transformers(model, ffn=[32], verify=False)
+
+
+@pytest.mark.parametrize("family, head", [("bert", "classifier"), ("llama", "score")])
+def test_a_lora_sorted_trainer_trains_the_task_head(tmp_path, family, head):
+    """SortedTrainer with LoRA adapters froze every other parameter, a new classification head too (even one the
+    user had set to require grad): the adapters trained in front of a classifier that stayed random, with no word.
+    The task head (LoRA's modules_to_save) trains now, the encoder stays frozen; ``modules_to_save=[]`` keeps the
+    adapters alone; a wrong path is refused before anything changes."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=2, num_attention_heads=4, num_labels=3))
+    else:
+        model = LlamaForSequenceClassification(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": torch.tensor(i % 3)} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no", learning_rate=0.1)
+    nest = sn.from_transformers(model, ffn=[32], rank=[2, 4])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(sn.SortedNetError, match=r"'classifer' is not a module"):
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, modules_to_save=["classifer"])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, modules_to_save=[])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    model.requires_grad_(True)
+    nest.unwrap()
+    nest = sn.from_transformers(model, ffn=[32], rank=[2, 4])
+    t = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains == {n for n in trains if "lora_" in n} | {f"{head}.{k}" for k, _ in
+                                                          model.get_submodule(head).named_parameters()}
+    t.train()
+    after = model.state_dict()
+    assert not torch.equal(after[f"{head}.weight"], before[f"{head}.weight"])  # the head trained
+    frozen = [k for k in before if not k.startswith(head) and "lora_" not in k]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+
+
+def test_modules_to_save_needs_a_lora_nest(tmp_path):
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[0.5])
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(sn.SortedNetError, match="no Rank.mode='lora'"):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=["lm_head"])

@@ -87,6 +87,38 @@ def _unwrapped(model: Any) -> Any:
     return model
 
 
+def _modules_to_save(model: torch.nn.Module, given: Sequence[str] | None, lora: bool) -> list[str]:
+    """The modules that train beside LoRA adapters: ``given`` (module paths, checked), or by default a
+    transformers task model's head: each child module outside its ``base_model`` that holds parameters of its own
+    and not the output embeddings (the classifier of ``BertForSequenceClassification``, ``score`` of
+    ``LlamaForSequenceClassification``, ``qa_outputs``; a causal or masked LM's head is the output embeddings and
+    stays frozen, as LoRA has it)."""
+    if given is not None:
+        given = _listed(given, "modules_to_save", "module paths, e.g. ['classifier']", "SortedTrainer")
+        if not lora:
+            raise SortedNetError("SortedTrainer(modules_to_save=...) names what trains beside LoRA adapters, and this "
+                                 "nest has no Rank(mode='lora'): every parameter that requires grad trains already")
+        for path in given:
+            if not isinstance(path, str):
+                raise SortedNetError(f"SortedTrainer(modules_to_save=...) takes module paths, got {path!r}")
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                near = [n for n, _ in model.named_modules() if n and n.split(".")[-1] == path.split(".")[-1]][:3]
+                raise SortedNetError(f"SortedTrainer(modules_to_save=...): {path!r} is not a module of "
+                                     f"{type(model).__name__}" + (f" (did you mean {near}?)" if near else "")) from None
+        return list(given)
+    base = getattr(model, "base_model", None)
+    if not lora or not isinstance(base, torch.nn.Module) or base is model:
+        return []
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shared = {id(p) for p in base.parameters()}
+    return [name for name, child in model.named_children()
+            if child is not base and any(True for _ in child.parameters())
+            and not any(m is out for m in child.modules())
+            and not any(id(p) in shared for p in child.parameters())]
+
+
 class SortedTrainer(Trainer):
     """A ``transformers.Trainer`` that trains nested sub-models.
 
@@ -104,6 +136,9 @@ class SortedTrainer(Trainer):
     ``max_grad_norm``); a NaN loss whose gradients are finite (a batch without a labelled item: transformers'
     classification loss is then 0 / 0, its gradient 0) trains on. With ``fp16=True`` the gradient scaler skips
     such steps itself (and lowers its scale), so nothing is checked. ``"ignore"``: as a plain ``Trainer``.
+    ``modules_to_save`` (a nest with ``Rank(mode="lora")``): the modules that train beside the adapters, every
+    other parameter is frozen; by default a task model's head (a classifier, ``score``, ``qa_outputs``: a child
+    outside ``base_model`` that is not the LM head), ``[]`` for the adapters alone.
 
     >>> import tempfile, torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -119,9 +154,12 @@ class SortedTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, nest: Nest, sampler: Any = None, soft_exits: Sequence[int] | None = None,
-                 soft_weights: Sequence[float] | None = None, nonfinite: str = "raise", **kw: Any) -> None:
+                 soft_weights: Sequence[float] | None = None, nonfinite: str = "raise",
+                 modules_to_save: Sequence[str] | None = None, **kw: Any) -> None:
         if not isinstance(nest, Nest):
             raise SortedNetError(f"SortedTrainer(nest=...) needs a Nest, got {type(nest).__name__}")
+        lora = any(d.kind == "rank" and getattr(d, "mode", None) == "lora" for d in nest.dims)
+        heads = _modules_to_save(nest.model, modules_to_save, lora)
         if nonfinite not in ("raise", "ignore"):
             raise SortedNetError(f"SortedTrainer(nonfinite=...) is 'raise' or 'ignore', got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -183,8 +221,9 @@ class SortedTrainer(Trainer):
                 f"train one sub-model twice, and history would list depths that never ran). Give a sampler over the "
                 f"sub-models at {self._depth.name}={deepest}: sn.Sampler([s for s in nest.submodels if "
                 f"s[{self._depth.name!r}] == {deepest}], ...) (the default when sampler= is left out)")
-        if any(d.kind == "rank" and getattr(d, "mode", None) == "lora" for d in nest.dims):  # after every check
-            keep = {id(p) for p in nest.trainable_parameters()}  # the adapters: LoRA trains nothing else
+        if lora:  # after every check: the adapters train, and the task head (LoRA's modules_to_save)
+            keep = {id(p) for p in nest.trainable_parameters()} | {
+                id(p) for h in heads for p in nest.model.get_submodule(h).parameters()}
             for p in nest.model.parameters():
                 if p.requires_grad and id(p) not in keep:
                     p.requires_grad_(False)
