@@ -942,8 +942,22 @@ def test_the_module_record_skips_bookkeeping(tmp_path):
     plain.a._is_replica = True
     plain.b._is_fsdp_managed_module = True
     assert modules_digest(plain) == digest
+    plain.b._requires_grad = False  # (transformers' freeze_feature_encoder(): gradients, not work)
+    plain.c.grad_checkpointing = True  # (timm: recompute in the backward)
+    assert modules_digest(plain) == digest
+    plain.b._snr_steps = 3  # (a setting of one's own whose name starts like ours)
+    assert modules_digest(plain) != digest
+    del plain.b._snr_steps
     plain.b._stride = 2  # (a setting of one's own under a private name)
     assert modules_digest(plain) != digest
+    cfg = transformers.Wav2Vec2Config(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=37, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                      num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    frozen = transformers.Wav2Vec2ForCTC(cfg)
+    frozen.freeze_feature_encoder()
+    torch.manual_seed(0)
+    assert modules_digest(frozen) == modules_digest(transformers.Wav2Vec2ForCTC(cfg))
 
 
 def test_a_checkpoint_with_the_third_module_record_loads_its_profile(tmp_path):

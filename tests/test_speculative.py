@@ -505,6 +505,62 @@ def test_generation_config_logit_processors_are_refused_before_any_forward(setti
         setattr(model.generation_config, setting, old)
 
 
+@pytest.mark.parametrize("setting, value, eos", [
+    ("suppress_tokens", [], 0), ("begin_suppress_tokens", [], 0), ("min_new_tokens", 5, None),
+    ("min_length", 9, None)])
+def test_generation_settings_that_change_nothing_are_accepted(setting, value, eos):
+    """An empty token list, or a minimum length where no eos token is set (generate() adds no processor for
+    either: its output is plain greedy), was refused as if it transformed the logits."""
+    model = llama()
+    nest = sn.from_transformers(model, depth=[2])
+    ids = torch.tensor([[1, 2, 3]])
+    gen = model.generation_config
+    old = {k: getattr(gen, k) for k in (setting, "eos_token_id")}
+    try:
+        setattr(gen, setting, value)
+        gen.eos_token_id = eos
+        got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=6)
+        with torch.no_grad():
+            want = model.generate(ids, do_sample=False, max_new_tokens=6, attention_mask=torch.ones_like(ids))
+        assert torch.equal(got.sequences, want)
+        if setting.startswith("min_"):  # with an eos token they hold it back: refused
+            gen.eos_token_id = 0
+            with pytest.raises(sn.SortedNetError, match=setting):
+                sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=6)
+    finally:
+        for k, v in old.items():
+            setattr(gen, k, v)
+
+
+@pytest.mark.parametrize("share_cache", [None, False])
+@pytest.mark.parametrize("when", [1, 4])
+def test_out_of_memory_passes_through_as_it_is(share_cache, when):
+    """An out-of-memory error in the target's forward (the first, the pre-flight check's, or one in the middle of
+    decoding) came back as a SortedNetError blaming the family's cache ("decode with model.generate instead"), so a
+    caller's ``except torch.OutOfMemoryError`` retry never saw it. It passes through unchanged now; the model is
+    left as it was."""
+    model = llama()
+    nest = sn.from_transformers(model, depth=[2])
+    ids = torch.tensor([[7, 14, 21, 2, 5]])
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    calls = [0]
+
+    def hook(mod, args, kwargs):
+        calls[0] += 1
+        if calls[0] == when:
+            raise oom("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    h = model.model.layers[3].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with pytest.raises(oom, match="out of memory"):
+            sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=8, share_cache=share_cache)
+    finally:
+        h.remove()
+    assert nest.active == nest.largest
+    assert torch.equal(sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=8).sequences,
+                       plain(model, ids, 8))
+
+
 @pytest.mark.parametrize("plain_target", [False, True])
 def test_sampling_left_out_is_taken_as_generate_takes_it(plain_target):
     """generate() samples with its generation config's do_sample / temperature / top_k / top_p and, where

@@ -633,6 +633,37 @@ def test_trainer_resumed_with_another_sampler_is_refused_before_anything_loads(c
     assert [s for s, _ in resumed.history] == [2] and before.keys() == model.state_dict().keys()
 
 
+def test_trainer_resumes_a_checkpoint_whose_sampler_had_an_option_that_changed_nothing(tmp_path):
+    """Earlier versions accepted ``weights=`` on a sandwich of k=2 (it changed no draw) and saved it with each
+    checkpoint; this version refuses that option, so the run could not be resumed: neither with the sampler as
+    built now (the configurations differed) nor by loading the saved state (refused). The option is dropped from
+    a saved state, which then resumes."""
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True,
+                             logging_strategy="no", seed=0)
+
+    def trainer():
+        return SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
+                             sampler=sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=3))
+
+    trainer().train()
+    path = tmp_path / "checkpoint-2" / "sortednet_training.json"
+    saved = json.load(open(path))
+    saved["sampler"]["weights"], saved["sampler"]["small_first"] = "small", 100  # (as an earlier version wrote)
+    path.write_text(json.dumps(saved))
+    s = sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0)
+    s.load_state_dict(saved["sampler"])
+    plain = sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=3)
+    assert all(s.draw(t) == plain.draw(t) for t in range(20))
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [step for step, _ in resumed.history] == [2]
+
+
 def test_trainer_resumes_with_an_equivalent_configuration(tmp_path):
     """SoFT exits in another order, weights spelled out as their default or scaled, the sampler's sub-models as a
     list or a tuple: the same training, resumed (soft_loss sorts the exits and normalises the weights)."""

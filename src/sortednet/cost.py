@@ -559,14 +559,18 @@ _WRAPPED = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")  
 #: plain attributes that leave the forward's work as it is: the mode, where a model was loaded from, whether
 #: its blocks recompute activations in the backward (transformers' gradient checkpointing)
 _NOT_SETTINGS = frozenset({"training", "name_or_path", "gradient_checkpointing", "model_tags"})
-#: whether an activation writes its input's memory (``ReLU(inplace=True)``): the same values and work (record 3 on)
-_SAME_WORK = frozenset({"inplace"})
+#: settings that leave the forward's values and work as they are (record 3 on): whether an activation writes its
+#: input's memory (``ReLU(inplace=True)``), whether blocks recompute activations in the backward (timm's
+#: ``grad_checkpointing``), whether a part of the model gets gradients (transformers' ``_requires_grad``, which
+#: ``freeze_feature_encoder()`` clears)
+_SAME_WORK = frozenset({"inplace", "grad_checkpointing", "_requires_grad"})
 #: private attributes of a module's own that describe no forward: torch's bookkeeping (every ``nn.Module``'s own
-#: fields, hooks and flags that DDP, FSDP and replicas set), ours (``_sn``), transformers' (whether a module's
-#: weights were initialised, a loaded model's kernel and weight-conversion flags, its attention implementation)
+#: fields, hooks and flags that DDP, FSDP and replicas set), ours (``_sn``, ``_sn_*``), transformers' (whether a
+#: module's weights were initialised, a loaded model's kernel and weight-conversion flags, its attention
+#: implementation)
 _BOOKKEEPING = frozenset(nn.Module().__dict__) | {
     "_is_replica", "_is_fsdp_managed_module", "_fsdp_use_orig_params", "_ddp_params_and_buffers_to_ignore",
-    "_is_hf_initialized", "_kernels_mode", "_use_kernels", "_weight_conversions", "_attn_implementation"}
+    "_is_hf_initialized", "_kernels_mode", "_use_kernels", "_weight_conversions", "_attn_implementation", "_sn"}
 #: names of numbers of training alone: dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's
 #: coefficient (a flag such as EfficientNet's apply_dropout, which decides a residual add, counts; so does a count
 #: such as drop_tokens, which an eval forward follows)
@@ -594,7 +598,7 @@ def module_settings(m: nn.Module, record: int = 3) -> tuple[str, list[tuple[str,
     transformers_own = record >= 3 and any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
                                            for c in type(m).__mro__)
     for k, v in m.__dict__.items():
-        if k.startswith("_") and (record < 3 or k in _BOOKKEEPING or k.startswith("_sn") or transformers_own) \
+        if k.startswith("_") and (record < 3 or k in _BOOKKEEPING or k.startswith("_sn_") or transformers_own) \
                 or k in ("training", "name_or_path", "gradient_checkpointing") or "cache" in k.lower() \
                 or (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase)) \
                 or record >= 3 and k in _SAME_WORK:

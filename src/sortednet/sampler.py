@@ -158,6 +158,24 @@ def inclusion(p: Any, k: int) -> list[float]:
     return [float(x) for x in out]
 
 
+def _no_op_options(strategy: Any, k: Any, n: int, weights: Any, small_first: Any) -> list[str]:
+    """The options of a sampler configuration that change no draw: ``weights`` / ``small_first`` where every
+    step draws every sub-model (``k == n``) or a sandwich of ``k=2`` (the smallest and the largest)."""
+    if strategy == "all" or not (k == n or strategy == "sandwich" and k == 2):
+        return []
+    return [name for name, v in (("weights", weights), ("small_first", small_first)) if v]
+
+
+def without_no_op_options(state: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """A saved sampler state (:meth:`Sampler.state_dict`) of ``n`` sub-models without the options that change no
+    draw: earlier versions accepted and saved them (the draws are the same without), this one refuses them."""
+    state = dict(state)
+    for name in _no_op_options(state.get("strategy"), state.get("k"), n, state.get("weights"),
+                               state.get("small_first")):
+        state[name] = None if name == "weights" else 0
+    return state
+
+
 class Sampler:
     """Draws the sub-models of one training step, as a pure function of ``(seed, step)``.
 
@@ -189,7 +207,8 @@ class Sampler:
 
     An option that could change nothing is refused: ``weights`` or ``small_first``
     where every step draws every sub-model (``k`` equal to their count) or a
-    sandwich of ``k=2`` (the smallest and the largest, nothing in between).
+    sandwich of ``k=2`` (the smallest and the largest, nothing in between); a
+    state an earlier version saved with one loads without it (the same draws).
     ``loss_weights`` with ``k=1`` weighs each draw's one loss 1 (they are
     normalised per draw); :meth:`loss_weights_for` still weighs a list of your own.
 
@@ -270,7 +289,7 @@ class Sampler:
         if small_first and strategy == "all":
             raise SortedNetError("small_first= has nothing to schedule with strategy 'all' (every sub-model every "
                                  "step); use 'uniform', 'sandwich' or 'weighted'")
-        if strategy != "all" and k == n and (weights is not None or small_first):  # (every draw is every one)
+        if _no_op_options(strategy, k, n, weights, small_first):  # (every draw is every one, or a bare sandwich)
             what = "weights=" if weights is not None else "small_first="
             raise SortedNetError(f"{what} has nothing to choose with k={k} of {n} sub-models: every step draws all "
                                  f"of them; leave it out (or strategy='all'), or draw fewer (k < {n})")
@@ -467,6 +486,7 @@ class Sampler:
         elif list(theirs) != mine:
             raise SortedNetError(f"sampler state is for {len(theirs)} sub-models "
                                  f"{list(theirs)[:4]}..., this sampler has {len(mine)} {mine[:4]}...")
+        state = without_no_op_options(state, len(self.submodels))  # (a state an earlier version wrote with one)
         try:
             other = Sampler(self._source, k=None if state["strategy"] == "all" else state["k"],
                             strategy=state["strategy"], seed=state["seed"], weights=state["weights"],

@@ -33,7 +33,7 @@ from ..io import load, save
 from ..modes import restore_modes
 from ..nest import Nest
 from ..rank import Rank
-from ..sampler import Sampler
+from ..sampler import Sampler, without_no_op_options
 from ..submodel import SubModel
 from ..train import _ddp_reducer_check, checked_weights, drop_stale_calibration
 from .soft import _listed, exit_parts, soft_loss
@@ -270,6 +270,8 @@ class SortedTrainer(Trainer):
             return
         with open(path) as f:
             saved = json.load(f)
+        if isinstance(saved, dict) and isinstance(saved.get("sampler"), dict):  # (options an earlier version took
+            saved = {**saved, "sampler": without_no_op_options(saved["sampler"], len(self.sampler.submodels))}
         if saved != mine:
             a, b = _flat(saved), _flat(mine)
             keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -18,6 +18,7 @@ from ..errors import SortedNetError, flag
 from ..modes import restore_modes
 from .plan import Plan, make_plan
 from .sampling import Sampling, accept_greedy, accept_sampled, auto_draft_length
+from .stack import RESOURCE_ERRORS
 
 __all__ = ["speculative_generate", "SpeculativeOutput", "SpeculativeStats", "ExitStats"]
 
@@ -80,14 +81,24 @@ class _Round:
 #: generation_config settings that transform the logits inside generate(), with their neutral values
 _UNSUPPORTED: dict[str, tuple] = {
     "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None, ()),
+    "begin_suppress_tokens": (None, ()), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
     "min_length": (None, 0), "min_new_tokens": (None, 0), "sequence_bias": (None,),
     "exponential_decay_length_penalty": (None,), "forced_decoder_ids": (None,),
     "guidance_scale": (None, 1.0), "watermarking_config": (None,), "num_beams": (None, 1),
     "num_return_sequences": (None, 1), "penalty_alpha": (None,), "diversity_penalty": (None, 0.0),
     "stop_strings": (None,), "dola_layers": (None,), "force_words_ids": (None,), "constraints": (None,),
 }
+#: settings that hold back the eos token: nothing to do without one (generate() adds no processor then)
+_EOS_ONLY = frozenset({"min_length", "min_new_tokens"})
+
+
+def _neutral(v: Any, default: tuple) -> bool:
+    """Whether a generation setting leaves generate()'s logits alone: its neutral value (an empty list of tokens to
+    suppress suppresses none; generate() refuses an empty list of bad words or biases itself)."""
+    return v in default or isinstance(v, (list, tuple)) and not v and () in default
+
+
 #: sampling filters that generate() applies with do_sample=True only (greedy decoding ignores them)
 _UNSUPPORTED_SAMPLING: dict[str, tuple] = {
     "min_p": (None,), "top_h": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
@@ -162,15 +173,8 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
     if s.generator is not None and not isinstance(s.generator, torch.Generator):
         raise SortedNetError(f"generator must be a torch.Generator, got {type(s.generator).__name__}")
     gen = getattr(model, "generation_config", None)
-    changed = {k: getattr(gen, k, None) for k, default in _UNSUPPORTED.items()
-               if getattr(gen, k, None) not in default}
-    if changed:
-        raise SortedNetError(f"the model's generation_config sets {changed}, which transform the logits (or stop "
-                             "the search) in generate(); speculative_generate does not apply them (its greedy output "
-                             "would differ from generate's): reset them on model.generation_config, or use "
-                             "model.generate")
     filters = {k: getattr(gen, k, None) for k, default in _UNSUPPORTED_SAMPLING.items()
-               if getattr(gen, k, None) not in default} if s.do_sample else {}
+               if not _neutral(getattr(gen, k, None), default)} if s.do_sample else {}
     if filters:
         raise SortedNetError(f"the model's generation_config sets the sampling filters {filters}, which "
                              "generate(do_sample=True) applies; speculative_generate samples with temperature, "
@@ -186,6 +190,13 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
     if any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in eos):
         raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
     eos = [int(e) for e in eos]
+    changed = {k: getattr(gen, k, None) for k, default in _UNSUPPORTED.items()
+               if not _neutral(getattr(gen, k, None), default) and not (k in _EOS_ONLY and not eos)}
+    if changed:
+        raise SortedNetError(f"the model's generation_config sets {changed}, which transform the logits (or stop "
+                             "the search) in generate(); speculative_generate does not apply them (its greedy output "
+                             "would differ from generate's): reset them on model.generation_config, or use "
+                             "model.generate")
     pad_id = getattr(gen, "pad_token_id", None)
     if attention_mask is None and isinstance(pad_id, int) and pad_id not in eos and bool((input_ids == pad_id).any()):
         attention_mask = (input_ids != pad_id).long()  # what generate() infers from a prompt holding the pad token
@@ -286,6 +297,8 @@ def _differ(model: nn.Module, what: str, calls: tuple[dict, dict], at: Any, full
     more than ``full`` (float32 / float64 weights) or ``half`` (16-bit) times their own scale, however small it is."""
     try:
         a, b = (model(**kw, use_cache=False).logits[0, at].float() for kw in calls)
+    except RESOURCE_ERRORS:
+        raise
     except Exception as e:
         raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on {what} "
                              f"({type(e).__name__}: {str(e)[:200]})") from e

@@ -143,6 +143,12 @@ class LayerRunner:
         return self.head(self.norm(h))
 
 
+#: errors of the machine, not of the model or its cache: passed on as they are (a caller's retry with a smaller
+#: batch catches them by type)
+RESOURCE_ERRORS: tuple[type[BaseException], ...] = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+                                                    MemoryError)
+
+
 class ForwardRunner:
     """The model's own ``forward`` as one segment (any Hugging Face causal LM); "hidden states" are logits."""
 
@@ -161,7 +167,7 @@ class ForwardRunner:
             kw["position_ids"] = pos
         try:
             return self.model(input_ids=x, **kw).logits
-        except SortedNetError:
+        except (SortedNetError, *RESOURCE_ERRORS):  # (out of memory: the device's, whatever the cache)
             raise
         except Exception as e:  # (a family that builds its cache its own way: e.g. Dory's per-loop layers)
             raise SortedNetError(
