@@ -2024,15 +2024,23 @@ def test_a_decoder_tower_is_described_by_its_own_config_keys():
         with torch.no_grad():
             torch.testing.assert_close(small(input_ids=ids, encoder_hidden_states=enc).last_hidden_state, want)
     assert bart.config.encoder_layers == 3 and bart.config.decoder_layers == 2
-    causal = BartForCausalLM(cfg).eval()
-    nest = sn.from_transformers(causal, depth=[1], ffn=[32])
-    for sub in nest.submodels:
-        with nest.use(sub), torch.no_grad():
-            want = causal(input_ids=ids, use_cache=False).logits
-        small = nest.export(sub).eval()
-        assert (small.config.decoder_layers, small.config.decoder_ffn_dim) == (sub["depth"], sub["ffn"])
-        with torch.no_grad():
-            torch.testing.assert_close(small(input_ids=ids, use_cache=False).logits, want)
+    from transformers import WhisperConfig, WhisperForCausalLM  # (no is_decoder flag on its config: found by its
+    whisper = WhisperConfig(vocab_size=V, d_model=32, encoder_layers=3, decoder_layers=2,  # decoder tower)
+                            encoder_attention_heads=8, decoder_attention_heads=4, encoder_ffn_dim=48,
+                            decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=32,
+                            pad_token_id=1, decoder_start_token_id=2, bos_token_id=0, eos_token_id=2)
+    for causal in (BartForCausalLM(cfg).eval(), WhisperForCausalLM(whisper).eval()):
+        nest = sn.from_transformers(causal, depth=[1], ffn=[32], heads=[2])
+        assert nest.dims[1].full == 4
+        for sub in nest.submodels:
+            with nest.use(sub), torch.no_grad():
+                want = causal(input_ids=ids, use_cache=False).logits
+            small = nest.export(sub, plain=sub["heads"] < 4).eval()
+            if sub["heads"] == 4:
+                assert (small.config.decoder_layers, small.config.decoder_ffn_dim) == (sub["depth"], sub["ffn"])
+                assert (small.config.encoder_layers, small.config.encoder_ffn_dim) == (3, 48)
+            with torch.no_grad():
+                torch.testing.assert_close(small(input_ids=ids, use_cache=False).logits, want)
 
 
 def test_a_vision_classifier_of_a_two_tower_config_reads_its_towers_keys():
@@ -2862,6 +2870,32 @@ def test_depth_of_a_head_that_weighs_every_layer_is_refused_at_wrap():
         sn.from_transformers(model, depth=[1])
     assert not any(hasattr(m, "_sn") for m in model.modules())
     sn.from_transformers(model, ffn=[32], verify=False)
+
+
+def test_a_lora_sorted_trainer_trains_the_head_of_a_task_model_without_a_base_model(tmp_path):
+    """WhisperForAudioClassification is its own base_model (its encoder, projector and classifier are its
+    children): its new projector and classifier were frozen as the rest. They train now; the encoder, which holds
+    the nested layers, stays frozen."""
+    from transformers import WhisperConfig, WhisperForAudioClassification
+
+    torch.manual_seed(0)
+    model = WhisperForAudioClassification(WhisperConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, num_labels=3, pad_token_id=1, decoder_start_token_id=2))
+    nest = sn.from_transformers(model, rank=[2, 4])
+    data = [{"input_features": torch.randn(8, 32), "labels": torch.tensor(i % 3)} for i in range(4)]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no", learning_rate=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    SortedTrainer(model=model, args=args, train_dataset=data, nest=nest).train()
+    after = model.state_dict()
+    for k in before:
+        trained = k.startswith(("projector.", "classifier.")) or "lora_" in k
+        assert torch.equal(after[k], before[k]) != trained or "lora_A" in k, k  # (lora_A: 0 gradient at B = 0)
+    with pytest.raises(sn.SortedNetError, match=r"'encoder.layers.0.fc1' is a target of the LoRA Rank"):
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
+                      modules_to_save=["encoder.layers.0.fc1"])
 
 
 @pytest.mark.parametrize("family, head", [("bert", "classifier"), ("llama", "score")])

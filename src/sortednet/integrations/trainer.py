@@ -87,12 +87,14 @@ def _unwrapped(model: Any) -> Any:
     return model
 
 
-def _modules_to_save(model: torch.nn.Module, given: Sequence[str] | None, lora: bool) -> list[str]:
+def _modules_to_save(nest: Nest, given: Sequence[str] | None, lora: bool) -> list[str]:
     """The modules that train beside LoRA adapters: ``given`` (module paths, checked), or by default a
-    transformers task model's head: each child module outside its ``base_model`` that holds parameters of its own
-    and not the output embeddings (the classifier of ``BertForSequenceClassification``, ``score`` of
+    transformers task model's head: each child module outside its ``base_model`` (or, for a task model that is its
+    own base model, outside the child holding the nested layers: Whisper's audio classifier) that holds parameters
+    of its own and not the output embeddings (the classifier of ``BertForSequenceClassification``, ``score`` of
     ``LlamaForSequenceClassification``, ``qa_outputs``; a causal or masked LM's head is the output embeddings and
     stays frozen, as LoRA has it)."""
+    model = nest.model
     if given is not None:
         given = _listed(given, "modules_to_save", "module paths, e.g. ['classifier']", "SortedTrainer")
         if not lora:
@@ -107,10 +109,24 @@ def _modules_to_save(model: torch.nn.Module, given: Sequence[str] | None, lora: 
                 near = [n for n, _ in model.named_modules() if n and n.split(".")[-1] == path.split(".")[-1]][:3]
                 raise SortedNetError(f"SortedTrainer(modules_to_save=...): {path!r} is not a module of "
                                      f"{type(model).__name__}" + (f" (did you mean {near}?)" if near else "")) from None
+            bound = nest._sliced.get(path)
+            if bound is not None and "rank" in bound._sn.bind and getattr(bound._sn.bind["rank"].dim, "mode",
+                                                                            None) == "lora":
+                raise SortedNetError(f"SortedTrainer(modules_to_save=...): {path!r} is a target of the LoRA Rank "
+                                     f"{bound._sn.bind['rank'].dim.name!r}: its base weight stays frozen (the "
+                                     "adapters train it), so naming it would train nothing; leave it out, or wrap "
+                                     "without that target")
         return list(given)
     base = getattr(model, "base_model", None)
-    if not lora or not isinstance(base, torch.nn.Module) or base is model:
+    if not lora or not isinstance(base, torch.nn.Module):
         return []
+    if base is model:  # (a task model without a base model of its own: the child holding the nested layers)
+        if "For" not in type(model).__name__:
+            return []  # (a base model itself: no task head)
+        holders = {p.split(".")[0] for p in nest._sliced if p}
+        if len(holders) != 1:
+            return []
+        base = model.get_submodule(holders.pop())
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     shared = {id(p) for p in base.parameters()}
     return [name for name, child in model.named_children()
@@ -159,7 +175,7 @@ class SortedTrainer(Trainer):
         if not isinstance(nest, Nest):
             raise SortedNetError(f"SortedTrainer(nest=...) needs a Nest, got {type(nest).__name__}")
         lora = any(d.kind == "rank" and getattr(d, "mode", None) == "lora" for d in nest.dims)
-        heads = _modules_to_save(nest.model, modules_to_save, lora)
+        heads = _modules_to_save(nest, modules_to_save, lora)
         if nonfinite not in ("raise", "ignore"):
             raise SortedNetError(f"SortedTrainer(nonfinite=...) is 'raise' or 'ignore', got {nonfinite!r}")
         self.nonfinite = nonfinite

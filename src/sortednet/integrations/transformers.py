@@ -552,7 +552,8 @@ def _tower_key(model: nn.Module, cfg, key: str, tower: str | None = None) -> str
     if cfg is None:
         return key
     decoder = getattr(model, "is_decoder", False) is True or "Decoder" in type(model).__name__ or \
-        getattr(cfg, "is_decoder", False) is True and not getattr(cfg, "is_encoder_decoder", False)
+        getattr(cfg, "is_decoder", False) is True and not getattr(cfg, "is_encoder_decoder", False) or \
+        not getattr(cfg, "is_encoder_decoder", False) and _decoder_alone(model)
     real = (getattr(type(cfg), "attribute_map", None) or {}).get(key, key)
     if decoder and real.startswith("encoder_") and hasattr(cfg, f"decoder_{real[8:]}"):
         return f"decoder_{real[8:]}"  # (BartConfig maps num_hidden_layers to the encoder's encoder_layers)
@@ -560,6 +561,13 @@ def _tower_key(model: nn.Module, cfg, key: str, tower: str | None = None) -> str
         return key
     own = f"{'decoder' if decoder else 'encoder'}_{key}"
     return own if hasattr(cfg, own) else key
+
+
+def _decoder_alone(model: nn.Module) -> bool:
+    """Whether ``model`` holds a decoder tower and no encoder (WhisperForCausalLM's ``model.decoder``, built from
+    an encoder-decoder config without marking it a decoder)."""
+    names = {n for path, _ in model.named_modules() for n in path.split(".")}
+    return "decoder" in names and "encoder" not in names
 
 
 def _tower_name(model: nn.Module, stack: str) -> str | None:
