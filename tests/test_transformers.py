@@ -2945,3 +2945,23 @@ def test_modules_to_save_needs_a_lora_nest(tmp_path):
     args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
     with pytest.raises(sn.SortedNetError, match="no Rank.mode='lora'"):
         SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=["lm_head"])
+
+
+def test_a_model_built_without_its_pooler_names_that_when_its_export_is_refused():
+    """A BERT tower built with add_pooling_layer=False (ChineseCLIP's text model): from_pretrained of its class
+    would add a pooler, so even the full export is refused; the message blamed the layout's config keys. It
+    names the tensors the class adds and the constructor argument now; plain=True exports."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4), add_pooling_layer=False).eval()
+    nest = sn.from_transformers(model, depth=[1])
+    with pytest.raises(sn.SortedNetError, match=r"does not have, outside its layers \(e.g. 'pooler\.dense\.bias'\)"
+                                                r".*add_pooling_layer=False"):
+        nest.export("depth=2")
+    x = ids()
+    with nest.use("depth=1"), torch.no_grad():
+        want = model(input_ids=x).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(nest.export("depth=1", plain=True)(input_ids=x).last_hidden_state, want)

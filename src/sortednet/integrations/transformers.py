@@ -801,7 +801,13 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: A
     bad = [(k, have.get(k), want.get(k)) for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
     if bad:
         k, h, w = bad[0]
-        why = (f"after setting the {found.layout.family} layout's config keys, the class still builds other "
+        stacks = tuple(f"{P}." for P in found.stacks) if found is not None else ()
+        lacking = all(h_ is None and not k_.startswith(stacks) for k_, h_, _ in bad)
+        why = (f"the class builds {len(bad)} tensors this model does not have, outside its layers (e.g. {k!r}): "
+               "the model was built with a constructor argument its config does not record (a tower made "
+               "without its pooler, add_pooling_layer=False), so from_pretrained would build another model"
+               if lacking else
+               f"after setting the {found.layout.family} layout's config keys, the class still builds other "
                "shapes: the family derives a size from another key (e.g. a fixed FFN ratio, a head size from "
                "hidden / heads) or sizes some other part from the layer count"
                if found is not None else (
