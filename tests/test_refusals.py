@@ -637,6 +637,9 @@ def test_lazy_modules_are_refused_by_wrap_and_discover_without_materialising_the
     with pytest.raises(sn.SortedNetError, match="lazy"):
         sn.discover(m, x)
     assert isinstance(m[0].weight, nn.parameter.UninitializedParameter) and torch.equal(torch.get_rng_state(), rng)
+    conv = nn.Sequential(nn.LazyConv2d(16, 3), nn.ReLU(), nn.Conv2d(16, 3, 1))
+    with pytest.raises(sn.SortedNetError, match=r"lazy\) tensors \['0.weight', '0.bias'\] \(of LazyConv2d\)"):
+        sn.wrap(conv, sn.Width("w", [8, 16], out="0", inp="2"))  # (the hint named nn.LazyLinear, whatever it was)
 
 
 def test_discover_leaves_out_declarations_that_slice_a_tied_weight_differently():

@@ -91,8 +91,9 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                              "model's nest: nest.unwrap_copy(copy))")
     lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if _uninitialized(t)]
     if lazy:  # their shapes (and so every parameter count) are not known yet
-        raise PatternError(f"model has uninitialised (lazy) tensors {lazy[:4]} (nn.LazyLinear, ...): run one forward "
-                           "pass first so they get their shapes, then wrap")
+        owners = sorted({type(model.get_submodule(n.rpartition(".")[0])).__name__ for n in lazy})
+        raise PatternError(f"model has uninitialised (lazy) tensors {lazy[:4]} (of {', '.join(owners[:3])}): run one "
+                           "forward pass first so they get their shapes, then wrap")
     sharded = [n for n, p in model.named_parameters() if is_sharded(p)]
     if sharded:
         raise SortedNetError(f"model parameters are already sharded (FSDP2 DTensors, e.g. {sharded[:3]}): "
