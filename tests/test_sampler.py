@@ -464,3 +464,34 @@ def test_the_same_options_with_a_choice_left_move_the_draws(cfg):
                        **({"weights": "large"} if cfg["strategy"] == "weighted" else {}))
     s = sn.Sampler(SUBS, seed=0, **cfg)
     assert any(s.draw(t) != plain.draw(t) for t in range(50))
+
+
+def test_a_saved_state_with_an_option_that_changes_no_draw_loads_without_it():
+    """States earlier versions wrote with weights= / small_first= that change no draw load without them (the
+    same draws): a sandwich of k=2, and k equal to the count (a weighted sampler of every sub-model is 'all').
+    What they hold is still checked; a state that keeps a choice keeps its options."""
+    plain = sn.Sampler(SUBS, k=2, strategy="sandwich", seed=4)
+    for extra in (dict(weights="small"), dict(small_first=100), dict(weights=[1.0] * N, small_first=7)):
+        s = sn.Sampler(SUBS, k=1, seed=0)
+        s.load_state_dict({**plain.state_dict(), **extra})
+        assert all(s.draw(t) == plain.draw(t) for t in range(30))
+        assert s.state_dict() == plain.state_dict()
+    every = sn.Sampler(SUBS, strategy="all", seed=4)
+    s = sn.Sampler(SUBS, k=1, seed=0)
+    s.load_state_dict({**every.state_dict(), "strategy": "weighted", "weights": list(range(1, N + 1))})
+    assert s.state_dict() == every.state_dict() and s.draw(3) == list(SUBS)
+    for bad, what in ((dict(weights="bogus"), "weight rule"), (dict(weights=[0.0] * N), "sum to zero"),
+                      (dict(small_first=-3), "small_first")):
+        with pytest.raises(sn.SortedNetError, match=what):
+            sn.Sampler(SUBS, k=1).load_state_dict({**plain.state_dict(), **bad})
+    kept = sn.Sampler(SUBS, k=3, strategy="sandwich", seed=4, weights="small", small_first=50)
+    s = sn.Sampler(SUBS, k=1)
+    s.load_state_dict(kept.state_dict())
+    assert s.state_dict() == kept.state_dict()
+
+
+def test_the_refusal_of_a_no_op_option_says_why():
+    with pytest.raises(sn.SortedNetError, match=r"chooses the middle sub-models of a sandwich draw, and k=2"):
+        sn.Sampler(SUBS, k=2, strategy="sandwich", weights="small")
+    with pytest.raises(sn.SortedNetError, match=r"every step draws all of them; strategy='all'"):
+        sn.Sampler(SUBS, k=N, strategy="weighted", weights="small")

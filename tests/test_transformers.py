@@ -2896,6 +2896,15 @@ def test_a_lora_sorted_trainer_trains_the_head_of_a_task_model_without_a_base_mo
     with pytest.raises(sn.SortedNetError, match=r"'encoder.layers.0.fc1' is a target of the LoRA Rank"):
         SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
                       modules_to_save=["encoder.layers.0.fc1"])
+    from transformers import T5Config, T5ForQuestionAnswering  # (its own base model too, nested in two towers)
+
+    torch.manual_seed(0)
+    qa = T5ForQuestionAnswering(T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                         decoder_start_token_id=0, pad_token_id=0))
+    nest = sn.from_transformers(qa, rank=[2, 4])
+    SortedTrainer(model=qa, args=args, train_dataset=[], nest=nest)
+    assert {n for n, p in qa.named_parameters() if p.requires_grad and "lora_" not in n} == \
+        {"qa_outputs.weight", "qa_outputs.bias"}
 
 
 @pytest.mark.parametrize("family, head", [("bert", "classifier"), ("llama", "score")])

@@ -173,6 +173,8 @@ def without_no_op_options(state: Mapping[str, Any], n: int) -> dict[str, Any]:
     for name in _no_op_options(state.get("strategy"), state.get("k"), n, state.get("weights"),
                                state.get("small_first")):
         state[name] = None if name == "weights" else 0
+        if name == "weights" and state.get("strategy") == "weighted":  # (k = n: every sub-model, every step)
+            state["strategy"] = "all"
     return state
 
 
@@ -289,10 +291,11 @@ class Sampler:
         if small_first and strategy == "all":
             raise SortedNetError("small_first= has nothing to schedule with strategy 'all' (every sub-model every "
                                  "step); use 'uniform', 'sandwich' or 'weighted'")
-        if _no_op_options(strategy, k, n, weights, small_first):  # (every draw is every one, or a bare sandwich)
+        if strategy != "all" and k == n and _no_op_options(strategy, k, n, weights, small_first):
             what = "weights=" if weights is not None else "small_first="
+            instead = "strategy='all'" if strategy == "weighted" else "leave it out (or strategy='all')"
             raise SortedNetError(f"{what} has nothing to choose with k={k} of {n} sub-models: every step draws all "
-                                 f"of them; leave it out (or strategy='all'), or draw fewer (k < {n})")
+                                 f"of them; {instead}, or draw fewer (k < {n})")
         if strategy == "sandwich" and k == 2 and (weights is not None or small_first):
             what = "weights=" if weights is not None else "small_first="
             raise SortedNetError(f"{what} chooses the middle sub-models of a sandwich draw, and k=2 draws none: "
@@ -486,7 +489,16 @@ class Sampler:
         elif list(theirs) != mine:
             raise SortedNetError(f"sampler state is for {len(theirs)} sub-models "
                                  f"{list(theirs)[:4]}..., this sampler has {len(mine)} {mine[:4]}...")
-        state = without_no_op_options(state, len(self.submodels))  # (a state an earlier version wrote with one)
+        try:  # (options an earlier version saved that change no draw: checked as then, then left out)
+            _check_index(state.get("small_first", 0), "small_first")
+            if state.get("weights") is not None:
+                self._probabilities(state["weights"], self.submodels, self._source if hasattr(
+                    self._source, "cost") else None)
+        except SortedNetError as e:
+            hint = (" (build the sampler to load into from the nest, sn.Sampler(nest, ...), not from "
+                    "nest.submodels)" if "needs the nest" in str(e) else "")
+            raise SortedNetError(f"cannot load sampler state: {e}{hint}") from None
+        state = without_no_op_options(state, len(self.submodels))
         try:
             other = Sampler(self._source, k=None if state["strategy"] == "all" else state["k"],
                             strategy=state["strategy"], seed=state["seed"], weights=state["weights"],

@@ -120,17 +120,17 @@ def _modules_to_save(nest: Nest, given: Sequence[str] | None, lora: bool) -> lis
     base = getattr(model, "base_model", None)
     if not lora or not isinstance(base, torch.nn.Module):
         return []
-    if base is model:  # (a task model without a base model of its own: the child holding the nested layers)
-        if "For" not in type(model).__name__:
-            return []  # (a base model itself: no task head)
+    bodies = [base]
+    if base is model:  # (a task model without a base model of its own: the children holding the nested layers,
+        if "For" not in type(model).__name__:  # its input embeddings and norms are the body; a base model itself
+            return []                          # has no task head)
         holders = {p.split(".")[0] for p in nest._sliced if p}
-        if len(holders) != 1:
-            return []
-        base = model.get_submodule(holders.pop())
+        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        bodies = [c for n, c in model.named_children() if n in holders or c is inp or "Norm" in type(c).__name__]
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shared = {id(p) for p in base.parameters()}
+    shared = {id(p) for b in bodies for p in b.parameters()}
     return [name for name, child in model.named_children()
-            if child is not base and any(True for _ in child.parameters())
+            if all(child is not b for b in bodies) and any(True for _ in child.parameters())
             and not any(m is out for m in child.modules())
             and not any(id(p) in shared for p in child.parameters())]
 
