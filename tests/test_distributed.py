@@ -14,6 +14,7 @@ import datetime
 import fcntl
 import os
 import socket
+import time
 from contextlib import nullcontext
 
 import pytest
@@ -471,6 +472,14 @@ def _errors(rank: int, out_dir: str) -> dict:
         sn.accumulate(nest, [shallow], lambda: plain_ddp(case.example).float().square().mean())
     except sn.SortedNetError as e:
         out["sn_accumulate_ddp"] = (str(e), all(p.grad is None for p in case.model.parameters()))
+    # ... with the ranks at different depths, one full: the shallow rank refused alone (before the check the ranks
+    # run together) and left the other waiting in that check until the process group's timeout
+    t0 = time.perf_counter()
+    try:
+        sn.accumulate(nest, [nest.largest if rank == 0 else shallow],
+                      lambda: plain_ddp(case.example).float().square().mean())
+    except (sn.SortedNetError, RuntimeError) as e:
+        out["sn_accumulate_ddp_depths"] = (type(e).__name__, str(e), time.perf_counter() - t0 < 30)
     try:
         sn.fit(nest, [(case.example, torch.zeros(len(case.example), dtype=torch.long))],
                torch.optim.SGD(case.model.parameters(), lr=0.1), sn.Sampler(nest, k=1))
@@ -993,6 +1002,8 @@ def test_misuse_raises_clear_errors(run):
     assert "sync_gradients" in errs["sparse_sync"] and "['0']" in errs["sparse_sync"]
     msg, untouched = errs["sn_accumulate_ddp"]  # DDP would have averaged part of the step, raised a step later
     assert "sortednet.distributed.accumulate" in msg and "find_unused_parameters=False" in msg and untouched
+    kind, msg, quick = errs["sn_accumulate_ddp_depths"]  # (rank 0, at full depth: it waited for the timeout)
+    assert kind == "SortedNetError" and "DistributedDataParallel forward" in msg and quick, msg
     assert "each rank would train its own copy" in errs.get("fit_multi_rank", "")
     assert "sortednet.distributed.save" in errs.get("export_sharded", "")
     assert "check before fully_shard" in errs.get("check_sharded", "")

@@ -346,8 +346,10 @@ def _ddp_forward_check(nest: Nest, fsdp: bool = False) -> None:
     runs every rank's forwards in step): a Sampler seeded per rank, or a ``nest.use`` opened on some ranks
     only, would otherwise have DDP average two sub-models' gradients as one, in silence. So must every forward of
     a model sharded with FSDP2 (``fsdp``), whose reduce-scatter averages as DDP does."""
-    _ddp_reducer_check(nest)
     ddp = _active_ddp()
+    if ddp is not None:
+        _agree_ddp_forward(nest, ddp)  # (first: a rank refusing alone would leave the others in the collective)
+    _ddp_reducer_check(nest)
     if ddp is None and fsdp and torch.is_grad_enabled() and not _compiling():
         from .agreement import _FORWARD, _agree_on
 
@@ -358,7 +360,12 @@ def _ddp_forward_check(nest: Nest, fsdp: bool = False) -> None:
                   "(sortednet.distributed.accumulate(nest, subs, closure, module=fsdp_model) checks each step's "
                   "sub-models before the first forward)", phase=_FORWARD)
         return
-    if ddp is None or not torch.is_grad_enabled() or _compiling() or world_size() < 2 or \
+
+
+def _agree_ddp_forward(nest: Nest, ddp: Any) -> None:
+    """In a forward through the DDP wrapper ``ddp``: every rank runs the same sub-model (see
+    :func:`_ddp_forward_check`)."""
+    if not torch.is_grad_enabled() or _compiling() or world_size() < 2 or \
             torch.distributed.get_world_size(ddp.process_group) < 2:
         return
     if getattr(getattr(ddp, "_join_config", None), "enable", False):  # under Join (uneven inputs), the joined
