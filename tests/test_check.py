@@ -1022,6 +1022,38 @@ def _refused_at_wrap(slicer: type, tag: str, match: str, sizes=(8, 16, 32)) -> n
     return m
 
 
+class _CountedNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.dim = nn.Parameter(torch.ones(d)), d
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_a_custom_slicer_failing_on_a_static_attribute_is_named():
+    """A slicer whose value() raised for an attribute listed in ``static`` (a user's mistake: a helper called
+    without an argument) reached the user as the raw TypeError, naming neither slicer nor module; a tensor
+    attribute's failure was named. Both are now, and the model is left as it was."""
+    @sn.slicer(_CountedNorm)
+    class _Counted(sn.Slicer):
+        roles, attrs, static = ("norm",), ("weight", "dim"), ("dim",)
+        views = {"weight": ((0, "norm"),)}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0]
+
+        def value(self, m, name):
+            raise TypeError("features() missing 1 required positional argument: 'full'")
+
+    m = nn.Sequential(nn.Linear(8, 16), _CountedNorm(16), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"slicer _Counted of '1' raised reading 'dim' at sizes .*TypeError"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", norm="1", inp="2"))
+    assert [type(c) for c in m] == [nn.Linear, _CountedNorm, nn.Linear] and "_sn" not in m[1].__dict__
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
 @pytest.mark.parametrize("cut", ["data", "detach", "leaf", "parameter"])
 def test_a_custom_slicer_that_cuts_a_parameter_off_its_gradient_is_refused(cut):
     """A value() that cut from ``.data`` (or ``.detach()``) passed wrap and check: the parameter's gradient was

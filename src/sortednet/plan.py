@@ -137,7 +137,16 @@ def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
         if rule is None:
             out[name] = DYNAMIC
         elif rule is STATIC:
-            out[name] = sl.value(m, name)
+            try:
+                out[name] = sl.value(m, name)
+            except SortedNetError:
+                raise
+            except Exception as err:  # (a slicer of the user's failing on a static attribute: named, as a tensor's)
+                if type(sl).__module__.startswith("sortednet."):
+                    raise
+                from .slicers.base import _slicer_error
+
+                raise _slicer_error(st, name, err) from err
         else:
             t = sl.tensor(m, name)
             out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))
