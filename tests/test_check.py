@@ -1830,6 +1830,9 @@ def _views(entries):
      r"largest size 16 gives 16 features, not that axis' 32: the full model itself would be cut"),
     ("axis_out_of_range", _views({"weight": ((0, "out"), (2, "inp")), "scale": ((0, "out"),)}),
      r"views\['weight'\] cuts axis 2 for role 'inp', but 'weight' has 2 axes"),
+    # a tensor cut by a role no dimension binds here (scale by 'inp'): accepted, failing only at check
+    ("wrong_unbound_role", _views({"weight": ((0, "out"), (1, "inp")), "scale": ((0, "inp"),)}),
+     r"cuts 'scale' \(32,\) on axis 0 for role 'inp', whose full size is 8 .* by the wrong role"),
     ("not_pairs", {"views": {"weight": "out", "scale": ((0, "out"),)}},
      r"views\['weight'\] must be a tuple of \(axis, role\) pairs"),
     ("value_none", {"value": lambda self, m, name: None}, r"gives NoneType for 'weight' at h=32"),

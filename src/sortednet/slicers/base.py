@@ -400,6 +400,16 @@ class Slicer:
                                        f"{axis} for role {role!r}, but {name!r} has {t.dim()} axes "
                                        f"{tuple(t.shape)}")
                 b = bind.get(role)
+                if b is None and not type(self).__module__.startswith("sortednet.") and role in self.roles:
+                    try:  # (a role no dimension binds here: its full() must still be that axis' length)
+                        n = self.full(m, role)
+                    except Exception:
+                        n = None  # (full() failing is refused where it is called to size a bound role)
+                    if isinstance(n, int) and not isinstance(n, bool) and n != t.shape[axis]:
+                        raise SizeError(f"the slicer {type(self).__name__} of {where} cuts {name!r} "
+                                        f"{tuple(t.shape)} on axis {axis} for role {role!r}, whose full size is "
+                                        f"{n} (full(m, {role!r})), not that axis' {t.shape[axis]}: it cuts that "
+                                        "tensor by the wrong role. Check its views (docs/custom_slicers.md)")
                 if b is not None and t.shape[axis] != b.total(b.dim.full):
                     raise SizeError(f"{b.dim.kind} {b.dim.name!r}: the slicer {type(self).__name__} of {where} cuts "
                                     f"{name!r} {tuple(t.shape)} on axis {axis} for role {role!r}, whose largest "
