@@ -2128,6 +2128,10 @@ def test_check_names_a_tensor_a_custom_slicer_leaves_out():
         sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"), example=torch.randn(3, 8))
     ok = sn.wrap(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)), sn.Width("h", [8, 32], out="0"))
     assert ok._unlisted_tensors(None) == ""
+    with pytest.raises(sn.SortedNetError) as e:  # (the right bindings are not called wrong: "remove that binding")
+        sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"), example=torch.randn(3, 8))
+    assert "remove that binding" not in str(e.value) and "the slicer _ShiftForgotten of your own serves" in \
+        str(e.value)
 
 
 @pytest.mark.parametrize("bug", ["untouched", "full_copy"])

@@ -261,6 +261,13 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool
             elif (hint := _unbound_owner(nest, g.fixed)) is not None:
                 problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, of a "
                                 f"module it does not slice; add {hint}")
+            elif (inner := _user_sliced_at(nest, g.fixed)) is not None:  # (the op ran in the forward of a module
+                problems.append(                                       # a slicer of the user's serves)
+                    f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, inside {inner[0]!r}, "
+                    f"which the slicer {inner[1]} of your own serves: the wiring trace does not follow that "
+                    "forward, so whether the binding is right cannot be told here; if a dry run failed, check "
+                    "that slicer first (its views / value() must cut every tensor the forward reads by the right "
+                    "role: docs/custom_slicers.md)")
             else:
                 raw = re.fullmatch(r"(?:parameter|buffer) '(.+)'", g.fixed)
                 problems.append(f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, so they "
@@ -270,6 +277,19 @@ def diagnose(nest: Nest, example: Any, model: Any = None, *, coupling_only: bool
                                     "@sn.slicer for a layer scale or a token: docs/custom_slicers.md) and bind "
                                     "that module" if raw else ""))
     return problems
+
+
+def _user_sliced_at(nest: Nest, fixed: str) -> tuple[str, str] | None:
+    """(path, slicer name) of the module a slicer of the user's serves whose forward ran the op ``fixed`` names
+    (``"'linear' (in '0'), ..."``), or None."""
+    where = re.search(r"\(in '([^']*)'\)", fixed)
+    if where is None:
+        return None
+    at = "" if where.group(1) == "<root>" else where.group(1)
+    for p, m in nest._sliced.items():
+        if (at == p or at.startswith(f"{p}.")) and not type(m._sn.slicer).__module__.startswith("sortednet."):
+            return p or "<root>", type(m._sn.slicer).__name__
+    return None
 
 
 def _unbound_owner(nest: Nest, fixed: str) -> str | None:
