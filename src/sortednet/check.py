@@ -2443,7 +2443,11 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
         rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None
         if rel is None or rel > tol:  # relative to the output's scale (large outputs round more)
             diff = f"by {rel:.3g} relative to its scale" if rel is not None else f"in shape {tuple(a.shape)}"
-            raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}")
+            own = [f"{p or '<root>'!r} ({type(m._sn.slicer).__name__})" for p, m in nest._sliced.items()
+                   if not type(m._sn.slicer).__module__.startswith("sortednet.")]
+            mine = (f"; modules served by slicers of your own, whose export() must give what their value() "
+                    f"serves: {', '.join(own[:4])}{' ...' if len(own) > 4 else ''}") if own else ""
+            raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}{mine}")
 
 
 def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any, subs: list[SubModel],
