@@ -1031,6 +1031,36 @@ class _CountedNorm(nn.Module):
         return x * self.weight
 
 
+class _EmptyBias(nn.Module):
+    """No bias held as an empty tensor (not None)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(o, i)), nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return y + self.bias if self.bias.numel() else y
+
+
+def test_a_views_entry_of_an_unbound_role_is_checked_unless_the_axis_is_empty_or_broadcast():
+    """A views entry cut by a role no dimension binds is checked against full() at wrap (a bias cut by 'inp' was
+    accepted and failed only at check); an empty tensor standing for "no bias" is not a wrong role."""
+    @sn.slicer(_EmptyBias)
+    class _EmptyBiasSlicer(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("weight", "bias")
+        views = {"weight": ((0, "out"), (1, "inp")), "bias": ((0, "out"),)}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+    m = nn.Sequential(nn.Linear(8, 16), _EmptyBias(16, 4))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="1"), example=torch.randn(2, 8))
+    x = torch.randn(3, 8)
+    with nest.use("h=4"), torch.no_grad():
+        torch.testing.assert_close(nest.export("h=4")(x), m(x))
+
+
 def test_a_custom_slicer_failing_on_a_static_attribute_is_named():
     """A slicer whose value() raised for an attribute listed in ``static`` (a user's mistake: a helper called
     without an argument) reached the user as the raw TypeError, naming neither slicer nor module; a tensor

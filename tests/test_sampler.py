@@ -484,6 +484,9 @@ def test_a_saved_state_with_an_option_that_changes_no_draw_loads_without_it():
                       (dict(small_first=-3), "small_first")):
         with pytest.raises(sn.SortedNetError, match=what):
             sn.Sampler(SUBS, k=1).load_state_dict({**plain.state_dict(), **bad})
+    with pytest.raises(sn.SortedNetError, match=rf"only {N - 1} sub-models have a positive weight"):
+        sn.Sampler(SUBS, k=1).load_state_dict({**every.state_dict(), "strategy": "weighted",
+                                               "weights": [0.0] + [1.0] * (N - 1)})  # (refused as then)
     kept = sn.Sampler(SUBS, k=3, strategy="sandwich", seed=4, weights="small", small_first=50)
     s = sn.Sampler(SUBS, k=1)
     s.load_state_dict(kept.state_dict())

@@ -662,6 +662,13 @@ def test_trainer_resumes_a_checkpoint_whose_sampler_had_an_option_that_changed_n
     resumed = trainer()
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert [step for step, _ in resumed.history] == [2]
+    # a weighted sampler of every sub-model (k = n) loads as strategy 'all', whose seed changes no draw
+    saved["sampler"].update(strategy="weighted", k=len(nest.submodels), weights="small", small_first=0)
+    path.write_text(json.dumps(saved))
+    every = SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
+                          sampler=sn.Sampler(nest.submodels, strategy="all"))
+    every.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [step for step, _ in every.history] == [2]
 
 
 def test_trainer_resumes_with_an_equivalent_configuration(tmp_path):

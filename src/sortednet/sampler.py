@@ -178,6 +178,16 @@ def without_no_op_options(state: Mapping[str, Any], n: int) -> dict[str, Any]:
     return state
 
 
+def comparable_state(state: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """A saved sampler state as two runs that draw alike compare it: without the options that change no draw
+    (:func:`without_no_op_options`), and without the seed of strategy ``'all'``, which draws every sub-model every
+    step whatever the seed."""
+    state = without_no_op_options(state, n)
+    if state.get("strategy") == "all":
+        state["seed"] = None
+    return state
+
+
 class Sampler:
     """Draws the sub-models of one training step, as a pure function of ``(seed, step)``.
 
@@ -492,8 +502,12 @@ class Sampler:
         try:  # (options an earlier version saved that change no draw: checked as then, then left out)
             _check_index(state.get("small_first", 0), "small_first")
             if state.get("weights") is not None:
-                self._probabilities(state["weights"], self.submodels, self._source if hasattr(
+                probs = self._probabilities(state["weights"], self.submodels, self._source if hasattr(
                     self._source, "cost") else None)
+                k = state.get("k")
+                if state.get("strategy") == "weighted" and isinstance(k, int) and np.count_nonzero(probs) < k:
+                    raise SortedNetError(f"only {int(np.count_nonzero(probs))} sub-models have a positive weight; "
+                                         f"cannot draw k={k} distinct ones")
         except SortedNetError as e:
             hint = (" (build the sampler to load into from the nest, sn.Sampler(nest, ...), not from "
                     "nest.submodels)" if "needs the nest" in str(e) else "")

@@ -33,7 +33,7 @@ from ..io import load, save
 from ..modes import restore_modes
 from ..nest import Nest
 from ..rank import Rank
-from ..sampler import Sampler, without_no_op_options
+from ..sampler import Sampler, comparable_state
 from ..submodel import SubModel
 from ..train import _ddp_reducer_check, checked_weights, drop_stale_calibration
 from .soft import _listed, exit_parts, soft_loss
@@ -286,8 +286,11 @@ class SortedTrainer(Trainer):
             return
         with open(path) as f:
             saved = json.load(f)
-        if isinstance(saved, dict) and isinstance(saved.get("sampler"), dict):  # (options an earlier version took
-            saved = {**saved, "sampler": without_no_op_options(saved["sampler"], len(self.sampler.submodels))}
+        n = len(self.sampler.submodels)  # (options an earlier version took that change no draw; the seed of 'all')
+        if isinstance(saved, dict) and isinstance(saved.get("sampler"), dict):
+            saved = {**saved, "sampler": comparable_state(saved["sampler"], n)}
+        if isinstance(mine.get("sampler"), dict):
+            mine = {**mine, "sampler": comparable_state(mine["sampler"], n)}
         if saved != mine:
             a, b = _flat(saved), _flat(mine)
             keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -400,7 +400,8 @@ class Slicer:
                                        f"{axis} for role {role!r}, but {name!r} has {t.dim()} axes "
                                        f"{tuple(t.shape)}")
                 b = bind.get(role)
-                if b is None and not type(self).__module__.startswith("sortednet.") and role in self.roles:
+                if b is None and not type(self).__module__.startswith("sortednet.") and role in self.roles \
+                        and t.shape[axis] > 1:  # (an empty tensor for "none", a length-1 axis broadcast)
                     try:  # (a role no dimension binds here: its full() must still be that axis' length)
                         n = self.full(m, role)
                     except Exception:
