@@ -255,13 +255,16 @@ class _ScaledLogits(transformers.LlamaForCausalLM):
             out.logits = out.logits / 24.0
         elif self.config.how == "cut":
             out.logits = out.logits[..., :-4]
+        elif self.config.how == "mask":  # (Chameleon masks its image tokens in place after the head)
+            out.logits[..., -4:] = torch.finfo(out.logits.dtype).min
         return out
 
 
-@pytest.mark.parametrize("how", ["scale", "cut", "none"])
+@pytest.mark.parametrize("how", ["scale", "cut", "mask", "none"])
 def test_soft_loss_refuses_a_model_whose_logits_are_not_norm_then_head(how):
     """soft_loss accepted Inkling (logits / 24, vocabulary cut to its unpadded size): every exit's loss was
-    another objective than the model's own (4.706 against 4.646), at full depth too, in silence."""
+    another objective than the model's own (4.706 against 4.646), at full depth too, in silence; so did Chameleon,
+    which masks its image tokens in the head's output in place (the check compared that tensor with itself)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2)
@@ -278,6 +281,7 @@ def test_soft_loss_refuses_a_model_whose_logits_are_not_norm_then_head(how):
                 torch.testing.assert_close(got.losses[d], model(input_ids=x, labels=x).loss)
     else:
         with pytest.raises(sn.SortedNetError, match="cuts or pads its vocabulary" if how == "cut" else
+                           r"writes its LM head's output in place" if how == "mask" else
                            r"does more between its LM head and its logits"):
             soft_loss(nest, x)
         cfg.how = "none"                               # a config value changed: verified again, then accepted

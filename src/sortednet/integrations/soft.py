@@ -253,12 +253,18 @@ def _verify_reading(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, he
         return
     seen: dict[str, Any] = {}
 
+    versions: dict[str, tuple[Tensor, int]] = {}  # (a tensor written in place after its module returned: a mask)
+
     def at_block(module: nn.Module, args: tuple, out: Any) -> None:
         seen["h"] = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(seen["h"], Tensor):
+            versions["its last block's output"] = (seen["h"], seen["h"]._version)
 
     def at(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             seen[name] = (_first_tensor(args, kwargs), out)
+            if isinstance(out, Tensor):
+                versions[f"its {'final norm' if name == 'norm' else 'LM head'}'s output"] = (out, out._version)
 
         hook._sn_call = seen
         return hook
@@ -287,6 +293,11 @@ def _verify_reading(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, he
         raise SortedNetError(f"SoFT: {who}'s forward did not return logits or did not run its final norm and LM "
                              "head as soft_loss reads them (final norm -> LM head of the last block), so the "
                              "exits' losses cannot be checked against the model's loss")
+    written = [what for what, (t, v) in versions.items() if t._version != v]
+    if written:
+        raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {who}'s forward writes {written[0]} in "
+                             "place after it is made (e.g. a mask over part of the vocabulary), which soft_loss "
+                             "does not reproduce: its losses would not be the model's loss")
     (norm_in, norm_out), (head_in, head_out) = seen["norm"], seen["head"]
     if not isinstance(head_out, Tensor) or logits.shape != head_out.shape:
         raise SortedNetError(f"SoFT reads exits as final norm -> LM head; {who}'s own logits have shape "

@@ -275,19 +275,31 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
         flag("speculative_generate", "do_sample", do_sample)
     if share_cache is not None:
         flag("speculative_generate", "share_cache", share_cache)
-    plan = make_plan(target, draft, exits=exits, thresholds=thresholds, target_sub=target_sub,
-                     share_cache=share_cache)
-    tmodel = plan.models[0]
-    sampling = _sampling(getattr(tmodel, "generation_config", None), do_sample, temperature, top_k, top_p, generator)
-    max_new_tokens, num_draft_tokens = (_py_int(v) for v in (max_new_tokens, num_draft_tokens))  # (numpy ints)
-    pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
-                         eos_token_id, tmodel, plan.models)
-    with _eval_held(plan.models), ExitStack() as stack, torch.inference_mode():
-        for ctx in plan.outer:
-            stack.enter_context(ctx)
-        _refuse_bidirectional(tmodel, plan.vocab)
-        _refuse_padding_shift(tmodel, input_ids, pad)
-        new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
+    for shared in (share_cache, False):  # (a shared cache left to the plan and found to misread: not shared)
+        plan = make_plan(target, draft, exits=exits, thresholds=thresholds, target_sub=target_sub,
+                         share_cache=shared)
+        tmodel = plan.models[0]
+        sampling = _sampling(getattr(tmodel, "generation_config", None), do_sample, temperature, top_k, top_p,
+                             generator)
+        max_new_tokens, num_draft_tokens = (_py_int(v) for v in (max_new_tokens, num_draft_tokens))  # (numpy)
+        pad, eos = _validate(input_ids, attention_mask, max_new_tokens, num_draft_tokens, sampling, plan.vocab,
+                             eos_token_id, tmodel, plan.models)
+        with _eval_held(plan.models), ExitStack() as stack, torch.inference_mode():
+            for ctx in plan.outer:
+                stack.enter_context(ctx)
+            _refuse_bidirectional(tmodel, plan.vocab)
+            if plan.shared and _misread_logits(plan, tmodel):
+                if share_cache is None:
+                    continue
+                raise SortedNetError(
+                    f"speculative_generate(share_cache=True): a shared cache reads the target's tokens from its "
+                    f"blocks, final norm and LM head, but {type(tmodel).__name__}'s own logits differ from that "
+                    "reading (its forward does more after the head: a scale, a mask over part of the vocabulary, "
+                    "a forward of its own), so its tokens would not be generate()'s: pass share_cache=False or "
+                    "leave it out (the target then runs its own forward)")
+            _refuse_padding_shift(tmodel, input_ids, pad)
+            new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
+        break
     seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
     return SpeculativeOutput(seq, stats)
 
@@ -325,6 +337,28 @@ def _refuse_bidirectional(model: nn.Module, vocab: int) -> None:
                              "tokens in one pass would let earlier positions see later drafts: its tokens would "
                              "differ from generate()'s. Use a causal decoder (config.is_decoder=True) or "
                              "model.generate")
+
+
+def _misread_logits(plan: Plan, model: nn.Module) -> bool:
+    """Whether the target's logits read as a shared cache reads them (its blocks, final norm and LM head run one
+    by one, not its forward) differ from its forward's: a forward that does more after the head (a scale, a mask
+    over part of the vocabulary, a subclass's own ``forward``) would give other tokens than ``generate``'s.
+    Found by running both on a 4-token prompt."""
+    runner = plan.target.runner
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.arange(1, 5, device=device).remainder(plan.vocab).unsqueeze(0)
+    try:
+        want = model(input_ids=ids, use_cache=False).logits[0].float()
+        got = runner.logits(runner.run(ids, 0, plan.target.bounds[-1], runner.new_cache(),
+                                       torch.arange(4, device=device).unsqueeze(0)))[0].float()
+    except RESOURCE_ERRORS:
+        raise
+    except Exception as e:
+        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on a 4-token prompt "
+                             f"({type(e).__name__}: {str(e)[:200]})") from e
+    low = next((p.dtype for p in model.parameters()), torch.float32) in (torch.float16, torch.bfloat16)
+    scale = float(got.abs().max())
+    return want.shape != got.shape or float((want - got).abs().max()) > (1e-2 if low else 1e-4) * max(scale, 1e-30)
 
 
 def _refuse_padding_shift(model: nn.Module, input_ids: Tensor, pad: int) -> None:
