@@ -1033,3 +1033,35 @@ def test_a_module_of_ones_own_under_a_transformers_name_is_no_causal_lm():
         assert not calls
     finally:
         h.remove()
+
+
+class _MaskedLM(LlamaForCausalLM):
+    """A forward that does more after the head: the last 8 tokens masked in place."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits[..., -8:] = torch.finfo(out.logits.dtype).min
+        return out
+
+
+def test_a_shared_cache_is_not_used_where_it_would_misread_the_targets_logits():
+    """With a shared cache the target's tokens come from its blocks, final norm and LM head run one by one: a
+    forward of its own that masks part of the vocabulary after the head was bypassed, and the default (a shared
+    cache for Llama) decoded other tokens than generate (the masked tokens, favoured by the head), in silence.
+    Left to the plan, the cache is not shared then; share_cache=True is refused."""
+    torch.manual_seed(0)
+    model = _MaskedLM(LlamaConfig(vocab_size=V + 16, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=None,
+                                  pad_token_id=0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[-8:] += 3.0  # (the masked tokens would win every step)
+    nest = sn.from_transformers(model, depth=[1, 2])
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2]])
+    want = plain(model, ids, 10)
+    for draft in ("depth=1", "depth=2"):
+        got = sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=10)
+        assert torch.equal(got.sequences, want), draft
+        with pytest.raises(sn.SortedNetError, match=r"share_cache=True.*own logits differ from that reading"):
+            sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=10, share_cache=True)
+    assert torch.equal(sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=10,
+                                               share_cache=False).sequences, want)
