@@ -290,6 +290,21 @@ def test_soft_loss_refuses_a_model_whose_logits_are_not_norm_then_head(how):
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
 
 
+def test_soft_loss_checks_a_model_first_met_under_inference_mode():
+    """The check that the head's output is not written in place read tensors' version counters, which inference
+    tensors do not keep: a first soft_loss call under torch.inference_mode() (an evaluation loop) was refused."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    nest = sn.from_transformers(model, depth=[2, 4])
+    x = ids(seed=3) % 60
+    with torch.inference_mode():
+        got = soft_loss(nest, x)
+    with torch.no_grad(), nest.use({"depth": 2}):
+        torch.testing.assert_close(got.losses[2], model(input_ids=x, labels=x).loss)
+
+
 class _DictLogits(transformers.LlamaForCausalLM):
     def forward(self, *args, **kwargs):
         return {"logits": super().forward(*args, **kwargs).logits}

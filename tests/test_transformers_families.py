@@ -522,6 +522,38 @@ def test_register_layout_gives_an_unlisted_family_every_feature(tmp_path):
         sni.unregister_layout(lay)
 
 
+def test_a_registered_family_without_heads_exports_its_ffn_and_depth_sub_models():
+    """A layout registered for a family without attention (FNet): every export read the layout's head count from
+    the config, heads nested or not, so ffn= and depth= exports were refused ("FNetConfig has no
+    'num_attention_heads'"); heads_key=None then failed with a TypeError. Exports equal live now, and heads= on a
+    layout without a heads_key is refused by name. XLNet's max_position_embeddings=-1 (no limit) made the
+    self-check's input a raw RuntimeError."""
+    lay = sni.register_layout(sni.Layout("fnet_test", probe=("fourier", "intermediate.dense"),
+                                         ffn_out=("intermediate.dense",), ffn_inp=("output.dense",), heads_key=None))
+    xl = sni.register_layout(sni.Layout("xlnet_test", probe=("rel_attn", "ff.layer_1"), ffn_out=("ff.layer_1",),
+                                        ffn_inp=("ff.layer_2",), ffn_key="d_inner", depth_keys=("n_layer",)))
+    try:
+        torch.manual_seed(0)
+        model = T.FNetModel(T.FNetConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                         intermediate_size=64)).eval()
+        with pytest.raises(sn.SortedNetError, match=r"'fnet_test' layout names no heads_key"):
+            sn.from_transformers(model, heads=[1])
+        nest = sn.from_transformers(model, ffn=[32], depth=[1])
+        x = torch.randint(0, V, (2, 8))
+        for sub in nest.submodels:
+            with torch.no_grad(), nest.use(sub):
+                want = model(input_ids=x).last_hidden_state
+            small = nest.export(sub).eval()
+            assert (small.config.num_hidden_layers, small.config.intermediate_size) == (sub["depth"], sub["ffn"])
+            with torch.no_grad():
+                torch.testing.assert_close(small(input_ids=x).last_hidden_state, want)
+        xlnet = T.XLNetLMHeadModel(T.XLNetConfig(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_inner=64)).eval()
+        assert sn.from_transformers(xlnet, ffn=[32]).submodels == [sn.SubModel(ffn=32), sn.SubModel(ffn=64)]
+    finally:
+        sni.unregister_layout(lay)
+        sni.unregister_layout(xl)
+
+
 def test_importance_sorting_refuses_unequal_fused_blocks():
     """Core sort_units cannot permute a fused grouped-query q|k|v (blocks of unequal widths): refused, unchanged."""
     from sortednet.importance import sort_units

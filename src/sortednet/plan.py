@@ -122,6 +122,14 @@ class Plans:
         return tuple(out)
 
 
+def slicer_error(st: Any, name: str, err: Exception) -> SortedNetError:
+    """A user's slicer (of the sliced module's state ``st``) failing to serve attribute ``name``, named."""
+    return SortedNetError(f"the slicer {type(st.slicer).__name__} of {st.path or '<root>'!r} raised reading "
+                          f"{name!r} at sizes {st.sizes()}: {type(err).__name__}: {str(err).rstrip('.')}. Check "
+                          "its value() / views: each (axis, role) must cut an axis whose full size is that role's "
+                          "(full(m, role))")
+
+
 def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
     """Plan entries of one sliced module at ``sizes`` (its sub-model's plan must be active)."""
     st = m.__dict__["_sn"]
@@ -144,9 +152,7 @@ def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
             except Exception as err:  # (a slicer of the user's failing on a static attribute: named, as a tensor's)
                 if type(sl).__module__.startswith("sortednet."):
                     raise
-                from .slicers.base import _slicer_error
-
-                raise _slicer_error(st, name, err) from err
+                raise slicer_error(st, name, err) from err
         else:
             t = sl.tensor(m, name)
             out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))

@@ -257,13 +257,13 @@ def _verify_reading(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, he
 
     def at_block(module: nn.Module, args: tuple, out: Any) -> None:
         seen["h"] = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(seen["h"], Tensor):
+        if isinstance(seen["h"], Tensor) and not seen["h"].is_inference():  # (inference tensors keep no version)
             versions["its last block's output"] = (seen["h"], seen["h"]._version)
 
     def at(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             seen[name] = (_first_tensor(args, kwargs), out)
-            if isinstance(out, Tensor):
+            if isinstance(out, Tensor) and not out.is_inference():
                 versions[f"its {'final norm' if name == 'norm' else 'LM head'}'s output"] = (out, out._version)
 
         hook._sn_call = seen

@@ -158,6 +158,9 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
     register_known_slicers()
     found = detect(model)
     lay = found.layout
+    if heads is not None and not lay.heads_key:
+        raise SortedNetError(f"from_transformers(heads=...) on {type(model).__name__}: the {lay.family!r} layout "
+                             "names no heads_key (a family without attention heads); nest ffn= / depth= only")
     if heads is not None and (why := _other_towers_key(model, (lay.heads_key,))) is not None and \
             _tower_key(model, model.config, lay.heads_key) == lay.heads_key:  # (no key of the tower's own either)
         raise SortedNetError(f"from_transformers(heads=...): {why}: the head count and head size would be the other "
@@ -277,7 +280,8 @@ def _dummy_input(model: nn.Module) -> dict | None:
             vocab = int(model.get_input_embeddings().num_embeddings)
         except Exception:  # no plain embedding table: nothing to generate ids for, the check is skipped
             return None
-        n = min(8, getattr(cfg, "max_position_embeddings", 8) or 8)
+        limit = getattr(cfg, "max_position_embeddings", None)  # (XLNet's -1: no limit)
+        n = min(8, limit) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 8
         ids = torch.randint(vocab, (2, n), generator=g, device="cpu")
         out = {"input_ids": ids}
         if getattr(cfg, "is_encoder_decoder", False):
@@ -668,9 +672,9 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     heads = [d for d in nest.dims if isinstance(d, Heads)
              and any(path in kept and any(b.dim.name == d.name for b in m._sn.bind.values())
                      for path, m in nest._sliced.items())]
-    n_heads, group = _head_counts(nest.model.config, lay, tower, nest.model)
     if not heads or all(sub[d.name] == d.full for d in heads):
-        return
+        return  # (a family without heads, or none sliced: no head count read)
+    n_heads, group = _head_counts(nest.model.config, lay, tower, nest.model)
     if lay.head_dim_key is None:
         raise SortedNetError(
             f"{type(nest.model).__name__}: a sub-model with fewer attention heads ({sub}) cannot be loaded by the "

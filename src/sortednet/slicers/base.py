@@ -22,6 +22,7 @@ from ..dims import REENTRANT, Active, Binding
 from ..errors import PatternError, SizeError, SortedNetError
 from ..modes import EXPORTING
 from ..plan import pin_recomputation as _pin_recomputation
+from ..plan import slicer_error as _slicer_error
 from ..views import (
     DYNAMIC,
     STATIC,
@@ -695,13 +696,6 @@ def _short(v: Any) -> str:
 #: > 0 while ``wrap`` counts parameters (it reads every sliced attribute): an error from a user's slicer is
 #: then turned into a SortedNetError naming it
 NAMING_SLICER_ERRORS = [0]
-
-
-def _slicer_error(st: State, name: str, err: Exception) -> SortedNetError:
-    return SortedNetError(f"the slicer {type(st.slicer).__name__} of {st.path or '<root>'!r} raised reading "
-                          f"{name!r} at sizes {st.sizes()}: {type(err).__name__}: {str(err).rstrip('.')}. Check "
-                          "its value() / views: each (axis, role) must cut an axis whose full size is that role's "
-                          "(full(m, role))")
 
 
 def _read_error(st: State, name: str, err: AttributeError) -> SortedNetError:
