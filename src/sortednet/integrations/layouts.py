@@ -37,7 +37,8 @@ class Layout:
     so a heads-sliced export cannot be described); ``depth_keys``: one per layer
     list (T5: encoder, decoder); ``norm``: final norm relative to the module
     holding the layer list (causal LMs: SoFT exits); ``no_heads``: why heads
-    cannot be nested in this family (refused), if so.
+    cannot be nested in this family (refused), if so; ``heads_key=None``: a
+    family without attention heads.
 
     >>> from sortednet.integrations import Layout
     >>> Layout("mine", probe=("attn.q", "mlp.fc1"), ffn_out=("mlp.fc1",), ffn_inp=("mlp.fc2",), attn=("attn",)).family
@@ -55,7 +56,7 @@ class Layout:
     count_attrs: tuple[str, ...] | None = None
     ffn_chunks: int = 1
     ffn_key: str = "intermediate_size"
-    heads_key: str = "num_attention_heads"
+    heads_key: str | None = "num_attention_heads"
     kv_key: str | None = None
     head_dim_key: str | None = None
     depth_keys: tuple[str, ...] = ("num_hidden_layers",)
