@@ -1065,3 +1065,20 @@ def test_a_shared_cache_is_not_used_where_it_would_misread_the_targets_logits():
             sn.speculative_generate(nest, ids, draft=draft, max_new_tokens=10, share_cache=True)
     assert torch.equal(sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=10,
                                                share_cache=False).sequences, want)
+
+
+def test_sampling_edges_as_generate_takes_them():
+    """top_p=0.0 (generate: the most likely token alone) was refused as outside (0, 1]; a temperature so small
+    that the logits divided by it overflow gave torch.multinomial's raw "probability tensor contains inf, nan"
+    (generate's too): a SortedNetError naming the temperature now, the model left as it was."""
+    model = llama()
+    nest = sn.from_transformers(model, depth=[2])
+    ids = torch.tensor([[1, 2, 3]])
+    got = sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=5, do_sample=True, top_p=0.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got.sequences, plain(model, ids, 5))  # (one token left each step: the greedy one)
+    modes = [m.training for m in model.modules()]
+    with pytest.raises(sn.SortedNetError, match=r"temperature=1e-45\).*overflow"):
+        sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=5, do_sample=True, temperature=1e-45,
+                                generator=torch.Generator().manual_seed(0))
+    assert [m.training for m in model.modules()] == modes and nest.active == nest.largest

@@ -168,8 +168,8 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
     if s.top_k is not None and (isinstance(s.top_k, bool) or not isinstance(s.top_k, int) or s.top_k < 1):
         raise SortedNetError(f"top_k must be an int >= 1 or None, got {s.top_k!r}")
     if s.top_p is not None and (isinstance(s.top_p, bool) or not isinstance(s.top_p, (int, float))
-                                or not 0 < s.top_p <= 1):
-        raise SortedNetError(f"top_p must be in (0, 1] or None, got {s.top_p!r}")
+                                or not 0 <= s.top_p <= 1):  # (0: the most likely token alone, as generate())
+        raise SortedNetError(f"top_p must be in [0, 1] or None, got {s.top_p!r}")
     if s.generator is not None and not isinstance(s.generator, torch.Generator):
         raise SortedNetError(f"generator must be a torch.Generator, got {type(s.generator).__name__}")
     gen = getattr(model, "generation_config", None)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import SortedNetError
+
 __all__ = ["Sampling", "filtered", "accept_greedy", "accept_sampled", "auto_draft_length"]
 
 
@@ -31,7 +33,13 @@ class Sampling:
     generator: torch.Generator | None = None
 
     def probs(self, logits: Tensor) -> Tensor:
-        return filtered(logits, self.temperature, self.top_k, self.top_p).softmax(-1)
+        p = filtered(logits, self.temperature, self.top_k, self.top_p).softmax(-1)
+        if not bool(torch.isfinite(p).all()):  # (drawing from them would be a raw error of torch.multinomial)
+            raise SortedNetError(f"speculative_generate(temperature={self.temperature}): the logits divided by "
+                                 "the temperature overflow (or the logits are not finite), so there is no "
+                                 "distribution to sample from; use a larger temperature, or do_sample=False for "
+                                 "the greedy tokens such a temperature tends to")
+        return p
 
     def draw(self, probs: Tensor) -> int:
         return int(torch.multinomial(_on(probs, self.generator), 1, generator=self.generator))
