@@ -361,6 +361,32 @@ def test_sliced_mha_reads_masks_as_stock_mha_does(which, dtype):
                         run(x, **kw)
 
 
+def test_a_float32_mask_beside_a_bfloat16_model_runs_as_stock_attention_runs_it():
+    """A model cast to bfloat16 given a float32 padding mask: stock nn.MultiheadAttention without weights
+    (need_weights=False: how nn.TransformerEncoderLayer calls it) adds it in the query's dtype, and the full
+    model ran; every smaller sub-model refused it ("nn.MultiheadAttention refuses it too", which holds only with
+    weights). It runs now, as the full model with the other heads' outputs zeroed; with weights both refuse."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("attn", nn.MultiheadAttention(32, 4, batch_first=True))
+    m = m.bfloat16().train()
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    kpm = torch.zeros(2, 5)
+    kpm[0, -2:] = float("-inf")
+    nest = sn.wrap(m, sn.Heads("heads", [2, 4], attn="attn"))
+    with torch.no_grad():
+        ref.attn.out_proj.weight[:, 16:] = 0
+        want, _ = ref.attn(x, x, x, key_padding_mask=kpm.bfloat16(), need_weights=False)
+    with nest.use("heads=2"), torch.no_grad():
+        got, _ = m.attn(x, x, x, key_padding_mask=kpm, need_weights=False)
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+        with pytest.raises(sn.SortedNetError, match="with need_weights=True"):
+            m.attn(x, x, x, key_padding_mask=kpm, need_weights=True)
+    with pytest.raises(RuntimeError):  # (stock, with weights)
+        ref.attn(x, x, x, key_padding_mask=kpm, need_weights=True)
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("encoder", [False, True])
 def test_float32_masks_under_autocast_run_as_in_stock_attention(need_weights, encoder):

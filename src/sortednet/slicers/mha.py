@@ -54,9 +54,9 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         mask = attn_mask
         if mask.dim() == 3:  # (B * H_full, L, S): keep the active heads
             mask = mask.view(B, -1, L, S)[:, :heads]
-        mask = _additive(mask, "attn_mask", q.dtype)
+        mask = _additive(mask, "attn_mask", q.dtype, need_weights)
     if key_padding_mask is not None:
-        kpm = _additive(key_padding_mask.view(B, 1, 1, S), "key_padding_mask", q.dtype)
+        kpm = _additive(key_padding_mask.view(B, 1, 1, S), "key_padding_mask", q.dtype, need_weights)
         mask = kpm if mask is None else mask + kpm
     if is_causal and attn_mask is None:
         raise CausalHintError(
@@ -115,8 +115,11 @@ class MaskTypeError(SortedNetError, AssertionError):
     (read as additive scores, a uint8 mask's 1s would add +1, not block)."""
 
 
-def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
-    """A boolean (True: blocked) or floating-point (added) mask as scores to add, as PyTorch reads them."""
+def _additive(mask: Tensor, name: str, dtype: torch.dtype, need_weights: bool = True) -> Tensor:
+    """A boolean (True: blocked) or floating-point (added) mask as scores to add, as PyTorch reads them: a
+    floating-point mask of another dtype than the query's is refused where PyTorch refuses it (the weights' path,
+    ``need_weights=True``; a mask neither float32 nor the query's dtype) and added in the query's dtype where it
+    adds it so (a float32 mask, without weights: scaled_dot_product_attention)."""
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
     if not torch.is_floating_point(mask):
@@ -125,10 +128,12 @@ def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
     if mask.dtype != dtype:
         device = mask.device.type
         if (torch.is_autocast_enabled(device) and dtype == torch.get_autocast_dtype(device)
-                and mask.dtype != torch.float64):  # autocast's attention casts it, as it casts any floating input
-            return mask.to(dtype)                    # but float64 (a float32 mask beside bf16 projections)
-        raise MaskTypeError(f"a floating-point {name} must have the query's dtype ({dtype}), got {mask.dtype}: "
-                            "nn.MultiheadAttention refuses it too; pass mask.to(query.dtype) or a bool mask")
+                and mask.dtype != torch.float64) or not need_weights and mask.dtype == torch.float32:
+            return mask.to(dtype)  # (autocast's attention casts any floating input but float64; without weights,
+            # scaled_dot_product_attention takes a float32 mask beside a query of any dtype, and no other)
+        raise MaskTypeError(f"a floating-point {name} must have the query's dtype ({dtype}), got {mask.dtype}, "
+                            "with need_weights=True: nn.MultiheadAttention refuses it too; pass mask.to(query.dtype) "
+                            "or a bool mask")
     return mask
 
 
