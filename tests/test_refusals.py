@@ -1282,6 +1282,34 @@ def test_weights_accelerate_offloads_are_refused_and_its_device_hooks_export():
         torch.testing.assert_close(nest.export("depth=1")(x), net(x))
 
 
+def test_a_device_hook_added_after_wrap_leaves_exports_and_the_unwrapped_model_working():
+    """accelerate's hook (dispatch_model, a device map) added after wrap keeps the module's forward to call it:
+    the sliced class's, which an export's copy and the unwrapped model no longer serve, so their forwards with
+    gradients failed (KeyError '_sn'), also after removing the hooks: the model could not be trained again.
+    That kept forward is the module's own class's again."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    m = _mlp()
+    x = torch.randn(2, 4)
+    want = m(x)
+    nest = sn.wrap(m, sn.Width("h", [8, 16], out="0", inp="2"))
+    for name in ("0", "2"):
+        hooks.add_hook_to_module(m.get_submodule(name), hooks.AlignDevicesHook(execution_device="cpu"))
+    with nest.use("h=8"):
+        live = m(x)
+    small = nest.export("h=8")
+    got = small(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, live)
+    nest.unwrap()
+    m(x).sum().backward()
+    hooks.remove_hook_from_module(m, recurse=True)
+    out = m(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, want)
+    assert all(type(mod) in (nn.Linear, nn.ReLU, nn.Sequential) for mod in m.modules())
+
+
 @pytest.mark.parametrize("container", ["dict", "params"])
 def test_a_depth_over_a_container_it_cannot_cut_says_what_it_takes(container):
     """A Depth over an nn.ModuleDict or nn.ParameterList said 'has no slicer; register one': it takes an

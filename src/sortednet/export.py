@@ -41,6 +41,7 @@ from .modes import (
     ours,
     plain_items,
     plain_leaves,
+    rebind_kept_forward,
 )
 from .submodel import SubModel
 
@@ -96,8 +97,10 @@ def _export(nest: Nest, model: nn.Module, sub: SubModel) -> nn.Module:
             if cpath is None:           # elsewhere, self.final = self.blocks[-1], runs and is exported there)
                 continue
             c = new.get_submodule(cpath) if cpath else new
+            sliced = type(c)
             c.__class__ = live._sn.cls
             del c.__dict__["_sn"]
+            rebind_kept_forward(c, sliced)
             r = live._sn.slicer.export(live, c)
             if r is c:
                 _check_exported(live, c, path, sub)

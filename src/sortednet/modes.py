@@ -579,3 +579,14 @@ def seeded(seed: int) -> Iterator[None]:
         if cuda:
             torch.cuda.manual_seed_all(seed)
         yield
+
+
+def rebind_kept_forward(m: nn.Module, sliced: type) -> None:
+    """A hook added after wrap that keeps the module's forward to call it (accelerate's ``_old_forward``, which
+    ``dispatch_model`` sets) kept the sliced class's forward, bound to ``m``: once ``m`` has its own class again
+    (unwrap, an export's copy) that forward would read sortednet's state it no longer has, so it is bound to the
+    class's own forward again."""
+    kept = m.__dict__.get("_old_forward")
+    if getattr(kept, "__self__", None) is m and getattr(kept, "__func__", None) is sliced.__dict__.get("forward") \
+            and "forward" in sliced.__dict__:
+        m.__dict__["_old_forward"] = types.MethodType(type(m).forward, m)

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, caller_outside
-from .modes import attr_of, exact_math, finish_all, hook_module
+from .modes import attr_of, exact_math, finish_all, hook_module, rebind_kept_forward
 from .modes import ours as _ours
 from .patterns import match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, shadowed, unpinned_reentrant
@@ -1717,8 +1717,10 @@ def unwrap_modules(modules: Iterable[nn.Module], hooks: Iterable, *, merge: bool
             st.slicer.restore(m, merge)
         else:
             st.slicer.restore(m, merge, pre)
+        sliced = type(m)
         m.__class__ = st.cls
         del m.__dict__["_sn"]
+        rebind_kept_forward(m, sliced)
 
     steps = [h.remove for h in hooks] + [functools.partial(restore, m, pre) for m, pre in zip(modules, pending)]
     finish_all(steps + list(then))
