@@ -5,6 +5,7 @@ renormalised embeddings, and branches that run only in training (an auxiliary he
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import itertools
 import re
@@ -1308,6 +1309,22 @@ def test_a_device_hook_added_after_wrap_leaves_exports_and_the_unwrapped_model_w
     out.sum().backward()
     torch.testing.assert_close(out, want)
     assert all(type(mod) in (nn.Linear, nn.ReLU, nn.Sequential) for mod in m.modules())
+    # a hook removed before unwrap leaves the kept (sliced) forward on the instance; one added before wrap kept
+    # the stock forward, which ran a smaller MultiheadAttention with the full head count
+    torch.manual_seed(0)
+    mha, ref = nn.MultiheadAttention(8, 2, batch_first=True), None
+    ref = copy.deepcopy(mha)
+    q = torch.randn(2, 3, 8)
+    nest = sn.wrap(mha, sn.Heads("h", [1, 2], attn=""))
+    hooks.add_hook_to_module(mha, hooks.ModelHook())
+    hooks.remove_hook_from_module(mha)
+    torch.testing.assert_close(nest.unwrap()(q, q, q)[0], ref(q, q, q)[0])
+    hooks.add_hook_to_module(mha, hooks.ModelHook())
+    nest = sn.wrap(mha, sn.Heads("h", [1, 2], attn=""))
+    with nest.use("h=1"):
+        torch.testing.assert_close(mha(q, q, q)[0], nest.export("h=1")(q, q, q)[0])
+    nest.unwrap()
+    torch.testing.assert_close(mha(q, q, q)[0], ref(q, q, q)[0])
 
 
 @pytest.mark.parametrize("container", ["dict", "params"])

@@ -581,12 +581,19 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def rebind_kept_forward(m: nn.Module, sliced: type) -> None:
-    """A hook added after wrap that keeps the module's forward to call it (accelerate's ``_old_forward``, which
-    ``dispatch_model`` sets) kept the sliced class's forward, bound to ``m``: once ``m`` has its own class again
-    (unwrap, an export's copy) that forward would read sortednet's state it no longer has, so it is bound to the
-    class's own forward again."""
-    kept = m.__dict__.get("_old_forward")
-    if getattr(kept, "__self__", None) is m and getattr(kept, "__func__", None) is sliced.__dict__.get("forward") \
-            and "forward" in sliced.__dict__:
-        m.__dict__["_old_forward"] = types.MethodType(type(m).forward, m)
+def rebind_kept_forward(m: nn.Module, before: type) -> None:
+    """``m``'s class was ``before`` and is another now (wrap, unwrap, an export's copy): a forward a hook kept
+    bound to ``m`` from the class before calls the class's own now. accelerate's hooks keep the module's forward
+    as ``_old_forward`` to call it (stock ``nn.MultiheadAttention.forward`` would run a sub-model with the full
+    head count; the sliced class's would read sortednet's state after unwrap), and removing them leaves that
+    bound forward on the instance (dropped: the class's applies)."""
+    was, now = getattr(before, "forward", None), type(m).forward
+    if was is None or was is now:
+        return
+    for name in ("_old_forward", "forward"):
+        kept = m.__dict__.get(name)
+        if getattr(kept, "__self__", None) is m and getattr(kept, "__func__", None) is was:
+            if name == "forward":
+                del m.__dict__["forward"]
+            else:
+                m.__dict__[name] = types.MethodType(now, m)

@@ -516,6 +516,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             with torch.inference_mode(False):  # tensors it makes (Rank factors) are normal tensors, also
                 sl.prepare(m)                   # when wrap runs under inference_mode (they train later)
             m.__class__ = cls
+            rebind_kept_forward(m, saved[-1][1])  # (a hook added before wrap calls the sliced forward)
         sliced = {id(m) for m, _, _ in planned.values()}
         for m in model.modules():
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
