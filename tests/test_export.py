@@ -388,6 +388,29 @@ def test_a_float32_mask_beside_a_bfloat16_model_runs_as_stock_attention_runs_it(
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
+def test_two_masks_of_other_dtypes_are_checked_as_their_sum_as_stock_attention_does(need_weights):
+    """PyTorch adds the attention mask and the padding mask (type promotion) and checks the sum: a float64 model
+    given a bool causal mask and a float32 padding mask runs (the sum is float64). Each mask was checked alone,
+    so every smaller sub-model refused what the full model ran."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("attn", nn.MultiheadAttention(16, 4, batch_first=True))
+    m = m.double().eval()
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    pad = torch.zeros(2, 5)
+    pad[1, -2:] = float("-inf")
+    nest = sn.wrap(m, sn.Heads("heads", [2, 4], attn="attn"))
+    with torch.no_grad():
+        ref.attn.out_proj.weight[:, 8:] = 0
+        want = ref.attn(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=need_weights)[0]
+        with nest.use("heads=2"):
+            got = m.attn(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=need_weights)[0]
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("encoder", [False, True])
 def test_float32_masks_under_autocast_run_as_in_stock_attention(need_weights, encoder):
     """Under ``torch.autocast`` the projections are bfloat16 and a float32 mask (a causal mask from

@@ -54,10 +54,13 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         mask = attn_mask
         if mask.dim() == 3:  # (B * H_full, L, S): keep the active heads
             mask = mask.view(B, -1, L, S)[:, :heads]
-        mask = _additive(mask, "attn_mask", q.dtype, need_weights)
+        mask = _additive(mask, "attn_mask", q.dtype)
     if key_padding_mask is not None:
-        kpm = _additive(key_padding_mask.view(B, 1, 1, S), "key_padding_mask", q.dtype, need_weights)
-        mask = kpm if mask is None else mask + kpm
+        kpm = _additive(key_padding_mask.view(B, 1, 1, S), "key_padding_mask", q.dtype)
+        mask = kpm if mask is None else mask + kpm  # (promoted as PyTorch adds them: then checked as one)
+    if mask is not None:
+        mask = _in_query_dtype(mask, q.dtype, need_weights, "attn_mask" if key_padding_mask is None else
+                               "key_padding_mask" if attn_mask is None else "attn_mask + key_padding_mask")
     if is_causal and attn_mask is None:
         raise CausalHintError(
             f"Need attn_mask if specifying the is_causal hint (a {heads}-head sub-model of nn.MultiheadAttention): "
@@ -115,26 +118,30 @@ class MaskTypeError(SortedNetError, AssertionError):
     (read as additive scores, a uint8 mask's 1s would add +1, not block)."""
 
 
-def _additive(mask: Tensor, name: str, dtype: torch.dtype, need_weights: bool = True) -> Tensor:
-    """A boolean (True: blocked) or floating-point (added) mask as scores to add, as PyTorch reads them: a
-    floating-point mask of another dtype than the query's is refused where PyTorch refuses it (the weights' path,
-    ``need_weights=True``; a mask neither float32 nor the query's dtype) and added in the query's dtype where it
-    adds it so (a float32 mask, without weights: scaled_dot_product_attention)."""
+def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+    """A boolean (True: blocked, as scores of ``dtype``) or floating-point (added as it is) mask, as PyTorch
+    reads them."""
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
     if not torch.is_floating_point(mask):
         raise MaskTypeError(f"only bool and floating types of {name} are supported (got {mask.dtype}), as in "
                             "nn.MultiheadAttention: pass mask.bool() for a mask whose nonzero entries block")
-    if mask.dtype != dtype:
-        device = mask.device.type
-        if (torch.is_autocast_enabled(device) and dtype == torch.get_autocast_dtype(device)
-                and mask.dtype != torch.float64) or not need_weights and mask.dtype == torch.float32:
-            return mask.to(dtype)  # (autocast's attention casts any floating input but float64; without weights,
-            # scaled_dot_product_attention takes a float32 mask beside a query of any dtype, and no other)
-        raise MaskTypeError(f"a floating-point {name} must have the query's dtype ({dtype}), got {mask.dtype}, "
-                            "with need_weights=True: nn.MultiheadAttention refuses it too; pass mask.to(query.dtype) "
-                            "or a bool mask")
     return mask
+
+
+def _in_query_dtype(mask: Tensor, dtype: torch.dtype, need_weights: bool, name: str) -> Tensor:
+    """The masks' sum in the query's dtype where PyTorch takes it: of that dtype; under autocast, whose attention
+    casts any floating input but float64; without weights (scaled_dot_product_attention), a float32 one. Else
+    refused, as PyTorch refuses it."""
+    if mask.dtype == dtype:
+        return mask
+    device = mask.device.type
+    if (torch.is_autocast_enabled(device) and dtype == torch.get_autocast_dtype(device)
+            and mask.dtype != torch.float64) or not need_weights and mask.dtype == torch.float32:
+        return mask.to(dtype)
+    raise MaskTypeError(f"a floating-point {name} of {mask.dtype} beside a query of {dtype}"
+                        f"{' with need_weights=True' if need_weights else ''}: nn.MultiheadAttention refuses it "
+                        "too; pass the mask in the query's dtype or as a bool mask")
 
 
 def _nested(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: int, key_padding_mask: Tensor | None,
