@@ -304,16 +304,19 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     return SpeculativeOutput(seq, stats)
 
 
-def _differ(model: nn.Module, what: str, calls: tuple[dict, dict], at: Any, full: float, half: float) -> bool:
-    """Whether the logits at positions ``at`` of two forwards of ``model`` (keyword arguments ``calls``) differ by
-    more than ``full`` (float32 / float64 weights) or ``half`` (16-bit) times their own scale, however small it is."""
+def _differ(model: nn.Module, what: str, calls: tuple[Any, Any], at: Any, full: float, half: float) -> bool:
+    """Whether the logits at positions ``at`` of two forwards of ``model`` (keyword arguments ``calls``, or a
+    function giving the logits) differ by more than ``full`` (float32 / float64 weights) or ``half`` (16-bit)
+    times their own scale, however small it is."""
     try:
-        a, b = (model(**kw, use_cache=False).logits[0, at].float() for kw in calls)
+        a, b = ((kw() if callable(kw) else model(**kw, use_cache=False).logits)[0, at].float() for kw in calls)
     except RESOURCE_ERRORS:
         raise
     except Exception as e:
         raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on {what} "
                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    if a.shape != b.shape:  # (a vocabulary cut or padded after the head)
+        return True
     low = next((p.dtype for p in model.parameters()), torch.float32) in (torch.float16, torch.bfloat16)
     return float((a - b).abs().max()) > (half if low else full) * float(a.abs().max())
 
@@ -347,18 +350,11 @@ def _misread_logits(plan: Plan, model: nn.Module) -> bool:
     runner = plan.target.runner
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.arange(1, 5, device=device).remainder(plan.vocab).unsqueeze(0)
-    try:
-        want = model(input_ids=ids, use_cache=False).logits[0].float()
-        got = runner.logits(runner.run(ids, 0, plan.target.bounds[-1], runner.new_cache(),
-                                       torch.arange(4, device=device).unsqueeze(0)))[0].float()
-    except RESOURCE_ERRORS:
-        raise
-    except Exception as e:
-        raise SortedNetError(f"speculative_generate: the target ({type(model).__name__}) failed on a 4-token prompt "
-                             f"({type(e).__name__}: {str(e)[:200]})") from e
-    low = next((p.dtype for p in model.parameters()), torch.float32) in (torch.float16, torch.bfloat16)
-    scale = float(got.abs().max())
-    return want.shape != got.shape or float((want - got).abs().max()) > (1e-2 if low else 1e-4) * max(scale, 1e-30)
+    def read() -> Tensor:
+        pos = torch.arange(4, device=device).unsqueeze(0)
+        return runner.logits(runner.run(ids, 0, plan.target.bounds[-1], runner.new_cache(), pos))
+
+    return _differ(model, "a 4-token prompt", (read, {"input_ids": ids}), slice(None), 1e-4, 1e-2)
 
 
 def _refuse_padding_shift(model: nn.Module, input_ids: Tensor, pad: int) -> None:
