@@ -982,6 +982,72 @@ def test_a_checkpoint_with_the_third_module_record_loads_its_profile(tmp_path):
                              sn.Width("w", [16, 32, 64], out="body.0", inp="body.2"))
 
 
+def _repeating_pretrained_model():
+    """A ``PreTrainedModel`` subclass of a user's own whose forward repeats its block ``self._n_repeat`` times."""
+    transformers = pytest.importorskip("transformers")
+
+    class RepConfig(transformers.PretrainedConfig):
+        model_type = "sn_test_repeat"
+
+        def __init__(self, n_repeat=1, **kw):
+            self.n_repeat = n_repeat
+            super().__init__(**kw)
+
+    class RepModel(transformers.PreTrainedModel):
+        config_class = RepConfig
+        _no_split_modules = ["Linear"]  # (a name transformers defines: the instance's copy is bookkeeping)
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.fc, self.act, self.head = torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16)
+            self._n_repeat = config.n_repeat
+            self.post_init()
+
+        def forward(self, x):
+            for _ in range(self._n_repeat):
+                x = self.head(self.act(self.fc(x)))
+            return x
+
+    def build(n=1):
+        torch.manual_seed(0)
+        return RepModel(RepConfig(n_repeat=n))
+
+    return build
+
+
+def test_the_private_settings_of_a_users_pretrained_model_count(tmp_path):
+    """Record 3 left out every private attribute of a ``PreTrainedModel``, a subclass of the user's too: a profile
+    measured with ``self._n_repeat = 1`` loaded into the model repeating 3 times kept a third of its FLOPs, and
+    ``pick(flops=)`` and ``cost(..., example=x)`` read them. Its own private settings count now; transformers'
+    (class fields the instance copies, a loaded model's kernel flags) do not, so the same model loaded with
+    ``from_pretrained`` keeps the profile."""
+    import functools
+    import warnings
+
+    from sortednet.cost import modules_digest
+
+    build = _repeating_pretrained_model()
+    assert modules_digest(build(1)) != modules_digest(build(3))
+    build(1).save_pretrained(tmp_path / "hf")
+    loaded = type(build()).from_pretrained(tmp_path / "hf")
+    assert modules_digest(loaded) == modules_digest(build(1))
+    x = torch.randn(4, 16)
+    nest = sn.wrap(build(1), sn.Width("h", [8, 16], out="fc", inp="head"))
+    nest.profile(x, metrics=("params", "flops"), progress=False)
+    sn.save(nest, tmp_path / "n.sn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "flops" in sn.load(loaded, tmp_path / "n.sn")._profile.costs
+    with pytest.warns(UserWarning, match=r"settings\) differ"):
+        back = sn.load(build(3), tmp_path / "n.sn")
+    assert set(back._profile.costs) == {"params"}
+    assert back.cost(back.largest, "flops", example=x) == 3 * nest.cost(nest.largest, "flops", example=x)
+    other = build(1)
+    other.act = torch.nn.GELU()
+    _an_earlier_record_loads(tmp_path, functools.partial(modules_digest, record=3), build, other,
+                             sn.Width("h", [8, 16], out="fc", inp="head"))
+
+
 def test_hub_tags_are_not_a_setting(tmp_path):
     """``PreTrainedModel.add_model_tags`` (TRL's trainers call it) sets ``model_tags`` on the model: it counted as a
     setting, so a checkpoint of a tagged model lost its measured FLOPs and latency on load into the same model

@@ -399,6 +399,9 @@ def test_bad_input_is_refused_before_any_forward():
         dict(draft="depth=1", input_ids=torch.tensor([[1, 2, 3]], device="meta")),
         dict(draft="depth=1", attention_mask=torch.ones(1, 3, dtype=torch.long, device="meta")),
         dict(draft="depth=1", eos_token_id=torch.tensor([3], device="meta")),
+        # generate()'s other options: a raw TypeError, unlike the same settings in the generation config
+        dict(draft="depth=1", repetition_penalty=1.3),
+        dict(draft="depth=1", num_return_sequences=2, streamer=None),
     ]
     for kw in bad:
         kw = {"target": target, "input_ids": ids, "max_new_tokens": 4, **kw}

@@ -2974,6 +2974,44 @@ def test_a_lora_sorted_trainer_trains_the_task_head(tmp_path, family, head):
     assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
 
 
+def test_a_second_lora_sorted_trainer_trains_the_head_an_earlier_one_froze(tmp_path):
+    """SortedTrainer only ever froze: after one built with modules_to_save=[] (or a head the user froze), a later
+    trainer on the same model, by default or naming the head, left it frozen and trained the adapters in front of
+    a random classifier, with no word. The modules to save are set to require grad now."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_labels=3))
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no", learning_rate=0.1)
+    nest = sn.from_transformers(model, ffn=[32], rank=[2, 4])
+    head = {"classifier.weight", "classifier.bias"}
+    for given in (None, ["classifier"]):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=[])
+        assert not {n for n, p in model.named_parameters() if p.requires_grad} & head
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=given)
+        assert {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == head, given
+
+
+def test_the_default_modules_to_save_of_a_model_without_input_embeddings(tmp_path):
+    """CLIPForImageClassification is its own base model and its get_input_embeddings() raises transformers'
+    NotImplementedError: SortedTrainer with LoRA adapters failed with that raw error. Its classifier trains now."""
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    torch.manual_seed(0)
+    model = CLIPForImageClassification(CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=V),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           image_size=16, patch_size=8), num_labels=3))
+    nest = sn.from_transformers(model, heads=[2], rank=[2, 4])
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    SortedTrainer(model=model, args=args, train_dataset=[], nest=nest)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == \
+        {"classifier.weight", "classifier.bias"}
+
+
 def test_modules_to_save_needs_a_lora_nest(tmp_path):
     model, _, _, _ = build("llama")
     nest = sn.from_transformers(model, ffn=[0.5])

@@ -580,7 +580,25 @@ _TRAINING_RATES = re.compile(r"(?i)dropout|drop_?path|drop_?prob|drop_?rate|pdro
 _EVAL_IDENTITY = re.compile(r"(?i)(dropout(\dd)?|drop_?path|stochastic_?depth)$|^identity$")
 
 
-def module_settings(m: nn.Module, record: int = 3) -> tuple[str, list[tuple[str, str]]]:
+def _in_transformers(c: type) -> bool:
+    return c.__module__ == "transformers" or c.__module__.startswith("transformers.")
+
+
+def _transformers_private(cls: type, record: int) -> bool | frozenset[str] | set[str]:
+    """The private attributes of a ``cls`` instance that are transformers' bookkeeping: for a transformers model
+    class of transformers' own, all of them (True); for a class of the user's (or remote code) deriving from
+    ``PreTrainedModel``, the names transformers' classes in its MRO define (``_no_split_modules``, ``_tp_plan``:
+    the instance copies them), so that a ``self._n_repeat`` of the user's counts (record 4 on; record 3 left out
+    every private attribute of a ``PreTrainedModel``)."""
+    mro = [c for c in cls.__mro__ if _in_transformers(c)]
+    if record < 3 or not any(c.__name__ == "PreTrainedModel" for c in mro):
+        return frozenset()
+    if record == 3 or _in_transformers(cls):
+        return True
+    return {k for c in mro for k in vars(c) if k.startswith("_")}
+
+
+def module_settings(m: nn.Module, record: int = 4) -> tuple[str, list[tuple[str, str]]]:
     """``m``'s class name and settings as :func:`modules_digest` records them (``record``: the record's version,
     :data:`RECORDS`)."""
     st = m.__dict__.get("_sn")
@@ -595,10 +613,9 @@ def module_settings(m: nn.Module, record: int = 3) -> tuple[str, list[tuple[str,
     if isinstance(m, nn.modules.dropout._DropoutNd) or _EVAL_IDENTITY.search(cls.__name__):
         return "Identity", []  # (costs are measured in eval mode)
     out = []
-    transformers_own = record >= 3 and any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
-                                           for c in type(m).__mro__)
+    hf = _transformers_private(cls, record)
     for k, v in m.__dict__.items():
-        if k.startswith("_") and (record < 3 or k in _BOOKKEEPING or k.startswith("_sn_") or transformers_own) \
+        if k.startswith("_") and (record < 3 or k in _BOOKKEEPING or k.startswith("_sn_") or hf is True or k in hf) \
                 or k in ("training", "name_or_path", "gradient_checkpointing") or "cache" in k.lower() \
                 or (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase)) \
                 or record >= 3 and k in _SAME_WORK:
@@ -617,20 +634,22 @@ def module_settings(m: nn.Module, record: int = 3) -> tuple[str, list[tuple[str,
 #: versions of the module record: 0 before training rates were left out (files written before 2026-12-06), 1 before
 #: numpy numbers and tuple types (``torch.Size``) counted as the numbers and tuples they are and a setting of
 #: ``None`` as no setting, 2 before private settings (``self._stride``) and lists longer than 64 counted and an
-#: activation's ``inplace`` flag stopped counting (2026-12-07), 3 today. A file's record is compared with each: a
+#: activation's ``inplace`` flag stopped counting (2026-12-07), 3 before the private settings of a user's own
+#: ``PreTrainedModel`` subclass counted (2026-12-07), 4 today. A file's record is compared with each: a
 #: file of an earlier version was written by code that computed that one (a file of today's matches only today's,
 #: short of a SHA-256 collision).
-RECORDS = (3, 2, 1, 0)
+RECORDS = (4, 3, 2, 1, 0)
 
 
-def modules_digest(model: nn.Module, record: int = 3) -> str:
+def modules_digest(model: nn.Module, record: int = 4) -> str:
     """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name and
     settings (its plain attributes, private ones too: numbers, numpy numbers, strings, flags and tuples or lists
     of them of any length, such as a convolution's stride, an upsampling's ``torch.Size``, a mixture's experts
     per token or a ``self._stride`` of one's own; a setting of ``None`` counts as none), hashed. What leaves the
     forward as it is does not count: the module a class is defined in (``__main__.Net`` in the training script,
     ``mymodel.Net`` where it is served), the bookkeeping torch, transformers and sortednet keep under private
-    names (:data:`_BOOKKEEPING`, a transformers model's own private fields), whether an activation writes in
+    names (:data:`_BOOKKEEPING`, a transformers model class's own private fields; a ``PreTrainedModel`` subclass
+    of the user's counts its own, only the names transformers' classes define are left out), whether an activation writes in
     place, activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a
     model was loaded from (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone
     (dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's coefficient, a BatchNorm's

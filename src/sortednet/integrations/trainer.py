@@ -87,6 +87,15 @@ def _unwrapped(model: Any) -> Any:
     return model
 
 
+def _embeddings(model: torch.nn.Module, getter: str) -> Any:
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()``, or None where the model has none (transformers'
+    base method raises NotImplementedError on a class that does not say, e.g. ``CLIPForImageClassification``)."""
+    try:
+        return getattr(model, getter)() if hasattr(model, getter) else None
+    except NotImplementedError:
+        return None
+
+
 def _modules_to_save(nest: Nest, given: Sequence[str] | None, lora: bool) -> list[str]:
     """The modules that train beside LoRA adapters: ``given`` (module paths, checked), or by default a
     transformers task model's head: each child module outside its ``base_model`` (or, for a task model that is its
@@ -125,9 +134,9 @@ def _modules_to_save(nest: Nest, given: Sequence[str] | None, lora: bool) -> lis
         if "For" not in type(model).__name__:  # its input embeddings and norms are the body; a base model itself
             return []                          # has no task head)
         holders = {p.split(".")[0] for p in nest._sliced if p}
-        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        inp = _embeddings(model, "get_input_embeddings")
         bodies = [c for n, c in model.named_children() if n in holders or c is inp or "Norm" in type(c).__name__]
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = _embeddings(model, "get_output_embeddings")
     shared = {id(p) for b in bodies for p in b.parameters()}
     return [name for name, child in model.named_children()
             if all(child is not b for b in bodies) and any(True for _ in child.parameters())
@@ -152,8 +161,8 @@ class SortedTrainer(Trainer):
     ``max_grad_norm``); a NaN loss whose gradients are finite (a batch without a labelled item: transformers'
     classification loss is then 0 / 0, its gradient 0) trains on. With ``fp16=True`` the gradient scaler skips
     such steps itself (and lowers its scale), so nothing is checked. ``"ignore"``: as a plain ``Trainer``.
-    ``modules_to_save`` (a nest with ``Rank(mode="lora")``): the modules that train beside the adapters, every
-    other parameter is frozen; by default a task model's head (a classifier, ``score``, ``qa_outputs``: a child
+    ``modules_to_save`` (a nest with ``Rank(mode="lora")``): the modules that train beside the adapters (set to
+    require grad, even where an earlier trainer or the user froze them), every other parameter is frozen; by default a task model's head (a classifier, ``score``, ``qa_outputs``: a child
     outside ``base_model`` that is not the LM head), ``[]`` for the adapters alone.
 
     >>> import tempfile, torch, sortednet as sn
@@ -237,12 +246,15 @@ class SortedTrainer(Trainer):
                 f"train one sub-model twice, and history would list depths that never ran). Give a sampler over the "
                 f"sub-models at {self._depth.name}={deepest}: sn.Sampler([s for s in nest.submodels if "
                 f"s[{self._depth.name!r}] == {deepest}], ...) (the default when sampler= is left out)")
-        if lora:  # after every check: the adapters train, and the task head (LoRA's modules_to_save)
-            keep = {id(p) for p in nest.trainable_parameters()} | {
-                id(p) for h in heads for p in nest.model.get_submodule(h).parameters()}
+        if lora:  # after every check: the adapters train, and the task head (LoRA's modules_to_save), even one
+            saved = {id(p): p for h in heads for p in nest.model.get_submodule(h).parameters()}  # frozen before
+            keep = {id(p) for p in nest.trainable_parameters()} | saved.keys()
             for p in nest.model.parameters():
                 if p.requires_grad and id(p) not in keep:
                     p.requires_grad_(False)
+            for p in saved.values():
+                if p.is_floating_point() or p.is_complex():
+                    p.requires_grad_(True)
 
     def train(self, *args: Any, **kw: Any) -> Any:
         """``Trainer.train``; per-sub-model BatchNorm statistics of ``nest.calibrate`` describe the weights it is

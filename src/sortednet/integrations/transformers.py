@@ -288,6 +288,8 @@ def _dummy_input(model: nn.Module) -> dict | None:
             out["decoder_input_ids"] = ids[:, : max(1, n // 2)]
         return out
     if name == "pixel_values":
+        if getattr(cfg, "image_size", None) is None and getattr(cfg, "vision_config", None) is not None:
+            cfg = cfg.vision_config  # (a composite config: CLIPForImageClassification's image size is its tower's)
         size, ch = getattr(cfg, "image_size", None) or 32, getattr(cfg, "num_channels", 3)  # (no image_size:
         if isinstance(size, int):                                       # a model for any size, e.g. Segformer)
             size = (size, size)

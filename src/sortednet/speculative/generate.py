@@ -239,7 +239,7 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
                          share_cache: bool | None = None, do_sample: bool | None = None,
                          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                          generator: torch.Generator | None = None, eos_token_id: int | Sequence[int] | None = None,
-                         attention_mask: Tensor | None = None) -> SpeculativeOutput:
+                         attention_mask: Tensor | None = None, **generate_options: Any) -> SpeculativeOutput:
     """Decode with a nested (or separate sorted) draft, verified by the target: the target's own output.
 
     ``target``: a Nest of a causal LM (``target_sub`` picks the sub-model, default
@@ -257,7 +257,9 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     greedy ``generate``; sampling (temperature -> top-k -> top-p, randomness
     from ``generator`` only) keeps the target's distribution. ``do_sample``, ``temperature``, ``top_k``,
     ``top_p`` left out are taken as ``generate`` takes them: from the model's generation config, else greedy,
-    temperature 1, top-k 50 and no top-p (``top_k=0``: no top-k filter). Batch size 1.
+    temperature 1, top-k 50 and no top-p (``top_k=0``: no top-k filter). Batch size 1. Other options of
+    ``generate`` (``repetition_penalty``, ``logits_processor``, ``stopping_criteria``, ``streamer``,
+    ``num_return_sequences``, ``past_key_values``...) are refused with a :class:`~sortednet.SortedNetError`.
 
     >>> import torch, sortednet as sn
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -271,6 +273,12 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     >>> bool((out.sequences == plain).all()), out.stats.new_tokens
     (True, 8)
     """
+    if generate_options:
+        raise SortedNetError(
+            f"speculative_generate does not take {sorted(generate_options)}: it decodes greedily or samples with "
+            "temperature, top_k and top_p, stops at eos_token_id or max_new_tokens, and takes attention_mask; other "
+            "options of generate() (logits processors, penalties, stopping criteria, streamers, several sequences, "
+            "a cache of your own) would be left out of its tokens: use model.generate for them")
     if do_sample is not None:
         flag("speculative_generate", "do_sample", do_sample)
     if share_cache is not None:
