@@ -2987,11 +2987,11 @@ def test_a_second_lora_sorted_trainer_trains_the_head_an_earlier_one_froze(tmp_p
                              save_strategy="no", disable_tqdm=True, logging_strategy="no", learning_rate=0.1)
     nest = sn.from_transformers(model, ffn=[32], rank=[2, 4])
     head = {"classifier.weight", "classifier.bias"}
-    for given in (None, ["classifier"]):
+    for saved in (None, ["classifier"]):
         SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=[])
         assert not {n for n, p in model.named_parameters() if p.requires_grad} & head
-        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=given)
-        assert {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == head, given
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=saved)
+        assert {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == head, saved
 
 
 def test_the_default_modules_to_save_of_a_model_without_input_embeddings(tmp_path):

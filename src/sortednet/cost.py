@@ -649,9 +649,9 @@ def modules_digest(model: nn.Module, record: int = 4) -> str:
     forward as it is does not count: the module a class is defined in (``__main__.Net`` in the training script,
     ``mymodel.Net`` where it is served), the bookkeeping torch, transformers and sortednet keep under private
     names (:data:`_BOOKKEEPING`, a transformers model class's own private fields; a ``PreTrainedModel`` subclass
-    of the user's counts its own, only the names transformers' classes define are left out), whether an activation writes in
-    place, activation-checkpoint and FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a
-    model was loaded from (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone
+    of the user's counts its own, only the names transformers' classes define are left out), whether an
+    activation writes in place, activation-checkpoint and FSDP wrappers (and transformers'
+    ``gradient_checkpointing`` flag), where a model was loaded from (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone
     (dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's coefficient, a BatchNorm's
     momentum: costs are measured in eval mode; a dropout or drop-path module counts as an ``nn.Identity``, and
     an identity as no module: a dropout of rate 0 left out, ``None`` in its place), state a forward updates

@@ -162,8 +162,9 @@ class SortedTrainer(Trainer):
     classification loss is then 0 / 0, its gradient 0) trains on. With ``fp16=True`` the gradient scaler skips
     such steps itself (and lowers its scale), so nothing is checked. ``"ignore"``: as a plain ``Trainer``.
     ``modules_to_save`` (a nest with ``Rank(mode="lora")``): the modules that train beside the adapters (set to
-    require grad, even where an earlier trainer or the user froze them), every other parameter is frozen; by default a task model's head (a classifier, ``score``, ``qa_outputs``: a child
-    outside ``base_model`` that is not the LM head), ``[]`` for the adapters alone.
+    require grad, even where an earlier trainer or the user froze them), every other parameter is frozen; by
+    default a task model's head (a classifier, ``score``, ``qa_outputs``: a child outside ``base_model`` that is
+    not the LM head), ``[]`` for the adapters alone.
 
     >>> import tempfile, torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
