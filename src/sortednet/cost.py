@@ -643,22 +643,22 @@ RECORDS = (4, 3, 2, 1, 0)
 
 def modules_digest(model: nn.Module, record: int = 4) -> str:
     """The module tree a profile was measured on, as a checkpoint records it: every module's path, class name and
-    settings (its plain attributes, private ones too: numbers, numpy numbers, strings, flags and tuples or lists
-    of them of any length, such as a convolution's stride, an upsampling's ``torch.Size``, a mixture's experts
-    per token or a ``self._stride`` of one's own; a setting of ``None`` counts as none), hashed. What leaves the
-    forward as it is does not count: the module a class is defined in (``__main__.Net`` in the training script,
-    ``mymodel.Net`` where it is served), the bookkeeping torch, transformers and sortednet keep under private
-    names (:data:`_BOOKKEEPING`, a transformers model class's own private fields; a ``PreTrainedModel`` subclass
-    of the user's counts its own, only the names transformers' classes define are left out), whether an
-    activation writes in place, activation-checkpoint and FSDP wrappers (and transformers'
-    ``gradient_checkpointing`` flag), where a model was loaded from (``name_or_path``) and its hub tags (``model_tags``), numbers of training alone
-    (dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's coefficient, a BatchNorm's
-    momentum: costs are measured in eval mode; a dropout or drop-path module counts as an ``nn.Identity``, and
-    an identity as no module: a dropout of rate 0 left out, ``None`` in its place), state a forward updates
-    (names with ``cache``: a rotary table's cached length), tensors and other objects a module holds (a
-    persistent buffer's shape is checked by the load itself; a non-persistent one, often a table a forward
-    builds or grows, is not followed). The same on the model before ``sn.wrap`` and after (a sliced module's
-    attributes hold its full sizes). ``record``: the version (:data:`RECORDS`) an earlier file was written with."""
+    settings (its plain attributes, private ones too: numbers, numpy numbers, strings, flags and tuples or lists of them
+    of any length, such as a convolution's stride, an upsampling's ``torch.Size``, a mixture's experts per token or a
+    ``self._stride`` of one's own; a setting of ``None`` counts as none), hashed. What leaves the forward as it is does
+    not count: the module a class is defined in (``__main__.Net`` in the training script, ``mymodel.Net`` where it is
+    served), the bookkeeping torch, transformers and sortednet keep under private names (:data:`_BOOKKEEPING`, a
+    transformers model class's own private fields; a ``PreTrainedModel`` subclass of the user's counts its own, only the
+    names transformers' classes define are left out), whether an activation writes in place, activation-checkpoint and
+    FSDP wrappers (and transformers' ``gradient_checkpointing`` flag), where a model was loaded from (``name_or_path``)
+    and its hub tags (``model_tags``), numbers of training alone (dropout and drop-path rates, layer drop, router
+    jitter, an auxiliary loss's coefficient, a BatchNorm's momentum: costs are measured in eval mode; a dropout or
+    drop-path module counts as an ``nn.Identity``, and an identity as no module: a dropout of rate 0 left out, ``None``
+    in its place), state a forward updates (names with ``cache``: a rotary table's cached length), tensors and other
+    objects a module holds (a persistent buffer's shape is checked by the load itself; a non-persistent one, often a
+    table a forward builds or grows, is not followed). The same on the model before ``sn.wrap`` and after (a sliced
+    module's attributes hold its full sizes). ``record``: the version (:data:`RECORDS`) an earlier file was written
+    with."""
     h = hashlib.sha256()
     for path, m in model.named_modules(remove_duplicate=False):
         if any(n in m._modules for n in _WRAPPED) and type(m).__module__.startswith(("torch.distributed", "torch._")):
