@@ -611,8 +611,10 @@ def _holder(cfg, key: str, tower: str | None = None):
     if text is not None and text is not cfg and hasattr(text, key):
         return text
     raise SortedNetError(f"{type(cfg).__name__} has no {key!r} (nor has its text config), the config key the "
-                         "layout names: describe this family's keys with register_layout (docs/transformers.md); "
-                         "an exported sub-model can still be had as a plain module, nest.export(sub, plain=True)")
+                         "layout names: where the config holds this size under another name, describe this family's "
+                         "keys with register_layout (docs/transformers.md); where it derives the size (BLOOM's FFN "
+                         "of 4x the hidden size, DINOv2's mlp_ratio) no config describes the sub-model: export it "
+                         "as a plain module, nest.export(sub, plain=True)")
 
 
 def _ffn_size(block: nn.Module, lay: Layout, cls: str) -> int | None:
