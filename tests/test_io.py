@@ -1048,6 +1048,26 @@ def test_the_private_settings_of_a_users_pretrained_model_count(tmp_path):
                              sn.Width("h", [8, 16], out="fc", inp="head"))
 
 
+def test_a_model_accelerate_prepared_keeps_its_profile_in_a_fresh_one(tmp_path):
+    """Accelerate's prepare (every Trainer run) sets ``model._is_accelerate_prepared = True``: record 3 counted it,
+    so a profile measured after training dropped its FLOPs on load into the same model built fresh."""
+    import warnings
+
+    accelerate = pytest.importorskip("accelerate")
+    from sortednet.cost import modules_digest
+
+    build = _repeating_pretrained_model()
+    for mk in (build, lambda: torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())):
+        prepared = accelerate.Accelerator(cpu=True).prepare(mk())
+        assert prepared._is_accelerate_prepared and modules_digest(prepared) == modules_digest(mk())
+    nest = sn.wrap(accelerate.Accelerator(cpu=True).prepare(build()), sn.Width("h", [8, 16], out="fc", inp="head"))
+    nest.profile(torch.randn(4, 16), metrics=("params", "flops"), progress=False)
+    sn.save(nest, tmp_path / "n.sn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "flops" in sn.load(build(), tmp_path / "n.sn")._profile.costs
+
+
 def test_hub_tags_are_not_a_setting(tmp_path):
     """``PreTrainedModel.add_model_tags`` (TRL's trainers call it) sets ``model_tags`` on the model: it counted as a
     setting, so a checkpoint of a tagged model lost its measured FLOPs and latency on load into the same model

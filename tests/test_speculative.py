@@ -403,6 +403,10 @@ def test_bad_input_is_refused_before_any_forward():
         dict(draft="depth=1", repetition_penalty=1.3),
         dict(draft="depth=1", num_return_sequences=2, streamer=None),
     ]
+    for typo, meant in [({"max_new_token": 4}, "max_new_tokens"), ({"num_draft_token": 2}, "num_draft_tokens")]:
+        kw = {"max_new_tokens": 4, **typo} if meant != "max_new_tokens" else typo
+        with pytest.raises(sn.SortedNetError, match=f"did you mean '{meant}'"):  # (a missing max_new_tokens was
+            sn.speculative_generate(target, ids, draft="depth=1", **kw)         # Python's TypeError first)
     for kw in bad:
         kw = {"target": target, "input_ids": ids, "max_new_tokens": 4, **kw}
         with pytest.raises(sn.SortedNetError):

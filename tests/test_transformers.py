@@ -774,6 +774,39 @@ def test_trainer_gradient_accumulation_of_a_classifier_is_the_mean_over_the_batc
     torch.testing.assert_close(before - head.weight.detach(), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("divides", [False, True])
+def test_trainer_gradient_accumulation_with_a_compute_loss_func(divides, tmp_path):
+    """The Trainer never divides a compute_loss_func's loss by the accumulation steps: one returning each
+    micro-batch's mean (ignoring num_items_in_batch) stepped 2x the mean with 2 micro-batches, with no word.
+    SortedTrainer measures it as it measures a model's loss: both kinds step -lr x the gradient of the mean."""
+    import torch.nn.functional as F
+
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16], depth=[2])
+    x = ids(seed=9, b=4)
+    data = [{"input_ids": row, "labels": row} for row in x]
+
+    def token_losses(logits, labels):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        per = token_losses(outputs.logits, labels)
+        return per.sum() / num_items_in_batch if divides else per.mean()
+
+    sub = nest.resolve("ffn=16,depth=4")
+    with nest.use(sub):
+        loss = token_losses(model(input_ids=x).logits, x).mean()
+    want = torch.autograd.grad(loss, model.lm_head.weight)[0]
+    before = model.lm_head.weight.detach().clone()
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    SortedTrainer(model=model, args=args, train_dataset=data, nest=nest, sampler=sn.Sampler([sub], k=1, seed=0),
+                  compute_loss_func=loss_func).train()
+    torch.testing.assert_close(before - model.lm_head.weight.detach(), want, atol=1e-5, rtol=1e-4)
+
+
 def test_trainer_measures_the_loss_weighting_only_on_a_micro_batch_with_labels(tmp_path):
     """A first micro-batch without a labelled token (a masked prompt) gives 0 whatever the count: undecided,
     not "ignores num_items_in_batch" (which would drop token weighting for the whole run)."""
@@ -2992,6 +3025,29 @@ def test_a_second_lora_sorted_trainer_trains_the_head_an_earlier_one_froze(tmp_p
         assert not {n for n, p in model.named_parameters() if p.requires_grad} & head
         SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=saved)
         assert {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == head, saved
+
+
+def test_modules_to_save_that_would_train_frozen_weights_are_refused(tmp_path):
+    """Naming a LoRA target was refused, but naming a module above one (its attention, the whole body, the root
+    '') set the targets' frozen base weights to train, and a tied lm_head trained the frozen input embeddings:
+    each is refused now, before anything changes; naming both tied modules trains them."""
+    model, _, _, _ = build("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    nest = sn.from_transformers(model, ffn=[32], rank=[2, 4])
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for bad, match in [(["model.layers.0.self_attn"], r"holds 'model.layers.0.self_attn.q_proj', a target"),
+                       (["model"], "a target of the LoRA Rank"), ([""], "the whole model"),
+                       (["lm_head"], r"'lm_head.weight' is also 'model.embed_tokens.weight' \(a tied weight\)")]:
+        with pytest.raises(sn.SortedNetError, match=match):
+            SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, modules_to_save=bad)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    SortedTrainer(model=model, args=args, train_dataset=[], nest=nest,
+                  modules_to_save=["lm_head", "model.embed_tokens"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == \
+        {"model.embed_tokens.weight"}
 
 
 def test_the_default_modules_to_save_of_a_model_without_input_embeddings(tmp_path):

@@ -571,6 +571,8 @@ _SAME_WORK = frozenset({"inplace", "grad_checkpointing", "_requires_grad"})
 _BOOKKEEPING = frozenset(nn.Module().__dict__) | {
     "_is_replica", "_is_fsdp_managed_module", "_fsdp_use_orig_params", "_ddp_params_and_buffers_to_ignore",
     "_is_hf_initialized", "_kernels_mode", "_use_kernels", "_weight_conversions", "_attn_implementation", "_sn"}
+#: bookkeeping of record 4 on: Accelerate's ``prepare`` (the Trainer's too) flag, transformers' PEFT hotswap flag
+_BOOKKEEPING_4 = _BOOKKEEPING | {"_is_accelerate_prepared", "_hotswap_enabled", "_hf_peft_config_loaded"}
 #: names of numbers of training alone: dropout and drop-path rates, layer drop, router jitter, an auxiliary loss's
 #: coefficient (a flag such as EfficientNet's apply_dropout, which decides a residual add, counts; so does a count
 #: such as drop_tokens, which an eval forward follows)
@@ -614,8 +616,9 @@ def module_settings(m: nn.Module, record: int = 4) -> tuple[str, list[tuple[str,
         return "Identity", []  # (costs are measured in eval mode)
     out = []
     hf = _transformers_private(cls, record)
+    kept = _BOOKKEEPING_4 if record >= 4 else _BOOKKEEPING
     for k, v in m.__dict__.items():
-        if k.startswith("_") and (record < 3 or k in _BOOKKEEPING or k.startswith("_sn_") or hf is True or k in hf) \
+        if k.startswith("_") and (record < 3 or k in kept or k.startswith("_sn_") or hf is True or k in hf) \
                 or k in ("training", "name_or_path", "gradient_checkpointing") or "cache" in k.lower() \
                 or (k == "momentum" and isinstance(m, nn.modules.batchnorm._NormBase)) \
                 or record >= 3 and k in _SAME_WORK:
@@ -635,7 +638,8 @@ def module_settings(m: nn.Module, record: int = 4) -> tuple[str, list[tuple[str,
 #: numpy numbers and tuple types (``torch.Size``) counted as the numbers and tuples they are and a setting of
 #: ``None`` as no setting, 2 before private settings (``self._stride``) and lists longer than 64 counted and an
 #: activation's ``inplace`` flag stopped counting (2026-12-07), 3 before the private settings of a user's own
-#: ``PreTrainedModel`` subclass counted (2026-12-07), 4 today. A file's record is compared with each: a
+#: ``PreTrainedModel`` subclass counted and Accelerate's ``_is_accelerate_prepared`` flag stopped counting
+#: (2026-12-07), 4 today. A file's record is compared with each: a
 #: file of an earlier version was written by code that computed that one (a file of today's matches only today's,
 #: short of a SHA-256 collision).
 RECORDS = (4, 3, 2, 1, 0)

@@ -10,7 +10,7 @@ start for sorted training: each unit is scored alone, so an untrained small sub-
 
 Scores: ``"l1"`` / ``"l2"`` norm of each unit's weights (producers' rows for a
 width, the output projection's columns for heads); ``"bn"`` BatchNorm |gamma|
-(widths without a BatchNorm fall back to ``"l1"``); ``"taylor"`` the first-order
+(widths without an affine BatchNorm fall back to ``"l1"``); ``"taylor"`` the first-order
 score ``|sum(w * dL/dw)|`` over the consumers' columns, accumulated over
 ``data`` batches (DynaBERT). With an example, each width is split into the
 independently coupled groups found by tracing (each layer's FFN gets its own

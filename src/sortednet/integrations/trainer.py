@@ -118,13 +118,26 @@ def _modules_to_save(nest: Nest, given: Sequence[str] | None, lora: bool) -> lis
                 near = [n for n, _ in model.named_modules() if n and n.split(".")[-1] == path.split(".")[-1]][:3]
                 raise SortedNetError(f"SortedTrainer(modules_to_save=...): {path!r} is not a module of "
                                      f"{type(model).__name__}" + (f" (did you mean {near}?)" if near else "")) from None
-            bound = nest._sliced.get(path)
-            if bound is not None and "rank" in bound._sn.bind and getattr(bound._sn.bind["rank"].dim, "mode",
-                                                                            None) == "lora":
-                raise SortedNetError(f"SortedTrainer(modules_to_save=...): {path!r} is a target of the LoRA Rank "
-                                     f"{bound._sn.bind['rank'].dim.name!r}: its base weight stays frozen (the "
-                                     "adapters train it), so naming it would train nothing; leave it out, or wrap "
-                                     "without that target")
+            if not path:
+                raise SortedNetError("SortedTrainer(modules_to_save=...): '' is the whole model, which would train "
+                                     "every weight beside the adapters (a full fine-tune); name the task modules")
+            for inner, bound in model.get_submodule(path).named_modules(prefix=path):  # (in the model's order)
+                if inner in nest._sliced and "rank" in bound._sn.bind and getattr(
+                        bound._sn.bind["rank"].dim, "mode", None) == "lora":
+                    what = "is" if inner == path else f"holds {inner!r},"
+                    raise SortedNetError(
+                        f"SortedTrainer(modules_to_save=...): {path!r} {what} a target of the LoRA Rank "
+                        f"{bound._sn.bind['rank'].dim.name!r}: its base weight stays frozen (the adapters train "
+                        "it); leave it out and name the modules beside the targets, or wrap without that target")
+        within = {id(p) for path in given for p in model.get_submodule(path).parameters()}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in within and not any(name.startswith(path + ".") for path in given):
+                owner = next(n for n, q in model.named_parameters(remove_duplicate=False)
+                             if q is p and any(n.startswith(path + ".") for path in given))
+                raise SortedNetError(
+                    f"SortedTrainer(modules_to_save=...): {owner!r} is also {name!r} (a tied weight), which is not "
+                    "named and stays frozen: training one trains both. Name the module holding it too, or untie "
+                    "them")
         return list(given)
     base = getattr(model, "base_model", None)
     if not lora or not isinstance(base, torch.nn.Module):
@@ -395,7 +408,16 @@ class SortedTrainer(Trainer):
         if num_items_in_batch is not None and self._loss_uses_items is None:
             self._loss_uses_items = _agreed(self._check_loss_kwargs(model, inputs, num_items_in_batch))
             if self._loss_uses_items is False:  # the Trainer then divides by the accumulation steps itself
-                self.model_accepts_loss_kwargs = False
+                if self.compute_loss_func is None:
+                    self.model_accepts_loss_kwargs = False
+                elif hasattr(type(self), "loss_is_scaled_for_ga"):
+                    self.loss_is_scaled_for_ga = False
+                elif self.args.gradient_accumulation_steps > 1:
+                    raise SortedNetError(
+                        "SortedTrainer(compute_loss_func=...): the function ignores num_items_in_batch, and this "
+                        "transformers' Trainer never divides its loss by gradient_accumulation_steps: each step "
+                        f"would be {self.args.gradient_accumulation_steps}x the mean. Divide a sum of the "
+                        "per-token losses by num_items_in_batch in it, or upgrade transformers")
         try:
             subs, error = self.draw(), None
         except SortedNetError as e:  # (refused on this rank: on several, passed through the agreement below, so
@@ -498,11 +520,14 @@ class SortedTrainer(Trainer):
         accumulation steps, as for any such model). One that halves divides by it. One that changes otherwise
         divides part of itself (a term added to the token mean: a router loss, a regulariser): the token
         weighting is kept and :class:`PartlyScaledLossWarning` says that the other part counts once per
-        micro-batch."""
-        own = "compute_loss" in self.__dict__ or type(self).compute_loss is not SortedTrainer.compute_loss
-        if (not self.model_accepts_loss_kwargs or self.soft_exits is not None or self.compute_loss_func is not None
-                or self.label_smoother is not None or ("labels" not in inputs and not own)
-                or getattr(self, "loss_is_scaled_for_ga", None) is not None):
+        micro-batch. A ``compute_loss_func`` is measured the same way (through ``compute_loss``, which calls it):
+        the Trainer never divides its loss by the accumulation steps, so one that ignores the count is divided
+        (``loss_is_scaled_for_ga = False``)."""
+        func = self.compute_loss_func is not None  # (the Trainer never divides its loss by the accumulation steps)
+        own = "compute_loss" in self.__dict__ or type(self).compute_loss is not SortedTrainer.compute_loss or func
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None or self.soft_exits is not None or not func and (
+                not self.model_accepts_loss_kwargs or self.label_smoother is not None
+                or ("labels" not in inputs and not own)):
             return True
         inputs = self._prepare_inputs(inputs)
 
@@ -524,7 +549,7 @@ class SortedTrainer(Trainer):
             try:
                 losses = [measure(items, own) for items in (n, n * 2)]
             except Exception:  # (an override that cannot run outside a step: the model's own loss decides)
-                if not own or "labels" not in inputs:
+                if func or not own or "labels" not in inputs:
                     raise
                 losses = [measure(items, False) for items in (n, n * 2)]
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import threading
@@ -233,7 +234,7 @@ def _positions(model: Any) -> int | None:
     return None
 
 
-def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_tokens: int,
+def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_tokens: int | None = None,
                          num_draft_tokens: int | str = 4, exits: Sequence[Any] | None = None,
                          thresholds: Sequence[float] | None = None, target_sub: Any = None,
                          share_cache: bool | None = None, do_sample: bool | None = None,
@@ -274,11 +275,16 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
     (True, 8)
     """
     if generate_options:
+        own = [n for n, p in inspect.signature(speculative_generate).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        near = {n: difflib.get_close_matches(n, own, n=1) for n in generate_options}
         raise SortedNetError(
-            f"speculative_generate does not take {sorted(generate_options)}: it decodes greedily or samples with "
-            "temperature, top_k and top_p, stops at eos_token_id or max_new_tokens, and takes attention_mask; other "
-            "options of generate() (logits processors, penalties, stopping criteria, streamers, several sequences, "
-            "a cache of your own) would be left out of its tokens: use model.generate for them")
+            f"speculative_generate does not take {sorted(generate_options)}"
+            + "".join(f" (did you mean {m[0]!r} for {n!r}?)" for n, m in near.items() if m)
+            + f"; its keywords are {own}. Other options of generate() (logits processors, penalties, stopping "
+            "criteria, streamers, several sequences, a cache of your own) would be left out of its tokens: use "
+            "model.generate for them")
+    if max_new_tokens is None:
+        raise SortedNetError("speculative_generate needs max_new_tokens=, the number of tokens to generate")
     if do_sample is not None:
         flag("speculative_generate", "do_sample", do_sample)
     if share_cache is not None:
