@@ -29,6 +29,7 @@ def test_parse_and_str_round_trip(d):
     assert str(SubModel.parse(str(s))) == str(s)            # order kept for printing
     assert SubModel.parse(" , ".join(f" {k} = {v} " for k, v in d.items())) == s
     assert pickle.loads(pickle.dumps(s)) == s and repr(s) == f"SubModel({s})"
+    assert f"{s:>40}" == f"{str(s):>40}" and f"{s}" == str(s)  # (a width spec raised a raw TypeError)
 
 
 @given(sizes_dicts, st.randoms())

@@ -149,6 +149,10 @@ class SubModel(Mapping[str, int]):
     def __str__(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self._items)
 
+    def __format__(self, spec: str) -> str:
+        """Formatted as its text: ``f"{sub:>20}"`` pads ``"h=8,depth=2"``."""
+        return format(str(self), spec)
+
     def nested_in(self, other: Mapping[str, int] | str) -> bool:
         """True when every size of ``self`` is ≤ the same dimension's size in ``other`` (a sub-model, a mapping
         or its text); False for other dimensions (not comparable: resolve both through the nest first)."""
