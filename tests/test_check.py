@@ -3855,6 +3855,37 @@ def test_a_forward_writing_into_a_sliced_weight_is_refused_where_a_sub_model_wri
         torch.testing.assert_close(m.proto.weight, plain.proto.weight, rtol=0, atol=0)
 
 
+class _MaxNormLookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.o = nn.Embedding(10, 16), nn.Linear(16, 3)
+
+    def forward(self, i):
+        return self.o(F.embedding(i, self.e.weight, max_norm=3.0))
+
+
+def test_a_full_model_forward_renormalising_rows_a_sub_model_leaves_alone_is_refused():
+    """F.embedding(..., max_norm=) in a parent's forward, on rows whose full norm is over the bound and whose kept
+    part is under it: the sub-model writes nothing, so the check of what a sub-model writes passed; but one
+    inference forward of the full model renormalised those rows and moved h=4's output by 0.11, in silence. The
+    full model's write is measured against the sub-model's output now; a clamp (element-wise) stays accepted."""
+    torch.manual_seed(0)
+    m = _MaxNormLookup().eval()
+    x = torch.tensor([[0, 1, 2, 3]])
+    with torch.no_grad():
+        assert (m.e.weight[:4].norm(dim=1) > 3).all() and (m.e.weight[:4, :4].norm(dim=1) < 3).all()
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"the full model's forward writes in place into the sliced "
+                                                r"parameter\(s\) \['e\.weight'\], and what it writes changes the "
+                                                r"output of h=4"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="e", inp="o"), example=x)
+    assert_unchanged(m, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnfollowedOpWarning)
+        sn.wrap(_WritesItsWeight("clamp").eval(), sn.Width("h", [4, 16], out=["emb", "f"], inp=["f", "proto"]),
+                example=torch.randint(0, 10, (2, 5)))
+
+
 class _RunningScale(nn.Module):
     """A scale with a running statistic of its input in a buffer, updated by a training forward."""
 

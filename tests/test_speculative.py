@@ -403,10 +403,14 @@ def test_bad_input_is_refused_before_any_forward():
         dict(draft="depth=1", repetition_penalty=1.3),
         dict(draft="depth=1", num_return_sequences=2, streamer=None),
     ]
-    for typo, meant in [({"max_new_token": 4}, "max_new_tokens"), ({"num_draft_token": 2}, "num_draft_tokens")]:
-        kw = {"max_new_tokens": 4, **typo} if meant != "max_new_tokens" else typo
-        with pytest.raises(sn.SortedNetError, match=f"did you mean '{meant}'"):  # (a missing max_new_tokens was
-            sn.speculative_generate(target, ids, draft="depth=1", **kw)         # Python's TypeError first)
+    for typo, meant in [({"max_new_token": 4}, "max_new_tokens"), ({"num_draft_token": 2}, "num_draft_tokens"),
+                        ({"dratf": "depth=1"}, "draft")]:  # (a missing max_new_tokens / draft: Python's TypeError)
+        base = {"max_new_tokens": 4, "draft": "depth=1"}
+        with pytest.raises(sn.SortedNetError, match=f"did you mean '{meant}'"):
+            sn.speculative_generate(target, ids, **{k: v for k, v in base.items() if k != meant}, **typo)
+    for left_out in ("draft", "max_new_tokens"):
+        with pytest.raises(sn.SortedNetError, match=f"needs {left_out}="):
+            sn.speculative_generate(target, ids, **{k: v for k, v in base.items() if k != left_out})
     for kw in bad:
         kw = {"target": target, "input_ids": ids, "max_new_tokens": 4, **kw}
         with pytest.raises(sn.SortedNetError):

@@ -563,7 +563,9 @@ class SortedTrainer(Trainer):
             warnings.warn(
                 f"SortedTrainer: the loss divides only part of itself by num_items_in_batch (measured: "
                 f"{losses[0]:.6g} with {int(n)} items, {losses[1]:.6g} with twice as many; a term added to the "
-                "token mean, such as a router or regularisation loss): the token weighting is kept, and that term "
+                "token mean, such as a router or regularisation loss; or a loss whose value changes from call to "
+                "call, by a counter or randomness of its own, which this measure cannot tell): the token weighting "
+                "is kept, and that term "
                 "counts once per micro-batch, gradient_accumulation_steps times per step, as in the stock Trainer. "
                 "Divide it by self.args.gradient_accumulation_steps in compute_loss for the mean",
                 PartlyScaledLossWarning, stacklevel=3)

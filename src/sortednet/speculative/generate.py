@@ -234,7 +234,7 @@ def _positions(model: Any) -> int | None:
     return None
 
 
-def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_tokens: int | None = None,
+def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any = None, max_new_tokens: int | None = None,
                          num_draft_tokens: int | str = 4, exits: Sequence[Any] | None = None,
                          thresholds: Sequence[float] | None = None, target_sub: Any = None,
                          share_cache: bool | None = None, do_sample: bool | None = None,
@@ -283,6 +283,9 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any, max_new_
             + f"; its keywords are {own}. Other options of generate() (logits processors, penalties, stopping "
             "criteria, streamers, several sequences, a cache of your own) would be left out of its tokens: use "
             "model.generate for them")
+    if draft is None:
+        raise SortedNetError("speculative_generate needs draft=: a sub-model of the target nest (\"depth=2\"), a "
+                             "separate Nest with exits=[...], or a plain causal LM")
     if max_new_tokens is None:
         raise SortedNetError("speculative_generate needs max_new_tokens=, the number of tokens to generate")
     if do_sample is not None:
