@@ -477,6 +477,35 @@ def test_use_inside_a_compiled_function_splits_it_there_and_fullgraph_says_why()
     assert nest.active == nest.largest  # (nothing left in force)
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_activate_inside_a_compiled_function_splits_it_there_and_fullgraph_says_why(warm):
+    """nest.activate inside a fullgraph=True compiled function raised Dynamo's own error about copy_context for a
+    sub-model never used before, and traced for one whose plan the nest had cached: it is a graph break with a
+    reason now, whatever the cache holds; without fullgraph the split function is right."""
+    case = FAMILIES["mlp"]()
+    nest = sn.wrap(case.model, *case.dims)
+    sub = three(nest)[0]
+    if warm:
+        with nest.use(sub):
+            pass
+
+    def body(x):
+        nest.activate(sub)
+        return nest.model(x) * 2
+
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"nest\.activate\(\) changes the nest-wide default"):
+        torch.compile(body, backend="eager", fullgraph=True)(case.example)
+    assert nest.active == nest.largest
+
+    def body2(x):  # (a new code object: Dynamo's cache of body's frames is per code object)
+        nest.activate(sub)
+        return nest.model(x) * 2
+
+    got = torch.compile(body2, backend="eager")(case.example)
+    assert nest.active == sub
+    torch.testing.assert_close(got, nest.model(case.example) * 2, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("prior_grad", [False, True])
 @pytest.mark.parametrize("family", ["mlp", "cnn_bn_residual"])
 def test_compiled_autograd_gives_the_gradients_of_eager_autograd(family, prior_grad):

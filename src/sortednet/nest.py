@@ -177,10 +177,22 @@ def _use_not_traced() -> None:
 _USE_REASON = ("sortednet: nest.use() sets a context variable, which Dynamo cannot trace; enter `with "
                "nest.use(sub):` outside the compiled function (the compiled model then has one graph per "
                "sub-model), or drop fullgraph=True to let Dynamo split the function there")
+
+
+def _activate_not_traced() -> None:
+    """Where Dynamo meets ``nest.activate`` inside a compiled function (its first plan of a sub-model copies a
+    context, which Dynamo cannot trace: whether it traced depended on the nest's plan cache)."""
+
+
+_ACTIVATE_REASON = ("sortednet: nest.activate() changes the nest-wide default sub-model, which a compiled graph "
+                    "cannot hold; call it outside the compiled function (the compiled model then has one graph per "
+                    "sub-model), or drop fullgraph=True to let Dynamo split the function there")
 try:
     _use_not_traced = torch.compiler.disable(_use_not_traced, reason=_USE_REASON)
+    _activate_not_traced = torch.compiler.disable(_activate_not_traced, reason=_ACTIVATE_REASON)
 except TypeError:  # (torch < 2.8: no reason)
     _use_not_traced = torch.compiler.disable(_use_not_traced)
+    _activate_not_traced = torch.compiler.disable(_activate_not_traced)
 
 
 class Nest:
@@ -649,6 +661,8 @@ class Nest:
         Atomic: a concurrent forward of the model sees the old or the new sub-model, never a mix (a forward of
         the model's root is pinned to the default it starts with; a part of the model called on its own outside
         ``use`` is not: docs/deployment.md)."""
+        if torch.compiler.is_compiling():
+            _activate_not_traced()  # (Dynamo: a graph break here, or fullgraph=True's error with the reason)
         plan = self._plan(sub)
         self._check_alive()
         self._state.default = plan
