@@ -2484,13 +2484,15 @@ def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any
     stable = [torch.eq(a, b) | (a.isnan() & b.isnan()) if a.is_floating_point() else torch.eq(a, b)
               for a, b in zip(full, after(nest.largest))]
     bad: set[int] = set()
+    own: dict[SubModel, list[torch.Tensor]] = {}
     for sub in dict.fromkeys(subs):
-        for i, ((_, orig), got, want, keep) in enumerate(zip(hit, after(sub), full, stable)):
+        own[sub] = after(sub)
+        for i, ((_, orig), got, want, keep) in enumerate(zip(hit, own[sub], full, stable)):
             changed = (got != orig) & keep
             if not torch.allclose(got[changed], want[changed], rtol=1e-5, atol=1e-7, equal_nan=True):
                 bad.add(i)
     if not bad and seed is None and all(bool(k.all()) for k in stable):
-        _refuse_full_model_writes(nest, model, example, hit, full, subs)
+        _refuse_full_model_writes(nest, model, example, hit, full, own)
     if not bad:
         return
     ids = {id(hit[i][0]) for i in bad}
@@ -2515,33 +2517,45 @@ def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any
 
 
 def _refuse_full_model_writes(nest: Nest, model: nn.Module, example: Any, hit: list[tuple[torch.Tensor, torch.Tensor]],
-                              full: list[torch.Tensor], subs: list[SubModel]) -> None:
+                              full: list[torch.Tensor], own: dict[SubModel, list[torch.Tensor]]) -> None:
     """The other half of :func:`_refuse_weight_writes`: the full model's forward writes into a sliced parameter
-    values that change what a smaller sub-model computes, where that sub-model's own forward leaves them (a row
-    renormalised by ``F.embedding(..., max_norm=)`` whose full norm is over the bound, its kept part under it):
-    running the full model, even for inference, changes the sub-model. Measured as the sub-model's output from
-    the weights as they were and from the weights the full model's forward left (the same output for an
-    element-wise write, a clamp, which the sub-model makes on its own part itself)."""
+    values that change what a smaller sub-model computes, where that sub-model's own forward writes other values
+    there or none (a row renormalised by ``F.embedding(..., max_norm=)`` whose full norm is over the bound, its
+    kept part under it): running the full model, even for inference, changes the sub-model. Measured as the
+    sub-model's output from the weights its own forward left (``own``) and from those the full model's forward
+    left (``full``), both from the same weights and buffers: the same output for an element-wise write (a clamp,
+    a decay, before or after the weight is read), which the sub-model makes on its own part itself. A forward
+    whose output differs between two runs from the same weights (a counter kept in a plain attribute) tells
+    nothing: not measured."""
+    buffers = [(b, b.detach().clone()) for b in nest.model.buffers()]
+
     def output(sub: SubModel, start: list[torch.Tensor]) -> list[torch.Tensor]:
         for (t, _), value in zip(hit, start):
             t.copy_(value)
+        for b, value in buffers:
+            b.copy_(value)
         with nest.use(sub), seeded(0):
             out = call_model(model, example)
         return [o.detach().double() for o in output_leaves(out)
                 if isinstance(o, torch.Tensor) and o.is_floating_point()]
 
-    for sub in dict.fromkeys(subs):
+    def moved(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return max((_rel_diff(x, y, 1.0) if x.shape == y.shape else math.inf for x, y in zip(a, b)), default=0.0)
+
+    for sub, left in own.items():
         if sub == nest.largest:
             continue
-        before, after_full = output(sub, [orig for _, orig in hit]), output(sub, full)
-        moved = [_rel_diff(a, b, 1.0) for a, b in zip(before, after_full) if a.shape == b.shape]
-        if any(r > 1e-6 for r in moved):
+        base = output(sub, left)
+        if moved(base, output(sub, left)) > 1e-6:
+            continue
+        by = moved(base, output(sub, full))
+        if by > 1e-6:
             ids = {id(t) for t, _ in hit}
             names = [n for n, p in nest.model.named_parameters(remove_duplicate=False) if id(p) in ids]
             raise SortedNetError(
                 f"nest.check: the full model's forward writes in place into the sliced parameter(s) {names[:4]}, "
-                f"and what it writes changes the output of {sub} (by {max(moved):.3g} relative to its scale), "
-                "whose own forward leaves those elements as they are (a renormalisation over the whole row, as "
+                f"and what it writes changes the output of {sub} (by {by:.3g} relative to its scale), whose own "
+                "forward writes other values there or none (a renormalisation over the whole row, as "
                 "F.embedding(..., max_norm=) makes where the full row is over the bound and the sub-model's part "
                 "under it): running the full model, even for inference, changes the smaller sub-models. Compute on "
                 "a copy in forward instead (F.normalize, or renormalise the looked-up rows out of place), or leave "

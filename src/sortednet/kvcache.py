@@ -222,7 +222,8 @@ class CacheGuard:
                 f"key/value cache: a sub-model of {depth}={e} ran on this cache at position {p}, so its "
                 f"layers from {e} on miss positions {p}..{filled - 1}; {sub} runs them and would attend to a "
                 f"past they never saw. Crop each layer back to {p} positions (by its own count: the layers hold "
-                f"different lengths), or start a new cache")
+                f"different lengths; transformers' sliding-window layers cannot be cropped once full), or start a "
+                f"new cache")
         layers = getattr(cache, "layers", None)
         if not isinstance(layers, (list, tuple)) and filled and any(e < d for e in missing):
             e = min(e for e in missing if e < d)
