@@ -117,6 +117,21 @@ def faults(out_dir: str) -> dict:
         out["refused_on_one_rank"] = "accepted"
     except sn.SortedNetError as e:
         out["refused_on_one_rank"] = str(e)
+    torch.manual_seed(0)  # the same sub-model names slicing other modules on one rank: two networks' gradients
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))  # averaged, in silence
+    layers = ["0", "1", "2"] if rank == 0 else ["0"]
+    nest = sn.wrap(model, sn.Width("ffn", [16, 48], out=[f"model.layers.{i}.mlp.{p}" for i in layers
+                                                         for p in ("gate_proj", "up_proj")],
+                                   inp=[f"model.layers.{i}.mlp.down_proj" for i in layers]))
+    trainer = SortedTrainer(model=model, args=TrainingArguments(os.path.join(out_dir, "nest"), **args),
+                            train_dataset=[{"input_ids": r, "labels": r} for r in x], nest=nest,
+                            sampler=sn.Sampler([nest.smallest], k=1, seed=0))
+    try:
+        trainer.train()
+        out["nest_per_rank"] = "accepted"
+    except sn.SortedNetError as e:
+        out["nest_per_rank"] = str(e)
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=48, num_labels=3))
@@ -177,7 +192,8 @@ def test_sorted_trainer_under_ddp_equals_one_process(tmp_path):
             torch.testing.assert_close(ddp[mode]["state"][k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert ddp["sorted"]["calls"] == STEPS  # one gradient all-reduce per optimizer step (the model is one bucket)
     for i, rank in enumerate(ddp["faults"]):  # every rank raised (or the run would have hung), and agreed
-        assert "ranks disagree on the sub-models of step 0" in rank["seed_per_rank"], rank
+        assert "ranks disagree on the sub-models (and the nest) of step 0" in rank["seed_per_rank"], rank
+        assert "ranks disagree" in rank["nest_per_rank"] and "nest=" in rank["nest_per_rank"], rank
         assert "99" in rank["refused_on_one_rank"] and ("rank 1 refused" in rank["refused_on_one_rank"]) == (i == 0)
         assert rank["no_label_on_one_rank"] == ("ok", False), rank
         msg = rank["callback_find_unused_false"]

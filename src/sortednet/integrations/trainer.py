@@ -425,10 +425,12 @@ class SortedTrainer(Trainer):
                 raise
             subs, error = [], e
         if _ranks() > 1:  # ranks that drew other sub-models (a seed per rank) would average their gradients
-            names = [str(self.nest.resolve(s)) for s in subs] if error is None else [f"refused: {error}"]
-            try:
-                snd._agree_on(names, None, f"the sub-models of step {self.state.global_step}",
-                              "give every rank's sampler the same seed (SortedTrainer draws by the global step)")
+            names = ([str(self.nest.resolve(s)) for s in subs] + [f"nest={snd._nest_digest(self.nest)}"]
+                     if error is None else [f"refused: {error}"])  # (nest=: the same names slicing other modules
+            try:                                                   # on a rank would average two networks' gradients)
+                snd._agree_on(names, None, f"the sub-models (and the nest) of step {self.state.global_step}",
+                              "give every rank's sampler the same seed (SortedTrainer draws by the global step) and "
+                              "the same nest (nest=: a digest of its dimensions and of the modules they slice)")
             except SortedNetError:
                 if error is not None:
                     raise error from None
