@@ -3381,6 +3381,31 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
         sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers"), example=torch.randn(2, 3, 8)).unwrap()
 
 
+class _ScalesByItsCount(nn.Module):
+    def __init__(self, n: int, how: str):
+        super().__init__()
+        self.blocks, self.n_layers, self.how = nn.ModuleList(nn.Linear(8, 8) for _ in range(n)), n, how
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + (block(x) / self.n_layers if self.how == "tensor" else block(x) * (1.0 / self.n_layers))
+        return x
+
+
+@pytest.mark.parametrize("how", ["tensor", "float"])
+def test_a_layer_count_read_by_a_tensor_or_float_operator_is_said_not_to_follow_the_depth(how):
+    """``x / self.n_layers`` (the tensor's operator reads the int's value) and ``x * (1.0 / self.n_layers)``
+    (float's does) never called the watched count's own methods: the most common residual scale kept the full
+    model's at every depth, with no LayerCountWarning. Seen now (torch calls; a doubled count moving the output)."""
+    from sortednet.check import LayerCountWarning
+
+    torch.manual_seed(0)
+    model = _ScalesByItsCount(4, how)
+    with pytest.warns(LayerCountWarning, match=r"computes with \['n_layers'\]"):
+        sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))
+    assert type(model.n_layers) is int and model.n_layers == 4
+
+
 class _CountsByName(nn.Module):
     def __init__(self, n: int, name: str):
         super().__init__()
@@ -3569,16 +3594,19 @@ class _PairedFromTheEnd(nn.Module):
         return x
 
 
+@pytest.mark.parametrize("sizes", [[1, 2, 4], [1, 4]])
 @pytest.mark.parametrize("how", ["reversed", "from_len"])
-def test_a_depth_list_read_from_its_end_is_refused(how):
+def test_a_depth_list_read_from_its_end_is_refused(how, sizes):
     """The Depth keeps the first d norms, and the forward pairs block i with the (d-1-i)-th: every sub-model
-    computed another model (4.1 off at depth 1), live, export and cost all agreeing with each other."""
+    computed another model (4.1 off at depth 1), live, export and cost all agreeing with each other. With sizes
+    [1, 4] the order of what depth 1 keeps (norm 0, block 0) is the full model's too: accepted, in silence; the
+    full run's pairs (norm 3 with block 0) are measured now."""
     torch.manual_seed(0)
     model, x = _PairedFromTheEnd(how).eval(), torch.randn(2, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match=r"depth 'depth' keeps the first 1 entries .*\['blocks', 'norms'\].*"
-                                                r"runs them in another order than the full model"):
-        sn.wrap(model, sn.Depth("depth", [1, 2, 4], layers=["blocks", "norms"]), example=x)
+    with pytest.raises(sn.SortedNetError, match=r"depth 'depth' keeps the first entries of each of its layer lists, "
+                                                r"but the full model runs norms\[3\] with blocks\[0\]"):
+        sn.wrap(model, sn.Depth("depth", sizes, layers=["blocks", "norms"]), example=x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert type(model.blocks) is nn.ModuleList
 

@@ -954,6 +954,54 @@ for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
     setattr(_Watched, _op, _watching(_op))
 
 
+def _counts_change_output(nest: Nest, model: nn.Module, example: Any, spots: list[tuple[Any, str, str, int]]
+                          ) -> list[str]:
+    """The counts of ``spots`` whose value the full model's output follows, measured by doubling each in turn:
+    what :class:`_Watched` cannot see, a count read in Python float arithmetic (``x * (1.0 / self.n_layers)``:
+    ``float`` reads an int's value itself). A forward that fails with the doubled count reads it too."""
+    full = SubModel({d.name: d.full for d in nest.dims})
+
+    def run() -> list[torch.Tensor]:
+        with nest.use(full), seeded(0):
+            out = call_model(model, example)
+        return [o.detach().double() for o in output_leaves(out)
+                if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+    try:
+        base = run()
+    except Exception:
+        return []
+    names = []
+    for obj, k, name, v in spots:
+        try:
+            _put(obj, k, 2 * v)
+        except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
+            continue
+        try:
+            try:
+                out = run()
+            except Exception:
+                names.append(name)
+                continue
+            if len(out) != len(base) or any(a.shape != b.shape or _rel_diff(a, b, 1.0) > 1e-6
+                                             for a, b in zip(base, out)):
+                names.append(name)
+        finally:
+            _put(obj, k, v)
+    return names
+
+
+class _TensorArgsWatched(TorchFunctionMode):
+    """Records a :class:`_Watched` count passed to a torch function (``x / self.n_layers``: the tensor's operator
+    reads the int's value itself, never calling the count's own methods)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for v in tree_leaves((args, kwargs or {})):
+            if type(v) is _Watched:
+                v._seen.append(v._name)
+        return func(*args, **(kwargs or {}))
+
+
 def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]]:
     """(holder, attribute, display name, full depth) of each int named like a layer count and equal to a Depth's
     full size, on a module above a Depth layer list (in ``model``, the check's private view) or in a config
@@ -1020,7 +1068,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
             except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
                 continue
             done.append((obj, k, v))
-        with nest.use(SubModel({d.name: d.full for d in nest.dims})):
+        with nest.use(SubModel({d.name: d.full for d in nest.dims})), _TensorArgsWatched():
             call_model(model, example)
     except Exception:  # the dry runs report what fails; this only looks
         return
@@ -1030,7 +1078,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
                 _put(obj, k, v)
             except Exception:
                 pass
-    read = list(dict.fromkeys(seen))
+    read = list(dict.fromkeys(seen)) or _counts_change_output(nest, model, example, spots)
     if read:
         lists = [p for p, m in nest._sliced.items() if "depth" in m._sn.bind]
         warnings.warn(f"nest.check: the forward computes with {read[:3]}, the full layer count of the Depth layer "
@@ -1890,6 +1938,7 @@ def _depth_order(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], exa
         if not holders:
             continue
         ref = _calls(nest, model, copies, example, holders, full)
+        _refuse_crossed_pairs(dd, holders, ref)
         for size in dd.sizes[:-1]:
             sub = _at_depth(nest, dd, size)
             if sub is None:
@@ -1910,6 +1959,32 @@ def _depth_order(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], exa
                     f"{show(want)} (a list "
                     "read from its end, reversed(...) or indexed from len(...), pairs other entries once cut). Read "
                     "every list of the Depth from its start, in the blocks' order")
+
+
+def _refuse_crossed_pairs(dd: Any, holders: dict[str, nn.Module], calls: list[tuple[str, int]]) -> None:
+    """Two layer lists of one Depth whose entries the full model runs in turn (a block, a norm, a block, a norm:
+    ``zip(self.blocks, self.norms)``) pair entry i of one with entry i of the other, or a sub-model of the first d
+    entries of each is not the full model's: ``zip(self.blocks, reversed(self.norms))`` pairs block 0 with the
+    last norm at full depth and with norm d-1 at depth d. The order of the entries a sub-model keeps cannot show
+    it where the only size below full is 1 (block 0, then norm 0, in both runs); the pairs of the full run do."""
+    first = list(dict.fromkeys(calls))
+    paths = sorted(holders)
+    for a_i, a in enumerate(paths):
+        for b in paths[a_i + 1:]:
+            seq = [c for c in first if c[0] in (a, b)]
+            n = min(len(holders[a]._modules), len(holders[b]._modules))
+            if n < 2 or len(seq) != 2 * n or any(seq[k][0] == seq[k + 1][0] for k in range(len(seq) - 1)):
+                continue  # (not run in turn: one list after the other, a U-Net's decoder read from its end)
+            pairs = list(zip(seq[0::2], seq[1::2]))
+            crossed = next(((x, y) for x, y in pairs if x[1] != y[1]), None)
+            if crossed is not None:
+                (xp, xi), (yp, yi) = crossed
+                raise SortedNetError(
+                    f"nest.check: depth {dd.name!r} keeps the first entries of each of its layer lists, but the full "
+                    f"model runs {xp}[{xi}] with {yp}[{yi}] (the lists in turn, entries of other positions paired: a "
+                    "list read from its end, reversed(...) or indexed from len(...)): at a shallower depth the first "
+                    "entries pair otherwise, and no sub-model is the full model's first blocks. Read every list of "
+                    "the Depth from its start, in the blocks' order")
 
 
 class LayerPairingWarning(UserWarning):
