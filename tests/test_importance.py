@@ -392,6 +392,15 @@ def test_an_optimizer_whose_state_is_not_per_element_is_refused_unchanged():
     after = opt.state_dict()["state"][0]
     assert state["state"][0].keys() == after.keys()
     assert all(same(v, after[k]) for k, v in state["state"][0].items())
+    # an optimizer of parameters the sort leaves in place (an Adafactor over the embeddings) refused the sort too
+    pre = torch.optim.LBFGS(m.pre.parameters(), lr=0.5, max_iter=3, history_size=5)
+    adam = torch.optim.Adam([*m.fc1.parameters(), *m.fc2.parameters()])
+    (m(x) - y).pow(2).mean().backward()
+    adam.step()
+    pre.step(lambda: (m(x) - y).pow(2).mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sort_units(nest, "l1", example=x, optimizer=[adam, pre])
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -358,7 +358,8 @@ class OptimizerStateWarning(UserWarning):
 
 def optimizers(fn: str, optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
     """``optimizer=`` of a sort as a tuple: one optimizer, a list / tuple of them (a model trained by
-    several), or None; each checked (:func:`_check_state`) before anything changes. A wrapper's inner
+    several), or None (their state is checked by :func:`check_states`, once the sort knows what it moves). A
+    wrapper's inner
     optimizer comes along (ZeroRedundancyOptimizer's ``optim``, Accelerate's ``optimizer``: the state
     lives there), and each state is kept once (a wrapper that shares its inner optimizer's state, or one
     passed twice, would move it twice)."""
@@ -375,9 +376,21 @@ def optimizers(fn: str, optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
         inner = [getattr(o, a, None) for a in ("optim", "optimizer")]
         todo += [i for i in inner if isinstance(i, torch.optim.Optimizer) and i is not o]
         out.setdefault(id(o.state), o)
-    for o in out.values():
-        _check_state(o)
     return tuple(out.values())
+
+
+def check_states(fn: str, opts: tuple[torch.optim.Optimizer, ...], params: Iterable[Tensor], model: nn.Module
+                 ) -> None:
+    """Refuse (before anything changes) an optimizer of ``opts`` that holds a parameter of ``params`` (what the
+    sort permutes, its copies' too) and keeps state that does not live element by element (:func:`_check_state`):
+    an optimizer of parameters the sort leaves in place alone (an Adafactor over the embeddings) is nobody's
+    business here."""
+    ids = {id(p) for p in params}
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for o in opts:
+        held = [p for g in o.param_groups for p in g.get("params", ())]
+        if any(id(p) in ids for p in held):
+            _check_state(o, fn, names)
 
 
 def stray_optimizers(params: Iterable[Tensor], passed: tuple[torch.optim.Optimizer, ...]) -> list[str]:
@@ -423,11 +436,11 @@ def warn_stray_optimizers(fn: str, names: list[str]) -> None:
                       stacklevel=3)
 
 
-def _check_state(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse (before anything changes) an optimizer whose state does not live element by element on
-    each parameter: a list of tensors (L-BFGS's direction history) or a tensor of another shape than its
-    parameter (L-BFGS keeps the whole model's flattened state on the first parameter), which no
-    permutation of units can follow, whichever parameters it permutes."""
+def _check_state(optimizer: torch.optim.Optimizer, fn: str, names: dict[int, str]) -> None:
+    """Refuse (before anything changes) an optimizer whose state does not live element by element on each
+    parameter: a list of tensors (L-BFGS's direction history) or a tensor of another shape than its parameter
+    (L-BFGS keeps the whole model's flattened state on the first parameter), which no permutation of units can
+    follow, whichever parameters it permutes."""
     for p, state in optimizer.state.items():
         for k, v in state.items():
             nested = isinstance(v, (list, tuple, dict)) and any(
@@ -435,11 +448,13 @@ def _check_state(optimizer: torch.optim.Optimizer) -> None:
             flat = isinstance(v, Tensor) and isinstance(p, Tensor) and v.numel() > 1 and (
                 v.dim() != p.dim() or any(a not in (1, b) for a, b in zip(v.shape, p.shape)))
             if nested or flat:
-                raise SortedNetError(f"sort_units: {type(optimizer).__name__}'s state {k!r} "
+                at = names.get(id(p), "a parameter of a copy of the model")
+                raise SortedNetError(f"{fn}: {type(optimizer).__name__}'s state {k!r} "
                                      f"({'a list of tensors' if nested else f'shape {tuple(v.shape)}'}) does not "
-                                     f"follow its {tuple(p.shape)} parameter element by element, so no permutation "
-                                     "of units can carry it; sort before building the optimizer (or build a new one "
-                                     "after sorting)")
+                                     f"follow its parameter {at!r} {tuple(p.shape)} element by element, and the "
+                                     "optimizer holds parameters the sort permutes, so no permutation of units can "
+                                     "carry its state; sort before building the optimizer (or build a new one after "
+                                     "sorting). Nothing was changed")
 
 
 def _companions(t: Tensor, opts: tuple[torch.optim.Optimizer, ...] = (), own: frozenset[int] = frozenset()
@@ -663,9 +678,10 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
 
     refuse_cache_example(example, "sort_units")
     optimizer = optimizers("sort_units", optimizer)
-    stray = stray_optimizers(in_copies(nest, [p for m in nest._sliced.values() if any(
-        b.dim.kind in ("width", "heads") for b in m._sn.bind.values()) for p in m.parameters(recurse=False)]),
-        optimizer)
+    moved = in_copies(nest, [p for m in nest._sliced.values() if any(
+        b.dim.kind in ("width", "heads") for b in m._sn.bind.values()) for p in m.parameters(recurse=False)])
+    check_states("sort_units", optimizer, moved, nest.model)
+    stray = stray_optimizers(moved, optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
         orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer,  # flips
                                      only)

@@ -27,6 +27,7 @@ from ..errors import SortedNetError, flag
 from ..importance import (
     _at_full,
     _companions,
+    check_states,
     in_copies,
     one_process,
     optimizers,
@@ -234,10 +235,12 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                      f"hold the same {type(m).__name__} (a layer or projection shared between "
                                      "layers): one layer's order would be applied to it again. Nothing was changed; "
                                      "sortednet.importance.sort_units sorts shared modules with one order")
-    stray = stray_optimizers(in_copies(nest, [  # what the sort moves: the FFNs, the attentions
+    moved = in_copies(nest, [  # what the sort moves: the FFNs, the attentions
         p for blk in blocks for m in ([blk.get_submodule(q) for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] if ffn
                                       else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
-        for p in m.parameters()]), optimizer)
+        for p in m.parameters()])
+    check_states("sort_by_importance", optimizer, moved, model)
+    stray = stray_optimizers(moved, optimizer)
     n_heads, group = _head_counts(model.config, lay, _tower_name(model, found.stacks[0]))
     saved = {p: p.grad for p in model.parameters()}
     ffn_s = [0.0] * len(blocks)
