@@ -554,6 +554,120 @@ def test_a_registered_family_without_heads_exports_its_ffn_and_depth_sub_models(
         sni.unregister_layout(xl)
 
 
+class _ScaledConfig(T.PretrainedConfig):
+    model_type = "sn_test_scaled"
+
+    def __init__(self, d_model=32, n_heads=4, head_dim=8, ffn_dim=48, n_layers=4, how="", **kw):
+        self.d_model, self.n_heads, self.head_dim, self.ffn_dim, self.n_layers, self.how = (
+            d_model, n_heads, head_dim, ffn_dim, n_layers, how)
+        super().__init__(**kw)
+
+
+class _ScaledAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config, self.n_heads, self.hd = cfg, cfg.n_heads, cfg.head_dim
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim) for _ in range(3))
+        self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model)
+
+    def forward(self, x):
+        B, T_, _ = x.shape
+        q, k, v = (f(x).view(B, T_, -1, self.hd).transpose(1, 2) for f in (self.q, self.k, self.v))
+        scale = (self.config.d_model / self.config.n_heads) ** -0.5 if self.config.how == "config_scale" else None
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return self.o(a.transpose(1, 2).reshape(B, T_, -1))
+
+
+class _ScaledBlock(nn.Module):
+    """A block whose attention scale reads the config's head count in forward (``how="config_scale"``), or that
+    uses the layer count it keeps as an int for a MiniCPM-style residual scale (``how="depth_int"``; kept, and
+    unused, otherwise)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.how, self.n_layers = cfg.how, cfg.n_layers
+        self.attn = _ScaledAttention(cfg)
+        self.up, self.down = nn.Linear(cfg.d_model, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.d_model)
+
+    def forward(self, x):
+        r = 1.4 / self.n_layers ** 0.5 if self.how == "depth_int" else 1.0
+        x = x + r * self.attn(x)
+        return x + r * self.down(torch.relu(self.up(x)))
+
+
+class _ScaledModel(T.PreTrainedModel):
+    config_class = _ScaledConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.embed = nn.Embedding(V, cfg.d_model)
+        self.blocks = nn.ModuleList(_ScaledBlock(cfg) for _ in range(cfg.n_layers))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, **kw):
+        x = self.embed(input_ids)
+        for b in self.blocks:
+            x = b(x)
+        return T.modeling_outputs.BaseModelOutput(last_hidden_state=x)
+
+
+_SCALED = sni.Layout("sn_test_scaled", probe=("attn.q", "attn.o", "up"), ffn_out=("up",), ffn_inp=("down",),
+                     attn=("attn",), qkv=("q", "k", "v"), o="o", count_attrs=("n_heads",), ffn_key="ffn_dim",
+                     heads_key="n_heads", head_dim_key="head_dim", depth_keys=("n_layers",))
+
+
+@pytest.mark.parametrize("how, dim", [("config_scale", "heads"), ("depth_int", "depth"), ("", "heads"),
+                                      ("", "depth")])
+def test_an_export_whose_class_reads_the_rewritten_config_otherwise_is_refused(how, dim, tmp_path):
+    """A class reading the config's head count in forward (a softmax scale beside an explicit head size) computed
+    another network once the export's config said 2 heads: 2.5 off the live sub-model, in silence (the layout's
+    own check compares the live sub-model with the full model masked, which keeps the full scale). A block
+    keeping the layer count as an int (MiniCPM's residual scale) exported equal, and loaded 1.1 off, as
+    from_pretrained rebuilt it from the new count. Both are refused now; the same class without them (the count
+    kept, unused) exports and loads equal."""
+    lay = sni.register_layout(_SCALED)
+    try:
+        torch.manual_seed(0)
+        model = _ScaledModel(_ScaledConfig(how=how)).eval()
+        with torch.no_grad():  # (weights of a trained scale: at init's 0.02 the attention is near uniform, whatever
+            for p in model.parameters():  # its softmax scale)
+                p.normal_(0, 0.3)
+        nest = sn.from_transformers(model, **{dim: [2]})
+        sub = nest.smallest
+        if how:
+            with pytest.raises(sn.SortedNetError, match="computes other outputs than the live|derives a constant"):
+                export_pretrained(nest, sub)
+            return
+        export_pretrained(nest, sub).save_pretrained(tmp_path)
+        x = torch.randint(0, V, (2, 6))
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(_ScaledModel.from_pretrained(tmp_path).eval()(input_ids=x).last_hidden_state,
+                                       model(input_ids=x).last_hidden_state)
+    finally:
+        sni.unregister_layout(lay)
+
+
+def test_a_layout_given_a_string_for_a_tuple_is_refused_by_name():
+    """probe="attn.qkv" (a tuple of one without its comma) was taken letter by letter: errors named 'm', 'l',
+    'p' or a config key 'n'. Refused when the layout is made now; one registered twice is listed once."""
+    with pytest.raises(sn.SortedNetError, match=r"probe= takes a tuple of names, got the string 'attn.qkv'; write "
+                                                r"probe=\('attn.qkv',\)"):
+        sni.Layout("mine", probe="attn.qkv")
+    with pytest.raises(sn.SortedNetError, match=r"depth_keys= takes a tuple"):
+        sni.Layout("mine", probe=("attn.qkv",), depth_keys="n_layers")
+    n = len(sni.LAYOUTS)
+    lay = sni.Layout("mine", probe=["attn.qkv"])
+    assert lay.probe == ("attn.qkv",)
+    sni.register_layout(lay)
+    sni.register_layout(lay)
+    assert len(sni.LAYOUTS) == n + 1
+    sni.unregister_layout(lay)
+    assert len(sni.LAYOUTS) == n
+
+
 def test_importance_sorting_refuses_unequal_fused_blocks():
     """Core sort_units cannot permute a fused grouped-query q|k|v (blocks of unequal widths): refused, unchanged."""
     from sortednet.importance import sort_units

@@ -65,6 +65,24 @@ class Layout:
     no_heads: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self) -> None:
+        for name in ("probe", "ffn_out", "ffn_inp", "attn", "count_attrs", "depth_keys"):
+            v = getattr(self, name)
+            if v is None and name == "count_attrs":
+                continue
+            if isinstance(v, str):  # (a tuple of one written without its comma: each letter taken as a path)
+                raise SortedNetError(f"Layout {self.family!r}: {name}= takes a tuple of names, got the string {v!r}; "
+                                     f"write {name}=({v!r},)")
+            if not isinstance(v, (tuple, list)) or not all(isinstance(x, str) for x in v):
+                raise SortedNetError(f"Layout {self.family!r}: {name}= takes a tuple of names (strings), got {v!r}")
+            object.__setattr__(self, name, tuple(v))
+        three = isinstance(self.qkv, (tuple, list)) and len(self.qkv) == 3 and all(isinstance(x, str) for x in self.qkv)
+        if self.qkv is not None and not isinstance(self.qkv, str) and not three:
+            raise SortedNetError(f"Layout {self.family!r}: qkv= is one fused projection's name or three names "
+                                 f"(q, k, v), got {self.qkv!r}")
+        if isinstance(self.qkv, list):
+            object.__setattr__(self, "qkv", tuple(self.qkv))
+
     def layout_of_qkv(self, config: Any) -> str | None:
         return self.qkv_layout(config) if callable(self.qkv_layout) else self.qkv_layout
 
@@ -146,7 +164,7 @@ def register_layout(layout: Layout) -> Layout:
         raise SortedNetError(f"register_layout needs a sortednet.integrations.Layout, got {type(layout).__name__}")
     if not layout.probe:
         raise SortedNetError(f"Layout {layout.family!r}: probe= must name at least one path every block has")
-    _USER.insert(0, layout)
+    _USER[:] = [layout, *(x for x in _USER if x is not layout)]  # (registered again: moved first, not twice)
     _refresh()
     return layout
 

@@ -475,7 +475,7 @@ def _export_hook(nest: Nest, sub: SubModel, small: nn.Module) -> nn.Module:
     try:
         if found is not None:
             _update_config(nest, found, sub, small, cfg)
-        _check_loadable(small, cfg, sub, found, nest.model.config)
+        fresh = _check_loadable(small, cfg, sub, found, nest.model.config)
     except SortedNetError:
         raise
     except Exception as e:  # a config this code cannot rewrite (per-layer attributes, ...)
@@ -484,7 +484,95 @@ def _export_hook(nest: Nest, sub: SubModel, small: nn.Module) -> nn.Module:
                              "nest.export(sub, plain=True) (save it with torch.save)") from e
     _set_config(small, cfg, [(p, r[5:].split(".")[0]) for p, m in nest._sliced.items() for r in m._sn.bind
                              if r.startswith("attr:") and "." in r])
+    _export_computes_live(nest, sub, small, fresh)
     return small
+
+
+def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn.Module) -> None:
+    """The export, and the class built from its config as ``from_pretrained`` builds it (``fresh``, on the meta
+    device: given the export's tensors, no copy), must compute the live sub-model on the small input
+    ``from_transformers`` verifies with: a class that reads a changed config value in its forward (a softmax
+    scale from ``config.hidden_size / config.num_attention_heads`` with an explicit head size) or keeps a number
+    derived from it (a block's layer count for a MiniCPM-style residual scale) computes another network than the
+    live sub-model, which kept the full model's values, and no shape tells. Skipped where that input cannot be
+    made or the live model does not run on it (a meta-device or sharded model)."""
+    from ..check import _rel_diff, first_float
+    from ..modes import dry_run, eval_mode
+    from ..views import is_sharded
+
+    model = nest.model
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors or any(t.is_meta or is_sharded(t) for t in tensors):
+        return
+    example = _dummy_input(model)
+    if example is None:
+        return
+    dev, fdtype = tensors[0].device, next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    example = {k: (v.to(dev, fdtype) if v.is_floating_point() else v.to(dev)) for k, v in example.items()}
+    with dry_run(model), eval_mode(nest) as (view, _), torch.no_grad():
+        try:
+            with nest.use(sub):
+                live = first_float(view(**example, use_cache=False) if _takes_cache(view) else view(**example))
+        except Exception:  # (the live model does not run on this input: nothing to compare)
+            return
+    if live is None:
+        return
+    rebuilt = _given_tensors(fresh, small)
+    tol = 1e-3 if fdtype in (torch.float32, torch.float64) else 5e-2
+    for what, m in (("the exported model", small), ("a model built from its config (from_pretrained)", rebuilt)):
+        if m is None:
+            continue
+        modes = [(x, x.training) for x in m.modules()]
+        try:
+            m.eval()
+            with torch.no_grad():
+                try:
+                    out = first_float(m(**example, use_cache=False) if _takes_cache(m) else m(**example))
+                except Exception as e:
+                    raise SortedNetError(f"export({sub}) of {type(model).__name__}: {what} fails on a small input "
+                                         f"the live sub-model runs ({type(e).__name__}: {str(e)[:200]}); export it as "
+                                         "a plain module with nest.export(sub, plain=True)") from e
+        finally:
+            for x, flag in modes:
+                x.training = flag
+        diff = (_rel_diff(out.double(), live.double(), 1.0) if out is not None and out.shape == live.shape
+                else math.inf)
+        if not diff <= tol:
+            raise SortedNetError(
+                f"export({sub}) of {type(model).__name__}: {what} computes other outputs than the live sub-model "
+                f"(by {diff:.3g} relative to their scale) once its config says the sub-model's sizes: the class "
+                "reads a rewritten config value in its forward (a scale from config.hidden_size / "
+                "config.num_attention_heads) or keeps a number derived from it (a layer count for a residual "
+                "scale), where the live sub-model keeps the full model's; export it as a plain module with "
+                "nest.export(sub, plain=True)")
+
+
+def _given_tensors(fresh: nn.Module, small: nn.Module) -> nn.Module | None:
+    """``fresh`` (built on the meta device) holding ``small``'s tensors themselves (no copy), or None where it
+    cannot (a tensor of its own that ``small`` does not hold)."""
+    try:
+        fresh.load_state_dict(small.state_dict(keep_vars=True), strict=True, assign=True)
+    except Exception:
+        return None
+    own = dict(small.named_buffers(remove_duplicate=False))
+    for name, b in list(fresh.named_buffers(remove_duplicate=False)):
+        if b.is_meta:  # (a buffer left out of the state dict: a rotary table)
+            if name not in own:
+                return None
+            path, _, key = name.rpartition(".")
+            fresh.get_submodule(path)._buffers[key] = own[name]
+    if any(t.is_meta for t in (*fresh.parameters(), *fresh.buffers())):
+        return None
+    return fresh
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _merge_factors(nest: Nest, small: nn.Module) -> None:
@@ -772,10 +860,11 @@ def _round_trip(cfg) -> tuple[Any, list[str]]:
     return back, sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: Any = None) -> None:
+def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: Any = None) -> nn.Module:
     """The class built from ``cfg`` must have exactly the exported shapes (uniform sub-models only), and ``cfg``
     must read back as written (a config class that rewrites a value on load, Gemma 4 making the last layer full
-    attention, or refuses it, would load another model, or none)."""
+    attention, or refuses it, would load another model, or none). Returns the class built from ``cfg`` on the
+    meta device (what ``from_pretrained`` builds, before its weights)."""
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         try:
@@ -833,6 +922,7 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: A
             f"changed config (e.g. from the layer count): {path or 'the model'}.{k} is {h:g} in the sub-model but "
             f"{w:g} in a model built from the exported config ({len(drift)} such values), so from_pretrained of the "
             "export would compute something else; export it as a plain module with nest.export(sub, plain=True)")
+    return fresh
 
 
 def _derived_constants(small: nn.Module, fresh: nn.Module) -> list[tuple[str, str, float, float]]:
