@@ -401,6 +401,20 @@ def test_an_optimizer_whose_state_is_not_per_element_is_refused_unchanged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sort_units(nest, "l1", example=x, optimizer=[adam, pre])
+    # nor one of parameters only a dimension left out of dims= would permute
+    m2 = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    nest2 = sn.wrap(m2, sn.Width("h", [4, 16], out="0", inp="2"), sn.Width("g", [2, 8], out="2", inp="4"))
+    last, x2 = torch.optim.LBFGS(m2[4].parameters(), lr=0.1, max_iter=2), torch.randn(5, 4)
+
+    def loss2():
+        last.zero_grad()
+        loss = m2(x2).pow(2).mean()
+        loss.backward()
+        return loss
+
+    last.step(loss2)
+    assert last.state
+    sort_units(nest2, "l1", example=torch.randn(5, 4), optimizer=[last], dims=["h"])
 
 
 @pytest.mark.parametrize("bad, match", [

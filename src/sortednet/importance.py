@@ -678,8 +678,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
 
     refuse_cache_example(example, "sort_units")
     optimizer = optimizers("sort_units", optimizer)
-    moved = in_copies(nest, [p for m in nest._sliced.values() if any(
-        b.dim.kind in ("width", "heads") for b in m._sn.bind.values()) for p in m.parameters(recurse=False)])
+    moved = in_copies(nest, [p for m in nest._sliced.values() if any(  # (of the dimensions dims= names)
+        b.dim.kind in ("width", "heads") and (only is None or b.dim.name in only) for b in m._sn.bind.values())
+        for p in m.parameters(recurse=False)])
     check_states("sort_units", optimizer, moved, nest.model)
     stray = stray_optimizers(moved, optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
