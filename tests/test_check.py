@@ -3385,24 +3385,44 @@ class _ScalesByItsCount(nn.Module):
     def __init__(self, n: int, how: str):
         super().__init__()
         self.blocks, self.n_layers, self.how = nn.ModuleList(nn.Linear(8, 8) for _ in range(n)), n, how
+        if how == "hf_config":  # (a transformers config held by a model of the user's)
+            import transformers
+
+            self.config = transformers.GPT2Config(n_layer=n, n_embd=8)
 
     def forward(self, x):
-        for block in self.blocks:
-            x = x + (block(x) / self.n_layers if self.how == "tensor" else block(x) * (1.0 / self.n_layers))
+        if self.how == "assert":
+            assert len(self.blocks) <= self.n_layers
+        table = torch.ones(self.n_layers)
+        for i, block in enumerate(self.blocks):
+            if self.how == "tensor":
+                x = x + block(x) / self.n_layers
+            elif self.how == "float":
+                x = x + block(x) * (1.0 / self.n_layers)
+            elif self.how == "hf_config":
+                x = x + block(x) / math.sqrt(2 * self.config.n_layer)
+            else:  # "assert", "table": a count read where it changes nothing at any depth
+                x = x + block(x) * table[i]
         return x
 
 
-@pytest.mark.parametrize("how", ["tensor", "float"])
-def test_a_layer_count_read_by_a_tensor_or_float_operator_is_said_not_to_follow_the_depth(how):
+@pytest.mark.parametrize("how", ["tensor", "float", "hf_config", "assert", "table"])
+def test_a_layer_count_is_named_where_it_changes_a_shallower_sub_model(how):
     """``x / self.n_layers`` (the tensor's operator reads the int's value) and ``x * (1.0 / self.n_layers)``
     (float's does) never called the watched count's own methods: the most common residual scale kept the full
-    model's at every depth, with no LayerCountWarning. Seen now (torch calls; a doubled count moving the output)."""
+    model's at every depth, with no LayerCountWarning; nor was a transformers config a model of the user's holds
+    looked at. An assertion or a table of one entry per layer, which change nothing at any depth, were named.
+    Measured now: the shallowest sub-model with the count as it is and as a model of that depth holds it."""
     from sortednet.check import LayerCountWarning
 
     torch.manual_seed(0)
     model = _ScalesByItsCount(4, how)
-    with pytest.warns(LayerCountWarning, match=r"computes with \['n_layers'\]"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))
+    said = [str(w.message) for w in seen if issubclass(w.category, LayerCountWarning)]
+    name = "config.n_layer" if how == "hf_config" else "n_layers"
+    assert bool(said) == (how in ("tensor", "float", "hf_config")) and all(f"['{name}']" in m for m in said), said
     assert type(model.n_layers) is int and model.n_layers == 4
 
 

@@ -926,82 +926,6 @@ _COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_enc_layers, encod
 _CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
-class _Watched(int):
-    """An int that records being computed with (arithmetic, comparison, conversion)."""
-
-    def __new__(cls, value: int, seen: list, name: str) -> "_Watched":
-        obj = super().__new__(cls, value)
-        obj._seen, obj._name, obj._value = seen, name, int(value)
-        return obj
-
-    def __hash__(self) -> int:
-        return int.__hash__(self)
-
-
-def _watching(op: str) -> Callable:
-    base = getattr(int, op)
-
-    def method(self, *args):
-        self._seen.append(self._name)
-        return base(self._value, *args)
-    return method
-
-
-for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-            "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__eq__",
-            "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__float__", "__index__", "__int__", "__bool__",
-            "__lshift__", "__rshift__", "__and__", "__or__"):
-    setattr(_Watched, _op, _watching(_op))
-
-
-def _counts_change_output(nest: Nest, model: nn.Module, example: Any, spots: list[tuple[Any, str, str, int]]
-                          ) -> list[str]:
-    """The counts of ``spots`` whose value the full model's output follows, measured by doubling each in turn:
-    what :class:`_Watched` cannot see, a count read in Python float arithmetic (``x * (1.0 / self.n_layers)``:
-    ``float`` reads an int's value itself). A forward that fails with the doubled count reads it too."""
-    full = SubModel({d.name: d.full for d in nest.dims})
-
-    def run() -> list[torch.Tensor]:
-        with nest.use(full), seeded(0):
-            out = call_model(model, example)
-        return [o.detach().double() for o in output_leaves(out)
-                if isinstance(o, torch.Tensor) and o.is_floating_point()]
-
-    try:
-        base = run()
-    except Exception:
-        return []
-    names = []
-    for obj, k, name, v in spots:
-        try:
-            _put(obj, k, 2 * v)
-        except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
-            continue
-        try:
-            try:
-                out = run()
-            except Exception:
-                names.append(name)
-                continue
-            if len(out) != len(base) or any(a.shape != b.shape or _rel_diff(a, b, 1.0) > 1e-6
-                                             for a, b in zip(base, out)):
-                names.append(name)
-        finally:
-            _put(obj, k, v)
-    return names
-
-
-class _TensorArgsWatched(TorchFunctionMode):
-    """Records a :class:`_Watched` count passed to a torch function (``x / self.n_layers``: the tensor's operator
-    reads the int's value itself, never calling the count's own methods)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        for v in tree_leaves((args, kwargs or {})):
-            if type(v) is _Watched:
-                v._seen.append(v._name)
-        return func(*args, **(kwargs or {}))
-
-
 def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]]:
     """(holder, attribute, display name, full depth) of each int named like a layer count and equal to a Depth's
     full size, on a module above a Depth layer list (in ``model``, the check's private view) or in a config
@@ -1026,7 +950,7 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
                 if type(v) is dict:  # a plain dict config: self.config["n_layers"]
                     objs.append((v, f"{where}.{k}" if where else k))
                 elif v is not None and not isinstance(v, nn.Module) and not type(v).__module__.startswith(
-                        ("transformers.", "builtins")):
+                        "builtins"):  # (a transformers config a module of the user's holds too)
                     objs.append((v, f"{where}.{k}" if where else k))
             for obj, at in objs:
                 try:
@@ -1051,34 +975,53 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
     """Warn (:class:`LayerCountWarning`) when the forward computes with a layer count kept aside: at a
     shallower depth ``1 / sqrt(2 * self.n_layers)`` keeps the full model's scale and ``if i == self.n_layers -
     1: x = self.norm(x)`` never reaches its final norm, while the export computes the same (no other check can
-    tell). Measured: the counts are swapped for ints that record their use during one full-size forward (a
-    count only kept, as nanoGPT's ``config.n_layer`` for its init, is not read and not named)."""
+    tell). Measured: each Depth at its shallowest runs once with the counts as they are and once with each count
+    set to that depth, as a model built with that many layers would hold it; an output that moves (or a forward
+    that fails one way only) names the count. A count only kept (nanoGPT's ``config.n_layer`` for its init), or
+    read where it changes nothing at any depth (an assertion ``len(self.blocks) <= self.n_layers``, a table of
+    one entry per layer), is not named."""
     try:
         spots = _count_spots(nest, model)
     except Exception:  # (a module whose __dict__ or config is not what Python's usually are: nothing to say)
         return
     if not spots:
         return
-    seen: list[str] = []
-    done = []
-    try:
-        for obj, k, name, v in spots:
+    buffers = [(b, b.detach().clone()) for b in nest.model.buffers()]
+
+    def run(sub: SubModel) -> list[torch.Tensor]:
+        for b, value in buffers:
+            b.copy_(value)
+        with nest.use(sub), seeded(0):
+            out = call_model(model, example)
+        return [o.detach().double() for o in output_leaves(out)
+                if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+    read: list[str] = []
+    for dd in (d for d in nest.dims if d.kind == "depth" and d.sizes[0] < d.full):
+        mine = [spot for spot in spots if spot[3] == dd.full and spot[2] not in read]
+        sub = _at_depth(nest, dd, dd.sizes[0])
+        if not mine or sub is None:
+            continue
+        try:
+            base = run(sub)
+        except Exception:  # the dry runs report what fails; this only looks
+            continue
+        for obj, k, name, v in mine:
             try:
-                _put(obj, k, _Watched(v, seen, name))
+                _put(obj, k, dd.sizes[0])
             except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
                 continue
-            done.append((obj, k, v))
-        with nest.use(SubModel({d.name: d.full for d in nest.dims})), _TensorArgsWatched():
-            call_model(model, example)
-    except Exception:  # the dry runs report what fails; this only looks
-        return
-    finally:
-        for obj, k, v in done:
             try:
+                try:
+                    out = run(sub)
+                except Exception:
+                    read.append(name)
+                    continue
+                if len(out) != len(base) or any(a.shape != b.shape or _rel_diff(a, b, 1.0) > 1e-6
+                                                 for a, b in zip(base, out)):
+                    read.append(name)
+            finally:
                 _put(obj, k, v)
-            except Exception:
-                pass
-    read = list(dict.fromkeys(seen)) or _counts_change_output(nest, model, example, spots)
     if read:
         lists = [p for p, m in nest._sliced.items() if "depth" in m._sn.bind]
         warnings.warn(f"nest.check: the forward computes with {read[:3]}, the full layer count of the Depth layer "
