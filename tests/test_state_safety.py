@@ -221,15 +221,21 @@ def test_a_deep_copy_runs_the_full_model_after_unwrap_and_unwrap_copy_restores_i
 
 
 def test_unwrap_inside_a_use_block_is_refused():
-    """unwrap() inside nest.use(sub) was accepted: until the block ended, a deep copy (an EMA or teacher) ran
-    that sub-model's widths at full depth, the output of no sub-model, in silence. Refused now, unchanged."""
+    """unwrap() inside nest.use(sub) was accepted (from this thread, or another while this one is inside it): until
+    the block ended, a deep copy (an EMA or teacher) ran that sub-model's widths at full depth, the output of no
+    sub-model, in silence. Refused now, unchanged."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 16), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), nn.Linear(16, 4))
     nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="1.0"), sn.Depth("d", [1, 2], layers="1"))
     ema = copy.deepcopy(m)
     with nest.use("h=4,d=1"):
-        with pytest.raises(sn.SortedNetError, match=r"unwrap\(\) inside a nest.use\(h=4,d=1\) block"):
+        with pytest.raises(sn.SortedNetError, match=r"unwrap\(\) while a nest.use\(h=4,d=1\) block is open:"):
             nest.unwrap()
+        errors = []  # (another thread: its context has no block; the block is open all the same)
+        t = threading.Thread(target=lambda: errors.append(pytest.raises(sn.SortedNetError, nest.unwrap)))
+        t.start()
+        t.join()
+        assert len(errors) == 1 and "in another thread or task" in str(errors[0].value)
         assert nest._alive and ema(torch.randn(2, 8)).shape == (2, 4)
     nest.unwrap()
     assert type(m[0]) is nn.Linear

@@ -266,7 +266,7 @@ class Active:
     """
 
     __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner", "uid", "recomputes",
-                 "pending")
+                 "pending", "open")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -285,6 +285,9 @@ class Active:
         # the plan pinned] (freed with their graph): unwrap refuses while one of a sub-model is alive (it would
         # recompute the unwrapped model)
         self.pending: weakref.WeakKeyDictionary[Any, list] = weakref.WeakKeyDictionary()
+        # the nest.use blocks open now, in any thread (id of the Use object -> its sub-model): unwrap refuses while
+        # one is (a deep copy would run that block's widths at full depth until it ends)
+        self.open: dict[int, Any] = {}
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0

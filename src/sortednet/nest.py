@@ -1323,11 +1323,14 @@ class Nest:
                                  "the rest of that forward would run the full model after its first part ran the "
                                  "sub-model, an output of neither; unwrap once the forward has returned. Nothing "
                                  "was changed")
-        if self._state._scoped is not self._state:
+        if self._state._scoped is not self._state or self._state.open:
+            inside = self._state._scoped is not self._state
+            sub = self._state.plan().sub if inside else next(iter(self._state.open.values()), None)
             raise SortedNetError(
-                f"unwrap() inside a nest.use({self._state.plan().sub}) block: deep copies of the model (an EMA or "
-                "teacher copy) would go on running parts of that sub-model until the block ends (its widths, not "
-                "its depth), an output of no sub-model; unwrap once the block has ended. Nothing was changed")
+                f"unwrap() while a nest.use({sub}) block is open{'' if inside else ' (in another thread or task)'}: "
+                "deep copies of the model (an EMA or teacher copy) would go on running parts of that sub-model "
+                "there until the block ends (its widths, not its depth), an output of no sub-model; unwrap once "
+                "the block has ended. Nothing was changed")
         self._refuse_pending("unwrap()")
         full = self._plans.get(SubModel({d.name: d.full for d in self.dims}))
 

@@ -325,6 +325,7 @@ class Use:
                     # stepped from C code)
             entry.utok = a.uses.set((*a.uses.get(), entry))
             entry.vtok = a.var.set(self.plan)
+            a.open[id(self)] = self.plan.sub
             return self.plan.sub
         except BaseException:  # a Ctrl-C after the sets: the with block never starts, __exit__ never runs
             self._leave(key, sys._getframe(1))
@@ -346,6 +347,8 @@ class Use:
             if entry is not None:
                 close_block(self.active, entry, sys._getframe(1))
                 del self.tokens[key]
+                if not self.tokens:
+                    self.active.open.pop(id(self), None)
             elif self.tokens:  # entered by another thread only: a generator holding it across a yield, stepped
                 _left_elsewhere(self.plan.sub)  # from another thread (a pool): the entering thread keeps it
         except BaseException:  # a Ctrl-C part-way: the block must not stay in force (closing twice is harmless)
@@ -359,6 +362,8 @@ class Use:
         if entry is not None:
             close_block(self.active, entry, here)
             self.tokens.pop(key, None)
+        if not self.tokens:
+            self.active.open.pop(id(self), None)
 
 
 class UseLeftElsewhereWarning(UserWarning):

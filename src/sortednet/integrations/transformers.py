@@ -538,13 +538,25 @@ def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn
         diff = (_rel_diff(out.double(), live.double(), 1.0) if out is not None and out.shape == live.shape
                 else math.inf)
         if not diff <= tol:
+            same = _config_dict(getattr(small, "config", None)) == _config_dict(getattr(model, "config", None))
+            why = ("its config is the full model's, so the model differs from what its class builds from that "
+                   "config (a module replaced or changed after the model was built)" if same else
+                   "the class reads a rewritten config value in its forward (a scale from config.hidden_size / "
+                   "config.num_attention_heads) or keeps a number derived from it (a layer count for a residual "
+                   "scale), where the live sub-model keeps the full model's")
+            merged = any(d.kind == "rank" for d in nest.dims) and fdtype not in (torch.float32, torch.float64)
             raise SortedNetError(
                 f"export({sub}) of {type(model).__name__}: {what} computes other outputs than the live sub-model "
-                f"(by {diff:.3g} relative to their scale) once its config says the sub-model's sizes: the class "
-                "reads a rewritten config value in its forward (a scale from config.hidden_size / "
-                "config.num_attention_heads) or keeps a number derived from it (a layer count for a residual "
-                "scale), where the live sub-model keeps the full model's; export it as a plain module with "
-                "nest.export(sub, plain=True)")
+                f"(by {diff:.3g} relative to their scale, more than {tol:g}): {why}"
+                + ("; or the Rank factors merged into 16-bit weights round that far (export from a float32 copy)"
+                   if merged else "") + "; export it as a plain module with nest.export(sub, plain=True)")
+
+
+def _config_dict(cfg: Any) -> Any:
+    try:
+        return cfg.to_dict() if cfg is not None else None
+    except Exception:
+        return id(cfg)
 
 
 def _given_tensors(fresh: nn.Module, small: nn.Module) -> nn.Module | None:
