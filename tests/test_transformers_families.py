@@ -650,6 +650,24 @@ def test_an_export_whose_class_reads_the_rewritten_config_otherwise_is_refused(h
         sni.unregister_layout(lay)
 
 
+def test_an_export_of_a_model_changed_after_it_was_built_is_refused():
+    """A Llama whose activations were replaced after construction exported with its config, and from_pretrained
+    rebuilt SiLU: another network, in silence. The class built from the config is compared with the live model."""
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, **TOK)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.GELU()
+    nest = sn.from_transformers(model, ffn=[24])
+    with pytest.raises(sn.SortedNetError, match=r"a model built from its config \(from_pretrained\) computes other "
+                                                r"outputs.*a module replaced or changed after the model was built"):
+        export_pretrained(nest, nest.largest)
+    nest.export(nest.largest, plain=True)
+
+
 def test_a_layout_given_a_string_for_a_tuple_is_refused_by_name():
     """probe="attn.qkv" (a tuple of one without its comma) was taken letter by letter: errors named 'm', 'l',
     'p' or a config key 'n'. Refused when the layout is made now; one registered twice is listed once."""
