@@ -971,6 +971,22 @@ def _put(obj: Any, k: str, v: Any) -> None:
         setattr(obj, k, v)
 
 
+def _run_from(nest: Nest, model: nn.Module, example: Any, sub: SubModel,
+              values: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """``sub``'s floating-point outputs on ``example``, its tensors first put back to ``values`` ((tensor, value)
+    pairs: weights, buffers), under a fixed random stream."""
+    for t, value in values:
+        t.copy_(value)
+    with nest.use(sub), seeded(0):
+        out = call_model(model, example)
+    return [o.detach().double() for o in output_leaves(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+
+def _moved(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest relative difference of two runs' outputs (inf where shapes differ)."""
+    return max((_rel_diff(x, y, 1.0) if x.shape == y.shape else math.inf for x, y in zip(a, b)), default=0.0)
+
+
 def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
     """Warn (:class:`LayerCountWarning`) when the forward computes with a layer count kept aside: at a
     shallower depth ``1 / sqrt(2 * self.n_layers)`` keeps the full model's scale and ``if i == self.n_layers -
@@ -989,12 +1005,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
     buffers = [(b, b.detach().clone()) for b in nest.model.buffers()]
 
     def run(sub: SubModel) -> list[torch.Tensor]:
-        for b, value in buffers:
-            b.copy_(value)
-        with nest.use(sub), seeded(0):
-            out = call_model(model, example)
-        return [o.detach().double() for o in output_leaves(out)
-                if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        return _run_from(nest, model, example, sub, buffers)
 
     read: list[str] = []
     for dd in (d for d in nest.dims if d.kind == "depth" and d.sizes[0] < d.full):
@@ -1017,8 +1028,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
                 except Exception:
                     read.append(name)
                     continue
-                if len(out) != len(base) or any(a.shape != b.shape or _rel_diff(a, b, 1.0) > 1e-6
-                                                 for a, b in zip(base, out)):
+                if len(out) != len(base) or _moved(base, out) > 1e-6:
                     read.append(name)
             finally:
                 _put(obj, k, v)
@@ -2548,17 +2558,9 @@ def _refuse_full_model_writes(nest: Nest, model: nn.Module, example: Any, hit: l
     buffers = [(b, b.detach().clone()) for b in nest.model.buffers()]
 
     def output(sub: SubModel, start: list[torch.Tensor]) -> list[torch.Tensor]:
-        for (t, _), value in zip(hit, start):
-            t.copy_(value)
-        for b, value in buffers:
-            b.copy_(value)
-        with nest.use(sub), seeded(0):
-            out = call_model(model, example)
-        return [o.detach().double() for o in output_leaves(out)
-                if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        return _run_from(nest, model, example, sub, [*zip((t for t, _ in hit), start), *buffers])
 
-    def moved(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        return max((_rel_diff(x, y, 1.0) if x.shape == y.shape else math.inf for x, y in zip(a, b)), default=0.0)
+    moved = _moved
 
     for sub, left in own.items():
         if sub == nest.largest:
