@@ -562,10 +562,14 @@ def _config_dict(cfg: Any) -> Any:
 def _given_tensors(fresh: nn.Module, small: nn.Module) -> nn.Module | None:
     """``fresh`` (built on the meta device) holding ``small``'s tensors themselves (no copy), or None where it
     cannot (a tensor of its own that ``small`` does not hold)."""
+    flags = [(p, p.requires_grad) for p in small.parameters()]
     try:
         fresh.load_state_dict(small.state_dict(keep_vars=True), strict=True, assign=True)
     except Exception:
         return None
+    finally:  # (assign=True gives the export's own parameters the meta model's requires_grad: put back)
+        for p, flag in flags:
+            p.requires_grad_(flag)
     own = dict(small.named_buffers(remove_duplicate=False))
     for name, b in list(fresh.named_buffers(remove_duplicate=False)):
         if b.is_meta:  # (a buffer left out of the state dict: a rotary table)
