@@ -350,7 +350,8 @@ class Use:
                 if not self.tokens:
                     self.active.open.pop(id(self), None)
             elif self.tokens:  # entered by another thread only: a generator holding it across a yield, stepped
-                _left_elsewhere(self.plan.sub)  # from another thread (a pool): the entering thread keeps it
+                self.active.open.pop(id(self), None)  # from another thread (a pool): the entering thread keeps it
+                _left_elsewhere(self.plan.sub)  # (the block itself has ended: unwrap no longer waits for it)
         except BaseException:  # a Ctrl-C part-way: the block must not stay in force (closing twice is harmless)
             self._leave(threading.get_ident(), sys._getframe(1))
             raise
