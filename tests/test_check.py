@@ -3406,6 +3406,34 @@ class _ScalesByItsCount(nn.Module):
         return x
 
 
+class _NestedEncoderFixedDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.decoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.num_decoder_layers = 2  # the decoder's own count, right at every encoder depth
+
+    def forward(self, x):
+        for layer in self.encoder:
+            x = torch.tanh(layer(x))
+        for layer in self.decoder:
+            x = x + layer(x) / math.sqrt(2 * self.num_decoder_layers)
+        return x
+
+
+def test_a_count_of_another_towers_list_is_not_named():
+    """A Depth over the encoder, beside a fixed decoder reading num_decoder_layers (equal to the encoder's full
+    depth by chance): the decoder's count was named, though it is right at every encoder depth."""
+    from sortednet.check import LayerCountWarning
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayerCountWarning)
+        sn.wrap(_NestedEncoderFixedDecoder(), sn.Depth("enc", [1, 2], layers="encoder"), example=torch.randn(4, 8))
+    with pytest.warns(LayerCountWarning, match="num_decoder_layers"):  # (the decoder's own Depth: named)
+        sn.wrap(_NestedEncoderFixedDecoder(), sn.Depth("dec", [1, 2], layers="decoder"), example=torch.randn(4, 8))
+
+
 @pytest.mark.parametrize("how", ["tensor", "float", "hf_config", "assert", "table"])
 def test_a_layer_count_is_named_where_it_changes_a_shallower_sub_model(how):
     """``x / self.n_layers`` (the tensor's operator reads the int's value) and ``x * (1.0 / self.n_layers)``

@@ -958,10 +958,25 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
                 except Exception:  # (no __dict__, or one that is not a mapping)
                     continue
                 for k, v in attrs.items():
-                    if type(v) is int and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k):
+                    if type(v) is int and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
+                            and _names_this_list(k, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
                         spots.setdefault((id(obj), k), (obj, k, shown, v))
     return list(spots.values())
+
+
+_TOWERS = frozenset({"encoder", "decoder", "enc", "dec", "text", "vision"})
+
+
+def _names_this_list(count: str, path: str, model: nn.Module) -> bool:
+    """Whether a count named for a tower (``num_decoder_layers``) may be the count of the layer list at ``path``:
+    not where the model holds another list named for that tower and ``path`` is not (the decoder's count beside
+    a nested encoder is read right at every encoder depth)."""
+    towers = _TOWERS & set(count.lower().split("_"))
+    if not towers or towers & set(re.split(r"[._]", path.lower())):
+        return True
+    return not any(towers & set(re.split(r"[._]", n.lower())) for n, m in model.named_modules()
+                   if n != path and isinstance(m, (nn.ModuleList, nn.Sequential)))
 
 
 def _put(obj: Any, k: str, v: Any) -> None:
