@@ -3407,16 +3407,17 @@ class _ScalesByItsCount(nn.Module):
 
 
 class _NestedEncoderFixedDecoder(nn.Module):
-    def __init__(self):
+    def __init__(self, enc="encoder", dec="decoder"):
         super().__init__()
-        self.encoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
-        self.decoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.names = enc, dec
+        setattr(self, enc, nn.ModuleList(nn.Linear(8, 8) for _ in range(2)))
+        setattr(self, dec, nn.ModuleList(nn.Linear(8, 8) for _ in range(2)))
         self.num_decoder_layers = 2  # the decoder's own count, right at every encoder depth
 
     def forward(self, x):
-        for layer in self.encoder:
+        for layer in getattr(self, self.names[0]):
             x = torch.tanh(layer(x))
-        for layer in self.decoder:
+        for layer in getattr(self, self.names[1]):
             x = x + layer(x) / math.sqrt(2 * self.num_decoder_layers)
         return x
 
@@ -3432,6 +3433,34 @@ def test_a_count_of_another_towers_list_is_not_named():
         sn.wrap(_NestedEncoderFixedDecoder(), sn.Depth("enc", [1, 2], layers="encoder"), example=torch.randn(4, 8))
     with pytest.warns(LayerCountWarning, match="num_decoder_layers"):  # (the decoder's own Depth: named)
         sn.wrap(_NestedEncoderFixedDecoder(), sn.Depth("dec", [1, 2], layers="decoder"), example=torch.randn(4, 8))
+    with warnings.catch_warnings():  # (enc / dec name the same towers as encoder / decoder)
+        warnings.simplefilter("error", LayerCountWarning)
+        sn.wrap(_NestedEncoderFixedDecoder("enc_blocks", "dec_blocks"), sn.Depth("enc", [1, 2], layers="enc_blocks"),
+                example=torch.randn(4, 8))
+
+
+class _ScalesByADecoderCount(nn.Module):
+    """One layer list, a residual scale read from a decoder-named count, and a small decoder list of another
+    length beside it (the count is not that list's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.decoder_heads = nn.ModuleList([nn.Linear(8, 8)])
+        self.num_decoder_layers = 2
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x) / math.sqrt(2 * self.num_decoder_layers)
+        return self.decoder_heads[0](x)
+
+
+def test_a_tower_named_count_of_the_nested_list_is_still_named():
+    from sortednet.check import LayerCountWarning
+
+    torch.manual_seed(0)
+    with pytest.warns(LayerCountWarning, match="num_decoder_layers"):
+        sn.wrap(_ScalesByADecoderCount(), sn.Depth("d", [1, 2], layers="blocks"), example=torch.randn(4, 8))
 
 
 @pytest.mark.parametrize("how", ["tensor", "float", "hf_config", "assert", "table"])

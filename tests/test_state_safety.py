@@ -254,6 +254,53 @@ def test_unwrap_inside_a_use_block_is_refused():
     assert type(m[0]) is nn.Linear
 
 
+def test_a_use_object_left_in_a_third_thread_keeps_unwrap_back_while_another_is_inside():
+    """One use object entered in threads A and B and left in C: C's exit dropped the block, and unwrap went
+    through while B was inside (a copy ran B's widths after it). Entered in A, left in C, then a whole block in
+    B: A's kept token held unwrap back for ever."""
+    import queue
+
+    def worker():
+        jobs = queue.Queue()
+
+        def loop():
+            while (job := jobs.get()) is not None:
+                job()
+
+        t = threading.Thread(target=loop)
+        t.start()
+
+        def do(fn):
+            done = threading.Event()
+            jobs.put(lambda: (fn(), done.set()))
+            done.wait()
+        return do, lambda: (jobs.put(None), t.join())
+
+    (a, stop_a), (b, stop_b), (c, stop_c) = worker(), worker(), worker()
+    try:
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+        u = nest.use("h=4")
+        a(u.__enter__)
+        b(u.__enter__)
+        with pytest.warns(UseLeftElsewhereWarning):
+            c(lambda: u.__exit__(None, None, None))
+        with pytest.raises(sn.SortedNetError, match="in another thread or task"):
+            nest.unwrap()
+        b(lambda: u.__exit__(None, None, None))
+        a(lambda: u.__exit__(None, None, None))
+        nest.unwrap()
+        nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+        u = nest.use("h=4")
+        a(u.__enter__)
+        with pytest.warns(UseLeftElsewhereWarning):
+            c(lambda: u.__exit__(None, None, None))
+        b(lambda: (u.__enter__(), u.__exit__(None, None, None)))
+        nest.unwrap()
+    finally:
+        stop_a(), stop_b(), stop_c()
+
+
 def _trained(sort: bool, optimizer_kw: bool, optimizer: type = torch.optim.Adam):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))

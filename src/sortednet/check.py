@@ -959,23 +959,28 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
                     continue
                 for k, v in attrs.items():
                     if type(v) is int and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
-                            and _names_this_list(k, path, model):
+                            and _names_this_list(k, v, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
                         spots.setdefault((id(obj), k), (obj, k, shown, v))
     return list(spots.values())
 
 
-_TOWERS = frozenset({"encoder", "decoder", "enc", "dec", "text", "vision"})
+_TOWERS = {"encoder": "encoder", "enc": "encoder", "decoder": "decoder", "dec": "decoder", "text": "text",
+           "vision": "vision"}
 
 
-def _names_this_list(count: str, path: str, model: nn.Module) -> bool:
+def _towers_of(name: str) -> set[str]:
+    return {_TOWERS[t] for t in re.split(r"[._]", name.lower()) if t in _TOWERS}
+
+
+def _names_this_list(count: str, value: int, path: str, model: nn.Module) -> bool:
     """Whether a count named for a tower (``num_decoder_layers``) may be the count of the layer list at ``path``:
-    not where the model holds another list named for that tower and ``path`` is not (the decoder's count beside
-    a nested encoder is read right at every encoder depth)."""
-    towers = _TOWERS & set(count.lower().split("_"))
-    if not towers or towers & set(re.split(r"[._]", path.lower())):
+    not where ``path`` is not named for that tower and the model holds a list that is, of ``value`` entries (the
+    decoder's count beside a nested encoder is read right at every encoder depth)."""
+    towers = _towers_of(count)
+    if not towers or towers & _towers_of(path):
         return True
-    return not any(towers & set(re.split(r"[._]", n.lower())) for n, m in model.named_modules()
+    return not any(towers & _towers_of(n) and len(m) == value for n, m in model.named_modules()
                    if n != path and isinstance(m, (nn.ModuleList, nn.Sequential)))
 
 

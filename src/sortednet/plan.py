@@ -303,10 +303,11 @@ class Use:
     force before it, as if the generator's block had ended too (its own exit then changes nothing).
     """
 
-    __slots__ = ("active", "plan", "tokens")
+    __slots__ = ("active", "plan", "tokens", "stale")
 
     def __init__(self, active: Active, plan: Plan) -> None:
         self.active, self.plan, self.tokens = active, plan, {}
+        self.stale: set[int] = set()  # (threads whose block was left in another thread: ended, token kept)
 
     def __enter__(self) -> SubModel:
         key = threading.get_ident()
@@ -347,11 +348,11 @@ class Use:
             if entry is not None:
                 close_block(self.active, entry, sys._getframe(1))
                 del self.tokens[key]
-                if not self.tokens:
-                    self.active.open.pop(id(self), None)
+                self._closed(key)
             elif self.tokens:  # entered by another thread only: a generator holding it across a yield, stepped
-                self.active.open.pop(id(self), None)  # from another thread (a pool): the entering thread keeps it
-                _left_elsewhere(self.plan.sub)  # (the block itself has ended: unwrap no longer waits for it)
+                if len(self.tokens) == 1:  # from another thread (a pool): the entering thread keeps it; its block
+                    self._closed(next(iter(self.tokens)), stale=True)  # has ended, unwrap no longer waits for it
+                _left_elsewhere(self.plan.sub)
         except BaseException:  # a Ctrl-C part-way: the block must not stay in force (closing twice is harmless)
             self._leave(threading.get_ident(), sys._getframe(1))
             raise
@@ -363,7 +364,16 @@ class Use:
         if entry is not None:
             close_block(self.active, entry, here)
             self.tokens.pop(key, None)
-        if not self.tokens:
+        self._closed(key)
+
+    def _closed(self, key: int, stale: bool = False) -> None:
+        """Thread ``key``'s block has ended (``stale``: left in another thread, its token kept): once no thread
+        is inside a block of this object, it is no longer open for ``unwrap``."""
+        if stale:
+            self.stale.add(key)
+        elif key not in self.tokens:
+            self.stale.discard(key)
+        if self.tokens.keys() <= self.stale:
             self.active.open.pop(id(self), None)
 
 
