@@ -361,16 +361,22 @@ def test_sliced_mha_reads_masks_as_stock_mha_does(which, dtype):
                         run(x, **kw)
 
 
+def _one_attention(dim: int, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """A model of one 4-head nn.MultiheadAttention (as ``attn``) in ``dtype``, eval mode, and a copy of it."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("attn", nn.MultiheadAttention(dim, 4, batch_first=True))
+    m = m.to(dtype).eval()
+    return m, copy.deepcopy(m)
+
+
 def test_a_float32_mask_beside_a_bfloat16_model_runs_as_stock_attention_runs_it():
     """A model cast to bfloat16 given a float32 padding mask: stock nn.MultiheadAttention without weights
     (need_weights=False: how nn.TransformerEncoderLayer calls it) adds it in the query's dtype, and the full
     model ran; every smaller sub-model refused it ("nn.MultiheadAttention refuses it too", which holds only with
     weights). It runs now, as the full model with the other heads' outputs zeroed; with weights both refuse."""
-    torch.manual_seed(0)
-    m = nn.Sequential()
-    m.add_module("attn", nn.MultiheadAttention(32, 4, batch_first=True))
-    m = m.bfloat16().train()
-    ref = copy.deepcopy(m)
+    m, ref = _one_attention(32, torch.bfloat16)
+    m.train(), ref.train()
     x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
     kpm = torch.zeros(2, 5)
     kpm[0, -2:] = float("-inf")
@@ -392,11 +398,7 @@ def test_two_masks_of_other_dtypes_are_checked_as_their_sum_as_stock_attention_d
     """PyTorch adds the attention mask and the padding mask (type promotion) and checks the sum: a float64 model
     given a bool causal mask and a float32 padding mask runs (the sum is float64). Each mask was checked alone,
     so every smaller sub-model refused what the full model ran."""
-    torch.manual_seed(0)
-    m = nn.Sequential()
-    m.add_module("attn", nn.MultiheadAttention(16, 4, batch_first=True))
-    m = m.double().eval()
-    ref = copy.deepcopy(m)
+    m, ref = _one_attention(16, torch.float64)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
     pad = torch.zeros(2, 5)

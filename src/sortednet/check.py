@@ -2580,15 +2580,14 @@ def _refuse_full_model_writes(nest: Nest, model: nn.Module, example: Any, hit: l
     def output(sub: SubModel, start: list[torch.Tensor]) -> list[torch.Tensor]:
         return _run_from(nest, model, example, sub, [*zip((t for t, _ in hit), start), *buffers])
 
-    moved = _moved
 
     for sub, left in own.items():
         if sub == nest.largest:
             continue
         base = output(sub, left)
-        if moved(base, output(sub, left)) > 1e-6:
+        if _moved(base, output(sub, left)) > 1e-6:
             continue
-        by = moved(base, output(sub, full))
+        by = _moved(base, output(sub, full))
         if by > 1e-6:
             ids = {id(t) for t, _ in hit}
             names = [n for n, p in nest.model.named_parameters(remove_duplicate=False) if id(p) in ids]
