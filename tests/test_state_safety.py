@@ -2974,7 +2974,9 @@ def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tenso
     """A load called on what holds the wrapped model (``torch.compile``'s module, a container) was checked by no
     module of the nest (each checks only a load called on itself): PyTorch copied every other tensor before its
     raw size mismatch. And a value that is no tensor (a list) was not checked: the same half-loaded model. The
-    wrapped model's root checks a load from above it, under its prefix; a non-tensor is refused with the shapes."""
+    wrapped model's root checks a load from above it, under its prefix; a non-tensor is refused with the shapes.
+    So is a meta tensor (a state_dict of a model built with empty weights), which PyTorch copied the others before
+    refusing; ``assign=True`` takes it as PyTorch does."""
     def build():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -2986,13 +2988,16 @@ def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tenso
     good = {k: v + 1 for k, v in build().state_dict().items()}
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for key, value, what in [("0.weight", torch.zeros(4, 8), r"\(4, 8\) for \(16, 8\)"),
-                             ("2.bias", [0.0] * 4, r"a list, not a tensor")]:
+                             ("2.bias", [0.0] * 4, r"a list, not a tensor"),
+                             ("0.weight", torch.empty(16, 8, device="meta"), "a meta tensor, which holds no values")]:
         with pytest.raises(sn.SortedNetError, match=rf"(size mismatch|no tensor).*{prefix}{key}: {what}.*nothing "
                                                     rf"(under '{prefix[:-1]}' )?was copied"):
             outer.load_state_dict({prefix + k: value if k == key else v for k, v in good.items()})
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     outer.load_state_dict({prefix + k: v for k, v in good.items()})
     assert all(torch.equal(v, good[k]) for k, v in m.state_dict().items())
+    outer.load_state_dict({prefix + k: v.to("meta") if k == "2.bias" else v for k, v in good.items()}, assign=True)
+    assert m[2].bias.is_meta and torch.equal(m[0].weight, good["0.weight"])
 
 
 def test_the_callers_strict_is_read_through_a_wrapped_load_state_dict(monkeypatch):

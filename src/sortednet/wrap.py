@@ -799,6 +799,7 @@ class StateShapes:
                 self.root and isinstance(loading, nn.Module) and any(m is module for m in loading.modules())):
             return
         bad = []
+        assign = bool(args and isinstance(args[0], Mapping) and args[0].get("assign_to_params_buffers"))
         stack: list[tuple[tuple[str, ...], nn.Module]] = [(("",), module)]
         while stack:  # (as load_state_dict walks: a shared module under each of its paths)
             paths, m = stack.pop()
@@ -820,12 +821,14 @@ class StateShapes:
                 v = state_dict[at + name]
                 if not torch.overrides.is_tensor_like(v):  # (PyTorch refuses it too, after the others' copy)
                     bad.append(f"{at + name}: a {type(v).__name__}, not a tensor")
+                elif v.is_meta and not t.is_meta and not assign:  # (a state_dict of an empty-weights model)
+                    bad.append(f"{at + name}: a meta tensor, which holds no values")
                 elif v.shape != t.shape and not (t.dim() == 0 and tuple(v.shape) == (1,)):
                     bad.append(f"{at + name}: {tuple(v.shape)} for {tuple(t.shape)}")
         if bad:
-            shapes = not all(b.endswith(", not a tensor") for b in bad)
+            shapes = not all(b.endswith((", not a tensor", "holds no values")) for b in bad)
             what = (f"size mismatch for {len(bad)} tensor(s), of another shape than the model's" if shapes
-                    else f"{len(bad)} value(s) that are no tensor, for the model's")
+                    else f"{len(bad)} value(s) that hold no tensor data, for the model's")
             where = "was" if loading is module else f"under {prefix[:-1]!r} was"
             hint = ". A checkpoint of a nest of other sizes or ranks? sn.load names the difference" if shapes else ""
             raise _ShapeMismatch(f"load_state_dict: {what} ({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): "
