@@ -163,6 +163,39 @@ def test_dry_runs_never_write_the_models_tensors(case):
     assert _versions(model) == before
 
 
+class _WritesItsBuffers(nn.Module):
+    """A forward that writes buffers of its own: a call counter, and a cache of its last mean output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.fc = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("cache", torch.zeros(2))
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(torch.relu(self.bn(self.c(x))).mean((2, 3)))
+        self.cache.copy_(out.mean(0).detach())
+        return out
+
+
+@pytest.mark.parametrize("op", ["profile", "evaluate", "calibrate"])
+def test_measuring_writes_no_buffer_of_the_models_own_forward(op):
+    """profile ran its forwards on copies of every buffer, but calibrate (one hidden forward per sub-model and
+    batch) and evaluate ran on the model's own: a call counter went 0 -> 6 and a cached output changed, left so.
+    Each measures on copies now: no write reaches the model's tensors (their version counters stay)."""
+    torch.manual_seed(0)
+    model = _WritesItsBuffers().train()
+    nest = sn.wrap(model, sn.Width("c", [2, 4, 8], out="c", norm="bn", inp="fc"))
+    data = [torch.randn(4, 1, 6, 6) for _ in range(2)]
+    before, state = _versions(model), _visible_state(model)
+    {"profile": lambda: nest.profile(data[0], metrics=("flops", "latency"), repeat=1, warmup=0, progress=False),
+     "evaluate": lambda: evaluate(nest, [(data[0], torch.tensor([0, 1, 0, 1]))]),
+     "calibrate": lambda: nest.calibrate(data, batches=2)}[op]()
+    assert _versions(model) == before and _same(_visible_state(model), state)
+    assert int(model.calls) == 0 and not model.cache.any()
+
+
 def test_evaluate_and_calibrate_results_do_not_depend_on_the_models_mode():
     results = []
     for training in (True, False):
