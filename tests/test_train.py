@@ -669,6 +669,8 @@ def _small():
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0], distill=sn.Distill()), "logits"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: (c()[0], c()[1], None, 1)), "4 values"),
     (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0].detach()), "require grad"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda batch: c()[0]), "no arguments"),
+    (lambda n, c: sn.accumulate(n, n.submodels[:2], lambda: c()[0], backward=lambda: None), "backward="),
 ])
 def test_accumulate_bad_arguments_raise_before_any_gradient(call, match):
     case, nest = _small()
@@ -948,7 +950,9 @@ def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
     for kw, needle in [({"start_step": -1}, "start_step"), ({"nonfinite": "bogus"}, "nonfinite"),
                        ({"eval_every": True}, "eval_every"), ({"device": "bogus"}, "device"),
                        ({"eval_data": iter([(x, y)]), "eval_every": 1}, "eval_data"),
-                       ({"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, "ReduceLROnPlateau")]:
+                       ({"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, "ReduceLROnPlateau"),
+                       ({"loss_fn": lambda out: out.sum()}, r"loss_fn\(output, target\)"),
+                       ({"eval_data": (x, y), "metric": lambda out: 1.0}, r"metric\(output, target\)")]:
         with pytest.raises(sn.SortedNetError, match=needle):
             sn.fit(nest, [(x, y)], opt, sampler, progress=False, **kw)
         assert not m.training and all(torch.equal(a, b) for a, b in zip(m.parameters(), before))
@@ -957,6 +961,8 @@ def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
             evaluate(nest, data)
     with pytest.raises(sn.SortedNetError, match="fails on the data"):
         evaluate(nest, (torch.randn(6, 5), y))
+    with pytest.raises(sn.SortedNetError, match=r"metric\(output, target\)"):
+        evaluate(nest, (x, y), metric=lambda out: 1.0)
     seq = torch.randint(0, 3, (6, 5))  # a target per token: the default accuracy counts tokens, at most 1
     model2 = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     nest2 = sn.wrap(model2, sn.Width("h", [4, 8], out="0", inp="2"))

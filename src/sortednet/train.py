@@ -464,14 +464,32 @@ def checked_weights(raw: Any, n: int, who: str = "weights") -> list[float]:
     return weights
 
 
+def _takes(fn: Any, n: int) -> bool:
+    """Whether ``fn`` is callable with ``n`` positional arguments: False only where its signature says it is not
+    (a callable whose signature Python cannot read is taken at its word).
+
+    >>> _takes(lambda: 0, 0), _takes(lambda batch: 0, 0), _takes(lambda *a: 0, 2), _takes(print, 2)
+    (True, False, True, True)
+    """
+    if not callable(fn):
+        return False
+    try:
+        inspect.signature(fn).bind(*([None] * n))
+    except TypeError:
+        return False
+    except ValueError:  # (no signature: a builtin of C)
+        return True
+    return True
+
+
 def _checked(nest: Nest, subs: Sequence[SubModelLike], closure: Any, distill: Any, weights: Any, backward: Any,
              nonfinite: Any) -> tuple[list[SubModel], list[float]]:
     """:func:`accumulate`'s arguments checked (a :class:`SortedNetError` for the first fault, before anything
     runs): the resolved sub-models and their weights."""
-    if not callable(closure):
+    if not _takes(closure, 0):
         raise SortedNetError(f"accumulate(nest, subs, closure): the closure must be a function of no arguments "
-                             f"returning the loss, got {closure!r}")
-    if backward is not None and not callable(backward):
+                             f"returning the loss (it runs the model on the batch it closes over), got {closure!r}")
+    if backward is not None and not _takes(backward, 1):
         raise SortedNetError(f"accumulate(backward=...) takes a function of the scaled loss, got {backward!r}")
     refuse_unscaled(nest, backward)
     nest._check_structure("accumulate")  # (a layer list replaced or grown since wrap would train the wrong model)
@@ -725,6 +743,9 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     """
     _need_nest(nest, "evaluate")
     default = metric is None
+    if not default and not _takes(metric, 2):
+        raise SortedNetError(f"evaluate(metric=...) takes a callable metric(output, target) returning the sum over "
+                             f"the batch, got {metric!r}")
     metric = metric or _accuracy
     subs = list(nest.submodels) if subs is None else [nest.resolve(s) for s in subs]
     if not subs:
@@ -878,7 +899,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                              f"{type(optimizer).__name__}")
     if not isinstance(sampler, Sampler):
         raise SortedNetError(f"fit() needs an sn.Sampler, got {type(sampler).__name__}")
-    if loss_fn is not None and not callable(loss_fn):
+    if loss_fn is not None and not _takes(loss_fn, 2):
         raise SortedNetError(f"fit(loss_fn=...) takes a callable loss_fn(output, target), got {loss_fn!r}")
     if loader is None or isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
         raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
@@ -940,7 +961,7 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     eval_every = None if eval_every is None else int(eval_every)
     if nonfinite not in NONFINITE:
         raise SortedNetError(f"nonfinite= must be one of {list(NONFINITE)}, got {nonfinite!r}")
-    if metric is not None and not callable(metric):
+    if metric is not None and not _takes(metric, 2):
         raise SortedNetError(f"fit(metric=...) takes a callable metric(output, target) returning the sum over the "
                              f"batch, got {metric!r}")
     if metric is not None and eval_data is None:
