@@ -114,3 +114,31 @@ def test_a_second_name_of_a_module_is_explained():
 
     with pytest.raises(sn.SortedNetError, match="'mid2' is the module named 'mid'"):
         sn.wrap(M(), sn.Width("h", [8, 16], out=["inp", "mid2"], inp=["mid", "out"]))
+
+
+@pytest.mark.parametrize("pattern", ["blocks.*", "re:blocks\\.\\d", "blocks.1"])
+def test_a_glob_over_second_names_of_a_shared_layer_names_its_first(pattern):
+    """A layer held as ``self.l`` and twice in ``self.blocks`` (one layer applied twice) has ``blocks.0`` and
+    ``blocks.1`` as second names, which patterns do not match (a module is matched by its first name): a glob or
+    regex over them said only "matched no module; nearby names: 'blocks'", as if the list were empty. Every form
+    of pattern names the first name now, and the model is left as it was."""
+    import torch.nn as nn
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(16, 16)
+            self.blocks, self.out = nn.ModuleList([self.l, self.l]), nn.Linear(16, 3)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return self.out(x)
+
+    model = Shared()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.PatternError, match=r"matched no module.*'blocks\.\d' is the module named 'l'"):
+        sn.wrap(model, sn.Rank("r", [2, 16], targets=pattern))
+    assert type(model.l) is nn.Linear and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    nest = sn.wrap(model, sn.Rank("r", [2, 16], targets="l"))
+    assert list(nest._sliced) == ["l"]

@@ -45,11 +45,13 @@ def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> lis
     hits = [n for n in modules if n and rx.fullmatch(n)]
     if not hits:
         compiled = "_orig_mod" in modules and not pattern.startswith(("_orig_mod", "re:_orig_mod"))
-        raise PatternError(f"{what}: pattern {pattern!r} matched no module; nearby names: "
+        err = PatternError(f"{what}: pattern {pattern!r} matched no module; nearby names: "
                            f"{nearby(pattern, [n for n in modules if n])}"
                            + ("; the model is a torch.compile wrapper (its modules are under '_orig_mod.'): sn.wrap "
                               "the model itself, before compiling it, then torch.compile(model) or nest.compile()"
                               if compiled else ""))
+        err.pattern = pattern  # (wrap names the modules it would match under their second names)
+        raise err
     return hits
 
 

@@ -124,11 +124,16 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
         targets: list[Target] = [t for d in dims for t in d.plan(modules)]
     except PatternError as e:  # a second name of a module (self.b = self.a): say which name to use
         canon = {id(m): n for n, m in modules.items()}
-        alias = [f"{n!r} is the module named {canon[id(m)]!r}" for n, m in model.named_modules(remove_duplicate=False)
-                 if n not in modules and id(m) in canon and f"pattern {n!r} matched no module" in str(e)]
+        seconds = {n: m for n, m in model.named_modules(remove_duplicate=False) if n not in modules and id(m) in canon}
+        pattern = getattr(e, "pattern", None)
+        try:  # (the names the pattern would match under a second name: a glob over a list of one shared layer)
+            hit = match_pattern(pattern, seconds, "") if isinstance(pattern, str) and seconds else []
+        except PatternError:
+            hit = []
+        alias = [f"{n!r} is the module named {canon[id(seconds[n])]!r}" for n in hit]
         if alias:
-            raise PatternError(f"{e}; {alias[0]} (a module held under two names is matched by its first name)") \
-                from None
+            raise PatternError(f"{e}; {', '.join(alias[:3])}{' ...' if len(alias) > 3 else ''} (a module held under "
+                               "two names is matched by its first name)") from None
         raise
     if any(t.path not in modules for t in targets):  # a module reached under a second name (an attention's
         first = {id(m): n for n, m in modules.items()}  # o-projection shared by every block): its first name
