@@ -3202,6 +3202,48 @@ def test_a_width_whose_features_no_layer_reads_is_refused(reduce):
     sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="head"), example=x)  # the hidden width is fine
 
 
+class _TiedAE(nn.Module):
+    """An autoencoder whose decoder is the encoder's own weight transposed; ``tail`` says what else the forward
+    does with the encoder's outputs or weight."""
+
+    def __init__(self, tail, h=16):
+        super().__init__()
+        self.enc, self.bias, self.tail = nn.Linear(6, h), nn.Parameter(torch.randn(6)), tail
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x))
+        if self.tail == "decode":
+            return F.linear(h, self.enc.weight.t(), self.bias)
+        if self.tail == "regulariser":  # the weight read alone, the features reduced away
+            return h.logsumexp(-1) + self.enc.weight.pow(2).sum()
+        # a cosine head: the weight normalised (a copy), the classes reduced away
+        return F.linear(F.normalize(x, dim=-1) @ torch.ones(6, 6), F.normalize(self.enc.weight, dim=-1)).logsumexp(-1)
+
+
+def test_a_tied_transposed_decoder_reads_the_features_its_encoder_writes():
+    """``F.linear(h, enc.weight.t())``: the encoder's output features are read through its own (cut) weight,
+    a reader no ``inp=`` can name: check refused the exact nest, saying no layer reads them. A cut weight that an
+    op outside the encoder takes with features of the cut size, making a new tensor, is that reader now; the
+    same weight read alone (a regulariser) or through a copy (normalised), the features reduced away, is still
+    refused."""
+    torch.manual_seed(0)
+    model, x = _TiedAE("decode").eval(), torch.randn(5, 6)
+    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="enc"), example=x)
+    nest.check(x)
+    for size in (4, 8):
+        small = _TiedAE("decode", h=size).eval()
+        small.enc.load_state_dict({"weight": model.enc.weight[:size], "bias": model.enc.bias[:size]})
+        small.bias.data.copy_(model.bias)
+        with nest.use(f"h={size}"), torch.no_grad():
+            torch.testing.assert_close(model(x), small(x))
+            torch.testing.assert_close(nest.export(f"h={size}")(x), small(x))
+    for tail in ("regulariser", "cosine"):
+        other = _TiedAE(tail).eval()
+        with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['enc'\] but no layer reads"):
+            sn.wrap(other, sn.Width("h", [4, 16], out="enc"), example=x)
+        assert type(other.enc) is nn.Linear
+
+
 class _GatedMLP(nn.Module):
     """A gated MLP written as one module: its hidden width is internal, its output stays the model's width."""
 

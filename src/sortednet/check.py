@@ -794,6 +794,57 @@ def _internal_outs(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, s
     return all(len(v) % 2 == 0 and v and v[:len(v) // 2] == v[len(v) // 2:] for v in shapes.values())
 
 
+def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]], example: Any) -> bool:
+    """Whether, at ``d``'s smallest size, an op outside the forward of every module ``d`` binds as ``out`` takes
+    one of their cut tensors together with features of that size, and makes a new tensor of them: a tied
+    transposed decoder (``F.linear(h, enc.weight.t())``) reads the features ``d`` writes through ``enc``'s own
+    weight, a reader no binding can name. (A weight read alone, as a regulariser or a normalised copy, is not.)"""
+    mods = [model.get_submodule(p) for p, _ in keys]
+    try:
+        ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+        cut = {ptr(t) for m in mods for t in m._parameters.values() if t is not None}
+        held = {ptr(t) for t in (*model.parameters(), *model.buffers())}
+    except Exception:  # (a tensor of no storage: not measured)
+        return False
+    small, inside, found = d.sizes[0], [0], [False]
+
+    def shares(t: Any, ptrs: set) -> bool:
+        try:
+            return isinstance(t, torch.Tensor) and ptr(t) in ptrs
+        except Exception:
+            return False
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not inside[0] and not found[0]:
+                ts = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+                weights = [t for t in ts if shares(t, cut) and small in t.shape]
+                feats = [t for t in ts if not shares(t, held) and small in t.shape]
+                made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                found[0] = bool(weights and feats and made and not any(shares(t, cut) for t in made))
+            return out
+
+    def enter(*_: Any) -> None:
+        inside[0] += 1
+
+    def leave(*_: Any) -> None:
+        inside[0] -= 1
+
+    handles = [h for m in mods for h in (m.register_forward_pre_hook(enter),
+                                         m.register_forward_hook(leave, always_call=True))]
+    full = SubModel({e.name: e.full for e in nest.dims})
+    try:
+        with torch.no_grad(), nest.use(full.replace(**{d.name: small})), Reads():
+            call_model(model, example)
+    except Exception:  # (the dry runs report what fails)
+        return False
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0]
+
+
 def _inert_norm(model: nn.Module, path: str) -> bool:
     """Whether the module at ``path`` is a norm holding no tensor whose computation a binding would not change
     (per channel, or over all channels at once): InstanceNorm / BatchNorm without affine weights or running
@@ -2742,6 +2793,8 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         "module (a gated MLP's hidden units), name that role 'inp' in the slicer and bind it with "
                         "inp= ('out' says the module's outputs are cut, and then a layer must read them: none "
                         "does, so a sub-model would compute over fewer of them unseen)")
+                if _cut_read_elsewhere(nest, model, d, keys, example):  # (a tied transposed decoder)
+                    continue
                 raise SortedNetError(
                     f"nest.check: width {d.name!r} slices the outputs of {[p for p, _ in keys][:4]} but no layer "
                     "reads them (no inp=, no norm=): the dry runs pass because those features are reduced away (a "
