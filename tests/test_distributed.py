@@ -688,6 +688,21 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
     every_rank("seed_per_rank_plain", lambda: snd.accumulate(
         seeded_nest, [seeded_nest.largest], lambda: _loss(seeded.model(seeded.example))))
     out["seed_per_rank_grads"] = all(p.grad is None for p in seeded.model.parameters())
+    # alike at the first step, then a checkpoint loaded on one rank only (a best model restored on rank 0): the
+    # replicas were compared at the first step alone, and drifted apart in silence
+    alike = FAMILIES["mlp"](seed=0)
+    alike_nest = sn.wrap(alike.model, *alike.dims)
+    first = {k: v.clone() for k, v in alike.model.state_dict().items()}
+    def alike_step():
+        snd.accumulate(alike_nest, [alike_nest.largest], lambda: _loss(alike.model(alike.example)))
+        alike.model.zero_grad(set_to_none=True)
+
+    every_rank("alike_first_step", alike_step)
+    if rank == 1:
+        alike.model.load_state_dict({k: v + 0.01 for k, v in first.items()})
+    every_rank("loaded_on_one_rank", alike_step)
+    alike.model.load_state_dict(first)  # every rank: alike again, accepted
+    every_rank("loaded_on_every_rank", alike_step)
     layers = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(4)])
     torch.manual_seed(0)
     for p in layers.parameters():
@@ -1053,7 +1068,10 @@ def test_replicas_that_differ_are_refused_on_every_rank_before_they_train(run):
     _, results = run
     errs = results["errors"]
     for e in errs["seed_per_rank_plain"]:
-        assert "the ranks' models differ at the first step, in their weights" in e, e
+        assert "the ranks' models differ, in their weights" in e, e
+    assert errs["alike_first_step"] == errs["loaded_on_every_rank"] == ["accepted"] * WORLD
+    for e in errs["loaded_on_one_rank"]:
+        assert "the ranks' models differ, in their weights" in e and "since the last step" in e, e
     assert errs["seed_per_rank_grads"]
     for e in errs["other_nest_same_names"]:
         assert "ranks disagree on the sub-models (and weights, distill=, nonfinite=, the nest)" in e and "nest=" in e, e

@@ -1468,6 +1468,20 @@ def test_an_export_in_training_mode_of_a_value_that_draws_is_refused_and_draws_n
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_wrapping_a_value_that_draws_in_training_mode_says_to_wrap_in_eval_mode():
+    """A freshly built model is in training mode, where a DropConnect value() differs from the module's tensor:
+    wrap's full-size check refused it saying value() must return the tensor itself, which it does in eval mode.
+    The refusal names the training mode and the order that works (wrap after eval(), then train())."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_DropConnect(8, 64), nn.ReLU(), nn.Linear(64, 3)).train()
+    with pytest.raises(sn.SortedNetError, match=r"'weight'.*training mode.*DropConnect.*wrap the model after "
+                                                r"model\.eval\(\)"):
+        sn.wrap(m, sn.Width("h", [16, 64], out="0", inp="2"))
+    assert type(m[0]) is _DropConnect and m.training
+    sn.wrap(m.eval(), sn.Width("h", [16, 64], out="0", inp="2"))
+    m.train()
+
+
 def test_a_layer_compiled_in_place_is_exported_and_copied_as_its_own(fresh_dynamo):
     """``model[0].compile()`` (``nn.Module.compile``, in place) keeps a compiled call bound to that module; the
     deep copy of a sliced layer took it along (a plain module's copy drops it), so the export, and an EMA made

@@ -67,11 +67,13 @@ def _collective_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _agree_on(names: list[str], group: Any, what: str, hint: str, phase: int = _START) -> None:
+def _agree_on(names: list[str], group: Any, what: str, hint: str, phase: int = _START,
+              flags: Sequence[bool] = ()) -> list[bool]:
     """Raise :class:`SortedNetError` on every rank unless ``names`` is the same on every rank (one ``all_reduce``
-    of a digest; the names are gathered only to say which rank differs)."""
+    of a digest; the names are gathered only to say which rank differs). Returns each of ``flags`` set on any
+    rank (carried by the same collective)."""
     digest = int.from_bytes(hashlib.sha1("\n".join(names).encode()).digest()[:7], "big")  # exact in int64
-    same, _ = _sync(phase, digest, (), group)
+    same, anywhere = _sync(phase, digest, flags, group)
     if not same:  # every rank sees it and raises (collectives stay matched)
         every: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(every, names, group=group)
@@ -81,3 +83,4 @@ def _agree_on(names: list[str], group: Any, what: str, hint: str, phase: int = _
                         "collective is left waiting)")
         bad = next(r for r, other in enumerate(every) if other != every[0])
         raise _told(f"ranks disagree on {what}: rank 0 has {every[0]}, rank {bad} has {every[bad]}; {hint}")
+    return anywhere

@@ -1296,7 +1296,8 @@ def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
                         t = sl.tensor(m, name)
                         where = f"{type(sl).__name__} (slicer of {path or '<root>'!r}, {m._sn.cls.__name__})"
                         if sub is full:
-                            _full_value_kept(where, name, v, m.__dict__.get(name, _UNSET) if t is None else t, sub)
+                            _full_value_kept(where, name, v, m.__dict__.get(name, _UNSET) if t is None else t, sub,
+                                             m.training)
                         if not isinstance(t, torch.Tensor):
                             continue
                         if not isinstance(v, torch.Tensor):
@@ -1355,7 +1356,7 @@ def _same_value(old: Any, new: Any) -> bool:
     return a == b or (math.isfinite(abs(a)) and abs(a - b) <= 1e-6 * max(abs(a), abs(b)))
 
 
-def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> None:
+def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel, training: bool = False) -> None:
     """A user's slicer must serve, at the full sizes, what the module held before wrap (a parameter's or buffer's
     values, an int such as ``fan_in`` kept in the instance ``__dict__``): the largest sub-model is the model as it
     was. A value it computes otherwise (the wrong axis' length, ``None``, a tensor scaled by mistake) would change
@@ -1404,7 +1405,11 @@ def _full_value_kept(where: str, name: str, v: Any, old: Any, sub: SubModel) -> 
             raise SortedNetError(f"{where} gives {name!r} at the full sizes {sub} with other values than the "
                                  f"module's {name!r}{diff}: the largest sub-model must be the model as it was. "
                                  "value() must return the tensor itself (cut to the active sizes) there "
-                                 "(docs/custom_slicers.md)")
+                                 "(docs/custom_slicers.md)" + (
+                                     ". The module is in training mode: a value() that draws at random there "
+                                     "(DropConnect) differs from the module's tensor; wrap the model after "
+                                     "model.eval() (the values eval mode serves are compared), then call "
+                                     "model.train()" if training else ""))
         return
     if not _comparable(old):
         return

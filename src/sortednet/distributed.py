@@ -46,7 +46,7 @@ from .slicers import is_sharded
 from .submodel import SubModel, SubModelLike
 from .views import _compiling, is_fsdp
 from .views import fsdp_units as _fsdp_modules
-from .wrap import _is_fsdp1
+from .wrap import _is_fsdp1, loads
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -314,16 +314,24 @@ def _refuse_unbroadcast(ddp: nn.Module, module: nn.Module) -> None:
             "(and such changes) before DDP(...) (docs/scaling.md)")
 
 
-_REPLICAS_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+#: module -> the process's load count (:func:`sortednet.wrap.loads`) when its replicas were last found equal
+_REPLICAS_CHECKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
-def _refuse_diverged(module: nn.Module, group: Any) -> None:
-    """At the first :func:`accumulate` of ``module`` (DDP or plain processes), refuse on every rank replicas
-    that differ: models built with a seed per rank (plain processes have no broadcast), or weights loaded on one
-    rank only after the DDP wrapper broadcast them. Their gradients would be averaged as one model's while each
-    rank keeps its own weights, in silence. One small collective: a digest of up to 1,024 values of each
-    trainable parameter (what DDP leaves alone excepted)."""
-    if module in _REPLICAS_CHECKED:
+def _replicas_unchecked(module: nn.Module) -> bool:
+    """Whether this rank has not compared ``module``'s weights with the other ranks' since its last load into a
+    wrapped model (or ever): the step's agreement carries it, so every rank compares again where one must."""
+    return _REPLICAS_CHECKED.get(module) != loads()
+
+
+def _refuse_diverged(module: nn.Module, group: Any, again: bool) -> None:
+    """At the first :func:`accumulate` of ``module`` (DDP or plain processes), and again at the first after a
+    load on any rank (``again``: the same on every rank), refuse on every rank replicas that differ: models built
+    with a seed per rank (plain processes have no broadcast), or weights loaded on one rank only after the DDP
+    wrapper broadcast them (a best checkpoint restored on rank 0 mid-training). Their gradients would be averaged
+    as one model's while each rank keeps its own weights, in silence. One small collective: a digest of up to
+    1,024 values of each trainable parameter (what DDP leaves alone excepted)."""
+    if not again:
         return
     digest = 0
     for n, p in _averaged(module):
@@ -333,10 +341,11 @@ def _refuse_diverged(module: nn.Module, group: Any) -> None:
             digest = zlib.crc32(_value_bytes(t), zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode(), digest))
     same, _ = _sync(_START, digest, (), group)
     if same:  # (refused: every rank checks again at its next call)
-        _REPLICAS_CHECKED.add(module)
+        _REPLICAS_CHECKED[module] = loads()
     else:
-        raise _told("sortednet.distributed.accumulate: the ranks' models differ at the first step, in their weights "
-                    "(built with a seed per rank, or a checkpoint loaded on some ranks only) or in which parameters "
+        raise _told("sortednet.distributed.accumulate: the ranks' models differ, in their weights (built with a "
+                    "seed per rank, or a checkpoint loaded on some ranks only, at the start or since the last step) "
+                    "or in which parameters "
                     "train (requires_grad set on some ranks only): their gradients would be averaged as one "
                     "model's while each rank kept its own weights, drifting apart in silence. "
                     "Build the model with the same seed and frozen parameters on every rank (a DDP wrapper "
@@ -434,7 +443,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     hooks = []
     if _active() and dist.get_world_size(group) > 1:
         _refuse_sparse(nest.model if module is None else _inner(module), "sortednet.distributed.accumulate")
-        kwargs["_prechecked"] = _same_on_every_rank(nest, subs, group, closure, kwargs)  # (checked once)
+        kwargs["_prechecked"], again = _same_on_every_rank(  # (checked once)
+            nest, subs, group, closure, kwargs, _replicas_unchecked(module if module is not None else nest.model))
         kwargs["_agree"] = lambda bad, failed: _loss_agreement(bad, failed, group)
         # before FSDP's all-gathers and DDP's buffer broadcast (prepended, also on the wrapper the closure
         # calls): every rank runs the same sub-model in each forward
@@ -463,7 +473,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
         if module is not None:
             guard(module, nest)
         if _active() and dist.get_world_size(group) > 1:
-            _refuse_diverged(module if module is not None else nest.model, group)
+            _refuse_diverged(module if module is not None else nest.model, group, again)
         if _active() and not isinstance(ddp, _ddp_type()):  # (module= left out, or naming the model inside the
             hooks.append(nest.model.register_forward_pre_hook(_unnamed_ddp))  # wrapper the closure calls)
         if _active() and dist.get_world_size(group) > 1:
@@ -649,12 +659,14 @@ def _gather_once(units: list[nn.Module]) -> None:
 
 
 def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, closure: Any = None,
-                        kwargs: dict[str, Any] | None = None) -> tuple[list[SubModel], list[float]]:
+                        kwargs: dict[str, Any] | None = None,
+                        unchecked: bool = False) -> tuple[tuple[list[SubModel], list[float]], bool]:
     """Raise :class:`SortedNetError` on every rank unless every rank passes the same sub-models, in the same
     order, with the same weights, distillation and ``nonfinite``. Ranks that drew differently (a seed per
     rank, another ``k``) would average the gradients of different sub-models, or mismatch their collectives
     and abort. Arguments that :func:`sortednet.accumulate` refuses on one rank only are refused on every rank
-    (that rank's own error there, the others naming it), before any collective of the step."""
+    (that rank's own error there, the others naming it), before any collective of the step. Also returns
+    whether ``unchecked`` (replicas not compared since a load) holds on any rank."""
     from .train import _checked
 
     kw = kwargs or {}
@@ -673,17 +685,17 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, cl
     else:
         names += [f"refused: {error}"]
     try:
-        _agree_on(names, group, "the sub-models (and weights, distill=, nonfinite=, the nest) of this step",
+        again, = _agree_on(names, group, "the sub-models (and weights, distill=, nonfinite=, the nest) of this step",
                   "give every rank's Sampler the same seed, k and step (the gradients of different sub-models "
                   "would be averaged), the same accumulate arguments, and the same nest (nest=: a digest of its "
-                  "dimensions and of the modules they slice)")
+                  "dimensions and of the modules they slice)", flags=(unchecked,))
     except SortedNetError:
         if error is not None:
             raise error from None
         raise
     if error is not None or checked is None:  # (the same refusal on every rank: each raises its own, no
         raise error or SortedNetError("accumulate: arguments not checked")  # collective pending)
-    return checked
+    return checked, again
 
 
 def _nest_digest(nest: Nest) -> str:

@@ -40,7 +40,7 @@ from .meta import (
 from .modes import casts_stale
 from .nest import Nest, modules_digest, wrap
 from .views import is_fsdp, is_sharded
-from .wrap import _keyed_as, plan
+from .wrap import _keyed_as, count_load, plan
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
 
@@ -440,6 +440,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     warnings.simplefilter("ignore", UnverifiedHeadsWarning)  # wrap-time warning: not actionable)
                     nest = wrap(model, *dims, submodels=subs)
             copying = True
+            count_load()
             sd = nest.model.state_dict(keep_vars=True)
             with torch.no_grad():
                 for name, targets in copies.items():

@@ -784,6 +784,19 @@ _LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._loa
             nn.modules.instancenorm._InstanceNorm._load_from_state_dict)
 
 
+_LOADS = [0]  # loads into wrapped models in this process (StateShapes, sn.load): distributed re-checks replicas
+
+
+def loads() -> int:
+    """How many loads (``load_state_dict`` of a wrapped model or a part of it, ``sn.load``) this process began:
+    ``sortednet.distributed.accumulate`` compares the ranks' weights again after one."""
+    return _LOADS[0]
+
+
+def count_load() -> None:
+    _LOADS[0] += 1
+
+
 class StateShapes:
     """``load_state_dict`` pre-hook of every module of the wrapped model; the module ``load_state_dict`` was called
     on (the whole model or a part) checks its part: a tensor of another shape than the model's own (a checkpoint
@@ -803,6 +816,7 @@ class StateShapes:
         if loading is not module and not (  # (a part of the load: the module it was called on checked it)
                 self.root and isinstance(loading, nn.Module) and any(m is module for m in loading.modules())):
             return
+        count_load()  # (before any copy, also where it is refused: a re-check of the replicas costs one digest)
         bad = []
         assign = bool(args and isinstance(args[0], Mapping) and args[0].get("assign_to_params_buffers"))
         stack: list[tuple[tuple[str, ...], nn.Module]] = [(("",), module)]
