@@ -601,3 +601,17 @@ def test_a_cache_in_a_deque_is_copied_like_one_in_a_list(holder):
     with pytest.raises(sn.SortedNetError, match=r"nest.profile: the example holds a key/value cache \(at \[1\]\[0\]"):
         nest.profile((x, holder([c])), metrics=("params", "flops"), repeat=1, warmup=0, progress=False)
     assert c.get_seq_length() == 0
+
+
+def test_a_cache_a_shallower_sub_model_began_says_to_start_afresh():
+    """A cache begun by a shallower sub-model (position 0): its deeper layers hold nothing, and the refusal said
+    to crop each layer back to 0 positions, which transformers' ``crop(0)`` does not do (it keeps every
+    position). With no position held by every layer, it says to start a new cache or ``reset()`` this one."""
+    model, nest = _built(CountedLM, True)
+    ids = torch.randint(0, V, (1, 7))
+    with torch.no_grad():
+        with nest.use("depth=2"):
+            _, cache = model(ids[:, :5])
+        with nest.use("depth=4"), pytest.raises(sn.SortedNetError, match=r"depth=2 ran on this cache at position "
+                                                                        r"0.*Start a new cache, or empty this one"):
+            model(ids[:, 5:6], past_key_values=cache)

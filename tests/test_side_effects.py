@@ -180,10 +180,11 @@ class _WritesItsBuffers(nn.Module):
 
 
 @pytest.mark.parametrize("op", ["profile", "evaluate", "calibrate"])
-def test_measuring_writes_no_buffer_of_the_models_own_forward(op):
-    """profile ran its forwards on copies of every buffer, but calibrate (one hidden forward per sub-model and
-    batch) and evaluate ran on the model's own: a call counter went 0 -> 6 and a cached output changed, left so.
-    Each measures on copies now: no write reaches the model's tensors (their version counters stay)."""
+def test_measuring_writes_the_models_buffers_as_its_forward_does(op):
+    """profile measures on copies of every buffer (it times the model, never its outputs): a call counter or a
+    cached output its forward writes stays the model's. evaluate and calibrate compute the model's outputs, as a
+    loop of your own would, on the model's own buffers (a copy of each would cost their memory again: a large
+    frozen table kept as a buffer): what their forwards write is written, as documented."""
     torch.manual_seed(0)
     model = _WritesItsBuffers().train()
     nest = sn.wrap(model, sn.Width("c", [2, 4, 8], out="c", norm="bn", inp="fc"))
@@ -192,8 +193,55 @@ def test_measuring_writes_no_buffer_of_the_models_own_forward(op):
     {"profile": lambda: nest.profile(data[0], metrics=("flops", "latency"), repeat=1, warmup=0, progress=False),
      "evaluate": lambda: evaluate(nest, [(data[0], torch.tensor([0, 1, 0, 1]))]),
      "calibrate": lambda: nest.calibrate(data, batches=2)}[op]()
-    assert _versions(model) == before and _same(_visible_state(model), state)
-    assert int(model.calls) == 0 and not model.cache.any()
+    if op == "profile":
+        assert _versions(model) == before and _same(_visible_state(model), state)
+        assert int(model.calls) == 0 and not model.cache.any()
+    else:
+        assert int(model.calls) == {"evaluate": 3, "calibrate": 6}[op] and model.cache.any()
+        assert all(torch.equal(getattr(model.bn, k), v) for k, v in [("running_mean", torch.zeros(8)),
+                                                                      ("running_var", torch.ones(8))])
+
+
+class _ReadsThroughAView(nn.Module):
+    """A buffer registered as a view of another: the forward writes the cache and reads it through the view."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("cache", torch.zeros(2), persistent=False)
+        self.register_buffer("head", self.cache[:1], persistent=False)
+
+    def forward(self, x):
+        self.cache.fill_(1.0)
+        return self.l1(torch.relu(self.l0(x))) * self.head
+
+
+def test_private_buffer_copies_keep_which_buffers_share_memory():
+    """The private view's buffer copies cloned each buffer alone: a buffer registered as a view of another no
+    longer saw the writes into it, so a forward of the view computed other numbers than the model (0.0 for
+    0.27 in each output, with evaluate on such copies). Copies of buffers that share memory share one copy of it
+    now, each with its own offset and strides; the model's buffers are not written."""
+    from sortednet.modes import eval_view
+
+    torch.manual_seed(0)
+    model, x = _ReadsThroughAView(), torch.randn(5, 4)
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="l0", inp="l1"))
+    view, copies = eval_view(model, keep=nest.dims, own_buffers=True)
+    assert view.head.untyped_storage().data_ptr() == view.cache.untyped_storage().data_ptr()
+    assert view.cache.untyped_storage().data_ptr() != model.cache.untyped_storage().data_ptr()
+    with torch.no_grad():
+        got = {}
+        for sub in nest.submodels:
+            with nest.use(sub):
+                got[sub] = view(x)
+        assert not model.cache.any()  # (the model's own buffers are not written)
+        for sub in nest.submodels:
+            with nest.use(sub):
+                torch.testing.assert_close(got[sub], model(x))
+                assert got[sub].abs().sum() > 0
+    model.cache.zero_()
+    profile = nest.profile(x, metrics=("flops",), repeat=1, warmup=0, progress=False)
+    assert len(profile.submodels) == len(nest.submodels) and not model.cache.any()
 
 
 def test_evaluate_and_calibrate_results_do_not_depend_on_the_models_mode():

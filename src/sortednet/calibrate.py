@@ -149,7 +149,7 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
     others = {p: m for p, m in nest.model.named_modules() if isinstance(m, _BatchNorm)
               and m.track_running_stats and id(m) not in sliced}
     seen: dict[str, list[Tensor]] = {p: [] for p in others}  # per sub-model: the mean input of unsliced ones
-    with eval_mode(nest, own_state=bns.values(), own_buffers=True) as (view, copies):  # (a counter: its own)
+    with eval_mode(nest, own_state=bns.values()) as (view, copies):
         pairs = [(m, copies[id(m)]) for m in bns.values()]
         for _, c in pairs:
             c.train()

@@ -221,9 +221,12 @@ class CacheGuard:
             raise SortedNetError(
                 f"key/value cache: a sub-model of {depth}={e} ran on this cache at position {p}, so its "
                 f"layers from {e} on miss positions {p}..{filled - 1}; {sub} runs them and would attend to a "
-                f"past they never saw. Crop each layer back to {p} positions (by its own count: the layers hold "
-                f"different lengths; transformers' sliding-window layers cannot be cropped once full), or start a "
-                f"new cache")
+                f"past they never saw. " + (
+                    "Start a new cache, or empty this one (cache.reset()): no position is held by every layer"
+                    if p == 0 else
+                    f"Crop each layer back to {p} positions (by its own count: the layers hold different "
+                    "lengths; transformers' sliding-window layers cannot be cropped once full), or start a new "
+                    "cache"))
         layers = getattr(cache, "layers", None)
         if not isinstance(layers, (list, tuple)) and filled and any(e < d for e in missing):
             e = min(e for e in missing if e < d)

@@ -278,8 +278,10 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
     memo: dict[int, object] = {id(d): d for d in keep}
     for t in model.parameters():
         memo[id(t)] = t
-    for t in model.buffers():
-        memo[id(t)] = t.detach().clone() if own_buffers else t
+    if own_buffers:
+        memo.update(_own_copies(list(model.buffers())))
+    else:
+        memo.update((id(t), t) for t in model.buffers())
     for m in model.modules():
         st = m.__dict__.get("_sn")
         if st is not None:
@@ -296,6 +298,37 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
                                    "thread sees a mode change)")
     view.train(False)
     return view, {id(m): memo[id(m)] for m in model.modules()}  # type: ignore[misc]
+
+
+def _own_copies(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``id(tensor) -> copy`` where copies of tensors that share memory share it too (a buffer registered as a
+    view of another, ``self.head = self.cache[:1]``: a write into one is read through the other, as in the model):
+    one copy of each storage two or more of them hold, each rebuilt on it with its own offset, size and strides.
+    A tensor alone in its storage is cloned by itself (a small view of a large tensor copies the view only)."""
+    def key(t: torch.Tensor) -> tuple | None:
+        try:
+            st = t.untyped_storage()
+            return (t.device, st.data_ptr(), st.nbytes()) if st.data_ptr() and type(t) is torch.Tensor else None
+        except Exception:  # (a tensor of no storage: meta, a subclass)
+            return None
+
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    out = {}
+    for t in tensors:
+        k = key(t)
+        if k is None:
+            out[id(t)] = t.detach().clone()
+        else:
+            groups.setdefault(k, []).append(t)
+    for ts in groups.values():
+        if len(ts) == 1:
+            out[id(ts[0])] = ts[0].detach().clone()
+            continue
+        storage = ts[0].untyped_storage().clone()
+        for t in ts:
+            out[id(t)] = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                storage, t.storage_offset(), t.size(), t.stride())
+    return out
 
 
 def plain_items(x: object) -> list[object] | None:

@@ -776,7 +776,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     if default and count == 0:
         raise SortedNetError(f"evaluate: every target is the ignore index {IGNORE_INDEX}; nothing to score")
     out: dict[SubModel, float] = {}
-    with eval_mode(nest, own_buffers=True) as (view, _), torch.no_grad():  # (a buffer its forward writes: a copy)
+    with eval_mode(nest) as (view, _), torch.no_grad():
         for s in subs:
             with nest.use(s):
                 try:
