@@ -2184,3 +2184,54 @@ def test_a_stop_after_a_skipped_update_says_how_many_steps_updated_the_weights()
     assert updates[0] == 4
     assert "stopped after 5 step(s) of this call (1 of them skipped: non-finite losses or gradients" in note
     assert "the weights are those after step 4" in note
+
+
+def _scaled(scale):
+    def deco(f):
+        @functools.wraps(f)  # (the signature it copies is f's: three arguments; the wrapper takes two)
+        def wrapper(out, target):
+            return f(out, target, scale)
+        return wrapper
+    return deco
+
+
+@_scaled(0.5)
+def _half_ce(out, target, scale):
+    return scale * F.cross_entropy(out, target)
+
+
+class _StaticCall:
+    __call__ = staticmethod(lambda out, target: F.cross_entropy(out, target))  # (signature() drops `out`)
+
+
+class _Counted:
+    def __call__(self, out, target):
+        return (out.argmax(-1) == target).sum()
+
+
+@pytest.mark.parametrize("fn", [_half_ce, _StaticCall(), _Counted(), torch.nn.CrossEntropyLoss(), F.cross_entropy,
+                                functools.partial(lambda w, out, target: w * F.cross_entropy(out, target), 1.0),
+                                lambda *args: F.cross_entropy(*args)],
+                         ids=["wraps", "static_call", "call", "module", "builtin", "partial", "varargs"])
+def test_every_kind_of_two_argument_callable_is_taken_as_loss_and_metric(fn):
+    """The arity check of loss_fn / metric / the closure read a decorator's copied signature (functools.wraps:
+    the wrapped function's three arguments for a wrapper of two) and Python 3.11's signature of a static
+    ``__call__`` (its first argument dropped): both correct callables were refused. Only the signature of a
+    function, method, partial or module's forward is read, without following ``__wrapped__``."""
+
+    from sortednet.train import evaluate
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    if not isinstance(fn, _Counted):
+        sn.fit(nest, [(x, y)], opt, sn.Sampler(nest, k=1), loss_fn=fn, progress=False)
+    assert len(evaluate(nest, (x, y), metric=fn)) == len(nest.submodels)
+
+    @functools.wraps(_half_ce)
+    def closure():
+        return F.cross_entropy(m(x), y)
+
+    sn.accumulate(nest, nest.submodels, closure)

@@ -12,6 +12,7 @@ A loop of your own needs only :class:`~sortednet.Sampler` and :func:`accumulate`
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import numbers
@@ -465,19 +466,24 @@ def checked_weights(raw: Any, n: int, who: str = "weights") -> list[float]:
 
 
 def _takes(fn: Any, n: int) -> bool:
-    """Whether ``fn`` is callable with ``n`` positional arguments: False only where its signature says it is not
-    (a callable whose signature Python cannot read is taken at its word).
+    """Whether ``fn`` is callable with ``n`` positional arguments: False only where the signature of a Python
+    function, method, ``functools.partial`` of one or module's forward says it is not; any other callable (an
+    object's ``__call__``, a builtin of C) is taken at its word. The signature read is the function's own, not
+    the one ``functools.wraps`` copies from what it wraps (a decorator may change the arguments).
 
     >>> _takes(lambda: 0, 0), _takes(lambda batch: 0, 0), _takes(lambda *a: 0, 2), _takes(print, 2)
     (True, False, True, True)
     """
     if not callable(fn):
         return False
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    if not (inspect.isfunction(inner) or inspect.ismethod(inner) or isinstance(inner, nn.Module)):
+        return True
     try:
-        inspect.signature(fn).bind(*([None] * n))
+        inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn, follow_wrapped=False).bind(*([None] * n))
     except TypeError:
         return False
-    except ValueError:  # (no signature: a builtin of C)
+    except ValueError:  # (no signature)
         return True
     return True
 
