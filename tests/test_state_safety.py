@@ -2996,6 +2996,11 @@ def test_a_load_through_a_holder_of_the_model_refuses_other_shapes_and_non_tenso
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     outer.load_state_dict({prefix + k: v for k, v in good.items()})
     assert all(torch.equal(v, good[k]) for k, v in m.state_dict().items())
+    mixed = {**good, "0.weight": torch.zeros(4, 8), "2.weight": torch.empty(4, 16, device="meta")}
+    with pytest.raises(sn.SortedNetError, match=r"size mismatch for 1 tensor\(s\), of another shape than the "
+                                                r"model's; 1 value\(s\) that hold no tensor data"):
+        outer.load_state_dict({prefix + k: v for k, v in mixed.items()})
+    assert all(torch.equal(v, good[k]) for k, v in m.state_dict().items())
     outer.load_state_dict({prefix + k: v.to("meta") if k == "2.bias" else v for k, v in good.items()}, assign=True)
     assert m[2].bias.is_meta and torch.equal(m[0].weight, good["0.weight"])
 

@@ -845,9 +845,11 @@ class StateShapes:
                 elif v.shape != t.shape and not (t.dim() == 0 and tuple(v.shape) == (1,)):
                     bad.append(f"{at + name}: {tuple(v.shape)} for {tuple(t.shape)}")
         if bad:
-            shapes = not all(b.endswith((", not a tensor", "holds no values")) for b in bad)
-            what = (f"size mismatch for {len(bad)} tensor(s), of another shape than the model's" if shapes
-                    else f"{len(bad)} value(s) that hold no tensor data, for the model's")
+            empty = sum(b.endswith((", not a tensor", "holds no values")) for b in bad)
+            shapes = len(bad) - empty
+            what = "; ".join(([f"size mismatch for {shapes} tensor(s), of another shape than the model's"]
+                              if shapes else []) + ([f"{empty} value(s) that hold no tensor data, for the model's"]
+                                                    if empty else []))
             where = "was" if loading is module else f"under {prefix[:-1]!r} was"
             hint = ". A checkpoint of a nest of other sizes or ranks? sn.load names the difference" if shapes else ""
             raise _ShapeMismatch(f"load_state_dict: {what} ({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): "
