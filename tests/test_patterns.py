@@ -142,3 +142,35 @@ def test_a_glob_over_second_names_of_a_shared_layer_names_its_first(pattern):
     assert type(model.l) is nn.Linear and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     nest = sn.wrap(model, sn.Rank("r", [2, 16], targets="l"))
     assert list(nest._sliced) == ["l"]
+
+
+def test_a_glob_over_first_and_second_names_says_which_module_it_leaves_out():
+    """``blocks = ModuleList([l, other, l])``: ``blocks.*`` matches ``blocks.1`` by its first name, and ``l``
+    only under second names, so it was left out in silence (the user meant every block). It is said now, naming
+    the module and its names; a pattern that matches the module by its first name too warns nothing."""
+    import warnings
+
+    import torch.nn as nn
+
+    from sortednet.patterns import SecondNameWarning
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(16, 16)
+            self.blocks, self.out = nn.ModuleList([self.l, nn.Linear(16, 16), self.l]), nn.Linear(16, 3)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return self.out(x)
+
+    for pattern in ("blocks.*", "re:blocks\\.\\d", "blocks.**"):
+        with pytest.warns(SecondNameWarning, match=r"\['blocks\.0', 'blocks\.2'\] of 'l'.*first name"):
+            nest = sn.wrap(Shared(), sn.Rank("r", [2, 16], targets=pattern))
+        assert "blocks.1" in nest._sliced and "l" not in nest._sliced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SecondNameWarning)
+        for pattern in ("re:(l|blocks\\.\\d)", "re:l|blocks\\.1"):
+            nest = sn.wrap(Shared(), sn.Rank("r", [2, 16], targets=pattern))
+            assert {"l", "blocks.1"} <= set(nest._sliced)

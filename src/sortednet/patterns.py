@@ -7,12 +7,28 @@ checkpoint metadata all match module paths through :func:`match_pattern`.
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
-from .errors import PatternError, nearby
+from .errors import PatternError, caller_outside, nearby
 
-__all__ = ["match", "match_pattern"]
+__all__ = ["match", "match_pattern", "SecondNameWarning", "Named"]
+
+
+class SecondNameWarning(UserWarning):
+    """A glob or regex matched modules by their names, and also second names of a module it left out (a module is
+    matched by its first name: a layer held as ``self.l`` and in ``self.blocks``)."""
+
+
+class Named(dict):
+    """``name -> module`` by first names, as ``dict(model.named_modules())``, knowing each second name of a module
+    held under several (``seconds``: second name -> first name)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model.named_modules())
+        first = {id(m): n for n, m in self.items()}
+        self.seconds = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if n not in self}
 
 
 def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> list[str]:
@@ -52,6 +68,18 @@ def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> lis
                               if compiled else ""))
         err.pattern = pattern  # (wrap names the modules it would match under their second names)
         raise err
+    seconds = getattr(modules, "seconds", None)
+    if seconds and pattern not in modules:
+        left = {}
+        for n, first in seconds.items():
+            if rx.fullmatch(n) and first not in hits:
+                left.setdefault(first, []).append(n)
+        if left:
+            said = "; ".join(f"{names[:3]} of {first!r}" for first, names in list(left.items())[:3])
+            warnings.warn(f"{what}: pattern {pattern!r} matched {hits[:4]}{' ...' if len(hits) > 4 else ''}, and "
+                          f"also second names of modules it leaves out ({said}): a module held under several names "
+                          "is matched by its first name only; name it by that to include it",
+                          SecondNameWarning, stacklevel=caller_outside())
     return hits
 
 

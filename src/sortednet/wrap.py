@@ -26,7 +26,7 @@ from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, caller_outside
 from .modes import attr_of, exact_math, finish_all, hook_module, rebind_kept_forward
 from .modes import ours as _ours
-from .patterns import match_pattern
+from .patterns import Named, match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, shadowed, unpinned_reentrant
 from .slicers import Slicer, State, is_sharded, sliced_subclass, slicer_for
 from .slicers.attention import ATTRS_ONLY
@@ -121,7 +121,8 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                              "call sn.wrap on the plain model, then shard it with torch.distributed.fsdp.fully_shard "
                              "(FSDP2)")
     try:
-        targets: list[Target] = [t for d in dims for t in d.plan(modules)]
+        named = Named(model)  # (a glob over second names of a module it leaves out is said: SecondNameWarning)
+        targets: list[Target] = [t for d in dims for t in d.plan(named)]
     except PatternError as e:  # a second name of a module (self.b = self.a): say which name to use
         canon = {id(m): n for n, m in modules.items()}
         seconds = {n: m for n, m in model.named_modules(remove_duplicate=False) if n not in modules and id(m) in canon}
