@@ -1572,3 +1572,24 @@ def test_taylor_inside_inference_mode_and_an_all_nan_output_are_refused_by_name(
     with pytest.raises(sn.SortedNetError, match="NaN throughout"):
         sort_units(nest, "l1", example=torch.full((5, 8), float("nan")))
     assert_unchanged(m, before)
+
+
+class _CallsKept(list):
+    """A taylor loss that keeps a record of its calls: an empty list is falsy."""
+
+    def __call__(self, model, batch):
+        self.append(1)
+        return model(batch)[:, 0].sum()
+
+
+def test_a_taylor_loss_that_is_falsy_is_the_loss_used():
+    """``loss_fn or _loss`` took a loss object that tests false (a list subclass, empty at first) for none: the
+    default loss scored the units in its place (here it refuses for a batch of no labels, raising on a batch
+    the user's loss handles). The given loss is used, and scores the units: the first output's own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
+    x = torch.randn(16, 4)
+    calls = _CallsKept()
+    sort_units(nest, "taylor", example=x, data=[x, x], loss_fn=calls)
+    assert len(calls) == 2

@@ -2209,10 +2209,21 @@ class _Counted:
         return (out.argmax(-1) == target).sum()
 
 
+class _CalledOtherwise(torch.nn.Module):
+    """A module whose own ``__call__`` takes (output, target); its forward, one tensor."""
+
+    def forward(self, a):
+        return a
+
+    def __call__(self, out, target):
+        return F.cross_entropy(out, target)
+
+
 @pytest.mark.parametrize("fn", [_half_ce, _StaticCall(), _Counted(), torch.nn.CrossEntropyLoss(), F.cross_entropy,
                                 functools.partial(lambda w, out, target: w * F.cross_entropy(out, target), 1.0),
-                                lambda *args: F.cross_entropy(*args)],
-                         ids=["wraps", "static_call", "call", "module", "builtin", "partial", "varargs"])
+                                lambda *args: F.cross_entropy(*args), _CalledOtherwise()],
+                         ids=["wraps", "static_call", "call", "module", "builtin", "partial", "varargs",
+                              "module_call"])
 def test_every_kind_of_two_argument_callable_is_taken_as_loss_and_metric(fn):
     """The arity check of loss_fn / metric / the closure read a decorator's copied signature (functools.wraps:
     the wrapped function's three arguments for a wrapper of two) and Python 3.11's signature of a static
@@ -2235,3 +2246,40 @@ def test_every_kind_of_two_argument_callable_is_taken_as_loss_and_metric(fn):
         return F.cross_entropy(m(x), y)
 
     sn.accumulate(nest, nest.submodels, closure)
+
+
+class _History(list):
+    """A metric that keeps each batch's value: an empty list is falsy."""
+
+    def __call__(self, out, target):
+        v = F.cross_entropy(out, target, reduction="sum")
+        self.append(float(v))
+        return v
+
+
+class _SumCE(torch.nn.Module):
+    def forward(self, out, target):
+        return F.cross_entropy(out, target, reduction="sum")
+
+
+def test_a_metric_that_is_falsy_or_has_no_length_is_the_metric_used(fresh_dynamo):
+    """``metric or _accuracy`` took a metric object that tests false (a list subclass keeping its history,
+    empty at first) for no metric: accuracy was reported in its place, the metric never called. And a metric
+    without a length whose truth Python asks for by ``len()`` (``torch.compile`` of a module: its wrapper's
+    ``__len__`` raises) failed with a raw TypeError. A metric is used whenever one is given."""
+    from sortednet.train import evaluate
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    want = {}
+    with torch.no_grad():
+        for sub in nest.submodels:
+            with nest.use(sub):
+                want[sub] = float(F.cross_entropy(m(x), y, reduction="sum")) / len(y)
+    history = _History()
+    got = evaluate(nest, (x, y), metric=history)
+    assert len(history) == len(nest.submodels)
+    assert got == pytest.approx(want)
+    assert evaluate(nest, (x, y), metric=torch.compile(_SumCE(), backend="eager")) == pytest.approx(want)

@@ -278,7 +278,7 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
                 for p in params:
                     p.grad = None
                 try:
-                    loss = (loss_fn or _loss)(model, batch)
+                    loss = (_loss if loss_fn is None else loss_fn)(model, batch)
                 except SortedNetError:
                     raise
                 except Exception as e:  # the user's batch or loss_fn: named, nothing changed

@@ -477,14 +477,17 @@ def _takes(fn: Any, n: int) -> bool:
     if not callable(fn):
         return False
     inner = fn.func if isinstance(fn, functools.partial) else fn
-    if not (inspect.isfunction(inner) or inspect.ismethod(inner) or isinstance(inner, nn.Module)):
+    module = isinstance(fn, nn.Module) and type(fn).__call__ is nn.Module.__call__  # (its forward takes the call)
+    if not (inspect.isfunction(inner) or inspect.ismethod(inner) or module):
         return True
     try:
-        inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn, follow_wrapped=False).bind(*([None] * n))
+        sig = inspect.signature(fn.forward if module else fn, follow_wrapped=False)
+    except (TypeError, ValueError):  # (no signature Python can read: taken at its word)
+        return True
+    try:
+        sig.bind(*([None] * n))
     except TypeError:
         return False
-    except ValueError:  # (no signature)
-        return True
     return True
 
 
@@ -752,7 +755,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     if not default and not _takes(metric, 2):
         raise SortedNetError(f"evaluate(metric=...) takes a callable metric(output, target) returning the sum over "
                              f"the batch, got {metric!r}")
-    metric = metric or _accuracy
+    metric = _accuracy if metric is None else metric
     subs = list(nest.submodels) if subs is None else [nest.resolve(s) for s in subs]
     if not subs:
         raise SortedNetError("evaluate(subs=[]) has no sub-model to score")
