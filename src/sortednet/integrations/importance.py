@@ -381,7 +381,8 @@ def _outputs(nest: Nest, batch: Any, loss_fn: Callable | None) -> list[Tensor]:
     with _at_full(nest), eval_mode(nest) as (view, _), torch.no_grad(), seeded(0):
         hook = view.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
         try:
-            loss = (_default_loss if loss_fn is None else loss_fn)(view, copy.copy(batch) if isinstance(batch, Mapping) else batch)
+            loss = (_default_loss if loss_fn is None else loss_fn)(
+                view, copy.copy(batch) if isinstance(batch, Mapping) else batch)
         finally:
             hook.remove()
     outs = [t for t in leaves(seen[0].to_tuple() if hasattr(seen[0], "to_tuple") else seen[0])] if seen else []
