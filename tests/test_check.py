@@ -3211,33 +3211,59 @@ class _TiedAE(nn.Module):
         self.enc, self.bias, self.tail = nn.Linear(6, h), nn.Parameter(torch.randn(6)), tail
 
     def forward(self, x):
-        h = torch.relu(self.enc(x))
+        h, w = torch.relu(self.enc(x)), self.enc.weight
         if self.tail == "decode":
-            return F.linear(h, self.enc.weight.t(), self.bias)
-        if self.tail == "regulariser":  # the weight read alone, the features reduced away
-            return h.logsumexp(-1) + self.enc.weight.pow(2).sum()
+            return F.linear(h, w.t(), self.bias)
+        if self.tail == "decode_copy":  # through a contiguous copy of the transposed weight
+            return F.linear(h, w.t().contiguous(), self.bias)
+        if self.tail == "decode_cast":  # in another dtype
+            return F.linear(h.double(), w.double().t(), self.bias.double()).float()
+        # the features reduced away, the weight read elsewhere:
+        if self.tail == "regulariser":
+            return h.logsumexp(-1) + w.pow(2).sum()
+        if self.tail == "projection":  # with the input, a batch as large as the smallest width
+            return h.logsumexp(-1) + (x @ w.t()).pow(2).mean()
+        if self.tail == "normalised":  # a normalised copy, written out
+            return h.logsumexp(-1) + (w / w.norm(dim=1, keepdim=True)).sum()
+        if self.tail == "gate":  # met with the features element by element
+            return (h * self.enc.bias).logsumexp(-1)
         # a cosine head: the weight normalised (a copy), the classes reduced away
-        return F.linear(F.normalize(x, dim=-1) @ torch.ones(6, 6), F.normalize(self.enc.weight, dim=-1)).logsumexp(-1)
+        return F.linear(F.normalize(x, dim=-1) @ torch.ones(6, 6), F.normalize(w, dim=-1)).logsumexp(-1)
 
 
 def test_a_tied_transposed_decoder_reads_the_features_its_encoder_writes():
     """``F.linear(h, enc.weight.t())``: the encoder's output features are read through its own (cut) weight,
-    a reader no ``inp=`` can name: check refused the exact nest, saying no layer reads them. A cut weight that an
-    op outside the encoder takes with features of the cut size, making a new tensor, is that reader now; the
-    same weight read alone (a regulariser) or through a copy (normalised), the features reduced away, is still
-    refused."""
+    a reader no ``inp=`` can name: check refused the exact nest, saying no layer reads them. An op outside the
+    encoder that takes its features with a tensor made of its cut weight (a view, a copy, a cast) and contracts
+    them is that reader now; the weight read without the features (a regulariser, also where the batch is as
+    large as the smallest width), through a normalised copy, or met with them element by element (a gate), the
+    features reduced away, is still refused."""
     torch.manual_seed(0)
-    model, x = _TiedAE("decode").eval(), torch.randn(5, 6)
-    nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="enc"), example=x)
-    nest.check(x)
-    for size in (4, 8):
-        small = _TiedAE("decode", h=size).eval()
-        small.enc.load_state_dict({"weight": model.enc.weight[:size], "bias": model.enc.bias[:size]})
-        small.bias.data.copy_(model.bias)
-        with nest.use(f"h={size}"), torch.no_grad():
-            torch.testing.assert_close(model(x), small(x))
-            torch.testing.assert_close(nest.export(f"h={size}")(x), small(x))
-    for tail in ("regulariser", "cosine"):
+    x = torch.randn(4, 6)  # (a batch of 4: the smallest width)
+    for tail in ("decode", "decode_copy", "decode_cast"):
+        model = _TiedAE(tail).eval()
+        nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="enc"), example=x)
+        nest.check(x)
+        for size in (4, 8):
+            small = _TiedAE(tail, h=size).eval()
+            small.enc.load_state_dict({"weight": model.enc.weight[:size], "bias": model.enc.bias[:size]})
+            small.bias.data.copy_(model.bias)
+            with nest.use(f"h={size}"), torch.no_grad():
+                torch.testing.assert_close(model(x), small(x))
+                torch.testing.assert_close(nest.export(f"h={size}")(x), small(x))
+    class ConvAE(nn.Module):  # a tied transposed convolution, on maps as wide as the smallest width
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv2d(3, 16, 3, padding=1)
+
+        def forward(self, x):
+            return F.conv_transpose2d(torch.relu(self.enc(x)), self.enc.weight, padding=1)
+
+    conv, maps = ConvAE().eval(), torch.randn(2, 3, 4, 4)
+    nest = sn.wrap(conv, sn.Width("c", [4, 16], out="enc"), example=maps)
+    with nest.use("c=4"), torch.no_grad():
+        torch.testing.assert_close(nest.export("c=4")(maps), conv(maps))
+    for tail in ("regulariser", "projection", "normalised", "gate", "cosine"):
         other = _TiedAE(tail).eval()
         with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['enc'\] but no layer reads"):
             sn.wrap(other, sn.Width("h", [4, 16], out="enc"), example=x)

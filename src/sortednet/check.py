@@ -796,40 +796,51 @@ def _internal_outs(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, s
 
 def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]], example: Any) -> bool:
     """Whether, at ``d``'s smallest size, an op outside the forward of every module ``d`` binds as ``out`` takes
-    one of their cut tensors together with features of that size, and makes a new tensor of them: a tied
+    features those modules wrote (their outputs, or what ops made of them) with an axis of that size, together
+    with a tensor made from one of their cut tensors outside their forward (a view, a transpose, a copy or a
+    cast of it), and makes new tensors with fewer axes of that size than the features (contracted): a tied
     transposed decoder (``F.linear(h, enc.weight.t())``) reads the features ``d`` writes through ``enc``'s own
-    weight, a reader no binding can name. (A weight read alone, as a regulariser or a normalised copy, is not.)"""
+    weight, a reader no binding can name. Not a reader: the weight read without those features (a regulariser,
+    whatever the batch size), or met with them element by element (a gate)."""
     mods = [model.get_submodule(p) for p, _ in keys]
-    try:
-        ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
-        cut = {ptr(t) for m in mods for t in m._parameters.values() if t is not None}
-        held = {ptr(t) for t in (*model.parameters(), *model.buffers())}
-    except Exception:  # (a tensor of no storage: not measured)
-        return False
     small, inside, found = d.sizes[0], [0], [False]
 
-    def shares(t: Any, ptrs: set) -> bool:
+    def ptr(t: Any) -> int | None:
         try:
-            return isinstance(t, torch.Tensor) and ptr(t) in ptrs
-        except Exception:
-            return False
+            return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+        except Exception:  # (a tensor of no storage)
+            return None
+
+    cut = {ptr(t) for m in mods for t in m._parameters.values() if t is not None} - {None, 0}
+    feats: dict[int, torch.Tensor] = {}  # id -> tensor (held for the run: an id is not reused)
+    weights: dict[int, torch.Tensor] = {}
+
+    def marked(t: torch.Tensor, table: dict[int, torch.Tensor]) -> bool:
+        return table.get(id(t)) is t
 
     class Reads(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if not inside[0] and not found[0]:
-                ts = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
-                weights = [t for t in ts if shares(t, cut) and small in t.shape]
-                feats = [t for t in ts if not shares(t, held) and small in t.shape]
-                made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-                found[0] = bool(weights and feats and made and not any(shares(t, cut) for t in made))
+            if inside[0] or found[0]:
+                return out
+            ins = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+            made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            f = [t for t in ins if marked(t, feats)]
+            w = [t for t in ins if marked(t, weights) or ptr(t) in cut]
+            count = lambda t: sum(n == small for n in t.shape)  # noqa: E731  (axes of the cut size)
+            if (f and w and made and any(small in t.shape for t in w) and not any(ptr(t) in cut for t in made)
+                    and max(map(count, f)) > max(map(count, made))):  # (fewer such axes: the features contracted)
+                found[0] = True
+            for t in made if f else made if w else ():
+                (feats if f else weights)[id(t)] = t
             return out
 
     def enter(*_: Any) -> None:
         inside[0] += 1
 
-    def leave(*_: Any) -> None:
+    def leave(_m: nn.Module, _args: Any, out: Any) -> None:
         inside[0] -= 1
+        feats.update((id(t), t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
 
     handles = [h for m in mods for h in (m.register_forward_pre_hook(enter),
                                          m.register_forward_hook(leave, always_call=True))]
