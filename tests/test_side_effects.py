@@ -410,3 +410,32 @@ def test_measuring_never_rewinds_the_random_stream_other_code_draws_from(op):
     inside = list(seen)
     after = [x for x, _ in data(2)]
     assert inside and not any(torch.equal(a, b) for a in after for b in inside), f"{op} rewound the generator"
+
+
+def test_private_copies_of_views_of_one_large_tensor_copy_the_bytes_they_hold():
+    """Two buffers viewing a large tensor (held nowhere else in the model) shared one copy of its whole storage:
+    two 10-element views copied 200 MB. The copy holds the bytes between the first and the last element they
+    view, every view rebuilt on it, writes seen through both, the model's own untouched."""
+    from sortednet.modes import eval_view
+
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            table = torch.arange(100_000, dtype=torch.float32)
+            self.register_buffer("a", table[500:510], persistent=False)
+            self.register_buffer("b", table[505:520].view(5, 3).t(), persistent=False)
+            self.register_buffer("c", table[600:604].view(torch.int32), persistent=False)
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Views()
+    view, _ = eval_view(model, own_buffers=True)
+    for name in ("a", "b", "c"):
+        mine, theirs = getattr(view, name), getattr(model, name)
+        assert torch.equal(mine, theirs) and mine.stride() == theirs.stride() and mine.dtype == theirs.dtype
+        assert mine.untyped_storage().data_ptr() == view.a.untyped_storage().data_ptr()
+    assert view.a.untyped_storage().nbytes() < 1024 < model.a.untyped_storage().nbytes()
+    view.a[5] = -1.0
+    assert view.b[0, 0] == -1.0 and model.b[0, 0] == 505.0

@@ -303,8 +303,8 @@ def eval_view(model: nn.Module, *, keep: Iterable[object] = (), own_state: Itera
 def _own_copies(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """``id(tensor) -> copy`` where copies of tensors that share memory share it too (a buffer registered as a
     view of another, ``self.head = self.cache[:1]``: a write into one is read through the other, as in the model):
-    one copy of each storage two or more of them hold, each rebuilt on it with its own offset, size and strides.
-    A tensor alone in its storage is cloned by itself (a small view of a large tensor copies the view only)."""
+    one copy of the bytes two or more of them hold in one storage (not the rest of it), each rebuilt on it with
+    its own offset, size and strides. A tensor alone in its storage is cloned by itself."""
     def key(t: torch.Tensor) -> tuple | None:
         try:
             st = t.untyped_storage()
@@ -324,10 +324,17 @@ def _own_copies(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         if len(ts) == 1:
             out[id(ts[0])] = ts[0].detach().clone()
             continue
-        storage = ts[0].untyped_storage().clone()
+        spans = [(t.storage_offset() * t.element_size(), (t.storage_offset() + 1 + sum(
+            (n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()) for t in ts if t.numel()]
+        lo = min((a for a, _ in spans), default=0) // 16 * 16  # (a multiple of every element size: offsets stay whole)
+        hi = max((b for _, b in spans), default=lo)
+        whole = torch.empty(0, dtype=torch.uint8, device=ts[0].device).set_(
+            ts[0].untyped_storage(), 0, (ts[0].untyped_storage().nbytes(),), (1,))
+        storage = whole[lo:hi].clone().untyped_storage()  # (the bytes the buffers hold, not the whole storage)
         for t in ts:
             out[id(t)] = torch.empty(0, dtype=t.dtype, device=t.device).set_(
-                storage, t.storage_offset(), t.size(), t.stride())
+                storage, (t.storage_offset() * t.element_size() - lo) // t.element_size() if t.numel() else 0,
+                t.size(), t.stride())
     return out
 
 

@@ -29,6 +29,19 @@ class Named(dict):
         super().__init__(model.named_modules())
         first = {id(m): n for n, m in self.items()}
         self.seconds = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if n not in self}
+        self.left: list[tuple[str, str, list[str], dict[str, list[str]]]] = []  # (what, pattern, hits, left out)
+
+    def warn_left(self, matched: set[str]) -> None:
+        """Warn for each pattern that matched second names of a module no pattern of the plan matched (``matched``:
+        the first names every pattern matched): the user's list may name it by another pattern."""
+        for what, pattern, hits, left in self.left:
+            left = {first: names for first, names in left.items() if first not in matched}
+            if left:
+                said = "; ".join(f"{names[:3]} of {first!r}" for first, names in list(left.items())[:3])
+                warnings.warn(f"{what}: pattern {pattern!r} matched {hits[:4]}{' ...' if len(hits) > 4 else ''}, "
+                              f"and also second names of modules it leaves out ({said}): a module held under "
+                              "several names is matched by its first name only; name it by that to include it",
+                              SecondNameWarning, stacklevel=caller_outside())
 
 
 def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> list[str]:
@@ -68,18 +81,13 @@ def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> lis
                               if compiled else ""))
         err.pattern = pattern  # (wrap names the modules it would match under their second names)
         raise err
-    seconds = getattr(modules, "seconds", None)
-    if seconds and pattern not in modules:
-        left = {}
-        for n, first in seconds.items():
+    if isinstance(modules, Named) and modules.seconds and pattern not in modules:
+        left: dict[str, list[str]] = {}
+        for n, first in modules.seconds.items():
             if rx.fullmatch(n) and first not in hits:
                 left.setdefault(first, []).append(n)
-        if left:
-            said = "; ".join(f"{names[:3]} of {first!r}" for first, names in list(left.items())[:3])
-            warnings.warn(f"{what}: pattern {pattern!r} matched {hits[:4]}{' ...' if len(hits) > 4 else ''}, and "
-                          f"also second names of modules it leaves out ({said}): a module held under several names "
-                          "is matched by its first name only; name it by that to include it",
-                          SecondNameWarning, stacklevel=caller_outside())
+        if left:  # (said by wrap once the whole plan is known: another pattern may name the module)
+            modules.left.append((what, pattern, hits, left))
     return hits
 
 

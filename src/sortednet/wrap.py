@@ -140,6 +140,7 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
         first = {id(m): n for n, m in modules.items()}  # o-projection shared by every block): its first name
         alias = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if n not in modules}
         targets = [dataclasses.replace(t, path=alias[t.path]) if t.path in alias else t for t in targets]
+    named.warn_left({t.path for t in targets})
     by_path: dict[str, dict[str, Target]] = defaultdict(dict)
     for t in targets:
         prev = by_path[t.path].get(t.role)
