@@ -998,13 +998,46 @@ def test_a_vision_language_models_text_config_is_written_on_export(tmp_path):
 
 def test_ffn_of_experts_without_a_slicer_is_refused_clearly():
     torch.manual_seed(0)
-    m = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                               num_experts=4, num_experts_per_tok=2, **TOK)).eval()
-    with pytest.raises(sn.SortedNetError, match="no slicer"):
+    m = T.PhimoeForCausalLM(T.PhimoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, **TOK)).eval()
+    with pytest.raises(sn.SortedNetError, match="PhimoeExperts, has no slicer"):
         sn.from_transformers(m, ffn=[0.5])
     nest = sn.from_transformers(m, depth=[1])
     assert nest.export("depth=1").config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_experts_of_mixtrals_code_under_another_config_key_nest_and_export(family, tmp_path):
+    """Qwen3-MoE's and OLMoE's experts run Mixtral's code (Qwen3-MoE sized by ``moe_intermediate_size``, its
+    dense MLP by ``intermediate_size``): ffn= was refused for want of a slicer, and with one registered by hand
+    the export wrote the layout's ``intermediate_size`` (a config of other shapes, refused). Their experts are
+    sliced now, and the export writes the key that holds the experts' width: it equals the live sub-model, as
+    does its reload."""
+    torch.manual_seed(0)
+    if family == "qwen3_moe":
+        m = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                                   num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+                                                   num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                                   **TOK)).eval()
+        key, other = "moe_intermediate_size", ("intermediate_size", 48)
+    else:
+        m = T.OlmoeForCausalLM(T.OlmoeConfig(hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                             num_experts_per_tok=2, **TOK)).eval()
+        key, other = "intermediate_size", None
+    nest = sn.from_transformers(m, ffn=[0.5], depth=[1])
+    x = torch.randint(3, V, (2, 6))
+    for sub in nest.submodels:
+        e = nest.export(sub).eval()
+        assert getattr(e.config, key) == sub["ffn"] and e.config.num_hidden_layers == sub["depth"]
+        assert other is None or getattr(e.config, other[0]) == other[1]
+        e.save_pretrained(tmp_path / str(sub))
+        back = type(e).from_pretrained(tmp_path / str(sub)).eval()
+        with torch.no_grad(), nest.use(sub):
+            live = m(input_ids=x).logits
+            torch.testing.assert_close(e(input_ids=x).logits, live, atol=1e-5, rtol=0)
+            torch.testing.assert_close(back(input_ids=x).logits, live, atol=1e-5, rtol=0)
 
 
 def test_soft_loss_refuses_exits_it_would_compute_wrong():

@@ -728,6 +728,26 @@ def _ffn_size(block: nn.Module, lay: Layout, cls: str) -> int | None:
     return None if sl is None else sl.full(m, "out") // lay.ffn_chunks
 
 
+#: config keys a family may hold its FFN width under beside the layout's own (a mixture of experts sized apart
+#: from the dense MLP: Qwen3-MoE's experts read ``moe_intermediate_size``, its dense layers ``intermediate_size``)
+_FFN_KEYS = ("moe_intermediate_size", "intermediate_size")
+
+
+def _ffn_key_holding(cfg, key: str, tower: str | None, full: int) -> str:
+    """``key``, unless the config's value there is not the full model's FFN width ``full`` and another of
+    :data:`_FFN_KEYS` holds exactly it: that one (the export then writes the key the blocks are built from; the
+    export comparison verifies it either way)."""
+    def value(k: str) -> Any:
+        try:
+            return getattr(_holder(cfg, k, tower), k)
+        except SortedNetError:
+            return None
+
+    if value(key) == full or isinstance(value(key), (list, tuple)):
+        return key
+    return next((k for k in _FFN_KEYS if k != key and value(k) == full), key)
+
+
 def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cfg) -> None:
     lay = found.layout
     cls = type(nest.model).__name__
@@ -738,6 +758,8 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
     tower = _tower_name(nest.model, found.stacks[0])
     ffn_key = _tower_key(nest.model, cfg, lay.ffn_key, tower)
+    if full0 is not None and (full := _ffn_size(full0, lay, cls)) is not None:  # the key holding the experts' width
+        ffn_key = _ffn_key_holding(cfg, ffn_key, tower, full)  # where the layout's holds another (Qwen3-MoE)
     if b0 is not None and lay.ffn_out and not (keep_ffn and not _has_key(cfg, ffn_key, tower)):
         h = _holder(cfg, ffn_key, tower)  # (a config without the key is fine while the FFN width is unchanged)
         if isinstance(getattr(h, ffn_key), (list, tuple)):  # one value per layer (Gemma3n)

@@ -63,13 +63,14 @@ def register_transformers_types() -> None:
         from .hf_tables import register_tables
 
         register_tables(table)
-    for mod, name in (("mixtral.modeling_mixtral", "MixtralExperts"),
-                      ("qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts")):
-        m = sys.modules.get(f"transformers.models.{mod}")
-        if m is not None:
+    for mod, name in (("mixtral.modeling_mixtral", "MixtralExperts"),  # (Qwen3-MoE's and OLMoE's: Mixtral's code,
+                      ("qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),  # read from another config key)
+                      ("qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"), ("olmoe.modeling_olmoe", "OlmoeExperts")):
+        cls = getattr(sys.modules.get(f"transformers.models.{mod}"), name, None)
+        if isinstance(cls, type):  # (a transformers without that class: its experts are modules of their own)
             from .hf_experts import register_experts
 
-            register_experts(getattr(m, name))
+            register_experts(cls)
 
 
 def _on_miss(cls: type) -> None:
