@@ -59,6 +59,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--budget", type=float, default=0.5, help="parameter budget, fraction of the full model")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
+    if not 0 < args.budget <= 1:
+        ap.error(f"--budget is a fraction of the full model's parameters, in (0, 1]: got {args.budget}")
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny matrices: more threads only add synchronisation
     train, val, stoi = data(ctx=64, batch=16, steps=args.steps)

@@ -714,6 +714,9 @@ def test_demo_runs_and_reports_every_submodel(tmp_path, capsys):
     assert len(scores) >= 160 and all(0 <= v <= 1 for v in scores.values())
     assert (tmp_path / "table.md").read_text().count("\n") == len(scores) + 2
     assert out.count("nest.pick") == 1 and out.count("params <=") == 3
+    with pytest.raises(SystemExit):  # (a folder as the table: said before training, not after it)
+        demo.main(["--epochs", "1", "--quiet", "--table", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err
 
 
 # -- non-finite losses: one NaN sub-model must not poison the shared gradients -------------------------
