@@ -75,6 +75,9 @@ def main() -> None:
     # 1. nest: ffn {64, 128, 256} x query heads {2, 4} (whole key/value groups) x depth {2, 3, 4}
     nest = sn.from_transformers(model, ffn=[0.25, 0.5], heads=[0.5], depth=[2, 3])
     print(f"{len(nest.submodels)} sub-models, {nest.cost(nest.smallest):,} to {nest.cost(nest.largest):,} params")
+    if args.budget * nest.cost(nest.largest) < nest.cost(nest.smallest):  # (said before training, not after it)
+        ap.error(f"--budget {args.budget} is below the smallest sub-model's share of the parameters, "
+                 f"{nest.cost(nest.smallest) / nest.cost(nest.largest):.3f}")
 
     # 2. sorted training: largest + smallest + 1 random sub-model per step, one backward each
     sampler = sn.Sampler(nest.submodels, k=3, strategy="sandwich", seed=0)

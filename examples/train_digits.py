@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--table", default=os.path.join("runs", "train_digits_submodels.md"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if os.path.isdir(args.table):  # (said before training, not after it)
-        p.error(f"--table {args.table!r} is a directory: give the path of a file to write the table to")
+    folder = os.path.dirname(os.path.abspath(args.table)) if args.table else ""
+    if not args.table or os.path.isdir(args.table) or (os.path.exists(folder) and not os.path.isdir(folder)):
+        p.error(f"--table {args.table!r} is no path a file can be written to: give the path of a file for the "
+                "table")  # (said before training, not after it)
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_data()

@@ -714,9 +714,11 @@ def test_demo_runs_and_reports_every_submodel(tmp_path, capsys):
     assert len(scores) >= 160 and all(0 <= v <= 1 for v in scores.values())
     assert (tmp_path / "table.md").read_text().count("\n") == len(scores) + 2
     assert out.count("nest.pick") == 1 and out.count("params <=") == 3
-    with pytest.raises(SystemExit):  # (a folder as the table: said before training, not after it)
-        demo.main(["--epochs", "1", "--quiet", "--table", str(tmp_path)])
-    assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    for table in (str(tmp_path), str(tmp_path / "afile" / "t.md"), ""):  # (said before training, not after it)
+        with pytest.raises(SystemExit):
+            demo.main(["--epochs", "1", "--quiet", "--table", table])
+        assert "no path a file can be written to" in capsys.readouterr().err
 
 
 # -- non-finite losses: one NaN sub-model must not poison the shared gradients -------------------------
@@ -939,6 +941,11 @@ def test_fit_resumed_after_sigkill_is_bit_exact(tmp_path):
     assert not all(torch.equal(want[k], got["resume_without_rng"][k]) for k in want)
 
 
+class _OneArgument:
+    def __call__(self, out):
+        return out.sum()
+
+
 def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
     import torch.nn as nn
 
@@ -955,6 +962,7 @@ def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
                        ({"eval_data": iter([(x, y)]), "eval_every": 1}, "eval_data"),
                        ({"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, "ReduceLROnPlateau"),
                        ({"loss_fn": lambda out: out.sum()}, r"loss_fn\(output, target\)"),
+                       ({"loss_fn": _OneArgument()}, r"loss_fn\(output, target\)"),
                        ({"eval_data": (x, y), "metric": lambda out: 1.0}, r"metric\(output, target\)")]:
         with pytest.raises(sn.SortedNetError, match=needle):
             sn.fit(nest, [(x, y)], opt, sampler, progress=False, **kw)

@@ -1007,7 +1007,7 @@ def test_ffn_of_experts_without_a_slicer_is_refused_clearly():
     assert nest.export("depth=1").config.num_hidden_layers == 1
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_same_sizes", "olmoe"])
 def test_experts_of_mixtrals_code_under_another_config_key_nest_and_export(family, tmp_path):
     """Qwen3-MoE's and OLMoE's experts run Mixtral's code (Qwen3-MoE sized by ``moe_intermediate_size``, its
     dense MLP by ``intermediate_size``): ffn= was refused for want of a slicer, and with one registered by hand
@@ -1015,12 +1015,13 @@ def test_experts_of_mixtrals_code_under_another_config_key_nest_and_export(famil
     sliced now, and the export writes the key that holds the experts' width: it equals the live sub-model, as
     does its reload."""
     torch.manual_seed(0)
-    if family == "qwen3_moe":
-        m = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+    if family.startswith("qwen3_moe"):  # (the dense size equal to the experts' too: the experts' key written)
+        dense = 16 if family.endswith("same_sizes") else 48
+        m = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(hidden_size=32, intermediate_size=dense, moe_intermediate_size=16,
                                                    num_hidden_layers=2, num_attention_heads=4, head_dim=8,
                                                    num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                                    **TOK)).eval()
-        key, other = "moe_intermediate_size", ("intermediate_size", 48)
+        key, other = "moe_intermediate_size", None if dense == 16 else ("intermediate_size", 48)
     else:
         m = T.OlmoeForCausalLM(T.OlmoeConfig(hidden_size=32, intermediate_size=16, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, num_experts=4,

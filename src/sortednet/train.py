@@ -467,9 +467,10 @@ def checked_weights(raw: Any, n: int, who: str = "weights") -> list[float]:
 
 def _takes(fn: Any, n: int) -> bool:
     """Whether ``fn`` is callable with ``n`` positional arguments: False only where the signature of a Python
-    function, method, ``functools.partial`` of one or module's forward says it is not; any other callable (an
-    object's ``__call__``, a builtin of C) is taken at its word. The signature read is the function's own, not
-    the one ``functools.wraps`` copies from what it wraps (a decorator may change the arguments).
+    function, method, ``functools.partial`` of one, module's forward or object's ``__call__`` (a plain method)
+    says it is not; any other callable (a builtin of C, a static ``__call__``) is taken at its word. The
+    signature read is the function's own, not the one ``functools.wraps`` copies from what it wraps (a decorator
+    may change the arguments).
 
     >>> _takes(lambda: 0, 0), _takes(lambda batch: 0, 0), _takes(lambda *a: 0, 2), _takes(print, 2)
     (True, False, True, True)
@@ -478,7 +479,9 @@ def _takes(fn: Any, n: int) -> bool:
         return False
     inner = fn.func if isinstance(fn, functools.partial) else fn
     module = isinstance(fn, nn.Module) and type(fn).__call__ is nn.Module.__call__  # (its forward takes the call)
-    if not (inspect.isfunction(inner) or inspect.ismethod(inner) or module):
+    call = inspect.getattr_static(type(inner), "__call__", None)  # (an object's own __call__, read bound; a static
+    own = not isinstance(inner, type) and inspect.isfunction(call)  # one's signature Python 3.11 misreads)
+    if not (inspect.isfunction(inner) or inspect.ismethod(inner) or module or own):
         return True
     try:
         sig = inspect.signature(fn.forward if module else fn, follow_wrapped=False)

@@ -733,19 +733,22 @@ def _ffn_size(block: nn.Module, lay: Layout, cls: str) -> int | None:
 _FFN_KEYS = ("moe_intermediate_size", "intermediate_size")
 
 
-def _ffn_key_holding(cfg, key: str, tower: str | None, full: int) -> str:
-    """``key``, unless the config's value there is not the full model's FFN width ``full`` and another of
-    :data:`_FFN_KEYS` holds exactly it: that one (the export then writes the key the blocks are built from; the
-    export comparison verifies it either way)."""
+def _ffn_keys_holding(cfg, key: str, tower: str | None, full: int) -> tuple[str, ...]:
+    """The config keys an export writes the FFN width to: ``key`` (the layout's) and each other of
+    :data:`_FFN_KEYS` whose value is the full model's FFN width ``full``, first the layout's where it holds it
+    (the experts are built from one of them, whichever the family reads: Qwen3-MoE's from
+    ``moe_intermediate_size`` beside an ``intermediate_size`` of the same value, which only dense layers, none
+    here, would read; the export comparison verifies the result either way)."""
     def value(k: str) -> Any:
         try:
             return getattr(_holder(cfg, k, tower), k)
         except SortedNetError:
             return None
 
-    if value(key) == full or isinstance(value(key), (list, tuple)):
-        return key
-    return next((k for k in _FFN_KEYS if k != key and value(k) == full), key)
+    if isinstance(value(key), (list, tuple)):
+        return (key,)
+    same = tuple(k for k in _FFN_KEYS if k != key and value(k) == full)
+    return (key, *same) if value(key) == full else same or (key,)
 
 
 def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cfg) -> None:
@@ -758,8 +761,10 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
     keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
     tower = _tower_name(nest.model, found.stacks[0])
     ffn_key = _tower_key(nest.model, cfg, lay.ffn_key, tower)
-    if full0 is not None and (full := _ffn_size(full0, lay, cls)) is not None:  # the key holding the experts' width
-        ffn_key = _ffn_key_holding(cfg, ffn_key, tower, full)  # where the layout's holds another (Qwen3-MoE)
+    also: tuple[str, ...] = ()
+    if full0 is not None and (full := _ffn_size(full0, lay, cls)) is not None:  # the keys holding the experts'
+        ffn_key, *rest = _ffn_keys_holding(cfg, ffn_key, tower, full)  # width, where the layout's holds another
+        also = tuple(rest)                                                # (Qwen3-MoE), or beside it
     if b0 is not None and lay.ffn_out and not (keep_ffn and not _has_key(cfg, ffn_key, tower)):
         h = _holder(cfg, ffn_key, tower)  # (a config without the key is fine while the FFN width is unchanged)
         if isinstance(getattr(h, ffn_key), (list, tuple)):  # one value per layer (Gemma3n)
@@ -768,6 +773,8 @@ def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cf
                 setattr(h, ffn_key, type(getattr(h, ffn_key))(sizes))
         elif (n := _ffn_size(b0, lay, cls)) is not None:
             setattr(h, ffn_key, n)
+            for k in also:
+                setattr(_holder(cfg, k, tower), k, n)
     for P, key in zip(found.stacks, lay.depth_keys):
         own = _tower_key(nest.model, cfg, key, tower)
         h = _holder(cfg, own, tower)
