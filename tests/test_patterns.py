@@ -174,3 +174,32 @@ def test_a_glob_over_first_and_second_names_says_which_module_it_leaves_out():
         for pattern in ("re:(l|blocks\\.\\d)", "re:l|blocks\\.1", ["blocks.*", "l"]):  # (another names it)
             nest = sn.wrap(Shared(), sn.Rank("r", [2, 16], targets=pattern))
             assert {"l", "blocks.1"} <= set(nest._sliced)
+
+
+def test_a_left_out_module_named_by_another_role_or_dimension_is_still_said():
+    """``out='b.*'`` leaves out ``b.1`` (the module first named ``a.1``): the warning was silenced when ``a.1``
+    had any binding in the plan (``inp='a.1'``, or another dimension's ``out``), although its ``out`` binding of
+    this dimension was still dropped. Only the same dimension naming it for the same role silences it."""
+    import warnings
+
+    import torch.nn as nn
+
+    from sortednet.patterns import SecondNameWarning
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+            self.b = nn.ModuleList([nn.Linear(8, 8), self.a[1]])
+
+        def forward(self, x):
+            return self.b[0](self.a[0](x))
+
+    for dims in ([sn.Width("x", [4, 8], out="b.*", inp="a.1")],
+                 [sn.Width("x", [4, 8], out="b.*"), sn.Width("y", [2, 8], out="a.1")]):
+        with pytest.warns(SecondNameWarning, match=r"\['b\.1'\] of 'a\.1'"):
+            sn.wrap(M(), *dims)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SecondNameWarning)
+        nest = sn.wrap(M(), sn.Width("x", [4, 8], out=["b.*", "a.1"]))
+        assert {"a.1", "b.0"} <= set(nest._sliced)

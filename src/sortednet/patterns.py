@@ -29,13 +29,19 @@ class Named(dict):
         super().__init__(model.named_modules())
         first = {id(m): n for n, m in self.items()}
         self.seconds = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if n not in self}
-        self.left: list[tuple[str, str, list[str], dict[str, list[str]]]] = []  # (what, pattern, hits, left out)
+        self.current: object = None  # the dimension planning (wrap sets it)
+        self.left: list[tuple[object, str, str, list[str], dict[str, list[str]]]] = []  # (dim, what, pattern, hits,
+        #                                                                                     left out)
 
-    def warn_left(self, matched: set[str]) -> None:
-        """Warn for each pattern that matched second names of a module no pattern of the plan matched (``matched``:
-        the first names every pattern matched): the user's list may name it by another pattern."""
-        for what, pattern, hits, left in self.left:
-            left = {first: names for first, names in left.items() if first not in matched}
+    def warn_left(self, targets: list) -> None:
+        """Warn for each pattern that matched second names of a module that no target of the plan binds for the
+        same dimension and role as the pattern's own targets (``targets``: the plan's, with ``path``, ``role``,
+        ``binding.dim`` and ``pattern``): the user's list may name it by another pattern."""
+        for dim, what, pattern, hits, left in self.left:
+            roles = {t.role for t in targets if t.pattern == pattern and t.binding.dim is dim}
+            bound = {t.path for t in targets if t.binding.dim is dim and t.role in roles}
+            left = {first: names for first, names in left.items()
+                    if not any(p == first or p.startswith(first + ".") for p in bound)}
             if left:
                 said = "; ".join(f"{names[:3]} of {first!r}" for first, names in list(left.items())[:3])
                 warnings.warn(f"{what}: pattern {pattern!r} matched {hits[:4]}{' ...' if len(hits) > 4 else ''}, "
@@ -87,7 +93,7 @@ def match_pattern(pattern: str, modules: dict[str, nn.Module], what: str) -> lis
             if rx.fullmatch(n) and first not in hits:
                 left.setdefault(first, []).append(n)
         if left:  # (said by wrap once the whole plan is known: another pattern may name the module)
-            modules.left.append((what, pattern, hits, left))
+            modules.left.append((modules.current, what, pattern, hits, left))
     return hits
 
 

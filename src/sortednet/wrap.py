@@ -122,7 +122,10 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                              "(FSDP2)")
     try:
         named = Named(model)  # (a glob over second names of a module it leaves out is said: SecondNameWarning)
-        targets: list[Target] = [t for d in dims for t in d.plan(named)]
+        targets: list[Target] = []
+        for d in dims:
+            named.current = d
+            targets += d.plan(named)
     except PatternError as e:  # a second name of a module (self.b = self.a): say which name to use
         canon = {id(m): n for n, m in modules.items()}
         seconds = {n: m for n, m in model.named_modules(remove_duplicate=False) if n not in modules and id(m) in canon}
@@ -140,7 +143,7 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
         first = {id(m): n for n, m in modules.items()}  # o-projection shared by every block): its first name
         alias = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if n not in modules}
         targets = [dataclasses.replace(t, path=alias[t.path]) if t.path in alias else t for t in targets]
-    named.warn_left({t.path for t in targets})
+    named.warn_left(targets)
     by_path: dict[str, dict[str, Target]] = defaultdict(dict)
     for t in targets:
         prev = by_path[t.path].get(t.role)
