@@ -3218,6 +3218,8 @@ class _TiedAE(nn.Module):
             return F.linear(h, w.t().contiguous(), self.bias)
         if self.tail == "decode_cast":  # in another dtype
             return F.linear(h.double(), w.double().t(), self.bias.double()).float()
+        if self.tail == "decode_spread":  # as a product spread over the weight's inputs, summed over the features
+            return (h.unsqueeze(-1) * w).sum(-2) + self.bias
         # the features reduced away, the weight read elsewhere:
         if self.tail == "regulariser":
             return h.logsumexp(-1) + w.pow(2).sum()
@@ -3240,7 +3242,7 @@ def test_a_tied_transposed_decoder_reads_the_features_its_encoder_writes():
     features reduced away, is still refused."""
     torch.manual_seed(0)
     x = torch.randn(4, 6)  # (a batch of 4: the smallest width)
-    for tail in ("decode", "decode_copy", "decode_cast"):
+    for tail in ("decode", "decode_copy", "decode_cast", "decode_spread"):
         model = _TiedAE(tail).eval()
         nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="enc"), example=x)
         nest.check(x)

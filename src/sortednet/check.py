@@ -798,7 +798,8 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     """Whether, at ``d``'s smallest size, an op outside the forward of every module ``d`` binds as ``out`` takes
     features those modules wrote (their outputs, or what ops made of them) with an axis of that size, together
     with a tensor made from one of their cut tensors outside their forward (a view, a transpose, a copy or a
-    cast of it), and makes new tensors with fewer axes of that size than the features (contracted): a tied
+    cast of it), and makes new tensors with fewer axes of that size than the features (contracted; or spreads
+    them over the weight's other axis, ``h[..., None] * weight``, then sums that over them): a tied
     transposed decoder (``F.linear(h, enc.weight.t())``) reads the features ``d`` writes through ``enc``'s own
     weight, a reader no binding can name. Not a reader: the weight read without those features (a regulariser,
     whatever the batch size), or met with them element by element (a gate)."""
@@ -814,6 +815,7 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     cut = {ptr(t) for m in mods for t in m._parameters.values() if t is not None} - {None, 0}
     feats: dict[int, torch.Tensor] = {}  # id -> tensor (held for the run: an id is not reused)
     weights: dict[int, torch.Tensor] = {}
+    met: dict[int, torch.Tensor] = {}  # features spread over a weight's other axis, not yet summed
 
     def marked(t: torch.Tensor, table: dict[int, torch.Tensor]) -> bool:
         return table.get(id(t)) is t
@@ -827,10 +829,19 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
             f = [t for t in ins if marked(t, feats)]
             w = [t for t in ins if marked(t, weights) or ptr(t) in cut]
+            m = [t for t in ins if marked(t, met)]
             count = lambda t: sum(n == small for n in t.shape)  # noqa: E731  (axes of the cut size)
-            if (f and w and made and any(small in t.shape for t in w) and not any(ptr(t) in cut for t in made)
-                    and max(map(count, f)) > max(map(count, made))):  # (fewer such axes: the features contracted)
+            fresh = made and not any(ptr(t) in cut for t in made)
+            if f and w and fresh and any(small in t.shape for t in w):
+                if max(map(count, f)) > max(map(count, made)):  # (fewer such axes: the features contracted)
+                    found[0] = True
+                elif max(t.numel() for t in made) > max(t.numel() for t in f) and any(
+                        t.dim() >= 2 and small in t.shape for t in w):  # (spread over the other axis of a weight
+                    met.update((id(t), t) for t in made)                 # matrix: h[..., None] * weight)
+            elif m and fresh and max(map(count, m)) > max(map(count, made)):  # (... then summed over the features)
                 found[0] = True
+            elif m:
+                met.update((id(t), t) for t in made)
             for t in made if f else made if w else ():
                 (feats if f else weights)[id(t)] = t
             return out
