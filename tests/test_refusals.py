@@ -1415,6 +1415,21 @@ def test_a_quantized_module_is_refused_with_its_full_class_name_and_what_to_do()
     assert torch.equal(model(x), before)  # (packed weights: no state_dict of plain tensors to snapshot)
 
 
+def test_a_quantization_aware_training_module_is_named_in_full():
+    """torch.ao's QAT ``Linear`` subclasses ``nn.Linear`` with its own forward: the refusal said "Linear
+    subclasses Linear", naming two classes alike. Both are named in full now, with what to do."""
+    model = _mlp().train()
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.ao.quantization.prepare_qat(model, inplace=False)
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(sn.PatternError, match=r"'0': torch\.ao\.nn\.qat\..*Linear subclasses torch\.nn\.modules\."
+                                              r"linear\.Linear .*prepare the exported sub-model"):
+        sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert [type(m) for m in model.modules()] == classes
+
+
 def test_a_class_that_cannot_be_subclassed_without_arguments_is_refused_by_path():
     """wrap slices a module through a subclass of its class: an ``__init_subclass__`` that needs a keyword raised a
     bare TypeError naming no module."""

@@ -181,8 +181,14 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                                "with @sn.slicer(YourType) (see docs/custom_slicers.md)")
         if sl is not ATTRS_ONLY and own_forward(type(m), sl) and not sl.verifies_forward(type(m)):
             base = next(b for b in type(m).__mro__ if b in sl.types)
-            raise PatternError(f"{path!r}: {type(m).__name__} subclasses {base.__name__} with its own forward, "
-                               "which may ignore sliced attributes; register a slicer for it explicitly")
+            name, of = type(m).__name__, base.__name__
+            if name == of:  # (torch.ao's QAT Linear subclasses Linear: said in full)
+                name, of = (f"{c.__module__}.{c.__qualname__}" for c in (type(m), base))
+            qat = (" (a quantization-aware training module: wrap and train the float model, then prepare the "
+                   "exported sub-model)" if type(m).__module__.startswith(("torch.ao.", "torch.nn.qat",
+                                                                            "torch.nn.intrinsic")) else "")
+            raise PatternError(f"{path!r}: {name} subclasses {of} with its own forward, "
+                               f"which may ignore sliced attributes{qat}; register a slicer for it explicitly")
         sl.validate(m, bind, path)
         out[path] = (m, sl, bind)
     above = {p for p, m in modules.items() if _offloaded(m, submodules=True)}  # (a hook that places its children)
