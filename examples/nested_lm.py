@@ -76,8 +76,9 @@ def main() -> None:
     nest = sn.from_transformers(model, ffn=[0.25, 0.5], heads=[0.5], depth=[2, 3])
     print(f"{len(nest.submodels)} sub-models, {nest.cost(nest.smallest):,} to {nest.cost(nest.largest):,} params")
     if args.budget * nest.cost(nest.largest) < nest.cost(nest.smallest):  # (said before training, not after it)
-        ap.error(f"--budget {args.budget} is below the smallest sub-model's share of the parameters, "
-                 f"{nest.cost(nest.smallest) / nest.cost(nest.largest):.3f}")
+        share = math.ceil(1e4 * nest.cost(nest.smallest) / nest.cost(nest.largest)) / 1e4  # (rounded up: it fits)
+        ap.error(f"--budget {args.budget} is below the smallest sub-model's share of the parameters: give at "
+                 f"least {share}")
 
     # 2. sorted training: largest + smallest + 1 random sub-model per step, one backward each
     sampler = sn.Sampler(nest.submodels, k=3, strategy="sandwich", seed=0)

@@ -117,10 +117,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--table", default=os.path.join("runs", "train_digits_submodels.md"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    folder = os.path.dirname(os.path.abspath(args.table)) if args.table else ""
-    if not args.table or os.path.isdir(args.table) or (os.path.exists(folder) and not os.path.isdir(folder)):
-        p.error(f"--table {args.table!r} is no path a file can be written to: give the path of a file for the "
-                "table")  # (said before training, not after it)
+    args.table = os.path.expanduser(args.table)
+    try:  # (said before training, not after it: the file is opened for writing once here)
+        if not args.table or args.table.endswith(os.sep) or os.path.isdir(args.table):
+            raise IsADirectoryError(args.table)
+        existed = os.path.exists(args.table)
+        os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
+        open(args.table, "a").close()
+        if not existed:
+            os.remove(args.table)
+    except OSError as e:
+        p.error(f"--table {args.table!r} is no path a file can be written to ({type(e).__name__}): give the path "
+                "of a file for the table")
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_data()

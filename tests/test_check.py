@@ -3229,6 +3229,12 @@ class _TiedAE(nn.Module):
             return h.logsumexp(-1) + (w / w.norm(dim=1, keepdim=True)).sum()
         if self.tail == "gate":  # met with the features element by element
             return (h * self.enc.bias).logsumexp(-1)
+        if self.tail == "spread_add":  # spread over the weight's inputs, but added, not multiplied
+            return (h.unsqueeze(-1) + w).sum(-2)
+        if self.tail == "spread_lse":  # multiplied, then reduced by another op than a sum
+            return (h.unsqueeze(-1) * w).logsumexp(-2)
+        if self.tail == "spread_exp":  # multiplied, another op between, then summed
+            return (h.unsqueeze(-1) * w).exp().sum(-2)
         # a cosine head: the weight normalised (a copy), the classes reduced away
         return F.linear(F.normalize(x, dim=-1) @ torch.ones(6, 6), F.normalize(w, dim=-1)).logsumexp(-1)
 
@@ -3265,7 +3271,8 @@ def test_a_tied_transposed_decoder_reads_the_features_its_encoder_writes():
     nest = sn.wrap(conv, sn.Width("c", [4, 16], out="enc"), example=maps)
     with nest.use("c=4"), torch.no_grad():
         torch.testing.assert_close(nest.export("c=4")(maps), conv(maps))
-    for tail in ("regulariser", "projection", "normalised", "gate", "cosine"):
+    for tail in ("regulariser", "projection", "normalised", "gate", "cosine", "spread_add", "spread_lse",
+                 "spread_exp"):
         other = _TiedAE(tail).eval()
         with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['enc'\] but no layer reads"):
             sn.wrap(other, sn.Width("h", [4, 16], out="enc"), example=x)

@@ -196,7 +196,8 @@ def test_a_left_out_module_named_by_another_role_or_dimension_is_still_said():
             return self.b[0](self.a[0](x))
 
     for dims in ([sn.Width("x", [4, 8], out="b.*", inp="a.1")],
-                 [sn.Width("x", [4, 8], out="b.*"), sn.Width("y", [2, 8], out="a.1")]):
+                 [sn.Width("x", [4, 8], out="b.*"), sn.Width("y", [2, 8], out="a.1")],
+                 [sn.Width("x", [4, 8], out=["b.*", "a.1"], inp="b.*")]):  # (one glob for two roles)
         with pytest.warns(SecondNameWarning, match=r"\['b\.1'\] of 'a\.1'"):
             sn.wrap(M(), *dims)
     with warnings.catch_warnings():

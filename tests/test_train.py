@@ -715,7 +715,8 @@ def test_demo_runs_and_reports_every_submodel(tmp_path, capsys):
     assert (tmp_path / "table.md").read_text().count("\n") == len(scores) + 2
     assert out.count("nest.pick") == 1 and out.count("params <=") == 3
     (tmp_path / "afile").write_text("")
-    for table in (str(tmp_path), str(tmp_path / "afile" / "t.md"), ""):  # (said before training, not after it)
+    for table in (str(tmp_path), str(tmp_path / "afile" / "t.md"), "", str(tmp_path / "afile" / "sub" / "t.md"),
+                  str(tmp_path / "new") + os.sep):  # (said before training, not after it)
         with pytest.raises(SystemExit):
             demo.main(["--epochs", "1", "--quiet", "--table", table])
         assert "no path a file can be written to" in capsys.readouterr().err

@@ -794,12 +794,17 @@ def _internal_outs(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, s
     return all(len(v) % 2 == 0 and v and v[:len(v) // 2] == v[len(v) // 2:] for v in shapes.values())
 
 
+_PRODUCTS = frozenset({"mul", "multiply", "__mul__", "__rmul__"})
+_SUMS = frozenset({"sum", "nansum"})
+
+
 def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]], example: Any) -> bool:
     """Whether, at ``d``'s smallest size, an op outside the forward of every module ``d`` binds as ``out`` takes
     features those modules wrote (their outputs, or what ops made of them) with an axis of that size, together
     with a tensor made from one of their cut tensors outside their forward (a view, a transpose, a copy or a
-    cast of it), and makes new tensors with fewer axes of that size than the features (contracted; or spreads
-    them over the weight's other axis, ``h[..., None] * weight``, then sums that over them): a tied
+    cast of it), and makes new tensors with fewer axes of that size than the features (contracted; or multiplies
+    them spread over the other axis of a weight matrix, ``h[..., None] * weight``, then sums that over them, with
+    nothing but views between): a tied
     transposed decoder (``F.linear(h, enc.weight.t())``) reads the features ``d`` writes through ``enc``'s own
     weight, a reader no binding can name. Not a reader: the weight read without those features (a regulariser,
     whatever the batch size), or met with them element by element (a gate)."""
@@ -832,16 +837,17 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             m = [t for t in ins if marked(t, met)]
             count = lambda t: sum(n == small for n in t.shape)  # noqa: E731  (axes of the cut size)
             fresh = made and not any(ptr(t) in cut for t in made)
+            name = getattr(func, "__name__", "")
             if f and w and fresh and any(small in t.shape for t in w):
                 if max(map(count, f)) > max(map(count, made)):  # (fewer such axes: the features contracted)
                     found[0] = True
-                elif max(t.numel() for t in made) > max(t.numel() for t in f) and any(
-                        t.dim() >= 2 and small in t.shape for t in w):  # (spread over the other axis of a weight
-                    met.update((id(t), t) for t in made)                 # matrix: h[..., None] * weight)
-            elif m and fresh and max(map(count, m)) > max(map(count, made)):  # (... then summed over the features)
-                found[0] = True
-            elif m:
-                met.update((id(t), t) for t in made)
+                elif name in _PRODUCTS and max(t.numel() for t in made) > max(t.numel() for t in f) and any(
+                        t.dim() >= 2 and small in t.shape for t in w):  # (multiplied, spread over the other axis
+                    met.update((id(t), t) for t in made)                 # of a weight matrix: h[..., None] * w)
+            elif m and fresh and name in _SUMS and max(map(count, m)) > max(map(count, made)):  # (... then summed
+                found[0] = True                                                               # over the features)
+            elif m:  # (a view of it stays one: any other op ends it)
+                met.update((id(t), t) for t in made if any(ptr(t) == ptr(x) for x in m))
             for t in made if f else made if w else ():
                 (feats if f else weights)[id(t)] = t
             return out

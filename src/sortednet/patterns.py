@@ -38,7 +38,9 @@ class Named(dict):
         same dimension and role as the pattern's own targets (``targets``: the plan's, with ``path``, ``role``,
         ``binding.dim`` and ``pattern``): the user's list may name it by another pattern."""
         for dim, what, pattern, hits, left in self.left:
-            roles = {t.role for t in targets if t.pattern == pattern and t.binding.dim is dim}
+            role = what.rsplit(" ", 1)[-1]  # (a Width's role; one glob may be given for out= and inp= both)
+            roles = {role} if role in ("out", "inp", "norm") else {
+                t.role for t in targets if t.pattern == pattern and t.binding.dim is dim}
             bound = {t.path for t in targets if t.binding.dim is dim and t.role in roles}
             left = {first: names for first, names in left.items()
                     if not any(p == first or p.startswith(first + ".") for p in bound)}
