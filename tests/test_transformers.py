@@ -1181,6 +1181,28 @@ def test_trainer_and_callback_refuse_misconfigurations_before_any_step(tmp_path)
         transformers.Trainer(model=stranger, args=args, train_dataset=data, callbacks=[SubModelCallback(nest)]).train()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
+def test_a_trainer_of_a_model_holding_the_nested_tower_says_how_to_train_it(tmp_path):
+    """One tower of an encoder-decoder model nested (BART's decoder, as from_transformers asks): SortedTrainer
+    said model= must be the nest's model, whose tower returns no loss (a raw ValueError followed), and
+    SubModelCallback said the steps would train the full model, untrue: under nest.use the whole model runs the
+    tower's sub-model. Both say now that the integration does not train it, and how to (sn.accumulate)."""
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)).eval()
+    nest = sn.from_transformers(model.model.decoder, ffn=[24], depth=[1])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(4)]
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    with pytest.raises(sn.SortedNetError, match=r"this BartForConditionalGeneration holds it.*sn\.accumulate"):
+        SortedTrainer(model=model, args=args, train_dataset=data, nest=nest)
+    with pytest.raises(sn.SortedNetError, match=r"this BartForConditionalGeneration holds it.*sn\.accumulate"):
+        transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SubModelCallback(nest)]).train()
+    x = ids(seed=0, b=2)  # the advice works: the whole model's loss, under the tower's sub-models
+    info = sn.accumulate(nest, [nest.smallest, nest.largest], lambda: model(input_ids=x, labels=x).loss)
+    assert len(info) == 2 and not info.skipped and all(p.grad is not None for p in nest.model.layers[0].parameters())
+
+
 def test_unsupported_architecture_and_bad_sizes_leave_model_unchanged():
     model, _, _, _ = build("gpt2")
     with pytest.raises(sn.SortedNetError, match="known families.*register_layout.*sn.Width"):

@@ -224,8 +224,11 @@ class SortedTrainer(Trainer):
                                      "at each exit): label_smoothing_factor and compute_loss_func would be ignored; "
                                      "drop them, or train without soft_exits")
         super().__init__(*args, **kw)
-        if self.accelerator.unwrap_model(self.model) is not nest.model:
-            raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)")
+        trained = self.accelerator.unwrap_model(self.model)
+        if trained is not nest.model:
+            raise SortedNetError("SortedTrainer: model= must be the nest's model (nest.model)" + (
+                _HOLDS_NEST.format(type(trained).__name__) if any(m is nest.model for m in trained.modules())
+                else ""))
         if any(isinstance(cb, SubModelCallback) for cb in self.callback_handler.callbacks):
             raise SortedNetError("SortedTrainer draws its own sub-models each step (its sampler=); a SubModelCallback "
                                  "would only record draws that never train: drop the callback")
@@ -633,6 +636,13 @@ def _agreed(mine: bool | None) -> bool | None:
     return True if uses else False if ignores else None
 
 
+#: the refusal's words for a Trainer's model that holds the nest's model (a seq2seq model with one tower nested)
+_HOLDS_NEST = (": this {} holds it (one tower of an encoder-decoder model nested), which the Trainer integration "
+               "does not train (its loss, saving and checks are the nest's model's). Train it in a loop of your own "
+               "with sn.accumulate(nest, subs, lambda: model(**batch).loss): under nest.use the whole model runs "
+               "the tower's sub-model; or nest the whole model where from_transformers takes it (T5)")
+
+
 class SubModelCallback(TrainerCallback):
     """Activates one drawn sub-model per optimizer step in a stock ``Trainer``.
 
@@ -685,6 +695,9 @@ class SubModelCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         model = kw.get("model")
         if model is not None and _unwrapped(model) is not self.nest.model:
+            if any(m is self.nest.model for m in _unwrapped(model).modules()):
+                raise SortedNetError("SubModelCallback: the Trainer's model must be the nest's model"
+                                     + _HOLDS_NEST.format(type(_unwrapped(model)).__name__))
             raise SortedNetError(f"SubModelCallback: the Trainer trains a {type(model).__name__} that is not the "
                                  "nest's model: its steps would train the full model while the callback records draws; "
                                  "pass model=nest.model to the Trainer (with model_init, wrap the model it returns)")
