@@ -781,17 +781,25 @@ def _internal_outs(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, s
 
     full = SubModel({e.name: e.full for e in nest.dims})
     handles = [model.get_submodule(p).register_forward_hook(hook(p)) for p in paths]
+    if not _hooked_runs(nest, model, example, (full, full.replace(**{d.name: d.sizes[0]})), handles):
+        return False
+    return all(len(v) % 2 == 0 and v and v[:len(v) // 2] == v[len(v) // 2:] for v in shapes.values())
+
+
+def _hooked_runs(nest: Nest, model: nn.Module, example: Any, subs: Any, handles: list, mode: Any = None) -> bool:
+    """Run ``model`` on ``example`` without gradients under each of ``subs`` (inside ``mode``, a torch function
+    mode, where given), then remove ``handles``: False where a run raised (the dry runs report what fails)."""
     try:
-        with torch.no_grad():
-            for sub in (full, full.replace(**{d.name: d.sizes[0]})):
+        with torch.no_grad(), mode if mode is not None else contextlib.nullcontext():
+            for sub in subs:
                 with nest.use(sub):
                     call_model(model, example)
-    except Exception:  # (the dry runs report what fails)
+    except Exception:
         return False
     finally:
         for h in handles:
             h.remove()
-    return all(len(v) % 2 == 0 and v and v[:len(v) // 2] == v[len(v) // 2:] for v in shapes.values())
+    return True
 
 
 _PRODUCTS = frozenset({"mul", "multiply", "__mul__", "__rmul__"})
@@ -862,15 +870,7 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     handles = [h for m in mods for h in (m.register_forward_pre_hook(enter),
                                          m.register_forward_hook(leave, always_call=True))]
     full = SubModel({e.name: e.full for e in nest.dims})
-    try:
-        with torch.no_grad(), nest.use(full.replace(**{d.name: small})), Reads():
-            call_model(model, example)
-    except Exception:  # (the dry runs report what fails)
-        return False
-    finally:
-        for h in handles:
-            h.remove()
-    return found[0]
+    return _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads()) and found[0]
 
 
 def _inert_norm(model: nn.Module, path: str) -> bool:
