@@ -685,10 +685,11 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, cl
     else:
         names += [f"refused: {error}"]
     try:
-        again, = _agree_on(names, group, "the sub-models (and weights, distill=, nonfinite=, the nest) of this step",
-                  "give every rank's Sampler the same seed, k and step (the gradients of different sub-models "
-                  "would be averaged), the same accumulate arguments, and the same nest (nest=: a digest of its "
-                  "dimensions and of the modules they slice)", flags=(unchecked,))
+        again, = _agree_on(
+            names, group, "the sub-models (and weights, distill=, nonfinite=, the nest) of this step",
+            "give every rank's Sampler the same seed, k and step (the gradients of different sub-models would be "
+            "averaged), the same accumulate arguments, and the same nest (nest=: a digest of its dimensions and of "
+            "the modules they slice)", flags=(unchecked,))
     except SortedNetError:
         if error is not None:
             raise error from None
