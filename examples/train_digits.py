@@ -118,17 +118,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.table = os.path.expanduser(args.table)
-    try:  # (said before training, not after it: the file is opened for writing once here)
+    try:  # (said before training, not after it: the file is opened for writing once here, then left as it was)
         if not args.table or args.table.endswith(os.sep) or os.path.isdir(args.table):
             raise IsADirectoryError(args.table)
-        existed = os.path.exists(args.table)
+        made, folder = [], os.path.dirname(os.path.abspath(args.table))
+        while not os.path.lexists(folder):
+            made.append(folder)
+            folder = os.path.dirname(folder)
+        existed = os.path.exists(args.table)  # (a link to a missing file: its target is made, then removed)
         os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
         open(args.table, "a").close()
         if not existed:
-            os.remove(args.table)
+            os.remove(os.path.realpath(args.table))
+        for folder in made:
+            os.rmdir(folder)
     except OSError as e:
         p.error(f"--table {args.table!r} is no path a file can be written to ({type(e).__name__}): give the path "
                 "of a file for the table")
+    if args.epochs < 1 or args.k < 1:
+        p.error(f"--epochs and --k must be at least 1, got {args.epochs} and {args.k}")
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_data()

@@ -715,6 +715,14 @@ def test_demo_runs_and_reports_every_submodel(tmp_path, capsys):
     assert (tmp_path / "table.md").read_text().count("\n") == len(scores) + 2
     assert out.count("nest.pick") == 1 and out.count("params <=") == 3
     (tmp_path / "afile").write_text("")
+    (tmp_path / "link.md").symlink_to(tmp_path / "target.md")  # (dangling: the check leaves the link as it is)
+    with pytest.raises(SystemExit):
+        demo.main(["--epochs", "0", "--quiet", "--table", str(tmp_path / "link.md")])  # (refused after the check)
+    assert (tmp_path / "link.md").is_symlink() and not (tmp_path / "target.md").exists()
+    with pytest.raises(SystemExit):
+        demo.main(["--epochs", "0", "--quiet", "--table", str(tmp_path / "new" / "sub" / "t.md")])
+    assert not (tmp_path / "new").exists()
+    capsys.readouterr()
     for table in (str(tmp_path), str(tmp_path / "afile" / "t.md"), "", str(tmp_path / "afile" / "sub" / "t.md"),
                   str(tmp_path / "new") + os.sep):  # (said before training, not after it)
         with pytest.raises(SystemExit):
