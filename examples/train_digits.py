@@ -118,10 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.table = os.path.expanduser(args.table)
+    made: list[str] = []
     try:  # (said before training, not after it: the file is opened for writing once here, then left as it was)
         if not args.table or args.table.endswith(os.sep) or os.path.isdir(args.table):
             raise IsADirectoryError(args.table)
-        made, folder = [], os.path.dirname(os.path.abspath(args.table))
+        folder = os.path.dirname(os.path.abspath(args.table))
         while not os.path.lexists(folder):
             made.append(folder)
             folder = os.path.dirname(folder)
@@ -130,11 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
         open(args.table, "a").close()
         if not existed:
             os.remove(os.path.realpath(args.table))
-        for folder in made:
-            os.rmdir(folder)
     except OSError as e:
+        for folder in made:  # (the folders made for the check, deepest first, whatever failed)
+            if os.path.isdir(folder):
+                os.rmdir(folder)
         p.error(f"--table {args.table!r} is no path a file can be written to ({type(e).__name__}): give the path "
                 "of a file for the table")
+    for folder in made:
+        os.rmdir(folder)
     if args.epochs < 1 or args.k < 1:
         p.error(f"--epochs and --k must be at least 1, got {args.epochs} and {args.k}")
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
