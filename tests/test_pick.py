@@ -112,6 +112,19 @@ def test_a_nan_cost_is_refused():
         sn.Profile(subs, {"params": [1.0, 5.0], "latency": [float("nan"), 1.0]})
 
 
+@pytest.mark.parametrize("scores, subs, match", [
+    ((0.5, float("nan")), None, "the score of i=1 is nan"),
+    ((float("inf"), 0.5), None, "the score of i=0 is inf"),     # (it outranked every finite score)
+    ((0.5,), None, "need 2 scores, one per sub-model, got 1"),
+    (None, [sn.SubModel(i=0), sn.SubModel(i=0)], "i=0 is listed twice"),
+    (None, [sn.SubModel(i=0), sn.SubModel(j=0)], "name different dimensions"),
+])
+def test_a_selector_refuses_what_a_profile_refuses(scores, subs, match):
+    subs = subs or [sn.SubModel(i=i) for i in range(2)]
+    with pytest.raises(sn.SortedNetError, match=re.escape(match)):
+        Selector(subs, {"params": [1.0, 5.0]}, scores)
+
+
 @pytest.mark.parametrize("costs, scores, subs, match", [
     ({"latency": (np.float32("nan"), 1.0)}, None, None, "'latency' of i=0 is np.float32.nan."),   # a NumPy NaN
     ({"params": (np.float32(-5), 1.0)}, None, None, "'params' of i=0 is np.float32.-5.0."),

@@ -1016,6 +1016,38 @@ def test_evaluate_takes_one_pair_with_structured_inputs_and_custom_metrics_of_an
     assert evaluate(nest, [((x, z), labels)], metric=metric) == want  # targets of any kind, in a list of batches
 
 
+@pytest.mark.parametrize("target", ["tuple", "dict", "pair"])
+def test_a_custom_metric_is_divided_by_the_examples_of_a_structured_target_not_its_length(target):
+    from sortednet.train import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    want = evaluate(nest, (x, y))
+    if target == "dict":
+        got = evaluate(nest, [(x, {"labels": y, "w": torch.ones(16)})],
+                       metric=lambda o, t: (o.argmax(-1) == t["labels"]).sum())
+    else:  # one (inputs, (labels, weights)) pair, alone or in a list of batches
+        data = (x, (y, torch.ones(16)))
+        got = evaluate(nest, data if target == "pair" else [data], metric=lambda o, t: (o.argmax(-1) == t[0]).sum())
+    assert got == want  # (it was divided by 2, the tuple's / dict's length: 3.5 for an accuracy of 0.4375)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    hist = sn.fit(nest, [(x, y)], opt, sn.Sampler(nest.submodels, k=1, seed=0), eval_data=[(x, (y, y))],
+                  metric=lambda o, t: (o.argmax(-1) == t[1]).sum(), progress=False)
+    assert hist.last_scores == {str(s): v for s, v in want.items()}
+
+
+@pytest.mark.parametrize("target", [(torch.zeros(16), torch.zeros(15)), ([1, 2], [3, 4]), ({"a": 1},)])
+def test_a_target_whose_examples_cannot_be_counted_is_refused_for_a_custom_metric(target):
+    from sortednet.train import evaluate
+
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)),
+                   sn.Width("h", [4, 8], out="0", inp="1"))
+    with pytest.raises(sn.SortedNetError, match="cannot tell how many examples the target of batch 0 holds"):
+        evaluate(nest, [(torch.randn(16, 4), target)], metric=lambda o, t: 1.0)
+
+
 @pytest.mark.parametrize("bad", ["list_targets", "wrong_width", "empty_targets"])
 def test_fit_refuses_a_malformed_eval_set_before_the_first_step(bad):
     torch.manual_seed(0)

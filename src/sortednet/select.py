@@ -88,6 +88,14 @@ class Selector:
             raise SortedNetError("no sub-models to select from")
         if "params" not in costs:
             raise SortedNetError("Selector needs the 'params' cost of every sub-model")
+        if len(set(subs)) != n:
+            seen: set[SubModel] = set()
+            twice = next(s for s in subs if s in seen or seen.add(s))
+            raise SortedNetError(f"{twice} is listed twice: a Selector picks among distinct sub-models")
+        names = {tuple(sorted(s)) for s in subs}
+        if len(names) > 1:
+            raise SortedNetError(f"the sub-models name different dimensions ({' vs '.join(map(repr, sorted(names)))}): "
+                                 "a Selector picks among sub-models of one nest")
         self.subs = subs
         self.costs = {k: np.asarray(v, dtype=np.float64) for k, v in costs.items()}
         for k, v in self.costs.items():
@@ -102,8 +110,12 @@ class Selector:
             self.scores = params
         else:
             self.scores = np.asarray(scores, dtype=np.float64)
-            if self.scores.shape != (n,) or np.isnan(self.scores).any():
-                raise SortedNetError(f"need {n} finite scores, got {len(scores)}")
+            if self.scores.shape != (n,):
+                raise SortedNetError(f"need {n} scores, one per sub-model, got {self.scores.size}")
+            if not np.isfinite(self.scores).all():
+                bad = int((~np.isfinite(self.scores)).argmax())
+                raise SortedNetError(f"the score of {self.subs[bad]} is {self.scores[bad]}: scores must be finite "
+                                     "(an infinite one outranks every measured score)")
         # the last tie-break: later in nest order without scores, earlier with them
         self._order = -np.arange(n) if scores is None else np.arange(n)
         self._rankings: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}

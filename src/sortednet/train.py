@@ -19,7 +19,7 @@ import numbers
 import random
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -699,11 +699,33 @@ def _count(y: Tensor) -> int:
 
 
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
-    """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor), or batches of them."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor) \
-            and (isinstance(data[0], (Tensor, tuple, list)) or keyword_inputs(data[0])):
+    """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor, or any target where the
+    inputs are a tensor or a dict: no batch is one), or batches of them."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and (
+            isinstance(data[1], Tensor) and isinstance(data[0], (tuple, list))
+            or isinstance(data[0], Tensor) or keyword_inputs(data[0])):
         return [tuple(data)]
     return data
+
+
+def _examples(y: Any) -> int | None:
+    """How many examples the target ``y`` of a custom metric holds: a tensor's first size; the first size that
+    every tensor of a tuple / list / dict of them shares (``(labels, weights)``: not the 2 of the tuple); the
+    length of a flat list of plain values (labels); None where it cannot be told."""
+    from torch.utils._pytree import tree_leaves
+
+    if isinstance(y, Tensor):
+        return len(y) if y.dim() else None
+    try:
+        leaves = tree_leaves(y)
+    except Exception:  # (a structure pytree cannot walk)
+        return None
+    sizes = {len(t) for t in leaves if isinstance(t, Tensor) and t.dim()}
+    if sizes or any(isinstance(t, Tensor) for t in leaves):
+        return sizes.pop() if len(sizes) == 1 else None
+    if isinstance(y, (tuple, list)) and not any(isinstance(v, (tuple, list, Mapping)) for v in y):
+        return len(y)
+    return None
 
 
 def _one_shot(data: Any) -> bool:
@@ -738,7 +760,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
 
     ``metric(output, target)`` returns the SUM over the batch (default: number
     of correct argmax predictions); the result is divided by the number of
-    examples, so the default is accuracy. The default needs integer class targets shaped like
+    examples (a target's first size: for a tuple / dict of tensors the one they share), so the default is accuracy. The default needs integer class targets shaped like
     ``output.argmax(-1)`` (a sequence's tokens each count; targets equal to -100, the ignore index of
     ``F.cross_entropy``, are left out; bool labels count as classes 0 / 1) and refuses float targets, one
     logit per example and other shapes with a :class:`SortedNetError`: pass
@@ -770,21 +792,28 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
         y = item[1] if ok else None
         if ok and (default or isinstance(y, Tensor)):  # the default metric needs tensor targets
             ok = isinstance(y, Tensor) and y.dim() >= 1 and len(y) > 0
-        if ok and not default:
-            try:
-                ok = len(y) > 0
-            except TypeError:
-                ok = False
         if not ok:
             raise SortedNetError("evaluate needs (inputs, target) pairs with targets of at least one example (a "
                                  f"tensor for the default accuracy); got {type(item).__name__}"
                                  + (f" of {len(item)} items" if isinstance(item, (tuple, list)) else ""))
+        if not default and not (_examples(y) or 0) > 0:
+            from torch.utils._pytree import tree_leaves
+
+            try:
+                sizes = [tuple(t.shape) for t in tree_leaves(y) if isinstance(t, Tensor)]
+            except Exception:
+                sizes = []
+            raise SortedNetError(
+                f"evaluate: cannot tell how many examples the target of batch {len(batches)} holds (a custom metric's "
+                f"sum is divided by them): got {type(y).__name__}"
+                + (f" holding tensors of shapes {sizes[:4]}" if sizes else "") + "; give a tensor, or a tuple / "
+                "dict of tensors whose first size is the batch's")
         batches.append((_to(item[0], device), _to(item[1], device)))
     if not batches:
         raise SortedNetError("evaluate got no batches")
     # the default (accuracy) counts every target entry but the ignore index (a sequence's tokens too); a custom
     # metric sums per example
-    count = sum((_count(y) if default else len(y)) for _, y in batches)
+    count = sum((_count(y) if default else _examples(y)) for _, y in batches)
     if default and count == 0:
         raise SortedNetError(f"evaluate: every target is the ignore index {IGNORE_INDEX}; nothing to score")
     out: dict[SubModel, float] = {}
