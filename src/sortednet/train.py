@@ -760,7 +760,8 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
 
     ``metric(output, target)`` returns the SUM over the batch (default: number
     of correct argmax predictions); the result is divided by the number of
-    examples (a target's first size: for a tuple / dict of tensors the one they share), so the default is accuracy. The default needs integer class targets shaped like
+    examples (a target's first size: for a tuple / dict of tensors the one they share), so the default is
+    accuracy. The default needs integer class targets shaped like
     ``output.argmax(-1)`` (a sequence's tokens each count; targets equal to -100, the ignore index of
     ``F.cross_entropy``, are left out; bool labels count as classes 0 / 1) and refuses float targets, one
     logit per example and other shapes with a :class:`SortedNetError`: pass
