@@ -956,6 +956,58 @@ class _OneArgument:
         return out.sum()
 
 
+class _OneTensor(torch.nn.Module):
+    def forward(self, a):
+        return a.sum()
+
+
+class _PairLoss(torch.nn.Module):
+    """A loss whose forward takes one pair; a forward pre-hook packs ``(output, target)`` into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_forward_pre_hook(lambda mod, args: ((args[0], args[1]),))
+
+    def forward(self, pair):
+        return F.cross_entropy(*pair)
+
+
+@pytest.mark.parametrize("how", ["partial", "compiled", "partial_of_compiled"])
+def test_a_module_loss_of_the_wrong_arity_behind_partial_or_compile_is_refused_before_the_forward(how, fresh_dynamo):
+    """partial(module) and torch.compile(module) read as (*args, **kwargs): the loss ran after a training forward
+    had moved BatchNorm's statistics and the RNG, then a raw TypeError."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
+                            torch.nn.Linear(8, 3))
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="3", norm="1"))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    wrong = {"partial": functools.partial(_OneTensor()), "compiled": torch.compile(_OneTensor()),
+             "partial_of_compiled": functools.partial(torch.compile(_OneTensor()))}[how]
+    before, rng = {k: v.clone() for k, v in m.state_dict().items()}, torch.get_rng_state()
+    with pytest.raises(sn.SortedNetError, match=r"loss_fn\(output, target\)"):
+        sn.fit(nest, [(x, y)], torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), loss_fn=wrong,
+               progress=False)
+    with pytest.raises(sn.SortedNetError, match="function of the scaled loss"):
+        sn.accumulate(nest, nest.submodels, lambda: F.cross_entropy(m(x), y),
+                      backward={"partial": functools.partial(_OneTensor(), 1),
+                                "compiled": torch.compile(lambda: None),
+                                "partial_of_compiled": functools.partial(torch.compile(_OneTensor()), 1)}[how])
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_a_module_loss_whose_forward_pre_hook_adapts_the_arguments_is_taken():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    hist = sn.fit(nest, [(x, y)], torch.optim.SGD(m.parameters(), lr=0.0), sn.Sampler(nest, k=1, seed=0),
+                  loss_fn=_PairLoss(), progress=False)
+    sub = next(iter(hist.train[0]["losses"]))
+    with torch.no_grad(), nest.use(sub):
+        assert hist.train[0]["losses"][sub] == pytest.approx(float(F.cross_entropy(m(x), y)))
+
+
 def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
     import torch.nn as nn
 

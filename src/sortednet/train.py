@@ -467,28 +467,48 @@ def checked_weights(raw: Any, n: int, who: str = "weights") -> list[float]:
 
 def _takes(fn: Any, n: int) -> bool:
     """Whether ``fn`` is callable with ``n`` positional arguments: False only where the signature of a Python
-    function, method, ``functools.partial`` of one, module's forward or object's ``__call__`` (a plain method)
-    says it is not; any other callable (a builtin of C, a static ``__call__``) is taken at its word. The
-    signature read is the function's own, not the one ``functools.wraps`` copies from what it wraps (a decorator
-    may change the arguments).
+    function, method, module's forward or object's ``__call__`` (a plain method), reached through
+    ``functools.partial`` (with the arguments it binds) and ``torch.compile`` (what it compiled), says it is not;
+    any other callable (a builtin of C, a static ``__call__``, a module whose forward pre-hooks may adapt the
+    arguments) is taken at its word. The signature read is the function's own, not the one ``functools.wraps``
+    copies from what it wraps (a decorator may change the arguments).
 
     >>> _takes(lambda: 0, 0), _takes(lambda batch: 0, 0), _takes(lambda *a: 0, 2), _takes(print, 2)
     (True, False, True, True)
     """
     if not callable(fn):
         return False
-    inner = fn.func if isinstance(fn, functools.partial) else fn
-    module = isinstance(fn, nn.Module) and type(fn).__call__ is nn.Module.__call__  # (its forward takes the call)
-    call = inspect.getattr_static(type(inner), "__call__", None)  # (an object's own __call__, read bound; a static
-    own = not isinstance(inner, type) and inspect.isfunction(call)  # one's signature Python 3.11 misreads)
-    if not (inspect.isfunction(inner) or inspect.ismethod(inner) or module or own):
-        return True
+    args: tuple = ()
+    kwargs: dict = {}
+    inner = fn
+    for _ in range(8):  # (partials of compiled modules of ...: a few layers, never a cycle)
+        if isinstance(inner, functools.partial):
+            args, kwargs, inner = (*inner.args, *args), {**inner.keywords, **kwargs}, inner.func
+        elif isinstance(inner, nn.Module) and type(inner).__name__ == "OptimizedModule" \
+                and isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod  # (torch.compile of a module: its forward takes the call)
+        elif callable(getattr(inner, "_torchdynamo_orig_callable", None)):
+            inner = inner._torchdynamo_orig_callable  # (torch.compile of a function)
+        else:
+            break
+    if isinstance(inner, nn.Module) and type(inner).__call__ is nn.Module.__call__:  # (its forward takes the call,
+        from torch.nn.modules import module as _m  # unless a forward pre-hook rewrites the arguments first)
+
+        if inner._forward_pre_hooks or _m._global_forward_pre_hooks:
+            return True
+        target = inner.forward
+    else:
+        call = inspect.getattr_static(type(inner), "__call__", None)  # (an object's own __call__, read bound; a
+        own = not isinstance(inner, type) and inspect.isfunction(call)  # static one's signature 3.11 misreads)
+        if not (inspect.isfunction(inner) or inspect.ismethod(inner) or own):
+            return True
+        target = inner
     try:
-        sig = inspect.signature(fn.forward if module else fn, follow_wrapped=False)
+        sig = inspect.signature(target, follow_wrapped=False)
     except (TypeError, ValueError):  # (no signature Python can read: taken at its word)
         return True
     try:
-        sig.bind(*([None] * n))
+        sig.bind(*args, *([None] * n), **kwargs)
     except TypeError:
         return False
     return True
