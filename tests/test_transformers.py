@@ -3116,3 +3116,27 @@ def test_a_model_built_without_its_pooler_names_that_when_its_export_is_refused(
         want = model(input_ids=x).last_hidden_state
     with torch.no_grad():
         torch.testing.assert_close(nest.export("depth=1", plain=True)(input_ids=x).last_hidden_state, want)
+
+
+@pytest.mark.parametrize("how", ["named_otherwise", "discover"])
+def test_an_ffn_width_of_any_name_exports_as_the_stock_class(how):
+    """The config's FFN width was written only for a dimension named 'ffn': a Width of one's own named otherwise,
+    or discover's one per layer, was refused as though the family derived the size from another key."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    ids = torch.randint(0, V, (2, 7))
+    if how == "discover":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dims = sn.discover(model, ids, ratios=[0.5, 1.0])
+            nest = sn.wrap(model, *dims, submodels=sn.by_ratio(dims, [0.5, 1.0]), example=ids)
+        sub = nest.smallest
+    else:
+        nest = sn.wrap(model, sn.Width("mlp", [24, 48], out=["model.layers.*.mlp.gate_proj",
+                                                               "model.layers.*.mlp.up_proj"],
+                                       inp="model.layers.*.mlp.down_proj"))
+        sub = "mlp=24"
+    small = nest.export(sub)
+    assert type(small) is LlamaForCausalLM and small.config.intermediate_size == 24
+    with torch.no_grad(), nest.use(sub):
+        torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

@@ -751,12 +751,28 @@ def _ffn_keys_holding(cfg, key: str, tower: str | None, full: int) -> tuple[str,
     return (key, *same) if value(key) == full else same or (key,)
 
 
+def _ffn_nested(nest: Nest, found: Found, cls: str) -> bool:
+    """Whether a width cuts the FFN (the outputs of the first block's FFN projection), whatever its name: an
+    ``ffn=`` of from_transformers, a Width of one's own, or discover's one per layer."""
+    lay = found.layout
+    stack = nest.model.get_submodule(found.stacks[0])
+    if not lay.ffn_out or not stack._modules:
+        return False
+    block = next(iter(stack._modules.values()))
+    try:
+        m = block.get_submodule(_ffn_out_path(block, lay, cls))
+    except SortedNetError:
+        return False
+    state = getattr(m, "_sn", None)
+    return state is not None and any(isinstance(b.dim, Width) for r, b in state.bind.items() if r == "out")
+
+
 def _update_config(nest: Nest, found: Found, sub: SubModel, small: nn.Module, cfg) -> None:
     lay = found.layout
     cls = type(nest.model).__name__
     other = _other_towers_key(nest.model, lay.depth_keys)
-    nested_ffn = any(d.name == "ffn" for d in nest.dims)  # (heads= / depth= alone: the FFN is as it was, whatever
-    b0 = found.block(small, 0, 0) if nested_ffn and len(small.get_submodule(found.stacks[0])) else None  # it is)
+    nested_ffn = _ffn_nested(nest, found, cls)  # (heads= / depth= alone: the FFN is as it was, whatever it is)
+    b0 = found.block(small, 0, 0) if nested_ffn and len(small.get_submodule(found.stacks[0])) else None
     full0 = found.block(nest.model, 0, 0) if b0 is not None and lay.ffn_out else None
     keep_ffn = full0 is not None and _ffn_size(b0, lay, cls) == _ffn_size(full0, lay, cls)
     tower = _tower_name(nest.model, found.stacks[0])
