@@ -804,20 +804,26 @@ def _hooked_runs(nest: Nest, model: nn.Module, example: Any, subs: Any, handles:
 
 _PRODUCTS = frozenset({"mul", "multiply", "__mul__", "__rmul__"})
 _SUMS = frozenset({"sum", "nansum"})
+_CASTS = frozenset({"to", "float", "half", "bfloat16", "double", "type", "type_as"})
 
 
-def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]], example: Any) -> bool:
-    """Whether, at ``d``'s smallest size, an op outside the forward of every module ``d`` binds as ``out`` takes
-    features those modules wrote (their outputs, or what ops made of them) with an axis of that size, together
-    with a tensor made from one of their cut tensors outside their forward (a view, a transpose, a copy or a
-    cast of it), and makes new tensors with fewer axes of that size than the features (contracted; or multiplies
-    them spread over the other axis of a weight matrix, ``h[..., None] * weight``, then sums that over them, with
-    nothing but views between): a tied
-    transposed decoder (``F.linear(h, enc.weight.t())``) reads the features ``d`` writes through ``enc``'s own
-    weight, a reader no binding can name. Not a reader: the weight read without those features (a regulariser,
-    whatever the batch size), or met with them element by element (a gate)."""
+def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]],
+                        example: Any) -> tuple[list[str], set[str]]:
+    """The modules of ``keys`` (those ``d`` binds as ``out``) whose features no op reads outside their forward, at
+    ``d``'s smallest size (empty: every one is read), and the names of the ops that read them. A reader takes
+    features one of them wrote (its outputs, or what ops made of them) with an axis of that size, together with a
+    tensor made from one of their cut tensors outside their forward (a view, a transpose, a copy or a cast of it),
+    and makes new tensors with fewer axes of that size than the features (contracted); or multiplies them with it on
+    a common axis of that size (``h[..., None, :] * weight``, ``h * weight[j]``), then sums that over it, with
+    nothing but views and casts between: a tied transposed decoder (``F.linear(h, enc.weight.t())``) reads the
+    features ``d`` writes through ``enc``'s own weight, a reader no binding can name. Not a reader: the weight read
+    without those features (a regulariser, whatever the batch size), a product over other axes (``h[..., None] *
+    w[j][..., None, :]`` summed over ``w``'s axis keeps ``h``'s), or a product left unsummed (a gate). Each module
+    is judged by its own features: another one's tied decoder reads nothing of a module whose outputs are reduced
+    away. An embedding lookup of a module's cut weight outside its forward (``F.embedding(ids, emb.weight)``) makes
+    its features too."""
     mods = [model.get_submodule(p) for p, _ in keys]
-    small, inside, found = d.sizes[0], [0], [False]
+    small, inside, read, readers = d.sizes[0], [0], set(), set()
 
     def ptr(t: Any) -> int | None:
         try:
@@ -825,52 +831,68 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
         except Exception:  # (a tensor of no storage)
             return None
 
-    cut = {ptr(t) for m in mods for t in m._parameters.values() if t is not None} - {None, 0}
-    feats: dict[int, torch.Tensor] = {}  # id -> tensor (held for the run: an id is not reused)
-    weights: dict[int, torch.Tensor] = {}
-    met: dict[int, torch.Tensor] = {}  # features spread over a weight's other axis, not yet summed
+    owner = {ptr(t): i for i, m in enumerate(mods) for t in m._parameters.values() if t is not None}
+    cut = set(owner) - {None, 0}
+    feats: dict[int, tuple[torch.Tensor, frozenset]] = {}  # id -> (tensor, the modules it was made from)
+    weights: dict[int, torch.Tensor] = {}  # (held for the run: an id is not reused)
+    met: dict[int, tuple[torch.Tensor, frozenset]] = {}  # features multiplied with a weight, not yet summed
 
-    def marked(t: torch.Tensor, table: dict[int, torch.Tensor]) -> bool:
-        return table.get(id(t)) is t
+    def origin(t: torch.Tensor, table: dict) -> frozenset | None:
+        hit = table.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    def aligned(x: torch.Tensor, y: torch.Tensor) -> bool:  # (an axis of the cut size in both, once broadcast)
+        return any(x.shape[-i] == small == y.shape[-i] for i in range(1, min(x.dim(), y.dim()) + 1))
 
     class Reads(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if inside[0] or found[0]:
+            if inside[0]:
                 return out
             ins = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
             made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            f = [t for t in ins if marked(t, feats)]
-            w = [t for t in ins if marked(t, weights) or ptr(t) in cut]
-            m = [t for t in ins if marked(t, met)]
+            f = [t for t in ins if origin(t, feats) is not None]
+            w = [t for t in ins if weights.get(id(t)) is t or ptr(t) in cut]
+            m = [t for t in ins if origin(t, met) is not None]
             count = lambda t: sum(n == small for n in t.shape)  # noqa: E731  (axes of the cut size)
             fresh = made and not any(ptr(t) in cut for t in made)
             name = getattr(func, "__name__", "")
-            if f and w and fresh and any(small in t.shape for t in w):
+            src = frozenset().union(*(origin(t, feats) for t in f)) if f else frozenset()
+            if not f and name == "embedding" and fresh and any(ptr(t) in cut for t in ins):  # (the module's
+                f, src = made, frozenset(owner[ptr(t)] for t in ins if ptr(t) in cut)     # lookup, functional)
+                readers.add(name)
+            elif f and w and fresh and any(small in t.shape for t in w):
                 if max(map(count, f)) > max(map(count, made)):  # (fewer such axes: the features contracted)
-                    found[0] = True
-                elif name in _PRODUCTS and max(t.numel() for t in made) > max(t.numel() for t in f) and any(
-                        t.dim() >= 2 and small in t.shape for t in w):  # (multiplied, spread over the other axis
-                    met.update((id(t), t) for t in made)                 # of a weight matrix: h[..., None] * w)
+                    read.update(src)
+                    readers.add(name)
+                elif name in _PRODUCTS and any(aligned(x, y) for x in f for y in w):  # (multiplied on a common
+                    met.update((id(t), (t, src)) for t in made)                       # axis: h[..., None, :] * w)
             elif m and fresh and name in _SUMS and max(map(count, m)) > max(map(count, made)):  # (... then summed
-                found[0] = True                                                               # over the features)
-            elif m:  # (a view of it stays one: any other op ends it)
-                met.update((id(t), t) for t in made if any(ptr(t) == ptr(x) for x in m))
-            for t in made if f else made if w else ():
-                (feats if f else weights)[id(t)] = t
+                read.update(*(origin(t, met) for t in m))                                     # over it)
+                readers.add(name)
+            elif m and (name in _CASTS or any(ptr(t) == ptr(x) for t in made for x in m)):  # (a view or a cast of
+                mine = frozenset().union(*(origin(t, met) for t in m))                      # it stays one; any
+                met.update((id(t), (t, mine)) for t in made)                                # other op ends it)
+            if f:
+                feats.update((id(t), (t, src)) for t in made)
+            elif w:
+                weights.update((id(t), t) for t in made)
             return out
 
     def enter(*_: Any) -> None:
         inside[0] += 1
 
-    def leave(_m: nn.Module, _args: Any, out: Any) -> None:
-        inside[0] -= 1
-        feats.update((id(t), t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+    def leave(i: int) -> Any:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            inside[0] -= 1
+            feats.update((id(t), (t, frozenset({i}))) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return hook
 
-    handles = [h for m in mods for h in (m.register_forward_pre_hook(enter),
-                                         m.register_forward_hook(leave, always_call=True))]
+    handles = [h for i, m in enumerate(mods) for h in (m.register_forward_pre_hook(enter),
+                                                       m.register_forward_hook(leave(i), always_call=True))]
     full = SubModel({e.name: e.full for e in nest.dims})
-    return _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads()) and found[0]
+    ran = _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads())
+    return [p for i, (p, _) in enumerate(keys) if not (ran and i in read)], readers if ran else set()
 
 
 def _inert_norm(model: nn.Module, path: str) -> bool:
@@ -2809,14 +2831,22 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         if moved or coupled:
             raise SortedNetError("nest.check: the dry runs pass, but\n  " + "\n  ".join(
                 [m for _, _, m in moved] + coupled))
+        bound: dict[Any, list[tuple[str, str]]] = {}
+        for key, d in _bound(nest).items():
+            bound.setdefault(d, []).append(key)
+        tied = {}  # out-only widths read by a tied decoder: the op it reads them with is followed, not unfollowed
+        for d, keys in bound.items():
+            if {role for _, role in keys} == {"out"} and any(m.startswith(f"{d.kind} {d.name!r}: ")
+                                                            for m in unfollowed):
+                tied[d] = _cut_read_elsewhere(nest, model, d, keys, example)
+                if not tied[d][0]:
+                    unfollowed = [m for m in unfollowed if not (m.startswith(f"{d.kind} {d.name!r}: ") and any(
+                        f"reach {op!r} " in m for op in tied[d][1]))]
         if unfollowed:
             warnings.warn("nest.check: the dry runs pass, but whether these ops keep each unit in place (a sub-model's "
                           "first units the full model's) was not verified; act on each unit alone there, or "
                           "compare a sub-model with the full model masked:\n  " + "\n  ".join(unfollowed),
                           UnfollowedOpWarning, stacklevel=3)
-        bound: dict[Any, list[tuple[str, str]]] = {}
-        for key, d in _bound(nest).items():
-            bound.setdefault(d, []).append(key)
         for d, keys in bound.items():
             if {role for _, role in keys} == {"out"} and not _paired_reader(nest, d, bound):
                 if _internal_outs(nest, model, d, keys, example):
@@ -2826,10 +2856,11 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                         "module (a gated MLP's hidden units), name that role 'inp' in the slicer and bind it with "
                         "inp= ('out' says the module's outputs are cut, and then a layer must read them: none "
                         "does, so a sub-model would compute over fewer of them unseen)")
-                if _cut_read_elsewhere(nest, model, d, keys, example):  # (a tied transposed decoder)
+                unread = tied[d][0] if d in tied else _cut_read_elsewhere(nest, model, d, keys, example)[0]
+                if not unread:  # (a tied transposed decoder)
                     continue
                 raise SortedNetError(
-                    f"nest.check: width {d.name!r} slices the outputs of {[p for p, _ in keys][:4]} but no layer "
+                    f"nest.check: width {d.name!r} slices the outputs of {unread[:4]} but no layer "
                     "reads them (no inp=, no norm=): the dry runs pass because those features are reduced away (a "
                     "sum, a max or logsumexp over classes) or leave the network unseen (stored on a module), so a "
                     "sub-model silently computes over fewer of them. Bind the layers that read them with inp=, or "
