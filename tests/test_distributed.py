@@ -703,6 +703,34 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
     every_rank("loaded_on_one_rank", alike_step)
     alike.model.load_state_dict(first)  # every rank: alike again, accepted
     every_rank("loaded_on_every_rank", alike_step)
+    # a checkpoint that differs in one value the sampled digest passes over (a few rows of an embedding)
+    wide = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    wide_nest = sn.wrap(wide, sn.Width("w", [32, 64], out="0", inp="2"))
+    def wide_step():
+        snd.accumulate(wide_nest, [wide_nest.largest], lambda: _loss(wide(torch.ones(2, 64))))
+        wide.zero_grad(set_to_none=True)
+
+    every_rank("wide_first_step", wide_step)
+    if rank == 1:
+        with torch.no_grad():
+            changed = {k: v.clone() for k, v in wide.state_dict().items()}
+            changed["0.weight"].view(-1)[1] += 1.0  # (the sample reads every 4th value)
+        wide.load_state_dict(changed)
+    every_rank("loaded_one_value_on_one_rank", wide_step)
+    # a task head the DDP wrapper holds beside the wrapped backbone, restored on one rank only
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    task_head = torch.nn.Linear(16, 3)
+    back_nest = sn.wrap(backbone, sn.Width("h", [8, 16], out="0", inp="2"))
+    outer = DDP(torch.nn.Sequential(backbone, torch.nn.ReLU(), task_head))
+    def outer_step():
+        snd.accumulate(back_nest, [back_nest.largest], lambda: _loss(outer(torch.ones(2, 6))), module=outer)
+        outer.zero_grad(set_to_none=True)
+
+    every_rank("outer_first_step", outer_step)
+    if rank == 0:
+        task_head.load_state_dict({k: v + 0.5 for k, v in task_head.state_dict().items()})
+    every_rank("head_loaded_on_one_rank", outer_step)
     layers = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(4)])
     torch.manual_seed(0)
     for p in layers.parameters():
@@ -738,6 +766,23 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
         sharded_nest, [sharded_nest.largest], lambda: _loss(head(sharded.model(sharded.example))),
         module=sharded.model))
     out["fsdp2_head_grads"] = head.weight.grad is None
+    # FSDP2: a load on one rank only (a best model restored on rank 0) leaves each rank's shard of another
+    # checkpoint; the same load on every rank is taken
+    shards = FAMILIES["mlp"](seed=0)
+    shards_nest = sn.wrap(shards.model, *shards.dims)
+    fully_shard(shards.model, mesh=init_device_mesh("cpu", (WORLD,)))
+    def shards_step():
+        snd.accumulate(shards_nest, [shards_nest.largest], lambda: _loss(shards.model(shards.example)),
+                       module=shards.model)
+        shards.model.zero_grad(set_to_none=True)
+
+    every_rank("fsdp2_first_step", shards_step)
+    saved = {k: v.detach().clone() for k, v in shards.model.state_dict().items()}
+    shards.model.load_state_dict(saved)
+    every_rank("fsdp2_loaded_on_every_rank", shards_step)
+    if rank == 0:
+        shards.model.load_state_dict(saved)
+    every_rank("fsdp2_loaded_on_one_rank", shards_step)
     del stepper
     # DDP(process_group=one rank each): each rank is its own replica, nothing is averaged across ranks
     groups = [dist.new_group([r]) for r in range(WORLD)]
@@ -1072,6 +1117,14 @@ def test_replicas_that_differ_are_refused_on_every_rank_before_they_train(run):
     assert errs["alike_first_step"] == errs["loaded_on_every_rank"] == ["accepted"] * WORLD
     for e in errs["loaded_on_one_rank"]:
         assert "the ranks' models differ, in their weights" in e and "since the last step" in e, e
+    assert errs["wide_first_step"] == errs["outer_first_step"] == ["accepted"] * WORLD
+    for e in errs["loaded_one_value_on_one_rank"]:  # (a value the sampled digest does not read)
+        assert "the ranks' models differ" in e and "'0.weight' differs between rank 0 and rank 1" in e, e
+    for e in errs["head_loaded_on_one_rank"]:  # (a load into a part of module= outside the wrapped model)
+        assert "the ranks' models differ" in e and "differs between rank 0 and rank 1" in e, e
+    assert errs["fsdp2_first_step"] == errs["fsdp2_loaded_on_every_rank"] == ["accepted"] * WORLD
+    for e in errs["fsdp2_loaded_on_one_rank"]:
+        assert "a sharded (FSDP2) model was loaded into on some ranks only" in e, e
     assert errs["seed_per_rank_grads"]
     for e in errs["other_nest_same_names"]:
         assert "ranks disagree on the sub-models (and weights, distill=, nonfinite=, the nest)" in e and "nest=" in e, e

@@ -46,7 +46,7 @@ from .slicers import is_sharded
 from .submodel import SubModel, SubModelLike
 from .views import _compiling, is_fsdp
 from .views import fsdp_units as _fsdp_modules
-from .wrap import _is_fsdp1, loads
+from .wrap import _is_fsdp1, count_load, loads
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -314,14 +314,53 @@ def _refuse_unbroadcast(ddp: nn.Module, module: nn.Module) -> None:
             "(and such changes) before DDP(...) (docs/scaling.md)")
 
 
-#: module -> the process's load count (:func:`sortednet.wrap.loads`) when its replicas were last found equal
-_REPLICAS_CHECKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+#: module -> (the process's load count, the count of loads into the module) when its replicas were last found
+#: equal (:func:`sortednet.wrap.loads`)
+_REPLICAS_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def _replicas_unchecked(module: nn.Module) -> bool:
-    """Whether this rank has not compared ``module``'s weights with the other ranks' since its last load into a
-    wrapped model (or ever): the step's agreement carries it, so every rank compares again where one must."""
-    return _REPLICAS_CHECKED.get(module) != loads()
+    """Whether this rank has not compared ``module``'s weights with the other ranks' since a load into it or a
+    part of it (or ever): the step's agreement carries it, so every rank compares again where one must."""
+    seen = _REPLICAS_CHECKED.get(module)
+    if seen is None:
+        return True
+    if seen[0] == loads():  # (no load anywhere since: the common case, no walk of the modules)
+        return False
+    mine = loads(module)
+    _REPLICAS_CHECKED[module] = (loads(), seen[1])
+    return mine != seen[1]
+
+
+def _replicas_checked(module: nn.Module) -> None:
+    _REPLICAS_CHECKED[module] = (loads(), loads(module))
+
+
+_LOADS_COUNTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (module= roots whose parts count their loads)
+
+
+def _count_loads_of(module: nn.Module, nest: Nest) -> None:
+    """Count loads into the parts of ``module`` (``module=``) outside the wrapped model (a task head the DDP
+    wrapper holds beside it), whose own hooks count theirs: a head restored on one rank is compared again too.
+    (The parts ``module`` holds at its first step.)"""
+    if module in _LOADS_COUNTED:
+        return
+    _LOADS_COUNTED.add(module)
+    inside = {id(m) for m in nest.model.modules()}
+    for m in module.modules():
+        if id(m) not in inside and not m.__dict__.get("_sn_load_counted"):
+            m._register_load_state_dict_pre_hook(_counting(m))
+            m.__dict__["_sn_load_counted"] = True
+
+
+def _counting(module: nn.Module) -> Callable[..., None]:
+    ref = weakref.ref(module)
+
+    def hook(*_: Any) -> None:
+        m = ref()
+        if m is not None:
+            count_load(m)
+    return hook
 
 
 def _refuse_diverged(module: nn.Module, group: Any, again: bool) -> None:
@@ -333,23 +372,58 @@ def _refuse_diverged(module: nn.Module, group: Any, again: bool) -> None:
     1,024 values of each trainable parameter (what DDP leaves alone excepted)."""
     if not again:
         return
-    digest = 0
-    for n, p in _averaged(module):
-        if not p.is_meta and not is_sharded(p):
-            t = p.detach().reshape(-1)
-            t = t[::max(1, t.numel() // 1024)]
-            digest = zlib.crc32(_value_bytes(t), zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode(), digest))
+    named = [(n, p) for n, p in _averaged(module) if not p.is_meta and not is_sharded(p)]
+    sums = _word_sums([p for _, p in named])
+    digests = []
+    for (n, p), total in zip(named, sums):
+        t = p.detach().reshape(-1)
+        t = t[::max(1, t.numel() // 1024)]
+        digests.append(zlib.crc32(_value_bytes(t) + str(total).encode(),
+                                  zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode())))
+    digest = zlib.crc32(str(digests).encode())
     same, _ = _sync(_START, digest, (), group)
     if same:  # (refused: every rank checks again at its next call)
-        _REPLICAS_CHECKED[module] = loads()
-    else:
-        raise _told("sortednet.distributed.accumulate: the ranks' models differ, in their weights (built with a "
-                    "seed per rank, or a checkpoint loaded on some ranks only, at the start or since the last step) "
-                    "or in which parameters "
-                    "train (requires_grad set on some ranks only): their gradients would be averaged as one "
-                    "model's while each rank kept its own weights, drifting apart in silence. "
-                    "Build the model with the same seed and frozen parameters on every rank (a DDP wrapper "
-                    "broadcasts rank 0's weights when it is built: load checkpoints before it, or on every rank)")
+        _replicas_checked(module)
+        return
+    every: list[Any] = [None] * dist.get_world_size(group)  # (every rank is here: the collective stays matched)
+    dist.all_gather_object(every, dict(zip((n for n, _ in named), digests)), group=group)
+    names = list(every[0]) + [n for other in every[1:] for n in other if n not in every[0]]
+    where = next(((n, r) for n in names for r, other in enumerate(every[1:], 1)
+                  if other.get(n) != every[0].get(n)), None)
+    raise _told("sortednet.distributed.accumulate: the ranks' models differ, in their weights (built with a "
+                "seed per rank, or a checkpoint loaded on some ranks only, at the start or since the last step) "
+                "or in which parameters train (requires_grad set on some ranks only)"
+                + (f": {where[0]!r} differs between rank 0 and rank {where[1]}" if where else "")
+                + ". Their gradients would be averaged as one "
+                "model's while each rank kept its own weights, drifting apart in silence. "
+                "Build the model with the same seed and frozen parameters on every rank (a DDP wrapper "
+                "broadcasts rank 0's weights when it is built: load checkpoints before it, or on every rank)")
+
+
+def _word_sums(params: list[torch.Tensor]) -> list[int]:
+    """Each tensor's values read as integers of their width, summed (wrapping in 64 bits) on its device, one
+    transfer for all: any single changed value changes it, which a sample of the values can miss (a checkpoint
+    that differs in a few rows of an embedding)."""
+    words = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    out = []
+    for p in params:
+        t = p.detach()
+        if t.layout != torch.strided or t.is_complex() or t.element_size() not in words:
+            out.append(torch.zeros((), dtype=torch.int64, device=t.device))
+            continue
+        flat = t.contiguous().reshape(-1).view(words[t.element_size()])
+        total = torch.zeros((), dtype=torch.int64, device=t.device)
+        for i in range(0, flat.numel(), 1 << 24):  # (in pieces: an int64 copy of a large table at once is large)
+            total += flat[i:i + (1 << 24)].sum(dtype=torch.int64)
+        out.append(total)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(out):
+        by_device.setdefault(v.device, []).append(i)
+    result = [0] * len(out)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([out[i] for i in idx]).cpu().tolist()):
+            result[i] = v
+    return result
 
 
 def _value_bytes(p: torch.Tensor) -> bytes:
@@ -443,8 +517,11 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     hooks = []
     if _active() and dist.get_world_size(group) > 1:
         _refuse_sparse(nest.model if module is None else _inner(module), "sortednet.distributed.accumulate")
-        kwargs["_prechecked"], again = _same_on_every_rank(  # (checked once)
-            nest, subs, group, closure, kwargs, _replicas_unchecked(module if module is not None else nest.model))
+        if module is not None:
+            _count_loads_of(module, nest)
+        unchecked = _replicas_unchecked(module if module is not None else nest.model)
+        kwargs["_prechecked"], (again, somewhere_checked) = _same_on_every_rank(  # (checked once)
+            nest, subs, group, closure, kwargs, (unchecked, not unchecked))
         kwargs["_agree"] = lambda bad, failed: _loss_agreement(bad, failed, group)
         # before FSDP's all-gathers and DDP's buffer broadcast (prepended, also on the wrapper the closure
         # calls): every rank runs the same sub-model in each forward
@@ -456,6 +533,8 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     try:
         units = _fsdp_modules(module if module is not None else nest.model)
         if units or is_fsdp(nest.model):
+            if _active() and dist.get_world_size(group) > 1 and again:
+                _refuse_loaded_on_some(module if module is not None else nest.model, somewhere_checked)
             judged = _refuse_unsharded(module if module is not None else nest.model, units, group)
             _gather_once(units)
             for u in units:  # a forward since the last step (an evaluation before optimizer.step()) left its unit
@@ -491,6 +570,19 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     else:  # plain processes: the same rule (each rank's own statistics drifted apart, in silence, and sn.save
         sync_buffers(nest.model if module is None else module, group=group)  # wrote rank 0's alone)
     return losses
+
+
+def _refuse_loaded_on_some(module: nn.Module, somewhere_checked: bool) -> None:
+    """A sharded (FSDP2) model: each rank holds its own shard, so no two ranks' weights can be compared; a load
+    since the last step on some ranks only (``somewhere_checked``: a rank that loaded nothing) left a model that
+    is one checkpoint in the shards of those ranks and another in the rest, in silence. Refused on every rank
+    (the flags are the same everywhere); a load on every rank, or the first step, marks the model checked."""
+    if somewhere_checked:
+        raise _told("sortednet.distributed.accumulate: a sharded (FSDP2) model was loaded into on some ranks only "
+                    "since the last step: each rank holds its own shard, so the model is now one checkpoint in "
+                    "those ranks' shards and another in the others'. Load on every rank (load_state_dict of the "
+                    "sharded state dict, torch.distributed.checkpoint, or set_model_state_dict)")
+    _replicas_checked(module)
 
 
 def _trains_inside(closure: Callable[[], Any], synced: nn.Module, plain: bool) -> Callable[[], Any]:
@@ -660,13 +752,13 @@ def _gather_once(units: list[nn.Module]) -> None:
 
 def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, closure: Any = None,
                         kwargs: dict[str, Any] | None = None,
-                        unchecked: bool = False) -> tuple[tuple[list[SubModel], list[float]], bool]:
+                        flags: tuple[bool, ...] = ()) -> tuple[tuple[list[SubModel], list[float]], list[bool]]:
     """Raise :class:`SortedNetError` on every rank unless every rank passes the same sub-models, in the same
     order, with the same weights, distillation and ``nonfinite``. Ranks that drew differently (a seed per
     rank, another ``k``) would average the gradients of different sub-models, or mismatch their collectives
     and abort. Arguments that :func:`sortednet.accumulate` refuses on one rank only are refused on every rank
     (that rank's own error there, the others naming it), before any collective of the step. Also returns
-    whether ``unchecked`` (replicas not compared since a load) holds on any rank."""
+    whether each of ``flags`` (replicas not compared since a load, ...) holds on any rank."""
     from .train import _checked
 
     kw = kwargs or {}
@@ -685,18 +777,18 @@ def _same_on_every_rank(nest: Nest, subs: Sequence[SubModelLike], group: Any, cl
     else:
         names += [f"refused: {error}"]
     try:
-        again, = _agree_on(
+        anywhere = _agree_on(
             names, group, "the sub-models (and weights, distill=, nonfinite=, the nest) of this step",
             "give every rank's Sampler the same seed, k and step (the gradients of different sub-models would be "
             "averaged), the same accumulate arguments, and the same nest (nest=: a digest of its dimensions and of "
-            "the modules they slice)", flags=(unchecked,))
+            "the modules they slice)", flags=flags)
     except SortedNetError:
         if error is not None:
             raise error from None
         raise
     if error is not None or checked is None:  # (the same refusal on every rank: each raises its own, no
         raise error or SortedNetError("accumulate: arguments not checked")  # collective pending)
-    return checked, again
+    return checked, anywhere
 
 
 def _nest_digest(nest: Nest) -> str:

@@ -440,7 +440,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     warnings.simplefilter("ignore", UnverifiedHeadsWarning)  # wrap-time warning: not actionable)
                     nest = wrap(model, *dims, submodels=subs)
             copying = True
-            count_load()
+            count_load(nest.model)
             sd = nest.model.state_dict(keep_vars=True)
             with torch.no_grad():
                 for name, targets in copies.items():

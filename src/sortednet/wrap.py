@@ -796,16 +796,24 @@ _LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._loa
 
 
 _LOADS = [0]  # loads into wrapped models in this process (StateShapes, sn.load): distributed re-checks replicas
+_LOADED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()  # module loaded into -> loads
 
 
-def loads() -> int:
-    """How many loads (``load_state_dict`` of a wrapped model or a part of it, ``sn.load``) this process began:
-    ``sortednet.distributed.accumulate`` compares the ranks' weights again after one."""
-    return _LOADS[0]
+def loads(within: nn.Module | None = None) -> int:
+    """How many loads (``load_state_dict`` of a wrapped model or a part of it, ``sn.load``, of a module
+    ``sortednet.distributed.accumulate`` was given) this process began, into ``within`` or its parts (None:
+    anywhere): ``sortednet.distributed.accumulate`` compares the ranks' weights again after one."""
+    if within is None:
+        return _LOADS[0]
+    keys = list(_LOADED.items())
+    inside = {id(m) for m in within.modules()} if keys else set()
+    return sum(n for m, n in keys if id(m) in inside)
 
 
-def count_load() -> None:
+def count_load(module: nn.Module) -> None:
+    """Count a load into ``module`` (before any copy, also where it is refused)."""
     _LOADS[0] += 1
+    _LOADED[module] = _LOADED.get(module, 0) + 1
 
 
 class StateShapes:
@@ -827,7 +835,7 @@ class StateShapes:
         if loading is not module and not (  # (a part of the load: the module it was called on checked it)
                 self.root and isinstance(loading, nn.Module) and any(m is module for m in loading.modules())):
             return
-        count_load()  # (before any copy, also where it is refused: a re-check of the replicas costs one digest)
+        count_load(module)  # (before any copy, also where refused: a re-check of the replicas costs one digest)
         bad = []
         assign = bool(args and isinstance(args[0], Mapping) and args[0].get("assign_to_params_buffers"))
         stack: list[tuple[tuple[str, ...], nn.Module]] = [(("",), module)]
