@@ -728,9 +728,26 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
         outer.zero_grad(set_to_none=True)
 
     every_rank("outer_first_step", outer_step)
+    head_before = {k: v.clone() for k, v in task_head.state_dict().items()}
     if rank == 0:
         task_head.load_state_dict({k: v + 0.5 for k, v in task_head.state_dict().items()})
     every_rank("head_loaded_on_one_rank", outer_step)
+    every_rank("head_loaded_on_one_rank_again", outer_step)  # (a retry is compared again, not taken)
+    # a head added to module= after its first step, then restored on one rank; a frozen parameter loaded on one
+    outer.module.append(torch.nn.Linear(3, 3))  # rank (a LoRA base: another model, though nothing of it trains)
+    task_head.load_state_dict(head_before) if rank == 0 else None
+    every_rank("outer_alike_again", outer_step)
+    late_before = {k: v.clone() for k, v in outer.module[3].state_dict().items()}
+    if rank == 1:
+        outer.module[3].load_state_dict({k: v + 0.5 for k, v in late_before.items()})
+    every_rank("late_head_loaded_on_one_rank", outer_step)
+    if rank == 1:
+        outer.module[3].load_state_dict(late_before)
+    backbone[0].bias.requires_grad_(False)
+    every_rank("outer_frozen_alike", outer_step)
+    if rank == 1:
+        backbone[0].load_state_dict({"weight": backbone[0].weight, "bias": backbone[0].bias + 1})
+    every_rank("frozen_loaded_on_one_rank", outer_step)
     layers = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(4)])
     torch.manual_seed(0)
     for p in layers.parameters():
@@ -1120,8 +1137,12 @@ def test_replicas_that_differ_are_refused_on_every_rank_before_they_train(run):
     assert errs["wide_first_step"] == errs["outer_first_step"] == ["accepted"] * WORLD
     for e in errs["loaded_one_value_on_one_rank"]:  # (a value the sampled digest does not read)
         assert "the ranks' models differ" in e and "'0.weight' differs between rank 0 and rank 1" in e, e
-    for e in errs["head_loaded_on_one_rank"]:  # (a load into a part of module= outside the wrapped model)
-        assert "the ranks' models differ" in e and "differs between rank 0 and rank 1" in e, e
+    for key, name in [("head_loaded_on_one_rank", "2.weight"), ("head_loaded_on_one_rank_again", "2.weight"),
+                      ("late_head_loaded_on_one_rank", "3.weight"), ("frozen_loaded_on_one_rank", "0.0.bias")]:
+        for e in errs[key]:  # (a load into a part of module= outside the wrapped model, a retry, a late part, a
+            assert "the ranks' models differ" in e and f"{name!r} differs between rank 0 and rank 1" in e, (
+                key, e)  # frozen parameter)
+    assert errs["outer_alike_again"] == errs["outer_frozen_alike"] == ["accepted"] * WORLD
     assert errs["fsdp2_first_step"] == errs["fsdp2_loaded_on_every_rank"] == ["accepted"] * WORLD
     for e in errs["fsdp2_loaded_on_one_rank"]:
         assert "a sharded (FSDP2) model was loaded into on some ranks only" in e, e

@@ -199,6 +199,17 @@ def _averaged(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
             and id(p) not in fsdp1]
 
 
+def _replicated(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter the replicas hold alike: those :func:`_averaged` averages and the frozen ones (a LoRA
+    base restored on one rank is another model too), not those DDP leaves alone or a part given to FSDP1."""
+    trained = {id(p) for _, p in _averaged(module)}
+    ignored = _ignored(module)
+    inner = _inner(module)
+    fsdp1 = {id(p) for m in inner.modules() if _is_fsdp1(m) for p in m.parameters()}
+    return [(n, p) for n, p in inner.named_parameters()
+            if id(p) in trained or (not p.requires_grad and n not in ignored and id(p) not in fsdp1)]
+
+
 def _same_parameters(named: list[tuple[str, nn.Parameter]], bucket_bytes: int, group: Any) -> None:
     """Raise on every rank unless every rank averages the same parameters (names, shapes, dtypes, in order)
     in the same buckets: otherwise the flat buckets would not line up (the gradients of different parameters
@@ -327,25 +338,20 @@ def _replicas_unchecked(module: nn.Module) -> bool:
         return True
     if seen[0] == loads():  # (no load anywhere since: the common case, no walk of the modules)
         return False
-    mine = loads(module)
-    _REPLICAS_CHECKED[module] = (loads(), seen[1])
-    return mine != seen[1]
+    if loads(module) != seen[1]:
+        return True  # (left as it is until a comparison passes: a refused step is compared again at the next)
+    _REPLICAS_CHECKED[module] = (loads(), seen[1])  # (loads into other models only)
+    return False
 
 
 def _replicas_checked(module: nn.Module) -> None:
     _REPLICAS_CHECKED[module] = (loads(), loads(module))
 
 
-_LOADS_COUNTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (module= roots whose parts count their loads)
-
-
 def _count_loads_of(module: nn.Module, nest: Nest) -> None:
     """Count loads into the parts of ``module`` (``module=``) outside the wrapped model (a task head the DDP
-    wrapper holds beside it), whose own hooks count theirs: a head restored on one rank is compared again too.
-    (The parts ``module`` holds at its first step.)"""
-    if module in _LOADS_COUNTED:
-        return
-    _LOADS_COUNTED.add(module)
+    wrapper holds beside it, also one added since the last step), whose own hooks count theirs: a head restored
+    on one rank is compared again too."""
     inside = {id(m) for m in nest.model.modules()}
     for m in module.modules():
         if id(m) not in inside and not m.__dict__.get("_sn_load_counted"):
@@ -369,17 +375,18 @@ def _refuse_diverged(module: nn.Module, group: Any, again: bool) -> None:
     with a seed per rank (plain processes have no broadcast), or weights loaded on one rank only after the DDP
     wrapper broadcast them (a best checkpoint restored on rank 0 mid-training). Their gradients would be averaged
     as one model's while each rank keeps its own weights, in silence. One small collective: a digest of up to
-    1,024 values of each trainable parameter (what DDP leaves alone excepted)."""
+    1,024 values of each parameter, frozen ones too, with an integer sum of all their values' bits (what DDP
+    leaves alone excepted); where they differ, one more (every rank is there) names the first that differs."""
     if not again:
         return
-    named = [(n, p) for n, p in _averaged(module) if not p.is_meta and not is_sharded(p)]
+    named = [(n, p) for n, p in _replicated(module) if not p.is_meta and not is_sharded(p)]
     sums = _word_sums([p for _, p in named])
     digests = []
     for (n, p), total in zip(named, sums):
         t = p.detach().reshape(-1)
         t = t[::max(1, t.numel() // 1024)]
         digests.append(zlib.crc32(_value_bytes(t) + str(total).encode(),
-                                  zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}".encode())))
+                                  zlib.crc32(f"{n}{tuple(p.shape)}{p.dtype}{p.requires_grad}".encode())))
     digest = zlib.crc32(str(digests).encode())
     same, _ = _sync(_START, digest, (), group)
     if same:  # (refused: every rank checks again at its next call)
