@@ -3224,6 +3224,8 @@ class _TiedAE(nn.Module):
             return (h.unsqueeze(-1).bfloat16() * w.bfloat16()).float().sum(-2) + self.bias
         if self.tail == "decode_dot":  # a dot product with one column of the weight (word2vec-style scoring)
             return (h * w[:, 0]).sum(-1, keepdim=True) + self.bias
+        if self.tail == "decode_temperature":  # a scale between the product and its sum
+            return (h.unsqueeze(-1) * w / 0.5).sum(-2) + self.bias
         # the features reduced away, the weight read elsewhere:
         if self.tail == "regulariser":
             return h.logsumexp(-1) + w.pow(2).sum()
@@ -3239,6 +3241,9 @@ class _TiedAE(nn.Module):
             return (h.unsqueeze(-1) * w).logsumexp(-2)
         if self.tail == "spread_exp":  # multiplied, another op between, then summed
             return (h.unsqueeze(-1) * w).exp().sum(-2)
+        if self.tail == "aux":  # a tied decoding kept aside for an auxiliary loss; the output reduces them away
+            self.aux = F.linear(h, w.t(), self.bias)
+            return h.logsumexp(-1)
         if self.tail == "spread_outer":  # multiplied over another axis than the features, summed over that one
             return (h.unsqueeze(-1) * w[:, 0].unsqueeze(-2)).sum(-1).logsumexp(-1)
         # a cosine head: the weight normalised (a copy), the classes reduced away
@@ -3254,7 +3259,8 @@ def test_a_tied_transposed_decoder_reads_the_features_its_encoder_writes():
     features reduced away, is still refused."""
     torch.manual_seed(0)
     x = torch.randn(4, 6)  # (a batch of 4: the smallest width)
-    for tail in ("decode", "decode_copy", "decode_cast", "decode_spread", "decode_spread_cast", "decode_dot"):
+    for tail in ("decode", "decode_copy", "decode_cast", "decode_spread", "decode_spread_cast", "decode_dot",
+                 "decode_temperature"):
         model = _TiedAE(tail).eval()
         nest = sn.wrap(model, sn.Width("h", [4, 8, 16], out="enc"), example=x)
         nest.check(x)
@@ -3279,7 +3285,7 @@ def test_a_tied_transposed_decoder_reads_the_features_its_encoder_writes():
     with nest.use("c=4"), torch.no_grad():
         torch.testing.assert_close(nest.export("c=4")(maps), conv(maps))
     for tail in ("regulariser", "projection", "normalised", "gate", "cosine", "spread_add", "spread_lse",
-                 "spread_exp", "spread_outer"):
+                 "spread_exp", "spread_outer", "aux"):
         other = _TiedAE(tail).eval()
         with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['enc'\] but no layer reads"):
             sn.wrap(other, sn.Width("h", [4, 16], out="enc"), example=x)
@@ -3310,6 +3316,19 @@ def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_
 
     with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['cls'\] but no layer reads"):
         sn.wrap(Tied("two"), sn.Width("d", [4, 8, 16], out=["emb", "cls"]), example=ids)
+
+    class Albert(nn.Module):  # a factorised embedding tied to the decoder's output projection: the width has a
+        def __init__(self):  # reader (proj) and a tied one (the decoder reads dec's features with emb's weight)
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.proj, self.dec = nn.Embedding(V, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, i):
+            return F.linear(F.gelu(self.dec(torch.relu(self.proj(self.emb(i))))), self.emb.weight)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnfollowedOpWarning)
+        sn.wrap(Albert().eval(), sn.Width("e", [4, 8], out=["emb", "dec"], inp="proj"), example=ids)
     for how in ("functional", "plain"):
         model = Tied(how).eval()
         with warnings.catch_warnings():

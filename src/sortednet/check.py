@@ -26,7 +26,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -786,14 +786,18 @@ def _internal_outs(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, s
     return all(len(v) % 2 == 0 and v and v[:len(v) // 2] == v[len(v) // 2:] for v in shapes.values())
 
 
-def _hooked_runs(nest: Nest, model: nn.Module, example: Any, subs: Any, handles: list, mode: Any = None) -> bool:
+def _hooked_runs(nest: Nest, model: nn.Module, example: Any, subs: Any, handles: list, mode: Any = None,
+                 outs: list | None = None) -> bool:
     """Run ``model`` on ``example`` without gradients under each of ``subs`` (inside ``mode``, a torch function
-    mode, where given), then remove ``handles``: False where a run raised (the dry runs report what fails)."""
+    mode, where given), then remove ``handles``: False where a run raised (the dry runs report what fails).
+    The outputs go to ``outs`` where given."""
     try:
         with torch.no_grad(), mode if mode is not None else contextlib.nullcontext():
             for sub in subs:
                 with nest.use(sub):
-                    call_model(model, example)
+                    out = call_model(model, example)
+                    if outs is not None:
+                        outs.append(out)
     except Exception:
         return False
     finally:
@@ -805,10 +809,12 @@ def _hooked_runs(nest: Nest, model: nn.Module, example: Any, subs: Any, handles:
 _PRODUCTS = frozenset({"mul", "multiply", "__mul__", "__rmul__"})
 _SUMS = frozenset({"sum", "nansum"})
 _CASTS = frozenset({"to", "float", "half", "bfloat16", "double", "type", "type_as"})
+_SCALES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "div", "divide", "true_divide", "__truediv__", "neg",
+                     "__neg__", "negative"})  # (by a number: a temperature between the product and its sum)
 
 
 def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]],
-                        example: Any) -> tuple[list[str], set[str]]:
+                        example: Any) -> tuple[list[str], set[str], list[str]]:
     """The modules of ``keys`` (those ``d`` binds as ``out``) whose features no op reads outside their forward, at
     ``d``'s smallest size (empty: every one is read), and the names of the ops that read them. A reader takes
     features one of them wrote (its outputs, or what ops made of them) with an axis of that size, together with a
@@ -821,9 +827,12 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     w[j][..., None, :]`` summed over ``w``'s axis keeps ``h``'s), or a product left unsummed (a gate). Each module
     is judged by its own features: another one's tied decoder reads nothing of a module whose outputs are reduced
     away. An embedding lookup of a module's cut weight outside its forward (``F.embedding(ids, emb.weight)``) makes
-    its features too."""
+    its features too. A read counts only where what it made reaches the model's output (tied logits kept on a
+    module for an auxiliary loss read nothing the output shows); a scale by a number (a temperature) may come
+    between the product and its sum. Also returns the names of the reading ops and the modules whose cut weights
+    they took (where any read counted)."""
     mods = [model.get_submodule(p) for p, _ in keys]
-    small, inside, read, readers = d.sizes[0], [0], set(), set()
+    small, inside, readers = d.sizes[0], [0], set()
 
     def ptr(t: Any) -> int | None:
         try:
@@ -834,8 +843,10 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     owner = {ptr(t): i for i, m in enumerate(mods) for t in m._parameters.values() if t is not None}
     cut = set(owner) - {None, 0}
     feats: dict[int, tuple[torch.Tensor, frozenset]] = {}  # id -> (tensor, the modules it was made from)
-    weights: dict[int, torch.Tensor] = {}  # (held for the run: an id is not reused)
+    weights: dict[int, tuple[torch.Tensor, frozenset]] = {}  # (held for the run: an id is not reused)
+    held: set[int] = set()  # the modules whose cut weights a reader took
     met: dict[int, tuple[torch.Tensor, frozenset]] = {}  # features multiplied with a weight, not yet summed
+    results: dict[int, tuple[torch.Tensor, frozenset]] = {}  # what the readers made, and what ops made of it
 
     def origin(t: torch.Tensor, table: dict) -> frozenset | None:
         hit = table.get(id(t))
@@ -852,47 +863,69 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             ins = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
             made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
             f = [t for t in ins if origin(t, feats) is not None]
-            w = [t for t in ins if weights.get(id(t)) is t or ptr(t) in cut]
+            w = [t for t in ins if origin(t, weights) is not None or ptr(t) in cut]
+            mine_w = frozenset().union(*(origin(t, weights) or {owner[ptr(t)]} for t in w))
             m = [t for t in ins if origin(t, met) is not None]
             count = lambda t: sum(n == small for n in t.shape)  # noqa: E731  (axes of the cut size)
             fresh = made and not any(ptr(t) in cut for t in made)
             name = getattr(func, "__name__", "")
             src = frozenset().union(*(origin(t, feats) for t in f)) if f else frozenset()
+            got = frozenset().union(*(o for t in ins if (o := origin(t, results)) is not None))
             if not f and name == "embedding" and fresh and any(ptr(t) in cut for t in ins):  # (the module's
                 f, src = made, frozenset(owner[ptr(t)] for t in ins if ptr(t) in cut)     # lookup, functional)
                 readers.add(name)
             elif f and w and fresh and any(small in t.shape for t in w):
                 if max(map(count, f)) > max(map(count, made)):  # (fewer such axes: the features contracted)
-                    read.update(src)
+                    got |= src
                     readers.add(name)
+                    held.update(mine_w)
                 elif name in _PRODUCTS and any(aligned(x, y) for x in f for y in w):  # (multiplied on a common
                     met.update((id(t), (t, src)) for t in made)                       # axis: h[..., None, :] * w)
+                    held.update(mine_w)
             elif m and fresh and name in _SUMS and max(map(count, m)) > max(map(count, made)):  # (... then summed
-                read.update(*(origin(t, met) for t in m))                                     # over it)
+                got |= frozenset().union(*(origin(t, met) for t in m))                        # over it)
                 readers.add(name)
-            elif m and (name in _CASTS or any(ptr(t) == ptr(x) for t in made for x in m)):  # (a view or a cast of
-                mine = frozenset().union(*(origin(t, met) for t in m))                      # it stays one; any
-                met.update((id(t), (t, mine)) for t in made)                                # other op ends it)
+            elif m and (name in _CASTS or any(ptr(t) == ptr(x) for t in made for x in m)  # (a view or a cast of it,
+                        or name in _SCALES and all(t.dim() == 0 for t in ins if origin(t, met) is None)):  # or a
+                mine = frozenset().union(*(origin(t, met) for t in m))       # scale, stays one; any other op ends it)
+                met.update((id(t), (t, mine)) for t in made)
+            if got:  # (a read counts where what it made reaches the model's output: not one kept aside)
+                results.update((id(t), (t, got)) for t in made)
             if f:
                 feats.update((id(t), (t, src)) for t in made)
             elif w:
-                weights.update((id(t), t) for t in made)
+                weights.update((id(t), (t, mine_w)) for t in made)
             return out
 
     def enter(*_: Any) -> None:
         inside[0] += 1
 
     def leave(i: int) -> Any:
-        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+        def hook(_m: nn.Module, args: Any, out: Any) -> None:
             inside[0] -= 1
-            feats.update((id(t), (t, frozenset({i}))) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            feats.update((id(t), (t, frozenset({i}))) for t in made)
+            got = frozenset().union(*(o for t in tree_leaves(args) if (o := origin(t, results)) is not None))
+            if got:
+                results.update((id(t), (t, got)) for t in made)
         return hook
 
     handles = [h for i, m in enumerate(mods) for h in (m.register_forward_pre_hook(enter),
                                                        m.register_forward_hook(leave(i), always_call=True))]
     full = SubModel({e.name: e.full for e in nest.dims})
-    ran = _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads())
-    return [p for i, (p, _) in enumerate(keys) if not (ran and i in read)], readers if ran else set()
+    outs: list = []
+    ran = _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads(), outs)
+    stack, read = list(outs), set()
+    while stack:  # (the outputs' tensors: in tuples, lists, dicts and transformers' ModelOutput)
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            read |= origin(x, results) or set()
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (tuple, list)):
+            stack.extend(x)
+    return ([p for i, (p, _) in enumerate(keys) if not (ran and i in read)],
+            readers if ran and read else set(), [p for i, (p, _) in enumerate(keys) if ran and read and i in held])
 
 
 def _inert_norm(model: nn.Module, path: str) -> bool:
@@ -2834,14 +2867,15 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
         bound: dict[Any, list[tuple[str, str]]] = {}
         for key, d in _bound(nest).items():
             bound.setdefault(d, []).append(key)
-        tied = {}  # out-only widths read by a tied decoder: the op it reads them with is followed, not unfollowed
+        tied = {}  # what a tied decoder reads: the op it reads the features of a module with is followed
         for d, keys in bound.items():
-            if {role for _, role in keys} == {"out"} and any(m.startswith(f"{d.kind} {d.name!r}: ")
-                                                            for m in unfollowed):
-                tied[d] = _cut_read_elsewhere(nest, model, d, keys, example)
-                if not tied[d][0]:
-                    unfollowed = [m for m in unfollowed if not (m.startswith(f"{d.kind} {d.name!r}: ") and any(
-                        f"reach {op!r} " in m for op in tied[d][1]))]
+            outs = [k for k in keys if k[1] == "out"]
+            if outs and any(m.startswith(f"{d.kind} {d.name!r}: ") for m in unfollowed):
+                tied[d] = _cut_read_elsewhere(nest, model, d, outs, example)
+                read = [p for p, _ in outs if p not in tied[d][0]] + tied[d][2]  # (its features, or its weight)
+                unfollowed = [m for m in unfollowed if not any(
+                    m.startswith(f"{d.kind} {d.name!r}: the features of {p!r} (out=) reach {op!r} ")
+                    for p in read for op in tied[d][1])]
         if unfollowed:
             warnings.warn("nest.check: the dry runs pass, but whether these ops keep each unit in place (a sub-model's "
                           "first units the full model's) was not verified; act on each unit alone there, or "
