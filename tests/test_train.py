@@ -1068,7 +1068,7 @@ def test_evaluate_takes_one_pair_with_structured_inputs_and_custom_metrics_of_an
     assert evaluate(nest, [((x, z), labels)], metric=metric) == want  # targets of any kind, in a list of batches
 
 
-@pytest.mark.parametrize("target", ["tuple", "dict", "pair"])
+@pytest.mark.parametrize("target", ["tuple", "dict", "pair", "per_example", "scalars", "batch_encoding"])
 def test_a_custom_metric_is_divided_by_the_examples_of_a_structured_target_not_its_length(target):
     from sortednet.train import evaluate
 
@@ -1077,9 +1077,16 @@ def test_a_custom_metric_is_divided_by_the_examples_of_a_structured_target_not_i
     nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     want = evaluate(nest, (x, y))
-    if target == "dict":
-        got = evaluate(nest, [(x, {"labels": y, "w": torch.ones(16)})],
+    if target in ("dict", "batch_encoding"):
+        from transformers import BatchEncoding
+
+        labels = {"labels": y, "w": torch.ones(16)}
+        got = evaluate(nest, [(x, labels if target == "dict" else BatchEncoding(labels))],
                        metric=lambda o, t: (o.argmax(-1) == t["labels"]).sum())
+    elif target in ("per_example", "scalars"):  # a list of one tensor per example (2 labels each; 0-d)
+        per = [torch.stack([v, v]) if target == "per_example" else v for v in y]
+        got = evaluate(nest, [(x, per)],
+                       metric=lambda o, t: (o.argmax(-1) == torch.stack(t).reshape(16, -1)[:, 0]).sum())
     else:  # one (inputs, (labels, weights)) pair, alone or in a list of batches
         data = (x, (y, torch.ones(16)))
         got = evaluate(nest, data if target == "pair" else [data], metric=lambda o, t: (o.argmax(-1) == t[0]).sum())

@@ -728,24 +728,32 @@ def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
     return data
 
 
-def _examples(y: Any) -> int | None:
-    """How many examples the target ``y`` of a custom metric holds: a tensor's first size; the first size that
-    every tensor of a tuple / list / dict of them shares (``(labels, weights)``: not the 2 of the tuple); the
-    length of a flat list of plain values (labels); None where it cannot be told."""
+def _examples(y: Any, x: Any = None) -> int | None:
+    """How many examples the target ``y`` of a custom metric holds, for inputs ``x``: a tensor's first size; for
+    a tuple / list / dict (a tokenizer's BatchEncoding too) of tensors, the first size they share
+    (``(labels, weights)``: not the 2 of the tuple), or the number of entries of a list / tuple of one per
+    example (per-example tensors, ints) where that is the inputs' batch and the shared size is not; None where
+    it cannot be told."""
     from torch.utils._pytree import tree_leaves
 
     if isinstance(y, Tensor):
         return len(y) if y.dim() else None
     try:
-        leaves = tree_leaves(y)
+        leaves = tree_leaves(dict(y) if isinstance(y, Mapping) else y)
     except Exception:  # (a structure pytree cannot walk)
         return None
-    sizes = {len(t) for t in leaves if isinstance(t, Tensor) and t.dim()}
-    if sizes or any(isinstance(t, Tensor) for t in leaves):
-        return sizes.pop() if len(sizes) == 1 else None
-    if isinstance(y, (tuple, list)) and not any(isinstance(v, (tuple, list, Mapping)) for v in y):
-        return len(y)
-    return None
+    tensors = [t for t in leaves if isinstance(t, Tensor)]
+    sizes = {len(t) for t in tensors if t.dim()}
+    shared = next(iter(sizes)) if len(sizes) == 1 else None
+    entries = len(y) if isinstance(y, (tuple, list)) and not any(isinstance(v, (tuple, list, Mapping)) for v in y) \
+        else None
+    batch = next((len(t) for t in tree_leaves(as_inputs(x)) if isinstance(t, Tensor) and t.dim()), None) \
+        if x is not None else None
+    if batch is not None and entries == batch != shared:
+        return entries  # (one tensor per example, of the same size: a multi-label target per example)
+    if shared is not None or len(sizes) > 1:
+        return shared
+    return entries  # (plain values, or 0-d tensors, one per example)
 
 
 def _one_shot(data: Any) -> bool:
@@ -817,7 +825,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
             raise SortedNetError("evaluate needs (inputs, target) pairs with targets of at least one example (a "
                                  f"tensor for the default accuracy); got {type(item).__name__}"
                                  + (f" of {len(item)} items" if isinstance(item, (tuple, list)) else ""))
-        if not default and not (_examples(y) or 0) > 0:
+        if not default and not (_examples(y, item[0]) or 0) > 0:
             from torch.utils._pytree import tree_leaves
 
             try:
@@ -834,7 +842,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
         raise SortedNetError("evaluate got no batches")
     # the default (accuracy) counts every target entry but the ignore index (a sequence's tokens too); a custom
     # metric sums per example
-    count = sum((_count(y) if default else _examples(y)) for _, y in batches)
+    count = sum((_count(y) if default else _examples(y, x)) for x, y in batches)
     if default and count == 0:
         raise SortedNetError(f"evaluate: every target is the ignore index {IGNORE_INDEX}; nothing to score")
     out: dict[SubModel, float] = {}
