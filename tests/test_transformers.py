@@ -3140,3 +3140,13 @@ def test_an_ffn_width_of_any_name_exports_as_the_stock_class(how):
     assert type(small) is LlamaForCausalLM and small.config.intermediate_size == 24
     with torch.no_grad(), nest.use(sub):
         torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_export_of_layers_cut_unevenly_says_so():
+    """A width over some layers' FFN only was refused as though the family derived a size from another key."""
+    model = llama().eval()
+    nest = sn.wrap(model, sn.Width("w", [24, 48], out=["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"],
+                                   inp="model.layers.1.mlp.down_proj"))
+    with pytest.raises(sn.SortedNetError, match=r"its layers are cut unevenly: (gate|up|down)_proj.weight is "
+                                                r"\(\d+, \d+\) in model.layers.0 but \(\d+, \d+\) in model.layers.1"):
+        nest.export("w=24")

@@ -961,7 +961,9 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: A
         k, h, w = bad[0]
         stacks = tuple(f"{P}." for P in found.stacks) if found is not None else ()
         lacking = all(h_ is None and not k_.startswith(stacks) for k_, h_, _ in bad)
-        why = (f"the class builds {len(bad)} tensors this model does not have, outside its layers (e.g. {k!r}): "
+        uneven = _uneven_layers(have, found, small, full_cfg) if found is not None and not lacking else None
+        why = uneven or (
+               f"the class builds {len(bad)} tensors this model does not have, outside its layers (e.g. {k!r}): "
                "the model was built with a constructor argument its config does not record (a tower made "
                "without its pooler, add_pooling_layer=False), so from_pretrained would build another model"
                if lacking else
@@ -984,6 +986,36 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: A
             f"{w:g} in a model built from the exported config ({len(drift)} such values), so from_pretrained of the "
             "export would compute something else; export it as a plain module with nest.export(sub, plain=True)")
     return fresh
+
+
+def _uneven_layers(have: dict[str, tuple], found: Found, small: nn.Module, full_cfg: Any) -> str | None:
+    """Why no config describes a sub-model whose layers are cut unevenly (a width over some layers only, per-layer
+    widths or head counts at other ratios, one tower's FFN), where that is so: the same tensor of the layers
+    (by its module and name) has several shapes in the sub-model but one in the full model."""
+    def by_tail(shapes: dict[str, tuple]) -> dict[str, dict[tuple, list[str]]]:
+        out: dict[str, dict[tuple, list[str]]] = {}
+        for k, shape in shapes.items():
+            for P in found.stacks:
+                if k.startswith(f"{P}."):
+                    i, _, rest = k[len(P) + 1:].partition(".")
+                    tail = ".".join(rest.split(".")[-2:])
+                    out.setdefault(tail, {}).setdefault(shape, []).append(f"{P}.{i}")
+        return out
+
+    full: dict[str, dict[tuple, list[str]]] = {}
+    if full_cfg is not None:
+        try:
+            with torch.device("meta"):
+                full = by_tail({k: tuple(v.shape) for k, v in type(small)(full_cfg).state_dict().items()})
+        except Exception:
+            return None
+    for tail, shapes in by_tail(have).items():
+        if len(shapes) > 1 and len(full.get(tail, {})) <= 1:
+            (s1, at1), (s2, at2) = list(shapes.items())[:2]
+            return (f"its layers are cut unevenly: {tail} is {s1} in {at1[0]} but {s2} in {at2[0]}, and one config "
+                    "value sizes every layer (a width over some layers only, per-layer widths or head counts at "
+                    "other ratios, one tower's FFN)")
+    return None
 
 
 def _derived_constants(small: nn.Module, fresh: nn.Module) -> list[tuple[str, str, float, float]]:
