@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import functools
 import math
 import re
@@ -3292,6 +3293,11 @@ def test_a_tied_transposed_decoder_reads_the_features_its_encoder_writes():
         assert type(other.enc) is nn.Linear
 
 
+@dataclasses.dataclass
+class _Logits:
+    logits: torch.Tensor
+
+
 def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_the_features():
     """A tied decoder reading one module's features excused another module of the same width whose outputs are
     reduced away (class scores through logsumexp over 4 classes of 16, silently); a tie written functionally
@@ -3309,13 +3315,30 @@ def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_
         def forward(self, i):
             if self.how == "functional":
                 return F.linear(F.embedding(i, self.emb.weight), self.emb.weight)
-            logits = self.emb(i) @ self.emb.weight.T
+            h = self.emb(i)
+            logits = h @ self.emb.weight.T
             if self.how == "two":
                 return logits + self.cls(torch.ones(*i.shape, 8)).logsumexp(-1, keepdim=True)
+            if self.how == "setitem":  # written into a buffer
+                buf = torch.zeros_like(logits)
+                buf[:] = logits
+                return buf
+            if self.how == "record":  # in a dataclass
+                return _Logits(logits)
+            score = h.logsumexp(-1)  # (the features reduced away; the tied logits reach the output only as:)
+            if self.how == "type_as":  # a dtype
+                return score.type_as(logits)
+            if self.how == "zeros_like":  # a shape
+                return score + torch.zeros_like(logits).sum(-1)
+            if self.how == "isnan":  # a test of them
+                return torch.where(logits.isnan().any(-1), 0.0, score)
             return logits
 
     with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['cls'\] but no layer reads"):
         sn.wrap(Tied("two"), sn.Width("d", [4, 8, 16], out=["emb", "cls"]), example=ids)
+    for how in ("type_as", "zeros_like", "isnan"):  # (what the read made reaches the output as no value of it)
+        with pytest.raises(sn.SortedNetError, match=r"slices the outputs of \['emb'\] but no layer reads"):
+            sn.wrap(Tied(how), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
 
     class Albert(nn.Module):  # a factorised embedding tied to the decoder's output projection: the width has a
         def __init__(self):  # reader (proj) and a tied one (the decoder reads dec's features with emb's weight)
@@ -3329,15 +3352,16 @@ def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnfollowedOpWarning)
         sn.wrap(Albert().eval(), sn.Width("e", [4, 8], out=["emb", "dec"], inp="proj"), example=ids)
-    for how in ("functional", "plain"):
+    for how in ("functional", "plain", "setitem", "record"):
         model = Tied(how).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("error", UnfollowedOpWarning)
             nest = sn.wrap(model, sn.Width("d", [4, 8, 16], out="emb"), example=ids)
         with nest.use("d=4"), torch.no_grad():
-            torch.testing.assert_close(nest.export("d=4")(ids), model(ids))
+            logits = (lambda out: getattr(out, "logits", out))  # noqa: E731
+            torch.testing.assert_close(logits(nest.export("d=4")(ids)), logits(model(ids)))
             emb = model.emb.weight[:, :4]
-            torch.testing.assert_close(model(ids), F.embedding(ids, emb) @ emb.T)
+            torch.testing.assert_close(logits(model(ids)), F.embedding(ids, emb) @ emb.T)
 
 
 class _GatedMLP(nn.Module):

@@ -26,7 +26,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -809,6 +809,9 @@ def _hooked_runs(nest: Nest, model: nn.Module, example: Any, subs: Any, handles:
 _PRODUCTS = frozenset({"mul", "multiply", "__mul__", "__rmul__"})
 _SUMS = frozenset({"sum", "nansum"})
 _CASTS = frozenset({"to", "float", "half", "bfloat16", "double", "type", "type_as"})
+_META_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+                        "new_zeros", "new_ones", "new_empty", "new_full", "size", "dim", "numel"})  # (a shape, a dtype)
+_VALUES_OF_SELF = frozenset({"type_as", "expand_as", "view_as", "reshape_as", "to"})  # (the others: shape, dtype)
 _SCALES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "div", "divide", "true_divide", "__truediv__", "neg",
                      "__neg__", "negative"})  # (by a number: a temperature between the product and its sum)
 
@@ -870,7 +873,8 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             fresh = made and not any(ptr(t) in cut for t in made)
             name = getattr(func, "__name__", "")
             src = frozenset().union(*(origin(t, feats) for t in f)) if f else frozenset()
-            got = frozenset().union(*(o for t in ins if (o := origin(t, results)) is not None))
+            carried = [] if name in _META_ONLY else ins[:1] if name in _VALUES_OF_SELF else ins
+            got = frozenset().union(*(o for t in carried if (o := origin(t, results)) is not None))
             if not f and name == "embedding" and fresh and any(ptr(t) in cut for t in ins):  # (the module's
                 f, src = made, frozenset(owner[ptr(t)] for t in ins if ptr(t) in cut)     # lookup, functional)
                 readers.add(name)
@@ -889,8 +893,11 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
                         or name in _SCALES and all(t.dim() == 0 for t in ins if origin(t, met) is None)):  # or a
                 mine = frozenset().union(*(origin(t, met) for t in m))       # scale, stays one; any other op ends it)
                 met.update((id(t), (t, mine)) for t in made)
-            if got:  # (a read counts where what it made reaches the model's output: not one kept aside)
-                results.update((id(t), (t, got)) for t in made)
+            if name == "__setitem__" and ins and isinstance(args[0], torch.Tensor):  # (buf[:] = logits: written
+                made = [args[0]]                                                     # into the buffer)
+            if got and not all(t.dtype == torch.bool for t in made):  # (a read counts where its values reach the
+                results.update((id(t), (t, got)) for t in made)        # output: not kept aside, nor only its shape,
+                #                                                        dtype or a test of it, zeros_like, isnan)
             if f:
                 feats.update((id(t), (t, src)) for t in made)
             elif w:
@@ -915,15 +922,10 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     full = SubModel({e.name: e.full for e in nest.dims})
     outs: list = []
     ran = _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads(), outs)
-    stack, read = list(outs), set()
-    while stack:  # (the outputs' tensors: in tuples, lists, dicts and transformers' ModelOutput)
-        x = stack.pop()
+    read: set[int] = set()
+    for x in (t for out in outs for t in output_leaves(out)):  # (containers, ModelOutput, dataclasses, records)
         if isinstance(x, torch.Tensor):
             read |= origin(x, results) or set()
-        elif isinstance(x, Mapping):
-            stack.extend(x.values())
-        elif isinstance(x, (tuple, list)):
-            stack.extend(x)
     return ([p for i, (p, _) in enumerate(keys) if not (ran and i in read)],
             readers if ran and read else set(), [p for i, (p, _) in enumerate(keys) if ran and read and i in held])
 

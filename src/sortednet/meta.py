@@ -207,7 +207,7 @@ def _rows(meta: dict[str, Any], where: str) -> list[tuple[int, ...]] | None:
         rows = None if meta["format"] != FORMAT and len(out) == total else sorted(out)
     count = total if rows is None else len(rows)
     if meta["format"] == FORMAT and (type(meta["count"]) is not int or meta["count"] != count):
-        raise _err(where, f"'count' {str(meta['count'])[:40]} does not match the {count:,} sub-models described")
+        raise _err(where, f"'count' {repr(meta['count'])[:40]} does not match the {count:,} sub-models described")
     if rows is None and total > MAX_SUBMODELS:
         raise _err(where, f"{total:,} sub-models exceed the limit of {MAX_SUBMODELS:,}")
     return rows
