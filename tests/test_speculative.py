@@ -1093,3 +1093,22 @@ def test_sampling_edges_as_generate_takes_them():
         sn.speculative_generate(nest, ids, draft="depth=2", max_new_tokens=5, do_sample=True, temperature=1e-45,
                                 generator=torch.Generator().manual_seed(0))
     assert [m.training for m in model.modules()] == modes and nest.active == nest.largest
+
+
+def test_generation_config_max_new_tokens_numpy_eos_and_int32_prompts_as_generate():
+    """As generate(): max_new_tokens from the model's generation_config was refused as missing, a NumPy array of
+    eos ids was refused, an int32 prompt came back as int32 sequences (generate gives int64)."""
+    target = nested("llama", False)
+    ids = torch.tensor([[4, 6, 8]])
+    want = plain(target.model, ids, 5, eos=[17, 22])
+    got = sn.speculative_generate(target, ids.int(), draft="depth=1", max_new_tokens=5,
+                                  eos_token_id=np.array([17, 22]))
+    assert got.sequences.dtype == want.dtype == torch.int64 and torch.equal(got.sequences, want)
+    config = target.model.generation_config
+    old = config.max_new_tokens
+    config.max_new_tokens = 5
+    try:
+        got = sn.speculative_generate(target, ids, draft="depth=1", eos_token_id=[17, 22])
+    finally:
+        config.max_new_tokens = old
+    assert torch.equal(got.sequences, want)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .errors import BudgetError, SortedNetError
-from .submodel import SubModel
+from .submodel import SubModel, SubModelList
 
 __all__ = ["Selector", "budget"]
 
@@ -88,11 +88,12 @@ class Selector:
             raise SortedNetError("no sub-models to select from")
         if "params" not in costs:
             raise SortedNetError("Selector needs the 'params' cost of every sub-model")
-        if len(set(subs)) != n:
+        listed = isinstance(subs, SubModelList)  # (a nest's list: distinct, of one nest's dimensions, and a
+        if not listed and len(set(subs)) != n:     # million of them are no Python objects until read)
             seen: set[SubModel] = set()
             twice = next(s for s in subs if s in seen or seen.add(s))
             raise SortedNetError(f"{twice} is listed twice: a Selector picks among distinct sub-models")
-        names = {tuple(sorted(s)) for s in subs}
+        names = {tuple(sorted(s)) for s in subs} if not listed else set()
         if len(names) > 1:
             raise SortedNetError(f"the sub-models name different dimensions ({' vs '.join(map(repr, sorted(names)))}): "
                                  "a Selector picks among sub-models of one nest")

@@ -183,7 +183,7 @@ def _validate(input_ids: Any, attention_mask: Any, max_new_tokens: Any, num_draf
                              "on model.generation_config, or use model.generate")
     if eos is None:
         eos = getattr(gen, "eos_token_id", None)
-    if isinstance(eos, Tensor):
+    if isinstance(eos, (Tensor, np.ndarray)):
         eos = eos.tolist()
     if eos is not None and not isinstance(eos, (int, np.integer, list, tuple)):
         raise SortedNetError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
@@ -286,8 +286,12 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any = None, m
     if draft is None:
         raise SortedNetError("speculative_generate needs draft=: a sub-model of the target nest (\"depth=2\"), a "
                              "separate Nest with exits=[...], or a plain causal LM")
+    if max_new_tokens is None:  # (as generate(): the target model's generation_config may set it)
+        held = getattr(target, "model", target) if not isinstance(target, nn.Module) else target
+        max_new_tokens = getattr(getattr(held, "generation_config", None), "max_new_tokens", None)
     if max_new_tokens is None:
-        raise SortedNetError("speculative_generate needs max_new_tokens=, the number of tokens to generate")
+        raise SortedNetError("speculative_generate needs max_new_tokens=, the number of tokens to generate (or "
+                             "model.generation_config.max_new_tokens)")
     if do_sample is not None:
         flag("speculative_generate", "do_sample", do_sample)
     if share_cache is not None:
@@ -317,7 +321,8 @@ def speculative_generate(target: Any, input_ids: Tensor, *, draft: Any = None, m
             _refuse_padding_shift(tmodel, input_ids, pad)
             new, stats = _decode(plan, input_ids[:, pad:], max_new_tokens, num_draft_tokens, sampling, set(eos))
         break
-    seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+    ids = input_ids.long()  # (as generate(): its sequences are int64 whatever the prompt's integer type)
+    seq = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
     return SpeculativeOutput(seq, stats)
 
 
