@@ -904,3 +904,16 @@ def test_the_stale_scores_warning_comes_again_for_each_change_the_weights_do_not
     with torch.no_grad():
         model[0].weight.add_(1.0)
     assert len(said()) == 1
+
+
+def test_scores_that_fall_as_sub_models_grow_warn_that_a_loss_needs_its_negation():
+    """The warning told a user whose score was already a negated loss to negate it; it now says both cases."""
+    from sortednet.nest import _warn_if_loss_like
+
+    subs = [sn.SubModel(i=i) for i in range(4)]
+    with pytest.warns(UserWarning, match=r"rank correlation -1.00.*if the score is a loss, pass its negation.*if it "
+                                         r"already is a higher-is-better score, larger sub-models score worse"):
+        _warn_if_loss_like(sn.Profile(subs, {"params": [1.0, 2.0, 3.0, 4.0]}, [0.9, 0.8, 0.7, 0.6]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_loss_like(sn.Profile(subs, {"params": [1.0, 2.0, 3.0, 4.0]}, [0.6, 0.7, 0.8, 0.9]))

@@ -1705,8 +1705,10 @@ def _warn_if_loss_like(prof: Profile) -> None:
     rho = float(np.corrcoef(p, q)[0, 1])
     if rho < -0.8:
         warnings.warn(f"nest.profile: the scores fall as sub-models grow (rank correlation {rho:.2f} with the "
-                      "parameter count); pick() takes a higher score as better, so a loss picks the worst "
-                      "sub-model: pass score=lambda sub: -loss(sub)", UserWarning, stacklevel=3)
+                      "parameter count); pick() takes a higher score as better: if the score is a loss, pass its "
+                      "negation (score=lambda sub: -loss(sub)), or pick takes the worst sub-model; if it already "
+                      "is a higher-is-better score, larger sub-models score worse here (an untrained nest, or "
+                      "scores of another data set)", UserWarning, stacklevel=3)
 
 
 def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], float]:
