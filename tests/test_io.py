@@ -1139,3 +1139,39 @@ def test_a_nest_of_a_compiled_model_saves_and_loads_as_before(tmp_path, fresh_dy
         for sub in ("h=4", "h=8"):
             with back.use(sub), nest.use(sub):
                 assert torch.equal(back.model(x), nest.model(x))
+
+
+def test_a_load_while_another_thread_serves_a_sub_model_is_refused_before_any_copy(tmp_path):
+    """sn.load into a nest while a request ran in another thread: the request finished on a mix of the old and the
+    new weights (an output of neither). Refused now, with nothing changed; in the thread's own block it loads."""
+    import threading
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).eval()
+    nest = sn.wrap(model, sn.Width("h", [16, 64], out="0", inp="2"))
+    path = tmp_path / "m.safetensors"
+    sn.save(nest, path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    entered, go = threading.Event(), threading.Event()
+
+    def serve():
+        with nest.use("h=16"):
+            entered.set()
+            go.wait(30)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        entered.wait(30)
+        with pytest.raises(sn.SortedNetError, match=r"while a nest.use\(h=16\) block is open in another thread"):
+            sn.load(nest, path)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    finally:
+        go.set()
+        t.join()
+    with nest.use("h=16"):  # (this thread's own block: no request in flight)
+        sn.load(nest, path)
+    assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

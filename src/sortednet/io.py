@@ -321,6 +321,21 @@ def _check_header(f: ck.Container, meta: dict[str, Any], where: str, skip: str) 
                              f"or the tensor table changed after it was written); {skip} skips this check")
 
 
+def _refuse_while_serving(nest: Any) -> None:
+    """A load into ``nest`` while a ``nest.use`` block is open in another thread or task, or while a forward of
+    the model runs (a hook that loads): that request would finish on a mix of the old weights and the new ones,
+    an output of neither model. (A block of this thread's own is no request in flight.)"""
+    a = nest._state
+    mine = sum(1 for e in a.uses.get() if not e.left and not e.pin)
+    if nest._pin.in_forward() or len(a.open) > mine:
+        sub = next(iter(a.open.values()), None)
+        raise SortedNetError(
+            "sn.load into a nest " + ("inside a forward of its model" if nest._pin.in_forward() else
+                                      f"while a nest.use({sub}) block is open in another thread or task")
+            + ": that request would finish on a mix of the old and the new weights, an output of neither; load "
+            "when no request runs (or into a copy, then swap). Nothing was changed")
+
+
 def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = True,  # noqa: F821
          verify: bool = True) -> "Nest":  # noqa: F821
     """Wrap ``model`` (a fresh instance of the saved architecture) as saved and load the
@@ -346,6 +361,7 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     flag("load", "verify", verify)
     if isinstance(model, Nest):
         model._check_structure("sn.load")
+        _refuse_while_serving(model)
     target = model.model if isinstance(model, Nest) else model
     if is_fsdp(target):  # (its parameters are shards: read back from the file's full tensors they would not be)
         raise SortedNetError(
