@@ -1004,6 +1004,32 @@ def test_callback_refuses_a_sampler_that_draws_several(tmp_path):
         SubModelCallback(nest, sn.Sampler(nest.submodels, k=2, strategy="sandwich", seed=0))
 
 
+class _DrawsLater:
+    """A sampler of one's own: one sub-model at step 0, then ``later`` (several, or none)."""
+
+    def __init__(self, subs, later):
+        self.subs, self.later = subs, later
+
+    def draw(self, step):
+        return [self.subs[0]] if step == 0 else [self.subs[i] for i in self.later]
+
+
+@pytest.mark.parametrize("later", [(1, 2), ()], ids=["several", "none"])
+def test_callback_refuses_a_later_draw_of_other_than_one_sub_model(later, tmp_path):
+    """Checked at step 0 only: a later draw of two trained the first alone (the other dropped, in silence) and an
+    empty one raised a raw IndexError."""
+    model, _, _, _ = build("gpt2")
+    nest = sn.from_transformers(model, ffn=[16, 32, 64])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    cb = SubModelCallback(nest, _DrawsLater(list(nest.submodels), later))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    with pytest.raises(sn.SortedNetError, match=rf"the sampler drew {len(later)} at step 1"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
 @pytest.mark.parametrize("save", ["steps", "no"])
 def test_callback_refuses_a_rank_nest_before_training_when_the_trainer_saves_checkpoints(save, tmp_path):
     """A stock Trainer saving checkpoints with a Rank nest trained up to its first checkpoint, then its
@@ -3150,3 +3176,24 @@ def test_an_export_of_layers_cut_unevenly_says_so():
     with pytest.raises(sn.SortedNetError, match=r"its layers are cut unevenly: (gate|up|down)_proj.weight is "
                                                 r"\(\d+, \d+\) in model.layers.0 but \(\d+, \d+\) in model.layers.1"):
         nest.export("w=24")
+
+
+def test_an_export_after_accelerate_mixed_precision_prepare_is_the_plain_model():
+    """accelerate's prepare(mixed_precision="bf16") (every Trainer run with bf16=True) sets an autocast wrapper as
+    the model's forward: the export kept it in its copy and the comparison ran the live model under it, so the
+    export was refused (and SortedTrainer could save no Rank checkpoint). The export is the plain model now,
+    compared as the class computes."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = llama()
+    nest = sn.from_transformers(model, ffn=[0.5], depth=[2], rank=[4, 8])
+    assert Accelerator(mixed_precision="bf16", cpu=True).prepare(model) is model
+    assert "forward" in model.__dict__  # (accelerate's wrapper)
+    ids = torch.randint(0, V, (2, 7))
+    for sub in (nest.smallest, nest.largest):
+        small = nest.export(sub)
+        assert "forward" not in small.__dict__ and "_original_forward" not in small.__dict__
+        with torch.no_grad(), nest.use(sub):
+            torch.testing.assert_close(small(ids).logits, model._original_forward(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)

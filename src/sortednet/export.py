@@ -237,6 +237,10 @@ def _instance_forwards(model: nn.Module, new: nn.Module, sub: SubModel, kept: Ma
     live = set(by_id)
     for path, c in new.named_modules():
         fn = c.__dict__.get("forward")
+        orig = c.__dict__.get("_original_forward")
+        if fn is not None and getattr(orig, "__func__", None) is type(c).forward:  # (accelerate's mixed-precision
+            del c.__dict__["forward"], c.__dict__["_original_forward"]  # wrapper, an autocast set by prepare():
+            continue  # the export is a plain model, as from_pretrained of it builds, as unwrap_model() gives back)
         if fn is None or (isinstance(fn, types.MethodType) and fn.__self__ is c):
             continue
         hits = [x for x in _deep_captured(fn) if id(x) in live or id(attr_of(x, "__self__")) in live]

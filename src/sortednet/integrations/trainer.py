@@ -734,7 +734,12 @@ class SubModelCallback(TrainerCallback):
         f = sys._getframe(1)
         while f is not None and f.f_globals.get("__name__") == CallbackHandler.__module__:
             f = f.f_back  # the training loop that called the callback handler
-        sub = self.nest.activate(self.sampler.draw(state.global_step)[0])
+        drawn = self.sampler.draw(state.global_step)
+        if len(drawn) != 1:  # (checked at every step: a sampler of one's own may draw otherwise later)
+            raise SortedNetError(f"SubModelCallback trains one sub-model per optimizer step, but the sampler drew "
+                                 f"{len(drawn)} at step {state.global_step} ({[str(s) for s in drawn][:4]}); give it "
+                                 "a k=1 sampler, or use SortedTrainer for several per step")
+        sub = self.nest.activate(drawn[0])
         self._open = None if f is None else (threading.get_ident(), id(f), f.f_code)
         self.history.append((state.global_step, sub))
 

@@ -510,6 +510,9 @@ def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn
     dev, fdtype = tensors[0].device, next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     example = {k: (v.to(dev, fdtype) if v.is_floating_point() else v.to(dev)) for k, v in example.items()}
     with dry_run(model), eval_mode(nest) as (view, _), torch.no_grad():
+        if "_original_forward" in model.__dict__ and "forward" in view.__dict__ and view.__dict__ is not \
+                model.__dict__:  # (accelerate's mixed-precision wrapper, an autocast around the class's forward
+            del view.__dict__["forward"]  # bound to the model itself: the export runs without it, compared so)
         try:
             with nest.use(sub):
                 live = first_float(view(**example, use_cache=False) if _takes_cache(view) else view(**example))
