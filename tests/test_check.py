@@ -3352,6 +3352,19 @@ def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnfollowedOpWarning)
         sn.wrap(Albert().eval(), sn.Width("e", [4, 8], out=["emb", "dec"], inp="proj"), example=ids)
+
+    class Flipped(nn.Module):  # the units reversed by a matrix built at the active width, then the tied decoder:
+        def __init__(self):  # the decoder's op is followed, the flip's (the same op) still warned
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(V, 16)
+
+        def forward(self, i):
+            h = F.linear(self.emb(i), torch.eye(self.emb.weight.shape[1]).flip(0))
+            return F.linear(h, self.emb.weight)
+
+    with pytest.warns(UnfollowedOpWarning, match=r"the features of 'emb' \(out=\) reach 'linear'"):
+        sn.wrap(Flipped().eval(), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
     for how in ("functional", "plain", "setitem", "record"):
         model = Tied(how).eval()
         with warnings.catch_warnings():

@@ -835,7 +835,7 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     between the product and its sum. Also returns the names of the reading ops and the modules whose cut weights
     they took (where any read counted)."""
     mods = [model.get_submodule(p) for p, _ in keys]
-    small, inside, readers = d.sizes[0], [0], set()
+    small, inside, first, path = d.sizes[0], [0], {}, []
 
     def ptr(t: Any) -> int | None:
         try:
@@ -875,24 +875,29 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             src = frozenset().union(*(origin(t, feats) for t in f)) if f else frozenset()
             carried = [] if name in _META_ONLY else ins[:1] if name in _VALUES_OF_SELF else ins
             got = frozenset().union(*(o for t in carried if (o := origin(t, results)) is not None))
+            took, reading = bool(f), False
             if not f and name == "embedding" and fresh and any(ptr(t) in cut for t in ins):  # (the module's
                 f, src = made, frozenset(owner[ptr(t)] for t in ins if ptr(t) in cut)     # lookup, functional)
-                readers.add(name)
+                took = reading = True
             elif f and w and fresh and any(small in t.shape for t in w):
                 if max(map(count, f)) > max(map(count, made)):  # (fewer such axes: the features contracted)
                     got |= src
-                    readers.add(name)
+                    reading = True
                     held.update(mine_w)
                 elif name in _PRODUCTS and any(aligned(x, y) for x in f for y in w):  # (multiplied on a common
                     met.update((id(t), (t, src)) for t in made)                       # axis: h[..., None, :] * w)
                     held.update(mine_w)
+                    reading = True
             elif m and fresh and name in _SUMS and max(map(count, m)) > max(map(count, made)):  # (... then summed
                 got |= frozenset().union(*(origin(t, met) for t in m))                        # over it)
-                readers.add(name)
+                reading = True
             elif m and (name in _CASTS or any(ptr(t) == ptr(x) for t in made for x in m)  # (a view or a cast of it,
                         or name in _SCALES and all(t.dim() == 0 for t in ins if origin(t, met) is None)):  # or a
                 mine = frozenset().union(*(origin(t, met) for t in m))       # scale, stays one; any other op ends it)
                 met.update((id(t), (t, mine)) for t in made)
+            if took:  # (the first op of each name, in each module, that takes the features: a reader, or another
+                first.setdefault((name, path[-1] if path else ""), reading)  # op the trace may name alike, whose
+                #                                                                 warning must stay)
             if name == "__setitem__" and ins and isinstance(args[0], torch.Tensor):  # (buf[:] = logits: written
                 made = [args[0]]                                                     # into the buffer)
             if got and not all(t.dtype == torch.bool for t in made):  # (a read counts where its values reach the
@@ -919,6 +924,17 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
 
     handles = [h for i, m in enumerate(mods) for h in (m.register_forward_pre_hook(enter),
                                                        m.register_forward_hook(leave(i), always_call=True))]
+    def push(where: str) -> Any:
+        def hook(*_: Any) -> None:
+            path.append(where)
+        return hook
+
+    def pop(*_: Any) -> None:
+        if path:
+            path.pop()
+
+    for where, m in model.named_modules():  # (the module each op runs in, as the wiring trace names it)
+        handles += [m.register_forward_pre_hook(push(where)), m.register_forward_hook(pop, always_call=True)]
     full = SubModel({e.name: e.full for e in nest.dims})
     outs: list = []
     ran = _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads(), outs)
@@ -926,6 +942,7 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     for x in (t for out in outs for t in output_leaves(out)):  # (containers, ModelOutput, dataclasses, records)
         if isinstance(x, torch.Tensor):
             read |= origin(x, results) or set()
+    readers = {f"{n!r} (in {w or '<root>'!r})" for (n, w), reading in first.items() if reading}
     return ([p for i, (p, _) in enumerate(keys) if not (ran and i in read)],
             readers if ran and read else set(), [p for i, (p, _) in enumerate(keys) if ran and read and i in held])
 
@@ -2876,7 +2893,7 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 tied[d] = _cut_read_elsewhere(nest, model, d, outs, example)
                 read = [p for p, _ in outs if p not in tied[d][0]] + tied[d][2]  # (its features, or its weight)
                 unfollowed = [m for m in unfollowed if not any(
-                    m.startswith(f"{d.kind} {d.name!r}: the features of {p!r} (out=) reach {op!r} ")
+                    m.startswith(f"{d.kind} {d.name!r}: the features of {p!r} (out=) reach {op}")
                     for p in read for op in tied[d][1])]
         if unfollowed:
             warnings.warn("nest.check: the dry runs pass, but whether these ops keep each unit in place (a sub-model's "
