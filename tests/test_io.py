@@ -1172,6 +1172,41 @@ def test_a_load_while_another_thread_serves_a_sub_model_is_refused_before_any_co
     finally:
         go.set()
         t.join()
+    shared, entered, go = nest.use("h=16"), threading.Event(), threading.Event()  # (one Use object, entered by
+
+    def serve_shared():  # two threads: it stayed open for unwrap, but the load counted it as this thread's own)
+        with shared:
+            entered.set()
+            go.wait(30)
+
+    t = threading.Thread(target=serve_shared)
+    t.start()
+    try:
+        entered.wait(30)
+        with shared, pytest.raises(sn.SortedNetError, match="block is open in another thread or task"):
+            sn.load(nest, path)
+    finally:
+        go.set()
+        t.join()
+
+    async def parent():  # a task started inside its parent's open block inherits it: not the loader's own
+        import asyncio
+
+        with nest.use("h=16"):
+            child = asyncio.get_running_loop().create_task(asyncio.to_thread(lambda: None))
+            await child
+            loader = asyncio.get_running_loop().create_task(_load_in_task(nest, path))
+            return await loader
+
+    import asyncio
+
+    with pytest.raises(sn.SortedNetError, match="block is open in another thread or task"):
+        asyncio.run(parent())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with nest.use("h=16"):  # (this thread's own block: no request in flight)
         sn.load(nest, path)
     assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+async def _load_in_task(nest, path):
+    sn.load(nest, path)

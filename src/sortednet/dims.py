@@ -266,7 +266,7 @@ class Active:
     """
 
     __slots__ = ("var", "default", "uses", "training", "on_no_grad_read", "epoch", "owner", "uid", "recomputes",
-                 "pending", "open")
+                 "pending", "open", "users")
 
     def __new__(cls, default: Any) -> "Active":
         var: contextvars.ContextVar[Any] = contextvars.ContextVar("sortednet_active")
@@ -288,6 +288,8 @@ class Active:
         # the nest.use blocks open now, in any thread (id of the Use object -> its sub-model): unwrap refuses while
         # one is (a deep copy would run that block's widths at full depth until it ends)
         self.open: dict[int, Any] = {}
+        self.users: dict[int, Any] = {}  # (the same blocks: id of the Use object -> the object, whose tokens say
+        #                                    which threads are inside it)
         # bumped whenever the units of the weights are re-ordered (sort_units, sort_by_importance): a key/value
         # cache filled before holds keys and values in the old order (sortednet.kvcache.CacheGuard)
         self.epoch = 0

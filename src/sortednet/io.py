@@ -325,13 +325,22 @@ def _refuse_while_serving(nest: Any) -> None:
     """A load into ``nest`` while a ``nest.use`` block is open in another thread or task, or while a forward of
     the model runs (a hook that loads): that request would finish on a mix of the old weights and the new ones,
     an output of neither model. (A block of this thread's own is no request in flight.)"""
+    import sys
+    import threading
+
     a = nest._state
-    mine = sum(1 for e in a.uses.get() if not e.left and not e.pin)
-    if nest._pin.in_forward() or len(a.open) > mine:
-        sub = next(iter(a.open.values()), None)
+    running, f = set(), sys._getframe(1)
+    while f is not None:  # (this thread's frames now: a block one of them entered is this caller's own)
+        running.add(id(f))
+        f = f.f_back
+    me = threading.get_ident()
+    elsewhere = next((u.plan.sub for u in list(a.users.values()) for k, e in list(u.tokens.items())
+                      if k not in u.stale and not e.left and (k != me or e.frame not in running)), None)
+    if nest._pin.in_forward() or elsewhere is not None:
         raise SortedNetError(
             "sn.load into a nest " + ("inside a forward of its model" if nest._pin.in_forward() else
-                                      f"while a nest.use({sub}) block is open in another thread or task")
+                                      f"while a nest.use({elsewhere}) block is open in another thread or task (or "
+                                      "a suspended generator)")
             + ": that request would finish on a mix of the old and the new weights, an output of neither; load "
             "when no request runs (or into a copy, then swap). Nothing was changed")
 

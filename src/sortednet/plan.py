@@ -327,6 +327,7 @@ class Use:
             entry.utok = a.uses.set((*a.uses.get(), entry))
             entry.vtok = a.var.set(self.plan)
             a.open[id(self)] = self.plan.sub
+            a.users[id(self)] = self
             return self.plan.sub
         except BaseException:  # a Ctrl-C after the sets: the with block never starts, __exit__ never runs
             self._leave(key, sys._getframe(1))
@@ -375,6 +376,7 @@ class Use:
             self.stale.discard(key)
         if self.tokens.keys() <= self.stale:
             self.active.open.pop(id(self), None)
+            self.active.users.pop(id(self), None)
 
 
 class UseLeftElsewhereWarning(UserWarning):
