@@ -3325,6 +3325,8 @@ def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_
                 return buf
             if self.how == "record":  # in a dataclass
                 return _Logits(logits)
+            if self.how == "plain":
+                return logits
             score = h.logsumexp(-1)  # (the features reduced away; the tied logits reach the output only as:)
             if self.how == "type_as":  # a dtype
                 return score.type_as(logits)
@@ -3365,6 +3367,25 @@ def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_
 
     with pytest.warns(UnfollowedOpWarning, match=r"the features of 'emb' \(out=\) reach 'linear'"):
         sn.wrap(Flipped().eval(), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
+
+    class TiedThenShuffled(nn.Module):  # a tied decoder, then the units shuffled by another op (or the same op)
+        def __init__(self, how):  # and decoded again: the trace names the group's first op, the decoder's; the
+            super().__init__()  # warning stays (the shuffle moves the units)
+            torch.manual_seed(0)
+            self.emb, self.how = nn.Embedding(V, 16), how
+
+        def forward(self, i):
+            h = self.emb(i)
+            logits = F.linear(h, self.emb.weight)  # (first: the op the trace names)
+            if self.how == "gather":
+                moved = torch.gather(h, -1, torch.arange(h.shape[-1]).flip(0).expand_as(h))
+            else:
+                moved = F.linear(h, torch.eye(h.shape[-1]).flip(0))
+            return logits + F.linear(moved, self.emb.weight)
+
+    for how in ("gather", "linear"):
+        with pytest.warns(UnfollowedOpWarning, match=r"the features of 'emb' \(out=\) reach"):
+            sn.wrap(TiedThenShuffled(how).eval(), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
     for how in ("functional", "plain", "setitem", "record"):
         model = Tied(how).eval()
         with warnings.catch_warnings():

@@ -812,6 +812,11 @@ _CASTS = frozenset({"to", "float", "half", "bfloat16", "double", "type", "type_a
 _META_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
                         "new_zeros", "new_ones", "new_empty", "new_full", "size", "dim", "numel"})  # (a shape, a dtype)
 _VALUES_OF_SELF = frozenset({"type_as", "expand_as", "view_as", "reshape_as", "to"})  # (the others: shape, dtype)
+_KEEPS_UNITS = frozenset({  # ops that keep each unit in place (element by element, or a view / cast of them)
+    "add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "mul", "__mul__", "__rmul__", "div",
+    "__truediv__", "true_divide", "neg", "__neg__", "relu", "gelu", "silu", "tanh", "sigmoid", "dropout", "view",
+    "reshape", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "detach", "to", "float", "half", "bfloat16",
+    "double", "type_as", "expand", "expand_as", "__get__", "dim", "size", "numel"})
 _SCALES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "div", "divide", "true_divide", "__truediv__", "neg",
                      "__neg__", "negative"})  # (by a number: a temperature between the product and its sum)
 
@@ -845,6 +850,10 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
 
     owner = {ptr(t): i for i, m in enumerate(mods) for t in m._parameters.values() if t is not None}
     cut = set(owner) - {None, 0}
+    layers = [model.get_submodule(p) for p, m in nest._sliced.items()  # (every layer d binds, any role)
+              if any(b.dim is d for b in m._sn.bind.values())]
+    cut_any = {ptr(t) for m in layers for t in m._parameters.values() if t is not None} - {None, 0}
+    within, other = [0], set()  # (inside a layer d binds: its slicer follows it; ops elsewhere the trace may not)
     feats: dict[int, tuple[torch.Tensor, frozenset]] = {}  # id -> (tensor, the modules it was made from)
     weights: dict[int, tuple[torch.Tensor, frozenset]] = {}  # (held for the run: an id is not reused)
     held: set[int] = set()  # the modules whose cut weights a reader took
@@ -898,12 +907,16 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             if took:  # (the first op of each name, in each module, that takes the features: a reader, or another
                 first.setdefault((name, path[-1] if path else ""), reading)  # op the trace may name alike, whose
                 #                                                                 warning must stay)
+                if not (reading or within[0] or name in _KEEPS_UNITS or m or any(  # (an op that is no reader, no
+                        ptr(t) in cut_any for t in ins) and max(map(count, f)) > max(map(count, made))):  # layer's
+                    other.add(name)  # functional read, and may move the units: every warning of d stays)
             if name == "__setitem__" and ins and isinstance(args[0], torch.Tensor):  # (buf[:] = logits: written
                 made = [args[0]]                                                     # into the buffer)
             if got and not all(t.dtype == torch.bool for t in made):  # (a read counts where its values reach the
                 results.update((id(t), (t, got)) for t in made)        # output: not kept aside, nor only its shape,
                 #                                                        dtype or a test of it, zeros_like, isnan)
-            if f:
+            if f and not (reading and name not in _PRODUCTS and name != "embedding"):  # (what a reader contracted
+                #                                                                           holds no features)
                 feats.update((id(t), (t, src)) for t in made)
             elif w:
                 weights.update((id(t), (t, mine_w)) for t in made)
@@ -935,6 +948,22 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
 
     for where, m in model.named_modules():  # (the module each op runs in, as the wiring trace names it)
         handles += [m.register_forward_pre_hook(push(where)), m.register_forward_hook(pop, always_call=True)]
+
+    def into(*_: Any) -> None:
+        within[0] += 1
+
+    def out_of(*_: Any) -> None:
+        within[0] -= 1
+
+    def not_features(_m: nn.Module, _args: Any, out: Any) -> None:  # (a layer reading d's units, not writing
+        for t in tree_leaves(out):                                    # them: its outputs are another axis)
+            if isinstance(t, torch.Tensor) and origin(t, feats) is not None:
+                del feats[id(t)]
+
+    for m in layers:
+        handles += [m.register_forward_pre_hook(into), m.register_forward_hook(out_of, always_call=True)]
+        if {r for r, b in m._sn.bind.items() if b.dim is d} == {"inp"}:
+            handles.append(m.register_forward_hook(not_features, always_call=True))
     full = SubModel({e.name: e.full for e in nest.dims})
     outs: list = []
     ran = _hooked_runs(nest, model, example, (full.replace(**{d.name: small}),), handles, Reads(), outs)
@@ -942,7 +971,7 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     for x in (t for out in outs for t in output_leaves(out)):  # (containers, ModelOutput, dataclasses, records)
         if isinstance(x, torch.Tensor):
             read |= origin(x, results) or set()
-    readers = {f"{n!r} (in {w or '<root>'!r})" for (n, w), reading in first.items() if reading}
+    readers = {f"{n!r} (in {w or '<root>'!r})" for (n, w), reading in first.items() if reading and not other}
     return ([p for i, (p, _) in enumerate(keys) if not (ran and i in read)],
             readers if ran and read else set(), [p for i, (p, _) in enumerate(keys) if ran and read and i in held])
 
