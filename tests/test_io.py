@@ -4,6 +4,7 @@ sn.load round-trip every sub-model bit-exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -1141,10 +1142,33 @@ def test_a_nest_of_a_compiled_model_saves_and_loads_as_before(tmp_path, fresh_dy
                 assert torch.equal(back.model(x), nest.model(x))
 
 
+@contextlib.contextmanager
+def _held_in_thread(block):
+    """``block`` (a ``nest.use``) entered in another thread, held open until the with-block ends."""
+    import threading
+
+    entered, go = threading.Event(), threading.Event()
+
+    def hold():
+        with block:
+            entered.set()
+            go.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        entered.wait(30)
+        yield
+    finally:
+        go.set()
+        t.join()
+
+
 def test_a_load_while_another_thread_serves_a_sub_model_is_refused_before_any_copy(tmp_path):
     """sn.load into a nest while a request ran in another thread: the request finished on a mix of the old and the
-    new weights (an output of neither). Refused now, with nothing changed; in the thread's own block it loads."""
-    import threading
+    new weights (an output of neither). Refused now, with nothing changed, also where both threads entered one Use
+    object and for a task started inside its parent's open block; in the thread's own block it loads."""
+    import asyncio
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).eval()
@@ -1155,50 +1179,16 @@ def test_a_load_while_another_thread_serves_a_sub_model_is_refused_before_any_co
         for p in model.parameters():
             p.add_(1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    entered, go = threading.Event(), threading.Event()
-
-    def serve():
-        with nest.use("h=16"):
-            entered.set()
-            go.wait(30)
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        entered.wait(30)
+    with _held_in_thread(nest.use("h=16")):
         with pytest.raises(sn.SortedNetError, match=r"while a nest.use\(h=16\) block is open in another thread"):
             sn.load(nest, path)
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    finally:
-        go.set()
-        t.join()
-    shared, entered, go = nest.use("h=16"), threading.Event(), threading.Event()  # (one Use object, entered by
-
-    def serve_shared():  # two threads: it stayed open for unwrap, but the load counted it as this thread's own)
-        with shared:
-            entered.set()
-            go.wait(30)
-
-    t = threading.Thread(target=serve_shared)
-    t.start()
-    try:
-        entered.wait(30)
-        with shared, pytest.raises(sn.SortedNetError, match="block is open in another thread or task"):
-            sn.load(nest, path)
-    finally:
-        go.set()
-        t.join()
+    shared = nest.use("h=16")  # (one Use object in two threads: open for unwrap, but counted as this thread's own)
+    with _held_in_thread(shared), shared, pytest.raises(sn.SortedNetError, match="open in another thread or task"):
+        sn.load(nest, path)
 
     async def parent():  # a task started inside its parent's open block inherits it: not the loader's own
-        import asyncio
-
         with nest.use("h=16"):
-            child = asyncio.get_running_loop().create_task(asyncio.to_thread(lambda: None))
-            await child
-            loader = asyncio.get_running_loop().create_task(_load_in_task(nest, path))
-            return await loader
-
-    import asyncio
+            return await asyncio.get_running_loop().create_task(_load_in_task(nest, path))
 
     with pytest.raises(sn.SortedNetError, match="block is open in another thread or task"):
         asyncio.run(parent())
