@@ -876,7 +876,7 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
             f = [t for t in ins if origin(t, feats) is not None]
             w = [t for t in ins if origin(t, weights) is not None or ptr(t) in cut]
-            mine_w = frozenset().union(*(origin(t, weights) or {owner[ptr(t)]} for t in w))
+            mine_w = frozenset().union(*(o if (o := origin(t, weights)) is not None else {owner[ptr(t)]} for t in w))
             m = [t for t in ins if origin(t, met) is not None]
             count = lambda t: sum(n == small for n in t.shape)  # noqa: E731  (axes of the cut size)
             fresh = made and not any(ptr(t) in cut for t in made)
@@ -937,6 +937,7 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
 
     handles = [h for i, m in enumerate(mods) for h in (m.register_forward_pre_hook(enter),
                                                        m.register_forward_hook(leave(i), always_call=True))]
+
     def push(where: str) -> Any:
         def hook(*_: Any) -> None:
             path.append(where)
