@@ -735,7 +735,8 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
     every_rank("head_loaded_on_one_rank_again", outer_step)  # (a retry is compared again, not taken)
     # a head added to module= after its first step, then restored on one rank; a frozen parameter loaded on one
     outer.module.append(torch.nn.Linear(3, 3))  # rank (a LoRA base: another model, though nothing of it trains)
-    task_head.load_state_dict(head_before) if rank == 0 else None
+    if rank == 0:
+        task_head.load_state_dict(head_before)
     every_rank("outer_alike_again", outer_step)
     late_before = {k: v.clone() for k, v in outer.module[3].state_dict().items()}
     if rank == 1:

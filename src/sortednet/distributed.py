@@ -186,28 +186,18 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
     return calls
 
 
-def _averaged(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def _averaged(module: nn.Module, frozen: bool = False) -> list[tuple[str, nn.Parameter]]:
     """The trainable parameters :func:`sync_gradients` averages over the ranks: all but those DDP leaves alone
     and those of a part given to FSDP1 (it reduce-scatters its gradients itself in every backward and keeps this
-    rank's shard; averaged again here, one rank's shard would be added to another's)."""
+    rank's shard; averaged again here, one rank's shard would be added to another's). ``frozen``: the frozen
+    ones too (every parameter the replicas hold alike: a LoRA base restored on one rank is another model)."""
     ignored = _ignored(module)
     module = _inner(module)
     fsdp1 = {id(p) for m in module.modules() if _is_fsdp1(m) for p in m.parameters()}
     fsdp1 -= {id(p) for m in module.modules() for p in getattr(m, "_ignored_params", ())}  # (ignored_modules=:
     #                                                                  FSDP1 leaves those to the caller)
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad and n not in ignored
+    return [(n, p) for n, p in module.named_parameters() if (p.requires_grad or frozen) and n not in ignored
             and id(p) not in fsdp1]
-
-
-def _replicated(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Every parameter the replicas hold alike: those :func:`_averaged` averages and the frozen ones (a LoRA
-    base restored on one rank is another model too), not those DDP leaves alone or a part given to FSDP1."""
-    trained = {id(p) for _, p in _averaged(module)}
-    ignored = _ignored(module)
-    inner = _inner(module)
-    fsdp1 = {id(p) for m in inner.modules() if _is_fsdp1(m) for p in m.parameters()}
-    return [(n, p) for n, p in inner.named_parameters()
-            if id(p) in trained or (not p.requires_grad and n not in ignored and id(p) not in fsdp1)]
 
 
 def _same_parameters(named: list[tuple[str, nn.Parameter]], bucket_bytes: int, group: Any) -> None:
@@ -348,15 +338,24 @@ def _replicas_checked(module: nn.Module) -> None:
     _REPLICAS_CHECKED[module] = (loads(), loads(module))
 
 
+#: module= -> the parts of it already looked at (a step walks the modules once, the wrapped model's only for new ones)
+_LOAD_PARTS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
+
+
 def _count_loads_of(module: nn.Module, nest: Nest) -> None:
     """Count loads into the parts of ``module`` (``module=``) outside the wrapped model (a task head the DDP
     wrapper holds beside it, also one added since the last step), whose own hooks count theirs: a head restored
     on one rank is compared again too."""
+    seen = _LOAD_PARTS.setdefault(module, weakref.WeakSet())
+    new = [m for m in module.modules() if m not in seen]
+    if not new:
+        return
     inside = {id(m) for m in nest.model.modules()}
-    for m in module.modules():
+    for m in new:
         if id(m) not in inside and not m.__dict__.get("_sn_load_counted"):
             m._register_load_state_dict_pre_hook(_counting(m))
             m.__dict__["_sn_load_counted"] = True
+        seen.add(m)
 
 
 def _counting(module: nn.Module) -> Callable[..., None]:
@@ -379,7 +378,7 @@ def _refuse_diverged(module: nn.Module, group: Any, again: bool) -> None:
     leaves alone excepted); where they differ, one more (every rank is there) names the first that differs."""
     if not again:
         return
-    named = [(n, p) for n, p in _replicated(module) if not p.is_meta and not is_sharded(p)]
+    named = [(n, p) for n, p in _averaged(module, frozen=True) if not p.is_meta and not is_sharded(p)]
     sums = _word_sums([p for _, p in named])
     digests = []
     for (n, p), total in zip(named, sums):
