@@ -3398,6 +3398,65 @@ def test_each_module_a_width_cuts_is_read_on_its_own_and_a_functional_tie_reads_
             torch.testing.assert_close(logits(model(ids)), F.embedding(ids, emb) @ emb.T)
 
 
+def test_a_tied_decoder_after_a_pooling_a_pick_or_a_transpose_is_followed():
+    """A tied decoder on the last position (``h[:, -1]``), on a mean pooling, or written as ``W @ h^T`` was warned
+    about (UnfollowedOpWarning naming the decoder itself) because the pick, the pooling or the transpose was taken
+    for an op that may move the units; and a temperature of shape ``(1,)`` between the product and its sum was
+    refused (only 0-d ones were a scale). An index over the features' own axis is still refused."""
+    V, D = 50, 16
+    ids = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(1))
+
+    class LM(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.fc1, self.fc2, self.how = nn.Embedding(V, D), nn.Linear(D, 32), nn.Linear(32, D), how
+            self.tau = nn.Parameter(torch.full((1,), 2.0))
+
+        def forward(self, i):
+            W = self.emb.weight
+            h = self.emb(i)
+            h = h + self.fc2(F.gelu(self.fc1(h)))
+            if self.how == "last":
+                return F.linear(h[:, -1], W)
+            if self.how == "mean":
+                return F.linear(h.mean(1), W)
+            if self.how == "transposed":
+                return W.matmul(h.transpose(1, 2)).transpose(1, 2)
+            if self.how == "mm":
+                return W.mm(h.reshape(-1, h.shape[-1]).t())
+            if self.how == "retrieval":  # beside the logits: the last position scored against the first token
+                return F.linear(h, W), (h[:, -1] * W[i[:, 0]]).sum(-1)
+            if self.how == "temperature":
+                return (h.mean(1).unsqueeze(-2) * W / self.tau).sum(-1)
+            if self.how == "last_unit":  # (the last unit picked, then decoded: another unit than a sub-model's)
+                return F.linear(h, W) + h[..., -1:]
+            return F.linear(h[..., torch.arange(h.shape[-1]).flip(0)], W)  # (the units reversed, then decoded)
+
+    width = dict(out=["emb", "fc2"], inp="fc1")
+    for how in ("last", "mean", "transposed", "mm", "retrieval", "temperature"):
+        model = LM(how).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnfollowedOpWarning)
+            nest = sn.wrap(model, sn.Width("d", [4, 8, 16], **width), example=ids)
+        for size in (4, 8):
+            small = LM(how).eval()  # (the prefix model: every weight cut to its first `size` units of d)
+            with torch.no_grad():
+                small.emb.weight = nn.Parameter(model.emb.weight[:, :size].clone())
+                small.fc1.weight = nn.Parameter(model.fc1.weight[:, :size].clone())
+                small.fc1.bias = model.fc1.bias
+                small.fc2.weight = nn.Parameter(model.fc2.weight[:size].clone())
+                small.fc2.bias = nn.Parameter(model.fc2.bias[:size].clone())
+                small.tau = model.tau
+            with nest.use(f"d={size}"), torch.no_grad():
+                live, want, exported = model(ids), small(ids), nest.export(f"d={size}")(ids)
+            torch.testing.assert_close(live, want)
+            torch.testing.assert_close(exported, want)
+    for how in ("last_unit", "reversed"):  # (the index over the features is refused: it moves their units)
+        with pytest.raises(sn.SortedNetError, match=r"reach indexed by '__getitem__' .* moves them between"):
+            sn.wrap(LM(how).eval(), sn.Width("d", [4, 8, 16], **width), example=ids)
+
+
 class _GatedMLP(nn.Module):
     """A gated MLP written as one module: its hidden width is internal, its output stays the model's width."""
 

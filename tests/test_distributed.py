@@ -717,6 +717,27 @@ def _one_rank_faults(rank: int, out_dir: str) -> dict:
             changed["0.weight"].view(-1)[1] += 1.0  # (the sample reads every 4th value)
         wide.load_state_dict(changed)
     every_rank("loaded_one_value_on_one_rank", wide_step)
+    # units sorted on one rank only (a weight-norm sort runs under a process group): the replicas were not
+    # compared again and trained on in another order each; two values swapped where the sample does not read (a
+    # plain sum of the bits is the same)
+    for key in ("sorted_on_one_rank", "swapped_on_one_rank"):
+        torch.manual_seed(0)
+        alone = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+        alone_nest = sn.wrap(alone, sn.Width("w", [32, 64], out="0", inp="2"))
+
+        def alone_step(alone=alone, alone_nest=alone_nest):
+            snd.accumulate(alone_nest, [alone_nest.largest], lambda: _loss(alone(torch.ones(2, 64))))
+            alone.zero_grad(set_to_none=True)
+
+        every_rank(f"{key}_first", alone_step)
+        if rank == 1 and key == "sorted_on_one_rank":
+            sort_units(alone_nest, "l1", example=torch.ones(2, 64))
+        elif rank == 1:
+            swapped = {k: v.clone() for k, v in alone.state_dict().items()}
+            flat = swapped["0.weight"].view(-1)
+            flat[1], flat[2] = flat[2].clone(), flat[1].clone()  # (the sample reads every 4th value)
+            alone.load_state_dict(swapped)
+        every_rank(key, alone_step)
     # a task head the DDP wrapper holds beside the wrapped backbone, restored on one rank only
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
@@ -1138,6 +1159,11 @@ def test_replicas_that_differ_are_refused_on_every_rank_before_they_train(run):
     assert errs["wide_first_step"] == errs["outer_first_step"] == ["accepted"] * WORLD
     for e in errs["loaded_one_value_on_one_rank"]:  # (a value the sampled digest does not read)
         assert "the ranks' models differ" in e and "'0.weight' differs between rank 0 and rank 1" in e, e
+    assert errs["sorted_on_one_rank_first"] == errs["swapped_on_one_rank_first"] == ["accepted"] * WORLD
+    for key in ("sorted_on_one_rank", "swapped_on_one_rank"):
+        for e in errs[key]:
+            assert "units sorted on some ranks only" in e and "'0.weight' differs between rank 0 and rank 1" in e, (
+                key, e)
     for key, name in [("head_loaded_on_one_rank", "2.weight"), ("head_loaded_on_one_rank_again", "2.weight"),
                       ("late_head_loaded_on_one_rank", "3.weight"), ("frozen_loaded_on_one_rank", "0.0.bias")]:
         for e in errs[key]:  # (a load into a part of module= outside the wrapped model, a retry, a late part, a

@@ -417,11 +417,19 @@ def test_an_optimizer_whose_state_is_not_per_element_is_refused_unchanged():
     sort_units(nest2, "l1", example=torch.randn(5, 4), optimizer=[last], dims=["h"])
 
 
+def _under_no_grad(f):
+    with torch.no_grad():
+        return f()
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda m, b: torch.tensor(float("nan"), requires_grad=True) * m(b[0]).sum(), "loss of batch 0 is nan"),
     (lambda m, b: m(b[0]).sum() * 1e38 * 1e38, "loss of batch 0 is inf"),
     (lambda m, b: m(b[0]), "must be a scalar"),
     (lambda m, b: 1 / 0, "loss of batch 0 raised ZeroDivisionError"),
+    # no gradient at all (a raw RuntimeError from backward)
+    (lambda m, b: m(b[0]).sum().detach(), "loss of batch 0 carries no gradient"),
+    (lambda m, b: _under_no_grad(lambda: m(b[0]).sum()), "loss of batch 0 carries no gradient"),
     # no gradient signal: the sort "succeeded" with the identity order everywhere, in silence
     (lambda m, b: m(b[0]).sum() * 0, r"every score \|weight x gradient\| is zero.*method='l1'"),
     (lambda m, b: torch.tensor(1.0, requires_grad=True), r"every score \|weight x gradient\| is zero"),

@@ -2395,3 +2395,86 @@ def test_a_metric_that_is_falsy_or_has_no_length_is_the_metric_used(fresh_dynamo
     assert len(history) == len(nest.submodels)
     assert got == pytest.approx(want)
     assert evaluate(nest, (x, y), metric=torch.compile(_SumCE(), backend="eager")) == pytest.approx(want)
+
+
+def test_the_default_accuracy_reads_the_classes_where_the_loss_does_and_refuses_a_square_output():
+    """A ``(batch, classes, length)`` output with as many classes as positions was scored over the last axis
+    (``argmax(-1)``: the positions) while fit's default loss trained axis 1, silently (0.15 reported, 0.29 right);
+    with other sizes the accuracy refused an output fit trains. Now fit(eval_data=) with the default loss scores
+    axis 1, evaluate alone refuses the square case and reads axis 1 where only it fits."""
+    def conv(classes):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv1d(2, 16, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv1d(16, classes, 1))
+
+    g = torch.Generator().manual_seed(0)
+    for classes, length in ((6, 6), (5, 7)):
+        x, y = torch.randn(32, 2, length, generator=g), torch.randint(0, classes, (32, length), generator=g)
+        nest = sn.wrap(conv(classes), sn.Width("ch", [8, 16], out="0", inp="2"))
+        opt = torch.optim.SGD(nest.model.parameters(), lr=0.1)
+        hist = sn.fit(nest, [(x, y)] * 2, opt, sn.Sampler(nest, strategy="all"), eval_data=(x, y), progress=False)
+        with torch.no_grad():
+            for sub in nest.submodels:
+                with nest.use(sub):
+                    right = float((nest.model.eval()(x).argmax(1) == y).float().mean())
+                assert hist.last_scores[str(sub)] == pytest.approx(right)
+        if classes == length:
+            with pytest.raises(sn.SortedNetError, match=r"cannot tell the classes' axis of an output \(32, 6, 6\)"):
+                evaluate(nest, (x, y))
+        else:
+            assert evaluate(nest, (x, y)) == pytest.approx(hist.last_scores and {
+                s: hist.last_scores[str(s)] for s in nest.submodels})
+    lm = sn.wrap(torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11)),
+                 sn.Width("d", [4, 8], out="0", inp="1"))  # (batch, length, vocab): the last axis
+    ids = torch.randint(0, 11, (4, 5), generator=g)
+    with torch.no_grad():
+        want = {s: float((lm.export(s)(ids).argmax(-1) == ids).float().mean()) for s in lm.submodels}
+    assert evaluate(lm, (ids, ids)) == pytest.approx(want)
+
+
+def test_one_pair_of_tuple_inputs_and_a_structured_target_is_one_batch_or_refused_where_it_reads_two_ways():
+    """``((xa, xb), {"y": y})`` and ``((xa, xb, xc), (y, w))`` are one (inputs, target) pair: they were iterated
+    as batches (the model ran on ``xa`` alone, scored against ``xb``); ``((xa, xb), (y, w))`` reads as one pair or
+    two batches and is refused, naming both; a list of two batches stays two batches."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, xa, xb=None, xc=None):
+            h = self.a(xa if xb is None else xa + xb)
+            return self.b(torch.relu(h if xc is None else h + xc.sum()))
+
+    g = torch.Generator().manual_seed(1)
+    xa, xb, xc, y = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.zeros(6), \
+        torch.randint(0, 3, (6,), generator=g)
+    w = torch.rand(6, generator=g)
+    nest = sn.wrap(Two(), sn.Width("h", [4, 8], out="a", inp="b"))
+    with torch.no_grad():
+        want = {s: float(((nest.export(s)(xa, xb).argmax(-1) == y).float() * w).mean()) for s in nest.submodels}
+    metric_d = lambda out, t: ((out.argmax(-1) == t["y"]).float() * t["w"]).sum()  # noqa: E731
+    metric_t = lambda out, t: ((out.argmax(-1) == t[0]).float() * t[1]).sum()  # noqa: E731
+    assert evaluate(nest, ((xa, xb), {"y": y, "w": w}), metric=metric_d) == pytest.approx(want)
+    assert evaluate(nest, ((xa, xb, xc), (y, w)), metric=metric_t) == pytest.approx(want)
+    assert evaluate(nest, [((xa, xb), (y, w))], metric=metric_t) == pytest.approx(want)
+    with pytest.raises(sn.SortedNetError, match=r"reads two ways: one \(inputs, target\) pair .* or two"):
+        evaluate(nest, ((xa, xb), (y, w)), metric=metric_t)
+    one = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    plain = sn.wrap(one, sn.Width("h", [4, 8], out="0", inp="1"))
+    with torch.no_grad():
+        two = {s: float((plain.export(s)(torch.cat([xa, xb])).argmax(-1) == torch.cat([y, y])).float().mean())
+               for s in plain.submodels}
+    assert evaluate(plain, [(xa, y), (xb, y)]) == pytest.approx(two)
+
+
+def test_fit_names_loss_fn_when_it_returns_no_scalar():
+    nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)),
+                   sn.Width("h", [4, 8], out="0", inp="1"))
+    data = [(torch.randn(10, 4), torch.randint(0, 3, (10,)))]
+    before = copy.deepcopy(nest.model.state_dict())
+    with pytest.raises(sn.SortedNetError, match=r"loss_fn\(output, target\) must return a scalar .* shape \(10,\) "
+                                                r"\(a loss with reduction='none'\?\)"):
+        sn.fit(nest, data, torch.optim.SGD(nest.model.parameters(), lr=0.1), sn.Sampler(nest, strategy="all"),
+               loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in nest.model.state_dict().items())

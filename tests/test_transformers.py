@@ -544,6 +544,10 @@ def test_sort_by_importance_checks_the_model_itself_when_the_loss_cannot_be_comp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sn.sort_by_importance(nest, [x], loss_fn=noisy)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match="loss of batch 0 carries no gradient"):  # (was a raw RuntimeError)
+        sn.sort_by_importance(nest, [x], loss_fn=lambda view, b: view(input_ids=b, labels=b).loss.detach())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("soft", [False, True])

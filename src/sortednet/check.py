@@ -816,9 +816,49 @@ _KEEPS_UNITS = frozenset({  # ops that keep each unit in place (element by eleme
     "add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "mul", "__mul__", "__rmul__", "div",
     "__truediv__", "true_divide", "neg", "__neg__", "relu", "gelu", "silu", "tanh", "sigmoid", "dropout", "view",
     "reshape", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "detach", "to", "float", "half", "bfloat16",
-    "double", "type_as", "expand", "expand_as", "__get__", "dim", "size", "numel"})
+    "double", "type_as", "expand", "expand_as", "__get__", "dim", "size", "numel", "pow", "__pow__", "square", "exp",
+    "log", "sqrt", "rsqrt", "abs", "__abs__"})
 _SCALES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "div", "divide", "true_divide", "__truediv__", "neg",
                      "__neg__", "negative"})  # (by a number: a temperature between the product and its sum)
+_MOVES_AXES = frozenset({"t", "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "adjoint"})
+_REDUCES = frozenset({"mean", "sum", "nansum", "nanmean", "amax", "amin", "prod", "logsumexp", "norm"})  # (any axes)
+
+
+def _keeps_units(name: str, args: tuple, small: int) -> bool:
+    """Whether an op that takes features moves none of their units to another place on their axis: it moves whole
+    axes (a transpose), reduces axes (a mean pooling over positions; over the features' axis, nothing of them
+    stays), or indexes only axes of another size than ``small`` (the last position, ``h[:, -1]``) or takes a
+    prefix of one of that size. A tied decoder after it reads the units where the full model has them."""
+    if name in _MOVES_AXES or name in _REDUCES:
+        return True
+    if name != "__getitem__" or len(args) != 2 or not isinstance(args[0], torch.Tensor):
+        return False
+    t, key = args
+    key = key if isinstance(key, tuple) else (key,)
+
+    def width(k: Any) -> int | None:  # (the axes one entry of the key consumes)
+        if k is None:
+            return 0
+        if isinstance(k, torch.Tensor) and k.dtype == torch.bool:
+            return k.dim()
+        if isinstance(k, (int, slice, torch.Tensor, list)) and not isinstance(k, bool):
+            return 1
+        return None
+
+    widths = [None if k is Ellipsis else width(k) for k in key]
+    if sum(k is Ellipsis for k in key) > 1 or any(w is None for w, k in zip(widths, key) if k is not Ellipsis):
+        return False
+    rest = t.dim() - sum(w for w, k in zip(widths, key) if k is not Ellipsis)
+    axis = 0
+    for k, w in zip(key, widths):
+        if k is Ellipsis:
+            axis += rest
+            continue
+        prefix = isinstance(k, slice) and k.start in (None, 0) and k.step in (None, 1)
+        if not prefix and any(t.shape[a] == small for a in range(axis, min(axis + w, t.dim()))):
+            return False
+        axis += w
+    return True
 
 
 def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]],
@@ -901,15 +941,16 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
                 got |= frozenset().union(*(origin(t, met) for t in m))                        # over it)
                 reading = True
             elif m and (name in _CASTS or any(ptr(t) == ptr(x) for t in made for x in m)  # (a view or a cast of it,
-                        or name in _SCALES and all(t.dim() == 0 for t in ins if origin(t, met) is None)):  # or a
+                        or name in _SCALES and all(t.numel() == 1 for t in ins if origin(t, met) is None)):  # or a
                 mine = frozenset().union(*(origin(t, met) for t in m))       # scale, stays one; any other op ends it)
                 met.update((id(t), (t, mine)) for t in made)
             if took:  # (the first op of each name, in each module, that takes the features: a reader, or another
                 first.setdefault((name, path[-1] if path else ""), reading)  # op the trace may name alike, whose
                 #                                                                 warning must stay)
-                if not (reading or within[0] or name in _KEEPS_UNITS or m or any(  # (an op that is no reader, no
-                        ptr(t) in cut_any for t in ins) and max(map(count, f)) > max(map(count, made))):  # layer's
-                    other.add(name)  # functional read, and may move the units: every warning of d stays)
+                if not (reading or within[0] or name in _KEEPS_UNITS or _keeps_units(name, args, small) or m or any(
+                        ptr(t) in cut_any for t in ins) and max(map(count, f)) > max(map(count, made))):  # (an op
+                    other.add(name)  # that is no reader, no layer's functional read, and may move the units: every
+                    #                  warning of d stays)
             if name == "__setitem__" and ins and isinstance(args[0], torch.Tensor):  # (buf[:] = logits: written
                 made = [args[0]]                                                     # into the buffer)
             if got and not all(t.dtype == torch.bool for t in made):  # (a read counts where its values reach the

@@ -397,7 +397,8 @@ def _refuse_diverged(module: nn.Module, group: Any, again: bool) -> None:
     where = next(((n, r) for n in names for r, other in enumerate(every[1:], 1)
                   if other.get(n) != every[0].get(n)), None)
     raise _told("sortednet.distributed.accumulate: the ranks' models differ, in their weights (built with a "
-                "seed per rank, or a checkpoint loaded on some ranks only, at the start or since the last step) "
+                "seed per rank, or a checkpoint loaded or units sorted on some ranks only, at the start or since the "
+                "last step) "
                 "or in which parameters train (requires_grad set on some ranks only)"
                 + (f": {where[0]!r} differs between rank 0 and rank {where[1]}" if where else "")
                 + ". Their gradients would be averaged as one "
@@ -406,10 +407,16 @@ def _refuse_diverged(module: nn.Module, group: Any, again: bool) -> None:
                 "broadcasts rank 0's weights when it is built: load checkpoints before it, or on every rank)")
 
 
+_SPAN = 8191  # (a prime: a row of units moved to another row keeps every value's class only where the rows are
+#               a multiple of it long)
+
+
 def _word_sums(params: list[torch.Tensor]) -> list[int]:
-    """Each tensor's values read as integers of their width, summed (wrapping in 64 bits) on its device, one
+    """Each tensor's values read as integers of their width, summed in ``_SPAN`` residue classes of their position
+    (wrapping in 64 bits) and the classes weighted 1, 2, ... and added to their plain sum, on its device, one
     transfer for all: any single changed value changes it, which a sample of the values can miss (a checkpoint
-    that differs in a few rows of an embedding)."""
+    that differs in a few rows of an embedding), and so do values moved to other places (units sorted on one rank
+    only: a plain sum of a permutation is the same)."""
     words = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     out = []
     for p in params:
@@ -418,10 +425,13 @@ def _word_sums(params: list[torch.Tensor]) -> list[int]:
             out.append(torch.zeros((), dtype=torch.int64, device=t.device))
             continue
         flat = t.contiguous().reshape(-1).view(words[t.element_size()])
-        total = torch.zeros((), dtype=torch.int64, device=t.device)
-        for i in range(0, flat.numel(), 1 << 24):  # (in pieces: an int64 copy of a large table at once is large)
-            total += flat[i:i + (1 << 24)].sum(dtype=torch.int64)
-        out.append(total)
+        classes = torch.zeros(_SPAN, dtype=torch.int64, device=t.device)
+        whole = flat.numel() - flat.numel() % _SPAN
+        for i in range(0, whole, _SPAN * 2048):  # (in pieces: an int64 copy of a large table at once is large)
+            classes += flat[i:min(whole, i + _SPAN * 2048)].reshape(-1, _SPAN).sum(0, dtype=torch.int64)
+        classes[:flat.numel() - whole] += flat[whole:].to(torch.int64)
+        weights = torch.arange(1, _SPAN + 1, dtype=torch.int64, device=t.device)
+        out.append(classes.sum() + (classes * weights).sum() * 1_000_003)
     by_device: dict[torch.device, list[int]] = {}
     for i, v in enumerate(out):
         by_device.setdefault(v.device, []).append(i)

@@ -41,6 +41,7 @@ from .plan import Use
 from .slicers.norm import group_size
 from .submodel import SubModel
 from .views import is_fsdp, storage_key, world_size
+from .wrap import count_load
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -292,6 +293,10 @@ def _taylor(nest: Nest, model: nn.Module, groups: list, data: Iterable[Any] | No
                     raise SortedNetError(f"sort_units(method='taylor'): the loss of batch {n} is "
                                          f"{float(loss.detach())}; its gradient scores would be NaN and every order "
                                          "meaningless. Nothing was changed: drop that batch (or fix the loss)")
+                if not loss.requires_grad:
+                    raise SortedNetError(f"sort_units(method='taylor'): the loss of batch {n} carries no gradient "
+                                         "(computed under torch.no_grad() or inference_mode, or detached), and the "
+                                         "scores are gradients; nothing was changed: return the loss as computed")
                 loss.reshape(()).backward()
                 for _, d, part, _ in groups:
                     for b in part:
@@ -796,6 +801,7 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
         err, where, token = None, "", None
         with torch.no_grad():
             try:
+                count_load(nest.model)  # (the units move: replicas under DDP are compared again at the next step)
                 token = nest._permuting(fresh)  # (copies in the old order: refused until followed, if this stops)
                 moves = _apply(groups, orders, optimizer)
                 casts_stale()  # (under autocast: the check forward, and the user's after it, see the new order)

@@ -676,14 +676,18 @@ def _ignored(out: Any, y: Any) -> tuple[Tensor, ...]:
     return ()
 
 
-def _accuracy(out: Tensor, y: Tensor) -> float:
+def _accuracy(out: Tensor, y: Tensor, axis: int | None = None) -> float:
     """Correct argmax predictions, counted over the target entries that are not ``IGNORE_INDEX``.
 
-    Refuses what argmax accuracy cannot score right, instead of a number that means nothing: float targets (a
-    regression), one logit per example (argmax is always 0), and targets whose shape is not the prediction's (a
-    ``(B, 1)`` column against ``(B,)`` predictions would broadcast to ``(B, B)``). A NaN logit (or a row of -inf
-    only) at a counted position scores NaN (its argmax would be 0: a diverged model would get the share of class
-    0); -inf in some classes (masked ones) is scored as usual."""
+    The classes are on the output's last axis (``(batch, classes)``, a language model's ``(batch, length,
+    vocab)``) or on axis 1 (``(batch, classes, length)``, ``(batch, classes, H, W)``: as ``F.cross_entropy``
+    reads them), whichever leaves the targets' shape; ``axis`` where it is known (fit's default loss reads axis
+    1). Refuses what argmax accuracy cannot score right, instead of a number that means nothing: float targets (a
+    regression), one logit per example (argmax is always 0), targets whose shape is no prediction's (a ``(B, 1)``
+    column against ``(B,)`` predictions would broadcast to ``(B, B)``), and an output both readings fit (as many
+    classes as positions: ``(B, 6, 6)`` with targets ``(B, 6)``). A NaN logit (or a row of -inf only) at a counted
+    position scores NaN (its argmax would be 0: a diverged model would get the share of class 0); -inf in some
+    classes (masked ones) is scored as usual."""
     if not isinstance(out, Tensor):
         raise SortedNetError(f"the default accuracy needs the model's output to be a tensor of logits, got "
                              f"{type(out).__name__}; pass metric=")
@@ -691,19 +695,42 @@ def _accuracy(out: Tensor, y: Tensor) -> float:
         raise SortedNetError(f"the default accuracy compares argmax predictions with integer class targets; the "
                              f"targets are {y.dtype} (a regression task, or soft labels?): pass metric=, a "
                              "callable metric(output, target) returning the sum over the batch")
-    if out.dim() == 0 or out.shape[-1] < 2:
-        raise SortedNetError(f"the default accuracy takes the argmax over the last dimension of the output, which "
-                             f"has shape {tuple(out.shape)} (one logit per example: argmax is always 0); pass "
+    if out.dim() >= 3:
+        last = tuple(out.shape[:-1]) == tuple(y.shape)
+        second = (out.shape[0], *out.shape[2:]) == tuple(y.shape)
+        if axis is None and last and second:
+            raise SortedNetError(
+                f"the default accuracy cannot tell the classes' axis of an output {tuple(out.shape)} with targets "
+                f"{tuple(y.shape)}: axis 1 (a (batch, classes, ...) output, as F.cross_entropy reads it) and the "
+                "last axis (a (batch, length, vocab) output) both leave the targets' shape; pass metric=, e.g. "
+                "lambda out, y: (out.argmax(1) == y).sum()")
+        axis = (1 if second and not last else -1) if axis is None else axis
+    else:
+        axis = -1
+    if out.dim() == 0 or out.shape[axis] < 2:
+        raise SortedNetError(f"the default accuracy takes the argmax over the classes, the last axis of the output, "
+                             f"which has shape {tuple(out.shape)} (one logit per example: argmax is always 0); pass "
                              "metric=, e.g. lambda out, y: ((out.squeeze(-1) > 0).long() == y).sum()")
-    if tuple(out.shape[:-1]) != tuple(y.shape):
-        raise SortedNetError(f"the default accuracy compares output.argmax(-1) of shape {tuple(out.shape[:-1])} "
+    pred = out.argmax(axis)
+    if tuple(pred.shape) != tuple(y.shape):
+        raise SortedNetError(f"the default accuracy compares output.argmax({axis}) of shape {tuple(pred.shape)} "
                              f"with targets of shape {tuple(y.shape)}: they must be equal (give class indices "
                              "shaped like the predictions, e.g. y.squeeze(-1) for a column), or pass metric=")
     counted = _counted(y)
-    bad = out.isnan().any(-1) | (out == -math.inf).all(-1)  # (-inf in some classes: masked ones, argmax is fine)
+    bad = out.isnan().any(axis) | (out == -math.inf).all(axis)  # (-inf in some classes: masked ones, argmax is fine)
     if bool((bad & torch.as_tensor(counted, device=out.device)).any()):
         return math.nan  # (argmax over a NaN row is 0: a diverged model scored as the share of class 0)
-    return float(((out.argmax(-1) == y) & counted).sum())
+    return float(((pred == y) & counted).sum())
+
+
+class _Accuracy:
+    """The default accuracy with its classes' axis known: fit's default loss, F.cross_entropy, trains axis 1."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+
+    def __call__(self, out: Tensor, y: Tensor) -> float:
+        return _accuracy(out, y, self.axis)
 
 
 def _counted(y: Tensor) -> Tensor | bool:
@@ -722,10 +749,30 @@ def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
     """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor, or any target where the
     inputs are a tensor or a dict: no batch is one), or batches of them."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and (
-            isinstance(data[1], Tensor) and isinstance(data[0], (tuple, list))
+            isinstance(data[1], (Tensor, Mapping)) and isinstance(data[0], (tuple, list))  # (no batch is a dict)
             or isinstance(data[0], Tensor) or keyword_inputs(data[0])):
         return [tuple(data)]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list)) \
+            and isinstance(data[1], (tuple, list)):  # (positional inputs, and a target of several parts?)
+        if len(data[0]) != 2 or len(data[1]) != 2:  # (no batch is: one pair)
+            return [tuple(data)]
+        if isinstance(data, tuple):
+            raise SortedNetError(
+                f"the data {_sketch(data)} reads two ways: one (inputs, target) pair whose inputs are a tuple of "
+                "positional arguments and whose target is a tuple, or two (inputs, target) batches; pass "
+                "[(inputs, target)] for one pair, or a list of batches [(x1, y1), (x2, y2)]")
     return data
+
+
+def _sketch(data: Any) -> str:
+    """``data``'s structure, tensors as their shapes: ((t(4, 3), t(4, 2)), (t(4,), t(4,)))."""
+    if isinstance(data, Tensor):
+        return f"t{tuple(data.shape)}"
+    if isinstance(data, (tuple, list)):
+        inner = ", ".join(_sketch(d) for d in data)
+        return f"({inner},)" if isinstance(data, tuple) and len(data) == 1 else \
+            f"({inner})" if isinstance(data, tuple) else f"[{inner}]"
+    return type(data).__name__
 
 
 def _examples(y: Any, x: Any = None) -> int | None:
@@ -789,8 +836,9 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     ``metric(output, target)`` returns the SUM over the batch (default: number
     of correct argmax predictions); the result is divided by the number of
     examples (a target's first size: for a tuple / dict of tensors the one they share), so the default is
-    accuracy. The default needs integer class targets shaped like
-    ``output.argmax(-1)`` (a sequence's tokens each count; targets equal to -100, the ignore index of
+    accuracy. The default needs integer class targets shaped like the output without its classes' axis: the
+    last (``(batch, classes)``, ``(batch, length, vocab)``) or axis 1 (``(batch, classes, length)``, as
+    ``F.cross_entropy`` reads it), whichever fits (both: refused) (a sequence's tokens each count; targets equal to -100, the ignore index of
     ``F.cross_entropy``, are left out; bool labels count as classes 0 / 1) and refuses float targets, one
     logit per example and other shapes with a :class:`SortedNetError`: pass
     ``metric=`` for regression, single-logit, shifted language-model labels and other tasks. Runs without
@@ -805,7 +853,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     (['h=4', 'h=8'], True)
     """
     _need_nest(nest, "evaluate")
-    default = metric is None
+    default = metric is None or isinstance(metric, _Accuracy)
     if not default and not _takes(metric, 2):
         raise SortedNetError(f"evaluate(metric=...) takes a callable metric(output, target) returning the sum over "
                              f"the batch, got {metric!r}")
@@ -1038,6 +1086,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError("fit(metric=...) scores eval_data, but no eval_data was given")
     if eval_every is not None and eval_data is None:
         raise SortedNetError(f"fit(eval_every={eval_every}) evaluates eval_data, but no eval_data was given")
+    if metric is None and loss_fn is None:  # (the accuracy of what the default loss trains: classes on axis 1)
+        metric = _Accuracy(1)
     if eval_data is not None and _one_shot(eval_data):
         raise SortedNetError(f"fit(eval_data=...) is evaluated more than once: give data it can iterate again (a "
                              f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}")
@@ -1191,6 +1241,12 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                         loss = _default_loss(out, y, step)
                     else:
                         loss = loss_fn(out, y)
+                        if not isinstance(loss, Tensor) or loss.numel() != 1:
+                            raise SortedNetError(
+                                f"fit(loss_fn=...): loss_fn(output, target) must return a scalar loss tensor (the "
+                                f"batch's reduced loss: a mean or a sum), got {type(loss).__name__}"
+                                + (f" of shape {tuple(loss.shape)} (a loss with reduction='none'?)"
+                                   if isinstance(loss, Tensor) else "") + f" at step {step}")
                     if distill is None:
                         return loss
                     if not isinstance(out, Tensor) or out.dim() < 2:  # (accumulate refuses these: logits of

@@ -39,6 +39,7 @@ from ..modes import casts_stale, eval_mode, finish_all
 from ..nest import Nest
 from ..slicers import Slicer
 from ..views import storage_key
+from ..wrap import count_load
 from .layouts import Found, glob_children
 from .transformers import _head_counts, _layout_of, _tower_name
 
@@ -270,6 +271,10 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                     raise SortedNetError(f"sort_by_importance: the loss of batch {n} is {float(loss.detach())}; "
                                          "its gradient scores would be NaN and every order meaningless. Nothing "
                                          "was changed: drop that batch (or fix the loss)")
+                if not loss.requires_grad:
+                    raise SortedNetError(f"sort_by_importance: the loss of batch {n} carries no gradient (computed "
+                                         "under torch.no_grad() or inference_mode, or detached), and the scores "
+                                         "are gradients; nothing was changed: return the loss as computed")
                 loss.reshape(()).backward()
                 for i, blk in enumerate(blocks):
                     if ffn:
@@ -297,6 +302,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
     log: list[tuple] = []  # every permutation applied, to undo them if the full model changed
     token = None
     try:
+        count_load(nest.model)  # (the units move: replicas under DDP are compared again at the next step)
         token = nest._permuting()  # (copies in the old order: refused until followed, if this stops)
         with torch.no_grad():
             for i, blk in enumerate(blocks):
