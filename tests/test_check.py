@@ -1819,6 +1819,39 @@ def test_layers_idle_at_a_shallow_depth_are_named_with_how_to_bind_them():
     assert nest.cost("depth=1") == 106 == sum(p.numel() for p in nest.export("depth=1").parameters())
 
 
+def test_an_exit_per_depth_idle_at_a_shallow_depth_is_named():
+    """``self.exits[len(self.blocks) - 1]``: at depth d only the d-th exit head runs, yet cost counted all four
+    and export kept them (144 parameters for a 90-parameter sub-model; pick(params=100) found nothing), with
+    nothing said (the zip form was warned of)."""
+    class Exits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+            self.exits = nn.ModuleList(nn.Linear(8, 2) for _ in range(4))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return self.exits[len(self.blocks) - 1](x)
+
+    x = torch.randn(3, 8)
+    m = Exits()
+    with pytest.warns(sn.check.IdleLayersWarning, match=r"runs one entry of \['exits'\] at each depth d, the d-th.*"
+                                                         r"54 idle parameters at depth 1.*layers=\[<the blocks>, "
+                                                         r"'exits'\]"):
+        nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers="blocks"), example=x)
+    assert nest.cost("depth=1") == 144
+    nest.unwrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sn.check.IdleLayersWarning)
+        nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers=["blocks", "exits"]), example=x)
+    assert nest.cost("depth=1") == 90 == sum(p.numel() for p in nest.export("depth=1").parameters())
+    with torch.no_grad(), nest.use("depth=2"):
+        torch.testing.assert_close(m(x), m.exits[1](torch.relu(m.blocks[1](torch.relu(m.blocks[0](x))))))
+        torch.testing.assert_close(m(x), nest.export("depth=2")(x))
+
+
 def test_layers_read_from_the_end_and_idle_at_a_shallow_depth_are_named():
     """``zip(self.blocks, reversed(self.norms))``: depth 1 runs the last norm only, yet cost counted all four and
     export kept them, with nothing said (the forward-order pairing was warned of). A Depth cannot cut a list's
@@ -3456,6 +3489,39 @@ def test_a_tied_decoder_after_a_pooling_a_pick_or_a_transpose_is_followed():
         with pytest.raises(sn.SortedNetError, match=r"reach indexed by '__getitem__' .* moves them between"):
             sn.wrap(LM(how).eval(), sn.Width("d", [4, 8, 16], **width), example=ids)
 
+    class Reordered(nn.Module):  # the tied weight's units reordered outside its layer, then decoded: another
+        def __init__(self, how):  # unit than a sub-model's (9.0 off the full model masked, with no warning)
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.how = nn.Embedding(V, D), how
+
+        def forward(self, i):
+            W, h = self.emb.weight, self.emb(i)
+            rev = torch.arange(h.shape[-1]).flip(0)
+            if self.how == "gather":
+                return F.linear(h, W.gather(-1, rev.expand_as(W)))
+            if self.how == "take_along_dim":
+                return F.linear(h, torch.take_along_dim(W, rev[None], 1))
+            if self.how == "sort":
+                return F.linear(h, W.sort(-1).values)
+            if self.how == "sorted_aside":  # (reordered for a term of its own, the tied read of W itself)
+                return F.linear(h, W) + W.sort(-1).values.sum()
+            return F.linear(h, {  # (each unit in place: element by element, or over the table's rows)
+                "rows": lambda: W.index_select(0, i[:, 0]), "rows_kw": lambda: torch.index_select(W, dim=0, index=i[0]),
+                "clamp": lambda: W.clamp(-10, 10), "type": lambda: W.type(torch.float64).float(),
+                "where": lambda: torch.where(W > 0, W, 0.0), "quantised": lambda: torch.round(W * 8) / 8,
+                "masked_fill": lambda: W.masked_fill(W.abs() < 1e-3, 0.0),
+                "roll_rows": lambda: W.roll(1, 0)}[self.how]())
+
+    for how in ("gather", "take_along_dim", "sort"):
+        with pytest.warns(UnfollowedOpWarning, match=rf"the cut weight of 'emb' is reordered by '{how}' \(in "
+                                                     r"'<root>'\) outside its layer"):
+            sn.wrap(Reordered(how).eval(), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
+    for how in ("sorted_aside", "rows", "rows_kw", "clamp", "type", "where", "quantised", "masked_fill", "roll_rows"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnfollowedOpWarning)
+            sn.wrap(Reordered(how).eval(), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
+
 
 class _GatedMLP(nn.Module):
     """A gated MLP written as one module: its hidden width is internal, its output stays the model's width."""
@@ -3634,6 +3700,43 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
         enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 4,
                                                   enable_nested_tensor=False))
         sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers"), example=torch.randn(2, 3, 8)).unwrap()
+
+
+def test_a_layer_count_a_block_reads_from_its_own_config_is_said_not_to_follow_the_depth():
+    """Blocks built as ``Block(config, i)`` that apply the final norm when ``i == config.n_layer - 1``, the model
+    itself holding no config: at depth 2 of 4 the norm never ran, with nothing said (the count was looked for
+    only on the modules above the layer list)."""
+    from sortednet.check import LayerCountWarning
+
+    class Cfg:
+        def __init__(self):
+            self.n_layer = 4
+
+    class Block(nn.Module):
+        def __init__(self, cfg, i):
+            super().__init__()
+            self.config, self.layer_idx, self.fc, self.ln = cfg, i, nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            x = x + self.fc(x)
+            return self.ln(x) if self.layer_idx == self.config.n_layer - 1 else x
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            cfg = Cfg()
+            self.blocks, self.head = nn.ModuleList(Block(cfg, i) for i in range(4)), nn.Linear(8, 2)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.head(x)
+
+    model = Stack()
+    with pytest.warns(LayerCountWarning, match=r"the forward computes with \['blocks\.0\.config\.n_layer'\]"):
+        sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))
+    assert type(model.blocks[0].config.n_layer) is int and model.blocks[0].config.n_layer == 4  # (put back)
 
 
 class _ScalesByItsCount(nn.Module):

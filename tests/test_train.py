@@ -2424,6 +2424,23 @@ def test_the_default_accuracy_reads_the_classes_where_the_loss_does_and_refuses_
         else:
             assert evaluate(nest, (x, y)) == pytest.approx(hist.last_scores and {
                 s: hist.last_scores[str(s)] for s in nest.submodels})
+    # batches of several lengths, one as long as the classes are many: the others tell the axis (it was refused)
+    nest = sn.wrap(conv(5), sn.Width("ch", [8, 16], out="0", inp="2"))
+    data = [(torch.randn(4, 2, n, generator=g), torch.randint(0, 5, (4, n), generator=g)) for n in (7, 5, 9)]
+    with torch.no_grad():
+        want = {}
+        for sub in nest.submodels:
+            with nest.use(sub):
+                hits = sum(int((nest.model.eval()(x).argmax(1) == y).sum()) for x, y in data)
+            want[sub] = hits / sum(y.numel() for _, y in data)
+    assert evaluate(nest, data) == pytest.approx(want)
+    with pytest.raises(sn.SortedNetError, match=r"no batch of another shape tells"):
+        evaluate(nest, data[1])
+    one = sn.wrap(torch.nn.Sequential(torch.nn.Conv2d(2, 8, 1), torch.nn.Conv2d(8, 1, 1)),
+                  sn.Width("ch", [4, 8], out="0", inp="1"))  # (one logit per position, on axis 1)
+    said = re.escape("axis 1 of the output, which has shape (4, 1, 5, 6) (one logit per example or position")
+    with pytest.raises(sn.SortedNetError, match=said + r".*out\.squeeze\(1\).*mean\(1\)"):
+        evaluate(one, (torch.randn(4, 2, 5, 6), torch.randint(0, 2, (4, 5, 6))))
     lm = sn.wrap(torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11)),
                  sn.Width("d", [4, 8], out="0", inp="1"))  # (batch, length, vocab): the last axis
     ids = torch.randint(0, 11, (4, 5), generator=g)
@@ -2457,9 +2474,13 @@ def test_one_pair_of_tuple_inputs_and_a_structured_target_is_one_batch_or_refuse
     metric_t = lambda out, t: ((out.argmax(-1) == t[0]).float() * t[1]).sum()  # noqa: E731
     assert evaluate(nest, ((xa, xb), {"y": y, "w": w}), metric=metric_d) == pytest.approx(want)
     assert evaluate(nest, ((xa, xb, xc), (y, w)), metric=metric_t) == pytest.approx(want)
+    assert evaluate(nest, ((xa, xb, xc), (y, w, w)), metric=metric_t) == pytest.approx(want)  # (a tuple: one pair)
     assert evaluate(nest, [((xa, xb), (y, w))], metric=metric_t) == pytest.approx(want)
     with pytest.raises(sn.SortedNetError, match=r"reads two ways: one \(inputs, target\) pair .* or two"):
         evaluate(nest, ((xa, xb), (y, w)), metric=metric_t)
+    for batches in ([(xa, y, w), (xb, y, w)], [(xa, y, w)] * 3):  # (batches of three: refused as they are)
+        with pytest.raises(sn.SortedNetError, match=r"needs \(inputs, target\) pairs .* got tuple of 3 items"):
+            evaluate(nest, batches, metric=metric_t)
     one = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
     plain = sn.wrap(one, sn.Width("h", [4, 8], out="0", inp="1"))
     with torch.no_grad():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import inspect
 import json
 import os
@@ -1126,16 +1127,41 @@ def test_callback_gives_back_the_submodel_when_train_raises_inside_a_step(tmp_pa
     with pytest.raises(IndexError):
         trainer.train()
     assert nest.active == cb.history[-1][1] != nest.largest
+    # (the hook still on the model held the callback and its nest: every copy was refused, export too)
+    assert type(copy.deepcopy(model)) is type(model)
+    assert sum(p.numel() for p in nest.export(nest.smallest).parameters()) == nest.cost(nest.smallest, "params")
     seen = []
-    model.register_forward_pre_hook(lambda m, a: seen.append(nest.active))
+    handle = model.register_forward_pre_hook(lambda m, a: seen.append(nest.active))
     model.eval()
     with torch.no_grad():
         model(input_ids=x[:1])
+    handle.remove()
     assert seen == [nest.largest] and nest.active == nest.largest
-    data[5] = {"input_ids": x[5], "labels": x[5]}  # a second run trains and ends as usual
-    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    # again, then the trainer and the callback dropped (a notebook re-running its cell): a copy of the model, made
+    # after the crash, heals the nest at its first forward as the model does
+    other = SubModelCallback(nest, sn.Sampler(nest.submodels, k=1, strategy="uniform", seed=1))
+    crashed = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[other])
+    model.train()
+    with pytest.raises(IndexError):
+        crashed.train()
+    assert nest.active != nest.largest
+    del crashed, other
+    gc.collect()
+    ema = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ema(input_ids=x[:1])
     assert nest.active == nest.largest
-    assert not any(getattr(h, "__self__", None) is cb for h in model._forward_pre_hooks.values())  # hook removed
+    model.train()
+    data[5] = {"input_ids": x[5], "labels": x[5]}  # a second run trains and ends as usual; exports inside it
+    exported = []
+
+    class ExportEachStep(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            exported.append(sum(p.numel() for p in nest.export(nest.smallest).parameters()))
+
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb, ExportEachStep()]).train()
+    assert nest.active == nest.largest and exported == [nest.cost(nest.smallest, "params")] * 4
+    assert not any(type(h).__name__ == "_Healer" for h in model._forward_pre_hooks.values())  # hook removed
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -2070,6 +2096,12 @@ def test_from_transformers_checks_its_options_before_wrapping():
         with pytest.raises(sn.SortedNetError, match=re.escape(needle)):
             sn.from_transformers(model, **kw)
         assert [type(m) for m in model.modules()] == classes, kw
+    with pytest.raises(sn.SortedNetError, match=re.escape("rank_targets= names SiLU")):  # (not "the layout has")
+        sn.from_transformers(model, rank=[4], rank_targets=["mlp.act_fn"])
+    assert [type(m) for m in model.modules()] == classes
+    gen = sn.from_transformers(model, rank=(r for r in [2, 4]))  # (a generator: "needs at least one size")
+    assert gen.dims[0].sizes == (2, 4)
+    gen.unwrap()
     nest = sn.from_transformers(model, ffn=[np.int64(24)], heads=[np.float32(0.5)])
     assert nest.smallest == sn.SubModel(ffn=24, heads=2)
     # sort_by_importance: raw TypeError / IndexError / KeyError before, the model unchanged throughout

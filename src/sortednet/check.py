@@ -824,13 +824,43 @@ _MOVES_AXES = frozenset({"t", "transpose", "swapaxes", "swapdims", "permute", "m
 _REDUCES = frozenset({"mean", "sum", "nansum", "nanmean", "amax", "amin", "prod", "logsumexp", "norm"})  # (any axes)
 
 
-def _keeps_units(name: str, args: tuple, small: int) -> bool:
+# ops that may move units along one axis (or all of them), and where their axis argument is: (position, keyword,
+# default); an op over an axis of another size than the features' moves none of their units
+_ALONG = {"sort": (1, "dim", -1), "argsort": (1, "dim", -1), "msort": (None, None, 0), "topk": (2, "dim", -1),
+          "gather": (1, "dim", None), "take_along_dim": (2, "dim", None), "index_select": (1, "dim", None),
+          "narrow": (1, "dim", None), "cumsum": (1, "dim", None), "cumprod": (1, "dim", None),
+          "cummax": (1, "dim", None), "cummin": (1, "dim", None), "roll": (2, "dims", None),
+          "flip": (1, "dims", None), "scatter": (1, "dim", None), "scatter_add": (1, "dim", None),
+          "index_add": (1, "dim", None), "index_copy": (1, "dim", None), "index_fill": (1, "dim", None),
+          "repeat_interleave": (2, "dim", None), "diff": (2, "dim", -1), "unfold": (1, "dimension", None),
+          "fliplr": (None, None, 1), "flipud": (None, None, 0), "kthvalue": (2, "dim", -1)}
+_REORDERS = frozenset({*_ALONG, "__getitem__", "take", "rot90", "index_put", "index_put_", "as_strided", "cat",
+                       "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "repeat", "tile", "chunk",
+                       "split", "tensor_split", "unbind", "index_reduce", "masked_scatter", "put", "put_"})
+
+
+def _keeps_units(name: str, args: tuple, small: int, kwargs: dict | None = None) -> bool:
     """Whether an op that takes features moves none of their units to another place on their axis: it moves whole
     axes (a transpose), reduces axes (a mean pooling over positions; over the features' axis, nothing of them
-    stays), or indexes only axes of another size than ``small`` (the last position, ``h[:, -1]``) or takes a
-    prefix of one of that size. A tied decoder after it reads the units where the full model has them."""
+    stays), works along an axis of another size than ``small`` (``W.index_select(0, ids)``, a table's rows), or
+    indexes only axes of another size (the last position, ``h[:, -1]``) or takes a prefix of one of that size
+    (``narrow(t, d, 0, n)``: a slicer's own cut). A tied decoder after it reads the units where the full model
+    has them."""
+    kwargs = kwargs or {}
     if name in _MOVES_AXES or name in _REDUCES:
         return True
+    if name in _ALONG and args and isinstance(args[0], torch.Tensor):
+        t, (pos, key, default) = args[0], _ALONG[name]
+        axis = args[pos] if pos is not None and len(args) > pos else kwargs.get(key, default) if key else default
+        if name == "narrow":
+            start = args[2] if len(args) > 2 else kwargs.get("start")
+            if isinstance(start, int) and start == 0:
+                return True
+        axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+        if not axes or not all(isinstance(a, int) and not isinstance(a, bool) and -t.dim() <= a < t.dim()
+                               for a in axes):
+            return False  # (no axis: over the flattened tensor, every axis)
+        return all(t.shape[a] != small for a in axes)
     if name != "__getitem__" or len(args) != 2 or not isinstance(args[0], torch.Tensor):
         return False
     t, key = args
@@ -862,7 +892,7 @@ def _keeps_units(name: str, args: tuple, small: int) -> bool:
 
 
 def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[str, str]],
-                        example: Any) -> tuple[list[str], set[str], list[str]]:
+                        example: Any) -> tuple[list[str], set[str], list[str], list[tuple[str, str]]]:
     """The modules of ``keys`` (those ``d`` binds as ``out``) whose features no op reads outside their forward, at
     ``d``'s smallest size (empty: every one is read), and the names of the ops that read them. A reader takes
     features one of them wrote (its outputs, or what ops made of them) with an axis of that size, together with a
@@ -877,8 +907,10 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     away. An embedding lookup of a module's cut weight outside its forward (``F.embedding(ids, emb.weight)``) makes
     its features too. A read counts only where what it made reaches the model's output (tied logits kept on a
     module for an auxiliary loss read nothing the output shows); a scale by a number (a temperature) may come
-    between the product and its sum. Also returns the names of the reading ops and the modules whose cut weights
-    they took (where any read counted)."""
+    between the product and its sum. Also returns the names of the reading ops, the modules whose cut weights
+    they took (where any read counted), and the ops that reorder a module's cut weight outside its layer
+    (``W.gather``, ``W.sort``: a tied read of it reads other units than the full model has there) with the
+    module."""
     mods = [model.get_submodule(p) for p, _ in keys]
     small, inside, first, path = d.sizes[0], [0], {}, []
 
@@ -897,6 +929,8 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
     feats: dict[int, tuple[torch.Tensor, frozenset]] = {}  # id -> (tensor, the modules it was made from)
     weights: dict[int, tuple[torch.Tensor, frozenset]] = {}  # (held for the run: an id is not reused)
     held: set[int] = set()  # the modules whose cut weights a reader took
+    moved: list[tuple[str, frozenset]] = []  # ops that reorder a cut weight outside its layer, and whose it is
+    reordered: dict[int, tuple[torch.Tensor, str]] = {}  # what they made (and views / casts of it) -> the op
     met: dict[int, tuple[torch.Tensor, frozenset]] = {}  # features multiplied with a weight, not yet summed
     results: dict[int, tuple[torch.Tensor, frozenset]] = {}  # what the readers made, and what ops made of it
 
@@ -944,13 +978,26 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
                         or name in _SCALES and all(t.numel() == 1 for t in ins if origin(t, met) is None)):  # or a
                 mine = frozenset().union(*(origin(t, met) for t in m))       # scale, stays one; any other op ends it)
                 met.update((id(t), (t, mine)) for t in made)
+            if reading:  # (a tied read of a cut weight reordered outside its layer, W.gather / W.sort: it reads
+                for t in w:  # other units than the full model has there)
+                    if (op := origin(t, reordered)) is not None:
+                        other.add(name)
+                        moved.append((op, mine_w))
+            if w and not f and not m and not took and not within[0] and made:
+                if name in _REORDERS and not _keeps_units(name, args, small, kwargs):
+                    op = f"{name!r} (in {(path[-1] if path else '') or '<root>'!r})"
+                    reordered.update((id(t), (t, op)) for t in made)
+                else:  # (a view or a cast of a reordered one is one)
+                    op = next((o for t in w if (o := origin(t, reordered)) is not None), None)
+                    if op is not None:
+                        reordered.update((id(t), (t, op)) for t in made)
             if took:  # (the first op of each name, in each module, that takes the features: a reader, or another
                 first.setdefault((name, path[-1] if path else ""), reading)  # op the trace may name alike, whose
                 #                                                                 warning must stay)
-                if not (reading or within[0] or name in _KEEPS_UNITS or _keeps_units(name, args, small) or m or any(
-                        ptr(t) in cut_any for t in ins) and max(map(count, f)) > max(map(count, made))):  # (an op
-                    other.add(name)  # that is no reader, no layer's functional read, and may move the units: every
-                    #                  warning of d stays)
+                keeps = name in _KEEPS_UNITS or _keeps_units(name, args, small, kwargs)
+                if not (reading or within[0] or keeps or m or any(ptr(t) in cut_any for t in ins)
+                        and max(map(count, f)) > max(map(count, made))):  # (an op that is no reader, no layer's
+                    other.add(name)  # functional read, and may move the units: every warning of d stays)
             if name == "__setitem__" and ins and isinstance(args[0], torch.Tensor):  # (buf[:] = logits: written
                 made = [args[0]]                                                     # into the buffer)
             if got and not all(t.dtype == torch.bool for t in made):  # (a read counts where its values reach the
@@ -1015,7 +1062,8 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             read |= origin(x, results) or set()
     readers = {f"{n!r} (in {w or '<root>'!r})" for (n, w), reading in first.items() if reading and not other}
     return ([p for i, (p, _) in enumerate(keys) if not (ran and i in read)],
-            readers if ran and read else set(), [p for i, (p, _) in enumerate(keys) if ran and read and i in held])
+            readers if ran and read else set(), [p for i, (p, _) in enumerate(keys) if ran and read and i in held],
+            list(dict.fromkeys((op, keys[i][0]) for op, mods in moved for i in sorted(mods))) if ran else [])
 
 
 def _inert_norm(model: nn.Module, path: str) -> bool:
@@ -1152,15 +1200,20 @@ _CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model
 
 def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]]:
     """(holder, attribute, display name, full depth) of each int named like a layer count and equal to a Depth's
-    full size, on a module above a Depth layer list (in ``model``, the check's private view) or in a config
-    object it keeps. PyTorch's and transformers' own classes and configs are left out: their forwards read
-    ``len()`` of the list or slice it (``layers[:config.num_hidden_layers]``), which follows the depth."""
+    full size, on a module above a Depth layer list or on one of its blocks (in ``model``, the check's private
+    view) or in a config object it keeps. PyTorch's and transformers' own classes and configs are left out:
+    their forwards read ``len()`` of the list or slice it (``layers[:config.num_hidden_layers]``), which follows
+    the depth."""
     spots: dict[tuple[int, str], tuple[Any, str, str, int]] = {}
     for path, m in nest._sliced.items():
         b = m._sn.bind.get("depth")
         parts = path.split(".") if path and b is not None else []
-        for i in range(len(parts)):
-            where = ".".join(parts[:i])
+        wheres = [".".join(parts[:i]) for i in range(len(parts))]
+        try:  # (and the blocks themselves: ``if self.idx == self.config.n_layer - 1`` in a block holding it)
+            wheres += [f"{path}.{k}" for k in model.get_submodule(path)._modules] if parts else []
+        except AttributeError:
+            pass
+        for where in wheres:
             try:
                 holder = model.get_submodule(where)
             except AttributeError:
@@ -2097,23 +2150,35 @@ def _idle_at_depth(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], e
             continue
         holders = {path: c for path, c in lists}
         full = SubModel({d.name: d.full for d in nest.dims})
-        whole = {k for k, r in _entries_run(nest, model, copies, example, holders, full).items()
-                 if r == set(range(dd.full))}
+        ran = _entries_run(nest, model, copies, example, holders, full)
+        whole = {k for k, r in ran.items() if r == set(range(dd.full))}
         prefix = set(whole)  # (the ones that run exactly their first d entries, a Depth can cut those; others run
         #                      exactly their last d: read from the end)
-        smallest: dict[str, set[int]] = {}
+        exits = {k for k, r in ran.items() if r == {dd.full - 1}}  # (an exit per depth: the last block's head,
+        smallest: dict[str, set[int]] = {}                         # ``self.exits[len(self.blocks) - 1]``)
         low = dd.sizes[0]
         for size in dd.sizes[:-1]:
             sub = _at_depth(nest, dd, size)
-            if not whole:
+            if not whole and not exits:
                 break
             if sub is None:
                 continue
             at = _entries_run(nest, model, copies, example, holders, sub)
             whole = {k for k in whole if at[k] in (set(range(size)), set(range(dd.full - size, dd.full)))}
             prefix = {k for k in prefix & whole if at[k] == set(range(size))}
+            exits = {k for k in exits if at[k] == {size - 1}}
             if not smallest:
-                smallest, low = {k: at[k] for k in whole}, size
+                smallest, low = {k: at[k] for k in whole | exits}, size
+        if exits and len(dd.sizes) > 1:
+            idle = sorted(exits)
+            count = sum(t.numel() for p in idle for i, e in enumerate(holders[p])
+                        if i not in smallest.get(p, {low - 1}) for t in e.parameters())
+            warnings.warn(
+                f"nest.check: depth {dd.name!r} runs one entry of {idle[:3]} at each depth d, the d-th (an exit "
+                f"per depth: the head of the last block run), yet cost counts and export keeps all {dd.full}: "
+                f"{count:,} idle parameters at depth {low}. Cut them with the blocks: sn.Depth({dd.name!r}, ..., "
+                f"layers=[<the blocks>, {', '.join(map(repr, idle[:2]))}]) (a sub-model keeps its own exit and "
+                "those of the depths below it)", IdleLayersWarning, stacklevel=4)
         if whole:
             idle = sorted(whole)
             count = sum(t.numel() for p in idle for i, e in enumerate(holders[p])
@@ -2965,7 +3030,9 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                 read = [p for p, _ in outs if p not in tied[d][0]] + tied[d][2]  # (its features, or its weight)
                 unfollowed = [m for m in unfollowed if not any(
                     m.startswith(f"{d.kind} {d.name!r}: the features of {p!r} (out=) reach {op}")
-                    for p in read for op in tied[d][1])]
+                    for p in read for op in tied[d][1])] + [
+                    f"{d.kind} {d.name!r}: the cut weight of {p!r} is reordered by {op} outside its layer, and "
+                    "a tied read of it may read other units than the full model's there" for op, p in tied[d][3]]
         if unfollowed:
             warnings.warn("nest.check: the dry runs pass, but whether these ops keep each unit in place (a sub-model's "
                           "first units the full model's) was not verified; act on each unit alone there, or "

@@ -696,21 +696,23 @@ def _accuracy(out: Tensor, y: Tensor, axis: int | None = None) -> float:
                              f"targets are {y.dtype} (a regression task, or soft labels?): pass metric=, a "
                              "callable metric(output, target) returning the sum over the batch")
     if out.dim() >= 3:
-        last = tuple(out.shape[:-1]) == tuple(y.shape)
-        second = (out.shape[0], *out.shape[2:]) == tuple(y.shape)
-        if axis is None and last and second:
+        if axis is None and _accuracy_axis(out, y) is None:
             raise SortedNetError(
                 f"the default accuracy cannot tell the classes' axis of an output {tuple(out.shape)} with targets "
                 f"{tuple(y.shape)}: axis 1 (a (batch, classes, ...) output, as F.cross_entropy reads it) and the "
-                "last axis (a (batch, length, vocab) output) both leave the targets' shape; pass metric=, e.g. "
-                "lambda out, y: (out.argmax(1) == y).sum()")
-        axis = (1 if second and not last else -1) if axis is None else axis
+                "last axis (a (batch, length, vocab) output) both leave the targets' shape (and no batch of "
+                "another shape tells); pass metric=, e.g. lambda out, y: (out.argmax(1) == y).sum()")
+        axis = _accuracy_axis(out, y) if axis is None else axis
     else:
         axis = -1
     if out.dim() == 0 or out.shape[axis] < 2:
-        raise SortedNetError(f"the default accuracy takes the argmax over the classes, the last axis of the output, "
-                             f"which has shape {tuple(out.shape)} (one logit per example: argmax is always 0); pass "
-                             "metric=, e.g. lambda out, y: ((out.squeeze(-1) > 0).long() == y).sum()")
+        where = "the last axis" if axis == -1 else f"axis {axis}"
+        raise SortedNetError(f"the default accuracy takes the argmax over the classes, {where} of the output, "
+                             f"which has shape {tuple(out.shape)} (one logit per example or position: argmax is "
+                             "always 0); pass metric=, e.g. lambda out, y: "
+                             + (f"((out.squeeze({axis}) > 0).long() == y).sum()" if out.dim() <= 2 else
+                                f"((out.squeeze({axis}) > 0).long() == y).flatten(1).float().mean(1).sum() (a "
+                                "custom metric's sum is divided by the examples, not the positions)"))
     pred = out.argmax(axis)
     if tuple(pred.shape) != tuple(y.shape):
         raise SortedNetError(f"the default accuracy compares output.argmax({axis}) of shape {tuple(pred.shape)} "
@@ -721,6 +723,15 @@ def _accuracy(out: Tensor, y: Tensor, axis: int | None = None) -> float:
     if bool((bad & torch.as_tensor(counted, device=out.device)).any()):
         return math.nan  # (argmax over a NaN row is 0: a diverged model scored as the share of class 0)
     return float(((pred == y) & counted).sum())
+
+
+def _accuracy_axis(out: Tensor, y: Tensor) -> int | None:
+    """The classes' axis of an output of 3 or more axes for targets ``y``: 1 (``(batch, classes, ...)``) or -1
+    (``(batch, length, vocab)``) where only that one leaves the targets' shape; -1 where neither does (refused
+    by the shape check); None where both do (as many classes as positions)."""
+    last = tuple(out.shape[:-1]) == tuple(y.shape)
+    second = (out.shape[0], *out.shape[2:]) == tuple(y.shape)
+    return None if last and second else 1 if second else -1
 
 
 class _Accuracy:
@@ -754,9 +765,9 @@ def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
         return [tuple(data)]
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list)) \
             and isinstance(data[1], (tuple, list)):  # (positional inputs, and a target of several parts?)
-        if len(data[0]) != 2 or len(data[1]) != 2:  # (no batch is: one pair)
-            return [tuple(data)]
-        if isinstance(data, tuple):
+        if len(data[0]) != len(data[1]) or len(data[0]) != 2 and isinstance(data, tuple):  # (batches have one
+            return [tuple(data)]  # form, and are pairs: one pair; a list of them stays batches, refused below)
+        if len(data[0]) == 2 and isinstance(data, tuple):
             raise SortedNetError(
                 f"the data {_sketch(data)} reads two ways: one (inputs, target) pair whose inputs are a tuple of "
                 "positional arguments and whose target is a tuple, or two (inputs, target) batches; pass "
@@ -838,8 +849,9 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     examples (a target's first size: for a tuple / dict of tensors the one they share), so the default is
     accuracy. The default needs integer class targets shaped like the output without its classes' axis: the
     last (``(batch, classes)``, ``(batch, length, vocab)``) or axis 1 (``(batch, classes, length)``, as
-    ``F.cross_entropy`` reads it), whichever fits (both: refused) (a sequence's tokens each count; targets equal to -100, the ignore index of
-    ``F.cross_entropy``, are left out; bool labels count as classes 0 / 1) and refuses float targets, one
+    ``F.cross_entropy`` reads it), whichever fits (both: refused unless another batch tells) (a sequence's
+    tokens each count; targets equal to -100, the ignore index of ``F.cross_entropy``, are left out; bool labels
+    count as classes 0 / 1) and refuses float targets, one
     logit per example and other shapes with a :class:`SortedNetError`: pass
     ``metric=`` for regression, single-logit, shifted language-model labels and other tasks. Runs without
     grad in eval mode on a private view of the model that shares its weights: the model's own mode, seen
@@ -894,11 +906,27 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     if default and count == 0:
         raise SortedNetError(f"evaluate: every target is the ignore index {IGNORE_INDEX}; nothing to score")
     out: dict[SubModel, float] = {}
+    axis = metric.axis if isinstance(metric, _Accuracy) else None  # (the default's classes' axis, once told)
+
+    def score(o: Any, y: Any) -> float:
+        return float(_accuracy(o, y, axis) if default else metric(o, y))
+
     with eval_mode(nest) as (view, _), torch.no_grad():
         for s in subs:
             with nest.use(s):
                 try:
-                    total = sum(float(metric(call_model(view, x), y)) for x, y in batches)
+                    total, later = 0.0, []
+                    for i, (x, y) in enumerate(batches):
+                        o = call_model(view, x)
+                        if default and axis is None and isinstance(o, Tensor) and o.dim() >= 3 \
+                                and isinstance(y, Tensor):
+                            told = _accuracy_axis(o, y)
+                            if told is None:  # (as many classes as positions: another batch may tell)
+                                later.append(i)
+                                continue
+                            axis = told
+                        total += score(o, y)
+                    total += sum(score(call_model(view, batches[i][0]), batches[i][1]) for i in later)
                 except SortedNetError:
                     raise
                 except Exception as e:

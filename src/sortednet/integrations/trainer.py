@@ -643,6 +643,30 @@ _HOLDS_NEST = (": this {} holds it (one tower of an encoder-decoder model nested
                "the tower's sub-model; or nest the whole model where from_transformers takes it (T5)")
 
 
+class _Healer:
+    """:class:`SubModelCallback`'s forward pre-hook: a copy of the model (``nest.export``, an EMA / teacher
+    ``copy.deepcopy``) shares it, the callback not copied (a nest cannot be copied: every copy of the model was
+    refused while the hook held a bound method of the callback), and heals the nest it follows alike; a pickle of
+    the model carries a hook that does nothing. It holds the callback while it is on the model: a forward after an
+    exception ended ``trainer.train()`` inside a step restores the sub-model even where the trainer and the
+    callback are otherwise gone."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Any = None) -> None:
+        self.callback = callback
+
+    def __call__(self, module: Any, args: Any) -> None:
+        if self.callback is not None:
+            self.callback._heal(module, args)
+
+    def __deepcopy__(self, memo: dict) -> _Healer:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_Healer, ())
+
+
 class SubModelCallback(TrainerCallback):
     """Activates one drawn sub-model per optimizer step in a stock ``Trainer``.
 
@@ -691,6 +715,9 @@ class SubModelCallback(TrainerCallback):
             f = f.f_back
         self._open = None
         self.nest.activate(getattr(self, "_outside", self.nest.largest))
+        if self._hook is not None:  # (healed: nothing more to watch until a train() adds it again)
+            self._hook.remove()
+            self._hook = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         model = kw.get("model")
@@ -715,7 +742,7 @@ class SubModelCallback(TrainerCallback):
             self.nest.activate(getattr(self, "_outside", self.nest.largest))
         self._outside = self.nest.active  # what evaluation, saving and the end of training see
         if self._hook is None:
-            self._hook = self.nest.model.register_forward_pre_hook(self._heal, prepend=True)
+            self._hook = self.nest.model.register_forward_pre_hook(_Healer(self), prepend=True)
 
     def _refuse_outer_use(self, where: str) -> None:
         """The callback sets the nest-wide default (``activate``), which a ``use`` block open in the training

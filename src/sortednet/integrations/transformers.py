@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy
@@ -382,10 +382,13 @@ def _rank_dim(model: nn.Module, found: Found, rank: Sequence[int], mode: str,
     bad = sorted({r for t in targets for _, b, r in hits[t] if not isinstance(b.get_submodule(r), nn.Linear)})
     if bad:
         kind = next(type(b.get_submodule(r)).__name__ for t in targets for _, b, r in hits[t] if r == bad[0])
-        raise SortedNetError(f"from_transformers(rank=...): rank targets must be nn.Linear, but the "
-                             f"{lay.family} layout has {kind} at {bad}; "
-                             "use ffn=/heads=/depth= for this model (or rank_targets= to pick nn.Linear ones)")
-    if isinstance(rank, int) or any(isinstance(r, float) for r in rank):
+        raise SortedNetError("from_transformers(rank=...): rank targets must be nn.Linear, but "
+                             + (f"rank_targets= names {kind} at {bad}; pick nn.Linear ones" if given else
+                                f"the {lay.family} layout has {kind} at {bad}; use ffn=/heads=/depth= for this "
+                                "model (or rank_targets= to pick nn.Linear ones)"))
+    if not isinstance(rank, (int, str, bytes)) and isinstance(rank, Iterable):
+        rank = list(rank)  # (once: a generator read by the test below would be empty after it)
+    if isinstance(rank, (int, str, bytes)) or any(isinstance(r, float) for r in rank):
         raise SizeError(f"rank: sizes must be a list of integer ranks, got {rank!r}")
     patterns = [f"{P}.*.{t}" for i, P in enumerate(found.stacks) for t in sorted(targets)
                 if any(h[0] == i for h in hits[t])]
