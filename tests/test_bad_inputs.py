@@ -594,3 +594,52 @@ def test_a_subclass_of_a_built_in_slicer_may_narrow_its_roles():
     with nest.use("h=4"):
         torch.testing.assert_close(small(x), m(x))
     assert small[0].weight.shape == (4, 8)
+
+
+def test_a_views_only_slicer_reads_an_absent_bias_as_none_and_a_plain_attribute_is_named():
+    """A slicer with ``views`` and no ``value()`` on a layer whose bias is registered as None (``bias=False``) was
+    refused with an empty ``NotImplementedError: .`` (the absent tensor went to value()); a plain tensor attribute
+    in views was blamed on a weight_norm hook the model does not have."""
+    class StoredTransposed(torch.nn.Module):  # (in, out) weight, no bias
+        def __init__(self, i, o):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(i, o))
+            self.register_parameter("bias", None)
+            self.freq = torch.linspace(0, 1, o)  # (a plain tensor, no parameter or buffer)
+
+        def forward(self, x):
+            y = x @ self.weight
+            return y if self.bias is None else y + self.bias
+
+    @sn.slicer(StoredTransposed)
+    class ViewsOnly(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("weight", "bias")
+        views = {"weight": ((0, "inp"), (1, "out")), "bias": ((0, "out"),)}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[1 if role == "out" else 0]
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(StoredTransposed(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x = torch.randn(3, 6)
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"), example=x)
+    with torch.no_grad(), nest.use("h=4"):
+        want = torch.relu(x @ m[0].weight) @ m[2].weight.T + m[2].bias  # (the live weights, cut to 4)
+        torch.testing.assert_close(m(x), want)
+        torch.testing.assert_close(nest.export("h=4")(x), want)
+    nest.unwrap()
+
+    class Freq(StoredTransposed):
+        pass
+
+    @sn.slicer(Freq)
+    class WithFreq(ViewsOnly):
+        attrs = ("weight", "bias", "freq")
+        views = {**ViewsOnly.views, "freq": ((0, "out"),)}
+
+    m = torch.nn.Sequential(Freq(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"WithFreq declares 'freq' in views, but the module has no parameter "
+                                                 r"or buffer of that name, only a plain tensor attribute"):
+        sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    assert_unchanged(m, before)

@@ -135,9 +135,14 @@ def _groups(nest: Nest, example: Any, only: frozenset[str] | None = None) -> lis
                     only is not None and b.dim.name not in only):
                 continue
             if len(set(b.blocks)) > 1:
-                raise SortedNetError(f"importance sorting cannot permute {path!r} ({role}): its fused layout stacks "
-                                     f"blocks of unequal widths (parts={b.parts}, e.g. grouped-query q|k|v); "
-                                     "sort this family with sn.sort_by_importance (sortednet.integrations)")
+                widths = [b.dim.full * b.unit // d for d in b.blocks]
+                hf = getattr(nest, "_hf", None) is not None
+                raise SortedNetError(
+                    f"importance sorting cannot permute {path!r} ({role}): its fused layout stacks blocks of unequal "
+                    f"widths ({widths}, e.g. grouped-query q|k|v)"
+                    + ("; sort this family with sn.sort_by_importance (sortednet.integrations)" if hf else
+                       f"; write the projection as separate layers (q, k, v), or sort the other dimensions only "
+                       f"(dims=[...] without {b.dim.name!r}); nothing was changed"))
             by_dim.setdefault(b.dim.name, []).append(_Bind(path, m, role, b.unit, b.div, b.chunks))
     traced: dict[tuple[str, str], int] = {}
     if example is not None:

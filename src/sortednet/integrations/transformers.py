@@ -423,6 +423,12 @@ def _head_counts(cfg, lay: Layout, tower: str | None = None, model: nn.Module | 
     return n, n // kv
 
 
+def _class_name(m: nn.Module) -> str:
+    """The name of ``m``'s own class (a wrapped module's, not the sliced subclass's)."""
+    cls = type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)
+    return cls.__name__
+
+
 def _layout_of(nest: Nest) -> Found:
     """The layout of a nest's model; for a nest declared by hand, an error that does not ask for it again."""
     found = getattr(nest, "_hf", None)
@@ -434,7 +440,7 @@ def _layout_of(nest: Nest) -> Found:
         if "does not know the layout" not in str(e):
             raise
         raise SortedNetError(
-            f"this nest's dimensions were declared by hand on a {type(nest.model).__name__}, whose layout (layer "
+            f"this nest's dimensions were declared by hand on a {_class_name(nest.model)}, whose layout (layer "
             "list, FFN and attention paths, config keys) sortednet does not know; describe it once with "
             "sortednet.integrations.register_layout(Layout(...)) (see docs/transformers.md)") from None
 

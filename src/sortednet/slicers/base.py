@@ -318,6 +318,13 @@ class Slicer:
                         f"every forward from {name}_orig and {name}_mask): slicing it is not supported; make the "
                         f"pruning permanent first (torch.nn.utils.prune.remove(module, {name!r})) or leave the "
                         "module out of the dimension")
+                if not type(self).__module__.startswith("sortednet."):  # (a slicer of the user's)
+                    raise PatternError(
+                        f"{path!r} ({type(m).__name__}): {type(self).__name__} declares {name!r} in views, but the "
+                        "module has no parameter or buffer of that name, only a plain tensor attribute (views cut "
+                        "parameters and buffers): register it as a buffer (m.register_buffer), serve it from "
+                        "value() with take(), or, if a weight_norm / spectral_norm hook or other code computes it "
+                        "in every forward, remove that hook or leave the module out of the dimension")
                 raise PatternError(f"{path!r} ({type(m).__name__}) has no parameter or buffer {name!r} to slice "
                                    "(a weight_norm / spectral_norm hook or other code computes it in every "
                                    "forward): remove that hook or leave the module out of the dimension")
