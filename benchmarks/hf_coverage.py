@@ -49,7 +49,13 @@ def table(passed: dict[str, list[str]]) -> str:
 
 
 def main() -> None:
-    if "--render" not in sys.argv:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run tests/test_transformers_families.py and write the coverage "
+                                             "table (benchmarks/results/hf_coverage.*, and the table in "
+                                             "docs/transformers.md)")
+    ap.add_argument("--render", action="store_true", help="render the last results only (run no test)")
+    if not ap.parse_args().render:
         run_tests()
     with open(os.path.join(RESULTS, "hf_coverage.json")) as f:
         saved = json.load(f)

@@ -52,6 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300, help="steps of pretraining and of SoFT fine-tuning")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny matrices: more threads only add synchronisation
     train, val, stoi = data(ctx=64, batch=16, steps=2 * args.steps, seed=0)

@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--new", type=int, default=64)
     args = ap.parse_args()
+    if args.steps < 0 or args.new < 1:
+        ap.error(f"--steps must be at least 0 and --new at least 1, got {args.steps} and {args.new}")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     text = "\n".join(topics[k] for k in sorted(topics))

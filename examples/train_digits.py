@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     nest = build()
     print(f"{nest}\n{len(nest.submodels)} sub-models share {nest.cost(nest.largest):,} parameters")
     k = None if args.strategy == "all" else args.k  # ("all": every sub-model each step)
+    if k is not None and k > len(nest.submodels):
+        p.error(f"--k {k} is more than the {len(nest.submodels)} sub-models of the nest")
     sampler = sn.Sampler(nest.submodels, k=k, strategy=args.strategy, seed=args.seed,
                          weights="large" if args.strategy == "weighted" else None)
     opt = torch.optim.Adam(nest.trainable_parameters(), lr=3e-3)

@@ -627,6 +627,10 @@ def test_a_views_only_slicer_reads_an_absent_bias_as_none_and_a_plain_attribute_
         want = torch.relu(x @ m[0].weight) @ m[2].weight.T + m[2].bias  # (the live weights, cut to 4)
         torch.testing.assert_close(m(x), want)
         torch.testing.assert_close(nest.export("h=4")(x), want)
+    m[0].bias = torch.nn.Parameter(torch.full((16,), 3.0))  # (assigned after wrap: read, not the None of then)
+    with torch.no_grad(), nest.use("h=4"):
+        assert m[0].bias.shape == (4,)
+        torch.testing.assert_close(m(x), torch.relu(x @ m[0].weight + 3.0) @ m[2].weight.T + m[2].bias)
     nest.unwrap()
 
     class Freq(StoredTransposed):

@@ -3493,7 +3493,7 @@ def test_a_tied_decoder_after_a_pooling_a_pick_or_a_transpose_is_followed():
         def __init__(self, how):  # unit than a sub-model's (9.0 off the full model masked, with no warning)
             super().__init__()
             torch.manual_seed(0)
-            self.emb, self.how = nn.Embedding(V, D), how
+            self.emb, self.special, self.how = nn.Embedding(V, D), nn.Embedding(3, D), how
 
         def forward(self, i):
             W, h = self.emb.weight, self.emb(i)
@@ -3506,21 +3506,34 @@ def test_a_tied_decoder_after_a_pooling_a_pick_or_a_transpose_is_followed():
                 return F.linear(h, W.sort(-1).values)
             if self.how == "sorted_aside":  # (reordered for a term of its own, the tied read of W itself)
                 return F.linear(h, W) + W.sort(-1).values.sum()
+            if self.how == "special":  # (rows of special tokens added to the table, read in and out)
+                table = torch.cat([W, self.special.weight], 0)
+                return F.linear(F.embedding(i, table), table)
             return F.linear(h, {  # (each unit in place: element by element, or over the table's rows)
                 "rows": lambda: W.index_select(0, i[:, 0]), "rows_kw": lambda: torch.index_select(W, dim=0, index=i[0]),
                 "clamp": lambda: W.clamp(-10, 10), "type": lambda: W.type(torch.float64).float(),
                 "where": lambda: torch.where(W > 0, W, 0.0), "quantised": lambda: torch.round(W * 8) / 8,
-                "masked_fill": lambda: W.masked_fill(W.abs() < 1e-3, 0.0),
-                "roll_rows": lambda: W.roll(1, 0)}[self.how]())
+                "masked_fill": lambda: W.masked_fill(W.abs() < 1e-3, 0.0), "roll_rows": lambda: W.roll(1, 0),
+                "cat_rows": lambda: torch.cat([W[V // 2:], W[:V // 2]], -2),
+                "cumsum": lambda: W.cumsum(1)}[self.how]())  # (unit i from units <= i: a prefix stays one)
 
     for how in ("gather", "take_along_dim", "sort"):
         with pytest.warns(UnfollowedOpWarning, match=rf"the cut weight of 'emb' is reordered by '{how}' \(in "
                                                      r"'<root>'\) outside its layer"):
             sn.wrap(Reordered(how).eval(), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
-    for how in ("sorted_aside", "rows", "rows_kw", "clamp", "type", "where", "quantised", "masked_fill", "roll_rows"):
+    for how in ("sorted_aside", "rows", "rows_kw", "clamp", "type", "where", "quantised", "masked_fill", "roll_rows",
+                "cat_rows", "cumsum"):
         with warnings.catch_warnings():
             warnings.simplefilter("error", UnfollowedOpWarning)
             sn.wrap(Reordered(how).eval(), sn.Width("d", [4, 8, 16], out="emb"), example=ids)
+    special = Reordered("special").eval()
+    with warnings.catch_warnings(record=True) as seen:  # (the table's lookup and its tied read: followed)
+        warnings.simplefilter("always")
+        nest = sn.wrap(special, sn.Width("d", [4, 8, 16], out=["emb", "special"]), example=ids)
+    assert not any("'emb'" in str(w.message) or "reordered" in str(w.message) for w in seen), seen
+    with torch.no_grad(), nest.use("d=4"):
+        table = torch.cat([special.emb.weight, special.special.weight], 0)
+        torch.testing.assert_close(special(ids), F.embedding(ids, table) @ table.T)
 
 
 class _GatedMLP(nn.Module):

@@ -828,12 +828,13 @@ _REDUCES = frozenset({"mean", "sum", "nansum", "nanmean", "amax", "amin", "prod"
 # default); an op over an axis of another size than the features' moves none of their units
 _ALONG = {"sort": (1, "dim", -1), "argsort": (1, "dim", -1), "msort": (None, None, 0), "topk": (2, "dim", -1),
           "gather": (1, "dim", None), "take_along_dim": (2, "dim", None), "index_select": (1, "dim", None),
-          "narrow": (1, "dim", None), "cumsum": (1, "dim", None), "cumprod": (1, "dim", None),
-          "cummax": (1, "dim", None), "cummin": (1, "dim", None), "roll": (2, "dims", None),
+          "narrow": (1, "dim", None), "roll": (2, "dims", None),
           "flip": (1, "dims", None), "scatter": (1, "dim", None), "scatter_add": (1, "dim", None),
           "index_add": (1, "dim", None), "index_copy": (1, "dim", None), "index_fill": (1, "dim", None),
           "repeat_interleave": (2, "dim", None), "diff": (2, "dim", -1), "unfold": (1, "dimension", None),
           "fliplr": (None, None, 1), "flipud": (None, None, 0), "kthvalue": (2, "dim", -1)}
+_PREFIX_CLOSED = frozenset({"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"})  # (unit i from units <= i:
+#                                                                         a prefix stays the full model's prefix)
 _REORDERS = frozenset({*_ALONG, "__getitem__", "take", "rot90", "index_put", "index_put_", "as_strided", "cat",
                        "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "repeat", "tile", "chunk",
                        "split", "tensor_split", "unbind", "index_reduce", "masked_scatter", "put", "put_"})
@@ -847,7 +848,13 @@ def _keeps_units(name: str, args: tuple, small: int, kwargs: dict | None = None)
     (``narrow(t, d, 0, n)``: a slicer's own cut). A tied decoder after it reads the units where the full model
     has them."""
     kwargs = kwargs or {}
-    if name in _MOVES_AXES or name in _REDUCES:
+    if name in _MOVES_AXES or name in _REDUCES or name in _PREFIX_CLOSED:
+        return True
+    if name in ("cat", "concat", "concatenate") and args and isinstance(args[0], (tuple, list)) and args[0] \
+            and all(isinstance(t, torch.Tensor) for t in args[0]):  # (rows added to a table: a special token's)
+        t, axis = args[0][0], args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+        return isinstance(axis, int) and -t.dim() <= axis < t.dim() and t.shape[axis] != small
+    if name == "stack":  # (a new axis: every unit stays in place on its own)
         return True
     if name in _ALONG and args and isinstance(args[0], torch.Tensor):
         t, (pos, key, default) = args[0], _ALONG[name]
@@ -959,9 +966,9 @@ def _cut_read_elsewhere(nest: Nest, model: nn.Module, d: Any, keys: list[tuple[s
             carried = [] if name in _META_ONLY else ins[:1] if name in _VALUES_OF_SELF else ins
             got = frozenset().union(*(o for t in carried if (o := origin(t, results)) is not None))
             took, reading = bool(f), False
-            if not f and name == "embedding" and fresh and any(ptr(t) in cut for t in ins):  # (the module's
-                f, src = made, frozenset(owner[ptr(t)] for t in ins if ptr(t) in cut)     # lookup, functional)
-                took = reading = True
+            if not f and name == "embedding" and fresh and w:  # (the module's lookup, functional: of its cut
+                f, src = made, mine_w                           # weight, or of a table made of it, special
+                took = reading = True                           # tokens' rows added)
             elif f and w and fresh and any(small in t.shape for t in w):
                 if max(map(count, f)) > max(map(count, made)):  # (fewer such axes: the features contracted)
                     got |= src

@@ -522,7 +522,8 @@ _MAIN_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks
 
 
 def _drop_wrap_hooks(handles: Any, new: nn.Module) -> None:
-    """Wrap's own hooks (no-fast-path, the root's Pin, the cache guards) stay with the live model: each goes from
+    """Wrap's own hooks (no-fast-path, the root's Pin, the cache guards), and those of sortednet's training
+    integrations (a class with ``sn_training_only``), stay with the live model: each goes from
     the export's copy of the dict it was registered in, with its flags (a with-kwargs flag left behind would make
     a hook registered under that id after a reload take kwargs). Found by the hook object itself (a hook of the
     user's loaded from a pickle may hold the same id: ids restart in every process)."""
@@ -532,12 +533,12 @@ def _drop_wrap_hooks(handles: Any, new: nn.Module) -> None:
         fn = d.get(h.id) if d is not None else None
         if fn is not None:
             ours[h.id] = fn
-    if not ours:
-        return
     for m in new.modules():
         for attr in _MAIN_HOOK_DICTS:
             d = m.__dict__.get(attr)
-            for k in [k for k in d or () if k in ours and _same_hook(d[k], ours[k])]:
+            for k in [k for k in d or () if k in ours and _same_hook(d[k], ours[k])
+                      or getattr(type(d[k]), "sn_training_only", False)]:  # (a training integration's hook: the
+                #                                                            Trainer callback's, which heals the nest)
                 del d[k]
                 for extra in _EXTRA_HOOK_DICTS.get(attr, ()):
                     m.__dict__.get(extra, {}).pop(k, None)

@@ -154,18 +154,10 @@ def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
                     raise
                 raise slicer_error(st, name, err) from err
         else:
-            t = sl.tensor(m, name)
-            if t is None and _views_only(sl):  # (a views-only slicer: an absent tensor, a bias
-                out[name] = None  # registered as None, reads None, as take() gives it)
-                continue
-            out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))
+            t = sl.tensor(m, name)  # (absent now, a bias registered as None: read at each use, where one
+            out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))  # assigned
+            #                                                                       later is found)
     return out
-
-
-def _views_only(sl: Any) -> bool:
-    """Whether slicer ``sl`` keeps the base class's ``value`` (it serves its tensors by ``views`` alone)."""
-    owner = next((c for c in type(sl).__mro__ if "value" in c.__dict__), None)
-    return owner is not None and owner.__name__ == "Slicer" and owner.__module__ == "sortednet.slicers.base"
 
 
 class _Open:

@@ -30,7 +30,7 @@ from ..dims import Depth
 from ..distributed import _ddp_type
 from ..errors import SortedNetError
 from ..io import load, save
-from ..modes import restore_modes
+from ..modes import EXPORTING, restore_modes
 from ..nest import Nest
 from ..rank import Rank
 from ..sampler import Sampler, comparable_state
@@ -644,14 +644,15 @@ _HOLDS_NEST = (": this {} holds it (one tower of an encoder-decoder model nested
 
 
 class _Healer:
-    """:class:`SubModelCallback`'s forward pre-hook: a copy of the model (``nest.export``, an EMA / teacher
-    ``copy.deepcopy``) shares it, the callback not copied (a nest cannot be copied: every copy of the model was
-    refused while the hook held a bound method of the callback), and heals the nest it follows alike; a pickle of
-    the model carries a hook that does nothing. It holds the callback while it is on the model: a forward after an
-    exception ended ``trainer.train()`` inside a step restores the sub-model even where the trainer and the
-    callback are otherwise gone."""
+    """:class:`SubModelCallback`'s forward pre-hook: a copy of the model (an EMA / teacher ``copy.deepcopy``)
+    shares it, the callback not copied (a nest cannot be copied: every copy of the model was refused while the
+    hook held a bound method of the callback), and heals the nest it follows alike; an export (``nest.export``,
+    a model of its own) and a pickle of the model carry none. It holds the callback while it is on the model: a
+    forward after an exception ended ``trainer.train()`` inside a step restores the sub-model even where the
+    trainer and the callback are otherwise gone."""
 
     __slots__ = ("callback",)
+    sn_training_only = True  # (export drops it)
 
     def __init__(self, callback: Any = None) -> None:
         self.callback = callback
@@ -661,7 +662,8 @@ class _Healer:
             self.callback._heal(module, args)
 
     def __deepcopy__(self, memo: dict) -> _Healer:
-        return self
+        return _Healer() if EXPORTING.get() is not None else self  # (an export is a model of its own: no hook of
+        #                                                             the callback's, nor the full model kept alive)
 
     def __reduce__(self) -> tuple:
         return (_Healer, ())

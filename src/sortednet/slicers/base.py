@@ -221,8 +221,13 @@ class Slicer:
         raise NotImplementedError
 
     def value(self, m: nn.Module, name: str) -> Any:
-        """Active value of attribute ``name``."""
-        raise NotImplementedError
+        """Active value of attribute ``name``. The default serves a ``views`` entry whose tensor the plan could
+        not cut when it was made (absent then: a bias registered as None reads None, one assigned later its
+        slice); a slicer with other attributes defines its own."""
+        axes = self.rules(m).get(name)
+        if isinstance(axes, tuple):
+            return self.take(m, name, list(axes))
+        raise NotImplementedError(f"{type(self).__name__} serves {name!r} by neither views nor a value() of its own")
 
     def check(self, m: nn.Module, bind: dict[str, Binding], path: str) -> None:
         """Extra validation (divisibility, ties). Raise SortedNetError."""
