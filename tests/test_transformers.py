@@ -354,6 +354,39 @@ def test_soft_loss_rejects_bad_exits():
         soft_loss(gemma, ids())
 
 
+def test_soft_loss_divides_by_num_items_in_batch_and_takes_exits_of_any_integer_kind(tmp_path):
+    """``num_items_in_batch`` went to the base model, which takes any keyword and dropped it: the exits' loss was
+    the mean (4.23) where the model's own loss is the sum over it (1.18). Exits as a tensor (refused with a range
+    error), depths as numpy ints in SortedTrainer (refused as "depths >= 1"), and an encoder-decoder told it has
+    no final norm nor LM head."""
+    import numpy as np
+
+    model, _, _, _ = build("llama")
+    model.eval()
+    x = ids(b=2)
+    labels = x.clone()
+    labels[:, :3] = -100
+    n = torch.tensor(50)
+    with torch.no_grad():
+        want = model(input_ids=x, labels=labels, num_items_in_batch=n).loss
+        got = soft_loss(model, x, labels=labels, exits=torch.tensor([2, 4]), num_items_in_batch=n)
+        plain = soft_loss(model, x, labels=labels, exits=[4])
+    torch.testing.assert_close(got.losses[4], want)
+    torch.testing.assert_close(got.losses[4] * n, plain.loss * int((labels[:, 1:] != -100).sum()))
+    for bad in (0, -3, 2.5, torch.tensor([1, 2]), "50"):
+        with pytest.raises(sn.SortedNetError, match="num_items_in_batch is the count of tokens"):
+            soft_loss(model, x, num_items_in_batch=bad)
+    nest = sn.from_transformers(model, depth=[2, 4])
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = SortedTrainer(model=model, args=args, train_dataset=[{"input_ids": x[0], "labels": x[0]}], nest=nest,
+                            soft_exits=list(np.array([2, 4])))
+    assert trainer.soft_exits == [2, 4] and all(type(e) is int for e in trainer.soft_exits)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0))
+    with pytest.raises(sn.SortedNetError, match=r"causal \(decoder-only\) LM.*is none"):
+        soft_loss(t5, ids())
+
+
 @pytest.mark.parametrize("arch", ["Mistral", "Qwen3", "Gemma2"])
 def test_other_llama_layout_models_roundtrip(arch, tmp_path):
     """Models sharing the Llama layout (with sliding windows, q/k norms, layer_types) nest and reload."""
@@ -2457,7 +2490,7 @@ def test_soft_trainer_draws_at_the_deepest_exit_and_refuses_other_depths(tmp_pat
         soft_loss(nest, ids(), exits=[2, 2, 4])
     bert_model, _, _, _ = build("bert")  # (no LM head: refused when built, not at the first step of train)
     bert_nest = sn.from_transformers(bert_model, depth=[1])  # (depths 1, 3)
-    with pytest.raises(sn.SortedNetError, match="SoFT needs a causal LM"):
+    with pytest.raises(sn.SortedNetError, match=r"SoFT trains the exits of a causal \(decoder-only\) LM"):
         SortedTrainer(model=bert_model, args=args, train_dataset=data, nest=bert_nest, soft_exits=[1, 3])
 
 

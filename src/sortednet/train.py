@@ -757,17 +757,19 @@ def _count(y: Tensor) -> int:
 
 
 def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
-    """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor, or any target where the
-    inputs are a tensor or a dict: no batch is one), or batches of them."""
+    """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor, a dict, or any target
+    where the inputs are a tensor or a dict: no batch is one; a tuple of a tuple of inputs and a tuple / list
+    target that cannot be two batches, their lengths other than 2 and 2), or batches of them (a list of pairs).
+    A tuple of two pairs reads both ways and is refused."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and (
             isinstance(data[1], (Tensor, Mapping)) and isinstance(data[0], (tuple, list))  # (no batch is a dict)
             or isinstance(data[0], Tensor) or keyword_inputs(data[0])):
         return [tuple(data)]
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list)) \
-            and isinstance(data[1], (tuple, list)):  # (positional inputs, and a target of several parts?)
-        if len(data[0]) != len(data[1]) or len(data[0]) != 2 and isinstance(data, tuple):  # (batches have one
-            return [tuple(data)]  # form, and are pairs: one pair; a list of them stays batches, refused below)
-        if len(data[0]) == 2 and isinstance(data, tuple):
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (tuple, list)) \
+            and isinstance(data[1], (tuple, list)):  # (positional inputs, and a target of several parts? A list
+        if len(data[0]) != len(data[1]) or len(data[0]) != 2:  # is batches; a tuple of batches have one form,
+            return [tuple(data)]                                 # and are pairs: else one pair)
+        if len(data[0]) == 2:
             raise SortedNetError(
                 f"the data {_sketch(data)} reads two ways: one (inputs, target) pair whose inputs are a tuple of "
                 "positional arguments and whose target is a tuple, or two (inputs, target) batches; pass "

@@ -44,15 +44,23 @@ class _Stop(Exception):
     """Raised by the deepest exit's hook: the remaining blocks need not run."""
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy (labels shifted by one, ``-100`` ignored), as HF causal LMs compute it.
+def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
+    """Next-token cross-entropy (labels shifted by one, ``-100`` ignored), as HF causal LMs compute it: the mean
+    over the counted tokens, or their sum over ``num_items_in_batch`` where it is given (the tokens of every
+    micro-batch of an accumulated step, as the Trainer passes it).
 
     >>> import torch
     >>> causal_lm_loss(torch.zeros(1, 3, 5), torch.tensor([[1, 2, 3]])).item() == torch.log(torch.tensor(5.)).item()
     True
     """
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           labels[:, 1:].reshape(-1).to(logits.device, torch.long), ignore_index=-100)
+    flat = (logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device,
+                                                                                                  torch.long))
+    if num_items_in_batch is None:
+        return F.cross_entropy(*flat, ignore_index=-100)
+    total = F.cross_entropy(*flat, ignore_index=-100, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]:
@@ -66,9 +74,14 @@ def exit_parts(model: nn.Module, found: Found | None = None) -> tuple[nn.Module,
     found = found or detect(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm_path = f"{found.parent}.{found.layout.norm}" if found.parent else found.layout.norm
-    if head is None or not found.layout.norm or not found.layout.causal:
+    if not found.layout.causal:
+        raise SortedNetError(f"SoFT trains the exits of a causal (decoder-only) LM, by the next-token loss; "
+                             f"{type(model).__name__} ({found.layout.family} layout) is none (an encoder, or an "
+                             "encoder-decoder)")
+    if head is None or not found.layout.norm:
         raise SortedNetError(f"SoFT needs a causal LM with a final norm and an LM head; {type(model).__name__} "
-                             f"({found.layout.family} layout) has none")
+                             f"({found.layout.family} layout) has " + ("no LM head" if head is None else
+                                                                      "no final norm"))
     cfg = getattr(model, "config", None)
     post = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
                         "output_multiplier_scale") if getattr(cfg, k, None) not in (None, 1, 1.0)]
@@ -111,6 +124,9 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     ``input_ids`` as they are, like ``model(input_ids, labels=input_ids)``:
     ``attention_mask`` does not take padding out of the loss; pass labels with
     ``-100`` at the padded positions (``DataCollatorForLanguageModeling`` does).
+    ``num_items_in_batch`` (the Trainer's count of the tokens of a whole
+    accumulated step) divides each exit's summed loss by it, as the model's
+    own loss does, instead of taking its mean.
 
     >>> import torch, sortednet as sn
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -133,10 +149,10 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     if weights is not None and isinstance(exits, (set, frozenset)):  # (no order: weights paired with what?)
         raise SortedNetError(f"soft_loss: exits given as a {type(exits).__name__} have no order to pair the weights "
                              f"with; give them as a list, in the weights' order (got exits={exits!r})")
-    given = _listed(exits, "exits", "exit depths, e.g. [2, 4]")
+    given = _listed(exits.tolist() if isinstance(exits, Tensor) else exits, "exits", "exit depths, e.g. [2, 4]")
     bad = [e for e in given if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 1 <= e <= n]
     if not given or bad:
-        raise SortedNetError(f"soft_loss: exits must be block counts in 1..{n} (active depth), got {given}")
+        raise SortedNetError(f"soft_loss: exits must be block counts (ints) in 1..{n} (active depth), got {given}")
     given = [int(e) for e in given]  # (numpy ints)
     if len(set(given)) != len(given):
         raise SortedNetError(f"soft_loss: exits must be distinct, got {given}")
@@ -152,6 +168,13 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
                                  f"{given} and weights {weights}")
         pairs = sorted(zip(given, weights))  # each weight stays with its exit
         exits, weights = [e for e, _ in pairs], [w for _, w in pairs]
+    items = model_inputs.pop("num_items_in_batch", None)  # (the loss's, not the base model's: it takes any
+    if items is not None and not (                       # keyword and drops it, and the mean was returned)
+            isinstance(items, numbers.Integral) and not isinstance(items, bool) and items > 0
+            or isinstance(items, Tensor) and items.numel() == 1 and not items.is_floating_point()
+            and bool(items.reshape(()) > 0)):
+        raise SortedNetError(f"soft_loss: num_items_in_batch is the count of tokens the loss's sum is divided by, a "
+                             f"positive int (or an integer tensor of one value), got {items!r}")
     taken = ("past_key_values", "cache", "output_hidden_states", "return_dict")
     if any(k in model_inputs for k in taken):
         raise SortedNetError(f"soft_loss runs one forward from the start and reads the exits itself: "
@@ -200,7 +223,7 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
         pass
     finally:  # every hook of this call goes, also one registered as a Ctrl-C came (before a handle was kept)
         _unhook(blocks, captured)
-    losses = {e: causal_lm_loss(head(norm(captured[e])), labels) for e in exits}
+    losses = {e: causal_lm_loss(head(norm(captured[e])), labels, items) for e in exits}
     total = sum(w * losses[e] for w, e in zip(weights, exits)) / sum(weights)
     return SoftOutput(total, losses)
 

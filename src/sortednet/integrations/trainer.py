@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
@@ -205,9 +206,11 @@ class SortedTrainer(Trainer):
         if soft_exits is None and soft_weights is not None:
             raise SortedNetError("SortedTrainer(soft_weights=...) weights the SoFT exits: it needs soft_exits=[...]")
         if soft_exits is not None:
-            exits = _listed(soft_exits, "soft_exits", "exit depths, e.g. [2, 4]", "SortedTrainer")
-            if not exits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in exits):
-                raise SortedNetError(f"SortedTrainer(soft_exits=...) needs depths >= 1, got {exits}")
+            exits = _listed(soft_exits.tolist() if isinstance(soft_exits, (torch.Tensor, np.ndarray)) else soft_exits,
+                            "soft_exits", "exit depths, e.g. [2, 4]", "SortedTrainer")
+            if not exits or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in exits):
+                raise SortedNetError(f"SortedTrainer(soft_exits=...) needs whole depths >= 1 (ints), got {exits}")
+            exits = [int(e) for e in exits]  # (numpy ints)
             if len(set(exits)) != len(exits):
                 raise SortedNetError(f"SortedTrainer(soft_exits=...) needs distinct exits, got {exits}")
             if soft_weights is not None:
@@ -234,7 +237,7 @@ class SortedTrainer(Trainer):
                                  "would only record draws that never train: drop the callback")
         self.nest = nest
         self._rank = any(d.kind == "rank" for d in nest.dims)
-        self.soft_exits = list(soft_exits) if soft_exits is not None else None
+        self.soft_exits = exits if soft_exits is not None else None
         self.soft_weights = soft_weights
         self.history: list[tuple[int, tuple[SubModel, ...]]] = []
         self._depth = None
