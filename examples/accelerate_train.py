@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "accelerate_digits.safetensors"))
     args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.k < 1:
+        p.error(f"--steps, --batch and --k must be at least 1, got {args.steps}, {args.batch} and {args.k}")
 
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes

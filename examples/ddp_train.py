@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 fully_shard instead of DDP")
     p.add_argument("--out", default=os.path.join("runs", "ddp_digits.safetensors"))
     args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.k < 1:
+        p.error(f"--steps, --batch and --k must be at least 1, got {args.steps}, {args.batch} and {args.k}")
 
     if "RANK" not in os.environ:
         raise SystemExit("ddp_train.py runs under torchrun, e.g. `torchrun --standalone --nproc_per_node 2 "

@@ -872,6 +872,8 @@ def _buffer_guard(m: nn.Module, name: str, tensor: Any) -> None:
     if st is None or tensor is None or name not in getattr(type(m), "_sn_names", ()) or _compiling():
         return None
     old = m._buffers.get(name)
+    if old is None and name in m._buffers and isinstance(tensor, Tensor):
+        raise _added_error(st, name, "buffer")
     if old is not None and isinstance(tensor, Tensor) and tuple(tensor.shape) != tuple(old.shape):
         raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet: it cannot be "
                              f"replaced by a buffer of another shape ({tuple(tensor.shape)} for {tuple(old.shape)}) "
@@ -880,6 +882,15 @@ def _buffer_guard(m: nn.Module, name: str, tensor: Any) -> None:
 
 
 _HOOKS: list = []
+
+
+def _added_error(st: Any, name: str, kind: str) -> SortedNetError:
+    """A tensor assigned to a sliced slot that held None when the model was wrapped (a ``bias=False`` layer's
+    bias): the nest's sizes, costs, export and checkpoints describe the module as wrapped, without it."""
+    return SortedNetError(f"{st.path + '.' if st.path else ''}{name} was None when the model was wrapped: a {kind} "
+                          "assigned there now is one the nest's sizes, costs, export and checkpoints do not know "
+                          "(of any shape, and beside a Rank's frozen base it would train); nest.unwrap() first, "
+                          "change the module, then wrap again")
 
 
 def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
@@ -895,6 +906,8 @@ def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:
         old = self._parameters.get(name) if st is not None and name in names else None
         if old is not None and param is None:  # (module.weight = None: the sliced parameter removed)
             refuse_removal(self, name)
+        if old is None and param is not None and st is not None and name in names and name in self._parameters:
+            raise _added_error(st, name, "parameter")  # (None when wrapped: a bias=False layer's bias)
         if old is not None and param is not None and tuple(param.shape) != tuple(old.shape):
             raise SortedNetError(f"{st.path + '.' if st.path else ''}{name} is sliced by sortednet: it cannot be "
                                  f"replaced by a parameter of another shape ({tuple(param.shape)} for "
