@@ -66,12 +66,11 @@ class Coupling:
 
 #: why the wiring trace fixes an axis, when the op moves features between positions: a prefix of the axis is not
 #: a prefix of what the op makes of it (a slice or an index, chunk / split / unbind, concatenation, roll / flip,
-#: a reshape that splits or merges the axis, a repeat, padding with other values than zeros, a running total: the
-#: units past a sub-model's last hold a total, no zeros of the full model masked there): a sub-model computes
+#: a reshape that splits or merges the axis, a repeat, padding with other values than zeros): a sub-model computes
 #: on other units than the full model, with shapes that fit (``check`` refuses such a group)
 MOVED = re.compile(r"indexed by|an integer index|split by|unbound by|concatenated by|reordered by|regrouped by|"
                    r"merges or splits this axis|repeats this axis|pads this axis with other values|"
-                   r"crops this axis|accumulates along this axis")
+                   r"crops this axis")
 
 
 def _moves(reason: str | None) -> bool:

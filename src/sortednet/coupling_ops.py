@@ -66,12 +66,8 @@ _LIKE = set("""zeros_like ones_like empty_like full_like rand_like randn_like ra
 normal_ fill_ zero_ random_ exponential_ geometric_ cauchy_ log_normal_""".split())
 # fresh tensors of a given shape (DropPath's x.new_empty((B, 1, 1)).bernoulli_(p)): no link to the input's axes
 _NEW = set("new_empty new_zeros new_ones new_full new_tensor".split())
-_UNARY = set("""contiguous clone detach to float half double bfloat16 type type_as softmax log_softmax cumprod
+_UNARY = set("""contiguous clone detach to float half double bfloat16 type type_as softmax log_softmax cumsum
 normalize requires_grad_ __get__""".split())
-# running totals along one axis: unit i of the result holds units 0..i, so a sub-model's units past its last are
-# no zeros of the full model masked there (they hold the total): that axis is mixed, the others carried (a running
-# product stays zero past a zero: a prefix, as an elementwise op)
-_ACCUMULATE = set("cumsum cummax cummin logcumsumexp".split())
 _REDUCE = set("mean sum amax amin std var norm logsumexp prod max min".split())
 _RESHAPE = set("view reshape flatten unflatten squeeze unsqueeze squeeze_ unsqueeze_ view_as reshape_as ravel".split())
 _POOL = re.compile(r"(adaptive_)?(avg|max|lp)_pool([123])d(_with_indices)?$")
@@ -278,16 +274,6 @@ def handle(a, ev) -> bool:
         return True
     if name in ("expand", "expand_as", "broadcast_to"):
         _broadcast(a, [x], outs, why)
-        return True
-    if name in _ACCUMULATE:
-        dims = _norm_dims(_dim_arg(ev, 1, None), x.dim())
-        if dims is None or any(o.shape != x.shape for o in outs):
-            return False
-        xv = a.of(x)
-        for i in dims:
-            a.uf.fix(xv[i], f"{why} accumulates along this axis (a running total)")
-        for o in outs:
-            a.assign(o, [[v] for v in xv], why)
         return True
     if name in _RESHAPE:
         return len(outs) == 1 and _reshape(a, x, outs[0], f"{why} merges or splits this axis")

@@ -154,11 +154,9 @@ def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
                     raise
                 raise slicer_error(st, name, err) from err
         else:
-            t = sl.tensor(m, name)
-            if t is None and (name in m._parameters or name in m._buffers):  # (registered as None: a bias=False
-                out[name] = None  # layer's bias, None while wrapped, as a tensor assigned there is refused)
-                continue
-            out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))
+            t = sl.tensor(m, name)  # (absent: a bias=False layer's, read at each use, where torch.func's
+            out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))  # call
+            #                                                   puts one in the slot for its forward)
     return out
 
 

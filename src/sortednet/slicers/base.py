@@ -889,8 +889,9 @@ def _added_error(st: Any, name: str, kind: str) -> SortedNetError:
     bias): the nest's sizes, costs, export and checkpoints describe the module as wrapped, without it."""
     return SortedNetError(f"{st.path + '.' if st.path else ''}{name} was None when the model was wrapped: a {kind} "
                           "assigned there now is one the nest's sizes, costs, export and checkpoints do not know "
-                          "(of any shape, and beside a Rank's frozen base it would train); nest.unwrap() first, "
-                          "change the module, then wrap again")
+                          + ("(of any shape)" if kind == "buffer" else
+                             "(of any shape, and beside a Rank's frozen base it would train)")
+                          + "; nest.unwrap() first, change the module, then wrap again")
 
 
 def _guarded_register(base: type, names: frozenset) -> Callable[..., None]:

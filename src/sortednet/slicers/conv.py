@@ -49,8 +49,9 @@ class ConvSlicer(Slicer):
             return self.take(m, "bias", [(0, "out")])
         if name == "groups":
             return self.features(m, "out", m.__dict__["out_channels"]) if depthwise else 1
-        role = "out" if name == "out_channels" else "inp"
-        return self.features(m, role, m.__dict__[name])
+        if name in ("out_channels", "in_channels"):
+            return self.features(m, "out" if name == "out_channels" else "inp", m.__dict__[name])
+        return super().value(m, name)  # (a subclass's own views entry: its tensor absent when the plan was made)
 
     def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
         ns = super().namespace(m, names)
@@ -109,5 +110,6 @@ class ConvTransposeSlicer(Slicer):
             return self.take(m, "weight", [(0, "inp"), (1, "out")])
         if name == "bias":
             return self.take(m, "bias", [(0, "out")])
-        role = "out" if name == "out_channels" else "inp"
-        return self.features(m, role, m.__dict__[name])
+        if name in ("out_channels", "in_channels"):
+            return self.features(m, "out" if name == "out_channels" else "inp", m.__dict__[name])
+        return super().value(m, name)  # (a subclass's own views entry: its tensor absent when the plan was made)

@@ -26,8 +26,9 @@ class LinearSlicer(Slicer):
             return self.take(m, "weight", [(0, "out"), (1, "inp")])
         if name == "bias":
             return self.take(m, "bias", [(0, "out")])
-        role = "out" if name == "out_features" else "inp"
-        return self.features(m, role, m.__dict__[name])
+        if name in ("out_features", "in_features"):
+            return self.features(m, "out" if name == "out_features" else "inp", m.__dict__[name])
+        return super().value(m, name)  # (a subclass's own views entry: its tensor absent when the plan was made)
 
     def namespace(self, m: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
         ns = super().namespace(m, names)
