@@ -917,3 +917,21 @@ def test_scores_that_fall_as_sub_models_grow_warn_that_a_loss_needs_its_negation
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_if_loss_like(sn.Profile(subs, {"params": [1.0, 2.0, 3.0, 4.0]}, [0.6, 0.7, 0.8, 0.9]))
+
+
+def test_a_score_of_any_real_kind_is_taken_and_others_refused():
+    """A score returning a ``Fraction``, a ``Decimal`` or a 0-d NumPy array was refused as "not a real number"
+    (budgets take them); strings, bools, complex numbers and arrays of several values still are."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="1"))
+    x = torch.randn(2, 4)
+    for kind in (lambda v: Fraction(v, 3), Decimal, lambda v: np.array(float(v)), lambda v: torch.tensor([[v * 1.0]])):
+        prof = nest.profile(x, score=lambda s, kind=kind: kind(s["h"]), metrics=("params",), progress=False)
+        assert list(prof.scores) == pytest.approx([float(kind(h)) for h in (2, 4, 8)])
+        assert nest.pick(params=nest.cost("h=4")) == sn.SubModel(h=4)  # (the best score under the budget)
+    for bad in (lambda v: "x", lambda v: True, lambda v: 1 + 2j, lambda v: np.array([1.0, 2.0])):
+        with pytest.raises(sn.SortedNetError, match=r"it must return a real number"):
+            nest.profile(x, score=lambda s, bad=bad: bad(s["h"]), metrics=("params",), progress=False)

@@ -498,3 +498,18 @@ def test_the_refusal_of_a_no_op_option_says_why():
         sn.Sampler(SUBS, k=2, strategy="sandwich", weights="small")
     with pytest.raises(sn.SortedNetError, match=r"every step draws all of them; strategy='all'"):
         sn.Sampler(SUBS, k=N, strategy="weighted", weights="small")
+
+
+def test_a_state_loads_into_a_sampler_of_the_same_submodels_written_in_another_key_order():
+    """The same sub-models built with their dimensions in another order (``SubModel(h2=..., h1=...)``) were
+    refused ("sampler state is for 9 sub-models ...") though every draw agrees; another list still is."""
+    import torch.nn as nn
+
+    m = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    nest = sn.wrap(m, sn.Width("h1", [4, 8, 16], out="0", inp="1"), sn.Width("h2", [4, 8, 16], out="1", inp="2"))
+    mine = [sn.SubModel(h2=s["h2"], h1=s["h1"]) for s in nest.submodels]
+    a, b = sn.Sampler(mine, k=2, seed=1), sn.Sampler(nest, k=2, seed=7)
+    b.load_state_dict(a.state_dict())
+    assert all(a.draw(i) == b.draw(i) for i in range(50))
+    with pytest.raises(sn.SortedNetError, match="sampler state is for 9 sub-models"):
+        sn.Sampler(list(nest.submodels)[:8], k=2, seed=1).load_state_dict(a.state_dict())

@@ -1265,6 +1265,19 @@ def test_fit_drops_calibration_of_the_weights_it_trains():
     assert all(v == want[k] or (math.isnan(v) and math.isnan(want[k])) for k, v in hist.last_scores.items())
 
 
+def test_accumulate_refuses_a_weight_beyond_float32():
+    """``weights=[1e39, 1e39]``: finite numbers, infinite once they scale a float32 loss; the losses were finite, so
+    nothing was refused under nonfinite='raise', and every gradient was NaN."""
+    m, nest = _tiny_classifier()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    sn.accumulate(nest, list(nest.submodels), lambda: F.cross_entropy(m(x), y), weights=[1e30, 1e30])  # (finite)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    m.zero_grad(set_to_none=True)
+    with pytest.raises(sn.SortedNetError, match=r"weights: 1e\+39 is beyond float32"):
+        sn.accumulate(nest, list(nest.submodels), lambda: F.cross_entropy(m(x), y), weights=[1e39, 1e39])
+    assert all(p.grad is None for p in m.parameters())
+
+
 def test_sampler_weights_whose_ratio_underflows_are_refused_by_name():
     m, nest = _tiny_classifier()
     for kw in ({"strategy": "weighted", "weights": [1e-300, 1e308], "k": 1},

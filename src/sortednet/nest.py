@@ -7,9 +7,11 @@ physically smaller plain model, and unwraps.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import gc
 import math
+import numbers
 import threading
 import warnings
 import weakref
@@ -1715,12 +1717,13 @@ def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], flo
     """``score`` refusing anything but a real number (a string or bool would be cast or fail obscurely)."""
     def checked(sub: SubModel) -> float:
         value = score(sub)
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-            value = value.item()
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+                or isinstance(value, np.ndarray) and value.size == 1 and not np.iscomplexobj(value):
+            value = value.item()  # (a 0-d or one-value tensor or array)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, decimal.Decimal)):
             raise SortedNetError(f"score({sub}) returned {type(value).__name__} {str(value)[:80]!r}; "
                                  "it must return a real number")
-        return float(value)
+        return float(value)  # (a Fraction, a Decimal too)
 
     return checked
 

@@ -496,7 +496,7 @@ class Sampler:
         elif isinstance(theirs, (bytes, Mapping)) or not isinstance(theirs, Sequence):
             raise SortedNetError(f"sampler state: 'submodels' must be the list or digest state_dict() wrote, got "
                                  f"{type(theirs).__name__}")
-        elif list(theirs) != mine:
+        elif list(theirs) != mine and not _same_listing(list(theirs), self.submodels):
             raise SortedNetError(f"sampler state is for {len(theirs)} sub-models "
                                  f"{list(theirs)[:4]}..., this sampler has {len(mine)} {mine[:4]}...")
         try:  # (options an earlier version saved that change no draw: checked as then, then left out)
@@ -532,3 +532,18 @@ class Sampler:
             w += f", small_first={self.small_first}"
         return (f"Sampler({len(self.submodels)} sub-models, k={self.k}, strategy={self.strategy!r}, "
                 f"seed={self.seed}{w})")
+
+
+def _same_listing(names: list[Any], subs: Sequence[Any]) -> bool:
+    """Whether sub-model names a state lists (``"h2=16,h1=8"``) are ``subs`` in order, whatever order each
+    one's dimensions were written in (the same sub-models built with their keys in another order)."""
+    if len(names) != len(subs):
+        return False
+    try:
+        for name, sub in zip(names, subs):
+            parts = dict(p.split("=", 1) for p in str(name).split(",")) if name else {}
+            if {k: int(v) for k, v in parts.items()} != dict(sub.items()):
+                return False
+    except (ValueError, TypeError, AttributeError):  # (no such name: another listing)
+        return False
+    return True

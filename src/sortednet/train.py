@@ -462,6 +462,10 @@ def checked_weights(raw: Any, n: int, who: str = "weights") -> list[float]:
                              f"got {raw!r}")
     if not any(weights):
         raise SortedNetError(f"{who} {raw!r} are all 0: no sub-model would be trained")
+    big = [w for w in weights if w > torch.finfo(torch.float32).max]
+    if big:  # (finite here, infinite in a float32 loss: every gradient NaN, the loss itself finite)
+        raise SortedNetError(f"{who}: {big[0]!r} is beyond float32 (a loss times it is infinite, every gradient "
+                             "NaN); scale the weights down (only their ratios and the learning rate matter)")
     return weights
 
 

@@ -327,9 +327,11 @@ class SortedTrainer(Trainer):
             a, b = _flat(saved), _flat(mine)
             keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
             diff = "; ".join(f"{k}: checkpoint {str(a.get(k))[:60]}, now {str(b.get(k))[:60]}" for k in keys[:4])
+            what = ("the drawn sub-models' losses would be weighted otherwise" if set(keys) <= {"loss_weights"}
+                    else "other sub-models would train")
             raise SortedNetError(f"SortedTrainer: resuming from {folder!r} with another training configuration "
-                                 f"than the run that wrote it ({diff}): from here on other sub-models would train "
-                                 "than in that run. Build the sampler as then (sampler.load_state_dict(json.load("
+                                 f"than the run that wrote it ({diff}): from here on {what} than in that run. "
+                                 "Build the sampler as then (sampler.load_state_dict(json.load("
                                  f"open({path!r}))['sampler'])), or delete that file to resume with the new one on "
                                  "purpose")
 
