@@ -680,3 +680,73 @@ def test_a_tensor_assigned_where_the_wrapped_model_had_none_is_refused(layer):
     assert_unchanged(m, before)
     with torch.no_grad():
         torch.testing.assert_close(nest.export(nest.largest)(x), m(x))
+
+
+def test_a_none_views_tensor_reads_none_whatever_value_serves_and_sliced_buffers_stay_buffers():
+    """A views tensor registered as None went to the slicer's value() at each read: one serving only its static
+    sizes made the bias read an int (the full model 4.7 off its own output before wrap); a subclass of a built-in
+    slicer with an optional views tensor read the same. A sliced buffer set to None was accepted (cost refused it
+    later), and a Parameter assigned in place of one was refused only after PyTorch had removed the buffer (no
+    running statistics left: a raw error at the next forward)."""
+    from sortednet.slicers.embedding import EmbeddingSlicer
+
+    class MyLin(torch.nn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.weight, self.n_out = torch.nn.Parameter(torch.randn(o, i)), o
+            self.register_parameter("bias", None)
+
+        def forward(self, x):
+            y = x @ self.weight.T
+            return y if self.bias is None else y + self.bias
+
+    @sn.slicer(MyLin)
+    class Static(sn.Slicer):
+        roles, attrs, static = ("out", "inp"), ("weight", "bias", "n_out"), ("n_out",)
+        views = {"weight": ((0, "out"), (1, "inp")), "bias": ((0, "out"),)}
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+        def value(self, m, name):  # (serves the static size only)
+            return self.features(m, "out", m.__dict__["n_out"])
+
+    class ScaledEmb(torch.nn.Embedding):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.register_parameter("scale", None)
+
+        def forward(self, i):
+            y = super().forward(i)
+            return y if self.scale is None else y * self.scale
+
+    @sn.slicer(ScaledEmb)
+    class ScaledSlicer(EmbeddingSlicer):
+        attrs = (*EmbeddingSlicer.attrs, "scale")
+        views = {**EmbeddingSlicer.views, "scale": ((0, "out"),)}
+
+    torch.manual_seed(0)
+    for first, x in ((MyLin(4, 8), torch.randn(3, 4)), (ScaledEmb(10, 8), torch.randint(0, 10, (3,)))):
+        m = torch.nn.Sequential(first, torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        with torch.no_grad():
+            want = m(x)
+        nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"), example=x)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), want)
+            with nest.use("h=4"):
+                assert getattr(m[0], "bias" if isinstance(first, MyLin) else "scale") is None
+                torch.testing.assert_close(nest.export("h=4")(x), m(x))
+        nest.unwrap()
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"1\.running_mean is sliced by sortednet and cannot be removed"):
+        m[1].running_mean = None
+    with pytest.raises(sn.SortedNetError, match=r"1\.running_mean is a buffer sortednet slices: a Parameter"):
+        m[1].running_mean = torch.nn.Parameter(torch.zeros(8))
+    assert isinstance(m[1]._buffers["running_mean"], torch.Tensor) and "running_mean" not in m[1]._parameters
+    assert_unchanged(m, before)
+    m[1].running_mean = torch.ones(8)  # (a tensor of its shape: taken, as before)
+    m.eval()
+    with torch.no_grad():
+        m(torch.randn(3, 4))

@@ -690,6 +690,33 @@ def test_trainer_resumed_with_another_sampler_is_refused_before_anything_loads(c
     assert [s for s, _ in resumed.history] == [2] and before.keys() == model.state_dict().keys()
 
 
+def test_trainer_resumes_with_the_same_submodels_written_in_another_key_order(tmp_path):
+    """A sampler of the same sub-models built with their dimensions in another order (``SubModel(depth=...,
+    ffn=...)``) draws the same, yet the resume was refused ("other sub-models would train"), and the advised
+    load_state_dict could not help. Other loss weights are said to weight the drawn sub-models otherwise."""
+    model, _, _, _ = build("llama")
+    model.train()
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
+    data = [{"input_ids": ids(seed=i, b=1)[0], "labels": ids(seed=i, b=1)[0]} for i in range(8)]
+
+    def trainer(steps, subs, **kw):
+        args = TrainingArguments(str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
+                                 report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True,
+                                 logging_strategy="no", seed=0)
+        return SortedTrainer(model=model, args=args, train_dataset=data, nest=nest,
+                             sampler=sn.Sampler(subs, k=2, strategy="sandwich", seed=3, **kw))
+
+    trainer(2, nest.submodels).train()
+    folder = str(tmp_path / "checkpoint-2")
+    flipped = [sn.SubModel(depth=s["depth"], ffn=s["ffn"]) for s in nest.submodels]
+    assert [str(s) for s in flipped] != [str(s) for s in nest.submodels]
+    with pytest.raises(sn.SortedNetError, match=r"loss_weights: .*the drawn sub-models' losses would be weighted"):
+        trainer(3, flipped, loss_weights="small").train(resume_from_checkpoint=folder)
+    resumed = trainer(3, flipped)
+    resumed.train(resume_from_checkpoint=folder)
+    assert [s for s, _ in resumed.history] == [2]
+
+
 def test_trainer_resumes_a_checkpoint_whose_sampler_had_an_option_that_changed_nothing(tmp_path):
     """Earlier versions accepted ``weights=`` on a sandwich of k=2 (it changed no draw) and saved it with each
     checkpoint; this version refuses that option, so the run could not be resumed: neither with the sampler as

@@ -34,7 +34,7 @@ from torch import nn
 from .dims import COMPOSABLE, NONREENTRANT, RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
 from .errors import SortedNetError, caller_outside
 from .submodel import SubModel
-from .views import DYNAMIC, STATIC, View, cuts_for
+from .views import ABSENT, DYNAMIC, STATIC, View, cuts_for
 
 __all__ = ["Plan", "Plans"]
 
@@ -155,7 +155,7 @@ def module_entries(m: nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
                 raise slicer_error(st, name, err) from err
         else:
             t = sl.tensor(m, name)  # (absent: a bias=False layer's, read at each use, where torch.func's
-            out[name] = DYNAMIC if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))  # call
+            out[name] = ABSENT if t is None else View(name, *cuts_for(t.shape, bind, rule, sizes))  # call
             #                                                   puts one in the slot for its forward)
     return out
 

@@ -35,8 +35,8 @@ from .errors import SortedNetError
 if TYPE_CHECKING:
     from .dims import Binding
 
-__all__ = ["SliceInto", "View", "DYNAMIC", "STATIC", "cut", "cuts_for", "view", "narrow", "is_sharded", "sharded_read",
-           "accumulates_plainly"]
+__all__ = ["SliceInto", "View", "DYNAMIC", "STATIC", "ABSENT", "cut", "cuts_for", "view", "narrow", "is_sharded",
+           "sharded_read", "accumulates_plainly"]
 
 Cuts = tuple[tuple[int, int, int], ...]
 Segments = tuple[int, tuple[tuple[int, int], ...], int] | None  # (axis, ((start, length), ...), full length along
@@ -57,6 +57,9 @@ class _Marker:
 DYNAMIC = _Marker("DYNAMIC")
 #: slicer rule: the attribute depends on the active sizes only; the plan stores its value
 STATIC = _Marker("STATIC")
+#: plan entry: a ``views`` tensor absent when the plan was made (registered as None: a ``bias=False`` layer's),
+#: read at each use: None, or the slice of one ``torch.func.functional_call`` puts in the slot for its forward
+ABSENT = _Marker("ABSENT")
 
 
 def is_sharded(t: object) -> bool:

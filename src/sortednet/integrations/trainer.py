@@ -34,7 +34,7 @@ from ..io import load, save
 from ..modes import EXPORTING, restore_modes
 from ..nest import Nest
 from ..rank import Rank
-from ..sampler import Sampler, comparable_state
+from ..sampler import Sampler, _same_listing, comparable_state
 from ..submodel import SubModel
 from ..train import _ddp_reducer_check, checked_weights, drop_stale_calibration
 from .soft import _listed, exit_parts, soft_loss
@@ -323,6 +323,12 @@ class SortedTrainer(Trainer):
             saved = {**saved, "sampler": comparable_state(saved["sampler"], n)}
         if isinstance(mine.get("sampler"), dict):
             mine = {**mine, "sampler": comparable_state(mine["sampler"], n)}
+        theirs, ours = saved.get("sampler") if isinstance(saved, dict) else None, mine.get("sampler")
+        if isinstance(theirs, dict) and isinstance(ours, dict) and isinstance(theirs.get("submodels"), list) \
+                and theirs["submodels"] != ours.get("submodels") \
+                and _same_listing(theirs["submodels"], self.sampler.submodels):  # (the same sub-models, their
+            saved = {**saved, "sampler": {**theirs, "submodels": ours.get("submodels")}}  # dimensions in another
+            #                                                                            order)
         if saved != mine:
             a, b = _flat(saved), _flat(mine)
             keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

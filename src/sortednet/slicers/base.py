@@ -24,6 +24,7 @@ from ..modes import EXPORTING
 from ..plan import pin_recomputation as _pin_recomputation
 from ..plan import slicer_error as _slicer_error
 from ..views import (
+    ABSENT,
     DYNAMIC,
     STATIC,
     View,
@@ -491,6 +492,9 @@ class Slicer:
                     e = p.entries[st.slot][name]
                     if e.__class__ is View:
                         return e.take(self_, st)
+                    if e is ABSENT:  # (a views tensor registered as None: None, or what a functional call
+                        t = self_._parameters.get(name, self_._buffers.get(name))  # put in the slot, sliced)
+                        return None if t is None else st.slicer.take(self_, name, list(st.slicer.rules(self_)[name]))
                     if e is DYNAMIC:
                         t = self_._parameters.get(name)
                         if t is not None and is_sharded(t) and distributed_bookkeeping():  # FSDP2 must get its
@@ -869,9 +873,13 @@ def _buffer_guard(m: nn.Module, name: str, tensor: Any) -> None:
     """Global buffer registration hook (``register_buffer`` and ``module.buf = tensor``): a sliced buffer may be
     replaced by one of its own shape, never another (as :func:`_guarded_register` for parameters)."""
     st = m.__dict__.get("_sn")
-    if st is None or tensor is None or name not in getattr(type(m), "_sn_names", ()) or _compiling():
+    if st is None or name not in getattr(type(m), "_sn_names", ()) or _compiling():
         return None
     old = m._buffers.get(name)
+    if tensor is None:  # (module.running_mean = None: the sliced buffer removed, as a parameter's is refused)
+        if old is not None:
+            refuse_removal(m, name)
+        return None
     if old is None and name in m._buffers and isinstance(tensor, Tensor):
         raise _added_error(st, name, "buffer")
     if old is not None and isinstance(tensor, Tensor) and tuple(tensor.shape) != tuple(old.shape):
@@ -977,13 +985,16 @@ def _no_script(self: nn.Module) -> None:
 
 def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...], path: str = "") -> type:
     """The per-instance subclass of ``type(m)`` (cached per class, slicer and names)."""
-    key = (type(m), type(sl), names)
+    held = any(n in m._buffers for n in names)  # (sliced buffers: a Parameter assigned in place of one is refused)
+    key = (type(m), type(sl), names, held)
     cls = _SUBCLASSES.get(key)
     if cls is None:
         base = type(m)
         if not _HOOKS:
             _HOOKS.append(nn.modules.module.register_module_buffer_registration_hook(_buffer_guard))
         ns = sl.namespace(m, names)
+        if held:
+            ns = {**ns, "__setattr__": _guarded_setattr(base, frozenset(names), ns.get("__setattr__"))}
         try:
             cls = _subclass(base, ns, names)
         except Exception as e:  # (the base's __init_subclass__ / metaclass runs: one that needs keywords fails)
@@ -993,6 +1004,23 @@ def sliced_subclass(m: nn.Module, sl: Slicer, names: tuple[str, ...], path: str 
                                  "without them)") from e
         _SUBCLASSES[key] = cls
     return cls
+
+
+def _guarded_setattr(base: type, names: frozenset, own: Callable[..., None] | None = None) -> Callable[..., None]:
+    """``__setattr__`` of a sliced subclass whose module holds sliced buffers: a Parameter assigned in place of
+    one is refused before ``nn.Module.__setattr__`` removes the buffer (it then refused the registration, and the
+    module was left without the buffer: no running statistics, a raw error at the next forward)."""
+    base_setattr = own or base.__setattr__  # (the slicer's own, a norm's: then the module's class's)
+
+    def __setattr__(self: nn.Module, key: str, value: Any) -> None:
+        if key in names and isinstance(value, nn.Parameter) and key in self._buffers:
+            st = self.__dict__["_sn"]
+            raise SortedNetError(f"{st.path + '.' if st.path else ''}{key} is a buffer sortednet slices: a Parameter "
+                                 "assigned in its place would make it a parameter (PyTorch removes the buffer "
+                                 f"first); copy into it (module.{key}.copy_(t)), or nest.unwrap() first")
+        base_setattr(self, key, value)
+
+    return __setattr__
 
 
 def _subclass(base: type, ns: dict, names: tuple[str, ...]) -> type:
