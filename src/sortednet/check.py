@@ -834,7 +834,7 @@ _ALONG = {"sort": (1, "dim", -1), "argsort": (1, "dim", -1), "msort": (None, Non
           "repeat_interleave": (2, "dim", None), "diff": (2, "dim", -1), "unfold": (1, "dimension", None),
           "fliplr": (None, None, 1), "flipud": (None, None, 0), "kthvalue": (2, "dim", -1)}
 _PREFIX_CLOSED = frozenset({"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"})  # (unit i from units <= i:
-#   a cut weight's prefix stays the full weight's prefix; on features, the trace refuses a running total)
+#   a sub-model's first units of the result are the full model's first units of it)
 _REORDERS = frozenset({*_ALONG, "__getitem__", "take", "rot90", "index_put", "index_put_", "as_strided", "cat",
                        "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "repeat", "tile", "chunk",
                        "split", "tensor_split", "unbind", "index_reduce", "masked_scatter", "put", "put_"})
