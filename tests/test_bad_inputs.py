@@ -750,3 +750,53 @@ def test_a_none_views_tensor_reads_none_whatever_value_serves_and_sliced_buffers
     m.eval()
     with torch.no_grad():
         m(torch.randn(3, 4))
+
+
+def test_sizes_as_a_string_and_a_block_put_in_a_depth_list_through_modules_are_refused(tmp_path):
+    """``Width("h", "64")`` was split into characters ("size '6' is not an int"); a parameter-free block put in a
+    Depth list through ``_modules`` was refused by the forward but taken by cost, pick, export and save (an
+    export of 4 blocks for a model that then ran 5)."""
+    with pytest.raises(sn.SortedNetError, match=r"sizes must be a sequence of ints \(a list\), got str '64'"):
+        sn.Width("h", "64", out="0")
+    torch.manual_seed(0)
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return x
+
+    m = Stack()
+    nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers="blocks"))
+    m.blocks._modules["4"] = torch.nn.Identity()
+    for call in (lambda: nest.cost(nest.largest), lambda: nest.pick(params=10 ** 6), lambda: nest.export("depth=2"),
+                 lambda: sn.save(nest, str(tmp_path / "n.safetensors"))):
+        with pytest.raises(sn.SortedNetError, match=r"the model changed after wrap: 'blocks' holds 5 modules, 4 when"):
+            call()
+    del m.blocks._modules["4"]
+    assert nest.cost("depth=2") == 40
+
+
+def test_an_index_past_the_blocks_of_a_shallower_depth_says_so():
+    """``for i in range(self.n_layers): self.blocks[i](x)`` under depth 1 raised a bare ``IndexError: index 1 is
+    out of range``; it says the depth in force now, and is still an IndexError."""
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.n_layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4)), 4
+
+        def forward(self, x):
+            for i in range(self.n_layers):
+                x = self.blocks[i](x)
+            return x
+
+    m = Counted()
+    nest = sn.wrap(m, sn.Depth("depth", [1, 4], layers="blocks"))
+    with nest.use("depth=1"), pytest.raises(IndexError, match=r"'blocks' holds 1 of its 4 blocks under the depth"):
+        m(torch.randn(2, 4))
+    with pytest.raises(IndexError, match=r"index 7 is out of range$"):  # (past all of them: PyTorch's own)
+        m.blocks[7]

@@ -166,6 +166,9 @@ class Dimension:
     def __init__(self, name: str, sizes: Sequence[int]) -> None:
         if not isinstance(name, str) or not name.isidentifier():
             raise SortedNetError(f"dimension name must be an identifier, got {name!r}")
+        if isinstance(sizes, (str, bytes)):  # (split into characters: "64" gave "size '6' is not an int")
+            raise SizeError(f"{self.kind} {name!r}: sizes must be a sequence of ints (a list), got "
+                            f"{type(sizes).__name__} {sizes!r}")
         if isinstance(sizes, (Mapping, Set)):  # (a dict would give its keys, a set an order of its own)
             raise SizeError(f"{self.kind} {name!r}: sizes must be a sequence of ints (a list), got "
                             f"{type(sizes).__name__} {sizes!r}")

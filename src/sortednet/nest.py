@@ -457,6 +457,12 @@ class Nest:
         a sliced module moved or replaced, a module added or removed, a parameter re-shaped, tied or untied.
         The nest's tables and paths describe the model as wrapped; going on would answer for another model."""
         self._check_alive()
+        guards = getattr(self, "_guards", None)
+        if guards is not None:  # (a block put in a Depth list through _modules, insert / pop / del: as a forward
+            try:                # refuses it, whatever parameters it holds)
+                guards.check_counts()
+            except SortedNetError as e:
+                raise SortedNetError(f"{what}: the model changed after wrap: {e}") from None
         why = None
         if not all(parent._modules.get(name) is child for parent, name, child in self._links):
             paths = {id(m): path for path, m in self._sliced.items()}

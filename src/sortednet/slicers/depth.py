@@ -84,7 +84,16 @@ class DepthSlicer(Slicer):
             _pin_checkpoints(self_)
             base = self_._sn.cls
             if not isinstance(idx, slice):
-                return base.__getitem__(self_, idx)
+                try:
+                    return base.__getitem__(self_, idx)
+                except IndexError as e:  # (range(self.n_layers) under a shallower depth: said, still an
+                    n = len(self_)       # IndexError for code that stops on one)
+                    if n == len(self_._modules):
+                        raise
+                    raise DepthIndexError(f"{e}: {self_._sn.path or '<root>'!r} holds {n} of its "
+                                          f"{len(self_._modules)} blocks under the depth in force; a forward "
+                                          "indexing it by a layer count kept aside (range(self.n_layers)) runs "
+                                          "past them: loop over the list itself, or over range(len(...))") from None
             items = list(self_._modules.items())[: len(self_)][idx]
             if issubclass(base, nn.Sequential):
                 return base(OrderedDict(items))
@@ -121,3 +130,7 @@ class DepthSlicer(Slicer):
 
     def skipped(self, m: nn.Module) -> list[str]:
         return list(m._modules)[m._sn.bind["depth"].features():]
+
+
+class DepthIndexError(SortedNetError, IndexError):
+    """An index past the blocks a Depth layer list holds under a shallower depth (an IndexError still)."""
