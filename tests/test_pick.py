@@ -935,3 +935,17 @@ def test_a_score_of_any_real_kind_is_taken_and_others_refused():
     for bad in (lambda v: "x", lambda v: True, lambda v: 1 + 2j, lambda v: np.array([1.0, 2.0])):
         with pytest.raises(sn.SortedNetError, match=r"it must return a real number"):
             nest.profile(x, score=lambda s, bad=bad: bad(s["h"]), metrics=("params",), progress=False)
+
+
+def test_scores_made_stale_by_a_swapped_module_say_so():
+    """An activation swapped after profile(score=) made the scores stale, as it should, but the warning blamed
+    weights that had not changed ("the model was trained, loaded or calibrated since")."""
+    from sortednet.nest import StaleScoresWarning
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    nest = sn.wrap(m, sn.Width("h", [2, 4, 8], out="0", inp="2"))
+    nest.profile(torch.randn(2, 4), score=lambda s: float(s["h"]), metrics=("params",), progress=False)
+    m[1] = torch.nn.GELU()
+    with pytest.warns(StaleScoresWarning, match=r"measured on another model \(modules were added, removed or "
+                                                r"replaced since"):
+        nest.pick(params=nest.cost("h=4"))

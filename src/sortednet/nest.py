@@ -509,7 +509,7 @@ class Nest:
             self._structure = new          # may differ from the one counted and timed (FLOPs count again)
             self._drop_measured(("flops", "latency", "memory"), "modules of the model were added, removed or "
                                 "replaced", 4)
-            self._scores_of_other_weights()  # (a module without parameters swapped: not in the weights' key)
+            self._scores_of_other_weights("modules were added, removed or replaced since: another forward")
         if new[2] != self._tensors:  # the same names and shapes in new objects or dtypes
             self._count_tensors()  # (load_state_dict(assign=True), fully_shard, .to() that replaces them)
 
@@ -1081,12 +1081,14 @@ class Nest:
             raise BudgetError(f"{e}; {left} sub-model(s) passed over, as export refuses them: "
                               f"{self._unexportable_why()}") from e
 
-    def _scores_of_other_weights(self) -> None:
+    def _scores_of_other_weights(self, why: str | None = None) -> None:
         """The profile's scores were measured on weights the model does not hold as a whole (a checkpoint
-        loaded with ``strict=False`` that left some weights as they were): the next pick warns."""
+        loaded with ``strict=False`` that left some weights as they were), or on another forward (``why``: a
+        module without parameters swapped): the next pick warns."""
         if self._scored_on is not None:
             self._scored_on = ()  # (equals no state of the weights)
             self._stale_warned = None  # (a change the weights' key does not show: warned about as a change too)
+            self._stale_why = why
 
     def _warn_if_scores_stale(self) -> None:
         """Warn (once per state of the weights) when the model changed since its profile's scores were measured:
@@ -1097,8 +1099,11 @@ class Nest:
         self._stale_warned = now
         import warnings
 
-        warnings.warn("nest.pick: the profile's scores were measured on other weights (the model was trained, "
-                      "loaded or calibrated since); pick still ranks sub-models by them. Measure them again with "
+        why = self.__dict__.get("_stale_why") if self._scored_on == () else None
+        warnings.warn("nest.pick: the profile's scores were measured on "
+                      + (f"another model ({why})" if why else "other weights (the model was trained, loaded or "
+                         "calibrated since)")
+                      + "; pick still ranks sub-models by them. Measure them again with "
                       "nest.profile(example, score=...), or drop them with nest.profile(example) (costs only)",
                       StaleScoresWarning, stacklevel=3)
 
