@@ -3283,11 +3283,18 @@ def test_an_export_after_accelerate_mixed_precision_prepare_is_the_plain_model()
     export was refused (and SortedTrainer could save no Rank checkpoint). The export is the plain model now,
     compared as the class computes."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state(True)  # (process-wide: a Trainer built by an earlier test in this process set it)
+    GradientState._reset_state()
     torch.manual_seed(0)
     model = llama()
     nest = sn.from_transformers(model, ffn=[0.5], depth=[2], rank=[4, 8])
-    assert Accelerator(mixed_precision="bf16", cpu=True).prepare(model) is model
+    try:
+        assert Accelerator(mixed_precision="bf16", cpu=True).prepare(model) is model
+    finally:  # (cleared for the tests after it, whatever they build)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     assert "forward" in model.__dict__  # (accelerate's wrapper)
     ids = torch.randint(0, V, (2, 7))
     for sub in (nest.smallest, nest.largest):

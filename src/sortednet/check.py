@@ -2006,8 +2006,9 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
     head = f"nest.check: {what} ({sub}) {err}{_raised_in(model, exc)}{_stored_width(nest, sub, err)}"
     if problems:
         return SortedNetError(head + "\n  " + "\n  ".join(problems))
-    if isinstance(exc, SortedNetError):  # (a refusal of its own, which says what is at fault: no wiring guesses)
-        return SortedNetError(head)
+    if isinstance(exc, SortedNetError) and not isinstance(exc, IndexError):  # (a refusal of its own, which says
+        return SortedNetError(head)  # what is at fault: no wiring guesses; an index past a Depth list's blocks: the
+        #                              forward counting them itself, said below)
     heads = [d.name for d in nest.dims if d.kind == "heads" and sub[d.name] != d.full]
     hint = (f"; Heads {heads}: an attention that splits or reshapes with widths it stores or derives itself "
             "(q, k, v = qkv.split(self.n_embd), head_dim = C // self.n_head, a view to its own embedding width) "
