@@ -31,7 +31,7 @@ from ..dims import Depth
 from ..distributed import _ddp_type
 from ..errors import SortedNetError
 from ..io import load, save
-from ..modes import EXPORTING, restore_modes
+from ..modes import restore_modes
 from ..nest import Nest
 from ..rank import Rank
 from ..sampler import Sampler, _same_listing, comparable_state
@@ -673,8 +673,7 @@ class _Healer:
             self.callback._heal(module, args)
 
     def __deepcopy__(self, memo: dict) -> _Healer:
-        return _Healer() if EXPORTING.get() is not None else self  # (an export is a model of its own: no hook of
-        #                                                             the callback's, nor the full model kept alive)
+        return self  # (export drops it from its copy: sn_training_only)
 
     def __reduce__(self) -> tuple:
         return (_Healer, ())

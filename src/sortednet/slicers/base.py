@@ -222,9 +222,8 @@ class Slicer:
         raise NotImplementedError
 
     def value(self, m: nn.Module, name: str) -> Any:
-        """Active value of attribute ``name``. The default serves a ``views`` entry whose tensor the plan could
-        not cut when it was made (absent then: a bias registered as None reads None, one assigned later its
-        slice); a slicer with other attributes defines its own."""
+        """Active value of attribute ``name``. The default serves a ``views`` entry by ``take()`` (read where no
+        plan is in force yet); a slicer with other attributes defines its own."""
         axes = self.rules(m).get(name)
         if isinstance(axes, tuple):
             return self.take(m, name, list(axes))
