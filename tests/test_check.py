@@ -5604,3 +5604,79 @@ def test_a_block_handed_none_for_a_tensor_it_does_not_read_is_judged_by_its_outp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sn.wrap(_MasksByKind(), sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(2, 6, 4))
+
+
+class _ReadsWhole(nn.Module):
+    """Reads its sliced layer's weight whole (``_parameters``: the full tensor live, the cut one exported): a
+    sub-model's output differs from its export by a factor; ``out`` shapes the output."""
+
+    def __init__(self, scale: float, out: str = "float"):
+        super().__init__()
+        self.a, self.b, self.scale, self.out = nn.Linear(8, 16), nn.Linear(16, 10), scale, out
+
+    def forward(self, x):
+        n = self.a._parameters["weight"].shape[0]
+        logits = self.scale * self.b(torch.relu(self.a(x))) * n
+        if self.out == "argmax":  # (live and exported, the classes' order differs)
+            return (logits + (n - 10) * torch.arange(10.0)).argmax(-1)
+        return torch.complex(logits, logits) if self.out == "complex" else logits
+
+
+class _SmallMLP(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.a, self.b, self.scale = nn.Linear(8, 16), nn.Linear(16, 10), scale
+
+    def forward(self, x):
+        return self.scale * self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-4, 1.0, 1e3])
+def test_an_export_unlike_its_live_model_is_refused_at_any_output_scale(scale):
+    torch.manual_seed(0)
+    nest = sn.wrap(_ReadsWhole(scale), sn.Width("h", [4, 16], out="a", inp="b"))
+    with pytest.raises(sn.SortedNetError, match="differs from its live output"):
+        nest.check(torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("out", ["argmax", "complex"])
+def test_an_integer_or_complex_output_does_not_hide_an_export_unlike_its_live_model(out):
+    torch.manual_seed(0)
+    nest = sn.wrap(_ReadsWhole(1e-5, out), sn.Width("h", [4, 16], out="a", inp="b"))
+    match = "no floating-point value" if out == "argmax" else "differs from its live output"
+    with pytest.raises(sn.SortedNetError, match=match):
+        nest.check(torch.randn(5, 8))
+
+
+def test_an_example_of_no_entries_is_refused_not_vouched_for():
+    torch.manual_seed(0)
+    model = _ReadsWhole(1.0)
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="a", inp="b"))
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"float32 \(0, 10\)\) holds no floating-point value"):
+        nest.check(torch.randn(0, 8))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-5, 1.0, 1e4])
+@pytest.mark.parametrize("complex_out", [False, True])
+def test_a_right_nest_passes_whatever_its_output_scale(scale, complex_out):
+    torch.manual_seed(0)
+    model = _SmallMLP(scale)
+    if complex_out:
+        model = _Complex(model)
+    nest = sn.wrap(model, sn.Width("h", [2, 4, 8, 16], out="a" if not complex_out else "inner.a",
+                                   inp="b" if not complex_out else "inner.b"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nest.check(torch.randn(7, 8))
+
+
+class _Complex(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        return torch.complex(y, -y)

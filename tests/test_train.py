@@ -508,12 +508,20 @@ def test_fit_over_a_loader_that_cannot_restart_warns_and_keeps_what_trained():
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
     used = iter([(x, y), (x, y)])
 
-    class Once:  # re-iterable in name only: __iter__ hands out the same iterator
+    class Once:  # re-iterable in name only: __iter__ hands out the same iterator (refused before training)
         def __iter__(self):
             return used
 
+    with pytest.raises(sn.SortedNetError, match="returns one stored iterator"):
+        sn.fit(nest, Once(), torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), epochs=2,
+               progress=False)
+
+    class Drained:  # a fresh iterator each time, over one stream: told only once it runs dry
+        def __iter__(self):
+            return (b for b in used)
+
     with pytest.warns(RuntimeWarning, match="no batch in epoch 2 after 2 steps"):
-        hist = sn.fit(nest, Once(), torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), epochs=2,
+        hist = sn.fit(nest, Drained(), torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), epochs=2,
                       progress=False)
     assert len(hist.train) == 2
 
@@ -2512,3 +2520,135 @@ def test_fit_names_loss_fn_when_it_returns_no_scalar():
         sn.fit(nest, data, torch.optim.SGD(nest.model.parameters(), lr=0.1), sn.Sampler(nest, strategy="all"),
                loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in nest.model.state_dict().items())
+
+
+def _bn_classifier(classes: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, classes))
+    return model, sn.wrap(model, sn.Width("h", [4, 16], out="0", norm="1", inp="3"))
+
+
+class _StoredStream(torch.utils.data.IterableDataset):
+    """A stream that cannot restart: ``__iter__`` returns one stored generator."""
+
+    def __init__(self, batches):
+        self.it = iter(batches)
+
+    def __iter__(self):
+        return self.it
+
+
+class _FreshStream(torch.utils.data.IterableDataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        yield from self.batches
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_an_eval_stream_that_cannot_restart_is_refused_before_training(loader):
+    from models import assert_unchanged, snapshot
+
+    model, nest = _bn_classifier()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(10, 8, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(3)]
+    stream = _StoredStream(data)
+    eval_data = torch.utils.data.DataLoader(stream, batch_size=None) if loader else stream
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="returns one stored iterator"):
+        sn.fit(nest, data, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1), eval_data=eval_data,
+               progress=False)
+    assert_unchanged(model, before)
+    assert next(iter(stream))[0] is data[0][0]  # (nothing was read from it)
+    with pytest.raises(sn.SortedNetError, match="returns one stored iterator"):
+        sn.fit(nest, _StoredStream(data), torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1),
+               epochs=2, progress=False)
+    # a stream that restarts is scored on all of its examples, as the same batches in a list
+    fresh = torch.utils.data.DataLoader(_FreshStream(data), batch_size=None) if loader else _FreshStream(data)
+    hist = sn.fit(nest, data[:1], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
+                  eval_data=fresh, progress=False)
+    assert hist.last_scores == {str(s): v for s, v in evaluate(nest, data).items()}
+
+
+def test_two_dict_batches_of_the_same_keys_are_not_read_as_inputs_and_target():
+    model, nest = _bn_classifier()
+    g = torch.Generator().manual_seed(2)
+    b1, b2 = ({"input": torch.randn(10, 8, generator=g), "labels": torch.randint(0, 3, (10,), generator=g)}
+              for _ in range(2))
+    metric = lambda o, y: (o.argmax(-1) == y["labels"]).sum()  # noqa: E731
+    for data in ([b1, b2], (b1, b2), [b1], [b1, b2, b1]):
+        with pytest.raises(sn.SortedNetError, match="got dict"):
+            evaluate(nest, data, metric=metric)
+    # inputs and a target of other keys stay one pair
+    wrapped = _KeywordModel(_bn_classifier()[0])
+    sn.Nest.of(wrapped.m).unwrap()
+    nest2 = sn.wrap(wrapped, sn.Width("h", [4, 16], out="m.0", norm="m.1", inp="m.3"))
+    got = evaluate(nest2, [{"input": b1["input"]}, {"labels": b1["labels"]}], metric=metric)
+    with torch.no_grad(), nest2.use("h=16"):
+        want = (wrapped.eval()(input=b1["input"]).argmax(-1) == b1["labels"]).float().mean().item()
+    assert got[nest2.resolve("h=16")] == pytest.approx(want)
+
+
+class _KeywordModel(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input):
+        return self.m(input)
+
+
+@pytest.mark.parametrize("shape", [(12, 1), (12, 1, 5)])
+def test_a_one_logit_output_on_the_default_loss_is_refused_before_training(shape):
+    from models import assert_unchanged, snapshot
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 1))
+    nest = sn.wrap(model, sn.Width("h", [4, 16], out="0", norm="1", inp="3"))
+    x = torch.randn(12, 8)
+    if len(shape) == 3:  # (a (batch, 1, length) output: one class on axis 1)
+        model.append(torch.nn.Unflatten(1, (1, 1)))
+        model.append(_Repeat(shape[2]))
+    y = torch.zeros(shape[:1] + shape[2:], dtype=torch.long)
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"one logit per example.*binary_cross_entropy_with_logits"):
+        sn.fit(nest, [(x, y)] * 3, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1),
+               progress=False)
+    assert_unchanged(model, before)
+
+
+class _Repeat(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return x.expand(*x.shape[:-1], self.n)
+
+
+@pytest.mark.parametrize("bad", [3, -2])
+def test_a_target_out_of_the_class_range_at_the_first_step_changes_no_batchnorm_statistic(bad):
+    from models import assert_unchanged, snapshot
+
+    model, nest = _bn_classifier()
+    x, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
+    y[4] = bad
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"not a class index in 0\.\.2"):
+        sn.fit(nest, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1), progress=False)
+    assert_unchanged(model, before)
+
+
+def test_evaluate_names_the_target_or_the_dict_at_fault():
+    _, nest = _bn_classifier()
+    x = torch.randn(4, 8)
+    for y, name in ((np.zeros(4, dtype=np.int64), "ndarray"), ([0, 1, 2, 0], "list"), (1, "int")):
+        with pytest.raises(sn.SortedNetError, match=f"batch 0's target is a {name}"):
+            evaluate(nest, (x, y))
+    with pytest.raises(sn.SortedNetError, match=r"batch 0's target is a tensor of shape \(\)"):
+        evaluate(nest, (x, torch.tensor(1)))
+    with pytest.raises(sn.SortedNetError, match=r"one dict \(keys \['input', 'labels'\]\)"):
+        evaluate(nest, {"input": x, "labels": torch.zeros(4, dtype=torch.long)})

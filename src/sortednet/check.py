@@ -326,10 +326,11 @@ def first_float(out: Any) -> torch.Tensor | None:
 
 
 def float_outputs(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output, in order."""
+    """The floating-point tensors of a model output, in order (a complex one as its real view: (..., 2) reals)."""
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
-    return [t for t in output_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [torch.view_as_real(t) if t.is_complex() else t for t in output_leaves(out)
+            if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -513,7 +514,7 @@ def whole_units_error(nest: Nest, dim: Any, size: int, example: Any, model: Any 
     # it vouches for nothing); then the measures inside the model, each of which must match
     reached = [(x, y) for x, y, z in zip(live, ref, plain) if x.shape == y.shape == z.shape and y.numel()
                and not torch.equal(y, z)] if len(live) == len(ref) == len(plain) else []
-    errs = [_rel_diff(x.detach().double(), y.detach().double(), 1.0) for x, y in reached]
+    errs = [_rel_diff(x.detach().double(), y.detach().double(), _TINY) for x, y in reached]
     for k, ys in outputs["live"].items():
         for x, y in zip(ys, outputs["ref"].get(k, ())):
             if x.shape == y.shape and y.numel():
@@ -1283,12 +1284,12 @@ def _run_from(nest: Nest, model: nn.Module, example: Any, sub: SubModel,
         t.copy_(value)
     with nest.use(sub), seeded(0):
         out = call_model(model, example)
-    return [o.detach().double() for o in output_leaves(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    return [o.detach().double() for o in float_outputs(out)]
 
 
 def _moved(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """The largest relative difference of two runs' outputs (inf where shapes differ)."""
-    return max((_rel_diff(x, y, 1.0) if x.shape == y.shape else math.inf for x, y in zip(a, b)), default=0.0)
+    return max((_rel_diff(x, y, _TINY) if x.shape == y.shape else math.inf for x, y in zip(a, b)), default=0.0)
 
 
 def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
@@ -1814,6 +1815,10 @@ def norm_self_check(nest: Nest) -> None:
                             f", {'training' if training else 'eval'} mode, run alone on a random input): its "
                             "forward does not read the sliced statistics and affine parameters; register a "
                             "slicer for it (docs/custom_slicers.md) or leave it out")
+
+
+_TINY = 1e-30  # the scale floor of outputs compared whole: an output of scale 1e-5 (probabilities over a large
+# vocabulary, a regression in small units) is compared relative to that scale, not as if it were 1
 
 
 def _rel_diff(x: torch.Tensor, y: torch.Tensor, floor: float) -> float:
@@ -2787,10 +2792,12 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
         raise SortedNetError(f"nest.check: export({sub}) does not run on the example: "
                              f"{'' if isinstance(e, SortedNetError) else type(e).__name__ + ': '}{e}{mask}{hint}"
                              ) from e
-    for a, b in zip(output_leaves(got), output_leaves(live)):
-        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
-            continue
-        rel = _rel_diff(a.detach().double(), b.detach().double(), 1.0) if a.shape == b.shape else None
+    got, live = float_outputs(got), float_outputs(live)
+    if len(got) != len(live):
+        raise SortedNetError(f"nest.check: export({sub}) returns {len(got)} floating-point outputs, its live model "
+                             f"{len(live)}{hint}")
+    for a, b in zip(got, live):
+        rel = _rel_diff(a.detach().double(), b.detach().double(), _TINY) if a.shape == b.shape else None
         if rel is None or rel > tol:  # relative to the output's scale (large outputs round more)
             diff = f"by {rel:.3g} relative to its scale" if rel is not None else f"in shape {tuple(a.shape)}"
             own = [f"{p or '<root>'!r} ({type(m._sn.slicer).__name__})" for p, m in nest._sliced.items()
@@ -2939,6 +2946,13 @@ def check(nest: Nest, example: Any, *, mixed: int = 3, seed: int = 0) -> None:
                                      "Hugging Face outputs and the tensor attributes of other objects are opened), "
                                      "so it cannot tell a sliced output from a right one; return one of those, or "
                                      "check a wrapper whose forward does")
+            if not any(t.numel() for t in float_outputs(out)):
+                leaves = [f"{t.dtype} {tuple(t.shape)}" for t in output_leaves(out) if isinstance(t, torch.Tensor)]
+                raise SortedNetError(
+                    f"nest.check: the model's output ({', '.join(leaves[:4])}{' ...' if len(leaves) > 4 else ''}) "
+                    "holds no floating-point value to compare, so no sub-model's output can be told from a right one "
+                    "(an integer output such as argmax hides a difference in the scores; an empty batch shows "
+                    "none): give an example with entries, or check a wrapper that returns the scores")
         heads = any(d.kind == "heads" and d.sizes[0] < d.full for d in nest.dims)  # a second view for the measures
         stand_ins = zero_stand_ins(nest.model) if heads else {}          # of whole heads (zero-initialised projections)
         alt = eval_view(nest.model, keep=nest.dims, replace=stand_ins) if stand_ins else None

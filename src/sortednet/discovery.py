@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from .check import (
+    _TINY,
     _ignoring_queries_and_keys,
     _own_attentions,
     _rel_diff,
     _same_but_heads,
     _shapes,
     _tolerance,
-    output_leaves,
+    float_outputs,
     whole_units_error,
 )
 from .cost import call_model
@@ -259,9 +260,9 @@ def _unlike_export(probe: nn.Module, example: Any, dims: list[Dimension]) -> lis
     tol = _tolerance(nest) / 10
 
     def unlike(x: Any, y: Any) -> bool:
-        return any(a.shape != b.shape or _rel_diff(a.double(), b.double(), 1.0) > tol
-                   for a, b in zip(output_leaves(x), output_leaves(y))
-                   if isinstance(a, torch.Tensor) and a.is_floating_point())
+        a_, b_ = float_outputs(x), float_outputs(y)
+        return len(a_) != len(b_) or any(a.shape != b.shape or _rel_diff(a.double(), b.double(), _TINY) > tol
+                                         for a, b in zip(a_, b_))
 
     def differs(sub: dict[str, int]) -> bool | None:
         try:  # copied before the live runs: a forward that counts calls in a buffer starts both at one count

@@ -764,10 +764,17 @@ def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
     """One ``(inputs, target)`` pair (inputs a tensor, a tuple or a dict; target a tensor, a dict, or any target
     where the inputs are a tensor or a dict: no batch is one; a tuple of a tuple of inputs and a tuple / list
     target that cannot be two batches, their lengths other than 2 and 2), or batches of them (a list of pairs).
-    A tuple of two pairs reads both ways and is refused."""
+    A tuple of two pairs reads both ways and is refused; so is a dict (a batch of keyword inputs and labels,
+    whose target is not told)."""
+    if isinstance(data, Mapping):
+        raise SortedNetError(
+            f"the data is one dict (keys {list(data)[:6]}), iterated it gives its keys: pass (inputs, target) "
+            "pairs, e.g. ({k: v for k, v in batch.items() if k != 'labels'}, batch['labels']), or a list of them")
     if isinstance(data, (tuple, list)) and len(data) == 2 and (
             isinstance(data[1], (Tensor, Mapping)) and isinstance(data[0], (tuple, list))  # (no batch is a dict)
-            or isinstance(data[0], Tensor) or keyword_inputs(data[0])):
+            or isinstance(data[0], Tensor) or keyword_inputs(data[0])) and not (
+            isinstance(data[0], Mapping) and isinstance(data[1], Mapping) and set(data[0]) == set(data[1])):
+        # (two dicts of the same keys are two batches of keyword inputs: a target is never another such dict)
         return [tuple(data)]
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (tuple, list)) \
             and isinstance(data[1], (tuple, list)):  # (positional inputs, and a target of several parts? A list
@@ -821,10 +828,23 @@ def _examples(y: Any, x: Any = None) -> int | None:
 
 
 def _one_shot(data: Any) -> bool:
-    """An iterator that is exhausted after one pass (a generator), not a re-iterable loader or list."""
-    from collections.abc import Iterator
+    """Data exhausted after one pass: an iterator (a generator), an object whose ``__iter__`` returns one stored
+    iterator, or a DataLoader over an IterableDataset that does (a stream that cannot restart); not a list or a
+    re-iterable loader. Told without reading anything (``iter`` of a generator function reads nothing yet)."""
+    from torch.utils.data import DataLoader, IterableDataset
 
-    return isinstance(data, Iterator)
+    if isinstance(data, Iterator):
+        return True
+    if isinstance(data, (Tensor, tuple, list, Mapping, np.ndarray)):
+        return False
+    source = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(data, DataLoader) and not isinstance(source, IterableDataset):
+        return False  # (a map-style dataset is indexed afresh at every pass)
+    try:
+        a, b = iter(source), iter(source)
+    except Exception:  # (not iterable: refused where it is read, with its own message)
+        return False
+    return a is b
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
@@ -888,9 +908,13 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
         if ok and (default or isinstance(y, Tensor)):  # the default metric needs tensor targets
             ok = isinstance(y, Tensor) and y.dim() >= 1 and len(y) > 0
         if not ok:
+            pair = isinstance(item, (tuple, list)) and len(item) == 2
+            got = (f"batch {len(batches)}'s target is " + (f"a {type(y).__name__}" if not isinstance(y, Tensor)
+                                                            else f"a tensor of shape {tuple(y.shape)}")
+                   if pair else f"got {type(item).__name__}"
+                   + (f" of {len(item)} items" if isinstance(item, (tuple, list)) else ""))
             raise SortedNetError("evaluate needs (inputs, target) pairs with targets of at least one example (a "
-                                 f"tensor for the default accuracy); got {type(item).__name__}"
-                                 + (f" of {len(item)} items" if isinstance(item, (tuple, list)) else ""))
+                                 f"tensor for the default accuracy); {got}")
         if not default and not (_examples(y, item[0]) or 0) > 0:
             from torch.utils._pytree import tree_leaves
 
@@ -1124,7 +1148,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         metric = _Accuracy(1)
     if eval_data is not None and _one_shot(eval_data):
         raise SortedNetError(f"fit(eval_data=...) is evaluated more than once: give data it can iterate again (a "
-                             f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}")
+                             f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}"
+                             + ("" if isinstance(eval_data, Iterator) else " whose __iter__ returns one stored "
+                                "iterator (each evaluation would score what the last one left)"))
     if scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise SortedNetError("fit(scheduler=ReduceLROnPlateau) needs a metric at each step; fit calls "
                              "scheduler.step() without one: step it yourself from the History, or use another "
@@ -1144,7 +1170,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
             raise SortedNetError(f"fit(device={asked!r}): that device is not available here: {e}") from None
     if epochs > 1 and _one_shot(loader):
         raise SortedNetError(f"fit(epochs={epochs}) needs a loader it can iterate again (a list, a DataLoader); "
-                             f"a {type(loader).__name__} is exhausted after the first epoch")
+                             f"a {type(loader).__name__}" + ("" if isinstance(loader, Iterator) else
+                                                              " whose data's __iter__ returns one stored iterator")
+                             + " is exhausted after the first epoch")
     model = nest.model
     if device is None:
         device = next((p.device for p in model.parameters()), None)
@@ -1272,6 +1300,8 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
                                              f"as a tensor of logits; in training mode the model returns a "
                                              f"{type(out).__name__}: pass loss_fn=")
                     if loss_fn is None:
+                        if step == first:  # (the check above could not run: before the backward, at least)
+                            one_logit(out, step)
                         loss = _default_loss(out, y, step)
                     else:
                         loss = loss_fn(out, y)
@@ -1460,8 +1490,22 @@ def _check_output(nest: Nest, x: Any, distill: Distill | None, y: Any = None, de
         raise SortedNetError(f"fit(): the default loss, F.cross_entropy, reads the model's output as a tensor of "
                              f"logits, but the model returns {got}: pass loss_fn=, e.g. lambda out, y: "
                              "F.cross_entropy(out['logits'], y)")
+    if default_loss and isinstance(y, Tensor):  # (its shapes and class range, before a training forward moves a
+        one_logit(out, step)                      # BatchNorm's statistics)
+        _default_loss(out.float(), y.to(out.device), step)
     if distill is not None:  # (an axis the logits do not have, or cannot tell: refused before any training forward)
         _distill_axis(distill, out, y, default_loss, step)
+
+
+def one_logit(out: Tensor, step: int) -> None:
+    """Refuse a one-logit output (batch, 1, ...) on fit's default loss: a softmax over one class is 1, the loss 0
+    whatever the weights, and nothing would train."""
+    if out.dim() >= 2 and out.shape[1] == 1:
+        raise SortedNetError(
+            f"fit(): the output of step {step}, {tuple(out.shape)}, holds one logit per example, and the default "
+            "loss, F.cross_entropy, over one class is 0 whatever the weights (nothing would train): for a binary "
+            "task pass loss_fn=lambda out, y: F.binary_cross_entropy_with_logits(out.squeeze(1), y.float()) and "
+            "metric=, or give the model two outputs")
 
 
 def _distill_axis(distill: Distill, out: Any, y: Any, default_loss: bool, step: int) -> int:

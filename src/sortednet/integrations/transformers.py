@@ -505,7 +505,7 @@ def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn
     derived from it (a block's layer count for a MiniCPM-style residual scale) computes another network than the
     live sub-model, which kept the full model's values, and no shape tells. Skipped where that input cannot be
     made or the live model does not run on it (a meta-device or sharded model)."""
-    from ..check import _rel_diff, first_float
+    from ..check import _TINY, _rel_diff, first_float
     from ..modes import dry_run, eval_mode
     from ..views import is_sharded
 
@@ -547,7 +547,7 @@ def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn
         finally:
             for x, flag in modes:
                 x.training = flag
-        diff = (_rel_diff(out.double(), live.double(), 1.0) if out is not None and out.shape == live.shape
+        diff = (_rel_diff(out.double(), live.double(), _TINY) if out is not None and out.shape == live.shape
                 else math.inf)
         if not diff <= tol:
             same = _config_dict(getattr(small, "config", None)) == _config_dict(getattr(model, "config", None))
