@@ -1584,3 +1584,29 @@ def test_a_depth_over_torchscript_blocks_is_refused_naming_them():
                                                 r"TorchScript modules"):
         sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
     assert_unchanged(m, before)
+
+
+class _Adapter(nn.Module):
+    """A PEFT-style adapter around a layer: its own low-rank factors beside the layer it holds."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.zeros(2, base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, 2))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A.T @ self.B.T
+
+
+@pytest.mark.parametrize("where", ["0", "2"])
+def test_an_adapter_put_around_a_sliced_layer_is_refused_naming_what_it_adds(where):
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    sn.wrap(model, sn.Width("h", [4, 16], out="0", inp="2"))
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=rf"holds the sliced '{where}' \(as 'base'\), but what it adds "
+                                                r"around it is not sliced.*mode='lora'"):
+        model[int(where)] = _Adapter(model[int(where)])
+    assert_unchanged(model, before)
+    with pytest.raises(sn.SortedNetError, match="a module put in its place would run unsliced"):
+        model[0] = nn.Linear(8, 16)  # (a new layer: the reason said so)

@@ -1529,8 +1529,20 @@ def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool
         return None
     lists = st.path if depth else ""
     where = g.path if g is not None else f"{lists}.{name}" if lists else name
+    why = None
+    if below and isinstance(value, nn.Module) and not depth:  # (an adapter around the sliced module: PEFT-style)
+        inside = {id(m): rel for rel, m in value.named_modules()}
+        held = [(rel, inside[id(m)]) for rel, m in below if m is not None and id(m) in inside]
+        if held:
+            rel, at = held[0]
+            sliced = f"{where}.{rel}" if rel else where
+            why = (f"the new {type(value).__name__} holds the sliced {sliced!r} (as {at!r}), but what it adds around "
+                   "it is not sliced: its own parameters would run at full size under every sub-model. Adapters "
+                   "that are cut with the model: sn.Rank(..., mode='lora') (docs/rank.md); else add them before "
+                   "wrapping and bind their layers to the dimensions")
     refuse_tree_change(lists if depth else where, f"deleting {where!r}" if deleting else
-                       f"setting {where!r} to {'None' if value is None else 'a new ' + type(value).__name__}", depth)
+                       f"setting {where!r} to {'None' if value is None else 'a new ' + type(value).__name__}", depth,
+                       why)
 
 
 def _copy_link(parent: nn.Module, name: str, value: Any, deleting: bool = False) -> None:

@@ -46,14 +46,15 @@ def _pin_checkpoints(m: nn.Module) -> None:
             pin_checkpoints(a, p, sys._getframe(2))
 
 
-def refuse_tree_change(path: str, action: str, depth: bool) -> None:
+def refuse_tree_change(path: str, action: str, depth: bool, why: str | None = None) -> None:
     """Refuse ``action`` (e.g. ``"setting 'blocks.3' to a Linear"``) on the module tree of a wrapped model:
-    on the path to a sliced module, or on a Depth layer list (``depth``) at ``path``."""
-    why = (f"the Depth layer list {path or '<root>'!r} is wrapped: its depths count its blocks as wrapped, so a "
-           "block added, inserted, removed or replaced would be skipped, or would push a trained block out of the "
-           "sub-models or overwrite it") if depth else (
-           "sortednet slices the module there or modules below it; a module put in its place would run unsliced "
-           "under every sub-model")
+    on the path to a sliced module, or on a Depth layer list (``depth``) at ``path`` (``why``: a reason of the
+    caller's own)."""
+    why = why or ((f"the Depth layer list {path or '<root>'!r} is wrapped: its depths count its blocks as wrapped, "
+                   "so a block added, inserted, removed or replaced would be skipped, or would push a trained block "
+                   "out of the sub-models or overwrite it") if depth else (
+                   "sortednet slices the module there or modules below it; a module put in its place would run "
+                   "unsliced under every sub-model"))
     raise SortedNetError(f"{action} is refused while the model is wrapped: {why}. nest.unwrap() (a deep copy of "
                          "the wrapped model: nest.unwrap_copy(copy)), change the model, then wrap it again "
                          "(activation checkpointing: nest.checkpoint; compiling: nest.compile() or "
