@@ -1070,3 +1070,39 @@ def test_a_module_in_the_example_is_signed_by_identity_and_settings():
     assert nest.cost("h=32", "flops", example={"x": x, "pre": three}) == 3 * one
     three.n = 2  # (a setting changed in place: counted again)
     assert nest.cost("h=32", "flops", example={"x": x, "pre": three}) == 2 * one
+
+
+def _export_flops(nest, sub, x):
+    with FlopCounterMode(display=False) as counter:
+        nest.export(sub)(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("setting", ["stride", "scale"])
+def test_flops_counted_again_after_a_module_setting_changed_in_place(setting):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Upsample(scale_factor=2.0), torch.nn.Conv2d(16, 8, 3, padding=1))
+    nest = sn.wrap(model, sn.Width("c", [4, 8, 16], out="0", inp="3"))
+    x = torch.randn(1, 3, 16, 16)
+    first = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    assert first == [_export_flops(nest, s, x) for s in nest.submodels]
+
+    def change(value):
+        if setting == "stride":
+            model[0].stride = (value, value)
+        else:
+            model[2].scale_factor = float(value)
+
+    change(4)
+    now = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    assert now == [_export_flops(nest, s, x) for s in nest.submodels] != first
+    assert nest.pick(flops=now[-1]) == nest.largest
+    # a profile's table too: dropped with its latency and memory, with a warning, and counted afresh
+    nest.profile(x, metrics=["flops", "memory"], progress=False)
+    change(1)
+    with pytest.warns(UserWarning, match=r"settings changed in place.*\['flops', 'memory'\]"):
+        again = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    assert again == [_export_flops(nest, s, x) for s in nest.submodels]
+    assert "flops" not in nest._profile.costs and "memory" not in nest._profile.costs
+    assert nest.pick(flops=again[0]) == nest.smallest

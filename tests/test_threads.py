@@ -1001,3 +1001,44 @@ def test_a_use_block_in_a_generator_stepped_from_c_code_enters():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         g.close()
+
+
+@pytest.mark.parametrize("change", ["profile", "count"])
+def test_a_pick_table_built_from_costs_replaced_meanwhile_is_not_kept(monkeypatch, change):
+    """A pick in one thread builds its table from the cost tables while another thread installs new ones (a
+    profile, FLOPs counted on another input): the table it built is used for that pick only, never kept."""
+    import importlib
+
+    nest_mod = importlib.import_module("sortednet.nest")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 4))
+    nest = sn.wrap(model, sn.Width("a", [4, 12, 24, 40], out="0", inp="2"),
+                   sn.Width("b", [4, 12, 24, 40], out="2", inp="4"))
+    nest.profile(torch.randn(2, 8), metrics=["flops"], progress=False)
+    building, go = threading.Event(), threading.Event()
+    real = nest_mod.Selector
+
+    class Paused(real):  # the first table built waits, between reading the costs and being kept
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            if not building.is_set():
+                building.set()
+                assert go.wait(60)
+
+    monkeypatch.setattr(nest_mod, "Selector", Paused)
+    nest._selector = None
+    picker = threading.Thread(target=nest.pick, kwargs={"params": 3000})
+    picker.start()
+    assert building.wait(60)
+    x = torch.randn(9, 8)
+    if change == "profile":
+        want = nest.profile(x, metrics=["flops"], progress=False).costs["flops"]
+    else:
+        nest.profile(torch.randn(2, 8), metrics=["params"], progress=False)  # (no FLOPs in the profile)
+        want = [nest.cost(s, "flops", example=x) for s in nest.submodels]
+    go.set()
+    picker.join(60)
+    assert list(nest._select().costs["flops"]) == list(want)
+    budget = sorted(want)[len(want) // 2]
+    got = nest.pick(flops=budget)
+    assert want[list(nest.submodels).index(got)] <= budget

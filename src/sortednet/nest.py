@@ -328,6 +328,8 @@ class Nest:
                           if "rank" in m._sn.bind and m._sn.extra.get("weight") is not None]
         self._cost_cache: dict[str, dict[SubModel, float]] = {m: {} for m in METRICS}
         self._cost_lock = threading.Lock()
+        self._read_marks = 0  # changes of what pick's table is built from (cost tables, a profile, svd Rank weights
+        #                       seen read as a matrix): a table built over one is not kept
         self._count_tensors()
         self._flops_example: Any = None   # input signature of the FLOPs in _cost_cache["flops"]
         self._profile_flops: Any = None   # the profile's example signature when it holds FLOPs (pick's table)
@@ -343,8 +345,8 @@ class Nest:
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
         self._selector_reads: tuple | None = None  # (plain attributes the table passed sub-models over for, state)
-        self._read_marks = 0             # svd Rank weights seen read as a matrix (each drops pick's table)
         self._told_other_flops: set = set()  # input signatures OtherInputFlopsWarning was given for
+        self._flops_settings: str | None = None  # modules_digest of the tree the FLOPs table was counted on
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
         rows = SubModelList.product(names, sizes).rows if self._rows is None else self._rows
         _base.NAMING_SLICER_ERRORS[0] += 1
@@ -394,6 +396,7 @@ class Nest:
         counter = ParamCounter(self, owners)
         with self._cost_lock:
             self._param_counter, self._cost_cache["params"], self._tensors = counter, {}, ids
+            self._selector, self._read_marks = None, self._read_marks + 1
         if old_dtypes and old_dtypes != [d for _, d in ids]:  # latency and memory were measured at the old dtypes
             self._drop_measured(("memory", "latency"), "the model's parameter dtypes changed", 5)
             self._scores_of_other_weights()  # (and the scores on other values: `.to()` moves no version counter)
@@ -408,7 +411,7 @@ class Nest:
                 self._cost_cache[m] = {}
             if "flops" in metrics:
                 self._flops_example = None
-            self._selector = None
+            self._selector, self._read_marks = None, self._read_marks + 1
         if stale:
             import dataclasses
             import warnings
@@ -785,6 +788,16 @@ class Nest:
         sig = _sig_key(example_signature(example))
         with self._cost_lock:
             hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example else None
+            profiled = sig == self._profile_flops
+        if hit is not None and store:  # (a setting changed in place since the count, a stride: counted anew)
+            settings = modules_digest(self.model)
+            if settings != (self._profile_digest if profiled else self._flops_settings):
+                hit = None
+                why = "a module's settings changed in place (a stride, a scale factor)"
+                if profiled:
+                    self._drop_measured(("flops", "latency", "memory"), why, 5)
+                else:
+                    self._drop_measured(("flops",), why, 5)
         if hit is None:
             try:
                 hit = count_flops(self, sub, example, model=model, own_buffers=own_buffers)  # (outside the lock:
@@ -813,9 +826,9 @@ class Nest:
                     return hit
                 if sig != self._flops_example:
                     self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
-                    self._flops_example = sig
+                    self._flops_example, self._flops_settings = sig, modules_digest(self.model)
                 self._cost_cache["flops"][sub] = hit
-                self._selector = None
+                self._selector, self._read_marks = None, self._read_marks + 1
         return hit
 
     def profile(self, example_inputs: Any, *, score: Callable[[SubModel], float] | None = None,
@@ -903,7 +916,9 @@ class Nest:
         if prof is not None and prof.scores is not None:
             import dataclasses
 
-            self._profile, self._selector = dataclasses.replace(prof, scores=None), None
+            with self._cost_lock:
+                self._profile, self._selector = dataclasses.replace(prof, scores=None), None
+                self._read_marks += 1
         return old, kept, fresh
 
     def _unpermuted(self, token: tuple[int, dict[str, Any], bool]) -> None:
@@ -981,7 +996,16 @@ class Nest:
         return tuple(key)
 
     def _set_profile(self, prof: Profile | None) -> None:
-        old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
+        try:
+            self._install_profile(prof)
+        finally:  # (a pick in another thread that built its table from the old costs meanwhile keeps it not)
+            with self._cost_lock:
+                self._selector, self._read_marks = None, self._read_marks + 1
+
+    def _install_profile(self, prof: Profile | None) -> None:
+        with self._cost_lock:
+            old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
+            self._read_marks += 1
         self._told_other_flops = set()  # (a new profile's table: another input may be warned about again)
         self._scored_on = self._stale_warned = self._score_slots = None
         self._profile_flops = None
@@ -1278,7 +1302,8 @@ class Nest:
         try:
             new = export_submodel(self, sub)
         except SortedNetError:  # (what it refuses may be new since pick's table was built: built again)
-            self._selector = None
+            with self._cost_lock:
+                self._selector, self._read_marks = None, self._read_marks + 1
             raise
         held, counted = sum(p.numel() for p in new.parameters()), self.cost(sub)
         if held != counted:  # (a slicer of one's own whose numel() or export() is wrong: pick would choose by
