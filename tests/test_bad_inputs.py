@@ -800,3 +800,55 @@ def test_an_index_past_the_blocks_of_a_shallower_depth_says_so():
         m(torch.randn(2, 4))
     with pytest.raises(IndexError, match=r"index 7 is out of range$"):  # (past all of them: PyTorch's own)
         m.blocks[7]
+
+
+def test_save_refuses_a_path_that_is_no_regular_file_and_leaves_it_as_it_was(tmp_path):
+    model, nest = mlp()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(sn.SortedNetError, match="not a regular file"):
+        sn.save(nest, fifo)
+    assert os.path.exists(fifo) and not os.path.isfile(fifo)
+    link = tmp_path / "latest"
+    os.symlink(fifo, link)  # (through a link too)
+    with pytest.raises(sn.SortedNetError, match="not a regular file"):
+        sn.save(nest, link)
+    assert not os.path.isfile(fifo) and sorted(os.listdir(tmp_path)) == ["latest", "pipe"]
+    target = tmp_path / "ckpt.safetensors"  # (a link to a regular file is written through)
+    target.write_bytes(b"")
+    os.unlink(link)
+    os.symlink(target, link)
+    sn.save(nest, link)
+    assert os.path.islink(link) and sn.load(FAMILIES["mlp"]().model, target).submodels == nest.submodels
+
+
+@pytest.mark.parametrize("option", [dict(count_attrs=5), dict(qkv=5), dict(per_head=5), dict(whole=3),
+                                    dict(qkv=[["q"], "k", "v"]), dict(o=3), dict(qkv="")])
+def test_heads_options_of_the_wrong_type_are_pattern_errors_naming_the_option(option):
+    (name,) = option
+    with pytest.raises(sn.PatternError, match=f"Heads 'h': {name}= takes"):
+        sn.Heads("h", [2, 4], attn="attn", **option)
+
+
+def test_heads_takes_one_count_attribute_as_a_string():
+    assert sn.Heads("h", [2, 4], attn="attn", count_attrs="num_heads").count_attrs == ("num_heads",)
+
+
+@pytest.mark.parametrize("pattern", [b"0", bytearray(b"0"), {"0": 1}])
+def test_a_pattern_of_bytes_or_a_mapping_is_refused_as_it_was_given(pattern):
+    with pytest.raises(sn.PatternError, match=r"must be a string or a list of strings.*got " + repr(pattern)[:6]
+                       .replace("(", r"\(").replace("{", r"\{")):
+        Width("h", [4, 8], out=pattern, inp="2")
+
+
+def test_profile_refuses_a_score_that_is_not_callable_before_measuring():
+    case, nest = mlp()
+    with pytest.raises(sn.SortedNetError, match="takes a callable score"):
+        nest.profile(case.example, score="acc", progress=False)
+    assert nest._profile is None
+
+
+def test_by_ratio_refuses_a_dimension_name_given_twice():
+    dims = [Width("a", [4, 8], out="0", inp="2"), Width("a", [2, 16], out="2", inp="4")]
+    with pytest.raises(sn.SortedNetError, match=r"names \['a'\] are given twice"):
+        sn.by_ratio(dims, [0.5, 1.0])

@@ -144,6 +144,9 @@ def write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Callable[[di
                              f"{MAX_HEADER:,}-byte limit of safetensors (too many sub-models listed?)")
     if os.path.islink(path):  # (a "latest -> ckpt-7" link: torch.save writes through it too)
         path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path):  # (renamed into place, the file would replace it)
+        raise SortedNetError(f"cannot write checkpoint {path!r}: it is not a regular file (a folder, a device, a "
+                             "FIFO or a socket)")
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:

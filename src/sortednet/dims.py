@@ -133,7 +133,7 @@ class Target:
 def _as_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
-    if not isinstance(value, str) and not isinstance(value, Iterable):
+    if isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, str) and not isinstance(value, Iterable):
         raise PatternError(f"{what} patterns must be a string or a list of strings (\"\" is the root module), "
                            f"got {value!r}")
     out = (value,) if isinstance(value, str) else tuple(value)

@@ -341,6 +341,10 @@ def by_ratio(dims: Sequence[Dimension], ratios: Sequence[float]) -> list[dict[st
                                                                                    for d in dims):
         raise SortedNetError(f"by_ratio needs a list of dimensions (sn.Width / sn.Heads / ..., e.g. from sn.discover), "
                              f"got {dims!r}")
+    names = [d.name for d in dims]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # (a sub-model holds one size per name: the second would overwrite the first)
+        raise SortedNetError(f"by_ratio: dimension names {twice} are given twice; a nest takes each name once")
     return list({tuple(sorted(s.items())): s for s in (
         {d.name: _at_ratio(d.sizes, d.full, r, discovered=_made_for(d, r)) for d in dims} for r in ratios)}.values())
 

@@ -86,6 +86,9 @@ def _relative_paths(name: str, option: str, value: Any, what: str, example: str)
     """``per_head=`` / ``whole=`` as a tuple of relative paths (a string is one), each once; None as given."""
     if value is None:
         return None
+    if not isinstance(value, (str, tuple, list)):
+        raise PatternError(f"Heads {name!r}: {option}= takes the relative paths of {what} of each attention (e.g. "
+                           f"{example!r}): a string or a list of strings, got {value!r}")
     value = (value,) if isinstance(value, str) else tuple(value)
     bad = [n for n in value if not isinstance(n, str) or not n or n.startswith(".") or n.endswith(".")]
     if bad or not value or len(set(value)) != len(value):
@@ -192,7 +195,7 @@ class Heads(Dimension):
 
     def __init__(self, name: str, sizes: Sequence[int], *, attn: str | Iterable[str],
                  qkv: str | Sequence[str] | None = None, o: str | None = None,
-                 count_attrs: Sequence[str] | None = None, layout: str | None = None,
+                 count_attrs: str | Sequence[str] | None = None, layout: str | None = None,
                  per_head: str | Sequence[str] | None = None, whole: str | Sequence[str] | None = None) -> None:
         super().__init__(name, sizes)
         if layout is not None and layout not in LAYOUTS:
@@ -201,6 +204,9 @@ class Heads(Dimension):
         if not self.attn:
             raise PatternError(f"Heads {name!r}: attn= must name attention modules")
         if qkv is not None and not isinstance(qkv, str):
+            if not isinstance(qkv, (tuple, list)) or not all(isinstance(n, str) and n for n in qkv):
+                raise PatternError(f"Heads {name!r}: qkv= takes 3 child names (q, k, v) or one fused name, got "
+                                   f"{qkv!r}")
             qkv = tuple(qkv)
             if len(qkv) != 3:
                 raise PatternError(f"Heads {name!r}: qkv= needs 3 names (q, k, v) or one fused name, got {list(qkv)}")
@@ -210,6 +216,16 @@ class Heads(Dimension):
                     "(to_kv, kv_proj) or query/key projection is not a layout Heads can slice; split it into two "
                     "Linears (copy its weight rows), or give the attention a slicer of yours "
                     "(docs/custom_slicers.md)")
+        if qkv is not None and not qkv:
+            raise PatternError(f"Heads {name!r}: qkv= takes 3 child names (q, k, v) or one fused name, got ''")
+        if o is not None and (not isinstance(o, str) or not o):
+            raise PatternError(f"Heads {name!r}: o= takes the output projection's child name, got {o!r}")
+        if isinstance(count_attrs, str):  # (one attribute's name)
+            count_attrs = (count_attrs,)
+        if count_attrs is not None and (not isinstance(count_attrs, (tuple, list)) or not all(
+                isinstance(n, str) and n for n in count_attrs)):
+            raise PatternError(f"Heads {name!r}: count_attrs= takes the names of the attention's int attributes that "
+                               f"count heads (a string or a list of strings), got {count_attrs!r}")
         self.qkv = qkv
         self.o = o
         self.count_attrs = tuple(count_attrs) if count_attrs is not None else None

@@ -168,6 +168,9 @@ def save(nest: "Nest | nn.Module", path: str | os.PathLike, *,  # noqa: F821
         raise SortedNetError(f"cannot save to {p!r}: folder {folder!r} does not exist")
     if os.path.isdir(p):
         raise SortedNetError(f"cannot save to {p!r}: it is a folder")
+    if os.path.exists(p) and not os.path.isfile(p):  # (a device, a FIFO: the rename into place would replace it)
+        raise SortedNetError(f"cannot save to {p!r}: it is not a regular file (a device, a FIFO or a socket), "
+                             "which the checkpoint written beside it and renamed into place would replace")
     modules = dict(nest.model.named_modules())
     dims = [exact_spec(d, modules) for d in nest.dims]
     full = len(nest.submodels) == _product(nest)

@@ -858,6 +858,7 @@ class Nest:
         """
         self._check_structure("profile")
         refuse_cache_example(example_inputs, "nest.profile")
+        checked = None if score is None else _checked_score(score)  # (a score that is no callable: refused first)
         if is_fsdp(self.model):
             raise SortedNetError("nest.profile: the model is sharded with FSDP2 (fully_shard); profile runs private "
                                  "eval-mode copies of it, which sharded weights cannot give: profile before "
@@ -879,7 +880,7 @@ class Nest:
                     except Exception as e:
                         raise self._forward_error("profile", sub, example_inputs, e) from e
         try:
-            prof = build_profile(self, example_inputs, score=None if score is None else _checked_score(score),
+            prof = build_profile(self, example_inputs, score=checked,
                                  metrics=metrics, repeat=repeat, warmup=warmup, progress=progress, on=on)
         except SortedNetError:
             raise
@@ -1750,7 +1751,12 @@ def _warn_if_loss_like(prof: Profile) -> None:
 
 
 def _checked_score(score: Callable[[SubModel], Any]) -> Callable[[SubModel], float]:
-    """``score`` refusing anything but a real number (a string or bool would be cast or fail obscurely)."""
+    """``score`` refusing anything but a real number (a string or bool would be cast or fail obscurely); a
+    ``score`` that is not callable is refused at once, before anything is measured."""
+    if not callable(score):
+        raise SortedNetError(f"profile(score=...) takes a callable score(sub) returning a real number, got "
+                             f"{type(score).__name__} {str(score)[:80]!r}")
+
     def checked(sub: SubModel) -> float:
         value = score(sub)
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
