@@ -959,3 +959,39 @@ def test_batches_takes_integer_scalars_of_numpy_and_torch():
     for bad in (2.0, True, torch.tensor(2.0)):
         with pytest.raises(sn.SortedNetError, match="batches must be an int >= 1"):
             nest.calibrate(data, batches=bad)
+
+
+def _bn_net(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    return model, sn.wrap(model, sn.Width("c", [4, 8], out="0", norm="1", inp="3"))
+
+
+@pytest.mark.parametrize("on", ["copy", "model"])
+def test_shared_statistics_written_in_place_after_calibrate_are_said_stale(on):
+    """An EMA copy synced in place (``copy_`` over its state_dict) while eval mode reads its calibrated
+    statistics computes with the old ones: said, as after a training-mode forward; a write that puts the
+    same values back is no news."""
+    import copy
+
+    model, nest = _bn_net()
+    data = [torch.randn(6, 3, 10, 10) for _ in range(2)]
+    nest.calibrate(data)
+    target = copy.deepcopy(model) if on == "copy" else model
+    target.eval()
+    x = torch.randn(2, 3, 10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        for t in target.state_dict().values():  # (the same values written back: nothing moved)
+            t.copy_(t.clone())
+        with nest.use("c=4"), torch.no_grad():
+            target(x)
+    source = _bn_net(seed=1)[0]
+    with torch.no_grad():
+        source(torch.randn(6, 3, 10, 10))  # (statistics of its own)
+        for (k, t), v in zip(target.state_dict().items(), source.state_dict().values()):
+            if not k.endswith("num_batches_tracked"):  # (no training-mode forward of its own: its count stays)
+                t.copy_(v)
+    with pytest.warns(StaleCalibrationWarning, match="writes into its shared running statistics"), \
+            nest.use("c=4"), torch.no_grad():
+        target(x)

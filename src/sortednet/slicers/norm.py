@@ -111,6 +111,8 @@ class NormStats:
         at, now = WeakIdKeyDictionary(), _counter(m)
         if now is not None:
             at[now[0]] = (now[1], _value(now[0]))
+        for t, version in _shared(m):  # (and the shared statistics: written into in place since, they moved)
+            at[t] = (version, t.detach().clone())
         self.since.update(at=at, told=told, stale=frozenset(stale))
         return self
 
@@ -162,6 +164,39 @@ def _value(t: Tensor) -> int | None:
         return None
 
 
+def _shared(m: nn.Module) -> list[tuple[Tensor, int]]:
+    """``m``'s shared ``running_mean`` / ``running_var`` buffers with their version counters (an inference or meta
+    tensor left out: no counter, or no value)."""
+    out = []
+    for name in ("running_mean", "running_var"):
+        t = m.__dict__["_buffers"].get(name)
+        if t is not None and not t.is_meta:
+            try:
+                out.append((t, t._version))
+            except Exception:  # (an inference tensor)
+                continue
+    return out
+
+
+def _shared_written(m: nn.Module, at: Any) -> bool:
+    """Whether a shared running statistic of ``m`` was written into in place with other values since it was seen
+    (an EMA copy's buffers synced with ``copy_`` while eval mode reads the calibrated ones). Compared by value only
+    where its version counter moved (a run that put the values back, a dry run of sortednet's, moves the counter,
+    not the values); one first seen here (``model.to(...)``, a copy) is counted from now."""
+    for t, version in _shared(m):
+        base = at.get(t)
+        if base is not None and base[0] == version:
+            continue
+        held = None if base is None else base[1]
+        if not isinstance(held, Tensor) or held.shape != t.shape or held.dtype != t.dtype or held.device != t.device:
+            at[t] = (version, t.detach().clone())
+            continue
+        if not torch.equal(held, t):
+            return True
+        at[t] = (version, held)
+    return False
+
+
 def trained_since(m: nn.Module, norm: NormStats) -> bool:
     """Whether ``m`` ran a training-mode forward since ``norm`` was computed or loaded: its batch counter
     ``num_batches_tracked`` (+1 per training-mode forward) holds another value. Read only when the counter's
@@ -172,6 +207,9 @@ def trained_since(m: nn.Module, norm: NormStats) -> bool:
     if since.get("trained"):
         return True
     at, now = since.get("at"), _counter(m)
+    if at is not None and _shared_written(m, at):
+        since["trained"] = True
+        return True
     if at is None or now is None:
         return False
     t, version = now
@@ -195,8 +233,8 @@ def _warn_if_trained(path: str, m: nn.Module, norm: NormStats) -> None:
         return
     told[0] = True
     warnings.warn(f"{path}: this sub-model's BatchNorm statistics from nest.calibrate (or sn.load) predate "
-                  "training-mode forwards of the model (its shared running statistics and num_batches_tracked "
-                  "moved since): eval mode and export still read them, and they describe the model as it was then "
+                  "training-mode forwards of the model, or writes into its shared running statistics (they or "
+                  "num_batches_tracked moved since: a training step, an EMA's copy_ of another model's): eval mode and export still read them, and they describe the model as it was then "
                   "(its weights of before, if it trained). "
                   "Calibrate again after training (nest.calibrate(loader)), or nest.drop_calibration() to read the "
                   "shared statistics (sn.fit and SortedTrainer drop them as they train)", StaleCalibrationWarning,
