@@ -508,20 +508,12 @@ def test_fit_over_a_loader_that_cannot_restart_warns_and_keeps_what_trained():
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
     used = iter([(x, y), (x, y)])
 
-    class Once:  # re-iterable in name only: __iter__ hands out the same iterator (refused before training)
+    class Once:  # re-iterable in name only: __iter__ hands out the same iterator
         def __iter__(self):
             return used
 
-    with pytest.raises(sn.SortedNetError, match="returns one stored iterator"):
-        sn.fit(nest, Once(), torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), epochs=2,
-               progress=False)
-
-    class Drained:  # a fresh iterator each time, over one stream: told only once it runs dry
-        def __iter__(self):
-            return (b for b in used)
-
     with pytest.warns(RuntimeWarning, match="no batch in epoch 2 after 2 steps"):
-        hist = sn.fit(nest, Drained(), torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), epochs=2,
+        hist = sn.fit(nest, Once(), torch.optim.SGD(m.parameters(), lr=0.1), sn.Sampler(nest, k=1), epochs=2,
                       progress=False)
     assert len(hist.train) == 2
 
@@ -2547,39 +2539,56 @@ class _FreshStream(torch.utils.data.IterableDataset):
         yield from self.batches
 
 
-@pytest.mark.parametrize("loader", [False, True])
-def test_an_eval_stream_that_cannot_restart_is_refused_before_training(loader):
-    from models import assert_unchanged, snapshot
+class _Resetting(torch.utils.data.IterableDataset):
+    """Restarts on iter(): resets and returns itself."""
 
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def __iter__(self):
+        self.i = 0
+        return self
+
+    def __next__(self):
+        if self.i == len(self.batches):
+            raise StopIteration
+        self.i += 1
+        return self.batches[self.i - 1]
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_an_eval_stream_that_cannot_restart_is_said_before_training_and_nothing_is_drawn(loader):
     model, nest = _bn_classifier()
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(10, 8, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(3)]
-    stream = _StoredStream(data)
-    eval_data = torch.utils.data.DataLoader(stream, batch_size=None) if loader else stream
-    before = snapshot(model)
-    with pytest.raises(sn.SortedNetError, match="returns one stored iterator"):
-        sn.fit(nest, data, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1), eval_data=eval_data,
-               progress=False)
-    assert_unchanged(model, before)
-    assert next(iter(stream))[0] is data[0][0]  # (nothing was read from it)
-    with pytest.raises(sn.SortedNetError, match="returns one stored iterator"):
-        sn.fit(nest, _StoredStream(data), torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1),
-               epochs=2, progress=False)
-    # a stream that restarts is scored on all of its examples, as the same batches in a list
-    fresh = torch.utils.data.DataLoader(_FreshStream(data), batch_size=None) if loader else _FreshStream(data)
-    hist = sn.fit(nest, data[:1], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
-                  eval_data=fresh, progress=False)
-    assert hist.last_scores == {str(s): v for s, v in evaluate(nest, data).items()}
+    wrap = (lambda d: torch.utils.data.DataLoader(d, batch_size=None)) if loader else (lambda d: d)
+    with pytest.warns(UserWarning, match="read twice gave another first batch"):
+        sn.fit(nest, data[:1], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
+               eval_data=wrap(_StoredStream(data)), progress=False)
+    # streams that restart (a generator function, one that resets and returns itself) are scored on all of
+    # their examples, as the same batches in a list, with no warning and no draw from torch's random stream
+    for stream in (_FreshStream(data), *([_Resetting(data)] if loader else [])):  # (an iterator itself: refused,
+        # as fit cannot tell whether it restarts; in a DataLoader, each pass calls iter() on it)
+        torch.manual_seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hist = sn.fit(nest, data[:1], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
+                          eval_data=wrap(stream), progress=False)
+        after = torch.rand(1)
+        assert hist.last_scores == {str(s): v for s, v in evaluate(nest, data).items()}
+        torch.manual_seed(5)
+        sn.fit(nest, data[:1], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1), progress=False)
+        assert torch.equal(after, torch.rand(1))
 
 
-def test_two_dict_batches_of_the_same_keys_are_not_read_as_inputs_and_target():
+def test_a_list_of_two_dict_batches_of_the_same_keys_is_not_read_as_inputs_and_target():
     model, nest = _bn_classifier()
     g = torch.Generator().manual_seed(2)
     b1, b2 = ({"input": torch.randn(10, 8, generator=g), "labels": torch.randint(0, 3, (10,), generator=g)}
               for _ in range(2))
     metric = lambda o, y: (o.argmax(-1) == y["labels"]).sum()  # noqa: E731
-    for data in ([b1, b2], (b1, b2), [b1], [b1, b2, b1]):
-        with pytest.raises(sn.SortedNetError, match="got dict"):
+    for data in ([b1, b2], [b1], [b1, b2, b1]):
+        with pytest.raises(sn.SortedNetError, match=r"got dict \(keys \['input', 'labels'\]\): a batch of keyword"):
             evaluate(nest, data, metric=metric)
     # inputs and a target of other keys stay one pair
     wrapped = _KeywordModel(_bn_classifier()[0])
@@ -2589,6 +2598,13 @@ def test_two_dict_batches_of_the_same_keys_are_not_read_as_inputs_and_target():
     with torch.no_grad(), nest2.use("h=16"):
         want = (wrapped.eval()(input=b1["input"]).argmax(-1) == b1["labels"]).float().mean().item()
     assert got[nest2.resolve("h=16")] == pytest.approx(want)
+    # a tuple of two dicts of the same keys is one (inputs, target) pair: a denoiser's (noisy, clean)
+    noisy, clean = {"input": b1["input"] + 0.1}, {"input": b1["input"]}
+    score = lambda o, y: -(o.sum(-1) - y["input"].sum(-1)).abs().sum()  # noqa: E731
+    got = evaluate(nest2, (noisy, clean), metric=score)
+    with torch.no_grad(), nest2.use("h=4"):
+        want = score(wrapped.eval()(**noisy), clean).item() / 10
+    assert got[nest2.resolve("h=4")] == pytest.approx(want)
 
 
 class _KeywordModel(torch.nn.Module):

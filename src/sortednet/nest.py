@@ -346,7 +346,6 @@ class Nest:
         self._selector: Selector | None = None
         self._selector_reads: tuple | None = None  # (plain attributes the table passed sub-models over for, state)
         self._told_other_flops: set = set()  # input signatures OtherInputFlopsWarning was given for
-        self._flops_settings: str | None = None  # modules_digest of the tree the FLOPs table was counted on
         names, sizes = tuple(self._by_name), tuple(d.sizes for d in self.dims)
         rows = SubModelList.product(names, sizes).rows if self._rows is None else self._rows
         _base.NAMING_SLICER_ERRORS[0] += 1
@@ -787,18 +786,8 @@ class Nest:
         profile's while a profile holds FLOPs)."""
         sig = _sig_key(example_signature(example))
         with self._cost_lock:
-            hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example else None
-            profiled = sig == self._profile_flops
-        if hit is not None and store:  # (a setting changed in place since the count, a stride: counted anew)
-            settings = modules_digest(self.model)
-            if settings != (self._profile_digest if profiled else self._flops_settings):
-                hit = None
-                why = "a module's settings changed in place (a stride, a scale factor)"
-                if profiled:
-                    self._drop_measured(("flops", "latency", "memory"), why, 5)
-                else:
-                    self._drop_measured(("flops",), why, 5)
-        if hit is None:
+            hit = self._cost_cache["flops"].get(sub) if sig == self._flops_example and store else None
+        if hit is None:  # (a profile counts afresh: a module setting changed in place since, a stride, is seen)
             try:
                 hit = count_flops(self, sub, example, model=model, own_buffers=own_buffers)  # (outside the lock:
                 #                                                                    other threads go on)
@@ -826,7 +815,7 @@ class Nest:
                     return hit
                 if sig != self._flops_example:
                     self._cost_cache["flops"] = {}  # a new table: a reader of the old one is not disturbed
-                    self._flops_example, self._flops_settings = sig, modules_digest(self.model)
+                    self._flops_example = sig
                 self._cost_cache["flops"][sub] = hit
                 self._selector, self._read_marks = None, self._read_marks + 1
         return hit

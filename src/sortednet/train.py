@@ -773,8 +773,10 @@ def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and (
             isinstance(data[1], (Tensor, Mapping)) and isinstance(data[0], (tuple, list))  # (no batch is a dict)
             or isinstance(data[0], Tensor) or keyword_inputs(data[0])) and not (
-            isinstance(data[0], Mapping) and isinstance(data[1], Mapping) and set(data[0]) == set(data[1])):
-        # (two dicts of the same keys are two batches of keyword inputs: a target is never another such dict)
+            isinstance(data, list) and isinstance(data[0], Mapping) and isinstance(data[1], Mapping)
+            and set(data[0]) == set(data[1])):
+        # (a list of two dicts of the same keys is two batches of keyword inputs and labels; a tuple of them an
+        # (inputs, target) pair, a denoiser's)
         return [tuple(data)]
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (tuple, list)) \
             and isinstance(data[1], (tuple, list)):  # (positional inputs, and a target of several parts? A list
@@ -828,23 +830,45 @@ def _examples(y: Any, x: Any = None) -> int | None:
 
 
 def _one_shot(data: Any) -> bool:
-    """Data exhausted after one pass: an iterator (a generator), an object whose ``__iter__`` returns one stored
-    iterator, or a DataLoader over an IterableDataset that does (a stream that cannot restart); not a list or a
-    re-iterable loader. Told without reading anything (``iter`` of a generator function reads nothing yet)."""
+    """An iterator (a generator: exhausted after one pass; its ``__iter__`` returns itself), not a re-iterable
+    loader or list. Told without calling ``iter`` (a loader's iterator draws from torch's random stream and may
+    start worker processes)."""
+    return isinstance(data, Iterator)
+
+
+def _reread(data: Any) -> bool:
+    """Data that reads the same at every pass by construction: a list, a tuple, a tensor, a DataLoader over a
+    map-style dataset (its sampler indexes it afresh)."""
     from torch.utils.data import DataLoader, IterableDataset
 
-    if isinstance(data, Iterator):
-        return True
-    if isinstance(data, (Tensor, tuple, list, Mapping, np.ndarray)):
-        return False
-    source = data.dataset if isinstance(data, DataLoader) else data
-    if isinstance(data, DataLoader) and not isinstance(source, IterableDataset):
-        return False  # (a map-style dataset is indexed afresh at every pass)
+    return isinstance(data, (Tensor, tuple, list, Mapping, np.ndarray)) or isinstance(data, DataLoader) and \
+        not isinstance(data.dataset, IterableDataset)
+
+
+def _same_batch(a: Any, b: Any) -> bool:
+    """Whether two batches hold the same structure, tensors (by value, NaN equal to NaN) and plain values."""
+    from torch.utils._pytree import tree_flatten
+
     try:
-        a, b = iter(source), iter(source)
-    except Exception:  # (not iterable: refused where it is read, with its own message)
+        (la, sa), (lb, sb) = tree_flatten(a), tree_flatten(b)
+    except Exception:
+        return a is b
+    if sa != sb:
         return False
-    return a is b
+    for x, y in zip(la, lb):
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype
+                    and x.device == y.device and (torch.equal(x, y) or x.is_floating_point()
+                                                  and bool((x.eq(y) | x.isnan() & y.isnan()).all()))):
+                return False
+            continue
+        try:
+            if not bool(x == y):
+                return False
+        except Exception:
+            if x is not y:
+                return False
+    return True
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
@@ -912,7 +936,11 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
             got = (f"batch {len(batches)}'s target is " + (f"a {type(y).__name__}" if not isinstance(y, Tensor)
                                                             else f"a tensor of shape {tuple(y.shape)}")
                    if pair else f"got {type(item).__name__}"
-                   + (f" of {len(item)} items" if isinstance(item, (tuple, list)) else ""))
+                   + (f" of {len(item)} items" if isinstance(item, (tuple, list)) else "")
+                   + (f" (keys {list(item)[:6]}): a batch of keyword inputs and labels is split into a pair, e.g. "
+                      "({k: v for k, v in batch.items() if k != 'labels'}, batch['labels']) (a list of two dicts "
+                      "of the same keys is two batches; a tuple of them, one (inputs, target) pair)"
+                      if isinstance(item, Mapping) else ""))
             raise SortedNetError("evaluate needs (inputs, target) pairs with targets of at least one example (a "
                                  f"tensor for the default accuracy); {got}")
         if not default and not (_examples(y, item[0]) or 0) > 0:
@@ -1148,9 +1176,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         metric = _Accuracy(1)
     if eval_data is not None and _one_shot(eval_data):
         raise SortedNetError(f"fit(eval_data=...) is evaluated more than once: give data it can iterate again (a "
-                             f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}"
-                             + ("" if isinstance(eval_data, Iterator) else " whose __iter__ returns one stored "
-                                "iterator (each evaluation would score what the last one left)"))
+                             f"list, a DataLoader, an (inputs, target) pair), not a {type(eval_data).__name__}, an "
+                             "iterator (read once: a generator; an iterator that restarts on iter(): give fit an "
+                             "object whose __iter__ returns a new one)")
     if scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise SortedNetError("fit(scheduler=ReduceLROnPlateau) needs a metric at each step; fit calls "
                              "scheduler.step() without one: step it yourself from the History, or use another "
@@ -1170,9 +1198,9 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
             raise SortedNetError(f"fit(device={asked!r}): that device is not available here: {e}") from None
     if epochs > 1 and _one_shot(loader):
         raise SortedNetError(f"fit(epochs={epochs}) needs a loader it can iterate again (a list, a DataLoader); "
-                             f"a {type(loader).__name__}" + ("" if isinstance(loader, Iterator) else
-                                                              " whose data's __iter__ returns one stored iterator")
-                             + " is exhausted after the first epoch")
+                             f"a {type(loader).__name__} is an iterator, read once (a generator is exhausted after "
+                             "the first epoch; an iterator that restarts on iter(): give fit an object whose "
+                             "__iter__ returns a new one)")
     model = nest.model
     if device is None:
         device = next((p.device for p in model.parameters()), None)
@@ -1188,6 +1216,15 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         with _rng_kept(device):  # (iterating a DataLoader draws from torch's generator: resumed runs stay exact)
             first = next(iter(_batches(eval_data)), None)
             evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest], metric=metric)
+            if first is not None and not _reread(eval_data):  # (a stream: read again, it must start over)
+                again = next(iter(_batches(eval_data)), None)
+                if again is None or not _same_batch(first, again):
+                    warnings.warn(
+                        f"fit(eval_data=...): a {type(eval_data).__name__} read twice gave "
+                        + ("nothing" if again is None else "another first batch") + " the second time: a stream "
+                        "that cannot restart (its __iter__ returns one stored iterator) would be scored at each "
+                        "evaluation on what earlier reads left; give a list or a re-iterable loader (one that "
+                        "shuffles its examples scores the same ones: then nothing is wrong)", stacklevel=2)
         if isinstance(eval_data, (tuple, list)):  # the first batch runs; every other batch of a list is a pair
             bad = next((b for b in _batches(eval_data) if not (isinstance(b, (tuple, list)) and len(b) == 2)), None)
             if bad is not None:

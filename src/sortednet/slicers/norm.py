@@ -234,8 +234,9 @@ def _warn_if_trained(path: str, m: nn.Module, norm: NormStats) -> None:
     told[0] = True
     warnings.warn(f"{path}: this sub-model's BatchNorm statistics from nest.calibrate (or sn.load) predate "
                   "training-mode forwards of the model, or writes into its shared running statistics (they or "
-                  "num_batches_tracked moved since: a training step, an EMA's copy_ of another model's): eval mode and export still read them, and they describe the model as it was then "
-                  "(its weights of before, if it trained). "
+                  "num_batches_tracked moved since: a training step, an EMA's copy_ of another model's): eval "
+                  "mode and export still read them, and they describe the model as it was then (its weights of "
+                  "before, if it trained). "
                   "Calibrate again after training (nest.calibrate(loader)), or nest.drop_calibration() to read the "
                   "shared statistics (sn.fit and SortedTrainer drop them as they train)", StaleCalibrationWarning,
                   stacklevel=4)
