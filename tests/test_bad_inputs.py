@@ -852,3 +852,64 @@ def test_by_ratio_refuses_a_dimension_name_given_twice():
     dims = [Width("a", [4, 8], out="0", inp="2"), Width("a", [2, 16], out="2", inp="4")]
     with pytest.raises(sn.SortedNetError, match=r"names \['a'\] are given twice"):
         sn.by_ratio(dims, [0.5, 1.0])
+
+
+class _Masked(torch.nn.Module):
+    """A layer keeping a per-unit mask as a plain tensor attribute (neither parameter nor buffer)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(o, i))
+        self.mask = (torch.rand(o) > 0.5).float()
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x, self.weight)
+        return y if self.mask is None else y * self.mask
+
+
+@pytest.mark.parametrize("serve", ["take", "none", "first", "by_hand"])
+@pytest.mark.parametrize("example", [False, True])
+def test_a_plain_tensor_attribute_a_slicer_serves_is_cut_by_take_and_checked_at_the_full_sizes(serve, example):
+    """take() cuts a plain tensor attribute as it cuts a parameter (the advice of the views refusal); a value()
+    serving it as None or in another shape at the full sizes (the full model itself changed) is refused at
+    wrap, as for a parameter, before anything changes."""
+    kind = type(f"Masked_{serve}_{example}", (_Masked,), {})
+
+    @sn.slicer(kind)
+    class Served(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("weight", "mask")
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+        def value(self, m, name):
+            if name == "weight":
+                return self.take(m, "weight", [(0, "out"), (1, "inp")])
+            if serve == "none":
+                return None
+            if serve == "first":
+                return m.__dict__["mask"][:1]
+            if serve == "by_hand":
+                return m.__dict__["mask"][: self.features(m, "out", m.__dict__["mask"].shape[0])]
+            return self.take(m, "mask", [(0, "out")])
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(kind(4, 16), torch.nn.Linear(16, 2))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        before_out = m(x)
+    before = snapshot(m)
+    if serve in ("none", "first"):
+        with pytest.raises(sn.SortedNetError, match="'mask'"):
+            sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="1"), **({"example": x} if example else {}))
+        assert_unchanged(m, before)
+        assert type(m[0]) is kind and isinstance(m[0].mask, torch.Tensor)
+        return
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="1"), **({"example": x} if example else {}))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before_out, rtol=0, atol=0)
+        with nest.use("h=4"):
+            want = (torch.nn.functional.linear(x, m[0].weight) * m[0].__dict__["mask"][:4]) @ m[1].weight.T \
+                + m[1].bias
+            torch.testing.assert_close(m(x), want)
+            torch.testing.assert_close(nest.export("h=4")(x), want)

@@ -1532,6 +1532,8 @@ def slicer_value_self_check(nest: Nest, modules: dict[str, nn.Module]) -> None:
                         if sub is full:
                             _full_value_kept(where, name, v, m.__dict__.get(name, _UNSET) if t is None else t, sub,
                                              m.training)
+                        if t is None and isinstance(m.__dict__.get(name), torch.Tensor):
+                            t = m.__dict__[name]  # (a plain tensor attribute: served as a tensor, cut or whole)
                         if not isinstance(t, torch.Tensor):
                             continue
                         if not isinstance(v, torch.Tensor):

@@ -437,7 +437,8 @@ class Slicer:
         return m._buffers.get(name) if t is None and name not in m._parameters else t
 
     def take(self, m: nn.Module, name: str, axes: list[tuple[int, str]]) -> Tensor | None:
-        """``m.<name>`` sliced on each ``(axis, role)`` to the role's active features (a view).
+        """``m.<name>`` (a parameter, a buffer, or a plain tensor attribute of the instance) sliced on each
+        ``(axis, role)`` to the role's active features (a view); None where the module holds none.
 
         Attributes declared in :meth:`rules` do not come here: their cuts are in the plan.
         """
@@ -445,7 +446,9 @@ class Slicer:
         if t is None:
             t = m._buffers.get(name)
             if t is None:
-                return None
+                t = m.__dict__.get(name)  # (a plain tensor attribute: a mask kept on the instance)
+                if not isinstance(t, Tensor):
+                    return None
         st: State = m.__dict__["_sn"]
         for a in axes:
             if a[1] not in self.roles:  # (a typo would leave the tensor whole at every size)
