@@ -5680,3 +5680,35 @@ class _Complex(nn.Module):
     def forward(self, x):
         y = self.inner(x)
         return torch.complex(y, -y)
+
+
+class _HeadGate(nn.Module):
+    def __init__(self, heads):
+        super().__init__()
+        self.g = nn.Parameter(torch.rand(heads) + 0.5)
+
+    def forward(self, y):
+        return y * self.g[None, :, None, None]
+
+
+class _GatedAttention(nn.Module):
+    def __init__(self, dim=48, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.gate = _HeadGate(heads)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = self.gate(F.scaled_dot_product_attention(q, k, v))
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("dim", [32, 48])
+def test_a_per_head_tensor_of_a_child_heads_leave_whole_is_named_with_per_head(dim):
+    model = _GatedAttention(dim)
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"child 'gate' holds \['gate.g \(4,\)'\].*per_head='gate'"):
+        sn.wrap(model, sn.Heads("heads", [2, 4], attn=""))
+    assert_unchanged(model, before)

@@ -1462,6 +1462,25 @@ def _own_head_tensors(mod: nn.Module, o: nn.Module) -> str:
             "cuts them with the heads (docs/custom_slicers.md)")
 
 
+def _per_head_children(mod: nn.Module, heads: int) -> str:
+    """Where a child of the attention ``mod`` that no dimension slices holds a tensor with an axis of ``heads``
+    (a per-head gate, a relative-position table): named, with ``per_head=`` to cut it with the heads. Empty
+    where there is none."""
+    found: dict[str, list[str]] = {}
+    for rel, c in mod.named_modules():
+        if not rel or "_sn" in c.__dict__:
+            continue
+        for n, t in (*c._parameters.items(), *c._buffers.items()):
+            if isinstance(t, torch.Tensor) and heads in t.shape:
+                found.setdefault(rel, []).append(f"{rel}.{n} {tuple(t.shape)}")
+    if not found:
+        return ""
+    tensors = [t for ts in found.values() for t in ts]
+    return (f"Its child {list(found)[0]!r} holds {tensors[:4]}, with an axis of its {heads} heads, which no slicer "
+            f"cuts: name it with per_head={list(found)[0]!r} (cut with the heads; a module of your own there needs "
+            "a slicer, docs/heads.md), or count_attrs= for an attribute that counts heads")
+
+
 def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Module, cls: str, full: SubModel,
                        copies: dict[int, nn.Module], zeros: dict[int, torch.Tensor], tol: float) -> bool:
     """:func:`attention_self_check` of one attention module ``mod`` (in the view; ``o`` its output projection)
@@ -1488,9 +1507,10 @@ def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Modu
         except Exception as e:
             raise SortedNetError(
                 f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
-                f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. " + (_own_head_tensors(mod, o) or (
-                    "It sizes something by an attribute Heads does not slice (name it with count_attrs=), or needs "
-                    "a custom slicer (docs/custom_slicers.md)"))) from e
+                f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. " + (
+                    _own_head_tensors(mod, o) or _per_head_children(mod, d.full) or (
+                        "It sizes something by an attribute Heads does not slice (name it with count_attrs=), or "
+                        "needs a custom slicer (docs/custom_slicers.md)"))) from e
         err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
         if err is None:
             return False
