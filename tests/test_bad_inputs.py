@@ -913,3 +913,24 @@ def test_a_plain_tensor_attribute_a_slicer_serves_is_cut_by_take_and_checked_at_
                 + m[1].bias
             torch.testing.assert_close(m(x), want)
             torch.testing.assert_close(nest.export("h=4")(x), want)
+
+
+def test_a_size_mismatch_on_a_slicer_of_ones_own_points_at_its_full():
+    kind = type("OverReported", (torch.nn.Linear,), {})
+
+    @sn.slicer(kind)
+    class Over(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("weight", "bias")
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1] + (role == "inp")
+
+        def value(self, m, name):
+            axes = [(0, "out"), (1, "inp")] if name == "weight" else [(0, "out")]
+            return self.take(m, name, axes)
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), kind(4, 2))
+    before = snapshot(m)
+    with pytest.raises(sn.SizeError, match=r"Over.full\('inp'\), a slicer of yours, reports another size"):
+        sn.wrap(m, sn.Width("a", [2, 4], out="0", inp="2"))
+    assert_unchanged(m, before)

@@ -354,6 +354,10 @@ class Slicer:
                         "others, or flattened with spatial positions): a prefix of its input is not the dimension's "
                         "units, so it cannot be bound here" if role == "inp" and full > b.total(b.dim.full) else "")
                 what = "layers" if role == "depth" else "features"
+                if not type(self).__module__.startswith("sortednet."):  # (a slicer of the user's: its full() too)
+                    hint += (f"; or {type(self).__name__}.full({role!r}), a slicer of yours, reports another size "
+                             "than the module's tensors have on that role's axis: check its full() "
+                             "(docs/custom_slicers.md)")
                 raise SizeError(f"{b.dim.kind} {b.dim.name!r}: largest size {b.dim.full} gives "
                                 f"{b.total(b.dim.full)} {what} but {path!r} ({type(m).__name__}) has {full} "
                                 f"for role {role!r}{hint}")
