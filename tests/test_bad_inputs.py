@@ -934,3 +934,14 @@ def test_a_size_mismatch_on_a_slicer_of_ones_own_points_at_its_full():
     with pytest.raises(sn.SizeError, match=r"Over.full\('inp'\), a slicer of yours, reports another size"):
         sn.wrap(m, sn.Width("a", [2, 4], out="0", inp="2"))
     assert_unchanged(m, before)
+
+
+def test_save_and_load_with_their_arguments_swapped_say_so(tmp_path):
+    case, nest = mlp()
+    path = str(tmp_path / "n.safetensors")
+    with pytest.raises(sn.SortedNetError, match=r"the arguments are \(nest, path\)"):
+        sn.save(path, nest)
+    assert not os.path.exists(path)
+    sn.save(nest, path)
+    with pytest.raises(sn.SortedNetError, match=r"the arguments are \(model, path\)"):
+        sn.load(path, FAMILIES["mlp"]().model)

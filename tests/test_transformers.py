@@ -3303,3 +3303,14 @@ def test_an_export_after_accelerate_mixed_precision_prepare_is_the_plain_model()
         with torch.no_grad(), nest.use(sub):
             torch.testing.assert_close(small(ids).logits, model._original_forward(input_ids=ids).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"ffn": [1.0]}, {"heads": [4]}, {"depth": [2]}, {"ffn": 48}])
+def test_sizes_of_the_full_size_only_are_said_to_nest_nothing(kw):
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    (name,) = kw
+    with pytest.warns(UserWarning, match=rf"{name}: sizes .* are the full size \d+ only.*nests nothing"):
+        nest = sn.from_transformers(m, **kw)
+    assert len(nest.submodels) == 1

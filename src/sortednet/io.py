@@ -147,7 +147,9 @@ def save(nest: "Nest | nn.Module", path: str | os.PathLike, *,  # noqa: F821
     if isinstance(nest, nn.Module):
         nest, copy = _nest_of_copy(nest, state)
     if not isinstance(nest, Nest):
-        raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}")
+        swapped = isinstance(nest, (str, os.PathLike)) and isinstance(path, (Nest, nn.Module))
+        raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(nest).__name__}"
+                             + ("; the arguments are (nest, path): sn.save(nest, path)" if swapped else ""))
     nest._check_structure("sn.save")
     big = [d.name for d in nest.dims if len(d.sizes) > MAX_SIZES]
     if len(nest.dims) > MAX_DIMS or big:  # (a file load would refuse: never written)
@@ -368,7 +370,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
     True
     """
     if not isinstance(model, (Nest, nn.Module)):
-        raise SortedNetError(f"load() needs an nn.Module or a Nest, got {type(model).__name__}")
+        swapped = isinstance(model, (str, os.PathLike)) and isinstance(path, (Nest, nn.Module))
+        raise SortedNetError(f"load() needs an nn.Module or a Nest, got {type(model).__name__}"
+                             + ("; the arguments are (model, path): sn.load(model, path)" if swapped else ""))
     flag("load", "strict", strict)
     flag("load", "verify", verify)
     if isinstance(model, Nest):

@@ -86,6 +86,11 @@ def _resolve(what: str, sizes: Sizes, full: int, multiple: int = 1) -> list[int]
         raise SizeError(f"{what}: fractions {sizes} of the full size {full} round to {full} itself (sizes are "
                         f"multiples of {multiple}" + (": whole key/value groups" if multiple > 1 else "")
                         + "), so they add no smaller sub-model; give a smaller fraction or integer sizes")
+    if all(s == full for s in out):  # (the dimension is declared, its modules sliced, but nests nothing: said)
+        import warnings
+
+        warnings.warn(f"{what}: sizes {sizes} are the full size {full} only, so they add no smaller sub-model (the "
+                      "dimension nests nothing); give smaller sizes, or leave it out", UserWarning, stacklevel=3)
     merged = [f for f, s in zip(sizes, out) if isinstance(f, float) and f < 1 and s == full]
     if merged:  # (beside fractions that do nest: kept, as the full size, but said)
         import warnings
