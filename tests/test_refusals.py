@@ -1610,3 +1610,12 @@ def test_an_adapter_put_around_a_sliced_layer_is_refused_naming_what_it_adds(whe
     assert_unchanged(model, before)
     with pytest.raises(sn.SortedNetError, match="a module put in its place would run unsliced"):
         model[0] = nn.Linear(8, 16)  # (a new layer: the reason said so)
+
+
+def test_converting_a_sliced_batchnorm_to_syncbatchnorm_says_what_torch_converted_already():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3))
+    sn.wrap(model, sn.Width("c", [4, 8], out="3", norm="4", inp="6"))
+    with pytest.raises(sn.SortedNetError, match=r"cannot become an nn.SyncBatchNorm.*reached before this one"):
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(model[1], nn.SyncBatchNorm) and type(model[4]).__name__ == "SortedBatchNorm2d"

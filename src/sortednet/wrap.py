@@ -1530,7 +1530,12 @@ def _registration_guard(parent: nn.Module, name: str, value: Any, deleting: bool
     lists = st.path if depth else ""
     where = g.path if g is not None else f"{lists}.{name}" if lists else name
     why = None
-    if below and isinstance(value, nn.Module) and not depth:  # (an adapter around the sliced module: PEFT-style)
+    if isinstance(value, nn.SyncBatchNorm) and not depth:  # (torch's convert_sync_batchnorm, child by child)
+        why = ("a sliced BatchNorm cannot become an nn.SyncBatchNorm (its synchronised forward is its own). "
+               "nn.SyncBatchNorm.convert_sync_batchnorm converts child by child: BatchNorms it reached before this "
+               "one (unsliced) are converted already and stay so; leave the model unconverted (DDP broadcasts "
+               "BatchNorm statistics from rank 0, docs/scaling.md), or convert only modules no dimension slices")
+    elif below and isinstance(value, nn.Module) and not depth:  # (an adapter around the sliced module: PEFT-style)
         inside = {id(m): rel for rel, m in value.named_modules()}
         held = [(rel, inside[id(m)]) for rel, m in below if m is not None and id(m) in inside]
         if held:
