@@ -135,6 +135,16 @@ def test_pickling_a_wrapped_model_says_what_to_do(tmp_path):
     sn.wrap(c.model, *c.dims)
     with pytest.raises(sn.SortedNetError, match=r"cannot be pickled.*sn\.save"):
         torch.save(c.model, tmp_path / "model.pt")
+    nest = sn.Nest.of(c.model)
+    ema = copy.deepcopy(c.model)
+    for unwrapped in (False, True):  # (a deep copy: the advice that works for it, before and after unwrap)
+        with pytest.raises(sn.SortedNetError, match=r"sn\.save\(copy, path\).*nest\.unwrap_copy\(copy\)"):
+            torch.save(ema, tmp_path / "ema.pt")
+        if unwrapped:
+            torch.save(nest.unwrap_copy(ema), tmp_path / "ema.pt")
+            assert type(torch.load(tmp_path / "ema.pt", weights_only=False)) is type(c.model)
+        else:
+            nest.unwrap()
 
 
 # -- issue 10: wrap rollback, file hygiene, scale -------------------------------------------

@@ -319,7 +319,12 @@ class Active:
         return self  # a deep copy of the model follows the same sub-model
 
     def __reduce__(self) -> Any:
-        raise SortedNetError("the run-time state of a nest cannot be pickled; use sn.save(nest, path)")
+        raise SortedNetError(
+            "a wrapped model, or a deep copy of one (an EMA / teacher copy), cannot be pickled whole (torch.save of "
+            "the module): its sliced modules hold the nest's run-time state. Save its weights instead: "
+            "sn.save(nest, path) for the wrapped model, sn.save(copy, path) for a deep copy of it; or pickle a plain "
+            "model: nest.unwrap_copy(copy) gives the copy its original classes (also after nest.unwrap()), "
+            "nest.export(sub) one sub-model")
 
 
 def dimension_from_spec(spec: dict[str, Any]) -> Dimension:
