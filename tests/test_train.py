@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -2668,3 +2669,55 @@ def test_evaluate_names_the_target_or_the_dict_at_fault():
         evaluate(nest, (x, torch.tensor(1)))
     with pytest.raises(sn.SortedNetError, match=r"one dict \(keys \['input', 'labels'\]\)"):
         evaluate(nest, {"input": x, "labels": torch.zeros(4, dtype=torch.long)})
+
+
+class _ShuffledStream(torch.utils.data.IterableDataset):
+    """Restarts on iter(), in an order drawn from torch's, NumPy's or Python's random stream."""
+
+    def __init__(self, x, y, draw):
+        self.x, self.y, self.draw = x, y, draw
+
+    def __iter__(self):
+        n = len(self.x)
+        order = (torch.randperm(n).tolist() if self.draw == "torch" else
+                 np.random.permutation(n).tolist() if self.draw == "numpy" else random.sample(range(n), n))
+        for i in order:
+            yield self.x[i], self.y[i]
+
+
+def _Encoding(data):  # noqa: N802
+    """A tokenizer's BatchEncoding: a mapping that is no dict (collated as itself)."""
+    from transformers import BatchEncoding
+
+    return BatchEncoding(data)
+
+
+class _EncodedStream(torch.utils.data.IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        for i in range(len(self.x)):
+            yield _Encoding({"input": self.x[i]}), self.y[i]
+
+
+@pytest.mark.parametrize("stream", ["torch", "numpy", "python", "encoding"])
+def test_an_eval_stream_that_restarts_is_no_warning_whether_it_shuffles_or_holds_mappings(stream):
+    model, nest = _bn_classifier()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
+    if stream == "encoding":
+        wrapped = _KeywordModel(_bn_classifier()[0])
+        sn.Nest.of(wrapped.m).unwrap()
+        nest = sn.wrap(wrapped, sn.Width("h", [4, 16], out="m.0", norm="m.1", inp="m.3"))
+        model, data = wrapped, _EncodedStream(x, y)
+        collate = lambda b: (_Encoding({"input": torch.stack([e["input"] for e, _ in b])}),  # noqa: E731
+                             torch.stack([t for _, t in b]))
+        loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate)
+    else:
+        loader = torch.utils.data.DataLoader(_ShuffledStream(x, y, stream), batch_size=8)
+    train = [(x[:8], y[:8])] if stream != "encoding" else [({"input": x[:8]}, y[:8])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sn.fit(nest, train, torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1), eval_data=loader,
+               progress=False)

@@ -846,29 +846,29 @@ def _reread(data: Any) -> bool:
 
 
 def _same_batch(a: Any, b: Any) -> bool:
-    """Whether two batches hold the same structure, tensors (by value, NaN equal to NaN) and plain values."""
-    from torch.utils._pytree import tree_flatten
+    """Whether two batches hold the same structure (any mapping as a dict: a tokenizer's BatchEncoding; a
+    dataclass by its fields), tensors and arrays (by value, NaN equal to NaN) and plain values."""
+    import dataclasses
 
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and \
+            a.device == b.device and (torch.equal(a, b) or a.is_floating_point()
+                                      and bool((a.eq(b) | a.isnan() & b.isnan()).all()))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and \
+            a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return isinstance(a, Mapping) and isinstance(b, Mapping) and list(a) == list(b) and \
+            all(_same_batch(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(_same_batch(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
     try:
-        (la, sa), (lb, sb) = tree_flatten(a), tree_flatten(b)
-    except Exception:
+        return bool(a == b)
+    except Exception:  # (an object without a value comparison: the same one)
         return a is b
-    if sa != sb:
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, Tensor) or isinstance(y, Tensor):
-            if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype
-                    and x.device == y.device and (torch.equal(x, y) or x.is_floating_point()
-                                                  and bool((x.eq(y) | x.isnan() & y.isnan()).all()))):
-                return False
-            continue
-        try:
-            if not bool(x == y):
-                return False
-        except Exception:
-            if x is not y:
-                return False
-    return True
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
@@ -1216,7 +1216,8 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         with _rng_kept(device):  # (iterating a DataLoader draws from torch's generator: resumed runs stay exact)
             first = next(iter(_batches(eval_data)), None)
             evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest], metric=metric)
-            if first is not None and not _reread(eval_data):  # (a stream: read again, it must start over)
+        if first is not None and not _reread(eval_data):  # (a stream: read again from the same random state, as
+            with _rng_kept(device):                         # the first read, it must start over)
                 again = next(iter(_batches(eval_data)), None)
                 if again is None or not _same_batch(first, again):
                     warnings.warn(
