@@ -1601,3 +1601,29 @@ def test_a_taylor_loss_that_is_falsy_is_the_loss_used():
     calls = _CallsKept()
     sort_units(nest, "taylor", example=x, data=[x, x], loss_fn=calls)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("head", ["regression", "one_logit"])
+def test_taylor_scoring_refuses_targets_its_default_loss_would_misread(head):
+    """The default loss of taylor scoring is F.cross_entropy on class indices, as fit's: float targets (a
+    regression) would be scored as class probabilities, one logit per example gives a loss of 0 whatever the
+    weights; both refused naming loss_fn=, before anything changes."""
+    torch.manual_seed(0)
+    out = 3 if head == "regression" else 1
+    m = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, out))
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 12], out="0", inp="2"))
+    x = torch.randn(16, 6)
+    y = torch.randn(16, out) * 5 if head == "regression" else torch.randint(0, 2, (16,))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match="float32, shape \\(16, 3\\)" if head == "regression" else
+                       "one logit per example"):
+        sn.sort_units(nest, "taylor", data=[(x, y)])
+    assert_unchanged(m, before)
+    assert all(p.grad is None for p in m.parameters())
+    loss = (lambda mm, b: F.mse_loss(mm(b[0]), b[1])) if head == "regression" else \
+        (lambda mm, b: F.binary_cross_entropy_with_logits(mm(b[0]).squeeze(1), b[1].float()))
+    with torch.no_grad():
+        ref = m(x)
+    sn.sort_units(nest, "taylor", data=[(x, y)], loss_fn=loss)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref)

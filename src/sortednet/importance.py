@@ -248,7 +248,22 @@ def _at_full(nest: Nest) -> Use:
 
 def _loss(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:  # ((inputs, labels): inputs called as everywhere)
-        return F.cross_entropy(call_model(model, batch[0]), batch[1])
+        y = batch[1]
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex():  # (as fit's default loss)
+            what = f"{y.dtype}, shape {tuple(y.shape)}" if isinstance(y, Tensor) else f"a {type(y).__name__}"
+            raise SortedNetError(
+                f"sort_units(method='taylor'): the labels of a batch are {what}, and the default loss is "
+                "F.cross_entropy on class indices (float targets would be read as class probabilities: a "
+                "regression scored on a meaningless loss); pass loss_fn=lambda model, batch: ..., e.g. "
+                "F.mse_loss(model(batch[0]), batch[1]). Nothing was changed")
+        out = call_model(model, batch[0])
+        if isinstance(out, Tensor) and out.dim() >= 2 and out.shape[1] == 1:
+            raise SortedNetError(
+                f"sort_units(method='taylor'): the model's output {tuple(out.shape)} holds one logit per example, "
+                "and the default loss, F.cross_entropy over one class, is 0 whatever the weights (every score "
+                "would be 0); pass loss_fn=, e.g. lambda model, batch: F.binary_cross_entropy_with_logits("
+                "model(batch[0]).squeeze(1), batch[1].float()). Nothing was changed")
+        return F.cross_entropy(out, y.long() if y.dtype != torch.int64 else y)
     if keyword_inputs(batch):  # (a dict, a tokenizer's BatchEncoding)
         out = call_model(model, batch)
         if getattr(out, "loss", None) is not None:
