@@ -20,6 +20,7 @@ on the test split and prints the smallest, a middle and the largest.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -95,8 +96,12 @@ def main(argv: list[str] | None = None) -> None:
         for sub in (single.smallest, single.submodels[len(single.submodels) // 2], single.largest):
             print(f"{str(sub):<22} {single.cost(sub):>6,} params  test accuracy {100 * scores[sub]:.1f}%")
         print(f"checkpoint: {args.out} ({len(single.submodels)} sub-models)")
-    module = opt = None  # (the DDP wrapper holds the process group: freed now, while every rank is still here;
-    # freed as main() returned, after destroy_process_group and the other rank's exit, gloo's teardown hung at times)
+    # everything that holds the process group is freed now, while every rank is still here: the DDP wrapper, and
+    # under FSDP2 the sharded model itself (fully_shard returns the same object: its DTensors and device mesh).
+    # Freed at interpreter exit, after destroy_process_group and the other rank's exit, gloo's teardown hung at
+    # times under DDP and aborted ("terminate called without an active exception") under FSDP2
+    module = opt = model = nest = sampler = None
+    gc.collect()
     dist.barrier()                                # every rank leaves together (no rank tears down mid-evaluation)
     dist.destroy_process_group()
 
