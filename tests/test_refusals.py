@@ -1619,3 +1619,36 @@ def test_converting_a_sliced_batchnorm_to_syncbatchnorm_says_what_torch_converte
     with pytest.raises(sn.SortedNetError, match=r"cannot become an nn.SyncBatchNorm.*reached before this one"):
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert isinstance(model[1], nn.SyncBatchNorm) and type(model[4]).__name__ == "SortedBatchNorm2d"
+
+
+class _PairBlocks(nn.Module):
+    """lucidrains-style blocks: each an nn.ModuleList([norm, ff]) the forward unpacks (no forward of its own),
+    walked through a list kept aside."""
+
+    def __init__(self, nested: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleList([nn.LayerNorm(16), nn.ModuleList([nn.Linear(16, 16)])
+                                                   if nested else nn.Linear(16, 16)]) for _ in range(4))
+        self.run = list(self.blocks)
+        self.nested = nested
+
+    def forward(self, x):
+        for ln, ff in self.run:
+            x = x + (ff[0] if self.nested else ff)(ln(x))
+        return x
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_skipped_block_that_is_a_list_of_modules_is_caught_when_its_modules_run(nested):
+    torch.manual_seed(0)
+    m = _PairBlocks(nested)
+    nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers="blocks"))
+    x = torch.randn(2, 16)
+    m(x)
+    with nest.use("depth=4"):
+        m(x)
+    with nest.use("depth=1"), pytest.raises(sn.SortedNetError, match=r"block 'blocks\.1\.0' ran under depth=1"):
+        m(x)
+    nest.unwrap()
+    m(x)  # (the hooks go with the nest)
+    assert not any(mod._forward_pre_hooks for mod in m.modules())

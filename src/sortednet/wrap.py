@@ -1007,8 +1007,20 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
     for i, (name, b) in enumerate(container._modules.items()):
         if b is not None and id(b) not in elsewhere:
             first.setdefault(id(b), (i, name, b))
-    return [b.register_forward_pre_hook(DepthGuard(binding, i, f"{path}.{name}" if path else name))
-            for i, name, b in first.values()]
+    hooks = []
+    for i, name, b in first.values():
+        # a block that is a container of modules (nn.ModuleList([norm, ff]), unpacked by the forward) has no
+        # forward of its own to hook: its modules are guarded, down to the first with a forward
+        stack = [(f"{path}.{name}" if path else name, b)]
+        while stack:
+            where, m = stack.pop()
+            if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+                stack.extend((f"{where}.{n}", c) for n, c in m._modules.items()
+                             if c is not None and id(c) not in elsewhere and not any(c is x for _, _, x in
+                                                                                   first.values()))
+            else:
+                hooks.append(m.register_forward_pre_hook(DepthGuard(binding, i, where)))
+    return hooks
 
 
 def _no_fast_path(module: nn.Module, args: tuple) -> None:
