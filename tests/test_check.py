@@ -5712,3 +5712,28 @@ def test_a_per_head_tensor_of_a_child_heads_leave_whole_is_named_with_per_head(d
     with pytest.raises(sn.SortedNetError, match=r"child 'gate' holds \['gate.g \(4,\)'\].*per_head='gate'"):
         sn.wrap(model, sn.Heads("heads", [2, 4], attn=""))
     assert_unchanged(model, before)
+
+
+class _OptCounts(nn.Module):
+    """Reads its layer count from options kept under a name older codebases use (self.opt, self.hp)."""
+
+    def __init__(self, holder: str):
+        super().__init__()
+        import types
+
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        setattr(self, holder, types.SimpleNamespace(num_layers=4))
+        self.holder = holder
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x) / getattr(self, self.holder).num_layers
+        return x
+
+
+@pytest.mark.parametrize("holder", ["opt", "hp", "options", "settings"])
+def test_a_layer_count_read_from_options_under_other_names_is_said(holder):
+    from sortednet.check import LayerCountWarning
+
+    with pytest.warns(LayerCountWarning, match=rf"{holder}\.num_layers"):
+        sn.wrap(_OptCounts(holder), sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))

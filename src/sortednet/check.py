@@ -1203,7 +1203,8 @@ _COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_enc_layers, encod
     r"|(?:layers?|blocks?)_?(?:count|num|number)"
     r"|(?:(?:encoder|decoder|enc|dec|transformer|model|vit|text|vision)_)?depth"
     r"|(?:encoder|decoder|text|vision)_(?:num|n)_?(?:hidden_)?layers", re.IGNORECASE)
-_CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
+_CONFIGS = ("config", "cfg", "conf", "args", "opt", "opts", "options", "hp", "hps", "hparams", "hyperparams", "params",
+            "settings", "model_config", "model_args", "model_cfg")
 
 
 def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]]:
