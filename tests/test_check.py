@@ -5737,3 +5737,36 @@ def test_a_layer_count_read_from_options_under_other_names_is_said(holder):
 
     with pytest.warns(LayerCountWarning, match=rf"{holder}\.num_layers"):
         sn.wrap(_OptCounts(holder), sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))
+
+
+class _DeepestFirstUNet(nn.Module):
+    """A U-Net whose decoder list is built in decoding order (deepest level first): its first blocks pair with
+    the encoder's last, which a shallower Depth over both lists cuts."""
+
+    def __init__(self):
+        super().__init__()
+        ch, cin = [4, 8, 8], [4, 4, 8]
+        self.inp = nn.Conv2d(1, 4, 3, 1, 1)
+        self.downs = nn.ModuleList(nn.Sequential(nn.Conv2d(i, o, 3, 1, 1), nn.ReLU()) for i, o in zip(cin, ch))
+        self.ups = nn.ModuleList(nn.Sequential(nn.Conv2d(2 * o, i, 3, 1, 1), nn.ReLU())
+                                 for i, o in reversed(list(zip(cin, ch))))
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        x, skips = self.inp(x), []
+        for d in self.downs:
+            x = d(x)
+            skips.append(x)
+            x = F.avg_pool2d(x, 2)
+        for u, skip in zip(self.ups, reversed(skips)):
+            x = u(torch.cat([F.interpolate(x, scale_factor=2), skip], 1))
+        return self.out(x)
+
+
+def test_a_decoder_list_stored_deepest_first_is_named_when_check_refuses_it():
+    torch.manual_seed(0)
+    model = _DeepestFirstUNet()
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="stored deepest level first.*walk it reversed"):
+        sn.wrap(model, sn.Depth("depth", [2, 3], layers=["downs", "ups"]), example=torch.randn(2, 1, 16, 16))
+    assert_unchanged(model, before)

@@ -2049,11 +2049,18 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
     shaped = not counted and not isinstance(exc, SortedNetError)
     resizers = _dropped_resizers(nest, model, example, sub) if depths and not hint and shaped else []
     if resizers:
+        lists = [sum(1 for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim.name == n)
+                 for n in depths]  # (the layer lists each shallower Depth cuts)
         hint = (f"; depth {depths}: blocks it drops re-size the stream the layers after them read "
                 f"({'; '.join(resizers[:4])}{' ...' if len(resizers) > 4 else ''}, in the largest sub-model), which "
                 "then get the stream of the last block kept: list only depths that keep them, keep such blocks "
                 "out of the Depth, or bind those layers to the dimensions of every block that can end the stream "
-                "(one Width for the stream)")
+                "(one Width for the stream)" + ("; a Depth over several lists keeps the first blocks of each: a "
+                                                "decoder list stored deepest level first (a U-Net's ups built in "
+                                                "decoding order) pairs its first blocks with the encoder's last, "
+                                                "which a shallower depth cuts: store it in the encoder's order "
+                                                "(outermost first) and walk it reversed" if any(n > 1 for n in lists)
+                                                else ""))
     elif depths and not hint:
         hint = (f"; depth {depths}: a forward that counts its blocks itself (range(self.num_layers), zip(..., "
                 "strict=True) with a list of another length) must take len() of the layer list instead; or the "
