@@ -2721,3 +2721,25 @@ def test_an_eval_stream_that_restarts_is_no_warning_whether_it_shuffles_or_holds
         warnings.simplefilter("error")
         sn.fit(nest, train, torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1), eval_data=loader,
                progress=False)
+
+
+@pytest.mark.parametrize("shift", [1, -1])
+def test_the_default_accuracy_refuses_targets_out_of_the_class_range(shift):
+    """Labels shifted by one (1..C for C logits) scored a plausible, meaningless accuracy; fit refused the same
+    labels as training targets. Refused in evaluate and in fit's eval_data, before training."""
+    from models import assert_unchanged, snapshot
+
+    model, nest = _bn_classifier()
+    x, y = torch.randn(12, 8), torch.arange(12) % 3
+    bad = y + shift
+    with pytest.raises(sn.SortedNetError, match=r"not a class index in 0\.\.2 \(nor the ignored -100\): \[" +
+                       ("3" if shift == 1 else "-1")):
+        evaluate(nest, (x, bad))
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match=r"not a class index in 0\.\.2"):
+        sn.fit(nest, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1),
+               eval_data=(x, bad), progress=False)
+    assert_unchanged(model, before)
+    ignored = y.clone()
+    ignored[0] = -100  # (the ignore index is no class and no error)
+    assert set(evaluate(nest, (x, ignored)).values()) <= {v / 11 for v in range(12)}

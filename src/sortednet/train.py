@@ -723,6 +723,14 @@ def _accuracy(out: Tensor, y: Tensor, axis: int | None = None) -> float:
                              f"with targets of shape {tuple(y.shape)}: they must be equal (give class indices "
                              "shaped like the predictions, e.g. y.squeeze(-1) for a column), or pass metric=")
     counted = _counted(y)
+    classes = out.shape[axis]
+    kept = y[counted] if isinstance(counted, Tensor) else y
+    if y.dtype != torch.bool and kept.numel() and bool(((kept < 0) | (kept >= classes)).any()):
+        wrong = kept[(kept < 0) | (kept >= classes)]
+        raise SortedNetError(f"the default accuracy: a target is not a class index in 0..{classes - 1} (nor the "
+                             f"ignored {IGNORE_INDEX}): {wrong[:4].tolist()} for an output of {classes} classes (on "
+                             f"{'the last axis' if axis == -1 else f'axis {axis}'}); labels shifted or of another "
+                             "class count would score a meaningless accuracy")
     bad = out.isnan().any(axis) | (out == -math.inf).all(axis)  # (-inf in some classes: masked ones, argmax is fine)
     if bool((bad & torch.as_tensor(counted, device=out.device)).any()):
         return math.nan  # (argmax over a NaN row is 0: a diverged model scored as the share of class 0)
@@ -902,7 +910,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     ``F.cross_entropy`` reads it), whichever fits (both: refused unless another batch tells) (a sequence's
     tokens each count; targets equal to -100, the ignore index of ``F.cross_entropy``, are left out; bool labels
     count as classes 0 / 1) and refuses float targets, one
-    logit per example and other shapes with a :class:`SortedNetError`: pass
+    logit per example, targets out of the class range and other shapes with a :class:`SortedNetError`: pass
     ``metric=`` for regression, single-logit, shifted language-model labels and other tasks. Runs without
     grad in eval mode on a private view of the model that shares its weights: the model's own mode, seen
     by every thread (one may be training it), never changes.
