@@ -1652,3 +1652,36 @@ def test_a_skipped_block_that_is_a_list_of_modules_is_caught_when_its_modules_ru
     nest.unwrap()
     m(x)  # (the hooks go with the nest)
     assert not any(mod._forward_pre_hooks for mod in m.modules())
+
+
+class _TiedPairs(nn.Module):
+    """Perceiver-style tied layers: blocks are nn.ModuleLists that share modules (one norm in every block, or
+    one nested a level deeper), iterated as the list."""
+
+    def __init__(self, deeper: bool = False):
+        super().__init__()
+        shared = nn.LayerNorm(16)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.ModuleList([shared, nn.Identity()]) if deeper else shared, nn.Linear(16, 16)])
+            for _ in range(4))
+        self.deeper = deeper
+
+    def forward(self, x):
+        for ln, ff in self.blocks:
+            x = x + ff(ln[0](x) if self.deeper else ln(x))
+        return x
+
+
+@pytest.mark.parametrize("deeper", [False, True])
+def test_blocks_that_are_lists_sharing_a_module_run_at_every_depth(deeper):
+    torch.manual_seed(0)
+    m = _TiedPairs(deeper)
+    nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers="blocks"), example=torch.randn(2, 16))
+    x = torch.randn(2, 16)
+    for depth in (1, 2, 4):
+        with torch.no_grad(), nest.use(f"depth={depth}"):
+            got = m(x)
+        want = x
+        for ln, ff in list(m.blocks)[:depth]:
+            want = want + ff(ln[0](want) if deeper else ln(want))
+        torch.testing.assert_close(got, want.detach())

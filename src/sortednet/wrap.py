@@ -1007,20 +1007,22 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
     for i, (name, b) in enumerate(container._modules.items()):
         if b is not None and id(b) not in elsewhere:
             first.setdefault(id(b), (i, name, b))
-    hooks = []
-    for i, name, b in first.values():
-        # a block that is a container of modules (nn.ModuleList([norm, ff]), unpacked by the forward) has no
-        # forward of its own to hook: its modules are guarded, down to the first with a forward
+    # a block that is a container of modules (nn.ModuleList([norm, ff]), unpacked by the forward) has no forward
+    # of its own to hook: its modules are guarded, down to the first with a forward; a module several blocks hold
+    # (a Perceiver's tied layers) with the first block's index, as a block held at several positions is
+    targets: dict[int, tuple[int, str, nn.Module]] = {}
+    for i, name, b in sorted(first.values(), key=lambda t: t[0]):
         stack = [(f"{path}.{name}" if path else name, b)]
         while stack:
             where, m = stack.pop()
+            if id(m) in targets and m is not b:
+                continue
             if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
-                stack.extend((f"{where}.{n}", c) for n, c in m._modules.items()
-                             if c is not None and id(c) not in elsewhere and not any(c is x for _, _, x in
-                                                                                   first.values()))
+                stack.extend(reversed([(f"{where}.{n}", c) for n, c in m._modules.items()
+                                       if c is not None and id(c) not in elsewhere]))
             else:
-                hooks.append(m.register_forward_pre_hook(DepthGuard(binding, i, where)))
-    return hooks
+                targets.setdefault(id(m), (i, where, m))
+    return [m.register_forward_pre_hook(DepthGuard(binding, i, where)) for i, where, m in targets.values()]
 
 
 def _no_fast_path(module: nn.Module, args: tuple) -> None:
