@@ -5714,31 +5714,6 @@ def test_a_per_head_tensor_of_a_child_heads_leave_whole_is_named_with_per_head(d
     assert_unchanged(model, before)
 
 
-class _OptCounts(nn.Module):
-    """Reads its layer count from options kept under a name older codebases use (self.opt, self.hp)."""
-
-    def __init__(self, holder: str):
-        super().__init__()
-        import types
-
-        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
-        setattr(self, holder, types.SimpleNamespace(num_layers=4))
-        self.holder = holder
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x) / getattr(self, self.holder).num_layers
-        return x
-
-
-@pytest.mark.parametrize("holder", ["opt", "hp", "options", "settings"])
-def test_a_layer_count_read_from_options_under_other_names_is_said(holder):
-    from sortednet.check import LayerCountWarning
-
-    with pytest.warns(LayerCountWarning, match=rf"{holder}\.num_layers"):
-        sn.wrap(_OptCounts(holder), sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))
-
-
 class _DeepestFirstUNet(nn.Module):
     """A U-Net whose decoder list is built in decoding order (deepest level first): its first blocks pair with
     the encoder's last, which a shallower Depth over both lists cuts."""
@@ -5770,3 +5745,26 @@ def test_a_decoder_list_stored_deepest_first_is_named_when_check_refuses_it():
     with pytest.raises(sn.SortedNetError, match="stored deepest level first.*walk it reversed"):
         sn.wrap(model, sn.Depth("depth", [2, 3], layers=["downs", "ups"]), example=torch.randn(2, 1, 16, 16))
     assert_unchanged(model, before)
+
+
+class _ResizedWithNorms(nn.Module):
+    """Blocks that re-size the stream (16 to 32 at block 1), walked with a parallel list of norms: no decoder."""
+
+    def __init__(self):
+        super().__init__()
+        dims = [16, 16, 32, 32, 32]
+        self.blocks = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(4))
+        self.norms = nn.ModuleList(nn.LayerNorm(dims[i + 1]) for i in range(4))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        for b, n in zip(self.blocks, self.norms):
+            x = n(b(x))
+        return self.head(x)
+
+
+def test_a_resized_stream_of_the_first_list_gets_no_decoder_order_hint():
+    with pytest.raises(sn.SortedNetError, match="re-size the stream") as info:
+        sn.wrap(_ResizedWithNorms(), sn.Depth("depth", [1, 2, 4], layers=["blocks", "norms"]),
+                example=torch.randn(2, 16))
+    assert "deepest level first" not in str(info.value)

@@ -1203,8 +1203,7 @@ _COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_enc_layers, encod
     r"|(?:layers?|blocks?)_?(?:count|num|number)"
     r"|(?:(?:encoder|decoder|enc|dec|transformer|model|vit|text|vision)_)?depth"
     r"|(?:encoder|decoder|text|vision)_(?:num|n)_?(?:hidden_)?layers", re.IGNORECASE)
-_CONFIGS = ("config", "cfg", "conf", "args", "opt", "opts", "options", "hp", "hps", "hparams", "hyperparams", "params",
-            "settings", "model_config", "model_args", "model_cfg")
+_CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
 def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]]:
@@ -2049,8 +2048,11 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
     shaped = not counted and not isinstance(exc, SortedNetError)
     resizers = _dropped_resizers(nest, model, example, sub) if depths and not hint and shaped else []
     if resizers:
-        lists = [sum(1 for m in nest._sliced.values() if "depth" in m._sn.bind and m._sn.bind["depth"].dim.name == n)
-                 for n in depths]  # (the layer lists each shallower Depth cuts)
+        later = [p for n in depths for p in [q for q, m in nest._sliced.items() if "depth" in m._sn.bind and
+                                               m._sn.bind["depth"].dim.name == n][1:]]
+        # (a block of a list after the first re-sizes the stream: a decoder's, which may be stored in the order
+        # opposite to its encoder's)
+        later_resizes = any(r.startswith(f"{p!r}"[:-1] + ".") for r in resizers for p in later)
         hint = (f"; depth {depths}: blocks it drops re-size the stream the layers after them read "
                 f"({'; '.join(resizers[:4])}{' ...' if len(resizers) > 4 else ''}, in the largest sub-model), which "
                 "then get the stream of the last block kept: list only depths that keep them, keep such blocks "
@@ -2059,7 +2061,7 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
                                                 "decoder list stored deepest level first (a U-Net's ups built in "
                                                 "decoding order) pairs its first blocks with the encoder's last, "
                                                 "which a shallower depth cuts: store it in the encoder's order "
-                                                "(outermost first) and walk it reversed" if any(n > 1 for n in lists)
+                                                "(outermost first) and walk it reversed" if later_resizes
                                                 else ""))
     elif depths and not hint:
         hint = (f"; depth {depths}: a forward that counts its blocks itself (range(self.num_layers), zip(..., "
