@@ -723,3 +723,48 @@ def test_wrapping_a_compiled_model_by_its_own_names_says_to_wrap_before_compilin
                                                 r"before compiling it"):
         sn.wrap(torch.compile(model), sn.Width("h", [4, 8], out="0", inp="2"))
     assert not any("_sn" in m.__dict__ for m in model.modules())
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(3))
+        self.head = nn.Linear(16, 3)
+        self.nest = None
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + self.nest.checkpoint(b, h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("runner", ["torch.compile", "nest.compile"])
+def test_nest_checkpoint_under_compile_compiles_once_per_submodel_and_recomputes_its_forward(runner):
+    """nest.checkpoint's pinning (a closure and a pending entry per call) failed Dynamo's guards at every
+    call: nothing was compiled, each call traced again until the recompile limit. Traced, the recomputation
+    is in the graph with the forward's sliced weights: one graph per sub-model, the gradients eager's, also
+    with the backward outside use."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    nest = sn.wrap(model, sn.Width("f", [8, 16, 32], out="blocks.*.0", inp="blocks.*.2"),
+                   sn.Depth("depth", [1, 2, 3], layers="blocks"))
+    object.__setattr__(model, "nest", nest)
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(model, backend=counter) if runner == "torch.compile" else nest.compile(backend=counter)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    grads = {}
+    for run, call in (("eager", model), ("compiled", fn)):
+        model.zero_grad(set_to_none=True)
+        for sub in ("f=16,depth=2", "f=8,depth=1", "f=16,depth=2", "f=16,depth=2"):
+            with nest.use(sub):
+                loss = F.cross_entropy(call(x), y)
+            loss.backward()  # (outside use: the recomputation runs the forward's sub-model)
+        grads[run] = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    assert counter.frame_count == 2, counter.frame_count
+    for a, b in zip(grads["eager"], grads["compiled"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
