@@ -696,10 +696,17 @@ class Nest:
         if not callable(fn):
             raise SortedNetError(f"nest.checkpoint(fn, ...) needs a callable (a module or function), got {fn!r}")
 
-        if torch.compiler.is_compiling():  # (traced, the recomputation is part of the graph, with the sliced
-            # weights of the forward it was traced under: nothing to pin; the pinning's bookkeeping, a closure and
-            # a dict entry per call, would fail Dynamo's guards at every call and recompile each time)
-            return checkpoint(fn, *args, use_reentrant=use_reentrant, **kwargs)
+        if torch.compiler.is_compiling():  # traced, the recomputation is part of the graph, with the sliced
+            # weights of the forward it was traced under: nothing to pin there (the pending entry of an eager
+            # call, one per call, would fail Dynamo's guards at every call: nothing compiled, each call traced
+            # again). Where Dynamo runs the checkpoint eagerly instead (a graph break inside fn), the function
+            # runs pinned to the forward's plan, as eagerly
+            eager = in_plan(self._state, self._state.plan(), fn)
+
+            def run(*a: Any, **kw: Any) -> Any:
+                return fn(*a, **kw) if torch.compiler.is_compiling() else eager(*a, **kw)
+
+            return checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
         run = in_plan(self._state, self._state.plan(), fn, 2)
         return checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
 
