@@ -5738,12 +5738,13 @@ class _DeepestFirstUNet(nn.Module):
         return self.out(x)
 
 
-def test_a_decoder_list_stored_deepest_first_is_named_when_check_refuses_it():
+@pytest.mark.parametrize("layers", [["downs", "ups"], ["ups", "downs"]])
+def test_a_decoder_list_stored_deepest_first_is_named_when_check_refuses_it(layers):
     torch.manual_seed(0)
     model = _DeepestFirstUNet()
     before = snapshot(model)
     with pytest.raises(sn.SortedNetError, match="stored deepest level first.*walk it reversed"):
-        sn.wrap(model, sn.Depth("depth", [2, 3], layers=["downs", "ups"]), example=torch.randn(2, 1, 16, 16))
+        sn.wrap(model, sn.Depth("depth", [2, 3], layers=layers), example=torch.randn(2, 1, 16, 16))
     assert_unchanged(model, before)
 
 

@@ -949,17 +949,3 @@ def test_scores_made_stale_by_a_swapped_module_say_so():
     with pytest.warns(StaleScoresWarning, match=r"measured on another model \(modules were added, removed or "
                                                 r"replaced since"):
         nest.pick(params=nest.cost("h=4"))
-
-
-def test_profile_with_a_score_on_a_model_in_training_mode_says_so():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
-    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
-    x = torch.randn(6, 4)
-    model.train()
-    with pytest.warns(UserWarning, match=r"training mode \(\['BatchNorm1d'\] train\).*model.eval\(\) first"):
-        nest.profile(x, score=lambda s: 1.0, metrics=["params"], progress=False)
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        nest.profile(x, score=lambda s: 1.0, metrics=["params"], progress=False)

@@ -1685,3 +1685,29 @@ def test_blocks_that_are_lists_sharing_a_module_run_at_every_depth(deeper):
         for ln, ff in list(m.blocks)[:depth]:
             want = want + ff(ln[0](want) if deeper else ln(want))
         torch.testing.assert_close(got, want.detach())
+
+
+class _MixedBlocks(nn.Module):
+    """A layer list of a block with a forward of its own and blocks that are ModuleLists, one module shared by
+    all of them."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.LayerNorm(16)
+        first = nn.Sequential(nn.Linear(16, 16), shared)
+        self.layers = nn.ModuleList([first, *(nn.ModuleList([nn.Linear(16, 16), shared]) for _ in range(2))])
+
+    def forward(self, x):
+        for i, block in enumerate(self.layers):
+            x = block(x) if i == 0 else block[1](block[0](x))
+        return x
+
+
+def test_a_module_shared_with_a_block_of_its_own_forward_is_guarded_with_that_blocks_index():
+    torch.manual_seed(0)
+    m = _MixedBlocks()
+    nest = sn.wrap(m, sn.Depth("depth", [1, 2, 3], layers="layers"))
+    x = torch.randn(2, 16)
+    for depth in (1, 2, 3):
+        with torch.no_grad(), nest.use(f"depth={depth}"):
+            torch.testing.assert_close(m(x), nest.export(f"depth={depth}")(x))

@@ -2048,8 +2048,10 @@ def _fail(nest: Nest, model: Any, example: Any, what: str, sub: SubModel, err: s
     shaped = not counted and not isinstance(exc, SortedNetError)
     resizers = _dropped_resizers(nest, model, example, sub) if depths and not hint and shaped else []
     if resizers:
-        later = [p for n in depths for p in [q for q, m in nest._sliced.items() if "depth" in m._sn.bind and
-                                               m._sn.bind["depth"].dim.name == n][1:]]
+        order = {q: k for k, q in enumerate(dict(nest.model.named_modules()))}  # (the lists as the model holds
+        later = [p for n in depths for p in sorted(                               # them: an encoder first)
+            [q for q, m in nest._sliced.items() if "depth" in m._sn.bind and m._sn.bind["depth"].dim.name == n],
+            key=lambda q: order.get(q, 0))[1:]]
         # (a block of a list after the first re-sizes the stream: a decoder's, which may be stored in the order
         # opposite to its encoder's)
         later_resizes = any(r.startswith(f"{p!r}"[:-1] + ".") for r in resizers for p in later)

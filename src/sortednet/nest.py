@@ -859,18 +859,6 @@ class Nest:
         self._check_structure("profile")
         refuse_cache_example(example_inputs, "nest.profile")
         checked = None if score is None else _checked_score(score)  # (a score that is no callable: refused first)
-        if score is not None:  # (fit hands the model back in training mode: the natural next step scores so)
-            training = [(type(m).__bases__[0] if getattr(type(m), "_sn_sliced", False) else type(m)).__name__
-                        for m in self.model.modules() if m.training and isinstance(
-                m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
-            if training:
-                import warnings
-
-                warnings.warn(f"profile(score=...): the model is in training mode ({sorted(set(training))[:3]} "
-                              "train): score runs your code on the model as it is, so each sub-model is scored on "
-                              "batch statistics and dropout, and the forwards move the shared BatchNorm running "
-                              "statistics; call model.eval() first (or score with sortednet.train.evaluate, which "
-                              "runs in eval mode)", UserWarning, stacklevel=2)
         if is_fsdp(self.model):
             raise SortedNetError("nest.profile: the model is sharded with FSDP2 (fully_shard); profile runs private "
                                  "eval-mode copies of it, which sharded weights cannot give: profile before "

@@ -1010,6 +1010,10 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
     # a block that is a container of modules (nn.ModuleList([norm, ff]), unpacked by the forward) has no forward
     # of its own to hook: its modules are guarded, down to the first with a forward; a module several blocks hold
     # (a Perceiver's tied layers) with the first block's index, as a block held at several positions is
+    lowest: dict[int, int] = {}  # (the first block holding each module: a block with a forward of its own too)
+    for i, _, b in sorted(first.values(), key=lambda t: t[0]):
+        for m in b.modules():
+            lowest.setdefault(id(m), i)
     targets: dict[int, tuple[int, str, nn.Module]] = {}
     for i, name, b in sorted(first.values(), key=lambda t: t[0]):
         stack = [(f"{path}.{name}" if path else name, b)]
@@ -1021,7 +1025,7 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
                 stack.extend(reversed([(f"{where}.{n}", c) for n, c in m._modules.items()
                                        if c is not None and id(c) not in elsewhere]))
             else:
-                targets.setdefault(id(m), (i, where, m))
+                targets.setdefault(id(m), (lowest.get(id(m), i), where, m))
     return [m.register_forward_pre_hook(DepthGuard(binding, i, where)) for i, where, m in targets.values()]
 
 
