@@ -5769,3 +5769,34 @@ def test_a_resized_stream_of_the_first_list_gets_no_decoder_order_hint():
         sn.wrap(_ResizedWithNorms(), sn.Depth("depth", [1, 2, 4], layers=["blocks", "norms"]),
                 example=torch.randn(2, 16))
     assert "deepest level first" not in str(info.value)
+
+
+class _NormsInBoth(nn.Module):
+    """Per-block norms held in the blocks and in a parallel list, both cut by one Depth."""
+
+    def __init__(self):
+        super().__init__()
+        norms = [nn.LayerNorm(8) for _ in range(4)]
+        self.layers = nn.ModuleList(nn.ModuleList([norms[i], nn.Linear(8, 8)]) for i in range(4))
+        self.norms = nn.ModuleList(norms)
+
+    def forward(self, x):
+        for (n, f), n2 in zip(self.layers, self.norms):
+            x = x + f(n(x)) + 0.5 * n2(x)
+        return x
+
+
+def test_blocks_also_held_by_another_list_the_same_depth_cuts_are_not_held_outside():
+    from sortednet.check import BlockHeldOutsideWarning
+
+    torch.manual_seed(0)
+    m = _NormsInBoth()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BlockHeldOutsideWarning)
+        nest = sn.wrap(m, sn.Depth("depth", [1, 2, 4], layers=["layers", "norms"]))
+    x = torch.randn(2, 8)
+    for depth in (1, 2, 4):
+        exported = nest.export(f"depth={depth}")
+        assert sum(p.numel() for p in exported.parameters()) == nest.cost(f"depth={depth}") == depth * (16 + 72)
+        with torch.no_grad(), nest.use(f"depth={depth}"):
+            torch.testing.assert_close(m(x), exported(x))

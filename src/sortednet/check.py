@@ -1361,8 +1361,10 @@ def warn_blocks_held_outside(nest: Nest) -> None:
     for path, m in nest._sliced.items():
         if "depth" not in m._sn.bind:
             continue
-        cut = {(id(m), name) for name in m._modules}
-        held: dict[int, str] = {}
+        dim = m._sn.bind["depth"].dim
+        lists = [q for q in nest._sliced.values() if "depth" in q._sn.bind and q._sn.bind["depth"].dim is dim]
+        cut = {(id(q), name) for q in lists for name in q._modules}  # (a list the same Depth cuts is no outside:
+        held: dict[int, str] = {}                                    # a norm list paired with the blocks)
         stack: list[tuple[str, nn.Module]] = [("", model)]
         while stack:  # (the first path reaching each module without entering the list's positions)
             at, mod = stack.pop()
@@ -1371,11 +1373,11 @@ def warn_blocks_held_outside(nest: Nest) -> None:
             held[id(mod)] = at
             stack.extend((f"{at}.{n}" if at else n, c) for n, c in reversed(mod._modules.items())
                          if c is not None and (id(mod), n) not in cut)
-        dim = m._sn.bind["depth"].dim
-        owners: dict[int, set[int]] = {}  # (module -> the positions whose blocks hold it)
-        for i, b in enumerate(m._modules.values()):
-            for c in ([] if b is None else b.modules()):
-                owners.setdefault(id(c), set()).add(i)
+        owners: dict[int, set[int]] = {}  # (module -> the positions whose blocks hold it, in any list it cuts)
+        for q in lists:
+            for i, b in enumerate(q._modules.values()):
+                for c in ([] if b is None else b.modules()):
+                    owners.setdefault(id(c), set()).add(i)
         outside = []
         for i, (n, b) in enumerate(m._modules.items()):  # (a block, or a layer of it holding tensors: self.extra =
             if b is None or i < dim.sizes[0]:  # blocks[1].fc; one every depth keeps runs and is kept anyway)
