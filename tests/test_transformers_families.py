@@ -1331,3 +1331,19 @@ def test_the_suggested_part_holds_every_stack_of_its_layout():
         sn.from_transformers(model, ffn=[32, 64])
     nest = sn.from_transformers(model.lm, ffn=[32, 64])
     assert any(p.startswith("decoder.") for p in nest._sliced) and any(p.startswith("encoder.") for p in nest._sliced)
+
+
+def test_an_export_of_a_model_that_draws_in_eval_mode_is_compared_under_one_random_stream():
+    """ViTMAE draws its masking noise at every forward, eval mode too: the export check ran the live model and
+    the export on two draws and refused every export, blaming a rewritten config value."""
+    torch.manual_seed(0)
+    m = T.ViTMAEModel(T.ViTMAEConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                     image_size=16, patch_size=4, num_channels=3, mask_ratio=0.0)).eval()
+    nest = sn.from_transformers(m, ffn=[0.5])
+    small = nest.export(nest.smallest).eval()
+    assert small.config.intermediate_size == 32
+    px, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    with torch.no_grad(), nest.use(nest.smallest):
+        live = m(pixel_values=px, noise=noise).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(small(pixel_values=px, noise=noise).last_hidden_state, live)

@@ -511,7 +511,7 @@ def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn
     live sub-model, which kept the full model's values, and no shape tells. Skipped where that input cannot be
     made or the live model does not run on it (a meta-device or sharded model)."""
     from ..check import _TINY, _rel_diff, first_float
-    from ..modes import dry_run, eval_mode
+    from ..modes import dry_run, eval_mode, seeded
     from ..views import is_sharded
 
     model = nest.model
@@ -527,8 +527,8 @@ def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn
         if "_original_forward" in model.__dict__ and "forward" in view.__dict__ and view.__dict__ is not \
                 model.__dict__:  # (accelerate's mixed-precision wrapper, an autocast around the class's forward
             del view.__dict__["forward"]  # bound to the model itself: the export runs without it, compared so)
-        try:
-            with nest.use(sub):
+        try:  # (under one random stream, as each export below: a forward that draws in eval mode, ViTMAE's
+            with nest.use(sub), seeded(0):  # masking noise, draws the same)
                 live = first_float(view(**example, use_cache=False) if _takes_cache(view) else view(**example))
         except Exception:  # (the live model does not run on this input: nothing to compare)
             return
@@ -542,7 +542,7 @@ def _export_computes_live(nest: Nest, sub: SubModel, small: nn.Module, fresh: nn
         modes = [(x, x.training) for x in m.modules()]
         try:
             m.eval()
-            with torch.no_grad():
+            with torch.no_grad(), seeded(0):
                 try:
                     out = first_float(m(**example, use_cache=False) if _takes_cache(m) else m(**example))
                 except Exception as e:
