@@ -1347,3 +1347,11 @@ def test_an_export_of_a_model_that_draws_in_eval_mode_is_compared_under_one_rand
         live = m(pixel_values=px, noise=noise).last_hidden_state
     with torch.no_grad():
         torch.testing.assert_close(small(pixel_values=px, noise=noise).last_hidden_state, live)
+
+
+def test_an_unknown_family_is_refused_naming_its_own_layer_list_and_linear_layers():
+    m = T.DebertaV2Model(T.DebertaV2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64))
+    with pytest.raises(sn.SortedNetError, match=r"(?s)does not know the layout.*layer list is 'encoder.layer'.*"
+                                                r"'intermediate.dense', 'output.dense'\]"):
+        sn.from_transformers(m, ffn=[0.5])

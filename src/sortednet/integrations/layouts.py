@@ -267,11 +267,18 @@ def detect(model: nn.Module) -> Found:
                                  f"{one}. Else declare the dimensions by hand with sn.wrap, or describe the layout "
                                  "with register_layout")
         return Found(lay, hits)
+    lists = [(len(m), p) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and p]
+    stack = max(lists)[1] if lists else None  # (the model's own layer list, for the hint: the longest)
+    block = None if stack is None else model.get_submodule(stack)[0]
+    linears = [n for n, c in block.named_modules() if isinstance(c, nn.Linear)] if block is not None else []
+    own = (f" This model's layer list is {stack!r}; its blocks' Linear layers are {linears[:8]}"
+           f"{' ...' if len(linears) > 8 else ''}: bind the FFN's first layers out= and its last inp= "
+           f"('{stack}.*.<name>'), its attention modules attn=, and layers='{stack}'." if stack else "")
     raise SortedNetError(
         f"from_transformers does not know the layout of {type(model).__name__}; known families: {SUPPORTED}. "
         "Describe it once with sortednet.integrations.register_layout(Layout(family, probe=..., ffn_out=..., "
-        "ffn_inp=..., attn=..., ...)) (see docs/transformers.md), or declare the dimensions by hand: "
-        "sn.wrap(model, sn.Width('ffn', [...], out=['model.layers.*.mlp.gate_proj', 'model.layers.*.mlp.up_proj'], "
-        "inp=['model.layers.*.mlp."
-        "down_proj']), sn.Heads('heads', [...], attn='model.layers.*.self_attn'), sn.Depth('depth', [...], "
-        "layers='model.layers')) (import sortednet.integrations first for GPT-2 Conv1D layers)")
+        "ffn_inp=..., attn=..., ...)) (see docs/transformers.md), or declare the dimensions by hand, as for a "
+        "Llama: sn.wrap(model, sn.Width('ffn', [...], out=['model.layers.*.mlp.gate_proj', "
+        "'model.layers.*.mlp.up_proj'], inp=['model.layers.*.mlp.down_proj']), sn.Heads('heads', [...], "
+        "attn='model.layers.*.self_attn'), sn.Depth('depth', [...], layers='model.layers')) (import "
+        f"sortednet.integrations first for GPT-2 Conv1D layers).{own}")
