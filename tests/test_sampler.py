@@ -484,7 +484,7 @@ def test_a_saved_state_with_an_option_that_changes_no_draw_loads_without_it():
                       (dict(small_first=-3), "small_first")):
         with pytest.raises(sn.SortedNetError, match=what):
             sn.Sampler(SUBS, k=1).load_state_dict({**plain.state_dict(), **bad})
-    with pytest.raises(sn.SortedNetError, match=rf"only {N - 1} sub-models have a positive weight"):
+    with pytest.raises(sn.SortedNetError, match=rf"only {N - 1} sub-model\(s\) have a positive weight"):
         sn.Sampler(SUBS, k=1).load_state_dict({**every.state_dict(), "strategy": "weighted",
                                                "weights": [0.0] + [1.0] * (N - 1)})  # (refused as then)
     kept = sn.Sampler(SUBS, k=3, strategy="sandwich", seed=4, weights="small", small_first=50)
@@ -513,3 +513,18 @@ def test_a_state_loads_into_a_sampler_of_the_same_submodels_written_in_another_k
     assert all(a.draw(i) == b.draw(i) for i in range(50))
     with pytest.raises(sn.SortedNetError, match="sampler state is for 9 sub-models"):
         sn.Sampler(list(nest.submodels)[:8], k=2, seed=1).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("first", [1e-46, -1.0, 0.0])
+def test_a_loss_weight_that_trains_nothing_is_refused_naming_it(first):
+    """1e-46 beside 1.0 is positive in float64 and 0 as the float32 scale of a loss: drawn, never trained, in
+    silence; a negative one was refused as 'non-negative' though 0 is refused too."""
+    with pytest.raises(sn.SortedNetError, match="too small next to the largest to scale a float32 loss" if first > 0
+                       else rf"loss_weights must all be positive .*got {first!r} for"):
+        sn.Sampler(SUBS, k=2, strategy="sandwich", loss_weights=[first] + [1.0] * (N - 1))
+
+
+def test_loss_weights_for_an_empty_list_says_it_is_empty():
+    s = sn.Sampler(SUBS, k=2, loss_weights="large")
+    with pytest.raises(sn.SortedNetError, match="got an empty list"):
+        s.loss_weights_for([])

@@ -211,8 +211,9 @@ class Sampler:
 
     ``small_first`` (a number of steps, ``uniform`` / ``sandwich`` / ``weighted``)
     draws small sub-models more at the start of training: at step ``t`` below it,
-    the sub-model at position ``i`` (ascending cost, of ``n``) has its probability
-    multiplied by ``(n - i) ** (1 - t / small_first)``, annealed to the strategy's
+    the sub-model at position ``i`` (ascending cost, of ``n``) has its draw weight
+    multiplied by ``(n - i) ** (1 - t / small_first)`` (several draws are made one
+    after another without replacement: not the ratio of how often each is drawn), annealed to the strategy's
     own distribution by step ``small_first`` (:meth:`expected_fraction` gives
     that one). Sandwich always draws the smallest and the largest; the schedule
     moves its other draws.
@@ -287,12 +288,12 @@ class Sampler:
         if strategy == "weighted":
             probs = self._probabilities(weights, subs, nest)
             if int(np.count_nonzero(probs)) < k:
-                raise SortedNetError(f"only {int(np.count_nonzero(probs))} sub-models have a positive weight; "
+                raise SortedNetError(f"only {int(np.count_nonzero(probs))} sub-model(s) have a positive weight; "
                                      f"cannot draw k={k} distinct ones")
         elif strategy == "sandwich" and weights is not None:
             w = self._probabilities(weights, subs, nest)[1:-1]
             if int(np.count_nonzero(w)) < k - 2:
-                raise SortedNetError(f"only {int(np.count_nonzero(w))} middle sub-models have a positive weight; "
+                raise SortedNetError(f"only {int(np.count_nonzero(w))} middle sub-model(s) have a positive weight; "
                                      f"cannot draw k-2={k - 2} distinct ones besides the smallest and largest")
             probs = w / w.sum() if w.sum() > 0 else w
         elif weights is not None:
@@ -313,6 +314,11 @@ class Sampler:
                                  f"strategy='weighted' / 'uniform' with k=2)")
         loss_w = None
         if loss_weights is not None:
+            given = np.asarray(loss_weights, dtype=float) if not isinstance(loss_weights, str) else None
+            if given is not None and len(given) == len(subs) and np.all(np.isfinite(given)) and np.any(given <= 0):
+                at = int(np.argmin(given))
+                raise SortedNetError(f"loss_weights must all be positive (a sub-model weighted 0 would be drawn but "
+                                     f"never trained); got {float(given[at])!r} for {subs[at]}")
             try:
                 loss_w = self._probabilities(loss_weights, subs, nest)
             except SortedNetError as e:
@@ -320,6 +326,10 @@ class Sampler:
             if not np.all(loss_w > 0):
                 raise SortedNetError(f"loss_weights must all be positive (a sub-model weighted 0 would be drawn but "
                                      f"never trained); got 0 for {subs[int(np.argmin(loss_w))]}")
+            if np.any((loss_w / loss_w.max()).astype(np.float32) == 0):  # (a loss scaled in float32 to 0)
+                at = int(np.argmin(loss_w))
+                raise SortedNetError(f"loss_weights: {subs[at]}'s weight is positive but too small next to the "
+                                     "largest to scale a float32 loss (it rounds to 0: drawn, never trained)")
         self.submodels: Sequence[SubModel] = subs
         self.k, self.strategy, self.seed = k, strategy, _check_index(seed, "seed")
         self.weights = weights
@@ -419,7 +429,10 @@ class Sampler:
             raise SortedNetError(f"loss_weights_for takes the list of drawn sub-models (sampler.draw(step)), got "
                                  f"{subs!r}")
         idx = [position(key(s)) for s in subs]
-        if not idx or any(i is None for i in idx):
+        if not idx:
+            raise SortedNetError("loss_weights_for takes the list of drawn sub-models (sampler.draw(step)), got an "
+                                 "empty list")
+        if any(i is None for i in idx):
             raise SortedNetError(f"loss_weights_for: {list(subs)!r} are not (all) sub-models of this sampler"
                                  + ("" if resolve is not None else " (name every dimension, or build the sampler "
                                     "from the nest, Sampler(nest, ...), to read names as nest.resolve does)"))
@@ -506,7 +519,7 @@ class Sampler:
                     self._source, "cost") else None)
                 k = state.get("k")
                 if state.get("strategy") == "weighted" and isinstance(k, int) and np.count_nonzero(probs) < k:
-                    raise SortedNetError(f"only {int(np.count_nonzero(probs))} sub-models have a positive weight; "
+                    raise SortedNetError(f"only {int(np.count_nonzero(probs))} sub-model(s) have a positive weight; "
                                          f"cannot draw k={k} distinct ones")
         except SortedNetError as e:
             hint = (" (build the sampler to load into from the nest, sn.Sampler(nest, ...), not from "
