@@ -731,8 +731,8 @@ def _accuracy(out: Tensor, y: Tensor, axis: int | None = None) -> float:
                              f"ignored {IGNORE_INDEX}): {wrong[:4].tolist()} for an output of {classes} classes (on "
                              f"{'the last axis' if axis == -1 else f'axis {axis}'}); labels shifted or of another "
                              "class count would score a meaningless accuracy (an ignore index of your own, 255 in "
-                             "segmentation: pass metric=, e.g. lambda out, y: ((out.argmax(1) == y) & (y != 255))"
-                             ".sum(), or map it to -100)")
+                             "segmentation: map it to -100, y.masked_fill(y == 255, -100), which the default "
+                             "accuracy leaves out)")
     bad = out.isnan().any(axis) | (out == -math.inf).all(axis)  # (-inf in some classes: masked ones, argmax is fine)
     if bool((bad & torch.as_tensor(counted, device=out.device)).any()):
         return math.nan  # (argmax over a NaN row is 0: a diverged model scored as the share of class 0)

@@ -227,9 +227,10 @@ def detect(model: nn.Module) -> Found:
     >>> detect(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))).layers
     'transformer.h'
     """
-    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList)
+             and isinstance(next(iter(m._modules.values()), None), nn.Module)]  # (its first block, read as stored)
     for lay in LAYOUTS:
-        hits = tuple(p for p, m in lists if all(glob_children(m[0], q) for q in lay.probe))
+        hits = tuple(p for p, m in lists if all(glob_children(next(iter(m._modules.values())), q) for q in lay.probe))
         if not hits:
             continue
         if len(hits) > lay.extra.get("stacks", 1):
@@ -267,10 +268,13 @@ def detect(model: nn.Module) -> Found:
                                  f"{one}. Else declare the dimensions by hand with sn.wrap, or describe the layout "
                                  "with register_layout")
         return Found(lay, hits)
-    lists = [(len(m), p) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and p]
-    stack = max(lists)[1] if lists else None  # (the model's own layer list, for the hint: the longest)
-    block = None if stack is None else model.get_submodule(stack)[0]
-    linears = [n for n, c in block.named_modules() if isinstance(c, nn.Linear)] if block is not None else []
+    lists = [(len(m._modules), p) for p, m in model.named_modules() if isinstance(m, nn.ModuleList)
+             and len(m._modules) > 1 and p]
+    most = max((n for n, _ in lists), default=0)  # (the model's own layer list, for the hint: the longest, the
+    stack = next((p for n, p in lists if n == most), None)  # first in module order of those: the outermost)
+    block = None if stack is None else next(iter(model.get_submodule(stack)._modules.values()), None)
+    linears = [n for n, c in block.named_modules() if isinstance(c, nn.Linear)] if isinstance(block, nn.Module) \
+        else []
     own = (f" This model's layer list is {stack!r}; its blocks' Linear layers are {linears[:8]}"
            f"{' ...' if len(linears) > 8 else ''}: bind the FFN's first layers out= and its last inp= "
            f"('{stack}.*.<name>'), its attention modules attn=, and layers='{stack}'." if stack else "")
