@@ -1359,6 +1359,7 @@ def test_an_unknown_family_is_refused_naming_its_own_layer_list_and_linear_layer
 
 
 def test_the_unknown_family_hint_names_the_outermost_of_equally_long_layer_lists():
-    m = T.ConvNextModel(T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_channels=3, image_size=16))
+    m = T.ConvNextModel(T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_channels=3,
+                                         image_size=16))
     with pytest.raises(sn.SortedNetError, match=r"layer list is 'encoder.stages'"):
         sn.from_transformers(m, ffn=[0.5])
