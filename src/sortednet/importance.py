@@ -263,7 +263,7 @@ def _loss(model: nn.Module, batch: Any) -> Tensor:
                 "and the default loss, F.cross_entropy over one class, is 0 whatever the weights (every score "
                 "would be 0); pass loss_fn=, e.g. lambda model, batch: F.binary_cross_entropy_with_logits("
                 "model(batch[0]).squeeze(1), batch[1].float()). Nothing was changed")
-        return F.cross_entropy(out, y.long() if y.dtype != torch.int64 else y)
+        return F.cross_entropy(out, y.long())
     if keyword_inputs(batch):  # (a dict, a tokenizer's BatchEncoding)
         out = call_model(model, batch)
         if getattr(out, "loss", None) is not None:

@@ -1004,9 +1004,7 @@ class Nest:
                 self._selector, self._read_marks = None, self._read_marks + 1
 
     def _install_profile(self, prof: Profile | None) -> None:
-        with self._cost_lock:
-            old, self._profile, self._selector = getattr(self, "_profile", None), prof, None
-            self._read_marks += 1
+        old, self._profile = getattr(self, "_profile", None), prof
         self._told_other_flops = set()  # (a new profile's table: another input may be warned about again)
         self._scored_on = self._stale_warned = self._score_slots = None
         self._profile_flops = None
