@@ -14,7 +14,7 @@ from torch import nn
 
 import sortednet as sn
 from models import FAMILIES, InterruptAt, interrupted
-from sortednet.calibrate import StaleCalibrationWarning
+from sortednet.calibrate import StaleCalibrationWarning, stale_statistics
 
 
 class BNNet(nn.Module):
@@ -995,3 +995,75 @@ def test_shared_statistics_written_in_place_after_calibrate_are_said_stale(on):
     with pytest.warns(StaleCalibrationWarning, match="writes into its shared running statistics"), \
             nest.use("c=4"), torch.no_grad():
         target(x)
+
+
+class _PlainFirstBlock(nn.Module):
+    """Residual blocks under a Depth; only the later blocks' BatchNorm layers are listed under norm= (the first
+    block's is absent or not calibrated): training at depth 1 runs none of the calibrated ones."""
+
+    def __init__(self, norm_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16) if norm_first or i else nn.Identity(), nn.Linear(16, 8))
+            for i in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("read", ["eval_forward", "export", "save"])
+def test_training_a_shallow_sub_model_makes_the_deeper_calibrations_stale(norm_first, read, tmp_path):
+    """Staleness was judged per BatchNorm, by its own batch counter: training at depth 1 runs none of the deeper
+    blocks' BatchNorm layers, yet what reaches them changed (block 0 trained), so their calibrated statistics were
+    read, exported and saved in silence (or only block 0's named as stale). Any training-mode forward of the model
+    after calibrating makes every calibrated statistic stale."""
+    norms = ["blocks.1.1", "blocks.2.1"]
+    dims = lambda: (sn.Depth("d", [1, 3], layers="blocks"),  # noqa: E731
+                    sn.Width("h", [8, 16], out=["blocks.1.0", "blocks.2.0"], norm=norms,
+                             inp=["blocks.1.2", "blocks.2.2"]))
+    model = _PlainFirstBlock(norm_first)
+    nest = sn.wrap(model, *dims())
+    data = [torch.randn(32, 8) * 3 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    with nest.use("d=1,h=16"):
+        for x in data:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    model.eval()
+    assert sorted(stale_statistics(nest)) == norms
+    with pytest.warns(StaleCalibrationWarning, match="predate training-mode forwards") as record:
+        with torch.no_grad(), nest.use("d=3,h=16"):
+            if read == "eval_forward":
+                model(data[0])
+                model(data[0])
+            elif read == "export":
+                nest.export("d=3,h=16")
+            else:
+                sn.save(nest, tmp_path / "c.safetensors")
+    assert len(_stale(record)) == 1
+    if read == "save":
+        other = _PlainFirstBlock(norm_first)
+        back = sn.load(sn.wrap(other, *dims()), tmp_path / "c.safetensors")
+        assert sorted(stale_statistics(back)) == norms
+    nest.calibrate(data, subs=["d=1,h=8"], batches=3)   # the others stay stale
+    assert sorted(stale_statistics(nest)) == norms
+    nest.calibrate(data, batches=3)
+    assert stale_statistics(nest) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        with torch.no_grad(), nest.use("d=3,h=16"):
+            model(data[0])
+        nest.check(data[0])               # (checks, FLOPs counts and profiles leave no trace: not training)
+        nest.profile(data[0], repeat=1)
+        nest.cost("d=3,h=16", "flops", example=data[0])
+        with torch.no_grad(), nest.use("d=3,h=16"):
+            model(data[0])
+        nest.export("d=3,h=16")

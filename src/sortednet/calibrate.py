@@ -193,7 +193,7 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
         old = prev.stats if prev is not None else {}
         kept = [k for k in old if k not in stats]
         stale = () if prev is None else kept if trained_since(m, prev) else set(prev.since.get("stale", ())) & set(kept)
-        norm = norms[m] = NormStats(nest.dims, {**old, **stats}).watch(m, told, stale)
+        norm = norms[m] = NormStats(nest.dims, {**old, **stats}).watch(m, told, stale, nest._pin.trained)
         if prev is not None:  # a statistic of another sub-model written in place stays refused
             norm.carry(prev, kept)
     # ... then one assignment per module (readers see old or new), each made even after a Ctrl-C: never some
@@ -296,4 +296,5 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor], stale: dict[str, 
     keys = {path: {tuple(nest.resolve(t, full_ok=True)[d.name] for d in nest.dims) for t in subs}
             for path, subs in stale.items()}
     for path, m in bns.items():
-        m._sn.norm = NormStats(nest.dims, found[m]).watch(m, told, keys.get(path, ())) if m in found else None
+        m._sn.norm = (NormStats(nest.dims, found[m]).watch(m, told, keys.get(path, ()), nest._pin.trained)
+                      if m in found else None)

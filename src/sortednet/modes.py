@@ -128,9 +128,29 @@ def dry_run(model: nn.Module, buffers: bool = True) -> Iterator[_SaveOnWrite]:
     may still hold the model's own), and only those are put back: what other threads write meanwhile (a serving
     thread's cache, a training thread's running statistics) stays.
     """
-    import torch
 
     refuse_script(model, "a dry run of the model's forward")
+    _DRY.depth = getattr(_DRY, "depth", 0) + 1
+    try:
+        with _dry_run(model, buffers) as guard:
+            yield guard
+    finally:
+        _DRY.depth -= 1
+
+
+#: this thread's open dry runs (their forwards leave no trace: a calibration does not go stale by them)
+_DRY = threading.local()
+
+
+def in_dry_run() -> bool:
+    """Whether this thread runs a forward inside :func:`dry_run` (which puts every parameter and buffer back)."""
+    return bool(getattr(_DRY, "depth", 0))
+
+
+@contextmanager
+def _dry_run(model: nn.Module, buffers: bool) -> Iterator[_SaveOnWrite]:
+    import torch
+
     slots = [(m, d, name, t) for m in model.modules() for d in ((m._parameters, m._buffers) if buffers
                                                                 else (m._parameters,))
              for name, t in d.items() if isinstance(t, torch.Tensor)]

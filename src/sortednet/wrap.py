@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dims import REENTRANT, Binding, Dimension, Target
 from .errors import PatternError, SortedNetError, caller_outside
-from .modes import attr_of, exact_math, finish_all, hook_module, rebind_kept_forward
+from .modes import attr_of, exact_math, finish_all, hook_module, in_dry_run, rebind_kept_forward
 from .modes import ours as _ours
 from .patterns import Named, match_pattern
 from .plan import _Open, close_block, heal_pins, pin_checkpoints, shadowed, unpinned_reentrant
@@ -1217,7 +1217,7 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "__weakref__")
+    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "__weakref__")
 
     def __init__(self, active: Any, root: nn.Module | None = None) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
@@ -1230,6 +1230,9 @@ class Pin:
         # weights were copied in, or None for a private view that shares the weights (they follow every sort)
         self.root = weakref.ref(root) if root is not None else None
         self.copies: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+        # training-mode forwards of the model itself (not of a copy, nor a dry run's): calibrated BatchNorm
+        # statistics made before one describe the weights of before, wherever the layers that changed sit
+        self.trained = [0]
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -1291,6 +1294,8 @@ class Pin:
         if _compiling():
             return
         self._enter(module, sys._getframe(1))
+        if module.training:
+            self._trains(module)
         ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)
         ddp = ddp.DistributedDataParallel._active_ddp_module if ddp is not None else None
         if ddp is not None and _grad_enabled() and ddp.require_backward_grad_sync:
@@ -1312,6 +1317,15 @@ class Pin:
             stack.append(_INNER)
         else:
             self._enter(module, here)
+            if module.training:
+                self._trains(module)
+
+    def _trains(self, module: nn.Module) -> None:
+        """A training-mode forward of ``module`` (the root, or a child entered on its own) starts: counted in
+        :attr:`trained` where it is the nest's own model's, outside a dry run."""
+        root = self.root() if self.root is not None else None
+        if root is not None and (module is root or module in root._modules.values()) and not in_dry_run():
+            self.trained[0] += 1
 
     def inner_post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if _compiling():

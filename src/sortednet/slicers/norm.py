@@ -72,6 +72,9 @@ class NormStats:
                         copy.deepcopy(self.override, memo)).carry(self)
         told = self.since.get("told", [False])  # (one flag for the copy's modules of one calibration, as here)
         new.since.update(self.since, told=memo.setdefault(("sortednet.told", id(told)), [bool(told[0])]))
+        forwards = new.since.pop("forwards", None)  # (the model's count: a copy's own forwards are not counted;
+        if forwards is not None and forwards[0][0] != forwards[1]:  # the model's since the calibration are kept)
+            new.since["trained"] = True
         if "at" in self.since:  # each counter's copy (a module's buffers are copied before its sortednet state)
             at = new.since["at"] = WeakIdKeyDictionary(self.since["at"])  # counts from the same baseline; one
             for t, base in list(self.since["at"].items()):                # not copied yet: from its first read
@@ -105,9 +108,13 @@ class NormStats:
                     self.base[id(mine)] = -1  # (no version counter is negative: unwritten() refuses it)
         return self
 
-    def watch(self, m: nn.Module, told: list[bool], stale: Any = ()) -> NormStats:
+    def watch(self, m: nn.Module, told: list[bool], stale: Any = (), forwards: list[int] | None = None) -> NormStats:
         """Count training-mode forwards of ``m`` from now (see :func:`trained_since`); ``stale``: keys of
-        statistics carried over that were already out of date. Returns ``self``."""
+        statistics carried over that were already out of date; ``forwards``: the nest's count of training-mode
+        forwards of its model (any of them moves what reaches ``m``, though ``m`` itself may not run: a layer past
+        the depth trained). Returns ``self``."""
+        if forwards is not None:
+            self.since["forwards"] = (forwards, forwards[0])
         at, now = WeakIdKeyDictionary(), _counter(m)
         if now is not None:
             at[now[0]] = (now[1], _value(now[0]))
@@ -205,6 +212,10 @@ def trained_since(m: nn.Module, norm: NormStats) -> bool:
     here (``model.to(device)``, a deep copy, a view's own copy) is counted from now; once seen trained, it stays so."""
     since = norm.since
     if since.get("trained"):
+        return True
+    forwards = since.get("forwards")
+    if forwards is not None and forwards[0][0] != forwards[1]:
+        since["trained"] = True
         return True
     at, now = since.get("at"), _counter(m)
     if at is not None and _shared_written(m, at):
