@@ -5643,7 +5643,7 @@ def test_an_export_unlike_its_live_model_is_refused_at_any_output_scale(scale):
 def test_an_integer_or_complex_output_does_not_hide_an_export_unlike_its_live_model(out):
     torch.manual_seed(0)
     nest = sn.wrap(_ReadsWhole(1e-5, out), sn.Width("h", [4, 16], out="a", inp="b"))
-    match = "no floating-point value" if out == "argmax" else "differs from its live output"
+    match = "no finite floating-point value" if out == "argmax" else "differs from its live output"
     with pytest.raises(sn.SortedNetError, match=match):
         nest.check(torch.randn(5, 8))
 
@@ -5653,7 +5653,7 @@ def test_an_example_of_no_entries_is_refused_not_vouched_for():
     model = _ReadsWhole(1.0)
     nest = sn.wrap(model, sn.Width("h", [4, 16], out="a", inp="b"))
     before = snapshot(model)
-    with pytest.raises(sn.SortedNetError, match=r"float32 \(0, 10\)\) holds no floating-point value"):
+    with pytest.raises(sn.SortedNetError, match=r"float32 \(0, 10\)\) holds no finite floating-point value"):
         nest.check(torch.randn(0, 8))
     assert_unchanged(model, before)
 
@@ -5800,3 +5800,121 @@ def test_blocks_also_held_by_another_list_the_same_depth_cuts_are_not_held_outsi
         assert sum(p.numel() for p in exported.parameters()) == nest.cost(f"depth={depth}") == depth * (16 + 72)
         with torch.no_grad(), nest.use(f"depth={depth}"):
             torch.testing.assert_close(m(x), exported(x))
+
+
+class _StatBeside(nn.Module):
+    """Logits and, returned beside them for logging, the mean of the normalised features (rounding noise around
+    zero: ~1e-9 in float32, ~1e-17 in float64), after a LoRA-able MLP or a hand-written attention."""
+
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+        if attention:
+            self.attn = _FourHeads()
+        else:
+            self.a, self.b = nn.Linear(64, 128), nn.Linear(128, 64)
+        self.norm, self.head = nn.LayerNorm(64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.norm(x + self.attn(x) if self.attention else self.b(torch.relu(self.a(x))))
+        return self.head(h), h.mean()
+
+
+class _FourHeads(nn.Module):
+    def __init__(self, dim=64, heads=8):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("case", ["lora_float32", "heads_float64", "heads_float32"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_output_of_rounding_noise_beside_the_logits_is_no_refusal(case, seed):
+    """Each output was compared against its own scale alone: an output that is rounding noise around zero (the
+    mean of normalised features, returned for logging) differs between two right computations by 100% of itself,
+    and check refused a right LoRA export ("differs from its live output by 1") or a right head layout ("not the
+    first whole heads"). An output below 1e-4 of the largest output's scale is measured against that floor."""
+    torch.manual_seed(seed)
+    attention = case != "lora_float32"
+    model = _StatBeside(attention).to(torch.float64 if case == "heads_float64" else torch.float32)
+    if attention:
+        nest = sn.wrap(model, sn.Heads("h", [2, 4, 8], attn="attn"))
+        x = torch.randn(2, 5, 64, dtype=next(model.parameters()).dtype)
+    else:
+        nest = sn.wrap(model, sn.Rank("r", [4, 16, 64], targets=["a", "b"], mode="lora", alpha=8))
+        with torch.no_grad():  # (trained adapters)
+            model.a.lora_B.normal_(0, 0.05)
+            model.b.lora_B.normal_(0, 0.05)
+        x = torch.randn(16, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nest.check(x)
+
+
+class _Biased(nn.Module):
+    """A rare-event detector: logits near -8, returned as probabilities (sigmoid or softmax) or as they are."""
+
+    def __init__(self, final: str):
+        super().__init__()
+        self.a, self.b, self.final = nn.Linear(64, 128), nn.Linear(128, 32), final
+        with torch.no_grad():
+            self.b.bias.fill_(-8.0)
+
+    def forward(self, x):
+        z = self.b(torch.tanh(self.a(x)))
+        return torch.sigmoid(z) if self.final == "sigmoid" else z.softmax(-1) if self.final == "softmax" else z
+
+
+@pytest.mark.parametrize("final", ["logits", "sigmoid", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_probabilities_of_a_right_lora_export_pass(final, dtype):
+    """In half precision an output past an exp differs from one rounding of its logits to another by about the
+    logits' own rounding (|z| / 256 in bf16: 3% at |z| = 8): check held the smallest sub-model's export to 1%,
+    relative to the probabilities' own scale, and refused a right bf16 LoRA merge. Half precision's tolerance
+    holds for every export; a wrong one (next test) is still refused."""
+    torch.manual_seed(0)
+    model = _Biased(final).to(dtype)
+    nest = sn.wrap(model, sn.Rank("r", [2, 8, 32], targets=["a", "b"], mode="lora", alpha=8))
+    with torch.no_grad():
+        model.a.lora_B.normal_(0, 0.05)
+        model.b.lora_B.normal_(0, 0.05)
+    nest.check(torch.randn(16, 64, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1e-4, 1.0])
+def test_a_half_precision_export_unlike_its_live_model_is_refused(dtype, scale):
+    torch.manual_seed(0)
+    nest = sn.wrap(_ReadsWhole(scale).to(dtype), sn.Width("h", [4, 16], out="a", inp="b"))
+    with pytest.raises(sn.SortedNetError, match="differs from its live output"):
+        nest.check(torch.randn(5, 8, dtype=dtype))
+
+
+class _WithLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x, y=None):
+        logits = self.b(torch.relu(self.a(x)))
+        return logits if y is None else (logits, F.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("example", ["empty_with_labels", "nan_input"])
+def test_an_example_of_no_finite_output_is_refused_not_vouched_for(example):
+    """An empty batch with labels gives logits of no entries and a NaN loss; an example holding NaN gives NaN
+    everywhere: no output has a finite value to compare, and check passed a nest whose export is wrong."""
+    model = _WithLoss()
+    nest = sn.wrap(model, sn.Width("w", [8, 32], out="a", inp="b"))
+    x = ((torch.randn(0, 8), torch.zeros(0, dtype=torch.long)) if example == "empty_with_labels"
+         else torch.full((3, 8), float("nan")))
+    before = snapshot(model)
+    with pytest.raises(sn.SortedNetError, match="holds no finite floating-point value"):
+        nest.check(x)
+    assert_unchanged(model, before)
+    nest.check(torch.randn(3, 8))  # (a right nest: an example with entries passes)
