@@ -435,6 +435,33 @@ def test_other_families_fall_back_to_their_own_forward():
             sn.speculative_generate(nest, ids, max_new_tokens=4, **kw)
 
 
+def test_an_error_of_the_models_own_forward_after_the_cache_served_is_passed_on_as_it_is():
+    """On the fallback path (the model's own forward), any error was said to be the family's cache, one speculative
+    decoding cannot drive, also a hook's that failed after several rounds had decoded: the error is passed on as it
+    is once a forward with the cache went through."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=1, eos_token_id=0)).eval()
+    nest = sn.from_transformers(model, depth=[1, 2])
+    calls = [0]
+
+    def boom(module, args):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise ValueError("my hook failed")
+
+    handle = model.model.layers[1].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(ValueError, match="my hook failed") as info:
+            sn.speculative_generate(nest, torch.tensor([[3, 1, 4, 1, 5]]), draft="depth=2", max_new_tokens=20)
+    finally:
+        handle.remove()
+    assert type(info.value) is ValueError  # (not a SortedNetError blaming the family's cache)
+    assert nest.active == nest.largest
+
+
 def test_block_arguments_are_read_from_the_installed_blocks_and_a_pass_through_subclass():
     """The block range runner passes each argument under the name the installed transformers gives it (renamed
     within 5.x: past_key_values -> cache); a block subclass whose forward passes (*args, **kwargs) through reads

@@ -2743,3 +2743,227 @@ def test_the_default_accuracy_refuses_targets_out_of_the_class_range(shift):
     ignored = y.clone()
     ignored[0] = -100  # (the ignore index is no class and no error)
     assert set(evaluate(nest, (x, ignored)).values()) <= {v / 11 for v in range(12)}
+
+
+def test_the_advice_for_an_ignore_index_of_ones_own_works_on_uint8_masks():
+    """Segmentation masks load as uint8; the advice ``y.masked_fill(y == 255, -100)`` wrapped -100 to the class 156
+    there, scored as a class. The advice casts first, and following it leaves those pixels out."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 182, 1))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1).to(torch.uint8)  # (every pixel right for the full model)
+    y[:, :2] = 255
+    with pytest.raises(sn.SortedNetError, match=r"y\.long\(\)\.masked_fill\(y == 255, -100\)") as info:
+        evaluate(nest, (x, y))
+    fixed = eval(re.search(r"(y\.long\(\)\.masked_fill\(y == 255, -100\))", str(info.value)).group(1))
+    assert evaluate(nest, (x, fixed))[nest.largest] == 1.0
+
+
+class _Wide(torch.nn.Module):
+    """(batch, classes, length) logits; the class count equals the first batch's length."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv1d(2, 8, 1), torch.nn.Conv1d(8, 3, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_fit_checks_its_eval_data_as_evaluate_reads_it_where_one_batch_leaves_the_classes_axis_open():
+    """fit's check of its eval set ran evaluate on the first batch alone: (B, 3, 3) logits leave the classes'
+    axis open there, which the second batch (length 5) settles, so fit refused an eval set evaluate scores."""
+    torch.manual_seed(0)
+    model = _Wide()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="b"))
+    ev = [(torch.randn(4, 2, 3), torch.randint(0, 3, (4, 3))), (torch.randn(4, 2, 5), torch.randint(0, 3, (4, 5)))]
+    want = {str(s): v for s, v in evaluate(nest, ev).items()}
+    hist = sn.fit(nest, ev[1:], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
+                  loss_fn=F.cross_entropy, eval_data=ev, progress=False)
+    assert hist.last_scores == want
+    with pytest.raises(sn.SortedNetError, match="cannot tell the classes' axis"):  # (no batch tells: refused)
+        sn.fit(nest, ev[1:], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
+               loss_fn=F.cross_entropy, eval_data=ev[:1], progress=False)
+
+
+class _Box:
+    """A batch object of the user's own, without a value comparison (== is identity)."""
+
+    def __init__(self, x):
+        self.x = x
+
+
+class _ReadsBox(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, batch):
+        return self.b(torch.relu(self.a(batch.x)))
+
+
+class _BoxStream(torch.utils.data.IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):  # (fresh objects at every pass)
+        return iter([(_Box(self.x[i:i + 8]), self.y[i:i + 8]) for i in (0, 8)])
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_an_eval_stream_of_batch_objects_of_ones_own_that_restarts_is_no_warning(loader):
+    """Two reads of a stream that restarts give equal batch objects, not the same ones: compared by identity, they
+    were 'another first batch', and fit warned of a stream that cannot restart."""
+    torch.manual_seed(0)
+    model = _ReadsBox()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="b"))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    stream = _BoxStream(x, y)
+    data = torch.utils.data.DataLoader(stream, batch_size=None) if loader else stream
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sn.fit(nest, [(_Box(x), y)], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
+               eval_data=data, progress=False)
+    other = _BoxStream(x.flip(0), y)  # (another first batch: said)
+    with pytest.warns(UserWarning, match="another first batch"):
+        sn.fit(nest, [(_Box(x), y)], torch.optim.SGD(model.parameters(), lr=0.0), sn.Sampler(nest, k=1),
+               eval_data=_Alternating(stream, other), progress=False)
+
+
+class _Alternating:
+    def __init__(self, *streams):
+        self.streams, self.i = streams, 0
+
+    def __iter__(self):
+        self.i += 1
+        return iter(self.streams[self.i % 2])
+
+
+@pytest.mark.parametrize("inputs", ["dataclass", "mapping", "numpy"])
+def test_one_pair_whose_inputs_are_of_any_type_with_a_tensor_target_is_one_pair(inputs):
+    """``evaluate(nest, (inputs, y))`` read a pair of a dataclass / a mapping of one's own / an array with a
+    tensor target as two batches and refused it ("got DC"); in a list, the same pair was scored."""
+    import collections.abc
+    import dataclasses
+
+    @dataclasses.dataclass
+    class DC:
+        x: torch.Tensor
+
+    class MyMap(collections.abc.Mapping):
+        def __init__(self, d):
+            self.d = d
+
+        def __getitem__(self, k):
+            return self.d[k]
+
+        def __iter__(self):
+            return iter(self.d)
+
+        def __len__(self):
+            return len(self.d)
+
+    class Reads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, batch=None, x=None):
+            x = (batch.x if isinstance(batch, DC) else batch["x"] if isinstance(batch, MyMap)
+                 else torch.as_tensor(batch) if batch is not None else x)
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Reads()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="b"))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    given = DC(x) if inputs == "dataclass" else MyMap({"x": x}) if inputs == "mapping" else x.numpy()
+    want = evaluate(nest, [(x, y)])
+    assert evaluate(nest, (given, y)) == want == evaluate(nest, [(given, y)])
+
+
+@pytest.mark.parametrize("out", ["vector", "column"])
+def test_one_logit_per_example_is_named_as_such_and_the_loss_fit_needs_with_it(out):
+    """(B,) logits against (B,) targets were refused as a shape mismatch of argmax ("e.g. y.squeeze(-1)"); a
+    (B, 1) column sent the user to metric=, and fit's default loss then refused it again: one message names one
+    logit per example and both metric= and loss_fn=."""
+    import torch.nn as nn
+
+    class Single(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            z = self.b(torch.relu(self.a(x)))
+            return z.squeeze(-1) if out == "vector" else z
+
+    torch.manual_seed(0)
+    model = Single()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="a", inp="b"))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    for run in (lambda: evaluate(nest, (x, y)),
+                lambda: sn.fit(nest, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1),
+                               loss_fn=lambda o, t: F.binary_cross_entropy_with_logits(o.reshape(-1), t.float()),
+                               eval_data=[(x, y)], progress=False)):
+        with pytest.raises(sn.SortedNetError, match=r"(?s)one logit per example.*pass metric=.*loss_fn="):
+            run()
+
+
+def test_a_metric_returning_per_example_values_is_named_as_the_fault():
+    model, nest = _tiny_classifier(out=3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(sn.SortedNetError, match=r"the metric returned t\(10,\) on a batch; it returns the SUM"):
+        evaluate(nest, (x, y), metric=lambda o, t: (o.argmax(-1) == t).float())
+    assert evaluate(nest, (x, y), metric=lambda o, t: (o.argmax(-1) == t).sum()) == evaluate(nest, (x, y))
+
+
+def test_fit_keeps_the_eval_loaders_own_generator_as_it_found_it():
+    """A train and an eval DataLoader sharing generator=g: fit's up-front check of the eval set drew from g, so
+    the training order differed from the same run with its eval set given as a list."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    dataset = torch.utils.data.TensorDataset(x, y)
+    finals = []
+    for eval_as_loader in (False, True):
+        model, nest = _tiny_classifier(out=3)
+        g = torch.Generator().manual_seed(7)
+        train = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, generator=g)
+        ev = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, generator=g) if eval_as_loader \
+            else [(x, y)]
+        sn.fit(nest, train, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1, seed=0),
+               eval_data=ev, eval_every=2, progress=False)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)
+
+
+class _UsedUp:
+    """A stream whose __iter__ returns one stored iterator: its first batches repeat, so fit's check cannot tell."""
+
+    def __init__(self, batches):
+        self.it = iter(batches)
+
+    def __iter__(self):
+        return self.it
+
+
+def test_an_eval_stream_used_up_mid_training_is_named_as_such():
+    model, nest = _tiny_classifier(out=3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(sn.SortedNetError, match=r"the evaluation at step \d+ got no batches: a _UsedUp that gave "
+                                                r"batches before gives none now"):
+        sn.fit(nest, [(x, y)] * 6, torch.optim.SGD(model.parameters(), lr=0.1), sn.Sampler(nest, k=1),
+               eval_data=_UsedUp([(x, y)] * 3), eval_every=1, progress=False)
+
+
+def test_a_custom_metric_takes_a_list_of_references_per_example():
+    model, nest = _tiny_classifier(out=3)
+    x = torch.randn(3, 4)
+    refs = [["a", "b"], ["c"], ["d", "e"]]
+    got = evaluate(nest, [(x, refs)], metric=lambda o, t: float(sum(len(r) for r in t)))
+    assert got[nest.largest] == 5 / 3

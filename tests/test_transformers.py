@@ -3277,6 +3277,26 @@ def test_an_export_of_layers_cut_unevenly_says_so():
         nest.export("w=24")
 
 
+def test_an_export_of_a_bert_layer_cut_unevenly_says_so():
+    """BERT's layers hold several modules named dense (intermediate.dense, output.dense, attention.output.dense):
+    keyed by the last two names, the full model already showed two shapes for dense.bias, and per-layer FFN
+    widths were refused as though the family derived a size from another key."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                                     num_attention_heads=4, intermediate_size=64,
+                                                     max_position_embeddings=64, num_labels=3)).eval()
+    layer = "bert.encoder.layer.{}."
+    nest = sn.wrap(model, *(sn.Width(f"f{i}", [16, 64], out=layer.format(i) + "intermediate.dense",
+                                     inp=layer.format(i) + "output.dense") for i in range(3)))
+    with pytest.raises(sn.SortedNetError, match=r"its layers are cut unevenly: intermediate.dense.weight is "
+                                                r"\(16, 32\) in bert.encoder.layer.0 but \(64, 32\) in "
+                                                r"bert.encoder.layer.1"):
+        nest.export("f0=16,f1=64,f2=64")
+    assert nest.export("f0=16,f1=16,f2=16").config.intermediate_size == 16
+
+
 def test_an_export_after_accelerate_mixed_precision_prepare_is_the_plain_model():
     """accelerate's prepare(mixed_precision="bf16") (every Trainer run with bf16=True) sets an autocast wrapper as
     the model's forward: the export kept it in its copy and the comparison ran the live model under it, so the

@@ -85,6 +85,12 @@ class Compiled:
                                  "hands each sub-model's sliced parameters to the graph as inputs, while FSDP2 holds "
                                  "them as shards outside its forward; train it eagerly (sortednet.distributed."
                                  "accumulate), or compile in one process")
+        flags = {k: v for k, v in compile_kwargs.items() if k in ("fullgraph", "disable", "dynamic")
+                 and not (isinstance(v, bool) or v is None and k == "dynamic")}
+        if flags:
+            raise SortedNetError(f"nest.compile({', '.join(f'{k}={v!r}' for k, v in flags.items())}): "
+                                 f"{', '.join(flags)} takes True or False" + (" (dynamic: or None)" if "dynamic" in
+                                                                               flags else ""))
         compile_kwargs.setdefault("dynamic", False)
         self.nest = nest
         self._targets = handed_over(nest)
@@ -95,7 +101,12 @@ class Compiled:
         def call(params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
             return torch.func.functional_call(model, params, args, kwargs, tie_weights=False, strict=False)
 
-        self._compiled: Callable[..., Any] = torch.compile(call, **compile_kwargs)
+        try:
+            self._compiled: Callable[..., Any] = torch.compile(call, **compile_kwargs)
+        except Exception as e:  # (an unknown mode or backend: refused by torch.compile before anything is traced)
+            given = ", ".join(f"{k}={v!r}" for k, v in compile_kwargs.items() if k != "dynamic" or v is not False)
+            raise SortedNetError(f"nest.compile({given}): torch.compile refuses it: {type(e).__name__}: "
+                                 f"{str(e)[:300]}") from e
 
     @property
     def names(self) -> list[str]:

@@ -583,7 +583,11 @@ class Nest:
             s = sub.get(name, d.full)
             n = as_int(s)  # (a tensor is compared by its value, never by its own ==)
             if n is None or n not in d.sizes:
-                raise SortedNetError(f"{d.kind} {name!r} has no size {s!r}; sizes are {list(d.sizes)}")
+                kind = "" if n is not None or isinstance(s, str) else (
+                    f" (a {type(s).__name__}: sizes here are integers, the counts themselves; fractions of the full "
+                    "size are taken only when a nest is built, by sn.from_transformers)" if isinstance(s, float) else
+                    f" (a {type(s).__name__}: sizes are integers)")
+                raise SortedNetError(f"{d.kind} {name!r} has no size {s!r}{kind}; sizes are {list(d.sizes)}")
             sizes[name] = n
         out = SubModel(sizes)
         if (self._rows is not None and self.submodels is not None and self.submodels.position(out) is None
@@ -695,6 +699,8 @@ class Nest:
 
         if not callable(fn):
             raise SortedNetError(f"nest.checkpoint(fn, ...) needs a callable (a module or function), got {fn!r}")
+        if not isinstance(use_reentrant, bool):  # (the string "False" is true: the reentrant variant, silently)
+            raise SortedNetError(f"nest.checkpoint(use_reentrant={use_reentrant!r}): takes True or False")
 
         if torch.compiler.is_compiling():  # traced, the recomputation is part of the graph, with the sliced
             # weights of the forward it was traced under: nothing to pin there (the pending entry of an eager

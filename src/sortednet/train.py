@@ -716,8 +716,13 @@ def _accuracy(out: Tensor, y: Tensor, axis: int | None = None) -> float:
                              "always 0); pass metric=, e.g. lambda out, y: "
                              + (f"((out.squeeze({axis}) > 0).long() == y).sum()" if out.dim() <= 2 else
                                 f"((out.squeeze({axis}) > 0).long() == y).flatten(1).float().mean(1).sum() (a "
-                                "custom metric's sum is divided by the examples, not the positions)"))
+                                "custom metric's sum is divided by the examples, not the positions)") + _ONE_LOGIT_LOSS)
     pred = out.argmax(axis)
+    if out.dim() == 1 and tuple(out.shape) == tuple(y.shape):
+        raise SortedNetError(f"the default accuracy takes the argmax over the classes, the last axis of the output, "
+                             f"which has shape {tuple(out.shape)}, the targets' shape: one logit per example (argmax "
+                             "would pick an example, not a class); pass metric=, e.g. lambda out, y: ((out > 0).long() "
+                             "== y).sum()" + _ONE_LOGIT_LOSS)
     if tuple(pred.shape) != tuple(y.shape):
         raise SortedNetError(f"the default accuracy compares output.argmax({axis}) of shape {tuple(pred.shape)} "
                              f"with targets of shape {tuple(y.shape)}: they must be equal (give class indices "
@@ -731,12 +736,17 @@ def _accuracy(out: Tensor, y: Tensor, axis: int | None = None) -> float:
                              f"ignored {IGNORE_INDEX}): {wrong[:4].tolist()} for an output of {classes} classes (on "
                              f"{'the last axis' if axis == -1 else f'axis {axis}'}); labels shifted or of another "
                              "class count would score a meaningless accuracy (an ignore index of your own, 255 in "
-                             "segmentation: map it to -100, y.masked_fill(y == 255, -100), which the default "
-                             "accuracy leaves out)")
+                             "segmentation: map it to -100, y.long().masked_fill(y == 255, -100) (in a signed type: "
+                             "uint8 wraps -100 to the class 156), which the default accuracy leaves out)")
     bad = out.isnan().any(axis) | (out == -math.inf).all(axis)  # (-inf in some classes: masked ones, argmax is fine)
     if bool((bad & torch.as_tensor(counted, device=out.device)).any()):
         return math.nan  # (argmax over a NaN row is 0: a diverged model scored as the share of class 0)
     return float(((pred == y) & counted).sum())
+
+
+_ONE_LOGIT_LOSS = ("; to train it with fit, pass loss_fn= too (e.g. lambda out, y: F.binary_cross_entropy_with_logits("
+                   "out.squeeze(-1), y.float())): fit's default loss, cross-entropy over the classes, needs two "
+                   "classes as well")
 
 
 def _accuracy_axis(out: Tensor, y: Tensor) -> int | None:
@@ -782,7 +792,9 @@ def _batches(data: Any) -> Iterable[tuple[Any, Any]]:
             "pairs, e.g. ({k: v for k, v in batch.items() if k != 'labels'}, batch['labels']), or a list of them")
     if isinstance(data, (tuple, list)) and len(data) == 2 and (
             isinstance(data[1], (Tensor, Mapping)) and isinstance(data[0], (tuple, list))  # (no batch is a dict)
-            or isinstance(data[0], Tensor) or keyword_inputs(data[0])) and not (
+            or isinstance(data[0], Tensor) or keyword_inputs(data[0])
+            or isinstance(data[1], (Tensor, np.ndarray)) and not isinstance(data[0], (tuple, list))  # (nor a tensor:
+            ) and not (  # inputs of any type, a dataclass or a mapping of one's own, with a tensor target)
             isinstance(data, list) and isinstance(data[0], Mapping) and isinstance(data[1], Mapping)
             and set(data[0]) == set(data[1])):
         # (a list of two dicts of the same keys is two batches of keyword inputs and labels; a tuple of them an
@@ -828,15 +840,15 @@ def _examples(y: Any, x: Any = None) -> int | None:
     tensors = [t for t in leaves if isinstance(t, Tensor)]
     sizes = {len(t) for t in tensors if t.dim()}
     shared = next(iter(sizes)) if len(sizes) == 1 else None
-    entries = len(y) if isinstance(y, (tuple, list)) and not any(isinstance(v, (tuple, list, Mapping)) for v in y) \
-        else None
+    entries = len(y) if isinstance(y, (tuple, list)) else None  # (one entry per example: a list of references)
+    flat = entries if entries is not None and not any(isinstance(v, (tuple, list, Mapping)) for v in y) else None
     batch = next((len(t) for t in tree_leaves(as_inputs(x)) if isinstance(t, Tensor) and t.dim()), None) \
         if x is not None else None
     if batch is not None and entries == batch != shared:
         return entries  # (one tensor per example, of the same size: a multi-label target per example)
     if shared is not None or len(sizes) > 1:
         return shared
-    return entries  # (plain values, or 0-d tensors, one per example)
+    return flat  # (plain values, or 0-d tensors, one per example)
 
 
 def _one_shot(data: Any) -> bool:
@@ -855,11 +867,15 @@ def _reread(data: Any) -> bool:
         not isinstance(data.dataset, IterableDataset)
 
 
-def _same_batch(a: Any, b: Any) -> bool:
+def _same_batch(a: Any, b: Any, depth: int = 0) -> bool:
     """Whether two batches hold the same structure (any mapping as a dict: a tokenizer's BatchEncoding; a
-    dataclass by its fields), tensors and arrays (by value, NaN equal to NaN) and plain values."""
+    dataclass by its fields; an object of a class without a value comparison by its attributes), tensors and
+    arrays (by value, NaN equal to NaN) and plain values. What cannot be told apart counts as the same."""
     import dataclasses
 
+    if depth > 8:  # (an object graph this deep, or one that holds itself: not told apart)
+        return True
+    same = functools.partial(_same_batch, depth=depth + 1)
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and \
             a.device == b.device and (torch.equal(a, b) or a.is_floating_point()
@@ -869,16 +885,21 @@ def _same_batch(a: Any, b: Any) -> bool:
             a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
     if isinstance(a, Mapping) or isinstance(b, Mapping):
         return isinstance(a, Mapping) and isinstance(b, Mapping) and list(a) == list(b) and \
-            all(_same_batch(a[k], b[k]) for k in a)
+            all(same(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if dataclasses.is_dataclass(a) and not isinstance(a, type):
-        return type(a) is type(b) and all(_same_batch(getattr(a, f.name), getattr(b, f.name))
+        return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name))
                                           for f in dataclasses.fields(a))
+    if type(a).__eq__ is object.__eq__:  # (a class of the user's without a value comparison: == is identity)
+        if type(a) is not type(b):
+            return False
+        va, vb = getattr(a, "__dict__", None), getattr(b, "__dict__", None)
+        return True if va is None or vb is None else same(dict(va), dict(vb))
     try:
         return bool(a == b)
-    except Exception:  # (an object without a value comparison: the same one)
-        return a is b
+    except Exception:  # (a comparison that does not give one truth value: not told apart)
+        return True
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
@@ -896,6 +917,10 @@ def _to(x: Any, device: torch.device | None) -> Any:
         out.data = moved
         return out
     return moved
+
+
+class _NoBatches(SortedNetError):
+    """``evaluate`` got no batches (``fit`` says which evaluation)."""
 
 
 def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
@@ -924,6 +949,13 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     >>> sorted(str(s) for s in scores), all(0 <= v <= 1 for v in scores.values())
     (['h=4', 'h=8'], True)
     """
+    return _evaluate(nest, data, subs=subs, metric=metric)
+
+
+def _evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = None,
+              metric: Callable[[Tensor, Tensor], float] | None = None, sample: bool = False) -> dict[SubModel, float]:
+    """:func:`evaluate`; ``sample``: ``data`` is a sample of the evaluation set (fit's check of its first batch),
+    on which the default accuracy may leave the classes' axis untold (another batch may tell it)."""
     _need_nest(nest, "evaluate")
     default = metric is None or isinstance(metric, _Accuracy)
     if not default and not _takes(metric, 2):
@@ -967,7 +999,7 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
                 "dict of tensors whose first size is the batch's")
         batches.append((_to(item[0], device), _to(item[1], device)))
     if not batches:
-        raise SortedNetError("evaluate got no batches")
+        raise _NoBatches("evaluate got no batches")
     # the default (accuracy) counts every target entry but the ignore index (a sequence's tokens too); a custom
     # metric sums per example
     count = sum((_count(y) if default else _examples(y, x)) for x, y in batches)
@@ -977,7 +1009,14 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
     axis = metric.axis if isinstance(metric, _Accuracy) else None  # (the default's classes' axis, once told)
 
     def score(o: Any, y: Any) -> float:
-        return float(_accuracy(o, y, axis) if default else metric(o, y))
+        if default:
+            return float(_accuracy(o, y, axis))
+        got = metric(o, y)
+        if isinstance(got, Tensor) and got.numel() != 1 or isinstance(got, (tuple, list, Mapping, np.ndarray)):
+            raise SortedNetError(f"evaluate(metric=...): the metric returned {_sketch(got)} on a batch; it returns "
+                                 "the SUM over the batch, one number (e.g. (out.argmax(-1) == y).sum(), not the "
+                                 "per-example values)")
+        return float(got)
 
     with eval_mode(nest) as (view, _), torch.no_grad():
         for s in subs:
@@ -994,7 +1033,8 @@ def evaluate(nest: Nest, data: Any, *, subs: Iterable[SubModelLike] | None = Non
                                 continue
                             axis = told
                         total += score(o, y)
-                    total += sum(score(call_model(view, batches[i][0]), batches[i][1]) for i in later)
+                    if not (sample and axis is None):  # (a sample of the set: its other batches may tell the axis)
+                        total += sum(score(call_model(view, batches[i][0]), batches[i][1]) for i in later)
                 except SortedNetError:
                     raise
                 except Exception as e:
@@ -1223,11 +1263,12 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
     except TypeError:
         total = None
     if eval_data is not None:  # a malformed eval set is refused now, not after the first eval_every steps:
-        with _rng_kept(device):  # (iterating a DataLoader draws from torch's generator: resumed runs stay exact)
-            first = next(iter(_batches(eval_data)), None)
-            evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest], metric=metric)
+        with _rng_kept(device, eval_data):  # (iterating a DataLoader draws from torch's generator, or the loader's
+            first = next(iter(_batches(eval_data)), None)  # own: resumed runs stay exact)
+            _evaluate(nest, [first] if first is not None else [], subs=[nest.smallest, nest.largest],
+                      metric=metric, sample=True)
         if first is not None and not _reread(eval_data):  # (a stream: read again from the same random state, as
-            with _rng_kept(device):                         # the first read, it must start over)
+            with _rng_kept(device, eval_data):              # the first read, it must start over)
                 again = next(iter(_batches(eval_data)), None)
                 if again is None or not _same_batch(first, again):
                     warnings.warn(
@@ -1573,24 +1614,49 @@ def _distill_axis(distill: Distill, out: Any, y: Any, default_loss: bool, step: 
 
 
 @contextlib.contextmanager
-def _rng_kept(device: Any) -> Any:
+def _rng_kept(device: Any, data: Any = None) -> Any:
     """Evaluation inside ``fit`` leaves the random state as it found it: torch's (CPU, and the model's CUDA
     device), NumPy's and Python's global generators (an evaluation loader that draws from them, as augmentation
-    or a sampler may): a resumed run, which evaluates once more up front, draws what the uninterrupted one did."""
+    or a sampler may), and the generators of ``data`` when it is a DataLoader (``generator=``, its sampler's:
+    one the training loader may share): a resumed run, which evaluates once more up front, draws what the
+    uninterrupted one did."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     kept = np.random.get_state(), random.getstate()
+    gens = [(g, g.get_state()) for g in _loader_generators(data)]
     try:
         with torch.random.fork_rng(devices=cuda):
             yield
     finally:
         np.random.set_state(kept[0])
         random.setstate(kept[1])
+        for g, state in gens:
+            g.set_state(state)
+
+
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """The torch generators a DataLoader ``data`` draws from besides the global one (its own, its samplers')."""
+    from torch.utils.data import DataLoader
+
+    if not isinstance(data, DataLoader):
+        return []
+    found: dict[int, torch.Generator] = {}
+    for obj in (data, data.sampler, data.batch_sampler, getattr(data.batch_sampler, "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            found.setdefault(id(g), g)
+    return list(found.values())
 
 
 def _record(hist: History, nest: Nest, data: Any, step: int, bar: Any, metric: Any = None) -> None:
-    with _rng_kept(next((p.device for p in nest.model.parameters()), None)):
-        scores = evaluate(nest, data, metric=metric)
+    with _rng_kept(next((p.device for p in nest.model.parameters()), None), data):
+        try:
+            scores = evaluate(nest, data, metric=metric)
+        except _NoBatches:
+            raise SortedNetError(
+                f"fit(eval_data=...): the evaluation at step {step} got no batches: a {type(data).__name__} that "
+                "gave batches before gives none now, a stream that cannot restart (its __iter__ returns one stored "
+                "iterator, used up by earlier reads); give a list or a re-iterable loader") from None
     hist.evals.append({"step": step, "scores": {str(s): v for s, v in scores.items()}})
     if bar is not None:
         vals = list(scores.values())

@@ -1009,29 +1009,34 @@ def _uneven_layers(have: dict[str, tuple], found: Found, small: nn.Module, full_
     """Why no config describes a sub-model whose layers are cut unevenly (a width over some layers only, per-layer
     widths or head counts at other ratios, one tower's FFN), where that is so: the same tensor of the layers
     (by its module and name) has several shapes in the sub-model but one in the full model."""
-    def by_tail(shapes: dict[str, tuple]) -> dict[str, dict[tuple, list[str]]]:
+    def by_tail(shapes: dict[str, tuple], whole: bool) -> dict[str, dict[tuple, list[str]]]:
+        """Shapes by the tensor's path inside its layer (``whole``: BERT's intermediate.dense.bias and
+        output.dense.bias apart), or by its last two names (a T5 decoder's FFN sits one sublayer later than the
+        encoder's: the towers' FFNs compared)."""
         out: dict[str, dict[tuple, list[str]]] = {}
         for k, shape in shapes.items():
             for P in found.stacks:
                 if k.startswith(f"{P}."):
                     i, _, rest = k[len(P) + 1:].partition(".")
-                    tail = ".".join(rest.split(".")[-2:])
+                    tail = rest if whole else ".".join(rest.split(".")[-2:])
                     out.setdefault(tail, {}).setdefault(shape, []).append(f"{P}.{i}")
         return out
 
-    full: dict[str, dict[tuple, list[str]]] = {}
+    ref: dict[str, tuple] = {}
     if full_cfg is not None:
         try:
             with torch.device("meta"):
-                full = by_tail({k: tuple(v.shape) for k, v in type(small)(full_cfg).state_dict().items()})
+                ref = {k: tuple(v.shape) for k, v in type(small)(full_cfg).state_dict().items()}
         except Exception:
             return None
-    for tail, shapes in by_tail(have).items():
-        if len(shapes) > 1 and len(full.get(tail, {})) <= 1:
-            (s1, at1), (s2, at2) = list(shapes.items())[:2]
-            return (f"its layers are cut unevenly: {tail} is {s1} in {at1[0]} but {s2} in {at2[0]}, and one config "
-                    "value sizes every layer (a width over some layers only, per-layer widths or head counts at "
-                    "other ratios, one tower's FFN)")
+    for whole in (True, False):
+        full = by_tail(ref, whole)
+        for tail, shapes in by_tail(have, whole).items():
+            if len(shapes) > 1 and len(full.get(tail, {})) <= 1:
+                (s1, at1), (s2, at2) = list(shapes.items())[:2]
+                return (f"its layers are cut unevenly: {tail} is {s1} in {at1[0]} but {s2} in {at2[0]}, and one "
+                        "config value sizes every layer (a width over some layers only, per-layer widths or head "
+                        "counts at other ratios, one tower's FFN)")
     return None
 
 

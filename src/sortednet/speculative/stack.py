@@ -157,6 +157,7 @@ class ForwardRunner:
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.pos_kw = "position_ids" in params
+        self.ran = False  # (a forward with the cache went through: a later error is the forward's own, not the cache's)
 
     def new_cache(self):
         return _new_cache(self.model)
@@ -166,15 +167,19 @@ class ForwardRunner:
         if self.pos_kw:
             kw["position_ids"] = pos
         try:
-            return self.model(input_ids=x, **kw).logits
+            out = self.model(input_ids=x, **kw).logits
         except (SortedNetError, *RESOURCE_ERRORS):  # (out of memory: the device's, whatever the cache)
             raise
         except Exception as e:  # (a family that builds its cache its own way: e.g. Dory's per-loop layers)
+            if self.ran:  # (the cache served before: a hook's error, a device's, passed on as it is)
+                raise
             raise SortedNetError(
                 f"speculative_generate: {type(self.model).__name__}'s forward raised {type(e).__name__} "
                 f"({str(e)[:200]}) with the key/value cache speculative decoding drives (a transformers "
                 "DynamicCache grown layer by layer and cropped back after each rejected draft token); this "
                 "family's cache is not one it can drive: decode with model.generate instead") from e
+        self.ran = True
+        return out
 
     def logits(self, h: Tensor) -> Tensor:
         return h
