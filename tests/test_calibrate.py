@@ -1067,3 +1067,37 @@ def test_training_a_shallow_sub_model_makes_the_deeper_calibrations_stale(norm_f
         with torch.no_grad(), nest.use("d=3,h=16"):
             model(data[0])
         nest.export("d=3,h=16")
+
+
+@pytest.mark.parametrize("bad", ["inf_pixel", "nan_batch"])
+def test_a_batch_that_gives_non_finite_statistics_is_refused_and_the_calibration_kept(bad):
+    """One inf pixel in a calibration batch made a sub-model's running_var NaN: calibrate stored it without a word,
+    and every eval output and export of that sub-model was NaN. Refused, naming the BatchNorm and the sub-model;
+    the earlier calibration stays."""
+    model, nest = _bn_net()
+    good = [torch.randn(6, 3, 10, 10) for _ in range(2)]
+    nest.calibrate(good)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad(), nest.use("c=4"):
+        before = model.eval()(x)
+    b = torch.randn(6, 3, 10, 10)
+    if bad == "inf_pixel":
+        b[0, 0, 0, 0] = float("inf")
+    else:
+        b.fill_(float("nan"))
+    with pytest.raises(sn.SortedNetError, match=r"statistics of BatchNorm '1' for sub-model c=\d are not finite"):
+        nest.calibrate([good[0], b])
+    with torch.no_grad(), nest.use("c=4"):
+        assert torch.equal(model(x), before)
+    assert torch.isfinite(nest.export("c=4")[1].running_var).all()
+
+
+def test_calibrate_names_sliced_batchnorms_that_keep_no_statistics():
+    """BatchNorm layers built with track_running_stats=False, listed under norm=, were refused with 'list
+    BatchNorm layers under norm=', which they are: the message says they keep no statistics to calibrate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3))
+    nest = sn.wrap(model, sn.Width("c", [4, 8], out="0", norm="1", inp="3"))
+    with pytest.raises(sn.SortedNetError, match=r"\['1'\] are built with track_running_stats=False"):
+        nest.calibrate([torch.randn(4, 3, 8, 8)])

@@ -2917,7 +2917,8 @@ def test_features_moved_between_positions_are_refused_though_the_shapes_fit(how,
     model, x = _Moves(how).eval(), torch.randn(3, 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dims = [sn.Width("h", [8, 16], out="fc1", inp=[] if how in ("tail", "narrow", "index_select") else "fc2")]
-    with pytest.raises(sn.SortedNetError, match=rf"dry runs pass, but\n.*'fc1' \(out=\) reach.*'{op}'.*moves them"):
+    with pytest.raises(sn.SortedNetError,
+                       match=rf"dry runs pass, but\n.*'fc1' \(out=\) are moved between positions.*'{op}'"):
         sn.wrap(model, *dims, example=x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert type(model.fc1) is nn.Linear
@@ -2958,7 +2959,8 @@ def test_channels_moved_between_layers_called_functionally_are_refused(move, op,
     torch.manual_seed(0)
     model, x = _FunctionalCNN(move, functional).eval(), torch.randn(2, 3, 5, 5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match=rf"dry runs pass, but\n.*'a' \(out=\) reach.*'{op}'.*moves them"):
+    with pytest.raises(sn.SortedNetError,
+                       match=rf"dry runs pass, but\n.*'a' \(out=\) are moved between positions.*'{op}'"):
         sn.wrap(model, sn.Width("c", [4, 8, 16], out="a", inp="b"), example=x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert type(model.a) is nn.Conv2d and type(model.b) is nn.Conv2d
@@ -3486,7 +3488,7 @@ def test_a_tied_decoder_after_a_pooling_a_pick_or_a_transpose_is_followed():
             torch.testing.assert_close(live, want)
             torch.testing.assert_close(exported, want)
     for how in ("last_unit", "reversed"):  # (the index over the features is refused: it moves their units)
-        with pytest.raises(sn.SortedNetError, match=r"reach indexed by '__getitem__' .* moves them between"):
+        with pytest.raises(sn.SortedNetError, match=r"moved between positions on their way \(indexed by '__getitem__'"):
             sn.wrap(LM(how).eval(), sn.Width("d", [4, 8, 16], **width), example=ids)
 
     class Reordered(nn.Module):  # the tied weight's units reordered outside its layer, then decoded: another
@@ -5308,7 +5310,7 @@ def test_a_per_unit_operand_reordered_before_it_meets_the_features_is_refused(ho
     changed."""
     m, x = _PerUnitOperand(how), torch.randn(5, 6)
     before = snapshot(m)
-    with pytest.raises(sn.SortedNetError, match=r"moves them between positions"):
+    with pytest.raises(sn.SortedNetError, match=r"are moved between positions"):
         sn.wrap(m, sn.Width("h", [4, 8], out="fc1", inp="fc2"), example=x)
     assert_unchanged(m, before)
 
@@ -5444,7 +5446,7 @@ def test_an_op_moving_units_after_a_padding_of_the_sliced_axis_is_refused(how):
         dims = (sn.Width("c", [4, 8], out="a"), sn.Width("c2", [width(4), width(8)], inp="b"))
         subs = [{"c": 4, "c2": width(4)}, {"c": 8, "c2": width(8)}]
     before = snapshot(m)
-    with pytest.raises(sn.SortedNetError, match=r"moves them between positions"):
+    with pytest.raises(sn.SortedNetError, match=r"are moved between positions"):
         sn.wrap(m, *dims, example=x, submodels=subs)
     assert_unchanged(m, before)
 
@@ -5918,3 +5920,75 @@ def test_an_example_of_no_finite_output_is_refused_not_vouched_for(example):
         nest.check(x)
     assert_unchanged(model, before)
     nest.check(torch.randn(3, 8))  # (a right nest: an example with entries passes)
+
+
+class _ScaledLinear(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in ** 0.5)
+        self.scale = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) * self.scale
+
+
+class _ScaledNet(nn.Module):
+    def __init__(self, cls):
+        super().__init__()
+        self.a, self.b = cls(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("factor", [1.0, 1.03, 1.08])
+def test_a_half_precision_export_a_few_percent_off_is_refused_by_its_float32_run(dtype, factor):
+    """Half precision's tolerance (its rounding hides a few percent) passed an export of a slicer of one's own
+    that scales by 1.03 to 1.08: the export and the live model run again with their tensors in float32, where an
+    export of the live values computes what they do; a right one passes."""
+
+    class Buggy(sn.Slicer):
+        roles, attrs = ("out", "inp"), ("weight", "scale")
+
+        def full(self, m, role):
+            return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+        def value(self, m, name):
+            if name == "weight":
+                return self.take(m, "weight", [(0, "out"), (1, "inp")])
+            return self.take(m, "scale", [(0, "out")])
+
+        def export(self, live, copy_):
+            c = super().export(live, copy_)
+            with torch.no_grad():
+                c.scale.mul_(factor)
+            return c
+
+    cls = type(f"_ScaledLinear{str(dtype)[6:]}{factor}", (_ScaledLinear,), {})  # (a type of its own per case)
+    sn.slicer(cls)(Buggy)
+    torch.manual_seed(0)
+    model = _ScaledNet(cls)
+    nest = sn.wrap(model.to(dtype), sn.Width("h", [8, 16, 32], out="a", inp="b"))
+    x = torch.randn(4, 8, dtype=dtype)
+    if factor == 1.0:
+        nest.check(x)
+    else:
+        with pytest.raises(sn.SortedNetError, match=r"differs from its live output by .* both run in float32.*"
+                                                    r"slicers of your own.*'a' \(Buggy\)"):
+            nest.check(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_deep_half_precision_lora_export_passes_its_float32_run(dtype):
+    """A merge rounds each weight to the half dtype once: eight merged layers stay within the float32 run's
+    tolerance for merges."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, 32) for _ in range(8)]
+    model = nn.Sequential(*[m for lin in layers for m in (lin, nn.Tanh())], nn.Linear(32, 10)).to(dtype)
+    targets = [str(2 * i) for i in range(8)]
+    nest = sn.wrap(model, sn.Rank("r", [4, 16, 32], targets=targets, mode="lora", alpha=8))
+    with torch.no_grad():
+        for t in targets:
+            model[int(t)].lora_B.normal_(0, 0.05)
+    nest.check(torch.randn(16, 32, dtype=dtype))

@@ -99,8 +99,9 @@ def test_loss_weights_round_trip_through_state_dict() -> None:
 
 @pytest.mark.parametrize("bad,match", [
     ([1.0, 2.0], "6 sub-models"), ([1.0, 1.0, 1.0, 0.0, 1.0, 1.0], "positive"),
-    ([1.0, 1.0, -1.0, 1.0, 1.0, 1.0], "must all be positive"), ("huge", "unknown weight rule"),
-    ([float("nan")] * 6, "finite"), (["a"] * 6, "numbers"),
+    ([1.0, 1.0, -1.0, 1.0, 1.0, 1.0], "must all be positive"), ("huge", "unknown weight rule 'huge' for loss_weights"),
+    ([float("nan")] * 6, "loss_weights must be finite and positive"), ([float("inf")] + [1.0] * 8, "9 entries"),
+    (["a"] * 6, "numbers"),
 ])
 def test_bad_loss_weights_are_refused_naming_the_option(bad: object, match: str) -> None:
     _, nest = _nest()

@@ -1711,3 +1711,34 @@ def test_a_module_shared_with_a_block_of_its_own_forward_is_guarded_with_that_bl
     for depth in (1, 2, 3):
         with torch.no_grad(), nest.use(f"depth={depth}"):
             torch.testing.assert_close(m(x), nest.export(f"depth={depth}")(x))
+
+
+def _bad_mha_inputs(batch_first: bool):
+    x = lambda *s: torch.randn(*s)  # noqa: E731
+    seq = (lambda b, n, e: x(b, n, e)) if batch_first else (lambda b, n, e: x(n, b, e))
+    return {
+        "embedding_width": (seq(2, 5, 16), seq(2, 5, 16), seq(2, 5, 16)),
+        "key_value_lengths": (seq(2, 5, 32), seq(2, 6, 32), seq(2, 7, 32)),
+        "four_d_query": (x(2, 2, 5, 32), x(2, 2, 5, 32), x(2, 2, 5, 32)),
+        "batched_query_unbatched_kv": (seq(2, 5, 32), x(6, 32), x(6, 32)),
+        "batch_sizes": (seq(2, 5, 32), seq(3, 6, 32), seq(3, 6, 32)),
+    }
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("case", sorted(_bad_mha_inputs(True)))
+def test_a_multihead_attention_sub_model_refuses_the_inputs_the_full_model_refuses(case, batch_first):
+    """The full model (PyTorch's forward) refuses these inputs (an AssertionError; a RuntimeError of a reshape for
+    other batch sizes); a sub-model (sortednet's
+    attention) raised raw reshape or matmul errors, or, where a reshape happened to fit, read them another way.
+    Refused alike now, before any projection, as an AssertionError and a SortedNetError."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    nest = sn.wrap(nn.Sequential(mha), sn.Heads("h", [2, 4], attn="0"))
+    q, k, v = _bad_mha_inputs(batch_first)[case]
+    with pytest.raises(RuntimeError if case == "batch_sizes" else AssertionError):  # (PyTorch's own reshape)
+        mha(q, k, v)
+    with nest.use("h=2"), pytest.raises(sn.SortedNetError, match=r"a 2-head sub-model of nn.MultiheadAttention: "
+                                                               r".*got query") as info:
+        mha(q, k, v)
+    assert isinstance(info.value, AssertionError)

@@ -3272,7 +3272,7 @@ def test_an_export_of_layers_cut_unevenly_says_so():
     model = llama().eval()
     nest = sn.wrap(model, sn.Width("w", [24, 48], out=["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"],
                                    inp="model.layers.1.mlp.down_proj"))
-    with pytest.raises(sn.SortedNetError, match=r"its layers are cut unevenly: (gate|up|down)_proj.weight is "
+    with pytest.raises(sn.SortedNetError, match=r"its layers are cut unevenly: mlp.(gate|up|down)_proj.weight is "
                                                 r"\(\d+, \d+\) in model.layers.0 but \(\d+, \d+\) in model.layers.1"):
         nest.export("w=24")
 

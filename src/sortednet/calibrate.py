@@ -90,6 +90,13 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                              "there with sn.load, calibrate on the full data, then save")
     bns = batchnorms(nest)
     if not bns:
+        untracked = [p for p, m in nest._sliced.items()
+                     if isinstance(m, _BatchNorm) and "norm" in m._sn.bind and not m.__dict__["track_running_stats"]]
+        if untracked:
+            raise SortedNetError(f"calibrate(): the sliced BatchNorm layers {untracked[:4]} are built with "
+                                 "track_running_stats=False: they normalise by each batch's own statistics in eval "
+                                 "mode too and keep none, so there is nothing to calibrate (every sub-model is "
+                                 "already right in eval mode)")
         cut = [m for m in nest._sliced.values() if "depth" in m._sn.bind]  # (a BatchNorm inside a Depth's blocks
         inside = {id(b) for lst in cut for b in lst.modules()}           # sees the same inputs at every depth)
         order = list(nest.model.named_modules())
@@ -187,6 +194,15 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
                         if sub not in refs:
                             results[m][_key(nest)] = own
                     c._sn.norm = None
+    names = [d.name for d in nest.dims]
+    bad = [(p, SubModel(dict(zip(names, key)))) for p, m in bns.items() for key, own in results[m].items()
+           if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in own.values())]
+    if bad:  # (eval and export would read them: every output of those sub-models NaN)
+        raise SortedNetError(
+            f"calibrate(): the statistics of BatchNorm {bad[0][0]!r} for sub-model {bad[0][1]} are not finite (NaN "
+            f"or inf{f'; {len(bad) - 1} more module / sub-model pair(s)' if len(bad) > 1 else ''}): a batch holds "
+            "non-finite values, or the forward overflows on it (half precision); nothing was changed, the earlier "
+            "calibration stays. Calibrate on finite batches")
     norms, told = {}, [False]
     for m, stats in results.items():  # every module's new statistics first (nothing changed yet) ...
         prev = m._sn.norm

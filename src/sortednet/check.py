@@ -107,8 +107,9 @@ def _traced_findings(nest: Nest, example: Any, model: Any,
         if g.fixed is None or off:
             continue
         if _MOVED.search(g.fixed):
-            moved.append((d0, g.fixed, f"{d0.kind} {d0.name!r}: the features of {p0!r} ({r0}=) reach {g.fixed}, "
-                                       "which moves them between positions: a sub-model's first units are not the "
+            whose = f"the features {p0!r} reads (inp=)" if r0 == "inp" else f"the features of {p0!r} ({r0}=)"
+            moved.append((d0, g.fixed, f"{d0.kind} {d0.name!r}: {whose} are moved between positions on their way "
+                                       f"({g.fixed}): a sub-model's first units are not the "
                                        "full model's there (its shapes still fit, so the dry runs pass); remove that "
                                        "binding, or for a fused output (gate|up) declare chunks=, for whole heads "
                                        "split by a view declare sn.Heads"))
@@ -1847,10 +1848,13 @@ _TINY = 1e-30  # the scale floor of outputs compared whole: an output of scale 1
 # vocabulary, a regression in small units) is compared relative to that scale, not as if it were 1
 
 
-def _scale(y: torch.Tensor) -> float:
-    """Largest magnitude of ``y``'s finite entries (fill values such as -1e9 left out), 0.0 if none."""
-    y = y[torch.isfinite(y)]
-    y = without_fills(y, y)[1]
+def _scale(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest magnitude of ``y``'s finite entries, fill values such as -1e9 left out (as :func:`_rel_diff` leaves
+    them: told from ``x``, the output compared with ``y``), 0.0 if none."""
+    if x.shape != y.shape:
+        return 0.0
+    fin = torch.isfinite(x) & torch.isfinite(y)
+    y = without_fills(x[fin], y[fin])[1]
     return float(y.abs().max()) if y.numel() else 0.0
 
 
@@ -1858,7 +1862,7 @@ def _rel_diffs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     """:func:`_rel_diff` of each pair ``(got, want)`` of one run's outputs, relative to ``want``'s own scale; an
     output below 1e-4 of the largest one's scale (rounding noise around zero: the mean of normalised features
     returned beside the logits) is measured against that floor instead."""
-    floor = max([1e-4 * _scale(y) for _, y in pairs] + [_TINY])
+    floor = max([1e-4 * _scale(x, y) for x, y in pairs] + [_TINY])
     return [_rel_diff(x, y, floor) for x, y in pairs]
 
 
@@ -2854,12 +2858,35 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
     for a, b in zip(got, live):
         rel = next(rels) if a.shape == b.shape else None
         if rel is None or rel > tol:  # relative to the output's scale (large outputs round more)
-            diff = f"by {rel:.3g} relative to its scale" if rel is not None else f"in shape {tuple(a.shape)}"
-            own = [f"{p or '<root>'!r} ({type(m._sn.slicer).__name__})" for p, m in nest._sliced.items()
-                   if not type(m._sn.slicer).__module__.startswith("sortednet.")]
-            mine = (f"; modules served by slicers of your own, whose export() must give what their value() "
-                    f"serves: {', '.join(own[:4])}{' ...' if len(own) > 4 else ''}") if own else ""
-            raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}{mine}")
+            _export_differs(nest, sub, f"by {rel:.3g} relative to its scale" if rel is not None else
+                            f"in shape {tuple(a.shape)}", hint)
+    if tol > 1e-2:  # half precision: its rounding hides a few percent; the same weights computed in float32 do not
+        def wide_run(ex: Any) -> float | None:
+            with nest.use(sub), seeded(seed):
+                live32 = float_outputs(call_model(model, ex))
+            with _wide(exported), seeded(seed):
+                got32 = float_outputs(call_model(exported, ex))
+            if len(got32) != len(live32) or any(a.shape != b.shape for a, b in zip(got32, live32)):
+                return None
+            return max(_rel_diffs([(a.detach().double(), b.detach().double()) for a, b in zip(got32, live32)]),
+                       default=0.0)
+
+        rel32 = _in_float32(model, example, wide_run)
+        # an export of the live tensors' own values computes what they do up to float32's rounding; one that
+        # merges (a Rank's low-rank factors into the weight, a slicer of yours folding a scale) rounds the result
+        # to the half dtype once per weight (2^-9 of it in bf16), which a deep stack adds up
+        limit = 3e-2 if any(d.kind == "rank" for d in nest.dims) else 1e-2
+        if rel32 is not None and rel32 > limit:
+            _export_differs(nest, sub, f"by {rel32:.3g} relative to its scale, both run in float32 (in the "
+                            f"model's half precision: {max((r for r in _rel_diffs(pairs)), default=0.0):.3g})", hint)
+
+
+def _export_differs(nest: Nest, sub: SubModel, diff: str, hint: str) -> None:
+    own = [f"{p or '<root>'!r} ({type(m._sn.slicer).__name__})" for p, m in nest._sliced.items()
+           if not type(m._sn.slicer).__module__.startswith("sortednet.")]
+    mine = (f"; modules served by slicers of your own, whose export() must give what their value() "
+            f"serves: {', '.join(own[:4])}{' ...' if len(own) > 4 else ''}") if own else ""
+    raise SortedNetError(f"nest.check: export({sub}) differs from its live output {diff}{hint}{mine}")
 
 
 def _refuse_weight_writes(nest: Nest, model: nn.Module, example: Any, watch: Any, subs: list[SubModel],

@@ -154,6 +154,11 @@ def fused_qkv(children: set[str]) -> str | None:
     """The name of a fused q/k/v projection among a module's ``children`` (by convention), or None."""
     return next((f for f in FUSED_NAMES if f in children), None)
 
+
+def _at(path: str) -> str:
+    """Where a module sits, for messages: its path, or the model's root."""
+    return repr(path) if path else "the model's root"
+
 class Heads(Dimension):
     """Nested attention heads of the matched attention modules.
 
@@ -257,7 +262,7 @@ class Heads(Dimension):
         return out
 
     def _err(self, path: str, msg: str) -> PatternError:
-        return PatternError(f"Heads {self.name!r} (sizes {list(self.sizes)}) at {path!r}: {msg}")
+        return PatternError(f"Heads {self.name!r} (sizes {list(self.sizes)}) at {_at(path)}: {msg}")
 
     def _plan_one(self, path: str, m: nn.Module, pat: str, others: Sequence[nn.Module] = (),
                   shared: frozenset[int] = frozenset()) -> list[Target]:
@@ -333,7 +338,7 @@ class Heads(Dimension):
             targets = [Target(_join(path, qkv), "out", b, pat)]
         else:
             if q_out % H:
-                raise SizeError(f"Heads {self.name!r} at {path!r}: {projections[0]}.out_features={q_out} "
+                raise SizeError(f"Heads {self.name!r} at {_at(path)}: {projections[0]}.out_features={q_out} "
                                 f"is not divisible into {H} heads")
             d, group = q_out // H, 1
             targets = [Target(_join(path, projections[0]), "out", Binding(self, unit=d), pat)]
@@ -341,7 +346,7 @@ class Heads(Dimension):
         if len(projections) == 3:
             k_out, v_out = (_out_features(_child(m, n)) for n in projections[1:])
             if k_out != v_out:  # (grouped-query attention narrows k and v alike: this is another head width)
-                raise SizeError(f"Heads {self.name!r} at {path!r}: {projections[1]}.out_features={k_out} but "
+                raise SizeError(f"Heads {self.name!r} at {_at(path)}: {projections[1]}.out_features={k_out} but "
                                 f"{projections[2]}.out_features={v_out}: the value heads are another width than "
                                 "the key heads, a layout Heads does not slice (its heads have one width); nest "
                                 "other dimensions of this attention, or give it a slicer of yours "
@@ -355,7 +360,7 @@ class Heads(Dimension):
                 group, mqa = H, True  # their number: k and v stay whole
                 continue
             if kv_out % d or H % (kv_out // d):
-                raise SizeError(f"Heads {self.name!r} at {path!r}: {n}.out_features={kv_out} is not a whole "
+                raise SizeError(f"Heads {self.name!r} at {_at(path)}: {n}.out_features={kv_out} is not a whole "
                                 f"number of {d}-wide heads dividing {H}")
             group = H // (kv_out // d)
             self._check_group(path, group, f" (the largest size {H} makes heads {d} wide: "
@@ -373,7 +378,7 @@ class Heads(Dimension):
     def _check_group(self, path: str, group: int, why: str = "") -> None:
         bad = [s for s in self.sizes if s % group]
         if bad:
-            raise SizeError(f"Heads {self.name!r} at {path!r}: grouped-query attention with {self.full // group} "
+            raise SizeError(f"Heads {self.name!r} at {_at(path)}: grouped-query attention with {self.full // group} "
                             f"key/value heads needs sizes that are multiples of {group}; bad: {bad}{why}")
 
     def _fused(self, path: str, name: str, rows: int, o_in: int | None) -> tuple[int, int, Binding]:
@@ -393,11 +398,11 @@ class Heads(Dimension):
         d = o_in // H
         kv2 = rows // d - H if rows % d == 0 else -1
         if kv2 <= 0 or kv2 % 2 or H % (kv2 // 2):
-            raise SizeError(f"Heads {self.name!r} at {path!r}: {name}.out_features={rows} is not q ({H}x{d}) plus "
+            raise SizeError(f"Heads {self.name!r} at {_at(path)}: {name}.out_features={rows} is not q ({H}x{d}) plus "
                             f"k and v of a whole number of {d}-wide heads dividing {H}")
         group = H // (kv2 // 2)
         if group == H > 1 and self.sizes[0] < H:
-            raise SizeError(f"Heads {self.name!r} at {path!r}: {name} is a fused multi-query projection (the {H} "
+            raise SizeError(f"Heads {self.name!r} at {_at(path)}: {name} is a fused multi-query projection (the {H} "
                             f"query heads and ONE key/value head that all of them read): sizes below the full {H} "
                             f"are not supported there (bad: {[s for s in self.sizes if s < H]}); keep {H} heads "
                             "and nest other dimensions")
@@ -567,7 +572,7 @@ class Heads(Dimension):
                    and 0 < v < H * d and H * d % v == 0}  # (one of the whole width: a total, as Lxmert's)
             if own:  # a module that keeps only its head size, as Llama's: other declared heads would split its own
                 a, v = next(iter(own.items()))
-                raise SizeError(f"Heads {self.name!r} at {path!r} ({type(m).__name__}): the module's own head size "
+                raise SizeError(f"Heads {self.name!r} at {_at(path)} ({type(m).__name__}): the module's own head size "
                                 f"{a}={v} differs from the head size {d} that the largest size {H} gives its "
                                 f"{H * d} query features, so a sub-model would count other heads than the module "
                                 f"runs. The largest size must be the module's own head count (its query projection "

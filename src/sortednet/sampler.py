@@ -319,10 +319,7 @@ class Sampler:
                 at = int(np.argmin(given))
                 raise SortedNetError(f"loss_weights must all be positive (a sub-model weighted 0 would be drawn but "
                                      f"never trained); got {float(given[at])!r} for {subs[at]}")
-            try:
-                loss_w = self._probabilities(loss_weights, subs, nest)
-            except SortedNetError as e:
-                raise SortedNetError(f"loss_weights: {e}") from None
+            loss_w = self._probabilities(loss_weights, subs, nest, "loss_weights")
             if not np.all(loss_w > 0):
                 raise SortedNetError(f"loss_weights must all be positive (a sub-model weighted 0 would be drawn but "
                                      f"never trained); got 0 for {subs[int(np.argmin(loss_w))]}")
@@ -341,14 +338,15 @@ class Sampler:
         self._source = subs if nest is None else nest
 
     @staticmethod
-    def _probabilities(weights: Sequence[float] | str | None, subs: Sequence[SubModel], nest: Any) -> np.ndarray:
+    def _probabilities(weights: Sequence[float] | str | None, subs: Sequence[SubModel], nest: Any,
+                       what: str = "weights") -> np.ndarray:
         n = len(subs)
         if weights is None:
             raise SortedNetError(f"strategy 'weighted' needs weights=: {n} numbers or one of {list(WEIGHT_RULES)}")
         if isinstance(weights, str):
             if weights == "cost":
                 if nest is None:
-                    raise SortedNetError("weights='cost' needs the nest: Sampler(nest, ...) instead of nest.submodels"
+                    raise SortedNetError(f"{what}='cost' needs the nest: Sampler(nest, ...) instead of nest.submodels"
                                          "; for a subset of its sub-models pass their costs, "
                                          "weights=[nest.cost(s) for s in subset]")
                 if subs is nest.submodels and hasattr(nest, "_params"):
@@ -360,21 +358,24 @@ class Sampler:
             elif weights == "small":
                 w = np.arange(n, 0, -1, dtype=float)
             else:
-                raise SortedNetError(f"unknown weight rule {weights!r}; choose one of {list(WEIGHT_RULES)} "
+                raise SortedNetError(f"unknown weight rule {weights!r} for {what}; choose one of {list(WEIGHT_RULES)} "
                                      "or give one number per sub-model")
         else:
-            w = np.array(number_list(weights, "weights"))
+            w = np.array(number_list(weights, what))
             if len(w) != n:
-                raise SortedNetError(f"weights has {len(w)} entries but there are {n} sub-models")
+                raise SortedNetError(f"{what} has {len(w)} entries but there are {n} sub-models (one per sub-model)")
             if not np.all(np.isfinite(w)) or np.any(w < 0):
-                raise SortedNetError(f"weights must be finite and non-negative, got {[float(x) for x in w][:8]}")
+                shown = [float(x) for x in w]
+                sign = "positive" if what == "loss_weights" else "non-negative"
+                raise SortedNetError(f"{what} must be finite and {sign}, got {shown[:8]}"
+                                     f"{' ...' if len(shown) > 8 else ''}")
         if w.max() <= 0:
-            raise SortedNetError("weights sum to zero; at least one sub-model needs a positive weight")
+            raise SortedNetError(f"{what} sum to zero; at least one sub-model needs a positive weight")
         scaled = w / w.max()  # first: a sum of huge finite weights (1e308 each) would overflow to inf
         probs = scaled / scaled.sum()
         lost = np.flatnonzero((w > 0) & (probs == 0))  # (a subnormal share, 5e-324 beside 1.0, rounds to 0)
         if len(lost):
-            raise SortedNetError(f"weights: {float(w[lost[0]])!r} for {subs[int(lost[0])]} is positive but too small "
+            raise SortedNetError(f"{what}: {float(w[lost[0]])!r} for {subs[int(lost[0])]} is positive but too small "
                                  f"next to the largest, {float(w.max())!r}, to be represented (its share of their "
                                  "sum underflows float64)")
         return probs

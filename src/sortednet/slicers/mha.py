@@ -31,6 +31,7 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
     if query.is_nested or key.is_nested or value.is_nested:
         return _nested(mha, query, key, value, heads, key_padding_mask, need_weights, attn_mask,
                        average_attn_weights, is_causal)
+    _check_inputs(mha, query, key, value, heads)
     batched = query.dim() == 3
     batch_first = mha.batch_first and batched  # an unbatched (L, E) input is one sequence either way
     if not batched:
@@ -86,6 +87,32 @@ def attention(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: 
         out = out.squeeze(1)
         weights = None if weights is None else weights.squeeze(0)
     return out, weights
+
+
+class InputShapeError(SortedNetError, AssertionError):
+    """Query, key and value that ``nn.MultiheadAttention`` refuses (an AssertionError there), refused by every
+    sub-model too, before a reshape could read them another way."""
+
+
+def _check_inputs(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, heads: int) -> None:
+    """The checks of ``F.multi_head_attention_forward`` on the inputs' shapes, for a sub-model of ``heads``."""
+    where = f"a {heads}-head sub-model of nn.MultiheadAttention"
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+    if query.dim() not in (2, 3):
+        raise InputShapeError(f"{where}: the query must be unbatched 2-D (L, E) or batched 3-D, got {shapes}")
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise InputShapeError(f"{where}: a {'batched 3' if query.dim() == 3 else 'unbatched 2'}-D query needs "
+                              f"key and value of as many dimensions, got {shapes}")
+    width = plain(mha.in_proj_weight).shape[1]
+    if query.shape[-1] != width or key.shape[-1] != width or value.shape[-1] != width:
+        raise InputShapeError(f"{where}: was expecting embedding dimension of {width} for query, key and value, "
+                              f"got {shapes}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise InputShapeError(f"{where}: key and value must hold as many positions (and sequences), got {shapes}")
+    batch = 0 if mha.batch_first else 1
+    if query.dim() == 3 and query.shape[batch] != key.shape[batch]:
+        raise InputShapeError(f"{where}: query and key must hold as many sequences (batch_first="
+                              f"{mha.batch_first}), got {shapes}")
 
 
 def _check_masks(mha: nn.Module, attn_mask: Tensor | None, kpm: Tensor | None, B: int, L: int, S: int,

@@ -157,7 +157,9 @@ class ForwardRunner:
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.pos_kw = "position_ids" in params
-        self.ran = False  # (a forward with the cache went through: a later error is the forward's own, not the cache's)
+        # a forward with the cache holding positions went through: the family runs with the cache driven so, and a
+        # later error is the forward's own (a hook's, a device's), passed on as it is
+        self.ran = False
 
     def new_cache(self):
         return _new_cache(self.model)
@@ -166,6 +168,7 @@ class ForwardRunner:
         kw = {self.cache_kw: cache, "use_cache": True}
         if self.pos_kw:
             kw["position_ids"] = pos
+        filled = bool(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else False
         try:
             out = self.model(input_ids=x, **kw).logits
         except (SortedNetError, *RESOURCE_ERRORS):  # (out of memory: the device's, whatever the cache)
@@ -178,7 +181,7 @@ class ForwardRunner:
                 f"({str(e)[:200]}) with the key/value cache speculative decoding drives (a transformers "
                 "DynamicCache grown layer by layer and cropped back after each rejected draft token); this "
                 "family's cache is not one it can drive: decode with model.generate instead") from e
-        self.ran = True
+        self.ran = self.ran or filled
         return out
 
     def logits(self, h: Tensor) -> Tensor:
