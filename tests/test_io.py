@@ -1210,3 +1210,67 @@ def test_a_load_while_another_thread_serves_a_sub_model_is_refused_before_any_co
 
 async def _load_in_task(nest, path):
     sn.load(nest, path)
+
+
+class _TiedLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 16)
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.head = torch.nn.Linear(16, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + self.fc2(torch.relu(self.fc1(h))))
+
+
+def test_a_state_copied_name_by_name_keeps_the_models_ties(tmp_path):
+    """sn.save(state={k: v.clone()}) (or .cpu() of a GPU model) stored each tied name apart: no load, not even
+    into the nest that wrote the file, took it. The names the model ties are stored as one again; a state whose
+    tied names differ is refused."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    nest = sn.wrap(model, sn.Width("w", [8, 16, 32], out="fc1", inp="fc2"))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sn.save(nest, tmp_path / "c.safetensors", state=state)
+    torch.manual_seed(1)
+    back = sn.load(_TiedLM(), tmp_path / "c.safetensors")
+    assert back.model.head.weight is back.model.emb.weight
+    ids = torch.randint(0, 10, (3, 5))
+    with torch.no_grad(), nest.use("w=8"), back.use("w=8"):
+        assert torch.equal(back.model(ids), model(ids))
+    sn.load(nest, tmp_path / "c.safetensors")
+    state["head.weight"] = state["head.weight"] + 1
+    with pytest.raises(sn.SortedNetError, match=r"holds \['emb.weight', 'head.weight'\] as one shared \(tied\) "
+                                                r"tensor, but the state gives"):
+        sn.save(nest, tmp_path / "d.safetensors", state=state)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_a_state_of_a_deep_copy_is_refused_and_the_copy_itself_named(tmp_path):
+    """sn.save(nest, path, state=ema.state_dict()) wrote the EMA's weights beside the nest's calibrated statistics
+    and profile scores, marked fresh: loaded, a sub-model computed with statistics of other weights (3.6 off)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+    ema = copy.deepcopy(model)
+    nest.calibrate([torch.randn(16, 4)])
+    with pytest.raises(sn.SortedNetError, match=r"are tensors of a deep copy of the model .* sn.save\(copy, path\)"):
+        sn.save(nest, tmp_path / "c.safetensors", state=ema.state_dict())
+    sn.save(ema, tmp_path / "c.safetensors")   # (what the message names)
+    sn.save(nest, tmp_path / "d.safetensors", state=model.state_dict())
+
+
+@pytest.mark.parametrize("into", ["model", "copy"])
+def test_loading_into_a_wrapped_model_names_the_nest_to_load_into(into, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="1"))
+    sn.save(nest, tmp_path / "c.safetensors")
+    target = model if into == "model" else copy.deepcopy(model)
+    match = r"load into that nest, sn.load\(sn.Nest.of\(model\), path\)" if into == "model" else \
+        r"deep copy of a wrapped model .* copy.load_state_dict"
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.load(target, tmp_path / "c.safetensors")
+    assert sn.load(sn.Nest.of(model), tmp_path / "c.safetensors") is nest

@@ -3334,3 +3334,31 @@ def test_sizes_of_the_full_size_only_are_said_to_nest_nothing(kw):
     with pytest.warns(UserWarning, match=rf"{name}: sizes .* are the full size \d+ only.*nests nothing"):
         nest = sn.from_transformers(m, **kw)
     assert len(nest.submodels) == 1
+
+
+@pytest.mark.parametrize("how", ["soft_loss_weights", "trainer_weights", "trainer_exits", "trainer_set_exits"])
+def test_soft_exits_and_weights_given_as_a_dict_or_a_set_are_refused(how, tmp_path):
+    """A dict iterated gives its keys: soft_loss(weights={4: 3.0, 2: 1.0}) weighted the exits by their depths, and
+    SortedTrainer took soft_exits={2: 1.0, 4: 3.0} (weights dropped) or a set with weights (paired in the set's
+    order, not the user's), training another objective than asked, in silence."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
+    if how == "soft_loss_weights":
+        with pytest.raises(sn.SortedNetError, match=r"soft_loss: weights is a mapping"):
+            soft_loss(nest, ids(), exits=[2, 4], weights={4: 3.0, 2: 1.0})
+        return
+    kw = {"trainer_weights": dict(soft_exits=[2, 4], soft_weights={4: 3.0, 2: 1.0}),
+          "trainer_exits": dict(soft_exits={2: 1.0, 4: 3.0}),
+          "trainer_set_exits": dict(soft_exits={4, 2}, soft_weights=[3.0, 1.0])}[how]
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(sn.SortedNetError, match=r"is a mapping|have no order to pair soft_weights"):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, **kw)
+
+
+def test_soft_exits_past_the_layer_count_are_refused_when_the_trainer_is_built(tmp_path):
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16, 32])
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(sn.SortedNetError, match=r"SortedTrainer\(soft_exits=\[2, 6\]\): an exit is a block count in "
+                                                r"1\.\.4"):
+        SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_exits=[2, 6])

@@ -201,8 +201,8 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
         raise SortedNetError(
             f"calibrate(): the statistics of BatchNorm {bad[0][0]!r} for sub-model {bad[0][1]} are not finite (NaN "
             f"or inf{f'; {len(bad) - 1} more module / sub-model pair(s)' if len(bad) > 1 else ''}): a batch holds "
-            "non-finite values, or the forward overflows on it (half precision); nothing was changed, the earlier "
-            "calibration stays. Calibrate on finite batches")
+            "non-finite values, or the forward overflows on it (half precision); nothing was changed"
+            + (", the earlier calibration stays" if nest._calibrated() else "") + ". Calibrate on finite batches")
     norms, told = {}, [False]
     for m, stats in results.items():  # every module's new statistics first (nothing changed yet) ...
         prev = m._sn.norm

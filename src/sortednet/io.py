@@ -282,7 +282,64 @@ def _checked_state(nest: Nest, state: Any, who: str = "sn.save(state=)") -> Mapp
                     "converting it, or convert a model loaded from the checkpoint")
             raise SortedNetError(f"{who}: {k!r} is {list(state[k].shape)} {state[k].dtype}, the model's "
                                  f"{list(v.shape)} {v.dtype} ({hint})")
-    return state
+    if who == "sn.save(state=)":
+        _refuse_copy_state(nest, state)
+    return _retied(own, state, who)
+
+
+def _live_nest_of(model: nn.Module) -> bool | None:
+    """True where ``model`` is the model of a live nest, False where it is a deep copy following one, else None."""
+    try:
+        nest = Nest.of(model)
+    except SortedNetError:
+        return None
+    if not getattr(nest, "_alive", True):
+        return None
+    return True if model is nest.model else False
+
+
+def _retied(own: Mapping[str, Any], state: Mapping[str, torch.Tensor], who: str) -> Mapping[str, torch.Tensor]:
+    """``state`` with the names the model holds as one (tied) tensor sharing one again: a state gathered or
+    copied name by name (``{k: v.clone()}``, ``{k: v.cpu()}``) holds a copy under each, which the file would
+    store apart, and no load (not even into this model) takes a file that unties what the model ties. Refused
+    where the copies differ."""
+    groups = [g for g in _alias_groups({k: (v, tuple(v.shape), v.dtype) for k, v in own.items()
+                                        if isinstance(v, torch.Tensor)}) if len(g) > 1]
+    if not groups:
+        return state
+    out = dict(state)
+    for g in groups:
+        first = out[g[0]]
+        for k in g[1:]:
+            t = out[k]
+            if t is first:
+                continue
+            if not (t.is_meta or first.is_meta) and not torch.equal(t.detach().cpu(), first.detach().cpu()):
+                raise SortedNetError(f"{who}: the model holds {g} as one shared (tied) tensor, but the state gives "
+                                     f"{g[0]!r} and {k!r} different values: a file of them could not be loaded into "
+                                     "the model; pass the state of this model (its tied names equal)")
+            out[k] = first
+    return out
+
+
+def _refuse_copy_state(nest: Nest, state: Mapping[str, torch.Tensor]) -> None:
+    """``sn.save(nest, state=copy.state_dict())`` would save a deep copy's weights (an EMA's) beside the nest's
+    own calibrated statistics and profile scores, as if they described them: refused, naming ``sn.save(copy)``."""
+    with nest._pin.lock:
+        copies = [m for m, epoch in nest._pin.copies.items() if epoch is not None]  # (not a private view)
+    if not copies:
+        return
+    held = {t.untyped_storage().data_ptr() for m in copies for t in (*m.parameters(), *m.buffers())
+            if not t.is_meta and t.numel() and t.device.type != "meta"}
+    own = {t.untyped_storage().data_ptr() for t in (*nest.model.parameters(), *nest.model.buffers())
+           if not t.is_meta and t.numel()}
+    hit = [k for k, t in state.items() if isinstance(t, torch.Tensor) and not t.is_meta and t.numel()
+           and (ptr := t.untyped_storage().data_ptr()) in held and ptr not in own]
+    if hit:
+        raise SortedNetError(f"sn.save(state=): {hit[:3]} are tensors of a deep copy of the model (an EMA or "
+                             "teacher copy), not of the nest's model: saved with the nest's calibration and profile "
+                             "scores, which describe the nest's own weights. Save the copy itself, sn.save(copy, "
+                             "path), which writes its weights with the nest's dimensions")
 
 
 def _dumps(obj: Any) -> str:
@@ -406,6 +463,14 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     "it compiles: the wrapper's modules are under '_orig_mod.'; load into "
                     + ("the nest that wraps that model, sn.load(sn.Nest.of(obj._orig_mod), path)" if wrapped else
                        "that model, sn.load(obj._orig_mod, path)") + " (the compiled object then runs the loaded nest)")
+            held = _live_nest_of(model)
+            if held is not None:  # (sn.save takes the wrapped model: load is asked the same way)
+                raise SortedNetError(
+                    "sn.load into a model that a live nest wraps: load into that nest, sn.load(sn.Nest.of(model), "
+                    "path) (it keeps the nest and its dimensions, checked against the file's)" if held is True else
+                    "sn.load into a deep copy of a wrapped model (an EMA / teacher copy, which follows the model's "
+                    "nest): load the file into the nest, or its weights into the copy with "
+                    "copy.load_state_dict(...)")
             dims = meta["dims_built"](dict(model.named_modules()))
             try:
                 planned = plan(model, dims)               # validates the wrap; changes nothing

@@ -318,7 +318,8 @@ class Sampler:
             if given is not None and len(given) == len(subs) and np.all(np.isfinite(given)) and np.any(given <= 0):
                 at = int(np.argmin(given))
                 raise SortedNetError(f"loss_weights must all be positive (a sub-model weighted 0 would be drawn but "
-                                     f"never trained); got {float(given[at])!r} for {subs[at]}")
+                                     "never trained; one weighted below 0, trained to raise its loss); got "
+                                     f"{float(given[at])!r} for {subs[at]}")
             loss_w = self._probabilities(loss_weights, subs, nest, "loss_weights")
             if not np.all(loss_w > 0):
                 raise SortedNetError(f"loss_weights must all be positive (a sub-model weighted 0 would be drawn but "

@@ -341,6 +341,9 @@ def _listed(values: Any, what: str, want: str, who: str = "soft_loss") -> list:
     """``values`` as a list, or a SortedNetError naming ``what`` when it is not a sequence (a lone number)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise SortedNetError(f"{who}: {what} must be a list of {want}, got {values!r}")
+    if isinstance(values, Mapping):  # (iterated, a dict gives its keys: {4: 3.0, 2: 1.0} would weigh by the depths)
+        raise SortedNetError(f"{who}: {what} is a mapping ({values!r}), which gives its keys as a list; give "
+                             f"{what} as a list of {want}, in the exits' order")
     return list(values)
 
 

@@ -206,6 +206,10 @@ class SortedTrainer(Trainer):
         if soft_exits is None and soft_weights is not None:
             raise SortedNetError("SortedTrainer(soft_weights=...) weights the SoFT exits: it needs soft_exits=[...]")
         if soft_exits is not None:
+            if soft_weights is not None and isinstance(soft_exits, (set, frozenset)):  # (weights paired with what?)
+                raise SortedNetError(f"SortedTrainer: soft_exits given as a {type(soft_exits).__name__} have no order "
+                                     f"to pair soft_weights with; give them as a list, in the weights' order (got "
+                                     f"soft_exits={soft_exits!r})")
             exits = _listed(soft_exits.tolist() if isinstance(soft_exits, (torch.Tensor, np.ndarray)) else soft_exits,
                             "soft_exits", "exit depths, e.g. [2, 4]", "SortedTrainer")
             if not exits or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in exits):
@@ -250,7 +254,10 @@ class SortedTrainer(Trainer):
                 raise SortedNetError(f"soft_exits {self.soft_exits}: the deepest exit must be a size of depth "
                                      f"dimension {self._depth.name!r} {list(self._depth.sizes)}")
         if self.soft_exits is not None:  # (a model without exits is refused here, not at the first step)
-            exit_parts(nest.model)
+            layers = exit_parts(nest.model)[1]
+            if max(self.soft_exits) > len(layers):
+                raise SortedNetError(f"SortedTrainer(soft_exits={self.soft_exits}): an exit is a block count in "
+                                     f"1..{len(layers)}, the model's layers")
         deepest = None if self._depth is None else max(self.soft_exits)
         if sampler is None:  # (with SoFT: the sub-models at the deepest exit, which every drawn one runs at)
             sampler = make_sampler(nest, None if deepest is None else

@@ -101,7 +101,7 @@ def _check_inputs(mha: nn.Module, query: Tensor, key: Tensor, value: Tensor, hea
     if query.dim() not in (2, 3):
         raise InputShapeError(f"{where}: the query must be unbatched 2-D (L, E) or batched 3-D, got {shapes}")
     if key.dim() != query.dim() or value.dim() != query.dim():
-        raise InputShapeError(f"{where}: a {'batched 3' if query.dim() == 3 else 'unbatched 2'}-D query needs "
+        raise InputShapeError(f"{where}: {'a batched 3' if query.dim() == 3 else 'an unbatched 2'}-D query needs "
                               f"key and value of as many dimensions, got {shapes}")
     width = plain(mha.in_proj_weight).shape[1]
     if query.shape[-1] != width or key.shape[-1] != width or value.shape[-1] != width:
