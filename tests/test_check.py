@@ -5922,7 +5922,7 @@ def test_an_example_of_no_finite_output_is_refused_not_vouched_for(example):
     nest.check(torch.randn(3, 8))  # (a right nest: an example with entries passes)
 
 
-class _ScaledLinear(nn.Module):
+class _ScalingLinear(nn.Module):
     def __init__(self, n_in, n_out):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in ** 0.5)
@@ -5932,7 +5932,7 @@ class _ScaledLinear(nn.Module):
         return F.linear(x, self.weight) * self.scale
 
 
-class _ScaledNet(nn.Module):
+class _ScalingNet(nn.Module):
     def __init__(self, cls):
         super().__init__()
         self.a, self.b = cls(8, 32), nn.Linear(32, 4)
@@ -5965,10 +5965,10 @@ def test_a_half_precision_export_a_few_percent_off_is_refused_by_its_float32_run
                 c.scale.mul_(factor)
             return c
 
-    cls = type(f"_ScaledLinear{str(dtype)[6:]}{factor}", (_ScaledLinear,), {})  # (a type of its own per case)
+    cls = type(f"_ScalingLinear{str(dtype)[6:]}{factor}", (_ScalingLinear,), {})  # (a type of its own per case)
     sn.slicer(cls)(Buggy)
     torch.manual_seed(0)
-    model = _ScaledNet(cls)
+    model = _ScalingNet(cls)
     nest = sn.wrap(model.to(dtype), sn.Width("h", [8, 16, 32], out="a", inp="b"))
     x = torch.randn(4, 8, dtype=dtype)
     if factor == 1.0:
@@ -6028,7 +6028,7 @@ def test_a_half_precision_export_that_cannot_run_in_float32_is_said_unverified(d
                     c.scale.mul_(factor)
                 return c
 
-        cls = type(f"_CastScaled{str(dtype)[6:]}{factor}", (_ScaledLinear,), {})
+        cls = type(f"_CastScaled{str(dtype)[6:]}{factor}", (_ScalingLinear,), {})
         sn.slicer(cls)(Buggy)
         torch.manual_seed(0)
         model = nn.Sequential(_CastIn(dtype), cls(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype)

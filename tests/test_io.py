@@ -1274,3 +1274,40 @@ def test_loading_into_a_wrapped_model_names_the_nest_to_load_into(into, tmp_path
     with pytest.raises(sn.SortedNetError, match=match):
         sn.load(target, tmp_path / "c.safetensors")
     assert sn.load(sn.Nest.of(model), tmp_path / "c.safetensors") is nest
+
+
+def test_a_state_with_nan_in_tied_weights_saves():
+    """The tie check compared the tied names' values with torch.equal, for which NaN differs from itself: a
+    diverged run's state, saved to debug it, was refused as untied."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    nest = sn.wrap(model, sn.Width("w", [8, 16, 32], out="fc1", inp="fc2"))
+    with torch.no_grad():
+        model.emb.weight[0, 0] = float("nan")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        sn.save(nest, os.path.join(d, "c.safetensors"), state={k: v.clone() for k, v in model.state_dict().items()})
+        back = sn.load(_TiedLM(), os.path.join(d, "c.safetensors"))
+        assert back.model.head.weight is back.model.emb.weight and back.model.emb.weight[0, 0].isnan()
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+
+@pytest.mark.parametrize("target", ["holder", "inside"])
+def test_loading_into_a_module_holding_or_inside_a_wrapped_model_names_what_it_is(target, tmp_path):
+    """sn.load into a module that holds the wrapped model (DataParallel's .module, a wrapper of one's own) or sits
+    inside it was told it was 'a deep copy'; sn.save names these as they are, and so does load."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="1"))
+    sn.save(nest, tmp_path / "c.safetensors")
+    obj, match = ((_Holder(model), r"this _Holder holds a wrapped model at 'inner'; load into its nest, "
+                                   r"sn.load\(sn.Nest.of\(obj.inner\), path\)") if target == "holder" else
+                  (model[0], r"inside the model of Nest.*load the whole checkpoint into the nest"))
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.load(obj, tmp_path / "c.safetensors")

@@ -3362,3 +3362,17 @@ def test_soft_exits_past_the_layer_count_are_refused_when_the_trainer_is_built(t
     with pytest.raises(sn.SortedNetError, match=r"SortedTrainer\(soft_exits=\[2, 6\]\): an exit is a block count in "
                                                 r"1\.\.4"):
         SortedTrainer(model=model, args=args, train_dataset=[], nest=nest, soft_exits=[2, 6])
+
+
+def test_soft_weights_given_as_a_set_are_refused_and_as_a_tensor_taken():
+    """A set of weights iterates in its own order ({3.0, 1.0} gives [1.0, 3.0]): the exits were weighted the other
+    way round, in silence. Refused; a tensor of weights, which exits= takes, is taken (it was refused as not
+    finite numbers)."""
+    model, _, _, _ = build("llama")
+    nest = sn.from_transformers(model, ffn=[16, 32], depth=[2])
+    x = ids()
+    with pytest.raises(sn.SortedNetError, match=r"weights given as a set have no order to pair them with the exits"):
+        soft_loss(nest, x, exits=[2, 4], weights={3.0, 1.0})
+    got = soft_loss(nest, x, exits=[2, 4], weights=torch.tensor([3.0, 1.0]))
+    want = soft_loss(nest, x, exits=[2, 4], weights=[3.0, 1.0])
+    assert torch.equal(got.loss, want.loss)

@@ -1491,7 +1491,7 @@ def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Modu
     """:func:`attention_self_check` of one attention module ``mod`` (in the view; ``o`` its output projection)
     for Heads ``d``: whether it ran and was measured (every size whole heads within ``tol``); refused otherwise."""
     w = next(iter(o.parameters()))
-    where = path or "the model's root"
+    where = repr(path) if path else "the model's root"
     x = None
     width = _width_out(o)
     for n in dict.fromkeys((_positions(width), 5)):  # long enough for per-head windows, where the width makes
@@ -1511,17 +1511,19 @@ def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Modu
                 call_model(mod, x)
         except Exception as e:
             raise SortedNetError(
-                f"Heads {d.name!r} at {where!r} ({cls}): the module runs at {d.full} heads "
+                f"Heads {d.name!r} at {where} ({cls}): the module runs at {d.full} heads "
                 f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. " + (
                     _own_head_tensors(mod, o) or _per_head_children(mod, d.full) or (
-                        "It sizes something by an attribute Heads does not slice (name it with count_attrs=), or "
-                        "needs a custom slicer (docs/custom_slicers.md)"))) from e
+                        "It sizes something by an attribute Heads does not slice (name it with count_attrs=), or by "
+                        "the input's width (C // self.n_head, split(C, dim=-1): use the head size, a fixed "
+                        "self.head_dim, or -1 there, as docs/heads.md shows), or needs a custom slicer "
+                        "(docs/custom_slicers.md)"))) from e
         err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
         if err is None:
             return False
         if not err <= tol:
             raise SortedNetError(
-                f"Heads {d.name!r} at {where!r} ({cls}): {size} heads are not the first "
+                f"Heads {d.name!r} at {where} ({cls}): {size} heads are not the first "
                 f"{size} whole heads of the full module (relative difference {err:.3g}, run alone on a "
                 "random input): its fused projection is not laid out as Heads read it (state layout=), it "
                 "keeps the head count under a name Heads does not slice (count_attrs=), it computes "

@@ -287,15 +287,40 @@ def _checked_state(nest: Nest, state: Any, who: str = "sn.save(state=)") -> Mapp
     return _retied(own, state, who)
 
 
-def _live_nest_of(model: nn.Module) -> bool | None:
-    """True where ``model`` is the model of a live nest, False where it is a deep copy following one, else None."""
+def _wrapped_target(model: nn.Module) -> str | None:
+    """Why ``sn.load`` cannot load into ``model`` as a fresh model (it is, holds, or sits inside one a live nest
+    wraps, or is a deep copy following one), with what to load into instead; None where it can."""
     try:
         nest = Nest.of(model)
     except SortedNetError:
-        return None
-    if not getattr(nest, "_alive", True):
-        return None
-    return True if model is nest.model else False
+        nest = None
+    if nest is not None and getattr(nest, "_alive", True):
+        if model is nest.model:
+            return ("sn.load into a model that a live nest wraps: load into that nest, sn.load(sn.Nest.of(model), "
+                    "path) (it keeps the nest and its dimensions, checked against the file's)")
+        with nest._pin.lock:
+            copy = model in nest._pin.copies
+        if copy:
+            return ("sn.load into a deep copy of a wrapped model (an EMA / teacher copy, which follows the model's "
+                    "nest): load the file into the nest, or its weights into the copy with copy.load_state_dict(...)")
+        if not any(m is nest.model for m in model.modules()):
+            return (f"sn.load into a {type(model).__name__} inside the model of {nest!r}: load the whole checkpoint "
+                    "into the nest, sn.load(nest, path)")
+    inner = next((n for n, m in model.named_modules() if n and _is_live_root(m)), None)
+    if inner is not None:
+        return (f"sn.load: this {type(model).__name__} holds a wrapped model at {inner!r}; load into its nest, "
+                f"sn.load(sn.Nest.of(obj.{inner}), path) (a checkpoint of this whole {type(model).__name__}: "
+                "unwrap that nest first, nest.unwrap())")
+    return None
+
+
+def _is_live_root(m: nn.Module) -> bool:
+    """Whether ``m`` is the model of a live nest."""
+    try:
+        nest = Nest.of(m)
+    except SortedNetError:
+        return False
+    return nest.model is m and getattr(nest, "_alive", True)
 
 
 def _retied(own: Mapping[str, Any], state: Mapping[str, torch.Tensor], who: str) -> Mapping[str, torch.Tensor]:
@@ -303,8 +328,11 @@ def _retied(own: Mapping[str, Any], state: Mapping[str, torch.Tensor], who: str)
     copied name by name (``{k: v.clone()}``, ``{k: v.cpu()}``) holds a copy under each, which the file would
     store apart, and no load (not even into this model) takes a file that unties what the model ties. Refused
     where the copies differ."""
-    groups = [g for g in _alias_groups({k: (v, tuple(v.shape), v.dtype) for k, v in own.items()
-                                        if isinstance(v, torch.Tensor)}) if len(g) > 1]
+    by_id: dict[int, list[str]] = {}  # (the names of one tensor object: a tie; by identity, as a sharded tensor,
+    for k, v in own.items():          # a DTensor of FSDP2, has no plain storage to compare)
+        if isinstance(v, torch.Tensor):
+            by_id.setdefault(id(v), []).append(k)
+    groups = [g for g in by_id.values() if len(g) > 1]
     if not groups:
         return state
     out = dict(state)
@@ -314,7 +342,9 @@ def _retied(own: Mapping[str, Any], state: Mapping[str, torch.Tensor], who: str)
             t = out[k]
             if t is first:
                 continue
-            if not (t.is_meta or first.is_meta) and not torch.equal(t.detach().cpu(), first.detach().cpu()):
+            a, b = t.detach().cpu(), first.detach().cpu()
+            if not (t.is_meta or first.is_meta) and not (torch.equal(a, b) or a.is_floating_point() and torch.allclose(
+                    a, b, rtol=0.0, atol=0.0, equal_nan=True)):  # (a diverged run's NaN, equal to itself here)
                 raise SortedNetError(f"{who}: the model holds {g} as one shared (tied) tensor, but the state gives "
                                      f"{g[0]!r} and {k!r} different values: a file of them could not be loaded into "
                                      "the model; pass the state of this model (its tied names equal)")
@@ -329,12 +359,17 @@ def _refuse_copy_state(nest: Nest, state: Mapping[str, torch.Tensor]) -> None:
         copies = [m for m, epoch in nest._pin.copies.items() if epoch is not None]  # (not a private view)
     if not copies:
         return
-    held = {t.untyped_storage().data_ptr() for m in copies for t in (*m.parameters(), *m.buffers())
-            if not t.is_meta and t.numel() and t.device.type != "meta"}
-    own = {t.untyped_storage().data_ptr() for t in (*nest.model.parameters(), *nest.model.buffers())
-           if not t.is_meta and t.numel()}
-    hit = [k for k, t in state.items() if isinstance(t, torch.Tensor) and not t.is_meta and t.numel()
-           and (ptr := t.untyped_storage().data_ptr()) in held and ptr not in own]
+    def ptr(t: torch.Tensor) -> int | None:
+        if t.is_meta or not t.numel() or is_sharded(t) or type(t) not in (torch.Tensor, nn.Parameter):
+            return None  # (a DTensor shard of FSDP2, a subclass: no plain storage to compare)
+        try:
+            return t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    held = {ptr(t) for m in copies for t in (*m.parameters(), *m.buffers())} - {None}
+    own = {ptr(t) for t in (*nest.model.parameters(), *nest.model.buffers())}
+    hit = [k for k, t in state.items() if isinstance(t, torch.Tensor) and (p := ptr(t)) in held and p not in own]
     if hit:
         raise SortedNetError(f"sn.save(state=): {hit[:3]} are tensors of a deep copy of the model (an EMA or "
                              "teacher copy), not of the nest's model: saved with the nest's calibration and profile "
@@ -463,14 +498,9 @@ def load(model: "nn.Module | Nest", path: str | os.PathLike, *, strict: bool = T
                     "it compiles: the wrapper's modules are under '_orig_mod.'; load into "
                     + ("the nest that wraps that model, sn.load(sn.Nest.of(obj._orig_mod), path)" if wrapped else
                        "that model, sn.load(obj._orig_mod, path)") + " (the compiled object then runs the loaded nest)")
-            held = _live_nest_of(model)
-            if held is not None:  # (sn.save takes the wrapped model: load is asked the same way)
-                raise SortedNetError(
-                    "sn.load into a model that a live nest wraps: load into that nest, sn.load(sn.Nest.of(model), "
-                    "path) (it keeps the nest and its dimensions, checked against the file's)" if held is True else
-                    "sn.load into a deep copy of a wrapped model (an EMA / teacher copy, which follows the model's "
-                    "nest): load the file into the nest, or its weights into the copy with "
-                    "copy.load_state_dict(...)")
+            why = _wrapped_target(model)
+            if why is not None:  # (sn.save takes the wrapped model: load is asked the same way)
+                raise SortedNetError(why)
             dims = meta["dims_built"](dict(model.named_modules()))
             try:
                 planned = plan(model, dims)               # validates the wrap; changes nothing

@@ -160,7 +160,9 @@ class Selector:
         for metric, limit in limits.items():
             if metric not in self.costs:
                 raise SortedNetError(f"no {metric!r} cost known for these sub-models; "
-                                     f"known: {sorted(self.costs)} (run nest.profile to measure more)")
+                                     f"known: {sorted(self.costs)} (run nest.profile(example) to measure more; "
+                                     "for FLOPs, counting every sub-model with nest.cost(sub, 'flops', example=x) "
+                                     "fills the same table)")
             if limit != limit:
                 raise SortedNetError(f"budget {metric}={limit} is not a number")
         low = [m for m in limits if limits[m] < self._min[m]]

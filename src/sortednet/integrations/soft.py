@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -344,6 +345,11 @@ def _listed(values: Any, what: str, want: str, who: str = "soft_loss") -> list:
     if isinstance(values, Mapping):  # (iterated, a dict gives its keys: {4: 3.0, 2: 1.0} would weigh by the depths)
         raise SortedNetError(f"{who}: {what} is a mapping ({values!r}), which gives its keys as a list; give "
                              f"{what} as a list of {want}, in the exits' order")
+    if isinstance(values, (set, frozenset)) and "weights" in what:  # (no order to pair with the exits)
+        raise SortedNetError(f"{who}: {what} given as a {type(values).__name__} have no order to pair them with the "
+                             f"exits; give a list of {want}, in the exits' order (got {values!r})")
+    if isinstance(values, (Tensor, np.ndarray)):
+        values = values.tolist()
     return list(values)
 
 

@@ -99,7 +99,8 @@ class LowRankSlicer(Slicer):
     def validate(self, m: nn.Module, bind: dict, path: str) -> None:
         super().validate(m, {r: b for r, b in bind.items() if r != "rank"}, path)
         dim = bind["rank"].dim
-        where = f"Rank {dim.name!r} (sizes {list(dim.sizes)}) at {path!r}"
+        at = repr(path) if path else "the model's root"
+        where = f"Rank {dim.name!r} (sizes {list(dim.sizes)}) at {at}"
         if type(m).forward is not nn.Linear.forward:
             raise PatternError(f"{where}: {type(m).__name__} has its own forward; only nn.Linear "
                                "(and subclasses keeping its forward) can be factorised")
