@@ -565,6 +565,20 @@ def _sharding_and_ignores(rank: int, out_dir: str) -> dict:
     except sn.SortedNetError as e:
         out["root_unsharded"] = (str(e), all(torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, q)
                                              for p, q in zip(case.model.parameters(), before)))
+    # a tie across two units: fully_shard gives each its own tensor; said as that, not as the user's change
+    torch.manual_seed(0)
+    split = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+                                  for _ in range(2)))
+    split[1][2].weight = split[0][2].weight
+    nest = sn.wrap(split, sn.Width("h", [8, 16], out=["0.0", "1.0"], inp=["0.2", "1.2"]))
+    for blk in split:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(split, mesh=mesh)
+    try:
+        snd.accumulate(nest, [nest.largest], lambda: split(torch.randn(2, 8)).square().mean(), module=split)
+        out["tie_split"] = "accepted"
+    except sn.SortedNetError as e:
+        out["tie_split"] = str(e)
     case = FAMILIES["mlp"](seed=0)
     nest = sn.wrap(case.model, *case.dims)
     fully_shard(case.model, mesh=mesh)
@@ -1311,6 +1325,9 @@ def test_fsdp2_misuse_is_named(run, fresh_dynamo):
     assert all("['extra.weight', 'extra.bias'] are in no fully_shard unit" in e for e in errs["routed_unsharded"])
     msg, untouched = errs["root_unsharded"]
     assert "in no fully_shard unit" in msg and "'emb.weight'" in msg and untouched, msg
+    # (a tie across units: was "the model changed after wrap ... nest.unwrap(), change the model, then wrap it again")
+    assert "tied parameters of the wrapped model are apart now (['0.2.weight / 1.2.weight'])" in errs["tie_split"] \
+        and "Keep tied modules in one unit" in errs["tie_split"], errs["tie_split"]
 
 
 def test_a_part_given_to_fsdp1_beside_the_nest_trains_as_in_one_process(run):

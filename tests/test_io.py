@@ -1298,7 +1298,7 @@ class _Holder(torch.nn.Module):
         self.inner = inner
 
 
-@pytest.mark.parametrize("target", ["holder", "inside"])
+@pytest.mark.parametrize("target", ["holder", "inside", "holder_of_copy"])
 def test_loading_into_a_module_holding_or_inside_a_wrapped_model_names_what_it_is(target, tmp_path):
     """sn.load into a module that holds the wrapped model (DataParallel's .module, a wrapper of one's own) or sits
     inside it was told it was 'a deep copy'; sn.save names these as they are, and so does load."""
@@ -1306,8 +1306,11 @@ def test_loading_into_a_module_holding_or_inside_a_wrapped_model_names_what_it_i
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="1"))
     sn.save(nest, tmp_path / "c.safetensors")
-    obj, match = ((_Holder(model), r"this _Holder holds a wrapped model at 'inner'; load into its nest, "
-                                   r"sn.load\(sn.Nest.of\(obj.inner\), path\)") if target == "holder" else
-                  (model[0], r"inside the model of Nest.*load the whole checkpoint into the nest"))
+    obj, match = {"holder": (_Holder(model), r"this _Holder holds a wrapped model at 'inner'; load into its nest, "
+                                              r"sn.load\(sn.Nest.of\(obj.inner\), path\)"),
+                  "inside": (model[0], r"inside the model of Nest.*load the whole checkpoint into the nest"),
+                  "holder_of_copy": (_Holder(copy.deepcopy(model)), r"this _Holder holds a deep copy of a wrapped "
+                                                                    r"model .* at 'inner'.*obj.inner.load_state_dict")
+                  }[target]
     with pytest.raises(sn.SortedNetError, match=match):
         sn.load(obj, tmp_path / "c.safetensors")

@@ -1042,3 +1042,60 @@ def test_a_pick_table_built_from_costs_replaced_meanwhile_is_not_kept(monkeypatc
     budget = sorted(want)[len(want) // 2]
     got = nest.pick(flops=budget)
     assert want[list(nest.submodels).index(got)] <= budget
+
+
+@contextlib.contextmanager
+def _another_thread_compiling():
+    """Another thread held inside torch.compile (its backend waits): Dynamo's process-wide flag stays set."""
+    entered, release = threading.Event(), threading.Event()
+
+    def waiting(gm, example):
+        entered.set()
+        release.wait(60)
+        return gm.forward
+
+    t = threading.Thread(target=lambda: torch.compile(lambda a: a + 1, backend=waiting)(torch.randn(2)))
+    t.start()
+    assert entered.wait(60)
+    try:
+        yield
+    finally:
+        release.set()
+        t.join(60)
+
+
+def test_another_threads_compile_leaves_this_threads_eager_checks_on(fresh_dynamo):
+    """torch.compiler.is_compiling() reads one process-wide flag, set while any thread compiles: read in another
+    thread's eager forward, it switched that forward's checks off (an in-place write into a sub-model's calibrated
+    statistics used in silence; an activate from a third thread mid-forward took effect inside it). The checks
+    ask whether this thread is traced."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 2)).eval()
+    nest = sn.wrap(cnn, sn.Width("c", [2, 4, 8], out="0", norm="1", inp="5"))
+    nest.calibrate([torch.randn(16, 1, 8, 8) for _ in range(2)])
+    with nest.use("c=2"):
+        cnn[1].running_mean.add_(100.0)
+    with _another_thread_compiling(), torch.no_grad(), nest.use("c=2"):
+        assert torch.compiler.is_compiling()  # (the flag this thread sees: another's)
+        with pytest.raises(sn.SortedNetError, match="calibrated statistics of a sub-model were changed"):
+            cnn(torch.randn(2, 1, 8, 8))
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    mlp = sn.wrap(net, sn.Width("h1", [16, 64], out="0", inp="2"), sn.Width("h2", [16, 64], out="2", inp="4"))
+    x = torch.randn(4, 8)
+    with torch.no_grad(), mlp.use("h1=16,h2=16"):
+        want = net(x)
+
+    def hook(m, a, o):  # (a third thread moves the default while this forward is between its layers)
+        th = threading.Thread(target=mlp.activate, args=("h1=64,h2=64",))
+        th.start()
+        th.join()
+
+    mlp.activate("h1=16,h2=16")
+    handle = net[0].register_forward_hook(hook)
+    try:
+        with _another_thread_compiling(), torch.no_grad():
+            got = net(x)
+    finally:
+        handle.remove()
+    assert torch.equal(got, want)

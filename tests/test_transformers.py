@@ -3373,6 +3373,9 @@ def test_soft_weights_given_as_a_set_are_refused_and_as_a_tensor_taken():
     x = ids()
     with pytest.raises(sn.SortedNetError, match=r"weights given as a set have no order to pair them with the exits"):
         soft_loss(nest, x, exits=[2, 4], weights={3.0, 1.0})
+    for one in (torch.tensor(2.0), np.array(2.0)):  # (a 0-d tensor or array: one number, not a list)
+        with pytest.raises(sn.SortedNetError, match=r"weights must be a list of one weight per exit"):
+            soft_loss(nest, x, exits=[2, 4], weights=one)
     got = soft_loss(nest, x, exits=[2, 4], weights=torch.tensor([3.0, 1.0]))
     want = soft_loss(nest, x, exits=[2, 4], weights=[3.0, 1.0])
     assert torch.equal(got.loss, want.loss)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ._tracing import compiling
 from .errors import PatternError, SizeError, SortedNetError
 from .patterns import match
 from .submodel import as_int
@@ -308,7 +309,7 @@ class Active:
         """The plan in force for the caller."""
         p = self._scoped  # type: ignore[attr-defined]
         p = self.default if p is self else p
-        if not torch.compiler.is_compiling():  # (a checkpoint's forward reading it: its recomputation runs p)
+        if not compiling():  # (a checkpoint's forward reading it: its recomputation runs p)
             if (h := _saved_hooks(False)) is not None and RECOMPUTE_PIN[0] is not None:
                 RECOMPUTE_PIN[0](self, p, h)
             if not torch.is_grad_enabled() and (self.training or REENTRANT[0]):

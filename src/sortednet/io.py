@@ -294,6 +294,7 @@ def _wrapped_target(model: nn.Module) -> str | None:
         nest = Nest.of(model)
     except SortedNetError:
         nest = None
+    held: set = set()
     if nest is not None and getattr(nest, "_alive", True):
         if model is nest.model:
             return ("sn.load into a model that a live nest wraps: load into that nest, sn.load(sn.Nest.of(model), "
@@ -303,10 +304,17 @@ def _wrapped_target(model: nn.Module) -> str | None:
         if copy:
             return ("sn.load into a deep copy of a wrapped model (an EMA / teacher copy, which follows the model's "
                     "nest): load the file into the nest, or its weights into the copy with copy.load_state_dict(...)")
-        if not any(m is nest.model for m in model.modules()):
+        with nest._pin.lock:
+            held = set(nest._pin.copies.keys())
+        if not any(m is nest.model or m in held for m in model.modules()):
             return (f"sn.load into a {type(model).__name__} inside the model of {nest!r}: load the whole checkpoint "
                     "into the nest, sn.load(nest, path)")
     inner = next((n for n, m in model.named_modules() if n and _is_live_root(m)), None)
+    copy_at = next((n for n, m in model.named_modules() if n and m in held), None)
+    if inner is None and copy_at is not None:
+        return (f"sn.load: this {type(model).__name__} holds a deep copy of a wrapped model (an EMA / teacher copy) "
+                f"at {copy_at!r}: load the file into the nest, or its weights into the copy with "
+                f"obj.{copy_at}.load_state_dict(...)")
     if inner is not None:
         return (f"sn.load: this {type(model).__name__} holds a wrapped model at {inner!r}; load into its nest, "
                 f"sn.load(sn.Nest.of(obj.{inner}), path) (a checkpoint of this whole {type(model).__name__}: "
@@ -345,9 +353,11 @@ def _retied(own: Mapping[str, Any], state: Mapping[str, torch.Tensor], who: str)
             a, b = t.detach().cpu(), first.detach().cpu()
             if not (t.is_meta or first.is_meta) and not (torch.equal(a, b) or a.is_floating_point() and torch.allclose(
                     a, b, rtol=0.0, atol=0.0, equal_nan=True)):  # (a diverged run's NaN, equal to itself here)
+                fix = ("tie them in the copy again as the model holds them" if who == "sn.save(copy)" else
+                       "pass the state of this model (its tied names equal)")
                 raise SortedNetError(f"{who}: the model holds {g} as one shared (tied) tensor, but the state gives "
                                      f"{g[0]!r} and {k!r} different values: a file of them could not be loaded into "
-                                     "the model; pass the state of this model (its tied names equal)")
+                                     f"the model; {fix}")
             out[k] = first
     return out
 

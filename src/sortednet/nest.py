@@ -26,6 +26,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import slicers as _slicers
+from ._tracing import compiling
 from .cost import METRICS, ParamCounter, call_model, count_flops, example_signature, example_text, modules_digest
 from .cost import sig_key as _sig_key
 from .dims import Active, Dimension
@@ -120,7 +121,7 @@ def _stale_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
     keeps its weight, frozen: an optimizer holding it and no adapter may be an old one or one built for the
     rest of the model beside the adapters' own; that cannot be told apart, so it is not refused.)"""
     nests = [n for n in list(_LIVE) if n._alive and n._factored]
-    if not (nests or _DROPPED) or torch.compiler.is_compiling():
+    if not (nests or _DROPPED) or compiling():
         return
     params = [p for g in optimizer.param_groups for p in g["params"]]
     held = {id(p) for p in params}
@@ -499,6 +500,15 @@ class Nest:
                                      ("parameters re-shaped:", changed)) if v)
                 else:
                     why = "parameters were tied or untied (a tensor now held under other names)"
+                    if is_fsdp(self.model):  # (fully_shard of units that split a tie gives each its own tensor)
+                        old = self._structure[0]
+                        was = [f"{old[tie][0]} / {n}" for i, (n, _, tie) in enumerate(old) if tie != i]
+                        raise SortedNetError(
+                            f"{what}: tied parameters of the wrapped model are apart now"
+                            f"{f' ({was[:3]})' if was else ''}"
+                            ": fully_shard gave each FSDP2 unit its own copy of a tensor two units held (a tie across"
+                            " units), so they no longer train as one. Keep tied modules in one unit: shard their "
+                            "common parent (or the root only), not each block apart")
         if why is None and (bufs := self._buffer_shapes()) != self._sliced_buffers:
             was = dict(self._sliced_buffers)
             changed = [f"{n} {was.get(n)} -> {shape}" for n, shape in bufs if was.get(n) != shape]
@@ -666,7 +676,7 @@ class Nest:
         >>> seen
         ['h=2', 'h=8']
         """
-        if torch.compiler.is_compiling():
+        if compiling():
             _use_not_traced()  # (Dynamo: a graph break here, or fullgraph=True's error with the reason)
         return Use(self._state, self._plan(sub))
 
@@ -675,7 +685,7 @@ class Nest:
         Atomic: a concurrent forward of the model sees the old or the new sub-model, never a mix (a forward of
         the model's root is pinned to the default it starts with; a part of the model called on its own outside
         ``use`` is not: docs/deployment.md)."""
-        if torch.compiler.is_compiling():
+        if compiling():
             _activate_not_traced()  # (Dynamo: a graph break here, or fullgraph=True's error with the reason)
         plan = self._plan(sub)
         self._check_alive()
@@ -702,7 +712,7 @@ class Nest:
         if not isinstance(use_reentrant, bool):  # (the string "False" is true: the reentrant variant, silently)
             raise SortedNetError(f"nest.checkpoint(use_reentrant={use_reentrant!r}): takes True or False")
 
-        if torch.compiler.is_compiling():  # traced, the recomputation is part of the graph, with the sliced
+        if compiling():  # traced, the recomputation is part of the graph, with the sliced
             # weights of the forward it was traced under: nothing to pin there (the pending entry of an eager
             # call, one per call, would fail Dynamo's guards at every call: nothing compiled, each call traced
             # again). Where Dynamo runs the checkpoint eagerly instead (a graph break inside fn), the function
@@ -710,7 +720,7 @@ class Nest:
             eager = in_plan(self._state, self._state.plan(), fn)
 
             def run(*a: Any, **kw: Any) -> Any:
-                return fn(*a, **kw) if torch.compiler.is_compiling() else eager(*a, **kw)
+                return fn(*a, **kw) if compiling() else eager(*a, **kw)
 
             return checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
         run = in_plan(self._state, self._state.plan(), fn, 2)

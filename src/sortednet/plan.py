@@ -27,10 +27,10 @@ import warnings
 import weakref
 from typing import Any
 
-import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
+from ._tracing import compiling
 from .dims import COMPOSABLE, NONREENTRANT, RECOMPUTE_PIN, REENTRANT, REENTRANT_LOCK, REENTRANT_THREADS, Active
 from .errors import SortedNetError, caller_outside
 from .submodel import SubModel
@@ -491,7 +491,7 @@ def _count_reentrant_forwards() -> None:
 
     @functools.wraps(original)
     def forward(ctx: Any, *args: Any) -> Any:
-        if torch.compiler.is_compiling():  # (traced: nothing reads the count there)
+        if compiling():  # (traced: nothing reads the count there)
             return original(ctx, *args)
         me = threading.get_ident()
         with REENTRANT_LOCK:
@@ -527,7 +527,7 @@ def _count_nonreentrant_forwards() -> None:
 
     @functools.wraps(enter)
     def __enter__(self: Any) -> Any:
-        if torch.compiler.is_compiling():  # (traced: nothing reads the count there)
+        if compiling():  # (traced: nothing reads the count there)
             return enter(self)
         with REENTRANT_LOCK:
             NONREENTRANT[0] += 1
@@ -545,7 +545,7 @@ def _count_nonreentrant_forwards() -> None:
 
     @functools.wraps(leave)
     def __exit__(self: Any, *args: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if compiling():
             return leave(self, *args)
         try:
             return leave(self, *args)

@@ -30,6 +30,7 @@ from torch.fx import _symbolic_trace
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.nn import functional as F
 
+from ._tracing import compiling
 from .errors import SortedNetError
 
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ if hasattr(_symbolic_trace, "_is_fx_tracing_flag"):  # torch <= 2.13: one proces
         return _symbolic_trace._is_fx_tracing_flag
 else:  # torch 2.14+: the flag is per thread
     _FX_TLS = _symbolic_trace._is_fx_tracing_tls
-    _COMPILING = torch.compiler.is_compiling
+    _COMPILING = compiling
 
     def fx_flag() -> bool:
         """``torch.fx.symbolic_trace`` may be running (cheap, read first on hot paths; then :func:`fx_tracing`).
@@ -287,7 +288,7 @@ def fx_refused(what: str) -> SortedNetError:
         "traced module would mix two sub-models. Trace nest.export(sub) (a plain model), or capture a sub-model "
         "with torch.export.export(model, ...) inside nest.use(sub)")
 _grad_enabled = torch.is_grad_enabled
-_compiling = torch.compiler.is_compiling
+_compiling = compiling  # (this thread's tracing: _tracing.py)
 _functorch_active = torch._C._are_functorch_transforms_active
 
 

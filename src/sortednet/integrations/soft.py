@@ -350,6 +350,8 @@ def _listed(values: Any, what: str, want: str, who: str = "soft_loss") -> list:
                              f"exits; give a list of {want}, in the exits' order (got {values!r})")
     if isinstance(values, (Tensor, np.ndarray)):
         values = values.tolist()
+        if not isinstance(values, list):  # (a 0-d tensor or array: one number)
+            raise SortedNetError(f"{who}: {what} must be a list of {want}, got {values!r}")
     return list(values)
 
 
