@@ -5941,12 +5941,9 @@ class _ScalingNet(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("factor", [1.0, 1.03, 1.08])
-def test_a_half_precision_export_a_few_percent_off_is_refused_by_its_float32_run(dtype, factor):
-    """Half precision's tolerance (its rounding hides a few percent) passed an export of a slicer of one's own
-    that scales by 1.03 to 1.08: the export and the live model run again with their tensors in float32, where an
-    export of the live values computes what they do; a right one passes."""
+def _scaling_type(name: str, factor: float) -> type:
+    """A _ScalingLinear type of its own (slicers register per type) whose slicer's export scales ``scale`` by
+    ``factor`` (1.0: a right export; else a mistake of the user's)."""
 
     class Buggy(sn.Slicer):
         roles, attrs = ("out", "inp"), ("weight", "scale")
@@ -5965,8 +5962,19 @@ def test_a_half_precision_export_a_few_percent_off_is_refused_by_its_float32_run
                 c.scale.mul_(factor)
             return c
 
-    cls = type(f"_ScalingLinear{str(dtype)[6:]}{factor}", (_ScalingLinear,), {})  # (a type of its own per case)
+    cls = type(name, (_ScalingLinear,), {})
     sn.slicer(cls)(Buggy)
+    return cls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("factor", [1.0, 1.03, 1.08])
+def test_a_half_precision_export_a_few_percent_off_is_refused_by_its_float32_run(dtype, factor):
+    """Half precision's tolerance (its rounding hides a few percent) passed an export of a slicer of one's own
+    that scales by 1.03 to 1.08: the export and the live model run again with their tensors in float32, where an
+    export of the live values computes what they do; a right one passes."""
+
+    cls = _scaling_type(f"_ScalingLinear{str(dtype)[6:]}{factor}", factor)
     torch.manual_seed(0)
     model = _ScalingNet(cls)
     nest = sn.wrap(model.to(dtype), sn.Width("h", [8, 16, 32], out="a", inp="b"))
@@ -6011,25 +6019,7 @@ def test_a_half_precision_export_that_cannot_run_in_float32_is_said_unverified(d
     from sortednet.check import UnverifiedExportWarning
 
     for factor, wrong in ((1.08, True), (1.0, False)):
-        class Buggy(sn.Slicer):
-            roles, attrs = ("out", "inp"), ("weight", "scale")
-
-            def full(self, m, role):
-                return m._parameters["weight"].shape[0 if role == "out" else 1]
-
-            def value(self, m, name):
-                if name == "weight":
-                    return self.take(m, "weight", [(0, "out"), (1, "inp")])
-                return self.take(m, "scale", [(0, "out")])
-
-            def export(self, live, copy_, factor=factor):
-                c = super().export(live, copy_)
-                with torch.no_grad():
-                    c.scale.mul_(factor)
-                return c
-
-        cls = type(f"_CastScaled{str(dtype)[6:]}{factor}", (_ScalingLinear,), {})
-        sn.slicer(cls)(Buggy)
+        cls = _scaling_type(f"_CastScaled{str(dtype)[6:]}{factor}", factor)
         torch.manual_seed(0)
         model = nn.Sequential(_CastIn(dtype), cls(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype)
         nest = sn.wrap(model, sn.Width("h", [8, 16, 32], out="1", inp="3"))
