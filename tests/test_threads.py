@@ -1077,7 +1077,8 @@ def test_another_threads_compile_leaves_this_threads_eager_checks_on(fresh_dynam
     with nest.use("c=2"):
         cnn[1].running_mean.add_(100.0)
     with _another_thread_compiling(), torch.no_grad(), nest.use("c=2"):
-        assert torch.compiler.is_compiling()  # (the flag this thread sees: another's)
+        # (torch.compiler.is_compiling() here reads another thread's compile on the torch versions whose flag is
+        # process-wide for the whole compile, 2.13 / 2.14: the checks must hold either way)
         with pytest.raises(sn.SortedNetError, match="calibrated statistics of a sub-model were changed"):
             cnn(torch.randn(2, 1, 8, 8))
     net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
