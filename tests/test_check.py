@@ -3891,7 +3891,7 @@ def test_a_layer_count_under_another_common_name_is_said_not_to_follow_the_depth
             sn.wrap(_CountsByName(4, other), sn.Depth("depth", [2, 4], layers="blocks"), example=x).unwrap()
 
 
-class _ScaledLinear(nn.Module):
+class _MiscountedLinear(nn.Module):
     def __init__(self, i, o):
         super().__init__()
         self.weight, self.scale = nn.Parameter(torch.randn(o, i) / i ** 0.5), nn.Parameter(1 + torch.rand(o))
@@ -3900,7 +3900,7 @@ class _ScaledLinear(nn.Module):
         return F.linear(x, self.weight) * self.scale
 
 
-class _ScaledSlicer(sn.Slicer):
+class _MiscountingSlicer(sn.Slicer):
     roles, attrs = ("out", "inp"), ("weight", "scale")
 
     def full(self, m, role):
@@ -3913,7 +3913,7 @@ class _ScaledSlicer(sn.Slicer):
         return m._parameters[name].numel()
 
 
-sn.slicer(_ScaledLinear)(_ScaledSlicer)
+sn.slicer(_MiscountedLinear)(_MiscountingSlicer)
 
 
 class _Proj(nn.Module):
@@ -3967,12 +3967,12 @@ def test_check_compares_counts_and_mixed_sub_models_with_their_exports(proj, mes
     (check's, and one without an example), and check exports the two most mixed sub-models it dry-runs too."""
     torch.manual_seed(0)
     x = torch.randn(5, 8)
-    m = nn.Sequential(_ScaledLinear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    m = nn.Sequential(_MiscountedLinear(8, 32), nn.ReLU(), nn.Linear(32, 3))
     nest = sn.wrap(m, sn.Width("h", [8, 32], out="0", inp="2"))
     with pytest.raises(sn.SortedNetError, match=r"export\(h=8\) holds 99 parameters but cost\(h=8\) counts 315"):
         nest.check(x)
     with pytest.raises(sn.SortedNetError, match=r"export\(h=8\) holds 99 parameters but cost\(h=8\) counts 315.*"
-                                                r"_ScaledSlicer"):
+                                                r"_MiscountingSlicer"):
         nest.export("h=8")  # (without an example too: the export itself compares)
 
     class Net(nn.Module):
@@ -4149,7 +4149,7 @@ def test_depth_order_passes_a_last_exit_head_read_as_the_lists_last_entry():
         torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
 
 
-class _OwnProj(_ScaledLinear):
+class _OwnProj(_MiscountedLinear):
     """An output projection of the user's own (a Linear with a per-output scale), with a right slicer."""
 
 
