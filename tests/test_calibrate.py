@@ -551,7 +551,7 @@ def test_calibrated_statistics_read_after_training_on_warn_once(name, read, tmp_
     model, nest, _ = _calibrated_pair(name)
     x = data(1, seed=9)[0][0]
     _train_steps(model)
-    with pytest.warns(StaleCalibrationWarning, match="predate training-mode forwards") as record:
+    with pytest.warns(StaleCalibrationWarning, match="predate training of the model") as record:
         with torch.no_grad(), nest.use(nest.smallest):
             if read == "eval_forward":
                 model(x)
@@ -1039,7 +1039,7 @@ def test_training_a_shallow_sub_model_makes_the_deeper_calibrations_stale(norm_f
             opt.step()
     model.eval()
     assert sorted(stale_statistics(nest)) == norms
-    with pytest.warns(StaleCalibrationWarning, match="predate training-mode forwards") as record:
+    with pytest.warns(StaleCalibrationWarning, match="predate training of the model") as record:
         with torch.no_grad(), nest.use("d=3,h=16"):
             if read == "eval_forward":
                 model(data[0])
@@ -1101,3 +1101,111 @@ def test_calibrate_names_sliced_batchnorms_that_keep_no_statistics():
     nest = sn.wrap(model, sn.Width("c", [4, 8], out="0", norm="1", inp="3"))
     with pytest.raises(sn.SortedNetError, match=r"\['1'\] are built with track_running_stats=False"):
         nest.calibrate([torch.randn(4, 3, 8, 8)])
+
+
+class _HeadOnly(nn.Module):
+    """A backbone no dimension slices (its own BatchNorm) and a head whose width is nested, with a calibrated
+    BatchNorm: training the backbone on its own runs no calibrated module, nor the model's forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12))
+        self.head = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _train_part(model, nest, how):
+    x = torch.randn(16, 6) * 2 + 1
+    if how == "backbone_alone":  # a part trained on its own: no forward of the model
+        opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            (model.backbone(x) - 3).square().mean().backward()
+            opt.step()
+    elif how == "frozen_norms":  # a fine-tune in eval mode (statistics frozen): no training-mode forward
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.eval()
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    elif how == "fused_adam":  # a fused step leaves the parameters' version counters as they were
+        opt = torch.optim.Adam(model.backbone.parameters(), lr=0.05, fused=True)
+        opt.zero_grad()
+        (model.backbone(x) - 3).square().mean().backward()
+        opt.step()
+    elif how == "in_place":  # weights written in place (an EMA's swap-in)
+        with torch.no_grad():
+            model.backbone[0].weight.mul_(0.5)
+    elif how == "compiled":  # a compiled training forward skips the nest's hooks; the head's width 8 runs its BN
+        step = torch.compile(model.backbone, backend="eager")  # (compiled on its own: none of it calibrated)
+        opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            (step(x) - 3).square().mean().backward()
+            opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("how", ["backbone_alone", "frozen_norms", "fused_adam", "in_place", "compiled"])
+@pytest.mark.parametrize("read", ["eval_forward", "export", "save"])
+def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_path):
+    """Staleness was judged by training-mode forwards of the model (and each calibrated BatchNorm's counter):
+    a part trained on its own, a fine-tune with the statistics frozen (eval mode), a fused optimizer's step,
+    weights written in place, a compiled forward, all left calibrations of other weights read, exported and saved
+    as fresh (eval output 0.25 off a recalibration). The calibration now watches the model's weights too."""
+    model = _HeadOnly()
+    dims = lambda: (sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"),)  # noqa: E731
+    nest = sn.wrap(model, *dims())
+    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _train_part(model, nest, how)  # (a fine-tune in eval mode reads them itself after its first step: told)
+        assert sorted(stale_statistics(nest)) == ["head.1"]
+        with torch.no_grad(), nest.use("h=4"):
+            if read == "eval_forward":
+                model(data[0])
+                model(data[0])
+            elif read == "export":
+                nest.export("h=4")
+            else:
+                sn.save(nest, tmp_path / "c.safetensors")
+    stale = _stale(record)
+    assert all("predate training of the model" in str(w.message) for w in stale)
+    assert len(stale) == 1 + (how == "frozen_norms" and read == "save")  # (once per calibration; saving, each time)
+    if read == "save":
+        back = sn.load(sn.wrap(_HeadOnly(), *dims()), tmp_path / "c.safetensors")
+        assert sorted(stale_statistics(back)) == ["head.1"]
+    nest.calibrate(data, batches=3)
+    assert stale_statistics(nest) == {}
+
+
+def test_what_changes_no_weight_leaves_the_calibrations_fresh():
+    """Monte-Carlo dropout (training mode, the BatchNorm layers frozen, no gradients) made every calibration
+    stale, though nothing changed; so would a load or a DDP-style broadcast of the same weights (version counters
+    move, values do not)."""
+    model = _HeadOnly()
+    model.backbone.insert(1, nn.Dropout(0.5))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))
+    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        model.train()
+        model.head[1].eval()
+        with torch.no_grad(), nest.use("h=4"):
+            samples = torch.stack([model(data[0]) for _ in range(4)])
+        assert samples.std(0).amax() > 0  # (dropout ran)
+        model.eval()
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.clone())
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0])
+        nest.export("h=4")
+    assert stale_statistics(nest) == {}

@@ -31,7 +31,7 @@ from .cost import call_model
 from .errors import SortedNetError
 from .meta import EXTRA_PREFIX
 from .modes import eval_mode, finish_all
-from .slicers.norm import NormStats, StaleCalibrationWarning, active_stats, trained_since, unwritten
+from .slicers.norm import NormStats, StaleCalibrationWarning, WeightWatch, active_stats, trained_since, unwritten
 from .submodel import SubModel, SubModelLike, as_int
 from .views import world_size
 
@@ -50,6 +50,15 @@ def batchnorms(nest: Nest) -> dict[str, nn.Module]:
     """Sliced BatchNorm modules of ``nest`` that track running statistics, by path."""
     return {p: m for p, m in nest._sliced.items()
             if isinstance(m, _BatchNorm) and "norm" in m._sn.bind and m.__dict__["track_running_stats"]}
+
+
+def _watch(nest: Nest, bns: dict[str, nn.Module]) -> WeightWatch:
+    """The :class:`WeightWatch` of a calibration (or load) made now (a fused optimizer's steps then move the
+    version counters of the parameters it steps, as any other in-place write does)."""
+    from .nest import _watch_fused_steps
+
+    _watch_fused_steps()
+    return WeightWatch(nest.model, bns.values(), nest._pin.forward_key)
 
 
 def _key(nest: Nest) -> tuple[int, ...]:
@@ -204,12 +213,13 @@ def calibrate(nest: Nest, loader: Iterable[Any], *, subs: Iterable[SubModelLike]
             "non-finite values, or the forward overflows on it (half precision); nothing was changed"
             + (", the earlier calibration stays" if nest._calibrated() else "") + ". Calibrate on finite batches")
     norms, told = {}, [False]
+    weights = _watch(nest, bns)
     for m, stats in results.items():  # every module's new statistics first (nothing changed yet) ...
         prev = m._sn.norm
         old = prev.stats if prev is not None else {}
         kept = [k for k in old if k not in stats]
         stale = () if prev is None else kept if trained_since(m, prev) else set(prev.since.get("stale", ())) & set(kept)
-        norm = norms[m] = NormStats(nest.dims, {**old, **stats}).watch(m, told, stale, nest._pin.trained)
+        norm = norms[m] = NormStats(nest.dims, {**old, **stats}).watch(m, told, stale, nest._pin.trained, weights)
         if prev is not None:  # a statistic of another sub-model written in place stays refused
             norm.carry(prev, kept)
     # ... then one assignment per module (readers see old or new), each made even after a Ctrl-C: never some
@@ -255,9 +265,11 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
     older = list(stale_statistics(nest))
     if older:
         warnings.warn(f"saving the per-sub-model BatchNorm statistics of {older[:3]}{' ...' if len(older) > 3 else ''}"
-                      ", which predate training-mode forwards of the model (calibrated or loaded before it trained "
-                      "on): they describe the weights of before. nest.calibrate(loader) again first, or "
-                      "nest.drop_calibration() to save none", StaleCalibrationWarning, stacklevel=4)
+                      ", which predate training of the model (training-mode forwards with gradients, a step or "
+                      "another in-place write of its weights, its BatchNorm layers' running statistics moved; "
+                      "calibrated or loaded before it trained on): they describe the weights of before. "
+                      "nest.calibrate(loader) again first, or nest.drop_calibration() to save none",
+                      StaleCalibrationWarning, stacklevel=4)
     for path, m in batchnorms(nest).items():
         for key, stats in (m._sn.norm.stats if m._sn.norm is not None else {}).items():
             sub = SubModel(dict(zip(names, key)))
@@ -271,7 +283,7 @@ def stats_to_tensors(nest: Nest) -> dict[str, Tensor]:
 
 
 def stale_statistics(nest: Nest) -> dict[str, list[str]]:
-    """The calibrated statistics that predate training-mode forwards (path -> sub-models), saved beside them so that
+    """The calibrated statistics that predate training (path -> sub-models), saved beside them so that
     a loaded nest warns about them as this one does."""
     out = {}
     for path, m in batchnorms(nest).items():
@@ -311,6 +323,7 @@ def stats_from_tensors(nest: Nest, tensors: dict[str, Tensor], stale: dict[str, 
     told, stale = [False], stale or {}
     keys = {path: {tuple(nest.resolve(t, full_ok=True)[d.name] for d in nest.dims) for t in subs}
             for path, subs in stale.items()}
+    weights = _watch(nest, bns)
     for path, m in bns.items():
-        m._sn.norm = (NormStats(nest.dims, found[m]).watch(m, told, keys.get(path, ()), nest._pin.trained)
+        m._sn.norm = (NormStats(nest.dims, found[m]).watch(m, told, keys.get(path, ()), nest._pin.trained, weights)
                       if m in found else None)

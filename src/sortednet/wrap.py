@@ -1230,8 +1230,8 @@ class Pin:
         # weights were copied in, or None for a private view that shares the weights (they follow every sort)
         self.root = weakref.ref(root) if root is not None else None
         self.copies: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
-        # training-mode forwards of the model itself (not of a copy, nor a dry run's): calibrated BatchNorm
-        # statistics made before one describe the weights of before, wherever the layers that changed sit
+        # training-mode forwards with gradients of the model itself (not of a copy, nor a dry run's): calibrated
+        # BatchNorm statistics made before one describe the weights of before, wherever the layers that changed sit
         self.trained = [0]
         active.on_no_grad_read = self.no_grad_read
 
@@ -1281,6 +1281,12 @@ class Pin:
                 stack.clear()
         return stack
 
+    def forward_key(self) -> int | None:
+        """A key of the outermost forward of the nest's model running in this thread (new for each one), or None
+        outside one."""
+        d = self.local.__dict__
+        return d.get("serial") if d.get("stack") else None
+
     def in_forward(self) -> bool:
         """Whether a forward of the nest's model (pinned by this object) runs in this thread."""
         return bool(self.local.__dict__.get("stack"))
@@ -1294,7 +1300,7 @@ class Pin:
         if _compiling():
             return
         self._enter(module, sys._getframe(1))
-        if module.training:
+        if module.training and _grad_enabled():
             self._trains(module)
         ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)
         ddp = ddp.DistributedDataParallel._active_ddp_module if ddp is not None else None
@@ -1317,12 +1323,13 @@ class Pin:
             stack.append(_INNER)
         else:
             self._enter(module, here)
-            if module.training:
+            if module.training and _grad_enabled():
                 self._trains(module)
 
     def _trains(self, module: nn.Module) -> None:
-        """A training-mode forward of ``module`` (the root, or a child entered on its own) starts: counted in
-        :attr:`trained` where it is the nest's own model's, outside a dry run."""
+        """A training-mode forward with gradients of ``module`` (the root, or a child entered on its own) starts:
+        counted in :attr:`trained` where it is the nest's own model's, outside a dry run (one without gradients,
+        Monte-Carlo dropout, trains nothing; the BatchNorm layers it runs count their own batches)."""
         root = self.root() if self.root is not None else None
         if root is not None and (module is root or module in root._modules.values()) and not in_dry_run():
             self.trained[0] += 1
@@ -1341,6 +1348,8 @@ class Pin:
         # then the count and the pin on the context's stack (as use): a Ctrl-C anywhere leaves a record that
         # holds all that was done (the next forward finds it stale and undoes it)
         stack = self._stack(here)
+        if not stack:  # (an outermost forward of this thread: what is read once per forward keys on it)
+            self.local.serial = self.local.__dict__.get("serial", 0) + 1
         top = [None, here, None, 0, sys.exc_info()[1]]
         stack.append(top)
         if self.copies and module in self.copies:

@@ -12,7 +12,9 @@ sortednet/calibrate.py), after which eval mode and export use per-sub-model ones
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +77,9 @@ class NormStats:
         forwards = new.since.pop("forwards", None)  # (the model's count: a copy's own forwards are not counted;
         if forwards is not None and forwards[0][0] != forwards[1]:  # the model's since the calibration are kept)
             new.since["trained"] = True
+        weights = new.since.pop("weights", None)  # (the model's parameters: the copy's own are not watched; a
+        if weights is not None and weights.check():  # move of the model's since the calibration is kept)
+            new.since["trained"] = True
         if "at" in self.since:  # each counter's copy (a module's buffers are copied before its sortednet state)
             at = new.since["at"] = WeakIdKeyDictionary(self.since["at"])  # counts from the same baseline; one
             for t, base in list(self.since["at"].items()):                # not copied yet: from its first read
@@ -108,13 +113,18 @@ class NormStats:
                     self.base[id(mine)] = -1  # (no version counter is negative: unwritten() refuses it)
         return self
 
-    def watch(self, m: nn.Module, told: list[bool], stale: Any = (), forwards: list[int] | None = None) -> NormStats:
+    def watch(self, m: nn.Module, told: list[bool], stale: Any = (), forwards: list[int] | None = None,
+              weights: WeightWatch | None = None) -> NormStats:
         """Count training-mode forwards of ``m`` from now (see :func:`trained_since`); ``stale``: keys of
         statistics carried over that were already out of date; ``forwards``: the nest's count of training-mode
-        forwards of its model (any of them moves what reaches ``m``, though ``m`` itself may not run: a layer past
-        the depth trained). Returns ``self``."""
+        forwards with gradients of its model (any of them moves what reaches ``m``, though ``m`` itself may not
+        run: a layer past the depth trained); ``weights``: the calibration's :class:`WeightWatch` (a step of the
+        weights, wherever it came from: a part of the model trained on its own, a compiled forward). Returns
+        ``self``."""
         if forwards is not None:
             self.since["forwards"] = (forwards, forwards[0])
+        if weights is not None:
+            self.since["weights"] = weights
         at, now = WeakIdKeyDictionary(), _counter(m)
         if now is not None:
             at[now[0]] = (now[1], _value(now[0]))
@@ -132,6 +142,79 @@ class NormStats:
             return None
         hit = self.stats.get(tuple(d.active for d in self.dims))
         return None if hit is None else hit.get(name)  # (a batch count is absent from older checkpoints)
+
+
+def _fingerprint(t: Tensor) -> Tensor | None:
+    """Sum and norm of ``t`` in float64 (on its device, not synchronised), or None where none can be taken
+    without a cost of its own (a meta tensor, a sharded DTensor: a collective)."""
+    if t.is_meta or type(t.data).__name__ == "DTensor" or not t.is_floating_point():
+        return None
+    with torch.no_grad():
+        try:
+            return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
+        except Exception:
+            return None
+
+
+class WeightWatch:
+    """What every calibrated statistic of one calibration (or load) was computed after, model-wide: the tensor in
+    each parameter slot of the model and its version counter (an optimizer step, a load, any in-place write moves
+    it; a fused optimizer's step is made to, see ``nest._watch_fused_steps``), and the batch counters and shared
+    running statistics of the BatchNorm layers no dimension slices (one set for every sub-model, which feeds the
+    calibrated ones). Where a counter moved, the values are compared (a parameter's by its sum and norm):
+    sortednet's dry runs put statistics back, DDP broadcasts the same weights, a load may copy the same ones.
+    Once any moved, every statistic of the calibration describes the model as it was before (a layer that
+    changed may sit where the calibrated ones never run: a shallow sub-model trained). Writes through ``.data``
+    are not seen. Shared by the calibration's :class:`NormStats`; read at most once per forward of the model
+    (``key``: the pin's forward key of this thread, None outside one)."""
+
+    __slots__ = ("params", "norms", "moved", "key", "memo")
+
+    def __init__(self, model: nn.Module, calibrated: Any, key: Any = None) -> None:
+        # (the module's slots, name, tensor id, version, fingerprint): a tensor whose counter moved is compared by
+        # its fingerprint (DDP's broadcast of the same values, a load of the same weights change nothing)
+        self.params: list[list[Any]] = []
+        for m in model.modules():
+            for n, p in m._parameters.items():
+                if p is not None and not p.is_inference():
+                    self.params.append([m._parameters, n, id(p), p._version, _fingerprint(p)])
+        self.norms: list[tuple[Tensor, int, Any]] = []
+        calibrated = {id(m) for m in calibrated}
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and id(m) not in calibrated:
+                for name in _STATS:
+                    t = m.__dict__["_buffers"].get(name)
+                    if t is not None and not t.is_meta and not t.is_inference():
+                        self.norms.append((t, t._version, t.detach().clone()))
+        self.moved = False
+        self.key = None if key is None else weakref.WeakMethod(key)
+        self.memo = threading.local()
+
+    def check(self) -> bool:
+        """Whether anything watched moved since (once moved, stays so)."""
+        if self.moved:
+            return True
+        key = self.key() if self.key is not None else None
+        now = key() if key is not None else None
+        if now is not None and self.memo.__dict__.get("key") == now:
+            return False
+        for e in self.params:
+            store, n, i, v, held = e
+            p = store.get(n)
+            if p is not None and id(p) == i and p._version == v:
+                continue
+            print_ = None if p is None or p.is_inference() or held is None else _fingerprint(p)
+            if print_ is None or not torch.equal(print_, held.to(print_.device)):
+                self.moved = True
+                return True
+            e[2], e[3] = id(p), p._version
+        for t, v, held in self.norms:
+            if t._version != v and not (t.shape == held.shape and torch.equal(t, held)):
+                self.moved = True
+                return True
+        if now is not None:
+            self.memo.key = now
+        return False
 
 
 def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
@@ -209,12 +292,18 @@ def trained_since(m: nn.Module, norm: NormStats) -> bool:
     ``num_batches_tracked`` (+1 per training-mode forward) holds another value. Read only when the counter's
     version moved (PyTorch does not count running-statistics updates, but it counts the counter's); a run that put
     the counter back to its value (a dry run of sortednet's) moved the version, not the value. A counter first seen
-    here (``model.to(device)``, a deep copy, a view's own copy) is counted from now; once seen trained, it stays so."""
+    here (``model.to(device)``, a deep copy, a view's own copy) is counted from now; once seen trained, it stays so.
+    Also true once the model trained anywhere since (the nest's count of its forwards with gradients, the
+    calibration's :class:`WeightWatch`)."""
     since = norm.since
     if since.get("trained"):
         return True
     forwards = since.get("forwards")
     if forwards is not None and forwards[0][0] != forwards[1]:
+        since["trained"] = True
+        return True
+    weights = since.get("weights")
+    if weights is not None and weights.check():
         since["trained"] = True
         return True
     at, now = since.get("at"), _counter(m)
@@ -244,8 +333,10 @@ def _warn_if_trained(path: str, m: nn.Module, norm: NormStats) -> None:
         return
     told[0] = True
     warnings.warn(f"{path}: this sub-model's BatchNorm statistics from nest.calibrate (or sn.load) predate "
-                  "training-mode forwards of the model, or writes into its shared running statistics (they or "
-                  "num_batches_tracked moved since: a training step, an EMA's copy_ of another model's): eval "
+                  "training of the model (training-mode forwards with gradients, a step or another in-place write "
+                  "of its weights; any part of it, called on its own too), or writes into its shared running "
+                  "statistics (they or num_batches_tracked moved since: a training step, an EMA's copy_ of another "
+                  "model's): eval "
                   "mode and export still read them, and they describe the model as it was then (its weights of "
                   "before, if it trained). "
                   "Calibrate again after training (nest.calibrate(loader)), or nest.drop_calibration() to read the "
