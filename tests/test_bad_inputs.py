@@ -506,11 +506,23 @@ class _NoValue(sn.Slicer):  # 'scale' served by neither a views entry nor value(
         return 1
 
 
+class _NoStaticValue(sn.Slicer):  # 'dim' in static, which value() computes: none defined (was let through)
+    roles = ("norm",)
+    attrs = ("weight", "dim")
+    views = {"weight": ((0, "norm"),)}
+    static = ("dim",)
+
+    def full(self, m, role):
+        return 1
+
+
 @pytest.mark.parametrize("register, match", [
     (lambda: sn.slicer(_Layer)(_RoleTypo), r"slicer _RoleTypo: views\['gamma'\] cuts by role 'nrom', which is not "
                                            r"one of its roles \('norm',\)"),
     (lambda: sn.slicer(_Layer)(_NoValue), r"slicer _NoValue: attrs \['scale'\] have no views entry and the slicer "
                                           r"defines no value"),
+    (lambda: sn.slicer(_Layer)(_NoStaticValue), r"slicer _NoStaticValue: attrs \['dim'\] have no views entry and "
+                                                r"the slicer defines no value.*an attribute in static is computed"),
     (lambda: sn.slicer(), r"takes the nn.Module classes .* got none"),
     (lambda: sn.slicer(int), r"<class 'int'> is not an nn.Module class"),
     (lambda: sn.slicer(torch.nn.Linear(2, 2)), r"Linear\(in_features=2.* is not an nn.Module class"),

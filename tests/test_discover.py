@@ -1291,3 +1291,37 @@ def test_a_large_finite_mask_value_does_not_hide_a_sub_model_that_differs_from_i
     assert not dims, [str(d) for d in dims]  # (the only width there is, a's, is read whole: dropped)
     with pytest.raises(sn.SortedNetError):
         sn.wrap(_PenaltyMasked(fill).eval(), sn.Width("h", [4, 16], out="a", inp="b"), example=x)
+
+
+class _OwnScaledLinear(nn.Module):
+    """A linear layer of the user's with a per-output scale (a slicer of the user's serves it)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in ** 0.5)
+        self.scale = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) * self.scale
+
+
+@sn.slicer(_OwnScaledLinear)
+class _OwnScaledLinearSlicer(sn.Slicer):
+    roles, attrs = ("out", "inp"), ("weight", "scale")
+    views = {"weight": ((0, "out"), (1, "inp")), "scale": ((0, "out"),)}
+
+    def full(self, m, role):
+        return m._parameters["weight"].shape[0 if role == "out" else 1]
+
+
+def test_discover_names_a_call_on_the_weight_of_a_module_of_a_slicer_of_ones_own():
+    """F.linear on the weight of a module a user's slicer serves was kept whole as "'linear', an op discovery does
+    not understand", though discover follows F.linear on a stock layer's weight: the reason names the module as
+    one of a slicer's own, whose Width is declared by hand (and check verifies it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_OwnScaledLinear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=r"'linear' \(in '0'\) on 'weight' of '0', a module of a slicer's own: "
+                                         r"discover follows this call on stock layers only"):
+        assert sn.discover(model, x, ratios=[0.5, 1.0]) == []
+    sn.wrap(model, sn.Width("h", [16, 32], out="0", inp="2")).check(x)

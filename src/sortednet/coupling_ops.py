@@ -572,6 +572,11 @@ def _functional_layer(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
         return False
     path, _, attr = name.rpartition(".")
     m = a.modules.get(path)
+    if m is not None and not isinstance(m, kinds) and m._parameters.get(attr) is w and slicer_for(m) is not None:
+        a.unknown(ev, f"{ev.name!r} (in {ev.where or '<root>'!r}) on {attr!r} of {path or '<root>'!r}, a module of a "
+                      "slicer's own: discover follows this call on stock layers only (declare that Width by hand; "
+                      "nest.check verifies it)")
+        return True
     if attr != "weight" or m is None or not isinstance(m, kinds) or m._parameters.get("weight") is not w:
         return False
     if b is not None and (not isinstance(b, Tensor) or b is not m._parameters.get("bias")):

@@ -144,11 +144,11 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
                         raise SortedNetError(f"slicer {cls.__name__}: views[{name!r}] cuts by role {a[1]!r}, which "
                                              f"is not one of its roles {cls.roles}")
         if cls.value is Slicer.value and cls.rules is Slicer.rules:
-            unserved = [a for a in cls.attrs if a not in cls.views and a not in cls.static]
+            unserved = [a for a in dict.fromkeys((*cls.attrs, *cls.static)) if a not in cls.views]
             if unserved:
                 raise SortedNetError(f"slicer {cls.__name__}: attrs {unserved} have no views entry and the slicer "
-                                     "defines no value(m, name) to compute them; add one of the two "
-                                     "(docs/custom_slicers.md)")
+                                     "defines no value(m, name) to compute them (an attribute in static is computed "
+                                     "by value(), once per size); add one of the two (docs/custom_slicers.md)")
         had = cls.__dict__.get("types")
         cls.types = tuple(dict.fromkeys((*(had or ()), *types)))  # (stacked decorators: all of them, for own_forward)
         try:
