@@ -1140,6 +1140,10 @@ def _train_part(model, nest, how):
     elif how == "in_place":  # weights written in place (an EMA's swap-in)
         with torch.no_grad():
             model.backbone[0].weight.mul_(0.5)
+    elif how == "reordered":  # the same values in another order (a sort by hand): sum and norm alike
+        with torch.no_grad():
+            w = model.backbone[0].weight
+            w.copy_(w.flip(0))
     elif how == "compiled":  # a compiled training forward skips the nest's hooks; the head's width 8 runs its BN
         step = torch.compile(model.backbone, backend="eager")  # (compiled on its own: none of it calibrated)
         opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)
@@ -1150,7 +1154,8 @@ def _train_part(model, nest, how):
     model.eval()
 
 
-@pytest.mark.parametrize("how", ["backbone_alone", "frozen_norms", "fused_adam", "in_place", "compiled"])
+@pytest.mark.parametrize("how", ["backbone_alone", "frozen_norms", "fused_adam", "in_place", "reordered",
+                                 "compiled"])
 @pytest.mark.parametrize("read", ["eval_forward", "export", "save"])
 def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_path):
     """Staleness was judged by training-mode forwards of the model (and each calibrated BatchNorm's counter):

@@ -1627,3 +1627,38 @@ def test_taylor_scoring_refuses_targets_its_default_loss_would_misread(head):
     sn.sort_units(nest, "taylor", data=[(x, y)], loss_fn=loss)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref)
+
+
+class _MaskedScale(nn.Module):
+    """A per-unit scale with a per-unit mask buffer its slicer leaves undeclared (the forward cuts it itself)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+        self.register_buffer("mask", (torch.arange(d) % 3 != 0).float())
+
+    def forward(self, x):
+        return x * self.gamma * self.mask[: x.shape[-1]]
+
+
+@sn.slicer(_MaskedScale)
+class _GammaOnly(sn.Slicer):
+    roles, attrs, views = ("norm",), ("gamma",), {"gamma": ((0, "norm"),)}
+
+    def full(self, m, role):
+        return m._parameters["gamma"].shape[0]
+
+
+def test_a_sort_refused_for_an_undeclared_per_unit_tensor_names_the_slicer_of_ones_own():
+    """A per-unit buffer a slicer of the user's leaves out of attrs stays in place while the declared tensors move:
+    the refusal said "run nest.check to find it; if check passes, the units cannot be sorted" (check passes, and
+    the units can be, once the buffer is declared). It names the module of the user's slicer as a cause now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 12), _MaskedScale(12), nn.ReLU(), nn.Linear(12, 2)).eval()
+    x = torch.randn(6, 4)
+    nest = sn.wrap(model, sn.Width("h", [6, 12], out="0", norm="1", inp="3"), example=x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"permuting changes the full model's output.*a module of a slicer of "
+                                                r"yours \('1' \(_GammaOnly\)\) holds a per-unit tensor"):
+        sn.sort_units(nest, "l1", example=x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1262,6 +1262,32 @@ def test_a_state_of_a_deep_copy_is_refused_and_the_copy_itself_named(tmp_path):
     sn.save(nest, tmp_path / "d.safetensors", state=model.state_dict())
 
 
+@pytest.mark.parametrize("state", ["ema_clone", "optimizer_state"])
+def test_a_state_that_is_not_the_models_own_is_refused_and_nothing_written(state, tmp_path):
+    """sn.save(nest, path, state={k: ema_v.clone()}) (an EMA's weights cloned into a dict: no storage of a deep
+    copy to recognise) wrote them beside the nest's calibrated statistics and profile scores, marked fresh. In one
+    process the model's own values are at hand: a state holding others is refused. An optimizer's state dict
+    given as state= is named as such."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
+    nest.calibrate([torch.randn(16, 4)])
+    if state == "ema_clone":
+        given = {k: v.detach().clone() * (0.5 if k == "2.weight" else 1) for k, v in model.state_dict().items()}
+        match = r"sn.save\(state=\): '2.weight' holds other values than the model's .* sn.save\(copy, path\)"
+    else:
+        given = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
+        match = r"\['state', 'param_groups'\] are not tensors: state= takes the model's own state_dict.*torch.save"
+    with pytest.raises(sn.SortedNetError, match=match):
+        sn.save(nest, tmp_path / "c.safetensors", state=given)
+    assert not (tmp_path / "c.safetensors").exists()
+    nan = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")  # (NaN where the model holds NaN: its own values)
+    nan["0.bias"][0] = float("nan")
+    sn.save(nest, tmp_path / "d.safetensors", state=nan)
+
+
 @pytest.mark.parametrize("into", ["model", "copy"])
 def test_loading_into_a_wrapped_model_names_the_nest_to_load_into(into, tmp_path):
     torch.manual_seed(0)

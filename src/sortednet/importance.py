@@ -863,10 +863,22 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
                          + "; run nest.check(example) to find it. If check passes, the model reads the units in "
                          "their order (cumsum / cummax over the features, a convolution or pooling along them, a "
                          "per-position table indexed by unit, or one layer's table read by all layers as T5's "
-                         "relative position bias): prefixes still nest, but the units cannot be sorted; train the "
-                         "nest unsorted" + (". For a transformers model, sn.sort_by_importance sorts the layouts it "
-                         "knows and names the parts it cannot" if type(nest.model).__module__.startswith(
-                             "transformers.") else "") + _cache_hint(nest) + ". Nothing was changed")
+                         "relative position bias)" + _own_slicer_hint(nest) + ": prefixes still nest, but the units "
+                         "cannot be sorted; train the nest unsorted" + (". For a transformers model, "
+                         "sn.sort_by_importance sorts the layouts it knows and names the parts it cannot"
+                         if type(nest.model).__module__.startswith("transformers.") else "")
+                         + _cache_hint(nest) + ". Nothing was changed")
+
+
+def _own_slicer_hint(nest: Nest) -> str:
+    """Where modules of the nest are served by slicers of the user's: that one may hold a per-unit tensor its
+    slicer does not declare (which ``check`` cannot see: it stays in place at every size)."""
+    own = [f"{p or '<root>'!r} ({type(m._sn.slicer).__name__})" for p, m in nest._sliced.items()
+           if not type(m._sn.slicer).__module__.startswith("sortednet.")]
+    return "" if not own else (
+        f", or a module of a slicer of yours ({', '.join(own[:3])}{' ...' if len(own) > 3 else ''}) holds a "
+        "per-unit tensor its slicer does not declare (a buffer left out of attrs / views stays in place while the "
+        "declared ones move; declare it)")
 
 
 def _reader_only_hint(nest: Nest, only: frozenset[str] | None) -> str:

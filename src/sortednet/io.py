@@ -39,7 +39,7 @@ from .meta import (
 )
 from .modes import casts_stale
 from .nest import Nest, modules_digest, wrap
-from .views import is_fsdp, is_sharded
+from .views import is_fsdp, is_sharded, world_size
 from .wrap import _keyed_as, count_load, plan
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
@@ -268,7 +268,10 @@ def _checked_state(nest: Nest, state: Any, who: str = "sn.save(state=)") -> Mapp
     own = nest.model.state_dict(keep_vars=True)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise SortedNetError(f"{who}: {bad[:3]} are not tensors")
+        raise SortedNetError(f"{who}: {bad[:3]} are not tensors" + (
+            ": state= takes the model's own state_dict, in full (gathered from FSDP shards); save an optimizer's "
+            "state, a scheduler's or other objects beside the checkpoint (torch.save)" if who == "sn.save(state=)"
+            else ""))
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise SortedNetError(f"{who} does not match the model's state_dict: missing keys {missing[:5]}, "
@@ -284,7 +287,33 @@ def _checked_state(nest: Nest, state: Any, who: str = "sn.save(state=)") -> Mapp
                                  f"{list(v.shape)} {v.dtype} ({hint})")
     if who == "sn.save(state=)":
         _refuse_copy_state(nest, state)
-    return _retied(own, state, who)
+    out = _retied(own, state, who)
+    if who == "sn.save(state=)":
+        _refuse_other_values(nest, own, state)
+    return out
+
+
+def _refuse_other_values(nest: Nest, own: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """``sn.save(nest, state=)`` in one process (where no tensor of the model is a shard of another rank's) with
+    other values than the model's (an EMA's weights cloned into a dict): saved beside the nest's calibration and
+    profile scores, which describe the model's own weights. Refused, naming the first key that differs."""
+    if world_size() > 1 or any(isinstance(v, torch.Tensor) and (is_sharded(v) or v.is_meta) for v in own.values()):
+        return
+    for k, v in own.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        t = state[k].detach()
+        if t.is_meta:
+            continue
+        t, v = t.to(v.device), v.detach()
+        same = torch.equal(t, v) or (v.is_floating_point() and bool(((t == v) | (t.isnan() & v.isnan())).all()))
+        if not same:
+            raise SortedNetError(
+                f"sn.save(state=): {k!r} holds other values than the model's (another model's weights, an EMA's "
+                "cloned into a dict?): state= is the model's own state gathered from FSDP shards, saved beside the "
+                "nest's calibration and profile scores, which describe the model's own weights. Load those weights "
+                "into a deep copy of the model and save that, sn.save(copy, path), or into the model itself "
+                "(model.load_state_dict) first; nothing was written")
 
 
 def _wrapped_target(model: nn.Module) -> str | None:

@@ -145,13 +145,20 @@ class NormStats:
 
 
 def _fingerprint(t: Tensor) -> Tensor | None:
-    """Sum and norm of ``t`` in float64 (on its device, not synchronised), or None where none can be taken
-    without a cost of its own (a meta tensor, a sharded DTensor: a collective)."""
+    """Sum and norm of ``t`` in float64, and a sum weighted by position along each axis (``u @ t @ v`` of ``t``
+    as a matrix: units reordered in place, which keep the sum and norm, move it), on its device, not
+    synchronised; or None where none can be taken without a cost of its own (a meta tensor, a sharded DTensor: a
+    collective)."""
     if t.is_meta or type(t.data).__name__ == "DTensor" or not t.is_floating_point():
         return None
     with torch.no_grad():
         try:
-            return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
+            t = t.detach()
+            mat = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+            u = torch.linspace(1, 2, mat.shape[0], dtype=t.dtype, device=t.device)
+            v = torch.linspace(1, 3, mat.shape[1], dtype=t.dtype, device=t.device)
+            return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64),
+                                (u @ mat @ v).double()])
         except Exception:
             return None
 
@@ -178,14 +185,14 @@ class WeightWatch:
             for n, p in m._parameters.items():
                 if p is not None and not p.is_inference():
                     self.params.append([m._parameters, n, id(p), p._version, _fingerprint(p)])
-        self.norms: list[tuple[Tensor, int, Any]] = []
+        self.norms: list[list[Any]] = []  # (a statistic, its version, its values)
         calibrated = {id(m) for m in calibrated}
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase) and id(m) not in calibrated:
                 for name in _STATS:
                     t = m.__dict__["_buffers"].get(name)
                     if t is not None and not t.is_meta and not t.is_inference():
-                        self.norms.append((t, t._version, t.detach().clone()))
+                        self.norms.append([t, t._version, t.detach().clone()])
         self.moved = False
         self.key = None if key is None else weakref.WeakMethod(key)
         self.memo = threading.local()
@@ -208,10 +215,14 @@ class WeightWatch:
                 self.moved = True
                 return True
             e[2], e[3] = id(p), p._version
-        for t, v, held in self.norms:
-            if t._version != v and not (t.shape == held.shape and torch.equal(t, held)):
+        for e in self.norms:
+            t, v, held = e
+            if t._version == v:
+                continue
+            if not (t.shape == held.shape and torch.equal(t, held)):
                 self.moved = True
                 return True
+            e[1] = t._version
         if now is not None:
             self.memo.key = now
         return False
