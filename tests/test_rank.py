@@ -1541,3 +1541,16 @@ def test_fit_warns_when_a_thawed_lora_base_would_train():
         warnings.simplefilter("error")  # (an optimizer of the adapters alone: the base gets no step, nothing said)
         sn.fit(nest, batch, torch.optim.SGD(nest.trainable_parameters(), lr=0.1), sn.Sampler(nest, k=1),
                progress=False)
+
+
+def test_two_rank_dimensions_on_one_layer_are_refused_with_the_rule_not_a_coupling_hint():
+    """Two Rank dimensions on one layer (svd and lora, other sizes) were refused with "couple them by using one
+    object", which cannot hold two modes: the refusal states the rule, and the model is left as it was."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.PatternError, match=r"'0' role 'rank' is claimed by two dimensions: 'r' .* and 'q' .*; "
+                                              r"a layer takes one Rank dimension"):
+        sn.wrap(m, sn.Rank("r", [2, 4], targets=["0"]), sn.Rank("q", [2, 4], targets=["0"], mode="lora"))
+    assert type(m[0]) is nn.Linear and m.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

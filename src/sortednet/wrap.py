@@ -148,9 +148,13 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
     for t in targets:
         prev = by_path[t.path].get(t.role)
         if prev is not None and prev.binding.dim is not t.binding.dim:
+            a, b = prev.binding.dim, t.binding.dim
+            fix = ("a layer takes one Rank dimension: give it to one of them (its targets= or the other's "
+                   "leave this layer out)" if a.kind == b.kind == "rank" else
+                   "couple them by using one object")
             raise PatternError(f"{t.path!r} role {t.role!r} is claimed by two dimensions: "
-                               f"{prev.binding.dim.name!r} (pattern {prev.pattern!r}) and "
-                               f"{t.binding.dim.name!r} (pattern {t.pattern!r}); couple them by using one object")
+                               f"{a.name!r} (pattern {prev.pattern!r}) and "
+                               f"{b.name!r} (pattern {t.pattern!r}); {fix}")
         by_path[t.path][t.role] = t
     out = {}
     for path, roles in by_path.items():
