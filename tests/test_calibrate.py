@@ -1214,3 +1214,37 @@ def test_what_changes_no_weight_leaves_the_calibrations_fresh():
             model(data[0])
         nest.export("h=4")
     assert stale_statistics(nest) == {}
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_a_cumulative_average_norm_trained_under_a_narrower_sub_model_is_refused(norm):
+    """BatchNorm(momentum=None) averages every batch with weight 1 / num_batches_tracked, one counter for all its
+    channels: a narrower sub-model's training forward counted a batch its last channels never saw, so their
+    running statistics drifted toward their initial values (12% off the true average after a sandwich run, eval
+    logits 0.36 off), silently. Refused before the module runs; the full width, eval mode and calibration run."""
+    torch.manual_seed(0)
+    if norm == "batch":
+        layer, x = nn.BatchNorm1d(16, momentum=None), torch.randn(8, 8)
+        m = nn.Sequential(nn.Linear(8, 16), layer, nn.ReLU(), nn.Linear(16, 3))
+    else:
+        layer, x = nn.InstanceNorm1d(16, momentum=None, track_running_stats=True, affine=True), torch.randn(8, 8, 5)
+        m = nn.Sequential(nn.Conv1d(8, 16, 1), layer, nn.ReLU(), nn.Conv1d(16, 3, 1))
+    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", norm="1", inp="3"))
+    m.train()
+    with nest.use(nest.largest):
+        m(x)                                             # the full width: every channel counted
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"'1': (BatchNorm1d|InstanceNorm1d) with momentum=None .* runs in "
+                                                r"training mode with 4 of them \(h=4\).*module.momentum = 0.1"):
+        with nest.use("h=4"):
+            m(x)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # (refused before it ran)
+    m.eval()
+    with nest.use("h=4"), torch.no_grad():
+        m(x)
+    if norm == "batch":
+        nest.calibrate([x, x + 1], batches=2)
+        m[1].momentum = 0.1
+        m.train()
+        with nest.use("h=4"):
+            m(x)

@@ -2967,3 +2967,26 @@ def test_a_custom_metric_takes_a_list_of_references_per_example():
     refs = [["a", "b"], ["c"], ["d", "e"]]
     got = evaluate(nest, [(x, refs)], metric=lambda o, t: float(sum(len(r) for r in t)))
     assert got[nest.largest] == 5 / 3
+
+
+def test_fit_refuses_what_would_train_silently_otherwise_and_names_the_fix():
+    """Three inputs fit took without effect or with a misleading message: distill= with a sampler of k=1 (each
+    step's one sub-model is its own teacher: weights bit-identical to a run without it, no word); loader=(x, y),
+    one pair (eval_data takes one; the loader message said only "got a Tensor"); an integer loss (said "computed
+    under torch.no_grad()?")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sn.SortedNetError, match=r"fit\(distill=...\) with Sampler\(2 sub-models, k=1.* its own "
+                                                r"teacher.*k >= 2"):
+        sn.fit(nest, [(x, y)], opt, sn.Sampler(nest, k=1, seed=0), distill=sn.Distill(), progress=False)
+    with pytest.raises(sn.SortedNetError, match=r"must yield \(inputs, target\) pairs; got a Tensor; the loader given "
+                                                r"is one \(inputs, target\) pair itself: .*\[\(x, y\)\]"):
+        sn.fit(nest, (x, y), opt, sn.Sampler(nest, k=2, seed=0), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(sn.SortedNetError, match=r"loss of h=4 is an integer tensor \(torch.int64\)"):
+        sn.accumulate(nest, ["h=4"], lambda: torch.tensor(1))
+    sn.fit(nest, [(x, y)], opt, sn.Sampler(nest, k=2, seed=0), distill=sn.Distill(), progress=False)

@@ -33,7 +33,7 @@ from .meta import EXTRA_PREFIX
 from .modes import eval_mode, finish_all
 from .slicers.norm import NormStats, StaleCalibrationWarning, WeightWatch, active_stats, trained_since, unwritten
 from .submodel import SubModel, SubModelLike, as_int
-from .views import world_size
+from .views import watch_fused_steps, world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -55,9 +55,7 @@ def batchnorms(nest: Nest) -> dict[str, nn.Module]:
 def _watch(nest: Nest, bns: dict[str, nn.Module]) -> WeightWatch:
     """The :class:`WeightWatch` of a calibration (or load) made now (a fused optimizer's steps then move the
     version counters of the parameters it steps, as any other in-place write does)."""
-    from .nest import _watch_fused_steps
-
-    _watch_fused_steps()
+    watch_fused_steps()
     return WeightWatch(nest.model, bns.values(), nest._pin.forward_key)
 
 

@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd.graph import increment_version
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import slicers as _slicers
 from ._tracing import compiling
@@ -49,7 +47,7 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_int
-from .views import is_fsdp, new_lock, storage_key
+from .views import is_fsdp, new_lock, storage_key, watch_fused_steps
 from .wrap import (
     AttrKey,
     FactorsNotPretrained,
@@ -996,7 +994,7 @@ class Nest:
         calibrations made. ``.data`` writes and inference tensors (no version counter) are not seen. The slots
         are listed again only after a module, parameter or buffer was registered anywhere (a global count):
         walking the module tree on every ``pick`` cost more than the pick."""
-        _watch_fused_steps()
+        watch_fused_steps()
         if self._score_slots is None or self._slots_at != _REGISTRATIONS[0]:
             _count_registrations()
             self._slots_at = _REGISTRATIONS[0]
@@ -1700,27 +1698,6 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
 #: replaced or a buffer added after ``profile`` gives new slots to watch for stale scores)
 _REGISTRATIONS = [0]
 _COUNTING: list = []
-
-
-_WATCHING: list = []
-
-
-def _watch_fused_steps() -> None:
-    """A ``fused=True`` optimizer (transformers' default ``adamw_torch_fused``) writes the parameters in one
-    kernel that leaves their version counters as they were, so a step would not make scores stale: a global
-    post-step hook (once per process, installed when scores are first recorded) moves the counters of the
-    parameters a fused optimizer just stepped, as every other in-place write does."""
-    if _WATCHING:
-        return
-
-    def stepped(opt: torch.optim.Optimizer, *_: Any) -> None:
-        for group in opt.param_groups:
-            if group.get("fused"):
-                for p in group["params"]:
-                    if not p.is_inference():
-                        increment_version(p)
-
-    _WATCHING.append(register_optimizer_step_post_hook(stepped))
 
 
 def _count_registrations() -> None:

@@ -247,6 +247,9 @@ def _split(out: Any, want_logits: bool, sub: SubModel, distill: Distill | None =
     if out.is_complex():
         raise SortedNetError(f"loss of {sub} is complex ({out.dtype}); return a real scalar (e.g. its .abs())")
     if not out.requires_grad:
+        if not (out.is_floating_point() or out.is_complex()):
+            raise SortedNetError(f"loss of {sub} is an integer tensor ({out.dtype}), which carries no gradient: return "
+                                 "the floating-point loss the model's output gives (a constant trains nothing)")
         raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad()?")
     if want_logits and not logits.requires_grad:  # (checked at the teacher, the first closure: before any backward)
         raise SortedNetError(f"with distill=, the logits of {sub} do not require grad (returned .detach()ed, or "
@@ -1153,6 +1156,10 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
                              f"{type(optimizer).__name__}")
     if not isinstance(sampler, Sampler):
         raise SortedNetError(f"fit() needs an sn.Sampler, got {type(sampler).__name__}")
+    if distill is not None and (sampler.k == 1 or len(sampler.submodels) == 1):
+        raise SortedNetError(f"fit(distill=...) with {sampler!r}: each step draws one sub-model, which is its own "
+                             "teacher (the largest drawn), so distillation would change nothing. Draw several per "
+                             "step (k >= 2; strategy='sandwich' always holds the largest), or leave distill= out")
     if loss_fn is not None and not _takes(loss_fn, 2):
         raise SortedNetError(f"fit(loss_fn=...) takes a callable loss_fn(output, target), got {loss_fn!r}")
     if loader is None or isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
@@ -1350,9 +1357,13 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
             before = step
             for batch in loader:
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    pair = isinstance(loader, tuple) and len(loader) == 2 and all(
+                        isinstance(t, (Tensor, np.ndarray)) for t in loader)
                     raise SortedNetError("fit(): the loader must yield (inputs, target) pairs; got a "
                                          f"{type(batch).__name__}" + (f" of {len(batch)} items" if
-                                                                      isinstance(batch, (tuple, list)) else ""))
+                                                                      isinstance(batch, (tuple, list)) else "")
+                                         + ("; the loader given is one (inputs, target) pair itself: a list of "
+                                            "batches holds it, [(x, y)]" if pair else ""))
                 x, y = _to(batch[0], device), _to(batch[1], device)
                 if loss_fn is None and isinstance(y, np.ndarray):  # (a loss_fn, or the model, may take numpy)
                     raise SortedNetError(f"fit(): the targets of step {step} are a numpy array; the default loss, "

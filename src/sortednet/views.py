@@ -893,3 +893,27 @@ def storage_key(t: torch.Tensor) -> tuple | None:
     except (RuntimeError, NotImplementedError):  # (a tensor subclass without plain memory)
         return None
     return (str(t.device), ptr, tuple(t.shape), t.stride()) if ptr else None
+
+
+_WATCHING: list = []
+
+
+def watch_fused_steps() -> None:
+    """A ``fused=True`` optimizer (transformers' default ``adamw_torch_fused``) writes the parameters in one
+    kernel that leaves their version counters as they were, so a step would not make profile scores or BatchNorm
+    calibrations stale: a global post-step hook (once per process, installed when scores are first recorded or a
+    calibration made) moves the counters of the parameters a fused optimizer just stepped, as every other in-place
+    write does."""
+    if _WATCHING:
+        return
+    from torch.autograd.graph import increment_version
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def stepped(opt: torch.optim.Optimizer, *_: Any) -> None:
+        for group in opt.param_groups:
+            if group.get("fused"):
+                for p in group["params"]:
+                    if not p.is_inference():
+                        increment_version(p)
+
+    _WATCHING.append(register_optimizer_step_post_hook(stepped))

@@ -541,6 +541,10 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for m in model.modules():
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
+        for m, _, bind in planned.values():  # a cumulative average with one batch counter for every channel
+            if (isinstance(m, nn.modules.batchnorm._NormBase) and "norm" in bind and m.__dict__["momentum"] is None
+                    and m.__dict__["track_running_stats"] and len(bind["norm"].dim.sizes) > 1):
+                hooks.append(m.register_forward_pre_hook(CumulativeAverageGuard()))
         # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
         _guard_state_keys(model, planned, keyed, hooks)
         shapes = StateShapes()  # (on every module: a load into a sub-module checks its own part)
@@ -1031,6 +1035,32 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
             else:
                 targets.setdefault(id(m), (lowest.get(id(m), i), where, m))
     return [m.register_forward_pre_hook(DepthGuard(binding, i, where)) for i, where, m in targets.values()]
+
+
+class CumulativeAverageGuard:
+    """Forward pre-hook of a sliced BatchNorm (or tracked InstanceNorm) built with ``momentum=None``: its running
+    statistics are a cumulative average, each batch weighed by ``1 / num_batches_tracked``, one counter for every
+    channel. A training-mode forward of a narrower sub-model counts a batch that its last channels never saw, so
+    their averages drift toward their initial values (12% off after a sandwich run). Refused before the module
+    runs (its statistics and counter untouched); eval mode, the full width and a frozen module run as always."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not module.training or module.momentum is not None or not module.track_running_stats or _compiling():
+            return
+        st = module.__dict__.get("_sn")
+        b = None if st is None else st.bind.get("norm")
+        if b is None or b.features() >= b.full or (st.norm is not None and st.norm.override is not None):
+            return  # (nest.calibrate's private copies average into statistics of each sub-model's own)
+        raise SortedNetError(
+            f"{st.path!r}: {st.cls.__name__} with momentum=None (a cumulative average, each batch weighed by "
+            f"1 / num_batches_tracked, one counter for all {b.full} channels) runs in training mode with "
+            f"{b.features()} of them ({b.dim.name}={b.dim.active}): the counter would count a batch its other "
+            "channels never saw, and their averages drift toward their initial values. Give it a momentum "
+            "(module.momentum = 0.1: an exponential average per channel), or keep it in eval mode while training "
+            "(frozen statistics) and nest.calibrate(loader) after; raised before this module ran (modules before "
+            "it in this forward did run)")
 
 
 def _no_fast_path(module: nn.Module, args: tuple) -> None:

@@ -166,7 +166,7 @@ def _fingerprint(t: Tensor) -> Tensor | None:
 class WeightWatch:
     """What every calibrated statistic of one calibration (or load) was computed after, model-wide: the tensor in
     each parameter slot of the model and its version counter (an optimizer step, a load, any in-place write moves
-    it; a fused optimizer's step is made to, see ``nest._watch_fused_steps``), and the batch counters and shared
+    it; a fused optimizer's step is made to, see ``views.watch_fused_steps``), and the batch counters and shared
     running statistics of the BatchNorm layers no dimension slices (one set for every sub-model, which feeds the
     calibrated ones). Where a counter moved, the values are compared (a parameter's by its sum and norm):
     sortednet's dry runs put statistics back, DDP broadcasts the same weights, a load may copy the same ones.
