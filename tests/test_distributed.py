@@ -1416,7 +1416,8 @@ def test_save_called_by_rank_zero_alone_says_it_is_collective(tmp_path, monkeypa
     """`if rank == 0: snd.save(...)`: rank 0 wrote the file, then waited in the closing broadcast until the
     process group's timeout (30 min by default) and died with gloo's raw "Timed out" error, naming nothing.
     The failed collective is now a SortedNetError that says the call is collective (the timeout itself is
-    gloo's: simulated here in one process)."""
+    gloo's: simulated here in one process). The agreement comes first (a DDP save of ranks out of step wrote
+    over the file, then raised), so nothing is written; where the closing broadcast fails, rank 0 wrote."""
     case, nest = _build("mlp", "ddp")
 
     def timed_out(*args, **kwargs):
@@ -1424,8 +1425,14 @@ def test_save_called_by_rank_zero_alone_says_it_is_collective(tmp_path, monkeypa
 
     monkeypatch.setattr(snd, "_active", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
-    monkeypatch.setattr(dist, "broadcast_object_list", timed_out)
+    monkeypatch.setattr(snd, "_sync", timed_out)
     path = tmp_path / "n.safetensors"
+    with pytest.raises(sn.SortedNetError, match=r"is collective: every rank must call it .*agreement failed on rank 0"
+                                                r".*; nothing was written"):
+        snd.save(nest, str(path))
+    assert not path.exists()
+    monkeypatch.setattr(snd, "_sync", lambda *args, **kwargs: None)
+    monkeypatch.setattr(dist, "broadcast_object_list", timed_out)
     with pytest.raises(sn.SortedNetError, match=r"is collective: every rank must call it .* rank 0 wrote"):
         snd.save(nest, str(path))
     assert path.exists()
@@ -1490,3 +1497,21 @@ def test_a_rank_whose_closure_failed_raises_its_own_error_when_the_check_itself_
         sn.accumulate(nest, nest.submodels, closure, _agree=told)
     assert info.value.__cause__ is None
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_group_or_bucket_size_of_another_type_is_refused_by_name():
+    """group="g" reached torch as a raw AttributeError ('str' object has no attribute 'size') on every rank;
+    bucket_bytes="x" a raw TypeError after the agreement collective, and -1 went through. Refused up front
+    (no process group needed to see it)."""
+    case, nest = _build("mlp", "ddp")
+    closure = lambda: _loss(case.model(case.example))  # noqa: E731
+    with pytest.raises(sn.SortedNetError, match=r"accumulate\(group=...\) takes a process group .* got str 'g'"):
+        snd.accumulate(nest, [nest.smallest], closure, group="g")
+    for bad in ("x", -1, 0, True, 1.5):
+        with pytest.raises(sn.SortedNetError, match=r"sync_gradients\(bucket_bytes=...\) takes a positive int"):
+            snd.sync_gradients(nest.model, bucket_bytes=bad)
+    for fn in (lambda: snd.sync_gradients(nest.model, group=3), lambda: snd.sync_buffers(nest.model, group=3),
+               lambda: snd.check_submodels(["h=4"], group=3)):
+        with pytest.raises(sn.SortedNetError, match=r"\(group=...\) takes a process group"):
+            fn()
+    assert all(p.grad is None for p in nest.model.parameters())

@@ -146,6 +146,10 @@ def sync_gradients(module: nn.Module, *, group: Any = None, bucket_bytes: int = 
         hint = " (a Nest: pass its model, nest.model, or the DDP wrapper of it)" if isinstance(module, Nest) else ""
         raise SortedNetError(f"sync_gradients() averages the gradients of a module, got "
                              f"{type(module).__name__}{hint}")
+    _check_group(group, "sync_gradients")
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise SortedNetError(f"sync_gradients(bucket_bytes=...) takes a positive int (bytes per all_reduce), got "
+                             f"{bucket_bytes!r}")
     named = _averaged(module)
     module = _inner(module)
     params = [p for _, p in named]
@@ -200,6 +204,13 @@ def _averaged(module: nn.Module, frozen: bool = False) -> list[tuple[str, nn.Par
             and id(p) not in fsdp1]
 
 
+def _check_group(group: Any, who: str) -> None:
+    """``group=`` is None (the default group) or a process group (``dist.new_group(...)``)."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise SortedNetError(f"{who}(group=...) takes a process group (torch.distributed.new_group(...)) or None "
+                             f"(the default group), got {type(group).__name__} {group!r}"[:300])
+
+
 def _same_parameters(named: list[tuple[str, nn.Parameter]], bucket_bytes: int, group: Any) -> None:
     """Raise on every rank unless every rank averages the same parameters (names, shapes, dtypes, in order)
     in the same buckets: otherwise the flat buckets would not line up (the gradients of different parameters
@@ -213,9 +224,10 @@ def _same_parameters(named: list[tuple[str, nn.Parameter]], bucket_bytes: int, g
     if not same:  # (every rank sees it: the collectives stay matched)
         raise _told(f"sync_gradients: the ranks would average different parameters (this rank: {len(named)} "
                     f"trainable, {sum(p.numel() for _, p in named)} values): a parameter frozen, added or re-shaped "
-                    "on some ranks only, or another model or nest on some ranks; the gradients of different "
-                    "parameters would be averaged together. Build the same model, nest and requires_grad flags on "
-                    "every rank")
+                    "on some ranks only, or another model or nest on some ranks, or another bucket_bytes "
+                    f"(this rank: {bucket_bytes}); the gradients of different parameters would be averaged "
+                    "together. Build the same model, nest and requires_grad flags on every rank, and give every "
+                    "rank the same bucket_bytes")
 
 
 def _ignored(module: nn.Module) -> set[str]:
@@ -241,6 +253,7 @@ def sync_buffers(module: nn.Module, *, group: Any = None) -> int:
     >>> snd.sync_buffers(nn.BatchNorm1d(4))   # single process: nothing to do
     0
     """
+    _check_group(group, "sync_buffers")
     ddp = _uncompiled(module)
     ignored = _ignored(module)  # (DDP leaves those alone too)
     if isinstance(ddp, _ddp_type()):
@@ -517,6 +530,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     from .train import accumulate as _accumulate
 
     _need_nest(nest, "sortednet.distributed.accumulate")
+    _check_group(group, "sortednet.distributed.accumulate")
     if module is not None and not isinstance(module, nn.Module):
         raise SortedNetError(f"module= takes the DDP / FSDP2 model the closure calls, got {type(module).__name__}")
     if module is not None and not any(m is nest.model for m in module.modules()):
@@ -837,6 +851,7 @@ def check_submodels(subs: Sequence[SubModelLike], *, group: Any = None) -> None:
     if isinstance(subs, (str, bytes, SubModel, dict)) or not isinstance(subs, Iterable):
         raise SortedNetError(f"check_submodels() takes the list of this step's sub-models, got "
                              f"{type(subs).__name__} {subs!r}")
+    _check_group(group, "check_submodels")
     mine = [str(s) for s in subs]
     if not _active() or dist.get_world_size(group) == 1:
         return
@@ -879,7 +894,7 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
         return SortedNetError(
             f"sortednet.distributed.save is collective: every rank must call it (not rank 0 alone, inside `if "
             f"rank == 0:`); its {step} failed on rank {me} ({type(e).__name__}: {str(e)[:200]})"
-            + (f"; rank 0 wrote {os.fspath(path)!r}" if me == 0 and error is None and not fsdp else ""))
+            + (f"; rank 0 wrote {os.fspath(path)!r}" if me == 0 and wrote else "; nothing was written"))
 
     def agree() -> None:
         """One phase-tagged collective (as every collective of snd.accumulate): a rank still inside a step (the
@@ -892,11 +907,13 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
             except Exception as e:  # (a rank that never called it: a timeout)
                 raise collective(e, "agreement") from e
 
+    wrote = False
     fsdp = is_fsdp(nest.model)
+    agree()  # (before anything is gathered or written: a rank still inside a step raises with the others, and the
+    #          file at path stays as it was; FSDP's gather would pair with another rank's step and abort)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        agree()  # (before the gather: its collectives would pair with another rank's step and abort)
 
         state = get_model_state_dict(nest.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if me == 0:  # gathered tensors may be views into padded buffers: store compact copies
@@ -912,16 +929,16 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
                     for n in present[1:]:
                         compact[n] = compact[present[0]]
                 _save(nest, path, state=compact)
+                wrote = True
             except Exception as e:
                 error = e
     elif me == 0:
         try:
             _save(nest, path)
+            wrote = True
         except Exception as e:
             error = e
     if _active():  # rank 0's outcome, to every rank (also the barrier: the file exists when this returns)
-        if not fsdp:
-            agree()
         outcome = [None if error is None else f"{type(error).__name__}: {error}"]
         try:
             dist.broadcast_object_list(outcome, src=0)
