@@ -521,8 +521,8 @@ class _NoStaticValue(sn.Slicer):  # 'dim' in static, which value() computes: non
                                            r"one of its roles \('norm',\)"),
     (lambda: sn.slicer(_Layer)(_NoValue), r"slicer _NoValue: attrs \['scale'\] have no views entry and the slicer "
                                           r"defines no value"),
-    (lambda: sn.slicer(_Layer)(_NoStaticValue), r"slicer _NoStaticValue: attrs \['dim'\] have no views entry and "
-                                                r"the slicer defines no value.*an attribute in static is computed"),
+    (lambda: sn.slicer(_Layer)(_NoStaticValue), r"slicer _NoStaticValue: attrs \['dim'\] are in static, which "
+                                                r"the slicer's value\(m, name\) computes once per size.*add a value"),
     (lambda: sn.slicer(), r"takes the nn.Module classes .* got none"),
     (lambda: sn.slicer(int), r"<class 'int'> is not an nn.Module class"),
     (lambda: sn.slicer(torch.nn.Linear(2, 2)), r"Linear\(in_features=2.* is not an nn.Module class"),

@@ -1216,35 +1216,59 @@ def test_what_changes_no_weight_leaves_the_calibrations_fresh():
     assert stale_statistics(nest) == {}
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance"])
+class _TwoNorms(nn.Module):
+    """A BatchNorm with a momentum in width 'a', then a norm layer ``late`` in width 'b'."""
+
+    def __init__(self, late):
+        super().__init__()
+        self.c0, self.n0, self.c1, self.n1 = nn.Conv1d(8, 16, 1), nn.BatchNorm1d(16), nn.Conv1d(16, 16, 1), late
+        self.c2 = nn.Conv1d(16, 3, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.n1(self.c1(torch.relu(self.n0(self.c0(x)))))))
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "set_after_wrap", "compiled"])
 def test_a_cumulative_average_norm_trained_under_a_narrower_sub_model_is_refused(norm):
     """BatchNorm(momentum=None) averages every batch with weight 1 / num_batches_tracked, one counter for all its
     channels: a narrower sub-model's training forward counted a batch its last channels never saw, so their
     running statistics drifted toward their initial values (12% off the true average after a sandwich run, eval
-    logits 0.36 off), silently. Refused before the module runs; the full width, eval mode and calibration run."""
+    logits 0.36 off), silently. Refused at the model's root before any module runs (a compiled forward: at the
+    layer), also where momentum=None is set after wrap; the full width, eval mode, check and calibration run."""
     torch.manual_seed(0)
-    if norm == "batch":
-        layer, x = nn.BatchNorm1d(16, momentum=None), torch.randn(8, 8)
-        m = nn.Sequential(nn.Linear(8, 16), layer, nn.ReLU(), nn.Linear(16, 3))
+    if norm == "instance":
+        late = nn.InstanceNorm1d(16, momentum=None, track_running_stats=True, affine=True)
     else:
-        layer, x = nn.InstanceNorm1d(16, momentum=None, track_running_stats=True, affine=True), torch.randn(8, 8, 5)
-        m = nn.Sequential(nn.Conv1d(8, 16, 1), layer, nn.ReLU(), nn.Conv1d(16, 3, 1))
-    nest = sn.wrap(m, sn.Width("h", [4, 8, 16], out="0", norm="1", inp="3"))
+        late = nn.BatchNorm1d(16, momentum=None if norm != "set_after_wrap" else 0.1)
+    m, x = _TwoNorms(late), torch.randn(8, 8, 5)
+    nest = sn.wrap(m, sn.Width("a", [8, 16], out="c0", norm="n0", inp="c1"),
+                   sn.Width("b", [4, 8, 16], out="c1", norm="n1", inp="c2"), example=x)
+    if norm == "set_after_wrap":
+        m.n1.momentum = None
+    run = torch.compile(m, backend="eager") if norm == "compiled" else m
     m.train()
     with nest.use(nest.largest):
-        m(x)                                             # the full width: every channel counted
+        run(x)                                           # the full width: every channel counted
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match=r"'1': (BatchNorm1d|InstanceNorm1d) with momentum=None .* runs in "
-                                                r"training mode with 4 of them \(h=4\).*module.momentum = 0.1"):
-        with nest.use("h=4"):
-            m(x)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # (refused before it ran)
+    with pytest.raises(sn.SortedNetError, match=r"'n1': (BatchNorm1d|InstanceNorm1d) with momentum=None .* would "
+                                                r"run in training mode with 4 of them \(b=4\).*module.momentum = 0.1"):
+        with nest.use("a=16,b=4"):
+            run(x)
+    if norm != "compiled":  # (refused at the root: n0, which runs first, kept its statistics)
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    else:
+        assert torch.equal(before["n1.running_mean"], m.n1.running_mean)
     m.eval()
-    with nest.use("h=4"), torch.no_grad():
-        m(x)
-    if norm == "batch":
+    with nest.use("a=16,b=4"), torch.no_grad():
+        run(x)
+    nest.check(x)
+    m.train()
+    m.n1.eval()  # (frozen statistics in a loop of one's own: runs, and calibrate computes them after)
+    with nest.use("a=16,b=4"):
+        run(x)
+    if norm != "instance":
         nest.calibrate([x, x + 1], batches=2)
-        m[1].momentum = 0.1
-        m.train()
-        with nest.use("h=4"):
-            m(x)
+        m.n1.momentum = 0.1
+        m.n1.train()
+        with nest.use("a=16,b=4"):
+            run(x)

@@ -2989,4 +2989,7 @@ def test_fit_refuses_what_would_train_silently_otherwise_and_names_the_fix():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(sn.SortedNetError, match=r"loss of h=4 is an integer tensor \(torch.int64\)"):
         sn.accumulate(nest, ["h=4"], lambda: torch.tensor(1))
+    with pytest.raises(sn.SortedNetError, match=r"must yield \(inputs, target\) pairs; got a Tensor; the loader given "
+                                                r"is one \(inputs, target\) pair itself"):
+        sn.fit(nest, [x, y], opt, sn.Sampler(nest, k=2, seed=0), progress=False)
     sn.fit(nest, [(x, y)], opt, sn.Sampler(nest, k=2, seed=0), distill=sn.Distill(), progress=False)

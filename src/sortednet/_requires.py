@@ -4,11 +4,11 @@ import re
 
 import torch
 
-#: the oldest torch release the test suite passes on (it passes on 2.11 to 2.15). sortednet reads torch internals
-#: (activation checkpointing's frames, torch.fx's tracing flag, FSDP2's unsharded parameters) that older releases
-#: lay out otherwise: on 2.10 sn.fit inside one autocast region drifted from the same steps in regions of their own
-#: (and two compile cases of the suite fail); on 2.8 FSDP2 training also gave other results than one process, in
-#: silence; on 2.6 it does not import. Refused here rather than half working.
+#: the oldest torch release the test suite passes on (CI runs it on 2.11, 2.13 and 2.14). sortednet reads torch
+#: internals (activation checkpointing's frames, torch.fx's tracing flag, FSDP2's unsharded parameters) that older
+#: releases lay out otherwise: on 2.10 sn.fit inside one autocast region drifted from the same steps in regions of
+#: their own (and two compile cases of the suite fail); on 2.8 FSDP2 training also gave other results than one
+#: process, in silence; on 2.6 it does not import. Refused here rather than half working.
 MIN_TORCH = (2, 11)
 
 

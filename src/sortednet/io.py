@@ -294,9 +294,10 @@ def _checked_state(nest: Nest, state: Any, who: str = "sn.save(state=)") -> Mapp
 
 
 def _refuse_other_values(nest: Nest, own: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    """``sn.save(nest, state=)`` in one process (where no tensor of the model is a shard of another rank's) with
-    other values than the model's (an EMA's weights cloned into a dict): saved beside the nest's calibration and
-    profile scores, which describe the model's own weights. Refused, naming the first key that differs."""
+    """``sn.save(nest, state=)`` in one process, the model's tensors plain (not DTensor shards, which FSDP2 keeps
+    even with one rank: not compared), with other values than the model's (an EMA's weights cloned into a dict):
+    saved beside the nest's calibration and profile scores, which describe the model's own weights. Refused,
+    naming the first key that differs."""
     if world_size() > 1 or any(isinstance(v, torch.Tensor) and (is_sharded(v) or v.is_meta) for v in own.values()):
         return
     for k, v in own.items():

@@ -248,8 +248,9 @@ def _split(out: Any, want_logits: bool, sub: SubModel, distill: Distill | None =
         raise SortedNetError(f"loss of {sub} is complex ({out.dtype}); return a real scalar (e.g. its .abs())")
     if not out.requires_grad:
         if not (out.is_floating_point() or out.is_complex()):
-            raise SortedNetError(f"loss of {sub} is an integer tensor ({out.dtype}), which carries no gradient: return "
-                                 "the floating-point loss the model's output gives (a constant trains nothing)")
+            raise SortedNetError(f"loss of {sub} is {'a bool' if out.dtype == torch.bool else 'an integer'} tensor "
+                                 f"({out.dtype}), which carries no gradient: return the floating-point loss the "
+                                 "model's output gives (a constant trains nothing)")
         raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad()?")
     if want_logits and not logits.requires_grad:  # (checked at the teacher, the first closure: before any backward)
         raise SortedNetError(f"with distill=, the logits of {sub} do not require grad (returned .detach()ed, or "
@@ -1357,7 +1358,7 @@ def _fit_loop(nest: Nest, loader: Any, sampler: Any, optimizer: Any, scheduler: 
             before = step
             for batch in loader:
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    pair = isinstance(loader, tuple) and len(loader) == 2 and all(
+                    pair = isinstance(loader, (tuple, list)) and len(loader) == 2 and all(
                         isinstance(t, (Tensor, np.ndarray)) for t in loader)
                     raise SortedNetError("fit(): the loader must yield (inputs, target) pairs; got a "
                                          f"{type(batch).__name__}" + (f" of {len(batch)} items" if

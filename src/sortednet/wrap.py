@@ -149,8 +149,8 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
         prev = by_path[t.path].get(t.role)
         if prev is not None and prev.binding.dim is not t.binding.dim:
             a, b = prev.binding.dim, t.binding.dim
-            fix = ("a layer takes one Rank dimension: give it to one of them (its targets= or the other's "
-                   "leave this layer out)" if a.kind == b.kind == "rank" else
+            fix = ("a layer takes one Rank dimension: list it in the targets= of one of them only"
+                   if a.kind == b.kind == "rank" else
                    "couple them by using one object")
             raise PatternError(f"{t.path!r} role {t.role!r} is claimed by two dimensions: "
                                f"{a.name!r} (pattern {prev.pattern!r}) and "
@@ -541,9 +541,8 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
         for m in model.modules():
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
-        for m, _, bind in planned.values():  # a cumulative average with one batch counter for every channel
-            if (isinstance(m, nn.modules.batchnorm._NormBase) and "norm" in bind and m.__dict__["momentum"] is None
-                    and m.__dict__["track_running_stats"] and len(bind["norm"].dim.sizes) > 1):
+        for _, m in cumulative_norms(planned):  # a cumulative average with one batch counter for every channel
+            if m.__dict__["momentum"] is None:
                 hooks.append(m.register_forward_pre_hook(CumulativeAverageGuard()))
         # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
         _guard_state_keys(model, planned, keyed, hooks)
@@ -1037,30 +1036,47 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
     return [m.register_forward_pre_hook(DepthGuard(binding, i, where)) for i, where, m in targets.values()]
 
 
+def cumulative_norms(planned: Mapping[str, tuple[nn.Module, Any, dict]]) -> list[tuple[str, nn.Module]]:
+    """The sliced BatchNorm / tracked InstanceNorm layers (path, module) whose channels a width of several sizes
+    cuts: built (or later set) with ``momentum=None`` they keep a cumulative average that a narrower sub-model's
+    training forward corrupts (:func:`refuse_cumulative`)."""
+    return [(path, m) for path, (m, _, bind) in planned.items()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and "norm" in bind and m.__dict__["track_running_stats"]
+            and len(bind["norm"].dim.sizes) > 1]
+
+
+def refuse_cumulative(module: nn.Module) -> None:
+    """Refuse a training-mode forward of ``module`` (see :func:`cumulative_norms`) with ``momentum=None`` under a
+    sub-model narrower than its channels: its running statistics are a cumulative average, each batch weighed by
+    ``1 / num_batches_tracked``, one counter for every channel, so the batch a narrower sub-model counts is one its
+    last channels never saw, and their averages drift toward their initial values (12% off after a sandwich run).
+    Eval mode, the full width, sortednet's dry runs and ``nest.calibrate``'s private copies run as always."""
+    if not module.training or module.momentum is not None or not module.track_running_stats or in_dry_run():
+        return
+    st = module.__dict__.get("_sn")
+    b = None if st is None else st.bind.get("norm")
+    if b is None or b.features() >= b.full or (st.norm is not None and st.norm.override is not None):
+        return  # (nest.calibrate's private copies average into statistics of each sub-model's own)
+    raise SortedNetError(
+        f"{st.path!r}: {st.cls.__name__} with momentum=None (a cumulative average, each batch weighed by "
+        f"1 / num_batches_tracked, one counter for all {b.full} channels) would run in training mode with "
+        f"{b.features()} of them ({b.dim.name}={b.dim.active}): the counter would count a batch its other "
+        "channels never saw, and their averages drift toward their initial values. Give it a momentum before "
+        "training (module.momentum = 0.1: an exponential average per channel; eval mode reads the statistics "
+        "alike), or, in a training loop of your own, keep it in eval mode (frozen statistics) and "
+        "nest.calibrate(loader) after. Nothing ran")
+
+
 class CumulativeAverageGuard:
-    """Forward pre-hook of a sliced BatchNorm (or tracked InstanceNorm) built with ``momentum=None``: its running
-    statistics are a cumulative average, each batch weighed by ``1 / num_batches_tracked``, one counter for every
-    channel. A training-mode forward of a narrower sub-model counts a batch that its last channels never saw, so
-    their averages drift toward their initial values (12% off after a sandwich run). Refused before the module
-    runs (its statistics and counter untouched); eval mode, the full width and a frozen module run as always."""
+    """Forward pre-hook of a layer of :func:`cumulative_norms` built with ``momentum=None``: a forward that reaches
+    it other than through the model's root (a block called on its own; a compiled forward, which runs no root
+    hook of sortednet's) is refused there (:func:`refuse_cumulative`). A forward of the model is refused at its
+    root, before any module runs."""
 
     __slots__ = ()
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if not module.training or module.momentum is not None or not module.track_running_stats or _compiling():
-            return
-        st = module.__dict__.get("_sn")
-        b = None if st is None else st.bind.get("norm")
-        if b is None or b.features() >= b.full or (st.norm is not None and st.norm.override is not None):
-            return  # (nest.calibrate's private copies average into statistics of each sub-model's own)
-        raise SortedNetError(
-            f"{st.path!r}: {st.cls.__name__} with momentum=None (a cumulative average, each batch weighed by "
-            f"1 / num_batches_tracked, one counter for all {b.full} channels) runs in training mode with "
-            f"{b.features()} of them ({b.dim.name}={b.dim.active}): the counter would count a batch its other "
-            "channels never saw, and their averages drift toward their initial values. Give it a momentum "
-            "(module.momentum = 0.1: an exponential average per channel), or keep it in eval mode while training "
-            "(frozen statistics) and nest.calibrate(loader) after; raised before this module ran (modules before "
-            "it in this forward did run)")
+        refuse_cumulative(module)
 
 
 def _no_fast_path(module: nn.Module, args: tuple) -> None:
@@ -1251,7 +1267,8 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "__weakref__")
+    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "cumulative",
+                 "__weakref__")
 
     def __init__(self, active: Any, root: nn.Module | None = None) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
@@ -1267,6 +1284,9 @@ class Pin:
         # training-mode forwards with gradients of the model itself (not of a copy, nor a dry run's): calibrated
         # BatchNorm statistics made before one describe the weights of before, wherever the layers that changed sit
         self.trained = [0]
+        # the layers a training-mode forward of a narrower sub-model must not reach with momentum=None (path,
+        # module of the nest's own model: a copy's are found by path)
+        self.cumulative: list[tuple[str, nn.Module]] = []
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -1334,6 +1354,10 @@ class Pin:
         if _compiling():
             return
         self._enter(module, sys._getframe(1))
+        if module.training and self.cumulative:  # (after _enter: the post hook, run as this raises, takes it back)
+            root = self.root() if self.root is not None else None
+            for path, m in self.cumulative:
+                refuse_cumulative(m if module is root else module.get_submodule(path))
         if module.training and _grad_enabled():
             self._trains(module)
         ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)

@@ -145,10 +145,15 @@ def slicer(*types: type) -> Callable[[type["Slicer"]], type["Slicer"]]:
                                              f"is not one of its roles {cls.roles}")
         if cls.value is Slicer.value and cls.rules is Slicer.rules:
             unserved = [a for a in dict.fromkeys((*cls.attrs, *cls.static)) if a not in cls.views]
+            static = [a for a in unserved if a in cls.static]
+            if static:
+                raise SortedNetError(f"slicer {cls.__name__}: attrs {static} are in static, which the slicer's "
+                                     "value(m, name) computes once per size, and it defines none; add a value() "
+                                     "(docs/custom_slicers.md)")
             if unserved:
                 raise SortedNetError(f"slicer {cls.__name__}: attrs {unserved} have no views entry and the slicer "
-                                     "defines no value(m, name) to compute them (an attribute in static is computed "
-                                     "by value(), once per size); add one of the two (docs/custom_slicers.md)")
+                                     "defines no value(m, name) to compute them; add one of the two "
+                                     "(docs/custom_slicers.md)")
         had = cls.__dict__.get("types")
         cls.types = tuple(dict.fromkeys((*(had or ()), *types)))  # (stacked decorators: all of them, for own_forward)
         try:
