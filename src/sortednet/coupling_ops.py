@@ -572,7 +572,8 @@ def _functional_layer(a, ev, x: Tensor, outs: list[Tensor]) -> bool:
         return False
     path, _, attr = name.rpartition(".")
     m = a.modules.get(path)
-    if m is not None and not isinstance(m, kinds) and m._parameters.get(attr) is w and slicer_for(m) is not None:
+    own = None if m is None or isinstance(m, kinds) or m._parameters.get(attr) is not w else slicer_for(m)
+    if own is not None and not type(own).__module__.startswith("sortednet."):  # (a slicer of the user's)
         a.unknown(ev, f"{ev.name!r} (in {ev.where or '<root>'!r}) on {attr!r} of {path or '<root>'!r}, a module of a "
                       "slicer's own: discover follows this call on stock layers only (declare that Width by hand; "
                       "nest.check verifies it)")

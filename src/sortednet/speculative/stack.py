@@ -179,8 +179,10 @@ class ForwardRunner:
             raise SortedNetError(
                 f"speculative_generate: {type(self.model).__name__}'s forward raised {type(e).__name__} "
                 f"({str(e)[:200]}) with the key/value cache speculative decoding drives (a transformers "
-                "DynamicCache grown layer by layer and cropped back after each rejected draft token); this "
-                "family's cache is not one it can drive: decode with model.generate instead") from e
+                "DynamicCache grown layer by layer and cropped back after each rejected draft token): unless the "
+                "error is the forward's own (a hook's, the device's, the data's: chained below; it passes through "
+                "as it is once a forward with a filled cache went through), this family's cache is not one it can "
+                "drive: decode with model.generate instead") from e
         self.ran = self.ran or filled
         return out
 
