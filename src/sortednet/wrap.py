@@ -1059,19 +1059,20 @@ def refuse_cumulative(module: nn.Module) -> None:
         return  # (nest.calibrate's private copies average into statistics of each sub-model's own)
     raise SortedNetError(
         f"{st.path!r}: {st.cls.__name__} with momentum=None (a cumulative average, each batch weighed by "
-        f"1 / num_batches_tracked, one counter for all {b.full} channels) would run in training mode with "
+        f"1 / num_batches_tracked, one counter for all {b.full} channels) runs in training mode with "
         f"{b.features()} of them ({b.dim.name}={b.dim.active}): the counter would count a batch its other "
         "channels never saw, and their averages drift toward their initial values. Give it a momentum before "
         "training (module.momentum = 0.1: an exponential average per channel; eval mode reads the statistics "
         "alike), or, in a training loop of your own, keep it in eval mode (frozen statistics) and "
-        "nest.calibrate(loader) after. Nothing ran")
+        "nest.calibrate(loader) after. Raised before it ran (the modules before it in this forward did run)")
 
 
 class CumulativeAverageGuard:
-    """Forward pre-hook of a layer of :func:`cumulative_norms` built with ``momentum=None``: a forward that reaches
-    it other than through the model's root (a block called on its own; a compiled forward, which runs no root
-    hook of sortednet's) is refused there (:func:`refuse_cumulative`). A forward of the model is refused at its
-    root, before any module runs."""
+    """Forward pre-hook of a layer of :func:`cumulative_norms` built with ``momentum=None`` (or set so after wrap:
+    added by the root's pin at the next training-mode forward): a forward that reaches it under a narrower
+    sub-model in training mode is refused there (:func:`refuse_cumulative`), before it runs; the layers before it
+    in that forward ran. Only where it runs: a layer in a block a Depth skips, or in a branch left out, is no
+    matter."""
 
     __slots__ = ()
 
@@ -1267,7 +1268,7 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "cumulative",
+    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "cumulative", "hooks",
                  "__weakref__")
 
     def __init__(self, active: Any, root: nn.Module | None = None) -> None:
@@ -1284,9 +1285,10 @@ class Pin:
         # training-mode forwards with gradients of the model itself (not of a copy, nor a dry run's): calibrated
         # BatchNorm statistics made before one describe the weights of before, wherever the layers that changed sit
         self.trained = [0]
-        # the layers a training-mode forward of a narrower sub-model must not reach with momentum=None (path,
-        # module of the nest's own model: a copy's are found by path)
+        # the layers a training-mode forward of a narrower sub-model must not reach with momentum=None that have no
+        # guard yet (their momentum was not None at wrap), and the nest's hook handles, where a late guard goes
         self.cumulative: list[tuple[str, nn.Module]] = []
+        self.hooks: list | None = None
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -1354,10 +1356,8 @@ class Pin:
         if _compiling():
             return
         self._enter(module, sys._getframe(1))
-        if module.training and self.cumulative:  # (after _enter: the post hook, run as this raises, takes it back)
-            root = self.root() if self.root is not None else None
-            for path, m in self.cumulative:
-                refuse_cumulative(m if module is root else module.get_submodule(path))
+        if module.training and self.cumulative:
+            self._guard_late(module)
         if module.training and _grad_enabled():
             self._trains(module)
         ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)
@@ -1383,6 +1383,21 @@ class Pin:
             self._enter(module, here)
             if module.training and _grad_enabled():
                 self._trains(module)
+
+    def _guard_late(self, module: nn.Module) -> None:
+        """A layer of :attr:`cumulative` set to ``momentum=None`` after wrap gets its :class:`CumulativeAverageGuard`
+        now, before this forward reaches it (the handle joins the nest's hooks: unwrap removes it, exports drop it).
+        The nest's own model only: a deep copy made before has its own hooks."""
+        root = self.root() if self.root is not None else None
+        if module is not root or self.hooks is None:
+            return
+        late = [(p, m) for p, m in self.cumulative if m.__dict__.get("momentum", 0.0) is None]
+        if late:
+            with self.lock:
+                for p, m in late:
+                    if (p, m) in self.cumulative:
+                        self.hooks.append(m.register_forward_pre_hook(CumulativeAverageGuard()))
+                        self.cumulative.remove((p, m))
 
     def _trains(self, module: nn.Module) -> None:
         """A training-mode forward with gradients of ``module`` (the root, or a child entered on its own) starts:
