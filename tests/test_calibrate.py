@@ -1228,24 +1228,24 @@ class _TwoNorms(nn.Module):
         return self.c2(torch.relu(self.n1(self.c1(torch.relu(self.n0(self.c0(x)))))))
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "set_after_wrap", "compiled"])
+@pytest.mark.parametrize("norm", ["batch", "set_after_wrap", "copy_set_after", "compiled_set_after"])
 def test_a_cumulative_average_norm_trained_under_a_narrower_sub_model_is_refused(norm):
     """BatchNorm(momentum=None) averages every batch with weight 1 / num_batches_tracked, one counter for all its
     channels: a narrower sub-model's training forward counted a batch its last channels never saw, so their
     running statistics drifted toward their initial values (12% off the true average after a sandwich run, eval
     logits 0.36 off), silently. Refused as the forward reaches the layer, before it runs (compiled too), also where
-    momentum=None is set after wrap; the full width, eval mode, check and calibration run."""
+    momentum=None is set after wrap or on a deep copy; the full width, eval mode, check and calibration run."""
+    import copy
+
     torch.manual_seed(0)
-    if norm == "instance":
-        late = nn.InstanceNorm1d(16, momentum=None, track_running_stats=True, affine=True)
-    else:
-        late = nn.BatchNorm1d(16, momentum=None if norm != "set_after_wrap" else 0.1)
-    m, x = _TwoNorms(late), torch.randn(8, 8, 5)
+    m, x = _TwoNorms(nn.BatchNorm1d(16, momentum=None if norm == "batch" else 0.1)), torch.randn(8, 8, 5)
     nest = sn.wrap(m, sn.Width("a", [8, 16], out="c0", norm="n0", inp="c1"),
                    sn.Width("b", [4, 8, 16], out="c1", norm="n1", inp="c2"), example=x)
-    if norm == "set_after_wrap":
+    if norm == "copy_set_after":
+        m = copy.deepcopy(m)  # (an EMA / teacher copy, set so after it was made)
+    if norm != "batch":
         m.n1.momentum = None
-    run = torch.compile(m, backend="eager") if norm == "compiled" else m
+    run = torch.compile(m, backend="eager") if norm == "compiled_set_after" else m
     m.train()
     with nest.use(nest.largest):
         run(x)                                           # the full width: every channel counted
@@ -1263,12 +1263,16 @@ def test_a_cumulative_average_norm_trained_under_a_narrower_sub_model_is_refused
     m.n1.eval()  # (frozen statistics in a loop of one's own: runs, and calibrate computes them after)
     with nest.use("a=16,b=4"):
         run(x)
-    if norm != "instance":
+    if norm != "copy_set_after":
         nest.calibrate([x, x + 1], batches=2)
-        m.n1.momentum = 0.1
-        m.n1.train()
-        with nest.use("a=16,b=4"):
-            run(x)
+    m.n1.momentum = 0.1
+    m.n1.train()
+    with nest.use("a=16,b=4"):
+        run(x)
+    inst = _TwoNorms(nn.InstanceNorm1d(16, momentum=None, track_running_stats=True, affine=True))
+    sn.wrap(inst, sn.Width("b", [4, 8, 16], out="c1", norm="n1", inp="c2"))
+    with sn.Nest.of(inst).use("b=4"):  # (InstanceNorm takes momentum=None as 0: its statistics never move)
+        inst.train()(x)
 
 
 def test_a_cumulative_average_norm_the_sub_model_does_not_run_is_no_matter():
@@ -1304,3 +1308,23 @@ def test_a_cumulative_average_norm_the_sub_model_does_not_run_is_no_matter():
     with pytest.raises(sn.SortedNetError, match=r"'blocks.2.1': BatchNorm1d with momentum=None"):
         with nest.use("c=8,d=3"):
             m(x)
+
+
+def test_the_cumulative_average_guards_leave_with_unwrap_and_unwrap_copy():
+    """unwrap_copy left the guards (a sortednet object) on the plain modules it returned; unwrap and exports
+    carry none."""
+    import copy
+
+    from sortednet.wrap import CumulativeAverageGuard
+
+    torch.manual_seed(0)
+    m, x = _TwoNorms(nn.BatchNorm1d(16, momentum=None)), torch.randn(8, 8, 5)
+    nest = sn.wrap(m, sn.Width("b", [4, 8, 16], out="c1", norm="n1", inp="c2"))
+    guards = lambda mod: [h for sub in mod.modules() for h in sub._forward_pre_hooks.values()  # noqa: E731
+                          if isinstance(h, CumulativeAverageGuard)]
+    assert guards(m) and not guards(nest.export("b=4"))
+    plain = nest.unwrap_copy(copy.deepcopy(m))
+    assert not guards(plain)
+    nest.unwrap()
+    assert not guards(m)
+    m.train()(x)

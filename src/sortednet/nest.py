@@ -53,7 +53,6 @@ from .wrap import (
     FactorsNotPretrained,
     Pin,
     SavePretrainedGuard,
-    cumulative_norms,
     drop_hooks_since,
     entry_children,
     exportable,
@@ -241,8 +240,6 @@ class Nest:
             self._start([m for m, _, _ in planned.values()])  # run-time state first: _attach counts under use()
             self._pin = pin = Pin(self._state, model)
             pin.note = weakref.WeakMethod(self._failure_note)
-            pin.cumulative = [(p, m) for p, m in cumulative_norms(planned) if m.__dict__["momentum"] is not None]
-            pin.hooks = hooks
             hooks.append(model.register_forward_pre_hook(pin.pre))  # (each handle kept as soon as it is made)
             hooks.append(model.register_forward_hook(pin.post, always_call=True))
             for c in entry_children(model, planned):  # forwards entered below the root are pinned as well

@@ -542,8 +542,7 @@ def install(model: nn.Module, planned: dict, *, inplace_grad: bool, min_numel: i
             if isinstance(m, _FAST_PATH_LAYERS) and any(id(c) in sliced for c in m.modules()):
                 hooks.append(m.register_forward_pre_hook(_no_fast_path))
         for _, m in cumulative_norms(planned):  # a cumulative average with one batch counter for every channel
-            if m.__dict__["momentum"] is None:
-                hooks.append(m.register_forward_pre_hook(CumulativeAverageGuard()))
+            hooks.append(m.register_forward_pre_hook(CumulativeAverageGuard()))  # (momentum read at each call)
         # key checks first on each module, before StaleCalibration: a load they refuse keeps the calibration
         _guard_state_keys(model, planned, keyed, hooks)
         shapes = StateShapes()  # (on every module: a load into a sub-module checks its own part)
@@ -1037,11 +1036,12 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
 
 
 def cumulative_norms(planned: Mapping[str, tuple[nn.Module, Any, dict]]) -> list[tuple[str, nn.Module]]:
-    """The sliced BatchNorm / tracked InstanceNorm layers (path, module) whose channels a width of several sizes
-    cuts: built (or later set) with ``momentum=None`` they keep a cumulative average that a narrower sub-model's
-    training forward corrupts (:func:`refuse_cumulative`)."""
+    """The sliced BatchNorm layers (path, module) that track statistics and whose channels a width of several sizes
+    cuts: with ``momentum=None`` (built so or set later) they keep a cumulative average that a narrower sub-model's
+    training forward corrupts (:func:`refuse_cumulative`). (An InstanceNorm takes ``momentum=None`` as 0: its
+    statistics never move.)"""
     return [(path, m) for path, (m, _, bind) in planned.items()
-            if isinstance(m, nn.modules.batchnorm._NormBase) and "norm" in bind and m.__dict__["track_running_stats"]
+            if isinstance(m, _BatchNorm) and "norm" in bind and m.__dict__["track_running_stats"]
             and len(bind["norm"].dim.sizes) > 1]
 
 
@@ -1068,11 +1068,11 @@ def refuse_cumulative(module: nn.Module) -> None:
 
 
 class CumulativeAverageGuard:
-    """Forward pre-hook of a layer of :func:`cumulative_norms` built with ``momentum=None`` (or set so after wrap:
-    added by the root's pin at the next training-mode forward): a forward that reaches it under a narrower
-    sub-model in training mode is refused there (:func:`refuse_cumulative`), before it runs; the layers before it
-    in that forward ran. Only where it runs: a layer in a block a Depth skips, or in a branch left out, is no
-    matter."""
+    """Forward pre-hook of each layer of :func:`cumulative_norms` (its momentum read at each call: set to None
+    after wrap, on a deep copy, too): a forward that reaches it in training mode under a narrower sub-model with
+    ``momentum=None`` is refused there (:func:`refuse_cumulative`), before it runs, compiled or not; the layers
+    before it in that forward ran. Only where it runs: a layer in a block a Depth skips, or in a branch left out,
+    is no matter."""
 
     __slots__ = ()
 
@@ -1179,7 +1179,8 @@ class AttrKey:
 
 
 def wrap_hooks(model: nn.Module) -> list[_HookKey]:
-    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the save guards
+    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the depth and
+    cumulative-average guards, the save guards
     :class:`FactorsNotPretrained` and :class:`SavePretrainedGuard`), found in ``model``
     (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
     out = []
@@ -1194,7 +1195,8 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
-                if f is _no_fast_path or isinstance(f, DepthGuard) or isinstance(attr_of(f, "__self__"), Pin):
+                if (f is _no_fast_path or isinstance(f, (DepthGuard, CumulativeAverageGuard))
+                        or isinstance(attr_of(f, "__self__"), Pin)):
                     out.append(_HookKey(hooks, k))
                     if attr == "_forward_hooks":  # its always-call flag goes with it
                         out.append(_HookKey(m.__dict__.get("_forward_hooks_always_called", {}), k))
@@ -1268,8 +1270,7 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "cumulative", "hooks",
-                 "__weakref__")
+    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "__weakref__")
 
     def __init__(self, active: Any, root: nn.Module | None = None) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
@@ -1285,10 +1286,6 @@ class Pin:
         # training-mode forwards with gradients of the model itself (not of a copy, nor a dry run's): calibrated
         # BatchNorm statistics made before one describe the weights of before, wherever the layers that changed sit
         self.trained = [0]
-        # the layers a training-mode forward of a narrower sub-model must not reach with momentum=None that have no
-        # guard yet (their momentum was not None at wrap), and the nest's hook handles, where a late guard goes
-        self.cumulative: list[tuple[str, nn.Module]] = []
-        self.hooks: list | None = None
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -1356,8 +1353,6 @@ class Pin:
         if _compiling():
             return
         self._enter(module, sys._getframe(1))
-        if module.training and self.cumulative:
-            self._guard_late(module)
         if module.training and _grad_enabled():
             self._trains(module)
         ddp = sys.modules.get("torch.nn.parallel.distributed")  # (a forward through DDP: its reducer averages)
@@ -1383,21 +1378,6 @@ class Pin:
             self._enter(module, here)
             if module.training and _grad_enabled():
                 self._trains(module)
-
-    def _guard_late(self, module: nn.Module) -> None:
-        """A layer of :attr:`cumulative` set to ``momentum=None`` after wrap gets its :class:`CumulativeAverageGuard`
-        now, before this forward reaches it (the handle joins the nest's hooks: unwrap removes it, exports drop it).
-        The nest's own model only: a deep copy made before has its own hooks."""
-        root = self.root() if self.root is not None else None
-        if module is not root or self.hooks is None:
-            return
-        late = [(p, m) for p, m in self.cumulative if m.__dict__.get("momentum", 0.0) is None]
-        if late:
-            with self.lock:
-                for p, m in late:
-                    if (p, m) in self.cumulative:
-                        self.hooks.append(m.register_forward_pre_hook(CumulativeAverageGuard()))
-                        self.cumulative.remove((p, m))
 
     def _trains(self, module: nn.Module) -> None:
         """A training-mode forward with gradients of ``module`` (the root, or a child entered on its own) starts:
