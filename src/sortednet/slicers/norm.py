@@ -168,7 +168,7 @@ class WeightWatch:
     each parameter slot of the model and its version counter (an optimizer step, a load, any in-place write moves
     it; a fused optimizer's step is made to, see ``views.watch_fused_steps``), and the batch counters and shared
     running statistics of the BatchNorm layers no dimension slices (one set for every sub-model, which feeds the
-    calibrated ones). Where a counter moved, the values are compared (a parameter's by its sum and norm):
+    calibrated ones). Where a counter moved, the values are compared (a parameter's by :func:`_fingerprint`):
     sortednet's dry runs put statistics back, DDP broadcasts the same weights, a load may copy the same ones.
     Once any moved, every statistic of the calibration describes the model as it was before (a layer that
     changed may sit where the calibrated ones never run: a shallow sub-model trained). Writes through ``.data``
