@@ -2892,10 +2892,9 @@ def _export_matches(nest: Nest, model: Any, example: Any, sub: SubModel, tol: fl
         half = max(_rel_diffs(pairs), default=0.0)
         # an export of the live tensors' own values (the built-in slicers') computes what they do up to float32's
         # rounding; one that merges (a Rank's low-rank factors into the weight) or may (a slicer of yours folding
-        # a scale) rounds the result to the half dtype once per weight (2^-9 of it in bf16), which a deep stack
-        # adds up
-        # (by the rounding of one half-precision weight of those modules: 2^-8 in bfloat16, 2^-11 in float16; a
-        # slicer of yours that keeps the base class's export() serves its value() tensors as they are)
+        # a scale) rounds the result to the half dtype once per weight, which a deep stack adds up: allowed a
+        # multiple of the unit rounding of those modules' weights (2^-8 in bfloat16, 2^-11 in float16; a slicer of
+        # yours that keeps the base class's export() serves its value() tensors as they are)
         folds = [m for m in nest._sliced.values() if not type(m._sn.slicer).__module__.startswith("sortednet.")
                  and type(m._sn.slicer).export is not Slicer.export]
         merges = [m for m in nest._sliced.values() if "rank" in m._sn.bind]
