@@ -1328,3 +1328,36 @@ def test_the_cumulative_average_guards_leave_with_unwrap_and_unwrap_copy():
     nest.unwrap()
     assert not guards(m)
     m.train()(x)
+
+
+def test_a_calibrated_depth_nest_passes_check_and_a_mode_watching_reads_sees_no_weight_of_ours(tmp_path):
+    """The calibration's weight watch read every parameter's version counter inside the forward: check's test
+    that a Depth's skipped blocks run no weight counted those reads as the forward's, and refused every
+    calibrated (or loaded calibrated) Depth nest. The watch looks with torch functions off, and not in dry runs."""
+    from torch.overrides import TorchFunctionMode
+
+    torch.manual_seed(0)
+    model, x = _PlainFirstBlock(norm_first=True), torch.randn(16, 8)
+    dims = lambda: (sn.Depth("d", [1, 3], layers="blocks"),  # noqa: E731
+                    sn.Width("h", [8, 16], out=[f"blocks.{i}.0" for i in range(3)],
+                             norm=[f"blocks.{i}.1" for i in range(3)], inp=[f"blocks.{i}.2" for i in range(3)]))
+    nest = sn.wrap(model, *dims())
+    nest.check(x)
+    nest.calibrate([x, x + 1], batches=2)
+    nest.check(x)
+    sn.save(nest, tmp_path / "c.safetensors")
+    back = sn.load(sn.wrap(_PlainFirstBlock(norm_first=True), *dims()), tmp_path / "c.safetensors")
+    back.check(x)
+
+    seen = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.extend(id(t) for t in args if isinstance(t, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    model.eval()
+    with torch.no_grad(), nest.use("d=1,h=16"), Reads():
+        model(x)
+    skipped = {id(p) for b in model.blocks[1:] for p in b.parameters()}
+    assert not skipped & set(seen)

@@ -25,6 +25,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PatternError, SizeError, SortedNetError
+from ..modes import in_dry_run
 from ..views import _compiling, fx_flag
 from .base import Slicer, slicer
 from .depth import _pin_checkpoints
@@ -198,13 +199,25 @@ class WeightWatch:
         self.memo = threading.local()
 
     def check(self) -> bool:
-        """Whether anything watched moved since (once moved, stays so)."""
-        if self.moved:
-            return True
+        """Whether anything watched moved since (once moved, stays so). Not looked at in sortednet's dry runs
+        (nothing of theirs is kept); read with torch functions off, so that a mode watching which weights a
+        forward reads (check's, a user's) does not count these reads as the forward's."""
+        if self.moved or in_dry_run():
+            return self.moved
         key = self.key() if self.key is not None else None
         now = key() if key is not None else None
         if now is not None and self.memo.__dict__.get("key") == now:
             return False
+        with torch._C.DisableTorchFunction():
+            moved = self._moved()
+        if moved:
+            self.moved = True
+            return True
+        if now is not None:
+            self.memo.key = now
+        return False
+
+    def _moved(self) -> bool:
         for e in self.params:
             store, n, i, v, held = e
             p = store.get(n)
@@ -212,7 +225,6 @@ class WeightWatch:
                 continue
             print_ = None if p is None or p.is_inference() or held is None else _fingerprint(p)
             if print_ is None or not torch.equal(print_, held.to(print_.device)):
-                self.moved = True
                 return True
             e[2], e[3] = id(p), p._version
         for e in self.norms:
@@ -220,11 +232,8 @@ class WeightWatch:
             if t._version == v:
                 continue
             if not (t.shape == held.shape and torch.equal(t, held)):
-                self.moved = True
                 return True
             e[1] = t._version
-        if now is not None:
-            self.memo.key = now
         return False
 
 
