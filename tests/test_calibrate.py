@@ -5,6 +5,9 @@ save/load bit-exactly."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import warnings
 
 import pytest
@@ -15,6 +18,7 @@ from torch import nn
 import sortednet as sn
 from models import FAMILIES, InterruptAt, interrupted
 from sortednet.calibrate import StaleCalibrationWarning, stale_statistics
+from sortednet.slicers.norm import _eps, _fingerprint, _same
 
 
 class BNNet(nn.Module):
@@ -1144,6 +1148,15 @@ def _train_part(model, nest, how):
         with torch.no_grad():
             w = model.backbone[0].weight
             w.copy_(w.flip(0))
+    elif how == "replaced":  # a module swapped in (an adapter around it, a new layer): its weights were not there
+        model.backbone[2] = nn.Linear(12, 12)
+    elif how == "pruned":  # torch.nn.utils.prune: the weight slot becomes weight_orig, a mask multiplies it
+        torch.nn.utils.prune.l1_unstructured(model.backbone[0], "weight", amount=0.5)
+    elif how == "pruned_again":  # pruned before the calibration too: only the mask buffer changes
+        torch.nn.utils.prune.l1_unstructured(model.backbone[0], "weight", amount=0.6)
+    elif how == "data_write":  # vector_to_parameters writes through .data: no version counter moves
+        vec = torch.nn.utils.parameters_to_vector(model.backbone.parameters())
+        torch.nn.utils.vector_to_parameters(vec * 1.3, model.backbone.parameters())
     elif how == "compiled":  # a compiled training forward skips the nest's hooks; the head's width 8 runs its BN
         step = torch.compile(model.backbone, backend="eager")  # (compiled on its own: none of it calibrated)
         opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)
@@ -1155,14 +1168,23 @@ def _train_part(model, nest, how):
 
 
 @pytest.mark.parametrize("how", ["backbone_alone", "frozen_norms", "fused_adam", "in_place", "reordered",
-                                 "compiled"])
+                                 "compiled", "replaced", "pruned", "pruned_again", "data_write"])
 @pytest.mark.parametrize("read", ["eval_forward", "export", "save"])
 def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_path):
     """Staleness was judged by training-mode forwards of the model (and each calibrated BatchNorm's counter):
     a part trained on its own, a fine-tune with the statistics frozen (eval mode), a fused optimizer's step,
     weights written in place, a compiled forward, all left calibrations of other weights read, exported and saved
-    as fresh (eval output 0.25 off a recalibration). The calibration now watches the model's weights too."""
-    model = _HeadOnly()
+    as fresh (eval output 0.25 off a recalibration). The calibration now watches the model's weights too; and
+    (later) its modules, its persistent buffers and the data pointers of its tensors: a module replaced after the
+    calibration (0.09 off), a prune (a mask buffer), ``vector_to_parameters`` (a write through ``.data``: 0.75
+    off) were read as fresh."""
+    def build():
+        model = _HeadOnly()
+        if how == "pruned_again":
+            torch.nn.utils.prune.l1_unstructured(model.backbone[0], "weight", amount=0.2)
+        return model
+
+    model = build()
     dims = lambda: (sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"),)  # noqa: E731
     nest = sn.wrap(model, *dims())
     data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
@@ -1171,7 +1193,9 @@ def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_pat
         warnings.simplefilter("always")
         _train_part(model, nest, how)  # (a fine-tune in eval mode reads them itself after its first step: told)
         assert sorted(stale_statistics(nest)) == ["head.1"]
-        with torch.no_grad(), nest.use("h=4"):
+        refused = how == "pruned" and read != "eval_forward"  # (a model changed after wrap: other slots)
+        with torch.no_grad(), nest.use("h=4"), (pytest.raises(sn.SortedNetError, match="changed after wrap")
+                                                if refused else contextlib.nullcontext()):
             if read == "eval_forward":
                 model(data[0])
                 model(data[0])
@@ -1181,9 +1205,11 @@ def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_pat
                 sn.save(nest, tmp_path / "c.safetensors")
     stale = _stale(record)
     assert all("predate training of the model" in str(w.message) for w in stale)
+    if how == "pruned":
+        return
     assert len(stale) == 1 + (how == "frozen_norms" and read == "save")  # (once per calibration; saving, each time)
     if read == "save":
-        back = sn.load(sn.wrap(_HeadOnly(), *dims()), tmp_path / "c.safetensors")
+        back = sn.load(sn.wrap(build(), *dims()), tmp_path / "c.safetensors")
         assert sorted(stale_statistics(back)) == ["head.1"]
     nest.calibrate(data, batches=3)
     assert stale_statistics(nest) == {}
@@ -1213,6 +1239,80 @@ def test_what_changes_no_weight_leaves_the_calibrations_fresh():
         with torch.no_grad(), nest.use("h=4"):
             model(data[0])
         nest.export("h=4")
+    assert stale_statistics(nest) == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_converted_to_another_dtype_keeps_its_calibrations_fresh(dtype):
+    """The fingerprints of the weights were compared in the dtype they were taken in: after ``model.double()``
+    (or ``.half()``) a step that changed nothing (zero gradients) said every calibration predated training. The
+    same weights in another dtype are compared up to its rounding; a real step after it is still seen."""
+    model = _HeadOnly()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))
+    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    model.eval().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()  # (every version counter moves; no value does)
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0].to(dtype))
+        model.float()
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0])
+    assert stale_statistics(nest) == {}
+    model.backbone[0].weight.grad = torch.ones_like(model.backbone[0].weight)
+    opt.step()
+    assert sorted(stale_statistics(nest)) == ["head.1"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 64, 3, 3), (1024, 1024), (300, 7)])
+def test_the_weight_fingerprint_sees_units_reordered_in_any_dtype(dtype, shape):
+    """The position-weighted sum ``u @ W @ v`` was computed in the weight's own dtype: in bfloat16 a swap of two
+    rows of a (1024, 1024) weight (units reordered in place: same sum, same norm) left it unchanged and the
+    calibrations of the old order were read as fresh. It is summed in float64 now."""
+    torch.manual_seed(0)
+    w = torch.randn(shape).to(dtype)
+    held = _fingerprint(w)
+    for axis in (0, 1):
+        other = w.clone()
+        i, j = 3, other.shape[axis] - 2
+        index = torch.arange(other.shape[axis])
+        index[i], index[j] = j, i
+        other = other.index_select(axis, index)
+        assert not _same(_fingerprint(other), held, _eps(dtype, dtype))
+    assert _same(_fingerprint(w.clone()), held, _eps(dtype, dtype))
+
+
+def test_a_deep_copy_watches_its_own_weights():
+    """A deep copy of a calibrated model (an EMA) kept the calibration but watched no weight: updated through its
+    parameters only (BatchNorm buffers not copied over), it read statistics of other weights as fresh (0.028
+    off a recalibration). The copy's watch compares its weights with the ones the statistics were computed
+    after; a copy whose weights did not move stays fresh."""
+    model = _HeadOnly()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))
+    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    model.eval()
+    still, ema = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.9)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.no_grad(), nest.use("h=4"):
+            still(data[0])
+        assert not _stale(record)
+        with torch.no_grad(), nest.use("h=4"):
+            ema(data[0])
+        assert len(_stale(record)) == 1
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0])
+        assert len(_stale(record)) == 1  # (the model itself did not move)
     assert stale_statistics(nest) == {}
 
 

@@ -47,7 +47,7 @@ from .profile import Profile, build_profile
 from .select import Selector, budget
 from .slicers import base as _base
 from .submodel import MAX_SUBMODELS, SubModel, SubModelLike, SubModelList, as_int
-from .views import is_fsdp, new_lock, storage_key, watch_fused_steps
+from .views import REGISTRATIONS, count_registrations, is_fsdp, new_lock, storage_key, watch_fused_steps
 from .wrap import (
     AttrKey,
     FactorsNotPretrained,
@@ -340,7 +340,7 @@ class Nest:
         self._checking = False           # nest.check is running: its own refusals say what is missing
         self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
         self._score_slots: list | None = None  # the parameter and buffer slots _weights_key reads
-        self._slots_at = -1                    # _REGISTRATIONS when they were listed
+        self._slots_at = -1                    # REGISTRATIONS when they were listed
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
         self._selector_reads: tuple | None = None  # (plain attributes the table passed sub-models over for, state)
@@ -995,9 +995,9 @@ class Nest:
         are listed again only after a module, parameter or buffer was registered anywhere (a global count):
         walking the module tree on every ``pick`` cost more than the pick."""
         watch_fused_steps()
-        if self._score_slots is None or self._slots_at != _REGISTRATIONS[0]:
-            _count_registrations()
-            self._slots_at = _REGISTRATIONS[0]
+        if self._score_slots is None or self._slots_at != REGISTRATIONS[0]:
+            count_registrations()
+            self._slots_at = REGISTRATIONS[0]
             self._score_slots = [(store, n) for m in self.model.modules()
                                  for store, skip in ((m._parameters, ()), (m._buffers, m._non_persistent_buffers_set))
                                  for n in store if n not in skip]  # (a non-persistent buffer caches derived values:
@@ -1692,26 +1692,6 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
     """
     return Nest(model, *dims, submodels=submodels, inplace_grad=inplace_grad,
                 inplace_min_numel=inplace_min_numel, example=example)
-
-
-#: registrations of modules, parameters and buffers in any module since the count started (a module
-#: replaced or a buffer added after ``profile`` gives new slots to watch for stale scores)
-_REGISTRATIONS = [0]
-_COUNTING: list = []
-
-
-def _count_registrations() -> None:
-    """Install the global registration hooks that keep :data:`_REGISTRATIONS` (once per process)."""
-    if _COUNTING:
-        return
-
-    def bump(*_: Any) -> None:
-        _REGISTRATIONS[0] += 1
-
-    mod = nn.modules.module
-    _COUNTING.extend((mod.register_module_module_registration_hook(bump),
-                      mod.register_module_parameter_registration_hook(bump),
-                      mod.register_module_buffer_registration_hook(bump)))
 
 
 class OtherInputFlopsWarning(UserWarning):

@@ -898,6 +898,26 @@ def storage_key(t: torch.Tensor) -> tuple | None:
 _WATCHING: list = []
 
 
+#: registrations of modules, parameters and buffers in any module since the count started (a module
+#: replaced or a buffer added after ``profile`` or ``calibrate`` gives new slots to watch)
+REGISTRATIONS = [0]
+_COUNTING: list = []
+
+
+def count_registrations() -> None:
+    """Install the global registration hooks that keep :data:`REGISTRATIONS` (once per process)."""
+    if _COUNTING:
+        return
+
+    def bump(*_: Any) -> None:
+        REGISTRATIONS[0] += 1
+
+    mod = nn.modules.module
+    _COUNTING.extend((mod.register_module_module_registration_hook(bump),
+                      mod.register_module_parameter_registration_hook(bump),
+                      mod.register_module_buffer_registration_hook(bump)))
+
+
 def watch_fused_steps() -> None:
     """A ``fused=True`` optimizer (transformers' default ``adamw_torch_fused``) writes the parameters in one
     kernel that leaves their version counters as they were, so a step would not make profile scores or BatchNorm

@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PatternError, SizeError, SortedNetError
 from ..modes import in_dry_run
-from ..views import _compiling, fx_flag
+from ..views import REGISTRATIONS, _compiling, count_registrations, fx_flag
 from .base import Slicer, slicer
 from .depth import _pin_checkpoints
 
@@ -78,9 +78,13 @@ class NormStats:
         forwards = new.since.pop("forwards", None)  # (the model's count: a copy's own forwards are not counted;
         if forwards is not None and forwards[0][0] != forwards[1]:  # the model's since the calibration are kept)
             new.since["trained"] = True
-        weights = new.since.pop("weights", None)  # (the model's parameters: the copy's own are not watched; a
-        if weights is not None and weights.check():  # move of the model's since the calibration is kept)
+        weights = new.since.pop("weights", None)  # (a move of the model's weights since the calibration is kept;
+        if weights is not None and weights.check():  # a copy of the whole model watches its own from there)
             new.since["trained"] = True
+        elif weights is not None:
+            twin = copy.deepcopy(weights, memo)
+            if twin is not None:
+                new.since["weights"] = twin
         if "at" in self.since:  # each counter's copy (a module's buffers are copied before its sortednet state)
             at = new.since["at"] = WeakIdKeyDictionary(self.since["at"])  # counts from the same baseline; one
             for t, base in list(self.since["at"].items()):                # not copied yet: from its first read
@@ -146,57 +150,142 @@ class NormStats:
 
 
 def _fingerprint(t: Tensor) -> Tensor | None:
-    """Sum and norm of ``t`` in float64, and a sum weighted by position along each axis (``u @ t @ v`` of ``t``
-    as a matrix: units reordered in place, which keep the sum and norm, move it), on its device, not
-    synchronised; or None where none can be taken without a cost of its own (a meta tensor, a sharded DTensor: a
-    collective)."""
-    if t.is_meta or type(t.data).__name__ == "DTensor" or not t.is_floating_point():
+    """Sum, norm, a sum weighted by position along each axis (``u @ t @ v`` of ``t`` as a matrix: units reordered
+    in place, which keep the sum and norm, move it) and the sum of magnitudes (the scale :func:`_same` compares
+    at) of ``t``'s values, all in float64, in row-major order and in row blocks of bounded size (a bfloat16 weight
+    is not summed in bfloat16, a large one is not converted at once); on ``t``'s device, not synchronised. None
+    where none can be taken without a cost of its own (a meta tensor, a DTensor: a collective)."""
+    if t.is_meta or type(t.data).__name__ == "DTensor":
         return None
     with torch.no_grad():
         try:
             t = t.detach()
+            if t.is_complex():
+                t = torch.view_as_real(t)
             mat = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
-            u = torch.linspace(1, 2, mat.shape[0], dtype=t.dtype, device=t.device)
-            v = torch.linspace(1, 3, mat.shape[1], dtype=t.dtype, device=t.device)
-            return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64),
-                                (u @ mat @ v).double()])
+            rows, cols = mat.shape
+            out = torch.zeros(4, dtype=torch.float64, device=t.device)
+            if mat.numel() == 0:
+                return out
+            u = torch.linspace(1, 2, rows, dtype=torch.float64, device=t.device)
+            v = torch.linspace(1, 3, cols, dtype=torch.float64, device=t.device)
+            step = max(1, _BLOCK // cols)
+            for i in range(0, rows, step):
+                part = mat[i:i + step].to(torch.float64)
+                out += torch.stack([part.sum(), part.square().sum(), u[i:i + step] @ part @ v, part.abs().sum()])
+            out[1] = out[1].sqrt()
+            return out
         except Exception:
             return None
 
 
+_BLOCK = 1 << 22  # elements of a weight that _fingerprint converts to float64 at once (32 MiB)
+_EXACT = 1e-12  # _same's eps within one dtype: float64 rounding of the sums (their order follows the thread count)
+
+
+def _same(now: Tensor, held: Tensor, eps: float) -> bool:
+    """Whether fingerprints ``now`` and ``held`` (:func:`_fingerprint`) are of the same values up to a relative
+    error ``eps`` of each value."""
+    held = held.to(now.device)
+    scale = torch.maximum(now[3], held[3])
+    limit = torch.stack([scale, torch.maximum(now[1], held[1]), 6 * scale, scale]) * eps
+    return bool(((now - held).abs() <= limit).all())
+
+
+def _eps(a: torch.dtype, b: torch.dtype) -> float:
+    """:func:`_same`'s eps for values held in dtype ``b`` and now in ``a``: the coarser one's rounding where they
+    differ (``model.half()``, ``.double()``: the same weights in another precision), else :data:`_EXACT`."""
+    if a == b:
+        return _EXACT
+    return max([_EXACT] + [torch.finfo(d).eps for d in (a, b) if d.is_floating_point])
+
+
+def _ptr(t: Tensor) -> int | None:
+    """``t``'s data pointer (a write through ``.data``, ``vector_to_parameters``, moves it, not the version
+    counter), or None where it has none (a tensor subclass without storage)."""
+    try:
+        return t.data_ptr()
+    except Exception:
+        return None
+
+
+def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tuple[list[list[Any]], list[Any]]:
+    """What :class:`WeightWatch` watches in ``model``: one entry per parameter slot and persistent buffer slot,
+    ``[slots dict, name, path, tensor, version, data pointer, fingerprint, dtype]`` (the buffers of the modules at
+    paths ``skip`` left out: the calibrated ones, whose statistics are watched by their own counters), and one per
+    module, ``(path, children dict, children, parameter slots dict, parameter names)`` (a module replaced or
+    added, a parameter slot added or removed: ``torch.nn.utils.prune``, an adapter). ``known``: path -> (tensor
+    id, version, data pointer, fingerprint, dtype) of tensors whose fingerprint is not taken again while those
+    hold."""
+    slots: list[list[Any]] = []
+    tree: list[Any] = []
+    for path, m in model.named_modules():
+        tree.append((path, m._modules, tuple(m._modules.values()), m._parameters, tuple(m._parameters)))
+        held = [(m._parameters, n, p) for n, p in m._parameters.items()]
+        if path not in skip:
+            gone = m.__dict__.get("_non_persistent_buffers_set", ())
+            held += [(m._buffers, n, b) for n, b in m._buffers.items() if n not in gone]
+        for store, n, t in held:
+            if t is None or t.is_inference():
+                continue
+            where, ptr = f"{path}.{n}" if path else n, _ptr(t)
+            old = known.get(where) if known is not None else None
+            same = old is not None and old[:3] == (id(t), t._version, ptr)
+            slots.append([store, n, where, t, t._version, ptr, old[3] if same else _fingerprint(t), t.dtype])
+    return slots, tree
+
+
 class WeightWatch:
     """What every calibrated statistic of one calibration (or load) was computed after, model-wide: the tensor in
-    each parameter slot of the model and its version counter (an optimizer step, a load, any in-place write moves
-    it; a fused optimizer's step is made to, see ``views.watch_fused_steps``), and the batch counters and shared
-    running statistics of the BatchNorm layers no dimension slices (one set for every sub-model, which feeds the
-    calibrated ones). Where a counter moved, the values are compared (a parameter's by :func:`_fingerprint`):
-    sortednet's dry runs put statistics back, DDP broadcasts the same weights, a load may copy the same ones.
-    Once any moved, every statistic of the calibration describes the model as it was before (a layer that
-    changed may sit where the calibrated ones never run: a shallow sub-model trained). Writes through ``.data``
-    are not seen. Shared by the calibration's :class:`NormStats`; read at most once per forward of the model
-    (``key``: the pin's forward key of this thread, None outside one)."""
+    each parameter slot and persistent buffer slot of the model (the calibrated statistics left out), its version
+    counter and data pointer (an optimizer step, a load, any in-place write, a write through ``.data`` moves one;
+    a fused optimizer's step is made to, see ``views.watch_fused_steps``), and the model's modules and parameter
+    names. Where a counter moved, the values are compared by :func:`_fingerprint` (sortednet's dry runs put
+    statistics back, DDP broadcasts the same weights, a load may copy the same ones, ``model.half()`` rounds
+    them). Once any moved, every statistic of the calibration describes the model as it was before (a layer that
+    changed may sit where the calibrated ones never run: a shallow sub-model trained). Shared by the calibration's
+    :class:`NormStats`; read at most once per forward of the model (``key``: the pin's forward key of this
+    thread, None outside one): the counters and pointers of the tensors held, and the slots and modules only
+    after a module, parameter or buffer was registered anywhere (``views.REGISTRATIONS``). A deep copy of the
+    model (an EMA) gets its own (:meth:`__deepcopy__`)."""
 
-    __slots__ = ("params", "norms", "moved", "key", "memo")
+    __slots__ = ("root", "skip", "slots", "tree", "tensors", "versions", "pointed", "ptrs", "epoch", "moved",
+                 "key", "memo", "base")
 
     def __init__(self, model: nn.Module, calibrated: Any, key: Any = None) -> None:
-        # (the module's slots, name, tensor id, version, fingerprint): a tensor whose counter moved is compared by
-        # its fingerprint (DDP's broadcast of the same values, a load of the same weights change nothing)
-        self.params: list[list[Any]] = []
-        for m in model.modules():
-            for n, p in m._parameters.items():
-                if p is not None and not p.is_inference():
-                    self.params.append([m._parameters, n, id(p), p._version, _fingerprint(p)])
-        self.norms: list[list[Any]] = []  # (a statistic, its version, its values)
+        count_registrations()
         calibrated = {id(m) for m in calibrated}
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and id(m) not in calibrated:
-                for name in _STATS:
-                    t = m.__dict__["_buffers"].get(name)
-                    if t is not None and not t.is_meta and not t.is_inference():
-                        self.norms.append([t, t._version, t.detach().clone()])
+        self.skip = frozenset(p for p, m in model.named_modules() if id(m) in calibrated)
+        self.root = weakref.ref(model)
+        self.base: tuple[dict, list] | None = None  # (a copy's until its first read, see __deepcopy__)
+        self.epoch = REGISTRATIONS[0]
+        self._hold(*_watched(model, self.skip))
         self.moved = False
         self.key = None if key is None else weakref.WeakMethod(key)
         self.memo = threading.local()
+
+    def _hold(self, slots: list[list[Any]], tree: list[Any]) -> None:
+        """Take ``slots`` and ``tree`` (:func:`_watched`) as the ones compared from now, with the lists of the fast
+        path (each held tensor's version counter and data pointer)."""
+        self.slots, self.tree = slots, tree
+        self.tensors, self.versions = [e[3] for e in slots], [e[4] for e in slots]
+        self.pointed, self.ptrs = [e[3] for e in slots if e[5] is not None], [e[5] for e in slots if e[5] is not None]
+
+    def __deepcopy__(self, memo: dict) -> WeightWatch | None:
+        """The watch of a deep copy of the whole model (None for a copy of a part: its weights are not watched).
+        At its first read it compares the copy's weights and modules with the ones the statistics were computed
+        after (a tensor the copy shares with the model, unchanged since, is not read again: a private view)."""
+        root = self.root()
+        twin = memo.get(id(root)) if root is not None else None
+        if not isinstance(twin, nn.Module) or twin is root:
+            return None
+        new = WeightWatch.__new__(WeightWatch)
+        new.root, new.skip, new.key, new.memo = weakref.ref(twin), self.skip, self.key, threading.local()
+        new.moved, new.epoch = self.check(), -1
+        new.base = ({e[2]: (id(e[3]), e[4], e[5], e[6], e[7]) for e in self.slots},
+                    [(e[0], tuple(e[1]), tuple(e[3])) for e in self.tree])
+        new._hold([], [])
+        return new
 
     def check(self) -> bool:
         """Whether anything watched moved since (once moved, stays so). Not looked at in sortednet's dry runs
@@ -209,31 +298,58 @@ class WeightWatch:
         if now is not None and self.memo.__dict__.get("key") == now:
             return False
         with torch._C.DisableTorchFunction():
-            moved = self._moved()
+            try:
+                moved = self._first() if self.base is not None else self._moved()
+            except Exception:  # (a slot holding what has no version counter or values to compare)
+                moved = True
         if moved:
             self.moved = True
+            self._hold([], [])  # (nothing more to compare: the tensors are not kept alive)
             return True
         if now is not None:
             self.memo.key = now
         return False
 
+    def _first(self) -> bool:
+        """A copy's first read: its weights and modules against the ones its statistics were computed after."""
+        root = self.root()
+        if root is None:
+            return False
+        known, names = self.base
+        epoch = REGISTRATIONS[0]
+        slots, tree = _watched(root, self.skip, known)
+        if [(e[0], tuple(e[1]), tuple(e[3])) for e in tree] != names or [e[2] for e in slots] != list(known):
+            return True
+        for e in slots:
+            held = known[e[2]]
+            if (id(e[3]), e[4], e[5]) != held[:3] and (e[6] is None or held[3] is None
+                                                       or not _same(e[6], held[3], _eps(e[7], held[4]))):
+                return True
+        self.base, self.epoch = None, epoch
+        self._hold(slots, tree)
+        return False
+
     def _moved(self) -> bool:
-        for e in self.params:
-            store, n, i, v, held = e
-            p = store.get(n)
-            if p is not None and id(p) == i and p._version == v:
-                continue
-            print_ = None if p is None or p.is_inference() or held is None else _fingerprint(p)
-            if print_ is None or not torch.equal(print_, held.to(print_.device)):
+        epoch = REGISTRATIONS[0]
+        if (epoch == self.epoch and [t._version for t in self.tensors] == self.versions
+                and [t.data_ptr() for t in self.pointed] == self.ptrs):
+            return False
+        for _, kids, was, params, names in self.tree:
+            if tuple(kids.values()) != was or tuple(params) != names:
                 return True
-            e[2], e[3] = id(p), p._version
-        for e in self.norms:
-            t, v, held = e
-            if t._version == v:
+        for e in self.slots:
+            store, n, _, old, v, ptr, held, dtype = e
+            t = store.get(n)
+            if t is old and t._version == v and _ptr(t) == ptr:
                 continue
-            if not (t.shape == held.shape and torch.equal(t, held)):
+            now = None if t is None or t.is_inference() or held is None else _fingerprint(t)
+            if now is None or not _same(now, held, _eps(t.dtype, dtype)):
                 return True
-            e[1] = t._version
+            e[3], e[4], e[5] = t, t._version, _ptr(t)
+            if t.dtype != dtype:  # (compared at its rounding once; the same values in the new dtype from now)
+                e[6], e[7] = now, t.dtype
+        self.epoch = epoch
+        self._hold(self.slots, self.tree)
         return False
 
 
