@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-
 import warnings
 
 import pytest
