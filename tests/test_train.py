@@ -176,14 +176,23 @@ def test_accumulate_without_accelerate_backward_inside_its_accumulation_is_refus
 
 
 class _Holder(torch.nn.Module):
-    """What Accelerate returns on several processes: a wrapper (DDP) holding the model, marked as prepared."""
+    """What Accelerate returns on several processes: a wrapper (DDP) holding the model, marked as prepared, and
+    named the running DDP module during its forward (as DistributedDataParallel does)."""
+
+    require_backward_grad_sync, find_unused_parameters = True, False
 
     def __init__(self, model):
         super().__init__()
         self.module = model
 
     def forward(self, x):
-        return self.module(x)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._active_ddp_module = self
+        try:
+            return self.module(x)
+        finally:
+            DDP._active_ddp_module = None
 
 
 def test_accumulate_without_backward_through_a_prepared_wrapper_on_several_processes_is_refused(
@@ -202,10 +211,53 @@ def test_accumulate_without_backward_through_a_prepared_wrapper_on_several_proce
         not getattr(case.model, "_is_accelerate_prepared", False)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     with acc.accumulate(wrapper):
         with pytest.raises(sn.SortedNetError, match="backward=accelerator.backward"):
             sn.accumulate(nest, nest.submodels, lambda: task_loss(wrapper(case.example)))
     assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_a_model_accelerate_did_not_prepare_is_not_refused_on_several_processes(accelerate_state, monkeypatch):
+    """On several processes any sn.accumulate without backward= was refused while Accelerate's state said a
+    micro-step did not synchronise, though its model was never prepared (a reference, a teacher, a second nest:
+    the message said it was). Refused now only for a forward through the wrapper Accelerate prepared."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    case, other = FAMILIES["mlp"](seed=3), FAMILIES["mlp"](seed=4)
+    nest = sn.wrap(case.model, *case.dims)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    wrapper = acc.prepare(_Holder(other.model))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    with acc.accumulate(wrapper):
+        acc.backward(task_loss(wrapper(other.example)))
+    assert not acc.sync_gradients
+    losses = sn.accumulate(nest, nest.submodels, lambda: task_loss(case.model(case.example)))
+    assert len(losses) == len(nest.submodels) and all(p.grad is not None for p in case.model.parameters())
+
+
+def test_a_closure_that_runs_another_model_is_refused_and_one_running_the_model_in_any_way_is_not():
+    """A closure calling a copy of the model taken before sn.wrap trained that copy once per sub-model and
+    nothing nested, in silence (every loss the same). Refused at the first closure; a compiled forward (no hook
+    runs), a frozen model feeding a trained head and a call of a part of the model pass."""
+    case = FAMILIES["mlp"](seed=2)
+    other = copy.deepcopy(case.model)
+    nest = sn.wrap(case.model, *case.dims)
+    with pytest.raises(sn.SortedNetError, match="ran no forward of the nest's model"):
+        sn.accumulate(nest, nest.submodels, lambda: task_loss(other(case.example)))
+    assert all(p.grad is None for p in [*case.model.parameters(), *other.parameters()])
+    compiled = torch.compile(case.model, backend="eager")
+    sn.accumulate(nest, nest.submodels, lambda: task_loss(compiled(case.example)))
+    assert all(p.grad is not None for p in case.model.parameters())
+
+    frozen = FAMILIES["mlp"](seed=3)
+    nest2 = sn.wrap(frozen.model.requires_grad_(False), *frozen.dims)
+    head = torch.nn.Linear(frozen.model(frozen.example).shape[-1], 3)
+    sn.accumulate(nest2, nest2.submodels, lambda: head(frozen.model(frozen.example)).square().mean())
+    assert head.weight.grad is not None
 
 
 def test_a_sub_model_listed_twice_is_refused_before_any_backward():
@@ -1009,6 +1061,16 @@ def test_a_module_loss_whose_forward_pre_hook_adapts_the_arguments_is_taken():
         assert hist.train[0]["losses"][sub] == pytest.approx(float(F.cross_entropy(m(x), y)))
 
 
+class _EpochScheduler:
+    """A timm-style scheduler: ``step(epoch, metric=None)``, which fit's ``scheduler.step()`` cannot call."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self, epoch, metric=None):
+        pass
+
+
 def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
     import torch.nn as nn
 
@@ -1024,6 +1086,7 @@ def test_fit_and_evaluate_refuse_bad_arguments_before_anything_changes():
                        ({"eval_every": True}, "eval_every"), ({"device": "bogus"}, "device"),
                        ({"eval_data": iter([(x, y)]), "eval_every": 1}, "eval_data"),
                        ({"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, "ReduceLROnPlateau"),
+                       ({"scheduler": _EpochScheduler(opt)}, r"_EpochScheduler.step needs one"),
                        ({"loss_fn": lambda out: out.sum()}, r"loss_fn\(output, target\)"),
                        ({"loss_fn": _OneArgument()}, r"loss_fn\(output, target\)"),
                        ({"eval_data": (x, y), "metric": lambda out: 1.0}, r"metric\(output, target\)")]:

@@ -341,6 +341,7 @@ class Nest:
         self._stale_warned: Any = None   # the weights a stale-scores warning was last given for
         self._score_slots: list | None = None  # the parameter and buffer slots _weights_key reads
         self._slots_at = -1                    # REGISTRATIONS when they were listed
+        self._closure_seen = False             # an accumulate closure was seen running the model (train.py)
         self._calibrations = 0           # calibrate / drop_calibration calls (they change what eval computes)
         self._selector: Selector | None = None
         self._selector_reads: tuple | None = None  # (plain attributes the table passed sub-models over for, state)

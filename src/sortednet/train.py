@@ -319,7 +319,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     hook = None
     if _prechecked is None and _distributed():  # (sortednet.distributed.accumulate has its own hooks)
         fsdp = world_size() >= 2 and is_fsdp(nest.model)  # (once per call: a walk of the parameters)
-        hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_forward_check(nest, fsdp))
+        hook = nest.model.register_forward_pre_hook(lambda mod, args: _ddp_forward_check(nest, fsdp, backward))
     try:
         _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
              done)
@@ -345,13 +345,16 @@ def _active_ddp() -> Any:
     return getattr(ddp, "_active_ddp_module", None)
 
 
-def _ddp_forward_check(nest: Nest, fsdp: bool = False) -> None:
+def _ddp_forward_check(nest: Nest, fsdp: bool = False, backward: Any = True) -> None:
     """Forward pre-hook of :func:`accumulate` under torch.distributed: :func:`_ddp_reducer_check`, and in a
     forward through a DDP wrapper the ranks must run the same sub-model (one ``all_reduce`` of a digest; DDP
     runs every rank's forwards in step): a Sampler seeded per rank, or a ``nest.use`` opened on some ranks
     only, would otherwise have DDP average two sub-models' gradients as one, in silence. So must every forward of
     a model sharded with FSDP2 (``fsdp``), whose reduce-scatter averages as DDP does."""
     ddp = _active_ddp()
+    if backward is None and ddp is not None and getattr(ddp, "_is_accelerate_prepared", False) and \
+            torch.is_grad_enabled() and (steps := _accelerate_micro_step()):
+        _refuse_micro_step(steps)  # (Accelerate's state is every rank's: all refuse, before any backward)
     if ddp is not None:
         _agree_ddp_forward(nest, ddp)  # (first: a rank refusing alone would leave the others in the collective)
     _ddp_reducer_check(nest)
@@ -418,17 +421,17 @@ def refuse_unscaled(nest: Nest, backward: Any, module: nn.Module | None = None) 
     if backward is not None:
         return
     prepared = any(getattr(m, "_is_accelerate_prepared", False) for m in (nest.model, module) if m is not None)
-    if not prepared and "accelerate" in sys.modules:  # (on several processes Accelerate marks the DDP wrapper it
-        import torch.distributed as dist  # returns, not the model inside: the closure may call that wrapper)
-
-        prepared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     steps = _accelerate_micro_step() if prepared else 0
-    if steps:
-        raise SortedNetError(f"accumulate without backward= on a model Accelerate prepared, on a micro-step of its "
-                             f"gradient accumulation over {steps} micro-steps that does not synchronise: "
-                             "loss.backward() skips the 1/steps Accelerate divides by, so each optimizer step's "
-                             f"gradient would be {steps}x too large. Pass backward=accelerator.backward (or "
-                             "backward=lambda l: l.backward() if the closure already divides its loss)")
+    if steps:  # (on several processes Accelerate marks the DDP wrapper it returns, not the model inside: a
+        _refuse_micro_step(steps)  # forward through that wrapper is refused by _ddp_forward_check)
+
+
+def _refuse_micro_step(steps: int) -> None:
+    raise SortedNetError(f"accumulate without backward= on a model Accelerate prepared, on a micro-step of its "
+                         f"gradient accumulation over {steps} micro-steps that does not synchronise: "
+                         "loss.backward() skips the 1/steps Accelerate divides by, so each optimizer step's "
+                         f"gradient would be {steps}x too large. Pass backward=accelerator.backward (or "
+                         "backward=lambda l: l.backward() if the closure already divides its loss)")
 
 
 def _accelerate_micro_step() -> int:
@@ -559,6 +562,37 @@ def _nonfinite_stats(nest: Nest) -> list[str]:
         for t in (m._buffers.get("running_mean"), m._buffers.get("running_var")))]
 
 
+def _refuse_other_model(nest: Nest, serial: int, loss: Tensor, sub: SubModel) -> None:
+    """The first closure of a nest's first :func:`accumulate` runs its model: a forward of it entered in this
+    thread (its serial moved), or else (a compiled forward runs no hook) a loss whose graph reaches one of its
+    trainable parameters. A closure calling another model (a copy taken before ``sn.wrap``) trained that one
+    ``len(subs)`` times over, and nothing nested, in silence."""
+    if nest._pin.local.__dict__.get("serial", 0) == serial:
+        mine = {id(p) for p in nest.model.parameters() if p.requires_grad}
+        if mine and not _reaches(loss, mine):
+            raise SortedNetError(f"accumulate: the closure of {sub} ran no forward of the nest's model (none entered "
+                                 f"{type(nest.model).__name__}, the model sn.wrap wrapped) and its loss depends on none "
+                                 "of that model's trainable parameters: it trains another model (a copy taken "
+                                 "before sn.wrap?), the same in every sub-model. Call the wrapped model (or a wrapper "
+                                 "around it) in the closure")
+    nest._closure_seen = True
+
+
+def _reaches(loss: Tensor, params: set[int]) -> bool:
+    """Whether the autograd graph of ``loss`` has a leaf in ``params`` (ids)."""
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if id(getattr(f, "variable", None)) in params:
+            return True
+        stack.extend(g for g, _ in f.next_functions)
+    return False
+
+
 def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callable[[], Any], distill: Any,
          teacher: int | None, weights: list[float], nonfinite: str, backward: Callable[[Tensor], Any] | None,
          _agree: Any, losses: list[float], skipped: list[SubModel], done: list[Any]) -> None:
@@ -570,7 +604,10 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
         with nest.use(resolved[i]):
             failed: Exception | None = None
             try:
+                serial = None if nest._closure_seen else nest._pin.local.__dict__.get("serial", 0)
                 loss, logits, mask = _split(closure(), distill is not None, resolved[i], distill)
+                if serial is not None:
+                    _refuse_other_model(nest, serial, loss, resolved[i])
                 total = loss
                 if i == teacher:
                     target = logits.detach()
@@ -1167,6 +1204,11 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise SortedNetError(f"fit(scheduler=...) takes an LR scheduler (with .step()), got {scheduler!r}")
+    if scheduler is not None and not _takes(scheduler.step, 0):
+        raise SortedNetError(f"fit(scheduler=...): fit calls scheduler.step() with no argument after each optimizer "
+                             f"step, but {type(scheduler).__name__}.step needs one (an epoch or a metric: a timm-style "
+                             "scheduler's step(epoch), step_update(num_updates)): wrap it, e.g. a small object whose "
+                             "step() calls it with the step count, or use a torch.optim.lr_scheduler scheduler")
     if scheduler is not None and not _same_groups(getattr(scheduler, "optimizer", optimizer), optimizer):
         raise SortedNetError(f"fit(scheduler=...): the scheduler ({type(scheduler).__name__}) sets the learning rate "
                              "of another optimizer than the one fit steps, so its schedule would never apply; build "
