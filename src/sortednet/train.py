@@ -570,11 +570,11 @@ def _refuse_other_model(nest: Nest, serial: int, loss: Tensor, sub: SubModel) ->
     if nest._pin.local.__dict__.get("serial", 0) == serial:
         mine = {id(p) for p in nest.model.parameters() if p.requires_grad}
         if mine and not _reaches(loss, mine):
-            raise SortedNetError(f"accumulate: the closure of {sub} ran no forward of the nest's model (none entered "
-                                 f"{type(nest.model).__name__}, the model sn.wrap wrapped) and its loss depends on none "
-                                 "of that model's trainable parameters: it trains another model (a copy taken "
-                                 "before sn.wrap?), the same in every sub-model. Call the wrapped model (or a wrapper "
-                                 "around it) in the closure")
+            raise SortedNetError(f"accumulate: the closure of {sub} ran no forward of the nest's model (none "
+                                 f"entered {type(nest.model).__name__}, the model sn.wrap wrapped) and its loss "
+                                 "depends on none of that model's trainable parameters: it trains another model (a "
+                                 "copy taken before sn.wrap?), the same in every sub-model. Call the wrapped model "
+                                 "(or a wrapper around it) in the closure")
     nest._closure_seen = True
 
 
