@@ -1515,3 +1515,16 @@ def test_a_group_or_bucket_size_of_another_type_is_refused_by_name():
         with pytest.raises(sn.SortedNetError, match=r"\(group=...\) takes a process group"):
             fn()
     assert all(p.grad is None for p in nest.model.parameters())
+
+
+def test_distributed_save_of_a_model_or_its_copy_names_what_to_call(tmp_path):
+    """snd.save(ema, path) of a deep copy (an EMA) said only 'needs a Nest', while sn.save(ema, path) on one rank
+    saves it: the message names both ways (the model itself: its nest)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="1"))
+    ema = copy.deepcopy(model)
+    for given in (model, ema):
+        with pytest.raises(sn.SortedNetError, match=r"needs a Nest .* sn.Nest.of\(model\).* sn.save\(copy, path\)"):
+            snd.save(given, tmp_path / "c.safetensors")
+    sn.save(ema, tmp_path / "c.safetensors")
+    snd.save(nest, tmp_path / "d.safetensors")

@@ -1262,16 +1262,24 @@ def test_a_state_of_a_deep_copy_is_refused_and_the_copy_itself_named(tmp_path):
     sn.save(nest, tmp_path / "d.safetensors", state=model.state_dict())
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("state", ["ema_clone", "optimizer_state"])
-def test_a_state_that_is_not_the_models_own_is_refused_and_nothing_written(state, tmp_path):
+def test_a_state_that_is_not_the_models_own_is_refused_and_nothing_written(state, ranks, tmp_path, monkeypatch):
     """sn.save(nest, path, state={k: ema_v.clone()}) (an EMA's weights cloned into a dict: no storage of a deep
-    copy to recognise) wrote them beside the nest's calibrated statistics and profile scores, marked fresh. In one
-    process the model's own values are at hand: a state holding others is refused. An optimizer's state dict
-    given as state= is named as such."""
+    copy to recognise) wrote them beside the nest's calibrated statistics and profile scores, marked fresh. Where
+    the model holds no shard the model's own values are at hand: a state holding others is refused (on several
+    processes too: DDP's replicas are plain tensors, and were not compared). An optimizer's state dict given as
+    state= is named as such."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
     nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", norm="1", inp="2"))
     nest.calibrate([torch.randn(16, 4)])
+    if ranks > 1:  # (calibrated in one process, then trained with DDP: saved on rank 0)
+        import torch.distributed as dist
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: ranks)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     if state == "ema_clone":
         given = {k: v.detach().clone() * (0.5 if k == "2.weight" else 1) for k, v in model.state_dict().items()}
         match = r"sn.save\(state=\): '2.weight' holds other values than the model's .* sn.save\(copy, path\)"

@@ -249,10 +249,13 @@ def test_a_size_that_is_no_integer_is_in_no_list_as_resolve_says(size):
     nest = sn.wrap(torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2)),
                    sn.Width("h", [4, 8], out="0", inp="1"))
     assert {"h": size} not in nest.submodels and nest.submodels.count({"h": size}) == 0
+    assert nest.submodels[0] != {"h": size} and {"h": size} not in list(nest.submodels)  # (== agrees: a dict
+    #                                                                   compared 4 == 4.0 and 1 == True)
     with pytest.raises(sn.SortedNetError):
         nest.submodels.index({"h": size})
     with pytest.raises(sn.SortedNetError):
         nest.resolve({"h": size})
     for ok in (4, np.int64(4), torch.tensor(4)):
+        assert nest.submodels[0] == {"h": ok} and {"h": ok} in list(nest.submodels)
         assert {"h": ok} in nest.submodels and nest.submodels.index({"h": ok}) == 0 == \
             nest.submodels.index(nest.resolve({"h": ok}))

@@ -884,8 +884,10 @@ def save(nest: Nest, path: str | os.PathLike) -> None:
     from .nest import Nest
 
     if not isinstance(nest, Nest):  # (every rank alike: nothing collective has started)
+        hint = (" (the wrapped model itself: pass sn.Nest.of(model); a deep copy of it, an EMA, is saved by "
+                "sn.save(copy, path) on one rank, with the copy's own values)") if isinstance(nest, nn.Module) else ""
         raise SortedNetError(f"sortednet.distributed.save needs a Nest (what sn.wrap returned), got "
-                             f"{type(nest).__name__}")
+                             f"{type(nest).__name__}{hint}")
     nest._check_alive()
     me = dist.get_rank() if _active() else 0
     error: Exception | None = None

@@ -39,7 +39,7 @@ from .meta import (
 )
 from .modes import casts_stale
 from .nest import Nest, modules_digest, wrap
-from .views import is_fsdp, is_sharded, world_size
+from .views import is_fsdp, is_sharded
 from .wrap import _keyed_as, count_load, plan
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "EXTRA_PREFIX"]
@@ -294,11 +294,11 @@ def _checked_state(nest: Nest, state: Any, who: str = "sn.save(state=)") -> Mapp
 
 
 def _refuse_other_values(nest: Nest, own: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    """``sn.save(nest, state=)`` in one process, the model's tensors plain (not DTensor shards, which FSDP2 keeps
-    even with one rank: not compared), with other values than the model's (an EMA's weights cloned into a dict):
-    saved beside the nest's calibration and profile scores, which describe the model's own weights. Refused,
-    naming the first key that differs."""
-    if world_size() > 1 or any(isinstance(v, torch.Tensor) and (is_sharded(v) or v.is_meta) for v in own.values()):
+    """``sn.save(nest, state=)`` where the model's tensors are plain (one process, DDP's replicas; not DTensor
+    shards, which FSDP2 keeps even with one rank: not compared), with other values than the model's (an EMA's
+    weights cloned into a dict): saved beside the nest's calibration and profile scores, which describe the
+    model's own weights. Refused, naming the first key that differs."""
+    if any(isinstance(v, torch.Tensor) and (is_sharded(v) or v.is_meta) for v in own.values()):
         return
     for k, v in own.items():
         if not isinstance(v, torch.Tensor):

@@ -795,7 +795,9 @@ class Nest:
                                  f"this input (nest.profile(x, metrics=[{metric!r}])) and call cost without example=")
         if sub not in cache:
             if metric != "params":
-                hint = "pass example=..." if metric == "flops" else "measure it with nest.profile(example)"
+                hint = ("count them on an input: nest.cost(sub, 'flops', example=x) (sn.wrap(..., example=x) only "
+                        "checks the wiring), or nest.profile(x) for every sub-model") if metric == "flops" else \
+                    "measure it with nest.profile(example)"
                 raise SortedNetError(f"no {metric!r} cost for {sub} yet; {hint}")
             counter = self._param_counter
             n = counter(sub)

@@ -133,8 +133,10 @@ class SubModel(Mapping[str, int]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, SubModel):
             return self._dict == other._dict
-        if isinstance(other, Mapping):
-            return self._dict == dict(other)
+        if isinstance(other, Mapping):  # (sizes by the rule resolve() applies: {"h": 16.0} or True is no spec of
+            other = dict(other)             # ours, so it equals none, as membership in a SubModelList says)
+            return other.keys() == self._dict.keys() and all(
+                (n := as_int(v)) is not None and n == self._dict[k] for k, v in other.items())
         return NotImplemented
 
     def __setattr__(self, name: str, value: object) -> None:
