@@ -557,7 +557,7 @@ def test_an_operator_without_a_flop_formula_is_refused_not_counted_as_zero():
     with pytest.raises(sn.SortedNetError, match="fused_mm"):
         nest.profile(x, metrics=("flops",), progress=False)
     with pytest.raises(sn.SortedNetError,  # nothing half-counted was kept
-                       match=r"no 'flops' cost .* nest.cost\(sub, 'flops', example=x\) \(sn.wrap\(..., example=x\) only"):
+                       match=r"no 'flops' cost .* nest.cost\(sub, 'flops', example=x\) \(sn.wrap\("):
         nest.cost(nest.smallest, "flops")
     op = getattr(torch.ops, name.split("::")[0]).fused_mm
 
