@@ -1662,3 +1662,68 @@ def test_a_sort_refused_for_an_undeclared_per_unit_tensor_names_the_slicer_of_on
                                                 r"yours \('1' \(_GammaOnly\)\) holds a per-unit tensor"):
         sn.sort_units(nest, "l1", example=x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _CachedAttention(nn.Module):
+    """Hand-written attention with ``kv`` key / value heads (grouped when fewer than the 4 query heads) that
+    returns its key / value cache as plain tensors ``(batch, kv heads, positions, head_dim)``."""
+
+    def __init__(self, kv):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = 4, kv, 8
+        self.q_proj, self.o_proj = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.k_proj, self.v_proj = nn.Linear(32, kv * 8), nn.Linear(32, kv * 8)
+
+    def forward(self, x, past=None):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, 8).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        rep = q.shape[1] // k.shape[1]
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                           is_causal=past is None)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class _CachedBlock(nn.Module):
+    def __init__(self, kv):
+        super().__init__()
+        self.attn, self.fc1, self.fc2 = _CachedAttention(kv), nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x, past=None):
+        a, cache = self.attn(x, past)
+        x = x + a
+        return x + self.fc2(F.gelu(self.fc1(x))), cache
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_a_model_returning_its_key_value_cache_is_checked_and_sorted(kv):
+    """A hand-written attention returning its key / value cache as tensors: check refused grouped-query ones
+    ('a dimension slices the network's output': the cache's 2 key / value heads became 1), and sort_units
+    refused both (the cache's heads reordered, 'permuting changes the full model's output'). The sorted model
+    still decodes with its own cache as it runs the whole sequence."""
+    torch.manual_seed(0)
+    model, x = _CachedBlock(kv), torch.randn(2, 6, 32)
+    nest = sn.wrap(model, sn.Heads("heads", [2, 4], attn="attn"), sn.Width("ffn", [32, 64], out="fc1", inp="fc2"),
+                   example=x)
+    before = model(x)[0].detach()
+    sort_units(nest, "l1", example=x)
+    torch.testing.assert_close(model(x)[0], before, rtol=1e-5, atol=1e-5)
+    for sub in nest.submodels:
+        with torch.no_grad(), nest.use(sub):
+            whole, past, steps = model(x)[0], None, []
+            for t in range(x.shape[1]):
+                out, past = model(x[:, t:t + 1], past)
+                steps.append(out)
+            assert past[0].shape[1] == sub["heads"] * kv // 4
+            torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_per_head_outputs_match_only_up_to_a_reorder_of_whole_heads():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 4, 5, 8)
+    assert torch.equal(importance._heads_matched([ref[:, [2, 0, 3, 1]]], [ref], {4})[0], ref)
+    moved = ref[:, [2, 0, 3, 1]].clone()
+    moved[0, 1, 0, 0] += 1.0  # (a value changed, not only the order)
+    assert not torch.allclose(importance._heads_matched([moved], [ref], {4})[0], ref)
+    assert torch.equal(importance._heads_matched([ref[:, [1, 0, 2, 3]]], [ref], {3})[0], ref[:, [1, 0, 2, 3]])

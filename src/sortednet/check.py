@@ -1952,8 +1952,11 @@ def _reference_shapes(nest: Nest, shapes: Callable[[], list], want: list) -> Cal
 
 def _same_but_heads(nest: Nest, sub: SubModel, got: list, ref: list) -> bool:
     """``got`` equals ``ref`` but for outputs with one axis of a Heads dimension's count going from full to the
-    sub-model's (attention maps, ``output_attentions=True``): whole heads dropped, no feature sliced."""
-    counts = {(d.full, sub[d.name]) for d in nest.dims if d.kind == "heads" and sub[d.name] != d.full}
+    sub-model's (attention maps, ``output_attentions=True``), or a key / value head count to the sub-model's
+    (full and sub-model's counts over a group size: a grouped-query cache the model returns as tensors): whole
+    heads dropped, no feature sliced."""
+    counts = {(d.full // g, sub[d.name] // g) for d in nest.dims if d.kind == "heads" and sub[d.name] != d.full
+              for g in range(1, d.full + 1) if d.full % g == 0 and sub[d.name] % g == 0}
     if not counts or len(got) != len(ref):
         return False
     for g, r in zip(got, ref):
