@@ -34,7 +34,7 @@ from .errors import flag as _flag
 from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike, as_int
-from .views import _compiling, _distributed, is_fsdp, world_size
+from .views import REGISTRATIONS, _compiling, _distributed, count_registrations, is_fsdp, world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -421,9 +421,35 @@ def refuse_unscaled(nest: Nest, backward: Any, module: nn.Module | None = None) 
     if backward is not None:
         return
     prepared = any(getattr(m, "_is_accelerate_prepared", False) for m in (nest.model, module) if m is not None)
-    steps = _accelerate_micro_step() if prepared else 0
-    if steps:  # (on several processes Accelerate marks the DDP wrapper it returns, not the model inside: a
-        _refuse_micro_step(steps)  # forward through that wrapper is refused by _ddp_forward_check)
+    if not prepared and "accelerate" not in sys.modules:
+        return
+    steps = _accelerate_micro_step()
+    # (on several processes Accelerate marks the DDP wrapper it returns, not the model inside: a forward through
+    # that wrapper is refused by _ddp_forward_check; a closure calling the model inside it skips DDP's average too)
+    if steps and (prepared or (world_size() > 1 and _held_by_prepared(nest))):
+        _refuse_micro_step(steps)
+
+
+def _held_by_prepared(nest: Nest) -> bool:
+    """Whether a module Accelerate prepared (its DDP wrapper) holds the nest's model: one walk of the objects the
+    garbage collector tracks, kept until a module is registered anywhere (a new wrapper)."""
+    count_registrations()
+    held = nest.__dict__.get("_held_by_prepared")
+    if held is not None and held[0] == REGISTRATIONS[0]:
+        return held[1]
+    import gc
+
+    found = False
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, nn.Module) and o.__dict__.get("_is_accelerate_prepared", False) and \
+                    any(m is nest.model for m in o.modules()):
+                found = True
+                break
+        except Exception:  # (an object whose class lookup raises: no module of Accelerate's)
+            continue
+    nest.__dict__["_held_by_prepared"] = (REGISTRATIONS[0], found)
+    return found
 
 
 def _refuse_micro_step(steps: int) -> None:
@@ -1204,11 +1230,13 @@ def fit(nest: Nest, loader: Iterable[tuple[Any, Any]], optimizer: torch.optim.Op
         raise SortedNetError(f"fit() needs a loader of (inputs, target) batches, got {type(loader).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise SortedNetError(f"fit(scheduler=...) takes an LR scheduler (with .step()), got {scheduler!r}")
-    if scheduler is not None and not _takes(scheduler.step, 0):
+    if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
+            not _takes(scheduler.step, 0):  # (that one needs a metric: refused below, saying so)
         raise SortedNetError(f"fit(scheduler=...): fit calls scheduler.step() with no argument after each optimizer "
                              f"step, but {type(scheduler).__name__}.step needs one (an epoch or a metric: a timm-style "
                              "scheduler's step(epoch), step_update(num_updates)): wrap it, e.g. a small object whose "
-                             "step() calls it with the step count, or use a torch.optim.lr_scheduler scheduler")
+                             "step() calls it with the step count, or use one whose step() takes none (most of "
+                             "torch.optim.lr_scheduler's)")
     if scheduler is not None and not _same_groups(getattr(scheduler, "optimizer", optimizer), optimizer):
         raise SortedNetError(f"fit(scheduler=...): the scheduler ({type(scheduler).__name__}) sets the learning rate "
                              "of another optimizer than the one fit steps, so its schedule would never apply; build "

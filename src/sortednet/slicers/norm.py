@@ -149,12 +149,14 @@ class NormStats:
         return None if hit is None else hit.get(name)  # (a batch count is absent from older checkpoints)
 
 
-def _fingerprint(t: Tensor) -> Tensor | None:
+def _fingerprint(t: Tensor, rounded: bool = False) -> Tensor | None:
     """Sum, norm, a sum weighted by position along each axis (``u @ t @ v`` of ``t`` as a matrix: units reordered
     in place, which keep the sum and norm, move it) and the sum of magnitudes (the scale :func:`_same` compares
     at) of ``t``'s values, all in float64, in row-major order and in row blocks of bounded size (a bfloat16 weight
-    is not summed in bfloat16, a large one is not converted at once); on ``t``'s device, not synchronised. None
-    where none can be taken without a cost of its own (a meta tensor, a DTensor: a collective)."""
+    is not summed in bfloat16, a large one is not converted at once): one row of 4; ``rounded``, one more row for
+    the values rounded to each other floating dtype of :data:`_ROUNDINGS` (the same weights after ``model.half()``,
+    ``.bfloat16()``, or a round trip such as ``.half().float()``). On ``t``'s device, not synchronised. None where
+    none can be taken without a cost of its own (a meta tensor, a DTensor: a collective)."""
     if t.is_meta or type(t.data).__name__ == "DTensor":
         return None
     with torch.no_grad():
@@ -164,40 +166,36 @@ def _fingerprint(t: Tensor) -> Tensor | None:
                 t = torch.view_as_real(t)
             mat = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
             rows, cols = mat.shape
-            out = torch.zeros(4, dtype=torch.float64, device=t.device)
+            kinds = [None] + ([d for d in _ROUNDINGS if d != t.dtype] if rounded and t.is_floating_point() else [])
+            out = torch.zeros(len(kinds), 4, dtype=torch.float64, device=t.device)
             if mat.numel() == 0:
                 return out
             u = torch.linspace(1, 2, rows, dtype=torch.float64, device=t.device)
             v = torch.linspace(1, 3, cols, dtype=torch.float64, device=t.device)
             step = max(1, _BLOCK // cols)
             for i in range(0, rows, step):
-                part = mat[i:i + step].to(torch.float64)
-                out += torch.stack([part.sum(), part.square().sum(), u[i:i + step] @ part @ v, part.abs().sum()])
-            out[1] = out[1].sqrt()
+                for k, d in enumerate(kinds):
+                    part = (mat[i:i + step] if d is None else mat[i:i + step].to(d)).to(torch.float64)
+                    out[k] += torch.stack([part.sum(), part.square().sum(), u[i:i + step] @ part @ v,
+                                           part.abs().sum()])
+            out[:, 1] = out[:, 1].sqrt()
             return out
         except Exception:
             return None
 
 
 _BLOCK = 1 << 22  # elements of a weight that _fingerprint converts to float64 at once (32 MiB)
-_EXACT = 1e-12  # _same's eps within one dtype: float64 rounding of the sums (their order follows the thread count)
+_ROUNDINGS = (torch.float32, torch.bfloat16, torch.float16)
+_EXACT = 1e-12  # _same's relative error: float64 rounding of the sums (their order follows the thread count)
 
 
-def _same(now: Tensor, held: Tensor, eps: float) -> bool:
-    """Whether fingerprints ``now`` and ``held`` (:func:`_fingerprint`) are of the same values up to a relative
-    error ``eps`` of each value."""
-    held = held.to(now.device)
-    scale = torch.maximum(now[3], held[3])
-    limit = torch.stack([scale, torch.maximum(now[1], held[1]), 6 * scale, scale]) * eps
-    return bool(((now - held).abs() <= limit).all())
-
-
-def _eps(a: torch.dtype, b: torch.dtype) -> float:
-    """:func:`_same`'s eps for values held in dtype ``b`` and now in ``a``: the coarser one's rounding where they
-    differ (``model.half()``, ``.double()``: the same weights in another precision), else :data:`_EXACT`."""
-    if a == b:
-        return _EXACT
-    return max([_EXACT] + [torch.finfo(d).eps for d in (a, b) if d.is_floating_point])
+def _same(now: Tensor, held: Tensor) -> bool:
+    """Whether fingerprint ``now`` (one row of :func:`_fingerprint`) is of the values ``held`` was taken of (any
+    of its rows: those values, or them rounded to another dtype), up to float64 rounding of the sums."""
+    now, held = now[0], held.to(now.device)
+    scale = torch.maximum(held[:, 3], now[3])
+    limit = torch.stack([scale, torch.maximum(held[:, 1], now[1]), 6 * scale, scale], 1) * _EXACT
+    return bool(((now - held).abs() <= limit).all(1).any())
 
 
 def _ptr(t: Tensor) -> int | None:
@@ -211,12 +209,12 @@ def _ptr(t: Tensor) -> int | None:
 
 def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tuple[list[list[Any]], list[Any]]:
     """What :class:`WeightWatch` watches in ``model``: one entry per parameter slot and persistent buffer slot,
-    ``[slots dict, name, path, tensor, version, data pointer, fingerprint, dtype]`` (the buffers of the modules at
-    paths ``skip`` left out: the calibrated ones, whose statistics are watched by their own counters), and one per
+    ``[slots dict, name, path, tensor, version, data pointer, fingerprint]`` (floating-point buffers only: a call
+    or step counter a forward moves is no weight; the buffers of the modules at paths ``skip`` left out: the
+    calibrated ones, whose statistics are watched by their own counters), and one per
     module, ``(path, children dict, children, parameter slots dict, parameter names)`` (a module replaced or
     added, a parameter slot added or removed: ``torch.nn.utils.prune``, an adapter). ``known``: path -> (tensor
-    id, version, data pointer, fingerprint, dtype) of tensors whose fingerprint is not taken again while those
-    hold."""
+    id, version, data pointer, fingerprint) of tensors whose fingerprint is not taken again while those hold."""
     slots: list[list[Any]] = []
     tree: list[Any] = []
     for path, m in model.named_modules():
@@ -224,14 +222,15 @@ def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tu
         held = [(m._parameters, n, p) for n, p in m._parameters.items()]
         if path not in skip:
             gone = m.__dict__.get("_non_persistent_buffers_set", ())
-            held += [(m._buffers, n, b) for n, b in m._buffers.items() if n not in gone]
+            held += [(m._buffers, n, b) for n, b in m._buffers.items()
+                     if n not in gone and b is not None and b.is_floating_point()]
         for store, n, t in held:
             if t is None or t.is_inference():
                 continue
             where, ptr = f"{path}.{n}" if path else n, _ptr(t)
             old = known.get(where) if known is not None else None
             same = old is not None and old[:3] == (id(t), t._version, ptr)
-            slots.append([store, n, where, t, t._version, ptr, old[3] if same else _fingerprint(t), t.dtype])
+            slots.append([store, n, where, t, t._version, ptr, old[3] if same else _fingerprint(t, rounded=True)])
     return slots, tree
 
 
@@ -282,7 +281,7 @@ class WeightWatch:
         new = WeightWatch.__new__(WeightWatch)
         new.root, new.skip, new.key, new.memo = weakref.ref(twin), self.skip, self.key, threading.local()
         new.moved, new.epoch = self.check(), -1
-        new.base = ({e[2]: (id(e[3]), e[4], e[5], e[6], e[7]) for e in self.slots},
+        new.base = ({e[2]: (id(e[3]), e[4], e[5], e[6]) for e in self.slots},
                     [(e[0], tuple(e[1]), tuple(e[3])) for e in self.tree])
         new._hold([], [])
         return new
@@ -323,7 +322,7 @@ class WeightWatch:
         for e in slots:
             held = known[e[2]]
             if (id(e[3]), e[4], e[5]) != held[:3] and (e[6] is None or held[3] is None
-                                                       or not _same(e[6], held[3], _eps(e[7], held[4]))):
+                                                       or not _same(e[6], held[3])):
                 return True
         self.base, self.epoch = None, epoch
         self._hold(slots, tree)
@@ -338,16 +337,14 @@ class WeightWatch:
             if tuple(kids.values()) != was or tuple(params) != names:
                 return True
         for e in self.slots:
-            store, n, _, old, v, ptr, held, dtype = e
+            store, n, _, old, v, ptr, held = e
             t = store.get(n)
             if t is old and t._version == v and _ptr(t) == ptr:
                 continue
             now = None if t is None or t.is_inference() or held is None else _fingerprint(t)
-            if now is None or not _same(now, held, _eps(t.dtype, dtype)):
+            if now is None or not _same(now, held):
                 return True
             e[3], e[4], e[5] = t, t._version, _ptr(t)
-            if t.dtype != dtype:  # (compared at its rounding once; the same values in the new dtype from now)
-                e[6], e[7] = now, t.dtype
         self.epoch = epoch
         self._hold(self.slots, self.tree)
         return False
