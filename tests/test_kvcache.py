@@ -235,15 +235,21 @@ class Logits(nn.Module):
         return self.lm(ids)[0]
 
 
-def test_a_cache_object_from_before_a_sort_is_refused_and_a_returned_cache_is_named():
+def test_a_cache_object_from_before_a_sort_is_refused_and_a_model_returning_its_cache_sorts():
     torch.manual_seed(0)
     model = ListLM().eval()
     ids = torch.randint(0, V, (1, 6))
     dims = lambda p: (sn.Heads("heads", [2, 4], attn=f"{p}blocks.*.attn"),  # noqa: E731
                       sn.Width("ffn", [8, 32], out=f"{p}blocks.*.fc1", inp=f"{p}blocks.*.fc2"))
     nest = sn.wrap(model, *dims(""), example=ids)
-    with pytest.raises(sn.SortedNetError, match="returns its key/value cache"):  # (the returned cache's heads move)
-        sort_units(nest, "l1", example=ids)
+    with torch.no_grad():
+        before = model(ids)[0]
+    sort_units(nest, "l1", example=ids)  # (the returned cache's heads move with the weights: compared up to that)
+    with torch.no_grad():
+        logits, cache = model(ids[:, :5])
+        torch.testing.assert_close(model(ids)[0], before, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids[:, 5:6], past_key_values=cache)[0][:, -1], before[:, -1],
+                                   rtol=1e-4, atol=1e-4)
     nest.unwrap()
     torch.manual_seed(0)
     counted = CountedLM().eval()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import functools
 import json
@@ -242,8 +244,9 @@ def test_a_model_accelerate_did_not_prepare_is_not_refused_on_several_processes(
 
 def test_a_closure_that_runs_another_model_is_refused_and_one_running_the_model_in_any_way_is_not():
     """A closure calling a copy of the model taken before sn.wrap trained that copy once per sub-model and
-    nothing nested, in silence (every loss the same). Refused at the first closure; a compiled forward (no hook
-    runs), a frozen model feeding a trained head and a call of a part of the model pass."""
+    nothing nested, in silence (every loss the same); so did one running the model in a worker thread, where
+    nest.use is not in force. Refused in the first call; a compiled forward (no hook runs), a worker given the
+    context, a frozen model feeding a trained head pass."""
     case = FAMILIES["mlp"](seed=2)
     other = copy.deepcopy(case.model)
     nest = sn.wrap(case.model, *case.dims)
@@ -253,6 +256,14 @@ def test_a_closure_that_runs_another_model_is_refused_and_one_running_the_model_
     compiled = torch.compile(case.model, backend="eager")
     sn.accumulate(nest, nest.submodels, lambda: task_loss(compiled(case.example)))
     assert all(p.grad is not None for p in case.model.parameters())
+
+    fresh = sn.wrap(FAMILIES["mlp"](seed=4).model, *FAMILIES["mlp"](seed=4).dims)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # (a worker thread: nest.use is not in force there)
+        with pytest.raises(sn.SortedNetError, match="ran the model in another thread"):
+            sn.accumulate(fresh, fresh.submodels, lambda: task_loss(pool.submit(fresh.model, case.example).result()))
+        assert all(p.grad is None for p in fresh.model.parameters())
+        sn.accumulate(fresh, fresh.submodels, lambda: task_loss(
+            pool.submit(contextvars.copy_context().run, fresh.model, case.example).result()))
 
     frozen = FAMILIES["mlp"](seed=3)
     nest2 = sn.wrap(frozen.model.requires_grad_(False), *frozen.dims)

@@ -18,6 +18,7 @@ import math
 import numbers
 import random
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -323,6 +324,7 @@ def accumulate(nest: Nest, subs: Sequence[SubModelLike], closure: Callable[[], A
     try:
         _run(nest, resolved, order, closure, distill, teacher, weights, nonfinite, backward, _agree, losses, skipped,
              done)
+        nest._closure_seen = True  # (each closure of a first call checked: see _refuse_other_model)
     except BaseException as e:
         if done and hasattr(e, "add_note") and not getattr(e, "_sn_partial", False):
             whole = [str(s) for s in done if not isinstance(s, tuple)]
@@ -588,12 +590,22 @@ def _nonfinite_stats(nest: Nest) -> list[str]:
         for t in (m._buffers.get("running_mean"), m._buffers.get("running_var")))]
 
 
-def _refuse_other_model(nest: Nest, serial: int, loss: Tensor, sub: SubModel) -> None:
-    """The first closure of a nest's first :func:`accumulate` runs its model: a forward of it entered in this
-    thread (its serial moved), or else (a compiled forward runs no hook) a loss whose graph reaches one of its
-    trainable parameters. A closure calling another model (a copy taken before ``sn.wrap``) trained that one
-    ``len(subs)`` times over, and nothing nested, in silence."""
-    if nest._pin.local.__dict__.get("serial", 0) == serial:
+def _refuse_other_model(nest: Nest, serial: int, last: Any, loss: Tensor, sub: SubModel) -> None:
+    """Each closure of a nest's first :func:`accumulate` runs its model under ``sub``: a forward of it entered in
+    this thread (its serial moved), or else (a compiled forward runs no hook) a loss whose graph reaches one of
+    its trainable parameters, not through a forward of another thread under another sub-model (``last``: the
+    pin's record before the closure). A closure calling another model (a copy taken before ``sn.wrap``), or the
+    model in a thread where this ``nest.use`` is not in force, trained one model ``len(subs)`` times over, and
+    nothing nested, in silence."""
+    pin = nest._pin
+    if pin.local.__dict__.get("serial", 0) == serial:
+        now = pin.last
+        if now is not None and now is not last and now[0] != threading.get_ident() and \
+                getattr(now[1], "sub", sub) != sub:
+            raise SortedNetError(f"accumulate: the closure of {sub} ran the model in another thread, where "
+                                 f"{getattr(now[1], 'sub', '?')} was in force: nest.use applies to the calling "
+                                 "thread (and asyncio task) only. Run the forward in this thread, or give the "
+                                 "worker this context: executor.submit(contextvars.copy_context().run, fn, ...)")
         mine = {id(p) for p in nest.model.parameters() if p.requires_grad}
         if mine and not _reaches(loss, mine):
             raise SortedNetError(f"accumulate: the closure of {sub} ran no forward of the nest's model (none "
@@ -601,7 +613,6 @@ def _refuse_other_model(nest: Nest, serial: int, loss: Tensor, sub: SubModel) ->
                                  "depends on none of that model's trainable parameters: it trains another model (a "
                                  "copy taken before sn.wrap?), the same in every sub-model. Call the wrapped model "
                                  "(or a wrapper around it) in the closure")
-    nest._closure_seen = True
 
 
 def _reaches(loss: Tensor, params: set[int]) -> bool:
@@ -630,10 +641,10 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
         with nest.use(resolved[i]):
             failed: Exception | None = None
             try:
-                serial = None if nest._closure_seen else nest._pin.local.__dict__.get("serial", 0)
+                serial = None if nest._closure_seen else (nest._pin.local.__dict__.get("serial", 0), nest._pin.last)
                 loss, logits, mask = _split(closure(), distill is not None, resolved[i], distill)
                 if serial is not None:
-                    _refuse_other_model(nest, serial, loss, resolved[i])
+                    _refuse_other_model(nest, *serial, loss, resolved[i])
                 total = loss
                 if i == teacher:
                     target = logits.detach()

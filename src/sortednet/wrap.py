@@ -1270,7 +1270,7 @@ class Pin:
     ``active.training``; a sliced attribute read without gradients meanwhile (:meth:`no_grad_read`) may be
     a reentrant checkpoint's forward inside the model, whose recomputation is then pinned to the plan read."""
 
-    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "__weakref__")
+    __slots__ = ("active", "local", "lock", "guards", "note", "root", "copies", "trained", "last", "__weakref__")
 
     def __init__(self, active: Any, root: nn.Module | None = None) -> None:
         self.active, self.local, self.lock = active, threading.local(), threading.Lock()
@@ -1286,6 +1286,9 @@ class Pin:
         # training-mode forwards with gradients of the model itself (not of a copy, nor a dry run's): calibrated
         # BatchNorm statistics made before one describe the weights of before, wherever the layers that changed sit
         self.trained = [0]
+        # (thread, plan) of the outermost forward that started last, in any thread: accumulate tells a closure
+        # that runs the model in another thread, where this thread's nest.use is not in force
+        self.last: tuple[int, Any] | None = None
         active.on_no_grad_read = self.no_grad_read
 
     def __deepcopy__(self, memo: dict) -> "Pin":
@@ -1422,6 +1425,8 @@ class Pin:
             pin_checkpoints(a, a.default if p is a else p, here)  # plan in force there)
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         plan = top[2] = a.default if pinned else None
+        if len(stack) == 1:
+            self.last = (threading.get_ident(), plan if pinned else a._scoped)
         if grad:
             with self.lock:
                 a.training += 1
