@@ -1325,3 +1325,54 @@ def test_discover_names_a_call_on_the_weight_of_a_module_of_a_slicer_of_ones_own
                                          r"discover follows this call on stock layers only"):
         assert sn.discover(model, x, ratios=[0.5, 1.0]) == []
     sn.wrap(model, sn.Width("h", [16, 32], out="0", inp="2")).check(x)
+
+
+class _ListLayer(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cin, 8), nn.Linear(8, 4)
+
+    def forward(self, feats):
+        return self.fc2(torch.relu(self.fc1(torch.cat(feats, 1))))
+
+
+class _AppendsAfterCat(nn.Module):
+    """DenseNet's pattern: a list concatenated by a layer, then appended to after that op ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.m, self.head = _ListLayer(6), nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        feats = [x]
+        h = self.l1(feats)
+        feats.append(torch.relu(self.m(h)))  # (never concatenated: appended after l1's cat ran)
+        return self.head(feats[-1])
+
+
+def test_a_list_appended_to_after_an_op_read_it_is_recorded_as_the_op_saw_it():
+    """discover recorded an op's list argument by reference: a tensor appended after torch.cat(feats) ran was
+    taken for a part of that cat, its width kept whole ('concatenated by cat in l1') and not nested."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        found = sn.discover(_AppendsAfterCat(), torch.randn(2, 6), ratios=[0.5, 1.0])
+    assert any(d.name == "m" and list(d.sizes) == [8, 16] for d in found)
+    assert not any("['m']" in str(w.message) for w in record)
+
+
+def test_a_kept_whole_group_names_how_many_writers_it_holds_beyond_the_first_two():
+    """The warning named a group by its first two writers only, as if that were all of it."""
+    from sortednet.discovery import _label
+
+    class Group:
+        writer = "w"
+
+        def __init__(self, out):
+            self.out = out
+
+        def roles(self, role):
+            return self.out
+
+    assert _label(Group(["a", "b", "c", "d"])) == "['a', 'b', ... 2 more]"
+    assert _label(Group(["a", "b"])) == "['a', 'b']" and _label(Group([])) == "['w']"

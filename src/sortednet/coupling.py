@@ -282,9 +282,23 @@ class _Recorder(TorchFunctionMode):
             name = getattr(func, "__name__", str(func))
             if name == "__get__":
                 name = getattr(getattr(func, "__self__", None), "__name__", "__get__")
+            args, kwargs = _snapshot(args), _snapshot(kwargs)
             self.keep.append((args, kwargs, out))
             self.sinks[-1].append(_Event("op", name, func, args, kwargs, out, self.paths[-1]))
         return out
+
+
+def _snapshot(x: Any) -> Any:
+    """``x`` with its lists and dicts copied (tensors and other leaves kept): an op's arguments as they were at the
+    call, which a forward that appends to the same list afterwards (DenseNet's ``feats.append(...)`` after
+    ``torch.cat(feats, 1)``) would otherwise change in the record."""
+    if type(x) is list:
+        return [_snapshot(v) for v in x]
+    if type(x) is tuple:
+        return tuple(_snapshot(v) for v in x)
+    if type(x) is dict:
+        return {k: _snapshot(v) for k, v in x.items()}
+    return x
 
 
 def _hooks(model: nn.Module, rec: _Recorder, attn: dict[str, tuple]) -> list:
@@ -310,10 +324,12 @@ def _hooks(model: nn.Module, rec: _Recorder, attn: dict[str, tuple]) -> list:
             if leaf:
                 rec.opaque -= 1
                 if rec.opaque == 0:
+                    args, kwargs = _snapshot(args), _snapshot(kwargs)
                     rec.keep.append((args, kwargs, out))
                     rec.sinks[-1].append(_Event("mod", path, mod, args, kwargs, out, path))
             elif cand and rec.opaque == 0:
                 inner = rec.sinks.pop()
+                args, kwargs = _snapshot(args), _snapshot(kwargs)
                 rec.keep.append((args, kwargs, out))
                 rec.sinks[-1].append(_Event("attn", path, mod, args, kwargs, out, path, inner))
 

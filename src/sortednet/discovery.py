@@ -442,7 +442,8 @@ def _kept_whole(c: Coupling, dims: list[Any] = ()) -> list[Any]:  # type: ignore
 def _label(g: Any) -> str:
     """A group named by the modules writing it: sliceable ones, or a layer of one's own holding its weights whose
     forward discovery does not understand (a convolution computing its weight)."""
-    return str(g.roles("out")[:2] or [g.writer])
+    out = g.roles("out")
+    return (str(out[:2])[:-1] + f", ... {len(out) - 2} more]" if len(out) > 2 else str(out)) if out else str([g.writer])
 
 
 def _why(kept: list[Any]) -> str:
