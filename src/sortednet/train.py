@@ -35,7 +35,7 @@ from .errors import flag as _flag
 from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
 from .submodel import SubModel, SubModelLike, as_int
-from .views import REGISTRATIONS, _compiling, _distributed, count_registrations, is_fsdp, world_size
+from .views import WRAPPINGS, _compiling, _distributed, count_registrations, is_fsdp, world_size
 
 if TYPE_CHECKING:
     from .nest import Nest
@@ -434,23 +434,21 @@ def refuse_unscaled(nest: Nest, backward: Any, module: nn.Module | None = None) 
 
 def _held_by_prepared(nest: Nest) -> bool:
     """Whether a module Accelerate prepared (its DDP wrapper) holds the nest's model: one walk of the objects the
-    garbage collector tracks, kept until a module is registered anywhere (a new wrapper)."""
+    garbage collector tracks (by type first: no attribute of other objects is read), kept until a module is
+    registered into a data-parallel wrapper anywhere (a new wrapper: ``views.WRAPPINGS``)."""
     count_registrations()
     held = nest.__dict__.get("_held_by_prepared")
-    if held is not None and held[0] == REGISTRATIONS[0]:
+    if held is not None and held[0] == WRAPPINGS[0]:
         return held[1]
     import gc
 
     found = False
     for o in gc.get_objects():
-        try:
-            if isinstance(o, nn.Module) and o.__dict__.get("_is_accelerate_prepared", False) and \
-                    any(m is nest.model for m in o.modules()):
-                found = True
-                break
-        except Exception:  # (an object whose class lookup raises: no module of Accelerate's)
-            continue
-    nest.__dict__["_held_by_prepared"] = (REGISTRATIONS[0], found)
+        if issubclass(type(o), nn.Module) and o.__dict__.get("_is_accelerate_prepared", False) and \
+                any(m is nest.model for m in o.modules()):
+            found = True
+            break
+    nest.__dict__["_held_by_prepared"] = (WRAPPINGS[0], found)
     return found
 
 

@@ -901,19 +901,29 @@ _WATCHING: list = []
 #: registrations of modules, parameters and buffers in any module since the count started (a module
 #: replaced or a buffer added after ``profile`` or ``calibrate`` gives new slots to watch)
 REGISTRATIONS = [0]
+#: modules registered into a data-parallel wrapper (DDP, FSDP) since the count started: a new wrapper (what
+#: Accelerate's prepare returns on several processes) may hold a nest's model
+WRAPPINGS = [0]
+_WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"})
 _COUNTING: list = []
 
 
 def count_registrations() -> None:
-    """Install the global registration hooks that keep :data:`REGISTRATIONS` (once per process)."""
+    """Install the global registration hooks that keep :data:`REGISTRATIONS` and :data:`WRAPPINGS` (once per
+    process)."""
     if _COUNTING:
         return
 
     def bump(*_: Any) -> None:
         REGISTRATIONS[0] += 1
 
+    def bump_module(parent: Any, *_: Any) -> None:
+        REGISTRATIONS[0] += 1
+        if type(parent).__name__ in _WRAPPERS:
+            WRAPPINGS[0] += 1
+
     mod = nn.modules.module
-    _COUNTING.extend((mod.register_module_module_registration_hook(bump),
+    _COUNTING.extend((mod.register_module_module_registration_hook(bump_module),
                       mod.register_module_parameter_registration_hook(bump),
                       mod.register_module_buffer_registration_hook(bump)))
 

@@ -1286,8 +1286,9 @@ class Pin:
         # training-mode forwards with gradients of the model itself (not of a copy, nor a dry run's): calibrated
         # BatchNorm statistics made before one describe the weights of before, wherever the layers that changed sit
         self.trained = [0]
-        # (thread, plan) of the outermost forward that started last, in any thread: accumulate tells a closure
-        # that runs the model in another thread, where this thread's nest.use is not in force
+        # (thread, plan) of the outermost forward with gradients that started last, in any thread: accumulate
+        # tells a closure that runs the model in another thread, where this thread's nest.use is not in force (a
+        # serving thread's forwards, without gradients, are not taken for it)
         self.last: tuple[int, Any] | None = None
         active.on_no_grad_read = self.no_grad_read
 
@@ -1425,7 +1426,7 @@ class Pin:
             pin_checkpoints(a, a.default if p is a else p, here)  # plan in force there)
         pinned = a._scoped is a  # (inside use, or inside a pinned forward: nothing to pin)
         plan = top[2] = a.default if pinned else None
-        if len(stack) == 1:
+        if len(stack) == 1 and grad:
             self.last = (threading.get_ident(), plan if pinned else a._scoped)
         if grad:
             with self.lock:

@@ -173,18 +173,20 @@ def _fingerprint(t: Tensor, rounded: bool = False) -> Tensor | None:
             u = torch.linspace(1, 2, rows, dtype=torch.float64, device=t.device)
             v = torch.linspace(1, 3, cols, dtype=torch.float64, device=t.device)
             step = max(1, _BLOCK // cols)
-            for i in range(0, rows, step):
+            for i in range(0, rows, step):  # (blocks that stay in cache: converting a whole weight to float64
+                block = mat[i:i + step]      # at once cost more than every sum over it)
                 for k, d in enumerate(kinds):
-                    part = (mat[i:i + step] if d is None else mat[i:i + step].to(d)).to(torch.float64)
-                    out[k] += torch.stack([part.sum(), part.square().sum(), u[i:i + step] @ part @ v,
-                                           part.abs().sum()])
+                    part = (block if d is None else block.to(d)).to(torch.float64)
+                    flat = part.reshape(-1)
+                    out[k] += torch.stack([flat.sum(), torch.dot(flat, flat), u[i:i + step] @ part @ v,
+                                           torch.linalg.vector_norm(flat, 1)])
             out[:, 1] = out[:, 1].sqrt()
             return out
         except Exception:
             return None
 
 
-_BLOCK = 1 << 22  # elements of a weight that _fingerprint converts to float64 at once (32 MiB)
+_BLOCK = 1 << 18  # elements of a weight that _fingerprint converts to float64 at once (2 MiB)
 _ROUNDINGS = (torch.float32, torch.bfloat16, torch.float16)
 _EXACT = 1e-12  # _same's relative error: float64 rounding of the sums (their order follows the thread count)
 
