@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 import weakref
 
@@ -254,8 +255,19 @@ def test_a_closure_that_runs_another_model_is_refused_and_one_running_the_model_
         sn.accumulate(nest, nest.submodels, lambda: task_loss(other(case.example)))
     assert all(p.grad is None for p in [*case.model.parameters(), *other.parameters()])
     compiled = torch.compile(case.model, backend="eager")
-    sn.accumulate(nest, nest.submodels, lambda: task_loss(compiled(case.example)))
-    assert all(p.grad is not None for p in case.model.parameters())
+
+    def serve():  # (a serving thread's forward without gradients, under another sub-model, meanwhile)
+        with torch.no_grad(), nest.use(nest.largest):
+            case.model(case.example)
+
+    def closure():
+        server = threading.Thread(target=serve)
+        server.start()
+        server.join()
+        return task_loss(compiled(case.example))
+
+    losses = sn.accumulate(nest, nest.submodels, closure)
+    assert len(set(losses)) == len(losses) and all(p.grad is not None for p in case.model.parameters())
 
     fresh = sn.wrap(FAMILIES["mlp"](seed=4).model, *FAMILIES["mlp"](seed=4).dims)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # (a worker thread: nest.use is not in force there)
