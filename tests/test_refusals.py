@@ -630,6 +630,41 @@ def test_depth_walked_with_children_is_caught_and_named():
         sn.wrap(Net(), sn.Depth("d", [1, 4], layers="blocks"), example=torch.randn(2, 8))
 
 
+class _Layers(nn.Module):
+    """A block without a forward of its own: the parent calls its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("walk", ["children", "aside"])
+def test_a_block_without_a_forward_walked_around_the_list_is_caught_without_an_example(walk):
+    """The depth guard hooked each block's own forward (or, for a ModuleList block, its modules'): a block whose
+    layers the parent calls (b.fc(b.ln(x))), reached through .children() or a list kept aside, ran under every
+    depth in silence without example= (0.98 off the first-d-blocks model, which cost and export describe)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_Layers() for _ in range(4))
+            self.run = list(self.blocks)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            for b in (self.blocks.children() if walk == "children" else self.run):
+                x = x + b.fc(b.ln(x))
+            return self.head(x)
+
+    torch.manual_seed(0)
+    m, x = Net(), torch.randn(2, 8)
+    nest = sn.wrap(m, sn.Depth("d", [2, 4], layers="blocks"))
+    with pytest.raises(sn.SortedNetError, match=r"block 'blocks.2.ln' ran under d=2, which skips it"):
+        with nest.use("d=2"):
+            m(x)
+    with nest.use("d=4"):
+        m(x)
+
+
 def test_lazy_modules_are_refused_by_wrap_and_discover_without_materialising_them():
     m, x = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(2, 8)
     rng = torch.get_rng_state()

@@ -1013,8 +1013,9 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
     for i, (name, b) in enumerate(container._modules.items()):
         if b is not None and id(b) not in elsewhere:
             first.setdefault(id(b), (i, name, b))
-    # a block that is a container of modules (nn.ModuleList([norm, ff]), unpacked by the forward) has no forward
-    # of its own to hook: its modules are guarded, down to the first with a forward; a module several blocks hold
+    # a block that is a container of modules (nn.ModuleList([norm, ff]), unpacked by the forward, or a module of
+    # the user's without a forward, whose layers the parent calls) has no forward of its own to hook: its modules
+    # are guarded, down to the first with a forward; a module several blocks hold
     # (a Perceiver's tied layers) with the first block's index, as a block held at several positions is
     lowest: dict[int, int] = {}  # (the first block holding each module: a block with a forward of its own too)
     for i, _, b in sorted(first.values(), key=lambda t: t[0]):
@@ -1027,7 +1028,10 @@ def _guard_blocks(model: nn.Module, path: str, container: nn.Module, binding: Bi
             where, m = stack.pop()
             if id(m) in targets and m is not b:
                 continue
-            if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or (type(m).forward is nn.Module.forward
+                                                                  and m._modules):
+                # (a block without a forward of its own: the parent calls its layers, b.fc(x), so they are
+                # what runs)
                 stack.extend(reversed([(f"{where}.{n}", c) for n, c in m._modules.items()
                                        if c is not None and id(c) not in elsewhere]))
             else:
