@@ -11,6 +11,7 @@ import functools
 import math
 import re
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -3668,12 +3669,17 @@ class _CountsItsLayers(nn.Module):
             self.config.num_layers = n
         elif how == "dict":  # a plain dict config
             self.cfg = {"n_layers": n, "width": 8}
+        elif how == "nested config":  # Hydra-style: self.opts.model.n_layers
+            self.opts = types.SimpleNamespace(model=types.SimpleNamespace(n_layers=n), lr=0.1)
+        elif how == "nested dict":
+            self.hp = {"model": {"num_layers": n}}
         self.how = how
 
     def count(self) -> int:
         return {"attribute": lambda: self.n_layers, "config": lambda: self.config.num_layers,
                 "dict": lambda: self.cfg["n_layers"], "len": lambda: len(self.blocks),
-                "kept": lambda: len(self.blocks)}[self.how]()
+                "kept": lambda: len(self.blocks), "nested config": lambda: self.opts.model.n_layers,
+                "nested dict": lambda: self.hp["model"]["num_layers"]}[self.how]()
 
     def forward(self, x):
         n = self.count()
@@ -3684,7 +3690,7 @@ class _CountsItsLayers(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("how", ["attribute", "config", "dict", "len", "kept"])
+@pytest.mark.parametrize("how", ["attribute", "config", "dict", "len", "kept", "nested config", "nested dict"])
 def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
     """At depth 2 of 4, a forward reading a stored count keeps the 4-layer scale and never reaches its final
     norm: not the 2-layer network, while its export computes the same (no other check can tell). ``len()`` of
@@ -3706,8 +3712,9 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
     if how == "attribute":
         assert type(model.n_layers) is int and model.n_layers == 4  # (put back as it was)
     if said:
-        assert {"attribute": "n_layers", "config": "config.num_layers",
-                "dict": "cfg['n_layers']"}[how] in str(said[0].message)
+        assert {"attribute": "n_layers", "config": "config.num_layers", "dict": "cfg['n_layers']",
+                "nested config": "opts.model.n_layers", "nested dict": "hp.model['num_layers']"}[how] \
+            in str(said[0].message)
     if how == "dict":
         assert type(model.cfg["n_layers"]) is int  # (put back as it was)
     with warnings.catch_warnings():  # PyTorch's own encoder keeps num_layers and reads len() of its layers

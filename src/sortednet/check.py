@@ -1246,20 +1246,28 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
             if cls.__module__.startswith(("torch.", "transformers.")):
                 continue
             objs = [(holder, where)]
-            for k in _CONFIGS:
-                v = holder.__dict__.get(k)
-                if type(v) is dict:  # a plain dict config: self.config["n_layers"]
-                    objs.append((v, f"{where}.{k}" if where else k))
-                elif v is not None and not isinstance(v, nn.Module) and not type(v).__module__.startswith(
-                        "builtins"):  # (a transformers config a module of the user's holds too)
-                    objs.append((v, f"{where}.{k}" if where else k))
+            for obj, at in objs:  # (configs: a plain dict, self.config["n_layers"], or an object, a dataclass, a
+                if len(objs) > 64:  # namespace, a transformers config a module of the user's holds; and the ones
+                    break           # they hold, self.config.model.n_layers; any name, self.hp / self.opts)
+                try:
+                    items = list((obj if type(obj) is dict else vars(obj)).items())
+                except Exception:
+                    continue
+                for k, v in items:
+                    if isinstance(k, str) and (type(v) is dict or (
+                            v is not None and not isinstance(v, (nn.Module, torch.Tensor, type))
+                            and not type(v).__module__.startswith(("builtins", "torch", "numpy", "functools"))
+                            and hasattr(v, "__dict__") and not callable(v))) and \
+                            (obj is not holder or k in _CONFIGS or not k.startswith("_")) and \
+                            all(v is not o for o, _ in objs) and at.count(".") - where.count(".") < 3:
+                        objs.append((v, f"{at}.{k}" if at else k))
             for obj, at in objs:
                 try:
                     attrs = dict(obj) if type(obj) is dict else dict(vars(obj))
                 except Exception:  # (no __dict__, or one that is not a mapping)
                     continue
                 for k, v in attrs.items():
-                    if type(v) is int and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
+                    if type(v) in (int, float) and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
                             and _names_this_list(k, v, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
                         spots.setdefault((id(obj), k), (obj, k, shown, v))
