@@ -689,17 +689,33 @@ def test_a_layout_given_a_string_for_a_tuple_is_refused_by_name():
     assert len(sni.LAYOUTS) == n
 
 
-def test_importance_sorting_refuses_unequal_fused_blocks():
-    """Core sort_units cannot permute a fused grouped-query q|k|v (blocks of unequal widths): refused, unchanged."""
+@pytest.mark.parametrize("kv", [2, 4])
+def test_importance_sorting_permutes_a_fused_grouped_query_projection(kv):
+    """Core sort_units refused a fused grouped-query q|k|v (blocks of unequal widths: [32, 16, 16]). Each block
+    is permuted in its own order now: the query heads in q, whole key / value groups in k and v; the full model
+    is unchanged and every sub-model's export equals its live model."""
     from sortednet.importance import sort_units
 
-    attn = _FusedGQA()
-    nest = sn.wrap(attn, sn.Heads("heads", [2, 4], attn="", layout="stacked"))
-    before = {k: v.clone() for k, v in attn.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match=r"'qkv' \(out\): .* unequal widths \(\[32, 16, 16\], .*write the "
-                                                 r"projection as separate layers"):  # (not sort_by_importance,
-        sort_units(nest, "l2", example=torch.randn(2, 5, 32))  # which refuses a nest declared by hand)
-    assert all(torch.equal(v, before[k]) for k, v in attn.state_dict().items())
+    torch.manual_seed(0)
+    attn, x = _FusedGQA(KV=kv), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        attn.qkv.weight[16:32] *= 10  # (query heads 2 and 3, the second key / value group's at kv=2: sorted first)
+    nest = sn.wrap(attn, sn.Heads("heads", [2, 4], attn="", layout="stacked"), example=x)
+    with torch.no_grad():
+        w = attn.qkv.weight.clone()
+        full = attn(x)
+    heads = lambda rows: {tuple(rows[i:i + 8].flatten().tolist()) for i in range(0, len(rows), 8)}  # noqa: E731
+    sort_units(nest, "l2", example=x)
+    with torch.no_grad():  # (the heavy heads lead now, and the key / value heads they read moved with them)
+        now = attn.qkv.weight
+        assert heads(now[:16]) == heads(w[16:32])
+        assert heads(now[32:32 + 8 * kv // 2]) == heads(w[32 + 8 * kv // 2:32 + 8 * kv])
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), full, rtol=1e-5, atol=1e-5)
+        for sub in nest.submodels:
+            with nest.use(sub):
+                torch.testing.assert_close(nest.export(sub)(x), attn(x), rtol=1e-6, atol=1e-6)
+    nest.check(x)
 
 
 @pytest.mark.slow

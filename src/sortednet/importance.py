@@ -69,8 +69,11 @@ _AXES: dict[str, dict[str, list[tuple[str, int]]]] = {
 class _Bind:
     """One binding of a unit group: module, role, and how units map to features."""
 
-    def __init__(self, path: str, m: nn.Module, role: str, unit: int, div: int, chunks: int) -> None:
+    def __init__(self, path: str, m: nn.Module, role: str, unit: int, div: int, chunks: int,
+                 parts: tuple[int, ...] = ()) -> None:
         self.path, self.m, self.role, self.unit, self.div, self.chunks = path, m, role, unit, div, chunks
+        # a fused layout stacking blocks of unequal widths (grouped-query q|k|v: the divisor of each block)
+        self.parts = parts if len(set(parts)) > 1 else ()
         self.head = 0  # head size of a fused interleaved projection (a block [q x div, k, v] per key/value head)
         name = type(m._sn.slicer).__name__
         known = _AXES.get(name) if type(m._sn.slicer).__module__.startswith("sortednet.") else None
@@ -97,6 +100,14 @@ class _Bind:
             base = heads[:, :1] // g * self.unit
             starts = torch.cat([base + heads % g * d, base + g * d, base + (g + 1) * d], 1)
             return (starts[..., None] + torch.arange(d, device=starts.device)).reshape(-1)
+        if self.parts:  # each block in its own order: whole key / value groups in k and v, the heads in q
+            out, start = [], 0
+            for d in self.parts:
+                units = idx if d == 1 else idx.reshape(-1, d)[:, 0] // d
+                f = (units[:, None] * self.unit + torch.arange(self.unit, device=idx.device)[None, :]).reshape(-1)
+                out.append(f + start)
+                start += full_units // d * self.unit
+            return torch.cat(out)
         if self.div > 1:
             idx = idx.reshape(-1, group)[:, 0] // group
         per = full_units // self.div * self.unit
@@ -105,6 +116,14 @@ class _Bind:
 
     def per_unit(self, v: Tensor, full_units: int) -> Tensor:
         """Per-feature values ``v`` summed into per-unit scores (chunks and head features added up)."""
+        if self.parts:
+            out, start = 0, 0
+            for d in self.parts:
+                n = full_units // d * self.unit
+                u = v[start:start + n].reshape(full_units // d, self.unit).sum(1)
+                out = out + (u.repeat_interleave(d) if d > 1 else u)
+                start += n
+            return out
         u = v.reshape(self.chunks, full_units // self.div, self.unit).sum((0, 2))
         return u.repeat_interleave(self.div) if self.div > 1 else u
 
@@ -134,16 +153,7 @@ def _groups(nest: Nest, example: Any, only: frozenset[str] | None = None) -> lis
             if role.startswith("attr:") or b.dim.kind not in ("width", "heads") or (
                     only is not None and b.dim.name not in only):
                 continue
-            if len(set(b.blocks)) > 1:
-                widths = [b.dim.full * b.unit // d for d in b.blocks]
-                hf = getattr(nest, "_hf", None) is not None
-                raise SortedNetError(
-                    f"importance sorting cannot permute {path!r} ({role}): its fused layout stacks blocks of unequal "
-                    f"widths ({widths}, e.g. grouped-query q|k|v)"
-                    + ("; sort this family with sn.sort_by_importance (sortednet.integrations)" if hf else
-                       f"; write the projection as separate layers (q, k, v), or sort the other dimensions only "
-                       f"(dims=[...] without {b.dim.name!r}); nothing was changed"))
-            by_dim.setdefault(b.dim.name, []).append(_Bind(path, m, role, b.unit, b.div, b.chunks))
+            by_dim.setdefault(b.dim.name, []).append(_Bind(path, m, role, b.unit, b.div, b.chunks, b.blocks))
     traced: dict[tuple[str, str], int] = {}
     if example is not None:
         with _at_full(nest):
@@ -166,7 +176,7 @@ def _groups(nest: Nest, example: Any, only: frozenset[str] | None = None) -> lis
             for b in part:
                 if type(b.m._sn.slicer).__name__ == "GroupNormSlicer":
                     block = math.lcm(block, group_size(b.m))
-                block = max(block, b.div)
+                block = max(block, b.div, *b.parts)
             out.append((f"{d.name}@{where}", d, part, block))
     return out
 
