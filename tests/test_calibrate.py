@@ -1241,6 +1241,15 @@ def test_what_changes_no_weight_leaves_the_calibrations_fresh():
     assert stale_statistics(nest) == {}
 
 
+def _calibrated_head(model):
+    """``model`` (a :class:`_HeadOnly`) wrapped over its head's width, calibrated, in eval mode: (nest, data)."""
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))
+    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    model.eval()
+    return nest, data
+
+
 @pytest.mark.parametrize("then", ["read", "round_trip"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_a_model_converted_to_another_dtype_keeps_its_calibrations_fresh(dtype, then):
@@ -1251,10 +1260,7 @@ def test_a_model_converted_to_another_dtype_keeps_its_calibrations_fresh(dtype, 
     model = _HeadOnly()
     model.backbone[2] = nn.Linear(12, 12 * 64)  # (a larger weight: a tolerance growing with it would pass more)
     model.head[0] = nn.Linear(12 * 64, 8)
-    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))
-    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
-    nest.calibrate(data, batches=3)
-    model.eval()
+    nest, data = _calibrated_head(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleCalibrationWarning)
         if then == "round_trip":
@@ -1284,10 +1290,7 @@ def test_a_counter_buffer_a_forward_moves_does_not_make_calibrations_stale():
     model = _HeadOnly()
     model.backbone.register_buffer("calls", torch.zeros((), dtype=torch.long))
     model.backbone.register_forward_pre_hook(lambda m, args: m.calls.add_(1) and None)
-    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))
-    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
-    nest.calibrate(data, batches=3)
-    model.eval()
+    nest, data = _calibrated_head(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleCalibrationWarning)
         for _ in range(3):
@@ -1321,10 +1324,7 @@ def test_a_deep_copy_watches_its_own_weights():
     off a recalibration). The copy's watch compares its weights with the ones the statistics were computed
     after; a copy whose weights did not move stays fresh."""
     model = _HeadOnly()
-    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))
-    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
-    nest.calibrate(data, batches=3)
-    model.eval()
+    nest, data = _calibrated_head(model)
     still, ema = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
         for p in ema.parameters():
