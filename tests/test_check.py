@@ -3724,6 +3724,31 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
         sn.wrap(enc, sn.Depth("depth", [2, 4], layers="0.layers"), example=torch.randn(2, 3, 8)).unwrap()
 
 
+class _Tower(nn.Module):
+    def __init__(self, hp, reads):
+        super().__init__()
+        self.hp, self.reads, self.layers = hp, reads, nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x) / (math.sqrt(2 * self.hp["model"]["num_layers"]) if self.reads else 1)
+        return x
+
+
+def test_a_count_another_tower_reads_from_a_shared_config_is_not_blamed_on_the_depth():
+    """A config held by two towers (any attribute name: self.hp), read by the encoder only: check set the count
+    to the decoder's shallow depth, saw the output move (the encoder read it) and told the user to fix the
+    decoder's correct forward. Counts in configs another tower holds are left to their usual names."""
+    from sortednet.check import LayerCountWarning
+
+    hp = {"model": {"num_layers": 3}}
+    model = nn.Sequential(_Tower(hp, reads=True), _Tower(hp, reads=False), nn.Linear(8, 2))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayerCountWarning)
+        sn.wrap(model, sn.Depth("depth", [1, 2, 3], layers="1.layers"), example=torch.randn(4, 8))
+
+
 def test_a_layer_count_a_block_reads_from_its_own_config_is_said_not_to_follow_the_depth():
     """Blocks built as ``Block(config, i)`` that apply the final norm when ``i == config.n_layer - 1``, the model
     itself holding no config: at depth 2 of 4 the norm never ran, with nothing said (the count was looked for

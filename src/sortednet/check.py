@@ -1230,6 +1230,7 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
     the depth."""
     spots: dict[tuple[int, str], tuple[Any, str, str, int]] = {}
     for path, m in nest._sliced.items():
+        others = None
         b = m._sn.bind.get("depth")
         parts = path.split(".") if path and b is not None else []
         wheres = [".".join(parts[:i]) for i in range(len(parts))]
@@ -1245,11 +1246,13 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
             cls = type(holder).__bases__[0] if getattr(type(holder), "_sn_sliced", False) else type(holder)
             if cls.__module__.startswith(("torch.", "transformers.")):
                 continue
-            objs = [(holder, where)]
-            for obj, at in objs:  # (configs: a plain dict, self.config["n_layers"], or an object, a dataclass, a
-                if len(objs) > 64:  # namespace, a transformers config a module of the user's holds; and the ones
-                    break           # they hold, self.config.model.n_layers; any name, self.hp / self.opts)
-                try:
+            if others is None:  # (what modules off this list's path hold: another tower's config)
+                others = _held_off_path(model, path, wheres)
+            objs, shared = [(holder, where)], [False]
+            for (obj, at), off in zip(objs, shared):  # (configs: a plain dict, self.config["n_layers"], or an
+                if len(objs) > 64:  # object, a dataclass, a namespace, a transformers config a module of the
+                    break           # user's holds; and the ones they hold, self.config.model.n_layers; any name,
+                try:                # self.hp / self.opts: those only where no module off the path holds them too)
                     items = list((obj if type(obj) is dict else vars(obj)).items())
                 except Exception:
                     continue
@@ -1260,7 +1263,11 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
                             and hasattr(v, "__dict__") and not callable(v))) and \
                             (obj is not holder or k in _CONFIGS or not k.startswith("_")) and \
                             all(v is not o for o, _ in objs) and at.count(".") - where.count(".") < 3:
+                        known = obj is holder and k in _CONFIGS  # (a config by its usual name: as before)
+                        if (off or id(v) in others) and not known:
+                            continue
                         objs.append((v, f"{at}.{k}" if at else k))
+                        shared.append(off or id(v) in others)
             for obj, at in objs:
                 try:
                     attrs = dict(obj) if type(obj) is dict else dict(vars(obj))
@@ -1272,6 +1279,19 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
                         spots.setdefault((id(obj), k), (obj, k, shown, v))
     return list(spots.values())
+
+
+def _held_off_path(model: nn.Module, path: str, wheres: list[str]) -> set[int]:
+    """Ids of the objects the modules off the path of the layer list at ``path`` hold as attributes (neither
+    above it, nor its blocks, nor inside them): a config another tower reads too, whose count a change moves
+    wherever that tower runs."""
+    on = set(wheres)
+    out: set[int] = set()
+    for p, mod in model.named_modules():
+        if p in on or p == path or p.startswith(f"{path}."):
+            continue
+        out.update(id(v) for v in vars(mod).values())
+    return out
 
 
 _TOWERS = {"encoder": "encoder", "enc": "encoder", "decoder": "decoder", "dec": "decoder", "text": "text",
