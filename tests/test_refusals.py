@@ -401,6 +401,18 @@ class _RaisingGetattr:
         raise KeyError(name)
 
 
+def test_an_object_whose_getattr_raises_keyerror_gets_the_checks_own_refusal():
+    """check's message for a model it cannot copy read each traceback frame's first argument with getattr; an
+    object of the user's whose __getattr__ raises KeyError put a raw KeyError over the SortedNetError."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    m.odd = _RaisingGetattr(torch.randn(2))
+    before = snapshot(m)
+    with pytest.raises(sn.SortedNetError, match=r"private eval-mode view .* attribute 'odd'"):
+        sn.wrap(m, sn.Width("h", [4, 8], out="0", inp="2"), example=torch.randn(2, 4))
+    assert_unchanged(m, before)
+
+
 @pytest.mark.parametrize("mode", ["svd", "lora"])
 def test_rank_holder_walk_sees_past_big_attributes_and_hooks_and_passes_optimizers(mode, monkeypatch):
     """The walk for other holders of a Rank target's weight: a 30,000-entry vocabulary on the root (or a long list

@@ -1604,8 +1604,9 @@ class Nest:
         tb = getattr(failure, "__traceback__", None)
         while tb is not None:  # each frame's first argument (a method's self, whatever its name): a sliced
             code = tb.tb_frame.f_code  # module (check runs eval-mode copies of them: by path)
-            st = getattr(tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None, "__dict__",
-                         {}).get("_sn")
+            first = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+            st = first.__dict__.get("_sn") if isinstance(first, nn.Module) else None  # (an object of the user's:
+            #                                             its __getattr__ may raise anything, and it is no module)
             if st is not None:
                 inside.add(st.path)
             tb = tb.tb_next
