@@ -371,23 +371,32 @@ def test_an_optimizer_built_before_an_svd_wrap_is_refused_at_its_step():
     early.step()
 
 
+@pytest.mark.parametrize("copied", [False, True])
 @pytest.mark.parametrize("mode", ["svd", "lora"])
 @pytest.mark.parametrize("merge", [False, True])
-def test_an_optimizer_over_the_factors_is_refused_at_its_step_after_unwrap(mode, merge):
+def test_an_optimizer_over_the_factors_is_refused_at_its_step_after_unwrap(mode, merge, copied):
     """unwrap drops the factors (svd) or adapters (lora): an optimizer built after wrap over
     nest.trainable_parameters() kept stepping after unwrap(merge=True) and trained nothing of those layers
     (their weight had a gradient, the optimizer did not hold it), in silence. Refused before any change,
-    naming what it holds; a new optimizer over the unwrapped model steps."""
+    naming what it holds; a new optimizer over the unwrapped model steps. The same for a deep copy (a student)
+    and its own optimizer after unwrap_copy, which marked nothing."""
     torch.manual_seed(0)
     model = _stack(0)
     nest = sn.wrap(model, sn.Rank("r", [2, 4, 8], targets=["0.0", "1"], mode=mode))
     opt = torch.optim.SGD(nest.trainable_parameters(), lr=0.1)
-    nest.unwrap(merge=merge)
+    if copied:
+        student = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+        nest.unwrap(merge=merge)
+        model = nest.unwrap_copy(student, merge=merge)
+    else:
+        nest.unwrap(merge=merge)
     model(torch.randn(4, 12)).sum().backward()
     snap = snapshot(model)
     factor = "U" if mode == "svd" else "lora_A"
+    who = r"nest.unwrap_copy\(copy\)" if copied else r"nest.unwrap\(\)"
     with pytest.raises(sn.SortedNetError, match=rf"optimizer holds '{factor}' of '0\.0' \(Rank 'r'\), which "
-                                                r"nest.unwrap\(\) dropped"):
+                                                rf"{who} dropped"):
         opt.step()
     assert_unchanged(model, snap)
     before = model[1].weight.detach().clone()

@@ -221,6 +221,41 @@ def test_a_deep_copy_runs_the_full_model_after_unwrap_and_unwrap_copy_restores_i
         nest.unwrap_copy(nn.Linear(2, 2))
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _hook_counts(model):
+    return [(path, name, len(m.__dict__.get(name, {}))) for path, m in model.named_modules() for name in _HOOK_DICTS]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "llama"])
+def test_unwrap_copy_leaves_no_hook_of_ours_on_the_copy(kind):
+    """unwrap_copy left the load-time shape check on every module of the copy (a size mismatch then blamed a
+    nest the model no longer has) and, on a Hugging Face model, the key/value cache guards (the copy refused
+    pickling, pointing at unwrap_copy, and still policed caches). The copy's hooks are the model's before wrap."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        before = _hook_counts(m)
+        nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", inp="2"))
+    else:
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        m = transformers.LlamaForCausalLM(cfg).eval()
+        before = _hook_counts(m)
+        nest = sn.from_transformers(m, ffn=[0.5], heads=[2], depth=[1])
+        with torch.no_grad():
+            m(torch.randint(0, 32, (1, 5)))
+    ema = copy.deepcopy(m)
+    nest.unwrap()
+    nest.unwrap_copy(ema)
+    assert _hook_counts(ema) == before == _hook_counts(m)
+    pickle.dumps(ema)
+
+
 def test_unwrap_inside_a_use_block_is_refused():
     """unwrap() inside nest.use(sub) was accepted (from this thread, or another while this one is inside it): until
     the block ended, a deep copy (an EMA or teacher) ran that sub-model's widths at full depth, the output of no

@@ -104,12 +104,12 @@ def _watch_optimizers() -> None:
 
 #: id -> (weak reference, "'path' (factors of Rank 'r')") of the factors / adapters an unwrap dropped: an optimizer
 #: still holding one steps nothing of that layer (the weight it came back to is another tensor)
-_DROPPED: dict[int, tuple[weakref.ref, str]] = {}
+_DROPPED: dict[int, tuple[weakref.ref, str, str]] = {}
 
 
-def _drop(t: torch.Tensor, where: str) -> None:
+def _drop(t: torch.Tensor, where: str, who: str = "nest.unwrap()") -> None:
     key = id(t)
-    _DROPPED[key] = (weakref.ref(t, lambda _, key=key: _DROPPED.pop(key, None)), where)
+    _DROPPED[key] = (weakref.ref(t, lambda _, key=key: _DROPPED.pop(key, None)), where, who)
 
 
 def _stale_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -129,7 +129,7 @@ def _stale_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
         hit = _DROPPED.get(id(p))
         if hit is not None and hit[0]() is p:
             raise SortedNetError(
-                f"optimizer.step(): this optimizer holds {hit[1]}, which nest.unwrap() dropped (the layer's "
+                f"optimizer.step(): this optimizer holds {hit[1]}, which {hit[2]} dropped (the layer's "
                 "weight is a plain parameter again, merged or not): its steps would train nothing of that "
                 "layer. Build a new optimizer over model.parameters() after unwrap")
 
@@ -1397,17 +1397,10 @@ class Nest:
             self._alive = False
             _LIVE.discard(self)
 
-        dropped = [(t, f"{name!r} of {path or 'the root'!r} (Rank {m._sn.bind['rank'].dim.name!r})")
-                   for path, m in self._sliced.items() if "rank" in m._sn.bind
-                   for name, t in m._parameters.items() if t is not None and name not in ("weight", "bias")]
+        dropped = _rank_factors(self._sliced.values())
         unwrap_modules(self._sliced.values(), self._hooks, merge=merge, ranks=self._merge_ranks(merge),
                        then=(functools.partial(unguard_tree, self._guards), forget, self._stop, casts_stale))
-        kept = {id(p) for p in self.model.parameters()}
-        for t, where in dropped:  # (what the modules no longer hold: an optimizer over them trains nothing)
-            if id(t) not in kept:
-                _drop(t, where)
-        if dropped:
-            _watch_optimizers()
+        _drop_factors(self.model, dropped)
         return self.model
 
     @staticmethod
@@ -1460,7 +1453,9 @@ class Nest:
                                  + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
                                     " (it holds no sliced module)"))
         self._refuse_pending("unwrap_copy()")
+        dropped = _rank_factors(mods)
         unwrap_modules(mods, wrap_hooks(copy), merge=merge, ranks=self._merge_ranks(merge))
+        _drop_factors(copy, dropped, "nest.unwrap_copy(copy)")
         return copy
 
     def _refuse_pending(self, who: str) -> None:
@@ -1696,6 +1691,25 @@ def wrap(model: nn.Module, *dims: Dimension, submodels: Iterable[SubModelLike] |
     """
     return Nest(model, *dims, submodels=submodels, inplace_grad=inplace_grad,
                 inplace_min_numel=inplace_min_numel, example=example)
+
+
+def _rank_factors(modules: Iterable[nn.Module]) -> list[tuple[torch.Tensor, str]]:
+    """The factors / adapters of the Rank-sliced ``modules`` (what an unwrap drops), each with its name for a
+    message."""
+    return [(t, f"{name!r} of {m._sn.path or 'the root'!r} (Rank {m._sn.bind['rank'].dim.name!r})")
+            for m in modules if "rank" in m._sn.bind
+            for name, t in m._parameters.items() if t is not None and name not in ("weight", "bias")]
+
+
+def _drop_factors(model: nn.Module, dropped: list[tuple[torch.Tensor, str]], who: str = "nest.unwrap()") -> None:
+    """Mark what ``model`` no longer holds after an unwrap (an optimizer over it trains nothing: its next step is
+    refused, naming it and ``who`` dropped it)."""
+    kept = {id(p) for p in model.parameters()}
+    for t, where in dropped:
+        if id(t) not in kept:
+            _drop(t, where, who)
+    if dropped:
+        _watch_optimizers()
 
 
 class OtherInputFlopsWarning(UserWarning):

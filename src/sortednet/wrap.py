@@ -1183,15 +1183,18 @@ class AttrKey:
 
 
 def wrap_hooks(model: nn.Module) -> list[_HookKey]:
-    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the depth and
-    cumulative-average guards, the save guards
+    """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the depth,
+    cumulative-average and key/value cache guards, the load checks, the save guards
     :class:`FactorsNotPretrained` and :class:`SavePretrainedGuard`), found in ``model``
     (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
+    from .kvcache import CacheGuard, EncoderGuard
+
+    guards = (DepthGuard, CumulativeAverageGuard, CacheGuard, EncoderGuard)
     out = []
     for m in model.modules():
         loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
         out.extend(_HookKey(loads, k) for k, f in list(loads.items())
-                   if isinstance(attr_of(f, "hook"), (StaleCalibration, StateKeys)))
+                   if isinstance(attr_of(f, "hook"), (StaleCalibration, StateKeys, StateShapes)))
         saves = m.__dict__.get("_state_dict_pre_hooks", {})
         out.extend(_HookKey(saves, k) for k, f in list(saves.items()) if isinstance(f, FactorsNotPretrained))
         if isinstance(m.__dict__.get("save_pretrained"), SavePretrainedGuard):
@@ -1199,10 +1202,11 @@ def wrap_hooks(model: nn.Module) -> list[_HookKey]:
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = m.__dict__.get(attr, {})
             for k, f in list(hooks.items()):
-                if (f is _no_fast_path or isinstance(f, (DepthGuard, CumulativeAverageGuard))
-                        or isinstance(attr_of(f, "__self__"), Pin)):
+                if (f is _no_fast_path or isinstance(f, guards)
+                        or isinstance(attr_of(f, "__self__"), (Pin, *guards))):
                     out.append(_HookKey(hooks, k))
-                    if attr == "_forward_hooks":  # its always-call flag goes with it
+                    out.append(_HookKey(m.__dict__.get(f"{attr}_with_kwargs", {}), k))  # (its flags go with it)
+                    if attr == "_forward_hooks":
                         out.append(_HookKey(m.__dict__.get("_forward_hooks_always_called", {}), k))
     return out
 
