@@ -1453,7 +1453,8 @@ class Nest:
                                  + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
                                     " (it holds no sliced module)"))
         self._refuse_pending("unwrap_copy()")
-        dropped = _rank_factors(mods)
+        live = {id(p) for p in self.model.parameters()} if self._alive else set()  # (a copy sharing the
+        dropped = [d for d in _rank_factors(mods) if id(d[0]) not in live]      # model's factors: still in use)
         unwrap_modules(mods, wrap_hooks(copy), merge=merge, ranks=self._merge_ranks(merge))
         _drop_factors(copy, dropped, "nest.unwrap_copy(copy)")
         return copy
