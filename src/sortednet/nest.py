@@ -1601,8 +1601,8 @@ class Nest:
         while tb is not None:  # each frame's first argument (a method's self, whatever its name): a sliced
             code = tb.tb_frame.f_code  # module (check runs eval-mode copies of them: by path)
             first = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
-            st = first.__dict__.get("_sn") if isinstance(first, nn.Module) else None  # (an object of the user's:
-            #                                             its __getattr__ may raise anything, and it is no module)
+            st = first.__dict__.get("_sn") if issubclass(type(first), nn.Module) else None  # (an object of the
+            #    user's: its __getattr__ may raise anything, and its __class__ too (a proxy); it is no module)
             if st is not None:
                 inside.add(st.path)
             tb = tb.tb_next
