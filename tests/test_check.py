@@ -3725,28 +3725,37 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
 
 
 class _Tower(nn.Module):
-    def __init__(self, hp, reads):
+    def __init__(self, conf, name, reads):
         super().__init__()
-        self.hp, self.reads, self.layers = hp, reads, nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.name, self.reads, self.layers = name, reads, nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        setattr(self, name, conf)
 
     def forward(self, x):
+        n = getattr(self, self.name)["model"]["num_layers"] if self.reads else 1
         for layer in self.layers:
-            x = x + layer(x) / (math.sqrt(2 * self.hp["model"]["num_layers"]) if self.reads else 1)
+            x = x + layer(x) / math.sqrt(2 * n)
         return x
 
 
-def test_a_count_another_tower_reads_from_a_shared_config_is_not_blamed_on_the_depth():
-    """A config held by two towers (any attribute name: self.hp), read by the encoder only: check set the count
-    to the decoder's shallow depth, saw the output move (the encoder read it) and told the user to fix the
-    decoder's correct forward. Counts in configs another tower holds are left to their usual names."""
+@pytest.mark.parametrize("name", ["hp", "config"])
+@pytest.mark.parametrize("reader", ["other", "nested"])
+def test_a_count_in_a_config_two_towers_hold_is_blamed_only_on_the_tower_that_reads_it(name, reader):
+    """A config held by two towers, read by the un-nested one only: check set the count to the nested list's
+    shallow depth, saw the output move (the other tower read it) and told the user to fix the nested tower's
+    correct forward. The other tower reads a copy of the config as it was while the count is measured: a count
+    the nested tower reads is still named, one only the other reads is not."""
     from sortednet.check import LayerCountWarning
 
-    hp = {"model": {"num_layers": 3}}
-    model = nn.Sequential(_Tower(hp, reads=True), _Tower(hp, reads=False), nn.Linear(8, 2))
+    conf = {"model": {"num_layers": 3}}
+    model = nn.Sequential(_Tower(conf, name, reads=reader == "other"), _Tower(conf, name, reads=reader == "nested"),
+                          nn.Linear(8, 2))
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LayerCountWarning)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         sn.wrap(model, sn.Depth("depth", [1, 2, 3], layers="1.layers"), example=torch.randn(4, 8))
+    said = [str(w.message) for w in seen if issubclass(w.category, LayerCountWarning)]
+    assert bool(said) == (reader == "nested")
+    assert conf == {"model": {"num_layers": 3}} and model[0].__dict__[name] is conf  # (put back as it was)
 
 
 def test_a_layer_count_a_block_reads_from_its_own_config_is_said_not_to_follow_the_depth():

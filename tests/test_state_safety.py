@@ -256,6 +256,25 @@ def test_unwrap_copy_leaves_no_hook_of_ours_on_the_copy(kind):
     pickle.dumps(ema)
 
 
+def test_unwrap_copy_leaves_the_hooks_of_modules_the_copy_shares_with_the_live_model():
+    """A teacher copy sharing an unsliced head with the model: unwrap_copy(teacher) took the live model's
+    load-time checks off that head: its calibration watch (a load into it no longer dropped the calibrated
+    statistics) and its shape check (a refused load then half-loaded it)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4), nn.Linear(4, 3))
+    nest = sn.wrap(m, sn.Width("h", [4, 16], out="0", norm="1", inp="2"))
+    nest.calibrate([torch.randn(8, 8)])
+    teacher = copy.deepcopy(m)
+    teacher[3] = m[3]
+    before = _hook_counts(m)
+    nest.unwrap_copy(teacher)
+    assert _hook_counts(m) == before
+    snap = snapshot(m)
+    with pytest.raises(Exception, match="size mismatch"):
+        m[3].load_state_dict({"weight": torch.zeros(3, 4), "bias": torch.zeros(4)})
+    assert_unchanged(m, snap)
+
+
 def test_unwrap_inside_a_use_block_is_refused():
     """unwrap() inside nest.use(sub) was accepted (from this thread, or another while this one is inside it): until
     the block ended, a deep copy (an EMA or teacher) ran that sub-model's widths at full depth, the output of no

@@ -18,6 +18,7 @@ from __future__ import annotations
 import cmath
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import math
@@ -1222,15 +1223,17 @@ _COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_enc_layers, encod
 _CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
-def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]]:
-    """(holder, attribute, display name, full depth) of each int named like a layer count and equal to a Depth's
-    full size, on a module above a Depth layer list or on one of its blocks (in ``model``, the check's private
-    view) or in a config object it keeps. PyTorch's and transformers' own classes and configs are left out:
-    their forwards read ``len()`` of the list or slice it (``layers[:config.num_hidden_layers]``), which follows
-    the depth."""
-    spots: dict[tuple[int, str], tuple[Any, str, str, int]] = {}
+def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int, list[tuple[Any, str, Any]]]]:
+    """(holder, attribute, display name, full depth, shadows) of each int named like a layer count and equal to a
+    Depth's full size, on a module above a Depth layer list or on one of its blocks (in ``model``, the check's
+    private view) or in a config object it keeps (by its usual name, or any other, and the ones that config holds:
+    ``self.config.model.n_layers``); ``shadows``: (module, attribute, config) of the modules off the list's path
+    that hold the same config (another tower's: :func:`_counts_read` hands them a copy while it measures).
+    PyTorch's and transformers' own classes and configs are left out: their forwards read ``len()`` of the list or
+    slice it (``layers[:config.num_hidden_layers]``), which follows the depth."""
+    spots: dict[tuple[int, str], tuple[Any, str, str, int, list[tuple[Any, str, Any]]]] = {}
     for path, m in nest._sliced.items():
-        others = None
+        others: dict[int, list[tuple[Any, str]]] | None = None
         b = m._sn.bind.get("depth")
         parts = path.split(".") if path and b is not None else []
         wheres = [".".join(parts[:i]) for i in range(len(parts))]
@@ -1246,13 +1249,13 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
             cls = type(holder).__bases__[0] if getattr(type(holder), "_sn_sliced", False) else type(holder)
             if cls.__module__.startswith(("torch.", "transformers.")):
                 continue
-            if others is None:  # (what modules off this list's path hold: another tower's config)
+            if others is None:
                 others = _held_off_path(model, path, wheres)
-            objs, shared = [(holder, where)], [False]
-            for (obj, at), off in zip(objs, shared):  # (configs: a plain dict, self.config["n_layers"], or an
+            objs, roots = [(holder, where)], [None]
+            for (obj, at), root in zip(objs, roots):  # (configs: a plain dict, self.config["n_layers"], or an
                 if len(objs) > 64:  # object, a dataclass, a namespace, a transformers config a module of the
                     break           # user's holds; and the ones they hold, self.config.model.n_layers; any name,
-                try:                # self.hp / self.opts: those only where no module off the path holds them too)
+                try:                # self.hp / self.opts)
                     items = list((obj if type(obj) is dict else vars(obj)).items())
                 except Exception:
                     continue
@@ -1263,12 +1266,9 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
                             and hasattr(v, "__dict__") and not callable(v))) and \
                             (obj is not holder or k in _CONFIGS or not k.startswith("_")) and \
                             all(v is not o for o, _ in objs) and at.count(".") - where.count(".") < 3:
-                        known = obj is holder and k in _CONFIGS  # (a config by its usual name: as before)
-                        if (off or id(v) in others) and not known:
-                            continue
                         objs.append((v, f"{at}.{k}" if at else k))
-                        shared.append(off or id(v) in others)
-            for obj, at in objs:
+                        roots.append(v if root is None else root)
+            for (obj, at), root in zip(objs, roots):
                 try:
                     attrs = dict(obj) if type(obj) is dict else dict(vars(obj))
                 except Exception:  # (no __dict__, or one that is not a mapping)
@@ -1277,20 +1277,23 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int]
                     if type(v) in (int, float) and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
                             and _names_this_list(k, v, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
-                        spots.setdefault((id(obj), k), (obj, k, shown, v))
+                        shadows = [(mod, name, root) for mod, name in others.get(id(root), [])] if root is not None \
+                            else []
+                        spots.setdefault((id(obj), k), (obj, k, shown, v, shadows))
     return list(spots.values())
 
 
-def _held_off_path(model: nn.Module, path: str, wheres: list[str]) -> set[int]:
-    """Ids of the objects the modules off the path of the layer list at ``path`` hold as attributes (neither
-    above it, nor its blocks, nor inside them): a config another tower reads too, whose count a change moves
-    wherever that tower runs."""
+def _held_off_path(model: nn.Module, path: str, wheres: list[str]) -> dict[int, list[tuple[Any, str]]]:
+    """Id of each object the modules off the path of the layer list at ``path`` hold as an attribute (neither
+    above it, nor its blocks, nor inside them) -> those (module, attribute): a config another tower reads too,
+    whose count a change would move wherever that tower runs."""
     on = set(wheres)
-    out: set[int] = set()
+    out: dict[int, list[tuple[Any, str]]] = {}
     for p, mod in model.named_modules():
         if p in on or p == path or p.startswith(f"{path}."):
             continue
-        out.update(id(v) for v in vars(mod).values())
+        for name, v in vars(mod).items():
+            out.setdefault(id(v), []).append((mod, name))
     return out
 
 
@@ -1368,11 +1371,17 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
             base = run(sub)
         except Exception:  # the dry runs report what fails; this only looks
             continue
-        for obj, k, name, v in mine:
+        for obj, k, name, v, shadows in mine:
+            try:  # (the modules off the list's path that hold the same config read a copy of it, as it was: a
+                copies = [(mod, attr, copy.deepcopy(root)) for mod, attr, root in shadows]  # count another
+            except Exception:  # tower reads alone moves no output; a config that cannot be copied is measured
+                copies = []    # as it is)
             try:
                 _put(obj, k, dd.sizes[0])
             except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
                 continue
+            for mod, attr, twin in copies:
+                mod.__dict__[attr] = twin
             try:
                 try:
                     out = run(sub)
@@ -1383,6 +1392,8 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
                     read.append(name)
             finally:
                 _put(obj, k, v)
+                for mod, attr, _ in copies:
+                    mod.__dict__[attr] = next(r for m_, a_, r in shadows if m_ is mod and a_ == attr)
     if read:
         lists = [p for p, m in nest._sliced.items() if "depth" in m._sn.bind]
         warnings.warn(f"nest.check: the forward computes with {read[:3]}, the full layer count of the Depth layer "

@@ -1455,7 +1455,8 @@ class Nest:
         self._refuse_pending("unwrap_copy()")
         live = {id(p) for p in self.model.parameters()} if self._alive else set()  # (a copy sharing the
         dropped = [d for d in _rank_factors(mods) if id(d[0]) not in live]      # model's factors: still in use)
-        unwrap_modules(mods, wrap_hooks(copy), merge=merge, ranks=self._merge_ranks(merge))
+        shared = frozenset(id(m) for m in self.model.modules()) if self._alive else frozenset()
+        unwrap_modules(mods, wrap_hooks(copy, shared), merge=merge, ranks=self._merge_ranks(merge))
         _drop_factors(copy, dropped, "nest.unwrap_copy(copy)")
         return copy
 

@@ -1182,16 +1182,19 @@ class AttrKey:
             del self.holder[self.key]
 
 
-def wrap_hooks(model: nn.Module) -> list[_HookKey]:
+def wrap_hooks(model: nn.Module, skip: frozenset[int] = frozenset()) -> list[_HookKey]:
     """The hooks ``wrap`` registered (no-fast-path pre-hooks, the root's :class:`Pin`, the depth,
     cumulative-average and key/value cache guards, the load checks, the save guards
     :class:`FactorsNotPretrained` and :class:`SavePretrainedGuard`), found in ``model``
-    (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned)."""
+    (e.g. a deep copy of a wrapped one, whose handles ``wrap`` never returned); ``skip``: ids of modules left
+    alone (those a copy shares with the live model keep its hooks)."""
     from .kvcache import CacheGuard, EncoderGuard
 
     guards = (DepthGuard, CumulativeAverageGuard, CacheGuard, EncoderGuard)
     out = []
     for m in model.modules():
+        if id(m) in skip:
+            continue
         loads = m.__dict__.get("_load_state_dict_pre_hooks", {})
         out.extend(_HookKey(loads, k) for k, f in list(loads.items())
                    if isinstance(attr_of(f, "hook"), (StaleCalibration, StateKeys, StateShapes)))
