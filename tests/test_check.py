@@ -3737,25 +3737,42 @@ class _Tower(nn.Module):
         return x
 
 
+class _Scale(nn.Module):
+    """A helper module off the layer list's path, holding no list of its own, whose output scales every block."""
+
+    def __init__(self, conf):
+        super().__init__()
+        self.conf = conf
+
+    def forward(self, x):
+        return x / math.sqrt(2 * self.conf["model"]["num_layers"])
+
+
 @pytest.mark.parametrize("name", ["hp", "config"])
-@pytest.mark.parametrize("reader", ["other", "nested"])
+@pytest.mark.parametrize("reader", ["other", "other_sub", "nested", "helper"])
 def test_a_count_in_a_config_two_towers_hold_is_blamed_only_on_the_tower_that_reads_it(name, reader):
     """A config held by two towers, read by the un-nested one only: check set the count to the nested list's
     shallow depth, saw the output move (the other tower read it) and told the user to fix the nested tower's
-    correct forward. The other tower reads a copy of the config as it was while the count is measured: a count
-    the nested tower reads is still named, one only the other reads is not."""
+    correct forward. A tower off the list's path holding the config (or a part of it) and a list of that many
+    layers reads a copy of it as it was while the count is measured: a count the nested tower or a helper of its
+    own reads is still named, one only the other tower reads is not."""
     from sortednet.check import LayerCountWarning
 
     conf = {"model": {"num_layers": 3}}
-    model = nn.Sequential(_Tower(conf, name, reads=reader == "other"), _Tower(conf, name, reads=reader == "nested"),
-                          nn.Linear(8, 2))
+    other = _Tower(conf["model"] if reader == "other_sub" else conf, name, reads=reader.startswith("other"))
+    if reader == "other_sub":  # (it holds the inner config, and reads it one level up)
+        other.__dict__[name] = {"model": conf["model"]}
+    nested = _Tower(conf, name, reads=reader == "nested")
+    model = nn.Sequential(other, nested, nn.Linear(8, 2))
+    if reader == "helper":
+        model.append(_Scale(conf))
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         sn.wrap(model, sn.Depth("depth", [1, 2, 3], layers="1.layers"), example=torch.randn(4, 8))
     said = [str(w.message) for w in seen if issubclass(w.category, LayerCountWarning)]
-    assert bool(said) == (reader == "nested")
-    assert conf == {"model": {"num_layers": 3}} and model[0].__dict__[name] is conf  # (put back as it was)
+    assert bool(said) == (reader in ("nested", "helper"))
+    assert conf == {"model": {"num_layers": 3}} and nested.__dict__[name] is conf  # (put back as it was)
 
 
 def test_a_layer_count_a_block_reads_from_its_own_config_is_said_not_to_follow_the_depth():

@@ -1223,17 +1223,16 @@ _COUNT_NAME = re.compile(  # (n_layers, num_hidden_layers, num_enc_layers, encod
 _CONFIGS = ("config", "cfg", "args", "hparams", "params", "model_config", "model_args")
 
 
-def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int, list[tuple[Any, str, Any]]]]:
-    """(holder, attribute, display name, full depth, shadows) of each int named like a layer count and equal to a
+def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int, tuple[Any, ...]]]:
+    """(holder, attribute, display name, full depth, chain) of each int named like a layer count and equal to a
     Depth's full size, on a module above a Depth layer list or on one of its blocks (in ``model``, the check's
     private view) or in a config object it keeps (by its usual name, or any other, and the ones that config holds:
-    ``self.config.model.n_layers``); ``shadows``: (module, attribute, config) of the modules off the list's path
-    that hold the same config (another tower's: :func:`_counts_read` hands them a copy while it measures).
-    PyTorch's and transformers' own classes and configs are left out: their forwards read ``len()`` of the list or
-    slice it (``layers[:config.num_hidden_layers]``), which follows the depth."""
-    spots: dict[tuple[int, str], tuple[Any, str, str, int, list[tuple[Any, str, Any]]]] = {}
+    ``self.config.model.n_layers``); ``chain``: the config objects from the module's attribute down to the holder
+    (another tower may hold any of them: :func:`_counts_read`). PyTorch's and transformers' own classes and
+    configs are left out: their forwards read ``len()`` of the list or slice it
+    (``layers[:config.num_hidden_layers]``), which follows the depth."""
+    spots: dict[tuple[int, str], tuple[Any, str, str, int, tuple[Any, ...]]] = {}
     for path, m in nest._sliced.items():
-        others: dict[int, list[tuple[Any, str]]] | None = None
         b = m._sn.bind.get("depth")
         parts = path.split(".") if path and b is not None else []
         wheres = [".".join(parts[:i]) for i in range(len(parts))]
@@ -1249,10 +1248,8 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
             cls = type(holder).__bases__[0] if getattr(type(holder), "_sn_sliced", False) else type(holder)
             if cls.__module__.startswith(("torch.", "transformers.")):
                 continue
-            if others is None:
-                others = _held_off_path(model, path, wheres)
-            objs, roots = [(holder, where)], [None]
-            for (obj, at), root in zip(objs, roots):  # (configs: a plain dict, self.config["n_layers"], or an
+            objs, chains = [(holder, where)], [()]
+            for (obj, at), chain in zip(objs, chains):  # (configs: a plain dict, self.config["n_layers"], or an
                 if len(objs) > 64:  # object, a dataclass, a namespace, a transformers config a module of the
                     break           # user's holds; and the ones they hold, self.config.model.n_layers; any name,
                 try:                # self.hp / self.opts)
@@ -1267,8 +1264,8 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
                             (obj is not holder or k in _CONFIGS or not k.startswith("_")) and \
                             all(v is not o for o, _ in objs) and at.count(".") - where.count(".") < 3:
                         objs.append((v, f"{at}.{k}" if at else k))
-                        roots.append(v if root is None else root)
-            for (obj, at), root in zip(objs, roots):
+                        chains.append((*chain, v))
+            for (obj, at), chain in zip(objs, chains):
                 try:
                     attrs = dict(obj) if type(obj) is dict else dict(vars(obj))
                 except Exception:  # (no __dict__, or one that is not a mapping)
@@ -1277,23 +1274,36 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
                     if type(v) in (int, float) and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
                             and _names_this_list(k, v, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
-                        shadows = [(mod, name, root) for mod, name in others.get(id(root), [])] if root is not None \
-                            else []
-                        spots.setdefault((id(obj), k), (obj, k, shown, v, shadows))
+                        spots.setdefault((id(obj), k), (obj, k, shown, v, chain))
     return list(spots.values())
 
 
-def _held_off_path(model: nn.Module, path: str, wheres: list[str]) -> dict[int, list[tuple[Any, str]]]:
-    """Id of each object the modules off the path of the layer list at ``path`` hold as an attribute (neither
-    above it, nor its blocks, nor inside them) -> those (module, attribute): a config another tower reads too,
-    whose count a change would move wherever that tower runs."""
-    on = set(wheres)
-    out: dict[int, list[tuple[Any, str]]] = {}
+def _members(v: Any) -> list[Any]:
+    """The values a config ``v`` holds one level down (a dict's values, an object's attributes), or none."""
+    if type(v) is dict:
+        return list(v.values())
+    if isinstance(v, (nn.Module, torch.Tensor, type)) or type(v).__module__.startswith(("builtins", "torch")):
+        return []
+    try:
+        return list(vars(v).values())
+    except Exception:  # (no __dict__)
+        return []
+
+
+def _other_towers(model: nn.Module, lists: list[str], chain: tuple[Any, ...], count: int) -> list[tuple[Any, str]]:
+    """(module, attribute) of the towers off the paths of the Depth layer ``lists`` (neither above one, nor one,
+    nor inside one) that hold a config of ``chain`` (or one holding it) and a layer list of ``count`` entries of
+    their own: their forwards may read the count for that list, which no depth of these lists changes."""
+    if not chain:
+        return []
+    ids = {id(c) for c in chain}
+    out = []
     for p, mod in model.named_modules():
-        if p in on or p == path or p.startswith(f"{path}."):
+        if any(p == q or p.startswith(f"{q}.") or q.startswith(f"{p}.") or not p for q in lists):
             continue
-        for name, v in vars(mod).items():
-            out.setdefault(id(v), []).append((mod, name))
+        held = [name for name, v in vars(mod).items() if id(v) in ids or any(id(u) in ids for u in _members(v))]
+        if held and any(isinstance(c, (nn.ModuleList, nn.Sequential)) and len(c) == count for c in mod.modules()):
+            out += [(mod, name) for name in held]
     return out
 
 
@@ -1371,11 +1381,13 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
             base = run(sub)
         except Exception:  # the dry runs report what fails; this only looks
             continue
-        for obj, k, name, v, shadows in mine:
-            try:  # (the modules off the list's path that hold the same config read a copy of it, as it was: a
-                copies = [(mod, attr, copy.deepcopy(root)) for mod, attr, root in shadows]  # count another
-            except Exception:  # tower reads alone moves no output; a config that cannot be copied is measured
-                copies = []    # as it is)
+        lists = [p for p, mm in nest._sliced.items() if "depth" in mm._sn.bind and mm._sn.bind["depth"].dim is dd]
+        for obj, k, name, v, chain in mine:
+            shadows = [(mod, attr, mod.__dict__[attr]) for mod, attr in _other_towers(model, lists, chain, v)]
+            try:  # (another tower holding the same config reads a copy of it, as it was: a count only it reads
+                copies = [(mod, attr, copy.deepcopy(held)) for mod, attr, held in shadows]  # moves no output;
+            except Exception:  # a config that cannot be copied is measured as it is)
+                copies = []
             try:
                 _put(obj, k, dd.sizes[0])
             except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
@@ -1392,8 +1404,8 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
                     read.append(name)
             finally:
                 _put(obj, k, v)
-                for mod, attr, _ in copies:
-                    mod.__dict__[attr] = next(r for m_, a_, r in shadows if m_ is mod and a_ == attr)
+                for mod, attr, held in shadows if copies else ():
+                    mod.__dict__[attr] = held
     if read:
         lists = [p for p, m in nest._sliced.items() if "depth" in m._sn.bind]
         warnings.warn(f"nest.check: the forward computes with {read[:3]}, the full layer count of the Depth layer "
