@@ -147,9 +147,10 @@ def _check_spec(spec: Any, i: int, fmt: str, where: str) -> None:
             or any(a >= b for a, b in zip(sizes, sizes[1:])):
         raise _err(where, f"dimension {name!r} sizes {str(sizes)[:80]} are not 1..{MAX_SIZES} ascending "
                           "positive ints")
+    # (a kind of the user's own is never rebuilt from a file, only compared with the nest's own dimension)
     allowed = {p.name for p in inspect.signature(_KINDS[kind].__init__).parameters.values()
                if p.kind == p.KEYWORD_ONLY}
-    unknown = sorted(set(spec) - allowed - {"kind", "name", "sizes", "patterns"})
+    unknown = sorted(set(spec) - allowed - {"kind", "name", "sizes", "patterns"}) if kind in PATTERN_FIELDS else []
     if unknown:
         raise _err(where, f"dimension {name!r} ({kind}) has unknown keys {unknown[:5]}; "
                           f"{kind} takes {sorted(allowed)}")
