@@ -1727,3 +1727,67 @@ def test_per_head_outputs_match_only_up_to_a_reorder_of_whole_heads():
     moved[0, 1, 0, 0] += 1.0  # (a value changed, not only the order)
     assert not torch.allclose(importance._heads_matched([moved], [ref], {4})[0], ref)
     assert torch.equal(importance._heads_matched([ref[:, [1, 0, 2, 3]]], [ref], {3})[0], ref[:, [1, 0, 2, 3]])
+
+
+class _OwnMatmul(nn.Linear):
+    """A Linear computing with its own matmul (as Falcon's FalconLinear): a trace cannot follow its features."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+sn.slicer(_OwnMatmul)(type("_OwnMatmulSlicer", (sn.slicers.linear.LinearSlicer,), {}))  # (its forward reads W)
+
+
+class _FusedBlock(nn.Module):
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+        self.up = nn.Linear(8, 2 * 16) if fused else _OwnMatmul(8, 16)
+        self.down = nn.Linear(16, 8) if fused else _OwnMatmul(16, 8)
+
+    def forward(self, x):
+        if self.fused:  # a fused gate_up projection chunked in two (as Phi-3's)
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return x + self.down(F.silu(gate) * up)
+        return x + self.down(F.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_each_layer_gets_its_own_order_where_the_trace_cannot_pair_its_writers_and_readers(fused):
+    """Where the wiring trace could not pair a layer's FFN writer with its reader (a gate_up projection chunked in
+    two, a Linear subclass computing with its own matmul: Phi-3, Falcon), sort_units fell back to ONE order for
+    every layer, scored over all of them: a sub-model kept each layer's units by the sum over layers. Each layer
+    (element of a module list) is now tried as its own group, verified like the trace's."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(_FusedBlock(fused) for _ in range(3))
+    with torch.no_grad():
+        for b in blocks:  # layers whose units rank differently
+            b.up.weight.mul_(torch.rand(b.up.weight.shape[0], 1) * 4)
+    model = _Stack(nn.Linear(4, 8), blocks)
+    x = torch.randn(5, 4)
+    want = model(x)
+    chunks = {"blocks.*.up": 2} if fused else None
+    nest = sn.wrap(model, sn.Width("ffn", [8, 16], out="blocks.*.up", inp="blocks.*.down", chunks=chunks))
+    before = [b.up.weight.detach().clone() for b in blocks]
+    orders = sort_units(nest, "l1", example=x)
+    assert sorted(orders) == [f"ffn@blocks.{i}.up" for i in range(3)]
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+    for i, b in enumerate(blocks):
+        w = before[i].abs().sum(1)
+        own = (w.reshape(2, 16).sum(0) if fused else w).argsort(descending=True, stable=True)
+        assert orders[f"ffn@blocks.{i}.up"].tolist() == own.tolist()
+        torch.testing.assert_close(b.up.weight, before[i].reshape(-1, 16, 8)[:, own].reshape(-1, 8) if fused
+                                   else before[i][own])
+
+
+class _Stack(nn.Module):
+    def __init__(self, stem, blocks):
+        super().__init__()
+        self.stem, self.blocks = stem, blocks
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return x

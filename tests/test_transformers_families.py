@@ -1145,10 +1145,14 @@ def test_a_config_export_cannot_rewrite_raises_a_sortedneterror_and_plain_export
         torch.testing.assert_close(nest.export(nest.smallest, plain=True)(x).logits, model(x).logits)
 
 
-def test_importance_sorting_refuses_cleanly_what_it_cannot_permute_and_accepts_per_head_outputs():
-    """A permutation that fails midway (GPT-BigCode multi-query heads) is undone and refused; expert blocks
-    next to dense ones sort their heads (a nest without ffn= keeps the FFNs as they are); attention maps returned
-    with output_attentions=True follow the new head order and do not refuse a correct sort."""
+def test_importance_sorting_refuses_cleanly_what_it_cannot_permute_and_accepts_per_head_outputs(monkeypatch):
+    """A permutation that fails midway is undone and refused; GPT-BigCode's multi-query heads (one key / value
+    head, which the gpt2 layout read as one per query head: an IndexError refused) sort keeping the full model's
+    output; expert blocks next to dense ones sort their heads (a nest without ffn= keeps the FFNs as they are);
+    attention maps returned with output_attentions=True follow the new head order and do not refuse a correct
+    sort."""
+    from sortednet.integrations import importance as hf_importance
+
     torch.manual_seed(0)
     x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
     mqa = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
@@ -1159,9 +1163,25 @@ def test_importance_sorting_refuses_cleanly_what_it_cannot_permute_and_accepts_p
         mlp_only_layers=[0], vocab_size=V)).eval()
     nest = sn.from_transformers(mqa, ffn=[64], heads=[4])
     before = {k: v.clone() for k, v in mqa.state_dict().items()}
-    with pytest.raises(sn.SortedNetError, match="cannot permute|does not support"):
+    sort_heads, calls = hf_importance._sort_heads, []
+
+    def fails_in_the_second_layer(*a, **kw):  # (after the first layer's FFN and heads moved)
+        calls.append(1)
+        if len(calls) == 2:
+            raise IndexError("index out of range in self")
+        return sort_heads(*a, **kw)
+
+    monkeypatch.setattr(hf_importance, "_sort_heads", fails_in_the_second_layer)
+    with pytest.raises(sn.SortedNetError, match="cannot permute this gpt2-layout model .*IndexError"):
         sn.sort_by_importance(nest, [x])
-    assert all(torch.equal(v, before[k]) for k, v in mqa.state_dict().items())
+    assert len(calls) == 2 and all(torch.equal(v, before[k]) for k, v in mqa.state_dict().items())
+    monkeypatch.undo()
+    with torch.no_grad():
+        ref = mqa(x).logits
+    perms = sn.sort_by_importance(nest, [x])
+    with torch.no_grad():
+        assert (mqa(x).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert any(not torch.equal(p["ffn"], torch.arange(128)) for p in perms.values())
     nest = sn.from_transformers(moe, heads=[2], depth=[1])  # no ffn=: its FFNs (experts beside dense) stay
     perms = sn.sort_by_importance(nest, [x])
     assert {k for layer in perms.values() for k in layer} == {"heads"}

@@ -181,6 +181,33 @@ def _groups(nest: Nest, example: Any, only: frozenset[str] | None = None) -> lis
     return out
 
 
+def _per_block(nest: Nest, whole: list[tuple[str, Any, list[_Bind], int]]
+               ) -> list[tuple[str, Any, list[_Bind], int]] | None:
+    """``whole`` with each Width's units split by the element of a module list holding them (a transformer's
+    layers), where every element holds writers (``out``) and readers (``inp``) of its part; None where no
+    Width splits so. A candidate like the trace's groups: the sort verifies the full model's output with it."""
+    lists = {p for p, m in nest.model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
+
+    def block(path: str) -> str | None:
+        parts = path.split(".")
+        return next((".".join(parts[:i + 1]) for i in range(1, len(parts))
+                     if parts[i].isdigit() and ".".join(parts[:i]) in lists), None)
+
+    out, split = [], False
+    for label, d, part, size in whole:
+        blocks = [block(b.path) for b in part]
+        by: dict[str, list[_Bind]] = {}
+        for k, b in zip(blocks, part):
+            by.setdefault(k or "", []).append(b)
+        if d.kind != "width" or None in blocks or len(by) < 2 or not all(
+                {"out", "inp"} <= {b.role for b in p} for p in by.values()):
+            out.append((label, d, part, size))
+            continue
+        split = True
+        out += [(f"{d.name}@{next(b.path for b in p if b.role == 'out')}", d, p, size) for p in by.values()]
+    return out if split else None
+
+
 def _heads_parts(nest: Nest, d: Any, binds: list[_Bind]) -> list[tuple[str, list[_Bind]]]:
     from .dims import match
 
@@ -853,8 +880,10 @@ def _sort(nest: Nest, model: nn.Module, copies: dict[int, nn.Module], method: st
     where = ""
     split = _groups(nest, example, only)
     taylor = _taylor(nest, model, split, data, loss_fn) if method == "taylor" else {}
-    for groups in (split, _groups(nest, None, only)):
-        _refuse_shared_memory(groups)
+    whole = _groups(nest, None, only)
+    per_block = _per_block(nest, whole)  # (where the trace could not pair a layer's writers and readers: a fused
+    for groups in (split, *([per_block] if per_block is not None else []), whole):  # gate_up chunked, a Linear
+        _refuse_shared_memory(groups)  # subclass computing with its own matmul, each layer its own order still)
         held = {id(c): c for _, _, part, _ in groups for b in part for t, _ in b.tensors
                 for c in _companions(t, optimizer)}
         saved = [(c, c.detach().clone()) for c in held.values()]

@@ -425,6 +425,8 @@ def _head_counts(cfg, lay: Layout, tower: str | None = None, model: nn.Module | 
                              "only")
     if lay.family == "falcon" and getattr(cfg, "multi_query", False) and not cfg.new_decoder_architecture:
         kv = 1
+    if lay.family == "gpt2" and getattr(cfg, "model_type", "") == "gpt_bigcode" and getattr(cfg, "multi_query", True):
+        kv = 1  # (GPTBigCode, detected as gpt2: one key / value head, GPTBigCodeConfig's default)
     return n, n // kv
 
 
