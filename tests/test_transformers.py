@@ -2669,10 +2669,11 @@ def test_an_export_loads_where_sortednet_is_not_installed(plain, tmp_path):
     small = nest.export("ffn=32,depth=2", plain=plain)
     assert all(not d for m in small.modules() for d in (m._forward_pre_hooks_with_kwargs, m._forward_hooks_with_kwargs))
     if plain:
-        for m in (small, copy.deepcopy(small), copy.copy(small)):
+        for m in (small, copy.deepcopy(small), copy.copy(small), small.transformer):
             with pytest.raises(sn.SortedNetError, match="plain=True"):
                 m.save_pretrained(str(tmp_path / "hf"))
-        del small.save_pretrained
+        for m in small.modules():  # (as transformers.md says)
+            m.__dict__.pop("save_pretrained", None)
     x = torch.randint(0, 50, (1, 6))
     with torch.no_grad():
         torch.save((x, small(x).logits), tmp_path / "want.pt")
@@ -2681,6 +2682,47 @@ def test_an_export_loads_where_sortednet_is_not_installed(plain, tmp_path):
                            str(tmp_path / "want.pt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "GPT2LMHeadModel" in proc.stdout
+
+
+class _HoldsALlama(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lm = llama()
+        self.head = torch.nn.Linear(V, 2)
+
+    def forward(self, ids):
+        return self.head(self.lm(ids).logits)
+
+
+def test_a_transformers_model_inside_an_export_refuses_save_pretrained_where_its_config_is_the_full_models(
+        tmp_path):
+    """save_pretrained was refused on a plain=True export itself, not on the transformers model inside it
+    (small.model of a LlamaForCausalLM), nor on a transformers model inside a module of the user's nested by hand
+    (its export keeps that model's config: 4 layers over 2): each wrote a checkpoint that from_pretrained loaded
+    with the dropped layers initialised at random. Now each refuses, writing nothing; the full sub-model, and the
+    exports whose config an export hook cut, still save and load with the live sub-model's outputs."""
+    torch.manual_seed(0)
+    x = torch.randint(0, V, (1, 6))
+    nest = sn.from_transformers(llama(), depth=[2, 4])
+    plain = nest.export("depth=2", plain=True)
+    for m in (plain, plain.model):
+        with pytest.raises(sn.SortedNetError, match="plain=True"):
+            m.save_pretrained(str(tmp_path / "plain"))
+    assert not (tmp_path / "plain").exists()
+    stock = nest.export("depth=2")
+    stock.model.save_pretrained(str(tmp_path / "inner"))
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "inner")).num_hidden_layers == 2
+    mine = _HoldsALlama().eval()
+    nest = sn.wrap(mine, sn.Depth("depth", [2, 4], layers="lm.model.layers"), example=x)
+    small = nest.export("depth=2")
+    with pytest.raises(sn.SortedNetError, match=r"'lm' of nest.export\('depth=2'\).*sn.from_transformers\(model.lm"):
+        small.lm.save_pretrained(str(tmp_path / "lm"))
+    assert not (tmp_path / "lm").exists()
+    full = nest.export("depth=4")
+    full.lm.save_pretrained(str(tmp_path / "full"))
+    again = LlamaForCausalLM.from_pretrained(str(tmp_path / "full")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, mine.lm(x).logits, atol=1e-5, rtol=0)
 
 
 def test_a_plain_export_with_a_factored_rank_layer_refuses_save_pretrained(tmp_path):

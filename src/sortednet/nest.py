@@ -154,6 +154,18 @@ def _refuse_save_pretrained(cls: str, sub: str, *args: Any, **kwargs: Any) -> No
                          "torch.save, or export without plain=True for a config cut to the sub-model")
 
 
+def _refuse_inner_save_pretrained(cls: str, path: str, sub: str, plain: bool, *args: Any, **kwargs: Any) -> None:
+    """``save_pretrained`` of a library model inside an export whose config still describes the full model."""
+    fix = ("export without plain=True for configs cut to the sub-model" if plain else
+           "for a checkpoint from_pretrained loads, nest that model itself (sn.from_transformers(model."
+           f"{path}, ...), whose exports get a config cut to the sub-model)")
+    raise SortedNetError(f"this {cls} is {path!r} of nest.export({sub!r}{', plain=True' if plain else ''}): its tensors "
+                         "are cut to the sub-model but its config still describes the full model's, so save_pretrained "
+                         "would write a checkpoint that from_pretrained loads with other shapes (or, with fewer "
+                         f"layers, with the missing ones initialised at random); save the export with torch.save, or "
+                         f"{fix}. Nothing was written")
+
+
 def _refuse_shared_with_another(model: nn.Module, planned: Mapping[str, Any]) -> None:
     """A module this nest would slice that is also part of a model another live nest wraps (two models sharing
     a block list, a layer): its sub-models would change that model's forward, exports and costs too, under
@@ -1334,6 +1346,7 @@ class Nest:
                 # layers) load with the missing ones initialised at random
                 new.__dict__["save_pretrained"] = functools.partial(_refuse_save_pretrained, type(new).__name__,
                                                                    str(sub))
+            self._guard_inner_configs(new, sub, plain)
             return new
         if stale is not None and "transformers" not in EXPORT_HOOKS:
             for load in EXPORT_HOOK_LOADERS:  # a transformers model: its hook lives in sortednet.integrations
@@ -1345,14 +1358,36 @@ class Nest:
                                  "shapes, which sortednet can do only for transformers models (import "
                                  "sortednet.integrations first); pass plain=True for a plain module that keeps the "
                                  "full model's config")
+        self._guard_inner_configs(new, sub, plain)
         return new
 
-    def _shapes_differ(self, new: nn.Module) -> bool:
-        """Whether export ``new`` holds other tensors than the model's full state (a shape cut, a layer dropped),
-        a Rank's factors / adapters aside (an export merges them into the weight they stand for)."""
-        full = self.model.state_dict()
+    def _guard_inner_configs(self, new: nn.Module, sub: SubModel, plain: bool) -> None:
+        """Refuse ``save_pretrained`` of a library model inside export ``new`` (a ``plain=True`` export's inner
+        ``.model``, a transformers model inside a module of the user's) whose config still describes the live
+        model's (no export hook rewrote it) while its tensors are cut: a checkpoint of it would load other shapes,
+        or with the dropped layers initialised at random."""
+        for path, m in new.named_modules():
+            if not path or "save_pretrained" in m.__dict__ or not callable(getattr(type(m), "save_pretrained", None)):
+                continue
+            to_dict = getattr(getattr(m, "config", None), "to_dict", None)
+            try:
+                live = self.model.get_submodule(path)
+                same = callable(to_dict) and to_dict() == live.config.to_dict()
+            except Exception:  # (no counterpart at that path, or a config of another kind: not judged)
+                continue
+            if same and self._shapes_differ(m, path):
+                m.__dict__["save_pretrained"] = functools.partial(_refuse_inner_save_pretrained, type(m).__name__,
+                                                                 path, str(sub), plain)
+
+    def _shapes_differ(self, new: nn.Module, at: str = "") -> bool:
+        """Whether export ``new`` (of the module at path ``at``) holds other tensors than the model's full state
+        (a shape cut, a layer dropped), a Rank's factors / adapters aside (an export merges them into the weight
+        they stand for)."""
+        full = self.model.get_submodule(at).state_dict()
         mine = new.state_dict()
-        paths = [p for p, m in self._sliced.items() if "rank" in m._sn.bind]
+        inside = f"{at}." if at else ""
+        paths = [p[len(inside):] if at else p for p, m in self._sliced.items()
+                 if "rank" in m._sn.bind and (p.startswith(inside) or not at)]
         key = lambda p, n: f"{p}.{n}" if p else n  # noqa: E731
         rank = {key(p, n) for p in paths for n in ("U", "V", "lora_A", "lora_B")}
         # the model's own keys: a Rank target's weight (held as factors by svd) is merged back into it; an export
