@@ -3654,6 +3654,19 @@ def test_an_output_projection_inside_a_sequential_is_found():
         torch.testing.assert_close(nest.export("h=2")(x), live)
 
 
+@dataclasses.dataclass(frozen=True)
+class _FrozenArgs:
+    n_layers: int
+
+
+@dataclasses.dataclass(frozen=True, **({"slots": True} if sys.version_info >= (3, 10) else {}))
+class _SlottedArgs:
+    n_layers: int
+
+
+_TupleArgs = collections.namedtuple("_TupleArgs", "n_layers width")
+
+
 class _CountsItsLayers(nn.Module):
     """A stack that keeps its layer count (``how``: on itself, in a config object of its own, or not at all)
     and reads it in the forward: a residual scale and a final norm after the last block."""
@@ -3673,13 +3686,24 @@ class _CountsItsLayers(nn.Module):
             self.opts = types.SimpleNamespace(model=types.SimpleNamespace(n_layers=n), lr=0.1)
         elif how == "nested dict":
             self.hp = {"model": {"num_layers": n}}
+        elif how == "frozen dataclass":
+            self.args = _FrozenArgs(n)
+        elif how == "slotted dataclass":
+            self.args = _SlottedArgs(n)
+        elif how == "named tuple":
+            self.args = _TupleArgs(n, 8)
+        elif how == "named tuple in a dict":
+            self.hp = {"model": _TupleArgs(n, 8)}
         self.how = how
 
     def count(self) -> int:
         return {"attribute": lambda: self.n_layers, "config": lambda: self.config.num_layers,
                 "dict": lambda: self.cfg["n_layers"], "len": lambda: len(self.blocks),
                 "kept": lambda: len(self.blocks), "nested config": lambda: self.opts.model.n_layers,
-                "nested dict": lambda: self.hp["model"]["num_layers"]}[self.how]()
+                "nested dict": lambda: self.hp["model"]["num_layers"],
+                "frozen dataclass": lambda: self.args.n_layers, "slotted dataclass": lambda: self.args.n_layers,
+                "named tuple": lambda: self.args.n_layers,
+                "named tuple in a dict": lambda: self.hp["model"].n_layers}[self.how]()
 
     def forward(self, x):
         n = self.count()
@@ -3690,11 +3714,13 @@ class _CountsItsLayers(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("how", ["attribute", "config", "dict", "len", "kept", "nested config", "nested dict"])
+@pytest.mark.parametrize("how", ["attribute", "config", "dict", "len", "kept", "nested config", "nested dict",
+                                 "frozen dataclass", "slotted dataclass", "named tuple", "named tuple in a dict"])
 def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
     """At depth 2 of 4, a forward reading a stored count keeps the 4-layer scale and never reaches its final
     norm: not the 2-layer network, while its export computes the same (no other check can tell). ``len()`` of
-    the list follows the depth and equals the 2-layer model; a count only stored is not named."""
+    the list follows the depth and equals the 2-layer model; a count only stored is not named. A count in a
+    frozen dataclass (which could not be set to measure it) or a named tuple (not found) went unnamed."""
     from sortednet.check import LayerCountWarning
 
     torch.manual_seed(0)
@@ -3713,10 +3739,16 @@ def test_a_layer_count_the_forward_reads_is_said_not_to_follow_the_depth(how):
         assert type(model.n_layers) is int and model.n_layers == 4  # (put back as it was)
     if said:
         assert {"attribute": "n_layers", "config": "config.num_layers", "dict": "cfg['n_layers']",
-                "nested config": "opts.model.n_layers", "nested dict": "hp.model['num_layers']"}[how] \
+                "nested config": "opts.model.n_layers", "nested dict": "hp.model['num_layers']",
+                "frozen dataclass": "args.n_layers", "slotted dataclass": "args.n_layers",
+                "named tuple": "args.n_layers", "named tuple in a dict": "hp.model.n_layers"}[how] \
             in str(said[0].message)
     if how == "dict":
         assert type(model.cfg["n_layers"]) is int  # (put back as it was)
+    if how in ("frozen dataclass", "slotted dataclass", "named tuple"):
+        assert model.args == type(model.args)(*((4, 8) if how == "named tuple" else (4,)))  # (put back)
+    if how == "named tuple in a dict":
+        assert model.hp["model"] == _TupleArgs(4, 8)
     with warnings.catch_warnings():  # PyTorch's own encoder keeps num_layers and reads len() of its layers
         warnings.simplefilter("error", LayerCountWarning)
         enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 4,

@@ -19,6 +19,7 @@ import cmath
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -1248,34 +1249,75 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
             cls = type(holder).__bases__[0] if getattr(type(holder), "_sn_sliced", False) else type(holder)
             if cls.__module__.startswith(("torch.", "transformers.")):
                 continue
-            objs, chains = [(holder, where)], [()]
+            objs, chains, parents = [(holder, where)], [()], [None]
             for (obj, at), chain in zip(objs, chains):  # (configs: a plain dict, self.config["n_layers"], or an
-                if len(objs) > 64:  # object, a dataclass, a namespace, a transformers config a module of the
-                    break           # user's holds; and the ones they hold, self.config.model.n_layers; any name,
-                try:                # self.hp / self.opts)
-                    items = list((obj if type(obj) is dict else vars(obj)).items())
+                if len(objs) > 64:  # object, a dataclass (frozen too), a namespace, a named tuple, a transformers
+                    break           # config a module of the user's holds; and the ones they hold,
+                try:                # self.config.model.n_layers; any name, self.hp / self.opts)
+                    items = list(_config_items(obj).items())
                 except Exception:
                     continue
                 for k, v in items:
-                    if isinstance(k, str) and (type(v) is dict or (
+                    if isinstance(k, str) and (type(v) is dict or _named_tuple(v) or (
                             v is not None and not isinstance(v, (nn.Module, torch.Tensor, type))
                             and not type(v).__module__.startswith(("builtins", "torch", "numpy", "functools"))
-                            and hasattr(v, "__dict__") and not callable(v))) and \
+                            and (hasattr(v, "__dict__") or dataclasses.is_dataclass(v)) and not callable(v))) and \
                             (obj is not holder or k in _CONFIGS or not k.startswith("_")) and \
                             all(v is not o for o, _ in objs) and at.count(".") - where.count(".") < 3:
                         objs.append((v, f"{at}.{k}" if at else k))
                         chains.append((*chain, v))
-            for (obj, at), chain in zip(objs, chains):
+                        parents.append((obj, k))
+            for (obj, at), chain, parent in zip(objs, chains, parents):
                 try:
-                    attrs = dict(obj) if type(obj) is dict else dict(vars(obj))
+                    attrs = _config_items(obj)
                 except Exception:  # (no __dict__, or one that is not a mapping)
                     continue
                 for k, v in attrs.items():
                     if type(v) in (int, float) and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
                             and _names_this_list(k, v, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
-                        spots.setdefault((id(obj), k), (obj, k, shown, v, chain))
+                        spots.setdefault((id(obj), k), (obj, k, shown, v, chain, _setter(obj, k, parent)))
     return list(spots.values())
+
+
+def _named_tuple(v: Any) -> bool:
+    return isinstance(v, tuple) and isinstance(getattr(type(v), "_fields", None), tuple) and hasattr(v, "_replace")
+
+
+def _config_items(obj: Any) -> dict[str, Any]:
+    """What a config object holds by name: a dict's items, a named tuple's fields, a dataclass's fields (slotted
+    ones too) with its other attributes, an object's attributes."""
+    if type(obj) is dict:
+        return dict(obj)
+    if _named_tuple(obj):
+        return dict(obj._asdict())
+    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+    try:
+        out.update(vars(obj))
+    except TypeError:  # (slots only)
+        if not out:
+            raise
+    return out
+
+
+def _setter(obj: Any, k: str, parent: tuple[Any, str] | None) -> Callable[[Any], None]:
+    """A function writing ``obj``'s ``k``: an item of a dict, an attribute (a frozen dataclass's through
+    ``object.__setattr__``, as its own ``__init__`` does), or, for a named tuple, a copy with it put in its
+    holder's place (``parent``: the holder and its key)."""
+    if type(obj) is dict:
+        return lambda v: obj.__setitem__(k, v)
+    if _named_tuple(obj):
+        if parent is None or _named_tuple(parent[0]):
+            raise TypeError("a named tuple held in a named tuple")  # (not measured: skipped)
+        holder, key = parent
+
+        def put(v: Any) -> None:  # (restored with the value the tuple held: the original tuple goes back)
+            _setter(holder, key, None)(obj if v == getattr(obj, k) else obj._replace(**{k: v}))
+        return put
+    if dataclasses.is_dataclass(obj) and getattr(type(obj), "__dataclass_params__", None) is not None \
+            and type(obj).__dataclass_params__.frozen:
+        return lambda v: object.__setattr__(obj, k, v)
+    return lambda v: setattr(obj, k, v)
 
 
 def _members(v: Any) -> list[Any]:
@@ -1285,7 +1327,7 @@ def _members(v: Any) -> list[Any]:
     if isinstance(v, (nn.Module, torch.Tensor, type)) or type(v).__module__.startswith(("builtins", "torch")):
         return []
     try:
-        return list(vars(v).values())
+        return list(_config_items(v).values())
     except Exception:  # (no __dict__)
         return []
 
@@ -1324,13 +1366,6 @@ def _names_this_list(count: str, value: int, path: str, model: nn.Module) -> boo
         return True
     return not any(towers & _towers_of(n) and len(m) == value for n, m in model.named_modules()
                    if n != path and isinstance(m, (nn.ModuleList, nn.Sequential)))
-
-
-def _put(obj: Any, k: str, v: Any) -> None:
-    if type(obj) is dict:
-        obj[k] = v
-    else:
-        setattr(obj, k, v)
 
 
 def _run_from(nest: Nest, model: nn.Module, example: Any, sub: SubModel,
@@ -1382,15 +1417,15 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
         except Exception:  # the dry runs report what fails; this only looks
             continue
         lists = [p for p, mm in nest._sliced.items() if "depth" in mm._sn.bind and mm._sn.bind["depth"].dim is dd]
-        for obj, k, name, v, chain in mine:
+        for obj, k, name, v, chain, put in mine:
             shadows = [(mod, attr, mod.__dict__[attr]) for mod, attr in _other_towers(model, lists, chain, v)]
             try:  # (another tower holding the same config reads a copy of it, as it was: a count only it reads
                 copies = [(mod, attr, copy.deepcopy(held)) for mod, attr, held in shadows]  # moves no output;
             except Exception:  # a config that cannot be copied is measured as it is)
                 copies = []
             try:
-                _put(obj, k, dd.sizes[0])
-            except Exception:  # (a frozen dataclass, a slotted or read-only attribute)
+                put(dd.sizes[0])
+            except Exception:  # (a slotted or read-only attribute, a named tuple inside a named tuple)
                 continue
             for mod, attr, twin in copies:
                 mod.__dict__[attr] = twin
@@ -1403,7 +1438,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
                 if len(out) != len(base) or _moved(base, out) > 1e-6:
                     read.append(name)
             finally:
-                _put(obj, k, v)
+                put(v)
                 for mod, attr, held in shadows if copies else ():
                     mod.__dict__[attr] = held
     if read:
