@@ -3946,6 +3946,46 @@ def test_a_layer_count_is_named_where_it_changes_a_shallower_sub_model(how):
     assert type(model.n_layers) is int and model.n_layers == 4
 
 
+class _ReadsItsBackbonesCount(nn.Module):
+    """A classifier on the middle layer of a transformers backbone, the layer found by the backbone's config."""
+
+    def __init__(self, reads: bool):
+        super().__init__()
+        import transformers
+
+        self.reads = reads
+        self.backbone = transformers.LlamaModel(transformers.LlamaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+            num_key_value_heads=1))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, ids):
+        states = self.backbone(ids, output_hidden_states=True).hidden_states
+        middle = (self.backbone.config.num_hidden_layers if self.reads else len(self.backbone.layers)) // 2
+        return self.head(states[middle][:, -1])
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_a_count_read_through_a_transformers_backbones_own_config_is_named(reads):
+    """``self.backbone.config.num_hidden_layers`` read by the user's forward: transformers' modules were left
+    out of the search (their own forwards follow the depth), so the count went unnamed while a depth-2 sub-model
+    read the 4-layer model's middle layer (1.05 off a 2-layer model). Their configs held by a module of the
+    user's are measured now; a backbone whose count only its own forward reads is not named."""
+    from sortednet.check import LayerCountWarning
+
+    torch.manual_seed(0)
+    model, ids = _ReadsItsBackbonesCount(reads).eval(), torch.randint(0, 40, (2, 6))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        nest = sn.wrap(model, sn.Depth("depth", [2, 4], layers="backbone.layers"), example=ids)
+    said = [str(w.message) for w in seen if issubclass(w.category, LayerCountWarning)]
+    assert bool(said) == reads and all("['backbone.config.num_hidden_layers']" in m for m in said), said
+    assert model.backbone.config.num_hidden_layers == 4
+    with torch.no_grad(), nest.use("depth=2"):
+        states = model.backbone(ids, output_hidden_states=True).hidden_states
+        assert torch.allclose(model(ids), model.head(states[1][:, -1])) == (not reads)
+
+
 class _CountsByName(nn.Module):
     def __init__(self, n: int, name: str):
         super().__init__()

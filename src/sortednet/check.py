@@ -1250,6 +1250,13 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
             if cls.__module__.startswith(("torch.", "transformers.")):
                 continue
             objs, chains, parents = [(holder, where)], [()], [None]
+            for name, c in holder._modules.items():  # (a transformers model the user's module holds: its forward
+                cfg = getattr(c, "config", None) if c is not None and type(c).__module__.startswith(  # may read
+                    "transformers.") else None  # self.backbone.config.num_hidden_layers)
+                if cfg is not None and not isinstance(cfg, (nn.Module, torch.Tensor)) and not callable(cfg):
+                    objs.append((cfg, f"{where}.{name}.config" if where else f"{name}.config"))
+                    chains.append((cfg,))
+                    parents.append((c, "config"))
             for (obj, at), chain in zip(objs, chains):  # (configs: a plain dict, self.config["n_layers"], or an
                 if len(objs) > 64:  # object, a dataclass (frozen too), a namespace, a named tuple, a transformers
                     break           # config a module of the user's holds; and the ones they hold,
