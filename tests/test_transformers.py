@@ -3285,6 +3285,24 @@ def test_a_model_built_without_its_pooler_names_that_when_its_export_is_refused(
         torch.testing.assert_close(nest.export("depth=1", plain=True)(input_ids=x).last_hidden_state, want)
 
 
+def test_a_hand_depth_on_one_tower_of_two_names_why_no_layout_describes_the_export():
+    """A Depth declared by hand on BART's decoder: the export's refusal blamed 'a constructor argument its config
+    does not record' for keys inside the layers (no layout was found, so every differing key counted as outside
+    them). It says why no layout describes the model (two layer lists: nest one tower) and changes nothing."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)).eval()
+    nest = sn.wrap(model, sn.Depth("depth", [1, 3], layers="model.decoder.layers"))
+    with pytest.raises(sn.SortedNetError, match=r"no layout describes this BartForConditionalGeneration.*2 layer lists"
+                                                r".*nest one tower at a time") as e:
+        nest.export("depth=1")
+    assert "constructor argument" not in str(e.value)
+    assert model.config.decoder_layers == 3 and str(nest.active) == "depth=3"
+
+
 @pytest.mark.parametrize("how", ["named_otherwise", "discover"])
 def test_an_ffn_width_of_any_name_exports_as_the_stock_class(how):
     """The config's FFN width was written only for a dimension named 'ffn': a Width of one's own named otherwise,

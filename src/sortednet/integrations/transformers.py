@@ -483,15 +483,16 @@ def _export_hook(nest: Nest, sub: SubModel, small: nn.Module) -> nn.Module:
     if not isinstance(nest.model, PreTrainedModel):
         return small
     _merge_factors(nest, small)
+    unknown = None
     try:
         found = _layout_of(nest)
-    except SortedNetError:
-        found = None
+    except SortedNetError as e:
+        found, unknown = None, str(e)
     cfg = copy.deepcopy(nest.model.config)
     try:
         if found is not None:
             _update_config(nest, found, sub, small, cfg)
-        fresh = _check_loadable(small, cfg, sub, found, nest.model.config)
+        fresh = _check_loadable(small, cfg, sub, found, nest.model.config, unknown)
     except SortedNetError:
         raise
     except Exception as e:  # a config this code cannot rewrite (per-layer attributes, ...)
@@ -940,7 +941,8 @@ def _round_trip(cfg) -> tuple[Any, list[str]]:
     return back, sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: Any = None) -> nn.Module:
+def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: Any = None,
+                    unknown: str | None = None) -> nn.Module:
     """The class built from ``cfg`` must have exactly the exported shapes (uniform sub-models only), and ``cfg``
     must read back as written (a config class that rewrites a value on load, Gemma 4 making the last layer full
     attention, or refuses it, would load another model, or none). Returns the class built from ``cfg`` on the
@@ -979,7 +981,7 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: A
     if bad:
         k, h, w = bad[0]
         stacks = tuple(f"{P}." for P in found.stacks) if found is not None else ()
-        lacking = all(h_ is None and not k_.startswith(stacks) for k_, h_, _ in bad)
+        lacking = found is not None and all(h_ is None and not k_.startswith(stacks) for k_, h_, _ in bad)
         uneven = _uneven_layers(have, found, small, full_cfg) if found is not None and not lacking else None
         why = uneven or (
                f"the class builds {len(bad)} tensors this model does not have, outside its layers (e.g. {k!r}): "
@@ -990,8 +992,8 @@ def _check_loadable(small: nn.Module, cfg, sub, found: Found | None, full_cfg: A
                "shapes: the family derives a size from another key (e.g. a fixed FFN ratio, a head size from "
                "hidden / heads) or sizes some other part from the layer count"
                if found is not None else (
-            f"{type(small).__name__} is not a known layout, so only its unchanged config was tried; describe it with "
-            "sortednet.integrations.register_layout"))
+            f"no layout describes this {type(small).__name__}, so only its unchanged config was tried: "
+            + (unknown[:400] if unknown else "describe it with sortednet.integrations.register_layout")))
         raise SortedNetError(
             f"sub-model {sub} cannot be described by {type(cfg).__name__} ({why}): {len(bad)} tensors differ, "
             f"e.g. {k!r} is {h} but the config gives {w}; export it as a plain module with "
