@@ -1424,7 +1424,7 @@ def _counts_read(nest: Nest, model: nn.Module, example: Any) -> None:
         except Exception:  # the dry runs report what fails; this only looks
             continue
         lists = [p for p, mm in nest._sliced.items() if "depth" in mm._sn.bind and mm._sn.bind["depth"].dim is dd]
-        for obj, k, name, v, chain, put in mine:
+        for _, _, name, v, chain, put in mine:
             shadows = [(mod, attr, mod.__dict__[attr]) for mod, attr in _other_towers(model, lists, chain, v)]
             try:  # (another tower holding the same config reads a copy of it, as it was: a count only it reads
                 copies = [(mod, attr, copy.deepcopy(held)) for mod, attr, held in shadows]  # moves no output;

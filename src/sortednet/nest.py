@@ -159,8 +159,9 @@ def _refuse_inner_save_pretrained(cls: str, path: str, sub: str, plain: bool, *a
     fix = ("export without plain=True for configs cut to the sub-model" if plain else
            "for a checkpoint from_pretrained loads, nest that model itself (sn.from_transformers(model."
            f"{path}, ...), whose exports get a config cut to the sub-model)")
-    raise SortedNetError(f"this {cls} is {path!r} of nest.export({sub!r}{', plain=True' if plain else ''}): its tensors "
-                         "are cut to the sub-model but its config still describes the full model's, so save_pretrained "
+    raise SortedNetError(f"this {cls} is {path!r} of nest.export({sub!r}{', plain=True' if plain else ''}): its "
+                         "tensors are cut to the sub-model but its config still describes the full model's, so "
+                         "save_pretrained "
                          "would write a checkpoint that from_pretrained loads with other shapes (or, with fewer "
                          f"layers, with the missing ones initialised at random); save the export with torch.save, or "
                          f"{fix}. Nothing was written")
