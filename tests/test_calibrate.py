@@ -1156,6 +1156,16 @@ def _train_part(model, nest, how):
     elif how == "data_write":  # vector_to_parameters writes through .data: no version counter moves
         vec = torch.nn.utils.parameters_to_vector(model.backbone.parameters())
         torch.nn.utils.vector_to_parameters(vec * 1.3, model.backbone.parameters())
+    elif how == "slot_write":  # a tensor put straight into the slot (accelerate's set_module_tensor_to_device)
+        w = model.backbone[0].weight
+        model.backbone[0]._parameters["weight"] = nn.Parameter(w.detach() * 1.3)
+    elif how == "module_slot":  # a module put straight into its parent's dict: no registration hook runs
+        model.backbone._modules["1"] = nn.Tanh()
+    elif how == "functional_call":  # a forward with other weights: it reads the statistics of the model's own
+        model.eval()
+        other = {n: p.detach() * 1.3 for n, p in model.backbone.named_parameters(prefix="backbone")}
+        with torch.no_grad(), nest.use("h=4"):
+            torch.func.functional_call(model, other, (x,))
     elif how == "compiled":  # a compiled training forward skips the nest's hooks; the head's width 8 runs its BN
         step = torch.compile(model.backbone, backend="eager")  # (compiled on its own: none of it calibrated)
         opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)
@@ -1167,7 +1177,8 @@ def _train_part(model, nest, how):
 
 
 @pytest.mark.parametrize("how", ["backbone_alone", "frozen_norms", "fused_adam", "in_place", "reordered",
-                                 "compiled", "replaced", "pruned", "pruned_again", "data_write"])
+                                 "compiled", "replaced", "pruned", "pruned_again", "data_write", "slot_write",
+                                 "module_slot", "functional_call"])
 @pytest.mark.parametrize("read", ["eval_forward", "export", "save"])
 def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_path):
     """Staleness was judged by training-mode forwards of the model (and each calibrated BatchNorm's counter):
@@ -1176,7 +1187,9 @@ def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_pat
     as fresh (eval output 0.25 off a recalibration). The calibration now watches the model's weights too; and
     (later) its modules, its persistent buffers and the data pointers of its tensors: a module replaced after the
     calibration (0.09 off), a prune (a mask buffer), ``vector_to_parameters`` (a write through ``.data``: 0.75
-    off) were read as fresh."""
+    off) were read as fresh; and (later) a tensor or module put straight into a module's dicts (accelerate's
+    loading, ``torch.func.functional_call``: no registration hook runs) was seen only after a registration
+    anywhere else."""
     def build():
         model = _HeadOnly()
         if how == "pruned_again":
@@ -1206,7 +1219,8 @@ def test_weights_trained_anywhere_make_the_calibrations_stale(how, read, tmp_pat
     assert all("predate training of the model" in str(w.message) for w in stale)
     if how == "pruned":
         return
-    assert len(stale) == 1 + (how == "frozen_norms" and read == "save")  # (once per calibration; saving, each time)
+    assert len(stale) == 1 + (how in ("frozen_norms", "functional_call") and read == "save")  # (once per
+    # calibration; saving, each time)
     if read == "save":
         back = sn.load(sn.wrap(build(), *dims()), tmp_path / "c.safetensors")
         assert sorted(stale_statistics(back)) == ["head.1"]
@@ -1237,8 +1251,44 @@ def test_what_changes_no_weight_leaves_the_calibrations_fresh():
                 p.copy_(p.clone())
         with torch.no_grad(), nest.use("h=4"):
             model(data[0])
+            same = {n: p.detach().clone() for n, p in model.named_parameters()}
+            torch.func.functional_call(model, same, (data[0],))  # (the same weights, other tensors)
+        w = model.backbone[0].weight
+        model.backbone[0]._parameters["weight"] = nn.Parameter(w.detach().clone())
+        model.backbone.extra = nn.Identity()  # (a module of no tensors added: a forward's first call builds one)
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0])
         nest.export("h=4")
     assert stale_statistics(nest) == {}
+
+
+def test_a_forward_on_the_meta_device_keeps_the_calibrated_statistics():
+    """A shape pass on the meta device converted the calibrated statistics to meta tensors for good (they follow
+    the buffers' device): after to_empty() and the weights loaded back, eval and export raised PyTorch's 'Cannot
+    copy out of meta tensor'. They stay where they are; the weights back, the outputs are the calibrated ones;
+    other weights loaded instead are said stale."""
+    model = _HeadOnly()
+    nest, data = _calibrated_head(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), nest.use("h=4"):
+        want = model(data[0])
+    for weights in ("same", "other"):
+        model.to("meta")
+        with torch.no_grad(), nest.use("h=4"):
+            assert model(data[0].to("meta")).shape == (32, 2)
+        model.to_empty(device="cpu")
+        with torch.no_grad():  # (copied back in place: load_state_dict over to_empty's garbage would drop them)
+            for k, v in model.state_dict().items():
+                v.copy_(state[k] if weights == "same" or not v.is_floating_point() else state[k] * 1.5)
+        if weights == "same":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", StaleCalibrationWarning)
+                with torch.no_grad(), nest.use("h=4"):
+                    torch.testing.assert_close(model(data[0]), want, rtol=0, atol=0)
+                nest.export("h=4")
+            assert stale_statistics(nest) == {}
+        else:
+            assert sorted(stale_statistics(nest)) == ["head.1"]
 
 
 def _calibrated_head(model):

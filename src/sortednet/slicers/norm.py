@@ -12,6 +12,7 @@ sortednet/calibrate.py), after which eval mode and export use per-sub-model ones
 from __future__ import annotations
 
 import copy
+import operator
 import threading
 import warnings
 import weakref
@@ -236,6 +237,14 @@ def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tu
     return slots, tree
 
 
+def _only_added_without_tensors(now: tuple[Any, ...], was: tuple[Any, ...]) -> bool:
+    """Whether a module's children ``now`` are the ones it had (``was``, in their places) and modules added after
+    them that hold no parameter or buffer (one a forward creates at its first call, nn.Identity or a dropout,
+    after the calibration's forwards ran on a private view): no weight the statistics were computed with moved."""
+    return len(now) > len(was) and all(map(operator.is_, now, was)) and all(
+        c is None or (next(c.parameters(), None) is None and next(c.buffers(), None) is None) for c in now[len(was):])
+
+
 class WeightWatch:
     """What every calibrated statistic of one calibration (or load) was computed after, model-wide: the tensor in
     each parameter slot and persistent buffer slot of the model (the calibrated statistics left out), its version
@@ -251,7 +260,7 @@ class WeightWatch:
     model (an EMA) gets its own (:meth:`__deepcopy__`)."""
 
     __slots__ = ("root", "skip", "slots", "tree", "tensors", "versions", "pointed", "ptrs", "epoch", "moved",
-                 "key", "memo", "base")
+                 "key", "memo", "base", "stores", "names", "kids", "was")
 
     def __init__(self, model: nn.Module, calibrated: Any, key: Any = None) -> None:
         count_registrations()
@@ -271,6 +280,11 @@ class WeightWatch:
         self.slots, self.tree = slots, tree
         self.tensors, self.versions = [e[3] for e in slots], [e[4] for e in slots]
         self.pointed, self.ptrs = [e[3] for e in slots if e[5] is not None], [e[5] for e in slots if e[5] is not None]
+        # (the slots themselves and the children: a tensor or module put straight into a module's dicts,
+        # module._parameters[n] = t, as accelerate's loading, to_empty() and torch.func.functional_call do, calls
+        # no registration hook)
+        self.stores, self.names = [e[0] for e in slots], [e[1] for e in slots]
+        self.kids, self.was = [e[1] for e in tree], [e[2] for e in tree]
 
     def __deepcopy__(self, memo: dict) -> WeightWatch | None:
         """The watch of a deep copy of the whole model (None for a copy of a part: its weights are not watched).
@@ -333,22 +347,31 @@ class WeightWatch:
     def _moved(self) -> bool:
         epoch = REGISTRATIONS[0]
         if (epoch == self.epoch and [t._version for t in self.tensors] == self.versions
-                and [t.data_ptr() for t in self.pointed] == self.ptrs):
+                and [t.data_ptr() for t in self.pointed] == self.ptrs
+                and all(map(operator.is_, map(dict.get, self.stores, self.names), self.tensors))
+                and list(map(tuple, map(dict.values, self.kids))) == self.was):
             return False
-        for _, kids, was, params, names in self.tree:
-            if tuple(kids.values()) != was or tuple(params) != names:
+        for i, (path, kids, was, params, names) in enumerate(self.tree):
+            now = tuple(kids.values())
+            if now != was and not _only_added_without_tensors(now, was) or tuple(params) != names:
                 return True
+            self.tree[i] = (path, kids, now, params, names)
+        unsure = False
         for e in self.slots:
             store, n, _, old, v, ptr, held = e
             t = store.get(n)
             if t is old and t._version == v and _ptr(t) == ptr:
                 continue
+            if t is not None and t.is_meta:  # (a meta forward computes no values, and its weights have none to
+                unsure = True                # compare: told once the slot holds values again)
+                continue
             now = None if t is None or t.is_inference() or held is None else _fingerprint(t)
             if now is None or not _same(now, held):
                 return True
             e[3], e[4], e[5] = t, t._version, _ptr(t)
-        self.epoch = epoch
-        self._hold(self.slots, self.tree)
+        if not unsure:
+            self.epoch = epoch
+            self._hold(self.slots, self.tree)
         return False
 
 
@@ -499,8 +522,9 @@ def active_stats(m: nn.Module, name: str, *, any_mode: bool = False) -> Tensor |
         _warn_if_trained(st.path, m, norm)
     buf = m.__dict__["_buffers"].get(name)
     if own is not None and buf is not None and (own.dtype != buf.dtype or own.device != buf.device):
-        if norm.override is None and not _compiling():  # converted once and kept (one assignment), so that a
-            st.norm = norm = norm.to(buf)               # write into what this returns is seen like any other
+        if norm.override is None and not _compiling() and not buf.is_meta:  # converted once and kept (one
+            st.norm = norm = norm.to(buf)  # assignment), so that a write into what this returns is seen like any
+            # other; (not to the meta device, a shape pass's: the statistics' values would be gone)
             return norm.active(name, training=m.training, any_mode=any_mode)
         own = own.to(device=buf.device, dtype=buf.dtype)
     return own
