@@ -284,6 +284,48 @@ def test_a_closure_that_runs_another_model_is_refused_and_one_running_the_model_
     assert head.weight.grad is not None
 
 
+@pytest.mark.parametrize("how", ["pre_wrap_copy_beside_a_forward_without_gradients", "deep_copy_after_wrap"])
+def test_a_closure_whose_loss_reaches_no_parameter_of_the_nest_is_warned_about_once(how):
+    """A forward of the model without gradients (logging) beside a loss of a copy taken before sn.wrap passed the
+    first-call check (a forward of the model ran) and trained the copy k times, the same loss each time; a deep
+    copy of the wrapped model trained instead of it, in silence. Warned once per first call, nothing refused (a
+    probe on features taken without gradients does the same on purpose)."""
+    from sortednet.train import LossOutsideModelWarning
+
+    case = FAMILIES["mlp"](seed=2)
+    pre = copy.deepcopy(case.model)
+    nest = sn.wrap(case.model, *case.dims)
+    other = pre if how.startswith("pre") else copy.deepcopy(case.model)
+
+    def closure():
+        if how.startswith("pre"):
+            with torch.no_grad():
+                case.model(case.example)
+        return task_loss(other(case.example))
+
+    with pytest.warns(LossOutsideModelWarning, match="depends on none of the nest's model's trainable") as seen:
+        sn.accumulate(nest, nest.submodels, closure)
+    said = [w for w in seen if issubclass(w.category, LossOutsideModelWarning)]
+    assert len(said) == 1 and ("only without gradients" in str(said[0].message)) == how.startswith("pre")
+    assert all(p.grad is None for p in case.model.parameters())
+    with warnings.catch_warnings():  # (checked in a nest's first call only)
+        warnings.simplefilter("error", LossOutsideModelWarning)
+        sn.accumulate(nest, nest.submodels, closure)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
+def test_an_error_in_the_closure_outside_the_forward_names_the_sub_model_in_force():
+    """A head of the user's on the output of a module of the model called on its own (model[0](x), sliced to the
+    sub-model's width under nest.use) raised a bare shape error that named nothing; it gets a note."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
+    aux, x = torch.nn.Linear(8, 3), torch.randn(5, 4)
+    with pytest.raises(RuntimeError) as info:
+        sn.accumulate(nest, [nest.smallest], lambda: model(x).sum() + aux(model[0](x)).sum())
+    assert any("raised in the closure of h=4" in n and "model[0](x)" in n for n in info.value.__notes__)
+    assert all(p.grad is None for p in [*model.parameters(), *aux.parameters()])
+
+
 def test_a_sub_model_listed_twice_is_refused_before_any_backward():
     case = FAMILIES["mlp"](seed=2)
     nest = sn.wrap(case.model, *case.dims)

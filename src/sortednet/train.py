@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cost import as_inputs, call_model, keyword_inputs
-from .errors import SortedNetError
+from .errors import SortedNetError, caller_outside
 from .errors import flag as _flag
 from .modes import casts_stale, dry_run, eval_mode, restore_modes, train_view
 from .sampler import Sampler, number_list
@@ -40,7 +40,8 @@ from .views import WRAPPINGS, _compiling, _distributed, count_registrations, is_
 if TYPE_CHECKING:
     from .nest import Nest
 
-__all__ = ["Distill", "accumulate", "evaluate", "fit", "History", "Losses", "NonFiniteLossWarning", "NONFINITE"]
+__all__ = ["Distill", "accumulate", "evaluate", "fit", "History", "Losses", "LossOutsideModelWarning",
+           "NonFiniteLossWarning", "NONFINITE"]
 
 #: what :func:`accumulate` does with a non-finite (NaN / inf) loss
 NONFINITE = ("raise", "skip", "ignore")
@@ -252,7 +253,9 @@ def _split(out: Any, want_logits: bool, sub: SubModel, distill: Distill | None =
             raise SortedNetError(f"loss of {sub} is {'a bool' if out.dtype == torch.bool else 'an integer'} tensor "
                                  f"({out.dtype}), which carries no gradient: return the floating-point loss the "
                                  "model's output gives (a constant trains nothing)")
-        raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad()?")
+        raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad(), or "
+                             "returned .detach()ed (or as a number, .item(), made into a new tensor)? Return the "
+                             "loss tensor as computed")
     if want_logits and not logits.requires_grad:  # (checked at the teacher, the first closure: before any backward)
         raise SortedNetError(f"with distill=, the logits of {sub} do not require grad (returned .detach()ed, or "
                              "computed without gradients): the students' soft term would not train them, in "
@@ -588,7 +591,7 @@ def _nonfinite_stats(nest: Nest) -> list[str]:
         for t in (m._buffers.get("running_mean"), m._buffers.get("running_var")))]
 
 
-def _refuse_other_model(nest: Nest, serial: int, last: Any, loss: Tensor, sub: SubModel) -> None:
+def _refuse_other_model(nest: Nest, serial: int, last: Any, loss: Tensor, sub: SubModel, warn: bool = True) -> None:
     """Each closure of a nest's first :func:`accumulate` runs its model under ``sub``: a forward of it entered in
     this thread (its serial moved), or else (a compiled forward runs no hook) a loss whose graph reaches one of
     its trainable parameters, not through a forward of another thread under another sub-model (``last``: the
@@ -611,6 +614,40 @@ def _refuse_other_model(nest: Nest, serial: int, last: Any, loss: Tensor, sub: S
                                  "depends on none of that model's trainable parameters: it trains another model (a "
                                  "copy taken before sn.wrap?), the same in every sub-model. Call the wrapped model "
                                  "(or a wrapper around it) in the closure")
+        return
+    if not warn:  # (said once per call)
+        return
+    mine = {id(p) for p in nest.model.parameters() if p.requires_grad}  # (FSDP2's graph reaches the unsharded
+    if not mine or is_fsdp(nest.model) or _reaches(loss, mine):          # parameters, which these are not)
+        return
+    now = pin.last
+    graded = now is not None and now is not last and now[0] == threading.get_ident()
+    warnings.warn(f"accumulate: the closure of {sub} ran the model "
+                  + ("" if graded else "only without gradients (torch.no_grad, inference_mode) ")
+                  + "but its loss depends on none of the nest's model's trainable parameters, so nothing of the "
+                  "nest trains: where the loss comes from another model (a copy taken before sn.wrap, a deep copy "
+                  "of the wrapped model), accumulate trains that one (the pre-wrap copy the same in every "
+                  "sub-model). Compute the loss from the wrapped model's output; a head of your own trained on its "
+                  "features without gradients (a probe) is what this does: silence the warning then",
+                  LossOutsideModelWarning, stacklevel=caller_outside())
+
+
+class LossOutsideModelWarning(UserWarning):
+    """``accumulate``: in a nest's first call, a closure ran the model but its loss reaches none of the model's
+    trainable parameters (a loss from another model: nothing nested trains)."""
+
+
+def _note_outside(e: BaseException, sub: SubModel) -> None:
+    """Note on an error the closure raised outside the model's forward (the forward's own are noted there): every
+    module of the model runs ``sub``'s slices under ``nest.use``, also when called on its own."""
+    notes = getattr(e, "__notes__", ())
+    if isinstance(e, SortedNetError) or not isinstance(e, (RuntimeError, ValueError, IndexError)) or \
+            not hasattr(e, "add_note") or any("sortednet" in str(n) for n in notes):
+        return
+    e.add_note(f"sortednet.accumulate: raised in the closure of {sub} (its nest.use in force); a module of the "
+               "nest's model called on its own in the closure (model.encoder(x), model[0](x)) runs that sub-model's "
+               "slices too, so a layer of yours reading its output must take the sub-model's width, not the full "
+               "model's")
 
 
 def _reaches(loss: Tensor, params: set[int]) -> bool:
@@ -640,9 +677,15 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
             failed: Exception | None = None
             try:
                 serial = None if nest._closure_seen else (nest._pin.local.__dict__.get("serial", 0), nest._pin.last)
-                loss, logits, mask = _split(closure(), distill is not None, resolved[i], distill)
+                try:
+                    out = closure()
+                except Exception as e:
+                    _note_outside(e, resolved[i])
+                    raise
+                loss, logits, mask = _split(out, distill is not None, resolved[i], distill)
+                del out
                 if serial is not None:
-                    _refuse_other_model(nest, *serial, loss, resolved[i])
+                    _refuse_other_model(nest, *serial, loss, resolved[i], warn=i == order[0])
                 total = loss
                 if i == teacher:
                     target = logits.detach()
