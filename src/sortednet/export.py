@@ -555,7 +555,16 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
                 new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
 
 
-_INTERNALS = frozenset(nn.Module().__dict__) | {"_sn"}
+class _Internals(frozenset):
+    """Attribute names of a module that hold its machinery, not its state: nn.Module's own, sortednet's, and the
+    state torch.distributed's composable APIs keep on it (FSDP2's ``fully_shard``: references to the module's
+    parameters and its blocks, which a model loaded from a checkpoint does not hold)."""
+
+    def __contains__(self, k: object) -> bool:
+        return frozenset.__contains__(self, k) or (isinstance(k, str) and k.startswith("__composable_api_state_key"))
+
+
+_INTERNALS = _Internals({*nn.Module().__dict__, "_sn"})
 _TORCH_HOOK_DICTS = frozenset(k for k in nn.Module().__dict__ if k.endswith("hooks"))  # (not a user's own)
 
 
