@@ -313,6 +313,46 @@ def test_a_closure_whose_loss_reaches_no_parameter_of_the_nest_is_warned_about_o
         sn.accumulate(nest, nest.submodels, closure)
 
 
+class _Checkpointed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Linear(4, 8)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                                              torch.nn.Linear(16, 8)) for _ in range(2))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:  # (reentrant: the graph shows the block's inputs, not its parameters)
+            h = h + torch.utils.checkpoint.checkpoint(b, h, use_reentrant=True)
+        return self.head(h)
+
+
+def test_reentrant_checkpointing_with_every_trainable_parameter_inside_is_no_loss_outside_the_model():
+    """Only the blocks trainable (a frozen base outside them, as a LoRA fine-tune), each run through a reentrant
+    checkpoint: the loss's graph shows no parameter of the nest, which the first call's check took for a loss of
+    another model. Custom autograd functions (other than sortednet's own) count as reading the model. A depth
+    whose layers are all frozen is refused saying so."""
+    from sortednet.train import LossOutsideModelWarning
+
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    for m in (model.stem, model.head):
+        m.requires_grad_(False)
+    nest = sn.wrap(model, sn.Width("ffn", [8, 16], out="blocks.*.0", inp="blocks.*.2"))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossOutsideModelWarning)
+        sn.accumulate(nest, nest.submodels, lambda: F.cross_entropy(model(x.detach().requires_grad_()), y))
+    assert all(b[0].weight.grad is not None for b in model.blocks)
+    deep = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    deep[0].requires_grad_(False)
+    nest = sn.wrap(deep, sn.Depth("depth", [1, 3], layers=""))
+    with pytest.raises(sn.SortedNetError, match=r"loss of depth=1 does not require grad.*run none of the model's "
+                                                r"trainable parameters"):
+        sn.accumulate(nest, nest.submodels, lambda: F.cross_entropy(deep(x), y))
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
 def test_an_error_in_the_closure_outside_the_forward_names_the_sub_model_in_force():
     """A head of the user's on the output of a module of the model called on its own (model[0](x), sliced to the

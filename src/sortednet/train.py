@@ -255,7 +255,9 @@ def _split(out: Any, want_logits: bool, sub: SubModel, distill: Distill | None =
                                  "model's output gives (a constant trains nothing)")
         raise SortedNetError(f"loss of {sub} does not require grad: was it computed under torch.no_grad(), or "
                              "returned .detach()ed (or as a number, .item(), made into a new tensor)? Return the "
-                             "loss tensor as computed")
+                             "loss tensor as computed. Or does this sub-model run none of the model's trainable "
+                             "parameters (every layer it runs frozen, a shallow depth below the layers fine-tuned)? "
+                             "Train the sub-models that reach them")
     if want_logits and not logits.requires_grad:  # (checked at the teacher, the first closure: before any backward)
         raise SortedNetError(f"with distill=, the logits of {sub} do not require grad (returned .detach()ed, or "
                              "computed without gradients): the students' soft term would not train them, in "
@@ -618,7 +620,7 @@ def _refuse_other_model(nest: Nest, serial: int, last: Any, loss: Tensor, sub: S
     if not warn:  # (said once per call)
         return
     mine = {id(p) for p in nest.model.parameters() if p.requires_grad}  # (FSDP2's graph reaches the unsharded
-    if not mine or is_fsdp(nest.model) or _reaches(loss, mine):          # parameters, which these are not)
+    if not mine or is_fsdp(nest.model) or _reaches(loss, mine, opaque=True):  # parameters, which these are not)
         return
     now = pin.last
     graded = now is not None and now is not last and now[0] == threading.get_ident()
@@ -637,12 +639,13 @@ class LossOutsideModelWarning(UserWarning):
     trainable parameters (a loss from another model: nothing nested trains)."""
 
 
-def _note_outside(e: BaseException, sub: SubModel) -> None:
+def _note_outside(e: BaseException, nest: Nest, sub: SubModel) -> None:
     """Note on an error the closure raised outside the model's forward (the forward's own are noted there): every
     module of the model runs ``sub``'s slices under ``nest.use``, also when called on its own."""
     notes = getattr(e, "__notes__", ())
-    if isinstance(e, SortedNetError) or not isinstance(e, (RuntimeError, ValueError, IndexError)) or \
-            not hasattr(e, "add_note") or any("sortednet" in str(n) for n in notes):
+    if isinstance(e, (SortedNetError, IndexError)) or not isinstance(e, (RuntimeError, ValueError)) or \
+            not hasattr(e, "add_note") or any("sortednet" in str(n) for n in notes) or \
+            all(sub[d.name] == d.full for d in nest.dims):  # (the full model in force: its slices are whole)
         return
     e.add_note(f"sortednet.accumulate: raised in the closure of {sub} (its nest.use in force); a module of the "
                "nest's model called on its own in the closure (model.encoder(x), model[0](x)) runs that sub-model's "
@@ -650,8 +653,10 @@ def _note_outside(e: BaseException, sub: SubModel) -> None:
                "model's")
 
 
-def _reaches(loss: Tensor, params: set[int]) -> bool:
-    """Whether the autograd graph of ``loss`` has a leaf in ``params`` (ids)."""
+def _reaches(loss: Tensor, params: set[int], opaque: bool = False) -> bool:
+    """Whether the autograd graph of ``loss`` has a leaf in ``params`` (ids). ``opaque``: a node of a custom
+    autograd Function other than sortednet's counts as reaching them (a reentrant ``torch.utils.checkpoint``
+    block's forward reads parameters that are not among its inputs: its graph shows only the inputs)."""
     seen: set[Any] = set()
     stack = [loss.grad_fn]
     while stack:
@@ -660,6 +665,9 @@ def _reaches(loss: Tensor, params: set[int]) -> bool:
             continue
         seen.add(f)
         if id(getattr(f, "variable", None)) in params:
+            return True
+        if opaque and not str(getattr(getattr(f, "_forward_cls", None), "__module__", "sortednet.")).startswith(
+                "sortednet."):
             return True
         stack.extend(g for g, _ in f.next_functions)
     return False
@@ -680,7 +688,7 @@ def _run(nest: Nest, resolved: list[SubModel], order: list[int], closure: Callab
                 try:
                     out = closure()
                 except Exception as e:
-                    _note_outside(e, resolved[i])
+                    _note_outside(e, nest, resolved[i])
                     raise
                 loss, logits, mask = _split(out, distill is not None, resolved[i], distill)
                 del out
