@@ -1291,6 +1291,57 @@ def test_a_forward_on_the_meta_device_keeps_the_calibrated_statistics():
             assert sorted(stale_statistics(nest)) == ["head.1"]
 
 
+class _GrowsItsParts(nn.Module):
+    """A backbone with an empty slot (a bias, a buffer) and a forward that builds its parts as it goes: a stem
+    list created empty at its first call, an activation and a block list made anew at every call."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(6, 12, bias=False), nn.ReLU(), nn.Linear(12, 12))
+        self.register_buffer("shift", None)
+        self.head = nn.ModuleList([nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)])
+
+    def forward(self, x):
+        if "stem" not in self._modules:
+            self.stem = nn.Sequential()  # (no tensor: the calibration's forwards built theirs on a private view)
+        self.act = nn.ReLU()
+        self.head = nn.ModuleList(list(self.head))
+        h = self.backbone(self.stem(x))
+        h = h if self.shift is None else h + self.shift
+        return self.head[2](self.act(self.head[1](self.head[0](h))))
+
+
+@pytest.mark.parametrize("then", ["nothing", "bias_filled", "buffer_filled", "stem_grown"])
+def test_modules_a_forward_rebuilds_are_no_news_and_a_slot_filled_later_is(then):
+    """A forward re-creating its activation or its list of the same blocks at each call made the calibration
+    stale at once (a child of the module replaced); a parameter or buffer slot holding None at the calibration
+    and filled later (a bias added), or a module without tensors added by the first forward and grown later
+    (a layer appended to it), was never seen: eval kept reading statistics of other weights, in silence."""
+    model = _GrowsItsParts()
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.2"))
+    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        for _ in range(3):
+            with torch.no_grad(), nest.use("h=4"):
+                model(data[0])
+    if then == "bias_filled":
+        model.backbone[0].bias = nn.Parameter(torch.full((12,), 3.0))
+    elif then == "buffer_filled":
+        model.shift = torch.full((12,), 3.0)
+    elif then == "stem_grown":
+        model.stem.append(nn.Linear(6, 6))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0])
+    assert bool(_stale(record)) == (then != "nothing")
+    assert sorted(stale_statistics(nest)) == ([] if then == "nothing" else ["head.1"])
+
+
 def _calibrated_head(model):
     """``model`` (a :class:`_HeadOnly`) wrapped over its head's width, calibrated, in eval mode: (nest, data)."""
     nest = sn.wrap(model, sn.Width("h", [4, 8], out="head.0", norm="head.1", inp="head.3"))

@@ -3946,6 +3946,43 @@ def test_a_layer_count_is_named_where_it_changes_a_shallower_sub_model(how):
     assert type(model.n_layers) is int and model.n_layers == 4
 
 
+class _ScaledBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.fc = cfg, nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x) / math.sqrt(2 * self.cfg.n_layers)
+
+
+class _SharesItsTupleConfig(nn.Module):
+    """Blocks reading the layer count of a named-tuple config the model holds too."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.cfg = _TupleArgs(n, 8)
+        self.blocks = nn.ModuleList(_ScaledBlock(self.cfg) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_a_named_tuple_config_is_measured_in_every_holder():
+    """A named tuple is measured by putting a copy with the shallow count in its holder's place: only the first
+    holder found (the model) got it, the blocks holding the same tuple read the full count, nothing moved and
+    the count went unnamed. Every holder gets the copy; each gets its own tuple back."""
+    from sortednet.check import LayerCountWarning
+
+    torch.manual_seed(0)
+    model = _SharesItsTupleConfig(4)
+    cfg = model.cfg
+    with pytest.warns(LayerCountWarning, match=r"\['cfg.n_layers'\]"):
+        sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))
+    assert model.cfg is cfg and all(b.cfg is cfg for b in model.blocks)
+
+
 class _ReadsItsBackbonesCount(nn.Module):
     """A classifier on the middle layer of a transformers backbone, the layer found by the backbone's config."""
 

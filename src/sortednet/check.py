@@ -1233,6 +1233,7 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
     configs are left out: their forwards read ``len()`` of the list or slice it
     (``layers[:config.num_hidden_layers]``), which follows the depth."""
     spots: dict[tuple[int, str], tuple[Any, str, str, int, tuple[Any, ...]]] = {}
+    holders: dict[int, list[tuple[Any, str]]] = {}
     for path, m in nest._sliced.items():
         b = m._sn.bind.get("depth")
         parts = path.split(".") if path and b is not None else []
@@ -1265,7 +1266,9 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
                 except Exception:
                     continue
                 for k, v in items:
-                    if isinstance(k, str) and (type(v) is dict or _named_tuple(v) or (
+                    if isinstance(k, str) and _named_tuple(v) and (obj, k) not in holders.setdefault(id(v), []):
+                        holders[id(v)].append((obj, k))  # (every holder of a named tuple gets the copy: a block
+                    if isinstance(k, str) and (type(v) is dict or _named_tuple(v) or (  # holding it reads it too)
                             v is not None and not isinstance(v, (nn.Module, torch.Tensor, type))
                             and not type(v).__module__.startswith(("builtins", "torch", "numpy", "functools"))
                             and (hasattr(v, "__dict__") or dataclasses.is_dataclass(v)) and not callable(v))) and \
@@ -1283,7 +1286,7 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
                     if type(v) in (int, float) and v == b.dim.full and isinstance(k, str) and _COUNT_NAME.fullmatch(k) \
                             and _names_this_list(k, v, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
-                        spots.setdefault((id(obj), k), (obj, k, shown, v, chain, _setter(obj, k, parent)))
+                        spots.setdefault((id(obj), k), (obj, k, shown, v, chain, _setter(obj, k, parent, holders)))
     return list(spots.values())
 
 
@@ -1307,19 +1310,22 @@ def _config_items(obj: Any) -> dict[str, Any]:
     return out
 
 
-def _setter(obj: Any, k: str, parent: tuple[Any, str] | None) -> Callable[[Any], None]:
+def _setter(obj: Any, k: str, parent: tuple[Any, str] | None,
+            holders: dict[int, list[tuple[Any, str]]] | None = None) -> Callable[[Any], None]:
     """A function writing ``obj``'s ``k``: an item of a dict, an attribute (a frozen dataclass's through
-    ``object.__setattr__``, as its own ``__init__`` does), or, for a named tuple, a copy with it put in its
-    holder's place (``parent``: the holder and its key)."""
+    ``object.__setattr__``, as its own ``__init__`` does), or, for a named tuple, a copy with it put in the
+    places of its holders (``holders``: id -> (holder, key) of each found; else ``parent``)."""
     if type(obj) is dict:
         return lambda v: obj.__setitem__(k, v)
     if _named_tuple(obj):
-        if parent is None or _named_tuple(parent[0]):
+        places = (holders or {}).get(id(obj)) or ([parent] if parent is not None else [])
+        if not places or any(_named_tuple(h) for h, _ in places):
             raise TypeError("a named tuple held in a named tuple")  # (not measured: skipped)
-        holder, key = parent
 
         def put(v: Any) -> None:  # (restored with the value the tuple held: the original tuple goes back)
-            _setter(holder, key, None)(obj if v == getattr(obj, k) else obj._replace(**{k: v}))
+            new = obj if v == getattr(obj, k) else obj._replace(**{k: v})
+            for holder, key in places:
+                _setter(holder, key, None)(new)
         return put
     if dataclasses.is_dataclass(obj) and getattr(type(obj), "__dataclass_params__", None) is not None \
             and type(obj).__dataclass_params__.frozen:

@@ -215,16 +215,19 @@ def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tu
     ``[slots dict, name, path, tensor, version, data pointer, fingerprint]`` (floating-point buffers only: a call
     or step counter a forward moves is no weight; the buffers of the modules at paths ``skip`` left out: the
     calibrated ones, whose statistics are watched by their own counters), and one per
-    module, ``(path, children dict, children, parameter slots dict, parameter names)`` (a module replaced or
-    added, a parameter slot added or removed: ``torch.nn.utils.prune``, an adapter). ``known``: path -> (tensor
+    module, ``(path, children dict, children, parameter slots dict, parameter names, empty slots)`` (a module
+    replaced or added, a parameter slot added or removed: ``torch.nn.utils.prune``, an adapter; ``(slots dict,
+    name)`` of each parameter or persistent buffer slot holding None, a bias one may fill later). ``known``: path -> (tensor
     id, version, data pointer, fingerprint) of tensors whose fingerprint is not taken again while those hold."""
     slots: list[list[Any]] = []
     tree: list[Any] = []
     for path, m in model.named_modules():
-        tree.append((path, m._modules, tuple(m._modules.values()), m._parameters, tuple(m._parameters)))
+        gone = m.__dict__.get("_non_persistent_buffers_set", ())
+        vacant = [(m._parameters, n) for n, p in m._parameters.items() if p is None] + (
+            [(m._buffers, n) for n, b in m._buffers.items() if b is None and n not in gone] if path not in skip else [])
+        tree.append((path, m._modules, tuple(m._modules.values()), m._parameters, tuple(m._parameters), vacant))
         held = [(m._parameters, n, p) for n, p in m._parameters.items()]
         if path not in skip:
-            gone = m.__dict__.get("_non_persistent_buffers_set", ())
             held += [(m._buffers, n, b) for n, b in m._buffers.items()
                      if n not in gone and b is not None and b.is_floating_point()]
         for store, n, t in held:
@@ -237,12 +240,37 @@ def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tu
     return slots, tree
 
 
-def _only_added_without_tensors(now: tuple[Any, ...], was: tuple[Any, ...]) -> bool:
-    """Whether a module's children ``now`` are the ones it had (``was``, in their places) and modules added after
-    them that hold no parameter or buffer (one a forward creates at its first call, nn.Identity or a dropout,
-    after the calibration's forwards ran on a private view): no weight the statistics were computed with moved."""
-    return len(now) > len(was) and all(map(operator.is_, now, was)) and all(
+def _same_children(now: tuple[Any, ...], was: tuple[Any, ...]) -> bool:
+    """Whether a module's children ``now`` compute what the ones it had (``was``) did: each in its place the same
+    module or one :func:`_equivalent` to it (a forward re-creating its activation, ``self.act = nn.GELU()``, or
+    its list, ``nn.ModuleList(list(self.blocks))``, at each call), and modules added after them that hold no
+    parameter or buffer (one a forward creates at its first call, after the calibration's forwards ran on a
+    private view): no weight the statistics were computed with moved."""
+    return len(now) >= len(was) and all(map(_equivalent, now, was)) and all(
         c is None or (next(c.parameters(), None) is None and next(c.buffers(), None) is None) for c in now[len(was):])
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _equivalent(a: Any, b: Any, depth: int = 0) -> bool:
+    """``a`` is ``b``, or both are modules of one class holding no tensor of their own, with the same settings
+    (``extra_repr``, public scalar attributes) and children that are pairwise so."""
+    if a is b:
+        return True
+    if not isinstance(a, nn.Module) or type(a) is not type(b) or depth > 8:
+        return False
+    if any(t is not None for m in (a, b) for t in (*m._parameters.values(), *m._buffers.values())):
+        return False
+    try:
+        if a.extra_repr() != b.extra_repr():
+            return False
+    except Exception:
+        return False
+    settings = [{k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+                 and isinstance(v, _SCALARS)} for m in (a, b)]
+    return settings[0] == settings[1] and list(a._modules) == list(b._modules) and all(
+        _equivalent(x, y, depth + 1) for x, y in zip(a._modules.values(), b._modules.values()))
 
 
 class WeightWatch:
@@ -260,7 +288,7 @@ class WeightWatch:
     model (an EMA) gets its own (:meth:`__deepcopy__`)."""
 
     __slots__ = ("root", "skip", "slots", "tree", "tensors", "versions", "pointed", "ptrs", "epoch", "moved",
-                 "key", "memo", "base", "stores", "names", "kids", "was")
+                 "key", "memo", "base", "stores", "names", "kids", "was", "vacant")
 
     def __init__(self, model: nn.Module, calibrated: Any, key: Any = None) -> None:
         count_registrations()
@@ -285,6 +313,7 @@ class WeightWatch:
         # no registration hook)
         self.stores, self.names = [e[0] for e in slots], [e[1] for e in slots]
         self.kids, self.was = [e[1] for e in tree], [e[2] for e in tree]
+        self.vacant = [v for e in tree for v in e[5]]
 
     def __deepcopy__(self, memo: dict) -> WeightWatch | None:
         """The watch of a deep copy of the whole model (None for a copy of a part: its weights are not watched).
@@ -349,13 +378,16 @@ class WeightWatch:
         if (epoch == self.epoch and [t._version for t in self.tensors] == self.versions
                 and [t.data_ptr() for t in self.pointed] == self.ptrs
                 and all(map(operator.is_, map(dict.get, self.stores, self.names), self.tensors))
-                and list(map(tuple, map(dict.values, self.kids))) == self.was):
+                and list(map(tuple, map(dict.values, self.kids))) == self.was
+                and not any(store.get(n) is not None for store, n in self.vacant)):
             return False
-        for i, (path, kids, was, params, names) in enumerate(self.tree):
+        rescan = False
+        for path, kids, was, params, names, vacant in self.tree:
             now = tuple(kids.values())
-            if now != was and not _only_added_without_tensors(now, was) or tuple(params) != names:
+            if (now != was and not _same_children(now, was)) or tuple(params) != names or any(
+                    store.get(n) is not None for store, n in vacant):
                 return True
-            self.tree[i] = (path, kids, now, params, names)
+            rescan = rescan or now != was  # (the modules now there are watched from here)
         unsure = False
         for e in self.slots:
             store, n, _, old, v, ptr, held = e
@@ -371,7 +403,9 @@ class WeightWatch:
             e[3], e[4], e[5] = t, t._version, _ptr(t)
         if not unsure:
             self.epoch = epoch
-            self._hold(self.slots, self.tree)
+            root = self.root() if rescan else None
+            self._hold(*(_watched(root, self.skip, {e[2]: (id(e[3]), e[4], e[5], e[6]) for e in self.slots})
+                         if root is not None else (self.slots, self.tree)))
         return False
 
 
