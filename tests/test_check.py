@@ -756,6 +756,43 @@ def test_heads_are_checked_at_every_size_not_only_the_smallest():
         nest.check(x)
 
 
+class _AlibiFromItsCount(nn.Module):
+    """Attention taking a mask beside its input (wrap cannot run it alone) whose ALiBi slopes come from its head
+    count at each forward: a sub-model's heads get other slopes than the full model's first heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.head_dim = 4, 4
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / self.num_heads) for i in range(self.num_heads)])
+        att = q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + mask + slopes.view(-1, 1, 1) * torch.arange(t)
+        return self.o((att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class _AlibiModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = _AlibiFromItsCount()
+
+    def forward(self, x):
+        return x + self.att(x, torch.triu(torch.full((x.shape[1],) * 2, float("-inf")), 1))
+
+
+def test_per_head_values_computed_from_the_count_are_named_and_not_waved_through():
+    """check refused ALiBi slopes computed from the head count naming only layouts, and ended by offering to
+    declare the nest without example= 'if that reading is intended': which gave sub-models whose heads read
+    other slopes than the full model's. The cause is named; the way around the check only for averaged weights."""
+    torch.manual_seed(0)
+    nest = sn.wrap(_AlibiModel().eval(), sn.Heads("h", [1, 2, 4], attn="att"))
+    with pytest.raises(sn.SortedNetError, match=r"(?s)is not the first 1 whole heads.*per-head values from the head "
+                                                r"count.*ALiBi slopes.*only where that reading is the cause"):
+        nest.check(torch.randn(2, 5, 16))
+
+
 class _ReadsAttentionWeights(nn.Module):
     def __init__(self, per_head):
         super().__init__()
