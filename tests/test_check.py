@@ -793,6 +793,46 @@ def test_per_head_values_computed_from_the_count_are_named_and_not_waved_through
         nest.check(torch.randn(2, 5, 16))
 
 
+class _HeadValuesAttention(nn.Module):
+    """4 heads of 8 features (the head count half the head size, as a rotary table's length), with per-head
+    slopes of its own (``how="slopes"``) or a gate per head feature (``how="gate"``)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.head_dim = how, 8
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        if how == "slopes":
+            self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+        else:
+            self.g_proj = nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
+        if self.how == "slopes":
+            att = att + self.slopes.view(-1, 1, 1) * torch.arange(t)
+        y = (att.softmax(-1) @ v).transpose(1, 2)
+        if self.how == "gate":
+            y = y * torch.sigmoid(self.g_proj(x)).view(b, t, -1, self.head_dim)
+        return self.o(y.reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("how", ["slopes", "gate", "gate_per_head"])
+def test_per_head_tensors_wrap_cannot_tell_apart_are_named_when_the_attention_fails(how):
+    """Per-head slopes of the attention's own, when the head count is half the head size (wrap leaves such a
+    length alone: a rotary table's), and a gate per head feature, failed the attention's own run with a bare
+    shape error and advice about count attributes; naming the gate in per_head= was answered with advice for
+    fused projections of a Width. Each is named, with what Heads can cut."""
+    match = {"slopes": r"It holds \['slopes \(4,\)'\] itself, with an axis of its 4 heads",
+             "gate": r"Its child 'g_proj' \(Linear\) has 32 outputs, as wide as all 4 heads' outputs",
+             "gate_per_head": r"'g_proj' has 8 per head .*Heads cannot cut it"}[how]
+    model = _HeadValuesAttention("slopes" if how == "slopes" else "gate")
+    with pytest.raises(sn.SortedNetError, match=match) as e:
+        sn.wrap(model, sn.Heads("h", [1, 2, 4], attn="", **({"per_head": "g_proj"} if how == "gate_per_head" else {})))
+    assert "fused projections" not in str(e.value) and type(model.q) is nn.Linear
+
+
 class _ReadsAttentionWeights(nn.Module):
     def __init__(self, per_head):
         super().__init__()

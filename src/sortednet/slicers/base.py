@@ -352,7 +352,12 @@ class Slicer:
             full = self._full_named(m, path, role)
             if b.total(b.dim.full) != full:
                 self.check(m, bind, path)  # its own, more specific refusal first (a LayerNorm over (C, H, W))
-                hint = (f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
+                hint = (f"; Heads {b.dim.name!r} cuts a per_head= module by one unit per head, and {path!r} has "
+                        f"{full // b.full} per head ({full} for {b.dim.full} heads: a gate per head feature, as "
+                        "wide as the heads' outputs): Heads cannot cut it; make it one unit per head (a Linear to "
+                        f"the {b.dim.full} heads), or give the attention a slicer of yours (docs/custom_slicers.md)"
+                        if b.dim.kind == "heads" and role == "out" and full % b.full == 0 else
+                        f"; if {path!r} stacks {full // b.full} fused projections (e.g. gate|up), state it: "
                         "Width(..., chunks={pattern: n})"
                         if role == "out" and len(b.blocks) == 1 and full % b.full == 0 else
                         f"; {path!r} reads more features than the dimension has (the sliced ones concatenated with "

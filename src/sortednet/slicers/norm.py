@@ -217,8 +217,9 @@ def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tu
     calibrated ones, whose statistics are watched by their own counters), and one per
     module, ``(path, children dict, children, parameter slots dict, parameter names, empty slots)`` (a module
     replaced or added, a parameter slot added or removed: ``torch.nn.utils.prune``, an adapter; ``(slots dict,
-    name)`` of each parameter or persistent buffer slot holding None, a bias one may fill later). ``known``: path -> (tensor
-    id, version, data pointer, fingerprint) of tensors whose fingerprint is not taken again while those hold."""
+    name)`` of each parameter or persistent buffer slot holding None, a bias one may fill later). ``known``: path
+    -> (tensor id, version, data pointer, fingerprint) of tensors whose fingerprint is not taken again while
+    those hold."""
     slots: list[list[Any]] = []
     tree: list[Any] = []
     for path, m in model.named_modules():
@@ -382,7 +383,7 @@ class WeightWatch:
                 and not any(store.get(n) is not None for store, n in self.vacant)):
             return False
         rescan = False
-        for path, kids, was, params, names, vacant in self.tree:
+        for _, kids, was, params, names, vacant in self.tree:
             now = tuple(kids.values())
             if (now != was and not _same_children(now, was)) or tuple(params) != names or any(
                     store.get(n) is not None for store, n in vacant):
