@@ -1255,7 +1255,7 @@ def test_what_changes_no_weight_leaves_the_calibrations_fresh():
             torch.func.functional_call(model, same, (data[0],))  # (the same weights, other tensors)
         w = model.backbone[0].weight
         model.backbone[0]._parameters["weight"] = nn.Parameter(w.detach().clone())
-        model.backbone.extra = nn.Identity()  # (a module of no tensors added: a forward's first call builds one)
+        model.extra = nn.Identity()  # (a module of no tensors added: a forward's first call builds one)
         with torch.no_grad(), nest.use("h=4"):
             model(data[0])
         nest.export("h=4")
@@ -1340,6 +1340,46 @@ def test_modules_a_forward_rebuilds_are_no_news_and_a_slot_filled_later_is(then)
             model(data[0])
     assert bool(_stale(record)) == (then != "nothing")
     assert sorted(stale_statistics(nest)) == ([] if then == "nothing" else ["head.1"])
+
+
+class _Scale(nn.Module):
+    def __init__(self, s, fn=torch.relu):
+        super().__init__()
+        self._s, self.fn = s, fn
+
+    def forward(self, x):
+        return self.fn(x) * self._s
+
+
+@pytest.mark.parametrize("swap", ["private_setting", "function", "appended_to_a_sequential"])
+def test_a_tensor_free_module_that_computes_otherwise_is_news(swap):
+    """A module without tensors swapped for one of its class counts as the same only where every attribute is (a
+    scale kept as self._s, a function), and a module without tensors appended to a Sequential runs: each changes
+    what reaches the calibrated BatchNorm (0.61 / 0.42 off a recalibration), and was read as no news."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Sequential(_Scale(1.0)), nn.Linear(12, 8), nn.BatchNorm1d(8),
+                          nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="2", norm="3", inp="4"))
+    data = [torch.randn(32, 6) * 2 + 1 for _ in range(3)]
+    nest.calibrate(data, batches=3)
+    model.eval()
+    if swap == "private_setting":
+        model[1][0] = _Scale(3.0)
+    elif swap == "function":
+        model[1][0] = _Scale(1.0, torch.sigmoid)
+    else:
+        model[1].append(nn.Tanh())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0])
+    assert _stale(record) and sorted(stale_statistics(nest)) == ["3"]
+    nest.calibrate(data, batches=3)
+    model[1][0] = _Scale(model[1][0]._s, model[1][0].fn)  # (the same settings: no news)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCalibrationWarning)
+        with torch.no_grad(), nest.use("h=4"):
+            model(data[0])
 
 
 def _calibrated_head(model):

@@ -824,8 +824,8 @@ def test_per_head_tensors_wrap_cannot_tell_apart_are_named_when_the_attention_fa
     length alone: a rotary table's), and a gate per head feature, failed the attention's own run with a bare
     shape error and advice about count attributes; naming the gate in per_head= was answered with advice for
     fused projections of a Width. Each is named, with what Heads can cut."""
-    match = {"slopes": r"It holds \['slopes \(4,\)'\] itself, with an axis of its 4 heads",
-             "gate": r"Its child 'g_proj' \(Linear\) has 32 outputs, as wide as all 4 heads' outputs",
+    match = {"slopes": r"count_attrs=.*If \['slopes \(4,\)'\], which it holds itself with an axis of its 4 heads",
+             "gate": r"count_attrs=.*If its child 'g_proj', with 32 outputs as wide as all 4 heads' outputs",
              "gate_per_head": r"'g_proj' has 8 per head .*Heads cannot cut it"}[how]
     model = _HeadValuesAttention("slopes" if how == "slopes" else "gate")
     with pytest.raises(sn.SortedNetError, match=match) as e:
@@ -4046,18 +4046,43 @@ class _SharesItsTupleConfig(nn.Module):
         return x
 
 
-def test_a_named_tuple_config_is_measured_in_every_holder():
+class _ScaledHead(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.fc = cfg, nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) * (4.0 / self.cfg.n_layers)
+
+
+class _HeadSharesItsTupleConfig(nn.Module):
+    """A head beside the blocks reading the layer count of a named-tuple config the model holds too."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.cfg = _TupleArgs(n, 8)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.head = _ScaledHead(self.cfg)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("model", [_SharesItsTupleConfig, _HeadSharesItsTupleConfig])
+def test_a_named_tuple_config_is_measured_in_every_holder(model):
     """A named tuple is measured by putting a copy with the shallow count in its holder's place: only the first
     holder found (the model) got it, the blocks holding the same tuple read the full count, nothing moved and
     the count went unnamed. Every holder gets the copy; each gets its own tuple back."""
     from sortednet.check import LayerCountWarning
 
     torch.manual_seed(0)
-    model = _SharesItsTupleConfig(4)
+    model = model(4)
     cfg = model.cfg
     with pytest.warns(LayerCountWarning, match=r"\['cfg.n_layers'\]"):
         sn.wrap(model, sn.Depth("depth", [2, 4], layers="blocks"), example=torch.randn(3, 8))
-    assert model.cfg is cfg and all(b.cfg is cfg for b in model.blocks)
+    assert model.cfg is cfg and all(m.cfg is cfg for m in model.modules() if hasattr(m, "cfg"))
 
 
 class _ReadsItsBackbonesCount(nn.Module):

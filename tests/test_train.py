@@ -284,7 +284,22 @@ def test_a_closure_that_runs_another_model_is_refused_and_one_running_the_model_
     assert head.weight.grad is not None
 
 
-@pytest.mark.parametrize("how", ["pre_wrap_copy_beside_a_forward_without_gradients", "deep_copy_after_wrap"])
+class _OwnCrossEntropy(torch.autograd.Function):
+    """A loss of one's own as an autograd Function (its node reads only its inputs)."""
+
+    @staticmethod
+    def forward(ctx, logits, y):
+        ctx.save_for_backward(logits, y)
+        return F.cross_entropy(logits, y)
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, y = ctx.saved_tensors
+        return g * (logits.softmax(-1) - F.one_hot(y, logits.shape[-1])) / len(y), None
+
+
+@pytest.mark.parametrize("how", ["pre_wrap_copy_beside_a_forward_without_gradients", "deep_copy_after_wrap",
+                                 "own_loss_function"])
 def test_a_closure_whose_loss_reaches_no_parameter_of_the_nest_is_warned_about_once(how):
     """A forward of the model without gradients (logging) beside a loss of a copy taken before sn.wrap passed the
     first-call check (a forward of the model ran) and trained the copy k times, the same loss each time; a deep
@@ -295,18 +310,21 @@ def test_a_closure_whose_loss_reaches_no_parameter_of_the_nest_is_warned_about_o
     case = FAMILIES["mlp"](seed=2)
     pre = copy.deepcopy(case.model)
     nest = sn.wrap(case.model, *case.dims)
-    other = pre if how.startswith("pre") else copy.deepcopy(case.model)
+    other = copy.deepcopy(case.model) if how == "deep_copy_after_wrap" else pre
 
     def closure():
-        if how.startswith("pre"):
+        if how.startswith("pre") or how == "own_loss_function":
             with torch.no_grad():
                 case.model(case.example)
+        if how == "own_loss_function":  # (a custom Function's node: walked through, not taken for the model's)
+            out = other(case.example)
+            return _OwnCrossEntropy.apply(out, torch.zeros(len(out), dtype=torch.long))
         return task_loss(other(case.example))
 
     with pytest.warns(LossOutsideModelWarning, match="depends on none of the nest's model's trainable") as seen:
         sn.accumulate(nest, nest.submodels, closure)
     said = [w for w in seen if issubclass(w.category, LossOutsideModelWarning)]
-    assert len(said) == 1 and ("only without gradients" in str(said[0].message)) == how.startswith("pre")
+    assert len(said) == 1 and ("only without gradients" in str(said[0].message)) == (how != "deep_copy_after_wrap")
     assert all(p.grad is None for p in case.model.parameters())
     with warnings.catch_warnings():  # (checked in a nest's first call only)
         warnings.simplefilter("error", LossOutsideModelWarning)
@@ -331,7 +349,7 @@ class _Checkpointed(torch.nn.Module):
 def test_reentrant_checkpointing_with_every_trainable_parameter_inside_is_no_loss_outside_the_model():
     """Only the blocks trainable (a frozen base outside them, as a LoRA fine-tune), each run through a reentrant
     checkpoint: the loss's graph shows no parameter of the nest, which the first call's check took for a loss of
-    another model. Custom autograd functions (other than sortednet's own) count as reading the model. A depth
+    another model. A reentrant checkpoint's node counts as reading the model. A depth
     whose layers are all frozen is refused saying so."""
     from sortednet.train import LossOutsideModelWarning
 

@@ -1287,6 +1287,11 @@ def _count_spots(nest: Nest, model: nn.Module) -> list[tuple[Any, str, str, int,
                             and _names_this_list(k, v, path, model):
                         shown = f"{at}[{k!r}]" if type(obj) is dict else f"{at}.{k}" if at else k
                         spots.setdefault((id(obj), k), (obj, k, shown, v, chain, _setter(obj, k, parent, holders)))
+    if holders:  # (a named tuple measured is put in every module holding it: a head beside the blocks reads it too)
+        for mod in model.modules():
+            for k, v in vars(mod).items():
+                if id(v) in holders and (mod, k) not in holders[id(v)]:
+                    holders[id(v)].append((mod, k))
     return list(spots.values())
 
 
@@ -1581,21 +1586,34 @@ def _own_head_tensors(mod: nn.Module, o: nn.Module) -> str:
             "cuts them with the heads (docs/custom_slicers.md)")
 
 
-def _per_head_children(mod: nn.Module, heads: int, o: nn.Module | None = None) -> str:
-    """Where a child of the attention ``mod`` that no dimension slices holds a tensor with an axis of ``heads``
-    (a per-head gate, a relative-position table): named, with ``per_head=`` to cut it with the heads; where the
-    attention holds such a tensor itself (which wrap could not tell from a rotary table: the head count equals
-    the head size or half of it), or a child whose output is as wide as all heads' outputs (``o``'s input: a
-    gate per head feature), named with what to do. Empty where there is none."""
+def _head_sized_guesses(mod: nn.Module, heads: int, o: nn.Module) -> str:
+    """More causes to weigh for an attention ``mod`` failing below its full head count, where it holds a tensor of
+    its own with an axis of ``heads`` (per-head values wrap could not tell from a rotary table: the head count
+    equals the head size or half of it), or an unsliced Linear child as wide as all heads' outputs (``o``'s
+    input: perhaps a gate per head feature). Empty where there is none."""
+    out = ""
     own = [f"{n} {tuple(t.shape)}" for n, t in (*mod._parameters.items(), *mod._buffers.items())
            if isinstance(t, torch.Tensor) and t.dim() and next((s for s in t.shape if s != 1), None) == heads]
     if own:
-        return (f"It holds {own[:4]} itself, with an axis of its {heads} heads, which Heads leaves whole (its head "
-                "count equals the head size or half of it, so wrap could not tell per-head values from a rotary "
-                "table): per-head values (ALiBi slopes, a temperature) belong in a child module named in "
-                "per_head=, cut with the heads (docs/heads.md); a table of the head size is no cause")
-    w = getattr(o, "weight", None) if o is not None else None
+        out += (f". If {own[:4]}, which it holds itself with an axis of its {heads} heads, are per-head values "
+                "(ALiBi slopes, a temperature; not a rotary table), Heads leaves them whole: keep them in a child "
+                "module named in per_head=, cut with the heads (docs/heads.md)")
+    w = getattr(o, "weight", None)
     width = w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    wide = [rel for rel, c in mod.named_modules() if rel and "_sn" not in c.__dict__ and isinstance(c, nn.Linear)
+            and isinstance(c._parameters.get("weight"), torch.Tensor) and width is not None
+            and c._parameters["weight"].shape[0] == width != heads]
+    if wide:
+        out += (f". If its child {wide[0]!r}, with {width} outputs as wide as all {heads} heads' outputs, gates each "
+                "head feature, no slicer cuts it, and Heads cuts a per_head= module by one unit per head only: make "
+                "it one unit per head (a Linear to the heads), or give the attention a slicer of yours")
+    return out
+
+
+def _per_head_children(mod: nn.Module, heads: int) -> str:
+    """Where a child of the attention ``mod`` that no dimension slices holds a tensor with an axis of ``heads``
+    (a per-head gate, a relative-position table): named, with ``per_head=`` to cut it with the heads. Empty
+    where there is none."""
     found: dict[str, list[str]] = {}
     for rel, c in mod.named_modules():
         if not rel or "_sn" in c.__dict__:
@@ -1603,13 +1621,6 @@ def _per_head_children(mod: nn.Module, heads: int, o: nn.Module | None = None) -
         for n, t in (*c._parameters.items(), *c._buffers.items()):
             if isinstance(t, torch.Tensor) and heads in t.shape:
                 found.setdefault(rel, []).append(f"{rel}.{n} {tuple(t.shape)}")
-        cw = c._parameters.get("weight")
-        if rel not in found and isinstance(c, nn.Linear) and isinstance(cw, torch.Tensor) and width is not None \
-                and cw.shape[0] == width and width != heads:
-            return (f"Its child {rel!r} ({type(c).__name__}) has {width} outputs, as wide as all {heads} heads' "
-                    "outputs (a gate per head feature), which no slicer cuts, and Heads cuts a per_head= module by "
-                    "one unit per head only: make it one unit per head (a Linear to the heads), or give the "
-                    "attention a slicer of yours (docs/custom_slicers.md)")
     if not found:
         return ""
     tensors = [t for ts in found.values() for t in ts]
@@ -1645,11 +1656,11 @@ def _self_check_module(nest: Nest, d: Any, path: str, mod: nn.Module, o: nn.Modu
             raise SortedNetError(
                 f"Heads {d.name!r} at {where} ({cls}): the module runs at {d.full} heads "
                 f"but fails at {size}: {type(e).__name__}: {str(e)[:300]}. " + (
-                    _own_head_tensors(mod, o) or _per_head_children(mod, d.full, o) or (
+                    _own_head_tensors(mod, o) or _per_head_children(mod, d.full) or (
                         "It sizes something by an attribute Heads does not slice (name it with count_attrs=), or by "
                         "the input's width (C // self.n_head, split(C, dim=-1): use the head size, a fixed "
                         "self.head_dim, or -1 there, as docs/heads.md shows), or needs a custom slicer "
-                        "(docs/custom_slicers.md)"))) from e
+                        "(docs/custom_slicers.md)" + _head_sized_guesses(mod, d.full, o)))) from e
         err = whole_units_error(nest, d, size, x, mod, copies, within=mod)
         if err is None:
             return False

@@ -654,9 +654,10 @@ def _note_outside(e: BaseException, nest: Nest, sub: SubModel) -> None:
 
 
 def _reaches(loss: Tensor, params: set[int], opaque: bool = False) -> bool:
-    """Whether the autograd graph of ``loss`` has a leaf in ``params`` (ids). ``opaque``: a node of a custom
-    autograd Function other than sortednet's counts as reaching them (a reentrant ``torch.utils.checkpoint``
-    block's forward reads parameters that are not among its inputs: its graph shows only the inputs)."""
+    """Whether the autograd graph of ``loss`` has a leaf in ``params`` (ids). ``opaque``: a reentrant activation
+    checkpoint's node (a ``CheckpointFunction``: ``torch.utils.checkpoint``'s, DeepSpeed's) counts as reaching
+    them (its block's forward reads parameters that are not among its inputs: its graph shows only the
+    inputs)."""
     seen: set[Any] = set()
     stack = [loss.grad_fn]
     while stack:
@@ -666,8 +667,7 @@ def _reaches(loss: Tensor, params: set[int], opaque: bool = False) -> bool:
         seen.add(f)
         if id(getattr(f, "variable", None)) in params:
             return True
-        if opaque and not str(getattr(getattr(f, "_forward_cls", None), "__module__", "sortednet.")).startswith(
-                "sortednet."):
+        if opaque and getattr(getattr(f, "_forward_cls", None), "__name__", "") == "CheckpointFunction":
             return True
         stack.extend(g for g, _ in f.next_functions)
     return False

@@ -224,9 +224,7 @@ def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tu
     tree: list[Any] = []
     for path, m in model.named_modules():
         gone = m.__dict__.get("_non_persistent_buffers_set", ())
-        vacant = [(m._parameters, n) for n, p in m._parameters.items() if p is None] + (
-            [(m._buffers, n) for n, b in m._buffers.items() if b is None and n not in gone] if path not in skip else [])
-        tree.append((path, m._modules, tuple(m._modules.values()), m._parameters, tuple(m._parameters), vacant))
+        tree.append(_entry(path, m, skip))
         held = [(m._parameters, n, p) for n, p in m._parameters.items()]
         if path not in skip:
             held += [(m._buffers, n, b) for n, b in m._buffers.items()
@@ -241,36 +239,52 @@ def _watched(model: nn.Module, skip: frozenset, known: dict | None = None) -> tu
     return slots, tree
 
 
-def _same_children(now: tuple[Any, ...], was: tuple[Any, ...]) -> bool:
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _entry(path: str, m: nn.Module, skip: frozenset) -> tuple[Any, ...]:
+    """:func:`_watched`'s entry of module ``m`` at ``path``: ``(path, children dict, children, parameter slots dict,
+    parameter names, empty slots, whether it is a container whose children all run)``."""
+    gone = m.__dict__.get("_non_persistent_buffers_set", ())
+    vacant = [(m._parameters, n) for n, p in m._parameters.items() if p is None] + (
+        [(m._buffers, n) for n, b in m._buffers.items() if b is None and n not in gone] if path not in skip else [])
+    return (path, m._modules, tuple(m._modules.values()), m._parameters, tuple(m._parameters), vacant,
+            isinstance(m, _CONTAINERS))
+
+
+def _same_children(now: tuple[Any, ...], was: tuple[Any, ...], container: bool) -> bool:
     """Whether a module's children ``now`` compute what the ones it had (``was``) did: each in its place the same
     module or one :func:`_equivalent` to it (a forward re-creating its activation, ``self.act = nn.GELU()``, or
-    its list, ``nn.ModuleList(list(self.blocks))``, at each call), and modules added after them that hold no
-    parameter or buffer (one a forward creates at its first call, after the calibration's forwards ran on a
-    private view): no weight the statistics were computed with moved."""
-    return len(now) >= len(was) and all(map(_equivalent, now, was)) and all(
-        c is None or (next(c.parameters(), None) is None and next(c.buffers(), None) is None) for c in now[len(was):])
+    its list, ``nn.ModuleList(list(self.blocks))``, at each call), and, in a module that is no container (whose
+    children all run: a Sequential, a list), modules added after them that hold no parameter or buffer (one a
+    forward creates at its first call, after the calibration's forwards ran on a private view): no weight the
+    statistics were computed with moved."""
+    return (len(now) == len(was) or (len(now) > len(was) and not container)) and all(map(_equivalent, now, was)) \
+        and all(c is None or (next(c.parameters(), None) is None and next(c.buffers(), None) is None)
+                for c in now[len(was):])
 
 
-_SCALARS = (bool, int, float, str, type(None))
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_BOOKKEEPING = frozenset(nn.Module().__dict__) | {"_sn"}
 
 
 def _equivalent(a: Any, b: Any, depth: int = 0) -> bool:
-    """``a`` is ``b``, or both are modules of one class holding no tensor of their own, with the same settings
-    (``extra_repr``, public scalar attributes) and children that are pairwise so."""
+    """``a`` is ``b``, or both are modules of one class holding no tensor of their own, whose every other
+    attribute (public or not: a scale kept as ``self._s``, a function, a tensor or list attribute) is the same
+    object or an equal number or string (nn.Module's own bookkeeping aside), with children that are pairwise
+    so."""
     if a is b:
         return True
     if not isinstance(a, nn.Module) or type(a) is not type(b) or depth > 8:
         return False
     if any(t is not None for m in (a, b) for t in (*m._parameters.values(), *m._buffers.values())):
         return False
-    try:
-        if a.extra_repr() != b.extra_repr():
-            return False
-    except Exception:
+    va, vb = ({k: v for k, v in vars(m).items() if k not in _BOOKKEEPING} for m in (a, b))
+    if va.keys() != vb.keys() or any(
+            x is not y and not (type(x) is type(y) and isinstance(x, _SCALARS) and x == y)
+            for x, y in ((va[k], vb[k]) for k in va)):
         return False
-    settings = [{k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"
-                 and isinstance(v, _SCALARS)} for m in (a, b)]
-    return settings[0] == settings[1] and list(a._modules) == list(b._modules) and all(
+    return list(a._modules) == list(b._modules) and all(
         _equivalent(x, y, depth + 1) for x, y in zip(a._modules.values(), b._modules.values()))
 
 
@@ -363,7 +377,8 @@ class WeightWatch:
         known, names = self.base
         epoch = REGISTRATIONS[0]
         slots, tree = _watched(root, self.skip, known)
-        if [(e[0], tuple(e[1]), tuple(e[3])) for e in tree] != names or [e[2] for e in slots] != list(known):
+        if sorted((e[0], tuple(e[1]), tuple(e[3])) for e in tree) != sorted(names) or \
+                sorted(e[2] for e in slots) != sorted(known):
             return True
         for e in slots:
             held = known[e[2]]
@@ -382,13 +397,14 @@ class WeightWatch:
                 and list(map(tuple, map(dict.values, self.kids))) == self.was
                 and not any(store.get(n) is not None for store, n in self.vacant)):
             return False
-        rescan = False
-        for _, kids, was, params, names, vacant in self.tree:
+        changed = []
+        for i, (_, kids, was, params, names, vacant, container) in enumerate(self.tree):
             now = tuple(kids.values())
-            if (now != was and not _same_children(now, was)) or tuple(params) != names or any(
+            if (now != was and not _same_children(now, was, container)) or tuple(params) != names or any(
                     store.get(n) is not None for store, n in vacant):
                 return True
-            rescan = rescan or now != was  # (the modules now there are watched from here)
+            if now != was:  # (the modules now there are watched from here)
+                changed.append((i, was))
         unsure = False
         for e in self.slots:
             store, n, _, old, v, ptr, held = e
@@ -404,10 +420,33 @@ class WeightWatch:
             e[3], e[4], e[5] = t, t._version, _ptr(t)
         if not unsure:
             self.epoch = epoch
-            root = self.root() if rescan else None
-            self._hold(*(_watched(root, self.skip, {e[2]: (id(e[3]), e[4], e[5], e[6]) for e in self.slots})
-                         if root is not None else (self.slots, self.tree)))
+            if changed:
+                self._retree(changed)
+            self._hold(self.slots, self.tree)
         return False
+
+    def _retree(self, changed: list[tuple[int, tuple[Any, ...]]]) -> None:
+        """The tree after children were replaced by equivalent ones or tensor-free ones were added (``changed``:
+        index of each parent's entry, its children before): the parents' entries take their children now, the
+        modules gone leave it, the new ones (no tensors of their own: the slots stay) join it."""
+        tree = self.tree
+        held = {id(e[1]) for e in tree}
+        drop: set[int] = set()
+        add: list[tuple[Any, ...]] = []
+        for i, was in changed:
+            path, kids = tree[i][0], tree[i][1]
+            tree[i] = (*tree[i][:2], tuple(kids.values()), *tree[i][3:])
+            for k, (name, new) in enumerate(kids.items()):
+                old = was[k] if k < len(was) else None
+                if new is old:
+                    continue
+                fresh = {} if new is None else {id(m._modules): (p, m) for p, m in new.named_modules(
+                    prefix=f"{path}.{name}" if path else name)}
+                if old is not None:
+                    drop |= {id(m._modules) for m in old.modules()} - set(fresh)
+                add += [_entry(p, m, self.skip) for key, (p, m) in fresh.items() if key not in held]
+                held |= set(fresh)
+        self.tree = [e for e in tree if id(e[1]) not in drop] + add
 
 
 def unwritten(path: str, name: str, t: Tensor, norm: NormStats) -> Tensor:
