@@ -1563,3 +1563,10 @@ def test_two_rank_dimensions_on_one_layer_are_refused_with_the_rule_not_a_coupli
         sn.wrap(m, sn.Rank("r", [2, 4], targets=["0"]), sn.Rank("q", [2, 4], targets=["0"], mode="lora"))
     assert type(m[0]) is nn.Linear and m.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_a_target_weight_of_another_dtype_is_named_by_its_dtype():
+    """A complex (or integer) weight was refused as 'must be a floating-point nn.Parameter, got Parameter': it
+    is one; its dtype is what is wrong, and the message names it."""
+    with pytest.raises(sn.SortedNetError, match=r"floating-point nn.Parameter, got Parameter of torch.complex64"):
+        sn.wrap(torch.nn.Linear(8, 8, dtype=torch.complex64), sn.Rank("r", [2], targets=""))

@@ -223,6 +223,16 @@ def test_soft_loss_is_mean_of_separate_exit_losses(name, weights):
     assert model.get_output_embeddings().weight.grad is not None
 
 
+def test_soft_loss_names_the_input_ids_when_they_stand_for_the_labels():
+    """One-dimensional input_ids without labels= were refused as 'labels must be token ids of shape (batch,
+    length)': no labels were given; the input_ids (the labels then) are named."""
+    nest = sn.from_transformers(build("llama")[0], depth=[1, 2])
+    with pytest.raises(sn.SortedNetError, match=r"input_ids \(the labels when none are given\) must be token ids"):
+        soft_loss(nest, torch.randint(0, V, (6,)))
+    with pytest.raises(sn.SortedNetError, match=r"soft_loss: labels must be token ids"):
+        soft_loss(nest, ids(), labels=torch.randint(0, V, (6,)))
+
+
 def test_soft_loss_stopped_by_a_ctrl_c_anywhere_leaves_no_exit_hook():
     """A Ctrl-C as soft_loss registers its exit hooks (before a handle was kept) left a hook that stopped every
     later forward of the model with a bare internal exception."""
@@ -2144,7 +2154,8 @@ def test_nest_compile_checks_the_cache_as_eager_does(fresh_dynamo):
 def test_from_transformers_checks_its_options_before_wrapping():
     """A type fuzzer: ``verify=tensor`` raised a raw RuntimeError AFTER wrapping (the model was left wrapped, a
     retry refused as 'already wrapped'); ``rank_targets="self_attn.q_proj"`` and ``ffn="0.5"`` were split into
-    characters; ``ffn=[np.int64(24)]`` was refused while ``np.float64`` was taken."""
+    characters; ``ffn=[np.int64(24)]`` was refused while ``np.float64`` was taken; ``rank_mode=`` /
+    ``rank_targets=`` without ``rank=`` were ignored in silence (no Rank dimension)."""
     import re
 
     import numpy as np
@@ -2155,7 +2166,9 @@ def test_from_transformers_checks_its_options_before_wrapping():
                        (dict(ffn=[0.5], verify="no"), "verify=..."),
                        (dict(rank=[4], rank_targets="self_attn.q_proj"), "rank_targets="),
                        (dict(rank=[4], rank_targets=[None]), "rank_targets="),
-                       (dict(ffn="0.5"), "got str '0.5'")]:
+                       (dict(ffn="0.5"), "got str '0.5'"),
+                       (dict(ffn=[0.5], rank_mode="svd"), "rank_mode= / rank_targets= describe a Rank"),  # (no
+                       (dict(depth=[2], rank_targets=["self_attn.q_proj"]), "only rank= (its sizes")]:  # rank=)
         with pytest.raises(sn.SortedNetError, match=re.escape(needle)):
             sn.from_transformers(model, **kw)
         assert [type(m) for m in model.modules()] == classes, kw

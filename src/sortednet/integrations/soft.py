@@ -188,9 +188,10 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
                                  f"exits' base model are {[k for k in params if k != 'self']})")
     if labels is None and input_ids is None:
         raise SortedNetError("soft_loss without input_ids (inputs_embeds=...) needs labels=")
+    given = "labels" if labels is not None else "input_ids (the labels when none are given)"
     labels = input_ids if labels is None else labels
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 2:
-        raise SortedNetError(f"soft_loss: labels must be token ids of shape (batch, length), as input_ids, got "
+        raise SortedNetError(f"soft_loss: {given} must be token ids of shape (batch, length), got "
                              f"{type(labels).__name__}" + (f" {labels.dtype} {tuple(labels.shape)}"
                                                            if isinstance(labels, Tensor) else ""))
     if labels.shape[1] < 2:

@@ -160,6 +160,10 @@ def from_transformers(model: nn.Module, *, ffn: Sizes = None, heads: Sizes = Non
                                      or not all(isinstance(t, str) for t in rank_targets)):
         raise SortedNetError(f"from_transformers(rank_targets=...) takes a list of module paths relative to a block "
                              f"(e.g. ['self_attn.q_proj']), got {rank_targets!r}")
+    if rank is None and (rank_targets is not None or rank_mode != "lora"):
+        raise SortedNetError("from_transformers: rank_mode= / rank_targets= describe a Rank dimension, which only "
+                             "rank= (its sizes, e.g. rank=[4, 8, 16]) declares; without it they would do nothing. "
+                             "Pass rank=, or leave them out. Nothing was changed")
     register_known_slicers()
     found = detect(model)
     lay = found.layout

@@ -129,7 +129,8 @@ class LowRankSlicer(Slicer):
                                f"{sorted(n for n in m._parameters if n.startswith('weight_'))} (a weight_norm / "
                                "spectral_norm hook): remove that hook or leave the layer out of the Rank targets")
         if not isinstance(w, nn.Parameter) or not w.is_floating_point():
-            raise PatternError(f"{where}: weight must be a floating-point nn.Parameter, got {type(w).__name__}")
+            raise PatternError(f"{where}: weight must be a floating-point nn.Parameter, got {type(w).__name__}"
+                               + (f" of {w.dtype}" if isinstance(w, torch.Tensor) else ""))
         if w.is_meta:
             raise PatternError(f"{where}: the weight is on the meta device, which has no values: "
                                + ("the ordered factors are an SVD of its values" if isinstance(self, SVDSlicer) else
