@@ -1791,3 +1791,29 @@ class _Stack(nn.Module):
         for b in self.blocks:
             x = b(x)
         return x
+
+
+@pytest.mark.parametrize("share", ["module", "weight"])
+def test_a_layer_shared_with_a_model_outside_the_nest_refuses_the_sort(share):
+    """A stem shared by two task models, one wrapped: the sort kept the wrapped model's output and changed the
+    other's (1.61), in silence. Refused, naming the holder, nothing changed; a holder of the whole model (a
+    list of the model and its EMA) is no such holder."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    b = nn.Sequential(a[0] if share == "module" else nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    if share == "weight":
+        b[0].weight = a[0].weight
+    nest = sn.wrap(a, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+    x = torch.randn(5, 8)
+    before, want = snapshot(a), b(x)
+    with pytest.raises(sn.SortedNetError, match=r"a module outside the nest's model holds what the sort would "
+                                                r"permute \(" + ("Sequential.0 is the model's '0'" if share ==
+                                                                 "module" else "Linear.weight is the model's "
+                                                                 "parameter '0.weight'")):
+        sort_units(nest, "l1", example=x)
+    assert_unchanged(a, before)
+    torch.testing.assert_close(b(x), want, rtol=0, atol=0)
+    del b
+    holder = nn.ModuleList([a, copy.deepcopy(a)])
+    sort_units(nest, "l1", example=x)
+    assert holder[1] is not a

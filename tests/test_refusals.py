@@ -1789,3 +1789,32 @@ def test_a_multihead_attention_sub_model_refuses_the_inputs_the_full_model_refus
                                                                r".*got query") as info:
         mha(q, k, v)
     assert isinstance(info.value, AssertionError)
+
+
+def test_messages_about_holders_copies_and_parts_say_what_happened(tmp_path):
+    """Misleading refusals: a holder of the model and its EMA was told to run ``sn.save(obj.0, path)`` (not
+    Python) and only one of the two was named; ``copy.copy(nest)`` was called a pickling error; an EMA copy saved
+    after its nest's unwrap was 'a module no nest slices'; wrapping a model a part of which another nest wraps
+    was 'model is already wrapped'; unwrap_copy inside the copy's own forward ran on into raw shape errors."""
+    import copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    nest = sn.wrap(model, sn.Width("h", [4, 8], out="0", inp="2"))
+    ema = copy.deepcopy(model)
+    with pytest.raises(sn.SortedNetError, match=r"at \['ema', 'model'\]; save each on its own: "
+                                                r"sn.save\(obj.get_submodule\('ema'\), path\)"):
+        sn.save(torch.nn.ModuleDict({"ema": ema, "model": model}), str(tmp_path / "x.safetensors"))
+    with pytest.raises(sn.SortedNetError, match="a Nest cannot be copied"):
+        copy.copy(nest)
+    hook = ema[1].register_forward_hook(lambda *a: nest.unwrap_copy(ema))  # (mid-forward: then raw shape errors)
+    with pytest.raises(sn.SortedNetError, match=r"unwrap_copy\(\) inside a forward"), nest.use("h=4"):
+        ema(torch.randn(2, 4))
+    hook.remove()
+    assert "_sn" in ema[0].__dict__
+    outer = torch.nn.Sequential(model, torch.nn.Linear(2, 2))
+    with pytest.raises(sn.SortedNetError, match=r"a part of this model is wrapped by another nest .*unwrap that nest"):
+        sn.wrap(outer, sn.Width("o", [1, 2], out="1"))
+    nest.unwrap()
+    with pytest.raises(sn.SortedNetError, match=r"sn.save\(\): .*a deep copy of a model whose nest was unwrapped"):
+        sn.save(ema, str(tmp_path / "ema.safetensors"))
+    assert not list(tmp_path.iterdir())

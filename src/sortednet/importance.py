@@ -774,6 +774,7 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         b.dim.kind in ("width", "heads") and (only is None or b.dim.name in only) for b in m._sn.bind.values())
         for p in m.parameters(recurse=False)])
     check_states("sort_units", optimizer, moved, nest.model)
+    refuse_held_outside(nest, moved, "sort_units")
     stray = stray_optimizers(moved, optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
         orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer,  # flips
@@ -782,6 +783,37 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         id(t) for t in [*nest.model.parameters(), *nest.model.buffers()])), token=token)
     warn_stray_optimizers("sort_units", stray)  # (once the sort is done: a refused one moved nothing)
     return orders
+
+
+def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str) -> None:
+    """Refuse a sort when a module outside the nest's model (and its views and deep copies) holds a module the
+    sort permutes, or one of the parameters it moves (a stem shared with a second model, a weight tied into
+    one): the permutation keeps the model's output, and changes that model's, in silence. One walk of the
+    objects Python tracks; a holder of the whole model (DDP, a compiled wrapper) is no such module."""
+    import gc
+
+    model = nest.model
+    inside = {id(m) for m in model.modules()}
+    ids = {id(t) for t in moved}
+    sliced = {id(m): p for p, m in nest._sliced.items() if m is not model}
+    params = {id(t): n for n, t in model.named_parameters(remove_duplicate=False) if id(t) in ids}
+    held: list[str] = []
+    for obj in gc.get_objects():
+        if not isinstance(obj, nn.Module) or id(obj) in inside or "_sn" in obj.__dict__:  # (a view's or copy's
+            continue  # sliced modules hold the model's parameters: theirs follow)
+        held += [f"{type(obj).__name__}.{k} is the model's {sliced[id(c)]!r}" for k, c in obj._modules.items()
+                 if id(c) in sliced]
+        held += [f"{type(obj).__name__}.{k} is the model's parameter {params[id(t)]!r}"
+                 for k, t in obj._parameters.items() if id(t) in params]
+        if len(held) >= 3:
+            break
+    if held:
+        raise SortedNetError(f"{what}: a module outside the nest's model holds what the sort would permute "
+                             f"({'; '.join(held[:3])}): a model sharing a layer or a weight with it (a stem of two "
+                             "task models, a tied weight) would compute with the new order where its own layers "
+                             "read the old one, its output changed in silence. Wrap the model that holds every "
+                             "user of the shared layer (one nest over both), or sort before sharing it. Nothing "
+                             "was changed")
 
 
 def _only_dims(nest: Nest, dims: Iterable[str] | None) -> frozenset[str] | None:

@@ -225,7 +225,9 @@ def _nest_of_copy(model: nn.Module, state: Any) -> tuple[Nest, nn.Module | None]
     """``sn.save(model)``: the nest of a wrapped model (no copy), or of a deep copy that follows it (the copy)."""
     try:
         nest = Nest.of(model)
-    except SortedNetError:
+    except SortedNetError as e:
+        if "unwrapped" in str(e):  # (a deep copy of a model whose nest was unwrapped: Nest.of says what to do)
+            raise SortedNetError(f"sn.save(): {e}") from None
         raise SortedNetError(f"sn.save() needs a Nest (from sn.wrap), got {type(model).__name__}, which no nest "
                              "slices (a wrapped model, or a deep copy of one, is saved with its nest)") from None
     if model is nest.model:
@@ -233,10 +235,11 @@ def _nest_of_copy(model: nn.Module, state: Any) -> tuple[Nest, nn.Module | None]
     with nest._pin.lock:
         known = set(nest._pin.copies.keys())
     if model not in known:
-        inner = next((n for n, m in model.named_modules() if m is nest.model or m in known), None)
-        if inner is not None:  # (e.g. torch.optim.swa_utils.AveragedModel: the copy is its .module)
-            raise SortedNetError(f"sn.save(): this {type(model).__name__} holds the model (or a deep copy of it) "
-                                 f"at {inner!r}; save that: sn.save(obj.{inner}, path)")
+        inner = [n for n, m in model.named_modules() if m is nest.model or m in known]
+        if inner:  # (e.g. torch.optim.swa_utils.AveragedModel: the copy is its .module)
+            where = [f"obj.get_submodule({n!r})" for n in inner[:3]]
+            raise SortedNetError(f"sn.save(): this {type(model).__name__} holds the model or deep copies of it at "
+                                 f"{inner[:3]}; save each on its own: sn.save({where[0]}, path)")
         raise SortedNetError(f"sn.save() takes a nest, its model or a deep copy of that model; this "
                              f"{type(model).__name__} is a module inside the model of {nest!r}: save the nest")
     if state is not None:

@@ -1488,6 +1488,11 @@ class Nest:
             raise SortedNetError(f"unwrap_copy(): {type(copy).__name__} is not a copy of this nest's model"
                                  + (f" (modules {foreign[:3]} belong to another nest)" if foreign else
                                     " (it holds no sliced module)"))
+        if self._pin.in_forward():  # (a copy follows the model's pin: its forward is one of them)
+            raise SortedNetError("unwrap_copy() inside a forward of the model or of a copy of it (a hook of its own, "
+                                 "or the forward itself): the rest of that forward would run the full model after "
+                                 "its first part ran the sub-model, an output of neither; call it once the forward "
+                                 "has returned. Nothing was changed")
         self._refuse_pending("unwrap_copy()")
         live = {id(p) for p in self.model.parameters()} if self._alive else set()  # (a copy sharing the
         dropped = [d for d in _rank_factors(mods) if id(d[0]) not in live]      # model's factors: still in use)
@@ -1610,6 +1615,11 @@ class Nest:
         raise SortedNetError("a Nest cannot be copied: copy.deepcopy(nest.model) gives a copy of the model that "
                              "follows this nest's sub-models (EMA / teacher; nest.unwrap_copy restores it), "
                              "sn.save(nest, path) a checkpoint")
+
+    def __copy__(self) -> "Nest":
+        raise SortedNetError("a Nest cannot be copied: the nest is one per model (sn.Nest.of(model) gives it); "
+                             "copy.deepcopy(nest.model) gives a copy of the model that follows this nest's "
+                             "sub-models, sn.save(nest, path) a checkpoint")
 
     def __reduce_ex__(self, protocol: int) -> Any:
         raise SortedNetError("a Nest cannot be pickled: use sn.save(nest, path) for all sub-models, "

@@ -86,9 +86,15 @@ def plan(model: nn.Module, dims: Sequence[Dimension]) -> dict[str, tuple[nn.Modu
                                  "model. Give it its original classes with that nest's unwrap_copy(copy) (the "
                                  "unwrapped Nest object still does it), then wrap; or deep-copy the model after "
                                  "unwrap next time")
-        raise SortedNetError(f"model is already wrapped (sliced modules: {wrapped[:5]}{more}); call nest.unwrap() "
-                             "first (sn.Nest.of(model) gives the nest; a deep copy of a wrapped model follows that "
-                             "model's nest: nest.unwrap_copy(copy))")
+        owners = [getattr(m.__dict__["_sn"].active, "owner", None) for m in modules.values() if "_sn" in m.__dict__]
+        nests = {id(n): n for ref in owners if callable(ref) and (n := ref()) is not None}
+        held = {id(m) for m in modules.values()}  # (only a part of this model is another nest's model)
+        whole = not nests or any(n.model is model or id(n.model) not in held for n in nests.values())
+        raise SortedNetError((f"model is already wrapped (sliced modules: {wrapped[:5]}{more}); call nest.unwrap() "
+                              "first (sn.Nest.of(model) gives the nest; a deep copy of a wrapped model follows that "
+                              "model's nest: nest.unwrap_copy(copy))") if whole else (
+            f"a part of this model is wrapped by another nest (its sliced modules: {wrapped[:5]}{more}): unwrap that "
+            "nest first (sn.Nest.of(part) gives it), then wrap the whole model once with every dimension"))
     lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if _uninitialized(t)]
     if lazy:  # their shapes (and so every parameter count) are not known yet
         owners = sorted({type(model.get_submodule(n.rpartition(".")[0])).__name__ for n in lazy})

@@ -31,6 +31,7 @@ from ..importance import (
     in_copies,
     one_process,
     optimizers,
+    refuse_held_outside,
     rel_err,
     stray_optimizers,
     warn_stray_optimizers,
@@ -241,6 +242,7 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                       else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
         for p in m.parameters()])
     check_states("sort_by_importance", optimizer, moved, model)
+    refuse_held_outside(nest, moved, "sort_by_importance")
     stray = stray_optimizers(moved, optimizer)
     n_heads, group = _head_counts(model.config, lay, _tower_name(model, found.stacks[0]))
     saved = {p: p.grad for p in model.parameters()}
