@@ -1793,27 +1793,44 @@ class _Stack(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("share", ["module", "weight"])
+@pytest.mark.parametrize("share", ["module", "weight", "container"])
 def test_a_layer_shared_with_a_model_outside_the_nest_refuses_the_sort(share):
     """A stem shared by two task models, one wrapped: the sort kept the wrapped model's output and changed the
-    other's (1.61), in silence. Refused, naming the holder, nothing changed; a holder of the whole model (a
-    list of the model and its EMA) is no such holder."""
+    other's (1.61), in silence; so did a container of the model's (a stem Sequential) held by the other. Refused,
+    naming the holder, nothing changed; a holder of the whole model (a list of the model and its EMA), garbage
+    not collected yet and a dead weak proxy (torch.compile leaves them) are no such holders, and the walk warns
+    nothing of its own (a deprecated torch object it passes)."""
+    import gc
+    import weakref
+
     torch.manual_seed(0)
-    a = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
-    b = nn.Sequential(a[0] if share == "module" else nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    a = nn.Sequential(nn.Sequential(nn.Linear(8, 32)), nn.ReLU(), nn.Linear(32, 4))
+    b = nn.Sequential(a[0] if share == "container" else a[0][0] if share == "module" else nn.Linear(8, 32),
+                      nn.ReLU(), nn.Linear(32, 3))
     if share == "weight":
-        b[0].weight = a[0].weight
-    nest = sn.wrap(a, sn.Width("h", [8, 16, 32], out="0", inp="2"))
+        b[0].weight = a[0][0].weight
+    nest = sn.wrap(a, sn.Width("h", [8, 16, 32], out="0.0", inp="2"))
     x = torch.randn(5, 8)
     before, want = snapshot(a), b(x)
     with pytest.raises(sn.SortedNetError, match=r"a module outside the nest's model holds what the sort would "
-                                                r"permute \(" + ("Sequential.0 is the model's '0'" if share ==
-                                                                 "module" else "Linear.weight is the model's "
-                                                                 "parameter '0.weight'")):
+                                                r"permute \(" + {"module": "Sequential.0 is the model's '0.0'",
+                                                                 "container": "Sequential.0 is the model's '0'",
+                                                                 "weight": "Linear.weight is the model's parameter "
+                                                                           "'0.0.weight'"}[share]):
         sort_units(nest, "l1", example=x)
     assert_unchanged(a, before)
     torch.testing.assert_close(b(x), want, rtol=0, atol=0)
     del b
     holder = nn.ModuleList([a, copy.deepcopy(a)])
-    sort_units(nest, "l1", example=x)
-    assert holder[1] is not a
+    gc.disable()
+    try:
+        cycle = nn.Sequential(a[0])  # (garbage in a cycle, not collected yet)
+        cycle.me = [cycle]
+        del cycle
+        dead = [weakref.proxy(nn.Linear(2, 2))]  # (a proxy whose object is gone)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sort_units(nest, "l1", example=x)
+    finally:
+        gc.enable()
+    assert holder[1] is not a and len(dead) == 1

@@ -774,7 +774,9 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
         b.dim.kind in ("width", "heads") and (only is None or b.dim.name in only) for b in m._sn.bind.values())
         for p in m.parameters(recurse=False)])
     check_states("sort_units", optimizer, moved, nest.model)
-    refuse_held_outside(nest, moved, "sort_units")
+    refuse_held_outside(nest, moved, "sort_units", [  # (a Width / Heads's bindings: the units move together)
+        [p for p, m in nest._sliced.items() if any(b.dim is d for r, b in m._sn.bind.items() if not r.startswith(
+            "attr:"))] for d in nest.dims if d.kind in ("width", "heads") and (only is None or d.name in only)])
     stray = stray_optimizers(moved, optimizer)
     with eval_mode(nest) as (model, copies):  # a private eval-mode view: no training flag of the user's model
         orders, moves, token = _sort(nest, model, copies, method, example, data, loss_fn, atol, optimizer,  # flips
@@ -785,24 +787,32 @@ def sort_units(nest: Nest, method: str = "l1", *, example: Any = None, data: Ite
     return orders
 
 
-def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str) -> None:
-    """Refuse a sort when a module outside the nest's model (and its views and deep copies) holds a module the
-    sort permutes, or one of the parameters it moves (a stem shared with a second model, a weight tied into
-    one): the permutation keeps the model's output, and changes that model's, in silence. One walk of the
-    objects Python tracks; a holder of the whole model (DDP, a compiled wrapper) is no such module."""
+def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str, groups: Sequence[Sequence[str]]) -> None:
+    """Refuse a sort when a module outside the nest's model (and its views and deep copies) holds one of the
+    model's modules whose subtree holds part, not all, of the modules a group of units moves together (``groups``:
+    their paths; a stem shared with a second model, a block list two task models share), or a parameter the sort
+    moves (a weight tied into another model): the permutation keeps the model's output, and changes that model's,
+    in silence. A holder of the whole model (DDP, a compiled wrapper, a list of the model and its EMA), or of a
+    part that holds whole groups, is no such module. One walk of the objects Python tracks, after a collection
+    (garbage holds nothing)."""
     import gc
 
     model = nest.model
-    inside = {id(m) for m in model.modules()}
+    path_of = {id(m): p for p, m in model.named_modules() if m is not model}
     ids = {id(t) for t in moved}
-    sliced = {id(m): p for p, m in nest._sliced.items() if m is not model}
     params = {id(t): n for n, t in model.named_parameters(remove_duplicate=False) if id(t) in ids}
+
+    def straddles(h: str) -> bool:
+        inside = [[p == h or p.startswith(f"{h}.") for p in g] for g in groups]
+        return any(any(x) and not all(x) for x in inside)
+
+    gc.collect()
     held: list[str] = []
-    for obj in gc.get_objects():
-        if not isinstance(obj, nn.Module) or id(obj) in inside or "_sn" in obj.__dict__:  # (a view's or copy's
-            continue  # sliced modules hold the model's parameters: theirs follow)
-        held += [f"{type(obj).__name__}.{k} is the model's {sliced[id(c)]!r}" for k, c in obj._modules.items()
-                 if id(c) in sliced]
+    for obj in gc.get_objects():  # (type(), not isinstance: a dead weakref.proxy raises on __class__)
+        if not issubclass(type(obj), nn.Module) or id(obj) in path_of or obj is model or "_sn" in obj.__dict__:
+            continue  # (a view's or copy's sliced modules hold the model's parameters: theirs follow)
+        held += [f"{type(obj).__name__}.{k} is the model's {path_of[id(c)]!r}" for k, c in obj._modules.items()
+                 if id(c) in path_of and straddles(path_of[id(c)])]
         held += [f"{type(obj).__name__}.{k} is the model's parameter {params[id(t)]!r}"
                  for k, t in obj._parameters.items() if id(t) in params]
         if len(held) >= 3:

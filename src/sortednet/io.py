@@ -240,6 +240,11 @@ def _nest_of_copy(model: nn.Module, state: Any) -> tuple[Nest, nn.Module | None]
             where = [f"obj.get_submodule({n!r})" for n in inner[:3]]
             raise SortedNetError(f"sn.save(): this {type(model).__name__} holds the model or deep copies of it at "
                                  f"{inner[:3]}; save each on its own: sn.save({where[0]}, path)")
+        if not any(m is model for m in nest.model.modules()):
+            raise SortedNetError(f"sn.save() takes a nest, its model or a deep copy of that model; this "
+                                 f"{type(model).__name__} shares modules with the model of {nest!r} without being "
+                                 "it (a shallow copy, copy.copy, or a module built from its parts): save the nest, "
+                                 "or a deep copy (copy.deepcopy)")
         raise SortedNetError(f"sn.save() takes a nest, its model or a deep copy of that model; this "
                              f"{type(model).__name__} is a module inside the model of {nest!r}: save the nest")
     if state is not None:

@@ -242,7 +242,9 @@ def sort_by_importance(nest: Nest, batches: Iterable[Any], *, loss_fn: Callable[
                                       else []) + ([blk.get_submodule(lay.attn[0])] if heads else [])
         for p in m.parameters()])
     check_states("sort_by_importance", optimizer, moved, model)
-    refuse_held_outside(nest, moved, "sort_by_importance")
+    refuse_held_outside(nest, moved, "sort_by_importance", [  # (each block's FFN, its attention: one order each)
+        [f"{P}.{q}" for q in _paths(blk, lay.ffn_out + lay.ffn_inp)] for P, blk in named if ffn] + [
+        [f"{P}.{lay.attn[0]}"] for P, _ in named if heads])
     stray = stray_optimizers(moved, optimizer)
     n_heads, group = _head_counts(model.config, lay, _tower_name(model, found.stacks[0]))
     saved = {p: p.grad for p in model.parameters()}
