@@ -225,12 +225,16 @@ def test_soft_loss_is_mean_of_separate_exit_losses(name, weights):
 
 def test_soft_loss_names_the_input_ids_when_they_stand_for_the_labels():
     """One-dimensional input_ids without labels= were refused as 'labels must be token ids of shape (batch,
-    length)': no labels were given; the input_ids (the labels then) are named."""
+    length)': no labels were given; the input_ids (the labels then) are named. Weights for the default exits
+    under a shallower sub-model (the exits past its depth left out) were refused naming exits never given."""
     nest = sn.from_transformers(build("llama")[0], depth=[1, 2])
     with pytest.raises(sn.SortedNetError, match=r"input_ids \(the labels when none are given\) must be token ids"):
         soft_loss(nest, torch.randint(0, V, (6,)))
     with pytest.raises(sn.SortedNetError, match=r"soft_loss: labels must be token ids"):
         soft_loss(nest, ids(), labels=torch.randint(0, V, (6,)))
+    with nest.use("depth=1"), pytest.raises(sn.SortedNetError, match=r"default exits, the Depth's sizes, stop at the "
+                                                                      r"active depth 1: \[2\] are past it"):
+        soft_loss(nest, ids(), weights=[1.0, 2.0])  # (weights for every exit, under a shallower sub-model)
 
 
 def test_soft_loss_stopped_by_a_ctrl_c_anywhere_leaves_no_exit_hook():

@@ -115,7 +115,7 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
               attention_mask: Tensor | None = None, **model_inputs: Any) -> SoftOutput:
     """Causal LM loss at every exit depth in ``exits``, from one forward pass.
 
-    ``exits`` defaults to the sizes of the nest's ``Depth`` dimension, else
+    ``exits`` defaults to the sizes of the nest's ``Depth`` dimension (up to the active depth), else
     every block. The rest of the model (width / heads) runs as the active
     sub-model, so combine with ``nest.use(...)`` and a sampler for those.
     Other inputs of the model (``position_ids`` of packed sequences,
@@ -141,9 +141,11 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
     found = _layout_of(nest) if nest is not None else detect(model)
     base, layers, norm, head = exit_parts(model, found)
     n = len(layers)
+    cut: list[int] = []  # (default exits past the active depth: left out)
     if exits is None:
         depth = [d for d in (nest.dims if nest else ()) if isinstance(d, Depth)]
         exits = [s for s in depth[0].sizes if s <= n] if depth else list(range(1, n + 1))
+        cut = [s for s in depth[0].sizes if s > n] if depth else []
     if isinstance(exits, Mapping):  # (its values are not weights: they were dropped in silence)
         raise SortedNetError(f"soft_loss: exits is a mapping ({exits!r}); give the depths as a list and their weights "
                              "apart: soft_loss(..., exits=list(d), weights=list(d.values()))")
@@ -166,7 +168,11 @@ def soft_loss(model: nn.Module | Nest, input_ids: Tensor | None = None, *, exits
         weights = [float(w) for w in weights]
         if len(weights) != len(given) or len(set(given)) != len(given) or sum(weights) <= 0 or min(weights) < 0:
             raise SortedNetError(f"soft_loss: need distinct exits and one non-negative weight per exit, got exits "
-                                 f"{given} and weights {weights}")
+                                 f"{given} and weights {weights}" + (
+                                     f" (the default exits, the Depth's sizes, stop at the active depth {n}: "
+                                     f"{cut} are past it under this sub-model; run soft_loss under sub-models at "
+                                     "full depth, e.g. a sampler over them, or pass exits= with weights= for this "
+                                     "depth)" if cut and len(weights) != len(given) else ""))
         pairs = sorted(zip(given, weights))  # each weight stays with its exit
         exits, weights = [e for e, _ in pairs], [w for _, w in pairs]
     items = model_inputs.pop("num_items_in_batch", None)  # (the loss's, not the base model's: it takes any
