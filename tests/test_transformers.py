@@ -233,7 +233,7 @@ def test_soft_loss_names_the_input_ids_when_they_stand_for_the_labels():
     with pytest.raises(sn.SortedNetError, match=r"soft_loss: labels must be token ids"):
         soft_loss(nest, ids(), labels=torch.randint(0, V, (6,)))
     with nest.use("depth=1"), pytest.raises(sn.SortedNetError, match=r"default exits, the Depth's sizes, stop at the "
-                                                                      r"active depth 1: \[2\] are past it"):
+                                                                      r"active depth 1: \[2, 4\] are past it"):
         soft_loss(nest, ids(), weights=[1.0, 2.0])  # (weights for every exit, under a shallower sub-model)
 
 
