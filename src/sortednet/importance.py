@@ -809,12 +809,16 @@ def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str, groups: 
     gc.collect()
     held: list[str] = []
     for obj in gc.get_objects():  # (type(), not isinstance: a dead weakref.proxy raises on __class__)
-        if not issubclass(type(obj), nn.Module) or id(obj) in path_of or obj is model or "_sn" in obj.__dict__:
+        if not issubclass(type(obj), nn.Module) or id(obj) in path_of or obj is model:
+            continue
+        own = object.__getattribute__(obj, "__dict__")  # (a module whose __init__ failed may lack its dicts)
+        kids, slots = own.get("_modules"), own.get("_parameters")
+        if "_sn" in own or not isinstance(kids, dict) or not isinstance(slots, dict):
             continue  # (a view's or copy's sliced modules hold the model's parameters: theirs follow)
-        held += [f"{type(obj).__name__}.{k} is the model's {path_of[id(c)]!r}" for k, c in obj._modules.items()
+        held += [f"{type(obj).__name__}.{k} is the model's {path_of[id(c)]!r}" for k, c in kids.items()
                  if id(c) in path_of and straddles(path_of[id(c)])]
         held += [f"{type(obj).__name__}.{k} is the model's parameter {params[id(t)]!r}"
-                 for k, t in obj._parameters.items() if id(t) in params]
+                 for k, t in slots.items() if id(t) in params]
         if len(held) >= 3:
             break
     if held:
