@@ -20,6 +20,7 @@ than ``atol`` (relative), every tensor is restored and a SortedNetError raised.
 
 from __future__ import annotations
 
+import collections
 import functools
 import gc
 import math
@@ -793,10 +794,8 @@ def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str, groups: 
     their paths; a stem shared with a second model, a block list two task models share), or a parameter the sort
     moves (a weight tied into another model): the permutation keeps the model's output, and changes that model's,
     in silence. A holder of the whole model (DDP, a compiled wrapper, a list of the model and its EMA), or of a
-    part that holds whole groups, is no such module. One walk of the objects Python tracks, after a collection
-    (garbage holds nothing)."""
-    import gc
-
+    part that holds whole groups, is no such module. Found by the objects referring to them (garbage, once
+    collected, holds nothing)."""
     model = nest.model
     path_of = {id(m): p for p, m in model.named_modules() if m is not model}
     ids = {id(t) for t in moved}
@@ -806,21 +805,36 @@ def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str, groups: 
         inside = [[p == h or p.startswith(f"{h}.") for p in g] for g in groups]
         return any(any(x) and not all(x) for x in inside)
 
-    gc.collect()
-    held: list[str] = []
-    for obj in gc.get_objects():  # (type(), not isinstance: a dead weakref.proxy raises on __class__)
-        if not issubclass(type(obj), nn.Module) or id(obj) in path_of or obj is model:
-            continue
-        own = object.__getattribute__(obj, "__dict__")  # (a module whose __init__ failed may lack its dicts)
-        kids, slots = own.get("_modules"), own.get("_parameters")
-        if "_sn" in own or not isinstance(kids, dict) or not isinstance(slots, dict):
-            continue  # (a view's or copy's sliced modules hold the model's parameters: theirs follow)
-        held += [f"{type(obj).__name__}.{k} is the model's {path_of[id(c)]!r}" for k, c in kids.items()
-                 if id(c) in path_of and straddles(path_of[id(c)])]
-        held += [f"{type(obj).__name__}.{k} is the model's parameter {params[id(t)]!r}"
-                 for k, t in slots.items() if id(t) in params]
-        if len(held) >= 3:
-            break
+    modules = {id(m): m for m in model.modules() if m is not model and straddles(path_of[id(m)])}
+    tensors = {id(t): t for m in model.modules() for t in m._parameters.values() if t is not None and id(t) in params}
+
+    def holders() -> list[str]:  # (three scans of the tracked objects, in C: who refers to them, to those dicts)
+        mine = {id(d) for m in model.modules() for d in (m._modules, m._parameters)}
+        dicts = [r for r in gc.get_referrers(*modules.values(), *tensors.values())
+                 if type(r) in (dict, collections.OrderedDict) and id(r) not in mine]
+        if not dicts:
+            return []
+        found: list[str] = []
+        inner = {id(d): d for d in dicts}
+        for owner_dict in gc.get_referrers(*dicts):  # (a module's instance __dict__ holds its _modules dict)
+            if type(owner_dict) is not dict:
+                continue
+            for obj in gc.get_referrers(owner_dict):
+                if not issubclass(type(obj), nn.Module) or object.__getattribute__(obj, "__dict__") is not owner_dict \
+                        or "_sn" in owner_dict:  # (a view's or copy's sliced modules hold the model's parameters)
+                    continue
+                for store in ("_modules", "_parameters"):
+                    d = owner_dict.get(store)
+                    if isinstance(d, dict) and id(d) in inner:
+                        found += [f"{type(obj).__name__}.{k} is the model's "
+                                  + (repr(path_of[id(v)]) if store == "_modules" else f"parameter {params[id(v)]!r}")
+                                  for k, v in d.items() if id(v) in (modules if store == "_modules" else tensors)]
+        return found
+
+    held = holders() if modules or tensors else []
+    if held:  # (garbage not collected yet holds nothing: found again after a collection, or not)
+        gc.collect()
+        held = holders()
     if held:
         raise SortedNetError(f"{what}: a module outside the nest's model holds what the sort would permute "
                              f"({'; '.join(held[:3])}): a model sharing a layer or a weight with it (a stem of two "
