@@ -816,19 +816,22 @@ def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str, groups: 
             return []
         found: list[str] = []
         inner = {id(d): d for d in dicts}
-        for owner_dict in gc.get_referrers(*dicts):  # (a module's instance __dict__ holds its _modules dict)
-            if type(owner_dict) is not dict:
+        owners: dict[int, nn.Module] = {}
+        for r in gc.get_referrers(*dicts):  # (a module refers to its _modules dict through its instance __dict__,
+            if issubclass(type(r), nn.Module):  # or itself where Python keeps the attributes inline)
+                owners[id(r)] = r
+            elif type(r) is dict:
+                owners.update((id(o), o) for o in gc.get_referrers(r) if issubclass(type(o), nn.Module))
+        for obj in owners.values():
+            own = object.__getattribute__(obj, "__dict__")
+            if "_sn" in own:  # (a view's or copy's sliced modules hold the model's parameters: theirs follow)
                 continue
-            for obj in gc.get_referrers(owner_dict):
-                if not issubclass(type(obj), nn.Module) or object.__getattribute__(obj, "__dict__") is not owner_dict \
-                        or "_sn" in owner_dict:  # (a view's or copy's sliced modules hold the model's parameters)
-                    continue
-                for store in ("_modules", "_parameters"):
-                    d = owner_dict.get(store)
-                    if isinstance(d, dict) and id(d) in inner:
-                        found += [f"{type(obj).__name__}.{k} is the model's "
-                                  + (repr(path_of[id(v)]) if store == "_modules" else f"parameter {params[id(v)]!r}")
-                                  for k, v in d.items() if id(v) in (modules if store == "_modules" else tensors)]
+            for store in ("_modules", "_parameters"):
+                d = own.get(store)
+                if isinstance(d, dict) and id(d) in inner:
+                    found += [f"{type(obj).__name__}.{k} is the model's "
+                              + (repr(path_of[id(v)]) if store == "_modules" else f"parameter {params[id(v)]!r}")
+                              for k, v in d.items() if id(v) in (modules if store == "_modules" else tensors)]
         return found
 
     held = holders() if modules or tensors else []
