@@ -834,10 +834,18 @@ def refuse_held_outside(nest: Nest, moved: Iterable[Tensor], what: str, groups: 
                               for k, v in d.items() if id(v) in (modules if store == "_modules" else tensors)]
         return found
 
+    from .views import REGISTRATIONS, count_registrations
+
+    count_registrations()  # (a new holder registers the module or weight it takes: none since the last look, none)
+    key = (REGISTRATIONS[0], frozenset(modules), frozenset(tensors))
+    if nest.__dict__.get("_held_outside_seen") == key:
+        return
     held = holders() if modules or tensors else []
     if held:  # (garbage not collected yet holds nothing: found again after a collection, or not)
         gc.collect()
         held = holders()
+    if not held:
+        nest.__dict__["_held_outside_seen"] = key
     if held:
         raise SortedNetError(f"{what}: a module outside the nest's model holds what the sort would permute "
                              f"({'; '.join(held[:3])}): a model sharing a layer or a weight with it (a stem of two "
